@@ -1,0 +1,22 @@
+"""On-disk formats behind one interface (:class:`~distckpt.formats.base.CheckpointFormat`)."""
+
+from __future__ import annotations
+
+from distckpt.errors import InvalidArgument
+from distckpt.formats.base import CheckpointFormat, ReadOptions, ShardContext
+from distckpt.formats.torch_files import TorchFilesFormat
+
+__all__ = ["CheckpointFormat", "ReadOptions", "ShardContext", "format_named", "FORMAT_NAMES"]
+
+FORMAT_NAMES = ("torch", "dcp")
+
+
+def format_named(name: str) -> CheckpointFormat:
+    """The format stored under ``name`` in manifests."""
+    if name == "torch":
+        return TorchFilesFormat()
+    if name == "dcp":
+        from distckpt.formats.dcp import DcpFormat  # imported lazily: pulls in DCP
+
+        return DcpFormat()
+    raise InvalidArgument(f"unknown checkpoint format {name!r}; choose one of {FORMAT_NAMES}")

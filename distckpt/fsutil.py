@@ -1,0 +1,267 @@
+"""Filesystem primitives that make a checkpoint durable and its publication atomic.
+
+Nothing here knows about ranks or process groups. The durable-commit order distckpt follows is
+the POSIX one: fsync each file, fsync the directory that holds them, rename the directory to its
+final name, fsync the parent; then swap a link by creating it under a temporary name, renaming
+it over the old one and fsyncing the parent again. A crash at any instant therefore leaves
+either the old or the new state under each final name, never a partial one.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import shutil
+import sys
+import uuid
+import zlib
+from pathlib import Path
+from typing import BinaryIO, Literal
+
+logger = logging.getLogger("distckpt")
+
+LinkMode = Literal["auto", "symlink", "pointer"]
+LINK_MODES: tuple[LinkMode, ...] = ("auto", "symlink", "pointer")
+CHECKSUM_ALGORITHM = "crc32"
+POINTER_MAX_BYTES = 4096
+_READ_CHUNK = 8 << 20
+
+# errnos with which filesystems refuse to create a symlink (FUSE/cloud mounts, SMB, some NFS)
+_SYMLINK_REFUSED = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS, errno.EACCES}
+
+
+def fsync_fd(fd: int) -> None:
+    os.fsync(fd)
+
+
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    """Make a directory's entries (creations, renames, deletions) durable."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        # Some filesystems (and all of Windows) cannot fsync a directory; the rename itself
+        # is still atomic there, only its durability on power loss is up to the filesystem.
+        if exc.errno not in (errno.EINVAL, errno.EBADF, errno.ENOTSUP):
+            raise
+    finally:
+        os.close(fd)
+
+
+class ChecksumWriter:
+    """A binary file opened for writing that computes its size and checksum as bytes go by,
+    so a checkpoint file is never read back just to checksum it."""
+
+    def __init__(self, path: Path, *, fsync: bool) -> None:
+        self.path = path
+        self._fsync = fsync
+        # O_EXCL: a file of the same name must never be silently reused or overwritten.
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        self._file: BinaryIO = os.fdopen(fd, "wb", buffering=0)
+        self.size = 0
+        self._crc = 0
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        view = memoryview(data)
+        self._crc = zlib.crc32(view, self._crc)
+        written = 0
+        while written < view.nbytes:
+            written += self._file.write(view[written:])
+        self.size += written
+        return written
+
+    def flush(self) -> None:
+        pass  # unbuffered: every write already reached the kernel
+
+    @property
+    def checksum(self) -> str:
+        return f"{self._crc:08x}"
+
+    def close(self) -> None:
+        if self._file.closed:
+            return
+        try:
+            if self._fsync:
+                os.fsync(self._file.fileno())
+        finally:
+            self._file.close()
+
+    def __enter__(self) -> ChecksumWriter:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def file_checksum(path: str | os.PathLike[str]) -> str:
+    """The checksum :class:`ChecksumWriter` computes, recomputed from the file's bytes."""
+    crc = 0
+    with open(path, "rb") as file:
+        while chunk := file.read(_READ_CHUNK):
+            crc = zlib.crc32(chunk, crc)
+    return f"{crc:08x}"
+
+
+def atomic_write_bytes(path: Path, data: bytes, *, fsync: bool) -> None:
+    """Write ``data`` to ``path`` so that readers see the old content or the new, never a mix."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp, "xb") as file:
+            file.write(data)
+            if fsync:
+                file.flush()
+                os.fsync(file.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if fsync:
+        fsync_dir(path.parent)
+
+
+def rename_dir(src: Path, dst: Path, *, fsync: bool) -> None:
+    """Publish ``src`` under ``dst`` atomically. ``dst`` must not exist (``os.rename`` of a
+    directory onto a non-empty one fails rather than merging)."""
+    if fsync:
+        fsync_dir(src)
+    os.rename(src, dst)
+    if fsync:
+        fsync_dir(dst.parent)
+        if src.parent != dst.parent:
+            fsync_dir(src.parent)
+
+
+def discard_dir(path: Path, trash_root: Path, *, fsync: bool) -> None:
+    """Remove a directory so that it vanishes from its name at once: it is first renamed into
+    ``trash_root`` (same filesystem), then deleted there. A crash mid-delete leaves debris in
+    the trash, never a half-deleted directory under its real name."""
+    trash_root.mkdir(exist_ok=True)
+    doomed = trash_root / f"{path.name}.{uuid.uuid4().hex}"
+    try:
+        os.rename(path, doomed)
+    except FileNotFoundError:
+        return
+    if fsync:
+        fsync_dir(path.parent)
+    remove_tree(doomed)
+
+
+def remove_tree(path: Path) -> None:
+    """Delete a file or directory tree; what is already gone is not an error."""
+    try:
+        if path.is_symlink() or not path.is_dir():
+            path.unlink()
+            return
+    except FileNotFoundError:
+        return
+
+    def _ignore_vanished(func: object, name: str, exc: BaseException) -> None:
+        if not isinstance(exc, FileNotFoundError):
+            raise exc
+
+    if sys.version_info >= (3, 12):
+        shutil.rmtree(path, onexc=_ignore_vanished)
+    else:
+        shutil.rmtree(path, onerror=lambda func, name, info: _ignore_vanished(func, name, info[1]))
+
+
+def swap_link(
+    link: Path,
+    target_name: str,
+    *,
+    mode: LinkMode,
+    trash_root: Path,
+    fsync: bool,
+) -> Literal["symlink", "pointer"]:
+    """Point ``link`` at ``target_name`` (a name in the same directory) atomically.
+
+    The new link is made under a temporary name and renamed over the old one, so readers see the
+    old target or the new one and never no link (the remove-then-create window other libraries
+    have). The link is relative (``target_name`` only), so it stays valid whatever the working
+    directory and wherever the whole root is moved. ``mode="pointer"`` writes a small text file
+    naming the target instead of a symlink; ``"auto"`` does so only where the filesystem refuses
+    symlinks. Whatever sat at ``link`` before (a file, a link, or a directory left by another
+    tool, which is moved into ``trash_root`` first) is replaced.
+
+    Returns which kind of link was written.
+    """
+    if os.sep in target_name or target_name in ("", ".", ".."):
+        raise ValueError(f"link target must be a plain name in the same directory: {target_name!r}")
+    parent = link.parent
+    tmp = parent / f".{link.name}.{uuid.uuid4().hex}.tmp"
+    kind: Literal["symlink", "pointer"] = "pointer"
+    if mode in ("auto", "symlink"):
+        try:
+            os.symlink(target_name, tmp, target_is_directory=True)
+            kind = "symlink"
+        except OSError as exc:
+            if mode == "symlink" or exc.errno not in _SYMLINK_REFUSED:
+                raise
+            logger.warning(
+                "the filesystem at %s refuses symlinks (%s); writing %s as a pointer file",
+                parent,
+                exc.strerror,
+                link.name,
+            )
+    if kind == "pointer":
+        with open(tmp, "x", encoding="utf-8") as file:
+            file.write(target_name + "\n")
+            if fsync:
+                file.flush()
+                os.fsync(file.fileno())
+    try:
+        if link.is_dir() and not link.is_symlink():
+            # os.replace cannot put a file over a directory: move the directory aside first.
+            discard_dir(link, trash_root, fsync=fsync)
+        os.replace(tmp, link)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if fsync:
+        fsync_dir(parent)
+    return kind
+
+
+def read_link(link: Path) -> str | None:
+    """The target name a link holds — a symlink's text or a pointer file's one line — or None
+    when there is no link (nothing at that name, a directory, or a file that is not a
+    pointer)."""
+    try:
+        if link.is_symlink():
+            return os.readlink(link)
+        if not link.is_file() or link.stat().st_size > POINTER_MAX_BYTES:
+            return None
+        text = link.read_text(encoding="utf-8")
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except UnicodeDecodeError:
+        return None
+    lines = text.splitlines()
+    return lines[0].strip() if len(lines) == 1 and lines[0].strip() else None
+
+
+def remove_link(link: Path, *, fsync: bool) -> None:
+    """Remove a link (symlink or pointer file) if present."""
+    try:
+        if link.is_symlink() or link.is_file():
+            link.unlink()
+    except FileNotFoundError:
+        return
+    if fsync:
+        fsync_dir(link.parent)
+
+
+def free_bytes(path: Path) -> int:
+    return shutil.disk_usage(path).free
+
+
+def probe_writable(directory: Path) -> None:
+    """Create, write and remove a small file in ``directory``; raises OSError if any step
+    fails (read-only mount, missing permission, quota)."""
+    probe = directory / f".probe-{uuid.uuid4().hex}"
+    try:
+        with open(probe, "xb") as file:
+            file.write(b"distckpt write probe\n")
+    finally:
+        probe.unlink(missing_ok=True)

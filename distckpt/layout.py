@@ -1,0 +1,116 @@
+"""Names on disk: where each part of a checkpoint root lives, and how names are parsed.
+
+A root looks like this (documented in the README, so people and tools can rely on it)::
+
+    root/step-00001000/         a committed checkpoint
+        manifest.json           written last: the schema in :mod:`distckpt.manifest`
+        rank-00000.pt ...       the "torch" format: one file per rank
+    root/last, root/best        relative links to a step dir (symlink or pointer file)
+    root/.staging/              checkpoints being written, one dir per save, each with a
+                                ``<name>.lock`` beside it held by its live writer
+    root/.trash/                checkpoints being deleted
+    root/.lock                  the commit lock
+
+This module only computes names; it reads the disk only to list what is there.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+STEP_PREFIX = "step-"
+STEP_DIGITS = 8
+MANIFEST_NAME = "manifest.json"
+STAGING_DIR_NAME = ".staging"
+TRASH_DIR_NAME = ".trash"
+LOCK_NAME = ".lock"
+LAST = "last"
+BEST = "best"
+LINK_NAMES = (LAST, BEST)
+RANK_FILE_DIGITS = 5
+
+_STEP_DIR_RE = re.compile(r"^step-(\d+)$")
+_RANK_FILE_RE = re.compile(r"^rank-(\d+)\.pt$")
+
+
+def step_dir_name(step: int) -> str:
+    """``step-00001000``: zero-padded to at least eight digits, so names sort like steps."""
+    return f"{STEP_PREFIX}{step:0{STEP_DIGITS}d}"
+
+
+def parse_step_dir_name(name: str) -> int | None:
+    """The step a committed dir name stands for, or None if ``name`` is not one (any width)."""
+    match = _STEP_DIR_RE.match(name)
+    return int(match.group(1)) if match else None
+
+
+def rank_file_name(rank: int) -> str:
+    """``rank-00003.pt``: the file one rank writes in the "torch" format."""
+    return f"rank-{rank:0{RANK_FILE_DIGITS}d}.pt"
+
+
+def parse_rank_file_name(name: str) -> int | None:
+    """The rank a "torch"-format file name belongs to, or None."""
+    match = _RANK_FILE_RE.match(name)
+    return int(match.group(1)) if match else None
+
+
+@dataclass(frozen=True)
+class RootLayout:
+    """Every path inside one checkpoint root. ``root`` is kept absolute so that paths stay
+    valid when the process changes its working directory."""
+
+    root: Path
+
+    @classmethod
+    def at(cls, root: str | os.PathLike[str]) -> RootLayout:
+        return cls(Path(os.path.abspath(os.fspath(root))))
+
+    @property
+    def staging_root(self) -> Path:
+        return self.root / STAGING_DIR_NAME
+
+    @property
+    def trash_root(self) -> Path:
+        return self.root / TRASH_DIR_NAME
+
+    @property
+    def lock_path(self) -> Path:
+        return self.root / LOCK_NAME
+
+    def step_dir(self, step: int) -> Path:
+        return self.root / step_dir_name(step)
+
+    def link_path(self, name: str) -> Path:
+        return self.root / name
+
+    def staging_dir(self, step: int, token: str) -> Path:
+        """A save's private dir: unique per save, so two writers never share one."""
+        return self.staging_root / f"{step_dir_name(step)}.{token}"
+
+    @staticmethod
+    def writer_lock_path(staging_dir: Path) -> Path:
+        """The lock a live writer holds beside its staging dir (outside it, so it never ends up
+        in the committed checkpoint)."""
+        return staging_dir.with_name(staging_dir.name + ".lock")
+
+    def committed_steps(self) -> list[int]:
+        """Steps that have a committed dir (a real dir, not a link), ascending."""
+        steps = []
+        try:
+            entries = list(os.scandir(self.root))
+        except FileNotFoundError:
+            return []
+        for entry in entries:
+            step = parse_step_dir_name(entry.name)
+            if step is not None and entry.is_dir(follow_symlinks=False):
+                steps.append(step)
+        return sorted(steps)
+
+    def contains(self, path: Path) -> bool:
+        """Whether ``path`` (resolved) lies directly inside the root: the only place a link
+        may point."""
+        return path.parent == self.root.resolve()

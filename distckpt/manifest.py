@@ -1,0 +1,189 @@
+"""The manifest: the schema of ``manifest.json`` and the checks a checkpoint dir must pass.
+
+The manifest is written last, inside the staging dir, before the dir is renamed into place; a
+committed dir therefore always has one. It is plain JSON (never a pickle), with every file of the
+checkpoint listed by its path relative to the dir, its size and its checksum, so a checkpoint
+can be checked without loading a tensor, by distckpt or by any other tool.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import platform
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from distckpt._version import __version__
+from distckpt.errors import CorruptCheckpoint, InvalidArgument, UnsupportedVersion
+from distckpt.fsutil import CHECKSUM_ALGORITHM, file_checksum
+from distckpt.layout import MANIFEST_NAME
+
+#: Bumped when a change to the schema would mislead an older reader.
+FORMAT_VERSION = 1
+
+_NON_FINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    """One file of a checkpoint: its size in bytes, its checksum and the rank that wrote it."""
+
+    size: int
+    checksum: str
+    rank: int | None = None
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """Everything distckpt records about a committed checkpoint."""
+
+    step: int
+    world_size: int
+    format: str
+    files: Mapping[str, FileRecord]
+    epoch: int | None = None
+    metrics: Mapping[str, float] = field(default_factory=dict)
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+    checksum_algorithm: str = CHECKSUM_ALGORITHM
+    format_version: int = FORMAT_VERSION
+    library_version: str = __version__
+    torch_version: str = ""
+    python_version: str = field(default_factory=platform.python_version)
+    created_utc: str = field(
+        default_factory=lambda: datetime.datetime.now(datetime.timezone.utc).isoformat()
+    )
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(record.size for record in self.files.values())
+
+    def to_json(self) -> bytes:
+        data = asdict(self)
+        data["metrics"] = {key: _encode_float(value) for key, value in self.metrics.items()}
+        data["files"] = {name: asdict(record) for name, record in sorted(self.files.items())}
+        # allow_nan=False: the file must be valid JSON for any reader, not only Python's.
+        return (json.dumps(data, indent=1, sort_keys=True, allow_nan=False) + "\n").encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes, *, source: str) -> Manifest:
+        """Parse a manifest; ``source`` names it in errors."""
+        try:
+            data = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise CorruptCheckpoint(f"{source} is not valid JSON: {exc}") from exc
+        if not isinstance(data, dict):
+            raise CorruptCheckpoint(f"{source} is not a JSON object")
+        version = data.get("format_version")
+        if not isinstance(version, int):
+            raise CorruptCheckpoint(f"{source} has no integer format_version")
+        if version > FORMAT_VERSION:
+            raise UnsupportedVersion(
+                f"{source} has format version {version}, written by distckpt "
+                f"{data.get('library_version', '?')}; this distckpt {__version__} reads up to "
+                f"version {FORMAT_VERSION}: upgrade distckpt to read it"
+            )
+        try:
+            files = {
+                _checked_relative_name(name, source): FileRecord(**record)
+                for name, record in data["files"].items()
+            }
+            metrics = {key: _decode_float(value) for key, value in data["metrics"].items()}
+            fields = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+            fields.update(files=files, metrics=metrics)
+            manifest = cls(**fields)
+        except CorruptCheckpoint:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise CorruptCheckpoint(f"{source} does not follow the manifest schema: {exc}") from exc
+        if not isinstance(manifest.step, int) or not isinstance(manifest.world_size, int):
+            raise CorruptCheckpoint(f"{source}: step and world_size must be integers")
+        return manifest
+
+
+def _encode_float(value: float) -> float | str:
+    if math.isfinite(value):
+        return value
+    return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+
+
+def _decode_float(value: float | str) -> float:
+    if isinstance(value, str):
+        if value not in _NON_FINITE:
+            raise ValueError(f"metric value {value!r} is not a number")
+        return _NON_FINITE[value]
+    return float(value)
+
+
+def _checked_relative_name(name: str, source: str) -> str:
+    """A file name from a manifest, refused if it could reach outside the checkpoint dir."""
+    pure = PurePosixPath(name)
+    if not name or pure.is_absolute() or ".." in pure.parts or "\\" in name:
+        raise CorruptCheckpoint(f"{source} lists a file outside its directory: {name!r}")
+    return name
+
+
+def check_json_metadata(metadata: Mapping[str, Any] | None) -> dict[str, Any]:
+    """User metadata as it will be stored; refused early if it is not plain JSON."""
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, Mapping):
+        raise InvalidArgument(f"metadata must be a dict, not {type(metadata).__name__}")
+    try:
+        return json.loads(json.dumps(dict(metadata), allow_nan=False))
+    except (TypeError, ValueError) as exc:
+        raise InvalidArgument(f"metadata must be plain JSON (str keys, finite numbers): {exc}")
+
+
+def read_manifest(checkpoint_dir: Path) -> Manifest:
+    """The manifest of a checkpoint dir. Raises :class:`CorruptCheckpoint` when it is missing or
+    unreadable, :class:`UnsupportedVersion` when it is newer than this library."""
+    path = checkpoint_dir / MANIFEST_NAME
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError as exc:
+        raise CorruptCheckpoint(f"{checkpoint_dir} has no {MANIFEST_NAME}") from exc
+    except OSError as exc:
+        raise CorruptCheckpoint(f"cannot read {path}: {exc}") from exc
+    return Manifest.from_json(raw, source=os.fspath(path))
+
+
+def find_problems(
+    checkpoint_dir: Path,
+    manifest: Manifest,
+    *,
+    expected_step: int | None = None,
+    checksums: bool = False,
+) -> list[str]:
+    """Everything wrong with a checkpoint dir against its manifest, one message per problem,
+    each naming the file: a missing or wrong-sized file, a file that is a symlink, a wrong
+    checksum (only with ``checksums=True``: it reads every byte), a step that disagrees with
+    the dir's name. An empty list means the dir passes."""
+    problems: list[str] = []
+    if expected_step is not None and manifest.step != expected_step:
+        problems.append(
+            f"{checkpoint_dir / MANIFEST_NAME}: names step {manifest.step}, "
+            f"but the dir is for step {expected_step}"
+        )
+    if manifest.checksum_algorithm != CHECKSUM_ALGORITHM and checksums:
+        problems.append(f"unknown checksum algorithm {manifest.checksum_algorithm!r}")
+        checksums = False
+    for name, record in sorted(manifest.files.items()):
+        path = checkpoint_dir / name
+        if path.is_symlink():
+            problems.append(f"{path}: is a symlink; checkpoint files must be regular files")
+            continue
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            problems.append(f"{path}: missing")
+            continue
+        if size != record.size:
+            problems.append(f"{path}: {size} bytes, the manifest says {record.size} (truncated?)")
+        elif checksums and file_checksum(path) != record.checksum:
+            problems.append(f"{path}: checksum mismatch (the file's bytes changed since it was written)")
+    return problems

@@ -1,0 +1,61 @@
+"""Capture and restore every random number generator a training loop depends on.
+
+The captured state is plain data and tensors only, so it is saved in a checkpoint and loaded
+with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import torch
+
+try:
+    import numpy as np
+except ImportError:  # NumPy is optional
+    np = None  # type: ignore[assignment]
+
+
+def capture_rng() -> dict[str, Any]:
+    """The states of Python's ``random``, NumPy's global generator (when NumPy is installed),
+    torch's CPU generator and every CUDA device's generator (when CUDA is available)."""
+    version, internal, gauss = random.getstate()
+    state: dict[str, Any] = {
+        "python": {"version": version, "state": list(internal), "gauss": gauss},
+        "torch": torch.get_rng_state(),
+    }
+    if np is not None:
+        numpy_state = np.random.get_state(legacy=False)
+        state["numpy"] = {
+            "bit_generator": numpy_state["bit_generator"],
+            "key": torch.from_numpy(numpy_state["state"]["key"].astype("int64")),
+            "pos": int(numpy_state["state"]["pos"]),
+            "has_gauss": int(numpy_state["has_gauss"]),
+            "gauss": float(numpy_state["gauss"]),
+        }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    """Set every generator captured by :func:`capture_rng`. Parts missing from ``state`` (say
+    NumPy's, captured where NumPy was not installed) are left as they are."""
+    if "python" in state:
+        python = state["python"]
+        random.setstate((python["version"], tuple(python["state"]), python["gauss"]))
+    if "torch" in state:
+        torch.set_rng_state(state["torch"])
+    if "numpy" in state and np is not None:
+        saved = state["numpy"]
+        np.random.set_state(
+            {
+                "bit_generator": saved["bit_generator"],
+                "state": {"key": saved["key"].numpy().astype("uint32"), "pos": saved["pos"]},
+                "has_gauss": saved["has_gauss"],
+                "gauss": saved["gauss"],
+            }
+        )
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

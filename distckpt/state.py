@@ -1,0 +1,115 @@
+"""Turning a user's state into plain data to save, and loading saved data back into it.
+
+A state is a nested dict/list/tuple of tensors and plain values; any value with
+``state_dict()`` / ``load_state_dict()`` (a model, an optimizer, a scheduler, a GradScaler, a
+sampler, a :class:`~distckpt.StepTracker`) is saved through ``state_dict()``. On restore, the
+same structure passed as ``state=`` is loaded in place: such objects get ``load_state_dict``,
+tensors are copied into, and plain values are returned in the result.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from distckpt.errors import InvalidArgument
+
+
+def is_stateful(value: Any) -> bool:
+    return callable(getattr(value, "state_dict", None)) and callable(
+        getattr(value, "load_state_dict", None)
+    )
+
+
+def to_plain(state: Any) -> Any:
+    """``state`` with every stateful object replaced by its ``state_dict()``, recursively."""
+    if isinstance(state, torch.Tensor):
+        return state.detach()
+    if is_stateful(state):
+        return to_plain(state.state_dict())
+    if isinstance(state, Mapping):
+        return {key: to_plain(value) for key, value in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(to_plain(value) for value in state)
+    return state
+
+
+@dataclass
+class LoadReport:
+    """Keys that did not line up between the ``state=`` template and the checkpoint, each as a
+    dotted path (``model.layer.weight``)."""
+
+    missing_keys: list[str] = field(default_factory=list)
+    unexpected_keys: list[str] = field(default_factory=list)
+
+    @property
+    def clean(self) -> bool:
+        return not self.missing_keys and not self.unexpected_keys
+
+
+def load_into(template: Any, loaded: Any, *, strict: bool) -> LoadReport:
+    """Load ``loaded`` (as saved) into ``template`` (the user's live objects) in place.
+
+    With ``strict=True`` any key present on one side only raises :class:`InvalidArgument`
+    listing them all; with ``strict=False`` what matches is loaded and the rest is reported.
+    """
+    report = LoadReport()
+    _load(template, loaded, "", report, strict)
+    if strict and not report.clean:
+        raise InvalidArgument(
+            "the checkpoint does not match the given state: "
+            f"missing from the checkpoint {report.missing_keys}, "
+            f"not in the given state {report.unexpected_keys}. "
+            "Pass strict=False to load what matches."
+        )
+    return report
+
+
+def _join(prefix: str, key: object) -> str:
+    return f"{prefix}.{key}" if prefix else str(key)
+
+
+def _load(template: Any, loaded: Any, path: str, report: LoadReport, strict: bool) -> None:
+    if isinstance(template, torch.nn.Module) and not strict:
+        result = template.load_state_dict(loaded, strict=False)
+        report.missing_keys += [_join(path, k) for k in result.missing_keys]
+        report.unexpected_keys += [_join(path, k) for k in result.unexpected_keys]
+    elif is_stateful(template):
+        if strict or _same_keys(template.state_dict(), loaded):
+            template.load_state_dict(loaded)
+        else:
+            # A changed optimizer or scheduler cannot load a partial dict: report, skip.
+            report.missing_keys.append(path)
+    elif isinstance(template, torch.Tensor):
+        if not isinstance(loaded, torch.Tensor) or loaded.shape != template.shape:
+            shape = tuple(loaded.shape) if isinstance(loaded, torch.Tensor) else type(loaded)
+            message = f"{path}: expected a tensor of shape {tuple(template.shape)}, got {shape}"
+            if strict:
+                raise InvalidArgument(message)
+            report.missing_keys.append(path)
+            return
+        with torch.no_grad():
+            template.copy_(loaded)
+    elif isinstance(template, Mapping) and isinstance(loaded, Mapping):
+        for key, value in template.items():
+            if key in loaded:
+                _load(value, loaded[key], _join(path, key), report, strict)
+            else:
+                report.missing_keys.append(_join(path, key))
+        report.unexpected_keys += [_join(path, k) for k in loaded if k not in template]
+    elif isinstance(template, (list, tuple)) and isinstance(loaded, (list, tuple)):
+        if len(template) != len(loaded):
+            report.missing_keys.append(f"{path}[len {len(template)} != {len(loaded)}]")
+            return
+        for index, (item, value) in enumerate(zip(template, loaded)):
+            _load(item, value, _join(path, index), report, strict)
+    # plain values cannot be loaded in place: the caller reads them from the result
+
+
+def _same_keys(current: Any, loaded: Any) -> bool:
+    return not isinstance(current, Mapping) or (
+        isinstance(loaded, Mapping) and set(current) == set(loaded)
+    )
