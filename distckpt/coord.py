@@ -19,7 +19,8 @@ from typing import Any, TypeVar
 
 import torch.distributed as dist
 
-from distckpt.errors import CoordinationError, CoordinationTimeout, RankFailure
+from distckpt import errors
+from distckpt.errors import CheckpointError, CoordinationError, CoordinationTimeout, RankFailure
 
 logger = logging.getLogger("distckpt")
 T = TypeVar("T")
@@ -34,10 +35,18 @@ def describe_error(exc: BaseException) -> str:
 
 @dataclass(frozen=True)
 class Outcome:
-    """What one rank reports when the ranks agree on a step: its error, or its result."""
+    """What one rank reports to the others: its result, or its error (as text, plus the name
+    of the distckpt exception class so every rank can raise the same type)."""
 
-    error: str | None = None
     value: Any = None
+    error: str | None = None
+    error_type: str | None = None
+
+    @classmethod
+    def failure(cls, exc: BaseException) -> Outcome:
+        error_type = type(exc).__name__ if isinstance(exc, CheckpointError) else None
+        message = str(exc) if error_type else describe_error(exc)
+        return cls(error=message, error_type=error_type)
 
     @classmethod
     def of(cls, func: Callable[[], T]) -> tuple[Outcome, BaseException | None]:
@@ -45,9 +54,22 @@ class Outcome:
         first agree, or the others would wait for this one in the next collective)."""
         try:
             return cls(value=func()), None
-        except Exception as exc:  # noqa: BLE001 - any failure must reach the other ranks
-            logger.debug("local failure before agreement:\n%s", traceback.format_exc())
-            return cls(error=describe_error(exc)), exc
+        except Exception as exc:  # any failure must reach the other ranks
+            logger.debug("failure to report to the other ranks:\n%s", traceback.format_exc())
+            return cls.failure(exc), exc
+
+    def unwrap(self, *, what: str, cause: BaseException | None = None) -> Any:
+        """The value of a decision rank 0 took for everyone, or its error raised here."""
+        if self.error is None:
+            return self.value
+        raise _rebuild(self.error_type, self.error, what=what) from cause
+
+
+def _rebuild(error_type: str | None, message: str, *, what: str) -> CheckpointError:
+    cls = getattr(errors, error_type, None) if error_type else None
+    if isinstance(cls, type) and issubclass(cls, CheckpointError) and cls is not RankFailure:
+        return cls(message)
+    return CheckpointError(f"{what} failed: {message}")
 
 
 class Coordinator:
@@ -94,8 +116,9 @@ class Coordinator:
         return self.rank == 0
 
     @property
-    def distributed(self) -> bool:
-        return self._group is not None
+    def group(self) -> dist.ProcessGroup | None:
+        """The private gloo group (None without torch.distributed)."""
+        return self._group
 
     def _run(self, what: str, collective: Callable[[], None]) -> None:
         try:
@@ -117,9 +140,7 @@ class Coordinator:
         if self._group is None:
             return value
         box = [value]
-        self._run(
-            what, lambda: dist.broadcast_object_list(box, src=self._src, group=self._group)
-        )
+        self._run(what, lambda: dist.broadcast_object_list(box, src=self._src, group=self._group))
         return box[0]
 
     def all_gather(self, value: T, *, what: str) -> list[T]:
@@ -130,12 +151,20 @@ class Coordinator:
         self._run(what, lambda: dist.all_gather_object(gathered, value, group=self._group))
         return gathered
 
-    def agree(self, outcome: Outcome, *, what: str) -> list[Any]:
-        """Gather every rank's outcome; if any rank failed, raise :class:`RankFailure` naming
-        each failing rank and its error, on every rank alike. Returns the values by rank."""
+    def agree(
+        self, outcome: Outcome, *, what: str, cause: BaseException | None = None
+    ) -> list[Any]:
+        """Gather every rank's outcome and raise on every rank alike if any failed (see
+        :func:`raise_failures`); ``cause`` is this rank's own exception, chained for its
+        traceback. Returns the values by rank."""
         outcomes = self.all_gather(outcome, what=what)
-        raise_failures(outcomes, what=what)
+        raise_failures(outcomes, what=what, cause=cause)
         return [o.value for o in outcomes]
+
+    def decide(self, decide: Callable[[], T], *, what: str) -> T:
+        """Rank 0 runs ``decide``; its result, or its error, reaches every rank."""
+        outcome, cause = Outcome.of(decide) if self.is_coordinator else (Outcome(), None)
+        return self.broadcast(outcome, what=what).unwrap(what=what, cause=cause)
 
     def barrier(self, *, what: str) -> None:
         if self._group is not None:
@@ -147,12 +176,28 @@ class Coordinator:
         if group is not None and dist.is_initialized():
             try:
                 dist.destroy_process_group(group)
-            except Exception as exc:  # noqa: BLE001 - shutting down: report, never mask
+            except Exception as exc:  # shutting down: report, never mask
                 logger.debug("destroying distckpt's group failed: %s", exc)
 
 
-def raise_failures(outcomes: Sequence[Outcome], *, what: str) -> None:
-    """Raise :class:`RankFailure` if any rank's outcome carries an error."""
-    failures = {rank: o.error for rank, o in enumerate(outcomes) if o.error is not None}
-    if failures:
-        raise RankFailure(what, failures)
+def raise_failures(
+    outcomes: Sequence[Outcome], *, what: str, cause: BaseException | None = None
+) -> None:
+    """Raise on every rank alike if any rank's outcome carries an error: the distckpt
+    exception type the failing ranks share (a precondition every rank checked), otherwise
+    :class:`RankFailure` naming each failing rank and its error."""
+    failing = {rank: o for rank, o in enumerate(outcomes) if o.error is not None}
+    if not failing:
+        return
+    types = {o.error_type for o in failing.values()}
+    messages = {o.error for o in failing.values()}
+    ranks = ", ".join(map(str, failing))  # named in the message: which ranks hit it
+    error_type = types.pop() if len(types) == 1 else None
+    if error_type is not None and error_type != "RankFailure" and len(messages) == 1:
+        suffix = f" (on rank {ranks})" if len(outcomes) > 1 else ""
+        raise _rebuild(error_type, messages.pop() + suffix, what=what) from cause
+    failures = {
+        rank: (f"{o.error_type}: {o.error}" if o.error_type else str(o.error))
+        for rank, o in failing.items()
+    }
+    raise RankFailure(what, failures) from cause

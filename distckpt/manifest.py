@@ -136,7 +136,9 @@ def check_json_metadata(metadata: Mapping[str, Any] | None) -> dict[str, Any]:
     try:
         return json.loads(json.dumps(dict(metadata), allow_nan=False))
     except (TypeError, ValueError) as exc:
-        raise InvalidArgument(f"metadata must be plain JSON (str keys, finite numbers): {exc}")
+        raise InvalidArgument(
+            f"metadata must be plain JSON (str keys, finite numbers): {exc}"
+        ) from exc
 
 
 def read_manifest(checkpoint_dir: Path) -> Manifest:
@@ -185,5 +187,5 @@ def find_problems(
         if size != record.size:
             problems.append(f"{path}: {size} bytes, the manifest says {record.size} (truncated?)")
         elif checksums and file_checksum(path) != record.checksum:
-            problems.append(f"{path}: checksum mismatch (the file's bytes changed since it was written)")
+            problems.append(f"{path}: checksum mismatch (its bytes changed after it was written)")
     return problems

@@ -1,0 +1,68 @@
+"""distckpt: crash-safe, rank-coordinated checkpoints for distributed PyTorch training.
+
+Every rank writes its shard into a staging directory, the ranks agree on the outcome, and rank
+0 alone, holding the root's file lock, publishes the checkpoint by an atomic directory rename
+and swaps the relative ``last`` / ``best`` links atomically. A crash at any instant leaves the
+previous or the new checkpoint under its final name, never a partial one.
+
+Quick use, on every rank::
+
+    import distckpt
+
+    with distckpt.CheckpointManager("runs/exp1", keep_last=3, every_n_steps=100) as mgr:
+        tracker = distckpt.StepTracker(optimizer)
+        state = {"model": model, "optim": optimizer, "steps": tracker}
+        mgr.restore("last", state=state, missing_ok=True)      # resume, if anything is there
+        for batch in data:
+            ...
+            mgr.save(tracker.step, state, metrics={"loss": loss})  # saves when due
+"""
+
+from distckpt._version import __version__
+from distckpt.errors import (
+    CheckpointError,
+    CheckpointExists,
+    CheckpointNotFound,
+    CoordinationError,
+    CoordinationTimeout,
+    CorruptCheckpoint,
+    InsufficientSpace,
+    InvalidArgument,
+    InvalidStep,
+    RankFailure,
+    RootNotWritable,
+    UnsafeCheckpoint,
+    UnsupportedVersion,
+    WorldSizeMismatch,
+)
+from distckpt.manager import CheckpointManager
+from distckpt.reader import load_checkpoint
+from distckpt.results import Checkpoint, CheckpointInfo, SaveResult
+from distckpt.rng import capture_rng, restore_rng
+from distckpt.steps import StepTracker
+
+__all__ = [
+    "__version__",
+    "CheckpointManager",
+    "StepTracker",
+    "load_checkpoint",
+    "capture_rng",
+    "restore_rng",
+    "Checkpoint",
+    "CheckpointInfo",
+    "SaveResult",
+    "CheckpointError",
+    "CheckpointExists",
+    "CheckpointNotFound",
+    "CoordinationError",
+    "CoordinationTimeout",
+    "CorruptCheckpoint",
+    "InsufficientSpace",
+    "InvalidArgument",
+    "InvalidStep",
+    "RankFailure",
+    "RootNotWritable",
+    "UnsafeCheckpoint",
+    "UnsupportedVersion",
+    "WorldSizeMismatch",
+]

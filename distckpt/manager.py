@@ -1,0 +1,774 @@
+"""CheckpointManager: composes layout, formats, coordination, locks and policies into the
+save / restore protocol. It owns no mechanism of its own.
+
+The save protocol, on every rank of the group:
+
+1. *Propose* (one all-gather): every rank checks its arguments and estimates its bytes; rank 0
+   also checks the step against the disk, checks free space, and creates a fresh staging dir
+   under ``root/.staging`` while holding its writer lock. Any problem is raised on every rank.
+2. *Write*: every rank writes its shard into the staging dir (streamed, fsynced).
+3. *Agree* (one all-gather): every rank reports its files or its error. If any rank failed,
+   every rank raises, naming the failing ranks; rank 0 removes the staging dir.
+4. *Commit* (rank 0, under the root's file lock): check every rank's files are visible, write
+   the manifest, fsync, rename the staging dir to ``step-N``, fsync the root, swap ``last``
+   (and ``best``), apply retention. One broadcast tells every rank the outcome, so every rank
+   returns only once the commit is durable, with the same result.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+import uuid
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from types import FrameType, TracebackType
+from typing import Any, Literal, Union
+
+import torch
+import torch.distributed as dist
+
+from distckpt import faults, policy, reader
+from distckpt.coord import Coordinator, Outcome
+from distckpt.errors import (
+    CheckpointError,
+    CheckpointExists,
+    CheckpointNotFound,
+    InsufficientSpace,
+    InvalidArgument,
+    InvalidStep,
+    RootNotWritable,
+)
+from distckpt.formats import FORMAT_NAMES, ReadOptions, ShardContext, format_named
+from distckpt.fsutil import (
+    LINK_MODES,
+    ChecksumWriter,
+    LinkMode,
+    atomic_write_bytes,
+    discard_dir,
+    free_bytes,
+    probe_writable,
+    read_link,
+    remove_link,
+    remove_tree,
+    rename_dir,
+    swap_link,
+)
+from distckpt.layout import BEST, LAST, MANIFEST_NAME, RootLayout, parse_step_dir_name
+from distckpt.lock import RootLock, WriterLock
+from distckpt.manifest import FileRecord, Manifest, check_json_metadata
+from distckpt.results import Checkpoint, CheckpointInfo, SaveResult
+from distckpt.state import to_plain
+
+logger = logging.getLogger("distckpt")
+
+Which = Union[Literal["last", "best"], int, str, "os.PathLike[str]"]
+ExtraFile = Union[str, "os.PathLike[str]", bytes]
+
+#: Free space demanded beyond the estimated size: estimates miss headers, and a full disk
+#: mid-write costs more than a refused save.
+SPACE_MARGIN_RATIO = 0.05
+SPACE_MARGIN_BYTES = 64 << 20
+
+
+@dataclass(frozen=True)
+class _Decision:
+    """Whether to save at a step, taken identically on every rank."""
+
+    step: int
+    epoch: int | None
+    save: bool
+    by_schedule_or_force: bool = False
+    preempt: bool = False
+
+
+@dataclass(frozen=True)
+class _Proposal:
+    """What each rank brings to a save; rank 0's also carries what it prepared on disk."""
+
+    step: int
+    estimated_bytes: int
+    metrics: dict[str, float]
+    staging_dir: str = ""
+    free_bytes: int = 0
+    existing: SaveResult | None = None
+
+
+class CheckpointManager:
+    """Saves and restores the checkpoints of a distributed job under one root directory.
+
+    Every rank of the group constructs the manager and calls :meth:`save`, :meth:`restore` and
+    :meth:`delete` together (they are collective); rank 0 alone commits. Works with no process
+    group too (a single process).
+
+    Args:
+        root: the checkpoint root; created if missing. Must be one directory shared by all ranks
+            (a shared filesystem on multi-node jobs).
+        keep_last: keep the newest N checkpoints (with the other ``keep_*`` rules, a checkpoint
+            stays if any rule keeps it). None with no other ``keep_*`` keeps everything.
+        keep_best: keep the best K by ``monitor``; ``monitor``/``mode`` also drive ``root/best``.
+        keep_every_n_steps: keep every checkpoint whose step is a multiple of N (milestones).
+        every_n_steps, every_n_epochs, every_seconds: save schedules, combined with "any";
+            with one set, :meth:`save` returns None when no schedule is due.
+        save_on_signal: signals (e.g. ``signal.SIGTERM``) that request a preemption save at the
+            next :meth:`should_save` / :meth:`save`; see :attr:`preempted`.
+        format: ``"torch"`` (one file per rank, fixed world size) or ``"dcp"`` (sharded,
+            reshards on restore).
+        link: ``"auto"`` (symlink, or a pointer file where symlinks are refused),
+            ``"symlink"`` or ``"pointer"``.
+        fsync: make every commit durable against power loss (fsync files and dirs).
+        group: the process group whose ranks checkpoint together (default: the world).
+        timeout: seconds any collective or the commit lock may take before a hang becomes an
+            error on every rank.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        *,
+        keep_last: int | None = None,
+        keep_best: int | None = None,
+        monitor: str | None = None,
+        mode: policy.Mode = "min",
+        keep_every_n_steps: int | None = None,
+        every_n_steps: int | None = None,
+        every_n_epochs: int | None = None,
+        every_seconds: float | None = None,
+        save_on_signal: Collection[int] = (),
+        format: str = "torch",
+        link: LinkMode = "auto",
+        fsync: bool = True,
+        group: dist.ProcessGroup | None = None,
+        timeout: float = 600.0,
+    ) -> None:
+        if format not in FORMAT_NAMES:
+            raise InvalidArgument(f"format must be one of {FORMAT_NAMES}, not {format!r}")
+        if link not in LINK_MODES:
+            raise InvalidArgument(f"link must be one of {LINK_MODES}, not {link!r}")
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
+            raise InvalidArgument(f"timeout must be a positive number of seconds, not {timeout!r}")
+        self.layout = RootLayout.at(root)
+        self.retention = policy.RetentionPolicy(
+            keep_last=keep_last,
+            keep_best=keep_best,
+            monitor=monitor,
+            mode=mode,
+            keep_every_n_steps=keep_every_n_steps,
+        )
+        self.schedule = policy.SaveSchedule(
+            every_n_steps=every_n_steps,
+            every_n_epochs=every_n_epochs,
+            every_seconds=every_seconds,
+        )
+        self.format = format
+        self._format = format_named(format)
+        self.fsync = fsync
+        self.timeout = float(timeout)
+        self._link_mode: LinkMode = link
+        self._signals = tuple(save_on_signal)
+        self._previous_handlers: dict[int, Any] = {}
+        self._signalled = threading.Event()
+        self._pending: _Decision | None = None
+        self._warned_missing_monitor = False
+        self._closed = False
+        self._save_count = 0
+        self.preempted = False
+        """True once a save requested by a signal (``save_on_signal``) has committed: the
+        loop should exit so the job can be requeued and resume from ``last``."""
+
+        self._coord = Coordinator(group, self.timeout)
+        self._lock = RootLock(self.layout.lock_path, timeout=self.timeout / 2)
+        self.rank = self._coord.rank
+        self.world_size = self._coord.world_size
+        try:
+            self._last_step, self._token = self._coord.decide(
+                self._open_root, what="opening the checkpoint root"
+            )
+            outcome, cause = Outcome.of(self._check_root_visible)
+            self._coord.agree(outcome, what="checking the root from every rank", cause=cause)
+        except BaseException:
+            self._coord.close()
+            raise
+        self._last_epoch: int | None = None
+        self._last_time = time.monotonic()
+        self._install_signal_handlers()
+
+    # ------------------------------------------------------------------ start-up
+
+    def _open_root(self) -> tuple[int | None, str]:
+        """Rank 0: create the root, prove it writable, and repair what a crash left."""
+        root = self.layout.root
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise RootNotWritable(f"cannot create checkpoint root {root}: {exc}") from exc
+        if not root.is_dir():
+            raise RootNotWritable(f"checkpoint root {root} exists and is not a directory")
+        try:
+            probe_writable(root)
+        except OSError as exc:
+            raise RootNotWritable(f"checkpoint root {root} is not writable: {exc}") from exc
+        with self._lock:
+            self._remove_leftovers()
+            self._update_links()
+        newest = reader.newest_valid(self.layout)
+        # Every rank names its staging dirs after this token: unique to this manager.
+        return (newest[1].step if newest else None), uuid.uuid4().hex[:12]
+
+    def _check_root_visible(self) -> None:
+        if not self.layout.root.is_dir():
+            raise RootNotWritable(
+                f"checkpoint root {self.layout.root} does not exist on rank {self.rank}: the root "
+                "must be a directory shared by every rank (a shared filesystem across nodes)"
+            )
+        if not os.access(self.layout.root, os.W_OK | os.X_OK):
+            raise RootNotWritable(f"checkpoint root {self.layout.root} is not writable here")
+
+    def _remove_leftovers(self) -> None:
+        """Under the lock: staging dirs whose writer is dead, and anything in the trash."""
+        staging = self.layout.staging_root
+        if staging.is_dir():
+            for entry in sorted(staging.iterdir()):
+                if entry.name.endswith(".lock"):
+                    if not entry.with_suffix("").exists() and not WriterLock.writer_is_alive(
+                        entry.with_suffix("")
+                    ):
+                        entry.unlink(missing_ok=True)
+                    continue
+                if WriterLock.writer_is_alive(entry):
+                    logger.info("leaving %s alone: its writer is alive", entry)
+                    continue
+                logger.info("removing %s, left by a writer that died", entry)
+                faults.hit("during_staging_cleanup", self.rank)
+                remove_tree(entry)
+                WriterLock(entry).release()
+        if self.layout.trash_root.is_dir():
+            for entry in self.layout.trash_root.iterdir():
+                remove_tree(entry)
+
+    # ------------------------------------------------------------------ links
+
+    def _swap(self, name: str, target: Path) -> None:
+        if read_link(self.layout.link_path(name)) == target.name:
+            return
+        kind = swap_link(
+            self.layout.link_path(name),
+            target.name,
+            mode=self._link_mode,
+            trash_root=self.layout.trash_root,
+            fsync=self.fsync,
+        )
+        if kind == "pointer":
+            self._link_mode = "pointer"  # settle "auto" once, instead of failing every time
+
+    def _update_links(self) -> list[policy.CheckpointRecord]:
+        """Under the lock: point ``last`` at the newest committed checkpoint and ``best`` at the
+        best, or remove a link with nothing to point at. Returns the records it read."""
+        valid = list(reader.iter_valid(self.layout, newest_first=False))
+        records = [policy.CheckpointRecord(m.step, m.epoch, m.metrics) for _, m in valid]
+        paths = {m.step: path for path, m in valid}
+        faults.hit("during_link_swap", self.rank)
+        if valid:
+            self._swap(LAST, valid[-1][0])
+        else:
+            self._remove_link_if_stale(LAST)
+        best = policy.best_step(records, self.retention.monitor, self.retention.mode)
+        if best is not None:
+            self._swap(BEST, paths[best])
+        else:
+            self._remove_link_if_stale(BEST)
+        return records
+
+    def _remove_link_if_stale(self, name: str) -> None:
+        link = self.layout.link_path(name)
+        target, _ = reader.link_problem(self.layout, name)
+        if (link.is_symlink() or link.is_file()) and target is None:
+            logger.warning("removing %s: it names no committed checkpoint", link)
+            remove_link(link, fsync=self.fsync)
+
+    # ------------------------------------------------------------------ schedules
+
+    def should_save(self, step: int, *, epoch: int | None = None) -> bool:
+        """Whether a schedule (or a preemption signal) says to save at ``step``.
+
+        Collective cost: none when only step/epoch schedules are set (every rank computes the
+        same answer from the same arguments); one small all-gather when ``every_seconds`` or
+        ``save_on_signal`` is set, and then every rank must call it. :meth:`save` reuses this
+        decision for the same step instead of deciding again.
+        """
+        self._check_open()
+        self._pending = self._decide(step, epoch, force=False)
+        return self._pending.save
+
+    def _decide(self, step: int, epoch: int | None, *, force: bool) -> _Decision:
+        pending, self._pending = self._pending, None
+        if pending is not None and pending.step == step and pending.epoch == epoch:
+            return pending
+        scheduled = self.schedule.is_set or bool(self._signals)
+        if not scheduled:
+            return _Decision(step, epoch, save=True)
+        due = self.schedule.due_by_counters(
+            step, epoch, last_step=self._last_step, last_epoch=self._last_epoch
+        )
+        preempt = False
+        if self.schedule.needs_agreement or self._signals:
+            time_due = self.schedule.every_seconds is not None and self.schedule.due_by_time(
+                time.monotonic(), last_time=self._last_time
+            )
+            votes = self._coord.all_gather(
+                (time_due, self._signalled.is_set()), what="deciding whether to save"
+            )
+            # Rank 0's clock decides time-based saves; any signalled rank decides preemption.
+            due = due or votes[0][0]
+            preempt = any(signalled for _, signalled in votes)
+        return _Decision(
+            step, epoch, save=due or force or preempt, by_schedule_or_force=True, preempt=preempt
+        )
+
+    # ------------------------------------------------------------------ save
+
+    def save(
+        self,
+        step: int,
+        state: Any,
+        *,
+        epoch: int | None = None,
+        metrics: Mapping[str, Any] | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        files: Mapping[str, ExtraFile] | None = None,
+        force: bool = False,
+        overwrite: bool = False,
+    ) -> SaveResult | None:
+        """Save this rank's ``state`` as part of the checkpoint for ``step``; collective.
+
+        Returns the same :class:`SaveResult` on every rank once the checkpoint is durable, or
+        None on every rank when a schedule is set and says not to save (``force=True`` saves
+        anyway). Any rank's failure raises on every rank and leaves the root as it was.
+
+        Args:
+            step: the training step, usually ``StepTracker.step``; steps only grow in a root.
+            state: a nested dict/list of tensors, plain values and objects with
+                ``state_dict()`` (saved through it).
+            epoch, metrics, metadata: stored in the manifest; metrics as floats (tensors and
+                NumPy scalars converted), metadata as plain JSON. Rank 0's values are stored.
+            files: extra files stored in the checkpoint dir under the given names (content as
+                bytes or a path to copy), written by rank 0.
+            force: save even if no schedule is due.
+            overwrite: replace an already committed checkpoint of this step.
+        """
+        self._check_open()
+        decision = self._decide(step, epoch, force=force)
+        if not decision.save:
+            return None
+        self._save_count += 1
+        result = self._save(decision, state, metrics, metadata, files, overwrite)
+        self._last_step, self._last_epoch = result.step, result.epoch
+        self._last_time = time.monotonic()
+        if decision.preempt:
+            self.preempted = True
+            logger.warning("preemption save of step %d committed; stop and requeue", step)
+        return result
+
+    def _save(
+        self,
+        decision: _Decision,
+        state: Any,
+        metrics: Mapping[str, Any] | None,
+        metadata: Mapping[str, Any] | None,
+        files: Mapping[str, ExtraFile] | None,
+        overwrite: bool,
+    ) -> SaveResult:
+        started = time.monotonic()
+        step, epoch = decision.step, decision.epoch
+        writer_lock: WriterLock | None = None
+        staging: Path | None = None
+
+        plain_state: Any = None
+
+        def propose() -> _Proposal:
+            nonlocal writer_lock, staging, plain_state
+            _check_step(step)
+            plain_state = to_plain(state)
+            proposal = _Proposal(
+                step=step,
+                estimated_bytes=self._format.estimate_bytes(plain_state),
+                metrics=policy.normalize_metrics(metrics),
+            )
+            if not self.is_coordinator:
+                return proposal
+            check_json_metadata(metadata)
+            _check_extra_files(files)
+            existing = self._check_step_on_disk(step, overwrite, decision)
+            if existing is not None:
+                return replace(proposal, existing=existing)
+            staging = self.layout.staging_dir(step, f"{self._token}-{self._save_count}")
+            self.layout.staging_root.mkdir(exist_ok=True)
+            writer_lock = WriterLock(staging)
+            writer_lock.acquire()  # before the dir exists: a dir with no lock is a dead one
+            staging.mkdir()
+            return replace(
+                proposal, staging_dir=os.fspath(staging), free_bytes=free_bytes(self.layout.root)
+            )
+
+        try:
+            outcome, cause = Outcome.of(propose)
+            proposals: list[_Proposal] = self._coord.agree(
+                outcome, what=f"preparing the save of step {step}", cause=cause
+            )
+            plan = proposals[0]  # rank 0's: the only one that looked at the disk
+            steps = sorted({p.step for p in proposals})
+            if len(steps) > 1:
+                raise InvalidStep(
+                    f"the ranks passed different steps to save(): {steps}; every rank must "
+                    "save the same step"
+                )
+            if plan.existing is not None:
+                logger.info("step %d is already committed; not saving it again", step)
+                return plan.existing
+            # Every rank computes this from the same gathered numbers, so all agree.
+            needed = sum(p.estimated_bytes for p in proposals)
+            margin = int(needed * SPACE_MARGIN_RATIO) + SPACE_MARGIN_BYTES
+            if needed + margin > plan.free_bytes:
+                raise InsufficientSpace(
+                    f"saving step {step} needs about {_mib(needed)} (+{_mib(margin)} margin) but "
+                    f"{self.layout.root} has {_mib(plan.free_bytes)} free"
+                )
+            staging_dir = Path(plan.staging_dir)
+
+            def write() -> dict[str, FileRecord]:
+                ctx = ShardContext(self.rank, self.world_size, self.fsync, self._coord.group)
+                records = dict(self._format.write(plain_state, staging_dir, ctx))
+                if self.is_coordinator and files:
+                    records.update(_write_extra_files(staging_dir, files, fsync=self.fsync))
+                faults.hit("after_shard_write", self.rank)
+                return records
+
+            outcome, cause = Outcome.of(write)
+            faults.hit("before_agreement", self.rank)
+            written = self._coord.agree(outcome, what=f"writing step {step}", cause=cause)
+            faults.hit("after_agreement", self.rank)
+
+            def commit() -> SaveResult:
+                all_files: dict[str, FileRecord] = {}
+                for records in written:
+                    all_files.update(records)
+                manifest = Manifest(
+                    step=step,
+                    world_size=self.world_size,
+                    format=self.format,
+                    files=all_files,
+                    epoch=epoch,
+                    metrics=plan.metrics,
+                    metadata=check_json_metadata(metadata),
+                    torch_version=torch.__version__,
+                )
+                return self._commit(staging_dir, manifest, overwrite)
+
+            result = self._coord.decide(commit, what=f"committing step {step}")
+        finally:
+            if self.is_coordinator and staging is not None:
+                if staging.exists():  # not committed: leave nothing behind
+                    remove_tree(staging)
+                if writer_lock is not None:
+                    writer_lock.release()
+        elapsed = time.monotonic() - started
+        if self.is_coordinator:
+            size = sum(r.size for records in written for r in records.values())
+            logger.info(
+                "committed %s: %s in %.2f s (%s/s)",
+                result.path.name,
+                _mib(size),
+                elapsed,
+                _mib(size / elapsed if elapsed > 0 else 0),
+            )
+        return result
+
+    @property
+    def is_coordinator(self) -> bool:
+        """Whether this process is rank 0 of the group, the one that commits."""
+        return self._coord.is_coordinator
+
+    def _check_step_on_disk(
+        self, step: int, overwrite: bool, decision: _Decision
+    ) -> SaveResult | None:
+        """Rank 0: refuse a step that would break monotonic order; a forced or scheduled save
+        of an already committed step returns that checkpoint instead of saving again."""
+        committed = self.layout.committed_steps()
+        if step in committed and not overwrite:
+            if decision.by_schedule_or_force:
+                directory, manifest = reader.resolve_step(self.layout, step)
+                return SaveResult(step, directory, manifest.epoch, dict(manifest.metrics))
+            raise CheckpointExists(
+                f"step {step} is already committed at {self.layout.step_dir(step)}; pass "
+                "overwrite=True to replace it"
+            )
+        if committed and step < committed[-1]:
+            raise InvalidStep(
+                f"step {step} is lower than the newest committed step {committed[-1]} in "
+                f"{self.layout.root}; steps only grow within a root: delete the newer "
+                "checkpoints (manager.delete(step)) or save into a new root"
+            )
+        return None
+
+    def _commit(self, staging: Path, manifest: Manifest, overwrite: bool) -> SaveResult:
+        """Rank 0: publish the staging dir as ``step-N`` and update links and retention."""
+        final = self.layout.step_dir(manifest.step)
+        with self._lock:
+            for name, record in manifest.files.items():
+                try:
+                    size = (staging / name).stat().st_size
+                except FileNotFoundError:
+                    raise CheckpointError(
+                        f"rank {record.rank}'s file {name} is not visible from rank 0 in "
+                        f"{staging}: the root must be on a filesystem shared by every rank"
+                    ) from None
+                if size != record.size:
+                    raise CheckpointError(
+                        f"{staging / name} has {size} bytes on rank 0 but rank {record.rank} "
+                        f"wrote {record.size}"
+                    )
+            # Re-checked under the lock: another job may have committed since the proposal.
+            self._check_step_on_disk(
+                manifest.step, overwrite, _Decision(manifest.step, manifest.epoch, True)
+            )
+            faults.hit("before_manifest", self.rank)
+            atomic_write_bytes(staging / MANIFEST_NAME, manifest.to_json(), fsync=self.fsync)
+            faults.hit("after_manifest", self.rank)
+            if final.exists() and overwrite:
+                discard_dir(final, self.layout.trash_root, fsync=self.fsync)
+            faults.hit("before_rename", self.rank)
+            rename_dir(staging, final, fsync=self.fsync)
+            faults.hit("after_rename", self.rank)
+            records = self._update_links()
+            self._apply_retention(records)
+        missing = policy.missing_monitor(manifest.metrics, self.retention.monitor)
+        if missing and not self._warned_missing_monitor:
+            logger.warning(
+                "metrics %s lack the monitored %r: such checkpoints are never best",
+                sorted(manifest.metrics),
+                self.retention.monitor,
+            )
+            self._warned_missing_monitor = True
+        return SaveResult(manifest.step, final, manifest.epoch, dict(manifest.metrics))
+
+    def _apply_retention(self, records: list[policy.CheckpointRecord]) -> None:
+        if self.retention.keeps_everything:
+            return
+        protected = {
+            step
+            for name in (LAST, BEST)
+            if (target := read_link(self.layout.link_path(name))) is not None
+            and (step := parse_step_dir_name(target)) is not None
+        }
+        for step in policy.steps_to_remove(records, self.retention, protected=protected):
+            faults.hit("during_retention", self.rank)
+            logger.info("retention: removing %s", self.layout.step_dir(step).name)
+            discard_dir(self.layout.step_dir(step), self.layout.trash_root, fsync=self.fsync)
+
+    # ------------------------------------------------------------------ restore
+
+    def restore(
+        self,
+        which: Which = "last",
+        *,
+        state: Any = None,
+        map_location: Any = "cpu",
+        missing_ok: bool = False,
+        strict: bool = True,
+        allow_pickle: bool = False,
+        mmap: bool = False,
+    ) -> Checkpoint | None:
+        """Load a checkpoint on every rank; collective.
+
+        ``which`` is ``"last"`` (the newest committed checkpoint), ``"best"``, a step, or a path.
+        Rank 0 resolves it and every rank loads that same checkpoint. Passing ``state=`` (the
+        same structure that was saved) loads it in place; the result's ``.state`` holds the
+        loaded values. With ``missing_ok=True`` returns None on every rank when there is no
+        checkpoint yet (the auto-resume case). Any rank's failure raises on every rank.
+
+        ``strict=False`` loads what matches ``state`` and reports the rest in
+        ``missing_keys`` / ``unexpected_keys``. ``allow_pickle=True`` unpickles arbitrary
+        objects: only for checkpoints you trust. ``mmap=True`` maps tensor data from disk
+        instead of reading it all.
+        """
+        self._check_open()
+
+        def find() -> tuple[Path, Manifest] | None:
+            try:
+                return reader.resolve(
+                    which,
+                    layout=self.layout,
+                    monitor=self.retention.monitor,
+                    mode=self.retention.mode,
+                )
+            except CheckpointNotFound:
+                if missing_ok and which in (LAST, BEST):
+                    return None
+                raise
+
+        found = self._coord.decide(find, what=f"finding checkpoint {which!r}")
+        if found is None:
+            return None
+        directory, manifest = found
+        options = ReadOptions(map_location=map_location, allow_pickle=allow_pickle, mmap=mmap)
+        outcome, cause = Outcome.of(
+            lambda: reader.read_state(
+                directory,
+                manifest,
+                rank=self.rank,
+                world_size=self.world_size,
+                template=state,
+                options=options,
+                strict=strict,
+                group=self._coord.group,
+            )
+        )
+        loaded = outcome.value
+        # Only the verdict travels: the states themselves stay on their ranks.
+        self._coord.agree(
+            Outcome(error=outcome.error, error_type=outcome.error_type),
+            what=f"restoring {directory.name}",
+            cause=cause,
+        )
+        self._last_step, self._last_epoch = manifest.step, manifest.epoch
+        self._last_time = time.monotonic()
+        return loaded
+
+    # ------------------------------------------------------------------ queries
+
+    def steps(self) -> list[int]:
+        """Committed steps, ascending, read fresh from disk (not collective)."""
+        return self.layout.committed_steps()
+
+    def latest_step(self) -> int | None:
+        """The newest committed step that passes its manifest check: the one
+        ``restore("last")`` loads (not collective)."""
+        newest = reader.newest_valid(self.layout)
+        return newest[1].step if newest else None
+
+    def best_step(self) -> int | None:
+        """The best committed step by ``monitor`` (None without one); not collective."""
+        records = [
+            policy.CheckpointRecord(m.step, m.epoch, m.metrics)
+            for _, m in reader.iter_valid(self.layout)
+        ]
+        return policy.best_step(records, self.retention.monitor, self.retention.mode)
+
+    def checkpoints(self) -> list[CheckpointInfo]:
+        """Every committed checkpoint, oldest first, from manifests only (not collective)."""
+        return reader.list_checkpoints(self.layout)
+
+    # ------------------------------------------------------------------ delete / close
+
+    def delete(self, step: int) -> None:
+        """Delete the checkpoint of ``step``; collective. Links that pointed at it are moved to
+        what remains (or removed). Raises :class:`CheckpointNotFound` if it does not exist."""
+        self._check_open()
+
+        def remove() -> None:
+            with self._lock:
+                directory = reader.committed_dir(self.layout, step)
+                discard_dir(directory, self.layout.trash_root, fsync=self.fsync)
+                self._update_links()
+
+        self._coord.decide(remove, what=f"deleting step {step}")
+        if self._last_step == step:
+            self._last_step = self.latest_step()
+
+    def close(self) -> None:
+        """Restore signal handlers and release the manager's process group. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        for signum, handler in self._previous_handlers.items():
+            signal.signal(signum, handler)
+        self._previous_handlers.clear()
+        self._coord.close()
+
+    def __enter__(self) -> CheckpointManager:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise CheckpointError("this CheckpointManager is closed")
+
+    def _install_signal_handlers(self) -> None:
+        if not self._signals:
+            return
+        if threading.current_thread() is not threading.main_thread():
+            raise InvalidArgument("save_on_signal needs the manager created in the main thread")
+
+        def on_signal(signum: int, frame: FrameType | None) -> None:
+            # Only a flag: the save itself must happen at a point where all ranks take part.
+            self._signalled.set()
+
+        for signum in self._signals:
+            self._previous_handlers[signum] = signal.signal(signum, on_signal)
+
+    def __repr__(self) -> str:
+        return (
+            f"CheckpointManager({os.fspath(self.layout.root)!r}, format={self.format!r}, "
+            f"rank={self.rank}/{self.world_size})"
+        )
+
+
+def _check_step(step: object) -> None:
+    if isinstance(step, bool) or not isinstance(step, int):
+        raise InvalidStep(f"step must be an int, not {type(step).__name__} ({step!r})")
+    if step < 0:
+        raise InvalidStep(f"step must not be negative, got {step}")
+
+
+def _mib(n: float) -> str:
+    return f"{n / (1 << 20):.1f} MiB"
+
+
+_RESERVED_NAMES = (MANIFEST_NAME, ".metadata")
+
+
+def _check_extra_files(files: Mapping[str, ExtraFile] | None) -> None:
+    for name, content in (files or {}).items():
+        if (
+            not isinstance(name, str)
+            or not name
+            or "/" in name
+            or "\\" in name
+            or name in (".", "..")
+            or name in _RESERVED_NAMES
+            or name.startswith(("rank-", "__"))
+            or name.endswith((".distcp", ".lock"))
+        ):
+            raise InvalidArgument(
+                f"extra file name {name!r} is not allowed: use a plain file name that does not "
+                "clash with the checkpoint's own files"
+            )
+        if not isinstance(content, bytes) and not Path(os.fspath(content)).is_file():
+            raise InvalidArgument(f"extra file {name!r}: {content!r} is not a file")
+
+
+def _write_extra_files(
+    directory: Path, files: Mapping[str, ExtraFile], *, fsync: bool
+) -> dict[str, FileRecord]:
+    records = {}
+    for name, content in files.items():
+        with ChecksumWriter(directory / name, fsync=fsync) as writer:
+            if isinstance(content, bytes):
+                writer.write(content)
+            else:
+                with open(content, "rb") as source:
+                    while chunk := source.read(8 << 20):
+                        writer.write(chunk)
+        records[name] = FileRecord(size=writer.size, checksum=writer.checksum, rank=0)
+    return records

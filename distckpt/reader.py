@@ -1,0 +1,279 @@
+"""Finding and reading committed checkpoints; needs no process group.
+
+The committed ``step-*`` dirs are the truth and the ``last`` / ``best`` links are derived from
+them: a link is followed only when it names a committed dir inside the root that passes the
+manifest check. ``"last"`` always means the newest committed checkpoint that passes, whatever
+the link says (a crash between the rename and the link swap leaves the link one step behind);
+a link that is broken, leaves the root or names a damaged dir is skipped with a warning naming
+it and why, and the next commit or manager start repairs it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+
+from distckpt import policy
+from distckpt.errors import CheckpointNotFound, CorruptCheckpoint, WorldSizeMismatch
+from distckpt.formats import ReadOptions, ShardContext, format_named
+from distckpt.fsutil import read_link
+from distckpt.layout import BEST, LAST, LINK_NAMES, MANIFEST_NAME, RootLayout, parse_step_dir_name
+from distckpt.manifest import Manifest, find_problems, read_manifest
+from distckpt.results import Checkpoint, CheckpointInfo
+from distckpt.state import load_into, to_plain
+
+logger = logging.getLogger("distckpt")
+
+
+def check_dir(directory: Path, expected_step: int | None) -> Manifest:
+    """The manifest of a committed dir, after checking its step and that every listed file is
+    present with its size. Raises :class:`CorruptCheckpoint` naming what is wrong."""
+    if directory.is_symlink():
+        raise CorruptCheckpoint(f"{directory} is a symlink; a committed checkpoint is a real dir")
+    manifest = read_manifest(directory)
+    problems = find_problems(directory, manifest, expected_step=expected_step)
+    if problems:
+        raise CorruptCheckpoint(f"{directory} fails its manifest check: " + "; ".join(problems))
+    return manifest
+
+
+def iter_valid(layout: RootLayout, *, newest_first: bool = True) -> Iterator[tuple[Path, Manifest]]:
+    """Committed dirs that pass :func:`check_dir`, with their manifests; damaged ones are
+    skipped with a warning."""
+    steps = layout.committed_steps()
+    for step in reversed(steps) if newest_first else steps:
+        directory = layout.step_dir(step)
+        if not directory.exists():
+            directory = _dir_for_step(layout, step)
+        try:
+            yield directory, check_dir(directory, step)
+        except (CorruptCheckpoint, FileNotFoundError) as exc:
+            logger.warning("skipping damaged checkpoint %s: %s", directory, exc)
+
+
+def _dir_for_step(layout: RootLayout, step: int) -> Path:
+    """The committed dir of ``step`` whatever its zero padding (any width parses)."""
+    for entry in os.scandir(layout.root):
+        if parse_step_dir_name(entry.name) == step and entry.is_dir(follow_symlinks=False):
+            return Path(entry.path)
+    return layout.step_dir(step)
+
+
+def newest_valid(layout: RootLayout) -> tuple[Path, Manifest] | None:
+    return next(iter_valid(layout), None)
+
+
+def link_problem(layout: RootLayout, name: str) -> tuple[Path | None, str | None]:
+    """Where the link ``name`` points (a committed dir inside root that passes its check), or
+    why it cannot be followed."""
+    link = layout.link_path(name)
+    target = read_link(link)
+    if target is None:
+        if link.exists() or link.is_symlink():
+            return None, f"{link} is neither a symlink nor a pointer file"
+        return None, f"{link} does not exist"
+    if os.path.isabs(target) or os.sep in target or (os.altsep and os.altsep in target):
+        return None, f"{link} points outside the root ({target!r})"
+    step = parse_step_dir_name(target)
+    if step is None:
+        return None, f"{link} does not name a step dir ({target!r})"
+    directory = layout.root / target
+    if not directory.is_dir():
+        return None, f"{link} is broken: {target} does not exist"
+    try:
+        check_dir(directory, step)
+    except CorruptCheckpoint as exc:
+        return None, f"{link} names a damaged checkpoint: {exc}"
+    return directory, None
+
+
+def resolve_last(layout: RootLayout) -> tuple[Path, Manifest]:
+    newest = newest_valid(layout)
+    if newest is None:
+        raise CheckpointNotFound(f"no committed checkpoint in {layout.root}")
+    linked, problem = link_problem(layout, LAST)
+    if linked is not None and linked.name != newest[0].name:
+        logger.warning(
+            "%s names %s but the newest committed checkpoint is %s; using %s "
+            "(the link is repaired at the next commit or manager start)",
+            layout.link_path(LAST),
+            linked.name,
+            newest[0].name,
+            newest[0].name,
+        )
+    elif linked is None and problem and layout.link_path(LAST).is_symlink():
+        logger.warning("not following %s; using %s", problem, newest[0].name)
+    return newest
+
+
+def resolve_best(
+    layout: RootLayout, *, monitor: str | None, mode: policy.Mode = "min"
+) -> tuple[Path, Manifest]:
+    linked, problem = link_problem(layout, BEST)
+    if linked is not None:
+        return linked, read_manifest(linked)
+    if monitor is not None:
+        records = {manifest.step: (path, manifest) for path, manifest in iter_valid(layout)}
+        best = policy.best_step(
+            [policy.CheckpointRecord(s, m.epoch, m.metrics) for s, (_, m) in records.items()],
+            monitor,
+            mode,
+        )
+        if best is not None:
+            if layout.link_path(BEST).exists() or layout.link_path(BEST).is_symlink():
+                logger.warning("not following %s; using %s", problem, records[best][0].name)
+            return records[best]
+    raise CheckpointNotFound(
+        f"no best checkpoint in {layout.root}: {problem}"
+        + ("" if monitor else " (a best checkpoint needs monitor=... when saving)")
+    )
+
+
+def committed_dir(layout: RootLayout, step: int) -> Path:
+    """The committed dir of ``step`` (unchecked), or :class:`CheckpointNotFound` listing the
+    committed steps."""
+    directory = _dir_for_step(layout, step)
+    if not directory.is_dir() or directory.is_symlink():
+        steps = layout.committed_steps()
+        listing = ", ".join(map(str, steps)) if steps else "none"
+        raise CheckpointNotFound(
+            f"no checkpoint for step {step} in {layout.root}; committed steps: {listing}"
+        )
+    return directory
+
+
+def resolve_step(layout: RootLayout, step: int) -> tuple[Path, Manifest]:
+    directory = committed_dir(layout, step)
+    return directory, check_dir(directory, step)
+
+
+def resolve(
+    which: Any,
+    *,
+    layout: RootLayout | None,
+    monitor: str | None = None,
+    mode: policy.Mode = "min",
+) -> tuple[Path, Manifest]:
+    """The checkpoint dir and manifest that ``which`` names: ``"last"``, ``"best"`` or a step
+    (within ``layout``'s root), or a path — of a step dir, of a root (its newest checkpoint),
+    or of a ``last`` / ``best`` link inside a root."""
+    if isinstance(which, bool):
+        raise TypeError("which must be 'last', 'best', a step or a path, not a bool")
+    if isinstance(which, int):
+        if layout is None:
+            raise TypeError("a step number needs a checkpoint root")
+        return resolve_step(layout, which)
+    if which in LINK_NAMES and layout is not None and isinstance(which, str):
+        if which == LAST:
+            return resolve_last(layout)
+        return resolve_best(layout, monitor=monitor, mode=mode)
+    return resolve_path(Path(os.fspath(which)), monitor=monitor, mode=mode)
+
+
+def resolve_path(
+    path: Path, *, monitor: str | None = None, mode: policy.Mode = "min"
+) -> tuple[Path, Manifest]:
+    path = Path(os.path.abspath(path))
+    if path.name in LINK_NAMES and (path.is_symlink() or path.is_file() or not path.exists()):
+        parent = RootLayout(path.parent)
+        if path.name == LAST:
+            return resolve_last(parent)
+        return resolve_best(parent, monitor=monitor, mode=mode)
+    if (path / MANIFEST_NAME).exists() or parse_step_dir_name(path.name) is not None:
+        if not path.exists():
+            raise CheckpointNotFound(f"no checkpoint at {path}")
+        return path, check_dir(path, parse_step_dir_name(path.name))
+    if path.is_dir():
+        return resolve_last(RootLayout(path))
+    raise CheckpointNotFound(f"no checkpoint at {path}")
+
+
+def read_state(
+    directory: Path,
+    manifest: Manifest,
+    *,
+    rank: int,
+    world_size: int | None,
+    template: Any,
+    options: ReadOptions,
+    strict: bool,
+    group: Any = None,
+) -> Checkpoint:
+    """Read one rank's state from a checked checkpoint dir and load it into ``template``.
+
+    ``world_size`` is the number of ranks restoring, or None when a plain process reads one
+    rank's part (then only that the rank exists is checked)."""
+    fmt = format_named(manifest.format)
+    if fmt.fixed_world_size:
+        if world_size is not None and world_size != manifest.world_size:
+            raise WorldSizeMismatch(
+                f"{directory} was saved by {manifest.world_size} ranks in the "
+                f"{manifest.format!r} format and cannot be restored by {world_size} ranks; "
+                f"restore with {manifest.world_size} ranks, or save with format='dcp' to "
+                "reshard on restore"
+            )
+        if not 0 <= rank < manifest.world_size:
+            raise CheckpointNotFound(
+                f"{directory} has ranks 0..{manifest.world_size - 1}; there is no rank {rank}"
+            )
+    ctx = ShardContext(
+        rank=rank, world_size=world_size or manifest.world_size, fsync=False, group=group
+    )
+    plain_template = to_plain(template) if template is not None else None
+    loaded = fmt.read(directory, manifest, ctx, plain_template, options)
+    report = load_into(template, loaded, strict=strict) if template is not None else None
+    return Checkpoint(
+        state=loaded,
+        step=manifest.step,
+        epoch=manifest.epoch,
+        metrics=dict(manifest.metrics),
+        metadata=dict(manifest.metadata),
+        path=directory,
+        manifest=manifest,
+        missing_keys=tuple(report.missing_keys) if report else (),
+        unexpected_keys=tuple(report.unexpected_keys) if report else (),
+    )
+
+
+def list_checkpoints(layout: RootLayout) -> list[CheckpointInfo]:
+    """Every committed checkpoint that passes its manifest check, oldest first."""
+    return [
+        CheckpointInfo.from_manifest(path, manifest)
+        for path, manifest in iter_valid(layout, newest_first=False)
+    ]
+
+
+def load_checkpoint(
+    path: str | os.PathLike[str],
+    *,
+    rank: int | None = None,
+    state: Any = None,
+    map_location: Any = "cpu",
+    strict: bool = True,
+    allow_pickle: bool = False,
+    mmap: bool = False,
+) -> Checkpoint:
+    """Load one rank's part of a committed checkpoint in any process; no process group needed.
+
+    ``path`` is a step dir, a root (its newest checkpoint), or a ``last`` / ``best`` link
+    (symlink or pointer file), whatever the working directory. ``rank`` defaults to this
+    process's rank when torch.distributed is initialised, else 0. ``state=`` loads in place as
+    in :meth:`CheckpointManager.restore`.
+    """
+    if rank is None:
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    directory, manifest = resolve_path(Path(os.fspath(path)))
+    return read_state(
+        directory,
+        manifest,
+        rank=rank,
+        world_size=None,
+        template=state,
+        options=ReadOptions(map_location=map_location, allow_pickle=allow_pickle, mmap=mmap),
+        strict=strict,
+    )

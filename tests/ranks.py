@@ -1,0 +1,130 @@
+"""Start real ranks for a test: processes joined by a gloo process group on 127.0.0.1.
+
+``run_ranks(fn, world_size, *args)`` forks ``world_size`` processes (about 0.1 s), each of which
+initialises torch.distributed (gloo, a free port, a short timeout), runs ``fn(rank, world_size,
+*args)`` and sends back its return value or its exception. A job that does not finish within
+``timeout`` seconds is killed and the test fails fast instead of hanging.
+"""
+
+from __future__ import annotations
+
+import datetime
+import multiprocessing as mp
+import os
+import socket
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass
+class RankResult:
+    rank: int
+    value: Any = None
+    error_type: str | None = None
+    error: str | None = None
+    traceback: str | None = None
+
+    def unwrap(self) -> Any:
+        if self.error_type is not None:
+            raise AssertionError(f"rank {self.rank} raised {self.error_type}:\n{self.traceback}")
+        return self.value
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _child(
+    fn: Callable[..., Any],
+    rank: int,
+    world_size: int,
+    port: int,
+    args: tuple[Any, ...],
+    queue: Any,
+    pg_timeout: float,
+    env: dict[str, str],
+) -> None:
+    import torch
+    import torch.distributed as dist
+
+    os.environ.update(env)
+    torch.set_num_threads(1)  # forked children must not share the parent's OpenMP pool
+    result = RankResult(rank)
+    try:
+        if world_size > 0:
+            dist.init_process_group(
+                "gloo",
+                init_method=f"tcp://127.0.0.1:{port}",
+                rank=rank,
+                world_size=world_size,
+                timeout=datetime.timedelta(seconds=pg_timeout),
+            )
+        result.value = fn(rank, max(world_size, 1), *args)
+    except BaseException as exc:
+        result.error_type = type(exc).__name__
+        result.error = str(exc)
+        result.traceback = traceback.format_exc()
+    queue.put(result)
+    queue.close()
+    queue.join_thread()
+    # Skip interpreter teardown: a rank whose peers died must not hang in atexit handlers.
+    os._exit(0)
+
+
+def run_ranks(
+    fn: Callable[..., Any],
+    world_size: int,
+    *args: Any,
+    timeout: float = 60.0,
+    pg_timeout: float = 30.0,
+    env: dict[str, str] | None = None,
+    expect_killed: bool = False,
+) -> list[RankResult]:
+    """Run ``fn`` on ``world_size`` real ranks; ``world_size=0`` runs one process with no
+    process group. Returns one :class:`RankResult` per rank (ranks killed by a signal, only
+    allowed with ``expect_killed``, are missing)."""
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+    port = free_port()
+    procs = [
+        ctx.Process(
+            target=_child,
+            args=(fn, rank, world_size, port, args, queue, pg_timeout, env or {}),
+            daemon=True,
+        )
+        for rank in range(max(world_size, 1))
+    ]
+    for proc in procs:
+        proc.start()
+    results: dict[int, RankResult] = {}
+    deadline = datetime.datetime.now() + datetime.timedelta(seconds=timeout)
+    try:
+        while len(results) < len(procs):
+            remaining = (deadline - datetime.datetime.now()).total_seconds()
+            if remaining <= 0:
+                raise TimeoutError(f"ranks did not finish within {timeout} s (a hang)")
+            try:
+                item = queue.get(timeout=min(remaining, 0.5))
+                results[item.rank] = item
+            except Exception:  # queue.Empty: check for ranks that died without reporting
+                dead = [p for p in procs if p.exitcode is not None and p.exitcode != 0]
+                if dead and not expect_killed:
+                    codes = {procs.index(p): p.exitcode for p in dead}
+                    raise AssertionError(f"ranks died without reporting: {codes}") from None
+                if all(p.exitcode is not None for p in procs) and queue.empty():
+                    break
+    finally:
+        for proc in procs:
+            if proc.is_alive():
+                proc.kill()
+            proc.join(5)
+    return [results[rank] for rank in sorted(results)]
+
+
+def values(results: list[RankResult]) -> list[Any]:
+    """Every rank's return value, failing the test with the traceback of any rank that raised."""
+    return [result.unwrap() for result in results]
