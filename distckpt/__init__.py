@@ -40,12 +40,16 @@ from distckpt.reader import load_checkpoint
 from distckpt.results import Checkpoint, CheckpointInfo, SaveResult
 from distckpt.rng import capture_rng, restore_rng
 from distckpt.steps import StepTracker
+from distckpt.verify import CheckpointReport, VerifyReport, verify
 
 __all__ = [
     "__version__",
     "CheckpointManager",
     "StepTracker",
     "load_checkpoint",
+    "verify",
+    "VerifyReport",
+    "CheckpointReport",
     "capture_rng",
     "restore_rng",
     "Checkpoint",

@@ -16,6 +16,7 @@ import shutil
 import sys
 import uuid
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO, Literal
 
@@ -94,12 +95,17 @@ class ChecksumWriter:
         self.close()
 
 
-def file_checksum(path: str | os.PathLike[str]) -> str:
-    """The checksum :class:`ChecksumWriter` computes, recomputed from the file's bytes."""
+def file_checksum(
+    path: str | os.PathLike[str], progress: Callable[[int], None] | None = None
+) -> str:
+    """The checksum :class:`ChecksumWriter` computes, recomputed from the file's bytes;
+    ``progress`` is called with the size of each chunk read."""
     crc = 0
     with open(path, "rb") as file:
         while chunk := file.read(_READ_CHUNK):
             crc = zlib.crc32(chunk, crc)
+            if progress is not None:
+                progress(len(chunk))
     return f"{crc:08x}"
 
 

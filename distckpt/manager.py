@@ -305,13 +305,19 @@ class CheckpointManager:
         return self._pending.save
 
     def _decide(self, step: int, epoch: int | None, *, force: bool) -> _Decision:
+        """Whether to save now, the same on every rank. A save is *explicit* when no schedule
+        is set and neither ``force`` nor a signal asked for it: only then does saving an
+        already committed step raise instead of returning that checkpoint."""
         pending, self._pending = self._pending, None
         if pending is not None and pending.step == step and pending.epoch == epoch:
-            return pending
-        scheduled = self.schedule.is_set or bool(self._signals)
-        if not scheduled:
-            return _Decision(step, epoch, save=True)
-        due = self.schedule.due_by_counters(
+            return replace(
+                pending,
+                save=pending.save or force,
+                by_schedule_or_force=pending.by_schedule_or_force or force,
+            )
+        if not self.schedule.is_set and not self._signals:
+            return _Decision(step, epoch, save=True, by_schedule_or_force=force)
+        due = not self.schedule.is_set or self.schedule.due_by_counters(
             step, epoch, last_step=self._last_step, last_epoch=self._last_epoch
         )
         preempt = False
@@ -322,11 +328,16 @@ class CheckpointManager:
             votes = self._coord.all_gather(
                 (time_due, self._signalled.is_set()), what="deciding whether to save"
             )
-            # Rank 0's clock decides time-based saves; any signalled rank decides preemption.
+            # Rank 0's clock decides time-based saves (clocks differ between nodes); any
+            # signalled rank decides preemption (the signal may reach only some).
             due = due or votes[0][0]
             preempt = any(signalled for _, signalled in votes)
         return _Decision(
-            step, epoch, save=due or force or preempt, by_schedule_or_force=True, preempt=preempt
+            step,
+            epoch,
+            save=due or force or preempt,
+            by_schedule_or_force=self.schedule.is_set or force or preempt,
+            preempt=preempt,
         )
 
     # ------------------------------------------------------------------ save
@@ -369,6 +380,7 @@ class CheckpointManager:
         self._last_step, self._last_epoch = result.step, result.epoch
         self._last_time = time.monotonic()
         if decision.preempt:
+            self._signalled.clear()
             self.preempted = True
             logger.warning("preemption save of step %d committed; stop and requeue", step)
         return result
@@ -581,6 +593,7 @@ class CheckpointManager:
         strict: bool = True,
         allow_pickle: bool = False,
         mmap: bool = False,
+        verify: bool = False,
     ) -> Checkpoint | None:
         """Load a checkpoint on every rank; collective.
 
@@ -593,7 +606,9 @@ class CheckpointManager:
         ``strict=False`` loads what matches ``state`` and reports the rest in
         ``missing_keys`` / ``unexpected_keys``. ``allow_pickle=True`` unpickles arbitrary
         objects: only for checkpoints you trust. ``mmap=True`` maps tensor data from disk
-        instead of reading it all.
+        instead of reading it all. ``verify=True`` checks every file's checksum before
+        loading (sizes are always checked) and, for ``"last"``/``"best"``, falls back past a
+        corrupt checkpoint with a warning.
         """
         self._check_open()
 
@@ -604,6 +619,7 @@ class CheckpointManager:
                     layout=self.layout,
                     monitor=self.retention.monitor,
                     mode=self.retention.mode,
+                    checksums=verify,
                 )
             except CheckpointNotFound:
                 if missing_ok and which in (LAST, BEST):

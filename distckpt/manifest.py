@@ -13,7 +13,7 @@ import json
 import math
 import os
 import platform
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -160,6 +160,7 @@ def find_problems(
     *,
     expected_step: int | None = None,
     checksums: bool = False,
+    progress: Callable[[int], None] | None = None,
 ) -> list[str]:
     """Everything wrong with a checkpoint dir against its manifest, one message per problem,
     each naming the file: a missing or wrong-sized file, a file that is a symlink, a wrong
@@ -186,6 +187,6 @@ def find_problems(
             continue
         if size != record.size:
             problems.append(f"{path}: {size} bytes, the manifest says {record.size} (truncated?)")
-        elif checksums and file_checksum(path) != record.checksum:
+        elif checksums and file_checksum(path, progress) != record.checksum:
             problems.append(f"{path}: checksum mismatch (its bytes changed after it was written)")
     return problems

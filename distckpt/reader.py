@@ -19,7 +19,12 @@ from typing import Any
 import torch.distributed as dist
 
 from distckpt import policy
-from distckpt.errors import CheckpointNotFound, CorruptCheckpoint, WorldSizeMismatch
+from distckpt.errors import (
+    CheckpointNotFound,
+    CorruptCheckpoint,
+    UnsafeCheckpoint,
+    WorldSizeMismatch,
+)
 from distckpt.formats import ReadOptions, ShardContext, format_named
 from distckpt.fsutil import read_link
 from distckpt.layout import BEST, LAST, LINK_NAMES, MANIFEST_NAME, RootLayout, parse_step_dir_name
@@ -30,19 +35,22 @@ from distckpt.state import load_into, to_plain
 logger = logging.getLogger("distckpt")
 
 
-def check_dir(directory: Path, expected_step: int | None) -> Manifest:
+def check_dir(directory: Path, expected_step: int | None, *, checksums: bool = False) -> Manifest:
     """The manifest of a committed dir, after checking its step and that every listed file is
-    present with its size. Raises :class:`CorruptCheckpoint` naming what is wrong."""
+    present with its size (and, with ``checksums=True``, its checksum). Raises
+    :class:`CorruptCheckpoint` naming what is wrong."""
     if directory.is_symlink():
-        raise CorruptCheckpoint(f"{directory} is a symlink; a committed checkpoint is a real dir")
+        raise UnsafeCheckpoint(f"{directory} is a symlink; a committed checkpoint is a real dir")
     manifest = read_manifest(directory)
-    problems = find_problems(directory, manifest, expected_step=expected_step)
+    problems = find_problems(directory, manifest, expected_step=expected_step, checksums=checksums)
     if problems:
         raise CorruptCheckpoint(f"{directory} fails its manifest check: " + "; ".join(problems))
     return manifest
 
 
-def iter_valid(layout: RootLayout, *, newest_first: bool = True) -> Iterator[tuple[Path, Manifest]]:
+def iter_valid(
+    layout: RootLayout, *, newest_first: bool = True, checksums: bool = False
+) -> Iterator[tuple[Path, Manifest]]:
     """Committed dirs that pass :func:`check_dir`, with their manifests; damaged ones are
     skipped with a warning."""
     steps = layout.committed_steps()
@@ -51,8 +59,8 @@ def iter_valid(layout: RootLayout, *, newest_first: bool = True) -> Iterator[tup
         if not directory.exists():
             directory = _dir_for_step(layout, step)
         try:
-            yield directory, check_dir(directory, step)
-        except (CorruptCheckpoint, FileNotFoundError) as exc:
+            yield directory, check_dir(directory, step, checksums=checksums)
+        except (CorruptCheckpoint, UnsafeCheckpoint, FileNotFoundError) as exc:
             logger.warning("skipping damaged checkpoint %s: %s", directory, exc)
 
 
@@ -64,11 +72,13 @@ def _dir_for_step(layout: RootLayout, step: int) -> Path:
     return layout.step_dir(step)
 
 
-def newest_valid(layout: RootLayout) -> tuple[Path, Manifest] | None:
-    return next(iter_valid(layout), None)
+def newest_valid(layout: RootLayout, *, checksums: bool = False) -> tuple[Path, Manifest] | None:
+    return next(iter_valid(layout, checksums=checksums), None)
 
 
-def link_problem(layout: RootLayout, name: str) -> tuple[Path | None, str | None]:
+def link_problem(
+    layout: RootLayout, name: str, *, checksums: bool = False
+) -> tuple[Path | None, str | None]:
     """Where the link ``name`` points (a committed dir inside root that passes its check), or
     why it cannot be followed."""
     link = layout.link_path(name)
@@ -86,14 +96,14 @@ def link_problem(layout: RootLayout, name: str) -> tuple[Path | None, str | None
     if not directory.is_dir():
         return None, f"{link} is broken: {target} does not exist"
     try:
-        check_dir(directory, step)
-    except CorruptCheckpoint as exc:
+        check_dir(directory, step, checksums=checksums)
+    except (CorruptCheckpoint, UnsafeCheckpoint) as exc:
         return None, f"{link} names a damaged checkpoint: {exc}"
     return directory, None
 
 
-def resolve_last(layout: RootLayout) -> tuple[Path, Manifest]:
-    newest = newest_valid(layout)
+def resolve_last(layout: RootLayout, *, checksums: bool = False) -> tuple[Path, Manifest]:
+    newest = newest_valid(layout, checksums=checksums)
     if newest is None:
         raise CheckpointNotFound(f"no committed checkpoint in {layout.root}")
     linked, problem = link_problem(layout, LAST)
@@ -112,9 +122,9 @@ def resolve_last(layout: RootLayout) -> tuple[Path, Manifest]:
 
 
 def resolve_best(
-    layout: RootLayout, *, monitor: str | None, mode: policy.Mode = "min"
+    layout: RootLayout, *, monitor: str | None, mode: policy.Mode = "min", checksums: bool = False
 ) -> tuple[Path, Manifest]:
-    linked, problem = link_problem(layout, BEST)
+    linked, problem = link_problem(layout, BEST, checksums=checksums)
     if linked is not None:
         return linked, read_manifest(linked)
     if monitor is not None:
@@ -147,9 +157,11 @@ def committed_dir(layout: RootLayout, step: int) -> Path:
     return directory
 
 
-def resolve_step(layout: RootLayout, step: int) -> tuple[Path, Manifest]:
+def resolve_step(
+    layout: RootLayout, step: int, *, checksums: bool = False
+) -> tuple[Path, Manifest]:
     directory = committed_dir(layout, step)
-    return directory, check_dir(directory, step)
+    return directory, check_dir(directory, step, checksums=checksums)
 
 
 def resolve(
@@ -158,6 +170,7 @@ def resolve(
     layout: RootLayout | None,
     monitor: str | None = None,
     mode: policy.Mode = "min",
+    checksums: bool = False,
 ) -> tuple[Path, Manifest]:
     """The checkpoint dir and manifest that ``which`` names: ``"last"``, ``"best"`` or a step
     (within ``layout``'s root), or a path — of a step dir, of a root (its newest checkpoint),
@@ -167,29 +180,33 @@ def resolve(
     if isinstance(which, int):
         if layout is None:
             raise TypeError("a step number needs a checkpoint root")
-        return resolve_step(layout, which)
+        return resolve_step(layout, which, checksums=checksums)
     if which in LINK_NAMES and layout is not None and isinstance(which, str):
         if which == LAST:
-            return resolve_last(layout)
-        return resolve_best(layout, monitor=monitor, mode=mode)
-    return resolve_path(Path(os.fspath(which)), monitor=monitor, mode=mode)
+            return resolve_last(layout, checksums=checksums)
+        return resolve_best(layout, monitor=monitor, mode=mode, checksums=checksums)
+    return resolve_path(Path(os.fspath(which)), monitor=monitor, mode=mode, checksums=checksums)
 
 
 def resolve_path(
-    path: Path, *, monitor: str | None = None, mode: policy.Mode = "min"
+    path: Path,
+    *,
+    monitor: str | None = None,
+    mode: policy.Mode = "min",
+    checksums: bool = False,
 ) -> tuple[Path, Manifest]:
     path = Path(os.path.abspath(path))
     if path.name in LINK_NAMES and (path.is_symlink() or path.is_file() or not path.exists()):
         parent = RootLayout(path.parent)
         if path.name == LAST:
-            return resolve_last(parent)
-        return resolve_best(parent, monitor=monitor, mode=mode)
+            return resolve_last(parent, checksums=checksums)
+        return resolve_best(parent, monitor=monitor, mode=mode, checksums=checksums)
     if (path / MANIFEST_NAME).exists() or parse_step_dir_name(path.name) is not None:
         if not path.exists():
             raise CheckpointNotFound(f"no checkpoint at {path}")
-        return path, check_dir(path, parse_step_dir_name(path.name))
+        return path, check_dir(path, parse_step_dir_name(path.name), checksums=checksums)
     if path.is_dir():
-        return resolve_last(RootLayout(path))
+        return resolve_last(RootLayout(path), checksums=checksums)
     raise CheckpointNotFound(f"no checkpoint at {path}")
 
 
@@ -257,17 +274,18 @@ def load_checkpoint(
     strict: bool = True,
     allow_pickle: bool = False,
     mmap: bool = False,
+    verify: bool = False,
 ) -> Checkpoint:
     """Load one rank's part of a committed checkpoint in any process; no process group needed.
 
     ``path`` is a step dir, a root (its newest checkpoint), or a ``last`` / ``best`` link
     (symlink or pointer file), whatever the working directory. ``rank`` defaults to this
     process's rank when torch.distributed is initialised, else 0. ``state=`` loads in place as
-    in :meth:`CheckpointManager.restore`.
+    in :meth:`CheckpointManager.restore`; ``verify=True`` checks every file's checksum first.
     """
     if rank is None:
         rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-    directory, manifest = resolve_path(Path(os.fspath(path)))
+    directory, manifest = resolve_path(Path(os.fspath(path)), checksums=verify)
     return read_state(
         directory,
         manifest,

@@ -48,6 +48,10 @@ class CheckpointFormat(Protocol):
     #: whether a checkpoint can only be restored by the world size that saved it
     fixed_world_size: bool
 
+    def required_files(self, manifest: Manifest) -> list[str]:
+        """Files a complete checkpoint of this format must list in its manifest."""
+        ...
+
     def estimate_bytes(self, state: Any) -> int:
         """Roughly how many bytes ``write`` will put on disk for this rank's ``state``."""
         ...

@@ -81,6 +81,9 @@ class TorchFilesFormat:
     name = "torch"
     fixed_world_size = True
 
+    def required_files(self, manifest: Manifest) -> list[str]:
+        return [rank_file_name(rank) for rank in range(manifest.world_size)]
+
     def estimate_bytes(self, state: Any) -> int:
         return tensor_bytes(state) + _OVERHEAD_BYTES
 
