@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import threading
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -86,26 +87,19 @@ class Coordinator:
         self.timeout = timeout
         self._group: dist.ProcessGroup | None = None
         self._src = 0
+        self._ranks: tuple[int, ...] = ()
         if not (dist.is_available() and dist.is_initialized()):
             if group is not None:
                 raise CoordinationError("group= was given but torch.distributed is not initialised")
             self.rank, self.world_size = 0, 1
             return
         parent = group if group is not None else dist.group.WORLD
-        ranks = dist.get_process_group_ranks(parent)
-        if dist.get_rank() not in ranks:
+        self._ranks = tuple(dist.get_process_group_ranks(parent))
+        if dist.get_rank() not in self._ranks:
             raise CoordinationError(
                 f"this process (global rank {dist.get_rank()}) is not a member of the given group"
             )
-        try:
-            self._group = dist.new_group(
-                ranks=ranks,
-                backend="gloo",
-                timeout=datetime.timedelta(seconds=timeout),
-                use_local_synchronization=True,
-            )
-        except Exception as exc:
-            raise CoordinationError(f"could not create distckpt's gloo group: {exc}") from exc
+        self._group = take_private_group(self._ranks, timeout)
         self.rank = dist.get_rank(self._group)
         self.world_size = dist.get_world_size(self._group)
         self._src = dist.get_global_rank(self._group, 0)
@@ -170,14 +164,57 @@ class Coordinator:
         if self._group is not None:
             self._run(what, lambda: dist.barrier(group=self._group))
 
+    def spawn(self) -> Coordinator:
+        """Another coordinator over the same ranks on a group of its own (for a background
+        thread whose collectives must never interleave with this one's). Collective."""
+        twin = object.__new__(Coordinator)
+        twin.__dict__.update(self.__dict__)
+        if self._group is not None:
+            twin._group = take_private_group(self._ranks, self.timeout)
+        return twin
+
     def close(self) -> None:
-        """Release the private group. Safe to call twice."""
+        """Give the private group back to the pool. Safe to call twice."""
         group, self._group = self._group, None
-        if group is not None and dist.is_initialized():
-            try:
-                dist.destroy_process_group(group)
-            except Exception as exc:  # shutting down: report, never mask
-                logger.debug("destroying distckpt's group failed: %s", exc)
+        if group is not None:
+            return_private_group(self._ranks, group)
+
+
+# Private gloo groups, pooled per set of ranks instead of destroyed: torch names a group made
+# with use_local_synchronization=True after its ranks and the number of live groups, so a group
+# destroyed and made again gets the old name and meets the old group's addresses in the store.
+# Managers are created and closed collectively, so every rank takes and returns groups in the
+# same order and the pool pairs the same groups across ranks.
+_pool: dict[tuple[int, ...], list[dist.ProcessGroup]] = {}
+_pool_lock = threading.Lock()
+
+
+def take_private_group(ranks: tuple[int, ...], timeout: float) -> dist.ProcessGroup:
+    live = dist.distributed_c10d._world.pg_map
+    with _pool_lock:
+        free = [g for g in _pool.get(ranks, []) if g in live]
+        group = free.pop(0) if free else None
+        _pool[ranks] = free
+    delta = datetime.timedelta(seconds=timeout)
+    if group is None:
+        try:
+            return dist.new_group(
+                ranks=list(ranks),
+                backend="gloo",
+                timeout=delta,
+                use_local_synchronization=True,
+            )
+        except Exception as exc:
+            raise CoordinationError(f"could not create distckpt's gloo group: {exc}") from exc
+    set_timeout = getattr(dist.distributed_c10d, "_set_pg_timeout", None)
+    if set_timeout is not None:  # older torch: the group keeps the timeout it was made with
+        set_timeout(delta, group)
+    return group
+
+
+def return_private_group(ranks: tuple[int, ...], group: dist.ProcessGroup) -> None:
+    with _pool_lock:
+        _pool.setdefault(ranks, []).append(group)
 
 
 def raise_failures(

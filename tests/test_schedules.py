@@ -1,0 +1,191 @@
+"""Schedules, preemption, best/top-k retention through the manager, on real ranks."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import distckpt
+from tests.ranks import run_ranks, values
+
+
+def _jumping_steps(rank: int, world_size: int, root: str) -> list[int]:
+    saved = []
+    with distckpt.CheckpointManager(root, every_n_steps=5, fsync=False, timeout=20) as mgr:
+        for step in (1, 4, 6, 9, 11, 12, 20, 21):
+            result = mgr.save(step, {"w": torch.full((2,), float(step))})
+            if result is not None:
+                saved.append(result.step)
+    return saved
+
+
+def test_steps_that_jump_over_multiples_still_save(tmp_path: Path) -> None:
+    assert values(run_ranks(_jumping_steps, 2, str(tmp_path))) == [[6, 11, 20]] * 2
+    assert distckpt.CheckpointManager(tmp_path).steps() == [6, 11, 20]
+
+
+def _restart_continues(rank: int, world_size: int, root: str) -> tuple[int | None, list[int]]:
+    saved = []
+    with distckpt.CheckpointManager(root, every_n_steps=5, fsync=False, timeout=20) as mgr:
+        ckpt = mgr.restore("last", missing_ok=True)
+        start = ckpt.step if ckpt else 0
+        for step in range(start + 1, start + 8):
+            if mgr.save(step, {"s": step}) is not None:
+                saved.append(step)
+    return start, saved
+
+
+def test_restart_continues_schedule_from_restored_step(tmp_path: Path) -> None:
+    # First run saves at 5; a restart from 5 must not save at 6 at once, and must save at 10.
+    first = values(run_ranks(_restart_continues, 2, str(tmp_path)))
+    assert first == [(0, [5])] * 2
+    second = values(run_ranks(_restart_continues, 2, str(tmp_path)))
+    assert second == [(5, [10])] * 2
+
+
+def _clocks_disagree(rank: int, world_size: int, root: str) -> list[int]:
+    real = time.monotonic
+    if rank == 1:
+        # Rank 1's clock runs far ahead: alone it would decide to save at every step.
+        distckpt.manager.time.monotonic = lambda: real() + 10_000.0  # type: ignore[attr-defined]
+    saved = []
+    with distckpt.CheckpointManager(root, every_seconds=3600, fsync=False, timeout=20) as mgr:
+        for step in range(1, 6):
+            wanted = mgr.should_save(step)
+            result = mgr.save(step, {"s": step})
+            assert (result is not None) == wanted
+            if result is not None:
+                saved.append(step)
+    return saved
+
+
+def test_time_schedule_agrees_when_clocks_disagree(tmp_path: Path) -> None:
+    assert values(run_ranks(_clocks_disagree, 2, str(tmp_path))) == [[], []]
+
+
+def _time_schedule_fires(rank: int, world_size: int, root: str) -> list[int]:
+    saved = []
+    with distckpt.CheckpointManager(root, every_seconds=0.2, fsync=False, timeout=20) as mgr:
+        for step in range(1, 4):
+            time.sleep(0.25)
+            if mgr.save(step, {"s": step}) is not None:
+                saved.append(step)
+    return saved
+
+
+def test_time_schedule_fires_on_every_rank(tmp_path: Path) -> None:
+    assert values(run_ranks(_time_schedule_fires, 2, str(tmp_path))) == [[1, 2, 3]] * 2
+
+
+def _forced_save_of_committed_step(rank: int, world_size: int, root: str) -> tuple[int, bool]:
+    with distckpt.CheckpointManager(root, every_n_steps=10, fsync=False, timeout=20) as mgr:
+        first = mgr.save(10, {"v": 1})
+        again = mgr.save(10, {"v": 2}, force=True)
+        state = mgr.restore(10).state
+        return again.step, first.path == again.path and state["v"] == 1
+
+
+def test_forced_save_of_committed_step_returns_it_without_overwriting(tmp_path: Path) -> None:
+    assert values(run_ranks(_forced_save_of_committed_step, 2, str(tmp_path))) == [(10, True)] * 2
+
+
+def _preempt_one_rank(rank: int, world_size: int, root: str) -> tuple[list[int], bool, bool]:
+    saved = []
+    with distckpt.CheckpointManager(
+        root, every_n_steps=100, save_on_signal=(signal.SIGUSR1,), fsync=False, timeout=20
+    ) as mgr:
+        for step in range(1, 10):
+            if step == 4 and rank == 1:
+                os.kill(os.getpid(), signal.SIGUSR1)  # only rank 1 is told
+            if mgr.save(step, {"s": step}) is not None:
+                saved.append(step)
+            if mgr.preempted:
+                break
+        preempted = mgr.preempted
+    restored_handler = signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL
+    return saved, preempted, restored_handler
+
+
+def test_signal_on_one_rank_makes_every_rank_save_and_report_preempted(tmp_path: Path) -> None:
+    assert values(run_ranks(_preempt_one_rank, 2, str(tmp_path))) == [([4], True, True)] * 2
+
+
+def _best_and_top_k(rank: int, world_size: int, root: str, losses: list[float]) -> dict:
+    kwargs = dict(keep_last=2, keep_best=1, monitor="val_loss", mode="min", fsync=False)
+    with distckpt.CheckpointManager(root, timeout=20, **kwargs) as mgr:
+        for step, loss in enumerate(losses, start=1):
+            # Rank 1 reports nonsense: rank 0's metrics are the ones that count.
+            metrics = {"val_loss": torch.tensor(loss if rank == 0 else -1.0)}
+            mgr.save(step, {"s": step}, metrics=metrics)
+        mgr.save(len(losses) + 1, {"s": 0})  # unranked: no metrics at all
+    with distckpt.CheckpointManager(root, timeout=20, **kwargs) as again:  # a restart
+        return {
+            "steps": again.steps(),
+            "best": again.best_step(),
+            "best_restored": again.restore("best").step,
+            "last": again.latest_step(),
+        }
+
+
+def test_keep_last_with_keep_best_keeps_an_old_best(tmp_path: Path) -> None:
+    losses = [3.0, 1.0, 2.0, math.nan, 5.0, 4.0]
+    out = values(run_ranks(_best_and_top_k, 2, str(tmp_path), losses))
+    # Best is step 2 (NaN at step 4 never wins); newest two are 6 and 7 (7 unranked).
+    assert out == [{"steps": [2, 6, 7], "best": 2, "best_restored": 2, "last": 7}] * 2
+    assert os.readlink(tmp_path / "best") == "step-00000002"
+    assert os.readlink(tmp_path / "last") == "step-00000007"
+
+
+def test_best_is_rebuilt_from_disk_when_the_link_is_lost(tmp_path: Path) -> None:
+    values(run_ranks(_best_and_top_k, 1, str(tmp_path), [2.0, 1.0, 3.0]))
+    (tmp_path / "best").unlink()
+    with distckpt.CheckpointManager(tmp_path, monitor="val_loss", fsync=False) as mgr:
+        assert os.readlink(tmp_path / "best") == "step-00000002"  # repaired on start
+        assert mgr.restore("best").step == 2
+
+
+def test_milestones_are_kept(tmp_path: Path) -> None:
+    with distckpt.CheckpointManager(
+        tmp_path, keep_last=1, keep_every_n_steps=10, fsync=False
+    ) as mgr:
+        for step in range(5, 40, 5):
+            mgr.save(step, {"s": step})
+        assert mgr.steps() == [10, 20, 30, 35]
+
+
+def test_missing_monitored_metric_warns_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with distckpt.CheckpointManager(tmp_path, monitor="val_loss", fsync=False) as mgr:
+        mgr.save(1, {}, metrics={"train_loss": 1.0})
+        mgr.save(2, {}, metrics={"train_loss": 0.5})
+        assert mgr.best_step() is None
+    warnings = [r for r in caplog.records if "val_loss" in r.getMessage()]
+    assert len(warnings) == 1
+
+
+def _tracked_steps(rank: int, world_size: int, root: str) -> list[int]:
+    model = torch.nn.Linear(2, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    tracker = distckpt.StepTracker(optimizer)
+    saved = []
+    with distckpt.CheckpointManager(root, every_n_steps=2, fsync=False, timeout=20) as mgr:
+        for micro_batch in range(16):
+            model(torch.ones(1, 2)).sum().backward()
+            if micro_batch % 4 == 3:  # 4 micro-batches per optimizer step
+                optimizer.step()
+                optimizer.zero_grad()
+            result = mgr.save(tracker.step, {"model": model, "steps": tracker})
+            if result is not None:
+                saved.append(result.step)
+    return saved
+
+
+def test_gradient_accumulation_saves_on_optimizer_steps(tmp_path: Path) -> None:
+    assert values(run_ranks(_tracked_steps, 2, str(tmp_path))) == [[2, 4]] * 2
