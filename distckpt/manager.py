@@ -17,6 +17,7 @@ The save protocol, on every rank of the group:
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import signal
@@ -24,7 +25,8 @@ import threading
 import time
 import uuid
 from collections.abc import Collection, Mapping
-from dataclasses import dataclass, replace
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Any, Literal, Union
@@ -62,6 +64,7 @@ from distckpt.layout import BEST, LAST, MANIFEST_NAME, RootLayout, parse_step_di
 from distckpt.lock import RootLock, WriterLock
 from distckpt.manifest import FileRecord, Manifest, check_json_metadata
 from distckpt.results import Checkpoint, CheckpointInfo, SaveResult
+from distckpt.snapshot import SnapshotBuffers
 from distckpt.state import to_plain
 
 logger = logging.getLogger("distckpt")
@@ -84,6 +87,33 @@ class _Decision:
     save: bool
     by_schedule_or_force: bool = False
     preempt: bool = False
+
+
+@dataclass
+class _Plan:
+    """One rank's view of a save between the proposal and the commit."""
+
+    step: int
+    epoch: int | None
+    overwrite: bool
+    started: float
+    state: Any = None
+    staging_dir: Path = Path()
+    metrics: dict[str, float] = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict)
+    files: dict[str, ExtraFile] = field(default_factory=dict)
+    #: rank 0 only: held for as long as the staging dir is being written
+    writer_lock: WriterLock | None = None
+
+    def discard_staging(self) -> None:
+        """Rank 0: remove the staging dir unless it was committed, and release its lock."""
+        if self.writer_lock is None:
+            return
+        staging = self.writer_lock.path.with_suffix("")
+        if staging.exists():
+            remove_tree(staging)
+        self.writer_lock.release()
+        self.writer_lock = None
 
 
 @dataclass(frozen=True)
@@ -116,6 +146,11 @@ class CheckpointManager:
             with one set, :meth:`save` returns None when no schedule is due.
         save_on_signal: signals (e.g. ``signal.SIGTERM``) that request a preemption save at the
             next :meth:`should_save` / :meth:`save`; see :attr:`preempted`.
+        async_save: :meth:`save` returns once this rank's state is copied into reusable CPU
+            buffers; writing, agreement and commit run in a background thread on a process
+            group of their own. :meth:`wait` returns the committed result. At most one save is
+            in flight; a failed one raises on every rank at the next :meth:`wait`,
+            :meth:`save` or :meth:`close`.
         format: ``"torch"`` (one file per rank, fixed world size) or ``"dcp"`` (sharded,
             reshards on restore).
         link: ``"auto"`` (symlink, or a pointer file where symlinks are refused),
@@ -139,6 +174,7 @@ class CheckpointManager:
         every_n_epochs: int | None = None,
         every_seconds: float | None = None,
         save_on_signal: Collection[int] = (),
+        async_save: bool = False,
         format: str = "torch",
         link: LinkMode = "auto",
         fsync: bool = True,
@@ -180,7 +216,11 @@ class CheckpointManager:
         """True once a save requested by a signal (``save_on_signal``) has committed: the
         loop should exit so the job can be requeued and resume from ``last``."""
 
+        self._buffers = SnapshotBuffers() if async_save else None
+        self._background: ThreadPoolExecutor | None = None
+        self._inflight: Future[SaveResult] | None = None
         self._coord = Coordinator(group, self.timeout)
+        self._background_coord = self._coord
         self._lock = RootLock(self.layout.lock_path, timeout=self.timeout / 2)
         self.rank = self._coord.rank
         self.world_size = self._coord.world_size
@@ -190,6 +230,11 @@ class CheckpointManager:
             )
             outcome, cause = Outcome.of(self._check_root_visible)
             self._coord.agree(outcome, what="checking the root from every rank", cause=cause)
+            if async_save:
+                # Its own group: background collectives never interleave with this thread's.
+                self._background_coord = self._coord.spawn()
+                self._background = ThreadPoolExecutor(1, thread_name_prefix="distckpt-commit")
+                atexit.register(self._finish_at_exit)
         except BaseException:
             self._coord.close()
             raise
@@ -375,17 +420,31 @@ class CheckpointManager:
         decision = self._decide(step, epoch, force=force)
         if not decision.save:
             return None
+        self.wait()  # at most one save in flight; raises a failed one's error here
         self._save_count += 1
-        result = self._save(decision, state, metrics, metadata, files, overwrite)
-        self._last_step, self._last_epoch = result.step, result.epoch
+        plan = self._propose(decision, state, metrics, metadata, files, overwrite)
+        if isinstance(plan, SaveResult):
+            return plan
+        self._last_step, self._last_epoch = plan.step, plan.epoch
         self._last_time = time.monotonic()
+        if self._background is None:
+            result = self._write_and_commit(plan, self._coord)
+        else:
+            self._inflight = self._background.submit(
+                self._write_and_commit, plan, self._background_coord
+            )
+            result = SaveResult(
+                plan.step, self.layout.step_dir(plan.step), plan.epoch, plan.metrics, done=False
+            )
+            if decision.preempt:
+                result = self.wait() or result  # a preemption save must be durable first
         if decision.preempt:
             self._signalled.clear()
             self.preempted = True
             logger.warning("preemption save of step %d committed; stop and requeue", step)
         return result
 
-    def _save(
+    def _propose(
         self,
         decision: _Decision,
         state: Any,
@@ -393,34 +452,34 @@ class CheckpointManager:
         metadata: Mapping[str, Any] | None,
         files: Mapping[str, ExtraFile] | None,
         overwrite: bool,
-    ) -> SaveResult:
-        started = time.monotonic()
-        step, epoch = decision.step, decision.epoch
-        writer_lock: WriterLock | None = None
-        staging: Path | None = None
-
-        plain_state: Any = None
+    ) -> _Plan | SaveResult:
+        """Steps 1 of the protocol, in the caller's thread: check everything that can be checked
+        before writing, on every rank alike, and have rank 0 prepare the staging dir. Returns
+        the plan, or the committed result when the step is already saved (and may be)."""
+        step = decision.step
+        plan = _Plan(step=step, epoch=decision.epoch, overwrite=overwrite, started=time.monotonic())
 
         def propose() -> _Proposal:
-            nonlocal writer_lock, staging, plain_state
             _check_step(step)
-            plain_state = to_plain(state)
+            plain = to_plain(state)
+            # Async: copy now, so training may change its tensors as soon as save returns.
+            plan.state = self._buffers.snapshot(plain) if self._buffers is not None else plain
             proposal = _Proposal(
                 step=step,
-                estimated_bytes=self._format.estimate_bytes(plain_state),
+                estimated_bytes=self._format.estimate_bytes(plan.state),
                 metrics=policy.normalize_metrics(metrics),
             )
             if not self.is_coordinator:
                 return proposal
-            check_json_metadata(metadata)
-            _check_extra_files(files)
+            plan.metadata = check_json_metadata(metadata)
+            plan.files = _check_extra_files(files)
             existing = self._check_step_on_disk(step, overwrite, decision)
             if existing is not None:
                 return replace(proposal, existing=existing)
             staging = self.layout.staging_dir(step, f"{self._token}-{self._save_count}")
             self.layout.staging_root.mkdir(exist_ok=True)
-            writer_lock = WriterLock(staging)
-            writer_lock.acquire()  # before the dir exists: a dir with no lock is a dead one
+            plan.writer_lock = WriterLock(staging)
+            plan.writer_lock.acquire()  # before the dir exists: a dir with no lock is a dead one
             staging.mkdir()
             return replace(
                 proposal, staging_dir=os.fspath(staging), free_bytes=free_bytes(self.layout.root)
@@ -431,73 +490,90 @@ class CheckpointManager:
             proposals: list[_Proposal] = self._coord.agree(
                 outcome, what=f"preparing the save of step {step}", cause=cause
             )
-            plan = proposals[0]  # rank 0's: the only one that looked at the disk
+            chosen = proposals[0]  # rank 0's: the only one that looked at the disk
             steps = sorted({p.step for p in proposals})
             if len(steps) > 1:
                 raise InvalidStep(
                     f"the ranks passed different steps to save(): {steps}; every rank must "
                     "save the same step"
                 )
-            if plan.existing is not None:
+            if chosen.existing is not None:
                 logger.info("step %d is already committed; not saving it again", step)
-                return plan.existing
+                return chosen.existing
             # Every rank computes this from the same gathered numbers, so all agree.
             needed = sum(p.estimated_bytes for p in proposals)
             margin = int(needed * SPACE_MARGIN_RATIO) + SPACE_MARGIN_BYTES
-            if needed + margin > plan.free_bytes:
+            if needed + margin > chosen.free_bytes:
                 raise InsufficientSpace(
                     f"saving step {step} needs about {_mib(needed)} (+{_mib(margin)} margin) but "
-                    f"{self.layout.root} has {_mib(plan.free_bytes)} free"
+                    f"{self.layout.root} has {_mib(chosen.free_bytes)} free"
                 )
-            staging_dir = Path(plan.staging_dir)
+        except BaseException:
+            plan.discard_staging()
+            raise
+        plan.staging_dir = Path(chosen.staging_dir)
+        plan.metrics = chosen.metrics
+        return plan
+
+    def _write_and_commit(self, plan: _Plan, coord: Coordinator) -> SaveResult:
+        """Steps 2-4 of the protocol: write, agree, commit. Runs in the caller's thread, or in
+        the background thread with its own ``coord`` for an async save."""
+        step = plan.step
+        try:
+            if self._buffers is not None:
+                self._buffers.synchronize()
 
             def write() -> dict[str, FileRecord]:
-                ctx = ShardContext(self.rank, self.world_size, self.fsync, self._coord.group)
-                records = dict(self._format.write(plain_state, staging_dir, ctx))
-                if self.is_coordinator and files:
-                    records.update(_write_extra_files(staging_dir, files, fsync=self.fsync))
-                faults.hit("after_shard_write", self.rank)
+                ctx = ShardContext(coord.rank, coord.world_size, self.fsync, coord.group)
+                records = dict(self._format.write(plan.state, plan.staging_dir, ctx))
+                if plan.files:
+                    records.update(
+                        _write_extra_files(plan.staging_dir, plan.files, fsync=self.fsync)
+                    )
+                faults.hit("after_shard_write", coord.rank)
                 return records
 
             outcome, cause = Outcome.of(write)
-            faults.hit("before_agreement", self.rank)
-            written = self._coord.agree(outcome, what=f"writing step {step}", cause=cause)
-            faults.hit("after_agreement", self.rank)
+            plan.state = None  # the snapshot's job is done; let its memory go
+            faults.hit("before_agreement", coord.rank)
+            written = coord.agree(outcome, what=f"writing step {step}", cause=cause)
+            faults.hit("after_agreement", coord.rank)
 
             def commit() -> SaveResult:
-                all_files: dict[str, FileRecord] = {}
-                for records in written:
-                    all_files.update(records)
                 manifest = Manifest(
                     step=step,
-                    world_size=self.world_size,
+                    world_size=coord.world_size,
                     format=self.format,
-                    files=all_files,
-                    epoch=epoch,
+                    files={name: r for records in written for name, r in records.items()},
+                    epoch=plan.epoch,
                     metrics=plan.metrics,
-                    metadata=check_json_metadata(metadata),
+                    metadata=plan.metadata,
                     torch_version=torch.__version__,
                 )
-                return self._commit(staging_dir, manifest, overwrite)
+                result = self._commit(plan.staging_dir, manifest, plan.overwrite)
+                elapsed = time.monotonic() - plan.started
+                logger.info(
+                    "committed %s: %s in %.2f s (%s/s)",
+                    result.path.name,
+                    _mib(manifest.total_bytes),
+                    elapsed,
+                    _mib(manifest.total_bytes / elapsed if elapsed > 0 else 0),
+                )
+                return result
 
-            result = self._coord.decide(commit, what=f"committing step {step}")
+            return coord.decide(commit, what=f"committing step {step}")
         finally:
-            if self.is_coordinator and staging is not None:
-                if staging.exists():  # not committed: leave nothing behind
-                    remove_tree(staging)
-                if writer_lock is not None:
-                    writer_lock.release()
-        elapsed = time.monotonic() - started
-        if self.is_coordinator:
-            size = sum(r.size for records in written for r in records.values())
-            logger.info(
-                "committed %s: %s in %.2f s (%s/s)",
-                result.path.name,
-                _mib(size),
-                elapsed,
-                _mib(size / elapsed if elapsed > 0 else 0),
-            )
-        return result
+            plan.discard_staging()
+
+    def wait(self) -> SaveResult | None:
+        """Wait for the save in flight (``async_save=True``) to be committed and durable, and
+        return its result, or raise its error — the same on every rank. None if no save is in
+        flight. Not collective by itself, but every rank must call it (the background commit
+        needs every rank)."""
+        inflight, self._inflight = self._inflight, None
+        if inflight is None:
+            return None
+        return inflight.result()
 
     @property
     def is_coordinator(self) -> bool:
@@ -611,6 +687,7 @@ class CheckpointManager:
         corrupt checkpoint with a warning.
         """
         self._check_open()
+        self.wait()
 
         def find() -> tuple[Path, Manifest] | None:
             try:
@@ -684,6 +761,7 @@ class CheckpointManager:
         """Delete the checkpoint of ``step``; collective. Links that pointed at it are moved to
         what remains (or removed). Raises :class:`CheckpointNotFound` if it does not exist."""
         self._check_open()
+        self.wait()
 
         def remove() -> None:
             with self._lock:
@@ -696,14 +774,32 @@ class CheckpointManager:
             self._last_step = self.latest_step()
 
     def close(self) -> None:
-        """Restore signal handlers and release the manager's process group. Idempotent."""
+        """Finish a save in flight (raising its error, on every rank), restore signal
+        handlers and release the manager's process groups. Idempotent."""
         if self._closed:
             return
         self._closed = True
-        for signum, handler in self._previous_handlers.items():
-            signal.signal(signum, handler)
-        self._previous_handlers.clear()
-        self._coord.close()
+        try:
+            self.wait()
+        finally:
+            if self._background is not None:
+                self._background.shutdown(wait=True)
+                atexit.unregister(self._finish_at_exit)
+                self._background_coord.close()
+            for signum, handler in self._previous_handlers.items():
+                signal.signal(signum, handler)
+            self._previous_handlers.clear()
+            self._coord.close()
+
+    def _finish_at_exit(self) -> None:
+        """At interpreter exit with a save in flight: finish it, or say loudly that it failed
+        (the background collectives' timeout bounds the wait)."""
+        try:
+            result = self.wait()
+            if result is not None:
+                logger.info("finished the save of step %d in flight at exit", result.step)
+        except Exception as exc:
+            logger.error("the checkpoint save in flight at exit failed: %s", exc)
 
     def __enter__(self) -> CheckpointManager:
         return self
@@ -754,7 +850,9 @@ def _mib(n: float) -> str:
 _RESERVED_NAMES = (MANIFEST_NAME, ".metadata")
 
 
-def _check_extra_files(files: Mapping[str, ExtraFile] | None) -> None:
+def _check_extra_files(files: Mapping[str, ExtraFile] | None) -> dict[str, ExtraFile]:
+    """The extra files to store, checked: plain names that clash with nothing, existing
+    sources."""
     for name, content in (files or {}).items():
         if (
             not isinstance(name, str)
@@ -772,6 +870,7 @@ def _check_extra_files(files: Mapping[str, ExtraFile] | None) -> None:
             )
         if not isinstance(content, bytes) and not Path(os.fspath(content)).is_file():
             raise InvalidArgument(f"extra file {name!r}: {content!r} is not a file")
+    return dict(files or {})
 
 
 def _write_extra_files(
