@@ -78,3 +78,8 @@ class RankFailure(CheckpointError):
         ranks = ", ".join(str(rank) for rank in self.failures)
         noun = "rank" if len(self.failures) == 1 else "ranks"
         super().__init__(f"{what} failed on {noun} {ranks}: {details}")
+
+
+class InjectedFault(CheckpointError):
+    """The error an armed ``raise`` fault point throws (see :mod:`distckpt.faults`); only ever
+    raised in tests that arm one."""

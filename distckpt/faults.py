@@ -18,7 +18,7 @@ import os
 import signal
 from dataclasses import dataclass
 
-from distckpt.errors import CheckpointError
+from distckpt.errors import InjectedFault
 
 #: Every fault point, in protocol order.
 POINTS = (
@@ -34,10 +34,6 @@ POINTS = (
     "during_staging_cleanup",
 )
 ACTIONS = ("raise", "kill")
-
-
-class InjectedFault(CheckpointError):
-    """The error an armed ``raise`` fault point throws."""
 
 
 @dataclass

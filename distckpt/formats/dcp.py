@@ -1,0 +1,757 @@
+"""The "dcp" format: sharded checkpoints written by ``torch.distributed.checkpoint`` (DCP), which
+can be restored by a different number of ranks than saved them (resharding).
+
+Layout of a committed dir: one ``__<rank>_0.distcp`` file per rank (the rank's shards of every
+DTensor, plus the replicated values DCP assigned to it) and a ``.metadata`` file written by rank
+0 that says which bytes of which file hold which chunk of which tensor. Every file is listed in
+``manifest.json`` with the size and crc32 that were computed while the bytes were written (the
+files are never read back to checksum them).
+
+Saving: ``write`` runs ``dcp.save`` on every rank at once over distckpt's private gloo group
+(DCP's no-dist path without torch.distributed). DCP is given a storage writer whose files are
+:class:`~distckpt.fsutil.ChecksumWriter` streams, fsynced on close when the manager fsyncs. The
+only rename DCP does (``.metadata.tmp`` to ``.metadata``) stays inside the staging dir, and the
+metadata records no absolute path (``checkpoint_id`` is left empty), so the committed dir does
+not depend on where it was staged and can be moved.
+
+What DCP saves, and its limits:
+
+* The top-level state must be a dict. Nested dicts and lists are flattened into dotted keys.
+* DTensors (FSDP2 ``fully_shard`` parameters, their optimizer state) are saved shard by shard.
+* Everything else -- plain tensors and plain values -- is taken to be the *same on every rank*
+  and is saved once, from one rank. A value that differs between ranks (a per-rank RNG state, a
+  rank number) is silently reduced to one rank's copy: keep per-rank state out of a "dcp"
+  checkpoint, or save it in a "torch" one.
+* Optimizers must be saved FQN-keyed, through ``get_state_dict``: put
+  ``{"app": ModelOptimizerState(model, optimizer)}`` in the state rather than the optimizer
+  itself (a plain ``optimizer.state_dict()`` is keyed by parameter number, and a fresh
+  optimizer has no state tensors to load into).
+
+Restoring: DCP loads *in place*, so ``restore`` needs ``state=``: the same structure as saved,
+whose tensors and DTensors (on the restoring ranks' meshes) receive the data; each rank reads
+only the chunks its shards overlap. Keys the state asks for that the checkpoint lacks are left
+out of the result, so :func:`distckpt.state.load_into` reports them as missing (and raises under
+``strict=True``); keys only in the checkpoint are not loaded and only logged.
+:func:`load_consolidated` (used by :func:`distckpt.export.export`) reads a whole checkpoint
+into full tensors in one plain process.
+
+Untrusted checkpoints. DCP would unpickle ``.metadata`` with ``pickle.load`` and every
+non-tensor value with ``torch.load(weights_only=False)``, either of which runs arbitrary code
+from a crafted file. Here, unless ``allow_pickle=True``:
+
+* ``.metadata`` is read by a restricted unpickler that resolves only DCP's metadata dataclasses,
+  ``torch.Size``, torch dtypes and layouts; any other global (``os.system``, ``builtins.eval``,
+  ...) or a persistent id is refused with :class:`~distckpt.errors.UnsafeCheckpoint` before
+  anything is called. The result is then checked field by field (types, and that every storage
+  entry names a ``.distcp`` file listed in the manifest, within its size), so a crafted file
+  cannot make DCP read outside the checkpoint dir.
+* Non-tensor values are loaded with ``torch.load(weights_only=True)``.
+* Tensor data is loaded by DCP itself with ``torch.load(weights_only=True)``.
+
+What this does not cover: the restricted unpickler still runs the pickle machine, so a crafted
+``.metadata`` can make it allocate memory or burn CPU (a denial of service, not code execution),
+and the allowed dataclasses' constructors and ``__setstate__`` run on attacker-chosen arguments
+(they only assign fields, and the result is type-checked afterwards). The objects DCP exchanges
+between ranks through ``torch.distributed`` object collectives are pickles too; they are built
+by the ranks of the job itself from the checked metadata, not read from the checkpoint.
+``allow_pickle=True`` switches all of this off and loads exactly as DCP does: only for
+checkpoints from a trusted source.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import pickle
+import re
+import warnings
+import zlib
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, NoReturn
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
+from torch.distributed.checkpoint.filesystem import (
+    FileSystem,
+    FileSystemReader,
+    FileSystemWriter,
+    _StorageInfo,
+)
+from torch.distributed.checkpoint.metadata import (
+    BytesStorageMetadata,
+    ChunkStorageMetadata,
+    Metadata,
+    MetadataIndex,
+    StorageMeta,
+    TensorProperties,
+    TensorStorageMetadata,
+)
+from torch.distributed.checkpoint.planner import LoadPlan, ReadItem
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
+
+from distckpt.errors import (
+    CheckpointError,
+    CorruptCheckpoint,
+    InvalidArgument,
+    RankFailure,
+    UnsafeCheckpoint,
+)
+from distckpt.formats.base import ReadOptions, ShardContext
+from distckpt.fsutil import CHECKSUM_ALGORITHM, ChecksumWriter
+from distckpt.manifest import FileRecord, Manifest
+
+try:  # torch >= 2.1; DTensor is only needed to size shards
+    from torch.distributed.tensor import DTensor
+except ImportError:  # pragma: no cover - older torch
+    from torch.distributed._tensor import DTensor  # type: ignore[no-redef]
+
+__all__ = ["DcpFormat", "ModelOptimizerState", "METADATA_NAME", "load_consolidated"]
+
+logger = logging.getLogger("distckpt")
+
+#: The file rank 0 writes that maps every chunk of every tensor to its bytes.
+METADATA_NAME = ".metadata"
+_DATA_FILE_RE = re.compile(r"^__\d+_\d+\.distcp$")
+# The metadata pickle and the per-item headers around the tensor data.
+_OVERHEAD_BYTES = 64 << 10
+_NO_DIST_WARNING = r".*(torch\.distributed is|assuming the intent is to)"
+
+
+# ---------------------------------------------------------------------------------------------
+# The helper users put in their state
+
+
+class ModelOptimizerState:
+    """A model and its optimizer(s) as one Stateful object whose state dict DCP can reshard.
+
+    ``state_dict()`` is ``{"model": ..., "optim": ...}`` from
+    ``torch.distributed.checkpoint.state_dict.get_state_dict``: FQN-keyed (the optimizer state
+    is keyed by parameter name, not by parameter number), with the DTensors of an FSDP2 model
+    and of its optimizer state left sharded. ``load_state_dict`` goes through
+    ``set_state_dict``. Put it in the state given to ``save`` and ``restore`` on every rank::
+
+        state = {"app": ModelOptimizerState(model, optimizer), "steps": tracker}
+        mgr.restore("last", state=state, missing_ok=True)
+        ...
+        mgr.save(step, state)
+
+    Without an optimizer the state dict is ``{"model": ...}`` only. ``options`` is passed to
+    ``get_state_dict`` / ``set_state_dict`` unchanged (its ``strict`` decides whether missing or
+    unexpected keys raise on load).
+
+    Limits: ``get_state_dict`` on an optimizer that has never stepped creates its state by one
+    step with zero gradients and a zero learning rate (so there are tensors to save or load
+    into); a :class:`~distckpt.StepTracker` on that optimizer counts that step, and restoring a
+    checkpoint then sets the tracker's count back to the saved one. Calling ``state_dict()``
+    on an FSDP2 model is collective when ``options`` asks for full state dicts, so every rank
+    must use it together (as ``save`` and ``restore`` do).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer | Iterable[torch.optim.Optimizer] | None = None,
+        *,
+        options: StateDictOptions | None = None,
+    ) -> None:
+        if not isinstance(model, torch.nn.Module):
+            raise InvalidArgument(f"model must be a torch.nn.Module, not {type(model).__name__}")
+        if optimizer is None:
+            optimizers: tuple[torch.optim.Optimizer, ...] = ()
+        elif isinstance(optimizer, torch.optim.Optimizer):
+            optimizers = (optimizer,)
+        else:
+            optimizers = tuple(optimizer)
+        for index, opt in enumerate(optimizers):
+            if not isinstance(opt, torch.optim.Optimizer):
+                raise InvalidArgument(
+                    f"optimizer {index} must be a torch.optim.Optimizer, not {type(opt).__name__}"
+                )
+        self.model = model
+        self.optimizers = optimizers
+        self.options = options
+
+    def state_dict(self) -> dict[str, Any]:
+        if not self.optimizers:
+            return {"model": get_model_state_dict(self.model, options=self.options)}
+        model_state, optim_state = get_state_dict(self.model, self.optimizers, options=self.options)
+        return {"model": model_state, "optim": optim_state}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        expected = {"model", "optim"} if self.optimizers else {"model"}
+        if not isinstance(state, Mapping) or set(state) != expected:
+            got = sorted(state) if isinstance(state, Mapping) else type(state).__name__
+            raise InvalidArgument(
+                f"ModelOptimizerState expects a state dict with keys {sorted(expected)}, got "
+                f"{got}: save and restore with the same model/optimizer arrangement"
+            )
+        try:
+            if self.optimizers:
+                set_state_dict(
+                    self.model,
+                    self.optimizers,
+                    model_state_dict=state["model"],
+                    optim_state_dict=state["optim"],
+                    options=self.options,
+                )
+            else:
+                set_model_state_dict(self.model, state["model"], options=self.options)
+        except (RuntimeError, KeyError, ValueError) as exc:
+            # torch reports missing/unexpected keys and shape mismatches this way.
+            raise InvalidArgument(
+                f"the checkpoint does not fit this model/optimizer: {_first_line(exc)}"
+            ) from exc
+
+    def __repr__(self) -> str:
+        return (
+            f"ModelOptimizerState({type(self.model).__name__}, {len(self.optimizers)} optimizer(s))"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing: DCP's filesystem writer, with files that checksum themselves
+
+
+class _ChecksumStream(ChecksumWriter):
+    """A ChecksumWriter that DCP can use as its output stream (DCP asks for ``tell()`` to
+    record where each item starts; files are only ever appended to)."""
+
+    def tell(self) -> int:
+        return self.size
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return False
+
+
+class _RecordingFileSystem(FileSystem):
+    """DCP's local filesystem, confined to one directory, remembering the size and checksum of
+    every file it writes there."""
+
+    def __init__(self, directory: Path, *, fsync: bool) -> None:
+        super().__init__()
+        self.directory = directory
+        self.fsync = fsync
+        #: relative name -> (size, checksum) of every file completely written
+        self.written: dict[str, tuple[int, str]] = {}
+
+    def _name(self, path: str | os.PathLike[str]) -> str:
+        path = Path(path)
+        if path.parent != self.directory or path.name in ("", ".", ".."):
+            # DCP only ever addresses files directly inside its checkpoint dir.
+            raise CheckpointError(f"DCP tried to write {path}, outside {self.directory}")
+        return path.name
+
+    @contextmanager
+    def create_stream(self, path: str | os.PathLike[str], mode: str) -> Iterator[Any]:
+        if "r" in mode and "+" not in mode:
+            with super().create_stream(path, mode) as stream:
+                yield stream
+            return
+        name = self._name(path)
+        # O_EXCL inside: a file of this name in a fresh staging dir means two writers collided.
+        stream = _ChecksumStream(self.directory / name, fsync=self.fsync)
+        try:
+            yield stream
+        finally:
+            stream.close()
+        self.written[name] = (stream.size, stream.checksum)
+
+    def rename(self, path: str | os.PathLike[str], new_path: str | os.PathLike[str]) -> None:
+        old, new = self._name(path), self._name(new_path)
+        os.replace(self.directory / old, self.directory / new)
+        # The staging dir itself is fsynced by the manager before it is renamed into place.
+        if old in self.written:
+            self.written[new] = self.written.pop(old)
+
+    def rm_file(self, path: str | os.PathLike[str]) -> None:
+        name = self._name(path)
+        (self.directory / name).unlink()
+        self.written.pop(name, None)
+
+    def mkdir(self, path: str | os.PathLike[str]) -> None:
+        if Path(path) != self.directory:
+            raise CheckpointError(f"DCP tried to create {path}, outside {self.directory}")
+        # The staging dir exists already: the manager made it.
+
+
+class _Writer(FileSystemWriter):
+    """DCP's filesystem writer on a :class:`_RecordingFileSystem`, one file per rank."""
+
+    def __init__(self, directory: Path, *, fsync: bool) -> None:
+        # sync_files=False: the streams fsync themselves on close (DCP would os.sync() the whole
+        # machine for a stream without fileno()).
+        super().__init__(directory, single_file_per_rank=True, sync_files=False, thread_count=1)
+        self.recording = _RecordingFileSystem(directory, fsync=fsync)
+        self.fs = self.recording
+        self.overwrite = False
+
+    def storage_meta(self) -> StorageMeta | None:
+        # No checkpoint_id: it would record the staging path, which is renamed away.
+        return StorageMeta(checkpoint_id=None, save_id=self.save_id)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading untrusted metadata
+
+
+def _allowed_globals() -> dict[tuple[str, str], Any]:
+    from torch.distributed.checkpoint import metadata as md
+
+    classes: list[Any] = [
+        md.Metadata,
+        md.TensorStorageMetadata,
+        md.BytesStorageMetadata,
+        md.ChunkStorageMetadata,
+        md.TensorProperties,
+        md.MetadataIndex,
+        md.StorageMeta,
+        _StorageInfo,
+        torch.Size,
+    ]
+    encoding = getattr(md, "_MEM_FORMAT_ENCODING", None)
+    if encoding is not None:
+        classes.append(encoding)
+    allowed = {(cls.__module__, cls.__qualname__): cls for cls in classes}
+    # torch.strided etc. pickle as a call of this lookup by name (it only reads a dict).
+    allowed[("torch._utils", "_get_layout")] = torch._utils._get_layout
+    return allowed
+
+
+_ALLOWED = _allowed_globals()
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Resolves only the globals a DCP ``.metadata`` needs; anything else is refused before it
+    can be called."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        found = _ALLOWED.get((module, name))
+        if found is not None:
+            return found
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise UnsafeCheckpoint(f"refers to {module}.{name}, which a DCP .metadata never needs")
+
+    def persistent_load(self, pid: Any) -> NoReturn:
+        raise UnsafeCheckpoint("holds a persistent id, which a DCP .metadata never needs")
+
+
+def read_metadata(directory: Path, manifest: Manifest, *, allow_pickle: bool = False) -> Metadata:
+    """The DCP metadata of a committed "dcp" checkpoint, read safely (see the module doc) and
+    checked against the manifest. Raises :class:`UnsafeCheckpoint` for a pickle that asks for
+    anything but DCP's metadata types, :class:`CorruptCheckpoint` for one that is damaged or
+    does not describe the files the manifest lists."""
+    path = directory / METADATA_NAME
+    if METADATA_NAME not in manifest.files:
+        raise CorruptCheckpoint(f"{directory}: the manifest does not list {METADATA_NAME}")
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise CorruptCheckpoint(f"cannot read {path}: {exc}") from exc
+    record = manifest.files[METADATA_NAME]
+    # A small file: check it fully, so damage reads as damage rather than as a bad pickle.
+    if (
+        manifest.checksum_algorithm == CHECKSUM_ALGORITHM
+        and record.checksum
+        and f"{zlib.crc32(raw):08x}" != record.checksum
+    ):
+        raise CorruptCheckpoint(f"{path}: checksum mismatch with the manifest")
+    unpickler = pickle.Unpickler if allow_pickle else _MetadataUnpickler
+    try:
+        metadata = unpickler(io.BytesIO(raw)).load()
+    except UnsafeCheckpoint as exc:
+        raise UnsafeCheckpoint(
+            f"{path} {exc}; it was not loaded and none of its code ran. If you trust this "
+            "checkpoint, pass allow_pickle=True"
+        ) from None
+    except Exception as exc:  # a damaged pickle fails in many ways
+        raise CorruptCheckpoint(f"{path} is not a readable DCP metadata file: {exc!r}") from exc
+    if not allow_pickle:
+        problems = _metadata_problems(metadata, manifest)
+        if problems:
+            shown = "; ".join(problems[:5]) + (" ..." if len(problems) > 5 else "")
+            raise CorruptCheckpoint(f"{path} does not describe a valid checkpoint: {shown}")
+    elif not isinstance(metadata, Metadata):
+        raise CorruptCheckpoint(f"{path} holds a {type(metadata).__name__}, not DCP metadata")
+    return metadata
+
+
+def _is_size(value: Any, length: int | None = None) -> bool:
+    return (
+        isinstance(value, torch.Size)
+        and all(isinstance(d, int) and d >= 0 for d in value)
+        and (length is None or len(value) == length)
+    )
+
+
+def _metadata_problems(metadata: Any, manifest: Manifest) -> list[str]:
+    """Everything in an unpickled ``.metadata`` that is not what distckpt's DCP writes."""
+    if not isinstance(metadata, Metadata):
+        return [f"it holds a {type(metadata).__name__}, not DCP metadata"]
+    problems: list[str] = []
+    entries = metadata.state_dict_metadata
+    if not isinstance(entries, dict):
+        return ["state_dict_metadata is not a dict"]
+    for key, entry in entries.items():
+        if not isinstance(key, str):
+            problems.append(f"key {key!r} is not a string")
+        elif isinstance(entry, TensorStorageMetadata):
+            props = entry.properties
+            if not (
+                isinstance(props, TensorProperties)
+                and isinstance(props.dtype, torch.dtype)
+                and _is_size(entry.size)
+                and isinstance(entry.chunks, list)
+                and all(
+                    isinstance(c, ChunkStorageMetadata)
+                    and _is_size(c.offsets, len(entry.size))
+                    and _is_size(c.sizes, len(entry.size))
+                    for c in entry.chunks
+                )
+            ):
+                problems.append(f"{key}: malformed tensor metadata")
+        elif not isinstance(entry, BytesStorageMetadata):
+            problems.append(f"{key}: unknown entry type {type(entry).__name__}")
+    storage = metadata.storage_data
+    if not isinstance(storage, dict):
+        return [*problems, "storage_data is not a dict"]
+    for index, info in storage.items():
+        if not isinstance(index, MetadataIndex) or not isinstance(index.fqn, str):
+            problems.append(f"storage key {index!r} is not a MetadataIndex")
+            continue
+        if not isinstance(info, _StorageInfo):
+            problems.append(f"{index.fqn}: storage entry is a {type(info).__name__}")
+            continue
+        name = info.relative_path
+        record = manifest.files.get(name) if isinstance(name, str) else None
+        if record is None or not _DATA_FILE_RE.match(name):
+            # Also what keeps a crafted file from pointing DCP outside the checkpoint dir.
+            problems.append(f"{index.fqn}: names {name!r}, not a .distcp file of the manifest")
+        elif not (
+            isinstance(info.offset, int)
+            and isinstance(info.length, int)
+            and info.offset >= 0
+            and info.length >= 0
+            and info.offset + info.length <= record.size
+        ):
+            problems.append(f"{index.fqn}: byte range outside {name}")
+        elif getattr(info, "transform_descriptors", None):
+            problems.append(f"{index.fqn}: stream transforms, which distckpt never writes")
+    planner_data = metadata.planner_data
+    if planner_data is not None and not (
+        isinstance(planner_data, dict)
+        and all(
+            isinstance(key, str)
+            and isinstance(path, tuple)
+            and path
+            and all(isinstance(part, (str, int)) and not isinstance(part, bool) for part in path)
+            for key, path in planner_data.items()
+        )
+    ):
+        problems.append("planner_data is not a map of keys to key paths")
+    return problems
+
+
+class _Reader(FileSystemReader):
+    """DCP's filesystem reader serving metadata that was already read and checked."""
+
+    def __init__(self, directory: Path, metadata: Metadata) -> None:
+        super().__init__(directory)
+        self._metadata = metadata
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        if kwargs.get("rank") is not None:
+            # DCP asks for per-rank metadata only after the global read failed; ours did not.
+            raise CorruptCheckpoint("distckpt's DCP checkpoints have no per-rank metadata")
+        if self._metadata.storage_meta is None:
+            self._metadata.storage_meta = StorageMeta()
+        self._metadata.storage_meta.load_id = self.load_id
+        return self._metadata
+
+
+class _Planner(DefaultLoadPlanner):
+    """DCP's load planner, loading non-tensor values with ``weights_only=True`` and noting which
+    requested keys the checkpoint lacks (instead of failing on the first)."""
+
+    def __init__(self, options: ReadOptions, *, flatten: bool = True) -> None:
+        super().__init__(flatten_state_dict=flatten, allow_partial_load=True)
+        self.options = options
+        self.missing: list[str] = []
+        self.unexpected: list[str] = []
+
+    def create_local_plan(self) -> LoadPlan:
+        plan = super().create_local_plan()
+        if self.metadata is None:  # set_up_planner always sets it; DCP calls that first
+            raise CorruptCheckpoint("DCP planned a load without metadata")
+        saved = self.metadata.state_dict_metadata
+        self.missing = [key for key in self.state_dict if key not in saved]
+        self.unexpected = sorted(key for key in saved if key not in self.state_dict)
+        return plan
+
+    def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
+        key = read_item.dest_index.fqn
+        try:
+            loaded = torch.load(
+                value,
+                map_location=self.options.map_location,
+                weights_only=not self.options.allow_pickle,
+            )
+        except pickle.UnpicklingError as exc:
+            if self.options.allow_pickle:
+                raise CorruptCheckpoint(f"value {key!r} cannot be unpickled: {exc}") from exc
+            raise UnsafeCheckpoint(
+                f"value {key!r} holds objects outside torch's weights-only allow-list, so it "
+                f"was not loaded ({_first_line(exc)}). If you trust this checkpoint, pass "
+                "allow_pickle=True"
+            ) from None
+        except (RuntimeError, EOFError, ValueError) as exc:
+            raise CorruptCheckpoint(f"value {key!r} is not a readable torch pickle: {exc}") from exc
+        if self.flatten_state_dict:
+            _set_path(self.original_state_dict, self.mappings[key], loaded)
+        else:
+            self.state_dict[key] = loaded
+
+    def path_of(self, key: str) -> tuple[Any, ...]:
+        return tuple(self.mappings[key]) if self.flatten_state_dict else (key,)
+
+
+# ---------------------------------------------------------------------------------------------
+# Nested state helpers
+
+
+def _set_path(root: Any, path: Iterable[Any], value: Any) -> None:
+    """Set ``value`` at ``path`` in nested dicts/lists, creating missing containers (a list
+    where the next key is an int)."""
+    path = list(path)
+    node = root
+    for key, next_key in zip(path, path[1:]):
+        fresh: Any = [] if isinstance(next_key, int) else {}
+        if isinstance(node, list):
+            node.extend([None] * (key + 1 - len(node)))
+            if node[key] is None:
+                node[key] = fresh
+        elif key not in node:
+            node[key] = fresh
+        node = node[key]
+    last = path[-1]
+    if isinstance(node, list):
+        node.extend([None] * (last + 1 - len(node)))
+    node[last] = value
+
+
+def _copy_containers(value: Any) -> Any:
+    """``value`` with fresh dicts and lists but the same tensors, so DCP's in-place filling
+    never rearranges a container owned by the user's objects."""
+    if isinstance(value, Mapping):
+        return {key: _copy_containers(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_copy_containers(item) for item in value]
+    return value
+
+
+def _remove_path(root: Any, path: tuple[Any, ...]) -> bool:
+    node = root
+    for key in path[:-1]:
+        try:
+            node = node[key]
+        except (KeyError, IndexError, TypeError):
+            return False
+    if isinstance(node, dict) and path[-1] in node:
+        del node[path[-1]]
+        return True
+    return False  # an item of a list or tuple cannot be dropped without shifting the rest
+
+
+def _local_bytes(state: Any) -> int:
+    if isinstance(state, DTensor):
+        local = state.to_local()
+        return local.numel() * local.element_size()
+    if isinstance(state, torch.Tensor):
+        return state.numel() * state.element_size()
+    if isinstance(state, Mapping):
+        return sum(_local_bytes(value) for value in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(_local_bytes(value) for value in state)
+    return 0
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+
+
+def _failures(exc: CheckpointException) -> list[tuple[int, BaseException]]:
+    found = []
+    for rank, failure in sorted(exc.failures.items()):
+        error = failure[0] if isinstance(failure, tuple) else failure
+        if isinstance(error, BaseException):
+            found.append((rank, error))
+    return found
+
+
+def _raise_from_dcp(
+    exc: CheckpointException, action: str, default: type[CheckpointError]
+) -> NoReturn:
+    """Turn DCP's CheckpointException (a BaseException carrying every rank's error) into the
+    distckpt error of the first failing rank, naming every failing rank."""
+    failures = _failures(exc)
+    if not failures:
+        raise default(f"DCP failed while {action}: {exc}") from None
+    ranks = ", ".join(str(rank) for rank, _ in failures)
+    first = failures[0][1]
+    details = "; ".join(f"rank {r}: {_first_line(e)}" for r, e in failures)
+    message = f"DCP failed while {action} on rank {ranks}: {details}"
+    if isinstance(first, CheckpointError) and not isinstance(first, RankFailure):
+        raise type(first)(message) from first
+    if isinstance(first, ValueError) and "mismatch" in str(first).lower():
+        hint = "the given state does not match the checkpoint"
+        raise InvalidArgument(f"{message}; {hint}") from first
+    raise default(message) from first
+
+
+def _run_dcp(func: Callable[[], Any], action: str, default: type[CheckpointError]) -> Any:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_NO_DIST_WARNING)
+        try:
+            return func()
+        except CheckpointException as exc:
+            _raise_from_dcp(exc, action, default)
+
+
+# ---------------------------------------------------------------------------------------------
+# The format
+
+
+def _check_keys(state: Any, what: str) -> None:
+    if not isinstance(state, Mapping):
+        raise InvalidArgument(
+            f"the 'dcp' format {what} a dict at the top level, not a {type(state).__name__}"
+        )
+    bad = [key for key in state if not isinstance(key, str)]
+    if bad:
+        raise InvalidArgument(f"the 'dcp' format needs string top-level keys, got {bad!r}")
+
+
+class DcpFormat:
+    """Sharded checkpoints through ``torch.distributed.checkpoint``; restorable by any number of
+    ranks. See the module doc for what it saves and its limits."""
+
+    name = "dcp"
+    fixed_world_size = False
+
+    def estimate_bytes(self, state: Any) -> int:
+        # Local shards only: replicated values are written by one rank, so this over-counts.
+        return _local_bytes(state) + _OVERHEAD_BYTES
+
+    def write(self, state: Any, directory: Path, ctx: ShardContext) -> Mapping[str, FileRecord]:
+        """Save this rank's part with ``dcp.save`` over ``ctx.group``; collective. Returns the
+        files this rank wrote (its ``__<rank>_0.distcp``; rank 0 also ``.metadata``)."""
+        _check_keys(state, "saves")
+        writer = _Writer(directory, fsync=ctx.fsync)
+        _run_dcp(
+            lambda: dcp.save(
+                dict(state),
+                storage_writer=writer,
+                planner=DefaultSavePlanner(),
+                process_group=ctx.group,
+                no_dist=ctx.group is None,
+            ),
+            f"writing {directory.name}",
+            CheckpointError,
+        )
+        return {
+            name: FileRecord(size=size, checksum=checksum, rank=ctx.rank)
+            for name, (size, checksum) in writer.recording.written.items()
+        }
+
+    def read(
+        self,
+        directory: Path,
+        manifest: Manifest,
+        ctx: ShardContext,
+        template: Any,
+        options: ReadOptions,
+    ) -> Any:
+        """Load into ``template``'s tensors and DTensors with ``dcp.load`` over ``ctx.group``
+        (collective); returns the filled template, without the keys the checkpoint lacks."""
+        if template is None:
+            raise InvalidArgument(
+                f"restoring {directory} (format 'dcp') needs state=: DCP loads in place into "
+                "the tensors and DTensors of the state you pass, so pass the same structure "
+                "that was saved (e.g. {'app': ModelOptimizerState(model, optimizer)}); to get "
+                "the whole checkpoint as full tensors in one process, use "
+                "distckpt.export.export() or distckpt.formats.dcp.load_consolidated()"
+            )
+        _check_keys(template, "restores into")
+        metadata = read_metadata(directory, manifest, allow_pickle=options.allow_pickle)
+        state = _copy_containers(template)
+        planner = _Planner(options)
+        _run_dcp(
+            lambda: dcp.load(
+                state,
+                storage_reader=_Reader(directory, metadata),
+                planner=planner,
+                process_group=ctx.group,
+                no_dist=ctx.group is None,
+            ),
+            f"reading {directory.name}",
+            CorruptCheckpoint,
+        )
+        for key in planner.missing:
+            _remove_path(state, planner.path_of(key))
+        if planner.unexpected:
+            shown = ", ".join(planner.unexpected[:8])
+            more = f" and {len(planner.unexpected) - 8} more" if len(planner.unexpected) > 8 else ""
+            logger.warning(
+                "%s holds keys the given state does not ask for; not loaded: %s%s",
+                directory,
+                shown,
+                more,
+            )
+        return state
+
+
+def load_consolidated(
+    directory: Path, manifest: Manifest, *, allow_pickle: bool = False
+) -> dict[str, Any]:
+    """The whole "dcp" checkpoint in ``directory`` as one nested state of full (unsharded)
+    tensors on the CPU, read in this process alone (no process group, even if one exists):
+    what the state looked like before sharding. Needs memory for every tensor at full size.
+    Reads through the same safe path as restore (see the module doc)."""
+    metadata = read_metadata(directory, manifest, allow_pickle=allow_pickle)
+    flat: dict[str, Any] = {}
+    for key, entry in metadata.state_dict_metadata.items():
+        if isinstance(entry, TensorStorageMetadata):
+            flat[key] = torch.empty(entry.size, dtype=entry.properties.dtype)
+        else:
+            flat[key] = None  # a placeholder DCP replaces with the unpickled value
+    options = ReadOptions(map_location="cpu", allow_pickle=allow_pickle)
+    _run_dcp(
+        lambda: dcp.load(
+            flat,
+            storage_reader=_Reader(directory, metadata),
+            planner=_Planner(options, flatten=False),
+            no_dist=True,
+        ),
+        f"reading {directory.name}",
+        CorruptCheckpoint,
+    )
+    paths = metadata.planner_data if isinstance(metadata.planner_data, dict) else {}
+    nested: dict[str, Any] = {}
+    for key, value in flat.items():
+        _set_path(nested, paths.get(key, (key,)), value)
+    return nested

@@ -1,0 +1,163 @@
+"""Async saves on real ranks: errors reach every rank, nothing leaks, nothing hangs."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+import distckpt
+from distckpt import faults
+from tests.ranks import run_ranks, values
+
+
+def _snapshot_isolated(rank: int, world_size: int, root: str) -> tuple[bool, float, float]:
+    weights = torch.zeros(4096)
+    with distckpt.CheckpointManager(root, async_save=True, fsync=False, timeout=20) as mgr:
+        pending = mgr.save(1, {"w": weights})
+        weights.add_(7.0)  # the training step right after save returns
+        committed = mgr.wait()
+        saved = mgr.restore(1).state["w"]
+        return (
+            not pending.done and committed.done and committed.path == pending.path,
+            float(saved.sum()),
+            float(weights.sum()),
+        )
+
+
+def test_state_mutated_after_save_does_not_leak(tmp_path: Path) -> None:
+    out = values(run_ranks(_snapshot_isolated, 2, str(tmp_path)))
+    assert out == [(True, 0.0, 7.0 * 4096)] * 2
+
+
+def _quick_succession(rank: int, world_size: int, root: str) -> list[int]:
+    with distckpt.CheckpointManager(
+        root, async_save=True, keep_last=2, fsync=False, timeout=20
+    ) as mgr:
+        for step in range(1, 6):
+            mgr.save(step, {"w": torch.full((1000,), float(step)), "rank": rank})
+        mgr.wait()
+        ckpt = mgr.restore("last")
+        assert float(ckpt.state["w"][0]) == 5.0 and ckpt.state["rank"] == rank
+        return mgr.steps()
+
+
+def test_saves_in_quick_succession_commit_in_order(tmp_path: Path) -> None:
+    assert values(run_ranks(_quick_succession, 2, str(tmp_path))) == [[4, 5]] * 2
+
+
+def _background_failure(rank: int, world_size: int, root: str) -> tuple[str, str, list[int]]:
+    with distckpt.CheckpointManager(root, async_save=True, fsync=False, timeout=20) as mgr:
+        mgr.save(1, {"w": torch.ones(10)})
+        mgr.wait()
+        faults.arm("after_shard_write", "raise", rank=1)
+        mgr.save(2, {"w": torch.ones(10)})  # returns: the failure happens in the background
+        try:
+            mgr.wait()
+        except distckpt.CheckpointError as exc:
+            error = (type(exc).__name__, str(exc))
+        else:
+            error = ("none", "")
+        faults.disarm()
+        mgr.save(3, {"w": torch.ones(10)})  # the manager is usable after a failure
+        mgr.wait()
+        return (*error, mgr.steps())
+
+
+def test_background_failure_on_one_rank_is_raised_on_every_rank(tmp_path: Path) -> None:
+    out = values(run_ranks(_background_failure, 2, str(tmp_path)))
+    for kind, message, steps in out:
+        assert kind == "InjectedFault" and "rank 1" in message
+        assert steps == [1, 3]
+    assert not list((tmp_path / ".staging").glob("step-*"))
+
+
+def _failure_raised_by_next_save(rank: int, world_size: int, root: str) -> str:
+    with distckpt.CheckpointManager(root, async_save=True, fsync=False, timeout=20) as mgr:
+        faults.arm("after_shard_write", "raise", rank=0)  # fires once (its first hit)
+        mgr.save(1, {"w": torch.ones(10)})
+        try:
+            mgr.save(2, {"w": torch.ones(10)})
+        except distckpt.CheckpointError as exc:
+            return "rank 0" in str(exc) and "raised by save"
+        return "not raised"
+
+
+def test_background_failure_is_raised_by_the_next_save(tmp_path: Path) -> None:
+    assert (
+        values(run_ranks(_failure_raised_by_next_save, 2, str(tmp_path))) == ["raised by save"] * 2
+    )
+
+
+def _close_with_failure_in_flight(rank: int, world_size: int, root: str) -> str:
+    mgr = distckpt.CheckpointManager(root, async_save=True, fsync=False, timeout=20)
+    faults.arm("before_agreement", "raise", rank=1)
+    mgr.save(1, {"w": torch.ones(10)})
+    try:
+        mgr.close()
+    except distckpt.CheckpointError as exc:
+        return "rank 1" in str(exc) and "raised by close"
+    return "not raised"
+
+
+def test_close_raises_a_failure_in_flight(tmp_path: Path) -> None:
+    assert (
+        values(run_ranks(_close_with_failure_in_flight, 2, str(tmp_path)))
+        == ["raised by close"] * 2
+    )
+
+
+def _training_collectives_meanwhile(rank: int, world_size: int, root: str) -> float:
+    total = 0.0
+    with distckpt.CheckpointManager(root, async_save=True, fsync=False, timeout=20) as mgr:
+        for step in range(1, 6):
+            mgr.save(step, {"w": torch.randn(20000)})
+            for _ in range(20):  # the training loop's own collectives on the default group
+                value = torch.ones(1)
+                dist.all_reduce(value)
+                total += float(value)
+        mgr.wait()
+    return total
+
+
+def test_training_collectives_during_background_commit_do_not_deadlock(tmp_path: Path) -> None:
+    assert values(run_ranks(_training_collectives_meanwhile, 2, str(tmp_path))) == [200.0] * 2
+
+
+def test_interpreter_exit_with_a_save_in_flight_finishes_it(tmp_path: Path) -> None:
+    script = textwrap.dedent(
+        f"""
+        import torch, distckpt
+        mgr = distckpt.CheckpointManager({str(tmp_path)!r}, async_save=True)
+        mgr.save(7, {{"w": torch.ones(1 << 20)}})
+        # no wait(), no close(): the interpreter exits with the save in flight
+        """
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=60)
+    assert distckpt.CheckpointManager(tmp_path).steps() == [7]
+    assert distckpt.verify(tmp_path).ok
+
+
+def _preempted_async(rank: int, world_size: int, root: str) -> tuple[bool, bool]:
+    import os
+    import signal
+
+    with distckpt.CheckpointManager(
+        root, async_save=True, every_n_steps=100, save_on_signal=(signal.SIGUSR1,), timeout=20
+    ) as mgr:
+        for step in range(1, 5):
+            if step == 3 and rank == 0:
+                os.kill(os.getpid(), signal.SIGUSR1)
+            result = mgr.save(step, {"w": torch.ones(5)})
+            if mgr.preempted:
+                # Reported only once durable: the dir is committed right now.
+                return result.done, (Path(root) / "step-00000003" / "manifest.json").exists()
+    return False, False
+
+
+def test_preemption_save_is_durable_before_preempted_is_reported(tmp_path: Path) -> None:
+    assert values(run_ranks(_preempted_async, 2, str(tmp_path))) == [(True, True)] * 2
