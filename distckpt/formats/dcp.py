@@ -327,7 +327,8 @@ def _allowed_globals() -> dict[tuple[str, str], Any]:
         classes.append(encoding)
     allowed = {(cls.__module__, cls.__qualname__): cls for cls in classes}
     # torch.strided etc. pickle as a call of this lookup by name (it only reads a dict).
-    allowed[("torch._utils", "_get_layout")] = torch._utils._get_layout
+    get_layout = torch.serialization._get_layout
+    allowed[(get_layout.__module__, get_layout.__name__)] = get_layout
     return allowed
 
 
