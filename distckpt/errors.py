@@ -19,6 +19,11 @@ class CheckpointNotFound(CheckpointError, FileNotFoundError):
     """The requested checkpoint (a step, ``last``, ``best`` or a path) does not exist."""
 
 
+class CheckpointVanished(CheckpointNotFound):
+    """A checkpoint was deleted (by retention in another process) while it was being read.
+    ``restore("last")`` and ``load_checkpoint`` of a root or link retry on this by themselves."""
+
+
 class CheckpointExists(CheckpointError, FileExistsError):
     """A step is already committed and ``overwrite=True`` was not given."""
 

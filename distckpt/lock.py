@@ -9,13 +9,25 @@ when the holding process dies (so a crashed job never blocks its restarted succe
   as it writes a staging dir. Cleanup removes a staging dir only if it can take that lock, i.e.
   its writer is gone; a live writer's staging is never touched.
 
-Guarantees and limits: on local filesystems and on NFSv4 / Lustre with locking enabled,
-``flock`` locks are exclusive across machines. On a filesystem mounted without lock support
-``flock`` fails with an error, which distckpt reports rather than silently running unlocked.
+Guarantees and limits, per filesystem:
+
+* local filesystems (ext4, xfs, btrfs, tmpfs): exclusive between processes; released by the
+  kernel when the holder dies.
+* NFSv4, and NFSv3 with a running lock manager: ``flock`` is mapped to byte-range locks held by
+  the server, exclusive across machines; the server releases the locks of a dead client after
+  its lease (typically 90 s). Mounted with ``nolock`` or ``local_lock=all``, locks are local to
+  each machine: never run two *machines* writing one root on such a mount.
+* Lustre mounted with ``-o flock``: exclusive across machines. Mounted with ``-o localflock``:
+  local to each machine, as above. Mounted with neither, ``flock`` fails with ENOSYS.
+
+Where ``flock`` is not supported at all, distckpt raises :class:`~distckpt.CheckpointError`
+instead of degrading to a marker-file lock (which survives its process and would block a
+restarted job). It never runs unlocked.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 from pathlib import Path
@@ -29,13 +41,31 @@ from distckpt.layout import RootLayout
 logger = logging.getLogger("distckpt")
 
 
+def _flock(path: Path, timeout: float) -> filelock.BaseFileLock:
+    options: dict[str, object] = {"timeout": timeout, "thread_local": False}
+    if _HAS_SOFT_FALLBACK:
+        options["fallback_to_soft"] = False  # a marker file would outlive a crashed holder
+    return filelock.FileLock(os.fspath(path), **options)
+
+
+_HAS_SOFT_FALLBACK = "fallback_to_soft" in inspect.signature(filelock.FileLock).parameters
+
+
+def _unsupported(path: Path, exc: BaseException) -> CheckpointError:
+    return CheckpointError(
+        f"cannot lock {path}: {exc}. The filesystem does not support flock; distckpt does not "
+        "fall back to a lock that outlives its process. Mount with lock support (NFS: a lock "
+        "manager, not 'nolock'; Lustre: '-o flock') or use another root"
+    )
+
+
 class RootLock:
     """The commit lock of one root. Reentrant within a process; a context manager."""
 
     def __init__(self, path: Path, *, timeout: float) -> None:
         self.path = path
         self.timeout = timeout
-        self._lock = filelock.FileLock(os.fspath(path), timeout=timeout, thread_local=False)
+        self._lock = _flock(path, timeout)
 
     def __enter__(self) -> RootLock:
         try:
@@ -45,11 +75,8 @@ class RootLock:
                 f"could not take the commit lock {self.path} within {self.timeout:g} s: another "
                 "process (a second job or a maintenance command on the same root) holds it"
             ) from exc
-        except OSError as exc:
-            raise CheckpointError(
-                f"could not take the commit lock {self.path}: {exc}. The filesystem may not "
-                "support file locks (mount with locking enabled)"
-            ) from exc
+        except (OSError, NotImplementedError) as exc:
+            raise _unsupported(self.path, exc) from exc
         return self
 
     def __exit__(
@@ -66,13 +93,15 @@ class WriterLock:
 
     def __init__(self, staging_dir: Path) -> None:
         self.path = RootLayout.writer_lock_path(staging_dir)
-        self._lock = filelock.FileLock(os.fspath(self.path), timeout=0, thread_local=False)
+        self._lock = _flock(self.path, 0)
 
     def acquire(self) -> None:
         try:
             self._lock.acquire()
-        except (filelock.Timeout, OSError) as exc:
-            raise CheckpointError(f"could not lock staging {self.path}: {exc}") from exc
+        except filelock.Timeout as exc:
+            raise CheckpointError(f"staging {self.path} is locked by another writer") from exc
+        except (OSError, NotImplementedError) as exc:
+            raise _unsupported(self.path, exc) from exc
 
     def release(self) -> None:
         """Release and remove the lock file."""
@@ -87,7 +116,7 @@ class WriterLock:
         lock_path = RootLayout.writer_lock_path(staging_dir)
         if not lock_path.exists():
             return False
-        probe = filelock.FileLock(os.fspath(lock_path), timeout=0, thread_local=False)
+        probe = _flock(lock_path, 0)
         try:
             probe.acquire()
         except filelock.Timeout:

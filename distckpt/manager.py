@@ -18,6 +18,7 @@ The save protocol, on every rank of the group:
 from __future__ import annotations
 
 import atexit
+import functools
 import logging
 import os
 import signal
@@ -40,6 +41,7 @@ from distckpt.errors import (
     CheckpointError,
     CheckpointExists,
     CheckpointNotFound,
+    CheckpointVanished,
     InsufficientSpace,
     InvalidArgument,
     InvalidStep,
@@ -703,30 +705,39 @@ class CheckpointManager:
                     return None
                 raise
 
-        found = self._coord.decide(find, what=f"finding checkpoint {which!r}")
-        if found is None:
-            return None
-        directory, manifest = found
         options = ReadOptions(map_location=map_location, allow_pickle=allow_pickle, mmap=mmap)
-        outcome, cause = Outcome.of(
-            lambda: reader.read_state(
-                directory,
-                manifest,
-                rank=self.rank,
-                world_size=self.world_size,
-                template=state,
-                options=options,
-                strict=strict,
-                group=self._coord.group,
+        may_retry = not isinstance(which, int)  # a named step has nothing to fall back to
+        for attempt in range(reader.VANISH_RETRIES + 1):
+            found = self._coord.decide(find, what=f"finding checkpoint {which!r}")
+            if found is None:
+                return None
+            directory, manifest = found
+            outcome, cause = Outcome.of(
+                functools.partial(
+                    reader.read_state,
+                    directory,
+                    manifest,
+                    rank=self.rank,
+                    world_size=self.world_size,
+                    template=state,
+                    options=options,
+                    strict=strict,
+                    group=self._coord.group,
+                )
             )
-        )
-        loaded = outcome.value
-        # Only the verdict travels: the states themselves stay on their ranks.
-        self._coord.agree(
-            Outcome(error=outcome.error, error_type=outcome.error_type),
-            what=f"restoring {directory.name}",
-            cause=cause,
-        )
+            loaded = outcome.value
+            try:
+                # Only the verdict travels: the states themselves stay on their ranks.
+                self._coord.agree(
+                    Outcome(error=outcome.error, error_type=outcome.error_type),
+                    what=f"restoring {directory.name}",
+                    cause=cause,
+                )
+                break
+            except CheckpointVanished:
+                if not may_retry or attempt == reader.VANISH_RETRIES:
+                    raise
+                logger.warning("%s vanished while being read; resolving again", directory)
         self._last_step, self._last_epoch = manifest.step, manifest.epoch
         self._last_time = time.monotonic()
         return loaded

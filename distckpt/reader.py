@@ -21,6 +21,7 @@ import torch.distributed as dist
 from distckpt import policy
 from distckpt.errors import (
     CheckpointNotFound,
+    CheckpointVanished,
     CorruptCheckpoint,
     UnsafeCheckpoint,
     WorldSizeMismatch,
@@ -33,6 +34,12 @@ from distckpt.results import Checkpoint, CheckpointInfo
 from distckpt.state import load_into, to_plain
 
 logger = logging.getLogger("distckpt")
+
+#: How often a read of "last"/"best"/a root resolves again after its checkpoint was deleted by
+#: another process's retention mid-read. Readers retry rather than take a shared lock, so a
+#: reader never delays a writer's rotation and needs no lock support from the filesystem; a
+#: deleted dir is renamed into the trash first, so a reader sees a whole dir or none.
+VANISH_RETRIES = 3
 
 
 def check_dir(directory: Path, expected_step: int | None, *, checksums: bool = False) -> Manifest:
@@ -242,7 +249,12 @@ def read_state(
         rank=rank, world_size=world_size or manifest.world_size, fsync=False, group=group
     )
     plain_template = to_plain(template) if template is not None else None
-    loaded = fmt.read(directory, manifest, ctx, plain_template, options)
+    try:
+        loaded = fmt.read(directory, manifest, ctx, plain_template, options)
+    except FileNotFoundError as exc:
+        if not directory.exists():
+            raise CheckpointVanished(f"{directory} was deleted while it was being read") from exc
+        raise CorruptCheckpoint(f"{directory}: a file is missing: {exc}") from exc
     report = load_into(template, loaded, strict=strict) if template is not None else None
     return Checkpoint(
         state=loaded,
@@ -285,13 +297,21 @@ def load_checkpoint(
     """
     if rank is None:
         rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-    directory, manifest = resolve_path(Path(os.fspath(path)), checksums=verify)
-    return read_state(
-        directory,
-        manifest,
-        rank=rank,
-        world_size=None,
-        template=state,
-        options=ReadOptions(map_location=map_location, allow_pickle=allow_pickle, mmap=mmap),
-        strict=strict,
-    )
+    options = ReadOptions(map_location=map_location, allow_pickle=allow_pickle, mmap=mmap)
+    for attempt in range(VANISH_RETRIES + 1):
+        directory, manifest = resolve_path(Path(os.fspath(path)), checksums=verify)
+        try:
+            return read_state(
+                directory,
+                manifest,
+                rank=rank,
+                world_size=None,
+                template=state,
+                options=options,
+                strict=strict,
+            )
+        except CheckpointVanished:
+            if attempt == VANISH_RETRIES or directory == Path(os.path.abspath(path)):
+                raise  # an explicitly named dir that is gone: nothing else to fall back to
+            logger.warning("%s vanished while being read; resolving %s again", directory, path)
+    raise AssertionError("unreachable")
