@@ -275,8 +275,10 @@ class CheckpointManager:
         if not os.access(self.layout.root, os.W_OK | os.X_OK):
             raise RootNotWritable(f"checkpoint root {self.layout.root} is not writable here")
 
-    def _remove_leftovers(self) -> None:
-        """Under the lock: staging dirs whose writer is dead, and anything in the trash."""
+    def _remove_leftovers(self) -> list[Path]:
+        """Under the lock: staging dirs whose writer is dead, and anything in the trash.
+        Returns what it removed."""
+        removed: list[Path] = []
         staging = self.layout.staging_root
         if staging.is_dir():
             for entry in sorted(staging.iterdir()):
@@ -293,9 +295,12 @@ class CheckpointManager:
                 faults.hit("during_staging_cleanup", self.rank)
                 remove_tree(entry)
                 WriterLock(entry).release()
+                removed.append(entry)
         if self.layout.trash_root.is_dir():
             for entry in self.layout.trash_root.iterdir():
                 remove_tree(entry)
+                removed.append(entry)
+        return removed
 
     # ------------------------------------------------------------------ links
 
@@ -645,19 +650,24 @@ class CheckpointManager:
             self._warned_missing_monitor = True
         return SaveResult(manifest.step, final, manifest.epoch, dict(manifest.metrics))
 
-    def _apply_retention(self, records: list[policy.CheckpointRecord]) -> None:
+    def _apply_retention(self, records: list[policy.CheckpointRecord]) -> list[int]:
+        """Under the lock: remove what the retention rules do not keep; returns those steps."""
         if self.retention.keeps_everything:
-            return
+            return []
         protected = {
             step
             for name in (LAST, BEST)
             if (target := read_link(self.layout.link_path(name))) is not None
             and (step := parse_step_dir_name(target)) is not None
         }
-        for step in policy.steps_to_remove(records, self.retention, protected=protected):
+        doomed = policy.steps_to_remove(records, self.retention, protected=protected)
+        for step in doomed:
             faults.hit("during_retention", self.rank)
             logger.info("retention: removing %s", self.layout.step_dir(step).name)
-            discard_dir(self.layout.step_dir(step), self.layout.trash_root, fsync=self.fsync)
+            discard_dir(
+                reader.committed_dir(self.layout, step), self.layout.trash_root, fsync=self.fsync
+            )
+        return doomed
 
     # ------------------------------------------------------------------ restore
 
@@ -783,6 +793,31 @@ class CheckpointManager:
         self._coord.decide(remove, what=f"deleting step {step}")
         if self._last_step == step:
             self._last_step = self.latest_step()
+
+    def prune(self) -> list[int]:
+        """Apply the retention rules now (as after every commit), under the lock; collective.
+        Returns the steps removed. Links are repaired first, so their targets stay."""
+        self._check_open()
+        self.wait()
+
+        def apply() -> list[int]:
+            with self._lock:
+                return self._apply_retention(self._update_links())
+
+        return self._coord.decide(apply, what="pruning")
+
+    def gc(self) -> list[Path]:
+        """Remove leftovers of dead writers (staging dirs whose writer lock is free) and the
+        trash, under the lock; collective. A live writer's staging is never touched. Returns
+        what was removed. (A new manager does this on start, too.)"""
+        self._check_open()
+        self.wait()
+
+        def collect() -> list[Path]:
+            with self._lock:
+                return self._remove_leftovers()
+
+        return self._coord.decide(collect, what="collecting leftovers")
 
     def close(self) -> None:
         """Finish a save in flight (raising its error, on every rank), restore signal

@@ -521,10 +521,8 @@ class _Planner(DefaultLoadPlanner):
             ) from None
         except (RuntimeError, EOFError, ValueError) as exc:
             raise CorruptCheckpoint(f"value {key!r} is not a readable torch pickle: {exc}") from exc
-        if self.flatten_state_dict:
-            _set_path(self.original_state_dict, self.mappings[key], loaded)
-        else:
-            self.state_dict[key] = loaded
+        # Into the caller's dict: self.state_dict may be a flattened copy of it.
+        _set_path(self.original_state_dict, self.path_of(key), loaded)
 
     def path_of(self, key: str) -> tuple[Any, ...]:
         return tuple(self.mappings[key]) if self.flatten_state_dict else (key,)

@@ -1,0 +1,314 @@
+"""The ``distckpt`` command line: a thin front end over the library's own functions.
+
+``ls``, ``info`` and ``verify`` only read. ``prune``, ``gc`` and ``export`` act through the same
+code a training job uses (the manager's retention rules, its lock, its cleanup), so running one
+next to a live job is safe. Output is for people by default, JSON with ``--json``. Exit status:
+0 on success, 1 when ``verify`` finds a problem, 2 on bad input or any other error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+from distckpt import reader
+from distckpt.errors import CheckpointError
+from distckpt.fsutil import read_link
+from distckpt.layout import LINK_NAMES, RootLayout
+from distckpt.lock import WriterLock
+from distckpt.verify import verify
+
+EXIT_OK, EXIT_PROBLEMS, EXIT_ERROR = 0, 1, 2
+#: Checkpoints larger than this get a progress bar on a terminal while verified.
+PROGRESS_MIN_BYTES = 256 << 20
+
+
+def _human_size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def _age(created_utc: str) -> str:
+    try:
+        created = datetime.datetime.fromisoformat(created_utc)
+    except ValueError:
+        return "?"
+    seconds = (datetime.datetime.now(datetime.timezone.utc) - created).total_seconds()
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f}{unit}"
+    return f"{max(seconds, 0):.0f}s"
+
+
+def _table(rows: list[list[str]], out: TextIO) -> None:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        out.write("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() + "\n")
+
+
+def _leftovers(layout: RootLayout) -> list[dict[str, Any]]:
+    found = []
+    if layout.staging_root.is_dir():
+        for entry in sorted(layout.staging_root.iterdir()):
+            if entry.is_dir():
+                alive = WriterLock.writer_is_alive(entry)
+                found.append({"path": os.fspath(entry), "kind": "staging", "writer_alive": alive})
+    if layout.trash_root.is_dir():
+        for entry in sorted(layout.trash_root.iterdir()):
+            found.append({"path": os.fspath(entry), "kind": "trash", "writer_alive": False})
+    return found
+
+
+def cmd_ls(args: argparse.Namespace, out: TextIO) -> int:
+    layout = RootLayout.at(args.root)
+    if not layout.root.is_dir():
+        raise CheckpointError(f"no checkpoint root at {layout.root}")
+    links = {name: read_link(layout.link_path(name)) for name in LINK_NAMES}
+    infos = reader.list_checkpoints(layout)
+    valid = {info.step for info in infos}
+    damaged = [s for s in layout.committed_steps() if s not in valid]
+    leftovers = _leftovers(layout)
+    if args.json:
+        payload = {
+            "root": os.fspath(layout.root),
+            "links": links,
+            "checkpoints": [
+                {
+                    "step": i.step,
+                    "epoch": i.epoch,
+                    "metrics": i.metrics,
+                    "size_bytes": i.size_bytes,
+                    "created_utc": i.created_utc,
+                    "format": i.format,
+                    "world_size": i.world_size,
+                    "links": [n for n, t in links.items() if t == i.path.name],
+                }
+                for i in infos
+            ],
+            "damaged_steps": damaged,
+            "leftovers": leftovers,
+        }
+        json.dump(payload, out, indent=1, default=str)
+        out.write("\n")
+        return EXIT_OK
+    if not infos and not damaged:
+        out.write(f"no checkpoints in {layout.root}\n")
+    else:
+        rows = [["STEP", "EPOCH", "METRICS", "SIZE", "AGE", "FORMAT", "RANKS", "LINKS"]]
+        for info in infos:
+            metrics = " ".join(f"{k}={v:.4g}" for k, v in sorted(info.metrics.items()))
+            rows.append(
+                [
+                    str(info.step),
+                    "" if info.epoch is None else str(info.epoch),
+                    metrics,
+                    _human_size(info.size_bytes),
+                    _age(info.created_utc),
+                    info.format,
+                    str(info.world_size),
+                    ",".join(n for n, t in links.items() if t == info.path.name),
+                ]
+            )
+        for step in damaged:
+            rows.append([str(step), "", "DAMAGED (run verify)", "", "", "", "", ""])
+        _table(rows, out)
+    for item in leftovers:
+        state = "writer alive" if item["writer_alive"] else "dead writer: gc removes it"
+        out.write(f"leftover {item['kind']}: {item['path']} ({state})\n")
+    return EXIT_OK
+
+
+def cmd_info(args: argparse.Namespace, out: TextIO) -> int:
+    directory, manifest = reader.resolve_path(Path(args.path))
+    if args.json:
+        data = json.loads(manifest.to_json())
+        data["path"] = os.fspath(directory)
+        json.dump(data, out, indent=1)
+        out.write("\n")
+        return EXIT_OK
+    out.write(f"path        {directory}\n")
+    out.write(f"step        {manifest.step}\n")
+    out.write(f"epoch       {manifest.epoch}\n")
+    out.write(f"format      {manifest.format} ({manifest.world_size} ranks)\n")
+    out.write(f"created     {manifest.created_utc}\n")
+    out.write(f"versions    distckpt {manifest.library_version}, torch {manifest.torch_version}\n")
+    for key, value in sorted(manifest.metrics.items()):
+        out.write(f"metric      {key} = {value}\n")
+    if manifest.metadata:
+        out.write(f"metadata    {json.dumps(dict(manifest.metadata), sort_keys=True)}\n")
+    out.write(f"files       {len(manifest.files)}, {_human_size(manifest.total_bytes)}\n")
+    for name, record in sorted(manifest.files.items()):
+        out.write(f"  {name}  {_human_size(record.size)}  {record.checksum}\n")
+    return EXIT_OK
+
+
+class _Progress:
+    """A one-line progress bar on a terminal's stderr; silent elsewhere."""
+
+    def __init__(self, total: int, stream: TextIO) -> None:
+        self.total, self.done, self.stream = total, 0, stream
+        self.enabled = total >= PROGRESS_MIN_BYTES and stream.isatty()
+        self._shown = -1
+
+    def __call__(self, n: int) -> None:
+        self.done += n
+        percent = min(100, self.done * 100 // max(self.total, 1))
+        if self.enabled and percent != self._shown:
+            self._shown = percent
+            bar = "#" * (percent // 4)
+            self.stream.write(f"\rverifying [{bar:<25}] {percent:3d}%")
+            self.stream.flush()
+
+    def finish(self) -> None:
+        if self.enabled:
+            self.stream.write("\n")
+
+
+def _bytes_to_verify(path: Path) -> int:
+    try:
+        return sum(info.size_bytes for info in reader.list_checkpoints(RootLayout(path)))
+    except OSError:
+        return 0
+
+
+def cmd_verify(args: argparse.Namespace, out: TextIO) -> int:
+    target = Path(os.path.abspath(args.path))
+    total = _bytes_to_verify(target)
+    if not total and (target / "manifest.json").exists():
+        total = reader.read_manifest(target).total_bytes
+    progress = _Progress(total, sys.stderr)
+    try:
+        report = verify(target, checksums=not args.no_checksums, progress=progress)
+    finally:
+        progress.finish()
+    if args.json:
+        json.dump(report.to_dict(), out, indent=1)
+        out.write("\n")
+    else:
+        out.write(str(report) + "\n")
+    return EXIT_OK if report.ok else EXIT_PROBLEMS
+
+
+def _open_manager(root: str, **options: Any) -> Any:
+    from distckpt.manager import CheckpointManager  # the manager pulls in torch.distributed
+
+    if not Path(root).is_dir():
+        raise CheckpointError(f"no checkpoint root at {os.path.abspath(root)}")
+    return CheckpointManager(root, **options)
+
+
+def cmd_prune(args: argparse.Namespace, out: TextIO) -> int:
+    if args.keep_last is None and args.keep_best is None and args.keep_every_n_steps is None:
+        raise CheckpointError(
+            "prune needs at least one of --keep-last, --keep-best, --keep-every-n-steps"
+        )
+    with _open_manager(
+        args.root,
+        keep_last=args.keep_last,
+        keep_best=args.keep_best,
+        monitor=args.monitor,
+        mode=args.mode,
+        keep_every_n_steps=args.keep_every_n_steps,
+    ) as mgr:
+        removed = mgr.prune()
+        kept = mgr.steps()
+    if args.json:
+        json.dump({"removed": removed, "kept": kept}, out)
+        out.write("\n")
+    else:
+        out.write(f"removed steps: {', '.join(map(str, removed)) or 'none'}\n")
+        out.write(f"kept steps:    {', '.join(map(str, kept)) or 'none'}\n")
+    return EXIT_OK
+
+
+def cmd_gc(args: argparse.Namespace, out: TextIO) -> int:
+    with _open_manager(args.root) as mgr:
+        removed = [os.fspath(p) for p in mgr.gc()]
+    if args.json:
+        json.dump({"removed": removed}, out)
+        out.write("\n")
+    else:
+        out.write("".join(f"removed {p}\n" for p in removed) or "nothing to collect\n")
+    return EXIT_OK
+
+
+def cmd_export(args: argparse.Namespace, out: TextIO) -> int:
+    from distckpt.export import export
+
+    written = export(args.path, args.out, rank=args.rank, all_ranks=args.all_ranks)
+    if args.json:
+        json.dump({"out": os.fspath(written)}, out)
+        out.write("\n")
+    else:
+        out.write(f"wrote {written}\n")
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="distckpt", description="Inspect, verify and maintain distckpt checkpoint roots."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub.add_argument("--json", action="store_true", help="machine-readable output")
+        return sub
+
+    sub = command("ls", "list the checkpoints of a root, its links and leftovers")
+    sub.add_argument("root")
+    sub.set_defaults(run=cmd_ls)
+    sub = command("info", "show the manifest of a checkpoint (a step dir, a root, last/best)")
+    sub.add_argument("path")
+    sub.set_defaults(run=cmd_info)
+    sub = command("verify", "check sizes and checksums of a checkpoint or of a whole root")
+    sub.add_argument("path")
+    sub.add_argument("--no-checksums", action="store_true", help="check sizes only (fast)")
+    sub.set_defaults(run=cmd_verify)
+    sub = command("prune", "apply retention rules now, with the manager's rules and lock")
+    sub.add_argument("root")
+    sub.add_argument("--keep-last", type=int)
+    sub.add_argument("--keep-best", type=int)
+    sub.add_argument("--monitor", help="metric for --keep-best and the best link")
+    sub.add_argument("--mode", choices=("min", "max"), default="min")
+    sub.add_argument("--keep-every-n-steps", type=int)
+    sub.set_defaults(run=cmd_prune)
+    sub = command("gc", "remove leftovers of dead writers (a live writer's are kept)")
+    sub.add_argument("root")
+    sub.set_defaults(run=cmd_gc)
+    sub = command("export", "write a checkpoint as one torch.save file")
+    sub.add_argument("path")
+    sub.add_argument("out")
+    sub.add_argument("--rank", type=int, help='"torch" format: the rank to export (default 0)')
+    sub.add_argument("--all-ranks", action="store_true", help='"torch" format: every rank')
+    sub.set_defaults(run=cmd_export)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
+    """Run the command line; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    stream = out if out is not None else sys.stdout
+    try:
+        return int(args.run(args, stream))
+    except (CheckpointError, OSError, ValueError) as exc:
+        sys.stderr.write(f"distckpt {args.command}: error: {exc}\n")
+        return EXIT_ERROR
+
+
+def _entry() -> None:
+    """The console script: exit with :func:`main`'s status."""
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    _entry()
