@@ -25,6 +25,9 @@ from distckpt.layout import MANIFEST_NAME
 
 #: Bumped when a change to the schema would mislead an older reader.
 FORMAT_VERSION = 1
+#: A manifest lists files by name: even a huge sharded checkpoint's is a few MiB. A larger file
+#: is refused unread rather than loaded into memory.
+MAX_MANIFEST_BYTES = 64 << 20
 
 _NON_FINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
 
@@ -76,6 +79,8 @@ class Manifest:
             data = json.loads(raw)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise CorruptCheckpoint(f"{source} is not valid JSON: {exc}") from exc
+        except RecursionError as exc:
+            raise CorruptCheckpoint(f"{source} is not a manifest: nested too deeply") from exc
         if not isinstance(data, dict):
             raise CorruptCheckpoint(f"{source} is not a JSON object")
         version = data.get("format_version")
@@ -122,7 +127,7 @@ def _decode_float(value: float | str) -> float:
 def _checked_relative_name(name: str, source: str) -> str:
     """A file name from a manifest, refused if it could reach outside the checkpoint dir."""
     pure = PurePosixPath(name)
-    if not name or pure.is_absolute() or ".." in pure.parts or "\\" in name:
+    if not name or pure.is_absolute() or ".." in pure.parts or "\\" in name or "\0" in name:
         raise CorruptCheckpoint(f"{source} lists a file outside its directory: {name!r}")
     return name
 
@@ -146,6 +151,10 @@ def read_manifest(checkpoint_dir: Path) -> Manifest:
     unreadable, :class:`UnsupportedVersion` when it is newer than this library."""
     path = checkpoint_dir / MANIFEST_NAME
     try:
+        if path.stat().st_size > MAX_MANIFEST_BYTES:
+            raise CorruptCheckpoint(
+                f"{path} is larger than {MAX_MANIFEST_BYTES >> 20} MiB: not a manifest"
+            )
         raw = path.read_bytes()
     except FileNotFoundError as exc:
         raise CorruptCheckpoint(f"{checkpoint_dir} has no {MANIFEST_NAME}") from exc
@@ -173,7 +182,10 @@ def find_problems(
             f"but the dir is for step {expected_step}"
         )
     if manifest.checksum_algorithm != CHECKSUM_ALGORITHM and checksums:
-        problems.append(f"unknown checksum algorithm {manifest.checksum_algorithm!r}")
+        problems.append(
+            f"{checkpoint_dir / MANIFEST_NAME}: unknown checksum algorithm "
+            f"{manifest.checksum_algorithm!r}; this distckpt checks {CHECKSUM_ALGORITHM!r}"
+        )
         checksums = False
     for name, record in sorted(manifest.files.items()):
         path = checkpoint_dir / name

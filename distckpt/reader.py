@@ -23,7 +23,9 @@ from distckpt.errors import (
     CheckpointNotFound,
     CheckpointVanished,
     CorruptCheckpoint,
+    InvalidArgument,
     UnsafeCheckpoint,
+    UnsupportedVersion,
     WorldSizeMismatch,
 )
 from distckpt.formats import ReadOptions, ShardContext, format_named
@@ -50,9 +52,24 @@ def check_dir(directory: Path, expected_step: int | None, *, checksums: bool = F
         raise UnsafeCheckpoint(f"{directory} is a symlink; a committed checkpoint is a real dir")
     manifest = read_manifest(directory)
     problems = find_problems(directory, manifest, expected_step=expected_step, checksums=checksums)
+    problems += missing_required_files(directory, manifest)
     if problems:
         raise CorruptCheckpoint(f"{directory} fails its manifest check: " + "; ".join(problems))
     return manifest
+
+
+def missing_required_files(directory: Path, manifest: Manifest) -> list[str]:
+    """Problems with the manifest's format: unknown, or a file it requires (each rank's file,
+    DCP's ``.metadata``) not listed — an unlisted file is unchecked and must not be loaded."""
+    try:
+        fmt = format_named(manifest.format)
+    except InvalidArgument:
+        return [f"{directory / MANIFEST_NAME}: unknown checkpoint format {manifest.format!r}"]
+    return [
+        f"{directory / name}: required by the {manifest.format!r} format but not in the manifest"
+        for name in fmt.required_files(manifest)
+        if name not in manifest.files
+    ]
 
 
 def iter_valid(
@@ -106,6 +123,8 @@ def link_problem(
         check_dir(directory, step, checksums=checksums)
     except (CorruptCheckpoint, UnsafeCheckpoint) as exc:
         return None, f"{link} names a damaged checkpoint: {exc}"
+    except UnsupportedVersion as exc:
+        return None, f"{link} names a checkpoint this distckpt cannot read: {exc}"
     return directory, None
 
 
@@ -123,7 +142,7 @@ def resolve_last(layout: RootLayout, *, checksums: bool = False) -> tuple[Path, 
             newest[0].name,
             newest[0].name,
         )
-    elif linked is None and problem and layout.link_path(LAST).is_symlink():
+    elif linked is None and problem and _link_present(layout.link_path(LAST)):
         logger.warning("not following %s; using %s", problem, newest[0].name)
     return newest
 
@@ -142,7 +161,7 @@ def resolve_best(
             mode,
         )
         if best is not None:
-            if layout.link_path(BEST).exists() or layout.link_path(BEST).is_symlink():
+            if _link_present(layout.link_path(BEST)):
                 logger.warning("not following %s; using %s", problem, records[best][0].name)
             return records[best]
     raise CheckpointNotFound(
@@ -162,6 +181,10 @@ def committed_dir(layout: RootLayout, step: int) -> Path:
             f"no checkpoint for step {step} in {layout.root}; committed steps: {listing}"
         )
     return directory
+
+
+def _link_present(link: Path) -> bool:
+    return link.is_symlink() or link.exists()
 
 
 def resolve_step(

@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from distckpt.errors import CheckpointError, CheckpointNotFound
-from distckpt.formats import format_named
+from distckpt.fsutil import read_link
 from distckpt.layout import LINK_NAMES, MANIFEST_NAME, RootLayout, parse_step_dir_name
 from distckpt.manifest import Manifest, find_problems, read_manifest
-from distckpt.reader import link_problem
+from distckpt.reader import link_problem, missing_required_files
 
 
 @dataclass(frozen=True)
@@ -97,16 +97,7 @@ def verify_checkpoint(
         directory, manifest, expected_step=step, checksums=checksums, progress=progress
     )
     problems += _unlisted_problems(directory, manifest)
-    try:
-        required = format_named(manifest.format).required_files(manifest)
-    except CheckpointError as exc:
-        problems.append(f"{directory / MANIFEST_NAME}: {exc}")
-        required = []
-    problems += [
-        f"{directory / name}: required by the {manifest.format!r} format but not in the manifest"
-        for name in required
-        if name not in manifest.files
-    ]
+    problems += missing_required_files(directory, manifest)
     return CheckpointReport(directory, manifest.step, tuple(problems), manifest.total_bytes)
 
 
@@ -151,10 +142,14 @@ def verify(
         if parse_step_dir_name(entry.name) is not None
     )
     problems = []
+    reported = {report.path.name for report in reports}
     for name in LINK_NAMES:
         link = layout.link_path(name)
-        if link.is_symlink() or link.exists():
-            linked, problem = link_problem(layout, name)
-            if linked is None:
-                problems.append(str(problem))
+        if not (link.is_symlink() or link.exists()):
+            continue
+        if read_link(link) in reported:
+            continue  # names a checkpoint of the root: its own report says what is wrong
+        linked, problem = link_problem(layout, name)
+        if linked is None:
+            problems.append(str(problem))
     return VerifyReport(target, reports, tuple(problems))

@@ -116,7 +116,14 @@ try:  # torch >= 2.1; DTensor is only needed to size shards
 except ImportError:  # pragma: no cover - older torch
     from torch.distributed._tensor import DTensor  # type: ignore[no-redef]
 
-__all__ = ["DcpFormat", "ModelOptimizerState", "METADATA_NAME", "load_consolidated"]
+__all__ = [
+    "DcpFormat",
+    "ModelOptimizerState",
+    "METADATA_NAME",
+    "data_file_name",
+    "load_consolidated",
+    "read_metadata",
+]
 
 logger = logging.getLogger("distckpt")
 
@@ -126,6 +133,11 @@ _DATA_FILE_RE = re.compile(r"^__\d+_\d+\.distcp$")
 # The metadata pickle and the per-item headers around the tensor data.
 _OVERHEAD_BYTES = 64 << 10
 _NO_DIST_WARNING = r".*(torch\.distributed is|assuming the intent is to)"
+
+
+def data_file_name(rank: int) -> str:
+    """``__3_0.distcp``: the file DCP writes for ``rank`` (single file per rank, one thread)."""
+    return f"__{rank}_0.distcp"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -635,6 +647,33 @@ def _run_dcp(func: Callable[[], Any], action: str, default: type[CheckpointError
 # The format
 
 
+def _find_id_keyed_optimizer(state: Any, path: str = "") -> str | None:
+    """The key of a value that looks like ``optimizer.state_dict()`` (parameters numbered), if
+    any: DCP would save it, but a fresh optimizer has no state tensors to load it back into."""
+    if isinstance(state, Mapping):
+        groups = state.get("param_groups")
+        if (
+            set(state) == {"state", "param_groups"}
+            and isinstance(groups, list)
+            and any(
+                isinstance(group, Mapping)
+                and any(isinstance(p, int) for p in group.get("params", ()))
+                for group in groups
+            )
+        ):
+            return path or "<top level>"
+        for key, value in state.items():
+            found = _find_id_keyed_optimizer(value, f"{path}.{key}" if path else str(key))
+            if found is not None:
+                return found
+    elif isinstance(state, (list, tuple)):
+        for index, value in enumerate(state):
+            found = _find_id_keyed_optimizer(value, f"{path}.{index}" if path else str(index))
+            if found is not None:
+                return found
+    return None
+
+
 def _check_keys(state: Any, what: str) -> None:
     if not isinstance(state, Mapping):
         raise InvalidArgument(
@@ -652,6 +691,11 @@ class DcpFormat:
     name = "dcp"
     fixed_world_size = False
 
+    def required_files(self, manifest: Manifest) -> list[str]:
+        """``.metadata`` and one ``.distcp`` file per saving rank (DCP writes one per rank even
+        when the rank has nothing to save, since distckpt runs it with one writer thread)."""
+        return [METADATA_NAME, *(data_file_name(rank) for rank in range(manifest.world_size))]
+
     def estimate_bytes(self, state: Any) -> int:
         # Local shards only: replicated values are written by one rank, so this over-counts.
         return _local_bytes(state) + _OVERHEAD_BYTES
@@ -660,6 +704,15 @@ class DcpFormat:
         """Save this rank's part with ``dcp.save`` over ``ctx.group``; collective. Returns the
         files this rank wrote (its ``__<rank>_0.distcp``; rank 0 also ``.metadata``)."""
         _check_keys(state, "saves")
+        optimizer_key = _find_id_keyed_optimizer(state)
+        if optimizer_key is not None:
+            raise InvalidArgument(
+                f"{optimizer_key!r} looks like optimizer.state_dict(), keyed by parameter "
+                "number: the 'dcp' format needs the optimizer state keyed by parameter name, "
+                "or a resume into a fresh optimizer would silently drop it. Save "
+                "ModelOptimizerState(model, optimizer) (from distckpt.formats.dcp) instead of "
+                "the model and the optimizer"
+            )
         writer = _Writer(directory, fsync=ctx.fsync)
         _run_dcp(
             lambda: dcp.save(

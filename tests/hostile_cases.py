@@ -1,0 +1,552 @@
+"""Damaged and hostile checkpoint roots: one table of cases, and what distckpt must do with each.
+
+Every case starts from a fresh root made by :func:`make_root` (two committed checkpoints, steps
+1 and 2, ``last`` -> step 2), damages it, and states the expected outcome of
+
+* ``distckpt.verify(root)``: which checkpoint is reported broken (or, under :data:`LINKS`, the
+  root's links), with substrings its problem message must contain: always the file it is about;
+* ``mgr.restore("last")`` and ``mgr.restore("last", verify=True)``: which step is loaded, with
+  which warning, or which exception is raised;
+* restoring the damaged thing explicitly: a step number, or a path inside the root.
+
+``tests/test_verify.py`` asserts every line of the table; ``scripts/gen_verification_table.py``
+renders it into ``docs/verification.md``, so the doc says exactly what the tests check.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import struct
+import zlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import distckpt
+from distckpt.errors import (
+    CheckpointNotFound,
+    CorruptCheckpoint,
+    UnsafeCheckpoint,
+    UnsupportedVersion,
+)
+
+STEP1 = "step-00000001"
+STEP2 = "step-00000002"
+RANK0 = "rank-00000.pt"
+MANIFEST = "manifest.json"
+#: key of :attr:`Case.verify` for problems ``verify`` reports on the root itself (its links)
+LINKS = "links"
+#: the file the malicious pickle would create, beside the root
+MARKER_NAME = "PWNED"
+#: elements in the saved tensor
+WIDTH = 64
+
+
+# ---------------------------------------------------------------------------- the fresh root
+
+
+def saved_state(step: int, tag: int = 0) -> dict[str, Any]:
+    """The state saved at ``step``: its values tell which step (and which root) they are from."""
+    return {"w": torch.full((WIDTH,), float(step + tag)), "step": step + tag}
+
+
+def is_intact(state: Any, step: int) -> bool:
+    """Whether a loaded state is exactly what :func:`make_root` saved at ``step`` in the root
+    under test (not in another root, and not altered)."""
+    expected = saved_state(step)
+    return (
+        isinstance(state, dict)
+        and state.get("step") == expected["step"]
+        and isinstance(state.get("w"), torch.Tensor)
+        and torch.equal(state["w"], expected["w"])
+    )
+
+
+def make_root(path: Path, *, tag: int = 0, link: str = "auto") -> Path:
+    """A root with steps 1 and 2 committed; ``tag`` shifts the saved values (another root's
+    checkpoints must not be mistaken for this one's)."""
+    with distckpt.CheckpointManager(path, fsync=False, link=link) as mgr:  # type: ignore[arg-type]
+        for step in (1, 2):
+            mgr.save(step, saved_state(step, tag))
+    return path
+
+
+def other_root(root: Path) -> Path:
+    """A second, valid root beside ``root`` whose values differ from ``root``'s."""
+    other = root.parent / "other"
+    if not other.exists():
+        make_root(other, tag=100)
+    return other
+
+
+# ---------------------------------------------------------------------------- damage helpers
+
+
+def edit_manifest(directory: Path, change: Callable[[dict[str, Any]], None]) -> None:
+    path = directory / MANIFEST
+    data = json.loads(path.read_bytes())
+    change(data)
+    path.write_text(json.dumps(data, indent=1))
+
+
+def file_record(path: Path) -> dict[str, Any]:
+    data = path.read_bytes()
+    return {"size": len(data), "checksum": f"{zlib.crc32(data):08x}", "rank": 0}
+
+
+def reseal(directory: Path, name: str) -> None:
+    """Rewrite the manifest's size and checksum of ``name``: a forgery that passes every
+    check the manifest allows."""
+    record = file_record(directory / name)
+    edit_manifest(directory, lambda data: data["files"].__setitem__(name, record))
+
+
+def replace_with_symlink(path: Path, target: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+    os.symlink(target, path)
+
+
+class Exploit:
+    """Unpickling this creates a file: the stand-in for arbitrary code run by ``torch.load``."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = os.fspath(marker)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (open, (self.marker, "w"))
+
+
+# ---------------------------------------------------------------------------- damages
+
+
+def truncate_shard(root: Path) -> None:
+    path = root / STEP2 / RANK0
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def flip_byte(root: Path) -> None:
+    path = root / STEP2 / RANK0
+    data = bytearray(path.read_bytes())
+    start = data.find(struct.pack("<f", 2.0) * WIDTH)
+    assert start >= 0, "the tensor's bytes were not found in the rank file"
+    data[start + 5] ^= 0xFF  # element 1 becomes 2.0156...: same size, different value
+    path.write_bytes(bytes(data))
+
+
+def remove_manifest(root: Path) -> None:
+    (root / STEP2 / MANIFEST).unlink()
+
+
+def manifest_not_json(root: Path) -> None:
+    (root / STEP2 / MANIFEST).write_bytes(b'{"step": 2, "files": {"rank-0')  # a torn write
+
+
+def manifest_future_version(root: Path) -> None:
+    edit_manifest(root / STEP2, lambda data: data.update(format_version=999))
+
+
+def remove_rank_file(root: Path) -> None:
+    (root / STEP2 / RANK0).unlink()
+
+
+def unlist_rank_file(root: Path) -> None:
+    edit_manifest(root / STEP2, lambda data: data["files"].pop(RANK0))
+
+
+def add_extra_file(root: Path) -> None:
+    (root / STEP2 / "notes.txt").write_text("not written by distckpt\n")
+
+
+def manifest_names_step_1(root: Path) -> None:
+    edit_manifest(root / STEP2, lambda data: data.update(step=1))
+
+
+def manifest_lists_parent(root: Path) -> None:
+    outside = root / "x"
+    outside.write_bytes(b"outside the checkpoint dir\n")
+    reseal_as = file_record(outside)
+    edit_manifest(root / STEP2, lambda data: data["files"].__setitem__("../x", reseal_as))
+
+
+def manifest_lists_absolute(root: Path) -> None:
+    outside = root.parent / "elsewhere.bin"
+    outside.write_bytes(b"outside the checkpoint dir\n")
+    record = file_record(outside)
+    edit_manifest(root / STEP2, lambda data: data["files"].__setitem__(os.fspath(outside), record))
+
+
+def manifest_lists_nul_name(root: Path) -> None:
+    record = file_record(root / STEP2 / RANK0)
+    edit_manifest(root / STEP2, lambda data: data["files"].__setitem__("rank\x00.pt", record))
+
+
+def manifest_unknown_checksum(root: Path) -> None:
+    edit_manifest(root / STEP2, lambda data: data.update(checksum_algorithm="md4"))
+
+
+def manifest_unknown_format(root: Path) -> None:
+    edit_manifest(root / STEP2, lambda data: data.update(format="pickle-jar"))
+
+
+def huge_garbage_manifest(root: Path) -> None:
+    (root / STEP2 / MANIFEST).write_bytes(random.Random(0).randbytes(32 << 20))
+
+
+def deeply_nested_manifest(root: Path) -> None:
+    depth = 200_000
+    (root / STEP2 / MANIFEST).write_bytes(b"[" * depth + b"]" * depth)
+
+
+def last_absolute_symlink(root: Path) -> None:
+    replace_with_symlink(root / "last", other_root(root) / STEP2)
+
+
+def last_relative_escape(root: Path) -> None:
+    other_root(root)
+    replace_with_symlink(root / "last", Path("..", "other", STEP2))
+
+
+def last_pointer_escape(root: Path) -> None:
+    other_root(root)
+    (root / "last").unlink()
+    (root / "last").write_text(f"../other/{STEP2}\n")
+
+
+def best_missing(root: Path) -> None:
+    os.symlink("step-00000007", root / "best")
+
+
+def shard_symlink(root: Path) -> None:
+    copy = root.parent / "elsewhere" / RANK0
+    copy.parent.mkdir()
+    shutil.copyfile(root / STEP2 / RANK0, copy)  # the same bytes: size and checksum match
+    replace_with_symlink(root / STEP2 / RANK0, copy)
+
+
+def step_dir_symlink(root: Path) -> None:
+    replace_with_symlink(root / STEP2, other_root(root) / STEP2)
+
+
+def malicious_pickle(root: Path) -> None:
+    state = {**saved_state(2), "evil": Exploit(root.parent / MARKER_NAME)}
+    (root / STEP2 / RANK0).unlink()
+    torch.save(state, root / STEP2 / RANK0)
+    reseal(root / STEP2, RANK0)
+
+
+# ---------------------------------------------------------------------------- expectations
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What one restore call must do: load ``step`` (with ``warning``, whose substrings one
+    logged warning must all contain; None: no warning at all), or raise ``raises`` (exactly
+    that class) with a message containing every one of ``says``."""
+
+    step: int | None = None
+    warning: tuple[str, ...] | None = None
+    intact: bool = True
+    raises: type[Exception] | None = None
+    says: tuple[str, ...] = ()
+
+    def describe(self) -> str:
+        if self.raises is not None:
+            text = f"raises `{self.raises.__name__}`"
+            return text + (f" ({_quote(self.says)})" if self.says else "")
+        text = f"loads step {self.step}"
+        if not self.intact:
+            text += " **with wrong values**"
+        if self.warning is None:
+            return text + (", silently" if not self.intact else "")
+        return f"{text}, warning {_quote(self.warning)}"
+
+
+def loads(step: int, *warning: str, intact: bool = True) -> Outcome:
+    """Loads ``step``; with no ``warning`` substrings, logs no warning."""
+    return Outcome(step=step, warning=tuple(warning) if warning else None, intact=intact)
+
+
+def raises(exc: type[Exception], *says: str) -> Outcome:
+    return Outcome(raises=exc, says=says)
+
+
+@dataclass(frozen=True)
+class Case:
+    """One damaged root and everything distckpt must do with it (see the module doc)."""
+
+    id: str
+    description: str
+    damage: Callable[[Path], None]
+    #: checkpoint dir name (or :data:`LINKS`) -> substrings of one of its problems; every
+    #: checkpoint not named here must pass, and the root have no problem unless LINKS is named
+    verify: Mapping[str, tuple[str, ...]]
+    last: Outcome
+    #: explicit restore: a step number, or a path relative to the root
+    target: int | str
+    explicit: Outcome
+    #: restore("last", verify=True); None: as ``last``
+    last_verified: Outcome | None = None
+    #: the explicit restore with verify=True; None: as ``explicit``
+    explicit_verified: Outcome | None = None
+    #: a remark for the docs table
+    notes: str = ""
+
+    @property
+    def last_checked(self) -> Outcome:
+        return self.last_verified or self.last
+
+    @property
+    def explicit_checked(self) -> Outcome:
+        return self.explicit_verified or self.explicit
+
+    def target_text(self) -> str:
+        if isinstance(self.target, int):
+            return f"restore({self.target})"
+        return f'restore(root / "{self.target}")'
+
+
+def _quote(parts: tuple[str, ...]) -> str:
+    return " … ".join(f"`{part}`" for part in parts)
+
+
+CASES: list[Case] = [
+    Case(
+        id="truncated-shard",
+        description=f"`{STEP2}/{RANK0}` cut to half its size",
+        damage=truncate_shard,
+        verify={STEP2: (f"{STEP2}/{RANK0}", "truncated")},
+        last=loads(1, f"{STEP2}/{RANK0}", "truncated"),
+        target=2,
+        explicit=raises(CorruptCheckpoint, f"{STEP2}/{RANK0}", "truncated"),
+    ),
+    Case(
+        id="flipped-byte",
+        description=f"one byte of tensor data in `{STEP2}/{RANK0}` flipped (same size)",
+        damage=flip_byte,
+        verify={STEP2: (f"{STEP2}/{RANK0}", "checksum mismatch")},
+        last=loads(2, intact=False),
+        last_verified=loads(1, f"{STEP2}/{RANK0}", "checksum mismatch"),
+        target=2,
+        explicit=loads(2, intact=False),
+        explicit_verified=raises(CorruptCheckpoint, f"{STEP2}/{RANK0}", "checksum mismatch"),
+        notes="only a checksum can tell: torch loads the altered value without complaint",
+    ),
+    Case(
+        id="missing-manifest",
+        description=f"`{STEP2}/{MANIFEST}` deleted",
+        damage=remove_manifest,
+        verify={STEP2: (STEP2, f"no {MANIFEST}")},
+        last=loads(1, STEP2, f"no {MANIFEST}"),
+        target=2,
+        explicit=raises(CorruptCheckpoint, STEP2, f"no {MANIFEST}"),
+    ),
+    Case(
+        id="manifest-not-json",
+        description=f"`{STEP2}/{MANIFEST}` cut short (not valid JSON)",
+        damage=manifest_not_json,
+        verify={STEP2: (f"{STEP2}/{MANIFEST}", "not valid JSON")},
+        last=loads(1, f"{STEP2}/{MANIFEST}", "not valid JSON"),
+        target=2,
+        explicit=raises(CorruptCheckpoint, f"{STEP2}/{MANIFEST}", "not valid JSON"),
+    ),
+    Case(
+        id="manifest-future-version",
+        description=f"`{STEP2}/{MANIFEST}` says `format_version: 999`",
+        damage=manifest_future_version,
+        verify={STEP2: (f"{STEP2}/{MANIFEST}", "format version 999")},
+        last=raises(UnsupportedVersion, f"{STEP2}/{MANIFEST}", "upgrade distckpt"),
+        target=2,
+        explicit=raises(UnsupportedVersion, f"{STEP2}/{MANIFEST}", "upgrade distckpt"),
+        notes="not skipped: a newer checkpoint is not damage, so the answer is to upgrade",
+    ),
+    Case(
+        id="missing-rank-file",
+        description=f"`{STEP2}/{RANK0}` deleted",
+        damage=remove_rank_file,
+        verify={STEP2: (f"{STEP2}/{RANK0}", "missing")},
+        last=loads(1, f"{STEP2}/{RANK0}", "missing"),
+        target=2,
+        explicit=raises(CorruptCheckpoint, f"{STEP2}/{RANK0}", "missing"),
+    ),
+    Case(
+        id="rank-file-unlisted",
+        description=f"`{RANK0}` removed from `{STEP2}/{MANIFEST}` (the file stays)",
+        damage=unlist_rank_file,
+        verify={STEP2: (f"{STEP2}/{RANK0}", "required by the 'torch' format")},
+        last=loads(1, f"{STEP2}/{RANK0}", "required"),
+        target=2,
+        explicit=raises(CorruptCheckpoint, f"{STEP2}/{RANK0}", "required"),
+        notes="the file is unchecked by the manifest, so it must not be loaded",
+    ),
+    Case(
+        id="extra-file",
+        description=f"an unlisted `{STEP2}/notes.txt` added",
+        damage=add_extra_file,
+        verify={STEP2: (f"{STEP2}/notes.txt", "unexpected file")},
+        last=loads(2),
+        target=2,
+        explicit=loads(2),
+        notes="harmless to a restore (nothing reads it); verify reports it",
+    ),
+    Case(
+        id="manifest-names-other-step",
+        description=f"`{STEP2}/{MANIFEST}` says `step: 1`",
+        damage=manifest_names_step_1,
+        verify={STEP2: (f"{STEP2}/{MANIFEST}", "names step 1")},
+        last=loads(1, f"{STEP2}/{MANIFEST}", "names step 1"),
+        target=2,
+        explicit=raises(CorruptCheckpoint, f"{STEP2}/{MANIFEST}", "names step 1"),
+    ),
+    Case(
+        id="manifest-lists-parent-path",
+        description=f"`{STEP2}/{MANIFEST}` also lists `../x` (which exists, size and crc match)",
+        damage=manifest_lists_parent,
+        verify={STEP2: (f"{STEP2}/{MANIFEST}", "outside its directory", "../x")},
+        last=loads(1, f"{STEP2}/{MANIFEST}", "outside its directory"),
+        target=2,
+        explicit=raises(CorruptCheckpoint, f"{STEP2}/{MANIFEST}", "outside its directory"),
+    ),
+    Case(
+        id="manifest-lists-absolute-path",
+        description=f"`{STEP2}/{MANIFEST}` also lists an absolute path to a real file",
+        damage=manifest_lists_absolute,
+        verify={STEP2: (f"{STEP2}/{MANIFEST}", "outside its directory", "elsewhere.bin")},
+        last=loads(1, f"{STEP2}/{MANIFEST}", "outside its directory"),
+        target=2,
+        explicit=raises(CorruptCheckpoint, f"{STEP2}/{MANIFEST}", "outside its directory"),
+    ),
+    Case(
+        id="manifest-lists-nul-name",
+        description=f"`{STEP2}/{MANIFEST}` also lists a name with a NUL byte (`rank\\u0000.pt`)",
+        damage=manifest_lists_nul_name,
+        verify={STEP2: (f"{STEP2}/{MANIFEST}",)},
+        last=loads(1, f"{STEP2}/{MANIFEST}"),
+        target=2,
+        explicit=raises(CorruptCheckpoint, f"{STEP2}/{MANIFEST}"),
+    ),
+    Case(
+        id="manifest-unknown-checksum",
+        description=f'`{STEP2}/{MANIFEST}` says `checksum_algorithm: "md4"`',
+        damage=manifest_unknown_checksum,
+        verify={STEP2: (f"{STEP2}/{MANIFEST}", "unknown checksum algorithm")},
+        last=loads(2),
+        last_verified=loads(1, f"{STEP2}/{MANIFEST}", "unknown checksum algorithm"),
+        target=2,
+        explicit=loads(2),
+        explicit_verified=raises(
+            CorruptCheckpoint, f"{STEP2}/{MANIFEST}", "unknown checksum algorithm"
+        ),
+        notes="sizes still match, so only verify=True refuses what it cannot check",
+    ),
+    Case(
+        id="manifest-unknown-format",
+        description=f'`{STEP2}/{MANIFEST}` says `format: "pickle-jar"`',
+        damage=manifest_unknown_format,
+        verify={STEP2: (f"{STEP2}/{MANIFEST}", "unknown checkpoint format")},
+        last=loads(1, f"{STEP2}/{MANIFEST}", "unknown checkpoint format"),
+        target=2,
+        explicit=raises(CorruptCheckpoint, f"{STEP2}/{MANIFEST}", "unknown checkpoint format"),
+        notes="restore's check must agree with verify's: a dir verify calls broken is skipped",
+    ),
+    Case(
+        id="huge-garbage-manifest",
+        description=f"`{STEP2}/{MANIFEST}` replaced by 32 MiB of random bytes",
+        damage=huge_garbage_manifest,
+        verify={STEP2: (f"{STEP2}/{MANIFEST}", "not valid JSON")},
+        last=loads(1, f"{STEP2}/{MANIFEST}", "not valid JSON"),
+        target=2,
+        explicit=raises(CorruptCheckpoint, f"{STEP2}/{MANIFEST}", "not valid JSON"),
+    ),
+    Case(
+        id="deeply-nested-manifest",
+        description=f"`{STEP2}/{MANIFEST}` is 200,000 nested JSON arrays",
+        damage=deeply_nested_manifest,
+        verify={STEP2: (f"{STEP2}/{MANIFEST}",)},
+        last=loads(1, f"{STEP2}/{MANIFEST}"),
+        target=2,
+        explicit=raises(CorruptCheckpoint, f"{STEP2}/{MANIFEST}"),
+    ),
+    Case(
+        id="last-absolute-symlink",
+        description="`last` replaced by a symlink to the absolute path of another root's step 2",
+        damage=last_absolute_symlink,
+        verify={LINKS: ("/last", "points outside the root")},
+        last=loads(2, "/last", "outside the root"),
+        target="last",
+        explicit=loads(2, "/last", "outside the root"),
+    ),
+    Case(
+        id="last-relative-escape",
+        description=f"`last` replaced by a symlink to `../other/{STEP2}`",
+        damage=last_relative_escape,
+        verify={LINKS: ("/last", "points outside the root", f"../other/{STEP2}")},
+        last=loads(2, "/last", "outside the root"),
+        target="last",
+        explicit=loads(2, "/last", "outside the root"),
+    ),
+    Case(
+        id="last-pointer-escape",
+        description=f"`last` replaced by a pointer file naming `../other/{STEP2}`",
+        damage=last_pointer_escape,
+        verify={LINKS: ("/last", "points outside the root", f"../other/{STEP2}")},
+        last=loads(2, "/last", "outside the root"),
+        target="last",
+        explicit=loads(2, "/last", "outside the root"),
+    ),
+    Case(
+        id="best-missing-dir",
+        description="`best` added, a symlink to `step-00000007`, which does not exist",
+        damage=best_missing,
+        verify={LINKS: ("/best", "step-00000007", "does not exist")},
+        last=loads(2),
+        target="best",
+        explicit=raises(CheckpointNotFound, "/best", "step-00000007"),
+    ),
+    Case(
+        id="shard-symlink",
+        description=f"`{STEP2}/{RANK0}` replaced by a symlink to an identical file elsewhere",
+        damage=shard_symlink,
+        verify={STEP2: (f"{STEP2}/{RANK0}", "symlink")},
+        last=loads(1, f"{STEP2}/{RANK0}", "symlink"),
+        target=2,
+        explicit=raises(CorruptCheckpoint, f"{STEP2}/{RANK0}", "symlink"),
+    ),
+    Case(
+        id="step-dir-symlink",
+        description=f"`{STEP2}` replaced by a symlink to another root's (valid) `{STEP2}`",
+        damage=step_dir_symlink,
+        verify={STEP2: (STEP2, "symlink")},
+        last=loads(1, f"{STEP2}", "symlink"),
+        target=STEP2,
+        explicit=raises(UnsafeCheckpoint, STEP2, "symlink"),
+        notes="a symlinked dir is not a committed step: `restore(2)` raises `CheckpointNotFound`",
+    ),
+    Case(
+        id="malicious-pickle",
+        description=(
+            f"`{STEP2}/{RANK0}` rewritten by `torch.save` with an object whose `__reduce__` "
+            "creates a file; the manifest resealed to match"
+        ),
+        damage=malicious_pickle,
+        verify={},
+        last=raises(UnsafeCheckpoint, f"{STEP2}/{RANK0}", "allow_pickle=True", "add_safe_globals"),
+        target=2,
+        explicit=raises(
+            UnsafeCheckpoint, f"{STEP2}/{RANK0}", "allow_pickle=True", "add_safe_globals"
+        ),
+        notes="verify unpickles nothing, so a consistent forgery passes it; no load runs it",
+    ),
+]
+
+CASES_BY_ID = {case.id: case for case in CASES}
+assert len(CASES_BY_ID) == len(CASES), "case ids must be unique"
