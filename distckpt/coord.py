@@ -227,12 +227,17 @@ def raise_failures(
     if not failing:
         return
     types = {o.error_type for o in failing.values()}
-    messages = {o.error for o in failing.values()}
-    ranks = ", ".join(map(str, failing))  # named in the message: which ranks hit it
     error_type = types.pop() if len(types) == 1 else None
-    if error_type is not None and error_type != "RankFailure" and len(messages) == 1:
-        suffix = f" (on rank {ranks})" if len(outcomes) > 1 else ""
-        raise _rebuild(error_type, messages.pop() + suffix, what=what) from cause
+    if error_type is not None and error_type != "RankFailure":
+        messages = {o.error for o in failing.values()}
+        ranks = ", ".join(map(str, failing))  # named in the message: which ranks hit it
+        if len(messages) == 1:
+            suffix = f" (on rank {ranks})" if len(outcomes) > 1 else ""
+            raise _rebuild(error_type, messages.pop() + suffix, what=what) from cause
+        details = "; ".join(f"rank {rank}: {o.error}" for rank, o in failing.items())
+        raise _rebuild(
+            error_type, f"{what} failed on ranks {ranks}: {details}", what=what
+        ) from cause
     failures = {
         rank: (f"{o.error_type}: {o.error}" if o.error_type else str(o.error))
         for rank, o in failing.items()

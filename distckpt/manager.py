@@ -259,12 +259,36 @@ class CheckpointManager:
             probe_writable(root)
         except OSError as exc:
             raise RootNotWritable(f"checkpoint root {root} is not writable: {exc}") from exc
+        self._settle_link_mode()
         with self._lock:
             self._remove_leftovers()
             self._update_links()
         newest = reader.newest_valid(self.layout)
         # Every rank names its staging dirs after this token: unique to this manager.
         return (newest[1].step if newest else None), uuid.uuid4().hex[:12]
+
+    def _settle_link_mode(self) -> None:
+        """Rank 0: find out now whether the root takes symlinks, so that a link swap never
+        fails after a checkpoint was renamed into place."""
+        if self._link_mode == "pointer":
+            return
+        probe = self.layout.root / f".probe-link-{uuid.uuid4().hex}"
+        try:
+            os.symlink(self.layout.root.name, probe, target_is_directory=True)
+        except OSError as exc:
+            if self._link_mode == "symlink":
+                raise RootNotWritable(
+                    f"the filesystem of {self.layout.root} refuses symlinks ({exc.strerror}); "
+                    "use link='auto' or link='pointer'"
+                ) from exc
+            logger.warning(
+                "the filesystem of %s refuses symlinks (%s): last/best are pointer files",
+                self.layout.root,
+                exc.strerror,
+            )
+            self._link_mode = "pointer"
+        else:
+            probe.unlink()
 
     def _check_root_visible(self) -> None:
         if not self.layout.root.is_dir():
@@ -638,8 +662,18 @@ class CheckpointManager:
             faults.hit("before_rename", self.rank)
             rename_dir(staging, final, fsync=self.fsync)
             faults.hit("after_rename", self.rank)
-            records = self._update_links()
-            self._apply_retention(records)
+            # Committed: the dir is the truth from here on. A failure to update the derived
+            # links or to apply retention must not report the save as failed; both are redone
+            # at the next commit or manager start.
+            try:
+                self._apply_retention(self._update_links())
+            except Exception as exc:
+                logger.error(
+                    "committed %s, but updating links or retention failed (redone at the next "
+                    "commit or start): %s",
+                    final.name,
+                    exc,
+                )
         missing = policy.missing_monitor(manifest.metrics, self.retention.monitor)
         if missing and not self._warned_missing_monitor:
             logger.warning(

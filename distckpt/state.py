@@ -54,10 +54,11 @@ def load_into(template: Any, loaded: Any, *, strict: bool) -> LoadReport:
     """Load ``loaded`` (as saved) into ``template`` (the user's live objects) in place.
 
     With ``strict=True`` any key present on one side only raises :class:`InvalidArgument`
-    listing them all; with ``strict=False`` what matches is loaded and the rest is reported.
+    listing them all, before anything is changed; with ``strict=False`` what matches is loaded
+    and the rest is reported.
     """
     report = LoadReport()
-    _load(template, loaded, "", report, strict)
+    _load(template, loaded, "", report, apply=False)  # a dry run: find every mismatch first
     if strict and not report.clean:
         raise InvalidArgument(
             "the checkpoint does not match the given state: "
@@ -65,6 +66,7 @@ def load_into(template: Any, loaded: Any, *, strict: bool) -> LoadReport:
             f"not in the given state {report.unexpected_keys}. "
             "Pass strict=False to load what matches."
         )
+    _load(template, loaded, "", LoadReport(), apply=True)
     return report
 
 
@@ -72,31 +74,35 @@ def _join(prefix: str, key: object) -> str:
     return f"{prefix}.{key}" if prefix else str(key)
 
 
-def _load(template: Any, loaded: Any, path: str, report: LoadReport, strict: bool) -> None:
-    if isinstance(template, torch.nn.Module) and not strict:
-        result = template.load_state_dict(loaded, strict=False)
-        report.missing_keys += [_join(path, k) for k in result.missing_keys]
-        report.unexpected_keys += [_join(path, k) for k in result.unexpected_keys]
+def _load(template: Any, loaded: Any, path: str, report: LoadReport, *, apply: bool) -> None:
+    """Walk ``template`` and ``loaded`` together, recording mismatches in ``report`` and, with
+    ``apply``, loading what matches."""
+    if isinstance(template, torch.nn.Module):
+        expected, got = (
+            set(template.state_dict()),
+            set(loaded) if isinstance(loaded, Mapping) else set(),
+        )
+        report.missing_keys += [_join(path, k) for k in sorted(expected - got)]
+        report.unexpected_keys += [_join(path, k) for k in sorted(got - expected)]
+        if apply:
+            _checked(path, lambda: template.load_state_dict(loaded, strict=False))
     elif is_stateful(template):
-        if strict or _same_keys(template.state_dict(), loaded):
-            template.load_state_dict(loaded)
+        if _same_keys(template.state_dict(), loaded):
+            if apply:
+                _checked(path, lambda: template.load_state_dict(loaded))
         else:
             # A changed optimizer or scheduler cannot load a partial dict: report, skip.
             report.missing_keys.append(path)
     elif isinstance(template, torch.Tensor):
         if not isinstance(loaded, torch.Tensor) or loaded.shape != template.shape:
-            shape = tuple(loaded.shape) if isinstance(loaded, torch.Tensor) else type(loaded)
-            message = f"{path}: expected a tensor of shape {tuple(template.shape)}, got {shape}"
-            if strict:
-                raise InvalidArgument(message)
             report.missing_keys.append(path)
-            return
-        with torch.no_grad():
-            template.copy_(loaded)
+        elif apply:
+            with torch.no_grad():
+                template.copy_(loaded)
     elif isinstance(template, Mapping) and isinstance(loaded, Mapping):
         for key, value in template.items():
             if key in loaded:
-                _load(value, loaded[key], _join(path, key), report, strict)
+                _load(value, loaded[key], _join(path, key), report, apply=apply)
             else:
                 report.missing_keys.append(_join(path, key))
         report.unexpected_keys += [_join(path, k) for k in loaded if k not in template]
@@ -105,8 +111,18 @@ def _load(template: Any, loaded: Any, path: str, report: LoadReport, strict: boo
             report.missing_keys.append(f"{path}[len {len(template)} != {len(loaded)}]")
             return
         for index, (item, value) in enumerate(zip(template, loaded)):
-            _load(item, value, _join(path, index), report, strict)
+            _load(item, value, _join(path, index), report, apply=apply)
     # plain values cannot be loaded in place: the caller reads them from the result
+
+
+def _checked(path: str, load: Any) -> None:
+    """Run an object's own ``load_state_dict``; its errors (shape mismatches) become ours."""
+    try:
+        load()
+    except (RuntimeError, KeyError, ValueError, TypeError) as exc:
+        raise InvalidArgument(
+            f"{path or 'state'}: cannot load the checkpoint into it: {exc}"
+        ) from exc
 
 
 def _same_keys(current: Any, loaded: Any) -> bool:

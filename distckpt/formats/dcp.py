@@ -24,14 +24,19 @@ What DCP saves, and its limits:
   checkpoint, or save it in a "torch" one.
 * Optimizers must be saved FQN-keyed, through ``get_state_dict``: put
   ``{"app": ModelOptimizerState(model, optimizer)}`` in the state rather than the optimizer
-  itself (a plain ``optimizer.state_dict()`` is keyed by parameter number, and a fresh
-  optimizer has no state tensors to load into).
+  itself. A plain ``optimizer.state_dict()`` (keyed by parameter number) is refused with
+  :class:`~distckpt.errors.InvalidArgument`: a fresh optimizer has no state tensors for DCP to
+  load into, so its state would be dropped without a word on resume.
 
 Restoring: DCP loads *in place*, so ``restore`` needs ``state=``: the same structure as saved,
 whose tensors and DTensors (on the restoring ranks' meshes) receive the data; each rank reads
 only the chunks its shards overlap. Keys the state asks for that the checkpoint lacks are left
 out of the result, so :func:`distckpt.state.load_into` reports them as missing (and raises under
 ``strict=True``); keys only in the checkpoint are not loaded and only logged.
+``map_location`` applies to non-tensor values only (tensors land where the given state's
+tensors are) and ``mmap`` is ignored. Before DCP's collectives start, every rank checks the
+given state and reads ``.metadata``, and the ranks agree on the outcome (one small
+all-gather), so a rank that fails alone fails every rank instead of leaving them waiting.
 :func:`load_consolidated` (used by :func:`distckpt.export.export`) reads a whole checkpoint
 into full tensors in one plain process.
 
@@ -70,9 +75,10 @@ import zlib
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, NoReturn
+from typing import Any, Callable, NoReturn, TypeVar
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
@@ -100,6 +106,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
+from distckpt import errors
 from distckpt.errors import (
     CheckpointError,
     CorruptCheckpoint,
@@ -126,6 +133,7 @@ __all__ = [
 ]
 
 logger = logging.getLogger("distckpt")
+T = TypeVar("T")
 
 #: The file rank 0 writes that maps every chunk of every tensor to its bytes.
 METADATA_NAME = ".metadata"
@@ -411,6 +419,14 @@ def _is_size(value: Any, length: int | None = None) -> bool:
     )
 
 
+def _is_path_part(part: Any, entries: int) -> bool:
+    """A dict key, or a list index that the entries could fill (a huge index would make the
+    nested state a huge list)."""
+    if isinstance(part, str):
+        return True
+    return isinstance(part, int) and not isinstance(part, bool) and 0 <= part < entries
+
+
 def _metadata_problems(metadata: Any, manifest: Manifest) -> list[str]:
     """Everything in an unpickled ``.metadata`` that is not what distckpt's DCP writes."""
     if not isinstance(metadata, Metadata):
@@ -471,7 +487,7 @@ def _metadata_problems(metadata: Any, manifest: Manifest) -> list[str]:
             isinstance(key, str)
             and isinstance(path, tuple)
             and path
-            and all(isinstance(part, (str, int)) and not isinstance(part, bool) for part in path)
+            and all(_is_path_part(part, len(planner_data)) for part in path)
             for key, path in planner_data.items()
         )
     ):
@@ -674,6 +690,47 @@ def _find_id_keyed_optimizer(state: Any, path: str = "") -> str | None:
     return None
 
 
+def _check_saveable(state: Any) -> None:
+    _check_keys(state, "saves")
+    optimizer_key = _find_id_keyed_optimizer(state)
+    if optimizer_key is not None:
+        raise InvalidArgument(
+            f"{optimizer_key!r} looks like optimizer.state_dict(), keyed by parameter number: "
+            "the 'dcp' format needs the optimizer state keyed by parameter name, or a resume "
+            "into a fresh optimizer would silently drop it. Save "
+            "ModelOptimizerState(model, optimizer) (from distckpt.formats.dcp) instead of the "
+            "model and the optimizer"
+        )
+
+
+def _agreed(ctx: ShardContext, func: Callable[[], T]) -> T:
+    """``func()``, with its failure on any rank raised on every rank. Run before DCP's own
+    collectives, so that a rank failing alone (an unreadable file) does not leave the others
+    waiting inside DCP for it."""
+    result: Any = None
+    error: Exception | None = None
+    try:
+        result = func()
+    except Exception as exc:  # every failure must reach the other ranks
+        error = exc
+    if ctx.group is not None:
+        gathered: list[Any] = [None] * dist.get_world_size(ctx.group)
+        report = (type(error).__name__, str(error)) if error is not None else None
+        dist.all_gather_object(gathered, report, group=ctx.group)
+        failed = [(rank, item) for rank, item in enumerate(gathered) if item is not None]
+        if failed and error is None:
+            rank, (type_name, message) = failed[0]
+            cls = getattr(errors, type_name, None)
+            if not (isinstance(cls, type) and issubclass(cls, CheckpointError)) or (
+                cls is RankFailure
+            ):
+                cls = CheckpointError
+            raise cls(f"{message} (on rank {rank})")
+    if error is not None:
+        raise error
+    return result
+
+
 def _check_keys(state: Any, what: str) -> None:
     if not isinstance(state, Mapping):
         raise InvalidArgument(
@@ -697,22 +754,16 @@ class DcpFormat:
         return [METADATA_NAME, *(data_file_name(rank) for rank in range(manifest.world_size))]
 
     def estimate_bytes(self, state: Any) -> int:
+        # Checked here too: the manager calls this in its proposal round, where an error is
+        # agreed by every rank, rather than inside DCP's collectives.
+        _check_saveable(state)
         # Local shards only: replicated values are written by one rank, so this over-counts.
         return _local_bytes(state) + _OVERHEAD_BYTES
 
     def write(self, state: Any, directory: Path, ctx: ShardContext) -> Mapping[str, FileRecord]:
         """Save this rank's part with ``dcp.save`` over ``ctx.group``; collective. Returns the
         files this rank wrote (its ``__<rank>_0.distcp``; rank 0 also ``.metadata``)."""
-        _check_keys(state, "saves")
-        optimizer_key = _find_id_keyed_optimizer(state)
-        if optimizer_key is not None:
-            raise InvalidArgument(
-                f"{optimizer_key!r} looks like optimizer.state_dict(), keyed by parameter "
-                "number: the 'dcp' format needs the optimizer state keyed by parameter name, "
-                "or a resume into a fresh optimizer would silently drop it. Save "
-                "ModelOptimizerState(model, optimizer) (from distckpt.formats.dcp) instead of "
-                "the model and the optimizer"
-            )
+        _check_saveable(state)
         writer = _Writer(directory, fsync=ctx.fsync)
         _run_dcp(
             lambda: dcp.save(
@@ -748,8 +799,12 @@ class DcpFormat:
                 "the whole checkpoint as full tensors in one process, use "
                 "distckpt.export.export() or distckpt.formats.dcp.load_consolidated()"
             )
-        _check_keys(template, "restores into")
-        metadata = read_metadata(directory, manifest, allow_pickle=options.allow_pickle)
+
+        def prepare() -> Metadata:
+            _check_keys(template, "restores into")
+            return read_metadata(directory, manifest, allow_pickle=options.allow_pickle)
+
+        metadata = _agreed(ctx, prepare)
         state = _copy_containers(template)
         planner = _Planner(options)
         _run_dcp(
@@ -785,12 +840,29 @@ def load_consolidated(
     what the state looked like before sharding. Needs memory for every tensor at full size.
     Reads through the same safe path as restore (see the module doc)."""
     metadata = read_metadata(directory, manifest, allow_pickle=allow_pickle)
-    flat: dict[str, Any] = {}
-    for key, entry in metadata.state_dict_metadata.items():
-        if isinstance(entry, TensorStorageMetadata):
-            flat[key] = torch.empty(entry.size, dtype=entry.properties.dtype)
-        else:
-            flat[key] = None  # a placeholder DCP replaces with the unpickled value
+    tensors = {
+        key: entry
+        for key, entry in metadata.state_dict_metadata.items()
+        if isinstance(entry, TensorStorageMetadata)
+    }
+    # Every element is stored once in the data files, so the full tensors cannot be larger:
+    # a crafted .metadata must not make this process allocate without bound.
+    full_bytes = sum(
+        entry.size.numel() * torch.empty((), dtype=entry.properties.dtype).element_size()
+        for entry in tensors.values()
+    )
+    stored_bytes = sum(r.size for n, r in manifest.files.items() if _DATA_FILE_RE.match(n))
+    if full_bytes > stored_bytes:
+        raise CorruptCheckpoint(
+            f"{directory / METADATA_NAME} describes {full_bytes} bytes of tensors but the data "
+            f"files hold {stored_bytes}"
+        )
+    flat: dict[str, Any] = {
+        key: torch.empty(tensors[key].size, dtype=tensors[key].properties.dtype)
+        if key in tensors
+        else None  # a placeholder DCP replaces with the unpickled value
+        for key in metadata.state_dict_metadata
+    }
     options = ReadOptions(map_location="cpu", allow_pickle=allow_pickle)
     _run_dcp(
         lambda: dcp.load(
@@ -804,6 +876,12 @@ def load_consolidated(
     )
     paths = metadata.planner_data if isinstance(metadata.planner_data, dict) else {}
     nested: dict[str, Any] = {}
-    for key, value in flat.items():
-        _set_path(nested, paths.get(key, (key,)), value)
+    try:
+        for key, value in flat.items():
+            _set_path(nested, paths.get(key, (key,)), value)
+    except (TypeError, KeyError, IndexError) as exc:
+        # Key paths that contradict each other (one says list, another dict).
+        raise CorruptCheckpoint(
+            f"{directory / METADATA_NAME}: its key paths do not form one nested state: {exc!r}"
+        ) from exc
     return nested

@@ -1,0 +1,511 @@
+"""The core save / restore protocol on real gloo ranks: round trips, step rules, links,
+retention, deletion, the manifest and the pickle opt-in."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+# Optimizers import torch._dynamo when constructed (about 2 s): imported here, before the ranks
+# fork, so that no rank pays for it again.
+import torch._dynamo
+from torch import nn
+
+import distckpt
+from distckpt import faults
+from distckpt.fsutil import file_checksum
+from distckpt.manifest import FORMAT_VERSION
+from tests.ranks import run_ranks, values
+
+TIMEOUT = 20  # manager collectives: a hang becomes an error well before run_ranks gives up
+JOB_TIMEOUT = 60
+
+
+def _err(exc: BaseException) -> tuple[str, str, bool, bool]:
+    """What a rank reports about a distckpt error (exceptions do not cross the fork)."""
+    return (
+        type(exc).__name__,
+        str(exc),
+        isinstance(exc, distckpt.CheckpointError),
+        isinstance(exc, FileNotFoundError),
+    )
+
+
+def _weights(step: int, rank: int) -> torch.Tensor:
+    # Distinct per step and per rank, so a restore of the wrong step or rank file shows.
+    return torch.full((3,), float(step * 10 + rank))
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Bit-exact equality of nested state dicts."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (
+            isinstance(a, torch.Tensor)
+            and isinstance(b, torch.Tensor)
+            and a.dtype == b.dtype
+            and torch.equal(a, b)
+        )
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return bool(a == b)
+
+
+def _staging_entries(root: Path) -> list[str]:
+    staging = root / ".staging"
+    return sorted(os.listdir(staging)) if staging.is_dir() else []
+
+
+# --------------------------------------------------------------------------- round trip
+
+
+def _make_training(seed: int) -> tuple[nn.Module, torch.optim.Optimizer, Any]:
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=2, gamma=0.5)
+    return model, optimizer, scheduler
+
+
+def _train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> None:
+    # The batch comes from the global RNG: a continuation only matches if the RNG was restored.
+    x, y = torch.randn(8, 4), torch.randn(8, 2)
+    optimizer.zero_grad()
+    nn.functional.mse_loss(model(x), y).backward()
+    optimizer.step()
+    scheduler.step()
+
+
+def _draws() -> tuple[list[float], float, float]:
+    return torch.rand(4).tolist(), random.random(), float(np.random.rand())
+
+
+def _round_trip(rank: int, world_size: int, root: str) -> dict[str, Any]:
+    random.seed(rank)
+    np.random.seed(rank)
+    model, optimizer, scheduler = _make_training(seed=rank)  # each rank its own data
+    for _ in range(3):
+        _train_step(model, optimizer, scheduler)
+    rng = distckpt.capture_rng()
+    state = {"model": model, "optim": optimizer, "sched": scheduler, "rng": rng, "rank": rank}
+    saved_model = copy.deepcopy(model.state_dict())
+    saved_optim = copy.deepcopy(optimizer.state_dict())
+    saved_sched = copy.deepcopy(scheduler.state_dict())
+    with distckpt.CheckpointManager(root, timeout=TIMEOUT) as mgr:
+        result = mgr.save(3, state)
+
+        # The reference continuation: what training would have done without a restart.
+        distckpt.restore_rng(rng)
+        expected_draws = _draws()
+        _train_step(model, optimizer, scheduler)
+        expected_params = [p.detach().clone() for p in model.parameters()]
+
+        fresh_model, fresh_optim, fresh_sched = _make_training(seed=1000 + rank)
+        torch.manual_seed(99)
+        random.seed(99)
+        np.random.seed(99)
+        template = {
+            "model": fresh_model,
+            "optim": fresh_optim,
+            "sched": fresh_sched,
+            "rng": distckpt.capture_rng(),
+            "rank": -1,
+        }
+        ckpt = mgr.restore(state=template)
+        checks = {
+            "model": _same(fresh_model.state_dict(), saved_model),
+            "optim": _same(fresh_optim.state_dict(), saved_optim),
+            "optim_has_state": bool(fresh_optim.state_dict()["state"]),
+            "sched": _same(fresh_sched.state_dict(), saved_sched),
+            "rank": ckpt.state["rank"] == rank,
+            "step": ckpt.step,
+        }
+        distckpt.restore_rng(ckpt.state["rng"])
+        checks["rng"] = _draws() == expected_draws
+        _train_step(fresh_model, fresh_optim, fresh_sched)
+        checks["continued"] = _same([p.detach() for p in fresh_model.parameters()], expected_params)
+    return {"result": result, "checks": checks}
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 4])
+def test_round_trip_is_bit_exact(root: Path, world_size: int) -> None:
+    out = values(run_ranks(_round_trip, world_size, str(root), timeout=JOB_TIMEOUT))
+    for rank_out in out:
+        assert rank_out["checks"] == {
+            "model": True,
+            "optim": True,
+            "optim_has_state": True,
+            "sched": True,
+            "rank": True,
+            "step": 3,
+            "rng": True,
+            "continued": True,
+        }
+    results = [rank_out["result"] for rank_out in out]
+    assert results == [results[0]] * world_size
+    assert results[0].step == 3
+    assert results[0].path == root / "step-00000003"
+
+
+# --------------------------------------------------------------------------- paths and links
+
+
+def _save_from_workdir(rank: int, world_size: int, workdir: str) -> list[int]:
+    os.chdir(workdir)
+    with distckpt.CheckpointManager("ckpt", timeout=TIMEOUT) as mgr:
+        for step in (1, 2):
+            mgr.save(step, {"w": _weights(step, rank)})
+        return mgr.steps()
+
+
+def _restore_every_way(rank: int, world_size: int, cwd: str, root_rel: str) -> dict[str, Any]:
+    os.chdir(cwd)
+    got: dict[str, Any] = {}
+    with distckpt.CheckpointManager(root_rel, timeout=TIMEOUT) as mgr:
+        ways = {
+            "last": "last",
+            "int": 1,
+            "link path": os.path.join(root_rel, "last"),
+            "link pathlike": Path(root_rel) / "last",
+            "step dir": os.path.join(root_rel, "step-00000001"),
+        }
+        for label, which in ways.items():
+            template = {"w": torch.zeros(3)}
+            ckpt = mgr.restore(which, state=template)
+            got[label] = (ckpt.step, template["w"].tolist())
+        got["latest"] = mgr.latest_step()
+    return got
+
+
+def test_relative_root_survives_chdir_and_moving_the_root(tmp_path: Path) -> None:
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    out = values(run_ranks(_save_from_workdir, 2, str(workdir), timeout=JOB_TIMEOUT))
+    assert out == [[1, 2], [1, 2]]
+    original = workdir / "ckpt"
+    assert not os.path.isabs(os.readlink(original / "last"))
+    assert os.readlink(original / "last") == "step-00000002"
+
+    (tmp_path / "moved").mkdir()
+    moved = tmp_path / "moved" / "renamed"
+    os.rename(original, moved)
+    assert (moved / "last").resolve() == (moved / "step-00000002").resolve()
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    out = values(
+        run_ranks(_restore_every_way, 2, str(elsewhere), "../moved/renamed", timeout=JOB_TIMEOUT)
+    )
+    for rank, got in enumerate(out):
+        newest, first = [20.0 + rank] * 3, [10.0 + rank] * 3
+        assert got == {
+            "last": (2, newest),
+            "int": (1, first),
+            "link path": (2, newest),
+            "link pathlike": (2, newest),
+            "step dir": (1, first),
+            "latest": 2,
+        }
+
+    # A plain process with no process group reads each rank's file.
+    for rank in range(2):
+        for path, step in (
+            (moved / "last", 2),
+            (moved, 2),
+            (moved / "step-00000001", 1),
+        ):
+            template = {"w": torch.zeros(3)}
+            ckpt = distckpt.load_checkpoint(path, rank=rank, state=template)
+            assert ckpt.step == step
+            assert torch.equal(template["w"], _weights(step, rank))
+            assert torch.equal(ckpt.state["w"], _weights(step, rank))
+    with pytest.raises(distckpt.CheckpointNotFound):
+        distckpt.load_checkpoint(moved, rank=2)
+
+
+def test_load_checkpoint_defaults_to_rank_zero_without_a_group(root: Path) -> None:
+    values(run_ranks(_save_from_workdir, 2, str(root.parent), timeout=JOB_TIMEOUT))
+    ckpt = distckpt.load_checkpoint(root / "last")
+    assert torch.equal(ckpt.state["w"], _weights(2, 0))
+
+
+# --------------------------------------------------------------------------- a failing rank
+
+
+def _second_save_fails_on_rank_1(rank: int, world_size: int, root: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    with distckpt.CheckpointManager(root, timeout=TIMEOUT) as mgr:
+        mgr.save(1, {"w": _weights(1, rank)})
+        faults.arm("after_shard_write", "raise", rank=1)
+        try:
+            mgr.save(2, {"w": _weights(2, rank)})
+        except Exception as exc:
+            out["error"] = _err(exc)
+        if rank == 0:
+            # Rank 0 cleans up before it raises, so what it sees now is what a crash leaves.
+            out["steps"] = mgr.steps()
+            out["last"] = os.readlink(Path(root) / "last")
+            out["staging"] = _staging_entries(Path(root))
+        out["retry"] = mgr.save(2, {"w": _weights(2, rank)}).step
+    return out
+
+
+def test_rank_raising_mid_write_fails_every_rank_and_leaves_nothing(root: Path) -> None:
+    out = values(run_ranks(_second_save_fails_on_rank_1, 2, str(root), timeout=JOB_TIMEOUT))
+    for rank_out in out:
+        name, message, is_checkpoint_error, _ = rank_out["error"]
+        assert is_checkpoint_error, name
+        assert "rank 1" in message
+        assert rank_out["retry"] == 2
+    assert out[0]["steps"] == [1]
+    assert out[0]["last"] == "step-00000001"
+    assert out[0]["staging"] == []
+    assert _staging_entries(root) == []
+
+
+# --------------------------------------------------------------------------- retention, delete
+
+
+def _keep_last_two(rank: int, world_size: int, root: str) -> list[tuple[list[int], str, bool]]:
+    seen = []
+    with distckpt.CheckpointManager(root, keep_last=2, timeout=TIMEOUT) as mgr:
+        for step in range(1, 6):
+            mgr.save(step, {"w": _weights(step, rank)})
+            link = os.readlink(Path(root) / "last")
+            seen.append((mgr.steps(), link, (Path(root) / link).is_dir()))
+    return seen
+
+
+def test_keep_last_removes_older_dirs_never_the_target_of_last(root: Path) -> None:
+    out = values(run_ranks(_keep_last_two, 2, str(root), timeout=JOB_TIMEOUT))
+    expected = [
+        ([1], "step-00000001", True),
+        ([1, 2], "step-00000002", True),
+        ([2, 3], "step-00000003", True),
+        ([3, 4], "step-00000004", True),
+        ([4, 5], "step-00000005", True),
+    ]
+    # Every rank returns only after rank 0's commit (and its retention) is done.
+    assert out == [expected, expected]
+    assert sorted(p.name for p in root.glob("step-*")) == ["step-00000004", "step-00000005"]
+    assert not any((root / ".trash").iterdir())
+
+
+def _delete_steps(rank: int, world_size: int, root: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    with distckpt.CheckpointManager(root, timeout=TIMEOUT) as mgr:
+        for step in (1, 2, 3):
+            mgr.save(step, {"w": _weights(step, rank)})
+        # Only rank 0 looks at the disk: delete returns on the others once rank 0 decided,
+        # and rank 0 may already be running the next delete while they look.
+        mgr.delete(2)
+        if rank == 0:
+            out["after middle"] = (mgr.steps(), os.readlink(Path(root) / "last"))
+        mgr.delete(3)
+        if rank == 0:
+            link = os.readlink(Path(root) / "last")
+            out["after newest"] = (mgr.steps(), link, mgr.latest_step())
+        try:
+            mgr.delete(7)
+        except Exception as exc:
+            out["missing"] = _err(exc)
+        template = {"w": torch.zeros(3)}
+        out["restored"] = (mgr.restore(state=template).step, template["w"].tolist())
+    return out
+
+
+def test_delete_moves_last_and_missing_step_is_not_found(root: Path) -> None:
+    out = values(run_ranks(_delete_steps, 2, str(root), timeout=JOB_TIMEOUT))
+    assert out[0]["after middle"] == ([1, 3], "step-00000003")
+    assert out[0]["after newest"] == ([1], "step-00000001", 1)
+    for rank, rank_out in enumerate(out):
+        name, message, _, is_file_not_found = rank_out["missing"]
+        assert name == "CheckpointNotFound"
+        assert is_file_not_found
+        assert "7" in message
+        assert rank_out["restored"] == (1, [10.0 + rank] * 3)
+    assert issubclass(distckpt.CheckpointNotFound, FileNotFoundError)
+
+
+# --------------------------------------------------------------------------- step rules
+
+
+def _overwrite(rank: int, world_size: int, root: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    with distckpt.CheckpointManager(root, timeout=TIMEOUT) as mgr:
+        mgr.save(1, {"w": _weights(1, rank)})
+        out["overwrite"] = mgr.save(1, {"w": _weights(7, rank)}, overwrite=True).step
+        try:
+            mgr.save(1, {"w": _weights(8, rank)})
+        except Exception as exc:
+            out["again"] = _err(exc)
+        template = {"w": torch.zeros(3)}
+        mgr.restore(1, state=template)
+        out["restored"] = template["w"].tolist()
+        out["steps"] = mgr.steps()
+    return out
+
+
+def test_overwrite_replaces_and_without_it_the_step_exists(root: Path) -> None:
+    out = values(run_ranks(_overwrite, 2, str(root), timeout=JOB_TIMEOUT))
+    for rank, rank_out in enumerate(out):
+        assert rank_out["overwrite"] == 1
+        assert rank_out["again"][0] == "CheckpointExists"
+        assert "overwrite=True" in rank_out["again"][1]
+        assert rank_out["restored"] == [70.0 + rank] * 3
+        assert rank_out["steps"] == [1]
+    assert not any((root / ".trash").iterdir())
+
+
+def _bad_steps(rank: int, world_size: int, root: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    with distckpt.CheckpointManager(root, timeout=TIMEOUT) as mgr:
+        mgr.save(5, {"w": _weights(5, rank)})
+        for label, step in {
+            "lower": 3,
+            "negative": -1,
+            "float": 6.0,
+            "str": "6",
+            "bool": True,
+            "none": None,
+            "different per rank": 10 + rank,
+        }.items():
+            try:
+                mgr.save(step, {"w": _weights(0, rank)})  # type: ignore[arg-type]
+                out[label] = None
+            except Exception as exc:
+                out[label] = _err(exc)
+        out["steps"] = mgr.steps()
+        out["next"] = mgr.save(6, {"w": _weights(6, rank)}).step
+    return out
+
+
+def test_invalid_steps_raise_invalid_step_on_every_rank(root: Path) -> None:
+    out = values(run_ranks(_bad_steps, 2, str(root), timeout=JOB_TIMEOUT))
+    for rank_out in out:
+        for label in ("lower", "negative", "float", "str", "bool", "none", "different per rank"):
+            assert rank_out[label] is not None, f"save of a {label} step did not raise"
+            assert rank_out[label][0] == "InvalidStep", (label, rank_out[label])
+        assert "delete" in rank_out["lower"][1]
+        assert rank_out["steps"] == [5]
+        assert rank_out["next"] == 6
+    assert sorted(p.name for p in root.glob("step-*")) == ["step-00000005", "step-00000006"]
+    assert _staging_entries(root) == []
+
+
+def _restore_empty(rank: int, world_size: int, root: str) -> tuple[Any, Any, Any]:
+    with distckpt.CheckpointManager(root, timeout=TIMEOUT) as mgr:
+        quiet = mgr.restore(missing_ok=True)
+        quiet_best = mgr.restore("best", missing_ok=True)
+        try:
+            mgr.restore()
+            loud = None
+        except Exception as exc:
+            loud = _err(exc)
+    return quiet, quiet_best, loud
+
+
+def test_missing_ok_on_an_empty_root(root: Path) -> None:
+    out = values(run_ranks(_restore_empty, 2, str(root), timeout=JOB_TIMEOUT))
+    for quiet, quiet_best, loud in out:
+        assert quiet is None
+        assert quiet_best is None
+        assert loud is not None
+        assert loud[0] == "CheckpointNotFound"
+        assert loud[3]  # a FileNotFoundError too
+
+
+# --------------------------------------------------------------------------- manifest
+
+
+def _save_with_metrics(rank: int, world_size: int, root: str) -> None:
+    with distckpt.CheckpointManager(root, timeout=TIMEOUT) as mgr:
+        mgr.save(
+            4,
+            {"w": _weights(4, rank)},
+            epoch=2,
+            # Rank 0's metrics are the ones stored: rank 1 passes different ones on purpose.
+            metrics={"loss": 0.25 + rank, "ppl": float("nan"), "acc": torch.tensor(0.5)},
+            metadata={"run": "exp1", "lrs": [0.1, 0.01], "nested": {"a": None}},
+        )
+
+
+def _reject_constant(name: str) -> float:
+    raise ValueError(f"manifest.json is not strict JSON: it contains {name}")
+
+
+def test_manifest_is_strict_json_listing_every_rank_file(root: Path) -> None:
+    values(run_ranks(_save_with_metrics, 2, str(root), timeout=JOB_TIMEOUT))
+    step_dir = root / "step-00000004"
+    data = json.loads((step_dir / "manifest.json").read_text(), parse_constant=_reject_constant)
+    assert data["format_version"] == FORMAT_VERSION
+    assert data["step"] == 4
+    assert data["epoch"] == 2
+    assert data["world_size"] == 2
+    assert data["format"] == "torch"
+    assert data["metrics"]["loss"] == 0.25
+    assert data["metrics"]["acc"] == 0.5
+    assert data["metrics"]["ppl"] == "nan"
+    assert data["metadata"] == {"run": "exp1", "lrs": [0.1, 0.01], "nested": {"a": None}}
+    assert set(data["files"]) == {"rank-00000.pt", "rank-00001.pt"}
+    for rank in range(2):
+        name = f"rank-{rank:05d}.pt"
+        record = data["files"][name]
+        assert record["size"] == (step_dir / name).stat().st_size
+        assert record["checksum"] == file_checksum(step_dir / name)
+        assert record["rank"] == rank
+    assert sorted(os.listdir(step_dir)) == ["manifest.json", "rank-00000.pt", "rank-00001.pt"]
+
+    info = distckpt.load_checkpoint(step_dir, rank=1)
+    assert info.metrics["loss"] == 0.25
+    assert info.metrics["ppl"] != info.metrics["ppl"]  # NaN read back as NaN
+    assert info.metadata["run"] == "exp1"
+
+
+# --------------------------------------------------------------------------- pickle opt-in
+
+
+class Opaque:
+    """A user class torch's weights-only loader does not know."""
+
+    def __init__(self, value: int) -> None:
+        self.value = value
+
+
+def _save_and_restore_opaque(rank: int, world_size: int, root: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    with distckpt.CheckpointManager(root, timeout=TIMEOUT) as mgr:
+        out["saved"] = mgr.save(1, {"w": _weights(1, rank), "obj": Opaque(rank)}).step
+        try:
+            mgr.restore(1)
+            out["refused"] = None
+        except Exception as exc:
+            out["refused"] = _err(exc)
+        ckpt = mgr.restore(1, allow_pickle=True)
+        out["allowed"] = ckpt.state["obj"].value
+    return out
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_allow_pickle_is_an_explicit_opt_in(root: Path, world_size: int) -> None:
+    out = values(run_ranks(_save_and_restore_opaque, world_size, str(root), timeout=JOB_TIMEOUT))
+    for rank, rank_out in enumerate(out):
+        assert rank_out["saved"] == 1
+        assert rank_out["refused"] is not None
+        name, message, _, _ = rank_out["refused"]
+        assert name == "UnsafeCheckpoint", message
+        assert "allow_pickle" in message
+        assert rank_out["allowed"] == rank
+
+    with pytest.raises(distckpt.UnsafeCheckpoint, match="allow_pickle"):
+        distckpt.load_checkpoint(root, rank=0)
+    assert distckpt.load_checkpoint(root, rank=0, allow_pickle=True).state["obj"].value == 0
