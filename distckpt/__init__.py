@@ -36,6 +36,8 @@ from distckpt.errors import (
     UnsupportedVersion,
     WorldSizeMismatch,
 )
+from distckpt.exporter import export
+from distckpt.formats.dcp import ModelOptimizerState
 from distckpt.manager import CheckpointManager
 from distckpt.reader import load_checkpoint
 from distckpt.results import Checkpoint, CheckpointInfo, SaveResult
@@ -48,6 +50,8 @@ __all__ = [
     "CheckpointManager",
     "StepTracker",
     "load_checkpoint",
+    "export",
+    "ModelOptimizerState",
     "verify",
     "VerifyReport",
     "CheckpointReport",

@@ -242,7 +242,7 @@ def cmd_gc(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def cmd_export(args: argparse.Namespace, out: TextIO) -> int:
-    from distckpt.export import export
+    from distckpt import export
 
     written = export(args.path, args.out, rank=args.rank, all_ranks=args.all_ranks)
     if args.json:

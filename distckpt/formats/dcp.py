@@ -37,7 +37,7 @@ out of the result, so :func:`distckpt.state.load_into` reports them as missing (
 tensors are) and ``mmap`` is ignored. Before DCP's collectives start, every rank checks the
 given state and reads ``.metadata``, and the ranks agree on the outcome (one small
 all-gather), so a rank that fails alone fails every rank instead of leaving them waiting.
-:func:`load_consolidated` (used by :func:`distckpt.export.export`) reads a whole checkpoint
+:func:`load_consolidated` (used by :func:`distckpt.export`) reads a whole checkpoint
 into full tensors in one plain process.
 
 Untrusted checkpoints. DCP would unpickle ``.metadata`` with ``pickle.load`` and every
@@ -46,19 +46,25 @@ from a crafted file. Here, unless ``allow_pickle=True``:
 
 * ``.metadata`` is read by a restricted unpickler that resolves only DCP's metadata dataclasses,
   ``torch.Size``, torch dtypes and layouts; any other global (``os.system``, ``builtins.eval``,
-  ...) or a persistent id is refused with :class:`~distckpt.errors.UnsafeCheckpoint` before
-  anything is called. The result is then checked field by field (types, and that every storage
-  entry names a ``.distcp`` file listed in the manifest, within its size), so a crafted file
-  cannot make DCP read outside the checkpoint dir.
+  ...), a persistent id, or setting attributes on anything but an instance of those
+  dataclasses (patching a class) is refused with :class:`~distckpt.errors.UnsafeCheckpoint`
+  before anything is called. The result is then checked field by field (types, and that every
+  storage entry names a ``.distcp`` file listed in the manifest, within its size), so a crafted
+  file cannot make DCP read outside the checkpoint dir, and the full tensors it describes
+  cannot exceed the bytes stored.
 * Non-tensor values are loaded with ``torch.load(weights_only=True)``.
 * Tensor data is loaded by DCP itself with ``torch.load(weights_only=True)``.
 
-What this does not cover: the restricted unpickler still runs the pickle machine, so a crafted
-``.metadata`` can make it allocate memory or burn CPU (a denial of service, not code execution),
-and the allowed dataclasses' constructors and ``__setstate__`` run on attacker-chosen arguments
-(they only assign fields, and the result is type-checked afterwards). The objects DCP exchanges
-between ranks through ``torch.distributed`` object collectives are pickles too; they are built
-by the ranks of the job itself from the checked metadata, not read from the checkpoint.
+What this does not cover: the restricted unpickler still runs the pickle machine (Python's own,
+slower than the C one but the file is small), so a crafted ``.metadata`` can make it allocate
+memory or burn CPU (a denial of service, not code execution), and the allowed dataclasses'
+constructors and ``__setstate__`` run on attacker-chosen arguments (they only assign fields,
+and the result is type-checked afterwards). The chunk layout is checked for types and ranks,
+not for overlaps or coverage: a crafted one can make a load fail or fill a tensor with the
+wrong bytes of the checkpoint's own files (as any tampering with tensor data can). The
+objects DCP exchanges between ranks through ``torch.distributed`` object collectives are
+pickles too; they are built by the ranks of the job itself from the checked metadata, not read
+from the checkpoint.
 ``allow_pickle=True`` switches all of this off and loads exactly as DCP does: only for
 checkpoints from a trusted source.
 """
@@ -75,7 +81,7 @@ import zlib
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, NoReturn, TypeVar
+from typing import Any, Callable, ClassVar, NoReturn, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -355,9 +361,28 @@ def _allowed_globals() -> dict[tuple[str, str], Any]:
 _ALLOWED = _allowed_globals()
 
 
-class _MetadataUnpickler(pickle.Unpickler):
+_ALLOWED_CLASSES = frozenset(value for value in _ALLOWED.values() if isinstance(value, type))
+
+
+class _MetadataUnpickler(pickle._Unpickler):
     """Resolves only the globals a DCP ``.metadata`` needs; anything else is refused before it
-    can be called."""
+    can be called. The pure-Python unpickler, for one more hook than the C one has: BUILD
+    (which sets attributes) is allowed on instances of the allowed classes only, never on a
+    class or function, so a crafted file cannot patch DCP's classes for the whole process."""
+
+    dispatch: ClassVar[dict[int, Callable[..., Any]]] = dict(
+        pickle._Unpickler.dispatch  # type: ignore[attr-defined]
+    )
+
+    def _load_build(self) -> None:
+        target = self.stack[-2] if len(self.stack) >= 2 else None
+        if type(target) not in _ALLOWED_CLASSES or isinstance(target, type):
+            raise UnsafeCheckpoint(
+                f"sets attributes on a {type(target).__name__}, which a DCP .metadata never does"
+            )
+        pickle._Unpickler.load_build(self)  # type: ignore[attr-defined]
+
+    dispatch[pickle.BUILD[0]] = _load_build
 
     def find_class(self, module: str, name: str) -> Any:
         found = _ALLOWED.get((module, name))
@@ -480,6 +505,10 @@ def _metadata_problems(metadata: Any, manifest: Manifest) -> list[str]:
             problems.append(f"{index.fqn}: byte range outside {name}")
         elif getattr(info, "transform_descriptors", None):
             problems.append(f"{index.fqn}: stream transforms, which distckpt never writes")
+    if not isinstance(metadata.storage_meta, (StorageMeta, type(None))):
+        problems.append(f"storage_meta is a {type(metadata.storage_meta).__name__}")
+    if not isinstance(metadata.version, (str, type(None))):
+        problems.append(f"version is a {type(metadata.version).__name__}")
     planner_data = metadata.planner_data
     if planner_data is not None and not (
         isinstance(planner_data, dict)
@@ -797,7 +826,7 @@ class DcpFormat:
                 "the tensors and DTensors of the state you pass, so pass the same structure "
                 "that was saved (e.g. {'app': ModelOptimizerState(model, optimizer)}); to get "
                 "the whole checkpoint as full tensors in one process, use "
-                "distckpt.export.export() or distckpt.formats.dcp.load_consolidated()"
+                "distckpt.export() or distckpt.formats.dcp.load_consolidated()"
             )
 
         def prepare() -> Metadata:

@@ -1,0 +1,92 @@
+"""export(): a committed checkpoint as one torch.save file, loaded in a plain process."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import distckpt
+from distckpt import export
+from distckpt.errors import CheckpointNotFound, InvalidArgument
+from distckpt.formats.dcp import ModelOptimizerState
+from tests.ranks import run_ranks, values
+from tests.test_dcp import TIMEOUT, fsdp, full_state, make_model, train
+
+
+def _save_fsdp(rank: int, world_size: int, root: str) -> dict[str, list[Any]]:
+    model = fsdp(make_model(0), world_size)
+    optim = torch.optim.Adam(model.parameters(), lr=0.01)
+    train(model, optim, range(2))
+    with distckpt.CheckpointManager(root, format="dcp", timeout=30) as mgr:
+        mgr.save(2, {"app": ModelOptimizerState(model, optim), "epoch": 4, "tags": ["a", "b"]})
+    return full_state(model, optim)
+
+
+def test_export_dcp_consolidates_full_tensors(tmp_path: Path) -> None:
+    root = tmp_path / "ckpt"
+    saved = values(run_ranks(_save_fsdp, 2, str(root), timeout=TIMEOUT))[0]
+    # The committed dir must not depend on where it was staged, nor on the root's location.
+    moved = tmp_path / "moved"
+    shutil.move(str(root), str(moved))
+
+    out = export(moved / "last", tmp_path / "out" / "model.pt")
+    assert out == tmp_path / "out" / "model.pt"
+    assert [p.name for p in out.parent.iterdir()] == ["model.pt"]  # no temp file left
+    state = torch.load(out, weights_only=True)
+    assert state["epoch"] == 4 and state["tags"] == ["a", "b"]
+    app = state["app"]
+    assert set(app) == {"model", "optim"}
+    for name, tensor in app["model"].items():
+        assert type(tensor) is torch.Tensor
+        assert torch.equal(tensor, torch.tensor(saved[f"model.{name}"])), name
+    for name, entry in app["optim"]["state"].items():
+        for key, tensor in entry.items():
+            assert torch.equal(tensor, torch.tensor(saved[f"optim.{name}.{key}"])), (name, key)
+    assert app["optim"]["param_groups"][0]["params"] == list(app["model"])
+
+    # Loads straight into a plain (unsharded) model.
+    plain = make_model(5)
+    plain.load_state_dict(app["model"])
+
+    # Root and step dir paths name the same checkpoint; a second export replaces the file.
+    again = export(moved, out)
+    assert again == out and torch.load(out, weights_only=True).keys() == state.keys()
+    with pytest.raises(InvalidArgument, match="exported whole"):
+        export(moved / "step-00000002", tmp_path / "x.pt", rank=1)
+
+
+def _save_torch(rank: int, world_size: int, root: str) -> None:
+    model = make_model(rank)
+    with distckpt.CheckpointManager(root, timeout=30) as mgr:
+        mgr.save(7, {"model": model, "rank": rank})
+
+
+def test_export_torch_one_rank_or_all(tmp_path: Path) -> None:
+    root = tmp_path / "ckpt"
+    values(run_ranks(_save_torch, 2, str(root), timeout=TIMEOUT))
+    expected = {rank: make_model(rank).state_dict() for rank in range(2)}
+
+    def check(state: dict[str, Any], rank: int) -> None:
+        assert state["rank"] == rank
+        assert state["model"].keys() == expected[rank].keys()
+        for name, tensor in state["model"].items():
+            assert torch.equal(tensor, expected[rank][name])
+
+    check(torch.load(export(root, tmp_path / "r0.pt"), weights_only=True), 0)
+    check(torch.load(export(root / "last", tmp_path / "r1.pt", rank=1), weights_only=True), 1)
+    both = torch.load(export(root, tmp_path / "all.pt", all_ranks=True), weights_only=True)
+    assert sorted(both) == [0, 1]
+    for rank in (0, 1):
+        check(both[rank], rank)
+
+    with pytest.raises(CheckpointNotFound, match="no rank 2"):
+        export(root, tmp_path / "bad.pt", rank=2)
+    with pytest.raises(InvalidArgument, match="not both"):
+        export(root, tmp_path / "bad.pt", rank=1, all_ranks=True)
+    with pytest.raises(CheckpointNotFound):
+        export(tmp_path / "nothing-here", tmp_path / "bad.pt")
+    assert not (tmp_path / "bad.pt").exists()
