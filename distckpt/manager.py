@@ -555,7 +555,7 @@ class CheckpointManager:
                 self._buffers.synchronize()
 
             def write() -> dict[str, FileRecord]:
-                ctx = ShardContext(coord.rank, coord.world_size, self.fsync, coord.group)
+                ctx = ShardContext(coord.rank, coord.world_size, self.fsync, coord)
                 records = dict(self._format.write(plan.state, plan.staging_dir, ctx))
                 if plan.files:
                     records.update(
@@ -766,7 +766,7 @@ class CheckpointManager:
                     template=state,
                     options=options,
                     strict=strict,
-                    group=self._coord.group,
+                    coordinator=self._coord,
                 )
             )
             loaded = outcome.value

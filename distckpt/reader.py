@@ -19,6 +19,7 @@ from typing import Any
 import torch.distributed as dist
 
 from distckpt import policy
+from distckpt.coord import Coordinator
 from distckpt.errors import (
     CheckpointNotFound,
     CheckpointVanished,
@@ -249,7 +250,7 @@ def read_state(
     template: Any,
     options: ReadOptions,
     strict: bool,
-    group: Any = None,
+    coordinator: Coordinator | None = None,
 ) -> Checkpoint:
     """Read one rank's state from a checked checkpoint dir and load it into ``template``.
 
@@ -269,7 +270,10 @@ def read_state(
                 f"{directory} has ranks 0..{manifest.world_size - 1}; there is no rank {rank}"
             )
     ctx = ShardContext(
-        rank=rank, world_size=world_size or manifest.world_size, fsync=False, group=group
+        rank=rank,
+        world_size=world_size or manifest.world_size,
+        fsync=False,
+        coordinator=coordinator,
     )
     plain_template = to_plain(template) if template is not None else None
     try:

@@ -15,6 +15,7 @@ from typing import Any, Protocol
 
 import torch.distributed as dist
 
+from distckpt.coord import Coordinator
 from distckpt.manifest import FileRecord, Manifest
 
 
@@ -25,8 +26,14 @@ class ShardContext:
     rank: int
     world_size: int
     fsync: bool
-    #: distckpt's private gloo group, or None without torch.distributed
-    group: dist.ProcessGroup | None = None
+    #: the ranks' coordinator (collectives on distckpt's private gloo group), or None when a
+    #: plain process reads a checkpoint
+    coordinator: Coordinator | None = None
+
+    @property
+    def group(self) -> dist.ProcessGroup | None:
+        """The private gloo group, for a format whose library runs its own collectives."""
+        return self.coordinator.group if self.coordinator is not None else None
 
 
 @dataclass(frozen=True)
