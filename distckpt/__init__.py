@@ -37,7 +37,6 @@ from distckpt.errors import (
     WorldSizeMismatch,
 )
 from distckpt.exporter import export
-from distckpt.formats.dcp import ModelOptimizerState
 from distckpt.manager import CheckpointManager
 from distckpt.reader import load_checkpoint
 from distckpt.results import Checkpoint, CheckpointInfo, SaveResult
@@ -76,3 +75,12 @@ __all__ = [
     "UnsupportedVersion",
     "WorldSizeMismatch",
 ]
+
+
+def __getattr__(name: str) -> object:
+    # ModelOptimizerState pulls in torch.distributed.checkpoint (about 0.6 s): only on use.
+    if name == "ModelOptimizerState":
+        from distckpt.formats.dcp import ModelOptimizerState
+
+        return ModelOptimizerState
+    raise AttributeError(f"module 'distckpt' has no attribute {name!r}")

@@ -10,15 +10,21 @@ the same mesh and placements.
 from __future__ import annotations
 
 import copy
+import sys
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 
-try:
-    from torch.distributed.tensor import DTensor
-except ImportError:  # torch < 2.5 keeps it under _tensor
-    from torch.distributed._tensor import DTensor  # type: ignore[no-redef]
+
+def _dtensor_type() -> type | None:
+    """DTensor's class if its module is loaded. A DTensor can only exist once it is, and
+    importing it costs half a second, which a job without DTensors should not pay."""
+    for name in ("torch.distributed.tensor", "torch.distributed._tensor"):
+        module = sys.modules.get(name)
+        if module is not None and hasattr(module, "DTensor"):
+            return module.DTensor
+    return None
 
 
 class SnapshotBuffers:
@@ -27,10 +33,12 @@ class SnapshotBuffers:
     def __init__(self) -> None:
         self._buffers: dict[tuple[Any, ...], torch.Tensor] = {}
         self._pin = torch.cuda.is_available()
+        self._dtensor: Any = None
 
     def snapshot(self, state: Any) -> Any:
         """A copy of ``state`` (plain data and tensors) sharing no memory with it."""
         seen: set[tuple[Any, ...]] = set()
+        self._dtensor = _dtensor_type()
         copied = self._copy(state, (), seen)
         # Drop buffers of tensors that are gone, so a changed state does not pin old memory.
         for key in set(self._buffers) - seen:
@@ -52,10 +60,10 @@ class SnapshotBuffers:
         return buffer
 
     def _copy(self, value: Any, key: tuple[Any, ...], seen: set[tuple[Any, ...]]) -> Any:
-        if isinstance(value, DTensor):
+        if self._dtensor is not None and isinstance(value, self._dtensor):
             seen.add(key)
             local = self._buffer_for(key, value.to_local())
-            return DTensor.from_local(
+            return self._dtensor.from_local(
                 local,
                 value.device_mesh,
                 value.placements,

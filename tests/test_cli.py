@@ -1,0 +1,175 @@
+"""The distckpt command line, run as a user would: `python -m distckpt ...` in a subprocess."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import distckpt
+from distckpt.cli import main
+
+
+def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """The command line in this process (a subprocess would spend seconds importing torch);
+    `test_python_dash_m_runs_the_real_entry_point` covers the real entry point."""
+    out, err = io.StringIO(), io.StringIO()
+    previous = os.getcwd()
+    try:
+        if cwd is not None:
+            os.chdir(cwd)
+        with contextlib.redirect_stderr(err):
+            status = main(list(args), out=out)
+    finally:
+        os.chdir(previous)
+    return subprocess.CompletedProcess(list(args), status, out.getvalue(), err.getvalue())
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    path = tmp_path / "root"
+    with distckpt.CheckpointManager(path, monitor="loss", fsync=False) as mgr:
+        for step, loss in ((10, 3.0), (20, 1.0), (30, 2.0)):
+            mgr.save(
+                step, {"w": torch.full((4,), float(step))}, epoch=step // 10, metrics={"loss": loss}
+            )
+    return path
+
+
+def test_ls_shows_steps_links_and_leftovers(root: Path) -> None:
+    (root / ".staging" / "step-00000040.deadbeef").mkdir(parents=True)
+    out = run("ls", str(root))
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].split()[:3] == ["STEP", "EPOCH", "METRICS"]
+    row20 = next(line for line in lines if line.startswith("20 "))
+    row30 = next(line for line in lines if line.startswith("30 "))
+    assert "loss=1" in row20 and row20.rstrip().endswith("best")
+    assert row30.rstrip().endswith("last")
+    assert any("leftover staging" in line and "dead writer" in line for line in lines)
+
+
+def test_ls_json(root: Path) -> None:
+    data = json.loads(run("ls", str(root), "--json").stdout)
+    assert [c["step"] for c in data["checkpoints"]] == [10, 20, 30]
+    assert data["links"] == {"last": "step-00000030", "best": "step-00000020"}
+    assert data["checkpoints"][1]["links"] == ["best"]
+
+
+def test_info_resolves_links_and_relative_paths(root: Path) -> None:
+    out = run("info", "root/best", cwd=root.parent)
+    assert out.returncode == 0, out.stderr
+    assert "step        20" in out.stdout and "rank-00000.pt" in out.stdout
+    data = json.loads(run("info", str(root), "--json").stdout)
+    assert data["step"] == 30 and data["path"].endswith("step-00000030")
+
+
+def test_verify_exit_status(root: Path) -> None:
+    assert run("verify", str(root)).returncode == 0
+    shard = root / "step-00000020" / "rank-00000.pt"
+    data = bytearray(shard.read_bytes())
+    data[-30] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    out = run("verify", str(root))
+    assert out.returncode == 1
+    assert "BROKEN step-00000020" in out.stdout and "checksum mismatch" in out.stdout
+    assert run("verify", str(root), "--no-checksums").returncode == 0
+    report = json.loads(run("verify", str(root), "--json").stdout)
+    assert report["ok"] is False
+    assert [c["ok"] for c in report["checkpoints"]] == [True, False, True]
+
+
+def test_prune_uses_the_managers_rules(root: Path) -> None:
+    out = run("prune", str(root), "--keep-last", "1", "--keep-best", "1", "--monitor", "loss")
+    assert out.returncode == 0, out.stderr
+    assert distckpt.CheckpointManager(root).steps() == [20, 30]
+    # Without --monitor the best link is not maintained, but its target stays protected.
+    out = run("prune", str(root), "--keep-last", "1", "--json")
+    assert json.loads(out.stdout) == {"removed": [], "kept": [20, 30]}
+
+
+def test_gc_removes_dead_writers_only(root: Path) -> None:
+    import filelock
+
+    dead = root / ".staging" / "step-00000040.dead"
+    live = root / ".staging" / "step-00000040.live"
+    dead.mkdir(parents=True)
+    live.mkdir()
+    lock = filelock.FileLock(str(live) + ".lock")
+    lock.acquire()
+    try:
+        out = run("gc", str(root), "--json")
+        assert out.returncode == 0, out.stderr
+        assert not dead.exists() and live.exists()
+    finally:
+        lock.release()
+
+
+def test_export_then_load_in_a_plain_process(root: Path, tmp_path: Path) -> None:
+    out_file = tmp_path / "model.pt"
+    out = run("export", str(root / "best"), str(out_file))
+    assert out.returncode == 0, out.stderr
+    state = torch.load(out_file, weights_only=True)
+    assert torch.equal(state["w"], torch.full((4,), 20.0))
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("info", "does-not-exist"),
+        ("ls", "does-not-exist"),
+        ("verify", "does-not-exist"),
+        ("prune", "does-not-exist", "--keep-last", "1"),
+        ("gc", "does-not-exist"),
+    ],
+)
+def test_bad_input_is_a_clear_error_with_status_2(tmp_path: Path, args: tuple[str, ...]) -> None:
+    out = run(*args, cwd=tmp_path)
+    assert out.returncode == 2
+    assert out.stderr.startswith(f"distckpt {args[0]}: error:")
+    assert "Traceback" not in out.stderr
+    assert not (tmp_path / "does-not-exist").exists()  # nothing is created by mistake
+
+
+def test_prune_without_a_rule_is_refused(root: Path) -> None:
+    out = run("prune", str(root))
+    assert out.returncode == 2 and "--keep-last" in out.stderr
+    assert distckpt.CheckpointManager(root).steps() == [10, 20, 30]
+
+
+def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["no-such-command"])
+    assert exc.value.code == 2
+
+
+def test_python_dash_m_runs_the_real_entry_point(root: Path) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "distckpt", "verify", str(root / "last")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "ok     step-00000030" in out.stdout
+    bad = subprocess.run(
+        [sys.executable, "-m", "distckpt", "info", str(root / "nope")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+
+
+def test_console_script_is_installed() -> None:
+    scripts = Path(sys.executable).parent
+    assert (scripts / "distckpt").exists() or any(
+        (Path(p) / "distckpt").exists() for p in os.environ.get("PATH", "").split(os.pathsep)
+    )
