@@ -40,7 +40,7 @@ from distckpt.exporter import export
 from distckpt.manager import CheckpointManager
 from distckpt.reader import load_checkpoint
 from distckpt.results import Checkpoint, CheckpointInfo, SaveResult
-from distckpt.rng import capture_rng, restore_rng
+from distckpt.rng import RNGState, capture_rng, restore_rng
 from distckpt.steps import StepTracker
 from distckpt.verify import CheckpointReport, VerifyReport, verify
 
@@ -56,6 +56,7 @@ __all__ = [
     "CheckpointReport",
     "capture_rng",
     "restore_rng",
+    "RNGState",
     "Checkpoint",
     "CheckpointInfo",
     "SaveResult",

@@ -10,6 +10,7 @@ with the training loop's. Nothing here knows about files or formats.
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import logging
 import threading
@@ -215,6 +216,25 @@ def take_private_group(ranks: tuple[int, ...], timeout: float) -> dist.ProcessGr
 def return_private_group(ranks: tuple[int, ...], group: dist.ProcessGroup) -> None:
     with _pool_lock:
         _pool.setdefault(ranks, []).append(group)
+
+
+@atexit.register
+def _destroy_pool() -> None:
+    """Destroy the pooled groups while the interpreter still runs: left to interpreter
+    shutdown, a gloo thread may free the last collective's buffers without the GIL and abort
+    the process ("terminate called without an active exception")."""
+    with _pool_lock:
+        groups = [group for free in _pool.values() for group in free]
+        _pool.clear()
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    live = dist.distributed_c10d._world.pg_map
+    for group in groups:
+        if group in live:
+            try:
+                dist.destroy_process_group(group)
+            except Exception as exc:  # shutting down: never mask the job's own exit status
+                logger.debug("destroying a pooled group at exit failed: %s", exc)
 
 
 def raise_failures(

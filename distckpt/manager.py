@@ -454,7 +454,9 @@ class CheckpointManager:
         self.wait()  # at most one save in flight; raises a failed one's error here
         self._save_count += 1
         plan = self._propose(decision, state, metrics, metadata, files, overwrite)
-        if isinstance(plan, SaveResult):
+        if isinstance(plan, SaveResult):  # committed already: the schedule counts from it
+            self._last_step, self._last_epoch = plan.step, plan.epoch
+            self._last_time = time.monotonic()
             return plan
         self._last_step, self._last_epoch = plan.step, plan.epoch
         self._last_time = time.monotonic()

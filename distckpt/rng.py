@@ -59,3 +59,19 @@ def restore_rng(state: dict[str, Any]) -> None:
         )
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class RNGState:
+    """The random number generators as a stateful value: put ``{"rng": RNGState()}`` in the
+    state you save. Its ``state_dict()`` captures the generators at the moment of each save
+    (a :func:`capture_rng` snapshot taken once would save the same stale state every time),
+    and restoring loads them back with :func:`restore_rng`."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return capture_rng()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        restore_rng(state)
+
+    def __repr__(self) -> str:
+        return "RNGState()"

@@ -17,8 +17,10 @@ def _save_and_restore(rank: int, world_size: int, root: str) -> tuple[int, list[
             result = mgr.save(step, {"model": model, "rank": rank})
         fresh = torch.nn.Linear(3, 3)
         ckpt = mgr.restore(state={"model": fresh, "rank": -1})
-        return result.step, mgr.steps(), ckpt.state["rank"] == rank and torch.equal(
-            fresh.weight, model.weight
+        return (
+            result.step,
+            mgr.steps(),
+            ckpt.state["rank"] == rank and torch.equal(fresh.weight, model.weight),
         )
 
 
