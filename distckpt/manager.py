@@ -474,7 +474,8 @@ class CheckpointManager:
         if decision.preempt:
             self._signalled.clear()
             self.preempted = True
-            logger.warning("preemption save of step %d committed; stop and requeue", step)
+            if self.is_coordinator:
+                logger.warning("preemption save of step %d committed; stop and requeue", step)
         return result
 
     def _propose(

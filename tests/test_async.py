@@ -162,3 +162,31 @@ def _preempted_async(rank: int, world_size: int, root: str) -> tuple[bool, bool]
 
 def test_preemption_save_is_durable_before_preempted_is_reported(tmp_path: Path) -> None:
     assert values(run_ranks(_preempted_async, 2, str(tmp_path))) == [(True, True)] * 2
+
+
+def _async_fsdp2(rank: int, world_size: int, root: str) -> tuple[bool, bool, bool]:
+    from distckpt import ModelOptimizerState
+    from tests.test_dcp import fsdp, make_model, train
+
+    model = fsdp(make_model(0), world_size)
+    optim = torch.optim.Adam(model.parameters(), lr=0.01)
+    train(model, optim, range(2))
+    saved = [p.to_local().clone() for p in model.parameters()]
+    with distckpt.CheckpointManager(root, format="dcp", async_save=True, timeout=30) as mgr:
+        pending = mgr.save(2, {"app": ModelOptimizerState(model, optim)})
+        train(model, optim, range(2, 4))  # keeps training while the save is written
+        committed = mgr.wait()
+        fresh = fsdp(make_model(1), world_size)
+        fresh_optim = torch.optim.Adam(fresh.parameters(), lr=0.01)
+        mgr.restore(2, state={"app": ModelOptimizerState(fresh, fresh_optim)})
+    restored_equal = all(torch.equal(a, b.to_local()) for a, b in zip(saved, fresh.parameters()))
+    return not pending.done, committed.done, restored_equal
+
+
+def test_async_dcp_save_of_fsdp2_model_is_a_snapshot(tmp_path: Path) -> None:
+    import torch._dynamo  # noqa: F401  -- imported once here, not in every forked rank
+
+    assert (
+        values(run_ranks(_async_fsdp2, 2, str(tmp_path), timeout=120)) == [(True, True, True)] * 2
+    )
+    assert distckpt.verify(tmp_path).ok
