@@ -18,7 +18,6 @@ the complete new one, never a partial one.
 from __future__ import annotations
 
 import os
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,7 @@ import torch
 from distckpt.errors import CheckpointNotFound, InvalidArgument
 from distckpt.formats import ReadOptions
 from distckpt.formats.torch_files import safe_torch_load
-from distckpt.fsutil import fsync_dir
+from distckpt.fsutil import atomic_write
 from distckpt.layout import rank_file_name
 from distckpt.reader import resolve_path
 
@@ -101,16 +100,4 @@ def export(
 def _atomic_torch_save(state: Any, out: Path, *, fsync: bool) -> None:
     """``torch.save`` streamed to a temporary file beside ``out``, then renamed over it."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "xb") as file:
-            torch.save(state, file)
-            if fsync:
-                file.flush()
-                os.fsync(file.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    if fsync:
-        fsync_dir(out.parent)
+    atomic_write(out, lambda file: torch.save(state, file), fsync=fsync)

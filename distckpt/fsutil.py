@@ -109,12 +109,14 @@ def file_checksum(
     return f"{crc:08x}"
 
 
-def atomic_write_bytes(path: Path, data: bytes, *, fsync: bool) -> None:
-    """Write ``data`` to ``path`` so that readers see the old content or the new, never a mix."""
+def atomic_write(path: Path, write: Callable[[BinaryIO], object], *, fsync: bool) -> None:
+    """Create or replace ``path`` with what ``write`` writes to the open file, so that readers
+    see the old content or the new, never a mix: written to a temporary name beside it, fsynced,
+    renamed over it."""
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
         with open(tmp, "xb") as file:
-            file.write(data)
+            write(file)
             if fsync:
                 file.flush()
                 os.fsync(file.fileno())
@@ -124,6 +126,11 @@ def atomic_write_bytes(path: Path, data: bytes, *, fsync: bool) -> None:
         raise
     if fsync:
         fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: Path, data: bytes, *, fsync: bool) -> None:
+    """:func:`atomic_write` of ``data``."""
+    atomic_write(path, lambda file: file.write(data), fsync=fsync)
 
 
 def rename_dir(src: Path, dst: Path, *, fsync: bool) -> None:
