@@ -159,7 +159,17 @@ class Coordinator:
     def decide(self, decide: Callable[[], T], *, what: str) -> T:
         """Rank 0 runs ``decide``; its result, or its error, reaches every rank."""
         outcome, cause = Outcome.of(decide) if self.is_coordinator else (Outcome(), None)
-        return self.broadcast(outcome, what=what).unwrap(what=what, cause=cause)
+        try:
+            shared = self.broadcast(outcome, what=what)
+        except CoordinationError as exc:
+            if self.is_coordinator and outcome.error is None:
+                # The deed is done (a commit is on disk); only telling the others failed.
+                raise type(exc)(
+                    f"{what}: done on rank 0 ({outcome.value!r}), but the other ranks could not "
+                    f"be told: {exc}"
+                ) from exc
+            raise
+        return shared.unwrap(what=what, cause=cause)
 
     def barrier(self, *, what: str) -> None:
         if self._group is not None:

@@ -62,15 +62,26 @@ class ChecksumWriter:
         self._file: BinaryIO = os.fdopen(fd, "wb", buffering=0)
         self.size = 0
         self._crc = 0
+        #: the OSError a write raised, if any
+        self.error: OSError | None = None
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
-        view = memoryview(data)
+        view = memoryview(data).cast("B")
+        try:
+            self._write_all(view)
+        except OSError as exc:
+            # Kept, because a caller such as torch.save's zip writer may replace it with an
+            # error of its own that no longer says "No space left on device".
+            self.error = exc
+            raise
         self._crc = zlib.crc32(view, self._crc)
+        self.size += view.nbytes
+        return view.nbytes
+
+    def _write_all(self, view: memoryview) -> None:
         written = 0
         while written < view.nbytes:
             written += self._file.write(view[written:])
-        self.size += written
-        return written
 
     def flush(self) -> None:
         pass  # unbuffered: every write already reached the kernel

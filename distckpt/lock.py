@@ -30,6 +30,7 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+import threading
 from pathlib import Path
 from types import TracebackType
 
@@ -66,8 +67,24 @@ class RootLock:
         self.path = path
         self.timeout = timeout
         self._lock = _flock(path, timeout)
+        # flock excludes other processes only; an async save's commit thread and the
+        # training thread of one process are kept apart by this.
+        self._threads = threading.RLock()
 
     def __enter__(self) -> RootLock:
+        if not self._threads.acquire(timeout=self.timeout):
+            raise CoordinationTimeout(
+                f"could not take the commit lock {self.path} within {self.timeout:g} s: another "
+                "thread of this process holds it"
+            )
+        try:
+            self._acquire_file_lock()
+        except BaseException:
+            self._threads.release()
+            raise
+        return self
+
+    def _acquire_file_lock(self) -> None:
         try:
             self._lock.acquire()
         except filelock.Timeout as exc:
@@ -77,7 +94,6 @@ class RootLock:
             ) from exc
         except (OSError, NotImplementedError) as exc:
             raise _unsupported(self.path, exc) from exc
-        return self
 
     def __exit__(
         self,
@@ -85,7 +101,10 @@ class RootLock:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self._lock.release()
+        try:
+            self._lock.release()
+        finally:
+            self._threads.release()
 
 
 class WriterLock:

@@ -262,7 +262,10 @@ class CheckpointManager:
         self._settle_link_mode()
         with self._lock:
             self._remove_leftovers()
-            self._update_links()
+            try:
+                self._update_links()
+            except (OSError, CheckpointError) as exc:  # derived state: never block a start
+                logger.error("could not repair the links of %s: %s", root, exc)
         newest = reader.newest_valid(self.layout)
         # Every rank names its staging dirs after this token: unique to this manager.
         return (newest[1].step if newest else None), uuid.uuid4().hex[:12]
@@ -316,15 +319,25 @@ class CheckpointManager:
                     logger.info("leaving %s alone: its writer is alive", entry)
                     continue
                 logger.info("removing %s, left by a writer that died", entry)
-                faults.hit("during_staging_cleanup", self.rank)
-                remove_tree(entry)
-                WriterLock(entry).release()
-                removed.append(entry)
+                if self._remove_quietly(entry):
+                    WriterLock(entry).release()
+                    removed.append(entry)
         if self.layout.trash_root.is_dir():
-            for entry in self.layout.trash_root.iterdir():
-                remove_tree(entry)
-                removed.append(entry)
+            removed += [e for e in self.layout.trash_root.iterdir() if self._remove_quietly(e)]
         return removed
+
+    def _remove_quietly(self, leftover: Path) -> bool:
+        """Remove a leftover; one that cannot be removed is reported, not raised, so it can
+        never stop a job from starting (the next start tries again)."""
+        try:
+            faults.hit("during_staging_cleanup", self.rank)
+            remove_tree(leftover)
+        except Exception as exc:
+            logger.warning(
+                "could not remove leftover %s (tried again at next start): %s", leftover, exc
+            )
+            return False
+        return True
 
     # ------------------------------------------------------------------ links
 
@@ -511,10 +524,13 @@ class CheckpointManager:
             if existing is not None:
                 return replace(proposal, existing=existing)
             staging = self.layout.staging_dir(step, f"{self._token}-{self._save_count}")
-            self.layout.staging_root.mkdir(exist_ok=True)
-            plan.writer_lock = WriterLock(staging)
-            plan.writer_lock.acquire()  # before the dir exists: a dir with no lock is a dead one
-            staging.mkdir()
+            # Under the root lock, so that a cleanup (another job's start, `distckpt gc`) never
+            # sees the lock file before it is locked, or the dir before its lock exists.
+            with self._lock:
+                self.layout.staging_root.mkdir(exist_ok=True)
+                plan.writer_lock = WriterLock(staging)
+                plan.writer_lock.acquire()
+                staging.mkdir()
             return replace(
                 proposal, staging_dir=os.fspath(staging), free_bytes=free_bytes(self.layout.root)
             )
@@ -664,11 +680,11 @@ class CheckpointManager:
                 discard_dir(final, self.layout.trash_root, fsync=self.fsync)
             faults.hit("before_rename", self.rank)
             rename_dir(staging, final, fsync=self.fsync)
-            faults.hit("after_rename", self.rank)
             # Committed: the dir is the truth from here on. A failure to update the derived
             # links or to apply retention must not report the save as failed; both are redone
             # at the next commit or manager start.
             try:
+                faults.hit("after_rename", self.rank)
                 self._apply_retention(self._update_links())
             except Exception as exc:
                 logger.error(

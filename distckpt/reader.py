@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +42,7 @@ logger = logging.getLogger("distckpt")
 #: another process's retention mid-read. Readers retry rather than take a shared lock, so a
 #: reader never delays a writer's rotation and needs no lock support from the filesystem; a
 #: deleted dir is renamed into the trash first, so a reader sees a whole dir or none.
-VANISH_RETRIES = 3
+VANISH_RETRIES = 5
 
 
 def check_dir(directory: Path, expected_step: int | None, *, checksums: bool = False) -> Manifest:
@@ -74,19 +74,46 @@ def missing_required_files(directory: Path, manifest: Manifest) -> list[str]:
 
 
 def iter_valid(
-    layout: RootLayout, *, newest_first: bool = True, checksums: bool = False
+    layout: RootLayout,
+    *,
+    newest_first: bool = True,
+    checksums: bool = False,
+    steps: Iterable[int] | None = None,
 ) -> Iterator[tuple[Path, Manifest]]:
     """Committed dirs that pass :func:`check_dir`, with their manifests; damaged ones are
-    skipped with a warning."""
-    steps = layout.committed_steps()
-    for step in reversed(steps) if newest_first else steps:
+    skipped with a warning, ones deleted meanwhile (by retention) silently. ``steps`` replaces
+    the listing of the root."""
+    listed = sorted(set(layout.committed_steps() if steps is None else steps))
+    for step in reversed(listed) if newest_first else listed:
         directory = layout.step_dir(step)
         if not directory.exists():
             directory = _dir_for_step(layout, step)
         try:
             yield directory, check_dir(directory, step, checksums=checksums)
         except (CorruptCheckpoint, UnsafeCheckpoint, FileNotFoundError) as exc:
+            if not directory.exists():
+                logger.debug("%s was deleted while being listed", directory)
+                continue
             logger.warning("skipping damaged checkpoint %s: %s", directory, exc)
+
+
+def newest_valid(layout: RootLayout, *, checksums: bool = False) -> tuple[Path, Manifest] | None:
+    """The newest committed checkpoint that passes its check.
+
+    Another process's retention may delete dirs while they are listed and checked. So the
+    target of ``last`` is a candidate too (it is swapped right after each commit, before
+    retention deletes the one before, so it is the freshest name), and when no candidate
+    survives but committed dirs exist, the root is listed again."""
+    for _ in range(VANISH_RETRIES + 1):
+        steps = layout.committed_steps()
+        linked = read_link(layout.link_path(LAST))
+        linked_step = parse_step_dir_name(linked) if linked else None
+        if linked_step is not None:
+            steps.append(linked_step)  # iter_valid orders them and drops duplicates
+        found = next(iter_valid(layout, checksums=checksums, steps=steps), None)
+        if found is not None or not layout.committed_steps():
+            return found
+    return None
 
 
 def _dir_for_step(layout: RootLayout, step: int) -> Path:
@@ -95,10 +122,6 @@ def _dir_for_step(layout: RootLayout, step: int) -> Path:
         if parse_step_dir_name(entry.name) == step and entry.is_dir(follow_symlinks=False):
             return Path(entry.path)
     return layout.step_dir(step)
-
-
-def newest_valid(layout: RootLayout, *, checksums: bool = False) -> tuple[Path, Manifest] | None:
-    return next(iter_valid(layout, checksums=checksums), None)
 
 
 def link_problem(

@@ -240,7 +240,7 @@ def _crash_after_rename(rank: int, world_size: int, root: str) -> dict[str, Any]
             mgr.save(step, {"w": _weights(step, rank)})
         faults.arm("after_rename", "raise", rank=0)
         try:
-            mgr.save(3, {"w": _weights(3, rank)})
+            out["saved"] = mgr.save(3, {"w": _weights(3, rank)}).step
         except distckpt.CheckpointError as exc:
             out["error"] = _err(exc)
         if rank == 0:
@@ -258,7 +258,9 @@ def _crash_after_rename(rank: int, world_size: int, root: str) -> dict[str, Any]
 def test_failure_between_rename_and_link_swap(root: Path) -> None:
     out = values(run_ranks(_crash_after_rename, 2, str(root), timeout=JOB_TIMEOUT))
     for rank, rank_out in enumerate(out):
-        assert "error" in rank_out  # the commit did not finish, and every rank hears so
+        # Once renamed, the checkpoint is committed: an error updating the derived link is
+        # logged, and the save succeeds on every rank; the link is repaired later.
+        assert "error" not in rank_out and rank_out["saved"] == 3
         assert rank_out["restored"] == (3, _weights(3, rank).tolist())
         assert rank_out["latest"] == 3
         assert rank_out["next"] == 4

@@ -90,7 +90,12 @@ class TorchFilesFormat:
     def write(self, state: Any, directory: Path, ctx: ShardContext) -> Mapping[str, FileRecord]:
         name = rank_file_name(ctx.rank)
         with ChecksumWriter(directory / name, fsync=ctx.fsync) as writer:
-            torch.save(state, writer)
+            try:
+                torch.save(state, writer)
+            except RuntimeError:
+                if writer.error is not None:  # the disk's error, not the zip writer's echo
+                    raise writer.error from None
+                raise
         return {name: FileRecord(size=writer.size, checksum=writer.checksum, rank=ctx.rank)}
 
     def read(
