@@ -184,7 +184,10 @@ def cmd_verify(args: argparse.Namespace, out: TextIO) -> int:
     target = Path(os.path.abspath(args.path))
     total = _bytes_to_verify(target)
     if not total and (target / "manifest.json").exists():
-        total = reader.read_manifest(target).total_bytes
+        try:
+            total = reader.read_manifest(target).total_bytes
+        except CheckpointError:
+            total = 0  # verify reports what is wrong with it
     progress = _Progress(total, sys.stderr)
     try:
         report = verify(target, checksums=not args.no_checksums, progress=progress)

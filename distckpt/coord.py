@@ -74,6 +74,11 @@ def _rebuild(error_type: str | None, message: str, *, what: str) -> CheckpointEr
     return CheckpointError(f"{what} failed: {message}")
 
 
+def current_rank() -> int:
+    """This process's global rank, or 0 without an initialised process group."""
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
 class Coordinator:
     """Collectives among the ranks of one group, on a private gloo group.
 

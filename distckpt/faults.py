@@ -18,7 +18,7 @@ import os
 import signal
 from dataclasses import dataclass
 
-from distckpt.errors import InjectedFault
+from distckpt.errors import InjectedFault, InvalidArgument
 
 #: Every fault point, in protocol order.
 POINTS = (
@@ -51,9 +51,9 @@ _armed: dict[str, _Armed] = {}
 def arm(point: str, action: str = "raise", *, rank: int | None = None, nth: int = 1) -> None:
     """Arm ``point`` in this process (see the module doc)."""
     if point not in POINTS:
-        raise ValueError(f"unknown fault point {point!r}; known: {', '.join(POINTS)}")
+        raise InvalidArgument(f"unknown fault point {point!r}; known: {', '.join(POINTS)}")
     if action not in ACTIONS:
-        raise ValueError(f"unknown fault action {action!r}; known: {', '.join(ACTIONS)}")
+        raise InvalidArgument(f"unknown fault action {action!r}; known: {', '.join(ACTIONS)}")
     _armed[point] = _Armed(point, action, rank, nth)
 
 
@@ -66,7 +66,7 @@ def parse(spec: str) -> None:
     for item in filter(None, (part.strip() for part in spec.split(","))):
         fields = item.split(":")
         if not 2 <= len(fields) <= 4:
-            raise ValueError(f"DISTCKPT_FAULT item {item!r} is not point:action[:rank[:nth]]")
+            raise InvalidArgument(f"DISTCKPT_FAULT item {item!r} is not point:action[:rank[:nth]]")
         rank = int(fields[2]) if len(fields) > 2 and fields[2] not in ("", "*") else None
         nth = int(fields[3]) if len(fields) > 3 else 1
         arm(fields[0], fields[1], rank=rank, nth=nth)

@@ -156,19 +156,27 @@ def rename_dir(src: Path, dst: Path, *, fsync: bool) -> None:
             fsync_dir(src.parent)
 
 
-def discard_dir(path: Path, trash_root: Path, *, fsync: bool) -> None:
-    """Remove a directory so that it vanishes from its name at once: it is first renamed into
-    ``trash_root`` (same filesystem), then deleted there. A crash mid-delete leaves debris in
-    the trash, never a half-deleted directory under its real name."""
+def move_to_trash(path: Path, trash_root: Path, *, fsync: bool) -> Path | None:
+    """Make a directory vanish from its name at once by renaming it into ``trash_root`` (same
+    filesystem), where it can be deleted later. Returns its new path, None if it was gone."""
     trash_root.mkdir(exist_ok=True)
     doomed = trash_root / f"{path.name}.{uuid.uuid4().hex}"
     try:
         os.rename(path, doomed)
     except FileNotFoundError:
-        return
+        return None
     if fsync:
         fsync_dir(path.parent)
-    remove_tree(doomed)
+    return doomed
+
+
+def discard_dir(path: Path, trash_root: Path, *, fsync: bool) -> None:
+    """Remove a directory so that it vanishes from its name at once (:func:`move_to_trash`),
+    then delete it. A crash mid-delete leaves debris in the trash, never a half-deleted
+    directory under its real name."""
+    doomed = move_to_trash(path, trash_root, fsync=fsync)
+    if doomed is not None:
+        remove_tree(doomed)
 
 
 def remove_tree(path: Path) -> None:

@@ -27,6 +27,7 @@ restarted job). It never runs unlocked.
 
 from __future__ import annotations
 
+import errno
 import inspect
 import logging
 import os
@@ -52,7 +53,12 @@ def _flock(path: Path, timeout: float) -> filelock.BaseFileLock:
 _HAS_SOFT_FALLBACK = "fallback_to_soft" in inspect.signature(filelock.FileLock).parameters
 
 
+_NO_FLOCK = {errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP}
+
+
 def _unsupported(path: Path, exc: BaseException) -> CheckpointError:
+    if isinstance(exc, OSError) and exc.errno not in _NO_FLOCK:
+        return CheckpointError(f"cannot lock {path}: {exc}")  # permissions, a read-only mount
     return CheckpointError(
         f"cannot lock {path}: {exc}. The filesystem does not support flock; distckpt does not "
         "fall back to a lock that outlives its process. Mount with lock support (NFS: a lock "
@@ -61,7 +67,8 @@ def _unsupported(path: Path, exc: BaseException) -> CheckpointError:
 
 
 class RootLock:
-    """The commit lock of one root. Reentrant within a process; a context manager."""
+    """The commit lock of one root, exclusive between processes and between the threads of one
+    process (re-entrant within a thread); a context manager."""
 
     def __init__(self, path: Path, *, timeout: float) -> None:
         self.path = path

@@ -53,8 +53,8 @@ from distckpt.fsutil import (
     ChecksumWriter,
     LinkMode,
     atomic_write_bytes,
-    discard_dir,
     free_bytes,
+    move_to_trash,
     probe_writable,
     read_link,
     remove_link,
@@ -187,8 +187,13 @@ class CheckpointManager:
             raise InvalidArgument(f"format must be one of {FORMAT_NAMES}, not {format!r}")
         if link not in LINK_MODES:
             raise InvalidArgument(f"link must be one of {LINK_MODES}, not {link!r}")
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
+        if (
+            isinstance(timeout, bool)
+            or not isinstance(timeout, (int, float))
+            or not 0 < timeout < 10**7
+        ):
             raise InvalidArgument(f"timeout must be a positive number of seconds, not {timeout!r}")
+        signals = _checked_signals(save_on_signal)
         self.layout = RootLayout.at(root)
         self.retention = policy.RetentionPolicy(
             keep_last=keep_last,
@@ -207,7 +212,7 @@ class CheckpointManager:
         self.fsync = fsync
         self.timeout = float(timeout)
         self._link_mode: LinkMode = link
-        self._signals = tuple(save_on_signal)
+        self._signals = signals
         self._previous_handlers: dict[int, Any] = {}
         self._signalled = threading.Event()
         self._pending: _Decision | None = None
@@ -221,13 +226,16 @@ class CheckpointManager:
         self._buffers = SnapshotBuffers() if async_save else None
         self._background: ThreadPoolExecutor | None = None
         self._inflight: Future[SaveResult] | None = None
+        self._before_inflight: tuple[int | None, int | None, float] = (None, None, 0.0)
         self._coord = Coordinator(group, self.timeout)
         self._background_coord = self._coord
         self._lock = RootLock(self.layout.lock_path, timeout=self.timeout / 2)
         self.rank = self._coord.rank
         self.world_size = self._coord.world_size
+        self._removed_at_open: list[Path] = []
+        self._last_time = time.monotonic()
         try:
-            self._last_step, self._token = self._coord.decide(
+            self._last_step, self._last_epoch, self._token = self._coord.decide(
                 self._open_root, what="opening the checkpoint root"
             )
             outcome, cause = Outcome.of(self._check_root_visible)
@@ -237,16 +245,14 @@ class CheckpointManager:
                 self._background_coord = self._coord.spawn()
                 self._background = ThreadPoolExecutor(1, thread_name_prefix="distckpt-commit")
                 atexit.register(self._finish_at_exit)
+            self._install_signal_handlers()
         except BaseException:
-            self._coord.close()
+            self.close()  # gives the groups back: ranks must take and return them alike
             raise
-        self._last_epoch: int | None = None
-        self._last_time = time.monotonic()
-        self._install_signal_handlers()
 
     # ------------------------------------------------------------------ start-up
 
-    def _open_root(self) -> tuple[int | None, str]:
+    def _open_root(self) -> tuple[int | None, int | None, str]:
         """Rank 0: create the root, prove it writable, and repair what a crash left."""
         root = self.layout.root
         try:
@@ -261,14 +267,16 @@ class CheckpointManager:
             raise RootNotWritable(f"checkpoint root {root} is not writable: {exc}") from exc
         self._settle_link_mode()
         with self._lock:
-            self._remove_leftovers()
+            self._removed_at_open = self._remove_leftovers()
             try:
                 self._update_links()
             except (OSError, CheckpointError) as exc:  # derived state: never block a start
                 logger.error("could not repair the links of %s: %s", root, exc)
         newest = reader.newest_valid(self.layout)
-        # Every rank names its staging dirs after this token: unique to this manager.
-        return (newest[1].step if newest else None), uuid.uuid4().hex[:12]
+        # Rank 0 names this manager's staging dirs after the token: unique to this manager.
+        if newest is None:
+            return None, None, uuid.uuid4().hex[:12]
+        return newest[1].step, newest[1].epoch, uuid.uuid4().hex[:12]
 
     def _settle_link_mode(self) -> None:
         """Rank 0: find out now whether the root takes symlinks, so that a link swap never
@@ -468,14 +476,16 @@ class CheckpointManager:
         self._save_count += 1
         plan = self._propose(decision, state, metrics, metadata, files, overwrite)
         if isinstance(plan, SaveResult):  # committed already: the schedule counts from it
-            self._last_step, self._last_epoch = plan.step, plan.epoch
-            self._last_time = time.monotonic()
+            self._saved(plan.step, plan.epoch)
             return plan
-        self._last_step, self._last_epoch = plan.step, plan.epoch
-        self._last_time = time.monotonic()
         if self._background is None:
             result = self._write_and_commit(plan, self._coord)
+            self._saved(plan.step, plan.epoch)
         else:
+            # Counted at once, so the next steps do not save again while this one is in
+            # flight; wait() restores the previous counters if it fails.
+            self._before_inflight = (self._last_step, self._last_epoch, self._last_time)
+            self._saved(plan.step, plan.epoch)
             self._inflight = self._background.submit(
                 self._write_and_commit, plan, self._background_coord
             )
@@ -490,6 +500,11 @@ class CheckpointManager:
             if self.is_coordinator:
                 logger.warning("preemption save of step %d committed; stop and requeue", step)
         return result
+
+    def _saved(self, step: int, epoch: int | None) -> None:
+        """The schedule counts from a save that committed (or is in flight)."""
+        self._last_step, self._last_epoch = step, epoch
+        self._last_time = time.monotonic()
 
     def _propose(
         self,
@@ -563,6 +578,10 @@ class CheckpointManager:
             raise
         plan.staging_dir = Path(chosen.staging_dir)
         plan.metrics = chosen.metrics
+        if self._buffers is not None:
+            # Device-to-host copies into pinned buffers are asynchronous: they must land before
+            # save returns and training changes the tensors. Here, on the caller's device.
+            self._buffers.synchronize()
         return plan
 
     def _write_and_commit(self, plan: _Plan, coord: Coordinator) -> SaveResult:
@@ -570,8 +589,6 @@ class CheckpointManager:
         the background thread with its own ``coord`` for an async save."""
         step = plan.step
         try:
-            if self._buffers is not None:
-                self._buffers.synchronize()
 
             def write() -> dict[str, FileRecord]:
                 ctx = ShardContext(coord.rank, coord.world_size, self.fsync, coord)
@@ -623,7 +640,11 @@ class CheckpointManager:
         inflight, self._inflight = self._inflight, None
         if inflight is None:
             return None
-        return inflight.result()
+        try:
+            return inflight.result()
+        except BaseException:
+            self._last_step, self._last_epoch, self._last_time = self._before_inflight
+            raise
 
     @property
     def is_coordinator(self) -> bool:
@@ -677,7 +698,9 @@ class CheckpointManager:
             atomic_write_bytes(staging / MANIFEST_NAME, manifest.to_json(), fsync=self.fsync)
             faults.hit("after_manifest", self.rank)
             if final.exists() and overwrite:
-                discard_dir(final, self.layout.trash_root, fsync=self.fsync)
+                # The one window with no step-N: between these two renames (a crash there
+                # leaves the old checkpoint in the trash and "last" on the one before).
+                move_to_trash(final, self.layout.trash_root, fsync=self.fsync)
             faults.hit("before_rename", self.rank)
             rename_dir(staging, final, fsync=self.fsync)
             # Committed: the dir is the truth from here on. A failure to update the derived
@@ -693,6 +716,7 @@ class CheckpointManager:
                     final.name,
                     exc,
                 )
+        self._empty_trash()
         missing = policy.missing_monitor(manifest.metrics, self.retention.monitor)
         if missing and not self._warned_missing_monitor:
             logger.warning(
@@ -717,10 +741,18 @@ class CheckpointManager:
         for step in doomed:
             faults.hit("during_retention", self.rank)
             logger.info("retention: removing %s", self.layout.step_dir(step).name)
-            discard_dir(
+            # Only renamed here, under the lock; the bytes are deleted after it is released
+            # (_empty_trash), so a large delete never holds up other writers.
+            move_to_trash(
                 reader.committed_dir(self.layout, step), self.layout.trash_root, fsync=self.fsync
             )
         return doomed
+
+    def _empty_trash(self) -> None:
+        """Delete what retention and deletes moved into the trash; outside the lock."""
+        if self.layout.trash_root.is_dir():
+            for entry in self.layout.trash_root.iterdir():
+                self._remove_quietly(entry)
 
     # ------------------------------------------------------------------ restore
 
@@ -835,17 +867,20 @@ class CheckpointManager:
         """Delete the checkpoint of ``step``; collective. Links that pointed at it are moved to
         what remains (or removed). Raises :class:`CheckpointNotFound` if it does not exist."""
         self._check_open()
+        _check_step(step)
         self.wait()
 
-        def remove() -> None:
+        def remove() -> int | None:
             with self._lock:
                 directory = reader.committed_dir(self.layout, step)
-                discard_dir(directory, self.layout.trash_root, fsync=self.fsync)
-                self._update_links()
+                move_to_trash(directory, self.layout.trash_root, fsync=self.fsync)
+                records = self._update_links()
+            self._empty_trash()
+            return records[-1].step if records else None
 
-        self._coord.decide(remove, what=f"deleting step {step}")
+        latest = self._coord.decide(remove, what=f"deleting step {step}")
         if self._last_step == step:
-            self._last_step = self.latest_step()
+            self._last_step = latest  # rank 0's view, so every rank's schedule agrees
 
     def prune(self) -> list[int]:
         """Apply the retention rules now (as after every commit), under the lock; collective.
@@ -855,7 +890,9 @@ class CheckpointManager:
 
         def apply() -> list[int]:
             with self._lock:
-                return self._apply_retention(self._update_links())
+                removed = self._apply_retention(self._update_links())
+            self._empty_trash()
+            return removed
 
         return self._coord.decide(apply, what="pruning")
 
@@ -868,7 +905,9 @@ class CheckpointManager:
 
         def collect() -> list[Path]:
             with self._lock:
-                return self._remove_leftovers()
+                removed = self._removed_at_open + self._remove_leftovers()
+            self._removed_at_open = []  # reported once
+            return removed
 
         return self._coord.decide(collect, what="collecting leftovers")
 
@@ -881,14 +920,16 @@ class CheckpointManager:
         try:
             self.wait()
         finally:
-            if self._background is not None:
-                self._background.shutdown(wait=True)
-                atexit.unregister(self._finish_at_exit)
-                self._background_coord.close()
-            for signum, handler in self._previous_handlers.items():
-                signal.signal(signum, handler)
-            self._previous_handlers.clear()
-            self._coord.close()
+            try:
+                if self._background is not None:
+                    self._background.shutdown(wait=True)
+                    atexit.unregister(self._finish_at_exit)
+                    self._background_coord.close()
+                for signum, handler in self._previous_handlers.items():
+                    signal.signal(signum, handler)
+                self._previous_handlers.clear()
+            finally:
+                self._coord.close()
 
     def _finish_at_exit(self) -> None:
         """At interpreter exit with a save in flight: finish it, or say loudly that it failed
@@ -918,8 +959,6 @@ class CheckpointManager:
     def _install_signal_handlers(self) -> None:
         if not self._signals:
             return
-        if threading.current_thread() is not threading.main_thread():
-            raise InvalidArgument("save_on_signal needs the manager created in the main thread")
 
         def on_signal(signum: int, frame: FrameType | None) -> None:
             # Only a flag: the save itself must happen at a point where all ranks take part.
@@ -933,6 +972,23 @@ class CheckpointManager:
             f"CheckpointManager({os.fspath(self.layout.root)!r}, format={self.format!r}, "
             f"rank={self.rank}/{self.world_size})"
         )
+
+
+def _checked_signals(signals: object) -> tuple[int, ...]:
+    """``save_on_signal`` as signal numbers, refused before anything is set up."""
+    if isinstance(signals, int) or not isinstance(signals, Collection):
+        raise InvalidArgument(f"save_on_signal must be a tuple of signals, not {signals!r}")
+    checked = []
+    for signum in signals:
+        try:
+            checked.append(int(signal.Signals(signum)))
+        except (ValueError, TypeError):
+            raise InvalidArgument(f"save_on_signal: {signum!r} is not a signal") from None
+        if signum in (signal.SIGKILL, signal.SIGSTOP):
+            raise InvalidArgument(f"save_on_signal: {signal.Signals(signum).name} cannot be caught")
+    if checked and threading.current_thread() is not threading.main_thread():
+        raise InvalidArgument("save_on_signal needs the manager created in the main thread")
+    return tuple(checked)
 
 
 def _check_step(step: object) -> None:

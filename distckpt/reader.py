@@ -16,10 +16,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-import torch.distributed as dist
-
 from distckpt import policy
-from distckpt.coord import Coordinator
+from distckpt.coord import Coordinator, current_rank
 from distckpt.errors import (
     CheckpointNotFound,
     CheckpointVanished,
@@ -156,7 +154,7 @@ def resolve_last(layout: RootLayout, *, checksums: bool = False) -> tuple[Path, 
     newest = newest_valid(layout, checksums=checksums)
     if newest is None:
         raise CheckpointNotFound(f"no committed checkpoint in {layout.root}")
-    linked, problem = link_problem(layout, LAST)
+    linked, problem = link_problem(layout, LAST, checksums=checksums)
     if linked is not None and linked.name != newest[0].name:
         logger.warning(
             "%s names %s but the newest committed checkpoint is %s; using %s "
@@ -178,7 +176,8 @@ def resolve_best(
     if linked is not None:
         return linked, read_manifest(linked)
     if monitor is not None:
-        records = {manifest.step: (path, manifest) for path, manifest in iter_valid(layout)}
+        valid = iter_valid(layout, checksums=checksums)
+        records = {manifest.step: (path, manifest) for path, manifest in valid}
         best = policy.best_step(
             [policy.CheckpointRecord(s, m.epoch, m.metrics) for s, (_, m) in records.items()],
             monitor,
@@ -229,12 +228,12 @@ def resolve(
     """The checkpoint dir and manifest that ``which`` names: ``"last"``, ``"best"`` or a step
     (within ``layout``'s root), or a path — of a step dir, of a root (its newest checkpoint),
     or of a ``last`` / ``best`` link inside a root."""
-    if isinstance(which, bool):
-        raise TypeError("which must be 'last', 'best', a step or a path, not a bool")
-    if isinstance(which, int):
+    if isinstance(which, int) and not isinstance(which, bool):
         if layout is None:
-            raise TypeError("a step number needs a checkpoint root")
+            raise InvalidArgument("a step number needs a checkpoint root")
         return resolve_step(layout, which, checksums=checksums)
+    if not isinstance(which, (str, os.PathLike)):
+        raise InvalidArgument(f"which must be 'last', 'best', a step or a path, not {which!r}")
     if which in LINK_NAMES and layout is not None and isinstance(which, str):
         if which == LAST:
             return resolve_last(layout, checksums=checksums)
@@ -345,8 +344,10 @@ def load_checkpoint(
     process's rank when torch.distributed is initialised, else 0. ``state=`` loads in place as
     in :meth:`CheckpointManager.restore`; ``verify=True`` checks every file's checksum first.
     """
+    if not isinstance(path, (str, os.PathLike)):
+        raise InvalidArgument(f"path must be a path, not {path!r}")
     if rank is None:
-        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        rank = current_rank()
     options = ReadOptions(map_location=map_location, allow_pickle=allow_pickle, mmap=mmap)
     for attempt in range(VANISH_RETRIES + 1):
         directory, manifest = resolve_path(Path(os.fspath(path)), checksums=verify)

@@ -1,0 +1,125 @@
+"""Edge cases of schedules, best, arguments and the CLI, each pinned by a test (one process)."""
+
+from __future__ import annotations
+
+import math
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+
+import distckpt
+from distckpt import faults
+from distckpt.cli import main
+
+
+def _flip_a_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-40] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_best_with_verify_falls_back_past_a_corrupt_best(tmp_path: Path) -> None:
+    with distckpt.CheckpointManager(tmp_path, monitor="loss", fsync=False) as mgr:
+        for step, loss in ((1, 2.0), (2, 1.0), (3, 3.0)):
+            mgr.save(step, {"w": torch.full((64,), float(step))}, metrics={"loss": loss})
+        _flip_a_byte(tmp_path / "step-00000002" / "rank-00000.pt")
+        ckpt = mgr.restore("best", verify=True)
+    assert ckpt.step == 1 and torch.equal(ckpt.state["w"], torch.full((64,), 1.0))
+
+
+def test_a_failed_save_does_not_suppress_the_next_scheduled_ones(tmp_path: Path) -> None:
+    with distckpt.CheckpointManager(tmp_path, every_n_steps=5, fsync=False) as mgr:
+        faults.arm("after_shard_write", "raise")
+        with pytest.raises(distckpt.CheckpointError):
+            mgr.save(5, {"s": 5})
+        saved = [step for step in range(6, 12) if mgr.save(step, {"s": step}) is not None]
+    assert saved == [6, 10]  # 6 retries the missed multiple; 10 is the next one
+
+
+def test_a_failed_async_save_is_retried_by_the_schedule(tmp_path: Path) -> None:
+    with distckpt.CheckpointManager(tmp_path, every_n_steps=5, async_save=True, fsync=False) as mgr:
+        faults.arm("after_shard_write", "raise")
+        mgr.save(5, {"s": 5})
+        with pytest.raises(distckpt.CheckpointError):
+            mgr.wait()
+        assert mgr.save(6, {"s": 6}) is not None
+        assert mgr.wait().step == 6
+
+
+def test_epoch_schedule_continues_after_a_restart(tmp_path: Path) -> None:
+    with distckpt.CheckpointManager(tmp_path, every_n_epochs=1, fsync=False) as mgr:
+        assert mgr.save(10, {"s": 1}, epoch=3) is not None
+    with distckpt.CheckpointManager(tmp_path, every_n_epochs=1, fsync=False) as mgr:
+        assert mgr.save(11, {"s": 2}, epoch=3) is None  # epoch 3 is saved already
+        assert mgr.save(12, {"s": 3}, epoch=4) is not None
+
+
+@pytest.mark.parametrize(
+    ("call", "error"),
+    [
+        (lambda mgr: mgr.delete("5"), distckpt.InvalidStep),
+        (lambda mgr: mgr.restore(3.5), distckpt.InvalidArgument),
+        (lambda mgr: mgr.restore(None), distckpt.InvalidArgument),
+        (lambda mgr: distckpt.load_checkpoint(123), distckpt.InvalidArgument),
+    ],
+)
+def test_bad_arguments_are_checkpoint_errors(tmp_path: Path, call, error) -> None:
+    with distckpt.CheckpointManager(tmp_path, fsync=False) as mgr:
+        mgr.save(1, {"s": 1})
+        with pytest.raises(error):
+            call(mgr)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"save_on_signal": signal.SIGTERM},
+        {"save_on_signal": ("TERM",)},
+        {"save_on_signal": (signal.SIGKILL,)},
+        {"timeout": math.inf},
+        {"timeout": -1},
+        {"format": "pickle"},
+        {"link": "hard"},
+    ],
+)
+def test_bad_options_are_refused_before_anything_is_set_up(tmp_path: Path, options) -> None:
+    with pytest.raises(distckpt.InvalidArgument):
+        distckpt.CheckpointManager(tmp_path / "root", **options)
+    assert not (tmp_path / "root").exists()
+
+
+def test_signal_handlers_are_restored_by_close(tmp_path: Path) -> None:
+    before = signal.getsignal(signal.SIGUSR2)
+    mgr = distckpt.CheckpointManager(tmp_path, save_on_signal=(signal.SIGUSR2,), fsync=False)
+    assert signal.getsignal(signal.SIGUSR2) is not before
+    mgr.close()
+    mgr.close()  # idempotent
+    assert signal.getsignal(signal.SIGUSR2) is before
+
+
+def test_cli_gc_reports_what_it_removed(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    with distckpt.CheckpointManager(tmp_path, fsync=False) as mgr:
+        mgr.save(1, {"s": 1})
+    dead = tmp_path / ".staging" / "step-00000002.dead"
+    dead.mkdir(parents=True)
+    assert main(["gc", str(tmp_path)]) == 0
+    assert f"removed {dead}" in capsys.readouterr().out
+    assert not dead.exists()
+
+
+def test_cli_verify_of_a_step_with_a_broken_manifest_exits_1(tmp_path: Path) -> None:
+    with distckpt.CheckpointManager(tmp_path, fsync=False) as mgr:
+        mgr.save(1, {"s": 1})
+    (tmp_path / "step-00000001" / "manifest.json").write_text("{not json")
+    assert main(["verify", str(tmp_path / "step-00000001")]) == 1
+
+
+def test_retention_leaves_no_trash_behind(tmp_path: Path) -> None:
+    with distckpt.CheckpointManager(tmp_path, keep_last=1, fsync=False) as mgr:
+        for step in range(1, 5):
+            mgr.save(step, {"w": torch.zeros(1000)})
+        mgr.delete(4)
+        assert mgr.steps() == []
+    assert list((tmp_path / ".trash").iterdir()) == []
