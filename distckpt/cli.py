@@ -21,7 +21,7 @@ from distckpt import reader
 from distckpt.errors import CheckpointError
 from distckpt.fsutil import read_link
 from distckpt.layout import LINK_NAMES, RootLayout
-from distckpt.lock import WriterLock
+from distckpt.lock import find_leftovers
 from distckpt.verify import verify
 
 EXIT_OK, EXIT_PROBLEMS, EXIT_ERROR = 0, 1, 2
@@ -56,16 +56,11 @@ def _table(rows: list[list[str]], out: TextIO) -> None:
 
 
 def _leftovers(layout: RootLayout) -> list[dict[str, Any]]:
-    found = []
-    if layout.staging_root.is_dir():
-        for entry in sorted(layout.staging_root.iterdir()):
-            if entry.is_dir():
-                alive = WriterLock.writer_is_alive(entry)
-                found.append({"path": os.fspath(entry), "kind": "staging", "writer_alive": alive})
-    if layout.trash_root.is_dir():
-        for entry in sorted(layout.trash_root.iterdir()):
-            found.append({"path": os.fspath(entry), "kind": "trash", "writer_alive": False})
-    return found
+    return [
+        {"path": os.fspath(item.path), "kind": item.kind, "writer_alive": item.writer_alive}
+        for item in find_leftovers(layout)
+        if item.kind != "lock"
+    ]
 
 
 def cmd_ls(args: argparse.Namespace, out: TextIO) -> int:

@@ -32,8 +32,10 @@ import inspect
 import logging
 import os
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import Literal
 
 import filelock
 
@@ -149,3 +151,31 @@ class WriterLock:
             return True
         probe.release()
         return False
+
+
+@dataclass(frozen=True)
+class Leftover:
+    """Something a root holds besides committed checkpoints: a staging dir (of a live writer
+    or a dead one), a writer lock file whose dir is gone, or a dir in the trash."""
+
+    path: Path
+    kind: Literal["staging", "lock", "trash"]
+    writer_alive: bool = False
+
+
+def find_leftovers(layout: RootLayout) -> list[Leftover]:
+    """The root's leftovers; ``writer_alive`` is True for a staging dir whose writer still
+    holds its lock (never to be removed) and for a lock file held by a writer about to create
+    its dir."""
+    found: list[Leftover] = []
+    if layout.staging_root.is_dir():
+        for entry in sorted(layout.staging_root.iterdir()):
+            if entry.name.endswith(".lock"):
+                staging = entry.with_suffix("")
+                if not staging.exists():
+                    found.append(Leftover(entry, "lock", WriterLock.writer_is_alive(staging)))
+                continue
+            found.append(Leftover(entry, "staging", WriterLock.writer_is_alive(entry)))
+    if layout.trash_root.is_dir():
+        found += [Leftover(entry, "trash") for entry in sorted(layout.trash_root.iterdir())]
+    return found

@@ -63,7 +63,7 @@ from distckpt.fsutil import (
     swap_link,
 )
 from distckpt.layout import BEST, LAST, MANIFEST_NAME, RootLayout, parse_step_dir_name
-from distckpt.lock import RootLock, WriterLock
+from distckpt.lock import RootLock, WriterLock, find_leftovers
 from distckpt.manifest import FileRecord, Manifest, check_json_metadata
 from distckpt.results import Checkpoint, CheckpointInfo, SaveResult
 from distckpt.snapshot import SnapshotBuffers
@@ -311,27 +311,21 @@ class CheckpointManager:
             raise RootNotWritable(f"checkpoint root {self.layout.root} is not writable here")
 
     def _remove_leftovers(self) -> list[Path]:
-        """Under the lock: staging dirs whose writer is dead, and anything in the trash.
-        Returns what it removed."""
+        """Under the lock: staging dirs whose writer is dead, orphaned lock files, and the
+        trash. A live writer's staging is never touched. Returns what it removed."""
         removed: list[Path] = []
-        staging = self.layout.staging_root
-        if staging.is_dir():
-            for entry in sorted(staging.iterdir()):
-                if entry.name.endswith(".lock"):
-                    if not entry.with_suffix("").exists() and not WriterLock.writer_is_alive(
-                        entry.with_suffix("")
-                    ):
-                        entry.unlink(missing_ok=True)
-                    continue
-                if WriterLock.writer_is_alive(entry):
-                    logger.info("leaving %s alone: its writer is alive", entry)
-                    continue
-                logger.info("removing %s, left by a writer that died", entry)
-                if self._remove_quietly(entry):
-                    WriterLock(entry).release()
-                    removed.append(entry)
-        if self.layout.trash_root.is_dir():
-            removed += [e for e in self.layout.trash_root.iterdir() if self._remove_quietly(e)]
+        for leftover in find_leftovers(self.layout):
+            if leftover.writer_alive:
+                logger.info("leaving %s alone: its writer is alive", leftover.path)
+            elif leftover.kind == "lock":
+                leftover.path.unlink(missing_ok=True)
+            else:
+                if leftover.kind == "staging":
+                    logger.info("removing %s, left by a writer that died", leftover.path)
+                if self._remove_quietly(leftover.path):
+                    if leftover.kind == "staging":
+                        WriterLock(leftover.path).release()  # removes its lock file
+                    removed.append(leftover.path)
         return removed
 
     def _remove_quietly(self, leftover: Path) -> bool:

@@ -32,6 +32,9 @@ END = "<!-- faults:end -->"
 REPORT_ENV = "DISTCKPT_FAULT_REPORT"
 _ROW = re.compile(r"^\|\s*`([a-z_]+)`\s*\|\s*`([a-z-]+)`")
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import doc_tables  # noqa: E402  (beside this script)
+
 
 def _step(name: str | None) -> str:
     if name is None:
@@ -141,13 +144,11 @@ def run_scenarios(report: Path, workers: int) -> int:
 
 
 def extract_table(doc: str) -> str:
-    start, end = doc.index(START) + len(START), doc.index(END)
-    return doc[start:end].strip("\n") + "\n"
+    return doc_tables.extract_table(doc, START, END)
 
 
 def replace_table(doc: str, table: str) -> str:
-    start, end = doc.index(START) + len(START), doc.index(END)
-    return doc[:start] + "\n" + table + doc[end:]
+    return doc_tables.replace_table(doc, table, START, END)
 
 
 def rows_in_doc(path: Path = DOC) -> set[tuple[str, str]]:

@@ -25,6 +25,9 @@ if str(REPO) not in sys.path:
 
 from tests.hostile_cases import CASES, LINKS, Case  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import doc_tables  # noqa: E402  (beside this script)
+
 
 def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
@@ -71,14 +74,11 @@ def render_table(cases: Sequence[Case]) -> str:
 
 
 def extract_table(doc: str) -> str:
-    """The text between the markers (without the newlines next to them)."""
-    start, end = doc.index(START) + len(START), doc.index(END)
-    return doc[start:end].strip("\n") + "\n"
+    return doc_tables.extract_table(doc, START, END)
 
 
 def replace_table(doc: str, table: str) -> str:
-    start, end = doc.index(START) + len(START), doc.index(END)
-    return doc[:start] + "\n" + table + doc[end:]
+    return doc_tables.replace_table(doc, table, START, END)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -104,7 +104,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from distckpt.coord import Outcome
+from distckpt.coord import Outcome, describe_error
 from distckpt.errors import (
     CheckpointError,
     CorruptCheckpoint,
@@ -226,7 +226,7 @@ class ModelOptimizerState:
         except (RuntimeError, KeyError, ValueError) as exc:
             # torch reports missing/unexpected keys and shape mismatches this way.
             raise InvalidArgument(
-                f"the checkpoint does not fit this model/optimizer: {_first_line(exc)}"
+                f"the checkpoint does not fit this model/optimizer: {describe_error(exc)}"
             ) from exc
 
     def __repr__(self) -> str:
@@ -369,7 +369,7 @@ class _Planner(DefaultLoadPlanner):
                 raise CorruptCheckpoint(f"value {key!r} cannot be unpickled: {exc}") from exc
             raise UnsafeCheckpoint(
                 f"value {key!r} holds objects outside torch's weights-only allow-list, so it "
-                f"was not loaded ({_first_line(exc)}). If you trust this checkpoint, pass "
+                f"was not loaded ({describe_error(exc)}). If you trust this checkpoint, pass "
                 "allow_pickle=True"
             ) from None
         except (RuntimeError, EOFError, ValueError) as exc:
@@ -441,11 +441,6 @@ def _local_bytes(state: Any) -> int:
     return 0
 
 
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
-
-
 def _failures(exc: CheckpointException) -> list[tuple[int, BaseException]]:
     found = []
     for rank, failure in sorted(exc.failures.items()):
@@ -465,7 +460,7 @@ def _raise_from_dcp(
         raise default(f"DCP failed while {action}: {exc}") from None
     ranks = ", ".join(str(rank) for rank, _ in failures)
     first = failures[0][1]
-    details = "; ".join(f"rank {r}: {_first_line(e)}" for r, e in failures)
+    details = "; ".join(f"rank {r}: {describe_error(e)}" for r, e in failures)
     message = f"DCP failed while {action} on rank {ranks}: {details}"
     if isinstance(first, CheckpointError) and not isinstance(first, RankFailure):
         raise type(first)(message) from first
