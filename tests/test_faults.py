@@ -752,13 +752,14 @@ def run_random_kills(
     return tally
 
 
-def test_random_kills(root: Path) -> None:
+@pytest.mark.parametrize(("fmt", "trials"), [("torch", 16), ("dcp", 10)])
+def test_random_kills(root: Path, fmt: str, trials: int) -> None:
     """At least 10 random SIGKILLs (of the whole job, or of one rank) of a job saving in a
     loop: after each, every checkpoint verifies, nothing saved is lost, and the next start
-    cleans up and resumes from the newest step, exactly."""
+    cleans up and resumes from the newest step, exactly. Both formats."""
     seed = int(os.environ.get("DISTCKPT_KILL_SEED", "0"))
-    tally = run_random_kills(root, trials=16, seed=seed, max_seconds=25)
-    print(tally.summary(2, "torch", seed))
+    tally = run_random_kills(root, trials=trials, seed=seed, max_seconds=40, fmt=fmt)
+    print(tally.summary(2, fmt, seed))
     assert tally.problems == [], "\n".join(tally.problems)
-    assert tally.trials >= 10, tally.summary(2, "torch", seed)
+    assert tally.trials >= 10, tally.summary(2, fmt, seed)
     assert tally.job_kills and tally.rank_kills and tally.resumes_checked >= 8
