@@ -15,10 +15,14 @@ import os
 import shutil
 import sys
 import uuid
-import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO, Literal
+
+try:  # the same CRC-32 as zlib's, about six times faster (SIMD); the save computes it inline
+    from zlib_ng.zlib_ng import crc32
+except ImportError:  # pragma: no cover - a platform without zlib-ng wheels
+    from zlib import crc32
 
 logger = logging.getLogger("distckpt")
 
@@ -74,7 +78,7 @@ class ChecksumWriter:
             # error of its own that no longer says "No space left on device".
             self.error = exc
             raise
-        self._crc = zlib.crc32(view, self._crc)
+        self._crc = crc32(view, self._crc)
         self.size += view.nbytes
         return view.nbytes
 
@@ -114,7 +118,7 @@ def file_checksum(
     crc = 0
     with open(path, "rb") as file:
         while chunk := file.read(_READ_CHUNK):
-            crc = zlib.crc32(chunk, crc)
+            crc = crc32(chunk, crc)
             if progress is not None:
                 progress(len(chunk))
     return f"{crc:08x}"

@@ -14,7 +14,6 @@ from __future__ import annotations
 import io
 import pickle
 import re
-import zlib
 from pathlib import Path
 from typing import Any, Callable, ClassVar, NoReturn
 
@@ -31,7 +30,7 @@ from torch.distributed.checkpoint.metadata import (
 )
 
 from distckpt.errors import CorruptCheckpoint, UnsafeCheckpoint
-from distckpt.fsutil import CHECKSUM_ALGORITHM
+from distckpt.fsutil import CHECKSUM_ALGORITHM, crc32
 from distckpt.manifest import Manifest
 
 #: The file rank 0 writes that maps every chunk of every tensor to its bytes.
@@ -118,7 +117,7 @@ def read_metadata(directory: Path, manifest: Manifest, *, allow_pickle: bool = F
     if (
         manifest.checksum_algorithm == CHECKSUM_ALGORITHM
         and record.checksum
-        and f"{zlib.crc32(raw):08x}" != record.checksum
+        and f"{crc32(raw):08x}" != record.checksum
     ):
         raise CorruptCheckpoint(f"{path}: checksum mismatch with the manifest")
     unpickler = pickle.Unpickler if allow_pickle else _MetadataUnpickler
