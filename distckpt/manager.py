@@ -378,7 +378,7 @@ class CheckpointManager:
         link = self.layout.link_path(name)
         target, _ = reader.link_problem(self.layout, name)
         if (link.is_symlink() or link.is_file()) and target is None:
-            logger.warning("removing %s: it names no committed checkpoint", link)
+            logger.info("removing %s: it names no committed checkpoint", link)
             remove_link(link, fsync=self.fsync)
 
     # ------------------------------------------------------------------ schedules
