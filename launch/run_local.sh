@@ -4,6 +4,7 @@
 #
 # Environment:
 #   NPROC            ranks to start (default 2)
+#   SCRIPT           the training script (default launch/train.py; e.g. launch/train_fsdp.py)
 #   PYTHON           the interpreter that has torch and distckpt (default python3)
 #   OMP_NUM_THREADS  threads per rank (default 1: ranks share this machine's cores, and the
 #                    same value across restarts keeps a resumed run bit-exact)
@@ -15,4 +16,4 @@ PYTHON="${PYTHON:-python3}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 # `python -m torch.distributed.run` is torchrun, from the interpreter that has torch.
 exec "$PYTHON" -m torch.distributed.run --standalone --nproc-per-node "${NPROC:-2}" \
-  "$(dirname "$0")/train.py" "$@"
+  "${SCRIPT:-$(dirname "$0")/train.py}" "$@"
