@@ -38,6 +38,19 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def init_gloo(rank: int, world_size: int, port: int, timeout: float) -> None:
+    """Join a gloo process group of ``world_size`` ranks on 127.0.0.1:``port``."""
+    import torch.distributed as dist
+
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world_size,
+        timeout=datetime.timedelta(seconds=timeout),
+    )
+
+
 def _child(
     fn: Callable[..., Any],
     rank: int,
@@ -49,20 +62,13 @@ def _child(
     env: dict[str, str],
 ) -> None:
     import torch
-    import torch.distributed as dist
 
     os.environ.update(env)
     torch.set_num_threads(1)  # forked children must not share the parent's OpenMP pool
     result = RankResult(rank)
     try:
         if world_size > 0:
-            dist.init_process_group(
-                "gloo",
-                init_method=f"tcp://127.0.0.1:{port}",
-                rank=rank,
-                world_size=world_size,
-                timeout=datetime.timedelta(seconds=pg_timeout),
-            )
+            init_gloo(rank, world_size, port, pg_timeout)
         result.value = fn(rank, max(world_size, 1), *args)
     except BaseException as exc:
         result.error_type = type(exc).__name__

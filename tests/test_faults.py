@@ -32,7 +32,6 @@ job saving in a loop at random instants and checks the same after every kill.
 
 from __future__ import annotations
 
-import datetime
 import errno
 import fcntl
 import importlib.util
@@ -55,7 +54,7 @@ import distckpt
 from distckpt import faults, fsutil
 from distckpt.fsutil import read_link
 from distckpt.layout import RootLayout, parse_step_dir_name, step_dir_name
-from tests.ranks import free_port, run_ranks, values
+from tests.ranks import free_port, init_gloo, run_ranks, values
 
 TIMEOUT = 10  # manager collectives and the commit lock: a dead peer must not block for long
 PG_TIMEOUT = 10
@@ -509,13 +508,7 @@ def _saving_loop(
     phase = "init"
     try:
         torch.set_num_threads(1)
-        dist.init_process_group(
-            "gloo",
-            init_method=f"tcp://127.0.0.1:{port}",
-            rank=rank,
-            world_size=world_size,
-            timeout=datetime.timedelta(seconds=PG_TIMEOUT),
-        )
+        init_gloo(rank, world_size, port, PG_TIMEOUT)
         phase = "open"
         with manager(root, format=fmt) as mgr:
             if rank == 0:  # the root is open: leftovers cleaned, links repaired
