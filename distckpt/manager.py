@@ -641,6 +641,12 @@ class CheckpointManager:
             raise
 
     @property
+    def save_in_flight(self) -> bool:
+        """Whether an async save's background write and commit are still running on this rank
+        (not collective; :meth:`wait` blocks until it is done and returns its result)."""
+        return self._inflight is not None and not self._inflight.done()
+
+    @property
     def is_coordinator(self) -> bool:
         """Whether this process is rank 0 of the group, the one that commits."""
         return self._coord.is_coordinator

@@ -13,6 +13,7 @@ dropped; each contender's output is deleted before the next one starts.
     python scripts/bench.py                                      # 1,2,4 ranks x 64,512 MiB
     python scripts/bench.py --world-sizes 2 --mib 512 --rounds 3 --json bench.json
     python scripts/bench.py --contenders raw_torch_save,distckpt_sync_torch --mib 64
+    python scripts/bench.py --contenders train --world-sizes 2 --mib 512   # training slowdown
 
 See docs/benchmark.md for what each contender measures and a run on a small machine.
 """
@@ -53,6 +54,12 @@ TARGET_WORLD, TARGET_MIB = 2, 512
 COORD_LIMIT_S = 0.050
 #: "a small constant": what a sync save may add to the resident size of a rank holding its state
 RSS_LIMIT_MIB = 64.0
+#: The training step of the ``train`` contender: an MLP of TRAIN_DEPTH square layers of
+#: TRAIN_WIDTH (12 MiB of parameters at 3 x 1024) on a batch of TRAIN_BATCH, ~30 ms of compute
+#: on one core, plus an all_reduce of its 12 MiB of gradients; TRAIN_IDLE_STEPS timed steps
+#: without a save per round, and at most TRAIN_MAX_STEPS while one runs.
+TRAIN_WIDTH, TRAIN_DEPTH, TRAIN_BATCH = 1024, 3, 128
+TRAIN_IDLE_STEPS, TRAIN_MAX_STEPS = 12, 2000
 
 CONTENDERS: dict[str, str] = {
     "disk_write": "the disk itself: each rank writes as many bytes as its state in 8 MiB chunks "
@@ -71,6 +78,14 @@ CONTENDERS: dict[str, str] = {
     "= until it returns, .total = until its future is done",
     "copy": "copy_ of every tensor into preallocated buffers: the floor of an async snapshot",
     "crc32": "distckpt's CRC-32 (fsutil.crc32) over the state's bytes, as computed while writing",
+    "train": "a DDP-like CPU training step on every rank (a 3-layer MLP: forward, backward, "
+    "all_reduce of the flat gradients on the default gloo group, SGD): train_idle = its median "
+    "time with no save running; train_during_distckpt_async = the median of the steps run "
+    "after CheckpointManager(async_save=True).save returns until its background save is done "
+    "on every rank; train_during_dcp_async = the same after dcp.async_save (gloo "
+    "process_group) until its future is done; *.save = when that save finished, training "
+    "alongside; *.lost = the training time the save cost (those steps' sum minus as many idle "
+    "steps)",
     "restore": "restore_mmap = restore(step, mmap=True); restore_full = restore(step) (full "
     "read); raw_torch_load(_mmap) = torch.load of the same rank file; all with the page cache "
     "hot from the save; *_cold = the same after evicting the checkpoint's files "
@@ -118,6 +133,13 @@ METRIC_ORDER = (
     "raw_torch_load_mmap",
     "restore_mmap_cold",
     "restore_full_cold",
+    "train_idle",
+    "train_during_distckpt_async",
+    "train_during_dcp_async",
+    "train_during_distckpt_async.save",
+    "train_during_dcp_async.save",
+    "train_during_distckpt_async.lost",
+    "train_during_dcp_async.lost",
 )
 RATIOS = (
     ("distckpt_sync_torch", "raw_torch_save"),
@@ -138,6 +160,12 @@ RATIOS = (
     ("restore_full", "raw_torch_load"),
     ("restore_mmap", "raw_torch_load_mmap"),
     ("restore_mmap_cold", "restore_full_cold"),
+    ("train_during_distckpt_async", "train_idle"),
+    ("train_during_dcp_async", "train_idle"),
+    ("train_during_distckpt_async", "train_during_dcp_async"),
+    ("train_during_distckpt_async.save", "distckpt_async_torch.total"),
+    ("train_during_dcp_async.save", "dcp_async_save.total"),
+    ("train_during_distckpt_async.lost", "train_during_dcp_async.lost"),
 )
 
 
@@ -224,6 +252,59 @@ class Ranks:
                 shutil.rmtree(path, ignore_errors=True)
             os.sync()
         self.barrier()
+
+
+class Trainer:
+    """A DDP-like CPU training step, the same on every rank: an MLP's forward and backward
+    (gradients land in one flat buffer, like DDP's gradient_as_bucket_view), one all_reduce
+    of that buffer on the default gloo group, an SGD step. Its model is separate from the
+    state being saved, which no step touches."""
+
+    def __init__(self, rank: int, world: int) -> None:
+        torch.manual_seed(0)  # the same model on every rank, as DDP broadcasts it
+        layers: list[torch.nn.Module] = []
+        for i in range(TRAIN_DEPTH):
+            layers.append(torch.nn.Linear(TRAIN_WIDTH, TRAIN_WIDTH))
+            if i < TRAIN_DEPTH - 1:
+                layers.append(torch.nn.ReLU())
+        self.model = torch.nn.Sequential(*layers)
+        params = list(self.model.parameters())
+        self.flat = torch.zeros(sum(p.numel() for p in params))
+        offset = 0
+        for param in params:
+            param.grad = self.flat[offset : offset + param.numel()].view_as(param)
+            offset += param.numel()
+        self.optimizer = torch.optim.SGD(params, lr=1e-4)
+        generator = torch.Generator().manual_seed(rank + 1)  # each rank its own batch
+        self.x = torch.randn(TRAIN_BATCH, TRAIN_WIDTH, generator=generator)
+        self.y = torch.randn(TRAIN_BATCH, TRAIN_WIDTH, generator=generator)
+        self.world = world
+        self.flag = torch.zeros(1)
+        self.run(lambda: True, 3)  # warm-up: allocator, autograd, the gloo buffers
+
+    def step(self) -> float:
+        """One training step; its seconds."""
+        started = time.perf_counter()
+        self.flat.zero_()
+        loss = torch.nn.functional.mse_loss(self.model(self.x), self.y)
+        loss.backward()
+        dist.all_reduce(self.flat)
+        self.flat.div_(self.world)
+        self.optimizer.step()
+        return time.perf_counter() - started
+
+    def run(self, busy: Callable[[], bool], limit: int) -> list[float]:
+        """Steps (at least one) while ``busy()`` is true on some rank, at most ``limit``: the
+        ranks decide together after each step, untimed, with a 1-element all_reduce (as
+        they must: each step's all_reduce needs every rank). Returns each step's seconds."""
+        times: list[float] = []
+        while len(times) < limit:
+            times.append(self.step())
+            self.flag.fill_(1.0 if busy() else 0.0)
+            dist.all_reduce(self.flag, op=dist.ReduceOp.MAX)
+            if self.flag.item() == 0.0:
+                break
+        return times
 
 
 def make_state(rank: int, mib: int) -> dict[str, Any]:
@@ -352,7 +433,9 @@ def _main_job(ranks: Ranks, job: dict[str, Any]) -> dict[str, Any] | None:
 
     # -- DCP: its own gloo groups; probed with a tiny state so a failure is a clear skip.
     dcp_group = dist.new_group(backend="gloo") if "dcp_save" in active else None
-    async_group = dist.new_group(backend="gloo") if "dcp_async_save" in active else None
+    dcp_async = {"dcp_async_save", "train"} & set(active)
+    async_group = dist.new_group(backend="gloo") if dcp_async else None
+    dcp_async_ok = bool(dcp_async)
     if "dcp_save" in active:
         probe = ranks.fresh_dir(work / "dcp_probe")
         try:
@@ -362,7 +445,7 @@ def _main_job(ranks: Ranks, job: dict[str, Any]) -> dict[str, Any] | None:
         except ContenderFailed as exc:
             skip("dcp_save", f"dcp.save failed: {exc}")
         ranks.remove(probe)
-    if "dcp_async_save" in active:
+    if dcp_async:
         probe = ranks.fresh_dir(work / "dcp_async_probe")
         try:
             ranks.measure(
@@ -371,7 +454,12 @@ def _main_job(ranks: Ranks, job: dict[str, Any]) -> dict[str, Any] | None:
                 )
             )
         except ContenderFailed as exc:
-            skip("dcp_async_save", f"dcp.async_save failed: {exc}")
+            dcp_async_ok = False
+            why = f"dcp.async_save failed: {exc}"
+            if "dcp_async_save" in active:
+                skip("dcp_async_save", why)
+            if "train" in active:
+                skipped["train_during_dcp_async"] = why
         ranks.remove(probe)
 
     mgr_d = None
@@ -387,8 +475,8 @@ def _main_job(ranks: Ranks, job: dict[str, Any]) -> dict[str, Any] | None:
         except Exception as exc:  # the format is being written concurrently: anything goes
             skip("distckpt_sync_dcp", f"format='dcp' does not work (yet): {_first_line(exc)}")
 
-    mgr_a = None
-    if "distckpt_async_torch" in active:
+    mgr_a = None  # saves step 2r+1 in round r as distckpt_async_torch, 2r+2 under training
+    if {"distckpt_async_torch", "train"} & set(active):
         mgr_a = manager("distckpt_async", format="torch", async_save=True)
         marks = ranks.measure(lambda t0: _async_marks(t0, mgr_a, 0, state))
         _delete(ranks, mgr_a, 0)
@@ -497,10 +585,82 @@ def _main_job(ranks: Ranks, job: dict[str, Any]) -> dict[str, Any] | None:
         if name == "distckpt_async_torch":
             assert mgr_a is not None
             try:
-                return ranks.measure(lambda t0: _async_marks(t0, mgr_a, step, state))
+                return ranks.measure(lambda t0: _async_marks(t0, mgr_a, 2 * r + 1, state))
             finally:
-                _delete(ranks, mgr_a, step)
+                _delete(ranks, mgr_a, 2 * r + 1)
         raise AssertionError(name)
+
+    trainer = Trainer(rank, ranks.world) if "train" in active else None
+    train_steps: dict[str, list[int]] = {}
+
+    def train_during(
+        t0: float, start: Callable[[], tuple[Callable[[], bool], Callable[[], Any]]], idle: float
+    ) -> Marks:
+        """Start a background save (``start`` returns "is it still running?" and "wait for
+        it"), then train until it is done on every rank: the median of those steps; ``save`` =
+        when the save was seen done, to the step (seconds since ``t0``, this rank's); ``lost`` =
+        the training time the save cost, the steps' sum minus as many ``idle`` steps."""
+        assert trainer is not None
+        running, finish = start()
+        done_at: list[float] = []
+
+        def still_running() -> bool:
+            if running():
+                return True
+            if not done_at:
+                done_at.append(time.perf_counter())
+            return False
+
+        steps = trainer.run(still_running, TRAIN_MAX_STEPS)
+        finish()
+        done = done_at[0] if done_at else time.perf_counter()
+        lost = sum(steps) - len(steps) * idle
+        return Marks(
+            {"": statistics.median(steps), "save": done - t0, "lost": lost, "n": len(steps)}
+        )
+
+    def measure_training(r: int) -> None:
+        """Round ``r``'s training measurements: idle steps, then steps during each async save
+        (which of the two goes first alternates from round to round); each save's output is
+        deleted before the next measurement, as for the save contenders."""
+        assert trainer is not None and mgr_a is not None
+        idle = ranks.measure(
+            lambda t0: Marks({"": statistics.median(trainer.run(lambda: True, TRAIN_IDLE_STEPS))})
+        )
+        put(r, "train_idle", idle)
+
+        def distckpt_start() -> tuple[Callable[[], bool], Callable[[], Any]]:
+            mgr_a.save(2 * r + 2, state)
+            return (lambda: mgr_a.save_in_flight), mgr_a.wait
+
+        def with_distckpt() -> None:
+            try:
+                marks = ranks.measure(lambda t0: train_during(t0, distckpt_start, idle[""]))
+            finally:
+                _delete(ranks, mgr_a, 2 * r + 2)
+            record("train_during_distckpt_async", marks)
+
+        def with_dcp() -> None:
+            d = ranks.fresh_dir(work / "train_dcp" / f"round-{r}")
+
+            def dcp_start() -> tuple[Callable[[], bool], Callable[[], Any]]:
+                future = dcp.async_save(state, storage_writer=fsw(d), process_group=async_group)
+                future = getattr(future, "upload_completion", future)
+                return (lambda: not future.done()), future.result
+
+            try:
+                marks = ranks.measure(lambda t0: train_during(t0, dcp_start, idle[""]))
+            finally:
+                ranks.remove(d)
+            record("train_during_dcp_async", marks)
+
+        def record(name: str, marks: dict[str, float]) -> None:
+            train_steps.setdefault(name, [0] * rounds)[r] = int(marks.pop("n"))
+            put(r, name, marks)
+
+        both = [with_distckpt, with_dcp] if dcp_async_ok else [with_distckpt]
+        for run in both[r % len(both) :] + both[: r % len(both)]:
+            run()
 
     order = [name for name in SAVE_CONTENDERS if name in active]
     for r in range(rounds):
@@ -532,8 +692,20 @@ def _main_job(ranks: Ranks, job: dict[str, Any]) -> dict[str, Any] | None:
                 measured = [(ranks.measure(fn), ranks.last_cpu) for _ in range(repeats)]
                 put(r, name, _median_run(ranks, measured))
 
+    # Training last, in rounds of its own: its allocations (gloo's buffers for 12 MiB of
+    # gradients) raise glibc's mmap threshold above the state's 8 MiB tensors, after which a
+    # full restore reuses heap pages instead of faulting fresh ones (2-3x faster here): run
+    # before the other contenders' rounds, it would change what they measure.
+    for r in range(rounds if "train" in active else 0):
+        try:
+            measure_training(r)
+        except ContenderFailed as exc:
+            skip("train", f"failed in round {r}: {exc}")
+            break
     for mgr in managers:
         mgr.close()
+    if train_steps:
+        info["train_steps_during_save"] = train_steps
     if rank != 0:
         return None
     return {"times": times, "cpu": cpu, "skipped": skipped, "info": info}
@@ -780,7 +952,9 @@ def summarize(world: int, mib: int, raw: dict[str, Any]) -> dict[str, Any]:
 
     def user_cpu(metric: str) -> list[float | None] | None:
         base, _, key = metric.partition(".")
-        return user.get(base) if key in ("", "total") else None
+        # A train_* measurement's CPU time covers all its steps (and a save): not per step.
+        whole = key in ("", "total") and not base.startswith("train_")
+        return user.get(base) if whole else None
 
     ratios = {}
     for a, b in RATIOS:
@@ -880,9 +1054,10 @@ def render_config(summary: dict[str, Any], markdown: bool = False) -> list[str]:
             continue
         median = statistics.median(values)
         rate = f"{world * state_mib / median:.0f}" if name in WHOLE_STATE else ""
-        vs_raw = f"{median / raw_median:.2f}x" if raw_median else ""
         base, _, key = name.partition(".")
-        shown = key in ("", "total")
+        training = base.startswith("train_")  # a step, or a save slowed by training
+        vs_raw = f"{median / raw_median:.2f}x" if raw_median and not training else ""
+        shown = key in ("", "total") and not base.startswith("train_")
         user = cpu.get("user", {}).get(base) if shown else None
         system = cpu.get("sys", {}).get(base) if shown else None
         rows.append(
@@ -927,6 +1102,11 @@ def render_config(summary: dict[str, Any], markdown: bool = False) -> list[str]:
     for key in ("distckpt_sync_torch.first_save", "distckpt_async_torch.first_save_blocking"):
         if key in info:
             extra.append(f"{key} (untimed warm-up): {_fmt_s(info[key])}")
+    for name, counts in info.get("train_steps_during_save", {}).items():
+        extra.append(
+            f"{name}: {', '.join(str(c) for c in counts)} training steps per round overlapped "
+            "the save"
+        )
     for name, why in summary["skipped"].items():
         extra.append(f"SKIPPED {name}: {why}")
     lines += [f"* {e}" if markdown else f"  {e}" for e in extra]
@@ -1001,6 +1181,15 @@ def evaluate_targets(
     add("async blocking <= 1.5x copy_ into preallocated buffers", r, 1.5, f"{r or 0:.2f}x", False)
     r = ratio("distckpt_async_torch.blocking / distckpt_sync_torch")
     add("async blocking < 10% of the sync save", r, 0.10, f"{(r or 0) * 100:.1f}%", True)
+    r = ratio("train_during_distckpt_async / train_idle")
+    theirs = ratio("train_during_dcp_async / train_idle")
+    add(
+        "distckpt async training slowdown <= DCP async_save's",
+        r if theirs is not None else None,
+        theirs or 0.0,
+        f"{r or 0:.2f}x vs {theirs or 0:.2f}x",
+        False,
+    )
     rss = chosen["info"].get("rss") if chosen else None
     extra = max(e["extra"] for e in rss) / MIB if rss else None
     add(
@@ -1223,7 +1412,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     continue
                 job_dir = run_dir / f"w{world}-m{mib}"
                 job_dir.mkdir()
-                written = world * mib * (len(SAVE_CONTENDERS) * args.rounds + 4)
+                written = world * mib * ((len(SAVE_CONTENDERS) + 2) * args.rounds + 4)
                 timeout = args.timeout or 300 + written / 20
                 job = {
                     "dir": os.fspath(job_dir),

@@ -7,6 +7,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 
@@ -190,3 +191,27 @@ def test_async_dcp_save_of_fsdp2_model_is_a_snapshot(tmp_path: Path) -> None:
         values(run_ranks(_async_fsdp2, 2, str(tmp_path), timeout=120)) == [(True, True, True)] * 2
     )
     assert distckpt.verify(tmp_path).ok
+
+
+def test_save_in_flight_tells_whether_the_background_save_is_done(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    from distckpt.formats.torch_files import TorchFilesFormat
+
+    release = threading.Event()
+    real_write = TorchFilesFormat.write
+
+    def held_write(self, state, directory, ctx):  # type: ignore[no-untyped-def]
+        release.wait(30)  # the disk is slow: the write is still going on
+        return real_write(self, state, directory, ctx)
+
+    monkeypatch.setattr(TorchFilesFormat, "write", held_write)
+    with distckpt.CheckpointManager(tmp_path, async_save=True, fsync=False) as mgr:
+        assert not mgr.save_in_flight
+        mgr.save(1, {"w": torch.ones(3)})
+        assert mgr.save_in_flight
+        release.set()
+        assert mgr.wait().step == 1
+        assert not mgr.save_in_flight
