@@ -148,27 +148,6 @@ class SaveSchedule:
         return self.every_seconds is not None and now - last_time >= self.every_seconds
 
 
-def schedule_due(
-    schedule: SaveSchedule,
-    step: int,
-    epoch: int | None,
-    *,
-    last_step: int | None,
-    last_epoch: int | None,
-    now: float,
-    last_time: float,
-) -> bool:
-    """True when any part of ``schedule`` is due: counters (see
-    :meth:`SaveSchedule.due_by_counters`) or time (see :meth:`SaveSchedule.due_by_time`)."""
-    return schedule.due_by_counters(
-        step, epoch, last_step=last_step, last_epoch=last_epoch
-    ) or schedule.due_by_time(now, last_time=last_time)
-
-
-# --------------------------------------------------------------------------------------------
-# Retention
-
-
 @dataclass(frozen=True)
 class RetentionPolicy:
     """Which committed checkpoints to keep; everything else may be removed.

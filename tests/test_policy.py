@@ -22,7 +22,6 @@ from distckpt.policy import (
     missing_monitor,
     normalize_metrics,
     rank_by_metric,
-    schedule_due,
     steps_to_keep,
     steps_to_remove,
 )
@@ -122,19 +121,6 @@ def test_time_schedule() -> None:
     assert schedule.due_by_time(130.0, last_time=100.0)
     assert schedule.due_by_time(500.0, last_time=100.0)
     assert not SaveSchedule(every_n_steps=1).due_by_time(1e9, last_time=0.0)
-
-
-def test_schedule_due_combines_counters_and_time() -> None:
-    schedule = SaveSchedule(every_n_steps=100, every_seconds=60.0)
-
-    def due(step: int, now: float) -> bool:
-        return schedule_due(
-            schedule, step, None, last_step=0, last_epoch=None, now=now, last_time=0.0
-        )
-
-    assert not due(50, 10.0)
-    assert due(100, 10.0)
-    assert due(50, 60.0)
 
 
 def test_schedule_flags() -> None:
