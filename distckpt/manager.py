@@ -807,13 +807,27 @@ class CheckpointManager:
             if found is None:
                 return None
             directory, manifest = found
-            outcome, cause = Outcome.of(
+            # Two agreed steps: what each rank can check alone first, then the read, which may
+            # be collective (DCP) and must not start on some ranks while others have failed.
+            prepared, cause = Outcome.of(
                 functools.partial(
-                    reader.read_state,
+                    reader.prepare_read,
                     directory,
                     manifest,
                     rank=self.rank,
                     world_size=self.world_size,
+                    template=state,
+                )
+            )
+            self._coord.agree(
+                Outcome(error=prepared.error, error_type=prepared.error_type),
+                what=f"preparing to restore {directory.name}",
+                cause=cause,
+            )
+            outcome, cause = Outcome.of(
+                functools.partial(
+                    reader.read_state,
+                    prepared.value,
                     template=state,
                     options=options,
                     strict=strict,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -263,21 +264,27 @@ def resolve_path(
     raise CheckpointNotFound(f"no checkpoint at {path}")
 
 
-def read_state(
-    directory: Path,
-    manifest: Manifest,
-    *,
-    rank: int,
-    world_size: int | None,
-    template: Any,
-    options: ReadOptions,
-    strict: bool,
-    coordinator: Coordinator | None = None,
-) -> Checkpoint:
-    """Read one rank's state from a checked checkpoint dir and load it into ``template``.
+@dataclass(frozen=True)
+class PreparedRead:
+    """A checked plan to read one rank's state: everything that can fail without touching
+    the other ranks, done before the format's read (which may be collective)."""
+
+    directory: Path
+    manifest: Manifest
+    rank: int
+    world_size: int
+    plain_template: Any
+
+
+def prepare_read(
+    directory: Path, manifest: Manifest, *, rank: int, world_size: int | None, template: Any
+) -> PreparedRead:
+    """Check that this rank can read ``directory`` and reduce ``template`` to plain data.
 
     ``world_size`` is the number of ranks restoring, or None when a plain process reads one
-    rank's part (then only that the rank exists is checked)."""
+    rank's part (then only that the rank exists is checked). A manager agrees on this step's
+    outcome before any rank starts the read, so a rank failing here alone never leaves the
+    others inside a collective read."""
     fmt = format_named(manifest.format)
     if fmt.fixed_world_size:
         if world_size is not None and world_size != manifest.world_size:
@@ -291,15 +298,29 @@ def read_state(
             raise CheckpointNotFound(
                 f"{directory} has ranks 0..{manifest.world_size - 1}; there is no rank {rank}"
             )
-    ctx = ShardContext(
-        rank=rank,
-        world_size=world_size or manifest.world_size,
-        fsync=False,
-        coordinator=coordinator,
-    )
     plain_template = to_plain(template) if template is not None else None
+    fmt.check_template(directory, plain_template)
+    return PreparedRead(
+        directory, manifest, rank, world_size or manifest.world_size, plain_template
+    )
+
+
+def read_state(
+    prepared: PreparedRead,
+    *,
+    template: Any,
+    options: ReadOptions,
+    strict: bool,
+    coordinator: Coordinator | None = None,
+) -> Checkpoint:
+    """Read one rank's state as :func:`prepare_read` planned, and load it into ``template``."""
+    directory, manifest = prepared.directory, prepared.manifest
+    ctx = ShardContext(
+        rank=prepared.rank, world_size=prepared.world_size, fsync=False, coordinator=coordinator
+    )
+    fmt = format_named(manifest.format)
     try:
-        loaded = fmt.read(directory, manifest, ctx, plain_template, options)
+        loaded = fmt.read(directory, manifest, ctx, prepared.plain_template, options)
     except FileNotFoundError as exc:
         if not directory.exists():
             raise CheckpointVanished(f"{directory} was deleted while it was being read") from exc
@@ -352,15 +373,8 @@ def load_checkpoint(
     for attempt in range(VANISH_RETRIES + 1):
         directory, manifest = resolve_path(Path(os.fspath(path)), checksums=verify)
         try:
-            return read_state(
-                directory,
-                manifest,
-                rank=rank,
-                world_size=None,
-                template=state,
-                options=options,
-                strict=strict,
-            )
+            prepared = prepare_read(directory, manifest, rank=rank, world_size=None, template=state)
+            return read_state(prepared, template=state, options=options, strict=strict)
         except CheckpointVanished:
             if attempt == VANISH_RETRIES or directory == Path(os.path.abspath(path)):
                 raise  # an explicitly named dir that is gone: nothing else to fall back to

@@ -123,3 +123,32 @@ def test_retention_leaves_no_trash_behind(tmp_path: Path) -> None:
         mgr.delete(4)
         assert mgr.steps() == []
     assert list((tmp_path / ".trash").iterdir()) == []
+
+
+def _one_rank_fails_preparing(rank: int, world_size: int, root: str, fmt: str) -> tuple[str, float]:
+    import time
+
+    from tests.test_dcp import fsdp, make_model
+
+    model = fsdp(make_model(0), world_size)
+    state = {"app": distckpt.ModelOptimizerState(model)}
+    with distckpt.CheckpointManager(root, format=fmt, timeout=20) as mgr:
+        mgr.save(1, state)
+        started = time.monotonic()
+        try:
+            # Rank 1 forgets state= (the "dcp" format reads in place): rank 0 alone would
+            # enter DCP's collective read and wait for rank 1 until the timeout.
+            mgr.restore("last", state=state if rank == 0 else None)
+        except distckpt.CheckpointError as exc:
+            return type(exc).__name__, time.monotonic() - started
+    return "no error", 0.0
+
+
+def test_a_rank_failing_to_prepare_a_restore_fails_every_rank_at_once(tmp_path: Path) -> None:
+    import torch._dynamo  # noqa: F401  -- imported once here, not in every forked rank
+
+    from tests.ranks import run_ranks, values
+
+    out = values(run_ranks(_one_rank_fails_preparing, 2, str(tmp_path), "dcp", timeout=60))
+    assert [kind for kind, _ in out] == ["InvalidArgument", "InvalidArgument"]
+    assert all(seconds < 10 for _, seconds in out), out  # well before the 20 s timeout

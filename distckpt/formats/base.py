@@ -59,6 +59,11 @@ class CheckpointFormat(Protocol):
         """Files a complete checkpoint of this format must list in its manifest."""
         ...
 
+    def check_template(self, directory: Path, template: Any) -> None:
+        """Refuse a ``state=`` template this format cannot read into (run on every rank, and
+        agreed on, before :meth:`read`)."""
+        ...
+
     def estimate_bytes(self, state: Any) -> int:
         """Roughly how many bytes ``write`` will put on disk for this rank's ``state``."""
         ...

@@ -558,6 +558,17 @@ class DcpFormat:
         when the rank has nothing to save, since distckpt runs it with one writer thread)."""
         return [METADATA_NAME, *(data_file_name(rank) for rank in range(manifest.world_size))]
 
+    def check_template(self, directory: Path, template: Any) -> None:
+        if template is None:
+            raise InvalidArgument(
+                f"restoring {directory} (format 'dcp') needs state=: DCP loads in place into "
+                "the tensors and DTensors of the state you pass, so pass the same structure "
+                "that was saved (e.g. {'app': ModelOptimizerState(model, optimizer)}); to get "
+                "the whole checkpoint as full tensors in one process, use "
+                "distckpt.export() or distckpt.formats.dcp.load_consolidated()"
+            )
+        _check_keys(template, "restores into")
+
     def estimate_bytes(self, state: Any) -> int:
         # Checked here too: the manager calls this in its proposal round, where an error is
         # agreed by every rank, rather than inside DCP's collectives.
@@ -596,17 +607,9 @@ class DcpFormat:
     ) -> Any:
         """Load into ``template``'s tensors and DTensors with ``dcp.load`` over ``ctx.group``
         (collective); returns the filled template, without the keys the checkpoint lacks."""
-        if template is None:
-            raise InvalidArgument(
-                f"restoring {directory} (format 'dcp') needs state=: DCP loads in place into "
-                "the tensors and DTensors of the state you pass, so pass the same structure "
-                "that was saved (e.g. {'app': ModelOptimizerState(model, optimizer)}); to get "
-                "the whole checkpoint as full tensors in one process, use "
-                "distckpt.export() or distckpt.formats.dcp.load_consolidated()"
-            )
+        self.check_template(directory, template)
 
         def prepare() -> Metadata:
-            _check_keys(template, "restores into")
             return read_metadata(directory, manifest, allow_pickle=options.allow_pickle)
 
         metadata = _agreed(ctx, prepare, f"reading {directory.name}'s DCP metadata")

@@ -84,6 +84,9 @@ class TorchFilesFormat:
     def required_files(self, manifest: Manifest) -> list[str]:
         return [rank_file_name(rank) for rank in range(manifest.world_size)]
 
+    def check_template(self, directory: Path, template: Any) -> None:
+        pass  # a rank file is read whole; any template (or none) will do
+
     def estimate_bytes(self, state: Any) -> int:
         return tensor_bytes(state) + _OVERHEAD_BYTES
 
