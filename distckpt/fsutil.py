@@ -9,6 +9,7 @@ either the old or the new state under each final name, never a partial one.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import logging
 import os
@@ -158,6 +159,50 @@ def rename_dir(src: Path, dst: Path, *, fsync: bool) -> None:
         fsync_dir(dst.parent)
         if src.parent != dst.parent:
             fsync_dir(src.parent)
+
+
+_RENAME_EXCHANGE = 2  # linux/fs.h
+_AT_FDCWD = -100
+
+
+def _renameat2() -> Callable[..., int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        function = libc.renameat2
+    except (OSError, AttributeError):  # glibc older than 2.28, or not glibc
+        return None
+    function.argtypes = [
+        ctypes.c_int,
+        ctypes.c_char_p,
+        ctypes.c_int,
+        ctypes.c_char_p,
+        ctypes.c_uint,
+    ]
+    function.restype = ctypes.c_int
+    return function
+
+
+_RENAMEAT2 = _renameat2()
+
+
+def exchange_dirs(a: Path, b: Path, *, fsync: bool) -> bool:
+    """Swap two directories' names in one atomic step (Linux ``renameat2`` with
+    ``RENAME_EXCHANGE``), so that each name always holds one of them. Returns False, having
+    changed nothing, where the platform or filesystem cannot (NFS, older kernels, not Linux)."""
+    if _RENAMEAT2 is None:
+        return False
+    if _RENAMEAT2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) != 0:
+        code = ctypes.get_errno()
+        if code in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
+            return False
+        raise OSError(code, os.strerror(code), os.fspath(a), None, os.fspath(b))
+    if fsync:
+        fsync_dir(a.parent)
+        if b.parent != a.parent:
+            fsync_dir(b.parent)
+    return True
 
 
 def move_to_trash(path: Path, trash_root: Path, *, fsync: bool) -> Path | None:

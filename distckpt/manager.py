@@ -53,7 +53,9 @@ from distckpt.fsutil import (
     ChecksumWriter,
     LinkMode,
     atomic_write_bytes,
+    exchange_dirs,
     free_bytes,
+    fsync_dir,
     move_to_trash,
     probe_writable,
     read_link,
@@ -697,12 +699,11 @@ class CheckpointManager:
             faults.hit("before_manifest", self.rank)
             atomic_write_bytes(staging / MANIFEST_NAME, manifest.to_json(), fsync=self.fsync)
             faults.hit("after_manifest", self.rank)
-            if final.exists() and overwrite:
-                # The one window with no step-N: between these two renames (a crash there
-                # leaves the old checkpoint in the trash and "last" on the one before).
-                move_to_trash(final, self.layout.trash_root, fsync=self.fsync)
             faults.hit("before_rename", self.rank)
-            rename_dir(staging, final, fsync=self.fsync)
+            if final.exists() and overwrite:
+                self._replace_committed(staging, final)
+            else:
+                rename_dir(staging, final, fsync=self.fsync)
             # Committed: the dir is the truth from here on. A failure to update the derived
             # links or to apply retention must not report the save as failed; both are redone
             # at the next commit or manager start.
@@ -726,6 +727,18 @@ class CheckpointManager:
             )
             self._warned_missing_monitor = True
         return SaveResult(manifest.step, final, manifest.epoch, dict(manifest.metrics))
+
+    def _replace_committed(self, staging: Path, final: Path) -> None:
+        """``overwrite=True``: put the new checkpoint under ``final`` in place of the old one.
+        Where the filesystem can swap two names atomically, ``final`` always holds a whole
+        checkpoint, old or new; elsewhere there is a window between two renames in which it
+        holds neither (a crash there leaves the old one in the trash)."""
+        if self.fsync:
+            fsync_dir(staging)
+        if exchange_dirs(staging, final, fsync=self.fsync):
+            return  # the old one is now the staging dir, removed after the commit as usual
+        move_to_trash(final, self.layout.trash_root, fsync=self.fsync)
+        rename_dir(staging, final, fsync=self.fsync)
 
     def _apply_retention(self, records: list[policy.CheckpointRecord]) -> list[int]:
         """Under the lock: remove what the retention rules do not keep; returns those steps."""

@@ -152,3 +152,53 @@ def test_a_rank_failing_to_prepare_a_restore_fails_every_rank_at_once(tmp_path: 
     out = values(run_ranks(_one_rank_fails_preparing, 2, str(tmp_path), "dcp", timeout=60))
     assert [kind for kind, _ in out] == ["InvalidArgument", "InvalidArgument"]
     assert all(seconds < 10 for _, seconds in out), out  # well before the 20 s timeout
+
+
+@pytest.mark.parametrize("exchange", [True, False], ids=["atomic-exchange", "two-renames"])
+def test_overwrite_replaces_the_committed_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, exchange: bool
+) -> None:
+    from distckpt import fsutil, manager
+
+    if not exchange:  # a filesystem that cannot swap two names (NFS, an older kernel)
+        monkeypatch.setattr(manager, "exchange_dirs", lambda a, b, fsync: False)
+    elif not fsutil.exchange_dirs(*_two_dirs(tmp_path / "probe"), fsync=False):
+        pytest.skip("renameat2(RENAME_EXCHANGE) is not supported here")
+    with distckpt.CheckpointManager(tmp_path / "root", fsync=False) as mgr:
+        mgr.save(1, {"v": 1})
+        mgr.save(2, {"v": 2})
+        mgr.save(2, {"v": 3}, overwrite=True)
+        assert mgr.restore(2).state["v"] == 3
+        assert mgr.steps() == [1, 2]
+    assert distckpt.verify(tmp_path / "root").ok
+    trash = tmp_path / "root" / ".trash"
+    assert not trash.exists() or list(trash.iterdir()) == []
+    assert not any(p.is_dir() for p in (tmp_path / "root" / ".staging").iterdir())
+
+
+def _killed_right_after_the_exchange(rank: int, world_size: int, root: str) -> None:
+    with distckpt.CheckpointManager(root, fsync=False) as mgr:
+        mgr.save(2, {"v": 2})
+        faults.arm("after_rename", "kill")  # after the exchange: the commit point
+        mgr.save(2, {"v": 3}, overwrite=True)
+
+
+def test_overwrite_killed_after_the_exchange_keeps_the_new_checkpoint(tmp_path: Path) -> None:
+    from distckpt import fsutil
+    from tests.ranks import run_ranks
+
+    if not fsutil.exchange_dirs(*_two_dirs(tmp_path / "probe"), fsync=False):
+        pytest.skip("renameat2(RENAME_EXCHANGE) is not supported here")
+    root = tmp_path / "root"
+    assert run_ranks(_killed_right_after_the_exchange, 0, str(root), expect_killed=True) == []
+    assert distckpt.load_checkpoint(root / "step-00000002").state["v"] == 3
+    with distckpt.CheckpointManager(root) as mgr:  # the next start removes the old one
+        assert mgr.restore("last").state["v"] == 3
+    assert not any(p.is_dir() for p in (root / ".staging").iterdir())
+    assert distckpt.verify(root).ok
+
+
+def _two_dirs(parent: Path) -> tuple[Path, Path]:
+    (parent / "a").mkdir(parents=True)
+    (parent / "b").mkdir()
+    return parent / "a", parent / "b"
