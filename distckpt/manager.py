@@ -47,7 +47,13 @@ from distckpt.errors import (
     InvalidStep,
     RootNotWritable,
 )
-from distckpt.formats import FORMAT_NAMES, ReadOptions, ShardContext, format_named
+from distckpt.formats import (
+    FORMAT_NAMES,
+    CheckpointFormat,
+    ReadOptions,
+    ShardContext,
+    format_named,
+)
 from distckpt.fsutil import (
     LINK_MODES,
     ChecksumWriter,
@@ -530,7 +536,7 @@ class CheckpointManager:
             if not self.is_coordinator:
                 return proposal
             plan.metadata = check_json_metadata(metadata)
-            plan.files = _check_extra_files(files)
+            plan.files = _check_extra_files(files, self._format)
             existing = self._check_step_on_disk(step, overwrite, decision)
             if existing is not None:
                 return replace(proposal, existing=existing)
@@ -1029,22 +1035,21 @@ def _mib(n: float) -> str:
     return f"{n / (1 << 20):.1f} MiB"
 
 
-_RESERVED_NAMES = (MANIFEST_NAME, ".metadata")
-
-
-def _check_extra_files(files: Mapping[str, ExtraFile] | None) -> dict[str, ExtraFile]:
-    """The extra files to store, checked: plain names that clash with nothing, existing
-    sources."""
+def _check_extra_files(
+    files: Mapping[str, ExtraFile] | None, fmt: CheckpointFormat
+) -> dict[str, ExtraFile]:
+    """The extra files to store, checked: plain names that clash with none of the
+    checkpoint's own files, existing sources."""
     for name, content in (files or {}).items():
         if (
             not isinstance(name, str)
             or not name
             or "/" in name
             or "\\" in name
-            or name in (".", "..")
-            or name in _RESERVED_NAMES
-            or name.startswith(("rank-", "__"))
-            or name.endswith((".distcp", ".lock"))
+            or "\0" in name
+            or name in (".", "..", MANIFEST_NAME)
+            or name.endswith(".lock")
+            or fmt.owns_file(name)
         ):
             raise InvalidArgument(
                 f"extra file name {name!r} is not allowed: use a plain file name that does not "

@@ -202,3 +202,28 @@ def _two_dirs(parent: Path) -> tuple[Path, Path]:
     (parent / "a").mkdir(parents=True)
     (parent / "b").mkdir()
     return parent / "a", parent / "b"
+
+
+@pytest.mark.parametrize(
+    ("fmt", "name", "allowed"),
+    [
+        ("torch", "rank-00000.pt", False),
+        ("torch", "manifest.json", False),
+        ("torch", "sub/dir.txt", False),
+        ("torch", "config.json", True),
+        ("dcp", ".metadata", False),
+        ("dcp", "__0_0.distcp", False),
+        ("dcp", "rank-00000.pt", True),  # not a dcp checkpoint's own file
+    ],
+)
+def test_extra_files_may_not_take_the_formats_own_names(
+    tmp_path: Path, fmt: str, name: str, allowed: bool
+) -> None:
+    with distckpt.CheckpointManager(tmp_path, format=fmt, fsync=False) as mgr:
+        if allowed:
+            mgr.save(1, {"a": torch.ones(2)}, files={name: b"x"})
+            assert (tmp_path / "step-00000001" / name).read_bytes() == b"x"
+        else:
+            with pytest.raises(distckpt.InvalidArgument):
+                mgr.save(1, {"a": torch.ones(2)}, files={name: b"x"})
+            assert mgr.steps() == []

@@ -59,6 +59,11 @@ class CheckpointFormat(Protocol):
         """Files a complete checkpoint of this format must list in its manifest."""
         ...
 
+    def owns_file(self, name: str) -> bool:
+        """Whether ``name`` is, or could be, one of this format's own files in a checkpoint
+        dir (extra files must not take such a name)."""
+        ...
+
     def check_template(self, directory: Path, template: Any) -> None:
         """Refuse a ``state=`` template this format cannot read into (run on every rank, and
         agreed on, before :meth:`read`)."""

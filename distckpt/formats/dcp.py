@@ -558,6 +558,9 @@ class DcpFormat:
         when the rank has nothing to save, since distckpt runs it with one writer thread)."""
         return [METADATA_NAME, *(data_file_name(rank) for rank in range(manifest.world_size))]
 
+    def owns_file(self, name: str) -> bool:
+        return name in (METADATA_NAME, METADATA_NAME + ".tmp") or bool(DATA_FILE_RE.match(name))
+
     def check_template(self, directory: Path, template: Any) -> None:
         if template is None:
             raise InvalidArgument(

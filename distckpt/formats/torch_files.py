@@ -21,7 +21,7 @@ import torch
 from distckpt.errors import CorruptCheckpoint, UnsafeCheckpoint
 from distckpt.formats.base import ReadOptions, ShardContext
 from distckpt.fsutil import ChecksumWriter
-from distckpt.layout import rank_file_name
+from distckpt.layout import parse_rank_file_name, rank_file_name
 from distckpt.manifest import FileRecord, Manifest
 
 # Pickle framing, object headers and the zip container around tensor data.
@@ -83,6 +83,9 @@ class TorchFilesFormat:
 
     def required_files(self, manifest: Manifest) -> list[str]:
         return [rank_file_name(rank) for rank in range(manifest.world_size)]
+
+    def owns_file(self, name: str) -> bool:
+        return parse_rank_file_name(name) is not None
 
     def check_template(self, directory: Path, template: Any) -> None:
         pass  # a rank file is read whole; any template (or none) will do
