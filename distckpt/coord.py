@@ -176,10 +176,6 @@ class Coordinator:
             raise
         return shared.unwrap(what=what, cause=cause)
 
-    def barrier(self, *, what: str) -> None:
-        if self._group is not None:
-            self._run(what, lambda: dist.barrier(group=self._group))
-
     def spawn(self) -> Coordinator:
         """Another coordinator over the same ranks on a group of its own (for a background
         thread whose collectives must never interleave with this one's). Collective."""

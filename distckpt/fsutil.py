@@ -37,10 +37,6 @@ _READ_CHUNK = 8 << 20
 _SYMLINK_REFUSED = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS, errno.EACCES}
 
 
-def fsync_fd(fd: int) -> None:
-    os.fsync(fd)
-
-
 def fsync_dir(path: str | os.PathLike[str]) -> None:
     """Make a directory's entries (creations, renames, deletions) durable."""
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))

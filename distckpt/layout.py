@@ -109,8 +109,3 @@ class RootLayout:
             if step is not None and entry.is_dir(follow_symlinks=False):
                 steps.append(step)
         return sorted(steps)
-
-    def contains(self, path: Path) -> bool:
-        """Whether ``path`` (resolved) lies directly inside the root: the only place a link
-        may point."""
-        return path.parent == self.root.resolve()

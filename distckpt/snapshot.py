@@ -45,10 +45,6 @@ class SnapshotBuffers:
             del self._buffers[key]
         return copied
 
-    @property
-    def nbytes(self) -> int:
-        return sum(b.untyped_storage().nbytes() for b in self._buffers.values())
-
     def _buffer_for(self, key: tuple[Any, ...], tensor: torch.Tensor) -> torch.Tensor:
         buffer = self._buffers.get(key)
         if buffer is None or buffer.shape != tensor.shape or buffer.dtype != tensor.dtype:
