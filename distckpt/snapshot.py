@@ -10,21 +10,12 @@ the same mesh and placements.
 from __future__ import annotations
 
 import copy
-import sys
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 
-
-def _dtensor_type() -> type | None:
-    """DTensor's class if its module is loaded. A DTensor can only exist once it is, and
-    importing it costs half a second, which a job without DTensors should not pay."""
-    for name in ("torch.distributed.tensor", "torch.distributed._tensor"):
-        module = sys.modules.get(name)
-        if module is not None and hasattr(module, "DTensor"):
-            return module.DTensor
-    return None
+from distckpt.state import dtensor_type
 
 
 class SnapshotBuffers:
@@ -38,7 +29,7 @@ class SnapshotBuffers:
     def snapshot(self, state: Any) -> Any:
         """A copy of ``state`` (plain data and tensors) sharing no memory with it."""
         seen: set[tuple[Any, ...]] = set()
-        self._dtensor = _dtensor_type()
+        self._dtensor = dtensor_type()
         copied = self._copy(state, (), seen)
         # Drop buffers of tensors that are gone, so a changed state does not pin old memory.
         for key in set(self._buffers) - seen:

@@ -9,6 +9,7 @@ tensors are copied into, and plain values are returned in the result.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,6 +17,44 @@ from typing import Any
 import torch
 
 from distckpt.errors import InvalidArgument
+
+
+def dtensor_type() -> type | None:
+    """DTensor's class if its module is loaded. A DTensor can only exist once it is, and
+    importing it costs half a second, which a job without DTensors should not pay."""
+    for name in ("torch.distributed.tensor", "torch.distributed._tensor"):
+        module = sys.modules.get(name)
+        if module is not None and hasattr(module, "DTensor"):
+            return module.DTensor
+    return None
+
+
+def tensor_bytes(state: Any) -> int:
+    """Bytes of tensor data this rank holds in a nested state: a DTensor counts its local
+    shard, and each storage is counted once."""
+    dtensor = dtensor_type()
+    seen: set[tuple[int, int]] = set()
+    total = 0
+
+    def visit(value: Any) -> None:
+        nonlocal total
+        if dtensor is not None and isinstance(value, dtensor):
+            value = value.to_local()
+        if isinstance(value, torch.Tensor):
+            storage = value.untyped_storage()
+            key = (storage.data_ptr(), storage.nbytes())
+            if key not in seen:
+                seen.add(key)
+                total += storage.nbytes()
+        elif isinstance(value, Mapping):
+            for item in value.values():
+                visit(item)
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                visit(item)
+
+    visit(state)
+    return total
 
 
 def is_stateful(value: Any) -> bool:

@@ -116,11 +116,7 @@ from distckpt.formats.base import ReadOptions, ShardContext
 from distckpt.formats.dcp_metadata import DATA_FILE_RE, METADATA_NAME, read_metadata
 from distckpt.fsutil import ChecksumWriter
 from distckpt.manifest import FileRecord, Manifest
-
-try:  # torch >= 2.1; DTensor is only needed to size shards
-    from torch.distributed.tensor import DTensor
-except ImportError:  # pragma: no cover - older torch
-    from torch.distributed._tensor import DTensor  # type: ignore[no-redef]
+from distckpt.state import tensor_bytes
 
 __all__ = [
     "DcpFormat",
@@ -428,19 +424,6 @@ def _remove_path(root: Any, path: tuple[Any, ...]) -> bool:
     return False  # an item of a list or tuple cannot be dropped without shifting the rest
 
 
-def _local_bytes(state: Any) -> int:
-    if isinstance(state, DTensor):
-        local = state.to_local()
-        return local.numel() * local.element_size()
-    if isinstance(state, torch.Tensor):
-        return state.numel() * state.element_size()
-    if isinstance(state, Mapping):
-        return sum(_local_bytes(value) for value in state.values())
-    if isinstance(state, (list, tuple)):
-        return sum(_local_bytes(value) for value in state)
-    return 0
-
-
 def _failures(exc: CheckpointException) -> list[tuple[int, BaseException]]:
     found = []
     for rank, failure in sorted(exc.failures.items()):
@@ -577,7 +560,7 @@ class DcpFormat:
         # agreed by every rank, rather than inside DCP's collectives.
         _check_saveable(state)
         # Local shards only: replicated values are written by one rank, so this over-counts.
-        return _local_bytes(state) + _OVERHEAD_BYTES
+        return tensor_bytes(state) + _OVERHEAD_BYTES
 
     def write(self, state: Any, directory: Path, ctx: ShardContext) -> Mapping[str, FileRecord]:
         """Save this rank's part with ``dcp.save`` over ``ctx.group``; collective. Returns the

@@ -23,33 +23,10 @@ from distckpt.formats.base import ReadOptions, ShardContext
 from distckpt.fsutil import ChecksumWriter
 from distckpt.layout import parse_rank_file_name, rank_file_name
 from distckpt.manifest import FileRecord, Manifest
+from distckpt.state import tensor_bytes
 
 # Pickle framing, object headers and the zip container around tensor data.
 _OVERHEAD_BYTES = 64 << 10
-
-
-def tensor_bytes(state: Any) -> int:
-    """Bytes of tensor data in a nested state, each storage counted once."""
-    seen: set[tuple[int, int]] = set()
-    total = 0
-
-    def visit(value: Any) -> None:
-        nonlocal total
-        if isinstance(value, torch.Tensor):
-            storage = value.untyped_storage()
-            key = (storage.data_ptr(), storage.nbytes())
-            if key not in seen:
-                seen.add(key)
-                total += storage.nbytes()
-        elif isinstance(value, Mapping):
-            for item in value.values():
-                visit(item)
-        elif isinstance(value, (list, tuple)):
-            for item in value:
-                visit(item)
-
-    visit(state)
-    return total
 
 
 def safe_torch_load(source: Path, options: ReadOptions) -> Any:
