@@ -147,10 +147,6 @@ def extract_table(doc: str) -> str:
     return doc_tables.extract_table(doc, START, END)
 
 
-def replace_table(doc: str, table: str) -> str:
-    return doc_tables.replace_table(doc, table, START, END)
-
-
 def rows_in_doc(path: Path = DOC) -> set[tuple[str, str]]:
     """The (point, mode) pairs the committed doc's table has a row for."""
     rows = set()
@@ -187,13 +183,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.write:
         sys.stdout.write(table)
         return status
-    doc = DOC.read_text(encoding="utf-8")
-    updated = replace_table(doc, table)
-    if updated != doc:
-        DOC.write_text(updated, encoding="utf-8")
-        print(f"updated {DOC.relative_to(REPO)} ({len(records)} scenarios)")
-    else:
-        print(f"{DOC.relative_to(REPO)} is up to date ({len(records)} scenarios)")
+    doc_tables.write_table(DOC, table, START, END, what=f"{len(records)} scenarios")
     return status
 
 

@@ -77,10 +77,6 @@ def extract_table(doc: str) -> str:
     return doc_tables.extract_table(doc, START, END)
 
 
-def replace_table(doc: str, table: str) -> str:
-    return doc_tables.replace_table(doc, table, START, END)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--write", action="store_true", help="update docs/verification.md")
@@ -89,13 +85,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.write:
         sys.stdout.write(table)
         return 0
-    doc = DOC.read_text(encoding="utf-8")
-    updated = replace_table(doc, table)
-    if updated != doc:
-        DOC.write_text(updated, encoding="utf-8")
-        print(f"updated {DOC.relative_to(REPO)} ({len(CASES)} cases)")
-    else:
-        print(f"{DOC.relative_to(REPO)} is up to date ({len(CASES)} cases)")
+    doc_tables.write_table(DOC, table, START, END, what=f"{len(CASES)} cases")
     return 0
 
 
