@@ -14,22 +14,40 @@ Guarantees the manager relies on:
 * Retention never removes the newest checkpoint, the best one (by ``monitor``), or any step the
   caller marks as protected; records whose monitored metric is missing, NaN or infinite are never
   ranked, so never "best", but other rules can still keep them.
+* Retention is a function of the records alone (creation times come from the manifests), so a
+  restarted run rebuilds the same decisions, and applying it to what it kept removes nothing more.
+* A schedule's save that ``min_seconds_between_saves`` holds back is deferred, not lost: the
+  caller does not advance ``last_step`` / ``last_time``, so the schedule is still due next call.
 
-This module must not import torch or NumPy: metric values are converted by duck typing.
+This module must not import torch or NumPy: metrics reach it as the floats a manifest stores
+(:mod:`distckpt.metrics` converts the user's values).
 """
 
 from __future__ import annotations
 
+import bisect
+import datetime
 import math
-import numbers
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Protocol
 
 from distckpt.errors import InvalidArgument
 
+# Re-exported while the manager still calls it here; distckpt.metrics is its home.
+from distckpt.metrics import normalize_metrics as normalize_metrics
+
 Mode = Literal["min", "max"]
 MODES: tuple[str, ...] = ("min", "max")
+
+
+def _refused(name: str, value: object, expected: str) -> InvalidArgument:
+    """The error for an option ``value`` that is not ``expected`` (nor None). Zero gets its own
+    message: other libraries (Lightning's ``every_n_train_steps=0``, ``save_top_k=0``) use it to
+    turn an option off, which here is None."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value == 0:
+        return InvalidArgument(f"{name}=0 is not accepted: use None to turn it off")
+    return InvalidArgument(f"{name} must be {expected} or None, got {value!r}")
 
 
 def _check_positive_int(name: str, value: object) -> None:
@@ -37,7 +55,7 @@ def _check_positive_int(name: str, value: object) -> None:
     if value is None:
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise InvalidArgument(f"{name} must be a positive int or None, got {value!r}")
+        raise _refused(name, value, "a positive int")
 
 
 def _check_positive_seconds(name: str, value: object) -> None:
@@ -50,11 +68,54 @@ def _check_positive_seconds(name: str, value: object) -> None:
         or not math.isfinite(value)
         or value <= 0
     ):
-        raise InvalidArgument(f"{name} must be a positive, finite number of seconds, got {value!r}")
+        raise _refused(name, value, "a positive, finite number of seconds")
+
+
+def _checked_steps(name: str, value: object) -> tuple[int, ...]:
+    """``value`` (None or a collection of ints >= 0) as a sorted tuple without repeats."""
+    if value is None:
+        return ()
+    if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Iterable):
+        raise InvalidArgument(f"{name} must be a collection of steps, got {value!r}")
+    steps = tuple(value)
+    for step in steps:
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise InvalidArgument(f"{name} must hold ints >= 0, got {step!r}")
+    return tuple(sorted(set(steps)))
 
 
 # --------------------------------------------------------------------------------------------
 # Records
+
+
+class ManifestFacts(Protocol):
+    """What a record is built from: the fields of :class:`distckpt.manifest.Manifest` it reads."""
+
+    @property
+    def step(self) -> int: ...
+    @property
+    def epoch(self) -> int | None: ...
+    @property
+    def metrics(self) -> Mapping[str, float]: ...
+    @property
+    def created_utc(self) -> str: ...
+
+
+def parse_created_utc(text: object) -> float | None:
+    """A manifest's ``created_utc`` (ISO 8601, as ``datetime.isoformat`` writes it) as seconds
+    since the epoch; a trailing ``Z`` or no offset at all means UTC. None when it is not a str
+    or does not parse: such a record is never kept by time."""
+    if not isinstance(text, str):
+        return None
+    if text[-1:] in ("Z", "z"):
+        text = text[:-1] + "+00:00"  # fromisoformat reads "Z" only from Python 3.11
+    try:
+        moment = datetime.datetime.fromisoformat(text)
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=datetime.timezone.utc)
+        return moment.timestamp()
+    except (ValueError, OverflowError, OSError):
+        return None
 
 
 @dataclass(frozen=True)
@@ -62,12 +123,24 @@ class CheckpointRecord:
     """Plain facts about one committed checkpoint, as read from its manifest.
 
     ``metrics`` holds floats and may include NaN or infinities; such values are kept as facts
-    but never ranked (see :func:`metric_value`).
+    but never ranked (see :func:`metric_value`). ``created`` is when rank 0 wrote the manifest,
+    in seconds since the epoch (None when unknown); only ``keep_every_n_seconds`` reads it.
     """
 
     step: int
     epoch: int | None = None
     metrics: Mapping[str, float] = field(default_factory=dict)
+    created: float | None = None
+
+    @classmethod
+    def from_manifest(cls, manifest: ManifestFacts) -> CheckpointRecord:
+        """The record of a committed checkpoint's manifest: the one way records are built."""
+        return cls(
+            step=manifest.step,
+            epoch=manifest.epoch,
+            metrics=manifest.metrics,
+            created=parse_created_utc(manifest.created_utc),
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -86,39 +159,60 @@ def crossed_multiple(value: int, last: int | None, n: int) -> bool:
     return value // n > (last or 0) // n
 
 
+def reached_listed_step(step: int, last: int | None, listed: tuple[int, ...]) -> bool:
+    """True when ``step`` has reached or crossed one of the ascending ``listed`` steps since
+    ``last``: some ``s`` with ``last < s <= step`` (None means no save yet: any ``s <= step``).
+    The same crossing rule as :func:`crossed_multiple`, for a list instead of multiples."""
+    following = 0 if last is None else bisect.bisect_right(listed, last)
+    return following < len(listed) and listed[following] <= step
+
+
 @dataclass(frozen=True)
 class SaveSchedule:
-    """When to save: every ``n`` steps, every ``n`` epochs, every so many seconds, in any
-    combination. A save is due when *any* of the given schedules is due.
+    """When to save: every ``n`` steps, every ``n`` epochs, every so many seconds, at listed
+    steps, in any combination; a save is due when *any* of the given schedules is due. Then
+    ``min_seconds_between_saves`` may hold back a save (:meth:`throttled`).
 
-    Counter schedules are judged on local, deterministic counters, so every rank reaches the
-    same answer on its own. The time schedule is not (ranks' clocks and progress differ), so
-    when it is set (:attr:`needs_agreement`) the ranks must agree on the decision collectively.
+    Counter schedules (steps, epochs, listed steps) are judged on local, deterministic
+    counters, so every rank reaches the same answer on its own. Time decisions are not (ranks'
+    clocks and progress differ), so when one is set (:attr:`needs_agreement`) the ranks must
+    agree on rank 0's answer collectively.
+
+    ``save_on_steps`` takes any collection of ints >= 0 (None or empty for none) and is stored
+    as a sorted tuple without repeats.
     """
 
     every_n_steps: int | None = None
     every_n_epochs: int | None = None
     every_seconds: float | None = None
+    save_on_steps: Collection[int] = ()
+    min_seconds_between_saves: float | None = None
 
     def __post_init__(self) -> None:
         _check_positive_int("every_n_steps", self.every_n_steps)
         _check_positive_int("every_n_epochs", self.every_n_epochs)
         _check_positive_seconds("every_seconds", self.every_seconds)
+        _check_positive_seconds("min_seconds_between_saves", self.min_seconds_between_saves)
+        # Frozen: the normalized tuple replaces what was given, once, here.
+        object.__setattr__(
+            self, "save_on_steps", _checked_steps("save_on_steps", self.save_on_steps)
+        )
 
     @property
     def is_set(self) -> bool:
-        """True when at least one schedule is given."""
+        """True when at least one schedule is given (the throttle alone is not a schedule)."""
         return (
             self.every_n_steps is not None
             or self.every_n_epochs is not None
             or self.every_seconds is not None
+            or bool(self.save_on_steps)
         )
 
     @property
     def needs_agreement(self) -> bool:
-        """True when the time schedule is set: its decision differs across ranks unless one
-        rank decides and the others follow."""
-        return self.every_seconds is not None
+        """True when a time decision is set (``every_seconds`` or ``min_seconds_between_saves``):
+        it differs across ranks unless one rank decides and the others follow."""
+        return self.every_seconds is not None or self.min_seconds_between_saves is not None
 
     def due_by_counters(
         self,
@@ -128,13 +222,17 @@ class SaveSchedule:
         last_step: int | None,
         last_epoch: int | None,
     ) -> bool:
-        """True when the step schedule or the epoch schedule is due.
+        """True when the step, listed-steps or epoch schedule is due.
 
         The step schedule fires when ``step`` crosses a multiple of ``every_n_steps`` since
-        ``last_step``; the epoch schedule likewise on ``epoch`` and ``last_epoch``, and never
-        when ``epoch`` is None. ``last_*`` None means "since 0". False when neither is set.
+        ``last_step``; ``save_on_steps`` when ``step`` reaches or crosses a listed step since
+        ``last_step`` (:func:`reached_listed_step`); the epoch schedule likewise on ``epoch``
+        and ``last_epoch``, and never when ``epoch`` is None. ``last_*`` None means no save yet.
+        False when none is set.
         """
         if self.every_n_steps is not None and crossed_multiple(step, last_step, self.every_n_steps):
+            return True
+        if reached_listed_step(step, last_step, tuple(self.save_on_steps)):
             return True
         return (
             self.every_n_epochs is not None
@@ -147,6 +245,21 @@ class SaveSchedule:
         ``last_time`` (both on the same monotonic clock, read by the caller)."""
         return self.every_seconds is not None and now - last_time >= self.every_seconds
 
+    def throttled(self, now: float, *, last_started: float | None, in_flight: bool) -> bool:
+        """True when ``min_seconds_between_saves`` holds a save back: an async save is still in
+        flight, or less than that many seconds have passed since the previous save of any kind
+        *began* (``last_started``, on the same monotonic clock as ``now``; None when no save
+        began in this process). Always False when the option is not set.
+
+        Consult it only for saves a schedule or a plain ``save()`` asks for, never for a forced
+        or preemption save. It is a time decision: rank 0's answer counts for every rank.
+        """
+        if self.min_seconds_between_saves is None:
+            return False
+        if in_flight:
+            return True
+        return last_started is not None and now - last_started < self.min_seconds_between_saves
+
 
 @dataclass(frozen=True)
 class RetentionPolicy:
@@ -154,11 +267,14 @@ class RetentionPolicy:
 
     A checkpoint is kept when any rule keeps it: among the newest ``keep_last``; among the best
     ``keep_best`` by ``monitor`` (lowest first for ``mode="min"``, highest for ``"max"``); a
-    milestone (``step % keep_every_n_steps == 0``). The newest and the best checkpoint are
-    always kept. With no rule set, everything is kept.
+    milestone (``step % keep_every_n_steps == 0``); in the time history
+    (``keep_every_n_seconds``, see :func:`kept_by_time`); unranked, with ``keep_unranked``
+    (its monitored metric is missing, NaN or infinite). The newest and the best checkpoint are
+    always kept. With no count or seconds rule set, everything is kept.
 
     ``monitor`` without ``keep_best`` is allowed: it still defines the best checkpoint (which
-    is then always kept).
+    is then always kept). ``keep_unranked`` needs ``monitor``; by default unranked checkpoints
+    are kept only by the other rules.
     """
 
     keep_last: int | None = None
@@ -166,11 +282,23 @@ class RetentionPolicy:
     monitor: str | None = None
     mode: Mode = "min"
     keep_every_n_steps: int | None = None
+    keep_every_n_seconds: float | None = None
+    keep_unranked: bool = False
 
     def __post_init__(self) -> None:
         _check_positive_int("keep_last", self.keep_last)
         _check_positive_int("keep_best", self.keep_best)
         _check_positive_int("keep_every_n_steps", self.keep_every_n_steps)
+        _check_positive_seconds("keep_every_n_seconds", self.keep_every_n_seconds)
+        if not isinstance(self.keep_unranked, bool):
+            raise InvalidArgument(
+                f"keep_unranked must be True or False, got {self.keep_unranked!r}"
+            )
+        if self.keep_unranked and self.monitor is None:
+            raise InvalidArgument(
+                "keep_unranked needs monitor=... (the metric whose absence leaves a checkpoint "
+                "unranked)"
+            )
         if self.mode not in MODES:
             raise InvalidArgument(f"mode must be 'min' or 'max', got {self.mode!r}")
         if self.monitor is not None and (not isinstance(self.monitor, str) or not self.monitor):
@@ -182,8 +310,13 @@ class RetentionPolicy:
 
     @property
     def keeps_everything(self) -> bool:
-        """True when no retention rule is set, so nothing is ever removed."""
-        return self.keep_last is None and self.keep_best is None and self.keep_every_n_steps is None
+        """True when no count or seconds rule is set, so nothing is ever removed."""
+        return (
+            self.keep_last is None
+            and self.keep_best is None
+            and self.keep_every_n_steps is None
+            and self.keep_every_n_seconds is None
+        )
 
 
 def metric_value(record: CheckpointRecord, monitor: str) -> float | None:
@@ -234,6 +367,29 @@ def best_step(records: Iterable[CheckpointRecord], monitor: str | None, mode: Mo
     return ranked[0].step if ranked else None
 
 
+def kept_by_time(records: Iterable[CheckpointRecord], seconds: float) -> set[int]:
+    """The steps the ``keep_every_n_seconds`` rule keeps: a sparse history of a long run.
+
+    Walking the records by step, oldest first, and skipping those whose ``created`` is None:
+    the first is kept (the anchor), then each one created at least ``seconds`` after the last
+    one kept this way. A record created before that one (a clock stepped back, a step rewritten
+    with ``overwrite``) is not kept by time. The answer depends on the records alone, so it is
+    rebuilt from the manifests after a restart; and removing records it does not keep, or adding
+    newer steps, never changes which of the older ones it keeps.
+    """
+    _check_positive_seconds("seconds", seconds)
+    dated = sorted(
+        (record.step, record.created) for record in records if record.created is not None
+    )
+    kept: set[int] = set()
+    last_kept: float | None = None
+    for step, created in dated:
+        if last_kept is None or created - last_kept >= seconds:
+            kept.add(step)
+            last_kept = created
+    return kept
+
+
 def steps_to_keep(
     records: Iterable[CheckpointRecord],
     policy: RetentionPolicy,
@@ -244,9 +400,11 @@ def steps_to_keep(
 
     All of them when :attr:`RetentionPolicy.keeps_everything`. Otherwise the union of: the
     newest ``keep_last`` steps; the best ``keep_best`` by ``monitor``; the milestones
-    (``step % keep_every_n_steps == 0``); the ``protected`` steps (for instance the targets of
-    the ``last`` and ``best`` links); and always the newest step and the best step. The result
-    is a subset of the records' steps: a protected step with no record is not added.
+    (``step % keep_every_n_steps == 0``); the time history (:func:`kept_by_time` with
+    ``keep_every_n_seconds``); with ``keep_unranked``, the records without a finite
+    ``monitor`` value; the ``protected`` steps (for instance the targets of the ``last`` and
+    ``best`` links); and always the newest step and the best step. The result is a subset of
+    the records' steps: a protected step with no record is not added.
     """
     records = list(records)
     steps = {record.step for record in records}
@@ -268,6 +426,10 @@ def steps_to_keep(
             keep.update(best_steps[: policy.keep_best])
     if policy.keep_every_n_steps is not None:
         keep.update(step for step in steps if step % policy.keep_every_n_steps == 0)
+    if policy.keep_every_n_seconds is not None:
+        keep.update(kept_by_time(records, policy.keep_every_n_seconds))
+    if policy.keep_unranked and policy.monitor is not None:
+        keep.update(r.step for r in records if metric_value(r, policy.monitor) is None)
     return keep
 
 
@@ -285,89 +447,6 @@ def steps_to_remove(
     records = list(records)
     keep = steps_to_keep(records, policy, protected=protected)
     return sorted({record.step for record in records} - keep)
-
-
-# --------------------------------------------------------------------------------------------
-# Metrics given by the user
-
-
-def _element_count(value: object) -> int | None:
-    """How many elements an array-like holds (torch ``numel()``, NumPy ``size``, or 1 for a
-    0-dim ``ndim``), or None if ``value`` does not look like an array."""
-    numel = getattr(value, "numel", None)
-    if callable(numel):
-        count = numel()
-        return count if isinstance(count, int) else None
-    size = getattr(value, "size", None)
-    if isinstance(size, int) and not isinstance(size, bool):
-        return size
-    ndim = getattr(value, "ndim", None)
-    if isinstance(ndim, int) and not isinstance(ndim, bool):
-        return 1 if ndim == 0 else None
-    return None
-
-
-def _to_float(key: str, value: object) -> float:
-    if isinstance(value, (bool, int, float)):
-        try:
-            return float(value)
-        except OverflowError:
-            raise InvalidArgument(f"metric {key!r} is too large for a float: {value!r}") from None
-
-    # Tensors and NumPy values: both also define __float__, but going through item() lets a
-    # multi-element value be reported clearly instead of with the library's own message.
-    item = getattr(value, "item", None)
-    if callable(item):
-        count = _element_count(value)
-        if count is not None and count != 1:
-            raise InvalidArgument(
-                f"metric {key!r} must be a single number, got a value with {count} elements"
-            )
-        try:
-            scalar = item()
-        except Exception as exc:
-            raise InvalidArgument(f"metric {key!r} could not be read as a number: {exc}") from exc
-        if scalar is value:
-            # An item() that returns itself would recurse forever.
-            raise InvalidArgument(f"metric {key!r} is not a number: {value!r}")
-        return _to_float(key, scalar)
-
-    # Other real numbers (Fraction, Decimal, ...). Strings are refused even when they parse:
-    # a str metric is almost always a logging mistake, not a number.
-    if isinstance(value, numbers.Real) or (
-        hasattr(type(value), "__float__")
-        and not isinstance(value, (str, bytes, bytearray, complex))
-    ):
-        try:
-            return float(value)  # type: ignore[arg-type]
-        except (TypeError, ValueError, OverflowError) as exc:
-            raise InvalidArgument(f"metric {key!r} is not a number: {value!r}") from exc
-
-    raise InvalidArgument(f"metric {key!r} must be a number, got {type(value).__name__}")
-
-
-def normalize_metrics(metrics: Mapping[str, object] | None) -> dict[str, float]:
-    """``metrics`` as a plain ``dict[str, float]``, ready to be written to a manifest.
-
-    Accepts Python ints, floats and bools (``True`` becomes ``1.0``: refusing them would make a
-    save fail over a logging detail), other real numbers, and single-element array values such
-    as 0-dim torch tensors, NumPy scalars and 0-d arrays (read with ``.item()``; torch and NumPy
-    are never imported). NaN and infinities are kept: they are facts, and ranking ignores them.
-
-    Raises InvalidArgument naming the key for a key that is not a str, a non-numeric value
-    (including strings and complex numbers), or a multi-element tensor or array. None gives
-    an empty dict. The input is not modified.
-    """
-    if metrics is None:
-        return {}
-    if not isinstance(metrics, Mapping):
-        raise InvalidArgument(f"metrics must be a mapping of str to number, got {metrics!r}")
-    normalized: dict[str, float] = {}
-    for key, value in metrics.items():
-        if not isinstance(key, str):
-            raise InvalidArgument(f"metric names must be str, got {key!r}")
-        normalized[key] = _to_float(key, value)
-    return normalized
 
 
 def missing_monitor(metrics: Mapping[str, float] | None, monitor: str | None) -> bool:

@@ -3,24 +3,32 @@
 from __future__ import annotations
 
 import ast
+import datetime
+import importlib
 import math
+import time
 from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from distckpt.errors import CheckpointError, InvalidArgument
+from distckpt.manifest import Manifest, read_manifest
+from distckpt.metrics import normalize_metrics
 from distckpt.policy import (
     CheckpointRecord,
     RetentionPolicy,
     SaveSchedule,
     best_step,
     crossed_multiple,
+    kept_by_time,
     metric_value,
     missing_monitor,
-    normalize_metrics,
+    parse_created_utc,
     rank_by_metric,
     steps_to_keep,
     steps_to_remove,
@@ -318,6 +326,329 @@ def test_retention_edge_cases() -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# Zero is not "off": None is
+
+
+ZERO_REFUSING_OPTIONS = [
+    (SaveSchedule, "every_n_steps", {}),
+    (SaveSchedule, "every_n_epochs", {}),
+    (SaveSchedule, "every_seconds", {}),
+    (SaveSchedule, "min_seconds_between_saves", {}),
+    (RetentionPolicy, "keep_last", {}),
+    (RetentionPolicy, "keep_best", {"monitor": "loss"}),
+    (RetentionPolicy, "keep_every_n_steps", {}),
+    (RetentionPolicy, "keep_every_n_seconds", {}),
+]
+
+
+@pytest.mark.parametrize(("cls", "name", "extra"), ZERO_REFUSING_OPTIONS)
+@pytest.mark.parametrize("zero", [0, 0.0])
+def test_zero_says_none_turns_it_off(cls: type, name: str, extra: dict, zero: float) -> None:
+    with pytest.raises(InvalidArgument, match=f"{name}=0 is not accepted: use None to turn it off"):
+        cls(**{name: zero}, **extra)
+    # None is the off value, and is accepted.
+    cls(**{name: None}, **extra)
+
+
+@pytest.mark.parametrize(("cls", "name", "extra"), ZERO_REFUSING_OPTIONS)
+def test_negative_values_are_refused_as_not_positive(cls: type, name: str, extra: dict) -> None:
+    with pytest.raises(InvalidArgument, match=f"{name} must be a positive") as caught:
+        cls(**{name: -1}, **extra)
+    assert "use None" not in str(caught.value)
+
+
+# --------------------------------------------------------------------------------------------
+# save_on_steps
+
+
+def run_listed(steps_called: list[int], listed: list[int], last: int | None = None) -> list[int]:
+    return run_steps(SaveSchedule(save_on_steps=listed), steps_called, last_step=last)
+
+
+def test_save_on_steps_fires_on_reaching_or_crossing_a_listed_step() -> None:
+    # Equality fires; jumping over a listed step fires once at the first step past it.
+    assert run_listed([1, 2, 3, 4, 5, 6], [3, 5]) == [3, 5]
+    assert run_listed([1, 4, 9, 12, 30], [3, 5, 10, 11, 100]) == [4, 9, 12]
+    # A jump over several listed steps saves once.
+    assert run_listed([2, 50, 51], [5, 10, 20]) == [50]
+
+
+def test_save_on_steps_first_save_and_restart() -> None:
+    # No save yet: any listed step at or below the current step is due, 0 included.
+    assert SaveSchedule(save_on_steps=[0]).due_by_counters(0, None, last_step=None, last_epoch=None)
+    assert run_listed([7, 8], [5]) == [7]
+    # Restarted from step 10, a listed step at 10 is not saved again; 15 is.
+    assert run_listed([11, 12, 15, 16], [10, 15], last=10) == [15]
+    # Restarted from an off-list step 12 past listed 11: 11 is not redone.
+    assert run_listed([13, 14], [11], last=12) == []
+
+
+def test_save_on_steps_combines_with_other_schedules_by_any() -> None:
+    schedule = SaveSchedule(every_n_steps=10, save_on_steps=(3, 25))
+    assert run_steps(schedule, list(range(1, 31))) == [3, 10, 20, 25, 30]
+
+
+def test_save_on_steps_normalized_and_validated() -> None:
+    assert SaveSchedule(save_on_steps=[30, 10, 10, 20]).save_on_steps == (10, 20, 30)
+    assert SaveSchedule(save_on_steps={5}).save_on_steps == (5,)
+    assert SaveSchedule(save_on_steps=None).save_on_steps == ()  # type: ignore[arg-type]
+    assert not SaveSchedule(save_on_steps=[]).is_set
+    assert SaveSchedule(save_on_steps=[4]).is_set
+    # A counter schedule: every rank decides alone.
+    assert not SaveSchedule(save_on_steps=[4]).needs_agreement
+    assert SaveSchedule(save_on_steps=[1, 2]) == SaveSchedule(save_on_steps=(2, 1))
+    for bad in ("10", 10, [1, -1], [1.0], [True], {"a": 1}):
+        with pytest.raises(InvalidArgument, match="save_on_steps"):
+            SaveSchedule(save_on_steps=bad)  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------------------------
+# min_seconds_between_saves
+
+
+def test_throttle_off_never_holds_back() -> None:
+    schedule = SaveSchedule(every_n_steps=1)
+    assert not schedule.throttled(100.0, last_started=99.9, in_flight=True)
+    assert not schedule.needs_agreement
+
+
+def test_throttle_by_time_since_the_previous_save_began() -> None:
+    schedule = SaveSchedule(every_n_steps=1, min_seconds_between_saves=30)
+    assert schedule.needs_agreement  # rank 0's clock decides
+    assert not schedule.throttled(100.0, last_started=None, in_flight=False)
+    assert schedule.throttled(129.9, last_started=100.0, in_flight=False)
+    assert not schedule.throttled(130.0, last_started=100.0, in_flight=False)
+    # A save still in flight holds the next one back however long ago it began.
+    assert schedule.throttled(1e9, last_started=100.0, in_flight=True)
+    assert schedule.throttled(0.0, last_started=None, in_flight=True)
+
+
+def test_throttle_alone_is_not_a_schedule() -> None:
+    # Continuous checkpointing: every save() call asks, the throttle thins them out.
+    schedule = SaveSchedule(min_seconds_between_saves=5)
+    assert not schedule.is_set
+    assert schedule.needs_agreement
+
+
+def test_throttled_save_is_deferred_not_lost() -> None:
+    # The caller's loop: a held-back save leaves last_step as it was, so it stays due.
+    schedule = SaveSchedule(every_n_steps=10, min_seconds_between_saves=60)
+    last_step: int | None = None
+    last_started: float | None = None
+    saved = []
+    for step, now in [(10, 0.0), (20, 30.0), (21, 50.0), (22, 61.0), (30, 62.0), (40, 200.0)]:
+        due = schedule.due_by_counters(step, None, last_step=last_step, last_epoch=None)
+        if due and not schedule.throttled(now, last_started=last_started, in_flight=False):
+            saved.append(step)
+            last_step, last_started = step, now
+    assert saved == [10, 22, 40]
+
+
+# --------------------------------------------------------------------------------------------
+# Creation times and keep_every_n_seconds
+
+
+def dated(step: int, created: float | None, **metrics: float) -> CheckpointRecord:
+    return CheckpointRecord(step=step, metrics=metrics, created=created)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("2024-05-01T12:00:00+00:00", 1714564800.0),
+        ("2024-05-01T12:00:00.250000+00:00", 1714564800.25),
+        ("2024-05-01T12:00:00Z", 1714564800.0),
+        ("2024-05-01T12:00:00", 1714564800.0),  # no offset: UTC
+        ("2024-05-01T14:00:00+02:00", 1714564800.0),
+        ("yesterday", None),
+        ("", None),
+        (None, None),
+        (1714564800, None),
+    ],
+)
+def test_parse_created_utc(text: object, expected: float | None) -> None:
+    assert parse_created_utc(text) == expected
+
+
+def test_record_from_a_real_manifest(tmp_path: Path) -> None:
+    written = Manifest(
+        step=7,
+        world_size=2,
+        format="torch",
+        files={},
+        epoch=1,
+        metrics={"loss": math.nan},
+        created_utc="2024-05-01T12:00:00+00:00",
+    )
+    (tmp_path / "manifest.json").write_bytes(written.to_json())
+    record = CheckpointRecord.from_manifest(read_manifest(tmp_path))
+    assert (record.step, record.epoch, record.created) == (7, 1, 1714564800.0)
+    assert math.isnan(record.metrics["loss"])
+    # A manifest made now carries the time it was made.
+    fresh = Manifest(step=1, world_size=1, format="torch", files={})
+    before = time.time()
+    assert before - 5 <= CheckpointRecord.from_manifest(fresh).created <= before + 5  # type: ignore[operator]
+
+
+def test_kept_by_time_anchors_on_the_oldest() -> None:
+    # Checkpoints every 10 s; one kept per 25 s from the oldest: 0, 30, 60, 90.
+    records = [dated(step, step * 10.0) for step in range(10)]
+    assert kept_by_time(records, 25) == {0, 3, 6, 9}
+    # Exactly the interval apart counts.
+    assert kept_by_time(records, 30) == {0, 3, 6, 9}
+    assert kept_by_time(records, 1000) == {0}
+    assert kept_by_time([], 10) == set()
+
+
+def test_kept_by_time_skips_unknown_and_backward_times() -> None:
+    records = [dated(1, None), dated(2, 100.0), dated(3, 50.0), dated(4, 160.0), dated(5, 150.0)]
+    # 1 has no time, so 2 is the anchor; 3 went back in time; 4 is 60 s after 2, so kept;
+    # 5 is created before 4, the last kept by time.
+    assert kept_by_time(records, 60) == {2, 4}
+    with pytest.raises(InvalidArgument, match="seconds"):
+        kept_by_time(records, 0)
+
+
+def test_keep_every_n_seconds_with_keep_last() -> None:
+    records = [dated(step, step * 10.0) for step in range(1, 11)]
+    policy = RetentionPolicy(keep_last=2, keep_every_n_seconds=40)
+    assert not policy.keeps_everything
+    assert steps_to_keep(records, policy) == {1, 5, 9, 10}
+    assert steps_to_remove(records, policy) == [2, 3, 4, 6, 7, 8]
+    # Alone it still keeps the newest.
+    assert steps_to_keep(records, RetentionPolicy(keep_every_n_seconds=40)) == {1, 5, 9, 10}
+
+
+def test_time_history_is_rebuilt_from_manifests_after_a_restart(tmp_path: Path) -> None:
+    """A run saving every 10 s with keep_last=1 and one kept per 30 s, retention after each
+    commit; then a restart reads the survivors' manifests from disk and must agree."""
+    policy = RetentionPolicy(keep_last=1, keep_every_n_seconds=30)
+    start = datetime.datetime(2024, 5, 1, tzinfo=datetime.timezone.utc)
+    on_disk: dict[int, Path] = {}
+    for step in range(1, 13):
+        created = start + datetime.timedelta(seconds=10 * step + 0.125)
+        directory = tmp_path / f"step-{step}"
+        directory.mkdir()
+        manifest = Manifest(
+            step=step, world_size=1, format="torch", files={}, created_utc=created.isoformat()
+        )
+        (directory / "manifest.json").write_bytes(manifest.to_json())
+        on_disk[step] = directory
+        records = [CheckpointRecord.from_manifest(read_manifest(d)) for d in on_disk.values()]
+        for doomed in steps_to_remove(records, policy):
+            del on_disk[doomed]  # the manager renames it into the trash
+    assert sorted(on_disk) == [1, 4, 7, 10, 12]
+    # The restart: records rebuilt from the manifests remove nothing, and the next commit
+    # goes on from the same history.
+    records = [CheckpointRecord.from_manifest(read_manifest(d)) for d in on_disk.values()]
+    assert steps_to_remove(records, policy) == []
+    later = dated(13, (start + datetime.timedelta(seconds=130.125)).timestamp())
+    assert steps_to_remove([*records, later], policy) == [12]
+
+
+# --------------------------------------------------------------------------------------------
+# keep_unranked
+
+
+def test_keep_unranked_keeps_checkpoints_without_the_metric() -> None:
+    records = [
+        rec(1, loss=0.5),
+        rec(2),
+        rec(3, loss=0.9),
+        rec(4, acc=0.1),
+        rec(5, loss=math.nan),
+        rec(6, loss=0.7),
+    ]
+    default = RetentionPolicy(keep_best=1, monitor="loss")
+    assert steps_to_remove(records, default) == [2, 3, 4, 5]
+    keeping = RetentionPolicy(keep_best=1, monitor="loss", keep_unranked=True)
+    # Missing, or NaN (never ranked either), is unranked: kept. Ranked losers still go.
+    assert steps_to_remove(records, keeping) == [3]
+
+
+def test_keep_unranked_validation() -> None:
+    with pytest.raises(InvalidArgument, match="keep_unranked needs monitor"):
+        RetentionPolicy(keep_last=1, keep_unranked=True)
+    with pytest.raises(InvalidArgument, match="keep_unranked must be True or False"):
+        RetentionPolicy(monitor="loss", keep_unranked=1)  # type: ignore[arg-type]
+    # Without a count rule nothing is removed anyway.
+    assert RetentionPolicy(monitor="loss", keep_unranked=True).keeps_everything
+
+
+# --------------------------------------------------------------------------------------------
+# Properties over random histories
+
+
+@st.composite
+def histories(draw: st.DrawFn) -> list[CheckpointRecord]:
+    """Records of a run: growing steps, creation times that mostly grow (sometimes stepping
+    back or unknown), a loss that may be missing or NaN."""
+    count = draw(st.integers(min_value=0, max_value=25))
+    steps = sorted(draw(st.sets(st.integers(0, 500), min_size=count, max_size=count)))
+    records = []
+    clock = 0.0
+    for step in steps:
+        clock += draw(st.floats(min_value=-20, max_value=100, allow_nan=False))
+        created = draw(st.sampled_from([clock, clock, clock, None]))
+        loss = draw(st.sampled_from([None, math.nan, 0.1, 0.2, 0.3, 0.5, 0.8]))
+        metrics = {} if loss is None else {"loss": loss}
+        records.append(CheckpointRecord(step=step, metrics=metrics, created=created))
+    return records
+
+
+policies = st.builds(
+    RetentionPolicy,
+    keep_last=st.none() | st.integers(1, 4),
+    keep_best=st.none() | st.integers(1, 3),
+    monitor=st.just("loss"),
+    mode=st.sampled_from(["min", "max"]),
+    keep_every_n_steps=st.none() | st.integers(1, 100),
+    keep_every_n_seconds=st.none() | st.floats(1, 300),
+    keep_unranked=st.booleans(),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(histories(), policies)
+def test_retention_never_drops_the_newest_or_the_best(
+    records: list[CheckpointRecord], policy: RetentionPolicy
+) -> None:
+    kept = steps_to_keep(records, policy)
+    if records:
+        assert max(r.step for r in records) in kept
+    best = best_step(records, policy.monitor, policy.mode)
+    assert best is None or best in kept
+
+
+@settings(max_examples=300, deadline=None)
+@given(histories(), policies)
+def test_retention_applied_to_its_survivors_removes_nothing(
+    records: list[CheckpointRecord], policy: RetentionPolicy
+) -> None:
+    """What a restart sees is what retention kept: it must decide the same."""
+    kept = steps_to_keep(records, policy)
+    survivors = [r for r in records if r.step in kept]
+    assert steps_to_remove(survivors, policy) == []
+
+
+@settings(max_examples=300, deadline=None)
+@given(histories(), st.floats(1, 300))
+def test_time_history_is_the_same_whether_pruned_as_it_grows_or_at_once(
+    records: list[CheckpointRecord], seconds: float
+) -> None:
+    """Pruning after each commit (keep_last=1 plus the time rule) keeps exactly the time
+    history computed from every record the run ever made, plus the newest."""
+    policy = RetentionPolicy(keep_last=1, keep_every_n_seconds=seconds)
+    on_disk: list[CheckpointRecord] = []
+    for record in records:
+        on_disk.append(record)
+        doomed = set(steps_to_remove(on_disk, policy))
+        on_disk = [r for r in on_disk if r.step not in doomed]
+    expected = kept_by_time(records, seconds) | ({records[-1].step} if records else set())
+    assert {r.step for r in on_disk} == expected
+
+
+# --------------------------------------------------------------------------------------------
 # Metrics from the user
 
 
@@ -400,10 +731,10 @@ def test_missing_monitor() -> None:
     assert not missing_monitor({"acc": 0.5}, None)
 
 
-def test_policy_module_does_not_import_torch_or_numpy() -> None:
-    import distckpt.policy as policy
-
-    tree = ast.parse(Path(policy.__file__).read_text())
+@pytest.mark.parametrize("module_name", ["policy", "metrics"])
+def test_pure_modules_do_not_import_torch_or_numpy(module_name: str) -> None:
+    module = importlib.import_module(f"distckpt.{module_name}")
+    tree = ast.parse(Path(module.__file__).read_text())
     imported = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
