@@ -17,7 +17,9 @@ from typing import Any
 
 import lightning
 import torch
+from torch.utils.data import DataLoader
 from torchdata.stateful_dataloader import StatefulDataLoader
+from torchdata.stateful_dataloader.sampler import RandomSampler, StatefulDistributedSampler
 
 from distckpt.lightning import DistckptCallback
 
@@ -54,20 +56,22 @@ class DropoutModule(lightning.LightningModule):
         if not self.automatic_optimization:
             steps = steps // ACCUMULATE
         scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.05, total_steps=steps)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
 
     def train_dataloader(self) -> torch.utils.data.DataLoader:
         data = torch.randn(48, 8, generator=torch.Generator().manual_seed(0))
-        # The loader's own generator: building its iterator then draws nothing from the global
-        # RNG, which the dropout masks come from (README: exact resume).
-        options: dict[str, Any] = {
-            "batch_size": 4,
-            "shuffle": True,
-            "generator": torch.Generator().manual_seed(1),
-        }
-        if self.loader_kind == "stateful":
-            return StatefulDataLoader(data, **options)
-        return torch.utils.data.DataLoader(data, **options)
+        # README, exact resume: the loader draws its iterators' seeds from a generator of its
+        # own (not the global one the dropout masks come from), and the sampler shuffles with
+        # another one (Stateful samplers, so the loader's state holds their position).
+        if self.trainer.world_size > 1:
+            sampler = StatefulDistributedSampler(data, seed=1)
+        else:
+            sampler = RandomSampler(data, generator=torch.Generator().manual_seed(1))
+        loader = StatefulDataLoader if self.loader_kind == "stateful" else DataLoader
+        return loader(data, batch_size=4, sampler=sampler, generator=torch.Generator())
 
 
 def main() -> None:
@@ -94,6 +98,7 @@ def main() -> None:
         enable_progress_bar=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
+        use_distributed_sampler=False,  # the job brings its own (Stateful) one
         callbacks=[callback],
     )
     trainer.fit(module)
