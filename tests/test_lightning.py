@@ -7,6 +7,8 @@ parameters, optimizer, scheduler and RNG states must equal the reference's bit f
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -53,3 +55,8 @@ def test_plain_dataloader_mid_epoch_resume_is_not_exact(tmp_path: Path) -> None:
     assert killed == 1
     with pytest.raises(AssertionError, match="losses differ"):
         killing.assert_same_run(reference, resumed, 1, skip=["resumed_from"])
+
+
+def test_importing_distckpt_does_not_import_lightning() -> None:
+    code = "import sys, distckpt; assert 'lightning' not in sys.modules, sorted(sys.modules)"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=killing.ROOT, env=killing._env())
