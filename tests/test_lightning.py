@@ -1,72 +1,62 @@
-"""The Lightning recipe (launch/lightning_callback.py) in a real Trainer."""
+"""distckpt.lightning.DistckptCallback in real Trainers, killed with SIGKILL and fitted again.
+
+Each case runs ``tests/lightning_job.py`` once uninterrupted (the reference) and once killed at
+seeded random moments and re-run with the same command: every batch's loss and the final
+parameters, optimizer, scheduler and RNG states must equal the reference's bit for bit.
+"""
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import torch
 
-lightning = pytest.importorskip("lightning")
+pytest.importorskip("lightning")
+pytest.importorskip("torchdata")
 
-import distckpt  # noqa: E402
+from tests import killing
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "launch"))
-from lightning_callback import DistckptCallback  # noqa: E402
-
-
-class ManualModule(lightning.LightningModule):
-    """Manual optimization with 4 micro-batches per optimizer step: Lightning's own step-based
-    ModelCheckpoint follows trainer.global_step, which manual optimization does not advance
-    the way automatic optimization does."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.automatic_optimization = False
-        self.layer = torch.nn.Linear(4, 1)
-
-    def training_step(self, batch: torch.Tensor, batch_idx: int) -> None:
-        optimizer = self.optimizers()
-        loss = self.layer(batch).square().mean() / 4
-        self.manual_backward(loss)
-        if batch_idx % 4 == 3:
-            optimizer.step()
-            optimizer.zero_grad()
-        self.log("loss", loss)
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=0.1)
-
-    def train_dataloader(self) -> torch.utils.data.DataLoader:
-        data = torch.randn(32, 4, generator=torch.Generator().manual_seed(0))
-        return torch.utils.data.DataLoader(data, batch_size=1)
+JOB = "tests/lightning_job.py"
+pytestmark = pytest.mark.timeout(420)
 
 
-def _fit(root: Path, epochs: int) -> tuple[DistckptCallback, ManualModule]:
-    callback = DistckptCallback(str(root), every_n_steps=3, keep_last=2, fsync=False)
-    module = ManualModule()
-    trainer = lightning.Trainer(
-        max_epochs=epochs,
-        accelerator="cpu",
-        devices=1,
-        enable_checkpointing=False,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[callback],
-    )
-    trainer.fit(module)
-    return callback, module
+def _fit(tmp_path: Path, name: str, options: list[str], moments: list[int]) -> tuple[Path, int]:
+    out = tmp_path / name
+    out.mkdir()
+    command = [JOB, str(tmp_path / f"{name}-root"), str(out), *options]
+    return out, killing.run_killed(command, out, moments)
 
 
-def test_step_schedule_fires_under_manual_optimization_and_resumes(tmp_path: Path) -> None:
-    first, _ = _fit(tmp_path, epochs=1)  # 32 micro-batches = 8 optimizer steps
-    assert first.resumed_from is None
-    assert distckpt.CheckpointManager(tmp_path).steps() == [3, 6]  # keep_last=2 of 3, 6
-    saved = distckpt.load_checkpoint(tmp_path / "last")
-    assert saved.step == 6 and saved.state["steps"]["step"] == 6
+@pytest.mark.parametrize(
+    ("devices", "optimization", "seed"),
+    [(1, "manual", 1), (2, "auto", 2)],
+    ids=["one-device-manual-optimization", "ddp-2-cpu-processes-accumulation"],
+)
+def test_killed_fit_resumes_exactly(
+    tmp_path: Path, devices: int, optimization: str, seed: int
+) -> None:
+    options = ["--devices", str(devices), "--optimization", optimization]
+    reference, _ = _fit(tmp_path, "reference", options, [])
+    batches = 36 // devices  # 3 epochs of 48 samples in batches of 4, split over the ranks
+    moments = killing.kill_moments(seed, 2, 3, batches // 2)
+    resumed, killed = _fit(tmp_path, "resumed", options, moments)
+    assert killed == 2
+    killing.assert_same_run(reference, resumed, devices, skip=["resumed_from"])
 
-    second, _ = _fit(tmp_path, epochs=1)  # a new run resumes from the last checkpoint
-    assert second.resumed_from == 6
-    assert distckpt.CheckpointManager(tmp_path).latest_step() == 12  # 6 + 8 steps: 9, 12
+
+def test_plain_dataloader_mid_epoch_resume_is_not_exact(tmp_path: Path) -> None:
+    """The same job with a plain DataLoader (no loader position in the checkpoint) resumes the
+    epoch from its first batch: the check above catches it."""
+    options = ["--loader", "plain", "--optimization", "manual"]
+    reference, _ = _fit(tmp_path, "reference", options, [])
+    resumed, killed = _fit(tmp_path, "resumed", options, [10])  # past step 4, mid-epoch 0
+    assert killed == 1
+    with pytest.raises(AssertionError, match="losses differ"):
+        killing.assert_same_run(reference, resumed, 1, skip=["resumed_from"])
+
+
+def test_importing_distckpt_does_not_import_lightning() -> None:
+    code = "import sys, distckpt; assert 'lightning' not in sys.modules, sorted(sys.modules)"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=killing.ROOT, env=killing._env())

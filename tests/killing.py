@@ -1,0 +1,136 @@
+"""Run a training job, SIGKILL the whole of it at chosen moments, re-run the same command, and
+compare everything it recorded with an uninterrupted reference run, bit for bit.
+
+A job records, per rank, one line per training batch in ``OUT/losses-rank{r}.txt``
+(``epoch batch loss-in-float.hex``) and its final state in ``OUT/final-rank{r}.pt``. A kill
+moment is a number of loss lines rank 0 has written since the run started: the job is killed
+(its whole process group: every rank, Lightning's DDP children, loader workers) as soon as
+that many are there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _count_lines(path: Path) -> int:
+    try:
+        return path.read_text().count("\n")
+    except FileNotFoundError:
+        return 0
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def run(
+    command: Sequence[str], out: Path, *, kill_after: int | None = None, timeout: float = 240
+) -> bool:
+    """Run ``command`` (a Python script and its arguments) in a process group of its own; with
+    ``kill_after``, SIGKILL the group once rank 0 has logged that many more batches. True if
+    the job was killed, False if it finished (its exit status must then be 0)."""
+    log = out / "losses-rank0.txt"
+    start = _count_lines(log)
+    with open(out / "job.log", "ab") as output:
+        job = subprocess.Popen(
+            [sys.executable, *command],
+            cwd=ROOT,
+            env=_env(),
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    deadline = time.monotonic() + timeout
+    try:
+        while job.poll() is None:
+            if kill_after is not None and _count_lines(log) - start >= kill_after:
+                os.killpg(job.pid, signal.SIGKILL)
+                job.wait()
+                return True
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{command} did not finish within {timeout} s")
+            time.sleep(0.02)
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+            job.wait()
+    # The job's own children (ranks, loader workers) must not outlive it either.
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(job.pid, signal.SIGKILL)
+    if job.returncode != 0:
+        output = (out / "job.log").read_text()[-4000:]
+        raise AssertionError(f"{command} exited {job.returncode}:\n{output}")
+    return False
+
+
+def kill_moments(seed: int, count: int, low: int, high: int) -> list[int]:
+    """``count`` seeded random kill moments, each in ``[low, high]`` batches into a run."""
+    chooser = random.Random(seed)
+    return [chooser.randint(low, high) for _ in range(count)]
+
+
+def run_killed(command: Sequence[str], out: Path, moments: Sequence[int]) -> int:
+    """Run ``command``, killing it at each of ``moments`` in turn and re-running it, then once
+    more to the end. Returns how many runs were really killed (a run may finish first)."""
+    killed = sum(run(command, out, kill_after=moment) for moment in moments)
+    run(command, out)
+    return killed
+
+
+def losses(out: Path, rank: int) -> dict[tuple[int, int], set[str]]:
+    """Every loss rank ``rank`` logged, by (epoch, batch); a batch trained again after a
+    resume adds its value to the set."""
+    logged: dict[tuple[int, int], set[str]] = {}
+    for line in (out / f"losses-rank{rank}.txt").read_text().splitlines():
+        epoch, batch, loss = line.split()
+        logged.setdefault((int(epoch), int(batch)), set()).add(loss)
+    return logged
+
+
+def assert_equal(expected: Any, actual: Any, path: str = "") -> None:
+    """``actual`` equals ``expected`` exactly: tensors by ``torch.equal``, recursively."""
+    if isinstance(expected, torch.Tensor):
+        assert isinstance(actual, torch.Tensor) and torch.equal(expected, actual), path
+    elif isinstance(expected, dict):
+        assert isinstance(actual, dict) and expected.keys() == actual.keys(), path
+        for key in expected:
+            assert_equal(expected[key], actual[key], f"{path}.{key}")
+    elif isinstance(expected, (list, tuple)):
+        assert isinstance(actual, (list, tuple)) and len(expected) == len(actual), path
+        for index, (one, other) in enumerate(zip(expected, actual)):
+            assert_equal(one, other, f"{path}[{index}]")
+    else:
+        assert expected == actual, path
+
+
+def assert_same_run(
+    reference: Path, resumed: Path, world_size: int, *, skip: Sequence[str] = ()
+) -> None:
+    """Every batch's loss on every rank, in every run of ``resumed``, and each rank's final
+    state equal the reference's exactly (``skip``: keys of the final state not compared)."""
+    for rank in range(world_size):
+        expected = losses(reference, rank)
+        assert all(len(values) == 1 for values in expected.values())
+        assert losses(resumed, rank) == expected, f"rank {rank}: losses differ"
+        final = torch.load(reference / f"final-rank{rank}.pt", weights_only=False)
+        again = torch.load(resumed / f"final-rank{rank}.pt", weights_only=False)
+        for key in skip:
+            final.pop(key), again.pop(key)
+        assert_equal(final, again, f"rank {rank}")
