@@ -177,6 +177,33 @@ def test_an_exception_in_the_loop_releases_the_lease(root: Path) -> None:
         assert lease.generation == 2
 
 
+def test_a_forked_child_of_the_holder_does_not_keep_the_lease(root: Path) -> None:
+    """A dataloader worker forked by rank 0 inherits its descriptors; once rank 0 is dead, the
+    lease must be free even while such a child still runs."""
+    root.mkdir()
+    child_pid_file = root.parent / "child.pid"
+    holder_pid = os.fork()
+    if holder_pid == 0:  # the holder: takes the lease, forks a long-lived child, dies
+        try:
+            RootLease.acquire(root)
+            child_pid = os.fork()
+            if child_pid == 0:
+                time.sleep(STARTUP)
+            else:
+                child_pid_file.write_text(str(child_pid))
+        finally:
+            os._exit(0)
+    os.waitpid(holder_pid, 0)
+    try:
+        holder = read_holder(root)
+        assert holder is not None and holder.pid == holder_pid and holder.alive is False
+        with RootLease.acquire(root) as lease:
+            assert lease.generation == 2
+    finally:
+        with contextlib.suppress(ProcessLookupError, FileNotFoundError):
+            os.kill(int(child_pid_file.read_text()), signal.SIGKILL)
+
+
 def _on_another_host() -> tuple[str, ...]:
     """A prefix that runs a command under another host name: a UTS namespace of its own. This
     machine is the only one here, so a second machine is a second host name on the same kernel
