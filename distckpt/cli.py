@@ -1,14 +1,17 @@
 """The ``distckpt`` command line: a thin front end over the library's own functions.
 
-``ls``, ``info`` and ``verify`` only read. ``prune``, ``gc`` and ``export`` act through the same
-code a training job uses (the manager's retention rules, its lock, its cleanup), so running one
-next to a live job is safe. Output is for people by default, JSON with ``--json``. Exit status:
-0 on success, 1 when ``verify`` finds a problem, 2 on bad input or any other error.
+``ls``, ``info``, ``verify`` and ``lease`` only read (``lease --break`` rewrites only the
+lease record, for a holder on another machine that is known to be dead). ``prune``, ``gc`` and
+``export`` act through the same code a training job uses (the manager's retention rules, its
+lock, its cleanup), so running one next to a live job is safe. Output is for people by default,
+JSON with ``--json``. Exit status: 0 on success, 1 when ``verify`` finds a problem, 2 on bad
+input or any other error.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -21,6 +24,7 @@ from distckpt import reader
 from distckpt.errors import CheckpointError
 from distckpt.fsutil import read_link
 from distckpt.layout import LINK_NAMES, RootLayout
+from distckpt.lease import LeaseHolder, break_lease, read_holder
 from distckpt.lock import find_leftovers
 from distckpt.verify import verify
 
@@ -63,6 +67,23 @@ def _leftovers(layout: RootLayout) -> list[dict[str, Any]]:
     ]
 
 
+_LIVENESS = {
+    True: "alive",
+    False: "dead: the next writer takes over",
+    None: "alive or not: unknown here",
+}
+
+
+def _holder_json(holder: LeaseHolder | None) -> dict[str, Any] | None:
+    return None if holder is None else dataclasses.asdict(holder)
+
+
+def _holder_line(holder: LeaseHolder | None) -> str:
+    if holder is None:
+        return "lease: none\n"
+    return f"lease: {holder.describe()} ({_LIVENESS[holder.alive]})\n"
+
+
 def cmd_ls(args: argparse.Namespace, out: TextIO) -> int:
     layout = RootLayout.at(args.root)
     if not layout.root.is_dir():
@@ -72,6 +93,7 @@ def cmd_ls(args: argparse.Namespace, out: TextIO) -> int:
     valid = {info.step for info in infos}
     damaged = [s for s in layout.committed_steps() if s not in valid]
     leftovers = _leftovers(layout)
+    holder = read_holder(layout.root)
     if args.json:
         payload = {
             "root": os.fspath(layout.root),
@@ -91,6 +113,7 @@ def cmd_ls(args: argparse.Namespace, out: TextIO) -> int:
             ],
             "damaged_steps": damaged,
             "leftovers": leftovers,
+            "lease": _holder_json(holder),
         }
         json.dump(payload, out, indent=1, default=str)
         out.write("\n")
@@ -119,6 +142,22 @@ def cmd_ls(args: argparse.Namespace, out: TextIO) -> int:
     for item in leftovers:
         state = "writer alive" if item["writer_alive"] else "dead writer: gc removes it"
         out.write(f"leftover {item['kind']}: {item['path']} ({state})\n")
+    out.write(_holder_line(holder))
+    return EXIT_OK
+
+
+def cmd_lease(args: argparse.Namespace, out: TextIO) -> int:
+    root = RootLayout.at(args.root).root
+    if not root.is_dir():
+        raise CheckpointError(f"no checkpoint root at {root}")
+    holder = break_lease(root) if args.break_lease else read_holder(root)
+    if args.json:
+        json.dump({"root": os.fspath(root), "lease": _holder_json(holder)}, out, indent=1)
+        out.write("\n")
+    elif args.break_lease and holder is not None and holder.broken_utc is not None:
+        out.write(f"broke the lease of {holder.describe()}\n")
+    else:
+        out.write(_holder_line(holder))
     return EXIT_OK
 
 
@@ -283,6 +322,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = command("gc", "remove leftovers of dead writers (a live writer's are kept)")
     sub.add_argument("root")
     sub.set_defaults(run=cmd_gc)
+    sub = command("lease", "show which job holds a root's writer lease; --break breaks it")
+    sub.add_argument("root")
+    sub.add_argument(
+        "--break",
+        dest="break_lease",
+        action="store_true",
+        help="break the lease of a holder on another machine that is known to be dead",
+    )
+    sub.set_defaults(run=cmd_lease)
     sub = command("export", "write a checkpoint as one torch.save file")
     sub.add_argument("path")
     sub.add_argument("out")

@@ -88,3 +88,23 @@ class RankFailure(CheckpointError):
 class InjectedFault(CheckpointError):
     """The error an armed ``raise`` fault point throws (see :mod:`distckpt.faults`); only ever
     raised in tests that arm one."""
+
+
+class RootInUse(CheckpointError, BlockingIOError):
+    """Another live job holds the root's writer lease (see :mod:`distckpt.lease`). The message
+    names the holder; ``holder`` is its :class:`~distckpt.lease.LeaseHolder`, or None when the
+    lock is held but its record is not readable yet."""
+
+    def __init__(self, message: str, holder: object = None) -> None:
+        super().__init__(message)
+        self.holder = holder
+
+
+class LeaseLost(CheckpointError, RuntimeError):
+    """This job's writer lease on the root was taken over (broken by an operator, or another job
+    acquired it after this job's lease holder died): it may no longer commit, retain or relink."""
+
+
+class LauncherGone(CheckpointError, RuntimeError):
+    """The launcher that started this process (the torchrun agent) is gone: the process is an
+    orphan and must not commit, or it would race the job that replaces it."""

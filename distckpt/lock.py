@@ -179,3 +179,31 @@ def find_leftovers(layout: RootLayout) -> list[Leftover]:
     if layout.trash_root.is_dir():
         found += [Leftover(entry, "trash") for entry in sorted(layout.trash_root.iterdir())]
     return found
+
+
+# Mount options under which flock locks are kept by each client machine alone: NFS mounted
+# "nolock" or "local_lock=flock|all" and Lustre mounted "-o localflock".
+_MACHINE_LOCAL_LOCK_OPTIONS = {"nolock", "local_lock=flock", "local_lock=all", "localflock"}
+
+
+def locks_local_to_machine(path: Path, mountinfo: Path = Path("/proc/self/mountinfo")) -> bool:
+    """Whether ``flock`` locks on the filesystem holding ``path`` are known not to reach other
+    machines (see the module docstring). False when they do, when the filesystem is local, and
+    when it cannot be told (no ``/proc``): callers treat only a known limit as one."""
+    try:
+        lines = mountinfo.read_text().splitlines()
+    except OSError:
+        return False
+    target = os.path.realpath(path)
+    best: tuple[int, set[str]] = (-1, set())
+    for line in lines:
+        # "<id> <parent> <dev> <root> <mount point> <options> [tags] - <type> <source> <super>"
+        before, _, after = line.partition(" - ")
+        fields, super_fields = before.split(), after.split()
+        if len(fields) < 6 or len(super_fields) < 3:
+            continue
+        mount_point = fields[4].replace("\\040", " ")
+        inside = target == mount_point or target.startswith(mount_point.rstrip("/") + "/")
+        if inside and len(mount_point) >= best[0]:
+            best = (len(mount_point), set(fields[5].split(",")) | set(super_fields[2].split(",")))
+    return bool(best[1] & _MACHINE_LOCAL_LOCK_OPTIONS)

@@ -1,0 +1,362 @@
+"""The root's writer lease: one live writing job per root, and fencing of a job that lost it.
+
+A job that writes a root holds its lease for as long as its manager is open: rank 0 holds an
+``flock`` on ``root/.lease`` (the kernel drops it when the process dies) and has written a
+record, ``root/.lease.json``, naming the holder: host, pid, job id (``TORCHELASTIC_RUN_ID``,
+else ``SLURM_JOB_ID``), start time (UTC), a random token and a *generation*, one more than the
+previous holder's. Nothing here uses ``torch.distributed``; the manager decides which rank
+calls what.
+
+* **Exclusion.** :meth:`RootLease.acquire` of a root whose lock is held raises
+  :class:`~distckpt.RootInUse` naming the holder, or waits up to ``wait`` seconds for it to end.
+* **A dead holder blocks nobody.** Its lock died with it; the next :meth:`RootLease.acquire`
+  succeeds at once with the next generation. No manual step.
+* **Fencing.** :meth:`RootLease.check_current`, called by the committer under the commit lock,
+  raises :class:`~distckpt.LeaseLost` when the record no longer names this lease (an operator
+  broke it, and another job acquired it). A fenced job cannot commit, retain or relink; the
+  record is the arbiter even where two processes could hold a lock at once (below).
+* **Orphans.** torchrun (2.13) starts every worker in a session of its own, so a worker
+  outlives an agent killed with SIGKILL and keeps saving. As long as the orphans' rank 0 lives,
+  the job keeps its lease and a requeued job is refused, loudly, instead of interleaving its
+  steps. :class:`LauncherWatch` lets such a worker notice that its launcher is gone and refuse to
+  commit on its own (:class:`~distckpt.LauncherGone`).
+* **Readers never need the lease**; :func:`read_holder` only probes the lock (a try-lock held for
+  an instant), to tell a live holder from a dead one.
+
+Limits, per filesystem (the lock is the same kind as :mod:`distckpt.lock`'s):
+
+* local filesystems, NFS with a lock manager, Lustre ``-o flock``, GPFS: exclusive across
+  machines. On NFS a dead *machine*'s lock lingers until the server's lease ends (about 90 s):
+  the requeued job then waits (``wait``) or is refused until then.
+* NFS mounted ``nolock`` / ``local_lock=flock|all`` and Lustre ``-o localflock``: locks are kept
+  by each machine alone, so the lease cannot be exclusive across machines. distckpt detects these
+  mounts (``/proc/self/mountinfo``) and then refuses a root whose record names a holder on
+  another machine that has not released it, since it cannot tell whether that holder is alive;
+  an operator who knows it is dead runs ``distckpt lease ROOT --break``. Two jobs starting on two
+  machines within the same instant can both pass that check: the record is written once by each,
+  read back, and the loser of that race is fenced at its first commit; commits themselves are
+  only serialised per machine there, so run one writer job per root on such mounts.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import os
+import socket
+import time
+import uuid
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+
+import filelock
+
+from distckpt.errors import CheckpointError, LauncherGone, LeaseLost, RootInUse
+from distckpt.fsutil import atomic_write_bytes
+from distckpt.lock import _flock, _unsupported, locks_local_to_machine
+
+logger = logging.getLogger("distckpt")
+
+LEASE_LOCK_NAME = ".lease"
+LEASE_RECORD_NAME = ".lease.json"
+#: A try-lock retries this long before a root counts as in use: a ``distckpt ls`` probing the
+#: lock for an instant must not make a starting job fail.
+PROBE_GRACE = 0.5
+_RETRY_INTERVAL = 0.5
+JOB_ID_VARIABLES = ("TORCHELASTIC_RUN_ID", "SLURM_JOB_ID")
+
+
+def _now_utc() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def this_host() -> str:
+    """The name this machine is recorded under in a lease."""
+    return socket.gethostname()
+
+
+def job_id_from_environment() -> str | None:
+    """``TORCHELASTIC_RUN_ID`` (torchrun's rendezvous id), else ``SLURM_JOB_ID``, else None."""
+    for variable in JOB_ID_VARIABLES:
+        value = os.environ.get(variable)
+        if value:
+            return value
+    return None
+
+
+@dataclass(frozen=True)
+class LeaseHolder:
+    """One lease record: who holds (or last held) a root's lease. ``alive`` is not stored: it is
+    what :func:`read_holder` found out (True: the lock is held; False: it is free, so the holder
+    is dead; None: cannot be told from this machine)."""
+
+    host: str
+    pid: int
+    job_id: str | None
+    started_utc: str
+    generation: int
+    token: str
+    released_utc: str | None = None
+    broken_utc: str | None = None
+    alive: bool | None = None
+
+    @property
+    def held(self) -> bool:
+        """Whether the record still claims the root (not released, not broken)."""
+        return self.released_utc is None and self.broken_utc is None
+
+    def describe(self) -> str:
+        """``job J on host H, pid P, since T (generation G)``."""
+        job = f"job {self.job_id}" if self.job_id else "a job without a job id"
+        return (
+            f"{job} on host {self.host}, pid {self.pid}, since {self.started_utc} "
+            f"(generation {self.generation})"
+        )
+
+    def to_json(self) -> bytes:
+        record = asdict(self)
+        del record["alive"]
+        return json.dumps(record, indent=1).encode() + b"\n"
+
+    @classmethod
+    def from_json(cls, data: bytes) -> LeaseHolder:
+        record = json.loads(data)
+        names = {f.name for f in fields(cls)} - {"alive"}
+        holder = cls(**{k: v for k, v in record.items() if k in names})
+        if not isinstance(holder.generation, int) or not isinstance(holder.pid, int):
+            raise ValueError("generation and pid must be integers")
+        return holder
+
+
+def _lock_path(root: Path) -> Path:
+    return root / LEASE_LOCK_NAME
+
+
+def _record_path(root: Path) -> Path:
+    return root / LEASE_RECORD_NAME
+
+
+def _read_record(root: Path) -> LeaseHolder | None:
+    """The record, or None when there is none. An unreadable record is logged and ignored: it
+    names nobody, so it fences whoever held it and blocks nobody."""
+    try:
+        return LeaseHolder.from_json(_record_path(root).read_bytes())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, TypeError) as exc:
+        logger.warning("ignoring the unreadable lease record %s: %s", _record_path(root), exc)
+        return None
+
+
+def _try_lock(path: Path, timeout: float) -> filelock.BaseFileLock | None:
+    """The lease lock taken within ``timeout`` seconds, or None if another process holds it."""
+    lock = _flock(path, timeout)
+    try:
+        lock.acquire()
+    except filelock.Timeout:
+        return None
+    except (OSError, NotImplementedError) as exc:
+        raise _unsupported(path, exc) from exc
+    return lock
+
+
+def _in_use(root: Path, holder: LeaseHolder | None, why: str) -> RootInUse:
+    who = holder.describe() if holder is not None else "a process whose record is not written yet"
+    return RootInUse(f"root {root} is in use by {who}{why}", holder)
+
+
+def _unknowable_elsewhere(root: Path, holder: LeaseHolder | None) -> bool:
+    """Whether the record names a holder on another machine whose liveness this machine's lock
+    cannot show (locks local to each machine)."""
+    return (
+        holder is not None
+        and holder.held
+        and holder.host != this_host()
+        and locks_local_to_machine(root)
+    )
+
+
+class RootLease:
+    """The lease of one root, held from :meth:`acquire` to :meth:`release` (also a context
+    manager). Thread-safe to :meth:`check_current` from any thread."""
+
+    def __init__(self, root: Path, lock: filelock.BaseFileLock, holder: LeaseHolder) -> None:
+        self.root = root
+        self.holder = holder
+        self._lock: filelock.BaseFileLock | None = lock
+
+    @classmethod
+    def acquire(cls, root: str | os.PathLike[str], *, wait: float = 0.0) -> RootLease:
+        """Take the lease of an existing directory ``root``: at once, or within ``wait`` seconds
+        for a live holder to end. Raises :class:`~distckpt.RootInUse` naming the holder."""
+        root_path = Path(os.path.abspath(os.fspath(root)))
+        deadline = time.monotonic() + max(wait, 0.0)
+        while True:
+            remaining = deadline - time.monotonic()
+            lock = _try_lock(_lock_path(root_path), max(remaining, PROBE_GRACE))
+            if lock is None:
+                raise _in_use(root_path, _read_record(root_path), _waited(wait))
+            previous = _read_record(root_path)
+            if not _unknowable_elsewhere(root_path, previous):
+                return cls._claim(root_path, lock, previous)
+            lock.release()
+            if deadline - time.monotonic() <= 0:
+                raise _in_use(
+                    root_path,
+                    previous,
+                    f"{_waited(wait)}; locks on this filesystem are local to each machine, so "
+                    "whether that holder is alive cannot be told from here. If it is dead, run "
+                    f"'distckpt lease {root_path} --break'",
+                )
+            time.sleep(min(_RETRY_INTERVAL, max(deadline - time.monotonic(), 0)))
+
+    @classmethod
+    def _claim(
+        cls, root: Path, lock: filelock.BaseFileLock, previous: LeaseHolder | None
+    ) -> RootLease:
+        if previous is not None and previous.held:
+            logger.info("taking over the lease of %s from dead %s", root, previous.describe())
+        holder = LeaseHolder(
+            host=this_host(),
+            pid=os.getpid(),
+            job_id=job_id_from_environment(),
+            started_utc=_now_utc(),
+            generation=(previous.generation if previous is not None else 0) + 1,
+            token=uuid.uuid4().hex,
+        )
+        try:
+            atomic_write_bytes(_record_path(root), holder.to_json(), fsync=True)
+            written = _read_record(root)
+        except BaseException:
+            lock.release()
+            raise
+        if written is None or written.token != holder.token:
+            # Only where locks are local to each machine: a job on another one wrote at once.
+            lock.release()
+            raise _in_use(root, written, " (it claimed the root at the same moment)")
+        return cls(root, lock, holder)
+
+    @property
+    def generation(self) -> int:
+        return self.holder.generation
+
+    @property
+    def held(self) -> bool:
+        """Whether :meth:`release` has not been called yet."""
+        return self._lock is not None
+
+    def check_current(self) -> None:
+        """Raise :class:`~distckpt.LeaseLost` unless this lease is still the root's current one.
+        The committer calls it under the commit lock before it publishes, retains or relinks."""
+        if self._lock is None:
+            raise LeaseLost(f"the lease of {self.root} was released: this manager is closed")
+        current = _read_record(self.root)
+        if current is not None and current.token == self.holder.token and current.held:
+            return
+        if current is None:
+            now = "no lease record is there any more"
+        elif current.token == self.holder.token:
+            now = f"an operator broke it at {current.broken_utc}"
+        else:
+            now = f"it is now held by {current.describe()}"
+        raise LeaseLost(
+            f"this job lost its lease of {self.root} (generation {self.generation}): {now}. "
+            "It may not commit any more; nothing of this save becomes visible"
+        )
+
+    def release(self) -> None:
+        """Mark the record released (if it is still ours) and drop the lock. Idempotent."""
+        lock, self._lock = self._lock, None
+        if lock is None:
+            return
+        try:
+            current = _read_record(self.root)
+            if current is not None and current.token == self.holder.token and current.held:
+                released = replace(self.holder, released_utc=_now_utc())
+                atomic_write_bytes(_record_path(self.root), released.to_json(), fsync=True)
+        except OSError as exc:  # the lock still goes; the next holder takes over a stale record
+            logger.warning("could not mark the lease of %s released: %s", self.root, exc)
+        finally:
+            lock.release()
+
+    def __enter__(self) -> RootLease:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()
+
+
+def _waited(wait: float) -> str:
+    return f" (waited {wait:g} s)" if wait > 0 else ""
+
+
+def read_holder(root: str | os.PathLike[str]) -> LeaseHolder | None:
+    """The root's current lease holder, with ``alive`` filled in, or None when nobody holds it
+    (no record, or released or broken). Takes no lease; probes the lock for an instant."""
+    root_path = Path(os.path.abspath(os.fspath(root)))
+    holder = _read_record(root_path)
+    if holder is None or not holder.held:
+        return None
+    if _unknowable_elsewhere(root_path, holder):
+        return replace(holder, alive=None)
+    try:
+        probe = _try_lock(_lock_path(root_path), 0)
+    except CheckpointError:
+        return replace(holder, alive=None)  # a read-only mount, or no flock: cannot tell
+    if probe is None:
+        return replace(holder, alive=True)
+    probe.release()
+    return replace(holder, alive=False)
+
+
+def break_lease(root: str | os.PathLike[str]) -> LeaseHolder | None:
+    """Break the lease of a holder that is on another machine and known dead: the record is
+    marked broken and the lock file replaced, so that a lock that machine's death left behind
+    (an NFS server's lease, a machine-local lock) no longer blocks, and the holder, if it lives
+    after all, is fenced at its next commit. Returns the broken holder, or None if nobody held
+    it. A holder on this machine is never broken: its lock tells whether it lives; a live one is
+    refused with :class:`~distckpt.RootInUse` (stop it first)."""
+    root_path = Path(os.path.abspath(os.fspath(root)))
+    holder = read_holder(root_path)
+    if holder is None:
+        return None
+    if holder.host == this_host():
+        if holder.alive:
+            raise _in_use(root_path, holder, ", on this machine and alive: stop it, not its lease")
+        return holder  # dead: the next acquire takes over by itself
+    logger.warning("breaking the lease of %s held by %s", root_path, holder.describe())
+    broken = replace(holder, broken_utc=_now_utc(), alive=None)
+    atomic_write_bytes(_record_path(root_path), broken.to_json(), fsync=True)
+    _lock_path(root_path).unlink(missing_ok=True)
+    return broken
+
+
+class LauncherWatch:
+    """Notices that the process that started this one (the torchrun agent, ``srun``'s step
+    daemon) is gone, by its parent pid changing: an orphan is re-parented to init or to a
+    subreaper. Reliable for torchrun workers (their parent is the agent) and any launcher that
+    is the worker's parent; a process started from a shell that later exits is re-parented the
+    same way, so enable it only under a launcher (:meth:`for_this_process`)."""
+
+    def __init__(self, parent_pid: int | None = None) -> None:
+        self.parent_pid = os.getppid() if parent_pid is None else parent_pid
+
+    @classmethod
+    def for_this_process(cls) -> LauncherWatch | None:
+        """A watch when this process was started by torchrun (``TORCHELASTIC_RUN_ID`` is set),
+        else None."""
+        return cls() if os.environ.get("TORCHELASTIC_RUN_ID") else None
+
+    def launcher_gone(self) -> bool:
+        return os.getppid() != self.parent_pid
+
+    def check(self) -> None:
+        """Raise :class:`~distckpt.LauncherGone` if the launcher is gone."""
+        if self.launcher_gone():
+            raise LauncherGone(
+                f"the launcher of pid {os.getpid()} (parent pid {self.parent_pid}) is gone; this "
+                "process is an orphan (torchrun starts workers in sessions of their own, so they "
+                "outlive a killed agent) and refuses to commit. Stop it; the requeued job resumes "
+                "from the last checkpoint"
+            )

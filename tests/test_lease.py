@@ -1,0 +1,348 @@
+"""The root's writer lease between real processes: exclusion, waiting, a SIGKILLed holder,
+fencing after an operator breaks a lease, and a worker noticing that its launcher died.
+
+Every holder is a separate ``python`` process driven through its stdin; every process a test
+starts is killed by its pid when the test ends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import distckpt
+from distckpt.lease import LEASE_RECORD_NAME, LauncherWatch, RootLease, read_holder
+from distckpt.lock import locks_local_to_machine
+
+STARTUP = 30.0  # a process that has not answered by then counts as hung (a loaded machine)
+
+_HOLDER = textwrap.dedent(
+    """
+    import sys
+    from distckpt.errors import CheckpointError
+    from distckpt.lease import RootLease
+
+    try:
+        lease = RootLease.acquire(sys.argv[1], wait=float(sys.argv[2]))
+    except CheckpointError as exc:
+        print("refused", type(exc).__name__, exc, flush=True)
+        sys.exit(3)
+    print("held", lease.generation, flush=True)
+    for line in sys.stdin:
+        if line.strip() == "check":
+            try:
+                lease.check_current()
+                print("current", flush=True)
+            except CheckpointError as exc:
+                print("lost", type(exc).__name__, exc, flush=True)
+        elif line.strip() == "release":
+            lease.release()
+            print("released", flush=True)
+    """
+)
+
+
+class Holder:
+    """A process that takes a root's lease and answers ``check`` and ``release``."""
+
+    def __init__(self, root: Path, *, wait: float = 0.0, prefix: tuple[str, ...] = ()) -> None:
+        self.proc = subprocess.Popen(
+            [*prefix, sys.executable, "-c", _HOLDER, os.fspath(root), str(wait)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def line(self, timeout: float = STARTUP) -> str:
+        """The next line it prints; "" when none came within ``timeout`` or it exited."""
+        assert self.proc.stdout is not None
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        return self.proc.stdout.readline().strip() if ready else ""
+
+    def ask(self, command: str) -> str:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+        return self.line()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=STARTUP)
+
+
+@pytest.fixture
+def holders() -> Iterator[list[Holder]]:
+    started: list[Holder] = []
+    yield started
+    for holder in started:
+        holder.kill()
+
+
+def _start(holders: list[Holder], root: Path, **options: object) -> Holder:
+    holder = Holder(root, **options)  # type: ignore[arg-type]
+    holders.append(holder)
+    return holder
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "distckpt", *args],
+        capture_output=True,
+        text=True,
+        timeout=STARTUP,
+    )
+
+
+def test_second_job_is_refused_naming_the_holder(root: Path, holders: list[Holder]) -> None:
+    root.mkdir()
+    first = _start(holders, root)
+    assert first.line() == "held 1"
+    second = _start(holders, root)
+    answer = second.line()
+    assert answer.startswith("refused RootInUse")
+    assert f"root {root} is in use by" in answer
+    assert f"pid {first.pid}" in answer and "on host" in answer and "since" in answer
+    assert second.proc.wait(timeout=STARTUP) == 3
+    assert first.ask("check") == "current"  # the refused job changed nothing
+    shown = _cli("lease", os.fspath(root))
+    assert f"pid {first.pid}" in shown.stdout and "(alive)" in shown.stdout
+
+
+def test_two_jobs_starting_at_once_one_wins(root: Path, holders: list[Holder]) -> None:
+    root.mkdir()
+    racers = [_start(holders, root), _start(holders, root)]
+    answers = [racer.line() for racer in racers]
+    assert sorted(answer.split()[0] for answer in answers) == ["held", "refused"]
+    winner = racers[answers.index("held 1")]
+    loser_answer = next(answer for answer in answers if answer.startswith("refused"))
+    assert "RootInUse" in loser_answer and f"pid {winner.pid}" in loser_answer
+
+
+def test_a_waiting_job_proceeds_when_the_holder_ends(root: Path, holders: list[Holder]) -> None:
+    root.mkdir()
+    first = _start(holders, root)
+    assert first.line() == "held 1"
+    second = _start(holders, root, wait=STARTUP)
+    assert second.line(timeout=1.5) == ""  # still waiting
+    assert first.ask("release") == "released"
+    assert second.line() == "held 2"
+    assert "lost" in first.ask("check")  # released: it may not commit any more
+
+
+def test_a_sigkilled_holder_blocks_nobody(root: Path, holders: list[Holder]) -> None:
+    root.mkdir()
+    first = _start(holders, root)
+    assert first.line() == "held 1"
+    first.kill()
+    holder = read_holder(root)
+    assert holder is not None and holder.pid == first.pid and holder.alive is False
+    assert "dead: the next writer takes over" in _cli("ls", os.fspath(root)).stdout
+    began = time.monotonic()
+    lease = RootLease.acquire(root)  # no wait, no manual step
+    try:
+        assert time.monotonic() - began < 5
+        assert lease.generation == 2 and lease.holder.pid == os.getpid()
+        listed = json.loads(_cli("ls", "--json", os.fspath(root)).stdout)
+        assert listed["lease"]["generation"] == 2 and listed["lease"]["alive"] is True
+    finally:
+        lease.release()
+    assert read_holder(root) is None
+    assert "lease: none" in _cli("ls", os.fspath(root)).stdout
+
+
+def test_an_exception_in_the_loop_releases_the_lease(root: Path) -> None:
+    root.mkdir()
+    with pytest.raises(ZeroDivisionError), RootLease.acquire(root):
+        raise ZeroDivisionError  # the training loop failing
+    record = json.loads((root / LEASE_RECORD_NAME).read_text())
+    assert record["released_utc"] is not None
+    with RootLease.acquire(root) as lease:
+        assert lease.generation == 2
+
+
+def test_a_forked_child_of_the_holder_does_not_keep_the_lease(root: Path) -> None:
+    """A dataloader worker forked by rank 0 inherits its descriptors; once rank 0 is dead, the
+    lease must be free even while such a child still runs."""
+    root.mkdir()
+    child_pid_file = root.parent / "child.pid"
+    holder_pid = os.fork()
+    if holder_pid == 0:  # the holder: takes the lease, forks a long-lived child, dies
+        try:
+            RootLease.acquire(root)
+            child_pid = os.fork()
+            if child_pid == 0:
+                time.sleep(STARTUP)
+            else:
+                child_pid_file.write_text(str(child_pid))
+        finally:
+            os._exit(0)
+    os.waitpid(holder_pid, 0)
+    try:
+        holder = read_holder(root)
+        assert holder is not None and holder.pid == holder_pid and holder.alive is False
+        with RootLease.acquire(root) as lease:
+            assert lease.generation == 2
+    finally:
+        with contextlib.suppress(ProcessLookupError, FileNotFoundError):
+            os.kill(int(child_pid_file.read_text()), signal.SIGKILL)
+
+
+def _on_another_host() -> tuple[str, ...]:
+    """A prefix that runs a command under another host name: a UTS namespace of its own. This
+    machine is the only one here, so a second machine is a second host name on the same kernel
+    (locks still reach it, which breaking a lease does not rely on)."""
+    unshare = shutil.which("unshare")
+    prefix = (unshare or "unshare", "--uts", "--user", "--map-root-user", "sh", "-c")
+    if unshare is None:
+        pytest.skip("needs unshare(1) to give a process another host name")
+    probe = subprocess.run(
+        [*prefix, "hostname node-a && hostname"], capture_output=True, text=True, check=False
+    )
+    if probe.returncode != 0 or probe.stdout.strip() != "node-a":
+        pytest.skip(f"cannot make a UTS namespace here: {probe.stderr.strip()}")
+    return (*prefix, 'hostname node-a && exec "$0" "$@"')
+
+
+def test_a_broken_lease_fences_its_holder(root: Path, holders: list[Holder]) -> None:
+    root.mkdir()
+    elsewhere = _start(holders, root, prefix=_on_another_host())
+    assert elsewhere.line() == "held 1"
+    assert elsewhere.ask("check") == "current"
+
+    broke = _cli("lease", "--break", os.fspath(root))
+    assert broke.returncode == 0, broke.stderr
+    assert "broke the lease of" in broke.stdout and "host node-a" in broke.stdout
+    assert "an operator broke it" in elsewhere.ask("check")
+
+    lease = RootLease.acquire(root)
+    try:
+        assert lease.generation == 2
+        lost = elsewhere.ask("check")
+        assert lost.startswith("lost LeaseLost") and f"pid {os.getpid()}" in lost
+        assert elsewhere.ask("release") == "released"
+        lease.check_current()  # the fenced holder's release left the new record alone
+    finally:
+        lease.release()
+
+
+def test_break_refuses_a_live_holder_on_this_machine(root: Path, holders: list[Holder]) -> None:
+    root.mkdir()
+    first = _start(holders, root)
+    assert first.line() == "held 1"
+    refused = _cli("lease", "--break", os.fspath(root))
+    assert refused.returncode == 2
+    assert f"pid {first.pid}" in refused.stderr and "stop it" in refused.stderr
+    assert first.ask("check") == "current"
+
+
+_LAUNCHER = textwrap.dedent(
+    """
+    import subprocess, sys, time
+    child = subprocess.Popen([sys.executable, "-c", sys.argv[1], sys.argv[2]])
+    print(child.pid, flush=True)
+    time.sleep(600)
+    """
+)
+_WORKER = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    from distckpt.errors import LauncherGone
+    from distckpt.lease import LauncherWatch
+
+    out = Path(sys.argv[1])
+    watch = LauncherWatch()
+    out.write_text(f"started {watch.launcher_gone()}")
+    deadline = time.monotonic() + 60
+    while not watch.launcher_gone() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    try:
+        watch.check()
+        out.write_text("not gone")
+    except LauncherGone as exc:
+        out.write_text(f"LauncherGone {exc}")
+    """
+)
+
+
+def _wait_for_text(path: Path, prefix: str) -> str:
+    deadline = time.monotonic() + STARTUP
+    while time.monotonic() < deadline:
+        text = path.read_text() if path.exists() else ""
+        if text.startswith(prefix):
+            return text
+        time.sleep(0.05)
+    raise AssertionError(f"{path} never started with {prefix!r}")
+
+
+def test_a_worker_notices_its_launcher_died(tmp_path: Path) -> None:
+    report = tmp_path / "worker.txt"
+    launcher = subprocess.Popen(
+        [sys.executable, "-c", _LAUNCHER, _WORKER, os.fspath(report)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    worker_pid = 0
+    try:
+        assert launcher.stdout is not None
+        worker_pid = int(launcher.stdout.readline())
+        assert _wait_for_text(report, "started") == "started False"
+        os.kill(launcher.pid, signal.SIGKILL)  # the agent dies; its worker lives on
+        launcher.wait(timeout=STARTUP)
+        gone = _wait_for_text(report, "LauncherGone")
+        assert f"parent pid {launcher.pid}" in gone and "orphan" in gone
+    finally:
+        if launcher.poll() is None:
+            os.kill(launcher.pid, signal.SIGKILL)
+            launcher.wait(timeout=STARTUP)
+        if worker_pid:
+            with contextlib.suppress(ProcessLookupError):  # it may have finished on its own
+                os.kill(worker_pid, signal.SIGKILL)
+
+
+def test_launcher_watch_only_under_torchrun(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    assert LauncherWatch.for_this_process() is None
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-7")
+    watch = LauncherWatch.for_this_process()
+    assert watch is not None and watch.parent_pid == os.getppid() and not watch.launcher_gone()
+
+
+def test_machine_local_lock_mounts_are_recognised(tmp_path: Path) -> None:
+    mountinfo = tmp_path / "mountinfo"
+    mountinfo.write_text(
+        "1 0 8:1 / / rw - ext4 /dev/sda1 rw\n"
+        "2 1 0:50 / /nfs rw,relatime - nfs4 srv:/x rw,vers=4.2,local_lock=all,addr=10.0.0.1\n"
+        "3 1 0:51 / /nfs/locked rw - nfs4 srv:/y rw,vers=4.2,local_lock=none\n"
+        "4 1 0:52 / /lustre rw shared:3 - lustre mgs@tcp:/fs rw,localflock\n"
+    )
+    assert locks_local_to_machine(Path("/nfs/run"), mountinfo)
+    assert not locks_local_to_machine(Path("/nfs/locked/run"), mountinfo)
+    assert locks_local_to_machine(Path("/lustre/a/b"), mountinfo)
+    assert not locks_local_to_machine(Path("/home/run"), mountinfo)
+    assert not locks_local_to_machine(tmp_path)  # this machine's own mounts
+
+
+def test_errors_are_checkpoint_errors() -> None:
+    assert issubclass(distckpt.RootInUse, BlockingIOError)
+    assert issubclass(distckpt.LeaseLost, RuntimeError)
+    assert issubclass(distckpt.LauncherGone, RuntimeError)
+    for error in (distckpt.RootInUse, distckpt.LeaseLost, distckpt.LauncherGone):
+        assert issubclass(error, distckpt.CheckpointError)
