@@ -2,10 +2,11 @@
 
 Within :func:`recording`, a :class:`PhaseRecorder` listens to :mod:`distckpt.events` in one
 rank's process; after each measured save, :meth:`PhaseRecorder.take` sums that save's events
-per phase name (a phase may run several times in one save, e.g. ``collective.all_gather``). :func:`summarize_phases`
-turns every rank's per-save sums into one row per phase: the median over saves, on the rank
-whose median is the highest. :func:`ordered_phases` lists them in :data:`PHASE_ORDER`, with
-None for a phase that never arrived, then any other phase that did, by name.
+per phase name (a phase may run several times in one save, e.g. ``collective.all_gather``).
+:func:`summarize_phases` turns every rank's per-save sums into one row per phase: the median
+over saves, on the rank whose median is the highest. :func:`ordered_phases` lists them in
+:data:`PHASE_ORDER`, with None for a phase that never arrived, then any other phase that did,
+by name.
 """
 
 from __future__ import annotations
