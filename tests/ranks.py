@@ -3,7 +3,10 @@
 ``run_ranks(fn, world_size, *args)`` forks ``world_size`` processes (about 0.1 s), each of which
 initialises torch.distributed (gloo, a free port, a short timeout), runs ``fn(rank, world_size,
 *args)`` and sends back its return value or its exception. A job that does not finish within
-``timeout`` seconds is killed and the test fails fast instead of hanging.
+``timeout`` seconds is killed and the test fails fast instead of hanging. ``start_method="spawn"``
+starts fresh interpreters instead (slower; what a benchmark wants, since forked ranks share the
+parent's memory layout), and ``fail_fast=True`` stops at the first rank that raises instead of
+waiting for its peers, which may be stuck in a collective until ``pg_timeout``.
 """
 
 from __future__ import annotations
@@ -89,11 +92,15 @@ def run_ranks(
     pg_timeout: float = 30.0,
     env: dict[str, str] | None = None,
     expect_killed: bool = False,
+    start_method: str = "fork",
+    fail_fast: bool = False,
 ) -> list[RankResult]:
     """Run ``fn`` on ``world_size`` real ranks; ``world_size=0`` runs one process with no
     process group. Returns one :class:`RankResult` per rank (ranks killed by a signal, only
-    allowed with ``expect_killed``, are missing)."""
-    ctx = mp.get_context("fork")
+    allowed with ``expect_killed``, are missing; with ``fail_fast``, so are the ranks that had
+    not reported when the first rank raised). With ``start_method="spawn"``, ``fn`` and
+    ``args`` must be importable or picklable by reference."""
+    ctx = mp.get_context(start_method)
     queue = ctx.Queue()
     port = free_port()
     procs = [
@@ -116,6 +123,8 @@ def run_ranks(
             try:
                 item = queue.get(timeout=min(remaining, 0.5))
                 results[item.rank] = item
+                if fail_fast and item.error_type is not None:
+                    break
             except Exception:  # queue.Empty: check for ranks that died without reporting
                 dead = [p for p in procs if p.exitcode is not None and p.exitcode != 0]
                 if dead and not expect_killed:

@@ -1,0 +1,344 @@
+"""The main job: every contender on one (world size, MiB per rank), round after round, on
+every rank (:func:`main_job` is what ``tests/ranks.py`` starts)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import resource
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemWriter
+
+from bench import contenders as c
+from bench.phases import PhaseRecorder, SavePhases, recording
+from bench.timing import ContenderFailed, Ranks, first_line
+from bench.training import Trainer, measure_training_round
+from distckpt import CheckpointManager
+from distckpt.layout import rank_file_name
+
+
+def main_job(rank: int, world: int, job: dict[str, Any]) -> dict[str, Any] | None:
+    """Run every requested contender; rank 0 returns the measurements, the others None."""
+    # distckpt warns when a delete leaves `last` naming nothing: expected here, every round.
+    logging.getLogger("distckpt").setLevel(logging.ERROR)
+    with recording() as recorder:
+        return MainJob(Ranks(rank, world), job, recorder).run()
+
+
+class MainJob:
+    """One rank's part of the main job; the measurements so far, and what they share."""
+
+    def __init__(self, ranks: Ranks, job: dict[str, Any], recorder: PhaseRecorder) -> None:
+        self.ranks = ranks
+        self.rank = ranks.rank
+        self.recorder = recorder
+        self.work = Path(job["dir"])
+        self.rounds: int = job["rounds"]
+        self.repeats: int = job["repeats"]
+        self.timeout: float = job["pg_timeout"]
+        self.active = [name for name in c.CONTENDERS if name in job["contenders"]]
+        self.state = c.make_state(self.rank, job["mib"])
+        self.tensors = list(c.iter_tensors(self.state))
+        self.nbytes = sum(t.untyped_storage().nbytes() for t in self.tensors)
+        self.tiny = {"tiny": {f"rank{self.rank}": torch.zeros(256)}}
+        self.times: dict[str, list[float | None]] = {}
+        self.cpu: dict[str, dict[str, list[float | None]]] = {}
+        self.skipped: dict[str, str] = {}
+        self.info: dict[str, Any] = {
+            "state_bytes_per_rank": self.nbytes,
+            "tensors_per_rank": len(self.tensors),
+        }
+        #: this rank's phase events of each timed distckpt_sync_torch save
+        self.sync_phases: list[SavePhases] = []
+        self.managers: list[Any] = []
+        self.mgr_t: Any = None  # format="torch": distckpt_sync_torch and the restores
+        self.mgr_d: Any = None  # format="dcp"
+        self.mgr_a: Any = None  # async: step 2r+1 in round r, 2r+2 under training
+        self.dcp_group: Any = None
+        self.async_group: Any = None
+        self.dcp_async_ok = False
+        self.buffers: list[torch.Tensor] = []
+        self.views: list[Any] = []
+        self.chunk = b""
+        self.trainer: Trainer | None = None
+        self.train_steps: dict[str, list[int]] = {}
+
+    # -- bookkeeping
+
+    def put(self, r: int, name: str, marks: dict[str, float]) -> None:
+        """Record a measurement of round ``r`` (and the CPU time ``ranks.measure`` saw)."""
+        for key, value in marks.items():
+            self.times.setdefault(f"{name}.{key}" if key else name, [None] * self.rounds)[r] = value
+        for kind, value in zip(("user", "sys"), self.ranks.last_cpu):
+            self.cpu.setdefault(kind, {}).setdefault(name, [None] * self.rounds)[r] = value
+
+    def skip(self, name: str, why: str) -> None:
+        if name in self.active:
+            self.active.remove(name)
+        self.skipped[name] = why
+
+    def writer(self, path: Path) -> FileSystemWriter:
+        return FileSystemWriter(
+            path, single_file_per_rank=True, sync_files=True, thread_count=1, overwrite=True
+        )
+
+    def manager(self, name: str, **kwargs: Any) -> Any:
+        mgr = CheckpointManager(self.work / name, fsync=True, timeout=self.timeout, **kwargs)
+        self.managers.append(mgr)
+        return mgr
+
+    # -- set-up: managers, groups, probes, warm-ups
+
+    def set_up(self) -> None:
+        ranks, active = self.ranks, set(self.active)
+        # distckpt torch format: the first save is untimed and measures peak RSS (this
+        # process has done nothing bigger than allocating its state yet).
+        if {"distckpt_sync_torch", "restore"} & active:
+            self.mgr_t = self.manager("distckpt_torch", format="torch")
+            ranks.barrier()
+            rss_before, max_before = current_rss(), max_rss()
+            started = time.perf_counter()
+            self.mgr_t.save(0, self.state)
+            first = time.perf_counter() - started
+            max_after = max_rss()
+            ranks.delete_checkpoint(self.mgr_t, 0)
+            self.info["rss"] = ranks.gather(
+                {
+                    "rank": self.rank,
+                    "state_bytes": self.nbytes,
+                    "rss_before": rss_before,
+                    "max_rss_before": max_before,
+                    "max_rss_after": max_after,
+                    "extra": max(0, max_after - rss_before),
+                    "peak_set_earlier": max_after <= max_before,
+                }
+            )
+            self.info["distckpt_sync_torch.first_save"] = max(ranks.gather(first))
+        self.probe_dcp(active)
+        if "distckpt_sync_dcp" in active:
+            try:
+                ranks.measure(lambda t0: self.manager("distckpt_dcp", format="dcp"))
+                self.mgr_d = self.managers[-1]
+                ranks.measure(lambda t0: self.mgr_d.save(0, self.tiny))
+                ranks.delete_checkpoint(self.mgr_d, 0)
+            except ContenderFailed as exc:
+                self.skip("distckpt_sync_dcp", f"format='dcp' does not work (yet): {exc}")
+            except Exception as exc:  # a format under construction may fail in any way
+                why = f"format='dcp' does not work (yet): {first_line(exc)}"
+                self.skip("distckpt_sync_dcp", why)
+        if {"distckpt_async_torch", "train"} & active:
+            self.mgr_a = self.manager("distckpt_async", format="torch", async_save=True)
+            marks = ranks.measure(lambda t0: c.async_marks(t0, self.mgr_a, 0, self.state))
+            ranks.delete_checkpoint(self.mgr_a, 0)
+            self.info["distckpt_async_torch.first_save_blocking"] = marks["blocking"]
+        if "copy" in active:
+            self.buffers = [torch.empty_like(t) for t in self.tensors]
+            # Fault the pages in: a steady-state copy reuses them.
+            c.copy_into(self.buffers, self.tensors)
+        self.views = [t.reshape(-1).view(torch.uint8).numpy() for t in self.tensors]
+        self.chunk = os.urandom(c.CHUNK_BYTES) if "disk_write" in active else b""
+
+    def probe_dcp(self, active: set[str]) -> None:
+        """DCP's own gloo groups, each probed with a tiny state so a failure is a clear skip."""
+        ranks, tiny = self.ranks, self.tiny
+        if "dcp_save" in active:
+            self.dcp_group = dist.new_group(backend="gloo")
+        dcp_async = bool({"dcp_async_save", "train"} & active)
+        if dcp_async:
+            self.async_group = dist.new_group(backend="gloo")
+        self.dcp_async_ok = dcp_async
+        if "dcp_save" in active:
+            probe = ranks.fresh_dir(self.work / "dcp_probe")
+            try:
+                writer = self.writer(probe)
+                ranks.measure(
+                    lambda t0: dcp.save(tiny, storage_writer=writer, process_group=self.dcp_group)
+                )
+            except ContenderFailed as exc:
+                self.skip("dcp_save", f"dcp.save failed: {exc}")
+            ranks.remove(probe)
+        if dcp_async:
+            probe = ranks.fresh_dir(self.work / "dcp_async_probe")
+            try:
+                ranks.measure(lambda t0: c.dcp_result(self.dcp_async_save(tiny, probe)))
+            except ContenderFailed as exc:
+                self.dcp_async_ok = False
+                why = f"dcp.async_save failed: {exc}"
+                if "dcp_async_save" in active:
+                    self.skip("dcp_async_save", why)
+                if "train" in active:
+                    self.skipped["train_during_dcp_async"] = why
+            ranks.remove(probe)
+
+    def dcp_async_save(self, state: Any, path: Path) -> Any:
+        return dcp.async_save(
+            state, storage_writer=self.writer(path), process_group=self.async_group
+        )
+
+    # -- measurements
+
+    def measure_reads(self, r: int, step: int) -> None:
+        """Round ``r``'s restore measurements, on ``mgr_t``'s checkpoint of ``step``: hot
+        (the pages the save left in the page cache) in rotating order, then cold (this
+        checkpoint's files evicted with posix_fadvise first; no other cache is dropped)."""
+        ranks, mgr = self.ranks, self.mgr_t
+        rank_file = mgr.layout.step_dir(step) / rank_file_name(self.rank)
+        hot: list[tuple[str, Callable[[float], Any]]] = [
+            ("restore_mmap", lambda t0: mgr.restore(step, mmap=True)),
+            ("restore_full", lambda t0: mgr.restore(step)),
+            ("raw_torch_load", lambda t0: torch.load(rank_file, weights_only=True)),
+            ("raw_torch_load_mmap", lambda t0: torch.load(rank_file, weights_only=True, mmap=True)),
+        ]
+        cold: list[tuple[str, Callable[[float], Any]]] = [
+            ("restore_mmap_cold", lambda t0: mgr.restore(step, mmap=True)),
+            ("restore_full_cold", lambda t0: mgr.restore(step)),
+        ]
+        runs: dict[str, list[tuple[dict[str, float], tuple[float, float]]]] = {}
+        try:
+            for i in range(self.repeats):
+                # Rotated: each full read allocates memory the previous one just freed.
+                shift = (r * self.repeats + i) % len(hot)
+                for name, read in hot[shift:] + hot[:shift]:
+                    runs.setdefault(name, []).append((ranks.measure(read), ranks.last_cpu))
+                for name, read in cold:  # last: the full cold read leaves the cache hot again
+                    c.evict(rank_file)
+                    runs.setdefault(name, []).append((ranks.measure(read), ranks.last_cpu))
+        except ContenderFailed as exc:
+            self.skip("restore", f"failed in round {r}: {exc}")
+            return
+        for name, measured in runs.items():
+            self.put(r, name, ranks.median_run(measured))
+
+    def in_fresh_dir(self, name: str, r: int, fn: Callable[[float, Path], Any]) -> dict[str, float]:
+        """Measure ``fn(t0, directory)`` writing into a fresh directory, deleted afterwards."""
+        d = self.ranks.fresh_dir(self.work / name / f"round-{r}")
+        try:
+            return self.ranks.measure(lambda t0: fn(t0, d))
+        finally:
+            self.ranks.remove(d)
+
+    def run_save(self, name: str, r: int) -> dict[str, float]:
+        ranks, state, rank, step = self.ranks, self.state, self.rank, r + 1
+        if name == "disk_write":
+            return self.in_fresh_dir(
+                name,
+                r,
+                lambda t0, d: c.write_chunks(d / f"rank-{rank:05d}.bin", self.chunk, self.nbytes),
+            )
+        if name == "raw_torch_save":
+            return self.in_fresh_dir(
+                name, r, lambda t0, d: c.raw_torch_save(state, d / f"rank-{rank:05d}.pt")
+            )
+        if name == "dcp_save":
+            return self.in_fresh_dir(
+                name,
+                r,
+                lambda t0, d: dcp.save(
+                    state, storage_writer=self.writer(d), process_group=self.dcp_group
+                ),
+            )
+        if name == "dcp_async_save":
+
+            def dcp_async(t0: float, d: Path) -> c.Marks:
+                future = self.dcp_async_save(state, d)
+                blocking = time.perf_counter() - t0
+                c.dcp_result(future)
+                return c.Marks(blocking=blocking, total=time.perf_counter() - t0)
+
+            return self.in_fresh_dir(name, r, dcp_async)
+        if name == "distckpt_sync_torch":
+            try:
+                self.recorder.take()  # what came before is not this save's
+                marks = ranks.measure(lambda t0: self.mgr_t.save(step, state))
+                self.sync_phases.append(self.recorder.take())
+                if "restore" in self.active:
+                    cpu_of_save = ranks.last_cpu
+                    self.measure_reads(r, step)  # before the next save: see delete_checkpoint
+                    ranks.last_cpu = cpu_of_save
+                return marks
+            finally:
+                ranks.delete_checkpoint(self.mgr_t, step)
+        if name == "distckpt_sync_dcp":
+            try:
+                return ranks.measure(lambda t0: self.mgr_d.save(step, state))
+            finally:
+                ranks.delete_checkpoint(self.mgr_d, step)
+        if name == "distckpt_async_torch":
+            try:
+                return ranks.measure(lambda t0: c.async_marks(t0, self.mgr_a, 2 * r + 1, state))
+            finally:
+                ranks.delete_checkpoint(self.mgr_a, 2 * r + 1)
+        raise AssertionError(name)
+
+    def run_round(self, r: int, order: list[str]) -> None:
+        ranks, step = self.ranks, r + 1
+        # Decided from what this rank did, never from the disk: rank 0 may have changed it.
+        read_done = False
+        shift = r % len(order) if order else 0
+        for name in order[shift:] + order[:shift]:
+            if name not in self.active:
+                continue
+            try:
+                self.put(r, name, self.run_save(name, r))
+                read_done = read_done or name == "distckpt_sync_torch"
+            except ContenderFailed as exc:
+                self.skip(name, f"failed in round {r}: {exc}")
+        if self.mgr_t is not None and "restore" in self.active and not read_done:
+            try:
+                ranks.measure(lambda t0: self.mgr_t.save(step, self.state))  # untimed
+                self.measure_reads(r, step)
+            except ContenderFailed as exc:
+                self.skip("restore", f"failed in round {r}: {exc}")
+            finally:
+                ranks.delete_checkpoint(self.mgr_t, step)
+        for name, fn in (
+            ("crc32", lambda t0: c.crc32(self.views)),
+            ("copy", lambda t0: c.copy_into(self.buffers, self.tensors)),
+        ):
+            if name in self.active:
+                measured = [(ranks.measure(fn), ranks.last_cpu) for _ in range(self.repeats)]
+                self.put(r, name, ranks.median_run(measured))
+
+    def run(self) -> dict[str, Any] | None:
+        self.set_up()
+        order = [name for name in c.SAVE_CONTENDERS if name in self.active]
+        for r in range(self.rounds):
+            self.run_round(r, order)
+        # Training last, in rounds of its own: its allocations (gloo's buffers for 12 MiB of
+        # gradients) raise glibc's mmap threshold above the state's 8 MiB tensors, after which
+        # a full restore reuses heap pages instead of faulting fresh ones (2-3x faster here):
+        # run before the other contenders' rounds, it would change what they measure.
+        if "train" in self.active:
+            self.trainer = Trainer(self.rank, self.ranks.world)
+            for r in range(self.rounds):
+                try:
+                    measure_training_round(self, r)
+                except ContenderFailed as exc:
+                    self.skip("train", f"failed in round {r}: {exc}")
+                    break
+        for mgr in self.managers:
+            mgr.close()
+        if self.train_steps:
+            self.info["train_steps_during_save"] = self.train_steps
+        sync_phases = self.ranks.gather(self.sync_phases)
+        if self.rank != 0:
+            return None
+        if any(sync_phases):
+            self.info["distckpt_sync_torch.phases_by_rank"] = sync_phases
+        return {"times": self.times, "cpu": self.cpu, "skipped": self.skipped, "info": self.info}
+
+
+def current_rss() -> int:
+    with open("/proc/self/statm") as file:
+        return int(file.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def max_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
