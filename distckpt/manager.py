@@ -425,7 +425,7 @@ class CheckpointManager:
                 time.monotonic(), last_time=self._last_time
             )
             votes = self._coord.all_gather(
-                (time_due, self._signalled.is_set()), what="deciding whether to save"
+                lambda: (time_due, self._signalled.is_set()), what="deciding whether to save"
             )
             # Rank 0's clock decides time-based saves (clocks differ between nodes); any
             # signalled rank decides preemption (the signal may reach only some).
