@@ -99,6 +99,22 @@ class Outcome:
         raise _rebuild(self.error_type, self.error, self.fields, what=what) from cause
 
 
+def run_now(func: Callable[[], T]) -> Callable[[], T]:
+    """Run ``func`` now and return a function that gives its value or raises its error later:
+    for a verb's local part that must run before something else happens on this rank alone
+    (a fault point, a phase boundary) and only then be reported to the other ranks."""
+    try:
+        value = func()
+    except Exception as exc:  # raised again inside the verb, which reports it
+        error = exc  # `exc` itself is unbound when the except block ends
+
+        def replay() -> T:
+            raise error
+
+        return replay
+    return lambda: value
+
+
 def _rebuild(
     error_type: str | None, message: str, fields: Mapping[str, Any], *, what: str
 ) -> CheckpointError:
