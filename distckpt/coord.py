@@ -124,6 +124,19 @@ def _rebuild(
     return CheckpointError(f"{what} failed: {message}")
 
 
+def check_timeout(timeout: object) -> float:
+    """``timeout`` as seconds, refused unless a positive number gloo can take."""
+    if (
+        isinstance(timeout, bool)
+        or not isinstance(timeout, (int, float))
+        or not 0 < timeout < 10**7
+    ):
+        raise errors.InvalidArgument(
+            f"timeout must be a positive number of seconds, not {timeout!r}"
+        )
+    return float(timeout)
+
+
 def current_rank() -> int:
     """This process's global rank, or 0 without an initialised process group."""
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0

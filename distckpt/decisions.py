@@ -89,6 +89,38 @@ def decide(
     )
 
 
+class SaveDecider:
+    """The save decisions of one manager: the schedule, the signals, the last save counted
+    from, and the decision :meth:`should_save` took for a step (reused by the save)."""
+
+    def __init__(self, schedule: SaveSchedule, signals: SignalFlag, coord: Coordinator) -> None:
+        self.schedule = schedule
+        self.signals = signals
+        self.coord = coord
+        self.last = LastSave()
+        self._pending: SaveDecision | None = None
+
+    def should_save(self, step: int, epoch: int | None) -> bool:
+        """Decide for ``step`` now and keep the decision for the save of that step."""
+        self._pending = self.take(step, epoch, force=False)
+        return self._pending.save
+
+    def take(self, step: int, epoch: int | None, *, force: bool) -> SaveDecision:
+        """The decision for ``step``: the one :meth:`should_save` took for it, or a new one."""
+        pending, self._pending = self._pending, None
+        if pending is not None and pending.step == step and pending.epoch == epoch:
+            return pending.forced() if force else pending
+        return decide(
+            step,
+            epoch,
+            force=force,
+            schedule=self.schedule,
+            last=self.last,
+            signals=self.signals,
+            coord=self.coord,
+        )
+
+
 class SignalFlag:
     """Signals that request a preemption save: their handlers only set a flag, because the
     save itself must happen where every rank takes part."""

@@ -11,25 +11,24 @@ save's background thread and the counters a schedule counts from. See
 
 from __future__ import annotations
 
-import atexit
 import functools
 import logging
 import os
 import uuid
 from collections.abc import Collection, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, Union
 
 import torch.distributed as dist
 
-from distckpt import decisions, policy, protocol, reader
-from distckpt.coord import Coordinator, Outcome
-from distckpt.decisions import LastSave, SaveDecision, SignalFlag
-from distckpt.errors import CheckpointError, CheckpointNotFound, CheckpointVanished, InvalidArgument
-from distckpt.formats import FORMAT_NAMES, ReadOptions, format_named
-from distckpt.fsutil import LINK_MODES, LinkMode
+from distckpt import policy, protocol, reader
+from distckpt.background import BackgroundSaves
+from distckpt.coord import Coordinator, Outcome, check_timeout
+from distckpt.decisions import LastSave, SaveDecider, SignalFlag
+from distckpt.errors import CheckpointError, CheckpointNotFound, CheckpointVanished
+from distckpt.formats import ReadOptions, format_named
+from distckpt.fsutil import LinkMode
 from distckpt.layout import BEST, LAST, RootLayout
 from distckpt.manifest import Manifest
 from distckpt.results import Checkpoint, CheckpointInfo, SaveResult
@@ -95,16 +94,8 @@ class CheckpointManager:
         group: dist.ProcessGroup | None = None,
         timeout: float = 600.0,
     ) -> None:
-        if format not in FORMAT_NAMES:
-            raise InvalidArgument(f"format must be one of {FORMAT_NAMES}, not {format!r}")
-        if link not in LINK_MODES:
-            raise InvalidArgument(f"link must be one of {LINK_MODES}, not {link!r}")
-        if (
-            isinstance(timeout, bool)
-            or not isinstance(timeout, (int, float))
-            or not 0 < timeout < 10**7
-        ):
-            raise InvalidArgument(f"timeout must be a positive number of seconds, not {timeout!r}")
+        self._format = format_named(format)
+        self.timeout = check_timeout(timeout)
         self._signals = SignalFlag(save_on_signal)
         self.layout = RootLayout.at(root)
         self.retention = policy.RetentionPolicy(
@@ -120,9 +111,7 @@ class CheckpointManager:
             every_seconds=every_seconds,
         )
         self.format = format
-        self._format = format_named(format)
         self.fsync = fsync
-        self.timeout = float(timeout)
         self._store = open_store(
             self.layout.root,
             retention=self.retention,
@@ -130,7 +119,6 @@ class CheckpointManager:
             fsync=fsync,
             lock_timeout=self.timeout / 2,
         )
-        self._pending: SaveDecision | None = None
         self._closed = False
         self._save_count = 0
         self.preempted = False
@@ -138,12 +126,11 @@ class CheckpointManager:
         loop should exit so the job can be requeued and resume from ``last``."""
 
         self._buffers = SnapshotBuffers() if async_save else None
-        self._background: ThreadPoolExecutor | None = None
-        self._inflight: Future[SaveResult] | None = None
+        self._background: BackgroundSaves | None = None
         self._before_inflight = LastSave()
         self._coord = Coordinator(group, self.timeout)
-        self._background_coord = self._coord
         self.rank = self._coord.rank
+        self._decider = SaveDecider(self.schedule, self._signals, self._coord)
         self.world_size = self._coord.world_size
         try:
             # Rank 0 names this manager's staging areas after the token: unique to this manager.
@@ -151,16 +138,14 @@ class CheckpointManager:
                 lambda: (self._store.open().newest, uuid.uuid4().hex[:12]),
                 what="opening the checkpoint root",
             )
-            self._last = LastSave.at(*(newest or (None, None)))
+            self._decider.last = LastSave.at(*(newest or (None, None)))
             self._coord.all_gather(
                 lambda: self._store.check_visible(self.rank),
                 what="checking the root from every rank",
             )
             if async_save:
                 # Its own group: background collectives never interleave with this thread's.
-                self._background_coord = self._coord.spawn()
-                self._background = ThreadPoolExecutor(1, thread_name_prefix="distckpt-commit")
-                atexit.register(self._finish_at_exit)
+                self._background = BackgroundSaves(self._coord)
             self._signals.install()
         except BaseException:
             self.close()  # gives the groups back: ranks must take and return them alike
@@ -177,23 +162,7 @@ class CheckpointManager:
         decision for the same step instead of deciding again.
         """
         self._check_open()
-        self._pending = self._decide(step, epoch, force=False)
-        return self._pending.save
-
-    def _decide(self, step: int, epoch: int | None, *, force: bool) -> SaveDecision:
-        """The decision for ``step``: the one :meth:`should_save` took for it, or a new one."""
-        pending, self._pending = self._pending, None
-        if pending is not None and pending.step == step and pending.epoch == epoch:
-            return pending.forced() if force else pending
-        return decisions.decide(
-            step,
-            epoch,
-            force=force,
-            schedule=self.schedule,
-            last=self._last,
-            signals=self._signals,
-            coord=self._coord,
-        )
+        return self._decider.should_save(step, epoch)
 
     def save(
         self,
@@ -225,7 +194,7 @@ class CheckpointManager:
             overwrite: replace an already committed checkpoint of this step.
         """
         self._check_open()
-        decision = self._decide(step, epoch, force=force)
+        decision = self._decider.take(step, epoch, force=force)
         if not decision.save:
             return None
         self.wait()  # at most one save in flight; raises a failed one's error here
@@ -243,24 +212,22 @@ class CheckpointManager:
             token=f"{self._token}-{self._save_count}",
         )
         if isinstance(plan, SaveResult):  # committed already: the schedule counts from it
-            self._last = LastSave.at(plan.step, plan.epoch)
+            self._decider.last = LastSave.at(plan.step, plan.epoch)
             return plan
         commit = functools.partial(
-            protocol.write_and_commit,
-            plan,
-            store=self._store,
-            fmt=self._format,
-            fmt_name=self.format,
-            fsync=self.fsync,
+            protocol.write_and_commit, plan, store=self._store, fmt=self._format
         )
         if self._background is None:
             result = commit(coord=self._coord)
-            self._last = LastSave.at(plan.step, plan.epoch)
+            self._decider.last = LastSave.at(plan.step, plan.epoch)
         else:
             # Counted at once, so the next steps do not save again while this one is in
             # flight; wait() restores the previous counters if it fails.
-            self._before_inflight, self._last = self._last, LastSave.at(plan.step, plan.epoch)
-            self._inflight = self._background.submit(commit, coord=self._background_coord)
+            self._before_inflight, self._decider.last = (
+                self._decider.last,
+                LastSave.at(plan.step, plan.epoch),
+            )
+            self._background.submit(lambda coord: commit(coord=coord))
             result = SaveResult(
                 plan.step, self.layout.step_dir(plan.step), plan.epoch, plan.metrics, done=False
             )
@@ -278,20 +245,19 @@ class CheckpointManager:
         return its result, or raise its error — the same on every rank. None if no save is in
         flight. Not collective by itself, but every rank must call it (the background commit
         needs every rank)."""
-        inflight, self._inflight = self._inflight, None
-        if inflight is None:
+        if self._background is None:
             return None
         try:
-            return inflight.result()
+            return self._background.wait()
         except BaseException:
-            self._last = self._before_inflight
+            self._decider.last = self._before_inflight
             raise
 
     @property
     def save_in_flight(self) -> bool:
         """Whether an async save's background write and commit are still running on this rank
         (not collective; :meth:`wait` blocks until it is done and returns its result)."""
-        return self._inflight is not None and not self._inflight.done()
+        return self._background is not None and self._background.in_flight
 
     @property
     def is_coordinator(self) -> bool:
@@ -391,7 +357,7 @@ class CheckpointManager:
                 if not may_retry or attempt == reader.VANISH_RETRIES:
                     raise
                 logger.warning("%s vanished while being read; resolving again", directory)
-        self._last = LastSave.at(manifest.step, manifest.epoch)
+        self._decider.last = LastSave.at(manifest.step, manifest.epoch)
         return loaded
 
     # ------------------------------------------------------------------ queries
@@ -427,8 +393,8 @@ class CheckpointManager:
         protocol.check_step(step)
         self.wait()
         latest = self._coord.decide(lambda: self._store.delete(step), what=f"deleting step {step}")
-        if self._last.step == step:  # rank 0's view, so every rank's schedule agrees
-            self._last = LastSave(latest, self._last.epoch, self._last.time)
+        if self._decider.last.step == step:  # rank 0's view, so every rank's schedule agrees
+            self._decider.last = LastSave(latest, self._decider.last.epoch, self._decider.last.time)
 
     def prune(self) -> list[int]:
         """Apply the retention rules now (as after every commit), under the lock; collective.
@@ -456,22 +422,10 @@ class CheckpointManager:
         finally:
             try:
                 if self._background is not None:
-                    self._background.shutdown(wait=True)
-                    atexit.unregister(self._finish_at_exit)
-                    self._background_coord.close()
+                    self._background.close()
                 self._signals.restore()
             finally:
                 self._coord.close()
-
-    def _finish_at_exit(self) -> None:
-        """At interpreter exit with a save in flight: finish it, or say loudly that it failed
-        (the background collectives' timeout bounds the wait)."""
-        try:
-            result = self.wait()
-            if result is not None:
-                logger.info("finished the save of step %d in flight at exit", result.step)
-        except Exception as exc:
-            logger.error("the checkpoint save in flight at exit failed: %s", exc)
 
     def __enter__(self) -> CheckpointManager:
         return self

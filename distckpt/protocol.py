@@ -242,12 +242,10 @@ def write_and_commit(
     coord: Coordinator,
     store: RootStore,
     fmt: CheckpointFormat,
-    fmt_name: str,
-    fsync: bool,
 ) -> SaveResult:
     """Steps 2-4, in the caller's thread or, for an async save, in the background thread with
     a ``coord`` of its own. Rank 0 discards the staging area unless it was committed."""
-    step, rank = plan.step, coord.rank
+    step, rank, fsync = plan.step, coord.rank, store.fsync
     try:
         with events.phase("save.write", rank=rank, step=step):
             records = run_now(lambda: write(plan, coord=coord, store=store, fmt=fmt, fsync=fsync))
@@ -255,7 +253,7 @@ def write_and_commit(
         with events.phase("save.agree", rank=rank, step=step):
             written = coord.all_gather(records, what=f"writing step {step}")
         faults.hit("after_agreement", rank)
-        manifest = agree(plan, written, fmt_name=fmt_name, world_size=coord.world_size)
+        manifest = agree(plan, written, fmt_name=fmt.name, world_size=coord.world_size)
         with events.phase("save.commit", rank=rank, step=step):
             return commit(plan, manifest, coord=coord, store=store)
     finally:

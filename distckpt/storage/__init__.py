@@ -61,6 +61,8 @@ class RootStore(abc.ABC):
 
     #: where the root is, for messages and for the paths in results
     root: Path
+    #: whether writes are made durable against power loss (the ranks' shard writes, too)
+    fsync: bool
 
     @abc.abstractmethod
     def open(self) -> OpenedRoot:

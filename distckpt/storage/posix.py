@@ -18,8 +18,15 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from distckpt import events, faults, policy, reader
-from distckpt.errors import CheckpointError, CheckpointExists, InvalidStep, RootNotWritable
+from distckpt.errors import (
+    CheckpointError,
+    CheckpointExists,
+    InvalidArgument,
+    InvalidStep,
+    RootNotWritable,
+)
 from distckpt.fsutil import (
+    LINK_MODES,
     ChecksumWriter,
     LinkMode,
     atomic_write_bytes,
@@ -59,6 +66,8 @@ class PosixRootStore(RootStore):
         fsync: bool,
         lock_timeout: float,
     ) -> None:
+        if link not in LINK_MODES:
+            raise InvalidArgument(f"link must be one of {LINK_MODES}, not {link!r}")
         self.layout = RootLayout.at(root)
         self.root = self.layout.root
         self.retention = retention
