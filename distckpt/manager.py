@@ -390,7 +390,7 @@ class CheckpointManager:
         """Delete the checkpoint of ``step``; collective. Links that pointed at it are moved to
         what remains (or removed). Raises :class:`CheckpointNotFound` if it does not exist."""
         self._check_open()
-        protocol.check_step(step)
+        protocol.check_step_number(step)
         self.wait()
         latest = self._coord.decide(lambda: self._store.delete(step), what=f"deleting step {step}")
         if self._decider.last.step == step:  # rank 0's view, so every rank's schedule agrees

@@ -108,7 +108,7 @@ def propose(
     prepared: dict[str, Any] = {}  # this rank's own results, kept out of the all-gather
 
     def local() -> Proposal:
-        check_step(step)
+        check_step_number(step)
         plain = to_plain(state)
         # Async: copy now, so training may change its tensors as soon as save returns.
         prepared["state"] = snapshot.snapshot(plain) if snapshot is not None else plain
@@ -261,7 +261,7 @@ def write_and_commit(
             store.discard_staging(plan.area)
 
 
-def check_step(step: object) -> None:
+def check_step_number(step: object) -> None:
     """A step must be a non-negative int (bools are refused, too)."""
     if isinstance(step, bool) or not isinstance(step, int):
         raise InvalidStep(f"step must be an int, not {type(step).__name__} ({step!r})")
