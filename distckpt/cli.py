@@ -1,11 +1,11 @@
 """The ``distckpt`` command line: a thin front end over the library's own functions.
 
 ``ls``, ``info``, ``verify`` and ``lease`` only read (``lease --break`` rewrites only the
-lease record, for a holder on another machine that is known to be dead). ``prune``, ``gc`` and
-``export`` act through the same code a training job uses (the manager's retention rules, its
-lock, its cleanup), so running one next to a live job is safe. Output is for people by default,
-JSON with ``--json``. Exit status: 0 on success, 1 when ``verify`` finds a problem, 2 on bad
-input or any other error.
+lease record, for a holder on another machine that is known to be dead). ``prune`` and ``gc``
+act through the same store a training job's rank 0 uses (its retention rules, its lock, its
+cleanup), with no process group, and ``export`` through the same reader, so running one next to
+a live job is safe. Output is for people by default, JSON with ``--json``. Exit status: 0 on
+success, 1 when ``verify`` finds a problem, 2 on bad input or any other error.
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ from distckpt.fsutil import read_link
 from distckpt.layout import LINK_NAMES, RootLayout
 from distckpt.lease import LeaseHolder, break_lease, read_holder
 from distckpt.lock import find_leftovers
+from distckpt.policy import RetentionPolicy
+from distckpt.storage import RootStore, open_store
 from distckpt.verify import verify
 
 EXIT_OK, EXIT_PROBLEMS, EXIT_ERROR = 0, 1, 2
@@ -235,12 +237,11 @@ def cmd_verify(args: argparse.Namespace, out: TextIO) -> int:
     return EXIT_OK if report.ok else EXIT_PROBLEMS
 
 
-def _open_manager(root: str, **options: Any) -> Any:
-    from distckpt.manager import CheckpointManager  # the manager pulls in torch.distributed
-
+def _open_store(root: str, retention: RetentionPolicy | None = None) -> RootStore:
+    """The root's store, as a job's rank 0 uses it: no manager and no process group needed."""
     if not Path(root).is_dir():
         raise CheckpointError(f"no checkpoint root at {os.path.abspath(root)}")
-    return CheckpointManager(root, **options)
+    return open_store(root, retention=retention)
 
 
 def cmd_prune(args: argparse.Namespace, out: TextIO) -> int:
@@ -248,16 +249,15 @@ def cmd_prune(args: argparse.Namespace, out: TextIO) -> int:
         raise CheckpointError(
             "prune needs at least one of --keep-last, --keep-best, --keep-every-n-steps"
         )
-    with _open_manager(
-        args.root,
+    retention = RetentionPolicy(
         keep_last=args.keep_last,
         keep_best=args.keep_best,
         monitor=args.monitor,
         mode=args.mode,
         keep_every_n_steps=args.keep_every_n_steps,
-    ) as mgr:
-        removed = mgr.prune()
-        kept = mgr.steps()
+    )
+    removed = _open_store(args.root, retention).prune()
+    kept = RootLayout.at(args.root).committed_steps()
     if args.json:
         json.dump({"removed": removed, "kept": kept}, out)
         out.write("\n")
@@ -268,8 +268,7 @@ def cmd_prune(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def cmd_gc(args: argparse.Namespace, out: TextIO) -> int:
-    with _open_manager(args.root) as mgr:
-        removed = [os.fspath(p) for p in mgr.gc()]
+    removed = [os.fspath(p) for p in _open_store(args.root).collect_leftovers()]
     if args.json:
         json.dump({"removed": removed}, out)
         out.write("\n")

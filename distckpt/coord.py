@@ -1,11 +1,21 @@
 """Rank coordination: the one place distckpt calls torch.distributed collectives.
 
 Every decision that ranks must share goes through a :class:`Coordinator`, so ranks cannot drift
-apart: rank 0 decides and broadcasts, or every rank contributes and every rank computes the same
-answer from the same gathered data. Collectives run on the coordinator's own gloo group, created
-with the manager's timeout, so a dead or hung rank surfaces as :class:`CoordinationError` after
-that timeout instead of gloo's 30-minute default, and distckpt's collectives never interleave
-with the training loop's. Nothing here knows about files or formats.
+apart. Its verbs take the *local* part as a function, run it, capture its failure instead of
+raising it (a rank that raised alone would leave the others waiting in the collective), run the
+collective, and then raise the same error on every rank:
+
+* :meth:`Coordinator.all_gather` — every rank runs its function; every rank gets all values.
+* :meth:`Coordinator.all_reduce` — the same, then one pure function of all values, computed
+  alike on every rank (its error, too, is raised on every rank alike).
+* :meth:`Coordinator.decide` — rank 0 runs the function; its value or error reaches every rank.
+
+Errors cross ranks as their class name, message and structured fields
+(:meth:`~distckpt.errors.CheckpointError.fields`) and are rebuilt on the other side.
+Collectives run on the coordinator's own gloo group, created with the manager's timeout, so a
+dead or hung rank surfaces as :class:`CoordinationError` (:class:`CoordinationTimeout` when gloo
+timed out) after that timeout instead of gloo's 30-minute default, and distckpt's collectives
+never interleave with the training loop's. Nothing here knows about files or formats.
 """
 
 from __future__ import annotations
@@ -15,17 +25,31 @@ import datetime
 import logging
 import threading
 import traceback
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import torch.distributed as dist
 
-from distckpt import errors
+from distckpt import errors, events
 from distckpt.errors import CheckpointError, CoordinationError, CoordinationTimeout, RankFailure
 
 logger = logging.getLogger("distckpt")
 T = TypeVar("T")
+R = TypeVar("R")
+
+#: gloo's own words for a collective that ran out of time. torch raises them as a plain
+#: RuntimeError (no DistBackendError, no TimeoutError), so gloo's message is what tells a timeout
+#: from a peer that died; after a timeout gloo closes the pair, and the next collective on the
+#: group fails with the second message.
+GLOO_TIMEOUT_MESSAGES = ("Timed out waiting", "Application timeout caused pair closure")
+
+
+def is_timeout(exc: BaseException) -> bool:
+    """Whether a failed collective ran out of time (rather than losing a peer)."""
+    if isinstance(exc, TimeoutError):
+        return True
+    return isinstance(exc, RuntimeError) and any(m in str(exc) for m in GLOO_TIMEOUT_MESSAGES)
 
 
 def describe_error(exc: BaseException) -> str:
@@ -38,40 +62,79 @@ def describe_error(exc: BaseException) -> str:
 @dataclass(frozen=True)
 class Outcome:
     """What one rank reports to the others: its result, or its error (as text, plus the name
-    of the distckpt exception class so every rank can raise the same type)."""
+    of the distckpt exception class and its structured fields, so every rank can raise the same
+    error)."""
 
     value: Any = None
     error: str | None = None
     error_type: str | None = None
+    fields: Mapping[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def failure(cls, exc: BaseException) -> Outcome:
-        error_type = type(exc).__name__ if isinstance(exc, CheckpointError) else None
-        message = str(exc) if error_type else describe_error(exc)
-        return cls(error=message, error_type=error_type)
+    def failure(cls, exc: BaseException, *, rank: int | None = None) -> Outcome:
+        """The report of ``exc``; ``rank`` fills the error's ``rank`` field if it has none."""
+        if isinstance(exc, CheckpointError):
+            fields = exc.fields()
+            if rank is not None and not isinstance(exc, RankFailure):
+                fields.setdefault("rank", rank)
+            return cls(error=str(exc), error_type=type(exc).__name__, fields=fields)
+        return cls(error=describe_error(exc))
 
     @classmethod
-    def of(cls, func: Callable[[], T]) -> tuple[Outcome, BaseException | None]:
+    def of(
+        cls, func: Callable[[], T], *, rank: int | None = None
+    ) -> tuple[Outcome, Exception | None]:
         """Run ``func`` and capture its result or its exception (not raised: the ranks must
         first agree, or the others would wait for this one in the next collective)."""
         try:
             return cls(value=func()), None
         except Exception as exc:  # any failure must reach the other ranks
             logger.debug("failure to report to the other ranks:\n%s", traceback.format_exc())
-            return cls.failure(exc), exc
+            return cls.failure(exc, rank=rank), exc
 
     def unwrap(self, *, what: str, cause: BaseException | None = None) -> Any:
         """The value of a decision rank 0 took for everyone, or its error raised here."""
         if self.error is None:
             return self.value
-        raise _rebuild(self.error_type, self.error, what=what) from cause
+        raise _rebuild(self.error_type, self.error, self.fields, what=what) from cause
 
 
-def _rebuild(error_type: str | None, message: str, *, what: str) -> CheckpointError:
+def run_now(func: Callable[[], T]) -> Callable[[], T]:
+    """Run ``func`` now and return a function that gives its value or raises its error later:
+    for a verb's local part that must run before something else happens on this rank alone
+    (a fault point, a phase boundary) and only then be reported to the other ranks."""
+    try:
+        value = func()
+    except Exception as exc:  # raised again inside the verb, which reports it
+        error = exc  # `exc` itself is unbound when the except block ends
+
+        def replay() -> T:
+            raise error
+
+        return replay
+    return lambda: value
+
+
+def _rebuild(
+    error_type: str | None, message: str, fields: Mapping[str, Any], *, what: str
+) -> CheckpointError:
     cls = getattr(errors, error_type, None) if error_type else None
-    if isinstance(cls, type) and issubclass(cls, CheckpointError) and cls is not RankFailure:
-        return cls(message)
+    if isinstance(cls, type) and issubclass(cls, CheckpointError):
+        return cls.rebuild(message, fields)
     return CheckpointError(f"{what} failed: {message}")
+
+
+def check_timeout(timeout: object) -> float:
+    """``timeout`` as seconds, refused unless a positive number gloo can take."""
+    if (
+        isinstance(timeout, bool)
+        or not isinstance(timeout, (int, float))
+        or not 0 < timeout < 10**7
+    ):
+        raise errors.InvalidArgument(
+            f"timeout must be a positive number of seconds, not {timeout!r}"
+        )
+    return float(timeout)
 
 
 def current_rank() -> int:
@@ -120,58 +183,88 @@ class Coordinator:
         """The private gloo group (None without torch.distributed)."""
         return self._group
 
-    def _run(self, what: str, collective: Callable[[], None]) -> None:
+    def _run(self, verb: str, what: str, collective: Callable[[], None]) -> None:
         try:
-            collective()
+            with events.phase(f"collective.{verb}", rank=self.rank):
+                collective()
         except Exception as exc:
-            text = str(exc)
             hint = (
                 f"another rank died, hung or stopped calling distckpt in step with this one "
                 f"(timeout {self.timeout:g} s)"
             )
-            error_type = CoordinationTimeout if "timeout" in text.lower() else CoordinationError
+            error_type = CoordinationTimeout if is_timeout(exc) else CoordinationError
             raise error_type(
                 f"{what}: the collective among {self.world_size} ranks failed on rank "
-                f"{self.rank}; {hint}: {describe_error(exc)}"
+                f"{self.rank}; {hint}: {describe_error(exc)}",
+                rank=self.rank,
             ) from exc
 
-    def broadcast(self, value: T, *, what: str) -> T:
+    def _broadcast(self, value: T, *, what: str) -> T:
         """Rank 0's ``value`` on every rank (the others' argument is ignored)."""
         if self._group is None:
             return value
         box = [value]
-        self._run(what, lambda: dist.broadcast_object_list(box, src=self._src, group=self._group))
+        self._run(
+            "broadcast",
+            what,
+            lambda: dist.broadcast_object_list(box, src=self._src, group=self._group),
+        )
         return box[0]
 
-    def all_gather(self, value: T, *, what: str) -> list[T]:
+    def _all_gather(self, value: T, *, what: str) -> list[T]:
         """Every rank's ``value``, indexed by rank, on every rank."""
         if self._group is None:
             return [value]
         gathered: list[Any] = [None] * self.world_size
-        self._run(what, lambda: dist.all_gather_object(gathered, value, group=self._group))
+        self._run(
+            "all_gather",
+            what,
+            lambda: dist.all_gather_object(gathered, value, group=self._group),
+        )
         return gathered
+
+    def all_gather(self, local: Callable[[], T], *, what: str) -> list[T]:
+        """Every rank runs ``local``; returns every rank's value, indexed by rank, on every
+        rank — or, if any rank's ``local`` raised, raises on every rank alike (see
+        :func:`raise_failures`). ``what`` names the operation in errors."""
+        outcome, cause = Outcome.of(local, rank=self.rank)
+        outcomes = self._all_gather(outcome, what=what)
+        raise_failures(outcomes, what=what, cause=cause)
+        return [o.value for o in outcomes]
+
+    def all_reduce(
+        self, local: Callable[[], T], combine: Callable[[list[T]], R], *, what: str
+    ) -> R:
+        """:meth:`all_gather`, then ``combine`` of the values by rank. ``combine`` must be a
+        pure function: every rank computes it from the same values, so every rank returns the
+        same result or raises the same error, with no further collective."""
+        return combine(self.all_gather(local, what=what))
 
     def agree(
         self, outcome: Outcome, *, what: str, cause: BaseException | None = None
     ) -> list[Any]:
-        """Gather every rank's outcome and raise on every rank alike if any failed (see
-        :func:`raise_failures`); ``cause`` is this rank's own exception, chained for its
-        traceback. Returns the values by rank."""
-        outcomes = self.all_gather(outcome, what=what)
+        """The low-level form of :meth:`all_gather`, for callers that capture the outcome
+        themselves: gather every rank's outcome and raise on every rank alike if any failed;
+        ``cause`` is this rank's own exception, chained for its traceback."""
+        outcomes = self._all_gather(outcome, what=what)
         raise_failures(outcomes, what=what, cause=cause)
         return [o.value for o in outcomes]
 
     def decide(self, decide: Callable[[], T], *, what: str) -> T:
         """Rank 0 runs ``decide``; its result, or its error, reaches every rank."""
-        outcome, cause = Outcome.of(decide) if self.is_coordinator else (Outcome(), None)
+        if self.is_coordinator:
+            outcome, cause = Outcome.of(decide, rank=self.rank)
+        else:
+            outcome, cause = Outcome(), None
         try:
-            shared = self.broadcast(outcome, what=what)
+            shared = self._broadcast(outcome, what=what)
         except CoordinationError as exc:
             if self.is_coordinator and outcome.error is None:
                 # The deed is done (a commit is on disk); only telling the others failed.
                 raise type(exc)(
                     f"{what}: done on rank 0 ({outcome.value!r}), but the other ranks could not "
-                    f"be told: {exc}"
+                    f"be told: {exc}",
+                    rank=self.rank,
                 ) from exc
             raise
         return shared.unwrap(what=what, cause=cause)
@@ -262,12 +355,13 @@ def raise_failures(
     if error_type is not None and error_type != "RankFailure":
         messages = {o.error for o in failing.values()}
         ranks = ", ".join(map(str, failing))  # named in the message: which ranks hit it
+        fields = next(iter(failing.values())).fields  # the first failing rank's
         if len(messages) == 1:
             suffix = f" (on rank {ranks})" if len(outcomes) > 1 else ""
-            raise _rebuild(error_type, messages.pop() + suffix, what=what) from cause
+            raise _rebuild(error_type, messages.pop() + suffix, fields, what=what) from cause
         details = "; ".join(f"rank {rank}: {o.error}" for rank, o in failing.items())
         raise _rebuild(
-            error_type, f"{what} failed on ranks {ranks}: {details}", what=what
+            error_type, f"{what} failed on ranks {ranks}: {details}", fields, what=what
         ) from cause
     failures = {
         rank: (f"{o.error_type}: {o.error}" if o.error_type else str(o.error))

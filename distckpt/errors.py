@@ -4,15 +4,61 @@ All derive from :class:`CheckpointError`, so ``except distckpt.CheckpointError``
 all; where a builtin exception means the same thing, the class also derives from it (a missing
 checkpoint is a ``FileNotFoundError``, a bad argument a ``ValueError``), so code written against
 the builtins keeps working. None derives from ``BaseException`` directly.
+
+Errors carry structured fields besides their message: ``rank`` (the rank of the group where it
+happened), ``path`` and ``step`` (what it is about), each None where unknown. When a rank's
+error is raised on every rank, these fields travel with it (:meth:`CheckpointError.fields` and
+:meth:`CheckpointError.rebuild`), so code on any rank can act on them without parsing text.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
+from typing import Any, TypeVar
+
+E = TypeVar("E", bound="CheckpointError")
 
 
 class CheckpointError(Exception):
-    """Base class of every error distckpt raises."""
+    """Base class of every error distckpt raises.
+
+    Args:
+        message: what went wrong, for people.
+        rank: the rank (of the manager's group) where it happened, if known.
+        path: the file or directory it is about, if any.
+        step: the step it is about, if any.
+    """
+
+    rank: int | None = None
+    path: str | None = None
+    step: int | None = None
+
+    def __init__(
+        self,
+        message: str = "",
+        *,
+        rank: int | None = None,
+        path: str | os.PathLike[str] | None = None,
+        step: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.rank = rank
+        self.path = os.fspath(path) if path is not None else None
+        self.step = step
+
+    def fields(self) -> dict[str, Any]:
+        """The structured fields as plain values (what crosses between ranks)."""
+        return {k: v for k, v in vars(self).items() if not k.startswith("_") and v is not None}
+
+    @classmethod
+    def rebuild(cls: type[E], message: str, fields: Mapping[str, Any]) -> E:
+        """An instance with ``message`` and ``fields``, as another rank raised it (without
+        calling ``__init__``, whose arguments differ between subclasses)."""
+        error = cls.__new__(cls, message)
+        Exception.__init__(error, message)
+        vars(error).update(fields)
+        return error
 
 
 class CheckpointNotFound(CheckpointError, FileNotFoundError):
@@ -74,15 +120,18 @@ class CoordinationTimeout(CoordinationError, TimeoutError):
 class RankFailure(CheckpointError):
     """One or more ranks failed during a collective operation; raised on every rank.
 
-    ``failures`` maps each failing rank to a one-line description of its error.
+    ``failures`` maps each failing rank to a one-line description of its error; ``what``
+    names the collective operation that failed.
     """
 
     def __init__(self, what: str, failures: Mapping[int, str]) -> None:
-        self.failures = dict(sorted(failures.items()))
-        details = "; ".join(f"rank {rank}: {error}" for rank, error in self.failures.items())
-        ranks = ", ".join(str(rank) for rank in self.failures)
-        noun = "rank" if len(self.failures) == 1 else "ranks"
+        failures = dict(sorted(failures.items()))
+        details = "; ".join(f"rank {rank}: {error}" for rank, error in failures.items())
+        ranks = ", ".join(str(rank) for rank in failures)
+        noun = "rank" if len(failures) == 1 else "ranks"
         super().__init__(f"{what} failed on {noun} {ranks}: {details}")
+        self.what = what
+        self.failures = failures
 
 
 class InjectedFault(CheckpointError):

@@ -5,11 +5,14 @@ this costs one ``perf_counter`` call per phase; a listener added with :func:`add
 receives a :class:`PhaseEvent` when each phase ends (also when it ends with an error), in the
 thread that ran it (an async save's background thread for its write and commit phases).
 
-Phase names are dotted: the first part names the operation, the rest the phase. The protocol
-emits at least ``save.propose``, ``save.write``, ``save.agree``, ``save.commit`` (rank 0's
-publication, with nested ``commit.*`` phases), ``collective.<verb>`` for every collective, and
-``restore.resolve`` / ``restore.read``. A listener must be quick and must not raise: an
-exception it raises is logged and otherwise ignored.
+Phase names are dotted: the first part names the operation, the rest the phase. A save emits,
+on every rank, ``save.propose``, ``save.write``, ``save.agree`` and ``save.commit``
+(:mod:`distckpt.protocol`); inside ``save.commit`` rank 0 alone emits ``commit.lock`` (taking
+the root's lock), ``commit.manifest``, ``commit.publish`` (the rename), ``commit.links`` and
+``commit.retention`` (the store). Every collective emits ``collective.all_gather`` or
+``collective.broadcast`` (the :class:`~distckpt.coord.Coordinator`, with no step). Restores
+emit no phases yet (``restore.*`` names are reserved for them). A listener must be quick and
+must not raise: an exception it raises is logged and otherwise ignored.
 """
 
 from __future__ import annotations

@@ -158,10 +158,11 @@ def test_a_rank_failing_to_prepare_a_restore_fails_every_rank_at_once(tmp_path: 
 def test_overwrite_replaces_the_committed_checkpoint(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, exchange: bool
 ) -> None:
-    from distckpt import fsutil, manager
+    from distckpt import fsutil
+    from distckpt.storage import posix
 
     if not exchange:  # a filesystem that cannot swap two names (NFS, an older kernel)
-        monkeypatch.setattr(manager, "exchange_dirs", lambda a, b, fsync: False)
+        monkeypatch.setattr(posix, "exchange_dirs", lambda a, b, fsync: False)
     elif not fsutil.exchange_dirs(*_two_dirs(tmp_path / "probe"), fsync=False):
         pytest.skip("renameat2(RENAME_EXCHANGE) is not supported here")
     with distckpt.CheckpointManager(tmp_path / "root", fsync=False) as mgr:

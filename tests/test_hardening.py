@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch import nn
 
 import distckpt
-import distckpt.manager
+import distckpt.storage.posix
 from distckpt import faults
 from distckpt.fsutil import file_checksum
 from tests.ranks import run_ranks, values
@@ -444,7 +444,7 @@ def _save_without_space(rank: int, world_size: int, root: str) -> dict[str, Any]
     out: dict[str, Any] = {}
     with distckpt.CheckpointManager(root, timeout=TIMEOUT) as mgr:
         mgr.save(1, {"w": _weights(1, rank)})
-        distckpt.manager.free_bytes = lambda path: 4096
+        distckpt.storage.posix.filesystem_free_bytes = lambda path: 4096
         try:
             mgr.save(2, {"w": torch.zeros(1000, 1000)})
         except Exception as exc:

@@ -53,7 +53,7 @@ def _clocks_disagree(rank: int, world_size: int, root: str) -> list[int]:
     real = time.monotonic
     if rank == 1:
         # Rank 1's clock runs far ahead: alone it would decide to save at every step.
-        distckpt.manager.time.monotonic = lambda: real() + 10_000.0  # type: ignore[attr-defined]
+        distckpt.decisions.time.monotonic = lambda: real() + 10_000.0  # type: ignore[attr-defined]
     saved = []
     with distckpt.CheckpointManager(root, every_seconds=3600, fsync=False, timeout=20) as mgr:
         for step in range(1, 6):

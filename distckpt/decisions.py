@@ -1,0 +1,167 @@
+"""Whether to save at a step: the schedule, a preemption signal and the ranks' votes.
+
+Every rank must take the same decision, or some ranks would enter a save's collectives and the
+others not. Step and epoch schedules need no collective (every rank computes the same answer
+from the same arguments); a time schedule or a signal does: rank 0's clock decides time, and a
+signal seen by any rank decides preemption, by one small all-gather.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from collections.abc import Collection
+from dataclasses import dataclass
+from types import FrameType
+from typing import Any
+
+from distckpt.coord import Coordinator
+from distckpt.errors import InvalidArgument
+from distckpt.policy import SaveSchedule
+
+
+@dataclass(frozen=True)
+class SaveDecision:
+    """Whether to save at a step, taken identically on every rank. ``explicit`` is True for a
+    save nothing but the call asked for (no schedule, no ``force``, no signal): only such a
+    save of an already committed step raises instead of returning that checkpoint."""
+
+    step: int
+    epoch: int | None
+    save: bool
+    explicit: bool = True
+    preempt: bool = False
+
+    def forced(self) -> SaveDecision:
+        """This decision, with ``force=True`` added."""
+        return SaveDecision(self.step, self.epoch, True, explicit=False, preempt=self.preempt)
+
+
+@dataclass(frozen=True)
+class LastSave:
+    """What the schedule counts from: the last save that committed (or is in flight)."""
+
+    step: int | None = None
+    epoch: int | None = None
+    time: float = 0.0
+
+    @classmethod
+    def at(cls, step: int | None, epoch: int | None) -> LastSave:
+        return cls(step, epoch, time.monotonic())
+
+
+def decide(
+    step: int,
+    epoch: int | None,
+    *,
+    force: bool,
+    schedule: SaveSchedule,
+    last: LastSave,
+    signals: SignalFlag,
+    coord: Coordinator,
+) -> SaveDecision:
+    """Whether to save now, the same on every rank (collective when ``schedule`` or
+    ``signals`` need the ranks' votes; see the module doc)."""
+    if not schedule.is_set and not signals.watched:
+        return SaveDecision(step, epoch, save=True, explicit=not force)
+    due = not schedule.is_set or schedule.due_by_counters(
+        step, epoch, last_step=last.step, last_epoch=last.epoch
+    )
+    preempt = False
+    if schedule.needs_agreement or signals.watched:
+        time_due = schedule.every_seconds is not None and schedule.due_by_time(
+            time.monotonic(), last_time=last.time
+        )
+        votes = coord.all_gather(
+            lambda: (time_due, signals.is_set()), what="deciding whether to save"
+        )
+        # Rank 0's clock decides time-based saves (clocks differ between nodes); any
+        # signalled rank decides preemption (the signal may reach only some).
+        due = due or votes[0][0]
+        preempt = any(signalled for _, signalled in votes)
+    return SaveDecision(
+        step,
+        epoch,
+        save=due or force or preempt,
+        explicit=not (schedule.is_set or force or preempt),
+        preempt=preempt,
+    )
+
+
+class SaveDecider:
+    """The save decisions of one manager: the schedule, the signals, the last save counted
+    from, and the decision :meth:`should_save` took for a step (reused by the save)."""
+
+    def __init__(self, schedule: SaveSchedule, signals: SignalFlag, coord: Coordinator) -> None:
+        self.schedule = schedule
+        self.signals = signals
+        self.coord = coord
+        self.last = LastSave()
+        self._pending: SaveDecision | None = None
+
+    def should_save(self, step: int, epoch: int | None) -> bool:
+        """Decide for ``step`` now and keep the decision for the save of that step."""
+        self._pending = self.take(step, epoch, force=False)
+        return self._pending.save
+
+    def take(self, step: int, epoch: int | None, *, force: bool) -> SaveDecision:
+        """The decision for ``step``: the one :meth:`should_save` took for it, or a new one."""
+        pending, self._pending = self._pending, None
+        if pending is not None and pending.step == step and pending.epoch == epoch:
+            return pending.forced() if force else pending
+        return decide(
+            step,
+            epoch,
+            force=force,
+            schedule=self.schedule,
+            last=self.last,
+            signals=self.signals,
+            coord=self.coord,
+        )
+
+
+class SignalFlag:
+    """Signals that request a preemption save: their handlers only set a flag, because the
+    save itself must happen where every rank takes part."""
+
+    def __init__(self, signals: object) -> None:
+        self.watched = checked_signals(signals)
+        self._flag = threading.Event()
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        def on_signal(signum: int, frame: FrameType | None) -> None:
+            self._flag.set()
+
+        for signum in self.watched:
+            self._previous[signum] = signal.signal(signum, on_signal)
+
+    def restore(self) -> None:
+        """Put back the handlers that were there before :meth:`install`."""
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+
+    def is_set(self) -> bool:
+        return self._flag.is_set()
+
+    def clear(self) -> None:
+        self._flag.clear()
+
+
+def checked_signals(signals: object) -> tuple[int, ...]:
+    """``save_on_signal`` as signal numbers, refused before anything is set up."""
+    if isinstance(signals, int) or not isinstance(signals, Collection):
+        raise InvalidArgument(f"save_on_signal must be a tuple of signals, not {signals!r}")
+    checked = []
+    for signum in signals:
+        try:
+            checked.append(int(signal.Signals(signum)))
+        except (ValueError, TypeError):
+            raise InvalidArgument(f"save_on_signal: {signum!r} is not a signal") from None
+        if signum in (signal.SIGKILL, signal.SIGSTOP):
+            raise InvalidArgument(f"save_on_signal: {signal.Signals(signum).name} cannot be caught")
+    if checked and threading.current_thread() is not threading.main_thread():
+        raise InvalidArgument("save_on_signal needs the manager created in the main thread")
+    return tuple(checked)

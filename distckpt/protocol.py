@@ -1,0 +1,298 @@
+"""The save protocol, as four functions over frozen values, run on every rank of the group.
+
+1. :func:`propose` (one all-gather): every rank checks its arguments and estimates its bytes;
+   rank 0 also checks the step against the root, reads the free space and opens a staging area
+   claimed by its live writer. Every rank computes the same verdict from the gathered
+   proposals (same step everywhere, enough space) and gets the same :class:`SavePlan` — or the
+   committed result when a scheduled save finds its step saved already.
+2. :func:`write`: every rank writes its shard into the staging area (streamed, fsynced); rank 0
+   adds the extra files.
+3. :func:`agree` (one all-gather): every rank reports its files or its error; any rank's
+   failure raises on every rank. The gathered records become the :class:`Manifest`.
+4. :func:`commit` (rank 0, one broadcast): the store publishes the staging area; every rank
+   returns the same :class:`SaveResult` once the commit is durable.
+
+Each step is a phase of :mod:`distckpt.events` (``save.propose`` ... ``save.commit``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from distckpt import events, faults, policy
+from distckpt.coord import Coordinator, run_now
+from distckpt.errors import InsufficientSpace, InvalidArgument, InvalidStep
+from distckpt.formats import CheckpointFormat, ShardContext
+from distckpt.layout import MANIFEST_NAME
+from distckpt.manifest import FileRecord, Manifest, check_json_metadata
+from distckpt.results import SaveResult
+from distckpt.snapshot import SnapshotBuffers
+from distckpt.state import to_plain
+from distckpt.storage import ExtraFile, RootStore, StagingArea
+
+logger = logging.getLogger("distckpt")
+
+#: Free space demanded beyond the estimated size: estimates miss headers, and a full disk
+#: mid-write costs more than a refused save.
+SPACE_MARGIN_RATIO = 0.05
+SPACE_MARGIN_BYTES = 64 << 20
+
+
+@dataclass(frozen=True)
+class SaveRequest:
+    """What the caller asked to save, as passed to ``save()`` on this rank."""
+
+    step: int
+    epoch: int | None
+    overwrite: bool
+    #: True unless a schedule, ``force`` or a signal asked (see ``SaveDecision.explicit``)
+    explicit: bool
+    metrics: Mapping[str, Any] | None = None
+    metadata: Mapping[str, Any] | None = None
+    files: Mapping[str, ExtraFile] | None = None
+
+
+@dataclass(frozen=True)
+class Proposal:
+    """What each rank brings to a save; rank 0's also carries what it prepared in the root."""
+
+    step: int
+    estimated_bytes: int
+    metrics: dict[str, float]
+    location: str = ""
+    free_bytes: int = 0
+    existing: SaveResult | None = None
+
+
+@dataclass(frozen=True)
+class SavePlan:
+    """One rank's view of an agreed save between the proposal and the commit."""
+
+    step: int
+    epoch: int | None
+    overwrite: bool
+    started: float
+    #: the plain (async: snapshotted) state this rank writes
+    state: Any
+    #: the staging area every rank writes into
+    location: Path
+    metrics: dict[str, float]
+    #: rank 0 only: the claimed staging area, its metadata and extra files
+    area: StagingArea | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+    files: dict[str, ExtraFile] = field(default_factory=dict)
+
+
+def propose(
+    request: SaveRequest,
+    state: Any,
+    *,
+    coord: Coordinator,
+    store: RootStore,
+    fmt: CheckpointFormat,
+    snapshot: SnapshotBuffers | None,
+    token: str,
+) -> SavePlan | SaveResult:
+    """Step 1 (see the module doc), in the caller's thread. Returns the plan, or the committed
+    result when the step is saved already and may be returned."""
+    step = request.step
+    started = time.monotonic()
+    prepared: dict[str, Any] = {}  # this rank's own results, kept out of the all-gather
+
+    def local() -> Proposal:
+        check_step_number(step)
+        plain = to_plain(state)
+        # Async: copy now, so training may change its tensors as soon as save returns.
+        prepared["state"] = snapshot.snapshot(plain) if snapshot is not None else plain
+        proposal = Proposal(
+            step=step,
+            estimated_bytes=fmt.estimate_bytes(prepared["state"]),
+            metrics=policy.normalize_metrics(request.metrics),
+        )
+        if not coord.is_coordinator:
+            return proposal
+        prepared["metadata"] = check_json_metadata(request.metadata)
+        prepared["files"] = check_extra_files(request.files, fmt)
+        existing = store.check_step(step, overwrite=request.overwrite, explicit=request.explicit)
+        if existing is not None:
+            return Proposal(step, proposal.estimated_bytes, proposal.metrics, existing=existing)
+        prepared["area"] = store.begin_staging(step, token)
+        return Proposal(
+            step,
+            proposal.estimated_bytes,
+            proposal.metrics,
+            location=os.fspath(prepared["area"].location),
+            free_bytes=store.free_bytes(),
+        )
+
+    try:
+        with events.phase("save.propose", rank=coord.rank, step=step):
+            chosen = coord.all_reduce(
+                local, lambda p: _verdict(p, store.root), what=f"preparing the save of step {step}"
+            )
+    except BaseException:
+        if "area" in prepared:
+            store.discard_staging(prepared["area"])
+        raise
+    if chosen.existing is not None:
+        logger.info("step %d is already committed; not saving it again", step)
+        return chosen.existing
+    if snapshot is not None:
+        # Device-to-host copies into pinned buffers are asynchronous: they must land before
+        # save returns and training changes the tensors. Here, on the caller's device.
+        snapshot.synchronize()
+    return SavePlan(
+        step=step,
+        epoch=request.epoch,
+        overwrite=request.overwrite,
+        started=started,
+        state=prepared["state"],
+        location=Path(chosen.location),
+        metrics=chosen.metrics,
+        area=prepared.get("area"),
+        metadata=prepared.get("metadata", {}),
+        files=prepared.get("files", {}),
+    )
+
+
+def _verdict(proposals: list[Proposal], root: Path) -> Proposal:
+    """Rank 0's proposal, if the gathered ones allow the save; the same on every rank."""
+    chosen = proposals[0]  # rank 0's: the only one that looked at the root
+    steps = sorted({p.step for p in proposals})
+    if len(steps) > 1:
+        raise InvalidStep(
+            f"the ranks passed different steps to save(): {steps}; every rank must save the "
+            "same step"
+        )
+    if chosen.existing is not None:
+        return chosen
+    needed = sum(p.estimated_bytes for p in proposals)
+    margin = int(needed * SPACE_MARGIN_RATIO) + SPACE_MARGIN_BYTES
+    if needed + margin > chosen.free_bytes:
+        raise InsufficientSpace(
+            f"saving step {chosen.step} needs about {mib(needed)} (+{mib(margin)} margin) but "
+            f"{root} has {mib(chosen.free_bytes)} free",
+            path=root,
+            step=chosen.step,
+        )
+    return chosen
+
+
+def write(
+    plan: SavePlan, *, coord: Coordinator, store: RootStore, fmt: CheckpointFormat, fsync: bool
+) -> dict[str, FileRecord]:
+    """Step 2, this rank's part: its shard (and on rank 0 the extra files) in the staging area;
+    the records of what it wrote."""
+    ctx = ShardContext(coord.rank, coord.world_size, fsync, coord)
+    records = dict(fmt.write(plan.state, plan.location, ctx))
+    if plan.files and plan.area is not None:
+        records.update(store.write_extra_files(plan.area, plan.files))
+    faults.hit("after_shard_write", coord.rank)
+    return records
+
+
+def agree(
+    plan: SavePlan, written: list[dict[str, FileRecord]], *, fmt_name: str, world_size: int
+) -> Manifest:
+    """Step 3's result: the manifest of what every rank wrote (gathered by rank)."""
+    return Manifest(
+        step=plan.step,
+        world_size=world_size,
+        format=fmt_name,
+        files={name: r for records in written for name, r in records.items()},
+        epoch=plan.epoch,
+        metrics=plan.metrics,
+        metadata=plan.metadata,
+        torch_version=torch.__version__,
+    )
+
+
+def commit(
+    plan: SavePlan, manifest: Manifest, *, coord: Coordinator, store: RootStore
+) -> SaveResult:
+    """Step 4: rank 0 publishes; every rank gets its result or its error."""
+
+    def publish() -> SaveResult:
+        assert plan.area is not None  # rank 0 always holds the staging area it proposed
+        result = store.commit(plan.area, manifest, overwrite=plan.overwrite)
+        elapsed = time.monotonic() - plan.started
+        logger.info(
+            "committed %s: %s in %.2f s (%s/s)",
+            result.path.name,
+            mib(manifest.total_bytes),
+            elapsed,
+            mib(manifest.total_bytes / elapsed if elapsed > 0 else 0),
+        )
+        return result
+
+    return coord.decide(publish, what=f"committing step {plan.step}")
+
+
+def write_and_commit(
+    plan: SavePlan,
+    *,
+    coord: Coordinator,
+    store: RootStore,
+    fmt: CheckpointFormat,
+) -> SaveResult:
+    """Steps 2-4, in the caller's thread or, for an async save, in the background thread with
+    a ``coord`` of its own. Rank 0 discards the staging area unless it was committed."""
+    step, rank, fsync = plan.step, coord.rank, store.fsync
+    try:
+        with events.phase("save.write", rank=rank, step=step):
+            records = run_now(lambda: write(plan, coord=coord, store=store, fmt=fmt, fsync=fsync))
+        faults.hit("before_agreement", rank)
+        with events.phase("save.agree", rank=rank, step=step):
+            written = coord.all_gather(records, what=f"writing step {step}")
+        faults.hit("after_agreement", rank)
+        manifest = agree(plan, written, fmt_name=fmt.name, world_size=coord.world_size)
+        with events.phase("save.commit", rank=rank, step=step):
+            return commit(plan, manifest, coord=coord, store=store)
+    finally:
+        if plan.area is not None:
+            store.discard_staging(plan.area)
+
+
+def check_step_number(step: object) -> None:
+    """A step must be a non-negative int (bools are refused, too)."""
+    if isinstance(step, bool) or not isinstance(step, int):
+        raise InvalidStep(f"step must be an int, not {type(step).__name__} ({step!r})")
+    if step < 0:
+        raise InvalidStep(f"step must not be negative, got {step}", step=step)
+
+
+def mib(n: float) -> str:
+    return f"{n / (1 << 20):.1f} MiB"
+
+
+def check_extra_files(
+    files: Mapping[str, ExtraFile] | None, fmt: CheckpointFormat
+) -> dict[str, ExtraFile]:
+    """The extra files to store, checked: plain names that clash with none of the
+    checkpoint's own files, existing sources."""
+    for name, content in (files or {}).items():
+        if (
+            not isinstance(name, str)
+            or not name
+            or "/" in name
+            or "\\" in name
+            or "\0" in name
+            or name in (".", "..", MANIFEST_NAME)
+            or name.endswith(".lock")
+            or fmt.owns_file(name)
+        ):
+            raise InvalidArgument(
+                f"extra file name {name!r} is not allowed: use a plain file name that does not "
+                "clash with the checkpoint's own files"
+            )
+        if not isinstance(content, bytes) and not Path(os.fspath(content)).is_file():
+            raise InvalidArgument(f"extra file {name!r}: {content!r} is not a file")
+    return dict(files or {})

@@ -1,0 +1,411 @@
+"""The POSIX directory-rename store: a checkpoint root on a local or shared filesystem.
+
+Every save gets its own staging dir under ``root/.staging``, claimed by a :class:`WriterLock`
+for as long as it is written. The commit is, under the root's file lock (:class:`RootLock`):
+check the staged files, write the manifest, fsync, rename the staging dir to ``step-N`` and
+fsync the root — the rename is the moment of publication. ``last``/``best`` are relative
+symlinks (or pointer files where symlinks are refused) swapped atomically; retention and
+deletes rename a checkpoint into ``root/.trash`` under the lock and delete its bytes after.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+from collections.abc import Mapping
+from contextlib import ExitStack
+from pathlib import Path
+
+from distckpt import events, faults, policy, reader
+from distckpt.errors import (
+    CheckpointError,
+    CheckpointExists,
+    InvalidArgument,
+    InvalidStep,
+    RootNotWritable,
+)
+from distckpt.fsutil import (
+    LINK_MODES,
+    ChecksumWriter,
+    LinkMode,
+    atomic_write_bytes,
+    exchange_dirs,
+    fsync_dir,
+    move_to_trash,
+    probe_writable,
+    read_link,
+    remove_link,
+    remove_tree,
+    rename_dir,
+    swap_link,
+)
+from distckpt.fsutil import free_bytes as filesystem_free_bytes
+from distckpt.layout import BEST, LAST, MANIFEST_NAME, RootLayout, parse_step_dir_name
+from distckpt.lock import RootLock, WriterLock, find_leftovers
+from distckpt.manifest import FileRecord, Manifest
+from distckpt.results import SaveResult
+from distckpt.storage import ExtraFile, OpenedRoot, RootStore, StagingArea
+
+logger = logging.getLogger("distckpt")
+
+#: The rank a store works on: only the committing rank (0 of the group) changes a root, and
+#: fault points are armed per rank.
+COMMITTING_RANK = 0
+
+
+class PosixRootStore(RootStore):
+    """A checkpoint root that is a directory (see the module doc)."""
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        *,
+        retention: policy.RetentionPolicy,
+        link: LinkMode,
+        fsync: bool,
+        lock_timeout: float,
+    ) -> None:
+        if link not in LINK_MODES:
+            raise InvalidArgument(f"link must be one of {LINK_MODES}, not {link!r}")
+        self.layout = RootLayout.at(root)
+        self.root = self.layout.root
+        self.retention = retention
+        self.fsync = fsync
+        self.link_mode: LinkMode = link
+        self._lock = RootLock(self.layout.lock_path, timeout=lock_timeout)
+        self._removed_at_open: list[Path] = []
+        self._warned_missing_monitor = False
+
+    # ------------------------------------------------------------------ open
+
+    def open(self) -> OpenedRoot:
+        root = self.root
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise RootNotWritable(
+                f"cannot create checkpoint root {root}: {exc}", path=root
+            ) from exc
+        if not root.is_dir():
+            raise RootNotWritable(
+                f"checkpoint root {root} exists and is not a directory", path=root
+            )
+        try:
+            probe_writable(root)
+        except OSError as exc:
+            raise RootNotWritable(
+                f"checkpoint root {root} is not writable: {exc}", path=root
+            ) from exc
+        self._settle_link_mode()
+        with self._lock:
+            self._removed_at_open = self._remove_leftovers()
+            try:
+                self._update_links()
+            except (OSError, CheckpointError) as exc:  # derived state: never block a start
+                logger.error("could not repair the links of %s: %s", root, exc)
+        newest = reader.newest_valid(self.layout)
+        found = (newest[1].step, newest[1].epoch) if newest is not None else None
+        return OpenedRoot(found, tuple(self._removed_at_open))
+
+    def _settle_link_mode(self) -> None:
+        """Find out now whether the root takes symlinks, so that a link swap never fails after
+        a checkpoint was renamed into place."""
+        if self.link_mode == "pointer":
+            return
+        probe = self.root / f".probe-link-{uuid.uuid4().hex}"
+        try:
+            os.symlink(self.root.name, probe, target_is_directory=True)
+        except OSError as exc:
+            if self.link_mode == "symlink":
+                raise RootNotWritable(
+                    f"the filesystem of {self.root} refuses symlinks ({exc.strerror}); "
+                    "use link='auto' or link='pointer'",
+                    path=self.root,
+                ) from exc
+            logger.warning(
+                "the filesystem of %s refuses symlinks (%s): last/best are pointer files",
+                self.root,
+                exc.strerror,
+            )
+            self.link_mode = "pointer"
+        else:
+            probe.unlink()
+
+    def check_visible(self, rank: int) -> None:
+        if not self.root.is_dir():
+            raise RootNotWritable(
+                f"checkpoint root {self.root} does not exist on rank {rank}: the root must be a "
+                "directory shared by every rank (a shared filesystem across nodes)",
+                path=self.root,
+            )
+        if not os.access(self.root, os.W_OK | os.X_OK):
+            raise RootNotWritable(
+                f"checkpoint root {self.root} is not writable here", path=self.root
+            )
+
+    def free_bytes(self) -> int:
+        return filesystem_free_bytes(self.root)
+
+    # ------------------------------------------------------------------ staging
+
+    def begin_staging(self, step: int, token: str) -> StagingArea:
+        staging = self.layout.staging_dir(step, token)
+        # Under the root lock, so that a cleanup (another job's start, `distckpt gc`) never
+        # sees the lock file before it is locked, or the dir before its lock exists.
+        with self._lock:
+            self.layout.staging_root.mkdir(exist_ok=True)
+            claim = WriterLock(staging)
+            claim.acquire()
+            try:
+                staging.mkdir()
+            except BaseException:
+                claim.release()
+                raise
+        return StagingArea(step, staging, claim)
+
+    def discard_staging(self, area: StagingArea) -> None:
+        if area.location.exists():
+            remove_tree(area.location)
+        if isinstance(area.claim, WriterLock):
+            area.claim.release()
+
+    def write_extra_files(
+        self, area: StagingArea, files: Mapping[str, ExtraFile]
+    ) -> dict[str, FileRecord]:
+        records = {}
+        for name, content in files.items():
+            with ChecksumWriter(area.location / name, fsync=self.fsync) as writer:
+                if isinstance(content, bytes):
+                    writer.write(content)
+                else:
+                    with open(content, "rb") as source:
+                        while chunk := source.read(8 << 20):
+                            writer.write(chunk)
+            records[name] = FileRecord(size=writer.size, checksum=writer.checksum, rank=0)
+        return records
+
+    def check_staged(self, area: StagingArea, files: Mapping[str, FileRecord]) -> None:
+        staging = area.location
+        for name, record in files.items():
+            try:
+                size = (staging / name).stat().st_size
+            except FileNotFoundError:
+                raise CheckpointError(
+                    f"rank {record.rank}'s file {name} is not visible from rank 0 in "
+                    f"{staging}: the root must be on a filesystem shared by every rank",
+                    rank=record.rank,
+                    path=staging / name,
+                ) from None
+            if size != record.size:
+                raise CheckpointError(
+                    f"{staging / name} has {size} bytes on rank 0 but rank {record.rank} "
+                    f"wrote {record.size}",
+                    rank=record.rank,
+                    path=staging / name,
+                )
+
+    # ------------------------------------------------------------------ commit
+
+    def check_step(self, step: int, *, overwrite: bool, explicit: bool) -> SaveResult | None:
+        committed = self.layout.committed_steps()
+        if step in committed and not overwrite:
+            if not explicit:
+                directory, manifest = reader.resolve_step(self.layout, step)
+                return SaveResult(step, directory, manifest.epoch, dict(manifest.metrics))
+            raise CheckpointExists(
+                f"step {step} is already committed at {self.layout.step_dir(step)}; pass "
+                "overwrite=True to replace it",
+                path=self.layout.step_dir(step),
+                step=step,
+            )
+        if committed and step < committed[-1]:
+            raise InvalidStep(
+                f"step {step} is lower than the newest committed step {committed[-1]} in "
+                f"{self.root}; steps only grow within a root: delete the newer "
+                "checkpoints (manager.delete(step)) or save into a new root",
+                step=step,
+            )
+        return None
+
+    def commit(self, area: StagingArea, manifest: Manifest, *, overwrite: bool) -> SaveResult:
+        staging, step = area.location, manifest.step
+        final = self.layout.step_dir(step)
+        rank = COMMITTING_RANK
+        with ExitStack() as held:
+            with events.phase("commit.lock", rank=rank, step=step):
+                held.enter_context(self._lock)
+            self.check_staged(area, manifest.files)
+            # Re-checked under the lock: another job may have committed since the proposal.
+            self.check_step(step, overwrite=overwrite, explicit=True)
+            with events.phase("commit.manifest", rank=rank, step=step):
+                faults.hit("before_manifest", rank)
+                atomic_write_bytes(staging / MANIFEST_NAME, manifest.to_json(), fsync=self.fsync)
+                faults.hit("after_manifest", rank)
+            with events.phase("commit.publish", rank=rank, step=step):
+                faults.hit("before_rename", rank)
+                if final.exists() and overwrite:
+                    self._replace_committed(staging, final)
+                else:
+                    rename_dir(staging, final, fsync=self.fsync)
+            # Committed: the dir is the truth from here on. A failure to update the derived
+            # links or to apply retention must not report the save as failed; both are redone
+            # at the next commit or manager start.
+            try:
+                faults.hit("after_rename", rank)
+                with events.phase("commit.links", rank=rank, step=step):
+                    records = self._update_links()
+                with events.phase("commit.retention", rank=rank, step=step):
+                    self._apply_retention(records)
+            except Exception as exc:
+                logger.error(
+                    "committed %s, but updating links or retention failed (redone at the next "
+                    "commit or start): %s",
+                    final.name,
+                    exc,
+                )
+        self._empty_trash()
+        self._warn_missing_monitor(manifest)
+        return SaveResult(manifest.step, final, manifest.epoch, dict(manifest.metrics))
+
+    def _warn_missing_monitor(self, manifest: Manifest) -> None:
+        missing = policy.missing_monitor(manifest.metrics, self.retention.monitor)
+        if missing and not self._warned_missing_monitor:
+            logger.warning(
+                "metrics %s lack the monitored %r: such checkpoints are never best",
+                sorted(manifest.metrics),
+                self.retention.monitor,
+            )
+            self._warned_missing_monitor = True
+
+    def _replace_committed(self, staging: Path, final: Path) -> None:
+        """``overwrite=True``: put the new checkpoint under ``final`` in place of the old one.
+        Where the filesystem can swap two names atomically, ``final`` always holds a whole
+        checkpoint, old or new; elsewhere there is a window between two renames in which it
+        holds neither (a crash there leaves the old one in the trash)."""
+        if self.fsync:
+            fsync_dir(staging)
+        if exchange_dirs(staging, final, fsync=self.fsync):
+            return  # the old one is now the staging dir, removed after the commit as usual
+        move_to_trash(final, self.layout.trash_root, fsync=self.fsync)
+        rename_dir(staging, final, fsync=self.fsync)
+
+    # ------------------------------------------------------------------ links
+
+    def _swap(self, name: str, target: Path) -> None:
+        if read_link(self.layout.link_path(name)) == target.name:
+            return
+        kind = swap_link(
+            self.layout.link_path(name),
+            target.name,
+            mode=self.link_mode,
+            trash_root=self.layout.trash_root,
+            fsync=self.fsync,
+        )
+        if kind == "pointer":
+            self.link_mode = "pointer"  # settle "auto" once, instead of failing every time
+
+    def _update_links(self) -> list[policy.CheckpointRecord]:
+        """Under the lock: point ``last`` at the newest committed checkpoint and ``best`` at the
+        best, or remove a link with nothing to point at. Returns the records it read."""
+        valid = list(reader.iter_valid(self.layout, newest_first=False))
+        records = [policy.CheckpointRecord(m.step, m.epoch, m.metrics) for _, m in valid]
+        paths = {m.step: path for path, m in valid}
+        faults.hit("during_link_swap", COMMITTING_RANK)
+        if valid:
+            self._swap(LAST, valid[-1][0])
+        else:
+            self._remove_link_if_stale(LAST)
+        best = policy.best_step(records, self.retention.monitor, self.retention.mode)
+        if best is not None:
+            self._swap(BEST, paths[best])
+        else:
+            self._remove_link_if_stale(BEST)
+        return records
+
+    def _remove_link_if_stale(self, name: str) -> None:
+        link = self.layout.link_path(name)
+        target, _ = reader.link_problem(self.layout, name)
+        if (link.is_symlink() or link.is_file()) and target is None:
+            logger.info("removing %s: it names no committed checkpoint", link)
+            remove_link(link, fsync=self.fsync)
+
+    # ------------------------------------------------------------------ removal
+
+    def delete(self, step: int) -> int | None:
+        with self._lock:
+            directory = reader.committed_dir(self.layout, step)
+            move_to_trash(directory, self.layout.trash_root, fsync=self.fsync)
+            records = self._update_links()
+        self._empty_trash()
+        return records[-1].step if records else None
+
+    def prune(self) -> list[int]:
+        with self._lock:
+            removed = self._apply_retention(self._update_links())
+        self._empty_trash()
+        return removed
+
+    def collect_leftovers(self) -> list[Path]:
+        with self._lock:
+            removed = self._removed_at_open + self._remove_leftovers()
+        self._removed_at_open = []  # reported once
+        return removed
+
+    def _apply_retention(self, records: list[policy.CheckpointRecord]) -> list[int]:
+        """Under the lock: remove what the retention rules do not keep; returns those steps."""
+        if self.retention.keeps_everything:
+            return []
+        protected = {
+            step
+            for name in (LAST, BEST)
+            if (target := read_link(self.layout.link_path(name))) is not None
+            and (step := parse_step_dir_name(target)) is not None
+        }
+        doomed = policy.steps_to_remove(records, self.retention, protected=protected)
+        for step in doomed:
+            faults.hit("during_retention", COMMITTING_RANK)
+            logger.info("retention: removing %s", self.layout.step_dir(step).name)
+            # Only renamed here, under the lock; the bytes are deleted after it is released
+            # (_empty_trash), so a large delete never holds up other writers.
+            move_to_trash(
+                reader.committed_dir(self.layout, step), self.layout.trash_root, fsync=self.fsync
+            )
+        return doomed
+
+    def _empty_trash(self) -> None:
+        """Delete what retention and deletes moved into the trash; outside the lock."""
+        if self.layout.trash_root.is_dir():
+            for entry in self.layout.trash_root.iterdir():
+                self._remove_quietly(entry)
+
+    def _remove_leftovers(self) -> list[Path]:
+        """Under the lock: staging dirs whose writer is dead, orphaned lock files, and the
+        trash. A live writer's staging is never touched. Returns what it removed."""
+        removed: list[Path] = []
+        for leftover in find_leftovers(self.layout):
+            if leftover.writer_alive:
+                logger.info("leaving %s alone: its writer is alive", leftover.path)
+            elif leftover.kind == "lock":
+                leftover.path.unlink(missing_ok=True)
+            else:
+                if leftover.kind == "staging":
+                    logger.info("removing %s, left by a writer that died", leftover.path)
+                if self._remove_quietly(leftover.path):
+                    if leftover.kind == "staging":
+                        WriterLock(leftover.path).release()  # removes its lock file
+                    removed.append(leftover.path)
+        return removed
+
+    def _remove_quietly(self, leftover: Path) -> bool:
+        """Remove a leftover; one that cannot be removed is reported, not raised, so it can
+        never stop a job from starting (the next start tries again)."""
+        try:
+            faults.hit("during_staging_cleanup", COMMITTING_RANK)
+            remove_tree(leftover)
+        except Exception as exc:
+            logger.warning(
+                "could not remove leftover %s (tried again at next start): %s", leftover, exc
+            )
+            return False
+        return True

@@ -1,0 +1,119 @@
+"""The Coordinator's verbs on real gloo ranks: values and errors reach every rank alike, errors
+keep their structured fields across ranks, and a stopped rank is a timeout everywhere else."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import distckpt
+from distckpt.coord import Coordinator
+from distckpt.errors import CheckpointExists, RankFailure
+from tests.ranks import run_ranks, values
+
+TIMEOUT = 3.0
+
+
+def _gathered(rank: int, world_size: int) -> tuple[list[int], int]:
+    coord = Coordinator(None, TIMEOUT)
+    try:
+        squares = coord.all_gather(lambda: rank * rank, what="squaring")
+        total = coord.all_reduce(lambda: rank + 1, sum, what="summing")
+        return squares, total
+    finally:
+        coord.close()
+
+
+def test_all_gather_and_all_reduce_give_every_rank_the_same_values() -> None:
+    assert values(run_ranks(_gathered, 3)) == [([0, 1, 4], 6)] * 3
+
+
+def _structured_failure(rank: int, world_size: int) -> tuple[str, dict[str, object]]:
+    coord = Coordinator(None, TIMEOUT)
+
+    def local() -> None:
+        if rank == 1:
+            raise CheckpointExists("step 7 exists", path="/ckpt/step-7", step=7)
+
+    try:
+        coord.all_gather(local, what="checking the step")
+    except CheckpointExists as exc:
+        return type(exc).__name__, {"rank": exc.rank, "path": exc.path, "step": exc.step}
+    finally:
+        coord.close()
+    raise AssertionError("no rank raised")
+
+
+def test_an_error_keeps_its_type_and_fields_on_every_rank() -> None:
+    fields = {"rank": 1, "path": "/ckpt/step-7", "step": 7}
+    assert values(run_ranks(_structured_failure, 2)) == [("CheckpointExists", fields)] * 2
+
+
+def _mixed_failures(rank: int, world_size: int) -> tuple[dict[int, str], dict[int, str]]:
+    coord = Coordinator(None, TIMEOUT)
+
+    def local() -> None:
+        raise (OSError("disk gone") if rank == 0 else CheckpointExists("step exists"))
+
+    def rank_zero_fails() -> None:
+        raise RankFailure("reading", {3: "OSError: gone"})
+
+    try:
+        with pytest.raises(RankFailure) as gathered:
+            coord.all_gather(local, what="writing")
+        with pytest.raises(RankFailure) as decided:
+            coord.decide(rank_zero_fails, what="deciding")
+        return gathered.value.failures, decided.value.failures
+    finally:
+        coord.close()
+
+
+def test_rank_failure_carries_its_failures_to_every_rank() -> None:
+    gathered = {0: "OSError: disk gone", 1: "CheckpointExists: step exists"}
+    # rank 0's RankFailure is rebuilt on rank 1 with its mapping, not just its text
+    assert values(run_ranks(_mixed_failures, 2)) == [(gathered, {3: "OSError: gone"})] * 2
+
+
+def _stopped_rank(rank: int, world_size: int, root: str) -> tuple[str, float, int | None]:
+    manager = distckpt.CheckpointManager(root, timeout=TIMEOUT)
+    pid_file = Path(root) / "stopped.pid"
+    if rank == 1:
+        pid_file.write_text(str(os.getpid()))
+        os.kill(os.getpid(), signal.SIGSTOP)  # stopped, not dead: its sockets stay open
+    while not pid_file.exists():
+        time.sleep(0.01)
+    started = time.monotonic()
+    try:
+        manager.save(1, {"w": torch.zeros(4)})
+    except distckpt.CoordinationError as exc:
+        return type(exc).__name__, time.monotonic() - started, exc.rank
+    finally:
+        os.kill(int(pid_file.read_text()), signal.SIGKILL)
+    return "saved", time.monotonic() - started, None
+
+
+def test_a_stopped_rank_makes_the_others_raise_coordination_timeout(tmp_path: Path) -> None:
+    results = run_ranks(_stopped_rank, 2, str(tmp_path), expect_killed=True)
+    [(error_type, elapsed, rank)] = values(results)
+    assert error_type == "CoordinationTimeout"
+    assert rank == 0
+    assert TIMEOUT * 0.8 <= elapsed <= TIMEOUT + 15  # the manager's timeout, not gloo's default
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        "[gloo/transport/tcp/unbound_buffer.cc:129] Timed out waiting 3000ms for send operation",
+        "Application timeout caused pair closure",
+    ],
+)
+def test_gloo_timeouts_are_timeouts(message: str) -> None:
+    from distckpt.coord import is_timeout
+
+    assert is_timeout(RuntimeError(message))
+    assert not is_timeout(RuntimeError("Connection closed by peer [127.0.0.1]:1234"))

@@ -1,0 +1,37 @@
+"""A phase-event listener sees the phases of a real save on real ranks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+import distckpt
+from distckpt import events
+from tests.ranks import run_ranks, values
+
+SAVE_PHASES = {"save.propose", "save.write", "save.agree", "save.commit"}
+COMMIT_PHASES = {"commit.lock", "commit.manifest", "commit.publish", "commit.links"}
+COMMIT_PHASES |= {"commit.retention"}
+COLLECTIVE_PHASES = {"collective.all_gather", "collective.broadcast"}
+
+
+def _phases_of_a_save(rank: int, world_size: int, root: str) -> set[tuple[str, int | None]]:
+    seen: list[events.PhaseEvent] = []
+    with distckpt.CheckpointManager(root, keep_last=1, timeout=30) as manager:
+        remove = events.add_listener(seen.append)
+        try:
+            manager.save(3, {"w": torch.ones(8) * rank})
+        finally:
+            remove()
+    assert all(event.ok and event.seconds >= 0 and event.rank == rank for event in seen)
+    return {(event.phase, event.step) for event in seen}
+
+
+def test_a_listener_sees_every_phase_of_a_save(tmp_path: Path) -> None:
+    rank0, rank1 = values(run_ranks(_phases_of_a_save, 2, str(tmp_path)))
+    for phases in (rank0, rank1):
+        assert {(name, 3) for name in SAVE_PHASES} <= phases
+        assert {(name, None) for name in COLLECTIVE_PHASES} <= phases
+    assert {(name, 3) for name in COMMIT_PHASES} <= rank0  # rank 0 alone commits
+    assert not {name for name, _ in rank1} & COMMIT_PHASES
