@@ -20,6 +20,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+import torch.distributed as dist
+
 from distckpt import policy
 from distckpt.coord import Coordinator, Outcome, current_rank
 from distckpt.errors import (
@@ -98,12 +100,13 @@ def prepare_read(
     world_size: int | None,
     template: Any,
     options: ReadOptions,
-    group: Any = None,
+    group: dist.ProcessGroup | None = None,
 ) -> PreparedRead:
     """Check that this rank can read ``directory`` (the format's
     :meth:`~distckpt.formats.base.CheckpointFormat.prepare_read`), with ``template`` reduced to
     plain data. ``world_size`` is the number of ranks restoring, or None when a plain process
-    reads one rank's part (then only that the rank exists is checked). Never collective."""
+    reads one rank's part (then only that the rank exists is checked); ``group`` is the ranks'
+    private group, on which the format's read may run collectives. Never collective itself."""
     ctx = ShardContext(
         rank=rank,
         world_size=manifest.world_size if world_size is None else world_size,
