@@ -87,7 +87,7 @@ __all__ = [
 def __getattr__(name: str) -> object:
     # ModelOptimizerState pulls in torch.distributed.checkpoint (about 0.6 s): only on use.
     if name == "ModelOptimizerState":
-        from distckpt.formats.dcp import ModelOptimizerState
+        from distckpt.model_state import ModelOptimizerState
 
         return ModelOptimizerState
     raise AttributeError(f"module 'distckpt' has no attribute {name!r}")

@@ -5,7 +5,8 @@ lease record, for a holder on another machine that is known to be dead). ``prune
 act through the same store a training job's rank 0 uses (its retention rules, its lock, its
 cleanup), with no process group, and ``export`` through the same reader, so running one next to
 a live job is safe. Output is for people by default, JSON with ``--json``. Exit status: 0 on
-success, 1 when ``verify`` finds a problem, 2 on bad input or any other error.
+success, 1 when ``verify`` finds a problem, 2 on bad input (a path holding no checkpoint
+included) or any other error.
 """
 
 from __future__ import annotations
@@ -20,12 +21,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from distckpt import reader
-from distckpt.errors import CheckpointError
+from distckpt import resolve
+from distckpt.errors import CheckpointError, CheckpointNotFound
 from distckpt.fsutil import read_link
 from distckpt.layout import LINK_NAMES, RootLayout
 from distckpt.lease import LeaseHolder, break_lease, read_holder
 from distckpt.lock import find_leftovers
+from distckpt.manifest import read_manifest
 from distckpt.policy import RetentionPolicy
 from distckpt.storage import RootStore, open_store
 from distckpt.verify import verify
@@ -91,7 +93,7 @@ def cmd_ls(args: argparse.Namespace, out: TextIO) -> int:
     if not layout.root.is_dir():
         raise CheckpointError(f"no checkpoint root at {layout.root}")
     links = {name: read_link(layout.link_path(name)) for name in LINK_NAMES}
-    infos = reader.list_checkpoints(layout)
+    infos = resolve.list_checkpoints(layout)
     valid = {info.step for info in infos}
     damaged = [s for s in layout.committed_steps() if s not in valid]
     leftovers = _leftovers(layout)
@@ -164,7 +166,7 @@ def cmd_lease(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def cmd_info(args: argparse.Namespace, out: TextIO) -> int:
-    directory, manifest = reader.resolve_path(Path(args.path))
+    directory, manifest = resolve.resolve_path(args.path)
     if args.json:
         data = json.loads(manifest.to_json())
         data["path"] = os.fspath(directory)
@@ -209,26 +211,27 @@ class _Progress:
             self.stream.write("\n")
 
 
-def _bytes_to_verify(path: Path) -> int:
+def _bytes_to_verify(kind: resolve.PathKind, target: Path) -> int:
+    """What verifying ``target`` will read, for the progress bar (0 when unknown)."""
     try:
-        return sum(info.size_bytes for info in reader.list_checkpoints(RootLayout(path)))
-    except OSError:
-        return 0
+        if kind == "root":
+            return sum(info.size_bytes for info in resolve.list_checkpoints(RootLayout(target)))
+        return read_manifest(target).total_bytes if kind == "step_dir" else 0
+    except (CheckpointError, OSError):
+        return 0  # verify reports what is wrong with it
 
 
 def cmd_verify(args: argparse.Namespace, out: TextIO) -> int:
-    target = Path(os.path.abspath(args.path))
-    total = _bytes_to_verify(target)
-    if not total and (target / "manifest.json").exists():
-        try:
-            total = reader.read_manifest(target).total_bytes
-        except CheckpointError:
-            total = 0  # verify reports what is wrong with it
+    kind, target = resolve.classify_path(args.path)
+    total = _bytes_to_verify(kind, target)
     progress = _Progress(total, sys.stderr)
     try:
         report = verify(target, checksums=not args.no_checksums, progress=progress)
     finally:
         progress.finish()
+    if not report.checkpoints and not report.problems:
+        # Nothing was verified: "all is well" would hide a wrong path.
+        raise CheckpointNotFound(f"no checkpoint in {report.path}: nothing to verify")
     if args.json:
         json.dump(report.to_dict(), out, indent=1)
         out.write("\n")

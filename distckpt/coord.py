@@ -26,13 +26,19 @@ import logging
 import threading
 import traceback
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 import torch.distributed as dist
 
 from distckpt import errors, events
-from distckpt.errors import CheckpointError, CoordinationError, CoordinationTimeout, RankFailure
+from distckpt.errors import (
+    CheckpointError,
+    CoordinationError,
+    CoordinationTimeout,
+    RankFailure,
+    describe_error,
+)
 
 logger = logging.getLogger("distckpt")
 T = TypeVar("T")
@@ -50,13 +56,6 @@ def is_timeout(exc: BaseException) -> bool:
     if isinstance(exc, TimeoutError):
         return True
     return isinstance(exc, RuntimeError) and any(m in str(exc) for m in GLOO_TIMEOUT_MESSAGES)
-
-
-def describe_error(exc: BaseException) -> str:
-    """One line naming an exception: what travels between ranks when one fails."""
-    text = str(exc).strip().splitlines()
-    first = text[0] if text else ""
-    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 
 
 @dataclass(frozen=True)
@@ -240,15 +239,14 @@ class Coordinator:
         same result or raises the same error, with no further collective."""
         return combine(self.all_gather(local, what=what))
 
-    def agree(
-        self, outcome: Outcome, *, what: str, cause: BaseException | None = None
-    ) -> list[Any]:
-        """The low-level form of :meth:`all_gather`, for callers that capture the outcome
-        themselves: gather every rank's outcome and raise on every rank alike if any failed;
-        ``cause`` is this rank's own exception, chained for its traceback."""
-        outcomes = self._all_gather(outcome, what=what)
-        raise_failures(outcomes, what=what, cause=cause)
-        return [o.value for o in outcomes]
+    def agree_on(self, local: Callable[[], T], *, what: str) -> T:
+        """Every rank runs ``local`` and keeps its own value; only the verdicts travel (a
+        restored state stays on its rank). If any rank's ``local`` raised, raises on every rank
+        alike, as :meth:`all_gather` does."""
+        outcome, cause = Outcome.of(local, rank=self.rank)
+        verdict = replace(outcome, value=None)
+        raise_failures(self._all_gather(verdict, what=what), what=what, cause=cause)
+        return outcome.value
 
     def decide(self, decide: Callable[[], T], *, what: str) -> T:
         """Rank 0 runs ``decide``; its result, or its error, reaches every rank."""

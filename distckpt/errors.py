@@ -105,8 +105,11 @@ class WorldSizeMismatch(CheckpointError, ValueError):
 
 
 class UnsafeCheckpoint(CheckpointError):
-    """A checkpoint asks for something distckpt refuses to do without an explicit opt-in:
-    unpickling arbitrary objects, or following a link or name that leaves the root."""
+    """A checkpoint asks for something distckpt refuses to do: unpickling objects outside
+    torch's weights-only allow-list (a rank file, a DCP value; the message names the refused
+    type; ``allow_pickle=True`` opts in), a DCP ``.metadata`` asking for anything but DCP's own
+    types, or reading a step dir that is a symlink rather than a real dir. (Links that leave the
+    root are not followed: the reader falls back, and ``verify`` reports them.)"""
 
 
 class CoordinationError(CheckpointError):
@@ -157,3 +160,11 @@ class LeaseLost(CheckpointError, RuntimeError):
 class LauncherGone(CheckpointError, RuntimeError):
     """The launcher that started this process (the torchrun agent) is gone: the process is an
     orphan and must not commit, or it would race the job that replaces it."""
+
+
+def describe_error(exc: BaseException) -> str:
+    """One line naming an exception, ``TypeName: first line of the message`` (or the type's
+    name alone): how distckpt quotes an error in its own messages and between ranks."""
+    text = str(exc).strip().splitlines()
+    first = text[0] if text else ""
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__

@@ -23,12 +23,10 @@ from typing import Any
 
 import torch
 
-from distckpt.errors import CheckpointNotFound, InvalidArgument
-from distckpt.formats import ReadOptions
-from distckpt.formats.torch_files import safe_torch_load
+from distckpt.errors import InvalidArgument
+from distckpt.formats import format_named
 from distckpt.fsutil import atomic_write
-from distckpt.layout import rank_file_name
-from distckpt.reader import resolve_path
+from distckpt.resolve import resolve_path
 
 __all__ = ["export"]
 
@@ -59,40 +57,15 @@ def export(
     Needs memory for the whole exported state (for "dcp", every tensor at full size). Runs in
     this process alone: never collective, even where torch.distributed is initialised.
     """
-    directory, manifest = resolve_path(Path(os.fspath(path)))
+    directory, manifest = resolve_path(path)
     out = Path(os.path.abspath(os.fspath(out_file)))
     if out.is_dir():
         raise InvalidArgument(f"out_file {out} is a directory; give the path of a file")
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int)):
         raise InvalidArgument(f"rank must be an int, not {rank!r}")
-    if manifest.format == "dcp":
-        if rank is not None or all_ranks:
-            raise InvalidArgument(
-                f"{directory} is a 'dcp' checkpoint: it is exported whole, as full tensors; "
-                "rank= and all_ranks= only apply to the 'torch' format"
-            )
-        from distckpt.formats.dcp import load_consolidated  # imports DCP only when needed
-
-        state: Any = load_consolidated(directory, manifest, allow_pickle=allow_pickle)
-    elif manifest.format == "torch":
-        if all_ranks and rank is not None:
-            raise InvalidArgument("pass rank= or all_ranks=True, not both")
-        options = ReadOptions(map_location="cpu", allow_pickle=allow_pickle)
-        if all_ranks:
-            state = {
-                r: safe_torch_load(directory / rank_file_name(r), options)
-                for r in range(manifest.world_size)
-            }
-        else:
-            chosen = 0 if rank is None else rank
-            if not 0 <= chosen < manifest.world_size:
-                raise CheckpointNotFound(
-                    f"{directory} was saved by ranks 0..{manifest.world_size - 1}; there is no "
-                    f"rank {chosen}"
-                )
-            state = safe_torch_load(directory / rank_file_name(chosen), options)
-    else:
-        raise InvalidArgument(f"{directory}: cannot export format {manifest.format!r}")
+    state = format_named(manifest.format).export(
+        directory, manifest, rank=rank, all_ranks=all_ranks, allow_pickle=allow_pickle
+    )
     _atomic_torch_save(state, out, fsync=fsync)
     return out
 

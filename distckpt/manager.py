@@ -22,15 +22,14 @@ from typing import Any, Literal, Union
 
 import torch.distributed as dist
 
-from distckpt import policy, protocol, reader
+from distckpt import policy, protocol, reader, resolve
 from distckpt.background import BackgroundSaves
-from distckpt.coord import Coordinator, Outcome, check_timeout
+from distckpt.coord import Coordinator, check_timeout
 from distckpt.decisions import LastSave, SaveDecider, SignalFlag
-from distckpt.errors import CheckpointError, CheckpointNotFound, CheckpointVanished
+from distckpt.errors import CheckpointError
 from distckpt.formats import ReadOptions, format_named
 from distckpt.fsutil import LinkMode
-from distckpt.layout import BEST, LAST, RootLayout
-from distckpt.manifest import Manifest
+from distckpt.layout import RootLayout
 from distckpt.results import Checkpoint, CheckpointInfo, SaveResult
 from distckpt.snapshot import SnapshotBuffers
 from distckpt.storage import ExtraFile, open_store
@@ -295,69 +294,20 @@ class CheckpointManager:
         """
         self._check_open()
         self.wait()
-
-        def find() -> tuple[Path, Manifest] | None:
-            try:
-                return reader.resolve(
-                    which,
-                    layout=self.layout,
-                    monitor=self.retention.monitor,
-                    mode=self.retention.mode,
-                    checksums=verify,
-                )
-            except CheckpointNotFound:
-                if missing_ok and which in (LAST, BEST):
-                    return None
-                raise
-
-        options = ReadOptions(map_location=map_location, allow_pickle=allow_pickle, mmap=mmap)
-        may_retry = not isinstance(which, int)  # a named step has nothing to fall back to
-        for attempt in range(reader.VANISH_RETRIES + 1):
-            found = self._coord.decide(find, what=f"finding checkpoint {which!r}")
-            if found is None:
-                return None
-            directory, manifest = found
-            # Two agreed steps: what each rank can check alone first, then the read, which may
-            # be collective (DCP) and must not start on some ranks while others have failed.
-            prepared, cause = Outcome.of(
-                functools.partial(
-                    reader.prepare_read,
-                    directory,
-                    manifest,
-                    rank=self.rank,
-                    world_size=self.world_size,
-                    template=state,
-                )
-            )
-            self._coord.agree(
-                Outcome(error=prepared.error, error_type=prepared.error_type),
-                what=f"preparing to restore {directory.name}",
-                cause=cause,
-            )
-            outcome, cause = Outcome.of(
-                functools.partial(
-                    reader.read_state,
-                    prepared.value,
-                    template=state,
-                    options=options,
-                    strict=strict,
-                    coordinator=self._coord,
-                )
-            )
-            loaded = outcome.value
-            try:
-                # Only the verdict travels: the states themselves stay on their ranks.
-                self._coord.agree(
-                    Outcome(error=outcome.error, error_type=outcome.error_type),
-                    what=f"restoring {directory.name}",
-                    cause=cause,
-                )
-                break
-            except CheckpointVanished:
-                if not may_retry or attempt == reader.VANISH_RETRIES:
-                    raise
-                logger.warning("%s vanished while being read; resolving again", directory)
-        self._decider.last = LastSave.at(manifest.step, manifest.epoch)
+        loaded = reader.restore_on_ranks(
+            self._coord,
+            which,
+            layout=self.layout,
+            monitor=self.retention.monitor,
+            mode=self.retention.mode,
+            state=state,
+            options=ReadOptions(map_location=map_location, allow_pickle=allow_pickle, mmap=mmap),
+            strict=strict,
+            missing_ok=missing_ok,
+            verify=verify,
+        )
+        if loaded is not None:
+            self._decider.last = LastSave.at(loaded.step, loaded.epoch)
         return loaded
 
     # ------------------------------------------------------------------ queries
@@ -369,20 +319,17 @@ class CheckpointManager:
     def latest_step(self) -> int | None:
         """The newest committed step that passes its manifest check: the one
         ``restore("last")`` loads (not collective)."""
-        newest = reader.newest_valid(self.layout)
+        newest = resolve.newest_valid(self.layout)
         return newest[1].step if newest else None
 
     def best_step(self) -> int | None:
         """The best committed step by ``monitor`` (None without one); not collective."""
-        records = [
-            policy.CheckpointRecord(m.step, m.epoch, m.metrics)
-            for _, m in reader.iter_valid(self.layout)
-        ]
-        return policy.best_step(records, self.retention.monitor, self.retention.mode)
+        best = resolve.best_valid(self.layout, self.retention.monitor, self.retention.mode)
+        return best[1].step if best else None
 
     def checkpoints(self) -> list[CheckpointInfo]:
         """Every committed checkpoint, oldest first, from manifests only (not collective)."""
-        return reader.list_checkpoints(self.layout)
+        return resolve.list_checkpoints(self.layout)
 
     # ------------------------------------------------------------------ delete / close
 

@@ -34,9 +34,6 @@ from typing import Literal, Protocol
 
 from distckpt.errors import InvalidArgument
 
-# Re-exported while the manager still calls it here; distckpt.metrics is its home.
-from distckpt.metrics import normalize_metrics as normalize_metrics
-
 Mode = Literal["min", "max"]
 MODES: tuple[str, ...] = ("min", "max")
 

@@ -27,12 +27,13 @@ from typing import Any
 
 import torch
 
-from distckpt import events, faults, policy
+from distckpt import events, faults
 from distckpt.coord import Coordinator, run_now
 from distckpt.errors import InsufficientSpace, InvalidArgument, InvalidStep
 from distckpt.formats import CheckpointFormat, ShardContext
 from distckpt.layout import MANIFEST_NAME
 from distckpt.manifest import FileRecord, Manifest, check_json_metadata
+from distckpt.metrics import normalize_metrics
 from distckpt.results import SaveResult
 from distckpt.snapshot import SnapshotBuffers
 from distckpt.state import to_plain
@@ -110,12 +111,13 @@ def propose(
     def local() -> Proposal:
         check_step_number(step)
         plain = to_plain(state)
+        fmt.check_state(plain)
         # Async: copy now, so training may change its tensors as soon as save returns.
         prepared["state"] = snapshot.snapshot(plain) if snapshot is not None else plain
         proposal = Proposal(
             step=step,
             estimated_bytes=fmt.estimate_bytes(prepared["state"]),
-            metrics=policy.normalize_metrics(request.metrics),
+            metrics=normalize_metrics(request.metrics),
         )
         if not coord.is_coordinator:
             return proposal
@@ -191,7 +193,7 @@ def write(
 ) -> dict[str, FileRecord]:
     """Step 2, this rank's part: its shard (and on rank 0 the extra files) in the staging area;
     the records of what it wrote."""
-    ctx = ShardContext(coord.rank, coord.world_size, fsync, coord)
+    ctx = ShardContext(coord.rank, coord.world_size, fsync, coord.group)
     records = dict(fmt.write(plan.state, plan.location, ctx))
     if plan.files and plan.area is not None:
         records.update(store.write_extra_files(plan.area, plan.files))

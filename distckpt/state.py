@@ -10,7 +10,7 @@ tensors are copied into, and plain values are returned in the result.
 from __future__ import annotations
 
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -74,6 +74,55 @@ def to_plain(state: Any) -> Any:
     if isinstance(state, (list, tuple)):
         return type(state)(to_plain(value) for value in state)
     return state
+
+
+# ---------------------------------------------------------------------------------------------
+# Nested paths: a value's place in a nested state as a tuple of keys and list indices
+
+
+def set_path(root: Any, path: Iterable[Any], value: Any) -> None:
+    """Set ``value`` at ``path`` in nested dicts/lists, creating missing containers (a list
+    where the next key is an int)."""
+    path = list(path)
+    node = root
+    for key, next_key in zip(path, path[1:]):
+        fresh: Any = [] if isinstance(next_key, int) else {}
+        if isinstance(node, list):
+            node.extend([None] * (key + 1 - len(node)))
+            if node[key] is None:
+                node[key] = fresh
+        elif key not in node:
+            node[key] = fresh
+        node = node[key]
+    last = path[-1]
+    if isinstance(node, list):
+        node.extend([None] * (last + 1 - len(node)))
+    node[last] = value
+
+
+def remove_path(root: Any, path: tuple[Any, ...]) -> bool:
+    """Drop the dict entry at ``path``; False if there is none (an item of a list or tuple is
+    never dropped: that would shift the rest)."""
+    node = root
+    for key in path[:-1]:
+        try:
+            node = node[key]
+        except (KeyError, IndexError, TypeError):
+            return False
+    if isinstance(node, dict) and path[-1] in node:
+        del node[path[-1]]
+        return True
+    return False
+
+
+def copy_containers(value: Any) -> Any:
+    """``value`` with fresh dicts and lists but the same tensors, so filling it in place never
+    rearranges a container owned by the user's objects."""
+    if isinstance(value, Mapping):
+        return {key: copy_containers(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [copy_containers(item) for item in value]
+    return value
 
 
 @dataclass

@@ -19,8 +19,8 @@ from typing import Any
 from distckpt.errors import CheckpointError, CheckpointNotFound
 from distckpt.fsutil import read_link
 from distckpt.layout import LINK_NAMES, MANIFEST_NAME, RootLayout, parse_step_dir_name
-from distckpt.manifest import Manifest, find_problems, read_manifest
-from distckpt.reader import link_problem, missing_required_files
+from distckpt.manifest import Manifest
+from distckpt.resolve import classify_path, inspect_dir, link_present, link_problem
 
 
 @dataclass(frozen=True)
@@ -85,19 +85,14 @@ def verify_checkpoint(
     checksums: bool = True,
     progress: Callable[[int], None] | None = None,
 ) -> CheckpointReport:
-    """Check one checkpoint dir against its manifest (see the module doc)."""
+    """Check one checkpoint dir against its manifest (see the module doc): the problems a
+    restore refuses it for (:func:`distckpt.resolve.inspect_dir`), and unlisted files."""
     step = parse_step_dir_name(directory.name)
-    if directory.is_symlink():
-        return CheckpointReport(directory, step, (f"{directory}: is a symlink, not a real dir",))
     try:
-        manifest = read_manifest(directory)
+        manifest, problems = inspect_dir(directory, step, checksums=checksums, progress=progress)
     except CheckpointError as exc:
         return CheckpointReport(directory, step, (str(exc),))
-    problems = find_problems(
-        directory, manifest, expected_step=step, checksums=checksums, progress=progress
-    )
     problems += _unlisted_problems(directory, manifest)
-    problems += missing_required_files(directory, manifest)
     return CheckpointReport(directory, manifest.step, tuple(problems), manifest.total_bytes)
 
 
@@ -122,19 +117,17 @@ def verify(
     ``checksums=False`` checks only sizes (fast: no file is read). ``progress`` is called with
     the number of bytes read at each step (for a progress bar). Raises
     :class:`CheckpointNotFound` if ``path`` is none of these."""
-    target = Path(os.path.abspath(os.fspath(path)))
-    if target.name in LINK_NAMES and (target.is_symlink() or target.is_file()):
+    kind, target = classify_path(path)
+    if kind == "link":
+        if not link_present(target):
+            raise CheckpointNotFound(f"no checkpoint or checkpoint root at {target}")
         linked, problem = link_problem(RootLayout(target.parent), target.name)
         if linked is None:
             return VerifyReport(target, problems=(str(problem),))
-        target = linked
-    if (target / MANIFEST_NAME).exists() or parse_step_dir_name(target.name) is not None:
-        if not target.exists():
-            raise CheckpointNotFound(f"no checkpoint at {target}")
+        kind, target = "step_dir", linked
+    if kind == "step_dir":
         report = verify_checkpoint(target, checksums=checksums, progress=progress)
         return VerifyReport(target, (report,))
-    if not target.is_dir():
-        raise CheckpointNotFound(f"no checkpoint or checkpoint root at {target}")
     layout = RootLayout(target)
     reports = tuple(
         verify_checkpoint(Path(entry.path), checksums=checksums, progress=progress)
@@ -145,10 +138,8 @@ def verify(
     reported = {report.path.name for report in reports}
     for name in LINK_NAMES:
         link = layout.link_path(name)
-        if not (link.is_symlink() or link.exists()):
-            continue
-        if read_link(link) in reported:
-            continue  # names a checkpoint of the root: its own report says what is wrong
+        if not link_present(link) or read_link(link) in reported:
+            continue  # absent, or names a checkpoint of the root: its own report says what
         linked, problem = link_problem(layout, name)
         if linked is None:
             problems.append(str(problem))

@@ -138,6 +138,17 @@ def test_bad_input_is_a_clear_error_with_status_2(tmp_path: Path, args: tuple[st
     assert not (tmp_path / "does-not-exist").exists()  # nothing is created by mistake
 
 
+def test_verify_of_a_path_holding_no_checkpoint_exits_2(tmp_path: Path) -> None:
+    """An empty dir (a typo'd root, a root before its first save) verifies nothing: saying
+    "ok" would hide the mistake, so it is an error."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    out = run("verify", str(empty))
+    assert out.returncode == 2, out
+    assert out.stderr.startswith("distckpt verify: error: no checkpoint in"), out.stderr
+    assert str(empty) in out.stderr
+
+
 def test_prune_without_a_rule_is_refused(root: Path) -> None:
     out = run("prune", str(root))
     assert out.returncode == 2 and "--keep-last" in out.stderr

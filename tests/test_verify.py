@@ -313,6 +313,27 @@ def test_symlinked_step_is_not_a_committed_step(saved_root: Path) -> None:
         distckpt.load_checkpoint(saved_root / STEP2)
 
 
+class Plain:
+    """A user class: not on torch's weights-only allow-list until the user adds it."""
+
+
+def test_refused_type_is_named_as_add_safe_globals_takes_it(tmp_path: Path) -> None:
+    import torch
+
+    with distckpt.CheckpointManager(tmp_path, fsync=False) as mgr:
+        mgr.save(1, {"obj": Plain(), "w": torch.ones(2)})
+    with pytest.raises(UnsafeCheckpoint) as info:
+        distckpt.load_checkpoint(tmp_path)
+    message = str(info.value)
+    assert f"{__name__}.Plain" in message, message
+    assert f"add_safe_globals([{__name__}.Plain])" in message, message
+    assert "allow_pickle=True" in message
+    assert "\x1b" not in message  # torch's terminal escape codes are dropped
+    # The type named is the one to allow: then it loads without allow_pickle.
+    with torch.serialization.safe_globals([Plain]):
+        assert isinstance(distckpt.load_checkpoint(tmp_path).state["obj"], Plain)
+
+
 def test_malicious_pickle_is_refused_everywhere(tmp_path: Path) -> None:
     root = make_root(tmp_path / "root")
     malicious_pickle(root)

@@ -1,12 +1,24 @@
-"""On-disk formats behind one interface (:class:`~distckpt.formats.base.CheckpointFormat`)."""
+"""On-disk formats behind one interface (:class:`~distckpt.formats.base.CheckpointFormat`).
+
+This registry is the one place that maps a format's name (as passed to
+``CheckpointManager(format=...)`` and stored in manifests) to its implementation; everything
+else asks the format object, never compares names.
+"""
 
 from __future__ import annotations
 
 from distckpt.errors import InvalidArgument
-from distckpt.formats.base import CheckpointFormat, ReadOptions, ShardContext
+from distckpt.formats.base import CheckpointFormat, PreparedRead, ReadOptions, ShardContext
 from distckpt.formats.torch_files import TorchFilesFormat
 
-__all__ = ["CheckpointFormat", "ReadOptions", "ShardContext", "format_named", "FORMAT_NAMES"]
+__all__ = [
+    "CheckpointFormat",
+    "PreparedRead",
+    "ReadOptions",
+    "ShardContext",
+    "format_named",
+    "FORMAT_NAMES",
+]
 
 FORMAT_NAMES = ("torch", "dcp")
 

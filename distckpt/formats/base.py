@@ -1,9 +1,12 @@
 """The interface every on-disk format implements.
 
 A format turns one rank's state into files inside a staging dir, and reads them back. It knows
-nothing about committing, links or retention: the manager runs the same protocol around every
-format. ``write`` and ``read`` are called on every rank at the same time, so a format whose
-library runs its own collectives (DCP) may do so on ``ctx.group``.
+nothing about committing, links, retention or agreement among ranks: the manager runs the same
+protocol around every format. ``write`` and ``read`` are called on every rank at the same time,
+so a format whose library runs its own collectives (DCP) may do so on ``ctx.group``; every check
+a rank can make alone comes first (:meth:`CheckpointFormat.check_state` before a write,
+:meth:`CheckpointFormat.prepare_read` before a read), and the caller agrees on its outcome, so
+a rank failing alone never leaves the others waiting inside the format's collectives.
 """
 
 from __future__ import annotations
@@ -15,7 +18,6 @@ from typing import Any, Protocol
 
 import torch.distributed as dist
 
-from distckpt.coord import Coordinator
 from distckpt.manifest import FileRecord, Manifest
 
 
@@ -26,14 +28,9 @@ class ShardContext:
     rank: int
     world_size: int
     fsync: bool
-    #: the ranks' coordinator (collectives on distckpt's private gloo group), or None when a
-    #: plain process reads a checkpoint
-    coordinator: Coordinator | None = None
-
-    @property
-    def group(self) -> dist.ProcessGroup | None:
-        """The private gloo group, for a format whose library runs its own collectives."""
-        return self.coordinator.group if self.coordinator is not None else None
+    #: the private gloo group the ranks share, for a format whose library runs its own
+    #: collectives; None in a plain process (or a job of one rank without torch.distributed)
+    group: dist.ProcessGroup | None = None
 
 
 @dataclass(frozen=True)
@@ -47,13 +44,26 @@ class ReadOptions:
     mmap: bool = False
 
 
+@dataclass(frozen=True)
+class PreparedRead:
+    """A read one rank has checked it can do: what :meth:`CheckpointFormat.prepare_read`
+    returns and :meth:`CheckpointFormat.read` consumes."""
+
+    directory: Path
+    manifest: Manifest
+    ctx: ShardContext
+    #: the user's ``state=`` reduced to plain data, or None
+    template: Any
+    options: ReadOptions
+    #: what the format found while preparing and needs for the read (DCP: its metadata)
+    detail: Any = None
+
+
 class CheckpointFormat(Protocol):
     """How one rank's state becomes files, and back."""
 
     #: the name stored in the manifest and passed as ``CheckpointManager(format=...)``
     name: str
-    #: whether a checkpoint can only be restored by the world size that saved it
-    fixed_world_size: bool
 
     def required_files(self, manifest: Manifest) -> list[str]:
         """Files a complete checkpoint of this format must list in its manifest."""
@@ -64,9 +74,9 @@ class CheckpointFormat(Protocol):
         dir (extra files must not take such a name)."""
         ...
 
-    def check_template(self, directory: Path, template: Any) -> None:
-        """Refuse a ``state=`` template this format cannot read into (run on every rank, and
-        agreed on, before :meth:`read`)."""
+    def check_state(self, state: Any) -> None:
+        """Refuse a state (already reduced to plain data) this format cannot save; run once
+        per save on every rank, and agreed on, before :meth:`write`."""
         ...
 
     def estimate_bytes(self, state: Any) -> int:
@@ -78,15 +88,33 @@ class CheckpointFormat(Protocol):
         ``directory``; return the files this rank wrote, by name relative to ``directory``."""
         ...
 
-    def read(
+    def prepare_read(
         self,
         directory: Path,
         manifest: Manifest,
         ctx: ShardContext,
         template: Any,
         options: ReadOptions,
+    ) -> PreparedRead:
+        """Everything this rank can check alone before a (possibly collective) read: the world
+        size, the rank, the ``state=`` template (plain data, or None), the format's own
+        metadata. Never collective; the caller agrees on its outcome before :meth:`read`."""
+        ...
+
+    def read(self, prepared: PreparedRead) -> Any:
+        """This rank's state from a committed checkpoint dir, as prepared. Formats that load
+        in place (DCP) fill the template's tensors, others may ignore it."""
+        ...
+
+    def export(
+        self,
+        directory: Path,
+        manifest: Manifest,
+        *,
+        rank: int | None,
+        all_ranks: bool,
+        allow_pickle: bool,
     ) -> Any:
-        """This rank's state from a committed checkpoint dir. ``template`` is the user's
-        ``state=`` reduced to plain data (None if not given); formats that load in place
-        (DCP) fill its tensors, others may ignore it."""
+        """The whole checkpoint as one state to ``torch.save``, read in this process alone
+        (see :func:`distckpt.export` for ``rank`` and ``all_ranks``)."""
         ...

@@ -10,16 +10,24 @@ unpickling arbitrary objects.
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
+import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Union
 
 import torch
 
-from distckpt.errors import CorruptCheckpoint, UnsafeCheckpoint
-from distckpt.formats.base import ReadOptions, ShardContext
+from distckpt.errors import (
+    CheckpointNotFound,
+    CorruptCheckpoint,
+    InvalidArgument,
+    UnsafeCheckpoint,
+    WorldSizeMismatch,
+)
+from distckpt.formats.base import PreparedRead, ReadOptions, ShardContext
 from distckpt.fsutil import ChecksumWriter
 from distckpt.layout import parse_rank_file_name, rank_file_name
 from distckpt.manifest import FileRecord, Manifest
@@ -27,36 +35,65 @@ from distckpt.state import tensor_bytes
 
 # Pickle framing, object headers and the zip container around tensor data.
 _OVERHEAD_BYTES = 64 << 10
+# torch's weights-only refusal names the first type it would not unpickle like this.
+_REFUSED_GLOBAL_RE = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+# torch decorates its message with terminal escape codes (bold text).
+_ESCAPE_CODE_RE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+TorchSource = Union[Path, io.BytesIO]
 
 
-def safe_torch_load(source: Path, options: ReadOptions) -> Any:
+def unsafe_load_error(name: str, exc: pickle.UnpicklingError) -> UnsafeCheckpoint:
+    """The error for torch's weights-only refusal of ``name``: which type(s) it refused, and
+    the two ways to opt in."""
+    text = _ESCAPE_CODE_RE.sub("", str(exc))
+    refused = list(dict.fromkeys(_REFUSED_GLOBAL_RE.findall(text)))
+    if refused:
+        types = ", ".join(refused)
+        what = f"an object of type {types}, which is not on torch's weights-only allow-list"
+        allow = f"torch.serialization.add_safe_globals([{types}])"
+    else:
+        lines = [line.strip() for line in text.splitlines() if "Unpickler error" in line]
+        reason = lines[0] if lines else (text.strip().splitlines() or ["?"])[0]
+        what = f"objects outside torch's weights-only allow-list ({reason})"
+        allow = "torch.serialization.add_safe_globals([...])"
+    return UnsafeCheckpoint(
+        f"{name} holds {what}, so it was not loaded. If you trust this checkpoint, pass "
+        f"allow_pickle=True, or allow the type with {allow}"
+    )
+
+
+def safe_torch_load(source: TorchSource, options: ReadOptions, *, name: str | None = None) -> Any:
     """``torch.load`` that unpickles only tensors and plain values unless the caller opted in,
-    and turns torch's refusal into an error that says how to opt in."""
+    and turns torch's refusal into an error naming the refused type and how to opt in.
+    ``name`` says what ``source`` is in errors (a path names itself)."""
+    name = name if name is not None else os.fspath(source)  # type: ignore[arg-type]
     try:
         return torch.load(
-            os.fspath(source),
+            source if isinstance(source, io.BytesIO) else os.fspath(source),
             map_location=options.map_location,
             weights_only=not options.allow_pickle,
-            mmap=options.mmap or None,
+            mmap=(options.mmap and not isinstance(source, io.BytesIO)) or None,
         )
     except pickle.UnpicklingError as exc:
         if options.allow_pickle:
-            raise CorruptCheckpoint(f"{source}: cannot be unpickled: {exc}") from exc
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise UnsafeCheckpoint(
-            f"{source} holds objects outside torch's weights-only allow-list, so it was not "
-            f"loaded ({first_line}). If you trust this checkpoint, pass allow_pickle=True, or "
-            "allow the specific types with torch.serialization.add_safe_globals([...])"
-        ) from exc
+            raise CorruptCheckpoint(f"{name}: cannot be unpickled: {exc}") from exc
+        raise unsafe_load_error(name, exc) from None
     except (RuntimeError, EOFError, ValueError) as exc:
-        raise CorruptCheckpoint(f"{source}: not a readable torch file: {exc}") from exc
+        raise CorruptCheckpoint(f"{name}: not a readable torch file: {exc}") from exc
+
+
+def _check_rank(directory: Path, manifest: Manifest, rank: int) -> None:
+    if not 0 <= rank < manifest.world_size:
+        raise CheckpointNotFound(
+            f"{directory} has ranks 0..{manifest.world_size - 1}; there is no rank {rank}"
+        )
 
 
 class TorchFilesFormat:
-    """One ``torch.save`` file per rank."""
+    """One ``torch.save`` file per rank; restorable only by the world size that saved it."""
 
     name = "torch"
-    fixed_world_size = True
 
     def required_files(self, manifest: Manifest) -> list[str]:
         return [rank_file_name(rank) for rank in range(manifest.world_size)]
@@ -64,8 +101,8 @@ class TorchFilesFormat:
     def owns_file(self, name: str) -> bool:
         return parse_rank_file_name(name) is not None
 
-    def check_template(self, directory: Path, template: Any) -> None:
-        pass  # a rank file is read whole; any template (or none) will do
+    def check_state(self, state: Any) -> None:
+        pass  # torch.save writes anything; an unpicklable value fails the write itself
 
     def estimate_bytes(self, state: Any) -> int:
         return tensor_bytes(state) + _OVERHEAD_BYTES
@@ -81,12 +118,48 @@ class TorchFilesFormat:
                 raise
         return {name: FileRecord(size=writer.size, checksum=writer.checksum, rank=ctx.rank)}
 
-    def read(
+    def prepare_read(
         self,
         directory: Path,
         manifest: Manifest,
         ctx: ShardContext,
         template: Any,
         options: ReadOptions,
+    ) -> PreparedRead:
+        """Refuses a different world size (each rank reads the file its rank wrote); any
+        template (or none) will do, as a rank file is read whole."""
+        if ctx.world_size != manifest.world_size:
+            raise WorldSizeMismatch(
+                f"{directory} was saved by {manifest.world_size} ranks in the {self.name!r} "
+                f"format and cannot be restored by {ctx.world_size} ranks; restore with "
+                f"{manifest.world_size} ranks, or save with format='dcp' to reshard on restore"
+            )
+        _check_rank(directory, manifest, ctx.rank)
+        return PreparedRead(directory, manifest, ctx, template, options)
+
+    def read(self, prepared: PreparedRead) -> Any:
+        path = prepared.directory / rank_file_name(prepared.ctx.rank)
+        return safe_torch_load(path, prepared.options)
+
+    def export(
+        self,
+        directory: Path,
+        manifest: Manifest,
+        *,
+        rank: int | None,
+        all_ranks: bool,
+        allow_pickle: bool,
     ) -> Any:
-        return safe_torch_load(directory / rank_file_name(ctx.rank), options)
+        """One rank's state (rank 0 unless ``rank`` says otherwise), or with ``all_ranks``
+        ``{rank: state}`` of every rank."""
+        if all_ranks and rank is not None:
+            raise InvalidArgument("pass rank= or all_ranks=True, not both")
+        options = ReadOptions(map_location="cpu", allow_pickle=allow_pickle)
+        if all_ranks:
+            return {
+                r: safe_torch_load(directory / rank_file_name(r), options)
+                for r in range(manifest.world_size)
+            }
+        chosen = 0 if rank is None else rank
+        _check_rank(directory, manifest, chosen)
+        return safe_torch_load(directory / rank_file_name(chosen), options)

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from contextlib import ExitStack
 from pathlib import Path
 
-from distckpt import events, faults, policy, reader
+from distckpt import events, faults, policy, resolve
 from distckpt.errors import (
     CheckpointError,
     CheckpointExists,
@@ -104,7 +104,7 @@ class PosixRootStore(RootStore):
                 self._update_links()
             except (OSError, CheckpointError) as exc:  # derived state: never block a start
                 logger.error("could not repair the links of %s: %s", root, exc)
-        newest = reader.newest_valid(self.layout)
+        newest = resolve.newest_valid(self.layout)
         found = (newest[1].step, newest[1].epoch) if newest is not None else None
         return OpenedRoot(found, tuple(self._removed_at_open))
 
@@ -211,7 +211,7 @@ class PosixRootStore(RootStore):
         committed = self.layout.committed_steps()
         if step in committed and not overwrite:
             if not explicit:
-                directory, manifest = reader.resolve_step(self.layout, step)
+                directory, manifest = resolve.resolve_step(self.layout, step)
                 return SaveResult(step, directory, manifest.epoch, dict(manifest.metrics))
             raise CheckpointExists(
                 f"step {step} is already committed at {self.layout.step_dir(step)}; pass "
@@ -308,8 +308,8 @@ class PosixRootStore(RootStore):
     def _update_links(self) -> list[policy.CheckpointRecord]:
         """Under the lock: point ``last`` at the newest committed checkpoint and ``best`` at the
         best, or remove a link with nothing to point at. Returns the records it read."""
-        valid = list(reader.iter_valid(self.layout, newest_first=False))
-        records = [policy.CheckpointRecord(m.step, m.epoch, m.metrics) for _, m in valid]
+        valid = list(resolve.iter_valid(self.layout, newest_first=False))
+        records = [resolve.record_of(m) for _, m in valid]
         paths = {m.step: path for path, m in valid}
         faults.hit("during_link_swap", COMMITTING_RANK)
         if valid:
@@ -325,7 +325,7 @@ class PosixRootStore(RootStore):
 
     def _remove_link_if_stale(self, name: str) -> None:
         link = self.layout.link_path(name)
-        target, _ = reader.link_problem(self.layout, name)
+        target, _ = resolve.link_problem(self.layout, name)
         if (link.is_symlink() or link.is_file()) and target is None:
             logger.info("removing %s: it names no committed checkpoint", link)
             remove_link(link, fsync=self.fsync)
@@ -334,7 +334,7 @@ class PosixRootStore(RootStore):
 
     def delete(self, step: int) -> int | None:
         with self._lock:
-            directory = reader.committed_dir(self.layout, step)
+            directory = resolve.committed_dir(self.layout, step)
             move_to_trash(directory, self.layout.trash_root, fsync=self.fsync)
             records = self._update_links()
         self._empty_trash()
@@ -369,7 +369,7 @@ class PosixRootStore(RootStore):
             # Only renamed here, under the lock; the bytes are deleted after it is released
             # (_empty_trash), so a large delete never holds up other writers.
             move_to_trash(
-                reader.committed_dir(self.layout, step), self.layout.trash_root, fsync=self.fsync
+                resolve.committed_dir(self.layout, step), self.layout.trash_root, fsync=self.fsync
             )
         return doomed
 

@@ -1,0 +1,154 @@
+"""DCP's storage layer and load planner as the "dcp" format uses them: a writer whose files
+checksum themselves as they are written, a reader handed metadata that was already read safely,
+and a planner that unpickles nothing beyond tensors and plain values without an opt-in."""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.filesystem import (
+    FileSystem,
+    FileSystemReader,
+    FileSystemWriter,
+)
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+from torch.distributed.checkpoint.planner import LoadPlan, ReadItem
+
+from distckpt.errors import CheckpointError, CorruptCheckpoint
+from distckpt.formats.base import ReadOptions
+from distckpt.formats.torch_files import safe_torch_load
+from distckpt.fsutil import ChecksumWriter
+from distckpt.state import set_path
+
+
+class ChecksumStream(ChecksumWriter):
+    """A ChecksumWriter that DCP can use as its output stream (DCP asks for ``tell()`` to
+    record where each item starts; files are only ever appended to)."""
+
+    def tell(self) -> int:
+        return self.size
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return False
+
+
+class RecordingFileSystem(FileSystem):
+    """DCP's local filesystem, confined to one directory, remembering the size and checksum of
+    every file it writes there."""
+
+    def __init__(self, directory: Path, *, fsync: bool) -> None:
+        super().__init__()
+        self.directory = directory
+        self.fsync = fsync
+        #: relative name -> (size, checksum) of every file completely written
+        self.written: dict[str, tuple[int, str]] = {}
+
+    def _name(self, path: str | os.PathLike[str]) -> str:
+        path = Path(path)
+        if path.parent != self.directory or path.name in ("", ".", ".."):
+            # DCP only ever addresses files directly inside its checkpoint dir.
+            raise CheckpointError(f"DCP tried to write {path}, outside {self.directory}")
+        return path.name
+
+    @contextmanager
+    def create_stream(self, path: str | os.PathLike[str], mode: str) -> Iterator[Any]:
+        if "r" in mode and "+" not in mode:
+            with super().create_stream(path, mode) as stream:
+                yield stream
+            return
+        name = self._name(path)
+        # O_EXCL inside: a file of this name in a fresh staging dir means two writers collided.
+        stream = ChecksumStream(self.directory / name, fsync=self.fsync)
+        try:
+            yield stream
+        finally:
+            stream.close()
+        self.written[name] = (stream.size, stream.checksum)
+
+    def rename(self, path: str | os.PathLike[str], new_path: str | os.PathLike[str]) -> None:
+        old, new = self._name(path), self._name(new_path)
+        os.replace(self.directory / old, self.directory / new)
+        # The staging dir itself is fsynced by the manager before it is renamed into place.
+        if old in self.written:
+            self.written[new] = self.written.pop(old)
+
+    def rm_file(self, path: str | os.PathLike[str]) -> None:
+        name = self._name(path)
+        (self.directory / name).unlink()
+        self.written.pop(name, None)
+
+    def mkdir(self, path: str | os.PathLike[str]) -> None:
+        if Path(path) != self.directory:
+            raise CheckpointError(f"DCP tried to create {path}, outside {self.directory}")
+        # The staging dir exists already: the manager made it.
+
+
+class Writer(FileSystemWriter):
+    """DCP's filesystem writer on a :class:`RecordingFileSystem`, one file per rank."""
+
+    def __init__(self, directory: Path, *, fsync: bool) -> None:
+        # sync_files=False: the streams fsync themselves on close (DCP would os.sync() the whole
+        # machine for a stream without fileno()).
+        super().__init__(directory, single_file_per_rank=True, sync_files=False, thread_count=1)
+        self.recording = RecordingFileSystem(directory, fsync=fsync)
+        self.fs = self.recording
+        self.overwrite = False
+
+    def storage_meta(self) -> StorageMeta | None:
+        # No checkpoint_id: it would record the staging path, which is renamed away.
+        return StorageMeta(checkpoint_id=None, save_id=self.save_id)
+
+
+class Reader(FileSystemReader):
+    """DCP's filesystem reader serving metadata that was already read and checked."""
+
+    def __init__(self, directory: Path, metadata: Metadata) -> None:
+        super().__init__(directory)
+        self._metadata = metadata
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        if kwargs.get("rank") is not None:
+            # DCP asks for per-rank metadata only after the global read failed; ours did not.
+            raise CorruptCheckpoint("distckpt's DCP checkpoints have no per-rank metadata")
+        if self._metadata.storage_meta is None:
+            self._metadata.storage_meta = StorageMeta()
+        self._metadata.storage_meta.load_id = self.load_id
+        return self._metadata
+
+
+class Planner(DefaultLoadPlanner):
+    """DCP's load planner, loading non-tensor values with ``weights_only=True`` and noting which
+    requested keys the checkpoint lacks (instead of failing on the first)."""
+
+    def __init__(self, options: ReadOptions, *, flatten: bool = True) -> None:
+        super().__init__(flatten_state_dict=flatten, allow_partial_load=True)
+        self.options = options
+        self.missing: list[str] = []
+        self.unexpected: list[str] = []
+
+    def create_local_plan(self) -> LoadPlan:
+        plan = super().create_local_plan()
+        if self.metadata is None:  # set_up_planner always sets it; DCP calls that first
+            raise CorruptCheckpoint("DCP planned a load without metadata")
+        saved = self.metadata.state_dict_metadata
+        self.missing = [key for key in self.state_dict if key not in saved]
+        self.unexpected = sorted(key for key in saved if key not in self.state_dict)
+        return plan
+
+    def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
+        key = read_item.dest_index.fqn
+        loaded = safe_torch_load(value, self.options, name=f"value {key!r}")
+        # Into the caller's dict: self.state_dict may be a flattened copy of it.
+        set_path(self.original_state_dict, self.path_of(key), loaded)
+
+    def path_of(self, key: str) -> tuple[Any, ...]:
+        return tuple(self.mappings[key]) if self.flatten_state_dict else (key,)
