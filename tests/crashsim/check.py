@@ -129,7 +129,9 @@ def check_state(spec: dict[str, Any]) -> list[tuple[str, str]]:
                         loaded = mgr.restore("last", state=template)
                     else:
                         loaded = distckpt.load_checkpoint(root, rank=rank, state=template)
-                    if loaded.step != latest or not _tensor_ok(loaded.state, loaded.step, rank, fmt):
+                    if loaded.step != latest or not _tensor_ok(
+                        loaded.state, loaded.step, rank, fmt
+                    ):
                         found.append(
                             (WRONG_STATE, f"rank {rank}: step {loaded.step}, latest {latest}")
                         )

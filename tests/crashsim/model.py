@@ -251,7 +251,9 @@ def lower(ops: list[Op], initial: Tree, base: Path) -> list[Step]:
                 add(kind="truncate", ino=ino, size=op.size, path=op.path)
             else:
                 steps.append(
-                    Step(index=len(steps), kind="fsync", ino=ino, path=os.path.relpath(op.path, base))
+                    Step(
+                        index=len(steps), kind="fsync", ino=ino, path=os.path.relpath(op.path, base)
+                    )
                 )
             continue
         parent, name = where(op.path)
@@ -288,8 +290,10 @@ class CrashState:
 
     def describe(self, steps: list[Step]) -> str:
         last = steps[self.prefix - 1] if self.prefix else None
-        where = f"after step {self.prefix} ({last.kind} {last.path or last.marker})" if last else (
-            "before any step"
+        where = (
+            f"after step {self.prefix} ({last.kind} {last.path or last.marker})"
+            if last
+            else ("before any step")
         )
         text = f"{where}; unsynced data {self.data}"
         if self.dropped:

@@ -3,9 +3,9 @@ durable starting state) and ``traced``. Run as
 ``python -m tests.crashsim.workloads NAME PHASE BASE MARKERS WORLD FORMAT``.
 
 Rank 0 marks each moment the checker needs by creating a file in MARKERS: ``saved-N`` once
-``save`` of step N returned (committed and durable, the promise checked), ``deleting-N`` / ``overwriting-N``
-when a delete or an overwrite of step N begins,
-``shrink`` when retention may remove any older step.
+``save`` of step N returned (committed and durable, the promise checked), ``deleting-N`` /
+``overwriting-N`` when a delete or an overwrite of step N begins, ``shrink`` when retention may
+remove any older step.
 """
 
 from __future__ import annotations
@@ -179,7 +179,9 @@ WORKLOADS = {
 }
 
 
-def _run_rank(rank: int, world: int, name: str, phase: str, paths: tuple[str, str], fmt: str) -> None:
+def _run_rank(
+    rank: int, world: int, name: str, phase: str, paths: tuple[str, str], fmt: str
+) -> None:
     ctx = Context(Path(paths[0]), Path(paths[1]), rank, world, fmt)
     workload = WORKLOADS[name]
     step = workload.setup if phase == "setup" else workload.traced
