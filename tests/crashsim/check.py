@@ -56,6 +56,8 @@ class Expectation:
             else:
                 kind, step = what.rsplit("-", 1)
                 found[kind].append(int(step))
+                if kind == "saved" and int(step) in found["overwriting"]:
+                    found["overwriting"].remove(int(step))  # the overwrite returned: durable
         return cls(
             tuple(found["saved"]), tuple(found["deleting"]), tuple(found["overwriting"]), shrinks
         )
