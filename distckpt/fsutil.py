@@ -201,16 +201,38 @@ def exchange_dirs(a: Path, b: Path, *, fsync: bool) -> bool:
     return True
 
 
+def make_dirs(path: Path, *, fsync: bool) -> None:
+    """Create ``path`` and any missing parents (``mkdir -p``), each made durable: a new
+    directory's name lives in its parent, so the parent is fsynced after each creation.
+    Without that, a power loss can take away a root (and every checkpoint saved in it) that
+    a plain ``mkdir(parents=True)`` made."""
+    missing: list[Path] = []
+    current = path
+    while not os.path.lexists(current) and current.parent != current:
+        missing.append(current)
+        current = current.parent
+    for directory in reversed(missing):
+        directory.mkdir(exist_ok=True)  # another process may have made it meanwhile
+        if fsync:
+            fsync_dir(directory.parent)
+
+
 def move_to_trash(path: Path, trash_root: Path, *, fsync: bool) -> Path | None:
     """Make a directory vanish from its name at once by renaming it into ``trash_root`` (same
-    filesystem), where it can be deleted later. Returns its new path, None if it was gone."""
-    trash_root.mkdir(exist_ok=True)
+    filesystem), where it can be deleted later. Returns its new path, None if it was gone.
+
+    Durable before it returns: the trash itself, and the rename, whose new name lives in the
+    trash (an fsync of the old parent alone does not make a rename durable everywhere). The
+    contents are deleted only after that, so a power loss cannot bring the directory back
+    under its old name with part of its files gone."""
+    make_dirs(trash_root, fsync=fsync)
     doomed = trash_root / f"{path.name}.{uuid.uuid4().hex}"
     try:
         os.rename(path, doomed)
     except FileNotFoundError:
         return None
     if fsync:
+        fsync_dir(trash_root)
         fsync_dir(path.parent)
     return doomed
 

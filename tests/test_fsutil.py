@@ -17,6 +17,7 @@ from distckpt.fsutil import (
     atomic_write_bytes,
     discard_dir,
     file_checksum,
+    make_dirs,
     probe_writable,
     read_link,
     remove_link,
@@ -330,3 +331,13 @@ def test_probe_writable_raises_on_a_read_only_directory(tmp_path: Path) -> None:
             probe_writable(readonly)
     finally:
         readonly.chmod(0o700)
+
+
+def test_make_dirs_creates_missing_parents_and_accepts_existing(tmp_path: Path) -> None:
+    deep = tmp_path / "a" / "b" / "c"
+    make_dirs(deep, fsync=True)
+    assert deep.is_dir()
+    make_dirs(deep, fsync=True)  # already there: nothing to do, no error
+    (tmp_path / "file").write_bytes(b"")
+    with pytest.raises(OSError):
+        make_dirs(tmp_path / "file" / "below", fsync=True)

@@ -1,0 +1,173 @@
+"""Checking crash states with the public API, in a fresh process:
+``python -m tests.crashsim.check SPEC.json`` prints one JSON list of violations per state.
+
+For each state (a directory holding the replayed base dir):
+
+* before anything opens it, ``verify(root)`` must pass: no partial ``step-*`` dir, and no
+  ``last`` / ``best`` link naming something that is not a committed checkpoint;
+* a new ``CheckpointManager(root)`` opens (repairing what it may);
+* the checkpoint ``restore("last")`` loads (``load_checkpoint`` of each rank's part when the
+  job had several ranks, as restoring needs the same world size) is complete, its step at least
+  the newest step whose save had returned, and holds exactly the tensors saved at that step;
+* ``verify(root)`` passes after the manager opened; no step whose save returned is missing
+  (unless an operation that may remove it had begun);
+* nothing a crash left behind survives the start: ``.staging`` and ``.trash`` empty, no
+  ``.probe-*`` file, no ``.last.*.tmp`` / ``.best.*.tmp`` link under construction.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# The violation kinds, in the order a state is checked.
+RAW_PARTIAL = "partial checkpoint visible"
+RAW_DANGLING = "link names no committed checkpoint"
+OPEN_FAILED = "manager does not open"
+STEP_LOST = "a returned save is lost"
+WRONG_STATE = "restore returns the wrong state"
+BROKEN_AFTER_OPEN = "verify fails after the manager opened"
+LEFTOVER = "leftover survives the start"
+
+
+@dataclass(frozen=True)
+class Expectation:
+    """What the markers recorded before the crash promise."""
+
+    returned: tuple[int, ...]
+    deleting: tuple[int, ...]
+    overwriting: tuple[int, ...]
+    shrinks: bool
+
+    @classmethod
+    def from_markers(cls, markers: list[str]) -> Expectation:
+        found: dict[str, list[int]] = {"saved": [], "deleting": [], "overwriting": []}
+        shrinks = False
+        for marker in markers:
+            what = marker.split("-", 1)[1]
+            if what == "shrink":
+                shrinks = True
+            else:
+                kind, step = what.rsplit("-", 1)
+                found[kind].append(int(step))
+                if kind == "saved" and int(step) in found["overwriting"]:
+                    found["overwriting"].remove(int(step))  # the overwrite returned: durable
+        return cls(
+            tuple(found["saved"]), tuple(found["deleting"]), tuple(found["overwriting"]), shrinks
+        )
+
+    def _may_vanish(self, overwrite_window: bool) -> set[int]:
+        # A step being deleted may go; one being overwritten only where the documented
+        # two-rename window exists.
+        return set(self.deleting) | (set(self.overwriting) if overwrite_window else set())
+
+    def floor(self, overwrite_window: bool) -> int | None:
+        """The step ``restore("last")`` may not go below."""
+        vanishing = self._may_vanish(overwrite_window)
+        stable = [s for s in self.returned if s not in vanishing]
+        return max(stable) if stable else None
+
+    def required(self, overwrite_window: bool) -> set[int]:
+        """Steps that must be there: with retention at work, only the floor."""
+        floor = self.floor(overwrite_window)
+        if self.shrinks:
+            return {floor} if floor is not None else set()
+        return set(self.returned) - self._may_vanish(overwrite_window)
+
+
+def _tensor_ok(loaded: Any, step: int, rank: int, fmt: str) -> bool:
+    from tests.crashsim.workloads import state_for
+
+    return any(
+        torch.equal(loaded["w"], state_for(step, rank, fmt, version)["w"]) for version in (0, 1)
+    )
+
+
+def check_state(spec: dict[str, Any]) -> list[tuple[str, str]]:
+    """The violations of one state: (kind, detail) pairs."""
+    import distckpt
+    from tests.crashsim.workloads import state_for
+
+    root = Path(spec["dir"]) / spec["root"]
+    expected = Expectation.from_markers(spec["markers"])
+    window = spec["overwrite_window"]
+    floor = expected.floor(window)
+    fmt, world = spec["format"], spec["world"]
+    found: list[tuple[str, str]] = []
+    if not root.is_dir():
+        if floor is not None:
+            found.append((STEP_LOST, f"the root is gone but step {floor} had returned"))
+        return found
+    raw = distckpt.verify(root, checksums=True)
+    for report in raw.checkpoints:
+        if not report.ok:
+            found.append((RAW_PARTIAL, f"{report.path.name}: {'; '.join(report.problems)}"))
+    for problem in raw.problems:
+        found.append((RAW_DANGLING, problem))
+    try:
+        mgr = distckpt.CheckpointManager(root, format=fmt)
+    except Exception as exc:
+        found.append((OPEN_FAILED, f"{type(exc).__name__}: {exc}"))
+        return found
+    with mgr:
+        latest = mgr.latest_step()
+        steps = set(mgr.steps())
+        if floor is not None and (latest is None or latest < floor):
+            found.append((STEP_LOST, f"latest step {latest} but step {floor} had returned"))
+        missing = expected.required(window) - steps
+        if missing:
+            found.append((STEP_LOST, f"returned steps {sorted(missing)} are missing"))
+        if latest is not None:
+            try:
+                for rank in range(world):
+                    template = state_for(0, rank, fmt)
+                    if world == 1:
+                        loaded = mgr.restore("last", state=template)
+                    else:
+                        loaded = distckpt.load_checkpoint(root, rank=rank, state=template)
+                    if loaded.step != latest or not _tensor_ok(
+                        loaded.state, loaded.step, rank, fmt
+                    ):
+                        found.append(
+                            (WRONG_STATE, f"rank {rank}: step {loaded.step}, latest {latest}")
+                        )
+            except Exception as exc:
+                found.append((WRONG_STATE, f"{type(exc).__name__}: {exc}"))
+        after = distckpt.verify(root, checksums=True)
+        if not after.ok:
+            problems = [*after.problems, *(p for c in after.checkpoints for p in c.problems)]
+            found.append((BROKEN_AFTER_OPEN, "; ".join(problems)))
+        left = [p.name for p in root.iterdir() if _is_leftover(p.name)]
+        for sub in (".staging", ".trash"):
+            if (root / sub).is_dir():
+                left += [f"{sub}/{p.name}" for p in (root / sub).iterdir()]
+        if left:
+            found.append((LEFTOVER, ", ".join(sorted(left))))
+    return found
+
+
+def _is_leftover(name: str) -> bool:
+    return name.startswith(".probe-") or (name.startswith(".") and name.endswith(".tmp"))
+
+
+def main(spec_file: str) -> None:
+    logging.disable(logging.CRITICAL)  # the manager warns about every repair it makes
+    torch.set_num_threads(1)
+    specs = json.loads(Path(spec_file).read_text())
+    results = []
+    for spec in specs:
+        try:
+            results.append(check_state(spec))
+        except Exception as exc:  # a crash of the checker is a finding too, not an abort
+            results.append([(OPEN_FAILED, f"checker raised {type(exc).__name__}: {exc}")])
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

@@ -1,0 +1,206 @@
+"""The jobs the explorer traces, each in two phases: ``setup`` (untraced; what it leaves is the
+durable starting state) and ``traced``. Run as
+``python -m tests.crashsim.workloads NAME PHASE BASE MARKERS WORLD FORMAT``.
+
+Rank 0 marks each moment the checker needs by creating a file in MARKERS: ``saved-N`` once
+``save`` of step N returned (committed and durable, the promise checked), ``deleting-N`` /
+``overwriting-N`` when a delete or an overwrite of step N begins, ``shrink`` when retention may
+remove any older step.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT_NAME = "root"
+
+
+def tensor_for(step: int, rank: int, version: int = 0) -> torch.Tensor:
+    """What rank ``rank`` saves at ``step`` (``version`` 1 for an overwrite)."""
+    return torch.arange(6, dtype=torch.float32) + 100 * step + 10 * rank + 1000 * version
+
+
+def state_for(step: int, rank: int, fmt: str, version: int = 0) -> dict[str, Any]:
+    # DCP stores a plain tensor once, as if every rank held the same one.
+    return {"w": tensor_for(step, 0 if fmt == "dcp" else rank, version), "step": step}
+
+
+@dataclass(frozen=True)
+class Context:
+    base: Path
+    markers: Path
+    rank: int
+    world: int
+    format: str
+
+    @property
+    def root(self) -> Path:
+        return self.base / ROOT_NAME
+
+    def mark(self, what: str) -> None:
+        if self.rank == 0:
+            count = len(os.listdir(self.markers))
+            (self.markers / f"{count:04d}-{what}").touch(exist_ok=False)
+
+    def manager(self, **options: Any) -> Any:
+        import distckpt
+
+        return distckpt.CheckpointManager(
+            options.pop("root", self.root), format=self.format, timeout=30, **options
+        )
+
+    def save(self, mgr: Any, step: int, *, version: int = 0, **options: Any) -> None:
+        loss = {1: 0.9, 2: 0.5, 3: 0.7, 4: 0.6}.get(step, 1.0)
+        mgr.save(
+            step,
+            state_for(step, self.rank, self.format, version),
+            metrics={"loss": loss},
+            **options,
+        )
+        if not mgr.save_in_flight:
+            self.mark(f"saved-{step}")
+
+
+RETAIN = {"keep_last": 2, "monitor": "loss"}
+
+
+def _saves(ctx: Context, steps: tuple[int, ...], **options: Any) -> None:
+    with ctx.manager(**options) as mgr:
+        for step in steps:
+            ctx.save(mgr, step)
+
+
+def retention_traced(ctx: Context) -> None:
+    ctx.mark("shrink")
+    _saves(ctx, (3, 4), **RETAIN)
+
+
+def delete_traced(ctx: Context) -> None:
+    with ctx.manager() as mgr:
+        for step in (3, 1):
+            ctx.mark(f"deleting-{step}")
+            mgr.delete(step)
+
+
+def prune_traced(ctx: Context) -> None:
+    ctx.mark("shrink")
+    with ctx.manager(keep_last=1) as mgr:
+        mgr.prune()
+
+
+def overwrite_traced(ctx: Context) -> None:
+    with ctx.manager() as mgr:
+        ctx.mark("overwriting-2")
+        ctx.save(mgr, 2, version=1, overwrite=True)
+
+
+def overwrite_fallback_traced(ctx: Context) -> None:
+    from distckpt import fsutil
+
+    # The fallback runs where renameat2(RENAME_EXCHANGE) is refused (NFS, other systems); this
+    # machine's local filesystems all accept it, so the one switch that selects it is turned.
+    fsutil._RENAMEAT2 = None
+    overwrite_traced(ctx)
+
+
+def async_traced(ctx: Context) -> None:
+    with ctx.manager(async_save=True, **RETAIN) as mgr:
+        ctx.save(mgr, 2)
+        mgr.wait()
+        ctx.mark("saved-2")
+
+
+def restart_setup(ctx: Context) -> None:
+    """Steps 1 and 2, then two jobs killed mid-save: one after committing step 3 but before
+    its link swap (a stale ``last``, a writer lock file), one while writing step 4."""
+    _saves(ctx, (1, 2), **RETAIN)
+    if ctx.world > 1:
+        return  # the killed saves below need one process; the 1-rank variant covers them
+    from distckpt import faults
+
+    for point, step in (("during_link_swap", 3), ("after_shard_write", 4)):
+        child = os.fork()
+        if child == 0:
+            faults.arm(point, "kill", rank=0)
+            with ctx.manager(**RETAIN) as mgr:
+                mgr.save(step, state_for(step, 0, ctx.format), metrics={"loss": 0.1})
+            os._exit(0)
+        _, status = os.waitpid(child, 0)
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, status
+
+
+def restart_traced(ctx: Context) -> None:
+    with ctx.manager(**RETAIN) as mgr:
+        mgr.gc()
+
+
+def fresh_root_traced(ctx: Context) -> None:
+    """A root the manager creates itself, with missing parents."""
+    with ctx.manager(root=ctx.base / "parent" / "child" / ROOT_NAME) as mgr:
+        ctx.save(mgr, 1)
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    setup: Callable[[Context], None] | None
+    traced: Callable[[Context], None]
+    #: the root, relative to the base dir
+    root: str = ROOT_NAME
+    #: the two-rename overwrite leaves no step-N between its renames (documented)
+    overwrite_window: bool = False
+
+
+WORKLOADS = {
+    w.name: w
+    for w in (
+        Workload("retention", lambda ctx: _saves(ctx, (1, 2), **RETAIN), retention_traced),
+        Workload("delete", lambda ctx: _saves(ctx, (1, 2, 3)), delete_traced),
+        Workload("prune", lambda ctx: _saves(ctx, (1, 2, 3)), prune_traced),
+        Workload("overwrite", lambda ctx: _saves(ctx, (1, 2)), overwrite_traced),
+        Workload(
+            "overwrite_fallback",
+            lambda ctx: _saves(ctx, (1, 2)),
+            overwrite_fallback_traced,
+            overwrite_window=True,
+        ),
+        Workload("async", lambda ctx: _saves(ctx, (1,), **RETAIN), async_traced),
+        Workload("restart", restart_setup, restart_traced),
+        Workload("fresh_root", None, fresh_root_traced, root=f"parent/child/{ROOT_NAME}"),
+    )
+}
+
+
+def _run_rank(
+    rank: int, world: int, name: str, phase: str, paths: tuple[str, str], fmt: str
+) -> None:
+    ctx = Context(Path(paths[0]), Path(paths[1]), rank, world, fmt)
+    workload = WORKLOADS[name]
+    step = workload.setup if phase == "setup" else workload.traced
+    if step is not None:
+        step(ctx)
+
+
+def main(argv: list[str]) -> None:
+    name, phase, base, markers, world, fmt = argv
+    from tests.ranks import run_ranks, values
+
+    # world 1 runs one process with no process group, as a single-process job does
+    size = int(world)
+    results = run_ranks(
+        _run_rank, 0 if size == 1 else size, name, phase, (base, markers), fmt, timeout=120
+    )
+    values(results)
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    main(sys.argv[1:])
