@@ -66,7 +66,7 @@ class FilesystemKind:
 KINDS: dict[str, FilesystemKind] = {
     kind.name: kind
     for kind in (
-        FilesystemKind("ext4", ("mkfs.ext4",), True, image_mib=96),
+        FilesystemKind("ext4", ("mkfs.ext4",), True, image_mib=512),  # room to fill
         FilesystemKind("xfs", ("mkfs.xfs",), True, image_mib=320),  # xfs's minimum is 300 MiB
         FilesystemKind("btrfs", ("mkfs.btrfs",), True, image_mib=160),
         FilesystemKind("tmpfs", (), True),
