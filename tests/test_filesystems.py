@@ -250,8 +250,8 @@ staging, hog = sys.argv[1], sys.argv[2]
 deadline = time.monotonic() + 60
 while time.monotonic() < deadline:
     try:
-        if any(name.endswith((".pt", ".distcp")) for d in os.listdir(staging)
-               for name in os.listdir(os.path.join(staging, d))):
+        # step 2's staging dir: the preflight read the free space just after making it
+        if any(n.startswith("step-00000002.") and not n.endswith(".lock") for n in os.listdir(staging)):
             break
     except OSError:
         pass
