@@ -251,7 +251,8 @@ deadline = time.monotonic() + 60
 while time.monotonic() < deadline:
     try:
         # step 2's staging dir: the preflight read the free space just after making it
-        if any(n.startswith("step-00000002.") and not n.endswith(".lock") for n in os.listdir(staging)):
+        names = os.listdir(staging)
+        if any(n.startswith("step-00000002.") and not n.endswith(".lock") for n in names):
             break
     except OSError:
         pass
