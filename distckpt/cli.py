@@ -5,8 +5,8 @@ lease record, for a holder on another machine that is known to be dead). ``prune
 act through the same store a training job's rank 0 uses (its retention rules, its lock, its
 cleanup), with no process group, and ``export`` through the same reader, so running one next to
 a live job is safe. Output is for people by default, JSON with ``--json``. Exit status: 0 on
-success, 1 when ``verify`` finds a problem, 2 on bad input (a path holding no checkpoint
-included) or any other error.
+success, 1 when ``verify`` finds a problem or ``gc`` must leave files a process still holds
+open, 2 on bad input (a path holding no checkpoint included) or any other error.
 """
 
 from __future__ import annotations
@@ -65,7 +65,12 @@ def _table(rows: list[list[str]], out: TextIO) -> None:
 
 def _leftovers(layout: RootLayout) -> list[dict[str, Any]]:
     return [
-        {"path": os.fspath(item.path), "kind": item.kind, "writer_alive": item.writer_alive}
+        {
+            "path": os.fspath(item.path),
+            "kind": item.kind,
+            "writer_alive": item.writer_alive,
+            "in_use": item.in_use,
+        }
         for item in find_leftovers(layout)
         if item.kind != "lock"
     ]
@@ -144,7 +149,14 @@ def cmd_ls(args: argparse.Namespace, out: TextIO) -> int:
             rows.append([str(step), "", "DAMAGED (run verify)", "", "", "", "", ""])
         _table(rows, out)
     for item in leftovers:
-        state = "writer alive" if item["writer_alive"] else "dead writer: gc removes it"
+        if item["writer_alive"]:
+            state = "writer alive"
+        elif item["in_use"]:
+            state = "in use: a process holds a deleted file in it open; gc retries later"
+        elif item["kind"] == "stray":
+            state = "stray file: gc removes it"
+        else:
+            state = "dead writer: gc removes it"
         out.write(f"leftover {item['kind']}: {item['path']} ({state})\n")
     out.write(_holder_line(holder))
     return EXIT_OK
@@ -272,12 +284,20 @@ def cmd_prune(args: argparse.Namespace, out: TextIO) -> int:
 
 def cmd_gc(args: argparse.Namespace, out: TextIO) -> int:
     removed = [os.fspath(p) for p in _open_store(args.root).collect_leftovers()]
+    # What the collection had to leave: files a reader still holds open (retried by the next
+    # gc or start), and leftovers of writers that are still alive.
+    kept = [item for item in _leftovers(RootLayout.at(args.root)) if item["path"] not in removed]
     if args.json:
-        json.dump({"removed": removed}, out)
+        json.dump({"removed": removed, "left": kept}, out)
         out.write("\n")
     else:
-        out.write("".join(f"removed {p}\n" for p in removed) or "nothing to collect\n")
-    return EXIT_OK
+        out.write("".join(f"removed {p}\n" for p in removed))
+        for item in kept:
+            why = "writer alive" if item["writer_alive"] else "in use" if item["in_use"] else ""
+            out.write(f"left {item['path']}" + (f" ({why}; retried later)\n" if why else "\n"))
+        if not removed and not kept:
+            out.write("nothing to collect\n")
+    return EXIT_OK if not any(item["in_use"] for item in kept) else EXIT_PROBLEMS
 
 
 def cmd_export(args: argparse.Namespace, out: TextIO) -> int:

@@ -73,8 +73,8 @@ class ChecksumWriter:
         except OSError as exc:
             # Kept, because a caller such as torch.save's zip writer may replace it with an
             # error of its own that no longer says "No space left on device".
-            self.error = exc
-            raise
+            self.error = _naming(exc, self.path)
+            raise self.error from None
         self._crc = crc32(view, self._crc)
         self.size += view.nbytes
         return view.nbytes
@@ -133,6 +133,9 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], object], *, fsync: bool
                 file.flush()
                 os.fsync(file.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise _naming(exc, path) from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -351,8 +354,21 @@ def remove_link(link: Path, *, fsync: bool) -> None:
         fsync_dir(link.parent)
 
 
-def free_bytes(path: Path) -> int:
-    return shutil.disk_usage(path).free
+def free_bytes(path: Path) -> int | None:
+    """Bytes an unprivileged writer may still use on the filesystem holding ``path``, or None
+    when the filesystem reports no size at all (0 blocks in ``statvfs``: fusefat's FAT32, some
+    FUSE and network mounts), where free space is unknown rather than zero."""
+    usage = shutil.disk_usage(path)
+    return None if usage.total == 0 else usage.free
+
+
+def _naming(exc: OSError, path: Path) -> OSError:
+    """``exc`` with ``path`` as its file name when it has none, so that an error such as
+    "No space left on device" says which file was being written (``OSError(errno, ...)``
+    builds the errno's own subclass, so callers catching ``PermissionError`` still do)."""
+    if exc.filename is not None or exc.errno is None:
+        return exc
+    return OSError(exc.errno, exc.strerror, os.fspath(path))
 
 
 def probe_writable(directory: Path) -> None:

@@ -32,6 +32,7 @@ import inspect
 import logging
 import os
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -153,20 +154,60 @@ class WriterLock:
         return False
 
 
+#: names a filesystem gives a file that was deleted while a process still held it open: the
+#: FUSE library's (bindfs, fuse2fs, cloud-bucket mounts) and the NFS client's "silly rename".
+#: Each vanishes when its last holder closes it; until then nothing can remove it.
+_HELD_OPEN_PREFIXES = (".fuse_hidden", ".nfs")
+#: the root's writability probes (``probe_writable``, the symlink probe): a process killed
+#: between creating and removing one leaves it behind. One younger than the grace period may
+#: belong to a manager starting right now, which removes it itself.
+_PROBE_PREFIX = ".probe-"
+PROBE_GRACE_SECONDS = 60.0
+
+
 @dataclass(frozen=True)
 class Leftover:
     """Something a root holds besides committed checkpoints: a staging dir (of a live writer
-    or a dead one), a writer lock file whose dir is gone, or a dir in the trash."""
+    or a dead one), a writer lock file whose dir is gone, a dir in the trash, or a stray file
+    (a probe, or a deleted file some process still holds open).
+
+    ``in_use`` is True when the leftover is, or holds, a file deleted while a reader still has
+    it open (``.fuse_hidden*``, ``.nfs*``): it cannot be removed until that reader closes it,
+    so a cleanup leaves it and the next one retries."""
 
     path: Path
-    kind: Literal["staging", "lock", "trash"]
+    kind: Literal["staging", "lock", "trash", "stray"]
     writer_alive: bool = False
+    in_use: bool = False
+
+
+def _held_open(path: Path) -> bool:
+    """Whether ``path`` is, or (a directory) contains, a deleted file still held open."""
+    if path.name.startswith(_HELD_OPEN_PREFIXES):
+        return True
+    if not path.is_dir() or path.is_symlink():
+        return False
+    try:
+        return any(
+            name.startswith(_HELD_OPEN_PREFIXES) for _, _, names in os.walk(path) for name in names
+        )
+    except OSError:
+        return False
+
+
+def _stale_probe(path: Path) -> bool:
+    if not path.name.startswith(_PROBE_PREFIX):
+        return False
+    try:
+        return time.time() - path.lstat().st_mtime > PROBE_GRACE_SECONDS
+    except FileNotFoundError:
+        return False
 
 
 def find_leftovers(layout: RootLayout) -> list[Leftover]:
     """The root's leftovers; ``writer_alive`` is True for a staging dir whose writer still
     holds its lock (never to be removed) and for a lock file held by a writer about to create
-    its dir."""
+    its dir; ``in_use`` marks those holding a file a reader still has open."""
     found: list[Leftover] = []
     if layout.staging_root.is_dir():
         for entry in sorted(layout.staging_root.iterdir()):
@@ -175,9 +216,19 @@ def find_leftovers(layout: RootLayout) -> list[Leftover]:
                 if not staging.exists():
                     found.append(Leftover(entry, "lock", WriterLock.writer_is_alive(staging)))
                 continue
-            found.append(Leftover(entry, "staging", WriterLock.writer_is_alive(entry)))
+            alive = WriterLock.writer_is_alive(entry)
+            found.append(Leftover(entry, "staging", alive, in_use=_held_open(entry)))
     if layout.trash_root.is_dir():
-        found += [Leftover(entry, "trash") for entry in sorted(layout.trash_root.iterdir())]
+        found += [
+            Leftover(entry, "trash", in_use=_held_open(entry))
+            for entry in sorted(layout.trash_root.iterdir())
+        ]
+    if layout.root.is_dir():
+        found += [
+            Leftover(entry, "stray", in_use=_held_open(entry))
+            for entry in sorted(layout.root.iterdir())
+            if entry.name.startswith(_HELD_OPEN_PREFIXES) or _stale_probe(entry)
+        ]
     return found
 
 

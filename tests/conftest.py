@@ -1,11 +1,13 @@
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from distckpt import faults
+from tests.filesystems import MountFactory
 
 
 @pytest.fixture(autouse=True)
@@ -21,3 +23,16 @@ def _no_armed_faults() -> Iterator[None]:
 def root(tmp_path: Path) -> Path:
     """A checkpoint root that does not exist yet, in its own temporary directory."""
     return tmp_path / "ckpt"
+
+
+@pytest.fixture(scope="session")
+def mounts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MountFactory]:
+    """Real mounts (loop images, FUSE, tmpfs, read-only), each made at its first use in this
+    session and all unmounted at its end, even when tests failed."""
+    factory = MountFactory(tmp_path_factory.mktemp("mounts"))
+    try:
+        yield factory
+    finally:
+        problems = factory.cleanup()
+        if problems:
+            warnings.warn("; ".join(problems), stacklevel=1)

@@ -1,0 +1,113 @@
+"""Run the filesystem matrix (``tests/test_filesystems.py``) and write its results as the
+Markdown table in ``docs/filesystems.md``.
+
+    python scripts/gen_filesystem_table.py           # run the tests, print the table
+    python scripts/gen_filesystem_table.py --write   # and replace it in docs/filesystems.md
+
+Needs root (mounts). The table sits between ``<!-- matrix:start -->`` and ``<!-- matrix:end -->``;
+each cell is the outcome of one test: passed, "known failure" (an ``xfail`` naming the fix the
+library still needs), failed or skipped (with the reason in the test log).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+import sys
+import tempfile
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+DOC = REPO / "docs" / "filesystems.md"
+START = "<!-- matrix:start -->"
+END = "<!-- matrix:end -->"
+TESTS = "tests/test_filesystems.py"
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import doc_tables  # noqa: E402  (beside this script)
+
+_PARAM = re.compile(r"^(?P<test>[a-z_]+)(?:\[(?P<param>[^\]]+)\])?$")
+
+
+def run_matrix() -> dict[tuple[str, str], str]:
+    """Each (test, parameter)'s outcome, from a run of the matrix."""
+    with tempfile.TemporaryDirectory() as tmp:
+        report = Path(tmp) / "junit.xml"
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pytest",
+                "-q",
+                "-p",
+                "no:cacheprovider",
+                TESTS,
+                f"--junitxml={report}",
+                "-o",
+                "junit_family=xunit2",
+            ],
+            cwd=REPO,
+            check=False,
+        )
+        tree = ET.parse(report)
+    outcomes: dict[tuple[str, str], str] = {}
+    for case in tree.iter("testcase"):
+        match = _PARAM.match(case.get("name", ""))
+        if match is None:
+            continue
+        outcome = "passed"
+        for child in case:
+            if child.tag == "skipped":
+                kind = child.get("type", "")
+                outcome = "known failure" if "xfail" in kind else "skipped"
+            elif child.tag in ("failure", "error"):
+                outcome = "FAILED"
+        outcomes[(match["test"], match["param"] or "")] = outcome
+    return outcomes
+
+
+_COLUMNS = {
+    "test_save_retention_best_restore": "2-rank save (torch sync, dcp async), retention, best, "
+    "fresh-process restore, verify, ls",
+    "test_sigkill_mid_save_and_resume": "SIGKILL mid-save, resume",
+}
+
+
+def render_table(outcomes: dict[tuple[str, str], str]) -> str:
+    """One row per filesystem of the matrix, one column per case; then the single cases."""
+    names = sorted({p for (t, p) in outcomes if t in _COLUMNS}, key=_order)
+    header = "| filesystem | " + " | ".join(_COLUMNS.values()) + " |"
+    rows = [header, "|---" * (len(_COLUMNS) + 1) + "|"]
+    for name in names:
+        cells = [outcomes.get((test, name), "not run") for test in _COLUMNS]
+        rows.append(f"| {name} | " + " | ".join(cells) + " |")
+    rows += ["", "| case | result |", "|---|---|"]
+    for (test, param), outcome in sorted(outcomes.items()):
+        if test not in _COLUMNS:
+            rows.append(f"| `{test}{f'[{param}]' if param else ''}` | {outcome} |")
+    return "\n".join(rows) + "\n"
+
+
+def _order(name: str) -> int:
+    from tests.filesystems import KINDS
+
+    return list(KINDS).index(name) if name in KINDS else len(KINDS)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--write", action="store_true", help="replace the table in the doc")
+    args = parser.parse_args()
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    table = render_table(run_matrix())
+    if args.write:
+        doc_tables.write_table(DOC, table, START, END, what="filesystem matrix")
+    else:
+        print(table)
+
+
+if __name__ == "__main__":
+    main()

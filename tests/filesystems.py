@@ -1,0 +1,272 @@
+"""Real filesystems for tests: loop-device images, FUSE mounts, sized tmpfs, a read-only mount.
+
+:class:`MountFactory` makes each mount once per test session under a temporary directory and
+undoes all of them at the end, whatever happened (unmount, lazily as a last resort, and detach
+the loop devices it attached). Mounting needs root; the Debian packages providing the tools are
+installed with apt when missing. Where that cannot be done (no root, no apt, no FUSE), a test
+asking for the mount is skipped with the exact reason, except under ``CI=true``, where every
+mount must work and a missing one fails the test.
+
+What this machine's kind of kernel offers (a container's, as in CI): ext4, xfs and btrfs in the
+kernel, and FUSE; no vfat, exfat or NFS driver and no ``modprobe``. So exFAT runs through
+exfat-fuse (which wants a block device: a loop device is attached first) and FAT16/FAT32
+through fusefat, a FUSE driver of its own.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+#: the command each kind of mount needs, and the Debian package that provides it
+TOOL_PACKAGES = {
+    "mkfs.ext4": "e2fsprogs",
+    "mkfs.xfs": "xfsprogs",
+    "mkfs.btrfs": "btrfs-progs",
+    "mkfs.exfat": "exfatprogs",
+    "mount.exfat-fuse": "exfat-fuse",
+    "mkfs.vfat": "dosfstools",
+    "fusefat": "fusefat",
+    "bindfs": "bindfs",
+    "fuse2fs": "fuse2fs",
+    "losetup": "mount",
+}
+
+
+@dataclass(frozen=True)
+class Mount:
+    """One mounted filesystem. ``path`` is where tests write (for the read-only mount, where
+    they read; ``writable_source`` is the same files through a writable name)."""
+
+    name: str
+    path: Path
+    symlinks: bool
+    read_only: bool = False
+    writable_source: Path | None = None
+
+
+@dataclass(frozen=True)
+class FilesystemKind:
+    """How to make one kind of mount: the tools it needs and the commands that make it."""
+
+    name: str
+    tools: tuple[str, ...]
+    symlinks: bool
+    image_mib: int = 0
+    read_only: bool = False
+
+
+#: every filesystem of the matrix, in the order the docs list them
+KINDS: dict[str, FilesystemKind] = {
+    kind.name: kind
+    for kind in (
+        FilesystemKind("ext4", ("mkfs.ext4",), True, image_mib=512),  # room to fill
+        FilesystemKind("xfs", ("mkfs.xfs",), True, image_mib=320),  # xfs's minimum is 300 MiB
+        FilesystemKind("btrfs", ("mkfs.btrfs",), True, image_mib=160),
+        FilesystemKind("tmpfs", (), True),
+        FilesystemKind("exfat", ("mkfs.exfat", "mount.exfat-fuse", "losetup"), False, 96),
+        FilesystemKind("fat16", ("mkfs.vfat", "fusefat"), False, image_mib=96),
+        FilesystemKind("fat32", ("mkfs.vfat", "fusefat"), False, image_mib=96),
+        FilesystemKind("bindfs", ("bindfs",), True),
+        FilesystemKind("fuse2fs", ("mkfs.ext4", "fuse2fs"), True, image_mib=96),
+        FilesystemKind("readonly", (), True, read_only=True),
+    )
+}
+
+
+def _run(*command: str | os.PathLike[str]) -> None:
+    done = subprocess.run(
+        [os.fspath(part) for part in command], capture_output=True, text=True, check=False
+    )
+    if done.returncode != 0:
+        raise RuntimeError(
+            f"{' '.join(map(os.fspath, command))} failed ({done.returncode}): "
+            f"{(done.stderr or done.stdout).strip()}"
+        )
+
+
+def _output(*command: str | os.PathLike[str]) -> str:
+    return subprocess.run(
+        [os.fspath(part) for part in command], capture_output=True, text=True, check=True
+    ).stdout.strip()
+
+
+def not_mountable_reason(tools: tuple[str, ...]) -> str | None:
+    """Why mounts cannot be made here, or None when they can (the tools are installed first)."""
+    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        return f"mounting needs root (running as uid {os.getuid()})"
+    if tools and not Path("/dev/fuse").exists():
+        return "no /dev/fuse: FUSE is not available here"
+    missing = sorted({TOOL_PACKAGES[tool] for tool in tools if shutil.which(tool) is None})
+    if not missing:
+        return None
+    if shutil.which("apt-get") is None:
+        return f"missing packages {', '.join(missing)} and no apt-get to install them"
+    try:
+        _install_packages(missing)
+    except RuntimeError as exc:
+        return f"could not install {', '.join(missing)}: {exc}"
+    still_missing = [tool for tool in tools if shutil.which(tool) is None]
+    if still_missing:
+        return f"installed {', '.join(missing)} but {', '.join(still_missing)} is still missing"
+    return None
+
+
+_apt_updated = False
+
+
+def _install_packages(packages: list[str]) -> None:
+    global _apt_updated
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    if not _apt_updated:
+        subprocess.run(["apt-get", "update"], capture_output=True, env=env, check=False)
+        _apt_updated = True
+    done = subprocess.run(
+        ["apt-get", "install", "-y", "--no-install-recommends", *packages],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(done.stderr.strip().splitlines()[-1] if done.stderr else "apt failed")
+
+
+def skip_or_fail(reason: str) -> None:
+    """Skip a test that needs a mount this machine cannot make; in CI that is a failure."""
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"CI must run every filesystem test, but: {reason}")
+    pytest.skip(reason)
+
+
+@dataclass
+class MountFactory:
+    """Makes mounts under ``base`` on first request, each once; :meth:`cleanup` undoes all."""
+
+    base: Path
+    _mounts: dict[str, Mount] = field(default_factory=dict)
+    _failures: dict[str, str] = field(default_factory=dict)
+    _mounted: list[Path] = field(default_factory=list)
+    _loop_devices: list[str] = field(default_factory=list)
+
+    def get(self, name: str) -> Mount:
+        """The mount named ``name`` (a key of :data:`KINDS`, or ``small-ext4``), made now if
+        needed; skips (or, in CI, fails) the calling test when it cannot be made."""
+        if name not in self._mounts and name not in self._failures:
+            try:
+                self._mounts[name] = self._make(name)
+            except RuntimeError as exc:
+                self._failures[name] = str(exc)
+        if name in self._failures:
+            skip_or_fail(f"{name}: {self._failures[name]}")
+        return self._mounts[name]
+
+    def _make(self, name: str) -> Mount:
+        if name == "small-ext4":  # the disk-full case: small enough to fill quickly
+            kind = FilesystemKind("small-ext4", ("mkfs.ext4",), True, image_mib=24)
+        else:
+            kind = KINDS[name]
+        reason = not_mountable_reason(kind.tools)
+        if reason is not None:
+            raise RuntimeError(reason)
+        target = self.base / name
+        target.mkdir(parents=True)
+        image = self.base / f"{name}.img"
+        if kind.image_mib:
+            _run("truncate", "-s", f"{kind.image_mib}M", image)
+        makers: dict[str, Callable[[Path, Path], None]] = {
+            "ext4": self._loop("ext4"),
+            "small-ext4": self._loop("ext4"),
+            "xfs": self._loop("xfs"),
+            "btrfs": self._loop("btrfs"),
+            "tmpfs": lambda image, target: self._mount(
+                "mount", "-t", "tmpfs", "-o", f"size={TMPFS_MIB}m", "tmpfs", target
+            ),
+            "exfat": self._exfat,
+            "fat16": self._fusefat(16),
+            "fat32": self._fusefat(32),
+            "bindfs": self._bindfs,
+            "fuse2fs": self._fuse2fs,
+            "readonly": self._read_only,
+        }
+        makers[name](image, target)
+        source = self.base / "readonly-source" if kind.read_only else None
+        return Mount(name, target, kind.symlinks, kind.read_only, source)
+
+    def _mount(self, *command: str | os.PathLike[str]) -> None:
+        _run(*command)
+        self._mounted.append(Path(command[-1]))
+
+    def _loop(self, fstype: str) -> Callable[[Path, Path], None]:
+        def make(image: Path, target: Path) -> None:
+            _run(f"mkfs.{fstype}", *_MKFS_QUIET[fstype], image)
+            self._mount("mount", "-o", "loop", image, target)  # autoclear detaches the loop
+
+        return make
+
+    def _exfat(self, image: Path, target: Path) -> None:
+        _run("mkfs.exfat", image)
+        device = _output("losetup", "--find", "--show", image)  # exfat-fuse wants a block device
+        self._loop_devices.append(device)
+        self._mount("mount.exfat-fuse", device, target)
+
+    def _fusefat(self, bits: int) -> Callable[[Path, Path], None]:
+        def make(image: Path, target: Path) -> None:
+            _run("mkfs.vfat", "-F", str(bits), image)
+            self._mount("fusefat", "-o", "rw+", image, target)
+
+        return make
+
+    def _bindfs(self, image: Path, target: Path) -> None:
+        source = self.base / "bindfs-source"
+        source.mkdir()
+        self._mount("bindfs", source, target)
+
+    def _fuse2fs(self, image: Path, target: Path) -> None:
+        _run("mkfs.ext4", "-q", "-F", image)
+        self._mount("fuse2fs", "-o", "fakeroot", image, target)
+
+    def _read_only(self, image: Path, target: Path) -> None:
+        source = self.base / "readonly-source"
+        source.mkdir()
+        self._mount("mount", "--bind", source, target)
+        _run("mount", "-o", "remount,bind,ro", target)
+
+    def cleanup(self) -> list[str]:
+        """Unmount everything (lazily when a plain unmount fails) and detach the loop devices
+        attached here; returns what could not be undone."""
+        problems: list[str] = []
+        for target in reversed(self._mounted):
+            if _unmount(target):
+                continue
+            problems.append(f"could not unmount {target}")
+        for device in self._loop_devices:
+            try:
+                _run("losetup", "-d", device)
+            except RuntimeError as exc:
+                problems.append(str(exc))
+        self._mounted.clear()
+        self._loop_devices.clear()
+        return problems
+
+
+TMPFS_MIB = 96
+_MKFS_QUIET = {"ext4": ("-q", "-F"), "xfs": ("-q", "-f"), "btrfs": ("-q", "-f")}
+
+
+def _unmount(target: Path) -> bool:
+    for command in (("umount", target), ("fusermount", "-u", target), ("umount", "-l", target)):
+        if shutil.which(command[0]) is None:
+            continue
+        try:
+            _run(*command)
+            return True
+        except RuntimeError:
+            continue
+    return False
