@@ -88,3 +88,32 @@ class RankFailure(CheckpointError):
 class InjectedFault(CheckpointError):
     """The error an armed ``raise`` fault point throws (see :mod:`distckpt.faults`); only ever
     raised in tests that arm one."""
+
+
+class ObjectStoreError(CheckpointError, OSError):
+    """An object store (an ``s3://`` root) refused or failed a request; the message names the
+    operation, the object's ``s3://`` address and the endpoint."""
+
+
+class ObjectNotFound(ObjectStoreError, FileNotFoundError):
+    """The object (or its bucket) does not exist in the store."""
+
+
+class ObjectExists(ObjectStoreError, FileExistsError):
+    """A conditional create (``If-None-Match: *``) was refused: the object already exists, so
+    another writer created it first."""
+
+
+class PreconditionFailed(ObjectStoreError):
+    """A compare-and-swap (``If-Match`` on an ETag) was refused: the object was replaced or
+    removed since that ETag was read. Re-read it and decide again."""
+
+
+class StoreAccessDenied(ObjectStoreError, PermissionError):
+    """The store refused the credentials (unknown key, wrong secret, expired token, no
+    permission), or none were found."""
+
+
+class StoreUnavailable(ObjectStoreError, ConnectionError):
+    """The store could not be reached or kept failing (connection refused or dropped, timeouts,
+    5xx responses) after the client's retries with backoff."""

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from distckpt import faults
+from tests.s3server import S3Server
 
 
 @pytest.fixture(autouse=True)
@@ -21,3 +22,19 @@ def _no_armed_faults() -> Iterator[None]:
 def root(tmp_path: Path) -> Path:
     """A checkpoint root that does not exist yet, in its own temporary directory."""
     return tmp_path / "ckpt"
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    """A real S3-protocol server (moto) shared by this worker's tests; each test makes its own
+    bucket. Tests that kill a server start one of their own."""
+    pytest.importorskip("moto.server", reason="the s3 tests need moto[server]")
+    server = S3Server().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_url(s3_server: S3Server) -> str:
+    """An ``s3://`` root in a fresh bucket of :func:`s3_server`."""
+    return f"s3://{s3_server.create_bucket()}/ckpt"
