@@ -10,11 +10,14 @@ Each server keeps its objects in memory: :meth:`S3Server.kill` loses them and
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 import uuid
@@ -130,3 +133,59 @@ class S3Server:
 
     def stop(self) -> None:
         self.kill()
+
+
+class FlakyProxy:
+    """A TCP proxy in front of a server that answers its first ``failures`` connections with
+    ``503 Slow Down`` (what a busy S3 answers) and forwards every later one: real sockets for
+    checking that the client retries transient errors with backoff."""
+
+    def __init__(self, upstream_port: int, failures: int) -> None:
+        self.upstream_port = upstream_port
+        self.failures = failures
+        self.refused = 0
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.endpoint = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:  # closed
+                return
+            with self._lock:
+                refuse = self.refused < self.failures
+                self.refused += refuse
+            target = self._refuse if refuse else self._forward
+            threading.Thread(target=target, args=(client,), daemon=True).start()
+
+    @staticmethod
+    def _refuse(client: socket.socket) -> None:
+        with client:
+            client.recv(65536)  # the request head (enough for the client to await an answer)
+            body = (
+                b"<Error><Code>SlowDown</Code><Message>Reduce your request rate.</Message></Error>"
+            )
+            client.sendall(
+                b"HTTP/1.1 503 Slow Down\r\nContent-Type: application/xml\r\n"
+                + f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+                + body
+            )
+
+    def _forward(self, client: socket.socket) -> None:
+        upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
+
+        def pipe(source: socket.socket, sink: socket.socket) -> None:
+            with contextlib.suppress(OSError):
+                while data := source.recv(65536):
+                    sink.sendall(data)
+            with contextlib.suppress(OSError):
+                sink.shutdown(socket.SHUT_WR)
+
+        threading.Thread(target=pipe, args=(upstream, client), daemon=True).start()
+        pipe(client, upstream)
+
+    def close(self) -> None:
+        self._listener.close()

@@ -21,7 +21,7 @@ from distckpt.errors import (
 from distckpt.fsutil import ChecksumWriter, crc32
 from distckpt.objstore import MIN_PART_SIZE, ObjectStore, S3Url, is_s3_url
 from tests.ranks import free_port, run_ranks, values
-from tests.s3server import S3Server
+from tests.s3server import FlakyProxy, S3Server
 
 pytest.importorskip("botocore")
 
@@ -203,6 +203,24 @@ def test_server_killed_mid_upload_fails_fast_and_clearly() -> None:
             assert again.get_bytes("x") == b"1"
     finally:
         server.stop()
+
+
+def test_transient_errors_are_retried_then_reported(s3_server: S3Server, s3_url: str) -> None:
+    proxy = FlakyProxy(s3_server.port, failures=2)
+    try:
+        options = s3_server.storage_options(endpoint_url=proxy.endpoint, retries=4)
+        with ObjectStore(s3_url, options) as store:
+            store.put_bytes("through-retries", b"1")  # two 503s, then through
+            assert proxy.refused == 2
+            assert store.get_bytes("through-retries") == b"1"
+        proxy.failures = proxy.refused + 10
+        options = s3_server.storage_options(endpoint_url=proxy.endpoint, retries=3)
+        refused = pytest.raises(StoreUnavailable, match=r"SlowDown.*after retries")
+        with ObjectStore(s3_url, options) as store, refused:
+            store.put_bytes("never", b"1")
+        assert proxy.refused == 2 + 3  # three attempts, all refused
+    finally:
+        proxy.close()
 
 
 def test_unreachable_endpoint_fails_fast() -> None:
