@@ -258,16 +258,16 @@ class ObjectReader:
                 self._reopen()
             try:
                 chunk = self._store.read_body(self.name, self._body, wanted - got)
+                if not chunk:  # the object is longer than this: the stream broke off
+                    raise self._store.error(
+                        StoreUnavailable, "read", self.name, f"stream ended at {self._position}"
+                    )
             except StoreUnavailable:
                 if reopened:
                     raise
-                reopened = True
+                reopened = True  # once per read: a store that keeps failing is reported
                 self._drop_body()
                 continue
-            if not chunk:
-                raise self._store.error(
-                    StoreUnavailable, "read", self.name, f"stream ended at byte {self._position}"
-                )
             chunks.append(chunk)
             got += len(chunk)
             self._position += len(chunk)
@@ -287,7 +287,8 @@ class ObjectReader:
 
     def _drop_body(self) -> None:
         if self._body is not None:
-            self._body.close()
+            with contextlib.suppress(Exception):  # a broken stream may fail to close too
+                self._body.close()
             self._body = None
 
     def close(self) -> None:

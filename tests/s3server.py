@@ -137,13 +137,16 @@ class S3Server:
 
 class FlakyProxy:
     """A TCP proxy in front of a server that answers its first ``failures`` connections with
-    ``503 Slow Down`` (what a busy S3 answers) and forwards every later one: real sockets for
-    checking that the client retries transient errors with backoff."""
+    ``503 Slow Down`` (what a busy S3 answers) and forwards every later one; with ``cut_after``,
+    the first forwarded connection through which more bytes than that come back is cut there (a
+    stream broken mid-read). Real sockets for checking how the client copes with such errors."""
 
-    def __init__(self, upstream_port: int, failures: int) -> None:
+    def __init__(self, upstream_port: int, failures: int = 0, cut_after: int | None = None) -> None:
         self.upstream_port = upstream_port
         self.failures = failures
         self.refused = 0
+        self.cut_after = cut_after
+        self.cuts = 0
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.endpoint = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
         self._lock = threading.Lock()
@@ -177,15 +180,28 @@ class FlakyProxy:
     def _forward(self, client: socket.socket) -> None:
         upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
 
-        def pipe(source: socket.socket, sink: socket.socket) -> None:
+        def pipe(source: socket.socket, sink: socket.socket, limit: int | None) -> None:
+            passed = 0
             with contextlib.suppress(OSError):
                 while data := source.recv(65536):
+                    if limit is not None and passed + len(data) > limit and self._cut_now():
+                        sink.sendall(data[: limit - passed])
+                        break
                     sink.sendall(data)
-            with contextlib.suppress(OSError):
-                sink.shutdown(socket.SHUT_WR)
+                    passed += len(data)
+            for end in (sink, source):
+                with contextlib.suppress(OSError):
+                    end.shutdown(socket.SHUT_RDWR)
 
-        threading.Thread(target=pipe, args=(upstream, client), daemon=True).start()
-        pipe(client, upstream)
+        threading.Thread(target=pipe, args=(upstream, client, self.cut_after), daemon=True).start()
+        pipe(client, upstream, None)
+
+    def _cut_now(self) -> bool:
+        with self._lock:
+            if self.cuts:
+                return False
+            self.cuts = 1
+            return True
 
     def close(self) -> None:
         self._listener.close()

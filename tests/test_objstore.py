@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -221,6 +222,30 @@ def test_transient_errors_are_retried_then_reported(s3_server: S3Server, s3_url:
         assert proxy.refused == 2 + 3  # three attempts, all refused
     finally:
         proxy.close()
+
+
+def test_a_stream_broken_mid_read_is_resumed(s3_server: S3Server, s3_url: str) -> None:
+    data = os.urandom(1 << 20)
+    with ObjectStore(s3_url, s3_server.storage_options()) as store:
+        store.put_bytes("shard", data)
+    proxy = FlakyProxy(s3_server.port, cut_after=200_000)
+    try:
+        options = s3_server.storage_options(endpoint_url=proxy.endpoint)
+        with ObjectStore(s3_url, options) as store, store.open_read("shard") as reader:
+            assert reader.read() == data
+        assert proxy.cuts == 1
+    finally:
+        proxy.close()
+
+
+def test_list_and_delete_past_a_thousand_keys(s3_server: S3Server, s3_url: str) -> None:
+    names = [f"step-1/part-{i:05d}" for i in range(1005)]  # two pages, two delete batches
+    with ObjectStore(s3_url, s3_server.storage_options()) as store:
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(lambda name: store.put_bytes(name, b""), names))
+        assert [info.key for info in store.list("step-1/")] == names
+        store.delete(info.key for info in store.list())
+        assert list(store.list()) == []
 
 
 def test_unreachable_endpoint_fails_fast() -> None:
