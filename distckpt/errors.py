@@ -117,3 +117,8 @@ class StoreAccessDenied(ObjectStoreError, PermissionError):
 class StoreUnavailable(ObjectStoreError, ConnectionError):
     """The store could not be reached or kept failing (connection refused or dropped, timeouts,
     5xx responses) after the client's retries with backoff."""
+
+
+class LeaseLost(CheckpointError):
+    """An object-store lease (the root's lock on an ``s3://`` root) expired or was taken over
+    by another writer; what this writer was doing under it must not be published."""
