@@ -227,20 +227,21 @@ class ObjectStore:
         self,
         operation: str,
         name: str,
-        request: Callable[..., T],
+        call: Callable[..., T],
         *,
         if_absent: bool = False,
         if_match: str | None = None,
         **kwargs: Any,
     ) -> T:
-        """Send one request to this bucket (botocore retries transient failures inside) and map
-        what still fails to an :class:`ObjectStoreError`; ``operation`` and ``name`` go into its
-        message, ``if_absent`` / ``if_match`` say what a 412 means."""
-        from botocore.exceptions import BotoCoreError, ClientError
+        """Call ``call`` (a method of :attr:`client`) on this bucket (botocore retries transient
+        failures inside) and map what still fails to an :class:`ObjectStoreError`;
+        ``operation`` and ``name`` go into its message, ``if_absent`` / ``if_match`` say what a
+        412 means."""
+        from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
         for attempt in range(_CONFLICT_RETRIES + 1):
             try:
-                return request(Bucket=self.bucket, **kwargs)
+                return call(Bucket=self.bucket, **kwargs)
             except ClientError as exc:
                 code = str(exc.response.get("Error", {}).get("Code", ""))
                 if code == "ConditionalRequestConflict" and attempt < _CONFLICT_RETRIES:
@@ -249,6 +250,9 @@ class ObjectStore:
                     time.sleep(random.uniform(0.05, 0.2) * 2**attempt)
                     continue
                 raise self._client_error(exc, operation, name, if_absent, if_match) from exc
+            except NoCredentialsError as exc:
+                detail = f"{exc} (give storage_options key/secret or the AWS_* variables)"
+                raise self.error(StoreAccessDenied, operation, name, detail) from exc
             except (BotoCoreError, OSError) as exc:
                 raise self.error(StoreUnavailable, operation, name, exc) from exc
         raise AssertionError("unreachable")

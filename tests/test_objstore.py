@@ -196,6 +196,8 @@ def test_server_killed_mid_upload_fails_fast_and_clearly() -> None:
         assert time.monotonic() - started < 30
         assert "step-1/rank-00000.pt" in str(raised.value)
         assert isinstance(raised.value, ConnectionError)
+        writer.abort()  # what a caller does with a failed writer; the store is gone anyway
+        store.close()
 
         server.restart()  # an empty store again, on the same endpoint
         url = f"s3://{server.create_bucket()}/ckpt"
@@ -274,13 +276,28 @@ def test_refused_credentials_are_a_clear_error() -> None:
         server.stop()
 
 
+def test_no_credentials_anywhere_is_access_denied(
+    s3_server: S3Server, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    _clear_aws_environment(monkeypatch, tmp_path)
+    options = {"endpoint_url": s3_server.endpoint}
+    with pytest.raises(StoreAccessDenied, match="credentials"):
+        ObjectStore("s3://bucket/x", options).head("x")
+
+
+def _clear_aws_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    for name in list(os.environ):
+        if name.startswith("AWS_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no instance-metadata lookup
+
+
 def test_configuration_from_aws_environment_variables(
     s3_server: S3Server, s3_url: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
-    monkeypatch.delenv("AWS_PROFILE", raising=False)
-    monkeypatch.delenv("AWS_DEFAULT_REGION", raising=False)
+    _clear_aws_environment(monkeypatch, tmp_path)
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.endpoint)
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_server.key)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server.secret)
