@@ -153,13 +153,43 @@ class RootInUse(CheckpointError, BlockingIOError):
 
 
 class LeaseLost(CheckpointError, RuntimeError):
-    """This job's writer lease on the root was taken over (broken by an operator, or another job
-    acquired it after this job's lease holder died): it may no longer commit, retain or relink."""
+    """This job's writer lease on the root was taken over (broken by an operator, another job
+    acquired it after this job's lease holder died, or an object-store lease expired): it may no
+    longer commit, retain or relink, and what it was doing under the lease is not published."""
 
 
 class LauncherGone(CheckpointError, RuntimeError):
     """The launcher that started this process (the torchrun agent) is gone: the process is an
     orphan and must not commit, or it would race the job that replaces it."""
+
+
+class ObjectStoreError(CheckpointError, OSError):
+    """An object store (an ``s3://`` root) refused or failed a request; the message names the
+    operation, the object's ``s3://`` address and the endpoint."""
+
+
+class ObjectNotFound(ObjectStoreError, FileNotFoundError):
+    """The object (or its bucket) does not exist in the store."""
+
+
+class ObjectExists(ObjectStoreError, FileExistsError):
+    """A conditional create (``If-None-Match: *``) was refused: the object already exists, so
+    another writer created it first."""
+
+
+class PreconditionFailed(ObjectStoreError):
+    """A compare-and-swap (``If-Match`` on an ETag) was refused: the object was replaced or
+    removed since that ETag was read. Re-read it and decide again."""
+
+
+class StoreAccessDenied(ObjectStoreError, PermissionError):
+    """The store refused the credentials (unknown key, wrong secret, expired token, no
+    permission), or none were found."""
+
+
+class StoreUnavailable(ObjectStoreError, ConnectionError):
+    """The store could not be reached or kept failing (connection refused or dropped, timeouts,
+    5xx responses) after the client's retries with backoff."""
 
 
 def describe_error(exc: BaseException) -> str:

@@ -8,6 +8,7 @@ import pytest
 
 from distckpt import faults
 from tests.filesystems import MountFactory
+from tests.s3server import S3Server
 
 
 @pytest.fixture(autouse=True)
@@ -36,3 +37,19 @@ def mounts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MountFactory]:
         problems = factory.cleanup()
         if problems:
             warnings.warn("; ".join(problems), stacklevel=1)
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    """A real S3-protocol server (moto) shared by this worker's tests; each test makes its own
+    bucket. Tests that kill a server start one of their own."""
+    pytest.importorskip("moto.server", reason="the s3 tests need moto[server]")
+    server = S3Server().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_url(s3_server: S3Server) -> str:
+    """An ``s3://`` root in a fresh bucket of :func:`s3_server`."""
+    return f"s3://{s3_server.create_bucket()}/ckpt"

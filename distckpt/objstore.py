@@ -1,0 +1,412 @@
+"""A small client for S3-protocol object stores (AWS S3, MinIO, Ceph RGW, R2, GCS's S3 interface).
+
+It is the layer an ``s3://`` checkpoint root stands on, and knows nothing of ranks or process
+groups. Underneath is botocore (the ``s3`` extra: ``pip install distckpt[s3]``), imported only
+when an :class:`ObjectStore` is made, so local roots never need it; ``docs/object-stores.md``
+says why botocore and which store features each guarantee rests on:
+
+* :meth:`ObjectStore.put_bytes` with ``if_absent=True`` is an exclusive create
+  (``If-None-Match: *``): of several writers racing for one key exactly one succeeds, the others
+  get :class:`~distckpt.errors.ObjectExists`. With ``if_match=etag`` it is a compare-and-swap:
+  the object is replaced only if it still has that ETag, else
+  :class:`~distckpt.errors.PreconditionFailed`.
+* :meth:`ObjectStore.open_write` (:mod:`distckpt.objstreams`) streams a large object as a
+  parallel multipart upload and computes distckpt's CRC-32 (the value
+  :class:`distckpt.fsutil.ChecksumWriter` computes) and size as bytes go by. The object appears
+  whole when the writer is closed, or never; a writer left by an exception aborts its upload.
+* :meth:`ObjectStore.open_read` streams an object back through a seekable file-like pinned to
+  the ETag it opened, so a replaced object is noticed instead of read as a mix.
+* Transient failures (5xx, throttling, dropped connections) are retried with exponential
+  backoff by botocore's "standard" retry mode; what still fails raises a
+  :class:`~distckpt.errors.ObjectStoreError` naming the operation, the object and the endpoint.
+
+Keys given to and returned by every method are relative to the prefix of the ``s3://`` URL.
+A client must not cross a ``fork()``: make one per process.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import random
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
+
+from distckpt.errors import (
+    InvalidArgument,
+    ObjectExists,
+    ObjectNotFound,
+    ObjectStoreError,
+    PreconditionFailed,
+    StoreAccessDenied,
+    StoreUnavailable,
+)
+from distckpt.fsutil import crc32
+
+if TYPE_CHECKING:
+    from distckpt.objstreams import ObjectReader, ObjectWriter
+
+S3_SCHEME = "s3://"
+MIN_PART_SIZE = 5 << 20  # S3's minimum for every part but the last
+DEFAULT_PART_SIZE = 16 << 20
+DEFAULT_MAX_CONCURRENCY = 4
+DEFAULT_ATTEMPTS = 5  # botocore's "standard" mode: 1 try + 4 retries, backoff up to 20 s
+_DELETE_BATCH = 1000  # DeleteObjects' limit
+_CONFLICT_RETRIES = 4  # 409 ConditionalRequestConflict: a concurrent conditional write
+_ACCESS_DENIED_CODES = {
+    "AccessDenied",
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "ExpiredToken",
+    "InvalidToken",
+    "TokenRefreshRequired",
+    "AllAccessDisabled",
+}
+_NOT_FOUND_CODES = {"NoSuchKey", "NoSuchBucket", "NotFound", "404", "NoSuchUpload"}
+# fsspec/s3fs storage_options keys that mean something here
+_OPTION_KEYS = {
+    "endpoint_url",
+    "key",
+    "secret",
+    "token",
+    "region",
+    "client_kwargs",
+    "config_kwargs",
+    "retries",
+    "connect_timeout",
+    "read_timeout",
+    "default_block_size",
+    "max_concurrency",
+}
+
+T = TypeVar("T")
+
+
+def is_s3_url(root: object) -> bool:
+    """Whether ``root`` names an object-store root (a ``str`` starting with ``s3://``)."""
+    return isinstance(root, str) and root.startswith(S3_SCHEME)
+
+
+@dataclass(frozen=True)
+class S3Url:
+    """``s3://bucket/prefix`` split; ``prefix`` has no leading or trailing ``/`` ("" for the
+    bucket's top)."""
+
+    bucket: str
+    prefix: str
+
+    @classmethod
+    def parse(cls, url: str) -> S3Url:
+        if not is_s3_url(url):
+            raise InvalidArgument(f"not an s3:// URL: {url!r}")
+        bucket, _, prefix = url[len(S3_SCHEME) :].partition("/")
+        prefix = prefix.strip("/")
+        if not bucket or "//" in prefix or any(p in (".", "..") for p in prefix.split("/")):
+            raise InvalidArgument(f"an s3:// URL needs a bucket and a plain prefix: {url!r}")
+        return cls(bucket, prefix)
+
+    def key(self, name: str) -> str:
+        """The full object key of ``name`` (relative to the prefix)."""
+        return f"{self.prefix}/{name}" if self.prefix else name
+
+    def relative(self, key: str) -> str:
+        """``key`` relative to the prefix (the inverse of :meth:`key`)."""
+        return key[len(self.prefix) + 1 :] if self.prefix else key
+
+    def __str__(self) -> str:
+        return f"{S3_SCHEME}{self.bucket}/{self.prefix}" if self.prefix else f"s3://{self.bucket}"
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """What the store says about one object. ``crc32`` is the store's own full-object CRC-32 in
+    distckpt's notation (8 hex digits, as in manifests), when the store keeps one (not in
+    listings; not for multipart objects with per-part checksums)."""
+
+    key: str
+    size: int
+    etag: str
+    crc32: str | None = None
+
+
+def crc32_base64(crc: int) -> str:
+    return base64.b64encode(crc.to_bytes(4, "big")).decode("ascii")
+
+
+def _crc32_hex(store_value: str | None) -> str | None:
+    """The store's ``x-amz-checksum-crc32`` (base64 of 4 big-endian bytes) as 8 hex digits;
+    None for a composite value (``...-N``, a checksum of part checksums)."""
+    if not store_value or "-" in store_value:
+        return None
+    try:
+        raw = base64.b64decode(store_value, validate=True)
+    except ValueError:
+        return None
+    return raw.hex() if len(raw) == 4 else None
+
+
+class ObjectStore:
+    """A client for one ``s3://bucket/prefix`` root.
+
+    ``storage_options`` follows the fsspec/s3fs convention: ``endpoint_url``, ``key``,
+    ``secret``, ``token``, ``region``, ``client_kwargs`` (passed to botocore's
+    ``create_client``, e.g. ``region_name``), ``config_kwargs`` (to ``botocore.config.Config``),
+    ``retries`` (total attempts per request), ``connect_timeout`` / ``read_timeout`` (seconds),
+    ``default_block_size`` (multipart part size), ``max_concurrency`` (parts in flight per
+    writer). What is not given comes from the standard AWS environment variables and config
+    files (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``,
+    ``AWS_SESSION_TOKEN``, ``AWS_REGION``, ``AWS_PROFILE``).
+    """
+
+    def __init__(self, url: str, storage_options: Mapping[str, Any] | None = None) -> None:
+        options = dict(storage_options or {})
+        unknown = sorted(set(options) - _OPTION_KEYS)
+        if unknown:
+            raise InvalidArgument(
+                f"unknown storage_options {unknown}; known: {sorted(_OPTION_KEYS)}"
+            )
+        try:
+            import botocore.session
+            from botocore.config import Config
+        except ImportError as exc:
+            raise InvalidArgument("s3:// roots need botocore: pip install 'distckpt[s3]'") from exc
+        self.url = S3Url.parse(url)
+        self.part_size = int(options.get("default_block_size", DEFAULT_PART_SIZE))
+        if self.part_size < MIN_PART_SIZE:
+            raise InvalidArgument(f"default_block_size must be at least {MIN_PART_SIZE} bytes")
+        self.max_concurrency = max(1, int(options.get("max_concurrency", DEFAULT_MAX_CONCURRENCY)))
+        config = Config(
+            retries={
+                "mode": "standard",
+                "total_max_attempts": int(options.get("retries", DEFAULT_ATTEMPTS)),
+            },
+            connect_timeout=float(options.get("connect_timeout", 10)),
+            read_timeout=float(options.get("read_timeout", 60)),
+            max_pool_connections=max(10, self.max_concurrency + 2),
+            # distckpt sends the CRC-32 it computes anyway; botocore need not compute another
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+        ).merge(Config(**options.get("config_kwargs", {})))
+        client_kwargs: dict[str, Any] = dict(options.get("client_kwargs", {}))
+        for option, argument in (
+            ("endpoint_url", "endpoint_url"),
+            ("key", "aws_access_key_id"),
+            ("secret", "aws_secret_access_key"),
+            ("token", "aws_session_token"),
+            ("region", "region_name"),
+        ):
+            if options.get(option) is not None:
+                client_kwargs[argument] = options[option]
+        session = botocore.session.get_session()
+        if "region_name" not in client_kwargs and session.get_config_variable("region") is None:
+            # botocore reads AWS_DEFAULT_REGION; AWS_REGION is what the other SDKs read. A
+            # custom endpoint still needs some region to sign with.
+            client_kwargs["region_name"] = os.environ.get("AWS_REGION") or "us-east-1"
+        self.client = session.create_client("s3", config=config, **client_kwargs)
+        self.endpoint: str = self.client.meta.endpoint_url
+
+    @property
+    def bucket(self) -> str:
+        return self.url.bucket
+
+    def close(self) -> None:
+        """Release the client's connections."""
+        self.client.close()
+
+    def __enter__(self) -> ObjectStore:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # -- requests ------------------------------------------------------------------------
+
+    def request(
+        self,
+        operation: str,
+        name: str,
+        call: Callable[..., T],
+        *,
+        if_absent: bool = False,
+        if_match: str | None = None,
+        **kwargs: Any,
+    ) -> T:
+        """Call ``call`` (a method of :attr:`client`) on this bucket (botocore retries transient
+        failures inside) and map what still fails to an :class:`ObjectStoreError`;
+        ``operation`` and ``name`` go into its message, ``if_absent`` / ``if_match`` say what a
+        412 means."""
+        from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+
+        for attempt in range(_CONFLICT_RETRIES + 1):
+            try:
+                return call(Bucket=self.bucket, **kwargs)
+            except ClientError as exc:
+                code = str(exc.response.get("Error", {}).get("Code", ""))
+                if code == "ConditionalRequestConflict" and attempt < _CONFLICT_RETRIES:
+                    # S3's answer to two conditional writes in flight at once: retry, and the
+                    # loser then gets its 412.
+                    time.sleep(random.uniform(0.05, 0.2) * 2**attempt)
+                    continue
+                raise self._client_error(exc, operation, name, if_absent, if_match) from exc
+            except NoCredentialsError as exc:
+                detail = f"{exc} (give storage_options key/secret or the AWS_* variables)"
+                raise self.error(StoreAccessDenied, operation, name, detail) from exc
+            except (BotoCoreError, OSError) as exc:
+                raise self.error(StoreUnavailable, operation, name, exc) from exc
+        raise AssertionError("unreachable")
+
+    def error(
+        self, kind: type[ObjectStoreError], operation: str, name: str, detail: object
+    ) -> ObjectStoreError:
+        """An error of ``kind`` naming the operation, the object and the endpoint."""
+        return kind(f"{operation} {self.url}/{name} at {self.endpoint} failed: {detail}")
+
+    def _client_error(
+        self, exc: Any, operation: str, name: str, if_absent: bool, if_match: str | None
+    ) -> ObjectStoreError:
+        error = exc.response.get("Error", {})
+        code = str(error.get("Code", ""))
+        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+        detail = f"{code or status}: {error.get('Message', '')}".rstrip(": ")
+        if status == 412 or code in ("PreconditionFailed", "ConditionalRequestConflict"):
+            if if_absent:
+                return self.error(ObjectExists, operation, name, f"it already exists ({detail})")
+            return self.error(PreconditionFailed, operation, name, detail)
+        if code in _NOT_FOUND_CODES or status == 404:
+            if if_match is not None and code != "NoSuchBucket":
+                return self.error(PreconditionFailed, operation, name, f"it is gone ({detail})")
+            return self.error(ObjectNotFound, operation, name, detail)
+        if code in _ACCESS_DENIED_CODES or status in (401, 403):
+            return self.error(StoreAccessDenied, operation, name, detail)
+        if status >= 500 or code in ("SlowDown", "ServiceUnavailable", "InternalError"):
+            return self.error(StoreUnavailable, operation, name, f"{detail} (after retries)")
+        return self.error(ObjectStoreError, operation, name, detail)
+
+    # -- whole objects -------------------------------------------------------------------
+
+    def put_bytes(
+        self, name: str, data: bytes, *, if_absent: bool = False, if_match: str | None = None
+    ) -> str:
+        """Store ``data`` as one object and return its ETag. ``if_absent``: create only, never
+        replace (:class:`ObjectExists` otherwise); ``if_match``: replace only the version with
+        that ETag (:class:`PreconditionFailed` otherwise)."""
+        if if_absent and if_match is not None:
+            raise InvalidArgument("put_bytes: if_absent and if_match exclude each other")
+        kwargs: dict[str, Any] = {"ChecksumCRC32": crc32_base64(crc32(data))}
+        if if_absent:
+            kwargs["IfNoneMatch"] = "*"
+        if if_match is not None:
+            kwargs["IfMatch"] = if_match
+        response = self.request(
+            "put",
+            name,
+            self.client.put_object,
+            if_absent=if_absent,
+            if_match=if_match,
+            Key=self.url.key(name),
+            Body=data,
+            **kwargs,
+        )
+        return str(response["ETag"])
+
+    def get_bytes(
+        self, name: str, *, start: int = 0, end: int | None = None, if_match: str | None = None
+    ) -> bytes:
+        """The object's bytes ``[start, end)`` (to its end when ``end`` is None); with
+        ``if_match``, only from the version with that ETag (:class:`PreconditionFailed`)."""
+        body = self.open_body(name, start, end, if_match)
+        try:
+            return self.read_body(name, body, -1)
+        finally:
+            body.close()
+
+    def open_body(self, name: str, start: int, end: int | None, if_match: str | None) -> Any:
+        """The streaming body of a GET of bytes ``[start, end)`` (see :meth:`get_bytes`)."""
+        kwargs: dict[str, Any] = {"Key": self.url.key(name)}
+        if start or end is not None:
+            kwargs["Range"] = f"bytes={start}-{'' if end is None else end - 1}"
+        if if_match is not None:
+            kwargs["IfMatch"] = if_match
+        response = self.request("get", name, self.client.get_object, if_match=if_match, **kwargs)
+        return response["Body"]
+
+    def read_body(self, name: str, body: Any, size: int) -> bytes:
+        """Up to ``size`` bytes (all, if negative) from a body :meth:`open_body` returned."""
+        from botocore.exceptions import BotoCoreError
+
+        try:
+            return bytes(body.read() if size < 0 else body.read(size))
+        except (BotoCoreError, OSError) as exc:  # urllib3's errors are OSErrors too
+            raise self.error(StoreUnavailable, "read", name, exc) from exc
+
+    def head(self, name: str) -> ObjectInfo:
+        """Size, ETag and (where the store keeps one) CRC-32 of an object
+        (:class:`ObjectNotFound` if absent)."""
+        response = self.request(
+            "head", name, self.client.head_object, Key=self.url.key(name), ChecksumMode="ENABLED"
+        )
+        composite = response.get("ChecksumType") == "COMPOSITE"
+        return ObjectInfo(
+            key=name,
+            size=int(response["ContentLength"]),
+            etag=str(response["ETag"]),
+            crc32=None if composite else _crc32_hex(response.get("ChecksumCRC32")),
+        )
+
+    def list(self, prefix: str = "", *, page_size: int = 1000) -> Iterator[ObjectInfo]:
+        """Every object whose relative key starts with ``prefix``, in key order, fetched a
+        page of ``page_size`` at a time."""
+        kwargs: dict[str, Any] = {"Prefix": self.url.key(prefix), "MaxKeys": page_size}
+        if not self.url.prefix and not prefix:
+            kwargs.pop("Prefix")
+        elif not prefix:
+            kwargs["Prefix"] = self.url.prefix + "/"
+        while True:
+            page = self.request("list", prefix, self.client.list_objects_v2, **kwargs)
+            for item in page.get("Contents", []):
+                yield ObjectInfo(self.url.relative(item["Key"]), int(item["Size"]), item["ETag"])
+            if not page.get("IsTruncated"):
+                return
+            kwargs["ContinuationToken"] = page["NextContinuationToken"]
+
+    def delete(self, names: Iterable[str]) -> None:
+        """Delete objects, up to 1000 per request; names already gone are not an error."""
+        batch: list[str] = []
+        for name in names:
+            batch.append(name)
+            if len(batch) == _DELETE_BATCH:
+                self._delete_batch(batch)
+                batch = []
+        if batch:
+            self._delete_batch(batch)
+
+    def _delete_batch(self, names: list[str]) -> None:
+        objects = [{"Key": self.url.key(name)} for name in names]
+        response = self.request(
+            "delete",
+            names[0],
+            self.client.delete_objects,
+            Delete={"Objects": objects, "Quiet": True},
+        )
+        errors = response.get("Errors", [])
+        if errors:
+            first = errors[0]
+            detail = f"{len(errors)} of {len(names)} not deleted, first {first.get('Key')}: "
+            detail += f"{first.get('Code')} {first.get('Message', '')}"
+            raise self.error(ObjectStoreError, "delete", names[0], detail)
+
+    # -- streams -------------------------------------------------------------------------
+
+    def open_write(self, name: str, *, if_absent: bool = False) -> ObjectWriter:
+        """A file-like to stream one object into (:class:`~distckpt.objstreams.ObjectWriter`)."""
+        from distckpt.objstreams import ObjectWriter
+
+        return ObjectWriter(self, name, if_absent=if_absent)
+
+    def open_read(self, name: str) -> ObjectReader:
+        """A seekable file-like over one object (:class:`~distckpt.objstreams.ObjectReader`)."""
+        from distckpt.objstreams import ObjectReader
+
+        return ObjectReader(self, name)

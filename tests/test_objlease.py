@@ -1,0 +1,90 @@
+"""distckpt.objlease against a real S3-protocol server (moto, tests/s3server.py)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from distckpt import CoordinationTimeout, LeaseLost
+from distckpt.objlease import LeaseRecord, ObjectLease
+from distckpt.objstore import ObjectStore
+from tests.ranks import run_ranks
+from tests.s3server import S3Server
+
+pytest.importorskip("botocore")
+
+
+def _contend(rank: int, world_size: int, url: str, options: dict) -> bool:
+    import torch.distributed as dist
+
+    with ObjectStore(url, options) as store:
+        lease = ObjectLease(store, ".lock", duration=30)
+        dist.barrier()  # both ranks ask at once
+        try:
+            lease.acquire(timeout=2)
+        except CoordinationTimeout:
+            dist.barrier()
+            return False
+        lease.check()
+        dist.barrier()  # the loser has given up while the winner holds it
+        return True
+
+
+def test_one_of_two_processes_gets_the_lease(s3_server: S3Server, s3_url: str) -> None:
+    results = run_ranks(_contend, 2, s3_url, s3_server.storage_options())
+    assert sorted(result.unwrap() for result in results) == [False, True]
+
+
+def test_an_unrenewed_lease_expires_and_its_holder_learns_it(
+    s3_server: S3Server, s3_url: str
+) -> None:
+    with ObjectStore(s3_url, s3_server.storage_options()) as store:
+        first = ObjectLease(store, ".lock", duration=1.5)
+        first.acquire(timeout=1)
+        assert first.held and 0 < first.remaining() <= 1.5
+        second = ObjectLease(store, ".lock", duration=30)
+        started = time.monotonic()
+        second.acquire(timeout=20)  # waits for the holder's 1.5 s to pass unrenewed
+        assert time.monotonic() - started >= 1.5
+        record = LeaseRecord.decode(store.get_bytes(".lock"))
+        assert record is not None and record.owner == second.owner
+        assert not first.held
+        with pytest.raises(LeaseLost):
+            first.renew()
+        with pytest.raises(LeaseLost):
+            first.check()
+        second.check()
+        first.release()  # lost already: must not disturb the new holder
+        second.check()
+
+
+def test_renewal_keeps_the_lease_and_release_hands_it_over(
+    s3_server: S3Server, s3_url: str
+) -> None:
+    with ObjectStore(s3_url, s3_server.storage_options()) as store:
+        holder = ObjectLease(store, ".lock", duration=3)  # renewed every 0.4 s: ample under load
+        holder.acquire(timeout=1)
+        stop = threading.Event()
+
+        def keep_renewing() -> None:
+            while not stop.wait(0.4):
+                holder.renew()
+
+        renewer = threading.Thread(target=keep_renewing)
+        renewer.start()
+        try:
+            with pytest.raises(CoordinationTimeout, match="still held by"):
+                ObjectLease(store, ".lock", duration=2).acquire(timeout=4, poll=0.2)
+        finally:
+            stop.set()
+            renewer.join()
+        holder.check()
+        holder.release()
+        started = time.monotonic()
+        with ObjectLease(store, ".lock", duration=2) as successor:
+            successor.acquire(timeout=5)
+            assert time.monotonic() - started < 1.5  # released: no waiting for expiry
+            with pytest.raises(LeaseLost):
+                holder.check()
