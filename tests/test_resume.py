@@ -69,6 +69,8 @@ def test_ddp_job_without_one_piece_of_the_recipe_is_not_exact(
     from the global generator, once more in the resumed run than in the reference."""
     command, out = _command(tmp_path, "--leave-out", piece)
     # Past the save at step 2 (line 4 of epoch 0) and before the next one: resumed mid-epoch.
-    assert killing.run_killed(command, out, [6]) == 1
-    with pytest.raises(AssertionError, match="losses differ"):
+    # Without the loader the resumed run trains the epoch's first batches again, so it even
+    # steps OneCycleLR more often than its total and fails; either way it is not the reference.
+    with pytest.raises(AssertionError, match=r"losses differ|Tried to step 13 times"):
+        assert killing.run_killed(command, out, [6]) == 1
         killing.assert_same_run(reference, out, WORLD_SIZE)
