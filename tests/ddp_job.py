@@ -14,9 +14,11 @@ loss`` (``sample``: the batch's first sample index, so a key names one batch of 
 loss in ``float.hex``, exact) and, at the end, saves its final parameters, optimizer, scheduler
 and RNG states to ``OUT/final-rank{r}.pt``. With ``--async-save``, rank 0 appends the step of
 every save still in flight when ``save`` returns to ``OUT/saves-rank0.txt``, the moment a test
-kills the job to land inside a save. ``--leave-out loader|rng|generator`` leaves one piece of
-the recipe out (the loader or the RNGs from the state, the loader's own generator), for the
-tests that show each one is needed.
+kills the job to land inside a save. ``--loader plain`` follows the README's rule for a plain
+``DataLoader`` instead: a ``DistributedSampler``, the loader's generator seeded per epoch,
+checkpoints at epoch ends only (``every_n_epochs=1``). ``--leave-out loader|rng|generator``
+leaves one piece of the recipe out (the loader or the RNGs from the state, the loader's own
+generator), for the tests that show each one is needed.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from typing import Any
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import TensorDataset
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 
@@ -59,9 +61,10 @@ def train(rank: int, args: argparse.Namespace) -> None:
     features = torch.randn(SAMPLES, 8, generator=torch.Generator().manual_seed(0))
     data = TensorDataset(torch.arange(SAMPLES), features)
     # README, exact resume: a Stateful sampler, and a generator of the loader's own.
-    sampler = StatefulDistributedSampler(data, shuffle=True, seed=1)
+    plain = args.loader == "plain"
+    sampler = (DistributedSampler if plain else StatefulDistributedSampler)(data, seed=1)
     generator = None if args.leave_out == "generator" else torch.Generator()
-    loader = StatefulDataLoader(
+    loader = (DataLoader if plain else StatefulDataLoader)(
         data, batch_size=BATCH_SIZE, sampler=sampler, num_workers=2, generator=generator
     )
     torch.manual_seed(100 + rank)  # each rank its own dropout masks
@@ -74,7 +77,8 @@ def train(rank: int, args: argparse.Namespace) -> None:
         "rng": distckpt.RNGState(),
         "loader": loader,
     }
-    state.pop(args.leave_out, None)
+    if plain or args.leave_out:
+        state.pop("loader" if plain else args.leave_out)
     if args.ballast_mib:
         # Only makes each save take long enough for a test to kill the job inside it.
         state["ballast"] = torch.zeros(args.ballast_mib * 2**18)
@@ -84,15 +88,19 @@ def train(rank: int, args: argparse.Namespace) -> None:
     mgr = distckpt.CheckpointManager(
         args.root,
         keep_last=2,
-        every_n_steps=2,
+        every_n_steps=None if plain else 2,
+        every_n_epochs=1 if plain else None,
         async_save=args.async_save,
         fsync=args.async_save,  # a longer save in flight for the kill to land in; else speed
     )
     checkpoint = mgr.restore("last", state=state, missing_ok=True)
-    # ``epoch`` is saved as the epoch in progress; the loader's state has the position in it.
+    # ``epoch`` is saved as the epoch in progress; the loader's state has the position in it
+    # (a plain loader's checkpoint is taken at the end of an epoch, as the next one's start).
     start_epoch = checkpoint.epoch if checkpoint is not None else 0
     for epoch in range(start_epoch, EPOCHS):
         sampler.set_epoch(epoch)
+        if plain and generator is not None:
+            generator.manual_seed(epoch)  # the workers' seeds, whichever epoch a run starts at
         for micro_batch, (indices, batch) in enumerate(loader):
             last_micro_batch = (micro_batch + 1) % ACCUMULATE == 0
             if last_micro_batch:
@@ -108,9 +116,13 @@ def train(rank: int, args: argparse.Namespace) -> None:
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad()
+            if plain:
+                continue  # no position to save mid-epoch
             result = mgr.save(tracker.step, state, epoch=epoch, metrics={"loss": loss.item()})
             if saves is not None and result is not None and not result.done:
                 saves.write(f"{result.step}\n")
+        if plain:
+            mgr.save(tracker.step, state, epoch=epoch + 1)
     mgr.close()
     tracker.close()
     final = {
@@ -136,6 +148,7 @@ def main() -> int:
     parser.add_argument("out", type=Path)
     parser.add_argument("--async-save", action="store_true")
     parser.add_argument("--ballast-mib", type=int, default=0)
+    parser.add_argument("--loader", choices=("stateful", "plain"), default="stateful")
     parser.add_argument("--leave-out", choices=("loader", "rng", "generator"))
     args = parser.parse_args()
     # Forked, not daemonic (a rank starts loader workers), in the job's own process group.

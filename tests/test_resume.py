@@ -74,3 +74,15 @@ def test_ddp_job_without_one_piece_of_the_recipe_is_not_exact(
     with pytest.raises(AssertionError, match=r"losses differ|Tried to step 13 times"):
         assert killing.run_killed(command, out, [6]) == 1
         killing.assert_same_run(reference, out, WORLD_SIZE)
+
+
+def test_plain_dataloader_saved_at_epoch_ends_resumes_exactly(
+    tmp_path: Path, reference: Path
+) -> None:
+    """The README's rule for a plain ``DataLoader`` (no position to save): checkpoint at epoch
+    ends only and seed its generator per epoch. Killed mid-epoch, the run repeats the epoch
+    from its start, exactly; uninterrupted it is the StatefulDataLoader run, the reference."""
+    command, out = _command(tmp_path, "--loader", "plain")
+    moments = [BATCHES_PER_EPOCH + 3, BATCHES_PER_EPOCH + 5]  # mid-epoch 1, then mid-epoch 2
+    assert killing.run_killed(command, out, moments) == 2
+    killing.assert_same_run(reference, out, WORLD_SIZE)
