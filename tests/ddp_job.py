@@ -77,8 +77,7 @@ def train(rank: int, args: argparse.Namespace) -> None:
         "rng": distckpt.RNGState(),
         "loader": loader,
     }
-    if plain or args.leave_out:
-        state.pop("loader" if plain else args.leave_out)
+    state.pop("loader" if plain else args.leave_out, None)  # "generator" is no key: no-op
     if args.ballast_mib:
         # Only makes each save take long enough for a test to kill the job inside it.
         state["ballast"] = torch.zeros(args.ballast_mib * 2**18)
