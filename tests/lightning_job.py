@@ -3,7 +3,10 @@
 ``python tests/lightning_job.py ROOT OUT --devices N --optimization auto|manual --loader
 stateful|plain`` fits a small dropout model with AdamW and OneCycleLR (whose step count is
 exact: one step too many raises) over 3 epochs, with 2 micro-batches per optimizer step, saving
-through :class:`distckpt.lightning.DistckptCallback` every 2 optimizer steps. Each rank appends
+through :class:`distckpt.lightning.DistckptCallback` every 2 optimizer steps. With 2 devices the
+ranks are forked (Lightning's ``ddp_fork``): the same DDP, without importing Lightning once
+more per rank, and in the job's process group, so a SIGKILL of the group reaches every rank.
+Each rank appends
 every training step's loss to ``OUT/losses-rank{r}.txt`` as ``epoch batch loss`` (the loss in
 ``float.hex``, exact) and, at the end, saves its final parameters, optimizer, scheduler and RNG
 states to ``OUT/final-rank{r}.pt``.
@@ -17,6 +20,7 @@ from typing import Any
 
 import lightning
 import torch
+from lightning import LightningModule, Trainer
 from torch.utils.data import DataLoader
 from torchdata.stateful_dataloader import StatefulDataLoader
 from torchdata.stateful_dataloader.sampler import RandomSampler, StatefulDistributedSampler
@@ -24,6 +28,25 @@ from torchdata.stateful_dataloader.sampler import RandomSampler, StatefulDistrib
 from distckpt.lightning import DistckptCallback
 
 ACCUMULATE = 2
+
+
+class SaveFinalState(lightning.Callback):
+    """Each rank's final state, written in the rank itself (with ``ddp_fork`` the launching
+    process gets back rank 0's weights only)."""
+
+    def __init__(self, out: Path, checkpointing: DistckptCallback) -> None:
+        self.out = out
+        self.checkpointing = checkpointing
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        final = {
+            "params": dict(pl_module.named_parameters()),
+            "optimizer": trainer.optimizers[0].state_dict(),
+            "scheduler": trainer.lr_scheduler_configs[0].scheduler.state_dict(),
+            "rng": torch.get_rng_state(),
+            "resumed_from": self.checkpointing.resumed_from,
+        }
+        torch.save(final, self.out / f"final-rank{trainer.global_rank}.pt")
 
 
 class DropoutModule(lightning.LightningModule):
@@ -91,7 +114,7 @@ def main() -> None:
         max_epochs=3,
         accelerator="cpu",
         devices=args.devices,
-        strategy="ddp" if args.devices > 1 else "auto",
+        strategy="ddp_fork" if args.devices > 1 else "auto",
         accumulate_grad_batches=ACCUMULATE if args.optimization == "auto" else 1,
         enable_checkpointing=False,
         logger=False,
@@ -99,18 +122,9 @@ def main() -> None:
         enable_model_summary=False,
         num_sanity_val_steps=0,
         use_distributed_sampler=False,  # the job brings its own (Stateful) one
-        callbacks=[callback],
+        callbacks=[callback, SaveFinalState(args.out, callback)],
     )
     trainer.fit(module)
-    scheduler = trainer.lr_scheduler_configs[0].scheduler
-    final = {
-        "params": dict(module.named_parameters()),
-        "optimizer": trainer.optimizers[0].state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "rng": torch.get_rng_state(),
-        "resumed_from": callback.resumed_from,
-    }
-    torch.save(final, args.out / f"final-rank{trainer.global_rank}.pt")
 
 
 if __name__ == "__main__":
