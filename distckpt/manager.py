@@ -299,11 +299,14 @@ class CheckpointManager:
 
         ``which`` is ``"last"`` (the newest committed checkpoint), ``"best"``, a step, or a path.
         Rank 0 resolves it and every rank loads that same checkpoint. Passing ``state=`` (the
-        same structure that was saved) loads it in place; the result's ``.state`` holds the
-        loaded values. With ``missing_ok=True`` returns None on every rank when there is no
-        checkpoint yet (the auto-resume case). Any rank's failure raises on every rank.
+        same structure that was saved) loads it in place, in both formats: objects through
+        ``load_state_dict``, tensors copied into, plain values replaced inside its dicts and
+        lists; the result's ``.state`` holds the loaded values. With ``missing_ok=True``
+        returns None on every rank when there is no checkpoint yet (the auto-resume case).
+        Any rank's failure raises on every rank.
 
-        ``strict=False`` loads what matches ``state`` and reports the rest in
+        ``strict=True`` refuses a key only in the checkpoint or only in ``state`` before
+        loading anything; ``strict=False`` loads what matches and reports the rest in
         ``missing_keys`` / ``unexpected_keys``. ``allow_pickle=True`` unpickles arbitrary
         objects: only for checkpoints you trust. ``mmap=True`` maps tensor data from disk
         instead of reading it all. ``verify=True`` checks every file's checksum before
