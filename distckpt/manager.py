@@ -54,8 +54,16 @@ class CheckpointManager:
             stays if any rule keeps it). None with no other ``keep_*`` keeps everything.
         keep_best: keep the best K by ``monitor``; ``monitor``/``mode`` also drive ``root/best``.
         keep_every_n_steps: keep every checkpoint whose step is a multiple of N (milestones).
-        every_n_steps, every_n_epochs, every_seconds: save schedules, combined with "any";
-            with one set, :meth:`save` returns None when no schedule is due.
+        keep_every_n_seconds: keep a sparse history: a checkpoint created at least S seconds
+            after the last one kept this way (by the manifests' creation times).
+        keep_unranked: with ``monitor``, keep checkpoints saved without a finite value of it
+            (default: only the other rules keep them).
+        every_n_steps, every_n_epochs, every_seconds, save_on_steps: save schedules, combined
+            with "any"; with one set, :meth:`save` returns None when no schedule is due.
+        min_seconds_between_saves: skip (return None from) a scheduled or plain save while less
+            than S seconds passed since the previous save began, or while an async save is in
+            flight; forced and preemption saves are never skipped. Rank 0's clock decides.
+        Every count and seconds option takes None for "off"; 0 is refused.
         save_on_signal: signals (e.g. ``signal.SIGTERM``) that request a preemption save at the
             next :meth:`should_save` / :meth:`save`; see :attr:`preempted`.
         async_save: :meth:`save` returns once this rank's state is copied into reusable CPU
@@ -82,9 +90,13 @@ class CheckpointManager:
         monitor: str | None = None,
         mode: policy.Mode = "min",
         keep_every_n_steps: int | None = None,
+        keep_every_n_seconds: float | None = None,
+        keep_unranked: bool = False,
         every_n_steps: int | None = None,
         every_n_epochs: int | None = None,
         every_seconds: float | None = None,
+        save_on_steps: Collection[int] = (),
+        min_seconds_between_saves: float | None = None,
         save_on_signal: Collection[int] = (),
         async_save: bool = False,
         format: str = "torch",
@@ -103,11 +115,15 @@ class CheckpointManager:
             monitor=monitor,
             mode=mode,
             keep_every_n_steps=keep_every_n_steps,
+            keep_every_n_seconds=keep_every_n_seconds,
+            keep_unranked=keep_unranked,
         )
         self.schedule = policy.SaveSchedule(
             every_n_steps=every_n_steps,
             every_n_epochs=every_n_epochs,
             every_seconds=every_seconds,
+            save_on_steps=save_on_steps,
+            min_seconds_between_saves=min_seconds_between_saves,
         )
         self.format = format
         self.fsync = fsync
@@ -156,12 +172,13 @@ class CheckpointManager:
         """Whether a schedule (or a preemption signal) says to save at ``step``.
 
         Collective cost: none when only step/epoch schedules are set (every rank computes the
-        same answer from the same arguments); one small all-gather when ``every_seconds`` or
-        ``save_on_signal`` is set, and then every rank must call it. :meth:`save` reuses this
+        same answer from the same arguments); one small all-gather when ``every_seconds``,
+        ``min_seconds_between_saves`` or ``save_on_signal`` is set, and then every rank must
+        call it. :meth:`save` reuses this
         decision for the same step instead of deciding again.
         """
         self._check_open()
-        return self._decider.should_save(step, epoch)
+        return self._decider.should_save(step, epoch, in_flight=self.save_in_flight)
 
     def save(
         self,
@@ -193,7 +210,7 @@ class CheckpointManager:
             overwrite: replace an already committed checkpoint of this step.
         """
         self._check_open()
-        decision = self._decider.take(step, epoch, force=force)
+        decision = self._decider.take(step, epoch, force=force, in_flight=self.save_in_flight)
         if not decision.save:
             return None
         self.wait()  # at most one save in flight; raises a failed one's error here
@@ -242,8 +259,9 @@ class CheckpointManager:
     def wait(self) -> SaveResult | None:
         """Wait for the save in flight (``async_save=True``) to be committed and durable, and
         return its result, or raise its error — the same on every rank. None if no save is in
-        flight. Not collective by itself, but every rank must call it (the background commit
-        needs every rank)."""
+        flight. Every thread waiting meanwhile blocks and sees the same result or error.
+        Not collective by itself, but every rank must call it (the background commit needs
+        every rank)."""
         if self._background is None:
             return None
         try:
@@ -281,11 +299,14 @@ class CheckpointManager:
 
         ``which`` is ``"last"`` (the newest committed checkpoint), ``"best"``, a step, or a path.
         Rank 0 resolves it and every rank loads that same checkpoint. Passing ``state=`` (the
-        same structure that was saved) loads it in place; the result's ``.state`` holds the
-        loaded values. With ``missing_ok=True`` returns None on every rank when there is no
-        checkpoint yet (the auto-resume case). Any rank's failure raises on every rank.
+        same structure that was saved) loads it in place, in both formats: objects through
+        ``load_state_dict``, tensors copied into, plain values replaced inside its dicts and
+        lists; the result's ``.state`` holds the loaded values. With ``missing_ok=True``
+        returns None on every rank when there is no checkpoint yet (the auto-resume case).
+        Any rank's failure raises on every rank.
 
-        ``strict=False`` loads what matches ``state`` and reports the rest in
+        ``strict=True`` refuses a key only in the checkpoint or only in ``state`` before
+        loading anything; ``strict=False`` loads what matches and reports the rest in
         ``missing_keys`` / ``unexpected_keys``. ``allow_pickle=True`` unpickles arbitrary
         objects: only for checkpoints you trust. ``mmap=True`` maps tensor data from disk
         instead of reading it all. ``verify=True`` checks every file's checksum before

@@ -86,13 +86,15 @@ def prepare_read(
     world_size: int | None,
     template: Any,
     options: ReadOptions,
+    strict: bool = True,
     group: dist.ProcessGroup | None = None,
 ) -> PreparedRead:
     """Check that this rank can read ``directory`` (the format's
     :meth:`~distckpt.formats.base.CheckpointFormat.prepare_read`), with ``template`` reduced to
-    plain data. ``world_size`` is the number of ranks restoring, or None when a plain process
-    reads one rank's part (then only that the rank exists is checked); ``group`` is the ranks'
-    private group, on which the format's read may run collectives. Never collective itself."""
+    plain data; with ``strict``, refuse the keys on one side only the format found already.
+    ``world_size`` is the number of ranks restoring, or None when a plain process reads one
+    rank's part (then only that the rank exists is checked); ``group`` is the ranks' private
+    group, on which the format's read may run collectives. Never collective itself."""
     ctx = ShardContext(
         rank=rank,
         world_size=manifest.world_size if world_size is None else world_size,
@@ -101,18 +103,28 @@ def prepare_read(
     )
     plain = to_plain(template) if template is not None else None
     fmt = format_named(manifest.format)
-    return _vanish_checked(
+    prepared = _vanish_checked(
         directory, lambda: fmt.prepare_read(directory, manifest, ctx, plain, options)
     )
+    if strict and prepared.mismatch is not None:
+        prepared.mismatch.check_strict()
+    return prepared
 
 
 def read_state(prepared: PreparedRead, *, template: Any, strict: bool) -> Checkpoint:
     """Read one rank's state as prepared (collective when the format's read is), and load it
-    into ``template`` in place."""
+    into ``template`` in place; the keys on one side only are what the format found while
+    preparing and what the load found."""
     directory, manifest = prepared.directory, prepared.manifest
     fmt = format_named(manifest.format)
     loaded = _vanish_checked(directory, lambda: fmt.read(prepared))
     report = load_into(template, loaded, strict=strict) if template is not None else None
+    if report is not None and prepared.mismatch is not None:
+        for found, known in (
+            (report.missing_keys, prepared.mismatch.missing_keys),
+            (report.unexpected_keys, prepared.mismatch.unexpected_keys),
+        ):
+            found += [key for key in known if key not in found]
     return Checkpoint(
         state=loaded,
         step=manifest.step,
@@ -182,6 +194,7 @@ def restore_on_ranks(
                     world_size=world_size,
                     template=state,
                     options=options,
+                    strict=strict,
                     group=group,
                 ),
                 f"preparing to restore {directory.name}",

@@ -4,7 +4,8 @@ A state is a nested dict/list/tuple of tensors and plain values; any value with
 ``state_dict()`` / ``load_state_dict()`` (a model, an optimizer, a scheduler, a GradScaler, a
 sampler, a :class:`~distckpt.StepTracker`) is saved through ``state_dict()``. On restore, the
 same structure passed as ``state=`` is loaded in place: such objects get ``load_state_dict``,
-tensors are copied into, and plain values are returned in the result.
+tensors are copied into, and plain values (ints, strings, tuples, ...) are replaced inside the
+dicts and lists that hold them.
 """
 
 from __future__ import annotations
@@ -137,9 +138,24 @@ class LoadReport:
     def clean(self) -> bool:
         return not self.missing_keys and not self.unexpected_keys
 
+    def check_strict(self) -> None:
+        """Raise :class:`InvalidArgument` listing every key on one side only, unless clean: what
+        ``strict=True`` means for every format."""
+        if not self.clean:
+            raise InvalidArgument(
+                "the checkpoint does not match the given state: "
+                f"missing from the checkpoint {self.missing_keys}, "
+                f"not in the given state {self.unexpected_keys}. "
+                "Pass strict=False to load what matches."
+            )
+
 
 def load_into(template: Any, loaded: Any, *, strict: bool) -> LoadReport:
     """Load ``loaded`` (as saved) into ``template`` (the user's live objects) in place.
+
+    Objects with ``load_state_dict`` load through it, tensors are copied into, and any other
+    value inside a dict or list of ``template`` is replaced by the loaded one (a tuple by a new
+    tuple). A plain value at the top level cannot be replaced: read it from the result.
 
     With ``strict=True`` any key present on one side only raises :class:`InvalidArgument`
     listing them all, before anything is changed; with ``strict=False`` what matches is loaded
@@ -147,13 +163,8 @@ def load_into(template: Any, loaded: Any, *, strict: bool) -> LoadReport:
     """
     report = LoadReport()
     _load(template, loaded, "", report, apply=False)  # a dry run: find every mismatch first
-    if strict and not report.clean:
-        raise InvalidArgument(
-            "the checkpoint does not match the given state: "
-            f"missing from the checkpoint {report.missing_keys}, "
-            f"not in the given state {report.unexpected_keys}. "
-            "Pass strict=False to load what matches."
-        )
+    if strict:
+        report.check_strict()
     _load(template, loaded, "", LoadReport(), apply=True)
     return report
 
@@ -162,9 +173,10 @@ def _join(prefix: str, key: object) -> str:
     return f"{prefix}.{key}" if prefix else str(key)
 
 
-def _load(template: Any, loaded: Any, path: str, report: LoadReport, *, apply: bool) -> None:
+def _load(template: Any, loaded: Any, path: str, report: LoadReport, *, apply: bool) -> Any:
     """Walk ``template`` and ``loaded`` together, recording mismatches in ``report`` and, with
-    ``apply``, loading what matches."""
+    ``apply``, loading what matches. Returns what the template's place should hold: the
+    template itself when it was loaded in place (or left alone), else the loaded value."""
     if isinstance(template, torch.nn.Module):
         expected, got = (
             set(template.state_dict()),
@@ -190,17 +202,36 @@ def _load(template: Any, loaded: Any, path: str, report: LoadReport, *, apply: b
     elif isinstance(template, Mapping) and isinstance(loaded, Mapping):
         for key, value in template.items():
             if key in loaded:
-                _load(value, loaded[key], _join(path, key), report, apply=apply)
+                new = _load(value, loaded[key], _join(path, key), report, apply=apply)
+                if apply and new is not value and isinstance(template, dict):
+                    template[key] = new
             else:
                 report.missing_keys.append(_join(path, key))
         report.unexpected_keys += [_join(path, k) for k in loaded if k not in template]
     elif isinstance(template, (list, tuple)) and isinstance(loaded, (list, tuple)):
         if len(template) != len(loaded):
             report.missing_keys.append(f"{path}[len {len(template)} != {len(loaded)}]")
-            return
-        for index, (item, value) in enumerate(zip(template, loaded)):
+            return template
+        items = [
             _load(item, value, _join(path, index), report, apply=apply)
-    # plain values cannot be loaded in place: the caller reads them from the result
+            for index, (item, value) in enumerate(zip(template, loaded))
+        ]
+        if not apply or all(new is old for new, old in zip(items, template)):
+            return template
+        if isinstance(template, list):
+            template[:] = items
+            return template
+        return _same_kind_of_tuple(template, items)
+    elif not isinstance(template, (Mapping, list, tuple)):
+        return loaded  # a plain value: its container takes the loaded one
+    return template
+
+
+def _same_kind_of_tuple(template: tuple[Any, ...], items: list[Any]) -> tuple[Any, ...]:
+    """``items`` as a tuple of ``template``'s type (a named tuple takes them as arguments)."""
+    if hasattr(template, "_fields"):
+        return type(template)(*items)
+    return type(template)(items)
 
 
 def _checked(path: str, load: Any) -> None:

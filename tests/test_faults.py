@@ -520,7 +520,8 @@ def _saving_loop(
                 )
             phase = "restore"
             template = template_of(rank)
-            ckpt = mgr.restore("last", state=template, missing_ok=True)
+            # strict=False: a "dcp" checkpoint also holds the other ranks' keys, not asked for.
+            ckpt = mgr.restore("last", state=template, missing_ok=True, strict=False)
             step = 0 if ckpt is None else ckpt.step
             ok = ckpt is None or state_matches(ckpt.state, template, ckpt.step, rank)
             _note(status, event="resumed", step=None if ckpt is None else ckpt.step, ok=ok)
@@ -699,7 +700,8 @@ def _final_check(rank: int, world_size: int, root: str, fmt: str) -> dict[str, A
             out["leftovers"] = leftovers(Path(root))
             out["links"] = link_problems(Path(root))
         template = template_of(rank)
-        ckpt = mgr.restore("last", state=template, missing_ok=True)
+        # strict=False: a "dcp" checkpoint also holds the other ranks' keys, not asked for.
+        ckpt = mgr.restore("last", state=template, missing_ok=True, strict=False)
         out["restored"] = None if ckpt is None else ckpt.step
         out["ok"] = ckpt is None or state_matches(ckpt.state, template, ckpt.step, rank)
         return out

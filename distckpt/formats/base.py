@@ -19,6 +19,7 @@ from typing import Any, Protocol
 import torch.distributed as dist
 
 from distckpt.manifest import FileRecord, Manifest
+from distckpt.state import LoadReport
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,10 @@ class PreparedRead:
     options: ReadOptions
     #: what the format found while preparing and needs for the read (DCP: its metadata)
     detail: Any = None
+    #: keys on one side only (template vs checkpoint) that the format found before reading,
+    #: so ``strict=True`` refuses them before any collective read; None when only the read
+    #: itself tells ("torch": a rank file is read whole)
+    mismatch: LoadReport | None = None
 
 
 class CheckpointFormat(Protocol):

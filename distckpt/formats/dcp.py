@@ -31,8 +31,9 @@ What DCP saves, and its limits:
 Restoring: DCP loads *in place*, so ``restore`` needs ``state=``: the same structure as saved,
 whose tensors and DTensors (on the restoring ranks' meshes) receive the data; each rank reads
 only the chunks its shards overlap. Keys the state asks for that the checkpoint lacks are left
-out of the result, so :func:`distckpt.state.load_into` reports them as missing (and raises under
-``strict=True``); keys only in the checkpoint are not loaded and only logged.
+out of the result and reported as missing; keys only in the checkpoint are not loaded and are
+reported as unexpected. ``strict=True`` refuses either, as for the "torch" format, before DCP's
+collective read starts (:meth:`DcpFormat.prepare_read` compares the keys with ``.metadata``).
 ``map_location`` applies to non-tensor values only (tensors land where the given state's
 tensors are) and ``mmap`` is ignored. Before DCP's collectives start, every rank checks the
 given state and reads ``.metadata`` (:meth:`DcpFormat.prepare_read`), and the caller has the
@@ -72,7 +73,6 @@ checkpoints from a trusted source.
 
 from __future__ import annotations
 
-import logging
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -95,7 +95,7 @@ from distckpt.errors import (
 )
 from distckpt.formats.base import PreparedRead, ReadOptions, ShardContext
 from distckpt.formats.dcp_metadata import DATA_FILE_RE, METADATA_NAME, read_metadata
-from distckpt.formats.dcp_storage import Planner, Reader, Writer
+from distckpt.formats.dcp_storage import Planner, Reader, Writer, flat_keys, key_mismatch
 from distckpt.manifest import FileRecord, Manifest
 from distckpt.model_state import ModelOptimizerState
 from distckpt.state import copy_containers, remove_path, set_path, tensor_bytes
@@ -108,8 +108,6 @@ __all__ = [
     "load_consolidated",
     "read_metadata",
 ]
-
-logger = logging.getLogger("distckpt")
 
 # The metadata pickle and the per-item headers around the tensor data.
 _OVERHEAD_BYTES = 64 << 10
@@ -267,8 +265,9 @@ class DcpFormat:
         template: Any,
         options: ReadOptions,
     ) -> PreparedRead:
-        """Checks the template (DCP loads in place, so one is needed) and reads ``.metadata``
-        safely; any world size may restore."""
+        """Checks the template (DCP loads in place, so one is needed), reads ``.metadata``
+        safely and compares its keys with the template's (``mismatch``, before DCP's
+        collective read); any world size may restore."""
         if template is None:
             raise InvalidArgument(
                 f"restoring {directory} (format 'dcp') needs state=: DCP loads in place into "
@@ -279,12 +278,16 @@ class DcpFormat:
             )
         _check_keys(template, "restores into")
         metadata = read_metadata(directory, manifest, allow_pickle=options.allow_pickle)
-        return PreparedRead(directory, manifest, ctx, template, options, detail=metadata)
+        mismatch = key_mismatch(flat_keys(dict(template)), metadata)
+        return PreparedRead(
+            directory, manifest, ctx, template, options, detail=metadata, mismatch=mismatch
+        )
 
     def read(self, prepared: PreparedRead) -> Any:
         """Load into the template's tensors and DTensors with ``dcp.load`` over
         ``ctx.group`` (collective); returns the filled template, without the keys the
-        checkpoint lacks."""
+        checkpoint lacks (the checkpoint's keys the template lacks are not loaded: the
+        prepared ``mismatch`` reports them)."""
         directory, group = prepared.directory, prepared.ctx.group
         state = copy_containers(prepared.template)
         planner = Planner(prepared.options)
@@ -301,15 +304,6 @@ class DcpFormat:
         )
         for key in planner.missing:
             remove_path(state, planner.path_of(key))
-        if planner.unexpected:
-            shown = ", ".join(planner.unexpected[:8])
-            more = f" and {len(planner.unexpected) - 8} more" if len(planner.unexpected) > 8 else ""
-            logger.warning(
-                "%s holds keys the given state does not ask for; not loaded: %s%s",
-                directory,
-                shown,
-                more,
-            )
         return state
 
     def export(
