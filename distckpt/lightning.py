@@ -32,6 +32,13 @@ optimization and gradient accumulation), and no gradients half-accumulated over 
 exist at that moment, so none need saving. A checkpoint due in the middle of an accumulation
 window (a preemption signal) is taken at the window's last micro-batch. Epoch schedules
 (``every_n_epochs``) count completed epochs. After a preemption save the trainer stops.
+
+A checkpoint of an epoch's last batch resumes at the next epoch's first batch: the loaders'
+saved position is used up at ``on_train_start`` and the next epoch's iterator built afresh (a
+resuming Lightning fit loop would hand it the used-up position and skip the epoch). Known
+limit: the validation and ``on_train_epoch_end`` that follow that batch in the
+uninterrupted run, and the next epoch's ``on_train_epoch_start``, are not run when resuming;
+training itself stays exact.
 """
 
 from __future__ import annotations

