@@ -128,11 +128,11 @@ def shared_reference(
     return out
 
 
-def losses(out: Path, rank: int) -> dict[tuple[int, int], set[str]]:
-    """Every loss rank ``rank`` logged, by (epoch, batch); a batch trained again after a
-    resume adds its value to the set."""
+def losses(out: Path, rank: int, log: str = "losses") -> dict[tuple[int, int], set[str]]:
+    """Every loss rank ``rank`` logged in ``OUT/{log}-rank{rank}.txt``, by (epoch, batch); a
+    batch run again after a resume adds its value to the set."""
     logged: dict[tuple[int, int], set[str]] = {}
-    for line in (out / f"losses-rank{rank}.txt").read_text().splitlines():
+    for line in (out / f"{log}-rank{rank}.txt").read_text().splitlines():
         epoch, batch, loss = line.split()
         logged.setdefault((int(epoch), int(batch)), set()).add(loss)
     return logged

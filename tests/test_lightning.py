@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("lightning")
 pytest.importorskip("torchdata")
@@ -53,6 +54,55 @@ def test_killed_fit_resumes_exactly(
     resumed, killed = _resumed(tmp_path, options, moments)
     assert killed == 2
     killing.assert_same_run(reference, resumed, devices, skip=["resumed_from"])
+
+
+@pytest.mark.parametrize(
+    ("options", "saved_at"),
+    [
+        (["--devices", "1", "--optimization", "manual"], "0 11"),
+        (["--devices", "2", "--optimization", "auto"], "1 5"),
+        (["--devices", "1", "--optimization", "auto", "--samples", "44"], "0 10"),
+        pytest.param(
+            ["--devices", "1", "--optimization", "manual", "--validate"],
+            "0 11",
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="Lightning resumes a checkpoint of an epoch's last batch after that "
+                "epoch's validation: the validation the save preceded never runs (training "
+                "stays exact)",
+            ),
+        ),
+    ],
+    ids=[
+        "one-device-manual-optimization",
+        "ddp-2-cpu-processes-accumulation",
+        "last-window-one-micro-batch",
+        "validation-after-the-save",
+    ],
+)
+def test_fit_killed_right_after_an_epoch_end_save_resumes_exactly(
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, options: list[str], saved_at: str
+) -> None:
+    """Step 6 is saved at the last batch of an epoch (``saved_at``: epoch and batch; with 44
+    samples the epoch's 11th batch steps alone, ending its accumulation window early); the job
+    waits after that save and is SIGKILLed there, then runs again: the next epoch must be
+    trained, from its first batch, exactly as in the uninterrupted run (an epoch-end checkpoint
+    once resumed into the epoch after next), and so must the validation that follows the save."""
+    reference = _reference(tmp_path_factory, options)
+    out = tmp_path / "resumed"
+    out.mkdir()
+    command = [JOB, str(tmp_path / "root"), str(out), *options]
+    waiting = [*command, "--wait-after-step", "6"]
+    assert killing.run(waiting, out, kill_after=1, counted="saved-rank0.txt")
+    assert (out / "saved-rank0.txt").read_text() == f"{saved_at}\n"
+    assert not killing.run(command, out)
+    devices = int(options[1])
+    killing.assert_same_run(reference, out, devices, skip=["resumed_from"])
+    for rank in range(devices):
+        assert torch.load(out / f"final-rank{rank}.pt", weights_only=False)["resumed_from"] == 6
+        if "--validate" in options:
+            validated = killing.losses(out, rank, "val")
+            assert validated == killing.losses(reference, rank, "val"), "validation differs"
 
 
 def test_plain_dataloader_mid_epoch_resume_is_not_exact(
