@@ -142,6 +142,20 @@ def restart_traced(ctx: Context) -> None:
         mgr.gc()
 
 
+POINTER = {**RETAIN, "link": "pointer"}
+
+
+def pointer_traced(ctx: Context) -> None:
+    """``last``/``best`` as pointer files (written and fsynced like data), through retention
+    and a delete that moves ``last`` back."""
+    ctx.mark("shrink")
+    with ctx.manager(**POINTER) as mgr:
+        for step in (3, 4):
+            ctx.save(mgr, step)
+        ctx.mark("deleting-4")
+        mgr.delete(4)
+
+
 def fresh_root_traced(ctx: Context) -> None:
     """A root the manager creates itself, with missing parents."""
     with ctx.manager(root=ctx.base / "parent" / "child" / ROOT_NAME) as mgr:
@@ -175,6 +189,7 @@ WORKLOADS = {
         Workload("async", lambda ctx: _saves(ctx, (1,), **RETAIN), async_traced),
         Workload("restart", restart_setup, restart_traced),
         Workload("fresh_root", None, fresh_root_traced, root=f"parent/child/{ROOT_NAME}"),
+        Workload("pointer", lambda ctx: _saves(ctx, (1, 2), **POINTER), pointer_traced),
     )
 }
 
