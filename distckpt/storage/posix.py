@@ -336,11 +336,8 @@ class PosixRootStore(RootStore):
         """Under the lock: point ``last`` at the newest committed checkpoint and ``best`` at the
         best, or remove a link with nothing to point at. ``leaving`` is a checkpoint about to
         be removed: counted as gone already. Returns the records it read."""
-        steps = [
-            step
-            for step in self.layout.committed_steps()
-            if leaving is None or self.layout.step_dir(step) != leaving
-        ]
+        doomed = None if leaving is None else parse_step_dir_name(leaving.name)
+        steps = [step for step in self.layout.committed_steps() if step != doomed]
         valid = list(resolve.iter_valid(self.layout, newest_first=False, steps=steps))
         records = [resolve.record_of(m) for _, m in valid]
         paths = {m.step: path for path, m in valid}
