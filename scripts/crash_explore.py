@@ -15,6 +15,7 @@ import argparse
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -45,7 +46,20 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("--mutation-max-states", type=int, default=150)
     parser.add_argument("--write", action="store_true", help="update docs/faults.md")
+    parser.add_argument("--jobs", type=int, default=1, help="explorations run at once")
     return parser.parse_args(argv)
+
+
+def _cases(args: argparse.Namespace) -> list[tuple[str, str, int]]:
+    """Every (workload, format, world) asked for; a workload whose setup needs one process
+    (``restart``: the killed saves) runs with 1 rank only."""
+    return [
+        (name, fmt, world)
+        for name in args.workloads
+        for fmt in args.formats
+        for world in args.worlds
+        if world == 1 or WORKLOADS[name].multi_rank
+    ]
 
 
 def main(argv: list[str]) -> int:
@@ -55,31 +69,33 @@ def main(argv: list[str]) -> int:
         "| Workload | Operations traced | Distinct crash states (checked) | Violations |",
         "|---|---:|---:|---|",
     ]
-    results: dict[str, explore.Result] = {}
+    cases = _cases(args)
     works: dict[str, Path] = {}
-    with tempfile.TemporaryDirectory(prefix="crash-explore-") as scratch:
-        for name in args.workloads:
-            for fmt in args.formats:
-                for world in args.worlds:
-                    key = f"{name}-{fmt}-{world}"
-                    works[key] = Path(scratch) / key
-                    works[key].mkdir()
-                    explore.setup(name, works[key], world=world, fmt=fmt)
-                    result = explore.explore(
-                        name,
-                        works[key],
-                        world=world,
-                        fmt=fmt,
-                        seed=args.seed,
-                        max_states=args.max_states,
-                    )
-                    results[key] = result
-                    print(result.summary(), flush=True)
-                    kinds = "; ".join(f"{k} ({n})" for k, n in sorted(result.kinds().items()))
-                    rows.append(
-                        f"| {result.label} | {result.operations} | {result.states_found} "
-                        f"({result.states_checked}) | {kinds or 'none'} |"
-                    )
+    with (
+        tempfile.TemporaryDirectory(prefix="crash-explore-") as scratch,
+        ThreadPoolExecutor(max_workers=args.jobs) as pool,  # each exploration is processes
+    ):
+
+        def run_case(case: tuple[str, str, int]) -> explore.Result:
+            name, fmt, world = case
+            work = works[f"{name}-{fmt}-{world}"]
+            explore.setup(name, work, world=world, fmt=fmt)
+            result = explore.explore(
+                name, work, world=world, fmt=fmt, seed=args.seed, max_states=args.max_states
+            )
+            print(result.summary(), flush=True)
+            return result
+
+        for name, fmt, world in cases:
+            works[f"{name}-{fmt}-{world}"] = Path(scratch) / f"{name}-{fmt}-{world}"
+            works[f"{name}-{fmt}-{world}"].mkdir()
+        results = dict(zip(works, pool.map(run_case, cases)))
+        for result in results.values():
+            kinds = "; ".join(f"{k} ({n})" for k, n in sorted(result.kinds().items()))
+            rows.append(
+                f"| {result.label} | {result.operations} | {result.states_found} "
+                f"({result.states_checked}) | {kinds or 'none'} |"
+            )
         mutation_rows = []
         if args.mutations:
             baselines = {
@@ -97,7 +113,9 @@ def main(argv: list[str]) -> int:
                 "| fsync removed | Flagged by (new violation kinds) |",
                 "|---|---|",
             ]
-            for number, site in enumerate(mutate.fsync_sites()):
+
+            def run_site(numbered: tuple[int, mutate.FsyncSite]) -> str:
+                number, site = numbered
                 outcome = mutate.run_mutation(
                     site,
                     baselines,
@@ -105,6 +123,7 @@ def main(argv: list[str]) -> int:
                     Path(scratch) / f"mutant-{number}",
                     seed=args.seed,
                     max_states=args.mutation_max_states,
+                    run=f"mutant-{number}",
                 )
                 flagged = "; ".join(
                     f"{key}: {', '.join(kinds)}"
@@ -112,10 +131,12 @@ def main(argv: list[str]) -> int:
                     if kinds
                 )
                 print(f"{site.label}: {flagged or 'not flagged'}", flush=True)
-                mutation_rows.append(
+                return (
                     f"| `{site.file}:{site.line}` `{site.function}`: `{site.text}` | "
                     f"{flagged or 'not flagged'} |"
                 )
+
+            mutation_rows += pool.map(run_site, enumerate(mutate.fsync_sites()))
     elapsed = time.monotonic() - started
     table = "\n".join(
         [
