@@ -455,3 +455,35 @@ def test_gc_never_fails_a_live_save(root: Path) -> None:
     assert collected["errors"] == []
     assert wrote["errors"] == [], "\n".join(wrote["errors"])
     check_root(root)
+
+
+def test_a_start_removes_the_probes_and_links_a_killed_process_left(root: Path) -> None:
+    """Probes and links under construction are made under the root lock: found by a start
+    that holds it, each was left by a process that died, however recently (no grace period
+    then); ``distckpt ls``, which looks without the lock, reports only old ones."""
+    from distckpt.lock import find_leftovers
+
+    with distckpt.CheckpointManager(root, timeout=TIMEOUT) as mgr:
+        mgr.save(1, {"w": torch.zeros(3)})
+    planted = [
+        ".probe-0123abcd",
+        ".probe-link-0123abcd",
+        f".last.{'ab' * 16}.tmp",
+        f".best.{'cd' * 16}.tmp",
+    ]
+    (root / planted[0]).write_bytes(b"distckpt write probe\n")
+    os.symlink(root.name, root / planted[1], target_is_directory=True)
+    os.symlink(step_dir_name(1), root / planted[2], target_is_directory=True)
+    (root / planted[3]).write_text(step_dir_name(1) + "\n")
+    (root / ".lastly.tmp").write_text("not ours\n")  # only distckpt's own names are removed
+
+    layout = RootLayout.at(root)
+    assert find_leftovers(layout) == []  # all younger than the grace period
+    found = sorted(item.path.name for item in find_leftovers(layout, locked=True))
+    assert found == sorted(planted)
+    with distckpt.CheckpointManager(root, timeout=TIMEOUT) as mgr:
+        removed = {path.name for path in mgr.gc()}
+    assert removed == set(planted)
+    left = sorted(p.name for p in root.iterdir() if p.name.startswith(".") and p.is_file())
+    assert left == [".lastly.tmp", ".lock"]
+    assert read_link(root / "last") == step_dir_name(1)

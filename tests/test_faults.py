@@ -69,6 +69,7 @@ WRITE_SIDE = ("after_shard_write", "before_agreement", "after_agreement")
 NTH = {
     "during_link_swap": 4,  # the manager's start repairs the links once, then once per commit
     "during_retention": 1,  # the third save is the first to remove a checkpoint (step 1)
+    "during_delete": 1,  # see _faulted_job: after the third save, delete(3)
     "during_staging_cleanup": 1,  # see _faulted_job: the 2nd manager cleans a dead staging dir
 }
 #: Step 2 is the best: ``best`` and ``last`` differ once step 3 is committed.
@@ -298,6 +299,11 @@ def _faulted_job(rank: int, world_size: int, root: str, scenario: Scenario) -> d
                     started = time.monotonic()
                     mgr.save(step, state_of(step, rank), metrics={"loss": loss_of(step)})
                     out["saved"].append(step)
+                if scenario.point == "during_delete":
+                    # The links are moved off step 3 first; a crash before it reaches the
+                    # trash leaves it committed, and `last` naming step 2 (stale, not dangling).
+                    started = time.monotonic()
+                    mgr.delete(3)
     except Exception as exc:
         out.update(describe(exc))
     out["seconds"] = round(time.monotonic() - started, 3)

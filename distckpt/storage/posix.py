@@ -6,6 +6,15 @@ check the staged files, write the manifest, fsync, rename the staging dir to ``s
 fsync the root — the rename is the moment of publication. ``last``/``best`` are relative
 symlinks (or pointer files where symlinks are refused) swapped atomically; retention and
 deletes rename a checkpoint into ``root/.trash`` under the lock and delete its bytes after.
+
+Power loss: every guarantee stands on an fsync of its own, in the order the persistence model
+of ``docs/faults.md`` needs. The root, ``.staging`` and each staging dir are created durably
+(an fsync of the parent after each creation), so the commit rename never depends on a
+creation a power loss may drop. A checkpoint that ``last`` or ``best`` may name is unlinked
+(the links moved to another checkpoint, durably) before it is moved into the trash, so no
+durable state has a link naming nothing. Everything that creates a temporary name in the root
+(the writability probes, a link under construction) does so under the lock, so what such a
+name is found under the lock was left by a writer that died, and cleanup removes it.
 """
 
 from __future__ import annotations
@@ -32,6 +41,7 @@ from distckpt.fsutil import (
     atomic_write_bytes,
     exchange_dirs,
     fsync_dir,
+    make_dirs,
     move_to_trash,
     probe_writable,
     read_link,
@@ -82,7 +92,9 @@ class PosixRootStore(RootStore):
     def open(self) -> OpenedRoot:
         root = self.root
         try:
-            root.mkdir(parents=True, exist_ok=True)
+            # Durably, parents included: a root whose name a power loss can drop would take
+            # every checkpoint saved in it along.
+            make_dirs(root, fsync=self.fsync)
         except OSError as exc:
             raise RootNotWritable(
                 f"cannot create checkpoint root {root}: {exc}", path=root
@@ -91,14 +103,17 @@ class PosixRootStore(RootStore):
             raise RootNotWritable(
                 f"checkpoint root {root} exists and is not a directory", path=root
             )
-        try:
-            probe_writable(root)
-        except OSError as exc:
-            raise RootNotWritable(
-                f"checkpoint root {root} is not writable: {exc}", path=root
-            ) from exc
-        self._settle_link_mode()
+        self.check_visible(COMMITTING_RANK)  # before the lock file is created in it
         with self._lock:
+            # The probes run under the lock, so that a probe found by a cleanup holding the
+            # lock was left by a process that died between creating and removing it.
+            try:
+                probe_writable(root)
+            except OSError as exc:
+                raise RootNotWritable(
+                    f"checkpoint root {root} is not writable: {exc}", path=root
+                ) from exc
+            self._settle_link_mode()
             self._removed_at_open = self._remove_leftovers()
             try:
                 self._update_links()
@@ -154,11 +169,15 @@ class PosixRootStore(RootStore):
         # Under the root lock, so that a cleanup (another job's start, `distckpt gc`) never
         # sees the lock file before it is locked, or the dir before its lock exists.
         with self._lock:
-            self.layout.staging_root.mkdir(exist_ok=True)
+            make_dirs(self.layout.staging_root, fsync=self.fsync)
             claim = WriterLock(staging)
             claim.acquire()
             try:
                 staging.mkdir()
+                if self.fsync:
+                    # The commit renames this dir: a rename of a dir whose creation a power
+                    # loss may drop is lost with it, whatever the fsyncs after the rename.
+                    fsync_dir(self.layout.staging_root)
             except BaseException:
                 claim.release()
                 raise
@@ -287,13 +306,21 @@ class PosixRootStore(RootStore):
             fsync_dir(staging)
         if exchange_dirs(staging, final, fsync=self.fsync):
             return  # the old one is now the staging dir, removed after the commit as usual
+        # Two renames: first move the links off the old checkpoint, so that no durable state
+        # has ``last`` naming the missing step-N between them.
+        self._update_links(leaving=final)
         move_to_trash(final, self.layout.trash_root, fsync=self.fsync)
+        faults.hit("during_delete", COMMITTING_RANK)
         rename_dir(staging, final, fsync=self.fsync)
 
     # ------------------------------------------------------------------ links
 
     def _swap(self, name: str, target: Path) -> None:
         if read_link(self.layout.link_path(name)) == target.name:
+            if self.fsync:
+                # The link may be one a killed process swapped without reaching its fsync:
+                # what follows (a checkpoint moved into the trash) relies on it being durable.
+                fsync_dir(self.root)
             return
         kind = swap_link(
             self.layout.link_path(name),
@@ -305,28 +332,31 @@ class PosixRootStore(RootStore):
         if kind == "pointer":
             self.link_mode = "pointer"  # settle "auto" once, instead of failing every time
 
-    def _update_links(self) -> list[policy.CheckpointRecord]:
+    def _update_links(self, *, leaving: Path | None = None) -> list[policy.CheckpointRecord]:
         """Under the lock: point ``last`` at the newest committed checkpoint and ``best`` at the
-        best, or remove a link with nothing to point at. Returns the records it read."""
-        valid = list(resolve.iter_valid(self.layout, newest_first=False))
+        best, or remove a link with nothing to point at. ``leaving`` is a checkpoint about to
+        be removed: counted as gone already. Returns the records it read."""
+        doomed = None if leaving is None else parse_step_dir_name(leaving.name)
+        steps = [step for step in self.layout.committed_steps() if step != doomed]
+        valid = list(resolve.iter_valid(self.layout, newest_first=False, steps=steps))
         records = [resolve.record_of(m) for _, m in valid]
         paths = {m.step: path for path, m in valid}
         faults.hit("during_link_swap", COMMITTING_RANK)
         if valid:
             self._swap(LAST, valid[-1][0])
         else:
-            self._remove_link_if_stale(LAST)
+            self._remove_link_if_stale(LAST, leaving)
         best = policy.best_step(records, self.retention.monitor, self.retention.mode)
         if best is not None:
             self._swap(BEST, paths[best])
         else:
-            self._remove_link_if_stale(BEST)
+            self._remove_link_if_stale(BEST, leaving)
         return records
 
-    def _remove_link_if_stale(self, name: str) -> None:
+    def _remove_link_if_stale(self, name: str, leaving: Path | None) -> None:
         link = self.layout.link_path(name)
         target, _ = resolve.link_problem(self.layout, name)
-        if (link.is_symlink() or link.is_file()) and target is None:
+        if (link.is_symlink() or link.is_file()) and (target is None or target == leaving):
             logger.info("removing %s: it names no committed checkpoint", link)
             remove_link(link, fsync=self.fsync)
 
@@ -335,8 +365,11 @@ class PosixRootStore(RootStore):
     def delete(self, step: int) -> int | None:
         with self._lock:
             directory = resolve.committed_dir(self.layout, step)
+            # Links first, durably, then the trash: the other order leaves a durable state
+            # in which ``last`` names a checkpoint that is gone.
+            records = self._update_links(leaving=directory)
+            faults.hit("during_delete", COMMITTING_RANK)
             move_to_trash(directory, self.layout.trash_root, fsync=self.fsync)
-            records = self._update_links()
         self._empty_trash()
         return records[-1].step if records else None
 
@@ -380,10 +413,12 @@ class PosixRootStore(RootStore):
                 self._remove_quietly(entry)
 
     def _remove_leftovers(self) -> list[Path]:
-        """Under the lock: staging dirs whose writer is dead, orphaned lock files, and the
-        trash. A live writer's staging is never touched. Returns what it removed."""
+        """Under the lock: staging dirs whose writer is dead, orphaned lock files, the trash,
+        and the probes and links under construction a killed process left in the root (made
+        under the lock only, so whoever made one is gone). A live writer's staging is never
+        touched. Returns what it removed."""
         removed: list[Path] = []
-        for leftover in find_leftovers(self.layout):
+        for leftover in find_leftovers(self.layout, locked=True):
             if leftover.writer_alive:
                 logger.info("leaving %s alone: its writer is alive", leftover.path)
             elif leftover.kind == "lock":
