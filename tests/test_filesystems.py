@@ -290,8 +290,10 @@ def test_disk_filled_by_another_process_mid_save(mounts: MountFactory, async_sav
         filler.wait(60)
         hog.unlink(missing_ok=True)
     for kind, message in out:  # both ranks get the error, which says what happened
-        assert kind == "RankFailure", message
+        assert kind in ("InsufficientSpace", "RankFailure"), message
         assert "No space left on device" in message
+        assert f"the filesystem of {root} ran out of space" in message
+        assert "free space when the save began: " in message
     resumed = values(run_ranks(_resume_after_full, 2, os.fspath(root), timeout=90))
     assert resumed == [(1, [1])] * 2
     assert os.listdir(root / ".staging") == []
@@ -358,3 +360,66 @@ def test_file_held_open_in_trash_is_in_use_then_collected(mounts: MountFactory, 
     time.sleep(0.2)  # the FUSE daemon releases the hidden file when the last handle closes
     assert _cli("gc", os.fspath(root)).returncode == 0
     assert not doomed.exists()
+
+
+# ---------------------------------------------------------------- two writers, unshared locks
+
+# The other job opens its manager first (its start-up cleanup would take this job's staging
+# dir for a dead writer's: the writer lock does not reach it either), then saves on request.
+_OTHER_WRITER = """
+import sys, torch, distckpt
+with distckpt.CheckpointManager(sys.argv[1], timeout=20) as mgr:
+    print("open", flush=True)
+    sys.stdin.readline()
+    mgr.save(1, {"w": torch.ones(4)})
+"""
+
+
+def test_step_committed_by_a_writer_the_lock_does_not_reach(
+    mounts: MountFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two jobs on one directory whose ``flock`` locks are not shared: here bindfs and the
+    directory under it (flock on a bindfs mount does not reach the underlying directory), as
+    on two NFS clients with local locks. The other job commits step 1 while this one holds
+    its lock; this one's rename then fails and must say so, not "Directory not empty"."""
+    bindfs = mounts.get("bindfs")
+    assert bindfs.writable_source is not None
+    here, there = bindfs.path / "two-writers", bindfs.writable_source / "two-writers"
+    other = subprocess.Popen(
+        [sys.executable, "-c", _OTHER_WRITER, os.fspath(there)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert other.stdout is not None and other.stdout.readline() == "open\n"
+    real_hit = faults.hit
+    other_stderr: list[str] = []
+
+    def other_job_commits_first(point: str, rank: int) -> None:
+        # A hook at our own fault point, because only it can put the other job's whole save
+        # between this commit's check under the lock and its rename; the other job is real
+        # (a process on the other name), and it gets its lock while this one holds ours.
+        if point == "before_rename" and other.returncode is None:
+            other_stderr.append(other.communicate("save\n", timeout=120)[1])
+        real_hit(point, rank)
+
+    monkeypatch.setattr(faults, "hit", other_job_commits_first)
+    try:
+        with (
+            distckpt.CheckpointManager(here, timeout=TIMEOUT) as mgr,
+            pytest.raises(distckpt.ConcurrentCommit) as info,
+        ):
+            mgr.save(1, {"w": torch.zeros(4)})
+    finally:
+        if other.returncode is None:
+            other.kill()
+            other.wait()
+    assert other.returncode == 0, other_stderr
+    message = str(info.value)
+    assert "step 1 was committed by another writer meanwhile" in message
+    assert "does not reach that writer" in message and "NFS" in message
+    assert isinstance(info.value, FileExistsError) and info.value.step == 1
+    loaded = distckpt.load_checkpoint(here)  # the other job's checkpoint is intact
+    assert torch.equal(loaded.state["w"], torch.ones(4))
+    assert [p for p in (here / ".staging").iterdir() if p.is_dir()] == []
