@@ -22,6 +22,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -123,7 +124,9 @@ def _save_on_lossy(rank: int, world_size: int, root: str) -> object:
 
 
 @pytest.mark.parametrize("name", MATRIX)
-def test_save_retention_best_restore(mounts: MountFactory, name: str) -> None:
+def test_save_retention_best_restore(
+    mounts: MountFactory, name: str, record_property: Callable[[str, object], None]
+) -> None:
     mount = mounts.get(name)
     root = mount.path / "save"
     if name in LOSES_RENAMED_DIRS:  # every rank fails the save, naming the problem
@@ -133,6 +136,11 @@ def test_save_retention_best_restore(mounts: MountFactory, name: str) -> None:
             assert kind == "CommitLost", message
             assert "lost step 1 when renaming it" in message
             assert (steps, latest) == ([], None)
+        record_property(
+            "shows",
+            "the dir renamed into place is empty: every save fails with "
+            "CommitLost on every rank, nothing committed",
+        )
         return
     out = values(run_ranks(_save_job, 2, os.fspath(root), timeout=120))
     assert out == [[([2, 3], 3, 2)] * len(SAVES)] * 2
