@@ -247,16 +247,27 @@ def test_read_only_manager(read_only_root: Path) -> None:
 # ---------------------------------------------------------------- space
 
 
-def _small_save(rank: int, world_size: int, root: str) -> object:
-    with distckpt.CheckpointManager(root, timeout=TIMEOUT) as mgr:
-        # about 3 MiB in all on a volume of about 20 MiB
-        result = mgr.save(1, {"w": torch.zeros(384 << 10)})
+def _small_save(rank: int, world_size: int, root: str, space_margin: float) -> object:
+    with distckpt.CheckpointManager(root, space_margin=space_margin, timeout=TIMEOUT) as mgr:
+        try:
+            # about 3 MiB in all on a volume of about 20 MiB
+            result = mgr.save(1, {"w": torch.zeros(384 << 10)})
+        except distckpt.CheckpointError as exc:
+            return type(exc).__name__, str(exc)
         return result is not None and result.done
 
 
 def test_small_volume_takes_a_small_checkpoint(mounts: MountFactory) -> None:
+    """The default margin (5 % of the save, at least 1 MiB) lets it fit; a margin of ten times
+    the save does not, and the refusal names the option."""
     root = mounts.get("small-ext4").path / "small"
-    assert values(run_ranks(_small_save, 2, os.fspath(root), timeout=90)) == [True, True]
+    assert values(run_ranks(_small_save, 2, os.fspath(root), 0.05, timeout=90)) == [True] * 2
+    refused = values(run_ranks(_small_save, 2, os.fspath(root / "wide"), 10.0, timeout=90))
+    for kind, message in refused:
+        assert kind == "InsufficientSpace", message
+        assert "space_margin=10" in message
+    with pytest.raises(distckpt.InvalidArgument):
+        distckpt.CheckpointManager(root, space_margin=-1)
 
 
 _FILLER = """
