@@ -79,6 +79,14 @@ class CheckpointManager:
         group: the process group whose ranks checkpoint together (default: the world).
         timeout: seconds any collective or the commit lock may take before a hang becomes an
             error on every rank.
+        space_margin: free space a save demands beyond its estimated size, as a fraction of
+            that size and at least 1 MiB (0: no margin); a save that does not fit raises
+            :class:`InsufficientSpace` before writing. Where the filesystem reports no size,
+            free space is unknown and not checked (with a warning).
+        read_only: never write to the root (a read-only mount, or a root another job owns):
+            no writability probe, no lock file, no cleanup or link repair. :meth:`restore`
+            and the queries work; :meth:`save`, :meth:`delete`, :meth:`prune` and :meth:`gc`
+            raise :class:`ReadOnlyRoot`. The root must exist.
     """
 
     def __init__(
@@ -104,9 +112,12 @@ class CheckpointManager:
         fsync: bool = True,
         group: dist.ProcessGroup | None = None,
         timeout: float = 600.0,
+        space_margin: float = protocol.SPACE_MARGIN_RATIO,
+        read_only: bool = False,
     ) -> None:
         self._format = format_named(format)
         self.timeout = check_timeout(timeout)
+        self.space_margin = protocol.check_space_margin(space_margin)
         self._signals = SignalFlag(save_on_signal)
         self.layout = RootLayout.at(root)
         self.retention = policy.RetentionPolicy(
@@ -133,6 +144,7 @@ class CheckpointManager:
             link=link,
             fsync=fsync,
             lock_timeout=self.timeout / 2,
+            read_only=read_only,
         )
         self._closed = False
         self._save_count = 0
@@ -226,6 +238,7 @@ class CheckpointManager:
             fmt=self._format,
             snapshot=self._buffers,
             token=f"{self._token}-{self._save_count}",
+            space_margin=self.space_margin,
         )
         if isinstance(plan, SaveResult):  # committed already: the schedule counts from it
             self._decider.last = LastSave.at(plan.step, plan.epoch)

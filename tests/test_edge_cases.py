@@ -12,6 +12,7 @@ import torch
 import distckpt
 from distckpt import faults
 from distckpt.cli import main
+from tests.filesystems import MountFactory
 
 
 def _flip_a_byte(path: Path) -> None:
@@ -156,13 +157,13 @@ def test_a_rank_failing_to_prepare_a_restore_fails_every_rank_at_once(tmp_path: 
 
 @pytest.mark.parametrize("exchange", [True, False], ids=["atomic-exchange", "two-renames"])
 def test_overwrite_replaces_the_committed_checkpoint(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, exchange: bool
+    tmp_path: Path, mounts: MountFactory, exchange: bool
 ) -> None:
     from distckpt import fsutil
-    from distckpt.storage import posix
 
-    if not exchange:  # a filesystem that cannot swap two names (NFS, an older kernel)
-        monkeypatch.setattr(posix, "exchange_dirs", lambda a, b, fsync: False)
+    if not exchange:  # bindfs (FUSE) cannot swap two names, like NFS or an older kernel
+        tmp_path = mounts.get("bindfs").path / "edge-overwrite"
+        assert not fsutil.exchange_dirs(*_two_dirs(tmp_path / "probe"), fsync=False)
     elif not fsutil.exchange_dirs(*_two_dirs(tmp_path / "probe"), fsync=False):
         pytest.skip("renameat2(RENAME_EXCHANGE) is not supported here")
     with distckpt.CheckpointManager(tmp_path / "root", fsync=False) as mgr:

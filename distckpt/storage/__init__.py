@@ -67,7 +67,8 @@ class RootStore(abc.ABC):
     @abc.abstractmethod
     def open(self) -> OpenedRoot:
         """Rank 0, once per manager: create the root if missing, prove it writable, settle how
-        links are kept, remove leftovers of dead writers and repair the links."""
+        links are kept, remove leftovers of dead writers and repair the links. Read-only: only
+        find the newest valid checkpoint of an existing root."""
 
     @abc.abstractmethod
     def check_visible(self, rank: int) -> None:
@@ -75,8 +76,9 @@ class RootStore(abc.ABC):
         and may write into it."""
 
     @abc.abstractmethod
-    def free_bytes(self) -> int:
-        """Bytes available for new checkpoints."""
+    def free_bytes(self) -> int | None:
+        """Bytes available for new checkpoints; None where the backend cannot tell (a
+        filesystem that reports no size), and then saves are not checked against it."""
 
     @abc.abstractmethod
     def check_step(self, step: int, *, overwrite: bool, explicit: bool) -> SaveResult | None:
@@ -134,9 +136,13 @@ def open_store(
     link: LinkMode = "auto",
     fsync: bool = True,
     lock_timeout: float = 300.0,
+    read_only: bool = False,
 ) -> RootStore:
     """The store for ``root``. Every root is a POSIX directory today; a URL scheme (such as
-    ``s3://``) is where a second backend would be chosen."""
+    ``s3://``) is where a second backend would be chosen. A ``read_only`` store never writes
+    (no probe, no lock file, no cleanup or link repair when opened); its changes
+    (``begin_staging``, ``delete``, ``prune``, ``collect_leftovers``) raise
+    :class:`~distckpt.ReadOnlyRoot`."""
     from distckpt.storage.posix import PosixRootStore
 
     return PosixRootStore(
@@ -145,6 +151,7 @@ def open_store(
         link=link,
         fsync=fsync,
         lock_timeout=lock_timeout,
+        read_only=read_only,
     )
 
 

@@ -19,6 +19,7 @@ name is found under the lock was left by a writer that died, and cleanup removes
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import uuid
@@ -30,8 +31,11 @@ from distckpt import events, faults, policy, resolve
 from distckpt.errors import (
     CheckpointError,
     CheckpointExists,
+    CommitLost,
+    ConcurrentCommit,
     InvalidArgument,
     InvalidStep,
+    ReadOnlyRoot,
     RootNotWritable,
 )
 from distckpt.fsutil import (
@@ -75,6 +79,7 @@ class PosixRootStore(RootStore):
         link: LinkMode,
         fsync: bool,
         lock_timeout: float,
+        read_only: bool = False,
     ) -> None:
         if link not in LINK_MODES:
             raise InvalidArgument(f"link must be one of {LINK_MODES}, not {link!r}")
@@ -86,11 +91,22 @@ class PosixRootStore(RootStore):
         self._lock = RootLock(self.layout.lock_path, timeout=lock_timeout)
         self._removed_at_open: list[Path] = []
         self._warned_missing_monitor = False
+        self._warned_unknown_space = False
+        #: never write: no probe, no lock file, no cleanup or link repair (a read-only mount)
+        self.read_only = read_only
 
     # ------------------------------------------------------------------ open
 
     def open(self) -> OpenedRoot:
         root = self.root
+        if self.read_only:
+            if not root.is_dir():
+                raise RootNotWritable(
+                    f"checkpoint root {root} is not a directory (opened read-only: it is "
+                    "not created)",
+                    path=root,
+                )
+            return OpenedRoot(self._newest())
         try:
             # Durably, parents included: a root whose name a power loss can drop would take
             # every checkpoint saved in it along.
@@ -119,9 +135,19 @@ class PosixRootStore(RootStore):
                 self._update_links()
             except (OSError, CheckpointError) as exc:  # derived state: never block a start
                 logger.error("could not repair the links of %s: %s", root, exc)
+        return OpenedRoot(self._newest(), tuple(self._removed_at_open))
+
+    def _newest(self) -> tuple[int, int | None] | None:
         newest = resolve.newest_valid(self.layout)
-        found = (newest[1].step, newest[1].epoch) if newest is not None else None
-        return OpenedRoot(found, tuple(self._removed_at_open))
+        return (newest[1].step, newest[1].epoch) if newest is not None else None
+
+    def _refuse_if_read_only(self, change: str) -> None:
+        if self.read_only:
+            raise ReadOnlyRoot(
+                f"cannot {change}: the checkpoint root {self.root} was opened with "
+                "read_only=True, which never writes to it",
+                path=self.root,
+            )
 
     def _settle_link_mode(self) -> None:
         """Find out now whether the root takes symlinks, so that a link swap never fails after
@@ -154,17 +180,26 @@ class PosixRootStore(RootStore):
                 "directory shared by every rank (a shared filesystem across nodes)",
                 path=self.root,
             )
-        if not os.access(self.root, os.W_OK | os.X_OK):
+        if not self.read_only and not os.access(self.root, os.W_OK | os.X_OK):
             raise RootNotWritable(
                 f"checkpoint root {self.root} is not writable here", path=self.root
             )
 
-    def free_bytes(self) -> int:
-        return filesystem_free_bytes(self.root)
+    def free_bytes(self) -> int | None:
+        free = filesystem_free_bytes(self.root)
+        if free is None and not self._warned_unknown_space:
+            logger.warning(
+                "the filesystem of %s reports no size (0 blocks in statvfs): its free space is "
+                "unknown, so saves are not checked against it",
+                self.root,
+            )
+            self._warned_unknown_space = True
+        return free
 
     # ------------------------------------------------------------------ staging
 
     def begin_staging(self, step: int, token: str) -> StagingArea:
+        self._refuse_if_read_only(f"save step {step}")
         staging = self.layout.staging_dir(step, token)
         # Under the root lock, so that a cleanup (another job's start, `distckpt gc`) never
         # sees the lock file before it is locked, or the dir before its lock exists.
@@ -266,7 +301,8 @@ class PosixRootStore(RootStore):
                 if final.exists() and overwrite:
                     self._replace_committed(staging, final)
                 else:
-                    rename_dir(staging, final, fsync=self.fsync)
+                    self._rename_into_place(staging, final, step)
+                self._check_committed(final, manifest)
             # Committed: the dir is the truth from here on. A failure to update the derived
             # links or to apply retention must not report the save as failed; both are redone
             # at the next commit or manager start.
@@ -286,6 +322,48 @@ class PosixRootStore(RootStore):
         self._empty_trash()
         self._warn_missing_monitor(manifest)
         return SaveResult(manifest.step, final, manifest.epoch, dict(manifest.metrics))
+
+    def _rename_into_place(self, staging: Path, final: Path, step: int) -> None:
+        try:
+            rename_dir(staging, final, fsync=self.fsync)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+            # check_step found no step dir under the lock a moment ago: only a writer that
+            # does not share that lock can have committed it since.
+            raise ConcurrentCommit(
+                f"step {step} was committed by another writer meanwhile, at {final}: the lock "
+                f"of {self.root} does not reach that writer (another machine, with a filesystem "
+                "that keeps locks per client, such as NFS mounted with local locks?); give "
+                "each job a root of its own",
+                path=final,
+                step=step,
+            ) from exc
+
+    def _check_committed(self, final: Path, manifest: Manifest) -> None:
+        """After the rename: the committed dir holds the manifest and every file with its
+        size. A filesystem that loses them in a rename (fusefat empties a directory it
+        renames) must fail the save, not report a checkpoint that is not there; what is left
+        of it goes to the trash, so it is not taken for a committed step."""
+        expected = {MANIFEST_NAME: len(manifest.to_json())} | {
+            name: record.size for name, record in manifest.files.items()
+        }
+        for name, size in expected.items():
+            try:
+                found: int | None = (final / name).stat().st_size
+            except FileNotFoundError:
+                found = None
+            if found == size:
+                continue
+            what = "is missing" if found is None else f"has {found} bytes instead of {size}"
+            move_to_trash(final, self.layout.trash_root, fsync=self.fsync)
+            raise CommitLost(
+                f"the filesystem of {self.root} lost step {manifest.step} when renaming it into "
+                f"place: {name} {what} in {final} after the rename (fusefat does this); "
+                "nothing was committed: keep checkpoints on another filesystem",
+                path=final / name,
+                step=manifest.step,
+            )
 
     def _warn_missing_monitor(self, manifest: Manifest) -> None:
         missing = policy.missing_monitor(manifest.metrics, self.retention.monitor)
@@ -363,6 +441,7 @@ class PosixRootStore(RootStore):
     # ------------------------------------------------------------------ removal
 
     def delete(self, step: int) -> int | None:
+        self._refuse_if_read_only(f"delete step {step}")
         with self._lock:
             directory = resolve.committed_dir(self.layout, step)
             # Links first, durably, then the trash: the other order leaves a durable state
@@ -374,12 +453,14 @@ class PosixRootStore(RootStore):
         return records[-1].step if records else None
 
     def prune(self) -> list[int]:
+        self._refuse_if_read_only("prune")
         with self._lock:
             removed = self._apply_retention(self._update_links())
         self._empty_trash()
         return removed
 
     def collect_leftovers(self) -> list[Path]:
+        self._refuse_if_read_only("collect leftovers")
         with self._lock:
             removed = self._removed_at_open + self._remove_leftovers()
         self._removed_at_open = []  # reported once
@@ -421,6 +502,12 @@ class PosixRootStore(RootStore):
         for leftover in find_leftovers(self.layout, locked=True):
             if leftover.writer_alive:
                 logger.info("leaving %s alone: its writer is alive", leftover.path)
+            elif leftover.in_use:
+                # a deleted file a reader still holds open (.fuse_hidden*, .nfs*): removing it
+                # fails (EBUSY) until the reader closes it; the next cleanup tries again
+                logger.info(
+                    "leaving %s: in use by a reader, removed at a later cleanup", leftover.path
+                )
             elif leftover.kind == "lock":
                 leftover.path.unlink(missing_ok=True)
             else:
