@@ -8,7 +8,8 @@
 2. :func:`write`: every rank writes its shard into the staging area (streamed, fsynced); rank 0
    adds the extra files.
 3. :func:`agree` (one all-gather): every rank reports its files or its error; any rank's
-   failure raises on every rank. The gathered records become the :class:`Manifest`.
+   failure raises on every rank (an orphaned rank's too: its launcher is gone). The gathered
+   records become the :class:`Manifest`.
 4. :func:`commit` (rank 0, one broadcast): the store publishes the staging area; every rank
    returns the same :class:`SaveResult` once the commit is durable.
 
@@ -32,6 +33,7 @@ from distckpt.coord import Coordinator, run_now
 from distckpt.errors import InsufficientSpace, InvalidArgument, InvalidStep
 from distckpt.formats import CheckpointFormat, ShardContext
 from distckpt.layout import MANIFEST_NAME
+from distckpt.lease import LauncherWatch
 from distckpt.manifest import FileRecord, Manifest, check_json_metadata
 from distckpt.metrics import normalize_metrics
 from distckpt.results import SaveResult
@@ -244,13 +246,28 @@ def write_and_commit(
     coord: Coordinator,
     store: RootStore,
     fmt: CheckpointFormat,
+    launcher: LauncherWatch | None = None,
 ) -> SaveResult:
     """Steps 2-4, in the caller's thread or, for an async save, in the background thread with
-    a ``coord`` of its own. Rank 0 discards the staging area unless it was committed."""
+    a ``coord`` of its own. Rank 0 discards the staging area unless it was committed.
+
+    With a ``launcher`` watch, every rank checks after writing, in what it reports for the
+    agreement, that its launcher lives: an orphaned rank fails the save on every rank with
+    :class:`~distckpt.LauncherGone`, and an orphaned rank 0 also closes the store, giving up
+    the root's lease so that the job replacing this one may open it."""
     step, rank, fsync = plan.step, coord.rank, store.fsync
+
+    def write_here() -> dict[str, FileRecord]:
+        records = write(plan, coord=coord, store=store, fmt=fmt, fsync=fsync)
+        if launcher is not None and launcher.launcher_gone():
+            if coord.is_coordinator:
+                store.close()
+            launcher.check()
+        return records
+
     try:
         with events.phase("save.write", rank=rank, step=step):
-            records = run_now(lambda: write(plan, coord=coord, store=store, fmt=fmt, fsync=fsync))
+            records = run_now(write_here)
         faults.hit("before_agreement", rank)
         with events.phase("save.agree", rank=rank, step=step):
             written = coord.all_gather(records, what=f"writing step {step}")

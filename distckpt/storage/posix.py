@@ -6,13 +6,19 @@ check the staged files, write the manifest, fsync, rename the staging dir to ``s
 fsync the root — the rename is the moment of publication. ``last``/``best`` are relative
 symlinks (or pointer files where symlinks are refused) swapped atomically; retention and
 deletes rename a checkpoint into ``root/.trash`` under the lock and delete its bytes after.
+
+An opened store holds the root's writer lease (:mod:`distckpt.lease`) until it is closed, and
+checks it under the root lock before every change it publishes, so a job that lost the root to
+another one changes nothing in it.
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import uuid
+import weakref
 from collections.abc import Mapping
 from contextlib import ExitStack
 from pathlib import Path
@@ -42,6 +48,7 @@ from distckpt.fsutil import (
 )
 from distckpt.fsutil import free_bytes as filesystem_free_bytes
 from distckpt.layout import BEST, LAST, MANIFEST_NAME, RootLayout, parse_step_dir_name
+from distckpt.lease import RootLease
 from distckpt.lock import RootLock, WriterLock, find_leftovers
 from distckpt.manifest import FileRecord, Manifest
 from distckpt.results import SaveResult
@@ -52,6 +59,17 @@ logger = logging.getLogger("distckpt")
 #: The rank a store works on: only the committing rank (0 of the group) changes a root, and
 #: fault points are armed per rank.
 COMMITTING_RANK = 0
+
+#: Stores holding a lease, released at interpreter exit. Registered when this module is first
+#: imported, before any async save's own exit hook, so (hooks run last-registered first) a save
+#: still in flight at exit is finished before its lease goes.
+_open_stores: weakref.WeakSet[PosixRootStore] = weakref.WeakSet()
+
+
+@atexit.register
+def _release_leases_at_exit() -> None:
+    for store in list(_open_stores):
+        store.close()
 
 
 class PosixRootStore(RootStore):
@@ -76,10 +94,12 @@ class PosixRootStore(RootStore):
         self._lock = RootLock(self.layout.lock_path, timeout=lock_timeout)
         self._removed_at_open: list[Path] = []
         self._warned_missing_monitor = False
+        self._lease: RootLease | None = None
+        self._opened_by_pid = 0
 
     # ------------------------------------------------------------------ open
 
-    def open(self) -> OpenedRoot:
+    def open(self, *, wait_for_root: float = 0.0) -> OpenedRoot:
         root = self.root
         try:
             root.mkdir(parents=True, exist_ok=True)
@@ -98,15 +118,42 @@ class PosixRootStore(RootStore):
                 f"checkpoint root {root} is not writable: {exc}", path=root
             ) from exc
         self._settle_link_mode()
-        with self._lock:
-            self._removed_at_open = self._remove_leftovers()
-            try:
-                self._update_links()
-            except (OSError, CheckpointError) as exc:  # derived state: never block a start
-                logger.error("could not repair the links of %s: %s", root, exc)
+        self._take_lease(wait_for_root)
+        try:
+            with self._lock:
+                self._removed_at_open = self._remove_leftovers()
+                try:
+                    self._update_links()
+                except (OSError, CheckpointError) as exc:  # derived state: never block a start
+                    logger.error("could not repair the links of %s: %s", root, exc)
+        except BaseException:
+            self.close()
+            raise
         newest = resolve.newest_valid(self.layout)
         found = (newest[1].step, newest[1].epoch) if newest is not None else None
         return OpenedRoot(found, tuple(self._removed_at_open))
+
+    def _take_lease(self, wait: float) -> None:
+        if self._lease is not None and self._lease.held:
+            return  # opened already
+        self._lease = RootLease.acquire(self.root, wait=wait)
+        self._opened_by_pid = os.getpid()
+        _open_stores.add(self)
+        logger.info("holding the lease of %s (generation %d)", self.root, self._lease.generation)
+
+    def close(self) -> None:
+        # A forked child (a data loader worker) inherits the store, but the lease is its
+        # parent's: releasing it there would let another job in while the parent writes.
+        if self._lease is not None and os.getpid() == self._opened_by_pid:
+            self._lease.release()  # kept, so a commit after close is refused (LeaseLost)
+        _open_stores.discard(self)
+
+    def _check_lease(self) -> None:
+        """Under the lock, before a change is published: this store's job still owns the root
+        (:class:`~distckpt.LeaseLost` if not). A store never opened holds no lease: the CLI's
+        maintenance commands rely on the lock alone."""
+        if self._lease is not None:
+            self._lease.check_current()
 
     def _settle_link_mode(self) -> None:
         """Find out now whether the root takes symlinks, so that a link swap never fails after
@@ -235,6 +282,7 @@ class PosixRootStore(RootStore):
         with ExitStack() as held:
             with events.phase("commit.lock", rank=rank, step=step):
                 held.enter_context(self._lock)
+            self._check_lease()
             self.check_staged(area, manifest.files)
             # Re-checked under the lock: another job may have committed since the proposal.
             self.check_step(step, overwrite=overwrite, explicit=True)
@@ -334,6 +382,7 @@ class PosixRootStore(RootStore):
 
     def delete(self, step: int) -> int | None:
         with self._lock:
+            self._check_lease()
             directory = resolve.committed_dir(self.layout, step)
             move_to_trash(directory, self.layout.trash_root, fsync=self.fsync)
             records = self._update_links()
@@ -342,12 +391,14 @@ class PosixRootStore(RootStore):
 
     def prune(self) -> list[int]:
         with self._lock:
+            self._check_lease()
             removed = self._apply_retention(self._update_links())
         self._empty_trash()
         return removed
 
     def collect_leftovers(self) -> list[Path]:
         with self._lock:
+            self._check_lease()
             removed = self._removed_at_open + self._remove_leftovers()
         self._removed_at_open = []  # reported once
         return removed
