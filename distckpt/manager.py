@@ -225,6 +225,7 @@ class CheckpointManager:
             fmt=self._format,
             snapshot=self._buffers,
             token=f"{self._token}-{self._save_count}",
+            launcher=self._launcher,
         )
         if isinstance(plan, SaveResult):  # committed already: the schedule counts from it
             self._decider.last = LastSave.at(plan.step, plan.epoch)

@@ -103,14 +103,17 @@ def propose(
     fmt: CheckpointFormat,
     snapshot: SnapshotBuffers | None,
     token: str,
+    launcher: LauncherWatch | None = None,
 ) -> SavePlan | SaveResult:
     """Step 1 (see the module doc), in the caller's thread. Returns the plan, or the committed
-    result when the step is saved already and may be returned."""
+    result when the step is saved already and may be returned. An orphaned rank fails it on
+    every rank (:func:`check_launcher`)."""
     step = request.step
     started = time.monotonic()
     prepared: dict[str, Any] = {}  # this rank's own results, kept out of the all-gather
 
     def local() -> Proposal:
+        check_launcher(launcher, coord=coord, store=store)
         check_step_number(step)
         plain = to_plain(state)
         fmt.check_state(plain)
@@ -252,17 +255,12 @@ def write_and_commit(
     a ``coord`` of its own. Rank 0 discards the staging area unless it was committed.
 
     With a ``launcher`` watch, every rank checks after writing, in what it reports for the
-    agreement, that its launcher lives: an orphaned rank fails the save on every rank with
-    :class:`~distckpt.LauncherGone`, and an orphaned rank 0 also closes the store, giving up
-    the root's lease so that the job replacing this one may open it."""
+    agreement, that its launcher lives (:func:`check_launcher`)."""
     step, rank, fsync = plan.step, coord.rank, store.fsync
 
     def write_here() -> dict[str, FileRecord]:
         records = write(plan, coord=coord, store=store, fmt=fmt, fsync=fsync)
-        if launcher is not None and launcher.launcher_gone():
-            if coord.is_coordinator:
-                store.close()
-            launcher.check()
+        check_launcher(launcher, coord=coord, store=store)
         return records
 
     try:
@@ -278,6 +276,18 @@ def write_and_commit(
     finally:
         if plan.area is not None:
             store.discard_staging(plan.area)
+
+
+def check_launcher(launcher: LauncherWatch | None, *, coord: Coordinator, store: RootStore) -> None:
+    """Raise :class:`~distckpt.LauncherGone` if this rank's launcher is gone; inside a verb's
+    local part, so an orphaned rank fails the save on every rank. An orphaned rank 0 first
+    closes the store: it gives up the root's lease, so the job replacing this one may open it
+    while the orphans can commit nothing more."""
+    if launcher is None or not launcher.launcher_gone():
+        return
+    if coord.is_coordinator:
+        store.close()
+    launcher.check()
 
 
 def check_step_number(step: object) -> None:

@@ -1,7 +1,7 @@
 """A small checkpointing job for the tests of one writer job per root, run as real processes.
 
-    python -m tests.lease_job ROOT OUT --run NAME --world-size 2 [options]   # run_ranks ranks
-    python -m torch.distributed.run ... tests/lease_job.py ROOT OUT --run NAME [options]
+    python -m tests.lease_job ROOT OUT NAME --world-size 2 [options]   # run_ranks ranks
+    python -m torch.distributed.run ... tests/lease_job.py ROOT OUT NAME [options]
 
 ``--world-size 1`` runs the job in this very process, with no process group, so that its exit
 (its ``atexit`` hooks) is a real interpreter exit. Every rank appends what happens to it, one
@@ -110,7 +110,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("root")
     parser.add_argument("out")
-    parser.add_argument("--run", required=True, help="names this job's files in OUT")
+    # Not an option: torchrun's own parser would take "--run" for its "--run-path".
+    parser.add_argument("run", help="names this job's files in OUT")
     parser.add_argument("--world-size", type=int, default=2, help="without torchrun")
     parser.add_argument("--wait", type=float, default=0.0, help="wait_for_root")
     parser.add_argument("--timeout", type=float, default=60.0)

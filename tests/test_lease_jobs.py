@@ -36,12 +36,12 @@ RANKS = (0, 1)
 
 def plain(root: Path, out: Path, run: str, *options: str) -> list[str]:
     """A 2-rank job whose ranks run_ranks forks (``--world-size 1``: one plain process)."""
-    return [sys.executable, "-m", "tests.lease_job", str(root), str(out), "--run", run, *options]
+    return [sys.executable, "-m", "tests.lease_job", str(root), str(out), run, *options]
 
 
 def under_torchrun(root: Path, out: Path, run: str, *options: str) -> list[str]:
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-    job = [str(LEASE_JOB), str(root), str(out), "--run", run, *options]
+    job = [str(LEASE_JOB), str(root), str(out), run, *options]
     return [*launcher, "--nproc-per-node", "2", *job]
 
 
