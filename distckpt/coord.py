@@ -9,6 +9,8 @@ collective, and then raise the same error on every rank:
 * :meth:`Coordinator.all_reduce` — the same, then one pure function of all values, computed
   alike on every rank (its error, too, is raised on every rank alike).
 * :meth:`Coordinator.decide` — rank 0 runs the function; its value or error reaches every rank.
+  :meth:`Coordinator.decide_within` repeats it while rank 0 waits for longer than a collective
+  may take.
 
 Errors cross ranks as their class name, message and structured fields
 (:meth:`~distckpt.errors.CheckpointError.fields`) and are rebuilt on the other side.
@@ -24,6 +26,7 @@ import atexit
 import datetime
 import logging
 import threading
+import time
 import traceback
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -266,6 +269,36 @@ class Coordinator:
                 ) from exc
             raise
         return shared.unwrap(what=what, cause=cause)
+
+    def decide_within(
+        self,
+        attempt: Callable[[float], T],
+        *,
+        wait: float,
+        retry_on: type[Exception],
+        what: str,
+    ) -> T:
+        """:meth:`decide` for a decision rank 0 may have to wait for longer than one collective
+        may last (another job's lock): rank 0 calls ``attempt(seconds)``, which may block for
+        ``seconds``, with at most half the timeout at a time, and every rank learns after each
+        try whether to go on waiting. ``retry_on`` is the error meaning "not yet"; once
+        ``wait`` seconds (rank 0's clock) have passed it is raised on every rank."""
+        deadline = time.monotonic() + wait
+        longest = self.timeout / 2
+
+        def one_try() -> tuple[bool, T | None]:
+            remaining = deadline - time.monotonic()
+            try:
+                return True, attempt(min(max(remaining, 0.0), longest))
+            except retry_on:
+                if deadline - time.monotonic() > 0:
+                    return False, None
+                raise
+
+        while True:
+            done, value = self.decide(one_try, what=what)
+            if done:
+                return value  # type: ignore[return-value]
 
     def spawn(self) -> Coordinator:
         """Another coordinator over the same ranks on a group of its own (for a background

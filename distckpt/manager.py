@@ -26,10 +26,11 @@ from distckpt import policy, protocol, reader, resolve
 from distckpt.background import BackgroundSaves
 from distckpt.coord import Coordinator, check_timeout
 from distckpt.decisions import LastSave, SaveDecider, SignalFlag
-from distckpt.errors import CheckpointError
+from distckpt.errors import CheckpointError, RootInUse
 from distckpt.formats import ReadOptions, format_named
 from distckpt.fsutil import LinkMode
 from distckpt.layout import RootLayout
+from distckpt.lease import LauncherWatch, check_wait
 from distckpt.results import Checkpoint, CheckpointInfo, SaveResult
 from distckpt.snapshot import SnapshotBuffers
 from distckpt.storage import ExtraFile, open_store
@@ -87,6 +88,12 @@ class CheckpointManager:
             no writability probe, no lock file, no cleanup or link repair. :meth:`restore`
             and the queries work; :meth:`save`, :meth:`delete`, :meth:`prune` and :meth:`gc`
             raise :class:`ReadOnlyRoot`. The root must exist.
+        wait_for_root: seconds to wait for another job that holds the root to end; 0 (the
+            default) raises :class:`~distckpt.RootInUse`, naming that job, on every rank at
+            once. One writing job per root: rank 0 holds the root's lease
+            (:mod:`distckpt.lease`) until :meth:`close` (or the process ends); a job that lost
+            it fails every later save with :class:`~distckpt.LeaseLost`, and under torchrun a
+            rank whose launcher died fails them with :class:`~distckpt.LauncherGone`.
     """
 
     def __init__(
@@ -114,10 +121,14 @@ class CheckpointManager:
         timeout: float = 600.0,
         space_margin: float = protocol.SPACE_MARGIN_RATIO,
         read_only: bool = False,
+        wait_for_root: float = 0.0,
     ) -> None:
         self._format = format_named(format)
         self.timeout = check_timeout(timeout)
         self.space_margin = protocol.check_space_margin(space_margin)
+        wait_for_root = check_wait(wait_for_root)
+        # Made now, while the launcher that started this process is certainly its parent.
+        self._launcher = LauncherWatch.for_this_process()
         self._signals = SignalFlag(save_on_signal)
         self.layout = RootLayout.at(root)
         self.retention = policy.RetentionPolicy(
@@ -161,8 +172,13 @@ class CheckpointManager:
         self.world_size = self._coord.world_size
         try:
             # Rank 0 names this manager's staging areas after the token: unique to this manager.
-            newest, self._token = self._coord.decide(
-                lambda: (self._store.open().newest, uuid.uuid4().hex[:12]),
+            newest, self._token = self._coord.decide_within(
+                lambda seconds: (
+                    self._store.open(wait_for_root=seconds).newest,
+                    uuid.uuid4().hex[:12],
+                ),
+                wait=wait_for_root,
+                retry_on=RootInUse,
                 what="opening the checkpoint root",
             )
             self._decider.last = LastSave.at(*(newest or (None, None)))
@@ -239,12 +255,17 @@ class CheckpointManager:
             snapshot=self._buffers,
             token=f"{self._token}-{self._save_count}",
             space_margin=self.space_margin,
+            launcher=self._launcher,
         )
         if isinstance(plan, SaveResult):  # committed already: the schedule counts from it
             self._decider.last = LastSave.at(plan.step, plan.epoch)
             return plan
         commit = functools.partial(
-            protocol.write_and_commit, plan, store=self._store, fmt=self._format
+            protocol.write_and_commit,
+            plan,
+            store=self._store,
+            fmt=self._format,
+            launcher=self._launcher,
         )
         if self._background is None:
             result = commit(coord=self._coord)
@@ -393,8 +414,8 @@ class CheckpointManager:
         return self._coord.decide(self._store.collect_leftovers, what="collecting leftovers")
 
     def close(self) -> None:
-        """Finish a save in flight (raising its error, on every rank), restore signal
-        handlers and release the manager's process groups. Idempotent."""
+        """Finish a save in flight (raising its error, on every rank), then release the root's
+        lease, restore signal handlers and release the manager's process groups. Idempotent."""
         if self._closed:
             return
         self._closed = True
@@ -404,6 +425,7 @@ class CheckpointManager:
             try:
                 if self._background is not None:
                     self._background.close()
+                self._store.close()
                 self._signals.restore()
             finally:
                 self._coord.close()

@@ -8,7 +8,8 @@
 2. :func:`write`: every rank writes its shard into the staging area (streamed, fsynced); rank 0
    adds the extra files.
 3. :func:`agree` (one all-gather): every rank reports its files or its error; any rank's
-   failure raises on every rank. The gathered records become the :class:`Manifest`.
+   failure raises on every rank (an orphaned rank's too: its launcher is gone). The gathered
+   records become the :class:`Manifest`.
 4. :func:`commit` (rank 0, one broadcast): the store publishes the staging area; every rank
    returns the same :class:`SaveResult` once the commit is durable.
 
@@ -33,6 +34,7 @@ from distckpt.coord import Coordinator, run_now
 from distckpt.errors import InsufficientSpace, InvalidArgument, InvalidStep
 from distckpt.formats import CheckpointFormat, ShardContext
 from distckpt.layout import MANIFEST_NAME
+from distckpt.lease import LauncherWatch
 from distckpt.manifest import FileRecord, Manifest, check_json_metadata
 from distckpt.metrics import normalize_metrics
 from distckpt.results import SaveResult
@@ -108,15 +110,18 @@ def propose(
     snapshot: SnapshotBuffers | None,
     token: str,
     space_margin: float = SPACE_MARGIN_RATIO,
+    launcher: LauncherWatch | None = None,
 ) -> SavePlan | SaveResult:
     """Step 1 (see the module doc), in the caller's thread. Returns the plan, or the committed
     result when the step is saved already and may be returned. ``space_margin``: the free
-    space demanded beyond the estimate, as a fraction of it (see :func:`margin_bytes`)."""
+    space demanded beyond the estimate, as a fraction of it (see :func:`margin_bytes`). An
+    orphaned rank fails it on every rank (:func:`check_launcher`)."""
     step = request.step
     started = time.monotonic()
     prepared: dict[str, Any] = {}  # this rank's own results, kept out of the all-gather
 
     def local() -> Proposal:
+        check_launcher(launcher, coord=coord, store=store)
         check_step_number(step)
         plain = to_plain(state)
         fmt.check_state(plain)
@@ -289,13 +294,23 @@ def write_and_commit(
     coord: Coordinator,
     store: RootStore,
     fmt: CheckpointFormat,
+    launcher: LauncherWatch | None = None,
 ) -> SaveResult:
     """Steps 2-4, in the caller's thread or, for an async save, in the background thread with
-    a ``coord`` of its own. Rank 0 discards the staging area unless it was committed."""
+    a ``coord`` of its own. Rank 0 discards the staging area unless it was committed.
+
+    With a ``launcher`` watch, every rank checks after writing, in what it reports for the
+    agreement, that its launcher lives (:func:`check_launcher`)."""
     step, rank, fsync = plan.step, coord.rank, store.fsync
+
+    def write_here() -> dict[str, FileRecord]:
+        records = write(plan, coord=coord, store=store, fmt=fmt, fsync=fsync)
+        check_launcher(launcher, coord=coord, store=store)
+        return records
+
     try:
         with events.phase("save.write", rank=rank, step=step):
-            records = run_now(lambda: write(plan, coord=coord, store=store, fmt=fmt, fsync=fsync))
+            records = run_now(write_here)
         faults.hit("before_agreement", rank)
         with events.phase("save.agree", rank=rank, step=step):
             written = coord.all_gather(records, what=f"writing step {step}")
@@ -317,6 +332,18 @@ def _out_of_space(exc: BaseException) -> OSError | None:
             return seen
         seen = seen.__cause__ or seen.__context__
     return None
+
+
+def check_launcher(launcher: LauncherWatch | None, *, coord: Coordinator, store: RootStore) -> None:
+    """Raise :class:`~distckpt.LauncherGone` if this rank's launcher is gone; inside a verb's
+    local part, so an orphaned rank fails the save on every rank. An orphaned rank 0 first
+    closes the store: it gives up the root's lease, so the job replacing this one may open it
+    while the orphans can commit nothing more."""
+    if launcher is None or not launcher.launcher_gone():
+        return
+    if coord.is_coordinator:
+        store.close()
+    launcher.check()
 
 
 def check_step_number(step: object) -> None:

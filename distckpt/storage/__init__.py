@@ -65,10 +65,20 @@ class RootStore(abc.ABC):
     fsync: bool
 
     @abc.abstractmethod
-    def open(self) -> OpenedRoot:
+    def open(self, *, wait_for_root: float = 0.0) -> OpenedRoot:
         """Rank 0, once per manager: create the root if missing, prove it writable, settle how
-        links are kept, remove leftovers of dead writers and repair the links. Read-only: only
-        find the newest valid checkpoint of an existing root."""
+        links are kept, take the root's writer lease (waiting up to ``wait_for_root`` seconds
+        for another job to end, else :class:`~distckpt.RootInUse` naming it), remove leftovers
+        of dead writers and repair the links. From here until :meth:`close`, every change to
+        what is published first checks, under the root's lock, that this store still holds
+        the lease (:class:`~distckpt.LeaseLost` otherwise, before anything changed). A store
+        that was never opened (the ``distckpt`` CLI's) holds no lease and checks none.
+        Read-only: only find the newest valid checkpoint of an existing root (no lease)."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Release what :meth:`open` took (the lease), so the next job may open the root; this
+        store commits nothing after it. Idempotent; also done at interpreter exit."""
 
     @abc.abstractmethod
     def check_visible(self, rank: int) -> None:

@@ -15,14 +15,20 @@ creation a power loss may drop. A checkpoint that ``last`` or ``best`` may name 
 durable state has a link naming nothing. Everything that creates a temporary name in the root
 (the writability probes, a link under construction) does so under the lock, so what such a
 name is found under the lock was left by a writer that died, and cleanup removes it.
+
+An opened store holds the root's writer lease (:mod:`distckpt.lease`) until it is closed, and
+checks it under the root lock before every change it publishes, so a job that lost the root to
+another one changes nothing in it.
 """
 
 from __future__ import annotations
 
+import atexit
 import errno
 import logging
 import os
 import uuid
+import weakref
 from collections.abc import Mapping
 from contextlib import ExitStack
 from pathlib import Path
@@ -56,6 +62,7 @@ from distckpt.fsutil import (
 )
 from distckpt.fsutil import free_bytes as filesystem_free_bytes
 from distckpt.layout import BEST, LAST, MANIFEST_NAME, RootLayout, parse_step_dir_name
+from distckpt.lease import RootLease
 from distckpt.lock import RootLock, WriterLock, find_leftovers
 from distckpt.manifest import FileRecord, Manifest
 from distckpt.results import SaveResult
@@ -66,6 +73,17 @@ logger = logging.getLogger("distckpt")
 #: The rank a store works on: only the committing rank (0 of the group) changes a root, and
 #: fault points are armed per rank.
 COMMITTING_RANK = 0
+
+#: Stores holding a lease, released at interpreter exit. Registered when this module is first
+#: imported, before any async save's own exit hook, so (hooks run last-registered first) a save
+#: still in flight at exit is finished before its lease goes.
+_open_stores: weakref.WeakSet[PosixRootStore] = weakref.WeakSet()
+
+
+@atexit.register
+def _release_leases_at_exit() -> None:
+    for store in list(_open_stores):
+        store.close()
 
 
 class PosixRootStore(RootStore):
@@ -94,10 +112,12 @@ class PosixRootStore(RootStore):
         self._warned_unknown_space = False
         #: never write: no probe, no lock file, no cleanup or link repair (a read-only mount)
         self.read_only = read_only
+        self._lease: RootLease | None = None
+        self._opened_by_pid = 0
 
     # ------------------------------------------------------------------ open
 
-    def open(self) -> OpenedRoot:
+    def open(self, *, wait_for_root: float = 0.0) -> OpenedRoot:
         root = self.root
         if self.read_only:
             if not root.is_dir():
@@ -119,22 +139,27 @@ class PosixRootStore(RootStore):
             raise RootNotWritable(
                 f"checkpoint root {root} exists and is not a directory", path=root
             )
-        self.check_visible(COMMITTING_RANK)  # before the lock file is created in it
-        with self._lock:
-            # The probes run under the lock, so that a probe found by a cleanup holding the
-            # lock was left by a process that died between creating and removing it.
-            try:
-                probe_writable(root)
-            except OSError as exc:
-                raise RootNotWritable(
-                    f"checkpoint root {root} is not writable: {exc}", path=root
-                ) from exc
-            self._settle_link_mode()
-            self._removed_at_open = self._remove_leftovers()
-            try:
-                self._update_links()
-            except (OSError, CheckpointError) as exc:  # derived state: never block a start
-                logger.error("could not repair the links of %s: %s", root, exc)
+        self.check_visible(COMMITTING_RANK)  # before the lease and lock files are created in it
+        self._take_lease(wait_for_root)
+        try:
+            with self._lock:
+                # The probes run under the lock, so that a probe found by a cleanup holding the
+                # lock was left by a process that died between creating and removing it.
+                try:
+                    probe_writable(root)
+                except OSError as exc:
+                    raise RootNotWritable(
+                        f"checkpoint root {root} is not writable: {exc}", path=root
+                    ) from exc
+                self._settle_link_mode()
+                self._removed_at_open = self._remove_leftovers()
+                try:
+                    self._update_links()
+                except (OSError, CheckpointError) as exc:  # derived state: never block a start
+                    logger.error("could not repair the links of %s: %s", root, exc)
+        except BaseException:
+            self.close()
+            raise
         return OpenedRoot(self._newest(), tuple(self._removed_at_open))
 
     def _newest(self) -> tuple[int, int | None] | None:
@@ -148,6 +173,28 @@ class PosixRootStore(RootStore):
                 "read_only=True, which never writes to it",
                 path=self.root,
             )
+
+    def _take_lease(self, wait: float) -> None:
+        if self._lease is not None and self._lease.held:
+            return  # opened already
+        self._lease = RootLease.acquire(self.root, wait=wait)
+        self._opened_by_pid = os.getpid()
+        _open_stores.add(self)
+        logger.info("holding the lease of %s (generation %d)", self.root, self._lease.generation)
+
+    def close(self) -> None:
+        # A forked child (a data loader worker) inherits the store, but the lease is its
+        # parent's: releasing it there would let another job in while the parent writes.
+        if self._lease is not None and os.getpid() == self._opened_by_pid:
+            self._lease.release()  # kept, so a commit after close is refused (LeaseLost)
+        _open_stores.discard(self)
+
+    def _check_lease(self) -> None:
+        """Under the lock, before a change is published: this store's job still owns the root
+        (:class:`~distckpt.LeaseLost` if not). A store never opened holds no lease: the CLI's
+        maintenance commands rely on the lock alone."""
+        if self._lease is not None:
+            self._lease.check_current()
 
     def _settle_link_mode(self) -> None:
         """Find out now whether the root takes symlinks, so that a link swap never fails after
@@ -289,6 +336,7 @@ class PosixRootStore(RootStore):
         with ExitStack() as held:
             with events.phase("commit.lock", rank=rank, step=step):
                 held.enter_context(self._lock)
+            self._check_lease()
             self.check_staged(area, manifest.files)
             # Re-checked under the lock: another job may have committed since the proposal.
             self.check_step(step, overwrite=overwrite, explicit=True)
@@ -443,6 +491,7 @@ class PosixRootStore(RootStore):
     def delete(self, step: int) -> int | None:
         self._refuse_if_read_only(f"delete step {step}")
         with self._lock:
+            self._check_lease()
             directory = resolve.committed_dir(self.layout, step)
             # Links first, durably, then the trash: the other order leaves a durable state
             # in which ``last`` names a checkpoint that is gone.
@@ -455,6 +504,7 @@ class PosixRootStore(RootStore):
     def prune(self) -> list[int]:
         self._refuse_if_read_only("prune")
         with self._lock:
+            self._check_lease()
             removed = self._apply_retention(self._update_links())
         self._empty_trash()
         return removed
@@ -462,6 +512,7 @@ class PosixRootStore(RootStore):
     def collect_leftovers(self) -> list[Path]:
         self._refuse_if_read_only("collect leftovers")
         with self._lock:
+            self._check_lease()
             removed = self._removed_at_open + self._remove_leftovers()
         self._removed_at_open = []  # reported once
         return removed
