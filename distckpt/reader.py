@@ -5,8 +5,9 @@
 A load runs the same three steps everywhere: rank 0 resolves which checkpoint is meant (see
 :mod:`distckpt.resolve`), every rank prepares what it can check alone (world size, rank,
 ``state=`` template, the format's own metadata), then every rank reads, which may be collective
-(DCP). The ranks agree on the outcome of each step, so a rank failing alone fails every rank
-instead of leaving the others inside a collective. A checkpoint deleted by another process's
+(DCP). The ranks agree on the outcome of each step (of prepare and read at once where the read
+is not collective), so a rank failing alone fails every rank instead of leaving the others
+inside a collective. A checkpoint deleted by another process's
 retention mid-read (:class:`CheckpointVanished`) is resolved again, unless it was named
 explicitly (a step, a step dir).
 """
@@ -183,22 +184,26 @@ def restore_on_ranks(
         if found is None:
             return None
         directory, manifest = found
+        prepare = functools.partial(
+            prepare_read,
+            directory,
+            manifest,
+            rank=rank,
+            world_size=world_size,
+            template=state,
+            options=options,
+            strict=strict,
+            group=group,
+        )
         try:
-            prepared = _agreed(
-                coordinator,
-                functools.partial(
-                    prepare_read,
-                    directory,
-                    manifest,
-                    rank=rank,
-                    world_size=world_size,
-                    template=state,
-                    options=options,
-                    strict=strict,
-                    group=group,
-                ),
-                f"preparing to restore {directory.name}",
-            )
+            if not format_named(manifest.format).collective_read:
+                # No rank waits inside the read for another: one agreement after both steps.
+                return _agreed(
+                    coordinator,
+                    lambda prepare=prepare: read_state(prepare(), template=state, strict=strict),
+                    f"restoring {directory.name}",
+                )
+            prepared = _agreed(coordinator, prepare, f"preparing to restore {directory.name}")
             return _agreed(
                 coordinator,
                 functools.partial(read_state, prepared, template=state, strict=strict),

@@ -69,6 +69,9 @@ class CheckpointFormat(Protocol):
 
     #: the name stored in the manifest and passed as ``CheckpointManager(format=...)``
     name: str
+    #: whether :meth:`read` runs collectives on ``ctx.group`` (then the ranks agree on
+    #: :meth:`prepare_read` before any rank reads; otherwise one agreement after both suffices)
+    collective_read: bool
 
     def required_files(self, manifest: Manifest) -> list[str]:
         """Files a complete checkpoint of this format must list in its manifest."""
@@ -103,7 +106,8 @@ class CheckpointFormat(Protocol):
     ) -> PreparedRead:
         """Everything this rank can check alone before a (possibly collective) read: the world
         size, the rank, the ``state=`` template (plain data, or None), the format's own
-        metadata. Never collective; the caller agrees on its outcome before :meth:`read`."""
+        metadata. Never collective; the caller agrees on its outcome before a collective
+        :meth:`read`."""
         ...
 
     def read(self, prepared: PreparedRead) -> Any:

@@ -220,6 +220,7 @@ class DcpFormat:
     ranks. See the module doc for what it saves and its limits."""
 
     name = "dcp"
+    collective_read = True  # dcp.load plans the read across the ranks
 
     def required_files(self, manifest: Manifest) -> list[str]:
         """``.metadata`` and one ``.distcp`` file per saving rank (DCP writes one per rank even
