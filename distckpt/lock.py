@@ -42,7 +42,7 @@ from typing import Literal
 import filelock
 
 from distckpt.errors import CheckpointError, CoordinationTimeout
-from distckpt.layout import BEST, LAST, RootLayout
+from distckpt.layout import BEST, LAST, LEASE_RECORD_NAME, RootLayout
 
 logger = logging.getLogger("distckpt")
 
@@ -162,9 +162,10 @@ _HELD_OPEN_PREFIXES = (".fuse_hidden", ".nfs")
 #: the root's writability probes (``probe_writable``, the symlink probe): a process killed
 #: between creating and removing one leaves it behind.
 _PROBE_PREFIX = ".probe-"
-#: a ``last``/``best`` link under construction (``fsutil.swap_link``'s temporary name).
+#: a ``last``/``best`` link under construction (``fsutil.swap_link``'s temporary name), or the
+#: lease record being replaced (``fsutil.atomic_write``'s temporary name for ``.lease.json``).
 _LINK_UNDER_CONSTRUCTION = re.compile(
-    rf"\.(?:{re.escape(LAST)}|{re.escape(BEST)})\.[0-9a-f]{{32}}\.tmp"
+    rf"\.(?:{re.escape(LAST)}|{re.escape(BEST)}|{re.escape(LEASE_RECORD_NAME)})\.[0-9a-f]{{32}}\.tmp"
 )
 #: Seen without the root lock, a probe or a link under construction younger than this may
 #: belong to a manager at work right now. Under the lock, none does: both are made under it.

@@ -491,5 +491,5 @@ def test_a_start_removes_the_probes_and_links_a_killed_process_left(root: Path) 
         removed = {path.name for path in mgr.gc()}
     assert removed == set(planted)
     left = sorted(p.name for p in root.iterdir() if p.name.startswith(".") and p.is_file())
-    assert left == [".lastly.tmp", ".lock"]
+    assert left == [".lastly.tmp", ".lease", ".lease.json", ".lock"]
     assert read_link(root / "last") == step_dir_name(1)
