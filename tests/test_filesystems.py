@@ -400,17 +400,20 @@ import sys, torch, distckpt
 with distckpt.CheckpointManager(sys.argv[1], timeout=20) as mgr:
     print("open", flush=True)
     sys.stdin.readline()
-    mgr.save(1, {"w": torch.ones(4)})
+    try:
+        mgr.save(1, {"w": torch.ones(4)})
+    except distckpt.LeaseLost as exc:
+        print("fenced:", exc, flush=True)
+        sys.exit(3)
 """
 
 
-def test_step_committed_by_a_writer_the_lock_does_not_reach(
-    mounts: MountFactory, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_two_writers_the_lock_does_not_reach_never_both_commit(mounts: MountFactory) -> None:
     """Two jobs on one directory whose ``flock`` locks are not shared: here bindfs and the
     directory under it (flock on a bindfs mount does not reach the underlying directory), as
-    on two NFS clients with local locks. The other job commits step 1 while this one holds
-    its lock; this one's rename then fails and must say so, not "Directory not empty"."""
+    on two NFS clients with local locks. The lease *record* still reaches both: the job that
+    opened the root last holds it, and the other one's save is fenced with ``LeaseLost``,
+    nothing of it visible."""
     bindfs = mounts.get("bindfs")
     assert bindfs.writable_source is not None
     here, there = bindfs.path / "two-writers", bindfs.writable_source / "two-writers"
@@ -421,34 +424,50 @@ def test_step_committed_by_a_writer_the_lock_does_not_reach(
         stderr=subprocess.PIPE,
         text=True,
     )
-    assert other.stdout is not None and other.stdout.readline() == "open\n"
-    real_hit = faults.hit
-    other_stderr: list[str] = []
-
-    def other_job_commits_first(point: str, rank: int) -> None:
-        # A hook at our own fault point, because only it can put the other job's whole save
-        # between this commit's check under the lock and its rename; the other job is real
-        # (a process on the other name), and it gets its lock while this one holds ours.
-        if point == "before_rename" and other.returncode is None:
-            other_stderr.append(other.communicate("save\n", timeout=120)[1])
-        real_hit(point, rank)
-
-    monkeypatch.setattr(faults, "hit", other_job_commits_first)
     try:
-        with (
-            distckpt.CheckpointManager(here, timeout=TIMEOUT) as mgr,
-            pytest.raises(distckpt.ConcurrentCommit) as info,
-        ):
-            mgr.save(1, {"w": torch.zeros(4)})
+        assert other.stdout is not None and other.stdout.readline() == "open\n"
+        with distckpt.CheckpointManager(here, timeout=TIMEOUT) as mgr:
+            out, err = other.communicate("save\n", timeout=120)
+            assert other.returncode == 3 and "fenced:" in out, err
+            assert mgr.save(1, {"w": torch.zeros(4)}) is not None
     finally:
         if other.returncode is None:
             other.kill()
             other.wait()
-    assert other.returncode == 0, other_stderr
+    loaded = distckpt.load_checkpoint(here)
+    assert loaded.step == 1 and torch.equal(loaded.state["w"], torch.zeros(4))
+    assert [p for p in (here / ".staging").iterdir() if p.is_dir()] == []
+
+
+def test_a_step_committed_between_the_lease_check_and_the_rename(
+    mounts: MountFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The one window the lease record leaves on such mounts: another writer's ``step-N``
+    lands between this commit's check under the lock and its rename. The rename must then
+    fail saying so (``ConcurrentCommit``), not "Directory not empty". The other writer's
+    rename is made here by a hook at our own fault point (a real directory on the real mount),
+    because no second job can be scheduled into that window any other way."""
+    bindfs = mounts.get("bindfs")
+    assert bindfs.writable_source is not None
+    here = bindfs.path / "collision"
+    real_hit = faults.hit
+
+    def another_writer_renames_first(point: str, rank: int) -> None:
+        if point == "before_rename":
+            landed = here / "step-00000001"
+            landed.mkdir()
+            (landed / "rank-00000.pt").write_bytes(b"the other writer's data")
+        real_hit(point, rank)
+
+    monkeypatch.setattr(faults, "hit", another_writer_renames_first)
+    with (
+        distckpt.CheckpointManager(here, timeout=TIMEOUT) as mgr,
+        pytest.raises(distckpt.ConcurrentCommit) as info,
+    ):
+        mgr.save(1, {"w": torch.zeros(4)})
     message = str(info.value)
     assert "step 1 was committed by another writer meanwhile" in message
     assert "does not reach that writer" in message and "NFS" in message
     assert isinstance(info.value, FileExistsError) and info.value.step == 1
-    loaded = distckpt.load_checkpoint(here)  # the other job's checkpoint is intact
-    assert torch.equal(loaded.state["w"], torch.ones(4))
+    assert (here / "step-00000001" / "rank-00000.pt").read_bytes() == b"the other writer's data"
     assert [p for p in (here / ".staging").iterdir() if p.is_dir()] == []
