@@ -276,6 +276,7 @@ class CheckpointManager:
         allow_pickle: bool = False,
         mmap: bool = False,
         verify: bool = False,
+        fix_key_prefixes: bool = True,
     ) -> Checkpoint | None:
         """Load a checkpoint on every rank; collective.
 
@@ -290,7 +291,9 @@ class CheckpointManager:
         objects: only for checkpoints you trust. ``mmap=True`` maps tensor data from disk
         instead of reading it all. ``verify=True`` checks every file's checksum before
         loading (sizes are always checked) and, for ``"last"``/``"best"``, falls back past a
-        corrupt checkpoint with a warning.
+        corrupt checkpoint with a warning. ``fix_key_prefixes=True`` loads a model saved with
+        wrapper prefixes (``torch.compile``'s ``_orig_mod.``, DDP's ``module.``) into one
+        without them, or the reverse, when that makes every key match, logging the mapping.
         """
         self._check_open()
         self.wait()
@@ -301,7 +304,12 @@ class CheckpointManager:
             monitor=self.retention.monitor,
             mode=self.retention.mode,
             state=state,
-            options=ReadOptions(map_location=map_location, allow_pickle=allow_pickle, mmap=mmap),
+            options=ReadOptions(
+                map_location=map_location,
+                allow_pickle=allow_pickle,
+                mmap=mmap,
+                fix_key_prefixes=fix_key_prefixes,
+            ),
             strict=strict,
             missing_ok=missing_ok,
             verify=verify,

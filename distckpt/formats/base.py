@@ -42,6 +42,9 @@ class ReadOptions:
     allow_pickle: bool = False
     #: memory-map tensor data instead of reading it all (where the format supports it)
     mmap: bool = False
+    #: map keys that differ only by wrapper prefixes (``_orig_mod.``, ``module.``); see
+    #: :mod:`distckpt.key_prefixes`
+    fix_key_prefixes: bool = True
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,10 @@ class CheckpointFormat(Protocol):
 
     #: the name stored in the manifest and passed as ``CheckpointManager(format=...)``
     name: str
+    #: whether the states this format writes and reads keep values that differ per rank
+    #: marked (:class:`~distckpt.PerRank`, see :mod:`distckpt.per_rank`): a format that saves
+    #: some values once for all ranks must tell those apart
+    marks_per_rank: bool
 
     def required_files(self, manifest: Manifest) -> list[str]:
         """Files a complete checkpoint of this format must list in its manifest."""

@@ -19,9 +19,11 @@ What DCP saves, and its limits:
 * The top-level state must be a dict. Nested dicts and lists are flattened into dotted keys.
 * DTensors (FSDP2 ``fully_shard`` parameters, their optimizer state) are saved shard by shard.
 * Everything else -- plain tensors and plain values -- is taken to be the *same on every rank*
-  and is saved once, from one rank. A value that differs between ranks (a per-rank RNG state, a
-  rank number) is silently reduced to one rank's copy: keep per-rank state out of a "dcp"
-  checkpoint, or save it in a "torch" one.
+  and is saved once, from one rank, unless it is marked per rank: :class:`~distckpt.RNGState`,
+  a ``StatefulDataLoader``, or any value wrapped in :class:`~distckpt.PerRank`. Those are saved
+  once per rank and restored to the same rank (see :mod:`distckpt.formats.dcp_keys`); a restore
+  by another number of ranks that asks for them raises
+  :class:`~distckpt.errors.WorldSizeMismatch` naming them.
 * Optimizers must be saved FQN-keyed, through ``get_state_dict``: put
   ``{"app": ModelOptimizerState(model, optimizer)}`` in the state rather than the optimizer
   itself. A plain ``optimizer.state_dict()`` (keyed by parameter number) is refused with
@@ -33,6 +35,9 @@ whose tensors and DTensors (on the restoring ranks' meshes) receive the data; ea
 only the chunks its shards overlap. Keys the state asks for that the checkpoint lacks are left
 out of the result, so :func:`distckpt.state.load_into` reports them as missing (and raises under
 ``strict=True``); keys only in the checkpoint are not loaded and only logged.
+Keys that differ from the checkpoint's only by wrapper prefixes (``torch.compile``'s
+``_orig_mod.``, DDP's ``module.``) are mapped, with an INFO line, unless
+``fix_key_prefixes=False``.
 ``map_location`` applies to non-tensor values only (tensors land where the given state's
 tensors are) and ``mmap`` is ignored. Before DCP's collectives start, every rank checks the
 given state and reads ``.metadata`` (:meth:`DcpFormat.prepare_read`), and the caller has the
@@ -91,9 +96,19 @@ from distckpt.errors import (
     CorruptCheckpoint,
     InvalidArgument,
     RankFailure,
+    WorldSizeMismatch,
     describe_error,
 )
 from distckpt.formats.base import PreparedRead, ReadOptions, ShardContext
+from distckpt.formats.dcp_keys import (
+    PER_RANK_KEY,
+    dotted,
+    rename_back,
+    rename_to_saved,
+    restore_per_rank,
+    split_per_rank,
+    with_per_rank,
+)
 from distckpt.formats.dcp_metadata import DATA_FILE_RE, METADATA_NAME, read_metadata
 from distckpt.formats.dcp_storage import Planner, Reader, Writer
 from distckpt.manifest import FileRecord, Manifest
@@ -196,6 +211,11 @@ def _find_id_keyed_optimizer(state: Any, path: str = "") -> str | None:
 
 def _check_saveable(state: Any) -> None:
     _check_keys(state, "saves")
+    if PER_RANK_KEY in state:
+        raise InvalidArgument(
+            f"the top-level key {PER_RANK_KEY!r} is where the 'dcp' format keeps per-rank "
+            "values; rename yours"
+        )
     optimizer_key = _find_id_keyed_optimizer(state)
     if optimizer_key is not None:
         raise InvalidArgument(
@@ -222,6 +242,7 @@ class DcpFormat:
     ranks. See the module doc for what it saves and its limits."""
 
     name = "dcp"
+    marks_per_rank = True  # everything unmarked is saved once, for all ranks
 
     def required_files(self, manifest: Manifest) -> list[str]:
         """``.metadata`` and one ``.distcp`` file per saving rank (DCP writes one per rank even
@@ -243,9 +264,11 @@ class DcpFormat:
         """Save this rank's part with ``dcp.save`` over ``ctx.group``; collective. Returns the
         files this rank wrote (its ``__<rank>_0.distcp``; rank 0 also ``.metadata``)."""
         writer = Writer(directory, fsync=ctx.fsync)
+        shared, marked = split_per_rank(state)
+        to_save = with_per_rank(shared, marked, ctx.rank)
         _run_dcp(
             lambda: dcp.save(
-                dict(state),
+                to_save,
                 storage_writer=writer,
                 planner=DefaultSavePlanner(),
                 process_group=ctx.group,
@@ -278,6 +301,15 @@ class DcpFormat:
                 "distckpt.export() or distckpt.formats.dcp.load_consolidated()"
             )
         _check_keys(template, "restores into")
+        _, marked = split_per_rank(template)
+        if marked and ctx.world_size != manifest.world_size:
+            keys = ", ".join(dotted(path) for path, _ in marked)
+            raise WorldSizeMismatch(
+                f"{directory} was saved by {manifest.world_size} ranks and holds per-rank "
+                f"values, which cannot be resharded to {ctx.world_size} ranks: {keys}. Restore "
+                f"with {manifest.world_size} ranks, or leave these keys out of state= to "
+                "restore everything else (they then start afresh on every rank)"
+            )
         metadata = read_metadata(directory, manifest, allow_pickle=options.allow_pickle)
         return PreparedRead(directory, manifest, ctx, template, options, detail=metadata)
 
@@ -285,8 +317,12 @@ class DcpFormat:
         """Load into the template's tensors and DTensors with ``dcp.load`` over
         ``ctx.group`` (collective); returns the filled template, without the keys the
         checkpoint lacks."""
-        directory, group = prepared.directory, prepared.ctx.group
-        state = copy_containers(prepared.template)
+        directory, group, rank = prepared.directory, prepared.ctx.group, prepared.ctx.rank
+        shared, marked = split_per_rank(prepared.template)
+        state = with_per_rank(copy_containers(shared), marked, rank)
+        renames: list[Any] = []
+        if prepared.options.fix_key_prefixes:
+            state, renames = rename_to_saved(state, _saved_paths(prepared.detail), directory.name)
         planner = Planner(prepared.options)
         _run_dcp(
             lambda: dcp.load(
@@ -301,9 +337,20 @@ class DcpFormat:
         )
         for key in planner.missing:
             remove_path(state, planner.path_of(key))
-        if planner.unexpected:
-            shown = ", ".join(planner.unexpected[:8])
-            more = f" and {len(planner.unexpected) - 8} more" if len(planner.unexpected) > 8 else ""
+        rename_back(state, renames)
+        restore_per_rank(state, marked, rank)
+        unexpected = planner.unexpected
+        if prepared.ctx.world_size == prepared.manifest.world_size:
+            # Each rank reads its own per-rank values; the others' are not for it to load.
+            own = f"{PER_RANK_KEY}.{rank}."
+            unexpected = [
+                key
+                for key in unexpected
+                if not key.startswith(PER_RANK_KEY + ".") or key.startswith(own)
+            ]
+        if unexpected:
+            shown = ", ".join(unexpected[:8])
+            more = f" and {len(unexpected) - 8} more" if len(unexpected) > 8 else ""
             logger.warning(
                 "%s holds keys the given state does not ask for; not loaded: %s%s",
                 directory,
@@ -321,14 +368,20 @@ class DcpFormat:
         all_ranks: bool,
         allow_pickle: bool,
     ) -> Any:
-        """The consolidated state (:func:`load_consolidated`); a "dcp" checkpoint has no
-        per-rank states, so ``rank`` and ``all_ranks`` are refused."""
+        """The consolidated state (:func:`load_consolidated`), every rank's per-rank values
+        under ``__per_rank__`` by rank; ``rank`` and ``all_ranks`` are refused."""
         if rank is not None or all_ranks:
             raise InvalidArgument(
                 f"{directory} is a 'dcp' checkpoint: it is exported whole, as full tensors; "
                 "rank= and all_ranks= only apply to the 'torch' format"
             )
         return load_consolidated(directory, manifest, allow_pickle=allow_pickle)
+
+
+def _saved_paths(metadata: Any) -> list[tuple[Any, ...]]:
+    """Every key the checkpoint holds, as its place in the nested state."""
+    paths = metadata.planner_data if isinstance(metadata.planner_data, dict) else {}
+    return [tuple(paths.get(key, (key,))) for key in metadata.state_dict_metadata]
 
 
 def load_consolidated(

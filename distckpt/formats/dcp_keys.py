@@ -1,0 +1,146 @@
+"""How the "dcp" format arranges a state's keys around DCP: per-rank values moved under a
+namespace of their rank, and wrapper prefixes (``_orig_mod.``, ``module.``) mapped between the
+state given to restore and the keys a checkpoint holds.
+
+Per-rank values. DCP saves every non-DTensor value once, as if every rank held the same one.
+A value marked per rank (:mod:`distckpt.per_rank`) is therefore moved, before ``dcp.save``,
+from its place to ``__per_rank__.<rank>.<its place>``: a key only that rank has, which that rank
+writes into its own ``.distcp`` file. DCP's ``.metadata`` then lists every rank's copy, so
+``verify`` checks them with the rest, ``export`` includes them (under ``__per_rank__``, by rank),
+and a restore knows they are there. On restore each rank asks for its own namespace and the
+values are put back at their places. They cannot be resharded: a restore by another number of
+ranks that asks for them is refused, naming them; one that does not ask logs that they were
+not restored.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from distckpt.key_prefixes import log_prefix_mapping, matching_prefixes
+from distckpt.per_rank import PerRank
+from distckpt.state import set_path
+
+__all__ = [
+    "PER_RANK_KEY",
+    "split_per_rank",
+    "with_per_rank",
+    "restore_per_rank",
+    "dotted",
+    "rename_to_saved",
+    "rename_back",
+]
+
+logger = logging.getLogger("distckpt")
+
+#: the top-level key under which every rank's per-rank values are saved, by rank
+PER_RANK_KEY = "__per_rank__"
+
+Path_ = tuple[Any, ...]
+_REMOVED = object()
+
+
+def dotted(path: Iterable[Any]) -> str:
+    return ".".join(str(part) for part in path)
+
+
+def split_per_rank(state: Any) -> tuple[Any, list[tuple[Path_, Any]]]:
+    """``state`` without its per-rank values (fresh containers, the same tensors; an item of a
+    list becomes None, so the rest keep their places), and those values by place."""
+    marked: list[tuple[Path_, Any]] = []
+
+    def walk(node: Any, path: Path_) -> Any:
+        if isinstance(node, PerRank):
+            marked.append((path, node.value))
+            return _REMOVED
+        if isinstance(node, Mapping):
+            items = ((key, walk(value, (*path, key))) for key, value in node.items())
+            return {key: value for key, value in items if value is not _REMOVED}
+        if isinstance(node, (list, tuple)):
+            items = [walk(value, (*path, index)) for index, value in enumerate(node)]
+            kept = [None if value is _REMOVED else value for value in items]
+            return kept if isinstance(node, list) else type(node)(kept)
+        return node
+
+    return walk(state, ()), marked
+
+
+def with_per_rank(shared: dict[str, Any], marked: list[tuple[Path_, Any]], rank: int) -> Any:
+    """``shared`` plus this rank's per-rank values under ``__per_rank__.<rank>``."""
+    if not marked:
+        return shared
+    own: dict[str, Any] = {}
+    for path, value in marked:
+        set_path(own, path, value)
+    return {**shared, PER_RANK_KEY: {str(rank): own}}
+
+
+def _get_path(root: Any, path: Path_) -> tuple[bool, Any]:
+    node = root
+    for key in path:
+        try:
+            node = node[key]
+        except (KeyError, IndexError, TypeError):
+            return False, None
+    return True, node
+
+
+def restore_per_rank(state: dict[str, Any], marked: list[tuple[Path_, Any]], rank: int) -> None:
+    """Move this rank's loaded per-rank values from their namespace back to their places; a
+    value the checkpoint lacked stays absent (so it is reported missing)."""
+    loaded = state.pop(PER_RANK_KEY, {})
+    own = loaded.get(str(rank), {}) if isinstance(loaded, Mapping) else {}
+    for path, _ in marked:
+        found, value = _get_path(own, path)
+        if found:
+            set_path(state, path, value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Wrapper prefixes
+
+
+def _children_index(saved_paths: Iterable[Path_]) -> dict[Path_, set[Any]]:
+    """For every prefix of a saved key path, the keys that follow it."""
+    index: dict[Path_, set[Any]] = {}
+    for path in saved_paths:
+        for depth in range(len(path)):
+            index.setdefault(tuple(path[:depth]), set()).add(path[depth])
+    return index
+
+
+def rename_to_saved(
+    state: Any, saved_paths: Iterable[Path_], where: str
+) -> tuple[Any, list[tuple[Path_, dict[str, str]]]]:
+    """``state`` with the keys of every dict that differ from the checkpoint's only by wrapper
+    prefixes renamed to the saved ones (one INFO line each), and the renames made, each as
+    (its dict's place in saved names, {target key: saved key}), outermost first."""
+    index = _children_index(saved_paths)
+    renames: list[tuple[Path_, dict[str, str]]] = []
+
+    def walk(node: Any, path: Path_) -> Any:
+        if not isinstance(node, dict):
+            return node
+        mapping = matching_prefixes(node, index.get(path, ()))
+        if mapping is not None:
+            log_prefix_mapping(dotted((where, *path)), mapping)
+            renames.append((path, mapping))
+            node = {mapping.get(key, key): value for key, value in node.items()}
+        return {key: walk(value, (*path, key)) for key, value in node.items()}
+
+    return walk(state, ()), renames
+
+
+def rename_back(state: Any, renames: list[tuple[Path_, dict[str, str]]]) -> None:
+    """Undo :func:`rename_to_saved` on the loaded ``state``, innermost first (keys a load
+    left out stay out)."""
+    for path, mapping in reversed(renames):
+        found, node = _get_path(state, path)
+        if not found or not isinstance(node, dict):
+            continue
+        back = {saved: target for target, saved in mapping.items()}
+        renamed = {back.get(key, key): value for key, value in node.items()}
+        node.clear()
+        node.update(renamed)
