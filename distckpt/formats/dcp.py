@@ -103,10 +103,12 @@ from distckpt.formats.base import PreparedRead, ReadOptions, ShardContext
 from distckpt.formats.dcp_keys import (
     PER_RANK_KEY,
     dotted,
+    per_rank_placeholders,
     rename_back,
     rename_to_saved,
     restore_per_rank,
     split_per_rank,
+    split_per_rank_keys,
     with_per_rank,
 )
 from distckpt.formats.dcp_metadata import DATA_FILE_RE, METADATA_NAME, read_metadata
@@ -319,10 +321,12 @@ class DcpFormat:
         checkpoint lacks."""
         directory, group, rank = prepared.directory, prepared.ctx.group, prepared.ctx.rank
         shared, marked = split_per_rank(prepared.template)
-        state = with_per_rank(copy_containers(shared), marked, rank)
+        state = copy_containers(shared)
         renames: list[Any] = []
         if prepared.options.fix_key_prefixes:
             state, renames = rename_to_saved(state, _saved_paths(prepared.detail), directory.name)
+        if marked:
+            state.update(per_rank_placeholders(prepared.detail, rank))
         planner = Planner(prepared.options)
         _run_dcp(
             lambda: dcp.load(
@@ -338,16 +342,17 @@ class DcpFormat:
         for key in planner.missing:
             remove_path(state, planner.path_of(key))
         rename_back(state, renames)
-        restore_per_rank(state, marked, rank)
-        unexpected = planner.unexpected
-        if prepared.ctx.world_size == prepared.manifest.world_size:
-            # Each rank reads its own per-rank values; the others' are not for it to load.
-            own = f"{PER_RANK_KEY}.{rank}."
-            unexpected = [
-                key
-                for key in unexpected
-                if not key.startswith(PER_RANK_KEY + ".") or key.startswith(own)
-            ]
+        restore_per_rank(state, marked, rank, prepared.detail)
+        same_ranks = prepared.ctx.world_size == prepared.manifest.world_size
+        unexpected, per_rank = split_per_rank_keys(planner.unexpected)
+        # Each rank reads its own per-rank values; the others' are not for it to load.
+        not_asked = {r: names for r, names in per_rank.items() if r == rank or not same_ranks}
+        if not_asked:
+            logger.warning(
+                "%s holds per-rank values the given state does not ask for; not restored: %s",
+                directory,
+                "; ".join(f"rank {r}: {', '.join(names)}" for r, names in not_asked.items()),
+            )
         if unexpected:
             shown = ", ".join(unexpected[:8])
             more = f" and {len(unexpected) - 8} more" if len(unexpected) > 8 else ""

@@ -19,6 +19,9 @@ import logging
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+import torch
+from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
+
 from distckpt.key_prefixes import log_prefix_mapping, matching_prefixes
 from distckpt.per_rank import PerRank
 from distckpt.state import set_path
@@ -27,7 +30,9 @@ __all__ = [
     "PER_RANK_KEY",
     "split_per_rank",
     "with_per_rank",
+    "per_rank_placeholders",
     "restore_per_rank",
+    "split_per_rank_keys",
     "dotted",
     "rename_to_saved",
     "rename_back",
@@ -87,15 +92,52 @@ def _get_path(root: Any, path: Path_) -> tuple[bool, Any]:
     return True, node
 
 
-def restore_per_rank(state: dict[str, Any], marked: list[tuple[Path_, Any]], rank: int) -> None:
-    """Move this rank's loaded per-rank values from their namespace back to their places; a
-    value the checkpoint lacked stays absent (so it is reported missing)."""
-    loaded = state.pop(PER_RANK_KEY, {})
-    own = loaded.get(str(rank), {}) if isinstance(loaded, Mapping) else {}
+def per_rank_placeholders(metadata: Metadata, rank: int) -> dict[str, Any]:
+    """Something for DCP to load each of this rank's saved per-rank values into, by its flat
+    key: an empty tensor of the saved size, or None for a plain value. Built from the
+    checkpoint rather than from the state given to restore, whose per-rank values may have
+    another shape now (a fresh data loader's state has no iterator position yet)."""
+    prefix = f"{PER_RANK_KEY}.{rank}."
+    return {
+        key: torch.empty(entry.size, dtype=entry.properties.dtype)
+        if isinstance(entry, TensorStorageMetadata)
+        else None
+        for key, entry in metadata.state_dict_metadata.items()
+        if key.startswith(prefix)
+    }
+
+
+def restore_per_rank(
+    state: dict[str, Any], marked: list[tuple[Path_, Any]], rank: int, metadata: Metadata
+) -> None:
+    """Move this rank's loaded per-rank values (:func:`per_rank_placeholders`, filled) back to
+    their places; a value the checkpoint lacks stays absent (so it is reported missing)."""
+    paths = metadata.planner_data if isinstance(metadata.planner_data, dict) else {}
+    nested: dict[str, Any] = {}
+    for key in per_rank_placeholders(metadata, rank):
+        if key in state:
+            set_path(nested, paths.get(key, (key,)), state.pop(key))
+    found_own, own = _get_path(nested, (PER_RANK_KEY, str(rank)))
     for path, _ in marked:
-        found, value = _get_path(own, path)
+        found, value = _get_path(own, path) if found_own else (False, None)
         if found:
             set_path(state, path, value)
+
+
+def split_per_rank_keys(keys: Iterable[str]) -> tuple[list[str], dict[int, list[str]]]:
+    """DCP keys split into the ordinary ones and, by rank, the top-level names of the per-rank
+    values among them (``__per_rank__.1.rng.torch`` -> ``{1: ["rng"]}``)."""
+    ordinary: list[str] = []
+    per_rank: dict[int, list[str]] = {}
+    for key in keys:
+        parts = key.split(".", 3)
+        if len(parts) < 3 or parts[0] != PER_RANK_KEY or not parts[1].isdigit():
+            ordinary.append(key)
+            continue
+        names = per_rank.setdefault(int(parts[1]), [])
+        if parts[2] not in names:
+            names.append(parts[2])
+    return ordinary, dict(sorted(per_rank.items()))
 
 
 # ---------------------------------------------------------------------------------------------
