@@ -195,6 +195,22 @@ def test_per_rank_values_in_the_torch_format_are_plain(tmp_path: Path) -> None:
     assert ckpt.state["n"] == 5 and torch.equal(into, torch.ones(2))
 
 
+def _mark_sharded(rank: int, world_size: int, root: str) -> str:
+    model = fsdp(dropout_model(), world_size)
+    with distckpt.CheckpointManager(root, format="dcp", fsync=False, timeout=30) as mgr:
+        try:
+            mgr.save(1, {"app": distckpt.PerRank(ModelOptimizerState(model))})
+        except distckpt.InvalidArgument as exc:
+            return str(exc)
+    return "no error"
+
+
+def test_dtensors_marked_per_rank_are_refused(tmp_path: Path) -> None:
+    out = values(run_ranks(_mark_sharded, 2, str(tmp_path / "ckpt"), timeout=TIMEOUT))
+    assert all("app: marked per rank but holds DTensors" in message for message in out), out
+    assert not list((tmp_path / "ckpt").glob("step-*"))
+
+
 def test_the_per_rank_namespace_is_reserved(tmp_path: Path) -> None:
     with (
         distckpt.CheckpointManager(tmp_path / "ckpt", format="dcp", fsync=False) as mgr,

@@ -115,7 +115,7 @@ from distckpt.formats.dcp_metadata import DATA_FILE_RE, METADATA_NAME, read_meta
 from distckpt.formats.dcp_storage import Planner, Reader, Writer
 from distckpt.manifest import FileRecord, Manifest
 from distckpt.model_state import ModelOptimizerState
-from distckpt.state import copy_containers, remove_path, set_path, tensor_bytes
+from distckpt.state import copy_containers, dtensor_type, remove_path, set_path, tensor_bytes
 
 __all__ = [
     "DcpFormat",
@@ -218,6 +218,14 @@ def _check_saveable(state: Any) -> None:
             f"the top-level key {PER_RANK_KEY!r} is where the 'dcp' format keeps per-rank "
             "values; rename yours"
         )
+    dtensor = dtensor_type()
+    _, marked = split_per_rank(state)
+    sharded = [dotted(path) for path, value in marked if _holds(value, dtensor)]
+    if sharded:
+        raise InvalidArgument(
+            f"{', '.join(sharded)}: marked per rank but holds DTensors, which are sharded "
+            "across the ranks already; leave them unmarked"
+        )
     optimizer_key = _find_id_keyed_optimizer(state)
     if optimizer_key is not None:
         raise InvalidArgument(
@@ -227,6 +235,19 @@ def _check_saveable(state: Any) -> None:
             "ModelOptimizerState(model, optimizer) (from distckpt.formats.dcp) instead of the "
             "model and the optimizer"
         )
+
+
+def _holds(value: Any, kind: type | None) -> bool:
+    """Whether ``value`` is or contains (in dicts, lists, tuples) an instance of ``kind``."""
+    if kind is None:
+        return False
+    if isinstance(value, kind):
+        return True
+    if isinstance(value, Mapping):
+        return any(_holds(item, kind) for item in value.values())
+    if isinstance(value, (list, tuple)):
+        return any(_holds(item, kind) for item in value)
+    return False
 
 
 def _check_keys(state: Any, what: str) -> None:
