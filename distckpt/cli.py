@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import json
 import os
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
@@ -28,7 +28,7 @@ from distckpt.layout import LINK_NAMES, RootLayout
 from distckpt.lease import LeaseHolder, break_lease, read_holder
 from distckpt.lock import find_leftovers
 from distckpt.manifest import read_manifest
-from distckpt.policy import RetentionPolicy
+from distckpt.policy import RetentionPolicy, parse_created_utc
 from distckpt.storage import RootStore, open_store
 from distckpt.verify import verify
 
@@ -45,12 +45,11 @@ def _human_size(n: float) -> str:
     raise AssertionError("unreachable")
 
 
-def _age(created_utc: str) -> str:
-    try:
-        created = datetime.datetime.fromisoformat(created_utc)
-    except ValueError:
+def _age(created_utc: str | None) -> str:
+    created = parse_created_utc(created_utc)
+    if created is None:
         return "?"
-    seconds = (datetime.datetime.now(datetime.timezone.utc) - created).total_seconds()
+    seconds = time.time() - created
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
         if seconds >= size:
             return f"{seconds / size:.0f}{unit}"
@@ -189,7 +188,7 @@ def cmd_info(args: argparse.Namespace, out: TextIO) -> int:
     out.write(f"step        {manifest.step}\n")
     out.write(f"epoch       {manifest.epoch}\n")
     out.write(f"format      {manifest.format} ({manifest.world_size} ranks)\n")
-    out.write(f"created     {manifest.created_utc}\n")
+    out.write(f"created     {manifest.created_utc or 'unknown'}\n")
     out.write(f"versions    distckpt {manifest.library_version}, torch {manifest.torch_version}\n")
     for key, value in sorted(manifest.metrics.items()):
         out.write(f"metric      {key} = {value}\n")
@@ -260,17 +259,20 @@ def _open_store(root: str, retention: RetentionPolicy | None = None) -> RootStor
 
 
 def cmd_prune(args: argparse.Namespace, out: TextIO) -> int:
-    if args.keep_last is None and args.keep_best is None and args.keep_every_n_steps is None:
-        raise CheckpointError(
-            "prune needs at least one of --keep-last, --keep-best, --keep-every-n-steps"
-        )
     retention = RetentionPolicy(
         keep_last=args.keep_last,
         keep_best=args.keep_best,
         monitor=args.monitor,
         mode=args.mode,
         keep_every_n_steps=args.keep_every_n_steps,
+        keep_every_n_seconds=args.keep_every_n_seconds,
+        keep_unranked=args.keep_unranked,
     )
+    if retention.keeps_everything:
+        raise CheckpointError(
+            "prune needs at least one of --keep-last, --keep-best, --keep-every-n-steps, "
+            "--keep-every-n-seconds"
+        )
     removed = _open_store(args.root, retention).prune()
     kept = RootLayout.at(args.root).committed_steps()
     if args.json:
@@ -340,6 +342,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--monitor", help="metric for --keep-best and the best link")
     sub.add_argument("--mode", choices=("min", "max"), default="min")
     sub.add_argument("--keep-every-n-steps", type=int)
+    sub.add_argument(
+        "--keep-every-n-seconds", type=float, help="keep one checkpoint per S seconds of history"
+    )
+    sub.add_argument(
+        "--keep-unranked",
+        action="store_true",
+        help="keep checkpoints saved without the --monitor metric",
+    )
     sub.set_defaults(run=cmd_prune)
     sub = command("gc", "remove leftovers of dead writers (a live writer's are kept)")
     sub.add_argument("root")

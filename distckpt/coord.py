@@ -9,13 +9,17 @@ collective, and then raise the same error on every rank:
 * :meth:`Coordinator.all_reduce` — the same, then one pure function of all values, computed
   alike on every rank (its error, too, is raised on every rank alike).
 * :meth:`Coordinator.decide` — rank 0 runs the function; its value or error reaches every rank.
+  :meth:`Coordinator.decide_within` repeats it while rank 0 waits for longer than a collective
+  may take.
 
 Errors cross ranks as their class name, message and structured fields
 (:meth:`~distckpt.errors.CheckpointError.fields`) and are rebuilt on the other side.
-Collectives run on the coordinator's own gloo group, created with the manager's timeout, so a
-dead or hung rank surfaces as :class:`CoordinationError` (:class:`CoordinationTimeout` when gloo
-timed out) after that timeout instead of gloo's 30-minute default, and distckpt's collectives
-never interleave with the training loop's. Nothing here knows about files or formats.
+Values cross as pickles in a fixed-size frame: one tensor collective per verb, a second only for
+a value that does not fit (:data:`FRAME_BYTES`). Collectives run on the coordinator's own gloo
+group, created with the manager's timeout, so a dead or hung rank surfaces as
+:class:`CoordinationError` (:class:`CoordinationTimeout` when gloo timed out) after that timeout
+instead of gloo's 30-minute default, and distckpt's collectives never interleave with the
+training loop's. Nothing here knows about files or formats.
 """
 
 from __future__ import annotations
@@ -23,12 +27,16 @@ from __future__ import annotations
 import atexit
 import datetime
 import logging
+import pickle
+import struct
 import threading
+import time
 import traceback
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
+import torch
 import torch.distributed as dist
 
 from distckpt import errors, events
@@ -49,6 +57,48 @@ R = TypeVar("R")
 #: from a peer that died; after a timeout gloo closes the pair, and the next collective on the
 #: group fails with the second message.
 GLOO_TIMEOUT_MESSAGES = ("Timed out waiting", "Application timeout caused pair closure")
+
+
+#: Bytes of a pickled value that an object collective carries in its first round, after an
+#: 8-byte length. torch's ``all_gather_object`` and ``broadcast_object_list`` always spend two
+#: collectives (the sizes, then the padded bytes); everything the save protocol exchanges
+#: (proposals, one shard's file records, verdicts) fits in this frame, so one collective
+#: suffices, and only a longer value's rest follows in a second round sized to the longest.
+FRAME_BYTES = 4096
+_LENGTH = struct.Struct("<q")
+
+
+def pack_frame(value: object) -> tuple[torch.Tensor, bytes]:
+    """``value`` pickled into a first-round frame (its length, then up to
+    :data:`FRAME_BYTES` of it) and the rest that did not fit."""
+    payload = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+    head = payload[:FRAME_BYTES]
+    frame = bytearray(_LENGTH.size + FRAME_BYTES)
+    _LENGTH.pack_into(frame, 0, len(payload))
+    frame[_LENGTH.size : _LENGTH.size + len(head)] = head
+    return torch.frombuffer(frame, dtype=torch.uint8), payload[FRAME_BYTES:]
+
+
+def frame_length(frame: torch.Tensor) -> int:
+    """The pickled length a frame announces."""
+    return _LENGTH.unpack(frame[: _LENGTH.size].numpy().tobytes())[0]
+
+
+def unpack_frame(frame: torch.Tensor, rest: torch.Tensor | None) -> Any:
+    """The value of a frame and, if it did not fit, the rest of its bytes (possibly padded)."""
+    length = frame_length(frame)
+    payload = frame[_LENGTH.size : _LENGTH.size + min(length, FRAME_BYTES)].numpy().tobytes()
+    if length > FRAME_BYTES:
+        assert rest is not None  # the second round ran: some frame announced more
+        payload += rest[: length - FRAME_BYTES].numpy().tobytes()
+    # Only the ranks of this job's own private group send these bytes: the same trust as
+    # torch's own object collectives, which unpickle too.
+    return pickle.loads(payload)
+
+
+def padded_rest(rest: bytes, size: int) -> torch.Tensor:
+    """``rest`` zero-padded to ``size`` bytes, as a second-round tensor."""
+    return torch.frombuffer(bytearray(rest.ljust(size, b"\0")), dtype=torch.uint8)
 
 
 def is_timeout(exc: BaseException) -> bool:
@@ -202,25 +252,31 @@ class Coordinator:
         """Rank 0's ``value`` on every rank (the others' argument is ignored)."""
         if self._group is None:
             return value
-        box = [value]
-        self._run(
-            "broadcast",
-            what,
-            lambda: dist.broadcast_object_list(box, src=self._src, group=self._group),
-        )
-        return box[0]
+        group = self._group
+        frame, rest = pack_frame(value if self.is_coordinator else None)
+        self._run("broadcast", what, lambda: dist.broadcast(frame, src=self._src, group=group))
+        extra = frame_length(frame) - FRAME_BYTES
+        if extra <= 0:
+            return unpack_frame(frame, None)
+        tail = padded_rest(rest if self.is_coordinator else b"", extra)
+        self._run("broadcast", what, lambda: dist.broadcast(tail, src=self._src, group=group))
+        return unpack_frame(frame, tail)
 
     def _all_gather(self, value: T, *, what: str) -> list[T]:
         """Every rank's ``value``, indexed by rank, on every rank."""
         if self._group is None:
             return [value]
-        gathered: list[Any] = [None] * self.world_size
-        self._run(
-            "all_gather",
-            what,
-            lambda: dist.all_gather_object(gathered, value, group=self._group),
-        )
-        return gathered
+        group = self._group
+        frame, rest = pack_frame(value)
+        frames = [torch.empty_like(frame) for _ in range(self.world_size)]
+        self._run("all_gather", what, lambda: dist.all_gather(frames, frame, group=group))
+        extra = max(frame_length(f) for f in frames) - FRAME_BYTES
+        if extra <= 0:
+            return [unpack_frame(f, None) for f in frames]
+        tail = padded_rest(rest, extra)
+        tails = [torch.empty_like(tail) for _ in range(self.world_size)]
+        self._run("all_gather", what, lambda: dist.all_gather(tails, tail, group=group))
+        return [unpack_frame(f, t) for f, t in zip(frames, tails)]
 
     def all_gather(self, local: Callable[[], T], *, what: str) -> list[T]:
         """Every rank runs ``local``; returns every rank's value, indexed by rank, on every
@@ -266,6 +322,36 @@ class Coordinator:
                 ) from exc
             raise
         return shared.unwrap(what=what, cause=cause)
+
+    def decide_within(
+        self,
+        attempt: Callable[[float], T],
+        *,
+        wait: float,
+        retry_on: type[Exception],
+        what: str,
+    ) -> T:
+        """:meth:`decide` for a decision rank 0 may have to wait for longer than one collective
+        may last (another job's lock): rank 0 calls ``attempt(seconds)``, which may block for
+        ``seconds``, with at most half the timeout at a time, and every rank learns after each
+        try whether to go on waiting. ``retry_on`` is the error meaning "not yet"; once
+        ``wait`` seconds (rank 0's clock) have passed it is raised on every rank."""
+        deadline = time.monotonic() + wait
+        longest = self.timeout / 2
+
+        def one_try() -> tuple[bool, T | None]:
+            remaining = deadline - time.monotonic()
+            try:
+                return True, attempt(min(max(remaining, 0.0), longest))
+            except retry_on:
+                if deadline - time.monotonic() > 0:
+                    return False, None
+                raise
+
+        while True:
+            done, value = self.decide(one_try, what=what)
+            if done:
+                return value  # type: ignore[return-value]
 
     def spawn(self) -> Coordinator:
         """Another coordinator over the same ranks on a group of its own (for a background

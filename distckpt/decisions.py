@@ -2,8 +2,10 @@
 
 Every rank must take the same decision, or some ranks would enter a save's collectives and the
 others not. Step and epoch schedules need no collective (every rank computes the same answer
-from the same arguments); a time schedule or a signal does: rank 0's clock decides time, and a
-signal seen by any rank decides preemption, by one small all-gather.
+from the same arguments); a time decision or a signal does: rank 0's clock decides time (the
+``every_seconds`` schedule and the ``min_seconds_between_saves`` throttle, which also counts an
+async save in flight on rank 0), and a signal seen by any rank decides preemption, by one small
+all-gather.
 """
 
 from __future__ import annotations
@@ -51,6 +53,15 @@ class LastSave:
         return cls(step, epoch, time.monotonic())
 
 
+@dataclass(frozen=True)
+class _Vote:
+    """What one rank sends when the ranks decide together; only rank 0's time verdicts count."""
+
+    time_due: bool
+    throttled: bool
+    signalled: bool
+
+
 def decide(
     step: int,
     epoch: int | None,
@@ -58,32 +69,39 @@ def decide(
     force: bool,
     schedule: SaveSchedule,
     last: LastSave,
+    last_started: float | None,
+    in_flight: bool,
     signals: SignalFlag,
     coord: Coordinator,
 ) -> SaveDecision:
     """Whether to save now, the same on every rank (collective when ``schedule`` or
-    ``signals`` need the ranks' votes; see the module doc)."""
-    if not schedule.is_set and not signals.watched:
-        return SaveDecision(step, epoch, save=True, explicit=not force)
+    ``signals`` need the ranks' votes; see the module doc).
+
+    ``last_started`` is when this rank's previous save began (monotonic clock; None when none
+    did in this process) and ``in_flight`` whether an async save is still running here: the
+    ``min_seconds_between_saves`` throttle reads them, and rank 0's verdict counts. A throttled
+    save is neither forced nor a preemption save, and leaves ``last`` as it is (deferred)."""
     due = not schedule.is_set or schedule.due_by_counters(
         step, epoch, last_step=last.step, last_epoch=last.epoch
     )
-    preempt = False
+    throttled = preempt = False
     if schedule.needs_agreement or signals.watched:
-        time_due = schedule.every_seconds is not None and schedule.due_by_time(
-            time.monotonic(), last_time=last.time
+        now = time.monotonic()
+        vote = _Vote(
+            time_due=schedule.due_by_time(now, last_time=last.time),
+            throttled=schedule.throttled(now, last_started=last_started, in_flight=in_flight),
+            signalled=signals.is_set(),
         )
-        votes = coord.all_gather(
-            lambda: (time_due, signals.is_set()), what="deciding whether to save"
-        )
-        # Rank 0's clock decides time-based saves (clocks differ between nodes); any
-        # signalled rank decides preemption (the signal may reach only some).
-        due = due or votes[0][0]
-        preempt = any(signalled for _, signalled in votes)
+        votes = coord.all_gather(lambda: vote, what="deciding whether to save")
+        # Rank 0's clock decides time-based saves and the throttle (clocks differ between
+        # nodes); any signalled rank decides preemption (the signal may reach only some).
+        due = due or votes[0].time_due
+        throttled = votes[0].throttled
+        preempt = any(v.signalled for v in votes)
     return SaveDecision(
         step,
         epoch,
-        save=due or force or preempt,
+        save=(due and not throttled) or force or preempt,
         explicit=not (schedule.is_set or force or preempt),
         preempt=preempt,
     )
@@ -91,31 +109,50 @@ def decide(
 
 class SaveDecider:
     """The save decisions of one manager: the schedule, the signals, the last save counted
-    from, and the decision :meth:`should_save` took for a step (reused by the save)."""
+    from, when the last save began, and the decision :meth:`should_save` took for a step
+    (reused by the save)."""
 
     def __init__(self, schedule: SaveSchedule, signals: SignalFlag, coord: Coordinator) -> None:
         self.schedule = schedule
         self.signals = signals
         self.coord = coord
         self.last = LastSave()
+        #: when the previous save of any kind began (this rank's monotonic clock; None before
+        #: the first save of this process): what ``min_seconds_between_saves`` counts from
+        self.last_started: float | None = None
         self._pending: SaveDecision | None = None
 
-    def should_save(self, step: int, epoch: int | None) -> bool:
-        """Decide for ``step`` now and keep the decision for the save of that step."""
-        self._pending = self.take(step, epoch, force=False)
+    def should_save(self, step: int, epoch: int | None, *, in_flight: bool = False) -> bool:
+        """Decide for ``step`` now and keep the decision for the save of that step.
+        ``in_flight``: whether an async save is still running on this rank."""
+        self._pending = self._decide(step, epoch, force=False, in_flight=in_flight)
         return self._pending.save
 
-    def take(self, step: int, epoch: int | None, *, force: bool) -> SaveDecision:
-        """The decision for ``step``: the one :meth:`should_save` took for it, or a new one."""
+    def take(
+        self, step: int, epoch: int | None, *, force: bool, in_flight: bool = False
+    ) -> SaveDecision:
+        """The decision for the save of ``step``: the one :meth:`should_save` took for it, or
+        a new one. A decision to save marks the start of a save, whatever its outcome."""
         pending, self._pending = self._pending, None
         if pending is not None and pending.step == step and pending.epoch == epoch:
-            return pending.forced() if force else pending
+            decision = pending.forced() if force else pending
+        else:
+            decision = self._decide(step, epoch, force=force, in_flight=in_flight)
+        if decision.save:
+            self.last_started = time.monotonic()
+        return decision
+
+    def _decide(
+        self, step: int, epoch: int | None, *, force: bool, in_flight: bool
+    ) -> SaveDecision:
         return decide(
             step,
             epoch,
             force=force,
             schedule=self.schedule,
             last=self.last,
+            last_started=self.last_started,
+            in_flight=in_flight,
             signals=self.signals,
             coord=self.coord,
         )

@@ -87,8 +87,28 @@ class RootNotWritable(CheckpointError, PermissionError):
     """The checkpoint root cannot be created or written."""
 
 
+class ReadOnlyRoot(RootNotWritable):
+    """A change (save, delete, prune, gc) asked of a manager or store opened with
+    ``read_only=True``, which never writes to its root."""
+
+
 class InsufficientSpace(CheckpointError, OSError):
-    """The filesystem holding the root has less free space than the save needs."""
+    """The filesystem holding the root has less free space than the save needs, or ran out
+    of it while the save was written (the message names the file, the root and the free space
+    the save saw before it started)."""
+
+
+class CommitLost(CheckpointError, OSError):
+    """The filesystem lost a checkpoint in the rename that commits it: the renamed directory
+    lacks its manifest or a file, or a file has the wrong size (fusefat empties a
+    directory it renames). Nothing was committed; the root's filesystem cannot hold
+    checkpoints."""
+
+
+class ConcurrentCommit(CheckpointExists):
+    """Another writer committed the same step between this commit's check, under the root's
+    lock, and its rename: that lock does not reach the other writer (two machines whose
+    filesystem keeps locks per client, such as NFS mounted with local locks)."""
 
 
 class CorruptCheckpoint(CheckpointError):

@@ -31,6 +31,7 @@ POINTS = (
     "after_rename",
     "during_link_swap",
     "during_retention",
+    "during_delete",
     "during_staging_cleanup",
 )
 ACTIONS = ("raise", "kill")

@@ -51,9 +51,17 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
         os.close(fd)
 
 
+#: Writes smaller than this are gathered and handed to the kernel together: torch.save's zip
+#: writer passes each record's header, name and padding separately, so a state of many small
+#: tensors cost several syscalls (and checksum calls) per tensor.
+COALESCE_BYTES = 1 << 20
+
+
 class ChecksumWriter:
     """A binary file opened for writing that computes its size and checksum as bytes go by,
-    so a checkpoint file is never read back just to checksum it."""
+    so a checkpoint file is never read back just to checksum it. Small writes are gathered up
+    to :data:`COALESCE_BYTES`; a disk error may therefore surface on a later write or on
+    ``flush``/``close``, named after the file either way."""
 
     def __init__(self, path: Path, *, fsync: bool) -> None:
         self.path = path
@@ -61,13 +69,25 @@ class ChecksumWriter:
         # O_EXCL: a file of the same name must never be silently reused or overwritten.
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         self._file: BinaryIO = os.fdopen(fd, "wb", buffering=0)
+        #: bytes accepted so far (written or gathered)
         self.size = 0
-        self._crc = 0
+        self._crc = 0  # of the bytes handed to the kernel
+        self._pending = bytearray()
         #: the OSError a write raised, if any
         self.error: OSError | None = None
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
         view = memoryview(data).cast("B")
+        if len(self._pending) + view.nbytes > COALESCE_BYTES:
+            self.flush()
+        if view.nbytes >= COALESCE_BYTES:
+            self._put(view)
+        else:
+            self._pending += view
+        self.size += view.nbytes
+        return view.nbytes
+
+    def _put(self, view: memoryview) -> None:
         try:
             self._write_all(view)
         except OSError as exc:
@@ -76,8 +96,6 @@ class ChecksumWriter:
             self.error = _naming(exc, self.path)
             raise self.error from None
         self._crc = crc32(view, self._crc)
-        self.size += view.nbytes
-        return view.nbytes
 
     def _write_all(self, view: memoryview) -> None:
         written = 0
@@ -85,16 +103,22 @@ class ChecksumWriter:
             written += self._file.write(view[written:])
 
     def flush(self) -> None:
-        pass  # unbuffered: every write already reached the kernel
+        """Hand the gathered bytes to the kernel (none after a failed write: the file is lost,
+        and its error was raised already)."""
+        if self._pending and self.error is None:
+            with memoryview(self._pending) as pending:
+                self._put(pending)
+            self._pending.clear()
 
     @property
     def checksum(self) -> str:
-        return f"{self._crc:08x}"
+        return f"{crc32(self._pending, self._crc):08x}"
 
     def close(self) -> None:
         if self._file.closed:
             return
         try:
+            self.flush()
             if self._fsync:
                 os.fsync(self._file.fileno())
         finally:

@@ -10,6 +10,8 @@ A root looks like this (documented in the README, so people and tools can rely o
                                 ``<name>.lock`` beside it held by its live writer
     root/.trash/                checkpoints being deleted
     root/.lock                  the commit lock
+    root/.lease                 the writer lease's lock, held by a writing job's rank 0
+    root/.lease.json            the lease record: the holder (host, pid, job id, generation)
 
 This module only computes names; it reads the disk only to list what is there.
 """
@@ -27,6 +29,8 @@ MANIFEST_NAME = "manifest.json"
 STAGING_DIR_NAME = ".staging"
 TRASH_DIR_NAME = ".trash"
 LOCK_NAME = ".lock"
+LEASE_LOCK_NAME = ".lease"
+LEASE_RECORD_NAME = ".lease.json"
 LAST = "last"
 BEST = "best"
 LINK_NAMES = (LAST, BEST)
@@ -80,6 +84,14 @@ class RootLayout:
     @property
     def lock_path(self) -> Path:
         return self.root / LOCK_NAME
+
+    @property
+    def lease_lock_path(self) -> Path:
+        return self.root / LEASE_LOCK_NAME
+
+    @property
+    def lease_record_path(self) -> Path:
+        return self.root / LEASE_RECORD_NAME
 
     def step_dir(self, step: int) -> Path:
         return self.root / step_dir_name(step)

@@ -52,14 +52,13 @@ from pathlib import Path
 
 import filelock
 
-from distckpt.errors import CheckpointError, LauncherGone, LeaseLost, RootInUse
+from distckpt.errors import CheckpointError, InvalidArgument, LauncherGone, LeaseLost, RootInUse
 from distckpt.fsutil import atomic_write_bytes
+from distckpt.layout import RootLayout
 from distckpt.lock import _flock, _unsupported, locks_local_to_machine
 
 logger = logging.getLogger("distckpt")
 
-LEASE_LOCK_NAME = ".lease"
-LEASE_RECORD_NAME = ".lease.json"
 #: A try-lock retries this long before a root counts as in use: a ``distckpt ls`` probing the
 #: lock for an instant must not make a starting job fail.
 PROBE_GRACE = 0.5
@@ -130,11 +129,11 @@ class LeaseHolder:
 
 
 def _lock_path(root: Path) -> Path:
-    return root / LEASE_LOCK_NAME
+    return RootLayout(root).lease_lock_path
 
 
 def _record_path(root: Path) -> Path:
-    return root / LEASE_RECORD_NAME
+    return RootLayout(root).lease_record_path
 
 
 def _read_record(root: Path) -> LeaseHolder | None:
@@ -285,6 +284,20 @@ class RootLease:
 
     def __exit__(self, *exc_info: object) -> None:
         self.release()
+
+
+def check_wait(seconds: object) -> float:
+    """``seconds`` to wait for a root's lease, refused unless a finite number >= 0 (0: refuse
+    at once when another job holds it)."""
+    if (
+        isinstance(seconds, bool)
+        or not isinstance(seconds, (int, float))
+        or not 0 <= seconds < float("inf")
+    ):
+        raise InvalidArgument(
+            f"wait_for_root must be a number of seconds >= 0 (0: fail at once), not {seconds!r}"
+        )
+    return float(seconds)
 
 
 def _waited(wait: float) -> str:

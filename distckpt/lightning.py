@@ -32,6 +32,13 @@ optimization and gradient accumulation), and no gradients half-accumulated over 
 exist at that moment, so none need saving. A checkpoint due in the middle of an accumulation
 window (a preemption signal) is taken at the window's last micro-batch. Epoch schedules
 (``every_n_epochs``) count completed epochs. After a preemption save the trainer stops.
+
+A checkpoint of an epoch's last batch resumes at the next epoch's first batch: the loaders'
+saved position is used up at ``on_train_start`` and the next epoch's iterator built afresh (a
+resuming Lightning fit loop would hand it the used-up position and skip the epoch). Known
+limit: the validation and ``on_train_epoch_end`` that follow that batch in the
+uninterrupted run, and the next epoch's ``on_train_epoch_start``, are not run when resuming;
+training itself stays exact.
 """
 
 from __future__ import annotations
@@ -40,6 +47,8 @@ from typing import Any
 
 import lightning
 from lightning import LightningModule, Trainer
+from lightning.fabric.utilities.data import _set_sampler_epoch
+from lightning.pytorch.utilities.combined_loader import _Stateful
 
 from distckpt.manager import CheckpointManager
 from distckpt.rng import capture_rng, restore_rng
@@ -52,6 +61,7 @@ class _TrainerState:
 
     def __init__(self, trainer: Trainer) -> None:
         self.trainer = trainer
+        self.ended_epoch_loaders: list[dict[str, Any]] = []
 
     def state_dict(self) -> dict[str, Any]:
         datamodule = self.trainer.datamodule
@@ -62,11 +72,46 @@ class _TrainerState:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.trainer.fit_loop.load_state_dict(state["fit_loop"])
+        fit_loop = self.trainer.fit_loop
+        fit_loop.load_state_dict(state["fit_loop"])
+        if state["fit_loop"]["epoch_loop.batch_progress"]["is_last_batch"]:
+            # Saved at an epoch's last batch: Lightning resumes into the next epoch but would
+            # hand the next epoch's iterator the used-up position, which yields nothing, and
+            # so skip that epoch. Kept back here; ``start_next_epoch`` applies it.
+            self.ended_epoch_loaders = fit_loop._combined_loader_states_to_load
+            fit_loop._combined_loader_states_to_load = []
         if state["precision"]:
             self.trainer.precision_plugin.load_state_dict(state["precision"])
         if self.trainer.datamodule is not None and state["datamodule"]:
             self.trainer.datamodule.load_state_dict(state["datamodule"])
+
+    def finish_ended_epoch(self) -> bool:
+        """After a restore at an epoch's last batch, bring the loaders to where the uninterrupted
+        run's were at that epoch's end: their saved position loaded and iterated to its end, so
+        that a sampler's pending position (a ``StatefulDistributedSampler`` skips it lazily) is
+        used up. True if there was such a restore; then call :meth:`start_next_epoch`."""
+        states, self.ended_epoch_loaders = self.ended_epoch_loaders, []
+        if not states:
+            return False
+        combined_loader = self.trainer.fit_loop._combined_loader
+        assert combined_loader is not None
+        combined_loader._load_state_dicts(states)
+        stateful = [loader for loader in combined_loader.flattened if isinstance(loader, _Stateful)]
+        for loader, state in zip(stateful, states):
+            # A StatefulDataLoader whose iterator had already finished starts afresh by itself.
+            if not state.get("_iterator_finished", False):
+                for _ in loader:
+                    pass
+        return True
+
+    def start_next_epoch(self) -> None:
+        """Build the next epoch's data iterator as Lightning does at an epoch's start (after
+        the samplers' ``set_epoch``), which a resuming fit loop does not."""
+        fit_loop = self.trainer.fit_loop
+        assert fit_loop._combined_loader is not None and fit_loop._data_fetcher is not None
+        for loader in fit_loop._combined_loader.flattened:
+            _set_sampler_epoch(loader, fit_loop.epoch_progress.current.processed)
+        iter(fit_loop._data_fetcher)
 
 
 class _DeferredRNG:
@@ -107,6 +152,7 @@ class DistckptCallback(lightning.Callback):
         self.tracker: StepTracker | None = None
         self.resumed_from: int | None = None
         self._rng = _DeferredRNG()
+        self._trainer_state: _TrainerState | None = None
         self._step_at_last_batch = 0
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -119,13 +165,14 @@ class DistckptCallback(lightning.Callback):
             "optimizers": list(trainer.optimizers),
             "schedulers": [config.scheduler for config in trainer.lr_scheduler_configs],
             "steps": self.tracker,
-            "trainer": _TrainerState(trainer),
+            "trainer": self._trainer_state,
             "rng": self._rng,
         }
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         assert self.manager is not None
         self.tracker = StepTracker(*trainer.optimizers)
+        self._trainer_state = _TrainerState(trainer)
         state = self._state(trainer, pl_module)
         checkpoint = self.manager.restore("last", state=state, missing_ok=True)
         self.resumed_from = checkpoint.step if checkpoint is not None else None
@@ -139,7 +186,14 @@ class DistckptCallback(lightning.Callback):
             trainer.fit_loop._combined_loader = None
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        assert self._trainer_state is not None
+        ended_epoch = self._trainer_state.finish_ended_epoch()
         self._rng.apply()
+        if ended_epoch:
+            # After the RNGs: in the uninterrupted run this iterator was built after the save,
+            # so its draws (a loader without a generator of its own draws a seed from torch's
+            # global one) come after the restored state too.
+            self._trainer_state.start_next_epoch()
 
     def on_train_batch_end(
         self,

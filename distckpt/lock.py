@@ -31,6 +31,7 @@ import errno
 import inspect
 import logging
 import os
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -41,7 +42,7 @@ from typing import Literal
 import filelock
 
 from distckpt.errors import CheckpointError, CoordinationTimeout
-from distckpt.layout import RootLayout
+from distckpt.layout import BEST, LAST, RootLayout
 
 logger = logging.getLogger("distckpt")
 
@@ -159,9 +160,14 @@ class WriterLock:
 #: Each vanishes when its last holder closes it; until then nothing can remove it.
 _HELD_OPEN_PREFIXES = (".fuse_hidden", ".nfs")
 #: the root's writability probes (``probe_writable``, the symlink probe): a process killed
-#: between creating and removing one leaves it behind. One younger than the grace period may
-#: belong to a manager starting right now, which removes it itself.
+#: between creating and removing one leaves it behind.
 _PROBE_PREFIX = ".probe-"
+#: a ``last``/``best`` link under construction (``fsutil.swap_link``'s temporary name).
+_LINK_UNDER_CONSTRUCTION = re.compile(
+    rf"\.(?:{re.escape(LAST)}|{re.escape(BEST)})\.[0-9a-f]{{32}}\.tmp"
+)
+#: Seen without the root lock, a probe or a link under construction younger than this may
+#: belong to a manager at work right now. Under the lock, none does: both are made under it.
 PROBE_GRACE_SECONDS = 60.0
 
 
@@ -195,19 +201,26 @@ def _held_open(path: Path) -> bool:
         return False
 
 
-def _stale_probe(path: Path) -> bool:
-    if not path.name.startswith(_PROBE_PREFIX):
+def _dead_temporary(path: Path, *, locked: bool) -> bool:
+    """Whether ``path`` is a probe or a link under construction whose maker is gone."""
+    name = path.name
+    if not (name.startswith(_PROBE_PREFIX) or _LINK_UNDER_CONSTRUCTION.fullmatch(name)):
         return False
+    if locked:
+        return True
     try:
         return time.time() - path.lstat().st_mtime > PROBE_GRACE_SECONDS
     except FileNotFoundError:
         return False
 
 
-def find_leftovers(layout: RootLayout) -> list[Leftover]:
+def find_leftovers(layout: RootLayout, *, locked: bool = False) -> list[Leftover]:
     """The root's leftovers; ``writer_alive`` is True for a staging dir whose writer still
     holds its lock (never to be removed) and for a lock file held by a writer about to create
-    its dir; ``in_use`` marks those holding a file a reader still has open."""
+    its dir; ``in_use`` marks those holding a file a reader still has open. ``locked``: the
+    caller holds the root lock, so every probe and link under construction is a dead
+    process's, whatever its age (without it, only those older than
+    :data:`PROBE_GRACE_SECONDS`)."""
     found: list[Leftover] = []
     if layout.staging_root.is_dir():
         for entry in sorted(layout.staging_root.iterdir()):
@@ -227,7 +240,7 @@ def find_leftovers(layout: RootLayout) -> list[Leftover]:
         found += [
             Leftover(entry, "stray", in_use=_held_open(entry))
             for entry in sorted(layout.root.iterdir())
-            if entry.name.startswith(_HELD_OPEN_PREFIXES) or _stale_probe(entry)
+            if entry.name.startswith(_HELD_OPEN_PREFIXES) or _dead_temporary(entry, locked=locked)
         ]
     return found
 

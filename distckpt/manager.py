@@ -26,10 +26,11 @@ from distckpt import policy, protocol, reader, resolve
 from distckpt.background import BackgroundSaves
 from distckpt.coord import Coordinator, check_timeout
 from distckpt.decisions import LastSave, SaveDecider, SignalFlag
-from distckpt.errors import CheckpointError
+from distckpt.errors import CheckpointError, RootInUse
 from distckpt.formats import ReadOptions, format_named
 from distckpt.fsutil import LinkMode
 from distckpt.layout import RootLayout
+from distckpt.lease import LauncherWatch, check_wait
 from distckpt.results import Checkpoint, CheckpointInfo, SaveResult
 from distckpt.snapshot import SnapshotBuffers
 from distckpt.storage import ExtraFile, open_store
@@ -54,8 +55,16 @@ class CheckpointManager:
             stays if any rule keeps it). None with no other ``keep_*`` keeps everything.
         keep_best: keep the best K by ``monitor``; ``monitor``/``mode`` also drive ``root/best``.
         keep_every_n_steps: keep every checkpoint whose step is a multiple of N (milestones).
-        every_n_steps, every_n_epochs, every_seconds: save schedules, combined with "any";
-            with one set, :meth:`save` returns None when no schedule is due.
+        keep_every_n_seconds: keep a sparse history: a checkpoint created at least S seconds
+            after the last one kept this way (by the manifests' creation times).
+        keep_unranked: with ``monitor``, keep checkpoints saved without a finite value of it
+            (default: only the other rules keep them).
+        every_n_steps, every_n_epochs, every_seconds, save_on_steps: save schedules, combined
+            with "any"; with one set, :meth:`save` returns None when no schedule is due.
+        min_seconds_between_saves: skip (return None from) a scheduled or plain save while less
+            than S seconds passed since the previous save began, or while an async save is in
+            flight; forced and preemption saves are never skipped. Rank 0's clock decides.
+        Every count and seconds option takes None for "off"; 0 is refused.
         save_on_signal: signals (e.g. ``signal.SIGTERM``) that request a preemption save at the
             next :meth:`should_save` / :meth:`save`; see :attr:`preempted`.
         async_save: :meth:`save` returns once this rank's state is copied into reusable CPU
@@ -71,6 +80,20 @@ class CheckpointManager:
         group: the process group whose ranks checkpoint together (default: the world).
         timeout: seconds any collective or the commit lock may take before a hang becomes an
             error on every rank.
+        space_margin: free space a save demands beyond its estimated size, as a fraction of
+            that size and at least 1 MiB (0: no margin); a save that does not fit raises
+            :class:`InsufficientSpace` before writing. Where the filesystem reports no size,
+            free space is unknown and not checked (with a warning).
+        read_only: never write to the root (a read-only mount, or a root another job owns):
+            no writability probe, no lock file, no cleanup or link repair. :meth:`restore`
+            and the queries work; :meth:`save`, :meth:`delete`, :meth:`prune` and :meth:`gc`
+            raise :class:`ReadOnlyRoot`. The root must exist.
+        wait_for_root: seconds to wait for another job that holds the root to end; 0 (the
+            default) raises :class:`~distckpt.RootInUse`, naming that job, on every rank at
+            once. One writing job per root: rank 0 holds the root's lease
+            (:mod:`distckpt.lease`) until :meth:`close` (or the process ends); a job that lost
+            it fails every later save with :class:`~distckpt.LeaseLost`, and under torchrun a
+            rank whose launcher died fails them with :class:`~distckpt.LauncherGone`.
     """
 
     def __init__(
@@ -82,9 +105,13 @@ class CheckpointManager:
         monitor: str | None = None,
         mode: policy.Mode = "min",
         keep_every_n_steps: int | None = None,
+        keep_every_n_seconds: float | None = None,
+        keep_unranked: bool = False,
         every_n_steps: int | None = None,
         every_n_epochs: int | None = None,
         every_seconds: float | None = None,
+        save_on_steps: Collection[int] = (),
+        min_seconds_between_saves: float | None = None,
         save_on_signal: Collection[int] = (),
         async_save: bool = False,
         format: str = "torch",
@@ -92,9 +119,16 @@ class CheckpointManager:
         fsync: bool = True,
         group: dist.ProcessGroup | None = None,
         timeout: float = 600.0,
+        space_margin: float = protocol.SPACE_MARGIN_RATIO,
+        read_only: bool = False,
+        wait_for_root: float = 0.0,
     ) -> None:
         self._format = format_named(format)
         self.timeout = check_timeout(timeout)
+        self.space_margin = protocol.check_space_margin(space_margin)
+        wait_for_root = check_wait(wait_for_root)
+        # Made now, while the launcher that started this process is certainly its parent.
+        self._launcher = LauncherWatch.for_this_process()
         self._signals = SignalFlag(save_on_signal)
         self.layout = RootLayout.at(root)
         self.retention = policy.RetentionPolicy(
@@ -103,11 +137,15 @@ class CheckpointManager:
             monitor=monitor,
             mode=mode,
             keep_every_n_steps=keep_every_n_steps,
+            keep_every_n_seconds=keep_every_n_seconds,
+            keep_unranked=keep_unranked,
         )
         self.schedule = policy.SaveSchedule(
             every_n_steps=every_n_steps,
             every_n_epochs=every_n_epochs,
             every_seconds=every_seconds,
+            save_on_steps=save_on_steps,
+            min_seconds_between_saves=min_seconds_between_saves,
         )
         self.format = format
         self.fsync = fsync
@@ -117,6 +155,7 @@ class CheckpointManager:
             link=link,
             fsync=fsync,
             lock_timeout=self.timeout / 2,
+            read_only=read_only,
         )
         self._closed = False
         self._save_count = 0
@@ -133,8 +172,13 @@ class CheckpointManager:
         self.world_size = self._coord.world_size
         try:
             # Rank 0 names this manager's staging areas after the token: unique to this manager.
-            newest, self._token = self._coord.decide(
-                lambda: (self._store.open().newest, uuid.uuid4().hex[:12]),
+            newest, self._token = self._coord.decide_within(
+                lambda seconds: (
+                    self._store.open(wait_for_root=seconds).newest,
+                    uuid.uuid4().hex[:12],
+                ),
+                wait=wait_for_root,
+                retry_on=RootInUse,
                 what="opening the checkpoint root",
             )
             self._decider.last = LastSave.at(*(newest or (None, None)))
@@ -156,12 +200,13 @@ class CheckpointManager:
         """Whether a schedule (or a preemption signal) says to save at ``step``.
 
         Collective cost: none when only step/epoch schedules are set (every rank computes the
-        same answer from the same arguments); one small all-gather when ``every_seconds`` or
-        ``save_on_signal`` is set, and then every rank must call it. :meth:`save` reuses this
+        same answer from the same arguments); one small all-gather when ``every_seconds``,
+        ``min_seconds_between_saves`` or ``save_on_signal`` is set, and then every rank must
+        call it. :meth:`save` reuses this
         decision for the same step instead of deciding again.
         """
         self._check_open()
-        return self._decider.should_save(step, epoch)
+        return self._decider.should_save(step, epoch, in_flight=self.save_in_flight)
 
     def save(
         self,
@@ -193,7 +238,7 @@ class CheckpointManager:
             overwrite: replace an already committed checkpoint of this step.
         """
         self._check_open()
-        decision = self._decider.take(step, epoch, force=force)
+        decision = self._decider.take(step, epoch, force=force, in_flight=self.save_in_flight)
         if not decision.save:
             return None
         self.wait()  # at most one save in flight; raises a failed one's error here
@@ -209,12 +254,18 @@ class CheckpointManager:
             fmt=self._format,
             snapshot=self._buffers,
             token=f"{self._token}-{self._save_count}",
+            space_margin=self.space_margin,
+            launcher=self._launcher,
         )
         if isinstance(plan, SaveResult):  # committed already: the schedule counts from it
             self._decider.last = LastSave.at(plan.step, plan.epoch)
             return plan
         commit = functools.partial(
-            protocol.write_and_commit, plan, store=self._store, fmt=self._format
+            protocol.write_and_commit,
+            plan,
+            store=self._store,
+            fmt=self._format,
+            launcher=self._launcher,
         )
         if self._background is None:
             result = commit(coord=self._coord)
@@ -242,8 +293,9 @@ class CheckpointManager:
     def wait(self) -> SaveResult | None:
         """Wait for the save in flight (``async_save=True``) to be committed and durable, and
         return its result, or raise its error — the same on every rank. None if no save is in
-        flight. Not collective by itself, but every rank must call it (the background commit
-        needs every rank)."""
+        flight. Every thread waiting meanwhile blocks and sees the same result or error.
+        Not collective by itself, but every rank must call it (the background commit needs
+        every rank)."""
         if self._background is None:
             return None
         try:
@@ -282,18 +334,20 @@ class CheckpointManager:
 
         ``which`` is ``"last"`` (the newest committed checkpoint), ``"best"``, a step, or a path.
         Rank 0 resolves it and every rank loads that same checkpoint. Passing ``state=`` (the
-        same structure that was saved) loads it in place; the result's ``.state`` holds the
-        loaded values. With ``missing_ok=True`` returns None on every rank when there is no
-        checkpoint yet (the auto-resume case). Any rank's failure raises on every rank.
+        same structure that was saved) loads it in place, in both formats: objects through
+        ``load_state_dict``, tensors copied into, plain values replaced inside its dicts and
+        lists; the result's ``.state`` holds the loaded values. With ``missing_ok=True``
+        returns None on every rank when there is no checkpoint yet (the auto-resume case).
+        Any rank's failure raises on every rank.
 
-        ``strict=False`` loads what matches ``state`` and reports the rest in
+        ``strict=True`` refuses a key only in the checkpoint or only in ``state`` before
+        loading anything; ``strict=False`` loads what matches and reports the rest in
         ``missing_keys`` / ``unexpected_keys``. ``allow_pickle=True`` unpickles arbitrary
         objects: only for checkpoints you trust. ``mmap=True`` maps tensor data from disk
         instead of reading it all. ``verify=True`` checks every file's checksum before
         loading (sizes are always checked) and, for ``"last"``/``"best"``, falls back past a
-        corrupt checkpoint with a warning. ``fix_key_prefixes=True`` loads a model saved with
-        wrapper prefixes (``torch.compile``'s ``_orig_mod.``, DDP's ``module.``) into one
-        without them, or the reverse, when that makes every key match, logging the mapping.
+        corrupt checkpoint with a warning. ``fix_key_prefixes=True`` maps wrapper prefixes
+        (``_orig_mod.``, ``module.``) away or on when that makes every key match, before strict.
         """
         self._check_open()
         self.wait()
@@ -304,12 +358,7 @@ class CheckpointManager:
             monitor=self.retention.monitor,
             mode=self.retention.mode,
             state=state,
-            options=ReadOptions(
-                map_location=map_location,
-                allow_pickle=allow_pickle,
-                mmap=mmap,
-                fix_key_prefixes=fix_key_prefixes,
-            ),
+            options=ReadOptions(map_location, allow_pickle, mmap, fix_key_prefixes),
             strict=strict,
             missing_ok=missing_ok,
             verify=verify,
@@ -367,8 +416,8 @@ class CheckpointManager:
         return self._coord.decide(self._store.collect_leftovers, what="collecting leftovers")
 
     def close(self) -> None:
-        """Finish a save in flight (raising its error, on every rank), restore signal
-        handlers and release the manager's process groups. Idempotent."""
+        """Finish a save in flight (raising its error, on every rank), then release the root's
+        lease, restore signal handlers and release the manager's process groups. Idempotent."""
         if self._closed:
             return
         self._closed = True
@@ -378,6 +427,7 @@ class CheckpointManager:
             try:
                 if self._background is not None:
                     self._background.close()
+                self._store.close()
                 self._signals.restore()
             finally:
                 self._coord.close()

@@ -57,7 +57,9 @@ class Manifest:
     library_version: str = __version__
     torch_version: str = ""
     python_version: str = field(default_factory=platform.python_version)
-    created_utc: str = field(
+    #: when rank 0 wrote it (ISO 8601, UTC); None when a manifest read from disk has none, so
+    #: the time it was read is never mistaken for the time it was written
+    created_utc: str | None = field(
         default_factory=lambda: datetime.datetime.now(datetime.timezone.utc).isoformat()
     )
 
@@ -99,6 +101,7 @@ class Manifest:
             }
             metrics = {key: _decode_float(value) for key, value in data["metrics"].items()}
             fields = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+            fields.setdefault("created_utc", None)  # unknown, not "now"
             fields.update(files=files, metrics=metrics)
             manifest = cls(**fields)
         except CorruptCheckpoint:

@@ -38,7 +38,7 @@ class PerRank:
     Per-rank values cannot be resharded: restoring them with a different number of ranks than
     saved them raises :class:`~distckpt.WorldSizeMismatch` naming them (leave them out of
     ``state=`` to restore the rest). On restore, a plain value comes back in the result's
-    ``.state`` at its place, unwrapped."""
+    ``.state`` at its place, unwrapped, and replaces the given mark's ``value``."""
 
     __slots__ = ("value",)
 

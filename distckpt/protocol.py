@@ -8,7 +8,8 @@
 2. :func:`write`: every rank writes its shard into the staging area (streamed, fsynced); rank 0
    adds the extra files.
 3. :func:`agree` (one all-gather): every rank reports its files or its error; any rank's
-   failure raises on every rank. The gathered records become the :class:`Manifest`.
+   failure raises on every rank (an orphaned rank's too: its launcher is gone). The gathered
+   records become the :class:`Manifest`.
 4. :func:`commit` (rank 0, one broadcast): the store publishes the staging area; every rank
    returns the same :class:`SaveResult` once the commit is durable.
 
@@ -17,6 +18,7 @@ Each step is a phase of :mod:`distckpt.events` (``save.propose`` ... ``save.comm
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import time
@@ -32,6 +34,7 @@ from distckpt.coord import Coordinator, run_now
 from distckpt.errors import InsufficientSpace, InvalidArgument, InvalidStep
 from distckpt.formats import CheckpointFormat, ShardContext
 from distckpt.layout import MANIFEST_NAME
+from distckpt.lease import LauncherWatch
 from distckpt.manifest import FileRecord, Manifest, check_json_metadata
 from distckpt.metrics import normalize_metrics
 from distckpt.results import SaveResult
@@ -41,10 +44,12 @@ from distckpt.storage import ExtraFile, RootStore, StagingArea
 
 logger = logging.getLogger("distckpt")
 
-#: Free space demanded beyond the estimated size: estimates miss headers, and a full disk
-#: mid-write costs more than a refused save.
+#: Free space demanded beyond the estimated size, as a fraction of it (the default of
+#: ``CheckpointManager(space_margin=)``), and never less than the floor: estimates miss
+#: headers and metadata, and a full disk mid-write costs more than a refused save. Small
+#: enough that a small volume or quota still takes a small checkpoint.
 SPACE_MARGIN_RATIO = 0.05
-SPACE_MARGIN_BYTES = 64 << 20
+SPACE_MARGIN_FLOOR_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -69,7 +74,8 @@ class Proposal:
     estimated_bytes: int
     metrics: dict[str, float]
     location: str = ""
-    free_bytes: int = 0
+    #: None where the filesystem reports no size: free space unknown, not checked
+    free_bytes: int | None = None
     existing: SaveResult | None = None
 
 
@@ -86,6 +92,8 @@ class SavePlan:
     #: the staging area every rank writes into
     location: Path
     metrics: dict[str, float]
+    #: the free space rank 0 saw in the proposal (None: unknown), quoted if the disk fills
+    free_bytes: int | None = None
     #: rank 0 only: the claimed staging area, its metadata and extra files
     area: StagingArea | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
@@ -101,14 +109,19 @@ def propose(
     fmt: CheckpointFormat,
     snapshot: SnapshotBuffers | None,
     token: str,
+    space_margin: float = SPACE_MARGIN_RATIO,
+    launcher: LauncherWatch | None = None,
 ) -> SavePlan | SaveResult:
     """Step 1 (see the module doc), in the caller's thread. Returns the plan, or the committed
-    result when the step is saved already and may be returned."""
+    result when the step is saved already and may be returned. ``space_margin``: the free
+    space demanded beyond the estimate, as a fraction of it (see :func:`margin_bytes`). An
+    orphaned rank fails it on every rank (:func:`check_launcher`)."""
     step = request.step
     started = time.monotonic()
     prepared: dict[str, Any] = {}  # this rank's own results, kept out of the all-gather
 
     def local() -> Proposal:
+        check_launcher(launcher, coord=coord, store=store)
         check_step_number(step)
         plain = to_plain(state, mark_per_rank=fmt.marks_per_rank)
         fmt.check_state(plain)
@@ -138,7 +151,9 @@ def propose(
     try:
         with events.phase("save.propose", rank=coord.rank, step=step):
             chosen = coord.all_reduce(
-                local, lambda p: _verdict(p, store.root), what=f"preparing the save of step {step}"
+                local,
+                lambda p: _verdict(p, store.root, space_margin),
+                what=f"preparing the save of step {step}",
             )
     except BaseException:
         if "area" in prepared:
@@ -159,13 +174,31 @@ def propose(
         state=prepared["state"],
         location=Path(chosen.location),
         metrics=chosen.metrics,
+        free_bytes=chosen.free_bytes,
         area=prepared.get("area"),
         metadata=prepared.get("metadata", {}),
         files=prepared.get("files", {}),
     )
 
 
-def _verdict(proposals: list[Proposal], root: Path) -> Proposal:
+def margin_bytes(needed: int, space_margin: float) -> int:
+    """The free space a save of ``needed`` bytes demands beyond them: ``space_margin`` of it,
+    at least :data:`SPACE_MARGIN_FLOOR_BYTES`; none when ``space_margin`` is 0."""
+    if space_margin == 0:
+        return 0
+    return max(int(needed * space_margin), SPACE_MARGIN_FLOOR_BYTES)
+
+
+def check_space_margin(space_margin: float) -> float:
+    """A margin must be a non-negative fraction (0 disables the free-space check's margin)."""
+    if isinstance(space_margin, bool) or not isinstance(space_margin, (int, float)):
+        raise InvalidArgument(f"space_margin must be a number, not {space_margin!r}")
+    if space_margin < 0:
+        raise InvalidArgument(f"space_margin must not be negative, got {space_margin}")
+    return float(space_margin)
+
+
+def _verdict(proposals: list[Proposal], root: Path, space_margin: float) -> Proposal:
     """Rank 0's proposal, if the gathered ones allow the save; the same on every rank."""
     chosen = proposals[0]  # rank 0's: the only one that looked at the root
     steps = sorted({p.step for p in proposals})
@@ -176,12 +209,15 @@ def _verdict(proposals: list[Proposal], root: Path) -> Proposal:
         )
     if chosen.existing is not None:
         return chosen
+    if chosen.free_bytes is None:  # unknown (the store warned): nothing to check against
+        return chosen
     needed = sum(p.estimated_bytes for p in proposals)
-    margin = int(needed * SPACE_MARGIN_RATIO) + SPACE_MARGIN_BYTES
+    margin = margin_bytes(needed, space_margin)
     if needed + margin > chosen.free_bytes:
         raise InsufficientSpace(
             f"saving step {chosen.step} needs about {mib(needed)} (+{mib(margin)} margin) but "
-            f"{root} has {mib(chosen.free_bytes)} free",
+            f"{root} has {mib(chosen.free_bytes)} free (the margin is space_margin="
+            f"{space_margin:g} of the estimate, at least {mib(SPACE_MARGIN_FLOOR_BYTES)})",
             path=root,
             step=chosen.step,
         )
@@ -194,9 +230,23 @@ def write(
     """Step 2, this rank's part: its shard (and on rank 0 the extra files) in the staging area;
     the records of what it wrote."""
     ctx = ShardContext(coord.rank, coord.world_size, fsync, coord.group)
-    records = dict(fmt.write(plan.state, plan.location, ctx))
-    if plan.files and plan.area is not None:
-        records.update(store.write_extra_files(plan.area, plan.files))
+    try:
+        records = dict(fmt.write(plan.state, plan.location, ctx))
+        if plan.files and plan.area is not None:
+            records.update(store.write_extra_files(plan.area, plan.files))
+    except Exception as exc:
+        full = _out_of_space(exc)
+        if full is None:
+            raise
+        seen = "unknown" if plan.free_bytes is None else mib(plan.free_bytes)
+        raise InsufficientSpace(
+            f"the filesystem of {store.root} ran out of space while rank {coord.rank} wrote "
+            f"{full.filename or plan.location} for step {plan.step}: {full.strerror} (free "
+            f"space when the save began: {seen}; another process may have filled it since)",
+            rank=coord.rank,
+            path=full.filename or plan.location,
+            step=plan.step,
+        ) from exc
     faults.hit("after_shard_write", coord.rank)
     return records
 
@@ -244,13 +294,23 @@ def write_and_commit(
     coord: Coordinator,
     store: RootStore,
     fmt: CheckpointFormat,
+    launcher: LauncherWatch | None = None,
 ) -> SaveResult:
     """Steps 2-4, in the caller's thread or, for an async save, in the background thread with
-    a ``coord`` of its own. Rank 0 discards the staging area unless it was committed."""
+    a ``coord`` of its own. Rank 0 discards the staging area unless it was committed.
+
+    With a ``launcher`` watch, every rank checks after writing, in what it reports for the
+    agreement, that its launcher lives (:func:`check_launcher`)."""
     step, rank, fsync = plan.step, coord.rank, store.fsync
+
+    def write_here() -> dict[str, FileRecord]:
+        records = write(plan, coord=coord, store=store, fmt=fmt, fsync=fsync)
+        check_launcher(launcher, coord=coord, store=store)
+        return records
+
     try:
         with events.phase("save.write", rank=rank, step=step):
-            records = run_now(lambda: write(plan, coord=coord, store=store, fmt=fmt, fsync=fsync))
+            records = run_now(write_here)
         faults.hit("before_agreement", rank)
         with events.phase("save.agree", rank=rank, step=step):
             written = coord.all_gather(records, what=f"writing step {step}")
@@ -261,6 +321,29 @@ def write_and_commit(
     finally:
         if plan.area is not None:
             store.discard_staging(plan.area)
+
+
+def _out_of_space(exc: BaseException) -> OSError | None:
+    """The "no space" (or "quota exceeded") OSError behind ``exc``, if it is one or was raised
+    from one (a format may wrap it in an error of its own)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def check_launcher(launcher: LauncherWatch | None, *, coord: Coordinator, store: RootStore) -> None:
+    """Raise :class:`~distckpt.LauncherGone` if this rank's launcher is gone; inside a verb's
+    local part, so an orphaned rank fails the save on every rank. An orphaned rank 0 first
+    closes the store: it gives up the root's lease, so the job replacing this one may open it
+    while the orphans can commit nothing more."""
+    if launcher is None or not launcher.launcher_gone():
+        return
+    if coord.is_coordinator:
+        store.close()
+    launcher.check()
 
 
 def check_step_number(step: object) -> None:

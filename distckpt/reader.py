@@ -5,8 +5,9 @@
 A load runs the same three steps everywhere: rank 0 resolves which checkpoint is meant (see
 :mod:`distckpt.resolve`), every rank prepares what it can check alone (world size, rank,
 ``state=`` template, the format's own metadata), then every rank reads, which may be collective
-(DCP). The ranks agree on the outcome of each step, so a rank failing alone fails every rank
-instead of leaving the others inside a collective. A checkpoint deleted by another process's
+(DCP). The ranks agree on the outcome of each step (of prepare and read at once where the read
+is not collective), so a rank failing alone fails every rank instead of leaving the others
+inside a collective. A checkpoint deleted by another process's
 retention mid-read (:class:`CheckpointVanished`) is resolved again, unless it was named
 explicitly (a step, a step dir).
 """
@@ -86,13 +87,15 @@ def prepare_read(
     world_size: int | None,
     template: Any,
     options: ReadOptions,
+    strict: bool = True,
     group: dist.ProcessGroup | None = None,
 ) -> PreparedRead:
     """Check that this rank can read ``directory`` (the format's
     :meth:`~distckpt.formats.base.CheckpointFormat.prepare_read`), with ``template`` reduced to
-    plain data. ``world_size`` is the number of ranks restoring, or None when a plain process
-    reads one rank's part (then only that the rank exists is checked); ``group`` is the ranks'
-    private group, on which the format's read may run collectives. Never collective itself."""
+    plain data; with ``strict``, refuse the keys on one side only the format found already.
+    ``world_size`` is the number of ranks restoring, or None when a plain process reads one
+    rank's part (then only that the rank exists is checked); ``group`` is the ranks' private
+    group, on which the format's read may run collectives. Never collective itself."""
     ctx = ShardContext(
         rank=rank,
         world_size=manifest.world_size if world_size is None else world_size,
@@ -101,14 +104,18 @@ def prepare_read(
     )
     fmt = format_named(manifest.format)
     plain = to_plain(template, mark_per_rank=fmt.marks_per_rank) if template is not None else None
-    return _vanish_checked(
+    prepared = _vanish_checked(
         directory, lambda: fmt.prepare_read(directory, manifest, ctx, plain, options)
     )
+    if strict and prepared.mismatch is not None:
+        prepared.mismatch.check_strict()
+    return prepared
 
 
 def read_state(prepared: PreparedRead, *, template: Any, strict: bool) -> Checkpoint:
     """Read one rank's state as prepared (collective when the format's read is), and load it
-    into ``template`` in place."""
+    into ``template`` in place; the keys on one side only are what the format found while
+    preparing and what the load found."""
     directory, manifest = prepared.directory, prepared.manifest
     fmt = format_named(manifest.format)
     loaded = _vanish_checked(directory, lambda: fmt.read(prepared))
@@ -119,6 +126,12 @@ def read_state(prepared: PreparedRead, *, template: Any, strict: bool) -> Checkp
         if template is not None
         else None
     )
+    if report is not None and prepared.mismatch is not None:
+        for found, known in (
+            (report.missing_keys, prepared.mismatch.missing_keys),
+            (report.unexpected_keys, prepared.mismatch.unexpected_keys),
+        ):
+            found += [key for key in known if key not in found]
     return Checkpoint(
         state=loaded,
         step=manifest.step,
@@ -177,21 +190,26 @@ def restore_on_ranks(
         if found is None:
             return None
         directory, manifest = found
+        prepare = functools.partial(
+            prepare_read,
+            directory,
+            manifest,
+            rank=rank,
+            world_size=world_size,
+            template=state,
+            options=options,
+            strict=strict,
+            group=group,
+        )
         try:
-            prepared = _agreed(
-                coordinator,
-                functools.partial(
-                    prepare_read,
-                    directory,
-                    manifest,
-                    rank=rank,
-                    world_size=world_size,
-                    template=state,
-                    options=options,
-                    group=group,
-                ),
-                f"preparing to restore {directory.name}",
-            )
+            if not format_named(manifest.format).collective_read:
+                # No rank waits inside the read for another: one agreement after both steps.
+                return _agreed(
+                    coordinator,
+                    lambda prepare=prepare: read_state(prepare(), template=state, strict=strict),
+                    f"restoring {directory.name}",
+                )
+            prepared = _agreed(coordinator, prepare, f"preparing to restore {directory.name}")
             return _agreed(
                 coordinator,
                 functools.partial(read_state, prepared, template=state, strict=strict),

@@ -34,7 +34,7 @@ class CheckpointInfo:
     metrics: Mapping[str, float]
     metadata: Mapping[str, Any]
     size_bytes: int
-    created_utc: str
+    created_utc: str | None
     format: str
     world_size: int
 

@@ -4,7 +4,8 @@ A state is a nested dict/list/tuple of tensors and plain values; any value with
 ``state_dict()`` / ``load_state_dict()`` (a model, an optimizer, a scheduler, a GradScaler, a
 sampler, a :class:`~distckpt.StepTracker`) is saved through ``state_dict()``. On restore, the
 same structure passed as ``state=`` is loaded in place: such objects get ``load_state_dict``,
-tensors are copied into, and plain values are returned in the result.
+tensors are copied into, and plain values (ints, strings, tuples, ...) are replaced inside the
+dicts and lists that hold them.
 """
 
 from __future__ import annotations
@@ -148,11 +149,26 @@ class LoadReport:
     def clean(self) -> bool:
         return not self.missing_keys and not self.unexpected_keys
 
+    def check_strict(self) -> None:
+        """Raise :class:`InvalidArgument` listing every key on one side only, unless clean: what
+        ``strict=True`` means for every format."""
+        if not self.clean:
+            raise InvalidArgument(
+                "the checkpoint does not match the given state: "
+                f"missing from the checkpoint {self.missing_keys}, "
+                f"not in the given state {self.unexpected_keys}. "
+                "Pass strict=False to load what matches."
+            )
+
 
 def load_into(
     template: Any, loaded: Any, *, strict: bool, fix_key_prefixes: bool = True
 ) -> LoadReport:
     """Load ``loaded`` (as saved) into ``template`` (the user's live objects) in place.
+
+    Objects with ``load_state_dict`` load through it, tensors are copied into, and any other
+    value inside a dict or list of ``template`` is replaced by the loaded one (a tuple by a new
+    tuple). A plain value at the top level cannot be replaced: read it from the result.
 
     With ``strict=True`` any key present on one side only raises :class:`InvalidArgument`
     listing them all, before anything is changed; with ``strict=False`` what matches is loaded
@@ -161,15 +177,9 @@ def load_into(
     one INFO line (see :mod:`distckpt.key_prefixes`).
     """
     report = LoadReport()
-    # A dry run first: find every mismatch before anything is changed.
-    _load(template, loaded, "", report, apply=False, fix_prefixes=fix_key_prefixes)
-    if strict and not report.clean:
-        raise InvalidArgument(
-            "the checkpoint does not match the given state: "
-            f"missing from the checkpoint {report.missing_keys}, "
-            f"not in the given state {report.unexpected_keys}. "
-            "Pass strict=False to load what matches."
-        )
+    _load(template, loaded, "", report, apply=False, fix_prefixes=fix_key_prefixes)  # dry run
+    if strict:
+        report.check_strict()
     _load(template, loaded, "", LoadReport(), apply=True, fix_prefixes=fix_key_prefixes)
     return report
 
@@ -193,11 +203,16 @@ def _renamed(expected: Any, loaded: Any, path: str, *, fix: bool, log: bool) -> 
 
 def _load(
     template: Any, loaded: Any, path: str, report: LoadReport, *, apply: bool, fix_prefixes: bool
-) -> None:
+) -> Any:
     """Walk ``template`` and ``loaded`` together, recording mismatches in ``report`` and, with
-    ``apply``, loading what matches."""
+    ``apply``, loading what matches. Returns what the template's place should hold: the
+    template itself when it was loaded in place (or left alone), else the loaded value."""
     if isinstance(template, PerRank):
-        template = template.value  # the mark matters to the format only
+        # The mark matters to the format only; the mark stays, its value is loaded.
+        new = _load(template.value, loaded, path, report, apply=apply, fix_prefixes=fix_prefixes)
+        if apply and new is not template.value:
+            template.value = new
+        return template
     if isinstance(template, torch.nn.Module):
         loaded = _renamed(template.state_dict(), loaded, path, fix=fix_prefixes, log=apply)
         expected, got = (
@@ -225,7 +240,7 @@ def _load(
         loaded = _renamed(template, loaded, path, fix=fix_prefixes, log=apply)
         for key, value in template.items():
             if key in loaded:
-                _load(
+                new = _load(
                     value,
                     loaded[key],
                     _join(path, key),
@@ -233,16 +248,35 @@ def _load(
                     apply=apply,
                     fix_prefixes=fix_prefixes,
                 )
+                if apply and new is not value and isinstance(template, dict):
+                    template[key] = new
             else:
                 report.missing_keys.append(_join(path, key))
         report.unexpected_keys += [_join(path, k) for k in loaded if k not in template]
     elif isinstance(template, (list, tuple)) and isinstance(loaded, (list, tuple)):
         if len(template) != len(loaded):
             report.missing_keys.append(f"{path}[len {len(template)} != {len(loaded)}]")
-            return
-        for index, (item, value) in enumerate(zip(template, loaded)):
+            return template
+        items = [
             _load(item, value, _join(path, index), report, apply=apply, fix_prefixes=fix_prefixes)
-    # plain values cannot be loaded in place: the caller reads them from the result
+            for index, (item, value) in enumerate(zip(template, loaded))
+        ]
+        if not apply or all(new is old for new, old in zip(items, template)):
+            return template
+        if isinstance(template, list):
+            template[:] = items
+            return template
+        return _same_kind_of_tuple(template, items)
+    elif not isinstance(template, (Mapping, list, tuple)):
+        return loaded  # a plain value: its container takes the loaded one
+    return template
+
+
+def _same_kind_of_tuple(template: tuple[Any, ...], items: list[Any]) -> tuple[Any, ...]:
+    """``items`` as a tuple of ``template``'s type (a named tuple takes them as arguments)."""
+    if hasattr(template, "_fields"):
+        return type(template)(*items)
+    return type(template)(items)
 
 
 def _checked(path: str, load: Any) -> None:

@@ -43,10 +43,12 @@ def run_matrix() -> dict[tuple[str, str], str]:
                 "-q",
                 "-p",
                 "no:cacheprovider",
+                "-n",
+                "2",
                 TESTS,
                 f"--junitxml={report}",
                 "-o",
-                "junit_family=xunit2",
+                "junit_family=xunit1",  # xunit1 keeps record_property's properties
             ],
             cwd=REPO,
             check=False,
@@ -62,8 +64,15 @@ def run_matrix() -> dict[tuple[str, str], str]:
             if child.tag == "skipped":
                 kind = child.get("type", "")
                 outcome = "known failure" if "xfail" in kind else "skipped"
+                if outcome == "skipped" and child.get("message"):
+                    outcome += f" ({child.get('message', '').removeprefix('Skipped: ')})"
             elif child.tag in ("failure", "error"):
                 outcome = "FAILED"
+            elif child.tag == "properties":
+                # a test that passed by proving a refusal says what it proved (record_property)
+                shown = [prop.get("value") for prop in child if prop.get("name") == "shows"]
+                if shown and outcome == "passed":
+                    outcome = f"passed: {shown[0]}"
         outcomes[(match["test"], match["param"] or "")] = outcome
     return outcomes
 

@@ -20,7 +20,6 @@ when the run cannot start (e.g. a format that is not available).
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 import tempfile
 import time
@@ -75,11 +74,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not modes or set(modes) - {"job", "rank"}:
         parser.error(f"--modes takes job and/or rank, not {args.modes!r}")
 
-    # Each rank's state holds only its own key, so a DCP restore notes the other ranks' keys
-    # it was not asked for: expected here, and once per rank per restore.
-    logging.getLogger("distckpt").addFilter(
-        lambda record: "the given state does not ask for" not in record.getMessage()
-    )
     problem = check_format(args.format)
     if problem is not None:
         print(f"soak: cannot run: {problem}", file=sys.stderr)

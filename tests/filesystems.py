@@ -42,7 +42,8 @@ TOOL_PACKAGES = {
 @dataclass(frozen=True)
 class Mount:
     """One mounted filesystem. ``path`` is where tests write (for the read-only mount, where
-    they read; ``writable_source`` is the same files through a writable name)."""
+    they read). ``writable_source`` is the same files through a writable name that is not
+    this mount: the read-only mount's source, the directory under bindfs."""
 
     name: str
     path: Path
@@ -196,7 +197,7 @@ class MountFactory:
             "readonly": self._read_only,
         }
         makers[name](image, target)
-        source = self.base / "readonly-source" if kind.read_only else None
+        source = self.base / f"{name}-source" if name in ("readonly", "bindfs") else None
         return Mount(name, target, kind.symlinks, kind.read_only, source)
 
     def _mount(self, *command: str | os.PathLike[str]) -> None:

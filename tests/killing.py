@@ -3,9 +3,10 @@ compare everything it recorded with an uninterrupted reference run, bit for bit.
 
 A job records, per rank, one line per training batch in ``OUT/losses-rank{r}.txt``
 (``epoch batch loss-in-float.hex``) and its final state in ``OUT/final-rank{r}.pt``. A kill
-moment is a number of loss lines rank 0 has written since the run started: the job is killed
-(its whole process group: every rank, Lightning's DDP children, loader workers) as soon as
-that many are there.
+moment is a number of lines a file of ``OUT`` (by default rank 0's losses) has gained since the
+run started: the job is killed (its whole process group: every rank, Lightning's DDP children,
+loader workers) as soon as that many are there. No fixed sleeps: a kill waits for the job's
+own progress, however slow a loaded machine makes it.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,7 +23,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
+from filelock import FileLock
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,12 +45,18 @@ def _env() -> dict[str, str]:
 
 
 def run(
-    command: Sequence[str], out: Path, *, kill_after: int | None = None, timeout: float = 240
+    command: Sequence[str],
+    out: Path,
+    *,
+    kill_after: int | None = None,
+    counted: str = "losses-rank0.txt",
+    timeout: float = 240,
 ) -> bool:
     """Run ``command`` (a Python script and its arguments) in a process group of its own; with
-    ``kill_after``, SIGKILL the group once rank 0 has logged that many more batches. True if
-    the job was killed, False if it finished (its exit status must then be 0)."""
-    log = out / "losses-rank0.txt"
+    ``kill_after``, SIGKILL the group once ``OUT/counted`` (rank 0's losses unless told) has
+    that many more lines. True if the job was killed, False if it finished (its exit status
+    must then be 0)."""
+    log = out / counted
     start = _count_lines(log)
     with open(out / "job.log", "ab") as output:
         job = subprocess.Popen(
@@ -86,19 +96,43 @@ def kill_moments(seed: int, count: int, low: int, high: int) -> list[int]:
     return [chooser.randint(low, high) for _ in range(count)]
 
 
-def run_killed(command: Sequence[str], out: Path, moments: Sequence[int]) -> int:
-    """Run ``command``, killing it at each of ``moments`` in turn and re-running it, then once
-    more to the end. Returns how many runs were really killed (a run may finish first)."""
-    killed = sum(run(command, out, kill_after=moment) for moment in moments)
+def run_killed(
+    command: Sequence[str], out: Path, moments: Sequence[int], *, counted: str = "losses-rank0.txt"
+) -> int:
+    """Run ``command``, killing it at each of ``moments`` (lines of ``OUT/counted``) in turn
+    and re-running it, then once more to the end. Returns how many runs were really killed (a
+    run may finish first)."""
+    killed = sum(run(command, out, kill_after=moment, counted=counted) for moment in moments)
     run(command, out)
     return killed
 
 
-def losses(out: Path, rank: int) -> dict[tuple[int, int], set[str]]:
-    """Every loss rank ``rank`` logged, by (epoch, batch); a batch trained again after a
-    resume adds its value to the set."""
+def shared_reference(
+    factory: pytest.TempPathFactory, name: str, script: str, options: Sequence[str] = ()
+) -> Path:
+    """The output directory of an uninterrupted run of ``script root out *options``, made once
+    per test session under the name ``name`` and shared by every test and every xdist worker
+    that asks for it: the first makes it under a file lock, the others wait for it."""
+    shared = factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent  # the session's directory, above each worker's own
+    out, root = shared / f"{name}-reference", shared / f"{name}-reference-root"
+    with FileLock(str(shared / f"{name}-reference.lock")):
+        if not (out / "done").exists():
+            # A reference that failed in another worker is made again from nothing.
+            shutil.rmtree(out, ignore_errors=True)
+            shutil.rmtree(root, ignore_errors=True)
+            out.mkdir()
+            run([script, str(root), str(out), *options], out)
+            (out / "done").touch()
+    return out
+
+
+def losses(out: Path, rank: int, log: str = "losses") -> dict[tuple[int, int], set[str]]:
+    """Every loss rank ``rank`` logged in ``OUT/{log}-rank{rank}.txt``, by (epoch, batch); a
+    batch run again after a resume adds its value to the set."""
     logged: dict[tuple[int, int], set[str]] = {}
-    for line in (out / f"losses-rank{rank}.txt").read_text().splitlines():
+    for line in (out / f"{log}-rank{rank}.txt").read_text().splitlines():
         epoch, batch, loss = line.split()
         logged.setdefault((int(epoch), int(batch)), set()).add(loss)
     return logged

@@ -200,6 +200,9 @@ def test_save_in_flight_tells_whether_the_background_save_is_done(
 
     from distckpt.formats.torch_files import TorchFilesFormat
 
+    # Kept as a patch: the test needs a write that is provably still running when save()
+    # returns, and stays so until it says; no real filesystem here stalls a write on demand
+    # (a slow disk would make the test a race).
     release = threading.Event()
     real_write = TorchFilesFormat.write
 

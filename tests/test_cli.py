@@ -153,6 +153,21 @@ def test_prune_without_a_rule_is_refused(root: Path) -> None:
     out = run("prune", str(root))
     assert out.returncode == 2 and "--keep-last" in out.stderr
     assert distckpt.CheckpointManager(root).steps() == [10, 20, 30]
+    # --keep-unranked alone removes nothing either: it only keeps.
+    out = run("prune", str(root), "--monitor", "loss", "--keep-unranked")
+    assert out.returncode == 2 and "--keep-every-n-seconds" in out.stderr
+
+
+def test_prune_keep_every_n_seconds_and_keep_unranked(root: Path) -> None:
+    with distckpt.CheckpointManager(root, fsync=False) as mgr:
+        mgr.save(40, {"w": torch.zeros(1)})  # saved without the monitored metric
+    # Saved moments apart: the time history keeps the oldest only; 40 is the newest.
+    out = run("prune", str(root), "--keep-every-n-seconds", "3600", "--json")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == {"removed": [30], "kept": [10, 20, 40]}
+    out = run("prune", str(root), "--keep-last", "1", "--monitor", "loss", "--keep-unranked")
+    assert out.returncode == 0, out.stderr
+    assert distckpt.CheckpointManager(root).steps() == [20, 40]  # best, and newest + unranked
 
 
 def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:

@@ -31,6 +31,7 @@ import torch
 import distckpt
 from distckpt.fsutil import read_link
 from distckpt.layout import RootLayout, step_dir_name
+from distckpt.storage import open_store
 from tests.ranks import run_ranks
 
 TIMEOUT = 10  # manager timeout: the commit lock waits at most half of it
@@ -116,8 +117,8 @@ def describe(exc: BaseException) -> str:
 
 def _competing_job(root: str, job: int, steps: int, barrier: Any) -> dict[str, Any]:
     """Save steps 1..``steps`` (the other job saves the same ones, so they collide on
-    every step), opening a new manager every 4 saves (its start-up cleanup runs next to the
-    other job's live staging dir)."""
+    every step), opening a new manager every 4 saves, which waits for the other job's manager
+    to close (one writing job at a time holds the root's lease)."""
     out: dict[str, Any] = {"saved": [], "refused": Counter(), "errors": []}
     barrier.wait()
     mgr = None
@@ -126,7 +127,7 @@ def _competing_job(root: str, job: int, steps: int, barrier: Any) -> dict[str, A
             if step % 4 == 1:
                 if mgr is not None:
                     mgr.close()
-                mgr = distckpt.CheckpointManager(root, timeout=TIMEOUT)
+                mgr = distckpt.CheckpointManager(root, timeout=TIMEOUT, wait_for_root=JOB_TIMEOUT)
             try:
                 mgr.save(step, state_of(step, job), metadata={"job": job})
                 out["saved"].append(step)
@@ -178,21 +179,23 @@ def _saving_loop(root: str, stop: Any, keep_last: int | None, limit: int) -> dic
 
 
 def _deleting_loop(root: str, stop: Any, seed: int) -> dict[str, Any]:
-    """``mgr.delete(step)`` of a random committed step (the newest too) and ``mgr.gc()``,
-    each from a newly opened manager (whose start cleans up too), over and over."""
+    """The store's ``delete(step)`` of a random committed step (the newest too) and its
+    ``collect_leftovers()``, each from a newly made store, over and over: what an operator's
+    tool does next to a live job, with no manager (a second manager would be a second writing
+    job, refused while the first holds the root's lease)."""
     rng = random.Random(seed)
     out: dict[str, Any] = {"deleted": [], "gc": 0, "clear": Counter(), "errors": []}
     while not stop.is_set():
         try:
-            with distckpt.CheckpointManager(root, timeout=TIMEOUT) as mgr:
-                steps = mgr.steps()
-                if steps:
-                    step = rng.choice(steps)
-                    mgr.delete(step)
-                    out["deleted"].append(step)
-                for _ in range(5):
-                    mgr.gc()
-                    out["gc"] += 1
+            store = open_store(root, lock_timeout=TIMEOUT / 2)
+            steps = RootLayout.at(root).committed_steps()
+            if steps:
+                step = rng.choice(steps)
+                store.delete(step)
+                out["deleted"].append(step)
+            for _ in range(5):
+                store.collect_leftovers()
+                out["gc"] += 1
         except distckpt.CheckpointNotFound as exc:  # retention removed it first: clear
             out["clear"][type(exc).__name__] += 1
         except Exception as exc:
@@ -212,8 +215,9 @@ def _cli(*args: str) -> subprocess.Popen[str]:
 
 def test_maintenance_next_to_a_saving_job(root: Path) -> None:
     """While a job saves with ``keep_last=2``: ``distckpt prune --keep-last 1`` and
-    ``distckpt gc``, twice each and all at once, and in another process ``mgr.delete(step)``
-    and ``mgr.gc()`` over and over. Every command succeeds, no save fails, nothing breaks.
+    ``distckpt gc``, twice each and all at once, and in another process the store's
+    ``delete(step)`` and ``collect_leftovers()`` over and over. Every command succeeds, no
+    save fails, nothing breaks.
     (Until the writer-lock race of test_gc_never_fails_a_live_save is fixed, a save here
     may rarely fail with "locked by another writer".)"""
     stop = mp.get_context("fork").Event()
@@ -407,7 +411,8 @@ def test_no_flock_is_a_clear_error_on_every_rank(root: Path) -> None:
     for rank, out in enumerate(outs):
         assert out["type"] is not None, f"rank {rank} opened a root it cannot lock"
         assert out["checkpoint_error"], out
-        assert "flock" in out["error"] and str(root / ".lock") in out["error"], out
+        # The first lock a manager takes is the root's lease.
+        assert "flock" in out["error"] and str(root / ".lease") in out["error"], out
     # No soft-lock marker was left behind: a manager where flock works opens at once.
     started = time.monotonic()
     distckpt.CheckpointManager(root, timeout=TIMEOUT).close()
@@ -430,15 +435,16 @@ def _saving_with_slow_lock_files(root: str, saves: int) -> dict[str, Any]:
 
 
 def _gc_loop(root: str, stop: Any) -> dict[str, Any]:
+    """``distckpt gc``'s collection (the store, no manager) over and over."""
     out: dict[str, Any] = {"gc": 0, "errors": []}
-    with distckpt.CheckpointManager(root, timeout=TIMEOUT) as mgr:
-        while not stop.is_set():
-            try:
-                mgr.gc()
-                out["gc"] += 1
-            except Exception as exc:
-                out["errors"].append(describe(exc))
-            time.sleep(0.002)
+    store = open_store(root, lock_timeout=TIMEOUT / 2)
+    while not stop.is_set():
+        try:
+            store.collect_leftovers()
+            out["gc"] += 1
+        except Exception as exc:
+            out["errors"].append(describe(exc))
+        time.sleep(0.002)
     return out
 
 
@@ -455,3 +461,35 @@ def test_gc_never_fails_a_live_save(root: Path) -> None:
     assert collected["errors"] == []
     assert wrote["errors"] == [], "\n".join(wrote["errors"])
     check_root(root)
+
+
+def test_a_start_removes_the_probes_and_links_a_killed_process_left(root: Path) -> None:
+    """Probes and links under construction are made under the root lock: found by a start
+    that holds it, each was left by a process that died, however recently (no grace period
+    then); ``distckpt ls``, which looks without the lock, reports only old ones."""
+    from distckpt.lock import find_leftovers
+
+    with distckpt.CheckpointManager(root, timeout=TIMEOUT) as mgr:
+        mgr.save(1, {"w": torch.zeros(3)})
+    planted = [
+        ".probe-0123abcd",
+        ".probe-link-0123abcd",
+        f".last.{'ab' * 16}.tmp",
+        f".best.{'cd' * 16}.tmp",
+    ]
+    (root / planted[0]).write_bytes(b"distckpt write probe\n")
+    os.symlink(root.name, root / planted[1], target_is_directory=True)
+    os.symlink(step_dir_name(1), root / planted[2], target_is_directory=True)
+    (root / planted[3]).write_text(step_dir_name(1) + "\n")
+    (root / ".lastly.tmp").write_text("not ours\n")  # only distckpt's own names are removed
+
+    layout = RootLayout.at(root)
+    assert find_leftovers(layout) == []  # all younger than the grace period
+    found = sorted(item.path.name for item in find_leftovers(layout, locked=True))
+    assert found == sorted(planted)
+    with distckpt.CheckpointManager(root, timeout=TIMEOUT) as mgr:
+        removed = {path.name for path in mgr.gc()}
+    assert removed == set(planted)
+    left = sorted(p.name for p in root.iterdir() if p.name.startswith(".") and p.is_file())
+    assert left == [".lastly.tmp", ".lock"]
+    assert read_link(root / "last") == step_dir_name(1)

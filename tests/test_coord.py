@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import distckpt
-from distckpt.coord import Coordinator
+from distckpt.coord import FRAME_BYTES, Coordinator
 from distckpt.errors import CheckpointExists, RankFailure
 from tests.ranks import run_ranks, values
 
@@ -31,6 +31,34 @@ def _gathered(rank: int, world_size: int) -> tuple[list[int], int]:
 
 def test_all_gather_and_all_reduce_give_every_rank_the_same_values() -> None:
     assert values(run_ranks(_gathered, 3)) == [([0, 1, 4], 6)] * 3
+
+
+#: Each rank's value in the mixed all_gather: only rank 3's needs a second round.
+SIZES = (0, FRAME_BYTES // 2, FRAME_BYTES // 2, 3 * FRAME_BYTES + 7)
+
+
+def _values_of_every_size(rank: int, world_size: int) -> tuple[list[bytes], list[bytes], int]:
+    """Values around the frame size: one collective when all fit, a second round otherwise."""
+    coord = Coordinator(None, TIMEOUT)
+    collectives: list[str] = []
+    stop = distckpt.events.add_listener(lambda event: collectives.append(event.phase))
+    try:
+        small = coord.all_gather(lambda: bytes([rank]) * 10, what="small")
+        mixed = coord.all_gather(lambda: bytes([rank]) * SIZES[rank], what="mixed")
+        for size in (0, FRAME_BYTES // 2, 3 * FRAME_BYTES + 7):
+            shared = coord.decide(lambda s=size: b"x" * s, what="broadcast")
+            assert shared == b"x" * size
+        return small, mixed, len(collectives)
+    finally:
+        stop()
+        coord.close()
+
+
+def test_object_collectives_carry_small_values_in_one_round_and_large_ones_in_two() -> None:
+    small = [bytes([r]) * 10 for r in range(4)]
+    mixed = [bytes([r]) * SIZES[r] for r in range(4)]
+    # the all_gathers: 1 + 2 rounds; the broadcasts: 1 + 1 + 2 rounds
+    assert values(run_ranks(_values_of_every_size, 4)) == [(small, mixed, 3 + 4)] * 4
 
 
 def _structured_failure(rank: int, world_size: int) -> tuple[str, dict[str, object]]:

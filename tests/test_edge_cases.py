@@ -12,6 +12,7 @@ import torch
 import distckpt
 from distckpt import faults
 from distckpt.cli import main
+from tests.filesystems import MountFactory
 
 
 def _flip_a_byte(path: Path) -> None:
@@ -156,13 +157,13 @@ def test_a_rank_failing_to_prepare_a_restore_fails_every_rank_at_once(tmp_path: 
 
 @pytest.mark.parametrize("exchange", [True, False], ids=["atomic-exchange", "two-renames"])
 def test_overwrite_replaces_the_committed_checkpoint(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, exchange: bool
+    tmp_path: Path, mounts: MountFactory, exchange: bool
 ) -> None:
     from distckpt import fsutil
-    from distckpt.storage import posix
 
-    if not exchange:  # a filesystem that cannot swap two names (NFS, an older kernel)
-        monkeypatch.setattr(posix, "exchange_dirs", lambda a, b, fsync: False)
+    if not exchange:  # bindfs (FUSE) cannot swap two names, like NFS or an older kernel
+        tmp_path = mounts.get("bindfs").path / "edge-overwrite"
+        assert not fsutil.exchange_dirs(*_two_dirs(tmp_path / "probe"), fsync=False)
     elif not fsutil.exchange_dirs(*_two_dirs(tmp_path / "probe"), fsync=False):
         pytest.skip("renameat2(RENAME_EXCHANGE) is not supported here")
     with distckpt.CheckpointManager(tmp_path / "root", fsync=False) as mgr:
@@ -228,3 +229,34 @@ def test_extra_files_may_not_take_the_formats_own_names(
             with pytest.raises(distckpt.InvalidArgument):
                 mgr.save(1, {"a": torch.ones(2)}, files={name: b"x"})
             assert mgr.steps() == []
+
+
+def _one_rank_fails_reading(rank: int, world_size: int, root: str) -> tuple[str, int]:
+    collectives: list[str] = []
+    with distckpt.CheckpointManager(root, format="torch", timeout=20) as mgr:
+        mgr.save(1, {"w": torch.zeros(1000)})
+        mgr.restore(1)  # a restore that works, first
+        stop = distckpt.events.add_listener(
+            lambda event: (
+                collectives.append(event.phase) if event.phase.startswith("collective.") else None
+            )
+        )
+        try:
+            # Rank 1's template has the wrong shape: only its read fails.
+            mgr.restore(1, state={"w": torch.zeros(1000 if rank == 0 else 3)})
+        except distckpt.CheckpointError as exc:
+            return type(exc).__name__, len(collectives)
+        finally:
+            stop()
+    return "no error", len(collectives)
+
+
+def test_a_rank_failing_to_read_a_torch_checkpoint_fails_every_rank(tmp_path: Path) -> None:
+    """The "torch" format reads without collectives: prepare and read share one agreement
+    (after rank 0's broadcast of what to read), and one rank's failure still reaches both."""
+    from tests.ranks import run_ranks, values
+
+    out = values(run_ranks(_one_rank_fails_reading, 2, str(tmp_path), timeout=60))
+    (kind,) = {kind for kind, _ in out}
+    assert kind != "no error"
+    assert [count for _, count in out] == [2, 2]

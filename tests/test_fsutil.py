@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from distckpt.fsutil import (
+    COALESCE_BYTES,
     POINTER_MAX_BYTES,
     ChecksumWriter,
     atomic_write_bytes,
@@ -23,6 +24,7 @@ from distckpt.fsutil import (
     remove_link,
     swap_link,
 )
+from tests.filesystems import MountFactory
 
 
 def _refuse_symlinks(code: int) -> Any:
@@ -35,7 +37,16 @@ def _refuse_symlinks(code: int) -> Any:
 @pytest.fixture
 def parent(tmp_path: Path) -> Path:
     """A root-like directory holding two step dirs, with its trash beside them."""
-    directory = tmp_path / "root"
+    return _make_parent(tmp_path / "root")
+
+
+@pytest.fixture
+def exfat_parent(mounts: MountFactory, request: pytest.FixtureRequest) -> Path:
+    """Like ``parent``, on exFAT: a real filesystem that refuses symlinks (ENOSYS)."""
+    return _make_parent(mounts.get("exfat").path / f"fsutil-{request.node.name}")
+
+
+def _make_parent(directory: Path) -> Path:
     directory.mkdir()
     for name in ("step-00000001", "step-00000002"):
         (directory / name).mkdir()
@@ -129,30 +140,34 @@ def test_pointer_mode_writes_a_one_line_file(parent: Path, before: Any) -> None:
     assert os.readlink(link) == "step-00000001"
 
 
-@pytest.mark.parametrize("code", [errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS])
+@pytest.mark.parametrize("before", [_nothing, _regular_file, _directory])
 def test_auto_mode_falls_back_to_a_pointer_where_symlinks_are_refused(
-    parent: Path, monkeypatch: pytest.MonkeyPatch, code: int
+    exfat_parent: Path, before: Any
 ) -> None:
-    _old_symlink(parent / "last")
-    monkeypatch.setattr(os, "symlink", _refuse_symlinks(code))
-    assert _swap(parent, "step-00000002") == "pointer"
-    assert read_link(parent / "last") == "step-00000002"
-    assert not (parent / "last").is_symlink()
-    assert _leftovers(parent) == []
+    before(exfat_parent / "last")
+    assert _swap(exfat_parent, "step-00000002") == "pointer"
+    assert read_link(exfat_parent / "last") == "step-00000002"
+    assert not (exfat_parent / "last").is_symlink()
+    assert _leftovers(exfat_parent) == []
+    assert _swap(exfat_parent, "step-00000001") == "pointer"  # and over its own pointer
+    assert read_link(exfat_parent / "last") == "step-00000001"
 
 
-def test_symlink_mode_does_not_fall_back(parent: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    _old_symlink(parent / "last")
-    monkeypatch.setattr(os, "symlink", _refuse_symlinks(errno.EPERM))
-    with pytest.raises(PermissionError):
-        _swap(parent, "step-00000002", mode="symlink")
-    assert os.readlink(parent / "last") == "step-00000001"  # the old link is untouched
-    assert _leftovers(parent) == []
+def test_symlink_mode_does_not_fall_back(exfat_parent: Path) -> None:
+    assert _swap(exfat_parent, "step-00000001", mode="pointer") == "pointer"
+    with pytest.raises(OSError) as info:
+        _swap(exfat_parent, "step-00000002", mode="symlink")
+    assert info.value.errno == errno.ENOSYS
+    assert read_link(exfat_parent / "last") == "step-00000001"  # the old link is untouched
+    assert _leftovers(exfat_parent) == []
 
 
 def test_auto_mode_raises_errors_other_than_a_refusal(
     parent: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # Kept as a mock: no filesystem here refuses symlink(2) with ENOSPC on demand (a full ext4
+    # still stores a short symlink in a free dir-entry slot), and a swap must not take that
+    # for "symlinks unsupported".
     _old_symlink(parent / "last")
     monkeypatch.setattr(os, "symlink", _refuse_symlinks(errno.ENOSPC))
     with pytest.raises(OSError) as info:
@@ -257,6 +272,23 @@ def test_checksum_writer_accepts_memoryviews_and_large_data(tmp_path: Path) -> N
         writer.write(view[1 << 20 :])
     assert writer.checksum == file_checksum(path)
     assert path.read_bytes() == data
+
+
+def test_checksum_writer_gathers_small_writes_around_large_ones(tmp_path: Path) -> None:
+    """Small writes are gathered, a large one between them goes straight through; the bytes,
+    their order, the size (as a running ``tell()`` for DCP) and the checksum all hold."""
+    pieces = [os.urandom(n) for n in (7, 300, COALESCE_BYTES - 100, 500, COALESCE_BYTES, 3)]
+    pieces += [os.urandom(4096) for _ in range(600)]  # more than one gathering's worth
+    path = tmp_path / "many.bin"
+    with ChecksumWriter(path, fsync=True) as writer:
+        accepted = 0
+        for piece in pieces:
+            accepted += writer.write(piece)
+            assert writer.size == accepted
+        assert writer.checksum == f"{zlib.crc32(b''.join(pieces)):08x}"  # before the last flush
+    data = b"".join(pieces)
+    assert path.read_bytes() == data
+    assert writer.checksum == file_checksum(path) == f"{zlib.crc32(data):08x}"
 
 
 def test_checksum_writer_never_reuses_an_existing_file(tmp_path: Path) -> None:

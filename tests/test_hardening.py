@@ -3,7 +3,6 @@ checkpoints, preflight errors raised alike on every rank, and a SIGKILL mid-save
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import os
@@ -19,9 +18,9 @@ import torch.distributed as dist
 from torch import nn
 
 import distckpt
-import distckpt.storage.posix
 from distckpt import faults
 from distckpt.fsutil import file_checksum
+from tests.filesystems import MountFactory
 from tests.ranks import run_ranks, values
 
 TIMEOUT = 20  # manager collectives: a hang becomes an error well before run_ranks gives up
@@ -34,11 +33,6 @@ def _err(exc: BaseException) -> tuple[str, str]:
 
 def _weights(step: int, rank: int) -> torch.Tensor:
     return torch.full((3,), float(step * 10 + rank))
-
-
-def _refuse_symlinks(*args: Any, **kwargs: Any) -> None:
-    # What FUSE / SMB / some cloud mounts answer to symlink(2).
-    raise OSError(errno.EPERM, "Operation not permitted")
 
 
 def _entries(directory: Path) -> list[str]:
@@ -115,9 +109,9 @@ def test_pointer_link_is_a_regular_file_naming_the_step_dir(root: Path) -> None:
 
 
 def test_auto_link_falls_back_to_a_pointer_file_when_symlink_is_refused(
-    root: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    mounts: MountFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setattr(os, "symlink", _refuse_symlinks)
+    root = mounts.get("exfat").path / "hardening-auto-link"  # exFAT refuses symlinks
     caplog.set_level(logging.WARNING, logger="distckpt")
     with distckpt.CheckpointManager(root, link="auto", timeout=TIMEOUT) as mgr:
         for step in (1, 2):
@@ -134,7 +128,6 @@ def test_auto_link_falls_back_to_a_pointer_file_when_symlink_is_refused(
 
 
 def _save_refusing_symlinks(rank: int, world_size: int, root: str) -> tuple[int, list[float]]:
-    os.symlink = _refuse_symlinks  # every rank sees the same filesystem
     with distckpt.CheckpointManager(root, timeout=TIMEOUT) as mgr:
         for step in (1, 2, 3):
             mgr.save(step, {"w": _weights(step, rank)})
@@ -142,7 +135,8 @@ def _save_refusing_symlinks(rank: int, world_size: int, root: str) -> tuple[int,
         return mgr.restore(root + "/last", state=template).step, template["w"].tolist()
 
 
-def test_auto_link_falls_back_on_every_rank_of_a_job(root: Path) -> None:
+def test_auto_link_falls_back_on_every_rank_of_a_job(mounts: MountFactory) -> None:
+    root = mounts.get("exfat").path / "hardening-every-rank"  # exFAT refuses symlinks
     out = values(run_ranks(_save_refusing_symlinks, 2, str(root), timeout=JOB_TIMEOUT))
     assert out == _restored(3)
     assert not (root / "last").is_symlink()
@@ -444,9 +438,8 @@ def _save_without_space(rank: int, world_size: int, root: str) -> dict[str, Any]
     out: dict[str, Any] = {}
     with distckpt.CheckpointManager(root, timeout=TIMEOUT) as mgr:
         mgr.save(1, {"w": _weights(1, rank)})
-        distckpt.storage.posix.filesystem_free_bytes = lambda path: 4096
         try:
-            mgr.save(2, {"w": torch.zeros(1000, 1000)})
+            mgr.save(2, {"w": torch.zeros(8 << 20)})  # 32 MiB a rank, on a 24 MiB volume
         except Exception as exc:
             out["error"] = _err(exc)
         if rank == 0:
@@ -454,7 +447,8 @@ def _save_without_space(rank: int, world_size: int, root: str) -> dict[str, Any]
     return out
 
 
-def test_insufficient_space_on_every_rank_and_nothing_written(root: Path) -> None:
+def test_insufficient_space_on_every_rank_and_nothing_written(mounts: MountFactory) -> None:
+    root = mounts.get("small-ext4").path / "hardening-no-space"
     out = values(run_ranks(_save_without_space, 2, str(root), timeout=JOB_TIMEOUT))
     for rank_out in out:
         assert rank_out.get("error", ("no error",))[0] == "InsufficientSpace"

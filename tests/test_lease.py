@@ -23,7 +23,8 @@ from pathlib import Path
 import pytest
 
 import distckpt
-from distckpt.lease import LEASE_RECORD_NAME, LauncherWatch, RootLease, read_holder
+from distckpt.layout import LEASE_RECORD_NAME
+from distckpt.lease import LauncherWatch, RootLease, read_holder
 from distckpt.lock import locks_local_to_machine
 
 STARTUP = 30.0  # a process that has not answered by then counts as hung (a loaded machine)

@@ -71,6 +71,13 @@ def test_round_trip() -> None:
     assert manifest.total_bytes == 22
 
 
+def test_a_manifest_without_created_utc_reads_as_unknown() -> None:
+    # Not the time it was read: a time history built from it must not move between reads.
+    manifest = Manifest.from_json(_raw(created_utc=None), source="m")
+    assert manifest.created_utc is None
+    assert Manifest.from_json(manifest.to_json(), source="m").created_utc is None
+
+
 @pytest.mark.parametrize(
     ("value", "stored"), [(math.nan, "nan"), (math.inf, "inf"), (-math.inf, "-inf")]
 )

@@ -19,6 +19,7 @@ from typing import Any, Protocol
 import torch.distributed as dist
 
 from distckpt.manifest import FileRecord, Manifest
+from distckpt.state import LoadReport
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,10 @@ class PreparedRead:
     options: ReadOptions
     #: what the format found while preparing and needs for the read (DCP: its metadata)
     detail: Any = None
+    #: keys on one side only (template vs checkpoint) that the format found before reading,
+    #: so ``strict=True`` refuses them before any collective read; None when only the read
+    #: itself tells ("torch": a rank file is read whole)
+    mismatch: LoadReport | None = None
 
 
 class CheckpointFormat(Protocol):
@@ -71,6 +76,9 @@ class CheckpointFormat(Protocol):
     #: marked (:class:`~distckpt.PerRank`, see :mod:`distckpt.per_rank`): a format that saves
     #: some values once for all ranks must tell those apart
     marks_per_rank: bool
+    #: whether :meth:`read` runs collectives on ``ctx.group`` (then the ranks agree on
+    #: :meth:`prepare_read` before any rank reads; otherwise one agreement after both suffices)
+    collective_read: bool
 
     def required_files(self, manifest: Manifest) -> list[str]:
         """Files a complete checkpoint of this format must list in its manifest."""
@@ -105,7 +113,8 @@ class CheckpointFormat(Protocol):
     ) -> PreparedRead:
         """Everything this rank can check alone before a (possibly collective) read: the world
         size, the rank, the ``state=`` template (plain data, or None), the format's own
-        metadata. Never collective; the caller agrees on its outcome before :meth:`read`."""
+        metadata. Never collective; the caller agrees on its outcome before a collective
+        :meth:`read`."""
         ...
 
     def read(self, prepared: PreparedRead) -> Any:

@@ -33,11 +33,13 @@ What DCP saves, and its limits:
 Restoring: DCP loads *in place*, so ``restore`` needs ``state=``: the same structure as saved,
 whose tensors and DTensors (on the restoring ranks' meshes) receive the data; each rank reads
 only the chunks its shards overlap. Keys the state asks for that the checkpoint lacks are left
-out of the result, so :func:`distckpt.state.load_into` reports them as missing (and raises under
-``strict=True``); keys only in the checkpoint are not loaded and only logged.
+out of the result and reported as missing; keys only in the checkpoint are not loaded and are
+reported as unexpected. ``strict=True`` refuses either, as for the "torch" format, before DCP's
+collective read starts (:meth:`DcpFormat.prepare_read` compares the keys with ``.metadata``).
 Keys that differ from the checkpoint's only by wrapper prefixes (``torch.compile``'s
 ``_orig_mod.``, DDP's ``module.``) are mapped, with an INFO line, unless
-``fix_key_prefixes=False``.
+``fix_key_prefixes=False``; the comparison is made on the keys as they will be read (mapped,
+per-rank values under their rank), so a mapped key is no mismatch.
 ``map_location`` applies to non-tensor values only (tensors land where the given state's
 tensors are) and ``mmap`` is ignored. Before DCP's collectives start, every rank checks the
 given state and reads ``.metadata`` (:meth:`DcpFormat.prepare_read`), and the caller has the
@@ -103,12 +105,14 @@ from distckpt.formats.base import PreparedRead, ReadOptions, ShardContext
 from distckpt.formats.dcp_keys import (
     PER_RANK_KEY,
     dotted,
+    key_mismatch_as_read,
+    per_rank_not_read,
     per_rank_placeholders,
     rename_back,
     rename_to_saved,
     restore_per_rank,
+    saved_paths,
     split_per_rank,
-    split_per_rank_keys,
     with_per_rank,
 )
 from distckpt.formats.dcp_metadata import DATA_FILE_RE, METADATA_NAME, read_metadata
@@ -116,6 +120,8 @@ from distckpt.formats.dcp_storage import Planner, Reader, Writer
 from distckpt.manifest import FileRecord, Manifest
 from distckpt.model_state import ModelOptimizerState
 from distckpt.state import copy_containers, dtensor_type, remove_path, set_path, tensor_bytes
+
+logger = logging.getLogger("distckpt")
 
 __all__ = [
     "DcpFormat",
@@ -125,8 +131,6 @@ __all__ = [
     "load_consolidated",
     "read_metadata",
 ]
-
-logger = logging.getLogger("distckpt")
 
 # The metadata pickle and the per-item headers around the tensor data.
 _OVERHEAD_BYTES = 64 << 10
@@ -266,6 +270,7 @@ class DcpFormat:
 
     name = "dcp"
     marks_per_rank = True  # everything unmarked is saved once, for all ranks
+    collective_read = True  # dcp.load plans the read across the ranks
 
     def required_files(self, manifest: Manifest) -> list[str]:
         """``.metadata`` and one ``.distcp`` file per saving rank (DCP writes one per rank even
@@ -313,8 +318,9 @@ class DcpFormat:
         template: Any,
         options: ReadOptions,
     ) -> PreparedRead:
-        """Checks the template (DCP loads in place, so one is needed) and reads ``.metadata``
-        safely; any world size may restore."""
+        """Checks the template (DCP loads in place, so one is needed), reads ``.metadata``
+        safely and compares its keys with the template's (``mismatch``, before DCP's
+        collective read); any world size may restore."""
         if template is None:
             raise InvalidArgument(
                 f"restoring {directory} (format 'dcp') needs state=: DCP loads in place into "
@@ -334,18 +340,22 @@ class DcpFormat:
                 "restore everything else (they then start afresh on every rank)"
             )
         metadata = read_metadata(directory, manifest, allow_pickle=options.allow_pickle)
-        return PreparedRead(directory, manifest, ctx, template, options, detail=metadata)
+        mismatch = key_mismatch_as_read(template, metadata, ctx.rank, options.fix_key_prefixes)
+        return PreparedRead(
+            directory, manifest, ctx, template, options, detail=metadata, mismatch=mismatch
+        )
 
     def read(self, prepared: PreparedRead) -> Any:
         """Load into the template's tensors and DTensors with ``dcp.load`` over
         ``ctx.group`` (collective); returns the filled template, without the keys the
-        checkpoint lacks."""
+        checkpoint lacks (the checkpoint's keys the template lacks are not loaded: the
+        prepared ``mismatch`` reports them; per-rank values not asked for are logged)."""
         directory, group, rank = prepared.directory, prepared.ctx.group, prepared.ctx.rank
         shared, marked = split_per_rank(prepared.template)
         state = copy_containers(shared)
         renames: list[Any] = []
         if prepared.options.fix_key_prefixes:
-            state, renames = rename_to_saved(state, _saved_paths(prepared.detail), directory.name)
+            state, renames = rename_to_saved(state, saved_paths(prepared.detail), directory.name)
         if marked:
             state.update(per_rank_placeholders(prepared.detail, rank))
         planner = Planner(prepared.options)
@@ -364,24 +374,17 @@ class DcpFormat:
             remove_path(state, planner.path_of(key))
         rename_back(state, renames)
         restore_per_rank(state, marked, rank, prepared.detail)
-        same_ranks = prepared.ctx.world_size == prepared.manifest.world_size
-        unexpected, per_rank = split_per_rank_keys(planner.unexpected)
-        # Each rank reads its own per-rank values; the others' are not for it to load.
-        not_asked = {r: names for r, names in per_rank.items() if r == rank or not same_ranks}
+        not_asked = per_rank_not_read(
+            prepared.detail,
+            rank,
+            same_ranks=prepared.ctx.world_size == prepared.manifest.world_size,
+            read_own=bool(marked),
+        )
         if not_asked:
             logger.warning(
                 "%s holds per-rank values the given state does not ask for; not restored: %s",
                 directory,
                 "; ".join(f"rank {r}: {', '.join(names)}" for r, names in not_asked.items()),
-            )
-        if unexpected:
-            shown = ", ".join(unexpected[:8])
-            more = f" and {len(unexpected) - 8} more" if len(unexpected) > 8 else ""
-            logger.warning(
-                "%s holds keys the given state does not ask for; not loaded: %s%s",
-                directory,
-                shown,
-                more,
             )
         return state
 
@@ -402,12 +405,6 @@ class DcpFormat:
                 "rank= and all_ranks= only apply to the 'torch' format"
             )
         return load_consolidated(directory, manifest, allow_pickle=allow_pickle)
-
-
-def _saved_paths(metadata: Any) -> list[tuple[Any, ...]]:
-    """Every key the checkpoint holds, as its place in the nested state."""
-    paths = metadata.planner_data if isinstance(metadata.planner_data, dict) else {}
-    return [tuple(paths.get(key, (key,))) for key in metadata.state_dict_metadata]
 
 
 def load_consolidated(

@@ -22,9 +22,10 @@ from typing import Any
 import torch
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 
+from distckpt.formats.dcp_storage import flat_keys, key_mismatch
 from distckpt.key_prefixes import log_prefix_mapping, matching_prefixes
 from distckpt.per_rank import PerRank
-from distckpt.state import set_path
+from distckpt.state import LoadReport, set_path
 
 __all__ = [
     "PER_RANK_KEY",
@@ -33,6 +34,9 @@ __all__ = [
     "per_rank_placeholders",
     "restore_per_rank",
     "split_per_rank_keys",
+    "per_rank_not_read",
+    "key_mismatch_as_read",
+    "saved_paths",
     "dotted",
     "rename_to_saved",
     "rename_back",
@@ -140,8 +144,51 @@ def split_per_rank_keys(keys: Iterable[str]) -> tuple[list[str], dict[int, list[
     return ordinary, dict(sorted(per_rank.items()))
 
 
+def per_rank_not_read(
+    metadata: Metadata, rank: int, *, same_ranks: bool, read_own: bool
+) -> dict[int, list[str]]:
+    """By rank, the top-level names of the saved per-rank values this rank's restore leaves
+    unread and should say so: its own when it asked for none (``read_own`` false), and every
+    rank's after a world-size change. With the same ranks, the others' are theirs to read."""
+    own = f"{PER_RANK_KEY}.{rank}."
+    keys = [key for key in metadata.state_dict_metadata if not (read_own and key.startswith(own))]
+    _, per_rank = split_per_rank_keys(keys)
+    return {r: names for r, names in per_rank.items() if r == rank or not same_ranks}
+
+
+def key_mismatch_as_read(
+    template: Any, metadata: Metadata, rank: int, fix_prefixes: bool
+) -> LoadReport:
+    """The keys on one side only, compared as the read will ask for them: per-rank values split
+    out and wrapper prefixes mapped (a compiled model's checkpoint into a bare model is no
+    mismatch when the mapping applies). Per-rank values are compared by place: one this rank
+    asks for is missing when the checkpoint holds nothing under its place in this rank's
+    namespace (its saved structure may differ from a fresh one's); per-rank values nobody
+    asks for are not unexpected but logged by the read (:func:`per_rank_not_read`), so a
+    restore by another world size may leave them out."""
+    shared, marked = split_per_rank(template)
+    if fix_prefixes:
+        shared, _ = rename_to_saved(shared, saved_paths(metadata), "", log=False)
+    report = key_mismatch(flat_keys(shared), metadata)
+    report.unexpected_keys = [
+        key for key in report.unexpected_keys if not key.startswith(f"{PER_RANK_KEY}.")
+    ]
+    own = [key for key in metadata.state_dict_metadata if key.startswith(f"{PER_RANK_KEY}.{rank}.")]
+    for path, _ in marked:
+        place = f"{PER_RANK_KEY}.{rank}.{dotted(path)}"
+        if not any(key == place or key.startswith(f"{place}.") for key in own):
+            report.missing_keys.append(dotted(path))
+    return report
+
+
 # ---------------------------------------------------------------------------------------------
 # Wrapper prefixes
+
+
+def saved_paths(metadata: Metadata) -> list[Path_]:
+    """Every key the checkpoint holds, as its place in the nested state."""
+    paths = metadata.planner_data if isinstance(metadata.planner_data, dict) else {}
+    return [tuple(paths.get(key, (key,))) for key in metadata.state_dict_metadata]
 
 
 def _children_index(saved_paths: Iterable[Path_]) -> dict[Path_, set[Any]]:
@@ -154,19 +201,20 @@ def _children_index(saved_paths: Iterable[Path_]) -> dict[Path_, set[Any]]:
 
 
 def rename_to_saved(
-    state: Any, saved_paths: Iterable[Path_], where: str
+    state: Any, saved: Iterable[Path_], where: str, *, log: bool = True
 ) -> tuple[Any, list[tuple[Path_, dict[str, str]]]]:
-    """``state`` with the keys of every dict that differ from the checkpoint's only by wrapper
-    prefixes renamed to the saved ones (one INFO line each), and the renames made, each as
-    (its dict's place in saved names, {target key: saved key}), outermost first."""
-    index = _children_index(saved_paths)
+    """``state`` with the keys of every dict that differ from the checkpoint's (``saved``
+    paths) only by wrapper prefixes renamed to the saved ones (with ``log``, one INFO line
+    each), and the renames made, each as (its dict's place in saved names, {target key: saved
+    key}), outermost first."""
+    index = _children_index(saved)
     renames: list[tuple[Path_, dict[str, str]]] = []
 
     def walk(node: Any, path: Path_) -> Any:
         if not isinstance(node, dict):
             return node
         mapping = matching_prefixes(node, index.get(path, ()))
-        if mapping is not None:
+        if mapping is not None and log:
             log_prefix_mapping(dotted((where, *path)), mapping)
             renames.append((path, mapping))
             node = {mapping.get(key, key): value for key, value in node.items()}

@@ -6,25 +6,26 @@ from __future__ import annotations
 
 import io
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from torch.distributed.checkpoint._nested_dict import flatten_state_dict
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.filesystem import (
     FileSystem,
     FileSystemReader,
     FileSystemWriter,
 )
-from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+from torch.distributed.checkpoint.metadata import STATE_DICT_TYPE, Metadata, StorageMeta
 from torch.distributed.checkpoint.planner import LoadPlan, ReadItem
 
 from distckpt.errors import CheckpointError, CorruptCheckpoint
 from distckpt.formats.base import ReadOptions
 from distckpt.formats.torch_files import safe_torch_load
 from distckpt.fsutil import ChecksumWriter
-from distckpt.state import set_path
+from distckpt.state import LoadReport, set_path
 
 
 class ChecksumStream(ChecksumWriter):
@@ -133,15 +134,12 @@ class Planner(DefaultLoadPlanner):
         super().__init__(flatten_state_dict=flatten, allow_partial_load=True)
         self.options = options
         self.missing: list[str] = []
-        self.unexpected: list[str] = []
 
     def create_local_plan(self) -> LoadPlan:
         plan = super().create_local_plan()
         if self.metadata is None:  # set_up_planner always sets it; DCP calls that first
             raise CorruptCheckpoint("DCP planned a load without metadata")
-        saved = self.metadata.state_dict_metadata
-        self.missing = [key for key in self.state_dict if key not in saved]
-        self.unexpected = sorted(key for key in saved if key not in self.state_dict)
+        self.missing = key_mismatch(self.state_dict, self.metadata).missing_keys
         return plan
 
     def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
@@ -152,3 +150,23 @@ class Planner(DefaultLoadPlanner):
 
     def path_of(self, key: str) -> tuple[Any, ...]:
         return tuple(self.mappings[key]) if self.flatten_state_dict else (key,)
+
+
+def flat_keys(state: STATE_DICT_TYPE) -> list[str]:
+    """The keys DCP gives the values of a nested ``state`` (``model.layer.weight``, ``a.0``)."""
+    # DCP's own flattening (private, but what its planners name keys with): the one source of
+    # truth, where a copy of its rules could drift from it between torch versions.
+    flat, _ = flatten_state_dict(state)
+    return list(flat)
+
+
+def key_mismatch(asked: Iterable[str], metadata: Metadata) -> LoadReport:
+    """The flat keys of a load on one side only: those ``asked`` for that the checkpoint lacks,
+    and the checkpoint's that nothing asks for."""
+    asked = list(asked)
+    saved = metadata.state_dict_metadata
+    wanted = set(asked)
+    return LoadReport(
+        missing_keys=[key for key in asked if key not in saved],
+        unexpected_keys=sorted(key for key in saved if key not in wanted),
+    )

@@ -95,6 +95,7 @@ class TorchFilesFormat:
 
     name = "torch"
     marks_per_rank = False  # every rank saves its whole state: every value is per rank
+    collective_read = False  # each rank reads its own file
 
     def required_files(self, manifest: Manifest) -> list[str]:
         return [rank_file_name(rank) for rank in range(manifest.world_size)]

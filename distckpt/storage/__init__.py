@@ -65,9 +65,20 @@ class RootStore(abc.ABC):
     fsync: bool
 
     @abc.abstractmethod
-    def open(self) -> OpenedRoot:
+    def open(self, *, wait_for_root: float = 0.0) -> OpenedRoot:
         """Rank 0, once per manager: create the root if missing, prove it writable, settle how
-        links are kept, remove leftovers of dead writers and repair the links."""
+        links are kept, take the root's writer lease (waiting up to ``wait_for_root`` seconds
+        for another job to end, else :class:`~distckpt.RootInUse` naming it), remove leftovers
+        of dead writers and repair the links. From here until :meth:`close`, every change to
+        what is published first checks, under the root's lock, that this store still holds
+        the lease (:class:`~distckpt.LeaseLost` otherwise, before anything changed). A store
+        that was never opened (the ``distckpt`` CLI's) holds no lease and checks none.
+        Read-only: only find the newest valid checkpoint of an existing root (no lease)."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Release what :meth:`open` took (the lease), so the next job may open the root; this
+        store commits nothing after it. Idempotent; also done at interpreter exit."""
 
     @abc.abstractmethod
     def check_visible(self, rank: int) -> None:
@@ -75,8 +86,9 @@ class RootStore(abc.ABC):
         and may write into it."""
 
     @abc.abstractmethod
-    def free_bytes(self) -> int:
-        """Bytes available for new checkpoints."""
+    def free_bytes(self) -> int | None:
+        """Bytes available for new checkpoints; None where the backend cannot tell (a
+        filesystem that reports no size), and then saves are not checked against it."""
 
     @abc.abstractmethod
     def check_step(self, step: int, *, overwrite: bool, explicit: bool) -> SaveResult | None:
@@ -134,9 +146,13 @@ def open_store(
     link: LinkMode = "auto",
     fsync: bool = True,
     lock_timeout: float = 300.0,
+    read_only: bool = False,
 ) -> RootStore:
     """The store for ``root``. Every root is a POSIX directory today; a URL scheme (such as
-    ``s3://``) is where a second backend would be chosen."""
+    ``s3://``) is where a second backend would be chosen. A ``read_only`` store never writes
+    (no probe, no lock file, no cleanup or link repair when opened); its changes
+    (``begin_staging``, ``delete``, ``prune``, ``collect_leftovers``) raise
+    :class:`~distckpt.ReadOnlyRoot`."""
     from distckpt.storage.posix import PosixRootStore
 
     return PosixRootStore(
@@ -145,6 +161,7 @@ def open_store(
         link=link,
         fsync=fsync,
         lock_timeout=lock_timeout,
+        read_only=read_only,
     )
 
 

@@ -6,13 +6,29 @@ check the staged files, write the manifest, fsync, rename the staging dir to ``s
 fsync the root — the rename is the moment of publication. ``last``/``best`` are relative
 symlinks (or pointer files where symlinks are refused) swapped atomically; retention and
 deletes rename a checkpoint into ``root/.trash`` under the lock and delete its bytes after.
+
+Power loss: every guarantee stands on an fsync of its own, in the order the persistence model
+of ``docs/faults.md`` needs. The root, ``.staging`` and each staging dir are created durably
+(an fsync of the parent after each creation), so the commit rename never depends on a
+creation a power loss may drop. A checkpoint that ``last`` or ``best`` may name is unlinked
+(the links moved to another checkpoint, durably) before it is moved into the trash, so no
+durable state has a link naming nothing. Everything that creates a temporary name in the root
+(the writability probes, a link under construction) does so under the lock, so what such a
+name is found under the lock was left by a writer that died, and cleanup removes it.
+
+An opened store holds the root's writer lease (:mod:`distckpt.lease`) until it is closed, and
+checks it under the root lock before every change it publishes, so a job that lost the root to
+another one changes nothing in it.
 """
 
 from __future__ import annotations
 
+import atexit
+import errno
 import logging
 import os
 import uuid
+import weakref
 from collections.abc import Mapping
 from contextlib import ExitStack
 from pathlib import Path
@@ -21,8 +37,11 @@ from distckpt import events, faults, policy, resolve
 from distckpt.errors import (
     CheckpointError,
     CheckpointExists,
+    CommitLost,
+    ConcurrentCommit,
     InvalidArgument,
     InvalidStep,
+    ReadOnlyRoot,
     RootNotWritable,
 )
 from distckpt.fsutil import (
@@ -32,6 +51,7 @@ from distckpt.fsutil import (
     atomic_write_bytes,
     exchange_dirs,
     fsync_dir,
+    make_dirs,
     move_to_trash,
     probe_writable,
     read_link,
@@ -42,6 +62,7 @@ from distckpt.fsutil import (
 )
 from distckpt.fsutil import free_bytes as filesystem_free_bytes
 from distckpt.layout import BEST, LAST, MANIFEST_NAME, RootLayout, parse_step_dir_name
+from distckpt.lease import RootLease
 from distckpt.lock import RootLock, WriterLock, find_leftovers
 from distckpt.manifest import FileRecord, Manifest
 from distckpt.results import SaveResult
@@ -52,6 +73,17 @@ logger = logging.getLogger("distckpt")
 #: The rank a store works on: only the committing rank (0 of the group) changes a root, and
 #: fault points are armed per rank.
 COMMITTING_RANK = 0
+
+#: Stores holding a lease, released at interpreter exit. Registered when this module is first
+#: imported, before any async save's own exit hook, so (hooks run last-registered first) a save
+#: still in flight at exit is finished before its lease goes.
+_open_stores: weakref.WeakSet[PosixRootStore] = weakref.WeakSet()
+
+
+@atexit.register
+def _release_leases_at_exit() -> None:
+    for store in list(_open_stores):
+        store.close()
 
 
 class PosixRootStore(RootStore):
@@ -65,6 +97,7 @@ class PosixRootStore(RootStore):
         link: LinkMode,
         fsync: bool,
         lock_timeout: float,
+        read_only: bool = False,
     ) -> None:
         if link not in LINK_MODES:
             raise InvalidArgument(f"link must be one of {LINK_MODES}, not {link!r}")
@@ -76,13 +109,28 @@ class PosixRootStore(RootStore):
         self._lock = RootLock(self.layout.lock_path, timeout=lock_timeout)
         self._removed_at_open: list[Path] = []
         self._warned_missing_monitor = False
+        self._warned_unknown_space = False
+        #: never write: no probe, no lock file, no cleanup or link repair (a read-only mount)
+        self.read_only = read_only
+        self._lease: RootLease | None = None
+        self._opened_by_pid = 0
 
     # ------------------------------------------------------------------ open
 
-    def open(self) -> OpenedRoot:
+    def open(self, *, wait_for_root: float = 0.0) -> OpenedRoot:
         root = self.root
+        if self.read_only:
+            if not root.is_dir():
+                raise RootNotWritable(
+                    f"checkpoint root {root} is not a directory (opened read-only: it is "
+                    "not created)",
+                    path=root,
+                )
+            return OpenedRoot(self._newest())
         try:
-            root.mkdir(parents=True, exist_ok=True)
+            # Durably, parents included: a root whose name a power loss can drop would take
+            # every checkpoint saved in it along.
+            make_dirs(root, fsync=self.fsync)
         except OSError as exc:
             raise RootNotWritable(
                 f"cannot create checkpoint root {root}: {exc}", path=root
@@ -91,22 +139,62 @@ class PosixRootStore(RootStore):
             raise RootNotWritable(
                 f"checkpoint root {root} exists and is not a directory", path=root
             )
+        self.check_visible(COMMITTING_RANK)  # before the lease and lock files are created in it
+        self._take_lease(wait_for_root)
         try:
-            probe_writable(root)
-        except OSError as exc:
-            raise RootNotWritable(
-                f"checkpoint root {root} is not writable: {exc}", path=root
-            ) from exc
-        self._settle_link_mode()
-        with self._lock:
-            self._removed_at_open = self._remove_leftovers()
-            try:
-                self._update_links()
-            except (OSError, CheckpointError) as exc:  # derived state: never block a start
-                logger.error("could not repair the links of %s: %s", root, exc)
+            with self._lock:
+                # The probes run under the lock, so that a probe found by a cleanup holding the
+                # lock was left by a process that died between creating and removing it.
+                try:
+                    probe_writable(root)
+                except OSError as exc:
+                    raise RootNotWritable(
+                        f"checkpoint root {root} is not writable: {exc}", path=root
+                    ) from exc
+                self._settle_link_mode()
+                self._removed_at_open = self._remove_leftovers()
+                try:
+                    self._update_links()
+                except (OSError, CheckpointError) as exc:  # derived state: never block a start
+                    logger.error("could not repair the links of %s: %s", root, exc)
+        except BaseException:
+            self.close()
+            raise
+        return OpenedRoot(self._newest(), tuple(self._removed_at_open))
+
+    def _newest(self) -> tuple[int, int | None] | None:
         newest = resolve.newest_valid(self.layout)
-        found = (newest[1].step, newest[1].epoch) if newest is not None else None
-        return OpenedRoot(found, tuple(self._removed_at_open))
+        return (newest[1].step, newest[1].epoch) if newest is not None else None
+
+    def _refuse_if_read_only(self, change: str) -> None:
+        if self.read_only:
+            raise ReadOnlyRoot(
+                f"cannot {change}: the checkpoint root {self.root} was opened with "
+                "read_only=True, which never writes to it",
+                path=self.root,
+            )
+
+    def _take_lease(self, wait: float) -> None:
+        if self._lease is not None and self._lease.held:
+            return  # opened already
+        self._lease = RootLease.acquire(self.root, wait=wait)
+        self._opened_by_pid = os.getpid()
+        _open_stores.add(self)
+        logger.info("holding the lease of %s (generation %d)", self.root, self._lease.generation)
+
+    def close(self) -> None:
+        # A forked child (a data loader worker) inherits the store, but the lease is its
+        # parent's: releasing it there would let another job in while the parent writes.
+        if self._lease is not None and os.getpid() == self._opened_by_pid:
+            self._lease.release()  # kept, so a commit after close is refused (LeaseLost)
+        _open_stores.discard(self)
+
+    def _check_lease(self) -> None:
+        """Under the lock, before a change is published: this store's job still owns the root
+        (:class:`~distckpt.LeaseLost` if not). A store never opened holds no lease: the CLI's
+        maintenance commands rely on the lock alone."""
+        if self._lease is not None:
+            self._lease.check_current()
 
     def _settle_link_mode(self) -> None:
         """Find out now whether the root takes symlinks, so that a link swap never fails after
@@ -139,26 +227,39 @@ class PosixRootStore(RootStore):
                 "directory shared by every rank (a shared filesystem across nodes)",
                 path=self.root,
             )
-        if not os.access(self.root, os.W_OK | os.X_OK):
+        if not self.read_only and not os.access(self.root, os.W_OK | os.X_OK):
             raise RootNotWritable(
                 f"checkpoint root {self.root} is not writable here", path=self.root
             )
 
-    def free_bytes(self) -> int:
-        return filesystem_free_bytes(self.root)
+    def free_bytes(self) -> int | None:
+        free = filesystem_free_bytes(self.root)
+        if free is None and not self._warned_unknown_space:
+            logger.warning(
+                "the filesystem of %s reports no size (0 blocks in statvfs): its free space is "
+                "unknown, so saves are not checked against it",
+                self.root,
+            )
+            self._warned_unknown_space = True
+        return free
 
     # ------------------------------------------------------------------ staging
 
     def begin_staging(self, step: int, token: str) -> StagingArea:
+        self._refuse_if_read_only(f"save step {step}")
         staging = self.layout.staging_dir(step, token)
         # Under the root lock, so that a cleanup (another job's start, `distckpt gc`) never
         # sees the lock file before it is locked, or the dir before its lock exists.
         with self._lock:
-            self.layout.staging_root.mkdir(exist_ok=True)
+            make_dirs(self.layout.staging_root, fsync=self.fsync)
             claim = WriterLock(staging)
             claim.acquire()
             try:
                 staging.mkdir()
+                if self.fsync:
+                    # The commit renames this dir: a rename of a dir whose creation a power
+                    # loss may drop is lost with it, whatever the fsyncs after the rename.
+                    fsync_dir(self.layout.staging_root)
             except BaseException:
                 claim.release()
                 raise
@@ -235,6 +336,7 @@ class PosixRootStore(RootStore):
         with ExitStack() as held:
             with events.phase("commit.lock", rank=rank, step=step):
                 held.enter_context(self._lock)
+            self._check_lease()
             self.check_staged(area, manifest.files)
             # Re-checked under the lock: another job may have committed since the proposal.
             self.check_step(step, overwrite=overwrite, explicit=True)
@@ -247,7 +349,8 @@ class PosixRootStore(RootStore):
                 if final.exists() and overwrite:
                     self._replace_committed(staging, final)
                 else:
-                    rename_dir(staging, final, fsync=self.fsync)
+                    self._rename_into_place(staging, final, step)
+                self._check_committed(final, manifest)
             # Committed: the dir is the truth from here on. A failure to update the derived
             # links or to apply retention must not report the save as failed; both are redone
             # at the next commit or manager start.
@@ -268,6 +371,48 @@ class PosixRootStore(RootStore):
         self._warn_missing_monitor(manifest)
         return SaveResult(manifest.step, final, manifest.epoch, dict(manifest.metrics))
 
+    def _rename_into_place(self, staging: Path, final: Path, step: int) -> None:
+        try:
+            rename_dir(staging, final, fsync=self.fsync)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+            # check_step found no step dir under the lock a moment ago: only a writer that
+            # does not share that lock can have committed it since.
+            raise ConcurrentCommit(
+                f"step {step} was committed by another writer meanwhile, at {final}: the lock "
+                f"of {self.root} does not reach that writer (another machine, with a filesystem "
+                "that keeps locks per client, such as NFS mounted with local locks?); give "
+                "each job a root of its own",
+                path=final,
+                step=step,
+            ) from exc
+
+    def _check_committed(self, final: Path, manifest: Manifest) -> None:
+        """After the rename: the committed dir holds the manifest and every file with its
+        size. A filesystem that loses them in a rename (fusefat empties a directory it
+        renames) must fail the save, not report a checkpoint that is not there; what is left
+        of it goes to the trash, so it is not taken for a committed step."""
+        expected = {MANIFEST_NAME: len(manifest.to_json())} | {
+            name: record.size for name, record in manifest.files.items()
+        }
+        for name, size in expected.items():
+            try:
+                found: int | None = (final / name).stat().st_size
+            except FileNotFoundError:
+                found = None
+            if found == size:
+                continue
+            what = "is missing" if found is None else f"has {found} bytes instead of {size}"
+            move_to_trash(final, self.layout.trash_root, fsync=self.fsync)
+            raise CommitLost(
+                f"the filesystem of {self.root} lost step {manifest.step} when renaming it into "
+                f"place: {name} {what} in {final} after the rename (fusefat does this); "
+                "nothing was committed: keep checkpoints on another filesystem",
+                path=final / name,
+                step=manifest.step,
+            )
+
     def _warn_missing_monitor(self, manifest: Manifest) -> None:
         missing = policy.missing_monitor(manifest.metrics, self.retention.monitor)
         if missing and not self._warned_missing_monitor:
@@ -287,13 +432,21 @@ class PosixRootStore(RootStore):
             fsync_dir(staging)
         if exchange_dirs(staging, final, fsync=self.fsync):
             return  # the old one is now the staging dir, removed after the commit as usual
+        # Two renames: first move the links off the old checkpoint, so that no durable state
+        # has ``last`` naming the missing step-N between them.
+        self._update_links(leaving=final)
         move_to_trash(final, self.layout.trash_root, fsync=self.fsync)
+        faults.hit("during_delete", COMMITTING_RANK)
         rename_dir(staging, final, fsync=self.fsync)
 
     # ------------------------------------------------------------------ links
 
     def _swap(self, name: str, target: Path) -> None:
         if read_link(self.layout.link_path(name)) == target.name:
+            if self.fsync:
+                # The link may be one a killed process swapped without reaching its fsync:
+                # what follows (a checkpoint moved into the trash) relies on it being durable.
+                fsync_dir(self.root)
             return
         kind = swap_link(
             self.layout.link_path(name),
@@ -305,49 +458,61 @@ class PosixRootStore(RootStore):
         if kind == "pointer":
             self.link_mode = "pointer"  # settle "auto" once, instead of failing every time
 
-    def _update_links(self) -> list[policy.CheckpointRecord]:
+    def _update_links(self, *, leaving: Path | None = None) -> list[policy.CheckpointRecord]:
         """Under the lock: point ``last`` at the newest committed checkpoint and ``best`` at the
-        best, or remove a link with nothing to point at. Returns the records it read."""
-        valid = list(resolve.iter_valid(self.layout, newest_first=False))
+        best, or remove a link with nothing to point at. ``leaving`` is a checkpoint about to
+        be removed: counted as gone already. Returns the records it read."""
+        doomed = None if leaving is None else parse_step_dir_name(leaving.name)
+        steps = [step for step in self.layout.committed_steps() if step != doomed]
+        valid = list(resolve.iter_valid(self.layout, newest_first=False, steps=steps))
         records = [resolve.record_of(m) for _, m in valid]
         paths = {m.step: path for path, m in valid}
         faults.hit("during_link_swap", COMMITTING_RANK)
         if valid:
             self._swap(LAST, valid[-1][0])
         else:
-            self._remove_link_if_stale(LAST)
+            self._remove_link_if_stale(LAST, leaving)
         best = policy.best_step(records, self.retention.monitor, self.retention.mode)
         if best is not None:
             self._swap(BEST, paths[best])
         else:
-            self._remove_link_if_stale(BEST)
+            self._remove_link_if_stale(BEST, leaving)
         return records
 
-    def _remove_link_if_stale(self, name: str) -> None:
+    def _remove_link_if_stale(self, name: str, leaving: Path | None) -> None:
         link = self.layout.link_path(name)
         target, _ = resolve.link_problem(self.layout, name)
-        if (link.is_symlink() or link.is_file()) and target is None:
+        if (link.is_symlink() or link.is_file()) and (target is None or target == leaving):
             logger.info("removing %s: it names no committed checkpoint", link)
             remove_link(link, fsync=self.fsync)
 
     # ------------------------------------------------------------------ removal
 
     def delete(self, step: int) -> int | None:
+        self._refuse_if_read_only(f"delete step {step}")
         with self._lock:
+            self._check_lease()
             directory = resolve.committed_dir(self.layout, step)
+            # Links first, durably, then the trash: the other order leaves a durable state
+            # in which ``last`` names a checkpoint that is gone.
+            records = self._update_links(leaving=directory)
+            faults.hit("during_delete", COMMITTING_RANK)
             move_to_trash(directory, self.layout.trash_root, fsync=self.fsync)
-            records = self._update_links()
         self._empty_trash()
         return records[-1].step if records else None
 
     def prune(self) -> list[int]:
+        self._refuse_if_read_only("prune")
         with self._lock:
+            self._check_lease()
             removed = self._apply_retention(self._update_links())
         self._empty_trash()
         return removed
 
     def collect_leftovers(self) -> list[Path]:
+        self._refuse_if_read_only("collect leftovers")
         with self._lock:
+            self._check_lease()
             removed = self._removed_at_open + self._remove_leftovers()
         self._removed_at_open = []  # reported once
         return removed
@@ -380,12 +545,20 @@ class PosixRootStore(RootStore):
                 self._remove_quietly(entry)
 
     def _remove_leftovers(self) -> list[Path]:
-        """Under the lock: staging dirs whose writer is dead, orphaned lock files, and the
-        trash. A live writer's staging is never touched. Returns what it removed."""
+        """Under the lock: staging dirs whose writer is dead, orphaned lock files, the trash,
+        and the probes and links under construction a killed process left in the root (made
+        under the lock only, so whoever made one is gone). A live writer's staging is never
+        touched. Returns what it removed."""
         removed: list[Path] = []
-        for leftover in find_leftovers(self.layout):
+        for leftover in find_leftovers(self.layout, locked=True):
             if leftover.writer_alive:
                 logger.info("leaving %s alone: its writer is alive", leftover.path)
+            elif leftover.in_use:
+                # a deleted file a reader still holds open (.fuse_hidden*, .nfs*): removing it
+                # fails (EBUSY) until the reader closes it; the next cleanup tries again
+                logger.info(
+                    "leaving %s: in use by a reader, removed at a later cleanup", leftover.path
+                )
             elif leftover.kind == "lock":
                 leftover.path.unlink(missing_ok=True)
             else:

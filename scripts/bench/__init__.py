@@ -18,7 +18,9 @@ one starts. Where a distckpt save spends its time comes from the phase events th
 
 Modules: ``contenders`` (what is measured, and the state), ``training`` (the training step of
 the ``train`` contender), ``timing`` (the ranks' timing collectives), ``jobs`` (the main job),
-``coordination`` (the coordination-overhead job), ``phases`` (phase events into a table),
-``summary`` (medians, ratios, targets), ``render`` (text and markdown), ``cli`` (flags, main).
+``coordination`` (the coordination-overhead job, at each of ``--coord-ranks``), ``small`` (the
+many-small-tensors job), ``runner`` (starting a job's ranks), ``plot`` (``--plot``),
+``phases`` (phase events into a table), ``summary`` (medians, ratios, targets), ``render`` (text
+and markdown), ``cli`` (flags, main).
 See docs/benchmark.md for what each contender measures and a run on a small machine.
 """

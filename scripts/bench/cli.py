@@ -13,7 +13,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,45 +24,19 @@ import bench
 from bench.contenders import CONTENDERS, MIB, SAVE_CONTENDERS
 from bench.coordination import coord_job, summarize_coord
 from bench.jobs import main_job
-from bench.render import render_config, render_coord, render_targets
+from bench.plot import write_plot
+from bench.render import (
+    render_config,
+    render_coord,
+    render_coord_growth,
+    render_small,
+    render_targets,
+)
+from bench.runner import JobFailed, log, run_job, side_job
+from bench.small import small_job, summarize_small
 from bench.summary import evaluate_targets, summarize
-from tests.ranks import run_ranks
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "benchmark.md"
-
-
-class JobFailed(Exception):
-    """A job's rank raised, died or hung; the job's configuration is reported as failed."""
-
-
-def run_job(
-    fn: Callable[..., dict[str, Any] | None],
-    world: int,
-    job: dict[str, Any],
-    *,
-    method: str,
-    timeout: float,
-) -> dict[str, Any]:
-    """Start ``world`` ranks running ``fn(rank, world, job)``; rank 0's result. The first rank
-    to fail stops the job (its peers are killed)."""
-    try:
-        results = run_ranks(
-            fn,
-            world,
-            job,
-            timeout=timeout,
-            pg_timeout=job["pg_timeout"],
-            start_method=method,
-            fail_fast=True,
-        )
-    except (TimeoutError, AssertionError) as exc:  # a hang, or ranks that died silently
-        raise JobFailed(str(exc)) from None
-    for result in results:
-        if result.error_type is not None:
-            raise JobFailed(f"rank {result.rank} failed:\n{result.traceback}")
-    if not results or results[0].rank != 0:
-        raise JobFailed("rank 0 did not report")
-    return results[0].value
 
 
 def doc_markers(name: str) -> tuple[str, str]:
@@ -98,6 +72,11 @@ def int_list(text: str) -> list[int]:
     if not values or any(v < 1 for v in values):
         raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
     return values
+
+
+def int_list_or_none(text: str) -> list[int]:
+    """Positive integers, or "0" for none."""
+    return [] if text.strip() == "0" else int_list(text)
 
 
 def contender_list(text: str) -> list[str]:
@@ -160,9 +139,26 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--dir", type=Path, help="where to write (default: the temp dir)")
     parser.add_argument(
         "--coord-ranks",
+        type=int_list_or_none,
+        default=[2, 4, 8],
+        metavar="2,4,8",
+        help="ranks of the coordination-overhead jobs, one job each (0: skip them)",
+    )
+    parser.add_argument(
+        "--small-ranks",
         type=int,
-        default=4,
-        help="ranks of the coordination-overhead job (0: skip it)",
+        default=2,
+        help="ranks of the many-small-tensors job (0: skip it)",
+    )
+    parser.add_argument(
+        "--small-tensors", type=int, default=20_000, help="4 KiB tensors per rank in that job"
+    )
+    parser.add_argument(
+        "--plot",
+        type=Path,
+        metavar="FILE.png",
+        help="draw save and coordination time against size and ranks (needs matplotlib: the "
+        "'bench' extra)",
     )
     parser.add_argument(
         "--coord-saves", type=int, default=20, help="timed saves of the coordination job"
@@ -180,8 +176,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="seconds per job before it counts as hung (0: from the sizes)",
     )
     args = parser.parse_args(argv)
-    if min(args.rounds, args.repeats, args.coord_saves) < 1 or args.coord_ranks < 0:
-        parser.error("--rounds, --repeats and --coord-saves must be >= 1, --coord-ranks >= 0")
+    if min(args.rounds, args.repeats, args.coord_saves, args.small_tensors) < 1 or (
+        args.small_ranks < 0
+    ):
+        parser.error(
+            "--rounds, --repeats, --coord-saves and --small-tensors must be >= 1, "
+            "--small-ranks >= 0"
+        )
     if args.doc:
         text = DOC.read_text(encoding="utf-8")
         missing = [marker for marker in doc_markers(args.doc) if marker not in text]
@@ -213,10 +214,6 @@ def check_resources(args: argparse.Namespace, where: Path) -> list[str]:
                     f"{available / 2**30:.1f} GiB available"
                 )
     return problems
-
-
-def log(started: float, text: str) -> None:
-    print(f"[{time.monotonic() - started:7.1f} s] {text}", file=sys.stderr, flush=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -254,7 +251,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     started = time.monotonic()
     configs: list[dict[str, Any]] = []
-    coord: dict[str, Any] | None = None
+    coords: list[dict[str, Any]] = []
+    small: dict[str, Any] | None = None
     run_dir.mkdir()
     try:
         for world in args.world_sizes:
@@ -291,22 +289,21 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if "medians" in summary:
                     log(started, f"{world} rank(s) x {mib} MiB: done")
                     print("\n".join(render_config(summary)), flush=True)
-        if args.coord_ranks:
-            job_dir = run_dir / "coord"
-            job_dir.mkdir()
-            job = {"dir": os.fspath(job_dir), "saves": args.coord_saves, "pg_timeout": 300}
-            log(started, f"coordination overhead at {args.coord_ranks} ranks: starting")
-            try:
-                raw_coord = run_job(
-                    coord_job, args.coord_ranks, job, method=args.start_method, timeout=600
-                )
-                coord = summarize_coord(raw_coord)
-                print("\n".join(render_coord(coord)), flush=True)
-            except JobFailed as exc:
-                log(started, f"coordination job FAILED: {exc}")
+        for world in args.coord_ranks:
+            job = {"saves": args.coord_saves, "pg_timeout": 300}
+            raw_coord = side_job(coord_job, world, job, run_dir, "coordination", started, args)
+            if raw_coord is not None:
+                coords.append(summarize_coord(raw_coord))
+                print("\n".join(render_coord(coords[-1])), flush=True)
+        if args.small_ranks:
+            job = {"tensors": args.small_tensors, "rounds": args.rounds, "pg_timeout": 600}
+            raw_small = side_job(small_job, args.small_ranks, job, run_dir, "small", started, args)
+            if raw_small is not None:
+                small = summarize_small(raw_small)
+                print("\n".join(render_small(small)), flush=True)
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
-    targets = evaluate_targets(configs, coord)
+    targets = evaluate_targets(configs, coords, small)
     print("\n".join(render_targets(targets)), flush=True)
     elapsed = time.monotonic() - started
     log(started, f"finished in {elapsed:.0f} s")
@@ -319,7 +316,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "elapsed_s": elapsed,
             "contenders": CONTENDERS,
             "configs": configs,
-            "coordination": coord,
+            "coordination": coords,
+            "small_tensors": small,
             "targets": targets,
         }
         args.json.write_text(json.dumps(payload, indent=2) + "\n")
@@ -327,8 +325,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     for summary in configs:
         if "medians" in summary:
             tables += render_config(summary, markdown=True)
-    if coord:
+    for coord in coords:
         tables += render_coord(coord, markdown=True)
+    if coords:
+        tables += render_coord_growth(coords, markdown=True)
+    if small:
+        tables += render_small(small, markdown=True)
     tables += render_targets(targets, markdown=True)
     if args.markdown:
         args.markdown.write_text("\n".join([header, "", *tables]) + "\n")
@@ -337,5 +339,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         nested = ["#" + line if line.startswith("### ") else line for line in tables]
         start, end = doc_markers(args.doc)
         doc_tables.write_table(DOC, "\n".join(nested), start, end, what=f"run {args.doc}")
+    if args.plot:
+        write_plot(args.plot, configs, coords)
     failed_jobs = [c for c in configs if "error" in c]
     return 1 if failed_jobs else 0

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemWriter
+from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
 
 from bench import contenders as c
 from bench.phases import PhaseRecorder, SavePhases, recording
@@ -64,6 +65,7 @@ class MainJob:
         self.dcp_group: Any = None
         self.async_group: Any = None
         self.dcp_async_ok = False
+        self.dcp_async_mode = AsyncCheckpointerType.PROCESS
         self.buffers: list[torch.Tensor] = []
         self.views: list[Any] = []
         self.chunk = b""
@@ -102,24 +104,8 @@ class MainJob:
         # process has done nothing bigger than allocating its state yet).
         if {"distckpt_sync_torch", "restore"} & active:
             self.mgr_t = self.manager("distckpt_torch", format="torch")
-            ranks.barrier()
-            rss_before, max_before = current_rss(), max_rss()
-            started = time.perf_counter()
-            self.mgr_t.save(0, self.state)
-            first = time.perf_counter() - started
-            max_after = max_rss()
+            first = self.peak_rss("rss", lambda: self.mgr_t.save(0, self.state))
             ranks.delete_checkpoint(self.mgr_t, 0)
-            self.info["rss"] = ranks.gather(
-                {
-                    "rank": self.rank,
-                    "state_bytes": self.nbytes,
-                    "rss_before": rss_before,
-                    "max_rss_before": max_before,
-                    "max_rss_after": max_after,
-                    "extra": max(0, max_after - rss_before),
-                    "peak_set_earlier": max_after <= max_before,
-                }
-            )
             self.info["distckpt_sync_torch.first_save"] = max(ranks.gather(first))
         self.probe_dcp(active)
         if "distckpt_sync_dcp" in active:
@@ -135,15 +121,41 @@ class MainJob:
                 self.skip("distckpt_sync_dcp", why)
         if {"distckpt_async_torch", "train"} & active:
             self.mgr_a = self.manager("distckpt_async", format="torch", async_save=True)
-            marks = ranks.measure(lambda t0: c.async_marks(t0, self.mgr_a, 0, self.state))
+            # After the sync save's peak: an async save's (with its buffers) is higher still.
+            first = self.peak_rss(
+                "rss_async", lambda: c.async_marks(0.0, self.mgr_a, 0, self.state)
+            )
             ranks.delete_checkpoint(self.mgr_a, 0)
-            self.info["distckpt_async_torch.first_save_blocking"] = marks["blocking"]
+            self.info["distckpt_async_torch.first_save"] = max(ranks.gather(first))
         if "copy" in active:
             self.buffers = [torch.empty_like(t) for t in self.tensors]
             # Fault the pages in: a steady-state copy reuses them.
             c.copy_into(self.buffers, self.tensors)
         self.views = [t.reshape(-1).view(torch.uint8).numpy() for t in self.tensors]
         self.chunk = os.urandom(c.CHUNK_BYTES) if "disk_write" in active else b""
+
+    def peak_rss(self, key: str, save: Callable[[], Any]) -> float:
+        """Run an untimed first ``save`` on every rank and record in ``info[key]`` how far it
+        raised each rank's peak resident size above its size before; its seconds. ru_maxrss
+        only grows, so a peak below an earlier one shows as ``peak_set_earlier``."""
+        self.ranks.barrier()
+        rss_before, max_before = current_rss(), max_rss()
+        started = time.perf_counter()
+        save()
+        seconds = time.perf_counter() - started
+        max_after = max_rss()
+        self.info[key] = self.ranks.gather(
+            {
+                "rank": self.rank,
+                "state_bytes": self.nbytes,
+                "rss_before": rss_before,
+                "max_rss_before": max_before,
+                "max_rss_after": max_after,
+                "extra": max(0, max_after - rss_before),
+                "peak_set_earlier": max_after <= max_before,
+            }
+        )
+        return seconds
 
     def probe_dcp(self, active: set[str]) -> None:
         """DCP's own gloo groups, each probed with a tiny state so a failure is a clear skip."""
@@ -167,7 +179,17 @@ class MainJob:
         if dcp_async:
             probe = ranks.fresh_dir(self.work / "dcp_async_probe")
             try:
-                ranks.measure(lambda t0: c.dcp_result(self.dcp_async_save(tiny, probe)))
+                # DCP's fastest mode in torch 2.13: a checkpoint process of its own per rank
+                # (the training process only stages); the thread mode if that cannot start.
+                try:
+                    ranks.measure(lambda t0: c.dcp_result(self.dcp_async_save(tiny, probe)))
+                except ContenderFailed as exc:
+                    self.info["dcp_async_mode_refused"] = f"{self.dcp_async_mode}: {exc}"
+                    self.dcp_async_mode = AsyncCheckpointerType.THREAD
+                    ranks.remove(probe)
+                    probe = ranks.fresh_dir(self.work / "dcp_async_probe")
+                    ranks.measure(lambda t0: c.dcp_result(self.dcp_async_save(tiny, probe)))
+                self.info["dcp_async_mode"] = self.dcp_async_mode.value
             except ContenderFailed as exc:
                 self.dcp_async_ok = False
                 why = f"dcp.async_save failed: {exc}"
@@ -179,7 +201,10 @@ class MainJob:
 
     def dcp_async_save(self, state: Any, path: Path) -> Any:
         return dcp.async_save(
-            state, storage_writer=self.writer(path), process_group=self.async_group
+            state,
+            storage_writer=self.writer(path),
+            process_group=self.async_group,
+            async_checkpointer_type=self.dcp_async_mode,
         )
 
     # -- measurements

@@ -93,16 +93,16 @@ def render_config(summary: dict[str, Any], markdown: bool = False) -> list[str]:
         lines += render_phases(summary["sync_phases"], markdown)
         lines.append("")
     extra = []
-    if "rss" in info:
-        for entry in info["rss"]:
+    for key, kind in (("rss", "sync"), ("rss_async", "async")):
+        for entry in info.get(key, []):
             note = " (peak was set before the save)" if entry["peak_set_earlier"] else ""
             extra.append(
                 f"peak RSS rank {entry['rank']}: {entry['max_rss_after'] / MIB:.0f} MiB, "
-                f"{entry['rss_before'] / MIB:.0f} MiB resident before the first sync save "
+                f"{entry['rss_before'] / MIB:.0f} MiB resident before the first {kind} save "
                 f"(state {entry['state_bytes'] / MIB:.0f} MiB): "
                 f"+{entry['extra'] / MIB:.1f} MiB beyond it{note}"
             )
-    for key in ("distckpt_sync_torch.first_save", "distckpt_async_torch.first_save_blocking"):
+    for key in ("distckpt_sync_torch.first_save", "distckpt_async_torch.first_save"):
         if key in info:
             extra.append(f"{key} (untimed warm-up): {format_seconds(info[key])}")
     for name, counts in info.get("train_steps_during_save", {}).items():
@@ -159,6 +159,38 @@ def render_coord(coord: dict[str, Any], markdown: bool = False) -> list[str]:
     lines.append("")
     lines += render_phases(coord["phases"], markdown)
     return [*lines, ""]
+
+
+def render_coord_growth(coords: list[dict[str, Any]], markdown: bool = False) -> list[str]:
+    """Coordination per save against the number of ranks (one row per coordination job)."""
+    lines = ["### coordination by number of ranks" if markdown else "== coordination by ranks", ""]
+    rows = [
+        [
+            str(c["ranks"]),
+            format_seconds(c["median_s"]),
+            format_seconds(c["raw_torch_save_median_s"]),
+            format_seconds(c["all_gather_object_median_s"]),
+        ]
+        for c in sorted(coords, key=lambda c: c["ranks"])
+    ]
+    headers = ["ranks", "distckpt save (tiny)", "raw torch.save + fsync", "all_gather_object"]
+    return [*lines, *table(headers, rows, markdown), ""]
+
+
+def render_small(small: dict[str, Any], markdown: bool = False) -> list[str]:
+    """The many-small-tensors job: medians and the paired ratios."""
+    title = f"many small tensors: {small['ranks']} ranks x {small['tensors']} tensors of 4 KiB"
+    lines = [f"### {title}" if markdown else f"== {title}", ""]
+    rows = [[name, format_seconds(value)] for name, value in small["medians"].items()]
+    rows += [
+        ["distckpt_sync_torch / raw_torch_save", f"{small['save_ratio']:.3f}x"],
+        ["restore_full / raw_torch_load", f"{small['restore_ratio']:.3f}x"],
+    ]
+    return [
+        *lines,
+        *table(["what (medians; ratios paired per round)", "value"], rows, markdown),
+        "",
+    ]
 
 
 def render_targets(targets: list[dict[str, Any]], markdown: bool = False) -> list[str]:

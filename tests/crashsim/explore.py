@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from tests.crashsim import model, syscalls, trace
@@ -39,6 +39,15 @@ class Result:
     @property
     def label(self) -> str:
         return f"{self.workload} ({self.format}, {self.world} rank{'s' if self.world > 1 else ''})"
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> Result:
+        fields = json.loads(text)
+        violations = [Violation(**v) for v in fields.pop("violations")]
+        return cls(**fields, violations=violations)
 
     def kinds(self) -> Counter[str]:
         return Counter(v.kind for v in self.violations)

@@ -94,8 +94,10 @@ def run_mutation(
     *,
     seed: int,
     max_states: int,
+    run: str = "mutant",
 ) -> MutationOutcome:
-    """Explore every workload of ``baselines`` (set up in ``works``) with ``site`` removed."""
+    """Explore every workload of ``baselines`` (set up in ``works``) with ``site`` removed;
+    ``run`` names the exploration's dir in each work dir (distinct for mutants run at once)."""
     library = mutated_copy(site, scratch)
     new_kinds: dict[str, list[str]] = {}
     try:
@@ -108,7 +110,7 @@ def run_mutation(
                 seed=seed,
                 max_states=max_states,
                 library=library,
-                run="mutant",
+                run=run,
             )
             new_kinds[key] = sorted(set(mutant.kinds()) - set(baseline.kinds()))
     finally:

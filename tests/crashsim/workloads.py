@@ -123,7 +123,7 @@ def restart_setup(ctx: Context) -> None:
     its link swap (a stale ``last``, a writer lock file), one while writing step 4."""
     _saves(ctx, (1, 2), **RETAIN)
     if ctx.world > 1:
-        return  # the killed saves below need one process; the 1-rank variant covers them
+        return  # the killed saves below need one process (see ``multi_rank``)
     from distckpt import faults
 
     for point, step in (("during_link_swap", 3), ("after_shard_write", 4)):
@@ -142,6 +142,20 @@ def restart_traced(ctx: Context) -> None:
         mgr.gc()
 
 
+POINTER = {**RETAIN, "link": "pointer"}
+
+
+def pointer_traced(ctx: Context) -> None:
+    """``last``/``best`` as pointer files (written and fsynced like data), through retention
+    and a delete that moves ``last`` back."""
+    ctx.mark("shrink")
+    with ctx.manager(**POINTER) as mgr:
+        for step in (3, 4):
+            ctx.save(mgr, step)
+        ctx.mark("deleting-4")
+        mgr.delete(4)
+
+
 def fresh_root_traced(ctx: Context) -> None:
     """A root the manager creates itself, with missing parents."""
     with ctx.manager(root=ctx.base / "parent" / "child" / ROOT_NAME) as mgr:
@@ -157,6 +171,9 @@ class Workload:
     root: str = ROOT_NAME
     #: the two-rename overwrite leaves no step-N between its renames (documented)
     overwrite_window: bool = False
+    #: whether a run with several ranks differs from one rank's (``restart`` kills saves of
+    #: one process in its setup, so its 2-rank variant would only repeat ``retention``'s)
+    multi_rank: bool = True
 
 
 WORKLOADS = {
@@ -173,8 +190,9 @@ WORKLOADS = {
             overwrite_window=True,
         ),
         Workload("async", lambda ctx: _saves(ctx, (1,), **RETAIN), async_traced),
-        Workload("restart", restart_setup, restart_traced),
+        Workload("restart", restart_setup, restart_traced, multi_rank=False),
         Workload("fresh_root", None, fresh_root_traced, root=f"parent/child/{ROOT_NAME}"),
+        Workload("pointer", lambda ctx: _saves(ctx, (1, 2), **POINTER), pointer_traced),
     )
 }
 

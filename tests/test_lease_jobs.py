@@ -1,0 +1,333 @@
+"""One writing job per root, end to end: real jobs (``tests/lease_job.py``, ranks forked by
+run_ranks or started by the real torchrun) competing for one root, waiting for it, killed
+while holding it, fenced after an operator broke their lease, orphaned by a killed torchrun
+agent; operators and readers working next to a live holder.
+
+Every process a test starts is killed by its pid when the test ends: the job's launcher with
+its process group, and every rank the job logged, torchrun's workers included (they run in
+sessions of their own).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import distckpt
+from distckpt.layout import LEASE_RECORD_NAME, RootLayout
+from distckpt.lease import read_holder
+from tests.test_launch import Job, _cmdline
+from tests.test_lease import _cli, _on_another_host
+
+REPO = Path(__file__).resolve().parents[1]
+LEASE_JOB = REPO / "tests" / "lease_job.py"
+STARTUP = 120.0  # a job importing torch on a loaded machine may take this long to get going
+RANKS = (0, 1)
+
+
+def plain(root: Path, out: Path, run: str, *options: str) -> list[str]:
+    """A 2-rank job whose ranks run_ranks forks (``--world-size 1``: one plain process)."""
+    return [sys.executable, "-m", "tests.lease_job", str(root), str(out), run, *options]
+
+
+def under_torchrun(root: Path, out: Path, run: str, *options: str) -> list[str]:
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    job = [str(LEASE_JOB), str(root), str(out), run, *options]
+    return [*launcher, "--nproc-per-node", "2", *job]
+
+
+def log(out: Path, run: str, rank: int) -> list[dict[str, Any]]:
+    path = out / f"{run}-rank{rank}.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
+
+
+def logged(out: Path, run: str, rank: int, event: str) -> list[dict[str, Any]]:
+    return [entry for entry in log(out, run, rank) if entry["event"] == event]
+
+
+def pid_of(out: Path, run: str, rank: int) -> int:
+    return int(logged(out, run, rank, "pid")[0]["pid"])
+
+
+def wait_until(condition: Callable[[], object], what: str, timeout: float = STARTUP) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {timeout} s")
+        time.sleep(0.05)
+
+
+def saved_steps(out: Path, run: str, rank: int) -> list[int]:
+    return [entry["step"] for entry in logged(out, run, rank, "saved")]
+
+
+def runs_by_step(root: Path) -> list[tuple[int, str, str | None]]:
+    """Every committed step with the run that saved it and that run's torchrun id."""
+    found = []
+    for step in RootLayout.at(root).committed_steps():
+        metadata = distckpt.load_checkpoint(RootLayout.at(root).step_dir(step)).metadata
+        found.append((step, metadata["run"], metadata["run_id"]))
+    return found
+
+
+def staged(root: Path) -> list[str]:
+    staging = RootLayout.at(root).staging_root
+    return sorted(p.name for p in staging.iterdir()) if staging.is_dir() else []
+
+
+class Jobs:
+    """Starts jobs and, at the end, kills every process they started, by pid."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.root = tmp_path / "ckpt"
+        self.out = tmp_path / "out"
+        self.out.mkdir()
+        self.cwd = tmp_path
+        self.started: list[Job] = []
+
+    def start(self, argv: list[str]) -> Job:
+        job = Job(argv, self.cwd)
+        self.started.append(job)
+        return job
+
+    def kill_all(self) -> None:
+        # The ranks first: an orphaned torchrun worker still holds its launcher's output open.
+        for path in self.out.glob("*.jsonl"):
+            for line in path.read_text().splitlines():
+                entry = json.loads(line) if line.endswith("}") else {}
+                pid = entry.get("pid") if entry.get("event") == "pid" else None
+                if pid and "lease_job" in (_cmdline(pid) or ""):  # not a reused pid
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+        for job in self.started:
+            job.__exit__(None, None, None)
+
+
+@pytest.fixture
+def jobs(tmp_path: Path) -> Iterator[Jobs]:
+    started = Jobs(tmp_path)
+    try:
+        yield started
+    finally:
+        started.kill_all()
+
+
+def decided(out: Path, run: str) -> bool:
+    return all(logged(out, run, r, "opened") or logged(out, run, r, "refused") for r in RANKS)
+
+
+@pytest.mark.timeout(400)
+def test_two_jobs_at_once_one_holds_the_root_the_other_is_refused_or_waits(jobs: Jobs) -> None:
+    root, out = jobs.root, jobs.out
+    started = {run: jobs.start(plain(root, out, run, "--hold-open")) for run in ("p", "q")}
+    wait_until(lambda: decided(out, "p") and decided(out, "q"), "both jobs opened or refused")
+    winner = next(run for run in started if logged(out, run, 0, "opened"))
+    loser = "q" if winner == "p" else "p"
+    holder_pid = pid_of(out, winner, 0)
+    for rank in RANKS:
+        assert logged(out, winner, rank, "opened"), log(out, winner, rank)
+        (refusal,) = logged(out, loser, rank, "refused")
+        assert refusal["type"] == "RootInUse" and refusal["holder"] == holder_pid, refusal
+        assert "is in use by a job without a job id on host" in refusal["error"]
+        assert f"pid {holder_pid}" in refusal["error"], refusal
+    assert started[loser].wait(60) == 0, started[loser].output
+    assert logged(out, loser, 0, "saved") == []
+
+    # A third job waits for the winner to close instead of failing.
+    wait_until(lambda: saved_steps(out, winner, 0) == [1, 2], "the winner saved")
+    waiting = jobs.start(plain(root, out, "r", "--wait", "200"))
+    wait_until(lambda: all(logged(out, "r", r, "opening") for r in RANKS), "the third job began")
+    time.sleep(2.0)
+    assert not logged(out, "r", 0, "opened"), "it opened a root another job holds"
+    (out / f"{winner}.release").touch()
+    assert waiting.wait(STARTUP) == 0, waiting.output
+    assert started[winner].wait(60) == 0, started[winner].output
+    for rank in RANKS:
+        assert saved_steps(out, "r", rank) == [3, 4]  # resumed from the winner's last step
+    assert [run for _, run, _ in runs_by_step(root)] == [winner, winner, "r", "r"]
+    assert distckpt.verify(root).ok
+    holder = json.loads((root / LEASE_RECORD_NAME).read_text())
+    assert holder["generation"] == 2 and holder["released_utc"] is not None
+    assert read_holder(root) is None
+
+
+@pytest.mark.timeout(300)
+def test_a_sigkilled_holder_job_blocks_nobody(jobs: Jobs) -> None:
+    root, out = jobs.root, jobs.out
+    killed = jobs.start(plain(root, out, "a", "--saves", "1", "--hold-open"))
+    wait_until(lambda: saved_steps(out, "a", 1) == [1], "the first job saved")
+    killed.kill()  # the whole job: launcher and ranks, as a machine failure would
+    killed.process.wait(30)
+    holder = read_holder(root)
+    assert holder is not None and holder.pid == pid_of(out, "a", 0) and holder.alive is False
+
+    after = jobs.start(plain(root, out, "b", "--saves", "1"))
+    assert after.wait(STARTUP) == 0, after.output
+    for rank in RANKS:
+        (opened,) = logged(out, "b", rank, "opened")
+        assert opened["seconds"] < 5, opened  # no waiting for the dead holder
+        assert saved_steps(out, "b", rank) == [2]
+    record = json.loads((root / LEASE_RECORD_NAME).read_text())
+    assert record["generation"] == 2 and record["released_utc"] is not None
+
+
+@pytest.mark.timeout(300)
+def test_an_exception_in_the_loop_releases_the_root_at_exit(jobs: Jobs) -> None:
+    """The training loop raises with an async save in flight: the process ends, the save is
+    finished by the exit hook, and then the lease is released (the kernel would drop the
+    lock anyway; the record says so too)."""
+    root, out = jobs.root, jobs.out
+    options = ("--world-size", "1", "--saves", "3", "--crash-after", "1", "--async-save")
+    crashed = jobs.start(plain(root, out, "c", *options))
+    assert crashed.wait(STARTUP) == 1, crashed.output
+    assert "ZeroDivisionError: the training loop failed" in crashed.output
+    assert logged(out, "c", 0, "saved") == [{"event": "saved", "step": 1, "done": False}]
+    assert logged(out, "c", 0, "closed") == []
+    assert RootLayout.at(root).committed_steps() == [1]  # finished at exit
+    record = json.loads((root / LEASE_RECORD_NAME).read_text())
+    assert record["pid"] == crashed.process.pid and record["released_utc"] is not None
+    assert read_holder(root) is None
+    began = time.monotonic()
+    with distckpt.CheckpointManager(root) as mgr:
+        assert time.monotonic() - began < 5
+        holder = read_holder(root)
+        assert holder is not None and holder.pid == os.getpid() and holder.generation == 2
+        assert mgr.latest_step() == 1
+
+
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
+def test_a_save_in_progress_keeps_the_root_and_operators_work_beside_it(
+    jobs: Jobs, async_save: bool
+) -> None:
+    """While the holder's second save is held mid-way (rank 0 stops after writing; an async
+    save is then in flight): the lease is held, another job is refused, ``ls`` names the
+    holder, ``gc`` leaves the live staging alone, ``prune`` takes the commit lock and works,
+    and readers read. Then the save commits and close() releases the root."""
+    root, out = jobs.root, jobs.out
+    # A long timeout: rank 1 waits in the agreement while rank 0 is held.
+    options = ["--saves", "2", "--hold-in-save", "2", "--timeout", "300"]
+    options += ["--async-save"] if async_save else []
+    holding = jobs.start(plain(root, out, "h", *options))
+    wait_until((out / "h.held").exists, "the second save reached its hold")
+    holder_pid = pid_of(out, "h", 0)
+    if async_save:  # save() returned: the save is in flight in the background
+        assert logged(out, "h", 0, "saved")[-1] == {"event": "saved", "step": 2, "done": False}
+    holder = read_holder(root)
+    assert holder is not None and holder.alive and holder.pid == holder_pid
+
+    intruder = jobs.start(plain(root, out, "i", "--saves", "1"))
+    assert intruder.wait(STARTUP) == 0, intruder.output
+    for rank in RANKS:
+        (refusal,) = logged(out, "i", rank, "refused")
+        assert refusal["type"] == "RootInUse" and refusal["holder"] == holder_pid
+
+    listed = _cli("ls", str(root))
+    assert f"pid {holder_pid}" in listed.stdout and "(alive)" in listed.stdout, listed.stdout
+    assert "(writer alive)" in listed.stdout, listed.stdout
+    live_staging = staged(root)
+    assert len([name for name in live_staging if not name.endswith(".lock")]) == 1
+    collected = _cli("gc", str(root))
+    assert collected.returncode == 0 and "writer alive" in collected.stdout, collected
+    assert staged(root) == live_staging
+    pruned = _cli("prune", str(root), "--keep-last", "1")
+    assert pruned.returncode == 0 and "kept steps:    1" in pruned.stdout, pruned
+    assert distckpt.load_checkpoint(root).step == 1  # readers take no lease
+    assert distckpt.verify(root).ok
+
+    (out / "h.resume").touch()
+    assert holding.wait(STARTUP) == 0, holding.output
+    for rank in RANKS:
+        assert saved_steps(out, "h", rank) == [1, 2] and logged(out, "h", rank, "closed")
+    assert RootLayout.at(root).committed_steps() == [1, 2] and staged(root) == []
+    record = json.loads((root / LEASE_RECORD_NAME).read_text())
+    assert record["pid"] == holder_pid and record["released_utc"] is not None
+    assert read_holder(root) is None
+
+
+@pytest.mark.timeout(400)
+def test_a_fenced_job_commits_nothing(jobs: Jobs) -> None:
+    """A job on another host (a UTS namespace of its own) loses its lease: an operator breaks
+    it (``distckpt lease --break``), then another job takes the root. Its saves fail on every
+    rank with LeaseLost, and nothing of them becomes visible."""
+    root, out = jobs.root, jobs.out
+    fenced = jobs.start([*_on_another_host(), *plain(root, out, "f", "--saves", "3", "--gate")])
+    (out / "f.go-1").touch()
+    wait_until(lambda: all(saved_steps(out, "f", r) == [1] for r in RANKS), "step 1 saved")
+    holder = read_holder(root)
+    assert holder is not None and holder.host == "node-a" and holder.generation == 1
+
+    broke = _cli("lease", "--break", str(root))
+    assert broke.returncode == 0 and "broke the lease of" in broke.stdout, broke
+    (out / "f.go-2").touch()
+    wait_until(lambda: all(logged(out, "f", r, "failed") for r in RANKS), "save 2 failed")
+    for rank in RANKS:
+        (failure,) = logged(out, "f", rank, "failed")
+        assert failure["type"] == "LeaseLost" and "an operator broke it" in failure["error"]
+    assert RootLayout.at(root).committed_steps() == [1] and staged(root) == []
+
+    with distckpt.CheckpointManager(root) as taker:  # another job takes the root
+        (out / "f.go-3").touch()
+        wait_until(lambda: all(len(logged(out, "f", r, "failed")) == 2 for r in RANKS), "3")
+        for rank in RANKS:
+            failure = logged(out, "f", rank, "failed")[-1]
+            assert failure["type"] == "LeaseLost" and f"pid {os.getpid()}" in failure["error"]
+        assert taker.steps() == [1] and staged(root) == []
+        assert taker.save(2, {"w": 2}).step == 2
+    assert fenced.wait(STARTUP) == 0, fenced.output
+    record = json.loads((root / LEASE_RECORD_NAME).read_text())
+    assert record["pid"] == os.getpid() and record["generation"] == 2
+    assert record["released_utc"] is not None  # the fenced job's close left it alone
+    assert distckpt.verify(root).ok
+
+
+@pytest.mark.torchrun
+@pytest.mark.timeout(500)
+def test_orphans_of_a_killed_torchrun_agent_stop_committing(jobs: Jobs) -> None:
+    """Only job A's torchrun agent is SIGKILLed: its workers live on (sessions of their own)
+    and keep saving. Each notices its launcher is gone at its next save, which fails on every
+    rank with LauncherGone; A's rank 0 gives the root up, and job B, waiting for it, resumes
+    from A's last checkpoint. Steps only grow; no step of A comes after B's first."""
+    root, out = jobs.root, jobs.out
+    first = jobs.start(under_torchrun(root, out, "a", "--saves", "100000", "--pause", "0.2"))
+    wait_until(lambda: len(saved_steps(out, "a", 0)) >= 2, "job A saved twice")
+    second = jobs.start(under_torchrun(root, out, "b", "--saves", "3", "--wait", "300"))
+    wait_until(lambda: all(logged(out, "b", r, "opening") for r in RANKS), "job B began")
+    assert not logged(out, "b", 0, "opened"), "B opened a root A holds"
+
+    orphans = [pid_of(out, "a", rank) for rank in RANKS]
+    os.kill(first.process.pid, signal.SIGKILL)  # the agent alone
+    first.process.wait(30)
+    assert second.wait(300) == 0, second.output
+    assert all(_cmdline(pid) for pid in orphans), "the orphans should still be running"
+    (out / "a.stop").touch()
+
+    for rank in RANKS:
+        entries = [e for e in log(out, "a", rank) if e["event"] in ("saved", "failed")]
+        first_failure = next(i for i, e in enumerate(entries) if e["event"] == "failed")
+        after = entries[first_failure:]
+        assert {e["event"] for e in after} == {"failed"}, after  # nothing saved after that
+        assert {e["type"] for e in after} == {"LauncherGone"}, after
+        assert "is gone" in after[0]["error"] and "orphan" in after[0]["error"]
+        assert len(saved_steps(out, "b", rank)) == 3
+    committed = runs_by_step(root)
+    runs = [run for _, run, _ in committed]
+    assert runs == sorted(runs) and runs[-3:] == ["b"] * 3, committed  # all of A, then B
+    a_ids = {run_id for _, run, run_id in committed if run == "a"}
+    b_ids = {run_id for _, run, run_id in committed if run == "b"}
+    assert len(a_ids) == len(b_ids) == 1 and a_ids != b_ids and None not in a_ids | b_ids
+    steps = [step for step, _, _ in committed]
+    assert steps == list(range(1, len(steps) + 1))  # B resumed from A's last step
+    assert distckpt.verify(root).ok
+    wait_until(lambda: staged(root) == [], "the orphans' failed saves left no staging", 30)

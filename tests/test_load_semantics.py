@@ -1,0 +1,122 @@
+"""What ``restore(state=...)`` does to the given state, the same in both formats: plain values
+inside its dicts and lists are updated in place (as DCP users expect), and ``strict`` refuses,
+or with ``strict=False`` reports, keys on one side only."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import distckpt
+from distckpt.errors import InvalidArgument
+from tests.ranks import run_ranks, values
+
+FORMATS = ("torch", "dcp")
+TIMEOUT = 60.0
+
+
+def saved_state() -> dict[str, Any]:
+    return {
+        "w": torch.arange(6.0).reshape(3, 2),
+        "count": 7,
+        "name": "run-b",
+        "nested": {"lr": 0.5, "ids": [4, 5, 6], "pair": (1, 2), "bias": torch.ones(2)},
+        "history": [torch.full((2,), 3.0), 9, {"epoch": 3}],
+    }
+
+
+def fresh_state() -> dict[str, Any]:
+    """The same structure as :func:`saved_state`, with other values."""
+    return {
+        "w": torch.zeros(3, 2),
+        "count": 0,
+        "name": "run-a",
+        "nested": {"lr": 0.1, "ids": [0, 0, 0], "pair": (0, 0), "bias": torch.zeros(2)},
+        "history": [torch.zeros(2), 0, {"epoch": 0}],
+    }
+
+
+def assert_loaded(state: dict[str, Any]) -> None:
+    expected = saved_state()
+    assert torch.equal(state["w"], expected["w"])
+    assert (state["count"], state["name"]) == (7, "run-b")
+    assert state["nested"]["lr"] == 0.5 and state["nested"]["ids"] == [4, 5, 6]
+    assert tuple(state["nested"]["pair"]) == (1, 2)
+    assert torch.equal(state["nested"]["bias"], torch.ones(2))
+    assert torch.equal(state["history"][0], torch.full((2,), 3.0))
+    assert state["history"][1:] == [9, {"epoch": 3}]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_restore_updates_plain_values_in_place(root: Path, fmt: str) -> None:
+    with distckpt.CheckpointManager(root, format=fmt, fsync=False) as mgr:
+        mgr.save(1, saved_state())
+        state = fresh_state()
+        containers = (state["nested"], state["nested"]["ids"], state["history"])
+        tensors = (state["w"], state["nested"]["bias"], state["history"][0])
+        ckpt = mgr.restore(state=state)
+    assert ckpt is not None and ckpt.missing_keys == () and ckpt.unexpected_keys == ()
+    assert_loaded(state)
+    # The very dicts, lists and tensors passed in were filled, not replaced.
+    assert (state["nested"], state["nested"]["ids"], state["history"]) == containers
+    assert all(
+        a is b
+        for a, b in zip(containers, (state["nested"], state["nested"]["ids"], state["history"]))
+    )
+    assert all(
+        a is b for a, b in zip(tensors, (state["w"], state["nested"]["bias"], state["history"][0]))
+    )
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_strict_refuses_keys_on_either_side_before_changing_anything(root: Path, fmt: str) -> None:
+    with distckpt.CheckpointManager(root, format=fmt, fsync=False) as mgr:
+        mgr.save(1, {"w": torch.ones(2), "n": 5, "old": torch.ones(3)})
+        missing = {"w": torch.zeros(2), "n": 0, "old": torch.zeros(3), "new": torch.zeros(4)}
+        with pytest.raises(InvalidArgument, match=r"missing from the checkpoint \['new'\]"):
+            mgr.restore(state=missing)
+        unexpected = {"w": torch.zeros(2), "n": 0}
+        with pytest.raises(InvalidArgument, match=r"not in the given state \['old'\]"):
+            mgr.restore(state=unexpected)
+    # Refused before anything was loaded, in both formats.
+    assert torch.equal(missing["w"], torch.zeros(2)) and missing["n"] == 0
+    assert torch.equal(unexpected["w"], torch.zeros(2)) and unexpected["n"] == 0
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_strict_false_loads_the_rest_and_reports_both_sides(root: Path, fmt: str) -> None:
+    with distckpt.CheckpointManager(root, format=fmt, fsync=False) as mgr:
+        mgr.save(1, {"w": torch.ones(2), "n": 5, "old": torch.ones(3)})
+        state = {"w": torch.zeros(2), "n": 0, "new": torch.zeros(4)}
+        ckpt = mgr.restore(state=state, strict=False)
+    assert ckpt is not None
+    assert ckpt.missing_keys == ("new",)
+    assert ckpt.unexpected_keys == ("old",)
+    assert torch.equal(state["w"], torch.ones(2)) and state["n"] == 5
+    assert torch.equal(state["new"], torch.zeros(4))
+
+
+def _restore_on_ranks(rank: int, world_size: int, root: str, fmt: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    with distckpt.CheckpointManager(root, format=fmt, fsync=False, timeout=TIMEOUT) as mgr:
+        mgr.save(1, {**saved_state(), "old": torch.ones(3)})
+        state = fresh_state()
+        try:
+            mgr.restore(state=state)
+        except InvalidArgument as exc:
+            out["strict"] = str(exc)
+        ckpt = mgr.restore(state=state, strict=False)
+        assert ckpt is not None
+        assert_loaded(state)
+        out["unexpected"] = ckpt.unexpected_keys
+    return out
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_in_place_and_strict_on_two_ranks(root: Path, fmt: str) -> None:
+    for out in values(run_ranks(_restore_on_ranks, 2, str(root), fmt, timeout=TIMEOUT * 2)):
+        assert "not in the given state ['old']" in out["strict"]
+        assert out["unexpected"] == ("old",)

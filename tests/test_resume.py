@@ -1,0 +1,88 @@
+"""Exact resume of a plain DDP loop that follows the README's recipe, killed with SIGKILL.
+
+``tests/ddp_job.py`` (2 gloo ranks, a ``StatefulDataLoader`` with 2 workers) runs once
+uninterrupted, shared by every test here, and again killed at seeded moments — mid-epoch, at an
+epoch's end, inside an async save — and re-run with the same command: every micro-batch's loss
+on every rank and the final parameters, optimizer, scheduler and RNG states must equal the
+reference's bit for bit. Leaving any one piece of the recipe out breaks it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torchdata")
+
+from distckpt.layout import step_dir_name
+from tests import killing
+from tests.ddp_job import STEPS_PER_EPOCH, WORLD_SIZE
+
+JOB = "tests/ddp_job.py"
+#: rank 0's loss lines per epoch: one per micro-batch
+BATCHES_PER_EPOCH = STEPS_PER_EPOCH * 2
+pytestmark = pytest.mark.timeout(420)
+
+
+@pytest.fixture
+def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return killing.shared_reference(tmp_path_factory, "ddp", JOB)
+
+
+def _command(tmp_path: Path, *options: str) -> tuple[list[str], Path]:
+    out = tmp_path / "resumed"
+    out.mkdir()
+    return [JOB, str(tmp_path / "root"), str(out), *options], out
+
+
+def test_killed_ddp_job_resumes_exactly(tmp_path: Path, reference: Path) -> None:
+    command, out = _command(tmp_path)
+    # The first kill right after the last batch of epoch 0, then two seeded moments.
+    moments = [BATCHES_PER_EPOCH, *killing.kill_moments(5, 2, 3, 9)]
+    assert killing.run_killed(command, out, moments) == 3
+    killing.assert_same_run(reference, out, WORLD_SIZE)
+
+
+def test_ddp_job_killed_during_async_saves_resumes_exactly(tmp_path: Path, reference: Path) -> None:
+    """Killed as soon as ``save`` returns with the save still in flight (a ballast tensor in
+    the state makes the background write long enough): the checkpoint being written is lost,
+    the previous one is resumed from, and the run still matches."""
+    command, out = _command(tmp_path, "--async-save", "--ballast-mib", "16")
+    root = tmp_path / "root"
+    in_flight = 0
+    for moment in killing.kill_moments(4, 2, 1, 3):  # the n-th save started in this run
+        assert killing.run(command, out, kill_after=moment, counted="saves-rank0.txt")
+        started = int((out / "saves-rank0.txt").read_text().split()[-1])
+        in_flight += not (root / step_dir_name(started)).exists()
+    killing.run(command, out)
+    assert in_flight >= 1, "no kill landed inside a save"
+    killing.assert_same_run(reference, out, WORLD_SIZE)
+
+
+@pytest.mark.parametrize("piece", ["loader", "rng", "generator"])
+def test_ddp_job_without_one_piece_of_the_recipe_is_not_exact(
+    tmp_path: Path, reference: Path, piece: str
+) -> None:
+    """The loader left out of the state restarts the epoch from its first batch; the RNGs left
+    out give other dropout masks; a loader without its own generator draws its workers' seed
+    from the global generator, once more in the resumed run than in the reference."""
+    command, out = _command(tmp_path, "--leave-out", piece)
+    # Past the save at step 2 (line 4 of epoch 0) and before the next one: resumed mid-epoch.
+    # Without the loader the resumed run trains the epoch's first batches again, so it even
+    # steps OneCycleLR more often than its total and fails; either way it is not the reference.
+    with pytest.raises(AssertionError, match=r"losses differ|Tried to step 13 times"):
+        assert killing.run_killed(command, out, [6]) == 1
+        killing.assert_same_run(reference, out, WORLD_SIZE)
+
+
+def test_plain_dataloader_saved_at_epoch_ends_resumes_exactly(
+    tmp_path: Path, reference: Path
+) -> None:
+    """The README's rule for a plain ``DataLoader`` (no position to save): checkpoint at epoch
+    ends only and seed its generator per epoch. Killed mid-epoch, the run repeats the epoch
+    from its start, exactly; uninterrupted it is the StatefulDataLoader run, the reference."""
+    command, out = _command(tmp_path, "--loader", "plain")
+    moments = [BATCHES_PER_EPOCH + 3, BATCHES_PER_EPOCH + 5]  # mid-epoch 1, then mid-epoch 2
+    assert killing.run_killed(command, out, moments) == 2
+    killing.assert_same_run(reference, out, WORLD_SIZE)
