@@ -101,6 +101,66 @@ def test_compiled_and_plain_models_restore_into_each_other(
     assert same_params(saved_model, again)
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_strict_compares_keys_after_the_prefixes_are_mapped(tmp_path: Path, fmt: str) -> None:
+    # A compiled model's checkpoint into a bare model is no strict mismatch ("dcp" compares
+    # keys with .metadata before reading: it must compare the mapped keys); a key really
+    # missing beside it still is, named alone, and nothing is loaded.
+    saved_model = make_model(0)
+    with distckpt.CheckpointManager(tmp_path / "ckpt", format=fmt, fsync=False) as mgr:
+        mgr.save(1, {"model": compiled(saved_model), "n": 3})
+        bare = make_model(1)
+        ckpt = mgr.restore(state={"model": bare, "n": 0}, strict=True)
+        assert ckpt is not None and ckpt.missing_keys == () and ckpt.unexpected_keys == ()
+        assert same_params(saved_model, bare) and ckpt.state["n"] == 3
+
+        other = make_model(2)
+        state = {"model": other, "n": 0, "extra": torch.zeros(2)}
+        with pytest.raises(InvalidArgument, match="does not match the given state") as refused:
+            mgr.restore(state=state, strict=True)
+        assert "['extra']" in str(refused.value) and "_orig_mod" not in str(refused.value)
+        assert not same_params(saved_model, other) and state["n"] == 0  # nothing loaded
+        ckpt = mgr.restore(state=state, strict=False)
+        assert ckpt is not None and ckpt.missing_keys == ("extra",), ckpt.missing_keys
+        assert ckpt.unexpected_keys == ()
+        assert same_params(saved_model, other) and state["n"] == 3  # in place, as in main
+
+        # A checkpoint key the state lacks beside the mapped model: unexpected, refused.
+        mgr.save(2, {"model": compiled(make_model(3)), "n": 4, "gone": torch.ones(1)})
+        with pytest.raises(InvalidArgument, match=r"not in the given state \['gone'\]"):
+            mgr.restore(2, state={"model": make_model(4), "n": 0}, strict=True)
+
+
+def _per_rank_and_prefixes(rank: int, world_size: int, root: str) -> dict[str, Any]:
+    saved_model = make_model(0)
+    out: dict[str, Any] = {}
+    with distckpt.CheckpointManager(root, format="dcp", fsync=False, timeout=30) as mgr:
+        mgr.save(1, {"model": compiled(saved_model), "seen": distckpt.PerRank(rank + 10)})
+        bare = make_model(1)
+        state = {"model": bare, "seen": distckpt.PerRank(-1)}
+        ckpt = mgr.restore(state=state, strict=True)
+        out["clean"] = ckpt.missing_keys == () and ckpt.unexpected_keys == ()
+        out["model"] = same_params(saved_model, bare)
+        out["seen"] = ckpt.state["seen"]
+        out["seen_in_place"] = state["seen"].value
+        try:
+            mgr.restore(state={"model": make_model(2), "other": distckpt.PerRank(0)})
+            out["refused"] = "no error"
+        except InvalidArgument as exc:
+            out["refused"] = str(exc)
+    return out
+
+
+def test_strict_with_per_rank_values_and_mapped_prefixes_in_dcp(tmp_path: Path) -> None:
+    # Per-rank values are split out and the other ranks' are not unexpected; a per-rank
+    # value the checkpoint lacks is a real mismatch.
+    out = values(run_ranks(_per_rank_and_prefixes, 2, str(tmp_path / "ckpt"), timeout=TIMEOUT))
+    for rank, result in enumerate(out):
+        assert result["clean"] and result["model"], result
+        assert result["seen"] == rank + 10 and result["seen_in_place"] == rank + 10, result
+        assert "['other']" in result["refused"], result["refused"]
+
+
 # ------------------------------------------------------------------ DDP (2 gloo ranks)
 
 

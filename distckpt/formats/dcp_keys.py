@@ -214,8 +214,9 @@ def rename_to_saved(
         if not isinstance(node, dict):
             return node
         mapping = matching_prefixes(node, index.get(path, ()))
-        if mapping is not None and log:
-            log_prefix_mapping(dotted((where, *path)), mapping)
+        if mapping is not None:
+            if log:
+                log_prefix_mapping(dotted((where, *path)), mapping)
             renames.append((path, mapping))
             node = {mapping.get(key, key): value for key, value in node.items()}
         return {key: walk(value, (*path, key)) for key, value in node.items()}
