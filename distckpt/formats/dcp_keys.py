@@ -147,13 +147,13 @@ def split_per_rank_keys(keys: Iterable[str]) -> tuple[list[str], dict[int, list[
 def per_rank_not_read(
     metadata: Metadata, rank: int, *, same_ranks: bool, read_own: bool
 ) -> dict[int, list[str]]:
-    """By rank, the top-level names of the saved per-rank values this rank's restore leaves
+    """By rank, the sorted top-level names of the saved per-rank values this rank's restore leaves
     unread and should say so: its own when it asked for none (``read_own`` false), and every
     rank's after a world-size change. With the same ranks, the others' are theirs to read."""
     own = f"{PER_RANK_KEY}.{rank}."
     keys = [key for key in metadata.state_dict_metadata if not (read_own and key.startswith(own))]
     _, per_rank = split_per_rank_keys(keys)
-    return {r: names for r, names in per_rank.items() if r == rank or not same_ranks}
+    return {r: sorted(names) for r, names in per_rank.items() if r == rank or not same_ranks}
 
 
 def key_mismatch_as_read(
