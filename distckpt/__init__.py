@@ -50,6 +50,7 @@ from distckpt.errors import (
 )
 from distckpt.exporter import export
 from distckpt.manager import CheckpointManager
+from distckpt.per_rank import PerRank
 from distckpt.reader import load_checkpoint
 from distckpt.results import Checkpoint, CheckpointInfo, SaveResult
 from distckpt.rng import RNGState, capture_rng, restore_rng
@@ -69,6 +70,7 @@ __all__ = [
     "capture_rng",
     "restore_rng",
     "RNGState",
+    "PerRank",
     "Checkpoint",
     "CheckpointInfo",
     "SaveResult",

@@ -328,6 +328,7 @@ class CheckpointManager:
         allow_pickle: bool = False,
         mmap: bool = False,
         verify: bool = False,
+        fix_key_prefixes: bool = True,
     ) -> Checkpoint | None:
         """Load a checkpoint on every rank; collective.
 
@@ -345,7 +346,8 @@ class CheckpointManager:
         objects: only for checkpoints you trust. ``mmap=True`` maps tensor data from disk
         instead of reading it all. ``verify=True`` checks every file's checksum before
         loading (sizes are always checked) and, for ``"last"``/``"best"``, falls back past a
-        corrupt checkpoint with a warning.
+        corrupt checkpoint with a warning. ``fix_key_prefixes=True`` maps wrapper prefixes
+        (``_orig_mod.``, ``module.``) away or on when that makes every key match, before strict.
         """
         self._check_open()
         self.wait()
@@ -356,7 +358,7 @@ class CheckpointManager:
             monitor=self.retention.monitor,
             mode=self.retention.mode,
             state=state,
-            options=ReadOptions(map_location=map_location, allow_pickle=allow_pickle, mmap=mmap),
+            options=ReadOptions(map_location, allow_pickle, mmap, fix_key_prefixes),
             strict=strict,
             missing_ok=missing_ok,
             verify=verify,

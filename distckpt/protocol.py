@@ -123,7 +123,7 @@ def propose(
     def local() -> Proposal:
         check_launcher(launcher, coord=coord, store=store)
         check_step_number(step)
-        plain = to_plain(state)
+        plain = to_plain(state, mark_per_rank=fmt.marks_per_rank)
         fmt.check_state(plain)
         # Async: copy now, so training may change its tensors as soon as save returns.
         prepared["state"] = snapshot.snapshot(plain) if snapshot is not None else plain

@@ -102,8 +102,8 @@ def prepare_read(
         fsync=False,
         group=group,
     )
-    plain = to_plain(template) if template is not None else None
     fmt = format_named(manifest.format)
+    plain = to_plain(template, mark_per_rank=fmt.marks_per_rank) if template is not None else None
     prepared = _vanish_checked(
         directory, lambda: fmt.prepare_read(directory, manifest, ctx, plain, options)
     )
@@ -119,7 +119,13 @@ def read_state(prepared: PreparedRead, *, template: Any, strict: bool) -> Checkp
     directory, manifest = prepared.directory, prepared.manifest
     fmt = format_named(manifest.format)
     loaded = _vanish_checked(directory, lambda: fmt.read(prepared))
-    report = load_into(template, loaded, strict=strict) if template is not None else None
+    report = (
+        load_into(
+            template, loaded, strict=strict, fix_key_prefixes=prepared.options.fix_key_prefixes
+        )
+        if template is not None
+        else None
+    )
     if report is not None and prepared.mismatch is not None:
         for found, known in (
             (report.missing_keys, prepared.mismatch.missing_keys),
@@ -234,6 +240,7 @@ def load_checkpoint(
     allow_pickle: bool = False,
     mmap: bool = False,
     verify: bool = False,
+    fix_key_prefixes: bool = True,
 ) -> Checkpoint:
     """Load one rank's part of a committed checkpoint in any process, by itself: no process
     group is needed, and none is used even where one exists (so a "dcp" checkpoint is read
@@ -242,11 +249,17 @@ def load_checkpoint(
     ``path`` is a step dir, a root (its newest checkpoint), or a ``last`` / ``best`` link
     (symlink or pointer file), whatever the working directory. ``rank`` defaults to this
     process's rank when torch.distributed is initialised, else 0. ``state=`` loads in place as
-    in :meth:`CheckpointManager.restore`; ``verify=True`` checks every file's checksum first.
+    in :meth:`CheckpointManager.restore`; ``verify=True`` checks every file's checksum first;
+    ``fix_key_prefixes`` as in :meth:`CheckpointManager.restore`.
     """
     if not isinstance(path, (str, os.PathLike)):
         raise InvalidArgument(f"path must be a path, not {path!r}")
-    options = ReadOptions(map_location=map_location, allow_pickle=allow_pickle, mmap=mmap)
+    options = ReadOptions(
+        map_location=map_location,
+        allow_pickle=allow_pickle,
+        mmap=mmap,
+        fix_key_prefixes=fix_key_prefixes,
+    )
     loaded = restore_on_ranks(
         None,
         path,

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from distckpt.per_rank import PerRank
 from distckpt.state import dtensor_type
 
 
@@ -61,6 +62,8 @@ class SnapshotBuffers:
         if isinstance(value, torch.Tensor):
             seen.add(key)
             return self._buffer_for(key, value)
+        if isinstance(value, PerRank):
+            return PerRank(self._copy(value.value, key, seen))
         if isinstance(value, Mapping):
             return {k: self._copy(v, (*key, k), seen) for k, v in value.items()}
         if isinstance(value, (list, tuple)):

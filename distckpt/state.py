@@ -18,6 +18,8 @@ from typing import Any
 import torch
 
 from distckpt.errors import InvalidArgument
+from distckpt.key_prefixes import log_prefix_mapping, matching_prefixes
+from distckpt.per_rank import PerRank, is_per_rank
 
 
 def dtensor_type() -> type | None:
@@ -47,6 +49,8 @@ def tensor_bytes(state: Any) -> int:
             if key not in seen:
                 seen.add(key)
                 total += storage.nbytes()
+        elif isinstance(value, PerRank):
+            visit(value.value)
         elif isinstance(value, Mapping):
             for item in value.values():
                 visit(item)
@@ -64,16 +68,23 @@ def is_stateful(value: Any) -> bool:
     )
 
 
-def to_plain(state: Any) -> Any:
-    """``state`` with every stateful object replaced by its ``state_dict()``, recursively."""
+def to_plain(state: Any, *, mark_per_rank: bool = False) -> Any:
+    """``state`` with every stateful object replaced by its ``state_dict()``, recursively.
+    With ``mark_per_rank``, a value that differs per rank (:func:`distckpt.per_rank.is_per_rank`)
+    comes out as :class:`~distckpt.PerRank` around its plain value; without, unmarked."""
+    if is_per_rank(state):
+        # An RNGState or a loader is Stateful itself; a PerRank holds its value.
+        inner = state.value if isinstance(state, PerRank) else state.state_dict()
+        plain = to_plain(inner)
+        return PerRank(plain) if mark_per_rank else plain
     if isinstance(state, torch.Tensor):
         return state.detach()
     if is_stateful(state):
-        return to_plain(state.state_dict())
+        return to_plain(state.state_dict(), mark_per_rank=mark_per_rank)
     if isinstance(state, Mapping):
-        return {key: to_plain(value) for key, value in state.items()}
+        return {key: to_plain(value, mark_per_rank=mark_per_rank) for key, value in state.items()}
     if isinstance(state, (list, tuple)):
-        return type(state)(to_plain(value) for value in state)
+        return type(state)(to_plain(value, mark_per_rank=mark_per_rank) for value in state)
     return state
 
 
@@ -150,7 +161,9 @@ class LoadReport:
             )
 
 
-def load_into(template: Any, loaded: Any, *, strict: bool) -> LoadReport:
+def load_into(
+    template: Any, loaded: Any, *, strict: bool, fix_key_prefixes: bool = True
+) -> LoadReport:
     """Load ``loaded`` (as saved) into ``template`` (the user's live objects) in place.
 
     Objects with ``load_state_dict`` load through it, tensors are copied into, and any other
@@ -159,13 +172,15 @@ def load_into(template: Any, loaded: Any, *, strict: bool) -> LoadReport:
 
     With ``strict=True`` any key present on one side only raises :class:`InvalidArgument`
     listing them all, before anything is changed; with ``strict=False`` what matches is loaded
-    and the rest is reported.
+    and the rest is reported. With ``fix_key_prefixes``, a module's (or dict's) keys that differ
+    from the saved ones only by wrapper prefixes (``_orig_mod.``, ``module.``) are mapped, with
+    one INFO line (see :mod:`distckpt.key_prefixes`).
     """
     report = LoadReport()
-    _load(template, loaded, "", report, apply=False)  # a dry run: find every mismatch first
+    _load(template, loaded, "", report, apply=False, fix_prefixes=fix_key_prefixes)  # dry run
     if strict:
         report.check_strict()
-    _load(template, loaded, "", LoadReport(), apply=True)
+    _load(template, loaded, "", LoadReport(), apply=True, fix_prefixes=fix_key_prefixes)
     return report
 
 
@@ -173,11 +188,33 @@ def _join(prefix: str, key: object) -> str:
     return f"{prefix}.{key}" if prefix else str(key)
 
 
-def _load(template: Any, loaded: Any, path: str, report: LoadReport, *, apply: bool) -> Any:
+def _renamed(expected: Any, loaded: Any, path: str, *, fix: bool, log: bool) -> Any:
+    """``loaded`` with its keys renamed to ``expected``'s when they differ only by wrapper
+    prefixes (and ``fix``); otherwise ``loaded`` itself."""
+    if not fix or not isinstance(loaded, Mapping):
+        return loaded
+    mapping = matching_prefixes(expected, loaded)
+    if mapping is None:
+        return loaded
+    if log:
+        log_prefix_mapping(path, mapping)
+    return {target: loaded[saved] for target, saved in mapping.items()}
+
+
+def _load(
+    template: Any, loaded: Any, path: str, report: LoadReport, *, apply: bool, fix_prefixes: bool
+) -> Any:
     """Walk ``template`` and ``loaded`` together, recording mismatches in ``report`` and, with
     ``apply``, loading what matches. Returns what the template's place should hold: the
     template itself when it was loaded in place (or left alone), else the loaded value."""
+    if isinstance(template, PerRank):
+        # The mark matters to the format only; the mark stays, its value is loaded.
+        new = _load(template.value, loaded, path, report, apply=apply, fix_prefixes=fix_prefixes)
+        if apply and new is not template.value:
+            template.value = new
+        return template
     if isinstance(template, torch.nn.Module):
+        loaded = _renamed(template.state_dict(), loaded, path, fix=fix_prefixes, log=apply)
         expected, got = (
             set(template.state_dict()),
             set(loaded) if isinstance(loaded, Mapping) else set(),
@@ -200,9 +237,17 @@ def _load(template: Any, loaded: Any, path: str, report: LoadReport, *, apply: b
             with torch.no_grad():
                 template.copy_(loaded)
     elif isinstance(template, Mapping) and isinstance(loaded, Mapping):
+        loaded = _renamed(template, loaded, path, fix=fix_prefixes, log=apply)
         for key, value in template.items():
             if key in loaded:
-                new = _load(value, loaded[key], _join(path, key), report, apply=apply)
+                new = _load(
+                    value,
+                    loaded[key],
+                    _join(path, key),
+                    report,
+                    apply=apply,
+                    fix_prefixes=fix_prefixes,
+                )
                 if apply and new is not value and isinstance(template, dict):
                     template[key] = new
             else:
@@ -213,7 +258,7 @@ def _load(template: Any, loaded: Any, path: str, report: LoadReport, *, apply: b
             report.missing_keys.append(f"{path}[len {len(template)} != {len(loaded)}]")
             return template
         items = [
-            _load(item, value, _join(path, index), report, apply=apply)
+            _load(item, value, _join(path, index), report, apply=apply, fix_prefixes=fix_prefixes)
             for index, (item, value) in enumerate(zip(template, loaded))
         ]
         if not apply or all(new is old for new, old in zip(items, template)):

@@ -22,8 +22,9 @@ Why a resumed run follows the same trajectory whatever the number of ranks: the 
 ``s`` is a pure function of ``(seed, s)`` and is split evenly between the ranks, and FSDP2
 averages the gradients over the ranks, so every world size computes the full-batch gradient
 (equal up to floating-point rounding, since the sums happen in a different order). There is no
-dropout and no other per-rank state: a "dcp" checkpoint saves non-DTensor values once, as if
-every rank had the same ones.
+dropout and no other per-rank state: a "dcp" checkpoint does save per-rank values
+(``distckpt.RNGState``, ``distckpt.PerRank``) one copy per rank, but those cannot be resharded
+onto another number of ranks.
 
 Output (rank 0): ``resumed from step N`` or ``starting from scratch``, ``step=N loss=X`` every
 ``--log-every`` steps, ``saved step=N`` per committed checkpoint, and finally ``done step=N

@@ -43,6 +43,9 @@ class ReadOptions:
     allow_pickle: bool = False
     #: memory-map tensor data instead of reading it all (where the format supports it)
     mmap: bool = False
+    #: map keys that differ only by wrapper prefixes (``_orig_mod.``, ``module.``); see
+    #: :mod:`distckpt.key_prefixes`
+    fix_key_prefixes: bool = True
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,10 @@ class CheckpointFormat(Protocol):
 
     #: the name stored in the manifest and passed as ``CheckpointManager(format=...)``
     name: str
+    #: whether the states this format writes and reads keep values that differ per rank
+    #: marked (:class:`~distckpt.PerRank`, see :mod:`distckpt.per_rank`): a format that saves
+    #: some values once for all ranks must tell those apart
+    marks_per_rank: bool
     #: whether :meth:`read` runs collectives on ``ctx.group`` (then the ranks agree on
     #: :meth:`prepare_read` before any rank reads; otherwise one agreement after both suffices)
     collective_read: bool

@@ -19,9 +19,11 @@ What DCP saves, and its limits:
 * The top-level state must be a dict. Nested dicts and lists are flattened into dotted keys.
 * DTensors (FSDP2 ``fully_shard`` parameters, their optimizer state) are saved shard by shard.
 * Everything else -- plain tensors and plain values -- is taken to be the *same on every rank*
-  and is saved once, from one rank. A value that differs between ranks (a per-rank RNG state, a
-  rank number) is silently reduced to one rank's copy: keep per-rank state out of a "dcp"
-  checkpoint, or save it in a "torch" one.
+  and is saved once, from one rank, unless it is marked per rank: :class:`~distckpt.RNGState`,
+  a ``StatefulDataLoader``, or any value wrapped in :class:`~distckpt.PerRank`. Those are saved
+  once per rank and restored to the same rank (see :mod:`distckpt.formats.dcp_keys`); a restore
+  by another number of ranks that asks for them raises
+  :class:`~distckpt.errors.WorldSizeMismatch` naming them.
 * Optimizers must be saved FQN-keyed, through ``get_state_dict``: put
   ``{"app": ModelOptimizerState(model, optimizer)}`` in the state rather than the optimizer
   itself. A plain ``optimizer.state_dict()`` (keyed by parameter number) is refused with
@@ -34,6 +36,10 @@ only the chunks its shards overlap. Keys the state asks for that the checkpoint 
 out of the result and reported as missing; keys only in the checkpoint are not loaded and are
 reported as unexpected. ``strict=True`` refuses either, as for the "torch" format, before DCP's
 collective read starts (:meth:`DcpFormat.prepare_read` compares the keys with ``.metadata``).
+Keys that differ from the checkpoint's only by wrapper prefixes (``torch.compile``'s
+``_orig_mod.``, DDP's ``module.``) are mapped, with an INFO line, unless
+``fix_key_prefixes=False``; the comparison is made on the keys as they will be read (mapped,
+per-rank values under their rank), so a mapped key is no mismatch.
 ``map_location`` applies to non-tensor values only (tensors land where the given state's
 tensors are) and ``mmap`` is ignored. Before DCP's collectives start, every rank checks the
 given state and reads ``.metadata`` (:meth:`DcpFormat.prepare_read`), and the caller has the
@@ -73,6 +79,7 @@ checkpoints from a trusted source.
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -91,14 +98,30 @@ from distckpt.errors import (
     CorruptCheckpoint,
     InvalidArgument,
     RankFailure,
+    WorldSizeMismatch,
     describe_error,
 )
 from distckpt.formats.base import PreparedRead, ReadOptions, ShardContext
+from distckpt.formats.dcp_keys import (
+    PER_RANK_KEY,
+    dotted,
+    key_mismatch_as_read,
+    per_rank_not_read,
+    per_rank_placeholders,
+    rename_back,
+    rename_to_saved,
+    restore_per_rank,
+    saved_paths,
+    split_per_rank,
+    with_per_rank,
+)
 from distckpt.formats.dcp_metadata import DATA_FILE_RE, METADATA_NAME, read_metadata
-from distckpt.formats.dcp_storage import Planner, Reader, Writer, flat_keys, key_mismatch
+from distckpt.formats.dcp_storage import Planner, Reader, Writer
 from distckpt.manifest import FileRecord, Manifest
 from distckpt.model_state import ModelOptimizerState
-from distckpt.state import copy_containers, remove_path, set_path, tensor_bytes
+from distckpt.state import copy_containers, dtensor_type, remove_path, set_path, tensor_bytes
+
+logger = logging.getLogger("distckpt")
 
 __all__ = [
     "DcpFormat",
@@ -194,6 +217,19 @@ def _find_id_keyed_optimizer(state: Any, path: str = "") -> str | None:
 
 def _check_saveable(state: Any) -> None:
     _check_keys(state, "saves")
+    if PER_RANK_KEY in state:
+        raise InvalidArgument(
+            f"the top-level key {PER_RANK_KEY!r} is where the 'dcp' format keeps per-rank "
+            "values; rename yours"
+        )
+    dtensor = dtensor_type()
+    _, marked = split_per_rank(state)
+    sharded = [dotted(path) for path, value in marked if _holds(value, dtensor)]
+    if sharded:
+        raise InvalidArgument(
+            f"{', '.join(sharded)}: marked per rank but holds DTensors, which are sharded "
+            "across the ranks already; leave them unmarked"
+        )
     optimizer_key = _find_id_keyed_optimizer(state)
     if optimizer_key is not None:
         raise InvalidArgument(
@@ -203,6 +239,19 @@ def _check_saveable(state: Any) -> None:
             "ModelOptimizerState(model, optimizer) (from distckpt.formats.dcp) instead of the "
             "model and the optimizer"
         )
+
+
+def _holds(value: Any, kind: type | None) -> bool:
+    """Whether ``value`` is or contains (in dicts, lists, tuples) an instance of ``kind``."""
+    if kind is None:
+        return False
+    if isinstance(value, kind):
+        return True
+    if isinstance(value, Mapping):
+        return any(_holds(item, kind) for item in value.values())
+    if isinstance(value, (list, tuple)):
+        return any(_holds(item, kind) for item in value)
+    return False
 
 
 def _check_keys(state: Any, what: str) -> None:
@@ -220,6 +269,7 @@ class DcpFormat:
     ranks. See the module doc for what it saves and its limits."""
 
     name = "dcp"
+    marks_per_rank = True  # everything unmarked is saved once, for all ranks
     collective_read = True  # dcp.load plans the read across the ranks
 
     def required_files(self, manifest: Manifest) -> list[str]:
@@ -242,9 +292,11 @@ class DcpFormat:
         """Save this rank's part with ``dcp.save`` over ``ctx.group``; collective. Returns the
         files this rank wrote (its ``__<rank>_0.distcp``; rank 0 also ``.metadata``)."""
         writer = Writer(directory, fsync=ctx.fsync)
+        shared, marked = split_per_rank(state)
+        to_save = with_per_rank(shared, marked, ctx.rank)
         _run_dcp(
             lambda: dcp.save(
-                dict(state),
+                to_save,
                 storage_writer=writer,
                 planner=DefaultSavePlanner(),
                 process_group=ctx.group,
@@ -278,8 +330,17 @@ class DcpFormat:
                 "distckpt.export() or distckpt.formats.dcp.load_consolidated()"
             )
         _check_keys(template, "restores into")
+        _, marked = split_per_rank(template)
+        if marked and ctx.world_size != manifest.world_size:
+            keys = ", ".join(dotted(path) for path, _ in marked)
+            raise WorldSizeMismatch(
+                f"{directory} was saved by {manifest.world_size} ranks and holds per-rank "
+                f"values, which cannot be resharded to {ctx.world_size} ranks: {keys}. Restore "
+                f"with {manifest.world_size} ranks, or leave these keys out of state= to "
+                "restore everything else (they then start afresh on every rank)"
+            )
         metadata = read_metadata(directory, manifest, allow_pickle=options.allow_pickle)
-        mismatch = key_mismatch(flat_keys(dict(template)), metadata)
+        mismatch = key_mismatch_as_read(template, metadata, ctx.rank, options.fix_key_prefixes)
         return PreparedRead(
             directory, manifest, ctx, template, options, detail=metadata, mismatch=mismatch
         )
@@ -288,9 +349,15 @@ class DcpFormat:
         """Load into the template's tensors and DTensors with ``dcp.load`` over
         ``ctx.group`` (collective); returns the filled template, without the keys the
         checkpoint lacks (the checkpoint's keys the template lacks are not loaded: the
-        prepared ``mismatch`` reports them)."""
-        directory, group = prepared.directory, prepared.ctx.group
-        state = copy_containers(prepared.template)
+        prepared ``mismatch`` reports them; per-rank values not asked for are logged)."""
+        directory, group, rank = prepared.directory, prepared.ctx.group, prepared.ctx.rank
+        shared, marked = split_per_rank(prepared.template)
+        state = copy_containers(shared)
+        renames: list[Any] = []
+        if prepared.options.fix_key_prefixes:
+            state, renames = rename_to_saved(state, saved_paths(prepared.detail), directory.name)
+        if marked:
+            state.update(per_rank_placeholders(prepared.detail, rank))
         planner = Planner(prepared.options)
         _run_dcp(
             lambda: dcp.load(
@@ -305,6 +372,20 @@ class DcpFormat:
         )
         for key in planner.missing:
             remove_path(state, planner.path_of(key))
+        rename_back(state, renames)
+        restore_per_rank(state, marked, rank, prepared.detail)
+        not_asked = per_rank_not_read(
+            prepared.detail,
+            rank,
+            same_ranks=prepared.ctx.world_size == prepared.manifest.world_size,
+            read_own=bool(marked),
+        )
+        if not_asked:
+            logger.warning(
+                "%s holds per-rank values the given state does not ask for; not restored: %s",
+                directory,
+                "; ".join(f"rank {r}: {', '.join(names)}" for r, names in not_asked.items()),
+            )
         return state
 
     def export(
@@ -316,8 +397,8 @@ class DcpFormat:
         all_ranks: bool,
         allow_pickle: bool,
     ) -> Any:
-        """The consolidated state (:func:`load_consolidated`); a "dcp" checkpoint has no
-        per-rank states, so ``rank`` and ``all_ranks`` are refused."""
+        """The consolidated state (:func:`load_consolidated`), every rank's per-rank values
+        under ``__per_rank__`` by rank; ``rank`` and ``all_ranks`` are refused."""
         if rank is not None or all_ranks:
             raise InvalidArgument(
                 f"{directory} is a 'dcp' checkpoint: it is exported whole, as full tensors; "

@@ -94,6 +94,7 @@ class TorchFilesFormat:
     """One ``torch.save`` file per rank; restorable only by the world size that saved it."""
 
     name = "torch"
+    marks_per_rank = False  # every rank saves its whole state: every value is per rank
     collective_read = False  # each rank reads its own file
 
     def required_files(self, manifest: Manifest) -> list[str]:

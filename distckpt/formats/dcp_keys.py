@@ -1,0 +1,237 @@
+"""How the "dcp" format arranges a state's keys around DCP: per-rank values moved under a
+namespace of their rank, and wrapper prefixes (``_orig_mod.``, ``module.``) mapped between the
+state given to restore and the keys a checkpoint holds.
+
+Per-rank values. DCP saves every non-DTensor value once, as if every rank held the same one.
+A value marked per rank (:mod:`distckpt.per_rank`) is therefore moved, before ``dcp.save``,
+from its place to ``__per_rank__.<rank>.<its place>``: a key only that rank has, which that rank
+writes into its own ``.distcp`` file. DCP's ``.metadata`` then lists every rank's copy, so
+``verify`` checks them with the rest, ``export`` includes them (under ``__per_rank__``, by rank),
+and a restore knows they are there. On restore each rank asks for its own namespace and the
+values are put back at their places. They cannot be resharded: a restore by another number of
+ranks that asks for them is refused, naming them; one that does not ask logs that they were
+not restored.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
+
+from distckpt.formats.dcp_storage import flat_keys, key_mismatch
+from distckpt.key_prefixes import log_prefix_mapping, matching_prefixes
+from distckpt.per_rank import PerRank
+from distckpt.state import LoadReport, set_path
+
+__all__ = [
+    "PER_RANK_KEY",
+    "split_per_rank",
+    "with_per_rank",
+    "per_rank_placeholders",
+    "restore_per_rank",
+    "split_per_rank_keys",
+    "per_rank_not_read",
+    "key_mismatch_as_read",
+    "saved_paths",
+    "dotted",
+    "rename_to_saved",
+    "rename_back",
+]
+
+logger = logging.getLogger("distckpt")
+
+#: the top-level key under which every rank's per-rank values are saved, by rank
+PER_RANK_KEY = "__per_rank__"
+
+Path_ = tuple[Any, ...]
+_REMOVED = object()
+
+
+def dotted(path: Iterable[Any]) -> str:
+    return ".".join(str(part) for part in path)
+
+
+def split_per_rank(state: Any) -> tuple[Any, list[tuple[Path_, Any]]]:
+    """``state`` without its per-rank values (fresh containers, the same tensors; an item of a
+    list becomes None, so the rest keep their places), and those values by place."""
+    marked: list[tuple[Path_, Any]] = []
+
+    def walk(node: Any, path: Path_) -> Any:
+        if isinstance(node, PerRank):
+            marked.append((path, node.value))
+            return _REMOVED
+        if isinstance(node, Mapping):
+            items = ((key, walk(value, (*path, key))) for key, value in node.items())
+            return {key: value for key, value in items if value is not _REMOVED}
+        if isinstance(node, (list, tuple)):
+            items = [walk(value, (*path, index)) for index, value in enumerate(node)]
+            kept = [None if value is _REMOVED else value for value in items]
+            return kept if isinstance(node, list) else type(node)(kept)
+        return node
+
+    return walk(state, ()), marked
+
+
+def with_per_rank(shared: dict[str, Any], marked: list[tuple[Path_, Any]], rank: int) -> Any:
+    """``shared`` plus this rank's per-rank values under ``__per_rank__.<rank>``."""
+    if not marked:
+        return shared
+    own: dict[str, Any] = {}
+    for path, value in marked:
+        set_path(own, path, value)
+    return {**shared, PER_RANK_KEY: {str(rank): own}}
+
+
+def _get_path(root: Any, path: Path_) -> tuple[bool, Any]:
+    node = root
+    for key in path:
+        try:
+            node = node[key]
+        except (KeyError, IndexError, TypeError):
+            return False, None
+    return True, node
+
+
+def per_rank_placeholders(metadata: Metadata, rank: int) -> dict[str, Any]:
+    """Something for DCP to load each of this rank's saved per-rank values into, by its flat
+    key: an empty tensor of the saved size, or None for a plain value. Built from the
+    checkpoint rather than from the state given to restore, whose per-rank values may have
+    another shape now (a fresh data loader's state has no iterator position yet)."""
+    prefix = f"{PER_RANK_KEY}.{rank}."
+    return {
+        key: torch.empty(entry.size, dtype=entry.properties.dtype)
+        if isinstance(entry, TensorStorageMetadata)
+        else None
+        for key, entry in metadata.state_dict_metadata.items()
+        if key.startswith(prefix)
+    }
+
+
+def restore_per_rank(
+    state: dict[str, Any], marked: list[tuple[Path_, Any]], rank: int, metadata: Metadata
+) -> None:
+    """Move this rank's loaded per-rank values (:func:`per_rank_placeholders`, filled) back to
+    their places; a value the checkpoint lacks stays absent (so it is reported missing)."""
+    paths = metadata.planner_data if isinstance(metadata.planner_data, dict) else {}
+    nested: dict[str, Any] = {}
+    for key in per_rank_placeholders(metadata, rank):
+        if key in state:
+            set_path(nested, paths.get(key, (key,)), state.pop(key))
+    found_own, own = _get_path(nested, (PER_RANK_KEY, str(rank)))
+    for path, _ in marked:
+        found, value = _get_path(own, path) if found_own else (False, None)
+        if found:
+            set_path(state, path, value)
+
+
+def split_per_rank_keys(keys: Iterable[str]) -> tuple[list[str], dict[int, list[str]]]:
+    """DCP keys split into the ordinary ones and, by rank, the top-level names of the per-rank
+    values among them (``__per_rank__.1.rng.torch`` -> ``{1: ["rng"]}``)."""
+    ordinary: list[str] = []
+    per_rank: dict[int, list[str]] = {}
+    for key in keys:
+        parts = key.split(".", 3)
+        if len(parts) < 3 or parts[0] != PER_RANK_KEY or not parts[1].isdigit():
+            ordinary.append(key)
+            continue
+        names = per_rank.setdefault(int(parts[1]), [])
+        if parts[2] not in names:
+            names.append(parts[2])
+    return ordinary, dict(sorted(per_rank.items()))
+
+
+def per_rank_not_read(
+    metadata: Metadata, rank: int, *, same_ranks: bool, read_own: bool
+) -> dict[int, list[str]]:
+    """By rank, the sorted top-level names of the saved per-rank values this rank's restore leaves
+    unread and should say so: its own when it asked for none (``read_own`` false), and every
+    rank's after a world-size change. With the same ranks, the others' are theirs to read."""
+    own = f"{PER_RANK_KEY}.{rank}."
+    keys = [key for key in metadata.state_dict_metadata if not (read_own and key.startswith(own))]
+    _, per_rank = split_per_rank_keys(keys)
+    return {r: sorted(names) for r, names in per_rank.items() if r == rank or not same_ranks}
+
+
+def key_mismatch_as_read(
+    template: Any, metadata: Metadata, rank: int, fix_prefixes: bool
+) -> LoadReport:
+    """The keys on one side only, compared as the read will ask for them: per-rank values split
+    out and wrapper prefixes mapped (a compiled model's checkpoint into a bare model is no
+    mismatch when the mapping applies). Per-rank values are compared by place: one this rank
+    asks for is missing when the checkpoint holds nothing under its place in this rank's
+    namespace (its saved structure may differ from a fresh one's); per-rank values nobody
+    asks for are not unexpected but logged by the read (:func:`per_rank_not_read`), so a
+    restore by another world size may leave them out."""
+    shared, marked = split_per_rank(template)
+    if fix_prefixes:
+        shared, _ = rename_to_saved(shared, saved_paths(metadata), "", log=False)
+    report = key_mismatch(flat_keys(shared), metadata)
+    report.unexpected_keys = [
+        key for key in report.unexpected_keys if not key.startswith(f"{PER_RANK_KEY}.")
+    ]
+    own = [key for key in metadata.state_dict_metadata if key.startswith(f"{PER_RANK_KEY}.{rank}.")]
+    for path, _ in marked:
+        place = f"{PER_RANK_KEY}.{rank}.{dotted(path)}"
+        if not any(key == place or key.startswith(f"{place}.") for key in own):
+            report.missing_keys.append(dotted(path))
+    return report
+
+
+# ---------------------------------------------------------------------------------------------
+# Wrapper prefixes
+
+
+def saved_paths(metadata: Metadata) -> list[Path_]:
+    """Every key the checkpoint holds, as its place in the nested state."""
+    paths = metadata.planner_data if isinstance(metadata.planner_data, dict) else {}
+    return [tuple(paths.get(key, (key,))) for key in metadata.state_dict_metadata]
+
+
+def _children_index(saved_paths: Iterable[Path_]) -> dict[Path_, set[Any]]:
+    """For every prefix of a saved key path, the keys that follow it."""
+    index: dict[Path_, set[Any]] = {}
+    for path in saved_paths:
+        for depth in range(len(path)):
+            index.setdefault(tuple(path[:depth]), set()).add(path[depth])
+    return index
+
+
+def rename_to_saved(
+    state: Any, saved: Iterable[Path_], where: str, *, log: bool = True
+) -> tuple[Any, list[tuple[Path_, dict[str, str]]]]:
+    """``state`` with the keys of every dict that differ from the checkpoint's (``saved``
+    paths) only by wrapper prefixes renamed to the saved ones (with ``log``, one INFO line
+    each), and the renames made, each as (its dict's place in saved names, {target key: saved
+    key}), outermost first."""
+    index = _children_index(saved)
+    renames: list[tuple[Path_, dict[str, str]]] = []
+
+    def walk(node: Any, path: Path_) -> Any:
+        if not isinstance(node, dict):
+            return node
+        mapping = matching_prefixes(node, index.get(path, ()))
+        if mapping is not None:
+            if log:
+                log_prefix_mapping(dotted((where, *path)), mapping)
+            renames.append((path, mapping))
+            node = {mapping.get(key, key): value for key, value in node.items()}
+        return {key: walk(value, (*path, key)) for key, value in node.items()}
+
+    return walk(state, ()), renames
+
+
+def rename_back(state: Any, renames: list[tuple[Path_, dict[str, str]]]) -> None:
+    """Undo :func:`rename_to_saved` on the loaded ``state``, innermost first (keys a load
+    left out stay out)."""
+    for path, mapping in reversed(renames):
+        found, node = _get_path(state, path)
+        if not found or not isinstance(node, dict):
+            continue
+        back = {saved: target for target, saved in mapping.items()}
+        renamed = {back.get(key, key): value for key, value in node.items()}
+        node.clear()
+        node.update(renamed)

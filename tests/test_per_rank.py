@@ -1,0 +1,306 @@
+"""Per-rank values in the "dcp" format on real gloo ranks: RNGState, a StatefulDataLoader and
+values wrapped in PerRank are saved once per rank and come back to the same rank; unmarked
+values are saved once (so the marks are what keeps them apart); a restore by another number of
+ranks refuses them by name; and an FSDP2 job with a different dropout stream on every rank
+resumes bit for bit."""
+
+from __future__ import annotations
+
+import logging
+import pickle
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch._dynamo  # imported here once: FSDP2 would import it in every rank
+
+import distckpt
+from distckpt.formats.dcp import ModelOptimizerState
+from distckpt.manifest import read_manifest
+from tests.ranks import run_ranks, values
+from tests.test_dcp import fsdp
+
+TIMEOUT = 90.0
+
+
+def make_loader(rank: int) -> Any:
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    data = list(range(100 * rank, 100 * rank + 12))  # every rank reads its own data
+    return StatefulDataLoader(
+        data, batch_size=2, shuffle=True, generator=torch.Generator().manual_seed(7)
+    )
+
+
+class UnmarkedRNG:
+    """The RNGs as a Stateful value distckpt does not know to be per rank: what a user's own
+    RNG wrapper looks like without distckpt.PerRank around it."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return distckpt.capture_rng()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        distckpt.restore_rng(state)
+
+
+# ------------------------------------------------------------------ each rank gets its own back
+
+
+def _save_then_restore(rank: int, world_size: int, root: str, marked: bool) -> dict[str, Any]:
+    def mark(value: Any) -> Any:
+        return distckpt.PerRank(value) if marked else value
+
+    torch.manual_seed(1000 + rank)  # a different random stream on every rank
+    loader = make_loader(rank)
+    batches = iter(loader)
+    next(batches), next(batches)
+    state = {
+        "shared": torch.arange(4.0),
+        "seen": mark(torch.full((3,), float(rank))),
+        "rank_no": mark(rank * 10),
+        "rng": distckpt.RNGState() if marked else UnmarkedRNG(),
+        "loader": loader,
+    }
+    with distckpt.CheckpointManager(root, format="dcp", fsync=False, timeout=30) as mgr:
+        mgr.save(1, state)
+        expected_draw = torch.rand(3)
+        expected_batch = next(batches).tolist()
+
+        torch.manual_seed(0)  # the same on every rank: a restored stream must undo this
+        fresh_loader = make_loader(rank)
+        template = {
+            "shared": torch.zeros(4),
+            "seen": mark(torch.zeros(3)),
+            "rank_no": mark(-1),
+            "rng": distckpt.RNGState() if marked else UnmarkedRNG(),
+            "loader": fresh_loader,
+        }
+        ckpt = mgr.restore("last", state=template)
+        return {
+            "shared": template["shared"].tolist(),
+            "seen": (template["seen"].value if marked else template["seen"]).tolist(),
+            "rank_no": ckpt.state["rank_no"],
+            "draw": torch.equal(torch.rand(3), expected_draw),
+            "batch": next(iter(fresh_loader)).tolist() == expected_batch,
+            "missing": ckpt.missing_keys,
+        }
+
+
+def test_per_rank_values_come_back_to_their_own_rank(tmp_path: Path) -> None:
+    root = tmp_path / "ckpt"
+    out = values(run_ranks(_save_then_restore, 2, str(root), True, timeout=TIMEOUT))
+    for rank, result in enumerate(out):
+        assert result["shared"] == [0.0, 1.0, 2.0, 3.0]
+        assert result["seen"] == [float(rank)] * 3, result
+        assert result["rank_no"] == rank * 10
+        assert result["draw"] and result["batch"], result
+        assert result["missing"] == ()
+    step_dir = root / "step-00000001"
+    manifest = read_manifest(step_dir)
+    # Nothing beyond DCP's own files: each rank's copies are in its own .distcp file...
+    assert set(manifest.files) == {".metadata", "__0_0.distcp", "__1_0.distcp"}
+    with open(step_dir / ".metadata", "rb") as file:
+        keys = set(pickle.load(file).state_dict_metadata)  # our own file, written just above
+    for rank in range(2):
+        assert f"__per_rank__.{rank}.rank_no" in keys
+        assert f"__per_rank__.{rank}.rng.torch" in keys
+        assert any(key.startswith(f"__per_rank__.{rank}.loader.") for key in keys)
+    assert "rank_no" not in keys and "shared" in keys
+    # ...so verify checks them, and export has every rank's, by rank.
+    assert distckpt.verify(root).ok
+    exported = torch.load(distckpt.export(step_dir, tmp_path / "out.pt"), weights_only=True)
+    assert [exported["__per_rank__"][str(r)]["rank_no"] for r in range(2)] == [0, 10]
+    assert exported["__per_rank__"]["1"]["seen"].tolist() == [1.0] * 3
+
+
+def test_unmarked_values_are_saved_once_for_all_ranks(tmp_path: Path) -> None:
+    """The counterpart: without the marks, DCP keeps one rank's copy of each value."""
+    out = values(run_ranks(_save_then_restore, 2, str(tmp_path / "ckpt"), False, timeout=TIMEOUT))
+    assert out[0]["rank_no"] == out[1]["rank_no"]
+    assert out[0]["seen"] == out[1]["seen"]
+    assert not (out[0]["draw"] and out[1]["draw"])  # one rank got the other's random stream
+
+
+# ------------------------------------------------------------------ another number of ranks
+
+
+def _save_two(rank: int, world_size: int, root: str) -> None:
+    with distckpt.CheckpointManager(root, format="dcp", fsync=False, timeout=30) as mgr:
+        mgr.save(
+            1, {"w": torch.arange(3.0), "rng": distckpt.RNGState(), "n": distckpt.PerRank(rank)}
+        )
+
+
+def _restore_one(rank: int, world_size: int, root: str) -> dict[str, Any]:
+    records: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())  # type: ignore[method-assign]
+    logging.getLogger("distckpt").addHandler(handler)
+    out: dict[str, Any] = {}
+    with distckpt.CheckpointManager(root, format="dcp", timeout=30) as mgr:
+        template = {"w": torch.zeros(3), "rng": distckpt.RNGState(), "n": distckpt.PerRank(-1)}
+        try:
+            mgr.restore("last", state=template)
+        except distckpt.WorldSizeMismatch as exc:
+            out["error"] = str(exc)
+        w = torch.zeros(3)
+        mgr.restore("last", state={"w": w})  # without them, the rest restores
+    out["w"] = w.tolist()
+    out["logged"] = records
+    return out
+
+
+def test_per_rank_values_are_refused_by_name_on_another_world_size(tmp_path: Path) -> None:
+    root = str(tmp_path / "ckpt")
+    values(run_ranks(_save_two, 2, root, timeout=TIMEOUT))
+    (out,) = values(run_ranks(_restore_one, 1, root, timeout=TIMEOUT))
+    assert "error" in out, out
+    assert "rng, n" in out["error"] and "saved by 2 ranks" in out["error"]
+    assert out["w"] == [0.0, 1.0, 2.0]
+    # What it did not ask for is named in the log, not dropped without a word.
+    notes = [line for line in out["logged"] if "per-rank values" in line]
+    assert len(notes) == 1 and "rank 0: n, rng; rank 1: n, rng" in notes[0], out["logged"]
+
+
+# ------------------------------------------------------------------ async saves
+
+
+def _async_per_rank(rank: int, world_size: int, root: str) -> list[float]:
+    seen = torch.full((2,), float(rank))
+    with distckpt.CheckpointManager(root, format="dcp", async_save=True, timeout=30) as mgr:
+        mgr.save(1, {"seen": distckpt.PerRank(seen)})
+        seen.fill_(99.0)  # after save returns: must not reach the checkpoint
+        mgr.wait()
+        into = torch.zeros(2)
+        mgr.restore("last", state={"seen": distckpt.PerRank(into)})
+    return into.tolist()
+
+
+def test_async_save_snapshots_per_rank_values(tmp_path: Path) -> None:
+    out = values(run_ranks(_async_per_rank, 2, str(tmp_path / "ckpt"), timeout=TIMEOUT))
+    assert out == [[0.0, 0.0], [1.0, 1.0]]
+
+
+def test_per_rank_values_in_the_torch_format_are_plain(tmp_path: Path) -> None:
+    with distckpt.CheckpointManager(tmp_path / "ckpt", fsync=False) as mgr:
+        mgr.save(1, {"n": distckpt.PerRank(5), "t": distckpt.PerRank(torch.ones(2))})
+    # The file is an ordinary torch.save of plain values: no mark in it.
+    plain = torch.load(tmp_path / "ckpt" / "last" / "rank-00000.pt", weights_only=True)
+    assert plain["n"] == 5 and torch.equal(plain["t"], torch.ones(2))
+    into = torch.zeros(2)
+    ckpt = distckpt.load_checkpoint(
+        tmp_path / "ckpt", state={"n": distckpt.PerRank(0), "t": distckpt.PerRank(into)}
+    )
+    assert ckpt.state["n"] == 5 and torch.equal(into, torch.ones(2))
+
+
+def _mark_sharded(rank: int, world_size: int, root: str) -> str:
+    model = fsdp(dropout_model(), world_size)
+    with distckpt.CheckpointManager(root, format="dcp", fsync=False, timeout=30) as mgr:
+        try:
+            mgr.save(1, {"app": distckpt.PerRank(ModelOptimizerState(model))})
+        except distckpt.InvalidArgument as exc:
+            return str(exc)
+    return "no error"
+
+
+def test_dtensors_marked_per_rank_are_refused(tmp_path: Path) -> None:
+    out = values(run_ranks(_mark_sharded, 2, str(tmp_path / "ckpt"), timeout=TIMEOUT))
+    assert all("app: marked per rank but holds DTensors" in message for message in out), out
+    assert not list((tmp_path / "ckpt").glob("step-*"))
+
+
+def test_the_per_rank_namespace_is_reserved(tmp_path: Path) -> None:
+    with (
+        distckpt.CheckpointManager(tmp_path / "ckpt", format="dcp", fsync=False) as mgr,
+        pytest.raises(distckpt.InvalidArgument, match="__per_rank__"),
+    ):
+        mgr.save(1, {"__per_rank__": 1})
+
+
+# ------------------------------------------------------------------ FSDP2 with dropout, resumed
+
+TOTAL_STEPS = 6
+
+
+def dropout_model() -> torch.nn.Sequential:
+    torch.manual_seed(0)  # the same initial weights on every rank and in every run
+    return torch.nn.Sequential(
+        torch.nn.Linear(6, 16), torch.nn.ReLU(), torch.nn.Dropout(0.5), torch.nn.Linear(16, 5)
+    )
+
+
+def rank_batch(rank: int, step: int) -> torch.Tensor:
+    return torch.randn(4, 6, generator=torch.Generator().manual_seed(1000 * rank + step))
+
+
+def _fsdp_job(rank: int, world_size: int, root: str, stop_after: int, marked: bool) -> Any:
+    """Train to TOTAL_STEPS from the newest checkpoint (saving every 2 steps), or stop once
+    ``stop_after`` steps are done: a job that dies between two checkpoints."""
+    model = fsdp(dropout_model(), world_size)
+    optim = torch.optim.Adam(model.parameters(), lr=0.01)
+    tracker = distckpt.StepTracker(optim)
+    torch.manual_seed(100 + rank)  # every rank draws its own dropout masks
+    state = {
+        "app": ModelOptimizerState(model, optim),
+        "steps": tracker,
+        "rng": distckpt.RNGState() if marked else UnmarkedRNG(),
+    }
+    losses: list[tuple[int, float]] = []
+    with distckpt.CheckpointManager(
+        root, format="dcp", every_n_steps=2, fsync=False, timeout=30
+    ) as mgr:
+        mgr.restore("last", state=state, missing_ok=True)
+        while tracker.step < TOTAL_STEPS:
+            step = tracker.step
+            optim.zero_grad()
+            loss = model(rank_batch(rank, step)).square().mean()
+            loss.backward()
+            optim.step()
+            losses.append((step, loss.item()))
+            mgr.save(tracker.step, state)
+            if tracker.step == stop_after:
+                break
+    # As lists: tensors would cross to the test process through shared memory of a dead rank.
+    params = [p.full_tensor().tolist() for p in model.parameters()]
+    tracker.close()
+    return losses, params
+
+
+def _run_fsdp(root: Path, marked: bool, *stops: int) -> tuple[list[list[Any]], list[Any]]:
+    """Every job's losses per rank, and the last job's full parameters per rank."""
+    losses: list[list[Any]] = [[], []]
+    params: list[Any] = []
+    for stop in (*stops, TOTAL_STEPS):
+        out = values(run_ranks(_fsdp_job, 2, str(root), stop, marked, timeout=TIMEOUT))
+        assert len(out) == 2
+        for rank, (job_losses, _) in enumerate(out):
+            losses[rank] += job_losses
+        params = [job_params for _, job_params in out]
+    return losses, params
+
+
+def _by_step(losses: list[tuple[int, float]]) -> dict[int, set[float]]:
+    found: dict[int, set[float]] = {}
+    for step, loss in losses:
+        found.setdefault(step, set()).add(loss)
+    return found
+
+
+@pytest.mark.parametrize("marked", [True, False], ids=["per-rank-rng", "unmarked-rng"])
+def test_fsdp2_with_per_rank_dropout_resumes_bit_exactly(tmp_path: Path, marked: bool) -> None:
+    ref_losses, ref_params = _run_fsdp(tmp_path / "reference", marked)
+    losses, params = _run_fsdp(tmp_path / "resumed", marked, 3)  # dies after step 3, saved at 2
+    reference = [_by_step(rank_losses) for rank_losses in ref_losses]
+    resumed = [_by_step(rank_losses) for rank_losses in losses]
+    assert reference[0] != reference[1]  # the ranks' dropout streams differ
+    assert all(len(found) == 1 for rank in reference for found in rank.values())
+    same = resumed == reference and params == ref_params  # floats compared exactly
+    if marked:
+        assert resumed == reference  # every step's loss on every rank, step 3 twice alike
+        assert same
+    else:
+        # DCP kept one rank's generators for both: the other rank's masks after the resume
+        # differ from its uninterrupted run.
+        assert not same
