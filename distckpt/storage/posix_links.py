@@ -1,0 +1,126 @@
+"""The POSIX store's derived state: the ``last``/``best`` links and retention.
+
+The committed ``step-*`` dirs are the truth; the links are derived from them and swapped
+atomically (a relative symlink, or a pointer file where the filesystem refuses symlinks), and
+retention renames what its rules do not keep into ``root/.trash``. Everything here runs under
+the root's lock, on the committing rank, as part of :class:`~distckpt.storage.posix.PosixRootStore`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+from pathlib import Path
+
+from distckpt import faults, policy, resolve
+from distckpt.errors import RootNotWritable
+from distckpt.fsutil import LinkMode, fsync_dir, move_to_trash, read_link, remove_link, swap_link
+from distckpt.layout import BEST, LAST, RootLayout, parse_step_dir_name
+
+logger = logging.getLogger("distckpt")
+
+#: The rank a store works on: only the committing rank (0 of the group) changes a root, and
+#: fault points are armed per rank.
+COMMITTING_RANK = 0
+
+
+class LinksAndRetention:
+    """The link and retention half of the POSIX store (a mixin: the store supplies these
+    attributes)."""
+
+    layout: RootLayout
+    root: Path
+    retention: policy.RetentionPolicy
+    fsync: bool
+    link_mode: LinkMode
+
+    def _settle_link_mode(self) -> None:
+        """Find out now whether the root takes symlinks, so that a link swap never fails after
+        a checkpoint was renamed into place."""
+        if self.link_mode == "pointer":
+            return
+        probe = self.root / f".probe-link-{uuid.uuid4().hex}"
+        try:
+            os.symlink(self.root.name, probe, target_is_directory=True)
+        except OSError as exc:
+            if self.link_mode == "symlink":
+                raise RootNotWritable(
+                    f"the filesystem of {self.root} refuses symlinks ({exc.strerror}); "
+                    "use link='auto' or link='pointer'",
+                    path=self.root,
+                ) from exc
+            logger.warning(
+                "the filesystem of %s refuses symlinks (%s): last/best are pointer files",
+                self.root,
+                exc.strerror,
+            )
+            self.link_mode = "pointer"
+        else:
+            probe.unlink()
+
+    def _swap(self, name: str, target: Path) -> None:
+        if read_link(self.layout.link_path(name)) == target.name:
+            if self.fsync:
+                # The link may be one a killed process swapped without reaching its fsync:
+                # what follows (a checkpoint moved into the trash) relies on it being durable.
+                fsync_dir(self.root)
+            return
+        kind = swap_link(
+            self.layout.link_path(name),
+            target.name,
+            mode=self.link_mode,
+            trash_root=self.layout.trash_root,
+            fsync=self.fsync,
+        )
+        if kind == "pointer":
+            self.link_mode = "pointer"  # settle "auto" once, instead of failing every time
+
+    def _update_links(self, *, leaving: Path | None = None) -> list[policy.CheckpointRecord]:
+        """Under the lock: point ``last`` at the newest committed checkpoint and ``best`` at the
+        best, or remove a link with nothing to point at. ``leaving`` is a checkpoint about to
+        be removed: counted as gone already. Returns the records it read."""
+        doomed = None if leaving is None else parse_step_dir_name(leaving.name)
+        steps = [step for step in self.layout.committed_steps() if step != doomed]
+        valid = list(resolve.iter_valid(self.layout, newest_first=False, steps=steps))
+        records = [resolve.record_of(m) for _, m in valid]
+        paths = {m.step: path for path, m in valid}
+        faults.hit("during_link_swap", COMMITTING_RANK)
+        if valid:
+            self._swap(LAST, valid[-1][0])
+        else:
+            self._remove_link_if_stale(LAST, leaving)
+        best = policy.best_step(records, self.retention.monitor, self.retention.mode)
+        if best is not None:
+            self._swap(BEST, paths[best])
+        else:
+            self._remove_link_if_stale(BEST, leaving)
+        return records
+
+    def _remove_link_if_stale(self, name: str, leaving: Path | None) -> None:
+        link = self.layout.link_path(name)
+        target, _ = resolve.link_problem(self.layout, name)
+        if (link.is_symlink() or link.is_file()) and (target is None or target == leaving):
+            logger.info("removing %s: it names no committed checkpoint", link)
+            remove_link(link, fsync=self.fsync)
+
+    def _apply_retention(self, records: list[policy.CheckpointRecord]) -> list[int]:
+        """Under the lock: remove what the retention rules do not keep; returns those steps."""
+        if self.retention.keeps_everything:
+            return []
+        protected = {
+            step
+            for name in (LAST, BEST)
+            if (target := read_link(self.layout.link_path(name))) is not None
+            and (step := parse_step_dir_name(target)) is not None
+        }
+        doomed = policy.steps_to_remove(records, self.retention, protected=protected)
+        for step in doomed:
+            faults.hit("during_retention", COMMITTING_RANK)
+            logger.info("retention: removing %s", self.layout.step_dir(step).name)
+            # Only renamed here, under the lock; the bytes are deleted after it is released
+            # (_empty_trash), so a large delete never holds up other writers.
+            move_to_trash(
+                resolve.committed_dir(self.layout, step), self.layout.trash_root, fsync=self.fsync
+            )
+        return doomed
