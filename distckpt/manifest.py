@@ -24,7 +24,7 @@ from distckpt.fsutil import CHECKSUM_ALGORITHM, file_checksum
 from distckpt.layout import MANIFEST_NAME
 
 #: Bumped when a change to the schema would mislead an older reader.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 #: A manifest lists files by name: even a huge sharded checkpoint's is a few MiB. A larger file
 #: is refused unread rather than loaded into memory.
 MAX_MANIFEST_BYTES = 64 << 20

@@ -1,11 +1,15 @@
-"""The "torch" format: one ``torch.save`` file per rank, ``rank-00000.pt`` ... (the layout of
-DeepSpeed-style per-rank checkpoints).
+"""The "torch" format: one file per rank, ``rank-00000.pt`` ... (the layout of DeepSpeed-style
+per-rank checkpoints).
 
-Fastest to write and read, and each file loads with plain ``torch.load``; a checkpoint can only
-be restored by the same world size that saved it (use "dcp" to reshard). Files are streamed to
-disk storage by storage (never serialised whole in memory) through a writer that checksums the
-bytes as they pass. Reading uses ``torch.load(weights_only=True)`` unless the caller opts in to
-unpickling arbitrary objects.
+Fastest to write and read; a checkpoint can only be restored by the same world size that saved
+it (use "dcp" to reshard). Since manifest format version 2 each rank file holds its tensors'
+raw bytes beside an index and the state's pickled skeleton
+(:mod:`distckpt.formats.raw_rank_file`): written storage by storage straight from the tensors'
+memory through a writer that checksums the bytes as they pass, read straight into new tensors
+or mapped. Checkpoints of format version 1 hold one ``torch.save`` file per rank, and still
+load. Either way nothing is unpickled beyond tensors and plain values
+(``torch.load(weights_only=True)``) unless the caller opts in to unpickling arbitrary objects;
+:func:`distckpt.export` turns a rank's state into one ``torch.save`` file.
 """
 
 from __future__ import annotations
@@ -28,13 +32,15 @@ from distckpt.errors import (
     WorldSizeMismatch,
 )
 from distckpt.formats.base import PreparedRead, ReadOptions, ShardContext
-from distckpt.fsutil import ChecksumWriter
+from distckpt.formats.raw_rank_file import is_raw_rank_file, load_rank_file, write_rank_file
 from distckpt.layout import parse_rank_file_name, rank_file_name
 from distckpt.manifest import FileRecord, Manifest
 from distckpt.state import tensor_bytes
 
-# Pickle framing, object headers and the zip container around tensor data.
+# The header, the index and the pickled skeleton of a rank file.
 _OVERHEAD_BYTES = 64 << 10
+#: The first manifest format version whose "torch" rank files are raw (version 1: torch.save).
+RAW_RANK_FILES_SINCE = 2
 # torch's weights-only refusal names the first type it would not unpickle like this.
 _REFUSED_GLOBAL_RE = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
 # torch decorates its message with terminal escape codes (bold text).
@@ -83,6 +89,23 @@ def safe_torch_load(source: TorchSource, options: ReadOptions, *, name: str | No
         raise CorruptCheckpoint(f"{name}: not a readable torch file: {exc}") from exc
 
 
+def read_rank_file(path: Path, manifest: Manifest, options: ReadOptions) -> Any:
+    """The state in one rank file of a checkpoint with ``manifest``. Format version 1 wrote
+    ``torch.save`` files; later versions write raw rank files, and a ``torch.save`` file in
+    their place (one a person rewrote and resealed) is read as one, by its first bytes."""
+    try:
+        raw = manifest.format_version >= RAW_RANK_FILES_SINCE and is_raw_rank_file(path)
+    except OSError as exc:
+        raise CorruptCheckpoint(f"{path}: cannot be read: {exc}") from exc
+    if raw:
+        return load_rank_file(path, options, _load_skeleton)
+    return safe_torch_load(path, options)
+
+
+def _load_skeleton(source: io.BytesIO, options: ReadOptions, name: str) -> Any:
+    return safe_torch_load(source, options, name=name)
+
+
 def _check_rank(directory: Path, manifest: Manifest, rank: int) -> None:
     if not 0 <= rank < manifest.world_size:
         raise CheckpointNotFound(
@@ -111,13 +134,7 @@ class TorchFilesFormat:
 
     def write(self, state: Any, directory: Path, ctx: ShardContext) -> Mapping[str, FileRecord]:
         name = rank_file_name(ctx.rank)
-        with ChecksumWriter(directory / name, fsync=ctx.fsync) as writer:
-            try:
-                torch.save(state, writer)
-            except RuntimeError:
-                if writer.error is not None:  # the disk's error, not the zip writer's echo
-                    raise writer.error from None
-                raise
+        writer = write_rank_file(state, directory / name, fsync=ctx.fsync)
         return {name: FileRecord(size=writer.size, checksum=writer.checksum, rank=ctx.rank)}
 
     def prepare_read(
@@ -141,7 +158,7 @@ class TorchFilesFormat:
 
     def read(self, prepared: PreparedRead) -> Any:
         path = prepared.directory / rank_file_name(prepared.ctx.rank)
-        return safe_torch_load(path, prepared.options)
+        return read_rank_file(path, prepared.manifest, prepared.options)
 
     def export(
         self,
@@ -159,9 +176,9 @@ class TorchFilesFormat:
         options = ReadOptions(map_location="cpu", allow_pickle=allow_pickle)
         if all_ranks:
             return {
-                r: safe_torch_load(directory / rank_file_name(r), options)
+                r: read_rank_file(directory / rank_file_name(r), manifest, options)
                 for r in range(manifest.world_size)
             }
         chosen = 0 if rank is None else rank
         _check_rank(directory, manifest, chosen)
-        return safe_torch_load(directory / rank_file_name(chosen), options)
+        return read_rank_file(directory / rank_file_name(chosen), manifest, options)

@@ -1,0 +1,404 @@
+"""The rank file of the "torch" format since manifest format version 2: tensor bytes written
+raw, beside an index and the state's pickled skeleton.
+
+``torch.save`` puts every storage in a zip record and hands its bytes to Python in pieces; on
+a fast disk that costs about half as much again as writing the bytes. This layout writes each
+storage's bytes with one large ``write`` straight from the tensor's memory (small ones gathered
+by :class:`~distckpt.fsutil.ChecksumWriter`, which checksums every byte on the way), and reads
+them back with ``preadv`` straight into freshly allocated storages, or maps the file.
+
+A file is, in order:
+
+* a header (:data:`HEADER`): :data:`MAGIC`, the layout version, the sizes of the next two parts;
+* the index, JSON: ``{"storages": [[offset, nbytes], ...], "tensors": [[storage, dtype, shape,
+  stride, storage_offset], ...]}``, offsets relative to the start of the data;
+* the skeleton: ``torch.save((skeleton, placeholders))``, where ``skeleton`` is the state with
+  each plain CPU tensor replaced by a placeholder (a fresh one-item list; ``placeholders[i]``
+  stands for ``tensors[i]``; pickling keeps their identity, so no value of the state can be
+  mistaken for one). It is loaded with ``torch.load(weights_only=True)`` unless the caller opts
+  in to unpickling, so nothing but plain values is ever unpickled, as with a ``torch.save`` file;
+* zero padding up to a multiple of :data:`ALIGNMENT`, then the storages' bytes, each starting
+  at a multiple of :data:`ALIGNMENT` (so a mapped tensor of any dtype is aligned).
+
+Tensors that are views of one storage share it after loading, as with ``torch.load``. A
+tensor this layout does not describe (a subclass such as a DTensor, one off the CPU, sparse,
+quantized, with ``requires_grad`` or a lazy conjugate/negative bit), and every tensor inside an
+object other than a dict, OrderedDict, list or tuple, stays in the skeleton, where
+``torch.save`` writes it as it always did.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import io
+import json
+import mmap
+import os
+import struct
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from distckpt.errors import CorruptCheckpoint
+from distckpt.formats.base import ReadOptions
+from distckpt.fsutil import ChecksumWriter
+from distckpt.state import _same_kind_of_tuple
+
+#: The first bytes of every rank file in this layout.
+MAGIC = b"DCKPTRAW"
+#: Bumped when the layout changes in a way an older reader would misread.
+LAYOUT_VERSION = 1
+#: magic, layout version, reserved (0), index bytes, skeleton bytes; little-endian.
+HEADER = struct.Struct("<8sIIQQ")
+#: Every storage starts at a multiple of this (torch.save aligns its records the same way).
+ALIGNMENT = 64
+#: Storages up to this size are read together with one ``preadv`` (many small tensors would
+#: otherwise cost a system call each).
+_GATHERED_READ_BYTES = 1 << 20
+#: At most this many buffers per ``preadv`` (Linux's IOV_MAX is 1024; a gap takes one too).
+_MAX_READ_BUFFERS = 512
+_PADDING = bytes(ALIGNMENT)
+_DTYPES: dict[str, torch.dtype] = {
+    str(value).removeprefix("torch."): value
+    for value in vars(torch).values()
+    if isinstance(value, torch.dtype)
+}
+
+
+def _aligned(offset: int) -> int:
+    return -(-offset // ALIGNMENT) * ALIGNMENT
+
+
+def _is_raw_tensor(value: Any) -> bool:
+    """Whether ``value`` is a tensor this layout writes as raw bytes (see the module doc)."""
+    return (
+        type(value) is torch.Tensor
+        and value.device.type == "cpu"
+        and value.layout == torch.strided
+        and not value.is_quantized
+        and not value.requires_grad
+        and not value.is_conj()
+        and not value.is_neg()
+    )
+
+
+def _memory_of(storage: torch.UntypedStorage) -> memoryview:
+    """The bytes of a CPU storage, without a copy; valid while ``storage`` lives."""
+    buffer = (ctypes.c_ubyte * storage.nbytes()).from_address(storage.data_ptr())
+    return memoryview(buffer).cast("B")
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """Where one tensor lies: which storage, and its view of it."""
+
+    storage: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    storage_offset: int
+
+    def to_json(self) -> list[Any]:
+        name = str(self.dtype).removeprefix("torch.")
+        return [self.storage, name, list(self.shape), list(self.stride), self.storage_offset]
+
+
+class _Splitter:
+    """Takes the raw tensors out of a state, leaving placeholders: what the skeleton is."""
+
+    def __init__(self) -> None:
+        self.storages: list[torch.UntypedStorage] = []
+        self.tensors: list[TensorEntry] = []
+        self.placeholders: list[list[int]] = []
+        # keyed by the address of torch's storage object, as torch.save keys them
+        self._storage_numbers: dict[int, int] = {}
+        # id(value) -> its skeleton, so a value met twice stays one object after loading
+        self._done: dict[int, Any] = {}
+        self._originals: list[Any] = []  # keeps those ids from being reused meanwhile
+
+    def split(self, value: Any) -> Any:
+        done = self._done.get(id(value))
+        if done is not None:
+            return done
+        if _is_raw_tensor(value):
+            result: Any = self._placeholder(value)
+        elif type(value) in (dict, OrderedDict):
+            result = type(value)((key, self.split(item)) for key, item in value.items())
+        elif type(value) is list:
+            result = [self.split(item) for item in value]
+        elif type(value) is tuple or (isinstance(value, tuple) and hasattr(value, "_fields")):
+            result = _same_kind_of_tuple(value, [self.split(item) for item in value])
+        else:
+            return value  # written by torch.save inside the skeleton, as it is
+        self._done[id(value)] = result
+        self._originals.append(value)
+        return result
+
+    def _placeholder(self, tensor: torch.Tensor) -> list[int]:
+        storage = tensor.untyped_storage()
+        number = self._storage_numbers.setdefault(storage._cdata, len(self.storages))
+        if number == len(self.storages):
+            self.storages.append(storage)
+        self.tensors.append(
+            TensorEntry(
+                number,
+                tensor.dtype,
+                tuple(tensor.shape),
+                tuple(tensor.stride()),
+                tensor.storage_offset(),
+            )
+        )
+        placeholder = [len(self.placeholders)]
+        self.placeholders.append(placeholder)
+        return placeholder
+
+
+def write_rank_file(state: Any, path: Path, *, fsync: bool) -> ChecksumWriter:
+    """Write ``state`` to a new file at ``path`` in this layout; returns the closed writer
+    (its ``size`` and ``checksum`` cover every byte of the file)."""
+    splitter = _Splitter()
+    skeleton = splitter.split(state)
+    pickled = io.BytesIO()
+    torch.save((skeleton, splitter.placeholders), pickled)
+    offsets, end = [], 0
+    for storage in splitter.storages:
+        offsets.append(end)
+        end = _aligned(end + storage.nbytes())
+    index = json.dumps(
+        {
+            "storages": [[o, s.nbytes()] for o, s in zip(offsets, splitter.storages)],
+            "tensors": [entry.to_json() for entry in splitter.tensors],
+        },
+        separators=(",", ":"),
+    ).encode()
+    skeleton_bytes = pickled.getbuffer()
+    header = HEADER.pack(MAGIC, LAYOUT_VERSION, 0, len(index), skeleton_bytes.nbytes)
+    head_size = HEADER.size + len(index) + skeleton_bytes.nbytes
+    with ChecksumWriter(path, fsync=fsync) as writer:
+        for part in (header, index, skeleton_bytes, _PADDING[: _aligned(head_size) - head_size]):
+            writer.write(part)
+        for storage, offset in zip(splitter.storages, offsets):
+            nbytes = storage.nbytes()
+            if nbytes:
+                writer.write(_memory_of(storage))
+            writer.write(_PADDING[: _aligned(offset + nbytes) - offset - nbytes])
+    return writer
+
+
+def is_raw_rank_file(path: Path) -> bool:
+    """Whether the file at ``path`` starts like a rank file in this layout."""
+    with open(path, "rb") as file:
+        return file.read(len(MAGIC)) == MAGIC
+
+
+@dataclass(frozen=True)
+class RankFileIndex:
+    """A rank file's header, index and skeleton, as read and checked."""
+
+    file_size: int
+    data_start: int
+    #: (offset from ``data_start``, nbytes) per storage
+    storages: list[tuple[int, int]]
+    tensors: list[TensorEntry]
+    skeleton: bytes
+
+
+def read_index(file: io.FileIO, name: str) -> RankFileIndex:
+    """The index of the open rank file ``file``; :class:`CorruptCheckpoint` naming ``name``
+    when anything in it is out of place."""
+    file_size = os.fstat(file.fileno()).st_size
+    head = file.read(HEADER.size)
+    if len(head) < HEADER.size:
+        raise CorruptCheckpoint(f"{name}: too short for a rank file ({file_size} bytes)")
+    magic, version, _reserved, index_bytes, skeleton_bytes = HEADER.unpack(head)
+    if magic != MAGIC:
+        raise CorruptCheckpoint(f"{name}: not a distckpt rank file (magic {magic!r})")
+    if version != LAYOUT_VERSION:
+        raise CorruptCheckpoint(
+            f"{name}: rank-file layout {version}; this distckpt reads layout {LAYOUT_VERSION}"
+        )
+    data_start = _aligned(HEADER.size + index_bytes + skeleton_bytes)
+    if data_start > file_size:
+        raise CorruptCheckpoint(f"{name}: its index runs past the end of the file (truncated?)")
+    try:
+        index = json.loads(file.read(index_bytes))
+        storages = [(int(offset), int(nbytes)) for offset, nbytes in index["storages"]]
+        tensors = [
+            TensorEntry(int(s), _DTYPES[dtype], tuple(map(int, shape)), tuple(map(int, st)), int(o))
+            for s, dtype, shape, st, o in index["tensors"]
+        ]
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise CorruptCheckpoint(f"{name}: unreadable index: {exc!r}") from exc
+    for offset, nbytes in storages:
+        if offset < 0 or nbytes < 0 or data_start + offset + nbytes > file_size:
+            raise CorruptCheckpoint(
+                f"{name}: a storage at {offset} of {nbytes} bytes lies outside the file"
+            )
+    for entry in tensors:
+        _check_fits(entry, storages, name)
+    return RankFileIndex(file_size, data_start, storages, tensors, file.read(skeleton_bytes))
+
+
+def _check_fits(entry: TensorEntry, storages: list[tuple[int, int]], name: str) -> None:
+    """Refuse a tensor entry that reaches outside its storage: ``set_`` would otherwise grow a
+    storage read from disk rather than fail."""
+    if not 0 <= entry.storage < len(storages) or len(entry.shape) != len(entry.stride):
+        raise CorruptCheckpoint(f"{name}: a tensor entry names no storage of the file")
+    if any(size < 0 for size in entry.shape) or any(step < 0 for step in entry.stride):
+        raise CorruptCheckpoint(f"{name}: a tensor entry has a negative size or stride")
+    if entry.storage_offset < 0:
+        raise CorruptCheckpoint(f"{name}: a tensor entry has a negative storage offset")
+    if 0 in entry.shape:
+        return
+    last = entry.storage_offset + sum((n - 1) * s for n, s in zip(entry.shape, entry.stride))
+    if (last + 1) * entry.dtype.itemsize > storages[entry.storage][1]:
+        raise CorruptCheckpoint(f"{name}: a tensor entry reaches past the end of its storage")
+
+
+def _read_exactly(fd: int, buffers: list[memoryview], offset: int, name: str) -> None:
+    """Fill ``buffers`` from the file's bytes at ``offset`` on, in order (``preadv`` may stop
+    short: it is called again for the rest)."""
+    remaining = [b for b in buffers if b.nbytes]
+    while remaining:
+        got = os.preadv(fd, remaining, offset)
+        if got == 0:
+            raise CorruptCheckpoint(f"{name}: ended early while reading tensor data")
+        offset += got
+        while remaining and got >= remaining[0].nbytes:
+            got -= remaining[0].nbytes
+            remaining.pop(0)
+        if got:
+            remaining[0] = remaining[0][got:]
+
+
+def _read_storages(fd: int, index: RankFileIndex, name: str) -> list[torch.UntypedStorage]:
+    """Every storage read into new memory; runs of small ones with one ``preadv`` each."""
+    storages = [torch.UntypedStorage(nbytes) for _, nbytes in index.storages]
+    gap = memoryview(bytearray(ALIGNMENT))
+    batch: list[memoryview] = []
+    batch_start = batch_end = 0
+
+    def flush() -> None:
+        if batch:
+            _read_exactly(fd, batch, index.data_start + batch_start, name)
+            batch.clear()
+
+    by_offset = sorted(range(len(storages)), key=lambda number: index.storages[number][0])
+    for number in by_offset:
+        offset, nbytes = index.storages[number]
+        if nbytes == 0:
+            continue
+        memory = _memory_of(storages[number])
+        if nbytes >= _GATHERED_READ_BYTES:
+            _read_exactly(fd, [memory], index.data_start + offset, name)
+            continue
+        skipped = offset - batch_end
+        if (
+            not batch
+            or not 0 <= skipped <= ALIGNMENT
+            or len(batch) + 2 > _MAX_READ_BUFFERS
+            or offset + nbytes - batch_start > _GATHERED_READ_BYTES
+        ):
+            flush()
+            batch_start = offset
+        elif skipped:
+            batch.append(gap[:skipped])
+        batch.append(memory)
+        batch_end = offset + nbytes
+    flush()
+    return storages
+
+
+def _mapped_storages(path: Path, index: RankFileIndex) -> list[torch.UntypedStorage]:
+    """Every storage as a view of the file mapped into memory (private unless torch's default
+    mmap options say shared, as with ``torch.load(mmap=True)``)."""
+    shared = torch.serialization.get_default_mmap_options() == mmap.MAP_SHARED
+    whole = torch.UntypedStorage.from_file(os.fspath(path), shared, index.file_size)
+    return [
+        whole[index.data_start + offset : index.data_start + offset + nbytes]
+        if nbytes
+        else torch.UntypedStorage(0)
+        for offset, nbytes in index.storages
+    ]
+
+
+def _placed(storage: torch.UntypedStorage, map_location: Any) -> torch.UntypedStorage:
+    """``storage`` (on the CPU) where ``map_location`` puts what was saved on the CPU, read the
+    way ``torch.load`` reads it (a device, a name, a dict of names, or a function)."""
+    if map_location is None:
+        return storage
+    if callable(map_location):
+        moved = map_location(storage, "cpu")
+        return storage if moved is None else moved
+    target = map_location.get("cpu", "cpu") if isinstance(map_location, dict) else map_location
+    device = torch.device(target)
+    if device.type == "cpu":
+        return storage
+    whole = torch.empty(0, dtype=torch.uint8).set_(storage)
+    return whole.to(device).untyped_storage()
+
+
+def _filled(value: Any, tensors: dict[int, torch.Tensor], done: dict[int, Any]) -> Any:
+    """The loaded skeleton ``value`` with each placeholder replaced by its tensor (dicts and
+    lists in place; they are fresh from unpickling)."""
+    tensor = tensors.get(id(value))
+    if tensor is not None:
+        return tensor
+    is_tuple = type(value) is tuple or (isinstance(value, tuple) and hasattr(value, "_fields"))
+    if not (is_tuple or type(value) in (dict, OrderedDict, list)):
+        return value
+    if id(value) in done:
+        return done[id(value)]
+    done[id(value)] = value  # before descending: a dict met again inside itself stays one
+    if isinstance(value, dict):
+        for key, item in value.items():
+            value[key] = _filled(item, tensors, done)
+    elif isinstance(value, list):
+        value[:] = [_filled(item, tensors, done) for item in value]
+    else:
+        items = [_filled(item, tensors, done) for item in value]
+        if any(new is not old for new, old in zip(items, value)):
+            done[id(value)] = _same_kind_of_tuple(value, items)
+    return done[id(value)]
+
+
+def load_rank_file(
+    path: Path,
+    options: ReadOptions,
+    load_skeleton: Callable[[io.BytesIO, ReadOptions, str], Any],
+) -> Any:
+    """The state in the rank file at ``path``. ``load_skeleton(source, options, name)`` loads
+    the pickled skeleton (the caller's safe ``torch.load``), before any tensor data is read, so
+    a refused checkpoint costs no read of its data."""
+    name = os.fspath(path)
+    with open(path, "rb", buffering=0) as file:
+        index = read_index(file, name)
+        loaded = load_skeleton(io.BytesIO(index.skeleton), options, name)
+        skeleton, placeholders = _checked_skeleton(loaded, len(index.tensors), name)
+        if options.mmap:
+            storages = _mapped_storages(path, index)
+        else:
+            storages = _read_storages(file.fileno(), index, name)
+    placed = [_placed(storage, options.map_location) for storage in storages]
+    tensors = {
+        id(placeholder): torch.empty(
+            0, dtype=entry.dtype, device=placed[entry.storage].device
+        ).set_(placed[entry.storage], entry.storage_offset, entry.shape, entry.stride)
+        for placeholder, entry in zip(placeholders, index.tensors)
+    }
+    return _filled(skeleton, tensors, {})
+
+
+def _checked_skeleton(loaded: Any, tensor_count: int, name: str) -> tuple[Any, Sequence[Any]]:
+    if not (isinstance(loaded, tuple) and len(loaded) == 2 and isinstance(loaded[1], list)):
+        raise CorruptCheckpoint(f"{name}: its skeleton is not (state, placeholders)")
+    skeleton, placeholders = loaded
+    if len(placeholders) != tensor_count:
+        raise CorruptCheckpoint(
+            f"{name}: {len(placeholders)} placeholders for {tensor_count} indexed tensors"
+        )
+    return skeleton, placeholders

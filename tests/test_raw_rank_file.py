@@ -1,0 +1,407 @@
+"""The "torch" format's raw rank files (manifest format version 2), against torch.save/torch.load
+round trips of the same states; and checkpoints of format version 1 (torch.save rank files)."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+from collections import OrderedDict
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import distckpt
+from distckpt.errors import CorruptCheckpoint, UnsafeCheckpoint
+from distckpt.formats.base import ReadOptions
+from distckpt.formats.raw_rank_file import (
+    ALIGNMENT,
+    HEADER,
+    MAGIC,
+    is_raw_rank_file,
+    load_rank_file,
+    read_index,
+    write_rank_file,
+)
+from distckpt.formats.torch_files import safe_torch_load
+from distckpt.manifest import FORMAT_VERSION, read_manifest
+
+FIXTURE = Path(__file__).parent / "fixtures" / "torch-format-v1"
+
+DTYPES = [
+    torch.float32,
+    torch.float64,
+    torch.float16,
+    torch.bfloat16,
+    torch.int8,
+    torch.uint8,
+    torch.int16,
+    torch.int32,
+    torch.int64,
+    torch.bool,
+    torch.complex64,
+    torch.complex128,
+]
+
+
+def _load_skeleton(source: io.BytesIO, options: ReadOptions, name: str) -> Any:
+    return safe_torch_load(source, options, name=name)
+
+
+def _load(path: Path, **options: Any) -> Any:
+    return load_rank_file(path, ReadOptions(**options), _load_skeleton)
+
+
+def _tensor_of(dtype: torch.dtype, shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    if dtype.is_complex:
+        return torch.randn(shape, dtype=dtype, generator=generator)
+    if dtype == torch.bool:
+        return torch.rand(shape, generator=generator) > 0.5
+    if dtype.is_floating_point:
+        return torch.randn(shape, generator=generator).to(dtype)
+    return torch.randint(0, 100, shape, generator=generator).to(dtype)
+
+
+def _views_of(base: torch.Tensor) -> list[torch.Tensor]:
+    """Views sharing ``base``'s storage: non-contiguous, offset, 0-dim, empty, stride 0."""
+    views = [base.view(-1)]
+    if base.dim() >= 2:
+        views.append(base.t() if base.dim() == 2 else base.transpose(0, -1))
+    if base.numel() >= 2:
+        flat = base.view(-1)
+        views += [flat[1:], flat[::2], flat[1], flat[1:1], flat[:1].expand(3)]
+    return views
+
+
+@st.composite
+def tensors(draw: st.DrawFn) -> list[torch.Tensor]:
+    """A tensor of any dtype and shape (0-dim and empty included), sometimes with views."""
+    dtype = draw(st.sampled_from(DTYPES))
+    shape = tuple(draw(st.lists(st.integers(0, 4), max_size=3)))
+    base = _tensor_of(dtype, shape, draw(st.integers(0, 1000)))
+    views = _views_of(base)
+    chosen = draw(st.lists(st.sampled_from(range(len(views))), max_size=3, unique=True))
+    return [base] + [views[i] for i in chosen]
+
+
+plain_values = st.one_of(
+    st.none(), st.booleans(), st.integers(-(2**40), 2**40), st.floats(allow_nan=False), st.text()
+)
+
+
+@st.composite
+def states(draw: st.DrawFn) -> Any:
+    """Nested dicts (plain and ordered), lists and tuples of tensors (views of one storage
+    spread over the tree) and plain values."""
+    leaves = [t for group in draw(st.lists(tensors(), max_size=4)) for t in group]
+    leaves += draw(st.lists(plain_values, max_size=3))
+    leaves = draw(st.permutations(leaves))
+
+    def nest(items: list[Any], depth: int) -> Any:
+        kind = draw(st.sampled_from(["dict", "ordered", "list", "tuple"]))
+        if depth < 2 and len(items) > 2 and draw(st.booleans()):
+            middle = len(items) // 2
+            items = [*items[:middle], nest(items[middle:], depth + 1)]
+        if kind == "list":
+            return list(items)
+        if kind == "tuple":
+            return tuple(items)
+        pairs = [(f"k{i}" if i % 2 else i, item) for i, item in enumerate(items)]
+        return dict(pairs) if kind == "dict" else OrderedDict(pairs)
+
+    return {"state": nest(leaves, 0), "step": draw(st.integers(0, 10**6))}
+
+
+def _walk_tensors(value: Any) -> Iterator[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _walk_tensors(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _walk_tensors(item)
+
+
+def _bytes_of(tensor: torch.Tensor) -> bytes:
+    flat = tensor.detach().cpu().reshape(-1).contiguous()
+    return bytes(flat.view(torch.uint8).numpy()) if flat.numel() else b""
+
+
+def assert_same_as(loaded: Any, expected: Any, path: str = "state") -> None:
+    """``loaded`` is what ``torch.load`` gave for the same state: same types, keys and order,
+    values; tensors with the same dtype, shape, stride, storage offset and bytes."""
+    assert type(loaded) is type(expected), path
+    if isinstance(expected, torch.Tensor):
+        assert loaded.dtype == expected.dtype, path
+        assert loaded.shape == expected.shape, path
+        assert loaded.stride() == expected.stride(), path
+        assert loaded.storage_offset() == expected.storage_offset(), path
+        assert loaded.untyped_storage().nbytes() == expected.untyped_storage().nbytes(), path
+        assert _bytes_of(loaded) == _bytes_of(expected), path
+    elif isinstance(expected, dict):
+        assert list(loaded) == list(expected), path
+        for key in expected:
+            assert_same_as(loaded[key], expected[key], f"{path}[{key!r}]")
+    elif isinstance(expected, (list, tuple)):
+        assert len(loaded) == len(expected), path
+        for index, (a, b) in enumerate(zip(loaded, expected)):
+            assert_same_as(a, b, f"{path}[{index}]")
+    else:
+        assert loaded == expected, path
+
+
+def assert_same_sharing(loaded: Any, expected: Any) -> None:
+    """Two tensors share a storage in ``loaded`` exactly where they do in ``expected``."""
+    ours = [t.untyped_storage().data_ptr() for t in _walk_tensors(loaded)]
+    theirs = [t.untyped_storage().data_ptr() for t in _walk_tensors(expected)]
+    for i in range(len(theirs)):
+        for j in range(i):
+            if theirs[i] and theirs[j]:  # an empty storage has no address to compare
+                assert (ours[i] == ours[j]) == (theirs[i] == theirs[j]), (i, j)
+
+
+def _torch_round_trip(state: Any, **options: Any) -> Any:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True, **options)
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(state=states())
+def test_a_raw_rank_file_loads_what_torch_load_loads(tmp_path: Path, state: Any) -> None:
+    path = tmp_path / "rank.pt"
+    path.unlink(missing_ok=True)
+    write_rank_file(state, path, fsync=False)
+    expected = _torch_round_trip(state)
+    for mmap in (False, True):
+        loaded = _load(path, mmap=mmap)
+        assert_same_as(loaded, expected)
+        assert_same_sharing(loaded, expected)
+
+
+def test_the_checksum_and_size_cover_every_byte_of_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "rank.pt"
+    writer = write_rank_file({"w": torch.randn(1000), "n": 3}, path, fsync=True)
+    assert writer.size == path.stat().st_size
+    assert writer.checksum == distckpt.fsutil.file_checksum(path)
+
+
+def test_tensor_bytes_lie_raw_and_aligned_where_the_index_says(tmp_path: Path) -> None:
+    path = tmp_path / "rank.pt"
+    weights = torch.arange(10, dtype=torch.float64)
+    write_rank_file({"a": torch.ones(3, dtype=torch.int8), "w": weights}, path, fsync=False)
+    raw = path.read_bytes()
+    assert raw.startswith(MAGIC)
+    with open(path, "rb", buffering=0) as file:
+        index = read_index(file, "rank.pt")
+    offset, nbytes = index.storages[index.tensors[1].storage]
+    start = index.data_start + offset
+    assert start % ALIGNMENT == 0 and nbytes == weights.numel() * 8
+    assert raw[start : start + nbytes] == weights.numpy().tobytes()
+
+
+def test_one_tensor_object_met_twice_loads_as_one_object(tmp_path: Path) -> None:
+    weights = torch.randn(4)
+    path = tmp_path / "rank.pt"
+    write_rank_file({"a": weights, "b": [weights], "c": (weights, 1)}, path, fsync=False)
+    loaded = _load(path)
+    assert loaded["a"] is loaded["b"][0] is loaded["c"][0]
+
+
+def test_tensors_the_layout_does_not_describe_stay_in_the_skeleton(tmp_path: Path) -> None:
+    """Parameters, tensors needing grad, lazily conjugated ones: as torch.save writes them."""
+    state = {
+        "param": torch.nn.Parameter(torch.randn(3)),
+        "grad": torch.randn(2, requires_grad=True),
+        "conj": torch.randn(2, dtype=torch.complex64).conj(),
+        "plain": torch.randn(2),
+    }
+    path = tmp_path / "rank.pt"
+    write_rank_file(state, path, fsync=False)
+    loaded = _load(path)
+    expected = _torch_round_trip(state)
+    assert type(loaded["param"]) is torch.nn.Parameter
+    assert loaded["grad"].requires_grad and loaded["conj"].is_conj()
+    for key in state:
+        assert torch.equal(loaded[key].detach(), expected[key].detach()), key
+
+
+def test_map_location_places_raw_tensors_as_torch_load_does(tmp_path: Path) -> None:
+    path = tmp_path / "rank.pt"
+    write_rank_file({"w": torch.randn(3), "v": torch.randn(3)[1:]}, path, fsync=False)
+    loaded = _load(path, map_location="meta")
+    assert loaded["w"].device.type == "meta" and loaded["v"].storage_offset() == 1
+
+
+def test_mmap_maps_the_file_instead_of_reading_it(tmp_path: Path) -> None:
+    path = tmp_path / "rank.pt"
+    write_rank_file({"w": torch.randn(1 << 16)}, path, fsync=False)
+    loaded = _load(path, mmap=True)
+    maps = Path("/proc/self/maps").read_text()
+    assert str(path) in maps
+    loaded["w"].add_(1)  # private mapping: the file keeps what was saved
+    assert not torch.equal(_load(path)["w"], loaded["w"])
+
+
+class Opaque:
+    def __init__(self, value: int) -> None:
+        self.value = value
+
+
+def test_objects_outside_the_allow_list_are_refused_before_any_tensor_is_read(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "rank.pt"
+    write_rank_file({"w": torch.randn(4), "obj": Opaque(7)}, path, fsync=False)
+    with pytest.raises(UnsafeCheckpoint, match=r"rank\.pt.*Opaque.*allow_pickle=True"):
+        _load(path)
+    assert _load(path, allow_pickle=True)["obj"].value == 7
+
+
+def _rewrite_index(path: Path, change: Any) -> None:
+    """Rewrite a raw rank file with its index changed by ``change`` (the data moved along)."""
+    raw = path.read_bytes()
+    _, version, reserved, index_bytes, skeleton_bytes = HEADER.unpack(raw[: HEADER.size])
+    with open(path, "rb", buffering=0) as file:
+        data_start = read_index(file, "rank.pt").data_start
+    entries = json.loads(raw[HEADER.size : HEADER.size + index_bytes])
+    change(entries)
+    index = json.dumps(entries).encode()
+    skeleton = raw[HEADER.size + index_bytes : HEADER.size + index_bytes + skeleton_bytes]
+    head = HEADER.pack(MAGIC, version, reserved, len(index), skeleton_bytes) + index + skeleton
+    path.write_bytes(head + bytes(-len(head) % ALIGNMENT) + raw[data_start:])
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        pytest.param(lambda index: index["tensors"][0].__setitem__(2, [1000]), id="too-large"),
+        pytest.param(lambda index: index["tensors"][0].__setitem__(4, -1), id="negative-offset"),
+        pytest.param(lambda index: index["tensors"][0].__setitem__(0, 5), id="no-such-storage"),
+        pytest.param(lambda index: index["tensors"][0].__setitem__(1, "no"), id="bad-dtype"),
+        pytest.param(lambda index: index["storages"][0].__setitem__(1, 1 << 40), id="past-end"),
+        pytest.param(lambda index: index["tensors"].pop(), id="placeholder-count"),
+    ],
+)
+def test_a_damaged_index_is_a_corrupt_checkpoint(tmp_path: Path, damage: Any) -> None:
+    path = tmp_path / "rank.pt"
+    write_rank_file({"w": torch.randn(4), "v": torch.randn(2)}, path, fsync=False)
+    _rewrite_index(path, damage)
+    with pytest.raises(CorruptCheckpoint, match=r"rank\.pt"):
+        _load(path)
+
+
+def test_a_truncated_rank_file_is_a_corrupt_checkpoint(tmp_path: Path) -> None:
+    path = tmp_path / "rank.pt"
+    write_rank_file({"w": torch.randn(1000)}, path, fsync=False)
+    for size in (4, HEADER.size + 3, path.stat().st_size - 8):
+        path.write_bytes(path.read_bytes()[:size])
+        with pytest.raises(CorruptCheckpoint, match=r"rank\.pt"):
+            _load(path)
+
+
+# ------------------------------------------------------------------- through the manager
+
+
+def test_stateful_objects_restore_from_raw_rank_files(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    optim = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.randn(3, 4)).sum().backward()
+    optim.step()
+    with distckpt.CheckpointManager(tmp_path / "ckpt", fsync=False) as mgr:
+        mgr.save(1, {"model": model, "optim": optim, "epoch": 2})
+    step_dir = tmp_path / "ckpt" / "step-00000001"
+    assert read_manifest(step_dir).format_version == FORMAT_VERSION == 2
+    assert is_raw_rank_file(step_dir / "rank-00000.pt")
+
+    fresh = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    fresh_optim = torch.optim.AdamW(fresh.parameters(), lr=0.1)
+    with distckpt.CheckpointManager(tmp_path / "ckpt", fsync=False) as mgr:
+        mgr.restore("last", state={"model": fresh, "optim": fresh_optim, "epoch": 0})
+    expected = _torch_round_trip({"model": model.state_dict(), "optim": optim.state_dict()})
+    assert_same_as(
+        {"model": fresh.state_dict(), "optim": fresh_optim.state_dict()}, expected, "restored"
+    )
+    exported = torch.load(distckpt.export(step_dir, tmp_path / "out.pt"), weights_only=True)
+    for key, tensor in expected["model"].items():  # the manager saves plain dicts
+        assert_same_as(exported["model"][key], tensor, key)
+    assert distckpt.verify(step_dir).ok
+
+
+def fixture_state() -> dict[str, Any]:
+    """The state the format-version-1 fixture holds (written by distckpt 0.1.0's torch.save
+    rank files, from this recipe)."""
+    torch.manual_seed(0)
+    base = torch.arange(12, dtype=torch.float32)
+    return {
+        "weights": {
+            "w": torch.randn(3, 4),
+            "b16": torch.randn(5).to(torch.bfloat16),
+            "mask": torch.tensor([True, False, True]),
+            "c": torch.randn(2, dtype=torch.complex64),
+        },
+        "base": base,
+        "view": base[2:8].view(2, 3).t(),
+        "empty": torch.empty(0, 3),
+        "scalar": torch.tensor(7, dtype=torch.int64),
+        "items": [1, "two", (3.0, None)],
+        "step": 3,
+    }
+
+
+@pytest.fixture
+def version_1_root(tmp_path: Path) -> Path:
+    root = tmp_path / "v1"
+    shutil.copytree(FIXTURE, root)
+    return root
+
+
+def test_a_format_version_1_checkpoint_still_loads(version_1_root: Path, tmp_path: Path) -> None:
+    step_dir = version_1_root / "step-00000003"
+    assert read_manifest(step_dir).format_version == 1
+    assert not is_raw_rank_file(step_dir / "rank-00000.pt")
+    expected = fixture_state()
+    expected["empty"] = torch.empty(0, 3)  # its bytes are none; the value is what counts
+
+    assert distckpt.verify(version_1_root).ok
+    assert_same_as(distckpt.load_checkpoint(step_dir).state, expected)
+    exported = torch.load(distckpt.export(step_dir, tmp_path / "out.pt"), weights_only=True)
+    assert_same_as(exported, expected)
+    with distckpt.CheckpointManager(version_1_root, fsync=False) as mgr:
+        for mmap in (False, True):
+            restored = mgr.restore(3, mmap=mmap).state
+            assert_same_as(restored, expected)
+            assert restored["view"].untyped_storage().data_ptr() == (
+                restored["base"].untyped_storage().data_ptr()
+            )
+        # The next save into the same root writes the new layout beside the old one.
+        mgr.save(4, expected)
+    assert is_raw_rank_file(version_1_root / "step-00000004" / "rank-00000.pt")
+    assert_same_as(distckpt.load_checkpoint(version_1_root).state, expected)
+
+
+def test_a_torch_save_file_resealed_into_a_new_checkpoint_is_read_as_one(
+    tmp_path: Path,
+) -> None:
+    """A rank file a person replaced with ``torch.save`` output (and resealed) still loads,
+    and unsafely pickled content in it is still refused."""
+    from tests.hostile_cases import reseal
+
+    with distckpt.CheckpointManager(tmp_path / "ckpt", fsync=False) as mgr:
+        mgr.save(1, {"w": torch.zeros(2)})
+    step_dir = tmp_path / "ckpt" / "step-00000001"
+    (step_dir / "rank-00000.pt").unlink()
+    torch.save({"w": torch.ones(2)}, step_dir / "rank-00000.pt")
+    reseal(step_dir, "rank-00000.pt")
+    assert torch.equal(distckpt.load_checkpoint(step_dir).state["w"], torch.ones(2))
