@@ -40,7 +40,8 @@ CONTENDERS: dict[str, str] = {
     "alongside; *.lost = the training time the save cost (those steps' sum minus as many idle "
     "steps)",
     "restore": "restore_mmap = restore(step, mmap=True); restore_full = restore(step) (full "
-    "read); raw_torch_load(_mmap) = torch.load of the same rank file; all with the page cache "
+    "read); raw_torch_load(_mmap) = torch.load of a torch.save file of the same state (written "
+    "once per job, beside the checkpoints); all with the page cache "
     "hot from the save; *_cold = the same after evicting the checkpoint's files "
     "(posix_fadvise DONTNEED)",
 }

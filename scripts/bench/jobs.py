@@ -215,11 +215,13 @@ class MainJob:
         checkpoint's files evicted with posix_fadvise first; no other cache is dropped)."""
         ranks, mgr = self.ranks, self.mgr_t
         rank_file = mgr.layout.step_dir(step) / rank_file_name(self.rank)
+        # distckpt's rank files are not torch.save files: torch.load reads one of the same state.
+        reference = self.torch_save_file()
         hot: list[tuple[str, Callable[[float], Any]]] = [
             ("restore_mmap", lambda t0: mgr.restore(step, mmap=True)),
             ("restore_full", lambda t0: mgr.restore(step)),
-            ("raw_torch_load", lambda t0: torch.load(rank_file, weights_only=True)),
-            ("raw_torch_load_mmap", lambda t0: torch.load(rank_file, weights_only=True, mmap=True)),
+            ("raw_torch_load", lambda t0: torch.load(reference, weights_only=True)),
+            ("raw_torch_load_mmap", lambda t0: torch.load(reference, weights_only=True, mmap=True)),
         ]
         cold: list[tuple[str, Callable[[float], Any]]] = [
             ("restore_mmap_cold", lambda t0: mgr.restore(step, mmap=True)),
@@ -240,6 +242,15 @@ class MainJob:
             return
         for name, measured in runs.items():
             self.put(r, name, ranks.median_run(measured))
+
+    def torch_save_file(self) -> Path:
+        """A ``torch.save`` file (+ fsync) of this rank's state, written at the first call,
+        for ``torch.load`` to read beside the restores."""
+        path = self.work / "torch_load" / f"rank-{self.rank:05d}.pt"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            c.raw_torch_save(self.state, path)
+        return path
 
     def in_fresh_dir(self, name: str, r: int, fn: Callable[[float, Path], Any]) -> dict[str, float]:
         """Measure ``fn(t0, directory)`` writing into a fresh directory, deleted afterwards."""

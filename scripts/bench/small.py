@@ -1,8 +1,9 @@
 """The many-small-tensors job: a state of ``job["tensors"]`` tensors of 4 KiB per rank, where
 per-tensor costs (pickling, zip records, the library's walks over the state) dominate the
 bytes. Each round saves it with raw ``torch.save`` + fsync and with distckpt (sync,
-``fsync=True``), in alternating order, then reads the distckpt rank file with ``torch.load``
-and restores it, in alternating order; the ratios are paired per round."""
+``fsync=True``), in alternating order, then reads the raw ``torch.save`` file with
+``torch.load`` and restores distckpt's checkpoint, in alternating order; the ratios are paired
+per round."""
 
 from __future__ import annotations
 
@@ -17,7 +18,6 @@ from bench.contenders import raw_torch_save
 from bench.summary import paired_ratio
 from bench.timing import Ranks
 from distckpt import CheckpointManager
-from distckpt.layout import rank_file_name
 
 #: float32 elements of each tensor: 4 KiB
 SMALL_ELEMENTS = 1024
@@ -38,13 +38,13 @@ def small_job(rank: int, world: int, job: dict[str, Any]) -> dict[str, Any] | No
     def one_round(r: int) -> None:
         step = r + 1
         raw_dir = ranks.fresh_dir(work / f"raw-{r}")
+        raw_file = raw_dir / f"rank-{rank:05d}.pt"
         saves = [
-            ("raw_torch_save", lambda: raw_torch_save(state, raw_dir / f"rank-{rank:05d}.pt")),
+            ("raw_torch_save", lambda: raw_torch_save(state, raw_file)),
             ("distckpt_sync_torch", lambda: mgr.save(step, state)),
         ]
-        rank_file = mgr.layout.step_dir(step) / rank_file_name(rank)
         loads = [
-            ("raw_torch_load", lambda: torch.load(rank_file, weights_only=True)),
+            ("raw_torch_load", lambda: torch.load(raw_file, weights_only=True)),
             ("restore_full", lambda: mgr.restore(step)),
         ]
         for pair in (saves, loads):
