@@ -262,10 +262,18 @@ def test_objects_outside_the_allow_list_are_refused_before_any_tensor_is_read(
     tmp_path: Path,
 ) -> None:
     path = tmp_path / "rank.pt"
-    write_rank_file({"w": torch.randn(4), "obj": Opaque(7)}, path, fsync=False)
+    write_rank_file({"w": torch.randn(4 << 20), "obj": Opaque(7)}, path, fsync=False)
+    read_before = _bytes_read()
     with pytest.raises(UnsafeCheckpoint, match=r"rank\.pt.*Opaque.*allow_pickle=True"):
         _load(path)
+    assert _bytes_read() - read_before < 1 << 20  # of a 16 MiB file
     assert _load(path, allow_pickle=True)["obj"].value == 7
+
+
+def _bytes_read() -> int:
+    """Bytes this process has read with read system calls so far (Linux's ``rchar``)."""
+    lines = Path("/proc/self/io").read_text().splitlines()
+    return next(int(line.split()[1]) for line in lines if line.startswith("rchar:"))
 
 
 def _rewrite_index(path: Path, change: Any) -> None:
