@@ -130,8 +130,9 @@ def _walk_tensors(value: Any) -> Iterator[torch.Tensor]:
 
 
 def _bytes_of(tensor: torch.Tensor) -> bytes:
-    flat = tensor.detach().cpu().reshape(-1).contiguous()
-    return bytes(flat.view(torch.uint8).numpy()) if flat.numel() else b""
+    # A fresh tensor: contiguous() keeps the stride of a one-element view, view() refuses it.
+    flat = torch.empty(tensor.numel(), dtype=tensor.dtype).copy_(tensor.detach().reshape(-1))
+    return bytes(flat.view(torch.uint8).numpy())
 
 
 def assert_same_as(loaded: Any, expected: Any, path: str = "state") -> None:

@@ -93,11 +93,7 @@ def read_rank_file(path: Path, manifest: Manifest, options: ReadOptions) -> Any:
     """The state in one rank file of a checkpoint with ``manifest``. Format version 1 wrote
     ``torch.save`` files; later versions write raw rank files, and a ``torch.save`` file in
     their place (one a person rewrote and resealed) is read as one, by its first bytes."""
-    try:
-        raw = manifest.format_version >= RAW_RANK_FILES_SINCE and is_raw_rank_file(path)
-    except OSError as exc:
-        raise CorruptCheckpoint(f"{path}: cannot be read: {exc}") from exc
-    if raw:
+    if manifest.format_version >= RAW_RANK_FILES_SINCE and is_raw_rank_file(path):
         return load_rank_file(path, options, _load_skeleton)
     return safe_torch_load(path, options)
 
