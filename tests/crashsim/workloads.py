@@ -84,8 +84,11 @@ def retention_traced(ctx: Context) -> None:
 
 
 def delete_traced(ctx: Context) -> None:
+    """Deletes an older step (no link moves; the trash is created, with an fsync of the root),
+    the newest (``last`` moves back, the trash already there: only the link swap's own fsync
+    makes the swap durable before the trash move), and the only one left (``last`` removed)."""
     with ctx.manager() as mgr:
-        for step in (3, 1):
+        for step in (1, 3, 2):
             ctx.mark(f"deleting-{step}")
             mgr.delete(step)
 
