@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -200,6 +200,29 @@ WORKLOADS = {
 }
 
 
+FORMATS = ("torch", "dcp")
+WORLDS = (1, 2)
+
+#: one exploration: (workload, format, world size)
+Case = tuple[str, str, int]
+
+
+def cases(
+    names: Sequence[str] = tuple(WORKLOADS),
+    formats: Sequence[str] = FORMATS,
+    worlds: Sequence[int] = WORLDS,
+) -> list[Case]:
+    """Every (workload, format, world size) asked for; a workload whose setup needs one
+    process (``restart``: the killed saves) runs with 1 rank only."""
+    return [
+        (name, fmt, world)
+        for name in names
+        for fmt in formats
+        for world in worlds
+        if world == 1 or WORKLOADS[name].multi_rank
+    ]
+
+
 def _run_rank(
     rank: int, world: int, name: str, phase: str, paths: tuple[str, str], fmt: str
 ) -> None:
@@ -210,16 +233,21 @@ def _run_rank(
         step(ctx)
 
 
-def main(argv: list[str]) -> None:
-    name, phase, base, markers, world, fmt = argv
+def run_phase(name: str, phase: str, base: str, markers: str, world: int, fmt: str) -> None:
+    """Run one phase of a workload on its ranks (world 1: one process with no process group,
+    as a single-process job does); raises if a rank failed."""
     from tests.ranks import run_ranks, values
 
-    # world 1 runs one process with no process group, as a single-process job does
-    size = int(world)
-    results = run_ranks(
-        _run_rank, 0 if size == 1 else size, name, phase, (base, markers), fmt, timeout=120
+    values(
+        run_ranks(
+            _run_rank, 0 if world == 1 else world, name, phase, (base, markers), fmt, timeout=120
+        )
     )
-    values(results)
+
+
+def main(argv: list[str]) -> None:
+    name, phase, base, markers, world, fmt = argv
+    run_phase(name, phase, base, markers, int(world), fmt)
 
 
 if __name__ == "__main__":
