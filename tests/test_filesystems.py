@@ -16,6 +16,7 @@ docs/filesystems.md.
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import json
 import os
@@ -352,6 +353,62 @@ def test_disk_full_error_names_the_file(mounts: MountFactory) -> None:
     finally:
         hog.unlink(missing_ok=True)
         target.unlink(missing_ok=True)
+
+
+def _take_every_free_block(volume: Path, hog: Path) -> None:
+    """Allocate to ``hog`` every block ``volume`` has left, root's reserve included (the
+    ranks run as root, which may write into it)."""
+    stat = os.statvfs(volume)
+    chunk, offset = stat.f_bfree * stat.f_frsize, 0
+    with open(hog, "wb") as file:
+        while chunk >= stat.f_frsize:
+            try:
+                os.posix_fallocate(file.fileno(), offset, chunk)
+                offset += chunk
+            except OSError as exc:
+                if exc.errno != errno.ENOSPC:
+                    raise
+                chunk //= 2
+
+
+def _fill_before_manifest(rank: int, world_size: int, root: str, hog: str) -> object:
+    real_hit = faults.hit
+
+    def fill_at_the_manifest(point: str, at_rank: int) -> None:
+        if point == "before_manifest":
+            _take_every_free_block(Path(root).parent, Path(hog))
+        real_hit(point, at_rank)
+
+    with distckpt.CheckpointManager(root, timeout=TIMEOUT) as mgr:
+        mgr.save(1, {"w": torch.ones(1024)})
+        # The moment is our own fault point: the manifest is written under the lock right
+        # after it, and no other process can be scheduled into that window.
+        faults.hit = fill_at_the_manifest
+        try:
+            mgr.save(2, {"w": torch.ones(1024)})
+        except distckpt.CheckpointError as exc:
+            return type(exc).__name__, str(exc)
+        return "saved", ""
+
+
+def test_disk_full_while_the_manifest_is_written(mounts: MountFactory) -> None:
+    """Out of space in the commit (the shards fit, the manifest does not): every rank's error
+    names the root, the manifest and the free space the preflight saw, as for a shard."""
+    mount = mounts.get("small-ext4")
+    root, hog = mount.path / "manifest-full", mount.path / "hog-manifest"
+    try:
+        out = values(run_ranks(_fill_before_manifest, 2, os.fspath(root), os.fspath(hog)))
+    finally:
+        hog.unlink(missing_ok=True)
+    for kind, message in out:
+        assert kind == "InsufficientSpace", message
+        assert f"the filesystem of {root} ran out of space while rank 0 wrote" in message
+        assert f"{root / '.staging'}/step-00000002." in message, message
+        assert "manifest.json for step 2: No space left on device" in message, message
+        assert "free space when the save began: " in message and " MiB;" in message, message
+    resumed = values(run_ranks(_resume_after_full, 2, os.fspath(root), timeout=90))
+    assert resumed == [(1, [1])] * 2
+    assert os.listdir(root / ".staging") == []
 
 
 def _free(path: Path) -> int:
