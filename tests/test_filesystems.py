@@ -8,7 +8,8 @@ filled by another process mid-save, a small volume, files held open by a reader.
 
 A filesystem that loses what it renames (fusefat, FAT16 and FAT32) cannot hold checkpoints:
 there the matrix proves that every save fails on every rank with :class:`distckpt.CommitLost`
-and that nothing is reported committed.
+and that nothing is reported committed, and that after a SIGKILL mid-save a restart finds no
+checkpoint, no damage and nothing left in ``.staging``.
 ``scripts/gen_filesystem_table.py`` runs this file and writes the results into
 docs/filesystems.md.
 """
@@ -164,15 +165,20 @@ def test_save_retention_best_restore(
         assert (root / fmt / "last").is_symlink() == mount.symlinks
 
 
+def _outcome(save: Callable[[], object]) -> str:
+    """``"saved"``, or the name of the distckpt error the save raised."""
+    try:
+        save()
+    except distckpt.CheckpointError as exc:
+        return type(exc).__name__
+    return "saved"
+
+
 def _killed_mid_save(rank: int, world_size: int, root: str) -> object:
     with distckpt.CheckpointManager(root, keep_last=2, timeout=TIMEOUT) as mgr:
-        mgr.save(1, _state(rank, 1))
+        first = _outcome(lambda: mgr.save(1, _state(rank, 1)))
         faults.arm("after_shard_write", "kill", rank=0)  # SIGKILL, mid-save of step 2
-        try:
-            mgr.save(2, _state(rank, 2))
-        except distckpt.CheckpointError as exc:
-            return type(exc).__name__
-        return "saved"
+        return first, _outcome(lambda: mgr.save(2, _state(rank, 2)))
 
 
 def _resume(rank: int, world_size: int, root: str) -> object:
@@ -184,14 +190,36 @@ def _resume(rank: int, world_size: int, root: str) -> object:
         return checkpoint.step, mgr.steps()
 
 
+def _restart_with_nothing_committed(rank: int, world_size: int, root: str) -> object:
+    with distckpt.CheckpointManager(root, keep_last=2, timeout=TIMEOUT) as mgr:
+        # the auto-resume a restarted job does: nothing to resume from
+        restored = mgr.restore("last", state={"w": torch.zeros(256), "step": 0}, missing_ok=True)
+        report = distckpt.verify(root)
+        return restored, mgr.latest_step(), mgr.steps(), report.ok, len(report.checkpoints)
+
+
 @pytest.mark.parametrize("name", MATRIX)
-def test_sigkill_mid_save_and_resume(mounts: MountFactory, name: str) -> None:
-    if name in LOSES_RENAMED_DIRS:
-        pytest.skip(f"no save commits on {name} (CommitLost): there is nothing to resume from")
+def test_sigkill_mid_save_and_resume(
+    mounts: MountFactory, name: str, record_property: Callable[[str, object], None]
+) -> None:
     mount = mounts.get(name)
     root = mount.path / "sigkill"
     killed = run_ranks(_killed_mid_save, 2, os.fspath(root), timeout=90, expect_killed=True)
-    assert [(r.rank, r.value) for r in killed] == [(1, "CoordinationError")]
+    if name in LOSES_RENAMED_DIRS:
+        # Nothing ever commits there (step 1 fails with CommitLost); the kill leaves step 2's
+        # staging dir. A restart must find no checkpoint and no damage, and clean up.
+        assert [(r.rank, r.value) for r in killed] == [(1, ("CommitLost", "CoordinationError"))]
+        restarted = run_ranks(_restart_with_nothing_committed, 2, os.fspath(root), timeout=90)
+        assert values(restarted) == [(None, None, [], True, 0)] * 2
+        assert os.listdir(root / ".staging") == []
+        assert not any(p.name.startswith("step-") for p in root.iterdir())
+        record_property(
+            "shows",
+            "step 1 fails with CommitLost, the kill mid-save of step 2 is seen by rank 1; a "
+            "restart finds no checkpoint, verify passes, nothing left in .staging",
+        )
+        return
+    assert [(r.rank, r.value) for r in killed] == [(1, ("saved", "CoordinationError"))]
     # the resume goes through "last", a pointer file where symlinks are refused (exFAT), in
     # fresh processes that never saw the save
     assert (root / "last").is_symlink() == mount.symlinks
