@@ -34,7 +34,11 @@ def ensure_strace() -> str:
     if os.geteuid() != 0 or shutil.which("apt-get") is None:
         raise StraceUnavailable("strace is not installed (apt-get install strace, as root)")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for command in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "strace"]):
+    wait = ["-o", "DPkg::Lock::Timeout=300"]  # another process may be installing right now
+    for command in (
+        ["apt-get", *wait, "update", "-qq"],
+        ["apt-get", *wait, "install", "-y", "-qq", "strace"],
+    ):
         done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
         if done.returncode != 0:
             raise StraceUnavailable(f"{' '.join(command)} failed: {done.stderr.strip()[-500:]}")
