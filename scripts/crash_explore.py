@@ -41,9 +41,17 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--mutation-workloads",
         nargs="+",
-        # delete: the only workload where a link swap's own fsync of the root is not masked
-        # (by the trash's creation or by the other link's fsync) before a trash move
-        default=["retention", "delete", "overwrite", "overwrite_fallback", "fresh_root", "pointer"],
+        # delete and killed_swap: where a link swap's, a link removal's and a link repair's
+        # own fsync of the root is not masked by another before a trash move
+        default=[
+            "retention",
+            "delete",
+            "overwrite",
+            "overwrite_fallback",
+            "fresh_root",
+            "pointer",
+            "killed_swap",
+        ],
         choices=list(WORKLOADS),
     )
     parser.add_argument("--mutation-max-states", type=int, default=150)

@@ -2,7 +2,7 @@
 model and the long run's results are in ``docs/faults.md``).
 
 The short run here: every workload in both formats, with 1 and 2 ranks, with a fixed seed and
-a bounded number of states each, and two mutations (an fsync removed from a copy of the
+a bounded number of states each, and three mutations (an fsync removed from a copy of the
 library) that the explorer must flag. No crash state may show any violation. Each case is
 traced and checked once per session, in children forked from the test process (torch is
 imported once, not in every traced and checking process); ``-n 2`` runs cases side by side.
@@ -147,18 +147,25 @@ def _flagged(shared: Path, tmp_path: Path, name: str, site: mutate.FsyncSite) ->
     return outcome.flagged
 
 
-@pytest.mark.timeout(600)
-def test_removing_the_shard_fsync_is_flagged(shared: Path, tmp_path: Path) -> None:
-    site = next(s for s in mutate.fsync_sites() if s.function == "close")
-    assert _flagged(shared, tmp_path, "retention", site), f"removing {site.label} went unnoticed"
-
-
-@pytest.mark.timeout(600)
-def test_removing_the_link_swaps_own_root_fsync_is_flagged(shared: Path, tmp_path: Path) -> None:
-    # Not masked in ``delete``: when the newest step goes, the swap of ``last`` back to the one
+#: fsyncs whose removal the short run must flag: (workload, function, a part of the call)
+MUTATIONS = [
+    ("retention", "close", "os.fsync"),  # a shard's data
+    # Unmasked in ``delete``: when the newest step goes, the swap of ``last`` back to the one
     # before is followed by the trash move, with no other fsync of the root in between.
-    site = next(s for s in mutate.fsync_sites() if s.function == "swap_link" and "dir" in s.text)
-    assert _flagged(shared, tmp_path, "delete", site), f"removing {site.label} went unnoticed"
+    ("delete", "swap_link", "fsync_dir"),
+    # Unmasked in ``killed_swap``: a prune finds ``last`` already at its target, renamed by a
+    # job killed before its fsync, and moves the step the durable ``last`` names to the trash.
+    ("killed_swap", "_swap", "fsync_dir"),
+]
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize(("name", "function", "call"), MUTATIONS)
+def test_removing_an_fsync_is_flagged(
+    shared: Path, tmp_path: Path, name: str, function: str, call: str
+) -> None:
+    site = next(s for s in mutate.fsync_sites() if s.function == function and call in s.text)
+    assert _flagged(shared, tmp_path, name, site), f"removing {site.label} went unnoticed"
 
 
 def test_a_lost_rename_keeps_later_changes_to_the_renamed_dir(tmp_path: Path) -> None:
