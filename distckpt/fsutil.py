@@ -402,5 +402,9 @@ def probe_writable(directory: Path) -> None:
     try:
         with open(probe, "xb") as file:
             file.write(b"distckpt write probe\n")
+            # Removed while still open, as :meth:`distckpt.lock.WriterLock.release` does its
+            # lock file: on a FUSE mount a file removed just after its close can be left
+            # behind as ``.fuse_hidden*`` for good.
+            probe.unlink()
     finally:
         probe.unlink(missing_ok=True)

@@ -238,15 +238,7 @@ def write(
         full = _out_of_space(exc)
         if full is None:
             raise
-        seen = "unknown" if plan.free_bytes is None else mib(plan.free_bytes)
-        raise InsufficientSpace(
-            f"the filesystem of {store.root} ran out of space while rank {coord.rank} wrote "
-            f"{full.filename or plan.location} for step {plan.step}: {full.strerror} (free "
-            f"space when the save began: {seen}; another process may have filled it since)",
-            rank=coord.rank,
-            path=full.filename or plan.location,
-            step=plan.step,
-        ) from exc
+        raise _ran_out_of_space(plan, full, root=store.root, rank=coord.rank) from exc
     faults.hit("after_shard_write", coord.rank)
     return records
 
@@ -274,7 +266,13 @@ def commit(
 
     def publish() -> SaveResult:
         assert plan.area is not None  # rank 0 always holds the staging area it proposed
-        result = store.commit(plan.area, manifest, overwrite=plan.overwrite)
+        try:
+            result = store.commit(plan.area, manifest, overwrite=plan.overwrite)
+        except Exception as exc:
+            full = _out_of_space(exc)  # writing the manifest, as a shard write can
+            if full is None:
+                raise
+            raise _ran_out_of_space(plan, full, root=store.root, rank=coord.rank) from exc
         elapsed = time.monotonic() - plan.started
         logger.info(
             "committed %s: %s in %.2f s (%s/s)",
@@ -321,6 +319,20 @@ def write_and_commit(
     finally:
         if plan.area is not None:
             store.discard_staging(plan.area)
+
+
+def _ran_out_of_space(plan: SavePlan, full: OSError, *, root: Path, rank: int) -> InsufficientSpace:
+    """The error for ``full`` (no space, or quota exceeded) met by ``rank`` while writing a file
+    of ``plan``'s save: it names the root, the file and the free space the preflight saw."""
+    seen = "unknown" if plan.free_bytes is None else mib(plan.free_bytes)
+    return InsufficientSpace(
+        f"the filesystem of {root} ran out of space while rank {rank} wrote "
+        f"{full.filename or plan.location} for step {plan.step}: {full.strerror} (free "
+        f"space when the save began: {seen}; another process may have filled it since)",
+        rank=rank,
+        path=full.filename or plan.location,
+        step=plan.step,
+    )
 
 
 def _out_of_space(exc: BaseException) -> OSError | None:

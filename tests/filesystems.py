@@ -125,11 +125,14 @@ _apt_updated = False
 def _install_packages(packages: list[str]) -> None:
     global _apt_updated
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    # Wait for the dpkg lock instead of failing at once: the other xdist worker (or another
+    # job on the machine) may be installing at the same moment.
+    apt = ["apt-get", "-o", "DPkg::Lock::Timeout=300"]
     if not _apt_updated:
-        subprocess.run(["apt-get", "update"], capture_output=True, env=env, check=False)
+        subprocess.run([*apt, "update"], capture_output=True, env=env, check=False)
         _apt_updated = True
     done = subprocess.run(
-        ["apt-get", "install", "-y", "--no-install-recommends", *packages],
+        [*apt, "install", "-y", "--no-install-recommends", *packages],
         capture_output=True,
         text=True,
         env=env,

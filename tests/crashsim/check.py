@@ -156,17 +156,21 @@ def _is_leftover(name: str) -> bool:
     return name.startswith(".probe-") or (name.startswith(".") and name.endswith(".tmp"))
 
 
-def main(spec_file: str) -> None:
+def check_all(specs: list[dict[str, Any]]) -> list[list[tuple[str, str]]]:
+    """:func:`check_state` of each state, in a process that opened none of them before."""
     logging.disable(logging.CRITICAL)  # the manager warns about every repair it makes
-    torch.set_num_threads(1)
-    specs = json.loads(Path(spec_file).read_text())
     results = []
     for spec in specs:
         try:
             results.append(check_state(spec))
         except Exception as exc:  # a crash of the checker is a finding too, not an abort
             results.append([(OPEN_FAILED, f"checker raised {type(exc).__name__}: {exc}")])
-    print(json.dumps(results))
+    return results
+
+
+def main(spec_file: str) -> None:
+    torch.set_num_threads(1)
+    print(json.dumps(check_all(json.loads(Path(spec_file).read_text()))))
 
 
 if __name__ == "__main__":

@@ -11,9 +11,11 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
-from tests.crashsim import model, syscalls, trace
-from tests.crashsim.workloads import WORKLOADS
+from tests.crashsim import check, model, syscalls, trace
+from tests.crashsim.workloads import WORKLOADS, run_phase
+from tests.ranks import run_ranks, values
 
 PROJECT = Path(__file__).resolve().parents[2]
 
@@ -70,23 +72,17 @@ def _env(library: Path | None) -> dict[str, str]:
     return env
 
 
-def setup(workload: str, work: Path, *, world: int, fmt: str) -> None:
-    """Run the untraced setup phase into ``work/initial`` (done once, reused by mutations)."""
+def setup(workload: str, work: Path, *, world: int, fmt: str, forked: bool = False) -> None:
+    """Run the untraced setup phase into ``work/initial`` (done once, reused by mutations);
+    ``forked``: see :func:`explore`."""
     base, markers = work / "initial" / "base", work / "initial" / "markers"
     base.mkdir(parents=True)
     markers.mkdir()
-    command = [sys.executable, "-m", "tests.crashsim.workloads", workload, "setup"]
-    done = subprocess.run(
-        [*command, os.fspath(base), os.fspath(markers), str(world), fmt],
-        cwd=work,
-        env=_env(None),
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    if done.returncode != 0:
-        raise RuntimeError(f"setup of {workload} failed:\n{done.stderr[-4000:]}")
+    if forked:
+        run_phase(workload, "setup", os.fspath(base), os.fspath(markers), world, fmt)
+        return
+    phase = (workload, "setup", os.fspath(base), os.fspath(markers), str(world), fmt)
+    _run_module("tests.crashsim.workloads", *phase, env=_env(None), cwd=work, timeout=300)
 
 
 def explore(
@@ -99,9 +95,16 @@ def explore(
     max_states: int = 200,
     library: Path | None = None,
     run: str = "run",
+    forked: bool = False,
 ) -> Result:
     """Trace ``workload`` (set up in ``work`` by :func:`setup` first) with ``library`` on the
-    path (default: this checkout), and check up to ``max_states`` of its crash states."""
+    path (default: this checkout), and check up to ``max_states`` of its crash states.
+
+    ``forked``: run the workload and the checker in children forked from this process, which
+    must have torch imported and no other thread at work (a test process, not the script's
+    thread pool), instead of new interpreters: each would spend seconds importing torch. The
+    checker is then this checkout's library whatever ``library`` is; what it checks is the
+    disk, which the library under test wrote."""
     started = time.monotonic()
     result = Result(workload, world, fmt)
     here = work / run
@@ -110,14 +113,23 @@ def explore(
     initial = model.Tree.from_disk(base)
     initial_markers = sorted(os.listdir(markers))
     trace_file = here / "trace.txt"
-    command = [sys.executable, "-m", "tests.crashsim.workloads", workload, "traced"]
-    trace.record(
-        [*command, os.fspath(base), os.fspath(markers), str(world), fmt],
-        trace_file,
-        cwd=here,
-        env=_env(library),
-        timeout=300,
-    )
+    phase = (workload, "traced", os.fspath(base), os.fspath(markers), world, fmt)
+    if forked:
+
+        def traced() -> None:
+            if library is not None:
+                _import_library_from(library)
+            run_phase(*phase)
+
+        trace.record_forked(traced, trace_file, cwd=here, timeout=300)
+    else:
+        trace.record(
+            [sys.executable, "-m", "tests.crashsim.workloads", *map(str, phase)],
+            trace_file,
+            cwd=here,
+            env=_env(library),
+            timeout=300,
+        )
     ops = syscalls.parse_trace(
         trace_file.read_text(encoding="ascii"), base=base, markers=markers, cwd=here
     )
@@ -142,22 +154,47 @@ def explore(
                 "describe": state.describe(steps),
             }
         )
-    spec_file = here / "states.json"
-    spec_file.write_text(json.dumps(specs))
-    done = subprocess.run(
-        [sys.executable, "-m", "tests.crashsim.check", os.fspath(spec_file)],
-        env=_env(library),
-        capture_output=True,
-        text=True,
-        timeout=900,
-        check=False,
-    )
-    if done.returncode != 0:
-        raise RuntimeError(f"the checker failed:\n{done.stderr[-4000:]}")
-    verdicts = json.loads(done.stdout.strip().splitlines()[-1])
+    if forked:
+        verdicts = values(run_ranks(_check_job, 0, specs, timeout=900))[0]
+    else:
+        spec_file = here / "states.json"
+        spec_file.write_text(json.dumps(specs))
+        printed = _run_module(
+            "tests.crashsim.check", os.fspath(spec_file), env=_env(library), cwd=here, timeout=900
+        )
+        verdicts = json.loads(printed.strip().splitlines()[-1])
     for spec, found in zip(specs, verdicts):
         result.violations += [Violation(spec["describe"], kind, detail) for kind, detail in found]
     subprocess.run(["rm", "-rf", os.fspath(here)], check=True)
     result.states_checked = len(specs)
     result.seconds = time.monotonic() - started
     return result
+
+
+def _run_module(module: str, *args: str, env: dict[str, str], cwd: Path, timeout: float) -> str:
+    """``python -m module args`` in a new interpreter; what it printed, or RuntimeError."""
+    done = subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"{module} {' '.join(args)} failed:\n{done.stderr[-4000:]}")
+    return done.stdout
+
+
+def _check_job(rank: int, world: int, specs: list[dict[str, Any]]) -> list[list[tuple[str, str]]]:
+    return check.check_all(specs)
+
+
+def _import_library_from(library: Path) -> None:
+    """In a forked child: make ``import distckpt`` load the (mutated) copy in ``library``
+    from now on. The workloads import distckpt only inside their functions, so nothing holds
+    on to the modules dropped here."""
+    for name in [name for name in sys.modules if name.partition(".")[0] == "distckpt"]:
+        del sys.modules[name]
+    sys.path.insert(0, os.fspath(library))

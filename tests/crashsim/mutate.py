@@ -95,9 +95,11 @@ def run_mutation(
     seed: int,
     max_states: int,
     run: str = "mutant",
+    forked: bool = False,
 ) -> MutationOutcome:
     """Explore every workload of ``baselines`` (set up in ``works``) with ``site`` removed;
-    ``run`` names the exploration's dir in each work dir (distinct for mutants run at once)."""
+    ``run`` names the exploration's dir in each work dir (distinct for mutants run at once);
+    ``forked`` as for :func:`~tests.crashsim.explore.explore`."""
     library = mutated_copy(site, scratch)
     new_kinds: dict[str, list[str]] = {}
     try:
@@ -111,6 +113,7 @@ def run_mutation(
                 max_states=max_states,
                 library=library,
                 run=run,
+                forked=forked,
             )
             new_kinds[key] = sorted(set(mutant.kinds()) - set(baseline.kinds()))
     finally:

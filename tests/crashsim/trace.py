@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-from collections.abc import Sequence
+import time
+import traceback
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 # Every call that changes what a power loss may leave, plus what is needed to follow file
@@ -32,7 +34,11 @@ def ensure_strace() -> str:
     if os.geteuid() != 0 or shutil.which("apt-get") is None:
         raise StraceUnavailable("strace is not installed (apt-get install strace, as root)")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for command in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "strace"]):
+    wait = ["-o", "DPkg::Lock::Timeout=300"]  # another process may be installing right now
+    for command in (
+        ["apt-get", *wait, "update", "-qq"],
+        ["apt-get", *wait, "install", "-y", "-qq", "strace"],
+    ):
         done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
         if done.returncode != 0:
             raise StraceUnavailable(f"{' '.join(command)} failed: {done.stderr.strip()[-500:]}")
@@ -42,14 +48,9 @@ def ensure_strace() -> str:
     return found
 
 
-def record(
-    command: Sequence[str], trace_file: Path, *, cwd: Path, env: dict[str, str], timeout: float
-) -> subprocess.CompletedProcess[str]:
-    """Run ``command`` (and every process it starts) under strace, writing the trace to
-    ``trace_file``. Returns the finished process; raises if the workload failed."""
-    strace = ensure_strace()
-    traced = [
-        strace,
+def _strace_options(trace_file: Path) -> list[str]:
+    return [
+        ensure_strace(),
         "-f",
         "-y",
         "-qq",
@@ -60,8 +61,15 @@ def record(
         f"trace={TRACED_CALLS}",
         "-o",
         os.fspath(trace_file),
-        *command,
     ]
+
+
+def record(
+    command: Sequence[str], trace_file: Path, *, cwd: Path, env: dict[str, str], timeout: float
+) -> subprocess.CompletedProcess[str]:
+    """Run ``command`` (and every process it starts) under strace, writing the trace to
+    ``trace_file``. Returns the finished process; raises if the workload failed."""
+    traced = [*_strace_options(trace_file), *command]
     done = subprocess.run(
         traced, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=False
     )
@@ -71,3 +79,79 @@ def record(
             f"{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
         )
     return done
+
+
+def record_forked(
+    workload: Callable[[], None], trace_file: Path, *, cwd: Path, timeout: float
+) -> None:
+    """Run ``workload`` in a child forked from this process (and so with torch imported
+    already: a new interpreter spends seconds importing it, under strace longer still), traced
+    from its first call by strace attached to the waiting child. Raises if the workload
+    failed or did not finish within ``timeout`` seconds."""
+    go_read, go_write = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child's exit code says how it went
+        code = 1
+        try:
+            os.close(go_write)
+            os.read(go_read, 1)  # until strace is attached
+            os.chdir(cwd)
+            workload()
+            code = 0
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            os._exit(code)
+    os.close(go_read)
+    tracer = subprocess.Popen(
+        [*_strace_options(trace_file), "-p", str(child)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        _wait_until_traced(child, tracer, timeout=30)
+        os.write(go_write, b"go")
+        _, status = _wait_for_child(child, timeout)
+        tracer.wait(timeout=30)  # strace ends once the traced tree has
+    finally:
+        os.close(go_write)
+        if tracer.poll() is None:
+            tracer.kill()
+            tracer.wait()
+    if not os.WIFEXITED(status) or os.WEXITSTATUS(status) != 0:
+        raise RuntimeError(f"traced workload failed (wait status {status}): its traceback is above")
+
+
+def _wait_until_traced(child: int, tracer: subprocess.Popen[str], *, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if tracer.poll() is not None:
+            why = tracer.stderr.read() if tracer.stderr else ""
+            raise StraceUnavailable(f"strace could not attach: {why}")
+        if _tracer_of(child) != 0:
+            return
+        time.sleep(0.005)
+    raise StraceUnavailable(f"strace did not attach to process {child} within {timeout} s")
+
+
+def _tracer_of(pid: int) -> int:
+    """The pid of the process tracing ``pid`` (0: none), from ``/proc``."""
+    with open(f"/proc/{pid}/status", encoding="ascii") as status:
+        for line in status:
+            if line.startswith("TracerPid:"):
+                return int(line.split()[1])
+    return 0
+
+
+def _wait_for_child(child: int, timeout: float) -> tuple[int, int]:
+    deadline = time.monotonic() + timeout
+    while True:
+        pid, status = os.waitpid(child, os.WNOHANG)
+        if pid:
+            return pid, status
+        if time.monotonic() > deadline:
+            os.kill(child, 9)
+            os.waitpid(child, 0)
+            raise TimeoutError(f"traced workload did not finish within {timeout} s (a hang)")
+        time.sleep(0.02)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -84,8 +84,11 @@ def retention_traced(ctx: Context) -> None:
 
 
 def delete_traced(ctx: Context) -> None:
+    """Deletes an older step (no link moves; the trash is created, with an fsync of the root),
+    the newest (``last`` moves back, the trash already there: only the link swap's own fsync
+    makes the swap durable before the trash move), and the only one left (``last`` removed)."""
     with ctx.manager() as mgr:
-        for step in (3, 1):
+        for step in (1, 3, 2):
             ctx.mark(f"deleting-{step}")
             mgr.delete(step)
 
@@ -156,6 +159,47 @@ def pointer_traced(ctx: Context) -> None:
         mgr.delete(4)
 
 
+def killed_swap_setup(ctx: Context) -> None:
+    """Steps 2 and 3, then step 2 deleted: ``last`` names step 3, and the trash exists."""
+    with ctx.manager() as mgr:
+        for step in (2, 3):
+            ctx.save(mgr, step)
+        ctx.mark("deleting-2")
+        mgr.delete(2)
+
+
+def killed_swap_traced(ctx: Context) -> None:
+    """A job killed in the link swap of its save of step 4, after renaming ``last`` onto step
+    4 and before the fsync that makes it durable; then ``distckpt prune --keep-last 1``. The
+    prune takes no lease (a manager's start writes the lease record, fsyncing the root), so
+    the one fsync of the root between that rename and the trash move of step 3, which the
+    durable ``last`` still names, is the prune's own, on finding ``last`` at its target."""
+    from distckpt.cli import main as cli
+
+    child = os.fork()
+    if child == 0:
+        from distckpt import faults, fsutil
+
+        real_hit = faults.hit
+
+        def kill_at_the_swaps_fsync(point: str, rank: int) -> None:
+            real_hit(point, rank)
+            if point == "during_link_swap":  # the next directory fsync is the swap's own
+                fsutil.fsync_dir = lambda path: os.kill(os.getpid(), signal.SIGKILL)
+
+        with ctx.manager() as mgr:
+            faults.hit = kill_at_the_swaps_fsync  # once open: a start passes the point too
+            mgr.save(4, state_for(4, 0, ctx.format))
+        os._exit(0)
+    _, status = os.waitpid(child, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, status
+    # Step 4 was committed durably (the commit's own fsync of the root came before the kill):
+    # from here on it may not be lost, and retention may remove step 3.
+    ctx.mark("saved-4")
+    ctx.mark("shrink")
+    assert cli(["prune", os.fspath(ctx.root), "--keep-last", "1"]) == 0
+
+
 def fresh_root_traced(ctx: Context) -> None:
     """A root the manager creates itself, with missing parents."""
     with ctx.manager(root=ctx.base / "parent" / "child" / ROOT_NAME) as mgr:
@@ -191,10 +235,34 @@ WORKLOADS = {
         ),
         Workload("async", lambda ctx: _saves(ctx, (1,), **RETAIN), async_traced),
         Workload("restart", restart_setup, restart_traced, multi_rank=False),
+        Workload("killed_swap", killed_swap_setup, killed_swap_traced, multi_rank=False),
         Workload("fresh_root", None, fresh_root_traced, root=f"parent/child/{ROOT_NAME}"),
         Workload("pointer", lambda ctx: _saves(ctx, (1, 2), **POINTER), pointer_traced),
     )
 }
+
+
+FORMATS = ("torch", "dcp")
+WORLDS = (1, 2)
+
+#: one exploration: (workload, format, world size)
+Case = tuple[str, str, int]
+
+
+def cases(
+    names: Sequence[str] = tuple(WORKLOADS),
+    formats: Sequence[str] = FORMATS,
+    worlds: Sequence[int] = WORLDS,
+) -> list[Case]:
+    """Every (workload, format, world size) asked for; a workload whose setup needs one
+    process (``restart``: the killed saves) runs with 1 rank only."""
+    return [
+        (name, fmt, world)
+        for name in names
+        for fmt in formats
+        for world in worlds
+        if world == 1 or WORKLOADS[name].multi_rank
+    ]
 
 
 def _run_rank(
@@ -207,16 +275,21 @@ def _run_rank(
         step(ctx)
 
 
-def main(argv: list[str]) -> None:
-    name, phase, base, markers, world, fmt = argv
+def run_phase(name: str, phase: str, base: str, markers: str, world: int, fmt: str) -> None:
+    """Run one phase of a workload on its ranks (world 1: one process with no process group,
+    as a single-process job does); raises if a rank failed."""
     from tests.ranks import run_ranks, values
 
-    # world 1 runs one process with no process group, as a single-process job does
-    size = int(world)
-    results = run_ranks(
-        _run_rank, 0 if size == 1 else size, name, phase, (base, markers), fmt, timeout=120
+    values(
+        run_ranks(
+            _run_rank, 0 if world == 1 else world, name, phase, (base, markers), fmt, timeout=120
+        )
     )
-    values(results)
+
+
+def main(argv: list[str]) -> None:
+    name, phase, base, markers, world, fmt = argv
+    run_phase(name, phase, base, markers, int(world), fmt)
 
 
 if __name__ == "__main__":
