@@ -300,3 +300,45 @@ def test_a_local_root_never_imports_botocore(tmp_path: Path) -> None:
         "assert 'botocore' not in sys.modules, 'botocore imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_the_cli_on_an_s3_root_with_the_aws_environment(
+    s3_server: S3Server, s3_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import io
+
+    from distckpt.cli import main
+
+    options = s3_server.storage_options()
+    with distckpt.CheckpointManager(s3_url, storage_options=options, monitor="loss") as manager:
+        for step in (1, 2, 3):
+            manager.save(step, _state(step), metrics={"loss": 1.0 / step})
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.endpoint)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_server.key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server.secret)
+    monkeypatch.setenv("AWS_REGION", "us-east-1")
+
+    def run(*args: str) -> tuple[int, str]:
+        out = io.StringIO()
+        return main(list(args), out), out.getvalue()
+
+    status, listing = run("ls", "--json", s3_url)
+    assert status == 0
+    payload = json.loads(listing)
+    assert [c["step"] for c in payload["checkpoints"]] == [1, 2, 3]
+    assert payload["links"] == {"last": "step-00000003", "best": "step-00000003"}
+    status, info = run("info", f"{s3_url}/last")
+    assert status == 0 and f"{s3_url}/step-00000003" in info
+    assert run("verify", s3_url)[0] == 0
+    assert run("export", f"{s3_url}/step-00000002", str(tmp_path / "two.pt"))[0] == 0
+    assert torch.load(tmp_path / "two.pt", weights_only=True)["step"] == 2
+    _write_attempt(s3_url, options, 4, "dead")
+    status, collected = run("gc", "--json", s3_url)
+    assert status == 0 and json.loads(collected)["removed"] == [f"{s3_url}/step-00000004/dead"]
+    status, pruned = run("prune", "--json", s3_url, "--keep-last", "1")
+    assert status == 0 and json.loads(pruned) == {"removed": [1, 2], "kept": [3]}
+    with ObjectStore(s3_url, options) as store:  # corrupt the last checkpoint's file
+        name = next(n for n in _objects(s3_url, options) if n.endswith(".pt"))
+        store.put_bytes(name, bytes(len(store.get_bytes(name))))
+    assert run("verify", s3_url)[0] == 1
+    assert run("ls", "s3://no-such-bucket-here/x")[0] == 2
