@@ -271,6 +271,17 @@ def test_objects_outside_the_allow_list_are_refused_before_any_tensor_is_read(
     assert _load(path, allow_pickle=True)["obj"].value == 7
 
 
+def test_a_skeleton_that_would_run_code_is_refused_and_runs_none(tmp_path: Path) -> None:
+    from tests.hostile_cases import Exploit
+
+    marker = tmp_path / "PWNED"
+    path = tmp_path / "rank.pt"
+    write_rank_file({"w": torch.randn(4), "evil": Exploit(marker)}, path, fsync=False)
+    with pytest.raises(UnsafeCheckpoint, match="allow_pickle=True"):
+        _load(path)
+    assert not marker.exists()
+
+
 def _bytes_read() -> int:
     """Bytes this process has read with read system calls so far (Linux's ``rchar``)."""
     lines = Path("/proc/self/io").read_text().splitlines()
