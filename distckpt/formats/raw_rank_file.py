@@ -24,7 +24,8 @@ Tensors that are views of one storage share it after loading, as with ``torch.lo
 tensor this layout does not describe (a subclass such as a DTensor, one off the CPU, sparse,
 quantized, with ``requires_grad`` or a lazy conjugate/negative bit), and every tensor inside an
 object other than a dict, OrderedDict, list or tuple, stays in the skeleton, where
-``torch.save`` writes it as it always did.
+``torch.save`` writes it as it always did (such a tensor does not share its storage with a raw
+one after loading; the states distckpt saves hold detached plain tensors, so they do not meet).
 """
 
 from __future__ import annotations
