@@ -23,7 +23,9 @@ from distckpt.errors import CorruptCheckpoint, InvalidArgument, UnsupportedVersi
 from distckpt.fsutil import CHECKSUM_ALGORITHM, file_checksum
 from distckpt.layout import MANIFEST_NAME
 
-#: Bumped when a change to the schema would mislead an older reader.
+#: Bumped when a change to the schema or to a format's files would mislead an older reader.
+#: 2: the "torch" format's rank files hold raw tensor bytes (:mod:`distckpt.formats.raw_rank_file`)
+#: instead of ``torch.save`` output; version-1 checkpoints still load.
 FORMAT_VERSION = 2
 #: A manifest lists files by name: even a huge sharded checkpoint's is a few MiB. A larger file
 #: is refused unread rather than loaded into memory.

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from distckpt.per_rank import PerRank
-from distckpt.state import dtensor_type
+from distckpt.state import dtensor_type, same_kind_of_tuple
 
 
 class SnapshotBuffers:
@@ -70,7 +70,7 @@ class SnapshotBuffers:
             items = [self._copy(v, (*key, i), seen) for i, v in enumerate(value)]
             if isinstance(value, list):
                 return items
-            return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
+            return same_kind_of_tuple(value, items)
         # Plain values (numbers, strings) are immutable or small: a deep copy stops later
         # mutation of, say, a list of ints in a sampler's state from reaching the snapshot.
         return copy.deepcopy(value)

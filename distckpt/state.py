@@ -266,13 +266,13 @@ def _load(
         if isinstance(template, list):
             template[:] = items
             return template
-        return _same_kind_of_tuple(template, items)
+        return same_kind_of_tuple(template, items)
     elif not isinstance(template, (Mapping, list, tuple)):
         return loaded  # a plain value: its container takes the loaded one
     return template
 
 
-def _same_kind_of_tuple(template: tuple[Any, ...], items: list[Any]) -> tuple[Any, ...]:
+def same_kind_of_tuple(template: tuple[Any, ...], items: list[Any]) -> tuple[Any, ...]:
     """``items`` as a tuple of ``template``'s type (a named tuple takes them as arguments)."""
     if hasattr(template, "_fields"):
         return type(template)(*items)

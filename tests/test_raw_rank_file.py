@@ -202,12 +202,12 @@ def test_tensor_bytes_lie_raw_and_aligned_where_the_index_says(tmp_path: Path) -
     weights = torch.arange(10, dtype=torch.float64)
     write_rank_file({"a": torch.ones(3, dtype=torch.int8), "w": weights}, path, fsync=False)
     raw = path.read_bytes()
-    assert raw.startswith(MAGIC)
+    assert raw.startswith(b"DCKPTRAW") and HEADER.size == 32 and HEADER.format.startswith("<")
     with open(path, "rb", buffering=0) as file:
         index = read_index(file, "rank.pt")
     offset, nbytes = index.storages[index.tensors[1].storage]
     start = index.data_start + offset
-    assert start % ALIGNMENT == 0 and nbytes == weights.numel() * 8
+    assert start % 64 == 0 and nbytes == weights.numel() * 8
     assert raw[start : start + nbytes] == weights.numpy().tobytes()
 
 
@@ -269,6 +269,17 @@ def test_objects_outside_the_allow_list_are_refused_before_any_tensor_is_read(
         _load(path)
     assert _bytes_read() - read_before < 1 << 20  # of a 16 MiB file
     assert _load(path, allow_pickle=True)["obj"].value == 7
+
+
+def test_a_skeleton_that_would_run_code_is_refused_and_runs_none(tmp_path: Path) -> None:
+    from tests.hostile_cases import Exploit
+
+    marker = tmp_path / "PWNED"
+    path = tmp_path / "rank.pt"
+    write_rank_file({"w": torch.randn(4), "evil": Exploit(marker)}, path, fsync=False)
+    with pytest.raises(UnsafeCheckpoint, match="allow_pickle=True"):
+        _load(path)
+    assert not marker.exists()
 
 
 def _bytes_read() -> int:

@@ -24,7 +24,8 @@ Tensors that are views of one storage share it after loading, as with ``torch.lo
 tensor this layout does not describe (a subclass such as a DTensor, one off the CPU, sparse,
 quantized, with ``requires_grad`` or a lazy conjugate/negative bit), and every tensor inside an
 object other than a dict, OrderedDict, list or tuple, stays in the skeleton, where
-``torch.save`` writes it as it always did.
+``torch.save`` writes it as it always did (such a tensor does not share its storage with a raw
+one after loading; the states distckpt saves hold detached plain tensors, so they do not meet).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ import torch
 from distckpt.errors import CorruptCheckpoint
 from distckpt.formats.base import ReadOptions
 from distckpt.fsutil import ChecksumWriter
-from distckpt.state import _same_kind_of_tuple
+from distckpt.state import same_kind_of_tuple
 
 #: The first bytes of every rank file in this layout.
 MAGIC = b"DCKPTRAW"
@@ -116,9 +117,9 @@ class _Splitter:
         self.placeholders: list[list[int]] = []
         # keyed by the address of torch's storage object, as torch.save keys them
         self._storage_numbers: dict[int, int] = {}
-        # id(value) -> its skeleton, so a value met twice stays one object after loading
+        # id(value) -> its skeleton, so a value met twice stays one object after loading (every
+        # value met belongs to the state, alive throughout, so no id is reused meanwhile)
         self._done: dict[int, Any] = {}
-        self._originals: list[Any] = []  # keeps those ids from being reused meanwhile
 
     def split(self, value: Any) -> Any:
         done = self._done.get(id(value))
@@ -131,11 +132,10 @@ class _Splitter:
         elif type(value) is list:
             result = [self.split(item) for item in value]
         elif type(value) is tuple or (isinstance(value, tuple) and hasattr(value, "_fields")):
-            result = _same_kind_of_tuple(value, [self.split(item) for item in value])
+            result = same_kind_of_tuple(value, [self.split(item) for item in value])
         else:
             return value  # written by torch.save inside the skeleton, as it is
         self._done[id(value)] = result
-        self._originals.append(value)
         return result
 
     def _placeholder(self, tensor: torch.Tensor) -> list[int]:
@@ -362,7 +362,7 @@ def _filled(value: Any, tensors: dict[int, torch.Tensor], done: dict[int, Any]) 
     else:
         items = [_filled(item, tensors, done) for item in value]
         if any(new is not old for new, old in zip(items, value)):
-            done[id(value)] = _same_kind_of_tuple(value, items)
+            done[id(value)] = same_kind_of_tuple(value, items)
     return done[id(value)]
 
 

@@ -99,6 +99,7 @@ def read_rank_file(path: Path, manifest: Manifest, options: ReadOptions) -> Any:
 
 
 def _load_skeleton(source: io.BytesIO, options: ReadOptions, name: str) -> Any:
+    """A raw rank file's skeleton, unpickled as safely as a whole ``torch.save`` file."""
     return safe_torch_load(source, options, name=name)
 
 
@@ -110,7 +111,8 @@ def _check_rank(directory: Path, manifest: Manifest, rank: int) -> None:
 
 
 class TorchFilesFormat:
-    """One ``torch.save`` file per rank; restorable only by the world size that saved it."""
+    """One file per rank (raw tensor bytes since format version 2, ``torch.save`` before);
+    restorable only by the world size that saved it."""
 
     name = "torch"
     marks_per_rank = False  # every rank saves its whole state: every value is per rank
