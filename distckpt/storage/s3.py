@@ -129,6 +129,10 @@ class S3RootStore(ViewedStore):
         self._renewer: threading.Thread | None = None
         self._opened_by_pid = 0
         self._removed_at_open: list[CheckpointLocation] = []
+        #: manifests of the committed steps this store found valid, by (step, ETag of the
+        #: step's COMMIT): a committed save is never changed, only replaced (a new COMMIT)
+        #: or deleted, so each is checked once, not at every commit
+        self._checked: dict[tuple[int, str], Manifest] = {}
 
     # ------------------------------------------------------------------ open / close
 
@@ -381,10 +385,20 @@ class S3RootStore(ViewedStore):
         """Point ``last`` at the newest committed checkpoint that passes its check and
         ``best`` at the best, or remove a pointer that names nothing valid. ``leaving``: a
         step about to be removed, counted as gone. The records it read."""
-        steps = [step for step in self.view.committed_steps() if step != leaving]
-        valid = list(resolve.iter_valid(self.view, newest_first=False, steps=steps))
-        records = [resolve.record_of(manifest) for _, manifest in valid]
-        valid_steps = {manifest.step for _, manifest in valid}
+        commits = self.s3.commit_etags()
+        # forget what was deleted or replaced since
+        self._checked = {
+            key: m for key, m in self._checked.items() if commits.get(key[0]) == key[1]
+        }
+        unchecked = [step for step, etag in commits.items() if (step, etag) not in self._checked]
+        for source, manifest in resolve.iter_valid(self.view, steps=unchecked):
+            self._checked[(source.expected_step, commits[source.expected_step])] = manifest
+        valid = sorted(
+            (m for (step, _), m in self._checked.items() if step != leaving),
+            key=lambda manifest: manifest.step,
+        )
+        records = [resolve.record_of(manifest) for manifest in valid]
+        valid_steps = {manifest.step for manifest in valid}
         faults.hit("during_link_swap", COMMITTING_RANK)
         best = policy.best_step(records, self.retention.monitor, self.retention.mode)
         for name, step in ((LAST, records[-1].step if records else None), (BEST, best)):
