@@ -429,3 +429,17 @@ def test_an_unreachable_store_fails_the_save_on_every_rank() -> None:
         assert out == ["StoreUnavailable", "StoreUnavailable"]
     finally:
         server.stop()
+
+
+def test_a_job_that_lost_the_lease_commits_nothing(s3_server: S3Server, s3_url: str) -> None:
+    options = s3_server.storage_options()
+    with distckpt.CheckpointManager(s3_url, storage_options=options) as manager:
+        manager.save(1, _state(1))
+        with ObjectStore(s3_url, options) as store:  # another job took the root over
+            store.put_bytes(".lease", b'{"owner": "other", "host": "h", "pid": 1, "duration": 30}')
+        with pytest.raises(distckpt.LeaseLost):
+            manager.save(2, _state(2))
+        with pytest.raises(distckpt.LeaseLost):
+            manager.delete(1)
+        assert manager.steps() == [1]
+    assert not any(name.startswith("step-00000002/") for name in _objects(s3_url, options))

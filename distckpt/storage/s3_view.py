@@ -188,11 +188,10 @@ class S3Checkpoint(CheckpointSource):
         return None  # objects cannot be links
 
     def exists(self) -> bool:
-        try:
-            self._root.client.head(self._root.commit_name(self.expected_step))
-        except ObjectNotFound:
-            return False
-        return True
+        """Whether the step is still committed, and (once read) still as the save read: a
+        save replaced by ``overwrite`` has vanished for a reader that was reading it."""
+        record = self._root.read_commit(self.expected_step)
+        return record is not None and self._attempt in (None, record.attempt)
 
     def _prefix(self) -> str:
         """The committed attempt's prefix (read from ``COMMIT`` once per instance)."""
