@@ -167,6 +167,11 @@ class RootStore(abc.ABC):
         """The job holding (or that last held) the root's writer lease, or None; read only."""
 
     @abc.abstractmethod
+    def break_lease(self) -> LeaseHolder | None:
+        """Mark the lease of a holder known to be dead (on another machine) as broken, so the
+        next job may take the root; the record as broken, or None when nobody held it."""
+
+    @abc.abstractmethod
     def collect_leftovers(self) -> list[CheckpointLocation]:
         """Remove staging areas of dead writers and deleted checkpoints not yet gone; a live
         writer's staging area is never touched. What was removed, including what

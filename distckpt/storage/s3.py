@@ -44,6 +44,7 @@ from distckpt.errors import (
     CheckpointNotFound,
     ConcurrentCommit,
     CoordinationTimeout,
+    InvalidArgument,
     LeaseLost,
     ObjectExists,
     ObjectStoreError,
@@ -533,6 +534,12 @@ class S3RootStore(ViewedStore):
             if leftover.kind == "staging":
                 removed.append(leftover.path)
         return removed
+
+    def break_lease(self) -> LeaseHolder | None:
+        raise InvalidArgument(
+            f"the lease of {self.root} is not broken by hand: it expires by itself "
+            f"{LEASE_SECONDS:g} s after its holder stops renewing it (wait_for_root= waits)"
+        )
 
     def lease_holder(self) -> LeaseHolder | None:
         record = self._holder()
