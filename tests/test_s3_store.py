@@ -446,3 +446,25 @@ def test_a_job_that_lost_the_lease_commits_nothing(s3_server: S3Server, s3_url: 
             manager.delete(1)
         assert manager.steps() == [1]
     assert not any(name.startswith("step-00000002/") for name in _objects(s3_url, options))
+
+
+def _killed_mid_save(rank: int, world_size: int, url: str, options: dict[str, Any]) -> None:
+    manager = distckpt.CheckpointManager(url, storage_options=options)
+    manager.save(1, _state(1))
+    faults.arm("after_shard_write", "kill")  # SIGKILL after its files are uploaded
+    manager.save(2, _state(2))
+
+
+def test_a_killed_job_is_taken_over_at_once_and_its_save_collected(
+    s3_server: S3Server, s3_url: str
+) -> None:
+    options = s3_server.storage_options()
+    run_ranks(_killed_mid_save, 0, s3_url, options, timeout=JOB_TIMEOUT, expect_killed=True)
+    left = _objects(s3_url, options)
+    assert any(name.startswith("step-00000002/") for name in left)  # uploaded, never committed
+    assert any(name.startswith(".writers/") for name in left)
+    # its holder is a dead process of this machine: no wait for the lease to expire
+    with distckpt.CheckpointManager(s3_url, storage_options=options) as manager:
+        assert manager.steps() == [1]
+    names = _objects(s3_url, options)
+    assert not any(name.startswith(("step-00000002/", ".writers/")) for name in names), names

@@ -486,8 +486,8 @@ class S3RootStore(ViewedStore):
 
     def _find_leftovers(self) -> list[tuple[Leftover, list[str]]]:
         """Every save's prefix that its step's ``COMMIT`` does not name (``writer_alive``
-        while its writer's claim is live), with the names of its objects; and claims with no
-        objects, of writers that died."""
+        while its writer's claim is live), with the names of its objects and claim; and claims
+        with no objects, of writers that died."""
         attempts: dict[tuple[int, str], list[str]] = {}
         claims: set[str] = set()
         for info in self.s3.client.list(""):
@@ -505,8 +505,10 @@ class S3RootStore(ViewedStore):
                 committed[step] = record.attempt if record is not None else None
             if committed[step] != attempt:
                 where = self.s3.attempt_location(step, attempt)
-                found.append((Leftover(where, "staging", self._claim_live(attempt)), names))
-            claims.discard(attempt)
+                # its claim goes with it (a dead writer's)
+                claim = [self.s3.claim_name(attempt)] if attempt in claims else []
+                found.append((Leftover(where, "staging", self._claim_live(attempt)), names + claim))
+                claims.discard(attempt)
         for attempt in sorted(claims):
             name = self.s3.claim_name(attempt)
             if not self._claim_live(attempt):
