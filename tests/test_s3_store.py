@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -197,21 +198,27 @@ def test_gc_removes_a_dead_writers_save_but_not_a_live_one(
     options = s3_server.storage_options()
     with distckpt.CheckpointManager(s3_url, storage_options=options) as manager:
         manager.save(1, _state(1))
-        _write_attempt(s3_url, options, 2, "dead")
-        _write_attempt(s3_url, options, 2, "live")
+        claims = {
+            "dead": None,  # no claim at all
+            "live": (this_host(), os.getpid(), 4e9),  # alive: this process
+            # on another machine: its expiry is trusted for 60 s more (clock skew)
+            "late": ("elsewhere", 1, time.time() - 10),
+            "expired": ("elsewhere", 1, time.time() - 120),
+        }
         with ObjectStore(s3_url, options) as store:
-            claim = {
-                "attempt": "live",
-                "host": this_host(),
-                "pid": os.getpid(),  # alive: this process
-                "expires_unix": 4e9,
-            }
-            store.put_bytes(".writers/live", json.dumps(claim).encode())
+            for attempt, claim in claims.items():
+                _write_attempt(s3_url, options, 2, attempt)
+                if claim is not None:
+                    host, pid, expires = claim
+                    record = {"attempt": attempt, "host": host, "pid": pid, "expires_unix": expires}
+                    store.put_bytes(f".writers/{attempt}", json.dumps(record).encode())
         removed = manager.gc()
-        assert removed == [f"{s3_url}/step-00000002/dead"]
+        assert sorted(removed) == [f"{s3_url}/step-00000002/{a}" for a in ("dead", "expired")]
         names = _objects(s3_url, options)
-        assert "step-00000002/live/rank-00000.pt" in names
-        assert "step-00000002/dead/rank-00000.pt" not in names
+        assert {name.split("/")[1] for name in names if name.startswith("step-00000002/")} == {
+            "live",
+            "late",
+        }
         assert manager.steps() == [1]
 
 
@@ -238,8 +245,9 @@ def test_load_checkpoint_and_verify_by_url(s3_server: S3Server, s3_url: str) -> 
         manager.save(10, _state(10))
         manager.save(20, _state(20))
     for where, step in ((s3_url, 20), (f"{s3_url}/last", 20), (f"{s3_url}/step-00000010", 10)):
-        loaded = distckpt.load_checkpoint(where, storage_options=options, verify=True)
+        loaded = distckpt.load_checkpoint(where, storage_options=options, verify=True, mmap=True)
         assert loaded.step == step and loaded.path == f"{s3_url}/step-{step:08d}"
+        # memory-mapped from a downloaded file that is gone by now: still readable
         assert torch.equal(loaded.state["w"], torch.arange(4.0) + step)
         assert distckpt.verify(where, storage_options=options).ok
     report = distckpt.verify(s3_url, storage_options=options)
