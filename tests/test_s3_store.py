@@ -311,6 +311,11 @@ def test_a_refused_credential_fails_every_rank_clearly() -> None:
         server.stop()
 
 
+def test_storage_options_with_a_directory_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(distckpt.InvalidArgument, match="s3:// roots only"):
+        distckpt.CheckpointManager(tmp_path, storage_options={"key": "k"})
+
+
 def test_a_local_root_works_without_botocore(tmp_path: Path) -> None:
     code = (
         "import sys\n"
