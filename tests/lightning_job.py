@@ -66,10 +66,17 @@ class WaitForKillAfterSave(lightning.Callback):
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        # Runs after DistckptCallback's hook (callbacks run in list order), whose save of a due
-        # step is synchronous: the first batch reaching step N has committed its checkpoint.
-        assert self.checkpointing.tracker is not None
-        if self.checkpointing.tracker.step == self.step:
+        self._wait_if_saved(trainer)
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._wait_if_saved(trainer)  # an epoch's last batch is saved at its end
+
+    def _wait_if_saved(self, trainer: Trainer) -> None:
+        # Runs after DistckptCallback's hooks (callbacks run in list order), whose saves are
+        # synchronous: the checkpoint of step N has committed when its result is there.
+        saved = self.checkpointing.last_save
+        if saved is not None and saved.step == self.step:
+            batch_idx = trainer.fit_loop.epoch_loop.batch_idx
             with open(self.out / f"saved-rank{trainer.global_rank}.txt", "a") as log:
                 log.write(f"{trainer.current_epoch} {batch_idx}\n")
             time.sleep(WAIT_FOR_KILL)
