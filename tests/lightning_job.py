@@ -133,10 +133,10 @@ class DropoutModule(lightning.LightningModule):
 
 
 class ValidatedModule(DropoutModule):
-    """``--validate``: a small validation loop after each epoch's last batch (so between a save
-    at that batch and the epoch's end), logging ``val_loss``. Its loader has no generator of
-    its own: building its iterator draws from torch's global generator, so a validation that a
-    resumed run skipped or repeated would shift every later dropout mask."""
+    """``--validate``: a small validation loop after each epoch's last batch (so between that
+    batch and its checkpoint, taken at the epoch's end), logging ``val_loss``. Its loader has no
+    generator of its own: building its iterator draws from torch's global generator, so a
+    validation that a resumed run skipped or repeated would shift every later dropout mask."""
 
     def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
         loss = self.net(batch).square().mean()

@@ -22,6 +22,13 @@ from tests import killing
 JOB = "tests/lightning_job.py"
 pytestmark = pytest.mark.timeout(420)
 
+#: One device, manual optimization, a validation after each epoch: 12 batches an epoch.
+ONE_DEVICE = ["--devices", "1", "--optimization", "manual", "--validate"]
+#: DDP on 2 CPU processes, automatic optimization accumulating 2 micro-batches: 40 samples are
+#: 5 batches an epoch per rank, so each epoch's last batch steps alone, its accumulation window
+#: ended early (3 optimizer steps an epoch).
+DDP = ["--devices", "2", "--optimization", "auto", "--samples", "40"]
+
 
 def _reference(factory: pytest.TempPathFactory, options: list[str]) -> Path:
     """The uninterrupted fit with ``options``, one per session, shared by the tests here."""
@@ -35,43 +42,39 @@ def _resumed(tmp_path: Path, options: list[str], moments: list[int]) -> tuple[Pa
     return out, killing.run_killed(command, out, moments)
 
 
+def _assert_same_fit(reference: Path, resumed: Path, options: list[str]) -> None:
+    """Every training batch, every validation batch (with ``--validate``) and the final state
+    of every rank equal the reference's."""
+    devices = int(options[options.index("--devices") + 1])
+    killing.assert_same_run(reference, resumed, devices, skip=["resumed_from"])
+    if "--validate" in options:
+        for rank in range(devices):
+            validated = killing.losses(resumed, rank, "val")
+            assert validated == killing.losses(reference, rank, "val"), "validation differs"
+
+
 @pytest.mark.parametrize(
-    ("devices", "optimization", "seed"),
-    [(1, "manual", 1), (2, "auto", 7)],
-    ids=["one-device-manual-optimization", "ddp-2-cpu-processes-accumulation"],
+    ("options", "seed"),
+    [(ONE_DEVICE, 1), (DDP, 5)],
+    ids=["one-device-manual-optimization", "ddp-accumulation"],
 )
 def test_killed_fit_resumes_exactly(
-    tmp_path: Path,
-    tmp_path_factory: pytest.TempPathFactory,
-    devices: int,
-    optimization: str,
-    seed: int,
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, options: list[str], seed: int
 ) -> None:
-    options = ["--devices", str(devices), "--optimization", optimization]
     reference = _reference(tmp_path_factory, options)
-    batches = 36 // devices  # 3 epochs of 48 samples in batches of 4, split over the ranks
+    batches = killing.losses(reference, 0).keys()  # rank 0's, over the whole fit
     # Within the first third of a run, so that a kill the test notices a few batches late
     # still leaves the resumed run enough batches to be killed in.
-    moments = killing.kill_moments(seed, 2, 3, batches // 3)
+    moments = killing.kill_moments(seed, 2, 3, len(batches) // 3)
     resumed, killed = _resumed(tmp_path, options, moments)
     assert killed == 2
-    killing.assert_same_run(reference, resumed, devices, skip=["resumed_from"])
+    _assert_same_fit(reference, resumed, options)
 
 
 @pytest.mark.parametrize(
     ("options", "saved_at"),
-    [
-        (["--devices", "1", "--optimization", "manual"], ["0 11", "1 3"]),
-        (["--devices", "2", "--optimization", "auto"], ["1 5", "2 3"]),
-        (["--devices", "1", "--optimization", "auto", "--samples", "44"], ["0 10", "1 3"]),
-        (["--devices", "1", "--optimization", "manual", "--validate"], ["0 11", "1 3"]),
-    ],
-    ids=[
-        "one-device-manual-optimization",
-        "ddp-2-cpu-processes-accumulation",
-        "last-window-one-micro-batch",
-        "validation-before-the-save",
-    ],
+    [(ONE_DEVICE, ["0 11", "1 3"]), (DDP, ["1 4", "2 3"])],
+    ids=["one-device-manual-optimization", "ddp-accumulation"],
 )
 def test_fit_killed_after_an_epoch_end_save_and_after_the_next_save_resumes_exactly(
     tmp_path: Path,
@@ -79,14 +82,14 @@ def test_fit_killed_after_an_epoch_end_save_and_after_the_next_save_resumes_exac
     options: list[str],
     saved_at: list[str],
 ) -> None:
-    """Step 6 is saved at the end of an epoch (``saved_at``: epoch and last batch; with 44
-    samples the epoch's 11th batch steps alone, ending its accumulation window early), once the
+    """Step 6 is saved at the end of an epoch (``saved_at``: epoch and last batch), once the
     epoch's validation has run; the job waits after that save and is SIGKILLed there, runs
     again, is SIGKILLed right after its next save (step 8, mid-epoch), and runs to the end.
-    Every batch and validation must be trained exactly as in the uninterrupted run: an epoch-end
-    checkpoint once resumed into the epoch after next, and a checkpoint taken after resuming
-    from one left the next epoch's counters behind, so that resuming from it trained the
-    epoch's first batches again (OneCycleLR: one step too many)."""
+    Every batch and validation must be run exactly as in the uninterrupted run: an epoch-end
+    checkpoint once resumed into the epoch after next, once skipped the validation that followed
+    it, and a checkpoint taken after resuming from one left the epoch counters a step behind, so
+    that resuming from it trained the epoch's first batches again (OneCycleLR: "Tried to step
+    10 times")."""
     reference = _reference(tmp_path_factory, options)
     out = tmp_path / "resumed"
     out.mkdir()
@@ -96,13 +99,9 @@ def test_fit_killed_after_an_epoch_end_save_and_after_the_next_save_resumes_exac
         assert killing.run(waiting, out, kill_after=1, counted="saved-rank0.txt")
     assert (out / "saved-rank0.txt").read_text().splitlines() == saved_at
     assert not killing.run(command, out)
-    devices = int(options[1])
-    killing.assert_same_run(reference, out, devices, skip=["resumed_from"])
-    for rank in range(devices):
+    _assert_same_fit(reference, out, options)
+    for rank in range(int(options[1])):
         assert torch.load(out / f"final-rank{rank}.pt", weights_only=False)["resumed_from"] == 8
-        if "--validate" in options:
-            validated = killing.losses(out, rank, "val")
-            assert validated == killing.losses(reference, rank, "val"), "validation differs"
 
 
 def test_plain_dataloader_mid_epoch_resume_is_not_exact(
@@ -111,9 +110,8 @@ def test_plain_dataloader_mid_epoch_resume_is_not_exact(
     """The same job with a plain DataLoader (no loader position in the checkpoint) resumes the
     epoch from its first batch: the check above catches it. Uninterrupted, the plain loader
     gives the StatefulDataLoader's run exactly, so that run is the reference."""
-    options = ["--devices", "1", "--optimization", "manual"]
-    reference = _reference(tmp_path_factory, options)
-    resumed, killed = _resumed(tmp_path, [*options, "--loader", "plain"], [10])  # mid-epoch 0
+    reference = _reference(tmp_path_factory, ONE_DEVICE)
+    resumed, killed = _resumed(tmp_path, [*ONE_DEVICE, "--loader", "plain"], [10])  # mid-epoch 0
     assert killed == 1
     with pytest.raises(AssertionError, match="losses differ"):
         killing.assert_same_run(reference, resumed, 1, skip=["resumed_from"])
