@@ -165,7 +165,9 @@ def main() -> None:
     lightning.seed_everything(0, verbose=False)
     kind = ValidatedModule if args.validate else DropoutModule
     module = kind(args.out, args.optimization, args.loader, args.samples)
-    callback = DistckptCallback(args.root, every_n_steps=2, keep_last=2, fsync=False)
+    callback = DistckptCallback(
+        args.root, every_n_steps=2, keep_last=2, monitor="val_loss", fsync=False
+    )
     callbacks: list[lightning.Callback] = [callback, SaveFinalState(args.out, callback)]
     if args.wait_after_step is not None:
         callbacks.append(WaitForKillAfterSave(args.out, callback, args.wait_after_step))

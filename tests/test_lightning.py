@@ -17,6 +17,8 @@ import torch
 pytest.importorskip("lightning")
 pytest.importorskip("torchdata")
 
+from distckpt.layout import step_dir_name
+from distckpt.manifest import read_manifest
 from tests import killing
 
 JOB = "tests/lightning_job.py"
@@ -97,6 +99,11 @@ def test_fit_killed_after_an_epoch_end_save_and_after_the_next_save_resumes_exac
     for step in (6, 8):
         waiting = [*command, "--wait-after-step", str(step)]
         assert killing.run(waiting, out, kill_after=1, counted="saved-rank0.txt")
+        if step == 6 and "--validate" in options:
+            # Saved after the epoch's validation: its metric is there, and step 4's was not.
+            root = tmp_path / "root"
+            assert "val_loss" not in read_manifest(root / step_dir_name(4)).metrics
+            assert "val_loss" in read_manifest(root / step_dir_name(6)).metrics
     assert (out / "saved-rank0.txt").read_text().splitlines() == saved_at
     assert not killing.run(command, out)
     _assert_same_fit(reference, out, options)
