@@ -215,7 +215,9 @@ class DistckptCallback(lightning.Callback):
         self._step_at_last_batch = self.tracker.step
         if not stepped:
             return  # mid-accumulation: gradients of earlier micro-batches are not saved
-        if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+        # The loader's end, or ``limit_train_batches`` ending the epoch before it.
+        last_batch = batch_idx + 1 >= trainer.num_training_batches
+        if last_batch or trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
             # The epoch's last batch: saved at ``on_train_epoch_end`` instead, once the epoch's
             # validation has run and the loop counts the epoch as processed. A checkpoint taken
             # here would resume into the next epoch without its ``on_train_epoch_start`` and
