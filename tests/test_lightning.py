@@ -1,8 +1,10 @@
 """distckpt.lightning.DistckptCallback in real Trainers, killed with SIGKILL and fitted again.
 
-Each case runs ``tests/lightning_job.py`` once uninterrupted (the reference) and once killed at
-seeded random moments and re-run with the same command: every batch's loss and the final
-parameters, optimizer, scheduler and RNG states must equal the reference's bit for bit.
+Each case (one device with manual optimization and validation; DDP on 2 CPU processes with
+gradient accumulation) runs ``tests/lightning_job.py`` once uninterrupted (the reference, shared
+by the tests here) and again killed at seeded random moments, or right after chosen saves, and
+re-run with the same command: every batch's loss and the final parameters, optimizer, scheduler
+and RNG states must equal the reference's bit for bit.
 """
 
 from __future__ import annotations
