@@ -7,6 +7,10 @@ initialises torch.distributed (gloo, a free port, a short timeout), runs ``fn(ra
 starts fresh interpreters instead (slower; what a benchmark wants, since forked ranks share the
 parent's memory layout), and ``fail_fast=True`` stops at the first rank that raises instead of
 waiting for its peers, which may be stuck in a collective until ``pg_timeout``.
+
+``run_job_ranks(train, world_size, args)`` starts the ranks of a job script that a test kills
+and runs again (``tests/ddp_job.py``, ``tests/fsdp_job.py``): forked into the script's own
+process group, so that one SIGKILL of the group reaches every rank.
 """
 
 from __future__ import annotations
