@@ -33,12 +33,14 @@ exist at that moment, so none need saving. A checkpoint due in the middle of an 
 window (a preemption signal) is taken at the window's last micro-batch. Epoch schedules
 (``every_n_epochs``) count completed epochs. After a preemption save the trainer stops.
 
-A checkpoint of an epoch's last batch resumes at the next epoch's first batch: the loaders'
-saved position is used up at ``on_train_start`` and the next epoch's iterator built afresh (a
-resuming Lightning fit loop would hand it the used-up position and skip the epoch). Known
-limit: the validation and ``on_train_epoch_end`` that follow that batch in the
-uninterrupted run, and the next epoch's ``on_train_epoch_start``, are not run when resuming;
-training itself stays exact.
+A checkpoint due at an epoch's last batch is taken at ``on_train_epoch_end`` instead, once the
+epoch's validation has run (and drawn from the RNGs) and the loop counts the epoch as processed.
+Lightning resumes it as an ended epoch: the next epoch starts with its ``on_train_epoch_start``
+and from its first batch, and a checkpoint taken later in that epoch resumes mid-epoch like
+any other. The loaders' saved position, which Lightning does not hand back for an ended epoch,
+is used up at ``on_train_start`` and the next epoch's iterator built afresh after it. Known
+limit: the ``on_train_epoch_end`` hooks that run after this callback's (the module's, later
+callbacks', a ``ReduceLROnPlateau`` scheduler's step) are not run again when resuming.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ from lightning.fabric.utilities.data import _set_sampler_epoch
 from lightning.pytorch.utilities.combined_loader import _Stateful
 
 from distckpt.manager import CheckpointManager
+from distckpt.results import SaveResult
 from distckpt.rng import capture_rng, restore_rng
 from distckpt.steps import StepTracker
 
@@ -74,10 +77,11 @@ class _TrainerState:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         fit_loop = self.trainer.fit_loop
         fit_loop.load_state_dict(state["fit_loop"])
-        if state["fit_loop"]["epoch_loop.batch_progress"]["is_last_batch"]:
-            # Saved at an epoch's last batch: Lightning resumes into the next epoch but would
-            # hand the next epoch's iterator the used-up position, which yields nothing, and
-            # so skip that epoch. Kept back here; ``start_next_epoch`` applies it.
+        epochs = state["fit_loop"]["epoch_progress"]["current"]
+        if epochs["processed"] == epochs["started"]:
+            # Saved at an epoch's end: Lightning starts the next epoch afresh and never hands
+            # the loaders their saved (used-up) position, yet a sampler's generator must go on
+            # from it. Kept back here; ``finish_ended_epoch`` applies it.
             self.ended_epoch_loaders = fit_loop._combined_loader_states_to_load
             fit_loop._combined_loader_states_to_load = []
         if state["precision"]:
@@ -142,7 +146,8 @@ class DistckptCallback(lightning.Callback):
     DDP job runs it. Set ``enable_checkpointing=False`` on the Trainer.
 
     After fitting starts, :attr:`resumed_from` is the step restored (None on a fresh start),
-    :attr:`manager` the manager and :attr:`tracker` the step counter.
+    :attr:`manager` the manager, :attr:`tracker` the step counter and :attr:`last_save` the
+    :class:`~distckpt.SaveResult` of the newest checkpoint this fit started (None before).
     """
 
     def __init__(self, root: str, **manager_options: Any) -> None:
@@ -154,6 +159,8 @@ class DistckptCallback(lightning.Callback):
         self._rng = _DeferredRNG()
         self._trainer_state: _TrainerState | None = None
         self._step_at_last_batch = 0
+        self._save_at_epoch_end = False
+        self.last_save: SaveResult | None = None
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage == "fit":
@@ -203,23 +210,44 @@ class DistckptCallback(lightning.Callback):
         batch: Any,
         batch_idx: int,
     ) -> None:
-        assert self.manager is not None and self.tracker is not None
+        assert self.tracker is not None
         stepped = self.tracker.step != self._step_at_last_batch
         self._step_at_last_batch = self.tracker.step
         if not stepped:
             return  # mid-accumulation: gradients of earlier micro-batches are not saved
-        epochs_done = trainer.current_epoch + int(batch_idx + 1 >= trainer.num_training_batches)
+        # The loader's end, or ``limit_train_batches`` ending the epoch before it.
+        last_batch = batch_idx + 1 >= trainer.num_training_batches
+        if last_batch or trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+            # The epoch's last batch: saved at ``on_train_epoch_end`` instead, once the epoch's
+            # validation has run and the loop counts the epoch as processed. A checkpoint taken
+            # here would resume into the next epoch without its ``on_train_epoch_start`` and
+            # with the epoch counters one behind, so that the next checkpoint in that epoch
+            # would resume as a fresh epoch and train its first batches again.
+            self._save_at_epoch_end = True
+            return
+        self._save(trainer, pl_module, epochs_done=trainer.current_epoch)
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._save_at_epoch_end:
+            self._save_at_epoch_end = False
+            # ``current_epoch`` still names the epoch that has just ended here.
+            self._save(trainer, pl_module, epochs_done=trainer.current_epoch + 1)
+
+    def _save(self, trainer: Trainer, pl_module: LightningModule, epochs_done: int) -> None:
+        assert self.manager is not None and self.tracker is not None
         metrics = {
             key: value.item()
             for key, value in trainer.callback_metrics.items()
             if value.numel() == 1
         }
-        self.manager.save(
+        saved = self.manager.save(
             self.tracker.step,
             self._state(trainer, pl_module),
             epoch=epochs_done,
             metrics=metrics,
         )
+        if saved is not None:
+            self.last_save = saved
         if self.manager.preempted:
             trainer.should_stop = True
 

@@ -24,7 +24,6 @@ generator), for the tests that show each one is needed.
 from __future__ import annotations
 
 import argparse
-import multiprocessing as mp
 import sys
 from pathlib import Path
 from typing import Any
@@ -36,7 +35,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 
 import distckpt
-from tests.ranks import free_port, init_gloo
+from tests.ranks import run_job_ranks
 
 WORLD_SIZE = 2
 EPOCHS = 3
@@ -133,14 +132,6 @@ def train(rank: int, args: argparse.Namespace) -> None:
     torch.save(final, args.out / f"final-rank{rank}.pt")
 
 
-def _rank(rank: int, port: int, args: argparse.Namespace) -> None:
-    torch.set_num_threads(1)
-    init_gloo(rank, WORLD_SIZE, port, timeout=60)
-    train(rank, args)
-    torch.distributed.barrier()  # no rank tears the group down under a peer's last collective
-    torch.distributed.destroy_process_group()
-
-
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("root")
@@ -150,15 +141,7 @@ def main() -> int:
     parser.add_argument("--loader", choices=("stateful", "plain"), default="stateful")
     parser.add_argument("--leave-out", choices=("loader", "rng", "generator"))
     args = parser.parse_args()
-    # Forked, not daemonic (a rank starts loader workers), in the job's own process group.
-    context = mp.get_context("fork")
-    port = free_port()
-    ranks = [context.Process(target=_rank, args=(rank, port, args)) for rank in range(WORLD_SIZE)]
-    for process in ranks:
-        process.start()
-    for process in ranks:
-        process.join()
-    return max(abs(process.exitcode or 0) for process in ranks)
+    return run_job_ranks(train, WORLD_SIZE, args)
 
 
 if __name__ == "__main__":

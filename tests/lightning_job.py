@@ -66,10 +66,17 @@ class WaitForKillAfterSave(lightning.Callback):
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        # Runs after DistckptCallback's hook (callbacks run in list order), whose save of a due
-        # step is synchronous: the first batch reaching step N has committed its checkpoint.
-        assert self.checkpointing.tracker is not None
-        if self.checkpointing.tracker.step == self.step:
+        self._wait_if_saved(trainer)
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._wait_if_saved(trainer)  # an epoch's last batch is saved at its end
+
+    def _wait_if_saved(self, trainer: Trainer) -> None:
+        # Runs after DistckptCallback's hooks (callbacks run in list order), whose saves are
+        # synchronous: the checkpoint of step N has committed when its result is there.
+        saved = self.checkpointing.last_save
+        if saved is not None and saved.step == self.step:
+            batch_idx = trainer.fit_loop.epoch_loop.batch_idx
             with open(self.out / f"saved-rank{trainer.global_rank}.txt", "a") as log:
                 log.write(f"{trainer.current_epoch} {batch_idx}\n")
             time.sleep(WAIT_FOR_KILL)
@@ -126,10 +133,10 @@ class DropoutModule(lightning.LightningModule):
 
 
 class ValidatedModule(DropoutModule):
-    """``--validate``: a small validation loop after each epoch's last batch (so between a save
-    at that batch and the epoch's end), logging ``val_loss``. Its loader has no generator of
-    its own: building its iterator draws from torch's global generator, so a validation that a
-    resumed run skipped or repeated would shift every later dropout mask."""
+    """``--validate``: a small validation loop after each epoch's last batch (so between that
+    batch and its checkpoint, taken at the epoch's end), logging ``val_loss``. Its loader has no
+    generator of its own: building its iterator draws from torch's global generator, so a
+    validation that a resumed run skipped or repeated would shift every later dropout mask."""
 
     def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
         loss = self.net(batch).square().mean()
@@ -158,7 +165,9 @@ def main() -> None:
     lightning.seed_everything(0, verbose=False)
     kind = ValidatedModule if args.validate else DropoutModule
     module = kind(args.out, args.optimization, args.loader, args.samples)
-    callback = DistckptCallback(args.root, every_n_steps=2, keep_last=2, fsync=False)
+    callback = DistckptCallback(
+        args.root, every_n_steps=2, keep_last=2, monitor="val_loss", fsync=False
+    )
     callbacks: list[lightning.Callback] = [callback, SaveFinalState(args.out, callback)]
     if args.wait_after_step is not None:
         callbacks.append(WaitForKillAfterSave(args.out, callback, args.wait_after_step))

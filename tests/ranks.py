@@ -7,6 +7,10 @@ initialises torch.distributed (gloo, a free port, a short timeout), runs ``fn(ra
 starts fresh interpreters instead (slower; what a benchmark wants, since forked ranks share the
 parent's memory layout), and ``fail_fast=True`` stops at the first rank that raises instead of
 waiting for its peers, which may be stuck in a collective until ``pg_timeout``.
+
+``run_job_ranks(train, world_size, args)`` starts the ranks of a job script that a test kills
+and runs again (``tests/ddp_job.py``, ``tests/fsdp_job.py``): forked into the script's own
+process group, so that one SIGKILL of the group reaches every rank.
 """
 
 from __future__ import annotations
@@ -143,3 +147,34 @@ def run_ranks(
 def values(results: list[RankResult]) -> list[Any]:
     """Every rank's return value, failing the test with the traceback of any rank that raised."""
     return [result.unwrap() for result in results]
+
+
+def _job_rank(
+    train: Callable[[int, Any], None], rank: int, world_size: int, port: int, args: Any
+) -> None:
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    init_gloo(rank, world_size, port, timeout=60)
+    train(rank, args)
+    dist.barrier()  # no rank tears the group down under a peer's last collective
+    dist.destroy_process_group()
+
+
+def run_job_ranks(train: Callable[[int, Any], None], world_size: int, args: Any) -> int:
+    """The ranks of a job script: ``world_size`` forked processes (not daemonic: a rank may start
+    loader workers), in the job's own process group so that a SIGKILL of the group reaches every
+    rank, each joining gloo and running ``train(rank, args)``. Returns the job's exit status:
+    the largest of the ranks'."""
+    context = mp.get_context("fork")
+    port = free_port()
+    ranks = [
+        context.Process(target=_job_rank, args=(train, rank, world_size, port, args))
+        for rank in range(world_size)
+    ]
+    for process in ranks:
+        process.start()
+    for process in ranks:
+        process.join()
+    return max(abs(process.exitcode or 0) for process in ranks)

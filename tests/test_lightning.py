@@ -1,8 +1,10 @@
 """distckpt.lightning.DistckptCallback in real Trainers, killed with SIGKILL and fitted again.
 
-Each case runs ``tests/lightning_job.py`` once uninterrupted (the reference) and once killed at
-seeded random moments and re-run with the same command: every batch's loss and the final
-parameters, optimizer, scheduler and RNG states must equal the reference's bit for bit.
+Each case (one device with manual optimization and validation; DDP on 2 CPU processes with
+gradient accumulation) runs ``tests/lightning_job.py`` once uninterrupted (the reference, shared
+by the tests here) and again killed at seeded random moments, or right after chosen saves, and
+re-run with the same command: every batch's loss and the final parameters, optimizer, scheduler
+and RNG states must equal the reference's bit for bit.
 """
 
 from __future__ import annotations
@@ -17,10 +19,19 @@ import torch
 pytest.importorskip("lightning")
 pytest.importorskip("torchdata")
 
+from distckpt.layout import step_dir_name
+from distckpt.manifest import read_manifest
 from tests import killing
 
 JOB = "tests/lightning_job.py"
 pytestmark = pytest.mark.timeout(420)
+
+#: One device, manual optimization, a validation after each epoch: 12 batches an epoch.
+ONE_DEVICE = ["--devices", "1", "--optimization", "manual", "--validate"]
+#: DDP on 2 CPU processes, automatic optimization accumulating 2 micro-batches: 40 samples are
+#: 5 batches an epoch per rank, so each epoch's last batch steps alone, its accumulation window
+#: ended early (3 optimizer steps an epoch).
+DDP = ["--devices", "2", "--optimization", "auto", "--samples", "40"]
 
 
 def _reference(factory: pytest.TempPathFactory, options: list[str]) -> Path:
@@ -35,81 +46,71 @@ def _resumed(tmp_path: Path, options: list[str], moments: list[int]) -> tuple[Pa
     return out, killing.run_killed(command, out, moments)
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="known open bug: a kill landing at some moments (which ones depends on timing, as "
-    "the kill lands when the test notices a line) resumes into one scheduler step too many "
-    "(OneCycleLR: 'Tried to step N times'); seen with 1 device and with DDP, not yet reproduced "
-    "deterministically",
-)
+def _assert_same_fit(reference: Path, resumed: Path, options: list[str]) -> None:
+    """Every training batch, every validation batch (with ``--validate``) and the final state
+    of every rank equal the reference's."""
+    devices = int(options[options.index("--devices") + 1])
+    killing.assert_same_run(reference, resumed, devices, skip=["resumed_from"])
+    if "--validate" in options:
+        for rank in range(devices):
+            validated = killing.losses(resumed, rank, "val")
+            assert validated == killing.losses(reference, rank, "val"), "validation differs"
+
+
 @pytest.mark.parametrize(
-    ("devices", "optimization", "seed"),
-    [(1, "manual", 1), (2, "auto", 2)],
-    ids=["one-device-manual-optimization", "ddp-2-cpu-processes-accumulation"],
+    ("options", "seed"),
+    [(ONE_DEVICE, 1), (DDP, 5)],
+    ids=["one-device-manual-optimization", "ddp-accumulation"],
 )
 def test_killed_fit_resumes_exactly(
-    tmp_path: Path,
-    tmp_path_factory: pytest.TempPathFactory,
-    devices: int,
-    optimization: str,
-    seed: int,
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, options: list[str], seed: int
 ) -> None:
-    options = ["--devices", str(devices), "--optimization", optimization]
     reference = _reference(tmp_path_factory, options)
-    batches = 36 // devices  # 3 epochs of 48 samples in batches of 4, split over the ranks
-    moments = killing.kill_moments(seed, 2, 3, batches // 2)
+    batches = killing.losses(reference, 0).keys()  # rank 0's, over the whole fit
+    # Within the first third of a run, so that a kill the test notices a few batches late
+    # still leaves the resumed run enough batches to be killed in.
+    moments = killing.kill_moments(seed, 2, 3, len(batches) // 3)
     resumed, killed = _resumed(tmp_path, options, moments)
     assert killed == 2
-    killing.assert_same_run(reference, resumed, devices, skip=["resumed_from"])
+    _assert_same_fit(reference, resumed, options)
 
 
 @pytest.mark.parametrize(
     ("options", "saved_at"),
-    [
-        (["--devices", "1", "--optimization", "manual"], "0 11"),
-        (["--devices", "2", "--optimization", "auto"], "1 5"),
-        (["--devices", "1", "--optimization", "auto", "--samples", "44"], "0 10"),
-        pytest.param(
-            ["--devices", "1", "--optimization", "manual", "--validate"],
-            "0 11",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="Lightning resumes a checkpoint of an epoch's last batch after that "
-                "epoch's validation: the validation the save preceded never runs (training "
-                "stays exact)",
-            ),
-        ),
-    ],
-    ids=[
-        "one-device-manual-optimization",
-        "ddp-2-cpu-processes-accumulation",
-        "last-window-one-micro-batch",
-        "validation-after-the-save",
-    ],
+    [(ONE_DEVICE, ["0 11", "1 3"]), (DDP, ["1 4", "2 3"])],
+    ids=["one-device-manual-optimization", "ddp-accumulation"],
 )
-def test_fit_killed_right_after_an_epoch_end_save_resumes_exactly(
-    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, options: list[str], saved_at: str
+def test_fit_killed_after_an_epoch_end_save_and_after_the_next_save_resumes_exactly(
+    tmp_path: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+    options: list[str],
+    saved_at: list[str],
 ) -> None:
-    """Step 6 is saved at the last batch of an epoch (``saved_at``: epoch and batch; with 44
-    samples the epoch's 11th batch steps alone, ending its accumulation window early); the job
-    waits after that save and is SIGKILLed there, then runs again: the next epoch must be
-    trained, from its first batch, exactly as in the uninterrupted run (an epoch-end checkpoint
-    once resumed into the epoch after next), and so must the validation that follows the save."""
+    """Step 6 is saved at the end of an epoch (``saved_at``: epoch and last batch), once the
+    epoch's validation has run; the job waits after that save and is SIGKILLed there, runs
+    again, is SIGKILLed right after its next save (step 8, mid-epoch), and runs to the end.
+    Every batch and validation must be run exactly as in the uninterrupted run: an epoch-end
+    checkpoint once resumed into the epoch after next, once skipped the validation that followed
+    it, and a checkpoint taken after resuming from one left the epoch counters a step behind, so
+    that resuming from it trained the epoch's first batches again (OneCycleLR: "Tried to step
+    10 times")."""
     reference = _reference(tmp_path_factory, options)
     out = tmp_path / "resumed"
     out.mkdir()
     command = [JOB, str(tmp_path / "root"), str(out), *options]
-    waiting = [*command, "--wait-after-step", "6"]
-    assert killing.run(waiting, out, kill_after=1, counted="saved-rank0.txt")
-    assert (out / "saved-rank0.txt").read_text() == f"{saved_at}\n"
+    for step in (6, 8):
+        waiting = [*command, "--wait-after-step", str(step)]
+        assert killing.run(waiting, out, kill_after=1, counted="saved-rank0.txt")
+        if step == 6 and "--validate" in options:
+            # Saved after the epoch's validation: its metric is there, and step 4's was not.
+            root = tmp_path / "root"
+            assert "val_loss" not in read_manifest(root / step_dir_name(4)).metrics
+            assert "val_loss" in read_manifest(root / step_dir_name(6)).metrics
+    assert (out / "saved-rank0.txt").read_text().splitlines() == saved_at
     assert not killing.run(command, out)
-    devices = int(options[1])
-    killing.assert_same_run(reference, out, devices, skip=["resumed_from"])
-    for rank in range(devices):
-        assert torch.load(out / f"final-rank{rank}.pt", weights_only=False)["resumed_from"] == 6
-        if "--validate" in options:
-            validated = killing.losses(out, rank, "val")
-            assert validated == killing.losses(reference, rank, "val"), "validation differs"
+    _assert_same_fit(reference, out, options)
+    for rank in range(int(options[1])):
+        assert torch.load(out / f"final-rank{rank}.pt", weights_only=False)["resumed_from"] == 8
 
 
 def test_plain_dataloader_mid_epoch_resume_is_not_exact(
@@ -118,9 +119,8 @@ def test_plain_dataloader_mid_epoch_resume_is_not_exact(
     """The same job with a plain DataLoader (no loader position in the checkpoint) resumes the
     epoch from its first batch: the check above catches it. Uninterrupted, the plain loader
     gives the StatefulDataLoader's run exactly, so that run is the reference."""
-    options = ["--devices", "1", "--optimization", "manual"]
-    reference = _reference(tmp_path_factory, options)
-    resumed, killed = _resumed(tmp_path, [*options, "--loader", "plain"], [10])  # mid-epoch 0
+    reference = _reference(tmp_path_factory, ONE_DEVICE)
+    resumed, killed = _resumed(tmp_path, [*ONE_DEVICE, "--loader", "plain"], [10])  # mid-epoch 0
     assert killed == 1
     with pytest.raises(AssertionError, match="losses differ"):
         killing.assert_same_run(reference, resumed, 1, skip=["resumed_from"])

@@ -1,8 +1,8 @@
 """Per-rank values in the "dcp" format on real gloo ranks: RNGState, a StatefulDataLoader and
 values wrapped in PerRank are saved once per rank and come back to the same rank; unmarked
 values are saved once (so the marks are what keeps them apart); a restore by another number of
-ranks refuses them by name; and an FSDP2 job with a different dropout stream on every rank
-resumes bit for bit."""
+ranks refuses them by name; and an FSDP2 job with a different dropout stream on every rank,
+SIGKILLed twice and run again each time, resumes bit for bit."""
 
 from __future__ import annotations
 
@@ -18,10 +18,13 @@ import torch._dynamo  # imported here once: FSDP2 would import it in every rank
 import distckpt
 from distckpt.formats.dcp import ModelOptimizerState
 from distckpt.manifest import read_manifest
+from tests import killing
+from tests.fsdp_job import TOTAL_STEPS, UnmarkedRNG, dropout_model
 from tests.ranks import run_ranks, values
 from tests.test_dcp import fsdp
 
 TIMEOUT = 90.0
+FSDP_JOB = "tests/fsdp_job.py"
 
 
 def make_loader(rank: int) -> Any:
@@ -31,17 +34,6 @@ def make_loader(rank: int) -> Any:
     return StatefulDataLoader(
         data, batch_size=2, shuffle=True, generator=torch.Generator().manual_seed(7)
     )
-
-
-class UnmarkedRNG:
-    """The RNGs as a Stateful value distckpt does not know to be per rank: what a user's own
-    RNG wrapper looks like without distckpt.PerRank around it."""
-
-    def state_dict(self) -> dict[str, Any]:
-        return distckpt.capture_rng()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        distckpt.restore_rng(state)
 
 
 # ------------------------------------------------------------------ each rank gets its own back
@@ -220,88 +212,35 @@ def test_the_per_rank_namespace_is_reserved(tmp_path: Path) -> None:
         mgr.save(1, {"__per_rank__": 1})
 
 
-# ------------------------------------------------------------------ FSDP2 with dropout, resumed
-
-TOTAL_STEPS = 6
+# ------------------------------------------------------------------ FSDP2 with dropout, killed
 
 
-def dropout_model() -> torch.nn.Sequential:
-    torch.manual_seed(0)  # the same initial weights on every rank and in every run
-    return torch.nn.Sequential(
-        torch.nn.Linear(6, 16), torch.nn.ReLU(), torch.nn.Dropout(0.5), torch.nn.Linear(16, 5)
-    )
+def test_fsdp2_with_per_rank_dropout_killed_twice_resumes_bit_exactly(
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """``tests/fsdp_job.py`` (FSDP2, "dcp", a dropout stream per rank), SIGKILLed (every rank)
+    twice at seeded moments of the first third of its run, each time run again with the same
+    command: every step's loss on every rank and the final full parameters, optimizer and RNG
+    states equal the uninterrupted run's."""
+    reference = killing.shared_reference(tmp_path_factory, "fsdp", FSDP_JOB)
+    assert killing.losses(reference, 0) != killing.losses(reference, 1)  # streams differ
+    out = tmp_path / "resumed"
+    out.mkdir()
+    command = [FSDP_JOB, str(tmp_path / "root"), str(out)]
+    moments = killing.kill_moments(1, 2, 3, TOTAL_STEPS // 3)
+    assert killing.run_killed(command, out, moments) == 2
+    killing.assert_same_run(reference, out, 2)
 
 
-def rank_batch(rank: int, step: int) -> torch.Tensor:
-    return torch.randn(4, 6, generator=torch.Generator().manual_seed(1000 * rank + step))
-
-
-def _fsdp_job(rank: int, world_size: int, root: str, stop_after: int, marked: bool) -> Any:
-    """Train to TOTAL_STEPS from the newest checkpoint (saving every 2 steps), or stop once
-    ``stop_after`` steps are done: a job that dies between two checkpoints."""
-    model = fsdp(dropout_model(), world_size)
-    optim = torch.optim.Adam(model.parameters(), lr=0.01)
-    tracker = distckpt.StepTracker(optim)
-    torch.manual_seed(100 + rank)  # every rank draws its own dropout masks
-    state = {
-        "app": ModelOptimizerState(model, optim),
-        "steps": tracker,
-        "rng": distckpt.RNGState() if marked else UnmarkedRNG(),
-    }
-    losses: list[tuple[int, float]] = []
-    with distckpt.CheckpointManager(
-        root, format="dcp", every_n_steps=2, fsync=False, timeout=30
-    ) as mgr:
-        mgr.restore("last", state=state, missing_ok=True)
-        while tracker.step < TOTAL_STEPS:
-            step = tracker.step
-            optim.zero_grad()
-            loss = model(rank_batch(rank, step)).square().mean()
-            loss.backward()
-            optim.step()
-            losses.append((step, loss.item()))
-            mgr.save(tracker.step, state)
-            if tracker.step == stop_after:
-                break
-    # As lists: tensors would cross to the test process through shared memory of a dead rank.
-    params = [p.full_tensor().tolist() for p in model.parameters()]
-    tracker.close()
-    return losses, params
-
-
-def _run_fsdp(root: Path, marked: bool, *stops: int) -> tuple[list[list[Any]], list[Any]]:
-    """Every job's losses per rank, and the last job's full parameters per rank."""
-    losses: list[list[Any]] = [[], []]
-    params: list[Any] = []
-    for stop in (*stops, TOTAL_STEPS):
-        out = values(run_ranks(_fsdp_job, 2, str(root), stop, marked, timeout=TIMEOUT))
-        assert len(out) == 2
-        for rank, (job_losses, _) in enumerate(out):
-            losses[rank] += job_losses
-        params = [job_params for _, job_params in out]
-    return losses, params
-
-
-def _by_step(losses: list[tuple[int, float]]) -> dict[int, set[float]]:
-    found: dict[int, set[float]] = {}
-    for step, loss in losses:
-        found.setdefault(step, set()).add(loss)
-    return found
-
-
-@pytest.mark.parametrize("marked", [True, False], ids=["per-rank-rng", "unmarked-rng"])
-def test_fsdp2_with_per_rank_dropout_resumes_bit_exactly(tmp_path: Path, marked: bool) -> None:
-    ref_losses, ref_params = _run_fsdp(tmp_path / "reference", marked)
-    losses, params = _run_fsdp(tmp_path / "resumed", marked, 3)  # dies after step 3, saved at 2
-    reference = [_by_step(rank_losses) for rank_losses in ref_losses]
-    resumed = [_by_step(rank_losses) for rank_losses in losses]
-    assert reference[0] != reference[1]  # the ranks' dropout streams differ
-    assert all(len(found) == 1 for rank in reference for found in rank.values())
-    same = resumed == reference and params == ref_params  # floats compared exactly
-    if marked:
-        assert resumed == reference  # every step's loss on every rank, step 3 twice alike
-        assert same
-    else:
-        # DCP kept one rank's generators for both: the other rank's masks after the resume
-        # differ from its uninterrupted run.
-        assert not same
+def test_fsdp2_with_unmarked_rng_killed_does_not_resume_exactly(
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """The counterpart: RNGs in a Stateful value distckpt does not know to be per rank are
+    saved once for both ranks, and after a resume one rank draws the other's dropout masks."""
+    reference = killing.shared_reference(tmp_path_factory, "fsdp", FSDP_JOB)
+    out = tmp_path / "resumed"
+    out.mkdir()
+    command = [FSDP_JOB, str(tmp_path / "root"), str(out), "--rng", "unmarked"]
+    assert killing.run_killed(command, out, [7]) == 1  # past the save of step 4 at least
+    with pytest.raises(AssertionError, match="losses differ"):
+        killing.assert_same_run(reference, out, 2)
