@@ -90,7 +90,7 @@ class _TrainerState:
             self.trainer.datamodule.load_state_dict(state["datamodule"])
 
     def finish_ended_epoch(self) -> bool:
-        """After a restore at an epoch's last batch, bring the loaders to where the uninterrupted
+        """After a restore of an epoch-end checkpoint, bring the loaders to where the uninterrupted
         run's were at that epoch's end: their saved position loaded and iterated to its end, so
         that a sampler's pending position (a ``StatefulDistributedSampler`` skips it lazily) is
         used up. True if there was such a restore; then call :meth:`start_next_epoch`."""
