@@ -140,9 +140,9 @@ class WriterLock:
         open is hidden as ``.fuse_hidden*`` and deleted by the daemon once it is closed, but a
         file removed right after its close races the daemon's asynchronous handling of that
         close, and a lost race leaves the ``.fuse_hidden*`` file in ``.staging`` for good
-        (about 2 releases in 100 on fuse2fs). Elsewhere the order changes nothing a cleanup
-        sees: one that opened the file before it was removed takes the lock only after this
-        writer is done with its staging dir."""
+        (2 to 6 releases in 100 on fuse2fs, more under load). Elsewhere the order changes
+        nothing a cleanup sees: one that opened the file before it was removed takes the lock
+        only after this writer is done with its staging dir."""
         self.path.unlink(missing_ok=True)
         if self._lock.is_locked:
             self._lock.release()
