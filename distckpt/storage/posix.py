@@ -451,7 +451,8 @@ class PosixRootStore(LinksAndRetention, RootStore):
         under the lock only, so whoever made one is gone). A live writer's staging is never
         touched. Returns what it removed."""
         removed: list[Path] = []
-        for leftover in find_leftovers(self.layout, locked=True):
+        holds_lease = self._lease is not None and self._lease.held
+        for leftover in find_leftovers(self.layout, locked=True, holds_lease=holds_lease):
             if leftover.writer_alive:
                 logger.info("leaving %s alone: its writer is alive", leftover.path)
             elif leftover.in_use:
