@@ -140,9 +140,9 @@ class WriterLock:
         open is hidden as ``.fuse_hidden*`` and deleted by the daemon once it is closed, but a
         file removed right after its close races the daemon's asynchronous handling of that
         close, and a lost race leaves the ``.fuse_hidden*`` file in ``.staging`` for good
-        (about 2 releases in 100 on fuse2fs). Elsewhere the order changes nothing a cleanup
-        sees: one that opened the file before it was removed takes the lock only after this
-        writer is done with its staging dir."""
+        (2 to 6 releases in 100 on fuse2fs, more under load). Elsewhere the order changes
+        nothing a cleanup sees: one that opened the file before it was removed takes the lock
+        only after this writer is done with its staging dir."""
         self.path.unlink(missing_ok=True)
         if self._lock.is_locked:
             self._lock.release()
@@ -174,6 +174,10 @@ _PROBE_PREFIX = ".probe-"
 #: lease record being replaced (``fsutil.atomic_write``'s temporary name for ``.lease.json``).
 _LINK_UNDER_CONSTRUCTION = re.compile(
     rf"\.(?:{re.escape(LAST)}|{re.escape(BEST)}|{re.escape(LEASE_RECORD_NAME)})\.[0-9a-f]{{32}}\.tmp"
+)
+#: the lease record being replaced: written by the lease's holder, not under the root lock
+_LEASE_RECORD_UNDER_CONSTRUCTION = re.compile(
+    rf"\.{re.escape(LEASE_RECORD_NAME)}\.[0-9a-f]{{32}}\.tmp"
 )
 #: Seen without the root lock, a probe or a link under construction younger than this may
 #: belong to a manager at work right now. Under the lock, none does: both are made under it.
@@ -211,12 +215,16 @@ def _held_open(path: Path) -> bool:
         return False
 
 
-def _dead_temporary(path: Path, *, locked: bool) -> bool:
+def _dead_temporary(path: Path, *, locked: bool, holds_lease: bool) -> bool:
     """Whether ``path`` is a probe or a link under construction whose maker is gone."""
     name = path.name
     if not (name.startswith(_PROBE_PREFIX) or _LINK_UNDER_CONSTRUCTION.fullmatch(name)):
         return False
-    if locked:
+    if locked and not _LEASE_RECORD_UNDER_CONSTRUCTION.fullmatch(name):
+        return True
+    # A starting manager writes the lease record holding the lease's lock, not the root lock:
+    # its temporary file is dead only if no other process holds the lease now.
+    if locked and (holds_lease or not _lease_held_elsewhere(path.parent)):
         return True
     try:
         return time.time() - path.lstat().st_mtime > PROBE_GRACE_SECONDS
@@ -224,13 +232,29 @@ def _dead_temporary(path: Path, *, locked: bool) -> bool:
         return False
 
 
-def find_leftovers(layout: RootLayout, *, locked: bool = False) -> list[Leftover]:
+def _lease_held_elsewhere(root: Path) -> bool:
+    """Whether another process holds the root's lease lock (probed for an instant)."""
+    probe = _flock(RootLayout.at(root).lease_lock_path, 0)
+    try:
+        probe.acquire()
+    except filelock.Timeout:
+        return True
+    except (OSError, NotImplementedError):
+        return True  # cannot tell (a read-only mount, no flock): leave the file to its age
+    probe.release()
+    return False
+
+
+def find_leftovers(
+    layout: RootLayout, *, locked: bool = False, holds_lease: bool = False
+) -> list[Leftover]:
     """The root's leftovers; ``writer_alive`` is True for a staging dir whose writer still
     holds its lock (never to be removed) and for a lock file held by a writer about to create
     its dir; ``in_use`` marks those holding a file a reader still has open. ``locked``: the
     caller holds the root lock, so every probe and link under construction is a dead
     process's, whatever its age (without it, only those older than
-    :data:`PROBE_GRACE_SECONDS`)."""
+    :data:`PROBE_GRACE_SECONDS`); a lease record under construction only when no other
+    process holds the lease (``holds_lease``: the caller does)."""
     found: list[Leftover] = []
     if layout.staging_root.is_dir():
         for entry in sorted(layout.staging_root.iterdir()):
@@ -250,7 +274,8 @@ def find_leftovers(layout: RootLayout, *, locked: bool = False) -> list[Leftover
         found += [
             Leftover(entry, "stray", in_use=_held_open(entry))
             for entry in sorted(layout.root.iterdir())
-            if entry.name.startswith(_HELD_OPEN_PREFIXES) or _dead_temporary(entry, locked=locked)
+            if entry.name.startswith(_HELD_OPEN_PREFIXES)
+            or _dead_temporary(entry, locked=locked, holds_lease=holds_lease)
         ]
     return found
 

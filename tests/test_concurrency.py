@@ -493,3 +493,17 @@ def test_a_start_removes_the_probes_and_links_a_killed_process_left(root: Path) 
     left = sorted(p.name for p in root.iterdir() if p.name.startswith(".") and p.is_file())
     assert left == [".lastly.tmp", ".lease", ".lease.json", ".lock"]
     assert read_link(root / "last") == step_dir_name(1)
+
+
+def test_gc_leaves_the_lease_record_a_starting_manager_writes(root: Path) -> None:
+    """A starting manager writes the lease record (through a temporary file) holding the
+    lease, not the root lock: ``distckpt gc``'s collection, which holds the root lock, must
+    leave that file alone while a live process holds the lease, and remove it once none does.
+    (Removing it made the manager's start fail with FileNotFoundError under load.)"""
+    with distckpt.CheckpointManager(root, timeout=TIMEOUT):
+        writing = root / f"..lease.json.{'ef' * 16}.tmp"
+        writing.write_text("{}")
+        assert open_store(root).collect_leftovers() == []
+        assert writing.exists()
+    assert open_store(root).collect_leftovers() == [writing]
+    assert not writing.exists()

@@ -420,7 +420,8 @@ class PosixRootStore(LinksAndRetention, ViewedStore):
         under the lock only, so whoever made one is gone). A live writer's staging is never
         touched. Returns what it removed."""
         removed: list[CheckpointLocation] = []
-        for leftover in find_leftovers(self.layout, locked=True):
+        holds_lease = self._lease is not None and self._lease.held
+        for leftover in find_leftovers(self.layout, locked=True, holds_lease=holds_lease):
             path = Path(leftover.path)
             if leftover.writer_alive:
                 logger.info("leaving %s alone: its writer is alive", path)

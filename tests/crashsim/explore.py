@@ -100,11 +100,12 @@ def explore(
     """Trace ``workload`` (set up in ``work`` by :func:`setup` first) with ``library`` on the
     path (default: this checkout), and check up to ``max_states`` of its crash states.
 
-    ``forked``: run the workload and the checker in children forked from this process, which
-    must have torch imported and no other thread at work (a test process, not the script's
-    thread pool), instead of new interpreters: each would spend seconds importing torch. The
-    checker is then this checkout's library whatever ``library`` is; what it checks is the
-    disk, which the library under test wrote."""
+    ``forked``: run the workload and the checker in children forked from this process
+    instead of new interpreters, each of which would spend seconds importing torch (import
+    torch and DCP here first). Only from a process that forks ranks anyway, as a test does,
+    never from a thread pool whose other threads may hold a lock the child needs. The checker
+    is then this checkout's library whatever ``library`` is; what it checks is the disk, which
+    the library under test wrote."""
     started = time.monotonic()
     result = Result(workload, world, fmt)
     here = work / run

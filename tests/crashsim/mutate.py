@@ -4,7 +4,7 @@ whether the explorer notices.
 A removal that matters must be flagged: some workload must show a violation kind it does not
 show with the intact library. A removal that no workload flags is *masked* (another fsync of
 the same directory or file, later in the same operation, makes the same thing durable) or
-guards nothing the model can lose; :func:`masked_reason` says which fsync covers it.
+guards nothing the model can lose; ``docs/faults.md`` says which fsync covers each.
 """
 
 from __future__ import annotations

@@ -49,6 +49,8 @@ def ensure_strace() -> str:
 
 
 def _strace_options(trace_file: Path) -> list[str]:
+    """strace and its options, writing the file-system calls of a process tree to
+    ``trace_file``; the process to trace (a command, or ``-p PID``) goes after them."""
     return [
         ensure_strace(),
         "-f",
