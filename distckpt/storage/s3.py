@@ -44,6 +44,7 @@ from distckpt.errors import (
     CheckpointNotFound,
     ConcurrentCommit,
     CoordinationTimeout,
+    CorruptCheckpoint,
     InvalidArgument,
     LeaseLost,
     ObjectExists,
@@ -78,7 +79,9 @@ LEASE_SECONDS = 30.0
 #: How far a claim's expiry, a wall-clock time written by its writer, is trusted past its
 #: end: the clocks of the writer and of the cleaning process may disagree by this much.
 CLOCK_SKEW_SECONDS = 60.0
-_POINTER_RETRIES = 3  # compare-and-swap of a pointer that another process moved meanwhile
+_POINTER_RETRIES = 3
+#: stands for the attempt a damaged ``COMMIT`` names (unknown); no attempt token is empty
+_UNREADABLE = ""  # compare-and-swap of a pointer that another process moved meanwhile
 
 _open_stores: weakref.WeakSet[S3RootStore] = weakref.WeakSet()
 
@@ -446,7 +449,10 @@ class S3RootStore(ViewedStore):
 
     def _remove_step(self, step: int) -> None:
         """Unpublish ``step`` at once (its ``COMMIT`` goes first), then delete its objects."""
-        record = self.s3.read_commit(step)
+        try:
+            record = self.s3.read_commit(step)
+        except CorruptCheckpoint:  # its save is unknown: gc removes it once unpublished
+            record = None
         self.s3.client.delete([self.s3.commit_name(step)])
         faults.hit("during_delete", COMMITTING_RANK)
         if record is not None:
@@ -501,8 +507,16 @@ class S3RootStore(ViewedStore):
         found: list[tuple[Leftover, list[str]]] = []
         for (step, attempt), names in sorted(attempts.items()):
             if step not in committed:
-                record = self.s3.read_commit(step)
+                try:
+                    record = self.s3.read_commit(step)
+                except CorruptCheckpoint:
+                    # which save it publishes is unknown: leave every save of the step
+                    logger.warning("leaving the saves of %s: its COMMIT is damaged", step)
+                    committed[step] = _UNREADABLE
+                    continue
                 committed[step] = record.attempt if record is not None else None
+            if committed[step] == _UNREADABLE:
+                continue
             if committed[step] != attempt:
                 where = self.s3.attempt_location(step, attempt)
                 # its claim goes with it (a dead writer's)
