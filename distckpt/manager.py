@@ -31,7 +31,7 @@ from distckpt.layout import RootLayout
 from distckpt.lease import LauncherWatch, check_wait
 from distckpt.results import Checkpoint, CheckpointInfo, CheckpointLocation, SaveResult
 from distckpt.snapshot import SnapshotBuffers
-from distckpt.storage import ExtraFile, open_store, open_view
+from distckpt.storage import ExtraFile, open_store
 
 logger = logging.getLogger("distckpt")
 
@@ -49,14 +49,11 @@ class CheckpointManager:
 
     Args:
         root: the checkpoint root; created if missing. Must be one directory shared by all ranks
-            (a shared filesystem on multi-node jobs), or an ``s3://BUCKET/PREFIX`` URL (the
-            bucket must exist; every rank uploads its own files, see
-            ``docs/object-stores.md``).
-        storage_options: for an ``s3://`` root, its client's options in the fsspec/s3fs
-            convention (``endpoint_url``, ``key``, ``secret``, ``region``, ...; see
-            :class:`~distckpt.objstore.ObjectStore`); what is not given comes from the AWS
-            environment variables and config (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``,
-            ``AWS_SECRET_ACCESS_KEY``, ``AWS_REGION``). Needs ``pip install distckpt[s3]``.
+            (a shared filesystem on multi-node jobs), or an ``s3://BUCKET/PREFIX`` URL of an
+            existing bucket (``docs/object-stores.md``; ``pip install distckpt[s3]``).
+        storage_options: an ``s3://`` root's client options, fsspec-style (``endpoint_url``,
+            ``key``, ``secret``, ``region``, ...: :class:`~distckpt.objstore.ObjectStore`);
+            the rest from the ``AWS_*`` environment variables and config.
         keep_last: keep the newest N checkpoints (with the other ``keep_*`` rules, a checkpoint
             stays if any rule keeps it). None with no other ``keep_*`` keeps everything.
         keep_best: keep the best K by ``monitor``; ``monitor``/``mode`` also drive ``root/best``.
@@ -139,11 +136,6 @@ class CheckpointManager:
         self._launcher = LauncherWatch.for_this_process()
         self._signals = SignalFlag(save_on_signal)
         self.storage_options = dict(storage_options or {})
-        self._view = open_view(root, storage_options=self.storage_options)
-        #: the paths of a local root (None for an ``s3://`` root)
-        self.layout: RootLayout | None = self._view.layout
-        #: the root: an absolute path, or the ``s3://`` URL
-        self.root: CheckpointLocation = self._view.root
         self.retention = policy.RetentionPolicy(
             keep_last=keep_last,
             keep_best=keep_best,
@@ -153,6 +145,20 @@ class CheckpointManager:
             keep_every_n_seconds=keep_every_n_seconds,
             keep_unranked=keep_unranked,
         )
+        self._store = open_store(
+            root,
+            retention=self.retention,
+            link=link,
+            fsync=fsync,
+            lock_timeout=self.timeout / 2,
+            read_only=read_only,
+            storage_options=self.storage_options,
+        )
+        self._view = self._store.view  # readers share the store's client
+        #: the paths of a local root (None for an ``s3://`` root)
+        self.layout: RootLayout | None = self._view.layout
+        #: the root: an absolute path, or the ``s3://`` URL
+        self.root: CheckpointLocation = self._view.root
         self.schedule = policy.SaveSchedule(
             every_n_steps=every_n_steps,
             every_n_epochs=every_n_epochs,
@@ -162,15 +168,6 @@ class CheckpointManager:
         )
         self.format = format
         self.fsync = fsync
-        self._store = open_store(
-            self.root,
-            retention=self.retention,
-            link=link,
-            fsync=fsync,
-            lock_timeout=self.timeout / 2,
-            read_only=read_only,
-            storage_options=self.storage_options,
-        )
         self._closed = False
         self._save_count = 0
         self.preempted = False
@@ -292,13 +289,8 @@ class CheckpointManager:
                 LastSave.at(plan.step, plan.epoch),
             )
             self._background.submit(lambda coord: commit(coord=coord))
-            result = SaveResult(
-                plan.step,
-                self._view.checkpoint(plan.step).location,
-                plan.epoch,
-                plan.metrics,
-                done=False,
-            )
+            location = self._view.checkpoint(plan.step).location
+            result = SaveResult(plan.step, location, plan.epoch, plan.metrics, done=False)
             if decision.preempt:
                 result = self.wait() or result  # a preemption save must be durable first
         if decision.preempt:
@@ -427,10 +419,9 @@ class CheckpointManager:
         return self._coord.decide(self._store.prune, what="pruning")
 
     def gc(self) -> list[CheckpointLocation]:
-        """Remove leftovers of dead writers (staging dirs whose writer lock is free, or for an
-        ``s3://`` root uncommitted saves' prefixes whose writer's claim expired) and the trash,
-        under the lock; collective. A live writer's staging is never touched. Returns what was
-        removed. (A new manager does this on start, too.)"""
+        """Remove leftovers of dead writers (staging dirs whose writer lock is free; on an
+        ``s3://`` root, saves whose writer's claim expired) and the trash; collective. A live
+        writer's staging is never touched. Returns what was removed (also done at start)."""
         self._check_open()
         self.wait()
         return self._coord.decide(self._store.collect_leftovers, what="collecting leftovers")
