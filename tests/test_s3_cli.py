@@ -18,7 +18,7 @@ from distckpt.layout import step_dir_name
 from distckpt.objstore import ObjectStore
 from tests.s3_backend import pending_backend
 from tests.s3server import REGION, S3Server
-from tests.test_cli import run
+from tests.test_cli import ls_lines, run
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pending_backend
@@ -62,14 +62,7 @@ def raw_store(url: str, server: S3Server) -> ObjectStore:
 
 
 def test_ls_shows_steps_and_links(root: str) -> None:
-    out = run("ls", root)
-    assert out.returncode == 0, out.stderr
-    lines = out.stdout.splitlines()
-    assert lines[0].split()[:3] == ["STEP", "EPOCH", "METRICS"]
-    row20 = next(line for line in lines if line.startswith("20 "))
-    row30 = next(line for line in lines if line.startswith("30 "))
-    assert "loss=1" in row20 and row20.rstrip().endswith("best")
-    assert row30.rstrip().endswith("last")
+    ls_lines(root)
     data = json.loads(run("ls", root, "--json").stdout)
     assert [c["step"] for c in data["checkpoints"]] == [10, 20, 30]
     assert data["links"] == {"last": step_dir_name(30), "best": step_dir_name(20)}
