@@ -67,7 +67,7 @@ def test_smallest_configuration_end_to_end(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     args = ["--world-sizes", "1", "--mib", "1", "--rounds", "1", "--repeats", "1"]
     args += ["--coord-ranks", "2", "--coord-saves", "1", "--start-method", "fork"]
-    args += ["--small-ranks", "2", "--small-tensors", "50"]
+    args += ["--small-ranks", "2", "--small-tensors", "50", "--s3-ranks", "0"]
     args += ["--dir", str(tmp_path / "work"), "--json", str(out), "--plot", str(plot)]
     proc = subprocess.run(
         [sys.executable, str(BENCH), *args],
