@@ -5,17 +5,12 @@ cannot silently rot."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from tests.s3_backend import pending_backend
-
-REPO = Path(__file__).resolve().parents[1]
-BENCH = REPO / "scripts" / "bench"
+from tests.test_bench import run_bench
 
 
 @pending_backend
@@ -23,18 +18,10 @@ BENCH = REPO / "scripts" / "bench"
 def test_object_store_case_at_its_smallest(tmp_path: Path) -> None:
     pytest.importorskip("moto.server", reason="the object-store case needs moto[server]")
     out = tmp_path / "bench.json"
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
     args = ["--world-sizes", "0", "--coord-ranks", "0", "--small-ranks", "0"]
     args += ["--s3-ranks", "2", "--s3-mib", "1", "--rounds", "2", "--start-method", "fork"]
     args += ["--dir", str(tmp_path / "work"), "--json", str(out)]
-    proc = subprocess.run(
-        [sys.executable, str(BENCH), *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 0, proc.stderr
+    proc = run_bench(args)
     assert "== object store (moto on 127.0.0.1): 2 ranks x 1 MiB" in proc.stdout, proc.stderr
     report = json.loads(out.read_text())
     summary = report["object_store"]

@@ -15,14 +15,13 @@ upload's time, which ``total`` shows.
 from __future__ import annotations
 
 import logging
-import statistics
 from typing import Any
 
 import torch
 
 from bench.contenders import async_marks, make_state
 from bench.render import format_seconds, table
-from bench.summary import paired_ratio, target
+from bench.summary import summarize_side_job, target
 from bench.timing import Ranks
 from distckpt import CheckpointManager
 from distckpt.layout import rank_file_name
@@ -94,17 +93,13 @@ def objstore_job(rank: int, world: int, job: dict[str, Any]) -> dict[str, Any] |
 
 def summarize_objstore(raw: dict[str, Any]) -> dict[str, Any]:
     """Medians, and the paired per-round ratios the targets judge."""
-    times = raw["times"]
-    save = paired_ratio(times["distckpt_sync_torch"], times["raw_upload"])
-    blocking = paired_ratio(times["distckpt_async_torch.blocking"], times["distckpt_sync_torch"])
-    return {
-        "ranks": raw["ranks"],
-        "mib_per_rank": raw["mib_per_rank"],
-        "times": times,
-        "medians": {name: statistics.median(values) for name, values in times.items()},
-        "save_ratio": statistics.median(save),
-        "blocking_ratio": statistics.median(blocking),
-    }
+    return summarize_side_job(
+        raw,
+        {
+            "save_ratio": ("distckpt_sync_torch", "raw_upload"),
+            "blocking_ratio": ("distckpt_async_torch.blocking", "distckpt_sync_torch"),
+        },
+    )
 
 
 def objstore_targets(summary: dict[str, Any] | None) -> list[dict[str, Any]]:
