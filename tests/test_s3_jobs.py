@@ -268,6 +268,35 @@ def test_the_server_killed_mid_save_fails_the_save_on_every_rank(
         server.stop()
 
 
+@pytest.mark.timeout(300)
+def test_an_async_save_returns_without_waiting_for_the_store() -> None:
+    """``save`` of an async manager returns while the store answers nothing at all (its server
+    stopped): its blocking part copies the state and does not wait for the upload, whatever
+    that takes. Once the server goes on, the save commits."""
+    server = S3Server().start()
+    try:
+        url = f"s3://{server.create_bucket()}/ckpt"
+        state = {"w": torch.arange(2**18, dtype=torch.float32)}
+        options = server.storage_options()
+        with distckpt.CheckpointManager(url, storage_options=options, async_save=True) as mgr:
+            mgr.save(1, state)
+            mgr.wait()
+            server.pause()
+            try:
+                began = time.monotonic()
+                result = mgr.save(2, state)
+                blocking = time.monotonic() - began
+            finally:
+                server.resume()
+            # A request to the stopped server would have waited for its read timeout (60 s).
+            assert blocking < 10.0 and result is not None and not result.done, blocking
+            committed = mgr.wait()
+            assert committed is not None and committed.step == 2
+            assert mgr.steps() == [1, 2]
+    finally:
+        server.stop()
+
+
 @pytest.mark.timeout(600)
 def test_two_jobs_on_one_prefix_one_holds_it_the_other_is_refused_or_waits(
     jobs: S3Jobs, s3_server: S3Server, s3_url: str
