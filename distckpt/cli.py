@@ -1,5 +1,10 @@
 """The ``distckpt`` command line: a thin front end over the library's own functions.
 
+Every command takes a local root or path, or an ``s3://BUCKET/PREFIX`` URL (``lease`` only a
+local root); for an ``s3://`` URL the endpoint and credentials come from the environment
+(``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_REGION``) and
+the AWS config files.
+
 ``ls``, ``info``, ``verify`` and ``lease`` only read (``lease --break`` rewrites only the
 lease record, for a holder on another machine that is known to be dead). ``prune`` and ``gc``
 act through the same store a training job's rank 0 uses (its retention rules, its lock, its
@@ -18,18 +23,15 @@ import os
 import sys
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, TextIO
 
 from distckpt import resolve
 from distckpt.errors import CheckpointError, CheckpointNotFound
-from distckpt.fsutil import read_link
 from distckpt.layout import LINK_NAMES, RootLayout
 from distckpt.lease import LeaseHolder, break_lease, read_holder
-from distckpt.lock import find_leftovers
-from distckpt.manifest import read_manifest
 from distckpt.policy import RetentionPolicy, parse_created_utc
-from distckpt.storage import RootStore, open_store
+from distckpt.results import location_name
+from distckpt.storage import Located, RootStore, RootView, open_store, open_view
 from distckpt.verify import verify
 
 EXIT_OK, EXIT_PROBLEMS, EXIT_ERROR = 0, 1, 2
@@ -62,7 +64,7 @@ def _table(rows: list[list[str]], out: TextIO) -> None:
         out.write("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() + "\n")
 
 
-def _leftovers(layout: RootLayout) -> list[dict[str, Any]]:
+def _leftovers(store: RootStore) -> list[dict[str, Any]]:
     return [
         {
             "path": os.fspath(item.path),
@@ -70,9 +72,15 @@ def _leftovers(layout: RootLayout) -> list[dict[str, Any]]:
             "writer_alive": item.writer_alive,
             "in_use": item.in_use,
         }
-        for item in find_leftovers(layout)
-        if item.kind != "lock"
+        for item in store.leftovers()
     ]
+
+
+def _existing_view(root: str) -> RootView:
+    view = open_view(root)
+    if not view.exists():
+        raise CheckpointError(f"no checkpoint root at {view.root}")
+    return view
 
 
 _LIVENESS = {
@@ -93,18 +101,17 @@ def _holder_line(holder: LeaseHolder | None) -> str:
 
 
 def cmd_ls(args: argparse.Namespace, out: TextIO) -> int:
-    layout = RootLayout.at(args.root)
-    if not layout.root.is_dir():
-        raise CheckpointError(f"no checkpoint root at {layout.root}")
-    links = {name: read_link(layout.link_path(name)) for name in LINK_NAMES}
-    infos = resolve.list_checkpoints(layout)
+    view = _existing_view(args.root)
+    store = open_store(view.root, read_only=True)
+    links = {name: view.read_pointer(name) for name in LINK_NAMES}
+    infos = resolve.list_checkpoints(view)
     valid = {info.step for info in infos}
-    damaged = [s for s in layout.committed_steps() if s not in valid]
-    leftovers = _leftovers(layout)
-    holder = read_holder(layout.root)
+    damaged = [s for s in view.committed_steps() if s not in valid]
+    leftovers = _leftovers(store)
+    holder = store.lease_holder()
     if args.json:
         payload = {
-            "root": os.fspath(layout.root),
+            "root": os.fspath(view.root),
             "links": links,
             "checkpoints": [
                 {
@@ -115,7 +122,7 @@ def cmd_ls(args: argparse.Namespace, out: TextIO) -> int:
                     "created_utc": i.created_utc,
                     "format": i.format,
                     "world_size": i.world_size,
-                    "links": [n for n, t in links.items() if t == i.path.name],
+                    "links": [n for n, t in links.items() if t == location_name(i.path)],
                 }
                 for i in infos
             ],
@@ -127,7 +134,7 @@ def cmd_ls(args: argparse.Namespace, out: TextIO) -> int:
         out.write("\n")
         return EXIT_OK
     if not infos and not damaged:
-        out.write(f"no checkpoints in {layout.root}\n")
+        out.write(f"no checkpoints in {view.root}\n")
     else:
         rows = [["STEP", "EPOCH", "METRICS", "SIZE", "AGE", "FORMAT", "RANKS", "LINKS"]]
         for info in infos:
@@ -141,7 +148,7 @@ def cmd_ls(args: argparse.Namespace, out: TextIO) -> int:
                     _age(info.created_utc),
                     info.format,
                     str(info.world_size),
-                    ",".join(n for n, t in links.items() if t == info.path.name),
+                    ",".join(n for n, t in links.items() if t == location_name(info.path)),
                 ]
             )
         for step in damaged:
@@ -177,7 +184,8 @@ def cmd_lease(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def cmd_info(args: argparse.Namespace, out: TextIO) -> int:
-    directory, manifest = resolve.resolve_path(args.path)
+    source, manifest = resolve.resolve_path(args.path)
+    directory = source.location
     if args.json:
         data = json.loads(manifest.to_json())
         data["path"] = os.fspath(directory)
@@ -222,22 +230,21 @@ class _Progress:
             self.stream.write("\n")
 
 
-def _bytes_to_verify(kind: resolve.PathKind, target: Path) -> int:
-    """What verifying ``target`` will read, for the progress bar (0 when unknown)."""
+def _bytes_to_verify(located: Located) -> int:
+    """What verifying ``located`` will read, for the progress bar (0 when unknown)."""
     try:
-        if kind == "root":
-            return sum(info.size_bytes for info in resolve.list_checkpoints(RootLayout(target)))
-        return read_manifest(target).total_bytes if kind == "step_dir" else 0
+        if located.kind == "root":
+            return sum(info.size_bytes for info in resolve.list_checkpoints(located.view))
+        return located.source.read_manifest().total_bytes if located.source is not None else 0
     except (CheckpointError, OSError):
         return 0  # verify reports what is wrong with it
 
 
 def cmd_verify(args: argparse.Namespace, out: TextIO) -> int:
-    kind, target = resolve.classify_path(args.path)
-    total = _bytes_to_verify(kind, target)
+    total = _bytes_to_verify(resolve.classify_path(args.path))
     progress = _Progress(total, sys.stderr)
     try:
-        report = verify(target, checksums=not args.no_checksums, progress=progress)
+        report = verify(args.path, checksums=not args.no_checksums, progress=progress)
     finally:
         progress.finish()
     if not report.checkpoints and not report.problems:
@@ -253,9 +260,7 @@ def cmd_verify(args: argparse.Namespace, out: TextIO) -> int:
 
 def _open_store(root: str, retention: RetentionPolicy | None = None) -> RootStore:
     """The root's store, as a job's rank 0 uses it: no manager and no process group needed."""
-    if not Path(root).is_dir():
-        raise CheckpointError(f"no checkpoint root at {os.path.abspath(root)}")
-    return open_store(root, retention=retention)
+    return open_store(_existing_view(root).root, retention=retention)
 
 
 def cmd_prune(args: argparse.Namespace, out: TextIO) -> int:
@@ -274,7 +279,7 @@ def cmd_prune(args: argparse.Namespace, out: TextIO) -> int:
             "--keep-every-n-seconds"
         )
     removed = _open_store(args.root, retention).prune()
-    kept = RootLayout.at(args.root).committed_steps()
+    kept = open_view(args.root).committed_steps()
     if args.json:
         json.dump({"removed": removed, "kept": kept}, out)
         out.write("\n")
@@ -285,10 +290,11 @@ def cmd_prune(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def cmd_gc(args: argparse.Namespace, out: TextIO) -> int:
-    removed = [os.fspath(p) for p in _open_store(args.root).collect_leftovers()]
+    store = _open_store(args.root)
+    removed = [os.fspath(p) for p in store.collect_leftovers()]
     # What the collection had to leave: files a reader still holds open (retried by the next
     # gc or start), and leftovers of writers that are still alive.
-    kept = [item for item in _leftovers(RootLayout.at(args.root)) if item["path"] not in removed]
+    kept = [item for item in _leftovers(store) if item["path"] not in removed]
     if args.json:
         json.dump({"removed": removed, "left": kept}, out)
         out.write("\n")

@@ -18,6 +18,7 @@ the complete new one, never a partial one.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -39,13 +40,15 @@ def export(
     all_ranks: bool = False,
     allow_pickle: bool = False,
     fsync: bool = True,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write the committed checkpoint at ``path`` to ``out_file`` as one ``torch.save`` file;
     returns the absolute path written.
 
     Args:
         path: a step dir, a checkpoint root (its newest checkpoint), or a ``last`` / ``best``
-            link (symlink or pointer file).
+            link (symlink or pointer file); or the same as an ``s3://`` URL (its files are
+            downloaded into a temporary dir first).
         out_file: the file to write; replaced atomically if it exists. Its directory is created
             if missing.
         rank: for a "torch" checkpoint, the rank whose state to export (default 0). Not
@@ -53,19 +56,22 @@ def export(
         all_ranks: for a "torch" checkpoint, export ``{rank: state}`` of every rank.
         allow_pickle: unpickle arbitrary objects in the checkpoint; only for trusted ones.
         fsync: make the output durable before returning.
+        storage_options: the client options of an ``s3://`` ``path`` (see
+            :class:`~distckpt.CheckpointManager`).
 
     Needs memory for the whole exported state (for "dcp", every tensor at full size). Runs in
     this process alone: never collective, even where torch.distributed is initialised.
     """
-    directory, manifest = resolve_path(path)
+    source, manifest = resolve_path(path, storage_options=storage_options)
     out = Path(os.path.abspath(os.fspath(out_file)))
     if out.is_dir():
         raise InvalidArgument(f"out_file {out} is a directory; give the path of a file")
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int)):
         raise InvalidArgument(f"rank must be an int, not {rank!r}")
-    state = format_named(manifest.format).export(
-        directory, manifest, rank=rank, all_ranks=all_ranks, allow_pickle=allow_pickle
-    )
+    with source.local_copy(manifest.files) as directory:
+        state = format_named(manifest.format).export(
+            directory, manifest, rank=rank, all_ranks=all_ranks, allow_pickle=allow_pickle
+        )
     _atomic_torch_save(state, out, fsync=fsync)
     return out
 

@@ -182,7 +182,8 @@ class Leftover:
     it open (``.fuse_hidden*``, ``.nfs*``): it cannot be removed until that reader closes it,
     so a cleanup leaves it and the next one retries."""
 
-    path: Path
+    #: a path; for an ``s3://`` root, the URL of a save's prefix or of a writer's claim
+    path: Path | str
     kind: Literal["staging", "lock", "trash", "stray"]
     writer_alive: bool = False
     in_use: bool = False

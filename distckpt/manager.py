@@ -16,7 +16,6 @@ import logging
 import os
 import uuid
 from collections.abc import Collection, Mapping
-from pathlib import Path
 from typing import Any, Literal, Union
 
 import torch.distributed as dist
@@ -30,9 +29,9 @@ from distckpt.formats import ReadOptions, format_named
 from distckpt.fsutil import LinkMode
 from distckpt.layout import RootLayout
 from distckpt.lease import LauncherWatch, check_wait
-from distckpt.results import Checkpoint, CheckpointInfo, SaveResult
+from distckpt.results import Checkpoint, CheckpointInfo, CheckpointLocation, SaveResult
 from distckpt.snapshot import SnapshotBuffers
-from distckpt.storage import ExtraFile, open_store
+from distckpt.storage import ExtraFile, open_store, open_view
 
 logger = logging.getLogger("distckpt")
 
@@ -41,7 +40,8 @@ __all__ = ["CheckpointManager", "ExtraFile", "Which"]
 
 
 class CheckpointManager:
-    """Saves and restores the checkpoints of a distributed job under one root directory.
+    """Saves and restores the checkpoints of a distributed job under one root: a directory, or
+    an ``s3://BUCKET/PREFIX`` URL of an S3-compatible object store.
 
     Every rank of the group constructs the manager and calls :meth:`save`, :meth:`restore` and
     :meth:`delete` together (they are collective); rank 0 alone commits. Works with no process
@@ -49,7 +49,14 @@ class CheckpointManager:
 
     Args:
         root: the checkpoint root; created if missing. Must be one directory shared by all ranks
-            (a shared filesystem on multi-node jobs).
+            (a shared filesystem on multi-node jobs), or an ``s3://BUCKET/PREFIX`` URL (the
+            bucket must exist; every rank uploads its own files, see
+            ``docs/object-stores.md``).
+        storage_options: for an ``s3://`` root, its client's options in the fsspec/s3fs
+            convention (``endpoint_url``, ``key``, ``secret``, ``region``, ...; see
+            :class:`~distckpt.objstore.ObjectStore`); what is not given comes from the AWS
+            environment variables and config (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``,
+            ``AWS_SECRET_ACCESS_KEY``, ``AWS_REGION``). Needs ``pip install distckpt[s3]``.
         keep_last: keep the newest N checkpoints (with the other ``keep_*`` rules, a checkpoint
             stays if any rule keeps it). None with no other ``keep_*`` keeps everything.
         keep_best: keep the best K by ``monitor``; ``monitor``/``mode`` also drive ``root/best``.
@@ -74,8 +81,9 @@ class CheckpointManager:
         format: ``"torch"`` (one file per rank, fixed world size) or ``"dcp"`` (sharded,
             reshards on restore).
         link: ``"auto"`` (symlink, or a pointer file where symlinks are refused),
-            ``"symlink"`` or ``"pointer"``.
-        fsync: make every commit durable against power loss (fsync files and dirs).
+            ``"symlink"`` or ``"pointer"``. An ``s3://`` root always has pointer objects.
+        fsync: make every commit durable against power loss (fsync files and dirs). Means
+            nothing for an ``s3://`` root: a completed upload is durable.
         group: the process group whose ranks checkpoint together (default: the world).
         timeout: seconds any collective or the commit lock may take before a hang becomes an
             error on every rank.
@@ -99,6 +107,7 @@ class CheckpointManager:
         self,
         root: str | os.PathLike[str],
         *,
+        storage_options: Mapping[str, Any] | None = None,
         keep_last: int | None = None,
         keep_best: int | None = None,
         monitor: str | None = None,
@@ -129,7 +138,12 @@ class CheckpointManager:
         # Made now, while the launcher that started this process is certainly its parent.
         self._launcher = LauncherWatch.for_this_process()
         self._signals = SignalFlag(save_on_signal)
-        self.layout = RootLayout.at(root)
+        self.storage_options = dict(storage_options or {})
+        self._view = open_view(root, storage_options=self.storage_options)
+        #: the paths of a local root (None for an ``s3://`` root)
+        self.layout: RootLayout | None = self._view.layout
+        #: the root: an absolute path, or the ``s3://`` URL
+        self.root: CheckpointLocation = self._view.root
         self.retention = policy.RetentionPolicy(
             keep_last=keep_last,
             keep_best=keep_best,
@@ -149,12 +163,13 @@ class CheckpointManager:
         self.format = format
         self.fsync = fsync
         self._store = open_store(
-            self.layout.root,
+            self.root,
             retention=self.retention,
             link=link,
             fsync=fsync,
             lock_timeout=self.timeout / 2,
             read_only=read_only,
+            storage_options=self.storage_options,
         )
         self._closed = False
         self._save_count = 0
@@ -278,7 +293,11 @@ class CheckpointManager:
             )
             self._background.submit(lambda coord: commit(coord=coord))
             result = SaveResult(
-                plan.step, self.layout.step_dir(plan.step), plan.epoch, plan.metrics, done=False
+                plan.step,
+                self._view.checkpoint(plan.step).location,
+                plan.epoch,
+                plan.metrics,
+                done=False,
             )
             if decision.preempt:
                 result = self.wait() or result  # a preemption save must be durable first
@@ -353,7 +372,7 @@ class CheckpointManager:
         loaded = reader.restore_on_ranks(
             self._coord,
             which,
-            layout=self.layout,
+            view=self._view,
             monitor=self.retention.monitor,
             mode=self.retention.mode,
             state=state,
@@ -361,6 +380,7 @@ class CheckpointManager:
             strict=strict,
             missing_ok=missing_ok,
             verify=verify,
+            storage_options=self.storage_options,
         )
         if loaded is not None:
             self._decider.last = LastSave.at(loaded.step, loaded.epoch)
@@ -369,23 +389,23 @@ class CheckpointManager:
     # ------------------------------------------------------------------ queries
 
     def steps(self) -> list[int]:
-        """Committed steps, ascending, read fresh from disk (not collective)."""
-        return self.layout.committed_steps()
+        """Committed steps, ascending, read fresh from the root (not collective)."""
+        return self._view.committed_steps()
 
     def latest_step(self) -> int | None:
         """The newest committed step that passes its manifest check: the one
         ``restore("last")`` loads (not collective)."""
-        newest = resolve.newest_valid(self.layout)
+        newest = resolve.newest_valid(self._view)
         return newest[1].step if newest else None
 
     def best_step(self) -> int | None:
         """The best committed step by ``monitor`` (None without one); not collective."""
-        best = resolve.best_valid(self.layout, self.retention.monitor, self.retention.mode)
+        best = resolve.best_valid(self._view, self.retention.monitor, self.retention.mode)
         return best[1].step if best else None
 
     def checkpoints(self) -> list[CheckpointInfo]:
         """Every committed checkpoint, oldest first, from manifests only (not collective)."""
-        return resolve.list_checkpoints(self.layout)
+        return resolve.list_checkpoints(self._view)
 
     # ------------------------------------------------------------------ delete / close
 
@@ -406,10 +426,11 @@ class CheckpointManager:
         self.wait()
         return self._coord.decide(self._store.prune, what="pruning")
 
-    def gc(self) -> list[Path]:
-        """Remove leftovers of dead writers (staging dirs whose writer lock is free) and the
-        trash, under the lock; collective. A live writer's staging is never touched. Returns
-        what was removed. (A new manager does this on start, too.)"""
+    def gc(self) -> list[CheckpointLocation]:
+        """Remove leftovers of dead writers (staging dirs whose writer lock is free, or for an
+        ``s3://`` root uncommitted saves' prefixes whose writer's claim expired) and the trash,
+        under the lock; collective. A live writer's staging is never touched. Returns what was
+        removed. (A new manager does this on start, too.)"""
         self._check_open()
         self.wait()
         return self._coord.decide(self._store.collect_leftovers, what="collecting leftovers")
@@ -443,6 +464,6 @@ class CheckpointManager:
 
     def __repr__(self) -> str:
         return (
-            f"CheckpointManager({os.fspath(self.layout.root)!r}, format={self.format!r}, "
+            f"CheckpointManager({os.fspath(self.root)!r}, format={self.format!r}, "
             f"rank={self.rank}/{self.world_size})"
         )

@@ -32,7 +32,7 @@ import socket
 import time
 import uuid
 from dataclasses import asdict, dataclass
-from typing import NoReturn
+from typing import Callable, NoReturn
 
 from distckpt.errors import (
     CoordinationTimeout,
@@ -105,9 +105,17 @@ class ObjectLease:
         )
         self._valid_until = sent + self.duration
 
-    def acquire(self, timeout: float, *, poll: float = 0.5) -> None:
+    def acquire(
+        self,
+        timeout: float,
+        *,
+        poll: float = 0.5,
+        holder_gone: Callable[[LeaseRecord], bool] | None = None,
+    ) -> None:
         """Take the lease, waiting up to ``timeout`` seconds for the holder to release it or
-        for it to expire (:class:`~distckpt.errors.CoordinationTimeout` otherwise)."""
+        for it to expire (:class:`~distckpt.errors.CoordinationTimeout` otherwise).
+        ``holder_gone`` may tell from a record that its holder is certainly dead (a process
+        of this machine that no longer runs): then the lease is taken over at once."""
         deadline = time.monotonic() + timeout
         seen: tuple[str, float] | None = None  # (ETag, when first seen)
         while True:
@@ -124,7 +132,10 @@ class ObjectLease:
             now = time.monotonic()
             if seen is None or seen[0] != info.etag:
                 seen = (info.etag, now)
-            expired = record is not None and now - seen[1] >= record.duration
+            expired = record is not None and (
+                now - seen[1] >= record.duration
+                or (holder_gone is not None and holder_gone(record))
+            )
             if record is not None and (record.released or expired):
                 try:
                     self._write(if_match=info.etag)

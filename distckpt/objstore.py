@@ -322,6 +322,15 @@ class ObjectStore:
         finally:
             body.close()
 
+    def get_versioned(self, name: str) -> tuple[bytes, str]:
+        """The whole object and the ETag of the version its bytes came from (one request)."""
+        response = self.request("get", name, self.client.get_object, Key=self.url.key(name))
+        body = response["Body"]
+        try:
+            return self.read_body(name, body, -1), str(response["ETag"])
+        finally:
+            body.close()
+
     def open_body(self, name: str, start: int, end: int | None, if_match: str | None) -> Any:
         """The streaming body of a GET of bytes ``[start, end)`` (see :meth:`get_bytes`)."""
         kwargs: dict[str, Any] = {"Key": self.url.key(name)}

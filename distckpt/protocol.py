@@ -37,7 +37,7 @@ from distckpt.layout import MANIFEST_NAME
 from distckpt.lease import LauncherWatch
 from distckpt.manifest import FileRecord, Manifest, check_json_metadata
 from distckpt.metrics import normalize_metrics
-from distckpt.results import SaveResult
+from distckpt.results import CheckpointLocation, SaveResult
 from distckpt.snapshot import SnapshotBuffers
 from distckpt.state import to_plain
 from distckpt.storage import ExtraFile, RootStore, StagingArea
@@ -89,8 +89,9 @@ class SavePlan:
     started: float
     #: the plain (async: snapshotted) state this rank writes
     state: Any
-    #: the staging area every rank writes into
-    location: Path
+    #: the staging area every rank writes into, as the store names it
+    #: (:attr:`~distckpt.storage.StagingArea.location`)
+    location: str
     metrics: dict[str, float]
     #: the free space rank 0 saw in the proposal (None: unknown), quoted if the disk fills
     free_bytes: int | None = None
@@ -144,7 +145,7 @@ def propose(
             step,
             proposal.estimated_bytes,
             proposal.metrics,
-            location=os.fspath(prepared["area"].location),
+            location=prepared["area"].location,
             free_bytes=store.free_bytes(),
         )
 
@@ -172,7 +173,7 @@ def propose(
         overwrite=request.overwrite,
         started=started,
         state=prepared["state"],
-        location=Path(chosen.location),
+        location=chosen.location,
         metrics=chosen.metrics,
         free_bytes=chosen.free_bytes,
         area=prepared.get("area"),
@@ -198,7 +199,7 @@ def check_space_margin(space_margin: float) -> float:
     return float(space_margin)
 
 
-def _verdict(proposals: list[Proposal], root: Path, space_margin: float) -> Proposal:
+def _verdict(proposals: list[Proposal], root: CheckpointLocation, space_margin: float) -> Proposal:
     """Rank 0's proposal, if the gathered ones allow the save; the same on every rank."""
     chosen = proposals[0]  # rank 0's: the only one that looked at the root
     steps = sorted({p.step for p in proposals})
@@ -228,10 +229,14 @@ def write(
     plan: SavePlan, *, coord: Coordinator, store: RootStore, fmt: CheckpointFormat, fsync: bool
 ) -> dict[str, FileRecord]:
     """Step 2, this rank's part: its shard (and on rank 0 the extra files) in the staging area;
-    the records of what it wrote."""
+    the records of what it wrote. The format writes into the local dir the store gives this
+    rank (:meth:`~distckpt.storage.RootStore.open_shard`), then the store publishes it into
+    the staging area."""
     ctx = ShardContext(coord.rank, coord.world_size, fsync, coord.group)
     try:
-        records = dict(fmt.write(plan.state, plan.location, ctx))
+        with store.open_shard(plan.location, coord.rank) as directory:
+            written = fmt.write(plan.state, directory, ctx)
+            records = store.publish_shard(plan.location, directory, written)
         if plan.files and plan.area is not None:
             records.update(store.write_extra_files(plan.area, plan.files))
     except Exception as exc:
@@ -278,7 +283,7 @@ def commit(
         elapsed = time.monotonic() - plan.started
         logger.info(
             "committed %s: %s in %.2f s (%s/s)",
-            result.path.name,
+            result.path,
             mib(manifest.total_bytes),
             elapsed,
             mib(manifest.total_bytes / elapsed if elapsed > 0 else 0),

@@ -17,7 +17,8 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -33,11 +34,12 @@ from distckpt.errors import (
     InvalidArgument,
 )
 from distckpt.formats import PreparedRead, ReadOptions, ShardContext, format_named
-from distckpt.layout import BEST, LAST, RootLayout
+from distckpt.layout import BEST, LAST
 from distckpt.manifest import Manifest
-from distckpt.resolve import VANISH_RETRIES, resolve
-from distckpt.results import Checkpoint
+from distckpt.resolve import VANISH_RETRIES, Found, resolve
+from distckpt.results import Checkpoint, CheckpointLocation
 from distckpt.state import load_into, to_plain
+from distckpt.storage.views import CheckpointSource, RootView
 
 logger = logging.getLogger("distckpt")
 T = TypeVar("T")
@@ -66,20 +68,23 @@ def _agreed(coordinator: Coordinator | None, func: Callable[[], T], what: str) -
 # ---------------------------------------------------------------------------------- one rank
 
 
-def _vanish_checked(directory: Path, func: Callable[[], T]) -> T:
-    """``func()``, with a file missing because its whole dir was deleted meanwhile reported
-    as :class:`CheckpointVanished` (retried by the caller), otherwise as damage."""
+def _vanish_checked(source: CheckpointSource, func: Callable[[], T]) -> T:
+    """``func()``, with a file missing because its whole checkpoint was deleted meanwhile
+    reported as :class:`CheckpointVanished` (retried by the caller), otherwise as damage."""
     try:
         return func()
     except (FileNotFoundError, CorruptCheckpoint) as exc:
-        if not directory.exists():
-            raise CheckpointVanished(f"{directory} was deleted while it was being read") from exc
+        if not source.exists():
+            raise CheckpointVanished(
+                f"{source.location} was deleted while it was being read"
+            ) from exc
         if isinstance(exc, CheckpointError):
             raise
-        raise CorruptCheckpoint(f"{directory}: a file is missing: {exc}") from exc
+        raise CorruptCheckpoint(f"{source.location}: a file is missing: {exc}") from exc
 
 
 def prepare_read(
+    source: CheckpointSource,
     directory: Path,
     manifest: Manifest,
     *,
@@ -90,7 +95,8 @@ def prepare_read(
     strict: bool = True,
     group: dist.ProcessGroup | None = None,
 ) -> PreparedRead:
-    """Check that this rank can read ``directory`` (the format's
+    """Check that this rank can read the checkpoint ``source``, whose files are in the local
+    ``directory`` (from :meth:`~distckpt.storage.views.CheckpointSource.local_copy`; the format's
     :meth:`~distckpt.formats.base.CheckpointFormat.prepare_read`), with ``template`` reduced to
     plain data; with ``strict``, refuse the keys on one side only the format found already.
     ``world_size`` is the number of ranks restoring, or None when a plain process reads one
@@ -105,20 +111,22 @@ def prepare_read(
     fmt = format_named(manifest.format)
     plain = to_plain(template, mark_per_rank=fmt.marks_per_rank) if template is not None else None
     prepared = _vanish_checked(
-        directory, lambda: fmt.prepare_read(directory, manifest, ctx, plain, options)
+        source, lambda: fmt.prepare_read(directory, manifest, ctx, plain, options)
     )
     if strict and prepared.mismatch is not None:
         prepared.mismatch.check_strict()
     return prepared
 
 
-def read_state(prepared: PreparedRead, *, template: Any, strict: bool) -> Checkpoint:
-    """Read one rank's state as prepared (collective when the format's read is), and load it
-    into ``template`` in place; the keys on one side only are what the format found while
-    preparing and what the load found."""
-    directory, manifest = prepared.directory, prepared.manifest
+def read_state(
+    source: CheckpointSource, prepared: PreparedRead, *, template: Any, strict: bool
+) -> Checkpoint:
+    """Read one rank's state of ``source`` as prepared (collective when the format's read
+    is), and load it into ``template`` in place; the keys on one side only are what the format
+    found while preparing and what the load found."""
+    manifest = prepared.manifest
     fmt = format_named(manifest.format)
-    loaded = _vanish_checked(directory, lambda: fmt.read(prepared))
+    loaded = _vanish_checked(source, lambda: fmt.read(prepared))
     report = (
         load_into(
             template, loaded, strict=strict, fix_key_prefixes=prepared.options.fix_key_prefixes
@@ -138,7 +146,7 @@ def read_state(prepared: PreparedRead, *, template: Any, strict: bool) -> Checkp
         epoch=manifest.epoch,
         metrics=dict(manifest.metrics),
         metadata=dict(manifest.metadata),
-        path=directory,
+        path=source.location,
         manifest=manifest,
         missing_keys=tuple(report.missing_keys) if report else (),
         unexpected_keys=tuple(report.unexpected_keys) if report else (),
@@ -152,7 +160,7 @@ def restore_on_ranks(
     coordinator: Coordinator | None,
     which: Any,
     *,
-    layout: RootLayout | None,
+    view: RootView | None,
     monitor: str | None = None,
     mode: policy.Mode = "min",
     state: Any = None,
@@ -161,6 +169,7 @@ def restore_on_ranks(
     missing_ok: bool = False,
     verify: bool = False,
     rank: int | None = None,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> Checkpoint | None:
     """Load the checkpoint ``which`` names on every rank of ``coordinator`` (collective), or
     in this process alone when ``coordinator`` is None (as ``rank``, by default this process's
@@ -170,16 +179,25 @@ def restore_on_ranks(
     ``mode`` rank ``"best"`` when its link cannot be followed), or a path (see
     :func:`distckpt.resolve.resolve`). Returns None on every rank when ``missing_ok`` and
     ``"last"``/``"best"`` names nothing yet. ``verify`` checks every checksum while
-    resolving. Any rank's failure is raised on every rank."""
+    resolving. ``storage_options`` configure the client of an ``s3://`` location. Every rank
+    reads from a local copy of the checkpoint's files (for a local root, the dir itself). Any
+    rank's failure is raised on every rank."""
     options = options if options is not None else ReadOptions()
     if coordinator is not None:
         rank, world_size, group = coordinator.rank, coordinator.world_size, coordinator.group
     else:
         rank, world_size, group = (current_rank() if rank is None else rank), None, None
 
-    def find() -> tuple[Path, Manifest] | None:
+    def find() -> Found | None:
         try:
-            return resolve(which, layout=layout, monitor=monitor, mode=mode, checksums=verify)
+            return resolve(
+                which,
+                view=view,
+                monitor=monitor,
+                mode=mode,
+                checksums=verify,
+                storage_options=storage_options,
+            )
         except CheckpointNotFound:
             if missing_ok and which in (LAST, BEST):
                 return None
@@ -189,45 +207,84 @@ def restore_on_ranks(
         found = _decided(coordinator, find, f"finding checkpoint {which!r}")
         if found is None:
             return None
-        directory, manifest = found
-        prepare = functools.partial(
-            prepare_read,
-            directory,
-            manifest,
-            rank=rank,
-            world_size=world_size,
-            template=state,
-            options=options,
-            strict=strict,
-            group=group,
-        )
+        source, manifest = found
         try:
-            if not format_named(manifest.format).collective_read:
-                # No rank waits inside the read for another: one agreement after both steps.
-                return _agreed(
-                    coordinator,
-                    lambda prepare=prepare: read_state(prepare(), template=state, strict=strict),
-                    f"restoring {directory.name}",
-                )
-            prepared = _agreed(coordinator, prepare, f"preparing to restore {directory.name}")
-            return _agreed(
+            return _read_on_ranks(
                 coordinator,
-                functools.partial(read_state, prepared, template=state, strict=strict),
-                f"restoring {directory.name}",
+                source,
+                manifest,
+                rank=rank,
+                world_size=world_size,
+                group=group,
+                state=state,
+                options=options,
+                strict=strict,
             )
         except CheckpointVanished:
-            if attempt == VANISH_RETRIES or _named_explicitly(which, directory):
+            if attempt == VANISH_RETRIES or _named_explicitly(which, source.location):
                 raise  # nothing else to fall back to
-            logger.warning("%s vanished while being read; resolving %r again", directory, which)
+            logger.warning(
+                "%s vanished while being read; resolving %r again", source.location, which
+            )
     raise AssertionError("unreachable")
 
 
-def _named_explicitly(which: Any, directory: Path) -> bool:
-    """Whether ``which`` names ``directory`` itself (a step, or its path) rather than a name
-    that may resolve to another checkpoint once it is gone."""
+def _read_on_ranks(
+    coordinator: Coordinator | None,
+    source: CheckpointSource,
+    manifest: Manifest,
+    *,
+    rank: int,
+    world_size: int | None,
+    group: dist.ProcessGroup | None,
+    state: Any,
+    options: ReadOptions,
+    strict: bool,
+) -> Checkpoint:
+    """Prepare and read ``source`` on every rank, each from its local copy of the files,
+    agreeing on the outcome of each step."""
+    with ExitStack() as held:
+
+        def prepare() -> PreparedRead:
+            # The local copy is made inside the first agreement, so fetching costs none.
+            directory = _vanish_checked(
+                source, lambda: held.enter_context(source.local_copy(manifest.files))
+            )
+            return prepare_read(
+                source,
+                directory,
+                manifest,
+                rank=rank,
+                world_size=world_size,
+                template=state,
+                options=options,
+                strict=strict,
+                group=group,
+            )
+
+        if not format_named(manifest.format).collective_read:
+            # No rank waits inside the read for another: one agreement after both steps.
+            return _agreed(
+                coordinator,
+                lambda: read_state(source, prepare(), template=state, strict=strict),
+                f"restoring {source.name}",
+            )
+        prepared = _agreed(coordinator, prepare, f"preparing to restore {source.name}")
+        return _agreed(
+            coordinator,
+            functools.partial(read_state, source, prepared, template=state, strict=strict),
+            f"restoring {source.name}",
+        )
+
+
+def _named_explicitly(which: Any, location: CheckpointLocation) -> bool:
+    """Whether ``which`` names the checkpoint at ``location`` itself (a step, or its location)
+    rather than a name that may resolve to another checkpoint once it is gone."""
     if isinstance(which, int):
         return True
-    return isinstance(which, (str, os.PathLike)) and Path(os.path.abspath(which)) == directory
+    if isinstance(location, str):
+        return isinstance(which, str) and which.rstrip("/") == location
+    return isinstance(which, (str, os.PathLike)) and Path(os.path.abspath(which)) == location
 
 
 def load_checkpoint(
@@ -241,16 +298,19 @@ def load_checkpoint(
     mmap: bool = False,
     verify: bool = False,
     fix_key_prefixes: bool = True,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> Checkpoint:
     """Load one rank's part of a committed checkpoint in any process, by itself: no process
     group is needed, and none is used even where one exists (so a "dcp" checkpoint is read
     through DCP's single-process path).
 
     ``path`` is a step dir, a root (its newest checkpoint), or a ``last`` / ``best`` link
-    (symlink or pointer file), whatever the working directory. ``rank`` defaults to this
-    process's rank when torch.distributed is initialised, else 0. ``state=`` loads in place as
-    in :meth:`CheckpointManager.restore`; ``verify=True`` checks every file's checksum first;
-    ``fix_key_prefixes`` as in :meth:`CheckpointManager.restore`.
+    (symlink or pointer file), whatever the working directory; or the same as an ``s3://``
+    URL (``s3://BUCKET/PREFIX``, ``.../last``, ``.../best``, ``.../step-00000010``), with
+    ``storage_options`` for its client (else the AWS environment variables apply). ``rank``
+    defaults to this process's rank when torch.distributed is initialised, else 0. ``state=``
+    loads in place as in :meth:`CheckpointManager.restore`; ``verify=True`` checks every file's
+    checksum first; ``fix_key_prefixes`` as in :meth:`CheckpointManager.restore`.
     """
     if not isinstance(path, (str, os.PathLike)):
         raise InvalidArgument(f"path must be a path, not {path!r}")
@@ -263,12 +323,13 @@ def load_checkpoint(
     loaded = restore_on_ranks(
         None,
         path,
-        layout=None,
+        view=None,
         state=state,
         options=options,
         strict=strict,
         verify=verify,
         rank=rank,
+        storage_options=storage_options,
     )
     assert loaded is not None  # only missing_ok returns None
     return loaded

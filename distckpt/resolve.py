@@ -1,21 +1,23 @@
-"""Which checkpoint a name means: ``"last"``, ``"best"``, a step or a path, resolved to a
-committed dir and its checked manifest, with no process group and no tensor read.
+"""Which checkpoint a name means: ``"last"``, ``"best"``, a step or a location, resolved to a
+committed checkpoint (a :class:`~distckpt.storage.views.CheckpointSource`) and its checked
+manifest, with no process group and no tensor read, over any backend's
+:class:`~distckpt.storage.views.RootView`.
 
-The committed ``step-*`` dirs are the truth and the ``last`` / ``best`` links are derived from
-them: a link is followed only when it names a committed dir inside the root that passes the
-manifest check. ``"last"`` always means the newest committed checkpoint that passes, whatever
-the link says (a crash between the rename and the link swap leaves the link one step behind);
-a link that is broken, leaves the root or names a damaged dir is skipped with a warning naming
-it and why, and the next commit or manager start repairs it.
+The committed steps are the truth and the ``last`` / ``best`` pointers (links, pointer files or
+pointer objects) are derived from them: a pointer is followed only when it names a committed
+checkpoint inside the root that passes the manifest check. ``"last"`` always means the newest
+committed checkpoint that passes, whatever the pointer says (a crash between the commit and
+the pointer's move leaves it one step behind); a pointer that is broken, leaves the root or
+names a damaged checkpoint is skipped with a warning naming it and why, and the next commit or
+manager start repairs it.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Iterable, Iterator
-from pathlib import Path
-from typing import Any, Literal
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
 
 from distckpt import policy
 from distckpt.errors import (
@@ -26,66 +28,70 @@ from distckpt.errors import (
     UnsupportedVersion,
 )
 from distckpt.formats import format_named
-from distckpt.fsutil import read_link
-from distckpt.layout import BEST, LAST, LINK_NAMES, MANIFEST_NAME, RootLayout, parse_step_dir_name
-from distckpt.manifest import Manifest, find_problems, read_manifest
+from distckpt.layout import BEST, LAST, LINK_NAMES, MANIFEST_NAME, parse_step_dir_name
+from distckpt.manifest import Manifest
 from distckpt.results import CheckpointInfo
+from distckpt.storage import locate
+from distckpt.storage.views import CheckpointSource, Located, PathKind, RootView
 
 logger = logging.getLogger("distckpt")
 
 #: How often a read of "last"/"best"/a root resolves again after its checkpoint was deleted by
 #: another process's retention mid-read. Readers retry rather than take a shared lock, so a
-#: reader never delays a writer's rotation and needs no lock support from the filesystem; a
-#: deleted dir is renamed into the trash first, so a reader sees a whole dir or none.
+#: reader never delays a writer's rotation and needs no lock support from the store; a
+#: deleted checkpoint is unpublished first, so a reader sees a whole checkpoint or none.
 VANISH_RETRIES = 5
 
-#: What a path given by a user stands for (see :func:`classify_path`).
-PathKind = Literal["link", "step_dir", "root"]
+__all__ = ["PathKind", "VANISH_RETRIES"]
+
+#: A committed checkpoint and its checked manifest.
+Found = tuple[CheckpointSource, Manifest]
 
 
-# ---------------------------------------------------------------------------------- one dir
+# ---------------------------------------------------------------------------------- one checkpoint
 
 
-def inspect_dir(
-    directory: Path,
-    expected_step: int | None,
+def inspect(
+    source: CheckpointSource,
     *,
     checksums: bool = False,
     progress: Callable[[int], None] | None = None,
 ) -> tuple[Manifest, list[str]]:
-    """The manifest of a committed dir and everything wrong with the dir against it (empty
-    when it passes): its step, every listed file present with its size (and, with
-    ``checksums=True``, its checksum), the format's required files listed. Raises
+    """The manifest of a committed checkpoint and everything wrong with it against that
+    manifest (empty when it passes): its step, every listed file present with its size (and,
+    with ``checksums=True``, its checksum), the format's required files listed. Raises
     :class:`UnsafeCheckpoint` for a dir that is a symlink, and the manifest's own errors
     (:class:`CorruptCheckpoint`, :class:`UnsupportedVersion`) when it cannot be read."""
-    if directory.is_symlink():
-        raise UnsafeCheckpoint(f"{directory}: is a symlink; a committed checkpoint is a real dir")
-    manifest = read_manifest(directory)
-    problems = find_problems(
-        directory, manifest, expected_step=expected_step, checksums=checksums, progress=progress
-    )
-    problems += _format_problems(directory, manifest)
+    unsafe = source.unsafe()
+    if unsafe is not None:
+        raise UnsafeCheckpoint(unsafe)
+    manifest = source.read_manifest()
+    problems = source.file_problems(manifest, checksums=checksums, progress=progress)
+    problems += _format_problems(source, manifest)
     return manifest, problems
 
 
-def check_dir(directory: Path, expected_step: int | None, *, checksums: bool = False) -> Manifest:
-    """The manifest of a committed dir that passes :func:`inspect_dir`; raises
+def check(source: CheckpointSource, *, checksums: bool = False) -> Manifest:
+    """The manifest of a committed checkpoint that passes :func:`inspect`; raises
     :class:`CorruptCheckpoint` naming every problem otherwise."""
-    manifest, problems = inspect_dir(directory, expected_step, checksums=checksums)
+    manifest, problems = inspect(source, checksums=checksums)
     if problems:
-        raise CorruptCheckpoint(f"{directory} fails its manifest check: " + "; ".join(problems))
+        raise CorruptCheckpoint(
+            f"{source.location} fails its manifest check: " + "; ".join(problems)
+        )
     return manifest
 
 
-def _format_problems(directory: Path, manifest: Manifest) -> list[str]:
+def _format_problems(source: CheckpointSource, manifest: Manifest) -> list[str]:
     """The manifest's format is unknown, or a file it requires (each rank's file, DCP's
     ``.metadata``) is not listed: an unlisted file is unchecked and must not be loaded."""
     try:
         fmt = format_named(manifest.format)
     except InvalidArgument:
-        return [f"{directory / MANIFEST_NAME}: unknown checkpoint format {manifest.format!r}"]
+        return [f"{source.describe(MANIFEST_NAME)}: unknown checkpoint format {manifest.format!r}"]
     return [
-        f"{directory / name}: required by the {manifest.format!r} format but not in the manifest"
+        f"{source.describe(name)}: required by the {manifest.format!r} format but not in the "
+        "manifest"
         for name in fmt.required_files(manifest)
         if name not in manifest.files
     ]
@@ -100,193 +106,190 @@ def record_of(manifest: Manifest) -> policy.CheckpointRecord:
 
 
 def iter_valid(
-    layout: RootLayout,
+    view: RootView,
     *,
     newest_first: bool = True,
     checksums: bool = False,
     steps: Iterable[int] | None = None,
-) -> Iterator[tuple[Path, Manifest]]:
-    """Committed dirs that pass :func:`check_dir`, with their manifests; damaged ones are
+) -> Iterator[Found]:
+    """Committed checkpoints that pass :func:`check`, with their manifests; damaged ones are
     skipped with a warning, ones deleted meanwhile (by retention) silently. ``steps`` replaces
     the listing of the root."""
-    listed = sorted(set(layout.committed_steps() if steps is None else steps))
+    listed = sorted(set(view.committed_steps() if steps is None else steps))
     for step in reversed(listed) if newest_first else listed:
-        directory = layout.step_dir(step)
-        if not directory.exists():
-            directory = _dir_for_step(layout, step)
+        source = view.checkpoint(step)
         try:
-            yield directory, check_dir(directory, step, checksums=checksums)
+            yield source, check(source, checksums=checksums)
         except (CorruptCheckpoint, UnsafeCheckpoint, FileNotFoundError) as exc:
-            if not directory.exists():
-                logger.debug("%s was deleted while being listed", directory)
+            if not source.exists():
+                logger.debug("%s was deleted while being listed", source.location)
                 continue
-            logger.warning("skipping damaged checkpoint %s: %s", directory, exc)
+            logger.warning("skipping damaged checkpoint %s: %s", source.location, exc)
 
 
-def newest_valid(layout: RootLayout, *, checksums: bool = False) -> tuple[Path, Manifest] | None:
+def newest_valid(view: RootView, *, checksums: bool = False) -> Found | None:
     """The newest committed checkpoint that passes its check.
 
-    Another process's retention may delete dirs while they are listed and checked. So the
-    target of ``last`` is a candidate too (it is swapped right after each commit, before
+    Another process's retention may delete checkpoints while they are listed and checked. So
+    the target of ``last`` is a candidate too (it is moved right after each commit, before
     retention deletes the one before, so it is the freshest name), and when no candidate
-    survives but committed dirs exist, the root is listed again."""
+    survives but committed steps exist, the root is listed again."""
     for _ in range(VANISH_RETRIES + 1):
-        steps = layout.committed_steps()
-        linked = read_link(layout.link_path(LAST))
+        steps = view.committed_steps()
+        linked = view.read_pointer(LAST)
         linked_step = parse_step_dir_name(linked) if linked else None
         if linked_step is not None:
             steps.append(linked_step)  # iter_valid orders them and drops duplicates
-        found = next(iter_valid(layout, checksums=checksums, steps=steps), None)
-        if found is not None or not layout.committed_steps():
+        found = next(iter_valid(view, checksums=checksums, steps=steps), None)
+        if found is not None or not view.committed_steps():
             return found
     return None
 
 
 def best_valid(
-    layout: RootLayout, monitor: str | None, mode: policy.Mode, *, checksums: bool = False
-) -> tuple[Path, Manifest] | None:
+    view: RootView, monitor: str | None, mode: policy.Mode, *, checksums: bool = False
+) -> Found | None:
     """The best committed checkpoint by ``monitor`` among those that pass their check (None
     without a monitor or a ranked checkpoint), rebuilt from the manifests."""
     if monitor is None:
         return None
-    valid = {m.step: (path, m) for path, m in iter_valid(layout, checksums=checksums)}
+    valid = {m.step: (source, m) for source, m in iter_valid(view, checksums=checksums)}
     best = policy.best_step([record_of(m) for _, m in valid.values()], monitor, mode)
     return valid[best] if best is not None else None
 
 
-def list_checkpoints(layout: RootLayout) -> list[CheckpointInfo]:
+def list_checkpoints(view: RootView) -> list[CheckpointInfo]:
     """Every committed checkpoint that passes its manifest check, oldest first."""
     return [
-        CheckpointInfo.from_manifest(path, manifest)
-        for path, manifest in iter_valid(layout, newest_first=False)
+        CheckpointInfo.from_manifest(source.location, manifest)
+        for source, manifest in iter_valid(view, newest_first=False)
     ]
 
 
-def _dir_for_step(layout: RootLayout, step: int) -> Path:
-    """The committed dir of ``step`` whatever its zero padding (any width parses)."""
-    for entry in os.scandir(layout.root):
-        if parse_step_dir_name(entry.name) == step and entry.is_dir(follow_symlinks=False):
-            return Path(entry.path)
-    return layout.step_dir(step)
-
-
-def committed_dir(layout: RootLayout, step: int) -> Path:
-    """The committed dir of ``step`` (unchecked), or :class:`CheckpointNotFound` listing the
-    committed steps."""
-    directory = _dir_for_step(layout, step)
-    if not directory.is_dir() or directory.is_symlink():
-        steps = layout.committed_steps()
+def committed_dir(view: RootView, step: int) -> CheckpointSource:
+    """The committed checkpoint of ``step`` (unchecked), or :class:`CheckpointNotFound`
+    listing the committed steps."""
+    source = view.checkpoint(step)
+    if source.unsafe() is not None or not source.exists():
+        steps = view.committed_steps()
         listing = ", ".join(map(str, steps)) if steps else "none"
         raise CheckpointNotFound(
-            f"no checkpoint for step {step} in {layout.root}; committed steps: {listing}"
+            f"no checkpoint for step {step} in {view.root}; committed steps: {listing}"
         )
-    return directory
+    return source
 
 
 # ---------------------------------------------------------------------------------- links
 
 
-def link_present(link: Path) -> bool:
-    """Whether a link (symlink, dangling or not, or pointer file) is there at all."""
-    return link.is_symlink() or link.exists()
-
-
 def link_problem(
-    layout: RootLayout, name: str, *, checksums: bool = False
-) -> tuple[Path | None, str | None]:
-    """Where the link ``name`` points (a committed dir inside root that passes its check), or
-    why it cannot be followed."""
-    link = layout.link_path(name)
-    target = read_link(link)
+    view: RootView, name: str, *, checksums: bool = False
+) -> tuple[CheckpointSource | None, str | None]:
+    """Where the pointer ``name`` points (a committed checkpoint inside the root that passes
+    its check), or why it cannot be followed."""
+    link = view.pointer_location(name)
+    target = view.read_pointer(name)
     if target is None:
-        if link_present(link):
+        if view.pointer_present(name):
             return None, f"{link} is neither a symlink nor a pointer file"
         return None, f"{link} does not exist"
-    if os.path.isabs(target) or os.sep in target or (os.altsep and os.altsep in target):
+    if (
+        os.path.isabs(target)
+        or "/" in target
+        or os.sep in target
+        or (os.altsep and os.altsep in target)
+    ):
         return None, f"{link} points outside the root ({target!r})"
     step = parse_step_dir_name(target)
     if step is None:
         return None, f"{link} does not name a step dir ({target!r})"
-    directory = layout.root / target
-    if not directory.is_dir():
+    source = view.checkpoint(step)
+    if source.name != target or not source.exists():
         return None, f"{link} is broken: {target} does not exist"
     try:
-        check_dir(directory, step, checksums=checksums)
+        check(source, checksums=checksums)
     except (CorruptCheckpoint, UnsafeCheckpoint) as exc:
         return None, f"{link} names a damaged checkpoint: {exc}"
     except UnsupportedVersion as exc:
         return None, f"{link} names a checkpoint this distckpt cannot read: {exc}"
-    return directory, None
+    return source, None
 
 
 # ---------------------------------------------------------------------------------- names
 
 
-def resolve_last(layout: RootLayout, *, checksums: bool = False) -> tuple[Path, Manifest]:
-    """The newest committed checkpoint that passes, warning about a ``last`` link that says
+def resolve_last(view: RootView, *, checksums: bool = False) -> Found:
+    """The newest committed checkpoint that passes, warning about a ``last`` pointer that says
     otherwise."""
-    newest = newest_valid(layout, checksums=checksums)
+    newest = newest_valid(view, checksums=checksums)
     if newest is None:
-        raise CheckpointNotFound(f"no committed checkpoint in {layout.root}")
-    linked, problem = link_problem(layout, LAST, checksums=checksums)
+        raise CheckpointNotFound(f"no committed checkpoint in {view.root}")
+    linked, problem = link_problem(view, LAST, checksums=checksums)
     if linked is not None and linked.name != newest[0].name:
         logger.warning(
             "%s names %s but the newest committed checkpoint is %s; using %s "
             "(the link is repaired at the next commit or manager start)",
-            layout.link_path(LAST),
+            view.pointer_location(LAST),
             linked.name,
             newest[0].name,
             newest[0].name,
         )
-    elif linked is None and problem and link_present(layout.link_path(LAST)):
+    elif linked is None and problem and view.pointer_present(LAST):
         logger.warning("not following %s; using %s", problem, newest[0].name)
     return newest
 
 
 def resolve_best(
-    layout: RootLayout, *, monitor: str | None, mode: policy.Mode = "min", checksums: bool = False
-) -> tuple[Path, Manifest]:
-    """What the ``best`` link names, or, when it cannot be followed, the best checkpoint by
+    view: RootView, *, monitor: str | None, mode: policy.Mode = "min", checksums: bool = False
+) -> Found:
+    """What the ``best`` pointer names, or, when it cannot be followed, the best checkpoint by
     ``monitor`` rebuilt from the manifests."""
-    linked, problem = link_problem(layout, BEST, checksums=checksums)
+    linked, problem = link_problem(view, BEST, checksums=checksums)
     if linked is not None:
-        return linked, read_manifest(linked)
-    best = best_valid(layout, monitor, mode, checksums=checksums)
+        return linked, linked.read_manifest()
+    best = best_valid(view, monitor, mode, checksums=checksums)
     if best is not None:
-        if link_present(layout.link_path(BEST)):
+        if view.pointer_present(BEST):
             logger.warning("not following %s; using %s", problem, best[0].name)
         return best
     raise CheckpointNotFound(
-        f"no best checkpoint in {layout.root}: {problem}"
+        f"no best checkpoint in {view.root}: {problem}"
         + ("" if monitor else " (a best checkpoint needs monitor=... when saving)")
     )
 
 
-def resolve_step(
-    layout: RootLayout, step: int, *, checksums: bool = False
-) -> tuple[Path, Manifest]:
-    """The committed dir of ``step`` and its checked manifest."""
-    directory = committed_dir(layout, step)
-    return directory, check_dir(directory, step, checksums=checksums)
+def resolve_step(view: RootView, step: int, *, checksums: bool = False) -> Found:
+    """The committed checkpoint of ``step`` and its checked manifest."""
+    source = committed_dir(view, step)
+    return source, check(source, checksums=checksums)
 
 
-def classify_path(path: str | os.PathLike[str]) -> tuple[PathKind, Path]:
-    """What a user's path stands for, as an absolute path: a ``last`` / ``best`` link inside
-    a root (symlink or pointer file; one that is missing still names its root's newest or best
-    checkpoint), a step dir (it has a manifest, or a step dir's name), or a root (any other
-    dir). Raises :class:`CheckpointNotFound` for anything else, and for a step dir that is
-    not there."""
-    target = Path(os.path.abspath(os.fspath(path)))
-    is_link = target.is_symlink() or target.is_file() or not target.exists()
-    if target.name in LINK_NAMES and is_link:
-        if target.parent.is_dir():
-            return "link", target
-    elif (target / MANIFEST_NAME).exists() or parse_step_dir_name(target.name) is not None:
-        if target.exists():
-            return "step_dir", target
-    elif target.is_dir():
-        return "root", target
-    raise CheckpointNotFound(f"no checkpoint or checkpoint root at {target}")
+def classify_path(
+    path: str | os.PathLike[str], *, storage_options: Mapping[str, Any] | None = None
+) -> Located:
+    """What a user's location stands for: a ``last`` / ``best`` pointer inside a root (one
+    that is missing still names its root's newest or best checkpoint), one checkpoint, or a
+    root (see :func:`distckpt.storage.locate`). Raises :class:`CheckpointNotFound` when it
+    names nothing."""
+    return locate(path, storage_options=storage_options)
+
+
+def resolve_located(
+    located: Located,
+    *,
+    monitor: str | None = None,
+    mode: policy.Mode = "min",
+    checksums: bool = False,
+) -> Found:
+    """The checkpoint a located path names: a pointer's target, a checkpoint itself, a root's
+    newest checkpoint."""
+    if located.kind == "link":
+        if located.pointer == LAST:
+            return resolve_last(located.view, checksums=checksums)
+        return resolve_best(located.view, monitor=monitor, mode=mode, checksums=checksums)
+    if located.source is not None:
+        return located.source, check(located.source, checksums=checksums)
+    return resolve_last(located.view, checksums=checksums)
 
 
 def resolve_path(
@@ -295,39 +298,36 @@ def resolve_path(
     monitor: str | None = None,
     mode: policy.Mode = "min",
     checksums: bool = False,
-) -> tuple[Path, Manifest]:
-    """The checkpoint a path names (see :func:`classify_path`): a link's target, a step dir
-    itself, a root's newest checkpoint."""
-    kind, target = classify_path(path)
-    if kind == "link":
-        parent = RootLayout(target.parent)
-        if target.name == LAST:
-            return resolve_last(parent, checksums=checksums)
-        return resolve_best(parent, monitor=monitor, mode=mode, checksums=checksums)
-    if kind == "step_dir":
-        return target, check_dir(target, parse_step_dir_name(target.name), checksums=checksums)
-    return resolve_last(RootLayout(target), checksums=checksums)
+    storage_options: Mapping[str, Any] | None = None,
+) -> Found:
+    """The checkpoint a location names (see :func:`classify_path`): a pointer's target, a
+    checkpoint itself, a root's newest checkpoint."""
+    located = classify_path(path, storage_options=storage_options)
+    return resolve_located(located, monitor=monitor, mode=mode, checksums=checksums)
 
 
 def resolve(
     which: Any,
     *,
-    layout: RootLayout | None,
+    view: RootView | None,
     monitor: str | None = None,
     mode: policy.Mode = "min",
     checksums: bool = False,
-) -> tuple[Path, Manifest]:
-    """The checkpoint dir and manifest that ``which`` names: ``"last"``, ``"best"`` or a step
-    (within ``layout``'s root), or a path — of a step dir, of a root (its newest checkpoint),
-    or of a ``last`` / ``best`` link inside a root."""
+    storage_options: Mapping[str, Any] | None = None,
+) -> Found:
+    """The checkpoint and manifest that ``which`` names: ``"last"``, ``"best"`` or a step
+    (within ``view``'s root), or a location — of a checkpoint, of a root (its newest
+    checkpoint), or of a ``last`` / ``best`` pointer inside a root."""
     if isinstance(which, int) and not isinstance(which, bool):
-        if layout is None:
+        if view is None:
             raise InvalidArgument("a step number needs a checkpoint root")
-        return resolve_step(layout, which, checksums=checksums)
+        return resolve_step(view, which, checksums=checksums)
     if not isinstance(which, (str, os.PathLike)):
         raise InvalidArgument(f"which must be 'last', 'best', a step or a path, not {which!r}")
-    if which in LINK_NAMES and layout is not None and isinstance(which, str):
+    if which in LINK_NAMES and view is not None and isinstance(which, str):
         if which == LAST:
-            return resolve_last(layout, checksums=checksums)
-        return resolve_best(layout, monitor=monitor, mode=mode, checksums=checksums)
-    return resolve_path(which, monitor=monitor, mode=mode, checksums=checksums)
+            return resolve_last(view, checksums=checksums)
+        return resolve_best(view, monitor=monitor, mode=mode, checksums=checksums)
+    return resolve_path(
+        which, monitor=monitor, mode=mode, checksums=checksums, storage_options=storage_options
+    )

@@ -1,33 +1,33 @@
 """``verify``: is this checkpoint intact? A precise answer, per checkpoint and per file.
 
-Checks, for each checkpoint dir: that it is a real dir (not a symlink), that ``manifest.json``
-exists, is valid JSON in a format version this library reads and names the dir's step; that
-every listed file is present, a regular file, of the listed size and checksum; that the format's
-required files (each rank's file, DCP's ``.metadata``) are listed; and that no unlisted file
-lies in the dir. For a root it also checks that ``last`` / ``best`` name committed dirs inside
-the root. Nothing is unpickled and no tensor is loaded.
+Checks, for each checkpoint (a dir, or the objects of an ``s3://`` checkpoint): that a dir is
+a real dir (not a symlink), that ``manifest.json`` exists, is valid JSON in a format version
+this library reads and names the checkpoint's step; that every listed file is present, a
+regular file, of the listed size and checksum; that the format's required files (each rank's
+file, DCP's ``.metadata``) are listed; and that no unlisted file lies in the checkpoint. For a
+root it also checks that ``last`` / ``best`` name committed checkpoints inside the root.
+Nothing is unpickled and no tensor is loaded.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from distckpt.errors import CheckpointError, CheckpointNotFound
-from distckpt.fsutil import read_link
-from distckpt.layout import LINK_NAMES, MANIFEST_NAME, RootLayout, parse_step_dir_name
-from distckpt.manifest import Manifest
-from distckpt.resolve import classify_path, inspect_dir, link_present, link_problem
+from distckpt.layout import LINK_NAMES
+from distckpt.resolve import classify_path, inspect, link_problem
+from distckpt.results import CheckpointLocation, location_name
+from distckpt.storage.views import CheckpointSource
 
 
 @dataclass(frozen=True)
 class CheckpointReport:
-    """The verdict on one checkpoint dir: ``problems`` is empty when it is intact."""
+    """The verdict on one checkpoint: ``problems`` is empty when it is intact."""
 
-    path: Path
+    path: CheckpointLocation
     step: int | None
     problems: tuple[str, ...] = ()
     size_bytes: int = 0
@@ -41,7 +41,7 @@ class CheckpointReport:
 class VerifyReport:
     """The verdict on a root (every checkpoint in it, and its links) or on one checkpoint."""
 
-    path: Path
+    path: CheckpointLocation
     checkpoints: tuple[CheckpointReport, ...] = ()
     #: problems outside any one checkpoint: links that cannot be followed
     problems: tuple[str, ...] = field(default_factory=tuple)
@@ -71,7 +71,7 @@ class VerifyReport:
     def __str__(self) -> str:
         lines = []
         for report in self.checkpoints:
-            lines.append(f"{'ok    ' if report.ok else 'BROKEN'} {report.path.name}")
+            lines.append(f"{'ok    ' if report.ok else 'BROKEN'} {location_name(report.path)}")
             lines.extend(f"         {problem}" for problem in report.problems)
         lines.extend(f"BROKEN {problem}" for problem in self.problems)
         if not self.checkpoints and not self.problems:
@@ -80,30 +80,20 @@ class VerifyReport:
 
 
 def verify_checkpoint(
-    directory: Path,
+    source: CheckpointSource,
     *,
     checksums: bool = True,
     progress: Callable[[int], None] | None = None,
 ) -> CheckpointReport:
-    """Check one checkpoint dir against its manifest (see the module doc): the problems a
-    restore refuses it for (:func:`distckpt.resolve.inspect_dir`), and unlisted files."""
-    step = parse_step_dir_name(directory.name)
+    """Check one checkpoint against its manifest (see the module doc): the problems a restore
+    refuses it for (:func:`distckpt.resolve.inspect`), and unlisted files."""
+    step = source.expected_step
     try:
-        manifest, problems = inspect_dir(directory, step, checksums=checksums, progress=progress)
+        manifest, problems = inspect(source, checksums=checksums, progress=progress)
     except CheckpointError as exc:
-        return CheckpointReport(directory, step, (str(exc),))
-    problems += _unlisted_problems(directory, manifest)
-    return CheckpointReport(directory, manifest.step, tuple(problems), manifest.total_bytes)
-
-
-def _unlisted_problems(directory: Path, manifest: Manifest) -> list[str]:
-    problems = []
-    for parent, dirs, files in os.walk(directory):
-        for name in files + [d for d in dirs if Path(parent, d).is_symlink()]:
-            relative = Path(parent, name).relative_to(directory).as_posix()
-            if relative != MANIFEST_NAME and relative not in manifest.files:
-                problems.append(f"{directory / relative}: unexpected file, not in the manifest")
-    return problems
+        return CheckpointReport(source.location, step, (str(exc),))
+    problems += source.unlisted_files(manifest)
+    return CheckpointReport(source.location, manifest.step, tuple(problems), manifest.total_bytes)
 
 
 def verify(
@@ -111,36 +101,38 @@ def verify(
     *,
     checksums: bool = True,
     progress: Callable[[int], None] | None = None,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> VerifyReport:
-    """Verify a checkpoint dir, a ``last``/``best`` link, or a whole root.
+    """Verify a checkpoint dir, a ``last``/``best`` link, or a whole root; or the same as an
+    ``s3://`` URL, with ``storage_options`` for its client.
 
     ``checksums=False`` checks only sizes (fast: no file is read). ``progress`` is called with
     the number of bytes read at each step (for a progress bar). Raises
     :class:`CheckpointNotFound` if ``path`` is none of these."""
-    kind, target = classify_path(path)
-    if kind == "link":
-        if not link_present(target):
-            raise CheckpointNotFound(f"no checkpoint or checkpoint root at {target}")
-        linked, problem = link_problem(RootLayout(target.parent), target.name)
+    located = classify_path(path, storage_options=storage_options)
+    view, where = located.view, os.fspath(path)
+    if located.kind == "link":
+        assert located.pointer is not None
+        if not view.pointer_present(located.pointer):
+            raise CheckpointNotFound(f"no checkpoint or checkpoint root at {where}")
+        linked, problem = link_problem(view, located.pointer)
         if linked is None:
-            return VerifyReport(target, problems=(str(problem),))
-        kind, target = "step_dir", linked
-    if kind == "step_dir":
-        report = verify_checkpoint(target, checksums=checksums, progress=progress)
-        return VerifyReport(target, (report,))
-    layout = RootLayout(target)
+            return VerifyReport(view.pointer_location(located.pointer), problems=(str(problem),))
+        report = verify_checkpoint(linked, checksums=checksums, progress=progress)
+        return VerifyReport(linked.location, (report,))
+    if located.source is not None:
+        report = verify_checkpoint(located.source, checksums=checksums, progress=progress)
+        return VerifyReport(located.source.location, (report,))
     reports = tuple(
-        verify_checkpoint(Path(entry.path), checksums=checksums, progress=progress)
-        for entry in sorted(os.scandir(target), key=lambda e: e.name)
-        if parse_step_dir_name(entry.name) is not None
+        verify_checkpoint(source, checksums=checksums, progress=progress)
+        for source in view.every_checkpoint()
     )
     problems = []
-    reported = {report.path.name for report in reports}
+    reported = {location_name(report.path) for report in reports}
     for name in LINK_NAMES:
-        link = layout.link_path(name)
-        if not link_present(link) or read_link(link) in reported:
+        if not view.pointer_present(name) or view.read_pointer(name) in reported:
             continue  # absent, or names a checkpoint of the root: its own report says what
-        linked, problem = link_problem(layout, name)
+        linked, problem = link_problem(view, name)
         if linked is None:
             problems.append(str(problem))
-    return VerifyReport(target, reports, tuple(problems))
+    return VerifyReport(view.root, reports, tuple(problems))

@@ -4,31 +4,40 @@ A :class:`RootStore` owns one root. Rank 0 calls it, under nothing but its own g
 store takes whatever lock its backend needs. The protocol above it (:mod:`distckpt.protocol`)
 never touches the root directly, so a second backend plugs in here without changing it.
 
-One implementation exists today, :class:`~distckpt.storage.posix.PosixRootStore`: a staging
+Two implementations exist: :class:`~distckpt.storage.posix.PosixRootStore` (a staging
 directory per save, published by an atomic directory rename under the root's file lock, with
-``last``/``best`` as relative links. An object-store backend would implement the same methods
-with its own primitives: ``commit`` writes a commit-marker object with a conditional put
-(if-none-match) instead of renaming, ``last``/``best`` become small pointer objects, and
-retention deletes a checkpoint's marker first (so it stops being committed at once) and its
-objects after. See ``docs/architecture.md`` for the contract, method by method.
+``last``/``best`` as relative links) and :class:`~distckpt.storage.s3.S3RootStore` for
+``s3://`` roots (every object of a save under a prefix of its own, published by creating one
+commit object with a conditional put, ``If-None-Match: *``; ``last``/``best`` are pointer
+objects replaced by compare-and-swap; retention deletes a checkpoint's commit object first, so
+it stops being committed at once, and its objects after). See ``docs/architecture.md`` for the
+contract, method by method.
 
-Per-rank shard writes still go to a local path (``StagingArea.location``): the formats write
-files. Nothing here imports torch.distributed.
+The formats write and read files: every rank writes its shard into the local directory
+:meth:`RootStore.open_shard` gives it (POSIX: the shared staging dir itself; an object store:
+a spool dir of this rank) and hands what it wrote to :meth:`RootStore.publish_shard`. Readers
+see a root through a :class:`~distckpt.storage.views.RootView` (:func:`open_view`). Nothing
+here imports torch.distributed, and botocore only for an ``s3://`` root.
 """
 
 from __future__ import annotations
 
 import abc
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
+from typing import Any, Protocol, Union
 
 from distckpt.fsutil import LinkMode
+from distckpt.lease import LeaseHolder
+from distckpt.lock import Leftover
 from distckpt.manifest import FileRecord, Manifest
+from distckpt.objstore import is_s3_url
 from distckpt.policy import RetentionPolicy
-from distckpt.results import SaveResult
+from distckpt.results import CheckpointLocation, SaveResult
+from distckpt.storage.views import Located, RootView
 
 #: An extra file stored in a checkpoint: its bytes, or the path of a file to copy.
 ExtraFile = Union[str, "os.PathLike[str]", bytes]
@@ -36,12 +45,14 @@ ExtraFile = Union[str, "os.PathLike[str]", bytes]
 
 @dataclass(frozen=True)
 class StagingArea:
-    """Where one save is written before it is committed. ``location`` is what every rank writes
-    into; ``claim`` is the backend's proof that a live writer owns it (for POSIX, the held
-    writer lock), released by :meth:`RootStore.discard_staging`."""
+    """Where one save is written before it is committed. ``location`` names it for every rank
+    (POSIX: the staging dir's path; an object store: the ``s3://`` URL of the save's own
+    prefix), passed to :meth:`RootStore.open_shard`; ``claim`` is the backend's proof that a
+    live writer owns it (POSIX: the held writer lock; an object store: the writer's claim
+    object), released by :meth:`RootStore.discard_staging`."""
 
     step: int
-    location: Path
+    location: str
     claim: object = None
 
 
@@ -51,7 +62,7 @@ class OpenedRoot:
     and the leftovers of dead writers it removed."""
 
     newest: tuple[int, int | None] | None
-    removed: tuple[Path, ...] = ()
+    removed: tuple[CheckpointLocation, ...] = ()
 
 
 class RootStore(abc.ABC):
@@ -59,8 +70,8 @@ class RootStore(abc.ABC):
     every rank makes. Methods that change what is published serialise themselves against
     other processes sharing the root (other jobs, the ``distckpt`` CLI)."""
 
-    #: where the root is, for messages and for the paths in results
-    root: Path
+    #: where the root is, for messages and for the locations in results
+    root: CheckpointLocation
     #: whether writes are made durable against power loss (the ranks' shard writes, too)
     fsync: bool
 
@@ -106,6 +117,20 @@ class RootStore(abc.ABC):
         """Rank 0: remove a staging area that was not committed and release its claim.
         Idempotent; a committed area's claim is just released."""
 
+    def open_shard(self, location: str, rank: int) -> AbstractContextManager[Path]:
+        """Every rank: the local directory its format writes this save's shard into, for as
+        long as the ``with`` block lasts (then removed where it is private to the rank).
+        POSIX: the shared staging dir itself."""
+        return _as_is(Path(location))
+
+    def publish_shard(
+        self, location: str, directory: Path, records: Mapping[str, FileRecord]
+    ) -> dict[str, FileRecord]:
+        """Every rank, after its format wrote ``records`` into ``directory`` (from
+        :meth:`open_shard`): make them part of the staging area ``location``; the records as
+        stored. POSIX: they are there already."""
+        return dict(records)
+
     @abc.abstractmethod
     def write_extra_files(
         self, area: StagingArea, files: Mapping[str, ExtraFile]
@@ -133,10 +158,61 @@ class RootStore(abc.ABC):
         """Repair the links, then apply the retention rules; the steps removed."""
 
     @abc.abstractmethod
-    def collect_leftovers(self) -> list[Path]:
+    def leftovers(self) -> list[Leftover]:
+        """What :meth:`collect_leftovers` would look at (staging areas, with whether their
+        writer is alive, the trash, strays), without removing anything; for ``distckpt ls``."""
+
+    @abc.abstractmethod
+    def lease_holder(self) -> LeaseHolder | None:
+        """The job holding (or that last held) the root's writer lease, or None; read only."""
+
+    @abc.abstractmethod
+    def collect_leftovers(self) -> list[CheckpointLocation]:
         """Remove staging areas of dead writers and deleted checkpoints not yet gone; a live
         writer's staging area is never touched. What was removed, including what
         :meth:`open` removed (reported once)."""
+
+
+class ChecksummingWriter(Protocol):
+    """A file-like that counts and checksums what goes through it (a
+    :class:`~distckpt.fsutil.ChecksumWriter`, an :class:`~distckpt.objstreams.ObjectWriter`)."""
+
+    size: int
+
+    @property
+    def checksum(self) -> str: ...
+
+    def write(self, data: bytes) -> int: ...
+
+
+#: How much of a file is copied at once into a store.
+COPY_CHUNK_BYTES = 8 << 20
+
+
+def store_files(
+    files: Mapping[str, ExtraFile],
+    open_writer: Callable[[str], AbstractContextManager[ChecksummingWriter]],
+    *,
+    rank: int = 0,
+) -> dict[str, FileRecord]:
+    """Write each of ``files`` (bytes, or the path of a file to copy) through the writer
+    ``open_writer(name)`` opens; the records of what was written, as ``rank``'s files."""
+    records = {}
+    for name, content in files.items():
+        with open_writer(name) as writer:
+            if isinstance(content, bytes):
+                writer.write(content)
+            else:
+                with open(content, "rb") as source:
+                    while chunk := source.read(COPY_CHUNK_BYTES):
+                        writer.write(chunk)
+        records[name] = FileRecord(size=writer.size, checksum=writer.checksum, rank=rank)
+    return records
+
+
+@contextmanager
+def _as_is(directory: Path) -> Iterator[Path]:
+    yield directory
 
 
 def open_store(
@@ -147,12 +223,23 @@ def open_store(
     fsync: bool = True,
     lock_timeout: float = 300.0,
     read_only: bool = False,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> RootStore:
-    """The store for ``root``. Every root is a POSIX directory today; a URL scheme (such as
-    ``s3://``) is where a second backend would be chosen. A ``read_only`` store never writes
+    """The store for ``root``: an ``s3://`` URL is an object-store root (``storage_options``
+    configure its client, see :class:`~distckpt.objstore.ObjectStore`; ``link`` and ``fsync``
+    mean nothing there), anything else a POSIX directory. A ``read_only`` store never writes
     (no probe, no lock file, no cleanup or link repair when opened); its changes
     (``begin_staging``, ``delete``, ``prune``, ``collect_leftovers``) raise
     :class:`~distckpt.ReadOnlyRoot`."""
+    if is_s3_url(root):
+        from distckpt.storage.s3 import S3RootStore
+
+        return S3RootStore(
+            str(root),
+            storage_options=storage_options,
+            retention=retention or RetentionPolicy(),
+            read_only=read_only,
+        )
     from distckpt.storage.posix import PosixRootStore
 
     return PosixRootStore(
@@ -165,4 +252,42 @@ def open_store(
     )
 
 
-__all__ = ["ExtraFile", "OpenedRoot", "RootStore", "StagingArea", "open_store"]
+def open_view(
+    root: str | os.PathLike[str], *, storage_options: Mapping[str, Any] | None = None
+) -> RootView:
+    """What readers see of ``root`` (an ``s3://`` URL or a directory); reads only."""
+    if is_s3_url(root):
+        from distckpt.storage.s3_view import S3RootView
+
+        return S3RootView(str(root), storage_options)
+    from distckpt.storage.posix_view import PosixRootView
+
+    return PosixRootView(root)
+
+
+def locate(
+    path: str | os.PathLike[str], *, storage_options: Mapping[str, Any] | None = None
+) -> Located:
+    """What a location given by a user stands for (see :data:`~distckpt.storage.views.PathKind`):
+    an ``s3://`` URL or a local path. Raises :class:`~distckpt.CheckpointNotFound` when it
+    names nothing."""
+    if is_s3_url(path):
+        from distckpt.storage.s3_view import locate_url
+
+        return locate_url(str(path), storage_options)
+    from distckpt.storage.posix_view import locate_path
+
+    return locate_path(path)
+
+
+__all__ = [
+    "Located",
+    "ExtraFile",
+    "OpenedRoot",
+    "RootStore",
+    "RootView",
+    "StagingArea",
+    "locate",
+    "open_store",
+    "open_view",
+]

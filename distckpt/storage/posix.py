@@ -35,12 +35,9 @@ from pathlib import Path
 from distckpt import events, faults, policy, resolve
 from distckpt.errors import (
     CheckpointError,
-    CheckpointExists,
     CommitLost,
     ConcurrentCommit,
     InvalidArgument,
-    InvalidStep,
-    ReadOnlyRoot,
     RootNotWritable,
 )
 from distckpt.fsutil import (
@@ -58,12 +55,14 @@ from distckpt.fsutil import (
 )
 from distckpt.fsutil import free_bytes as filesystem_free_bytes
 from distckpt.layout import MANIFEST_NAME, RootLayout
-from distckpt.lease import RootLease
-from distckpt.lock import RootLock, WriterLock, find_leftovers
+from distckpt.lease import LeaseHolder, RootLease, read_holder
+from distckpt.lock import Leftover, RootLock, WriterLock, find_leftovers
 from distckpt.manifest import FileRecord, Manifest
-from distckpt.results import SaveResult
-from distckpt.storage import ExtraFile, OpenedRoot, RootStore, StagingArea
+from distckpt.results import CheckpointLocation, SaveResult
+from distckpt.storage import ExtraFile, OpenedRoot, StagingArea, store_files
 from distckpt.storage.posix_links import COMMITTING_RANK, LinksAndRetention
+from distckpt.storage.posix_view import PosixRootView
+from distckpt.storage.shared import ViewedStore
 
 logger = logging.getLogger("distckpt")
 
@@ -79,7 +78,7 @@ def _release_leases_at_exit() -> None:
         store.close()
 
 
-class PosixRootStore(LinksAndRetention, RootStore):
+class PosixRootStore(LinksAndRetention, ViewedStore):
     """A checkpoint root that is a directory (see the module doc)."""
 
     def __init__(
@@ -95,12 +94,13 @@ class PosixRootStore(LinksAndRetention, RootStore):
         if link not in LINK_MODES:
             raise InvalidArgument(f"link must be one of {LINK_MODES}, not {link!r}")
         self.layout = RootLayout.at(root)
+        self.view = PosixRootView(self.layout.root)
         self.root = self.layout.root
         self.retention = retention
         self.fsync = fsync
         self.link_mode: LinkMode = link
         self._lock = RootLock(self.layout.lock_path, timeout=lock_timeout)
-        self._removed_at_open: list[Path] = []
+        self._removed_at_open: list[CheckpointLocation] = []
         self._warned_missing_monitor = False
         self._warned_unknown_space = False
         #: never write: no probe, no lock file, no cleanup or link repair (a read-only mount)
@@ -154,18 +154,6 @@ class PosixRootStore(LinksAndRetention, RootStore):
             self.close()
             raise
         return OpenedRoot(self._newest(), tuple(self._removed_at_open))
-
-    def _newest(self) -> tuple[int, int | None] | None:
-        newest = resolve.newest_valid(self.layout)
-        return (newest[1].step, newest[1].epoch) if newest is not None else None
-
-    def _refuse_if_read_only(self, change: str) -> None:
-        if self.read_only:
-            raise ReadOnlyRoot(
-                f"cannot {change}: the checkpoint root {self.root} was opened with "
-                "read_only=True, which never writes to it",
-                path=self.root,
-            )
 
     def _take_lease(self, wait: float) -> None:
         if self._lease is not None and self._lease.held:
@@ -232,31 +220,24 @@ class PosixRootStore(LinksAndRetention, RootStore):
             except BaseException:
                 claim.release()
                 raise
-        return StagingArea(step, staging, claim)
+        return StagingArea(step, os.fspath(staging), claim)
 
     def discard_staging(self, area: StagingArea) -> None:
-        if area.location.exists():
-            remove_tree(area.location)
+        staging = Path(area.location)
+        if staging.exists():
+            remove_tree(staging)
         if isinstance(area.claim, WriterLock):
             area.claim.release()
 
     def write_extra_files(
         self, area: StagingArea, files: Mapping[str, ExtraFile]
     ) -> dict[str, FileRecord]:
-        records = {}
-        for name, content in files.items():
-            with ChecksumWriter(area.location / name, fsync=self.fsync) as writer:
-                if isinstance(content, bytes):
-                    writer.write(content)
-                else:
-                    with open(content, "rb") as source:
-                        while chunk := source.read(8 << 20):
-                            writer.write(chunk)
-            records[name] = FileRecord(size=writer.size, checksum=writer.checksum, rank=0)
-        return records
+        return store_files(
+            files, lambda name: ChecksumWriter(Path(area.location, name), fsync=self.fsync)
+        )
 
     def check_staged(self, area: StagingArea, files: Mapping[str, FileRecord]) -> None:
-        staging = area.location
+        staging = Path(area.location)
         for name, record in files.items():
             try:
                 size = (staging / name).stat().st_size
@@ -277,29 +258,8 @@ class PosixRootStore(LinksAndRetention, RootStore):
 
     # ------------------------------------------------------------------ commit
 
-    def check_step(self, step: int, *, overwrite: bool, explicit: bool) -> SaveResult | None:
-        committed = self.layout.committed_steps()
-        if step in committed and not overwrite:
-            if not explicit:
-                directory, manifest = resolve.resolve_step(self.layout, step)
-                return SaveResult(step, directory, manifest.epoch, dict(manifest.metrics))
-            raise CheckpointExists(
-                f"step {step} is already committed at {self.layout.step_dir(step)}; pass "
-                "overwrite=True to replace it",
-                path=self.layout.step_dir(step),
-                step=step,
-            )
-        if committed and step < committed[-1]:
-            raise InvalidStep(
-                f"step {step} is lower than the newest committed step {committed[-1]} in "
-                f"{self.root}; steps only grow within a root: delete the newer "
-                "checkpoints (manager.delete(step)) or save into a new root",
-                step=step,
-            )
-        return None
-
     def commit(self, area: StagingArea, manifest: Manifest, *, overwrite: bool) -> SaveResult:
-        staging, step = area.location, manifest.step
+        staging, step = Path(area.location), manifest.step
         final = self.layout.step_dir(step)
         rank = COMMITTING_RANK
         with ExitStack() as held:
@@ -414,7 +374,7 @@ class PosixRootStore(LinksAndRetention, RootStore):
         self._refuse_if_read_only(f"delete step {step}")
         with self._lock:
             self._check_lease()
-            directory = resolve.committed_dir(self.layout, step)
+            directory = Path(resolve.committed_dir(self.view, step).location)
             # Links first, durably, then the trash: the other order leaves a durable state
             # in which ``last`` names a checkpoint that is gone.
             records = self._update_links(leaving=directory)
@@ -431,7 +391,13 @@ class PosixRootStore(LinksAndRetention, RootStore):
         self._empty_trash()
         return removed
 
-    def collect_leftovers(self) -> list[Path]:
+    def leftovers(self) -> list[Leftover]:
+        return [item for item in find_leftovers(self.layout) if item.kind != "lock"]
+
+    def lease_holder(self) -> LeaseHolder | None:
+        return read_holder(self.root)
+
+    def collect_leftovers(self) -> list[CheckpointLocation]:
         self._refuse_if_read_only("collect leftovers")
         with self._lock:
             self._check_lease()
@@ -445,30 +411,29 @@ class PosixRootStore(LinksAndRetention, RootStore):
             for entry in self.layout.trash_root.iterdir():
                 self._remove_quietly(entry)
 
-    def _remove_leftovers(self) -> list[Path]:
+    def _remove_leftovers(self) -> list[CheckpointLocation]:
         """Under the lock: staging dirs whose writer is dead, orphaned lock files, the trash,
         and the probes and links under construction a killed process left in the root (made
         under the lock only, so whoever made one is gone). A live writer's staging is never
         touched. Returns what it removed."""
-        removed: list[Path] = []
+        removed: list[CheckpointLocation] = []
         for leftover in find_leftovers(self.layout, locked=True):
+            path = Path(leftover.path)
             if leftover.writer_alive:
-                logger.info("leaving %s alone: its writer is alive", leftover.path)
+                logger.info("leaving %s alone: its writer is alive", path)
             elif leftover.in_use:
                 # a deleted file a reader still holds open (.fuse_hidden*, .nfs*): removing it
                 # fails (EBUSY) until the reader closes it; the next cleanup tries again
-                logger.info(
-                    "leaving %s: in use by a reader, removed at a later cleanup", leftover.path
-                )
+                logger.info("leaving %s: in use by a reader, removed at a later cleanup", path)
             elif leftover.kind == "lock":
-                leftover.path.unlink(missing_ok=True)
+                path.unlink(missing_ok=True)
             else:
                 if leftover.kind == "staging":
-                    logger.info("removing %s, left by a writer that died", leftover.path)
-                if self._remove_quietly(leftover.path):
+                    logger.info("removing %s, left by a writer that died", path)
+                if self._remove_quietly(path):
                     if leftover.kind == "staging":
-                        WriterLock(leftover.path).release()  # removes its lock file
-                    removed.append(leftover.path)
+                        WriterLock(path).release()  # removes its lock file
+                    removed.append(path)
         return removed
 
     def _remove_quietly(self, leftover: Path) -> bool:

@@ -11,12 +11,14 @@ from __future__ import annotations
 import logging
 import os
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 from distckpt import faults, policy, resolve
 from distckpt.errors import RootNotWritable
 from distckpt.fsutil import LinkMode, fsync_dir, move_to_trash, read_link, remove_link, swap_link
 from distckpt.layout import BEST, LAST, RootLayout, parse_step_dir_name
+from distckpt.storage.posix_view import PosixRootView
 
 logger = logging.getLogger("distckpt")
 
@@ -30,6 +32,8 @@ class LinksAndRetention:
     attributes)."""
 
     layout: RootLayout
+    view: PosixRootView
+    _steps_retention_removes: Callable[[list[policy.CheckpointRecord]], list[int]]
     root: Path
     retention: policy.RetentionPolicy
     fsync: bool
@@ -82,12 +86,12 @@ class LinksAndRetention:
         be removed: counted as gone already. Returns the records it read."""
         doomed = None if leaving is None else parse_step_dir_name(leaving.name)
         steps = [step for step in self.layout.committed_steps() if step != doomed]
-        valid = list(resolve.iter_valid(self.layout, newest_first=False, steps=steps))
+        valid = list(resolve.iter_valid(self.view, newest_first=False, steps=steps))
         records = [resolve.record_of(m) for _, m in valid]
-        paths = {m.step: path for path, m in valid}
+        paths = {m.step: Path(source.location) for source, m in valid}
         faults.hit("during_link_swap", COMMITTING_RANK)
         if valid:
-            self._swap(LAST, valid[-1][0])
+            self._swap(LAST, Path(valid[-1][0].location))
         else:
             self._remove_link_if_stale(LAST, leaving)
         best = policy.best_step(records, self.retention.monitor, self.retention.mode)
@@ -99,28 +103,22 @@ class LinksAndRetention:
 
     def _remove_link_if_stale(self, name: str, leaving: Path | None) -> None:
         link = self.layout.link_path(name)
-        target, _ = resolve.link_problem(self.layout, name)
-        if (link.is_symlink() or link.is_file()) and (target is None or target == leaving):
+        target, _ = resolve.link_problem(self.view, name)
+        if (link.is_symlink() or link.is_file()) and (target is None or target.location == leaving):
             logger.info("removing %s: it names no committed checkpoint", link)
             remove_link(link, fsync=self.fsync)
 
     def _apply_retention(self, records: list[policy.CheckpointRecord]) -> list[int]:
         """Under the lock: remove what the retention rules do not keep; returns those steps."""
-        if self.retention.keeps_everything:
-            return []
-        protected = {
-            step
-            for name in (LAST, BEST)
-            if (target := read_link(self.layout.link_path(name))) is not None
-            and (step := parse_step_dir_name(target)) is not None
-        }
-        doomed = policy.steps_to_remove(records, self.retention, protected=protected)
+        doomed = self._steps_retention_removes(records)
         for step in doomed:
             faults.hit("during_retention", COMMITTING_RANK)
             logger.info("retention: removing %s", self.layout.step_dir(step).name)
             # Only renamed here, under the lock; the bytes are deleted after it is released
             # (_empty_trash), so a large delete never holds up other writers.
             move_to_trash(
-                resolve.committed_dir(self.layout, step), self.layout.trash_root, fsync=self.fsync
+                Path(resolve.committed_dir(self.view, step).location),
+                self.layout.trash_root,
+                fsync=self.fsync,
             )
         return doomed

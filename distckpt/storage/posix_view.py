@@ -1,0 +1,138 @@
+"""The read side of a POSIX root (see :mod:`distckpt.storage.views`): committed ``step-*`` dirs,
+``last``/``best`` as symlinks or pointer files, and checkpoints read where they lie."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Collection, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from pathlib import Path
+
+from distckpt.errors import CheckpointNotFound
+from distckpt.fsutil import read_link
+from distckpt.layout import LINK_NAMES, MANIFEST_NAME, RootLayout, parse_step_dir_name
+from distckpt.manifest import Manifest, find_problems, read_manifest
+from distckpt.storage.views import CheckpointSource, Located, RootView
+
+
+class PosixCheckpoint(CheckpointSource):
+    """A checkpoint dir."""
+
+    def __init__(self, directory: Path, expected_step: int | None) -> None:
+        self.location: Path = directory
+        self.expected_step = expected_step
+
+    def describe(self, name: str) -> str:
+        return os.fspath(self.location / name)
+
+    def unsafe(self) -> str | None:
+        if self.location.is_symlink():
+            return f"{self.location}: is a symlink; a committed checkpoint is a real dir"
+        return None
+
+    def exists(self) -> bool:
+        return self.location.is_dir()
+
+    def read_manifest(self) -> Manifest:
+        return read_manifest(self.location)
+
+    def file_problems(
+        self,
+        manifest: Manifest,
+        *,
+        checksums: bool,
+        progress: Callable[[int], None] | None = None,
+    ) -> list[str]:
+        return find_problems(
+            self.location,
+            manifest,
+            expected_step=self.expected_step,
+            checksums=checksums,
+            progress=progress,
+        )
+
+    def unlisted_files(self, manifest: Manifest) -> list[str]:
+        problems = []
+        for parent, dirs, files in os.walk(self.location):
+            for name in files + [d for d in dirs if Path(parent, d).is_symlink()]:
+                relative = Path(parent, name).relative_to(self.location).as_posix()
+                if relative != MANIFEST_NAME and relative not in manifest.files:
+                    problems.append(
+                        f"{self.location / relative}: unexpected file, not in the manifest"
+                    )
+        return problems
+
+    def local_copy(self, names: Collection[str]) -> AbstractContextManager[Path]:
+        return _read_in_place(self.location)
+
+
+@contextmanager
+def _read_in_place(directory: Path) -> Iterator[Path]:
+    yield directory
+
+
+class PosixRootView(RootView):
+    """A root directory."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.layout: RootLayout = RootLayout.at(root)
+        self.root: Path = self.layout.root
+
+    def exists(self) -> bool:
+        return self.root.is_dir()
+
+    def committed_steps(self) -> list[int]:
+        return self.layout.committed_steps()
+
+    def checkpoint(self, step: int) -> PosixCheckpoint:
+        return PosixCheckpoint(_dir_for_step(self.layout, step), step)
+
+    def every_checkpoint(self) -> list[CheckpointSource]:
+        """Every entry with a step dir's name (a symlink or a file included: verify reports
+        why it is not a checkpoint)."""
+        return [
+            PosixCheckpoint(Path(entry.path), step)
+            for entry in sorted(os.scandir(self.root), key=lambda e: e.name)
+            if (step := parse_step_dir_name(entry.name)) is not None
+        ]
+
+    def read_pointer(self, name: str) -> str | None:
+        return read_link(self.layout.link_path(name))
+
+    def pointer_present(self, name: str) -> bool:
+        link = self.layout.link_path(name)
+        return link.is_symlink() or link.exists()
+
+    def pointer_location(self, name: str) -> str:
+        return os.fspath(self.layout.link_path(name))
+
+
+def _dir_for_step(layout: RootLayout, step: int) -> Path:
+    """The committed dir of ``step`` whatever its zero padding (any width parses)."""
+    try:
+        entries = list(os.scandir(layout.root))
+    except FileNotFoundError:
+        entries = []
+    for entry in entries:
+        if parse_step_dir_name(entry.name) == step and entry.is_dir(follow_symlinks=False):
+            return Path(entry.path)
+    return layout.step_dir(step)
+
+
+def locate_path(path: str | os.PathLike[str]) -> Located:
+    """What a user's path stands for: a ``last`` / ``best`` link inside a root (symlink or
+    pointer file; one that is missing still names its root's newest or best checkpoint), a
+    step dir (it has a manifest, or a step dir's name), or a root (any other dir). Raises
+    :class:`CheckpointNotFound` for anything else, and for a step dir that is not there."""
+    target = Path(os.path.abspath(os.fspath(path)))
+    is_link = target.is_symlink() or target.is_file() or not target.exists()
+    if target.name in LINK_NAMES and is_link:
+        if target.parent.is_dir():
+            return Located("link", PosixRootView(target.parent), pointer=target.name)
+    elif (target / MANIFEST_NAME).exists() or parse_step_dir_name(target.name) is not None:
+        if target.exists():
+            source = PosixCheckpoint(target, parse_step_dir_name(target.name))
+            return Located("step_dir", PosixRootView(target.parent), source=source)
+    elif target.is_dir():
+        return Located("root", PosixRootView(target))
+    raise CheckpointNotFound(f"no checkpoint or checkpoint root at {target}")

@@ -1,0 +1,561 @@
+"""The object-store store: a checkpoint root under ``s3://BUCKET/PREFIX`` (layout in
+:mod:`distckpt.storage.s3_view`).
+
+A save writes every object under a prefix of its own, ``step-N/<attempt>/``: each rank's
+format writes into a local spool dir, whose files the rank then uploads (parallel multipart,
+with the manifest's CRC-32 sent for the store to check). Rank 0 commits by creating
+``step-N/COMMIT`` with ``If-None-Match: *``: that creation is the moment of publication, and
+of two writers only one can make it (the other gets :class:`~distckpt.ConcurrentCommit`).
+``overwrite=True`` replaces ``COMMIT`` by compare-and-swap on its ETag, then deletes the old
+attempt. ``last``/``best`` are pointer objects moved by compare-and-swap after the commit;
+retention and deletes remove ``COMMIT`` first (the step stops being committed at once) and the
+objects after, so a half-deleted step never looks committed.
+
+Locks: rank 0 of a writing job holds the root's lease object ``.lease``
+(:class:`~distckpt.objlease.ObjectLease`), renewed by a daemon thread every third of its
+duration and checked before every change to what is published; and a claim object
+``.writers/<attempt>`` for each save in flight, renewed the same way, so that cleanup (``gc``,
+another job's start) never deletes a live writer's objects. There is no fsync: a completed
+PUT is durable, so ``fsync=`` means nothing here, and ``last``/``best`` are always pointer
+objects whatever ``link=`` says.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import time
+import weakref
+from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager, contextmanager
+from pathlib import Path
+from typing import Any
+
+from distckpt import faults, policy, resolve
+from distckpt.errors import (
+    CheckpointError,
+    CheckpointNotFound,
+    ConcurrentCommit,
+    CoordinationTimeout,
+    LeaseLost,
+    ObjectExists,
+    ObjectStoreError,
+    PreconditionFailed,
+    RootInUse,
+)
+from distckpt.layout import BEST, LAST, MANIFEST_NAME, parse_step_dir_name, step_dir_name
+from distckpt.lease import LeaseHolder, this_host
+from distckpt.lock import Leftover
+from distckpt.manifest import FileRecord, Manifest
+from distckpt.objlease import LeaseRecord, ObjectLease
+from distckpt.results import CheckpointLocation, SaveResult
+from distckpt.storage import ExtraFile, OpenedRoot, StagingArea, store_files
+from distckpt.storage.posix_links import COMMITTING_RANK
+from distckpt.storage.s3_view import (
+    DOWNLOAD_CONCURRENCY,
+    LEASE_NAME,
+    WRITERS_PREFIX,
+    CommitRecord,
+    S3Root,
+    S3RootView,
+)
+from distckpt.storage.shared import ViewedStore
+
+logger = logging.getLogger("distckpt")
+
+#: How long the root's lease and a writer's claim last without renewal; both are renewed
+#: every third of it. A job killed without releasing its lease blocks the root this long
+#: (unless it ran on this machine: a dead local holder is taken over at once).
+LEASE_SECONDS = 30.0
+#: How far a claim's expiry, a wall-clock time written by its writer, is trusted past its
+#: end: the clocks of the writer and of the cleaning process may disagree by this much.
+CLOCK_SKEW_SECONDS = 60.0
+_POINTER_RETRIES = 3  # compare-and-swap of a pointer that another process moved meanwhile
+
+_open_stores: weakref.WeakSet[S3RootStore] = weakref.WeakSet()
+
+
+@atexit.register
+def _release_leases_at_exit() -> None:
+    for store in list(_open_stores):
+        store.close()
+
+
+def _local_process_gone(host: str, pid: int) -> bool:
+    """Whether ``pid`` on ``host`` certainly no longer runs: only decidable on this machine."""
+    if host != this_host() or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False  # it runs, as another user
+    return False
+
+
+class S3RootStore(ViewedStore):
+    """A checkpoint root in an S3-protocol object store (see the module doc)."""
+
+    #: a completed PUT is durable: nothing to fsync
+    fsync = False
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        storage_options: Mapping[str, Any] | None,
+        retention: policy.RetentionPolicy,
+        read_only: bool = False,
+    ) -> None:
+        self.s3 = S3Root(url, storage_options)
+        self.view = S3RootView(url, storage_options, s3=self.s3)
+        self.root: str = self.s3.root
+        self.retention = retention
+        self.read_only = read_only
+        self._lease: ObjectLease | None = None
+        self._lease_error: LeaseLost | None = None
+        # Guards the lease and the claims between the renewing thread and the store's users.
+        self._lease_lock = threading.RLock()
+        self._claims: set[str] = set()
+        self._stop_renewing = threading.Event()
+        self._renewer: threading.Thread | None = None
+        self._opened_by_pid = 0
+        self._removed_at_open: list[CheckpointLocation] = []
+
+    # ------------------------------------------------------------------ open / close
+
+    def open(self, *, wait_for_root: float = 0.0) -> OpenedRoot:
+        if self.read_only:
+            return OpenedRoot(self._newest())
+        self.check_visible(COMMITTING_RANK)
+        self._take_lease(wait_for_root)
+        try:
+            self._removed_at_open = self._remove_leftovers()
+            try:
+                self._update_pointers()
+            except CheckpointError as exc:  # derived state: never block a start
+                logger.error("could not repair the pointers of %s: %s", self.root, exc)
+        except BaseException:
+            self.close()
+            raise
+        return OpenedRoot(self._newest(), tuple(self._removed_at_open))
+
+    def _take_lease(self, wait: float) -> None:
+        if self._lease is not None and self._lease.held:
+            return  # opened already
+        lease = ObjectLease(self.s3.client, LEASE_NAME, duration=LEASE_SECONDS)
+        try:
+            lease.acquire(
+                wait,
+                holder_gone=lambda record: _local_process_gone(record.host, record.pid),
+            )
+        except CoordinationTimeout as exc:
+            raise RootInUse(
+                f"checkpoint root {self.root} is in use by another job: {exc}; wait for it to "
+                f"end (wait_for_root=), or for its lease to expire ({LEASE_SECONDS:g} s after "
+                "its last renewal) if it died",
+                holder=self._holder(),
+            ) from exc
+        with self._lease_lock:
+            self._lease, self._lease_error = lease, None
+        self._opened_by_pid = os.getpid()
+        _open_stores.add(self)
+        self._stop_renewing.clear()
+        self._renewer = threading.Thread(
+            target=self._renew_until_closed, name="distckpt-s3-lease", daemon=True
+        )
+        self._renewer.start()
+        logger.info("holding the lease of %s", self.root)
+
+    def _holder(self) -> LeaseRecord | None:
+        with contextlib.suppress(ObjectStoreError):
+            return LeaseRecord.decode(self.s3.client.get_bytes(LEASE_NAME))
+        return None
+
+    def _renew_until_closed(self) -> None:
+        """The renewing thread: the lease and the claims of saves in flight, every third of
+        their duration, until :meth:`close`. A lost lease is kept for :meth:`_check_lease`."""
+        while not self._stop_renewing.wait(LEASE_SECONDS / 3):
+            with self._lease_lock:
+                try:
+                    if self._lease is not None and self._lease_error is None:
+                        self._lease.renew()
+                    for attempt in list(self._claims):
+                        self._write_claim(attempt)
+                except LeaseLost as exc:
+                    logger.error("%s: %s", self.root, exc)
+                    self._lease_error = exc
+                except ObjectStoreError as exc:  # transient: the next round tries again
+                    logger.warning("could not renew the lease of %s: %s", self.root, exc)
+
+    def close(self) -> None:
+        # A forked child inherits the store, but the lease belongs to the process that took it.
+        if self._opened_by_pid != os.getpid():
+            return
+        self._opened_by_pid = 0
+        self._stop_renewing.set()
+        if self._renewer is not None and self._renewer is not threading.current_thread():
+            self._renewer.join()
+        with self._lease_lock:
+            lease, self._lease = self._lease, None
+            if lease is not None:
+                try:
+                    lease.release()
+                except ObjectStoreError as exc:
+                    logger.warning("could not release the lease of %s: %s", self.root, exc)
+        _open_stores.discard(self)
+
+    def _check_lease(self) -> None:
+        """Before a change is published: this store's job still owns the root
+        (:class:`~distckpt.LeaseLost` if not). A store never opened holds no lease."""
+        with self._lease_lock:
+            if self._lease_error is not None:
+                raise self._lease_error
+            if self._lease is not None:
+                self._lease.check()
+            elif self._renewer is not None:  # opened, then closed
+                raise LeaseLost(f"the store of {self.root} was closed: it commits nothing more")
+
+    def check_visible(self, rank: int) -> None:
+        # One small listing proves the endpoint, the credentials and the bucket.
+        next(iter(self.s3.client.list("", page_size=1)), None)
+
+    def free_bytes(self) -> int | None:
+        return None  # an object store reports no free space; saves are not checked against it
+
+    # ------------------------------------------------------------------ staging
+
+    def _write_claim(self, attempt: str) -> None:
+        claim = {
+            "attempt": attempt,
+            "host": this_host(),
+            "pid": os.getpid(),
+            "expires_unix": time.time() + LEASE_SECONDS,
+        }
+        self.s3.client.put_bytes(self.s3.claim_name(attempt), json.dumps(claim).encode())
+
+    def begin_staging(self, step: int, token: str) -> StagingArea:
+        self._refuse_if_read_only(f"save step {step}")
+        with self._lease_lock:
+            self._write_claim(token)
+            self._claims.add(token)
+        return StagingArea(step, self.s3.attempt_location(step, token), token)
+
+    def discard_staging(self, area: StagingArea) -> None:
+        step, attempt = self.s3.parse_attempt_location(area.location)
+        try:
+            record = self.s3.read_commit(step)
+            if record is None or record.attempt != attempt:
+                self._delete_prefix(self.s3.attempt_prefix(step, attempt))
+            self.s3.client.delete([self.s3.claim_name(attempt)])
+        except CheckpointError as exc:
+            # Runs after a failed save too: its own error must not hide that one. What is left
+            # is a dead writer's leftover, removed by the next gc or start.
+            logger.warning("could not remove the save %s (left for gc): %s", area.location, exc)
+        finally:
+            with self._lease_lock:
+                self._claims.discard(attempt)
+
+    def _delete_prefix(self, prefix: str) -> None:
+        self.s3.client.delete(info.key for info in list(self.s3.client.list(prefix)))
+
+    def open_shard(self, location: str, rank: int) -> AbstractContextManager[Path]:
+        return _spool_dir(f"distckpt-spool-{self.s3.parse_attempt_location(location)[1]}-r{rank}-")
+
+    def publish_shard(
+        self, location: str, directory: Path, records: Mapping[str, FileRecord]
+    ) -> dict[str, FileRecord]:
+        step, attempt = self.s3.parse_attempt_location(location)
+        prefix = self.s3.attempt_prefix(step, attempt)
+        with ThreadPoolExecutor(DOWNLOAD_CONCURRENCY) as pool:
+            futures = [
+                pool.submit(self._upload, directory / name, prefix + name, record)
+                for name, record in records.items()
+            ]
+            for future in futures:
+                future.result()
+        return dict(records)
+
+    def _upload(self, source: Path, name: str, record: FileRecord) -> None:
+        """Upload one file a format wrote, checking that what went out is what it recorded."""
+        uploaded = store_files({name: source}, self.s3.client.open_write, rank=record.rank)[name]
+        if (uploaded.size, uploaded.checksum) != (record.size, record.checksum):
+            raise CheckpointError(
+                f"{source} changed while it was uploaded to {self.root}/{name}: "
+                f"{uploaded.size} bytes, CRC-32 {uploaded.checksum}; the format recorded "
+                f"{record.size} bytes, {record.checksum}",
+                rank=record.rank,
+                path=f"{self.root}/{name}",
+            )
+
+    def write_extra_files(
+        self, area: StagingArea, files: Mapping[str, ExtraFile]
+    ) -> dict[str, FileRecord]:
+        prefix = self.s3.attempt_prefix(*self.s3.parse_attempt_location(area.location))
+        return store_files(files, lambda name: self.s3.client.open_write(prefix + name))
+
+    def check_staged(self, area: StagingArea, files: Mapping[str, FileRecord]) -> None:
+        step, attempt = self.s3.parse_attempt_location(area.location)
+        prefix = self.s3.attempt_prefix(step, attempt)
+        sizes = {info.key[len(prefix) :]: info.size for info in self.s3.client.list(prefix)}
+        for name, record in files.items():
+            where = f"{area.location}/{name}"
+            if name not in sizes:
+                raise CheckpointError(
+                    f"rank {record.rank}'s file {name} is not in the store at {where}",
+                    rank=record.rank,
+                    path=where,
+                )
+            if sizes[name] != record.size:
+                raise CheckpointError(
+                    f"{where} has {sizes[name]} bytes in the store but rank {record.rank} "
+                    f"wrote {record.size}",
+                    rank=record.rank,
+                    path=where,
+                )
+
+    # ------------------------------------------------------------------ commit
+
+    def commit(self, area: StagingArea, manifest: Manifest, *, overwrite: bool) -> SaveResult:
+        step, attempt = self.s3.parse_attempt_location(area.location)
+        rank = COMMITTING_RANK
+        self._check_lease()
+        self.check_staged(area, manifest.files)
+        self.check_step(step, overwrite=overwrite, explicit=True)
+        faults.hit("before_manifest", rank)
+        self.s3.client.put_bytes(
+            self.s3.attempt_prefix(step, attempt) + MANIFEST_NAME, manifest.to_json()
+        )
+        faults.hit("after_manifest", rank)
+        faults.hit("before_rename", rank)
+        self._check_lease()  # the upload may have outlasted the lease
+        replaced = self._publish(step, attempt, overwrite=overwrite)
+        # Committed: COMMIT is the truth from here on. A failure to update the derived
+        # pointers, retention or the removal of a replaced attempt must not report the save
+        # as failed; they are redone at the next commit, start or gc.
+        try:
+            faults.hit("after_rename", rank)
+            if replaced is not None:
+                self._delete_prefix(self.s3.attempt_prefix(step, replaced.attempt))
+            self._apply_retention(self._update_pointers())
+        except Exception as exc:
+            logger.error(
+                "committed %s, but updating pointers or retention failed (redone at the next "
+                "commit or start): %s",
+                self.s3.location(step),
+                exc,
+            )
+        return SaveResult(step, self.s3.location(step), manifest.epoch, dict(manifest.metrics))
+
+    def _publish(self, step: int, attempt: str, *, overwrite: bool) -> CommitRecord | None:
+        """Create (or with ``overwrite`` replace) the step's ``COMMIT`` object naming
+        ``attempt``; the commit record it replaced, if any."""
+        name = self.s3.commit_name(step)
+        content = CommitRecord.encode(step, attempt)
+        previous = self.s3.read_commit(step) if overwrite else None
+        try:
+            if previous is not None:
+                self.s3.client.put_bytes(name, content, if_match=previous.etag)
+            else:
+                self.s3.client.put_bytes(name, content, if_absent=True)
+        except (ObjectExists, PreconditionFailed) as exc:
+            raise ConcurrentCommit(
+                f"step {step} was committed by another writer meanwhile, at "
+                f"{self.s3.location(step)}: give each job a root of its own",
+                path=self.s3.location(step),
+                step=step,
+            ) from exc
+        return previous
+
+    # ------------------------------------------------------------------ pointers, retention
+
+    def _update_pointers(self, *, leaving: int | None = None) -> list[policy.CheckpointRecord]:
+        """Point ``last`` at the newest committed checkpoint that passes its check and
+        ``best`` at the best, or remove a pointer that names nothing valid. ``leaving``: a
+        step about to be removed, counted as gone. The records it read."""
+        steps = [step for step in self.view.committed_steps() if step != leaving]
+        valid = list(resolve.iter_valid(self.view, newest_first=False, steps=steps))
+        records = [resolve.record_of(manifest) for _, manifest in valid]
+        valid_steps = {manifest.step for _, manifest in valid}
+        faults.hit("during_link_swap", COMMITTING_RANK)
+        best = policy.best_step(records, self.retention.monitor, self.retention.mode)
+        for name, step in ((LAST, records[-1].step if records else None), (BEST, best)):
+            if step is not None:
+                self._swap_pointer(name, step)
+            else:
+                self._remove_pointer_unless_valid(name, valid_steps)
+        return records
+
+    def _swap_pointer(self, name: str, step: int) -> None:
+        target = step_dir_name(step)
+        for _ in range(_POINTER_RETRIES):
+            current, etag = self.s3.read_pointer(name)
+            if current == target:
+                return
+            content = f"{target}\n".encode()
+            try:
+                if etag is None:
+                    self.s3.client.put_bytes(name, content, if_absent=True)
+                else:
+                    self.s3.client.put_bytes(name, content, if_match=etag)
+                return
+            except (ObjectExists, PreconditionFailed):
+                continue  # moved by another process meanwhile: read it again
+        raise CheckpointError(f"{self.root}/{name} kept changing while it was being moved")
+
+    def _remove_pointer_unless_valid(self, name: str, valid_steps: set[int]) -> None:
+        target, etag = self.s3.read_pointer(name)
+        if etag is None:
+            return
+        step = parse_step_dir_name(target) if target else None
+        if step not in valid_steps:
+            logger.info("removing %s/%s: it names no committed checkpoint", self.root, name)
+            self.s3.client.delete([name])
+
+    def _apply_retention(self, records: list[policy.CheckpointRecord]) -> list[int]:
+        """Remove what the retention rules do not keep; returns those steps."""
+        doomed = self._steps_retention_removes(records)
+        for step in doomed:
+            faults.hit("during_retention", COMMITTING_RANK)
+            logger.info("retention: removing %s", self.s3.location(step))
+            self._remove_step(step)
+        return doomed
+
+    def _remove_step(self, step: int) -> None:
+        """Unpublish ``step`` at once (its ``COMMIT`` goes first), then delete its objects."""
+        record = self.s3.read_commit(step)
+        self.s3.client.delete([self.s3.commit_name(step)])
+        faults.hit("during_delete", COMMITTING_RANK)
+        if record is not None:
+            self._delete_prefix(self.s3.attempt_prefix(step, record.attempt))
+
+    # ------------------------------------------------------------------ removal
+
+    def delete(self, step: int) -> int | None:
+        self._refuse_if_read_only(f"delete step {step}")
+        self._check_lease()
+        committed = self.view.committed_steps()
+        if step not in committed:
+            listing = ", ".join(map(str, committed)) if committed else "none"
+            raise CheckpointNotFound(
+                f"no checkpoint for step {step} in {self.root}; committed steps: {listing}",
+                step=step,
+            )
+        # Pointers first: the other order leaves ``last`` naming a step that is gone.
+        records = self._update_pointers(leaving=step)
+        self._remove_step(step)
+        return records[-1].step if records else None
+
+    def prune(self) -> list[int]:
+        self._refuse_if_read_only("prune")
+        self._check_lease()
+        return self._apply_retention(self._update_pointers())
+
+    def collect_leftovers(self) -> list[CheckpointLocation]:
+        self._refuse_if_read_only("collect leftovers")
+        self._check_lease()
+        removed = self._removed_at_open + self._remove_leftovers()
+        self._removed_at_open = []  # reported once
+        return removed
+
+    def leftovers(self) -> list[Leftover]:
+        return [leftover for leftover, _ in self._find_leftovers()]
+
+    def _find_leftovers(self) -> list[tuple[Leftover, list[str]]]:
+        """Every save's prefix that its step's ``COMMIT`` does not name (``writer_alive``
+        while its writer's claim is live), with the names of its objects; and claims with no
+        objects, of writers that died."""
+        attempts: dict[tuple[int, str], list[str]] = {}
+        claims: set[str] = set()
+        for info in self.s3.client.list(""):
+            head, _, rest = info.key.partition("/")
+            step = parse_step_dir_name(head)
+            if info.key.startswith(WRITERS_PREFIX):
+                claims.add(info.key[len(WRITERS_PREFIX) :])
+            elif step is not None and "/" in rest:
+                attempts.setdefault((step, rest.partition("/")[0]), []).append(info.key)
+        committed: dict[int, str | None] = {}
+        found: list[tuple[Leftover, list[str]]] = []
+        for (step, attempt), names in sorted(attempts.items()):
+            if step not in committed:
+                record = self.s3.read_commit(step)
+                committed[step] = record.attempt if record is not None else None
+            if committed[step] != attempt:
+                where = self.s3.attempt_location(step, attempt)
+                found.append((Leftover(where, "staging", self._claim_live(attempt)), names))
+            claims.discard(attempt)
+        for attempt in sorted(claims):
+            name = self.s3.claim_name(attempt)
+            if not self._claim_live(attempt):
+                found.append((Leftover(f"{self.root}/{name}", "lock"), [name]))
+        return found
+
+    def _remove_leftovers(self) -> list[CheckpointLocation]:
+        """Remove what :meth:`_find_leftovers` found whose writer is not alive (a live
+        writer's objects are never touched); returns the saves' prefixes removed, as URLs."""
+        removed: list[CheckpointLocation] = []
+        for leftover, names in self._find_leftovers():
+            if leftover.writer_alive:
+                logger.info("leaving %s alone: its writer is alive", leftover.path)
+                continue
+            if leftover.kind == "staging":
+                logger.info("removing %s, left by a writer that died", leftover.path)
+            try:
+                faults.hit("during_staging_cleanup", COMMITTING_RANK)
+                self.s3.client.delete(names)
+            except CheckpointError as exc:
+                logger.warning(
+                    "could not remove leftover %s (tried again later): %s", leftover.path, exc
+                )
+                continue
+            if leftover.kind == "staging":
+                removed.append(leftover.path)
+        return removed
+
+    def lease_holder(self) -> LeaseHolder | None:
+        record = self._holder()
+        if record is None:
+            return None
+        return LeaseHolder(
+            host=record.host,
+            pid=record.pid,
+            job_id=None,
+            started_utc="unknown",
+            generation=record.renewal,
+            token=record.owner,
+            released_utc="unknown" if record.released else None,
+            # expiry is timed by a contender's own clock: not decidable from one look
+            alive=False if record.released else None,
+        )
+
+    def _claim_live(self, attempt: str) -> bool:
+        """Whether the writer of ``attempt`` may still be writing: its claim exists and has
+        not expired (by more than the clock skew allowed), and its process is not known dead."""
+        if attempt in self._claims:
+            return True
+        try:
+            claim = json.loads(self.s3.client.get_bytes(self.s3.claim_name(attempt)))
+            host, pid, expires = str(claim["host"]), int(claim["pid"]), float(claim["expires_unix"])
+        except (ObjectStoreError, ValueError, TypeError, KeyError):
+            return False  # no claim (or not one): nobody protects these objects
+        if _local_process_gone(host, pid):
+            return False
+        return time.time() < expires + CLOCK_SKEW_SECONDS
+
+
+@contextmanager
+def _spool_dir(prefix: str) -> Iterator[Path]:
+    """A local dir private to one rank's part of one save, removed when the block ends."""
+    directory = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        yield directory
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)

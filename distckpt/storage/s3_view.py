@@ -1,0 +1,385 @@
+"""An ``s3://`` root as readers see it (see :mod:`distckpt.storage.views`), and the object
+layout both its readers and its writer (:mod:`distckpt.storage.s3`) share.
+
+Under ``s3://BUCKET/PREFIX/``::
+
+    step-00000010/<attempt>/rank-00000.pt ...   every object of one save, under its own prefix
+    step-00000010/<attempt>/manifest.json       (``attempt`` is the save's unique token)
+    step-00000010/COMMIT                        {"step": 10, "attempt": "<attempt>"}: created
+                                                with If-None-Match: *, the moment of publication
+    last, best                                  pointer objects: one line, "step-00000010"
+    .lease                                      the writing job's lease (distckpt.objlease)
+    .writers/<attempt>                          a live writer's claim on its attempt
+
+A step is committed exactly when its ``COMMIT`` object exists, and its checkpoint is the
+attempt ``COMMIT`` names; objects of any other attempt are leftovers (or a live writer's).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+import threading
+from collections.abc import Callable, Collection, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from distckpt.errors import (
+    CheckpointNotFound,
+    CorruptCheckpoint,
+    ObjectNotFound,
+)
+from distckpt.fsutil import POINTER_MAX_BYTES, crc32
+from distckpt.layout import LINK_NAMES, MANIFEST_NAME, parse_step_dir_name, step_dir_name
+from distckpt.manifest import CHECKSUM_ALGORITHM, MAX_MANIFEST_BYTES, Manifest
+from distckpt.objstore import ObjectStore, S3Url
+from distckpt.storage.views import CheckpointSource, Located, RootView
+
+COMMIT_NAME = "COMMIT"
+LEASE_NAME = ".lease"
+WRITERS_PREFIX = ".writers/"
+#: Files downloaded at once by :meth:`S3Checkpoint.local_copy` (each a stream of its own).
+DOWNLOAD_CONCURRENCY = 4
+_READ_CHUNK = 8 << 20
+_COMMIT_KEY_RE = re.compile(r"^(step-\d+)/" + COMMIT_NAME + "$")
+
+
+@dataclass(frozen=True)
+class CommitRecord:
+    """What a step's ``COMMIT`` object says, and the ETag of the version read."""
+
+    step: int
+    attempt: str
+    etag: str
+
+    @staticmethod
+    def encode(step: int, attempt: str) -> bytes:
+        return json.dumps({"step": step, "attempt": attempt}, sort_keys=True).encode()
+
+
+class S3Root:
+    """One ``s3://`` root: its names, and the reads its view and its store share. The client
+    is made on first use in each process (a botocore client must not cross a ``fork()``)."""
+
+    def __init__(self, url: str, storage_options: Mapping[str, Any] | None) -> None:
+        self.url = S3Url.parse(url)
+        self.root = str(self.url)
+        self.storage_options = dict(storage_options or {})
+        self._client: ObjectStore | None = None
+        self._client_pid = 0
+        self._client_lock = threading.Lock()
+        #: manifests read, by (step, attempt): a save's manifest never changes once committed
+        self.manifests: dict[tuple[int, str], Manifest] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Sent to other ranks (a resolved checkpoint travels in a broadcast): each makes its
+        # own client.
+        return {"url": self.root, "storage_options": self.storage_options}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["url"], state["storage_options"])  # type: ignore[misc]
+
+    @property
+    def client(self) -> ObjectStore:
+        with self._client_lock:
+            if self._client is None or self._client_pid != os.getpid():
+                self._client = ObjectStore(self.root, self.storage_options)
+                self._client_pid = os.getpid()
+            return self._client
+
+    def close(self) -> None:
+        with self._client_lock:
+            if self._client is not None and self._client_pid == os.getpid():
+                self._client.close()
+            self._client = None
+
+    # -- names (relative to the root's prefix)
+
+    @staticmethod
+    def commit_name(step: int) -> str:
+        return f"{step_dir_name(step)}/{COMMIT_NAME}"
+
+    @staticmethod
+    def attempt_prefix(step: int, attempt: str) -> str:
+        return f"{step_dir_name(step)}/{attempt}/"
+
+    @staticmethod
+    def claim_name(attempt: str) -> str:
+        return f"{WRITERS_PREFIX}{attempt}"
+
+    def location(self, step: int) -> str:
+        """The checkpoint of ``step`` as users name it: ``s3://BUCKET/PREFIX/step-N``."""
+        return f"{self.root}/{step_dir_name(step)}"
+
+    def attempt_location(self, step: int, attempt: str) -> str:
+        """A save's prefix as a URL: what every rank is told to write into."""
+        return f"{self.root}/{self.attempt_prefix(step, attempt).rstrip('/')}"
+
+    def parse_attempt_location(self, location: str) -> tuple[int, str]:
+        """The step and attempt of a URL :meth:`attempt_location` made."""
+        step_name, _, attempt = location[len(self.root) + 1 :].partition("/")
+        step = parse_step_dir_name(step_name)
+        if not location.startswith(self.root + "/") or step is None or not attempt:
+            raise ValueError(f"{location} is not a save's prefix in {self.root}")
+        return step, attempt
+
+    # -- reads
+
+    def committed_steps(self) -> list[int]:
+        steps = []
+        for info in self.client.list("step-"):
+            match = _COMMIT_KEY_RE.match(info.key)
+            if match and (step := parse_step_dir_name(match.group(1))) is not None:
+                steps.append(step)
+        return sorted(steps)
+
+    def read_commit(self, step: int) -> CommitRecord | None:
+        """The step's commit record, or None when the step is not committed. A commit object
+        that is not one (written by something else) is :class:`CorruptCheckpoint`."""
+        try:
+            data, etag = self.client.get_versioned(self.commit_name(step))
+        except ObjectNotFound:
+            return None
+        try:
+            fields = json.loads(data)
+            return CommitRecord(int(fields["step"]), str(fields["attempt"]), etag)
+        except (ValueError, TypeError, KeyError) as exc:
+            raise CorruptCheckpoint(
+                f"{self.root}/{self.commit_name(step)} is not a commit record: {exc}", step=step
+            ) from exc
+
+    def read_pointer(self, name: str) -> tuple[str | None, str | None]:
+        """The target a pointer object names (None if absent or not a pointer) and its ETag
+        (None if absent)."""
+        try:
+            data, etag = self.client.get_versioned(name)
+        except ObjectNotFound:
+            return None, None
+        if len(data) > POINTER_MAX_BYTES:
+            return None, etag
+        try:
+            lines = data.decode("utf-8").splitlines()
+        except UnicodeDecodeError:
+            return None, etag
+        target = lines[0].strip() if len(lines) == 1 else ""
+        return target or None, etag
+
+
+class S3Checkpoint(CheckpointSource):
+    """The checkpoint of one step of an ``s3://`` root: the attempt its ``COMMIT`` names."""
+
+    def __init__(self, root: S3Root, step: int) -> None:
+        self._root = root
+        self.location: str = root.location(step)
+        self.expected_step: int = step
+        self._attempt: str | None = None
+
+    def unsafe(self) -> str | None:
+        return None  # objects cannot be links
+
+    def exists(self) -> bool:
+        try:
+            self._root.client.head(self._root.commit_name(self.expected_step))
+        except ObjectNotFound:
+            return False
+        return True
+
+    def _prefix(self) -> str:
+        """The committed attempt's prefix (read from ``COMMIT`` once per instance)."""
+        if self._attempt is None:
+            record = self._root.read_commit(self.expected_step)
+            if record is None:
+                raise CheckpointNotFound(
+                    f"{self.location} is not committed (no {COMMIT_NAME} object)",
+                    path=self.location,
+                    step=self.expected_step,
+                )
+            self._attempt = record.attempt
+        return self._root.attempt_prefix(self.expected_step, self._attempt)
+
+    def _object(self, name: str) -> str:
+        return self._prefix() + name
+
+    def read_manifest(self) -> Manifest:
+        name = self._object(MANIFEST_NAME)
+        assert self._attempt is not None  # read by _object
+        key = (self.expected_step, self._attempt)
+        if key not in self._root.manifests:
+            self._root.manifests[key] = self._fetch_manifest(name)
+        return self._root.manifests[key]
+
+    def _fetch_manifest(self, name: str) -> Manifest:
+        source = f"{self._root.root}/{name}"
+        try:
+            if self._root.client.head(name).size > MAX_MANIFEST_BYTES:
+                raise CorruptCheckpoint(
+                    f"{source} is larger than {MAX_MANIFEST_BYTES >> 20} MiB: not a manifest"
+                )
+            raw = self._root.client.get_bytes(name)
+        except ObjectNotFound as exc:
+            raise CorruptCheckpoint(f"{self.location} has no {MANIFEST_NAME}") from exc
+        return Manifest.from_json(raw, source=source)
+
+    def _sizes(self) -> dict[str, int]:
+        prefix = self._prefix()
+        return {info.key[len(prefix) :]: info.size for info in self._root.client.list(prefix)}
+
+    def file_problems(
+        self,
+        manifest: Manifest,
+        *,
+        checksums: bool,
+        progress: Callable[[int], None] | None = None,
+    ) -> list[str]:
+        problems: list[str] = []
+        if manifest.step != self.expected_step:
+            problems.append(
+                f"{self.describe(MANIFEST_NAME)}: names step {manifest.step}, "
+                f"but the checkpoint is for step {self.expected_step}"
+            )
+        if manifest.checksum_algorithm != CHECKSUM_ALGORITHM and checksums:
+            problems.append(
+                f"{self.describe(MANIFEST_NAME)}: unknown checksum algorithm "
+                f"{manifest.checksum_algorithm!r}; this distckpt checks {CHECKSUM_ALGORITHM!r}"
+            )
+            checksums = False
+        sizes = self._sizes()
+        for name, record in sorted(manifest.files.items()):
+            size = sizes.get(name)
+            if size is None:
+                problems.append(f"{self.describe(name)}: missing")
+            elif size != record.size:
+                problems.append(
+                    f"{self.describe(name)}: {size} bytes, the manifest says {record.size} "
+                    "(truncated?)"
+                )
+            elif checksums and not self._checksum_matches(name, record.checksum, progress):
+                problems.append(
+                    f"{self.describe(name)}: checksum mismatch (its bytes changed after it "
+                    "was written)"
+                )
+        return problems
+
+    def _checksum_matches(
+        self, name: str, expected: str, progress: Callable[[int], None] | None
+    ) -> bool:
+        """Whether the object's CRC-32 is ``expected``. The store's own CRC-32 (kept where the
+        object was sent with one) answers a mismatch without a download; a match is confirmed
+        by reading every byte, since what the store keeps is what it was sent."""
+        stored = self._root.client.head(self._object(name)).crc32
+        if stored is not None and stored != expected:
+            return False
+        crc = 0
+        with self._root.client.open_read(self._object(name)) as stream:
+            while chunk := stream.read(_READ_CHUNK):
+                crc = crc32(chunk, crc)
+                if progress is not None:
+                    progress(len(chunk))
+        return f"{crc:08x}" == expected
+
+    def unlisted_files(self, manifest: Manifest) -> list[str]:
+        return [
+            f"{self.describe(name)}: unexpected object, not in the manifest"
+            for name in sorted(self._sizes())
+            if name != MANIFEST_NAME and name not in manifest.files
+        ]
+
+    def describe(self, name: str) -> str:
+        if self._attempt is None:
+            return f"{self.location}/{name}"
+        return f"{self._root.root}/{self._object(name)}"
+
+    def local_copy(self, names: Collection[str]) -> AbstractContextManager[Path]:
+        return self._downloaded(names)
+
+    @contextmanager
+    def _downloaded(self, names: Collection[str]) -> Iterator[Path]:
+        manifest = self.read_manifest()
+        directory = Path(tempfile.mkdtemp(prefix=f"distckpt-read-{self.name}-"))
+        try:
+            wanted = sorted(set(names) | {MANIFEST_NAME})
+            with ThreadPoolExecutor(DOWNLOAD_CONCURRENCY) as pool:
+                for future in [
+                    pool.submit(self._download, name, directory, manifest) for name in wanted
+                ]:
+                    future.result()
+            yield directory
+        finally:
+            # A format may have memory-mapped a file: unlinking it keeps the mapping valid.
+            shutil.rmtree(directory, ignore_errors=True)
+
+    def _download(self, name: str, directory: Path, manifest: Manifest) -> None:
+        target = directory / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with (
+                self._root.client.open_read(self._object(name)) as stream,
+                open(target, "wb") as out,
+            ):
+                shutil.copyfileobj(stream, out, _READ_CHUNK)
+        except ObjectNotFound as exc:
+            raise CorruptCheckpoint(f"{self.describe(name)}: missing") from exc
+        record = manifest.files.get(name)
+        size = target.stat().st_size
+        if record is not None and size != record.size:
+            raise CorruptCheckpoint(
+                f"{self.describe(name)}: {size} bytes, the manifest says {record.size} (truncated?)"
+            )
+
+
+class S3RootView(RootView):
+    """An ``s3://`` root, read through its objects."""
+
+    def __init__(
+        self,
+        url: str,
+        storage_options: Mapping[str, Any] | None = None,
+        *,
+        s3: S3Root | None = None,
+    ) -> None:
+        self.s3 = s3 if s3 is not None else S3Root(url, storage_options)
+        self.root: str = self.s3.root
+
+    def exists(self) -> bool:
+        try:
+            next(iter(self.s3.client.list("", page_size=1)), None)
+        except ObjectNotFound:  # no such bucket
+            return False
+        return True
+
+    def committed_steps(self) -> list[int]:
+        return self.s3.committed_steps()
+
+    def checkpoint(self, step: int) -> S3Checkpoint:
+        return S3Checkpoint(self.s3, step)
+
+    def read_pointer(self, name: str) -> str | None:
+        return self.s3.read_pointer(name)[0]
+
+    def pointer_present(self, name: str) -> bool:
+        return self.s3.read_pointer(name)[1] is not None
+
+
+def locate_url(url: str, storage_options: Mapping[str, Any] | None) -> Located:
+    """What an ``s3://`` URL stands for: ``.../last`` or ``.../best`` (a pointer of the root
+    above it), ``.../step-00000010`` (a checkpoint, :class:`CheckpointNotFound` unless it is
+    committed), or a root."""
+    parsed = S3Url.parse(url)
+    parent, _, last = parsed.prefix.rpartition("/")
+    parent_url = str(S3Url(parsed.bucket, parent))
+    if last in LINK_NAMES:
+        return Located("link", S3RootView(parent_url, storage_options), pointer=last)
+    step = parse_step_dir_name(last)
+    if step is not None:
+        view = S3RootView(parent_url, storage_options)
+        source = view.checkpoint(step)
+        if not source.exists():
+            raise CheckpointNotFound(f"no committed checkpoint at {url}", path=url, step=step)
+        return Located("step_dir", view, source=source)
+    return Located("root", S3RootView(url, storage_options))

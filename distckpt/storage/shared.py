@@ -1,0 +1,68 @@
+"""What both stores share: the parts of :class:`~distckpt.storage.RootStore` that only read
+the root through its :class:`~distckpt.storage.views.RootView`."""
+
+from __future__ import annotations
+
+from distckpt import policy, resolve
+from distckpt.errors import CheckpointExists, InvalidStep, ReadOnlyRoot
+from distckpt.layout import BEST, LAST, parse_step_dir_name
+from distckpt.results import SaveResult
+from distckpt.storage import RootStore
+from distckpt.storage.views import RootView
+
+
+class ViewedStore(RootStore):
+    """A store that reads its root through ``view`` (a base class: the store sets these)."""
+
+    view: RootView
+    retention: policy.RetentionPolicy
+    #: never write: changes raise :class:`~distckpt.ReadOnlyRoot`
+    read_only: bool
+
+    def _newest(self) -> tuple[int, int | None] | None:
+        """The step and epoch of the newest committed checkpoint that passes its check."""
+        newest = resolve.newest_valid(self.view)
+        return (newest[1].step, newest[1].epoch) if newest is not None else None
+
+    def _refuse_if_read_only(self, change: str) -> None:
+        if self.read_only:
+            raise ReadOnlyRoot(
+                f"cannot {change}: the checkpoint root {self.root} was opened with "
+                "read_only=True, which never writes to it",
+                path=self.root,
+            )
+
+    def check_step(self, step: int, *, overwrite: bool, explicit: bool) -> SaveResult | None:
+        committed = self.view.committed_steps()
+        if step in committed and not overwrite:
+            source = self.view.checkpoint(step)
+            if not explicit:
+                source, manifest = resolve.resolve_step(self.view, step)
+                return SaveResult(step, source.location, manifest.epoch, dict(manifest.metrics))
+            raise CheckpointExists(
+                f"step {step} is already committed at {source.location}; pass "
+                "overwrite=True to replace it",
+                path=source.location,
+                step=step,
+            )
+        if committed and step < committed[-1]:
+            raise InvalidStep(
+                f"step {step} is lower than the newest committed step {committed[-1]} in "
+                f"{self.root}; steps only grow within a root: delete the newer "
+                "checkpoints (manager.delete(step)) or save into a new root",
+                step=step,
+            )
+        return None
+
+    def _steps_retention_removes(self, records: list[policy.CheckpointRecord]) -> list[int]:
+        """The steps the retention rules do not keep among ``records``; never the targets of
+        ``last`` / ``best`` as they are now."""
+        if self.retention.keeps_everything:
+            return []
+        protected = {
+            step
+            for name in (LAST, BEST)
+            if (target := self.view.read_pointer(name)) is not None
+            and (step := parse_step_dir_name(target)) is not None
+        }
+        return policy.steps_to_remove(records, self.retention, protected=protected)

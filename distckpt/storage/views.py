@@ -1,0 +1,142 @@
+"""The read side of the storage seam: a root and its checkpoints as readers see them.
+
+:mod:`distckpt.resolve`, :mod:`distckpt.reader`, :mod:`distckpt.verify` and the exporter work
+over these two interfaces only, so they never ask which backend holds a root:
+
+* a :class:`RootView` lists the committed steps of one root and reads its ``last``/``best``
+  pointers (POSIX: symlinks or pointer files; an object store: pointer objects);
+* a :class:`CheckpointSource` is one checkpoint: its manifest, what is wrong with its files
+  against that manifest, and :meth:`CheckpointSource.local_copy`, a local directory holding
+  the files a read needs (POSIX: the checkpoint dir itself; an object store: a temporary
+  download), which the formats read unchanged.
+
+The implementations are :mod:`distckpt.storage.posix_view` and :mod:`distckpt.storage.s3_view`;
+:func:`distckpt.storage.open_view` picks one.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Collection
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import Literal
+
+from distckpt.layout import RootLayout
+from distckpt.manifest import Manifest
+from distckpt.results import CheckpointLocation, location_name
+
+#: What a location given by a user stands for: a ``last``/``best`` pointer of a root, one
+#: checkpoint, or a root (its newest checkpoint).
+PathKind = Literal["link", "step_dir", "root"]
+
+
+class CheckpointSource(abc.ABC):
+    """One checkpoint of a root (committed, as far as its root's listing said)."""
+
+    #: where it is: its dir, or its ``s3://`` URL
+    location: CheckpointLocation
+    #: the step its name stands for (None for a dir whose name is not a step dir's)
+    expected_step: int | None
+
+    @property
+    def name(self) -> str:
+        """Its last component, ``step-00000010`` (a POSIX dir may have any name)."""
+        return location_name(self.location)
+
+    def describe(self, name: str) -> str:
+        """How messages name the file ``name`` of this checkpoint."""
+        return f"{self.location}/{name}"
+
+    @abc.abstractmethod
+    def unsafe(self) -> str | None:
+        """Why this checkpoint must not be read at all (POSIX: its dir is a symlink), or None."""
+
+    @abc.abstractmethod
+    def exists(self) -> bool:
+        """Whether it is still there (committed): False once deleted, e.g. by another
+        process's retention while it was being read."""
+
+    @abc.abstractmethod
+    def read_manifest(self) -> Manifest:
+        """Its manifest: :class:`~distckpt.CorruptCheckpoint` when missing or unreadable,
+        :class:`~distckpt.UnsupportedVersion` when newer than this library."""
+
+    @abc.abstractmethod
+    def file_problems(
+        self,
+        manifest: Manifest,
+        *,
+        checksums: bool,
+        progress: Callable[[int], None] | None = None,
+    ) -> list[str]:
+        """Everything wrong with its files against ``manifest``, one message per problem: a
+        step other than :attr:`expected_step`, a missing or wrong-sized file, and with
+        ``checksums`` a wrong checksum (every byte is read; ``progress`` gets the counts)."""
+
+    @abc.abstractmethod
+    def unlisted_files(self, manifest: Manifest) -> list[str]:
+        """One message per file it holds that ``manifest`` does not list."""
+
+    @abc.abstractmethod
+    def local_copy(self, names: Collection[str]) -> AbstractContextManager[Path]:
+        """A local directory holding at least the files ``names`` (each checked against the
+        manifest's size), for as long as the ``with`` block lasts: what a format reads."""
+
+
+class RootView(abc.ABC):
+    """One checkpoint root as readers see it; reads only, never changes it."""
+
+    #: where the root is: a directory, or an ``s3://`` URL
+    root: CheckpointLocation
+    #: a local root's paths (None for an object-store root)
+    layout: RootLayout | None = None
+
+    @abc.abstractmethod
+    def exists(self) -> bool:
+        """Whether the root is there (a directory; a bucket this client may list)."""
+
+    @abc.abstractmethod
+    def committed_steps(self) -> list[int]:
+        """The steps committed in the root, ascending (their checkpoints are unchecked)."""
+
+    @abc.abstractmethod
+    def checkpoint(self, step: int) -> CheckpointSource:
+        """The checkpoint of ``step`` (whether it is committed or not)."""
+
+    def every_checkpoint(self) -> list[CheckpointSource]:
+        """Everything that looks like a checkpoint, damaged or unsafe ones included, for
+        ``verify`` to report on: by default the committed steps' checkpoints."""
+        return [self.checkpoint(step) for step in self.committed_steps()]
+
+    @abc.abstractmethod
+    def read_pointer(self, name: str) -> str | None:
+        """The target name the pointer ``name`` (``last``/``best``) holds, or None when it is
+        absent or not a pointer."""
+
+    @abc.abstractmethod
+    def pointer_present(self, name: str) -> bool:
+        """Whether anything is at the pointer's name at all (a pointer that cannot be read
+        included)."""
+
+    def pointer_location(self, name: str) -> str:
+        """How messages name the pointer ``name``."""
+        return f"{self.root}/{name}"
+
+
+class Located:
+    """What a location given by a user stands for (see :data:`PathKind`): its root's view,
+    and for a ``"link"`` the pointer's name, for a ``"step_dir"`` the checkpoint."""
+
+    def __init__(
+        self,
+        kind: PathKind,
+        view: RootView,
+        *,
+        pointer: str | None = None,
+        source: CheckpointSource | None = None,
+    ) -> None:
+        self.kind = kind
+        self.view = view
+        self.pointer = pointer
+        self.source = source

@@ -1,0 +1,302 @@
+"""``s3://`` checkpoint roots against a real S3-protocol server (moto, tests/s3server.py):
+the object-store implementation of the storage seam, through the public API."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import distckpt
+from distckpt import CheckpointNotFound, CorruptCheckpoint, RootInUse, StoreAccessDenied, faults
+from distckpt.errors import InjectedFault
+from distckpt.lease import this_host
+from distckpt.objstore import ObjectStore
+from tests.ranks import run_ranks, values
+from tests.s3server import S3Server
+
+pytest.importorskip("botocore")
+
+JOB_TIMEOUT = 120.0
+
+
+def _objects(url: str, options: dict[str, Any]) -> dict[str, int]:
+    """Every object under the root, by name relative to it, with its size."""
+    with ObjectStore(url, options) as store:
+        return {info.key: info.size for info in store.list()}
+
+
+def _state(step: int) -> dict[str, Any]:
+    return {"w": torch.arange(4.0) + step, "step": step}
+
+
+@pytest.mark.parametrize("fmt", ["torch", "dcp"])
+def test_save_and_restore_in_one_process(s3_server: S3Server, s3_url: str, fmt: str) -> None:
+    options = s3_server.storage_options()
+    with distckpt.CheckpointManager(s3_url, storage_options=options, format=fmt) as manager:
+        first = manager.save(10, _state(10))
+        manager.save(20, _state(20), metrics={"loss": 0.5})
+        assert first is not None and first.path == f"{s3_url}/step-00000010"
+        assert manager.steps() == [10, 20] and manager.latest_step() == 20
+        assert [info.path for info in manager.checkpoints()] == [
+            f"{s3_url}/step-00000010",
+            f"{s3_url}/step-00000020",
+        ]
+        template = {"w": torch.zeros(4), "step": 0}
+        restored = manager.restore("last", state=template)
+        assert restored is not None and restored.step == 20
+        assert torch.equal(template["w"], torch.arange(4.0) + 20)
+        older = manager.restore(10, state={"w": torch.zeros(4), "step": 0})
+        assert older is not None and torch.equal(older.state["w"], torch.arange(4.0) + 10)
+    names = _objects(s3_url, options)
+    assert "step-00000020/COMMIT" in names and "last" in names
+    # every object of a save lies under its own prefix next to the commit object
+    assert all(
+        name.count("/") >= 2 for name in names if name.startswith("step-") and "COMMIT" not in name
+    )
+
+
+def _two_ranks(rank: int, world_size: int, url: str, options: dict[str, Any], fmt: str) -> Any:
+    # "torch" keeps each rank's own state; "dcp" saves one (replicated) state
+    value = rank if fmt == "torch" else 0
+    with distckpt.CheckpointManager(url, storage_options=options, format=fmt) as manager:
+        for step in (1, 2):
+            manager.save(step, {"w": torch.full((3,), float(step * 10 + value))})
+        template = {"w": torch.zeros(3)}
+        restored = manager.restore("last", state=template)
+        assert restored is not None
+        return restored.step, template["w"].tolist(), manager.steps()
+
+
+@pytest.mark.parametrize("fmt", ["torch", "dcp"])
+def test_two_ranks_save_and_restore(s3_server: S3Server, s3_url: str, fmt: str) -> None:
+    options = s3_server.storage_options()
+    out = values(run_ranks(_two_ranks, 2, s3_url, options, fmt, timeout=JOB_TIMEOUT))
+    if fmt == "torch":
+        assert out == [(2, [20.0] * 3, [1, 2]), (2, [21.0] * 3, [1, 2])]
+        assert "step-00000002/" in "".join(_objects(s3_url, options))
+    else:
+        assert out == [(2, [20.0] * 3, [1, 2])] * 2
+
+
+def _async_job(rank: int, world_size: int, url: str, options: dict[str, Any]) -> Any:
+    with distckpt.CheckpointManager(url, storage_options=options, async_save=True) as manager:
+        pending = manager.save(5, {"w": torch.full((2,), float(rank))})
+        assert pending is not None and not pending.done
+        done = manager.wait()
+        assert done is not None and done.done
+        loaded = manager.restore("last")
+        assert loaded is not None
+        return done.path, loaded.state["w"].tolist()
+
+
+def test_async_save_on_two_ranks(s3_server: S3Server, s3_url: str) -> None:
+    options = s3_server.storage_options()
+    out = values(run_ranks(_async_job, 2, s3_url, options, timeout=JOB_TIMEOUT))
+    assert out == [(f"{s3_url}/step-00000005", [0.0, 0.0]), (f"{s3_url}/step-00000005", [1.0, 1.0])]
+
+
+def test_retention_keeps_last_and_best_and_deletes_commit_objects(
+    s3_server: S3Server, s3_url: str
+) -> None:
+    options = s3_server.storage_options()
+    losses = {1: 0.5, 2: 0.1, 3: 0.3, 4: 0.4}
+    with distckpt.CheckpointManager(
+        s3_url, storage_options=options, keep_last=1, keep_best=1, monitor="loss"
+    ) as manager:
+        for step, loss in losses.items():
+            manager.save(step, _state(step), metrics={"loss": loss})
+        assert manager.steps() == [2, 4] and manager.best_step() == 2
+        best = manager.restore("best")
+        assert best is not None and best.step == 2
+    names = _objects(s3_url, options)
+    assert not any(name.startswith(("step-00000001/", "step-00000003/")) for name in names)
+    with ObjectStore(s3_url, options) as store:
+        assert store.get_bytes("last") == b"step-00000004\n"
+        assert store.get_bytes("best") == b"step-00000002\n"
+
+
+def test_a_delete_unpublishes_the_commit_object_before_the_data(
+    s3_server: S3Server, s3_url: str
+) -> None:
+    options = s3_server.storage_options()
+    with distckpt.CheckpointManager(s3_url, storage_options=options) as manager:
+        for step in (1, 2):
+            manager.save(step, _state(step))
+        faults.arm("during_delete", "raise")
+        with pytest.raises(InjectedFault):
+            manager.delete(2)
+        faults.disarm()
+        # stopped between the two: the commit object is gone, the data still there
+        names = _objects(s3_url, options)
+        assert "step-00000002/COMMIT" not in names
+        assert any(name.startswith("step-00000002/") for name in names)
+        assert manager.steps() == [1] and manager.latest_step() == 1
+        assert _objects(s3_url, options)["last"] == len(b"step-00000001\n")
+        removed = manager.gc()
+        assert [location.rsplit("/", 2)[-2] for location in map(str, removed)] == ["step-00000002"]
+    assert not any(name.startswith("step-00000002/") for name in _objects(s3_url, options))
+
+
+def test_delete_and_prune(s3_server: S3Server, s3_url: str) -> None:
+    options = s3_server.storage_options()
+    with distckpt.CheckpointManager(s3_url, storage_options=options) as manager:
+        for step in (1, 2, 3):
+            manager.save(step, _state(step))
+        manager.delete(3)
+        assert manager.steps() == [1, 2]
+        with pytest.raises(CheckpointNotFound):
+            manager.delete(3)
+        assert manager.restore("last").step == 2  # type: ignore[union-attr]
+    with distckpt.CheckpointManager(s3_url, storage_options=options, keep_last=1) as manager:
+        assert manager.prune() == [1]
+        assert manager.steps() == [2]
+
+
+def test_overwrite_replaces_the_checkpoint(s3_server: S3Server, s3_url: str) -> None:
+    options = s3_server.storage_options()
+    with distckpt.CheckpointManager(s3_url, storage_options=options) as manager:
+        manager.save(7, {"w": torch.zeros(2)})
+        with pytest.raises(distckpt.CheckpointExists):
+            manager.save(7, {"w": torch.ones(2)})
+        manager.save(7, {"w": torch.ones(2)}, overwrite=True)
+        loaded = manager.restore(7)
+        assert loaded is not None and loaded.state["w"].tolist() == [1.0, 1.0]
+    attempts = {name.split("/")[1] for name in _objects(s3_url, options) if "/" in name}
+    attempts.discard("COMMIT")
+    assert len(attempts) == 1  # the replaced save's objects are gone
+
+
+def _write_attempt(url: str, options: dict[str, Any], step: int, attempt: str) -> None:
+    """Objects of a save that never committed (what a killed writer leaves)."""
+    with ObjectStore(url, options) as store:
+        store.put_bytes(f"step-{step:08d}/{attempt}/rank-00000.pt", b"x" * 10)
+
+
+def test_gc_removes_a_dead_writers_save_but_not_a_live_one(
+    s3_server: S3Server, s3_url: str
+) -> None:
+    options = s3_server.storage_options()
+    with distckpt.CheckpointManager(s3_url, storage_options=options) as manager:
+        manager.save(1, _state(1))
+        _write_attempt(s3_url, options, 2, "dead")
+        _write_attempt(s3_url, options, 2, "live")
+        with ObjectStore(s3_url, options) as store:
+            claim = {
+                "attempt": "live",
+                "host": this_host(),
+                "pid": os.getpid(),  # alive: this process
+                "expires_unix": 4e9,
+            }
+            store.put_bytes(".writers/live", json.dumps(claim).encode())
+        removed = manager.gc()
+        assert removed == [f"{s3_url}/step-00000002/dead"]
+        names = _objects(s3_url, options)
+        assert "step-00000002/live/rank-00000.pt" in names
+        assert "step-00000002/dead/rank-00000.pt" not in names
+        assert manager.steps() == [1]
+
+
+def test_a_step_without_its_commit_object_is_not_committed(
+    s3_server: S3Server, s3_url: str
+) -> None:
+    options = s3_server.storage_options()
+    with distckpt.CheckpointManager(s3_url, storage_options=options) as manager:
+        manager.save(1, _state(1))
+        manager.save(2, _state(2))
+    with ObjectStore(s3_url, options) as store:
+        store.delete(["step-00000002/COMMIT"])  # every object of the save is still there
+    loaded = distckpt.load_checkpoint(s3_url, storage_options=options)
+    assert loaded.step == 1
+    with pytest.raises(CheckpointNotFound):
+        distckpt.load_checkpoint(f"{s3_url}/step-00000002", storage_options=options)
+    with distckpt.CheckpointManager(s3_url, storage_options=options, read_only=True) as manager:
+        assert manager.steps() == [1] and manager.latest_step() == 1
+
+
+def test_load_checkpoint_and_verify_by_url(s3_server: S3Server, s3_url: str) -> None:
+    options = s3_server.storage_options()
+    with distckpt.CheckpointManager(s3_url, storage_options=options) as manager:
+        manager.save(10, _state(10))
+        manager.save(20, _state(20))
+    for where, step in ((s3_url, 20), (f"{s3_url}/last", 20), (f"{s3_url}/step-00000010", 10)):
+        loaded = distckpt.load_checkpoint(where, storage_options=options, verify=True)
+        assert loaded.step == step and loaded.path == f"{s3_url}/step-{step:08d}"
+        assert torch.equal(loaded.state["w"], torch.arange(4.0) + step)
+        assert distckpt.verify(where, storage_options=options).ok
+    report = distckpt.verify(s3_url, storage_options=options)
+    assert [c.step for c in report.checkpoints] == [10, 20]
+
+    # corrupt one object of step 20 (same size, other bytes)
+    with ObjectStore(s3_url, options) as store:
+        name = next(
+            n for n in _objects(s3_url, options) if n.endswith("rank-00000.pt") and "20" in n
+        )
+        data = bytearray(store.get_bytes(name))
+        data[-1] ^= 0xFF
+        store.put_bytes(name, bytes(data))
+    assert not distckpt.verify(f"{s3_url}/last", storage_options=options).ok
+    assert distckpt.verify(f"{s3_url}/step-00000010", storage_options=options).ok
+    bad = distckpt.verify(s3_url, storage_options=options)
+    assert not bad.ok and "checksum mismatch" in str(bad)
+    with pytest.raises(CorruptCheckpoint):
+        distckpt.load_checkpoint(f"{s3_url}/step-00000020", storage_options=options, verify=True)
+    # "last" falls back past the corrupt checkpoint when checksums are checked
+    assert distckpt.load_checkpoint(s3_url, storage_options=options, verify=True).step == 10
+
+
+def test_export_from_a_url(s3_server: S3Server, s3_url: str, tmp_path: Path) -> None:
+    options = s3_server.storage_options()
+    with distckpt.CheckpointManager(s3_url, storage_options=options) as manager:
+        manager.save(3, _state(3))
+    out = distckpt.export(f"{s3_url}/last", tmp_path / "out.pt", storage_options=options)
+    exported = torch.load(out, weights_only=True)
+    assert torch.equal(exported["w"], torch.arange(4.0) + 3)
+
+
+def test_a_second_job_on_the_root_is_refused(s3_server: S3Server, s3_url: str) -> None:
+    options = s3_server.storage_options()
+    with distckpt.CheckpointManager(s3_url, storage_options=options) as first:
+        first.save(1, _state(1))
+        with pytest.raises(RootInUse):
+            distckpt.CheckpointManager(s3_url, storage_options=options)
+    # released at close: the next job opens it at once
+    with distckpt.CheckpointManager(s3_url, storage_options=options) as second:
+        assert second.latest_step() == 1
+
+
+def _with_wrong_secret(rank: int, world_size: int, url: str, options: dict[str, Any]) -> str:
+    try:
+        distckpt.CheckpointManager(url, storage_options=options, timeout=30)
+    except StoreAccessDenied as exc:
+        return type(exc).__name__
+    return "opened"
+
+
+def test_a_refused_credential_fails_every_rank_clearly() -> None:
+    pytest.importorskip("boto3")
+    server = S3Server(auth=True).start()
+    try:
+        url = f"s3://{server.create_bucket()}/ckpt"
+        options = server.storage_options(secret="not-the-secret")
+        out = values(run_ranks(_with_wrong_secret, 2, url, options, timeout=JOB_TIMEOUT))
+        assert out == ["StoreAccessDenied", "StoreAccessDenied"]
+    finally:
+        server.stop()
+
+
+def test_a_local_root_never_imports_botocore(tmp_path: Path) -> None:
+    code = (
+        "import sys, torch, distckpt\n"
+        f"m = distckpt.CheckpointManager({str(tmp_path / 'ckpt')!r})\n"
+        "m.save(1, {'w': torch.zeros(1)}); m.restore('last'); m.close()\n"
+        "distckpt.verify(m.root)\n"
+        "assert 'botocore' not in sys.modules, 'botocore imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
