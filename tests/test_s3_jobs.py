@@ -102,9 +102,11 @@ def wait_while_running(
         time.sleep(0.05)
 
 
-def reader(url: str, server: S3Server) -> distckpt.CheckpointManager:
+def reader(url: str, server: S3Server, **options: Any) -> distckpt.CheckpointManager:
     """A manager that only reads the root (it takes no lease), in this plain process."""
-    return distckpt.CheckpointManager(url, storage_options=server.storage_options(), read_only=True)
+    return distckpt.CheckpointManager(
+        url, storage_options=server.storage_options(), read_only=True, **options
+    )
 
 
 def committed_steps(url: str, server: S3Server) -> list[int]:
@@ -178,11 +180,16 @@ def test_jobs_killed_at_random_instants_resume_from_the_newest_committed_step(
     for rank in RANKS:
         assert saved_steps(out, "final", rank) == list(range((newest or 0) + 1, STEPS + 1))
         assert logged(out, "final", rank, "closed"), log(out, "final", rank)
-    with reader(s3_url, s3_server) as mgr:
+    with reader(s3_url, s3_server, monitor="loss") as mgr:
         assert mgr.steps() == KEPT
         assert mgr.latest_step() == STEPS
         assert mgr.best_step() == min(range(1, STEPS + 1), key=loss_at) == KEPT[0]
-    assert distckpt.verify(s3_url, storage_options=s3_server.storage_options()).ok
+    options = s3_server.storage_options()
+    for link, step in (("last", STEPS), ("best", KEPT[0])):  # the pointer objects
+        state = template(0, fmt, BALLAST_MIB)
+        loaded = distckpt.load_checkpoint(f"{s3_url}/{link}", state=state, storage_options=options)
+        assert loaded.step == step
+    assert distckpt.verify(s3_url, storage_options=options).ok
     assert_every_step_restores_exactly(s3_url, s3_server, fmt)
 
 
