@@ -1,7 +1,7 @@
 """The ``distckpt`` command line: a thin front end over the library's own functions.
 
-Every command takes a local root or path, or an ``s3://BUCKET/PREFIX`` URL (``lease`` only a
-local root); for an ``s3://`` URL the endpoint and credentials come from the environment
+Every command takes a local root or path, or an ``s3://BUCKET/PREFIX`` URL (``lease --break``
+only a local root); for an ``s3://`` URL the endpoint and credentials come from the environment
 (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_REGION``) and
 the AWS config files.
 
@@ -27,8 +27,8 @@ from typing import Any, TextIO
 
 from distckpt import resolve
 from distckpt.errors import CheckpointError, CheckpointNotFound
-from distckpt.layout import LINK_NAMES, RootLayout
-from distckpt.lease import LeaseHolder, break_lease, read_holder
+from distckpt.layout import LINK_NAMES
+from distckpt.lease import LeaseHolder
 from distckpt.policy import RetentionPolicy, parse_created_utc
 from distckpt.results import location_name
 from distckpt.storage import Located, RootStore, RootView, open_store, open_view
@@ -169,10 +169,9 @@ def cmd_ls(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def cmd_lease(args: argparse.Namespace, out: TextIO) -> int:
-    root = RootLayout.at(args.root).root
-    if not root.is_dir():
-        raise CheckpointError(f"no checkpoint root at {root}")
-    holder = break_lease(root) if args.break_lease else read_holder(root)
+    root = _existing_view(args.root).root
+    store = open_store(root, read_only=True)
+    holder = store.break_lease() if args.break_lease else store.lease_holder()
     if args.json:
         json.dump({"root": os.fspath(root), "lease": _holder_json(holder)}, out, indent=1)
         out.write("\n")

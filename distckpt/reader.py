@@ -243,12 +243,16 @@ def _read_on_ranks(
 ) -> Checkpoint:
     """Prepare and read ``source`` on every rank, each from its local copy of the files,
     agreeing on the outcome of each step."""
+    collective = format_named(manifest.format).collective_read
+    # A read without collectives reads only what this rank wrote (its rank file); one with
+    # collectives (DCP) may read any file of the checkpoint.
+    needed = [name for name, record in manifest.files.items() if collective or record.rank == rank]
     with ExitStack() as held:
 
         def prepare() -> PreparedRead:
             # The local copy is made inside the first agreement, so fetching costs none.
             directory = _vanish_checked(
-                source, lambda: held.enter_context(source.local_copy(manifest.files))
+                source, lambda: held.enter_context(source.local_copy(needed))
             )
             return prepare_read(
                 source,
@@ -262,7 +266,7 @@ def _read_on_ranks(
                 group=group,
             )
 
-        if not format_named(manifest.format).collective_read:
+        if not collective:
             # No rank waits inside the read for another: one agreement after both steps.
             return _agreed(
                 coordinator,

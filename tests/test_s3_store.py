@@ -3,10 +3,15 @@ the object-store implementation of the storage seam, through the public API."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -115,6 +120,8 @@ def test_retention_keeps_last_and_best_and_deletes_commit_objects(
         assert manager.steps() == [2, 4] and manager.best_step() == 2
         best = manager.restore("best")
         assert best is not None and best.step == 2
+    loaded = distckpt.load_checkpoint(f"{s3_url}/best", storage_options=options)
+    assert loaded.step == 2 and torch.equal(loaded.state["w"], torch.arange(4.0) + 2)
     names = _objects(s3_url, options)
     assert not any(name.startswith(("step-00000001/", "step-00000003/")) for name in names)
     with ObjectStore(s3_url, options) as store:
@@ -154,9 +161,15 @@ def test_delete_and_prune(s3_server: S3Server, s3_url: str) -> None:
         with pytest.raises(CheckpointNotFound):
             manager.delete(3)
         assert manager.restore("last").step == 2  # type: ignore[union-attr]
-    with distckpt.CheckpointManager(s3_url, storage_options=options, keep_last=1) as manager:
+    with distckpt.CheckpointManager(
+        s3_url, storage_options=options, keep_last=1, every_n_steps=4, link="symlink", fsync=True
+    ) as manager:
         assert manager.prune() == [1]
         assert manager.steps() == [2]
+        assert manager.save(3, _state(3)) is None  # the schedule says no
+        assert manager.should_save(4) and manager.save(4, _state(4)) is not None
+        assert manager.steps() == [4]
+    assert _objects(s3_url, options)["last"] == len(b"step-00000004\n")  # a pointer object
 
 
 def test_overwrite_replaces_the_checkpoint(s3_server: S3Server, s3_url: str) -> None:
@@ -185,21 +198,27 @@ def test_gc_removes_a_dead_writers_save_but_not_a_live_one(
     options = s3_server.storage_options()
     with distckpt.CheckpointManager(s3_url, storage_options=options) as manager:
         manager.save(1, _state(1))
-        _write_attempt(s3_url, options, 2, "dead")
-        _write_attempt(s3_url, options, 2, "live")
+        claims = {
+            "dead": None,  # no claim at all
+            "live": (this_host(), os.getpid(), 4e9),  # alive: this process
+            # on another machine: its expiry is trusted for 60 s more (clock skew)
+            "late": ("elsewhere", 1, time.time() - 10),
+            "expired": ("elsewhere", 1, time.time() - 120),
+        }
         with ObjectStore(s3_url, options) as store:
-            claim = {
-                "attempt": "live",
-                "host": this_host(),
-                "pid": os.getpid(),  # alive: this process
-                "expires_unix": 4e9,
-            }
-            store.put_bytes(".writers/live", json.dumps(claim).encode())
+            for attempt, claim in claims.items():
+                _write_attempt(s3_url, options, 2, attempt)
+                if claim is not None:
+                    host, pid, expires = claim
+                    record = {"attempt": attempt, "host": host, "pid": pid, "expires_unix": expires}
+                    store.put_bytes(f".writers/{attempt}", json.dumps(record).encode())
         removed = manager.gc()
-        assert removed == [f"{s3_url}/step-00000002/dead"]
+        assert sorted(removed) == [f"{s3_url}/step-00000002/{a}" for a in ("dead", "expired")]
         names = _objects(s3_url, options)
-        assert "step-00000002/live/rank-00000.pt" in names
-        assert "step-00000002/dead/rank-00000.pt" not in names
+        assert {name.split("/")[1] for name in names if name.startswith("step-00000002/")} == {
+            "live",
+            "late",
+        }
         assert manager.steps() == [1]
 
 
@@ -226,8 +245,9 @@ def test_load_checkpoint_and_verify_by_url(s3_server: S3Server, s3_url: str) -> 
         manager.save(10, _state(10))
         manager.save(20, _state(20))
     for where, step in ((s3_url, 20), (f"{s3_url}/last", 20), (f"{s3_url}/step-00000010", 10)):
-        loaded = distckpt.load_checkpoint(where, storage_options=options, verify=True)
+        loaded = distckpt.load_checkpoint(where, storage_options=options, verify=True, mmap=True)
         assert loaded.step == step and loaded.path == f"{s3_url}/step-{step:08d}"
+        # memory-mapped from a downloaded file that is gone by now: still readable
         assert torch.equal(loaded.state["w"], torch.arange(4.0) + step)
         assert distckpt.verify(where, storage_options=options).ok
     report = distckpt.verify(s3_url, storage_options=options)
@@ -291,12 +311,173 @@ def test_a_refused_credential_fails_every_rank_clearly() -> None:
         server.stop()
 
 
-def test_a_local_root_never_imports_botocore(tmp_path: Path) -> None:
+def test_storage_options_with_a_directory_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(distckpt.InvalidArgument, match="s3:// roots only"):
+        distckpt.CheckpointManager(tmp_path, storage_options={"key": "k"})
+
+
+def test_a_local_root_works_without_botocore(tmp_path: Path) -> None:
     code = (
-        "import sys, torch, distckpt\n"
+        "import sys\n"
+        "sys.modules['botocore'] = None  # as if not installed: importing it raises\n"
+        "import torch, distckpt\n"
         f"m = distckpt.CheckpointManager({str(tmp_path / 'ckpt')!r})\n"
         "m.save(1, {'w': torch.zeros(1)}); m.restore('last'); m.close()\n"
-        "distckpt.verify(m.root)\n"
-        "assert 'botocore' not in sys.modules, 'botocore imported'\n"
+        "assert distckpt.verify(m.root).ok\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_the_cli_on_an_s3_root_with_the_aws_environment(
+    s3_server: S3Server, s3_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import io
+
+    from distckpt.cli import main
+
+    options = s3_server.storage_options()
+    with distckpt.CheckpointManager(s3_url, storage_options=options, monitor="loss") as manager:
+        for step in (1, 2, 3):
+            manager.save(step, _state(step), metrics={"loss": 1.0 / step})
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.endpoint)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_server.key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server.secret)
+    monkeypatch.setenv("AWS_REGION", "us-east-1")
+
+    def run(*args: str) -> tuple[int, str]:
+        out = io.StringIO()
+        return main(list(args), out), out.getvalue()
+
+    status, listing = run("ls", "--json", s3_url)
+    assert status == 0
+    payload = json.loads(listing)
+    assert [c["step"] for c in payload["checkpoints"]] == [1, 2, 3]
+    assert payload["links"] == {"last": "step-00000003", "best": "step-00000003"}
+    status, info = run("info", f"{s3_url}/last")
+    assert status == 0 and f"{s3_url}/step-00000003" in info
+    assert run("verify", s3_url)[0] == 0
+    assert run("export", f"{s3_url}/step-00000002", str(tmp_path / "two.pt"))[0] == 0
+    assert torch.load(tmp_path / "two.pt", weights_only=True)["step"] == 2
+    _write_attempt(s3_url, options, 4, "dead")
+    status, collected = run("gc", "--json", s3_url)
+    assert status == 0 and json.loads(collected)["removed"] == [f"{s3_url}/step-00000004/dead"]
+    status, pruned = run("prune", "--json", s3_url, "--keep-last", "1")
+    assert status == 0 and json.loads(pruned) == {"removed": [1, 2], "kept": [3]}
+    with ObjectStore(s3_url, options) as store:  # corrupt the last checkpoint's file
+        name = next(n for n in _objects(s3_url, options) if n.endswith(".pt"))
+        store.put_bytes(name, bytes(len(store.get_bytes(name))))
+    assert run("verify", s3_url)[0] == 1
+    assert run("ls", "s3://no-such-bucket-here/x")[0] == 2
+    status, lease = run("lease", s3_url)
+    assert status == 0 and f"pid {os.getpid()}" in lease  # this process's manager held it
+    assert run("lease", "--break", s3_url)[0] == 2  # it expires by itself
+
+
+def _commit_racing(store: Any, attempt: str, ready: threading.Barrier) -> str:
+    from distckpt.manifest import Manifest
+
+    area = store.begin_staging(5, attempt)
+    ready.wait()
+    try:
+        store.commit(
+            area, Manifest(step=5, world_size=1, format="torch", files={}), overwrite=False
+        )
+    except distckpt.CheckpointExists as exc:  # ConcurrentCommit is one, too
+        return type(exc).__name__
+    finally:
+        store.discard_staging(area)
+    return "committed"
+
+
+def test_two_writers_never_both_commit_one_step(s3_server: S3Server, s3_url: str) -> None:
+    from distckpt.storage import open_store
+
+    options = s3_server.storage_options()
+    stores = [open_store(s3_url, storage_options=options) for _ in range(2)]
+    ready = threading.Barrier(2)
+    with ThreadPoolExecutor(2) as pool:
+        outcomes = list(
+            pool.map(lambda pair: _commit_racing(*pair, ready), zip(stores, ["one", "two"]))
+        )
+    assert sorted(outcomes)[-1] == "committed" and outcomes.count("committed") == 1
+    winner = ["one", "two"][outcomes.index("committed")]
+    with ObjectStore(s3_url, options) as store:
+        assert json.loads(store.get_bytes("step-00000005/COMMIT"))["attempt"] == winner
+
+
+def _save_after_the_server_died(
+    rank: int, world_size: int, url: str, options: dict, pid: int
+) -> str:
+    import torch.distributed as dist
+
+    with distckpt.CheckpointManager(url, storage_options=options, timeout=60) as manager:
+        manager.save(1, _state(1))
+        dist.barrier()
+        if rank == 0:
+            os.killpg(pid, signal.SIGKILL)
+        dist.barrier()
+        try:
+            manager.save(2, _state(2))
+        except distckpt.CheckpointError as exc:
+            return type(exc).__name__
+        finally:
+            with contextlib.suppress(distckpt.CheckpointError):
+                manager.close()
+    return "saved"
+
+
+def test_an_unreachable_store_fails_the_save_on_every_rank() -> None:
+    server = S3Server().start()
+    try:
+        url = f"s3://{server.create_bucket()}/ckpt"
+        options = server.storage_options(retries=2, connect_timeout=2)
+        assert server._proc is not None
+        out = values(
+            run_ranks(
+                _save_after_the_server_died,
+                2,
+                url,
+                options,
+                server._proc.pid,
+                timeout=JOB_TIMEOUT,
+            )
+        )
+        assert out == ["StoreUnavailable", "StoreUnavailable"]
+    finally:
+        server.stop()
+
+
+def test_a_job_that_lost_the_lease_commits_nothing(s3_server: S3Server, s3_url: str) -> None:
+    options = s3_server.storage_options()
+    with distckpt.CheckpointManager(s3_url, storage_options=options) as manager:
+        manager.save(1, _state(1))
+        with ObjectStore(s3_url, options) as store:  # another job took the root over
+            store.put_bytes(".lease", b'{"owner": "other", "host": "h", "pid": 1, "duration": 30}')
+        with pytest.raises(distckpt.LeaseLost):
+            manager.save(2, _state(2))
+        with pytest.raises(distckpt.LeaseLost):
+            manager.delete(1)
+        assert manager.steps() == [1]
+    assert not any(name.startswith("step-00000002/") for name in _objects(s3_url, options))
+
+
+def _killed_mid_save(rank: int, world_size: int, url: str, options: dict[str, Any]) -> None:
+    manager = distckpt.CheckpointManager(url, storage_options=options)
+    manager.save(1, _state(1))
+    faults.arm("after_shard_write", "kill")  # SIGKILL after its files are uploaded
+    manager.save(2, _state(2))
+
+
+def test_a_killed_job_is_taken_over_at_once_and_its_save_collected(
+    s3_server: S3Server, s3_url: str
+) -> None:
+    options = s3_server.storage_options()
+    run_ranks(_killed_mid_save, 0, s3_url, options, timeout=JOB_TIMEOUT, expect_killed=True)
+    left = _objects(s3_url, options)
+    assert any(name.startswith("step-00000002/") for name in left)  # uploaded, never committed
+    assert any(name.startswith(".writers/") for name in left)
+    # its holder is a dead process of this machine: no wait for the lease to expire
+    with distckpt.CheckpointManager(s3_url, storage_options=options) as manager:
+        assert manager.steps() == [1]
+    names = _objects(s3_url, options)
+    assert not any(name.startswith(("step-00000002/", ".writers/")) for name in names), names

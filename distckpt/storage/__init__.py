@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, Union
 
+from distckpt.errors import InvalidArgument
 from distckpt.fsutil import LinkMode
 from distckpt.lease import LeaseHolder
 from distckpt.lock import Leftover
@@ -167,6 +168,11 @@ class RootStore(abc.ABC):
         """The job holding (or that last held) the root's writer lease, or None; read only."""
 
     @abc.abstractmethod
+    def break_lease(self) -> LeaseHolder | None:
+        """Mark the lease of a holder known to be dead (on another machine) as broken, so the
+        next job may take the root; the record as broken, or None when nobody held it."""
+
+    @abc.abstractmethod
     def collect_leftovers(self) -> list[CheckpointLocation]:
         """Remove staging areas of dead writers and deleted checkpoints not yet gone; a live
         writer's staging area is never touched. What was removed, including what
@@ -240,6 +246,7 @@ def open_store(
             retention=retention or RetentionPolicy(),
             read_only=read_only,
         )
+    _refuse_options_for_a_directory(root, storage_options)
     from distckpt.storage.posix import PosixRootStore
 
     return PosixRootStore(
@@ -260,9 +267,21 @@ def open_view(
         from distckpt.storage.s3_view import S3RootView
 
         return S3RootView(str(root), storage_options)
+    _refuse_options_for_a_directory(root, storage_options)
     from distckpt.storage.posix_view import PosixRootView
 
     return PosixRootView(root)
+
+
+def _refuse_options_for_a_directory(
+    root: str | os.PathLike[str], storage_options: Mapping[str, Any] | None
+) -> None:
+    """``storage_options`` configure an object store's client: given with a directory, they
+    are a mistake (a URL without its ``s3://``?), not something to ignore."""
+    if storage_options:
+        raise InvalidArgument(
+            f"storage_options apply to s3:// roots only, not to the directory {root!r}"
+        )
 
 
 def locate(

@@ -55,7 +55,7 @@ from distckpt.fsutil import (
 )
 from distckpt.fsutil import free_bytes as filesystem_free_bytes
 from distckpt.layout import MANIFEST_NAME, RootLayout
-from distckpt.lease import LeaseHolder, RootLease, read_holder
+from distckpt.lease import LeaseHolder, RootLease, break_lease, read_holder
 from distckpt.lock import Leftover, RootLock, WriterLock, find_leftovers
 from distckpt.manifest import FileRecord, Manifest
 from distckpt.results import CheckpointLocation, SaveResult
@@ -396,6 +396,9 @@ class PosixRootStore(LinksAndRetention, ViewedStore):
 
     def lease_holder(self) -> LeaseHolder | None:
         return read_holder(self.root)
+
+    def break_lease(self) -> LeaseHolder | None:
+        return break_lease(self.root)
 
     def collect_leftovers(self) -> list[CheckpointLocation]:
         self._refuse_if_read_only("collect leftovers")

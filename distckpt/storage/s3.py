@@ -44,6 +44,7 @@ from distckpt.errors import (
     CheckpointNotFound,
     ConcurrentCommit,
     CoordinationTimeout,
+    InvalidArgument,
     LeaseLost,
     ObjectExists,
     ObjectStoreError,
@@ -129,6 +130,10 @@ class S3RootStore(ViewedStore):
         self._renewer: threading.Thread | None = None
         self._opened_by_pid = 0
         self._removed_at_open: list[CheckpointLocation] = []
+        #: manifests of the committed steps this store found valid, by (step, ETag of the
+        #: step's COMMIT): a committed save is never changed, only replaced (a new COMMIT)
+        #: or deleted, so each is checked once, not at every commit
+        self._checked: dict[tuple[int, str], Manifest] = {}
 
     # ------------------------------------------------------------------ open / close
 
@@ -381,10 +386,20 @@ class S3RootStore(ViewedStore):
         """Point ``last`` at the newest committed checkpoint that passes its check and
         ``best`` at the best, or remove a pointer that names nothing valid. ``leaving``: a
         step about to be removed, counted as gone. The records it read."""
-        steps = [step for step in self.view.committed_steps() if step != leaving]
-        valid = list(resolve.iter_valid(self.view, newest_first=False, steps=steps))
-        records = [resolve.record_of(manifest) for _, manifest in valid]
-        valid_steps = {manifest.step for _, manifest in valid}
+        commits = self.s3.commit_etags()
+        # forget what was deleted or replaced since
+        self._checked = {
+            key: m for key, m in self._checked.items() if commits.get(key[0]) == key[1]
+        }
+        unchecked = [step for step, etag in commits.items() if (step, etag) not in self._checked]
+        for source, manifest in resolve.iter_valid(self.view, steps=unchecked):
+            self._checked[(source.expected_step, commits[source.expected_step])] = manifest
+        valid = sorted(
+            (m for (step, _), m in self._checked.items() if step != leaving),
+            key=lambda manifest: manifest.step,
+        )
+        records = [resolve.record_of(manifest) for manifest in valid]
+        valid_steps = {manifest.step for manifest in valid}
         faults.hit("during_link_swap", COMMITTING_RANK)
         best = policy.best_step(records, self.retention.monitor, self.retention.mode)
         for name, step in ((LAST, records[-1].step if records else None), (BEST, best)):
@@ -471,8 +486,8 @@ class S3RootStore(ViewedStore):
 
     def _find_leftovers(self) -> list[tuple[Leftover, list[str]]]:
         """Every save's prefix that its step's ``COMMIT`` does not name (``writer_alive``
-        while its writer's claim is live), with the names of its objects; and claims with no
-        objects, of writers that died."""
+        while its writer's claim is live), with the names of its objects and claim; and claims
+        with no objects, of writers that died."""
         attempts: dict[tuple[int, str], list[str]] = {}
         claims: set[str] = set()
         for info in self.s3.client.list(""):
@@ -490,8 +505,10 @@ class S3RootStore(ViewedStore):
                 committed[step] = record.attempt if record is not None else None
             if committed[step] != attempt:
                 where = self.s3.attempt_location(step, attempt)
-                found.append((Leftover(where, "staging", self._claim_live(attempt)), names))
-            claims.discard(attempt)
+                # its claim goes with it (a dead writer's)
+                claim = [self.s3.claim_name(attempt)] if attempt in claims else []
+                found.append((Leftover(where, "staging", self._claim_live(attempt)), names + claim))
+                claims.discard(attempt)
         for attempt in sorted(claims):
             name = self.s3.claim_name(attempt)
             if not self._claim_live(attempt):
@@ -519,6 +536,12 @@ class S3RootStore(ViewedStore):
             if leftover.kind == "staging":
                 removed.append(leftover.path)
         return removed
+
+    def break_lease(self) -> LeaseHolder | None:
+        raise InvalidArgument(
+            f"the lease of {self.root} is not broken by hand: it expires by itself "
+            f"{LEASE_SECONDS:g} s after its holder stops renewing it (wait_for_root= waits)"
+        )
 
     def lease_holder(self) -> LeaseHolder | None:
         record = self._holder()

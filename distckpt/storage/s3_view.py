@@ -132,12 +132,16 @@ class S3Root:
     # -- reads
 
     def committed_steps(self) -> list[int]:
-        steps = []
+        return sorted(self.commit_etags())
+
+    def commit_etags(self) -> dict[int, str]:
+        """Every committed step, with the ETag of its ``COMMIT`` object (one listing)."""
+        commits = {}
         for info in self.client.list("step-"):
             match = _COMMIT_KEY_RE.match(info.key)
             if match and (step := parse_step_dir_name(match.group(1))) is not None:
-                steps.append(step)
-        return sorted(steps)
+                commits[step] = info.etag
+        return commits
 
     def read_commit(self, step: int) -> CommitRecord | None:
         """The step's commit record, or None when the step is not committed. A commit object
@@ -184,11 +188,10 @@ class S3Checkpoint(CheckpointSource):
         return None  # objects cannot be links
 
     def exists(self) -> bool:
-        try:
-            self._root.client.head(self._root.commit_name(self.expected_step))
-        except ObjectNotFound:
-            return False
-        return True
+        """Whether the step is still committed, and (once read) still as the save read: a
+        save replaced by ``overwrite`` has vanished for a reader that was reading it."""
+        record = self._root.read_commit(self.expected_step)
+        return record is not None and self._attempt in (None, record.attempt)
 
     def _prefix(self) -> str:
         """The committed attempt's prefix (read from ``COMMIT`` once per instance)."""
