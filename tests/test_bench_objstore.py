@@ -9,11 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.s3_backend import pending_backend
 from tests.test_bench import run_bench
 
 
-@pending_backend
 @pytest.mark.timeout(130)
 def test_object_store_case_at_its_smallest(tmp_path: Path) -> None:
     pytest.importorskip("moto.server", reason="the object-store case needs moto[server]")

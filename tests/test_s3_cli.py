@@ -16,12 +16,10 @@ import torch
 import distckpt
 from distckpt.layout import step_dir_name
 from distckpt.objstore import ObjectStore
-from tests.s3_backend import pending_backend
 from tests.s3server import REGION, S3Server
 from tests.test_cli import ls_lines, run
 
 REPO = Path(__file__).resolve().parents[1]
-pytestmark = pending_backend
 
 
 def aws_environment(server: S3Server) -> dict[str, str]:
