@@ -31,7 +31,7 @@ from distckpt.layout import RootLayout
 from distckpt.lease import LauncherWatch, check_wait
 from distckpt.results import Checkpoint, CheckpointInfo, CheckpointLocation, SaveResult
 from distckpt.snapshot import SnapshotBuffers
-from distckpt.storage import ExtraFile, open_store, open_view
+from distckpt.storage import ExtraFile, open_store
 
 logger = logging.getLogger("distckpt")
 
@@ -139,11 +139,6 @@ class CheckpointManager:
         self._launcher = LauncherWatch.for_this_process()
         self._signals = SignalFlag(save_on_signal)
         self.storage_options = dict(storage_options or {})
-        self._view = open_view(root, storage_options=self.storage_options)
-        #: the paths of a local root (None for an ``s3://`` root)
-        self.layout: RootLayout | None = self._view.layout
-        #: the root: an absolute path, or the ``s3://`` URL
-        self.root: CheckpointLocation = self._view.root
         self.retention = policy.RetentionPolicy(
             keep_last=keep_last,
             keep_best=keep_best,
@@ -153,6 +148,21 @@ class CheckpointManager:
             keep_every_n_seconds=keep_every_n_seconds,
             keep_unranked=keep_unranked,
         )
+        self._store = open_store(
+            root,
+            retention=self.retention,
+            link=link,
+            fsync=fsync,
+            lock_timeout=self.timeout / 2,
+            read_only=read_only,
+            storage_options=self.storage_options,
+        )
+        # Readers see the root through the store's own view (one client for both).
+        self._view = self._store.view
+        #: the paths of a local root (None for an ``s3://`` root)
+        self.layout: RootLayout | None = self._view.layout
+        #: the root: an absolute path, or the ``s3://`` URL
+        self.root: CheckpointLocation = self._view.root
         self.schedule = policy.SaveSchedule(
             every_n_steps=every_n_steps,
             every_n_epochs=every_n_epochs,
@@ -162,15 +172,6 @@ class CheckpointManager:
         )
         self.format = format
         self.fsync = fsync
-        self._store = open_store(
-            self.root,
-            retention=self.retention,
-            link=link,
-            fsync=fsync,
-            lock_timeout=self.timeout / 2,
-            read_only=read_only,
-            storage_options=self.storage_options,
-        )
         self._closed = False
         self._save_count = 0
         self.preempted = False

@@ -73,6 +73,8 @@ class RootStore(abc.ABC):
 
     #: where the root is, for messages and for the locations in results
     root: CheckpointLocation
+    #: what readers see of the root (the store reads it through this view, too)
+    view: RootView
     #: whether writes are made durable against power loss (the ranks' shard writes, too)
     fsync: bool
 
