@@ -15,8 +15,9 @@ step.
 Every rank appends what happens to it, one JSON object a line, to ``OUT/NAME-rank<r>.jsonl``:
 its pid first (a test kills by pid what it started: torchrun's workers run in sessions of their
 own), "opening" just before the manager is made, then "opened" or "refused" (the error),
-"resumed" (the step restored, or None), one "saved" or "failed" per save, "closed". A job with
-``--hold-open`` keeps its manager (and the root's lease) until ``OUT/NAME.release`` exists.
+"resumed" (the step restored, or None), "saving" as each save starts, then "saved" or
+"failed", and "closed". A job with ``--hold-open`` keeps its manager (and the root's lease)
+until ``OUT/NAME.release`` exists.
 """
 
 from __future__ import annotations
@@ -134,6 +135,7 @@ def job(rank: int, world_size: int, args: argparse.Namespace) -> None:
             break
         weights = [advance(w, step + 1) for w in weights]
         state = rank_state(step + 1, rank, weights, args.format, args.ballast_mib)
+        log_event(out, run, rank, "saving", step=step + 1)
         try:
             result = mgr.save(
                 step + 1, state, metrics={"loss": loss_at(step + 1)}, metadata=metadata

@@ -155,6 +155,7 @@ def test_jobs_killed_at_random_instants_resume_from_the_newest_committed_step(
     options += ["--async-save"] if async_save else []
     chooser = random.Random(fmt)
     newest: int | None = None  # the newest committed step when the next job starts
+    inside_saves = 0  # kills that landed while rank 0 was in save()
     for attempt in range(2):
         run = f"killed{attempt}"
         job = jobs.start(under_torchrun(s3_url, out, run, *job_options(s3_server, *options)))
@@ -166,11 +167,13 @@ def test_jobs_killed_at_random_instants_resume_from_the_newest_committed_step(
         )
         time.sleep(chooser.uniform(0.0, 0.4))
         jobs.kill_all()  # SIGKILL: every rank by its pid, and the launcher (the only job)
+        inside_saves += log(out, run, 0)[-1]["event"] == "saving"
         assert resumed_steps(out, run) == [newest] * WORLD_SIZE
         newest = max(committed_steps(s3_url, s3_server), default=None)
         done = [entry["step"] for entry in logged(out, run, 0, "saved") if entry["done"]]
         assert not done or (newest is not None and newest >= max(done)), (done, newest)
 
+    assert inside_saves >= 1, "no kill landed inside a save"
     final = jobs.start(under_torchrun(s3_url, out, "final", *job_options(s3_server, *options)))
     assert final.wait(STARTUP) == 0, final.output
     assert resumed_steps(out, "final") == [newest] * WORLD_SIZE
