@@ -49,14 +49,11 @@ class CheckpointManager:
 
     Args:
         root: the checkpoint root; created if missing. Must be one directory shared by all ranks
-            (a shared filesystem on multi-node jobs), or an ``s3://BUCKET/PREFIX`` URL (the
-            bucket must exist; every rank uploads its own files, see
-            ``docs/object-stores.md``).
-        storage_options: for an ``s3://`` root, its client's options in the fsspec/s3fs
-            convention (``endpoint_url``, ``key``, ``secret``, ``region``, ...; see
-            :class:`~distckpt.objstore.ObjectStore`); what is not given comes from the AWS
-            environment variables and config (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``,
-            ``AWS_SECRET_ACCESS_KEY``, ``AWS_REGION``). Needs ``pip install distckpt[s3]``.
+            (a shared filesystem on multi-node jobs), or an ``s3://BUCKET/PREFIX`` URL of an
+            existing bucket (``docs/object-stores.md``; ``pip install distckpt[s3]``).
+        storage_options: an ``s3://`` root's client options, fsspec-style (``endpoint_url``,
+            ``key``, ``secret``, ``region``, ...: :class:`~distckpt.objstore.ObjectStore`);
+            the rest from the ``AWS_*`` environment variables and config.
         keep_last: keep the newest N checkpoints (with the other ``keep_*`` rules, a checkpoint
             stays if any rule keeps it). None with no other ``keep_*`` keeps everything.
         keep_best: keep the best K by ``monitor``; ``monitor``/``mode`` also drive ``root/best``.
@@ -157,8 +154,7 @@ class CheckpointManager:
             read_only=read_only,
             storage_options=self.storage_options,
         )
-        # Readers see the root through the store's own view (one client for both).
-        self._view = self._store.view
+        self._view = self._store.view  # readers share the store's client
         #: the paths of a local root (None for an ``s3://`` root)
         self.layout: RootLayout | None = self._view.layout
         #: the root: an absolute path, or the ``s3://`` URL
@@ -293,13 +289,8 @@ class CheckpointManager:
                 LastSave.at(plan.step, plan.epoch),
             )
             self._background.submit(lambda coord: commit(coord=coord))
-            result = SaveResult(
-                plan.step,
-                self._view.checkpoint(plan.step).location,
-                plan.epoch,
-                plan.metrics,
-                done=False,
-            )
+            location = self._view.checkpoint(plan.step).location
+            result = SaveResult(plan.step, location, plan.epoch, plan.metrics, done=False)
             if decision.preempt:
                 result = self.wait() or result  # a preemption save must be durable first
         if decision.preempt:
@@ -428,10 +419,9 @@ class CheckpointManager:
         return self._coord.decide(self._store.prune, what="pruning")
 
     def gc(self) -> list[CheckpointLocation]:
-        """Remove leftovers of dead writers (staging dirs whose writer lock is free, or for an
-        ``s3://`` root uncommitted saves' prefixes whose writer's claim expired) and the trash,
-        under the lock; collective. A live writer's staging is never touched. Returns what was
-        removed. (A new manager does this on start, too.)"""
+        """Remove leftovers of dead writers (staging dirs whose writer lock is free; on an
+        ``s3://`` root, saves whose writer's claim expired) and the trash; collective. A live
+        writer's staging is never touched. Returns what was removed (also done at start)."""
         self._check_open()
         self.wait()
         return self._coord.decide(self._store.collect_leftovers, what="collecting leftovers")

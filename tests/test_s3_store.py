@@ -481,3 +481,21 @@ def test_a_killed_job_is_taken_over_at_once_and_its_save_collected(
         assert manager.steps() == [1]
     names = _objects(s3_url, options)
     assert not any(name.startswith(("step-00000002/", ".writers/")) for name in names), names
+
+
+def test_a_damaged_commit_object_is_skipped_and_reported(s3_server: S3Server, s3_url: str) -> None:
+    options = s3_server.storage_options()
+    with distckpt.CheckpointManager(s3_url, storage_options=options) as manager:
+        manager.save(1, _state(1))
+        manager.save(2, _state(2))
+        with ObjectStore(s3_url, options) as store:
+            store.put_bytes("step-00000002/COMMIT", b"not a commit record")
+        assert manager.latest_step() == 1
+        assert manager.restore("last").step == 1  # type: ignore[union-attr]
+    report = distckpt.verify(s3_url, storage_options=options)
+    assert not report.ok and "not a commit record" in str(report)
+    with distckpt.CheckpointManager(s3_url, storage_options=options) as manager:
+        assert manager.gc() == []  # which save it names is unknown: nothing of it is removed
+        manager.delete(2)
+        assert manager.gc() != [] and manager.steps() == [1]
+    assert not any(name.startswith("step-00000002/") for name in _objects(s3_url, options))

@@ -17,7 +17,8 @@ duration and checked before every change to what is published; and a claim objec
 ``.writers/<attempt>`` for each save in flight, renewed the same way, so that cleanup (``gc``,
 another job's start) never deletes a live writer's objects. There is no fsync: a completed
 PUT is durable, so ``fsync=`` means nothing here, and ``last``/``best`` are always pointer
-objects whatever ``link=`` says.
+objects whatever ``link=`` says. Pointers, retention and leftovers are in
+:mod:`distckpt.storage.s3_upkeep`.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 
-from distckpt import faults, policy, resolve
+from distckpt import faults, policy
 from distckpt.errors import (
     CheckpointError,
     CheckpointNotFound,
@@ -51,18 +52,17 @@ from distckpt.errors import (
     PreconditionFailed,
     RootInUse,
 )
-from distckpt.layout import BEST, LAST, MANIFEST_NAME, parse_step_dir_name, step_dir_name
+from distckpt.layout import MANIFEST_NAME
 from distckpt.lease import LeaseHolder, this_host
-from distckpt.lock import Leftover
 from distckpt.manifest import FileRecord, Manifest
 from distckpt.objlease import LeaseRecord, ObjectLease
 from distckpt.results import CheckpointLocation, SaveResult
 from distckpt.storage import ExtraFile, OpenedRoot, StagingArea, store_files
 from distckpt.storage.posix_links import COMMITTING_RANK
+from distckpt.storage.s3_upkeep import Upkeep, local_process_gone
 from distckpt.storage.s3_view import (
     DOWNLOAD_CONCURRENCY,
     LEASE_NAME,
-    WRITERS_PREFIX,
     CommitRecord,
     S3Root,
     S3RootView,
@@ -75,10 +75,8 @@ logger = logging.getLogger("distckpt")
 #: every third of it. A job killed without releasing its lease blocks the root this long
 #: (unless it ran on this machine: a dead local holder is taken over at once).
 LEASE_SECONDS = 30.0
-#: How far a claim's expiry, a wall-clock time written by its writer, is trusted past its
-#: end: the clocks of the writer and of the cleaning process may disagree by this much.
-CLOCK_SKEW_SECONDS = 60.0
-_POINTER_RETRIES = 3  # compare-and-swap of a pointer that another process moved meanwhile
+_POINTER_RETRIES = 3
+# compare-and-swap of a pointer that another process moved meanwhile
 
 _open_stores: weakref.WeakSet[S3RootStore] = weakref.WeakSet()
 
@@ -89,20 +87,7 @@ def _release_leases_at_exit() -> None:
         store.close()
 
 
-def _local_process_gone(host: str, pid: int) -> bool:
-    """Whether ``pid`` on ``host`` certainly no longer runs: only decidable on this machine."""
-    if host != this_host() or pid == os.getpid():
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False  # it runs, as another user
-    return False
-
-
-class S3RootStore(ViewedStore):
+class S3RootStore(Upkeep, ViewedStore):
     """A checkpoint root in an S3-protocol object store (see the module doc)."""
 
     #: a completed PUT is durable: nothing to fsync
@@ -160,7 +145,7 @@ class S3RootStore(ViewedStore):
         try:
             lease.acquire(
                 wait,
-                holder_gone=lambda record: _local_process_gone(record.host, record.pid),
+                holder_gone=lambda record: local_process_gone(record.host, record.pid),
             )
         except CoordinationTimeout as exc:
             raise RootInUse(
@@ -268,9 +253,6 @@ class S3RootStore(ViewedStore):
         finally:
             with self._lease_lock:
                 self._claims.discard(attempt)
-
-    def _delete_prefix(self, prefix: str) -> None:
-        self.s3.client.delete(info.key for info in list(self.s3.client.list(prefix)))
 
     def open_shard(self, location: str, rank: int) -> AbstractContextManager[Path]:
         return _spool_dir(f"distckpt-spool-{self.s3.parse_attempt_location(location)[1]}-r{rank}-")
@@ -380,78 +362,6 @@ class S3RootStore(ViewedStore):
             ) from exc
         return previous
 
-    # ------------------------------------------------------------------ pointers, retention
-
-    def _update_pointers(self, *, leaving: int | None = None) -> list[policy.CheckpointRecord]:
-        """Point ``last`` at the newest committed checkpoint that passes its check and
-        ``best`` at the best, or remove a pointer that names nothing valid. ``leaving``: a
-        step about to be removed, counted as gone. The records it read."""
-        commits = self.s3.commit_etags()
-        # forget what was deleted or replaced since
-        self._checked = {
-            key: m for key, m in self._checked.items() if commits.get(key[0]) == key[1]
-        }
-        unchecked = [step for step, etag in commits.items() if (step, etag) not in self._checked]
-        for source, manifest in resolve.iter_valid(self.view, steps=unchecked):
-            self._checked[(source.expected_step, commits[source.expected_step])] = manifest
-        valid = sorted(
-            (m for (step, _), m in self._checked.items() if step != leaving),
-            key=lambda manifest: manifest.step,
-        )
-        records = [resolve.record_of(manifest) for manifest in valid]
-        valid_steps = {manifest.step for manifest in valid}
-        faults.hit("during_link_swap", COMMITTING_RANK)
-        best = policy.best_step(records, self.retention.monitor, self.retention.mode)
-        for name, step in ((LAST, records[-1].step if records else None), (BEST, best)):
-            if step is not None:
-                self._swap_pointer(name, step)
-            else:
-                self._remove_pointer_unless_valid(name, valid_steps)
-        return records
-
-    def _swap_pointer(self, name: str, step: int) -> None:
-        target = step_dir_name(step)
-        for _ in range(_POINTER_RETRIES):
-            current, etag = self.s3.read_pointer(name)
-            if current == target:
-                return
-            content = f"{target}\n".encode()
-            try:
-                if etag is None:
-                    self.s3.client.put_bytes(name, content, if_absent=True)
-                else:
-                    self.s3.client.put_bytes(name, content, if_match=etag)
-                return
-            except (ObjectExists, PreconditionFailed):
-                continue  # moved by another process meanwhile: read it again
-        raise CheckpointError(f"{self.root}/{name} kept changing while it was being moved")
-
-    def _remove_pointer_unless_valid(self, name: str, valid_steps: set[int]) -> None:
-        target, etag = self.s3.read_pointer(name)
-        if etag is None:
-            return
-        step = parse_step_dir_name(target) if target else None
-        if step not in valid_steps:
-            logger.info("removing %s/%s: it names no committed checkpoint", self.root, name)
-            self.s3.client.delete([name])
-
-    def _apply_retention(self, records: list[policy.CheckpointRecord]) -> list[int]:
-        """Remove what the retention rules do not keep; returns those steps."""
-        doomed = self._steps_retention_removes(records)
-        for step in doomed:
-            faults.hit("during_retention", COMMITTING_RANK)
-            logger.info("retention: removing %s", self.s3.location(step))
-            self._remove_step(step)
-        return doomed
-
-    def _remove_step(self, step: int) -> None:
-        """Unpublish ``step`` at once (its ``COMMIT`` goes first), then delete its objects."""
-        record = self.s3.read_commit(step)
-        self.s3.client.delete([self.s3.commit_name(step)])
-        faults.hit("during_delete", COMMITTING_RANK)
-        if record is not None:
-            self._delete_prefix(self.s3.attempt_prefix(step, record.attempt))
-
     # ------------------------------------------------------------------ removal
 
     def delete(self, step: int) -> int | None:
@@ -481,62 +391,6 @@ class S3RootStore(ViewedStore):
         self._removed_at_open = []  # reported once
         return removed
 
-    def leftovers(self) -> list[Leftover]:
-        return [leftover for leftover, _ in self._find_leftovers()]
-
-    def _find_leftovers(self) -> list[tuple[Leftover, list[str]]]:
-        """Every save's prefix that its step's ``COMMIT`` does not name (``writer_alive``
-        while its writer's claim is live), with the names of its objects and claim; and claims
-        with no objects, of writers that died."""
-        attempts: dict[tuple[int, str], list[str]] = {}
-        claims: set[str] = set()
-        for info in self.s3.client.list(""):
-            head, _, rest = info.key.partition("/")
-            step = parse_step_dir_name(head)
-            if info.key.startswith(WRITERS_PREFIX):
-                claims.add(info.key[len(WRITERS_PREFIX) :])
-            elif step is not None and "/" in rest:
-                attempts.setdefault((step, rest.partition("/")[0]), []).append(info.key)
-        committed: dict[int, str | None] = {}
-        found: list[tuple[Leftover, list[str]]] = []
-        for (step, attempt), names in sorted(attempts.items()):
-            if step not in committed:
-                record = self.s3.read_commit(step)
-                committed[step] = record.attempt if record is not None else None
-            if committed[step] != attempt:
-                where = self.s3.attempt_location(step, attempt)
-                # its claim goes with it (a dead writer's)
-                claim = [self.s3.claim_name(attempt)] if attempt in claims else []
-                found.append((Leftover(where, "staging", self._claim_live(attempt)), names + claim))
-                claims.discard(attempt)
-        for attempt in sorted(claims):
-            name = self.s3.claim_name(attempt)
-            if not self._claim_live(attempt):
-                found.append((Leftover(f"{self.root}/{name}", "lock"), [name]))
-        return found
-
-    def _remove_leftovers(self) -> list[CheckpointLocation]:
-        """Remove what :meth:`_find_leftovers` found whose writer is not alive (a live
-        writer's objects are never touched); returns the saves' prefixes removed, as URLs."""
-        removed: list[CheckpointLocation] = []
-        for leftover, names in self._find_leftovers():
-            if leftover.writer_alive:
-                logger.info("leaving %s alone: its writer is alive", leftover.path)
-                continue
-            if leftover.kind == "staging":
-                logger.info("removing %s, left by a writer that died", leftover.path)
-            try:
-                faults.hit("during_staging_cleanup", COMMITTING_RANK)
-                self.s3.client.delete(names)
-            except CheckpointError as exc:
-                logger.warning(
-                    "could not remove leftover %s (tried again later): %s", leftover.path, exc
-                )
-                continue
-            if leftover.kind == "staging":
-                removed.append(leftover.path)
-        return removed
-
     def break_lease(self) -> LeaseHolder | None:
         raise InvalidArgument(
             f"the lease of {self.root} is not broken by hand: it expires by itself "
@@ -558,20 +412,6 @@ class S3RootStore(ViewedStore):
             # expiry is timed by a contender's own clock: not decidable from one look
             alive=False if record.released else None,
         )
-
-    def _claim_live(self, attempt: str) -> bool:
-        """Whether the writer of ``attempt`` may still be writing: its claim exists and has
-        not expired (by more than the clock skew allowed), and its process is not known dead."""
-        if attempt in self._claims:
-            return True
-        try:
-            claim = json.loads(self.s3.client.get_bytes(self.s3.claim_name(attempt)))
-            host, pid, expires = str(claim["host"]), int(claim["pid"]), float(claim["expires_unix"])
-        except (ObjectStoreError, ValueError, TypeError, KeyError):
-            return False  # no claim (or not one): nobody protects these objects
-        if _local_process_gone(host, pid):
-            return False
-        return time.time() < expires + CLOCK_SKEW_SECONDS
 
 
 @contextmanager

@@ -190,7 +190,10 @@ class S3Checkpoint(CheckpointSource):
     def exists(self) -> bool:
         """Whether the step is still committed, and (once read) still as the save read: a
         save replaced by ``overwrite`` has vanished for a reader that was reading it."""
-        record = self._root.read_commit(self.expected_step)
+        try:
+            record = self._root.read_commit(self.expected_step)
+        except CorruptCheckpoint:
+            return True  # there, but damaged: reported as such, not as vanished
         return record is not None and self._attempt in (None, record.attempt)
 
     def _prefix(self) -> str:
