@@ -24,6 +24,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,13 +36,13 @@ from distckpt import events
 GATE_TIMEOUT = 120.0
 
 
-def _log(out: Path, run: str, rank: int, event: str, **fields: Any) -> None:
+def log_event(out: Path, run: str, rank: int, event: str, **fields: Any) -> None:
     line = json.dumps({"event": event, **fields})
     with open(out / f"{run}-rank{rank}.jsonl", "a") as log:
         log.write(line + "\n")
 
 
-def _wait_for(path: Path) -> None:
+def wait_for_file(path: Path) -> None:
     deadline = time.monotonic() + GATE_TIMEOUT
     while not path.exists():
         if time.monotonic() > deadline:
@@ -60,17 +61,17 @@ def _hold_in_save(out: Path, run: str, attempt: int) -> None:
             seen["writes"] += 1
             if seen["writes"] == attempt:
                 (out / f"{run}.held").touch()
-                _wait_for(out / f"{run}.resume")
+                wait_for_file(out / f"{run}.resume")
 
     events.add_listener(listener)
 
 
 def job(rank: int, world_size: int, args: argparse.Namespace) -> None:
     out, run = Path(args.out), args.run
-    _log(out, run, rank, "pid", pid=os.getpid())
+    log_event(out, run, rank, "pid", pid=os.getpid())
     if args.hold_in_save:
         _hold_in_save(out, run, args.hold_in_save)
-    _log(out, run, rank, "opening")
+    log_event(out, run, rank, "opening")
     began = time.monotonic()
     try:
         mgr = distckpt.CheckpointManager(
@@ -78,9 +79,9 @@ def job(rank: int, world_size: int, args: argparse.Namespace) -> None:
         )
     except distckpt.RootInUse as exc:
         holder = exc.holder.pid if exc.holder is not None else None
-        _log(out, run, rank, "refused", type=type(exc).__name__, error=str(exc), holder=holder)
+        log_event(out, run, rank, "refused", type=type(exc).__name__, error=str(exc), holder=holder)
         return
-    _log(out, run, rank, "opened", seconds=time.monotonic() - began)
+    log_event(out, run, rank, "opened", seconds=time.monotonic() - began)
     resumed = mgr.restore("last", missing_ok=True)
     step = resumed.step if resumed is not None else 0
     metadata = {"run": run, "run_id": os.environ.get("TORCHELASTIC_RUN_ID")}
@@ -88,22 +89,32 @@ def job(rank: int, world_size: int, args: argparse.Namespace) -> None:
         if (out / f"{run}.stop").exists():
             break
         if args.gate:
-            _wait_for(out / f"{run}.go-{attempt}")
+            wait_for_file(out / f"{run}.go-{attempt}")
         state = {"step": step + 1, "w": torch.full((256,), float(10 * (step + 1) + rank))}
         try:
             result = mgr.save(step + 1, state, metadata=metadata)
         except distckpt.CheckpointError as exc:
-            _log(out, run, rank, "failed", step=step + 1, type=type(exc).__name__, error=str(exc))
+            log_event(
+                out, run, rank, "failed", step=step + 1, type=type(exc).__name__, error=str(exc)
+            )
         else:
             step += 1
-            _log(out, run, rank, "saved", step=step, done=result is not None and result.done)
+            log_event(out, run, rank, "saved", step=step, done=result is not None and result.done)
         if attempt == args.crash_after:
             raise ZeroDivisionError("the training loop failed")
         time.sleep(args.pause)
-    if args.hold_open:
-        _wait_for(out / f"{run}.release")
+    close_when_released(mgr, out, run, rank, hold_open=args.hold_open)
+
+
+def close_when_released(
+    mgr: distckpt.CheckpointManager, out: Path, run: str, rank: int, *, hold_open: bool
+) -> None:
+    """Close the manager and log "closed"; with ``hold_open``, only once ``OUT/RUN.release``
+    exists (until then the job keeps the root)."""
+    if hold_open:
+        wait_for_file(out / f"{run}.release")
     mgr.close()
-    _log(out, run, rank, "closed")
+    log_event(out, run, rank, "closed")
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -125,8 +136,13 @@ def parse(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str]) -> None:
-    args = parse(argv)
+def run_launched(
+    job: Callable[[int, int, argparse.Namespace], None], args: argparse.Namespace
+) -> None:
+    """Run ``job(rank, world_size, args)`` as this process was started: as one rank of a
+    torchrun job, alone (``args.world_size`` 1: no process group), or as the launcher of
+    ``args.world_size`` ranks that tests/ranks.py forks (with ``args.timeout`` as the process
+    group's timeout)."""
     torch.set_num_threads(1)
     if "TORCHELASTIC_RUN_ID" in os.environ:  # a torchrun worker: one rank of its job
         import torch.distributed as dist
@@ -142,6 +158,10 @@ def main(argv: list[str]) -> None:
         results = run_ranks(job, args.world_size, args, timeout=600, pg_timeout=args.timeout)
         for result in results:
             result.unwrap()
+
+
+def main(argv: list[str]) -> None:
+    run_launched(job, parse(argv))
 
 
 if __name__ == "__main__":

@@ -60,23 +60,28 @@ def test_phase_table_from_events_emitted_by_hand() -> None:
     assert lines[1 + PHASE_ORDER.index("commit.lock")].startswith("    commit.lock")
 
 
-@pytest.mark.timeout(130)
-def test_smallest_configuration_end_to_end(tmp_path: Path) -> None:
-    pytest.importorskip("matplotlib")  # the "bench" extra, for --plot
-    out, plot = tmp_path / "bench.json", tmp_path / "bench.png"
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    args = ["--world-sizes", "1", "--mib", "1", "--rounds", "1", "--repeats", "1"]
-    args += ["--coord-ranks", "2", "--coord-saves", "1", "--start-method", "fork"]
-    args += ["--small-ranks", "2", "--small-tensors", "50"]
-    args += ["--dir", str(tmp_path / "work"), "--json", str(out), "--plot", str(plot)]
+def run_bench(args: list[str]) -> subprocess.CompletedProcess[str]:
+    """``python scripts/bench *args`` with this tree's distckpt; it must exit 0."""
     proc = subprocess.run(
         [sys.executable, str(BENCH), *args],
-        env=env,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+@pytest.mark.timeout(130)
+def test_smallest_configuration_end_to_end(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")  # the "bench" extra, for --plot
+    out, plot = tmp_path / "bench.json", tmp_path / "bench.png"
+    args = ["--world-sizes", "1", "--mib", "1", "--rounds", "1", "--repeats", "1"]
+    args += ["--coord-ranks", "2", "--coord-saves", "1", "--start-method", "fork"]
+    args += ["--small-ranks", "2", "--small-tensors", "50", "--s3-ranks", "0"]
+    args += ["--dir", str(tmp_path / "work"), "--json", str(out), "--plot", str(plot)]
+    proc = run_bench(args)
     assert "== Targets" in proc.stdout
     report = json.loads(out.read_text())
     (config,) = report["configs"]

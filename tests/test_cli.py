@@ -43,9 +43,10 @@ def root(tmp_path: Path) -> Path:
     return path
 
 
-def test_ls_shows_steps_links_and_leftovers(root: Path) -> None:
-    (root / ".staging" / "step-00000040.deadbeef").mkdir(parents=True)
-    out = run("ls", str(root))
+def ls_lines(root: str) -> list[str]:
+    """The lines of ``distckpt ls`` of a root saved as the ``root`` fixture saves it, after
+    checking the table's steps and links."""
+    out = run("ls", root)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     assert lines[0].split()[:3] == ["STEP", "EPOCH", "METRICS"]
@@ -53,6 +54,12 @@ def test_ls_shows_steps_links_and_leftovers(root: Path) -> None:
     row30 = next(line for line in lines if line.startswith("30 "))
     assert "loss=1" in row20 and row20.rstrip().endswith("best")
     assert row30.rstrip().endswith("last")
+    return lines
+
+
+def test_ls_shows_steps_links_and_leftovers(root: Path) -> None:
+    (root / ".staging" / "step-00000040.deadbeef").mkdir(parents=True)
+    lines = ls_lines(str(root))
     assert any("leftover staging" in line and "dead writer" in line for line in lines)
 
 

@@ -89,6 +89,9 @@ def staged(root: Path) -> list[str]:
 class Jobs:
     """Starts jobs and, at the end, kills every process they started, by pid."""
 
+    #: what the command line of every rank of these jobs holds (against reused pids)
+    script = "lease_job"
+
     def __init__(self, tmp_path: Path) -> None:
         self.root = tmp_path / "ckpt"
         self.out = tmp_path / "out"
@@ -107,7 +110,7 @@ class Jobs:
             for line in path.read_text().splitlines():
                 entry = json.loads(line) if line.endswith("}") else {}
                 pid = entry.get("pid") if entry.get("event") == "pid" else None
-                if pid and "lease_job" in (_cmdline(pid) or ""):  # not a reused pid
+                if pid and self.script in (_cmdline(pid) or ""):  # not a reused pid
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(pid, signal.SIGKILL)
         for job in self.started:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import os
 import platform
@@ -24,6 +25,7 @@ import bench
 from bench.contenders import CONTENDERS, MIB, SAVE_CONTENDERS
 from bench.coordination import coord_job, summarize_coord
 from bench.jobs import main_job
+from bench.objstore import objstore_job, objstore_targets, render_objstore, summarize_objstore
 from bench.plot import write_plot
 from bench.render import (
     render_config,
@@ -99,10 +101,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--world-sizes",
-        type=int_list,
+        type=int_list_or_none,
         default=[1, 2, 4],
         metavar="1,2,4",
-        help="numbers of ranks, one job each (with every --mib)",
+        help="numbers of ranks, one job each (with every --mib; 0: none)",
     )
     parser.add_argument(
         "--mib",
@@ -154,6 +156,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--small-tensors", type=int, default=20_000, help="4 KiB tensors per rank in that job"
     )
     parser.add_argument(
+        "--s3-ranks",
+        type=int,
+        default=2,
+        help="ranks of the object-store job, against a moto server the benchmark starts "
+        "(needs moto[server]; 0: skip it)",
+    )
+    parser.add_argument(
+        "--s3-mib", type=int, default=64, help="state size per rank in the object-store job"
+    )
+    parser.add_argument(
         "--plot",
         type=Path,
         metavar="FILE.png",
@@ -176,12 +188,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="seconds per job before it counts as hung (0: from the sizes)",
     )
     args = parser.parse_args(argv)
-    if min(args.rounds, args.repeats, args.coord_saves, args.small_tensors) < 1 or (
-        args.small_ranks < 0
+    if min(args.rounds, args.repeats, args.coord_saves, args.small_tensors, args.s3_mib) < 1 or (
+        min(args.small_ranks, args.s3_ranks) < 0
     ):
         parser.error(
-            "--rounds, --repeats, --coord-saves and --small-tensors must be >= 1, "
-            "--small-ranks >= 0"
+            "--rounds, --repeats, --coord-saves, --small-tensors and --s3-mib must be >= 1, "
+            "--small-ranks and --s3-ranks >= 0"
         )
     if args.doc:
         text = DOC.read_text(encoding="utf-8")
@@ -214,6 +226,30 @@ def check_resources(args: argparse.Namespace, where: Path) -> list[str]:
                     f"{available / 2**30:.1f} GiB available"
                 )
     return problems
+
+
+def run_objstore(args: argparse.Namespace, run_dir: Path, started: float) -> dict[str, Any] | None:
+    """The object-store job against a moto server started for it (and stopped after it); its
+    summary, or None (logged) when moto is missing or the job failed."""
+    from tests.s3server import S3Server
+
+    for needed in ("moto.server", "boto3"):  # the "test" extra's; the other jobs do without
+        if importlib.util.find_spec(needed.split(".")[0]) is None:
+            log(started, f"object-store job skipped: {needed} is not installed (moto[server])")
+            return None
+    server = S3Server().start()
+    try:
+        job = {
+            "url": f"s3://{server.create_bucket()}/bench",
+            "storage_options": server.storage_options(),
+            "mib": args.s3_mib,
+            "rounds": args.rounds,
+            "pg_timeout": 600,
+        }
+        raw = side_job(objstore_job, args.s3_ranks, job, run_dir, "objstore", started, args)
+    finally:
+        server.stop()
+    return summarize_objstore(raw) if raw is not None else None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -253,6 +289,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     configs: list[dict[str, Any]] = []
     coords: list[dict[str, Any]] = []
     small: dict[str, Any] | None = None
+    objstore: dict[str, Any] | None = None
     run_dir.mkdir()
     try:
         for world in args.world_sizes:
@@ -301,9 +338,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             if raw_small is not None:
                 small = summarize_small(raw_small)
                 print("\n".join(render_small(small)), flush=True)
+        if args.s3_ranks:
+            objstore = run_objstore(args, run_dir, started)
+            if objstore is not None:
+                print("\n".join(render_objstore(objstore)), flush=True)
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
-    targets = evaluate_targets(configs, coords, small)
+    targets = evaluate_targets(configs, coords, small) + objstore_targets(objstore)
     print("\n".join(render_targets(targets)), flush=True)
     elapsed = time.monotonic() - started
     log(started, f"finished in {elapsed:.0f} s")
@@ -318,6 +359,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "configs": configs,
             "coordination": coords,
             "small_tensors": small,
+            "object_store": objstore,
             "targets": targets,
         }
         args.json.write_text(json.dumps(payload, indent=2) + "\n")
@@ -331,6 +373,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         tables += render_coord_growth(coords, markdown=True)
     if small:
         tables += render_small(small, markdown=True)
+    if objstore:
+        tables += render_objstore(objstore, markdown=True)
     tables += render_targets(targets, markdown=True)
     if args.markdown:
         args.markdown.write_text("\n".join([header, "", *tables]) + "\n")

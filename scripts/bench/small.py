@@ -8,14 +8,13 @@ per round."""
 from __future__ import annotations
 
 import logging
-import statistics
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from bench.contenders import raw_torch_save
-from bench.summary import paired_ratio
+from bench.summary import summarize_side_job
 from bench.timing import Ranks
 from distckpt import CheckpointManager
 
@@ -62,14 +61,10 @@ def small_job(rank: int, world: int, job: dict[str, Any]) -> dict[str, Any] | No
 
 def summarize_small(raw: dict[str, Any]) -> dict[str, Any]:
     """Medians and the two paired ratios the targets judge."""
-    times = raw["times"]
-    save = paired_ratio(times["distckpt_sync_torch"], times["raw_torch_save"])
-    restore = paired_ratio(times["restore_full"], times["raw_torch_load"])
-    return {
-        "ranks": raw["ranks"],
-        "tensors": raw["tensors"],
-        "times": times,
-        "medians": {name: statistics.median(values) for name, values in times.items()},
-        "save_ratio": statistics.median(save),
-        "restore_ratio": statistics.median(restore),
-    }
+    return summarize_side_job(
+        raw,
+        {
+            "save_ratio": ("distckpt_sync_torch", "raw_torch_save"),
+            "restore_ratio": ("restore_full", "raw_torch_load"),
+        },
+    )

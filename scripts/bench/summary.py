@@ -31,6 +31,16 @@ def paired_ratio(a: Sequence[float | None], b: Sequence[float | None]) -> list[f
     return [x / y for x, y in zip(a, b) if x is not None and y is not None and y > 0]
 
 
+def summarize_side_job(raw: dict[str, Any], ratios: dict[str, tuple[str, str]]) -> dict[str, Any]:
+    """A side job's summary: what rank 0 returned, each time's median (``medians``) and, for
+    each ``name: (a, b)`` of ``ratios``, the median of the per-round ratios a / b."""
+    times = raw["times"]
+    summary = {**raw, "medians": {name: statistics.median(v) for name, v in times.items()}}
+    for name, (a, b) in ratios.items():
+        summary[name] = statistics.median(paired_ratio(times[a], times[b]))
+    return summary
+
+
 def summarize(world: int, mib: int, raw: dict[str, Any]) -> dict[str, Any]:
     times = raw["times"]
     medians = {name: median_or_none(values) for name, values in times.items()}

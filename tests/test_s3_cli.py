@@ -1,0 +1,167 @@
+"""The distckpt command line on an ``s3://`` root of a real S3-protocol server (moto), with the
+endpoint and credentials in the standard AWS environment variables, as a user would run it:
+the same commands, output and exit statuses as on a local root (tests/test_cli.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import distckpt
+from distckpt.layout import step_dir_name
+from distckpt.objstore import ObjectStore
+from tests.s3server import REGION, S3Server
+from tests.test_cli import ls_lines, run
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def aws_environment(server: S3Server) -> dict[str, str]:
+    """The standard AWS variables that point a client at ``server``."""
+    return {
+        "AWS_ENDPOINT_URL": server.endpoint,
+        "AWS_ACCESS_KEY_ID": server.key,
+        "AWS_SECRET_ACCESS_KEY": server.secret,
+        "AWS_REGION": REGION,
+    }
+
+
+@pytest.fixture
+def aws_env(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The AWS variables of the test server in this process's environment, and a working
+    directory of the test's own (a command that took an s3:// URL for a relative path would
+    create it there, not in the repository)."""
+    for name, value in aws_environment(s3_server).items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture
+def root(s3_server: S3Server, s3_url: str, aws_env: None) -> str:
+    """An s3:// root with steps 10, 20 (the best loss) and 30 (the last)."""
+    with distckpt.CheckpointManager(
+        s3_url, storage_options=s3_server.storage_options(), monitor="loss"
+    ) as mgr:
+        for step, loss in ((10, 3.0), (20, 1.0), (30, 2.0)):
+            state = {"w": torch.full((4,), float(step))}
+            mgr.save(step, state, epoch=step // 10, metrics={"loss": loss})
+    return s3_url
+
+
+def raw_store(url: str, server: S3Server) -> ObjectStore:
+    """The root's objects as the store holds them, past distckpt's checkpoint layer."""
+    return ObjectStore(url, server.storage_options())
+
+
+def test_ls_shows_steps_and_links(root: str) -> None:
+    ls_lines(root)
+    data = json.loads(run("ls", root, "--json").stdout)
+    assert [c["step"] for c in data["checkpoints"]] == [10, 20, 30]
+    assert data["links"] == {"last": step_dir_name(30), "best": step_dir_name(20)}
+
+
+def test_info_of_a_link_and_of_the_root(root: str) -> None:
+    out = run("info", f"{root}/best")
+    assert out.returncode == 0, out.stderr
+    assert "step        20" in out.stdout and "rank-00000.pt" in out.stdout
+    data = json.loads(run("info", root, "--json").stdout)
+    assert data["step"] == 30 and data["path"].endswith(step_dir_name(30))
+
+
+def test_verify_finds_a_corrupted_object(root: str, s3_server: S3Server) -> None:
+    assert run("verify", root).returncode == 0
+    store = raw_store(root, s3_server)
+    (shard,) = [
+        info.key
+        for info in store.list(step_dir_name(20) + "/")
+        if info.key.endswith("rank-00000.pt")
+    ]
+    data = bytearray(store.get_bytes(shard))
+    data[-30] ^= 0xFF  # same size: only the checksum can tell
+    store.put_bytes(shard, bytes(data))
+    out = run("verify", root)
+    assert out.returncode == 1, out
+    assert f"BROKEN {step_dir_name(20)}" in out.stdout and "checksum mismatch" in out.stdout
+    assert run("verify", root, "--no-checksums").returncode == 0
+    report = json.loads(run("verify", root, "--json").stdout)
+    assert report["ok"] is False
+    assert [c["ok"] for c in report["checkpoints"]] == [True, False, True]
+
+
+def test_prune_uses_the_managers_rules(root: str, s3_server: S3Server) -> None:
+    out = run("prune", root, "--keep-last", "1", "--keep-best", "1", "--monitor", "loss")
+    assert out.returncode == 0, out.stderr
+    with distckpt.CheckpointManager(root, read_only=True) as mgr:  # from the environment too
+        assert mgr.steps() == [20, 30]
+    remaining = {info.key.split("/")[0] for info in raw_store(root, s3_server).list()}
+    assert step_dir_name(10) not in remaining  # its objects are gone, not only its commit
+
+
+def test_gc_removes_the_leftovers_of_a_dead_writer(root: str, s3_server: S3Server) -> None:
+    """An uncommitted step prefix (objects without a commit object) left by a writer that is
+    gone, with no job holding the root: ``gc`` removes it and leaves the committed steps."""
+    store = raw_store(root, s3_server)
+    leftover = f"{step_dir_name(40)}/deadbeef/rank-00000.pt"
+    store.put_bytes(leftover, b"half of a checkpoint")
+    out = run("gc", root, "--json")
+    assert out.returncode == 0, out
+    assert [info.key for info in store.list(step_dir_name(40) + "/")] == []
+    assert json.loads(run("ls", root, "--json").stdout)["checkpoints"][-1]["step"] == 30
+
+
+def test_export_then_load_in_a_plain_process(root: str, tmp_path: Path) -> None:
+    out_file = tmp_path / "model.pt"
+    out = run("export", f"{root}/best", str(out_file))
+    assert out.returncode == 0, out.stderr
+    state = torch.load(out_file, weights_only=True)
+    assert torch.equal(state["w"], torch.full((4,), 20.0))
+
+
+@pytest.mark.parametrize(
+    ("args", "status"),
+    [
+        (("info",), 2),
+        (("verify",), 2),
+        (("ls",), 0),
+        (("prune", "--keep-last", "1"), 0),
+        (("gc",), 0),
+    ],
+    ids=lambda value: value[0] if isinstance(value, tuple) else str(value),
+)
+def test_an_empty_prefix_is_treated_as_an_empty_local_root(
+    s3_server: S3Server, s3_url: str, aws_env: None, args: tuple[str, ...], status: int
+) -> None:
+    """A prefix holding nothing (a typo, a root before its first save) is what an empty local
+    root dir is: ``info`` and ``verify`` find no checkpoint there, which is bad input (status
+    2, saying so); ``ls``, ``prune`` and ``gc`` find nothing to show or remove. No step is made
+    there by mistake."""
+    out = run(args[0], s3_url, *args[1:])
+    assert out.returncode == status, out
+    assert "Traceback" not in out.stderr
+    if status == 2:
+        assert out.stderr.startswith(f"distckpt {args[0]}: error: no "), out.stderr
+        assert s3_url in out.stderr
+    keys = [info.key for info in raw_store(s3_url, s3_server).list()]
+    assert not [key for key in keys if key.startswith("step-")], keys
+
+
+def test_python_dash_m_with_the_aws_environment(root: str, s3_server: S3Server) -> None:
+    """The real entry point, in a fresh process that finds the store through the AWS
+    variables alone."""
+    env = {**os.environ, **aws_environment(s3_server)}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    out = subprocess.run(
+        [sys.executable, "-m", "distckpt", "verify", f"{root}/last"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert out.returncode == 0, out.stderr
+    assert f"ok     {step_dir_name(30)}" in out.stdout
