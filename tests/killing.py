@@ -75,7 +75,10 @@ def run(
                 job.wait()
                 return True
             if time.monotonic() > deadline:
-                raise AssertionError(f"{command} did not finish within {timeout} s")
+                raise AssertionError(
+                    f"{command} did not finish within {timeout} s; its ranks' stacks:\n"
+                    + _stacks_of_stuck_job(job.pid, out / "job.log")
+                )
             time.sleep(0.02)
     finally:
         if job.poll() is None:
@@ -88,6 +91,16 @@ def run(
         output = (out / "job.log").read_text()[-4000:]
         raise AssertionError(f"{command} exited {job.returncode}:\n{output}")
     return False
+
+
+def _stacks_of_stuck_job(group: int, log: Path) -> str:
+    """The end of a stuck job's log after asking its processes for their threads' stacks (a
+    job's ranks register SIGUSR1 with :mod:`faulthandler`: see ``tests.ranks``), so a hang
+    names where it waits."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(group, signal.SIGUSR1)
+    time.sleep(2)
+    return log.read_text(errors="replace")[-12000:]
 
 
 def kill_moments(seed: int, count: int, low: int, high: int) -> list[int]:

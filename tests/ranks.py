@@ -152,9 +152,14 @@ def values(results: list[RankResult]) -> list[Any]:
 def _job_rank(
     train: Callable[[int, Any], None], rank: int, world_size: int, port: int, args: Any
 ) -> None:
+    import faulthandler
+    import signal
+
     import torch
     import torch.distributed as dist
 
+    # A test that finds the job stuck asks for every thread's stack (tests.killing.run).
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     torch.set_num_threads(1)
     init_gloo(rank, world_size, port, timeout=60)
     train(rank, args)
