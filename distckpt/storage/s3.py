@@ -29,7 +29,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import threading
 import time
 import weakref
@@ -59,7 +58,7 @@ from distckpt.objlease import LeaseRecord, ObjectLease
 from distckpt.results import CheckpointLocation, SaveResult
 from distckpt.storage import ExtraFile, OpenedRoot, StagingArea, store_files
 from distckpt.storage.posix_links import COMMITTING_RANK
-from distckpt.storage.s3_spool import SpoolUploads
+from distckpt.storage.s3_spool import SpoolUploads, make_temp_dir, remove_dead_temp_dirs
 from distckpt.storage.s3_upkeep import Upkeep, local_process_gone
 from distckpt.storage.s3_view import (
     DOWNLOAD_CONCURRENCY,
@@ -270,7 +269,8 @@ class S3RootStore(Upkeep, ViewedStore):
         """A spool dir private to this rank's part of one save, whose files are uploaded while
         the format writes them (:class:`~distckpt.storage.s3_spool.SpoolUploads`)."""
         step, attempt = self.s3.parse_attempt_location(location)
-        directory = Path(tempfile.mkdtemp(prefix=f"distckpt-spool-{attempt}-r{rank}-"))
+        remove_dead_temp_dirs()  # what killed saves and reads left on this machine
+        directory = make_temp_dir("spool", f"{attempt}-r{rank}")
         uploads = SpoolUploads(self.s3.client, directory, self.s3.attempt_prefix(step, attempt))
         self._spools[directory] = uploads
         try:

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import tempfile
 import threading
 from collections.abc import Mapping
 from pathlib import Path
@@ -27,6 +29,45 @@ logger = logging.getLogger("distckpt")
 #: How often the spool dir is scanned for new files, and a file for new bytes (seconds).
 POLL_SECONDS = 0.02
 _CHUNK = 8 << 20
+#: The temp dirs of this machine's saves (spools) and reads (downloads), each named
+#: ``<prefix><pid>-...`` after the process that made it.
+TEMP_DIR_PREFIXES = ("distckpt-spool-", "distckpt-read-")
+
+
+def make_temp_dir(kind: str, name: str) -> Path:
+    """A new temp dir for a save's spool (``kind`` ``"spool"``) or a read's download
+    (``"read"``), named after this process, so :func:`remove_dead_temp_dirs` can tell once
+    its process is gone (a killed process leaves it behind)."""
+    return Path(tempfile.mkdtemp(prefix=f"distckpt-{kind}-{os.getpid()}-{name}-"))
+
+
+def remove_dead_temp_dirs() -> None:
+    """Remove the temp dirs of this machine's saves and reads whose process no longer runs."""
+    try:
+        entries = list(os.scandir(tempfile.gettempdir()))
+    except OSError:
+        return
+    for entry in entries:
+        prefix = next((p for p in TEMP_DIR_PREFIXES if entry.name.startswith(p)), None)
+        if prefix is None or not entry.is_dir(follow_symlinks=False):
+            continue
+        pid = entry.name[len(prefix) :].partition("-")[0]
+        if pid.isdigit() and process_gone(int(pid)):
+            logger.info("removing %s, left by a process that died", entry.path)
+            shutil.rmtree(entry.path, ignore_errors=True)
+
+
+def process_gone(pid: int) -> bool:
+    """Whether no process ``pid`` runs on this machine (one of another user's still runs)."""
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
 
 
 class _Follower:
