@@ -119,6 +119,9 @@ class S3RootStore(Upkeep, ViewedStore):
         #: step's COMMIT): a committed save is never changed, only replaced (a new COMMIT)
         #: or deleted, so each is checked once, not at every commit
         self._checked: dict[tuple[int, str], Manifest] = {}
+        self._pointers_written: dict[str, tuple[str, str]] = {}
+        #: saves this store committed: their objects are never removed by a discard
+        self._published: set[str] = set()
 
     # ------------------------------------------------------------------ open / close
 
@@ -242,15 +245,17 @@ class S3RootStore(Upkeep, ViewedStore):
     def discard_staging(self, area: StagingArea) -> None:
         step, attempt = self.s3.parse_attempt_location(area.location)
         try:
-            record = self.s3.read_commit(step)
-            if record is None or record.attempt != attempt:
-                self._delete_prefix(self.s3.attempt_prefix(step, attempt))
+            if attempt not in self._published:
+                record = self.s3.read_commit(step)  # the commit may have been made, unanswered
+                if record is None or record.attempt != attempt:
+                    self._delete_prefix(self.s3.attempt_prefix(step, attempt))
             self.s3.client.delete([self.s3.claim_name(attempt)])
         except CheckpointError as exc:
             # Runs after a failed save too: its own error must not hide that one. What is left
             # is a dead writer's leftover, removed by the next gc or start.
             logger.warning("could not remove the save %s (left for gc): %s", area.location, exc)
         finally:
+            self._published.discard(attempt)
             with self._lease_lock:
                 self._claims.discard(attempt)
 
@@ -325,6 +330,7 @@ class S3RootStore(Upkeep, ViewedStore):
         faults.hit("before_rename", rank)
         self._check_lease()  # the upload may have outlasted the lease
         replaced = self._publish(step, attempt, overwrite=overwrite)
+        self._published.add(attempt)
         # Committed: COMMIT is the truth from here on. A failure to update the derived
         # pointers, retention or the removal of a replaced attempt must not report the save
         # as failed; they are redone at the next commit, start or gc.

@@ -62,6 +62,8 @@ class Upkeep:
     _checked: dict[tuple[int, str], Manifest]
     #: the attempts of this store's saves in flight (their claims are live)
     _claims: set[str]
+    #: each pointer's target and ETag as this store last wrote it
+    _pointers_written: dict[str, tuple[str, str]]
     _steps_retention_removes: Callable[[list[policy.CheckpointRecord]], list[int]]
 
     def _delete_prefix(self, prefix: str) -> None:
@@ -96,19 +98,24 @@ class Upkeep:
 
     def _swap_pointer(self, name: str, step: int) -> None:
         target = step_dir_name(step)
+        # What this store last wrote saves a read; if another process moved the pointer since,
+        # the compare-and-swap on that ETag fails and the pointer is read again.
+        current, etag = self._pointers_written.get(name, (None, None))
         for _ in range(_POINTER_RETRIES):
-            current, etag = self.s3.read_pointer(name)
+            if etag is None:
+                current, etag = self.s3.read_pointer(name)
             if current == target:
                 return
             content = f"{target}\n".encode()
             try:
                 if etag is None:
-                    self.s3.client.put_bytes(name, content, if_absent=True)
+                    written = self.s3.client.put_bytes(name, content, if_absent=True)
                 else:
-                    self.s3.client.put_bytes(name, content, if_match=etag)
+                    written = self.s3.client.put_bytes(name, content, if_match=etag)
+                self._pointers_written[name] = (target, written)
                 return
             except (ObjectExists, PreconditionFailed):
-                continue  # moved by another process meanwhile: read it again
+                current, etag = None, None  # moved by another process meanwhile: read it again
         raise CheckpointError(f"{self.root}/{name} kept changing while it was being moved")
 
     def _remove_pointer_unless_valid(self, name: str, valid_steps: set[int]) -> None:
@@ -118,6 +125,7 @@ class Upkeep:
         step = parse_step_dir_name(target) if target else None
         if step not in valid_steps:
             logger.info("removing %s/%s: it names no committed checkpoint", self.root, name)
+            self._pointers_written.pop(name, None)
             self.s3.client.delete([name])
 
     def _apply_retention(self, records: list[policy.CheckpointRecord]) -> list[int]:
