@@ -31,7 +31,7 @@ from tests.ranks import run_ranks
 from tests.s3_job import WORLD_SIZE, expected_state, loss_at, template
 from tests.s3server import S3Server
 from tests.test_launch import Job
-from tests.test_lease_jobs import Jobs, log, logged, saved_steps, wait_until
+from tests.test_lease_jobs import Jobs, log, logged, pid_of, saved_steps, wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 S3_JOB = REPO / "tests" / "s3_job.py"
@@ -332,6 +332,7 @@ def test_two_jobs_on_one_prefix_one_holds_it_the_other_is_refused_or_waits(
         assert logged(out, winner, rank, "opened"), log(out, winner, rank)
         (refusal,) = logged(out, loser, rank, "refused")
         assert refusal["type"] == "RootInUse", refusal
+        assert f"pid {pid_of(out, winner, 0)}" in refusal["error"], refusal  # names the holder
     assert started[loser].wait(60) == 0, started[loser].output
     assert all(saved_steps(out, loser, rank) == [] for rank in RANKS)
 
