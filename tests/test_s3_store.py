@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -499,3 +500,50 @@ def test_a_damaged_commit_object_is_skipped_and_reported(s3_server: S3Server, s3
         manager.delete(2)
         assert manager.gc() != [] and manager.steps() == [1]
     assert not any(name.startswith("step-00000002/") for name in _objects(s3_url, options))
+
+
+def test_a_spool_is_uploaded_as_written_and_checked_against_the_records(
+    s3_server: S3Server, s3_url: str, tmp_path: Path
+) -> None:
+    from distckpt.fsutil import ChecksumWriter, file_checksum
+    from distckpt.manifest import FileRecord
+    from distckpt.storage.s3_spool import POLL_SECONDS, SpoolUploads
+
+    options = s3_server.storage_options()
+    with ObjectStore(s3_url, options) as store:
+        uploads = SpoolUploads(store, tmp_path, "save/")
+        records = {}
+        for name in ("kept", "rewritten", "removed"):
+            with ChecksumWriter(tmp_path / name, fsync=False) as writer:
+                writer.write(name.encode() * 1000)
+            records[name] = FileRecord(size=writer.size, checksum=writer.checksum, rank=0)
+        time.sleep(POLL_SECONDS * 10)  # every file is followed by now
+        rewritten = tmp_path / "rewritten"
+        rewritten.write_bytes(b"other bytes, same name")  # in place, shorter
+        records["rewritten"] = FileRecord(size=22, checksum=file_checksum(rewritten), rank=0)
+        (tmp_path / "removed").unlink()
+        del records["removed"]
+        done = uploads.finish(records)
+        assert "kept" in done and "removed" not in done
+        assert store.get_bytes("save/kept") == b"kept" * 1000
+        # a file changed after it was followed does not match its record: left to upload again
+        assert "rewritten" not in done
+        assert "save/removed" not in {info.key for info in store.list("save/")}
+
+
+def test_temp_dirs_of_dead_processes_are_removed(tmp_path: Path) -> None:
+    from distckpt.storage.s3_spool import make_temp_dir, remove_dead_temp_dirs
+
+    child = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    dead_pid = int(child.stdout)  # exited: its pid names no process (unless reused at once)
+    mine = make_temp_dir("spool", "live")
+    left = Path(str(mine).replace(f"-{os.getpid()}-", f"-{dead_pid}-"))
+    left.mkdir()
+    try:
+        remove_dead_temp_dirs()
+        assert mine.is_dir() and not left.exists()
+    finally:
+        shutil.rmtree(mine, ignore_errors=True)
+        shutil.rmtree(left, ignore_errors=True)

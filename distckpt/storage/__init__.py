@@ -69,7 +69,9 @@ class OpenedRoot:
 class RootStore(abc.ABC):
     """One checkpoint root, as seen by the rank that commits (rank 0), plus the few checks
     every rank makes. Methods that change what is published serialise themselves against
-    other processes sharing the root (other jobs, the ``distckpt`` CLI)."""
+    other processes sharing the root (other jobs, the ``distckpt`` CLI): POSIX under the
+    root's file lock, an object store by conditional writes (exclusive create, compare-and-swap
+    on ETags)."""
 
     #: where the root is, for messages and for the locations in results
     root: CheckpointLocation
@@ -84,8 +86,8 @@ class RootStore(abc.ABC):
         links are kept, take the root's writer lease (waiting up to ``wait_for_root`` seconds
         for another job to end, else :class:`~distckpt.RootInUse` naming it), remove leftovers
         of dead writers and repair the links. From here until :meth:`close`, every change to
-        what is published first checks, under the root's lock, that this store still holds
-        the lease (:class:`~distckpt.LeaseLost` otherwise, before anything changed). A store
+        what is published first checks (POSIX: under the root's lock) that this store still
+        holds the lease (:class:`~distckpt.LeaseLost` otherwise, before anything changed). A store
         that was never opened (the ``distckpt`` CLI's) holds no lease and checks none.
         Read-only: only find the newest valid checkpoint of an existing root (no lease)."""
 
@@ -96,8 +98,9 @@ class RootStore(abc.ABC):
 
     @abc.abstractmethod
     def check_visible(self, rank: int) -> None:
-        """Every rank: raise :class:`~distckpt.RootNotWritable` unless this rank sees the root
-        and may write into it."""
+        """Every rank: raise unless this rank sees the root and may write into it
+        (:class:`~distckpt.RootNotWritable`; for an object store, the
+        :class:`~distckpt.ObjectStoreError` its request got)."""
 
     @abc.abstractmethod
     def free_bytes(self) -> int | None:

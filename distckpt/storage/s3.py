@@ -29,7 +29,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import threading
 import time
 import weakref
@@ -59,6 +58,7 @@ from distckpt.objlease import LeaseRecord, ObjectLease
 from distckpt.results import CheckpointLocation, SaveResult
 from distckpt.storage import ExtraFile, OpenedRoot, StagingArea, store_files
 from distckpt.storage.posix_links import COMMITTING_RANK
+from distckpt.storage.s3_spool import SpoolUploads, make_temp_dir, remove_dead_temp_dirs
 from distckpt.storage.s3_upkeep import Upkeep, local_process_gone
 from distckpt.storage.s3_view import (
     DOWNLOAD_CONCURRENCY,
@@ -122,6 +122,8 @@ class S3RootStore(Upkeep, ViewedStore):
         self._pointers_written: dict[str, tuple[str, str]] = {}
         #: saves this store committed: their objects are never removed by a discard
         self._published: set[str] = set()
+        #: the uploads following each spool dir of this process's saves in flight
+        self._spools: dict[Path, SpoolUploads] = {}
 
     # ------------------------------------------------------------------ open / close
 
@@ -260,17 +262,37 @@ class S3RootStore(Upkeep, ViewedStore):
                 self._claims.discard(attempt)
 
     def open_shard(self, location: str, rank: int) -> AbstractContextManager[Path]:
-        return _spool_dir(f"distckpt-spool-{self.s3.parse_attempt_location(location)[1]}-r{rank}-")
+        return self._spool(location, rank)
+
+    @contextmanager
+    def _spool(self, location: str, rank: int) -> Iterator[Path]:
+        """A spool dir private to this rank's part of one save, whose files are uploaded while
+        the format writes them (:class:`~distckpt.storage.s3_spool.SpoolUploads`)."""
+        step, attempt = self.s3.parse_attempt_location(location)
+        remove_dead_temp_dirs()  # what killed saves and reads left on this machine
+        directory = make_temp_dir("spool", f"{attempt}-r{rank}")
+        uploads = SpoolUploads(self.s3.client, directory, self.s3.attempt_prefix(step, attempt))
+        self._spools[directory] = uploads
+        try:
+            yield directory
+        finally:
+            if self._spools.pop(directory, None) is not None:
+                uploads.abort()  # not published: the format failed
+            shutil.rmtree(directory, ignore_errors=True)
 
     def publish_shard(
         self, location: str, directory: Path, records: Mapping[str, FileRecord]
     ) -> dict[str, FileRecord]:
         step, attempt = self.s3.parse_attempt_location(location)
         prefix = self.s3.attempt_prefix(step, attempt)
+        uploads = self._spools.pop(directory, None)
+        done = uploads.finish(records) if uploads is not None else set()
+        # What was not followed whole (renamed, rewritten, or too quick to see) goes now.
         with ThreadPoolExecutor(DOWNLOAD_CONCURRENCY) as pool:
             futures = [
                 pool.submit(self._upload, directory / name, prefix + name, record)
                 for name, record in records.items()
+                if name not in done
             ]
             for future in futures:
                 future.result()
@@ -418,13 +440,3 @@ class S3RootStore(Upkeep, ViewedStore):
             # expiry is timed by a contender's own clock: not decidable from one look
             alive=False if record.released else None,
         )
-
-
-@contextmanager
-def _spool_dir(prefix: str) -> Iterator[Path]:
-    """A local dir private to one rank's part of one save, removed when the block ends."""
-    directory = Path(tempfile.mkdtemp(prefix=prefix))
-    try:
-        yield directory
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from collections.abc import Callable
 
@@ -25,6 +24,7 @@ from distckpt.lock import Leftover
 from distckpt.manifest import Manifest
 from distckpt.results import CheckpointLocation
 from distckpt.storage.posix_links import COMMITTING_RANK
+from distckpt.storage.s3_spool import process_gone
 from distckpt.storage.s3_view import WRITERS_PREFIX, S3Root, S3RootView
 
 logger = logging.getLogger("distckpt")
@@ -39,15 +39,7 @@ _UNREADABLE = ""
 
 def local_process_gone(host: str, pid: int) -> bool:
     """Whether ``pid`` on ``host`` certainly no longer runs: only decidable on this machine."""
-    if host != this_host() or pid == os.getpid():
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False  # it runs, as another user
-    return False
+    return host == this_host() and process_gone(pid)
 
 
 class Upkeep:

@@ -21,7 +21,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import threading
 from collections.abc import Callable, Collection, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -39,6 +38,7 @@ from distckpt.fsutil import POINTER_MAX_BYTES, crc32
 from distckpt.layout import LINK_NAMES, MANIFEST_NAME, parse_step_dir_name, step_dir_name
 from distckpt.manifest import CHECKSUM_ALGORITHM, MAX_MANIFEST_BYTES, Manifest
 from distckpt.objstore import ObjectStore, S3Url
+from distckpt.storage.s3_spool import make_temp_dir
 from distckpt.storage.views import CheckpointSource, Located, RootView
 
 COMMIT_NAME = "COMMIT"
@@ -307,7 +307,7 @@ class S3Checkpoint(CheckpointSource):
     @contextmanager
     def _downloaded(self, names: Collection[str]) -> Iterator[Path]:
         manifest = self.read_manifest()
-        directory = Path(tempfile.mkdtemp(prefix=f"distckpt-read-{self.name}-"))
+        directory = make_temp_dir("read", self.name)
         try:
             wanted = sorted(set(names) | {MANIFEST_NAME})
             with ThreadPoolExecutor(DOWNLOAD_CONCURRENCY) as pool:
