@@ -341,9 +341,10 @@ class S3RootStore(Upkeep, ViewedStore):
     def commit(self, area: StagingArea, manifest: Manifest, *, overwrite: bool) -> SaveResult:
         step, attempt = self.s3.parse_attempt_location(area.location)
         rank = COMMITTING_RANK
-        self._check_lease()
+        # The step was checked at the proposal; since then only this job, the lease's holder
+        # (checked below), may have committed, and a commit of the same step by anyone fails
+        # the exclusive create of COMMIT (ConcurrentCommit). No second listing is needed.
         self.check_staged(area, manifest.files)
-        self.check_step(step, overwrite=overwrite, explicit=True)
         faults.hit("before_manifest", rank)
         self.s3.client.put_bytes(
             self.s3.attempt_prefix(step, attempt) + MANIFEST_NAME, manifest.to_json()
