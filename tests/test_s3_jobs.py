@@ -31,7 +31,7 @@ from tests.ranks import run_ranks
 from tests.s3_job import WORLD_SIZE, expected_state, loss_at, template
 from tests.s3server import S3Server
 from tests.test_launch import Job
-from tests.test_lease_jobs import Jobs, log, logged, saved_steps, wait_until
+from tests.test_lease_jobs import Jobs, log, logged, pid_of, saved_steps, wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 S3_JOB = REPO / "tests" / "s3_job.py"
@@ -41,9 +41,14 @@ RANKS = range(WORLD_SIZE)
 STEPS = 8
 KEPT = [3, STEPS - 1, STEPS]
 BALLAST_MIB = 4
-#: a SIGKILLed job cannot release the root's lease; the next job waits for it to expire
+#: a SIGKILLed job cannot release the root's lease: the next job on this machine takes it over
+#: at once (its holder's process is gone), and would otherwise wait for it to expire (30 s)
 LEASE_WAIT = 180.0
 STARTUP = 120.0 + LEASE_WAIT
+#: the managers' timeout in the server-kill test: what bounds a failure there
+SERVER_KILL_TIMEOUT = 30.0
+#: how long the async test holds an upload open
+UPLOAD_HOLD = 60.0
 
 
 def job_options(server: S3Server, *options: str) -> list[str]:
@@ -184,12 +189,12 @@ def test_jobs_killed_at_random_instants_resume_from_the_newest_committed_step(
         assert mgr.steps() == KEPT
         assert mgr.latest_step() == STEPS
         assert mgr.best_step() == min(range(1, STEPS + 1), key=loss_at) == KEPT[0]
-    options = s3_server.storage_options()
+    storage = s3_server.storage_options()
     for link, step in (("last", STEPS), ("best", KEPT[0])):  # the pointer objects
         state = template(0, fmt, BALLAST_MIB)
-        loaded = distckpt.load_checkpoint(f"{s3_url}/{link}", state=state, storage_options=options)
+        loaded = distckpt.load_checkpoint(f"{s3_url}/{link}", state=state, storage_options=storage)
         assert loaded.step == step
-    assert distckpt.verify(s3_url, storage_options=options).ok
+    assert distckpt.verify(s3_url, storage_options=storage).ok
     assert_every_step_restores_exactly(s3_url, s3_server, fmt)
 
 
@@ -225,10 +230,6 @@ def _save_through_a_server_kill(
         mgr.close()
     report["close_seconds"] = time.monotonic() - began
     return report
-
-
-#: the managers' timeout in the server-kill test: what bounds a failure there
-SERVER_KILL_TIMEOUT = 30.0
 
 
 @pytest.mark.timeout(300)
@@ -309,10 +310,6 @@ def test_an_async_save_returns_before_its_upload_ends(s3_server: S3Server, s3_ur
         stop_listening()
 
 
-#: how long the test above holds an upload open
-UPLOAD_HOLD = 60.0
-
-
 @pytest.mark.timeout(600)
 def test_two_jobs_on_one_prefix_one_holds_it_the_other_is_refused_or_waits(
     jobs: S3Jobs, s3_server: S3Server, s3_url: str
@@ -335,6 +332,7 @@ def test_two_jobs_on_one_prefix_one_holds_it_the_other_is_refused_or_waits(
         assert logged(out, winner, rank, "opened"), log(out, winner, rank)
         (refusal,) = logged(out, loser, rank, "refused")
         assert refusal["type"] == "RootInUse", refusal
+        assert f"pid {pid_of(out, winner, 0)}" in refusal["error"], refusal  # names the holder
     assert started[loser].wait(60) == 0, started[loser].output
     assert all(saved_steps(out, loser, rank) == [] for rank in RANKS)
 
