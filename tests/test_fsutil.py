@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
+import tempfile
 import zlib
 from pathlib import Path
 from typing import Any
@@ -353,16 +355,35 @@ def test_probe_writable_raises_where_nothing_can_be_written(tmp_path: Path) -> N
         probe_writable(afile)
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions")
-def test_probe_writable_raises_on_a_read_only_directory(tmp_path: Path) -> None:
-    readonly = tmp_path / "ro"
-    readonly.mkdir()
-    readonly.chmod(0o500)
+def test_probe_writable_raises_on_a_read_only_directory() -> None:
+    # Root ignores directory permissions, so as root the probe runs in a forked child that has
+    # become an unprivileged user (nobody), as a job of an ordinary user would.
+    parent = Path(tempfile.mkdtemp())
     try:
-        with pytest.raises(PermissionError):
-            probe_writable(readonly)
+        parent.chmod(0o755)
+        readonly = parent / "ro"
+        readonly.mkdir(mode=0o555)
+        readonly.chmod(0o555)
+        if os.geteuid() != 0:
+            with pytest.raises(PermissionError):
+                probe_writable(readonly)
+            return
+        child = os.fork()
+        if child == 0:  # pragma: no cover - the child reports through its exit status
+            status = 3
+            try:
+                os.setgid(65534)
+                os.setuid(65534)
+                probe_writable(readonly)
+                status = 1
+            except PermissionError:
+                status = 0
+            finally:
+                os._exit(status)
+        _, status = os.waitpid(child, 0)
+        assert os.waitstatus_to_exitcode(status) == 0, "the probe did not refuse the directory"
     finally:
-        readonly.chmod(0o700)
+        shutil.rmtree(parent, ignore_errors=True)
 
 
 def test_make_dirs_creates_missing_parents_and_accepts_existing(tmp_path: Path) -> None:
