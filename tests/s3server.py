@@ -126,16 +126,6 @@ class S3Server:
             self._proc.wait(10)
         self._proc = None
 
-    def pause(self) -> None:
-        """SIGSTOP the server: connections are still accepted (by the kernel), but nothing is
-        answered until :meth:`resume` (a store that hangs)."""
-        assert self._proc is not None
-        os.killpg(self._proc.pid, signal.SIGSTOP)
-
-    def resume(self) -> None:
-        assert self._proc is not None
-        os.killpg(self._proc.pid, signal.SIGCONT)
-
     def restart(self) -> S3Server:
         """Kill the server if it runs and start a new, empty one on the same port."""
         self.kill()
