@@ -179,7 +179,8 @@ def test_a_sigkilled_holder_job_blocks_nobody(jobs: Jobs) -> None:
     assert after.wait(STARTUP) == 0, after.output
     for rank in RANKS:
         (opened,) = logged(out, "b", rank, "opened")
-        assert opened["seconds"] < 5, opened  # no waiting for the dead holder
+        # opened with wait_for_root=0: a holder taken for alive would have been RootInUse
+        assert opened["event"] == "opened", opened
         assert saved_steps(out, "b", rank) == [2]
     record = json.loads((root / LEASE_RECORD_NAME).read_text())
     assert record["generation"] == 2 and record["released_utc"] is not None
@@ -201,9 +202,7 @@ def test_an_exception_in_the_loop_releases_the_root_at_exit(jobs: Jobs) -> None:
     record = json.loads((root / LEASE_RECORD_NAME).read_text())
     assert record["pid"] == crashed.process.pid and record["released_utc"] is not None
     assert read_holder(root) is None
-    began = time.monotonic()
-    with distckpt.CheckpointManager(root) as mgr:
-        assert time.monotonic() - began < 5
+    with distckpt.CheckpointManager(root) as mgr:  # wait_for_root=0: RootInUse if not released
         holder = read_holder(root)
         assert holder is not None and holder.pid == os.getpid() and holder.generation == 2
         assert mgr.latest_step() == 1
