@@ -23,11 +23,9 @@ another one changes nothing in it.
 
 from __future__ import annotations
 
-import atexit
 import errno
 import logging
 import os
-import weakref
 from collections.abc import Mapping
 from contextlib import ExitStack
 from pathlib import Path
@@ -62,20 +60,9 @@ from distckpt.results import CheckpointLocation, SaveResult
 from distckpt.storage import ExtraFile, OpenedRoot, StagingArea, store_files
 from distckpt.storage.posix_links import COMMITTING_RANK, LinksAndRetention
 from distckpt.storage.posix_view import PosixRootView
-from distckpt.storage.shared import ViewedStore
+from distckpt.storage.shared import ViewedStore, opened_no_more, release_at_exit
 
 logger = logging.getLogger("distckpt")
-
-#: Stores holding a lease, released at interpreter exit. Registered when this module is first
-#: imported, before any async save's own exit hook, so (hooks run last-registered first) a save
-#: still in flight at exit is finished before its lease goes.
-_open_stores: weakref.WeakSet[PosixRootStore] = weakref.WeakSet()
-
-
-@atexit.register
-def _release_leases_at_exit() -> None:
-    for store in list(_open_stores):
-        store.close()
 
 
 class PosixRootStore(LinksAndRetention, ViewedStore):
@@ -160,7 +147,7 @@ class PosixRootStore(LinksAndRetention, ViewedStore):
             return  # opened already
         self._lease = RootLease.acquire(self.root, wait=wait)
         self._opened_by_pid = os.getpid()
-        _open_stores.add(self)
+        release_at_exit(self)
         logger.info("holding the lease of %s (generation %d)", self.root, self._lease.generation)
 
     def close(self) -> None:
@@ -168,7 +155,7 @@ class PosixRootStore(LinksAndRetention, ViewedStore):
         # parent's: releasing it there would let another job in while the parent writes.
         if self._lease is not None and os.getpid() == self._opened_by_pid:
             self._lease.release()  # kept, so a commit after close is refused (LeaseLost)
-        _open_stores.discard(self)
+        opened_no_more(self)
 
     def _check_lease(self) -> None:
         """Under the lock, before a change is published: this store's job still owns the root

@@ -23,7 +23,6 @@ objects whatever ``link=`` says. Pointers, retention and leftovers are in
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import json
 import logging
@@ -31,7 +30,6 @@ import os
 import shutil
 import threading
 import time
-import weakref
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, contextmanager
@@ -67,7 +65,7 @@ from distckpt.storage.s3_view import (
     S3Root,
     S3RootView,
 )
-from distckpt.storage.shared import ViewedStore
+from distckpt.storage.shared import ViewedStore, opened_no_more, release_at_exit
 
 logger = logging.getLogger("distckpt")
 
@@ -75,16 +73,8 @@ logger = logging.getLogger("distckpt")
 #: every third of it. A job killed without releasing its lease blocks the root this long
 #: (unless it ran on this machine: a dead local holder is taken over at once).
 LEASE_SECONDS = 30.0
+#: how often a pointer's compare-and-swap is tried again when another process moved it meanwhile
 _POINTER_RETRIES = 3
-# compare-and-swap of a pointer that another process moved meanwhile
-
-_open_stores: weakref.WeakSet[S3RootStore] = weakref.WeakSet()
-
-
-@atexit.register
-def _release_leases_at_exit() -> None:
-    for store in list(_open_stores):
-        store.close()
 
 
 class S3RootStore(Upkeep, ViewedStore):
@@ -162,7 +152,7 @@ class S3RootStore(Upkeep, ViewedStore):
         with self._lease_lock:
             self._lease, self._lease_error = lease, None
         self._opened_by_pid = os.getpid()
-        _open_stores.add(self)
+        release_at_exit(self)
         self._stop_renewing.clear()
         self._renewer = threading.Thread(
             target=self._renew_until_closed, name="distckpt-s3-lease", daemon=True
@@ -206,7 +196,7 @@ class S3RootStore(Upkeep, ViewedStore):
                     lease.release()
                 except ObjectStoreError as exc:
                     logger.warning("could not release the lease of %s: %s", self.root, exc)
-        _open_stores.discard(self)
+        opened_no_more(self)
 
     def _check_lease(self) -> None:
         """Before a change is published: this store's job still owns the root

@@ -3,12 +3,36 @@ the root through its :class:`~distckpt.storage.views.RootView`."""
 
 from __future__ import annotations
 
+import atexit
+import weakref
+
 from distckpt import policy, resolve
 from distckpt.errors import CheckpointExists, InvalidStep, ReadOnlyRoot
 from distckpt.layout import BEST, LAST, parse_step_dir_name
 from distckpt.results import SaveResult
 from distckpt.storage import RootStore
 from distckpt.storage.views import RootView
+
+#: Stores holding a lease, released at interpreter exit. Registered when the first store module
+#: is imported, before any async save's own exit hook, so (hooks run last-registered first) a
+#: save still in flight at exit is finished before its lease goes.
+_open_stores: weakref.WeakSet[RootStore] = weakref.WeakSet()
+
+
+@atexit.register
+def _release_leases_at_exit() -> None:
+    for store in list(_open_stores):
+        store.close()
+
+
+def release_at_exit(store: RootStore) -> None:
+    """Have ``store``'s lease released at interpreter exit (until :func:`opened_no_more`)."""
+    _open_stores.add(store)
+
+
+def opened_no_more(store: RootStore) -> None:
+    """``store`` was closed: nothing left to release at exit."""
+    _open_stores.discard(store)
 
 
 class ViewedStore(RootStore):
