@@ -289,8 +289,7 @@ class CheckpointManager:
                 LastSave.at(plan.step, plan.epoch),
             )
             self._background.submit(lambda coord: commit(coord=coord))
-            location = self._view.checkpoint(plan.step).location
-            result = SaveResult(plan.step, location, plan.epoch, plan.metrics, done=False)
+            result = SaveResult(plan.step, plan.destination, plan.epoch, plan.metrics, done=False)
             if decision.preempt:
                 result = self.wait() or result  # a preemption save must be durable first
         if decision.preempt:

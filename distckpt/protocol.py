@@ -2,7 +2,7 @@
 
 1. :func:`propose` (one all-gather): every rank checks its arguments and estimates its bytes;
    rank 0 also checks the step against the root, reads the free space and opens a staging area
-   claimed by its live writer. Every rank computes the same verdict from the gathered
+   claimed by its live writer, in a thread beside the snapshot (that work needs no tensor). Every rank computes the same verdict from the gathered
    proposals (same step everywhere, enough space) and gets the same :class:`SavePlan` — or the
    committed result when a scheduled save finds its step saved already.
 2. :func:`write`: every rank writes its shard into the staging area (streamed, fsynced); rank 0
@@ -18,14 +18,16 @@ Each step is a phase of :mod:`distckpt.events` (``save.propose`` ... ``save.comm
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
+import threading
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -43,6 +45,7 @@ from distckpt.state import to_plain
 from distckpt.storage import ExtraFile, RootStore, StagingArea
 
 logger = logging.getLogger("distckpt")
+T = TypeVar("T")
 
 #: Free space demanded beyond the estimated size, as a fraction of it (the default of
 #: ``CheckpointManager(space_margin=)``), and never less than the floor: estimates miss
@@ -77,6 +80,8 @@ class Proposal:
     #: None where the filesystem reports no size: free space unknown, not checked
     free_bytes: int | None = None
     existing: SaveResult | None = None
+    #: where the checkpoint will be once committed (rank 0 looked it up in the root)
+    destination: CheckpointLocation = ""
 
 
 @dataclass(frozen=True)
@@ -95,6 +100,9 @@ class SavePlan:
     metrics: dict[str, float]
     #: the free space rank 0 saw in the proposal (None: unknown), quoted if the disk fills
     free_bytes: int | None = None
+    #: where the checkpoint will be once committed, as rank 0 found it beside the staging
+    #: (an async save's result names it before the commit, with no lookup in the caller's path)
+    destination: CheckpointLocation = ""
     #: rank 0 only: the claimed staging area, its metadata and extra files
     area: StagingArea | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
@@ -121,33 +129,57 @@ def propose(
     started = time.monotonic()
     prepared: dict[str, Any] = {}  # this rank's own results, kept out of the all-gather
 
+    def prepare_root() -> Proposal | SaveResult:
+        # Rank 0's root work needs no tensor: it runs beside the snapshot, in a thread of its
+        # own (see :func:`start_beside`), so an async save's caller waits for the longer of
+        # the two instead of their sum.
+        with events.phase("propose.root", rank=coord.rank, step=step):
+            existing = store.check_step(
+                step, overwrite=request.overwrite, explicit=request.explicit
+            )
+            if existing is not None:
+                return existing
+            prepared["area"] = store.begin_staging(step, token)
+            # The size and metrics are this rank's, filled in once the snapshot is taken.
+            return Proposal(
+                step,
+                0,
+                {},
+                location=prepared["area"].location,
+                free_bytes=store.free_bytes(),
+                destination=store.view.checkpoint(step).location,
+            )
+
     def local() -> Proposal:
         check_launcher(launcher, coord=coord, store=store)
         check_step_number(step)
-        plain = to_plain(state, mark_per_rank=fmt.marks_per_rank)
-        fmt.check_state(plain)
-        # Async: copy now, so training may change its tensors as soon as save returns.
-        prepared["state"] = snapshot.snapshot(plain) if snapshot is not None else plain
-        proposal = Proposal(
-            step=step,
-            estimated_bytes=fmt.estimate_bytes(prepared["state"]),
-            metrics=normalize_metrics(request.metrics),
-        )
-        if not coord.is_coordinator:
-            return proposal
-        prepared["metadata"] = check_json_metadata(request.metadata)
-        prepared["files"] = check_extra_files(request.files, fmt)
-        existing = store.check_step(step, overwrite=request.overwrite, explicit=request.explicit)
-        if existing is not None:
-            return Proposal(step, proposal.estimated_bytes, proposal.metrics, existing=existing)
-        prepared["area"] = store.begin_staging(step, token)
-        return Proposal(
-            step,
-            proposal.estimated_bytes,
-            proposal.metrics,
-            location=prepared["area"].location,
-            free_bytes=store.free_bytes(),
-        )
+        root_done: Callable[[], Proposal | SaveResult] | None = None
+        if coord.is_coordinator:
+            prepared["metadata"] = check_json_metadata(request.metadata)
+            prepared["files"] = check_extra_files(request.files, fmt)
+            root_done = start_beside(prepare_root, name="distckpt-propose")
+        try:
+            with events.phase("propose.snapshot", rank=coord.rank, step=step):
+                plain = to_plain(state, mark_per_rank=fmt.marks_per_rank)
+                fmt.check_state(plain)
+                # Async: copy now, so training may change its tensors as soon as save returns.
+                prepared["state"] = snapshot.snapshot(plain) if snapshot is not None else plain
+        except BaseException:
+            # Joined before the snapshot's error is reported: a staging area the root work
+            # opened is then in `prepared`, which the caller discards. Its own error, if any,
+            # is the lesser news.
+            if root_done is not None:
+                with contextlib.suppress(Exception):
+                    root_done()
+            raise
+        root = root_done() if root_done is not None else None
+        estimated = fmt.estimate_bytes(prepared["state"])
+        metrics = normalize_metrics(request.metrics)
+        if isinstance(root, SaveResult):
+            return Proposal(step, estimated, metrics, existing=root)
+        if root is None:
+            return Proposal(step, estimated, metrics)
+        return replace(root, estimated_bytes=estimated, metrics=metrics)
 
     try:
         with events.phase("save.propose", rank=coord.rank, step=step):
@@ -176,10 +208,37 @@ def propose(
         location=chosen.location,
         metrics=chosen.metrics,
         free_bytes=chosen.free_bytes,
+        destination=chosen.destination,
         area=prepared.get("area"),
         metadata=prepared.get("metadata", {}),
         files=prepared.get("files", {}),
     )
+
+
+def start_beside(func: Callable[[], T], *, name: str) -> Callable[[], T]:
+    """Start ``func`` in a thread of its own now; returns a function that waits for it and
+    gives its value or raises its error (the counterpart of :func:`~distckpt.coord.run_now`
+    for work that overlaps the caller's). For work that waits on the disk while the caller
+    copies tensors (which releases the GIL)."""
+    outcome: list[T] = []
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            outcome.append(func())
+        except BaseException as exc:  # raised again in the caller's thread by the join
+            failure.append(exc)
+
+    thread = threading.Thread(target=run, name=name, daemon=True)
+    thread.start()
+
+    def join() -> T:
+        thread.join()
+        if failure:
+            raise failure[0]
+        return outcome[0]
+
+    return join
 
 
 def margin_bytes(needed: int, space_margin: float) -> int:

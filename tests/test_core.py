@@ -272,6 +272,44 @@ def test_rank_raising_mid_write_fails_every_rank_and_leaves_nothing(root: Path) 
     assert _staging_entries(root) == []
 
 
+class _RefusesItsState:
+    """An object whose ``state_dict()`` raises: rank 0's snapshot fails while its root work,
+    in the thread beside it, opens the staging area."""
+
+    def state_dict(self) -> dict[str, Any]:
+        raise ValueError("this state refuses to be saved")
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        raise AssertionError("never saved, so never loaded")
+
+
+def _snapshot_fails_on_rank_0(rank: int, world_size: int, root: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    with distckpt.CheckpointManager(root, timeout=TIMEOUT, async_save=True) as mgr:
+        state: dict[str, Any] = {"w": _weights(1, rank)}
+        try:
+            mgr.save(1, {**state, "obj": _RefusesItsState()} if rank == 0 else state)
+        except Exception as exc:
+            out["error"] = _err(exc)
+        if rank == 0:
+            out["staging"] = _staging_entries(Path(root))
+        out["retry"] = mgr.save(1, state).step
+        mgr.wait()
+        out["steps"] = mgr.steps()
+    return out
+
+
+def test_a_snapshot_failing_beside_the_root_work_fails_every_rank_and_leaves_nothing(
+    root: Path,
+) -> None:
+    out = values(run_ranks(_snapshot_fails_on_rank_0, 2, str(root), timeout=JOB_TIMEOUT))
+    for rank_out in out:
+        assert "refuses to be saved" in rank_out["error"][1]
+        assert rank_out["retry"] == 1
+        assert rank_out["steps"] == [1]
+    assert out[0]["staging"] == []  # the staging area opened beside the snapshot is gone
+
+
 # --------------------------------------------------------------------------- retention, delete
 
 

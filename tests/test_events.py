@@ -14,6 +14,8 @@ SAVE_PHASES = {"save.propose", "save.write", "save.agree", "save.commit"}
 COMMIT_PHASES = {"commit.lock", "commit.manifest", "commit.publish", "commit.links"}
 COMMIT_PHASES |= {"commit.retention"}
 COLLECTIVE_PHASES = {"collective.all_gather", "collective.broadcast"}
+#: inside ``save.propose``: every rank's snapshot, and rank 0's root work beside it
+PROPOSE_PHASES = {"propose.snapshot"}
 
 
 def _phases_of_a_save(rank: int, world_size: int, root: str) -> set[tuple[str, int | None]]:
@@ -33,5 +35,8 @@ def test_a_listener_sees_every_phase_of_a_save(tmp_path: Path) -> None:
     for phases in (rank0, rank1):
         assert {(name, 3) for name in SAVE_PHASES} <= phases
         assert {(name, None) for name in COLLECTIVE_PHASES} <= phases
+        assert {(name, 3) for name in PROPOSE_PHASES} <= phases
     assert {(name, 3) for name in COMMIT_PHASES} <= rank0  # rank 0 alone commits
     assert not {name for name, _ in rank1} & COMMIT_PHASES
+    assert ("propose.root", 3) in rank0  # rank 0 alone looks at the root
+    assert not {name for name, _ in rank1} & {"propose.root"}

@@ -18,10 +18,13 @@ from typing import Any
 
 from distckpt import events
 
-#: The phases of a save, in display order; ``commit.*`` run inside ``save.commit`` (rank 0's
-#: publication under the root lock) and are shown indented beneath it.
+#: The phases of a save, in display order; ``propose.*`` run inside ``save.propose`` (the
+#: snapshot, and rank 0's root work beside it), ``commit.*`` inside ``save.commit`` (rank 0's
+#: publication under the root lock).
 PHASE_ORDER = (
     "save.propose",
+    "propose.snapshot",
+    "propose.root",
     "save.write",
     "save.agree",
     "save.commit",
@@ -33,7 +36,9 @@ PHASE_ORDER = (
     "collective.all_gather",
     "collective.broadcast",
 )
-NESTED_PREFIX = "commit."
+#: Phases that run inside another (``propose.*`` in ``save.propose``, ``commit.*`` in
+#: ``save.commit``), shown indented beneath it.
+NESTED_PREFIXES = ("propose.", "commit.")
 
 #: One save on one rank: phase name -> (seconds summed over its runs, number of runs).
 SavePhases = dict[str, tuple[float, int]]

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from bench.contenders import METRIC_ORDER, MIB, WHOLE_STATE
-from bench.phases import NESTED_PREFIX, ordered_phases
+from bench.phases import NESTED_PREFIXES, ordered_phases
 
 
 def format_seconds(value: float | None) -> str:
@@ -122,7 +122,7 @@ def render_phases(phases: dict[str, dict[str, Any]], markdown: bool = False) -> 
     phase arrived."""
     rows = []
     for name, entry in ordered_phases(phases):
-        label = ("    " if name.startswith(NESTED_PREFIX) else "  ") + name
+        label = ("    " if name.startswith(NESTED_PREFIXES) else "  ") + name
         if entry is None:
             rows.append([label, "-", "-", "-"])
         else:
