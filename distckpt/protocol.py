@@ -2,9 +2,10 @@
 
 1. :func:`propose` (one all-gather): every rank checks its arguments and estimates its bytes;
    rank 0 also checks the step against the root, reads the free space and opens a staging area
-   claimed by its live writer, in a thread beside the snapshot (that work needs no tensor). Every rank computes the same verdict from the gathered
-   proposals (same step everywhere, enough space) and gets the same :class:`SavePlan` — or the
-   committed result when a scheduled save finds its step saved already.
+   claimed by its live writer, in a thread beside the snapshot (that work needs no tensor).
+   Every rank computes the same verdict from the gathered proposals (same step everywhere,
+   enough space) and gets the same :class:`SavePlan` — or the committed result when a
+   scheduled save finds its step saved already.
 2. :func:`write`: every rank writes its shard into the staging area (streamed, fsynced); rank 0
    adds the extra files.
 3. :func:`agree` (one all-gather): every rank reports its files or its error; any rank's
