@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import torch
@@ -40,3 +41,26 @@ def test_a_listener_sees_every_phase_of_a_save(tmp_path: Path) -> None:
     assert not {name for name, _ in rank1} & COMMIT_PHASES
     assert ("propose.root", 3) in rank0  # rank 0 alone looks at the root
     assert not {name for name, _ in rank1} & {"propose.root"}
+
+
+def _propose_threads(rank: int, world_size: int, root: str) -> dict[str, str]:
+    threads: dict[str, str] = {}
+
+    def note_thread(event: events.PhaseEvent) -> None:
+        threads[event.phase] = threading.current_thread().name  # listeners run in its thread
+
+    with distckpt.CheckpointManager(root, keep_last=1, async_save=True, timeout=30) as manager:
+        remove = events.add_listener(note_thread)
+        try:
+            manager.save(1, {"w": torch.ones(8) * rank})
+            manager.wait()
+        finally:
+            remove()
+    return threads
+
+
+def test_rank_0s_root_work_runs_beside_the_snapshot_not_after_it(tmp_path: Path) -> None:
+    rank0, _ = values(run_ranks(_propose_threads, 2, str(tmp_path)))
+    # Another thread than the caller's, which takes the snapshot: the two overlap.
+    assert rank0["propose.snapshot"] == rank0["save.propose"]
+    assert rank0["propose.root"] not in (rank0["propose.snapshot"], rank0["save.write"])
