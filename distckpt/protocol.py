@@ -81,7 +81,8 @@ class Proposal:
     #: None where the filesystem reports no size: free space unknown, not checked
     free_bytes: int | None = None
     existing: SaveResult | None = None
-    #: where the checkpoint will be once committed (rank 0 looked it up in the root)
+    #: where the checkpoint will be once committed (rank 0 looked it up in the root; async
+    #: saves only, else "")
     destination: CheckpointLocation = ""
 
 
@@ -102,7 +103,8 @@ class SavePlan:
     #: the free space rank 0 saw in the proposal (None: unknown), quoted if the disk fills
     free_bytes: int | None = None
     #: where the checkpoint will be once committed, as rank 0 found it beside the staging
-    #: (an async save's result names it before the commit, with no lookup in the caller's path)
+    #: (an async save's result names it before the commit, with no lookup in the caller's path;
+    #: "" for a sync save, whose commit names it)
     destination: CheckpointLocation = ""
     #: rank 0 only: the claimed staging area, its metadata and extra files
     area: StagingArea | None = None
@@ -141,14 +143,17 @@ def propose(
             if existing is not None:
                 return existing
             prepared["area"] = store.begin_staging(step, token)
-            # The size and metrics are this rank's, filled in once the snapshot is taken.
+            # The size and metrics are this rank's, filled in once the snapshot is taken. Only
+            # an async save returns before its commit names the checkpoint: a sync save spends
+            # no lookup of the root on it.
+            destination = store.view.checkpoint(step).location if snapshot is not None else ""
             return Proposal(
                 step,
                 0,
                 {},
                 location=prepared["area"].location,
                 free_bytes=store.free_bytes(),
-                destination=store.view.checkpoint(step).location,
+                destination=destination,
             )
 
     def local() -> Proposal:

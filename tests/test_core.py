@@ -310,6 +310,32 @@ def test_a_snapshot_failing_beside_the_root_work_fails_every_rank_and_leaves_not
     assert out[0]["staging"] == []  # the staging area opened beside the snapshot is gone
 
 
+def _async_save_of_an_old_step(rank: int, world_size: int, root: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    with distckpt.CheckpointManager(root, timeout=TIMEOUT, async_save=True) as mgr:
+        mgr.save(2, {"w": _weights(2, rank)})
+        mgr.wait()
+        try:
+            mgr.save(1, {"w": _weights(1, rank)})  # refused by rank 0's root work
+        except distckpt.CheckpointError as exc:
+            out["error"] = _err(exc)
+        out["in_flight"] = mgr.save_in_flight
+        out["steps"] = mgr.steps()
+        if rank == 0:
+            out["staging"] = _staging_entries(Path(root))
+    return out
+
+
+def test_an_async_save_of_a_refused_step_raises_in_save_on_every_rank(root: Path) -> None:
+    out = values(run_ranks(_async_save_of_an_old_step, 2, str(root), timeout=JOB_TIMEOUT))
+    for rank_out in out:
+        assert "error" in rank_out  # raised by save() itself, not later by wait()
+        assert rank_out["error"][2]  # a CheckpointError on every rank
+        assert not rank_out["in_flight"]
+        assert rank_out["steps"] == [2]
+    assert out[0]["staging"] == []
+
+
 # --------------------------------------------------------------------------- retention, delete
 
 
