@@ -272,6 +272,32 @@ def test_load_checkpoint_and_verify_by_url(s3_server: S3Server, s3_url: str) -> 
     assert distckpt.load_checkpoint(s3_url, storage_options=options, verify=True).step == 10
 
 
+def _restore_the_wrong_shape(rank: int, world_size: int, url: str, options: dict[str, Any]) -> str:
+    with distckpt.CheckpointManager(url, storage_options=options, format="dcp") as manager:
+        manager.save(1, {"w": torch.zeros(3)})
+        with pytest.raises(distckpt.InvalidArgument) as raised:
+            manager.restore("last", state={"w": torch.zeros(5)})
+        return str(raised.value)
+
+
+def test_a_dcp_format_error_names_the_s3_location_not_the_download(
+    s3_server: S3Server, s3_url: str
+) -> None:
+    options = s3_server.storage_options()
+    with distckpt.CheckpointManager(s3_url, storage_options=options, format="dcp") as manager:
+        manager.save(1, {"w": torch.zeros(3)})
+    where = f"{s3_url}/step-00000001"
+    for state in (None, {"w": torch.zeros(5)}):  # no state=; a shape the checkpoint lacks
+        with pytest.raises(distckpt.InvalidArgument) as raised:
+            distckpt.load_checkpoint(f"{s3_url}/last", storage_options=options, state=state)
+        assert where in str(raised.value) and "distckpt-read" not in str(raised.value)
+    # restore on two ranks: the error is renamed on its rank, before the ranks agree on it
+    for message in values(
+        run_ranks(_restore_the_wrong_shape, 2, f"{s3_url}2", options, timeout=JOB_TIMEOUT)
+    ):
+        assert f"{s3_url}2/step-00000001" in message and "distckpt-read" not in message
+
+
 def test_export_from_a_url(s3_server: S3Server, s3_url: str, tmp_path: Path) -> None:
     options = s3_server.storage_options()
     with distckpt.CheckpointManager(s3_url, storage_options=options) as manager:
