@@ -28,6 +28,7 @@ from distckpt.errors import InvalidArgument
 from distckpt.formats import format_named
 from distckpt.fsutil import atomic_write
 from distckpt.resolve import resolve_path
+from distckpt.storage.views import errors_name_the_location
 
 __all__ = ["export"]
 
@@ -68,7 +69,10 @@ def export(
         raise InvalidArgument(f"out_file {out} is a directory; give the path of a file")
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int)):
         raise InvalidArgument(f"rank must be an int, not {rank!r}")
-    with source.local_copy(manifest.files) as directory:
+    with (
+        source.local_copy(manifest.files) as directory,
+        errors_name_the_location(source, directory),
+    ):
         state = format_named(manifest.format).export(
             directory, manifest, rank=rank, all_ranks=all_ranks, allow_pickle=allow_pickle
         )

@@ -367,15 +367,32 @@ class ObjectStore:
     def list(self, prefix: str = "", *, page_size: int = 1000) -> Iterator[ObjectInfo]:
         """Every object whose relative key starts with ``prefix``, in key order, fetched a
         page of ``page_size`` at a time."""
+        for page in self._list_pages(prefix, page_size=page_size):
+            for item in page.get("Contents", []):
+                yield ObjectInfo(self.url.relative(item["Key"]), int(item["Size"]), item["ETag"])
+
+    def list_dirs(self, prefix: str = "") -> Iterator[str]:
+        """The distinct ``<prefix>...X/`` that relative keys starting with ``prefix`` begin
+        with, in key order: what a ``/``-delimited listing rolls up, so its cost grows with
+        these names (one page per 1000) and not with the objects under them."""
+        for page in self._list_pages(prefix, page_size=1000, delimiter="/"):
+            for item in page.get("CommonPrefixes", []):
+                yield self.url.relative(item["Prefix"])
+
+    def _list_pages(
+        self, prefix: str, *, page_size: int, delimiter: str | None = None
+    ) -> Iterator[dict[str, Any]]:
+        """The pages of a listing of ``prefix`` (``ListObjectsV2`` responses)."""
         kwargs: dict[str, Any] = {"Prefix": self.url.key(prefix), "MaxKeys": page_size}
         if not self.url.prefix and not prefix:
             kwargs.pop("Prefix")
         elif not prefix:
             kwargs["Prefix"] = self.url.prefix + "/"
+        if delimiter is not None:
+            kwargs["Delimiter"] = delimiter
         while True:
             page = self.request("list", prefix, self.client.list_objects_v2, **kwargs)
-            for item in page.get("Contents", []):
-                yield ObjectInfo(self.url.relative(item["Key"]), int(item["Size"]), item["ETag"])
+            yield page
             if not page.get("IsTruncated"):
                 return
             kwargs["ContinuationToken"] = page["NextContinuationToken"]

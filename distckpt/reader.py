@@ -39,7 +39,7 @@ from distckpt.manifest import Manifest
 from distckpt.resolve import VANISH_RETRIES, Found, resolve
 from distckpt.results import Checkpoint, CheckpointLocation
 from distckpt.state import load_into, to_plain
-from distckpt.storage.views import CheckpointSource, RootView
+from distckpt.storage.views import CheckpointSource, RootView, errors_name_the_location
 
 logger = logging.getLogger("distckpt")
 T = TypeVar("T")
@@ -68,11 +68,18 @@ def _agreed(coordinator: Coordinator | None, func: Callable[[], T], what: str) -
 # ---------------------------------------------------------------------------------- one rank
 
 
-def _vanish_checked(source: CheckpointSource, func: Callable[[], T]) -> T:
+def _vanish_checked(
+    source: CheckpointSource, func: Callable[[], T], directory: Path | None = None
+) -> T:
     """``func()``, with a file missing because its whole checkpoint was deleted meanwhile
-    reported as :class:`CheckpointVanished` (retried by the caller), otherwise as damage."""
+    reported as :class:`CheckpointVanished` (retried by the caller), otherwise as damage.
+    With ``directory``, the local copy ``func`` reads, its errors name ``source``'s location
+    instead of the copy (:func:`~distckpt.storage.views.errors_name_the_location`)."""
     try:
-        return func()
+        if directory is None:
+            return func()
+        with errors_name_the_location(source, directory):
+            return func()
     except (FileNotFoundError, CorruptCheckpoint) as exc:
         if not source.exists():
             raise CheckpointVanished(
@@ -111,7 +118,7 @@ def prepare_read(
     fmt = format_named(manifest.format)
     plain = to_plain(template, mark_per_rank=fmt.marks_per_rank) if template is not None else None
     prepared = _vanish_checked(
-        source, lambda: fmt.prepare_read(directory, manifest, ctx, plain, options)
+        source, lambda: fmt.prepare_read(directory, manifest, ctx, plain, options), directory
     )
     if strict and prepared.mismatch is not None:
         prepared.mismatch.check_strict()
@@ -126,7 +133,7 @@ def read_state(
     found while preparing and what the load found."""
     manifest = prepared.manifest
     fmt = format_named(manifest.format)
-    loaded = _vanish_checked(source, lambda: fmt.read(prepared))
+    loaded = _vanish_checked(source, lambda: fmt.read(prepared), prepared.directory)
     report = (
         load_into(
             template, loaded, strict=strict, fix_key_prefixes=prepared.options.fix_key_prefixes

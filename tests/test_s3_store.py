@@ -24,6 +24,7 @@ from distckpt import CheckpointNotFound, CorruptCheckpoint, RootInUse, StoreAcce
 from distckpt.errors import InjectedFault
 from distckpt.lease import this_host
 from distckpt.objstore import ObjectStore
+from distckpt.storage.s3_view import S3RootView
 from tests.ranks import run_ranks, values
 from tests.s3server import S3Server
 
@@ -187,6 +188,12 @@ def test_overwrite_replaces_the_checkpoint(s3_server: S3Server, s3_url: str) -> 
     assert len(attempts) == 1  # the replaced save's objects are gone
 
 
+def _save_steps(url: str, options: dict[str, Any], *steps: int) -> None:
+    with distckpt.CheckpointManager(url, storage_options=options) as manager:
+        for step in steps:
+            manager.save(step, _state(step))
+
+
 def _write_attempt(url: str, options: dict[str, Any], step: int, attempt: str) -> None:
     """Objects of a save that never committed (what a killed writer leaves)."""
     with ObjectStore(url, options) as store:
@@ -227,9 +234,7 @@ def test_a_step_without_its_commit_object_is_not_committed(
     s3_server: S3Server, s3_url: str
 ) -> None:
     options = s3_server.storage_options()
-    with distckpt.CheckpointManager(s3_url, storage_options=options) as manager:
-        manager.save(1, _state(1))
-        manager.save(2, _state(2))
+    _save_steps(s3_url, options, 1, 2)
     with ObjectStore(s3_url, options) as store:
         store.delete(["step-00000002/COMMIT"])  # every object of the save is still there
     loaded = distckpt.load_checkpoint(s3_url, storage_options=options)
@@ -238,6 +243,48 @@ def test_a_step_without_its_commit_object_is_not_committed(
         distckpt.load_checkpoint(f"{s3_url}/step-00000002", storage_options=options)
     with distckpt.CheckpointManager(s3_url, storage_options=options, read_only=True) as manager:
         assert manager.steps() == [1] and manager.latest_step() == 1
+
+
+class _RequestCounter:
+    """Counts the requests a botocore client makes, by operation, and the entries (objects
+    and rolled-up prefixes) its listings return: botocore's own ``after-call`` event."""
+
+    def __init__(self, store: ObjectStore) -> None:
+        self.requests: dict[str, int] = {}
+        self.listed = 0
+        store.client.meta.events.register("after-call.s3", self._count)
+
+    def _count(self, model: Any, parsed: dict[str, Any], **_: Any) -> None:
+        self.requests[model.name] = self.requests.get(model.name, 0) + 1
+        self.listed += len(parsed.get("Contents", [])) + len(parsed.get("CommonPrefixes", []))
+
+
+def _listing_cost(url: str, options: dict[str, Any]) -> tuple[list[int], dict[str, int], int]:
+    """The committed steps of the root, with the requests and listed entries that took."""
+    view = S3RootView(url, options)
+    counter = _RequestCounter(view.s3.client)
+    try:
+        return view.committed_steps(), counter.requests, counter.listed
+    finally:
+        view.s3.close()
+
+
+def test_listing_the_steps_costs_the_same_whatever_each_step_holds(
+    s3_server: S3Server, s3_url: str
+) -> None:
+    options = s3_server.storage_options()
+    _save_steps(s3_url, options, 1, 2)
+    _write_attempt(s3_url, options, 3, "uncommitted")  # a step prefix with no COMMIT
+    steps, requests, listed = _listing_cost(s3_url, options)
+    assert steps == [1, 2]
+    # one delimited listing for the step prefixes, one HEAD per step for its COMMIT
+    assert requests == {"ListObjectsV2": 1, "HeadObject": 3} and listed == 3
+    # many more objects under each step (leftovers of dead writers, files of a wide save)
+    with ObjectStore(s3_url, options) as store:
+        for step in (1, 2, 3):
+            for index in range(20):
+                store.put_bytes(f"step-{step:08d}/dead/rank-{index:05d}.pt", b"x")
+    assert _listing_cost(s3_url, options) == (steps, requests, listed)
 
 
 def test_load_checkpoint_and_verify_by_url(s3_server: S3Server, s3_url: str) -> None:
@@ -270,6 +317,32 @@ def test_load_checkpoint_and_verify_by_url(s3_server: S3Server, s3_url: str) -> 
         distckpt.load_checkpoint(f"{s3_url}/step-00000020", storage_options=options, verify=True)
     # "last" falls back past the corrupt checkpoint when checksums are checked
     assert distckpt.load_checkpoint(s3_url, storage_options=options, verify=True).step == 10
+
+
+def _restore_the_wrong_shape(rank: int, world_size: int, url: str, options: dict[str, Any]) -> str:
+    with distckpt.CheckpointManager(url, storage_options=options, format="dcp") as manager:
+        manager.save(1, {"w": torch.zeros(3)})
+        with pytest.raises(distckpt.InvalidArgument) as raised:
+            manager.restore("last", state={"w": torch.zeros(5)})
+        return str(raised.value)
+
+
+def test_a_dcp_format_error_names_the_s3_location_not_the_download(
+    s3_server: S3Server, s3_url: str
+) -> None:
+    options = s3_server.storage_options()
+    with distckpt.CheckpointManager(s3_url, storage_options=options, format="dcp") as manager:
+        manager.save(1, {"w": torch.zeros(3)})
+    where = f"{s3_url}/step-00000001"
+    for state in (None, {"w": torch.zeros(5)}):  # no state=; a shape the checkpoint lacks
+        with pytest.raises(distckpt.InvalidArgument) as raised:
+            distckpt.load_checkpoint(f"{s3_url}/last", storage_options=options, state=state)
+        assert where in str(raised.value) and "distckpt-read" not in str(raised.value)
+    # restore on two ranks: the error is renamed on its rank, before the ranks agree on it
+    for message in values(
+        run_ranks(_restore_the_wrong_shape, 2, f"{s3_url}2", options, timeout=JOB_TIMEOUT)
+    ):
+        assert f"{s3_url}2/step-00000001" in message and "distckpt-read" not in message
 
 
 def test_export_from_a_url(s3_server: S3Server, s3_url: str, tmp_path: Path) -> None:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import threading
 from collections.abc import Callable, Collection, Iterator, Mapping
@@ -47,7 +46,6 @@ WRITERS_PREFIX = ".writers/"
 #: Files downloaded at once by :meth:`S3Checkpoint.local_copy` (each a stream of its own).
 DOWNLOAD_CONCURRENCY = 4
 _READ_CHUNK = 8 << 20
-_COMMIT_KEY_RE = re.compile(r"^(step-\d+)/" + COMMIT_NAME + "$")
 
 
 @dataclass(frozen=True)
@@ -135,13 +133,25 @@ class S3Root:
         return sorted(self.commit_etags())
 
     def commit_etags(self) -> dict[int, str]:
-        """Every committed step, with the ETag of its ``COMMIT`` object (one listing)."""
-        commits = {}
-        for info in self.client.list("step-"):
-            match = _COMMIT_KEY_RE.match(info.key)
-            if match and (step := parse_step_dir_name(match.group(1))) is not None:
-                commits[step] = info.etag
-        return commits
+        """Every committed step, with the ETag of its ``COMMIT`` object: one ``/``-delimited
+        listing finds the steps' prefixes, then one ``HEAD`` per step (in parallel) its
+        ``COMMIT``. The requests grow with the steps, not with the files of each save or the
+        leftovers of dead writers, which a listing of every object would page through."""
+        steps = [
+            step
+            for name in self.client.list_dirs("step-")
+            if (step := parse_step_dir_name(name.rstrip("/"))) is not None
+        ]
+        with ThreadPoolExecutor(DOWNLOAD_CONCURRENCY) as pool:
+            etags = pool.map(self._commit_etag, steps)
+            return {step: etag for step, etag in zip(steps, etags) if etag is not None}
+
+    def _commit_etag(self, step: int) -> str | None:
+        """The ETag of the step's ``COMMIT`` object, None when it has none (not committed)."""
+        try:
+            return self.client.head(self.commit_name(step)).etag
+        except ObjectNotFound:
+            return None
 
     def read_commit(self, step: int) -> CommitRecord | None:
         """The step's commit record, or None when the step is not committed. A commit object

@@ -17,11 +17,12 @@ The implementations are :mod:`distckpt.storage.posix_view` and :mod:`distckpt.st
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Collection
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Collection, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Literal
 
+from distckpt.errors import CheckpointError
 from distckpt.layout import RootLayout
 from distckpt.manifest import Manifest
 from distckpt.results import CheckpointLocation, location_name
@@ -82,6 +83,30 @@ class CheckpointSource(abc.ABC):
     def local_copy(self, names: Collection[str]) -> AbstractContextManager[Path]:
         """A local directory holding at least the files ``names`` (each checked against the
         manifest's size), for as long as the ``with`` block lasts: what a format reads."""
+
+
+@contextmanager
+def errors_name_the_location(source: CheckpointSource, directory: Path) -> Iterator[None]:
+    """Re-raise a :class:`~distckpt.CheckpointError` of a format reading ``directory`` (the
+    local copy of ``source``) with the copy's path in its message and ``path`` replaced by
+    ``source``'s location: for an object store the copy is a temporary download, gone once
+    the read ends and meaningless to whoever reads the error. A no-op where the copy is the
+    checkpoint itself (a local root)."""
+    try:
+        yield
+    except CheckpointError as exc:
+        local, location = str(directory), str(source.location)
+        if local == location:
+            raise
+
+        def renamed(text: str) -> str:
+            # The whole path first, then the bare dir name some messages use on its own.
+            return text.replace(local, location).replace(directory.name, location)
+
+        fields = exc.fields()
+        if exc.path is not None:
+            fields["path"] = renamed(exc.path)
+        raise type(exc).rebuild(renamed(str(exc)), fields) from exc
 
 
 class RootView(abc.ABC):
