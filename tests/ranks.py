@@ -149,6 +149,13 @@ def values(results: list[RankResult]) -> list[Any]:
     return [result.unwrap() for result in results]
 
 
+#: The process group timeout of a job script's ranks (``run_job_ranks``). A job's
+#: ``CheckpointManager`` takes the same ``timeout``: a rank left waiting in a collective its
+#: peer never joins then fails, naming the collective, well within the time a test gives the
+#: job, instead of after the manager's default of 600 s.
+JOB_TIMEOUT_SECONDS = 60.0
+
+
 def _job_rank(
     train: Callable[[int, Any], None], rank: int, world_size: int, port: int, args: Any
 ) -> None:
@@ -161,7 +168,7 @@ def _job_rank(
     # A test that finds the job stuck asks for every thread's stack (tests.killing.run).
     faulthandler.register(signal.SIGUSR1, all_threads=True)
     torch.set_num_threads(1)
-    init_gloo(rank, world_size, port, timeout=60)
+    init_gloo(rank, world_size, port, timeout=JOB_TIMEOUT_SECONDS)
     train(rank, args)
     dist.barrier()  # no rank tears the group down under a peer's last collective
     dist.destroy_process_group()
