@@ -176,6 +176,18 @@ class Job:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(os.getpgid(pid), signal.SIGKILL)
 
+    def wait_until_dead(self, timeout: float) -> None:
+        """Wait, after :meth:`kill`, until the launcher and every rank it ever had have died: a
+        killed rank holds its locks (rank 0: the root's lease) until its exit has torn it down,
+        which a loaded machine may delay well past the launcher's own end."""
+        deadline = time.monotonic() + timeout
+        while alive := self.alive():
+            if time.monotonic() > deadline:
+                raise AssertionError(
+                    f"processes {alive} of the killed job live on after {timeout:g} s"
+                )
+            time.sleep(0.02)
+
     def __enter__(self) -> Job:
         return self
 
@@ -284,6 +296,7 @@ def test_killed_torchrun_job_resumes_bit_exactly(tmp_path: Path, train: ModuleTy
         job.wait_for(r"^step=25 ", 30)  # past the second save, between two saves
         job.kill()
         job.wait(30)
+        job.wait_until_dead(60)  # its rank 0 holds the root's lease until it is gone
     first = time.monotonic() - started
     assert "done step" not in job.output
     steps_before = committed_steps(root)
