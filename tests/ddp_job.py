@@ -35,7 +35,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 
 import distckpt
-from tests.ranks import run_job_ranks
+from tests.ranks import JOB_TIMEOUT_SECONDS, run_job_ranks
 
 WORLD_SIZE = 2
 EPOCHS = 3
@@ -90,6 +90,7 @@ def train(rank: int, args: argparse.Namespace) -> None:
         every_n_epochs=1 if plain else None,
         async_save=args.async_save,
         fsync=args.async_save,  # a longer save in flight for the kill to land in; else speed
+        timeout=JOB_TIMEOUT_SECONDS,  # a hang fails within the test's wait, naming where
     )
     checkpoint = mgr.restore("last", state=state, missing_ok=True)
     # ``epoch`` is saved as the epoch in progress; the loader's state has the position in it

@@ -25,7 +25,7 @@ import torch._dynamo  # imported once before the fork: FSDP2 would import it in 
 
 import distckpt
 from distckpt.formats.dcp import ModelOptimizerState
-from tests.ranks import run_job_ranks
+from tests.ranks import JOB_TIMEOUT_SECONDS, run_job_ranks
 from tests.test_dcp import fsdp, full_state
 
 WORLD_SIZE = 2
@@ -67,7 +67,12 @@ def train(rank: int, args: argparse.Namespace) -> None:
     }
     losses = open(args.out / f"losses-rank{rank}.txt", "a", buffering=1)  # noqa: SIM115
     with distckpt.CheckpointManager(
-        args.root, format="dcp", every_n_steps=2, keep_last=2, fsync=False
+        args.root,
+        format="dcp",
+        every_n_steps=2,
+        keep_last=2,
+        fsync=False,
+        timeout=JOB_TIMEOUT_SECONDS,  # a hang fails within the test's wait, naming where
     ) as mgr:
         mgr.restore("last", state=state, missing_ok=True)
         while tracker.step < TOTAL_STEPS:

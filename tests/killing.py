@@ -5,7 +5,8 @@ A job records, per rank, one line per training batch in ``OUT/losses-rank{r}.txt
 (``epoch batch loss-in-float.hex``) and its final state in ``OUT/final-rank{r}.pt``. A kill
 moment is a number of lines a file of ``OUT`` (by default rank 0's losses) has gained since the
 run started: the job is killed (its whole process group: every rank, Lightning's DDP children,
-loader workers) as soon as that many are there. No fixed sleeps: a kill waits for the job's
+loader workers) as soon as that many are there, and the next run starts only once every
+process of that group is gone. No fixed sleeps: a kill waits for the job's
 own progress, however slow a loaded machine makes it.
 """
 
@@ -20,6 +21,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,58 @@ import torch
 from filelock import FileLock
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+#: How long the processes of a killed job may take to be gone (a rank in uninterruptible sleep,
+#: an fsync on a loaded disk, dies only once that returns).
+GROUP_EXIT_SECONDS = 60.0
+
+
+@dataclass(frozen=True)
+class ProcStat:
+    """What ``/proc/PID/stat`` says of a process: its parent, state letter and process group."""
+
+    ppid: int
+    state: str
+    group: int
+
+    @property
+    def live(self) -> bool:
+        """Not a zombie (dead, waiting to be reaped) or being torn down."""
+        return self.state not in ("Z", "X")
+
+
+def proc_stat(pid: int) -> ProcStat | None:
+    """The ``/proc`` stat of process ``pid``; None once it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    # The command name may hold spaces or parentheses: the fields start after its last ")".
+    state, ppid, group = stat[stat.rindex(")") + 2 :].split()[:3]
+    return ProcStat(int(ppid), state, int(group))
+
+
+def live_group_members(group: int) -> list[int]:
+    """Pids of the processes of process group ``group`` that have not died yet."""
+    pids = [int(entry.name) for entry in Path("/proc").iterdir() if entry.name.isdigit()]
+    stats = {pid: proc_stat(pid) for pid in pids}
+    return [pid for pid, stat in stats.items() if stat and stat.group == group and stat.live]
+
+
+def wait_until_group_is_gone(group: int, timeout: float = GROUP_EXIT_SECONDS) -> None:
+    """Wait until every process of the SIGKILLed process group ``group`` has died. The job's
+    own process ends first; a rank still in uninterruptible sleep dies later and holds what it
+    held (the root's lease) until then, so a job started again at once would find the root in
+    use."""
+    deadline = time.monotonic() + timeout
+    while members := live_group_members(group):
+        if time.monotonic() > deadline:
+            raise AssertionError(
+                f"processes {members} of killed process group {group} still live after "
+                f"{timeout:g} s"
+            )
+        time.sleep(0.02)
 
 
 def _count_lines(path: Path) -> int:
@@ -73,6 +127,7 @@ def run(
             if kill_after is not None and _count_lines(log) - start >= kill_after:
                 os.killpg(job.pid, signal.SIGKILL)
                 job.wait()
+                wait_until_group_is_gone(job.pid)
                 return True
             if time.monotonic() > deadline:
                 raise AssertionError(
@@ -87,6 +142,7 @@ def run(
     # The job's own children (ranks, loader workers) must not outlive it either.
     with contextlib.suppress(ProcessLookupError):
         os.killpg(job.pid, signal.SIGKILL)
+    wait_until_group_is_gone(job.pid)
     if job.returncode != 0:
         output = (out / "job.log").read_text()[-4000:]
         raise AssertionError(f"{command} exited {job.returncode}:\n{output}")

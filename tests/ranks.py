@@ -1,7 +1,8 @@
 """Start real ranks for a test: processes joined by a gloo process group on 127.0.0.1.
 
 ``run_ranks(fn, world_size, *args)`` forks ``world_size`` processes (about 0.1 s), each of which
-initialises torch.distributed (gloo, a free port, a short timeout), runs ``fn(rank, world_size,
+initialises torch.distributed (gloo, meeting in a store the parent holds: see
+:func:`host_rendezvous`; a short timeout), runs ``fn(rank, world_size,
 *args)`` and sends back its return value or its exception. A job that does not finish within
 ``timeout`` seconds is killed and the test fails fast instead of hanging. ``start_method="spawn"``
 starts fresh interpreters instead (slower; what a benchmark wants, since forked ranks share the
@@ -24,6 +25,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import torch.distributed as dist
+
 
 @dataclass
 class RankResult:
@@ -45,17 +48,28 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def init_gloo(rank: int, world_size: int, port: int, timeout: float) -> None:
-    """Join a gloo process group of ``world_size`` ranks on 127.0.0.1:``port``."""
-    import torch.distributed as dist
-
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=world_size,
+def host_rendezvous(timeout: float) -> dist.TCPStore:
+    """The store a job's ranks meet in: a ``TCPStore`` server on a port the kernel picks, held by
+    the calling (parent) process from the moment it is made until it is dropped, so no other
+    process can take the port before the ranks connect. (A port found free by
+    :func:`free_port` and bound later by rank 0 can be taken in between, under a loaded full
+    suite, by another test's server or job: rank 0 fails and its peer joins a stranger's store.)
+    Pass its ``port`` to the ranks' :func:`init_gloo`."""
+    return dist.TCPStore(
+        "127.0.0.1",
+        0,
+        is_master=True,
         timeout=datetime.timedelta(seconds=timeout),
+        wait_for_workers=False,
     )
+
+
+def init_gloo(rank: int, world_size: int, port: int, timeout: float) -> None:
+    """Join a gloo process group of ``world_size`` ranks meeting in the store on 127.0.0.1:``port``
+    that the parent holds (:func:`host_rendezvous`)."""
+    delta = datetime.timedelta(seconds=timeout)
+    store = dist.TCPStore("127.0.0.1", port, world_size, is_master=False, timeout=delta)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size, timeout=delta)
 
 
 def _child(
@@ -106,7 +120,8 @@ def run_ranks(
     ``args`` must be importable or picklable by reference."""
     ctx = mp.get_context(start_method)
     queue = ctx.Queue()
-    port = free_port()
+    rendezvous = host_rendezvous(pg_timeout) if world_size > 0 else None
+    port = rendezvous.port if rendezvous is not None else 0
     procs = [
         ctx.Process(
             target=_child,
@@ -149,6 +164,13 @@ def values(results: list[RankResult]) -> list[Any]:
     return [result.unwrap() for result in results]
 
 
+#: The process group timeout of a job script's ranks (``run_job_ranks``). A job's
+#: ``CheckpointManager`` takes the same ``timeout``: a rank left waiting in a collective its
+#: peer never joins then fails, naming the collective, well within the time a test gives the
+#: job, instead of after the manager's default of 600 s.
+JOB_TIMEOUT_SECONDS = 60.0
+
+
 def _job_rank(
     train: Callable[[int, Any], None], rank: int, world_size: int, port: int, args: Any
 ) -> None:
@@ -156,12 +178,11 @@ def _job_rank(
     import signal
 
     import torch
-    import torch.distributed as dist
 
     # A test that finds the job stuck asks for every thread's stack (tests.killing.run).
     faulthandler.register(signal.SIGUSR1, all_threads=True)
     torch.set_num_threads(1)
-    init_gloo(rank, world_size, port, timeout=60)
+    init_gloo(rank, world_size, port, timeout=JOB_TIMEOUT_SECONDS)
     train(rank, args)
     dist.barrier()  # no rank tears the group down under a peer's last collective
     dist.destroy_process_group()
@@ -173,9 +194,9 @@ def run_job_ranks(train: Callable[[int, Any], None], world_size: int, args: Any)
     rank, each joining gloo and running ``train(rank, args)``. Returns the job's exit status:
     the largest of the ranks'."""
     context = mp.get_context("fork")
-    port = free_port()
+    rendezvous = host_rendezvous(JOB_TIMEOUT_SECONDS)  # held until every rank has ended
     ranks = [
-        context.Process(target=_job_rank, args=(train, rank, world_size, port, args))
+        context.Process(target=_job_rank, args=(train, rank, world_size, rendezvous.port, args))
         for rank in range(world_size)
     ]
     for process in ranks:

@@ -54,7 +54,7 @@ import distckpt
 from distckpt import faults, fsutil
 from distckpt.fsutil import read_link
 from distckpt.layout import RootLayout, parse_step_dir_name, step_dir_name
-from tests.ranks import free_port, init_gloo, run_ranks, values
+from tests.ranks import host_rendezvous, init_gloo, run_ranks, values
 
 TIMEOUT = 10  # manager collectives and the commit lock: a dead peer must not block for long
 PG_TIMEOUT = 10
@@ -609,11 +609,11 @@ def _kill_trial(
     status_dir = root.parent / "status" / f"trial-{trial:05d}"
     status_dir.mkdir(parents=True)
     ctx = mp.get_context("fork")
-    port = free_port()
+    rendezvous = host_rendezvous(PG_TIMEOUT)  # held until the trial's ranks are gone
     procs = [
         ctx.Process(
             target=_saving_loop,
-            args=(rank, world_size, port, str(root), str(status_dir), fmt),
+            args=(rank, world_size, rendezvous.port, str(root), str(status_dir), fmt),
             daemon=True,
         )
         for rank in range(world_size)

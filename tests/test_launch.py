@@ -26,6 +26,7 @@ import pytest
 import torch
 
 import distckpt
+from tests.killing import proc_stat
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = REPO / "launch" / "train.py"
@@ -56,17 +57,6 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _proc_stat(pid: int) -> tuple[int, str] | None:
-    """A live process's parent pid and state letter from ``/proc``; None once it is gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    # The command name may hold spaces or parentheses: the fields start after its last ")".
-    state, ppid = stat[stat.rindex(")") + 2 :].split()[:2]
-    return int(ppid), state
-
-
 def _cmdline(pid: int) -> str | None:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
@@ -77,8 +67,8 @@ def _cmdline(pid: int) -> str | None:
 def _descendants(root: int) -> set[int]:
     parents: dict[int, int] = {}
     for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and (stat := _proc_stat(int(entry.name))) is not None:
-            parents[int(entry.name)] = stat[0]
+        if entry.name.isdigit() and (stat := proc_stat(int(entry.name))) is not None:
+            parents[int(entry.name)] = stat.ppid
     found: set[int] = set()
     frontier = {root}
     while frontier:
@@ -161,8 +151,8 @@ class Job:
         """Pids of the job that still run: the launcher, or any descendant it ever had."""
         pids = [self.process.pid] if self.process.poll() is None else []
         for pid, cmdline in self._tree.items():
-            stat = _proc_stat(pid)
-            if stat is not None and stat[1] != "Z" and _cmdline(pid) == cmdline:
+            stat = proc_stat(pid)
+            if stat is not None and stat.live and _cmdline(pid) == cmdline:
                 pids.append(pid)
         return pids
 
@@ -185,6 +175,18 @@ class Job:
         for pid in self.alive():
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(os.getpgid(pid), signal.SIGKILL)
+
+    def wait_until_dead(self, timeout: float) -> None:
+        """Wait, after :meth:`kill`, until the launcher and every rank it ever had have died: a
+        killed rank holds its locks (rank 0: the root's lease) until its exit has torn it down,
+        which a loaded machine may delay well past the launcher's own end."""
+        deadline = time.monotonic() + timeout
+        while alive := self.alive():
+            if time.monotonic() > deadline:
+                raise AssertionError(
+                    f"processes {alive} of the killed job live on after {timeout:g} s"
+                )
+            time.sleep(0.02)
 
     def __enter__(self) -> Job:
         return self
@@ -294,6 +296,7 @@ def test_killed_torchrun_job_resumes_bit_exactly(tmp_path: Path, train: ModuleTy
         job.wait_for(r"^step=25 ", 30)  # past the second save, between two saves
         job.kill()
         job.wait(30)
+        job.wait_until_dead(60)  # its rank 0 holds the root's lease until it is gone
     first = time.monotonic() - started
     assert "done step" not in job.output
     steps_before = committed_steps(root)

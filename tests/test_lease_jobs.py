@@ -172,6 +172,7 @@ def test_a_sigkilled_holder_job_blocks_nobody(jobs: Jobs) -> None:
     wait_until(lambda: saved_steps(out, "a", 1) == [1], "the first job saved")
     killed.kill()  # the whole job: launcher and ranks, as a machine failure would
     killed.process.wait(30)
+    killed.wait_until_dead(60)  # until then rank 0, still exiting, may hold the lease's lock
     holder = read_holder(root)
     assert holder is not None and holder.pid == pid_of(out, "a", 0) and holder.alive is False
 
