@@ -354,6 +354,18 @@ def test_export_from_a_url(s3_server: S3Server, s3_url: str, tmp_path: Path) -> 
     assert torch.equal(exported["w"], torch.arange(4.0) + 3)
 
 
+def test_an_export_error_names_the_s3_location(
+    s3_server: S3Server, s3_url: str, tmp_path: Path
+) -> None:
+    options = s3_server.storage_options()
+    with distckpt.CheckpointManager(s3_url, storage_options=options, format="dcp") as manager:
+        manager.save(3, _state(3))
+    with pytest.raises(distckpt.InvalidArgument) as raised:  # "dcp" is exported whole
+        distckpt.export(f"{s3_url}/last", tmp_path / "out.pt", rank=0, storage_options=options)
+    assert f"{s3_url}/step-00000003" in str(raised.value)
+    assert "distckpt-read" not in str(raised.value)
+
+
 def test_a_second_job_on_the_root_is_refused(s3_server: S3Server, s3_url: str) -> None:
     options = s3_server.storage_options()
     with distckpt.CheckpointManager(s3_url, storage_options=options) as first:
