@@ -4,16 +4,16 @@ The save and restore protocols wrap each of their phases in :func:`phase`. With 
 this costs one ``perf_counter`` call per phase; a listener added with :func:`add_listener`
 receives a :class:`PhaseEvent` when each phase ends (also when it ends with an error), in the
 thread that ran it (an async save's background thread for its write and commit phases, rank
-0's proposing thread for ``propose.root``).
+0's proposing thread for an async save's ``propose.root``).
 
 Phase names are dotted: the first part names the operation, the rest the phase. A save emits,
 on every rank, ``save.propose``, ``save.write``, ``save.agree`` and ``save.commit``
 (:mod:`distckpt.protocol`). Inside ``save.propose`` every rank emits ``propose.snapshot``
 (reducing the state to plain data and, for an async save, copying it) and rank 0 alone
-``propose.root`` (checking the step, opening the staging area, reading the free space; in a
-thread of its own, beside the snapshot, so the two overlap). Inside ``save.commit`` rank 0
-alone emits ``commit.lock`` (taking the root's lock), ``commit.manifest``, ``commit.publish``
-(the rename), ``commit.links`` and
+``propose.root`` (checking the step, opening the staging area, reading the free space; for
+an async save in a thread of its own, beside the snapshot, so the two overlap). Inside
+``save.commit`` rank 0 alone emits ``commit.lock`` (taking the root's lock),
+``commit.manifest``, ``commit.publish`` (the rename), ``commit.links`` and
 ``commit.retention`` (the store). Every collective emits ``collective.all_gather`` or
 ``collective.broadcast`` (the :class:`~distckpt.coord.Coordinator`, with no step). Restores
 emit no phases yet (``restore.*`` names are reserved for them). A listener must be quick and

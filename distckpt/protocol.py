@@ -2,7 +2,8 @@
 
 1. :func:`propose` (one all-gather): every rank checks its arguments and estimates its bytes;
    rank 0 also checks the step against the root, reads the free space and opens a staging area
-   claimed by its live writer, in a thread beside the snapshot (that work needs no tensor).
+   claimed by its live writer (for an async save in a thread beside the snapshot: that work
+   needs no tensor).
    Every rank computes the same verdict from the gathered proposals (same step everywhere,
    enough space) and gets the same :class:`SavePlan` — or the committed result when a
    scheduled save finds its step saved already.
@@ -133,9 +134,9 @@ def propose(
     prepared: dict[str, Any] = {}  # this rank's own results, kept out of the all-gather
 
     def prepare_root() -> Proposal | SaveResult:
-        # Rank 0's root work needs no tensor: it runs beside the snapshot, in a thread of its
-        # own (see :func:`start_beside`), so an async save's caller waits for the longer of
-        # the two instead of their sum.
+        # Rank 0's root work needs no tensor: for an async save it runs beside the snapshot,
+        # in a thread of its own (see :func:`start_beside`), so the caller waits for the
+        # longer of the two instead of their sum.
         with events.phase("propose.root", rank=coord.rank, step=step):
             existing = store.check_step(
                 step, overwrite=request.overwrite, explicit=request.explicit
@@ -163,7 +164,13 @@ def propose(
         if coord.is_coordinator:
             prepared["metadata"] = check_json_metadata(request.metadata)
             prepared["files"] = check_extra_files(request.files, fmt)
-            root_done = start_beside(prepare_root, name="distckpt-propose")
+            # Only an async save copies tensors here; a sync save has nothing to overlap, so
+            # it spends no thread on it.
+            root_done = (
+                start_beside(prepare_root, name="distckpt-propose")
+                if snapshot is not None
+                else run_now(prepare_root)
+            )
         try:
             with events.phase("propose.snapshot", rank=coord.rank, step=step):
                 plain = to_plain(state, mark_per_rank=fmt.marks_per_rank)
