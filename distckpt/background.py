@@ -4,20 +4,71 @@ An async save's write, agreement and commit run here, with a :class:`Coordinator
 this thread alone, so its collectives never interleave with those of the training thread. A
 save still in flight when the interpreter exits is finished (or its failure logged) by an
 ``atexit`` hook; the collectives' timeout bounds that wait.
+
+The thread runs at a lower scheduling priority than the training loop (a higher nice value,
+:func:`lower_priority`): the write and its checksums are CPU work that would otherwise take
+turns with training steps on equal terms.
 """
 
 from __future__ import annotations
 
 import atexit
 import logging
+import os
+import sys
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from distckpt.coord import Coordinator
+from distckpt.errors import InvalidArgument
 from distckpt.results import SaveResult
 
 logger = logging.getLogger("distckpt")
+
+#: The highest nice value Linux has: the lowest priority a thread can take.
+MAX_NICE = 19
+#: How far the background thread's nice is raised by default: under CFS a thread of nice 10
+#: gets about a tenth of the CPU time of a nice-0 thread that wants the same core (weights
+#: 110 against 1024), so a training loop keeps nearly all of it, while the save still
+#: progresses (docs/benchmark.md, "Training during an async save").
+DEFAULT_BACKGROUND_NICE = 10
+
+
+def check_background_nice(background_nice: object) -> int:
+    """``background_nice`` as the increment to apply, refused unless an int from 0 to 19 or
+    None (None and 0: leave the thread's priority alone). Negative is refused: raising a
+    thread's priority needs a privilege a training job should not need."""
+    if background_nice is None:
+        return 0
+    if (
+        isinstance(background_nice, bool)
+        or not isinstance(background_nice, int)
+        or not 0 <= background_nice <= MAX_NICE
+    ):
+        raise InvalidArgument(
+            f"background_nice must be an int from 0 to {MAX_NICE} or None, not {background_nice!r}"
+        )
+    return background_nice
+
+
+def lower_priority(increment: int) -> None:
+    """Raise the calling thread's nice value by ``increment`` (capped at 19), not its
+    process's: on Linux a thread has a nice value of its own, and threads it starts inherit
+    it. Raising needs no privilege. Where threads have no nice of their own (not Linux) it
+    does nothing, and a refusal (a sandbox that forbids setpriority) is logged, not raised:
+    priority changes only the scheduling, never what a save writes."""
+    if increment == 0:
+        return
+    if not sys.platform.startswith("linux"):
+        logger.debug("background_nice ignored: per-thread nice values need Linux")
+        return
+    thread = threading.get_native_id()
+    try:
+        current = os.getpriority(os.PRIO_PROCESS, thread)
+        os.setpriority(os.PRIO_PROCESS, thread, min(MAX_NICE, current + increment))
+    except OSError as exc:
+        logger.warning("could not lower the background save thread's priority: %s", exc)
 
 
 class BackgroundSaves:
@@ -27,9 +78,16 @@ class BackgroundSaves:
     and gets its result or its error; the save counts as in flight until one caller has
     returned from waiting on it (after that, :meth:`wait` returns None)."""
 
-    def __init__(self, coord: Coordinator) -> None:
+    def __init__(self, coord: Coordinator, *, nice: int = 0) -> None:
+        """``nice``: how much to raise the worker thread's nice value over that of the thread
+        whose first :meth:`submit` starts it (checked by :func:`check_background_nice`)."""
         self.coord = coord.spawn()
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="distckpt-commit")
+        self._executor = ThreadPoolExecutor(
+            1,
+            thread_name_prefix="distckpt-commit",
+            initializer=lower_priority,
+            initargs=(check_background_nice(nice),),
+        )
         self._inflight: Future[SaveResult] | None = None
         # Guards _inflight between the training thread and other threads that wait.
         self._lock = threading.Lock()

@@ -21,7 +21,7 @@ from typing import Any, Literal, Union
 import torch.distributed as dist
 
 from distckpt import policy, protocol, reader, resolve
-from distckpt.background import BackgroundSaves
+from distckpt.background import DEFAULT_BACKGROUND_NICE, BackgroundSaves, check_background_nice
 from distckpt.coord import Coordinator, check_timeout
 from distckpt.decisions import LastSave, SaveDecider, SignalFlag
 from distckpt.errors import CheckpointError, RootInUse
@@ -75,6 +75,12 @@ class CheckpointManager:
             group of their own. :meth:`wait` returns the committed result. At most one save is
             in flight; a failed one raises on every rank at the next :meth:`wait`,
             :meth:`save` or :meth:`close`.
+        background_nice: with ``async_save``, how much to raise the background thread's nice
+            value over the training thread's (capped at 19; Linux, where each thread has its
+            own): the scheduler then favours training steps over the save's writing and
+            checksums when both want a core, and gives the save the cores training leaves idle.
+            0 or None leaves its priority alone; ignored where threads have no nice value of
+            their own.
         format: ``"torch"`` (one file per rank, fixed world size) or ``"dcp"`` (sharded,
             reshards on restore).
         link: ``"auto"`` (symlink, or a pointer file where symlinks are refused),
@@ -119,6 +125,7 @@ class CheckpointManager:
         min_seconds_between_saves: float | None = None,
         save_on_signal: Collection[int] = (),
         async_save: bool = False,
+        background_nice: int | None = DEFAULT_BACKGROUND_NICE,
         format: str = "torch",
         link: LinkMode = "auto",
         fsync: bool = True,
@@ -132,6 +139,7 @@ class CheckpointManager:
         self.timeout = check_timeout(timeout)
         self.space_margin = protocol.check_space_margin(space_margin)
         wait_for_root = check_wait(wait_for_root)
+        background_nice = check_background_nice(background_nice)
         # Made now, while the launcher that started this process is certainly its parent.
         self._launcher = LauncherWatch.for_this_process()
         self._signals = SignalFlag(save_on_signal)
@@ -199,7 +207,7 @@ class CheckpointManager:
             )
             if async_save:
                 # Its own group: background collectives never interleave with this thread's.
-                self._background = BackgroundSaves(self._coord)
+                self._background = BackgroundSaves(self._coord, nice=background_nice)
             self._signals.install()
         except BaseException:
             self.close()  # gives the groups back: ranks must take and return them alike
