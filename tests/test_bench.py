@@ -19,6 +19,7 @@ sys.path.insert(0, str(BENCH.parent))  # the package imports itself as ``bench``
 
 from bench.phases import PHASE_ORDER, recording, summarize_phases  # noqa: E402
 from bench.render import render_phases  # noqa: E402
+from bench.training import TRAIN_MIN_STEPS  # noqa: E402
 
 
 def test_phase_table_from_events_emitted_by_hand() -> None:
@@ -88,6 +89,14 @@ def test_smallest_configuration_end_to_end(tmp_path: Path) -> None:
     assert config["skipped"] == {}, config["skipped"]
     for metric in ("raw_torch_save", "distckpt_sync_torch", "restore_mmap", "train_idle"):
         assert config["medians"][metric] > 0, metric
+    # Each training measurement ran saves back to back until enough steps overlapped them,
+    # with the background thread niced and not.
+    during = config["info"]["train_steps_during_save"]
+    assert {"train_during_distckpt_async", "train_during_distckpt_async_nice0"} <= set(during)
+    for name, steps in during.items():
+        assert min(steps) >= TRAIN_MIN_STEPS, name
+        assert min(config["info"]["train_saves"][name]) >= 1, name
+        assert config["medians"][name] > 0, name
     (coord,) = report["coordination"]
     assert coord["ranks"] == 2 and coord["median_s"] > 0
     assert report["small_tensors"]["save_ratio"] > 0

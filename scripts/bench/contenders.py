@@ -35,10 +35,11 @@ CONTENDERS: dict[str, str] = {
     "all_reduce of the flat gradients on the default gloo group, SGD): train_idle = its median "
     "time with no save running; train_during_distckpt_async = the median of the steps run "
     "after CheckpointManager(async_save=True).save returns until its background save is done "
-    "on every rank; train_during_dcp_async = the same after dcp.async_save (gloo "
-    "process_group) until its future is done; *.save = when that save finished, training "
-    "alongside; *.lost = the training time the save cost (those steps' sum minus as many idle "
-    "steps)",
+    "on every rank, saves back to back until at least 8 steps overlapped one; "
+    "train_during_distckpt_async_nice0 = the same with background_nice=0; "
+    "train_during_dcp_async = the same with dcp.async_save (gloo process_group) and its "
+    "future; *.save = a save's mean time until it finished, training alongside; *.lost = the "
+    "training time a save cost (those steps' sum minus as many idle steps, per save)",
     "restore": "restore_mmap = restore(step, mmap=True); restore_full = restore(step) (full "
     "read); raw_torch_load(_mmap) = torch.load of a torch.save file of the same state (written "
     "once per job, beside the checkpoints); all with the page cache "
@@ -89,10 +90,13 @@ METRIC_ORDER = (
     "restore_full_cold",
     "train_idle",
     "train_during_distckpt_async",
+    "train_during_distckpt_async_nice0",
     "train_during_dcp_async",
     "train_during_distckpt_async.save",
+    "train_during_distckpt_async_nice0.save",
     "train_during_dcp_async.save",
     "train_during_distckpt_async.lost",
+    "train_during_distckpt_async_nice0.lost",
     "train_during_dcp_async.lost",
 )
 RATIOS = (
@@ -116,10 +120,13 @@ RATIOS = (
     ("restore_mmap_cold", "restore_full_cold"),
     ("train_during_distckpt_async", "train_idle"),
     ("train_during_dcp_async", "train_idle"),
+    ("train_during_distckpt_async_nice0", "train_idle"),
     ("train_during_distckpt_async", "train_during_dcp_async"),
+    ("train_during_distckpt_async", "train_during_distckpt_async_nice0"),
     ("train_during_distckpt_async.save", "distckpt_async_torch.total"),
     ("train_during_dcp_async.save", "dcp_async_save.total"),
     ("train_during_distckpt_async.lost", "train_during_dcp_async.lost"),
+    ("train_during_distckpt_async.save", "train_during_distckpt_async_nice0.save"),
 )
 
 

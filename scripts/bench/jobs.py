@@ -61,7 +61,8 @@ class MainJob:
         self.managers: list[Any] = []
         self.mgr_t: Any = None  # format="torch": distckpt_sync_torch and the restores
         self.mgr_d: Any = None  # format="dcp"
-        self.mgr_a: Any = None  # async: step 2r+1 in round r, 2r+2 under training
+        self.mgr_a: Any = None  # async: step 2r+1 in round r; training rounds' steps after
+        self.mgr_a_nice0: Any = None  # async with background_nice=0: under training only
         self.dcp_group: Any = None
         self.async_group: Any = None
         self.dcp_async_ok = False
@@ -71,6 +72,9 @@ class MainJob:
         self.chunk = b""
         self.trainer: Trainer | None = None
         self.train_steps: dict[str, list[int]] = {}
+        self.train_saves: dict[str, list[int]] = {}
+        #: the step of the next save under training: above every step of the save rounds
+        self.next_train_step = 2 * self.rounds + 2
 
     # -- bookkeeping
 
@@ -127,6 +131,14 @@ class MainJob:
             )
             ranks.delete_checkpoint(self.mgr_a, 0)
             self.info["distckpt_async_torch.first_save"] = max(ranks.gather(first))
+        if "train" in active:
+            # The same save with the background thread at the training thread's priority: what
+            # background_nice changes (docs/benchmark.md, "Training during an async save").
+            self.mgr_a_nice0 = self.manager(
+                "distckpt_async_nice0", format="torch", async_save=True, background_nice=0
+            )
+            c.async_marks(0.0, self.mgr_a_nice0, 0, self.state)  # allocates its buffers
+            ranks.delete_checkpoint(self.mgr_a_nice0, 0)
         if "copy" in active:
             self.buffers = [torch.empty_like(t) for t in self.tensors]
             # Fault the pages in: a steady-state copy reuses them.
@@ -363,6 +375,7 @@ class MainJob:
             mgr.close()
         if self.train_steps:
             self.info["train_steps_during_save"] = self.train_steps
+            self.info["train_saves"] = self.train_saves
         sync_phases = self.ranks.gather(self.sync_phases)
         if self.rank != 0:
             return None

@@ -105,10 +105,12 @@ def render_config(summary: dict[str, Any], markdown: bool = False) -> list[str]:
     for key in ("distckpt_sync_torch.first_save", "distckpt_async_torch.first_save"):
         if key in info:
             extra.append(f"{key} (untimed warm-up): {format_seconds(info[key])}")
+    saves_of = info.get("train_saves", {})
     for name, counts in info.get("train_steps_during_save", {}).items():
+        saves = saves_of.get(name)
         extra.append(
             f"{name}: {', '.join(str(c) for c in counts)} training steps per round overlapped "
-            "the save"
+            + (f"its saves ({', '.join(str(n) for n in saves)} saves)" if saves else "the save")
         )
     for name, why in summary["skipped"].items():
         extra.append(f"SKIPPED {name}: {why}")

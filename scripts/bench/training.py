@@ -21,6 +21,12 @@ if TYPE_CHECKING:  # the job passes itself in; importing it here would be circul
 #: TRAIN_MAX_STEPS while one runs.
 TRAIN_WIDTH, TRAIN_DEPTH, TRAIN_BATCH = 1024, 3, 128
 TRAIN_IDLE_STEPS, TRAIN_MAX_STEPS = 12, 2000
+#: Saves run back to back in one measurement until at least this many steps overlapped them:
+#: a small state's save overlaps only 1-3 steps, whose median alone is mostly noise.
+TRAIN_MIN_STEPS = 8
+#: What a measurement's ``start`` does: start save number ``i`` of the measurement, and return
+#: "is it still running?" and "wait for it".
+Start = Callable[[int], tuple[Callable[[], bool], Callable[[], Any]]]
 
 
 class Trainer:
@@ -76,17 +82,9 @@ class Trainer:
         return times
 
 
-def train_during(
-    t0: float,
-    trainer: Trainer,
-    start: Callable[[], tuple[Callable[[], bool], Callable[[], Any]]],
-    idle: float,
-) -> Marks:
-    """Start a background save (``start`` returns "is it still running?" and "wait for it"),
-    then train until it is done on every rank: the median of those steps; ``save`` = when the
-    save was seen done, to the step (seconds since ``t0``, this rank's); ``lost`` = the
-    training time the save cost, the steps' sum minus as many ``idle`` steps."""
-    running, finish = start()
+def train_through(trainer: Trainer, running: Callable[[], bool]) -> tuple[list[float], float]:
+    """Train until ``running()`` is false on every rank: the steps' seconds, and when this
+    rank first saw it false (at a step)."""
     done_at: list[float] = []
 
     def still_running() -> bool:
@@ -97,18 +95,43 @@ def train_during(
         return False
 
     steps = trainer.run(still_running, TRAIN_MAX_STEPS)
-    finish()
-    done = done_at[0] if done_at else time.perf_counter()
-    lost = sum(steps) - len(steps) * idle
-    return Marks({"": statistics.median(steps), "save": done - t0, "lost": lost, "n": len(steps)})
+    return steps, done_at[0] if done_at else time.perf_counter()
+
+
+def train_during(t0: float, trainer: Trainer, start: Start, idle: float) -> Marks:
+    """Start a background save (``start``), train until it is done on every rank, and repeat
+    (the next save starts right after that step) until at least :data:`TRAIN_MIN_STEPS` steps
+    overlapped a save: the median of those steps; ``save`` = a save's mean seconds from its
+    start to when it was seen done, at a step; ``lost`` = the training time a save cost, on
+    average (the steps' sum minus as many ``idle`` steps, over the saves); ``saves`` = how
+    many ran. Every rank runs as many steps, so they all start the same saves."""
+    steps: list[float] = []
+    durations: list[float] = []
+    while not durations or len(steps) < TRAIN_MIN_STEPS:
+        started = time.perf_counter() if durations else t0
+        running, finish = start(len(durations))
+        overlapped, done = train_through(trainer, running)
+        finish()
+        steps += overlapped
+        durations.append(done - started)
+    saves = len(durations)
+    return Marks(
+        {
+            "": statistics.median(steps),
+            "save": sum(durations) / saves,
+            "lost": (sum(steps) - len(steps) * idle) / saves,
+            "n": len(steps),
+            "saves": saves,
+        }
+    )
 
 
 def measure_training_round(job: MainJob, r: int) -> None:
-    """Round ``r``'s training measurements: idle steps, then steps during each async save
-    (which of the two goes first alternates from round to round); each save's output is
-    deleted before the next measurement, as for the save contenders."""
-    ranks, trainer, mgr, state = job.ranks, job.trainer, job.mgr_a, job.state
-    assert trainer is not None and mgr is not None
+    """Round ``r``'s training measurements: idle steps, then steps during each kind of async
+    save (the order rotates from round to round); a measurement's saves are deleted before the
+    next measurement, as for the save contenders."""
+    ranks, trainer, state = job.ranks, job.trainer, job.state
+    assert trainer is not None and job.mgr_a is not None
     idle = ranks.measure(
         lambda t0: Marks({"": statistics.median(trainer.run(lambda: True, TRAIN_IDLE_STEPS))})
     )
@@ -116,24 +139,36 @@ def measure_training_round(job: MainJob, r: int) -> None:
 
     def record(name: str, marks: dict[str, float]) -> None:
         job.train_steps.setdefault(name, [0] * job.rounds)[r] = int(marks.pop("n"))
+        job.train_saves.setdefault(name, [0] * job.rounds)[r] = int(marks.pop("saves"))
         job.put(r, name, marks)
 
-    def distckpt_start() -> tuple[Callable[[], bool], Callable[[], Any]]:
-        mgr.save(2 * r + 2, state)
-        return (lambda: mgr.save_in_flight), mgr.wait
+    def with_distckpt(name: str, mgr: Any) -> Callable[[], None]:
+        def run() -> None:
+            # Above the steps of every earlier save (their checkpoints are gone): steps only
+            # grow in a root.
+            first_step = job.next_train_step
 
-    def with_distckpt() -> None:
-        try:
-            marks = ranks.measure(lambda t0: train_during(t0, trainer, distckpt_start, idle[""]))
-        finally:
-            ranks.delete_checkpoint(mgr, 2 * r + 2)
-        record("train_during_distckpt_async", marks)
+            def distckpt_start(i: int) -> tuple[Callable[[], bool], Callable[[], Any]]:
+                job.next_train_step = first_step + i + 1
+                mgr.save(first_step + i, state)
+                return (lambda: mgr.save_in_flight), mgr.wait
+
+            try:
+                marks = ranks.measure(
+                    lambda t0: train_during(t0, trainer, distckpt_start, idle[""])
+                )
+            finally:
+                for step in range(first_step, job.next_train_step):
+                    ranks.delete_checkpoint(mgr, step)
+            record(name, marks)
+
+        return run
 
     def with_dcp() -> None:
         d = ranks.fresh_dir(job.work / "train_dcp" / f"round-{r}")
 
-        def dcp_start() -> tuple[Callable[[], bool], Callable[[], Any]]:
-            future = job.dcp_async_save(state, d)
+        def dcp_start(i: int) -> tuple[Callable[[], bool], Callable[[], Any]]:
+            future = job.dcp_async_save(state, d / f"save-{i}")
             future = getattr(future, "upload_completion", future)
             return (lambda: not future.done()), future.result
 
@@ -143,6 +178,10 @@ def measure_training_round(job: MainJob, r: int) -> None:
             ranks.remove(d)
         record("train_during_dcp_async", marks)
 
-    both = [with_distckpt, with_dcp] if job.dcp_async_ok else [with_distckpt]
-    for run in both[r % len(both) :] + both[: r % len(both)]:
+    runs = [with_distckpt("train_during_distckpt_async", job.mgr_a)]
+    if job.mgr_a_nice0 is not None:
+        runs.append(with_distckpt("train_during_distckpt_async_nice0", job.mgr_a_nice0))
+    if job.dcp_async_ok:
+        runs.append(with_dcp)
+    for run in runs[r % len(runs) :] + runs[: r % len(runs)]:
         run()
