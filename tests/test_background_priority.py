@@ -3,6 +3,7 @@ value), read from the kernel while that thread is writing; only the scheduling c
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import threading
@@ -13,7 +14,7 @@ import pytest
 import torch
 
 import distckpt
-from distckpt import events
+from distckpt import background, events
 from tests.ranks import run_ranks, values
 
 #: How long a rank waits for the other thread's side of the handshake before failing.
@@ -87,3 +88,67 @@ def test_background_nice_out_of_range_is_refused(tmp_path: Path, bad: Any) -> No
     with pytest.raises(distckpt.InvalidArgument, match="background_nice"):
         distckpt.CheckpointManager(tmp_path / "root", async_save=True, background_nice=bad)
     assert not (tmp_path / "root").exists()  # refused before touching anything
+
+
+def _nice_after_lowering(increment: int) -> tuple[int, int]:
+    """This thread's nice before and after ``lower_priority(increment)``, in a thread of its
+    own so the caller's priority is never touched."""
+    seen: list[tuple[int, int]] = []
+
+    def run() -> None:
+        before = thread_nice(threading.get_native_id())
+        background.lower_priority(increment)
+        seen.append((before, thread_nice(threading.get_native_id())))
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    return seen[0]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads Linux's /proc")
+def test_lower_priority_is_a_logged_no_op_where_threads_have_no_nice_of_their_own(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The platform is patched: no other platform runs here, and elsewhere setpriority would
+    # renice the whole process.
+    monkeypatch.setattr(background.sys, "platform", "darwin")
+    with caplog.at_level(logging.DEBUG, logger="distckpt"):
+        before, after = _nice_after_lowering(10)
+    assert after == before
+    assert "background_nice ignored" in caplog.text
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads Linux's /proc")
+def test_a_refused_setpriority_is_logged_and_the_save_goes_on(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Patched: raising a thread's own nice is never refused on this machine; a sandbox whose
+    # seccomp filter forbids setpriority is what this stands for.
+    def refuse(which: int, who: int, value: int) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(background.os, "setpriority", refuse)
+    with caplog.at_level(logging.WARNING, logger="distckpt"):
+        before, after = _nice_after_lowering(10)
+    assert after == before
+    assert "could not lower the background save thread's priority" in caplog.text
+
+
+def _save_while_every_core_is_busy(rank: int, world_size: int, root: str) -> tuple[bool, float]:
+    """An async save at the default background_nice while this rank keeps a core busy with
+    nice-0 work until the save is done (with as many ranks as cores, every core is busy)."""
+    a = torch.randn(256, 256)
+    with distckpt.CheckpointManager(root, async_save=True, fsync=False, timeout=60) as mgr:
+        mgr.save(1, {"w": torch.full((1 << 20,), float(rank))})
+        while mgr.save_in_flight:
+            torch.mm(a, a)
+        committed = mgr.wait()
+        return committed is not None and committed.done, float(mgr.restore(1).state["w"][0])
+
+
+def test_a_niced_save_finishes_while_training_keeps_every_core_busy(tmp_path: Path) -> None:
+    # As many ranks as cores (capped, so a big machine does not start dozens of them).
+    ranks = min(max(2, os.cpu_count() or 1), 4)
+    out = values(run_ranks(_save_while_every_core_is_busy, ranks, str(tmp_path), timeout=120))
+    assert out == [(True, float(rank)) for rank in range(ranks)]
