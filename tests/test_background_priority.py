@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -152,3 +153,16 @@ def test_a_niced_save_finishes_while_training_keeps_every_core_busy(tmp_path: Pa
     ranks = min(max(2, os.cpu_count() or 1), 4)
     out = values(run_ranks(_save_while_every_core_is_busy, ranks, str(tmp_path), timeout=120))
     assert out == [(True, float(rank)) for rank in range(ranks)]
+
+
+def test_saturated_save_script_runs_end_to_end(tmp_path: Path) -> None:
+    """scripts/saturated_save.py at its smallest, so it cannot silently rot."""
+    script = Path(__file__).resolve().parents[1] / "scripts" / "saturated_save.py"
+    args = ["--mib", "1", "--nice", "0,10", "--rounds", "1", "--ranks", "2", "--dir", str(tmp_path)]
+    proc = subprocess.run(
+        [sys.executable, str(script), *args], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    rows = [line for line in proc.stdout.splitlines() if line.startswith(("| 0 |", "| 10 |"))]
+    assert len(rows) == 2, proc.stdout
+    assert not list(tmp_path.iterdir())  # its checkpoints went with their temporary directory
