@@ -31,7 +31,7 @@ MAX_NICE = 19
 #: How far the background thread's nice is raised by default: under CFS a thread of nice 10
 #: gets about a tenth of the CPU time of a nice-0 thread that wants the same core (weights
 #: 110 against 1024), so a training loop keeps nearly all of it, while the save still
-#: progresses (docs/benchmark.md, "Training during an async save").
+#: progresses (docs/benchmark.md, "The background save's priority", has the measurements).
 DEFAULT_BACKGROUND_NICE = 10
 
 
@@ -54,10 +54,10 @@ def check_background_nice(background_nice: object) -> int:
 
 def lower_priority(increment: int) -> None:
     """Raise the calling thread's nice value by ``increment`` (capped at 19), not its
-    process's: on Linux a thread has a nice value of its own, and threads it starts inherit
-    it. Raising needs no privilege. Where threads have no nice of their own (not Linux) it
-    does nothing, and a refusal (a sandbox that forbids setpriority) is logged, not raised:
-    priority changes only the scheduling, never what a save writes."""
+    process's: on Linux a thread has a nice value of its own. Raising needs no privilege.
+    Where threads have no nice of their own (not Linux) it does nothing, and a refusal (a
+    sandbox that forbids setpriority) is logged, not raised: priority changes only the
+    scheduling, never what a save writes."""
     if increment == 0:
         return
     if not sys.platform.startswith("linux"):
