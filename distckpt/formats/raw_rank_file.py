@@ -16,7 +16,9 @@ A file is, in order:
   each plain CPU tensor replaced by a placeholder (a fresh one-item list; ``placeholders[i]``
   stands for ``tensors[i]``; pickling keeps their identity, so no value of the state can be
   mistaken for one). It is loaded with ``torch.load(weights_only=True)`` unless the caller opts
-  in to unpickling, so nothing but plain values is ever unpickled, as with a ``torch.save`` file;
+  in to unpickling, so nothing but plain values is ever unpickled, as with a ``torch.save`` file
+  (a skeleton of plain values alone by a stricter unpickler that refuses every class:
+  :func:`distckpt.formats.torch_files.load_skeleton`);
 * zero padding up to a multiple of :data:`ALIGNMENT`, then the storages' bytes, each starting
   at a multiple of :data:`ALIGNMENT` (so a mapped tensor of any dtype is aligned).
 
