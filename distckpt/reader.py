@@ -278,7 +278,9 @@ class _FirstRound:
 
 def _candidate(found: Found) -> _Candidate:
     source, manifest = found
-    fingerprint = (str(source.location), hashlib.sha256(manifest.to_json()).digest())
+    # The repr of equal manifests read from the same file is the same (the dicts keep the
+    # file's order); unlike ``to_json``, it copies nothing (asdict) and formats no JSON.
+    fingerprint = (str(source.location), hashlib.sha256(repr(manifest).encode()).digest())
     return _Candidate(found, fingerprint, format_named(manifest.format).collective_read)
 
 
