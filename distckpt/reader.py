@@ -288,19 +288,20 @@ def _guess(which: Any, view: RootView | None) -> _Candidate | None:
     """The checkpoint a rank other than 0 expects rank 0 to resolve ``which`` to, found as
     cheaply as reading its manifest: a step's checkpoint, or where the ``last``/``best``
     pointer leads (rank 0 checks it, and may pick another). None for a location (which may
-    stand for a root or a pointer of any backend), or when nothing is found."""
+    stand for a root or a pointer of any backend), or when nothing is found. Never raises: it
+    runs before a collective that every rank must reach."""
     if view is None:
         return None
-    if isinstance(which, int) and not isinstance(which, bool):
-        step: int | None = which
-    elif isinstance(which, str) and which in (LAST, BEST):
-        target = view.read_pointer(which)
-        step = parse_step_dir_name(target) if target else None
-    else:
-        return None
-    if step is None:
-        return None
     try:
+        if isinstance(which, int) and not isinstance(which, bool):
+            step: int | None = which
+        elif isinstance(which, str) and which in (LAST, BEST):
+            target = view.read_pointer(which)
+            step = parse_step_dir_name(target) if target else None
+        else:
+            return None
+        if step is None:
+            return None
         source = view.checkpoint(step)
         return _candidate((source, source.read_manifest()))
     except Exception:  # a guess that fails is no guess: rank 0's resolution says what is wrong

@@ -39,14 +39,18 @@ def _restores(rank: int, world_size: int, root: str) -> dict[str, tuple[Any, int
     out: dict[str, tuple[Any, int]] = {}
     with distckpt.CheckpointManager(root, fsync=False, timeout=20) as mgr:
         out["nothing yet"] = _outcome(lambda: mgr.restore(missing_ok=True))
-        for step in (1, 2, 3, 4):
+        for step in (1, 2, 3, 4, 5):
             mgr.save(step, {"w": torch.full((2,), 10.0 * step + rank)})
         out["step"] = _outcome(lambda: mgr.restore(2, mmap=True))
         out["last"] = _outcome(lambda: mgr.restore())
-        out["with state"] = _outcome(lambda: mgr.restore(4, state={"w": torch.zeros(2)}))
-        out["verify"] = _outcome(lambda: mgr.restore(4, verify=True))
+        out["with state"] = _outcome(lambda: mgr.restore(5, state={"w": torch.zeros(2)}))
+        out["verify"] = _outcome(lambda: mgr.restore(5, verify=True))
         out["a location"] = _outcome(lambda: mgr.restore(os.path.join(root, "step-00000003")))
         dist.barrier()
+        if rank == 0:  # a manifest no rank can read: rank 1's guess fails, rank 0's resolution
+            Path(root, "step-00000005", "manifest.json").write_text("{")
+        dist.barrier()
+        out["unreadable manifest"] = _outcome(lambda: mgr.restore(5))
         if rank == 0:  # a stale pointer: rank 1 guesses step 1, rank 0 resolves the newest
             os.symlink("step-00000001", os.path.join(root, "last.new"))
             os.replace(os.path.join(root, "last.new"), os.path.join(root, "last"))
@@ -69,17 +73,19 @@ def test_a_restore_pays_one_collective_and_fails_alike_on_every_rank(tmp_path: P
         assert results["nothing yet"] == (None, 1)
         # rank 0 decided, the other rank read at once: one collective
         assert results["step"] == ((2, [20.0 + rank] * 2), 1)
-        assert results["last"] == ((4, [40.0 + rank] * 2), 1)
+        assert results["last"] == ((5, [50.0 + rank] * 2), 1)
         # nothing read before the ranks agree (state=, verify) or before rank 0 says what
         # (a location): the decision (or, when every rank guessed it, nothing), then the read
-        assert results["with state"] == ((4, [40.0 + rank] * 2), 2)
-        assert results["verify"] == ((4, [40.0 + rank] * 2), 2)
+        assert results["with state"] == ((5, [50.0 + rank] * 2), 2)
+        assert results["verify"] == ((5, [50.0 + rank] * 2), 2)
         assert results["a location"] == ((3, [30.0 + rank] * 2), 3)
         # rank 1 read what the stale pointer named; rank 0's decision is read again
         assert results["stale pointer"] == ((4, [40.0 + rank] * 2), 3)
+        (kind, message), count = results["unreadable manifest"]
+        assert (kind, count) == ("CorruptCheckpoint", 1) and "not valid JSON" in message
         (kind, message), count = results["refused by rank 0"]
         assert (kind, count) == ("CorruptCheckpoint", 1) and "manifest check" in message
         (_, message), count = results["failed on rank 1"]
         assert count == 1 and "rank-00001.pt" in message and "(on rank 1)" in message
-    for name in ("refused by rank 0", "failed on rank 1"):
+    for name in ("unreadable manifest", "refused by rank 0", "failed on rank 1"):
         assert out[0][name] == out[1][name]  # the same error on every rank
