@@ -39,11 +39,12 @@ from distckpt.errors import (
     InvalidArgument,
 )
 from distckpt.formats import PreparedRead, ReadOptions, ShardContext, format_named
-from distckpt.layout import BEST, LAST, parse_step_dir_name
+from distckpt.layout import BEST, LAST, LINK_NAMES, parse_step_dir_name
 from distckpt.manifest import Manifest
 from distckpt.resolve import VANISH_RETRIES, Found, resolve
 from distckpt.results import Checkpoint, CheckpointLocation
 from distckpt.state import load_into, to_plain
+from distckpt.storage import locate
 from distckpt.storage.views import CheckpointSource, RootView, errors_name_the_location
 
 logger = logging.getLogger("distckpt")
@@ -237,7 +238,7 @@ def restore_on_ranks(
                 which,
                 find,
                 read,
-                view=view,
+                guess=functools.partial(_guess, which, view, storage_options),
                 read_early=state is None and not verify,
                 tried=tried,
             )
@@ -284,28 +285,33 @@ def _candidate(found: Found) -> _Candidate:
     return _Candidate(found, fingerprint, format_named(manifest.format).collective_read)
 
 
-def _guess(which: Any, view: RootView | None) -> _Candidate | None:
+def _guess(
+    which: Any, view: RootView | None, storage_options: Mapping[str, Any] | None
+) -> _Candidate | None:
     """The checkpoint a rank other than 0 expects rank 0 to resolve ``which`` to, found as
-    cheaply as reading its manifest: a step's checkpoint, or where the ``last``/``best``
-    pointer leads (rank 0 checks it, and may pick another). None for a location (which may
-    stand for a root or a pointer of any backend), or when nothing is found. Never raises: it
-    runs before a collective that every rank must reach."""
-    if view is None:
-        return None
+    cheaply as reading its manifest, the way :func:`distckpt.resolve.resolve` reads ``which``:
+    a step's checkpoint, a checkpoint's location, or where a ``last``/``best`` pointer leads
+    (a root's: ``last``). Rank 0 checks the checkpoint and may pick another (a pointer left
+    behind, a damaged checkpoint skipped). None when nothing is found. Never raises: it runs
+    before a collective that every rank must reach."""
     try:
         if isinstance(which, int) and not isinstance(which, bool):
-            step: int | None = which
-        elif isinstance(which, str) and which in (LAST, BEST):
-            target = view.read_pointer(which)
-            step = parse_step_dir_name(target) if target else None
+            source = view.checkpoint(which) if view is not None else None
+        elif isinstance(which, str) and which in LINK_NAMES and view is not None:
+            source = _pointed_at(view, which)
         else:
-            return None
-        if step is None:
-            return None
-        source = view.checkpoint(step)
-        return _candidate((source, source.read_manifest()))
+            located = locate(which, storage_options=storage_options)
+            source = located.source or _pointed_at(located.view, located.pointer or LAST)
+        return _candidate((source, source.read_manifest())) if source is not None else None
     except Exception:  # a guess that fails is no guess: rank 0's resolution says what is wrong
         return None
+
+
+def _pointed_at(view: RootView, pointer: str) -> CheckpointSource | None:
+    """The checkpoint the pointer ``pointer`` of ``view``'s root names, unchecked."""
+    target = view.read_pointer(pointer)
+    step = parse_step_dir_name(target) if target else None
+    return view.checkpoint(step) if step is not None else None
 
 
 def _restore_in_one_round(
@@ -314,7 +320,7 @@ def _restore_in_one_round(
     find: Callable[[], Found | None],
     read: Callable[[Coordinator | None, CheckpointSource, Manifest], Checkpoint],
     *,
-    view: RootView | None,
+    guess: Callable[[], _Candidate | None],
     read_early: bool,
     tried: list[CheckpointLocation],
 ) -> Checkpoint | None:
@@ -339,7 +345,7 @@ def _restore_in_one_round(
         candidate = decided.value
         decided = replace(decided, value=candidate.fingerprint if candidate else None)
     else:
-        candidate = _guess(which, view)
+        candidate = guess()
     if candidate is not None:
         tried.append(candidate.found[0].location)
     loaded: Checkpoint | None = None

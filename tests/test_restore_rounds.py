@@ -46,6 +46,7 @@ def _restores(rank: int, world_size: int, root: str) -> dict[str, tuple[Any, int
         out["with state"] = _outcome(lambda: mgr.restore(5, state={"w": torch.zeros(2)}))
         out["verify"] = _outcome(lambda: mgr.restore(5, verify=True))
         out["a location"] = _outcome(lambda: mgr.restore(os.path.join(root, "step-00000003")))
+        out["the root"] = _outcome(lambda: mgr.restore(root))
         dist.barrier()
         if rank == 0:  # a manifest no rank can read: rank 1's guess fails, rank 0's resolution
             Path(root, "step-00000005", "manifest.json").write_text("{")
@@ -74,11 +75,11 @@ def test_a_restore_pays_one_collective_and_fails_alike_on_every_rank(tmp_path: P
         # rank 0 decided, the other rank read at once: one collective
         assert results["step"] == ((2, [20.0 + rank] * 2), 1)
         assert results["last"] == ((5, [50.0 + rank] * 2), 1)
-        # nothing read before the ranks agree (state=, verify) or before rank 0 says what
-        # (a location): the decision (or, when every rank guessed it, nothing), then the read
+        assert results["a location"] == ((3, [30.0 + rank] * 2), 1)
+        assert results["the root"] == ((5, [50.0 + rank] * 2), 1)
+        # nothing read before the ranks agree (state=, verify): the decision, then the read
         assert results["with state"] == ((5, [50.0 + rank] * 2), 2)
         assert results["verify"] == ((5, [50.0 + rank] * 2), 2)
-        assert results["a location"] == ((3, [30.0 + rank] * 2), 3)
         # rank 1 read what the stale pointer named; rank 0's decision is read again
         assert results["stale pointer"] == ((4, [40.0 + rank] * 2), 3)
         (kind, message), count = results["unreadable manifest"]
