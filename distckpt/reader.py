@@ -360,14 +360,19 @@ def _restore_in_one_round(
     reports = coordinator.all_gather(lambda: report, what=f"restoring checkpoint {which!r}")
     decision = reports[0].decision
     assert decision is not None  # rank 0 always reports its decision
+    if decision.error is not None:
+        loaded = None  # dropped now: the error's traceback keeps this frame alive
     chosen = decision.unwrap(what=f"finding checkpoint {which!r}", cause=decided_cause)
     if chosen is None:
         return None  # nothing committed yet, and missing_ok
     reads = [r.read for r in reports if r.fingerprint == chosen and r.read is not None]
     if len(reads) == len(reports):
         assert candidate is not None  # this rank read what rank 0 chose
+        if any(r.error is not None for r in reads):
+            loaded = None  # dropped now: the error's traceback keeps this frame alive
         raise_failures(reads, what=f"restoring {candidate.found[0].name}", cause=read_cause)
         return loaded
+    loaded = None  # another checkpoint's state, if any: its memory goes back before the read
     if all(r.fingerprint == chosen for r in reports):
         assert candidate is not None  # every rank holds rank 0's checkpoint and manifest
         found = candidate.found
