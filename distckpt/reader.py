@@ -52,15 +52,9 @@ T = TypeVar("T")
 
 
 # ---------------------------------------------------------------------------------- agreement
-# The only collectives of a load outside the format's own read; with no coordinator (a plain
-# process) each runs locally and raises its own error.
-
-
-def _decided(coordinator: Coordinator | None, func: Callable[[], T], what: str) -> T:
-    """``func()`` run by rank 0; its result, or its error, on every rank."""
-    if coordinator is None:
-        return func()
-    return coordinator.decide(func, what=what)
+# The agreement of a read after the first round (:func:`_restore_in_one_round` runs that
+# round's collectives); with no coordinator (a plain process) it runs locally and raises its
+# own error.
 
 
 def _agreed(coordinator: Coordinator | None, func: Callable[[], T], what: str) -> T:
