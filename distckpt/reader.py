@@ -7,7 +7,10 @@ A load runs the same three steps everywhere: rank 0 resolves which checkpoint is
 ``state=`` template, the format's own metadata), then every rank reads, which may be collective
 (DCP). The ranks agree on the outcome of each step (of prepare and read at once where the read
 is not collective), so a rank failing alone fails every rank instead of leaving the others
-inside a collective. A checkpoint deleted by another process's
+inside a collective. Where a rank can read alone and nothing of the caller's changes ("torch",
+no ``state=``, no ``verify``), the other ranks read what they guess rank 0 will resolve while
+it resolves, and one collective carries rank 0's decision and every verdict
+(:func:`_restore_in_one_round`). A checkpoint deleted by another process's
 retention mid-read (:class:`CheckpointVanished`) is resolved again, unless it was named
 explicitly (a step, a step dir).
 """
@@ -15,17 +18,19 @@ explicitly (a step, a step dir).
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
 from collections.abc import Callable, Mapping
 from contextlib import ExitStack
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
 import torch.distributed as dist
 
 from distckpt import policy
-from distckpt.coord import Coordinator, current_rank
+from distckpt.coord import Coordinator, Outcome, current_rank, raise_failures
 from distckpt.errors import (
     CheckpointError,
     CheckpointNotFound,
@@ -34,11 +39,12 @@ from distckpt.errors import (
     InvalidArgument,
 )
 from distckpt.formats import PreparedRead, ReadOptions, ShardContext, format_named
-from distckpt.layout import BEST, LAST
+from distckpt.layout import BEST, LAST, LINK_NAMES, parse_step_dir_name
 from distckpt.manifest import Manifest
 from distckpt.resolve import VANISH_RETRIES, Found, resolve
 from distckpt.results import Checkpoint, CheckpointLocation
 from distckpt.state import load_into, to_plain
+from distckpt.storage import locate
 from distckpt.storage.views import CheckpointSource, RootView, errors_name_the_location
 
 logger = logging.getLogger("distckpt")
@@ -46,15 +52,9 @@ T = TypeVar("T")
 
 
 # ---------------------------------------------------------------------------------- agreement
-# The only collectives of a load outside the format's own read; with no coordinator (a plain
-# process) each runs locally and raises its own error.
-
-
-def _decided(coordinator: Coordinator | None, func: Callable[[], T], what: str) -> T:
-    """``func()`` run by rank 0; its result, or its error, on every rank."""
-    if coordinator is None:
-        return func()
-    return coordinator.decide(func, what=what)
+# The agreement of a read after the first round (:func:`_restore_in_one_round` runs that
+# round's collectives); with no coordinator (a plain process) it runs locally and raises its
+# own error.
 
 
 def _agreed(coordinator: Coordinator | None, func: Callable[[], T], what: str) -> T:
@@ -191,9 +191,9 @@ def restore_on_ranks(
     rank's failure is raised on every rank."""
     options = options if options is not None else ReadOptions()
     if coordinator is not None:
-        rank, world_size, group = coordinator.rank, coordinator.world_size, coordinator.group
+        rank, world_size = coordinator.rank, coordinator.world_size
     else:
-        rank, world_size, group = (current_rank() if rank is None else rank), None, None
+        rank, world_size = (current_rank() if rank is None else rank), None
 
     def find() -> Found | None:
         try:
@@ -210,30 +210,179 @@ def restore_on_ranks(
                 return None
             raise
 
+    read = functools.partial(
+        _read_on_ranks,
+        rank=rank,
+        world_size=world_size,
+        state=state,
+        options=options,
+        strict=strict,
+    )
     for attempt in range(VANISH_RETRIES + 1):
-        found = _decided(coordinator, find, f"finding checkpoint {which!r}")
-        if found is None:
-            return None
-        source, manifest = found
+        tried: list[CheckpointLocation] = []
         try:
-            return _read_on_ranks(
+            if coordinator is None:
+                found = find()
+                if found is None:
+                    return None
+                tried.append(found[0].location)
+                return read(None, *found)
+            return _restore_in_one_round(
                 coordinator,
-                source,
-                manifest,
-                rank=rank,
-                world_size=world_size,
-                group=group,
-                state=state,
-                options=options,
-                strict=strict,
+                which,
+                find,
+                read,
+                guess=functools.partial(_guess, which, view, storage_options),
+                read_early=state is None and not verify,
+                tried=tried,
             )
         except CheckpointVanished:
-            if attempt == VANISH_RETRIES or _named_explicitly(which, source.location):
+            if attempt == VANISH_RETRIES or not tried or _named_explicitly(which, tried[-1]):
                 raise  # nothing else to fall back to
-            logger.warning(
-                "%s vanished while being read; resolving %r again", source.location, which
-            )
+            logger.warning("%s vanished while being read; resolving %r again", tried[-1], which)
     raise AssertionError("unreachable")
+
+
+#: Which checkpoint a rank read, or guessed, in the first round of a restore: its location and
+#: a digest of its manifest, so ranks compare what they read without sending the manifest.
+Fingerprint = tuple[str, bytes]
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    """The checkpoint one rank reads, or would read, in the first round of a restore."""
+
+    found: Found
+    fingerprint: Fingerprint
+    #: whether its read needs collectives (DCP): then no rank reads before the ranks agree
+    collective: bool
+
+
+@dataclass(frozen=True)
+class _FirstRound:
+    """What one rank reports in the first (often only) collective of a restore."""
+
+    #: rank 0's: the fingerprint of the checkpoint it resolved (None: nothing, with
+    #: ``missing_ok``), or its error; None on the other ranks
+    decision: Outcome | None
+    #: the checkpoint this rank guessed (rank 0: resolved), if any
+    fingerprint: Fingerprint | None
+    #: the outcome of this rank's read of it, without the state (None: it read nothing yet)
+    read: Outcome | None
+
+
+def _candidate(found: Found) -> _Candidate:
+    source, manifest = found
+    # The repr of equal manifests read from the same file is the same (the dicts keep the
+    # file's order); unlike ``to_json``, it copies nothing (asdict) and formats no JSON.
+    fingerprint = (str(source.location), hashlib.sha256(repr(manifest).encode()).digest())
+    return _Candidate(found, fingerprint, format_named(manifest.format).collective_read)
+
+
+def _guess(
+    which: Any, view: RootView | None, storage_options: Mapping[str, Any] | None
+) -> _Candidate | None:
+    """The checkpoint a rank other than 0 expects rank 0 to resolve ``which`` to, found as
+    cheaply as reading its manifest, the way :func:`distckpt.resolve.resolve` reads ``which``:
+    a step's checkpoint, a checkpoint's location, or where a ``last``/``best`` pointer leads
+    (a root's: ``last``). Rank 0 checks the checkpoint and may pick another (a pointer left
+    behind, a damaged checkpoint skipped). None when nothing is found. Never raises: it runs
+    before a collective that every rank must reach."""
+    try:
+        if isinstance(which, int) and not isinstance(which, bool):
+            source = view.checkpoint(which) if view is not None else None
+        elif isinstance(which, str) and which in LINK_NAMES and view is not None:
+            source = _pointed_at(view, which)
+        else:
+            located = locate(which, storage_options=storage_options)
+            source = located.source or _pointed_at(located.view, located.pointer or LAST)
+        return _candidate((source, source.read_manifest())) if source is not None else None
+    except Exception:  # a guess that fails is no guess: rank 0's resolution says what is wrong
+        return None
+
+
+def _pointed_at(view: RootView, pointer: str) -> CheckpointSource | None:
+    """The checkpoint the pointer ``pointer`` of ``view``'s root names, unchecked."""
+    target = view.read_pointer(pointer)
+    step = parse_step_dir_name(target) if target else None
+    return view.checkpoint(step) if step is not None else None
+
+
+def _restore_in_one_round(
+    coordinator: Coordinator,
+    which: Any,
+    find: Callable[[], Found | None],
+    read: Callable[[Coordinator | None, CheckpointSource, Manifest], Checkpoint],
+    *,
+    guess: Callable[[], _Candidate | None],
+    read_early: bool,
+    tried: list[CheckpointLocation],
+) -> Checkpoint | None:
+    """Rank 0 resolves ``which`` while every other rank reads what it guesses rank 0 will
+    resolve (:func:`_guess`), and one collective carries rank 0's decision and every rank's
+    verdict: a restore of a "torch" checkpoint pays one collective, not a broadcast of what to
+    read and then an agreement on the read.
+
+    Nothing a rank loaded counts unless it is what rank 0 decided. Rank 0's error is raised on
+    every rank alike, whatever the others read. When a rank guessed another checkpoint or
+    nothing, or no rank may read before the ranks agree (``read_early`` is False: a ``state=``
+    to load into, which a wrong guess would leave loaded, or ``verify``, which checks every
+    checksum before anything is loaded; or a read with collectives), rank 0's decision is
+    broadcast where needed and read as before, its outcome agreed on (:func:`_read_on_ranks`).
+    A rank reads only its own part of a checkpoint, as it would after a broadcast."""
+    rank = coordinator.rank
+    decided: Outcome | None = None
+    decided_cause: Exception | None = None
+    candidate: _Candidate | None = None
+    if coordinator.is_coordinator:
+        decided, decided_cause = Outcome.of(lambda: _resolved(find), rank=rank)
+        candidate = decided.value
+        decided = replace(decided, value=candidate.fingerprint if candidate else None)
+    else:
+        candidate = guess()
+    if candidate is not None:
+        tried.append(candidate.found[0].location)
+    loaded: Checkpoint | None = None
+    read_outcome: Outcome | None = None
+    read_cause: Exception | None = None
+    if candidate is not None and read_early and not candidate.collective:
+        found = candidate.found
+        # Read alone (no coordinator): the verdict travels in the collective below.
+        read_outcome, read_cause = Outcome.of(lambda: read(None, *found), rank=rank)
+        loaded, read_outcome = read_outcome.value, replace(read_outcome, value=None)
+    report = _FirstRound(decided, candidate.fingerprint if candidate else None, read_outcome)
+    reports = coordinator.all_gather(lambda: report, what=f"restoring checkpoint {which!r}")
+    decision = reports[0].decision
+    assert decision is not None  # rank 0 always reports its decision
+    if decision.error is not None:
+        loaded = None  # dropped now: the error's traceback keeps this frame alive
+    chosen = decision.unwrap(what=f"finding checkpoint {which!r}", cause=decided_cause)
+    if chosen is None:
+        return None  # nothing committed yet, and missing_ok
+    reads = [r.read for r in reports if r.fingerprint == chosen and r.read is not None]
+    if len(reads) == len(reports):
+        assert candidate is not None  # this rank read what rank 0 chose
+        if any(r.error is not None for r in reads):
+            loaded = None  # dropped now: the error's traceback keeps this frame alive
+        raise_failures(reads, what=f"restoring {candidate.found[0].name}", cause=read_cause)
+        return loaded
+    loaded = None  # another checkpoint's state, if any: its memory goes back before the read
+    if all(r.fingerprint == chosen for r in reports):
+        assert candidate is not None  # every rank holds rank 0's checkpoint and manifest
+        found = candidate.found
+    else:
+        found = coordinator.decide(
+            lambda: candidate.found if candidate else None, what=f"finding checkpoint {which!r}"
+        )
+        assert found is not None  # rank 0 chose one
+        tried.append(found[0].location)
+    return read(coordinator, *found)
+
+
+def _resolved(find: Callable[[], Found | None]) -> _Candidate | None:
+    """Rank 0's resolution, as the candidate it reads."""
+    found = find()
+    return _candidate(found) if found is not None else None
 
 
 def _read_on_ranks(
@@ -243,14 +392,15 @@ def _read_on_ranks(
     *,
     rank: int,
     world_size: int | None,
-    group: dist.ProcessGroup | None,
     state: Any,
     options: ReadOptions,
     strict: bool,
 ) -> Checkpoint:
     """Prepare and read ``source`` on every rank, each from its local copy of the files,
-    agreeing on the outcome of each step."""
+    agreeing on the outcome of each step; with no ``coordinator``, read it here alone (a
+    format's collectives, if any, run on no group: DCP's single-process read)."""
     collective = format_named(manifest.format).collective_read
+    group = coordinator.group if coordinator is not None else None
     # A read without collectives reads only what this rank wrote (its rank file); one with
     # collectives (DCP) may read any file of the checkpoint.
     needed = [name for name, record in manifest.files.items() if collective or record.rank == rank]

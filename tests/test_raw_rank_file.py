@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import pickle
 import shutil
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -28,7 +29,7 @@ from distckpt.formats.raw_rank_file import (
     read_index,
     write_rank_file,
 )
-from distckpt.formats.torch_files import safe_torch_load
+from distckpt.formats.torch_files import load_skeleton, plain_values_of
 from distckpt.manifest import FORMAT_VERSION, read_manifest
 
 FIXTURE = Path(__file__).parent / "fixtures" / "torch-format-v1"
@@ -49,12 +50,8 @@ DTYPES = [
 ]
 
 
-def _load_skeleton(source: io.BytesIO, options: ReadOptions, name: str) -> Any:
-    return safe_torch_load(source, options, name=name)
-
-
 def _load(path: Path, **options: Any) -> Any:
-    return load_rank_file(path, ReadOptions(**options), _load_skeleton)
+    return load_rank_file(path, ReadOptions(**options), load_skeleton)
 
 
 def _tensor_of(dtype: torch.dtype, shape: tuple[int, ...], seed: int) -> torch.Tensor:
@@ -280,6 +277,44 @@ def test_a_skeleton_that_would_run_code_is_refused_and_runs_none(tmp_path: Path)
     with pytest.raises(UnsafeCheckpoint, match="allow_pickle=True"):
         _load(path)
     assert not marker.exists()
+
+
+def _saved(value: Any) -> io.BytesIO:
+    buffer = io.BytesIO()
+    torch.save(value, buffer)
+    buffer.seek(0)
+    return buffer
+
+
+def test_a_skeleton_of_plain_values_loads_as_torch_load_loads_it() -> None:
+    plain = ({"a": [0], "b": ([1], "x", 2.5, None, True, -(2**70)), "c": {3: [2]}}, [[0], [1]])
+    assert plain_values_of(_saved(plain)) == torch.load(_saved(plain), weights_only=True)
+    loaded = load_skeleton(_saved(plain), ReadOptions(), "rank.pt")
+    assert loaded == plain and loaded[0]["a"] is not loaded[1][0]
+
+
+def test_the_plain_values_unpickler_refuses_every_class_and_runs_nothing(tmp_path: Path) -> None:
+    from tests.hostile_cases import Exploit
+
+    marker = tmp_path / "PWNED"
+    for value in (Exploit(marker), OrderedDict(a=1), torch.ones(2), torch.float32):
+        with pytest.raises(pickle.UnpicklingError, match="not a plain value"):
+            plain_values_of(_saved(value))
+    assert not marker.exists()
+
+
+def test_a_skeleton_beyond_plain_values_is_left_to_torch_load(tmp_path: Path) -> None:
+    from tests.hostile_cases import Exploit
+
+    kept = {"order": OrderedDict(b=2, a=1), "grad": torch.ones(2, requires_grad=True)}
+    loaded = load_skeleton(_saved(kept), ReadOptions(), "rank.pt")
+    assert list(loaded["order"]) == ["b", "a"] and loaded["grad"].requires_grad
+    marker = tmp_path / "PWNED"
+    with pytest.raises(UnsafeCheckpoint, match=r"rank\.pt.*allow_pickle=True"):
+        load_skeleton(_saved({"evil": Exploit(marker)}), ReadOptions(), "rank.pt")
+    assert not marker.exists()
+    with pytest.raises(CorruptCheckpoint, match=r"rank\.pt"):
+        load_skeleton(io.BytesIO(b"PK\x03\x04 damaged"), ReadOptions(), "rank.pt")
 
 
 def _bytes_read() -> int:

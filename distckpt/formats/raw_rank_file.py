@@ -16,7 +16,9 @@ A file is, in order:
   each plain CPU tensor replaced by a placeholder (a fresh one-item list; ``placeholders[i]``
   stands for ``tensors[i]``; pickling keeps their identity, so no value of the state can be
   mistaken for one). It is loaded with ``torch.load(weights_only=True)`` unless the caller opts
-  in to unpickling, so nothing but plain values is ever unpickled, as with a ``torch.save`` file;
+  in to unpickling, so nothing but plain values is ever unpickled, as with a ``torch.save`` file
+  (a skeleton of plain values alone by a stricter unpickler that refuses every class:
+  :func:`distckpt.formats.torch_files.load_skeleton`);
 * zero padding up to a multiple of :data:`ALIGNMENT`, then the storages' bytes, each starting
   at a multiple of :data:`ALIGNMENT` (so a mapped tensor of any dtype is aligned).
 
@@ -40,7 +42,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import torch
 
@@ -93,9 +95,9 @@ def _memory_of(storage: torch.UntypedStorage) -> memoryview:
     return memoryview(buffer).cast("B")
 
 
-@dataclass(frozen=True)
-class TensorEntry:
-    """Where one tensor lies: which storage, and its view of it."""
+class TensorEntry(NamedTuple):
+    """Where one tensor lies: which storage, and its view of it. A named tuple: a restore
+    makes one per tensor, and a frozen dataclass costs several times as much to make."""
 
     storage: int
     dtype: torch.dtype
@@ -246,15 +248,19 @@ def read_index(file: io.FileIO, name: str) -> RankFileIndex:
 def _check_fits(entry: TensorEntry, storages: list[tuple[int, int]], name: str) -> None:
     """Refuse a tensor entry that reaches outside its storage: ``set_`` would otherwise grow a
     storage read from disk rather than fail."""
-    if not 0 <= entry.storage < len(storages) or len(entry.shape) != len(entry.stride):
+    shape, stride = entry.shape, entry.stride
+    if not 0 <= entry.storage < len(storages) or len(shape) != len(stride):
         raise CorruptCheckpoint(f"{name}: a tensor entry names no storage of the file")
-    if any(size < 0 for size in entry.shape) or any(step < 0 for step in entry.stride):
+    if min(shape, default=0) < 0 or min(stride, default=0) < 0:
         raise CorruptCheckpoint(f"{name}: a tensor entry has a negative size or stride")
     if entry.storage_offset < 0:
         raise CorruptCheckpoint(f"{name}: a tensor entry has a negative storage offset")
-    if 0 in entry.shape:
+    if 0 in shape:
         return
-    last = entry.storage_offset + sum((n - 1) * s for n, s in zip(entry.shape, entry.stride))
+    # A plain loop: a restore checks every tensor, and a generator costs more per element.
+    last = entry.storage_offset
+    for size, step in zip(shape, stride):
+        last += (size - 1) * step
     if (last + 1) * entry.dtype.itemsize > storages[entry.storage][1]:
         raise CorruptCheckpoint(f"{name}: a tensor entry reaches past the end of its storage")
 

@@ -94,12 +94,44 @@ def read_rank_file(path: Path, manifest: Manifest, options: ReadOptions) -> Any:
     ``torch.save`` files; later versions write raw rank files, and a ``torch.save`` file in
     their place (one a person rewrote and resealed) is read as one, by its first bytes."""
     if manifest.format_version >= RAW_RANK_FILES_SINCE and is_raw_rank_file(path):
-        return load_rank_file(path, options, _load_skeleton)
+        return load_rank_file(path, options, load_skeleton)
     return safe_torch_load(path, options)
 
 
-def _load_skeleton(source: io.BytesIO, options: ReadOptions, name: str) -> Any:
-    """A raw rank file's skeleton, unpickled as safely as a whole ``torch.save`` file."""
+class _PlainValuesUnpickler(pickle.Unpickler):
+    """Unpickles plain values only: dicts, lists, tuples, strings, numbers, booleans and None.
+    Every class or function a pickle names, and every persistent id (a tensor's
+    storage), is refused, so no code can run (the "restricting globals" recipe of Python's
+    ``pickle`` documentation, with nothing allowed): stricter than torch's weights-only
+    unpickler, and C code instead of its opcode loop in Python."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        raise pickle.UnpicklingError(f"global {module}.{name} is not a plain value")
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise pickle.UnpicklingError("a persistent id is not a plain value")
+
+
+def plain_values_of(source: io.BytesIO) -> Any:
+    """The value a ``torch.save`` archive holds when it holds plain values only; raises
+    whatever the archive or its pickle raise otherwise."""
+    archive = torch._C.PyTorchFileReader(source)
+    return _PlainValuesUnpickler(io.BytesIO(archive.get_record("data.pkl"))).load()
+
+
+def load_skeleton(source: io.BytesIO, options: ReadOptions, name: str) -> Any:
+    """A raw rank file's skeleton, unpickled as safely as a whole ``torch.save`` file.
+
+    A skeleton usually holds plain values only (its tensors are in the file's data), and
+    ``torch.load``'s weights-only unpickler, an opcode loop in Python, costs a restore of a
+    small state more than reading its tensors: plain values are unpickled by
+    :class:`_PlainValuesUnpickler`. Anything else (a class, a tensor kept in the skeleton, a
+    damaged archive) is left to :func:`safe_torch_load`, which loads or refuses it as it
+    refuses a whole file."""
+    try:
+        return plain_values_of(source)
+    except Exception:  # not plain values, or unreadable: torch.load decides and explains
+        source.seek(0)
     return safe_torch_load(source, options, name=name)
 
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Callable, Collection, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
@@ -108,7 +109,14 @@ class PosixRootView(RootView):
 
 
 def _dir_for_step(layout: RootLayout, step: int) -> Path:
-    """The committed dir of ``step`` whatever its zero padding (any width parses)."""
+    """The committed dir of ``step`` whatever its zero padding (any width parses): the one
+    named as distckpt names it when that is a dir, without listing the root."""
+    canonical = layout.step_dir(step)
+    try:
+        if stat.S_ISDIR(os.lstat(canonical).st_mode):
+            return canonical
+    except (FileNotFoundError, NotADirectoryError):
+        pass
     try:
         entries = list(os.scandir(layout.root))
     except FileNotFoundError:
