@@ -11,11 +11,19 @@ collective, and then raise the same error on every rank:
 * :meth:`Coordinator.decide` — rank 0 runs the function; its value or error reaches every rank.
   :meth:`Coordinator.decide_within` repeats it while rank 0 waits for longer than a collective
   may take.
+* :meth:`Coordinator.gather_decide` — every rank runs its function; the values (or errors)
+  travel to rank 0 alone, which decides from them (or takes the error every rank must raise)
+  and broadcasts the result or the error. Two collectives, a gather and a broadcast, for a
+  decision only rank 0 needs the values for: a gather is one hop to rank 0 where an
+  all-gather's ring takes ``world_size - 1``. Its halves, :meth:`Coordinator.gather` and
+  :meth:`Coordinator.conclude`, let a caller mark the moment between them (a phase, a fault
+  point); a gather must always be concluded, or the other ranks wait for the broadcast.
 
 Errors cross ranks as their class name, message and structured fields
 (:meth:`~distckpt.errors.CheckpointError.fields`) and are rebuilt on the other side.
 Values cross as pickles in a fixed-size frame: one tensor collective per verb, a second only for
-a value that does not fit (:data:`FRAME_BYTES`). Collectives run on the coordinator's own gloo
+a value that does not fit (:data:`FRAME_BYTES`; in a gather, only the ranks whose value did not
+fit send the rest, to rank 0 alone). Collectives run on the coordinator's own gloo
 group, created with the manager's timeout, so a dead or hung rank surfaces as
 :class:`CoordinationError` (:class:`CoordinationTimeout` when gloo timed out) after that timeout
 instead of gloo's 30-minute default, and distckpt's collectives never interleave with the
@@ -34,7 +42,7 @@ import time
 import traceback
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -164,6 +172,20 @@ def run_now(func: Callable[[], T]) -> Callable[[], T]:
     return lambda: value
 
 
+@dataclass(frozen=True)
+class Gathered(Generic[T]):
+    """The first half of :meth:`Coordinator.gather_decide` on one rank, to be passed to
+    :meth:`Coordinator.conclude`."""
+
+    #: names the operation in errors
+    what: str
+    #: every rank's outcome, by rank, on rank 0; None on the other ranks, which learn the
+    #: verdict from the broadcast
+    outcomes: tuple[Outcome, ...] | None
+    #: this rank's own failure, if its function raised: the cause of the error it will raise
+    cause: Exception | None = None
+
+
 def _rebuild(
     error_type: str | None, message: str, fields: Mapping[str, Any], *, what: str
 ) -> CheckpointError:
@@ -278,6 +300,49 @@ class Coordinator:
         self._run("all_gather", what, lambda: dist.all_gather(tails, tail, group=group))
         return [unpack_frame(f, t) for f, t in zip(frames, tails)]
 
+    def _gather(self, value: T, *, what: str) -> list[T] | None:
+        """Every rank's ``value``, indexed by rank, on rank 0; None on the other ranks."""
+        if self._group is None:
+            return [value]
+        group, coordinator = self._group, self._src
+        frame, rest = pack_frame(value)
+        frames = (
+            [torch.empty_like(frame) for _ in range(self.world_size)]
+            if self.is_coordinator
+            else None
+        )
+        self._run("gather", what, lambda: dist.gather(frame, frames, dst=coordinator, group=group))
+        # The rest of a value longer than a frame goes to rank 0 alone, point to point: rank 0
+        # read every length in the frames and each sender knows its own, so no rank waits in a
+        # second round it has no part in.
+        if not self.is_coordinator:
+            if rest:
+                tail = torch.frombuffer(bytearray(rest), dtype=torch.uint8)
+                self._run("gather", what, lambda: dist.send(tail, dst=coordinator, group=group))
+            return None
+        assert frames is not None  # rank 0 received them
+        gathered: list[T] = []
+        for rank, rank_frame in enumerate(frames):
+            extra = frame_length(rank_frame) - FRAME_BYTES
+            if extra <= 0:
+                gathered.append(unpack_frame(rank_frame, None))
+                continue
+            if rank == self.rank:
+                tail = padded_rest(rest, extra)
+            else:
+                tail = self._receive(extra, sender=rank, what=what)
+            gathered.append(unpack_frame(rank_frame, tail))
+        return gathered
+
+    def _receive(self, size: int, *, sender: int, what: str) -> torch.Tensor:
+        """``size`` bytes that rank ``sender`` of the group sends to this rank."""
+        assert self._group is not None  # only a real group has other ranks
+        group = self._group
+        received = torch.empty(size, dtype=torch.uint8)
+        source = dist.get_global_rank(group, sender)
+        self._run("gather", what, lambda: dist.recv(received, src=source, group=group))
+        return received
+
     def all_gather(self, local: Callable[[], T], *, what: str) -> list[T]:
         """Every rank runs ``local``; returns every rank's value, indexed by rank, on every
         rank — or, if any rank's ``local`` raised, raises on every rank alike (see
@@ -310,8 +375,12 @@ class Coordinator:
             outcome, cause = Outcome.of(decide, rank=self.rank)
         else:
             outcome, cause = Outcome(), None
+        return self._tell(outcome, what=what).unwrap(what=what, cause=cause)
+
+    def _tell(self, outcome: Outcome, *, what: str) -> Outcome:
+        """Rank 0's ``outcome`` of a decision on every rank (the others' is ignored)."""
         try:
-            shared = self._broadcast(outcome, what=what)
+            return self._broadcast(outcome, what=what)
         except CoordinationError as exc:
             if self.is_coordinator and outcome.error is None:
                 # The deed is done (a commit is on disk); only telling the others failed.
@@ -321,7 +390,43 @@ class Coordinator:
                     rank=self.rank,
                 ) from exc
             raise
-        return shared.unwrap(what=what, cause=cause)
+
+    def gather_decide(
+        self, local: Callable[[], T], decide: Callable[[list[T]], R], *, what: str
+    ) -> R:
+        """Every rank runs ``local``; rank 0 gets the values, indexed by rank, and runs
+        ``decide`` on them; its result reaches every rank. If any rank's ``local`` raised, rank
+        0 does not decide and every rank raises the error :meth:`all_gather` would have
+        raised (see :func:`raise_failures`); if ``decide`` raised, every rank raises its error.
+        A gather and a broadcast: :meth:`gather`, then :meth:`conclude`."""
+        return self.conclude(self.gather(local, what=what), decide, what=what)
+
+    def gather(self, local: Callable[[], T], *, what: str) -> Gathered[T]:
+        """The first half of :meth:`gather_decide`: every rank runs ``local`` and its outcome
+        travels to rank 0. Nothing is raised for a failing ``local`` yet (only
+        :meth:`conclude` tells every rank alike); the result must be passed to
+        :meth:`conclude`, or the other ranks wait for rank 0's broadcast until they time out."""
+        outcome, cause = Outcome.of(local, rank=self.rank)
+        outcomes = self._gather(outcome, what=what)
+        return Gathered(what, None if outcomes is None else tuple(outcomes), cause)
+
+    def conclude(self, gathered: Gathered[T], decide: Callable[[list[T]], R], *, what: str) -> R:
+        """The second half of :meth:`gather_decide`: rank 0 decides from the gathered values,
+        or takes the gathered failure, and every rank returns or raises what it broadcasts.
+        ``what`` names the decision in errors (the gather's failures keep the gather's name)."""
+        cause = gathered.cause
+        if gathered.outcomes is None:  # not rank 0: its answer is in the broadcast
+            outcome = Outcome()
+        else:
+            try:
+                raise_failures(gathered.outcomes, what=gathered.what)
+            except CheckpointError as exc:  # the error all_gather would raise on every rank
+                outcome = Outcome.failure(exc)
+            else:
+                values = [o.value for o in gathered.outcomes]
+                outcome, decided = Outcome.of(lambda: decide(values), rank=self.rank)
+                cause = cause or decided
+        return self._tell(outcome, what=what).unwrap(what=what, cause=cause)
 
     def decide_within(
         self,

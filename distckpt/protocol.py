@@ -336,31 +336,26 @@ def agree(
     )
 
 
-def commit(
-    plan: SavePlan, manifest: Manifest, *, coord: Coordinator, store: RootStore
-) -> SaveResult:
-    """Step 4: rank 0 publishes; every rank gets its result or its error."""
-
-    def publish() -> SaveResult:
-        assert plan.area is not None  # rank 0 always holds the staging area it proposed
-        try:
-            result = store.commit(plan.area, manifest, overwrite=plan.overwrite)
-        except Exception as exc:
-            full = _out_of_space(exc)  # writing the manifest, as a shard write can
-            if full is None:
-                raise
-            raise _ran_out_of_space(plan, full, root=store.root, rank=coord.rank) from exc
-        elapsed = time.monotonic() - plan.started
-        logger.info(
-            "committed %s: %s in %.2f s (%s/s)",
-            result.path,
-            mib(manifest.total_bytes),
-            elapsed,
-            mib(manifest.total_bytes / elapsed if elapsed > 0 else 0),
-        )
-        return result
-
-    return coord.decide(publish, what=f"committing step {plan.step}")
+def commit(plan: SavePlan, manifest: Manifest, *, store: RootStore, rank: int) -> SaveResult:
+    """Step 4, rank 0's part: the store publishes the staging area under ``manifest``
+    (:func:`write_and_commit` broadcasts the result or the error to every rank)."""
+    assert plan.area is not None  # rank 0 always holds the staging area it proposed
+    try:
+        result = store.commit(plan.area, manifest, overwrite=plan.overwrite)
+    except Exception as exc:
+        full = _out_of_space(exc)  # writing the manifest, as a shard write can
+        if full is None:
+            raise
+        raise _ran_out_of_space(plan, full, root=store.root, rank=rank) from exc
+    elapsed = time.monotonic() - plan.started
+    logger.info(
+        "committed %s: %s in %.2f s (%s/s)",
+        result.path,
+        mib(manifest.total_bytes),
+        elapsed,
+        mib(manifest.total_bytes / elapsed if elapsed > 0 else 0),
+    )
+    return result
 
 
 def write_and_commit(
@@ -372,7 +367,11 @@ def write_and_commit(
     launcher: LauncherWatch | None = None,
 ) -> SaveResult:
     """Steps 2-4, in the caller's thread or, for an async save, in the background thread with
-    a ``coord`` of its own. Rank 0 discards the staging area unless it was committed.
+    a ``coord`` of its own: every rank writes, the records (or errors) are gathered to rank 0
+    (``save.agree``), which builds the manifest and commits, and the result or the error is
+    broadcast to every rank (``save.commit``; :meth:`~distckpt.coord.Coordinator.gather` and
+    :meth:`~distckpt.coord.Coordinator.conclude`). Rank 0 discards the staging area unless it
+    was committed.
 
     With a ``launcher`` watch, every rank checks after writing, in what it reports for the
     agreement, that its launcher lives (:func:`check_launcher`)."""
@@ -388,11 +387,16 @@ def write_and_commit(
             records = run_now(write_here)
         faults.hit("before_agreement", rank)
         with events.phase("save.agree", rank=rank, step=step):
-            written = coord.all_gather(records, what=f"writing step {step}")
+            gathered = coord.gather(records, what=f"writing step {step}")
+        # Rank 0 has every rank's report here; another rank only knows its own is delivered.
         faults.hit("after_agreement", rank)
-        manifest = agree(plan, written, fmt_name=fmt.name, world_size=coord.world_size)
+
+        def commit_written(written: list[dict[str, FileRecord]]) -> SaveResult:
+            manifest = agree(plan, written, fmt_name=fmt.name, world_size=coord.world_size)
+            return commit(plan, manifest, store=store, rank=rank)
+
         with events.phase("save.commit", rank=rank, step=step):
-            return commit(plan, manifest, coord=coord, store=store)
+            return coord.conclude(gathered, commit_written, what=f"committing step {step}")
     finally:
         if plan.area is not None:
             store.discard_staging(plan.area)
