@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import distckpt
-from distckpt.coord import FRAME_BYTES, Coordinator
-from distckpt.errors import CheckpointExists, RankFailure
+from distckpt.coord import FRAME_BYTES, GATHER_FROM_RANKS, Coordinator
+from distckpt.errors import CheckpointExists, InvalidStep, RankFailure
 from tests.ranks import run_ranks, values
 
 TIMEOUT = 3.0
@@ -31,6 +31,42 @@ def _gathered(rank: int, world_size: int) -> tuple[list[int], int]:
 
 def test_all_gather_and_all_reduce_give_every_rank_the_same_values() -> None:
     assert values(run_ranks(_gathered, 3)) == [([0, 1, 4], 6)] * 3
+
+
+def _reduced(rank: int, world_size: int) -> tuple[int, list[str], tuple[str, int | None]]:
+    """An all_reduce's result, the collectives it took, and the error of a failing combine."""
+    coord = Coordinator(None, TIMEOUT)
+    collectives: list[str] = []
+    stop = distckpt.events.add_listener(lambda event: collectives.append(event.phase))
+
+    def too_many(counts: list[int]) -> int:
+        raise InvalidStep(f"{sum(counts)} is too many")
+
+    try:
+        total = coord.all_reduce(lambda: rank + 1, sum, what="summing")
+        taken = list(collectives)
+        with pytest.raises(InvalidStep) as failed:
+            coord.all_reduce(lambda: rank + 1, too_many, what="checking")
+        return total, taken, (str(failed.value), failed.value.rank)
+    finally:
+        stop()
+        coord.close()
+
+
+@pytest.mark.parametrize(
+    ("world_size", "collectives"),
+    [
+        (2, ["collective.all_gather"]),  # one exchange: cheaper than a gather and a broadcast
+        (GATHER_FROM_RANKS, ["collective.gather", "collective.broadcast"]),
+    ],
+)
+def test_all_reduce_gives_every_rank_the_same_result_or_error(
+    world_size: int, collectives: list[str]
+) -> None:
+    total = world_size * (world_size + 1) // 2
+    # the combine's error is the same everywhere and, a function of the values, names no rank
+    expected = (total, collectives, (f"{total} is too many", None))
+    assert values(run_ranks(_reduced, world_size)) == [expected] * world_size
 
 
 #: Each rank's value in the mixed all_gather: only rank 3's needs a second round.
