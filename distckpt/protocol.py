@@ -1,19 +1,20 @@
 """The save protocol, as four functions over frozen values, run on every rank of the group.
 
-1. :func:`propose` (one all-gather): every rank checks its arguments and estimates its bytes;
-   rank 0 also checks the step against the root, reads the free space and opens a staging area
-   claimed by its live writer (for an async save in a thread beside the snapshot: that work
-   needs no tensor).
-   Every rank computes the same verdict from the gathered proposals (same step everywhere,
-   enough space) and gets the same :class:`SavePlan` — or the committed result when a
-   scheduled save finds its step saved already.
+1. :func:`propose` (:meth:`~distckpt.coord.Coordinator.all_reduce`: an all-gather at 2 ranks,
+   a gather to rank 0 and a broadcast from 3 on): every rank checks its arguments and
+   estimates its bytes; rank 0 also checks the step against the root, reads the free space and
+   opens a staging area claimed by its live writer (for an async save in a thread beside the
+   snapshot: that work needs no tensor). The verdict, a pure function of the proposals (same
+   step everywhere, enough space), gives every rank the same :class:`SavePlan` — or the
+   committed result when a scheduled save finds its step saved already.
 2. :func:`write`: every rank writes its shard into the staging area (streamed, fsynced); rank 0
    adds the extra files.
-3. :func:`agree` (one all-gather): every rank reports its files or its error; any rank's
-   failure raises on every rank (an orphaned rank's too: its launcher is gone). The gathered
-   records become the :class:`Manifest`.
-4. :func:`commit` (rank 0, one broadcast): the store publishes the staging area; every rank
-   returns the same :class:`SaveResult` once the commit is durable.
+3. Agreement (one gather to rank 0): every rank reports its files or its error to rank 0
+   (an orphaned rank reports that its launcher is gone). If every rank wrote, rank 0 builds
+   the :class:`Manifest` from the records (:func:`agree`).
+4. :func:`commit` (rank 0, then one broadcast): the store publishes the staging area; every
+   rank returns the same :class:`SaveResult` once the commit is durable, or raises the same
+   error: the commit's, or any rank's from step 3 (then nothing was committed).
 
 Each step is a phase of :mod:`distckpt.events` (``save.propose`` ... ``save.commit``).
 """
