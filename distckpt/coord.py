@@ -314,21 +314,25 @@ class Coordinator:
         """Every rank's ``value``, indexed by rank, on rank 0; None on the other ranks."""
         if self._group is None:
             return [value]
-        group, coordinator = self._group, self._src
+        group, coordinator_rank = self._group, self._src  # the global rank of rank 0
         frame, rest = pack_frame(value)
         frames = (
             [torch.empty_like(frame) for _ in range(self.world_size)]
             if self.is_coordinator
             else None
         )
-        self._run("gather", what, lambda: dist.gather(frame, frames, dst=coordinator, group=group))
+        self._run(
+            "gather", what, lambda: dist.gather(frame, frames, dst=coordinator_rank, group=group)
+        )
         # The rest of a value longer than a frame goes to rank 0 alone, point to point: rank 0
         # read every length in the frames and each sender knows its own, so no rank waits in a
         # second round it has no part in.
         if not self.is_coordinator:
             if rest:
                 tail = torch.frombuffer(bytearray(rest), dtype=torch.uint8)
-                self._run("gather", what, lambda: dist.send(tail, dst=coordinator, group=group))
+                self._run(
+                    "gather", what, lambda: dist.send(tail, dst=coordinator_rank, group=group)
+                )
             return None
         assert frames is not None  # rank 0 received them
         gathered: list[T] = []
