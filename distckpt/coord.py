@@ -43,7 +43,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 import torch
@@ -382,11 +382,15 @@ class Coordinator:
     def agree_on(self, local: Callable[[], T], *, what: str) -> T:
         """Every rank runs ``local`` and keeps its own value; only the verdicts travel (a
         restored state stays on its rank). If any rank's ``local`` raised, raises on every rank
-        alike, as :meth:`all_gather` does."""
-        outcome, cause = Outcome.of(local, rank=self.rank)
-        verdict = replace(outcome, value=None)
-        raise_failures(self._all_gather(verdict, what=what), what=what, cause=cause)
-        return outcome.value
+        alike, as :meth:`all_gather` does. An :meth:`all_reduce` of the verdicts (a gather to
+        rank 0 and a broadcast from :data:`GATHER_FROM_RANKS` ranks on)."""
+        kept: list[T] = []
+
+        def keep_here() -> None:
+            kept.append(local())
+
+        self.all_reduce(keep_here, lambda _verdicts: None, what=what)
+        return kept[0]
 
     def decide(self, decide: Callable[[], T], *, what: str) -> T:
         """Rank 0 runs ``decide``; its result, or its error, reaches every rank."""

@@ -273,6 +273,36 @@ def test_gather_decide_with_a_dead_rank_raises_coordination_error_on_the_others(
         assert elapsed <= TIMEOUT + 15  # the manager's timeout, not gloo's default
 
 
+def _agreed(rank: int, world_size: int) -> tuple[str, str, str | None, int | None]:
+    """agree_on: every rank keeps its own value; then one rank fails, and every rank raises."""
+    coord = Coordinator(None, TIMEOUT)
+
+    def fails_on_rank_1() -> str:
+        if rank == 1:
+            raise CheckpointExists("step 7 exists", step=7)
+        return "fine"
+
+    try:
+        kept = coord.agree_on(lambda: f"state of rank {rank}", what="restoring")
+        with pytest.raises(CheckpointExists) as failed:
+            coord.agree_on(fails_on_rank_1, what="restoring")
+        return kept, str(failed.value), failed.value.path, failed.value.rank
+    finally:
+        coord.close()
+
+
+@pytest.mark.parametrize("world_size", [2, GATHER_FROM_RANKS])
+def test_agree_on_keeps_each_ranks_value_and_raises_a_failure_on_every_rank(
+    world_size: int,
+) -> None:
+    results = values(run_ranks(_agreed, world_size))
+    expected = [
+        (f"state of rank {rank}", "step 7 exists (on rank 1)", None, 1)
+        for rank in range(world_size)
+    ]
+    assert results == expected
+
+
 def _stopped_rank(rank: int, world_size: int, root: str) -> tuple[str, float, int | None]:
     manager = distckpt.CheckpointManager(root, timeout=TIMEOUT)
     pid_file = Path(root) / "stopped.pid"
