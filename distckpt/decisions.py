@@ -5,7 +5,8 @@ others not. Step and epoch schedules need no collective (every rank computes the
 from the same arguments); a time decision or a signal does: rank 0's clock decides time (the
 ``every_seconds`` schedule and the ``min_seconds_between_saves`` throttle, which also counts an
 async save in flight on rank 0), and a signal seen by any rank decides preemption, by one small
-all-gather.
+:meth:`~distckpt.coord.Coordinator.all_reduce` of the ranks' votes (an all-gather at 2 ranks,
+a gather to rank 0 and a broadcast of its tally from 3 on).
 """
 
 from __future__ import annotations
@@ -62,6 +63,14 @@ class _Vote:
     signalled: bool
 
 
+def _tally(votes: list[_Vote]) -> _Vote:
+    """The ranks' votes as one: rank 0's clock decides time-based saves and the throttle
+    (clocks differ between nodes); any signalled rank decides preemption (the signal may reach
+    only some)."""
+    first = votes[0]
+    return _Vote(first.time_due, first.throttled, any(v.signalled for v in votes))
+
+
 def decide(
     step: int,
     epoch: int | None,
@@ -92,12 +101,9 @@ def decide(
             throttled=schedule.throttled(now, last_started=last_started, in_flight=in_flight),
             signalled=signals.is_set(),
         )
-        votes = coord.all_gather(lambda: vote, what="deciding whether to save")
-        # Rank 0's clock decides time-based saves and the throttle (clocks differ between
-        # nodes); any signalled rank decides preemption (the signal may reach only some).
-        due = due or votes[0].time_due
-        throttled = votes[0].throttled
-        preempt = any(v.signalled for v in votes)
+        tally = coord.all_reduce(lambda: vote, _tally, what="deciding whether to save")
+        due = due or tally.time_due
+        throttled, preempt = tally.throttled, tally.signalled
     return SaveDecision(
         step,
         epoch,

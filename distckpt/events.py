@@ -14,8 +14,10 @@ on every rank, ``save.propose``, ``save.write``, ``save.agree`` and ``save.commi
 an async save in a thread of its own, beside the snapshot, so the two overlap). Inside
 ``save.commit`` rank 0 alone emits ``commit.lock`` (taking the root's lock),
 ``commit.manifest``, ``commit.publish`` (the rename), ``commit.links`` and
-``commit.retention`` (the store). Every collective emits ``collective.all_gather`` or
-``collective.broadcast`` (the :class:`~distckpt.coord.Coordinator`, with no step). Restores
+``commit.retention`` (the store). Every collective emits ``collective.all_gather``,
+``collective.gather`` or ``collective.broadcast`` (the :class:`~distckpt.coord.Coordinator`,
+with no step; a gather's second, point-to-point round for a long value is a
+``collective.gather`` too). Restores
 emit no phases yet (``restore.*`` names are reserved for them). A listener must be quick and
 must not raise: an exception it raises is logged and otherwise ignored.
 """

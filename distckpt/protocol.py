@@ -1,19 +1,20 @@
 """The save protocol, as four functions over frozen values, run on every rank of the group.
 
-1. :func:`propose` (one all-gather): every rank checks its arguments and estimates its bytes;
-   rank 0 also checks the step against the root, reads the free space and opens a staging area
-   claimed by its live writer (for an async save in a thread beside the snapshot: that work
-   needs no tensor).
-   Every rank computes the same verdict from the gathered proposals (same step everywhere,
-   enough space) and gets the same :class:`SavePlan` — or the committed result when a
-   scheduled save finds its step saved already.
+1. :func:`propose` (:meth:`~distckpt.coord.Coordinator.all_reduce`: an all-gather at 2 ranks,
+   a gather to rank 0 and a broadcast from 3 on): every rank checks its arguments and
+   estimates its bytes; rank 0 also checks the step against the root, reads the free space and
+   opens a staging area claimed by its live writer (for an async save in a thread beside the
+   snapshot: that work needs no tensor). The verdict, a pure function of the proposals (same
+   step everywhere, enough space), gives every rank the same :class:`SavePlan` — or the
+   committed result when a scheduled save finds its step saved already.
 2. :func:`write`: every rank writes its shard into the staging area (streamed, fsynced); rank 0
    adds the extra files.
-3. :func:`agree` (one all-gather): every rank reports its files or its error; any rank's
-   failure raises on every rank (an orphaned rank's too: its launcher is gone). The gathered
-   records become the :class:`Manifest`.
-4. :func:`commit` (rank 0, one broadcast): the store publishes the staging area; every rank
-   returns the same :class:`SaveResult` once the commit is durable.
+3. Agreement (one gather to rank 0): every rank reports its files or its error to rank 0
+   (an orphaned rank reports that its launcher is gone). If every rank wrote, rank 0 builds
+   the :class:`Manifest` from the records (:func:`agree`).
+4. :func:`commit` (rank 0, then one broadcast): the store publishes the staging area; every
+   rank returns the same :class:`SaveResult` once the commit is durable, or raises the same
+   error: the commit's, or any rank's from step 3 (then nothing was committed).
 
 Each step is a phase of :mod:`distckpt.events` (``save.propose`` ... ``save.commit``).
 """
@@ -336,31 +337,26 @@ def agree(
     )
 
 
-def commit(
-    plan: SavePlan, manifest: Manifest, *, coord: Coordinator, store: RootStore
-) -> SaveResult:
-    """Step 4: rank 0 publishes; every rank gets its result or its error."""
-
-    def publish() -> SaveResult:
-        assert plan.area is not None  # rank 0 always holds the staging area it proposed
-        try:
-            result = store.commit(plan.area, manifest, overwrite=plan.overwrite)
-        except Exception as exc:
-            full = _out_of_space(exc)  # writing the manifest, as a shard write can
-            if full is None:
-                raise
-            raise _ran_out_of_space(plan, full, root=store.root, rank=coord.rank) from exc
-        elapsed = time.monotonic() - plan.started
-        logger.info(
-            "committed %s: %s in %.2f s (%s/s)",
-            result.path,
-            mib(manifest.total_bytes),
-            elapsed,
-            mib(manifest.total_bytes / elapsed if elapsed > 0 else 0),
-        )
-        return result
-
-    return coord.decide(publish, what=f"committing step {plan.step}")
+def commit(plan: SavePlan, manifest: Manifest, *, store: RootStore, rank: int) -> SaveResult:
+    """Step 4, rank 0's part: the store publishes the staging area under ``manifest``
+    (:func:`write_and_commit` broadcasts the result or the error to every rank)."""
+    assert plan.area is not None  # rank 0 always holds the staging area it proposed
+    try:
+        result = store.commit(plan.area, manifest, overwrite=plan.overwrite)
+    except Exception as exc:
+        full = _out_of_space(exc)  # writing the manifest, as a shard write can
+        if full is None:
+            raise
+        raise _ran_out_of_space(plan, full, root=store.root, rank=rank) from exc
+    elapsed = time.monotonic() - plan.started
+    logger.info(
+        "committed %s: %s in %.2f s (%s/s)",
+        result.path,
+        mib(manifest.total_bytes),
+        elapsed,
+        mib(manifest.total_bytes / elapsed if elapsed > 0 else 0),
+    )
+    return result
 
 
 def write_and_commit(
@@ -372,7 +368,11 @@ def write_and_commit(
     launcher: LauncherWatch | None = None,
 ) -> SaveResult:
     """Steps 2-4, in the caller's thread or, for an async save, in the background thread with
-    a ``coord`` of its own. Rank 0 discards the staging area unless it was committed.
+    a ``coord`` of its own: every rank writes, the records (or errors) are gathered to rank 0
+    (``save.agree``), which builds the manifest and commits, and the result or the error is
+    broadcast to every rank (``save.commit``; :meth:`~distckpt.coord.Coordinator.gather` and
+    :meth:`~distckpt.coord.Coordinator.conclude`). Rank 0 discards the staging area unless it
+    was committed.
 
     With a ``launcher`` watch, every rank checks after writing, in what it reports for the
     agreement, that its launcher lives (:func:`check_launcher`)."""
@@ -388,11 +388,16 @@ def write_and_commit(
             records = run_now(write_here)
         faults.hit("before_agreement", rank)
         with events.phase("save.agree", rank=rank, step=step):
-            written = coord.all_gather(records, what=f"writing step {step}")
+            gathered = coord.gather(records, what=f"writing step {step}")
+        # Rank 0 has every rank's report here; another rank only knows its own is delivered.
         faults.hit("after_agreement", rank)
-        manifest = agree(plan, written, fmt_name=fmt.name, world_size=coord.world_size)
+
+        def commit_written(written: list[dict[str, FileRecord]]) -> SaveResult:
+            manifest = agree(plan, written, fmt_name=fmt.name, world_size=coord.world_size)
+            return commit(plan, manifest, store=store, rank=rank)
+
         with events.phase("save.commit", rank=rank, step=step):
-            return commit(plan, manifest, coord=coord, store=store)
+            return coord.conclude(gathered, commit_written, what=f"committing step {step}")
     finally:
         if plan.area is not None:
             store.discard_staging(plan.area)

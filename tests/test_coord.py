@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import distckpt
-from distckpt.coord import FRAME_BYTES, Coordinator
-from distckpt.errors import CheckpointExists, RankFailure
+from distckpt.coord import FRAME_BYTES, GATHER_FROM_RANKS, Coordinator
+from distckpt.errors import CheckpointExists, InvalidStep, RankFailure
 from tests.ranks import run_ranks, values
 
 TIMEOUT = 3.0
@@ -31,6 +31,42 @@ def _gathered(rank: int, world_size: int) -> tuple[list[int], int]:
 
 def test_all_gather_and_all_reduce_give_every_rank_the_same_values() -> None:
     assert values(run_ranks(_gathered, 3)) == [([0, 1, 4], 6)] * 3
+
+
+def _reduced(rank: int, world_size: int) -> tuple[int, list[str], tuple[str, int | None]]:
+    """An all_reduce's result, the collectives it took, and the error of a failing combine."""
+    coord = Coordinator(None, TIMEOUT)
+    collectives: list[str] = []
+    stop = distckpt.events.add_listener(lambda event: collectives.append(event.phase))
+
+    def too_many(counts: list[int]) -> int:
+        raise InvalidStep(f"{sum(counts)} is too many")
+
+    try:
+        total = coord.all_reduce(lambda: rank + 1, sum, what="summing")
+        taken = list(collectives)
+        with pytest.raises(InvalidStep) as failed:
+            coord.all_reduce(lambda: rank + 1, too_many, what="checking")
+        return total, taken, (str(failed.value), failed.value.rank)
+    finally:
+        stop()
+        coord.close()
+
+
+@pytest.mark.parametrize(
+    ("world_size", "collectives"),
+    [
+        (2, ["collective.all_gather"]),  # one exchange: cheaper than a gather and a broadcast
+        (GATHER_FROM_RANKS, ["collective.gather", "collective.broadcast"]),
+    ],
+)
+def test_all_reduce_gives_every_rank_the_same_result_or_error(
+    world_size: int, collectives: list[str]
+) -> None:
+    total = world_size * (world_size + 1) // 2
+    # the combine's error is the same everywhere and, a function of the values, names no rank
+    expected = (total, collectives, (f"{total} is too many", None))
+    assert values(run_ranks(_reduced, world_size)) == [expected] * world_size
 
 
 #: Each rank's value in the mixed all_gather: only rank 3's needs a second round.
@@ -105,6 +141,166 @@ def test_rank_failure_carries_its_failures_to_every_rank() -> None:
     gathered = {0: "OSError: disk gone", 1: "CheckpointExists: step exists"}
     # rank 0's RankFailure is rebuilt on rank 1 with its mapping, not just its text
     assert values(run_ranks(_mixed_failures, 2)) == [(gathered, {3: "OSError: gone"})] * 2
+
+
+def _gathered_to_rank_0(rank: int, world_size: int) -> tuple[int, list[list[bytes]], int]:
+    """gather_decide with values of every size: only rank 0 sees them; every rank gets the
+    decision. Counts this rank's collectives (rank 3's value needs a second, point-to-point
+    round, which only it and rank 0 take part in)."""
+    coord = Coordinator(None, TIMEOUT)
+    seen: list[list[bytes]] = []
+    collectives: list[str] = []
+    stop = distckpt.events.add_listener(lambda event: collectives.append(event.phase))
+
+    def decide(gathered: list[bytes]) -> int:
+        seen.append(gathered)
+        return sum(len(value) for value in gathered)
+
+    try:
+        total = coord.gather_decide(lambda: bytes([rank]) * SIZES[rank], decide, what="sizing")
+        return total, seen, len(collectives)
+    finally:
+        stop()
+        coord.close()
+
+
+def test_gather_decide_gives_rank_0_every_value_and_every_rank_its_decision() -> None:
+    gathered = [bytes([r]) * SIZES[r] for r in range(4)]
+    results = values(run_ranks(_gathered_to_rank_0, 4))
+    # gather + broadcast everywhere; rank 0 also receives rank 3's rest, which rank 3 sends
+    assert results == [
+        (sum(SIZES), [gathered], 3),
+        (sum(SIZES), [], 2),
+        (sum(SIZES), [], 2),
+        (sum(SIZES), [], 3),
+    ]
+
+
+def _gathered_failure(rank: int, world_size: int, failing: tuple[int, ...]) -> object:
+    """gather_decide where the ranks in ``failing`` raise locally: what each rank raised, and
+    whether rank 0 decided anyway (it must not)."""
+    coord = Coordinator(None, TIMEOUT)
+    decided: list[bool] = []
+
+    def local() -> int:
+        if rank in failing:
+            if len(failing) == 1:
+                raise CheckpointExists("step 7 exists", path="/ckpt/step-7", step=7)
+            raise OSError(f"disk {rank} gone")
+        return rank
+
+    def decide(gathered: list[int]) -> int:
+        decided.append(True)
+        return sum(gathered)
+
+    try:
+        coord.gather_decide(local, decide, what="checking the step")
+    except CheckpointExists as exc:
+        fields = {"rank": exc.rank, "path": exc.path, "step": exc.step}
+        return type(exc).__name__, str(exc), fields, decided
+    except RankFailure as exc:
+        return type(exc).__name__, str(exc), exc.failures, decided
+    finally:
+        coord.close()
+    raise AssertionError("no rank raised")
+
+
+def test_gather_decide_raises_a_ranks_local_error_on_every_rank_alike() -> None:
+    results = values(run_ranks(_gathered_failure, 3, (2,)))
+    fields = {"rank": 2, "path": "/ckpt/step-7", "step": 7}
+    assert results == [("CheckpointExists", "step 7 exists (on rank 2)", fields, [])] * 3
+
+
+def test_gather_decide_names_every_failing_rank_on_every_rank() -> None:
+    results = values(run_ranks(_gathered_failure, 3, (1, 2)))
+    failures = {1: "OSError: disk 1 gone", 2: "OSError: disk 2 gone"}
+    [(error_type, message, seen_failures, decided)] = set(
+        (t, m, tuple(f.items()), tuple(d)) for t, m, f, d in results
+    )
+    assert (error_type, dict(seen_failures), decided) == ("RankFailure", failures, ())
+    assert message.startswith("checking the step failed on ranks 1, 2")
+
+
+def _decision_fails(rank: int, world_size: int) -> tuple[str, dict[str, object]]:
+    coord = Coordinator(None, TIMEOUT)
+
+    def decide(gathered: list[int]) -> int:
+        raise CheckpointExists(f"step {sum(gathered)} exists", step=sum(gathered))
+
+    try:
+        coord.gather_decide(lambda: rank, decide, what="committing")
+    except CheckpointExists as exc:
+        return str(exc), {"rank": exc.rank, "step": exc.step}
+    finally:
+        coord.close()
+    raise AssertionError("no rank raised")
+
+
+def test_gather_decide_raises_rank_0s_decision_error_on_every_rank() -> None:
+    # the decision ran on rank 0: its error names rank 0
+    assert values(run_ranks(_decision_fails, 3)) == [("step 3 exists", {"rank": 0, "step": 3})] * 3
+
+
+def _dying_rank(rank: int, world_size: int) -> tuple[str, float]:
+    coord = Coordinator(None, TIMEOUT)
+    coord.all_gather(lambda: rank, what="meeting")  # every rank has joined the group
+
+    def local() -> int:
+        if rank == 2:
+            # Dead mid-verb, once its peers have finished the meeting and wait in the gather
+            # (a rank dying sooner could fail their meeting instead): its sockets close.
+            time.sleep(0.5)
+            os.kill(os.getpid(), signal.SIGKILL)
+        return rank
+
+    started = time.monotonic()
+    try:
+        coord.gather_decide(local, sum, what="gathering")
+    except distckpt.CoordinationError as exc:
+        return type(exc).__name__, time.monotonic() - started
+    finally:
+        coord.close()
+    return "decided", time.monotonic() - started
+
+
+def test_gather_decide_with_a_dead_rank_raises_coordination_error_on_the_others() -> None:
+    results = run_ranks(_dying_rank, 3, expect_killed=True)
+    assert [result.rank for result in results] == [0, 1]
+    for error_type, elapsed in values(results):
+        # rank 0's gather loses the dead rank; rank 1 then waits for rank 0's broadcast, which
+        # fails when rank 0 is gone too, or when the timeout runs out
+        assert error_type in ("CoordinationError", "CoordinationTimeout")
+        assert elapsed <= TIMEOUT + 15  # the manager's timeout, not gloo's default
+
+
+def _agreed(rank: int, world_size: int) -> tuple[str, str, str | None, int | None]:
+    """agree_on: every rank keeps its own value; then one rank fails, and every rank raises."""
+    coord = Coordinator(None, TIMEOUT)
+
+    def fails_on_rank_1() -> str:
+        if rank == 1:
+            raise CheckpointExists("step 7 exists", step=7)
+        return "fine"
+
+    try:
+        kept = coord.agree_on(lambda: f"state of rank {rank}", what="restoring")
+        with pytest.raises(CheckpointExists) as failed:
+            coord.agree_on(fails_on_rank_1, what="restoring")
+        return kept, str(failed.value), failed.value.path, failed.value.rank
+    finally:
+        coord.close()
+
+
+@pytest.mark.parametrize("world_size", [2, GATHER_FROM_RANKS])
+def test_agree_on_keeps_each_ranks_value_and_raises_a_failure_on_every_rank(
+    world_size: int,
+) -> None:
+    results = values(run_ranks(_agreed, world_size))
+    expected = [
+        (f"state of rank {rank}", "step 7 exists (on rank 1)", None, 1)
+        for rank in range(world_size)
+    ]
+    assert results == expected
 
 
 def _stopped_rank(rank: int, world_size: int, root: str) -> tuple[str, float, int | None]:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import threading
+from collections import Counter
 from pathlib import Path
 
+import pytest
 import torch
 
 import distckpt
@@ -14,7 +16,8 @@ from tests.ranks import run_ranks, values
 SAVE_PHASES = {"save.propose", "save.write", "save.agree", "save.commit"}
 COMMIT_PHASES = {"commit.lock", "commit.manifest", "commit.publish", "commit.links"}
 COMMIT_PHASES |= {"commit.retention"}
-COLLECTIVE_PHASES = {"collective.all_gather", "collective.broadcast"}
+#: at 2 ranks: the proposal's all-gather, the agreement's gather, the commit's broadcast
+COLLECTIVE_PHASES = {"collective.all_gather", "collective.gather", "collective.broadcast"}
 #: inside ``save.propose``: every rank's snapshot, and rank 0's root work beside it
 PROPOSE_PHASES = {"propose.snapshot"}
 
@@ -41,6 +44,33 @@ def test_a_listener_sees_every_phase_of_a_save(tmp_path: Path) -> None:
     assert not {name for name, _ in rank1} & COMMIT_PHASES
     assert ("propose.root", 3) in rank0  # rank 0 alone looks at the root
     assert not {name for name, _ in rank1} & {"propose.root"}
+
+
+def _collectives_of_a_save(rank: int, world_size: int, root: str) -> dict[str, int]:
+    seen: list[str] = []
+    with distckpt.CheckpointManager(root, timeout=30) as manager:
+        remove = events.add_listener(lambda event: seen.append(event.phase))
+        try:
+            manager.save(1, {"w": torch.ones(8) * rank})
+        finally:
+            remove()
+    return dict(Counter(name for name in seen if name.startswith("collective.")))
+
+
+@pytest.mark.parametrize(
+    ("world_size", "collectives"),
+    [
+        # propose: one all-gather; agree: a gather to rank 0; commit: a broadcast
+        (2, {"collective.all_gather": 1, "collective.gather": 1, "collective.broadcast": 1}),
+        # from 3 ranks on the proposal, too, is a gather to rank 0 and a broadcast
+        (3, {"collective.gather": 2, "collective.broadcast": 2}),
+    ],
+)
+def test_a_save_costs_three_small_collectives_at_2_ranks_and_four_from_3_on(
+    tmp_path: Path, world_size: int, collectives: dict[str, int]
+) -> None:
+    results = values(run_ranks(_collectives_of_a_save, world_size, str(tmp_path)))
+    assert results == [collectives] * world_size
 
 
 def _propose_threads(rank: int, world_size: int, root: str) -> dict[str, str]:

@@ -65,8 +65,9 @@ def _clocks_disagree(rank: int, world_size: int, root: str) -> list[int]:
     return saved
 
 
-def test_time_schedule_agrees_when_clocks_disagree(tmp_path: Path) -> None:
-    assert values(run_ranks(_clocks_disagree, 2, str(tmp_path))) == [[], []]
+@pytest.mark.parametrize("world_size", [2, 3])  # the vote: an all-gather; gathered to rank 0
+def test_time_schedule_agrees_when_clocks_disagree(tmp_path: Path, world_size: int) -> None:
+    assert values(run_ranks(_clocks_disagree, world_size, str(tmp_path))) == [[]] * world_size
 
 
 def _time_schedule_fires(rank: int, world_size: int, root: str) -> list[int]:
@@ -112,8 +113,12 @@ def _preempt_one_rank(rank: int, world_size: int, root: str) -> tuple[list[int],
     return saved, preempted, restored_handler
 
 
-def test_signal_on_one_rank_makes_every_rank_save_and_report_preempted(tmp_path: Path) -> None:
-    assert values(run_ranks(_preempt_one_rank, 2, str(tmp_path))) == [([4], True, True)] * 2
+@pytest.mark.parametrize("world_size", [2, 3])  # the vote: an all-gather; gathered to rank 0
+def test_signal_on_one_rank_makes_every_rank_save_and_report_preempted(
+    tmp_path: Path, world_size: int
+) -> None:
+    results = values(run_ranks(_preempt_one_rank, world_size, str(tmp_path)))
+    assert results == [([4], True, True)] * world_size
 
 
 def _best_and_top_k(rank: int, world_size: int, root: str, losses: list[float]) -> dict:

@@ -34,6 +34,7 @@ PHASE_ORDER = (
     "commit.links",
     "commit.retention",
     "collective.all_gather",
+    "collective.gather",
     "collective.broadcast",
 )
 #: Phases that run inside another (``propose.*`` in ``save.propose``, ``commit.*`` in
