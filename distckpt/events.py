@@ -9,7 +9,8 @@ thread that ran it (an async save's background thread for its write and commit p
 Phase names are dotted: the first part names the operation, the rest the phase. A save emits,
 on every rank, ``save.propose``, ``save.write``, ``save.agree`` and ``save.commit``
 (:mod:`distckpt.protocol`). Inside ``save.propose`` every rank emits ``propose.snapshot``
-(reducing the state to plain data and, for an async save, copying it) and rank 0 alone
+(reducing the state to plain data and, for an async save, copying it: that copy alone is
+``propose.copy``, inside it) and rank 0 alone
 ``propose.root`` (checking the step, opening the staging area, reading the free space; for
 an async save in a thread of its own, beside the snapshot, so the two overlap). Inside
 ``save.commit`` rank 0 alone emits ``commit.lock`` (taking the root's lock),

@@ -175,8 +175,12 @@ def propose(
             with events.phase("propose.snapshot", rank=coord.rank, step=step):
                 plain = to_plain(state, mark_per_rank=fmt.marks_per_rank)
                 fmt.check_state(plain)
-                # Async: copy now, so training may change its tensors as soon as save returns.
-                prepared["state"] = snapshot.snapshot(plain) if snapshot is not None else plain
+                prepared["state"] = plain
+                if snapshot is not None:
+                    # Copied now, so training may change its tensors as soon as save returns.
+                    # A phase of its own: the floor of an async save's blocking part.
+                    with events.phase("propose.copy", rank=coord.rank, step=step):
+                        prepared["state"] = snapshot.snapshot(plain)
         except BaseException:
             # Joined before the snapshot's error is reported: a staging area the root work
             # opened is then in `prepared`, which the caller discards. Its own error, if any,
