@@ -7,6 +7,7 @@ import copy
 import json
 import os
 import random
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -308,6 +309,53 @@ def test_a_snapshot_failing_beside_the_root_work_fails_every_rank_and_leaves_not
         assert rank_out["retry"] == 1
         assert rank_out["steps"] == [1]
     assert out[0]["staging"] == []  # the staging area opened beside the snapshot is gone
+
+
+def _copy_fails_on_rank_1(rank: int, world_size: int, root: str) -> dict[str, Any]:
+    from distckpt import events
+
+    out: dict[str, Any] = {"gathered_in": set(), "copy_ok": []}
+
+    def note(event: events.PhaseEvent) -> None:
+        if event.phase == "collective.all_gather" and event.step is None:
+            out["gathered_in"].add(threading.current_thread().name)
+        if event.phase == "propose.copy":
+            out["copy_ok"].append(event.ok)
+
+    with distckpt.CheckpointManager(root, timeout=TIMEOUT, async_save=True) as mgr:
+        state: dict[str, Any] = {"w": _weights(1, rank)}
+        # A tensor with no data (a parameter never materialised): its copy fails, after the
+        # proposal was made and while the all-gather of the proposals runs beside it.
+        broken = {**state, "z": torch.empty(4, device="meta")} if rank == 1 else state
+        remove = events.add_listener(note)
+        try:
+            mgr.save(1, broken)
+        except Exception as exc:
+            out["error"] = _err(exc)
+        finally:
+            remove()
+        out["in_flight"] = mgr.save_in_flight
+        if rank == 0:
+            out["staging"] = _staging_entries(Path(root))
+            out["steps_after_failure"] = mgr.steps()
+        out["retry"] = mgr.save(1, state).step
+        mgr.wait()
+        out["steps"] = mgr.steps()
+    return out
+
+
+def test_a_copy_failing_on_one_rank_beside_the_all_gather_fails_save_on_every_rank(
+    root: Path,
+) -> None:
+    out = values(run_ranks(_copy_fails_on_rank_1, 2, str(root), timeout=JOB_TIMEOUT))
+    for rank_out in out:
+        _, message, is_checkpoint_error, _ = rank_out["error"]  # raised by save() itself
+        assert is_checkpoint_error and "rank 1" in message and "meta" in message, message
+        assert not rank_out["in_flight"]
+        assert rank_out["retry"] == 1 and rank_out["steps"] == [1]
+        assert "distckpt-propose-gather" in rank_out["gathered_in"]  # it ran beside the copy
+    assert out[1]["copy_ok"] == [False] and out[0]["copy_ok"] == [True]
+    assert out[0]["staging"] == [] and out[0]["steps_after_failure"] == []
 
 
 def _async_save_of_an_old_step(rank: int, world_size: int, root: str) -> dict[str, Any]:
