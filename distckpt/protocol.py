@@ -6,7 +6,8 @@
    needs no tensor).
    Every rank computes the same verdict from the gathered proposals (same step everywhere,
    enough space) and gets the same :class:`SavePlan` — or the committed result when a
-   scheduled save finds its step saved already.
+   scheduled save finds its step saved already. An async save copies its tensors while the
+   proposals are gathered beside it, then reports the copy in a second, small all-gather.
 2. :func:`write`: every rank writes its shard into the staging area (streamed, fsynced); rank 0
    adds the extra files.
 3. :func:`agree` (one all-gather): every rank reports its files or its error; any rank's
