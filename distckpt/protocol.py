@@ -9,7 +9,7 @@
    scheduled save finds its step saved already. An async save copies its tensors while the
    proposals are gathered beside it, then reports the copy in a second, small all-gather.
 2. :func:`write`: every rank writes its shard into the staging area (streamed, fsynced); rank 0
-   adds the extra files.
+   first makes the staging area's creation durable, then adds the extra files.
 3. :func:`agree` (one all-gather): every rank reports its files or its error; any rank's
    failure raises on every rank (an orphaned rank's too: its launcher is gone). The gathered
    records become the :class:`Manifest`.
@@ -369,11 +369,19 @@ def write(
     plan: SavePlan, *, coord: Coordinator, store: RootStore, fmt: CheckpointFormat, fsync: bool
 ) -> dict[str, FileRecord]:
     """Step 2, this rank's part: its shard (and on rank 0 the extra files) in the staging area;
-    the records of what it wrote. The format writes into the local dir the store gives this
-    rank (:meth:`~distckpt.storage.RootStore.open_shard`), then the store publishes it into
-    the staging area."""
+    the records of what it wrote. Rank 0 first makes the area's creation durable
+    (:meth:`~distckpt.storage.RootStore.make_staging_durable`), which only the commit needs.
+    The format writes into the local dir the store gives this rank
+    (:meth:`~distckpt.storage.RootStore.open_shard`), then the store publishes it into the
+    staging area."""
     ctx = ShardContext(coord.rank, coord.world_size, fsync, coord.group)
     try:
+        if plan.area is not None:
+            # Here, not when the area was opened (the proposal, which the caller waits for),
+            # nor at the commit (after the agreement, where every rank waits for it): here it
+            # overlaps the other ranks' writes, and an async save's write is in the background.
+            # Before the shard, so the journal it flushes holds little else.
+            store.make_staging_durable(plan.area)
         with store.open_shard(plan.location, coord.rank) as directory:
             written = fmt.write(plan.state, directory, ctx)
             records = store.publish_shard(plan.location, directory, written)

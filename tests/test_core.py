@@ -21,9 +21,11 @@ import torch._dynamo
 from torch import nn
 
 import distckpt
-from distckpt import faults
+from distckpt import faults, fsutil
 from distckpt.fsutil import file_checksum
 from distckpt.manifest import FORMAT_VERSION
+from distckpt.storage import open_store
+from distckpt.storage import posix as posix_store
 from tests.ranks import run_ranks, values
 
 TIMEOUT = 20  # manager collectives: a hang becomes an error well before run_ranks gives up
@@ -385,6 +387,43 @@ def test_an_async_save_of_a_refused_step_raises_in_save_on_every_rank(root: Path
 
 
 # --------------------------------------------------------------------------- retention, delete
+
+
+def test_the_staging_dir_is_made_durable_in_the_write_phase_not_when_opened(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Opening the staging area (rank 0's part of the proposal, which the caller waits for)
+    fsyncs nothing for the new dir: only the commit's rename needs its creation durable, so
+    rank 0 makes it so at the start of its write phase, before the agreement and the commit."""
+    # A spy, not a mock: every fsync still happens; it only records which dirs were fsynced.
+    fsynced: list[Path] = []
+
+    def recording_fsync_dir(path: str | os.PathLike[str]) -> None:
+        fsynced.append(Path(path))
+        real_fsync_dir(path)
+
+    real_fsync_dir = fsutil.fsync_dir
+    monkeypatch.setattr(fsutil, "fsync_dir", recording_fsync_dir)  # the commit's rename_dir
+    monkeypatch.setattr(posix_store, "fsync_dir", recording_fsync_dir)
+    store = open_store(root)
+    staging_root = root / ".staging"
+    staging_root.mkdir(parents=True)  # once per root, durably (not what this test is about)
+    area = store.begin_staging(1, "token")
+    try:
+        assert Path(area.location).parent == staging_root
+        assert fsynced == []
+        store.make_staging_durable(area)
+        assert fsynced == [staging_root]
+    finally:
+        store.discard_staging(area)
+
+    # And in a save: the staging root is fsynced before the commit (whose first fsync is the
+    # manifest's, of the staging dir itself).
+    fsynced.clear()
+    with distckpt.CheckpointManager(root, timeout=TIMEOUT) as mgr:
+        mgr.save(2, {"w": _weights(2, 0)})
+    committing = next(i for i, path in enumerate(fsynced) if path.parent == staging_root)
+    assert staging_root in fsynced[:committing]
 
 
 def _keep_last_two(rank: int, world_size: int, root: str) -> list[tuple[list[int], str, bool]]:
