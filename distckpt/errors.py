@@ -183,12 +183,6 @@ class LauncherGone(CheckpointError, RuntimeError):
     orphan and must not commit, or it would race the job that replaces it."""
 
 
-class SnapshotCopyFailed(CheckpointError, RuntimeError):
-    """An async save's snapshot was not fully copied (the copy raised on this rank), so its
-    background write, started beside the copy, cannot write it: that write fails on every rank
-    and commits nothing, while ``save()`` raises the copy's own error on every rank."""
-
-
 class ObjectStoreError(CheckpointError, OSError):
     """An object store (an ``s3://`` root) refused or failed a request; the message names the
     operation, the object's ``s3://`` address and the endpoint."""

@@ -11,13 +11,11 @@ save's background thread and the counters a schedule counts from. See
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import os
-import threading
 import uuid
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Collection, Mapping
 from typing import Any, Literal, Union
 
 import torch.distributed as dist
@@ -259,52 +257,38 @@ class CheckpointManager:
         request = protocol.SaveRequest(
             step, epoch, overwrite, decision.explicit, metrics, metadata, files
         )
-        background = self._background
-        write_started = threading.Event()
-
-        def start_write(agreed: protocol.SavePlan) -> None:
-            # Called as soon as the ranks agreed, while this thread may still copy the
-            # snapshot: the background write waits for each buffer it writes.
-            assert background is not None
-            commit = self._write_and_commit(agreed)
-            background.submit(lambda coord: commit(coord=coord))
-            write_started.set()
-
-        try:
-            plan = protocol.propose(
-                request,
-                state,
-                coord=self._coord,
-                store=self._store,
-                fmt=self._format,
-                snapshot=self._buffers,
-                token=f"{self._token}-{self._save_count}",
-                space_margin=self.space_margin,
-                launcher=self._launcher,
-                start_write=start_write if background is not None else None,
-            )
-        except BaseException:
-            if background is not None and write_started.is_set():
-                # The write started beside a copy that failed (on some rank) fails on every
-                # rank and commits nothing; it must end before save raises the copy's error,
-                # so the next save starts with no save in flight.
-                with contextlib.suppress(BaseException):
-                    background.wait()
-            raise
+        plan = protocol.propose(
+            request,
+            state,
+            coord=self._coord,
+            store=self._store,
+            fmt=self._format,
+            snapshot=self._buffers,
+            token=f"{self._token}-{self._save_count}",
+            space_margin=self.space_margin,
+            launcher=self._launcher,
+        )
         if isinstance(plan, SaveResult):  # committed already: the schedule counts from it
             self._decider.last = LastSave.at(plan.step, plan.epoch)
             return plan
-        if background is None:
-            result = self._write_and_commit(plan)(coord=self._coord)
+        commit = functools.partial(
+            protocol.write_and_commit,
+            plan,
+            store=self._store,
+            fmt=self._format,
+            launcher=self._launcher,
+        )
+        if self._background is None:
+            result = commit(coord=self._coord)
             self._decider.last = LastSave.at(plan.step, plan.epoch)
         else:
             # Counted at once, so the next steps do not save again while this one is in
-            # flight; wait() restores the previous counters if it fails. Its write was
-            # started by the proposal, as soon as the ranks agreed.
+            # flight; wait() restores the previous counters if it fails.
             self._before_inflight, self._decider.last = (
                 self._decider.last,
                 LastSave.at(plan.step, plan.epoch),
             )
+            self._background.submit(lambda coord: commit(coord=coord))
             result = SaveResult(plan.step, plan.destination, plan.epoch, plan.metrics, done=False)
             if decision.preempt:
                 result = self.wait() or result  # a preemption save must be durable first
@@ -314,16 +298,6 @@ class CheckpointManager:
             if self.is_coordinator:
                 logger.warning("preemption save of step %d committed; stop and requeue", step)
         return result
-
-    def _write_and_commit(self, plan: protocol.SavePlan) -> Callable[..., SaveResult]:
-        """Steps 2-4 of ``plan``, to be called with the coordinator to run them on."""
-        return functools.partial(
-            protocol.write_and_commit,
-            plan,
-            store=self._store,
-            fmt=self._format,
-            launcher=self._launcher,
-        )
 
     def wait(self) -> SaveResult | None:
         """Wait for the save in flight (``async_save=True``) to be committed and durable, and

@@ -43,7 +43,7 @@ from distckpt.lease import LauncherWatch
 from distckpt.manifest import FileRecord, Manifest, check_json_metadata
 from distckpt.metrics import normalize_metrics
 from distckpt.results import CheckpointLocation, SaveResult
-from distckpt.snapshot import CopyProgress, SnapshotBuffers
+from distckpt.snapshot import SnapshotBuffers
 from distckpt.state import to_plain
 from distckpt.storage import ExtraFile, RootStore, StagingArea
 
@@ -112,9 +112,6 @@ class SavePlan:
     area: StagingArea | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
     files: dict[str, ExtraFile] = field(default_factory=dict)
-    #: an async save's snapshot, which may still be being copied when the write starts: the
-    #: write waits for each buffer (or, for a format that cannot stream, the whole copy)
-    copying: CopyProgress | None = None
 
 
 def propose(
@@ -128,7 +125,6 @@ def propose(
     token: str,
     space_margin: float = SPACE_MARGIN_RATIO,
     launcher: LauncherWatch | None = None,
-    start_write: Callable[[SavePlan], None] | None = None,
 ) -> SavePlan | SaveResult:
     """Step 1 (see the module doc), in the caller's thread. Returns the plan, or the committed
     result when the step is saved already and may be returned. ``space_margin``: the free
@@ -137,13 +133,7 @@ def propose(
 
     An async save (``snapshot`` given) copies its tensors with the proposals' all-gather
     running beside the copy, then reports the copy's outcome in one more small collective
-    (see :func:`_agree_beside_copy`). ``start_write`` (async only) is called with the plan as
-    soon as the ranks agreed on it, in the thread that gathered the proposals, while the
-    copy may still run: the write it starts (steps 2-4, in the background) waits for each
-    buffer it writes (:attr:`SavePlan.copying`), and owns the staging area from then on. If
-    this function raises after that (a copy failed, on any rank), that write fails on every
-    rank and commits nothing; the caller must let it end before raising, so the next save
-    starts clean."""
+    (see :func:`_agree_beside_copy`)."""
     step = request.step
     started = time.monotonic()
     prepared: dict[str, Any] = {}  # this rank's own results, kept out of the all-gather
@@ -224,63 +214,42 @@ def propose(
     def verdict(proposals: list[Proposal]) -> Proposal:
         return _verdict(proposals, store.root, space_margin)
 
-    def plan_of(chosen: Proposal) -> SavePlan:
-        taken = prepared.get("snapshot")
-        return SavePlan(
-            step=step,
-            epoch=request.epoch,
-            overwrite=request.overwrite,
-            started=started,
-            state=prepared["state"],
-            location=chosen.location,
-            metrics=chosen.metrics,
-            free_bytes=chosen.free_bytes,
-            destination=chosen.destination,
-            area=prepared.get("area"),
-            metadata=prepared.get("metadata", {}),
-            files=prepared.get("files", {}),
-            copying=taken.progress if taken is not None else None,
-        )
-
-    def agreed(chosen: Proposal) -> None:
-        """In the gathering thread, as soon as the plan is agreed: start writing it."""
-        if chosen.existing is None and start_write is not None:
-            prepared["plan"] = plan_of(chosen)
-            start_write(prepared["plan"])
-            prepared["writing"] = True  # the write discards the staging area now
-
     try:
         with events.phase("save.propose", rank=coord.rank, step=step):
             if snapshot is None:
                 chosen = coord.all_reduce(lambda: plan_locally()(), verdict, what=what)
             else:
                 chosen = _agree_beside_copy(
-                    plan_locally,
-                    prepared,
-                    verdict,
-                    agreed,
-                    coord=coord,
-                    step=step,
-                    what=what,
+                    plan_locally, prepared, snapshot, verdict, coord=coord, step=step, what=what
                 )
     except BaseException:
-        # A write already started removes the staging area itself, once it failed: removing
-        # it here, under the writer, would race it.
-        if "area" in prepared and not prepared.get("writing"):
+        if "area" in prepared:
             store.discard_staging(prepared["area"])
         raise
     if chosen.existing is not None:
         logger.info("step %d is already committed; not saving it again", step)
         return chosen.existing
-    plan: SavePlan = prepared.get("plan") or plan_of(chosen)
-    return plan
+    return SavePlan(
+        step=step,
+        epoch=request.epoch,
+        overwrite=request.overwrite,
+        started=started,
+        state=prepared["state"],
+        location=chosen.location,
+        metrics=chosen.metrics,
+        free_bytes=chosen.free_bytes,
+        destination=chosen.destination,
+        area=prepared.get("area"),
+        metadata=prepared.get("metadata", {}),
+        files=prepared.get("files", {}),
+    )
 
 
 def _agree_beside_copy(
     plan_locally: Callable[[], Callable[[], Proposal]],
     prepared: dict[str, Any],
+    snapshot: SnapshotBuffers,
     verdict: Callable[[list[Proposal]], Proposal],
-    agreed: Callable[[Proposal], None],
     *,
     coord: Coordinator,
     step: int,
@@ -288,35 +257,33 @@ def _agree_beside_copy(
 ) -> Proposal:
     """An async save's proposal: the all-gather of the proposals (on ``coord``, in a thread
     of its own) runs while the caller copies the tensors into the snapshot's buffers, so the
-    caller waits for the longer of the two (the copy, normally) instead of their sum; that
-    thread then calls ``agreed`` with the verdict at once, while the copy may still run.
-    Every error is raised on every rank, as by one all-gather around the copy."""
+    caller waits for the longer of the two (the copy, normally) instead of their sum. Every
+    error is raised on every rank, as by one all-gather around the copy."""
 
     def copy() -> None:
         taken = prepared.get("snapshot")
         if taken is None:  # this rank's plan failed: nothing to copy; the all-gather says so
             return
         # Copied now, so training may change its tensors as soon as save returns. Pinned
-        # (device-to-host) copies are asynchronous: they have landed, and their errors
-        # surfaced, when copy() returns, before this rank reports its copy.
+        # (device-to-host) copies are asynchronous: they must have landed, and their errors
+        # surfaced, before this rank reports its copy.
         with events.phase("propose.copy", rank=coord.rank, step=step):
             taken.copy()
-
-    def gather() -> tuple[Proposal, Callable[[], None]]:
-        chosen = coord.all_reduce(lambda: proposal()(), verdict, what=what)
-        # Reported with the copy, not raised here: every rank must reach that collective.
-        return chosen, run_now(lambda: agreed(chosen))
+            snapshot.synchronize()
 
     proposal = run_now(plan_locally)  # a failure here is this rank's part of the all-gather
     # Its local part needs nothing from the copy: it only waits for rank 0's root work.
-    gathered = start_beside(gather, name="distckpt-propose-gather")
+    gathered = start_beside(
+        lambda: coord.all_reduce(lambda: proposal()(), verdict, what=what),
+        name="distckpt-propose-gather",
+    )
     try:
         copied = run_now(copy)
     except BaseException:  # interrupted: the collective beside must not outlive the save
         with contextlib.suppress(BaseException):
             gathered()
         raise
-    chosen, started = gathered()  # every rank alike: a failed proposal, a refused verdict
+    chosen = gathered()  # every rank alike: a failed proposal, or a refused verdict
     # The copy's outcome needs a collective of its own, after the copy. It cannot ride in the
     # proposals: they are sent while the copy runs (that is the overlap). A collective on the
     # failure path only is impossible: a rank whose copy succeeded cannot know that a peer's
@@ -325,9 +292,7 @@ def _agree_beside_copy(
     # wait(). So every rank reports its copy here, verdicts only (the buffers never travel):
     # one small round trip, in which the ranks wait for the slowest copy, as the all-gather
     # after the copy used to. Ranks reach it alike: past `gathered()` only if no rank raised.
-    # A write started beside the copy fails by itself where a copy failed (it waits for the
-    # buffers), and on every rank with it, in its own agreement.
-    coord.agree_on(lambda: (copied(), started()), what=what)
+    coord.agree_on(copied, what=what)
     return chosen
 
 
@@ -417,11 +382,6 @@ def write(
             # overlaps the other ranks' writes, and an async save's write is in the background.
             # Before the shard, so the journal it flushes holds little else.
             store.make_staging_durable(plan.area)
-        if plan.copying is not None:
-            if fmt.streams_snapshot:
-                ctx = replace(ctx, copying=plan.copying)
-            else:
-                plan.copying.wait_all()
         with store.open_shard(plan.location, coord.rank) as directory:
             written = fmt.write(plan.state, directory, ctx)
             records = store.publish_shard(plan.location, directory, written)

@@ -21,14 +21,12 @@ from __future__ import annotations
 import contextlib
 import copy
 import mmap
-import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from distckpt.errors import SnapshotCopyFailed
 from distckpt.per_rank import PerRank
 from distckpt.state import dtensor_type, same_kind_of_tuple
 
@@ -42,86 +40,22 @@ TreeKey = tuple[Any, ...]
 Slot = tuple[TreeKey, torch.Size, torch.dtype]
 
 
-class CopyProgress:
-    """How far a snapshot's copy got, for a writer that runs beside it (an async save's
-    background write starts as soon as the save is agreed, while the caller still copies):
-    :meth:`wait_for` returns once the buffer a storage belongs to is filled, and raises
-    :class:`~distckpt.errors.SnapshotCopyFailed` once the copy failed, so a writer never
-    writes a buffer the copy did not fill. Thread-safe."""
-
-    def __init__(self, buffers: list[torch.Tensor]) -> None:
-        #: the data address of each buffer's storage -> how many buffers are copied once it is
-        self._filled_after = {
-            buffer.untyped_storage().data_ptr(): number + 1
-            for number, buffer in enumerate(buffers)
-            if buffer.untyped_storage().nbytes()
-        }
-        self._total = len(buffers)
-        self._copied = 0
-        self._error: BaseException | None = None
-        self._changed = threading.Condition()
-
-    def advance(self, copied: int) -> None:
-        """The first ``copied`` buffers (in the order of the copy) are filled."""
-        with self._changed:
-            self._copied = copied
-            self._changed.notify_all()
-
-    def fail(self, error: BaseException) -> None:
-        """The copy failed with ``error``: every wait raises from now on."""
-        with self._changed:
-            self._error = error
-            self._changed.notify_all()
-
-    def wait_for(self, storage: torch.UntypedStorage) -> None:
-        """Return once the buffer whose storage is ``storage`` is filled (at once for a storage
-        with no bytes; after the whole copy for one that is no buffer of this snapshot)."""
-        if not storage.nbytes():
-            return
-        self._wait(self._filled_after.get(storage.data_ptr(), self._total))
-
-    def wait_all(self) -> None:
-        """Return once every buffer is filled."""
-        self._wait(self._total)
-
-    def _wait(self, copied: int) -> None:
-        with self._changed:
-            self._changed.wait_for(lambda: self._error is not None or self._copied >= copied)
-            if self._error is not None:
-                raise SnapshotCopyFailed(
-                    f"the snapshot's copy failed, so it cannot be written: {self._error}"
-                ) from self._error
-
-
 @dataclass(frozen=True)
 class Snapshot:
     """A snapshot whose buffers exist but are not filled yet: ``state`` is the copy's tree
-    (its tensors are the buffers), and :meth:`copy` fills them from the state they mirror,
-    reporting each filled buffer to :attr:`progress`."""
+    (its tensors are the buffers), and :meth:`copy` fills them from the state they mirror."""
 
     state: Any
     #: (buffer, the tensor it copies), in the order of the state's walk
     copies: tuple[tuple[torch.Tensor, torch.Tensor], ...]
     #: whether the copies are asynchronous device-to-host copies into pinned buffers
     non_blocking: bool
-    #: how far :meth:`copy` got, for a writer running beside it
-    progress: CopyProgress
 
     def copy(self) -> Any:
-        """Fill every buffer, and wait for pinned (asynchronous) copies to land; returns
-        :attr:`state`. A failure fails :attr:`progress` too, so a writer waiting for a buffer
-        raises instead of waiting forever."""
-        try:
-            for number, (buffer, source) in enumerate(self.copies, start=1):
-                buffer.copy_(source, non_blocking=self.non_blocking)
-                if not self.non_blocking:  # a pinned copy is filled only once synchronized
-                    self.progress.advance(number)
-            if self.non_blocking:
-                torch.cuda.synchronize()
-        except BaseException as exc:
-            self.progress.fail(exc)
-            raise
-        self.progress.advance(len(self.copies))
+        """Fill every buffer; returns :attr:`state`. Pinned copies may still be in flight
+        (:meth:`SnapshotBuffers.synchronize`)."""
+        for buffer, source in self.copies:
+            buffer.copy_(source, non_blocking=self.non_blocking)
         return self.state
 
 
@@ -155,9 +89,12 @@ class SnapshotBuffers:
             slots.clear()
             copies.clear()
             copied = self._walk(state, (), lambda key, value: self._leaf(key, value, slots, copies))
-        return Snapshot(
-            copied, tuple(copies), self._pin, CopyProgress([buffer for buffer, _ in copies])
-        )
+        return Snapshot(copied, tuple(copies), self._pin)
+
+    def synchronize(self) -> None:
+        """Wait for non-blocking device-to-host copies (pinned buffers) to land."""
+        if self._pin:
+            torch.cuda.synchronize()
 
     def _allocate(self, slots: list[Slot]) -> None:
         if self._pin:

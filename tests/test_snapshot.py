@@ -5,7 +5,6 @@ from __future__ import annotations
 import gc
 import re
 import sys
-import threading
 import weakref
 from pathlib import Path
 from typing import Any
@@ -14,8 +13,7 @@ import pytest
 import torch
 
 import distckpt
-from distckpt.formats.raw_rank_file import write_rank_file
-from distckpt.snapshot import BUFFER_ALIGNMENT, Snapshot, SnapshotBuffers, anonymous_memory
+from distckpt.snapshot import BUFFER_ALIGNMENT, SnapshotBuffers, anonymous_memory
 
 
 def _mixed_state() -> dict[str, Any]:
@@ -157,48 +155,3 @@ def test_an_async_save_writes_what_a_sync_save_writes(tmp_path: Path, fmt: str) 
     storages = {t.untyped_storage().data_ptr() for t in _tensors(restored) if t.numel()}
     assert len(storages) == len([t for t in _tensors(restored) if t.numel()])
     assert restored["plain"] == state["plain"]
-
-
-def _write_behind(snapshot: Snapshot, path: Path, written: list[BaseException | None]) -> None:
-    try:
-        write_rank_file(snapshot.state, path, fsync=False, copying=snapshot.progress)
-        written.append(None)
-    except BaseException as exc:
-        written.append(exc)
-
-
-def test_a_rank_file_is_written_behind_the_copy_and_equals_one_written_after_it(
-    tmp_path: Path,
-) -> None:
-    """The "torch" writer, started before the snapshot is copied (as an async save's write
-    starts once the save is agreed), writes each tensor only once its buffer is filled."""
-    state = _mixed_state()
-    buffers = SnapshotBuffers()
-    snapshot = buffers.prepare(state)
-    written: list[BaseException | None] = []
-    writer = threading.Thread(target=_write_behind, args=(snapshot, tmp_path / "behind", written))
-    writer.start()
-    # Not a timing assertion on speed: with nothing copied the writer can only be waiting.
-    writer.join(timeout=0.5)
-    assert writer.is_alive() and not written
-    snapshot.copy()
-    writer.join(timeout=30)
-    assert written == [None]
-    after = tmp_path / "after"
-    write_rank_file(buffers.prepare(state).copy(), after, fsync=False)
-    assert (tmp_path / "behind").read_bytes() == after.read_bytes()
-
-
-def test_a_copy_that_fails_fails_the_writer_behind_it(tmp_path: Path) -> None:
-    state = {"first": torch.ones(1000), "broken": torch.empty(4, device="meta")}
-    snapshot = SnapshotBuffers().prepare(state)
-    written: list[BaseException | None] = []
-    writer = threading.Thread(target=_write_behind, args=(snapshot, tmp_path / "f", written))
-    writer.start()
-    with pytest.raises(NotImplementedError):  # a meta tensor has no data to copy
-        snapshot.copy()
-    writer.join(timeout=30)
-    assert len(written) == 1 and isinstance(written[0], distckpt.SnapshotCopyFailed)
-    assert isinstance(written[0], RuntimeError)
-    with pytest.raises(distckpt.SnapshotCopyFailed):  # and so does every later wait
-        snapshot.progress.wait_all()

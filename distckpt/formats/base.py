@@ -19,7 +19,6 @@ from typing import Any, Protocol
 import torch.distributed as dist
 
 from distckpt.manifest import FileRecord, Manifest
-from distckpt.snapshot import CopyProgress
 from distckpt.state import LoadReport
 
 
@@ -33,11 +32,6 @@ class ShardContext:
     #: the private gloo group the ranks share, for a format whose library runs its own
     #: collectives; None in a plain process (or a job of one rank without torch.distributed)
     group: dist.ProcessGroup | None = None
-    #: an async save's snapshot still being copied while it is written: the format waits for
-    #: each buffer before writing it (:meth:`~distckpt.snapshot.CopyProgress.wait_for`, which
-    #: raises if the copy failed). Given only to a format that
-    #: :attr:`~CheckpointFormat.streams_snapshot`; None when there is nothing to wait for
-    copying: CopyProgress | None = None
 
 
 @dataclass(frozen=True)
@@ -82,10 +76,6 @@ class CheckpointFormat(Protocol):
     #: marked (:class:`~distckpt.PerRank`, see :mod:`distckpt.per_rank`): a format that saves
     #: some values once for all ranks must tell those apart
     marks_per_rank: bool
-    #: whether :meth:`write` waits for each tensor's bytes itself (``ctx.wait_copied``) before
-    #: it writes them, so an async save's write may start while its snapshot is being copied;
-    #: otherwise the write starts only once the whole snapshot is copied
-    streams_snapshot: bool
     #: whether :meth:`read` runs collectives on ``ctx.group`` (then the ranks agree on
     #: :meth:`prepare_read` before any rank reads; otherwise one agreement after both suffices)
     collective_read: bool

@@ -270,7 +270,6 @@ class DcpFormat:
 
     name = "dcp"
     marks_per_rank = True  # everything unmarked is saved once, for all ranks
-    streams_snapshot = False  # dcp.save plans and reads the whole state: it waits for the copy
     collective_read = True  # dcp.load plans the read across the ranks
 
     def required_files(self, manifest: Manifest) -> list[str]:

@@ -47,7 +47,6 @@ import torch
 from distckpt.errors import CorruptCheckpoint
 from distckpt.formats.base import ReadOptions
 from distckpt.fsutil import ChecksumWriter
-from distckpt.snapshot import CopyProgress
 from distckpt.state import same_kind_of_tuple
 
 #: The first bytes of every rank file in this layout.
@@ -116,8 +115,6 @@ class _Splitter:
         self.storages: list[torch.UntypedStorage] = []
         self.tensors: list[TensorEntry] = []
         self.placeholders: list[list[int]] = []
-        #: whether a tensor was left in the skeleton (pickled with it, by torch.save)
-        self.tensors_in_skeleton = False
         # keyed by the address of torch's storage object, as torch.save keys them
         self._storage_numbers: dict[int, int] = {}
         # id(value) -> its skeleton, so a value met twice stays one object after loading (every
@@ -130,9 +127,6 @@ class _Splitter:
             return done
         if _is_raw_tensor(value):
             result: Any = self._placeholder(value)
-        elif isinstance(value, torch.Tensor):
-            self.tensors_in_skeleton = True
-            return value  # written by torch.save inside the skeleton, as it is
         elif type(value) in (dict, OrderedDict):
             result = type(value)((key, self.split(item)) for key, item in value.items())
         elif type(value) is list:
@@ -163,25 +157,11 @@ class _Splitter:
         return placeholder
 
 
-def write_rank_file(
-    state: Any,
-    path: Path,
-    *,
-    fsync: bool,
-    copying: CopyProgress | None = None,
-) -> ChecksumWriter:
+def write_rank_file(state: Any, path: Path, *, fsync: bool) -> ChecksumWriter:
     """Write ``state`` to a new file at ``path`` in this layout; returns the closed writer
-    (its ``size`` and ``checksum`` cover every byte of the file).
-
-    ``copying``: ``state`` is a snapshot still being copied (an async save's, written while
-    the caller copies): each storage's bytes are written once its buffer is filled, so the
-    file grows behind the copy (the header and index need only the storages' sizes, known
-    before their bytes). A tensor left in the skeleton is pickled with it, before any storage:
-    then the whole copy is waited for first."""
+    (its ``size`` and ``checksum`` cover every byte of the file)."""
     splitter = _Splitter()
     skeleton = splitter.split(state)
-    if copying is not None and splitter.tensors_in_skeleton:
-        copying.wait_all()
     pickled = io.BytesIO()
     torch.save((skeleton, splitter.placeholders), pickled)
     offsets, end = [], 0
@@ -204,8 +184,6 @@ def write_rank_file(
         for storage, offset in zip(splitter.storages, offsets):
             nbytes = storage.nbytes()
             if nbytes:
-                if copying is not None:
-                    copying.wait_for(storage)
                 writer.write(_memory_of(storage))
             writer.write(_PADDING[: _aligned(offset + nbytes) - offset - nbytes])
     return writer

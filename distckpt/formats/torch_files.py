@@ -117,7 +117,6 @@ class TorchFilesFormat:
     name = "torch"
     marks_per_rank = False  # every rank saves its whole state: every value is per rank
     collective_read = False  # each rank reads its own file
-    streams_snapshot = True  # each storage is written once its buffer is copied
 
     def required_files(self, manifest: Manifest) -> list[str]:
         return [rank_file_name(rank) for rank in range(manifest.world_size)]
@@ -133,7 +132,7 @@ class TorchFilesFormat:
 
     def write(self, state: Any, directory: Path, ctx: ShardContext) -> Mapping[str, FileRecord]:
         name = rank_file_name(ctx.rank)
-        writer = write_rank_file(state, directory / name, fsync=ctx.fsync, copying=ctx.copying)
+        writer = write_rank_file(state, directory / name, fsync=ctx.fsync)
         return {name: FileRecord(size=writer.size, checksum=writer.checksum, rank=ctx.rank)}
 
     def prepare_read(
