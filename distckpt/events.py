@@ -4,14 +4,17 @@ The save and restore protocols wrap each of their phases in :func:`phase`. With 
 this costs one ``perf_counter`` call per phase; a listener added with :func:`add_listener`
 receives a :class:`PhaseEvent` when each phase ends (also when it ends with an error), in the
 thread that ran it (an async save's background thread for its write and commit phases, rank
-0's proposing thread for an async save's ``propose.root``).
+0's proposing thread for an async save's ``propose.root``, the gathering thread for the
+all-gather of an async save's proposals).
 
 Phase names are dotted: the first part names the operation, the rest the phase. A save emits,
 on every rank, ``save.propose``, ``save.write``, ``save.agree`` and ``save.commit``
 (:mod:`distckpt.protocol`). Inside ``save.propose`` every rank emits ``propose.snapshot``
-(reducing the state to plain data and, for an async save, copying it) and rank 0 alone
+(reducing the state to plain data and, for an async save, readying the snapshot's buffers),
+for an async save ``propose.copy`` after it (copying the tensors into those buffers, while
+the proposals' ``collective.all_gather`` runs in a thread beside it), and rank 0 alone
 ``propose.root`` (checking the step, opening the staging area, reading the free space; for
-an async save in a thread of its own, beside the snapshot, so the two overlap). Inside
+an async save in a thread of its own, beside the snapshot and the copy). Inside
 ``save.commit`` rank 0 alone emits ``commit.lock`` (taking the root's lock),
 ``commit.manifest``, ``commit.publish`` (the rename), ``commit.links`` and
 ``commit.retention`` (the store). Every collective emits ``collective.all_gather``,

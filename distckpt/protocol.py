@@ -6,9 +6,11 @@
    opens a staging area claimed by its live writer (for an async save in a thread beside the
    snapshot: that work needs no tensor). The verdict, a pure function of the proposals (same
    step everywhere, enough space), gives every rank the same :class:`SavePlan` — or the
-   committed result when a scheduled save finds its step saved already.
+   committed result when a scheduled save finds its step saved already. An async save copies
+   its tensors while the proposals are gathered beside it, then reports the copy in a second,
+   small collective (:meth:`~distckpt.coord.Coordinator.agree_on`).
 2. :func:`write`: every rank writes its shard into the staging area (streamed, fsynced); rank 0
-   adds the extra files.
+   first makes the staging area's creation durable, then adds the extra files.
 3. Agreement (one gather to rank 0): every rank reports its files or its error to rank 0
    (an orphaned rank reports that its launcher is gone). If every rank wrote, rank 0 builds
    the :class:`Manifest` from the records (:func:`agree`).
@@ -129,10 +131,15 @@ def propose(
     """Step 1 (see the module doc), in the caller's thread. Returns the plan, or the committed
     result when the step is saved already and may be returned. ``space_margin``: the free
     space demanded beyond the estimate, as a fraction of it (see :func:`margin_bytes`). An
-    orphaned rank fails it on every rank (:func:`check_launcher`)."""
+    orphaned rank fails it on every rank (:func:`check_launcher`).
+
+    An async save (``snapshot`` given) copies its tensors with the proposals' all-gather
+    running beside the copy, then reports the copy's outcome in one more small collective
+    (see :func:`_agree_beside_copy`)."""
     step = request.step
     started = time.monotonic()
     prepared: dict[str, Any] = {}  # this rank's own results, kept out of the all-gather
+    what = f"preparing the save of step {step}"
 
     def prepare_root() -> Proposal | SaveResult:
         # Rank 0's root work needs no tensor: for an async save it runs beside the snapshot,
@@ -158,7 +165,11 @@ def propose(
                 destination=destination,
             )
 
-    def local() -> Proposal:
+    def plan_locally() -> Callable[[], Proposal]:
+        """This rank's checks, its plain state and (async) its snapshot's buffers, with rank
+        0's root work started; returns what gives this rank's proposal (joining that work).
+        Nothing here needs the tensors' values, so an async save copies them only afterwards
+        (``prepared["snapshot"]``), beside the all-gather."""
         check_launcher(launcher, coord=coord, store=store)
         check_step_number(step)
         root_done: Callable[[], Proposal | SaveResult] | None = None
@@ -176,8 +187,7 @@ def propose(
             with events.phase("propose.snapshot", rank=coord.rank, step=step):
                 plain = to_plain(state, mark_per_rank=fmt.marks_per_rank)
                 fmt.check_state(plain)
-                # Async: copy now, so training may change its tensors as soon as save returns.
-                prepared["state"] = snapshot.snapshot(plain) if snapshot is not None else plain
+                taken = snapshot.prepare(plain) if snapshot is not None else None
         except BaseException:
             # Joined before the snapshot's error is reported: a staging area the root work
             # opened is then in `prepared`, which the caller discards. Its own error, if any,
@@ -186,22 +196,34 @@ def propose(
                 with contextlib.suppress(Exception):
                     root_done()
             raise
-        root = root_done() if root_done is not None else None
+        prepared["state"] = plain if taken is None else taken.state
+        prepared["snapshot"] = taken
+        # From the buffers' sizes (an async snapshot's buffers are sized before they are
+        # filled), so the estimate is ready before the copy.
         estimated = fmt.estimate_bytes(prepared["state"])
         metrics = normalize_metrics(request.metrics)
-        if isinstance(root, SaveResult):
-            return Proposal(step, estimated, metrics, existing=root)
-        if root is None:
-            return Proposal(step, estimated, metrics)
-        return replace(root, estimated_bytes=estimated, metrics=metrics)
+
+        def proposal() -> Proposal:
+            root = root_done() if root_done is not None else None
+            if isinstance(root, SaveResult):
+                return Proposal(step, estimated, metrics, existing=root)
+            if root is None:
+                return Proposal(step, estimated, metrics)
+            return replace(root, estimated_bytes=estimated, metrics=metrics)
+
+        return proposal
+
+    def verdict(proposals: list[Proposal]) -> Proposal:
+        return _verdict(proposals, store.root, space_margin)
 
     try:
         with events.phase("save.propose", rank=coord.rank, step=step):
-            chosen = coord.all_reduce(
-                local,
-                lambda p: _verdict(p, store.root, space_margin),
-                what=f"preparing the save of step {step}",
-            )
+            if snapshot is None:
+                chosen = coord.all_reduce(lambda: plan_locally()(), verdict, what=what)
+            else:
+                chosen = _agree_beside_copy(
+                    plan_locally, prepared, snapshot, verdict, coord=coord, step=step, what=what
+                )
     except BaseException:
         if "area" in prepared:
             store.discard_staging(prepared["area"])
@@ -209,10 +231,6 @@ def propose(
     if chosen.existing is not None:
         logger.info("step %d is already committed; not saving it again", step)
         return chosen.existing
-    if snapshot is not None:
-        # Device-to-host copies into pinned buffers are asynchronous: they must land before
-        # save returns and training changes the tensors. Here, on the caller's device.
-        snapshot.synchronize()
     return SavePlan(
         step=step,
         epoch=request.epoch,
@@ -227,6 +245,57 @@ def propose(
         metadata=prepared.get("metadata", {}),
         files=prepared.get("files", {}),
     )
+
+
+def _agree_beside_copy(
+    plan_locally: Callable[[], Callable[[], Proposal]],
+    prepared: dict[str, Any],
+    snapshot: SnapshotBuffers,
+    verdict: Callable[[list[Proposal]], Proposal],
+    *,
+    coord: Coordinator,
+    step: int,
+    what: str,
+) -> Proposal:
+    """An async save's proposal: the all-gather of the proposals (on ``coord``, in a thread
+    of its own) runs while the caller copies the tensors into the snapshot's buffers, so the
+    caller waits for the longer of the two (the copy, normally) instead of their sum. Every
+    error is raised on every rank, as by one all-gather around the copy."""
+
+    def copy() -> None:
+        taken = prepared.get("snapshot")
+        if taken is None:  # this rank's plan failed: nothing to copy; the all-gather says so
+            return
+        # Copied now, so training may change its tensors as soon as save returns. Pinned
+        # (device-to-host) copies are asynchronous: they must have landed, and their errors
+        # surfaced, before this rank reports its copy.
+        with events.phase("propose.copy", rank=coord.rank, step=step):
+            taken.copy()
+            snapshot.synchronize()
+
+    proposal = run_now(plan_locally)  # a failure here is this rank's part of the all-gather
+    # Its local part needs nothing from the copy: it only waits for rank 0's root work.
+    gathered = start_beside(
+        lambda: coord.all_reduce(lambda: proposal()(), verdict, what=what),
+        name="distckpt-propose-gather",
+    )
+    try:
+        copied = run_now(copy)
+    except BaseException:  # interrupted: the collective beside must not outlive the save
+        with contextlib.suppress(BaseException):
+            gathered()
+        raise
+    chosen = gathered()  # every rank alike: a failed proposal, or a refused verdict
+    # The copy's outcome needs a collective of its own, after the copy. It cannot ride in the
+    # proposals: they are sent while the copy runs (that is the overlap). A collective on the
+    # failure path only is impossible: a rank whose copy succeeded cannot know that a peer's
+    # failed, so it would never join it. Reporting it in the background write's agreement
+    # instead would let save() return on ranks whose peer has no snapshot, and raise only at
+    # wait(). So every rank reports its copy here, verdicts only (the buffers never travel):
+    # one small round trip, in which the ranks wait for the slowest copy, as the all-gather
+    # after the copy used to. Ranks reach it alike: past `gathered()` only if no rank raised.
+    coord.agree_on(copied, what=what)
+    return chosen
 
 
 def start_beside(func: Callable[[], T], *, name: str) -> Callable[[], T]:
@@ -302,11 +371,19 @@ def write(
     plan: SavePlan, *, coord: Coordinator, store: RootStore, fmt: CheckpointFormat, fsync: bool
 ) -> dict[str, FileRecord]:
     """Step 2, this rank's part: its shard (and on rank 0 the extra files) in the staging area;
-    the records of what it wrote. The format writes into the local dir the store gives this
-    rank (:meth:`~distckpt.storage.RootStore.open_shard`), then the store publishes it into
-    the staging area."""
+    the records of what it wrote. Rank 0 first makes the area's creation durable
+    (:meth:`~distckpt.storage.RootStore.make_staging_durable`), which only the commit needs.
+    The format writes into the local dir the store gives this rank
+    (:meth:`~distckpt.storage.RootStore.open_shard`), then the store publishes it into the
+    staging area."""
     ctx = ShardContext(coord.rank, coord.world_size, fsync, coord.group)
     try:
+        if plan.area is not None:
+            # Here, not when the area was opened (the proposal, which the caller waits for),
+            # nor at the commit (after the agreement, where every rank waits for it): here it
+            # overlaps the other ranks' writes, and an async save's write is in the background.
+            # Before the shard, so the journal it flushes holds little else.
+            store.make_staging_durable(plan.area)
         with store.open_shard(plan.location, coord.rank) as directory:
             written = fmt.write(plan.state, directory, ctx)
             records = store.publish_shard(plan.location, directory, written)

@@ -1,16 +1,28 @@
 """Snapshots for async saves: a copy of the state in CPU buffers that training cannot touch.
 
 An async save returns as soon as the state is copied, and a background thread writes the copy.
-The buffers are allocated at the first save and reused by later ones of the same shapes (pinned
-when CUDA is present, so device-to-host copies run at full speed), so a steady-state snapshot
-costs one memory copy and no allocation. DTensors are copied shard by shard and rebuilt with
-the same mesh and placements.
+The buffers are allocated at the first save and reused by later ones while the state's tensors
+keep their places, shapes and dtypes, so a steady-state snapshot costs one memory copy and no
+allocation; a save whose tensors changed gets new buffers and lets the old ones go.
+
+Without CUDA the buffers are views of one flat, page-aligned block of anonymous memory
+(``mmap``, with transparent huge pages asked for where the system offers them): one allocation
+per layout, no allocator header per tensor, and fewer page faults and TLB misses while copying.
+Each buffer still has a storage of its own covering exactly its bytes, so a format sees the
+snapshot as it sees separate tensors: the "torch" rank file writes only each tensor's bytes,
+and a restore gives independent tensors, not views of one block. With CUDA, every buffer is a
+pinned tensor of its own, so device-to-host copies run at full speed.
+
+DTensors are copied shard by shard and rebuilt with the same mesh and placements.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections.abc import Mapping
+import mmap
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -18,64 +30,169 @@ import torch
 from distckpt.per_rank import PerRank
 from distckpt.state import dtensor_type, same_kind_of_tuple
 
+#: Each buffer of the flat block starts at a multiple of this many bytes: a cache line, which
+#: every dtype's alignment divides, and small enough that many tiny tensors waste little.
+BUFFER_ALIGNMENT = 64
+
+#: Where a tensor sits in the state tree: the keys and indices leading to it.
+TreeKey = tuple[Any, ...]
+#: What a buffer is made for: the tensor's place, shape and dtype.
+Slot = tuple[TreeKey, torch.Size, torch.dtype]
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A snapshot whose buffers exist but are not filled yet: ``state`` is the copy's tree
+    (its tensors are the buffers), and :meth:`copy` fills them from the state they mirror."""
+
+    state: Any
+    #: (buffer, the tensor it copies), in the order of the state's walk
+    copies: tuple[tuple[torch.Tensor, torch.Tensor], ...]
+    #: whether the copies are asynchronous device-to-host copies into pinned buffers
+    non_blocking: bool
+
+    def copy(self) -> Any:
+        """Fill every buffer; returns :attr:`state`. Pinned copies may still be in flight
+        (:meth:`SnapshotBuffers.synchronize`)."""
+        for buffer, source in self.copies:
+            buffer.copy_(source, non_blocking=self.non_blocking)
+        return self.state
+
 
 class SnapshotBuffers:
     """Reusable CPU buffers, keyed by where each tensor sits in the state tree."""
 
     def __init__(self) -> None:
-        self._buffers: dict[tuple[Any, ...], torch.Tensor] = {}
+        self._buffers: dict[TreeKey, torch.Tensor] = {}
+        #: the slots the buffers were made for, in the order of the state's walk
+        self._layout: list[Slot] = []
         self._pin = torch.cuda.is_available()
         self._dtensor: Any = None
 
     def snapshot(self, state: Any) -> Any:
         """A copy of ``state`` (plain data and tensors) sharing no memory with it."""
-        seen: set[tuple[Any, ...]] = set()
+        return self.prepare(state).copy()
+
+    def prepare(self, state: Any) -> Snapshot:
+        """The snapshot of ``state`` with its buffers ready (allocated only if the tensors'
+        places, shapes or dtypes changed since the last one) but no tensor copied yet: what it
+        will hold is known (e.g. its size) before the copy runs."""
         self._dtensor = dtensor_type()
-        copied = self._copy(state, (), seen)
-        # Drop buffers of tensors that are gone, so a changed state does not pin old memory.
-        for key in set(self._buffers) - seen:
-            del self._buffers[key]
-        return copied
-
-    def _buffer_for(self, key: tuple[Any, ...], tensor: torch.Tensor) -> torch.Tensor:
-        buffer = self._buffers.get(key)
-        if buffer is None or buffer.shape != tensor.shape or buffer.dtype != tensor.dtype:
-            buffer = torch.empty(
-                tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=self._pin
-            )
-            self._buffers[key] = buffer
-        buffer.copy_(tensor.detach(), non_blocking=self._pin)
-        return buffer
-
-    def _copy(self, value: Any, key: tuple[Any, ...], seen: set[tuple[Any, ...]]) -> Any:
-        if self._dtensor is not None and isinstance(value, self._dtensor):
-            seen.add(key)
-            local = self._buffer_for(key, value.to_local())
-            return self._dtensor.from_local(
-                local,
-                value.device_mesh,
-                value.placements,
-                run_check=False,
-                shape=value.shape,
-                stride=value.stride(),
-            )
-        if isinstance(value, torch.Tensor):
-            seen.add(key)
-            return self._buffer_for(key, value)
-        if isinstance(value, PerRank):
-            return PerRank(self._copy(value.value, key, seen))
-        if isinstance(value, Mapping):
-            return {k: self._copy(v, (*key, k), seen) for k, v in value.items()}
-        if isinstance(value, (list, tuple)):
-            items = [self._copy(v, (*key, i), seen) for i, v in enumerate(value)]
-            if isinstance(value, list):
-                return items
-            return same_kind_of_tuple(value, items)
-        # Plain values (numbers, strings) are immutable or small: a deep copy stops later
-        # mutation of, say, a list of ints in a sampler's state from reaching the snapshot.
-        return copy.deepcopy(value)
+        slots: list[Slot] = []
+        copies: list[tuple[torch.Tensor, torch.Tensor]] = []
+        copied = self._walk(state, (), lambda key, value: self._leaf(key, value, slots, copies))
+        if slots != self._layout:
+            # A tensor came, went or changed: new buffers (the old ones of tensors that are
+            # gone are dropped, so a changed state does not pin old memory), and a second walk
+            # that finds them all.
+            self._allocate(slots)
+            slots.clear()
+            copies.clear()
+            copied = self._walk(state, (), lambda key, value: self._leaf(key, value, slots, copies))
+        return Snapshot(copied, tuple(copies), self._pin)
 
     def synchronize(self) -> None:
         """Wait for non-blocking device-to-host copies (pinned buffers) to land."""
         if self._pin:
             torch.cuda.synchronize()
+
+    def _allocate(self, slots: list[Slot]) -> None:
+        if self._pin:
+            self._buffers = {key: self._pinned(key, shape, dtype) for key, shape, dtype in slots}
+        else:
+            self._buffers = {}  # before mapping the new block: the old one may go back first
+            self._buffers = flat_buffers(slots)
+        self._layout = list(slots)
+
+    def _pinned(self, key: TreeKey, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+        """The pinned buffer of ``key``: its old one if it still fits, else a new one."""
+        buffer = self._buffers.get(key)
+        if buffer is None or buffer.shape != shape or buffer.dtype != dtype:
+            buffer = torch.empty(shape, dtype=dtype, device="cpu", pin_memory=True)
+        return buffer
+
+    def _leaf(
+        self,
+        key: TreeKey,
+        value: Any,
+        slots: list[Slot],
+        copies: list[tuple[torch.Tensor, torch.Tensor]],
+    ) -> Any:
+        """The snapshot of one leaf of the state: a tensor's buffer (None while it has none: that
+        walk's tree is thrown away), or a copy of a plain value."""
+        is_dtensor = self._dtensor is not None and isinstance(value, self._dtensor)
+        if not (is_dtensor or isinstance(value, torch.Tensor)):
+            # Plain values (numbers, strings) are immutable or small: a deep copy stops later
+            # mutation of, say, a list of ints in a sampler's state from reaching the snapshot.
+            return copy.deepcopy(value)
+        local = value.to_local() if is_dtensor else value
+        slots.append((key, local.shape, local.dtype))
+        buffer = self._buffers.get(key)
+        if buffer is None or buffer.shape != local.shape or buffer.dtype != local.dtype:
+            return None
+        copies.append((buffer, local.detach()))
+        if not is_dtensor:
+            return buffer
+        return self._dtensor.from_local(
+            buffer,
+            value.device_mesh,
+            value.placements,
+            run_check=False,
+            shape=value.shape,
+            stride=value.stride(),
+        )
+
+    def _walk(self, value: Any, key: TreeKey, leaf: Callable[[TreeKey, Any], Any]) -> Any:
+        """``value``'s tree rebuilt with ``leaf(key, value)`` for each tensor and plain value."""
+        if isinstance(value, torch.Tensor):  # a DTensor is one, too
+            return leaf(key, value)
+        if isinstance(value, PerRank):
+            return PerRank(self._walk(value.value, key, leaf))
+        if isinstance(value, Mapping):
+            return {k: self._walk(v, (*key, k), leaf) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            items = [self._walk(v, (*key, i), leaf) for i, v in enumerate(value)]
+            if isinstance(value, list):
+                return items
+            return same_kind_of_tuple(value, items)
+        return leaf(key, value)
+
+
+def flat_buffers(slots: list[Slot]) -> dict[TreeKey, torch.Tensor]:
+    """A buffer for each slot, all in one block of anonymous memory (:func:`anonymous_memory`),
+    each a tensor with a storage of its own over exactly its bytes."""
+    offsets: list[int] = []
+    end = 0
+    for _, shape, dtype in slots:
+        offsets.append(end)
+        end += -(-shape.numel() * dtype.itemsize // BUFFER_ALIGNMENT) * BUFFER_ALIGNMENT
+    memory = anonymous_memory(end) if end else None
+    buffers: dict[TreeKey, torch.Tensor] = {}
+    for (key, shape, dtype), offset in zip(slots, offsets):
+        nbytes = shape.numel() * dtype.itemsize
+        if memory is None or nbytes == 0:  # frombuffer refuses no bytes; there are none to hold
+            buffers[key] = torch.empty(shape, dtype=dtype)
+            continue
+        # Its own storage object, holding the block alive: the block is unmapped once the last
+        # buffer (and the snapshots that hold it) are gone.
+        buffers[key] = torch.frombuffer(memory[offset : offset + nbytes], dtype=dtype).view(shape)
+    return buffers
+
+
+def anonymous_memory(nbytes: int) -> memoryview:
+    """``nbytes`` of fresh page-aligned memory from an anonymous mapping, backed by transparent
+    huge pages where the system offers them for memory that asks (``MADV_HUGEPAGE``): a copy
+    into it then takes a page fault per 2 MiB instead of per 4 KiB at first, and fewer TLB
+    misses afterwards. Elsewhere (no such advice, or the kernel refuses it) plain pages."""
+    private = getattr(mmap, "MAP_PRIVATE", None)
+    if private is None:  # Windows: its anonymous mappings are private already
+        block = mmap.mmap(-1, nbytes)
+    else:
+        # Private: Python's default anonymous mapping is MAP_SHARED, i.e. shared memory, which
+        # gets no transparent huge pages (``shmem_enabled`` is another knob, usually off).
+        block = mmap.mmap(-1, nbytes, flags=private | mmap.MAP_ANONYMOUS)
+    advice = getattr(mmap, "MADV_HUGEPAGE", None)
+    if advice is not None:
+        with contextlib.suppress(OSError):
+            block.madvise(advice)
+    return memoryview(block)

@@ -7,6 +7,7 @@ import copy
 import json
 import os
 import random
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +21,11 @@ import torch._dynamo
 from torch import nn
 
 import distckpt
-from distckpt import faults
+from distckpt import faults, fsutil
 from distckpt.fsutil import file_checksum
 from distckpt.manifest import FORMAT_VERSION
+from distckpt.storage import open_store
+from distckpt.storage import posix as posix_store
 from tests.ranks import run_ranks, values
 
 TIMEOUT = 20  # manager collectives: a hang becomes an error well before run_ranks gives up
@@ -310,6 +313,53 @@ def test_a_snapshot_failing_beside_the_root_work_fails_every_rank_and_leaves_not
     assert out[0]["staging"] == []  # the staging area opened beside the snapshot is gone
 
 
+def _copy_fails_on_rank_1(rank: int, world_size: int, root: str) -> dict[str, Any]:
+    from distckpt import events
+
+    out: dict[str, Any] = {"gathered_in": set(), "copy_ok": []}
+
+    def note(event: events.PhaseEvent) -> None:
+        if event.phase == "collective.all_gather" and event.step is None:
+            out["gathered_in"].add(threading.current_thread().name)
+        if event.phase == "propose.copy":
+            out["copy_ok"].append(event.ok)
+
+    with distckpt.CheckpointManager(root, timeout=TIMEOUT, async_save=True) as mgr:
+        state: dict[str, Any] = {"w": _weights(1, rank)}
+        # A tensor with no data (a parameter never materialised): its copy fails, after the
+        # proposal was made and while the all-gather of the proposals runs beside it.
+        broken = {**state, "z": torch.empty(4, device="meta")} if rank == 1 else state
+        remove = events.add_listener(note)
+        try:
+            mgr.save(1, broken)
+        except Exception as exc:
+            out["error"] = _err(exc)
+        finally:
+            remove()
+        out["in_flight"] = mgr.save_in_flight
+        if rank == 0:
+            out["staging"] = _staging_entries(Path(root))
+            out["steps_after_failure"] = mgr.steps()
+        out["retry"] = mgr.save(1, state).step
+        mgr.wait()
+        out["steps"] = mgr.steps()
+    return out
+
+
+def test_a_copy_failing_on_one_rank_beside_the_all_gather_fails_save_on_every_rank(
+    root: Path,
+) -> None:
+    out = values(run_ranks(_copy_fails_on_rank_1, 2, str(root), timeout=JOB_TIMEOUT))
+    for rank_out in out:
+        _, message, is_checkpoint_error, _ = rank_out["error"]  # raised by save() itself
+        assert is_checkpoint_error and "rank 1" in message and "meta" in message, message
+        assert not rank_out["in_flight"]
+        assert rank_out["retry"] == 1 and rank_out["steps"] == [1]
+        assert "distckpt-propose-gather" in rank_out["gathered_in"]  # it ran beside the copy
+    assert out[1]["copy_ok"] == [False] and out[0]["copy_ok"] == [True]
+    assert out[0]["staging"] == [] and out[0]["steps_after_failure"] == []
+
+
 def _async_save_of_an_old_step(rank: int, world_size: int, root: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
     with distckpt.CheckpointManager(root, timeout=TIMEOUT, async_save=True) as mgr:
@@ -337,6 +387,43 @@ def test_an_async_save_of_a_refused_step_raises_in_save_on_every_rank(root: Path
 
 
 # --------------------------------------------------------------------------- retention, delete
+
+
+def test_the_staging_dir_is_made_durable_in_the_write_phase_not_when_opened(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Opening the staging area (rank 0's part of the proposal, which the caller waits for)
+    fsyncs nothing for the new dir: only the commit's rename needs its creation durable, so
+    rank 0 makes it so at the start of its write phase, before the agreement and the commit."""
+    # A spy, not a mock: every fsync still happens; it only records which dirs were fsynced.
+    fsynced: list[Path] = []
+
+    def recording_fsync_dir(path: str | os.PathLike[str]) -> None:
+        fsynced.append(Path(path))
+        real_fsync_dir(path)
+
+    real_fsync_dir = fsutil.fsync_dir
+    monkeypatch.setattr(fsutil, "fsync_dir", recording_fsync_dir)  # the commit's rename_dir
+    monkeypatch.setattr(posix_store, "fsync_dir", recording_fsync_dir)
+    store = open_store(root)
+    staging_root = root / ".staging"
+    staging_root.mkdir(parents=True)  # once per root, durably (not what this test is about)
+    area = store.begin_staging(1, "token")
+    try:
+        assert Path(area.location).parent == staging_root
+        assert fsynced == []
+        store.make_staging_durable(area)
+        assert fsynced == [staging_root]
+    finally:
+        store.discard_staging(area)
+
+    # And in a save: the staging root is fsynced before the commit (whose first fsync is the
+    # manifest's, of the staging dir itself).
+    fsynced.clear()
+    with distckpt.CheckpointManager(root, timeout=TIMEOUT) as mgr:
+        mgr.save(2, {"w": _weights(2, 0)})
+    committing = next(i for i, path in enumerate(fsynced) if path.parent == staging_root)
+    assert staging_root in fsynced[:committing]
 
 
 def _keep_last_two(rank: int, world_size: int, root: str) -> list[tuple[list[int], str, bool]]:

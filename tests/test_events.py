@@ -44,6 +44,7 @@ def test_a_listener_sees_every_phase_of_a_save(tmp_path: Path) -> None:
     assert not {name for name, _ in rank1} & COMMIT_PHASES
     assert ("propose.root", 3) in rank0  # rank 0 alone looks at the root
     assert not {name for name, _ in rank1} & {"propose.root"}
+    assert not {name for name, _ in rank0 | rank1} & {"propose.copy"}  # a sync save copies nothing
 
 
 def _collectives_of_a_save(rank: int, world_size: int, root: str) -> dict[str, int]:
@@ -90,7 +91,10 @@ def _propose_threads(rank: int, world_size: int, root: str) -> dict[str, str]:
 
 
 def test_rank_0s_root_work_runs_beside_the_snapshot_not_after_it(tmp_path: Path) -> None:
-    rank0, _ = values(run_ranks(_propose_threads, 2, str(tmp_path)))
+    rank0, rank1 = values(run_ranks(_propose_threads, 2, str(tmp_path)))
     # Another thread than the caller's, which takes the snapshot: the two overlap.
     assert rank0["propose.snapshot"] == rank0["save.propose"]
+    # The copy of an async save is a phase of its own, in the caller's thread, on every rank.
+    assert rank0["propose.copy"] == rank0["propose.snapshot"]
+    assert rank1["propose.copy"] == rank1["propose.snapshot"]
     assert rank0["propose.root"] not in (rank0["propose.snapshot"], rank0["save.write"])

@@ -119,6 +119,15 @@ class RootStore(abc.ABC):
         by others never removes it). ``token`` makes it unique."""
 
     @abc.abstractmethod
+    def make_staging_durable(self, area: StagingArea) -> None:
+        """Rank 0, in its write phase (so before any commit of ``area``): make the creation
+        of the staging area durable where the commit's publication depends on it (POSIX: an
+        fsync of ``.staging``, as a rename of a dir whose creation a power loss drops is lost
+        with it; an object store: nothing). Not part of :meth:`begin_staging`, which runs on
+        the caller's critical path while the save is proposed, because nothing written into
+        the area needs it: only the commit does."""
+
+    @abc.abstractmethod
     def discard_staging(self, area: StagingArea) -> None:
         """Rank 0: remove a staging area that was not committed and release its claim.
         Idempotent; a committed area's claim is just released."""

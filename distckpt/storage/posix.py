@@ -8,12 +8,13 @@ symlinks (or pointer files where symlinks are refused) swapped atomically; reten
 deletes rename a checkpoint into ``root/.trash`` under the lock and delete its bytes after.
 
 Power loss: every guarantee stands on an fsync of its own, in the order the persistence model
-of ``docs/faults.md`` needs. The root, ``.staging`` and each staging dir are created durably
-(an fsync of the parent after each creation), so the commit rename never depends on a
-creation a power loss may drop. A checkpoint that ``last`` or ``best`` may name is unlinked
-(the links moved to another checkpoint, durably) before it is moved into the trash, so no
-durable state has a link naming nothing. Everything that creates a temporary name in the root
-(the writability probes, a link under construction) does so under the lock, so what such a
+of ``docs/faults.md`` needs. The root and ``.staging`` are created durably (an fsync of the
+parent after each creation), and each staging dir's creation is made durable (an fsync of
+``.staging``) in rank 0's write phase, before the agreement, so the commit rename never depends
+on a creation a power loss may drop. A checkpoint that ``last`` or ``best`` may name is
+unlinked (the links moved to another checkpoint, durably) before it is moved into the trash, so
+no durable state has a link naming nothing. Everything that creates a temporary name in the
+root (the writability probes, a link under construction) does so under the lock, so what such a
 name is found under the lock was left by a writer that died, and cleanup removes it.
 
 An opened store holds the root's writer lease (:mod:`distckpt.lease`) until it is closed, and
@@ -199,15 +200,18 @@ class PosixRootStore(LinksAndRetention, ViewedStore):
             claim = WriterLock(staging)
             claim.acquire()
             try:
+                # Not durable yet: only the commit needs that (:meth:`make_staging_durable`).
                 staging.mkdir()
-                if self.fsync:
-                    # The commit renames this dir: a rename of a dir whose creation a power
-                    # loss may drop is lost with it, whatever the fsyncs after the rename.
-                    fsync_dir(self.layout.staging_root)
             except BaseException:
                 claim.release()
                 raise
         return StagingArea(step, os.fspath(staging), claim)
+
+    def make_staging_durable(self, area: StagingArea) -> None:
+        if self.fsync:
+            # The commit renames this dir: a rename of a dir whose creation a power loss may
+            # drop is lost with it, whatever the fsyncs after the rename.
+            fsync_dir(self.layout.staging_root)
 
     def discard_staging(self, area: StagingArea) -> None:
         staging = Path(area.location)

@@ -234,6 +234,10 @@ class S3RootStore(Upkeep, ViewedStore):
             self._claims.add(token)
         return StagingArea(step, self.s3.attempt_location(step, token), token)
 
+    def make_staging_durable(self, area: StagingArea) -> None:
+        # Nothing to do: a prefix is not created, and an object is durable once written.
+        return
+
     def discard_staging(self, area: StagingArea) -> None:
         step, attempt = self.s3.parse_attempt_location(area.location)
         try:

@@ -58,6 +58,8 @@ class MainJob:
         }
         #: this rank's phase events of each timed distckpt_sync_torch save
         self.sync_phases: list[SavePhases] = []
+        #: the same for distckpt_async_torch (its background write's phases included)
+        self.async_phases: list[SavePhases] = []
         self.managers: list[Any] = []
         self.mgr_t: Any = None  # format="torch": distckpt_sync_torch and the restores
         self.mgr_d: Any = None  # format="dcp"
@@ -320,7 +322,10 @@ class MainJob:
                 ranks.delete_checkpoint(self.mgr_d, step)
         if name == "distckpt_async_torch":
             try:
-                return ranks.measure(lambda t0: c.async_marks(t0, self.mgr_a, 2 * r + 1, state))
+                self.recorder.take()
+                marks = ranks.measure(lambda t0: c.async_marks(t0, self.mgr_a, 2 * r + 1, state))
+                self.async_phases.append(self.recorder.take())
+                return marks
             finally:
                 ranks.delete_checkpoint(self.mgr_a, 2 * r + 1)
         raise AssertionError(name)
@@ -377,10 +382,13 @@ class MainJob:
             self.info["train_steps_during_save"] = self.train_steps
             self.info["train_saves"] = self.train_saves
         sync_phases = self.ranks.gather(self.sync_phases)
+        async_phases = self.ranks.gather(self.async_phases)
         if self.rank != 0:
             return None
         if any(sync_phases):
             self.info["distckpt_sync_torch.phases_by_rank"] = sync_phases
+        if any(async_phases):
+            self.info["distckpt_async_torch.phases_by_rank"] = async_phases
         return {"times": self.times, "cpu": self.cpu, "skipped": self.skipped, "info": self.info}
 
 

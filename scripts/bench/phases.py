@@ -24,6 +24,7 @@ from distckpt import events
 PHASE_ORDER = (
     "save.propose",
     "propose.snapshot",
+    "propose.copy",
     "propose.root",
     "save.write",
     "save.agree",

@@ -88,10 +88,14 @@ def render_config(summary: dict[str, Any], markdown: bool = False) -> list[str]:
         headers = ["ratio (paired per round)", "median", "range", "user CPU ratio"]
         lines += table(headers, ratio_rows, markdown)
         lines.append("")
-    if summary.get("sync_phases"):
-        lines += ["distckpt_sync_torch, by phase:", ""]
-        lines += render_phases(summary["sync_phases"], markdown)
-        lines.append("")
+    for key, contender in (
+        ("sync_phases", "distckpt_sync_torch"),
+        ("async_phases", "distckpt_async_torch"),
+    ):
+        if summary.get(key):
+            lines += [f"{contender}, by phase:", ""]
+            lines += render_phases(summary[key], markdown)
+            lines.append("")
     extra = []
     for key, kind in (("rss", "sync"), ("rss_async", "async")):
         for entry in info.get(key, []):

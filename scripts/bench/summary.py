@@ -83,6 +83,9 @@ def summarize(world: int, mib: int, raw: dict[str, Any]) -> dict[str, Any]:
         "skipped": raw["skipped"],
         "info": raw["info"],
         "sync_phases": summarize_phases(raw["info"].get("distckpt_sync_torch.phases_by_rank", [])),
+        "async_phases": summarize_phases(
+            raw["info"].get("distckpt_async_torch.phases_by_rank", [])
+        ),
     }
 
 

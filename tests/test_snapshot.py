@@ -1,0 +1,157 @@
+"""Async saves' snapshots: one flat block of memory, yet separate tensors to every format."""
+
+from __future__ import annotations
+
+import gc
+import re
+import sys
+import weakref
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import distckpt
+from distckpt.snapshot import BUFFER_ALIGNMENT, SnapshotBuffers, anonymous_memory
+
+
+def _mixed_state() -> dict[str, Any]:
+    """Tensors of every awkward kind: dtypes, a 0-d one, an empty one, a transposed view and
+    a slice of a larger storage."""
+    big = torch.arange(100, dtype=torch.float32)
+    return {
+        "f32": torch.randn(3, 5),
+        "bf16": torch.randn(7).to(torch.bfloat16),
+        "bool": torch.tensor([True, False, True]),
+        "int8": torch.arange(-5, 5, dtype=torch.int8),
+        "scalar": torch.tensor(2.5, dtype=torch.float64),
+        "empty": torch.empty(0, 4),
+        "transposed": torch.randn(4, 6).t(),
+        "slice": big[10:20],
+        "plain": [1, "two", 3.0],
+        "nested": (torch.ones(2, dtype=torch.int64), {"deep": torch.zeros(3, 3)}),
+    }
+
+
+def _tensors(state: Any) -> list[torch.Tensor]:
+    if isinstance(state, torch.Tensor):
+        return [state]
+    if isinstance(state, dict):
+        return [t for v in state.values() for t in _tensors(v)]
+    if isinstance(state, (list, tuple)):
+        return [t for v in state for t in _tensors(v)]
+    return []
+
+
+def _map_tensors(state: Any, fn: Any) -> Any:
+    if isinstance(state, torch.Tensor):
+        return fn(state)
+    if isinstance(state, dict):
+        return {k: _map_tensors(v, fn) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(_map_tensors(v, fn) for v in state)
+    return state
+
+
+def test_snapshot_copies_into_one_block_with_a_storage_per_tensor() -> None:
+    state = _mixed_state()
+    buffers = SnapshotBuffers()
+    snap = buffers.snapshot(state)
+    for original, copied in zip(_tensors(state), _tensors(snap)):
+        assert torch.equal(original, copied) and original.dtype == copied.dtype
+        assert copied.is_contiguous()
+        # Its own storage of exactly its bytes: a format writes nothing more.
+        assert copied.untyped_storage().nbytes() == copied.nbytes
+    filled = [t for t in _tensors(snap) if t.numel()]
+    addresses = sorted(t.data_ptr() for t in filled)
+    assert all(address % BUFFER_ALIGNMENT == 0 for address in addresses)
+    # One block: the buffers follow one another, each padded to the alignment at most.
+    span = addresses[-1] - addresses[0]
+    assert span < sum(t.nbytes + BUFFER_ALIGNMENT for t in filled)
+    assert snap["plain"] == state["plain"] and snap["plain"] is not state["plain"]
+
+
+def test_snapshot_reuses_its_buffers_and_is_isolated_from_later_changes() -> None:
+    state = _mixed_state()
+    buffers = SnapshotBuffers()
+    first = buffers.snapshot(state)
+    addresses = [t.data_ptr() for t in _tensors(first)]
+    state["f32"].add_(1.0)
+    second = buffers.snapshot(state)
+    assert [t.data_ptr() for t in _tensors(second)] == addresses  # no new allocation
+    assert torch.equal(second["f32"], state["f32"])
+    state["f32"].add_(1.0)  # training goes on: the snapshot keeps what it copied
+    assert torch.equal(second["f32"] + 1.0, state["f32"])
+
+
+def test_buffers_of_a_changed_state_are_let_go() -> None:
+    buffers = SnapshotBuffers()
+    state = {"kept": torch.ones(1000), "removed": torch.ones(1000)}
+    old = [weakref.ref(t) for t in _tensors(buffers.snapshot(state))]
+    del state["removed"]
+    snap = buffers.snapshot(state)
+    gc.collect()
+    assert all(ref() is None for ref in old)  # the old block goes back, not just one buffer
+    assert list(snap) == ["kept"] and torch.equal(snap["kept"], torch.ones(1000))
+
+
+def _mapping_of(address: int) -> tuple[str, dict[str, str]]:
+    """The ``/proc/self/smaps`` entry holding ``address``: its header line and its fields."""
+    header, fields = "", {}
+    found: tuple[str, dict[str, str]] | None = None
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        if re.match(r"^[0-9a-f]+-[0-9a-f]+ ", line):
+            if found is not None:
+                break
+            header, fields = line, {}
+            low, high = (int(x, 16) for x in line.split()[0].split("-"))
+            if low <= address < high:
+                found = (header, fields)
+        else:
+            name, _, value = line.partition(":")
+            fields[name] = value.strip()
+    assert found is not None, "the address is in none of this process's mappings"
+    return found
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps")
+def test_the_block_is_private_memory_that_may_get_transparent_huge_pages() -> None:
+    block = anonymous_memory(4 << 20)
+    header, fields = _mapping_of(torch.frombuffer(block, dtype=torch.uint8).data_ptr())
+    assert header.split()[1].endswith("p")  # private: shared memory gets no huge pages
+    mode = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if mode.exists() and "[never]" not in mode.read_text() and "THPeligible" in fields:
+        assert fields["THPeligible"] == "1"
+
+
+@pytest.mark.parametrize("fmt", ["torch", "dcp"])
+def test_an_async_save_writes_what_a_sync_save_writes(tmp_path: Path, fmt: str) -> None:
+    state = _mixed_state()
+    # The snapshot holds each tensor contiguous in its own storage, as a clone does (a sync
+    # save writes a view with the storage it views, as torch.save does).
+    clones = _map_tensors(state, lambda t: t.clone(memory_format=torch.contiguous_format))
+    with distckpt.CheckpointManager(tmp_path / "sync", format=fmt, fsync=False) as mgr:
+        mgr.save(1, clones)
+    with distckpt.CheckpointManager(
+        tmp_path / "async", format=fmt, fsync=False, async_save=True
+    ) as mgr:
+        mgr.save(1, state)
+        mgr.save(2, state)  # from reused buffers
+        mgr.wait()
+        # DCP loads in place, into a state of the same structure.
+        template = _map_tensors(state, torch.zeros_like) if fmt == "dcp" else None
+        restored = mgr.restore(2, state=template).state
+    sync_files = sorted((tmp_path / "sync" / "step-00000001").iterdir())
+    async_files = sorted((tmp_path / "async" / "step-00000002").iterdir())
+    if fmt == "torch":
+        # Only each tensor's own bytes: the rank file is the sync save's, byte for byte.
+        rank_files = [(p.name, p.read_bytes()) for p in sync_files if p.suffix != ".json"]
+        assert rank_files == [(p.name, p.read_bytes()) for p in async_files if p.suffix != ".json"]
+    for original, loaded in zip(_tensors(state), _tensors(restored)):
+        assert torch.equal(original, loaded) and original.dtype == loaded.dtype
+        if fmt == "torch":  # independent tensors, not views of one block
+            assert loaded.untyped_storage().nbytes() == loaded.nbytes
+    storages = {t.untyped_storage().data_ptr() for t in _tensors(restored) if t.numel()}
+    assert len(storages) == len([t for t in _tensors(restored) if t.numel()])
+    assert restored["plain"] == state["plain"]
