@@ -133,12 +133,12 @@ def propose(
     space demanded beyond the estimate, as a fraction of it (see :func:`margin_bytes`). An
     orphaned rank fails it on every rank (:func:`check_launcher`).
 
-    An async save (``snapshot`` given) copies its tensors with the proposals' all-gather
+    An async save (``snapshot`` given) copies its tensors with the proposals' collective
     running beside the copy, then reports the copy's outcome in one more small collective
     (see :func:`_agree_beside_copy`)."""
     step = request.step
     started = time.monotonic()
-    prepared: dict[str, Any] = {}  # this rank's own results, kept out of the all-gather
+    prepared: dict[str, Any] = {}  # this rank's own results, kept out of the collective
     what = f"preparing the save of step {step}"
 
     def prepare_root() -> Proposal | SaveResult:
@@ -169,7 +169,7 @@ def propose(
         """This rank's checks, its plain state and (async) its snapshot's buffers, with rank
         0's root work started; returns what gives this rank's proposal (joining that work).
         Nothing here needs the tensors' values, so an async save copies them only afterwards
-        (``prepared["snapshot"]``), beside the all-gather."""
+        (``prepared["snapshot"]``), beside the proposals' collective."""
         check_launcher(launcher, coord=coord, store=store)
         check_step_number(step)
         root_done: Callable[[], Proposal | SaveResult] | None = None
@@ -257,14 +257,14 @@ def _agree_beside_copy(
     step: int,
     what: str,
 ) -> Proposal:
-    """An async save's proposal: the all-gather of the proposals (on ``coord``, in a thread
+    """An async save's proposal: the collective of the proposals (on ``coord``, in a thread
     of its own) runs while the caller copies the tensors into the snapshot's buffers, so the
     caller waits for the longer of the two (the copy, normally) instead of their sum. Every
-    error is raised on every rank, as by one all-gather around the copy."""
+    error is raised on every rank, as by one collective after the copy."""
 
     def copy() -> None:
         taken = prepared.get("snapshot")
-        if taken is None:  # this rank's plan failed: nothing to copy; the all-gather says so
+        if taken is None:  # this rank's plan failed: nothing to copy; the collective says so
             return
         # Copied now, so training may change its tensors as soon as save returns. Pinned
         # (device-to-host) copies are asynchronous: they must have landed, and their errors
@@ -273,7 +273,7 @@ def _agree_beside_copy(
             taken.copy()
             snapshot.synchronize()
 
-    proposal = run_now(plan_locally)  # a failure here is this rank's part of the all-gather
+    proposal = run_now(plan_locally)  # a failure here is this rank's part of the collective
     # Its local part needs nothing from the copy: it only waits for rank 0's root work.
     gathered = start_beside(
         lambda: coord.all_reduce(lambda: proposal()(), verdict, what=what),
@@ -292,8 +292,9 @@ def _agree_beside_copy(
     # failed, so it would never join it. Reporting it in the background write's agreement
     # instead would let save() return on ranks whose peer has no snapshot, and raise only at
     # wait(). So every rank reports its copy here, verdicts only (the buffers never travel):
-    # one small round trip, in which the ranks wait for the slowest copy, as the all-gather
-    # after the copy used to. Ranks reach it alike: past `gathered()` only if no rank raised.
+    # one small round trip, in which the ranks wait for the slowest copy, as the proposals'
+    # collective after the copy used to. Ranks reach it alike: past `gathered()` only if no
+    # rank raised.
     coord.agree_on(copied, what=what)
     return chosen
 
