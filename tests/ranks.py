@@ -1,13 +1,15 @@
 """Start real ranks for a test: processes joined by a gloo process group on 127.0.0.1.
 
 ``run_ranks(fn, world_size, *args)`` forks ``world_size`` processes (about 0.1 s), each of which
-initialises torch.distributed (gloo, meeting in a store the parent holds: see
-:func:`host_rendezvous`; a short timeout), runs ``fn(rank, world_size,
+initialises torch.distributed (gloo, meeting in a store the parent holds, made only once every
+rank is forked: see :func:`start_then_host`; a short timeout), runs ``fn(rank, world_size,
 *args)`` and sends back its return value or its exception. A job that does not finish within
-``timeout`` seconds is killed and the test fails fast instead of hanging. ``start_method="spawn"``
-starts fresh interpreters instead (slower; what a benchmark wants, since forked ranks share the
-parent's memory layout), and ``fail_fast=True`` stops at the first rank that raises instead of
-waiting for its peers, which may be stuck in a collective until ``pg_timeout``.
+``timeout`` seconds is killed and the test fails fast instead of hanging, with every stuck
+rank's stacks (Python and, where ``gdb`` is installed, native) and kernel wait in its message.
+``start_method="spawn"`` starts fresh interpreters instead (slower; what a benchmark wants, since
+forked ranks share the parent's memory layout), and ``fail_fast=True`` stops at the first rank
+that raises instead of waiting for its peers, which may be stuck in a collective until
+``pg_timeout``.
 
 ``run_job_ranks(train, world_size, args)`` starts the ranks of a job script that a test kills
 and runs again (``tests/ddp_job.py``, ``tests/fsdp_job.py``): forked into the script's own
@@ -17,12 +19,21 @@ process group, so that one SIGKILL of the group reaches every rank.
 from __future__ import annotations
 
 import datetime
+import faulthandler
 import multiprocessing as mp
 import os
+import shutil
+import signal
 import socket
+import subprocess
+import tempfile
+import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from multiprocessing.context import BaseContext
+from multiprocessing.process import BaseProcess
+from pathlib import Path
 from typing import Any
 
 import torch.distributed as dist
@@ -54,7 +65,8 @@ def host_rendezvous(timeout: float) -> dist.TCPStore:
     process can take the port before the ranks connect. (A port found free by
     :func:`free_port` and bound later by rank 0 can be taken in between, under a loaded full
     suite, by another test's server or job: rank 0 fails and its peer joins a stranger's store.)
-    Pass its ``port`` to the ranks' :func:`init_gloo`."""
+    Pass its ``port`` to the ranks' :func:`init_gloo`. Make it only after the ranks are forked
+    (:func:`start_then_host`): its server thread must not be running in a process that forks."""
     return dist.TCPStore(
         "127.0.0.1",
         0,
@@ -62,6 +74,43 @@ def host_rendezvous(timeout: float) -> dist.TCPStore:
         timeout=datetime.timedelta(seconds=timeout),
         wait_for_workers=False,
     )
+
+
+class PortHandoff:
+    """The rendezvous port, handed to ranks that were forked before the store existed.
+
+    The store's server thread formats each peer's address with ``getnameinfo``, which takes
+    glibc's resolver lock (and, for ``::ffff:127.0.0.1``, waits on a DNS reverse lookup). A rank
+    forked while that thread holds the lock inherits it locked, with no thread left to release
+    it: its own ``TCPStore`` connect then blocks forever on that lock, and the job times out
+    with one rank that never joined. So every rank is forked first, and the port follows."""
+
+    def __init__(self, context: BaseContext) -> None:
+        self._port = context.RawValue("i", 0)
+        self._published = context.Event()
+
+    def publish(self, port: int) -> None:
+        self._port.value = port
+        self._published.set()
+
+    def wait(self, timeout: float) -> int:
+        """The published port; :class:`TimeoutError` if the parent published none in time."""
+        if not self._published.wait(timeout):
+            raise TimeoutError(f"no rendezvous port was published within {timeout} s")
+        return int(self._port.value)
+
+
+def start_then_host(
+    processes: Sequence[BaseProcess], handoff: PortHandoff, timeout: float
+) -> dist.TCPStore:
+    """Start (fork) ``processes``, then make the store they meet in (:func:`host_rendezvous`) and
+    publish its port through ``handoff``: no store thread exists while the ranks are forked
+    (see :class:`PortHandoff`). The caller holds the returned store until the ranks are done."""
+    for process in processes:
+        process.start()
+    rendezvous = host_rendezvous(timeout)
+    handoff.publish(rendezvous.port)
+    return rendezvous
 
 
 def init_gloo(rank: int, world_size: int, port: int, timeout: float) -> None:
@@ -72,16 +121,26 @@ def init_gloo(rank: int, world_size: int, port: int, timeout: float) -> None:
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size, timeout=delta)
 
 
+def _stack_file(stacks_dir: str, rank: int) -> Path:
+    return Path(stacks_dir) / f"rank{rank}.stacks"
+
+
 def _child(
     fn: Callable[..., Any],
     rank: int,
     world_size: int,
-    port: int,
+    handoff: PortHandoff,
     args: tuple[Any, ...],
     queue: Any,
     pg_timeout: float,
     env: dict[str, str],
+    stacks_dir: str,
 ) -> None:
+    # First of all, so that a rank stuck anywhere after this can be asked for its stacks
+    # (run_ranks on a timeout); the file object must outlive the registration.
+    stack_file = _stack_file(stacks_dir, rank).open("w")
+    faulthandler.register(signal.SIGUSR1, file=stack_file, all_threads=True)
+
     import torch
 
     os.environ.update(env)
@@ -89,7 +148,7 @@ def _child(
     result = RankResult(rank)
     try:
         if world_size > 0:
-            init_gloo(rank, world_size, port, pg_timeout)
+            init_gloo(rank, world_size, handoff.wait(pg_timeout), pg_timeout)
         result.value = fn(rank, max(world_size, 1), *args)
     except BaseException as exc:
         result.error_type = type(exc).__name__
@@ -102,6 +161,58 @@ def _child(
     os._exit(0)
 
 
+#: How long ``gdb`` may take to print a stuck rank's native stacks (it loads torch's symbols).
+GDB_SECONDS = 60.0
+
+#: Where a native frame's line is cut: its function and library, not its arguments' values.
+NATIVE_FRAME_CHARS = 200
+
+
+def describe_stuck(pid: int, stack_file: Path | None, native_stacks: bool = True) -> str:
+    """Where a stuck process waits: each thread's state and kernel wait channel, its Python
+    stacks (asked for with SIGUSR1 where ``stack_file`` holds its :mod:`faulthandler`
+    registration) and, with ``native_stacks`` where ``gdb`` is installed, its native stacks,
+    which name the lock a thread is blocked on (a rank stuck in C code shows only its last
+    Python call)."""
+    from tests.killing import proc_stat
+
+    lines: list[str] = []
+    try:
+        threads = sorted(int(tid) for tid in os.listdir(f"/proc/{pid}/task"))
+    except FileNotFoundError:
+        return f"process {pid} is gone"
+    for tid in threads:
+        stat = proc_stat(tid)
+        try:
+            wchan = Path(f"/proc/{pid}/task/{tid}/wchan").read_text()
+        except FileNotFoundError:
+            wchan = "?"
+        lines.append(f"thread {tid}: state {stat.state if stat else '?'}, waits in {wchan}")
+    if stack_file is not None and stack_file.exists():
+        os.kill(pid, signal.SIGUSR1)
+        time.sleep(1.0)  # faulthandler writes from the signal handler, at once
+        lines.append("Python stacks:\n" + stack_file.read_text(errors="replace"))
+    else:
+        lines.append("no Python stacks: the rank never reached its code")
+    if native_stacks and shutil.which("gdb"):
+        try:
+            native = subprocess.run(
+                ["gdb", "-p", str(pid), "-batch", "-ex", "thread apply all bt 30"],
+                capture_output=True,
+                text=True,
+                timeout=GDB_SECONDS,
+            ).stdout
+        except subprocess.TimeoutExpired:
+            native = f"(gdb took more than {GDB_SECONDS} s)"
+        frames = [
+            line[:NATIVE_FRAME_CHARS]
+            for line in native.splitlines()
+            if line.startswith(("Thread ", "#"))
+        ]
+        lines.append("native stacks:\n" + "\n".join(frames))
+    return "\n".join(lines)
+
+
 def run_ranks(
     fn: Callable[..., Any],
     world_size: int,
@@ -112,33 +223,58 @@ def run_ranks(
     expect_killed: bool = False,
     start_method: str = "fork",
     fail_fast: bool = False,
+    native_stacks: bool = True,
 ) -> list[RankResult]:
     """Run ``fn`` on ``world_size`` real ranks; ``world_size=0`` runs one process with no
     process group. Returns one :class:`RankResult` per rank (ranks killed by a signal, only
     allowed with ``expect_killed``, are missing; with ``fail_fast``, so are the ranks that had
     not reported when the first rank raised). With ``start_method="spawn"``, ``fn`` and
-    ``args`` must be importable or picklable by reference."""
+    ``args`` must be importable or picklable by reference. On a timeout, the
+    :class:`TimeoutError` describes each rank that had not reported (:func:`describe_stuck`;
+    ``native_stacks=False`` leaves out ``gdb``'s stacks, which take seconds)."""
     ctx = mp.get_context(start_method)
     queue = ctx.Queue()
-    rendezvous = host_rendezvous(pg_timeout) if world_size > 0 else None
-    port = rendezvous.port if rendezvous is not None else 0
+    handoff = PortHandoff(ctx)
+    stacks = tempfile.TemporaryDirectory(prefix="ranks-stacks-")
     procs = [
         ctx.Process(
             target=_child,
-            args=(fn, rank, world_size, port, args, queue, pg_timeout, env or {}),
+            args=(
+                fn,
+                rank,
+                world_size,
+                handoff,
+                args,
+                queue,
+                pg_timeout,
+                env or {},
+                stacks.name,
+            ),
             daemon=True,
         )
         for rank in range(max(world_size, 1))
     ]
-    for proc in procs:
-        proc.start()
+    rendezvous: dist.TCPStore | None = None
     results: dict[int, RankResult] = {}
     deadline = datetime.datetime.now() + datetime.timedelta(seconds=timeout)
     try:
+        if world_size > 0:
+            rendezvous = start_then_host(procs, handoff, pg_timeout)
+        else:
+            procs[0].start()
         while len(results) < len(procs):
             remaining = (deadline - datetime.datetime.now()).total_seconds()
             if remaining <= 0:
-                raise TimeoutError(f"ranks did not finish within {timeout} s (a hang)")
+                stuck = [
+                    f"rank {rank} (pid {proc.pid}):\n"
+                    + describe_stuck(proc.pid, _stack_file(stacks.name, rank), native_stacks)
+                    for rank, proc in enumerate(procs)
+                    if rank not in results and proc.is_alive() and proc.pid is not None
+                ]
+                raise TimeoutError(
+                    f"ranks did not finish within {timeout} s (a hang); the stuck ranks:\n"
+                    + "\n\n".join(stuck)
+                )
             try:
                 item = queue.get(timeout=min(remaining, 0.5))
                 results[item.rank] = item
@@ -153,9 +289,12 @@ def run_ranks(
                     break
     finally:
         for proc in procs:
-            if proc.is_alive():
+            if proc.pid is not None and proc.is_alive():
                 proc.kill()
-            proc.join(5)
+            if proc.pid is not None:
+                proc.join(5)
+        del rendezvous  # only now: a rank may still have been waiting in the store
+        stacks.cleanup()
     return [results[rank] for rank in sorted(results)]
 
 
@@ -172,16 +311,14 @@ JOB_TIMEOUT_SECONDS = 60.0
 
 
 def _job_rank(
-    train: Callable[[int, Any], None], rank: int, world_size: int, port: int, args: Any
+    train: Callable[[int, Any], None], rank: int, world_size: int, handoff: PortHandoff, args: Any
 ) -> None:
-    import faulthandler
-    import signal
-
     import torch
 
     # A test that finds the job stuck asks for every thread's stack (tests.killing.run).
     faulthandler.register(signal.SIGUSR1, all_threads=True)
     torch.set_num_threads(1)
+    port = handoff.wait(JOB_TIMEOUT_SECONDS)
     init_gloo(rank, world_size, port, timeout=JOB_TIMEOUT_SECONDS)
     train(rank, args)
     dist.barrier()  # no rank tears the group down under a peer's last collective
@@ -194,13 +331,13 @@ def run_job_ranks(train: Callable[[int, Any], None], world_size: int, args: Any)
     rank, each joining gloo and running ``train(rank, args)``. Returns the job's exit status:
     the largest of the ranks'."""
     context = mp.get_context("fork")
-    rendezvous = host_rendezvous(JOB_TIMEOUT_SECONDS)  # held until every rank has ended
+    handoff = PortHandoff(context)
     ranks = [
-        context.Process(target=_job_rank, args=(train, rank, world_size, rendezvous.port, args))
+        context.Process(target=_job_rank, args=(train, rank, world_size, handoff, args))
         for rank in range(world_size)
     ]
-    for process in ranks:
-        process.start()
+    rendezvous = start_then_host(ranks, handoff, JOB_TIMEOUT_SECONDS)
     for process in ranks:
         process.join()
+    del rendezvous  # held until every rank has ended
     return max(abs(process.exitcode or 0) for process in ranks)

@@ -54,7 +54,7 @@ import distckpt
 from distckpt import faults, fsutil
 from distckpt.fsutil import read_link
 from distckpt.layout import RootLayout, parse_step_dir_name, step_dir_name
-from tests.ranks import host_rendezvous, init_gloo, run_ranks, values
+from tests.ranks import PortHandoff, init_gloo, run_ranks, start_then_host, values
 
 TIMEOUT = 10  # manager collectives and the commit lock: a dead peer must not block for long
 PG_TIMEOUT = 10
@@ -509,14 +509,14 @@ def _note(path: Path, **event: Any) -> None:
 
 
 def _saving_loop(
-    rank: int, world_size: int, port: int, root: str, status_dir: str, fmt: str
+    rank: int, world_size: int, handoff: PortHandoff, root: str, status_dir: str, fmt: str
 ) -> None:
     """A rank of a training job that resumes from ``last`` and saves every step, forever."""
     status = Path(status_dir) / f"rank{rank}.jsonl"
     phase = "init"
     try:
         torch.set_num_threads(1)
-        init_gloo(rank, world_size, port, PG_TIMEOUT)
+        init_gloo(rank, world_size, handoff.wait(PG_TIMEOUT), PG_TIMEOUT)
         phase = "open"
         with manager(root, format=fmt) as mgr:
             if rank == 0:  # the root is open: leftovers cleaned, links repaired
@@ -609,17 +609,16 @@ def _kill_trial(
     status_dir = root.parent / "status" / f"trial-{trial:05d}"
     status_dir.mkdir(parents=True)
     ctx = mp.get_context("fork")
-    rendezvous = host_rendezvous(PG_TIMEOUT)  # held until the trial's ranks are gone
+    handoff = PortHandoff(ctx)
     procs = [
         ctx.Process(
             target=_saving_loop,
-            args=(rank, world_size, rendezvous.port, str(root), str(status_dir), fmt),
+            args=(rank, world_size, handoff, str(root), str(status_dir), fmt),
             daemon=True,
         )
         for rank in range(world_size)
     ]
-    for proc in procs:
-        proc.start()
+    rendezvous = start_then_host(procs, handoff, PG_TIMEOUT)
     mode = rng.choice(modes)
 
     def resumed() -> bool:
@@ -652,6 +651,7 @@ def _kill_trial(
             if proc.is_alive():
                 proc.kill()
             proc.join(5)
+        del rendezvous  # held until the trial's ranks are gone
 
     events = {rank: _read_status(status_dir, rank) for rank in range(world_size)}
     for rank in set(range(world_size)) - victims:  # survivors: a distckpt error, no hang
