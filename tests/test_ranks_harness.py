@@ -34,8 +34,10 @@ def _rank_one_sleeps_in_a_named_place(rank: int, world_size: int) -> int:
 
 
 def test_a_timeout_names_each_stuck_rank_and_its_python_stack() -> None:
+    # Long enough for rank 0 to report even on a loaded machine (a reverse DNS lookup in its
+    # store connect may take 5 s), so that only rank 1 is stuck.
     with pytest.raises(TimeoutError) as raised:
-        run_ranks(_rank_one_sleeps_in_a_named_place, 2, timeout=5, native_stacks=False)
+        run_ranks(_rank_one_sleeps_in_a_named_place, 2, timeout=15, native_stacks=False)
     message = str(raised.value)
     assert "rank 1 (pid" in message
     assert "rank 0 (pid" not in message  # rank 0 reported: it is not stuck
