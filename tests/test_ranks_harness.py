@@ -11,6 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.killing import proc_stat
 from tests.ranks import describe_stuck, run_ranks, values
 
 #: Thread counts of this process taken just before each fork, while a test records them.
@@ -50,6 +51,11 @@ def test_a_timeout_names_each_stuck_rank_and_its_python_stack() -> None:
 def sleeper() -> Iterator[int]:
     process = subprocess.Popen(["sleep", "600"])
     try:
+        # Only once it sleeps: just started, it is still running (loading, executing).
+        deadline = time.monotonic() + 30
+        while (stat := proc_stat(process.pid)) is not None and stat.state != "S":
+            assert time.monotonic() < deadline, f"sleep is still in state {stat.state}"
+            time.sleep(0.01)
         yield process.pid
     finally:
         process.kill()
