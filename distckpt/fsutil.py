@@ -16,7 +16,8 @@ import os
 import shutil
 import sys
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO, Literal
 
@@ -51,10 +52,54 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
         os.close(fd)
 
 
+#: The CRC-32 polynomial, reflected (zlib's).
+_CRC32_POLYNOMIAL = 0xEDB88320
+
+
+def _multiply_mod_crc_polynomial(a: int, b: int) -> int:
+    """``a * b`` modulo the CRC-32 polynomial over GF(2), both in zlib's reflected bit order
+    (the top bit is x^0); zlib's ``multmodp``."""
+    product, bit = 0, 1 << 31
+    while a:
+        if a & bit:
+            product ^= b
+            a ^= bit
+        bit >>= 1
+        b = (b >> 1) ^ _CRC32_POLYNOMIAL if b & 1 else b >> 1
+    return product
+
+
+def _x_to_the_powers_of_two() -> list[int]:
+    """x^(2^k) modulo the CRC-32 polynomial for k = 0..31 (x is 1 << 30 reflected)."""
+    table = [1 << 30]
+    for _ in range(31):
+        table.append(_multiply_mod_crc_polynomial(table[-1], table[-1]))
+    return table
+
+
+_X_TO_THE_POWERS_OF_TWO = _x_to_the_powers_of_two()
+
+
+def crc32_combine(crc1: int, crc2: int, length2: int) -> int:
+    """The CRC-32 of ``A + B`` from ``crc1 = crc32(A)``, ``crc2 = crc32(B)`` and ``len(B)``,
+    without the bytes: zlib's ``crc32_combine`` (Python's zlib does not expose it). ``crc1`` is
+    multiplied by x^(8 * length2) modulo the polynomial, built from the powers x^(2^k); a few
+    thousand integer operations, so it suits one call per chunk of a file, not per byte."""
+    power, exponent, k = 1 << 31, length2, 3  # x^0; 8 * length2 bits is 2^3 * length2
+    while exponent:
+        if exponent & 1:
+            power = _multiply_mod_crc_polynomial(_X_TO_THE_POWERS_OF_TWO[k & 31], power)
+        exponent >>= 1
+        k += 1
+    return _multiply_mod_crc_polynomial(power, crc1) ^ crc2
+
+
 #: Writes smaller than this are gathered and handed to the kernel together: torch.save's zip
 #: writer passes each record's header, name and padding separately, so a state of many small
 #: tensors cost several syscalls (and checksum calls) per tensor.
 COALESCE_BYTES = 1 << 20
+#: At most this many buffers per ``pwritev`` (Linux's IOV_MAX is 1024).
+_MAX_WRITE_BUFFERS = 512
 
 
 class ChecksumWriter:
@@ -101,6 +146,56 @@ class ChecksumWriter:
         written = 0
         while written < view.nbytes:
             written += self._file.write(view[written:])
+
+    def write_in_parallel(self, chunks: Sequence[Sequence[memoryview]], threads: int) -> None:
+        """Append ``chunks`` (each a run of buffers, in file order) with ``threads`` threads,
+        each writing whole chunks with ``pwritev`` at offsets known beforehand and computing
+        their CRC-32; the file's checksum is then combined from the chunks' in file order, so
+        size, checksum and bytes are what :meth:`write` of every buffer in turn gives. The
+        first error (a full disk) is raised, named after the file, once every thread stopped."""
+        self.flush()
+        if self.error is not None:
+            raise self.error
+        offsets, end = [], self.size
+        for chunk in chunks:
+            offsets.append(end)
+            end += sum(buffer.nbytes for buffer in chunk)
+        fd = self._file.fileno()
+
+        def write_chunk(chunk: Sequence[memoryview], offset: int) -> int:
+            if self.error is not None:  # another chunk failed: the file is lost anyway
+                return 0
+            crc = 0
+            remaining = [buffer for buffer in chunk if buffer.nbytes]
+            for buffer in remaining:
+                crc = crc32(buffer, crc)
+            while remaining:
+                written = os.pwritev(fd, remaining[:_MAX_WRITE_BUFFERS], offset)
+                offset += written
+                while remaining and written >= remaining[0].nbytes:
+                    written -= remaining.pop(0).nbytes
+                if written:
+                    remaining[0] = remaining[0][written:]
+            return crc
+
+        def guarded(chunk: Sequence[memoryview], offset: int) -> int:
+            try:
+                return write_chunk(chunk, offset)
+            except OSError as exc:
+                self.error = self.error or _naming(exc, self.path)
+                raise
+
+        try:
+            with ThreadPoolExecutor(threads, thread_name_prefix="distckpt-writer") as pool:
+                crcs = list(pool.map(guarded, chunks, offsets))
+        except OSError as exc:
+            # Raised as write() raises it: kept, and named after the file (see _put).
+            raise (self.error or exc) from None
+        for crc, chunk in zip(crcs, chunks):
+            self._crc = crc32_combine(self._crc, crc, sum(buffer.nbytes for buffer in chunk))
+        self.size = end
+        # Later writes (and the file's position for them) continue after the chunks.
+        os.lseek(fd, end, os.SEEK_SET)
 
     def flush(self) -> None:
         """Hand the gathered bytes to the kernel (none after a failed write: the file is lost,

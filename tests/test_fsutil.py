@@ -12,12 +12,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from distckpt.fsutil import (
     COALESCE_BYTES,
     POINTER_MAX_BYTES,
     ChecksumWriter,
     atomic_write_bytes,
+    crc32_combine,
     discard_dir,
     file_checksum,
     make_dirs,
@@ -394,3 +397,35 @@ def test_make_dirs_creates_missing_parents_and_accepts_existing(tmp_path: Path) 
     (tmp_path / "file").write_bytes(b"")
     with pytest.raises(OSError):
         make_dirs(tmp_path / "file" / "below", fsync=True)
+
+
+@settings(max_examples=200, deadline=None)
+@given(first=st.binary(max_size=300), second=st.binary(max_size=300))
+def test_crc32_combine_is_the_crc_of_the_concatenation(first: bytes, second: bytes) -> None:
+    combined = crc32_combine(zlib.crc32(first), zlib.crc32(second), len(second))
+    assert combined == zlib.crc32(first + second)
+
+
+@pytest.mark.parametrize(
+    ("first_size", "second_size"),
+    [(0, 0), (0, 1), (1, 0), (7, 13), (64, 1 << 20), ((1 << 20) + 1, (3 << 20) + 5)],
+)
+def test_crc32_combine_of_large_and_empty_parts(first_size: int, second_size: int) -> None:
+    first, second = os.urandom(first_size), os.urandom(second_size)
+    combined = crc32_combine(zlib.crc32(first), zlib.crc32(second), second_size)
+    assert combined == zlib.crc32(first + second)
+
+
+def test_parallel_writes_then_appends_continue_the_same_file(tmp_path: Path) -> None:
+    """After :meth:`ChecksumWriter.write_in_parallel`, a plain write lands after the chunks
+    and the size and checksum cover them all, as if every buffer had been written in turn."""
+    parts = [os.urandom(n) for n in (5, 0, 1 << 16, 3, (1 << 20) + 9)]
+    chunks = [[memoryview(parts[0]), memoryview(parts[1])], [memoryview(parts[2])]]
+    chunks.append([memoryview(parts[3]), memoryview(parts[4])])
+    with ChecksumWriter(tmp_path / "file", fsync=True) as writer:
+        writer.write(b"head")
+        writer.write_in_parallel(chunks, threads=2)
+        writer.write(b"tail")
+    expected = b"head" + b"".join(parts) + b"tail"
+    assert (tmp_path / "file").read_bytes() == expected
+    assert (writer.size, writer.checksum) == (len(expected), f"{zlib.crc32(expected):08x}")
