@@ -87,6 +87,12 @@ class CheckpointManager:
             ``"symlink"`` or ``"pointer"``. An ``s3://`` root always has pointer objects.
         fsync: make every commit durable against power loss (fsync files and dirs). Means
             nothing for an ``s3://`` root: a completed upload is durable.
+        writer_threads: with ``format="torch"``, how many threads write each rank's tensor
+            bytes (with ``pwrite`` at offsets known beforehand, each checksumming its chunks);
+            the file is the same byte for byte. 1 (the default) appends them in one thread: on
+            the 2-core machine measured (docs/benchmark.md) more threads were no faster. Try
+            more on a disk that serves parallel writes faster (NVMe, a parallel filesystem).
+            An int of at least 1; the "dcp" format refuses more than 1.
         group: the process group whose ranks checkpoint together (default: the world).
         timeout: seconds any collective or the commit lock may take before a hang becomes an
             error on every rank.
@@ -129,13 +135,14 @@ class CheckpointManager:
         format: str = "torch",
         link: LinkMode = "auto",
         fsync: bool = True,
+        writer_threads: int = 1,
         group: dist.ProcessGroup | None = None,
         timeout: float = 600.0,
         space_margin: float = protocol.SPACE_MARGIN_RATIO,
         read_only: bool = False,
         wait_for_root: float = 0.0,
     ) -> None:
-        self._format = format_named(format)
+        self._format = format_named(format, writer_threads=writer_threads)
         self.timeout = check_timeout(timeout)
         self.space_margin = protocol.check_space_margin(space_margin)
         wait_for_root = check_wait(wait_for_root)

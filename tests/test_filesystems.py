@@ -323,8 +323,12 @@ print("filled", free)
 """
 
 
-def _fill_mid_save(rank: int, world_size: int, root: str, async_save: bool) -> object:
-    with distckpt.CheckpointManager(root, async_save=async_save, timeout=TIMEOUT) as mgr:
+def _fill_mid_save(
+    rank: int, world_size: int, root: str, async_save: bool, writer_threads: int
+) -> object:
+    with distckpt.CheckpointManager(
+        root, async_save=async_save, writer_threads=writer_threads, timeout=TIMEOUT
+    ) as mgr:
         mgr.save(1, {"w": torch.ones(1024)})
         mgr.wait()
         try:
@@ -335,17 +339,27 @@ def _fill_mid_save(rank: int, world_size: int, root: str, async_save: bool) -> o
         return "saved", ""
 
 
-@pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
-def test_disk_filled_by_another_process_mid_save(mounts: MountFactory, async_save: bool) -> None:
+@pytest.mark.parametrize(
+    ("async_save", "writer_threads"),
+    [(False, 1), (True, 1), (False, 2)],
+    ids=["sync", "async", "sync-2-writers"],
+)
+def test_disk_filled_by_another_process_mid_save(
+    mounts: MountFactory, async_save: bool, writer_threads: int
+) -> None:
+    """The save fails with InsufficientSpace on every rank, however many threads write each
+    rank file, and leaves nothing behind: the previous checkpoint is still the last."""
     mount = mounts.get("ext4")
-    root = mount.path / f"full-{'async' if async_save else 'sync'}"
+    root = mount.path / f"full-{'async' if async_save else 'sync'}-{writer_threads}"
     hog = mount.path / "hog"
     (root / ".staging").mkdir(parents=True)
     filler = subprocess.Popen(
         [sys.executable, "-c", _FILLER, os.fspath(root / ".staging"), os.fspath(hog)]
     )
     try:
-        out = values(run_ranks(_fill_mid_save, 2, os.fspath(root), async_save, timeout=90))
+        out = values(
+            run_ranks(_fill_mid_save, 2, os.fspath(root), async_save, writer_threads, timeout=90)
+        )
     finally:
         filler.wait(60)
         hog.unlink(missing_ok=True)

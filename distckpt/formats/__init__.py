@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from distckpt.errors import InvalidArgument
 from distckpt.formats.base import CheckpointFormat, PreparedRead, ReadOptions, ShardContext
-from distckpt.formats.torch_files import TorchFilesFormat
+from distckpt.formats.torch_files import TorchFilesFormat, check_writer_threads
 
 __all__ = [
     "CheckpointFormat",
@@ -23,10 +23,17 @@ __all__ = [
 FORMAT_NAMES = ("torch", "dcp")
 
 
-def format_named(name: str) -> CheckpointFormat:
-    """The format stored under ``name`` in manifests."""
+def format_named(name: str, *, writer_threads: int = 1) -> CheckpointFormat:
+    """The format stored under ``name`` in manifests; ``writer_threads`` threads write each
+    rank file of the "torch" format (DCP's writer has no such setting: it refuses more than 1,
+    rather than ignore it)."""
+    writer_threads = check_writer_threads(writer_threads)
     if name == "torch":
-        return TorchFilesFormat()
+        return TorchFilesFormat(writer_threads)
+    if writer_threads != 1 and name in FORMAT_NAMES:
+        raise InvalidArgument(
+            f"writer_threads={writer_threads} applies to the 'torch' format, not {name!r}"
+        )
     if name == "dcp":
         from distckpt.formats.dcp import DcpFormat  # imported lazily: pulls in DCP
 

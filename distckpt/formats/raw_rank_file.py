@@ -65,6 +65,11 @@ _GATHERED_READ_BYTES = 1 << 20
 #: At most this many buffers per ``preadv`` (Linux's IOV_MAX is 1024; a gap takes one too).
 _MAX_READ_BUFFERS = 512
 _PADDING = bytes(ALIGNMENT)
+#: With parallel writers, the data is cut into about this many chunks per thread (so a thread
+#: that finishes early takes more), each at least :data:`_MIN_CHUNK_BYTES` (smaller ones would
+#: cost more in system calls and thread hand-offs than they balance).
+_CHUNKS_PER_THREAD = 4
+_MIN_CHUNK_BYTES = 4 << 20
 _DTYPES: dict[str, torch.dtype] = {
     str(value).removeprefix("torch."): value
     for value in vars(torch).values()
@@ -159,9 +164,40 @@ class _Splitter:
         return placeholder
 
 
-def write_rank_file(state: Any, path: Path, *, fsync: bool) -> ChecksumWriter:
+def _data_chunks(
+    storages: Sequence[torch.UntypedStorage], offsets: Sequence[int], chunk_bytes: int
+) -> list[list[memoryview]]:
+    """The data part of the file (every storage's bytes and the padding after it, in file
+    order) cut into runs of about ``chunk_bytes``: a large storage into several, small ones
+    (with their padding) gathered into one, so parallel writers get balanced work and a state
+    of many small tensors costs few system calls."""
+    chunks: list[list[memoryview]] = [[]]
+    filled = 0
+    for storage, offset in zip(storages, offsets):
+        nbytes = storage.nbytes()
+        memory = _memory_of(storage) if nbytes else memoryview(b"")
+        padding = memoryview(_PADDING)[: _aligned(offset + nbytes) - offset - nbytes]
+        for start in range(0, nbytes, chunk_bytes):
+            piece = memory[start : start + chunk_bytes]
+            if filled and filled + piece.nbytes > chunk_bytes:
+                chunks.append([])
+                filled = 0
+            chunks[-1].append(piece)
+            filled += piece.nbytes
+        if padding.nbytes:
+            chunks[-1].append(padding)
+            filled += padding.nbytes
+    return [chunk for chunk in chunks if chunk]
+
+
+def write_rank_file(
+    state: Any, path: Path, *, fsync: bool, writer_threads: int = 1
+) -> ChecksumWriter:
     """Write ``state`` to a new file at ``path`` in this layout; returns the closed writer
-    (its ``size`` and ``checksum`` cover every byte of the file)."""
+    (its ``size`` and ``checksum`` cover every byte of the file). With ``writer_threads`` > 1
+    the storages' bytes are written by that many threads at their offsets
+    (:meth:`~distckpt.fsutil.ChecksumWriter.write_in_parallel`); the file is byte for byte the
+    one a single writer makes, which appends them in turn with ``write``."""
     splitter = _Splitter()
     skeleton = splitter.split(state)
     pickled = io.BytesIO()
@@ -183,6 +219,11 @@ def write_rank_file(state: Any, path: Path, *, fsync: bool) -> ChecksumWriter:
     with ChecksumWriter(path, fsync=fsync) as writer:
         for part in (header, index, skeleton_bytes, _PADDING[: _aligned(head_size) - head_size]):
             writer.write(part)
+        if writer_threads > 1:
+            chunk_bytes = max(_MIN_CHUNK_BYTES, -(-end // (writer_threads * _CHUNKS_PER_THREAD)))
+            chunks = _data_chunks(splitter.storages, offsets, chunk_bytes)
+            writer.write_in_parallel(chunks, writer_threads)
+            return writer
         for storage, offset in zip(splitter.storages, offsets):
             nbytes = storage.nbytes()
             if nbytes:

@@ -135,6 +135,19 @@ def load_skeleton(source: io.BytesIO, options: ReadOptions, name: str) -> Any:
     return safe_torch_load(source, options, name=name)
 
 
+def check_writer_threads(writer_threads: object) -> int:
+    """``writer_threads`` as a count, refused unless an int of at least 1."""
+    if (
+        isinstance(writer_threads, bool)
+        or not isinstance(writer_threads, int)
+        or writer_threads < 1
+    ):
+        raise InvalidArgument(
+            f"writer_threads must be an int of at least 1, not {writer_threads!r}"
+        )
+    return writer_threads
+
+
 def _check_rank(directory: Path, manifest: Manifest, rank: int) -> None:
     if not 0 <= rank < manifest.world_size:
         raise CheckpointNotFound(
@@ -150,6 +163,10 @@ class TorchFilesFormat:
     marks_per_rank = False  # every rank saves its whole state: every value is per rank
     collective_read = False  # each rank reads its own file
 
+    def __init__(self, writer_threads: int = 1) -> None:
+        #: threads that write a rank file's tensor bytes (:func:`write_rank_file`)
+        self.writer_threads = check_writer_threads(writer_threads)
+
     def required_files(self, manifest: Manifest) -> list[str]:
         return [rank_file_name(rank) for rank in range(manifest.world_size)]
 
@@ -164,7 +181,9 @@ class TorchFilesFormat:
 
     def write(self, state: Any, directory: Path, ctx: ShardContext) -> Mapping[str, FileRecord]:
         name = rank_file_name(ctx.rank)
-        writer = write_rank_file(state, directory / name, fsync=ctx.fsync)
+        writer = write_rank_file(
+            state, directory / name, fsync=ctx.fsync, writer_threads=self.writer_threads
+        )
         return {name: FileRecord(size=writer.size, checksum=writer.checksum, rank=ctx.rank)}
 
     def prepare_read(
