@@ -102,18 +102,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     thread_counts = sorted(int(v) for v in args.threads.split(","))
     print(f"load average before: {os.getloadavg()}", flush=True)
     with tempfile.TemporaryDirectory(dir=args.dir) as root:
-        per_rank = values(
-            run_ranks(
-                measure_rank,
-                args.ranks,
-                root,
-                args.mib,
-                thread_counts,
-                args.rounds,
-                timeout=3600,
-                pg_timeout=600,
-            )
-        )
+        job = (root, args.mib, thread_counts, args.rounds)
+        per_rank = values(run_ranks(measure_rank, args.ranks, *job, timeout=3600, pg_timeout=600))
     print(summarize(per_rank, args.mib, args.ranks), flush=True)
     print(f"load average after: {os.getloadavg()}")
     return 0
