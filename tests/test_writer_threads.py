@@ -151,3 +151,31 @@ def test_a_full_disk_under_parallel_writers_names_the_file(mounts: MountFactory)
     finally:
         hog.unlink(missing_ok=True)
         target.unlink(missing_ok=True)
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_one_writer_appends_with_write_and_more_use_pwritev(tmp_path: Path, threads: int) -> None:
+    """The default (1) makes the same system calls as before the setting existed, which the
+    crash-state explorer's traces were made of; more threads write with ``pwritev``."""
+    try:
+        from tests.crashsim.trace import StraceUnavailable, record_forked
+    except ImportError as exc:  # pragma: no cover - the explorer's tracer ships with the tests
+        pytest.skip(str(exc))
+    state = {"a": torch.ones(1000), "b": torch.zeros(5), "c": torch.arange(70, dtype=torch.int8)}
+    trace = tmp_path / "trace"
+    try:
+        record_forked(
+            lambda: write_rank_file(state, tmp_path / "rank", fsync=True, writer_threads=threads),
+            trace,
+            cwd=tmp_path,
+            timeout=60,
+        )
+    except StraceUnavailable as exc:
+        pytest.skip(str(exc))
+    calls = [line.split("(", 1)[0].split()[-1] for line in trace.read_text().splitlines()]
+    positioned = {name for name in calls if name.startswith("pwrite")}
+    assert "fsync" in calls
+    if threads == 1:
+        assert not positioned
+    else:  # glibc may make os.pwritev's call as pwritev2
+        assert positioned and positioned <= {"pwritev", "pwritev2"}
