@@ -131,6 +131,28 @@ def test_the_manifest_records_the_same_files_with_any_writer_threads(
     assert records[0] == records[1] and records[0]
 
 
+def _async_save_and_restore(rank: int, world_size: int, root: str) -> object:
+    state = _mixed_state()
+    with distckpt.CheckpointManager(
+        root, async_save=True, writer_threads=3, timeout=TIMEOUT
+    ) as mgr:
+        mgr.save(1, state)
+        mgr.wait()
+        restored = mgr.restore("last")
+        assert restored is not None
+        return all(
+            torch.equal(restored.state[key], state[key]) for key in ("big", "strided", "empty")
+        )
+
+
+def test_an_async_save_writes_with_parallel_writers_in_its_background_thread(
+    tmp_path: Path,
+) -> None:
+    assert (
+        values(run_ranks(_async_save_and_restore, 2, os.fspath(tmp_path), timeout=90)) == [True] * 2
+    )
+
+
 def _free(path: Path) -> int:
     stat = os.statvfs(path)
     return stat.f_bavail * stat.f_frsize
