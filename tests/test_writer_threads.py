@@ -84,6 +84,17 @@ def test_writer_threads_must_be_a_count(tmp_path: Path, bad: Any) -> None:
         format_named("torch", writer_threads=bad)
 
 
+def test_more_than_one_writer_needs_pwritev(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every system this suite runs on has os.pwritev; taking it away is the only way to meet a
+    # system without it (Windows) here.
+    monkeypatch.delattr(os, "pwritev")
+    with pytest.raises(distckpt.InvalidArgument, match="pwritev"):
+        distckpt.CheckpointManager(tmp_path / "root", writer_threads=2)
+    assert format_named("torch", writer_threads=1).name == "torch"
+
+
 def test_the_dcp_format_refuses_more_than_one_writer_thread(tmp_path: Path) -> None:
     with pytest.raises(distckpt.InvalidArgument, match="'torch' format"):
         distckpt.CheckpointManager(tmp_path / "root", format="dcp", writer_threads=2)

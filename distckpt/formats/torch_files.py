@@ -136,7 +136,9 @@ def load_skeleton(source: io.BytesIO, options: ReadOptions, name: str) -> Any:
 
 
 def check_writer_threads(writer_threads: object) -> int:
-    """``writer_threads`` as a count, refused unless an int of at least 1."""
+    """``writer_threads`` as a count, refused unless an int of at least 1, and more than 1
+    only where the system has ``os.pwritev`` (the parallel writers write at offsets with it:
+    Linux and most Unix systems, not Windows)."""
     if (
         isinstance(writer_threads, bool)
         or not isinstance(writer_threads, int)
@@ -144,6 +146,10 @@ def check_writer_threads(writer_threads: object) -> int:
     ):
         raise InvalidArgument(
             f"writer_threads must be an int of at least 1, not {writer_threads!r}"
+        )
+    if writer_threads > 1 and not hasattr(os, "pwritev"):
+        raise InvalidArgument(
+            f"writer_threads={writer_threads} needs os.pwritev, which this system lacks: use 1"
         )
     return writer_threads
 
