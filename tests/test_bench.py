@@ -151,7 +151,10 @@ def dcp_checkpoint_processes(session: int) -> list[int]:
 
 
 @pytest.mark.timeout(130)
-def test_sigterm_leaves_no_rank_and_no_dcp_checkpoint_process(tmp_path: Path) -> None:
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "ctrl-c"])
+def test_a_stopped_run_leaves_no_rank_and_no_dcp_checkpoint_process(
+    tmp_path: Path, stop: signal.Signals
+) -> None:
     # Many rounds: the run is stopped long before it ends, once DCP's processes run.
     args = ["--world-sizes", "2", "--mib", "1", "--rounds", "500", "--repeats", "1"]
     args += ["--contenders", "dcp_async_save", "--coord-ranks", "0", "--small-ranks", "0"]
@@ -169,11 +172,13 @@ def test_sigterm_leaves_no_rank_and_no_dcp_checkpoint_process(tmp_path: Path) ->
             assert proc.poll() is None, "the bench ended before DCP's processes started"
             assert time.monotonic() < deadline, "DCP's checkpoint processes never started"
             time.sleep(0.2)
-        proc.send_signal(signal.SIGTERM)  # to the bench alone, as `timeout` or `kill` would
+        # To the bench alone, as `timeout`, `kill` or Ctrl-C would: the ranks lead process
+        # groups of their own, outside the terminal's foreground group.
+        proc.send_signal(stop)
         proc.wait(timeout=30)
         deadline = time.monotonic() + 30
         while left := session_members(proc.pid):
-            assert time.monotonic() < deadline, f"left running after SIGTERM: {left}"
+            assert time.monotonic() < deadline, f"left running after {stop.name}: {left}"
             time.sleep(0.1)
     finally:
         if proc.poll() is None:
