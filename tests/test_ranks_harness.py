@@ -131,3 +131,19 @@ def test_a_failed_job_kills_a_hung_peer_and_its_children(tmp_path: Path) -> None
     rank_pid, child_pid = (int(pid) for pid in pid_file.read_text().split())
     wait_until_group_is_gone(rank_pid)
     assert (stat := proc_stat(child_pid)) is None or not stat.live  # its child too
+
+
+def _hang_with_a_child(rank: int, world_size: int, pid_file: str) -> None:
+    Path(pid_file).write_text(f"{os.getpid()} {_start_a_sleeping_child()}")
+    time.sleep(600)
+
+
+def test_a_hung_job_is_killed_with_its_children(tmp_path: Path) -> None:
+    pid_file = tmp_path / "rank0.pids"
+    with pytest.raises(TimeoutError):
+        run_ranks(
+            _hang_with_a_child, 1, str(pid_file), daemon=False, timeout=5, native_stacks=False
+        )
+    rank_pid, child_pid = (int(pid) for pid in pid_file.read_text().split())
+    wait_until_group_is_gone(rank_pid)
+    assert (stat := proc_stat(child_pid)) is None or not stat.live  # its child too
