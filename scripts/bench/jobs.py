@@ -219,7 +219,9 @@ class MainJob:
                 if "train" in active:
                     self.skipped["train_during_dcp_async"] = why
             ranks.remove(probe)
-        if self.dcp_async_ok and self.dcp_async_mode == AsyncCheckpointerType.PROCESS:
+        thread_wanted = bool({"dcp_async_save_thread", "train"} & active)
+        process_mode = self.dcp_async_mode == AsyncCheckpointerType.PROCESS
+        if thread_wanted and self.dcp_async_ok and process_mode:
             probe = ranks.fresh_dir(self.work / "dcp_thread_probe")
             try:
                 thread = AsyncCheckpointerType.THREAD
