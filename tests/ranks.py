@@ -9,7 +9,10 @@ rank's stacks (Python and, where ``gdb`` is installed, native) and kernel wait i
 ``start_method="spawn"`` starts fresh interpreters instead (slower; what a benchmark wants, since
 forked ranks share the parent's memory layout), and ``fail_fast=True`` stops at the first rank
 that raises instead of waiting for its peers, which may be stuck in a collective until
-``pg_timeout``.
+``pg_timeout``. ``daemon=False`` starts ranks that may start processes of their own (a daemonic
+process may not: DCP's process-based ``async_save`` needs this); each such rank leads a process
+group of its own, and everything still in those groups is killed when the job ends, however it
+ends (a rank's children outlive it otherwise).
 
 ``run_job_ranks(train, world_size, args)`` starts the ranks of a job script that a test kills
 and runs again (``tests/ddp_job.py``, ``tests/fsdp_job.py``): forked into the script's own
@@ -18,6 +21,7 @@ process group, so that one SIGKILL of the group reaches every rank.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import faulthandler
 import multiprocessing as mp
@@ -135,7 +139,12 @@ def _child(
     pg_timeout: float,
     env: dict[str, str],
     stacks_dir: str,
+    own_process_group: bool,
 ) -> None:
+    if own_process_group:
+        # Before anything starts a child, so that every descendant is in the group run_ranks
+        # kills at the end (the parent sets it too: whichever runs first).
+        os.setpgid(0, 0)
     # First of all, so that a rank stuck anywhere after this can be asked for its stacks
     # (run_ranks on a timeout); the file object must outlive the registration.
     stack_file = _stack_file(stacks_dir, rank).open("w")
@@ -213,6 +222,24 @@ def describe_stuck(pid: int, stack_file: Path | None, native_stacks: bool = True
     return "\n".join(lines)
 
 
+def lead_own_process_group(proc: BaseProcess) -> None:
+    """Make a just-started rank the leader of a process group of its own, from the parent: the
+    rank does the same first thing (:func:`_child`), and whichever comes first wins. A rank that
+    already did it, or has exec'd (``spawn``), refuses the parent's call: that is fine."""
+    assert proc.pid is not None
+    with contextlib.suppress(PermissionError, ProcessLookupError):
+        os.setpgid(proc.pid, proc.pid)
+
+
+def kill_process_group(pgid: int) -> None:
+    """SIGKILL every process still in the group ``pgid`` (a rank and what it started). The
+    group's id stays reserved while any member lives, even after its leader has been reaped;
+    an emptied group's id could in principle be handed out again, but Linux hands out process
+    ids in increasing order up to ``pid_max`` before reusing any, not within a job's seconds."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signal.SIGKILL)
+
+
 def run_ranks(
     fn: Callable[..., Any],
     world_size: int,
@@ -224,6 +251,7 @@ def run_ranks(
     start_method: str = "fork",
     fail_fast: bool = False,
     native_stacks: bool = True,
+    daemon: bool = True,
 ) -> list[RankResult]:
     """Run ``fn`` on ``world_size`` real ranks; ``world_size=0`` runs one process with no
     process group. Returns one :class:`RankResult` per rank (ranks killed by a signal, only
@@ -231,7 +259,9 @@ def run_ranks(
     not reported when the first rank raised). With ``start_method="spawn"``, ``fn`` and
     ``args`` must be importable or picklable by reference. On a timeout, the
     :class:`TimeoutError` describes each rank that had not reported (:func:`describe_stuck`;
-    ``native_stacks=False`` leaves out ``gdb``'s stacks, which take seconds)."""
+    ``native_stacks=False`` leaves out ``gdb``'s stacks, which take seconds). With
+    ``daemon=False`` the ranks may start processes, each rank in a process group of its own
+    that is killed (SIGKILL) at the end, on success, failure, timeout or interrupt alike."""
     ctx = mp.get_context(start_method)
     queue = ctx.Queue()
     handoff = PortHandoff(ctx)
@@ -249,8 +279,9 @@ def run_ranks(
                 pg_timeout,
                 env or {},
                 stacks.name,
+                not daemon,
             ),
-            daemon=True,
+            daemon=daemon,
         )
         for rank in range(max(world_size, 1))
     ]
@@ -262,6 +293,9 @@ def run_ranks(
             rendezvous = start_then_host(procs, handoff, pg_timeout)
         else:
             procs[0].start()
+        if not daemon:
+            for proc in procs:
+                lead_own_process_group(proc)
         while len(results) < len(procs):
             remaining = (deadline - datetime.datetime.now()).total_seconds()
             if remaining <= 0:
@@ -289,6 +323,8 @@ def run_ranks(
                     break
     finally:
         for proc in procs:
+            if proc.pid is not None and not daemon:
+                kill_process_group(proc.pid)
             if proc.pid is not None and proc.is_alive():
                 proc.kill()
             if proc.pid is not None:

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -89,10 +91,21 @@ def test_smallest_configuration_end_to_end(tmp_path: Path) -> None:
     assert config["skipped"] == {}, config["skipped"]
     for metric in ("raw_torch_save", "distckpt_sync_torch", "restore_mmap", "train_idle"):
         assert config["medians"][metric] > 0, metric
+    # DCP's async_save ran in its process mode (the ranks may have children), its thread mode
+    # beside it.
+    assert config["info"]["dcp_async_mode"] == "process"
+    assert "dcp_async_mode_refused" not in config["info"]
+    for metric in ("dcp_async_save.total", "dcp_async_save_thread.total"):
+        assert config["medians"][metric] > 0, metric
     # Each training measurement ran saves back to back until enough steps overlapped them,
-    # with the background thread niced and not.
+    # with the background thread niced and not, and with DCP in both modes.
     during = config["info"]["train_steps_during_save"]
-    assert {"train_during_distckpt_async", "train_during_distckpt_async_nice0"} <= set(during)
+    assert set(during) == {
+        "train_during_distckpt_async",
+        "train_during_distckpt_async_nice0",
+        "train_during_dcp_async",
+        "train_during_dcp_async_thread",
+    }
     for name, steps in during.items():
         assert min(steps) >= TRAIN_MIN_STEPS, name
         assert min(config["info"]["train_saves"][name]) >= 1, name
@@ -106,3 +119,70 @@ def test_smallest_configuration_end_to_end(tmp_path: Path) -> None:
     assert targets["coordination per save <= 15 ms at 4 ranks"]["passed"] is None  # 2 ranks only
     assert plot.read_bytes().startswith(b"\x89PNG")
     assert not list((tmp_path / "work").iterdir())  # its checkpoints were removed
+
+
+def session_members(session: int) -> list[int]:
+    """Pids of the live processes of session ``session`` (field 6 of ``/proc/PID/stat``)."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        state, _, _, sid = stat[stat.rindex(")") + 2 :].split()[:4]
+        if int(sid) == session and state not in ("Z", "X"):
+            members.append(int(entry.name))
+    return members
+
+
+def dcp_checkpoint_processes(session: int) -> list[int]:
+    """The processes of ``session`` that DCP's process-based async_save started (spawned)."""
+    found = []
+    for pid in session_members(session):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        if b"spawn_main" in cmdline:
+            found.append(pid)
+    return found
+
+
+@pytest.mark.timeout(130)
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "ctrl-c"])
+def test_a_stopped_run_leaves_no_rank_and_no_dcp_checkpoint_process(
+    tmp_path: Path, stop: signal.Signals
+) -> None:
+    # Many rounds: the run is stopped long before it ends, once DCP's processes run.
+    args = ["--world-sizes", "2", "--mib", "1", "--rounds", "500", "--repeats", "1"]
+    args += ["--contenders", "dcp_async_save", "--coord-ranks", "0", "--small-ranks", "0"]
+    args += ["--s3-ranks", "0", "--start-method", "fork", "--dir", str(tmp_path)]
+    proc = subprocess.Popen(
+        [sys.executable, str(BENCH), *args],
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # the session holds the bench and all it starts
+    )
+    try:
+        deadline = time.monotonic() + 90
+        while len(dcp_checkpoint_processes(proc.pid)) < 2:
+            assert proc.poll() is None, "the bench ended before DCP's processes started"
+            assert time.monotonic() < deadline, "DCP's checkpoint processes never started"
+            time.sleep(0.2)
+        # To the bench alone, as `timeout`, `kill` or Ctrl-C would: the ranks lead process
+        # groups of their own, outside the terminal's foreground group.
+        proc.send_signal(stop)
+        proc.wait(timeout=30)
+        deadline = time.monotonic() + 30
+        while left := session_members(proc.pid):
+            assert time.monotonic() < deadline, f"left running after {stop.name}: {left}"
+            time.sleep(0.1)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for pid in session_members(proc.pid):  # never leave them to the next test
+            os.kill(pid, signal.SIGKILL)

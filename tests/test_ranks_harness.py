@@ -1,17 +1,20 @@
 """The test harness's own promises (``tests.ranks``): a hung job fails with each stuck rank's
-stacks, and no rendezvous store thread runs in the parent while it forks the ranks."""
+stacks, no rendezvous store thread runs in the parent while it forks the ranks, and
+non-daemonic ranks may start processes, none of which outlives the job."""
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import shutil
 import subprocess
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
-from tests.killing import proc_stat
+from tests.killing import proc_stat, wait_until_group_is_gone
 from tests.ranks import describe_stuck, run_ranks, values
 
 #: Thread counts of this process taken just before each fork, while a test records them.
@@ -86,3 +89,61 @@ def test_no_store_thread_runs_in_the_parent_while_ranks_are_forked() -> None:
         _recording[0] = False
     assert len(_threads_at_fork) == 4
     assert max(_threads_at_fork) <= before, (before, _threads_at_fork)
+
+
+def _start_a_sleeping_child() -> int:
+    """A multiprocessing child of this rank (a daemonic rank may not have one), left running."""
+    child = multiprocessing.get_context("fork").Process(target=time.sleep, args=(600,))
+    child.start()
+    assert child.pid is not None
+    assert os.getpgid(child.pid) == os.getpid()  # in the group this rank leads
+    return child.pid
+
+
+def _leave_a_child_behind(rank: int, world_size: int) -> tuple[int, int]:
+    return os.getpid(), _start_a_sleeping_child()
+
+
+def test_non_daemonic_ranks_may_start_children_and_none_outlives_the_job() -> None:
+    pids = values(run_ranks(_leave_a_child_behind, 2, daemon=False))
+    for rank_pid, child_pid in pids:
+        assert rank_pid != child_pid
+        wait_until_group_is_gone(rank_pid)  # the rank and its child, killed by run_ranks
+
+
+def _fail_while_a_peer_and_its_child_hang(rank: int, world_size: int, pid_file: str) -> None:
+    if rank == 1:
+        Path(pid_file).write_text(f"{os.getpid()} {_start_a_sleeping_child()}")
+        time.sleep(600)
+    deadline = time.monotonic() + 30
+    while not Path(pid_file).exists() or not Path(pid_file).read_text():
+        assert time.monotonic() < deadline, "rank 1 never started its child"
+        time.sleep(0.05)
+    raise RuntimeError("rank 0 fails")
+
+
+def test_a_failed_job_kills_a_hung_peer_and_its_children(tmp_path: Path) -> None:
+    pid_file = tmp_path / "rank1.pids"
+    results = run_ranks(
+        _fail_while_a_peer_and_its_child_hang, 2, str(pid_file), daemon=False, fail_fast=True
+    )
+    assert [(r.rank, r.error_type) for r in results] == [(0, "RuntimeError")]
+    rank_pid, child_pid = (int(pid) for pid in pid_file.read_text().split())
+    wait_until_group_is_gone(rank_pid)
+    assert (stat := proc_stat(child_pid)) is None or not stat.live  # its child too
+
+
+def _hang_with_a_child(rank: int, world_size: int, pid_file: str) -> None:
+    Path(pid_file).write_text(f"{os.getpid()} {_start_a_sleeping_child()}")
+    time.sleep(600)
+
+
+def test_a_hung_job_is_killed_with_its_children(tmp_path: Path) -> None:
+    pid_file = tmp_path / "rank0.pids"
+    with pytest.raises(TimeoutError):
+        run_ranks(
+            _hang_with_a_child, 1, str(pid_file), daemon=False, timeout=5, native_stacks=False
+        )
+    rank_pid, child_pid = (int(pid) for pid in pid_file.read_text().split())
+    wait_until_group_is_gone(rank_pid)
+    assert (stat := proc_stat(child_pid)) is None or not stat.live  # its child too

@@ -10,6 +10,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -252,8 +253,16 @@ def run_objstore(args: argparse.Namespace, run_dir: Path, started: float) -> dic
     return summarize_objstore(raw) if raw is not None else None
 
 
+def exit_on_sigterm(signum: int, frame: Any) -> None:
+    """SIGTERM (``timeout``, ``kill``) ends the run like Ctrl-C does: by an exception, so that
+    the running job's clean-up kills its ranks and what they started (Python's default
+    SIGTERM handling exits at once and leaves them running)."""
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    signal.signal(signal.SIGTERM, exit_on_sigterm)
     base = args.dir if args.dir else Path(tempfile.gettempdir())
     base.mkdir(parents=True, exist_ok=True)
     run_dir = base / f"distckpt-bench-{uuid.uuid4().hex[:8]}"

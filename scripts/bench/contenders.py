@@ -27,8 +27,12 @@ CONTENDERS: dict[str, str] = {
     "if the dcp format fails)",
     "distckpt_async_torch": "CheckpointManager(async_save=True).save: .blocking = until save() "
     "returns, .total = until wait() returns (buffers warmed by one untimed save)",
-    "dcp_async_save": "torch.distributed.checkpoint.async_save on its own gloo group: .blocking "
-    "= until it returns, .total = until its future is done",
+    "dcp_async_save": "torch.distributed.checkpoint.async_save on its own gloo group, in its "
+    "fastest mode (AsyncCheckpointerType.PROCESS: a checkpoint process per rank; THREAD if that "
+    "cannot start, see info.dcp_async_mode): .blocking = until it returns, .total = until its "
+    "future is done",
+    "dcp_async_save_thread": "the same in AsyncCheckpointerType.THREAD (a background thread in "
+    "the rank's own process), measured beside the process mode",
     "copy": "copy_ of every tensor into preallocated buffers: the floor of an async snapshot",
     "crc32": "distckpt's CRC-32 (fsutil.crc32) over the state's bytes, as computed while writing",
     "train": "a DDP-like CPU training step on every rank (a 3-layer MLP: forward, backward, "
@@ -37,9 +41,11 @@ CONTENDERS: dict[str, str] = {
     "after CheckpointManager(async_save=True).save returns until its background save is done "
     "on every rank, saves back to back until at least 8 steps overlapped one; "
     "train_during_distckpt_async_nice0 = the same with background_nice=0; "
-    "train_during_dcp_async = the same with dcp.async_save (gloo process_group) and its "
-    "future; *.save = a save's mean time until it finished, training alongside; *.lost = the "
-    "training time a save cost (those steps' sum minus as many idle steps, per save)",
+    "train_during_dcp_async = the same with dcp.async_save (gloo process_group, the mode "
+    "of dcp_async_save) and its future; train_during_dcp_async_thread = the same in the thread "
+    "mode, when dcp_async_save ran in the process mode; *.save = a save's mean time until it "
+    "finished, training alongside; *.lost = the training time a save cost (those steps' sum "
+    "minus as many idle steps, per save)",
     "restore": "restore_mmap = restore(step, mmap=True); restore_full = restore(step) (full "
     "read); raw_torch_load(_mmap) = torch.load of a torch.save file of the same state (written "
     "once per job, beside the checkpoints); all with the page cache "
@@ -54,6 +60,7 @@ SAVE_CONTENDERS = (
     "distckpt_sync_dcp",
     "distckpt_async_torch",
     "dcp_async_save",
+    "dcp_async_save_thread",
 )
 # Metrics whose time covers writing or reading the whole state (a throughput makes sense).
 WHOLE_STATE = {
@@ -64,6 +71,7 @@ WHOLE_STATE = {
     "distckpt_sync_dcp",
     "distckpt_async_torch.total",
     "dcp_async_save.total",
+    "dcp_async_save_thread.total",
     "copy",
     "crc32",
     "restore_full",
@@ -80,6 +88,8 @@ METRIC_ORDER = (
     "distckpt_async_torch.total",
     "dcp_async_save.blocking",
     "dcp_async_save.total",
+    "dcp_async_save_thread.blocking",
+    "dcp_async_save_thread.total",
     "copy",
     "crc32",
     "restore_mmap",
@@ -92,12 +102,15 @@ METRIC_ORDER = (
     "train_during_distckpt_async",
     "train_during_distckpt_async_nice0",
     "train_during_dcp_async",
+    "train_during_dcp_async_thread",
     "train_during_distckpt_async.save",
     "train_during_distckpt_async_nice0.save",
     "train_during_dcp_async.save",
+    "train_during_dcp_async_thread.save",
     "train_during_distckpt_async.lost",
     "train_during_distckpt_async_nice0.lost",
     "train_during_dcp_async.lost",
+    "train_during_dcp_async_thread.lost",
 )
 RATIOS = (
     ("distckpt_sync_torch", "raw_torch_save"),
@@ -113,6 +126,10 @@ RATIOS = (
     ("dcp_async_save.blocking", "copy"),
     ("dcp_async_save.blocking", "dcp_save"),
     ("dcp_async_save.total", "dcp_save"),
+    ("dcp_async_save.blocking", "dcp_async_save_thread.blocking"),
+    ("dcp_async_save.total", "dcp_async_save_thread.total"),
+    ("distckpt_async_torch.blocking", "dcp_async_save.blocking"),
+    ("distckpt_async_torch.total", "dcp_async_save.total"),
     ("crc32", "distckpt_sync_torch"),
     ("restore_mmap", "restore_full"),
     ("restore_full", "raw_torch_load"),
@@ -120,12 +137,15 @@ RATIOS = (
     ("restore_mmap_cold", "restore_full_cold"),
     ("train_during_distckpt_async", "train_idle"),
     ("train_during_dcp_async", "train_idle"),
+    ("train_during_dcp_async_thread", "train_idle"),
     ("train_during_distckpt_async_nice0", "train_idle"),
     ("train_during_distckpt_async", "train_during_dcp_async"),
+    ("train_during_distckpt_async", "train_during_dcp_async_thread"),
     ("train_during_distckpt_async", "train_during_distckpt_async_nice0"),
     ("train_during_distckpt_async.save", "distckpt_async_torch.total"),
     ("train_during_dcp_async.save", "dcp_async_save.total"),
     ("train_during_distckpt_async.lost", "train_during_dcp_async.lost"),
+    ("train_during_distckpt_async.lost", "train_during_dcp_async_thread.lost"),
     ("train_during_distckpt_async.save", "train_during_distckpt_async_nice0.save"),
 )
 

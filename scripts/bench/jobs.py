@@ -29,6 +29,10 @@ def main_job(rank: int, world: int, job: dict[str, Any]) -> dict[str, Any] | Non
     """Run every requested contender; rank 0 returns the measurements, the others None."""
     # distckpt warns when a delete leaves `last` naming nothing: expected here, every round.
     logging.getLogger("distckpt").setLevel(logging.ERROR)
+    # DCP's checkpoint process (AsyncCheckpointerType.PROCESS) meets its peers in a store on
+    # MASTER_ADDR, or else on this host's fully qualified name, which may resolve slowly or
+    # not at all: the ranks are on 127.0.0.1.
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     with recording() as recorder:
         return MainJob(Ranks(rank, world), job, recorder).run()
 
@@ -68,7 +72,10 @@ class MainJob:
         self.dcp_group: Any = None
         self.async_group: Any = None
         self.dcp_async_ok = False
+        #: dcp_async_save's mode: the process mode, or the thread mode if that cannot start
         self.dcp_async_mode = AsyncCheckpointerType.PROCESS
+        #: the thread mode measured beside the process mode (dcp_async_save_thread, training)
+        self.dcp_thread_ok = False
         self.buffers: list[torch.Tensor] = []
         self.views: list[Any] = []
         self.chunk = b""
@@ -176,7 +183,7 @@ class MainJob:
         ranks, tiny = self.ranks, self.tiny
         if "dcp_save" in active:
             self.dcp_group = dist.new_group(backend="gloo")
-        dcp_async = bool({"dcp_async_save", "train"} & active)
+        dcp_async = bool({"dcp_async_save", "dcp_async_save_thread", "train"} & active)
         if dcp_async:
             self.async_group = dist.new_group(backend="gloo")
         self.dcp_async_ok = dcp_async
@@ -212,13 +219,36 @@ class MainJob:
                 if "train" in active:
                     self.skipped["train_during_dcp_async"] = why
             ranks.remove(probe)
+        thread_wanted = bool({"dcp_async_save_thread", "train"} & active)
+        process_mode = self.dcp_async_mode == AsyncCheckpointerType.PROCESS
+        if thread_wanted and self.dcp_async_ok and process_mode:
+            probe = ranks.fresh_dir(self.work / "dcp_thread_probe")
+            try:
+                thread = AsyncCheckpointerType.THREAD
+                ranks.measure(lambda t0: c.dcp_result(self.dcp_async_save(tiny, probe, thread)))
+                self.dcp_thread_ok = True
+            except ContenderFailed as exc:
+                if "dcp_async_save_thread" in active:
+                    self.skip("dcp_async_save_thread", f"dcp.async_save (thread) failed: {exc}")
+            ranks.remove(probe)
+        elif "dcp_async_save_thread" in active:
+            self.skip(
+                "dcp_async_save_thread",
+                "dcp_async_save measured the thread mode already (see dcp_async_mode_refused)"
+                if self.dcp_async_ok
+                else "dcp.async_save failed",
+            )
 
-    def dcp_async_save(self, state: Any, path: Path) -> Any:
+    def dcp_async_save(
+        self, state: Any, path: Path, mode: AsyncCheckpointerType | None = None
+    ) -> Any:
+        """``dcp.async_save`` of ``state`` into ``path``, in ``mode`` (default: the fastest
+        mode that started, :attr:`dcp_async_mode`)."""
         return dcp.async_save(
             state,
             storage_writer=self.writer(path),
             process_group=self.async_group,
-            async_checkpointer_type=self.dcp_async_mode,
+            async_checkpointer_type=mode or self.dcp_async_mode,
         )
 
     # -- measurements
@@ -294,10 +324,11 @@ class MainJob:
                     state, storage_writer=self.writer(d), process_group=self.dcp_group
                 ),
             )
-        if name == "dcp_async_save":
+        if name in ("dcp_async_save", "dcp_async_save_thread"):
+            mode = AsyncCheckpointerType.THREAD if name == "dcp_async_save_thread" else None
 
             def dcp_async(t0: float, d: Path) -> c.Marks:
-                future = self.dcp_async_save(state, d)
+                future = self.dcp_async_save(state, d, mode)
                 blocking = time.perf_counter() - t0
                 c.dcp_result(future)
                 return c.Marks(blocking=blocking, total=time.perf_counter() - t0)

@@ -28,7 +28,9 @@ def run_job(
     timeout: float,
 ) -> dict[str, Any]:
     """Start ``world`` ranks running ``fn(rank, world, job)``; rank 0's result. The first rank
-    to fail stops the job (its peers are killed)."""
+    to fail stops the job (its peers are killed). The ranks are not daemonic, so DCP's
+    process-based ``async_save`` can start its checkpoint process in each; whatever a rank
+    started is killed with it when the job ends, however it ends."""
     try:
         results = run_ranks(
             fn,
@@ -38,6 +40,7 @@ def run_job(
             pg_timeout=job["pg_timeout"],
             start_method=method,
             fail_fast=True,
+            daemon=False,
         )
     except (TimeoutError, AssertionError) as exc:  # a hang, or ranks that died silently
         raise JobFailed(str(exc)) from None

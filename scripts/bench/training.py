@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
 
 from bench.contenders import Marks
 
@@ -164,24 +165,29 @@ def measure_training_round(job: MainJob, r: int) -> None:
 
         return run
 
-    def with_dcp() -> None:
-        d = ranks.fresh_dir(job.work / "train_dcp" / f"round-{r}")
+    def with_dcp(name: str, mode: AsyncCheckpointerType | None) -> Callable[[], None]:
+        def run() -> None:
+            d = ranks.fresh_dir(job.work / name / f"round-{r}")
 
-        def dcp_start(i: int) -> tuple[Callable[[], bool], Callable[[], Any]]:
-            future = job.dcp_async_save(state, d / f"save-{i}")
-            future = getattr(future, "upload_completion", future)
-            return (lambda: not future.done()), future.result
+            def dcp_start(i: int) -> tuple[Callable[[], bool], Callable[[], Any]]:
+                future = job.dcp_async_save(state, d / f"save-{i}", mode)
+                future = getattr(future, "upload_completion", future)
+                return (lambda: not future.done()), future.result
 
-        try:
-            marks = ranks.measure(lambda t0: train_during(t0, trainer, dcp_start, idle[""]))
-        finally:
-            ranks.remove(d)
-        record("train_during_dcp_async", marks)
+            try:
+                marks = ranks.measure(lambda t0: train_during(t0, trainer, dcp_start, idle[""]))
+            finally:
+                ranks.remove(d)
+            record(name, marks)
+
+        return run
 
     runs = [with_distckpt("train_during_distckpt_async", job.mgr_a)]
     if job.mgr_a_nice0 is not None:
         runs.append(with_distckpt("train_during_distckpt_async_nice0", job.mgr_a_nice0))
     if job.dcp_async_ok:
-        runs.append(with_dcp)
+        runs.append(with_dcp("train_during_dcp_async", None))
+    if job.dcp_thread_ok:  # the thread mode beside the process mode
+        runs.append(with_dcp("train_during_dcp_async_thread", AsyncCheckpointerType.THREAD))
     for run in runs[r % len(runs) :] + runs[: r % len(runs)]:
         run()
