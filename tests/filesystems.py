@@ -119,6 +119,20 @@ def not_mountable_reason(tools: tuple[str, ...]) -> str | None:
     return None
 
 
+def tool_missing_reason(tool: str, package: str) -> str | None:
+    """Why ``tool`` cannot be run here, or None once it can (``package`` is installed with
+    apt-get first where it is missing and apt-get exists)."""
+    if shutil.which(tool) is not None:
+        return None
+    if shutil.which("apt-get") is None:
+        return f"{tool} is missing and there is no apt-get to install {package}"
+    try:
+        _install_packages([package])
+    except RuntimeError as exc:
+        return f"could not install {package}: {exc}"
+    return None if shutil.which(tool) is not None else f"installed {package} but no {tool}"
+
+
 _apt_updated = False
 
 
@@ -143,9 +157,10 @@ def _install_packages(packages: list[str]) -> None:
 
 
 def skip_or_fail(reason: str) -> None:
-    """Skip a test that needs a mount this machine cannot make; in CI that is a failure."""
+    """Skip a test that needs a mount or a tool this machine cannot provide; in CI that is a
+    failure."""
     if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(f"CI must run every filesystem test, but: {reason}")
+        pytest.fail(f"CI must run every test, but: {reason}")
     pytest.skip(reason)
 
 

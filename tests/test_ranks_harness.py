@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import shutil
 import subprocess
 import time
 from collections.abc import Iterator
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.filesystems import skip_or_fail, tool_missing_reason
 from tests.killing import proc_stat, wait_until_group_is_gone
 from tests.ranks import describe_stuck, run_ranks, values
 
@@ -65,8 +65,10 @@ def sleeper() -> Iterator[int]:
         process.wait()
 
 
-@pytest.mark.skipif(shutil.which("gdb") is None, reason="native stacks come from gdb")
 def test_a_stuck_process_is_described_down_to_its_native_frames(sleeper: int) -> None:
+    missing = tool_missing_reason("gdb", "gdb")  # native stacks come from gdb
+    if missing is not None:
+        skip_or_fail(missing)
     description = describe_stuck(sleeper, None)
     assert f"thread {sleeper}: state S" in description
     assert "no Python stacks" in description
