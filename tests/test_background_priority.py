@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import distckpt
-from distckpt import background, events
+from distckpt import background, events, fsutil
 from tests.ranks import run_ranks, values
 
 #: How long a rank waits for the other thread's side of the handshake before failing.
@@ -82,6 +82,41 @@ def test_background_thread_runs_niced_while_it_writes(
         run_ranks(_nice_while_writing, 2, str(tmp_path), training_nice, options, timeout=90)
     )
     assert out == [(training_nice, expected_writer_nice, float(rank)) for rank in range(2)]
+
+
+def _writer_thread_nices(rank: int, world_size: int, root: str) -> tuple[int, list[int]]:
+    """An async save with 2 writer threads per rank; the nice values those threads had while
+    they checksummed their chunks (read through a wrapper that calls the real CRC-32)."""
+    seen: set[int] = set()
+    real_crc32 = fsutil.crc32
+
+    def recording_crc32(data: Any, value: int = 0) -> int:
+        if threading.current_thread().name.startswith("distckpt-writer"):
+            seen.add(thread_nice(threading.get_native_id()))
+        return real_crc32(data, value)
+
+    fsutil.crc32 = recording_crc32  # the parallel writer looks it up in fsutil at each chunk
+    try:
+        with distckpt.CheckpointManager(
+            root, async_save=True, fsync=False, timeout=30, writer_threads=2
+        ) as mgr:
+            mgr.save(1, {"w": torch.full((3 << 20,), float(rank))})  # 12 MiB: several chunks
+            mgr.wait()
+    finally:
+        fsutil.crc32 = real_crc32
+    return thread_nice(threading.get_native_id()), sorted(seen)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice is Linux's")
+def test_writer_threads_of_an_async_save_run_at_the_background_threads_nice(
+    tmp_path: Path,
+) -> None:
+    # Threads inherit their creator's nice: the writers, started by the background thread,
+    # run as niced as it does (the default background_nice, 10 above training).
+    for training_nice, writer_nices in values(
+        run_ranks(_writer_thread_nices, 2, str(tmp_path), timeout=90)
+    ):
+        assert writer_nices == [min(background.MAX_NICE, training_nice + 10)]
 
 
 @pytest.mark.parametrize("bad", [-1, 20, 1.5, True, "10"])
