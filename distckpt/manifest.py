@@ -20,8 +20,8 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from distckpt._version import __version__
+from distckpt.checksums import CHECKSUM_ALGORITHM, file_checksum
 from distckpt.errors import CorruptCheckpoint, InvalidArgument, UnsupportedVersion
-from distckpt.fsutil import CHECKSUM_ALGORITHM, file_checksum
 from distckpt.layout import MANIFEST_NAME
 
 #: Bumped when a change to the schema or to a format's files would mislead an older reader.

@@ -12,7 +12,7 @@ says why botocore and which store features each guarantee rests on:
   :class:`~distckpt.errors.PreconditionFailed`.
 * :meth:`ObjectStore.open_write` (:mod:`distckpt.objstreams`) streams a large object as a
   parallel multipart upload and computes distckpt's CRC-32 (the value
-  :class:`distckpt.fsutil.ChecksumWriter` computes) and size as bytes go by. The object appears
+  :class:`distckpt.checksums.ChecksumWriter` computes) and size as bytes go by. The object appears
   whole when the writer is closed, or never; a writer left by an exception aborts its upload.
 * :meth:`ObjectStore.open_read` streams an object back through a seekable file-like pinned to
   the ETag it opened, so a replaced object is noticed instead of read as a mix.
@@ -34,6 +34,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
+from distckpt.checksums import crc32
 from distckpt.errors import (
     InvalidArgument,
     ObjectExists,
@@ -43,7 +44,6 @@ from distckpt.errors import (
     StoreAccessDenied,
     StoreUnavailable,
 )
-from distckpt.fsutil import crc32
 
 if TYPE_CHECKING:
     from distckpt.objstreams import ObjectReader, ObjectWriter

@@ -12,8 +12,8 @@ import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
+from distckpt.checksums import crc32
 from distckpt.errors import StoreUnavailable
-from distckpt.fsutil import crc32
 from distckpt.objstore import ObjectStore, crc32_base64
 
 _PARTS_PER_SIZE_STEP = 1000  # part size doubles every 1000 parts: S3 allows 10,000 parts
@@ -23,7 +23,7 @@ class ObjectWriter:
     """Streams one object into the store: bytes are buffered into parts that are uploaded in
     parallel (at most ``max_concurrency`` in flight, so memory stays bounded) while ``write``
     goes on; distckpt's CRC-32 and the size are computed as bytes go by, exactly as
-    :class:`distckpt.fsutil.ChecksumWriter` does, and sent for the store to check as the
+    :class:`distckpt.checksums.ChecksumWriter` does, and sent for the store to check as the
     object's full-object CRC-32.
 
     ``close()`` publishes the object — all at once, as one PUT or by completing the multipart

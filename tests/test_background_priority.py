@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import distckpt
-from distckpt import background, events, fsutil
+from distckpt import background, checksums, events
 from tests.ranks import run_ranks, values
 
 #: How long a rank waits for the other thread's side of the handshake before failing.
@@ -88,14 +88,14 @@ def _writer_thread_nices(rank: int, world_size: int, root: str) -> tuple[int, li
     """An async save with 2 writer threads per rank; the nice values those threads had while
     they checksummed their chunks (read through a wrapper that calls the real CRC-32)."""
     seen: set[int] = set()
-    real_crc32 = fsutil.crc32
+    real_crc32 = checksums.crc32
 
     def recording_crc32(data: Any, value: int = 0) -> int:
         if threading.current_thread().name.startswith("distckpt-writer"):
             seen.add(thread_nice(threading.get_native_id()))
         return real_crc32(data, value)
 
-    fsutil.crc32 = recording_crc32  # the parallel writer looks it up in fsutil at each chunk
+    checksums.crc32 = recording_crc32  # the parallel writer looks it up in checksums at each chunk
     try:
         with distckpt.CheckpointManager(
             root, async_save=True, fsync=False, timeout=30, writer_threads=2
@@ -103,7 +103,7 @@ def _writer_thread_nices(rank: int, world_size: int, root: str) -> tuple[int, li
             mgr.save(1, {"w": torch.full((3 << 20,), float(rank))})  # 12 MiB: several chunks
             mgr.wait()
     finally:
-        fsutil.crc32 = real_crc32
+        checksums.crc32 = real_crc32
     return thread_nice(threading.get_native_id()), sorted(seen)
 
 

@@ -22,7 +22,7 @@ from torch import nn
 
 import distckpt
 from distckpt import faults, fsutil
-from distckpt.fsutil import file_checksum
+from distckpt.checksums import file_checksum
 from distckpt.manifest import FORMAT_VERSION
 from distckpt.storage import open_store
 from distckpt.storage import posix as posix_store

@@ -16,9 +16,10 @@ import torch._dynamo  # imported here once: FSDP2 would import it in every rank
 
 import distckpt
 from distckpt import faults
+from distckpt.checksums import file_checksum
 from distckpt.errors import CorruptCheckpoint, InvalidArgument, UnsafeCheckpoint
 from distckpt.formats.dcp import ModelOptimizerState
-from distckpt.fsutil import atomic_write_bytes, file_checksum
+from distckpt.fsutil import atomic_write_bytes
 from distckpt.layout import MANIFEST_NAME
 from distckpt.manifest import FileRecord, read_manifest
 from tests.ranks import run_ranks, values

@@ -51,7 +51,7 @@ import torch
 import torch.distributed as dist
 
 import distckpt
-from distckpt import faults, fsutil
+from distckpt import checksums, faults
 from distckpt.fsutil import read_link
 from distckpt.layout import RootLayout, parse_step_dir_name, step_dir_name
 from tests.ranks import PortHandoff, init_gloo, run_ranks, start_then_host, values
@@ -446,10 +446,10 @@ def _disk_error_job(rank: int, world_size: int, root: str, code: int) -> dict[st
     with manager(root) as mgr:
         for step in (1, 2):
             mgr.save(step, state_of(step, rank), metrics={"loss": loss_of(step)})
-        real_write = fsutil.ChecksumWriter._write_all
+        real_write = checksums.ChecksumWriter._write_all
         landed: dict[int, int] = {}
 
-        def failing_write(self: fsutil.ChecksumWriter, view: memoryview) -> None:
+        def failing_write(self: checksums.ChecksumWriter, view: memoryview) -> None:
             # The disk itself fails after 100 bytes of a file (full, or dying).
             room = 100 - landed.get(id(self), 0)
             if view.nbytes <= room:
@@ -461,13 +461,13 @@ def _disk_error_job(rank: int, world_size: int, root: str, code: int) -> dict[st
             raise OSError(code, os.strerror(code), os.fspath(self.path))
 
         if rank == 1:
-            fsutil.ChecksumWriter._write_all = failing_write  # type: ignore[method-assign]
+            checksums.ChecksumWriter._write_all = failing_write  # type: ignore[method-assign]
         try:
             mgr.save(3, state_of(3, rank), metrics={"loss": loss_of(3)})
         except Exception as exc:
             out.update(describe(exc))
         finally:
-            fsutil.ChecksumWriter._write_all = real_write  # type: ignore[method-assign]
+            checksums.ChecksumWriter._write_all = real_write  # type: ignore[method-assign]
         if rank == 0:
             out["steps"] = mgr.steps()
             out["leftovers"] = leftovers(Path(root))

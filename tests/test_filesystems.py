@@ -390,7 +390,7 @@ def test_disk_full_error_names_the_file(mounts: MountFactory) -> None:
             os.posix_fallocate(file.fileno(), 0, _free(mount.path))
         with (
             pytest.raises(OSError) as info,
-            distckpt.fsutil.ChecksumWriter(target, fsync=True) as writer,
+            distckpt.checksums.ChecksumWriter(target, fsync=True) as writer,
         ):
             writer.write(bytes(8 << 20))
         assert os.fspath(target) in str(info.value)

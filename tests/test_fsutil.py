@@ -15,14 +15,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from distckpt.checksums import COALESCE_BYTES, ChecksumWriter, crc32_combine, file_checksum
 from distckpt.fsutil import (
-    COALESCE_BYTES,
     POINTER_MAX_BYTES,
-    ChecksumWriter,
     atomic_write_bytes,
-    crc32_combine,
     discard_dir,
-    file_checksum,
     make_dirs,
     probe_writable,
     read_link,

@@ -19,7 +19,7 @@ from torch import nn
 
 import distckpt
 from distckpt import faults
-from distckpt.fsutil import file_checksum
+from distckpt.checksums import file_checksum
 from tests.filesystems import MountFactory
 from tests.ranks import run_ranks, values
 

@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
+from distckpt.checksums import file_checksum
 from distckpt.errors import CorruptCheckpoint, InvalidArgument, UnsupportedVersion
-from distckpt.fsutil import file_checksum
 from distckpt.manifest import (
     FORMAT_VERSION,
     FileRecord,

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from distckpt import CheckpointError, InvalidArgument
+from distckpt.checksums import ChecksumWriter, crc32
 from distckpt.errors import (
     ObjectExists,
     ObjectNotFound,
@@ -19,7 +20,6 @@ from distckpt.errors import (
     StoreAccessDenied,
     StoreUnavailable,
 )
-from distckpt.fsutil import ChecksumWriter, crc32
 from distckpt.objstore import MIN_PART_SIZE, ObjectStore, S3Url, is_s3_url
 from tests.ranks import free_port, run_ranks, values
 from tests.s3server import FlakyProxy, S3Server

@@ -191,7 +191,7 @@ def test_the_checksum_and_size_cover_every_byte_of_the_file(tmp_path: Path) -> N
     path = tmp_path / "rank.pt"
     writer = write_rank_file({"w": torch.randn(1000), "n": 3}, path, fsync=True)
     assert writer.size == path.stat().st_size
-    assert writer.checksum == distckpt.fsutil.file_checksum(path)
+    assert writer.checksum == distckpt.checksums.file_checksum(path)
 
 
 def test_tensor_bytes_lie_raw_and_aligned_where_the_index_says(tmp_path: Path) -> None:

@@ -590,7 +590,7 @@ def test_a_damaged_commit_object_is_skipped_and_reported(s3_server: S3Server, s3
 def test_a_spool_is_uploaded_as_written_and_checked_against_the_records(
     s3_server: S3Server, s3_url: str, tmp_path: Path
 ) -> None:
-    from distckpt.fsutil import ChecksumWriter, file_checksum
+    from distckpt.checksums import ChecksumWriter, file_checksum
     from distckpt.manifest import FileRecord
     from distckpt.storage.s3_spool import POLL_SECONDS, SpoolUploads
 

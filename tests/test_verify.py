@@ -364,7 +364,7 @@ def test_checksums_are_crc32_computed_while_writing(
     def no_second_read(*args: object, **kwargs: object) -> str:
         raise AssertionError("a file was read back to checksum it")
 
-    monkeypatch.setattr("distckpt.fsutil.file_checksum", no_second_read)
+    monkeypatch.setattr("distckpt.checksums.file_checksum", no_second_read)
     monkeypatch.setattr("distckpt.manifest.file_checksum", no_second_read)
     root = tmp_path / "root"
     with distckpt.CheckpointManager(root, fsync=False) as mgr:

@@ -1,5 +1,5 @@
 """``writer_threads``: a rank file's tensor bytes written by several threads at their offsets
-(:meth:`distckpt.fsutil.ChecksumWriter.write_in_parallel`) make the same file, size and
+(:meth:`distckpt.checksums.ChecksumWriter.write_in_parallel`) make the same file, size and
 checksum as one thread appending them."""
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ import pytest
 import torch
 
 import distckpt
+from distckpt.checksums import file_checksum
 from distckpt.formats import format_named
 from distckpt.formats.base import ReadOptions
 from distckpt.formats.raw_rank_file import load_rank_file, write_rank_file
 from distckpt.formats.torch_files import load_skeleton
-from distckpt.fsutil import file_checksum
 from distckpt.manifest import read_manifest
 from tests.filesystems import MountFactory
 from tests.ranks import run_ranks, values

@@ -9,7 +9,7 @@ files are never read back to checksum them).
 
 Saving: ``write`` runs ``dcp.save`` on every rank at once over distckpt's private gloo group
 (DCP's no-dist path without torch.distributed). DCP is given a storage writer whose files are
-:class:`~distckpt.fsutil.ChecksumWriter` streams, fsynced on close when the manager fsyncs. The
+:class:`~distckpt.checksums.ChecksumWriter` streams, fsynced on close when the manager fsyncs. The
 only rename DCP does (``.metadata.tmp`` to ``.metadata``) stays inside the staging dir, and the
 metadata records no absolute path (``checkpoint_id`` is left empty), so the committed dir does
 not depend on where it was staged and can be moved.

@@ -29,8 +29,8 @@ from torch.distributed.checkpoint.metadata import (
     TensorStorageMetadata,
 )
 
+from distckpt.checksums import CHECKSUM_ALGORITHM, crc32
 from distckpt.errors import CorruptCheckpoint, UnsafeCheckpoint
-from distckpt.fsutil import CHECKSUM_ALGORITHM, crc32
 from distckpt.manifest import Manifest
 
 #: The file rank 0 writes that maps every chunk of every tensor to its bytes.

@@ -21,10 +21,10 @@ from torch.distributed.checkpoint.filesystem import (
 from torch.distributed.checkpoint.metadata import STATE_DICT_TYPE, Metadata, StorageMeta
 from torch.distributed.checkpoint.planner import LoadPlan, ReadItem
 
+from distckpt.checksums import ChecksumWriter
 from distckpt.errors import CheckpointError, CorruptCheckpoint
 from distckpt.formats.base import ReadOptions
 from distckpt.formats.torch_files import safe_torch_load
-from distckpt.fsutil import ChecksumWriter
 from distckpt.state import LoadReport, set_path
 
 

@@ -4,7 +4,7 @@ raw, beside an index and the state's pickled skeleton.
 ``torch.save`` puts every storage in a zip record and hands its bytes to Python in pieces; on
 a fast disk that costs about half as much again as writing the bytes. This layout writes each
 storage's bytes with one large ``write`` straight from the tensor's memory (small ones gathered
-by :class:`~distckpt.fsutil.ChecksumWriter`, which checksums every byte on the way), and reads
+by :class:`~distckpt.checksums.ChecksumWriter`, which checksums every byte on the way), and reads
 them back with ``preadv`` straight into freshly allocated storages, or maps the file.
 
 A file is, in order:
@@ -46,9 +46,9 @@ from typing import Any, Callable, NamedTuple
 
 import torch
 
+from distckpt.checksums import ChecksumWriter
 from distckpt.errors import CorruptCheckpoint
 from distckpt.formats.base import ReadOptions
-from distckpt.fsutil import ChecksumWriter
 from distckpt.state import same_kind_of_tuple
 
 #: The first bytes of every rank file in this layout.
@@ -196,7 +196,7 @@ def write_rank_file(
     """Write ``state`` to a new file at ``path`` in this layout; returns the closed writer
     (its ``size`` and ``checksum`` cover every byte of the file). With ``writer_threads`` > 1
     the storages' bytes are written by that many threads at their offsets
-    (:meth:`~distckpt.fsutil.ChecksumWriter.write_in_parallel`); the file is byte for byte the
+    (:meth:`~distckpt.checksums.ChecksumWriter.write_in_parallel`); the file is byte for byte the
     one a single writer makes, which appends them in turn with ``write``."""
     splitter = _Splitter()
     skeleton = splitter.split(state)

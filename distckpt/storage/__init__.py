@@ -195,7 +195,7 @@ class RootStore(abc.ABC):
 
 class ChecksummingWriter(Protocol):
     """A file-like that counts and checksums what goes through it (a
-    :class:`~distckpt.fsutil.ChecksumWriter`, an :class:`~distckpt.objstreams.ObjectWriter`)."""
+    :class:`~distckpt.checksums.ChecksumWriter`, an :class:`~distckpt.objstreams.ObjectWriter`)."""
 
     size: int
 

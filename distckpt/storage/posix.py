@@ -32,6 +32,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from distckpt import events, faults, policy, resolve
+from distckpt.checksums import ChecksumWriter
 from distckpt.errors import (
     CheckpointError,
     CommitLost,
@@ -41,7 +42,6 @@ from distckpt.errors import (
 )
 from distckpt.fsutil import (
     LINK_MODES,
-    ChecksumWriter,
     LinkMode,
     atomic_write_bytes,
     exchange_dirs,

@@ -28,12 +28,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from distckpt.checksums import crc32
 from distckpt.errors import (
     CheckpointNotFound,
     CorruptCheckpoint,
     ObjectNotFound,
 )
-from distckpt.fsutil import POINTER_MAX_BYTES, crc32
+from distckpt.fsutil import POINTER_MAX_BYTES
 from distckpt.layout import LINK_NAMES, MANIFEST_NAME, parse_step_dir_name, step_dir_name
 from distckpt.manifest import CHECKSUM_ALGORITHM, MAX_MANIFEST_BYTES, Manifest
 from distckpt.objstore import ObjectStore, S3Url

@@ -34,7 +34,8 @@ CONTENDERS: dict[str, str] = {
     "dcp_async_save_thread": "the same in AsyncCheckpointerType.THREAD (a background thread in "
     "the rank's own process), measured beside the process mode",
     "copy": "copy_ of every tensor into preallocated buffers: the floor of an async snapshot",
-    "crc32": "distckpt's CRC-32 (fsutil.crc32) over the state's bytes, as computed while writing",
+    "crc32": "distckpt's CRC-32 (checksums.crc32) over the state's bytes, as computed while "
+    "writing",
     "train": "a DDP-like CPU training step on every rank (a 3-layer MLP: forward, backward, "
     "all_reduce of the flat gradients on the default gloo group, SGD): train_idle = its median "
     "time with no save running; train_during_distckpt_async = the median of the steps run "
@@ -229,11 +230,11 @@ def async_marks(t0: float, mgr: Any, step: int, state: Any) -> Marks:
 
 def crc32(views: Sequence[Any]) -> int:
     """``crc32``: distckpt's checksum over the state's bytes."""
-    from distckpt import fsutil
+    from distckpt import checksums
 
     crc = 0
     for view in views:
-        crc = fsutil.crc32(view, crc)
+        crc = checksums.crc32(view, crc)
     return crc
 
 
