@@ -22,39 +22,39 @@ collective, and then raise the same error on every rank:
   point); a gather must always be concluded, or the other ranks wait for the broadcast.
 
 Errors cross ranks as their class name, message and structured fields
-(:meth:`~distckpt.errors.CheckpointError.fields`) and are rebuilt on the other side.
-Values cross as pickles in a fixed-size frame: one tensor collective per verb, a second only for
-a value that does not fit (:data:`FRAME_BYTES`; in a gather, only the ranks whose value did not
-fit send the rest, to rank 0 alone). Collectives run on the coordinator's own gloo
-group, created with the manager's timeout, so a dead or hung rank surfaces as
-:class:`CoordinationError` (:class:`CoordinationTimeout` when gloo timed out) after that timeout
-instead of gloo's 30-minute default, and distckpt's collectives never interleave with the
-training loop's. Nothing here knows about files or formats.
+(:meth:`~distckpt.errors.CheckpointError.fields`) and are rebuilt on the other side
+(:mod:`distckpt.coord_outcomes`: a rank's :class:`~distckpt.coord_outcomes.Outcome` and the
+rules that raise the same error on every rank). Values cross as pickles in a fixed-size frame
+(:mod:`distckpt.coord_frames`): one tensor collective per verb, a second only for a value that
+does not fit (:data:`~distckpt.coord_frames.FRAME_BYTES`; in a gather, only the ranks whose
+value did not fit send the rest, to rank 0 alone). Collectives run on the coordinator's own
+gloo group (:mod:`distckpt.coord_groups`, which pools them), created with the manager's
+timeout, so a dead or hung rank surfaces as :class:`CoordinationError`
+(:class:`CoordinationTimeout` when gloo timed out) after that timeout instead of gloo's
+30-minute default, and distckpt's collectives never interleave with the training loop's.
+This module holds the verbs and their collectives; those three hold the parts no verb needs to
+be read with. Nothing here knows about files or formats.
 """
 
 from __future__ import annotations
 
-import atexit
-import datetime
 import logging
-import pickle
-import struct
-import threading
 import time
-import traceback
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 import torch
 import torch.distributed as dist
 
 from distckpt import errors, events
+from distckpt.coord_frames import FRAME_BYTES, frame_length, pack_frame, padded_rest, unpack_frame
+from distckpt.coord_groups import return_private_group, take_private_group
+from distckpt.coord_outcomes import Outcome, raise_failures
 from distckpt.errors import (
     CheckpointError,
     CoordinationError,
     CoordinationTimeout,
-    RankFailure,
     describe_error,
 )
 
@@ -69,14 +69,6 @@ R = TypeVar("R")
 GLOO_TIMEOUT_MESSAGES = ("Timed out waiting", "Application timeout caused pair closure")
 
 
-#: Bytes of a pickled value that an object collective carries in its first round, after an
-#: 8-byte length. torch's ``all_gather_object`` and ``broadcast_object_list`` always spend two
-#: collectives (the sizes, then the padded bytes); everything the save protocol exchanges
-#: (proposals, one shard's file records, verdicts) fits in this frame, so one collective
-#: suffices, and only a longer value's rest follows in a second round sized to the longest.
-FRAME_BYTES = 4096
-_LENGTH = struct.Struct("<q")
-
 #: From this many ranks on, :meth:`Coordinator.all_reduce` gathers to rank 0 and broadcasts
 #: the result instead of all-gathering. gloo's all-gather is a ring of ``world_size - 1``
 #: steps, each a wake-up of every rank, where a gather is one step into rank 0 and a broadcast
@@ -86,84 +78,11 @@ _LENGTH = struct.Struct("<q")
 GATHER_FROM_RANKS = 3
 
 
-def pack_frame(value: object) -> tuple[torch.Tensor, bytes]:
-    """``value`` pickled into a first-round frame (its length, then up to
-    :data:`FRAME_BYTES` of it) and the rest that did not fit."""
-    payload = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
-    head = payload[:FRAME_BYTES]
-    frame = bytearray(_LENGTH.size + FRAME_BYTES)
-    _LENGTH.pack_into(frame, 0, len(payload))
-    frame[_LENGTH.size : _LENGTH.size + len(head)] = head
-    return torch.frombuffer(frame, dtype=torch.uint8), payload[FRAME_BYTES:]
-
-
-def frame_length(frame: torch.Tensor) -> int:
-    """The pickled length a frame announces."""
-    return _LENGTH.unpack(frame[: _LENGTH.size].numpy().tobytes())[0]
-
-
-def unpack_frame(frame: torch.Tensor, rest: torch.Tensor | None) -> Any:
-    """The value of a frame and, if it did not fit, the rest of its bytes (possibly padded)."""
-    length = frame_length(frame)
-    payload = frame[_LENGTH.size : _LENGTH.size + min(length, FRAME_BYTES)].numpy().tobytes()
-    if length > FRAME_BYTES:
-        assert rest is not None  # the second round ran: some frame announced more
-        payload += rest[: length - FRAME_BYTES].numpy().tobytes()
-    # Only the ranks of this job's own private group send these bytes: the same trust as
-    # torch's own object collectives, which unpickle too.
-    return pickle.loads(payload)
-
-
-def padded_rest(rest: bytes, size: int) -> torch.Tensor:
-    """``rest`` zero-padded to ``size`` bytes, as a second-round tensor."""
-    return torch.frombuffer(bytearray(rest.ljust(size, b"\0")), dtype=torch.uint8)
-
-
 def is_timeout(exc: BaseException) -> bool:
     """Whether a failed collective ran out of time (rather than losing a peer)."""
     if isinstance(exc, TimeoutError):
         return True
     return isinstance(exc, RuntimeError) and any(m in str(exc) for m in GLOO_TIMEOUT_MESSAGES)
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """What one rank reports to the others: its result, or its error (as text, plus the name
-    of the distckpt exception class and its structured fields, so every rank can raise the same
-    error)."""
-
-    value: Any = None
-    error: str | None = None
-    error_type: str | None = None
-    fields: Mapping[str, Any] = field(default_factory=dict)
-
-    @classmethod
-    def failure(cls, exc: BaseException, *, rank: int | None = None) -> Outcome:
-        """The report of ``exc``; ``rank`` fills the error's ``rank`` field if it has none."""
-        if isinstance(exc, CheckpointError):
-            fields = exc.fields()
-            if rank is not None and not isinstance(exc, RankFailure):
-                fields.setdefault("rank", rank)
-            return cls(error=str(exc), error_type=type(exc).__name__, fields=fields)
-        return cls(error=describe_error(exc))
-
-    @classmethod
-    def of(
-        cls, func: Callable[[], T], *, rank: int | None = None
-    ) -> tuple[Outcome, Exception | None]:
-        """Run ``func`` and capture its result or its exception (not raised: the ranks must
-        first agree, or the others would wait for this one in the next collective)."""
-        try:
-            return cls(value=func()), None
-        except Exception as exc:  # any failure must reach the other ranks
-            logger.debug("failure to report to the other ranks:\n%s", traceback.format_exc())
-            return cls.failure(exc, rank=rank), exc
-
-    def unwrap(self, *, what: str, cause: BaseException | None = None) -> Any:
-        """The value of a decision rank 0 took for everyone, or its error raised here."""
-        if self.error is None:
-            return self.value
-        raise _rebuild(self.error_type, self.error, self.fields, what=what) from cause
 
 
 def run_now(func: Callable[[], T]) -> Callable[[], T]:
@@ -194,15 +113,6 @@ class Gathered(Generic[T]):
     outcomes: tuple[Outcome, ...] | None
     #: this rank's own failure, if its function raised: the cause of the error it will raise
     cause: Exception | None = None
-
-
-def _rebuild(
-    error_type: str | None, message: str, fields: Mapping[str, Any], *, what: str
-) -> CheckpointError:
-    cls = getattr(errors, error_type, None) if error_type else None
-    if isinstance(cls, type) and issubclass(cls, CheckpointError):
-        return cls.rebuild(message, fields)
-    return CheckpointError(f"{what} failed: {message}")
 
 
 def check_timeout(timeout: object) -> float:
@@ -360,7 +270,8 @@ class Coordinator:
     def all_gather(self, local: Callable[[], T], *, what: str) -> list[T]:
         """Every rank runs ``local``; returns every rank's value, indexed by rank, on every
         rank — or, if any rank's ``local`` raised, raises on every rank alike (see
-        :func:`raise_failures`). ``what`` names the operation in errors."""
+        :func:`~distckpt.coord_outcomes.raise_failures`). ``what`` names the operation in
+        errors."""
         outcome, cause = Outcome.of(local, rank=self.rank)
         outcomes = self._all_gather(outcome, what=what)
         raise_failures(outcomes, what=what, cause=cause)
@@ -374,7 +285,8 @@ class Coordinator:
         :data:`GATHER_FROM_RANKS` ranks every rank computes it from the all-gathered values;
         from there on rank 0 alone does, from gathered ones, and broadcasts it
         (:meth:`gather_decide`), which is faster than the all-gather's ring. Either way a
-        failing ``local`` raises on every rank alike (see :func:`raise_failures`)."""
+        failing ``local`` raises on every rank alike (see
+        :func:`~distckpt.coord_outcomes.raise_failures`)."""
         if self.world_size < GATHER_FROM_RANKS:
             return combine(self.all_gather(local, what=what))
         return self.conclude(self.gather(local, what=what), combine, what=what, pure=True)
@@ -420,8 +332,9 @@ class Coordinator:
         """Every rank runs ``local``; rank 0 gets the values, indexed by rank, and runs
         ``decide`` on them; its result reaches every rank. If any rank's ``local`` raised, rank
         0 does not decide and every rank raises the error :meth:`all_gather` would have
-        raised (see :func:`raise_failures`); if ``decide`` raised, every rank raises its error.
-        A gather and a broadcast: :meth:`gather`, then :meth:`conclude`."""
+        raised (see :func:`~distckpt.coord_outcomes.raise_failures`); if ``decide`` raised,
+        every rank raises its error. A gather and a broadcast: :meth:`gather`, then
+        :meth:`conclude`."""
         return self.conclude(self.gather(local, what=what), decide, what=what)
 
     def gather(self, local: Callable[[], T], *, what: str) -> Gathered[T]:
@@ -506,88 +419,3 @@ class Coordinator:
         group, self._group = self._group, None
         if group is not None:
             return_private_group(self._ranks, group)
-
-
-# Private gloo groups, pooled per set of ranks instead of destroyed: torch names a group made
-# with use_local_synchronization=True after its ranks and the number of live groups, so a group
-# destroyed and made again gets the old name and meets the old group's addresses in the store.
-# Managers are created and closed collectively, so every rank takes and returns groups in the
-# same order and the pool pairs the same groups across ranks.
-_pool: dict[tuple[int, ...], list[dist.ProcessGroup]] = {}
-_pool_lock = threading.Lock()
-
-
-def take_private_group(ranks: tuple[int, ...], timeout: float) -> dist.ProcessGroup:
-    live = dist.distributed_c10d._world.pg_map
-    with _pool_lock:
-        free = [g for g in _pool.get(ranks, []) if g in live]
-        group = free.pop(0) if free else None
-        _pool[ranks] = free
-    delta = datetime.timedelta(seconds=timeout)
-    if group is None:
-        try:
-            return dist.new_group(
-                ranks=list(ranks),
-                backend="gloo",
-                timeout=delta,
-                use_local_synchronization=True,
-            )
-        except Exception as exc:
-            raise CoordinationError(f"could not create distckpt's gloo group: {exc}") from exc
-    set_timeout = getattr(dist.distributed_c10d, "_set_pg_timeout", None)
-    if set_timeout is not None:  # older torch: the group keeps the timeout it was made with
-        set_timeout(delta, group)
-    return group
-
-
-def return_private_group(ranks: tuple[int, ...], group: dist.ProcessGroup) -> None:
-    with _pool_lock:
-        _pool.setdefault(ranks, []).append(group)
-
-
-@atexit.register
-def _destroy_pool() -> None:
-    """Destroy the pooled groups while the interpreter still runs: left to interpreter
-    shutdown, a gloo thread may free the last collective's buffers without the GIL and abort
-    the process ("terminate called without an active exception")."""
-    with _pool_lock:
-        groups = [group for free in _pool.values() for group in free]
-        _pool.clear()
-    if not (dist.is_available() and dist.is_initialized()):
-        return
-    live = dist.distributed_c10d._world.pg_map
-    for group in groups:
-        if group in live:
-            try:
-                dist.destroy_process_group(group)
-            except Exception as exc:  # shutting down: never mask the job's own exit status
-                logger.debug("destroying a pooled group at exit failed: %s", exc)
-
-
-def raise_failures(
-    outcomes: Sequence[Outcome], *, what: str, cause: BaseException | None = None
-) -> None:
-    """Raise on every rank alike if any rank's outcome carries an error: the distckpt
-    exception type the failing ranks share (a precondition every rank checked), otherwise
-    :class:`RankFailure` naming each failing rank and its error."""
-    failing = {rank: o for rank, o in enumerate(outcomes) if o.error is not None}
-    if not failing:
-        return
-    types = {o.error_type for o in failing.values()}
-    error_type = types.pop() if len(types) == 1 else None
-    if error_type is not None and error_type != "RankFailure":
-        messages = {o.error for o in failing.values()}
-        ranks = ", ".join(map(str, failing))  # named in the message: which ranks hit it
-        fields = next(iter(failing.values())).fields  # the first failing rank's
-        if len(messages) == 1:
-            suffix = f" (on rank {ranks})" if len(outcomes) > 1 else ""
-            raise _rebuild(error_type, messages.pop() + suffix, fields, what=what) from cause
-        details = "; ".join(f"rank {rank}: {o.error}" for rank, o in failing.items())
-        raise _rebuild(
-            error_type, f"{what} failed on ranks {ranks}: {details}", fields, what=what
-        ) from cause
-    failures = {
-        rank: (f"{o.error_type}: {o.error}" if o.error_type else str(o.error))
-        for rank, o in failing.items()
-    }
-    raise RankFailure(what, failures) from cause

@@ -30,7 +30,8 @@ from typing import Any, TypeVar
 import torch.distributed as dist
 
 from distckpt import policy
-from distckpt.coord import Coordinator, Outcome, current_rank, raise_failures
+from distckpt.coord import Coordinator, current_rank
+from distckpt.coord_outcomes import Outcome, raise_failures
 from distckpt.errors import (
     CheckpointError,
     CheckpointNotFound,

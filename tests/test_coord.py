@@ -12,7 +12,8 @@ import pytest
 import torch
 
 import distckpt
-from distckpt.coord import FRAME_BYTES, GATHER_FROM_RANKS, Coordinator
+from distckpt.coord import GATHER_FROM_RANKS, Coordinator
+from distckpt.coord_frames import FRAME_BYTES
 from distckpt.errors import CheckpointExists, InvalidStep, RankFailure
 from tests.ranks import run_ranks, values
 
