@@ -8,13 +8,13 @@ thread that ran it (an async save's background thread for its write and commit p
 all-gather of an async save's proposals).
 
 Phase names are dotted: the first part names the operation, the rest the phase. A save emits,
-on every rank, ``save.propose``, ``save.write``, ``save.agree`` and ``save.commit``
-(:mod:`distckpt.protocol`). Inside ``save.propose`` every rank emits ``propose.snapshot``
-(reducing the state to plain data and, for an async save, readying the snapshot's buffers),
-for an async save ``propose.copy`` after it (copying the tensors into those buffers, while
-the proposals' ``collective.all_gather`` runs in a thread beside it), and rank 0 alone
-``propose.root`` (checking the step, opening the staging area, reading the free space; for
-an async save in a thread of its own, beside the snapshot and the copy). Inside
+on every rank, ``save.propose`` (:mod:`distckpt.proposal`), ``save.write``, ``save.agree``
+and ``save.commit`` (:mod:`distckpt.protocol`). Inside ``save.propose`` every rank emits
+``propose.snapshot`` (reducing the state to plain data and, for an async save, readying the
+snapshot's buffers), for an async save ``propose.copy`` after it (copying the tensors into
+those buffers, while the proposals' ``collective.all_gather`` runs in a thread beside it), and
+rank 0 alone ``propose.root`` (checking the step, opening the staging area, reading the free
+space; for an async save in a thread of its own, beside the snapshot and the copy). Inside
 ``save.commit`` rank 0 alone emits ``commit.lock`` (taking the root's lock),
 ``commit.manifest``, ``commit.publish`` (the rename), ``commit.links`` and
 ``commit.retention`` (the store). Every collective emits ``collective.all_gather``,

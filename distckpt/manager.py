@@ -1,9 +1,10 @@
 """CheckpointManager: the public face of distckpt, composing the pieces below it.
 
-It holds no mechanism of its own: the save protocol is :mod:`distckpt.protocol` (propose →
-write → agree → commit over frozen values), whether to save is :mod:`distckpt.decisions`,
-everything done to the root is the :class:`~distckpt.storage.RootStore`, every collective goes
-through the :class:`~distckpt.coord.Coordinator`, and restores through :mod:`distckpt.reader`.
+It holds no mechanism of its own: the save protocol is :mod:`distckpt.proposal` (propose) and
+:mod:`distckpt.protocol` (write → agree → commit), over frozen values; whether to save is
+:mod:`distckpt.decisions`, everything done to the root is the
+:class:`~distckpt.storage.RootStore`, every collective goes through the
+:class:`~distckpt.coord.Coordinator`, and restores through :mod:`distckpt.reader`.
 What it owns is the lifecycle: the process groups, the store, the signal handlers, the async
 save's background thread and the counters a schedule counts from. See
 ``docs/architecture.md``.
@@ -20,7 +21,7 @@ from typing import Any, Literal, Union
 
 import torch.distributed as dist
 
-from distckpt import policy, protocol, reader, resolve
+from distckpt import policy, proposal, protocol, reader, resolve
 from distckpt.background import DEFAULT_BACKGROUND_NICE, BackgroundSaves, check_background_nice
 from distckpt.coord import Coordinator, check_timeout
 from distckpt.decisions import LastSave, SaveDecider, SignalFlag
@@ -138,13 +139,13 @@ class CheckpointManager:
         writer_threads: int = 1,
         group: dist.ProcessGroup | None = None,
         timeout: float = 600.0,
-        space_margin: float = protocol.SPACE_MARGIN_RATIO,
+        space_margin: float = proposal.SPACE_MARGIN_RATIO,
         read_only: bool = False,
         wait_for_root: float = 0.0,
     ) -> None:
         self._format = format_named(format, writer_threads=writer_threads)
         self.timeout = check_timeout(timeout)
-        self.space_margin = protocol.check_space_margin(space_margin)
+        self.space_margin = proposal.check_space_margin(space_margin)
         wait_for_root = check_wait(wait_for_root)
         background_nice = check_background_nice(background_nice)
         # Made now, while the launcher that started this process is certainly its parent.
@@ -269,10 +270,10 @@ class CheckpointManager:
             return None
         self.wait()  # at most one save in flight; raises a failed one's error here
         self._save_count += 1
-        request = protocol.SaveRequest(
+        request = proposal.SaveRequest(
             step, epoch, overwrite, decision.explicit, metrics, metadata, files
         )
-        plan = protocol.propose(
+        plan = proposal.propose(
             request,
             state,
             coord=self._coord,

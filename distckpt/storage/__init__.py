@@ -1,8 +1,9 @@
 """The storage seam: everything the committing rank does to a checkpoint root.
 
 A :class:`RootStore` owns one root. Rank 0 calls it, under nothing but its own guarantees: the
-store takes whatever lock its backend needs. The protocol above it (:mod:`distckpt.protocol`)
-never touches the root directly, so a second backend plugs in here without changing it.
+store takes whatever lock its backend needs. The protocol above it (:mod:`distckpt.proposal`
+and :mod:`distckpt.protocol`) never touches the root directly, so a second backend plugs in here
+without changing it.
 
 Two implementations exist: :class:`~distckpt.storage.posix.PosixRootStore` (a staging
 directory per save, published by an atomic directory rename under the root's file lock, with
