@@ -109,6 +109,45 @@ def _renameat2() -> Callable[..., int] | None:
 _RENAMEAT2 = _renameat2()
 
 
+_SYNC_FILE_RANGE_WRITE = 2  # linux/fs.h
+# errnos with which a kernel or filesystem says it has no sync_file_range for this file
+_WRITEBACK_UNSUPPORTED = {errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ESPIPE}
+
+
+def _sync_file_range() -> Callable[..., int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        function = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):  # not glibc
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint]
+    function.restype = ctypes.c_int
+    return function
+
+
+_SYNC_FILE_RANGE = _sync_file_range()
+
+
+def start_writeback(fd: int, offset: int, length: int) -> bool:
+    """Ask the kernel to start writing ``length`` bytes of the open file ``fd`` from ``offset``
+    to the disk now, without waiting for them (Linux's ``sync_file_range`` with
+    ``SYNC_FILE_RANGE_WRITE``). Not a durability step: the file still needs its fsync, which then
+    finds most of its bytes on their way. Without it the kernel holds a fresh file's pages until
+    that fsync, so the disk idles while the bytes are produced and works alone afterwards.
+
+    Returns False where the platform or the filesystem has no such call (the caller stops
+    asking); raises the OSError of any other failure, as a write would."""
+    if _SYNC_FILE_RANGE is None:
+        return False
+    if _SYNC_FILE_RANGE(fd, offset, length, _SYNC_FILE_RANGE_WRITE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in _WRITEBACK_UNSUPPORTED:
+        return False
+    raise OSError(code, os.strerror(code))
+
+
 def exchange_dirs(a: Path, b: Path, *, fsync: bool) -> bool:
     """Swap two directories' names in one atomic step (Linux ``renameat2`` with
     ``RENAME_EXCHANGE``), so that each name always holds one of them. Returns False, having

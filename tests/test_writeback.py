@@ -1,0 +1,156 @@
+"""Early writeback: a checkpoint file that will be fsynced has its bytes sent to the disk while
+the rest of it is written (``sync_file_range(SYNC_FILE_RANGE_WRITE)``), not only in the fsync.
+
+What the kernel is asked is read from ``strace`` of a real process; the speed it buys is the
+benchmark's to show (``scripts/bench``), not a test's.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from distckpt.checksums import COALESCE_BYTES, WRITEBACK_BYTES
+from distckpt.fsutil import start_writeback
+from tests.crashsim.trace import StraceUnavailable, ensure_strace
+from tests.filesystems import skip_or_fail
+
+_CALL = re.compile(r"^(?:\[pid +\d+\] |\d+ +)?(\w+)\((\d+)<([^>]*)>(.*)\) = (-?\d+)")
+
+
+def _traced(code: str, tmp_path: Path) -> list[tuple[str, str, list[str]]]:
+    """(call, path, other arguments) of the sync_file_range and fsync calls that ``code``, run
+    by a fresh interpreter, makes on files, in order."""
+    try:
+        strace = ensure_strace()
+    except StraceUnavailable as exc:
+        skip_or_fail(f"early writeback is read from strace: {exc}")
+    log = tmp_path / "strace.log"
+    script = tmp_path / "workload.py"
+    script.write_text(textwrap.dedent(code))
+    traced_calls = "trace=sync_file_range,fsync"
+    subprocess.run(
+        [strace, "-f", "-y", "-qq", "-e", traced_calls, "-o", log, sys.executable, script],
+        check=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    calls = []
+    for line in log.read_text().splitlines():
+        found = _CALL.match(line)
+        if found:
+            name, _fd, path, rest, _result = found.groups()
+            calls.append((name, path, [part.strip() for part in rest.split(",") if part.strip()]))
+    return calls
+
+
+def _hinted_ranges(calls: list[tuple[str, str, list[str]]], path: str) -> list[tuple[int, int]]:
+    ranges = []
+    for name, where, args in calls:
+        if name == "sync_file_range" and where.endswith(path):
+            assert args[2] == "SYNC_FILE_RANGE_WRITE", args  # never a wait: fsync decides
+            ranges.append((int(args[0]), int(args[1])))
+    return ranges
+
+
+def test_a_fsyncing_writer_starts_the_disk_on_every_stretch_before_its_fsync(
+    tmp_path: Path,
+) -> None:
+    """Small writes, large ones and a tail: every hint is for the next stretch of at least
+    WRITEBACK_BYTES in order, and together they leave less than one stretch (plus what was
+    still gathered) to the fsync, which comes after them."""
+    size = 3 * WRITEBACK_BYTES + 12345
+    calls = _traced(
+        f"""
+        import os
+        from pathlib import Path
+        from distckpt.checksums import ChecksumWriter
+        data = os.urandom({size})
+        with ChecksumWriter(Path("file.bin"), fsync=True) as writer:
+            writer.write(data[:100])
+            for start in range(100, {size}, 300_000):  # gathered into runs of ~1 MiB
+                writer.write(data[start : min(start + 300_000, {size // 2})])
+                if start >= {size // 2}:
+                    break
+            writer.write(memoryview(data)[{size // 2} :])  # one large write
+        assert Path("file.bin").read_bytes() == data
+        """,
+        tmp_path,
+    )
+    ranges = _hinted_ranges(calls, "/file.bin")
+    assert ranges, calls
+    expected_start = 0
+    for offset, length in ranges:
+        assert offset == expected_start
+        assert length >= WRITEBACK_BYTES
+        expected_start = offset + length
+    assert size - expected_start < WRITEBACK_BYTES + COALESCE_BYTES
+    names = [name for name, where, _ in calls if where.endswith("/file.bin")]
+    assert names[-1] == "fsync" and "fsync" not in names[:-1]
+
+
+def test_parallel_writers_start_the_disk_on_each_chunk_they_write(tmp_path: Path) -> None:
+    """With several writer threads, each chunk is hinted once it is written: the hints cover
+    exactly the chunks' bytes, whatever order the threads finish in."""
+    calls = _traced(
+        """
+        import os
+        from pathlib import Path
+        from distckpt.checksums import ChecksumWriter
+        head = b"h" * 1000
+        chunks = [[memoryview(os.urandom(9 << 20))] for _ in range(4)]
+        with ChecksumWriter(Path("file.bin"), fsync=True) as writer:
+            writer.write(head)
+            writer.write_in_parallel(chunks, 2)
+        assert Path("file.bin").read_bytes() == head + b"".join(bytes(c[0]) for c in chunks)
+        """,
+        tmp_path,
+    )
+    ranges = sorted(_hinted_ranges(calls, "/file.bin"))
+    assert ranges == [(1000 + k * (9 << 20), 9 << 20) for k in range(4)]
+
+
+def test_a_save_starts_the_disk_early_and_a_writer_that_does_not_fsync_never_does(
+    tmp_path: Path,
+) -> None:
+    """A real save (the "torch" format's rank file and DCP's files go through the same
+    writer) asks for early writeback; a manager that does not fsync asks for none."""
+    calls = _traced(
+        """
+        import torch
+        import distckpt
+        state = {"w": torch.randn(6 << 20)}  # 24 MiB
+        with distckpt.CheckpointManager("durable") as manager:
+            manager.save(1, state)
+        with distckpt.CheckpointManager("volatile", fsync=False) as manager:
+            manager.save(1, state)
+        """,
+        tmp_path,
+    )
+    durable = [(name, where) for name, where, _ in calls if "/durable/" in where]
+    assert any(name == "sync_file_range" for name, _ in durable), durable
+    volatile = [(name, where) for name, where, _ in calls if "/volatile/" in where]
+    assert not [where for name, where in volatile if name == "sync_file_range"], volatile
+
+
+def test_start_writeback_declines_where_there_is_nothing_to_write_back() -> None:
+    """A pipe has no file pages: the kernel refuses (ESPIPE) and the writer just stops asking;
+    a real failure (a closed descriptor) is raised like a failed write."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("sync_file_range is Linux's; elsewhere start_writeback always declines")
+    read_end, write_end = os.pipe()
+    try:
+        assert start_writeback(write_end, 0, 4096) is False
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+    with pytest.raises(OSError) as info:
+        start_writeback(write_end, 0, 4096)
+    assert info.value.errno == errno.EBADF
