@@ -142,7 +142,7 @@ def main() -> int:
     parser.add_argument("--loader", choices=("stateful", "plain"), default="stateful")
     parser.add_argument("--leave-out", choices=("loader", "rng", "generator"))
     args = parser.parse_args()
-    return run_job_ranks(train, WORLD_SIZE, args)
+    return run_job_ranks(train, WORLD_SIZE, args, args.out)
 
 
 if __name__ == "__main__":

@@ -94,7 +94,7 @@ def main() -> int:
     parser.add_argument("out", type=Path)
     parser.add_argument("--rng", choices=("per-rank", "unmarked"), default="per-rank")
     args = parser.parse_args()
-    return run_job_ranks(train, WORLD_SIZE, args)
+    return run_job_ranks(train, WORLD_SIZE, args, args.out)
 
 
 if __name__ == "__main__":

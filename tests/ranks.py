@@ -1,11 +1,11 @@
 """Start real ranks for a test: processes joined by a gloo process group on 127.0.0.1.
 
 ``run_ranks(fn, world_size, *args)`` forks ``world_size`` processes (about 0.1 s), each of which
-initialises torch.distributed (gloo, meeting in a store the parent holds, made only once every
-rank is forked: see :func:`start_then_host`; a short timeout), runs ``fn(rank, world_size,
-*args)`` and sends back its return value or its exception. A job that does not finish within
-``timeout`` seconds is killed and the test fails fast instead of hanging, with every stuck
-rank's stacks (Python and, where ``gdb`` is installed, native) and kernel wait in its message.
+initialises torch.distributed (gloo, meeting in a file store in the job's temporary directory:
+see :func:`init_gloo`; a short timeout), runs ``fn(rank, world_size, *args)`` and sends back
+its return value or its exception. A job that does not finish within ``timeout`` seconds is
+killed and the test fails fast instead of hanging, with every stuck rank's stacks (Python and,
+where ``gdb`` is installed, native) and kernel wait in its message.
 ``start_method="spawn"`` starts fresh interpreters instead (slower; what a benchmark wants, since
 forked ranks share the parent's memory layout), and ``fail_fast=True`` stops at the first rank
 that raises instead of waiting for its peers, which may be stuck in a collective until
@@ -33,9 +33,8 @@ import subprocess
 import tempfile
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
-from multiprocessing.context import BaseContext
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
@@ -63,82 +62,44 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def host_rendezvous(timeout: float) -> dist.TCPStore:
-    """The store a job's ranks meet in: a ``TCPStore`` server on a port the kernel picks, held by
-    the calling (parent) process from the moment it is made until it is dropped, so no other
-    process can take the port before the ranks connect. (A port found free by
-    :func:`free_port` and bound later by rank 0 can be taken in between, under a loaded full
-    suite, by another test's server or job: rank 0 fails and its peer joins a stranger's store.)
-    Pass its ``port`` to the ranks' :func:`init_gloo`. Make it only after the ranks are forked
-    (:func:`start_then_host`): its server thread must not be running in a process that forks."""
-    return dist.TCPStore(
-        "127.0.0.1",
-        0,
-        is_master=True,
-        timeout=datetime.timedelta(seconds=timeout),
-        wait_for_workers=False,
-    )
+def rendezvous_file(job_dir: str | Path) -> Path:
+    """Where the ranks of one job meet (:func:`init_gloo`): a file in a directory of that job's
+    own, which must not hold one from an earlier job (a store file keeps every key it was given,
+    and a killed job's ranks leave theirs behind)."""
+    return Path(job_dir) / "rendezvous"
 
 
-class PortHandoff:
-    """The rendezvous port, handed to ranks that were forked before the store existed.
+def init_gloo(rank: int, world_size: int, store_file: str | Path, timeout: float) -> None:
+    """Join a gloo process group of ``world_size`` ranks meeting in the ``FileStore`` at
+    ``store_file`` (:func:`rendezvous_file`), which the group keeps using for the subgroups it
+    makes later, so it must last as long as the job.
 
-    The store's server thread formats each peer's address with ``getnameinfo``, which takes
-    glibc's resolver lock (and, for ``::ffff:127.0.0.1``, waits on a DNS reverse lookup). A rank
-    forked while that thread holds the lock inherits it locked, with no thread left to release
-    it: its own ``TCPStore`` connect then blocks forever on that lock, and the job times out
-    with one rank that never joined. So every rank is forked first, and the port follows."""
-
-    def __init__(self, context: BaseContext) -> None:
-        self._port = context.RawValue("i", 0)
-        self._published = context.Event()
-
-    def publish(self, port: int) -> None:
-        self._port.value = port
-        self._published.set()
-
-    def wait(self, timeout: float) -> int:
-        """The published port; :class:`TimeoutError` if the parent published none in time."""
-        if not self._published.wait(timeout):
-            raise TimeoutError(f"no rendezvous port was published within {timeout} s")
-        return int(self._port.value)
-
-
-def start_then_host(
-    processes: Sequence[BaseProcess], handoff: PortHandoff, timeout: float
-) -> dist.TCPStore:
-    """Start (fork) ``processes``, then make the store they meet in (:func:`host_rendezvous`) and
-    publish its port through ``handoff``: no store thread exists while the ranks are forked
-    (see :class:`PortHandoff`). The caller holds the returned store until the ranks are done."""
-    for process in processes:
-        process.start()
-    rendezvous = host_rendezvous(timeout)
-    handoff.publish(rendezvous.port)
-    return rendezvous
-
-
-def init_gloo(rank: int, world_size: int, port: int, timeout: float) -> None:
-    """Join a gloo process group of ``world_size`` ranks meeting in the store on 127.0.0.1:``port``
-    that the parent holds (:func:`host_rendezvous`)."""
+    A file, not a ``TCPStore``: torch's store client connects to ``::ffff:127.0.0.1`` even when
+    given ``127.0.0.1``, and the client and the server each name the other end with a reverse
+    DNS lookup (``getnameinfo`` without ``NI_NUMERICHOST``), which the hosts file cannot answer
+    for a v4-mapped address. Six such lookups per 2-rank job go to the DNS server, and where it
+    drops one now and then the job waits out glibc's 5 s retry. A file store opens no socket,
+    and no store server thread runs in the parent while it forks the ranks (one holding glibc's
+    resolver lock at a fork once left a rank blocked for ever in its connect)."""
     delta = datetime.timedelta(seconds=timeout)
-    store = dist.TCPStore("127.0.0.1", port, world_size, is_master=False, timeout=delta)
+    store = dist.FileStore(str(store_file), world_size)
+    store.set_timeout(delta)
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size, timeout=delta)
 
 
-def _stack_file(stacks_dir: str, rank: int) -> Path:
-    return Path(stacks_dir) / f"rank{rank}.stacks"
+def _stack_file(job_dir: str, rank: int) -> Path:
+    return Path(job_dir) / f"rank{rank}.stacks"
 
 
 def _child(
     fn: Callable[..., Any],
     rank: int,
     world_size: int,
-    handoff: PortHandoff,
     args: tuple[Any, ...],
     queue: Any,
     pg_timeout: float,
     env: dict[str, str],
-    stacks_dir: str,
+    job_dir: str,
     own_process_group: bool,
 ) -> None:
     if own_process_group:
@@ -147,7 +108,7 @@ def _child(
         os.setpgid(0, 0)
     # First of all, so that a rank stuck anywhere after this can be asked for its stacks
     # (run_ranks on a timeout); the file object must outlive the registration.
-    stack_file = _stack_file(stacks_dir, rank).open("w")
+    stack_file = _stack_file(job_dir, rank).open("w")
     faulthandler.register(signal.SIGUSR1, file=stack_file, all_threads=True)
 
     import torch
@@ -157,7 +118,7 @@ def _child(
     result = RankResult(rank)
     try:
         if world_size > 0:
-            init_gloo(rank, world_size, handoff.wait(pg_timeout), pg_timeout)
+            init_gloo(rank, world_size, rendezvous_file(job_dir), pg_timeout)
         result.value = fn(rank, max(world_size, 1), *args)
     except BaseException as exc:
         result.error_type = type(exc).__name__
@@ -264,8 +225,8 @@ def run_ranks(
     that is killed (SIGKILL) at the end, on success, failure, timeout or interrupt alike."""
     ctx = mp.get_context(start_method)
     queue = ctx.Queue()
-    handoff = PortHandoff(ctx)
-    stacks = tempfile.TemporaryDirectory(prefix="ranks-stacks-")
+    # The ranks' stack files and their rendezvous store.
+    job_dir = tempfile.TemporaryDirectory(prefix="ranks-")
     procs = [
         ctx.Process(
             target=_child,
@@ -273,26 +234,22 @@ def run_ranks(
                 fn,
                 rank,
                 world_size,
-                handoff,
                 args,
                 queue,
                 pg_timeout,
                 env or {},
-                stacks.name,
+                job_dir.name,
                 not daemon,
             ),
             daemon=daemon,
         )
         for rank in range(max(world_size, 1))
     ]
-    rendezvous: dist.TCPStore | None = None
     results: dict[int, RankResult] = {}
     deadline = datetime.datetime.now() + datetime.timedelta(seconds=timeout)
     try:
-        if world_size > 0:
-            rendezvous = start_then_host(procs, handoff, pg_timeout)
-        else:
-            procs[0].start()
+        for proc in procs:
+            proc.start()
         if not daemon:
             for proc in procs:
                 lead_own_process_group(proc)
@@ -301,7 +258,7 @@ def run_ranks(
             if remaining <= 0:
                 stuck = [
                     f"rank {rank} (pid {proc.pid}):\n"
-                    + describe_stuck(proc.pid, _stack_file(stacks.name, rank), native_stacks)
+                    + describe_stuck(proc.pid, _stack_file(job_dir.name, rank), native_stacks)
                     for rank, proc in enumerate(procs)
                     if rank not in results and proc.is_alive() and proc.pid is not None
                 ]
@@ -329,8 +286,7 @@ def run_ranks(
                 proc.kill()
             if proc.pid is not None:
                 proc.join(5)
-        del rendezvous  # only now: a rank may still have been waiting in the store
-        stacks.cleanup()
+        job_dir.cleanup()  # only now: a rank may still have been waiting in the store
     return [results[rank] for rank in sorted(results)]
 
 
@@ -347,33 +303,37 @@ JOB_TIMEOUT_SECONDS = 60.0
 
 
 def _job_rank(
-    train: Callable[[int, Any], None], rank: int, world_size: int, handoff: PortHandoff, args: Any
+    train: Callable[[int, Any], None], rank: int, world_size: int, store_file: Path, args: Any
 ) -> None:
     import torch
 
     # A test that finds the job stuck asks for every thread's stack (tests.killing.run).
     faulthandler.register(signal.SIGUSR1, all_threads=True)
     torch.set_num_threads(1)
-    port = handoff.wait(JOB_TIMEOUT_SECONDS)
-    init_gloo(rank, world_size, port, timeout=JOB_TIMEOUT_SECONDS)
+    init_gloo(rank, world_size, store_file, timeout=JOB_TIMEOUT_SECONDS)
     train(rank, args)
     dist.barrier()  # no rank tears the group down under a peer's last collective
     dist.destroy_process_group()
 
 
-def run_job_ranks(train: Callable[[int, Any], None], world_size: int, args: Any) -> int:
+def run_job_ranks(train: Callable[[int, Any], None], world_size: int, args: Any, out: Path) -> int:
     """The ranks of a job script: ``world_size`` forked processes (not daemonic: a rank may start
     loader workers), in the job's own process group so that a SIGKILL of the group reaches every
-    rank, each joining gloo and running ``train(rank, args)``. Returns the job's exit status:
+    rank, each joining gloo and running ``train(rank, args)``. They meet in a store file in a
+    new directory under the job's output directory ``out``: one that a killed run leaves behind
+    is the test's to clean, and the next run gets a fresh one. Returns the job's exit status:
     the largest of the ranks'."""
     context = mp.get_context("fork")
-    handoff = PortHandoff(context)
+    job_dir = tempfile.mkdtemp(prefix="rendezvous-", dir=out)
     ranks = [
-        context.Process(target=_job_rank, args=(train, rank, world_size, handoff, args))
+        context.Process(
+            target=_job_rank, args=(train, rank, world_size, rendezvous_file(job_dir), args)
+        )
         for rank in range(world_size)
     ]
-    rendezvous = start_then_host(ranks, handoff, JOB_TIMEOUT_SECONDS)
+    for process in ranks:
+        process.start()
     for process in ranks:
         process.join()
-    del rendezvous  # held until every rank has ended
+    shutil.rmtree(job_dir)  # only once every rank has ended
     return max(abs(process.exitcode or 0) for process in ranks)

@@ -54,7 +54,7 @@ import distckpt
 from distckpt import checksums, faults
 from distckpt.fsutil import read_link
 from distckpt.layout import RootLayout, parse_step_dir_name, step_dir_name
-from tests.ranks import PortHandoff, init_gloo, run_ranks, start_then_host, values
+from tests.ranks import init_gloo, rendezvous_file, run_ranks, values
 
 TIMEOUT = 10  # manager collectives and the commit lock: a dead peer must not block for long
 PG_TIMEOUT = 10
@@ -508,15 +508,13 @@ def _note(path: Path, **event: Any) -> None:
         os.close(fd)
 
 
-def _saving_loop(
-    rank: int, world_size: int, handoff: PortHandoff, root: str, status_dir: str, fmt: str
-) -> None:
+def _saving_loop(rank: int, world_size: int, root: str, status_dir: str, fmt: str) -> None:
     """A rank of a training job that resumes from ``last`` and saves every step, forever."""
     status = Path(status_dir) / f"rank{rank}.jsonl"
     phase = "init"
     try:
         torch.set_num_threads(1)
-        init_gloo(rank, world_size, handoff.wait(PG_TIMEOUT), PG_TIMEOUT)
+        init_gloo(rank, world_size, rendezvous_file(status_dir), PG_TIMEOUT)
         phase = "open"
         with manager(root, format=fmt) as mgr:
             if rank == 0:  # the root is open: leftovers cleaned, links repaired
@@ -609,16 +607,16 @@ def _kill_trial(
     status_dir = root.parent / "status" / f"trial-{trial:05d}"
     status_dir.mkdir(parents=True)
     ctx = mp.get_context("fork")
-    handoff = PortHandoff(ctx)
     procs = [
         ctx.Process(
             target=_saving_loop,
-            args=(rank, world_size, handoff, str(root), str(status_dir), fmt),
+            args=(rank, world_size, str(root), str(status_dir), fmt),
             daemon=True,
         )
         for rank in range(world_size)
     ]
-    rendezvous = start_then_host(procs, handoff, PG_TIMEOUT)
+    for proc in procs:
+        proc.start()
     mode = rng.choice(modes)
 
     def resumed() -> bool:
@@ -651,7 +649,6 @@ def _kill_trial(
             if proc.is_alive():
                 proc.kill()
             proc.join(5)
-        del rendezvous  # held until the trial's ranks are gone
 
     events = {rank: _read_status(status_dir, rank) for rank in range(world_size)}
     for rank in set(range(world_size)) - victims:  # survivors: a distckpt error, no hang

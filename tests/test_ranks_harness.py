@@ -1,6 +1,7 @@
 """The test harness's own promises (``tests.ranks``): a hung job fails with each stuck rank's
-stacks, no rendezvous store thread runs in the parent while it forks the ranks, and
-non-daemonic ranks may start processes, none of which outlives the job."""
+stacks, no rendezvous store thread runs in the parent while it forks the ranks, the ranks meet
+in a file store (no socket, so no DNS lookup), and non-daemonic ranks may start processes,
+none of which outlives the job."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch.distributed as dist
 
 from tests.filesystems import skip_or_fail, tool_missing_reason
 from tests.killing import proc_stat, wait_until_group_is_gone
@@ -38,8 +40,7 @@ def _rank_one_sleeps_in_a_named_place(rank: int, world_size: int) -> int:
 
 
 def test_a_timeout_names_each_stuck_rank_and_its_python_stack() -> None:
-    # Long enough for rank 0 to report even on a loaded machine (a reverse DNS lookup in its
-    # store connect may take 5 s), so that only rank 1 is stuck.
+    # Long enough for rank 0 to report even on a loaded machine, so that only rank 1 is stuck.
     with pytest.raises(TimeoutError) as raised:
         run_ranks(_rank_one_sleeps_in_a_named_place, 2, timeout=15, native_stacks=False)
     message = str(raised.value)
@@ -91,6 +92,19 @@ def test_no_store_thread_runs_in_the_parent_while_ranks_are_forked() -> None:
         _recording[0] = False
     assert len(_threads_at_fork) == 4
     assert max(_threads_at_fork) <= before, (before, _threads_at_fork)
+
+
+def _rendezvous_store_type(rank: int, world_size: int) -> str:
+    store = dist.distributed_c10d._get_default_store()
+    while isinstance(store, dist.PrefixStore):
+        store = store.underlying_store
+    return type(store).__name__
+
+
+def test_ranks_meet_in_a_file_store() -> None:
+    # A TCPStore reverse-resolves ::ffff:127.0.0.1 over DNS at each connect, on both ends; a
+    # dropped reply then stalls the job for glibc's 5 s retry.
+    assert values(run_ranks(_rendezvous_store_type, 2)) == ["FileStore"] * 2
 
 
 def _start_a_sleeping_child() -> int:
