@@ -5,9 +5,8 @@ The buffers are allocated at the first save and reused by later ones while the s
 keep their places, shapes and dtypes, so a steady-state snapshot costs one memory copy and no
 allocation; a save whose tensors changed gets new buffers and lets the old ones go.
 
-Without CUDA the buffers are views of one flat, page-aligned block of anonymous memory
-(``mmap``, with transparent huge pages asked for where the system offers them): one allocation
-per layout, no allocator header per tensor, and fewer page faults and TLB misses while copying.
+Without CUDA the buffers are views of one flat, page-aligned block of private anonymous memory
+(``mmap``): one allocation per layout and no allocator header per tensor.
 Each buffer still has a storage of its own covering exactly its bytes, so a format sees the
 snapshot as it sees separate tensors: the "torch" rank file writes only each tensor's bytes,
 and a restore gives independent tensors, not views of one block. With CUDA, every buffer is a
@@ -18,7 +17,6 @@ DTensors are copied shard by shard and rebuilt with the same mesh and placements
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import mmap
 from collections.abc import Callable, Mapping
@@ -180,19 +178,18 @@ def flat_buffers(slots: list[Slot]) -> dict[TreeKey, torch.Tensor]:
 
 
 def anonymous_memory(nbytes: int) -> memoryview:
-    """``nbytes`` of fresh page-aligned memory from an anonymous mapping, backed by transparent
-    huge pages where the system offers them for memory that asks (``MADV_HUGEPAGE``): a copy
-    into it then takes a page fault per 2 MiB instead of per 4 KiB at first, and fewer TLB
-    misses afterwards. Elsewhere (no such advice, or the kernel refuses it) plain pages."""
+    """``nbytes`` of fresh page-aligned memory from a private anonymous mapping.
+
+    It does not ask for transparent huge pages (``MADV_HUGEPAGE``): measured on a VM, the first
+    copy into huge pages, which the first async save pays, took about twice as long (the kernel
+    finds and clears 2 MiB at a time, often from memory the host must back first), and later
+    copies were no faster than into plain pages. A system that gives huge pages to every
+    mapping (``enabled=always``) still does."""
     private = getattr(mmap, "MAP_PRIVATE", None)
     if private is None:  # Windows: its anonymous mappings are private already
         block = mmap.mmap(-1, nbytes)
     else:
-        # Private: Python's default anonymous mapping is MAP_SHARED, i.e. shared memory, which
-        # gets no transparent huge pages (``shmem_enabled`` is another knob, usually off).
+        # Private: Python's default anonymous mapping is MAP_SHARED, i.e. shared memory (shmem,
+        # counted apart from the process's own memory and shared with any child it forks).
         block = mmap.mmap(-1, nbytes, flags=private | mmap.MAP_ANONYMOUS)
-    advice = getattr(mmap, "MADV_HUGEPAGE", None)
-    if advice is not None:
-        with contextlib.suppress(OSError):
-            block.madvise(advice)
     return memoryview(block)
