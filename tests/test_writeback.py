@@ -19,7 +19,7 @@ import pytest
 
 from distckpt.checksums import COALESCE_BYTES, WRITEBACK_BYTES
 from distckpt.fsutil import start_writeback
-from tests.crashsim.trace import StraceUnavailable, ensure_strace
+from tests.crashsim.trace import TRACED_CALLS, StraceUnavailable, ensure_strace
 from tests.filesystems import skip_or_fail
 
 _CALL = re.compile(r"^(?:\[pid +\d+\] |\d+ +)?(\w+)\((\d+)<([^>]*)>(.*)\) = (-?\d+)")
@@ -120,8 +120,8 @@ def test_parallel_writers_start_the_disk_on_each_chunk_they_write(tmp_path: Path
 def test_a_save_starts_the_disk_early_and_a_writer_that_does_not_fsync_never_does(
     tmp_path: Path,
 ) -> None:
-    """A real save (the "torch" format's rank file and DCP's files go through the same
-    writer) asks for early writeback; a manager that does not fsync asks for none."""
+    """Real saves in both formats (the "torch" format's rank file and DCP's files go through
+    the same writer) ask for early writeback; a manager that does not fsync asks for none."""
     calls = _traced(
         """
         import torch
@@ -129,13 +129,16 @@ def test_a_save_starts_the_disk_early_and_a_writer_that_does_not_fsync_never_doe
         state = {"w": torch.randn(6 << 20)}  # 24 MiB
         with distckpt.CheckpointManager("durable") as manager:
             manager.save(1, state)
+        with distckpt.CheckpointManager("durable_dcp", format="dcp") as manager:
+            manager.save(1, state)
         with distckpt.CheckpointManager("volatile", fsync=False) as manager:
             manager.save(1, state)
         """,
         tmp_path,
     )
-    durable = [(name, where) for name, where, _ in calls if "/durable/" in where]
-    assert any(name == "sync_file_range" for name, _ in durable), durable
+    for root in ("durable", "durable_dcp"):
+        durable = [(name, where) for name, where, _ in calls if f"/{root}/" in where]
+        assert any(name == "sync_file_range" for name, _ in durable), (root, durable)
     volatile = [(name, where) for name, where, _ in calls if "/volatile/" in where]
     assert not [where for name, where in volatile if name == "sync_file_range"], volatile
 
@@ -154,3 +157,11 @@ def test_start_writeback_declines_where_there_is_nothing_to_write_back() -> None
     with pytest.raises(OSError) as info:
         start_writeback(write_end, 0, 4096)
     assert info.value.errno == errno.EBADF
+
+
+def test_the_crash_explorer_counts_fsyncs_not_early_writeback() -> None:
+    """docs/faults.md: the explorer's persistence model ignores early writeback, which makes
+    nothing durable; tracing it would let a lost fsync hide behind it."""
+    traced = TRACED_CALLS.split(",")
+    assert "sync_file_range" not in traced
+    assert {"fsync", "fdatasync"} <= set(traced)
