@@ -160,8 +160,8 @@ def test_start_writeback_declines_where_there_is_nothing_to_write_back() -> None
 
 
 def test_the_crash_explorer_counts_fsyncs_not_early_writeback() -> None:
-    """docs/faults.md: the explorer's persistence model ignores early writeback, which makes
-    nothing durable; tracing it would let a lost fsync hide behind it."""
+    """docs/faults.md: the explorer's persistence model leaves early writeback out, as it makes
+    nothing durable; only fsyncs count."""
     traced = TRACED_CALLS.split(",")
     assert "sync_file_range" not in traced
     assert {"fsync", "fdatasync"} <= set(traced)
