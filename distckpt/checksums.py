@@ -85,9 +85,10 @@ class ChecksumWriter:
     to :data:`COALESCE_BYTES`; a disk error may therefore surface on a later write or on
     ``flush``/``close``, named after the file either way.
 
-    A writer that fsyncs on close also starts the disk on its bytes every
-    :data:`WRITEBACK_BYTES` (where the platform can), so most of them are on the disk by the time
-    ``close`` fsyncs; the fsync alone decides durability, as before."""
+    A writer that fsyncs on close also starts the disk on its bytes each time another
+    :data:`WRITEBACK_BYTES` have been written (parallel writers: on each chunk once written),
+    where the platform can, so most of them are on their way to the disk by the time ``close``
+    fsyncs; a smaller file is left to its fsync. The fsync alone decides durability."""
 
     def __init__(self, path: Path, *, fsync: bool) -> None:
         self.path = path
@@ -168,7 +169,8 @@ class ChecksumWriter:
                     written -= remaining.pop(0).nbytes
                 if written:
                     remaining[0] = remaining[0][written:]
-            self._start_writeback(start, offset - start)
+            if offset > start:  # a length of 0 would mean "to the end of the file"
+                self._start_writeback(start, offset - start)
             return crc
 
         def guarded(chunk: Sequence[memoryview], offset: int) -> int:

@@ -110,8 +110,10 @@ _RENAMEAT2 = _renameat2()
 
 
 _SYNC_FILE_RANGE_WRITE = 2  # linux/fs.h
-# errnos with which a kernel or filesystem says it has no sync_file_range for this file
-_WRITEBACK_UNSUPPORTED = {errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ESPIPE}
+# The errnos of sync_file_range that say the file's data is in trouble, as a write's would:
+# raised. Any other (no such call, a file system or a sandbox that refuses it) only means the
+# hint cannot be given, and an advice must never fail a save its fsync would complete.
+_WRITEBACK_FAILURES = {errno.EIO, errno.ENOSPC, errno.EDQUOT, errno.EBADF}
 
 
 def _sync_file_range() -> Callable[..., int] | None:
@@ -131,21 +133,23 @@ _SYNC_FILE_RANGE = _sync_file_range()
 
 def start_writeback(fd: int, offset: int, length: int) -> bool:
     """Ask the kernel to start writing ``length`` bytes of the open file ``fd`` from ``offset``
-    to the disk now, without waiting for them (Linux's ``sync_file_range`` with
-    ``SYNC_FILE_RANGE_WRITE``). Not a durability step: the file still needs its fsync, which then
+    to the disk now, without waiting for that to complete (Linux's ``sync_file_range`` with
+    ``SYNC_FILE_RANGE_WRITE``; it may still wait for room in the device's queue). Not a
+    durability step: the file still needs its fsync, which then
     finds most of its bytes on their way. Without it the kernel holds a fresh file's pages until
     that fsync, so the disk idles while the bytes are produced and works alone afterwards.
 
-    Returns False where the platform or the filesystem has no such call (the caller stops
-    asking); raises the OSError of any other failure, as a write would."""
+    Returns False where the hint cannot be given (no such call on the platform, or the file
+    system or a sandbox refuses it: the caller stops asking); raises the OSError of a failure
+    of the file's data (EIO, ENOSPC, EDQUOT) or of a closed descriptor, as a write would."""
     if _SYNC_FILE_RANGE is None:
         return False
     if _SYNC_FILE_RANGE(fd, offset, length, _SYNC_FILE_RANGE_WRITE) == 0:
         return True
     code = ctypes.get_errno()
-    if code in _WRITEBACK_UNSUPPORTED:
-        return False
-    raise OSError(code, os.strerror(code))
+    if code in _WRITEBACK_FAILURES:
+        raise OSError(code, os.strerror(code))
+    return False
 
 
 def exchange_dirs(a: Path, b: Path, *, fsync: bool) -> bool:

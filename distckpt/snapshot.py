@@ -183,8 +183,8 @@ def anonymous_memory(nbytes: int) -> memoryview:
     It does not ask for transparent huge pages (``MADV_HUGEPAGE``): measured on a VM, the first
     copy into huge pages, which the first async save pays, took about twice as long (the kernel
     finds and clears 2 MiB at a time, often from memory the host must back first), and later
-    copies were no faster than into plain pages. A system that gives huge pages to every
-    mapping (``enabled=always``) still does."""
+    copies were no faster than into plain pages. (Where the system's setting gives huge pages
+    to every mapping, ``enabled=always``, the kernel may still use them.)"""
     private = getattr(mmap, "MAP_PRIVATE", None)
     if private is None:  # Windows: its anonymous mappings are private already
         block = mmap.mmap(-1, nbytes)

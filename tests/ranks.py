@@ -14,8 +14,8 @@ process may not: DCP's process-based ``async_save`` needs this); each such rank 
 group of its own, and everything still in those groups is killed when the job ends, however it
 ends (a rank's children outlive it otherwise).
 
-``run_job_ranks(train, world_size, args)`` starts the ranks of a job script that a test kills
-and runs again (``tests/ddp_job.py``, ``tests/fsdp_job.py``): forked into the script's own
+``run_job_ranks(train, world_size, args, out)`` starts the ranks of a job script that a test
+kills and runs again (``tests/ddp_job.py``, ``tests/fsdp_job.py``): forked into the script's own
 process group, so that one SIGKILL of the group reaches every rank.
 """
 

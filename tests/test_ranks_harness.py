@@ -1,7 +1,7 @@
 """The test harness's own promises (``tests.ranks``): a hung job fails with each stuck rank's
 stacks, no rendezvous store thread runs in the parent while it forks the ranks, the ranks meet
-in a file store (no socket, so no DNS lookup), and non-daemonic ranks may start processes,
-none of which outlives the job."""
+in a file store (the store opens no socket, so it makes no DNS lookup), and non-daemonic ranks
+may start processes, none of which outlives the job."""
 
 from __future__ import annotations
 

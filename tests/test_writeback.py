@@ -7,8 +7,10 @@ benchmark's to show (``scripts/bench``), not a test's.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
+import platform
 import re
 import subprocess
 import sys
@@ -17,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from distckpt.checksums import COALESCE_BYTES, WRITEBACK_BYTES
+from distckpt import fsutil
+from distckpt.checksums import COALESCE_BYTES, WRITEBACK_BYTES, ChecksumWriter
 from distckpt.fsutil import start_writeback
 from tests.crashsim.trace import TRACED_CALLS, StraceUnavailable, ensure_strace
 from tests.filesystems import skip_or_fail
@@ -28,6 +31,8 @@ _CALL = re.compile(r"^(?:\[pid +\d+\] |\d+ +)?(\w+)\((\d+)<([^>]*)>(.*)\) = (-?\
 def _traced(code: str, tmp_path: Path) -> list[tuple[str, str, list[str]]]:
     """(call, path, other arguments) of the sync_file_range and fsync calls that ``code``, run
     by a fresh interpreter, makes on files, in order."""
+    if platform.machine() not in ("x86_64", "aarch64"):
+        pytest.skip("elsewhere the system call may be sync_file_range2, which this does not read")
     try:
         strace = ensure_strace()
     except StraceUnavailable as exc:
@@ -155,7 +160,7 @@ def test_start_writeback_declines_where_there_is_nothing_to_write_back() -> None
         os.close(read_end)
         os.close(write_end)
     with pytest.raises(OSError) as info:
-        start_writeback(write_end, 0, 4096)
+        start_writeback(-1, 0, 4096)
     assert info.value.errno == errno.EBADF
 
 
@@ -165,3 +170,51 @@ def test_the_crash_explorer_counts_fsyncs_not_early_writeback() -> None:
     traced = TRACED_CALLS.split(",")
     assert "sync_file_range" not in traced
     assert {"fsync", "fdatasync"} <= set(traced)
+
+
+class _RefusingSyncFileRange:
+    """Stands in for libc's sync_file_range, failing with ``code``: no file system on this
+    machine refuses the call or fails it alone (a sandbox's seccomp filter, another kernel or
+    a failing disk would), so the refusal is made here; the writes and fsyncs stay real."""
+
+    def __init__(self, code: int) -> None:
+        self.code = code
+        self.calls = 0
+
+    def __call__(self, fd: int, offset: int, length: int, flags: int) -> int:
+        self.calls += 1
+        ctypes.set_errno(self.code)
+        return -1
+
+
+@pytest.mark.parametrize("code", [errno.ENOSYS, errno.EPERM, errno.EINVAL])
+def test_a_writer_stops_asking_where_the_hint_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: int
+) -> None:
+    refusing = _RefusingSyncFileRange(code)
+    monkeypatch.setattr(fsutil, "_SYNC_FILE_RANGE", refusing)
+    data = os.urandom(5 * WRITEBACK_BYTES)
+    with ChecksumWriter(tmp_path / "file.bin", fsync=True) as writer:
+        for start in range(0, len(data), WRITEBACK_BYTES):
+            writer.write(data[start : start + WRITEBACK_BYTES])
+    assert refusing.calls == 1
+    assert (tmp_path / "file.bin").read_bytes() == data
+
+
+@pytest.mark.parametrize("parallel", [False, True], ids=["one-writer", "parallel-writers"])
+def test_a_failing_hint_fails_the_write_named_after_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, parallel: bool
+) -> None:
+    """EIO from the hint is the file's data in trouble: raised as a failed write would be,
+    naming the file, and kept as the writer's error."""
+    monkeypatch.setattr(fsutil, "_SYNC_FILE_RANGE", _RefusingSyncFileRange(errno.EIO))
+    target = tmp_path / "file.bin"
+    data = memoryview(os.urandom(2 * WRITEBACK_BYTES))
+    with pytest.raises(OSError) as info, ChecksumWriter(target, fsync=True) as writer:
+        if parallel:
+            writer.write_in_parallel([[data[:WRITEBACK_BYTES]], [data[WRITEBACK_BYTES:]]], 2)
+        else:
+            writer.write(data)
+    assert info.value.errno == errno.EIO
+    assert os.fspath(target) in str(info.value)
+    assert writer.error is info.value
