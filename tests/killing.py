@@ -48,17 +48,44 @@ class ProcStat:
     @property
     def live(self) -> bool:
         """Not a zombie (dead, waiting to be reaped) or being torn down."""
-        return self.state not in ("Z", "X")
+        return self.state not in _DEAD_STATES
 
 
-def proc_stat(pid: int) -> ProcStat | None:
-    """The ``/proc`` stat of process ``pid``; None once it is gone."""
+_DEAD_STATES = ("Z", "X")
+
+
+def _stat_fields(stat_file: Path) -> list[str] | None:
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        stat = stat_file.read_text()
     except (FileNotFoundError, ProcessLookupError):
         return None
     # The command name may hold spaces or parentheses: the fields start after its last ")".
-    state, ppid, group = stat[stat.rindex(")") + 2 :].split()[:3]
+    return stat[stat.rindex(")") + 2 :].split()
+
+
+def _live_thread_state(pid: int) -> str | None:
+    """The state of a thread of process ``pid`` that has not exited yet, if any."""
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    for task in tasks:
+        fields = _stat_fields(task / "stat")
+        if fields is not None and fields[0] not in _DEAD_STATES:
+            return fields[0]
+    return None
+
+
+def proc_stat(pid: int) -> ProcStat | None:
+    """The ``/proc`` stat of process ``pid``; None once it is gone. A killed process's main
+    thread may show as a zombie while its other threads are still exiting, and those still hold
+    its files and their locks (rank 0: the root's lease): its state is then a live thread's."""
+    fields = _stat_fields(Path(f"/proc/{pid}/stat"))
+    if fields is None:
+        return None
+    state, ppid, group = fields[:3]
+    if state in _DEAD_STATES:
+        state = _live_thread_state(pid) or state
     return ProcStat(int(ppid), state, int(group))
 
 

@@ -152,7 +152,10 @@ class Job:
         pids = [self.process.pid] if self.process.poll() is None else []
         for pid, cmdline in self._tree.items():
             stat = proc_stat(pid)
-            if stat is not None and stat.live and _cmdline(pid) == cmdline:
+            # A killed process's command line reads empty once its memory is gone, before its
+            # files are closed and their locks (rank 0: the root's lease) released: it still
+            # counts. Another command line means the pid was reused.
+            if stat is not None and stat.live and _cmdline(pid) in (cmdline, ""):
                 pids.append(pid)
         return pids
 
