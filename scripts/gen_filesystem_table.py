@@ -81,6 +81,7 @@ _COLUMNS = {
     "test_save_retention_best_restore": "2-rank save (torch sync, dcp async), retention, best, "
     "fresh-process restore, verify, ls",
     "test_sigkill_mid_save_and_resume": "SIGKILL mid-save, resume",
+    "test_early_writeback": "a 16 MiB file with early writeback and fsync: bytes, checksum",
 }
 
 

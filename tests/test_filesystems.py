@@ -33,8 +33,9 @@ import torch
 import distckpt
 import distckpt.formats.dcp  # imported once here, not in every forked rank (seconds each)
 from distckpt import faults
+from distckpt.checksums import WRITEBACK_BYTES, ChecksumWriter, file_checksum
 from distckpt.cli import main
-from distckpt.fsutil import probe_writable
+from distckpt.fsutil import probe_writable, start_writeback
 from distckpt.lock import WriterLock
 from tests.filesystems import KINDS, MountFactory
 from tests.ranks import run_ranks, values
@@ -163,6 +164,27 @@ def test_save_retention_best_restore(
         assert listed[1]["leftovers"] == [], listed[1]["leftovers"]
         # links are symlinks where the filesystem takes them, pointer files elsewhere
         assert (root / fmt / "last").is_symlink() == mount.symlinks
+
+
+@pytest.mark.parametrize("name", MATRIX)
+def test_early_writeback(
+    mounts: MountFactory, name: str, record_property: Callable[[str, object], None]
+) -> None:
+    """A file written as a save writes it with ``fsync=True``, long enough for early writeback
+    (two stretches of WRITEBACK_BYTES and a tail): its bytes and checksum are right whether the
+    file system takes the hint or declines it; an error the hint raised would fail the write."""
+    target = mounts.get(name).path / "writeback.bin"
+    data = os.urandom(2 * WRITEBACK_BYTES + 12345)
+    try:
+        with ChecksumWriter(target, fsync=True) as writer:
+            writer.write(data)
+        assert target.read_bytes() == data
+        assert writer.checksum == file_checksum(target)
+        with open(target, "rb") as file:
+            taken = start_writeback(file.fileno(), 0, len(data))
+        record_property("shows", "hint taken" if taken else "hint declined, writes unaffected")
+    finally:
+        target.unlink(missing_ok=True)
 
 
 def _outcome(save: Callable[[], object]) -> str:
