@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO
 
-from distckpt.fsutil import start_writeback, with_file_name
+from distckpt.fsutil import EarlyWriteback, with_file_name
 
 try:  # the same CRC-32 as zlib's, about six times faster (SIMD); the save computes it inline
     from zlib_ng.zlib_ng import crc32
@@ -73,10 +73,6 @@ def crc32_combine(crc1: int, crc2: int, length2: int) -> int:
 COALESCE_BYTES = 1 << 20
 #: At most this many buffers per ``pwritev`` (Linux's IOV_MAX is 1024).
 _MAX_WRITE_BUFFERS = 512
-#: A writer that will fsync asks the kernel to start writing its bytes to the disk every time
-#: this many more have been handed over (:func:`~distckpt.fsutil.start_writeback`), so the disk
-#: writes while the rest of the file is produced rather than only in the final fsync.
-WRITEBACK_BYTES = 8 << 20
 
 
 class ChecksumWriter:
@@ -86,9 +82,10 @@ class ChecksumWriter:
     ``flush``/``close``, named after the file either way.
 
     A writer that fsyncs on close also starts the disk on its bytes each time another
-    :data:`WRITEBACK_BYTES` have been written (parallel writers: on each chunk once written),
-    where the platform can, so most of them are on their way to the disk by the time ``close``
-    fsyncs; a smaller file is left to its fsync. The fsync alone decides durability."""
+    :data:`~distckpt.fsutil.WRITEBACK_BYTES` have been written (parallel writers: on each chunk
+    once written; :class:`~distckpt.fsutil.EarlyWriteback`), where the platform can, so most of
+    them are on their way to the disk by the time ``close`` fsyncs; a smaller file is left to
+    its fsync. The fsync alone decides durability."""
 
     def __init__(self, path: Path, *, fsync: bool) -> None:
         self.path = path
@@ -100,8 +97,7 @@ class ChecksumWriter:
         self.size = 0
         self._crc = 0  # of the bytes handed to the kernel
         self._handed = 0  # bytes handed to the kernel: the file's length so far
-        self._writeback = fsync  # whether to start the disk early; dropped where unsupported
-        self._writeback_from = 0  # the offset from which no writeback was started yet
+        self._early = EarlyWriteback(fd) if fsync else None
         self._pending = bytearray()
         #: the OSError a write raised, if any
         self.error: OSError | None = None
@@ -121,19 +117,14 @@ class ChecksumWriter:
         try:
             self._write_all(view)
             self._handed += view.nbytes
-            if self._handed - self._writeback_from >= WRITEBACK_BYTES:
-                self._start_writeback(self._writeback_from, self._handed - self._writeback_from)
-                self._writeback_from = self._handed
+            if self._early is not None:
+                self._early.written_up_to(self._handed)
         except OSError as exc:
             # Kept, because a caller such as torch.save's zip writer may replace it with an
             # error of its own that no longer says "No space left on device".
             self.error = with_file_name(exc, self.path)
             raise self.error from None
         self._crc = crc32(view, self._crc)
-
-    def _start_writeback(self, offset: int, length: int) -> None:
-        if self._writeback:
-            self._writeback = start_writeback(self._file.fileno(), offset, length)
 
     def _write_all(self, view: memoryview) -> None:
         written = 0
@@ -169,8 +160,8 @@ class ChecksumWriter:
                     written -= remaining.pop(0).nbytes
                 if written:
                     remaining[0] = remaining[0][written:]
-            if offset > start:  # a length of 0 would mean "to the end of the file"
-                self._start_writeback(start, offset - start)
+            if self._early is not None:
+                self._early.start(start, offset - start)
             return crc
 
         def guarded(chunk: Sequence[memoryview], offset: int) -> int:
@@ -188,7 +179,9 @@ class ChecksumWriter:
             raise (self.error or exc) from None
         for crc, chunk in zip(crcs, chunks):
             self._crc = crc32_combine(self._crc, crc, sum(buffer.nbytes for buffer in chunk))
-        self.size = self._handed = self._writeback_from = end
+        self.size = self._handed = end
+        if self._early is not None:
+            self._early.skip_to(end)
         # Later writes (and the file's position for them) continue after the chunks.
         os.lseek(fd, end, os.SEEK_SET)
 

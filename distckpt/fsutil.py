@@ -18,7 +18,7 @@ import sys
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO, Literal
+from typing import BinaryIO, Literal, Protocol
 
 logger = logging.getLogger("distckpt")
 
@@ -44,14 +44,45 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
         os.close(fd)
 
 
-def atomic_write(path: Path, write: Callable[[BinaryIO], object], *, fsync: bool) -> None:
+class Writable(Protocol):
+    """What :func:`atomic_write` hands its ``write``: a file open for writing, as far as
+    ``torch.save`` and ``file.write`` need one."""
+
+    def write(self, data: bytes | bytearray | memoryview, /) -> int: ...
+
+    def flush(self) -> None: ...
+
+
+class _StartingWriteback:
+    """An open file whose writes start the disk on every further :data:`WRITEBACK_BYTES`
+    (:class:`EarlyWriteback`), for a file that is fsynced once written."""
+
+    def __init__(self, file: BinaryIO) -> None:
+        self._file = file
+        self._written = 0
+        self._early = EarlyWriteback(file.fileno())
+
+    def write(self, data: bytes | bytearray | memoryview, /) -> int:
+        written = self._file.write(data)
+        self._written += written
+        if self._early.due(self._written):
+            self._file.flush()  # the hint covers what the kernel holds, not Python's buffer
+            self._early.written_up_to(self._written)
+        return written
+
+    def flush(self) -> None:
+        self._file.flush()
+
+
+def atomic_write(path: Path, write: Callable[[Writable], object], *, fsync: bool) -> None:
     """Create or replace ``path`` with what ``write`` writes to the open file, so that readers
     see the old content or the new, never a mix: written to a temporary name beside it, fsynced,
-    renamed over it."""
+    renamed over it. With ``fsync``, a large file starts the disk as it goes
+    (:class:`EarlyWriteback`)."""
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
         with open(tmp, "xb") as file:
-            write(file)
+            write(_StartingWriteback(file) if fsync else file)
             if fsync:
                 file.flush()
                 os.fsync(file.fileno())
@@ -109,6 +140,10 @@ def _renameat2() -> Callable[..., int] | None:
 _RENAMEAT2 = _renameat2()
 
 
+#: A file that will be fsynced asks the kernel to start writing its bytes to the disk each time
+#: this many more have been written (:class:`EarlyWriteback`), so the disk works while the rest
+#: of the file is produced rather than only in the final fsync.
+WRITEBACK_BYTES = 8 << 20
 _SYNC_FILE_RANGE_WRITE = 2  # linux/fs.h
 # The errnos of sync_file_range that say the file's data is in trouble, as a write's would:
 # raised. Any other (no such call, a file system or a sandbox that refuses it) only means the
@@ -150,6 +185,40 @@ def start_writeback(fd: int, offset: int, length: int) -> bool:
     if code in _WRITEBACK_FAILURES:
         raise OSError(code, os.strerror(code))
     return False
+
+
+class EarlyWriteback:
+    """The early writeback of one file being written that will be fsynced: the disk is asked
+    (:func:`start_writeback`) to start on each further :data:`WRITEBACK_BYTES` written in turn
+    (:meth:`written_up_to`), or on a range written out of turn (:meth:`start`); once the hint
+    is declined, it is never asked again for this file. A file smaller than that is left to its
+    fsync."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._enabled = True  # any thread may clear it; the answer is the same for every range
+        self._started_up_to = 0  # the start of what no hint covered yet
+
+    def due(self, end: int) -> bool:
+        """Whether, with the file written up to ``end``, a hint is due."""
+        return self._enabled and end - self._started_up_to >= WRITEBACK_BYTES
+
+    def written_up_to(self, end: int) -> None:
+        """The file is written up to ``end``: start the disk on the stretch before it, once that
+        is :data:`WRITEBACK_BYTES` or more."""
+        if self.due(end):
+            self.start(self._started_up_to, end - self._started_up_to)
+            self._started_up_to = end
+
+    def start(self, offset: int, length: int) -> None:
+        """Start the disk on ``length`` bytes from ``offset`` (none if ``length`` is 0, which
+        to the kernel would mean "to the end of the file")."""
+        if self._enabled and length > 0:
+            self._enabled = start_writeback(self._fd, offset, length)
+
+    def skip_to(self, end: int) -> None:
+        """Everything before ``end`` was covered by :meth:`start`."""
+        self._started_up_to = end
 
 
 def exchange_dirs(a: Path, b: Path, *, fsync: bool) -> bool:

@@ -33,9 +33,9 @@ import torch
 import distckpt
 import distckpt.formats.dcp  # imported once here, not in every forked rank (seconds each)
 from distckpt import faults
-from distckpt.checksums import WRITEBACK_BYTES, ChecksumWriter, file_checksum
+from distckpt.checksums import ChecksumWriter, file_checksum
 from distckpt.cli import main
-from distckpt.fsutil import probe_writable, start_writeback
+from distckpt.fsutil import WRITEBACK_BYTES, probe_writable, start_writeback
 from distckpt.lock import WriterLock
 from tests.filesystems import KINDS, MountFactory
 from tests.ranks import run_ranks, values

@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 
 from distckpt import fsutil
-from distckpt.checksums import COALESCE_BYTES, WRITEBACK_BYTES, ChecksumWriter
-from distckpt.fsutil import start_writeback
+from distckpt.checksums import COALESCE_BYTES, ChecksumWriter
+from distckpt.fsutil import WRITEBACK_BYTES, start_writeback
 from tests.crashsim.trace import TRACED_CALLS, StraceUnavailable, ensure_strace
 from tests.filesystems import skip_or_fail
 
@@ -146,6 +146,26 @@ def test_a_save_starts_the_disk_early_and_a_writer_that_does_not_fsync_never_doe
         assert any(name == "sync_file_range" for name, _ in durable), (root, durable)
     volatile = [(name, where) for name, where, _ in calls if "/volatile/" in where]
     assert not [where for name, where in volatile if name == "sync_file_range"], volatile
+
+
+def test_an_export_starts_the_disk_early_and_small_atomic_files_never_do(tmp_path: Path) -> None:
+    """``export`` writes one large ``torch.save`` file through ``atomic_write``, which hints as
+    a checkpoint file's writer does when it fsyncs; a manifest, written the same way, is too
+    small for a hint, and an export without fsync asks for none."""
+    calls = _traced(
+        """
+        import torch
+        import distckpt
+        with distckpt.CheckpointManager("root") as manager:
+            manager.save(1, {"w": torch.randn(6 << 20)})  # 24 MiB
+        distckpt.export("root", "durable.pt", rank=0)
+        distckpt.export("root", "volatile.pt", rank=0, fsync=False)
+        """,
+        tmp_path,
+    )
+    hinted = {where for name, where, _ in calls if name == "sync_file_range"}
+    assert any("/.durable.pt." in where for where in hinted), hinted  # its temporary name
+    assert not any("volatile.pt" in where or "manifest" in where for where in hinted), hinted
 
 
 def test_start_writeback_declines_where_there_is_nothing_to_write_back() -> None:
