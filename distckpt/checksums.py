@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO
 
-from distckpt.fsutil import EarlyWriteback, with_file_name
+from distckpt.fsutil import WRITEBACK_BYTES, EarlyWriteback, with_file_name
 
 try:  # the same CRC-32 as zlib's, about six times faster (SIMD); the save computes it inline
     from zlib_ng.zlib_ng import crc32
@@ -82,10 +82,11 @@ class ChecksumWriter:
     ``flush``/``close``, named after the file either way.
 
     A writer that fsyncs on close also starts the disk on its bytes each time another
-    :data:`~distckpt.fsutil.WRITEBACK_BYTES` have been written (parallel writers: on each chunk
-    once written; :class:`~distckpt.fsutil.EarlyWriteback`), where the platform can, so most of
-    them are on their way to the disk by the time ``close`` fsyncs; a smaller file is left to
-    its fsync. The fsync alone decides durability."""
+    :data:`~distckpt.fsutil.WRITEBACK_BYTES` have been written, a large write being handed over
+    in stretches of that size (parallel writers: on each chunk once written, whatever its size;
+    :class:`~distckpt.fsutil.EarlyWriteback`), where the platform can, so most of them are on
+    their way to the disk by the time ``close`` fsyncs; a file smaller than that written by one
+    writer is left to its fsync. The fsync alone decides durability."""
 
     def __init__(self, path: Path, *, fsync: bool) -> None:
         self.path = path
@@ -114,11 +115,16 @@ class ChecksumWriter:
         return view.nbytes
 
     def _put(self, view: memoryview) -> None:
+        # In stretches of WRITEBACK_BYTES when early writeback is on: one large tensor would
+        # otherwise be hinted only once all of it had been written.
+        step = WRITEBACK_BYTES if self._early is not None else max(view.nbytes, 1)
         try:
-            self._write_all(view)
-            self._handed += view.nbytes
-            if self._early is not None:
-                self._early.written_up_to(self._handed)
+            for start in range(0, view.nbytes, step):
+                piece = view[start : start + step]
+                self._write_all(piece)
+                self._handed += piece.nbytes
+                if self._early is not None:
+                    self._early.written_up_to(self._handed)
         except OSError as exc:
             # Kept, because a caller such as torch.save's zip writer may replace it with an
             # error of its own that no longer says "No space left on device".

@@ -53,22 +53,33 @@ class Writable(Protocol):
     def flush(self) -> None: ...
 
 
-class _StartingWriteback:
-    """An open file whose writes start the disk on every further :data:`WRITEBACK_BYTES`
-    (:class:`EarlyWriteback`), for a file that is fsynced once written."""
+class _WatchedFile:
+    """The open file :func:`atomic_write` hands its ``write``. It keeps the first ``OSError`` a
+    write raised: ``torch.save``'s zip writer replaces it with an error of its own that no
+    longer says, say, "No space left on device". For a file that will be fsynced
+    (``early_writeback``), its writes start the disk on every further :data:`WRITEBACK_BYTES`
+    (:class:`EarlyWriteback`), a large write in stretches of that size."""
 
-    def __init__(self, file: BinaryIO) -> None:
+    def __init__(self, file: BinaryIO, *, early_writeback: bool) -> None:
         self._file = file
         self._written = 0
-        self._early = EarlyWriteback(file.fileno())
+        self._early = EarlyWriteback(file.fileno()) if early_writeback else None
+        #: the first OSError a write raised, if any
+        self.error: OSError | None = None
 
     def write(self, data: bytes | bytearray | memoryview, /) -> int:
-        written = self._file.write(data)
-        self._written += written
-        if self._early.due(self._written):
-            self._file.flush()  # the hint covers what the kernel holds, not Python's buffer
-            self._early.written_up_to(self._written)
-        return written
+        view = memoryview(data).cast("B")
+        step = WRITEBACK_BYTES if self._early is not None else max(view.nbytes, 1)
+        try:
+            for start in range(0, view.nbytes, step):
+                self._written += self._file.write(view[start : start + step])
+                if self._early is not None and self._early.due(self._written):
+                    self._file.flush()  # the hint covers what the kernel holds, not our buffer
+                    self._early.written_up_to(self._written)
+        except OSError as exc:
+            self.error = self.error or exc
+            raise
+        return view.nbytes
 
     def flush(self) -> None:
         self._file.flush()
@@ -78,11 +89,14 @@ def atomic_write(path: Path, write: Callable[[Writable], object], *, fsync: bool
     """Create or replace ``path`` with what ``write`` writes to the open file, so that readers
     see the old content or the new, never a mix: written to a temporary name beside it, fsynced,
     renamed over it. With ``fsync``, a large file starts the disk as it goes
-    (:class:`EarlyWriteback`)."""
+    (:class:`EarlyWriteback`). A write that fails raises its ``OSError``, named after ``path``,
+    even where ``write`` (``torch.save``) turned it into an error of its own."""
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    watched: _WatchedFile | None = None
     try:
         with open(tmp, "xb") as file:
-            write(_StartingWriteback(file) if fsync else file)
+            watched = _WatchedFile(file, early_writeback=fsync)
+            write(watched)
             if fsync:
                 file.flush()
                 os.fsync(file.fileno())
@@ -90,8 +104,10 @@ def atomic_write(path: Path, write: Callable[[Writable], object], *, fsync: bool
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         raise with_file_name(exc, path) from None
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        if isinstance(exc, Exception) and watched is not None and watched.error is not None:
+            raise with_file_name(watched.error, path) from None
         raise
     if fsync:
         fsync_dir(path.parent)

@@ -39,11 +39,14 @@ GROUP_EXIT_SECONDS = 60.0
 
 @dataclass(frozen=True)
 class ProcStat:
-    """What ``/proc/PID/stat`` says of a process: its parent, state letter and process group."""
+    """What ``/proc/PID/stat`` says of a process: its parent, state letter, process group and
+    start time (in clock ticks since boot: with the pid, it names one process, even after the
+    pid is reused)."""
 
     ppid: int
     state: str
     group: int
+    started: int
 
     @property
     def live(self) -> bool:
@@ -86,7 +89,13 @@ def proc_stat(pid: int) -> ProcStat | None:
     state, ppid, group = fields[:3]
     if state in _DEAD_STATES:
         state = _live_thread_state(pid) or state
-    return ProcStat(int(ppid), state, int(group))
+    return ProcStat(int(ppid), state, int(group), int(fields[19]))  # field 22, starttime
+
+
+def thread_state(pid: int, tid: int) -> str | None:
+    """The state letter of thread ``tid`` of process ``pid`` alone; None once it is gone."""
+    fields = _stat_fields(Path(f"/proc/{pid}/task/{tid}/stat"))
+    return None if fields is None else fields[0]
 
 
 def live_group_members(group: int) -> list[int]:

@@ -144,7 +144,7 @@ def describe_stuck(pid: int, stack_file: Path | None, native_stacks: bool = True
     registration) and, with ``native_stacks`` where ``gdb`` is installed, its native stacks,
     which name the lock a thread is blocked on (a rank stuck in C code shows only its last
     Python call)."""
-    from tests.killing import proc_stat
+    from tests.killing import thread_state
 
     lines: list[str] = []
     try:
@@ -152,12 +152,12 @@ def describe_stuck(pid: int, stack_file: Path | None, native_stacks: bool = True
     except FileNotFoundError:
         return f"process {pid} is gone"
     for tid in threads:
-        stat = proc_stat(tid)
+        state = thread_state(pid, tid)
         try:
             wchan = Path(f"/proc/{pid}/task/{tid}/wchan").read_text()
         except FileNotFoundError:
             wchan = "?"
-        lines.append(f"thread {tid}: state {stat.state if stat else '?'}, waits in {wchan}")
+        lines.append(f"thread {tid}: state {state or '?'}, waits in {wchan}")
     if stack_file is not None and stack_file.exists():
         os.kill(pid, signal.SIGUSR1)
         time.sleep(1.0)  # faulthandler writes from the signal handler, at once

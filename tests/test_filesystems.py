@@ -171,8 +171,9 @@ def test_early_writeback(
     mounts: MountFactory, name: str, record_property: Callable[[str, object], None]
 ) -> None:
     """A file written as a save writes it with ``fsync=True``, long enough for early writeback
-    (two stretches of WRITEBACK_BYTES and a tail): its bytes and checksum are right whether the
-    file system takes the hint or declines it; an error the hint raised would fail the write."""
+    (two stretches of WRITEBACK_BYTES and a tail, each stretch hinted as it is handed over):
+    its bytes and checksum are right whether the file system takes the hint or declines it; an
+    error the hint raised would fail the write. Whether it takes it is probed afterwards."""
     target = mounts.get(name).path / "writeback.bin"
     data = os.urandom(2 * WRITEBACK_BYTES + 12345)
     try:
@@ -419,6 +420,23 @@ def test_disk_full_error_names_the_file(mounts: MountFactory) -> None:
     finally:
         hog.unlink(missing_ok=True)
         target.unlink(missing_ok=True)
+
+
+def test_an_export_onto_a_full_disk_says_so_and_names_its_file(
+    mounts: MountFactory, tmp_path: Path
+) -> None:
+    """``export`` streams ``torch.save`` into its file, whose zip writer turns a failed write
+    into an error of its own ("unexpected pos ..."); the export raises the disk's error instead,
+    named after the file it was writing, and leaves no temporary file behind."""
+    with distckpt.CheckpointManager(tmp_path / "root") as mgr:
+        mgr.save(1, {"w": torch.ones(12 << 20)})  # 48 MiB, more than the volume holds
+    mount = mounts.get("small-ext4")
+    out = mount.path / "exported.pt"
+    with pytest.raises(OSError) as info:
+        distckpt.export(tmp_path / "root", out, rank=0)
+    assert info.value.errno == errno.ENOSPC
+    assert os.fspath(out) in str(info.value)
+    assert not [name for name in os.listdir(mount.path) if "exported" in name]
 
 
 def _take_every_free_block(volume: Path, hog: Path) -> None:

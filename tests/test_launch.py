@@ -99,7 +99,7 @@ class Job:
             start_new_session=True,
         )
         self.lines: list[str] = []
-        self._tree: dict[int, str] = {}  # descendant pid -> its command line, against pid reuse
+        self._tree: dict[int, int] = {}  # descendant pid -> its start time, against pid reuse
         # Reentrant, so `output` can be read while wait_for holds the condition.
         self._changed = threading.Condition(threading.RLock())
         self._eof = False
@@ -143,19 +143,19 @@ class Job:
         """Record the launcher's current descendants (the ranks); returns every pid seen."""
         if self.process.poll() is None:
             for pid in _descendants(self.process.pid):
-                if (cmdline := _cmdline(pid)) is not None:
-                    self._tree.setdefault(pid, cmdline)
+                if (stat := proc_stat(pid)) is not None:
+                    self._tree.setdefault(pid, stat.started)
         return set(self._tree)
 
     def alive(self) -> list[int]:
         """Pids of the job that still run: the launcher, or any descendant it ever had."""
         pids = [self.process.pid] if self.process.poll() is None else []
-        for pid, cmdline in self._tree.items():
+        for pid, started in self._tree.items():
             stat = proc_stat(pid)
-            # A killed process's command line reads empty once its memory is gone, before its
-            # files are closed and their locks (rank 0: the root's lease) released: it still
-            # counts. Another command line means the pid was reused.
-            if stat is not None and stat.live and _cmdline(pid) in (cmdline, ""):
+            # The same pid started at another time is another process (the pid was reused). A
+            # start time, not a command line: a killed process's reads empty once its memory is
+            # gone, before its files (and their locks: rank 0's lease) are closed.
+            if stat is not None and stat.live and stat.started == started:
                 pids.append(pid)
         return pids
 
@@ -177,7 +177,9 @@ class Job:
             os.killpg(self.process.pid, signal.SIGKILL)
         for pid in self.alive():
             with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(os.getpgid(pid), signal.SIGKILL)
+                group = os.getpgid(pid)
+                if group not in (0, os.getpgrp()):  # never the tests' own group
+                    os.killpg(group, signal.SIGKILL)
 
     def wait_until_dead(self, timeout: float) -> None:
         """Wait, after :meth:`kill`, until the launcher and every rank it ever had have died: a
