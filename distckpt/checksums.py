@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO
 
-from distckpt.fsutil import WRITEBACK_BYTES, EarlyWriteback, with_file_name
+from distckpt.fsutil import EarlyWriteback, with_file_name
 
 try:  # the same CRC-32 as zlib's, about six times faster (SIMD); the save computes it inline
     from zlib_ng.zlib_ng import crc32
@@ -97,7 +97,6 @@ class ChecksumWriter:
         #: bytes accepted so far (written or gathered)
         self.size = 0
         self._crc = 0  # of the bytes handed to the kernel
-        self._handed = 0  # bytes handed to the kernel: the file's length so far
         self._early = EarlyWriteback(fd) if fsync else None
         self._pending = bytearray()
         #: the OSError a write raised, if any
@@ -115,16 +114,11 @@ class ChecksumWriter:
         return view.nbytes
 
     def _put(self, view: memoryview) -> None:
-        # In stretches of WRITEBACK_BYTES when early writeback is on: one large tensor would
-        # otherwise be hinted only once all of it had been written.
-        step = WRITEBACK_BYTES if self._early is not None else max(view.nbytes, 1)
         try:
-            for start in range(0, view.nbytes, step):
-                piece = view[start : start + step]
-                self._write_all(piece)
-                self._handed += piece.nbytes
-                if self._early is not None:
-                    self._early.written_up_to(self._handed)
+            if self._early is None:
+                self._write_all(view)
+            else:
+                self._early.write(view, self._write_all)
         except OSError as exc:
             # Kept, because a caller such as torch.save's zip writer may replace it with an
             # error of its own that no longer says "No space left on device".
@@ -185,7 +179,7 @@ class ChecksumWriter:
             raise (self.error or exc) from None
         for crc, chunk in zip(crcs, chunks):
             self._crc = crc32_combine(self._crc, crc, sum(buffer.nbytes for buffer in chunk))
-        self.size = self._handed = end
+        self.size = end
         if self._early is not None:
             self._early.skip_to(end)
         # Later writes (and the file's position for them) continue after the chunks.

@@ -62,20 +62,20 @@ class _WatchedFile:
 
     def __init__(self, file: BinaryIO, *, early_writeback: bool) -> None:
         self._file = file
-        self._written = 0
-        self._early = EarlyWriteback(file.fileno()) if early_writeback else None
+        # Flushed before each hint: it covers what the kernel holds, not Python's buffer.
+        self._early = (
+            EarlyWriteback(file.fileno(), before_hint=file.flush) if early_writeback else None
+        )
         #: the first OSError a write raised, if any
         self.error: OSError | None = None
 
     def write(self, data: bytes | bytearray | memoryview, /) -> int:
         view = memoryview(data).cast("B")
-        step = WRITEBACK_BYTES if self._early is not None else max(view.nbytes, 1)
         try:
-            for start in range(0, view.nbytes, step):
-                self._written += self._file.write(view[start : start + step])
-                if self._early is not None and self._early.due(self._written):
-                    self._file.flush()  # the hint covers what the kernel holds, not our buffer
-                    self._early.written_up_to(self._written)
+            if self._early is None:
+                self._file.write(view)
+            else:
+                self._early.write(view, self._file.write)
         except OSError as exc:
             self.error = self.error or exc
             raise
@@ -186,9 +186,9 @@ def start_writeback(fd: int, offset: int, length: int) -> bool:
     """Ask the kernel to start writing ``length`` bytes of the open file ``fd`` from ``offset``
     to the disk now, without waiting for that to complete (Linux's ``sync_file_range`` with
     ``SYNC_FILE_RANGE_WRITE``; it may still wait for room in the device's queue). Not a
-    durability step: the file still needs its fsync, which then
-    finds most of its bytes on their way. Without it the kernel holds a fresh file's pages until
-    that fsync, so the disk idles while the bytes are produced and works alone afterwards.
+    durability step: the file still needs its fsync, which then finds most of its bytes on
+    their way. Without it the kernel holds a fresh file's pages until that fsync, so the disk
+    idles while the bytes are produced and works alone afterwards.
 
     Returns False where the hint cannot be given (no such call on the platform, or the file
     system or a sandbox refuses it: the caller stops asking); raises the OSError of a failure
@@ -205,26 +205,32 @@ def start_writeback(fd: int, offset: int, length: int) -> bool:
 
 class EarlyWriteback:
     """The early writeback of one file being written that will be fsynced: the disk is asked
-    (:func:`start_writeback`) to start on each further :data:`WRITEBACK_BYTES` written in turn
-    (:meth:`written_up_to`), or on a range written out of turn (:meth:`start`); once the hint
-    is declined, it is never asked again for this file. A file smaller than that is left to its
-    fsync."""
+    (:func:`start_writeback`) to start on each further :data:`WRITEBACK_BYTES` appended through
+    :meth:`write`, or on a range written out of turn (:meth:`start`); once the hint is declined,
+    it is never asked again for this file. A file smaller than that is left to its fsync.
+    ``before_hint`` runs before each hint of :meth:`write` (a buffered file's flush)."""
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, *, before_hint: Callable[[], object] | None = None) -> None:
         self._fd = fd
+        self._before_hint = before_hint
         self._enabled = True  # any thread may clear it; the answer is the same for every range
+        self._written = 0  # the file's length so far
         self._started_up_to = 0  # the start of what no hint covered yet
 
-    def due(self, end: int) -> bool:
-        """Whether, with the file written up to ``end``, a hint is due."""
-        return self._enabled and end - self._started_up_to >= WRITEBACK_BYTES
-
-    def written_up_to(self, end: int) -> None:
-        """The file is written up to ``end``: start the disk on the stretch before it, once that
-        is :data:`WRITEBACK_BYTES` or more."""
-        if self.due(end):
-            self.start(self._started_up_to, end - self._started_up_to)
-            self._started_up_to = end
+    def write(self, view: memoryview, write_all: Callable[[memoryview], object]) -> None:
+        """Append ``view`` with ``write_all`` (which writes all it is given), in stretches of
+        :data:`WRITEBACK_BYTES`: one large write would otherwise be hinted only once all of it
+        had been written. The disk is started on each stretch of that size written since the
+        last hint."""
+        for start in range(0, view.nbytes, WRITEBACK_BYTES):
+            piece = view[start : start + WRITEBACK_BYTES]
+            write_all(piece)
+            self._written += piece.nbytes
+            if self._enabled and self._written - self._started_up_to >= WRITEBACK_BYTES:
+                if self._before_hint is not None:
+                    self._before_hint()
+                self.start(self._started_up_to, self._written - self._started_up_to)
+                self._started_up_to = self._written
 
     def start(self, offset: int, length: int) -> None:
         """Start the disk on ``length`` bytes from ``offset`` (none if ``length`` is 0, which
@@ -233,8 +239,9 @@ class EarlyWriteback:
             self._enabled = start_writeback(self._fd, offset, length)
 
     def skip_to(self, end: int) -> None:
-        """Everything before ``end`` was covered by :meth:`start`."""
-        self._started_up_to = end
+        """The file is ``end`` bytes long, everything in it covered by :meth:`start`; later
+        :meth:`write` calls append after it."""
+        self._written = self._started_up_to = end
 
 
 def exchange_dirs(a: Path, b: Path, *, fsync: bool) -> bool:
