@@ -1,5 +1,6 @@
 """The benchmark package (scripts/bench): its phase table from distckpt's phase events, and
-its smallest configuration run end to end, so it cannot silently rot."""
+its smallest configuration run end to end, so it cannot silently rot; the same for
+scripts/snapshot_alternatives.py."""
 
 from __future__ import annotations
 
@@ -186,3 +187,17 @@ def test_a_stopped_run_leaves_no_rank_and_no_dcp_checkpoint_process(
             proc.wait()
         for pid in session_members(proc.pid):  # never leave them to the next test
             os.kill(pid, signal.SIGKILL)
+
+
+def test_snapshot_alternatives_script_runs_end_to_end() -> None:
+    """scripts/snapshot_alternatives.py at its smallest, so it cannot silently rot."""
+    script = REPO / "scripts" / "snapshot_alternatives.py"
+    proc = subprocess.run(
+        [sys.executable, str(script), "--mib", "1", "--rounds", "2"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    rows = [line.split(" | ")[0] for line in proc.stdout.splitlines() if line.startswith("| ")]
+    assert rows == ["| snapshot", "| copy", "| fork"], proc.stdout
