@@ -443,12 +443,14 @@ class MemoryReading:
 
 
 def read_memory() -> MemoryReading:
-    """VmRSS and VmHWM from ``/proc/self/status`` (Linux): one read, both summed exactly by
-    the kernel at that moment. ``ru_maxrss`` is not used for the peak there: the kernel
-    builds it from approximate per-CPU counters, and it was seen to read below the VmRSS of
-    the same moment. Without ``/proc`` (not Linux) the peak is ``ru_maxrss`` and so is the
-    resident size: a process has no other portable way to read it, so an increase measured
-    there starts from the peak before, not the resident size (a lower bound)."""
+    """VmRSS and VmHWM from one read of ``/proc/self/status`` (Linux): VmRSS summed exactly
+    at that moment, VmHWM the larger of it and the highest size the kernel recorded before
+    (it records one when memory is unmapped, from its per-CPU counters, so a peak already
+    gone may read a few hundred KiB low). ``ru_maxrss`` is not used there: it comes from
+    those counters even for the present, and was seen to read below the VmRSS of the same
+    moment. Without ``/proc`` (not Linux) the peak is ``ru_maxrss`` and so is the resident
+    size, which a process has no other portable way to read: an increase measured there
+    starts from the peak before, not from the resident size (a lower bound)."""
     try:
         with open("/proc/self/status") as file:
             fields = dict(line.split(":", 1) for line in file if ":" in line)
