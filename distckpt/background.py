@@ -83,9 +83,9 @@ class BackgroundSaves:
         creating this object (checked by :func:`check_background_nice`).
 
         The worker starts here, not at the first :meth:`submit`: a thread that cannot start
-        (a process at its thread limit) fails the constructor, not a save, and its start (its
-        stack, its priority) is no part of the first save. :meth:`close`, or the
-        interpreter's exit, ends it."""
+        (a process at its thread limit) fails the constructor, not a save, and the first save
+        pays for starting it neither in time nor in memory (the thread's stack and what its
+        start-up allocates). :meth:`close`, or the interpreter's exit, ends it."""
         increment = check_background_nice(nice)
         self.coord = coord.spawn()
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="distckpt-commit")
