@@ -80,23 +80,14 @@ class BackgroundSaves:
 
     def __init__(self, coord: Coordinator, *, nice: int = 0) -> None:
         """``nice``: how much to raise the worker thread's nice value over that of the thread
-        creating this object (checked by :func:`check_background_nice`).
-
-        The worker starts here, not at the first :meth:`submit`: a thread that cannot start
-        (a process at its thread limit) fails the constructor, not a save, and the first save
-        pays for starting it neither in time nor in memory (the thread's stack and what its
-        start-up allocates). :meth:`close`, or the interpreter's exit, ends it."""
-        increment = check_background_nice(nice)
+        whose first :meth:`submit` starts it (checked by :func:`check_background_nice`)."""
         self.coord = coord.spawn()
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="distckpt-commit")
-        try:
-            # The worker's first task is its own start-up; waiting for it makes the thread
-            # exist, lowered, before the constructor returns.
-            self._executor.submit(lower_priority, increment).result()
-        except BaseException:
-            self._executor.shutdown(wait=False)
-            self.coord.close()
-            raise
+        self._executor = ThreadPoolExecutor(
+            1,
+            thread_name_prefix="distckpt-commit",
+            initializer=lower_priority,
+            initargs=(check_background_nice(nice),),
+        )
         self._inflight: Future[SaveResult] | None = None
         # Guards _inflight between the training thread and other threads that wait.
         self._lock = threading.Lock()

@@ -77,12 +77,11 @@ class CheckpointManager:
             in flight; a failed one raises on every rank at the next :meth:`wait`,
             :meth:`save` or :meth:`close`.
         background_nice: with ``async_save``, how much to raise the background thread's nice
-            value over that of the thread creating the manager, which starts it (capped at 19;
-            Linux, where each thread has its own): the scheduler then favours training steps
-            over the save's writing and checksums when both want a core, and gives the save the
-            time training leaves idle. 0 or None leaves its priority alone; ignored where
-            threads have no nice value of their own. Only scheduling changes, never what is
-            saved.
+            value over that of the thread making the first async save (capped at 19; Linux,
+            where each thread has its own): the scheduler then favours training steps over the
+            save's writing and checksums when both want a core, and gives the save the time
+            training leaves idle. 0 or None leaves its priority alone; ignored where threads
+            have no nice value of their own. Only scheduling changes, never what is saved.
         format: ``"torch"`` (one file per rank, fixed world size) or ``"dcp"`` (sharded,
             reshards on restore).
         link: ``"auto"`` (symlink, or a pointer file where symlinks are refused),

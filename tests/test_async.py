@@ -144,23 +144,6 @@ def test_interpreter_exit_with_a_save_in_flight_finishes_it(tmp_path: Path) -> N
     assert distckpt.verify(tmp_path).ok
 
 
-def test_interpreter_exit_with_a_manager_that_never_saved_ends_its_thread(tmp_path: Path) -> None:
-    # The background thread starts with the manager; never used and never closed, it must not
-    # keep the interpreter from exiting.
-    script = textwrap.dedent(
-        f"""
-        import threading, distckpt
-        mgr = distckpt.CheckpointManager({str(tmp_path)!r}, async_save=True)
-        print(sorted(t.name for t in threading.enumerate() if t.name.startswith("distckpt")))
-        """
-    )
-    proc = subprocess.run(
-        [sys.executable, "-c", script], check=True, timeout=60, capture_output=True, text=True
-    )
-    assert proc.stdout.strip() == "['distckpt-commit_0']"
-    assert distckpt.CheckpointManager(tmp_path).steps() == []
-
-
 def _preempted_async(rank: int, world_size: int, root: str) -> tuple[bool, bool]:
     import os
     import signal

@@ -84,66 +84,6 @@ def test_background_thread_runs_niced_while_it_writes(
     assert out == [(training_nice, expected_writer_nice, float(rank)) for rank in range(2)]
 
 
-def background_threads() -> list[threading.Thread]:
-    """The async saves' worker threads of this process that are alive."""
-    return [t for t in threading.enumerate() if t.name.startswith("distckpt-commit")]
-
-
-def _worker_before_any_save(
-    rank: int, world_size: int, root: str, creator_nice: int, options: dict[str, Any]
-) -> tuple[list[int], int]:
-    """The nice values of the background threads alive right after a manager is created by a
-    thread at ``creator_nice``, before any save; how many are still alive after close()."""
-    os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), creator_nice)  # this thread only
-    mgr = distckpt.CheckpointManager(root, async_save=True, fsync=False, timeout=30, **options)
-    try:
-        nices = [thread_nice(t.native_id or 0) for t in background_threads()]
-    finally:
-        mgr.close()
-    return nices, len(background_threads())
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice is Linux's")
-@pytest.mark.parametrize(
-    ("options", "creator_nice", "expected_nice"),
-    [({}, 4, 14), ({"background_nice": None}, 4, 4)],
-)
-def test_background_thread_is_started_and_niced_by_the_constructor(
-    tmp_path: Path, options: dict[str, Any], creator_nice: int, expected_nice: int
-) -> None:
-    # One worker per rank, lowered relative to the thread that created the manager, before
-    # anything was saved; close() ends it although it never ran a save.
-    out = values(
-        run_ranks(_worker_before_any_save, 2, str(tmp_path), creator_nice, options, timeout=90)
-    )
-    assert out == [([expected_nice], 0)] * 2
-    assert distckpt.CheckpointManager(tmp_path).steps() == []
-
-
-def test_a_worker_that_cannot_start_fails_the_constructor(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # Patched: a real process at its thread limit cannot be made here (root ignores
-    # RLIMIT_NPROC); this raises what CPython raises there, for the worker's thread only.
-    real_start = threading.Thread.start
-
-    def refuse_the_worker(thread: threading.Thread) -> None:
-        if thread.name.startswith("distckpt-commit"):
-            raise RuntimeError("can't start new thread")
-        real_start(thread)
-
-    monkeypatch.setattr(threading.Thread, "start", refuse_the_worker)
-    with pytest.raises(RuntimeError, match="can't start new thread"):
-        distckpt.CheckpointManager(tmp_path, async_save=True, fsync=False)
-    monkeypatch.undo()
-    assert background_threads() == []
-    # The failed constructor let go of the root: another manager opens it and saves.
-    with distckpt.CheckpointManager(tmp_path, async_save=True, fsync=False) as mgr:
-        mgr.save(1, {"w": torch.ones(4)})
-        assert mgr.wait() is not None
-    assert background_threads() == []
-
-
 def _writer_thread_nices(rank: int, world_size: int, root: str) -> tuple[int, list[int]]:
     """An async save with 2 writer threads per rank; the nice values those threads had while
     they checksummed their chunks (read through a wrapper that calls the real CRC-32)."""
