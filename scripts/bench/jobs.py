@@ -6,8 +6,10 @@ from __future__ import annotations
 import logging
 import os
 import resource
+import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -157,23 +159,30 @@ class MainJob:
 
     def peak_rss(self, key: str, save: Callable[[], Any]) -> float:
         """Run an untimed first ``save`` on every rank and record in ``info[key]`` how far it
-        raised each rank's peak resident size above its size before; its seconds. ru_maxrss
-        only grows, so a peak below an earlier one shows as ``peak_set_earlier``."""
+        raised each rank's peak resident size above its resident size before; its seconds.
+
+        Both sizes come from one clock (:func:`read_memory`): on Linux the kernel's VmHWM
+        after the save minus its VmRSS before. A high-water mark only grows, so a save that
+        peaked below an earlier peak cannot be seen: flagged ``peak_set_earlier``.
+        ``ru_maxrss_after`` is kept for comparison with older runs, which used it."""
         self.ranks.barrier()
-        rss_before, max_before = current_rss(), max_rss()
+        before = read_memory()
         started = time.perf_counter()
         save()
         seconds = time.perf_counter() - started
-        max_after = max_rss()
+        after = read_memory()
         self.info[key] = self.ranks.gather(
             {
                 "rank": self.rank,
                 "state_bytes": self.nbytes,
-                "rss_before": rss_before,
-                "max_rss_before": max_before,
-                "max_rss_after": max_after,
-                "extra": max(0, max_after - rss_before),
-                "peak_set_earlier": max_after <= max_before,
+                "source": after.source,
+                "rss_before": before.resident,
+                "peak_before": before.peak,
+                "rss_after": after.resident,
+                "peak_after": after.peak,
+                "ru_maxrss_after": ru_maxrss(),
+                "extra": max(0, after.peak - before.resident),
+                "peak_set_earlier": before.peak >= after.peak,
             }
         )
         return seconds
@@ -423,10 +432,37 @@ class MainJob:
         return {"times": self.times, "cpu": self.cpu, "skipped": self.skipped, "info": self.info}
 
 
-def current_rss() -> int:
-    with open("/proc/self/statm") as file:
-        return int(file.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+@dataclass(frozen=True)
+class MemoryReading:
+    """This process's resident size and its peak so far, in bytes, read at one moment."""
+
+    resident: int
+    peak: int
+    #: where both come from: "VmHWM" (/proc/self/status) or "ru_maxrss" (the fallback)
+    source: str
 
 
-def max_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+def read_memory() -> MemoryReading:
+    """VmRSS and VmHWM from one read of ``/proc/self/status`` (Linux): VmRSS summed exactly
+    at that moment, VmHWM the larger of it and the highest size the kernel recorded before
+    (it records one when memory is unmapped, from its per-CPU counters, so a peak already
+    gone may read a few hundred KiB low). ``ru_maxrss`` is not used there: it comes from
+    those counters even for the present, and was seen to read below the VmRSS of the same
+    moment. Without ``/proc`` (not Linux) the peak is ``ru_maxrss`` and so is the resident
+    size, which a process has no other portable way to read: an increase measured there
+    starts from the peak before, not from the resident size (a lower bound)."""
+    try:
+        with open("/proc/self/status") as file:
+            fields = dict(line.split(":", 1) for line in file if ":" in line)
+        # Both in kB (KiB), as "  123456 kB".
+        resident, peak = (int(fields[name].split()[0]) * 1024 for name in ("VmRSS", "VmHWM"))
+        return MemoryReading(resident, peak, "VmHWM")
+    except (OSError, KeyError):
+        peak = ru_maxrss()
+        return MemoryReading(peak, peak, "ru_maxrss")
+
+
+def ru_maxrss() -> int:
+    """``getrusage``'s peak resident size of this process, in bytes."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB elsewhere

@@ -101,10 +101,10 @@ def render_config(summary: dict[str, Any], markdown: bool = False) -> list[str]:
         for entry in info.get(key, []):
             note = " (peak was set before the save)" if entry["peak_set_earlier"] else ""
             extra.append(
-                f"peak RSS rank {entry['rank']}: {entry['max_rss_after'] / MIB:.0f} MiB, "
-                f"{entry['rss_before'] / MIB:.0f} MiB resident before the first {kind} save "
-                f"(state {entry['state_bytes'] / MIB:.0f} MiB): "
-                f"+{entry['extra'] / MIB:.1f} MiB beyond it{note}"
+                f"peak RSS rank {entry['rank']}: {entry['peak_after'] / MIB:.1f} MiB "
+                f"({entry['source']}), {entry['rss_before'] / MIB:.1f} MiB resident before the "
+                f"first {kind} save (state {entry['state_bytes'] / MIB:.2f} MiB): "
+                f"+{entry['extra'] / MIB:.2f} MiB beyond it{note}"
             )
     for key in ("distckpt_sync_torch.first_save", "distckpt_async_torch.first_save"):
         if key in info:

@@ -151,7 +151,9 @@ def config_targets(config: dict[str, Any] | None, where: str) -> list[dict[str, 
         rss = config["info"].get(key) if config else None
         extra = max(e["extra"] for e in rss) / MIB if rss else None
         state = max(e["state_bytes"] for e in rss) / MIB if rss else 0.0
-        shown = f"state + {extra or 0:.1f} MiB (state {state:.0f} MiB; max over ranks)"
+        # Two decimals: the async save's buffers alone equal the state, so tenths of a MiB
+        # beyond them decide that target.
+        shown = f"state + {extra or 0:.2f} MiB (state {state:.2f} MiB; max over ranks)"
         rows.append(target(label, extra, limit_of(state), where, shown))
     return rows
 
