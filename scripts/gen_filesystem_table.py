@@ -82,6 +82,8 @@ _COLUMNS = {
     "fresh-process restore, verify, ls",
     "test_sigkill_mid_save_and_resume": "SIGKILL mid-save, resume",
     "test_early_writeback": "a 16 MiB file with early writeback and fsync: bytes, checksum",
+    "test_async_save_with_direct_io": "direct I/O: an async torch save's rank file (strace), "
+    "restore, verify",
 }
 
 

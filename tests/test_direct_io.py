@@ -44,14 +44,14 @@ def _opened_direct(call: FileCall) -> bool:
 
 
 def _rank_file_calls(calls: list[FileCall], root: str) -> list[FileCall]:
-    """The calls that wrote the rank file of ``root``: its creation and what followed (the
-    restore's and ``verify``'s opens for reading left out)."""
+    """The calls that wrote the rank file of ``root``: its open for writing and what followed
+    (the restore's and ``verify``'s opens for reading left out)."""
     return [
         call
         for call in calls
         if f"/{root}/" in call.path
         and call.path.endswith(".pt")
-        and not (call.name == "openat" and "O_CREAT" not in call.args[0])
+        and not (call.name == "openat" and "O_RDONLY" in call.args[0])
     ]
 
 
