@@ -8,9 +8,12 @@ page cache is the benchmark's to show (``scripts/bench``), not a test's.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
+import mmap
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,7 +25,7 @@ from distckpt.checksums import COALESCE_BYTES, DIRECT_STAGING_BYTES, ChecksumWri
 from distckpt.formats import ReadOptions, format_named
 from distckpt.formats.raw_rank_file import load_rank_file, write_rank_file
 from distckpt.formats.torch_files import load_skeleton
-from distckpt.fsutil import DIRECT_ALIGNMENT, anonymous_memory
+from distckpt.fsutil import DIRECT_ALIGNMENT, anonymous_memory, buffer_address
 from distckpt.snapshot import Slot, flat_buffers
 from tests.filesystems import MountFactory, skip_or_fail
 from tests.syscall_trace import FileCall, traced_file_calls
@@ -243,3 +246,37 @@ def test_direct_io_must_be_a_bool(tmp_path: Path, bad: object) -> None:
         distckpt.CheckpointManager(tmp_path / "root", direct_io=bad)  # type: ignore[arg-type]
     with pytest.raises(distckpt.InvalidArgument, match="direct_io"):
         format_named("torch", direct_io=bad)  # type: ignore[arg-type]
+
+
+_LIBC = ctypes.CDLL(None, use_errno=True)
+
+
+def _resident_pages(path: Path) -> tuple[int, int]:
+    """(pages of the file in the page cache, pages of the file), from ``mincore`` of a mapping
+    of it that is never touched (so the mapping itself brings no page in)."""
+    size = path.stat().st_size
+    pages = -(-size // mmap.PAGESIZE)
+    vector = (ctypes.c_ubyte * pages)()
+    _LIBC.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    with open(path, "rb") as file, mmap.mmap(file.fileno(), size, prot=mmap.PROT_READ) as mapped:
+        with memoryview(mapped) as view:
+            address = buffer_address(view)
+        if _LIBC.mincore(address, size, vector) != 0:
+            raise OSError(ctypes.get_errno(), "mincore")
+    return sum(byte & 1 for byte in vector), pages
+
+
+def test_a_direct_rank_file_leaves_none_of_its_pages_in_the_page_cache(tmp_path: Path) -> None:
+    """README, async saves: a direct rank file's bytes bypass the page cache; a buffered one
+    leaves its pages there (fsynced, clean, but resident)."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("mincore on a file mapping: Linux")
+    _require_direct_io(tmp_path)
+    state = _page_aligned_state({"w": (4 << 20,), "t": (5,)}, seed=3)  # 16 MiB
+    direct = write_rank_file(state, tmp_path / "direct.pt", fsync=True, direct=True)
+    buffered = write_rank_file(state, tmp_path / "buffered.pt", fsync=True, direct=False)
+    assert direct.direct and not buffered.direct
+    cached, pages = _resident_pages(tmp_path / "direct.pt")
+    assert cached <= 1, (cached, pages)  # at most the tail page the ftruncate touched
+    cached, pages = _resident_pages(tmp_path / "buffered.pt")
+    assert cached >= pages * 0.9, (cached, pages)
