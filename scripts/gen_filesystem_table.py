@@ -31,8 +31,9 @@ import doc_tables  # noqa: E402  (beside this script)
 _PARAM = re.compile(r"^(?P<test>[a-z_]+)(?:\[(?P<param>[^\]]+)\])?$")
 
 
-def run_matrix() -> dict[tuple[str, str], str]:
-    """Each (test, parameter)'s outcome, from a run of the matrix."""
+def run_matrix(workers: int = 2) -> dict[tuple[str, str], str]:
+    """Each (test, parameter)'s outcome, from a run of the matrix by ``workers`` pytest-xdist
+    workers."""
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "junit.xml"
         subprocess.run(
@@ -44,7 +45,7 @@ def run_matrix() -> dict[tuple[str, str], str]:
                 "-p",
                 "no:cacheprovider",
                 "-n",
-                "2",
+                str(workers),
                 TESTS,
                 f"--junitxml={report}",
                 "-o",
@@ -111,10 +112,13 @@ def _order(name: str) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--write", action="store_true", help="replace the table in the doc")
+    parser.add_argument(
+        "--workers", type=int, default=2, help="pytest-xdist workers (1 on a busy machine)"
+    )
     args = parser.parse_args()
     if str(REPO) not in sys.path:
         sys.path.insert(0, str(REPO))
-    table = render_table(run_matrix())
+    table = render_table(run_matrix(args.workers))
     if args.write:
         doc_tables.write_table(DOC, table, START, END, what="filesystem matrix")
     else:
