@@ -3,6 +3,7 @@ Markdown table in ``docs/filesystems.md``.
 
     python scripts/gen_filesystem_table.py           # run the tests, print the table
     python scripts/gen_filesystem_table.py --write   # and replace it in docs/filesystems.md
+    python scripts/gen_filesystem_table.py --write --workers 1   # one pytest worker
 
 Needs root (mounts). The table sits between ``<!-- matrix:start -->`` and ``<!-- matrix:end -->``;
 each cell is the outcome of one test: passed, "known failure" (an ``xfail`` naming the fix the

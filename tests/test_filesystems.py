@@ -3,8 +3,10 @@ ranks, restores and the CLI in fresh processes.
 
 Each filesystem runs the same cases: a 2-rank save with retention and ``best`` in both formats,
 synchronous and async; a restore, ``verify`` and ``ls`` in a fresh process; a SIGKILL of rank 0
-mid-save and a resume. Then the cases only some mounts can show: a read-only mount, a disk
-filled by another process mid-save, a small volume, files held open by a reader.
+mid-save and a resume; an async "torch" save whose rank file strace shows written with direct
+I/O (or buffered, where the filesystem refuses ``O_DIRECT``: ramfs, outside the matrix).
+Then the cases only some mounts can show: a read-only mount, a disk filled by another process
+mid-save, a small volume, files held open by a reader.
 
 A filesystem that loses what it renames (fusefat, FAT16 and FAT32) cannot hold checkpoints:
 there the matrix proves that every save fails on every rank with :class:`distckpt.CommitLost`
