@@ -5,6 +5,10 @@ the POSIX one: fsync each file, fsync the directory that holds them, rename the 
 final name, fsync the parent; then swap a link by creating it under a temporary name, renaming
 it over the old one and fsyncing the parent again. A crash at any instant therefore leaves
 either the old or the new state under each final name, never a partial one.
+
+Also here: what direct I/O asks of memory (:data:`DIRECT_ALIGNMENT`, :func:`buffer_address`)
+and the page-aligned anonymous memory that meets it (:func:`anonymous_memory`: async snapshots'
+buffers, a direct writer's staging buffer).
 """
 
 from __future__ import annotations
