@@ -9,7 +9,6 @@ files rely on are in :mod:`distckpt.fsutil`.
 from __future__ import annotations
 
 import errno
-import fcntl
 import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -248,6 +247,8 @@ class ChecksumWriter:
     def _stop_direct_io(self) -> None:
         """Write the rest of the file through the page cache, on the same descriptor (Linux
         lets ``fcntl`` clear ``O_DIRECT``), so at the same position."""
+        import fcntl  # here: only platforms with O_DIRECT get here, and Windows has no fcntl
+
         fd = self._file.fileno()
         fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~_O_DIRECT)
         self.direct = False
