@@ -8,13 +8,22 @@ files rely on are in :mod:`distckpt.fsutil`.
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO
 
-from distckpt.fsutil import EarlyWriteback, with_file_name
+from distckpt.errors import InvalidArgument
+from distckpt.fsutil import (
+    DIRECT_ALIGNMENT,
+    WRITEBACK_BYTES,
+    EarlyWriteback,
+    anonymous_memory,
+    buffer_address,
+    with_file_name,
+)
 
 try:  # the same CRC-32 as zlib's, about six times faster (SIMD); the save computes it inline
     from zlib_ng.zlib_ng import crc32
@@ -73,6 +82,34 @@ def crc32_combine(crc1: int, crc2: int, length2: int) -> int:
 COALESCE_BYTES = 1 << 20
 #: At most this many buffers per ``pwritev`` (Linux's IOV_MAX is 1024).
 _MAX_WRITE_BUFFERS = 512
+#: A direct writer's page-aligned staging buffer: what it cannot write straight from the
+#: caller's memory is copied here and written once the buffer is full (or at ``close``); and
+#: memory it can write straight is handed over in stretches of this size too.
+DIRECT_STAGING_BYTES = WRITEBACK_BYTES
+#: 0 where the platform has no direct I/O (macOS, Windows): such a writer is always buffered.
+_O_DIRECT = getattr(os, "O_DIRECT", 0)
+
+
+def _create(path: Path, *, direct: bool) -> tuple[int, bool]:
+    """A new file at ``path`` (``O_CREAT | O_EXCL``: a file of the same name is never reused
+    or overwritten) open for writing, and whether it is open for direct I/O: asked for
+    (``direct``) and accepted by the file system, which refuses the flag with EINVAL where it
+    has no direct I/O (the file is then written through the page cache)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+    if not (direct and _O_DIRECT):
+        return os.open(path, flags, 0o666), False
+    try:
+        return os.open(path, flags | _O_DIRECT, 0o666), True
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:
+            raise
+    try:
+        # Linux checks the flag only once it has created the file, so the refused open leaves
+        # it behind: it is this writer's own, as O_EXCL refuses an existing name (EEXIST)
+        # before anything else.
+        return os.open(path, os.O_WRONLY), False
+    except FileNotFoundError:  # a kernel that refused before creating it
+        return os.open(path, flags, 0o666), False
 
 
 class ChecksumWriter:
@@ -86,24 +123,51 @@ class ChecksumWriter:
     in stretches of that size (parallel writers: on each chunk once written, whatever its size;
     :class:`~distckpt.fsutil.EarlyWriteback`), where the platform can, so most of them are on
     their way to the disk by the time ``close`` fsyncs; a file smaller than that written by one
-    writer is left to its fsync. The fsync alone decides durability."""
+    writer is left to its fsync. The fsync alone decides durability.
 
-    def __init__(self, path: Path, *, fsync: bool) -> None:
+    With ``direct=True`` the file is opened for direct I/O (``O_DIRECT``) where the file system
+    takes it (:attr:`direct` says whether it did; elsewhere the writer is buffered, as
+    without): bytes go from memory to the disk without a copy into the page cache, which costs
+    the writing thread little CPU and leaves the cache to the training job. Every direct write
+    is whole pages (:data:`~distckpt.fsutil.DIRECT_ALIGNMENT`) from page-aligned memory at a
+    page-aligned offset: a write of at least :data:`COALESCE_BYTES` whose memory starts on a
+    page, at a file position on one, goes straight from that memory (whole pages of it, in
+    stretches of :data:`DIRECT_STAGING_BYTES`); everything else is copied into a page-aligned
+    staging buffer of that size, written as it fills. ``close`` writes the staged tail padded
+    to a whole page, cuts the file back to its true size (``ftruncate``) and fsyncs. Size and
+    checksum cover the file's true bytes, never the padding. No early writeback is asked for
+    (no page of the file is in the cache). Should a direct write be refused mid-file (EINVAL:
+    a device with stricter rules), the rest of the file is written buffered from the same
+    position rather than failing; any other error (a full disk) fails the write, named after
+    the file, as it does buffered. :meth:`flush` hands nothing over in direct mode (staged
+    bytes wait for a whole buffer or ``close``), and :meth:`write_in_parallel` needs a
+    buffered writer."""
+
+    def __init__(self, path: Path, *, fsync: bool, direct: bool = False) -> None:
         self.path = path
         self._fsync = fsync
-        # O_EXCL: a file of the same name must never be silently reused or overwritten.
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        fd, opened_direct = _create(path, direct=direct)
         self._file: BinaryIO = os.fdopen(fd, "wb", buffering=0)
-        #: bytes accepted so far (written or gathered)
+        #: whether the file is being written with direct I/O (False once a refused direct write
+        #: turned the rest of it buffered)
+        self.direct = opened_direct
+        #: bytes accepted so far (written, gathered or staged)
         self.size = 0
-        self._crc = 0  # of the bytes handed to the kernel
-        self._early = EarlyWriteback(fd) if fsync else None
+        self._crc = 0  # of the bytes handed to the kernel (direct mode: of those accepted)
+        self._early = EarlyWriteback(fd) if fsync and not opened_direct else None
         self._pending = bytearray()
+        # direct mode: the page-aligned staging buffer and how many bytes it holds
+        self._staging = anonymous_memory(DIRECT_STAGING_BYTES) if opened_direct else None
+        self._staged = 0
         #: the OSError a write raised, if any
         self.error: OSError | None = None
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
         view = memoryview(data).cast("B")
+        if self._staging is not None:
+            self._write_staged(view)
+            self.size += view.nbytes
+            return view.nbytes
         if len(self._pending) + view.nbytes > COALESCE_BYTES:
             self.flush()
         if view.nbytes >= COALESCE_BYTES:
@@ -131,12 +195,73 @@ class ChecksumWriter:
         while written < view.nbytes:
             written += self._file.write(view[written:])
 
+    def _write_staged(self, view: memoryview) -> None:
+        """Direct mode's :meth:`write`: large page-aligned memory straight to the disk, the
+        rest through the staging buffer (see the class doc)."""
+        assert self._staging is not None
+        while view.nbytes:
+            if (
+                view.nbytes >= COALESCE_BYTES
+                and self._staged % DIRECT_ALIGNMENT == 0
+                and buffer_address(view) % DIRECT_ALIGNMENT == 0
+            ):
+                # Whole pages staged before it are written first, so it lands on a page.
+                self._write_staging(self._staged)
+                taken = min(view.nbytes - view.nbytes % DIRECT_ALIGNMENT, DIRECT_STAGING_BYTES)
+                self._write_direct(view[:taken])
+            else:
+                taken = min(DIRECT_STAGING_BYTES - self._staged, view.nbytes)
+                self._staging[self._staged : self._staged + taken] = view[:taken]
+                self._staged += taken
+                if self._staged == DIRECT_STAGING_BYTES:
+                    self._write_staging(self._staged)
+            self._crc = crc32(view[:taken], self._crc)
+            view = view[taken:]
+
+    def _write_staging(self, nbytes: int) -> None:
+        """Write the first ``nbytes`` of the staging buffer (whole pages, but for the padded
+        tail written by :meth:`close`) and empty it."""
+        assert self._staging is not None
+        if nbytes:
+            self._write_direct(self._staging[:nbytes])
+        self._staged = 0
+
+    def _write_direct(self, view: memoryview) -> None:
+        """Write all of ``view`` at the file's position; a refused direct write (EINVAL) turns
+        the file buffered and is written again (nothing of it was written)."""
+        if self.error is not None:  # the file is lost already; its error was raised
+            raise self.error
+        written = 0
+        try:
+            while written < view.nbytes:
+                try:
+                    written += os.write(self._file.fileno(), view[written:])
+                except OSError as exc:
+                    if exc.errno != errno.EINVAL or not self.direct:
+                        raise
+                    self._stop_direct_io()
+        except OSError as exc:
+            self.error = with_file_name(exc, self.path)
+            raise self.error from None
+
+    def _stop_direct_io(self) -> None:
+        """Write the rest of the file through the page cache, on the same descriptor (Linux
+        lets ``fcntl`` clear ``O_DIRECT``), so at the same position."""
+        import fcntl  # here: only platforms with O_DIRECT get here, and Windows has no fcntl
+
+        fd = self._file.fileno()
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~_O_DIRECT)
+        self.direct = False
+
     def write_in_parallel(self, chunks: Sequence[Sequence[memoryview]], threads: int) -> None:
         """Append ``chunks`` (each a run of buffers, in file order) with ``threads`` threads,
         each writing whole chunks with ``pwritev`` at offsets known beforehand and computing
         their CRC-32; the file's checksum is then combined from the chunks' in file order, so
         size, checksum and bytes are what :meth:`write` of every buffer in turn gives. The
-        first error (a full disk) is raised, named after the file, once every thread stopped."""
+        first error (a full disk) is raised, named after the file, once every thread stopped.
+        Buffered writers only: parallel writes at offsets are not staged into whole pages."""
+        if self._staging is not None:
+            raise InvalidArgument(f"{self.path}: write_in_parallel needs a buffered writer")
         self.flush()
         if self.error is not None:
             raise self.error
@@ -202,10 +327,31 @@ class ChecksumWriter:
             return
         try:
             self.flush()
+            if self._staging is not None and self.error is None:
+                self._write_tail()
             if self._fsync:
                 os.fsync(self._file.fileno())
         finally:
             self._file.close()
+            if self._staging is not None:
+                self._staging.release()
+                self._staging = None
+
+    def _write_tail(self) -> None:
+        """Direct mode: write what is staged, padded with zeros to a whole page (a direct write
+        is whole pages), then cut the file back to its true size."""
+        assert self._staging is not None
+        staged = self._staged
+        padded = -(-staged // DIRECT_ALIGNMENT) * DIRECT_ALIGNMENT
+        # The buffer is reused within the file: what lies past the tail is older bytes.
+        self._staging[staged:padded] = bytes(padded - staged)
+        self._write_staging(padded)
+        if padded != staged:
+            try:
+                os.ftruncate(self._file.fileno(), self.size)
+            except OSError as exc:
+                self.error = with_file_name(exc, self.path)
+                raise self.error from None
 
     def __enter__(self) -> ChecksumWriter:
         return self

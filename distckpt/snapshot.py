@@ -18,18 +18,21 @@ DTensors are copied shard by shard and rebuilt with the same mesh and placements
 from __future__ import annotations
 
 import copy
-import mmap
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from distckpt.fsutil import DIRECT_ALIGNMENT, anonymous_memory
 from distckpt.per_rank import PerRank
 from distckpt.state import dtensor_type, same_kind_of_tuple
 
 #: Each buffer of the flat block starts at a multiple of this many bytes: a cache line, which
-#: every dtype's alignment divides, and small enough that many tiny tensors waste little.
+#: every dtype's alignment divides, and small enough that many tiny tensors waste little. A
+#: buffer of at least :data:`~distckpt.fsutil.DIRECT_ALIGNMENT` bytes starts on a page, so the
+#: "torch" rank file can write it with direct I/O straight from this memory (for a state whose
+#: tensors are whole pages, as large ones are, that costs no extra page).
 BUFFER_ALIGNMENT = 64
 
 #: Where a tensor sits in the state tree: the keys and indices leading to it.
@@ -157,13 +160,17 @@ class SnapshotBuffers:
 
 
 def flat_buffers(slots: list[Slot]) -> dict[TreeKey, torch.Tensor]:
-    """A buffer for each slot, all in one block of anonymous memory (:func:`anonymous_memory`),
-    each a tensor with a storage of its own over exactly its bytes."""
+    """A buffer for each slot, all in one block of page-aligned anonymous memory
+    (:func:`~distckpt.fsutil.anonymous_memory`), each a tensor with a storage of its own over
+    exactly its bytes, starting at a multiple of :data:`BUFFER_ALIGNMENT`, or of
+    :data:`~distckpt.fsutil.DIRECT_ALIGNMENT` when it has at least that many bytes."""
     offsets: list[int] = []
     end = 0
     for _, shape, dtype in slots:
-        offsets.append(end)
-        end += -(-shape.numel() * dtype.itemsize // BUFFER_ALIGNMENT) * BUFFER_ALIGNMENT
+        nbytes = shape.numel() * dtype.itemsize
+        alignment = DIRECT_ALIGNMENT if nbytes >= DIRECT_ALIGNMENT else BUFFER_ALIGNMENT
+        offsets.append(-(-end // alignment) * alignment)
+        end = offsets[-1] + nbytes
     memory = anonymous_memory(end) if end else None
     buffers: dict[TreeKey, torch.Tensor] = {}
     for (key, shape, dtype), offset in zip(slots, offsets):
@@ -175,21 +182,3 @@ def flat_buffers(slots: list[Slot]) -> dict[TreeKey, torch.Tensor]:
         # buffer (and the snapshots that hold it) are gone.
         buffers[key] = torch.frombuffer(memory[offset : offset + nbytes], dtype=dtype).view(shape)
     return buffers
-
-
-def anonymous_memory(nbytes: int) -> memoryview:
-    """``nbytes`` of fresh page-aligned memory from a private anonymous mapping.
-
-    It does not ask for transparent huge pages (``MADV_HUGEPAGE``): measured on a VM, the first
-    copy into huge pages, which the first async save pays, took about twice as long (the kernel
-    finds and clears 2 MiB at a time, often from memory the host must back first), and later
-    copies were no faster than into plain pages. (Where the system's setting gives huge pages
-    to every mapping, ``enabled=always``, the kernel may still use them.)"""
-    private = getattr(mmap, "MAP_PRIVATE", None)
-    if private is None:  # Windows: its anonymous mappings are private already
-        block = mmap.mmap(-1, nbytes)
-    else:
-        # Private: Python's default anonymous mapping is MAP_SHARED, i.e. shared memory (shmem,
-        # counted apart from the process's own memory and shared with any child it forks).
-        block = mmap.mmap(-1, nbytes, flags=private | mmap.MAP_ANONYMOUS)
-    return memoryview(block)

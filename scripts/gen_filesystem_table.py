@@ -3,6 +3,7 @@ Markdown table in ``docs/filesystems.md``.
 
     python scripts/gen_filesystem_table.py           # run the tests, print the table
     python scripts/gen_filesystem_table.py --write   # and replace it in docs/filesystems.md
+    python scripts/gen_filesystem_table.py --write --workers 1   # one pytest worker
 
 Needs root (mounts). The table sits between ``<!-- matrix:start -->`` and ``<!-- matrix:end -->``;
 each cell is the outcome of one test: passed, "known failure" (an ``xfail`` naming the fix the
@@ -31,8 +32,9 @@ import doc_tables  # noqa: E402  (beside this script)
 _PARAM = re.compile(r"^(?P<test>[a-z_]+)(?:\[(?P<param>[^\]]+)\])?$")
 
 
-def run_matrix() -> dict[tuple[str, str], str]:
-    """Each (test, parameter)'s outcome, from a run of the matrix."""
+def run_matrix(workers: int = 2) -> dict[tuple[str, str], str]:
+    """Each (test, parameter)'s outcome, from a run of the matrix by ``workers`` pytest-xdist
+    workers."""
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "junit.xml"
         subprocess.run(
@@ -44,7 +46,7 @@ def run_matrix() -> dict[tuple[str, str], str]:
                 "-p",
                 "no:cacheprovider",
                 "-n",
-                "2",
+                str(workers),
                 TESTS,
                 f"--junitxml={report}",
                 "-o",
@@ -82,6 +84,8 @@ _COLUMNS = {
     "fresh-process restore, verify, ls",
     "test_sigkill_mid_save_and_resume": "SIGKILL mid-save, resume",
     "test_early_writeback": "a 16 MiB file with early writeback and fsync: bytes, checksum",
+    "test_async_save_with_direct_io": "direct I/O: an async torch save's rank file (strace), "
+    "restore, verify",
 }
 
 
@@ -109,10 +113,13 @@ def _order(name: str) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--write", action="store_true", help="replace the table in the doc")
+    parser.add_argument(
+        "--workers", type=int, default=2, help="pytest-xdist workers (1 on a busy machine)"
+    )
     args = parser.parse_args()
     if str(REPO) not in sys.path:
         sys.path.insert(0, str(REPO))
-    table = render_table(run_matrix())
+    table = render_table(run_matrix(args.workers))
     if args.write:
         doc_tables.write_table(DOC, table, START, END, what="filesystem matrix")
     else:

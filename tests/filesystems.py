@@ -81,6 +81,18 @@ KINDS: dict[str, FilesystemKind] = {
 }
 
 
+#: mounts some tests need beyond the matrix
+EXTRA_KINDS: dict[str, FilesystemKind] = {
+    kind.name: kind
+    for kind in (
+        # the disk-full case: small enough to fill quickly
+        FilesystemKind("small-ext4", ("mkfs.ext4",), True, image_mib=24),
+        # a file system without direct I/O (it refuses O_DIRECT): the page cache is all it has
+        FilesystemKind("ramfs", (), True),
+    )
+}
+
+
 def _run(*command: str | os.PathLike[str]) -> None:
     done = subprocess.run(
         [os.fspath(part) for part in command], capture_output=True, text=True, check=False
@@ -175,8 +187,8 @@ class MountFactory:
     _loop_devices: list[str] = field(default_factory=list)
 
     def get(self, name: str) -> Mount:
-        """The mount named ``name`` (a key of :data:`KINDS`, or ``small-ext4``), made now if
-        needed; skips (or, in CI, fails) the calling test when it cannot be made."""
+        """The mount named ``name`` (a key of :data:`KINDS`, or one of :data:`EXTRA_KINDS`),
+        made now if needed; skips (or, in CI, fails) the calling test when it cannot be made."""
         if name not in self._mounts and name not in self._failures:
             try:
                 self._mounts[name] = self._make(name)
@@ -187,10 +199,7 @@ class MountFactory:
         return self._mounts[name]
 
     def _make(self, name: str) -> Mount:
-        if name == "small-ext4":  # the disk-full case: small enough to fill quickly
-            kind = FilesystemKind("small-ext4", ("mkfs.ext4",), True, image_mib=24)
-        else:
-            kind = KINDS[name]
+        kind = EXTRA_KINDS[name] if name in EXTRA_KINDS else KINDS[name]
         reason = not_mountable_reason(kind.tools)
         if reason is not None:
             raise RuntimeError(reason)
@@ -213,6 +222,7 @@ class MountFactory:
             "bindfs": self._bindfs,
             "fuse2fs": self._fuse2fs,
             "readonly": self._read_only,
+            "ramfs": lambda image, target: self._mount("mount", "-t", "ramfs", "ramfs", target),
         }
         makers[name](image, target)
         source = self.base / f"{name}-source" if name in ("readonly", "bindfs") else None

@@ -213,3 +213,46 @@ def test_the_parser_follows_offsets_and_resumed_calls(tmp_path: Path) -> None:
         ("write", 1, b"Z"),
         ("fsync", 0, b""),
     ]
+
+
+def test_a_direct_write_and_its_ftruncate_are_as_volatile_as_any_until_the_fsync(
+    tmp_path: Path,
+) -> None:
+    """An async save's rank file is opened with O_DIRECT, written in whole pages (the tail
+    padded with zeros) and cut back with ftruncate before its fsync: the explorer reads the
+    open as any creation and the ftruncate as a truncation, and the model loses the bytes (and
+    the cut) in a power loss before the fsync, as it does a buffered file's."""
+
+    def hexed(text: str) -> str:
+        return "".join(f"\\x{b:02x}" for b in text.encode())
+
+    base = tmp_path / "base"
+    base.mkdir()
+    fd = f"3<{hexed(str(base / 'rank.pt'))}>"
+    padded = "abc" + "\0" * 4093
+    lines = [
+        f'7 openat(AT_FDCWD<{hexed(str(base))}>, "{hexed("rank.pt")}", '
+        f"O_WRONLY|O_CREAT|O_EXCL|O_DIRECT|O_CLOEXEC, 0666) = {fd}",
+        f'7 write({fd}, "{hexed(padded)}", 4096) = 4096',
+        f"7 ftruncate({fd}, 3) = 0",
+        f"7 fsync({fd}) = 0",
+    ]
+    ops = parse_trace("\n".join(lines), base=base, markers=tmp_path / "m", cwd=tmp_path)
+    assert [(op.kind, op.size, len(op.data)) for op in ops] == [
+        ("open", 0, 0),
+        ("write", 0, 4096),
+        ("truncate", 3, 0),
+        ("fsync", 0, 0),
+    ]
+    initial = model.Tree.from_disk(base)
+    steps = model.lower(ops, initial, base)
+
+    def rank_file_after(prefix: int, data: str) -> bytes:
+        tree = model.replay(initial, steps, model.CrashState(prefix, data))
+        tree.materialize(tmp_path / f"state-{prefix}-{data}")
+        return (tmp_path / f"state-{prefix}-{data}" / "rank.pt").read_bytes()
+
+    assert rank_file_after(3, "lost") == b""  # written and cut, not yet fsynced: lost
+    assert rank_file_after(3, "kept") == b"abc"  # a process kill keeps the page cache's view
+    assert rank_file_after(2, "kept") == padded.encode()  # before the cut: padding and all
+    assert rank_file_after(4, "lost") == b"abc"  # fsynced: durable, its true size

@@ -3,8 +3,10 @@ ranks, restores and the CLI in fresh processes.
 
 Each filesystem runs the same cases: a 2-rank save with retention and ``best`` in both formats,
 synchronous and async; a restore, ``verify`` and ``ls`` in a fresh process; a SIGKILL of rank 0
-mid-save and a resume. Then the cases only some mounts can show: a read-only mount, a disk
-filled by another process mid-save, a small volume, files held open by a reader.
+mid-save and a resume; an async "torch" save whose rank file strace shows written with direct
+I/O (or buffered, where the filesystem refuses ``O_DIRECT``: ramfs, outside the matrix).
+Then the cases only some mounts can show: a read-only mount, a disk filled by another process
+mid-save, a small volume, files held open by a reader.
 
 A filesystem that loses what it renames (fusefat, FAT16 and FAT32) cannot hold checkpoints:
 there the matrix proves that every save fails on every rank with :class:`distckpt.CommitLost`
@@ -35,15 +37,18 @@ import distckpt.formats.dcp  # imported once here, not in every forked rank (sec
 from distckpt import faults
 from distckpt.checksums import ChecksumWriter, file_checksum
 from distckpt.cli import main
-from distckpt.fsutil import WRITEBACK_BYTES, probe_writable, start_writeback
+from distckpt.fsutil import WRITEBACK_BYTES, anonymous_memory, probe_writable, start_writeback
 from distckpt.lock import WriterLock
 from tests.filesystems import KINDS, MountFactory
 from tests.ranks import run_ranks, values
+from tests.syscall_trace import traced_file_calls
 
 WRITABLE = [name for name, kind in KINDS.items() if not kind.read_only]
 
 #: filesystems that lose a directory's contents when renaming it (fusefat empties it)
 LOSES_RENAMED_DIRS = {"fat16", "fat32"}
+#: filesystems of the matrix that refuse O_DIRECT (none here; ramfs, outside it, does)
+REFUSE_DIRECT_IO: set[str] = set()
 
 TIMEOUT = 20.0
 
@@ -186,6 +191,66 @@ def test_early_writeback(
         record_property("shows", "hint taken" if taken else "hint declined, writes unaffected")
     finally:
         target.unlink(missing_ok=True)
+
+
+#: an async "torch" save of one process, then its restore (bit for bit) and ``verify``
+_DIRECT_IO_SAVE = """
+import torch
+import distckpt
+torch.manual_seed(0)
+state = {"w": torch.randn(3 << 20), "odd": torch.randn(700), "step": 1}  # 12 MiB, a part page
+try:
+    with distckpt.CheckpointManager("root", async_save=True, timeout=60) as manager:
+        manager.save(1, state)
+        manager.wait()
+        restored = manager.restore(1).state
+except distckpt.CommitLost:
+    raise SystemExit(0)  # fusefat empties the directory it renames: nothing commits there
+for key in ("w", "odd"):
+    assert torch.equal(restored[key].view(torch.int32), state[key].view(torch.int32)), key
+assert distckpt.verify("root").ok
+"""
+
+
+def _async_save_written_direct(workdir: Path, *, commits: bool) -> bool:
+    """Run :data:`_DIRECT_IO_SAVE` in ``workdir`` under strace; whether its rank file was
+    written with direct I/O (then asking no early writeback, and cutting the padded tail back
+    with ftruncate before the fsync)."""
+    workdir.mkdir()
+    calls = traced_file_calls(_DIRECT_IO_SAVE, workdir, "openat,ftruncate,fsync,sync_file_range")
+    rank_file = [
+        call
+        for call in calls
+        if call.path.endswith("/rank-00000.pt")
+        and not (call.name == "openat" and "O_RDONLY" in call.args[0])
+    ]
+    opened = [call for call in rank_file if call.name == "openat"]
+    assert len(opened) == 1, rank_file
+    assert (workdir / "root" / "step-00000001").is_dir() is commits
+    if "O_DIRECT" not in opened[0].args[0].split("|"):
+        return False
+    assert [call.name for call in rank_file[1:]] == ["ftruncate", "fsync"], rank_file
+    return True
+
+
+@pytest.mark.parametrize("name", MATRIX)
+def test_async_save_with_direct_io(
+    mounts: MountFactory, name: str, record_property: Callable[[str, object], None]
+) -> None:
+    """An async "torch" save writes its rank file with direct I/O where the file system takes
+    O_DIRECT, buffered where it refuses it; restored bit for bit and verified either way.
+    Which it was is read from strace of the save."""
+    workdir = mounts.get(name).path / "direct-io"
+    direct = _async_save_written_direct(workdir, commits=name not in LOSES_RENAMED_DIRS)
+    record_property("shows", "direct I/O" if direct else "O_DIRECT refused: written buffered")
+    assert direct is (name not in REFUSE_DIRECT_IO)  # what docs/filesystems.md says
+
+
+def test_async_save_where_direct_io_is_refused(mounts: MountFactory) -> None:
+    """ramfs has no direct I/O (O_DIRECT: EINVAL): the async save's rank file is written
+    buffered, and the save commits, restores and verifies as anywhere else."""
+    workdir = mounts.get("ramfs").path / "direct-io"
+    assert _async_save_written_direct(workdir, commits=True) is False
 
 
 def _outcome(save: Callable[[], object]) -> str:
@@ -371,7 +436,8 @@ def test_disk_filled_by_another_process_mid_save(
     mounts: MountFactory, async_save: bool, writer_threads: int
 ) -> None:
     """The save fails with InsufficientSpace on every rank, however many threads write each
-    rank file, and leaves nothing behind: the previous checkpoint is still the last."""
+    rank file and whether direct I/O writes it (the async save), naming the file, and leaves
+    nothing behind: the previous checkpoint is still the last."""
     mount = mounts.get("ext4")
     root = mount.path / f"full-{'async' if async_save else 'sync'}-{writer_threads}"
     hog = mount.path / "hog"
@@ -389,6 +455,9 @@ def test_disk_filled_by_another_process_mid_save(
     for kind, message in out:  # both ranks get the error, which says what happened
         assert kind in ("InsufficientSpace", "RankFailure"), message
         assert "No space left on device" in message
+        # named after the file (the async save's rank file is written with direct I/O here:
+        # its snapshot is page-aligned and ext4 takes O_DIRECT, test_async_save_with_direct_io)
+        assert "/rank-00000.pt for step 2: No space left on device" in message, message
         assert f"the filesystem of {root} ran out of space" in message
         assert "free space when the save began: " in message
     resumed = values(run_ranks(_resume_after_full, 2, os.fspath(root), timeout=90))
@@ -402,20 +471,24 @@ def _resume_after_full(rank: int, world_size: int, root: str) -> object:
         return checkpoint.step, mgr.steps()
 
 
-def test_disk_full_error_names_the_file(mounts: MountFactory) -> None:
+@pytest.mark.parametrize("direct", [False, True], ids=["buffered", "direct"])
+def test_disk_full_error_names_the_file(mounts: MountFactory, direct: bool) -> None:
     """A write that runs out of space says which file it was writing (the root and the free
-    space the preflight saw are for the manager to add)."""
+    space the preflight saw are for the manager to add), buffered or direct (page-aligned
+    memory, written straight from it)."""
     mount = mounts.get("small-ext4")
-    hog = mount.path / "hog-names"
-    target = mount.path / "victim.bin"
+    hog = mount.path / f"hog-names-{direct}"
+    target = mount.path / f"victim-{direct}.bin"
     try:
         with open(hog, "wb") as file:
             os.posix_fallocate(file.fileno(), 0, _free(mount.path))
         with (
             pytest.raises(OSError) as info,
-            distckpt.checksums.ChecksumWriter(target, fsync=True) as writer,
+            distckpt.checksums.ChecksumWriter(target, fsync=True, direct=direct) as writer,
         ):
-            writer.write(bytes(8 << 20))
+            assert writer.direct is direct
+            writer.write(anonymous_memory(8 << 20))
+        assert info.value.errno == errno.ENOSPC
         assert os.fspath(target) in str(info.value)
     finally:
         hog.unlink(missing_ok=True)

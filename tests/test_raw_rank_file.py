@@ -30,9 +30,14 @@ from distckpt.formats.raw_rank_file import (
     write_rank_file,
 )
 from distckpt.formats.torch_files import load_skeleton, plain_values_of
+from distckpt.fsutil import DIRECT_ALIGNMENT
 from distckpt.manifest import FORMAT_VERSION, read_manifest
 
 FIXTURE = Path(__file__).parent / "fixtures" / "torch-format-v1"
+#: A checkpoint of manifest format version 2 whose rank file is in layout 1 (every storage at a
+#: multiple of 64), as distckpt 0.1.0 wrote it: :func:`fixture_state` and ``"large"``, 3000
+#: float32 from 0 (``torch.arange``), saved with ``CheckpointManager(root, fsync=False)``.
+LAYOUT_1_FIXTURE = Path(__file__).parent / "fixtures" / "torch-layout-1"
 
 DTYPES = [
     torch.float32,
@@ -195,17 +200,71 @@ def test_the_checksum_and_size_cover_every_byte_of_the_file(tmp_path: Path) -> N
 
 
 def test_tensor_bytes_lie_raw_and_aligned_where_the_index_says(tmp_path: Path) -> None:
+    """Layout 2: the data starts on a page, a storage of at least a page starts on one, a
+    smaller one at a multiple of 64, and the data ends at one."""
     path = tmp_path / "rank.pt"
-    weights = torch.arange(10, dtype=torch.float64)
-    write_rank_file({"a": torch.ones(3, dtype=torch.int8), "w": weights}, path, fsync=False)
+    state = {
+        "a": torch.ones(3, dtype=torch.int8),
+        "w": torch.arange(10, dtype=torch.float64),
+        "page": torch.arange(1024, dtype=torch.float32),  # exactly a page
+        "b": torch.ones(5, dtype=torch.int16),
+        "odd": torch.arange(1500, dtype=torch.float64),  # 12000 bytes: pages and a part
+        "c": torch.ones(1, dtype=torch.int8),
+    }
+    write_rank_file(state, path, fsync=False)
     raw = path.read_bytes()
     assert raw.startswith(b"DCKPTRAW") and HEADER.size == 32 and HEADER.format.startswith("<")
+    assert HEADER.unpack(raw[: HEADER.size])[1] == 2
     with open(path, "rb", buffering=0) as file:
         index = read_index(file, "rank.pt")
-    offset, nbytes = index.storages[index.tensors[1].storage]
-    start = index.data_start + offset
-    assert start % 64 == 0 and nbytes == weights.numel() * 8
-    assert raw[start : start + nbytes] == weights.numpy().tobytes()
+    assert index.data_start % DIRECT_ALIGNMENT == 0
+    for entry, tensor in zip(index.tensors, state.values()):
+        offset, nbytes = index.storages[entry.storage]
+        start = index.data_start + offset
+        assert nbytes == tensor.numel() * tensor.element_size()
+        assert start % (DIRECT_ALIGNMENT if nbytes >= DIRECT_ALIGNMENT else ALIGNMENT) == 0
+        assert raw[start : start + nbytes] == tensor.numpy().tobytes()
+    last_offset, _ = index.storages[-1]
+    assert len(raw) == index.data_start + last_offset + ALIGNMENT  # one byte, padded to 64
+    for mmap in (False, True):
+        assert_same_as(_load(path, mmap=mmap), state)
+
+
+def test_a_rank_file_of_layout_1_still_loads_maps_and_verifies(tmp_path: Path) -> None:
+    """Rank files written before layout 2 (storages at multiples of 64 only) load, read or
+    mapped, and verify; the reader gathers their small storages across 64-byte gaps."""
+    root = tmp_path / "layout-1"
+    shutil.copytree(LAYOUT_1_FIXTURE, root)
+    step_dir = root / "step-00000003"
+    rank_file = step_dir / "rank-00000.pt"
+    assert HEADER.unpack(rank_file.read_bytes()[: HEADER.size])[1] == 1
+    with open(rank_file, "rb", buffering=0) as file:
+        index = read_index(file, "rank.pt")
+    assert index.data_start % ALIGNMENT == 0 and index.data_start % DIRECT_ALIGNMENT != 0
+    expected = fixture_state()
+    expected["empty"] = torch.empty(0, 3)
+    expected["large"] = torch.arange(3000, dtype=torch.float32)
+    assert distckpt.verify(root).ok
+    for mmap in (False, True):
+        loaded = distckpt.load_checkpoint(step_dir, mmap=mmap).state
+        assert_same_as(loaded, expected)
+        assert loaded["view"].untyped_storage().data_ptr() == (
+            loaded["base"].untyped_storage().data_ptr()
+        )
+
+
+@pytest.mark.parametrize("version", [0, 3])
+def test_a_rank_file_of_an_unknown_layout_is_a_corrupt_checkpoint(
+    tmp_path: Path, version: int
+) -> None:
+    path = tmp_path / "rank.pt"
+    write_rank_file({"w": torch.randn(4)}, path, fsync=False)
+    raw = bytearray(path.read_bytes())
+    magic, _, reserved, index_bytes, skeleton_bytes = HEADER.unpack(raw[: HEADER.size])
+    raw[: HEADER.size] = HEADER.pack(magic, version, reserved, index_bytes, skeleton_bytes)
+    path.write_bytes(raw)
+    with pytest.raises(CorruptCheckpoint, match=rf"rank\.pt: rank-file layout {version}"):
+        _load(path)
 
 
 def test_one_tensor_object_met_twice_loads_as_one_object(tmp_path: Path) -> None:
@@ -334,7 +393,8 @@ def _rewrite_index(path: Path, change: Any) -> None:
     index = json.dumps(entries).encode()
     skeleton = raw[HEADER.size + index_bytes : HEADER.size + index_bytes + skeleton_bytes]
     head = HEADER.pack(MAGIC, version, reserved, len(index), skeleton_bytes) + index + skeleton
-    path.write_bytes(head + bytes(-len(head) % ALIGNMENT) + raw[data_start:])
+    # the file was written in layout 2, whose data starts at a multiple of DIRECT_ALIGNMENT
+    path.write_bytes(head + bytes(-len(head) % DIRECT_ALIGNMENT) + raw[data_start:])
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 import distckpt
-from distckpt.snapshot import BUFFER_ALIGNMENT, SnapshotBuffers, anonymous_memory
+from distckpt.fsutil import DIRECT_ALIGNMENT, anonymous_memory
+from distckpt.snapshot import BUFFER_ALIGNMENT, Slot, SnapshotBuffers, flat_buffers
 
 
 def _mixed_state() -> dict[str, Any]:
@@ -155,3 +156,23 @@ def test_an_async_save_writes_what_a_sync_save_writes(tmp_path: Path, fmt: str) 
     storages = {t.untyped_storage().data_ptr() for t in _tensors(restored) if t.numel()}
     assert len(storages) == len([t for t in _tensors(restored) if t.numel()])
     assert restored["plain"] == state["plain"]
+
+
+def test_a_buffer_of_a_page_or_more_starts_on_a_page() -> None:
+    """So the "torch" rank file can write it with direct I/O straight from the snapshot; a
+    smaller one keeps the 64-byte alignment, and a state of whole pages gets a block of exactly
+    its bytes (no page more)."""
+    sizes = [3, DIRECT_ALIGNMENT // 4, 5, DIRECT_ALIGNMENT + 8, 1, 3 * DIRECT_ALIGNMENT // 4]
+    slots: list[Slot] = [((f"t{i}",), torch.Size([n]), torch.float32) for i, n in enumerate(sizes)]
+    buffers = flat_buffers(slots)
+    for (key, _, _), n in zip(slots, sizes):
+        address = buffers[key].data_ptr()
+        assert address % (DIRECT_ALIGNMENT if 4 * n >= DIRECT_ALIGNMENT else BUFFER_ALIGNMENT) == 0
+    pages = [
+        ((f"p{i}",), torch.Size([DIRECT_ALIGNMENT // 4 * (i + 1)]), torch.float32) for i in range(4)
+    ]
+    whole = flat_buffers(pages)
+    addresses = sorted(buffer.data_ptr() for buffer in whole.values())
+    assert addresses[-1] + whole[("p3",)].nbytes - addresses[0] == sum(
+        buffer.nbytes for buffer in whole.values()
+    )

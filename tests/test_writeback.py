@@ -11,10 +11,7 @@ import ctypes
 import errno
 import os
 import platform
-import re
-import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -22,10 +19,8 @@ import pytest
 from distckpt import fsutil
 from distckpt.checksums import COALESCE_BYTES, ChecksumWriter
 from distckpt.fsutil import WRITEBACK_BYTES, start_writeback
-from tests.crashsim.trace import TRACED_CALLS, StraceUnavailable, ensure_strace
-from tests.filesystems import skip_or_fail
-
-_CALL = re.compile(r"^(?:\[pid +\d+\] |\d+ +)?(\w+)\((\d+)<([^>]*)>(.*)\) = (-?\d+)")
+from tests.crashsim.trace import TRACED_CALLS
+from tests.syscall_trace import traced_file_calls
 
 
 def _traced(code: str, tmp_path: Path) -> list[tuple[str, str, list[str]]]:
@@ -33,27 +28,8 @@ def _traced(code: str, tmp_path: Path) -> list[tuple[str, str, list[str]]]:
     by a fresh interpreter, makes on files, in order."""
     if platform.machine() not in ("x86_64", "aarch64"):
         pytest.skip("elsewhere the system call may be sync_file_range2, which this does not read")
-    try:
-        strace = ensure_strace()
-    except StraceUnavailable as exc:
-        skip_or_fail(f"early writeback is read from strace: {exc}")
-    log = tmp_path / "strace.log"
-    script = tmp_path / "workload.py"
-    script.write_text(textwrap.dedent(code))
-    traced_calls = "trace=sync_file_range,fsync"
-    subprocess.run(
-        [strace, "-f", "-y", "-qq", "-e", traced_calls, "-o", log, sys.executable, script],
-        check=True,
-        timeout=120,
-        cwd=tmp_path,
-    )
-    calls = []
-    for line in log.read_text().splitlines():
-        found = _CALL.match(line)
-        if found:
-            name, _fd, path, rest, _result = found.groups()
-            calls.append((name, path, [part.strip() for part in rest.split(",") if part.strip()]))
-    return calls
+    calls = traced_file_calls(code, tmp_path, "sync_file_range,fsync")
+    return [(call.name, call.path, call.args) for call in calls]
 
 
 def _hinted_ranges(calls: list[tuple[str, str, list[str]]], path: str) -> list[tuple[int, int]]:

@@ -154,6 +154,13 @@ def check_writer_threads(writer_threads: object) -> int:
     return writer_threads
 
 
+def check_direct_io(direct_io: object) -> bool:
+    """``direct_io`` as a bool, refused unless True or False."""
+    if not isinstance(direct_io, bool):
+        raise InvalidArgument(f"direct_io must be True or False, not {direct_io!r}")
+    return direct_io
+
+
 def _check_rank(directory: Path, manifest: Manifest, rank: int) -> None:
     if not 0 <= rank < manifest.world_size:
         raise CheckpointNotFound(
@@ -169,9 +176,11 @@ class TorchFilesFormat:
     marks_per_rank = False  # every rank saves its whole state: every value is per rank
     collective_read = False  # each rank reads its own file
 
-    def __init__(self, writer_threads: int = 1) -> None:
+    def __init__(self, writer_threads: int = 1, direct_io: bool = True) -> None:
         #: threads that write a rank file's tensor bytes (:func:`write_rank_file`)
         self.writer_threads = check_writer_threads(writer_threads)
+        #: whether a rank file may be written with direct I/O (:func:`write_rank_file`)
+        self.direct_io = check_direct_io(direct_io)
 
     def required_files(self, manifest: Manifest) -> list[str]:
         return [rank_file_name(rank) for rank in range(manifest.world_size)]
@@ -188,7 +197,11 @@ class TorchFilesFormat:
     def write(self, state: Any, directory: Path, ctx: ShardContext) -> Mapping[str, FileRecord]:
         name = rank_file_name(ctx.rank)
         writer = write_rank_file(
-            state, directory / name, fsync=ctx.fsync, writer_threads=self.writer_threads
+            state,
+            directory / name,
+            fsync=ctx.fsync,
+            writer_threads=self.writer_threads,
+            direct=self.direct_io,
         )
         return {name: FileRecord(size=writer.size, checksum=writer.checksum, rank=ctx.rank)}
 

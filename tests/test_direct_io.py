@@ -1,0 +1,282 @@
+"""Direct I/O: an async save's "torch" rank file is written with ``O_DIRECT`` straight from the
+snapshot's page-aligned buffers (:class:`distckpt.checksums.ChecksumWriter` with
+``direct=True``), a sync save's stays buffered, and the bytes are the same either way.
+
+What the kernel is asked is read from ``strace`` of real saves; what it saves in CPU and
+page cache is the benchmark's to show (``scripts/bench``), not a test's.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import mmap
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+import distckpt
+from distckpt.checksums import COALESCE_BYTES, DIRECT_STAGING_BYTES, ChecksumWriter, file_checksum
+from distckpt.formats import ReadOptions, format_named
+from distckpt.formats.raw_rank_file import load_rank_file, write_rank_file
+from distckpt.formats.torch_files import load_skeleton
+from distckpt.fsutil import DIRECT_ALIGNMENT, anonymous_memory, buffer_address
+from distckpt.snapshot import Slot, flat_buffers
+from tests.filesystems import MountFactory, skip_or_fail
+from tests.syscall_trace import FileCall, traced_file_calls
+
+
+def _require_direct_io(directory: Path) -> None:
+    """Skip (in CI: fail) where the file system under ``directory`` refuses ``O_DIRECT``."""
+    probe = directory / ".direct-probe"
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o600))
+    except OSError as exc:
+        skip_or_fail(f"the file system of the test's temporary directory refuses O_DIRECT: {exc}")
+    finally:
+        probe.unlink(missing_ok=True)
+
+
+def _opened_direct(call: FileCall) -> bool:
+    return call.name == "openat" and "O_DIRECT" in call.args[0].split("|")
+
+
+def _rank_file_calls(calls: list[FileCall], root: str) -> list[FileCall]:
+    """The calls that wrote the rank file of ``root``: its open for writing and what followed
+    (the restore's and ``verify``'s opens for reading left out)."""
+    return [
+        call
+        for call in calls
+        if f"/{root}/" in call.path
+        and call.path.endswith(".pt")
+        and not (call.name == "openat" and "O_RDONLY" in call.args[0])
+    ]
+
+
+def test_an_async_save_writes_its_rank_file_direct_and_a_sync_save_buffered(
+    tmp_path: Path,
+) -> None:
+    """Real saves under strace: the async save's rank file is opened with O_DIRECT, asks for no
+    early writeback, and ends with an ftruncate to its true size and then its fsync; the sync
+    save's is opened without O_DIRECT, and with ``direct_io=False`` no file is. Every restore
+    is bit for bit the saved state, and ``verify`` passes."""
+    _require_direct_io(tmp_path)
+    calls = traced_file_calls(
+        """
+        import torch
+        import distckpt
+        torch.manual_seed(0)
+        state = {
+            "w": torch.randn(6 << 20),  # 24 MiB
+            "odd": torch.randn(700),  # the file ends mid-page
+            "tiny": torch.arange(3),
+            "step": 7,
+        }
+        for root, options in (
+            ("async", {"async_save": True}),
+            ("sync", {}),
+            ("buffered", {"async_save": True, "direct_io": False}),
+        ):
+            with distckpt.CheckpointManager(root, **options) as manager:
+                manager.save(1, state)
+                manager.wait()
+                restored = manager.restore(1).state
+            for key in ("w", "odd", "tiny"):
+                assert restored[key].dtype == state[key].dtype, (root, key)
+                saved = state[key].view(torch.uint8) if key != "tiny" else state[key]
+                got = restored[key].view(torch.uint8) if key != "tiny" else restored[key]
+                assert torch.equal(got, saved), (root, key)
+            assert restored["step"] == 7
+            assert distckpt.verify(root).ok, root
+        """,
+        tmp_path,
+        "openat,ftruncate,fsync,sync_file_range",
+    )
+    direct = _rank_file_calls(calls, "async")
+    opened = [call for call in direct if call.name == "openat"]
+    assert len(opened) == 1 and _opened_direct(opened[0]), direct
+    assert "O_EXCL" in opened[0].args[0]
+    written = [call for call in direct if call.name != "openat"]
+    assert not [call for call in written if call.name == "sync_file_range"], written
+    assert [call.name for call in written] == ["ftruncate", "fsync"], written
+    size = int(written[0].args[0])
+    saved = tmp_path / "async" / "step-00000001" / "rank-00000.pt"
+    assert size == saved.stat().st_size and size % DIRECT_ALIGNMENT != 0
+    for root in ("sync", "buffered"):
+        opened = [call for call in _rank_file_calls(calls, root) if call.name == "openat"]
+        assert opened and not [call for call in opened if _opened_direct(call)], opened
+    under_buffered = [call for call in calls if "/buffered/" in call.path]
+    assert under_buffered and not [call for call in under_buffered if _opened_direct(call)]
+
+
+def _page_aligned_state(shapes: dict[str, tuple[int, ...]], seed: int) -> dict[str, object]:
+    """A state whose tensors are an async snapshot's buffers (:func:`flat_buffers`), filled
+    with random values, and a plain value."""
+    slots: list[Slot] = [
+        ((key,), torch.Size(shape), torch.float32) for key, shape in shapes.items()
+    ]
+    buffers = flat_buffers(slots)
+    generator = torch.Generator().manual_seed(seed)
+    state: dict[str, object] = {"step": seed}
+    for key in shapes:
+        buffer = buffers[(key,)]
+        buffer.copy_(torch.randn(buffer.shape, generator=generator))
+        state[key] = buffer
+    return state
+
+
+#: states that take every path of the direct writer: name -> (tensor shapes, written direct)
+CASES: dict[str, tuple[dict[str, tuple[int, ...]], bool]] = {
+    "empty": ({}, True),  # the head alone: one padded page, cut back
+    # far under 90% of the bytes on a page (only the block's first buffer is): buffered
+    "only-tiny": ({f"t{i}": (10,) for i in range(50)}, False),
+    "not-a-page-multiple": ({"w": ((3 << 20) // 4 + 25,), "t": (3,)}, True),
+    # each under COALESCE_BYTES: all staged, the staging buffer filled and written several times
+    "many-pages": ({f"p{i}": (DIRECT_ALIGNMENT // 4,) for i in range(3000)}, True),
+    # several stretches straight from memory, with staged tiny tensors and a partial page
+    "large": (
+        {"a": (7,), "w": (5 * DIRECT_STAGING_BYTES // 4 + 1,), "b": (1,), "v": (1 << 20,)},
+        True,
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_a_direct_rank_file_is_byte_for_byte_the_buffered_one(tmp_path: Path, case: str) -> None:
+    _require_direct_io(tmp_path)
+    shapes, expect_direct = CASES[case]
+    state = _page_aligned_state(shapes, seed=len(case))
+    direct_path, buffered_path = tmp_path / "direct.pt", tmp_path / "buffered.pt"
+    direct = write_rank_file(state, direct_path, fsync=True, direct=True)
+    buffered = write_rank_file(state, buffered_path, fsync=True, direct=False)
+    assert direct.direct is expect_direct and buffered.direct is False
+    assert direct_path.read_bytes() == buffered_path.read_bytes()
+    assert direct.size == buffered.size == direct_path.stat().st_size
+    assert direct.checksum == buffered.checksum == file_checksum(direct_path)
+    restored = load_rank_file(direct_path, ReadOptions(), load_skeleton)
+    for key in shapes:
+        assert torch.equal(restored[key], state[key]), key  # type: ignore[arg-type]
+
+
+def test_parallel_writers_stay_buffered(tmp_path: Path) -> None:
+    """Several writer threads write at offsets: never direct, even from page-aligned memory."""
+    state = _page_aligned_state({"w": (3 << 20,)}, seed=1)
+    path = tmp_path / "rank.pt"
+    writer = write_rank_file(state, path, fsync=False, writer_threads=2, direct=True)
+    assert writer.direct is False
+    with ChecksumWriter(tmp_path / "direct.bin", fsync=False, direct=True) as direct_writer:
+        if direct_writer.direct:
+            with pytest.raises(distckpt.InvalidArgument, match="buffered writer"):
+                direct_writer.write_in_parallel([[memoryview(b"x")]], 2)
+
+
+def _aligned_bytes(nbytes: int) -> memoryview:
+    memory = anonymous_memory(nbytes)
+    memory[:] = os.urandom(nbytes)
+    return memory
+
+
+def test_a_file_system_without_direct_io_gets_a_buffered_file(mounts: MountFactory) -> None:
+    """ramfs has no direct I/O: it refuses O_DIRECT (EINVAL), after creating the file. The
+    writer takes that file and writes it buffered; the bytes and checksum are the same."""
+    target = mounts.get("ramfs").path / "no-direct.bin"
+    data = _aligned_bytes(2 * COALESCE_BYTES + 5)
+    try:
+        with ChecksumWriter(target, fsync=True, direct=True) as writer:
+            writer.write(b"head")
+            writer.write(data)
+        assert writer.direct is False
+        assert target.read_bytes() == b"head" + bytes(data)
+        assert writer.checksum == file_checksum(target)
+        with pytest.raises(FileExistsError):  # and O_EXCL still holds on such a file system
+            ChecksumWriter(target, fsync=False, direct=True)
+    finally:
+        target.unlink(missing_ok=True)
+
+
+def _refusing_direct_writes_after(
+    real_write: Callable[[int, object], int], allowed: int
+) -> Callable[[int, object], int]:
+    """``os.write`` that fails with EINVAL a direct write (on a descriptor with O_DIRECT) after
+    ``allowed`` of them, as a device with stricter alignment rules would: no device on this
+    machine refuses page-aligned direct writes, so that refusal is made here; buffered writes,
+    and the direct ones before it, stay real."""
+    done = 0
+
+    def write(fd: int, data: object) -> int:
+        nonlocal done
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            if done >= allowed:
+                raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+            done += 1
+        return real_write(fd, data)
+
+    return write
+
+
+@pytest.mark.parametrize("allowed", [0, 2])
+def test_a_direct_write_refused_mid_file_continues_buffered(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, allowed: int
+) -> None:
+    """The rest of the file is written buffered from where the direct writes stopped: the bytes,
+    size and checksum are those of an all-buffered file, and the save does not fail."""
+    _require_direct_io(tmp_path)
+    data = _aligned_bytes(3 * DIRECT_STAGING_BYTES + 123)
+    monkeypatch.setattr(os, "write", _refusing_direct_writes_after(os.write, allowed))
+    target = tmp_path / "refused.bin"
+    with ChecksumWriter(target, fsync=True, direct=True) as writer:
+        assert writer.direct
+        writer.write(b"h" * 100)
+        writer.write(data[: DIRECT_ALIGNMENT * 3])
+        writer.write(data)
+    assert writer.direct is False
+    expected = b"h" * 100 + bytes(data[: DIRECT_ALIGNMENT * 3]) + bytes(data)
+    assert target.read_bytes() == expected
+    assert writer.size == len(expected) and writer.checksum == file_checksum(target)
+
+
+@pytest.mark.parametrize("bad", [0, 1, "yes", None])
+def test_direct_io_must_be_a_bool(tmp_path: Path, bad: object) -> None:
+    with pytest.raises(distckpt.InvalidArgument, match="direct_io"):
+        distckpt.CheckpointManager(tmp_path / "root", direct_io=bad)  # type: ignore[arg-type]
+    with pytest.raises(distckpt.InvalidArgument, match="direct_io"):
+        format_named("torch", direct_io=bad)  # type: ignore[arg-type]
+
+
+_LIBC = ctypes.CDLL(None, use_errno=True)
+
+
+def _resident_pages(path: Path) -> tuple[int, int]:
+    """(pages of the file in the page cache, pages of the file), from ``mincore`` of a mapping
+    of it that is never touched (so the mapping itself brings no page in)."""
+    size = path.stat().st_size
+    pages = -(-size // mmap.PAGESIZE)
+    vector = (ctypes.c_ubyte * pages)()
+    _LIBC.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    with open(path, "rb") as file, mmap.mmap(file.fileno(), size, prot=mmap.PROT_READ) as mapped:
+        with memoryview(mapped) as view:
+            address = buffer_address(view)
+        if _LIBC.mincore(address, size, vector) != 0:
+            raise OSError(ctypes.get_errno(), "mincore")
+    return sum(byte & 1 for byte in vector), pages
+
+
+def test_a_direct_rank_file_leaves_none_of_its_pages_in_the_page_cache(tmp_path: Path) -> None:
+    """README, async saves: a direct rank file's bytes bypass the page cache; a buffered one
+    leaves its pages there (fsynced, clean, but resident)."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("mincore on a file mapping: Linux")
+    _require_direct_io(tmp_path)
+    state = _page_aligned_state({"w": (4 << 20,), "t": (5,)}, seed=3)  # 16 MiB
+    direct = write_rank_file(state, tmp_path / "direct.pt", fsync=True, direct=True)
+    buffered = write_rank_file(state, tmp_path / "buffered.pt", fsync=True, direct=False)
+    assert direct.direct and not buffered.direct
+    cached, pages = _resident_pages(tmp_path / "direct.pt")
+    assert cached <= 1, (cached, pages)  # at most the tail page the ftruncate touched
+    cached, pages = _resident_pages(tmp_path / "buffered.pt")
+    assert cached >= pages * 0.9, (cached, pages)
