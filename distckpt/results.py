@@ -16,9 +16,7 @@ CheckpointLocation = Union[Path, str]
 
 def location_name(location: CheckpointLocation) -> str:
     """The last component of a location (``step-00000010``), whatever its backend."""
-    return (
-        Path(location).name if isinstance(location, Path) else location.rstrip("/").rsplit("/")[-1]
-    )
+    return location.name if isinstance(location, Path) else location.rstrip("/").rsplit("/")[-1]
 
 
 @dataclass(frozen=True)
