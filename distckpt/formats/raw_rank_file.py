@@ -48,7 +48,8 @@ import torch
 
 from distckpt.checksums import ChecksumWriter
 from distckpt.errors import CorruptCheckpoint
-from distckpt.formats.base import ReadOptions
+from distckpt.formats.base import ReadOptions, storage_placement
+from distckpt.prefault import prefault
 from distckpt.state import same_kind_of_tuple
 
 #: The first bytes of every rank file in this layout.
@@ -345,7 +346,8 @@ def _read_exactly(fd: int, buffers: list[memoryview], offset: int, name: str) ->
 
 
 def _read_storages(fd: int, index: RankFileIndex, name: str) -> list[torch.UntypedStorage]:
-    """Every storage read into new memory; runs of small ones with one ``preadv`` each."""
+    """Every storage read into new memory; runs of small ones with one ``preadv`` each, a
+    large one alone, into memory faulted in at once first where it is fresh (:func:`prefault`)."""
     storages = [torch.UntypedStorage(nbytes) for _, nbytes in index.storages]
     gap = memoryview(bytearray(ALIGNMENT))
     batch: list[memoryview] = []
@@ -363,6 +365,7 @@ def _read_storages(fd: int, index: RankFileIndex, name: str) -> list[torch.Untyp
             continue
         memory = _memory_of(storages[number])
         if nbytes >= _GATHERED_READ_BYTES:
+            prefault(storages[number].data_ptr(), nbytes)
             _read_exactly(fd, [memory], index.data_start + offset, name)
             continue
         skipped = offset - batch_end
@@ -397,32 +400,6 @@ def _mapped_storages(path: Path, index: RankFileIndex) -> list[torch.UntypedStor
         else torch.UntypedStorage(0)
         for offset, nbytes in index.storages
     ]
-
-
-def _placement(map_location: Any) -> Callable[[torch.UntypedStorage], torch.UntypedStorage] | None:
-    """What moves a storage (on the CPU) where ``map_location`` puts what was saved on the CPU,
-    read the way ``torch.load`` reads it (a device, a name, a dict of names, or a function);
-    None when it stays where it is (no location, or the CPU: the usual case, which then costs
-    no call per storage)."""
-    if map_location is None:
-        return None
-    if callable(map_location):
-
-        def moved_by_function(storage: torch.UntypedStorage) -> torch.UntypedStorage:
-            moved = map_location(storage, "cpu")
-            return storage if moved is None else moved
-
-        return moved_by_function
-    target = map_location.get("cpu", "cpu") if isinstance(map_location, dict) else map_location
-    device = torch.device(target)
-    if device.type == "cpu":
-        return None
-
-    def moved_to_device(storage: torch.UntypedStorage) -> torch.UntypedStorage:
-        whole = torch.empty(0, dtype=torch.uint8).set_(storage)
-        return whole.to(device).untyped_storage()
-
-    return moved_to_device
 
 
 def _filled(value: Any, tensors: dict[int, torch.Tensor], done: dict[int, Any]) -> Any:
@@ -477,7 +454,7 @@ def load_rank_file(
             storages = _read_storages(fd, index, name)
     finally:
         os.close(fd)
-    place = _placement(options.map_location)
+    place = storage_placement(options.map_location)
     if place is not None:
         storages = [place(storage) for storage in storages]
     devices = [storage.device for storage in storages]
