@@ -383,31 +383,6 @@ def swap_link(
     return kind
 
 
-#: The most :func:`read_small_file` asks one ``read`` for beyond the size ``fstat`` gave.
-_SMALL_READ_BYTES = 64 << 10
-
-
-def read_small_file(path: Path, limit: int) -> bytes | None:
-    """The bytes of the file at ``path``, or None when it is larger than ``limit`` bytes
-    (nothing of it read). One descriptor answers both (an open, an ``fstat``, the reads), where
-    a ``stat`` of the path and a buffered read would look the file up, and fstat it, again."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-    try:
-        size = os.fstat(fd).st_size
-        if size > limit:
-            return None
-        raw = os.read(fd, size + 1)
-        while len(raw) <= limit:  # until the end (the file may have grown since the fstat)
-            # os.read allocates all it may read first: ask for a bounded piece at a time.
-            more = os.read(fd, min(limit + 1 - len(raw), _SMALL_READ_BYTES))
-            if not more:
-                return raw
-            raw += more
-        return None
-    finally:
-        os.close(fd)
-
-
 def read_link(link: Path) -> str | None:
     """The target name a link holds — a symlink's text or a pointer file's one line — or None
     when there is no link (nothing at that name, a directory, or a file that is not a

@@ -22,7 +22,6 @@ from typing import Any
 from distckpt._version import __version__
 from distckpt.checksums import CHECKSUM_ALGORITHM, file_checksum
 from distckpt.errors import CorruptCheckpoint, InvalidArgument, UnsupportedVersion
-from distckpt.fsutil import read_small_file
 from distckpt.layout import MANIFEST_NAME
 
 #: Bumped when a change to the schema or to a format's files would mislead an older reader.
@@ -162,11 +161,11 @@ def read_manifest(checkpoint_dir: Path) -> Manifest:
     unreadable, :class:`UnsupportedVersion` when it is newer than this library."""
     path = checkpoint_dir / MANIFEST_NAME
     try:
-        raw = read_small_file(path, MAX_MANIFEST_BYTES)
-        if raw is None:
+        if path.stat().st_size > MAX_MANIFEST_BYTES:
             raise CorruptCheckpoint(
                 f"{path} is larger than {MAX_MANIFEST_BYTES >> 20} MiB: not a manifest"
             )
+        raw = path.read_bytes()
     except FileNotFoundError as exc:
         raise CorruptCheckpoint(f"{checkpoint_dir} has no {MANIFEST_NAME}") from exc
     except OSError as exc:

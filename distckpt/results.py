@@ -16,7 +16,9 @@ CheckpointLocation = Union[Path, str]
 
 def location_name(location: CheckpointLocation) -> str:
     """The last component of a location (``step-00000010``), whatever its backend."""
-    return location.name if isinstance(location, Path) else location.rstrip("/").rsplit("/")[-1]
+    return (
+        Path(location).name if isinstance(location, Path) else location.rstrip("/").rsplit("/")[-1]
+    )
 
 
 @dataclass(frozen=True)
