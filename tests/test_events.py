@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -72,6 +73,31 @@ def test_a_save_costs_three_small_collectives_at_2_ranks_and_four_from_3_on(
 ) -> None:
     results = values(run_ranks(_collectives_of_a_save, world_size, str(tmp_path)))
     assert results == [collectives] * world_size
+
+
+def _collectives_of_a_lone_rank(rank: int, world_size: int, root: str) -> dict[str, Any]:
+    seen: list[str] = []
+    with distckpt.CheckpointManager(root, timeout=30) as manager:
+        remove = events.add_listener(lambda event: seen.append(event.phase))
+        try:
+            manager.save(1, {"w": torch.ones(8)})
+            loaded = manager.restore(mmap=True)
+        finally:
+            remove()
+    assert loaded is not None
+    return {
+        "collectives": [name for name in seen if name.startswith("collective.")],
+        "phases": sorted(set(seen)),
+        "restored": loaded.state["w"].tolist(),
+    }
+
+
+def test_a_job_of_one_rank_saves_and_restores_without_a_collective(tmp_path: Path) -> None:
+    # torch.distributed is initialised, with a group of one rank: there is no one to tell.
+    (out,) = values(run_ranks(_collectives_of_a_lone_rank, 1, str(tmp_path)))
+    assert out["collectives"] == []
+    assert {"save.propose", "save.write", "save.agree", "save.commit"} <= set(out["phases"])
+    assert out["restored"] == [1.0] * 8
 
 
 def _propose_threads(rank: int, world_size: int, root: str) -> dict[str, str]:

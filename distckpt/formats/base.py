@@ -11,11 +11,12 @@ a rank failing alone never leaves the others waiting inside the format's collect
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+import torch
 import torch.distributed as dist
 
 from distckpt.manifest import FileRecord, Manifest
@@ -46,6 +47,34 @@ class ReadOptions:
     #: map keys that differ only by wrapper prefixes (``_orig_mod.``, ``module.``); see
     #: :mod:`distckpt.key_prefixes`
     fix_key_prefixes: bool = True
+
+
+def storage_placement(
+    map_location: Any,
+) -> Callable[[torch.UntypedStorage], torch.UntypedStorage] | None:
+    """What moves a storage (on the CPU) where ``map_location`` puts what was saved on the CPU,
+    read the way ``torch.load`` reads it (a device, a name, a dict of names, or a function);
+    None when it stays where it is (no location, or the CPU: the usual case, which then costs
+    no call per storage)."""
+    if map_location is None:
+        return None
+    if callable(map_location):
+
+        def moved_by_function(storage: torch.UntypedStorage) -> torch.UntypedStorage:
+            moved = map_location(storage, "cpu")
+            return storage if moved is None else moved
+
+        return moved_by_function
+    target = map_location.get("cpu", "cpu") if isinstance(map_location, dict) else map_location
+    device = torch.device(target)
+    if device.type == "cpu":
+        return None
+
+    def moved_to_device(storage: torch.UntypedStorage) -> torch.UntypedStorage:
+        whole = torch.empty(0, dtype=torch.uint8).set_(storage)
+        return whole.to(device).untyped_storage()
+
+    return moved_to_device
 
 
 @dataclass(frozen=True)

@@ -57,8 +57,9 @@ import torch
 
 from distckpt.checksums import ChecksumWriter
 from distckpt.errors import CorruptCheckpoint
-from distckpt.formats.base import ReadOptions
+from distckpt.formats.base import ReadOptions, storage_placement
 from distckpt.fsutil import DIRECT_ALIGNMENT
+from distckpt.prefault import prefault
 from distckpt.state import same_kind_of_tuple
 
 #: The first bytes of every rank file in this layout.
@@ -319,13 +320,32 @@ class RankFileIndex:
 def read_index(file: io.FileIO, name: str) -> RankFileIndex:
     """The index of the open rank file ``file``; :class:`CorruptCheckpoint` naming ``name``
     when anything in it is out of place."""
-    file_size = os.fstat(file.fileno()).st_size
-    head = file.read(HEADER.size)
+    index = _index_of(file.fileno(), name)
+    if index is None:
+        raise _not_a_rank_file(file.fileno(), name)
+    return index
+
+
+def _not_a_rank_file(fd: int, name: str) -> CorruptCheckpoint:
+    """The error for the file open as ``fd``, which does not start with :data:`MAGIC`."""
+    head = os.pread(fd, HEADER.size, 0)
+    if len(head) < HEADER.size:
+        size = os.fstat(fd).st_size
+        return CorruptCheckpoint(f"{name}: too short for a rank file ({size} bytes)")
+    return CorruptCheckpoint(f"{name}: not a distckpt rank file (magic {head[: len(MAGIC)]!r})")
+
+
+def _index_of(fd: int, name: str) -> RankFileIndex | None:
+    """:func:`read_index` of the file open as ``fd``, read with two ``pread`` calls (the
+    header, then the index and the skeleton together); None when the file does not start
+    with :data:`MAGIC` (not a rank file in this layout: :func:`is_raw_rank_file` says False)."""
+    file_size = os.fstat(fd).st_size
+    head = os.pread(fd, HEADER.size, 0)
+    if head[: len(MAGIC)] != MAGIC:
+        return None
     if len(head) < HEADER.size:
         raise CorruptCheckpoint(f"{name}: too short for a rank file ({file_size} bytes)")
-    magic, version, _reserved, index_bytes, skeleton_bytes = HEADER.unpack(head)
-    if magic != MAGIC:
-        raise CorruptCheckpoint(f"{name}: not a distckpt rank file (magic {magic!r})")
+    _magic, version, _reserved, index_bytes, skeleton_bytes = HEADER.unpack(head)
     if version not in _LAYOUT_RULES:
         raise CorruptCheckpoint(
             f"{name}: rank-file layout {version}; this distckpt reads layouts "
@@ -335,8 +355,11 @@ def read_index(file: io.FileIO, name: str) -> RankFileIndex:
     data_start = _aligned(HEADER.size + index_bytes + skeleton_bytes, data_alignment)
     if data_start > file_size:
         raise CorruptCheckpoint(f"{name}: its index runs past the end of the file (truncated?)")
+    parts = os.pread(fd, index_bytes + skeleton_bytes, HEADER.size)
+    if len(parts) < index_bytes + skeleton_bytes:
+        raise CorruptCheckpoint(f"{name}: ended early while reading its index (truncated?)")
     try:
-        index = json.loads(file.read(index_bytes))
+        index = json.loads(parts[:index_bytes])
         storages = [(int(offset), int(nbytes)) for offset, nbytes in index["storages"]]
         tensors = [
             TensorEntry(int(s), _DTYPES[dtype], tuple(map(int, shape)), tuple(map(int, st)), int(o))
@@ -351,7 +374,7 @@ def read_index(file: io.FileIO, name: str) -> RankFileIndex:
             )
     for entry in tensors:
         _check_fits(entry, storages, name)
-    skeleton = file.read(skeleton_bytes)
+    skeleton = parts[index_bytes:]
     return RankFileIndex(file_size, data_start, max_gap, storages, tensors, skeleton)
 
 
@@ -361,17 +384,17 @@ def _check_fits(entry: TensorEntry, storages: list[tuple[int, int]], name: str) 
     shape, stride = entry.shape, entry.stride
     if not 0 <= entry.storage < len(storages) or len(shape) != len(stride):
         raise CorruptCheckpoint(f"{name}: a tensor entry names no storage of the file")
-    if min(shape, default=0) < 0 or min(stride, default=0) < 0:
-        raise CorruptCheckpoint(f"{name}: a tensor entry has a negative size or stride")
+    # One plain loop for both checks: a restore checks every tensor, and min() or a generator
+    # costs more per element.
+    last, empty = entry.storage_offset, False
+    for size, step in zip(shape, stride):
+        if size < 0 or step < 0:
+            raise CorruptCheckpoint(f"{name}: a tensor entry has a negative size or stride")
+        empty = empty or size == 0
+        last += (size - 1) * step
     if entry.storage_offset < 0:
         raise CorruptCheckpoint(f"{name}: a tensor entry has a negative storage offset")
-    if 0 in shape:
-        return
-    # A plain loop: a restore checks every tensor, and a generator costs more per element.
-    last = entry.storage_offset
-    for size, step in zip(shape, stride):
-        last += (size - 1) * step
-    if (last + 1) * entry.dtype.itemsize > storages[entry.storage][1]:
+    if not empty and (last + 1) * entry.dtype.itemsize > storages[entry.storage][1]:
         raise CorruptCheckpoint(f"{name}: a tensor entry reaches past the end of its storage")
 
 
@@ -392,7 +415,8 @@ def _read_exactly(fd: int, buffers: list[memoryview], offset: int, name: str) ->
 
 
 def _read_storages(fd: int, index: RankFileIndex, name: str) -> list[torch.UntypedStorage]:
-    """Every storage read into new memory; runs of small ones with one ``preadv`` each."""
+    """Every storage read into new memory; runs of small ones with one ``preadv`` each, a
+    large one alone, into memory faulted in at once first where it is fresh (:func:`prefault`)."""
     storages = [torch.UntypedStorage(nbytes) for _, nbytes in index.storages]
     gap = memoryview(bytearray(index.max_gap))
     batch: list[memoryview] = []
@@ -410,6 +434,7 @@ def _read_storages(fd: int, index: RankFileIndex, name: str) -> list[torch.Untyp
             continue
         memory = _memory_of(storages[number])
         if nbytes >= _GATHERED_READ_BYTES:
+            prefault(storages[number].data_ptr(), nbytes)
             _read_exactly(fd, [memory], index.data_start + offset, name)
             continue
         skipped = offset - batch_end
@@ -434,28 +459,16 @@ def _mapped_storages(path: Path, index: RankFileIndex) -> list[torch.UntypedStor
     mmap options say shared, as with ``torch.load(mmap=True)``)."""
     shared = torch.serialization.get_default_mmap_options() == mmap.MAP_SHARED
     whole = torch.UntypedStorage.from_file(os.fspath(path), shared, index.file_size)
+    # The C slice, as torch.load(mmap=True) slices its mapping, without UntypedStorage's
+    # Python __getitem__ in front of it (a check for meta storages, which a mapping is not).
+    view = torch._C.StorageBase.__getitem__
+    start = index.data_start
     return [
-        whole[index.data_start + offset : index.data_start + offset + nbytes]
+        view(whole, slice(start + offset, start + offset + nbytes))
         if nbytes
         else torch.UntypedStorage(0)
         for offset, nbytes in index.storages
     ]
-
-
-def _placed(storage: torch.UntypedStorage, map_location: Any) -> torch.UntypedStorage:
-    """``storage`` (on the CPU) where ``map_location`` puts what was saved on the CPU, read the
-    way ``torch.load`` reads it (a device, a name, a dict of names, or a function)."""
-    if map_location is None:
-        return storage
-    if callable(map_location):
-        moved = map_location(storage, "cpu")
-        return storage if moved is None else moved
-    target = map_location.get("cpu", "cpu") if isinstance(map_location, dict) else map_location
-    device = torch.device(target)
-    if device.type == "cpu":
-        return storage
-    whole = torch.empty(0, dtype=torch.uint8).set_(storage)
-    return whole.to(device).untyped_storage()
 
 
 def _filled(value: Any, tensors: dict[int, torch.Tensor], done: dict[int, Any]) -> Any:
@@ -486,24 +499,38 @@ def load_rank_file(
     path: Path,
     options: ReadOptions,
     load_skeleton: Callable[[io.BytesIO, ReadOptions, str], Any],
+    *,
+    otherwise: Callable[[], Any] | None = None,
 ) -> Any:
     """The state in the rank file at ``path``. ``load_skeleton(source, options, name)`` loads
     the pickled skeleton (the caller's safe ``torch.load``), before any tensor data is read, so
-    a refused checkpoint costs no read of its data."""
+    a refused checkpoint costs no read of its data. A file that does not start like a rank
+    file in this layout is read by ``otherwise()`` (a ``torch.save`` file in its place), or
+    refused as :class:`CorruptCheckpoint` without it: the file is opened once either way."""
     name = os.fspath(path)
-    with open(path, "rb", buffering=0) as file:
-        index = read_index(file, name)
+    fd = os.open(name, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    try:
+        index = _index_of(fd, name)
+        if index is None:
+            if otherwise is not None:
+                return otherwise()
+            raise _not_a_rank_file(fd, name)
         loaded = load_skeleton(io.BytesIO(index.skeleton), options, name)
         skeleton, placeholders = _checked_skeleton(loaded, len(index.tensors), name)
         if options.mmap:
             storages = _mapped_storages(path, index)
         else:
-            storages = _read_storages(file.fileno(), index, name)
-    placed = [_placed(storage, options.map_location) for storage in storages]
+            storages = _read_storages(fd, index, name)
+    finally:
+        os.close(fd)
+    place = storage_placement(options.map_location)
+    if place is not None:
+        storages = [place(storage) for storage in storages]
+    devices = [storage.device for storage in storages]
     tensors = {
-        id(placeholder): torch.empty(
-            0, dtype=entry.dtype, device=placed[entry.storage].device
-        ).set_(placed[entry.storage], entry.storage_offset, entry.shape, entry.stride)
+        id(placeholder): torch.empty(0, dtype=entry.dtype, device=devices[entry.storage]).set_(
+            storages[entry.storage], entry.storage_offset, entry.shape, entry.stride
+        )
         for placeholder, entry in zip(placeholders, index.tensors)
     }
     return _filled(skeleton, tensors, {})

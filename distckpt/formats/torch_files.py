@@ -32,7 +32,7 @@ from distckpt.errors import (
     WorldSizeMismatch,
 )
 from distckpt.formats.base import PreparedRead, ReadOptions, ShardContext
-from distckpt.formats.raw_rank_file import is_raw_rank_file, load_rank_file, write_rank_file
+from distckpt.formats.raw_rank_file import load_rank_file, write_rank_file
 from distckpt.layout import parse_rank_file_name, rank_file_name
 from distckpt.manifest import FileRecord, Manifest
 from distckpt.state import tensor_bytes
@@ -93,8 +93,10 @@ def read_rank_file(path: Path, manifest: Manifest, options: ReadOptions) -> Any:
     """The state in one rank file of a checkpoint with ``manifest``. Format version 1 wrote
     ``torch.save`` files; later versions write raw rank files, and a ``torch.save`` file in
     their place (one a person rewrote and resealed) is read as one, by its first bytes."""
-    if manifest.format_version >= RAW_RANK_FILES_SINCE and is_raw_rank_file(path):
-        return load_rank_file(path, options, load_skeleton)
+    if manifest.format_version >= RAW_RANK_FILES_SINCE:
+        return load_rank_file(
+            path, options, load_skeleton, otherwise=lambda: safe_torch_load(path, options)
+        )
     return safe_torch_load(path, options)
 
 
