@@ -23,7 +23,8 @@ import torch
 import distckpt
 from distckpt.checksums import COALESCE_BYTES, DIRECT_STAGING_BYTES, ChecksumWriter, file_checksum
 from distckpt.formats import ReadOptions, format_named
-from distckpt.formats.raw_rank_file import load_rank_file, write_rank_file
+from distckpt.formats.raw_rank_file import write_rank_file
+from distckpt.formats.raw_rank_reader import load_rank_file
 from distckpt.formats.torch_files import load_skeleton
 from distckpt.fsutil import DIRECT_ALIGNMENT, anonymous_memory, buffer_address
 from distckpt.snapshot import Slot, flat_buffers

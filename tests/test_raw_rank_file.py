@@ -20,15 +20,8 @@ from hypothesis import strategies as st
 import distckpt
 from distckpt.errors import CorruptCheckpoint, UnsafeCheckpoint
 from distckpt.formats.base import ReadOptions
-from distckpt.formats.raw_rank_file import (
-    ALIGNMENT,
-    HEADER,
-    MAGIC,
-    is_raw_rank_file,
-    load_rank_file,
-    read_index,
-    write_rank_file,
-)
+from distckpt.formats.raw_rank_file import ALIGNMENT, HEADER, MAGIC, write_rank_file
+from distckpt.formats.raw_rank_reader import is_raw_rank_file, load_rank_file, read_index
 from distckpt.formats.torch_files import load_skeleton, plain_values_of
 from distckpt.fsutil import DIRECT_ALIGNMENT
 from distckpt.manifest import FORMAT_VERSION, read_manifest

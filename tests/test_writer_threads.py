@@ -17,7 +17,8 @@ import distckpt
 from distckpt.checksums import file_checksum
 from distckpt.formats import format_named
 from distckpt.formats.base import ReadOptions
-from distckpt.formats.raw_rank_file import load_rank_file, write_rank_file
+from distckpt.formats.raw_rank_file import write_rank_file
+from distckpt.formats.raw_rank_reader import load_rank_file
 from distckpt.formats.torch_files import load_skeleton
 from distckpt.manifest import read_manifest
 from tests.filesystems import MountFactory

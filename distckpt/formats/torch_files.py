@@ -32,7 +32,8 @@ from distckpt.errors import (
     WorldSizeMismatch,
 )
 from distckpt.formats.base import PreparedRead, ReadOptions, ShardContext
-from distckpt.formats.raw_rank_file import load_rank_file, write_rank_file
+from distckpt.formats.raw_rank_file import write_rank_file
+from distckpt.formats.raw_rank_reader import load_rank_file
 from distckpt.layout import parse_rank_file_name, rank_file_name
 from distckpt.manifest import FileRecord, Manifest
 from distckpt.state import tensor_bytes
