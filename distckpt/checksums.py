@@ -16,14 +16,8 @@ from pathlib import Path
 from typing import BinaryIO
 
 from distckpt.errors import InvalidArgument
-from distckpt.fsutil import (
-    DIRECT_ALIGNMENT,
-    WRITEBACK_BYTES,
-    EarlyWriteback,
-    anonymous_memory,
-    buffer_address,
-    with_file_name,
-)
+from distckpt.fsutil import WRITEBACK_BYTES, EarlyWriteback, with_file_name
+from distckpt.memory import DIRECT_ALIGNMENT, anonymous_memory, buffer_address
 
 try:  # the same CRC-32 as zlib's, about six times faster (SIMD); the save computes it inline
     from zlib_ng.zlib_ng import crc32
@@ -129,7 +123,7 @@ class ChecksumWriter:
     takes it (:attr:`direct` says whether it did; elsewhere the writer is buffered, as
     without): bytes go from memory to the disk without a copy into the page cache, which costs
     the writing thread little CPU and leaves the cache to the training job. Every direct write
-    is whole pages (:data:`~distckpt.fsutil.DIRECT_ALIGNMENT`) from page-aligned memory at a
+    is whole pages (:data:`~distckpt.memory.DIRECT_ALIGNMENT`) from page-aligned memory at a
     page-aligned offset: a write of at least :data:`COALESCE_BYTES` whose memory starts on a
     page, at a file position on one, goes straight from that memory (whole pages of it, in
     stretches of :data:`DIRECT_STAGING_BYTES`); everything else is copied into a page-aligned

@@ -5,10 +5,6 @@ the POSIX one: fsync each file, fsync the directory that holds them, rename the 
 final name, fsync the parent; then swap a link by creating it under a temporary name, renaming
 it over the old one and fsyncing the parent again. A crash at any instant therefore leaves
 either the old or the new state under each final name, never a partial one.
-
-Also here: what direct I/O asks of memory (:data:`DIRECT_ALIGNMENT`, :func:`buffer_address`)
-and the page-aligned anonymous memory that meets it (:func:`anonymous_memory`: async snapshots'
-buffers, a direct writer's staging buffer).
 """
 
 from __future__ import annotations
@@ -16,7 +12,6 @@ from __future__ import annotations
 import ctypes
 import errno
 import logging
-import mmap
 import os
 import shutil
 import sys
@@ -447,65 +442,3 @@ def probe_writable(directory: Path) -> None:
             probe.unlink()
     finally:
         probe.unlink(missing_ok=True)
-
-
-def anonymous_memory(nbytes: int) -> memoryview:
-    """``nbytes`` of fresh page-aligned memory from a private anonymous mapping.
-
-    It does not ask for transparent huge pages (``MADV_HUGEPAGE``): measured on a VM, the first
-    copy into huge pages, which the first async save pays, took about twice as long (the kernel
-    finds and clears 2 MiB at a time, often from memory the host must back first), and later
-    copies were no faster than into plain pages. (Where the system's setting gives huge pages
-    to every mapping, ``enabled=always``, the kernel may still use them.)"""
-    private = getattr(mmap, "MAP_PRIVATE", None)
-    if private is None:  # Windows: its anonymous mappings are private already
-        block = mmap.mmap(-1, nbytes)
-    else:
-        # Private: Python's default anonymous mapping is MAP_SHARED, i.e. shared memory (shmem,
-        # counted apart from the process's own memory and shared with any child it forks).
-        block = mmap.mmap(-1, nbytes, flags=private | mmap.MAP_ANONYMOUS)
-    return memoryview(block)
-
-
-#: What direct I/O (``O_DIRECT``) asks of every write: the memory's address, the file offset
-#: and the length are multiples of this many bytes (the page size, which covers the logical
-#: block size of the disks and file systems Linux serves direct I/O on).
-DIRECT_ALIGNMENT = 4096
-
-
-class _PyBuffer(ctypes.Structure):
-    """CPython's ``Py_buffer`` (the buffer protocol's view of an object's memory)."""
-
-    _fields_ = [
-        ("buf", ctypes.c_void_p),
-        ("obj", ctypes.c_void_p),
-        ("len", ctypes.c_ssize_t),
-        ("itemsize", ctypes.c_ssize_t),
-        ("readonly", ctypes.c_int),
-        ("ndim", ctypes.c_int),
-        ("format", ctypes.c_char_p),
-        ("shape", ctypes.c_void_p),
-        ("strides", ctypes.c_void_p),
-        ("suboffsets", ctypes.c_void_p),
-        ("internal", ctypes.c_void_p),
-    ]
-
-
-_GET_BUFFER = ctypes.pythonapi.PyObject_GetBuffer
-_GET_BUFFER.argtypes = [ctypes.py_object, ctypes.POINTER(_PyBuffer), ctypes.c_int]
-_GET_BUFFER.restype = ctypes.c_int
-_RELEASE_BUFFER = ctypes.pythonapi.PyBuffer_Release
-_RELEASE_BUFFER.argtypes = [ctypes.POINTER(_PyBuffer)]
-_RELEASE_BUFFER.restype = None
-_CONTIGUOUS_BUFFER = 0  # PyBUF_SIMPLE: one run of bytes, read-only or not
-
-
-def buffer_address(view: memoryview) -> int:
-    """The address of the first byte of the contiguous ``view`` (read-only or writable, which
-    ``ctypes.c_char.from_buffer`` alone would refuse)."""
-    buffer = _PyBuffer()
-    _GET_BUFFER(view, ctypes.byref(buffer), _CONTIGUOUS_BUFFER)  # raises if it cannot
-    try:
-        return buffer.buf or 0
-    finally:
-        _RELEASE_BUFFER(ctypes.byref(buffer))

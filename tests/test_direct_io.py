@@ -26,7 +26,7 @@ from distckpt.formats import ReadOptions, format_named
 from distckpt.formats.raw_rank_file import write_rank_file
 from distckpt.formats.raw_rank_reader import load_rank_file
 from distckpt.formats.torch_files import load_skeleton
-from distckpt.fsutil import DIRECT_ALIGNMENT, anonymous_memory, buffer_address
+from distckpt.memory import DIRECT_ALIGNMENT, anonymous_memory, buffer_address
 from distckpt.snapshot import Slot, flat_buffers
 from tests.filesystems import MountFactory, skip_or_fail
 from tests.syscall_trace import FileCall, traced_file_calls

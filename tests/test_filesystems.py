@@ -37,8 +37,9 @@ import distckpt.formats.dcp  # imported once here, not in every forked rank (sec
 from distckpt import faults
 from distckpt.checksums import ChecksumWriter, file_checksum
 from distckpt.cli import main
-from distckpt.fsutil import WRITEBACK_BYTES, anonymous_memory, probe_writable, start_writeback
+from distckpt.fsutil import WRITEBACK_BYTES, probe_writable, start_writeback
 from distckpt.lock import WriterLock
+from distckpt.memory import anonymous_memory
 from tests.filesystems import KINDS, MountFactory
 from tests.ranks import run_ranks, values
 from tests.syscall_trace import traced_file_calls

@@ -23,8 +23,8 @@ from distckpt.formats.base import ReadOptions
 from distckpt.formats.raw_rank_file import ALIGNMENT, HEADER, MAGIC, write_rank_file
 from distckpt.formats.raw_rank_reader import is_raw_rank_file, load_rank_file, read_index
 from distckpt.formats.torch_files import load_skeleton, plain_values_of
-from distckpt.fsutil import DIRECT_ALIGNMENT
 from distckpt.manifest import FORMAT_VERSION, read_manifest
+from distckpt.memory import DIRECT_ALIGNMENT
 
 FIXTURE = Path(__file__).parent / "fixtures" / "torch-format-v1"
 #: A checkpoint of manifest format version 2 whose rank file is in layout 1 (every storage at a

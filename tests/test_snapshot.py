@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import distckpt
-from distckpt.fsutil import DIRECT_ALIGNMENT, anonymous_memory
+from distckpt.memory import DIRECT_ALIGNMENT, anonymous_memory
 from distckpt.snapshot import BUFFER_ALIGNMENT, Slot, SnapshotBuffers, flat_buffers
 
 

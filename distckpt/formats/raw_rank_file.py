@@ -20,7 +20,7 @@ A file is, in order:
   in to unpickling, so nothing but plain values is ever unpickled, as with a ``torch.save`` file
   (a skeleton of plain values alone by a stricter unpickler that refuses every class:
   :func:`distckpt.formats.torch_files.load_skeleton`);
-* zero padding up to a multiple of :data:`~distckpt.fsutil.DIRECT_ALIGNMENT` (4096), then the
+* zero padding up to a multiple of :data:`~distckpt.memory.DIRECT_ALIGNMENT` (4096), then the
   storages' bytes (the data), each storage of at least that many bytes starting at a multiple
   of it, a smaller one at a multiple of :data:`ALIGNMENT` (so a mapped tensor of any dtype is
   aligned, and many tiny tensors waste little), the data ending at a multiple of
@@ -54,7 +54,7 @@ from typing import Any, NamedTuple
 import torch
 
 from distckpt.checksums import ChecksumWriter
-from distckpt.fsutil import DIRECT_ALIGNMENT
+from distckpt.memory import DIRECT_ALIGNMENT
 from distckpt.state import same_kind_of_tuple
 
 #: The first bytes of every rank file in this layout.

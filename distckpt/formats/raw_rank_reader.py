@@ -28,7 +28,7 @@ from distckpt.formats.raw_rank_file import (
     aligned,
     memory_of,
 )
-from distckpt.prefault import prefault
+from distckpt.memory import prefault
 from distckpt.state import same_kind_of_tuple
 
 #: Storages up to this size are read together with one ``preadv`` (many small tensors would

@@ -1,4 +1,4 @@
-"""Fresh memory faulted in at once before a full restore reads into it (distckpt.prefault), on
+"""Fresh memory faulted in at once before a full restore reads into it (distckpt.memory), on
 real anonymous memory of this process."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import distckpt
-from distckpt.prefault import prefault
+from distckpt.memory import prefault
 
 pytestmark = pytest.mark.skipif(
     not sys.platform.startswith("linux"), reason="madvise(MADV_POPULATE_WRITE) is Linux's"
