@@ -17,7 +17,7 @@ from typing import BinaryIO
 
 from distckpt.errors import InvalidArgument
 from distckpt.fsutil import WRITEBACK_BYTES, EarlyWriteback, with_file_name
-from distckpt.memory import DIRECT_ALIGNMENT, anonymous_memory, buffer_address
+from distckpt.memory import DIRECT_ALIGNMENT, DIRECT_MIN_BYTES, anonymous_memory, buffer_address
 
 try:  # the same CRC-32 as zlib's, about six times faster (SIMD); the save computes it inline
     from zlib_ng.zlib_ng import crc32
@@ -90,20 +90,26 @@ def _create(path: Path, *, direct: bool) -> tuple[int, bool]:
     (``direct``) and accepted by the file system, which refuses the flag with EINVAL where it
     has no direct I/O (the file is then written through the page cache)."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
-    if not (direct and _O_DIRECT):
-        return os.open(path, flags, 0o666), False
-    try:
-        return os.open(path, flags | _O_DIRECT, 0o666), True
-    except OSError as exc:
-        if exc.errno != errno.EINVAL:
-            raise
-    try:
-        # Linux checks the flag only once it has created the file, so the refused open leaves
-        # it behind: it is this writer's own, as O_EXCL refuses an existing name (EEXIST)
-        # before anything else.
-        return os.open(path, os.O_WRONLY), False
-    except FileNotFoundError:  # a kernel that refused before creating it
-        return os.open(path, flags, 0o666), False
+    if direct and _O_DIRECT:
+        try:
+            return os.open(path, flags | _O_DIRECT, 0o666), True
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+        # Linux checks O_DIRECT only once it has created the file (O_EXCL refuses an existing
+        # name before that), so the refused open left this writer's own file behind: removed,
+        # and created again as if no direct I/O had been asked for (opening it again instead
+        # could be refused: the umask may have left it without write permission).
+        path.unlink(missing_ok=True)
+    return os.open(path, flags, 0o666), False
+
+
+def _stop_direct_io(fd: int) -> None:
+    """Write the rest of the open file ``fd`` through the page cache (Linux lets ``fcntl``
+    clear ``O_DIRECT`` on an open file: same descriptor, same position)."""
+    import fcntl  # here: only platforms with O_DIRECT get here, and Windows has no fcntl
+
+    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~_O_DIRECT)
 
 
 class ChecksumWriter:
@@ -120,22 +126,21 @@ class ChecksumWriter:
     writer is left to its fsync. The fsync alone decides durability.
 
     With ``direct=True`` the file is opened for direct I/O (``O_DIRECT``) where the file system
-    takes it (:attr:`direct` says whether it did; elsewhere the writer is buffered, as
-    without): bytes go from memory to the disk without a copy into the page cache, which costs
-    the writing thread little CPU and leaves the cache to the training job. Every direct write
-    is whole pages (:data:`~distckpt.memory.DIRECT_ALIGNMENT`) from page-aligned memory at a
-    page-aligned offset: a write of at least :data:`COALESCE_BYTES` whose memory starts on a
-    page, at a file position on one, goes straight from that memory (whole pages of it, in
+    takes it (:attr:`direct` says whether it did; elsewhere the writer is buffered, as without):
+    bytes go from memory to the disk without a copy into the page cache, which costs the writing
+    thread little CPU and leaves the cache to the training job. Every direct write is whole
+    pages (:data:`~distckpt.memory.DIRECT_ALIGNMENT`) from page-aligned memory at a page-aligned
+    offset: a write of at least :data:`~distckpt.memory.DIRECT_MIN_BYTES` whose memory starts on
+    a page, at a file position on one, goes straight from that memory (whole pages of it, in
     stretches of :data:`DIRECT_STAGING_BYTES`); everything else is copied into a page-aligned
-    staging buffer of that size, written as it fills. ``close`` writes the staged tail padded
-    to a whole page, cuts the file back to its true size (``ftruncate``) and fsyncs. Size and
-    checksum cover the file's true bytes, never the padding. No early writeback is asked for
-    (no page of the file is in the cache). Should a direct write be refused mid-file (EINVAL:
-    a device with stricter rules), the rest of the file is written buffered from the same
-    position rather than failing; any other error (a full disk) fails the write, named after
-    the file, as it does buffered. :meth:`flush` hands nothing over in direct mode (staged
-    bytes wait for a whole buffer or ``close``), and :meth:`write_in_parallel` needs a
-    buffered writer."""
+    staging buffer of that size, written as it fills. ``close`` writes the staged tail padded to
+    a whole page, cuts the file back to its true size (``ftruncate``) and fsyncs. Size and
+    checksum cover the file's true bytes, never the padding. No early writeback is asked for (no
+    page of the file is in the cache). Should a direct write be refused mid-file (EINVAL: a
+    device with stricter rules), the rest of the file is written buffered from the same position
+    rather than failing; any other error (a full disk) fails the write, named after the file, as
+    it does buffered. :meth:`flush` hands nothing over in direct mode (staged bytes wait for a
+    whole buffer or ``close``), and :meth:`write_in_parallel` needs a buffered writer."""
 
     def __init__(self, path: Path, *, fsync: bool, direct: bool = False) -> None:
         self.path = path
@@ -195,7 +200,7 @@ class ChecksumWriter:
         assert self._staging is not None
         while view.nbytes:
             if (
-                view.nbytes >= COALESCE_BYTES
+                view.nbytes >= DIRECT_MIN_BYTES
                 and self._staged % DIRECT_ALIGNMENT == 0
                 and buffer_address(view) % DIRECT_ALIGNMENT == 0
             ):
@@ -233,19 +238,11 @@ class ChecksumWriter:
                 except OSError as exc:
                     if exc.errno != errno.EINVAL or not self.direct:
                         raise
-                    self._stop_direct_io()
+                    _stop_direct_io(self._file.fileno())
+                    self.direct = False
         except OSError as exc:
             self.error = with_file_name(exc, self.path)
             raise self.error from None
-
-    def _stop_direct_io(self) -> None:
-        """Write the rest of the file through the page cache, on the same descriptor (Linux
-        lets ``fcntl`` clear ``O_DIRECT``), so at the same position."""
-        import fcntl  # here: only platforms with O_DIRECT get here, and Windows has no fcntl
-
-        fd = self._file.fileno()
-        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~_O_DIRECT)
-        self.direct = False
 
     def write_in_parallel(self, chunks: Sequence[Sequence[memoryview]], threads: int) -> None:
         """Append ``chunks`` (each a run of buffers, in file order) with ``threads`` threads,

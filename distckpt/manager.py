@@ -98,8 +98,9 @@ class CheckpointManager:
             (``O_DIRECT``) where the file system accepts it: straight from the snapshot's
             page-aligned buffers to the disk, which costs the background writer far less CPU
             and leaves the page cache to training. A sync save's rank file (torch's own tensor
-            memory, not page-aligned) and every file written by several ``writer_threads``
-            stay buffered. False keeps every write buffered. Durability is the same either
+            memory, normally not page-aligned), a file of small tensors only, every file
+            written by several ``writer_threads`` and every file of an object-store root stay
+            buffered. False keeps every write buffered. Durability is the same either
             way (every file is fsynced when ``fsync``).
         group: the process group whose ranks checkpoint together (default: the world).
         timeout: seconds any collective or the commit lock may take before a hang becomes an

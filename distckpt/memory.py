@@ -19,6 +19,7 @@ kernel, a sandbox), nothing is done and the read faults the pages in as it alway
 from __future__ import annotations
 
 import ctypes
+import errno
 import mmap
 import sys
 from collections.abc import Callable
@@ -44,6 +45,8 @@ _MADVISE = _libc_function("madvise", [ctypes.c_void_p, ctypes.c_size_t, ctypes.c
 _MINCORE = _libc_function("mincore", [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p])
 #: cleared once the kernel refuses the advice: it would refuse it for every block
 _enabled = _MADVISE is not None and _MINCORE is not None
+#: the errors that say the advice will never be taken here (not: memory short for now)
+_REFUSED = {errno.EINVAL, errno.EPERM, errno.ENOSYS}
 
 
 def prefault(address: int, nbytes: int) -> bool:
@@ -60,8 +63,9 @@ def prefault(address: int, nbytes: int) -> bool:
     if _MINCORE(end - _PAGE, _PAGE, resident) != 0 or resident.raw[0] & 1:
         return False
     if _MADVISE(start, end - start, _MADV_POPULATE_WRITE) != 0:
-        _enabled = False  # no such advice here (EINVAL before Linux 5.14), or not allowed
-        return False
+        if ctypes.get_errno() in _REFUSED:
+            _enabled = False  # no such advice here (EINVAL before Linux 5.14), or not allowed
+        return False  # else (ENOMEM, EAGAIN: memory short for now) the read faults them in
     return True
 
 
@@ -84,9 +88,14 @@ def anonymous_memory(nbytes: int) -> memoryview:
 
 
 #: What direct I/O (``O_DIRECT``) asks of every write: the memory's address, the file offset
-#: and the length are multiples of this many bytes (the page size, which covers the logical
-#: block size of the disks and file systems Linux serves direct I/O on).
+#: and the length are multiples of this many bytes (4 KiB: a page on most systems, and a
+#: multiple of the logical block size of the disks and file systems Linux serves direct I/O on).
 DIRECT_ALIGNMENT = 4096
+#: The smallest run of memory a direct writer writes straight from where it is; a smaller one
+#: is copied through its staging buffer, so only storages and snapshot buffers of at least this
+#: many bytes are placed on a multiple of :data:`DIRECT_ALIGNMENT` (smaller ones would waste
+#: up to 4 KiB each on padding, in the file and in the snapshot, and gain nothing).
+DIRECT_MIN_BYTES = 1 << 20
 
 
 class _PyBuffer(ctypes.Structure):

@@ -84,7 +84,9 @@ def write(
     The format writes into the local dir the store gives this rank
     (:meth:`~distckpt.storage.RootStore.open_shard`), then the store publishes it into the
     staging area."""
-    ctx = ShardContext(coord.rank, coord.world_size, fsync, coord.group)
+    ctx = ShardContext(
+        coord.rank, coord.world_size, fsync, coord.group, direct_io=not store.shards_read_back
+    )
     try:
         if plan.area is not None:
             # Here, not when the area was opened (the proposal, which the caller waits for),

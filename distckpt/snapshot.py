@@ -24,15 +24,15 @@ from typing import Any
 
 import torch
 
-from distckpt.memory import DIRECT_ALIGNMENT, anonymous_memory
+from distckpt.memory import DIRECT_ALIGNMENT, DIRECT_MIN_BYTES, anonymous_memory
 from distckpt.per_rank import PerRank
 from distckpt.state import dtensor_type, same_kind_of_tuple
 
 #: Each buffer of the flat block starts at a multiple of this many bytes: a cache line, which
 #: every dtype's alignment divides, and small enough that many tiny tensors waste little. A
-#: buffer of at least :data:`~distckpt.memory.DIRECT_ALIGNMENT` bytes starts on a page, so the
+#: buffer of at least :data:`~distckpt.memory.DIRECT_MIN_BYTES` starts on a page, so the
 #: "torch" rank file can write it with direct I/O straight from this memory (for a state whose
-#: tensors are whole pages, as large ones are, that costs no extra page).
+#: large tensors are whole pages, as they usually are, that costs no extra page).
 BUFFER_ALIGNMENT = 64
 
 #: Where a tensor sits in the state tree: the keys and indices leading to it.
@@ -163,12 +163,13 @@ def flat_buffers(slots: list[Slot]) -> dict[TreeKey, torch.Tensor]:
     """A buffer for each slot, all in one block of page-aligned anonymous memory
     (:func:`~distckpt.memory.anonymous_memory`), each a tensor with a storage of its own over
     exactly its bytes, starting at a multiple of :data:`BUFFER_ALIGNMENT`, or of
-    :data:`~distckpt.memory.DIRECT_ALIGNMENT` when it has at least that many bytes."""
+    :data:`~distckpt.memory.DIRECT_ALIGNMENT` when it has at least
+    :data:`~distckpt.memory.DIRECT_MIN_BYTES` (what a direct writer writes straight from it)."""
     offsets: list[int] = []
     end = 0
     for _, shape, dtype in slots:
         nbytes = shape.numel() * dtype.itemsize
-        alignment = DIRECT_ALIGNMENT if nbytes >= DIRECT_ALIGNMENT else BUFFER_ALIGNMENT
+        alignment = DIRECT_ALIGNMENT if nbytes >= DIRECT_MIN_BYTES else BUFFER_ALIGNMENT
         offsets.append(-(-end // alignment) * alignment)
         end = offsets[-1] + nbytes
     memory = anonymous_memory(end) if end else None

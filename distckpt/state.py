@@ -35,12 +35,17 @@ def dtensor_type() -> type | None:
 def tensor_bytes(state: Any) -> int:
     """Bytes of tensor data this rank holds in a nested state: a DTensor counts its local
     shard, and each storage is counted once."""
+    return sum(storage_sizes(state))
+
+
+def storage_sizes(state: Any) -> list[int]:
+    """The size in bytes of each storage the tensors of a nested state hold, each storage once
+    (a DTensor: its local shard's), in the order the state's walk meets them."""
     dtensor = dtensor_type()
     seen: set[tuple[int, int]] = set()
-    total = 0
+    sizes: list[int] = []
 
     def visit(value: Any) -> None:
-        nonlocal total
         if dtensor is not None and isinstance(value, dtensor):
             value = value.to_local()
         if isinstance(value, torch.Tensor):
@@ -48,7 +53,7 @@ def tensor_bytes(state: Any) -> int:
             key = (storage.data_ptr(), storage.nbytes())
             if key not in seen:
                 seen.add(key)
-                total += storage.nbytes()
+                sizes.append(storage.nbytes())
         elif isinstance(value, PerRank):
             visit(value.value)
         elif isinstance(value, Mapping):
@@ -59,7 +64,7 @@ def tensor_bytes(state: Any) -> int:
                 visit(item)
 
     visit(state)
-    return total
+    return sizes
 
 
 def is_stateful(value: Any) -> bool:

@@ -23,11 +23,14 @@ import torch
 import distckpt
 from distckpt.checksums import COALESCE_BYTES, DIRECT_STAGING_BYTES, ChecksumWriter, file_checksum
 from distckpt.formats import ReadOptions, format_named
+from distckpt.formats.base import ShardContext
 from distckpt.formats.raw_rank_file import write_rank_file
 from distckpt.formats.raw_rank_reader import load_rank_file
 from distckpt.formats.torch_files import load_skeleton
 from distckpt.memory import DIRECT_ALIGNMENT, anonymous_memory, buffer_address
 from distckpt.snapshot import Slot, flat_buffers
+from distckpt.storage.posix import PosixRootStore
+from distckpt.storage.s3 import S3RootStore
 from tests.filesystems import MountFactory, skip_or_fail
 from tests.syscall_trace import FileCall, traced_file_calls
 
@@ -133,12 +136,11 @@ def _page_aligned_state(shapes: dict[str, tuple[int, ...]], seed: int) -> dict[s
 
 #: states that take every path of the direct writer: name -> (tensor shapes, written direct)
 CASES: dict[str, tuple[dict[str, tuple[int, ...]], bool]] = {
-    "empty": ({}, True),  # the head alone: one padded page, cut back
-    # far under 90% of the bytes on a page (only the block's first buffer is): buffered
+    # no storage of 1 MiB or more: nothing could go straight from memory, so buffered
+    "empty": ({}, False),
     "only-tiny": ({f"t{i}": (10,) for i in range(50)}, False),
+    "many-pages": ({f"p{i}": (DIRECT_ALIGNMENT // 4,) for i in range(3000)}, False),
     "not-a-page-multiple": ({"w": ((3 << 20) // 4 + 25,), "t": (3,)}, True),
-    # each under COALESCE_BYTES: all staged, the staging buffer filled and written several times
-    "many-pages": ({f"p{i}": (DIRECT_ALIGNMENT // 4,) for i in range(3000)}, True),
     # several stretches straight from memory, with staged tiny tensors and a partial page
     "large": (
         {"a": (7,), "w": (5 * DIRECT_STAGING_BYTES // 4 + 1,), "b": (1,), "v": (1 << 20,)},
@@ -184,7 +186,8 @@ def _aligned_bytes(nbytes: int) -> memoryview:
 
 def test_a_file_system_without_direct_io_gets_a_buffered_file(mounts: MountFactory) -> None:
     """ramfs has no direct I/O: it refuses O_DIRECT (EINVAL), after creating the file. The
-    writer takes that file and writes it buffered; the bytes and checksum are the same."""
+    writer removes it, creates it again without and writes it buffered; the bytes and checksum
+    are the same."""
     target = mounts.get("ramfs").path / "no-direct.bin"
     data = _aligned_bytes(2 * COALESCE_BYTES + 5)
     try:
@@ -281,3 +284,40 @@ def test_a_direct_rank_file_leaves_none_of_its_pages_in_the_page_cache(tmp_path:
     assert cached <= 1, (cached, pages)  # at most the tail page the ftruncate touched
     cached, pages = _resident_pages(tmp_path / "buffered.pt")
     assert cached >= pages * 0.9, (cached, pages)
+
+
+def test_a_store_that_reads_its_shards_back_gets_them_buffered(tmp_path: Path) -> None:
+    """An object store's spool is streamed into objects while the format writes it: its files
+    stay in the page cache (no direct I/O), whatever the manager's ``direct_io``."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("mincore on a file mapping: Linux")
+    _require_direct_io(tmp_path)
+    assert S3RootStore.shards_read_back and not PosixRootStore.shards_read_back
+    state = _page_aligned_state({"w": (4 << 20,), "t": (5,)}, seed=4)  # 16 MiB, page-aligned
+    fmt = format_named("torch", direct_io=True)
+    for direct_io in (True, False):
+        directory = tmp_path / f"direct-io-{direct_io}"
+        directory.mkdir()
+        ctx = ShardContext(rank=0, world_size=1, fsync=True, direct_io=direct_io)
+        (name,) = fmt.write(state, directory, ctx)
+        cached, pages = _resident_pages(directory / name)
+        if direct_io:
+            assert cached <= 1, (cached, pages)  # written direct: not in the cache
+        else:
+            assert cached >= pages * 0.9, (cached, pages)
+
+
+def test_a_direct_writer_stages_many_small_writes_into_whole_pages(tmp_path: Path) -> None:
+    """Writes that cannot go straight from memory (small, or not on a page) fill the staging
+    buffer several times over; the file is the bytes written, in order."""
+    _require_direct_io(tmp_path)
+    chunks = [os.urandom(size) for size in (3, 4096, 4095, 1, 70_000) * 600]
+    path = tmp_path / "staged.bin"
+    with ChecksumWriter(path, fsync=True, direct=True) as writer:
+        for chunk in chunks:
+            writer.write(chunk)
+        assert writer.direct
+    expected = b"".join(chunks)
+    assert len(expected) > 4 * DIRECT_STAGING_BYTES
+    assert path.read_bytes() == expected
+    assert writer.size == len(expected) and writer.checksum == file_checksum(path)

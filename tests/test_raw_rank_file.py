@@ -24,7 +24,7 @@ from distckpt.formats.raw_rank_file import ALIGNMENT, HEADER, MAGIC, write_rank_
 from distckpt.formats.raw_rank_reader import is_raw_rank_file, load_rank_file, read_index
 from distckpt.formats.torch_files import load_skeleton, plain_values_of
 from distckpt.manifest import FORMAT_VERSION, read_manifest
-from distckpt.memory import DIRECT_ALIGNMENT
+from distckpt.memory import DIRECT_ALIGNMENT, DIRECT_MIN_BYTES
 
 FIXTURE = Path(__file__).parent / "fixtures" / "torch-format-v1"
 #: A checkpoint of manifest format version 2 whose rank file is in layout 1 (every storage at a
@@ -193,8 +193,9 @@ def test_the_checksum_and_size_cover_every_byte_of_the_file(tmp_path: Path) -> N
 
 
 def test_tensor_bytes_lie_raw_and_aligned_where_the_index_says(tmp_path: Path) -> None:
-    """Layout 2: the data starts on a page, a storage of at least a page starts on one, a
-    smaller one at a multiple of 64, and the data ends at one."""
+    """Layout 2: the data starts on a page, a storage of at least 1 MiB starts on one, a
+    smaller one at a multiple of 64 (a page-sized one too: it gains nothing from a page of
+    its own), and the data ends at one."""
     path = tmp_path / "rank.pt"
     state = {
         "a": torch.ones(3, dtype=torch.int8),
@@ -202,6 +203,7 @@ def test_tensor_bytes_lie_raw_and_aligned_where_the_index_says(tmp_path: Path) -
         "page": torch.arange(1024, dtype=torch.float32),  # exactly a page
         "b": torch.ones(5, dtype=torch.int16),
         "odd": torch.arange(1500, dtype=torch.float64),  # 12000 bytes: pages and a part
+        "large": torch.arange(300_000, dtype=torch.float32),  # 1.14 MiB: on a page
         "c": torch.ones(1, dtype=torch.int8),
     }
     write_rank_file(state, path, fsync=False)
@@ -215,7 +217,7 @@ def test_tensor_bytes_lie_raw_and_aligned_where_the_index_says(tmp_path: Path) -
         offset, nbytes = index.storages[entry.storage]
         start = index.data_start + offset
         assert nbytes == tensor.numel() * tensor.element_size()
-        assert start % (DIRECT_ALIGNMENT if nbytes >= DIRECT_ALIGNMENT else ALIGNMENT) == 0
+        assert start % (DIRECT_ALIGNMENT if nbytes >= DIRECT_MIN_BYTES else ALIGNMENT) == 0
         assert raw[start : start + nbytes] == tensor.numpy().tobytes()
     last_offset, _ = index.storages[-1]
     assert len(raw) == index.data_start + last_offset + ALIGNMENT  # one byte, padded to 64
@@ -513,3 +515,21 @@ def test_a_torch_save_file_resealed_into_a_new_checkpoint_is_read_as_one(
     torch.save({"w": torch.ones(2)}, step_dir / "rank-00000.pt")
     reseal(step_dir, "rank-00000.pt")
     assert torch.equal(distckpt.load_checkpoint(step_dir).state["w"], torch.ones(2))
+
+
+@pytest.mark.parametrize(
+    "sizes",
+    [
+        [1025] * 1000,  # 4100 bytes each: 64-byte padding only
+        [(1 << 18) + 1] * 12,  # just over 1 MiB each: each padded up to a page
+        [3, (1 << 20) // 4 + 7, 5, (3 << 20) // 4 + 1, 1],
+    ],
+    ids=["small", "just-over-a-mebibyte", "mixed"],
+)
+def test_the_space_estimate_covers_the_file(tmp_path: Path, sizes: list[int]) -> None:
+    """What a save asks the disk to have free (before its margin) is at least the rank file
+    it then writes, padding included."""
+    state = {f"t{i}": torch.zeros(n) for i, n in enumerate(sizes)}
+    path = tmp_path / "rank.pt"
+    writer = write_rank_file(state, path, fsync=False)
+    assert distckpt.formats.format_named("torch").estimate_bytes(state) >= writer.size

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import distckpt
-from distckpt.memory import DIRECT_ALIGNMENT, anonymous_memory
+from distckpt.memory import DIRECT_ALIGNMENT, DIRECT_MIN_BYTES, anonymous_memory
 from distckpt.snapshot import BUFFER_ALIGNMENT, Slot, SnapshotBuffers, flat_buffers
 
 
@@ -158,19 +158,19 @@ def test_an_async_save_writes_what_a_sync_save_writes(tmp_path: Path, fmt: str) 
     assert restored["plain"] == state["plain"]
 
 
-def test_a_buffer_of_a_page_or_more_starts_on_a_page() -> None:
+def test_a_buffer_of_a_mebibyte_or_more_starts_on_a_page() -> None:
     """So the "torch" rank file can write it with direct I/O straight from the snapshot; a
-    smaller one keeps the 64-byte alignment, and a state of whole pages gets a block of exactly
-    its bytes (no page more)."""
-    sizes = [3, DIRECT_ALIGNMENT // 4, 5, DIRECT_ALIGNMENT + 8, 1, 3 * DIRECT_ALIGNMENT // 4]
+    smaller one (a page-sized one too) keeps the 64-byte alignment, and a state of whole pages
+    gets a block of exactly its bytes (no page more)."""
+    large = DIRECT_MIN_BYTES // 4
+    sizes = [3, DIRECT_ALIGNMENT // 4, 5, large + 2, 1, 3 * DIRECT_ALIGNMENT // 4, large + 1]
     slots: list[Slot] = [((f"t{i}",), torch.Size([n]), torch.float32) for i, n in enumerate(sizes)]
     buffers = flat_buffers(slots)
     for (key, _, _), n in zip(slots, sizes):
         address = buffers[key].data_ptr()
-        assert address % (DIRECT_ALIGNMENT if 4 * n >= DIRECT_ALIGNMENT else BUFFER_ALIGNMENT) == 0
-    pages = [
-        ((f"p{i}",), torch.Size([DIRECT_ALIGNMENT // 4 * (i + 1)]), torch.float32) for i in range(4)
-    ]
+        assert address % (DIRECT_ALIGNMENT if 4 * n >= DIRECT_MIN_BYTES else BUFFER_ALIGNMENT) == 0
+    assert buffers[("t1",)].data_ptr() % DIRECT_ALIGNMENT != 0  # a page, packed at 64 bytes
+    pages = [((f"p{i}",), torch.Size([large * (i + 1)]), torch.float32) for i in range(4)]
     whole = flat_buffers(pages)
     addresses = sorted(buffer.data_ptr() for buffer in whole.values())
     assert addresses[-1] + whole[("p3",)].nbytes - addresses[0] == sum(

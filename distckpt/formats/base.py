@@ -33,6 +33,9 @@ class ShardContext:
     #: the private gloo group the ranks share, for a format whose library runs its own
     #: collectives; None in a plain process (or a job of one rank without torch.distributed)
     group: dist.ProcessGroup | None = None
+    #: whether files may be written with direct I/O (not where the store reads a shard back
+    #: while it is written: :attr:`~distckpt.storage.RootStore.shards_read_back`)
+    direct_io: bool = True
 
 
 @dataclass(frozen=True)

@@ -21,10 +21,11 @@ A file is, in order:
   (a skeleton of plain values alone by a stricter unpickler that refuses every class:
   :func:`distckpt.formats.torch_files.load_skeleton`);
 * zero padding up to a multiple of :data:`~distckpt.memory.DIRECT_ALIGNMENT` (4096), then the
-  storages' bytes (the data), each storage of at least that many bytes starting at a multiple
-  of it, a smaller one at a multiple of :data:`ALIGNMENT` (so a mapped tensor of any dtype is
-  aligned, and many tiny tensors waste little), the data ending at a multiple of
-  :data:`ALIGNMENT`. Offsets are explicit in the index all the same.
+  storages' bytes (the data), each storage of at least :data:`~distckpt.memory.DIRECT_MIN_BYTES`
+  (1 MiB) starting at a multiple of 4096, a smaller one at a multiple of :data:`ALIGNMENT` (so
+  a mapped tensor of any dtype is aligned, and small tensors waste little), the data ending at
+  a multiple of :data:`ALIGNMENT`. Offsets are explicit in the index all the same; a reader
+  only checks that no gap between two storages reaches 4096 bytes.
 
 That is layout 2: a page-aligned storage of an async save's snapshot (whose buffers are
 page-aligned too, :func:`distckpt.snapshot.flat_buffers`) lands on a page of the file, so it can
@@ -54,7 +55,7 @@ from typing import Any, NamedTuple
 import torch
 
 from distckpt.checksums import ChecksumWriter
-from distckpt.memory import DIRECT_ALIGNMENT
+from distckpt.memory import DIRECT_ALIGNMENT, DIRECT_MIN_BYTES
 from distckpt.state import same_kind_of_tuple
 
 #: The first bytes of every rank file in this layout.
@@ -68,10 +69,11 @@ ALIGNMENT = 64
 #: Per readable layout version: where the data starts (a multiple of the first), and the
 #: largest gap between the end of one storage and the start of the next.
 LAYOUT_RULES = {1: (ALIGNMENT, ALIGNMENT), 2: (DIRECT_ALIGNMENT, DIRECT_ALIGNMENT - 1)}
-#: A rank file is written with direct I/O only when at least this share of its tensor bytes
-#: already sit at page-aligned addresses: the rest is copied into the writer's staging buffer
-#: first, and such a bounce copy made a direct write slower than a buffered one (measured on
-#: a VM, 512 MiB per process from unaligned memory: 604-621 ms against 392-473 ms).
+#: A rank file is written with direct I/O only when at least this share of its bytes can go
+#: straight from page-aligned memory (:func:`writes_direct`): the rest is copied into the
+#: writer's staging buffer first, and such a bounce copy made a direct write slower than a
+#: buffered one (measured on a VM, 512 MiB per process from unaligned memory: 604-621 ms
+#: against 392-473 ms).
 _DIRECT_ALIGNED_SHARE = 0.9
 _PADDING = bytes(DIRECT_ALIGNMENT)
 #: With parallel writers, the data is cut into about this many chunks per thread (so a thread
@@ -88,35 +90,59 @@ def aligned(offset: int, alignment: int = ALIGNMENT) -> int:
 
 def _storage_offsets(sizes: Sequence[int]) -> tuple[list[int], int]:
     """Each storage's offset in the data part of a layout-2 file, and the data's length: a
-    storage of at least :data:`DIRECT_ALIGNMENT` bytes starts at a multiple of it, a smaller
-    one at a multiple of :data:`ALIGNMENT`; the data ends at a multiple of :data:`ALIGNMENT`."""
+    storage of at least :data:`DIRECT_MIN_BYTES` starts at a multiple of
+    :data:`DIRECT_ALIGNMENT`, a smaller one at a multiple of :data:`ALIGNMENT`; the data ends at
+    a multiple of :data:`ALIGNMENT`."""
     offsets: list[int] = []
     end = 0
     for nbytes in sizes:
-        offsets.append(aligned(end, DIRECT_ALIGNMENT if nbytes >= DIRECT_ALIGNMENT else ALIGNMENT))
+        offsets.append(aligned(end, DIRECT_ALIGNMENT if nbytes >= DIRECT_MIN_BYTES else ALIGNMENT))
         end = offsets[-1] + nbytes
     return offsets, aligned(end)
 
 
+#: A rank file's head (header, index, skeleton) beyond its per-storage entries, at most, for
+#: :func:`estimate_file_bytes` (a skeleton of plain values: a few KiB)
+_HEAD_BYTES = 64 << 10
+#: Each storage's share of the head: its index entry (JSON) and its placeholder in the
+#: skeleton, at most (about 100 bytes measured; views of one storage add an entry each)
+_HEAD_BYTES_PER_STORAGE = 256
+
+
+def estimate_file_bytes(storage_sizes: Sequence[int]) -> int:
+    """About how large a rank file of storages of ``storage_sizes`` bytes will be, padding
+    included, and not less for a state of plain values and tensors: what a save asks the disk
+    to have free."""
+    head = _HEAD_BYTES + _HEAD_BYTES_PER_STORAGE * len(storage_sizes)
+    return aligned(head, DIRECT_ALIGNMENT) + _storage_offsets(storage_sizes)[1]
+
+
 def writes_direct(
-    storages: Sequence[torch.UntypedStorage], *, direct: bool, writer_threads: int
+    storages: Sequence[torch.UntypedStorage],
+    *,
+    head_bytes: int,
+    direct: bool,
+    writer_threads: int,
 ) -> bool:
     """Whether :func:`write_rank_file` asks for direct I/O: when the caller allows it
     (``direct``), one thread writes (parallel writers stay buffered: their writes at offsets
-    are not staged into whole pages), and at least 90% of the tensor bytes already sit at
-    page-aligned addresses, so they go to the disk straight from their memory. An async save's
-    snapshot buffers are page-aligned (:func:`distckpt.snapshot.flat_buffers`); a sync save's
-    ordinary tensors normally are not, and a copy of each into the staging buffer first would
-    cost more than the page cache saves, so that file stays buffered."""
+    are not staged into whole pages), and at least 90% of the file (``head_bytes``, the header,
+    index and skeleton, count as not aligned: they are copied through the staging buffer) are
+    storages of at least :data:`DIRECT_MIN_BYTES` at page-aligned addresses, which go to the
+    disk straight from their memory. An async save's snapshot buffers are
+    (:func:`distckpt.snapshot.flat_buffers`); a sync save's ordinary tensors normally are not
+    (a state restored with ``mmap=True`` may be), and a copy of each into the staging buffer
+    first would cost more than the page cache saves, so such a file stays buffered, as does a
+    file of small tensors only."""
     if not direct or writer_threads != 1:
         return False
-    total = aligned = 0
+    total, aligned = head_bytes, 0
     for storage in storages:
         nbytes = storage.nbytes()
         total += nbytes
-        if nbytes and storage.data_ptr() % DIRECT_ALIGNMENT == 0:
+        if nbytes >= DIRECT_MIN_BYTES and storage.data_ptr() % DIRECT_ALIGNMENT == 0:
             aligned += nbytes
-    return aligned >= _DIRECT_ALIGNED_SHARE * total
+    return aligned > 0 and aligned >= _DIRECT_ALIGNED_SHARE * total
 
 
 def _is_raw_tensor(value: Any) -> bool:
@@ -266,7 +292,12 @@ def write_rank_file(
     header = HEADER.pack(MAGIC, LAYOUT_VERSION, 0, len(index), skeleton_bytes.nbytes)
     head_size = HEADER.size + len(index) + skeleton_bytes.nbytes
     head_padding = _PADDING[: aligned(head_size, DIRECT_ALIGNMENT) - head_size]
-    direct = writes_direct(splitter.storages, direct=direct, writer_threads=writer_threads)
+    direct = writes_direct(
+        splitter.storages,
+        head_bytes=head_size,
+        direct=direct,
+        writer_threads=writer_threads,
+    )
     with ChecksumWriter(path, fsync=fsync, direct=direct) as writer:
         for part in (header, index, skeleton_bytes, head_padding):
             writer.write(part)

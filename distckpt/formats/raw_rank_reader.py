@@ -252,7 +252,8 @@ def load_rank_file(
     the pickled skeleton (the caller's safe ``torch.load``), before any tensor data is read, so
     a refused checkpoint costs no read of its data. A file that does not start like a rank
     file in this layout is read by ``otherwise()`` (a ``torch.save`` file in its place), or
-    refused as :class:`CorruptCheckpoint` without it: the file is opened once either way."""
+    refused as :class:`CorruptCheckpoint` without it: telling the two apart costs no second
+    open (``otherwise`` opens the file itself, and so does a mapping with ``mmap``)."""
     name = os.fspath(path)
     fd = os.open(name, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
     try:

@@ -32,14 +32,12 @@ from distckpt.errors import (
     WorldSizeMismatch,
 )
 from distckpt.formats.base import PreparedRead, ReadOptions, ShardContext
-from distckpt.formats.raw_rank_file import write_rank_file
+from distckpt.formats.raw_rank_file import estimate_file_bytes, write_rank_file
 from distckpt.formats.raw_rank_reader import load_rank_file
 from distckpt.layout import parse_rank_file_name, rank_file_name
 from distckpt.manifest import FileRecord, Manifest
-from distckpt.state import tensor_bytes
+from distckpt.state import storage_sizes
 
-# The header, the index and the pickled skeleton of a rank file.
-_OVERHEAD_BYTES = 64 << 10
 #: The first manifest format version whose "torch" rank files are raw (version 1: torch.save).
 RAW_RANK_FILES_SINCE = 2
 # torch's weights-only refusal names the first type it would not unpickle like this.
@@ -195,7 +193,7 @@ class TorchFilesFormat:
         pass  # torch.save writes anything; an unpicklable value fails the write itself
 
     def estimate_bytes(self, state: Any) -> int:
-        return tensor_bytes(state) + _OVERHEAD_BYTES
+        return estimate_file_bytes(storage_sizes(state))
 
     def write(self, state: Any, directory: Path, ctx: ShardContext) -> Mapping[str, FileRecord]:
         name = rank_file_name(ctx.rank)
@@ -204,7 +202,7 @@ class TorchFilesFormat:
             directory / name,
             fsync=ctx.fsync,
             writer_threads=self.writer_threads,
-            direct=self.direct_io,
+            direct=self.direct_io and ctx.direct_io,
         )
         return {name: FileRecord(size=writer.size, checksum=writer.checksum, rank=ctx.rank)}
 

@@ -80,6 +80,9 @@ class RootStore(abc.ABC):
     view: RootView
     #: whether writes are made durable against power loss (the ranks' shard writes, too)
     fsync: bool
+    #: whether a shard's files are read back while they are written (an object store's spool,
+    #: streamed into objects): a format then keeps them in the page cache (no direct I/O)
+    shards_read_back: bool = False
 
     @abc.abstractmethod
     def open(self, *, wait_for_root: float = 0.0) -> OpenedRoot:

@@ -82,6 +82,10 @@ class S3RootStore(Upkeep, ViewedStore):
 
     #: a completed PUT is durable: nothing to fsync
     fsync = False
+    #: the spool's files are streamed into objects while the format writes them: reading them
+    #: back from the page cache is what keeps that cheap (and a follower's buffered reads
+    #: beside direct writes could see pages not yet written)
+    shards_read_back = True
 
     def __init__(
         self,
