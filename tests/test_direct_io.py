@@ -32,6 +32,7 @@ from distckpt.snapshot import Slot, flat_buffers
 from distckpt.storage.posix import PosixRootStore
 from distckpt.storage.s3 import S3RootStore
 from tests.filesystems import MountFactory, skip_or_fail
+from tests.s3server import S3Server
 from tests.syscall_trace import FileCall, traced_file_calls
 
 
@@ -321,3 +322,32 @@ def test_a_direct_writer_stages_many_small_writes_into_whole_pages(tmp_path: Pat
     assert len(expected) > 4 * DIRECT_STAGING_BYTES
     assert path.read_bytes() == expected
     assert writer.size == len(expected) and writer.checksum == file_checksum(path)
+
+
+def test_an_async_save_to_an_object_store_spools_its_rank_file_buffered(
+    tmp_path: Path, s3_server: S3Server, s3_url: str
+) -> None:
+    """Through the real wiring (the manager, the protocol, the S3 store): the spool file an
+    async save streams into its object is written without O_DIRECT."""
+    pytest.importorskip("botocore")
+    _require_direct_io(tmp_path)
+    options = s3_server.storage_options()
+    calls = traced_file_calls(
+        f"""
+        import torch
+        import distckpt
+        state = {{"w": torch.randn(6 << 20)}}  # 24 MiB: direct, were it a local root
+        with distckpt.CheckpointManager({s3_url!r}, storage_options={options!r},
+                                        async_save=True) as manager:
+            manager.save(1, state)
+            manager.wait()
+            assert torch.equal(manager.restore(1).state["w"], state["w"])
+        """,
+        tmp_path,
+        "openat",
+    )
+    written = [
+        call for call in calls if call.path.endswith("rank-00000.pt") and "O_WRONLY" in call.args[0]
+    ]
+    assert written, calls
+    assert not [call for call in written if _opened_direct(call)], written

@@ -25,7 +25,8 @@ A file is, in order:
   (1 MiB) starting at a multiple of 4096, a smaller one at a multiple of :data:`ALIGNMENT` (so
   a mapped tensor of any dtype is aligned, and small tensors waste little), the data ending at
   a multiple of :data:`ALIGNMENT`. Offsets are explicit in the index all the same; a reader
-  only checks that no gap between two storages reaches 4096 bytes.
+  accepts any inside the file, and reads small storages with gaps of up to 4095 bytes between
+  them in one ``preadv``.
 
 That is layout 2: a page-aligned storage of an async save's snapshot (whose buffers are
 page-aligned too, :func:`distckpt.snapshot.flat_buffers`) lands on a page of the file, so it can
@@ -110,9 +111,11 @@ _HEAD_BYTES_PER_STORAGE = 256
 
 
 def estimate_file_bytes(storage_sizes: Sequence[int]) -> int:
-    """About how large a rank file of storages of ``storage_sizes`` bytes will be, padding
-    included, and not less for a state of plain values and tensors: what a save asks the disk
-    to have free."""
+    """About how large a rank file of storages of ``storage_sizes`` bytes will be: the bytes,
+    the layout's padding, and a head of 64 KiB plus 256 bytes per storage (what a save asks
+    the disk to have free, before its margin). A head can outgrow that budget (many views of
+    one storage, tensors kept in the skeleton such as DTensors, large plain values): the
+    save's space margin is for that."""
     head = _HEAD_BYTES + _HEAD_BYTES_PER_STORAGE * len(storage_sizes)
     return aligned(head, DIRECT_ALIGNMENT) + _storage_offsets(storage_sizes)[1]
 
