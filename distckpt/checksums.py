@@ -198,9 +198,13 @@ class ChecksumWriter:
         """Direct mode's :meth:`write`: large page-aligned memory straight to the disk, the
         rest through the staging buffer (see the class doc)."""
         assert self._staging is not None
+        # Once a write goes straight from memory, its later stretches do too while a whole page
+        # is left, however short (else a large write's last under-1-MiB would be copied).
+        straight = view.nbytes >= DIRECT_MIN_BYTES
         while view.nbytes:
             if (
-                view.nbytes >= DIRECT_MIN_BYTES
+                straight
+                and view.nbytes >= DIRECT_ALIGNMENT
                 and self._staged % DIRECT_ALIGNMENT == 0
                 and buffer_address(view) % DIRECT_ALIGNMENT == 0
             ):
@@ -209,6 +213,7 @@ class ChecksumWriter:
                 taken = min(view.nbytes - view.nbytes % DIRECT_ALIGNMENT, DIRECT_STAGING_BYTES)
                 self._write_direct(view[:taken])
             else:
+                straight = False
                 taken = min(DIRECT_STAGING_BYTES - self._staged, view.nbytes)
                 self._staging[self._staged : self._staged + taken] = view[:taken]
                 self._staged += taken
