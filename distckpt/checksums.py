@@ -17,7 +17,13 @@ from typing import BinaryIO
 
 from distckpt.errors import InvalidArgument
 from distckpt.fsutil import WRITEBACK_BYTES, EarlyWriteback, with_file_name
-from distckpt.memory import DIRECT_ALIGNMENT, DIRECT_MIN_BYTES, anonymous_memory, buffer_address
+from distckpt.memory import (
+    DIRECT_ALIGNMENT,
+    DIRECT_MIN_BYTES,
+    anonymous_memory,
+    buffer_address,
+    round_up,
+)
 
 try:  # the same CRC-32 as zlib's, about six times faster (SIMD); the save computes it inline
     from zlib_ng.zlib_ng import crc32
@@ -338,7 +344,7 @@ class ChecksumWriter:
         is whole pages), then cut the file back to its true size."""
         assert self._staging is not None
         staged = self._staged
-        padded = -(-staged // DIRECT_ALIGNMENT) * DIRECT_ALIGNMENT
+        padded = round_up(staged, DIRECT_ALIGNMENT)
         # The buffer is reused within the file: what lies past the tail is older bytes.
         self._staging[staged:padded] = bytes(padded - staged)
         self._write_staging(padded)

@@ -134,26 +134,24 @@ _RENAME_EXCHANGE = 2  # linux/fs.h
 _AT_FDCWD = -100
 
 
-def _renameat2() -> Callable[..., int] | None:
+def libc_function(name: str, argtypes: list[type]) -> Callable[..., int] | None:
+    """The C library's function ``name`` (returning an int, setting errno) with ``argtypes``,
+    or None where there is none: not Linux, not glibc, or a glibc too old to have it."""
     if not sys.platform.startswith("linux"):
         return None
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        function = libc.renameat2
-    except (OSError, AttributeError):  # glibc older than 2.28, or not glibc
+        function = getattr(ctypes.CDLL(None, use_errno=True), name)
+    except (OSError, AttributeError):
         return None
-    function.argtypes = [
-        ctypes.c_int,
-        ctypes.c_char_p,
-        ctypes.c_int,
-        ctypes.c_char_p,
-        ctypes.c_uint,
-    ]
+    function.argtypes = argtypes
     function.restype = ctypes.c_int
     return function
 
 
-_RENAMEAT2 = _renameat2()
+# glibc 2.28 and later
+_RENAMEAT2 = libc_function(
+    "renameat2", [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+)
 
 
 #: A file that will be fsynced asks the kernel to start writing its bytes to the disk each time
@@ -167,19 +165,9 @@ _SYNC_FILE_RANGE_WRITE = 2  # linux/fs.h
 _WRITEBACK_FAILURES = {errno.EIO, errno.ENOSPC, errno.EDQUOT, errno.EBADF}
 
 
-def _sync_file_range() -> Callable[..., int] | None:
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        function = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (OSError, AttributeError):  # not glibc
-        return None
-    function.argtypes = [ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint]
-    function.restype = ctypes.c_int
-    return function
-
-
-_SYNC_FILE_RANGE = _sync_file_range()
+_SYNC_FILE_RANGE = libc_function(
+    "sync_file_range", [ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint]
+)
 
 
 def start_writeback(fd: int, offset: int, length: int) -> bool:

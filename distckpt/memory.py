@@ -21,28 +21,21 @@ from __future__ import annotations
 import ctypes
 import errno
 import mmap
-import sys
-from collections.abc import Callable
+
+from distckpt.fsutil import libc_function
 
 #: linux/mman.h
 _MADV_POPULATE_WRITE = 23
 _PAGE = mmap.PAGESIZE
 
 
-def _libc_function(name: str, argtypes: list[type]) -> Callable[..., int] | None:
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        function = getattr(ctypes.CDLL(None, use_errno=True), name)
-    except (OSError, AttributeError):  # not glibc
-        return None
-    function.argtypes = argtypes
-    function.restype = ctypes.c_int
-    return function
+def round_up(value: int, multiple: int) -> int:
+    """``value`` rounded up to a multiple of ``multiple``."""
+    return -(-value // multiple) * multiple
 
 
-_MADVISE = _libc_function("madvise", [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int])
-_MINCORE = _libc_function("mincore", [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p])
+_MADVISE = libc_function("madvise", [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int])
+_MINCORE = libc_function("mincore", [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p])
 #: cleared once the kernel refuses the advice: it would refuse it for every block
 _enabled = _MADVISE is not None and _MINCORE is not None
 #: the errors that say the advice will never be taken here (not: memory short for now)
@@ -54,7 +47,7 @@ def prefault(address: int, nbytes: int) -> bool:
     bytes, when they look fresh (the last one is not resident yet); returns whether it did.
     The memory must belong to the caller (a storage about to be overwritten whole)."""
     global _enabled
-    start = -(-address // _PAGE) * _PAGE
+    start = round_up(address, _PAGE)
     end = (address + nbytes) // _PAGE * _PAGE
     if not _enabled or end <= start:
         return False

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from distckpt.memory import DIRECT_ALIGNMENT, DIRECT_MIN_BYTES, anonymous_memory
+from distckpt.memory import DIRECT_ALIGNMENT, DIRECT_MIN_BYTES, anonymous_memory, round_up
 from distckpt.per_rank import PerRank
 from distckpt.state import dtensor_type, same_kind_of_tuple
 
@@ -170,7 +170,7 @@ def flat_buffers(slots: list[Slot]) -> dict[TreeKey, torch.Tensor]:
     for _, shape, dtype in slots:
         nbytes = shape.numel() * dtype.itemsize
         alignment = DIRECT_ALIGNMENT if nbytes >= DIRECT_MIN_BYTES else BUFFER_ALIGNMENT
-        offsets.append(-(-end // alignment) * alignment)
+        offsets.append(round_up(end, alignment))
         end = offsets[-1] + nbytes
     memory = anonymous_memory(end) if end else None
     buffers: dict[TreeKey, torch.Tensor] = {}

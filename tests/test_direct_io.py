@@ -232,6 +232,7 @@ def test_a_direct_write_refused_mid_file_continues_buffered(
     size and checksum are those of an all-buffered file, and the save does not fail."""
     _require_direct_io(tmp_path)
     data = _aligned_bytes(3 * DIRECT_STAGING_BYTES + 123)
+    # Replaced: no device here refuses a page-aligned direct write (see the helper's doc).
     monkeypatch.setattr(os, "write", _refusing_direct_writes_after(os.write, allowed))
     target = tmp_path / "refused.bin"
     with ChecksumWriter(target, fsync=True, direct=True) as writer:

@@ -56,7 +56,7 @@ from typing import Any, NamedTuple
 import torch
 
 from distckpt.checksums import ChecksumWriter
-from distckpt.memory import DIRECT_ALIGNMENT, DIRECT_MIN_BYTES
+from distckpt.memory import DIRECT_ALIGNMENT, DIRECT_MIN_BYTES, round_up
 from distckpt.state import same_kind_of_tuple
 
 #: The first bytes of every rank file in this layout.
@@ -86,7 +86,7 @@ _MIN_CHUNK_BYTES = 4 << 20
 
 def aligned(offset: int, alignment: int = ALIGNMENT) -> int:
     """``offset`` rounded up to a multiple of ``alignment``."""
-    return -(-offset // alignment) * alignment
+    return round_up(offset, alignment)
 
 
 def _storage_offsets(sizes: Sequence[int]) -> tuple[list[int], int]:
