@@ -1,5 +1,7 @@
 """A snippet of Python run by a fresh interpreter under ``strace``, and the calls it made on
-files: what the kernel was asked, read from a real process."""
+files: what the kernel was asked, read from a real process. :func:`async_save_written_direct`
+asks it whether an async save on a given file system writes its rank file with direct I/O (the
+filesystem matrix, and ``scripts/direct_io_filesystems.py`` beside its timings)."""
 
 from __future__ import annotations
 
@@ -61,3 +63,43 @@ def traced_file_calls(code: str, workdir: Path, calls: str) -> list[FileCall]:
         if descriptor is not None:
             found_calls.append(FileCall(name, descriptor.group(1), args[1:], int(result)))
     return found_calls
+
+
+#: an async "torch" save of one process, then its restore (bit for bit) and ``verify``
+DIRECT_IO_SAVE = """
+import torch
+import distckpt
+torch.manual_seed(0)
+state = {"w": torch.randn(3 << 20), "odd": torch.randn(700), "step": 1}  # 12 MiB, a part page
+try:
+    with distckpt.CheckpointManager("root", async_save=True, timeout=60) as manager:
+        manager.save(1, state)
+        manager.wait()
+        restored = manager.restore(1).state
+except distckpt.CommitLost:
+    raise SystemExit(0)  # fusefat empties the directory it renames: nothing commits there
+for key in ("w", "odd"):
+    assert torch.equal(restored[key].view(torch.int32), state[key].view(torch.int32)), key
+assert distckpt.verify("root").ok
+"""
+
+
+def async_save_written_direct(workdir: Path, *, commits: bool) -> bool:
+    """Run :data:`DIRECT_IO_SAVE` in ``workdir`` under strace; whether its rank file was
+    written with direct I/O (then asking no early writeback, and cutting the padded tail back
+    with ftruncate before the fsync)."""
+    workdir.mkdir()
+    calls = traced_file_calls(DIRECT_IO_SAVE, workdir, "openat,ftruncate,fsync,sync_file_range")
+    rank_file = [
+        call
+        for call in calls
+        if call.path.endswith("/rank-00000.pt")
+        and not (call.name == "openat" and "O_RDONLY" in call.args[0])
+    ]
+    opened = [call for call in rank_file if call.name == "openat"]
+    assert len(opened) == 1, rank_file
+    assert (workdir / "root" / "step-00000001").is_dir() is commits
+    if "O_DIRECT" not in opened[0].args[0].split("|"):
+        return False
+    assert [call.name for call in rank_file[1:]] == ["ftruncate", "fsync"], rank_file
+    return True

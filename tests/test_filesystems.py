@@ -40,14 +40,12 @@ from distckpt.cli import main
 from distckpt.fsutil import WRITEBACK_BYTES, probe_writable, start_writeback
 from distckpt.lock import WriterLock
 from distckpt.memory import anonymous_memory
-from tests.filesystems import KINDS, MountFactory
+from tests.filesystems import KINDS, LOSES_RENAMED_DIRS, MountFactory
 from tests.ranks import run_ranks, values
-from tests.syscall_trace import traced_file_calls
+from tests.syscall_trace import async_save_written_direct
 
 WRITABLE = [name for name, kind in KINDS.items() if not kind.read_only]
 
-#: filesystems that lose a directory's contents when renaming it (fusefat empties it)
-LOSES_RENAMED_DIRS = {"fat16", "fat32"}
 #: filesystems of the matrix that refuse O_DIRECT (none here; ramfs, outside it, does)
 REFUSE_DIRECT_IO: set[str] = set()
 
@@ -194,46 +192,6 @@ def test_early_writeback(
         target.unlink(missing_ok=True)
 
 
-#: an async "torch" save of one process, then its restore (bit for bit) and ``verify``
-_DIRECT_IO_SAVE = """
-import torch
-import distckpt
-torch.manual_seed(0)
-state = {"w": torch.randn(3 << 20), "odd": torch.randn(700), "step": 1}  # 12 MiB, a part page
-try:
-    with distckpt.CheckpointManager("root", async_save=True, timeout=60) as manager:
-        manager.save(1, state)
-        manager.wait()
-        restored = manager.restore(1).state
-except distckpt.CommitLost:
-    raise SystemExit(0)  # fusefat empties the directory it renames: nothing commits there
-for key in ("w", "odd"):
-    assert torch.equal(restored[key].view(torch.int32), state[key].view(torch.int32)), key
-assert distckpt.verify("root").ok
-"""
-
-
-def _async_save_written_direct(workdir: Path, *, commits: bool) -> bool:
-    """Run :data:`_DIRECT_IO_SAVE` in ``workdir`` under strace; whether its rank file was
-    written with direct I/O (then asking no early writeback, and cutting the padded tail back
-    with ftruncate before the fsync)."""
-    workdir.mkdir()
-    calls = traced_file_calls(_DIRECT_IO_SAVE, workdir, "openat,ftruncate,fsync,sync_file_range")
-    rank_file = [
-        call
-        for call in calls
-        if call.path.endswith("/rank-00000.pt")
-        and not (call.name == "openat" and "O_RDONLY" in call.args[0])
-    ]
-    opened = [call for call in rank_file if call.name == "openat"]
-    assert len(opened) == 1, rank_file
-    assert (workdir / "root" / "step-00000001").is_dir() is commits
-    if "O_DIRECT" not in opened[0].args[0].split("|"):
-        return False
-    assert [call.name for call in rank_file[1:]] == ["ftruncate", "fsync"], rank_file
-    return True
-
-
 @pytest.mark.parametrize("name", MATRIX)
 def test_async_save_with_direct_io(
     mounts: MountFactory, name: str, record_property: Callable[[str, object], None]
@@ -242,7 +200,7 @@ def test_async_save_with_direct_io(
     O_DIRECT, buffered where it refuses it; restored bit for bit and verified either way.
     Which it was is read from strace of the save."""
     workdir = mounts.get(name).path / "direct-io"
-    direct = _async_save_written_direct(workdir, commits=name not in LOSES_RENAMED_DIRS)
+    direct = async_save_written_direct(workdir, commits=name not in LOSES_RENAMED_DIRS)
     record_property("shows", "direct I/O" if direct else "O_DIRECT refused: written buffered")
     assert direct is (name not in REFUSE_DIRECT_IO)  # what docs/filesystems.md says
 
@@ -251,7 +209,7 @@ def test_async_save_where_direct_io_is_refused(mounts: MountFactory) -> None:
     """ramfs has no direct I/O (O_DIRECT: EINVAL): the async save's rank file is written
     buffered, and the save commits, restores and verifies as anywhere else."""
     workdir = mounts.get("ramfs").path / "direct-io"
-    assert _async_save_written_direct(workdir, commits=True) is False
+    assert async_save_written_direct(workdir, commits=True) is False
 
 
 def _outcome(save: Callable[[], object]) -> str:
