@@ -28,11 +28,13 @@ from pathlib import Path
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+for where in (REPO, REPO / "scripts"):
+    if str(where) not in sys.path:
+        sys.path.insert(0, str(where))
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+from save_rounds import rotated  # noqa: E402
 
 import distckpt  # noqa: E402
 from tests.ranks import run_ranks, values  # noqa: E402
@@ -74,8 +76,7 @@ def measure_rank(
         for mgr in managers.values():  # untimed: allocates the snapshot buffers
             timed_save(mgr, 1, state, busy=False)
         for r in range(rounds):
-            shift = r % len(nice_values)
-            for nice in nice_values[shift:] + nice_values[:shift]:
+            for nice in rotated(nice_values, r):
                 for busy in (False, True):
                     seconds = timed_save(managers[nice], 2 + r, state, busy)
                     times[nice]["busy" if busy else "idle"].append(seconds)

@@ -22,11 +22,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+for where in (REPO, REPO / "scripts"):
+    if str(where) not in sys.path:
+        sys.path.insert(0, str(where))
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+from save_rounds import measure_in_rounds  # noqa: E402
 
 import distckpt  # noqa: E402
 from tests.ranks import run_ranks, values  # noqa: E402
@@ -59,18 +61,7 @@ def measure_rank(
         )
         for n in thread_counts
     }
-    times: dict[int, list[float]] = {n: [] for n in managers}
-    try:
-        for mgr in managers.values():  # untimed: the first save creates the root's layout
-            timed_save(mgr, 1, state)
-        for r in range(rounds):
-            shift = r % len(thread_counts)
-            for n in thread_counts[shift:] + thread_counts[:shift]:
-                times[n].append(timed_save(managers[n], 2 + r, state))
-    finally:
-        for mgr in managers.values():
-            mgr.close()
-    return times
+    return measure_in_rounds(managers, rounds, lambda mgr, step: timed_save(mgr, step, state))
 
 
 def summarize(per_rank: list[dict[int, list[float]]], mib: int, ranks: int) -> str:
