@@ -1,0 +1,240 @@
+"""How long an async save takes with direct I/O and with buffered writes, on each file system.
+
+    python scripts/direct_io_filesystems.py --mib 128 --ranks 2 --rounds 5 --filesystems all
+    python scripts/direct_io_filesystems.py --filesystems ext4,btrfs --markdown table.md
+    python scripts/direct_io_filesystems.py --doc   # and write the table into docs/filesystems.md
+
+Needs root: it mounts every writable file system of the test matrix that takes ``O_DIRECT``
+and keeps checkpoints (``tests/filesystems.py``: loop-device images, tmpfs, FUSE), each large
+enough for every rank's ``--mib`` twice over. A file system that cannot be mounted is named and
+left out, the others are measured, and the exit status is 1. fusefat (fat16, fat32) is not
+measured: it loses every directory it renames, so no save commits there, and the lost files'
+clusters stay allocated (``fsck.vfat`` reclaims them), so repeated saves fill any image.
+
+On each file system, ``--ranks`` forked ranks save a state of one ``--mib`` MiB tensor each, with
+three managers: ``async_save=True`` with ``direct_io=True`` (the default), the same with
+``direct_io=False`` (page cache, early writeback, fsync), and a sync save for reference. Each
+manager first makes one untimed save (it allocates the snapshot buffers); then every round
+makes one timed save with each, rotating their order, and deletes it. An async save is timed
+until ``save`` returns (blocking) and until ``wait`` returns (total); every time is the slowest
+rank's. The table shows the medians and the per-round ratio of the direct to the buffered
+total (paired: the same round's saves), with its range: below 1, direct I/O was faster.
+Whether the rank file really was written direct is read from strace of one more async save on
+that file system (the check the filesystem matrix makes). The load average before and after
+is printed, as the machine's other work changes every number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+for where in (REPO, REPO / "scripts"):
+    if str(where) not in sys.path:
+        sys.path.insert(0, str(where))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from bench.render import format_seconds, table  # noqa: E402
+from doc_tables import write_table  # noqa: E402
+from save_rounds import measure_in_rounds  # noqa: E402
+
+import distckpt  # noqa: E402
+from tests.crashsim.trace import StraceUnavailable, ensure_strace  # noqa: E402
+from tests.filesystems import KINDS, LOSES_RENAMED_DIRS, MountFactory  # noqa: E402
+from tests.ranks import run_ranks, values  # noqa: E402
+from tests.syscall_trace import async_save_written_direct  # noqa: E402
+
+MIB = 1 << 20
+DOC = REPO / "docs" / "filesystems.md"
+START, END = "<!-- direct-io:start -->", "<!-- direct-io:end -->"
+#: The writable file systems of the matrix that keep checkpoints (all take O_DIRECT on Linux 6.6
+#: and later; ramfs, outside the matrix, refuses it and so has nothing to compare).
+FILESYSTEMS = [
+    name for name, kind in KINDS.items() if not kind.read_only and name not in LOSES_RENAMED_DIRS
+]
+#: The three managers each round times: async direct, async buffered, and sync as reference.
+MODES = ("direct", "buffered", "sync")
+#: Room on each mount beyond the checkpoints themselves: manifests, metadata, a file system's
+#: own overhead (a journal, FAT tables).
+MARGIN_MIB = 128
+
+#: per mode, per round: (blocking seconds, total seconds) of one rank
+RankTimes = dict[str, list[tuple[float, float]]]
+
+
+def timed_save(mgr: distckpt.CheckpointManager, step: int, state: dict) -> tuple[float, float]:
+    """This rank's seconds until ``save`` returned and until the save was done (``wait``), every
+    rank starting together; the checkpoint is deleted after."""
+    dist.barrier()
+    started = time.perf_counter()
+    mgr.save(step, state)
+    blocking = time.perf_counter() - started
+    mgr.wait()
+    total = time.perf_counter() - started
+    mgr.delete(step)
+    return blocking, total
+
+
+def measure_rank(rank: int, world_size: int, root: str, mib: int, rounds: int) -> RankTimes:
+    """One rank's times on the file system holding ``root``: each mode's manager saves into a
+    root of its own under it."""
+    state = {f"rank{rank}.w": torch.empty(mib * MIB // 4).uniform_(-1, 1)}
+    options = {
+        "direct": {"async_save": True, "direct_io": True},
+        "buffered": {"async_save": True, "direct_io": False},
+        "sync": {},
+    }
+    managers = {
+        mode: distckpt.CheckpointManager(Path(root) / mode, timeout=300, **options[mode])
+        for mode in MODES
+    }
+    return measure_in_rounds(managers, rounds, lambda mgr, step: timed_save(mgr, step, state))
+
+
+@dataclass
+class FilesystemResult:
+    """One file system's slowest-rank times per round, and whether its saves go direct."""
+
+    name: str
+    #: per mode: [(blocking, total) per round], each the slowest rank's
+    slowest: dict[str, list[tuple[float, float]]]
+    #: whether strace saw the async save's rank file opened with O_DIRECT (None: no strace)
+    written_direct: bool | None
+
+    def medians(self, mode: str) -> tuple[float, float]:
+        """The median blocking and total times of ``mode``'s saves."""
+        blocking, total = zip(*self.slowest[mode])
+        return statistics.median(blocking), statistics.median(total)
+
+    def total_ratios(self) -> list[float]:
+        """Per round: the direct save's total over the buffered one's."""
+        return [d[1] / b[1] for d, b in zip(self.slowest["direct"], self.slowest["buffered"])]
+
+
+def slowest_rank(per_rank: list[RankTimes]) -> dict[str, list[tuple[float, float]]]:
+    """Per mode and round, the slowest rank's blocking and total (each its own maximum)."""
+    return {
+        mode: [
+            (max(b for b, _ in rounds), max(t for _, t in rounds))
+            for rounds in zip(*(times[mode] for times in per_rank))
+        ]
+        for mode in MODES
+    }
+
+
+def probe_direct(name: str, path: Path) -> bool | None:
+    """Whether an async save's rank file on ``path`` is written with direct I/O, from strace of
+    a real save (None where strace is not available)."""
+    try:
+        ensure_strace()
+    except StraceUnavailable as exc:
+        print(f"{name}: not checked whether direct I/O was taken: {exc}", file=sys.stderr)
+        return None
+    return async_save_written_direct(path / "direct-io-probe", commits=True)
+
+
+def render(results: list[FilesystemResult], mib: int, ranks: int, rounds: int) -> list[str]:
+    """The markdown table, one row per file system."""
+    headers = [
+        f"{ranks} ranks x {mib} MiB, {rounds} rounds",
+        "written direct (strace)",
+        "direct: blocking",
+        "direct: total",
+        "buffered: blocking",
+        "buffered: total",
+        "sync save",
+        "direct / buffered total (paired: median, range)",
+    ]
+    rows = []
+    for result in results:
+        direct, buffered = result.medians("direct"), result.medians("buffered")
+        ratios = result.total_ratios()
+        shown = {True: "yes", False: "no", None: "not checked"}[result.written_direct]
+        rows.append(
+            [
+                result.name,
+                shown,
+                *(format_seconds(seconds) for seconds in (*direct, *buffered)),
+                format_seconds(result.medians("sync")[1]),
+                f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}..{max(ratios):.2f})",
+            ]
+        )
+    return table(headers, rows, markdown=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mib", type=int, default=128, help="state size per rank")
+    parser.add_argument("--ranks", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument(
+        "--filesystems", default="all", help=f"all, or some of {','.join(FILESYSTEMS)}"
+    )
+    parser.add_argument("--markdown", type=Path, help="write the table to this file")
+    parser.add_argument("--doc", action="store_true", help=f"write the table into docs/{DOC.name}")
+    args = parser.parse_args(argv)
+    names = FILESYSTEMS if args.filesystems == "all" else args.filesystems.split(",")
+    unknown = sorted(set(names) - set(FILESYSTEMS))
+    if unknown:
+        parser.error(
+            f"not measured: {', '.join(unknown)} (of the matrix, measured are the writable file "
+            f"systems that keep checkpoints: {', '.join(FILESYSTEMS)})"
+        )
+    load_before = os.getloadavg()
+    print(f"load average before: {load_before}", flush=True)
+    results: list[FilesystemResult] = []
+    not_mounted: dict[str, str] = {}
+    # two checkpoints of every rank's state: what a root keeping its last one holds while it
+    # writes the next (each save here is deleted before the next, so this is room to spare)
+    size_mib = 2 * args.ranks * args.mib + MARGIN_MIB
+    with tempfile.TemporaryDirectory(prefix="direct-io-") as base:
+        mounts = MountFactory(Path(base), min_size_mib=size_mib)
+        try:
+            for name in names:
+                try:
+                    mount = mounts.mount(name)
+                except RuntimeError as exc:
+                    not_mounted[name] = str(exc)
+                    print(f"{name}: not mounted, not measured: {exc}", file=sys.stderr)
+                    continue
+                written_direct = probe_direct(name, mount.path)
+                job = (os.fspath(mount.path / "speed"), args.mib, args.rounds)
+                per_rank = values(
+                    run_ranks(measure_rank, args.ranks, *job, timeout=3600, pg_timeout=600)
+                )
+                results.append(FilesystemResult(name, slowest_rank(per_rank), written_direct))
+                print(render(results[-1:], args.mib, args.ranks, args.rounds)[-1], flush=True)
+        finally:
+            problems = mounts.cleanup()
+            for problem in problems:
+                print(problem, file=sys.stderr)
+    load_after = os.getloadavg()
+    print(f"load average after: {load_after}")
+    lines = render(results, args.mib, args.ranks, args.rounds)
+    lines += [""] + [f"{name}: not mounted ({reason})" for name, reason in not_mounted.items()]
+    lines.append(
+        f"Linux {platform.release()}, {os.cpu_count()} cores; load average (1, 5, 15 min) "
+        f"before {', '.join(f'{v:.2f}' for v in load_before)}, "
+        f"after {', '.join(f'{v:.2f}' for v in load_after)}."
+    )
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.markdown:
+        args.markdown.write_text(text, encoding="utf-8")
+    if args.doc:
+        write_table(DOC, text, START, END, what="direct I/O by file system")
+    return 1 if not_mounted else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
