@@ -57,8 +57,8 @@ from tests.syscall_trace import async_save_written_direct  # noqa: E402
 MIB = 1 << 20
 DOC = REPO / "docs" / "filesystems.md"
 START, END = "<!-- direct-io:start -->", "<!-- direct-io:end -->"
-#: The writable file systems of the matrix that keep checkpoints (all take O_DIRECT on Linux 6.6
-#: and later; ramfs, outside the matrix, refuses it and so has nothing to compare).
+#: The writable file systems of the matrix that keep checkpoints (each takes O_DIRECT on the
+#: kernels docs/filesystems.md names; ramfs, outside the matrix, refuses it: nothing to compare).
 FILESYSTEMS = [
     name for name, kind in KINDS.items() if not kind.read_only and name not in LOSES_RENAMED_DIRS
 ]
