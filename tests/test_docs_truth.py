@@ -21,7 +21,7 @@ import pytest
 import torch
 
 import distckpt
-from distckpt import events, faults
+from distckpt import checksums, events, faults
 from distckpt.proposal import SPACE_MARGIN_FLOOR_BYTES, margin_bytes
 from tests.ranks import run_ranks, values
 
@@ -175,6 +175,34 @@ def test_export_raises_the_os_error_of_its_output_file_naming_it(
     assert not isinstance(info.value, distckpt.CheckpointError)
     assert info.value.errno in (errno.EEXIST, errno.ENOTDIR)
     assert os.fspath(not_a_directory) in str(info.value)
+
+
+def _disk_read_error(*args: object, **kwargs: object) -> Any:
+    raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+
+def test_the_plain_process_functions_raise_a_disk_read_error_as_it_is_and_a_manager_wraps_it(
+    root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # No disk here fails a read on demand (a full disk is real in test_filesystems.py, an I/O
+    # error is not), so it is injected where the readers touch the disk: the rank file's
+    # reads, and the checksum's open.
+    with distckpt.CheckpointManager(root, fsync=False) as mgr:
+        mgr.save(1, {"w": torch.ones(1000)})
+        monkeypatch.setattr(os, "preadv", _disk_read_error)
+        monkeypatch.setattr(checksums, "open", _disk_read_error, raising=False)
+        with pytest.raises(distckpt.CheckpointError, match=os.strerror(errno.EIO)):
+            mgr.restore("last")
+    plain_process_calls: list[Callable[[], object]] = [
+        lambda: distckpt.load_checkpoint(root),
+        lambda: distckpt.verify(root),
+        lambda: distckpt.export(root, tmp_path / "exported.pt"),
+    ]
+    for call in plain_process_calls:
+        with pytest.raises(OSError) as info:
+            call()
+        assert not isinstance(info.value, distckpt.CheckpointError)
+        assert info.value.errno == errno.EIO
 
 
 # ------------------------------------------------------------------ space margin
