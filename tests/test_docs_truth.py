@@ -1,13 +1,14 @@
 """What README.md, the install script and the public docstrings say, held against the code: the
-API table's signatures, the rank file's header, the errors ``export`` passes through, the space
-margin, the CPU build of torch the install asks for, and the collective costs and failures the
-manager's docstrings name."""
+API table's signatures, the rank file's header, the ``OSError`` the plain-process functions pass
+through, the space margin, the CPU build of torch the install asks for, and the collective costs
+and failures the manager's docstrings name."""
 
 from __future__ import annotations
 
 import ast
 import errno
 import inspect
+import io
 import json
 import os
 import re
@@ -38,14 +39,14 @@ def _pip_installs(script: Path) -> list[list[str]]:
     """The arguments after ``pip install`` of each pip command in ``script``, continuation
     lines joined (the words as the shell splits them, variables left unexpanded)."""
     text = script.read_text().replace("\\\n", " ")
-    commands = []
+    commands: list[list[str]] = []
     for line in text.splitlines():
         lexer = shlex.shlex(line, posix=True, punctuation_chars=True)
         lexer.whitespace_split = True
         words = list(lexer)
         for i in range(len(words) - 1):
             if words[i : i + 2] == ["pip", "install"]:
-                arguments = []
+                arguments: list[str] = []
                 for word in words[i + 2 :]:
                     if word and all(char in lexer.punctuation_chars for char in word):
                         break  # the end of the command: ; && || | and the like
@@ -90,7 +91,7 @@ def _api_calls() -> list[str]:
     """Every call written out in the first column of the README's API table, such as
     ``distckpt.verify(path, *, checksums=True, ...)``."""
     section = README.split("### API", 1)[1].lstrip("\n").split("\n\n", 1)[0]
-    calls = []
+    calls: list[str] = []
     for row in section.splitlines():
         if row.startswith("| `"):
             first_cell = row.split(" | ", 1)[0]
@@ -124,7 +125,7 @@ def _documented_parameters(params: str) -> list[tuple[str, str, Any]]:
     return found
 
 
-def test_the_api_table_has_every_call_it_names() -> None:
+def test_the_api_table_is_found_and_its_calls_read() -> None:
     names = [call.split("(", 1)[0] for call in _api_calls()]
     assert {"CheckpointManager", "mgr.save", "distckpt.verify", "distckpt.export"} <= set(names)
 
@@ -151,6 +152,9 @@ def test_a_rank_file_starts_with_the_32_byte_header_the_readme_describes(root: P
     assert struct.calcsize("<8sIIQQ") == 32
     assert (magic, version, reserved) == (b"DCKPTRAW", 2, 0)
     index = json.loads(data[32 : 32 + index_bytes])
+    skeleton = io.BytesIO(data[32 + index_bytes : 32 + index_bytes + skeleton_bytes])
+    state, _placeholders = torch.load(skeleton, weights_only=True)
+    assert state["note"] == "plain"
     ((offset, nbytes),) = index["storages"]
     assert nbytes == 40
     head_end = 32 + index_bytes + skeleton_bytes
