@@ -1,4 +1,8 @@
-"""Every exception distckpt raises.
+"""Every exception distckpt raises, but one kind: the functions that run in a plain process
+(:func:`distckpt.load_checkpoint`, :func:`distckpt.verify`, :func:`distckpt.export`) raise an
+error of the operating system reading a checkpoint's file, or writing ``export``'s output
+file, as that ``OSError``. A :class:`~distckpt.CheckpointManager`'s calls raise such an error
+as a :class:`CheckpointError` (a :class:`RankFailure`, naming the rank) on every rank.
 
 All derive from :class:`CheckpointError`, so ``except distckpt.CheckpointError`` catches them
 all; where a builtin exception means the same thing, the class also derives from it (a missing
@@ -21,7 +25,8 @@ E = TypeVar("E", bound="CheckpointError")
 
 
 class CheckpointError(Exception):
-    """Base class of every error distckpt raises.
+    """Base class of every error distckpt raises (but the ``OSError`` the functions that run
+    in a plain process pass through: see the module doc).
 
     Args:
         message: what went wrong, for people.

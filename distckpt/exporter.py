@@ -62,6 +62,11 @@ def export(
 
     Needs memory for the whole exported state (for "dcp", every tensor at full size). Runs in
     this process alone: never collective, even where torch.distributed is initialised.
+
+    An error of the operating system (a failed read of the checkpoint's files; a failed write
+    of ``out_file``: a full disk, naming the file, or a directory that cannot be created) is
+    raised as that ``OSError`` (:mod:`distckpt.errors`); a failed write leaves no temporary
+    file behind.
     """
     source, manifest = resolve_path(path, storage_options=storage_options)
     out = Path(os.path.abspath(os.fspath(out_file)))

@@ -44,9 +44,10 @@ class CheckpointManager:
     """Saves and restores the checkpoints of a distributed job under one root: a directory, or
     an ``s3://BUCKET/PREFIX`` URL of an S3-compatible object store.
 
-    Every rank of the group constructs the manager and calls :meth:`save`, :meth:`restore` and
-    :meth:`delete` together (they are collective); rank 0 alone commits. Works with no process
-    group too (a single process).
+    Every rank of the group constructs the manager (the constructor is collective) and calls
+    :meth:`save`, :meth:`restore`, :meth:`delete`, :meth:`prune` and :meth:`gc` together (they
+    are collective), and :meth:`should_save` too when a time or signal schedule is set (see
+    there); rank 0 alone commits. Works with no process group too (a single process).
 
     Args:
         root: the checkpoint root; created if missing. Must be one directory shared by all ranks
@@ -74,8 +75,9 @@ class CheckpointManager:
         async_save: :meth:`save` returns once this rank's state is copied into reusable CPU
             buffers; writing, agreement and commit run in a background thread on a process
             group of their own. :meth:`wait` returns the committed result. At most one save is
-            in flight; a failed one raises on every rank at the next :meth:`wait`,
-            :meth:`save` or :meth:`close`.
+            in flight; a failed one raises on every rank at the next call that waits for it:
+            :meth:`wait`, :meth:`save`, :meth:`restore`, :meth:`delete`, :meth:`prune`,
+            :meth:`gc` or :meth:`close`.
         background_nice: with ``async_save``, how much to raise the background thread's nice
             value over that of the thread making the first async save (capped at 19; Linux,
             where each thread has its own): the scheduler then favours training steps over the
@@ -236,10 +238,11 @@ class CheckpointManager:
         """Whether a schedule (or a preemption signal) says to save at ``step``.
 
         Collective cost: none when only step/epoch schedules are set (every rank computes the
-        same answer from the same arguments); one small all-gather when ``every_seconds``,
-        ``min_seconds_between_saves`` or ``save_on_signal`` is set, and then every rank must
-        call it. :meth:`save` reuses this
-        decision for the same step instead of deciding again.
+        same answer from the same arguments); one small vote when ``every_seconds``,
+        ``min_seconds_between_saves`` or ``save_on_signal`` is set (an all-gather at 2 ranks,
+        a gather to rank 0 and a broadcast of its tally from 3 on; none in a job of one rank),
+        and then every rank must call it. :meth:`save` reuses this decision for the same step
+        instead of deciding again.
         """
         self._check_open()
         return self._decider.should_save(step, epoch, in_flight=self.save_in_flight)
@@ -405,7 +408,8 @@ class CheckpointManager:
     # ------------------------------------------------------------------ queries
 
     def steps(self) -> list[int]:
-        """Committed steps, ascending, read fresh from the root (not collective)."""
+        """Committed steps, ascending, read fresh from the root, damaged ones included (names
+        only; not collective)."""
         return self._view.committed_steps()
 
     def latest_step(self) -> int | None:
@@ -420,7 +424,8 @@ class CheckpointManager:
         return best[1].step if best else None
 
     def checkpoints(self) -> list[CheckpointInfo]:
-        """Every committed checkpoint, oldest first, from manifests only (not collective)."""
+        """Every committed checkpoint that passes its manifest check, oldest first, from
+        manifests only (not collective). A damaged one is left out; :meth:`steps` lists it."""
         return resolve.list_checkpoints(self._view)
 
     # ------------------------------------------------------------------ delete / close

@@ -473,6 +473,9 @@ def load_checkpoint(
     defaults to this process's rank when torch.distributed is initialised, else 0. ``state=``
     loads in place as in :meth:`CheckpointManager.restore`; ``verify=True`` checks every file's
     checksum first; ``fix_key_prefixes`` as in :meth:`CheckpointManager.restore`.
+
+    A failed read of one of the checkpoint's files (a disk's I/O error) is raised as that
+    ``OSError``, not as a :class:`~distckpt.CheckpointError` (:mod:`distckpt.errors`).
     """
     if not isinstance(path, (str, os.PathLike)):
         raise InvalidArgument(f"path must be a path, not {path!r}")

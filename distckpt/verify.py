@@ -108,7 +108,8 @@ def verify(
 
     ``checksums=False`` checks only sizes (fast: no file is read). ``progress`` is called with
     the number of bytes read at each step (for a progress bar). Raises
-    :class:`CheckpointNotFound` if ``path`` is none of these."""
+    :class:`CheckpointNotFound` if ``path`` is none of these, and a failed read of a file (a
+    disk's I/O error) as that ``OSError`` (:mod:`distckpt.errors`)."""
     located = classify_path(path, storage_options=storage_options)
     view, where = located.view, os.fspath(path)
     if located.kind == "link":

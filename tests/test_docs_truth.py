@@ -1,0 +1,296 @@
+"""What README.md, the install script and the public docstrings say, held against the code: the
+API table's signatures, the rank file's header, the ``OSError`` the plain-process functions pass
+through, the space margin, the CPU build of torch the install asks for, and the collective costs
+and failures the manager's docstrings name."""
+
+from __future__ import annotations
+
+import ast
+import errno
+import inspect
+import io
+import json
+import os
+import re
+import shlex
+import struct
+from collections import Counter
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+import torch
+
+import distckpt
+from distckpt import checksums, events, faults
+from distckpt.proposal import SPACE_MARGIN_FLOOR_BYTES, margin_bytes
+from tests.ranks import run_ranks, values
+
+REPO = Path(__file__).resolve().parent.parent
+README = (REPO / "README.md").read_text()
+INSTALL_SCRIPT = REPO / "scripts" / "install.sh"
+PYTORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
+
+
+# ------------------------------------------------------------------ install script
+
+
+def _pip_installs(script: Path) -> list[list[str]]:
+    """The arguments after ``pip install`` of each pip command in ``script``, continuation
+    lines joined (the words as the shell splits them, variables left unexpanded)."""
+    text = script.read_text().replace("\\\n", " ")
+    commands: list[list[str]] = []
+    for line in text.splitlines():
+        lexer = shlex.shlex(line, posix=True, punctuation_chars=True)
+        lexer.whitespace_split = True
+        words = list(lexer)
+        for i in range(len(words) - 1):
+            if words[i : i + 2] == ["pip", "install"]:
+                arguments: list[str] = []
+                for word in words[i + 2 :]:
+                    if word and all(char in lexer.punctuation_chars for char in word):
+                        break  # the end of the command: ; && || | and the like
+                    arguments.append(word)
+                commands.append(arguments)
+    return commands
+
+
+def test_install_script_asks_for_the_cpu_build_of_torch_by_name_then_from_its_cpu_index() -> None:
+    # No network here, and the script must not run (it re-points the editable install): its
+    # commands are read instead. What matters is that no torch install can reach PyPI's
+    # default, which on Linux x86-64 is the CUDA build.
+    text = INSTALL_SCRIPT.read_text()
+    default = re.search(r'TORCH_VERSION="\$\{DISTCKPT_TORCH_VERSION:-([0-9.]+)\}"', text)
+    assert default is not None, "the version must stay overridable by DISTCKPT_TORCH_VERSION"
+    torch_installs = [
+        words for words in _pip_installs(INSTALL_SCRIPT) if any("torch==" in w for w in words)
+    ]
+    assert torch_installs == [
+        ["--quiet", "torch==${TORCH_VERSION}+cpu"],
+        ["--quiet", "--index-url", PYTORCH_CPU_INDEX, "torch==${TORCH_VERSION}"],
+    ]
+    # The fallback runs only when the CPU build by name fails.
+    assert 'if ! "$PYTHON" -m pip install --quiet "torch==${TORCH_VERSION}+cpu"; then' in text
+    # The README's quick start names the version the script installs by default.
+    assert f"`torch=={default.group(1)}+cpu`" in README
+    assert f"`torch=={default.group(1)}` from PyTorch's CPU index" in README
+    assert f"`{PYTORCH_CPU_INDEX}`" in README
+
+
+@pytest.mark.parametrize("script", ["launch/demo.sh", "scripts/test.sh"])
+def test_the_quick_start_commands_install_through_the_install_script(script: str) -> None:
+    commands = [line.strip() for line in (REPO / script).read_text().splitlines()]
+    assert "bash scripts/install.sh" in commands
+    assert not [words for words in _pip_installs(REPO / script) if "torch" in " ".join(words)]
+
+
+# ------------------------------------------------------------------ the API table
+
+
+def _api_calls() -> list[str]:
+    """Every call written out in the first column of the README's API table, such as
+    ``distckpt.verify(path, *, checksums=True, ...)``."""
+    section = README.split("### API", 1)[1].lstrip("\n").split("\n\n", 1)[0]
+    calls: list[str] = []
+    for row in section.splitlines():
+        if row.startswith("| `"):
+            first_cell = row.split(" | ", 1)[0]
+            calls += [code for code in re.findall(r"`([^`]+)`", first_cell) if "(" in code]
+    return calls
+
+
+def _callable_named(name: str) -> Callable[..., Any]:
+    if name.startswith("mgr."):
+        return getattr(distckpt.CheckpointManager, name.removeprefix("mgr."))
+    return getattr(distckpt, name.removeprefix("distckpt."))
+
+
+def _documented_parameters(params: str) -> list[tuple[str, str, Any]]:
+    """``params`` as written in the README: each one's name, kind and default (or
+    ``inspect.Parameter.empty``), read by parsing them as a function's parameters."""
+    function = ast.parse(f"def documented({params}): pass").body[0]
+    assert isinstance(function, ast.FunctionDef)
+    arguments = function.args
+    positional = arguments.args
+    defaults = [inspect.Parameter.empty] * (len(positional) - len(arguments.defaults))
+    defaults += [ast.literal_eval(node) for node in arguments.defaults]
+    found = [
+        (arg.arg, "POSITIONAL_OR_KEYWORD", default) for arg, default in zip(positional, defaults)
+    ]
+    if arguments.vararg is not None:
+        found.append((arguments.vararg.arg, "VAR_POSITIONAL", inspect.Parameter.empty))
+    for arg, node in zip(arguments.kwonlyargs, arguments.kw_defaults):
+        default = inspect.Parameter.empty if node is None else ast.literal_eval(node)
+        found.append((arg.arg, "KEYWORD_ONLY", default))
+    return found
+
+
+def test_the_api_table_is_found_and_its_calls_read() -> None:
+    names = [call.split("(", 1)[0] for call in _api_calls()]
+    assert {"CheckpointManager", "mgr.save", "distckpt.verify", "distckpt.export"} <= set(names)
+
+
+@pytest.mark.parametrize("call", _api_calls(), ids=lambda call: call.split("(", 1)[0])
+def test_the_api_table_gives_each_call_its_real_parameters(call: str) -> None:
+    name, params = call.split("(", 1)
+    signature = inspect.signature(_callable_named(name))
+    real = [
+        (p.name, p.kind.name, p.default) for p in signature.parameters.values() if p.name != "self"
+    ]
+    assert _documented_parameters(params.removesuffix(")")) == real
+
+
+# ------------------------------------------------------------------ the rank file
+
+
+def test_a_rank_file_starts_with_the_32_byte_header_the_readme_describes(root: Path) -> None:
+    with distckpt.CheckpointManager(root, fsync=False) as mgr:
+        mgr.save(1, {"w": torch.arange(10, dtype=torch.float32), "note": "plain"})
+    data = (root / "step-00000001" / "rank-00000.pt").read_bytes()
+    # As README.md's "On disk" puts it, read without the library's own struct.
+    magic, version, reserved, index_bytes, skeleton_bytes = struct.unpack("<8sIIQQ", data[:32])
+    assert struct.calcsize("<8sIIQQ") == 32
+    assert (magic, version, reserved) == (b"DCKPTRAW", 2, 0)
+    index = json.loads(data[32 : 32 + index_bytes])
+    skeleton = io.BytesIO(data[32 + index_bytes : 32 + index_bytes + skeleton_bytes])
+    state, _placeholders = torch.load(skeleton, weights_only=True)
+    assert state["note"] == "plain"
+    ((offset, nbytes),) = index["storages"]
+    assert nbytes == 40
+    head_end = 32 + index_bytes + skeleton_bytes
+    data_start = -(-head_end // 4096) * 4096  # the data starts on a 4 KiB boundary
+    raw = data[data_start + offset : data_start + offset + nbytes]
+    assert torch.frombuffer(bytearray(raw), dtype=torch.float32).tolist() == list(range(10))
+
+
+# ------------------------------------------------------------------ errors
+
+
+def test_export_raises_the_os_error_of_its_output_file_naming_it(
+    root: Path, tmp_path: Path
+) -> None:
+    with distckpt.CheckpointManager(root, fsync=False) as mgr:
+        mgr.save(1, {"w": torch.ones(4)})
+    not_a_directory = tmp_path / "a-file"
+    not_a_directory.write_text("")
+    out = not_a_directory / "exported.pt"  # its directory cannot be created
+    with pytest.raises(OSError) as info:
+        distckpt.export(root, out)
+    assert not isinstance(info.value, distckpt.CheckpointError)
+    assert info.value.errno in (errno.EEXIST, errno.ENOTDIR)
+    assert os.fspath(not_a_directory) in str(info.value)
+
+
+def _disk_read_error(*args: object, **kwargs: object) -> Any:
+    raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+
+def test_the_plain_process_functions_raise_a_disk_read_error_as_it_is_and_a_manager_wraps_it(
+    root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # No disk here fails a read on demand (a full disk is real in test_filesystems.py, an I/O
+    # error is not), so it is injected where the readers touch the disk: the rank file's
+    # reads, and the checksum's open.
+    with distckpt.CheckpointManager(root, fsync=False) as mgr:
+        mgr.save(1, {"w": torch.ones(1000)})
+        monkeypatch.setattr(os, "preadv", _disk_read_error)
+        monkeypatch.setattr(checksums, "open", _disk_read_error, raising=False)
+        with pytest.raises(distckpt.CheckpointError, match=os.strerror(errno.EIO)):
+            mgr.restore("last")
+    plain_process_calls: list[Callable[[], object]] = [
+        lambda: distckpt.load_checkpoint(root),
+        lambda: distckpt.verify(root),
+        lambda: distckpt.export(root, tmp_path / "exported.pt"),
+    ]
+    for call in plain_process_calls:
+        with pytest.raises(OSError) as info:
+            call()
+        assert not isinstance(info.value, distckpt.CheckpointError)
+        assert info.value.errno == errno.EIO
+
+
+# ------------------------------------------------------------------ space margin
+
+
+def test_space_margin_is_a_fraction_of_the_save_at_least_1_mib_and_0_means_none(
+    root: Path,
+) -> None:
+    assert SPACE_MARGIN_FLOOR_BYTES == 1 << 20
+    assert margin_bytes(100 << 20, 0.05) == 5 << 20
+    assert margin_bytes(1000, 0.05) == 1 << 20  # at least 1 MiB
+    assert margin_bytes(100 << 20, 0) == 0  # no margin at all, not 1 MiB
+    with distckpt.CheckpointManager(root, space_margin=0, fsync=False) as mgr:
+        assert mgr.save(1, {"w": torch.ones(4)}) is not None
+
+
+# ------------------------------------------------------------------ manager docstrings
+
+
+def test_checkpoints_leaves_out_a_damaged_checkpoint_that_steps_lists(root: Path) -> None:
+    with distckpt.CheckpointManager(root, fsync=False) as mgr:
+        mgr.save(1, {"w": torch.ones(1000)})
+        mgr.save(2, {"w": torch.ones(1000)})
+        rank_file = root / "step-00000001" / "rank-00000.pt"
+        rank_file.write_bytes(rank_file.read_bytes()[:100])  # truncated
+        assert mgr.steps() == [1, 2]
+        assert [info.step for info in mgr.checkpoints()] == [2]
+
+
+def _failed_async_save_raised_by(rank: int, world_size: int, root: str) -> dict[str, str]:
+    raised: dict[str, str] = {}
+    with distckpt.CheckpointManager(root, async_save=True, fsync=False, timeout=20) as mgr:
+        mgr.save(1, {"w": torch.ones(10)})
+        mgr.wait()
+        calls: dict[str, Callable[[], object]] = {
+            "restore": lambda: mgr.restore("last"),
+            "delete": lambda: mgr.delete(1),
+            "prune": mgr.prune,
+            "gc": mgr.gc,
+        }
+        for step, (name, call) in enumerate(calls.items(), start=2):
+            faults.arm("after_shard_write", "raise", rank=1)  # fires at its first hit
+            mgr.save(step, {"w": torch.ones(10)})  # returns: the failure is in the background
+            try:
+                call()
+            except distckpt.CheckpointError as exc:
+                raised[name] = type(exc).__name__ if "rank 1" in str(exc) else str(exc)
+            else:
+                raised[name] = "not raised"
+            faults.disarm()
+        assert mgr.steps() == [1]  # none of those calls ran: the failure came first
+    return raised
+
+
+def test_a_failed_async_save_is_raised_by_restore_delete_prune_and_gc(tmp_path: Path) -> None:
+    out = values(run_ranks(_failed_async_save_raised_by, 2, str(tmp_path)))
+    expected = dict.fromkeys(["restore", "delete", "prune", "gc"], "InjectedFault")
+    assert out == [expected] * 2
+
+
+def _collectives_of_should_save(
+    rank: int, world_size: int, root: str, schedule: dict[str, Any]
+) -> dict[str, int]:
+    seen: list[str] = []
+    with distckpt.CheckpointManager(root, timeout=30, **schedule) as mgr:
+        remove = events.add_listener(lambda event: seen.append(event.phase))
+        try:
+            mgr.should_save(1)
+        finally:
+            remove()
+    return dict(Counter(name for name in seen if name.startswith("collective.")))
+
+
+@pytest.mark.parametrize(
+    ("world_size", "schedule", "collectives"),
+    [
+        (2, {"every_n_steps": 5}, {}),  # every rank decides alone
+        (2, {"every_seconds": 3600.0}, {"collective.all_gather": 1}),
+        (3, {"every_seconds": 3600.0}, {"collective.gather": 1, "collective.broadcast": 1}),
+        (1, {"every_seconds": 3600.0}, {}),
+    ],
+)
+def test_should_save_votes_with_a_time_schedule_only(
+    tmp_path: Path, world_size: int, schedule: dict[str, Any], collectives: dict[str, int]
+) -> None:
+    out = values(run_ranks(_collectives_of_should_save, world_size, str(tmp_path), schedule))
+    assert out == [collectives] * world_size
