@@ -717,3 +717,48 @@ def test_a_step_committed_between_the_lease_check_and_the_rename(
     assert isinstance(info.value, FileExistsError) and info.value.step == 1
     assert (here / "step-00000001" / "rank-00000.pt").read_bytes() == b"the other writer's data"
     assert [p for p in (here / ".staging").iterdir() if p.is_dir()] == []
+
+
+def _read_only_refusals(rank: int, world_size: int, root: str) -> dict[str, object]:
+    """Every change asked of a read-only manager, as (error type, is a ReadOnlyRoot, a
+    RootNotWritable, a PermissionError, its path field); and the steps checkpoints() lists."""
+    out: dict[str, object] = {}
+    with distckpt.CheckpointManager(root, read_only=True, timeout=TIMEOUT) as mgr:
+        out["checkpoints"] = [info.step for info in mgr.checkpoints()]
+        changes: dict[str, Callable[[], object]] = {
+            "save": lambda: mgr.save(4, _state(rank, 4)),
+            "delete": lambda: mgr.delete(1),
+            "prune": mgr.prune,
+            "gc": mgr.gc,
+        }
+        for name, change in changes.items():
+            try:
+                change()
+            except distckpt.CheckpointError as exc:
+                out[name] = (
+                    type(exc).__name__,
+                    isinstance(exc, distckpt.ReadOnlyRoot),
+                    isinstance(exc, distckpt.RootNotWritable),
+                    isinstance(exc, PermissionError),
+                    exc.path,
+                )
+        out["steps"] = mgr.steps()
+    return out
+
+
+@pytest.mark.parametrize("where", ["read-only mount", "writable directory"])
+def test_read_only_refusals_are_read_only_root_permission_errors(
+    request: pytest.FixtureRequest, tmp_path: Path, where: str
+) -> None:
+    if where == "read-only mount":
+        root: Path = request.getfixturevalue("read_only_root")
+    else:  # read_only=True never writes, even where it could
+        root = tmp_path / "ro"
+        values(run_ranks(_save_one, 2, os.fspath(root), timeout=90))
+    before = sorted(os.listdir(root))
+    out = values(run_ranks(_read_only_refusals, 2, os.fspath(root), timeout=90))
+    refused = ("ReadOnlyRoot", True, True, True, os.fspath(root))
+    expected = {"checkpoints": [1, 2, 3], "steps": [1, 2, 3]}
+    expected.update(dict.fromkeys(("save", "delete", "prune", "gc"), refused))
+    assert out == [expected] * 2
+    assert sorted(os.listdir(root)) == before
