@@ -366,6 +366,17 @@ def _truncate(path: Path) -> None:
         file.truncate(path.stat().st_size // 2)
 
 
+def _damage(step_dir: Path, damage: str) -> None:
+    """Damage a one-rank checkpoint: its rank file ``"truncated"`` or ``"missing"``, or
+    ``"no manifest"``."""
+    if damage == "truncated":
+        _truncate(step_dir / "rank-00000.pt")
+    elif damage == "missing":
+        (step_dir / "rank-00000.pt").unlink()
+    else:
+        (step_dir / "manifest.json").unlink()
+
+
 @pytest.mark.parametrize("damage", ["truncated", "missing", "no manifest"])
 def test_damaged_newest_is_skipped_by_last_and_refused_explicitly(
     root: Path, damage: str, caplog: pytest.LogCaptureFixture
@@ -374,12 +385,7 @@ def test_damaged_newest_is_skipped_by_last_and_refused_explicitly(
         for step in (1, 2):
             mgr.save(step, {"w": _weights(step, 0)})
     step2 = root / "step-00000002"
-    if damage == "truncated":
-        _truncate(step2 / "rank-00000.pt")
-    elif damage == "missing":
-        (step2 / "rank-00000.pt").unlink()
-    else:
-        (step2 / "manifest.json").unlink()
+    _damage(step2, damage)
 
     with distckpt.CheckpointManager(root, timeout=TIMEOUT) as mgr:
         caplog.clear()
@@ -830,3 +836,17 @@ def test_a_rank_file_rank_0_cannot_see_fails_the_save_on_every_rank_naming_the_r
     assert list(root.glob("step-*")) == []
     assert _staging_entries(root) == []
     assert (disk / "rank-00001.pt").is_file()  # written, but where rank 0 cannot see it
+
+
+# --------------------------------------------------------------------------- damaged steps listed
+
+
+@pytest.mark.parametrize("damage", ["truncated", "missing", "no manifest"])
+def test_steps_lists_damaged_checkpoints_the_queries_skip(root: Path, damage: str) -> None:
+    with distckpt.CheckpointManager(root, timeout=TIMEOUT) as mgr:
+        for step in (1, 2, 3):
+            mgr.save(step, {"w": _weights(step, 0)})
+        _damage(root / "step-00000002", damage)
+        assert mgr.steps() == [1, 2, 3]  # names only: the damaged step is listed
+        assert [info.step for info in mgr.checkpoints()] == [1, 3]
+        assert mgr.latest_step() == 3
