@@ -761,7 +761,7 @@ def _mount_private_disk(disk: Path, over: Path) -> None:
     ``disk`` bind-mounted over it in a mount namespace of this rank's own (the other rank, and
     the test, still see the real ``over``)."""
     unshare = libc_function("unshare", [ctypes.c_int])
-    assert unshare is not None, "unshare(2) is Linux's, and so is this test's skip condition"
+    assert unshare is not None, "no unshare(2) in this C library (it is Linux's, as mounts are)"
     if unshare(CLONE_NEWNS) != 0:
         raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWNS) failed")
     # Private first: a bind mount in a namespace whose mounts are shared would reach the host's.
