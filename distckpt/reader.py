@@ -240,7 +240,8 @@ def restore_on_ranks(
         except CheckpointVanished:
             if attempt == VANISH_RETRIES or not tried or _named_explicitly(which, tried[-1]):
                 raise  # nothing else to fall back to
-            logger.warning("%s vanished while being read; resolving %r again", tried[-1], which)
+            named = os.fspath(which) if isinstance(which, os.PathLike) else which  # not its repr
+            logger.warning("%s vanished while being read; resolving %r again", tried[-1], named)
     raise AssertionError("unreachable")
 
 

@@ -218,3 +218,42 @@ def test_save_in_flight_tells_whether_the_background_save_is_done(
         release.set()
         assert mgr.wait().step == 1
         assert not mgr.save_in_flight
+
+
+def _failure_raised_by(rank: int, world_size: int, root: str, call: str) -> dict[str, object]:
+    """A background save that fails on rank 1, then ``call``: the call that waits for it."""
+    out: dict[str, object] = {}
+    with distckpt.CheckpointManager(root, async_save=True, fsync=False, timeout=20) as mgr:
+        mgr.save(1, {"w": torch.ones(10)})
+        mgr.wait()
+        faults.arm("after_shard_write", "raise", rank=1)
+        mgr.save(2, {"w": torch.ones(10)})  # returns: the failure happens in the background
+        calls = {
+            "restore": lambda: mgr.restore("last").step,
+            "delete": lambda: mgr.delete(1),
+            "prune": mgr.prune,
+            "gc": mgr.gc,
+        }
+        try:
+            calls[call]()
+        except distckpt.CheckpointError as exc:
+            out["error"] = (type(exc).__name__, "rank 1" in str(exc))
+        out["steps before"] = mgr.steps()  # the call raised instead of running
+        out["again"] = calls[call]()  # raised once, then done with: the call runs
+        out["steps after"] = mgr.steps()
+    return out
+
+
+@pytest.mark.parametrize("call", ["restore", "delete", "prune", "gc"])
+def test_background_failure_is_raised_by_the_next_call_that_waits(
+    tmp_path: Path, call: str
+) -> None:
+    out = values(run_ranks(_failure_raised_by, 2, str(tmp_path), call))
+    again = {"restore": 1, "delete": None, "prune": [], "gc": []}[call]
+    expected = {
+        "error": ("InjectedFault", True),
+        "steps before": [1],
+        "again": again,
+        "steps after": [] if call == "delete" else [1],
+    }
+    assert out == [expected] * 2

@@ -26,9 +26,11 @@ from pathlib import Path
 from typing import Any
 
 import filelock
+import pytest
 import torch
 
 import distckpt
+from distckpt import reader
 from distckpt.fsutil import read_link
 from distckpt.layout import RootLayout, step_dir_name
 from distckpt.storage import open_store
@@ -507,3 +509,75 @@ def test_gc_leaves_the_lease_record_a_starting_manager_writes(root: Path) -> Non
         assert writing.exists()
     assert open_store(root).collect_leftovers() == [writing]
     assert not writing.exists()
+
+
+# ---------------------------------------------------------------------------------- vanished
+
+
+def _save_with_retention(root: str, step: int) -> None:
+    """Another job's save of ``step`` with ``keep_last=1``: its retention deletes the rest."""
+    with distckpt.CheckpointManager(root, keep_last=1, fsync=False, timeout=TIMEOUT) as mgr:
+        mgr.save(step, {"w": torch.full((4,), float(step))})
+
+
+def _deleted_once_resolved(monkeypatch: pytest.MonkeyPatch, root: Path) -> list[int]:
+    """Make the next reads of ``root`` meet retention in the window between resolving a
+    checkpoint and reading it: right after the first resolve, another process saves a newer
+    step with ``keep_last=1``, which deletes the resolved one. Returns the steps it saved."""
+    real_resolve, saved = reader.resolve, []
+
+    def retention_strikes_after_resolve(*args: Any, **kwargs: Any) -> Any:
+        found = real_resolve(*args, **kwargs)
+        if not saved:  # once: the reader's retry must then succeed
+            saved.append(2)
+            Proc(_save_with_retention, os.fspath(root), 2).result()
+        return found
+
+    # A hook in the reader's own process: no other process can be timed into that window.
+    monkeypatch.setattr(reader, "resolve", retention_strikes_after_resolve)
+    return saved
+
+
+def _load_root(root: Path) -> distckpt.Checkpoint:
+    return distckpt.load_checkpoint(root)
+
+
+def _restore_last_read_only(root: Path) -> distckpt.Checkpoint:
+    # Read-only: a reading manager takes no lease, so the other job can save and retain.
+    with distckpt.CheckpointManager(root, read_only=True, timeout=TIMEOUT) as mgr:
+        return mgr.restore("last")
+
+
+@pytest.mark.parametrize(
+    "read", [_load_root, _restore_last_read_only], ids=["load_checkpoint", "restore-last"]
+)
+def test_a_checkpoint_vanishing_mid_read_is_resolved_again(
+    root: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    read: Callable[[Path], distckpt.Checkpoint],
+) -> None:
+    _save_with_retention(os.fspath(root), 1)
+    saved = _deleted_once_resolved(monkeypatch, root)
+    caplog.set_level(logging.WARNING, logger="distckpt")
+    ckpt = read(root)
+    assert saved == [2]  # the retention really ran between resolving and reading
+    assert ckpt.step == 2 and torch.equal(ckpt.state["w"], torch.full((4,), 2.0))
+    retries = [r.getMessage() for r in caplog.records if "vanished" in r.getMessage()]
+    named = "'last'" if read is _restore_last_read_only else repr(os.fspath(root))
+    vanished = root / step_dir_name(1)
+    assert retries == [f"{vanished} vanished while being read; resolving {named} again"]
+
+
+def test_a_step_named_explicitly_that_vanishes_mid_read_is_not_replaced(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _save_with_retention(os.fspath(root), 1)
+    _deleted_once_resolved(monkeypatch, root)
+    try:
+        distckpt.load_checkpoint(root / step_dir_name(1))
+    except distckpt.CheckpointVanished as exc:
+        assert isinstance(exc, FileNotFoundError)
+        assert f"{root / step_dir_name(1)} was deleted while it was being read" in str(exc)
+    else:
+        raise AssertionError("a vanished step named explicitly was replaced by another one")

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
 import random
+import re
 import threading
 from pathlib import Path
 from typing import Any
@@ -660,3 +662,64 @@ def test_allow_pickle_is_an_explicit_opt_in(root: Path, world_size: int) -> None
     with pytest.raises(distckpt.UnsafeCheckpoint, match="allow_pickle"):
         distckpt.load_checkpoint(root, rank=0)
     assert distckpt.load_checkpoint(root, rank=0, allow_pickle=True).state["obj"].value == 0
+
+
+#: the INFO line of one commit: its step dir, size, seconds and throughput
+COMMIT_LINE = re.compile(
+    r"committed (?P<path>\S+): (?P<size>\d+\.\d) MiB in \d+\.\d\d s \(\d+\.\d MiB/s\)"
+)
+
+
+def _commit_lines(records: list[logging.LogRecord]) -> list[re.Match[str]]:
+    return [
+        match
+        for record in records
+        if record.name == "distckpt" and record.levelno == logging.INFO
+        for match in [COMMIT_LINE.fullmatch(record.getMessage())]
+        if match is not None
+    ]
+
+
+@pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
+def test_one_info_line_per_commit(
+    root: Path, caplog: pytest.LogCaptureFixture, async_save: bool
+) -> None:
+    caplog.set_level(logging.INFO, logger="distckpt")
+    with distckpt.CheckpointManager(root, async_save=async_save, fsync=False) as mgr:
+        for step in (1, 2):
+            mgr.save(step, {"w": torch.zeros(1 << 19)})  # 2 MiB
+            mgr.wait()
+        mgr.save(2, {"w": torch.zeros(1)}, force=True)  # committed already: no commit, no line
+    lines = _commit_lines(caplog.records)
+    assert [match["path"] for match in lines] == [
+        os.fspath(root / "step-00000001"),
+        os.fspath(root / "step-00000002"),
+    ]
+    assert [match["size"] for match in lines] == ["2.0", "2.0"]
+
+
+class Collected(logging.Handler):
+    """Keeps every record it is handed (caplog's handler does not reach into a forked rank's
+    records back in the test's process)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def _commit_lines_seen(rank: int, world_size: int, root: str) -> int:
+    collected = Collected()
+    logger = logging.getLogger("distckpt")
+    logger.addHandler(collected)
+    logger.setLevel(logging.INFO)
+    with distckpt.CheckpointManager(root, fsync=False, timeout=TIMEOUT) as mgr:
+        for step in (1, 2, 3):
+            mgr.save(step, {"w": _weights(step, rank)})
+    return len(_commit_lines(collected.records))
+
+
+def test_the_commit_line_comes_from_rank_0_alone(root: Path) -> None:
+    assert values(run_ranks(_commit_lines_seen, 2, str(root), timeout=JOB_TIMEOUT)) == [3, 0]

@@ -419,3 +419,36 @@ def test_train_fsdp_resumes_on_another_world_size(tmp_path: Path) -> None:
     torch.testing.assert_close(
         a["app"]["optim"]["state"], b["app"]["optim"]["state"], rtol=1e-4, atol=1e-6
     )
+
+
+# ------------------------------------------------------------------ refused states
+
+
+def _stepped_optimizer() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    model = make_model(0)
+    optimizer = torch.optim.Adam(model.parameters())
+    model(batch(0)).sum().backward()
+    optimizer.step()  # Adam's per-parameter state exists now, keyed by parameter number
+    return model, optimizer
+
+
+@pytest.mark.parametrize("given", ["the optimizer", "its state_dict()", "nested"])
+def test_a_plain_optimizer_state_dict_is_refused(tmp_path: Path, given: str) -> None:
+    model, optimizer = _stepped_optimizer()
+    state: dict[str, Any] = {
+        "the optimizer": {"model": model, "optim": optimizer},
+        "its state_dict()": {"model": model, "optim": optimizer.state_dict()},
+        "nested": {"train": {"model": model, "optim": optimizer.state_dict()}},
+    }[given]
+    key = "train.optim" if given == "nested" else "optim"
+    with distckpt.CheckpointManager(tmp_path / "ckpt", format="dcp", fsync=False) as mgr:
+        with pytest.raises(InvalidArgument) as refused:
+            mgr.save(1, state)
+        assert isinstance(refused.value, ValueError)
+        message = str(refused.value)
+        assert f"{key!r} looks like optimizer.state_dict(), keyed by parameter number" in message
+        assert "ModelOptimizerState(model, optimizer)" in message
+        assert mgr.steps() == []
+        # What the message asks for is accepted.
+        app = {"app": ModelOptimizerState(model, optimizer)}
+        assert mgr.save(1, app).step == 1

@@ -260,3 +260,27 @@ def test_a_rank_failing_to_read_a_torch_checkpoint_fails_every_rank(tmp_path: Pa
     (kind,) = {kind for kind, _ in out}
     assert kind != "no error"
     assert [count for _, count in out] == [2, 2]
+
+
+@pytest.mark.parametrize("name", ["step-5", "step-0000000005", "step-000000005"])
+def test_a_step_dir_of_another_width_is_listed_and_restored(tmp_path: Path, name: str) -> None:
+    """Committed dirs are named with at least 8 digits, but any width parses: a dir renamed
+    by hand (or written by another tool) still counts as its step."""
+    with distckpt.CheckpointManager(tmp_path, fsync=False) as mgr:
+        mgr.save(3, {"w": torch.full((2,), 3.0)})
+        mgr.save(5, {"w": torch.full((2,), 5.0)})
+    (tmp_path / "step-00000005").rename(tmp_path / name)  # "last" now names nothing
+    with distckpt.CheckpointManager(tmp_path, fsync=False) as mgr:
+        assert mgr.steps() == [3, 5]
+        assert [info.step for info in mgr.checkpoints()] == [3, 5]
+        assert mgr.latest_step() == 5
+        assert torch.equal(mgr.restore(5).state["w"], torch.full((2,), 5.0))
+        assert mgr.restore("last").step == 5
+        assert main(["verify", str(tmp_path)]) == 0
+        # Steps above 8 digits are the same rule the other way: a wider name of distckpt's own.
+        wide = mgr.save(123_456_789, {"w": torch.zeros(2)})
+        assert wide.path == tmp_path / "step-123456789"
+        assert mgr.steps() == [3, 5, 123_456_789]
+        mgr.delete(5)
+        assert not (tmp_path / name).exists()
+    assert distckpt.load_checkpoint(tmp_path / "step-123456789").step == 123_456_789

@@ -763,3 +763,52 @@ def test_random_kills(root: Path, fmt: str, trials: int) -> None:
     assert tally.problems == [], "\n".join(tally.problems)
     assert tally.trials >= 10, tally.summary(2, fmt, seed)
     assert tally.job_kills and tally.rank_kills and tally.resumes_checked >= 8
+
+
+# ---------------------------------------------------------------------------------- commit lost
+
+
+def _save_shortened_in_the_rename(rank: int, world_size: int, root: str) -> dict[str, Any]:
+    """Save step 1 and 2; step 2's rank 1 file loses half its bytes as rank 0 renames it into
+    place (after the staged files were checked, before the committed dir is)."""
+    if rank == 0:
+        real_hit = faults.hit
+
+        def shorten_in_the_rename(point: str, at_rank: int) -> None:
+            # No filesystem here shortens a file it renames (fusefat empties whole dirs, tested
+            # in tests/test_filesystems.py), so this one is shortened just before the rename.
+            staged = list(Path(root, ".staging").glob("step-00000002.*/rank-00001.pt"))
+            if point == "before_rename" and staged:
+                os.truncate(staged[0], staged[0].stat().st_size // 2)
+            real_hit(point, at_rank)
+
+        faults.hit = shorten_in_the_rename  # the manager calls it through the module
+    out: dict[str, Any] = {}
+    with distckpt.CheckpointManager(root, fsync=False, timeout=TIMEOUT) as mgr:
+        mgr.save(1, state_of(1, rank))
+        try:
+            mgr.save(2, state_of(2, rank))
+        except distckpt.CheckpointError as exc:
+            out["error"] = (type(exc).__name__, str(exc), exc.step, exc.path)
+        out["steps"] = mgr.steps()
+        out["restored"] = mgr.restore("last").step
+    return out
+
+
+def test_a_file_shortened_in_the_commit_rename_is_commit_lost_on_every_rank(root: Path) -> None:
+    out = values(run_ranks(_save_shortened_in_the_rename, 2, str(root), timeout=JOB_TIMEOUT))
+    committed = root / step_dir_name(2)
+    for rank_out in out:
+        kind, message, step, path = rank_out["error"]
+        assert (kind, step, path) == ("CommitLost", 2, os.fspath(committed / "rank-00001.pt"))
+        assert "lost step 2 when renaming it into place: rank-00001.pt has" in message
+        assert "bytes instead of" in message and "nothing was committed" in message
+        assert rank_out["steps"] == [1] and rank_out["restored"] == 1
+    assert not committed.exists()
+    assert link_target(root, "last") == step_dir_name(1)
+    # What the rename left went to the trash, not under a step's name; the next start empties it.
+    (lost,) = leftovers(root)["trash"]
+    assert parse_step_dir_name(lost) is None and lost.startswith(step_dir_name(2))
+    with manager(str(root)) as mgr:
+        assert mgr.steps() == [1]
+    assert leftovers(root) == {"staging": [], "trash": []}

@@ -26,7 +26,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -34,7 +34,7 @@ import torch
 
 import distckpt
 import distckpt.formats.dcp  # imported once here, not in every forked rank (seconds each)
-from distckpt import faults
+from distckpt import faults, fsutil, proposal
 from distckpt.checksums import ChecksumWriter, file_checksum
 from distckpt.cli import main
 from distckpt.fsutil import WRITEBACK_BYTES, probe_writable, start_writeback
@@ -675,3 +675,90 @@ def test_a_step_committed_between_the_lease_check_and_the_rename(
     assert isinstance(info.value, FileExistsError) and info.value.step == 1
     assert (here / "step-00000001" / "rank-00000.pt").read_bytes() == b"the other writer's data"
     assert [p for p in (here / ".staging").iterdir() if p.is_dir()] == []
+
+
+def _read_only_refusals(rank: int, world_size: int, root: str) -> dict[str, object]:
+    """Every change asked of a read-only manager, as (error type, is a ReadOnlyRoot, a
+    RootNotWritable, a PermissionError, its path field); and the steps checkpoints() lists."""
+    out: dict[str, object] = {}
+    with distckpt.CheckpointManager(root, read_only=True, timeout=TIMEOUT) as mgr:
+        out["checkpoints"] = [info.step for info in mgr.checkpoints()]
+        changes: dict[str, Callable[[], object]] = {
+            "save": lambda: mgr.save(4, _state(rank, 4)),
+            "delete": lambda: mgr.delete(1),
+            "prune": mgr.prune,
+            "gc": mgr.gc,
+        }
+        for name, change in changes.items():
+            try:
+                change()
+            except distckpt.CheckpointError as exc:
+                out[name] = (
+                    type(exc).__name__,
+                    isinstance(exc, distckpt.ReadOnlyRoot),
+                    isinstance(exc, distckpt.RootNotWritable),
+                    isinstance(exc, PermissionError),
+                    exc.path,
+                )
+        out["steps"] = mgr.steps()
+    return out
+
+
+@pytest.mark.parametrize("where", ["read-only mount", "writable directory"])
+def test_read_only_refusals_are_read_only_root_permission_errors(
+    request: pytest.FixtureRequest, tmp_path: Path, where: str
+) -> None:
+    if where == "read-only mount":
+        root: Path = request.getfixturevalue("read_only_root")
+    else:  # read_only=True never writes, even where it could
+        root = tmp_path / "ro"
+        values(run_ranks(_save_one, 2, os.fspath(root), timeout=90))
+    before = sorted(os.listdir(root))
+    out = values(run_ranks(_read_only_refusals, 2, os.fspath(root), timeout=90))
+    refused = ("ReadOnlyRoot", True, True, True, os.fspath(root))
+    expected = {"checkpoints": [1, 2, 3], "steps": [1, 2, 3]}
+    expected.update(dict.fromkeys(("save", "delete", "prune", "gc"), refused))
+    assert out == [expected] * 2
+    assert sorted(os.listdir(root)) == before
+
+
+def test_space_margin_is_a_fraction_of_the_save_at_least_1_mib() -> None:
+    mib = 1 << 20
+    assert proposal.margin_bytes(100 * mib, 0.05) == 5 * mib  # large saves: the fraction
+    assert proposal.margin_bytes(64 << 10, 0.05) == mib  # small ones: the floor
+    assert proposal.margin_bytes(0, 0.05) == mib
+    assert proposal.margin_bytes(64 << 10, 0.0) == 0  # 0 turns the margin off, floor too
+    assert proposal.margin_bytes(100 * mib, 0.0) == 0
+
+
+@contextlib.contextmanager
+def _leaving_free(volume: Path, free: int) -> Iterator[None]:
+    """Fill ``volume`` with a file of its own until ``free`` bytes are left free (as distckpt
+    measures it); remove the file at the end."""
+    filler = volume / "filler"
+    now = fsutil.free_bytes(volume)
+    assert now is not None and now > free
+    try:
+        with open(filler, "wb") as file:
+            os.posix_fallocate(file.fileno(), 0, now - free)
+        yield
+    finally:
+        filler.unlink(missing_ok=True)
+
+
+def test_a_small_save_is_refused_without_room_for_the_1_mib_margin(
+    mounts: MountFactory,
+) -> None:
+    """With 5 % of a 64 KiB save as its whole margin it would fit in the 640 KiB left free; the
+    1 MiB floor refuses it, and a margin of 0 takes it."""
+    volume = mounts.get("small-ext4").path
+    root = volume / "margin-floor"
+    with distckpt.CheckpointManager(root, timeout=TIMEOUT) as mgr, _leaving_free(volume, 640 << 10):
+        with pytest.raises(distckpt.InsufficientSpace, match=r"\+1\.0 MiB margin"):
+            mgr.save(1, {"w": torch.zeros(16 << 10)})  # 64 KiB
+        assert mgr.steps() == []
+    with (
+        distckpt.CheckpointManager(root, space_margin=0, timeout=TIMEOUT) as mgr,
+        _leaving_free(volume, 640 << 10),
+    ):
+        assert mgr.save(1, {"w": torch.zeros(16 << 10)}).step == 1

@@ -3,10 +3,12 @@ checkpoints, preflight errors raised alike on every rank, and a SIGKILL mid-save
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import os
 import shutil
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,9 +20,10 @@ import torch.distributed as dist
 from torch import nn
 
 import distckpt
-from distckpt import faults
+from distckpt import events, faults
 from distckpt.checksums import file_checksum
-from tests.filesystems import MountFactory
+from distckpt.fsutil import libc_function
+from tests.filesystems import MountFactory, not_mountable_reason, skip_or_fail
 from tests.ranks import run_ranks, values
 
 TIMEOUT = 20  # manager collectives: a hang becomes an error well before run_ranks gives up
@@ -363,6 +366,17 @@ def _truncate(path: Path) -> None:
         file.truncate(path.stat().st_size // 2)
 
 
+def _damage(step_dir: Path, damage: str) -> None:
+    """Damage a one-rank checkpoint: its rank file ``"truncated"`` or ``"missing"``, or
+    ``"no manifest"``."""
+    if damage == "truncated":
+        _truncate(step_dir / "rank-00000.pt")
+    elif damage == "missing":
+        (step_dir / "rank-00000.pt").unlink()
+    else:
+        (step_dir / "manifest.json").unlink()
+
+
 @pytest.mark.parametrize("damage", ["truncated", "missing", "no manifest"])
 def test_damaged_newest_is_skipped_by_last_and_refused_explicitly(
     root: Path, damage: str, caplog: pytest.LogCaptureFixture
@@ -371,12 +385,7 @@ def test_damaged_newest_is_skipped_by_last_and_refused_explicitly(
         for step in (1, 2):
             mgr.save(step, {"w": _weights(step, 0)})
     step2 = root / "step-00000002"
-    if damage == "truncated":
-        _truncate(step2 / "rank-00000.pt")
-    elif damage == "missing":
-        (step2 / "rank-00000.pt").unlink()
-    else:
-        (step2 / "manifest.json").unlink()
+    _damage(step2, damage)
 
     with distckpt.CheckpointManager(root, timeout=TIMEOUT) as mgr:
         caplog.clear()
@@ -739,3 +748,105 @@ def test_sigkill_mid_save_then_resume_from_newest_complete(root: Path) -> None:
         assert rank_out["saved"] == 3
         assert rank_out["steps"] == [1, 2, 3]
     assert os.readlink(root / "last") == "step-00000003"
+
+
+# --------------------------------------------------------------------------- an unshared root
+
+#: unshare(2)'s flag for a mount namespace of the caller's own (linux/sched.h)
+CLONE_NEWNS = 0x00020000
+
+
+def _mount_private_disk(disk: Path, over: Path) -> None:
+    """Give this rank a view of ``over`` that no other rank shares, as a node-local disk does:
+    ``disk`` bind-mounted over it in a mount namespace of this rank's own (the other rank, and
+    the test, still see the real ``over``)."""
+    unshare = libc_function("unshare", [ctypes.c_int])
+    assert unshare is not None, "no unshare(2) in this C library (it is Linux's, as mounts are)"
+    if unshare(CLONE_NEWNS) != 0:
+        raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWNS) failed")
+    # Private first: a bind mount in a namespace whose mounts are shared would reach the host's.
+    subprocess.run(["mount", "--make-rprivate", "/"], check=True, capture_output=True)
+    subprocess.run(["mount", "--bind", disk, over], check=True, capture_output=True)
+
+
+def _skip_without_mounts() -> None:
+    reason = not_mountable_reason(())
+    if reason is not None:
+        skip_or_fail(reason)
+
+
+def _open_on_own_disk(rank: int, world_size: int, parent: str, disk: str) -> tuple[str, str]:
+    if rank == 1:  # rank 1's "node" has a disk of its own where the root's parent is
+        _mount_private_disk(Path(disk), Path(parent))
+    try:
+        distckpt.CheckpointManager(Path(parent) / "ckpt", timeout=TIMEOUT).close()
+    except Exception as exc:
+        return _err(exc)
+    raise AssertionError("a root rank 1 cannot see was accepted")
+
+
+def test_a_root_missing_on_one_rank_is_refused_on_every_rank_naming_it(tmp_path: Path) -> None:
+    _skip_without_mounts()
+    parent, disk = tmp_path / "shared", tmp_path / "rank1-disk"
+    parent.mkdir()
+    disk.mkdir()
+    out = values(run_ranks(_open_on_own_disk, 2, str(parent), str(disk), timeout=JOB_TIMEOUT))
+    for error_type, message in out:
+        assert error_type == "RootNotWritable"
+        assert "does not exist on rank 1" in message
+        assert "shared by every rank" in message
+
+
+def _save_with_a_private_staging_dir(
+    rank: int, world_size: int, root: str, disk: str
+) -> tuple[str, str, int | None]:
+    staging = Path(root) / ".staging"
+
+    def write_to_own_disk(event: events.PhaseEvent) -> None:
+        # Once the ranks agreed on the staging dir (rank 0 made it), rank 1's writes into it
+        # land on a disk only rank 1 sees: the root is not shared by the ranks.
+        if event.phase == "save.propose" and event.ok:
+            (area,) = [entry for entry in staging.iterdir() if entry.is_dir()]
+            _mount_private_disk(Path(disk), area)
+
+    with distckpt.CheckpointManager(root, timeout=TIMEOUT) as mgr:
+        remove = events.add_listener(write_to_own_disk) if rank == 1 else lambda: None
+        try:
+            mgr.save(1, {"w": _weights(1, rank)})
+        except distckpt.CheckpointError as exc:
+            return type(exc).__name__, str(exc), exc.rank
+        finally:
+            remove()
+    raise AssertionError("a save whose rank 1 file rank 0 cannot see was committed")
+
+
+def test_a_rank_file_rank_0_cannot_see_fails_the_save_on_every_rank_naming_the_rank(
+    tmp_path: Path, root: Path
+) -> None:
+    _skip_without_mounts()
+    disk = tmp_path / "rank1-disk"
+    disk.mkdir()
+    out = values(
+        run_ranks(_save_with_a_private_staging_dir, 2, str(root), str(disk), timeout=JOB_TIMEOUT)
+    )
+    for error_type, message, rank in out:
+        assert error_type == "CheckpointError"
+        assert "rank 1's file rank-00001.pt is not visible from rank 0" in message
+        assert rank == 1
+    assert list(root.glob("step-*")) == []
+    assert _staging_entries(root) == []
+    assert (disk / "rank-00001.pt").is_file()  # written, but where rank 0 cannot see it
+
+
+# --------------------------------------------------------------------------- damaged steps listed
+
+
+@pytest.mark.parametrize("damage", ["truncated", "missing", "no manifest"])
+def test_steps_lists_damaged_checkpoints_the_queries_skip(root: Path, damage: str) -> None:
+    with distckpt.CheckpointManager(root, timeout=TIMEOUT) as mgr:
+        for step in (1, 2, 3):
+            mgr.save(step, {"w": _weights(step, 0)})
+        _damage(root / "step-00000002", damage)
+        assert mgr.steps() == [1, 2, 3]  # names only: the damaged step is listed
+        assert [info.step for info in mgr.checkpoints()] == [1, 3]
+        assert mgr.latest_step() == 3

@@ -18,13 +18,24 @@ import sys
 import textwrap
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 
 import distckpt
-from distckpt.layout import LEASE_RECORD_NAME
-from distckpt.lease import LauncherWatch, RootLease, read_holder
+import distckpt.lease
+from distckpt.fsutil import atomic_write_bytes
+from distckpt.layout import LEASE_RECORD_NAME, RootLayout
+from distckpt.lease import (
+    LauncherWatch,
+    LeaseHolder,
+    RootLease,
+    break_lease,
+    read_holder,
+    this_host,
+)
 from distckpt.lock import locks_local_to_machine
 
 STARTUP = 30.0  # a process that has not answered by then counts as hung (a loaded machine)
@@ -347,3 +358,50 @@ def test_errors_are_checkpoint_errors() -> None:
     assert issubclass(distckpt.LauncherGone, RuntimeError)
     for error in (distckpt.RootInUse, distckpt.LeaseLost, distckpt.LauncherGone):
         assert issubclass(error, distckpt.CheckpointError)
+
+
+def _record_as_another_machine(root: Path, host: str) -> LeaseHolder:
+    """Write the lease record a job holding ``root`` from machine ``host`` writes (the
+    module's own record format); its lock lives on that machine, not here."""
+    holder = LeaseHolder(
+        host=host,
+        pid=4242,
+        job_id="job-on-node-b",
+        started_utc="2026-01-01T00:00:00+00:00",
+        generation=3,
+        token="0" * 32,
+    )
+    atomic_write_bytes(RootLayout(root).lease_record_path, holder.to_json(), fsync=True)
+    return holder
+
+
+@pytest.mark.parametrize("wait", [0.0, 0.6])
+def test_a_holder_on_another_machine_is_refused_where_locks_are_local_to_each_machine(
+    root: Path, monkeypatch: pytest.MonkeyPatch, wait: float
+) -> None:
+    root.mkdir()
+    holder = _record_as_another_machine(root, host=this_host() + "-node-b")
+    # No NFS or Lustre driver on the test machines, so no mount with machine-local locks
+    # (``local_lock=all``, ``localflock``) can be made; the mountinfo parsing that detects one is
+    # tested on its own (test_machine_local_lock_mounts_are_recognised).
+    monkeypatch.setattr(distckpt.lease, "locks_local_to_machine", lambda path: True)
+    started = time.monotonic()
+    with pytest.raises(distckpt.RootInUse) as refused:
+        distckpt.CheckpointManager(root, wait_for_root=wait, timeout=STARTUP)
+    assert time.monotonic() - started >= wait
+    assert isinstance(refused.value, BlockingIOError)
+    assert refused.value.holder == holder
+    message = str(refused.value)
+    assert f"root {root} is in use by {holder.describe()}" in message
+    assert "locks on this filesystem are local to each machine" in message
+    assert f"distckpt lease {root} --break" in message
+    assert not (root / "step-00000001").exists()
+    assert read_holder(root) == replace(holder, alive=None)  # the record is left as it was
+
+    # An operator who knows that machine's job is dead breaks its lease: the root opens.
+    broken = break_lease(root)
+    assert broken is not None and broken.token == holder.token and broken.broken_utc
+    with distckpt.CheckpointManager(root, timeout=STARTUP) as mgr:
+        assert mgr.save(1, {"w": torch.zeros(2)}) is not None
+        now = read_holder(root)
+        assert now is not None and now.host == this_host() and now.generation == 4

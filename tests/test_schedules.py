@@ -194,3 +194,38 @@ def _tracked_steps(rank: int, world_size: int, root: str) -> list[int]:
 
 def test_gradient_accumulation_saves_on_optimizer_steps(tmp_path: Path) -> None:
     assert values(run_ranks(_tracked_steps, 2, str(tmp_path))) == [[2, 4]] * 2
+
+
+class SteppedClock:
+    """A monotonic clock the test moves: the real one plus an offset it adds to."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def monotonic(self) -> float:
+        return time.monotonic() + self.offset
+
+
+def _decision_reused(rank: int, world_size: int, root: str) -> dict[str, object]:
+    clock = SteppedClock()
+    # Only the decisions read this clock: nothing else in the rank sees time jump.
+    distckpt.decisions.time = clock  # type: ignore[attr-defined]
+    out: dict[str, object] = {}
+    with distckpt.CheckpointManager(root, every_seconds=100, fsync=False, timeout=20) as mgr:
+        out["should_save(1)"] = mgr.should_save(1)  # 100 s have not passed since the start
+        clock.offset += 200  # now they have: deciding again would save
+        out["save(1)"] = mgr.save(1, {"s": 1})
+        # Used once: the next save decides for itself (and its step differs anyway).
+        out["save(2)"] = getattr(mgr.save(2, {"s": 2}), "step", None)
+        out["steps"] = mgr.steps()
+    return out
+
+
+def test_save_reuses_the_decision_should_save_took_for_that_step(tmp_path: Path) -> None:
+    expected = {
+        "should_save(1)": False,
+        "save(1)": None,
+        "save(2)": 2,
+        "steps": [2],
+    }
+    assert values(run_ranks(_decision_reused, 2, str(tmp_path))) == [expected] * 2

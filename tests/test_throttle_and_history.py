@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
+import signal
 import threading
 import time
 from pathlib import Path
@@ -250,3 +252,48 @@ def test_every_thread_waiting_sees_the_same_error(root: Path) -> None:
         # Raised to every waiter, then done with: the next save starts afresh.
         assert mgr.save(1, {"w": torch.ones(3)}).step == 1
         assert mgr.wait().step == 1
+
+
+# ------------------------------------------------------------------ preemption under a throttle
+
+#: the preemption signal of these tests (SIGUSR1 is the test ranks' stack-dump signal)
+PREEMPT = signal.SIGUSR2
+
+
+def _preempted_under_throttle(rank: int, world_size: int, root: str, how: str) -> dict[str, Any]:
+    """Saves at steps 1..5 under a throttle no call outlives; SIGUSR2 reaches rank 1 at step 3.
+    ``how``: a schedule due at every step, plain saves, or plain async saves with step 1 still
+    in flight when the signal comes."""
+    held = HeldValue()
+    holds = how == "in flight" and rank == 0  # rank 0's step 1 stays in flight until released
+    schedule: dict[str, Any] = {"every_n_steps": 1} if how == "scheduled" else {}
+    saved: list[int] = []
+    with distckpt.CheckpointManager(
+        root,
+        min_seconds_between_saves=3600,
+        save_on_signal=(PREEMPT,),
+        async_save=how == "in flight",
+        fsync=False,
+        timeout=TIMEOUT,
+        **schedule,
+    ) as mgr:
+        for step in range(1, 6):
+            if step == 3 and rank == 1:
+                os.kill(os.getpid(), PREEMPT)  # a real signal, to one rank only
+            if holds and step == 3:
+                assert mgr.save_in_flight  # the signal comes while step 1 is being written
+                # The preemption save must wait for this one, not be skipped: let it end soon.
+                threading.Timer(0.3, held.release.set).start()
+            state = {"s": step, "held": held if holds and step == 1 else 0}
+            if mgr.save(step, state) is not None:
+                saved.append(step)
+            if mgr.preempted:
+                break
+        mgr.wait()
+        return {"saved": saved, "preempted": mgr.preempted, "steps": mgr.steps()}
+
+
+@pytest.mark.parametrize("how", ["scheduled", "plain-save", "in flight"])
+def test_throttle_never_skips_a_preemption_save(tmp_path: Path, how: str) -> None:
+    out = values(run_ranks(_preempted_under_throttle, 2, str(tmp_path), how))
+    assert out == [{"saved": [1, 3], "preempted": True, "steps": [1, 3]}] * 2
