@@ -22,8 +22,7 @@ import pytest
 import torch
 
 import distckpt
-from distckpt import checksums, events, faults
-from distckpt.proposal import SPACE_MARGIN_FLOOR_BYTES, margin_bytes
+from distckpt import checksums, events
 from tests.ranks import run_ranks, values
 
 REPO = Path(__file__).resolve().parent.parent
@@ -209,62 +208,7 @@ def test_the_plain_process_functions_raise_a_disk_read_error_as_it_is_and_a_mana
         assert info.value.errno == errno.EIO
 
 
-# ------------------------------------------------------------------ space margin
-
-
-def test_space_margin_is_a_fraction_of_the_save_at_least_1_mib_and_0_means_none(
-    root: Path,
-) -> None:
-    assert SPACE_MARGIN_FLOOR_BYTES == 1 << 20
-    assert margin_bytes(100 << 20, 0.05) == 5 << 20
-    assert margin_bytes(1000, 0.05) == 1 << 20  # at least 1 MiB
-    assert margin_bytes(100 << 20, 0) == 0  # no margin at all, not 1 MiB
-    with distckpt.CheckpointManager(root, space_margin=0, fsync=False) as mgr:
-        assert mgr.save(1, {"w": torch.ones(4)}) is not None
-
-
 # ------------------------------------------------------------------ manager docstrings
-
-
-def test_checkpoints_leaves_out_a_damaged_checkpoint_that_steps_lists(root: Path) -> None:
-    with distckpt.CheckpointManager(root, fsync=False) as mgr:
-        mgr.save(1, {"w": torch.ones(1000)})
-        mgr.save(2, {"w": torch.ones(1000)})
-        rank_file = root / "step-00000001" / "rank-00000.pt"
-        rank_file.write_bytes(rank_file.read_bytes()[:100])  # truncated
-        assert mgr.steps() == [1, 2]
-        assert [info.step for info in mgr.checkpoints()] == [2]
-
-
-def _failed_async_save_raised_by(rank: int, world_size: int, root: str) -> dict[str, str]:
-    raised: dict[str, str] = {}
-    with distckpt.CheckpointManager(root, async_save=True, fsync=False, timeout=20) as mgr:
-        mgr.save(1, {"w": torch.ones(10)})
-        mgr.wait()
-        calls: dict[str, Callable[[], object]] = {
-            "restore": lambda: mgr.restore("last"),
-            "delete": lambda: mgr.delete(1),
-            "prune": mgr.prune,
-            "gc": mgr.gc,
-        }
-        for step, (name, call) in enumerate(calls.items(), start=2):
-            faults.arm("after_shard_write", "raise", rank=1)  # fires at its first hit
-            mgr.save(step, {"w": torch.ones(10)})  # returns: the failure is in the background
-            try:
-                call()
-            except distckpt.CheckpointError as exc:
-                raised[name] = type(exc).__name__ if "rank 1" in str(exc) else str(exc)
-            else:
-                raised[name] = "not raised"
-            faults.disarm()
-        assert mgr.steps() == [1]  # none of those calls ran: the failure came first
-    return raised
-
-
-def test_a_failed_async_save_is_raised_by_restore_delete_prune_and_gc(tmp_path: Path) -> None:
-    out = values(run_ranks(_failed_async_save_raised_by, 2, str(tmp_path)))
-    expected = dict.fromkeys(["restore", "delete", "prune", "gc"], "InjectedFault")
-    assert out == [expected] * 2
 
 
 def _collectives_of_should_save(
