@@ -110,6 +110,30 @@ class CommitLost(CheckpointError, OSError):
     checkpoints."""
 
 
+class StagedFileMismatch(CheckpointError, OSError):
+    """Rank 0, about to commit, found a file another rank staged missing, or of another size
+    than that rank wrote: on a filesystem, the root is not one directory shared by every rank
+    (or a client's cache of it is stale); on an object store, the object is not there. Nothing
+    was committed. Besides ``rank`` (whose file) and ``path``: ``written_bytes``, the size that
+    rank wrote, and ``found_bytes``, the size rank 0 found (None: no such file)."""
+
+    written_bytes: int | None = None
+    found_bytes: int | None = None
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        rank: int,
+        path: str | os.PathLike[str],
+        written_bytes: int,
+        found_bytes: int | None,
+    ) -> None:
+        super().__init__(message, rank=rank, path=path)
+        self.written_bytes = written_bytes
+        self.found_bytes = found_bytes
+
+
 class ConcurrentCommit(CheckpointExists):
     """Another writer committed the same step between this commit's check, under the root's
     lock, and its rename: that lock does not reach the other writer (two machines whose

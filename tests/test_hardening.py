@@ -813,7 +813,11 @@ def _save_with_a_private_staging_dir(
         remove = events.add_listener(write_to_own_disk) if rank == 1 else lambda: None
         try:
             mgr.save(1, {"w": _weights(1, rank)})
-        except distckpt.CheckpointError as exc:
+        except distckpt.StagedFileMismatch as exc:
+            assert isinstance(exc, OSError)
+            assert exc.path is not None and exc.path.endswith("rank-00001.pt")
+            assert exc.written_bytes is not None and exc.written_bytes > 0
+            assert exc.found_bytes is None  # no such file where rank 0 looks
             return type(exc).__name__, str(exc), exc.rank
         finally:
             remove()
@@ -830,7 +834,7 @@ def test_a_rank_file_rank_0_cannot_see_fails_the_save_on_every_rank_naming_the_r
         run_ranks(_save_with_a_private_staging_dir, 2, str(root), str(disk), timeout=JOB_TIMEOUT)
     )
     for error_type, message, rank in out:
-        assert error_type == "CheckpointError"
+        assert error_type == "StagedFileMismatch"
         assert "rank 1's file rank-00001.pt is not visible from rank 0" in message
         assert rank == 1
     assert list(root.glob("step-*")) == []

@@ -632,3 +632,37 @@ def test_temp_dirs_of_dead_processes_are_removed(tmp_path: Path) -> None:
     finally:
         shutil.rmtree(mine, ignore_errors=True)
         shutil.rmtree(left, ignore_errors=True)
+
+
+def _save_losing_rank_1_object(
+    rank: int, world_size: int, url: str, options: dict[str, Any]
+) -> tuple[str, int | None, int | None, int | None]:
+    def lose_own_upload(event: distckpt.events.PhaseEvent) -> None:
+        # Rank 1's file is in the store once its write ends; losing it before rank 0's commit
+        # checks the staged objects is what a store that dropped the object looks like.
+        if event.phase == "save.write" and event.ok:
+            with ObjectStore(url, options) as store:
+                store.delete([i.key for i in store.list() if i.key.endswith("rank-00001.pt")])
+
+    with distckpt.CheckpointManager(url, storage_options=options, timeout=60) as manager:
+        remove = distckpt.events.add_listener(lose_own_upload) if rank == 1 else lambda: None
+        try:
+            manager.save(1, {"w": torch.ones(1000)})
+        except distckpt.StagedFileMismatch as exc:
+            assert exc.path is not None and exc.path.endswith("rank-00001.pt")
+            return type(exc).__name__, exc.rank, exc.written_bytes, exc.found_bytes
+        finally:
+            remove()
+        assert manager.steps() == []
+    raise AssertionError("a save whose rank 1 object is gone was committed")
+
+
+def test_a_staged_object_lost_before_the_commit_fails_the_save_on_every_rank(
+    s3_server: S3Server, s3_url: str
+) -> None:
+    options = s3_server.storage_options()
+    out = values(run_ranks(_save_losing_rank_1_object, 2, s3_url, options, timeout=JOB_TIMEOUT))
+    for error_type, rank, written, found in out:
+        assert (error_type, rank, found) == ("StagedFileMismatch", 1, None)
+        assert written is not None and written > 4000
+    assert not any(key.startswith("step-00000001/") for key in _objects(s3_url, options))

@@ -39,6 +39,7 @@ from distckpt.errors import (
     ConcurrentCommit,
     InvalidArgument,
     RootNotWritable,
+    StagedFileMismatch,
 )
 from distckpt.fsutil import (
     LINK_MODES,
@@ -233,18 +234,22 @@ class PosixRootStore(LinksAndRetention, ViewedStore):
             try:
                 size = (staging / name).stat().st_size
             except FileNotFoundError:
-                raise CheckpointError(
+                raise StagedFileMismatch(
                     f"rank {record.rank}'s file {name} is not visible from rank 0 in "
                     f"{staging}: the root must be on a filesystem shared by every rank",
                     rank=record.rank,
                     path=staging / name,
+                    written_bytes=record.size,
+                    found_bytes=None,
                 ) from None
             if size != record.size:
-                raise CheckpointError(
+                raise StagedFileMismatch(
                     f"{staging / name} has {size} bytes on rank 0 but rank {record.rank} "
                     f"wrote {record.size}",
                     rank=record.rank,
                     path=staging / name,
+                    written_bytes=record.size,
+                    found_bytes=size,
                 )
 
     # ------------------------------------------------------------------ commit

@@ -48,6 +48,7 @@ from distckpt.errors import (
     ObjectStoreError,
     PreconditionFailed,
     RootInUse,
+    StagedFileMismatch,
 )
 from distckpt.layout import MANIFEST_NAME
 from distckpt.lease import LeaseHolder, this_host
@@ -321,17 +322,21 @@ class S3RootStore(Upkeep, ViewedStore):
         for name, record in files.items():
             where = f"{area.location}/{name}"
             if name not in sizes:
-                raise CheckpointError(
+                raise StagedFileMismatch(
                     f"rank {record.rank}'s file {name} is not in the store at {where}",
                     rank=record.rank,
                     path=where,
+                    written_bytes=record.size,
+                    found_bytes=None,
                 )
             if sizes[name] != record.size:
-                raise CheckpointError(
+                raise StagedFileMismatch(
                     f"{where} has {sizes[name]} bytes in the store but rank {record.rank} "
                     f"wrote {record.size}",
                     rank=record.rank,
                     path=where,
+                    written_bytes=record.size,
+                    found_bytes=sizes[name],
                 )
 
     # ------------------------------------------------------------------ commit
