@@ -86,6 +86,9 @@ _MAX_WRITE_BUFFERS = 512
 #: caller's memory is copied here and written once the buffer is full (or at ``close``); and
 #: memory it can write straight is handed over in stretches of this size too.
 DIRECT_STAGING_BYTES = WRITEBACK_BYTES
+#: The errors of a write that found no room (a file size limit, a full disk or quota), which a
+#: direct writer's padded tail can meet where its true bytes fit.
+_NO_ROOM_ERRNOS = (errno.EFBIG, errno.ENOSPC)
 #: 0 where the platform has no direct I/O (macOS, Windows): such a writer is always buffered.
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
 
@@ -144,7 +147,11 @@ class ChecksumWriter:
     checksum cover the file's true bytes, never the padding. No early writeback is asked for (no
     page of the file is in the cache). Should a direct write be refused mid-file (EINVAL: a
     device with stricter rules), the rest of the file is written buffered from the same position
-    rather than failing; any other error (a full disk) fails the write, named after the file, as
+    rather than failing. The padding needs room a buffered file does not: should the padded tail
+    find none (EFBIG: a file size limit between the true and the padded size; ENOSPC: a disk or
+    quota full by less than a page), the tail is written again unpadded and buffered from its
+    start, the file's direct I/O stopped (:attr:`direct` turns False), and fails only if that
+    fails too. Any other error (a full disk mid-file) fails the write, named after the file, as
     it does buffered. :meth:`flush` hands nothing over in direct mode (staged bytes wait for a
     whole buffer or ``close``), and :meth:`write_in_parallel` needs a buffered writer."""
 
@@ -341,19 +348,43 @@ class ChecksumWriter:
 
     def _write_tail(self) -> None:
         """Direct mode: write what is staged, padded with zeros to a whole page (a direct write
-        is whole pages), then cut the file back to its true size."""
+        is whole pages), then cut the file back to its true size. Where the padding finds no
+        room (see the class doc), the tail is written again unpadded and buffered."""
         assert self._staging is not None
         staged = self._staged
         padded = round_up(staged, DIRECT_ALIGNMENT)
         # The buffer is reused within the file: what lies past the tail is older bytes.
         self._staging[staged:padded] = bytes(padded - staged)
-        self._write_staging(padded)
+        tail_offset = self.size - staged
+        try:
+            self._write_staging(padded)
+        except OSError as exc:
+            if padded == staged or exc.errno not in _NO_ROOM_ERRNOS:
+                raise
+            self._write_tail_buffered(tail_offset, staged)
         if padded != staged:
             try:
                 os.ftruncate(self._file.fileno(), self.size)
             except OSError as exc:
                 self.error = with_file_name(exc, self.path)
                 raise self.error from None
+
+    def _write_tail_buffered(self, offset: int, nbytes: int) -> None:
+        """Write the first ``nbytes`` of the staging buffer at ``offset`` through the page
+        cache, the rest of the file's direct I/O stopped: the padded tail's write, which this
+        replaces, may have written part of it. Its error, if any, is named after the file."""
+        assert self._staging is not None
+        fd = self._file.fileno()
+        self.error = None  # the padded write's: the tail is written again
+        try:
+            _stop_direct_io(fd)
+            self.direct = False
+            os.lseek(fd, offset, os.SEEK_SET)
+            self._write_all(self._staging[:nbytes])
+        except OSError as exc:
+            self.error = with_file_name(exc, self.path)
+            raise self.error from None
+        self._staged = 0
 
     def __enter__(self) -> ChecksumWriter:
         return self

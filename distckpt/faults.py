@@ -22,6 +22,7 @@ from distckpt.errors import InjectedFault, InvalidArgument
 
 #: Every fault point, in protocol order.
 POINTS = (
+    "before_staging",
     "after_shard_write",
     "before_agreement",
     "after_agreement",

@@ -29,7 +29,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
-from distckpt import events
+from distckpt import events, faults
 from distckpt.coord import Coordinator, run_now
 from distckpt.errors import InsufficientSpace, InvalidArgument, InvalidStep
 from distckpt.formats import CheckpointFormat
@@ -103,7 +103,11 @@ def propose(
 
     An async save (``snapshot`` given) copies its tensors with the proposals' collective
     running beside the copy, then reports the copy's outcome in one more small collective
-    (see :func:`_agree_beside_copy`)."""
+    (see :func:`_agree_beside_copy`).
+
+    A failed proposal leaves nothing behind: no thread it started outlives it, and the staging
+    area rank 0 opened is discarded (:func:`_abandon`); arguments that need no tensor are
+    checked before rank 0's root work starts."""
     step = request.step
     started = time.monotonic()
     prepared: dict[str, Any] = {}  # this rank's own results, kept out of the collective
@@ -119,6 +123,7 @@ def propose(
             )
             if existing is not None:
                 return existing
+            faults.hit("before_staging", coord.rank)
             prepared["area"] = store.begin_staging(step, token)
             # The size and metrics are this rank's, filled in once the snapshot is taken. Only
             # an async save returns before its commit names the checkpoint: a sync save spends
@@ -140,36 +145,33 @@ def propose(
         (``prepared["snapshot"]``), beside the proposals' collective."""
         check_launcher(launcher, coord=coord, store=store)
         check_step_number(step)
+        # Every argument that needs no tensor is checked before the root work starts, so that
+        # a bad one fails the save with no thread started and no staging area opened. Every
+        # rank checks its metrics (rank 0's are the ones stored): a rank's bad value fails the
+        # save on every rank, as a bad state does.
+        metrics = normalize_metrics(request.metrics)
         root_done: Callable[[], Proposal | SaveResult] | None = None
         if coord.is_coordinator:
             prepared["metadata"] = check_json_metadata(request.metadata)
             prepared["files"] = check_extra_files(request.files, fmt)
             # Only an async save copies tensors here; a sync save has nothing to overlap, so
-            # it spends no thread on it.
+            # it spends no thread on it. Kept in `prepared` so that a failed proposal waits
+            # for it, wherever it fails (see :func:`_abandon`).
             root_done = (
                 start_beside(prepare_root, name="distckpt-propose")
                 if snapshot is not None
                 else run_now(prepare_root)
             )
-        try:
-            with events.phase("propose.snapshot", rank=coord.rank, step=step):
-                plain = to_plain(state, mark_per_rank=fmt.marks_per_rank)
-                fmt.check_state(plain)
-                taken = snapshot.prepare(plain) if snapshot is not None else None
-        except BaseException:
-            # Joined before the snapshot's error is reported: a staging area the root work
-            # opened is then in `prepared`, which the caller discards. Its own error, if any,
-            # is the lesser news.
-            if root_done is not None:
-                with contextlib.suppress(Exception):
-                    root_done()
-            raise
+            prepared["root_done"] = root_done
+        with events.phase("propose.snapshot", rank=coord.rank, step=step):
+            plain = to_plain(state, mark_per_rank=fmt.marks_per_rank)
+            fmt.check_state(plain)
+            taken = snapshot.prepare(plain) if snapshot is not None else None
         prepared["state"] = plain if taken is None else taken.state
         prepared["snapshot"] = taken
         # From the buffers' sizes (an async snapshot's buffers are sized before they are
         # filled), so the estimate is ready before the copy.
         estimated = fmt.estimate_bytes(prepared["state"])
-        metrics = normalize_metrics(request.metrics)
 
         def proposal() -> Proposal:
             root = root_done() if root_done is not None else None
@@ -193,8 +195,7 @@ def propose(
                     plan_locally, prepared, snapshot, verdict, coord=coord, step=step, what=what
                 )
     except BaseException:
-        if "area" in prepared:
-            store.discard_staging(prepared["area"])
+        _abandon(prepared, store)
         raise
     if chosen.existing is not None:
         logger.info("step %d is already committed; not saving it again", step)
@@ -213,6 +214,19 @@ def propose(
         metadata=prepared.get("metadata", {}),
         files=prepared.get("files", {}),
     )
+
+
+def _abandon(prepared: dict[str, Any], store: RootStore) -> None:
+    """Undo what a failed proposal prepared on this rank: wait for rank 0's root work first
+    (a thread still running could open a staging area after this looked, and keep it, its
+    writer lock and itself alive past the failed save), then discard the staging area it
+    opened. The root work's own error, if any, is the lesser news: the proposal's is raised."""
+    root_done = prepared.get("root_done")
+    if root_done is not None:
+        with contextlib.suppress(Exception):
+            root_done()
+    if "area" in prepared:
+        store.discard_staging(prepared["area"])
 
 
 def _agree_beside_copy(

@@ -15,6 +15,7 @@ through fusefat, a FUSE driver of its own.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import subprocess
@@ -180,6 +181,22 @@ def skip_or_fail(reason: str) -> NoReturn:
     if os.environ.get("CI", "").lower() == "true":
         pytest.fail(f"CI must run every test, but: {reason}")
     pytest.skip(reason)
+
+
+def take_every_free_block(volume: Path, hog: Path) -> None:
+    """Allocate to ``hog`` every block ``volume`` has left, root's reserve included (the
+    ranks run as root, which may write into it)."""
+    stat = os.statvfs(volume)
+    chunk, offset = stat.f_bfree * stat.f_frsize, 0
+    with open(hog, "wb") as file:
+        while chunk >= stat.f_frsize:
+            try:
+                os.posix_fallocate(file.fileno(), offset, chunk)
+                offset += chunk
+            except OSError as exc:
+                if exc.errno != errno.ENOSPC:
+                    raise
+                chunk //= 2
 
 
 @dataclass

@@ -10,6 +10,7 @@ import os
 import random
 import re
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -723,3 +724,87 @@ def _commit_lines_seen(rank: int, world_size: int, root: str) -> int:
 
 def test_the_commit_line_comes_from_rank_0_alone(root: Path) -> None:
     assert values(run_ranks(_commit_lines_seen, 2, str(root), timeout=JOB_TIMEOUT)) == [3, 0]
+
+
+# --------------------------------------------------------------------------- a failed proposal
+
+#: How long rank 0's root work is held before it opens the staging area (a slow root: NFS, an
+#: object store). A proposal that failed without waiting for its root work has raised long
+#: before, so a staging area, its writer lock and the thread would outlive the failed save.
+SLOW_ROOT_SECONDS = 0.3
+
+
+def _slow_root_work(seconds: float) -> None:
+    """Hold rank 0's root work at the ``before_staging`` fault point for ``seconds``."""
+    real_hit = faults.hit
+
+    def hit(point: str, rank: int) -> None:
+        if point == "before_staging":
+            time.sleep(seconds)
+        real_hit(point, rank)
+
+    faults.hit = hit  # the proposal calls faults.hit through the module: this reaches it
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def _propose_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith("distckpt-propose")]
+
+
+def _failed_proposals(
+    rank: int, world_size: int, root: str, async_save: bool, failing_rank: int
+) -> dict[str, Any]:
+    """Save step 2 twice, failing each time on ``failing_rank`` alone: a metric that is no
+    number (checked before the root work starts), then a state that refuses to be saved
+    (after it started); rank 0's root work is slow both times."""
+    out: dict[str, Any] = {"errors": [], "threads": []}
+    _slow_root_work(SLOW_ROOT_SECONDS)
+    with distckpt.CheckpointManager(root, timeout=TIMEOUT, async_save=async_save) as mgr:
+        state: dict[str, Any] = {"w": _weights(2, rank)}
+        mgr.save(1, {"w": _weights(1, rank)})  # the manager's own fds and threads are open now
+        mgr.wait()
+        fds = _open_fds()
+        failing = rank == failing_rank
+        attempts = [
+            ({**state}, {"loss": "not a number" if failing else 0.5}),
+            ({**state, "obj": _RefusesItsState()} if failing else state, {"loss": 0.5}),
+        ]
+        for bad_state, metrics in attempts:
+            try:
+                mgr.save(2, bad_state, metrics=metrics)
+            except Exception as exc:
+                out["errors"].append(_err(exc))
+            out["threads"].append(_propose_threads())  # right after save() raised
+        mgr.gc()
+        if rank == 0:
+            out["staging"] = _staging_entries(Path(root))
+        out["fds_leaked"] = _open_fds() - fds
+        out["retry"] = mgr.save(2, state, metrics={"loss": 0.5}).step
+        mgr.wait()
+        out["steps"] = mgr.steps()
+    return out
+
+
+@pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_a_failed_proposal_leaves_no_staging_fd_or_thread_behind(
+    root: Path, world_size: int, async_save: bool
+) -> None:
+    failing_rank = world_size - 1  # with 2 ranks, rank 1: rank 0's own arguments are fine
+    out = values(
+        run_ranks(
+            _failed_proposals, world_size, str(root), async_save, failing_rank, timeout=JOB_TIMEOUT
+        )
+    )
+    for rank_out in out:
+        (metric_error, state_error) = rank_out["errors"]
+        assert metric_error[0] == "InvalidArgument", metric_error
+        assert "must be a number" in metric_error[1], metric_error
+        assert state_error[2] and "refuses to be saved" in state_error[1], state_error
+        assert rank_out["threads"] == [[], []]
+        assert rank_out["fds_leaked"] == 0
+        assert rank_out["retry"] == 2 and rank_out["steps"] == [1, 2]
+    assert out[0]["staging"] == []

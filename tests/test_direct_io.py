@@ -13,6 +13,8 @@ import errno
 import fcntl
 import mmap
 import os
+import resource
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -31,7 +33,8 @@ from distckpt.memory import DIRECT_ALIGNMENT, anonymous_memory, buffer_address
 from distckpt.snapshot import Slot, flat_buffers
 from distckpt.storage.posix import PosixRootStore
 from distckpt.storage.s3 import S3RootStore
-from tests.filesystems import MountFactory, skip_or_fail
+from tests.filesystems import MountFactory, skip_or_fail, take_every_free_block
+from tests.ranks import run_ranks, values
 from tests.s3server import S3Server
 from tests.syscall_trace import FileCall, traced_file_calls
 
@@ -352,3 +355,80 @@ def test_an_async_save_to_an_object_store_spools_its_rank_file_buffered(
     ]
     assert written, calls
     assert not [call for call in written if _opened_direct(call)], written
+
+
+def _state_ending_within_a_page(reference: Path) -> tuple[dict[str, object], ChecksumWriter]:
+    """A state written direct (without a limit), whose file ends 192 bytes into a page, and
+    the buffered file of it at ``reference``."""
+    state = _page_aligned_state(CASES["not-a-page-multiple"][0], seed=3)
+    buffered = write_rank_file(state, reference, fsync=False, direct=False)
+    assert buffered.size % DIRECT_ALIGNMENT == 192, buffered.size
+    unlimited = write_rank_file(state, reference.with_suffix(".direct"), fsync=False, direct=True)
+    assert unlimited.direct, "without a limit, the file is written direct"
+    reference.with_suffix(".direct").unlink()
+    return state, buffered
+
+
+def _direct_write_under_a_file_size_limit(
+    rank: int, world_size: int, state: dict[str, object], path: str, limit: int
+) -> tuple[int, str, bool] | str:
+    """In a forked child (the limit is the process's): write ``state`` direct under
+    RLIMIT_FSIZE ``limit``; its size, checksum and whether it stayed direct, or the error."""
+    # Ignored, so that a write past the limit fails with EFBIG instead of killing the process.
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+    try:
+        writer = write_rank_file(state, Path(path), fsync=True, direct=True)
+    except OSError as exc:
+        return f"{errno.errorcode.get(exc.errno or 0)}: {exc}"
+    return writer.size, writer.checksum, writer.direct
+
+
+def test_a_direct_file_needs_no_room_for_its_padded_last_page_under_a_size_limit(
+    tmp_path: Path,
+) -> None:
+    """Under a file size limit of exactly the file's true size, the padded last page does not
+    fit (EFBIG): the tail is written again unpadded and buffered, and the file is the buffered
+    one, bit for bit. Under a limit one byte short, the write fails as a buffered one does,
+    naming the file."""
+    _require_direct_io(tmp_path)
+    reference = tmp_path / "buffered.pt"
+    state, buffered = _state_ending_within_a_page(reference)
+    target = tmp_path / "direct.pt"
+    (result,) = values(
+        run_ranks(_direct_write_under_a_file_size_limit, 0, state, str(target), buffered.size)
+    )
+    assert result == (buffered.size, buffered.checksum, False)
+    assert target.read_bytes() == reference.read_bytes()
+
+    short = tmp_path / "short.pt"
+    (result,) = values(
+        run_ranks(_direct_write_under_a_file_size_limit, 0, state, str(short), buffered.size - 1)
+    )
+    assert isinstance(result, str) and result.startswith("EFBIG") and str(short) in result
+
+
+def test_a_direct_file_needs_no_room_for_its_padded_last_page_on_a_full_disk(
+    mounts: MountFactory, tmp_path: Path
+) -> None:
+    """On a volume of 1 KiB blocks left with room for the file's true bytes and one block
+    more, but not for its last page padded (3 blocks more), the padded write fails (ENOSPC):
+    the tail is written again unpadded and buffered, and the file is the buffered one."""
+    mount = mounts.get("small-ext4")
+    block = os.statvfs(mount.path).f_frsize
+    if block * 4 > DIRECT_ALIGNMENT:
+        skip_or_fail(f"{mount.path} has blocks of {block} bytes: a padded page takes no more")
+    reference = tmp_path / "buffered.pt"
+    state, buffered = _state_ending_within_a_page(reference)
+    hog, target = mount.path / "hog-padded-tail", mount.path / "padded-tail.pt"
+    try:
+        take_every_free_block(mount.path, hog)
+        room = (-(-buffered.size // block) + 1) * block  # the file's blocks, and one more
+        os.truncate(hog, hog.stat().st_size - room)
+        writer = write_rank_file(state, target, fsync=True, direct=True)
+        assert writer.direct is False  # stopped at the tail
+        assert target.read_bytes() == reference.read_bytes()
+        assert writer.size == buffered.size and writer.checksum == buffered.checksum
+    finally:
+        hog.unlink(missing_ok=True)
+        target.unlink(missing_ok=True)

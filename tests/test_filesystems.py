@@ -40,7 +40,7 @@ from distckpt.cli import main
 from distckpt.fsutil import WRITEBACK_BYTES, probe_writable, start_writeback
 from distckpt.lock import WriterLock
 from distckpt.memory import anonymous_memory
-from tests.filesystems import KINDS, LOSES_RENAMED_DIRS, MountFactory
+from tests.filesystems import KINDS, LOSES_RENAMED_DIRS, MountFactory, take_every_free_block
 from tests.ranks import run_ranks, values
 from tests.syscall_trace import async_save_written_direct
 
@@ -471,28 +471,12 @@ def test_an_export_onto_a_full_disk_says_so_and_names_its_file(
     assert not [name for name in os.listdir(mount.path) if "exported" in name]
 
 
-def _take_every_free_block(volume: Path, hog: Path) -> None:
-    """Allocate to ``hog`` every block ``volume`` has left, root's reserve included (the
-    ranks run as root, which may write into it)."""
-    stat = os.statvfs(volume)
-    chunk, offset = stat.f_bfree * stat.f_frsize, 0
-    with open(hog, "wb") as file:
-        while chunk >= stat.f_frsize:
-            try:
-                os.posix_fallocate(file.fileno(), offset, chunk)
-                offset += chunk
-            except OSError as exc:
-                if exc.errno != errno.ENOSPC:
-                    raise
-                chunk //= 2
-
-
 def _fill_before_manifest(rank: int, world_size: int, root: str, hog: str) -> object:
     real_hit = faults.hit
 
     def fill_at_the_manifest(point: str, at_rank: int) -> None:
         if point == "before_manifest":
-            _take_every_free_block(Path(root).parent, Path(hog))
+            take_every_free_block(Path(root).parent, Path(hog))
         real_hit(point, at_rank)
 
     with distckpt.CheckpointManager(root, timeout=TIMEOUT) as mgr:
