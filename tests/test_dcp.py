@@ -3,6 +3,7 @@ refusal of malicious pickles without running their code."""
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import os
 import pickle
@@ -19,6 +20,7 @@ from distckpt import faults
 from distckpt.checksums import file_checksum
 from distckpt.errors import CorruptCheckpoint, InvalidArgument, UnsafeCheckpoint
 from distckpt.formats.dcp import ModelOptimizerState
+from distckpt.formats.dcp_keys import split_per_rank
 from distckpt.fsutil import atomic_write_bytes
 from distckpt.layout import MANIFEST_NAME
 from distckpt.manifest import FileRecord, read_manifest
@@ -419,3 +421,13 @@ def test_train_fsdp_resumes_on_another_world_size(tmp_path: Path) -> None:
     torch.testing.assert_close(
         a["app"]["optim"]["state"], b["app"]["optim"]["state"], rtol=1e-4, atol=1e-6
     )
+
+
+Pair = collections.namedtuple("Pair", "weights count")
+
+
+def test_per_rank_values_leave_a_named_tuple_of_the_same_type() -> None:
+    weights = torch.ones(2)
+    shared, marked = split_per_rank({"pair": Pair(weights, distckpt.PerRank(3))})
+    assert shared == {"pair": Pair(weights, None)} and type(shared["pair"]) is Pair
+    assert marked == [(("pair", 1), 3)]
