@@ -683,7 +683,7 @@ def test_a_named_tuple_round_trips(root: Path, async_save: bool) -> None:
     assert restored["pair"].count == 3 and restored["nested"][0].count == 5
 
 
-@pytest.mark.parametrize("async_save", [False])
+@pytest.mark.parametrize("async_save", [False, True])
 def test_a_sparse_tensor_round_trips(root: Path, async_save: bool) -> None:
     sparse = torch.sparse_coo_tensor([[0, 2, 5]], [1.0, 2.0, 3.0], (8,))
     # It has no storage to size: what torch.save writes of it, its indices and values.
