@@ -57,6 +57,7 @@ SUB_BYTE_DTYPES: frozenset[torch.dtype] = frozenset(
     if hasattr(torch, f"{kind}{bits}")
 )
 
+#: ``torch.strided``, compared by identity for every tensor of every save
 _STRIDED = torch.strided
 
 #: Where a tensor sits in the state tree: the keys and indices leading to it.
@@ -79,7 +80,7 @@ BufferKey = TreeKey | SharedStorage
 
 class SharedView(NamedTuple):
     """A tensor of the state that shares its storage with others: its place, which shared
-    buffer holds it, and its view of that buffer's bytes."""
+    buffer holds it (:class:`SharedStorage` ``number``), and its view of that buffer's bytes."""
 
     key: TreeKey
     storage: int

@@ -1,4 +1,5 @@
-"""Async saves' snapshots: one flat block of memory, yet separate tensors to every format."""
+"""Async saves' snapshots: one flat block of memory, yet separate storages to every format,
+shared where the state's tensors share one; tensors no raw buffer can hold are cloned."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from distckpt.snapshot import (
     SnapshotBuffers,
     flat_buffers,
 )
+from tests.ranks import run_ranks, values
 
 
 def _mixed_state() -> dict[str, Any]:
@@ -321,3 +323,32 @@ def test_shared_buffers_are_reused_until_the_sharing_changes() -> None:
     assert third["b"].untyped_storage().nbytes() == third["b"].nbytes
     for name, tensor in retied.items():
         assert torch.equal(third[name], tensor), name
+
+
+def _tied_dtensors(rank: int, world_size: int) -> list[bool]:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard
+
+    mesh = init_device_mesh("cpu", (world_size,))
+    local = torch.arange(16.0) + rank
+    tied = DTensor.from_local(local, mesh, [Shard(0)])
+    state = {
+        "embedding": tied,
+        "head": tied,
+        "slice": DTensor.from_local(local[4:8], mesh, [Shard(0)]),
+    }
+    snap = SnapshotBuffers().snapshot(state)
+    local.add_(100.0)  # training goes on: the snapshot keeps what it copied
+    locals_ = {name: value.to_local() for name, value in snap.items()}
+    storages = {t.untyped_storage().data_ptr() for t in locals_.values()}
+    return [
+        all(isinstance(value, DTensor) for value in snap.values()),
+        snap["embedding"].placements == tied.placements and snap["head"].shape == tied.shape,
+        len(storages) == 1,  # the shards share their storage, as the state's do
+        torch.equal(locals_["head"], torch.arange(16.0) + rank),
+        torch.equal(locals_["slice"], torch.arange(4.0, 8.0) + rank),
+    ]
+
+
+def test_dtensors_sharing_a_local_shard_share_its_buffer() -> None:
+    assert values(run_ranks(_tied_dtensors, 2)) == [[True] * 5] * 2
