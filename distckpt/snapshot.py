@@ -146,7 +146,10 @@ class _Walk:
             on_device: dict[torch.device, list[int]] = {}
             for index in members:
                 tensor = self.sources[index]
-                if tensor.numel():  # a tensor of no elements shares nothing
+                # A tensor of no elements shares nothing. A lazily conjugated or negated view
+                # keeps a buffer of its own: a copy into it applies the bit, a view of the raw
+                # bytes would not.
+                if tensor.numel() and not (tensor.is_conj() or tensor.is_neg()):
                     on_device.setdefault(tensor.device, []).append(index)
             groups += [same for same in on_device.values() if len(same) > 1]
         groups.sort()  # by the first slot of each: the order of the walk, as the layout's

@@ -350,5 +350,14 @@ def _tied_dtensors(rank: int, world_size: int) -> list[bool]:
     ]
 
 
+def test_a_lazily_conjugated_view_is_snapshotted_with_its_bit_applied() -> None:
+    complex_ = torch.randn(6, dtype=torch.complex64)
+    state = {"values": complex_, "conjugated": complex_.conj(), "negated": complex_.conj().imag}
+    assert state["conjugated"].is_conj() and state["negated"].is_neg()
+    snap = SnapshotBuffers().snapshot(state)
+    for name, tensor in state.items():
+        assert torch.equal(snap[name], tensor.resolve_conj().resolve_neg()), name
+
+
 def test_dtensors_sharing_a_local_shard_share_its_buffer() -> None:
     assert values(run_ranks(_tied_dtensors, 2)) == [[True] * 5] * 2
