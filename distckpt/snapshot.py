@@ -2,15 +2,25 @@
 
 An async save returns as soon as the state is copied, and a background thread writes the copy.
 The buffers are allocated at the first save and reused by later ones while the state's tensors
-keep their places, shapes and dtypes, so a steady-state snapshot costs one memory copy and no
-allocation; a save whose tensors changed gets new buffers and lets the old ones go.
+keep their places, shapes, dtypes and sharing, so a steady-state snapshot costs one memory copy
+and no allocation; a save whose tensors changed gets new buffers and lets the old ones go.
 
-Without CUDA the buffers are views of one flat, page-aligned block of private anonymous memory
-(``mmap``): one allocation per layout and no allocator header per tensor.
-Each buffer still has a storage of its own covering exactly its bytes, so a format sees the
-snapshot as it sees separate tensors: the "torch" rank file writes only each tensor's bytes,
-and a restore gives independent tensors, not views of one block. With CUDA, every buffer is a
-pinned tensor of its own, so device-to-host copies run at full speed.
+A tensor that is the state's only tensor in its storage (the common case) gets a contiguous
+buffer of its own, exactly its bytes. Tensors that share a storage (a weight tied to two places
+of the state, views of one tensor) share one buffer: a copy of the bytes of that storage they
+reach, from the lowest to the highest, in which each of them is a view with its own dtype,
+offset, shape and strides. So a format sees what a sync save shows it: the "torch" rank file
+writes each storage once, and a restore gives independent tensors where the state had them and
+tensors sharing a storage where the state shared one.
+
+Without CUDA the buffers lie in one flat, page-aligned block of private anonymous memory
+(``mmap``): one allocation per layout and no allocator header per tensor. Each buffer still has
+a storage of its own covering exactly its bytes, so no format sees the block. With CUDA, every
+buffer is a pinned tensor of its own, so device-to-host copies run at full speed.
+
+A tensor torch cannot copy into such a buffer (quantized, sparse, of any layout but strided) is
+cloned instead, into fresh memory at each save: correct, and rare. A tensor of a sub-byte dtype
+(:data:`SUB_BYTE_DTYPES`), for which torch has no copy at all, is copied as the bytes it lies in.
 
 DTensors are copied shard by shard and rebuilt with the same mesh and placements.
 """
@@ -18,9 +28,9 @@ DTensors are copied shard by shard and rebuilt with the same mesh and placements
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
 import torch
 
@@ -34,6 +44,21 @@ from distckpt.state import dtensor_type, same_kind_of_tuple
 #: "torch" rank file can write it with direct I/O straight from this memory (for a state whose
 #: large tensors are whole pages, as they usually are, that costs no extra page).
 BUFFER_ALIGNMENT = 64
+#: A shared buffer copies its storage from the lowest byte its tensors reach rounded down to a
+#: multiple of this: every dtype's size divides it, so each tensor's offset in the buffer stays
+#: a whole number of its elements.
+SHARED_START_ALIGNMENT = 16
+#: Dtypes of fewer than 8 bits, each element in a byte of its own: torch has no copy (nor
+#: clone) for them, so their buffers are filled through ``uint8`` views of the same bytes.
+SUB_BYTE_DTYPES: frozenset[torch.dtype] = frozenset(
+    getattr(torch, f"{kind}{bits}")
+    for kind in ("uint", "int")
+    for bits in range(1, 8)
+    if hasattr(torch, f"{kind}{bits}")
+)
+
+#: ``torch.strided``, compared by identity for every tensor of every save
+_STRIDED = torch.strided
 
 #: Where a tensor sits in the state tree: the keys and indices leading to it.
 TreeKey = tuple[Any, ...]
@@ -42,12 +67,49 @@ Slot = tuple[TreeKey, torch.Size, torch.dtype]
 
 
 @dataclass(frozen=True)
+class SharedStorage:
+    """The key of a buffer that tensors share: the ``number``-th storage the state's walk found
+    shared. Not a tuple, so it never equals a :data:`TreeKey`."""
+
+    number: int
+
+
+#: Where a buffer belongs: a tensor's place, or a storage its tensors share.
+BufferKey = TreeKey | SharedStorage
+
+
+class SharedView(NamedTuple):
+    """A tensor of the state that shares its storage with others: its place, which shared
+    buffer holds it (:class:`SharedStorage` ``number``), and its view of that buffer's bytes."""
+
+    key: TreeKey
+    storage: int
+    byte_offset: int
+    shape: torch.Size
+    stride: tuple[int, ...]
+    dtype: torch.dtype
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What a snapshot's buffers are made for; they are reused while it stays the same."""
+
+    #: every tensor with a buffer, in the order of the state's walk
+    slots: list[Slot] = field(default_factory=list)
+    #: those of them that share a storage: by shared storage, each's in the order of the walk
+    views: list[SharedView] = field(default_factory=list)
+    #: the size of each shared storage's buffer
+    shared_bytes: list[int] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
 class Snapshot:
     """A snapshot whose buffers exist but are not filled yet: ``state`` is the copy's tree
     (its tensors are the buffers), and :meth:`copy` fills them from the state they mirror."""
 
     state: Any
-    #: (buffer, the tensor it copies), in the order of the state's walk
+    #: (buffer, what it copies): a tensor, a ``uint8`` view of a sub-byte one's bytes, or the
+    #: bytes of a shared storage its tensors reach
     copies: tuple[tuple[torch.Tensor, torch.Tensor], ...]
     #: whether the copies are asynchronous device-to-host copies into pinned buffers
     non_blocking: bool
@@ -60,13 +122,98 @@ class Snapshot:
         return self.state
 
 
+@dataclass
+class _Walk:
+    """What one walk of the state finds: its tensors with a buffer, the copies into the
+    buffers it found, and which tensors share a storage."""
+
+    slots: list[Slot] = field(default_factory=list)
+    #: the tensor of each slot
+    sources: list[torch.Tensor] = field(default_factory=list)
+    copies: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    #: a storage's start address -> the first slot met in it
+    first_in_storage: dict[int, int] = field(default_factory=dict)
+    #: a storage's start address -> its slots, once a second one is met in it
+    sharing: dict[int, list[int]] = field(default_factory=dict)
+
+    def layout(self) -> tuple[Layout, list[tuple[torch.Tensor, int, int]]]:
+        """The layout found, and for each shared storage the range of bytes its tensors reach
+        [low, high) in a tensor whose storage holds them all."""
+        if not self.sharing:
+            return Layout(self.slots), []
+        groups: list[list[int]] = []
+        for members in self.sharing.values():
+            on_device: dict[torch.device, list[int]] = {}
+            for index in members:
+                tensor = self.sources[index]
+                # A tensor of no elements shares nothing. A lazily conjugated or negated view
+                # keeps a buffer of its own: a copy into it applies the bit, a view of the raw
+                # bytes would not.
+                if tensor.numel() and not (tensor.is_conj() or tensor.is_neg()):
+                    on_device.setdefault(tensor.device, []).append(index)
+            groups += [same for same in on_device.values() if len(same) > 1]
+        groups.sort()  # by the first slot of each: the order of the walk, as the layout's
+        views: list[SharedView] = []
+        shared_bytes: list[int] = []
+        ranges: list[tuple[torch.Tensor, int, int]] = []
+        for number, members in enumerate(groups):
+            tensors = [self.sources[index] for index in members]
+            extents = [_byte_extent(tensor) for tensor in tensors]
+            low = min(start for start, _ in extents)
+            low -= low % SHARED_START_ALIGNMENT
+            high = max(end for _, end in extents)
+            shared_bytes.append(high - low)
+            # Tensors of different storages over the same memory (rare: two `frombuffer`s of
+            # it) are copied through the largest, which holds the bytes of every other.
+            largest = max(tensors, key=lambda tensor: tensor.untyped_storage().nbytes())
+            ranges.append((largest, low, high))
+            views += [
+                SharedView(
+                    self.slots[index][0],
+                    number,
+                    start - low,
+                    tensor.shape,
+                    tensor.stride(),
+                    tensor.dtype,
+                )
+                for index, tensor, (start, _) in zip(members, tensors, extents)
+            ]
+        return Layout(self.slots, views, shared_bytes), ranges
+
+
+def _byte_extent(tensor: torch.Tensor) -> tuple[int, int]:
+    """The bytes [start, end) of its storage that a tensor (of at least one element) reaches."""
+    last = tensor.storage_offset() + sum(
+        (size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride())
+    )
+    itemsize = tensor.dtype.itemsize
+    return tensor.storage_offset() * itemsize, (last + 1) * itemsize
+
+
+def _byte_range(tensor: torch.Tensor, low: int, high: int) -> torch.Tensor:
+    """The bytes [low, high) of ``tensor``'s storage, as a ``uint8`` tensor (no copy)."""
+    return torch.empty(0, dtype=torch.uint8, device=tensor.device).set_(
+        tensor.untyped_storage(), low, (high - low,)
+    )
+
+
+def _view_in(buffer: torch.Tensor, view: SharedView) -> torch.Tensor:
+    """``view``'s tensor in the shared ``buffer`` (whose storage it then shares)."""
+    return torch.empty(0, dtype=view.dtype, device=buffer.device).set_(
+        buffer.untyped_storage(), view.byte_offset // view.dtype.itemsize, view.shape, view.stride
+    )
+
+
 class SnapshotBuffers:
-    """Reusable CPU buffers, keyed by where each tensor sits in the state tree."""
+    """Reusable CPU buffers, keyed by where each tensor sits in the state tree (or, for
+    tensors sharing a storage, by which shared storage they are in)."""
 
     def __init__(self) -> None:
-        self._buffers: dict[TreeKey, torch.Tensor] = {}
-        #: the slots the buffers were made for, in the order of the state's walk
-        self._layout: list[Slot] = []
+        #: the buffers of tensors with one of their own, and those of shared storages
+        self._buffers: dict[BufferKey, torch.Tensor] = {}
+        #: each tensor in a shared buffer, a view of it, by its place
+        self._views: dict[TreeKey, torch.Tensor] = {}
+        self._layout = Layout()
         self._pin = torch.cuda.is_available()
         self._dtensor: Any = None
 
@@ -76,66 +223,110 @@ class SnapshotBuffers:
 
     def prepare(self, state: Any) -> Snapshot:
         """The snapshot of ``state`` with its buffers ready (allocated only if the tensors'
-        places, shapes or dtypes changed since the last one) but no tensor copied yet: what it
-        will hold is known (e.g. its size) before the copy runs."""
+        places, shapes, dtypes or sharing changed since the last one) but no buffer filled
+        yet: what it will hold is known (e.g. its size) before the copy runs. The rare tensor
+        that gets no buffer (see the module doc) is cloned here already."""
         self._dtensor = dtensor_type()
-        slots: list[Slot] = []
-        copies: list[tuple[torch.Tensor, torch.Tensor]] = []
-        copied = self._walk(state, (), lambda key, value: self._leaf(key, value, slots, copies))
-        if slots != self._layout:
-            # A tensor came, went or changed: new buffers (the old ones of tensors that are
-            # gone are dropped, so a changed state does not pin old memory), and a second walk
-            # that finds them all.
-            self._allocate(slots)
-            slots.clear()
-            copies.clear()
-            copied = self._walk(state, (), lambda key, value: self._leaf(key, value, slots, copies))
-        return Snapshot(copied, tuple(copies), self._pin)
+        walk = _Walk()
+        copied = self._walk(state, (), lambda key, value: self._leaf(key, value, walk))
+        layout, ranges = walk.layout()
+        if layout != self._layout:
+            # A tensor came, went, changed or shares its storage otherwise: new buffers (the
+            # old ones are dropped, so a changed state does not pin old memory), and a second
+            # walk that finds them all.
+            self._allocate(layout)
+            walk = _Walk()
+            copied = self._walk(state, (), lambda key, value: self._leaf(key, value, walk))
+            layout, ranges = walk.layout()
+        for number, (source, low, high) in enumerate(ranges):
+            walk.copies.append(
+                (self._buffers[SharedStorage(number)], _byte_range(source, low, high))
+            )
+        return Snapshot(copied, tuple(walk.copies), self._pin)
 
     def synchronize(self) -> None:
         """Wait for non-blocking device-to-host copies (pinned buffers) to land."""
         if self._pin:
             torch.cuda.synchronize()
 
-    def _allocate(self, slots: list[Slot]) -> None:
+    def _allocate(self, layout: Layout) -> None:
+        shared = {view.key for view in layout.views}
+        slots: list[tuple[BufferKey, torch.Size, torch.dtype]] = [
+            slot for slot in layout.slots if slot[0] not in shared
+        ]
+        slots += [
+            (SharedStorage(number), torch.Size([nbytes]), torch.uint8)
+            for number, nbytes in enumerate(layout.shared_bytes)
+        ]
+        self._views = {}
         if self._pin:
+            # No GPU was available to test this branch: it follows the flat block's design, a
+            # pinned uint8 buffer per shared storage, filled by one non-blocking copy.
             self._buffers = {key: self._pinned(key, shape, dtype) for key, shape, dtype in slots}
         else:
             self._buffers = {}  # before mapping the new block: the old one may go back first
             self._buffers = flat_buffers(slots)
-        self._layout = list(slots)
+        self._views = {
+            view.key: _view_in(self._buffers[SharedStorage(view.storage)], view)
+            for view in layout.views
+        }
+        self._layout = layout
 
-    def _pinned(self, key: TreeKey, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+    def _pinned(self, key: BufferKey, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
         """The pinned buffer of ``key``: its old one if it still fits, else a new one."""
         buffer = self._buffers.get(key)
         if buffer is None or buffer.shape != shape or buffer.dtype != dtype:
             buffer = torch.empty(shape, dtype=dtype, device="cpu", pin_memory=True)
         return buffer
 
-    def _leaf(
-        self,
-        key: TreeKey,
-        value: Any,
-        slots: list[Slot],
-        copies: list[tuple[torch.Tensor, torch.Tensor]],
-    ) -> Any:
+    def _leaf(self, key: TreeKey, value: Any, walk: _Walk) -> Any:
         """The snapshot of one leaf of the state: a tensor's buffer (None while it has none: that
-        walk's tree is thrown away), or a copy of a plain value."""
+        walk's tree is thrown away), its clone if it gets no buffer, or a copy of a plain value."""
         is_dtensor = self._dtensor is not None and isinstance(value, self._dtensor)
         if not (is_dtensor or isinstance(value, torch.Tensor)):
             # Plain values (numbers, strings) are immutable or small: a deep copy stops later
             # mutation of, say, a list of ints in a sampler's state from reaching the snapshot.
             return copy.deepcopy(value)
         local = value.to_local() if is_dtensor else value
-        slots.append((key, local.shape, local.dtype))
+        if local.requires_grad:  # a state reduced to plain data has none: no detach to pay
+            local = local.detach()
+        if local.layout is not _STRIDED or local.is_quantized:
+            # A buffer of raw bytes cannot hold it (a quantized buffer made that way has no
+            # quantizer, and copying into it crashed the process): fresh memory each save.
+            return self._rebuilt(value, local.clone(), is_dtensor)
+        shape, dtype = local.shape, local.dtype
+        # Written out here, not in a method of the walk: this runs for every tensor of every
+        # save, and a state of 20,000 small tensors felt each call.
+        index = len(walk.slots)
+        walk.slots.append((key, shape, dtype))
+        walk.sources.append(local)
+        # The storage's start, without the cost of asking each tensor for its storage. A
+        # tensor of no elements may seem to share one: the walk's layout drops it.
+        start = local.data_ptr() - local.storage_offset() * dtype.itemsize
+        first = walk.first_in_storage.setdefault(start, index)
+        if first != index:
+            walk.sharing.setdefault(start, [first]).append(index)
         buffer = self._buffers.get(key)
-        if buffer is None or buffer.shape != local.shape or buffer.dtype != local.dtype:
-            return None
-        copies.append((buffer, local.detach()))
+        if buffer is not None:
+            if buffer.shape != shape or buffer.dtype != dtype:
+                return None
+            if dtype in SUB_BYTE_DTYPES:
+                walk.copies.append((buffer.view(torch.uint8), local.view(torch.uint8)))
+            else:
+                walk.copies.append((buffer, local))
+        else:
+            # In a shared buffer (filled by one copy of the storage's bytes), or in none yet.
+            buffer = self._views.get(key)
+            if buffer is None or buffer.shape != shape or buffer.dtype != dtype:
+                return None
+        return self._rebuilt(value, buffer, is_dtensor)
+
+    def _rebuilt(self, value: Any, local: torch.Tensor, is_dtensor: bool) -> Any:
+        """``local`` as the snapshot of ``value``: itself, or a DTensor like ``value``."""
         if not is_dtensor:
-            return buffer
+            return local
         return self._dtensor.from_local(
-            buffer,
+            local,
             value.device_mesh,
             value.placements,
             run_check=False,
@@ -159,7 +350,9 @@ class SnapshotBuffers:
         return leaf(key, value)
 
 
-def flat_buffers(slots: list[Slot]) -> dict[TreeKey, torch.Tensor]:
+def flat_buffers(
+    slots: Sequence[tuple[BufferKey, torch.Size, torch.dtype]],
+) -> dict[BufferKey, torch.Tensor]:
     """A buffer for each slot, all in one block of page-aligned anonymous memory
     (:func:`~distckpt.memory.anonymous_memory`), each a tensor with a storage of its own over
     exactly its bytes, starting at a multiple of :data:`BUFFER_ALIGNMENT`, or of
@@ -173,7 +366,7 @@ def flat_buffers(slots: list[Slot]) -> dict[TreeKey, torch.Tensor]:
         offsets.append(round_up(end, alignment))
         end = offsets[-1] + nbytes
     memory = anonymous_memory(end) if end else None
-    buffers: dict[TreeKey, torch.Tensor] = {}
+    buffers: dict[BufferKey, torch.Tensor] = {}
     for (key, shape, dtype), offset in zip(slots, offsets):
         nbytes = shape.numel() * dtype.itemsize
         if memory is None or nbytes == 0:  # frombuffer refuses no bytes; there are none to hold

@@ -48,7 +48,11 @@ def storage_sizes(state: Any) -> list[int]:
     def visit(value: Any) -> None:
         if dtensor is not None and isinstance(value, dtensor):
             value = value.to_local()
-        if isinstance(value, torch.Tensor):
+        if isinstance(value, torch.Tensor) and value.layout != torch.strided:
+            # A sparse (or other non-strided) tensor has no storage of its own to ask about:
+            # torch.save writes the tensors it is made of (indices and values).
+            sizes.append(sum(part.nbytes for part in tensor_parts(value)))
+        elif isinstance(value, torch.Tensor):
             storage = value.untyped_storage()
             key = (storage.data_ptr(), storage.nbytes())
             if key not in seen:
@@ -65,6 +69,20 @@ def storage_sizes(state: Any) -> list[int]:
 
     visit(state)
     return sizes
+
+
+def tensor_parts(tensor: torch.Tensor) -> list[torch.Tensor]:
+    """The strided tensors a non-strided one is made of, as ``torch.save`` writes it: a COO
+    tensor's indices and values, a compressed one's (CSR, CSC, BSR, BSC) two index tensors and
+    values; any other layout, the tensor itself as if it were dense."""
+    layout = tensor.layout
+    if layout == torch.sparse_coo:
+        return [tensor._indices(), tensor._values()]
+    if layout in (torch.sparse_csr, torch.sparse_bsr):
+        return [tensor.crow_indices(), tensor.col_indices(), tensor.values()]
+    if layout in (torch.sparse_csc, torch.sparse_bsc):
+        return [tensor.ccol_indices(), tensor.row_indices(), tensor.values()]
+    return [tensor]
 
 
 def is_stateful(value: Any) -> bool:
@@ -89,7 +107,8 @@ def to_plain(state: Any, *, mark_per_rank: bool = False) -> Any:
     if isinstance(state, Mapping):
         return {key: to_plain(value, mark_per_rank=mark_per_rank) for key, value in state.items()}
     if isinstance(state, (list, tuple)):
-        return type(state)(to_plain(value, mark_per_rank=mark_per_rank) for value in state)
+        items = [to_plain(value, mark_per_rank=mark_per_rank) for value in state]
+        return type(state)(items) if isinstance(state, list) else same_kind_of_tuple(state, items)
     return state
 
 

@@ -3,6 +3,7 @@ refusal of malicious pickles without running their code."""
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import os
 import pickle
@@ -19,6 +20,7 @@ from distckpt import faults
 from distckpt.checksums import file_checksum
 from distckpt.errors import CorruptCheckpoint, InvalidArgument, UnsafeCheckpoint
 from distckpt.formats.dcp import ModelOptimizerState
+from distckpt.formats.dcp_keys import split_per_rank
 from distckpt.fsutil import atomic_write_bytes
 from distckpt.layout import MANIFEST_NAME
 from distckpt.manifest import FileRecord, read_manifest
@@ -452,3 +454,13 @@ def test_a_plain_optimizer_state_dict_is_refused(tmp_path: Path, given: str) -> 
         # What the message asks for is accepted.
         app = {"app": ModelOptimizerState(model, optimizer)}
         assert mgr.save(1, app).step == 1
+
+
+Pair = collections.namedtuple("Pair", "weights count")
+
+
+def test_per_rank_values_leave_a_named_tuple_of_the_same_type() -> None:
+    weights = torch.ones(2)
+    shared, marked = split_per_rank({"pair": Pair(weights, distckpt.PerRank(3))})
+    assert shared == {"pair": Pair(weights, None)} and type(shared["pair"]) is Pair
+    assert marked == [(("pair", 1), 3)]

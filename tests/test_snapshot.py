@@ -1,4 +1,5 @@
-"""Async saves' snapshots: one flat block of memory, yet separate tensors to every format."""
+"""Async saves' snapshots: one flat block of memory, yet separate storages to every format,
+shared where the state's tensors share one; tensors no raw buffer can hold are cloned."""
 
 from __future__ import annotations
 
@@ -14,7 +15,14 @@ import torch
 
 import distckpt
 from distckpt.memory import DIRECT_ALIGNMENT, DIRECT_MIN_BYTES, anonymous_memory
-from distckpt.snapshot import BUFFER_ALIGNMENT, Slot, SnapshotBuffers, flat_buffers
+from distckpt.snapshot import (
+    BUFFER_ALIGNMENT,
+    SUB_BYTE_DTYPES,
+    Slot,
+    SnapshotBuffers,
+    flat_buffers,
+)
+from tests.ranks import run_ranks, values
 
 
 def _mixed_state() -> dict[str, Any]:
@@ -176,3 +184,181 @@ def test_a_buffer_of_a_mebibyte_or_more_starts_on_a_page() -> None:
     assert addresses[-1] + whole[("p3",)].nbytes - addresses[0] == sum(
         buffer.nbytes for buffer in whole.values()
     )
+
+
+# --------------------------------------------------------------------------- tensors without
+# a flat buffer: quantized, sparse and sub-byte ones
+
+
+def _bytes_or_values(tensor: torch.Tensor) -> torch.Tensor:
+    """What to compare of ``tensor``: torch compares no values of a sub-byte dtype, so their
+    bytes; a sparse tensor dense; a quantized one as it is."""
+    if tensor.layout != torch.strided:
+        return tensor.to_dense()
+    return tensor.view(torch.uint8) if tensor.dtype in SUB_BYTE_DTYPES else tensor
+
+
+def _per_channel() -> torch.Tensor:
+    scales, zero_points = torch.tensor([0.1, 0.2, 0.3]), torch.tensor([0, 1, 2])
+    return torch.quantize_per_channel(torch.randn(3, 4), scales, zero_points, 0, torch.quint8)
+
+
+def _unusual_kinds() -> dict[str, torch.Tensor]:
+    return {
+        "quantized": torch.quantize_per_tensor(torch.randn(4), 0.1, 3, torch.qint8),
+        "per_channel": _per_channel(),
+        "coo": torch.sparse_coo_tensor([[0, 2, 5]], [1.0, 2.0, 3.0], (8,)),
+        "csr": torch.eye(3).to_sparse_csr(),
+        "uint4": torch.arange(16, dtype=torch.uint8).view(torch.uint4),
+        "int3": torch.arange(8, dtype=torch.uint8).view(torch.int3)[::2],  # a strided view too
+        "uint1": torch.ones(5, dtype=torch.uint8).view(torch.uint1),
+    }
+
+
+def _train_on(state: dict[str, torch.Tensor]) -> None:
+    """Change every tensor of ``state`` in place, as training would after save returned."""
+    state["quantized"].copy_(torch.quantize_per_tensor(torch.randn(4), 0.1, 3, torch.qint8))
+    state["per_channel"].copy_(_per_channel())
+    state["coo"].add_(state["coo"])
+    state["csr"].values().add_(1.0)
+    for name in ("uint4", "int3", "uint1"):
+        state[name].view(torch.uint8).add_(1)
+
+
+def test_quantized_sparse_and_sub_byte_tensors_round_trip_through_an_async_save(
+    tmp_path: Path,
+) -> None:
+    state = _unusual_kinds()
+    expected = {name: _bytes_or_values(t).clone() for name, t in state.items()}
+    with distckpt.CheckpointManager(tmp_path, fsync=False, async_save=True) as mgr:
+        mgr.save(1, state)
+        _train_on(state)  # the saved copy is the state as it was when save returned
+        mgr.save(2, state)  # a second save, where buffers exist, copies the state anew
+        second = {name: _bytes_or_values(t).clone() for name, t in state.items()}
+        _train_on(state)
+        mgr.wait()
+        restored = [mgr.restore(step).state for step in (1, 2)]
+    for saved, loaded in zip((expected, second), restored):
+        for name, tensor in saved.items():
+            assert loaded[name].dtype == state[name].dtype, name
+            assert loaded[name].layout == state[name].layout, name
+            assert torch.equal(_bytes_or_values(loaded[name]), tensor), name
+
+
+# --------------------------------------------------------------------------- tensors that
+# share a storage: tied weights, views
+
+
+def _tied_state(weights: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Tied weights and views of them, of other dtypes and strides, and a tensor alone."""
+    return {
+        "embedding": weights,
+        "head": weights,  # tied to the embedding
+        "slice": weights[10:20],
+        "as_ints": weights.view(torch.int32)[5:9],
+        "transposed": weights.view(64, -1).t(),
+        "alone": torch.randn(8),
+    }
+
+
+def _sharing(state: dict[str, torch.Tensor]) -> dict[str, tuple[Any, ...]]:
+    """How each tensor lies in its storage: which of the state's storages (numbered in order),
+    its size in bytes, and the tensor's dtype, offset, shape and strides."""
+    numbers: dict[int, int] = {}
+    return {
+        name: (
+            numbers.setdefault(tensor.untyped_storage().data_ptr(), len(numbers)),
+            tensor.untyped_storage().nbytes(),
+            tensor.dtype,
+            tensor.storage_offset(),
+            tuple(tensor.shape),
+            tensor.stride(),
+        )
+        for name, tensor in state.items()
+    }
+
+
+def test_an_async_save_keeps_the_sharing_of_storages_a_sync_save_keeps(tmp_path: Path) -> None:
+    weights = torch.randn(1 << 18)  # 1 MiB: its buffer is page-aligned, as large ones are
+    state = _tied_state(weights)
+    expected = {name: tensor.clone() for name, tensor in state.items()}
+    with distckpt.CheckpointManager(tmp_path / "sync", fsync=False) as mgr:
+        mgr.save(1, state)
+        from_sync = mgr.restore(1).state
+    with distckpt.CheckpointManager(tmp_path / "async", fsync=False, async_save=True) as mgr:
+        mgr.save(1, state)
+        weights.add_(1.0)  # training goes on: the snapshot keeps what it copied
+        mgr.wait()
+        from_async = mgr.restore(1).state
+    assert _sharing(from_async) == _sharing(from_sync)
+    assert _sharing(from_async)["head"][:2] == (0, weights.nbytes)  # one storage, once
+    assert len({entry[0] for entry in _sharing(from_async).values()}) == 2
+    for name, tensor in expected.items():
+        assert torch.equal(from_async[name], tensor), name
+    (sync_file,) = (tmp_path / "sync" / "step-00000001").glob("rank-*")
+    (async_file,) = (tmp_path / "async" / "step-00000001").glob("rank-*")
+    assert async_file.stat().st_size == sync_file.stat().st_size
+
+
+def test_shared_buffers_are_reused_until_the_sharing_changes() -> None:
+    weights = torch.arange(64, dtype=torch.float32)
+    buffers = SnapshotBuffers()
+    state = {"a": weights[5:10], "b": weights[7:30], "c": weights.clone()}
+    first = buffers.snapshot(state)
+    # Only the bytes the views reach, from the lowest rounded down to 16: [16, 120).
+    assert first["a"].untyped_storage().data_ptr() == first["b"].untyped_storage().data_ptr()
+    assert first["a"].untyped_storage().nbytes() == 30 * 4 - 16
+    assert (first["a"].storage_offset(), first["b"].storage_offset()) == (1, 3)
+    addresses = [t.data_ptr() for t in _tensors(first)]
+    weights.add_(1.0)
+    second = buffers.snapshot(state)
+    assert [t.data_ptr() for t in _tensors(second)] == addresses  # no new allocation
+    for name, tensor in state.items():
+        assert torch.equal(second[name], tensor), name
+    # Tied otherwise (same places, shapes and dtypes): new buffers, each tensor right.
+    retied = {"a": weights[5:10], "b": weights[7:30].clone(), "c": weights[:64]}
+    third = buffers.snapshot(retied)
+    assert [t.data_ptr() for t in _tensors(third)] != addresses
+    assert third["a"].untyped_storage().data_ptr() == third["c"].untyped_storage().data_ptr()
+    assert third["b"].untyped_storage().nbytes() == third["b"].nbytes
+    for name, tensor in retied.items():
+        assert torch.equal(third[name], tensor), name
+
+
+def _tied_dtensors(rank: int, world_size: int) -> dict[str, bool]:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard
+
+    mesh = init_device_mesh("cpu", (world_size,))
+    local = torch.arange(16.0) + rank
+    tied = DTensor.from_local(local, mesh, [Shard(0)])
+    state = {
+        "embedding": tied,
+        "head": tied,
+        "slice": DTensor.from_local(local[4:8], mesh, [Shard(0)]),
+    }
+    snap = SnapshotBuffers().snapshot(state)
+    local.add_(100.0)  # training goes on: the snapshot keeps what it copied
+    locals_ = {name: value.to_local() for name, value in snap.items()}
+    storages = {t.untyped_storage().data_ptr() for t in locals_.values()}
+    return {
+        "dtensors": all(isinstance(value, DTensor) for value in snap.values()),
+        "placed": snap["head"].placements == tied.placements and snap["head"].shape == tied.shape,
+        "one storage": len(storages) == 1,  # the shards share it, as the state's do
+        "head": torch.equal(locals_["head"], torch.arange(16.0) + rank),
+        "slice": torch.equal(locals_["slice"], torch.arange(4.0, 8.0) + rank),
+    }
+
+
+def test_a_lazily_conjugated_view_is_snapshotted_with_its_bit_applied() -> None:
+    complex_ = torch.randn(6, dtype=torch.complex64)
+    state = {"values": complex_, "conjugated": complex_.conj(), "negated": complex_.conj().imag}
+    assert state["conjugated"].is_conj() and state["negated"].is_neg()
+    snap = SnapshotBuffers().snapshot(state)
+    for name, tensor in state.items():
+        assert torch.equal(snap[name], tensor.resolve_conj().resolve_neg()), name
+
+
+def test_dtensors_sharing_a_local_shard_share_its_buffer() -> None:
+    for checks in values(run_ranks(_tied_dtensors, 2)):
+        assert all(checks.values()), checks

@@ -25,7 +25,7 @@ from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadat
 from distckpt.formats.dcp_storage import flat_keys, key_mismatch
 from distckpt.key_prefixes import log_prefix_mapping, matching_prefixes
 from distckpt.per_rank import PerRank
-from distckpt.state import LoadReport, set_path
+from distckpt.state import LoadReport, same_kind_of_tuple, set_path
 
 __all__ = [
     "PER_RANK_KEY",
@@ -70,7 +70,7 @@ def split_per_rank(state: Any) -> tuple[Any, list[tuple[Path_, Any]]]:
         if isinstance(node, (list, tuple)):
             items = [walk(value, (*path, index)) for index, value in enumerate(node)]
             kept = [None if value is _REMOVED else value for value in items]
-            return kept if isinstance(node, list) else type(node)(kept)
+            return kept if isinstance(node, list) else same_kind_of_tuple(node, kept)
         return node
 
     return walk(state, ()), marked
