@@ -55,6 +55,13 @@ _MIX_A = 1_000_003
 _MIX_B = 998_244_353
 
 
+def print_line(line: str) -> None:
+    """Print ``line`` in one write: the ranks share the launcher's output, and ``print`` writes
+    a line and its newline apart, so another rank's line could land between them."""
+    sys.stdout.write(f"{line}\n")
+    sys.stdout.flush()
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument(
@@ -180,7 +187,7 @@ def train(args: argparse.Namespace) -> int:
 
     def say(message: str) -> None:
         if rank == 0:
-            print(message, flush=True)
+            print_line(message)
 
     loss = math.nan
     with distckpt.CheckpointManager(
@@ -217,7 +224,7 @@ def train(args: argparse.Namespace) -> int:
                 say(f"saved step={result.step}")
             if mgr.preempted:
                 # Every rank reports, so a log shows that all of them left on their own.
-                print(f"preempted at step={tracker.step} rank={rank} loss={loss!r}", flush=True)
+                print_line(f"preempted at step={tracker.step} rank={rank} loss={loss!r}")
                 break
             if args.sleep > 0:
                 time.sleep(args.sleep)
