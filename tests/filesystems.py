@@ -182,6 +182,13 @@ def skip_or_fail(reason: str) -> NoReturn:
     pytest.skip(reason)
 
 
+def require_mounting() -> None:
+    """Skip (in CI: fail) the calling test where this process cannot mount (no root)."""
+    reason = not_mountable_reason(())
+    if reason is not None:
+        skip_or_fail(reason)
+
+
 @dataclass
 class MountFactory:
     """Makes mounts under ``base`` on first request, each once; :meth:`cleanup` undoes all.

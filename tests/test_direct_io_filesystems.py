@@ -12,17 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.filesystems import TMPFS_MIB, MountFactory, not_mountable_reason, skip_or_fail
+from tests.filesystems import TMPFS_MIB, MountFactory, require_mounting
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "scripts" / "direct_io_filesystems.py"
 MIB = 1 << 20
-
-
-def _require_root_mounts() -> None:
-    reason = not_mountable_reason(())
-    if reason is not None:
-        skip_or_fail(reason)
 
 
 def _run_script(*args: str | Path, tmpdir: Path | None = None) -> subprocess.CompletedProcess[str]:
@@ -44,7 +38,7 @@ def _run_script(*args: str | Path, tmpdir: Path | None = None) -> subprocess.Com
 def test_the_script_measures_each_file_system_it_is_given(tmp_path: Path) -> None:
     """One row per file system, each written direct (strace), with the paired ratio of the
     direct total to the buffered one, its range, and the load average under the table."""
-    _require_root_mounts()
+    require_mounting()
     out = tmp_path / "table.md"
     done = _run_script(
         *("--mib", "8", "--rounds", "1", "--filesystems", "tmpfs,ext4", "--markdown", out)
@@ -72,7 +66,7 @@ def test_a_file_system_it_cannot_mount_is_named_and_the_others_measured(
     """The script's temporary directory on exFAT (96 MiB, and no sparse files: an image takes
     its whole size at once) has no room for ext4's 512 MiB image: the script says so, measures
     tmpfs (in memory) and exits 1."""
-    _require_root_mounts()
+    require_mounting()
     scratch = mounts.get("exfat").path / "direct-io-script"
     scratch.mkdir()
     out = tmp_path / "table.md"
@@ -105,7 +99,7 @@ def test_a_mount_factory_makes_images_and_tmpfs_at_least_the_size_asked(
 ) -> None:
     """``min_size_mib`` enlarges a tmpfs and an image that would be smaller; a kind larger than
     it keeps its own size (ext4: 512 MiB), and None keeps every kind's own."""
-    _require_root_mounts()
+    require_mounting()
     factory = MountFactory(tmp_path, min_size_mib=min_size_mib)
     try:
         tmpfs = os.statvfs(factory.mount("tmpfs").path)

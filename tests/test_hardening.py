@@ -23,7 +23,7 @@ import distckpt
 from distckpt import events, faults
 from distckpt.checksums import file_checksum
 from distckpt.fsutil import libc_function
-from tests.filesystems import MountFactory, not_mountable_reason, skip_or_fail
+from tests.filesystems import MountFactory, require_mounting
 from tests.ranks import run_ranks, values
 
 TIMEOUT = 20  # manager collectives: a hang becomes an error well before run_ranks gives up
@@ -769,12 +769,6 @@ def _mount_private_disk(disk: Path, over: Path) -> None:
     subprocess.run(["mount", "--bind", disk, over], check=True, capture_output=True)
 
 
-def _skip_without_mounts() -> None:
-    reason = not_mountable_reason(())
-    if reason is not None:
-        skip_or_fail(reason)
-
-
 def _open_on_own_disk(rank: int, world_size: int, parent: str, disk: str) -> tuple[str, str]:
     if rank == 1:  # rank 1's "node" has a disk of its own where the root's parent is
         _mount_private_disk(Path(disk), Path(parent))
@@ -786,7 +780,7 @@ def _open_on_own_disk(rank: int, world_size: int, parent: str, disk: str) -> tup
 
 
 def test_a_root_missing_on_one_rank_is_refused_on_every_rank_naming_it(tmp_path: Path) -> None:
-    _skip_without_mounts()
+    require_mounting()
     parent, disk = tmp_path / "shared", tmp_path / "rank1-disk"
     parent.mkdir()
     disk.mkdir()
@@ -827,7 +821,7 @@ def _save_with_a_private_staging_dir(
 def test_a_rank_file_rank_0_cannot_see_fails_the_save_on_every_rank_naming_the_rank(
     tmp_path: Path, root: Path
 ) -> None:
-    _skip_without_mounts()
+    require_mounting()
     disk = tmp_path / "rank1-disk"
     disk.mkdir()
     out = values(
