@@ -300,7 +300,7 @@ class MountFactory:
         attached here; returns what could not be undone."""
         problems: list[str] = []
         for target in reversed(self._mounted):
-            if _unmount(target):
+            if unmount(target):
                 continue
             problems.append(f"could not unmount {target}")
         for device in self._loop_devices:
@@ -317,7 +317,9 @@ TMPFS_MIB = 96
 _MKFS_QUIET = {"ext4": ("-q", "-F"), "xfs": ("-q", "-f"), "btrfs": ("-q", "-f")}
 
 
-def _unmount(target: Path) -> bool:
+def unmount(target: Path) -> bool:
+    """Unmount ``target``: plainly, as FUSE does, or lazily as a last resort; False if none
+    worked."""
     for command in (("umount", target), ("fusermount", "-u", target), ("umount", "-l", target)):
         if shutil.which(command[0]) is None:
             continue
