@@ -15,10 +15,11 @@ through fusefat, a FUSE driver of its own.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NoReturn
@@ -187,6 +188,28 @@ def require_mounting() -> None:
     reason = not_mountable_reason(())
     if reason is not None:
         skip_or_fail(reason)
+
+
+def statvfs_free_bytes(path: Path) -> int:
+    """The bytes an unprivileged writer may still use on ``path``'s filesystem, as statvfs
+    says (measured here on its own, to hold distckpt's measure against)."""
+    stat = os.statvfs(path)
+    return stat.f_bavail * stat.f_frsize
+
+
+@contextlib.contextmanager
+def leaving_free(volume: Path, free: int, *, filler_name: str = "filler") -> Iterator[Path]:
+    """Fill ``volume`` with one file of its own, ``filler_name``, allocated at once until
+    ``free`` bytes are left free (0: full); the file is removed at the end."""
+    filler = volume / filler_name
+    now = statvfs_free_bytes(volume)
+    assert now > free, f"{volume} has {now} bytes free, not more than {free}"
+    try:
+        with open(filler, "wb") as file:
+            os.posix_fallocate(file.fileno(), 0, now - free)
+        yield filler
+    finally:
+        filler.unlink(missing_ok=True)
 
 
 @dataclass
