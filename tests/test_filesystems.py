@@ -704,6 +704,17 @@ def _read_only_refusals(rank: int, world_size: int, root: str) -> dict[str, obje
     return out
 
 
+def _tree_snapshot(root: Path) -> dict[str, tuple[int, int, str | None]]:
+    """``root`` and every entry under it, by its path relative to ``root``: its size, its
+    modification time in ns and, for a link, its target (a link is not followed)."""
+    snapshot: dict[str, tuple[int, int, str | None]] = {}
+    for entry in [root, *root.rglob("*")]:  # rglob does not descend into linked directories
+        stat = entry.lstat()
+        target = os.readlink(entry) if entry.is_symlink() else None
+        snapshot[os.fspath(entry.relative_to(root))] = (stat.st_size, stat.st_mtime_ns, target)
+    return snapshot
+
+
 @pytest.mark.parametrize("where", ["read-only mount", "writable directory"])
 def test_read_only_refusals_are_read_only_root_permission_errors(
     request: pytest.FixtureRequest, tmp_path: Path, where: str
@@ -713,13 +724,15 @@ def test_read_only_refusals_are_read_only_root_permission_errors(
     else:  # read_only=True never writes, even where it could
         root = tmp_path / "ro"
         values(run_ranks(_save_one, 2, os.fspath(root), timeout=90))
-    before = sorted(os.listdir(root))
+    before = _tree_snapshot(root)
     out = values(run_ranks(_read_only_refusals, 2, os.fspath(root), timeout=90))
     refused = ("ReadOnlyRoot", True, True, True, os.fspath(root))
     expected = {"checkpoints": [1, 2, 3], "steps": [1, 2, 3]}
     expected.update(dict.fromkeys(("save", "delete", "prune", "gc"), refused))
     assert out == [expected] * 2
-    assert sorted(os.listdir(root)) == before
+    # every entry at every depth as it was: the lease record, .lock, the links, the step dirs'
+    # files (a directory's mtime also changes when an entry is made and removed again)
+    assert _tree_snapshot(root) == before
 
 
 def test_space_margin_is_a_fraction_of_the_save_at_least_1_mib() -> None:
