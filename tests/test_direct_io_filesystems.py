@@ -12,7 +12,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from subprocess import Popen
 
 import pytest
 
@@ -56,7 +55,9 @@ def _undo_mounts_left(directory: Path) -> list[Path]:
     return left
 
 
-def _start_script(*args: str | Path, tmpdir: Path, stdout: int = subprocess.PIPE) -> Popen[str]:
+def _start_script(
+    *args: str | Path, tmpdir: Path, stdout: int = subprocess.PIPE
+) -> subprocess.Popen[str]:
     """The script started in a fresh interpreter (as its users run it), on this tree's code,
     making its mounts under ``tmpdir``; in a session of its own, so that a stop reaches the ranks
     and the tools it started too."""
@@ -70,7 +71,7 @@ def _start_script(*args: str | Path, tmpdir: Path, stdout: int = subprocess.PIPE
     )
 
 
-def _end_script(script: Popen[str], *, stop: bool) -> tuple[str, str]:
+def _end_script(script: subprocess.Popen[str], *, stop: bool) -> tuple[str, str]:
     """The script's output once it has ended, and all it started. ``stop``: SIGTERM its process
     group first (the script makes it an exception and unmounts) and give it a grace period.
     Then SIGKILL to the group: the script if it has not ended, and whatever outlived it (which
@@ -91,7 +92,8 @@ def _run_script(*args: str | Path, tmpdir: Path) -> subprocess.CompletedProcess[
     under ``tmpdir``, even when stopped."""
     with _start_script(*args, tmpdir=tmpdir) as script:
         try:
-            script.communicate(timeout=SCRIPT_TIMEOUT_SECONDS)  # kept: _end_script returns it
+            # what it printed so far is kept: _end_script's communicate returns all of it
+            script.communicate(timeout=SCRIPT_TIMEOUT_SECONDS)
             timed_out = False
         except subprocess.TimeoutExpired:
             timed_out = True
