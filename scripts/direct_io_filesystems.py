@@ -10,6 +10,7 @@ enough for every rank's ``--mib`` twice over. A file system that cannot be mount
 left out, the others are measured, and the exit status is 1. fusefat (fat16, fat32) is not
 measured: it loses every directory it renames, so no save commits there, and the lost files'
 clusters stay allocated (``fsck.vfat`` reclaims them), so repeated saves fill any image.
+Stopped by SIGTERM or Ctrl-C, it unmounts what it has mounted before it exits.
 
 On each file system, ``--ranks`` forked ranks save a state of one ``--mib`` MiB tensor each, with
 three managers: ``async_save=True`` with ``direct_io=True`` (the default), the same with
@@ -29,6 +30,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import signal
 import statistics
 import sys
 import tempfile
@@ -44,6 +46,7 @@ for where in (REPO, REPO / "scripts"):
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+from bench.cli import exit_on_sigterm  # noqa: E402
 from bench.render import format_seconds, table  # noqa: E402
 from doc_tables import write_table  # noqa: E402
 from save_rounds import measure_in_rounds  # noqa: E402
@@ -183,6 +186,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--markdown", type=Path, help="write the table to this file")
     parser.add_argument("--doc", action="store_true", help=f"write the table into docs/{DOC.name}")
     args = parser.parse_args(argv)
+    # SIGTERM (`timeout`, `kill`) ends the run by an exception, so the mounts are undone below
+    signal.signal(signal.SIGTERM, exit_on_sigterm)
     names = FILESYSTEMS if args.filesystems == "all" else args.filesystems.split(",")
     unknown = sorted(set(names) - set(FILESYSTEMS))
     if unknown:

@@ -12,7 +12,7 @@ if ! "$PYTHON" -c "import torch" >/dev/null 2>&1; then
   # wheels serves it under that name. PyPI has no such version (it refuses local versions),
   # so there the install falls back to PyTorch's CPU index, where V is the CPU build.
   if ! "$PYTHON" -m pip install --quiet "torch==${TORCH_VERSION}+cpu"; then
-    echo "no torch==${TORCH_VERSION}+cpu here: installing torch ${TORCH_VERSION} from PyTorch's CPU index"
+    echo "installing torch==${TORCH_VERSION}+cpu failed: installing torch ${TORCH_VERSION} from PyTorch's CPU index"
     "$PYTHON" -m pip install --quiet --index-url https://download.pytorch.org/whl/cpu \
       "torch==${TORCH_VERSION}"
   fi

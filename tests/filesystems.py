@@ -15,11 +15,12 @@ through fusefat, a FUSE driver of its own.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import shutil
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NoReturn
@@ -199,6 +200,35 @@ def take_every_free_block(volume: Path, hog: Path) -> None:
                 chunk //= 2
 
 
+def require_mounting() -> None:
+    """Skip (in CI: fail) the calling test where this process cannot mount (no root)."""
+    reason = not_mountable_reason(())
+    if reason is not None:
+        skip_or_fail(reason)
+
+
+def statvfs_free_bytes(path: Path) -> int:
+    """The bytes an unprivileged writer may still use on ``path``'s filesystem, as statvfs
+    says (measured here on its own, to hold distckpt's measure against)."""
+    stat = os.statvfs(path)
+    return stat.f_bavail * stat.f_frsize
+
+
+@contextlib.contextmanager
+def leaving_free(volume: Path, free: int, *, filler_name: str = "filler") -> Iterator[Path]:
+    """Fill ``volume`` with one file of its own, ``filler_name``, allocated at once until
+    ``free`` bytes are left free (0: full); the file is removed at the end."""
+    filler = volume / filler_name
+    now = statvfs_free_bytes(volume)
+    assert now > free, f"{volume} has {now} bytes free, not more than {free}"
+    try:
+        with open(filler, "wb") as file:
+            os.posix_fallocate(file.fileno(), 0, now - free)
+        yield filler
+    finally:
+        filler.unlink(missing_ok=True)
+
+
 @dataclass
 class MountFactory:
     """Makes mounts under ``base`` on first request, each once; :meth:`cleanup` undoes all.
@@ -310,7 +340,7 @@ class MountFactory:
         attached here; returns what could not be undone."""
         problems: list[str] = []
         for target in reversed(self._mounted):
-            if _unmount(target):
+            if unmount(target):
                 continue
             problems.append(f"could not unmount {target}")
         for device in self._loop_devices:
@@ -327,7 +357,9 @@ TMPFS_MIB = 96
 _MKFS_QUIET = {"ext4": ("-q", "-F"), "xfs": ("-q", "-f"), "btrfs": ("-q", "-f")}
 
 
-def _unmount(target: Path) -> bool:
+def unmount(target: Path) -> bool:
+    """Unmount ``target``: plainly, as FUSE does, or lazily as a last resort; False if none
+    worked."""
     for command in (("umount", target), ("fusermount", "-u", target), ("umount", "-l", target)):
         if shutil.which(command[0]) is None:
             continue

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import faulthandler
+import logging
 import multiprocessing as mp
 import os
 import shutil
@@ -288,6 +289,18 @@ def run_ranks(
                 proc.join(5)
         job_dir.cleanup()  # only now: a rank may still have been waiting in the store
     return [results[rank] for rank in sorted(results)]
+
+
+class Collected(logging.Handler):
+    """Keeps every record it is handed (caplog's handler does not reach into a forked rank's
+    records back in the test's process)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
 
 
 def values(results: list[RankResult]) -> list[Any]:

@@ -13,6 +13,7 @@ import torch.distributed as dist
 
 import distckpt
 from distckpt import faults
+from distckpt.layout import TRASH_DIR_NAME
 from tests.ranks import run_ranks, values
 
 
@@ -221,26 +222,41 @@ def test_save_in_flight_tells_whether_the_background_save_is_done(
 
 
 def _failure_raised_by(rank: int, world_size: int, root: str, call: str) -> dict[str, object]:
-    """A background save that fails on rank 1, then ``call``: the call that waits for it."""
+    """A background save that fails on rank 1, then ``call``: the call that waits for it. The
+    root holds work for every call but restore: steps 1 and 2 (``keep_last=1`` would prune
+    step 1, which a manager without retention kept) and a leftover in the trash (for gc)."""
     out: dict[str, object] = {}
-    with distckpt.CheckpointManager(root, async_save=True, fsync=False, timeout=20) as mgr:
+    trash_leftover = Path(root) / TRASH_DIR_NAME / "leftover"
+
+    def root_state() -> tuple[list[int], bool]:
+        return mgr.steps(), trash_leftover.exists()
+
+    with distckpt.CheckpointManager(root, fsync=False, timeout=20) as mgr:  # keeps every step
         mgr.save(1, {"w": torch.ones(10)})
-        mgr.wait()
+        mgr.save(2, {"w": torch.ones(10)})
+    with distckpt.CheckpointManager(
+        root, async_save=True, fsync=False, keep_last=1, timeout=20
+    ) as mgr:
+        if rank == 0:  # after the manager's start, which would collect it
+            trash_leftover.mkdir(parents=True)
         faults.arm("after_shard_write", "raise", rank=1)
-        mgr.save(2, {"w": torch.ones(10)})  # returns: the failure happens in the background
+        mgr.save(3, {"w": torch.ones(10)})  # returns: the failure happens in the background
         calls = {
             "restore": lambda: mgr.restore("last").step,
             "delete": lambda: mgr.delete(1),
             "prune": mgr.prune,
-            "gc": mgr.gc,
+            "gc": lambda: [Path(removed).name for removed in mgr.gc()],
         }
         try:
             calls[call]()
         except distckpt.CheckpointError as exc:
             out["error"] = (type(exc).__name__, "rank 1" in str(exc))
-        out["steps before"] = mgr.steps()  # the call raised instead of running
+        # the call raised instead of running: the root is as it was (restore changes nothing,
+        # so for restore the raised error is all there is to see)
+        out["before"] = root_state()
+        dist.barrier()  # every rank has looked before rank 0 runs the call again
         out["again"] = calls[call]()  # raised once, then done with: the call runs
-        out["steps after"] = mgr.steps()
+        out["after"] = root_state()
     return out
 
 
@@ -249,11 +265,16 @@ def test_background_failure_is_raised_by_the_next_call_that_waits(
     tmp_path: Path, call: str
 ) -> None:
     out = values(run_ranks(_failure_raised_by, 2, str(tmp_path), call))
-    again = {"restore": 1, "delete": None, "prune": [], "gc": []}[call]
+    again, after = {
+        "restore": (2, ([1, 2], True)),
+        "delete": (None, ([2], False)),  # a delete empties the trash too
+        "prune": ([1], ([2], False)),
+        "gc": (["leftover"], ([1, 2], False)),
+    }[call]
     expected = {
         "error": ("InjectedFault", True),
-        "steps before": [1],
+        "before": ([1, 2], True),
         "again": again,
-        "steps after": [] if call == "delete" else [1],
+        "after": after,
     }
     assert out == [expected] * 2

@@ -34,7 +34,7 @@ from distckpt import reader
 from distckpt.fsutil import read_link
 from distckpt.layout import RootLayout, step_dir_name
 from distckpt.storage import open_store
-from tests.ranks import run_ranks
+from tests.ranks import Collected, run_ranks
 
 TIMEOUT = 10  # manager timeout: the commit lock waits at most half of it
 JOB_TIMEOUT = 60  # a process still running past this counts as hung
@@ -267,14 +267,8 @@ def _reading_loop(root: str, seconds: float, slow_listing: bool = False) -> dict
             return steps
 
         RootLayout.committed_steps = committed_steps  # type: ignore[method-assign]
-    vanished = []
-
-    class Count(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            if "vanished" in record.getMessage():
-                vanished.append(record.getMessage())
-
-    logging.getLogger("distckpt").addHandler(Count())
+    collected = Collected()
+    logging.getLogger("distckpt").addHandler(collected)
     out: dict[str, Any] = {"loads": 0, "steps": set(), "errors": Counter(), "wrong": []}
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
@@ -287,7 +281,7 @@ def _reading_loop(root: str, seconds: float, slow_listing: bool = False) -> dict
         out["steps"].add(ckpt.step)
         if not state_ok(ckpt.state, ckpt.step, 0):
             out["wrong"].append(ckpt.step)
-    out["retries"] = len(vanished)
+    out["retries"] = sum("vanished" in record.getMessage() for record in collected.records)
     return out
 
 

@@ -31,7 +31,7 @@ from distckpt.manifest import FORMAT_VERSION
 from distckpt.state import storage_sizes
 from distckpt.storage import open_store
 from distckpt.storage import posix as posix_store
-from tests.ranks import run_ranks, values
+from tests.ranks import Collected, run_ranks, values
 
 TIMEOUT = 20  # manager collectives: a hang becomes an error well before run_ranks gives up
 JOB_TIMEOUT = 60
@@ -699,18 +699,6 @@ def test_one_info_line_per_commit(
         os.fspath(root / "step-00000002"),
     ]
     assert [match["size"] for match in lines] == ["2.0", "2.0"]
-
-
-class Collected(logging.Handler):
-    """Keeps every record it is handed (caplog's handler does not reach into a forked rank's
-    records back in the test's process)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
 
 
 def _commit_lines_seen(rank: int, world_size: int, root: str) -> int:

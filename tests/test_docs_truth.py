@@ -14,6 +14,8 @@ import os
 import re
 import shlex
 import struct
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any, Callable
@@ -23,6 +25,7 @@ import torch
 
 import distckpt
 from distckpt import checksums, events
+from tests.filesystems import skip_or_fail
 from tests.ranks import run_ranks, values
 
 REPO = Path(__file__).resolve().parent.parent
@@ -32,6 +35,15 @@ PYTORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 
 
 # ------------------------------------------------------------------ install script
+
+
+def _default_torch_version() -> str:
+    """The torch version the install script installs unless told another."""
+    found = re.search(
+        r'TORCH_VERSION="\$\{DISTCKPT_TORCH_VERSION:-([0-9.]+)\}"', INSTALL_SCRIPT.read_text()
+    )
+    assert found is not None, "the version must stay overridable by DISTCKPT_TORCH_VERSION"
+    return found.group(1)
 
 
 def _pip_installs(script: Path) -> list[list[str]]:
@@ -59,8 +71,7 @@ def test_install_script_asks_for_the_cpu_build_of_torch_by_name_then_from_its_cp
     # commands are read instead. What matters is that no torch install can reach PyPI's
     # default, which on Linux x86-64 is the CUDA build.
     text = INSTALL_SCRIPT.read_text()
-    default = re.search(r'TORCH_VERSION="\$\{DISTCKPT_TORCH_VERSION:-([0-9.]+)\}"', text)
-    assert default is not None, "the version must stay overridable by DISTCKPT_TORCH_VERSION"
+    default = _default_torch_version()
     torch_installs = [
         words for words in _pip_installs(INSTALL_SCRIPT) if any("torch==" in w for w in words)
     ]
@@ -68,12 +79,38 @@ def test_install_script_asks_for_the_cpu_build_of_torch_by_name_then_from_its_cp
         ["--quiet", "torch==${TORCH_VERSION}+cpu"],
         ["--quiet", "--index-url", PYTORCH_CPU_INDEX, "torch==${TORCH_VERSION}"],
     ]
-    # The fallback runs only when the CPU build by name fails.
+    # The fallback runs when the install of the CPU build by name fails, whatever the cause.
     assert 'if ! "$PYTHON" -m pip install --quiet "torch==${TORCH_VERSION}+cpu"; then' in text
     # The README's quick start names the version the script installs by default.
-    assert f"`torch=={default.group(1)}+cpu`" in README
-    assert f"`torch=={default.group(1)}` from PyTorch's CPU index" in README
+    readme_words = " ".join(README.split())  # the sentence wherever its lines break
+    assert f"`torch=={default}+cpu`, and if that install fails," in readme_words
+    assert f"`torch=={default}` from PyTorch's CPU index" in README
     assert f"`{PYTORCH_CPU_INDEX}`" in README
+
+
+def test_a_package_source_here_offers_the_cpu_build_of_torch_by_the_name_the_script_asks(
+    tmp_path: Path,
+) -> None:
+    """pip, configured as on this machine, resolves ``torch==V+cpu`` (V: the script's default)
+    to a CPU build: the name the install script asks for first is one a package source has.
+    Only resolved (``--dry-run``): nothing is installed."""
+    wanted = f"torch=={_default_torch_version()}+cpu"
+    report = tmp_path / "report.json"
+    pip = [sys.executable, "-m", "pip", "install", "--dry-run", "--no-deps", "--ignore-installed"]
+    # a short wait per request and one retry: a source that does not answer is not waited for
+    pip += ["--quiet", "--timeout", "15", "--retries", "1", "--report", os.fspath(report), wanted]
+    done = subprocess.run(pip, capture_output=True, text=True, timeout=120, check=False)
+    # how pip says "not offered": no such version, or none that the constraints pip is
+    # configured with (a pip.conf's constraint file) allow
+    not_offered = ("No matching distribution found", "ResolutionImpossible")
+    if done.returncode != 0 and any(words in done.stderr for words in not_offered):
+        skip_or_fail(f"no package source here offers {wanted}: {done.stderr.strip()[-300:]}")
+    assert done.returncode == 0, done.stderr
+    resolved = [
+        (entry["metadata"]["name"], entry["metadata"]["version"])
+        for entry in json.loads(report.read_text())["install"]
+    ]
+    assert resolved == [("torch", wanted.removeprefix("torch=="))]
 
 
 @pytest.mark.parametrize("script", ["launch/demo.sh", "scripts/test.sh"])

@@ -26,7 +26,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -34,13 +34,20 @@ import torch
 
 import distckpt
 import distckpt.formats.dcp  # imported once here, not in every forked rank (seconds each)
-from distckpt import faults, fsutil, proposal
+from distckpt import faults, proposal
 from distckpt.checksums import ChecksumWriter, file_checksum
 from distckpt.cli import main
 from distckpt.fsutil import WRITEBACK_BYTES, probe_writable, start_writeback
 from distckpt.lock import WriterLock
 from distckpt.memory import anonymous_memory
-from tests.filesystems import KINDS, LOSES_RENAMED_DIRS, MountFactory, take_every_free_block
+from tests.filesystems import (
+    KINDS,
+    LOSES_RENAMED_DIRS,
+    MountFactory,
+    leaving_free,
+    statvfs_free_bytes,
+    take_every_free_block,
+)
 from tests.ranks import run_ranks, values
 from tests.syscall_trace import async_save_written_direct
 
@@ -436,12 +443,10 @@ def test_disk_full_error_names_the_file(mounts: MountFactory, direct: bool) -> N
     space the preflight saw are for the manager to add), buffered or direct (page-aligned
     memory, written straight from it)."""
     mount = mounts.get("small-ext4")
-    hog = mount.path / f"hog-names-{direct}"
     target = mount.path / f"victim-{direct}.bin"
     try:
-        with open(hog, "wb") as file:
-            os.posix_fallocate(file.fileno(), 0, _free(mount.path))
         with (
+            leaving_free(mount.path, 0, filler_name=f"hog-names-{direct}"),
             pytest.raises(OSError) as info,
             distckpt.checksums.ChecksumWriter(target, fsync=True, direct=direct) as writer,
         ):
@@ -450,7 +455,6 @@ def test_disk_full_error_names_the_file(mounts: MountFactory, direct: bool) -> N
         assert info.value.errno == errno.ENOSPC
         assert os.fspath(target) in str(info.value)
     finally:
-        hog.unlink(missing_ok=True)
         target.unlink(missing_ok=True)
 
 
@@ -511,17 +515,14 @@ def test_disk_full_while_the_manifest_is_written(mounts: MountFactory) -> None:
     assert os.listdir(root / ".staging") == []
 
 
-def _free(path: Path) -> int:
-    stat = os.statvfs(path)
-    return stat.f_bavail * stat.f_frsize
-
-
 def test_no_size_reported_is_unknown_free_space(mounts: MountFactory) -> None:
     """fusefat's FAT32 reports 0 blocks: its free space is unknown, not zero."""
     mount = mounts.get("fat32")
     assert os.statvfs(mount.path).f_blocks == 0
     assert distckpt.fsutil.free_bytes(mount.path) is None
-    assert distckpt.fsutil.free_bytes(mounts.get("ext4").path) == _free(mounts.get("ext4").path)
+    assert distckpt.fsutil.free_bytes(mounts.get("ext4").path) == statvfs_free_bytes(
+        mounts.get("ext4").path
+    )
 
 
 # ---------------------------------------------------------------- files held open
@@ -688,6 +689,17 @@ def _read_only_refusals(rank: int, world_size: int, root: str) -> dict[str, obje
     return out
 
 
+def _tree_snapshot(root: Path) -> dict[str, tuple[int, int, str | None]]:
+    """``root`` and every entry under it, by its path relative to ``root``: its size, its
+    modification time in ns and, for a link, its target (a link is not followed)."""
+    snapshot: dict[str, tuple[int, int, str | None]] = {}
+    for entry in [root, *root.rglob("*")]:  # rglob does not descend into linked directories
+        stat = entry.lstat()
+        target = os.readlink(entry) if entry.is_symlink() else None
+        snapshot[os.fspath(entry.relative_to(root))] = (stat.st_size, stat.st_mtime_ns, target)
+    return snapshot
+
+
 @pytest.mark.parametrize("where", ["read-only mount", "writable directory"])
 def test_read_only_refusals_are_read_only_root_permission_errors(
     request: pytest.FixtureRequest, tmp_path: Path, where: str
@@ -697,13 +709,15 @@ def test_read_only_refusals_are_read_only_root_permission_errors(
     else:  # read_only=True never writes, even where it could
         root = tmp_path / "ro"
         values(run_ranks(_save_one, 2, os.fspath(root), timeout=90))
-    before = sorted(os.listdir(root))
+    before = _tree_snapshot(root)
     out = values(run_ranks(_read_only_refusals, 2, os.fspath(root), timeout=90))
     refused = ("ReadOnlyRoot", True, True, True, os.fspath(root))
     expected = {"checkpoints": [1, 2, 3], "steps": [1, 2, 3]}
     expected.update(dict.fromkeys(("save", "delete", "prune", "gc"), refused))
     assert out == [expected] * 2
-    assert sorted(os.listdir(root)) == before
+    # every entry at every depth as it was: the lease record, .lock, the links, the step dirs'
+    # files (a directory's mtime also changes when an entry is made and removed again)
+    assert _tree_snapshot(root) == before
 
 
 def test_space_margin_is_a_fraction_of_the_save_at_least_1_mib() -> None:
@@ -715,21 +729,6 @@ def test_space_margin_is_a_fraction_of_the_save_at_least_1_mib() -> None:
     assert proposal.margin_bytes(100 * mib, 0.0) == 0
 
 
-@contextlib.contextmanager
-def _leaving_free(volume: Path, free: int) -> Iterator[None]:
-    """Fill ``volume`` with a file of its own until ``free`` bytes are left free (as distckpt
-    measures it); remove the file at the end."""
-    filler = volume / "filler"
-    now = fsutil.free_bytes(volume)
-    assert now is not None and now > free
-    try:
-        with open(filler, "wb") as file:
-            os.posix_fallocate(file.fileno(), 0, now - free)
-        yield
-    finally:
-        filler.unlink(missing_ok=True)
-
-
 def test_a_small_save_is_refused_without_room_for_the_1_mib_margin(
     mounts: MountFactory,
 ) -> None:
@@ -737,12 +736,12 @@ def test_a_small_save_is_refused_without_room_for_the_1_mib_margin(
     1 MiB floor refuses it, and a margin of 0 takes it."""
     volume = mounts.get("small-ext4").path
     root = volume / "margin-floor"
-    with distckpt.CheckpointManager(root, timeout=TIMEOUT) as mgr, _leaving_free(volume, 640 << 10):
+    with distckpt.CheckpointManager(root, timeout=TIMEOUT) as mgr, leaving_free(volume, 640 << 10):
         with pytest.raises(distckpt.InsufficientSpace, match=r"\+1\.0 MiB margin"):
             mgr.save(1, {"w": torch.zeros(16 << 10)})  # 64 KiB
         assert mgr.steps() == []
     with (
         distckpt.CheckpointManager(root, space_margin=0, timeout=TIMEOUT) as mgr,
-        _leaving_free(volume, 640 << 10),
+        leaving_free(volume, 640 << 10),
     ):
         assert mgr.save(1, {"w": torch.zeros(16 << 10)}).step == 1

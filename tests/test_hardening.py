@@ -23,7 +23,7 @@ import distckpt
 from distckpt import events, faults
 from distckpt.checksums import file_checksum
 from distckpt.fsutil import libc_function
-from tests.filesystems import MountFactory, not_mountable_reason, skip_or_fail
+from tests.filesystems import MountFactory, require_mounting
 from tests.ranks import run_ranks, values
 
 TIMEOUT = 20  # manager collectives: a hang becomes an error well before run_ranks gives up
@@ -769,12 +769,6 @@ def _mount_private_disk(disk: Path, over: Path) -> None:
     subprocess.run(["mount", "--bind", disk, over], check=True, capture_output=True)
 
 
-def _skip_without_mounts() -> None:
-    reason = not_mountable_reason(())
-    if reason is not None:
-        skip_or_fail(reason)
-
-
 def _open_on_own_disk(rank: int, world_size: int, parent: str, disk: str) -> tuple[str, str]:
     if rank == 1:  # rank 1's "node" has a disk of its own where the root's parent is
         _mount_private_disk(Path(disk), Path(parent))
@@ -786,7 +780,7 @@ def _open_on_own_disk(rank: int, world_size: int, parent: str, disk: str) -> tup
 
 
 def test_a_root_missing_on_one_rank_is_refused_on_every_rank_naming_it(tmp_path: Path) -> None:
-    _skip_without_mounts()
+    require_mounting()
     parent, disk = tmp_path / "shared", tmp_path / "rank1-disk"
     parent.mkdir()
     disk.mkdir()
@@ -827,7 +821,7 @@ def _save_with_a_private_staging_dir(
 def test_a_rank_file_rank_0_cannot_see_fails_the_save_on_every_rank_naming_the_rank(
     tmp_path: Path, root: Path
 ) -> None:
-    _skip_without_mounts()
+    require_mounting()
     disk = tmp_path / "rank1-disk"
     disk.mkdir()
     out = values(
@@ -840,6 +834,50 @@ def test_a_rank_file_rank_0_cannot_see_fails_the_save_on_every_rank_naming_the_r
     assert list(root.glob("step-*")) == []
     assert _staging_entries(root) == []
     assert (disk / "rank-00001.pt").is_file()  # written, but where rank 0 cannot see it
+
+
+def _save_with_rank_1_file_cut_short(
+    rank: int, world_size: int, root: str
+) -> tuple[str, int | None, int | None, int | None, dict[str, int]]:
+    staging = Path(root) / ".staging"
+    sizes: dict[str, int] = {}
+
+    def cut_own_file_short(event: events.PhaseEvent) -> None:
+        # rank 1 has written its file, before rank 0 checks the staged files: the file rank 0
+        # finds then is not the one rank 1 reported (a stale or torn view of a shared root)
+        if event.phase == "save.write" and event.ok:
+            (area,) = [entry for entry in staging.iterdir() if entry.is_dir()]
+            rank_file = area / "rank-00001.pt"
+            sizes["written"] = rank_file.stat().st_size
+            sizes["cut"] = sizes["written"] // 2
+            os.truncate(rank_file, sizes["cut"])
+
+    with distckpt.CheckpointManager(root, timeout=TIMEOUT) as mgr:
+        remove = events.add_listener(cut_own_file_short) if rank == 1 else lambda: None
+        try:
+            mgr.save(1, {"w": torch.arange(4096, dtype=torch.float32) + rank})
+        except distckpt.StagedFileMismatch as exc:
+            assert isinstance(exc, OSError)
+            assert exc.path is not None and exc.path.endswith("rank-00001.pt")
+            return type(exc).__name__, exc.rank, exc.written_bytes, exc.found_bytes, sizes
+        finally:
+            remove()
+    raise AssertionError("a save whose rank 1 file rank 0 found cut short was committed")
+
+
+def test_a_rank_file_of_another_size_than_written_fails_the_save_with_both_sizes(
+    root: Path,
+) -> None:
+    """As the README says: ``found_bytes`` is the size rank 0 sees for a file of another size
+    than its rank wrote (``written_bytes``), on every rank, and nothing is committed."""
+    out = values(run_ranks(_save_with_rank_1_file_cut_short, 2, str(root), timeout=JOB_TIMEOUT))
+    sizes = out[1][4]
+    assert sizes["cut"] > 0
+    for error_type, rank, written, found, _ in out:
+        assert (error_type, rank) == ("StagedFileMismatch", 1)
+        assert (written, found) == (sizes["written"], sizes["cut"])
+    assert list(root.glob("step-*")) == []
+    assert _staging_entries(root) == []
 
 
 # --------------------------------------------------------------------------- damaged steps listed

@@ -636,7 +636,7 @@ def test_temp_dirs_of_dead_processes_are_removed(tmp_path: Path) -> None:
 
 def _save_losing_rank_1_object(
     rank: int, world_size: int, url: str, options: dict[str, Any]
-) -> tuple[str, int | None, int | None, int | None]:
+) -> tuple[str, int | None, int | None, int | None, list[int]]:
     def lose_own_upload(event: distckpt.events.PhaseEvent) -> None:
         # Rank 1's file is in the store once its write ends; losing it before rank 0's commit
         # checks the staged objects is what a store that dropped the object looks like.
@@ -650,10 +650,11 @@ def _save_losing_rank_1_object(
             manager.save(1, {"w": torch.ones(1000)})
         except distckpt.StagedFileMismatch as exc:
             assert exc.path is not None and exc.path.endswith("rank-00001.pt")
-            return type(exc).__name__, exc.rank, exc.written_bytes, exc.found_bytes
+            # and what this rank's manager lists after the failed save
+            steps = manager.steps()
+            return type(exc).__name__, exc.rank, exc.written_bytes, exc.found_bytes, steps
         finally:
             remove()
-        assert manager.steps() == []
     raise AssertionError("a save whose rank 1 object is gone was committed")
 
 
@@ -662,7 +663,8 @@ def test_a_staged_object_lost_before_the_commit_fails_the_save_on_every_rank(
 ) -> None:
     options = s3_server.storage_options()
     out = values(run_ranks(_save_losing_rank_1_object, 2, s3_url, options, timeout=JOB_TIMEOUT))
-    for error_type, rank, written, found in out:
+    for error_type, rank, written, found, steps in out:
         assert (error_type, rank, found) == ("StagedFileMismatch", 1, None)
         assert written is not None and written > 4000
+        assert steps == []  # nothing committed, as every rank's manager sees it
     assert not any(key.startswith("step-00000001/") for key in _objects(s3_url, options))

@@ -21,7 +21,7 @@ from distckpt.formats.raw_rank_file import write_rank_file
 from distckpt.formats.raw_rank_reader import load_rank_file
 from distckpt.formats.torch_files import load_skeleton
 from distckpt.manifest import read_manifest
-from tests.filesystems import MountFactory
+from tests.filesystems import MountFactory, leaving_free
 from tests.ranks import run_ranks, values
 
 TIMEOUT = 20.0
@@ -165,25 +165,20 @@ def test_an_async_save_writes_with_parallel_writers_in_its_background_thread(
     )
 
 
-def _free(path: Path) -> int:
-    stat = os.statvfs(path)
-    return stat.f_bavail * stat.f_frsize
-
-
 def test_a_full_disk_under_parallel_writers_names_the_file(mounts: MountFactory) -> None:
     """Every thread stops; the error is the "no space" OSError one writer raises, named after
     the file (the manager turns it into InsufficientSpace: tests/test_filesystems.py)."""
     mount = mounts.get("small-ext4")
-    hog, target = mount.path / "hog-threads", mount.path / "victim-threads"
+    target = mount.path / "victim-threads"
     try:
-        with open(hog, "wb") as file:
-            os.posix_fallocate(file.fileno(), 0, max(_free(mount.path) - (2 << 20), 1))
-        with pytest.raises(OSError) as info:
+        with (
+            leaving_free(mount.path, 2 << 20, filler_name="hog-threads"),
+            pytest.raises(OSError) as info,
+        ):
             write_rank_file({"w": torch.ones(4 << 20)}, target, fsync=True, writer_threads=4)
         assert info.value.errno == errno.ENOSPC
         assert info.value.filename == os.fspath(target)
     finally:
-        hog.unlink(missing_ok=True)
         target.unlink(missing_ok=True)
 
 
