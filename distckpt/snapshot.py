@@ -48,6 +48,10 @@ BUFFER_ALIGNMENT = 64
 #: multiple of this: every dtype's size divides it, so each tensor's offset in the buffer stays
 #: a whole number of its elements.
 SHARED_START_ALIGNMENT = 16
+#: Tensors sharing a storage share a buffer only while the bytes it would copy (from the lowest
+#: they reach to the highest) are at most this many times their own bytes; else each keeps a
+#: buffer of its own (see ``_Walk._worth_sharing``).
+MAX_SHARED_SPAN_RATIO = 2
 #: Dtypes of fewer than 8 bits, each element in a byte of its own: torch has no copy (nor
 #: clone) for them, so their buffers are filled through ``uint8`` views of the same bytes.
 SUB_BYTE_DTYPES: frozenset[torch.dtype] = frozenset(
@@ -151,7 +155,9 @@ class _Walk:
                 # bytes would not.
                 if tensor.numel() and not (tensor.is_conj() or tensor.is_neg()):
                     on_device.setdefault(tensor.device, []).append(index)
-            groups += [same for same in on_device.values() if len(same) > 1]
+            groups += [
+                same for same in on_device.values() if len(same) > 1 and self._worth_sharing(same)
+            ]
         groups.sort()  # by the first slot of each: the order of the walk, as the layout's
         views: list[SharedView] = []
         shared_bytes: list[int] = []
@@ -179,6 +185,18 @@ class _Walk:
                 for index, tensor, (start, _) in zip(members, tensors, extents)
             ]
         return Layout(self.slots, views, shared_bytes), ranges
+
+    def _worth_sharing(self, members: list[int]) -> bool:
+        """Whether the tensors of ``members`` (slots in one storage) take one shared buffer:
+        only while the bytes between the lowest and the highest they reach are at most
+        :data:`MAX_SHARED_SPAN_RATIO` times their own. Two small slices far apart in a large
+        storage keep a buffer each (their gap is not copied, nor held between saves), and are
+        restored as separate tensors, as before sharing was kept."""
+        tensors = [self.sources[index] for index in members]
+        extents = [_byte_extent(tensor) for tensor in tensors]
+        span = max(end for _, end in extents) - min(start for start, _ in extents)
+        own = sum(tensor.numel() * tensor.dtype.itemsize for tensor in tensors)
+        return span <= MAX_SHARED_SPAN_RATIO * own
 
 
 def _byte_extent(tensor: torch.Tensor) -> tuple[int, int]:
@@ -213,7 +231,9 @@ class SnapshotBuffers:
         self._buffers: dict[BufferKey, torch.Tensor] = {}
         #: each tensor in a shared buffer, a view of it, by its place
         self._views: dict[TreeKey, torch.Tensor] = {}
-        self._layout = Layout()
+        #: what the buffers were made for; None while there are none (at first, and after an
+        #: allocation that failed: the next save allocates again)
+        self._layout: Layout | None = None
         self._pin = torch.cuda.is_available()
         self._dtensor: Any = None
 
@@ -258,6 +278,9 @@ class SnapshotBuffers:
             (SharedStorage(number), torch.Size([nbytes]), torch.uint8)
             for number, nbytes in enumerate(layout.shared_bytes)
         ]
+        # Forgotten first: should the allocation fail (no memory), the old buffers may be gone
+        # already, and the next save must not take them for ready.
+        self._layout = None
         self._views = {}
         if self._pin:
             # No GPU was available to test this branch: it follows the flat block's design, a

@@ -362,3 +362,55 @@ def test_a_lazily_conjugated_view_is_snapshotted_with_its_bit_applied() -> None:
 def test_dtensors_sharing_a_local_shard_share_its_buffer() -> None:
     for checks in values(run_ranks(_tied_dtensors, 2)):
         assert all(checks.values()), checks
+
+
+def _snapshots_around_a_failed_allocation(rank: int, world_size: int) -> dict[str, Any]:
+    import resource
+
+    torch.manual_seed(0)
+    small = {"a": torch.randn(1000), "tied": [torch.randn(2000)] * 2}
+    big = {"a": torch.randn(64 << 20)}  # 256 MiB: its buffers will not fit under the limit
+    buffers = SnapshotBuffers()
+    buffers.snapshot(small)  # buffers for the small layout exist
+    _, hard = resource.getrlimit(resource.RLIMIT_AS)
+    with open("/proc/self/status") as status:
+        mapped = int(re.search(r"VmSize:\s+(\d+)", status.read()).group(1)) << 10
+    # A real shortage: the kernel refuses the block's mmap (ENOMEM), as on a host out of memory.
+    resource.setrlimit(resource.RLIMIT_AS, (mapped + (64 << 20), hard))
+    try:
+        buffers.snapshot(big)
+        failed = "no error"
+    except (OSError, MemoryError, RuntimeError) as exc:
+        failed = type(exc).__name__
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (hard, hard))
+    again = buffers.snapshot(small)  # the small layout again: its old buffers are gone
+    return {
+        "failed": failed,
+        "equal": torch.equal(again["a"], small["a"])
+        and all(torch.equal(t, small["tied"][0]) for t in again["tied"]),
+        "still_shared": again["tied"][0].untyped_storage().data_ptr()
+        == again["tied"][1].untyped_storage().data_ptr(),
+    }
+
+
+def test_a_failed_allocation_leaves_no_half_made_buffers_for_the_next_snapshot() -> None:
+    (out,) = values(run_ranks(_snapshots_around_a_failed_allocation, 0))
+    assert out["failed"] != "no error"
+    assert out == {"failed": out["failed"], "equal": True, "still_shared": True}
+
+
+def test_slices_far_apart_in_one_storage_keep_a_buffer_each(tmp_path: Path) -> None:
+    big = torch.randn(16 << 20)  # 64 MiB
+    state = {"head": big[:10], "tail": big[-10:]}
+    buffers = SnapshotBuffers()
+    snapshot = buffers.snapshot(state)
+    # Only their own bytes are copied and held, not the 64 MiB between them.
+    assert [t.untyped_storage().nbytes() for t in snapshot.values()] == [40, 40]
+    assert torch.equal(snapshot["head"], big[:10]) and torch.equal(snapshot["tail"], big[-10:])
+    with distckpt.CheckpointManager(tmp_path / "root", async_save=True, fsync=False) as mgr:
+        mgr.save(1, state)
+        mgr.wait()
+        restored = mgr.restore(1).state
+    assert torch.equal(restored["head"], big[:10]) and torch.equal(restored["tail"], big[-10:])
+    assert sum(f.stat().st_size for f in (tmp_path / "root").rglob("rank-*")) < 1 << 20
