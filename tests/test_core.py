@@ -831,3 +831,89 @@ def test_a_sparse_tensor_round_trips(root: Path, async_save: bool) -> None:
         restored = mgr.restore(1).state["sparse"]
     assert restored.layout == torch.sparse_coo
     assert torch.equal(restored.to_dense(), torch.tensor([1.0, 0, 2.0, 0, 0, 3.0, 0, 0]))
+
+
+# --------------------------------------------------------------------------- damaged steps
+
+
+def _flip_a_byte(path: Path) -> None:
+    """Damage a file the way a disk can: one byte changed, the size kept (only the checksum
+    sees it)."""
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x40
+    path.write_bytes(bytes(data))
+
+
+def _saved_every_step(root: Path, steps: tuple[int, ...]) -> None:
+    with distckpt.CheckpointManager(root, every_n_steps=1, fsync=False) as mgr:
+        for step in steps:
+            mgr.save(step, {"w": torch.full((1000,), float(step))})
+
+
+def test_a_scheduled_save_of_a_damaged_committed_step_saves_it_again(
+    root: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A restart that skipped a damaged step (one flipped byte: only the checksum sees it)
+    resumes from the step before it; the scheduled save of the damaged step must write the new
+    state, not return the damaged checkpoint as if it were saved."""
+    _saved_every_step(root, (1, 2, 3))
+    _flip_a_byte(root / "step-00000003" / "rank-00000.pt")
+    with distckpt.CheckpointManager(root, every_n_steps=1, fsync=False) as mgr:
+        assert mgr.restore(state={"w": torch.zeros(1000)}, verify=True).step == 2
+        with caplog.at_level(logging.WARNING, logger="distckpt"):
+            result = mgr.save(3, {"w": torch.full((1000,), 33.0)})
+        assert result is not None and result.step == 3
+        restored = mgr.restore(3, state={"w": torch.zeros(1000)}, verify=True)
+        assert torch.equal(restored.state["w"], torch.full((1000,), 33.0))
+        assert mgr.steps() == [1, 2, 3]
+    assert any(
+        "step-00000003" in r.getMessage() and "damaged" in r.getMessage() for r in caplog.records
+    )
+
+
+def test_an_explicit_save_of_a_damaged_committed_step_saves_it_again(root: Path) -> None:
+    """Without a schedule the damaged step is no checkpoint to keep either: saving it again is
+    no CheckpointExists (an intact one still is, see the overwrite test above)."""
+    _saved_every_step(root, (1, 2))
+    os.truncate(root / "step-00000002" / "rank-00000.pt", 10)
+    with distckpt.CheckpointManager(root, fsync=False) as mgr:
+        assert mgr.save(2, {"w": torch.full((1000,), 22.0)}).step == 2
+        restored = mgr.restore(2, state={"w": torch.zeros(1000)}, verify=True)
+        assert torch.equal(restored.state["w"], torch.full((1000,), 22.0))
+
+
+def test_a_damaged_newer_step_does_not_block_the_saves_after_a_restart(
+    root: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Steps 1, 2, 5 with step 5 damaged (cut short): the restart resumes from 2, and its next
+    saves (3 to 5) commit instead of raising on this and every later restart. The damaged
+    newer step is moved aside, with a warning, when step 3 commits."""
+    _saved_every_step(root, (1, 2, 5))
+    os.truncate(root / "step-00000005" / "rank-00000.pt", 10)
+    with distckpt.CheckpointManager(root, every_n_steps=1, fsync=False) as mgr:
+        assert mgr.restore(state={"w": torch.zeros(1000)}).step == 2
+        with caplog.at_level(logging.WARNING, logger="distckpt"):
+            saved = mgr.save(3, {"w": torch.full((1000,), 30.0)})
+        assert saved is not None and saved.step == 3
+        assert mgr.steps() == [1, 2, 3]
+        for step in (4, 5):
+            saved = mgr.save(step, {"w": torch.full((1000,), 10.0 * step)})
+            assert saved is not None and saved.step == step
+    assert any(
+        "step-00000005" in r.getMessage() and "damaged" in r.getMessage() for r in caplog.records
+    )
+    with distckpt.CheckpointManager(root, every_n_steps=1, fsync=False) as mgr:
+        restored = mgr.restore(state={"w": torch.zeros(1000)}, verify=True)
+        assert restored.step == 5
+        assert torch.equal(restored.state["w"], torch.full((1000,), 50.0))
+
+
+def test_an_intact_newer_step_still_refuses_a_lower_step_after_a_damaged_one(root: Path) -> None:
+    """Steps only grow past the newest intact step: with step 3 damaged but 4 intact, a save of
+    step 2 is still InvalidStep naming step 4."""
+    _saved_every_step(root, (1, 3, 4))
+    _flip_a_byte(root / "step-00000003" / "rank-00000.pt")
+    with distckpt.CheckpointManager(root, fsync=False) as mgr:
+        with pytest.raises(distckpt.InvalidStep, match="step 4"):
+            mgr.save(2, {"w": torch.zeros(1000)})
+        assert mgr.steps() == [1, 3, 4]
