@@ -110,8 +110,13 @@ class RootLayout:
         return staging_dir.with_name(staging_dir.name + ".lock")
 
     def committed_steps(self) -> list[int]:
-        """Steps that have a committed dir (a real dir, not a link), ascending."""
-        steps = []
+        """Steps that have a committed dir (a real dir, not a link), ascending, each once.
+
+        Any width parses, so two dirs may stand for one step (``step-5`` copied in beside
+        ``step-00000005``): the step is listed once, as what is read, replaced and deleted
+        is one dir (:meth:`step_dir` when it is a dir, else the first name in sorted
+        order); the other one is that step again once that dir is deleted."""
+        steps: set[int] = set()
         try:
             entries = list(os.scandir(self.root))
         except FileNotFoundError:
@@ -119,5 +124,5 @@ class RootLayout:
         for entry in entries:
             step = parse_step_dir_name(entry.name)
             if step is not None and entry.is_dir(follow_symlinks=False):
-                steps.append(step)
+                steps.add(step)
         return sorted(steps)

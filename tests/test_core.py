@@ -917,3 +917,45 @@ def test_an_intact_newer_step_still_refuses_a_lower_step_after_a_damaged_one(roo
         with pytest.raises(distckpt.InvalidStep, match="step 4"):
             mgr.save(2, {"w": torch.zeros(1000)})
         assert mgr.steps() == [1, 3, 4]
+
+
+# --------------------------------------------------------------------------- step dir widths
+
+
+def test_overwrite_replaces_a_step_dir_of_another_width_where_it_is(root: Path) -> None:
+    """Any width parses (README, On disk): ``step-5`` is step 5, so ``overwrite=True`` replaces
+    it in place rather than adding ``step-00000005`` beside it, and a delete then leaves no
+    old copy behind to come back."""
+    with distckpt.CheckpointManager(root, fsync=False) as mgr:
+        mgr.save(5, {"w": torch.full((3,), 5.0)})
+    (root / "step-00000005").rename(root / "step-5")
+    (root / "last").unlink()
+    with distckpt.CheckpointManager(root, fsync=False) as mgr:
+        assert mgr.steps() == [5]
+        saved = mgr.save(5, {"w": torch.full((3,), 50.0)}, overwrite=True)
+        assert saved.path == root / "step-5"
+        assert sorted(p.name for p in root.glob("step-*")) == ["step-5"]
+        assert mgr.steps() == [5]
+        assert torch.equal(mgr.restore(5).state["w"], torch.full((3,), 50.0))
+        mgr.delete(5)
+        assert mgr.steps() == []
+        assert mgr.restore(missing_ok=True) is None
+
+
+def test_two_dirs_of_one_step_list_it_once_and_the_canonical_name_wins(root: Path) -> None:
+    """A root holding ``step-00000005`` and ``step-5`` (copied in by hand) lists step 5 once,
+    and reads and replaces the dir named as distckpt names it; the other one is step 5 again
+    once that is deleted."""
+    with distckpt.CheckpointManager(root, fsync=False) as mgr:
+        mgr.save(5, {"w": torch.full((3,), 5.0)})
+    import shutil
+
+    shutil.copytree(root / "step-00000005", root / "step-5")
+    with distckpt.CheckpointManager(root, fsync=False) as mgr:
+        assert mgr.steps() == [5]
+        mgr.save(5, {"w": torch.full((3,), 50.0)}, overwrite=True)
+        assert torch.equal(mgr.restore(5).state["w"], torch.full((3,), 50.0))
+        assert sorted(p.name for p in root.glob("step-*")) == ["step-00000005", "step-5"]
+        mgr.delete(5)
+        assert mgr.steps() == [5]
+        assert torch.equal(mgr.restore(5).state["w"], torch.full((3,), 5.0))

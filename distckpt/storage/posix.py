@@ -267,10 +267,10 @@ class PosixRootStore(LinksAndRetention, ViewedStore):
             # Re-checked under the lock: another job may have committed since the proposal.
             in_the_way = self.steps_in_the_way(step, overwrite=overwrite, explicit=True)
             assert not isinstance(in_the_way, SaveResult)  # explicit: never "saved already"
-            # An existing dir of the step is replaced where it is, whatever its zero padding,
-            # so that the root never holds two dirs of one step.
-            existing = self.view.checkpoint(step).location
-            final = existing if existing.is_dir() else self.layout.step_dir(step)
+            # An existing dir of the step is replaced where it is, whatever its zero padding
+            # (else the canonical name), so that an overwrite never adds a second dir of one
+            # step that a delete would then uncover.
+            final = self.view.checkpoint(step).location
             with events.phase("commit.manifest", rank=rank, step=step):
                 faults.hit("before_manifest", rank)
                 atomic_write_bytes(staging / MANIFEST_NAME, manifest.to_json(), fsync=self.fsync)

@@ -110,7 +110,8 @@ class PosixRootView(RootView):
 
 def _dir_for_step(layout: RootLayout, step: int) -> Path:
     """The committed dir of ``step`` whatever its zero padding (any width parses): the one
-    named as distckpt names it when that is a dir, without listing the root."""
+    named as distckpt names it when that is a dir, without listing the root; else the first
+    such dir in name order, so that every call picks the same one."""
     canonical = layout.step_dir(step)
     try:
         if stat.S_ISDIR(os.lstat(canonical).st_mode):
@@ -121,7 +122,7 @@ def _dir_for_step(layout: RootLayout, step: int) -> Path:
         entries = list(os.scandir(layout.root))
     except FileNotFoundError:
         entries = []
-    for entry in entries:
+    for entry in sorted(entries, key=lambda entry: entry.name):
         if parse_step_dir_name(entry.name) == step and entry.is_dir(follow_symlinks=False):
             return Path(entry.path)
     return layout.step_dir(step)
