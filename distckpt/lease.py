@@ -121,6 +121,9 @@ class LeaseHolder:
     @classmethod
     def from_json(cls, data: bytes) -> LeaseHolder:
         record = json.loads(data)
+        if not isinstance(record, dict):
+            # valid JSON that names nobody (null, a list): as unreadable as garbage
+            raise ValueError(f"a lease record is a JSON object, not {type(record).__name__}")
         names = {f.name for f in fields(cls)} - {"alive"}
         holder = cls(**{k: v for k, v in record.items() if k in names})
         if not isinstance(holder.generation, int) or not isinstance(holder.pid, int):

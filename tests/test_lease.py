@@ -8,6 +8,7 @@ starts is killed by its pid when the test ends.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import select
@@ -405,3 +406,26 @@ def test_a_holder_on_another_machine_is_refused_where_locks_are_local_to_each_ma
         assert mgr.save(1, {"w": torch.zeros(2)}) is not None
         now = read_holder(root)
         assert now is not None and now.host == this_host() and now.generation == 4
+
+
+@pytest.mark.parametrize(
+    "record", [b"null", b"[]", b'"x"', b"3"], ids=["null", "list", "str", "int"]
+)
+def test_a_lease_record_that_is_json_but_no_object_is_unreadable_and_ignored(
+    tmp_path: Path, record: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    """ "An unreadable record is logged and ignored": valid JSON that is not an object names
+    nobody either, so it blocks neither a job opening the root nor the CLI reading it."""
+    from distckpt.cli import main
+
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / LEASE_RECORD_NAME).write_bytes(record)
+    assert read_holder(root) is None
+    assert any("unreadable lease record" in r.getMessage() for r in caplog.records)
+    for command in ("ls", "lease"):
+        assert main([command, str(root)], out=io.StringIO()) == 0, command
+    with distckpt.CheckpointManager(root, fsync=False) as mgr:
+        assert mgr.save(1, {"w": torch.ones(1)}).step == 1
+        holder = read_holder(root)
+        assert holder is not None and holder.pid == os.getpid()  # its own record replaced it
