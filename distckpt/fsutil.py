@@ -352,13 +352,14 @@ def swap_link(
                 exc.strerror,
                 link.name,
             )
-    if kind == "pointer":
-        with open(tmp, "x", encoding="utf-8") as file:
-            file.write(target_name + "\n")
-            if fsync:
-                file.flush()
-                os.fsync(file.fileno())
     try:
+        # Inside the try: a write that fails (a full disk) must not leave the tmp file behind.
+        if kind == "pointer":
+            with open(tmp, "x", encoding="utf-8") as file:
+                file.write(target_name + "\n")
+                if fsync:
+                    file.flush()
+                    os.fsync(file.fileno())
         if link.is_dir() and not link.is_symlink():
             # os.replace cannot put a file over a directory: move the directory aside first.
             discard_dir(link, trash_root, fsync=fsync)

@@ -745,3 +745,49 @@ def test_a_small_save_is_refused_without_room_for_the_1_mib_margin(
         leaving_free(volume, 640 << 10),
     ):
         assert mgr.save(1, {"w": torch.zeros(16 << 10)}).step == 1
+
+
+def test_a_pointer_link_that_runs_out_of_space_leaves_no_temporary_file(
+    mounts: MountFactory,
+) -> None:
+    """``link="pointer"`` writes ``last`` as a small file: when that write fails on a full
+    disk (here in a delete, which moves ``last`` first), the failed delete leaves no
+    ``.last.<hex>.tmp`` behind in the root."""
+    volume = mounts.get("small-ext4").path
+    root = volume / "pointer-full"
+    with distckpt.CheckpointManager(root, link="pointer", timeout=TIMEOUT) as mgr:
+        mgr.save(1, {"w": torch.ones(1)})
+        mgr.save(2, {"w": torch.ones(1)})
+        hog = volume / "pointer-hog"
+        try:
+            take_every_free_block(volume, hog)  # root's reserve too: the ranks run as root
+            with pytest.raises(distckpt.CheckpointError) as info:
+                mgr.delete(2)
+            assert "No space left on device" in str(info.value)
+            assert sorted(name for name in os.listdir(root) if name.endswith(".tmp")) == []
+        finally:
+            hog.unlink(missing_ok=True)
+        assert mgr.steps() == [1, 2]
+        assert mgr.save(3, {"w": torch.ones(1)}).step == 3
+
+
+def test_a_manager_opened_on_a_full_disk_raises_insufficient_space(
+    mounts: MountFactory,
+) -> None:
+    """Opening writes the lease record: on a full disk that is InsufficientSpace naming the
+    root (as every failure of a write that runs out of space), not a bare CheckpointError."""
+    volume = mounts.get("small-ext4").path
+    root = volume / "open-full"
+    with distckpt.CheckpointManager(root, timeout=TIMEOUT) as mgr:
+        mgr.save(1, {"w": torch.ones(1)})
+    hog = volume / "open-hog"
+    try:
+        take_every_free_block(volume, hog)  # root's reserve too: the ranks run as root
+        with pytest.raises(distckpt.InsufficientSpace) as info:
+            distckpt.CheckpointManager(root, timeout=TIMEOUT)
+    finally:
+        hog.unlink(missing_ok=True)
+    assert os.fspath(root) in str(info.value)
+    assert "No space left on device" in str(info.value)
+    with distckpt.CheckpointManager(root, timeout=TIMEOUT) as mgr:
+        assert mgr.steps() == [1]

@@ -37,6 +37,7 @@ from distckpt.errors import (
     CheckpointError,
     CommitLost,
     ConcurrentCommit,
+    InsufficientSpace,
     InvalidArgument,
     RootNotWritable,
     StagedFileMismatch,
@@ -132,9 +133,7 @@ class PosixRootStore(LinksAndRetention, ViewedStore):
                 try:
                     probe_writable(root)
                 except OSError as exc:
-                    raise RootNotWritable(
-                        f"checkpoint root {root} is not writable: {exc}", path=root
-                    ) from exc
+                    raise _open_write_failed(root, "is not writable", exc) from exc
                 self._settle_link_mode()
                 self._removed_at_open = self._remove_leftovers()
                 try:
@@ -149,7 +148,12 @@ class PosixRootStore(LinksAndRetention, ViewedStore):
     def _take_lease(self, wait: float) -> None:
         if self._lease is not None and self._lease.held:
             return  # opened already
-        self._lease = RootLease.acquire(self.root, wait=wait)
+        try:
+            self._lease = RootLease.acquire(self.root, wait=wait)
+        except CheckpointError:
+            raise  # RootInUse (an OSError too) and the lease's own errors say it already
+        except OSError as exc:
+            raise _open_write_failed(self.root, "cannot take its lease", exc) from exc
         self._opened_by_pid = os.getpid()
         release_at_exit(self)
         logger.info("holding the lease of %s (generation %d)", self.root, self._lease.generation)
@@ -472,3 +476,17 @@ class PosixRootStore(LinksAndRetention, ViewedStore):
             )
             return False
         return True
+
+
+#: a write that failed for want of room: the disk is full, or the user's quota is used up
+_NO_ROOM_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+def _open_write_failed(root: Path, what: str, exc: OSError) -> CheckpointError:
+    """The error for a write that opening ``root`` needs (the lease record, the writability
+    probe): :class:`InsufficientSpace` when the filesystem has no room left, which freeing space
+    fixes, else :class:`RootNotWritable`; either names the root and the file."""
+    message = f"checkpoint root {root} {what}: {exc}"
+    if exc.errno in _NO_ROOM_ERRNOS:
+        return InsufficientSpace(f"{message} (the filesystem is full)", path=exc.filename or root)
+    return RootNotWritable(message, path=exc.filename or root)
