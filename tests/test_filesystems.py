@@ -791,3 +791,29 @@ def test_a_manager_opened_on_a_full_disk_raises_insufficient_space(
     assert "No space left on device" in str(info.value)
     with distckpt.CheckpointManager(root, timeout=TIMEOUT) as mgr:
         assert mgr.steps() == [1]
+
+
+def test_an_error_between_the_two_renames_of_an_overwrite_puts_the_old_step_back(
+    mounts: MountFactory,
+) -> None:
+    """Where two names cannot be exchanged (bindfs refuses RENAME_EXCHANGE), ``overwrite=True``
+    moves the old step into the trash, then renames the new one into place. An error raised
+    between the two (an injected one here: a real one is an I/O error) fails the save and, as
+    a failed save leaves the root as it was, the old step is renamed back, not left in the
+    trash to be deleted."""
+    root = mounts.get("bindfs").path / "overwrite-error"
+    with distckpt.CheckpointManager(root, timeout=TIMEOUT) as mgr:
+        mgr.save(1, {"w": torch.ones(1)})
+        mgr.save(2, {"w": torch.full((1,), 2.0)})
+        faults.arm("during_delete", "raise", rank=0)
+        try:
+            with pytest.raises(Exception, match="during_delete"):
+                mgr.save(2, {"w": torch.full((1,), 20.0)}, overwrite=True)
+        finally:
+            faults.disarm()
+        assert mgr.steps() == [1, 2]
+        assert os.readlink(root / "last") == "step-00000002"
+        assert not (root / ".trash").exists() or os.listdir(root / ".trash") == []
+    with distckpt.CheckpointManager(root, timeout=TIMEOUT) as mgr:
+        assert mgr.steps() == [1, 2]
+        assert torch.equal(mgr.restore(2, verify=True).state["w"], torch.full((1,), 2.0))

@@ -388,9 +388,37 @@ class PosixRootStore(LinksAndRetention, ViewedStore):
         # Two renames: first move the links off the old checkpoint, so that no durable state
         # has ``last`` naming the missing step-N between them.
         self._update_links(leaving=final)
-        move_to_trash(final, self.layout.trash_root, fsync=self.fsync)
-        faults.hit("during_delete", COMMITTING_RANK)
-        rename_dir(staging, final, fsync=self.fsync)
+        trashed = move_to_trash(final, self.layout.trash_root, fsync=self.fsync)
+        try:
+            faults.hit("during_delete", COMMITTING_RANK)
+            rename_dir(staging, final, fsync=self.fsync)
+        except BaseException:
+            # A failed save leaves the root as it was: the old checkpoint must not stay in
+            # the trash, whose next emptying would delete it (a crash here leaves it there,
+            # the documented window of this fallback).
+            if trashed is not None:
+                self._put_back(trashed, final)
+            raise
+
+    def _put_back(self, trashed: Path, final: Path) -> None:
+        """Best effort, under the lock, after the overwrite fallback failed between its two
+        renames: rename the old checkpoint back from the trash and point the links at it
+        again. A failure here is logged, never raised over the save's own error."""
+        try:
+            rename_dir(trashed, final, fsync=self.fsync)
+        except OSError as exc:
+            logger.error(
+                "the overwrite of %s failed and its old checkpoint could not be put back from "
+                "%s (rename it back by hand before the next start empties the trash): %s",
+                final,
+                trashed,
+                exc,
+            )
+            return
+        try:
+            self._update_links()
+        except (OSError, CheckpointError) as exc:  # derived state: the next commit redoes it
+            logger.error("could not repair the links of %s: %s", self.root, exc)
 
     # ------------------------------------------------------------------ removal
 
