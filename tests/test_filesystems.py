@@ -37,7 +37,7 @@ import distckpt.formats.dcp  # imported once here, not in every forked rank (sec
 from distckpt import faults, proposal
 from distckpt.checksums import ChecksumWriter, file_checksum
 from distckpt.cli import main
-from distckpt.fsutil import WRITEBACK_BYTES, probe_writable, start_writeback
+from distckpt.fsutil import WRITEBACK_BYTES, exchange_dirs, probe_writable, start_writeback
 from distckpt.lock import WriterLock
 from distckpt.memory import anonymous_memory
 from tests.filesystems import (
@@ -802,6 +802,11 @@ def test_an_error_between_the_two_renames_of_an_overwrite_puts_the_old_step_back
     a failed save leaves the root as it was, the old step is renamed back, not left in the
     trash to be deleted."""
     root = mounts.get("bindfs").path / "overwrite-error"
+    (root / "a").mkdir(parents=True)
+    (root / "b").mkdir()
+    assert not exchange_dirs(root / "a", root / "b", fsync=False)  # the fallback runs here
+    (root / "a").rmdir()
+    (root / "b").rmdir()
     with distckpt.CheckpointManager(root, timeout=TIMEOUT) as mgr:
         mgr.save(1, {"w": torch.ones(1)})
         mgr.save(2, {"w": torch.full((1,), 2.0)})
