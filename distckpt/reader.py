@@ -44,7 +44,7 @@ from distckpt.layout import BEST, LAST, LINK_NAMES, parse_step_dir_name
 from distckpt.manifest import Manifest
 from distckpt.resolve import VANISH_RETRIES, Found, resolve
 from distckpt.results import Checkpoint, CheckpointLocation
-from distckpt.state import load_into, to_plain
+from distckpt.state import apply_load, check_load, to_plain
 from distckpt.storage import locate
 from distckpt.storage.views import CheckpointSource, RootView, errors_name_the_location
 
@@ -106,7 +106,8 @@ def prepare_read(
     """Check that this rank can read the checkpoint ``source``, whose files are in the local
     ``directory`` (from :meth:`~distckpt.storage.views.CheckpointSource.local_copy`; the format's
     :meth:`~distckpt.formats.base.CheckpointFormat.prepare_read`), with ``template`` reduced to
-    plain data; with ``strict``, refuse the keys on one side only the format found already.
+    plain data; refuse the tensors of another shape the format found already, and with
+    ``strict`` the keys on one side only.
     ``world_size`` is the number of ranks restoring, or None when a plain process reads one
     rank's part (then only that the rank exists is checked); ``group`` is the ranks' private
     group, on which the format's read may run collectives. Never collective itself."""
@@ -121,8 +122,8 @@ def prepare_read(
     prepared = _vanish_checked(
         source, lambda: fmt.prepare_read(directory, manifest, ctx, plain, options), directory
     )
-    if strict and prepared.mismatch is not None:
-        prepared.mismatch.check_strict()
+    if prepared.mismatch is not None:
+        prepared.mismatch.check(strict=strict)
     return prepared
 
 
@@ -130,13 +131,15 @@ def read_state(
     source: CheckpointSource, prepared: PreparedRead, *, template: Any, strict: bool
 ) -> Checkpoint:
     """Read one rank's state of ``source`` as prepared (collective when the format's read
-    is), and load it into ``template`` in place; the keys on one side only are what the format
-    found while preparing and what the load found."""
+    is), and check that it loads into ``template`` (:func:`~distckpt.state.check_load`),
+    changing nothing of it: the caller loads it with :func:`apply_read` once every rank read
+    and checked its part. The keys on one side only are what the format found while preparing
+    and what the check found."""
     manifest = prepared.manifest
     fmt = format_named(manifest.format)
     loaded = _vanish_checked(source, lambda: fmt.read(prepared), prepared.directory)
     report = (
-        load_into(
+        check_load(
             template, loaded, strict=strict, fix_key_prefixes=prepared.options.fix_key_prefixes
         )
         if template is not None
@@ -159,6 +162,14 @@ def read_state(
         missing_keys=tuple(report.missing_keys) if report else (),
         unexpected_keys=tuple(report.unexpected_keys) if report else (),
     )
+
+
+def apply_read(checkpoint: Checkpoint, template: Any, options: ReadOptions) -> Checkpoint:
+    """Load ``checkpoint`` (from :func:`read_state`, checked) into ``template`` in place, if
+    any; ``checkpoint`` itself."""
+    if template is not None:
+        apply_load(template, checkpoint.state, fix_key_prefixes=options.fix_key_prefixes)
+    return checkpoint
 
 
 # ---------------------------------------------------------------------------------- the load
@@ -427,17 +438,21 @@ def _read_on_ranks(
 
         if not collective:
             # No rank waits inside the read for another: one agreement after both steps.
-            return _agreed(
+            checkpoint = _agreed(
                 coordinator,
                 lambda: read_state(source, prepare(), template=state, strict=strict),
                 f"restoring {source.name}",
             )
-        prepared = _agreed(coordinator, prepare, f"preparing to restore {source.name}")
-        return _agreed(
-            coordinator,
-            functools.partial(read_state, source, prepared, template=state, strict=strict),
-            f"restoring {source.name}",
-        )
+        else:
+            prepared = _agreed(coordinator, prepare, f"preparing to restore {source.name}")
+            checkpoint = _agreed(
+                coordinator,
+                functools.partial(read_state, source, prepared, template=state, strict=strict),
+                f"restoring {source.name}",
+            )
+        # Only now that every rank read and checked its part: a rank failing alone has left
+        # every rank's state as it was.
+        return apply_read(checkpoint, state, options)
 
 
 def _named_explicitly(which: Any, location: CheckpointLocation) -> bool:
