@@ -20,7 +20,7 @@ from distckpt.errors import CheckpointError, CheckpointNotFound
 from distckpt.layout import LINK_NAMES
 from distckpt.resolve import classify_path, inspect, link_problem
 from distckpt.results import CheckpointLocation, location_name
-from distckpt.storage.views import CheckpointSource
+from distckpt.storage.views import CheckpointSource, RootView
 
 
 @dataclass(frozen=True)
@@ -106,8 +106,10 @@ def verify(
     """Verify a checkpoint dir, a ``last``/``best`` link, or a whole root; or the same as an
     ``s3://`` URL, with ``storage_options`` for its client.
 
-    ``checksums=False`` checks only sizes (fast: no file is read). ``progress`` is called with
-    the number of bytes read at each step (for a progress bar). Raises
+    A checkpoint of a root deleted while it is checked (by a live job's retention) is left
+    out, not reported damaged. ``checksums=False`` checks only sizes (fast: no file is read).
+    ``progress`` is called with the number of bytes read at each step (for a progress bar).
+    Raises
     :class:`CheckpointNotFound` if ``path`` is none of these, and a failed read of a file (a
     disk's I/O error) as that ``OSError`` (:mod:`distckpt.errors`)."""
     located = classify_path(path, storage_options=storage_options)
@@ -124,9 +126,12 @@ def verify(
     if located.source is not None:
         report = verify_checkpoint(located.source, checksums=checksums, progress=progress)
         return VerifyReport(located.source.location, (report,))
-    reports = tuple(
-        verify_checkpoint(source, checksums=checksums, progress=progress)
-        for source in view.every_checkpoint()
+    reports = _still_listed(
+        view,
+        [
+            verify_checkpoint(source, checksums=checksums, progress=progress)
+            for source in view.every_checkpoint()
+        ],
     )
     problems = []
     reported = {location_name(report.path) for report in reports}
@@ -137,3 +142,14 @@ def verify(
         if linked is None:
             problems.append(str(problem))
     return VerifyReport(view.root, reports, tuple(problems))
+
+
+def _still_listed(view: RootView, reports: list[CheckpointReport]) -> tuple[CheckpointReport, ...]:
+    """``reports`` without the damaged ones whose checkpoint is no longer in the root: another
+    process's retention may delete a listed checkpoint while it is checked, and its files
+    vanishing is no damage. The root is listed again only when a report is damaged, and by
+    entry, so an entry that is no checkpoint at all (a file of a step dir's name) stays."""
+    if all(report.ok for report in reports):
+        return tuple(reports)
+    remaining = {source.location for source in view.every_checkpoint()}
+    return tuple(report for report in reports if report.ok or report.path in remaining)

@@ -21,6 +21,7 @@ from types import ModuleType
 from typing import Any
 
 import pytest
+import torch
 
 import distckpt
 from distckpt.errors import CheckpointNotFound, CorruptCheckpoint, UnsafeCheckpoint
@@ -422,3 +423,25 @@ def test_lock_file_is_not_world_writable(tmp_path: Path) -> None:
         os.umask(old)
     for path in (root / ".lock", root / STEP1 / RANK0, root / STEP1 / MANIFEST):
         assert not stat.S_IMODE(path.stat().st_mode) & stat.S_IWOTH, path
+
+
+def test_verify_of_a_root_leaves_out_a_checkpoint_deleted_while_it_checks(tmp_path: Path) -> None:
+    """A checkpoint another process's retention deletes after verify listed the root, before
+    verify checked it, is no damage: verify leaves it out instead of reporting it BROKEN."""
+    root = tmp_path / "root"
+    with distckpt.CheckpointManager(root, fsync=False) as mgr:
+        for step in (1, 2):
+            mgr.save(step, {"w": torch.full((64,), float(step))})
+    deleted: list[int] = []
+
+    def delete_step_two_while_step_one_is_read(read_bytes: int) -> None:
+        # verify reports each read of step 1's files here, after it listed both steps.
+        if not deleted:
+            with distckpt.CheckpointManager(root, fsync=False) as job:
+                job.delete(2)
+            deleted.append(2)
+
+    report = distckpt.verify(root, progress=delete_step_two_while_step_one_is_read)
+    assert deleted == [2]
+    assert report.ok, str(report)
+    assert [c.step for c in report.checkpoints] == [1]
