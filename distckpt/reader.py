@@ -40,6 +40,7 @@ from distckpt.errors import (
     InvalidArgument,
 )
 from distckpt.formats import PreparedRead, ReadOptions, ShardContext, format_named
+from distckpt.formats.base import check_rank_argument
 from distckpt.layout import BEST, LAST, LINK_NAMES, parse_step_dir_name
 from distckpt.manifest import Manifest
 from distckpt.resolve import VANISH_RETRIES, Found, resolve
@@ -495,6 +496,7 @@ def load_checkpoint(
     """
     if not isinstance(path, (str, os.PathLike)):
         raise InvalidArgument(f"path must be a path, not {path!r}")
+    check_rank_argument(rank)
     options = ReadOptions(
         map_location=map_location,
         allow_pickle=allow_pickle,
