@@ -5,14 +5,17 @@
 A load runs the same three steps everywhere: rank 0 resolves which checkpoint is meant (see
 :mod:`distckpt.resolve`), every rank prepares what it can check alone (world size, rank,
 ``state=`` template, the format's own metadata), then every rank reads, which may be collective
-(DCP). The ranks agree on the outcome of each step (of prepare and read at once where the read
-is not collective), so a rank failing alone fails every rank instead of leaving the others
-inside a collective. Where a rank can read alone and nothing of the caller's changes ("torch",
-no ``state=``, no ``verify``), the other ranks read what they guess rank 0 will resolve while
-it resolves, and one collective carries rank 0's decision and every verdict
-(:func:`_restore_in_one_round`). A checkpoint deleted by another process's
-retention mid-read (:class:`CheckpointVanished`) is resolved again, unless it was named
-explicitly (a step, a step dir).
+(DCP), and checks that what it read loads into ``state=`` (keys and shapes), changing nothing.
+The ranks agree on the outcome of each step (of prepare and read at once where the read is not
+collective), so a rank failing alone fails every rank instead of leaving the others inside a
+collective; only then does each rank load into ``state=`` (:func:`apply_read`), so a failure
+on any rank leaves every rank's state as it was (but for DCP's collective read itself, which
+fills the tensors in place). Where a rank can read alone and nothing of the caller's changes
+("torch", no ``state=``, no ``verify``), the other ranks read what they guess rank 0 will
+resolve while it resolves, and one collective carries rank 0's decision and every verdict
+(:func:`_restore_in_one_round`). A checkpoint deleted by another process's retention mid-read
+(:class:`CheckpointVanished`) is resolved again, unless it was named explicitly (a step, a
+step dir).
 """
 
 from __future__ import annotations

@@ -143,9 +143,10 @@ class PreparedRead:
     options: ReadOptions
     #: what the format found while preparing and needs for the read (DCP: its metadata)
     detail: Any = None
-    #: keys on one side only (template vs checkpoint) that the format found before reading,
-    #: so ``strict=True`` refuses them before any collective read; None when only the read
-    #: itself tells ("torch": a rank file is read whole)
+    #: keys on one side only (template vs checkpoint) and tensors of another shape that the
+    #: format found before reading, so they are refused before any collective read (keys with
+    #: ``strict=True``, shapes always); None when only the read itself tells ("torch": a rank
+    #: file is read whole)
     mismatch: LoadReport | None = None
 
 
