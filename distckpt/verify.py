@@ -18,7 +18,7 @@ from typing import Any
 
 from distckpt.errors import CheckpointError, CheckpointNotFound
 from distckpt.layout import LINK_NAMES
-from distckpt.resolve import classify_path, inspect, link_problem
+from distckpt.resolve import VANISH_RETRIES, classify_path, inspect, link_problem
 from distckpt.results import CheckpointLocation, location_name
 from distckpt.storage.views import CheckpointSource, RootView
 
@@ -126,13 +126,7 @@ def verify(
     if located.source is not None:
         report = verify_checkpoint(located.source, checksums=checksums, progress=progress)
         return VerifyReport(located.source.location, (report,))
-    reports = _still_listed(
-        view,
-        [
-            verify_checkpoint(source, checksums=checksums, progress=progress)
-            for source in view.every_checkpoint()
-        ],
-    )
+    reports = _verify_every_checkpoint(view, checksums=checksums, progress=progress)
     problems = []
     reported = {location_name(report.path) for report in reports}
     for name in LINK_NAMES:
@@ -144,12 +138,33 @@ def verify(
     return VerifyReport(view.root, reports, tuple(problems))
 
 
-def _still_listed(view: RootView, reports: list[CheckpointReport]) -> tuple[CheckpointReport, ...]:
-    """``reports`` without the damaged ones whose checkpoint is no longer in the root: another
-    process's retention may delete a listed checkpoint while it is checked, and its files
-    vanishing is no damage. The root is listed again only when a report is damaged, and by
+def _verify_every_checkpoint(
+    view: RootView, *, checksums: bool, progress: Callable[[int], None] | None
+) -> tuple[CheckpointReport, ...]:
+    """The report on every checkpoint of ``view``'s root, in the listing's order, without the
+    damaged ones that are no longer in the root: another process's retention may delete a
+    listed checkpoint while it is checked, and its files vanishing is no damage. When one
+    vanished, the root is listed again and what was committed meanwhile is checked too (the
+    checkpoint that took its place, so a root a live job keeps one checkpoint in is not
+    reported empty), up to :data:`~distckpt.resolve.VANISH_RETRIES` times. The listing is by
     entry, so an entry that is no checkpoint at all (a file of a step dir's name) stays."""
-    if all(report.ok for report in reports):
-        return tuple(reports)
-    remaining = {source.location for source in view.every_checkpoint()}
-    return tuple(report for report in reports if report.ok or report.path in remaining)
+    reports: dict[CheckpointLocation, CheckpointReport] = {}
+    listing = view.every_checkpoint()
+    for _ in range(VANISH_RETRIES + 1):
+        for source in listing:
+            if source.location not in reports:
+                reports[source.location] = verify_checkpoint(
+                    source, checksums=checksums, progress=progress
+                )
+        if all(report.ok for report in reports.values()):
+            break
+        listing = view.every_checkpoint()
+        present = {source.location for source in listing}
+        vanished = [
+            where for where, report in reports.items() if not report.ok and where not in present
+        ]
+        if not vanished:
+            break
+        for where in vanished:
+            del reports[where]
+    return tuple(sorted(reports.values(), key=lambda report: location_name(report.path)))

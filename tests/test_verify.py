@@ -445,3 +445,27 @@ def test_verify_of_a_root_leaves_out_a_checkpoint_deleted_while_it_checks(tmp_pa
     assert deleted == [2]
     assert report.ok, str(report)
     assert [c.step for c in report.checkpoints] == [1]
+
+
+def test_verify_of_a_root_whose_only_checkpoint_is_replaced_while_it_checks(
+    tmp_path: Path,
+) -> None:
+    """A live job keeping one checkpoint commits the next and deletes the one verify is
+    checking: verify checks the new one instead of reporting the root empty or damaged."""
+    root = tmp_path / "root"
+    # "dcp": two files (.metadata, then the data file), so the step goes between their checks.
+    with distckpt.CheckpointManager(root, format="dcp", fsync=False) as mgr:
+        mgr.save(1, {"w": torch.full((64,), 1.0)})
+    replaced: list[int] = []
+
+    def replace_step_one_while_it_is_read(read_bytes: int) -> None:
+        # verify reports each read of the files of the step it checks here.
+        if not replaced:
+            replaced.append(2)
+            with distckpt.CheckpointManager(root, format="dcp", keep_last=1, fsync=False) as job:
+                job.save(2, {"w": torch.full((64,), 2.0)})
+
+    report = distckpt.verify(root, progress=replace_step_one_while_it_is_read)
+    assert replaced == [2] and not (root / "step-00000001").exists()
+    assert report.ok, str(report)
+    assert [c.step for c in report.checkpoints] == [2]
