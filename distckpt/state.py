@@ -216,33 +216,18 @@ class LoadReport:
             )
 
 
-def load_into(
-    template: Any, loaded: Any, *, strict: bool, fix_key_prefixes: bool = True
-) -> LoadReport:
-    """Load ``loaded`` (as saved) into ``template`` (the user's live objects) in place:
-    :func:`check_load`, then :func:`apply_load`.
-
-    Objects with ``load_state_dict`` load through it, tensors are copied into, and any other
-    value inside a dict or list of ``template`` is replaced by the loaded one (a tuple by a new
-    tuple). A plain value at the top level cannot be replaced: read it from the result.
-    """
-    report = check_load(template, loaded, strict=strict, fix_key_prefixes=fix_key_prefixes)
-    apply_load(template, loaded, fix_key_prefixes=fix_key_prefixes)
-    return report
-
-
 def check_load(
     template: Any, loaded: Any, *, strict: bool, fix_key_prefixes: bool = True
 ) -> LoadReport:
-    """A dry run of loading ``loaded`` into ``template``, changing nothing: a tensor (a
-    module's too) whose shape differs from the saved one raises
-    :class:`~distckpt.errors.ShapeMismatch`; with ``strict=True`` any key present on one side
-    only raises :class:`InvalidArgument` listing them all; with ``strict=False`` the keys are
-    reported. With ``fix_key_prefixes``, a module's (or dict's) keys that differ from the saved
-    ones only by wrapper prefixes (``_orig_mod.``, ``module.``) are compared mapped (see
-    :mod:`distckpt.key_prefixes`). An object's own ``load_state_dict`` is not run, so what it
-    alone refuses (an optimizer's parameter groups of other sizes) is only found by
-    :func:`apply_load`."""
+    """A dry run of loading ``loaded`` (as saved) into ``template`` (the user's live objects),
+    changing nothing (:func:`apply_load` loads it): a tensor (a module's too) whose shape
+    differs from the saved one raises :class:`~distckpt.errors.ShapeMismatch`; with
+    ``strict=True`` any key present on one side only raises :class:`InvalidArgument` listing
+    them all; with ``strict=False`` the keys are reported. With ``fix_key_prefixes``, a
+    module's (or dict's) keys that differ from the saved ones only by wrapper prefixes
+    (``_orig_mod.``, ``module.``) are compared mapped (see :mod:`distckpt.key_prefixes`). An
+    object's own ``load_state_dict`` is not run, so what it alone refuses (an optimizer's
+    parameter groups of other sizes) is only found by :func:`apply_load`."""
     report = LoadReport()
     _load(template, loaded, "", report, apply=False, fix_prefixes=fix_key_prefixes)
     report.check(strict=strict)
@@ -251,8 +236,11 @@ def check_load(
 
 def apply_load(template: Any, loaded: Any, *, fix_key_prefixes: bool = True) -> None:
     """Load ``loaded`` into ``template`` in place, what matches (after :func:`check_load`),
-    logging one INFO line per wrapper-prefix mapping. An object's ``load_state_dict`` that
-    fails raises :class:`InvalidArgument`, leaving what was loaded before it loaded."""
+    logging one INFO line per wrapper-prefix mapping. Objects with ``load_state_dict`` load
+    through it, tensors are copied into, and any other value inside a dict or list of
+    ``template`` is replaced by the loaded one (a tuple by a new tuple); a plain value at the
+    top level cannot be replaced: read it from the result. An object's ``load_state_dict``
+    that fails raises :class:`InvalidArgument`, leaving what was loaded before it loaded."""
     _load(template, loaded, "", LoadReport(), apply=True, fix_prefixes=fix_key_prefixes)
 
 
