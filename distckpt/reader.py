@@ -127,7 +127,7 @@ def prepare_read(
         source, lambda: fmt.prepare_read(directory, manifest, ctx, plain, options), directory
     )
     if prepared.mismatch is not None:
-        prepared.mismatch.check(strict=strict)
+        prepared.mismatch.check(strict=strict, where=source.location)
     return prepared
 
 
@@ -144,7 +144,11 @@ def read_state(
     loaded = _vanish_checked(source, lambda: fmt.read(prepared), prepared.directory)
     report = (
         check_load(
-            template, loaded, strict=strict, fix_key_prefixes=prepared.options.fix_key_prefixes
+            template,
+            loaded,
+            strict=strict,
+            fix_key_prefixes=prepared.options.fix_key_prefixes,
+            where=source.location,
         )
         if template is not None
         else None

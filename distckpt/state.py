@@ -10,6 +10,7 @@ dicts and lists that hold them.
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -181,27 +182,31 @@ class LoadReport:
         """Whether no key is on one side only (shapes are :meth:`check_shapes`' business)."""
         return not self.missing_keys and not self.unexpected_keys
 
-    def check(self, *, strict: bool) -> None:
+    def check(self, *, strict: bool, where: str | os.PathLike[str] | None = None) -> None:
         """Raise what a restore refuses before loading anything: a shape mismatch always
-        (:meth:`check_shapes`), keys on one side only with ``strict`` (:meth:`check_strict`)."""
-        self.check_shapes()
+        (:meth:`check_shapes`, naming the checkpoint ``where``), keys on one side only with
+        ``strict`` (:meth:`check_strict`)."""
+        self.check_shapes(where)
         if strict:
             self.check_strict()
 
-    def check_shapes(self) -> None:
+    def check_shapes(self, where: str | os.PathLike[str] | None = None) -> None:
         """Raise :class:`~distckpt.errors.ShapeMismatch` naming every tensor whose saved shape
-        differs from the given one, if any: whatever ``strict`` is, as torch's own
-        ``load_state_dict`` and DCP do, since nothing can be loaded into such a tensor."""
+        differs from the given one, if any, and the checkpoint ``where`` (its ``path``) when
+        known: whatever ``strict`` is, as torch's own ``load_state_dict`` and DCP do, since
+        nothing can be loaded into such a tensor."""
         if self.mismatched_shapes:
             listed = "; ".join(
                 f"{key}: saved {list(saved)}, given {list(current)}"
                 for key, saved, current in self.mismatched_shapes
             )
+            checkpoint = f"{os.fspath(where)}: the checkpoint's" if where else "the checkpoint's"
             raise ShapeMismatch(
-                f"the checkpoint's tensors do not have the shapes of the given state's ({listed})."
+                f"{checkpoint} tensors do not have the shapes of the given state's ({listed})."
                 " A shape mismatch is refused even with strict=False: nothing can be loaded into"
                 " a tensor of another shape",
                 mismatches=tuple(self.mismatched_shapes),
+                path=where,
             )
 
     def check_strict(self) -> None:
@@ -217,7 +222,12 @@ class LoadReport:
 
 
 def check_load(
-    template: Any, loaded: Any, *, strict: bool, fix_key_prefixes: bool = True
+    template: Any,
+    loaded: Any,
+    *,
+    strict: bool,
+    fix_key_prefixes: bool = True,
+    where: str | os.PathLike[str] | None = None,
 ) -> LoadReport:
     """A dry run of loading ``loaded`` (as saved) into ``template`` (the user's live objects),
     changing nothing (:func:`apply_load` loads it): a tensor (a module's too) whose shape
@@ -227,10 +237,11 @@ def check_load(
     module's (or dict's) keys that differ from the saved ones only by wrapper prefixes
     (``_orig_mod.``, ``module.``) are compared mapped (see :mod:`distckpt.key_prefixes`). An
     object's own ``load_state_dict`` is not run, so what it alone refuses (an optimizer's
-    parameter groups of other sizes) is only found by :func:`apply_load`."""
+    parameter groups of other sizes) is only found by :func:`apply_load`. ``where``: the
+    checkpoint ``loaded`` comes from, for the errors."""
     report = LoadReport()
     _load(template, loaded, "", report, apply=False, fix_prefixes=fix_key_prefixes)
-    report.check(strict=strict)
+    report.check(strict=strict, where=where)
     return report
 
 

@@ -188,4 +188,5 @@ def test_a_tensor_of_another_shape_is_refused_whatever_strict_is(
         with pytest.raises(distckpt.ShapeMismatch, match=r"w: saved \[4\], given \[5\]") as raised:
             mgr.restore(state=state, strict=strict)
     assert raised.value.mismatches == (("w", (4,), (5,)),)
+    assert raised.value.path == str(root / "step-00000001")  # the checkpoint refused
     assert torch.equal(state["v"], torch.zeros(2))
