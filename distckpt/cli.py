@@ -104,9 +104,7 @@ def cmd_ls(args: argparse.Namespace, out: TextIO) -> int:
     view = _existing_view(args.root)
     store = open_store(view.root, read_only=True)
     links = {name: view.read_pointer(name) for name in LINK_NAMES}
-    infos = resolve.list_checkpoints(view)
-    valid = {info.step for info in infos}
-    damaged = [s for s in view.committed_steps() if s not in valid]
+    infos, damaged = resolve.survey(view)
     leftovers = _leftovers(store)
     holder = store.lease_holder()
     if args.json:

@@ -88,6 +88,27 @@ class InvalidArgument(CheckpointError, ValueError):
     """An argument distckpt cannot act on (an unknown option value, a state it cannot save)."""
 
 
+class ShapeMismatch(InvalidArgument):
+    """A tensor of the ``state=`` given to a restore has another shape than the checkpoint's
+    tensor under the same key: nothing can be loaded into it, so the restore is refused whatever
+    ``strict`` is, before anything is loaded (in both formats). ``mismatches`` lists each as
+    ``(key, saved_shape, current_shape)``, shapes as tuples of ints."""
+
+    mismatches: tuple[tuple[str, tuple[int, ...], tuple[int, ...]], ...] = ()
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        mismatches: tuple[tuple[str, tuple[int, ...], tuple[int, ...]], ...],
+        rank: int | None = None,
+        path: str | os.PathLike[str] | None = None,
+        step: int | None = None,
+    ) -> None:
+        super().__init__(message, rank=rank, path=path, step=step)
+        self.mismatches = mismatches
+
+
 class RootNotWritable(CheckpointError, PermissionError):
     """The checkpoint root cannot be created or written."""
 

@@ -26,6 +26,7 @@ import torch
 
 from distckpt.errors import InvalidArgument
 from distckpt.formats import format_named
+from distckpt.formats.base import check_rank_argument
 from distckpt.fsutil import atomic_write
 from distckpt.resolve import resolve_path
 from distckpt.storage.views import errors_name_the_location
@@ -72,8 +73,7 @@ def export(
     out = Path(os.path.abspath(os.fspath(out_file)))
     if out.is_dir():
         raise InvalidArgument(f"out_file {out} is a directory; give the path of a file")
-    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int)):
-        raise InvalidArgument(f"rank must be an int, not {rank!r}")
+    check_rank_argument(rank)
     with (
         source.local_copy(manifest.files) as directory,
         errors_name_the_location(source, directory),

@@ -379,7 +379,12 @@ class CheckpointManager:
 
         ``strict=True`` refuses a key only in the checkpoint or only in ``state`` before
         loading anything; ``strict=False`` loads what matches and reports the rest in
-        ``missing_keys`` / ``unexpected_keys``. ``allow_pickle=True`` unpickles arbitrary
+        ``missing_keys`` / ``unexpected_keys``. A tensor whose saved shape differs is refused
+        with :class:`~distckpt.errors.ShapeMismatch` whatever ``strict`` is. No rank loads into
+        ``state`` before every rank read and checked its part, so a failure on any rank leaves
+        every rank's ``state`` as it was; only an object's own ``load_state_dict`` failing
+        afterwards (what the check cannot foresee) raises on its rank alone, with what came
+        before it loaded. ``allow_pickle=True`` unpickles arbitrary
         objects: only for checkpoints you trust. ``mmap=True`` maps tensor data from disk
         instead of reading it all. ``verify=True`` checks every file's checksum before
         loading (sizes are always checked) and, for ``"last"``/``"best"``, falls back past a

@@ -5,14 +5,17 @@
 A load runs the same three steps everywhere: rank 0 resolves which checkpoint is meant (see
 :mod:`distckpt.resolve`), every rank prepares what it can check alone (world size, rank,
 ``state=`` template, the format's own metadata), then every rank reads, which may be collective
-(DCP). The ranks agree on the outcome of each step (of prepare and read at once where the read
-is not collective), so a rank failing alone fails every rank instead of leaving the others
-inside a collective. Where a rank can read alone and nothing of the caller's changes ("torch",
-no ``state=``, no ``verify``), the other ranks read what they guess rank 0 will resolve while
-it resolves, and one collective carries rank 0's decision and every verdict
-(:func:`_restore_in_one_round`). A checkpoint deleted by another process's
-retention mid-read (:class:`CheckpointVanished`) is resolved again, unless it was named
-explicitly (a step, a step dir).
+(DCP), and checks that what it read loads into ``state=`` (keys and shapes), changing nothing.
+The ranks agree on the outcome of each step (of prepare and read at once where the read is not
+collective), so a rank failing alone fails every rank instead of leaving the others inside a
+collective; only then does each rank load into ``state=`` (:func:`apply_read`), so a failure
+on any rank leaves every rank's state as it was (but for DCP's collective read itself, which
+fills the tensors in place). Where a rank can read alone and nothing of the caller's changes
+("torch", no ``state=``, no ``verify``), the other ranks read what they guess rank 0 will
+resolve while it resolves, and one collective carries rank 0's decision and every verdict
+(:func:`_restore_in_one_round`). A checkpoint deleted by another process's retention mid-read
+(:class:`CheckpointVanished`) is resolved again, unless it was named explicitly (a step, a
+step dir).
 """
 
 from __future__ import annotations
@@ -40,11 +43,12 @@ from distckpt.errors import (
     InvalidArgument,
 )
 from distckpt.formats import PreparedRead, ReadOptions, ShardContext, format_named
+from distckpt.formats.base import check_rank_argument
 from distckpt.layout import BEST, LAST, LINK_NAMES, parse_step_dir_name
 from distckpt.manifest import Manifest
 from distckpt.resolve import VANISH_RETRIES, Found, resolve
 from distckpt.results import Checkpoint, CheckpointLocation
-from distckpt.state import load_into, to_plain
+from distckpt.state import apply_load, check_load, to_plain
 from distckpt.storage import locate
 from distckpt.storage.views import CheckpointSource, RootView, errors_name_the_location
 
@@ -106,7 +110,8 @@ def prepare_read(
     """Check that this rank can read the checkpoint ``source``, whose files are in the local
     ``directory`` (from :meth:`~distckpt.storage.views.CheckpointSource.local_copy`; the format's
     :meth:`~distckpt.formats.base.CheckpointFormat.prepare_read`), with ``template`` reduced to
-    plain data; with ``strict``, refuse the keys on one side only the format found already.
+    plain data; refuse the tensors of another shape the format found already, and with
+    ``strict`` the keys on one side only.
     ``world_size`` is the number of ranks restoring, or None when a plain process reads one
     rank's part (then only that the rank exists is checked); ``group`` is the ranks' private
     group, on which the format's read may run collectives. Never collective itself."""
@@ -121,8 +126,8 @@ def prepare_read(
     prepared = _vanish_checked(
         source, lambda: fmt.prepare_read(directory, manifest, ctx, plain, options), directory
     )
-    if strict and prepared.mismatch is not None:
-        prepared.mismatch.check_strict()
+    if prepared.mismatch is not None:
+        prepared.mismatch.check(strict=strict, where=source.location)
     return prepared
 
 
@@ -130,14 +135,20 @@ def read_state(
     source: CheckpointSource, prepared: PreparedRead, *, template: Any, strict: bool
 ) -> Checkpoint:
     """Read one rank's state of ``source`` as prepared (collective when the format's read
-    is), and load it into ``template`` in place; the keys on one side only are what the format
-    found while preparing and what the load found."""
+    is), and check that it loads into ``template`` (:func:`~distckpt.state.check_load`),
+    changing nothing of it: the caller loads it with :func:`apply_read` once every rank read
+    and checked its part. The keys on one side only are what the format found while preparing
+    and what the check found."""
     manifest = prepared.manifest
     fmt = format_named(manifest.format)
     loaded = _vanish_checked(source, lambda: fmt.read(prepared), prepared.directory)
     report = (
-        load_into(
-            template, loaded, strict=strict, fix_key_prefixes=prepared.options.fix_key_prefixes
+        check_load(
+            template,
+            loaded,
+            strict=strict,
+            fix_key_prefixes=prepared.options.fix_key_prefixes,
+            where=source.location,
         )
         if template is not None
         else None
@@ -159,6 +170,14 @@ def read_state(
         missing_keys=tuple(report.missing_keys) if report else (),
         unexpected_keys=tuple(report.unexpected_keys) if report else (),
     )
+
+
+def apply_read(checkpoint: Checkpoint, template: Any, options: ReadOptions) -> Checkpoint:
+    """Load ``checkpoint`` (from :func:`read_state`, checked) into ``template`` in place, if
+    any; ``checkpoint`` itself."""
+    if template is not None:
+        apply_load(template, checkpoint.state, fix_key_prefixes=options.fix_key_prefixes)
+    return checkpoint
 
 
 # ---------------------------------------------------------------------------------- the load
@@ -427,17 +446,21 @@ def _read_on_ranks(
 
         if not collective:
             # No rank waits inside the read for another: one agreement after both steps.
-            return _agreed(
+            checkpoint = _agreed(
                 coordinator,
                 lambda: read_state(source, prepare(), template=state, strict=strict),
                 f"restoring {source.name}",
             )
-        prepared = _agreed(coordinator, prepare, f"preparing to restore {source.name}")
-        return _agreed(
-            coordinator,
-            functools.partial(read_state, source, prepared, template=state, strict=strict),
-            f"restoring {source.name}",
-        )
+        else:
+            prepared = _agreed(coordinator, prepare, f"preparing to restore {source.name}")
+            checkpoint = _agreed(
+                coordinator,
+                functools.partial(read_state, source, prepared, template=state, strict=strict),
+                f"restoring {source.name}",
+            )
+        # Only now that every rank read and checked its part: a rank failing alone has left
+        # every rank's state as it was.
+        return apply_read(checkpoint, state, options)
 
 
 def _named_explicitly(which: Any, location: CheckpointLocation) -> bool:
@@ -480,6 +503,7 @@ def load_checkpoint(
     """
     if not isinstance(path, (str, os.PathLike)):
         raise InvalidArgument(f"path must be a path, not {path!r}")
+    check_rank_argument(rank)
     options = ReadOptions(
         map_location=map_location,
         allow_pickle=allow_pickle,

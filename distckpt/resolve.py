@@ -160,10 +160,22 @@ def best_valid(
 
 def list_checkpoints(view: RootView) -> list[CheckpointInfo]:
     """Every committed checkpoint that passes its manifest check, oldest first."""
-    return [
+    return survey(view)[0]
+
+
+def survey(view: RootView) -> tuple[list[CheckpointInfo], list[int]]:
+    """From one listing of the root: every committed checkpoint that passes its manifest
+    check, oldest first, and the steps listed that fail it and are still there (one deleted
+    meanwhile by another process's retention is neither; one committed after the listing is
+    not in it)."""
+    listed = view.committed_steps()
+    infos = [
         CheckpointInfo.from_manifest(source.location, manifest)
-        for source, manifest in iter_valid(view, newest_first=False)
+        for source, manifest in iter_valid(view, newest_first=False, steps=listed)
     ]
+    valid = {info.step for info in infos}
+    damaged = [s for s in listed if s not in valid and view.checkpoint(s).exists()]
+    return infos, damaged
 
 
 def committed_dir(view: RootView, step: int) -> CheckpointSource:

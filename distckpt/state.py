@@ -10,6 +10,7 @@ dicts and lists that hold them.
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ from typing import Any
 
 import torch
 
-from distckpt.errors import InvalidArgument
+from distckpt.errors import InvalidArgument, ShapeMismatch
 from distckpt.key_prefixes import log_prefix_mapping, matching_prefixes
 from distckpt.per_rank import PerRank, is_per_rank
 
@@ -161,17 +162,52 @@ def copy_containers(value: Any) -> Any:
     return value
 
 
+#: A tensor of the template whose shape differs from the saved one under the same key:
+#: (dotted key, saved shape, current shape).
+ShapeDifference = tuple[str, tuple[int, ...], tuple[int, ...]]
+
+
 @dataclass
 class LoadReport:
-    """Keys that did not line up between the ``state=`` template and the checkpoint, each as a
-    dotted path (``model.layer.weight``)."""
+    """What did not line up between the ``state=`` template and the checkpoint, each key as a
+    dotted path (``model.layer.weight``): keys on one side only, and tensors present on both
+    sides with different shapes (which nothing can load, strict or not)."""
 
     missing_keys: list[str] = field(default_factory=list)
     unexpected_keys: list[str] = field(default_factory=list)
+    mismatched_shapes: list[ShapeDifference] = field(default_factory=list)
 
     @property
     def clean(self) -> bool:
+        """Whether no key is on one side only (shapes are :meth:`check_shapes`' business)."""
         return not self.missing_keys and not self.unexpected_keys
+
+    def check(self, *, strict: bool, where: str | os.PathLike[str] | None = None) -> None:
+        """Raise what a restore refuses before loading anything: a shape mismatch always
+        (:meth:`check_shapes`, naming the checkpoint ``where``), keys on one side only with
+        ``strict`` (:meth:`check_strict`)."""
+        self.check_shapes(where)
+        if strict:
+            self.check_strict()
+
+    def check_shapes(self, where: str | os.PathLike[str] | None = None) -> None:
+        """Raise :class:`~distckpt.errors.ShapeMismatch` naming every tensor whose saved shape
+        differs from the given one, if any, and the checkpoint ``where`` (its ``path``) when
+        known: whatever ``strict`` is, as torch's own ``load_state_dict`` and DCP do, since
+        nothing can be loaded into such a tensor."""
+        if self.mismatched_shapes:
+            listed = "; ".join(
+                f"{key}: saved {list(saved)}, given {list(current)}"
+                for key, saved, current in self.mismatched_shapes
+            )
+            checkpoint = f"{os.fspath(where)}: the checkpoint's" if where else "the checkpoint's"
+            raise ShapeMismatch(
+                f"{checkpoint} tensors do not have the shapes of the given state's ({listed})."
+                " A shape mismatch is refused even with strict=False: nothing can be loaded into"
+                " a tensor of another shape",
+                mismatches=tuple(self.mismatched_shapes),
+                path=where,
+            )
 
     def check_strict(self) -> None:
         """Raise :class:`InvalidArgument` listing every key on one side only, unless clean: what
@@ -185,27 +221,38 @@ class LoadReport:
             )
 
 
-def load_into(
-    template: Any, loaded: Any, *, strict: bool, fix_key_prefixes: bool = True
+def check_load(
+    template: Any,
+    loaded: Any,
+    *,
+    strict: bool,
+    fix_key_prefixes: bool = True,
+    where: str | os.PathLike[str] | None = None,
 ) -> LoadReport:
-    """Load ``loaded`` (as saved) into ``template`` (the user's live objects) in place.
-
-    Objects with ``load_state_dict`` load through it, tensors are copied into, and any other
-    value inside a dict or list of ``template`` is replaced by the loaded one (a tuple by a new
-    tuple). A plain value at the top level cannot be replaced: read it from the result.
-
-    With ``strict=True`` any key present on one side only raises :class:`InvalidArgument`
-    listing them all, before anything is changed; with ``strict=False`` what matches is loaded
-    and the rest is reported. With ``fix_key_prefixes``, a module's (or dict's) keys that differ
-    from the saved ones only by wrapper prefixes (``_orig_mod.``, ``module.``) are mapped, with
-    one INFO line (see :mod:`distckpt.key_prefixes`).
-    """
+    """A dry run of loading ``loaded`` (as saved) into ``template`` (the user's live objects),
+    changing nothing (:func:`apply_load` loads it): a tensor (a module's too) whose shape
+    differs from the saved one raises :class:`~distckpt.errors.ShapeMismatch`; with
+    ``strict=True`` any key present on one side only raises :class:`InvalidArgument` listing
+    them all; with ``strict=False`` the keys are reported. With ``fix_key_prefixes``, a
+    module's (or dict's) keys that differ from the saved ones only by wrapper prefixes
+    (``_orig_mod.``, ``module.``) are compared mapped (see :mod:`distckpt.key_prefixes`). An
+    object's own ``load_state_dict`` is not run, so what it alone refuses (an optimizer's
+    parameter groups of other sizes) is only found by :func:`apply_load`. ``where``: the
+    checkpoint ``loaded`` comes from, for the errors."""
     report = LoadReport()
-    _load(template, loaded, "", report, apply=False, fix_prefixes=fix_key_prefixes)  # dry run
-    if strict:
-        report.check_strict()
-    _load(template, loaded, "", LoadReport(), apply=True, fix_prefixes=fix_key_prefixes)
+    _load(template, loaded, "", report, apply=False, fix_prefixes=fix_key_prefixes)
+    report.check(strict=strict, where=where)
     return report
+
+
+def apply_load(template: Any, loaded: Any, *, fix_key_prefixes: bool = True) -> None:
+    """Load ``loaded`` into ``template`` in place, what matches (after :func:`check_load`),
+    logging one INFO line per wrapper-prefix mapping. Objects with ``load_state_dict`` load
+    through it, tensors are copied into, and any other value inside a dict or list of
+    ``template`` is replaced by the loaded one (a tuple by a new tuple); a plain value at the
+    top level cannot be replaced: read it from the result. An object's ``load_state_dict``
+    that fails raises :class:`InvalidArgument`, leaving what was loaded before it loaded."""
+    _load(template, loaded, "", LoadReport(), apply=True, fix_prefixes=fix_key_prefixes)
 
 
 def _join(prefix: str, key: object) -> str:
@@ -238,13 +285,13 @@ def _load(
             template.value = new
         return template
     if isinstance(template, torch.nn.Module):
-        loaded = _renamed(template.state_dict(), loaded, path, fix=fix_prefixes, log=apply)
-        expected, got = (
-            set(template.state_dict()),
-            set(loaded) if isinstance(loaded, Mapping) else set(),
-        )
+        current = template.state_dict()
+        loaded = _renamed(current, loaded, path, fix=fix_prefixes, log=apply)
+        expected, got = set(current), set(loaded) if isinstance(loaded, Mapping) else set()
         report.missing_keys += [_join(path, k) for k in sorted(expected - got)]
         report.unexpected_keys += [_join(path, k) for k in sorted(got - expected)]
+        for key in sorted(expected & got):
+            _compare_shapes(current[key], loaded[key], _join(path, key), report)
         if apply:
             _checked(path, lambda: template.load_state_dict(loaded, strict=False))
     elif is_stateful(template):
@@ -255,9 +302,9 @@ def _load(
             # A changed optimizer or scheduler cannot load a partial dict: report, skip.
             report.missing_keys.append(path)
     elif isinstance(template, torch.Tensor):
-        if not isinstance(loaded, torch.Tensor) or loaded.shape != template.shape:
+        if not isinstance(loaded, torch.Tensor):
             report.missing_keys.append(path)
-        elif apply:
+        elif _compare_shapes(template, loaded, path, report) and apply:
             with torch.no_grad():
                 template.copy_(loaded)
     elif isinstance(template, Mapping) and isinstance(loaded, Mapping):
@@ -301,6 +348,19 @@ def same_kind_of_tuple(template: tuple[Any, ...], items: list[Any]) -> tuple[Any
     if hasattr(template, "_fields"):
         return type(template)(*items)
     return type(template)(items)
+
+
+def _compare_shapes(current: Any, loaded: Any, path: str, report: LoadReport) -> bool:
+    """Whether ``loaded`` fits into ``current`` as far as shapes go; a pair of tensors of
+    different shapes is added to ``report`` (anything else is left to the caller)."""
+    if (
+        isinstance(current, torch.Tensor)
+        and isinstance(loaded, torch.Tensor)
+        and current.shape != loaded.shape
+    ):
+        report.mismatched_shapes.append((path, tuple(loaded.shape), tuple(current.shape)))
+        return False
+    return True
 
 
 def _checked(path: str, load: Any) -> None:

@@ -18,9 +18,9 @@ from typing import Any
 
 from distckpt.errors import CheckpointError, CheckpointNotFound
 from distckpt.layout import LINK_NAMES
-from distckpt.resolve import classify_path, inspect, link_problem
+from distckpt.resolve import VANISH_RETRIES, classify_path, inspect, link_problem
 from distckpt.results import CheckpointLocation, location_name
-from distckpt.storage.views import CheckpointSource
+from distckpt.storage.views import CheckpointSource, RootView
 
 
 @dataclass(frozen=True)
@@ -106,8 +106,10 @@ def verify(
     """Verify a checkpoint dir, a ``last``/``best`` link, or a whole root; or the same as an
     ``s3://`` URL, with ``storage_options`` for its client.
 
-    ``checksums=False`` checks only sizes (fast: no file is read). ``progress`` is called with
-    the number of bytes read at each step (for a progress bar). Raises
+    A checkpoint of a root deleted while it is checked (by a live job's retention) is left
+    out, not reported damaged. ``checksums=False`` checks only sizes (fast: no file is read).
+    ``progress`` is called with the number of bytes read at each step (for a progress bar).
+    Raises
     :class:`CheckpointNotFound` if ``path`` is none of these, and a failed read of a file (a
     disk's I/O error) as that ``OSError`` (:mod:`distckpt.errors`)."""
     located = classify_path(path, storage_options=storage_options)
@@ -124,10 +126,7 @@ def verify(
     if located.source is not None:
         report = verify_checkpoint(located.source, checksums=checksums, progress=progress)
         return VerifyReport(located.source.location, (report,))
-    reports = tuple(
-        verify_checkpoint(source, checksums=checksums, progress=progress)
-        for source in view.every_checkpoint()
-    )
+    reports = _verify_every_checkpoint(view, checksums=checksums, progress=progress)
     problems = []
     reported = {location_name(report.path) for report in reports}
     for name in LINK_NAMES:
@@ -137,3 +136,35 @@ def verify(
         if linked is None:
             problems.append(str(problem))
     return VerifyReport(view.root, reports, tuple(problems))
+
+
+def _verify_every_checkpoint(
+    view: RootView, *, checksums: bool, progress: Callable[[int], None] | None
+) -> tuple[CheckpointReport, ...]:
+    """The report on every checkpoint of ``view``'s root, in the listing's order, without the
+    damaged ones that are no longer in the root: another process's retention may delete a
+    listed checkpoint while it is checked, and its files vanishing is no damage. When one
+    vanished, the root is listed again and what was committed meanwhile is checked too (the
+    checkpoint that took its place, so a root a live job keeps one checkpoint in is not
+    reported empty), up to :data:`~distckpt.resolve.VANISH_RETRIES` times. The listing is by
+    entry, so an entry that is no checkpoint at all (a file of a step dir's name) stays."""
+    reports: dict[CheckpointLocation, CheckpointReport] = {}
+    listing = view.every_checkpoint()
+    for _ in range(VANISH_RETRIES + 1):
+        for source in listing:
+            if source.location not in reports:
+                reports[source.location] = verify_checkpoint(
+                    source, checksums=checksums, progress=progress
+                )
+        if all(report.ok for report in reports.values()):
+            break
+        listing = view.every_checkpoint()
+        present = {source.location for source in listing}
+        vanished = [
+            where for where, report in reports.items() if not report.ok and where not in present
+        ]
+        if not vanished:
+            break
+        for where in vanished:
+            del reports[where]
+    return tuple(sorted(reports.values(), key=lambda report: location_name(report.path)))

@@ -9,11 +9,13 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
 import distckpt
+from distckpt import resolve
 from distckpt.cli import main
 
 
@@ -228,3 +230,31 @@ def test_verify_shows_a_progress_bar_on_a_terminal_for_large_checkpoints() -> No
     piped = io.StringIO()  # not a terminal (a log file, a pipe): no bar
     _Progress(PROGRESS_MIN_BYTES * 2, piped)(PROGRESS_MIN_BYTES * 2)
     assert quiet.getvalue() == "" and piped.getvalue() == ""
+
+
+def test_ls_counts_as_damaged_only_listed_steps_still_there_that_fail(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Next to a live job, ls lists the root once: a step committed while it checks the listed
+    ones is not in its listing, a step deleted meanwhile (retention) is not damaged, and a
+    damaged step still there is."""
+    (rank_file,) = root.glob("step-00000010/rank-*")
+    rank_file.write_bytes(rank_file.read_bytes()[:-1])  # step 10 damaged: a file cut short
+    real_check = resolve.check
+    live_job_ran: list[bool] = []
+
+    def check_while_a_job_saves_and_prunes(source: Any, **kwargs: Any) -> Any:
+        # No hook exists between ls's listing and its checks: this runs the real check and,
+        # before the first one, what a live job with retention does (a real save and delete).
+        if not live_job_ran:
+            live_job_ran.append(True)
+            with distckpt.CheckpointManager(root, fsync=False) as job:
+                job.save(40, {"w": torch.full((4,), 40.0)}, epoch=4, metrics={"loss": 0.5})
+                job.delete(30)
+        return real_check(source, **kwargs)
+
+    monkeypatch.setattr(resolve, "check", check_while_a_job_saves_and_prunes)
+    data = json.loads(run("ls", str(root), "--json").stdout)
+    assert live_job_ran
+    assert data["damaged_steps"] == [10]
+    assert [c["step"] for c in data["checkpoints"]] == [20]

@@ -284,3 +284,43 @@ def test_a_step_dir_of_another_width_is_listed_and_restored(tmp_path: Path, name
         mgr.delete(5)
         assert not (tmp_path / name).exists()
     assert distckpt.load_checkpoint(tmp_path / "step-123456789").step == 123_456_789
+
+
+@pytest.mark.parametrize("rank", ["0", 0.0, True, -1])
+def test_load_checkpoint_and_export_refuse_a_rank_that_is_no_rank(tmp_path: Path, rank) -> None:
+    """rank= is None or an int from 0: a str, a float, a bool (an int to Python, whose True
+    would read rank 1) or a negative int is InvalidArgument, from one check both share."""
+    with distckpt.CheckpointManager(tmp_path / "root", fsync=False) as mgr:
+        mgr.save(1, {"w": torch.ones(1)})
+    with pytest.raises(distckpt.InvalidArgument, match="rank must be"):
+        distckpt.load_checkpoint(tmp_path / "root", rank=rank)
+    with pytest.raises(distckpt.InvalidArgument, match="rank must be"):
+        distckpt.export(tmp_path / "root", tmp_path / "out.pt", rank=rank)
+    assert distckpt.load_checkpoint(tmp_path / "root", rank=0).step == 1
+
+
+@pytest.mark.parametrize("map_location", ["nonsense", {"cpu": 5}, {"cpu": "nowhere"}, 3.5])
+def test_a_map_location_torch_cannot_take_is_refused_before_reading(
+    tmp_path: Path, map_location
+) -> None:
+    """Refused as InvalidArgument by load_checkpoint and restore alike, before anything is
+    read (not torch's RuntimeError from inside the read, nor a RankFailure)."""
+    with distckpt.CheckpointManager(tmp_path, fsync=False) as mgr:
+        mgr.save(1, {"w": torch.ones(1)})
+        with pytest.raises(distckpt.InvalidArgument, match="map_location"):
+            mgr.restore(map_location=map_location)
+    with pytest.raises(distckpt.InvalidArgument, match="map_location"):
+        distckpt.load_checkpoint(tmp_path, map_location=map_location)
+
+
+@pytest.mark.parametrize(
+    "map_location",
+    [None, "cpu", torch.device("cpu"), {"cpu": "cpu"}, lambda storage, location: storage],
+)
+def test_every_kind_of_map_location_torch_takes_is_accepted(tmp_path: Path, map_location) -> None:
+    with distckpt.CheckpointManager(tmp_path, fsync=False) as mgr:
+        mgr.save(1, {"w": torch.ones(1)})
+        restored = mgr.restore(map_location=map_location)
+    assert restored is not None and torch.equal(restored.state["w"], torch.ones(1))
+    loaded = distckpt.load_checkpoint(tmp_path, map_location=map_location)
+    assert torch.equal(loaded.state["w"], torch.ones(1))

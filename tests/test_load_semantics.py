@@ -120,3 +120,73 @@ def test_in_place_and_strict_on_two_ranks(root: Path, fmt: str) -> None:
     for out in values(run_ranks(_restore_on_ranks, 2, str(root), fmt, timeout=TIMEOUT * 2)):
         assert "not in the given state ['old']" in out["strict"]
         assert out["unexpected"] == ("old",)
+
+
+def _save_then_refuse_on_rank_one(rank: int, world_size: int, root: str) -> dict[str, Any]:
+    """Save one step, then restore it with a template that only rank 1's strict check refuses
+    (a key only it has): what each rank's state holds after the restore raised."""
+    with distckpt.CheckpointManager(root, fsync=False, timeout=TIMEOUT) as mgr:
+        mgr.save(1, {"w": torch.full((4,), 1.0 + rank), "n": 1})
+        state: dict[str, Any] = {"w": torch.zeros(4), "n": 0}
+        if rank == 1:
+            state["extra"] = torch.zeros(1)
+        with pytest.raises(InvalidArgument):
+            mgr.restore(state=state)
+    return {"w": state["w"].tolist(), "n": state["n"]}
+
+
+def _restore_expecting_damage(rank: int, world_size: int, root: str) -> dict[str, Any]:
+    with distckpt.CheckpointManager(root, fsync=False, timeout=TIMEOUT) as mgr:
+        state = {"w": torch.zeros(4), "n": 0}
+        with pytest.raises(distckpt.CorruptCheckpoint):
+            mgr.restore(state=state)
+    return {"w": state["w"].tolist(), "n": state["n"]}
+
+
+def test_a_restore_failing_on_one_rank_changes_no_rank_state(root: Path) -> None:
+    """A rank whose read or check fails leaves every rank's state as it was, not only its own:
+    the ranks load only once all of them read and checked their part (the "torch" format,
+    whose ranks read alone)."""
+    untouched = {"w": [0.0] * 4, "n": 0}
+    refused = values(run_ranks(_save_then_refuse_on_rank_one, 2, str(root), timeout=TIMEOUT * 2))
+    assert refused == [untouched, untouched]
+    # Rank 1's file damaged, its size kept: only rank 1's read can find out.
+    (rank_file,) = root.glob("step-*/rank-00001.pt")
+    damaged = bytearray(rank_file.read_bytes())
+    damaged[40:60] = bytes(20)
+    rank_file.write_bytes(bytes(damaged))
+    corrupt = values(run_ranks(_restore_expecting_damage, 2, str(root), timeout=TIMEOUT * 2))
+    assert corrupt == [untouched, untouched]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_module_of_another_shape_is_refused_before_anything_is_loaded(
+    root: Path, fmt: str
+) -> None:
+    with distckpt.CheckpointManager(root, format=fmt, fsync=False) as mgr:
+        mgr.save(1, {"w": torch.ones(4), "m": torch.nn.Linear(2, 2), "n": 3})
+        module = torch.nn.Linear(2, 3)
+        before = {key: value.clone() for key, value in module.state_dict().items()}
+        state = {"w": torch.zeros(4), "m": module, "n": 0}
+        with pytest.raises(distckpt.ShapeMismatch) as raised:
+            mgr.restore(state=state)
+    assert sorted(raised.value.mismatches) == [("m.bias", (2,), (3,)), ("m.weight", (2, 2), (3, 2))]
+    assert torch.equal(state["w"], torch.zeros(4)) and state["n"] == 0
+    assert all(torch.equal(module.state_dict()[key], value) for key, value in before.items())
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("strict", [True, False])
+def test_a_tensor_of_another_shape_is_refused_whatever_strict_is(
+    root: Path, fmt: str, strict: bool
+) -> None:
+    """A tensor saved with one shape and restored into another is neither missing nor loaded:
+    both formats refuse it with ShapeMismatch naming the key and both shapes, strict or not."""
+    with distckpt.CheckpointManager(root, format=fmt, fsync=False) as mgr:
+        mgr.save(1, {"w": torch.ones(4), "v": torch.ones(2)})
+        state = {"w": torch.zeros(5), "v": torch.zeros(2)}
+        with pytest.raises(distckpt.ShapeMismatch, match=r"w: saved \[4\], given \[5\]") as raised:
+            mgr.restore(state=state, strict=strict)
+    assert raised.value.mismatches == (("w", (4,), (5,)),)
+    assert raised.value.path == str(root / "step-00000001")  # the checkpoint refused
+    assert torch.equal(state["v"], torch.zeros(2))

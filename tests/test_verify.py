@@ -21,6 +21,7 @@ from types import ModuleType
 from typing import Any
 
 import pytest
+import torch
 
 import distckpt
 from distckpt.errors import CheckpointNotFound, CorruptCheckpoint, UnsafeCheckpoint
@@ -422,3 +423,49 @@ def test_lock_file_is_not_world_writable(tmp_path: Path) -> None:
         os.umask(old)
     for path in (root / ".lock", root / STEP1 / RANK0, root / STEP1 / MANIFEST):
         assert not stat.S_IMODE(path.stat().st_mode) & stat.S_IWOTH, path
+
+
+def test_verify_of_a_root_leaves_out_a_checkpoint_deleted_while_it_checks(tmp_path: Path) -> None:
+    """A checkpoint another process's retention deletes after verify listed the root, before
+    verify checked it, is no damage: verify leaves it out instead of reporting it BROKEN."""
+    root = tmp_path / "root"
+    with distckpt.CheckpointManager(root, fsync=False) as mgr:
+        for step in (1, 2):
+            mgr.save(step, {"w": torch.full((64,), float(step))})
+    deleted: list[int] = []
+
+    def delete_step_two_while_step_one_is_read(read_bytes: int) -> None:
+        # verify reports each read of step 1's files here, after it listed both steps.
+        if not deleted:
+            with distckpt.CheckpointManager(root, fsync=False) as job:
+                job.delete(2)
+            deleted.append(2)
+
+    report = distckpt.verify(root, progress=delete_step_two_while_step_one_is_read)
+    assert deleted == [2]
+    assert report.ok, str(report)
+    assert [c.step for c in report.checkpoints] == [1]
+
+
+def test_verify_of_a_root_whose_only_checkpoint_is_replaced_while_it_checks(
+    tmp_path: Path,
+) -> None:
+    """A live job keeping one checkpoint commits the next and deletes the one verify is
+    checking: verify checks the new one instead of reporting the root empty or damaged."""
+    root = tmp_path / "root"
+    # "dcp": two files (.metadata, then the data file), so the step goes between their checks.
+    with distckpt.CheckpointManager(root, format="dcp", fsync=False) as mgr:
+        mgr.save(1, {"w": torch.full((64,), 1.0)})
+    replaced: list[int] = []
+
+    def replace_step_one_while_it_is_read(read_bytes: int) -> None:
+        # verify reports each read of the files of the step it checks here.
+        if not replaced:
+            replaced.append(2)
+            with distckpt.CheckpointManager(root, format="dcp", keep_last=1, fsync=False) as job:
+                job.save(2, {"w": torch.full((64,), 2.0)})
+
+    report = distckpt.verify(root, progress=replace_step_one_while_it_is_read)
+    assert replaced == [2] and not (root / "step-00000001").exists()
+    assert report.ok, str(report)
+    assert [c.step for c in report.checkpoints] == [2]

@@ -19,6 +19,7 @@ from typing import Any, Protocol
 import torch
 import torch.distributed as dist
 
+from distckpt.errors import InvalidArgument
 from distckpt.manifest import FileRecord, Manifest
 from distckpt.state import LoadReport
 
@@ -38,9 +39,55 @@ class ShardContext:
     direct_io: bool = True
 
 
+def check_rank_argument(rank: Any) -> int | None:
+    """``rank`` as a caller names the rank whose part to read: None (the default) or an int
+    from 0 (not a bool, which is an int to Python but no rank); else
+    :class:`~distckpt.errors.InvalidArgument`. Whether the checkpoint has that rank is the
+    format's to say."""
+    if rank is None:
+        return None
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
+        raise InvalidArgument(f"rank must be an int from 0, or None; not {rank!r}")
+    return rank
+
+
+def check_map_location(map_location: Any) -> Any:
+    """``map_location`` if it is one ``torch.load`` takes: None, a device name
+    ``torch.device`` accepts, a ``torch.device``, a dict of such names (a saved location to
+    the one it loads to), or a function; else :class:`~distckpt.errors.InvalidArgument`, so a
+    wrong one is refused before anything is read instead of failing inside the read."""
+    if map_location is None or callable(map_location) or isinstance(map_location, torch.device):
+        return map_location
+    if isinstance(map_location, str):
+        _check_device_name(map_location, map_location)
+        return map_location
+    if isinstance(map_location, dict):
+        for saved, loaded in map_location.items():
+            _check_device_name(saved, map_location)
+            _check_device_name(loaded, map_location)
+        return map_location
+    raise InvalidArgument(
+        f"map_location must be None, a device name, a torch.device, a dict of device names or "
+        f"a function; not {map_location!r}"
+    )
+
+
+def _check_device_name(name: Any, map_location: Any) -> None:
+    """Refuse ``name`` (part of ``map_location``) unless ``torch.device`` takes it as a name."""
+    if not isinstance(name, str):
+        raise InvalidArgument(
+            f"map_location {map_location!r}: {name!r} is not a device name (a str)"
+        )
+    try:
+        torch.device(name)
+    except RuntimeError as exc:
+        raise InvalidArgument(f"map_location {map_location!r}: {exc}") from exc
+
+
 @dataclass(frozen=True)
 class ReadOptions:
-    """How to read a checkpoint back."""
+    """How to read a checkpoint back; a ``map_location`` torch cannot take is refused here
+    (:func:`check_map_location`)."""
 
     map_location: Any = "cpu"
     #: unpickle arbitrary objects; only for checkpoints from a trusted source
@@ -50,6 +97,9 @@ class ReadOptions:
     #: map keys that differ only by wrapper prefixes (``_orig_mod.``, ``module.``); see
     #: :mod:`distckpt.key_prefixes`
     fix_key_prefixes: bool = True
+
+    def __post_init__(self) -> None:
+        check_map_location(self.map_location)
 
 
 def storage_placement(
@@ -93,9 +143,10 @@ class PreparedRead:
     options: ReadOptions
     #: what the format found while preparing and needs for the read (DCP: its metadata)
     detail: Any = None
-    #: keys on one side only (template vs checkpoint) that the format found before reading,
-    #: so ``strict=True`` refuses them before any collective read; None when only the read
-    #: itself tells ("torch": a rank file is read whole)
+    #: keys on one side only (template vs checkpoint) and tensors of another shape that the
+    #: format found before reading, so they are refused before any collective read (keys with
+    #: ``strict=True``, shapes always); None when only the read itself tells ("torch": a rank
+    #: file is read whole)
     mismatch: LoadReport | None = None
 
 

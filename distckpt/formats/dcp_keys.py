@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 
-from distckpt.formats.dcp_storage import flat_keys, key_mismatch
+from distckpt.formats.dcp_storage import flat_state, key_mismatch, shape_mismatches
 from distckpt.key_prefixes import log_prefix_mapping, matching_prefixes
 from distckpt.per_rank import PerRank
 from distckpt.state import LoadReport, same_kind_of_tuple, set_path
@@ -159,7 +159,8 @@ def per_rank_not_read(
 def key_mismatch_as_read(
     template: Any, metadata: Metadata, rank: int, fix_prefixes: bool
 ) -> LoadReport:
-    """The keys on one side only, compared as the read will ask for them: per-rank values split
+    """The keys on one side only, and the tensors whose saved shape differs, compared as the
+    read will ask for them: per-rank values split
     out and wrapper prefixes mapped (a compiled model's checkpoint into a bare model is no
     mismatch when the mapping applies). Per-rank values are compared by place: one this rank
     asks for is missing when the checkpoint holds nothing under its place in this rank's
@@ -169,7 +170,9 @@ def key_mismatch_as_read(
     shared, marked = split_per_rank(template)
     if fix_prefixes:
         shared, _ = rename_to_saved(shared, saved_paths(metadata), "", log=False)
-    report = key_mismatch(flat_keys(shared), metadata)
+    flat = flat_state(shared)
+    report = key_mismatch(flat, metadata)
+    report.mismatched_shapes = shape_mismatches(flat, metadata)
     report.unexpected_keys = [
         key for key in report.unexpected_keys if not key.startswith(f"{PER_RANK_KEY}.")
     ]

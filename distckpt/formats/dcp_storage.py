@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import io
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch.distributed.checkpoint._nested_dict import flatten_state_dict
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.filesystem import (
@@ -18,14 +19,19 @@ from torch.distributed.checkpoint.filesystem import (
     FileSystemReader,
     FileSystemWriter,
 )
-from torch.distributed.checkpoint.metadata import STATE_DICT_TYPE, Metadata, StorageMeta
+from torch.distributed.checkpoint.metadata import (
+    STATE_DICT_TYPE,
+    Metadata,
+    StorageMeta,
+    TensorStorageMetadata,
+)
 from torch.distributed.checkpoint.planner import LoadPlan, ReadItem
 
 from distckpt.checksums import ChecksumWriter
 from distckpt.errors import CheckpointError, CorruptCheckpoint
 from distckpt.formats.base import ReadOptions
 from distckpt.formats.torch_files import safe_torch_load
-from distckpt.state import LoadReport, set_path
+from distckpt.state import LoadReport, ShapeDifference, set_path
 
 
 class ChecksumStream(ChecksumWriter):
@@ -152,12 +158,18 @@ class Planner(DefaultLoadPlanner):
         return tuple(self.mappings[key]) if self.flatten_state_dict else (key,)
 
 
-def flat_keys(state: STATE_DICT_TYPE) -> list[str]:
-    """The keys DCP gives the values of a nested ``state`` (``model.layer.weight``, ``a.0``)."""
+def flat_state(state: STATE_DICT_TYPE) -> dict[str, Any]:
+    """The values of a nested ``state`` under the keys DCP gives them (``model.layer.weight``,
+    ``a.0``)."""
     # DCP's own flattening (private, but what its planners name keys with): the one source of
     # truth, where a copy of its rules could drift from it between torch versions.
     flat, _ = flatten_state_dict(state)
-    return list(flat)
+    return dict(flat)
+
+
+def flat_keys(state: STATE_DICT_TYPE) -> list[str]:
+    """The keys DCP gives the values of a nested ``state`` (:func:`flat_state`)."""
+    return list(flat_state(state))
 
 
 def key_mismatch(asked: Iterable[str], metadata: Metadata) -> LoadReport:
@@ -170,3 +182,20 @@ def key_mismatch(asked: Iterable[str], metadata: Metadata) -> LoadReport:
         missing_keys=[key for key in asked if key not in saved],
         unexpected_keys=sorted(key for key in saved if key not in wanted),
     )
+
+
+def shape_mismatches(asked: Mapping[str, Any], metadata: Metadata) -> list[ShapeDifference]:
+    """The tensors of a flat load (:func:`flat_state`) whose shape differs from the one the
+    checkpoint saved under the same key (a DTensor: its global shape), as (key, saved shape,
+    given shape): what DCP's planner would refuse in its collective read, found before it."""
+    saved = metadata.state_dict_metadata
+    found: list[ShapeDifference] = []
+    for key, value in asked.items():
+        entry = saved.get(key)
+        if (
+            isinstance(value, torch.Tensor)
+            and isinstance(entry, TensorStorageMetadata)
+            and tuple(entry.size) != tuple(value.shape)
+        ):
+            found.append((key, tuple(entry.size), tuple(value.shape)))
+    return found
