@@ -43,7 +43,7 @@ from distckpt.errors import (
     InvalidArgument,
 )
 from distckpt.formats import PreparedRead, ReadOptions, ShardContext, format_named
-from distckpt.formats.base import check_rank_argument
+from distckpt.formats.base import check_map_location, check_rank_argument
 from distckpt.layout import BEST, LAST, LINK_NAMES, parse_step_dir_name
 from distckpt.manifest import Manifest
 from distckpt.resolve import VANISH_RETRIES, Found, resolve
@@ -428,6 +428,9 @@ def _read_on_ranks(
     with ExitStack() as held:
 
         def prepare() -> PreparedRead:
+            # Checked here, inside the agreement, not when the options were made: a bad one on
+            # one rank is then raised on every rank instead of leaving the others waiting.
+            check_map_location(options.map_location)
             # The local copy is made inside the first agreement, so fetching costs none.
             directory = _vanish_checked(
                 source, lambda: held.enter_context(source.local_copy(needed))

@@ -13,6 +13,7 @@ import distckpt
 from distckpt import faults
 from distckpt.cli import main
 from tests.filesystems import MountFactory
+from tests.ranks import run_ranks, values
 
 
 def _flip_a_byte(path: Path) -> None:
@@ -324,3 +325,23 @@ def test_every_kind_of_map_location_torch_takes_is_accepted(tmp_path: Path, map_
     assert restored is not None and torch.equal(restored.state["w"], torch.ones(1))
     loaded = distckpt.load_checkpoint(tmp_path, map_location=map_location)
     assert torch.equal(loaded.state["w"], torch.ones(1))
+
+
+def _restore_with_map_location_bad_on_rank_1(
+    rank: int, world_size: int, root: str
+) -> tuple[str, int | None]:
+    with distckpt.CheckpointManager(root, fsync=False, timeout=30) as mgr:
+        mgr.save(1, {"w": torch.ones(3)})
+        try:
+            mgr.restore(map_location="nonsense" if rank == 1 else "cpu")
+        except distckpt.CheckpointError as exc:
+            return type(exc).__name__, exc.rank
+    raise AssertionError("a restore with a bad map_location on rank 1 succeeded")
+
+
+def test_a_bad_map_location_on_one_rank_is_raised_on_every_rank(tmp_path: Path) -> None:
+    # Checked inside the restore's agreement: the rank with good arguments is told at once
+    # instead of waiting for its peer until the timeout.
+    out = values(run_ranks(_restore_with_map_location_bad_on_rank_1, 2, str(tmp_path)))
+    assert [rank for _, rank in out] == [1, 1]
+    assert out[1][0] == "InvalidArgument"

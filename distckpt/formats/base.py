@@ -86,8 +86,9 @@ def _check_device_name(name: Any, map_location: Any) -> None:
 
 @dataclass(frozen=True)
 class ReadOptions:
-    """How to read a checkpoint back; a ``map_location`` torch cannot take is refused here
-    (:func:`check_map_location`)."""
+    """How to read a checkpoint back. Its ``map_location`` is checked when a read starts
+    (:func:`check_map_location`, in the reader's agreement: a bad one on any rank is raised
+    on every rank, before anything is read)."""
 
     map_location: Any = "cpu"
     #: unpickle arbitrary objects; only for checkpoints from a trusted source
@@ -97,9 +98,6 @@ class ReadOptions:
     #: map keys that differ only by wrapper prefixes (``_orig_mod.``, ``module.``); see
     #: :mod:`distckpt.key_prefixes`
     fix_key_prefixes: bool = True
-
-    def __post_init__(self) -> None:
-        check_map_location(self.map_location)
 
 
 def storage_placement(
