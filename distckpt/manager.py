@@ -382,9 +382,10 @@ class CheckpointManager:
         ``missing_keys`` / ``unexpected_keys``. A tensor whose saved shape differs is refused
         with :class:`~distckpt.errors.ShapeMismatch` whatever ``strict`` is. No rank loads into
         ``state`` before every rank read and checked its part, so a failure on any rank leaves
-        every rank's ``state`` as it was; only an object's own ``load_state_dict`` failing
-        afterwards (what the check cannot foresee) raises on its rank alone, with what came
-        before it loaded. ``allow_pickle=True`` unpickles arbitrary
+        every rank's ``state`` as it was; an object's own ``load_state_dict`` failing
+        afterwards (what the check cannot foresee) raises on every rank too (one more small
+        collective when ``state`` is given: give it on every rank or on none), with what came
+        before it loaded on the ranks that loaded. ``allow_pickle=True`` unpickles arbitrary
         objects: only for checkpoints you trust. ``mmap=True`` maps tensor data from disk
         instead of reading it all. ``verify=True`` checks every file's checksum before
         loading (sizes are always checked) and, for ``"last"``/``"best"``, falls back past a

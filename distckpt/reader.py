@@ -463,7 +463,17 @@ def _read_on_ranks(
             )
         # Only now that every rank read and checked its part: a rank failing alone has left
         # every rank's state as it was.
-        return apply_read(checkpoint, state, options)
+        if state is None:
+            return checkpoint
+        # Loading into the caller's objects runs their own load_state_dict, which the check
+        # cannot foresee (an optimizer given parameter groups of other sizes): its outcome is
+        # agreed too, so such a failure is raised on every rank, not on its own alone while
+        # the others train on. One more small collective, for a restore into state= only.
+        return _agreed(
+            coordinator,
+            lambda: apply_read(checkpoint, state, options),
+            f"loading {source.name} into the given state",
+        )
 
 
 def _named_explicitly(which: Any, location: CheckpointLocation) -> bool:

@@ -190,3 +190,28 @@ def test_a_tensor_of_another_shape_is_refused_whatever_strict_is(
     assert raised.value.mismatches == (("w", (4,), (5,)),)
     assert raised.value.path == str(root / "step-00000001")  # the checkpoint refused
     assert torch.equal(state["v"], torch.zeros(2))
+
+
+def _restore_into_a_mismatched_optimizer_on_rank_1(
+    rank: int, world_size: int, root: str
+) -> tuple[str, int | None, bool]:
+    model = torch.nn.Linear(4, 4)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with distckpt.CheckpointManager(root, fsync=False, timeout=30) as mgr:
+        mgr.save(1, {"model": model, "opt": optimizer})
+        # Rank 1's optimizer, made again on restart, covers one parameter only: the keys and
+        # shapes check out, and only the optimizer's own load_state_dict refuses it.
+        params = [model.weight] if rank == 1 else list(model.parameters())
+        again = torch.optim.SGD(params, lr=0.1)
+        try:
+            mgr.restore(state={"model": model, "opt": again})
+        except distckpt.CheckpointError as exc:
+            # The next collective still works: no rank went on alone.
+            saved = mgr.save(2, {"model": model}, force=True) is not None
+            return type(exc).__name__, exc.rank, saved
+    raise AssertionError("the restore into a mismatched optimizer succeeded")
+
+
+def test_a_load_state_dict_failing_on_one_rank_is_raised_on_every_rank(tmp_path: Path) -> None:
+    out = values(run_ranks(_restore_into_a_mismatched_optimizer_on_rank_1, 2, str(tmp_path)))
+    assert [(rank, saved) for _, rank, saved in out] == [(1, True), (1, True)]

@@ -77,8 +77,9 @@ def test_a_restore_pays_one_collective_and_fails_alike_on_every_rank(tmp_path: P
         assert results["last"] == ((5, [50.0 + rank] * 2), 1)
         assert results["a location"] == ((3, [30.0 + rank] * 2), 1)
         assert results["the root"] == ((5, [50.0 + rank] * 2), 1)
-        # nothing read before the ranks agree (state=, verify): the decision, then the read
-        assert results["with state"] == ((5, [50.0 + rank] * 2), 2)
+        # nothing read before the ranks agree (state=, verify): the decision, then the read;
+        # with state= also the outcome of loading into it (its load_state_dict calls)
+        assert results["with state"] == ((5, [50.0 + rank] * 2), 3)
         assert results["verify"] == ((5, [50.0 + rank] * 2), 2)
         # rank 1 read what the stale pointer named; rank 0's decision is read again
         assert results["stale pointer"] == ((4, [40.0 + rank] * 2), 3)
