@@ -282,10 +282,7 @@ class PosixRootStore(LinksAndRetention, ViewedStore):
             with events.phase("commit.publish", rank=rank, step=step):
                 faults.hit("before_rename", rank)
                 self._move_damaged_aside(in_the_way, step)
-                replaces_damaged = any(found.step == step for found in in_the_way)
-                # Only these replace: a step-N that appeared since the check was committed by
-                # a writer the lock does not reach, and the rename refuses it (ConcurrentCommit).
-                if (overwrite or replaces_damaged) and final.exists():
+                if final.exists():  # overwrite=True, or its own dir is damaged
                     self._replace_committed(staging, final)
                 else:
                     self._rename_into_place(staging, final, step)
