@@ -115,9 +115,7 @@ class RootStore(abc.ABC):
     def check_step(self, step: int, *, overwrite: bool, explicit: bool) -> SaveResult | None:
         """Rank 0: refuse a step lower than the newest committed one, or an already committed
         step when ``explicit`` and not ``overwrite`` (:class:`~distckpt.CheckpointExists`);
-        return that checkpoint instead when not ``explicit`` (a scheduled or forced save). A
-        store that replaces damaged checkpoints (the POSIX one) counts only intact ones here:
-        see :meth:`~distckpt.storage.shared.ViewedStore.steps_in_the_way`."""
+        return that checkpoint instead when not ``explicit`` (a scheduled or forced save)."""
 
     @abc.abstractmethod
     def begin_staging(self, step: int, token: str) -> StagingArea:

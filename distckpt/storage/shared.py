@@ -122,9 +122,8 @@ class ViewedStore(RootStore):
             source = self.view.checkpoint(newer)
             problem = _damage(source) if self.replaces_damaged_steps else None
             if problem is None:
-                intact = "intact " if self.replaces_damaged_steps else ""
                 raise InvalidStep(
-                    f"step {step} is lower than the newest {intact}committed step {newer} in "
+                    f"step {step} is lower than the newest committed step {newer} in "
                     f"{self.root}; steps only grow within a root: delete the newer "
                     "checkpoints (manager.delete(step)) or save into a new root",
                     step=step,
