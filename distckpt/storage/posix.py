@@ -63,15 +63,13 @@ from distckpt.results import CheckpointLocation, SaveResult
 from distckpt.storage import ExtraFile, OpenedRoot, StagingArea, store_files
 from distckpt.storage.posix_links import COMMITTING_RANK, LinksAndRetention
 from distckpt.storage.posix_view import PosixRootView
-from distckpt.storage.shared import DamagedStep, ViewedStore, opened_no_more, release_at_exit
+from distckpt.storage.shared import ViewedStore, opened_no_more, release_at_exit
 
 logger = logging.getLogger("distckpt")
 
 
 class PosixRootStore(LinksAndRetention, ViewedStore):
     """A checkpoint root that is a directory (see the module doc)."""
-
-    replaces_damaged_steps = True
 
     def __init__(
         self,
@@ -262,6 +260,7 @@ class PosixRootStore(LinksAndRetention, ViewedStore):
 
     def commit(self, area: StagingArea, manifest: Manifest, *, overwrite: bool) -> SaveResult:
         staging, step = Path(area.location), manifest.step
+        final = self.layout.step_dir(step)
         rank = COMMITTING_RANK
         with ExitStack() as held:
             with events.phase("commit.lock", rank=rank, step=step):
@@ -269,8 +268,7 @@ class PosixRootStore(LinksAndRetention, ViewedStore):
             self._check_lease()
             self.check_staged(area, manifest.files)
             # Re-checked under the lock: another job may have committed since the proposal.
-            in_the_way = self.steps_in_the_way(step, overwrite=overwrite, explicit=True)
-            assert not isinstance(in_the_way, SaveResult)  # explicit: never "saved already"
+            self.check_step(step, overwrite=overwrite, explicit=True)
             # An existing dir of the step is replaced where it is, whatever its zero padding
             # (else the canonical name), so that an overwrite never adds a second dir of one
             # step that a delete would then uncover.
@@ -281,8 +279,7 @@ class PosixRootStore(LinksAndRetention, ViewedStore):
                 faults.hit("after_manifest", rank)
             with events.phase("commit.publish", rank=rank, step=step):
                 faults.hit("before_rename", rank)
-                self._move_damaged_aside(in_the_way, step)
-                if final.exists():  # overwrite=True, or its own dir is damaged
+                if final.exists() and overwrite:
                     self._replace_committed(staging, final)
                 else:
                     self._rename_into_place(staging, final, step)
@@ -306,23 +303,6 @@ class PosixRootStore(LinksAndRetention, ViewedStore):
         self._empty_trash()
         self._warn_missing_monitor(manifest)
         return SaveResult(manifest.step, final, manifest.epoch, dict(manifest.metrics))
-
-    def _move_damaged_aside(self, damaged: list[DamagedStep], step: int) -> None:
-        """Under the lock, before ``step`` is published: log each damaged checkpoint the save
-        replaces, and move the newer ones into the trash (the links first, as a delete does),
-        so that steps keep growing past the new one. Its own damaged dir is replaced by the
-        publication itself. A crash between leaves the root without them, resuming from the
-        newest intact checkpoint, as it did already."""
-        for found in damaged:
-            logger.warning(
-                "the save of step %d replaces a damaged checkpoint, moved to the trash: %s",
-                step,
-                found.problem,
-            )
-            if found.step != step:
-                directory = Path(found.source.location)
-                self._update_links(leaving=directory)
-                move_to_trash(directory, self.layout.trash_root, fsync=self.fsync)
 
     def _rename_into_place(self, staging: Path, final: Path, step: int) -> None:
         try:
