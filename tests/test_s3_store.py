@@ -24,8 +24,10 @@ from distckpt import CheckpointNotFound, CorruptCheckpoint, RootInUse, StoreAcce
 from distckpt.errors import InjectedFault
 from distckpt.lease import this_host
 from distckpt.objstore import ObjectStore
+from distckpt.storage import open_store
 from distckpt.storage.s3_view import S3RootView
 from tests.ranks import run_ranks, values
+from tests.s3proxy import S3Proxy
 from tests.s3server import S3Server
 
 pytest.importorskip("botocore")
@@ -668,3 +670,45 @@ def test_a_staged_object_lost_before_the_commit_fails_the_save_on_every_rank(
         assert written is not None and written > 4000
         assert steps == []  # nothing committed, as every rank's manager sees it
     assert not any(key.startswith("step-00000001/") for key in _objects(s3_url, options))
+
+
+def test_gc_beside_a_save_that_commits_meanwhile_keeps_the_committed_checkpoint(
+    s3_server: S3Server, s3_url: str
+) -> None:
+    # The interleaving made exact: gc looks at step 2's save while its COMMIT is on the way,
+    # the save commits and deletes its claim, and only then does gc's read of a claim answer.
+    job_proxy, gc_proxy = S3Proxy(s3_server.port), S3Proxy(s3_server.port)
+    removed: list[Any] = []
+    try:
+        commit_on_the_way = job_proxy.hold("PUT", "step-00000002/COMMIT")
+        claim_read = gc_proxy.hold("GET", "/.writers/")
+
+        def gc() -> None:
+            commit_on_the_way.arrived.wait(30)
+            store = open_store(
+                s3_url, storage_options=s3_server.storage_options(endpoint_url=gc_proxy.endpoint)
+            )
+            removed.extend(store.collect_leftovers())
+
+        def release_the_commit() -> None:
+            claim_read.arrived.wait(30)
+            commit_on_the_way.release()
+
+        threads = [threading.Thread(target=gc), threading.Thread(target=release_the_commit)]
+        for thread in threads:
+            thread.start()
+        job_options = s3_server.storage_options(endpoint_url=job_proxy.endpoint)
+        with distckpt.CheckpointManager(s3_url, storage_options=job_options) as manager:
+            manager.save(1, _state(1))
+            assert manager.save(2, _state(2)) is not None
+            claim_read.release()  # the save is done: its claim is gone
+            for thread in threads:
+                thread.join(60)
+            assert claim_read.arrived.is_set() and removed == []
+            assert manager.steps() == [1, 2]
+        names = _objects(s3_url, s3_server.storage_options())
+        assert "step-00000002/COMMIT" in names
+        assert any(name.endswith("/manifest.json") and "00000002" in name for name in names)
+    finally:
+        job_proxy.close()
+        gc_proxy.close()
