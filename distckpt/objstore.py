@@ -235,8 +235,8 @@ class ObjectStore:
     ) -> T:
         """Call ``call`` (a method of :attr:`client`) on this bucket (botocore retries transient
         failures inside) and map what still fails to an :class:`ObjectStoreError`;
-        ``operation`` and ``name`` go into its message, ``if_absent`` / ``if_match`` say what a
-        412 means."""
+        ``operation`` and ``name`` go into its message, ``if_absent`` / ``if_match`` (of a
+        conditional write) say what a 412 or 404 means."""
         from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
         for attempt in range(_CONFLICT_RETRIES + 1):
@@ -315,7 +315,8 @@ class ObjectStore:
         self, name: str, *, start: int = 0, end: int | None = None, if_match: str | None = None
     ) -> bytes:
         """The object's bytes ``[start, end)`` (to its end when ``end`` is None); with
-        ``if_match``, only from the version with that ETag (:class:`PreconditionFailed`)."""
+        ``if_match``, only from the version with that ETag (:class:`PreconditionFailed` when it
+        was replaced, :class:`ObjectNotFound` when it is gone)."""
         body = self.open_body(name, start, end, if_match)
         try:
             return self.read_body(name, body, -1)
@@ -338,7 +339,9 @@ class ObjectStore:
             kwargs["Range"] = f"bytes={start}-{'' if end is None else end - 1}"
         if if_match is not None:
             kwargs["IfMatch"] = if_match
-        response = self.request("get", name, self.client.get_object, if_match=if_match, **kwargs)
+        # Not told to ``request``: for a read, a 404 under ``If-Match`` is the object gone
+        # (ObjectNotFound, which readers treat as a missing file), not a lost compare-and-swap.
+        response = self.request("get", name, self.client.get_object, **kwargs)
         return response["Body"]
 
     def read_body(self, name: str, body: Any, size: int) -> bytes:

@@ -24,10 +24,10 @@ _HOP_BY_HOP = {"transfer-encoding", "connection", "expect"}
 @dataclass
 class Rule:
     """Which requests to act on, and how: ``times`` requests whose method is ``method`` and
-    whose path (the URL path and query) contains ``path_part``."""
+    whose path (the URL path and query) contains every one of ``path_parts``."""
 
     method: str
-    path_part: str
+    path_parts: tuple[str, ...]
     action: Literal["hold", "drop"]
     times: int = 1
     #: set when the first picked request arrives (for ``hold``: it waits from then on)
@@ -39,7 +39,11 @@ class Rule:
         self.released.set()
 
     def picks(self, method: str, path: str) -> bool:
-        return self.times > 0 and method == self.method and self.path_part in path
+        return (
+            self.times > 0
+            and method == self.method
+            and all(part in path for part in self.path_parts)
+        )
 
 
 class S3Proxy:
@@ -69,13 +73,13 @@ class S3Proxy:
         self.endpoint = f"http://127.0.0.1:{self._server.server_address[1]}"
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
 
-    def hold(self, method: str, path_part: str, times: int = 1) -> Rule:
+    def hold(self, method: str, *path_parts: str, times: int = 1) -> Rule:
         """Hold the next ``times`` matching requests until the rule is released."""
-        return self._add(Rule(method, path_part, "hold", times))
+        return self._add(Rule(method, path_parts, "hold", times))
 
-    def drop(self, method: str, path_part: str, times: int = 1) -> Rule:
+    def drop(self, method: str, *path_parts: str, times: int = 1) -> Rule:
         """Forward the next ``times`` matching requests, then drop their answers."""
-        return self._add(Rule(method, path_part, "drop", times))
+        return self._add(Rule(method, path_parts, "drop", times))
 
     def _add(self, rule: Rule) -> Rule:
         with self._lock:

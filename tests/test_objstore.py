@@ -307,3 +307,16 @@ def test_configuration_from_aws_environment_variables(
         assert store.client.meta.region_name == "eu-west-1"
         store.put_bytes("from-env", b"1")
         assert [info.key for info in store.list()] == ["from-env"]
+
+
+def test_reader_of_an_object_deleted_after_open_finds_it_gone(
+    s3_server: S3Server, s3_url: str
+) -> None:
+    # gone, not replaced: the same error as when it was gone at open, so that a reader of a
+    # checkpoint deleted meanwhile sees a missing file (and resolves again), not a lost race
+    with ObjectStore(s3_url, s3_server.storage_options()) as store:
+        store.put_bytes("x", b"contents")
+        with store.open_read("x") as reader:
+            store.delete(["x"])
+            with pytest.raises(ObjectNotFound, match="x"):
+                reader.read()

@@ -12,9 +12,10 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 import torch
@@ -31,6 +32,8 @@ from tests.s3proxy import S3Proxy
 from tests.s3server import S3Server
 
 pytest.importorskip("botocore")
+
+T = TypeVar("T")
 
 JOB_TIMEOUT = 120.0
 
@@ -712,3 +715,62 @@ def test_gc_beside_a_save_that_commits_meanwhile_keeps_the_committed_checkpoint(
     finally:
         job_proxy.close()
         gc_proxy.close()
+
+
+def _with_step_2_deleted_between_head_and_get(
+    server: S3Server, url: str, read: Callable[[dict[str, Any]], T]
+) -> tuple[T, list[tuple[str, str, int]]]:
+    """``read(storage_options)`` of a root holding steps 1 and 2, through a proxy that holds
+    the GET of step 2's shard (the one after its HEAD) while step 2 is removed as retention
+    does (``COMMIT`` first, then its objects); what it returned, and the proxy's log."""
+    options = server.storage_options()
+    with distckpt.CheckpointManager(url, storage_options=options, format="torch") as manager:
+        manager.save(1, _state(1))
+        manager.save(2, _state(2))
+    proxy = S3Proxy(server.port)
+    try:
+        shard_get = proxy.hold("GET", "step-00000002/", "rank-00000.pt")
+
+        def delete_step_2() -> None:
+            shard_get.arrived.wait(30)
+            with ObjectStore(url, options) as store:
+                store.delete(["step-00000002/COMMIT"])
+                store.delete([info.key for info in store.list("step-00000002/")])
+            shard_get.release()
+
+        deleter = threading.Thread(target=delete_step_2)
+        deleter.start()
+        result = read(server.storage_options(endpoint_url=proxy.endpoint))
+        deleter.join(30)
+        assert shard_get.arrived.is_set()
+        return result, proxy.log
+    finally:
+        proxy.close()
+
+
+def test_a_checkpoint_deleted_between_a_reads_head_and_get_falls_back_to_the_older_step(
+    s3_server: S3Server, s3_url: str
+) -> None:
+    def restore_last(options: dict[str, Any]) -> distckpt.Checkpoint | None:
+        with distckpt.CheckpointManager(
+            s3_url, storage_options=options, format="torch", read_only=True
+        ) as manager:
+            return manager.restore("last", state={"w": torch.zeros(4), "step": 0})
+
+    restored, log = _with_step_2_deleted_between_head_and_get(s3_server, s3_url, restore_last)
+    assert restored is not None and restored.step == 1
+    step_2_shard = [(method, status) for method, path, status in log if "00000002/" in path]
+    assert ("HEAD", 200) in step_2_shard and ("GET", 404) in step_2_shard
+
+
+def test_verify_reports_an_object_deleted_between_its_head_and_get_as_missing(
+    s3_server: S3Server, s3_url: str
+) -> None:
+    def verify(options: dict[str, Any]) -> distckpt.VerifyReport:
+        return distckpt.verify(s3_url, storage_options=options)
+
+    report, _ = _with_step_2_deleted_between_head_and_get(s3_server, s3_url, verify)
+    first, second = report.checkpoints
+    assert first.ok and not second.ok
+    (problem,) = second.problems
+    assert problem.endswith("rank-00000.pt: missing"), problem
