@@ -30,6 +30,8 @@ class Rule:
     path_parts: tuple[str, ...]
     action: Literal["hold", "drop"]
     times: int = 1
+    #: how many matching requests go by untouched before the rule acts
+    skip: int = 0
     #: set when the first picked request arrives (for ``hold``: it waits from then on)
     arrived: threading.Event = field(default_factory=threading.Event)
     #: set by :meth:`release`; a held request goes on once it is set
@@ -38,12 +40,8 @@ class Rule:
     def release(self) -> None:
         self.released.set()
 
-    def picks(self, method: str, path: str) -> bool:
-        return (
-            self.times > 0
-            and method == self.method
-            and all(part in path for part in self.path_parts)
-        )
+    def matches(self, method: str, path: str) -> bool:
+        return method == self.method and all(part in path for part in self.path_parts)
 
 
 class S3Proxy:
@@ -55,6 +53,8 @@ class S3Proxy:
         self.rules: list[Rule] = []
         self.log: list[tuple[str, str, int]] = []
         self._lock = threading.Lock()
+        #: notified when a request was answered by the server (see :meth:`wait_for`)
+        self._answered = threading.Condition(self._lock)
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -73,13 +73,24 @@ class S3Proxy:
         self.endpoint = f"http://127.0.0.1:{self._server.server_address[1]}"
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
 
-    def hold(self, method: str, *path_parts: str, times: int = 1) -> Rule:
-        """Hold the next ``times`` matching requests until the rule is released."""
-        return self._add(Rule(method, path_parts, "hold", times))
+    def hold(self, method: str, *path_parts: str, times: int = 1, skip: int = 0) -> Rule:
+        """Hold ``times`` matching requests, after ``skip`` others, until the rule is
+        released."""
+        return self._add(Rule(method, path_parts, "hold", times, skip))
 
-    def drop(self, method: str, *path_parts: str, times: int = 1) -> Rule:
-        """Forward the next ``times`` matching requests, then drop their answers."""
-        return self._add(Rule(method, path_parts, "drop", times))
+    def drop(self, method: str, *path_parts: str, times: int = 1, skip: int = 0) -> Rule:
+        """Forward ``times`` matching requests, after ``skip`` others, then drop their
+        answers."""
+        return self._add(Rule(method, path_parts, "drop", times, skip))
+
+    def wait_for(self, method: str, *path_parts: str, timeout: float) -> bool:
+        """Wait until a request matching ``method`` and ``path_parts`` has been answered by
+        the server; whether one was within ``timeout`` seconds."""
+        rule = Rule(method, path_parts, "hold")
+        with self._answered:
+            return self._answered.wait_for(
+                lambda: any(rule.matches(m, path) for m, path, _ in self.log), timeout
+            )
 
     def _add(self, rule: Rule) -> Rule:
         with self._lock:
@@ -89,7 +100,10 @@ class S3Proxy:
     def _pick(self, method: str, path: str) -> Rule | None:
         with self._lock:
             for rule in self.rules:
-                if rule.picks(method, path):
+                if rule.times > 0 and rule.matches(method, path):
+                    if rule.skip > 0:
+                        rule.skip -= 1
+                        continue
                     rule.times -= 1
                     return rule
         return None
@@ -110,7 +124,9 @@ class S3Proxy:
             data = answer.read()
         finally:
             upstream.close()
-        self.log.append((handler.command, handler.path, answer.status))
+        with self._answered:
+            self.log.append((handler.command, handler.path, answer.status))
+            self._answered.notify_all()
         if rule is not None and rule.action == "drop":
             handler.close_connection = True
             handler.connection.close()

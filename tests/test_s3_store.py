@@ -26,6 +26,7 @@ from distckpt.errors import InjectedFault
 from distckpt.lease import this_host
 from distckpt.objstore import ObjectStore
 from distckpt.storage import open_store
+from distckpt.storage import s3 as s3_store_module
 from distckpt.storage.s3_view import S3RootView
 from tests.ranks import run_ranks, values
 from tests.s3proxy import S3Proxy
@@ -774,3 +775,33 @@ def test_verify_reports_an_object_deleted_between_its_head_and_get_as_missing(
     assert first.ok and not second.ok
     (problem,) = second.problems
     assert problem.endswith("rank-00000.pt: missing"), problem
+
+
+def test_a_claim_renewed_while_its_save_ends_is_not_left_behind(
+    s3_server: S3Server, s3_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # renewals every second, so that one comes while the save's COMMIT is held
+    monkeypatch.setattr(s3_store_module, "LEASE_SECONDS", 3.0)
+    proxy = S3Proxy(s3_server.port)
+    try:
+        commit = proxy.hold("PUT", "step-00000001/COMMIT")
+        renewal = proxy.hold("PUT", "/.writers/", skip=1)  # the first PUT creates the claim
+
+        def release_in_the_racy_order() -> None:
+            renewal.arrived.wait(30)  # the renewer is writing the claim
+            commit.release()
+            # the save ending deletes the claim now, unless it waits for that renewal
+            proxy.wait_for("POST", "?delete", timeout=1.0)
+            renewal.release()
+
+        releaser = threading.Thread(target=release_in_the_racy_order)
+        releaser.start()
+        options = s3_server.storage_options(endpoint_url=proxy.endpoint)
+        with distckpt.CheckpointManager(s3_url, storage_options=options) as manager:
+            manager.save(1, _state(1))
+            releaser.join(30)
+            assert renewal.arrived.is_set()
+            claims = [n for n in _objects(s3_url, s3_server.storage_options()) if "writers" in n]
+            assert claims == []
+    finally:
+        proxy.close()

@@ -245,20 +245,33 @@ class S3RootStore(Upkeep, ViewedStore):
 
     def discard_staging(self, area: StagingArea) -> None:
         step, attempt = self.s3.parse_attempt_location(area.location)
+        # Runs after a failed save too: its own error must not hide that one. What is left is
+        # a dead writer's leftover, removed by the next gc or start.
         try:
             if attempt not in self._published:
                 record = self.s3.read_commit(step)  # the commit may have been made, unanswered
                 if record is None or record.attempt != attempt:
                     self._delete_prefix(self.s3.attempt_prefix(step, attempt))
-            self.s3.client.delete([self.s3.claim_name(attempt)])
         except CheckpointError as exc:
-            # Runs after a failed save too: its own error must not hide that one. What is left
-            # is a dead writer's leftover, removed by the next gc or start.
             logger.warning("could not remove the save %s (left for gc): %s", area.location, exc)
         finally:
             self._published.discard(attempt)
-            with self._lease_lock:
-                self._claims.discard(attempt)
+            self._drop_claim(attempt)
+
+    def _drop_claim(self, attempt: str) -> None:
+        """Stop renewing the claim of ``attempt`` and delete it, as the last write to it.
+
+        Both under the lock the renewing thread writes claims under: a renewal in flight
+        holds that lock, so it has landed before the delete goes out; and once the attempt is
+        out of ``_claims`` no later renewal writes it again. Deleting first and forgetting
+        after (or without the lock) lets a renewal that copied ``_claims`` before the delete
+        land after it, and the claim outlives its save."""
+        with self._lease_lock:
+            self._claims.discard(attempt)
+            try:
+                self.s3.client.delete([self.s3.claim_name(attempt)])
+            except CheckpointError as exc:
+                logger.warning("could not remove the claim of %s (left for gc): %s", attempt, exc)
 
     def open_shard(self, location: str, rank: int) -> AbstractContextManager[Path]:
         return self._spool(location, rank)
