@@ -100,7 +100,9 @@ class ObjectLease:
     def _write(self, *, if_absent: bool = False, if_match: str | None = None) -> None:
         sent = time.monotonic()  # before the write: the conservative start of our time
         self._renewal += 1
-        self._etag = self.store.put_bytes(
+        # owner and renewal count make the record unique: a write applied whose answer was
+        # lost is recognised as this lease's own (not a contender's) by reading it back
+        self._etag = self.store.put_own_bytes(
             self.name, self._record(), if_absent=if_absent, if_match=if_match
         )
         self._valid_until = sent + self.duration

@@ -311,6 +311,26 @@ class ObjectStore:
         )
         return str(response["ETag"])
 
+    def put_own_bytes(
+        self, name: str, data: bytes, *, if_absent: bool = False, if_match: str | None = None
+    ) -> str:
+        """:meth:`put_bytes` of a conditional write whose ``data`` no other writer sends (it
+        names its writer: an attempt token, a lease owner and renewal count). The client
+        retries a write whose answer was lost, and the store refuses that retry, since the
+        first try already changed the object; so on a refusal the object is read back, and if
+        it holds exactly ``data`` the write was this writer's and counts as done: the ETag of
+        what is there is returned. Any other refusal is raised as :meth:`put_bytes` raises."""
+        try:
+            return self.put_bytes(name, data, if_absent=if_absent, if_match=if_match)
+        except (ObjectExists, PreconditionFailed) as refused:
+            try:
+                stored, etag = self.get_versioned(name)
+            except ObjectNotFound:
+                raise refused from None
+            if stored != data:
+                raise
+            return etag
+
     def get_bytes(
         self, name: str, *, start: int = 0, end: int | None = None, if_match: str | None = None
     ) -> bytes:

@@ -45,8 +45,9 @@ class Rule:
 
 
 class S3Proxy:
-    """The proxy; ``endpoint`` is its URL (give it as ``endpoint_url``). Rules are added with
-    :meth:`hold` and :meth:`drop`; ``log`` lists every request as ``(method, path, status)``."""
+    """The proxy (a context manager: closed on exit); ``endpoint`` is its URL (give it as
+    ``endpoint_url``). Rules are added with :meth:`hold` and :meth:`drop`; ``log`` lists every
+    request answered as ``(method, path, status)``."""
 
     def __init__(self, upstream_port: int) -> None:
         self.upstream_port = upstream_port
@@ -144,6 +145,12 @@ class S3Proxy:
         handler.end_headers()
         if handler.command != "HEAD":
             handler.wfile.write(data)
+
+    def __enter__(self) -> S3Proxy:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
     def close(self) -> None:
         """Stop; held requests are released so that nothing waits on a closed proxy."""

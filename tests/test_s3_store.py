@@ -681,9 +681,8 @@ def test_gc_beside_a_save_that_commits_meanwhile_keeps_the_committed_checkpoint(
 ) -> None:
     # The interleaving made exact: gc looks at step 2's save while its COMMIT is on the way,
     # the save commits and deletes its claim, and only then does gc's read of a claim answer.
-    job_proxy, gc_proxy = S3Proxy(s3_server.port), S3Proxy(s3_server.port)
     removed: list[Any] = []
-    try:
+    with S3Proxy(s3_server.port) as job_proxy, S3Proxy(s3_server.port) as gc_proxy:
         commit_on_the_way = job_proxy.hold("PUT", "step-00000002/COMMIT")
         claim_read = gc_proxy.hold("GET", "/.writers/")
 
@@ -713,9 +712,6 @@ def test_gc_beside_a_save_that_commits_meanwhile_keeps_the_committed_checkpoint(
         names = _objects(s3_url, s3_server.storage_options())
         assert "step-00000002/COMMIT" in names
         assert any(name.endswith("/manifest.json") and "00000002" in name for name in names)
-    finally:
-        job_proxy.close()
-        gc_proxy.close()
 
 
 def _with_step_2_deleted_between_head_and_get(
@@ -728,8 +724,7 @@ def _with_step_2_deleted_between_head_and_get(
     with distckpt.CheckpointManager(url, storage_options=options, format="torch") as manager:
         manager.save(1, _state(1))
         manager.save(2, _state(2))
-    proxy = S3Proxy(server.port)
-    try:
+    with S3Proxy(server.port) as proxy:
         shard_get = proxy.hold("GET", "step-00000002/", "rank-00000.pt")
 
         def delete_step_2() -> None:
@@ -745,8 +740,6 @@ def _with_step_2_deleted_between_head_and_get(
         deleter.join(30)
         assert shard_get.arrived.is_set()
         return result, proxy.log
-    finally:
-        proxy.close()
 
 
 def test_a_checkpoint_deleted_between_a_reads_head_and_get_falls_back_to_the_older_step(
@@ -782,8 +775,7 @@ def test_a_claim_renewed_while_its_save_ends_is_not_left_behind(
 ) -> None:
     # renewals every second, so that one comes while the save's COMMIT is held
     monkeypatch.setattr(s3_store_module, "LEASE_SECONDS", 3.0)
-    proxy = S3Proxy(s3_server.port)
-    try:
+    with S3Proxy(s3_server.port) as proxy:
         commit = proxy.hold("PUT", "step-00000001/COMMIT")
         renewal = proxy.hold("PUT", "/.writers/", skip=1)  # the first PUT creates the claim
 
@@ -803,5 +795,18 @@ def test_a_claim_renewed_while_its_save_ends_is_not_left_behind(
             assert renewal.arrived.is_set()
             claims = [n for n in _objects(s3_url, s3_server.storage_options()) if "writers" in n]
             assert claims == []
-    finally:
-        proxy.close()
+
+
+def test_a_commit_applied_whose_answer_was_lost_is_a_commit(
+    s3_server: S3Server, s3_url: str
+) -> None:
+    # The client retries the COMMIT create; the store refuses the retry (the first try made
+    # it), and what it refused for is this save's own commit.
+    with S3Proxy(s3_server.port) as proxy:
+        lost_answer = proxy.drop("PUT", "step-00000010/COMMIT")
+        options = s3_server.storage_options(endpoint_url=proxy.endpoint)
+        with distckpt.CheckpointManager(s3_url, storage_options=options) as manager:
+            saved = manager.save(10, _state(10))
+            assert lost_answer.arrived.is_set()
+            assert saved is not None and saved.step == 10
+            assert manager.steps() == [10]

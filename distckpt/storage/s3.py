@@ -393,11 +393,13 @@ class S3RootStore(Upkeep, ViewedStore):
         name = self.s3.commit_name(step)
         content = CommitRecord.encode(step, attempt)
         previous = self.s3.read_commit(step) if overwrite else None
+        # The attempt token makes the content unique to this save: a commit applied whose
+        # answer was lost is recognised as this save's own by reading it back.
         try:
             if previous is not None:
-                self.s3.client.put_bytes(name, content, if_match=previous.etag)
+                self.s3.client.put_own_bytes(name, content, if_match=previous.etag)
             else:
-                self.s3.client.put_bytes(name, content, if_absent=True)
+                self.s3.client.put_own_bytes(name, content, if_absent=True)
         except (ObjectExists, PreconditionFailed) as exc:
             raise ConcurrentCommit(
                 f"step {step} was committed by another writer meanwhile, at "
