@@ -168,8 +168,7 @@ class ObjectStore:
                 f"unknown storage_options {unknown}; known: {sorted(_OPTION_KEYS)}"
             )
         try:
-            import botocore.session
-            from botocore.config import Config
+            import botocore  # noqa: F401  (only to say what is missing)
         except ImportError as exc:
             raise InvalidArgument("s3:// roots need botocore: pip install 'distckpt[s3]'") from exc
         self.url = S3Url.parse(url)
@@ -177,18 +176,24 @@ class ObjectStore:
         if self.part_size < MIN_PART_SIZE:
             raise InvalidArgument(f"default_block_size must be at least {MIN_PART_SIZE} bytes")
         self.max_concurrency = max(1, int(options.get("max_concurrency", DEFAULT_MAX_CONCURRENCY)))
-        config = Config(
-            retries={
-                "mode": "standard",
-                "total_max_attempts": int(options.get("retries", DEFAULT_ATTEMPTS)),
-            },
-            connect_timeout=float(options.get("connect_timeout", 10)),
-            read_timeout=float(options.get("read_timeout", 60)),
-            max_pool_connections=max(10, self.max_concurrency + 2),
-            # distckpt sends the CRC-32 it computes anyway; botocore need not compute another
-            request_checksum_calculation="when_required",
-            response_checksum_validation="when_required",
-        ).merge(Config(**options.get("config_kwargs", {})))
+        attempts = int(options.get("retries", DEFAULT_ATTEMPTS))
+        if attempts < 1:
+            raise InvalidArgument(
+                f"storage_options retries is the total attempts per request: at least 1, "
+                f"not {attempts}"
+            )
+        self.client = self._make_client(options, attempts)
+        self.endpoint: str = self.client.meta.endpoint_url
+
+    def _make_client(self, options: Mapping[str, Any], attempts: int) -> Any:
+        """The botocore client ``options`` configure. It sends no request yet, so what fails
+        here is the configuration: half of the credentials is :class:`StoreAccessDenied` (as
+        no credentials at all are at the first request); anything else (an endpoint that is
+        not a URL, a bad ``config_kwargs`` value) is :class:`InvalidArgument`."""
+        import botocore.session
+        from botocore.config import Config
+        from botocore.exceptions import BotoCoreError, PartialCredentialsError
+
         client_kwargs: dict[str, Any] = dict(options.get("client_kwargs", {}))
         for option, argument in (
             ("endpoint_url", "endpoint_url"),
@@ -199,13 +204,30 @@ class ObjectStore:
         ):
             if options.get(option) is not None:
                 client_kwargs[argument] = options[option]
-        session = botocore.session.get_session()
-        if "region_name" not in client_kwargs and session.get_config_variable("region") is None:
-            # botocore reads AWS_DEFAULT_REGION; AWS_REGION is what the other SDKs read. A
-            # custom endpoint still needs some region to sign with.
-            client_kwargs["region_name"] = os.environ.get("AWS_REGION") or "us-east-1"
-        self.client = session.create_client("s3", config=config, **client_kwargs)
-        self.endpoint: str = self.client.meta.endpoint_url
+        try:
+            config = Config(
+                retries={"mode": "standard", "total_max_attempts": attempts},
+                connect_timeout=float(options.get("connect_timeout", 10)),
+                read_timeout=float(options.get("read_timeout", 60)),
+                max_pool_connections=max(10, self.max_concurrency + 2),
+                # distckpt sends the CRC-32 it computes anyway; botocore need not compute another
+                request_checksum_calculation="when_required",
+                response_checksum_validation="when_required",
+            ).merge(Config(**options.get("config_kwargs", {})))
+            session = botocore.session.get_session()
+            if "region_name" not in client_kwargs and session.get_config_variable("region") is None:
+                # botocore reads AWS_DEFAULT_REGION; AWS_REGION is what the other SDKs read. A
+                # custom endpoint still needs some region to sign with.
+                client_kwargs["region_name"] = os.environ.get("AWS_REGION") or "us-east-1"
+            return session.create_client("s3", config=config, **client_kwargs)
+        except PartialCredentialsError as exc:
+            where = client_kwargs.get("endpoint_url") or "the default endpoint"
+            raise StoreAccessDenied(
+                f"connect to {self.url} at {where} failed: {exc} (give storage_options key "
+                "and secret together)"
+            ) from exc
+        except (BotoCoreError, ValueError, TypeError) as exc:
+            raise InvalidArgument(f"storage_options for {self.url} are not usable: {exc}") from exc
 
     @property
     def bucket(self) -> str:
@@ -237,7 +259,12 @@ class ObjectStore:
         failures inside) and map what still fails to an :class:`ObjectStoreError`;
         ``operation`` and ``name`` go into its message, ``if_absent`` / ``if_match`` (of a
         conditional write) say what a 412 or 404 means."""
-        from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+        from botocore.exceptions import (
+            BotoCoreError,
+            ClientError,
+            NoCredentialsError,
+            ParamValidationError,
+        )
 
         for attempt in range(_CONFLICT_RETRIES + 1):
             try:
@@ -250,6 +277,10 @@ class ObjectStore:
                     time.sleep(random.uniform(0.05, 0.2) * 2**attempt)
                     continue
                 raise self._client_error(exc, operation, name, if_absent, if_match) from exc
+            except ParamValidationError as exc:
+                # refused by the client before sending: a name the store would never accept
+                # (a bucket name with a space or a "!"), which no retry changes
+                raise InvalidArgument(f"{operation} {self.url}/{name}: {exc}") from exc
             except NoCredentialsError as exc:
                 detail = f"{exc} (give storage_options key/secret or the AWS_* variables)"
                 raise self.error(StoreAccessDenied, operation, name, detail) from exc
