@@ -26,6 +26,7 @@ commits of one step cannot both succeed). A crashed holder blocks others for ``d
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import socket
@@ -42,6 +43,7 @@ from distckpt.errors import (
     ObjectNotFound,
     PreconditionFailed,
 )
+from distckpt.lease import boot_id, pid_namespace
 from distckpt.objstore import ObjectStore
 
 
@@ -55,16 +57,24 @@ class LeaseRecord:
     duration: float
     renewal: int = 0  # counted so that every renewal changes the ETag
     released: bool = False
+    #: the holder's PID namespace (inode) and boot id, where ``pid`` names it; None in the
+    #: records of older versions
+    pid_namespace: int | None = None
+    boot_id: str | None = None
 
     def encode(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True).encode()
 
     @classmethod
     def decode(cls, data: bytes) -> LeaseRecord | None:
-        """The record, or None for an object that is not one (then it never expires)."""
+        """The record, or None for an object that is not one (then it never expires). Fields
+        it does not know (of a newer version) are ignored."""
         try:
             fields = json.loads(data)
-            return cls(**fields) if isinstance(fields, dict) else None
+            if not isinstance(fields, dict):
+                return None
+            known = {field.name for field in dataclasses.fields(cls)}
+            return cls(**{name: value for name, value in fields.items() if name in known})
         except (ValueError, TypeError):
             return None
 
@@ -94,13 +104,22 @@ class ObjectLease:
 
     def _record(self, *, released: bool = False) -> bytes:
         return LeaseRecord(
-            self.owner, socket.gethostname(), os.getpid(), self.duration, self._renewal, released
+            self.owner,
+            socket.gethostname(),
+            os.getpid(),
+            self.duration,
+            self._renewal,
+            released,
+            pid_namespace(),
+            boot_id(),
         ).encode()
 
     def _write(self, *, if_absent: bool = False, if_match: str | None = None) -> None:
         sent = time.monotonic()  # before the write: the conservative start of our time
         self._renewal += 1
-        self._etag = self.store.put_bytes(
+        # owner and renewal count make the record unique: a write applied whose answer was
+        # lost is recognised as this lease's own (not a contender's) by reading it back
+        self._etag = self.store.put_own_bytes(
             self.name, self._record(), if_absent=if_absent, if_match=if_match
         )
         self._valid_until = sent + self.duration

@@ -168,8 +168,7 @@ class ObjectStore:
                 f"unknown storage_options {unknown}; known: {sorted(_OPTION_KEYS)}"
             )
         try:
-            import botocore.session
-            from botocore.config import Config
+            import botocore  # noqa: F401  (only to say what is missing)
         except ImportError as exc:
             raise InvalidArgument("s3:// roots need botocore: pip install 'distckpt[s3]'") from exc
         self.url = S3Url.parse(url)
@@ -177,18 +176,24 @@ class ObjectStore:
         if self.part_size < MIN_PART_SIZE:
             raise InvalidArgument(f"default_block_size must be at least {MIN_PART_SIZE} bytes")
         self.max_concurrency = max(1, int(options.get("max_concurrency", DEFAULT_MAX_CONCURRENCY)))
-        config = Config(
-            retries={
-                "mode": "standard",
-                "total_max_attempts": int(options.get("retries", DEFAULT_ATTEMPTS)),
-            },
-            connect_timeout=float(options.get("connect_timeout", 10)),
-            read_timeout=float(options.get("read_timeout", 60)),
-            max_pool_connections=max(10, self.max_concurrency + 2),
-            # distckpt sends the CRC-32 it computes anyway; botocore need not compute another
-            request_checksum_calculation="when_required",
-            response_checksum_validation="when_required",
-        ).merge(Config(**options.get("config_kwargs", {})))
+        attempts = int(options.get("retries", DEFAULT_ATTEMPTS))
+        if attempts < 1:
+            raise InvalidArgument(
+                f"storage_options retries is the total attempts per request: at least 1, "
+                f"not {attempts}"
+            )
+        self.client = self._make_client(options, attempts)
+        self.endpoint: str = self.client.meta.endpoint_url
+
+    def _make_client(self, options: Mapping[str, Any], attempts: int) -> Any:
+        """The botocore client ``options`` configure. It sends no request yet, so what fails
+        here is the configuration: half of the credentials is :class:`StoreAccessDenied` (as
+        no credentials at all are at the first request); anything else (an endpoint that is
+        not a URL, a bad ``config_kwargs`` value) is :class:`InvalidArgument`."""
+        import botocore.session
+        from botocore.config import Config
+        from botocore.exceptions import BotoCoreError, PartialCredentialsError
+
         client_kwargs: dict[str, Any] = dict(options.get("client_kwargs", {}))
         for option, argument in (
             ("endpoint_url", "endpoint_url"),
@@ -199,13 +204,30 @@ class ObjectStore:
         ):
             if options.get(option) is not None:
                 client_kwargs[argument] = options[option]
-        session = botocore.session.get_session()
-        if "region_name" not in client_kwargs and session.get_config_variable("region") is None:
-            # botocore reads AWS_DEFAULT_REGION; AWS_REGION is what the other SDKs read. A
-            # custom endpoint still needs some region to sign with.
-            client_kwargs["region_name"] = os.environ.get("AWS_REGION") or "us-east-1"
-        self.client = session.create_client("s3", config=config, **client_kwargs)
-        self.endpoint: str = self.client.meta.endpoint_url
+        try:
+            config = Config(
+                retries={"mode": "standard", "total_max_attempts": attempts},
+                connect_timeout=float(options.get("connect_timeout", 10)),
+                read_timeout=float(options.get("read_timeout", 60)),
+                max_pool_connections=max(10, self.max_concurrency + 2),
+                # distckpt sends the CRC-32 it computes anyway; botocore need not compute another
+                request_checksum_calculation="when_required",
+                response_checksum_validation="when_required",
+            ).merge(Config(**options.get("config_kwargs", {})))
+            session = botocore.session.get_session()
+            if "region_name" not in client_kwargs and session.get_config_variable("region") is None:
+                # botocore reads AWS_DEFAULT_REGION; AWS_REGION is what the other SDKs read. A
+                # custom endpoint still needs some region to sign with.
+                client_kwargs["region_name"] = os.environ.get("AWS_REGION") or "us-east-1"
+            return session.create_client("s3", config=config, **client_kwargs)
+        except PartialCredentialsError as exc:
+            where = client_kwargs.get("endpoint_url") or "the default endpoint"
+            raise StoreAccessDenied(
+                f"connect to {self.url} at {where} failed: {exc} (give storage_options key "
+                "and secret together)"
+            ) from exc
+        except (BotoCoreError, ValueError, TypeError) as exc:
+            raise InvalidArgument(f"storage_options for {self.url} are not usable: {exc}") from exc
 
     @property
     def bucket(self) -> str:
@@ -235,9 +257,14 @@ class ObjectStore:
     ) -> T:
         """Call ``call`` (a method of :attr:`client`) on this bucket (botocore retries transient
         failures inside) and map what still fails to an :class:`ObjectStoreError`;
-        ``operation`` and ``name`` go into its message, ``if_absent`` / ``if_match`` say what a
-        412 means."""
-        from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+        ``operation`` and ``name`` go into its message, ``if_absent`` / ``if_match`` (of a
+        conditional write) say what a 412 or 404 means."""
+        from botocore.exceptions import (
+            BotoCoreError,
+            ClientError,
+            NoCredentialsError,
+            ParamValidationError,
+        )
 
         for attempt in range(_CONFLICT_RETRIES + 1):
             try:
@@ -250,6 +277,10 @@ class ObjectStore:
                     time.sleep(random.uniform(0.05, 0.2) * 2**attempt)
                     continue
                 raise self._client_error(exc, operation, name, if_absent, if_match) from exc
+            except ParamValidationError as exc:
+                # refused by the client before sending: a name the store would never accept
+                # (a bucket name with a space or a "!"), which no retry changes
+                raise InvalidArgument(f"{operation} {self.url}/{name}: {exc}") from exc
             except NoCredentialsError as exc:
                 detail = f"{exc} (give storage_options key/secret or the AWS_* variables)"
                 raise self.error(StoreAccessDenied, operation, name, detail) from exc
@@ -311,11 +342,32 @@ class ObjectStore:
         )
         return str(response["ETag"])
 
+    def put_own_bytes(
+        self, name: str, data: bytes, *, if_absent: bool = False, if_match: str | None = None
+    ) -> str:
+        """:meth:`put_bytes` of a conditional write whose ``data`` no other writer sends (it
+        names its writer: an attempt token, a lease owner and renewal count). The client
+        retries a write whose answer was lost, and the store refuses that retry, since the
+        first try already changed the object; so on a refusal the object is read back, and if
+        it holds exactly ``data`` the write was this writer's and counts as done: the ETag of
+        what is there is returned. Any other refusal is raised as :meth:`put_bytes` raises."""
+        try:
+            return self.put_bytes(name, data, if_absent=if_absent, if_match=if_match)
+        except (ObjectExists, PreconditionFailed) as refused:
+            try:
+                stored, etag = self.get_versioned(name)
+            except ObjectNotFound:
+                raise refused from None
+            if stored != data:
+                raise
+            return etag
+
     def get_bytes(
         self, name: str, *, start: int = 0, end: int | None = None, if_match: str | None = None
     ) -> bytes:
         """The object's bytes ``[start, end)`` (to its end when ``end`` is None); with
-        ``if_match``, only from the version with that ETag (:class:`PreconditionFailed`)."""
+        ``if_match``, only from the version with that ETag (:class:`PreconditionFailed` when it
+        was replaced, :class:`ObjectNotFound` when it is gone)."""
         body = self.open_body(name, start, end, if_match)
         try:
             return self.read_body(name, body, -1)
@@ -338,7 +390,9 @@ class ObjectStore:
             kwargs["Range"] = f"bytes={start}-{'' if end is None else end - 1}"
         if if_match is not None:
             kwargs["IfMatch"] = if_match
-        response = self.request("get", name, self.client.get_object, if_match=if_match, **kwargs)
+        # Not told to ``request``: for a read, a 404 under ``If-Match`` is the object gone
+        # (ObjectNotFound, which readers treat as a missing file), not a lost compare-and-swap.
+        response = self.request("get", name, self.client.get_object, **kwargs)
         return response["Body"]
 
     def read_body(self, name: str, body: Any, size: int) -> bytes:

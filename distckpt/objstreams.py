@@ -204,9 +204,10 @@ class ObjectReader:
     """A read-only, seekable file-like over one object, for ``torch.load`` and friends.
 
     Sequential reads stream from one open GET; a seek elsewhere starts a new ranged GET there.
-    Every GET is pinned to the ETag seen at open (``If-Match``), so an object replaced or
-    deleted while it is read raises :class:`PreconditionFailed` rather than returning a mix of
-    two versions. A stream that breaks mid-read is reopened once at the same offset.
+    Every GET is pinned to the ETag seen at open (``If-Match``), so an object replaced while
+    it is read raises :class:`PreconditionFailed` rather than returning a mix of two versions,
+    and one deleted meanwhile :class:`ObjectNotFound`, as when it was gone at open. A stream
+    that breaks mid-read is reopened once at the same offset.
     """
 
     def __init__(self, store: ObjectStore, name: str) -> None:

@@ -11,6 +11,7 @@ from distckpt import CoordinationTimeout, LeaseLost
 from distckpt.objlease import LeaseRecord, ObjectLease
 from distckpt.objstore import ObjectStore
 from tests.ranks import run_ranks
+from tests.s3proxy import S3Proxy
 from tests.s3server import S3Server
 
 pytest.importorskip("botocore")
@@ -88,3 +89,23 @@ def test_renewal_keeps_the_lease_and_release_hands_it_over(
             assert time.monotonic() - started < 1.5  # released: no waiting for expiry
             with pytest.raises(LeaseLost):
                 holder.check()
+
+
+def test_a_lease_write_applied_whose_answer_was_lost_is_held(
+    s3_server: S3Server, s3_url: str
+) -> None:
+    # The client retries each write whose answer it lost; the store refuses the retry (the
+    # first try changed the object), but the object holds this lease's own record.
+    with S3Proxy(s3_server.port) as proxy:
+        lost_create = proxy.drop("PUT", "/.lock")
+        with ObjectStore(s3_url, s3_server.storage_options(endpoint_url=proxy.endpoint)) as store:
+            lease = ObjectLease(store, ".lock", duration=30)
+            lease.acquire(timeout=0)
+            assert lost_create.arrived.is_set() and lease.held
+            lease.check()
+            lost_renewal = proxy.drop("PUT", "/.lock")
+            lease.renew()
+            assert lost_renewal.arrived.is_set()
+            lease.check()
+            record = LeaseRecord.decode(store.get_bytes(".lock"))
+            assert record is not None and (record.owner, record.renewal) == (lease.owner, 2)

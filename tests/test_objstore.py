@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import distckpt
 from distckpt import CheckpointError, InvalidArgument
 from distckpt.checksums import ChecksumWriter, crc32
 from distckpt.errors import (
@@ -307,3 +308,39 @@ def test_configuration_from_aws_environment_variables(
         assert store.client.meta.region_name == "eu-west-1"
         store.put_bytes("from-env", b"1")
         assert [info.key for info in store.list()] == ["from-env"]
+
+
+def test_reader_of_an_object_deleted_after_open_finds_it_gone(
+    s3_server: S3Server, s3_url: str
+) -> None:
+    # gone, not replaced: the same error as when it was gone at open, so that a reader of a
+    # checkpoint deleted meanwhile sees a missing file (and resolves again), not a lost race
+    with ObjectStore(s3_url, s3_server.storage_options()) as store:
+        store.put_bytes("x", b"contents")
+        with store.open_read("x") as reader:
+            store.delete(["x"])
+            with pytest.raises(ObjectNotFound, match="x"):
+                reader.read()
+
+
+@pytest.mark.parametrize(
+    ("url", "options", "error"),
+    [
+        ("s3://{bucket}/ckpt", {"secret": None}, StoreAccessDenied),  # a key without its secret
+        ("s3://{bucket}/ckpt", {"endpoint_url": "minio:9000"}, InvalidArgument),  # no scheme
+        ("s3://{bucket}/ckpt", {"retries": 0}, InvalidArgument),
+        ("s3://bad!bucket/ckpt", {}, InvalidArgument),
+        ("s3://my bucket/ckpt", {}, InvalidArgument),
+    ],
+    ids=["key-without-secret", "endpoint-not-a-url", "no-attempts", "bucket-!", "bucket-space"],
+)
+def test_a_configuration_error_raises_its_documented_class(
+    s3_server: S3Server, url: str, options: dict[str, object], error: type[Exception]
+) -> None:
+    # from the store itself and through a manager (whose start reports it unchanged)
+    url = url.format(bucket=s3_server.create_bucket())
+    storage_options = {**s3_server.storage_options(), **options}
+    with pytest.raises(error), ObjectStore(url, storage_options) as store:
+        next(iter(store.list()), None)
+    with pytest.raises(error), distckpt.CheckpointManager(url, storage_options=storage_options):
+        pass

@@ -12,9 +12,10 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 import torch
@@ -24,11 +25,16 @@ from distckpt import CheckpointNotFound, CorruptCheckpoint, RootInUse, StoreAcce
 from distckpt.errors import InjectedFault
 from distckpt.lease import this_host
 from distckpt.objstore import ObjectStore
+from distckpt.storage import open_store
+from distckpt.storage import s3 as s3_store_module
 from distckpt.storage.s3_view import S3RootView
 from tests.ranks import run_ranks, values
+from tests.s3proxy import S3Proxy
 from tests.s3server import S3Server
 
 pytest.importorskip("botocore")
+
+T = TypeVar("T")
 
 JOB_TIMEOUT = 120.0
 
@@ -624,7 +630,7 @@ def test_temp_dirs_of_dead_processes_are_removed(tmp_path: Path) -> None:
     )
     dead_pid = int(child.stdout)  # exited: its pid names no process (unless reused at once)
     mine = make_temp_dir("spool", "live")
-    left = Path(str(mine).replace(f"-{os.getpid()}-", f"-{dead_pid}-"))
+    left = Path(str(mine).replace(f"-{os.getpid()}~", f"-{dead_pid}~"))
     left.mkdir()
     try:
         remove_dead_temp_dirs()
@@ -668,3 +674,231 @@ def test_a_staged_object_lost_before_the_commit_fails_the_save_on_every_rank(
         assert written is not None and written > 4000
         assert steps == []  # nothing committed, as every rank's manager sees it
     assert not any(key.startswith("step-00000001/") for key in _objects(s3_url, options))
+
+
+def test_gc_beside_a_save_that_commits_meanwhile_keeps_the_committed_checkpoint(
+    s3_server: S3Server, s3_url: str
+) -> None:
+    # The interleaving made exact: gc looks at step 2's save while its COMMIT is on the way,
+    # the save commits and deletes its claim, and only then does gc's read of a claim answer.
+    removed: list[Any] = []
+    with S3Proxy(s3_server.port) as job_proxy, S3Proxy(s3_server.port) as gc_proxy:
+        commit_on_the_way = job_proxy.hold("PUT", "step-00000002/COMMIT")
+        claim_read = gc_proxy.hold("GET", "/.writers/")
+
+        def gc() -> None:
+            commit_on_the_way.arrived.wait(30)
+            store = open_store(
+                s3_url, storage_options=s3_server.storage_options(endpoint_url=gc_proxy.endpoint)
+            )
+            removed.extend(store.collect_leftovers())
+
+        def release_the_commit() -> None:
+            claim_read.arrived.wait(30)
+            commit_on_the_way.release()
+
+        threads = [threading.Thread(target=gc), threading.Thread(target=release_the_commit)]
+        for thread in threads:
+            thread.start()
+        job_options = s3_server.storage_options(endpoint_url=job_proxy.endpoint)
+        with distckpt.CheckpointManager(s3_url, storage_options=job_options) as manager:
+            manager.save(1, _state(1))
+            assert manager.save(2, _state(2)) is not None
+            claim_read.release()  # the save is done: its claim is gone
+            for thread in threads:
+                thread.join(60)
+            assert claim_read.arrived.is_set() and removed == []
+            assert manager.steps() == [1, 2]
+        names = _objects(s3_url, s3_server.storage_options())
+        assert "step-00000002/COMMIT" in names
+        assert any(name.endswith("/manifest.json") and "00000002" in name for name in names)
+
+
+def _with_step_2_deleted_between_head_and_get(
+    server: S3Server, url: str, read: Callable[[dict[str, Any]], T]
+) -> tuple[T, list[tuple[str, str, int]]]:
+    """``read(storage_options)`` of a root holding steps 1 and 2, through a proxy that holds
+    the GET of step 2's shard (the one after its HEAD) while step 2 is removed as retention
+    does (``COMMIT`` first, then its objects); what it returned, and the proxy's log."""
+    options = server.storage_options()
+    with distckpt.CheckpointManager(url, storage_options=options, format="torch") as manager:
+        manager.save(1, _state(1))
+        manager.save(2, _state(2))
+    with S3Proxy(server.port) as proxy:
+        shard_get = proxy.hold("GET", "step-00000002/", "rank-00000.pt")
+
+        def delete_step_2() -> None:
+            shard_get.arrived.wait(30)
+            with ObjectStore(url, options) as store:
+                store.delete(["step-00000002/COMMIT"])
+                store.delete([info.key for info in store.list("step-00000002/")])
+            shard_get.release()
+
+        deleter = threading.Thread(target=delete_step_2)
+        deleter.start()
+        result = read(server.storage_options(endpoint_url=proxy.endpoint))
+        deleter.join(30)
+        assert shard_get.arrived.is_set()
+        return result, proxy.log
+
+
+def test_a_checkpoint_deleted_between_a_reads_head_and_get_falls_back_to_the_older_step(
+    s3_server: S3Server, s3_url: str
+) -> None:
+    def restore_last(options: dict[str, Any]) -> distckpt.Checkpoint | None:
+        with distckpt.CheckpointManager(
+            s3_url, storage_options=options, format="torch", read_only=True
+        ) as manager:
+            return manager.restore("last", state={"w": torch.zeros(4), "step": 0})
+
+    restored, log = _with_step_2_deleted_between_head_and_get(s3_server, s3_url, restore_last)
+    assert restored is not None and restored.step == 1
+    step_2_shard = [(method, status) for method, path, status in log if "00000002/" in path]
+    assert ("HEAD", 200) in step_2_shard and ("GET", 404) in step_2_shard
+
+
+def test_verify_reports_an_object_deleted_between_its_head_and_get_as_missing(
+    s3_server: S3Server, s3_url: str
+) -> None:
+    def verify(options: dict[str, Any]) -> distckpt.VerifyReport:
+        return distckpt.verify(s3_url, storage_options=options)
+
+    report, _ = _with_step_2_deleted_between_head_and_get(s3_server, s3_url, verify)
+    first, second = report.checkpoints
+    assert first.ok and not second.ok
+    (problem,) = second.problems
+    assert problem.endswith("rank-00000.pt: missing"), problem
+
+
+def test_a_claim_renewed_while_its_save_ends_is_not_left_behind(
+    s3_server: S3Server, s3_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # renewals every second, so that one comes while the save's COMMIT is held
+    monkeypatch.setattr(s3_store_module, "LEASE_SECONDS", 3.0)
+    with S3Proxy(s3_server.port) as proxy:
+        commit = proxy.hold("PUT", "step-00000001/COMMIT")
+        renewal = proxy.hold("PUT", "/.writers/", skip=1)  # the first PUT creates the claim
+
+        def release_in_the_racy_order() -> None:
+            renewal.arrived.wait(30)  # the renewer is writing the claim
+            commit.release()
+            # the save ending deletes the claim now, unless it waits for that renewal
+            proxy.wait_for("POST", "?delete", timeout=1.0)
+            renewal.release()
+
+        releaser = threading.Thread(target=release_in_the_racy_order)
+        releaser.start()
+        options = s3_server.storage_options(endpoint_url=proxy.endpoint)
+        with distckpt.CheckpointManager(s3_url, storage_options=options) as manager:
+            manager.save(1, _state(1))
+            releaser.join(30)
+            assert renewal.arrived.is_set()
+            claims = [n for n in _objects(s3_url, s3_server.storage_options()) if "writers" in n]
+            assert claims == []
+
+
+def test_a_commit_applied_whose_answer_was_lost_is_a_commit(
+    s3_server: S3Server, s3_url: str
+) -> None:
+    # The client retries the COMMIT create; the store refuses the retry (the first try made
+    # it), and what it refused for is this save's own commit.
+    with S3Proxy(s3_server.port) as proxy:
+        lost_answer = proxy.drop("PUT", "step-00000010/COMMIT")
+        options = s3_server.storage_options(endpoint_url=proxy.endpoint)
+        with distckpt.CheckpointManager(s3_url, storage_options=options) as manager:
+            saved = manager.save(10, _state(10))
+            assert lost_answer.arrived.is_set()
+            assert saved is not None and saved.step == 10
+            assert manager.steps() == [10]
+
+
+def _exited_pid() -> int:
+    """The pid of a process of this machine that has exited (unless reused at once)."""
+    child = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    return int(child.stdout)
+
+
+_OPEN_FROM_ANOTHER_PID_NAMESPACE = """
+import sys, distckpt
+try:
+    with distckpt.CheckpointManager(sys.argv[1], storage_options=eval(sys.argv[2])):
+        print("opened")
+except distckpt.RootInUse:
+    print("RootInUse")
+"""
+
+
+def test_a_live_holder_is_not_taken_over_from_another_pid_namespace_of_its_host(
+    s3_server: S3Server, s3_url: str
+) -> None:
+    # A container with the host's network (so its hostname) but its own PID namespace: the
+    # holder's pid names no process there, yet the holder runs.
+    unshare = ["unshare", "--pid", "--fork"]
+    if shutil.which("unshare") is None or subprocess.run([*unshare, "true"]).returncode:
+        pytest.skip("this machine cannot make a PID namespace (unshare --pid)")
+    options = s3_server.storage_options()
+    with distckpt.CheckpointManager(s3_url, storage_options=options) as manager:
+        manager.save(1, _state(1))
+        other = subprocess.run(
+            [
+                *unshare,
+                sys.executable,
+                "-c",
+                _OPEN_FROM_ANOTHER_PID_NAMESPACE,
+                s3_url,
+                repr(options),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=JOB_TIMEOUT,
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+        )
+        assert other.stdout.strip() == "RootInUse", other.stderr[-2000:]
+        assert manager.save(2, _state(2)) is not None  # still the holder
+
+
+def _write_claim(url: str, options: dict[str, Any], attempt: str, claim: dict[str, Any]) -> None:
+    with ObjectStore(url, options) as store:
+        store.put_bytes(f"step-00000001/{attempt}/rank-00000.pt", b"staged")
+        store.put_bytes(f".writers/{attempt}", json.dumps(claim).encode())
+
+
+def test_a_claim_of_an_exited_pid_counts_only_in_this_pid_namespace_and_boot(
+    s3_server: S3Server, s3_url: str
+) -> None:
+    from distckpt.lease import boot_id, pid_namespace
+
+    options = s3_server.storage_options()
+    dead = {"host": this_host(), "pid": _exited_pid(), "expires_unix": time.time() + 600}
+    ours = {"pid_namespace": pid_namespace(), "boot_id": boot_id()}
+    _write_claim(s3_url, options, "other-ns", {**dead, **ours, "pid_namespace": 1})
+    _write_claim(s3_url, options, "other-boot", {**dead, **ours, "boot_id": "another"})
+    _write_claim(s3_url, options, "this-ns", {**dead, **ours})
+    _write_claim(s3_url, options, "unrecorded", dead)  # an older claim: judged by pid alone
+    store = open_store(s3_url, storage_options=options)
+    alive = {
+        leftover.path.rpartition("/")[2]: leftover.writer_alive for leftover in store.leftovers()
+    }
+    assert alive == {"other-ns": True, "other-boot": True, "this-ns": False, "unrecorded": False}
+
+
+def test_temp_dirs_of_an_exited_pid_of_another_pid_namespace_are_kept() -> None:
+    from distckpt.storage.s3_spool import make_temp_dir, remove_dead_temp_dirs
+
+    mine = make_temp_dir("spool", "live")
+    tag = mine.name.split("-")[2]  # the pid and what tells where it runs
+    pid, *where = tag.split("~")
+    assert pid == str(os.getpid()) and len(where) == 2
+    dead_pid = _exited_pid()
+    elsewhere = mine.with_name(mine.name.replace(tag, f"{dead_pid}~1~{where[1]}"))
+    here = mine.with_name(mine.name.replace(tag, f"{dead_pid}~{where[0]}~{where[1]}"))
+    try:
+        for directory in (elsewhere, here):
+            directory.mkdir()
+        remove_dead_temp_dirs()
+        assert mine.is_dir() and elsewhere.is_dir() and not here.exists()
+    finally:
+        for directory in (mine, elsewhere, here):
+            shutil.rmtree(directory, ignore_errors=True)

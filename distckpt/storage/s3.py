@@ -51,7 +51,7 @@ from distckpt.errors import (
     StagedFileMismatch,
 )
 from distckpt.layout import MANIFEST_NAME
-from distckpt.lease import LeaseHolder, this_host
+from distckpt.lease import LeaseHolder, boot_id, pid_namespace, this_host
 from distckpt.manifest import FileRecord, Manifest
 from distckpt.objlease import LeaseRecord, ObjectLease
 from distckpt.results import CheckpointLocation, SaveResult
@@ -72,7 +72,8 @@ logger = logging.getLogger("distckpt")
 
 #: How long the root's lease and a writer's claim last without renewal; both are renewed
 #: every third of it. A job killed without releasing its lease blocks the root this long
-#: (unless it ran on this machine: a dead local holder is taken over at once).
+#: (unless it ran on this machine, in the same PID namespace: a dead local holder is taken
+#: over at once).
 LEASE_SECONDS = 30.0
 #: how often a pointer's compare-and-swap is tried again when another process moved it meanwhile
 _POINTER_RETRIES = 3
@@ -145,7 +146,9 @@ class S3RootStore(Upkeep, ViewedStore):
         try:
             lease.acquire(
                 wait,
-                holder_gone=lambda record: local_process_gone(record.host, record.pid),
+                holder_gone=lambda record: local_process_gone(
+                    record.host, record.pid, record.pid_namespace, record.boot_id
+                ),
             )
         except CoordinationTimeout as exc:
             raise RootInUse(
@@ -228,6 +231,9 @@ class S3RootStore(Upkeep, ViewedStore):
             "attempt": attempt,
             "host": this_host(),
             "pid": os.getpid(),
+            # where that pid means this process (see local_process_gone)
+            "pid_namespace": pid_namespace(),
+            "boot_id": boot_id(),
             "expires_unix": time.time() + LEASE_SECONDS,
         }
         self.s3.client.put_bytes(self.s3.claim_name(attempt), json.dumps(claim).encode())
@@ -245,20 +251,33 @@ class S3RootStore(Upkeep, ViewedStore):
 
     def discard_staging(self, area: StagingArea) -> None:
         step, attempt = self.s3.parse_attempt_location(area.location)
+        # Runs after a failed save too: its own error must not hide that one. What is left is
+        # a dead writer's leftover, removed by the next gc or start.
         try:
             if attempt not in self._published:
                 record = self.s3.read_commit(step)  # the commit may have been made, unanswered
                 if record is None or record.attempt != attempt:
                     self._delete_prefix(self.s3.attempt_prefix(step, attempt))
-            self.s3.client.delete([self.s3.claim_name(attempt)])
         except CheckpointError as exc:
-            # Runs after a failed save too: its own error must not hide that one. What is left
-            # is a dead writer's leftover, removed by the next gc or start.
             logger.warning("could not remove the save %s (left for gc): %s", area.location, exc)
         finally:
             self._published.discard(attempt)
-            with self._lease_lock:
-                self._claims.discard(attempt)
+            self._drop_claim(attempt)
+
+    def _drop_claim(self, attempt: str) -> None:
+        """Stop renewing the claim of ``attempt`` and delete it, as the last write to it.
+
+        Both under the lock the renewing thread writes claims under: a renewal in flight
+        holds that lock, so it has landed before the delete goes out; and once the attempt is
+        out of ``_claims`` no later renewal writes it again. Deleting first and forgetting
+        after (or without the lock) lets a renewal that copied ``_claims`` before the delete
+        land after it, and the claim outlives its save."""
+        with self._lease_lock:
+            self._claims.discard(attempt)
+            try:
+                self.s3.client.delete([self.s3.claim_name(attempt)])
+            except CheckpointError as exc:
+                logger.warning("could not remove the claim of %s (left for gc): %s", attempt, exc)
 
     def open_shard(self, location: str, rank: int) -> AbstractContextManager[Path]:
         return self._spool(location, rank)
@@ -380,11 +399,13 @@ class S3RootStore(Upkeep, ViewedStore):
         name = self.s3.commit_name(step)
         content = CommitRecord.encode(step, attempt)
         previous = self.s3.read_commit(step) if overwrite else None
+        # The attempt token makes the content unique to this save: a commit applied whose
+        # answer was lost is recognised as this save's own by reading it back.
         try:
             if previous is not None:
-                self.s3.client.put_bytes(name, content, if_match=previous.etag)
+                self.s3.client.put_own_bytes(name, content, if_match=previous.etag)
             else:
-                self.s3.client.put_bytes(name, content, if_absent=True)
+                self.s3.client.put_own_bytes(name, content, if_absent=True)
         except (ObjectExists, PreconditionFailed) as exc:
             raise ConcurrentCommit(
                 f"step {step} was committed by another writer meanwhile, at "

@@ -20,6 +20,7 @@ import threading
 from collections.abc import Mapping
 from pathlib import Path
 
+from distckpt.lease import boot_id, pid_namespace
 from distckpt.manifest import FileRecord
 from distckpt.objstore import ObjectStore
 from distckpt.objstreams import ObjectWriter
@@ -30,15 +31,33 @@ logger = logging.getLogger("distckpt")
 POLL_SECONDS = 0.02
 _CHUNK = 8 << 20
 #: The temp dirs of this machine's saves (spools) and reads (downloads), each named
-#: ``<prefix><pid>-...`` after the process that made it.
+#: ``<prefix><pid>~<PID namespace>~<boot>-...`` after the process that made it (by older
+#: versions ``<prefix><pid>-...``).
 TEMP_DIR_PREFIXES = ("distckpt-spool-", "distckpt-read-")
+
+
+def recorded_process_gone(pid: int, namespace: int | None, boot: str | None) -> bool:
+    """Whether process ``pid`` of this host, recorded with the PID namespace and boot id it
+    ran in, certainly no longer runs. Only a pid of this PID namespace and this boot can be
+    asked: the same hostname (a container with the host's network) or the same ``/tmp`` may
+    belong to another PID namespace, where this pid names another process or none. A record
+    without either (written by an older version) is judged by the pid alone, as it was then."""
+    if (namespace, boot) == (None, None):
+        return process_gone(pid)
+    here = (pid_namespace(), boot_id())
+    return None not in here and (namespace, boot) == here and process_gone(pid)
+
+
+def _temp_dir_tag() -> str:
+    """``<pid>~<PID namespace>~<boot>`` (the boot id's first group: it has no ``-``)."""
+    return f"{os.getpid()}~{pid_namespace()}~{(boot_id() or 'None').partition('-')[0]}"
 
 
 def make_temp_dir(kind: str, name: str) -> Path:
     """A new temp dir for a save's spool (``kind`` ``"spool"``) or a read's download
     (``"read"``), named after this process, so :func:`remove_dead_temp_dirs` can tell once
     its process is gone (a killed process leaves it behind)."""
-    return Path(tempfile.mkdtemp(prefix=f"distckpt-{kind}-{os.getpid()}-{name}-"))
+    return Path(tempfile.mkdtemp(prefix=f"distckpt-{kind}-{_temp_dir_tag()}-{name}-"))
 
 
 def remove_dead_temp_dirs() -> None:
@@ -51,8 +70,10 @@ def remove_dead_temp_dirs() -> None:
         prefix = next((p for p in TEMP_DIR_PREFIXES if entry.name.startswith(p)), None)
         if prefix is None or not entry.is_dir(follow_symlinks=False):
             continue
-        pid = entry.name[len(prefix) :].partition("-")[0]
-        if pid.isdigit() and process_gone(int(pid)):
+        pid, *where = entry.name[len(prefix) :].partition("-")[0].split("~")
+        # another PID namespace's or boot's dir (or one not ours to judge) is left alone
+        mine = not where or where == _temp_dir_tag().split("~")[1:]
+        if mine and pid.isdigit() and process_gone(int(pid)):
             logger.info("removing %s, left by a process that died", entry.path)
             shutil.rmtree(entry.path, ignore_errors=True)
 

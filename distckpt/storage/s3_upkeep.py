@@ -24,22 +24,27 @@ from distckpt.lock import Leftover
 from distckpt.manifest import Manifest
 from distckpt.results import CheckpointLocation
 from distckpt.storage.posix_links import COMMITTING_RANK
-from distckpt.storage.s3_spool import process_gone
-from distckpt.storage.s3_view import WRITERS_PREFIX, S3Root, S3RootView
+from distckpt.storage.s3_spool import recorded_process_gone
+from distckpt.storage.s3_view import WRITERS_PREFIX, CommitRecord, S3Root, S3RootView
 
 logger = logging.getLogger("distckpt")
 
 _POINTER_RETRIES = 3  # compare-and-swap of a pointer that another process moved meanwhile
+#: stands for the attempt a damaged ``COMMIT`` names (unknown); no attempt token is empty
+_UNREADABLE = ""
+_UNREADABLE_COMMIT = CommitRecord(-1, _UNREADABLE, "")
 #: How far a claim's expiry, a wall-clock time written by its writer, is trusted past its
 #: end: the clocks of the writer and of the cleaning process may disagree by this much.
 CLOCK_SKEW_SECONDS = 60.0
-#: stands for the attempt a damaged ``COMMIT`` names (unknown); no attempt token is empty
-_UNREADABLE = ""
 
 
-def local_process_gone(host: str, pid: int) -> bool:
-    """Whether ``pid`` on ``host`` certainly no longer runs: only decidable on this machine."""
-    return host == this_host() and process_gone(pid)
+def local_process_gone(
+    host: str, pid: int, namespace: int | None = None, boot: str | None = None
+) -> bool:
+    """Whether ``pid`` on ``host``, recorded with its PID namespace and boot id, certainly no
+    longer runs: only decidable on this machine, in that namespace and boot
+    (:func:`~distckpt.storage.s3_spool.recorded_process_gone`)."""
+    return host == this_host() and recorded_process_gone(pid, namespace, boot)
 
 
 class Upkeep:
@@ -156,31 +161,54 @@ class Upkeep:
                 claims.add(info.key[len(WRITERS_PREFIX) :])
             elif step is not None and "/" in rest:
                 attempts.setdefault((step, rest.partition("/")[0]), []).append(info.key)
-        committed: dict[int, str | None] = {}
+        # A save is a leftover only if a COMMIT read *after* its claim does not name it. A
+        # writer creates its claim, then its objects, then COMMIT, and deletes its claim
+        # last; the listing above saw some of its objects, so its claim existed before it.
+        # Against any order of the writer's steps between gc's claim read and COMMIT read:
+        # - the claim is read live: the save is left alone, whatever COMMIT says;
+        # - the claim is read gone: the writer deleted it after writing COMMIT, so the COMMIT
+        #   read after it sees that commit and the save is kept (a COMMIT read only before
+        #   the claim read may predate the commit while the claim read follows the claim's
+        #   delete, and the committed save would be taken for a dead writer's);
+        # - the claim is read expired, or its process dead: the writer is gone (or stalled
+        #   past its lease, which also stops it from committing: it checks its lease first).
+        # The first COMMIT read of each step only spares the claim read of the committed save.
+        first_read: dict[int, CommitRecord | None] = {}
         found: list[tuple[Leftover, list[str]]] = []
         for (step, attempt), names in sorted(attempts.items()):
-            if step not in committed:
-                try:
-                    record = self.s3.read_commit(step)
-                except CorruptCheckpoint:
-                    # which save it publishes is unknown: leave every save of the step
-                    logger.warning("leaving the saves of %s: its COMMIT is damaged", step)
-                    committed[step] = _UNREADABLE
-                    continue
-                committed[step] = record.attempt if record is not None else None
-            if committed[step] == _UNREADABLE:
-                continue
-            if committed[step] != attempt:
-                where = self.s3.attempt_location(step, attempt)
-                # its claim goes with it (a dead writer's)
-                claim = [self.s3.claim_name(attempt)] if attempt in claims else []
-                found.append((Leftover(where, "staging", self._claim_live(attempt)), names + claim))
+            if step not in first_read:
+                first_read[step] = self._read_commit_or_none(step)
+            if self._names(first_read[step], attempt):
                 claims.discard(attempt)
+                continue
+            writer_alive = self._claim_live(attempt)
+            if not writer_alive and self._names(self._read_commit_or_none(step), attempt):
+                claims.discard(attempt)
+                continue
+            where = self.s3.attempt_location(step, attempt)
+            # its claim goes with it (a dead writer's)
+            claim = [self.s3.claim_name(attempt)] if attempt in claims else []
+            found.append((Leftover(where, "staging", writer_alive), names + claim))
+            claims.discard(attempt)
         for attempt in sorted(claims):
             name = self.s3.claim_name(attempt)
             if not self._claim_live(attempt):
                 found.append((Leftover(f"{self.root}/{name}", "lock"), [name]))
         return found
+
+    def _read_commit_or_none(self, step: int) -> CommitRecord | None:
+        """The step's commit record; a damaged one as :data:`_UNREADABLE_COMMIT`."""
+        try:
+            return self.s3.read_commit(step)
+        except CorruptCheckpoint:
+            logger.warning("leaving the saves of %s: its COMMIT is damaged", step)
+            return _UNREADABLE_COMMIT
+
+    @staticmethod
+    def _names(record: CommitRecord | None, attempt: str) -> bool:
+        """Whether ``record`` publishes ``attempt``, or might (a damaged ``COMMIT``: which
+        save it publishes is unknown, so every save of its step is left)."""
+        return record is not None and record.attempt in (attempt, _UNREADABLE)
 
     def _remove_leftovers(self) -> list[CheckpointLocation]:
         """Remove what :meth:`_find_leftovers` found whose writer is not alive (a live
@@ -212,8 +240,9 @@ class Upkeep:
         try:
             claim = json.loads(self.s3.client.get_bytes(self.s3.claim_name(attempt)))
             host, pid, expires = str(claim["host"]), int(claim["pid"]), float(claim["expires_unix"])
+            namespace, boot = claim.get("pid_namespace"), claim.get("boot_id")
         except (ObjectStoreError, ValueError, TypeError, KeyError):
             return False  # no claim (or not one): nobody protects these objects
-        if local_process_gone(host, pid):
+        if local_process_gone(host, pid, namespace, boot):
             return False
         return time.time() < expires + CLOCK_SKEW_SECONDS

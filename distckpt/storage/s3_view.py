@@ -276,11 +276,19 @@ class S3Checkpoint(CheckpointSource):
                     f"{self.describe(name)}: {size} bytes, the manifest says {record.size} "
                     "(truncated?)"
                 )
-            elif checksums and not self._checksum_matches(name, record.checksum, progress):
-                problems.append(
-                    f"{self.describe(name)}: checksum mismatch (its bytes changed after it "
-                    "was written)"
-                )
+            elif checksums:
+                try:
+                    matches = self._checksum_matches(name, record.checksum, progress)
+                except ObjectNotFound:
+                    # deleted since the listing (before its HEAD or its GET): as missing as
+                    # when the listing did not find it
+                    problems.append(f"{self.describe(name)}: missing")
+                    continue
+                if not matches:
+                    problems.append(
+                        f"{self.describe(name)}: checksum mismatch (its bytes changed after "
+                        "it was written)"
+                    )
         return problems
 
     def _checksum_matches(

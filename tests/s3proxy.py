@@ -1,0 +1,161 @@
+"""An HTTP proxy in front of the test S3 server (tests/s3server.py) that makes a timing exact.
+
+Each request is forwarded as it came. A :class:`Rule` picks requests by method and path and
+either holds a picked request until the test releases it (``hold``: a slow request, at the
+moment the test chooses) or forwards it and then drops the connection instead of answering
+(``drop``: a write the store applied whose answer was lost). Real sockets and a real server:
+the client under test sees exactly what a slow or broken network shows it.
+"""
+
+from __future__ import annotations
+
+import http.client
+import threading
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Literal
+
+#: how long a held request waits for its release before it goes on anyway (a test that
+#: forgot to release it then fails on its assertions, not by hanging)
+HOLD_TIMEOUT = 30.0
+_HOP_BY_HOP = {"transfer-encoding", "connection", "expect"}
+
+
+@dataclass
+class Rule:
+    """Which requests to act on, and how: ``times`` requests whose method is ``method`` and
+    whose path (the URL path and query) contains every one of ``path_parts``."""
+
+    method: str
+    path_parts: tuple[str, ...]
+    action: Literal["hold", "drop"]
+    times: int = 1
+    #: how many matching requests go by untouched before the rule acts
+    skip: int = 0
+    #: set when the first picked request arrives (for ``hold``: it waits from then on)
+    arrived: threading.Event = field(default_factory=threading.Event)
+    #: set by :meth:`release`; a held request goes on once it is set
+    released: threading.Event = field(default_factory=threading.Event)
+
+    def release(self) -> None:
+        self.released.set()
+
+    def matches(self, method: str, path: str) -> bool:
+        return method == self.method and all(part in path for part in self.path_parts)
+
+
+class S3Proxy:
+    """The proxy (a context manager: closed on exit); ``endpoint`` is its URL (give it as
+    ``endpoint_url``). Rules are added with :meth:`hold` and :meth:`drop`; ``log`` lists every
+    request answered as ``(method, path, status)``."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.rules: list[Rule] = []
+        self.log: list[tuple[str, str, int]] = []
+        self._lock = threading.Lock()
+        #: notified when a request was answered by the server (see :meth:`wait_for`)
+        self._answered = threading.Condition(self._lock)
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: object) -> None:
+                return  # quiet: the test reads ``log``
+
+            def handle_any(self) -> None:
+                proxy._handle(self)
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = handle_any
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self.endpoint = f"http://127.0.0.1:{self._server.server_address[1]}"
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def hold(self, method: str, *path_parts: str, times: int = 1, skip: int = 0) -> Rule:
+        """Hold ``times`` matching requests, after ``skip`` others, until the rule is
+        released."""
+        return self._add(Rule(method, path_parts, "hold", times, skip))
+
+    def drop(self, method: str, *path_parts: str, times: int = 1, skip: int = 0) -> Rule:
+        """Forward ``times`` matching requests, after ``skip`` others, then drop their
+        answers."""
+        return self._add(Rule(method, path_parts, "drop", times, skip))
+
+    def wait_for(self, method: str, *path_parts: str, timeout: float) -> bool:
+        """Wait until a request matching ``method`` and ``path_parts`` has been answered by
+        the server; whether one was within ``timeout`` seconds."""
+        rule = Rule(method, path_parts, "hold")
+        with self._answered:
+            return self._answered.wait_for(
+                lambda: any(rule.matches(m, path) for m, path, _ in self.log), timeout
+            )
+
+    def _add(self, rule: Rule) -> Rule:
+        with self._lock:
+            self.rules.append(rule)
+        return rule
+
+    def _pick(self, method: str, path: str) -> Rule | None:
+        with self._lock:
+            for rule in self.rules:
+                if rule.times > 0 and rule.matches(method, path):
+                    if rule.skip > 0:
+                        rule.skip -= 1
+                        continue
+                    rule.times -= 1
+                    return rule
+        return None
+
+    def _handle(self, handler: BaseHTTPRequestHandler) -> None:
+        length = int(handler.headers.get("Content-Length") or 0)
+        body = handler.rfile.read(length) if length else b""
+        headers = {k: v for k, v in handler.headers.items() if k.lower() not in _HOP_BY_HOP}
+        rule = self._pick(handler.command, handler.path)
+        if rule is not None:
+            rule.arrived.set()
+            if rule.action == "hold":
+                rule.released.wait(HOLD_TIMEOUT)
+        upstream = http.client.HTTPConnection("127.0.0.1", self.upstream_port, timeout=60)
+        try:
+            upstream.request(handler.command, handler.path, body=body, headers=headers)
+            answer = upstream.getresponse()
+            data = answer.read()
+        finally:
+            upstream.close()
+        with self._answered:
+            self.log.append((handler.command, handler.path, answer.status))
+            self._answered.notify_all()
+        if rule is not None and rule.action == "drop":
+            handler.close_connection = True
+            handler.connection.close()
+            return
+        handler.send_response(answer.status)
+        for name, value in answer.getheaders():
+            # HEAD keeps the server's Content-Length (of the object); others get the body's
+            if name.lower() in _HOP_BY_HOP or (
+                name.lower() == "content-length" and handler.command != "HEAD"
+            ):
+                continue
+            handler.send_header(name, value)
+        if handler.command != "HEAD":
+            handler.send_header("Content-Length", str(len(data)))
+        handler.end_headers()
+        if handler.command != "HEAD":
+            handler.wfile.write(data)
+
+    def __enter__(self) -> S3Proxy:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop; held requests are released so that nothing waits on a closed proxy."""
+        with self._lock:
+            for rule in self.rules:
+                rule.release()
+        self._server.shutdown()
+        self._server.server_close()
