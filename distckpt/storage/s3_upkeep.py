@@ -241,7 +241,7 @@ class Upkeep:
             claim = json.loads(self.s3.client.get_bytes(self.s3.claim_name(attempt)))
             host, pid, expires = str(claim["host"]), int(claim["pid"]), float(claim["expires_unix"])
             namespace, boot = claim.get("pid_namespace"), claim.get("boot_id")
-        except (ObjectStoreError, ValueError, TypeError, KeyError):
+        except (ObjectStoreError, ValueError, TypeError, KeyError, AttributeError):
             return False  # no claim (or not one): nobody protects these objects
         if local_process_gone(host, pid, namespace, boot):
             return False
