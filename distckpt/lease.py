@@ -70,28 +70,9 @@ def _now_utc() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
-_BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
-
-
 def this_host() -> str:
     """The name this machine is recorded under in a lease."""
     return socket.gethostname()
-
-
-def pid_namespace() -> int | None:
-    """The inode of this process's PID namespace; None where ``/proc`` does not say."""
-    try:
-        return os.stat("/proc/self/ns/pid").st_ino
-    except OSError:
-        return None
-
-
-def boot_id() -> str | None:
-    """This machine's boot id (new at every boot); None where ``/proc`` does not say."""
-    try:
-        return _BOOT_ID.read_text().strip() or None
-    except OSError:
-        return None
 
 
 def job_id_from_environment() -> str | None:

@@ -43,8 +43,8 @@ from distckpt.errors import (
     ObjectNotFound,
     PreconditionFailed,
 )
-from distckpt.lease import boot_id, pid_namespace
 from distckpt.objstore import ObjectStore
+from distckpt.storage.s3_spool import boot_id, pid_namespace
 
 
 @dataclass(frozen=True)

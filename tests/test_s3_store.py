@@ -868,7 +868,7 @@ def _write_claim(url: str, options: dict[str, Any], attempt: str, claim: dict[st
 def test_a_claim_of_an_exited_pid_counts_only_in_this_pid_namespace_and_boot(
     s3_server: S3Server, s3_url: str
 ) -> None:
-    from distckpt.lease import boot_id, pid_namespace
+    from distckpt.storage.s3_spool import boot_id, pid_namespace
 
     options = s3_server.storage_options()
     dead = {"host": this_host(), "pid": _exited_pid(), "expires_unix": time.time() + 600}

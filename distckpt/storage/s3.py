@@ -51,13 +51,19 @@ from distckpt.errors import (
     StagedFileMismatch,
 )
 from distckpt.layout import MANIFEST_NAME
-from distckpt.lease import LeaseHolder, boot_id, pid_namespace, this_host
+from distckpt.lease import LeaseHolder, this_host
 from distckpt.manifest import FileRecord, Manifest
 from distckpt.objlease import LeaseRecord, ObjectLease
 from distckpt.results import CheckpointLocation, SaveResult
 from distckpt.storage import ExtraFile, OpenedRoot, StagingArea, store_files
 from distckpt.storage.posix_links import COMMITTING_RANK
-from distckpt.storage.s3_spool import SpoolUploads, make_temp_dir, remove_dead_temp_dirs
+from distckpt.storage.s3_spool import (
+    SpoolUploads,
+    boot_id,
+    make_temp_dir,
+    pid_namespace,
+    remove_dead_temp_dirs,
+)
 from distckpt.storage.s3_upkeep import Upkeep, local_process_gone
 from distckpt.storage.s3_view import (
     DOWNLOAD_CONCURRENCY,

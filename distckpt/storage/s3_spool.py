@@ -20,7 +20,6 @@ import threading
 from collections.abc import Mapping
 from pathlib import Path
 
-from distckpt.lease import boot_id, pid_namespace
 from distckpt.manifest import FileRecord
 from distckpt.objstore import ObjectStore
 from distckpt.objstreams import ObjectWriter
@@ -34,6 +33,23 @@ _CHUNK = 8 << 20
 #: ``<prefix><pid>~<PID namespace>~<boot>-...`` after the process that made it (by older
 #: versions ``<prefix><pid>-...``).
 TEMP_DIR_PREFIXES = ("distckpt-spool-", "distckpt-read-")
+_BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
+
+
+def pid_namespace() -> int | None:
+    """The inode of this process's PID namespace; None where ``/proc`` does not say."""
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return None
+
+
+def boot_id() -> str | None:
+    """This machine's boot id (new at every boot); None where ``/proc`` does not say."""
+    try:
+        return _BOOT_ID.read_text().strip() or None
+    except OSError:
+        return None
 
 
 def recorded_process_gone(pid: int, namespace: int | None, boot: str | None) -> bool:
