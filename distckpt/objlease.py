@@ -26,7 +26,6 @@ commits of one step cannot both succeed). A crashed holder blocks others for ``d
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import os
 import socket
@@ -44,7 +43,6 @@ from distckpt.errors import (
     PreconditionFailed,
 )
 from distckpt.objstore import ObjectStore
-from distckpt.storage.s3_spool import boot_id, pid_namespace
 
 
 @dataclass(frozen=True)
@@ -57,24 +55,16 @@ class LeaseRecord:
     duration: float
     renewal: int = 0  # counted so that every renewal changes the ETag
     released: bool = False
-    #: the holder's PID namespace (inode) and boot id, where ``pid`` names it; None in the
-    #: records of older versions
-    pid_namespace: int | None = None
-    boot_id: str | None = None
 
     def encode(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True).encode()
 
     @classmethod
     def decode(cls, data: bytes) -> LeaseRecord | None:
-        """The record, or None for an object that is not one (then it never expires). Fields
-        it does not know (of a newer version) are ignored."""
+        """The record, or None for an object that is not one (then it never expires)."""
         try:
             fields = json.loads(data)
-            if not isinstance(fields, dict):
-                return None
-            known = {field.name for field in dataclasses.fields(cls)}
-            return cls(**{name: value for name, value in fields.items() if name in known})
+            return cls(**fields) if isinstance(fields, dict) else None
         except (ValueError, TypeError):
             return None
 
@@ -104,14 +94,7 @@ class ObjectLease:
 
     def _record(self, *, released: bool = False) -> bytes:
         return LeaseRecord(
-            self.owner,
-            socket.gethostname(),
-            os.getpid(),
-            self.duration,
-            self._renewal,
-            released,
-            pid_namespace(),
-            boot_id(),
+            self.owner, socket.gethostname(), os.getpid(), self.duration, self._renewal, released
         ).encode()
 
     def _write(self, *, if_absent: bool = False, if_match: str | None = None) -> None:

@@ -57,13 +57,7 @@ from distckpt.objlease import LeaseRecord, ObjectLease
 from distckpt.results import CheckpointLocation, SaveResult
 from distckpt.storage import ExtraFile, OpenedRoot, StagingArea, store_files
 from distckpt.storage.posix_links import COMMITTING_RANK
-from distckpt.storage.s3_spool import (
-    SpoolUploads,
-    boot_id,
-    make_temp_dir,
-    pid_namespace,
-    remove_dead_temp_dirs,
-)
+from distckpt.storage.s3_spool import SpoolUploads, make_temp_dir, remove_dead_temp_dirs
 from distckpt.storage.s3_upkeep import Upkeep, local_process_gone
 from distckpt.storage.s3_view import (
     DOWNLOAD_CONCURRENCY,
@@ -78,8 +72,7 @@ logger = logging.getLogger("distckpt")
 
 #: How long the root's lease and a writer's claim last without renewal; both are renewed
 #: every third of it. A job killed without releasing its lease blocks the root this long
-#: (unless it ran on this machine, in the same PID namespace: a dead local holder is taken
-#: over at once).
+#: (unless it ran on this machine: a dead local holder is taken over at once).
 LEASE_SECONDS = 30.0
 #: how often a pointer's compare-and-swap is tried again when another process moved it meanwhile
 _POINTER_RETRIES = 3
@@ -152,9 +145,7 @@ class S3RootStore(Upkeep, ViewedStore):
         try:
             lease.acquire(
                 wait,
-                holder_gone=lambda record: local_process_gone(
-                    record.host, record.pid, record.pid_namespace, record.boot_id
-                ),
+                holder_gone=lambda record: local_process_gone(record.host, record.pid),
             )
         except CoordinationTimeout as exc:
             raise RootInUse(
@@ -237,9 +228,6 @@ class S3RootStore(Upkeep, ViewedStore):
             "attempt": attempt,
             "host": this_host(),
             "pid": os.getpid(),
-            # where that pid means this process (see local_process_gone)
-            "pid_namespace": pid_namespace(),
-            "boot_id": boot_id(),
             "expires_unix": time.time() + LEASE_SECONDS,
         }
         self.s3.client.put_bytes(self.s3.claim_name(attempt), json.dumps(claim).encode())

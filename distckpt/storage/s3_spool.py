@@ -30,50 +30,15 @@ logger = logging.getLogger("distckpt")
 POLL_SECONDS = 0.02
 _CHUNK = 8 << 20
 #: The temp dirs of this machine's saves (spools) and reads (downloads), each named
-#: ``<prefix><pid>~<PID namespace>~<boot>-...`` after the process that made it (by older
-#: versions ``<prefix><pid>-...``).
+#: ``<prefix><pid>-...`` after the process that made it.
 TEMP_DIR_PREFIXES = ("distckpt-spool-", "distckpt-read-")
-_BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
-
-
-def pid_namespace() -> int | None:
-    """The inode of this process's PID namespace; None where ``/proc`` does not say."""
-    try:
-        return os.stat("/proc/self/ns/pid").st_ino
-    except OSError:
-        return None
-
-
-def boot_id() -> str | None:
-    """This machine's boot id (new at every boot); None where ``/proc`` does not say."""
-    try:
-        return _BOOT_ID.read_text().strip() or None
-    except OSError:
-        return None
-
-
-def recorded_process_gone(pid: int, namespace: int | None, boot: str | None) -> bool:
-    """Whether process ``pid`` of this host, recorded with the PID namespace and boot id it
-    ran in, certainly no longer runs. Only a pid of this PID namespace and this boot can be
-    asked: the same hostname (a container with the host's network) or the same ``/tmp`` may
-    belong to another PID namespace, where this pid names another process or none. A record
-    without either (written by an older version) is judged by the pid alone, as it was then."""
-    if (namespace, boot) == (None, None):
-        return process_gone(pid)
-    here = (pid_namespace(), boot_id())
-    return None not in here and (namespace, boot) == here and process_gone(pid)
-
-
-def _temp_dir_tag() -> str:
-    """``<pid>~<PID namespace>~<boot>`` (the boot id's first group: it has no ``-``)."""
-    return f"{os.getpid()}~{pid_namespace()}~{(boot_id() or 'None').partition('-')[0]}"
 
 
 def make_temp_dir(kind: str, name: str) -> Path:
     """A new temp dir for a save's spool (``kind`` ``"spool"``) or a read's download
     (``"read"``), named after this process, so :func:`remove_dead_temp_dirs` can tell once
     its process is gone (a killed process leaves it behind)."""
-    return Path(tempfile.mkdtemp(prefix=f"distckpt-{kind}-{_temp_dir_tag()}-{name}-"))
+    return Path(tempfile.mkdtemp(prefix=f"distckpt-{kind}-{os.getpid()}-{name}-"))
 
 
 def remove_dead_temp_dirs() -> None:
@@ -86,10 +51,8 @@ def remove_dead_temp_dirs() -> None:
         prefix = next((p for p in TEMP_DIR_PREFIXES if entry.name.startswith(p)), None)
         if prefix is None or not entry.is_dir(follow_symlinks=False):
             continue
-        pid, *where = entry.name[len(prefix) :].partition("-")[0].split("~")
-        # another PID namespace's or boot's dir (or one not ours to judge) is left alone
-        mine = not where or where == _temp_dir_tag().split("~")[1:]
-        if mine and pid.isdigit() and process_gone(int(pid)):
+        pid = entry.name[len(prefix) :].partition("-")[0]
+        if pid.isdigit() and process_gone(int(pid)):
             logger.info("removing %s, left by a process that died", entry.path)
             shutil.rmtree(entry.path, ignore_errors=True)
 

@@ -24,7 +24,7 @@ from distckpt.lock import Leftover
 from distckpt.manifest import Manifest
 from distckpt.results import CheckpointLocation
 from distckpt.storage.posix_links import COMMITTING_RANK
-from distckpt.storage.s3_spool import recorded_process_gone
+from distckpt.storage.s3_spool import process_gone
 from distckpt.storage.s3_view import WRITERS_PREFIX, CommitRecord, S3Root, S3RootView
 
 logger = logging.getLogger("distckpt")
@@ -38,13 +38,9 @@ _UNREADABLE_COMMIT = CommitRecord(-1, _UNREADABLE, "")
 CLOCK_SKEW_SECONDS = 60.0
 
 
-def local_process_gone(
-    host: str, pid: int, namespace: int | None = None, boot: str | None = None
-) -> bool:
-    """Whether ``pid`` on ``host``, recorded with its PID namespace and boot id, certainly no
-    longer runs: only decidable on this machine, in that namespace and boot
-    (:func:`~distckpt.storage.s3_spool.recorded_process_gone`)."""
-    return host == this_host() and recorded_process_gone(pid, namespace, boot)
+def local_process_gone(host: str, pid: int) -> bool:
+    """Whether ``pid`` on ``host`` certainly no longer runs: only decidable on this machine."""
+    return host == this_host() and process_gone(pid)
 
 
 class Upkeep:
@@ -240,9 +236,8 @@ class Upkeep:
         try:
             claim = json.loads(self.s3.client.get_bytes(self.s3.claim_name(attempt)))
             host, pid, expires = str(claim["host"]), int(claim["pid"]), float(claim["expires_unix"])
-            namespace, boot = claim.get("pid_namespace"), claim.get("boot_id")
-        except (ObjectStoreError, ValueError, TypeError, KeyError, AttributeError):
+        except (ObjectStoreError, ValueError, TypeError, KeyError):
             return False  # no claim (or not one): nobody protects these objects
-        if local_process_gone(host, pid, namespace, boot):
+        if local_process_gone(host, pid):
             return False
         return time.time() < expires + CLOCK_SKEW_SECONDS
