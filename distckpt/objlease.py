@@ -32,6 +32,7 @@ import socket
 import time
 import uuid
 from dataclasses import asdict, dataclass
+from dataclasses import fields as dataclass_fields
 from typing import Callable, NoReturn
 
 from distckpt.errors import (
@@ -61,10 +62,15 @@ class LeaseRecord:
 
     @classmethod
     def decode(cls, data: bytes) -> LeaseRecord | None:
-        """The record, or None for an object that is not one (then it never expires)."""
+        """The record, or None for an object that is not one (then it never expires). Fields
+        this version does not know are ignored, so that a later version may add some without
+        locking this one out of the roots it leased."""
         try:
             fields = json.loads(data)
-            return cls(**fields) if isinstance(fields, dict) else None
+            if not isinstance(fields, dict):
+                return None
+            known = {field.name for field in dataclass_fields(cls)}
+            return cls(**{name: value for name, value in fields.items() if name in known})
         except (ValueError, TypeError):
             return None
 

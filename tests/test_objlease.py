@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -109,3 +110,10 @@ def test_a_lease_write_applied_whose_answer_was_lost_is_held(
             lease.check()
             record = LeaseRecord.decode(store.get_bytes(".lock"))
             assert record is not None and (record.owner, record.renewal) == (lease.owner, 2)
+
+
+def test_a_record_with_fields_of_a_later_version_is_read_for_those_it_knows() -> None:
+    record = LeaseRecord(owner="o", host="h", pid=7, duration=30.0, renewal=3)
+    later = json.loads(record.encode()) | {"pid_namespace": 4026531836, "zone": "b"}
+    assert LeaseRecord.decode(json.dumps(later).encode()) == record
+    assert LeaseRecord.decode(b"[1, 2]") is None  # not a record: it never expires

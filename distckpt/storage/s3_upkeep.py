@@ -15,7 +15,7 @@ from distckpt.errors import (
     CheckpointError,
     CorruptCheckpoint,
     ObjectExists,
-    ObjectStoreError,
+    ObjectNotFound,
     PreconditionFailed,
 )
 from distckpt.layout import BEST, LAST, parse_step_dir_name, step_dir_name
@@ -236,8 +236,12 @@ class Upkeep:
         try:
             claim = json.loads(self.s3.client.get_bytes(self.s3.claim_name(attempt)))
             host, pid, expires = str(claim["host"]), int(claim["pid"]), float(claim["expires_unix"])
-        except (ObjectStoreError, ValueError, TypeError, KeyError):
-            return False  # no claim (or not one): nobody protects these objects
+        except ObjectNotFound:
+            return False  # no claim: nobody protects these objects
+        except (ValueError, TypeError, KeyError):
+            return False  # not a claim: it protects nothing
+        # Any other store error (unavailable, refused) leaves the claim unknown: raised, so that
+        # the cleanup stops rather than take a live writer's save for a dead one's.
         if local_process_gone(host, pid):
             return False
         return time.time() < expires + CLOCK_SKEW_SECONDS
