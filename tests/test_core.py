@@ -725,7 +725,9 @@ SLOW_ROOT_SECONDS = 0.3
 
 
 def _slow_root_work(seconds: float) -> None:
-    """Hold rank 0's root work at the ``before_staging`` fault point for ``seconds``."""
+    """Hold rank 0's root work at the ``before_staging`` fault point for ``seconds``: no slow
+    root (NFS, an object store far away) exists here, so the delay is added at the point where
+    such a root would spend it."""
     real_hit = faults.hit
 
     def hit(point: str, rank: int) -> None:
