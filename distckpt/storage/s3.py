@@ -51,7 +51,7 @@ from distckpt.errors import (
     StagedFileMismatch,
 )
 from distckpt.layout import MANIFEST_NAME
-from distckpt.lease import LeaseHolder, this_host
+from distckpt.lease import LeaseHolder, this_process_host
 from distckpt.manifest import FileRecord, Manifest
 from distckpt.objlease import LeaseRecord, ObjectLease
 from distckpt.results import CheckpointLocation, SaveResult
@@ -226,7 +226,7 @@ class S3RootStore(Upkeep, ViewedStore):
     def _write_claim(self, attempt: str) -> None:
         claim = {
             "attempt": attempt,
-            "host": this_host(),
+            "host": this_process_host(),  # see local_process_gone
             "pid": os.getpid(),
             "expires_unix": time.time() + LEASE_SECONDS,
         }
