@@ -72,7 +72,8 @@ logger = logging.getLogger("distckpt")
 
 #: How long the root's lease and a writer's claim last without renewal; both are renewed
 #: every third of it. A job killed without releasing its lease blocks the root this long
-#: (unless it ran on this machine: a dead local holder is taken over at once).
+#: (unless it ran on this machine, in the same PID namespace and boot: a dead local holder is
+#: taken over at once).
 LEASE_SECONDS = 30.0
 #: how often a pointer's compare-and-swap is tried again when another process moved it meanwhile
 _POINTER_RETRIES = 3
