@@ -75,6 +75,37 @@ def this_host() -> str:
     return socket.gethostname()
 
 
+def _pid_namespace() -> int | None:
+    """The inode of this process's PID namespace; None where ``/proc`` does not say."""
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return None
+
+
+def _boot_id() -> str | None:
+    """This machine's boot id (new at every boot); None where ``/proc`` does not say."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip() or None
+    except OSError:
+        return None
+
+
+def this_process_host() -> str:
+    """Where a pid of this process means this process: ``<hostname>/pidns:<inode>/boot:<id>``
+    (the boot id's first 8 characters), or the plain hostname where ``/proc`` does not say.
+
+    A container with the host's network shares its hostname but may have its own PID
+    namespace, where the same pid names another process or none; a reboot reuses pids too.
+    Both are folded into the host string rather than written as fields of their own, so that
+    a record keeps the keys older versions decode: to them it is simply another host, whose
+    holder they wait out."""
+    namespace, boot = _pid_namespace(), _boot_id()
+    if namespace is None or boot is None:
+        return this_host()
+    return f"{this_host()}/pidns:{namespace}/boot:{boot[:8]}"
+
+
 def job_id_from_environment() -> str | None:
     """``TORCHELASTIC_RUN_ID`` (torchrun's rendezvous id), else ``SLURM_JOB_ID``, else None."""
     for variable in JOB_ID_VARIABLES:

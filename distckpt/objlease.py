@@ -28,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import socket
 import time
 import uuid
 from dataclasses import asdict, dataclass
@@ -43,6 +42,7 @@ from distckpt.errors import (
     ObjectNotFound,
     PreconditionFailed,
 )
+from distckpt.lease import this_process_host
 from distckpt.objstore import ObjectStore
 
 
@@ -100,7 +100,7 @@ class ObjectLease:
 
     def _record(self, *, released: bool = False) -> bytes:
         return LeaseRecord(
-            self.owner, socket.gethostname(), os.getpid(), self.duration, self._renewal, released
+            self.owner, this_process_host(), os.getpid(), self.duration, self._renewal, released
         ).encode()
 
     def _write(self, *, if_absent: bool = False, if_match: str | None = None) -> None:

@@ -51,7 +51,7 @@ from distckpt.errors import (
     StagedFileMismatch,
 )
 from distckpt.layout import MANIFEST_NAME
-from distckpt.lease import LeaseHolder, this_host
+from distckpt.lease import LeaseHolder, this_process_host
 from distckpt.manifest import FileRecord, Manifest
 from distckpt.objlease import LeaseRecord, ObjectLease
 from distckpt.results import CheckpointLocation, SaveResult
@@ -72,7 +72,8 @@ logger = logging.getLogger("distckpt")
 
 #: How long the root's lease and a writer's claim last without renewal; both are renewed
 #: every third of it. A job killed without releasing its lease blocks the root this long
-#: (unless it ran on this machine: a dead local holder is taken over at once).
+#: (unless it ran on this machine, in the same PID namespace and boot: a dead local holder is
+#: taken over at once).
 LEASE_SECONDS = 30.0
 #: how often a pointer's compare-and-swap is tried again when another process moved it meanwhile
 _POINTER_RETRIES = 3
@@ -226,7 +227,7 @@ class S3RootStore(Upkeep, ViewedStore):
     def _write_claim(self, attempt: str) -> None:
         claim = {
             "attempt": attempt,
-            "host": this_host(),
+            "host": this_process_host(),  # see local_process_gone
             "pid": os.getpid(),
             "expires_unix": time.time() + LEASE_SECONDS,
         }
