@@ -350,14 +350,16 @@ class ObjectStore:
         retries a write whose answer was lost, and the store refuses that retry, since the
         first try already changed the object; so on a refusal the object is read back, and if
         it holds exactly ``data`` the write was this writer's and counts as done: the ETag of
-        what is there is returned. Any other refusal is raised as :meth:`put_bytes` raises."""
+        what is there is returned. So too when every try's answer was lost (the store
+        unavailable to the end): the first may have been applied. Any other refusal, or an
+        object that does not hold ``data``, is raised as :meth:`put_bytes` raises."""
         try:
             return self.put_bytes(name, data, if_absent=if_absent, if_match=if_match)
-        except (ObjectExists, PreconditionFailed) as refused:
+        except (ObjectExists, PreconditionFailed, StoreUnavailable) as failed:
             try:
                 stored, etag = self.get_versioned(name)
-            except ObjectNotFound:
-                raise refused from None
+            except ObjectStoreError:  # gone, or the store still unreachable: as it failed
+                raise failed from None
             if stored != data:
                 raise
             return etag

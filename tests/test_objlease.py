@@ -133,3 +133,25 @@ def test_a_record_of_this_version_has_only_the_keys_older_versions_decode(
         assert set(fields) == older_keys
         assert LeaseRecord(**fields).host == this_process_host()
         lease.release()
+
+
+def test_a_renewal_applied_whose_every_answer_was_lost_is_held(
+    s3_server: S3Server, s3_url: str
+) -> None:
+    # Both tries of one renewal reach the store and lose their answers (the second is refused
+    # there): the client gives up unavailable, yet the object holds this renewal's record.
+    options = s3_server.storage_options(retries=2)
+    with (
+        S3Proxy(s3_server.port) as proxy,
+        ObjectStore(s3_url, options | {"endpoint_url": proxy.endpoint}) as store,
+    ):
+        lease = ObjectLease(store, ".lock", duration=30)
+        lease.acquire(timeout=0)
+        held = LeaseRecord.decode(store.get_bytes(".lock"))
+        proxy.drop("PUT", "/.lock", times=2)
+        lease.renew()  # read back: its own record, so it counts as done
+        lease.renew()  # and the next renewal matches what is stored
+        lease.check()
+        record = LeaseRecord.decode(store.get_bytes(".lock"))
+    assert held is not None and record is not None
+    assert (record.owner, record.renewal) == (lease.owner, held.renewal + 2)
