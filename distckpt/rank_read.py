@@ -1,0 +1,131 @@
+"""Reading one rank's part of one checkpoint, never collective by itself: prepare what this rank
+can check alone (:func:`prepare_read`), read and check that it loads into ``state=`` without
+changing it (:func:`read_state`), then load it (:func:`apply_read`). :mod:`distckpt.reader`
+runs these steps on every rank and agrees on the outcome of each; a checkpoint deleted by
+another process mid-read is reported as :class:`~distckpt.errors.CheckpointVanished`
+(:func:`vanish_checked`), which it resolves again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch.distributed as dist
+
+from distckpt.errors import CheckpointError, CheckpointVanished, CorruptCheckpoint
+from distckpt.formats import PreparedRead, ReadOptions, ShardContext, format_named
+from distckpt.manifest import Manifest
+from distckpt.results import Checkpoint
+from distckpt.state import apply_load, check_load, to_plain
+from distckpt.storage.views import CheckpointSource, errors_name_the_location
+
+T = TypeVar("T")
+
+
+def vanish_checked(
+    source: CheckpointSource, func: Callable[[], T], directory: Path | None = None
+) -> T:
+    """``func()``, with a file missing because its whole checkpoint was deleted meanwhile
+    reported as :class:`CheckpointVanished` (retried by the caller), otherwise as damage.
+    With ``directory``, the local copy ``func`` reads, its errors name ``source``'s location
+    instead of the copy (:func:`~distckpt.storage.views.errors_name_the_location`)."""
+    try:
+        if directory is None:
+            return func()
+        with errors_name_the_location(source, directory):
+            return func()
+    except (FileNotFoundError, CorruptCheckpoint) as exc:
+        if not source.exists():
+            raise CheckpointVanished(
+                f"{source.location} was deleted while it was being read"
+            ) from exc
+        if isinstance(exc, CheckpointError):
+            raise
+        raise CorruptCheckpoint(f"{source.location}: a file is missing: {exc}") from exc
+
+
+def prepare_read(
+    source: CheckpointSource,
+    directory: Path,
+    manifest: Manifest,
+    *,
+    rank: int,
+    world_size: int | None,
+    template: Any,
+    options: ReadOptions,
+    strict: bool = True,
+    group: dist.ProcessGroup | None = None,
+) -> PreparedRead:
+    """Check that this rank can read the checkpoint ``source``, whose files are in the local
+    ``directory`` (from :meth:`~distckpt.storage.views.CheckpointSource.local_copy`; the format's
+    :meth:`~distckpt.formats.base.CheckpointFormat.prepare_read`), with ``template`` reduced to
+    plain data; refuse the tensors of another shape the format found already, and with
+    ``strict`` the keys on one side only.
+    ``world_size`` is the number of ranks restoring, or None when a plain process reads one
+    rank's part (then only that the rank exists is checked); ``group`` is the ranks' private
+    group, on which the format's read may run collectives. Never collective itself."""
+    ctx = ShardContext(
+        rank=rank,
+        world_size=manifest.world_size if world_size is None else world_size,
+        fsync=False,
+        group=group,
+    )
+    fmt = format_named(manifest.format)
+    plain = to_plain(template, mark_per_rank=fmt.marks_per_rank) if template is not None else None
+    prepared = vanish_checked(
+        source, lambda: fmt.prepare_read(directory, manifest, ctx, plain, options), directory
+    )
+    if prepared.mismatch is not None:
+        prepared.mismatch.check(strict=strict, where=source.location)
+    return prepared
+
+
+def read_state(
+    source: CheckpointSource, prepared: PreparedRead, *, template: Any, strict: bool
+) -> Checkpoint:
+    """Read one rank's state of ``source`` as prepared (collective when the format's read
+    is), and check that it loads into ``template`` (:func:`~distckpt.state.check_load`),
+    changing nothing of it: the caller loads it with :func:`apply_read` once every rank read
+    and checked its part. The keys on one side only are what the format found while preparing
+    and what the check found."""
+    manifest = prepared.manifest
+    fmt = format_named(manifest.format)
+    loaded = vanish_checked(source, lambda: fmt.read(prepared), prepared.directory)
+    report = (
+        check_load(
+            template,
+            loaded,
+            strict=strict,
+            fix_key_prefixes=prepared.options.fix_key_prefixes,
+            where=source.location,
+        )
+        if template is not None
+        else None
+    )
+    if report is not None and prepared.mismatch is not None:
+        for found, known in (
+            (report.missing_keys, prepared.mismatch.missing_keys),
+            (report.unexpected_keys, prepared.mismatch.unexpected_keys),
+        ):
+            found += [key for key in known if key not in found]
+    return Checkpoint(
+        state=loaded,
+        step=manifest.step,
+        epoch=manifest.epoch,
+        metrics=dict(manifest.metrics),
+        metadata=dict(manifest.metadata),
+        path=source.location,
+        manifest=manifest,
+        missing_keys=tuple(report.missing_keys) if report else (),
+        unexpected_keys=tuple(report.unexpected_keys) if report else (),
+    )
+
+
+def apply_read(checkpoint: Checkpoint, template: Any, options: ReadOptions) -> Checkpoint:
+    """Load ``checkpoint`` (from :func:`read_state`, checked) into ``template`` in place, if
+    any; ``checkpoint`` itself."""
+    if template is not None:
+        apply_load(template, checkpoint.state, fix_key_prefixes=options.fix_key_prefixes)
+    return checkpoint
