@@ -310,7 +310,9 @@ def test_load_checkpoint_and_verify_by_url(s3_server: S3Server, s3_url: str) -> 
     # corrupt one object of step 20 (same size, other bytes)
     with ObjectStore(s3_url, options) as store:
         name = next(
-            n for n in _objects(s3_url, options) if n.endswith("rank-00000.pt") and "20" in n
+            n
+            for n in _objects(s3_url, options)
+            if n.startswith("step-00000020/") and n.endswith("/rank-00000.pt")
         )
         data = bytearray(store.get_bytes(name))
         data[-1] ^= 0xFF
@@ -711,7 +713,9 @@ def test_gc_beside_a_save_that_commits_meanwhile_keeps_the_committed_checkpoint(
             assert manager.steps() == [1, 2]
         names = _objects(s3_url, s3_server.storage_options())
         assert "step-00000002/COMMIT" in names
-        assert any(name.endswith("/manifest.json") and "00000002" in name for name in names)
+        assert any(
+            name.startswith("step-00000002/") and name.endswith("/manifest.json") for name in names
+        )
 
 
 def _with_step_2_deleted_between_head_and_get(
