@@ -5,6 +5,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
 bash scripts/install.sh
+# The system tools the tests run (mount tools, strace, gdb), up front, so that the tests rarely
+# need apt themselves. Nothing is done without root or apt-get (those tests then skip with the
+# reason, or fail in CI); when apt fails, the tests that need a tool try again and say why.
+"$PYTHON" -m tests.apt || echo "installing the test tools failed: continuing with the tests"
 "$PYTHON" -m ruff check distckpt tests scripts launch
 "$PYTHON" -m ruff format --check distckpt tests scripts launch
 exec "$PYTHON" -m pytest -n 2 "$@"

@@ -3,9 +3,9 @@
 :class:`MountFactory` makes each mount once per test session under a temporary directory and
 undoes all of them at the end, whatever happened (unmount, lazily as a last resort, and detach
 the loop devices it attached). Mounting needs root; the Debian packages providing the tools are
-installed with apt when missing. Where that cannot be done (no root, no apt, no FUSE), a test
-asking for the mount is skipped with the exact reason, except under ``CI=true``, where every
-mount must work and a missing one fails the test.
+installed with apt when missing (:mod:`tests.apt`). Where that cannot be done (no root, no apt,
+no FUSE), a test asking for the mount is skipped with the exact reason, except under
+``CI=true``, where every mount must work and a missing one fails the test.
 
 What this machine's kind of kernel offers (a container's, as in CI): ext4, xfs and btrfs in the
 kernel, and FUSE; no vfat, exfat or NFS driver and no ``modprobe``. So exFAT runs through
@@ -26,6 +26,8 @@ from pathlib import Path
 from typing import NoReturn
 
 import pytest
+
+from tests.apt import AptFailed, apt_unavailable_reason, install_missing_tools, missing_packages
 
 #: the command each kind of mount needs, and the Debian package that provides it
 TOOL_PACKAGES = {
@@ -124,14 +126,15 @@ def not_mountable_reason(tools: tuple[str, ...]) -> str | None:
         return f"mounting needs root (running as uid {os.getuid()})"
     if tools and not Path("/dev/fuse").exists():
         return "no /dev/fuse: FUSE is not available here"
-    missing = sorted({TOOL_PACKAGES[tool] for tool in tools if shutil.which(tool) is None})
+    needed = {tool: TOOL_PACKAGES[tool] for tool in tools}
+    missing = missing_packages(needed)
     if not missing:
         return None
     if shutil.which("apt-get") is None:
         return f"missing packages {', '.join(missing)} and no apt-get to install them"
     try:
-        _install_packages(missing)
-    except RuntimeError as exc:
+        install_missing_tools(needed)
+    except AptFailed as exc:
         return f"could not install {', '.join(missing)}: {exc}"
     still_missing = [tool for tool in tools if shutil.which(tool) is None]
     if still_missing:
@@ -144,36 +147,14 @@ def tool_missing_reason(tool: str, package: str) -> str | None:
     apt-get first where it is missing and apt-get exists)."""
     if shutil.which(tool) is not None:
         return None
-    if shutil.which("apt-get") is None:
-        return f"{tool} is missing and there is no apt-get to install {package}"
+    reason = apt_unavailable_reason()
+    if reason is not None:
+        return f"{tool} is missing and {reason}"
     try:
-        _install_packages([package])
-    except RuntimeError as exc:
+        install_missing_tools({tool: package})
+    except AptFailed as exc:
         return f"could not install {package}: {exc}"
     return None if shutil.which(tool) is not None else f"installed {package} but no {tool}"
-
-
-_apt_updated = False
-
-
-def _install_packages(packages: list[str]) -> None:
-    global _apt_updated
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    # Wait for the dpkg lock instead of failing at once: the other xdist worker (or another
-    # job on the machine) may be installing at the same moment.
-    apt = ["apt-get", "-o", "DPkg::Lock::Timeout=300"]
-    if not _apt_updated:
-        subprocess.run([*apt, "update"], capture_output=True, env=env, check=False)
-        _apt_updated = True
-    done = subprocess.run(
-        [*apt, "install", "-y", "--no-install-recommends", *packages],
-        capture_output=True,
-        text=True,
-        env=env,
-        check=False,
-    )
-    if done.returncode != 0:
-        raise RuntimeError(done.stderr.strip().splitlines()[-1] if done.stderr else "apt failed")
 
 
 def skip_or_fail(reason: str) -> NoReturn:

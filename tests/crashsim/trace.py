@@ -10,6 +10,8 @@ import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from tests.apt import OTHER_TOOL_PACKAGES, AptFailed, apt_unavailable_reason, install_missing_tools
+
 # Every call that changes what a power loss may leave, plus what is needed to follow file
 # offsets (openat, lseek, close). -y prints each descriptor's path; -xx prints every string
 # (paths and written bytes) in hex, so nothing is ambiguous; -s makes written data complete.
@@ -31,17 +33,12 @@ def ensure_strace() -> str:
     found = shutil.which("strace")
     if found:
         return found
-    if os.geteuid() != 0 or shutil.which("apt-get") is None:
+    if apt_unavailable_reason() is not None:
         raise StraceUnavailable("strace is not installed (apt-get install strace, as root)")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    wait = ["-o", "DPkg::Lock::Timeout=300"]  # another process may be installing right now
-    for command in (
-        ["apt-get", *wait, "update", "-qq"],
-        ["apt-get", *wait, "install", "-y", "-qq", "strace"],
-    ):
-        done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
-        if done.returncode != 0:
-            raise StraceUnavailable(f"{' '.join(command)} failed: {done.stderr.strip()[-500:]}")
+    try:
+        install_missing_tools({"strace": OTHER_TOOL_PACKAGES["strace"]})
+    except AptFailed as exc:
+        raise StraceUnavailable(str(exc)) from exc
     found = shutil.which("strace")
     if not found:
         raise StraceUnavailable("apt-get installed strace but it is not on PATH")
