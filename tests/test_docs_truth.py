@@ -1,7 +1,7 @@
 """What README.md, the install script and the public docstrings say, held against the code: the
 API table's signatures, the rank file's header, the ``OSError`` the plain-process functions pass
-through, the space margin, the CPU build of torch the install asks for, and the collective costs
-and failures the manager's docstrings name."""
+through, the space margin, the CPU build of torch the install asks for, the linter's pin, and the
+collective costs and failures the manager's docstrings name."""
 
 from __future__ import annotations
 
@@ -118,6 +118,19 @@ def test_the_quick_start_commands_install_through_the_install_script(script: str
     commands = [line.strip() for line in (REPO / script).read_text().splitlines()]
     assert "bash scripts/install.sh" in commands
     assert not [words for words in _pip_installs(REPO / script) if "torch" in " ".join(words)]
+
+
+def test_the_linter_the_tests_install_is_pinned_and_is_the_one_here() -> None:
+    """pyproject.toml pins ruff exactly (scripts/test.sh lints before any test runs, and a
+    release with new default rules would fail unchanged code), to the version installed."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11 on
+    extra = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    pins = [spec for spec in extra["optional-dependencies"]["test"] if spec.startswith("ruff")]
+    assert len(pins) == 1 and re.fullmatch(r"ruff==[0-9.]+", pins[0]), pins
+    installed = subprocess.run(
+        [sys.executable, "-m", "ruff", "--version"], capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert installed == ["ruff", pins[0].removeprefix("ruff==")]
 
 
 # ------------------------------------------------------------------ the API table
