@@ -57,10 +57,32 @@ class RankResult:
         return self.value
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+class ReservedPort:
+    """A port of 127.0.0.1 that no other process is given while this object is open.
+
+    A port picked by binding port 0 and closing the socket is free only until someone else binds
+    it (a gloo rank of the other xdist worker listens on a port of its own every time). Here a
+    socket of this process stays bound to the port, with SO_REUSEADDR, and never listens: the
+    kernel gives the port to no bind to port 0 and to no outgoing connection; a server that sets
+    SO_REUSEADDR too (werkzeug, under moto; torch's TCPStore) can bind it and listen, and again
+    after that server died. While nothing listens on it, a connection to it is refused.
+    """
+
+    def __init__(self) -> None:
+        self._socket = socket.socket()
+        self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._socket.bind(("127.0.0.1", 0))
+        self.port: int = self._socket.getsockname()[1]
+
+    def close(self) -> None:
+        """Give the port back."""
+        self._socket.close()
+
+    def __enter__(self) -> ReservedPort:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
 
 def rendezvous_file(job_dir: str | Path) -> Path:

@@ -5,7 +5,10 @@ create the test user and its access key), so a wrong secret is refused as a real
 refuse it. It is off by default because moto (5.2) then also refuses valid signatures of
 requests whose query string holds a ``/`` (a listing under a prefix), which real stores accept.
 Each server keeps its objects in memory: :meth:`S3Server.kill` loses them and
-:meth:`S3Server.restart` comes back empty, on the same port, with a new access key.
+:meth:`S3Server.restart` comes back empty, on the same port, with a new access key. The port is
+reserved for the server from its creation to :meth:`S3Server.stop` (:class:`ReservedPort`), so no
+other process takes it before moto binds it, or while the server is down between a kill and a
+restart.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import urllib.request
 import uuid
 from typing import Any
 
-from tests.ranks import free_port
+from tests.ranks import ReservedPort
 
 _SETUP_CALLS = 3  # create_user, create_access_key, put_user_policy: unauthenticated
 _START_TIMEOUT = 30.0
@@ -35,11 +38,13 @@ REGION = "us-east-1"
 
 
 class S3Server:
-    """One moto server process; ``endpoint``, ``key`` and ``secret`` are valid while it runs."""
+    """One moto server process; ``endpoint``, ``key`` and ``secret`` are valid while it runs.
+    Its port is held until :meth:`stop`."""
 
     def __init__(self, *, auth: bool = False) -> None:
         self.auth = auth
-        self.port = free_port()
+        self._reservation = ReservedPort()
+        self.port = self._reservation.port
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self.key = "test-key"
         self.secret = "test-secret"
@@ -132,7 +137,9 @@ class S3Server:
         return self.start()
 
     def stop(self) -> None:
+        """Kill the server and give its port back."""
         self.kill()
+        self._reservation.close()
 
 
 class FlakyProxy:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import distckpt
-from tests.ranks import free_port
+from tests.ranks import ReservedPort
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -21,11 +21,14 @@ REPO = Path(__file__).resolve().parents[1]
 def test_two_torchrun_agents_with_c10d_rendezvous(tmp_path: Path) -> None:
     """Two "nodes" (two torchrun agents on 127.0.0.1, --nnodes 2) train and checkpoint into
     one root; the checkpoint holds both ranks' files."""
+    # The rendezvous port is held by this process until the agents are done: torch's TCPStore
+    # can still bind it (it sets SO_REUSEADDR), and no other process can meanwhile.
+    rendezvous = ReservedPort()
     env = {
         **os.environ,
         "NNODES": "2",
         "NPROC_PER_NODE": "1",
-        "RDZV_ENDPOINT": f"127.0.0.1:{free_port()}",
+        "RDZV_ENDPOINT": f"127.0.0.1:{rendezvous.port}",
         "RDZV_ID": f"test-{os.getpid()}",
         "PYTHON": sys.executable,
         "OMP_NUM_THREADS": "1",
@@ -46,6 +49,7 @@ def test_two_torchrun_agents_with_c10d_rendezvous(tmp_path: Path) -> None:
     finally:
         for agent in agents:
             agent.kill()
+        rendezvous.close()
     for agent, out in zip(agents, outputs):
         assert agent.returncode == 0, out[-3000:]
     assert distckpt.CheckpointManager(tmp_path).steps() == [5, 10, 12] or (

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -22,7 +23,7 @@ from distckpt.errors import (
     StoreUnavailable,
 )
 from distckpt.objstore import MIN_PART_SIZE, ObjectStore, S3Url, is_s3_url
-from tests.ranks import free_port, run_ranks, values
+from tests.ranks import ReservedPort, run_ranks, values
 from tests.s3server import FlakyProxy, S3Server
 
 pytest.importorskip("botocore")
@@ -200,6 +201,9 @@ def test_server_killed_mid_upload_fails_fast_and_clearly() -> None:
         writer.abort()  # what a caller does with a failed writer; the store is gone anyway
         store.close()
 
+        # the port stays the server's while it is down: no other process can take it
+        with socket.socket() as other, pytest.raises(OSError, match="in use"):
+            other.bind(("127.0.0.1", server.port))
         server.restart()  # an empty store again, on the same endpoint
         url = f"s3://{server.create_bucket()}/ckpt"
         with ObjectStore(url, server.storage_options()) as again:
@@ -252,11 +256,12 @@ def test_list_and_delete_past_a_thousand_keys(s3_server: S3Server, s3_url: str) 
 
 
 def test_unreachable_endpoint_fails_fast() -> None:
-    options = {"endpoint_url": f"http://127.0.0.1:{free_port()}", "key": "k", "secret": "s"}
-    started = time.monotonic()
-    with pytest.raises(StoreUnavailable, match="unreachable"):
-        ObjectStore("s3://bucket/unreachable", {**options, **FAST_FAILING}).head("x")
-    assert time.monotonic() - started < 30
+    with ReservedPort() as closed:  # nothing listens there, and no other process can
+        options = {"endpoint_url": f"http://127.0.0.1:{closed.port}", "key": "k", "secret": "s"}
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailable, match="unreachable"):
+            ObjectStore("s3://bucket/unreachable", {**options, **FAST_FAILING}).head("x")
+        assert time.monotonic() - started < 30
 
 
 def test_refused_credentials_are_a_clear_error() -> None:

@@ -1,12 +1,15 @@
 """The test harness's own promises (``tests.ranks``): a hung job fails with each stuck rank's
 stacks, no rendezvous store thread runs in the parent while it forks the ranks, the ranks meet
-in a file store (the store opens no socket, so it makes no DNS lookup), and non-daemonic ranks
-may start processes, none of which outlives the job."""
+in a file store (the store opens no socket, so it makes no DNS lookup), non-daemonic ranks
+may start processes, none of which outlives the job, and a reserved port is no other process's
+until it is given back."""
 
 from __future__ import annotations
 
+import datetime
 import multiprocessing
 import os
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -17,7 +20,7 @@ import torch.distributed as dist
 
 from tests.filesystems import skip_or_fail, tool_missing_reason
 from tests.killing import proc_stat, wait_until_group_is_gone
-from tests.ranks import describe_stuck, run_ranks, values
+from tests.ranks import ReservedPort, describe_stuck, run_ranks, values
 
 #: Thread counts of this process taken just before each fork, while a test records them.
 _threads_at_fork: list[int] = []
@@ -163,3 +166,30 @@ def test_a_hung_job_is_killed_with_its_children(tmp_path: Path) -> None:
     rank_pid, child_pid = (int(pid) for pid in pid_file.read_text().split())
     wait_until_group_is_gone(rank_pid)
     assert (stat := proc_stat(child_pid)) is None or not stat.live  # its child too
+
+
+def _bind_refused(port: int) -> bool:
+    """Whether a socket of another owner is refused the port (as a gloo rank's listener or an
+    S3 server without SO_REUSEADDR would be)."""
+    with socket.socket() as other:
+        try:
+            other.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+        return False
+
+
+def test_a_reserved_port_refuses_connections_and_other_binds_but_takes_a_server() -> None:
+    with ReservedPort() as reserved:
+        assert _bind_refused(reserved.port)
+        with socket.socket() as client, pytest.raises(ConnectionRefusedError):
+            client.connect(("127.0.0.1", reserved.port))
+        # a server that sets SO_REUSEADDR, as moto's and torch's do, binds it; so does the next
+        # one once the first is gone, and the port is nobody else's in between
+        for _ in range(2):
+            timeout = datetime.timedelta(seconds=10)
+            server = dist.TCPStore("127.0.0.1", reserved.port, 1, True, timeout=timeout)
+            server.set("key", "value")
+            assert server.get("key") == b"value"
+            del server
+            assert _bind_refused(reserved.port)
