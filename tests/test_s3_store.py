@@ -31,6 +31,7 @@ from distckpt.storage.s3_view import S3RootView
 from tests.ranks import run_ranks, values
 from tests.s3proxy import S3Proxy
 from tests.s3server import S3Server
+from tests.test_lease_jobs import wait_until
 
 pytest.importorskip("botocore")
 
@@ -595,12 +596,30 @@ def test_a_damaged_commit_object_is_skipped_and_reported(s3_server: S3Server, s3
     assert not any(name.startswith("step-00000002/") for name in _objects(s3_url, options))
 
 
+def _read_to_its_end_here(path: Path) -> bool:
+    """Whether a descriptor of this process has ``path`` open and has read all of it (the
+    descriptor's offset, from /proc/self/fdinfo, is the file's size): a spool follower has
+    taken every byte of the file as it is now."""
+    size, target = path.stat().st_size, os.fspath(path.resolve())
+    for descriptor in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{descriptor}") != target:
+                continue
+            info = Path(f"/proc/self/fdinfo/{descriptor}").read_text().splitlines()
+        except FileNotFoundError:  # closed meanwhile
+            continue
+        offsets = [int(line.split()[1]) for line in info if line.startswith("pos:")]
+        if offsets == [size]:
+            return True
+    return False
+
+
 def test_a_spool_is_uploaded_as_written_and_checked_against_the_records(
     s3_server: S3Server, s3_url: str, tmp_path: Path
 ) -> None:
     from distckpt.checksums import ChecksumWriter, file_checksum
     from distckpt.manifest import FileRecord
-    from distckpt.storage.s3_spool import POLL_SECONDS, SpoolUploads
+    from distckpt.storage.s3_spool import SpoolUploads
 
     options = s3_server.storage_options()
     with ObjectStore(s3_url, options) as store:
@@ -610,7 +629,8 @@ def test_a_spool_is_uploaded_as_written_and_checked_against_the_records(
             with ChecksumWriter(tmp_path / name, fsync=False) as writer:
                 writer.write(name.encode() * 1000)
             records[name] = FileRecord(size=writer.size, checksum=writer.checksum, rank=0)
-        time.sleep(POLL_SECONDS * 10)  # every file is followed by now
+        files = [tmp_path / name for name in records]
+        wait_until(lambda: all(map(_read_to_its_end_here, files)), "every file followed", 30)
         rewritten = tmp_path / "rewritten"
         rewritten.write_bytes(b"other bytes, same name")  # in place, shorter
         records["rewritten"] = FileRecord(size=22, checksum=file_checksum(rewritten), rank=0)
