@@ -13,6 +13,7 @@ import pytest
 
 from distckpt.checksums import file_checksum
 from distckpt.errors import CorruptCheckpoint, InvalidArgument, UnsupportedVersion
+from distckpt.layout import MANIFEST_NAME
 from distckpt.manifest import (
     FORMAT_VERSION,
     FileRecord,
@@ -203,7 +204,7 @@ def test_symlinked_file(checkpoint: tuple[Path, Manifest], tmp_path: Path) -> No
 def test_wrong_step(checkpoint: tuple[Path, Manifest]) -> None:
     directory, manifest = checkpoint
     (problem,) = find_problems(directory, manifest, expected_step=8)
-    assert "7" in problem and "8" in problem
+    assert problem == f"{directory / MANIFEST_NAME}: names step 7, but the dir is for step 8"
     assert find_problems(directory, manifest) == []  # no expectation, no step check
 
 
