@@ -92,8 +92,8 @@ def verify_checkpoint(
         manifest, problems = inspect(source, checksums=checksums, progress=progress)
     except CheckpointError as exc:
         return CheckpointReport(source.location, step, (str(exc),))
-    problems += source.unlisted_files(manifest)
-    return CheckpointReport(source.location, manifest.step, tuple(problems), manifest.total_bytes)
+    found = (*problems, *source.unlisted_files(manifest))
+    return CheckpointReport(source.location, manifest.step, found, manifest.total_bytes)
 
 
 def verify(

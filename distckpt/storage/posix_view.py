@@ -12,7 +12,7 @@ from pathlib import Path
 from distckpt.errors import CheckpointNotFound
 from distckpt.fsutil import read_link
 from distckpt.layout import LINK_NAMES, MANIFEST_NAME, RootLayout, parse_step_dir_name
-from distckpt.manifest import Manifest, find_problems, read_manifest
+from distckpt.manifest import Manifest, Problem, find_problems, read_manifest
 from distckpt.storage.views import CheckpointSource, Located, RootView
 
 
@@ -43,7 +43,7 @@ class PosixCheckpoint(CheckpointSource):
         *,
         checksums: bool,
         progress: Callable[[int], None] | None = None,
-    ) -> list[str]:
+    ) -> list[Problem]:
         return find_problems(
             self.location,
             manifest,

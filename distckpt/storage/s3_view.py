@@ -36,7 +36,17 @@ from distckpt.errors import (
 )
 from distckpt.fsutil import POINTER_MAX_BYTES
 from distckpt.layout import LINK_NAMES, MANIFEST_NAME, parse_step_dir_name, step_dir_name
-from distckpt.manifest import CHECKSUM_ALGORITHM, MAX_MANIFEST_BYTES, Manifest
+from distckpt.manifest import (
+    CHECKSUM_ALGORITHM,
+    MAX_MANIFEST_BYTES,
+    Manifest,
+    Problem,
+    checksum_mismatch,
+    damage,
+    missing,
+    unknown_checksum_algorithm,
+    wrong_size,
+)
 from distckpt.objstore import ObjectStore, S3Url
 from distckpt.storage.s3_spool import make_temp_dir
 from distckpt.storage.views import CheckpointSource, Located, RootView
@@ -236,11 +246,14 @@ class S3Checkpoint(CheckpointSource):
         try:
             if self._root.client.head(name).size > MAX_MANIFEST_BYTES:
                 raise CorruptCheckpoint(
-                    f"{source} is larger than {MAX_MANIFEST_BYTES >> 20} MiB: not a manifest"
+                    f"{source} is larger than {MAX_MANIFEST_BYTES >> 20} MiB: not a manifest",
+                    damaged=True,
                 )
             raw = self._root.client.get_bytes(name)
         except ObjectNotFound as exc:
-            raise CorruptCheckpoint(f"{self.location} has no {MANIFEST_NAME}") from exc
+            raise CorruptCheckpoint(
+                f"{self.location} has no {MANIFEST_NAME}", damaged=True
+            ) from exc
         return Manifest.from_json(raw, source=source)
 
     def _sizes(self) -> dict[str, int]:
@@ -253,42 +266,35 @@ class S3Checkpoint(CheckpointSource):
         *,
         checksums: bool,
         progress: Callable[[int], None] | None = None,
-    ) -> list[str]:
-        problems: list[str] = []
+    ) -> list[Problem]:
+        problems: list[Problem] = []
         if manifest.step != self.expected_step:
             problems.append(
-                f"{self.describe(MANIFEST_NAME)}: names step {manifest.step}, "
-                f"but the checkpoint is for step {self.expected_step}"
+                damage(
+                    f"{self.describe(MANIFEST_NAME)}: names step {manifest.step}, "
+                    f"but the checkpoint is for step {self.expected_step}"
+                )
             )
         if manifest.checksum_algorithm != CHECKSUM_ALGORITHM and checksums:
-            problems.append(
-                f"{self.describe(MANIFEST_NAME)}: unknown checksum algorithm "
-                f"{manifest.checksum_algorithm!r}; this distckpt checks {CHECKSUM_ALGORITHM!r}"
-            )
+            problems.append(unknown_checksum_algorithm(self.describe(MANIFEST_NAME), manifest))
             checksums = False
         sizes = self._sizes()
         for name, record in sorted(manifest.files.items()):
             size = sizes.get(name)
             if size is None:
-                problems.append(f"{self.describe(name)}: missing")
+                problems.append(missing(self.describe(name)))
             elif size != record.size:
-                problems.append(
-                    f"{self.describe(name)}: {size} bytes, the manifest says {record.size} "
-                    "(truncated?)"
-                )
+                problems.append(wrong_size(self.describe(name), size, record.size))
             elif checksums:
                 try:
                     matches = self._checksum_matches(name, record.checksum, progress)
                 except ObjectNotFound:
                     # deleted since the listing (before its HEAD or its GET): as missing as
                     # when the listing did not find it
-                    problems.append(f"{self.describe(name)}: missing")
+                    problems.append(missing(self.describe(name)))
                     continue
                 if not matches:
-                    problems.append(
-                        f"{self.describe(name)}: checksum mismatch (its bytes changed after "
-                        "it was written)"
-                    )
+                    problems.append(checksum_mismatch(self.describe(name)))
         return problems
 
     def _checksum_matches(
