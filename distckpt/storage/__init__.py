@@ -173,6 +173,18 @@ class RootStore(abc.ABC):
         newest remaining step. :class:`~distckpt.CheckpointNotFound` if there is none."""
 
     @abc.abstractmethod
+    def set_aside(self, step: int, location: CheckpointLocation) -> CheckpointLocation | None:
+        """Rank 0: take the committed checkpoint of ``step``, found damaged at ``location`` by
+        a restore (:class:`~distckpt.CorruptCheckpoint` with ``damaged``), out of the committed
+        steps without deleting or changing any of its bytes: afterwards no listing, ``last`` /
+        ``best``, retention, step rule or cleanup counts it, and a person still finds it
+        (:meth:`RootView.set_aside_checkpoints`; ``distckpt ls`` and ``verify`` show it) to
+        inspect or delete. ``last`` / ``best`` are moved off it first. Checks the lease like
+        every change (:class:`~distckpt.LeaseLost`); :class:`~distckpt.ReadOnlyRoot` when
+        read-only. Returns where it now is, or None when the step's checkpoint is no longer
+        the one at ``location`` (gone, or replaced meanwhile): nothing is then done."""
+
+    @abc.abstractmethod
     def prune(self) -> list[int]:
         """Repair the links, then apply the retention rules; the steps removed."""
 

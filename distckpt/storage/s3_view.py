@@ -8,11 +8,15 @@ Under ``s3://BUCKET/PREFIX/``::
     step-00000010/COMMIT                        {"step": 10, "attempt": "<attempt>"}: created
                                                 with If-None-Match: *, the moment of publication
     last, best                                  pointer objects: one line, "step-00000010"
+    damaged-step-00000010-<attempt>             a set-aside record: the save ``attempt`` of
+                                                step 10, found damaged, whose COMMIT was
+                                                then deleted; its objects stay (gc leaves them)
     .lease                                      the writing job's lease (distckpt.objlease)
     .writers/<attempt>                          a live writer's claim on its attempt
 
 A step is committed exactly when its ``COMMIT`` object exists, and its checkpoint is the
-attempt ``COMMIT`` names; objects of any other attempt are leftovers (or a live writer's).
+attempt ``COMMIT`` names; objects of any other attempt are leftovers (or a live writer's), but
+for an attempt a set-aside record names.
 """
 
 from __future__ import annotations
@@ -35,7 +39,15 @@ from distckpt.errors import (
     ObjectNotFound,
 )
 from distckpt.fsutil import POINTER_MAX_BYTES
-from distckpt.layout import LINK_NAMES, MANIFEST_NAME, parse_step_dir_name, step_dir_name
+from distckpt.layout import (
+    LINK_NAMES,
+    MANIFEST_NAME,
+    SET_ASIDE_PREFIX,
+    parse_set_aside_name,
+    parse_step_dir_name,
+    set_aside_name,
+    step_dir_name,
+)
 from distckpt.manifest import (
     CHECKSUM_ALGORITHM,
     MAX_MANIFEST_BYTES,
@@ -48,6 +60,7 @@ from distckpt.manifest import (
     wrong_size,
 )
 from distckpt.objstore import ObjectStore, S3Url
+from distckpt.results import CheckpointLocation
 from distckpt.storage.s3_spool import make_temp_dir
 from distckpt.storage.views import CheckpointSource, Located, RootView
 
@@ -122,6 +135,10 @@ class S3Root:
     def claim_name(attempt: str) -> str:
         return f"{WRITERS_PREFIX}{attempt}"
 
+    @staticmethod
+    def set_aside_record_name(step: int, attempt: str) -> str:
+        return set_aside_name(step, attempt)
+
     def location(self, step: int) -> str:
         """The checkpoint of ``step`` as users name it: ``s3://BUCKET/PREFIX/step-N``."""
         return f"{self.root}/{step_dir_name(step)}"
@@ -178,6 +195,22 @@ class S3Root:
             raise CorruptCheckpoint(
                 f"{self.root}/{self.commit_name(step)} is not a commit record: {exc}", step=step
             ) from exc
+
+    def set_aside_attempts(self) -> list[tuple[int, str]]:
+        """The saves set aside as damaged (step, attempt), from their records' names."""
+        return [
+            parsed
+            for info in self.client.list(SET_ASIDE_PREFIX)
+            if (parsed := parse_set_aside_name(info.key)) is not None
+        ]
+
+    def is_set_aside(self, step: int, attempt: str) -> bool:
+        """Whether a set-aside record names the save ``attempt`` of ``step``."""
+        try:
+            self.client.head(self.set_aside_record_name(step, attempt))
+        except ObjectNotFound:
+            return False
+        return True
 
     def read_pointer(self, name: str) -> tuple[str | None, str | None]:
         """The target a pointer object names (None if absent or not a pointer) and its ETag
@@ -389,6 +422,13 @@ class S3RootView(RootView):
 
     def checkpoint(self, step: int) -> S3Checkpoint:
         return S3Checkpoint(self.s3, step)
+
+    def set_aside_checkpoints(self) -> list[CheckpointLocation]:
+        """Where the objects of each set-aside save are (its prefix, as a URL)."""
+        return [
+            self.s3.attempt_location(step, attempt)
+            for step, attempt in self.s3.set_aside_attempts()
+        ]
 
     def read_pointer(self, name: str) -> str | None:
         return self.s3.read_pointer(name)[0]

@@ -137,6 +137,11 @@ class RootView(abc.ABC):
         return [self.checkpoint(step) for step in self.committed_steps()]
 
     @abc.abstractmethod
+    def set_aside_checkpoints(self) -> list[CheckpointLocation]:
+        """The checkpoints set aside as damaged (:meth:`~distckpt.storage.RootStore.set_aside`),
+        by name: no longer committed, kept for people to inspect or delete."""
+
+    @abc.abstractmethod
     def read_pointer(self, name: str) -> str | None:
         """The target name the pointer ``name`` (``last``/``best``) holds, or None when it is
         absent or not a pointer."""
