@@ -167,10 +167,17 @@ def iter_valid(
             if not source.exists():
                 logger.debug("%s was deleted while being listed", source.location)
                 continue
-            logger.warning("skipping damaged checkpoint %s: %s", source.location, exc)
+            damaged = isinstance(exc, CorruptCheckpoint) and exc.damaged
+            if damaged:
+                logger.warning("skipping damaged checkpoint %s: %s", source.location, exc)
+            else:
+                logger.warning(
+                    "skipping checkpoint %s, which fails its check (not known to be damaged): %s",
+                    source.location,
+                    exc,
+                )
             record = _skip_record.get()
             if record is not None:
-                damaged = isinstance(exc, CorruptCheckpoint) and exc.damaged
                 record.append(Skipped(step, source.location, str(exc), damaged))
 
 
