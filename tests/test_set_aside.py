@@ -9,6 +9,7 @@ manifest that cannot be read) is left where it is, and the step rules' refusal n
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
@@ -19,6 +20,7 @@ import pytest
 import torch
 
 import distckpt
+from distckpt.cli import main
 from distckpt.layout import MANIFEST_NAME, parse_set_aside_name, rank_file_name
 from distckpt.objstore import ObjectStore
 from tests.ranks import Collected, run_ranks, values
@@ -51,6 +53,8 @@ def _restart(
         assert restored is not None
         out["restored"] = restored.step
         out["steps_after_restore"] = manager.steps()
+        if manager.layout is not None:
+            out["last_after_restore"] = os.readlink(manager.layout.link_path("last"))
         try:
             out["saved"] = [
                 saved.step
@@ -89,6 +93,14 @@ def _flip_a_byte(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
+def _symlink_rank_file(step_dir: Path) -> None:
+    """The rank file replaced by a symlink to an identical copy beside the dir."""
+    rank_file = step_dir / rank_file_name(0)
+    copy = step_dir.parent.parent / "copy.pt"
+    rank_file.rename(copy)
+    rank_file.symlink_to(copy)
+
+
 #: Damage this version is sure of, done to step 100's dir, and whether only a restore with
 #: verify=True sees it.
 CONTENT_DAMAGE = {
@@ -113,6 +125,7 @@ def test_a_restart_sets_a_damaged_newest_checkpoint_aside_and_saves_past_it(
     for rank, rank_out in enumerate(out):
         assert rank_out["restored"] == 90
         assert rank_out["steps_after_restore"] == [90]  # set aside before anything was read
+        assert rank_out["last_after_restore"] == "step-00000090"  # moved off it
         assert "save_error" not in rank_out, rank_out.get("save_error")
         assert rank_out["saved"] == list(range(91, 101))
         assert rank_out["last"] == (100, _weights(100, rank).tolist())
@@ -142,6 +155,12 @@ UNJUDGED = {
         False,
         "could not be judged",
     ),
+    "unknown-format": (
+        lambda d: _edit_manifest(d, format="pickle-jar"),
+        False,
+        "could not be judged",
+    ),
+    "rank-file-symlinked": (_symlink_rank_file, False, "could not be judged"),
 }
 
 
@@ -269,6 +288,37 @@ def test_an_s3_restart_sets_a_damaged_newest_checkpoint_aside_and_saves_past_it(
     assert f"damaged-{DAMAGED}-{attempt}" in objects
     report = distckpt.verify(s3_url, storage_options=options)
     assert report.ok and report.set_aside == (where,)
+    # Once its record is deleted, the save is a leftover that gc removes.
+    with ObjectStore(s3_url, options) as store:
+        store.delete([f"damaged-{DAMAGED}-{attempt}"])
+    with distckpt.CheckpointManager(s3_url, storage_options=options) as manager:
+        assert manager.gc() == [where]
+    assert not [n for n in _s3_objects(s3_url, options) if n.startswith(f"{DAMAGED}/{attempt}/")]
+
+
+def _run_cli(*args: str) -> tuple[int, str]:
+    out = io.StringIO()
+    return main(list(args), out=out), out.getvalue()
+
+
+def test_ls_and_verify_list_a_set_aside_checkpoint_as_such(root: Path) -> None:
+    with distckpt.CheckpointManager(root, fsync=False) as manager:
+        for step in (90, 100):
+            manager.save(step, {"w": _weights(step, 0)})
+    os.truncate(root / DAMAGED / rank_file_name(0), 100)
+    with distckpt.CheckpointManager(root, fsync=False) as manager:
+        manager.restore(state={"w": torch.zeros(256)})
+    (set_aside,) = distckpt.verify(root).set_aside
+    status, text = _run_cli("ls", str(root))
+    assert status == 0
+    assert f"set aside as damaged: {set_aside} (not committed; nothing removes it)" in text
+    status, text = _run_cli("ls", str(root), "--json")
+    assert status == 0 and json.loads(text)["set_aside"] == [str(set_aside)]
+    assert json.loads(text)["damaged_steps"] == []
+    status, text = _run_cli("verify", str(root))
+    assert status == 0 and f"set aside as damaged (not checked): {set_aside}" in text
+    status, text = _run_cli("verify", str(root), "--json")
+    assert status == 0 and json.loads(text)["set_aside"] == [str(set_aside)]
 
 
 def test_retention_and_gc_leave_a_set_aside_checkpoint(root: Path) -> None:
@@ -284,3 +334,7 @@ def test_retention_and_gc_leave_a_set_aside_checkpoint(root: Path) -> None:
         assert manager.steps() == [101]
         assert manager.gc() == [] and manager.prune() == []
     assert Path(set_aside).is_dir() and distckpt.verify(root).set_aside == (set_aside,)
+    # Renamed back by hand, it is a (damaged) committed checkpoint again.
+    Path(set_aside).rename(root / DAMAGED)
+    with distckpt.CheckpointManager(root, fsync=False, read_only=True) as manager:
+        assert manager.steps() == [100, 101]
