@@ -113,9 +113,11 @@ class RootStore(abc.ABC):
 
     @abc.abstractmethod
     def check_step(self, step: int, *, overwrite: bool, explicit: bool) -> SaveResult | None:
-        """Rank 0: refuse a step lower than the newest committed one, or an already committed
-        step when ``explicit`` and not ``overwrite`` (:class:`~distckpt.CheckpointExists`);
-        return that checkpoint instead when not ``explicit`` (a scheduled or forced save)."""
+        """Rank 0: refuse a step lower than the newest committed one
+        (:class:`~distckpt.InvalidStep`, naming each newer checkpoint that is not plainly
+        intact and what to do about it), or an already committed step when ``explicit`` and
+        not ``overwrite`` (:class:`~distckpt.CheckpointExists`); return that checkpoint instead
+        when not ``explicit`` (a scheduled or forced save)."""
 
     @abc.abstractmethod
     def begin_staging(self, step: int, token: str) -> StagingArea:
