@@ -20,7 +20,7 @@ import logging
 
 from distckpt import resolve
 from distckpt.checksums import CHECKSUM_ALGORITHM
-from distckpt.errors import CheckpointError, CorruptCheckpoint, UnsupportedVersion, describe_error
+from distckpt.errors import CheckpointError, CorruptCheckpoint, describe_error
 from distckpt.resolve import Found, Skipped
 from distckpt.storage import RootStore
 from distckpt.storage.views import RootView
@@ -67,22 +67,17 @@ def set_aside_damaged_newer(store: RootStore, found: Found | None, skipped: list
 
 
 def verdicts_on_newer(view: RootView, step: int, committed: list[int]) -> str:
-    """For the step rules' refusal of ``step``: what this version makes of each committed
-    checkpoint newer than it that is not plainly intact, as sentences naming it and what to
-    do ("" when all are intact). Only on that error path, from manifests and sizes (and the
-    checksum algorithm a manifest names): no file is read."""
+    """For the step rules' refusal of ``step``: what this version makes of the committed
+    checkpoints newer than it that are not plainly intact, newest first down to the first
+    intact one (which refuses ``step`` whatever the others are), as sentences naming each and
+    what to do ("" when the newest is intact). Only on that error path, from manifests and
+    sizes (and the checksum algorithm a manifest names): no file is read."""
     notes = []
     for newer in sorted((s for s in committed if s > step), reverse=True):
         source = view.checkpoint(newer)
         try:
             manifest = resolve.check(source)
-        except UnsupportedVersion as exc:
-            notes.append(
-                f"{source.location} was written by a newer distckpt ({exc}): it is kept, as "
-                "this version cannot judge it; upgrade distckpt, or delete it if it is damaged"
-            )
-            continue
-        except (CheckpointError, OSError) as exc:
+        except (CheckpointError, OSError) as exc:  # UnsupportedVersion too: not judged
             if isinstance(exc, CorruptCheckpoint) and exc.damaged:
                 notes.append(
                     f"{source.location} is damaged ({exc}); a restore('last') by a manager "
@@ -101,4 +96,6 @@ def verdicts_on_newer(view: RootView, step: int, committed: list[int]) -> str:
                 "with verify=True skips it without setting it aside; upgrade distckpt to check "
                 "it, or delete it if it is damaged"
             )
+        else:
+            break  # intact
     return "".join(f". {note}" for note in notes)

@@ -43,12 +43,15 @@ def _save_90_and_100(rank: int, world_size: int, root: str, options: dict[str, A
 def _restart(
     rank: int, world_size: int, root: str, options: dict[str, Any], verify: bool
 ) -> dict[str, Any]:
-    """A requeued job: restore "last", then save 91..100 (as a job whose saves raise would
-    crash-loop), and read back what "last" names afterwards."""
+    """A requeued job: restore "last", then save 91..100 on its schedule (as a job whose saves
+    raise would crash-loop, and whose scheduled save of a committed step 100 would return it),
+    and read back what "last" names afterwards."""
     collected = Collected()
     logging.getLogger("distckpt").addHandler(collected)
     out: dict[str, Any] = {}
-    with distckpt.CheckpointManager(root, fsync=False, storage_options=options) as manager:
+    with distckpt.CheckpointManager(
+        root, fsync=False, storage_options=options, every_n_steps=1
+    ) as manager:
         restored = manager.restore(state={"w": torch.zeros(256)}, verify=verify)
         assert restored is not None
         out["restored"] = restored.step
@@ -209,6 +212,22 @@ def test_a_newest_checkpoint_of_a_newer_format_version_is_kept(root: Path) -> No
         distckpt.CheckpointManager(root, fsync=False)
     assert (root / DAMAGED).is_dir()
     assert not [entry for entry in root.iterdir() if parse_set_aside_name(entry.name)]
+
+
+def test_a_damaged_newer_checkpoint_not_set_aside_is_named_by_the_refusal(root: Path) -> None:
+    """Restored by its step, nothing is skipped and nothing set aside: the refusal of a lower
+    step says the newer one is damaged and how to get past it."""
+    with distckpt.CheckpointManager(root, fsync=False) as manager:
+        for step in (90, 100):
+            manager.save(step, {"w": _weights(step, 0)})
+    os.truncate(root / DAMAGED / rank_file_name(0), 100)
+    with distckpt.CheckpointManager(root, fsync=False) as manager:
+        manager.restore(90, state={"w": torch.zeros(256)})
+        with pytest.raises(distckpt.InvalidStep) as refused:
+            manager.save(91, {"w": _weights(91, 0)})
+    message = str(refused.value)
+    assert f"{root / DAMAGED} is damaged" in message and "truncated" in message
+    assert "restore('last') by a manager that can write sets it aside" in message
 
 
 def test_a_read_only_manager_never_sets_aside(root: Path) -> None:
