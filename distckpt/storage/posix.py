@@ -5,7 +5,8 @@ for as long as it is written. The commit is, under the root's file lock (:class:
 check the staged files, write the manifest, fsync, rename the staging dir to ``step-N`` and
 fsync the root — the rename is the moment of publication. ``last``/``best`` are relative
 symlinks (or pointer files where symlinks are refused) swapped atomically; retention and
-deletes rename a checkpoint into ``root/.trash`` under the lock and delete its bytes after.
+deletes rename a checkpoint into ``root/.trash`` under the lock and delete its bytes after
+(:mod:`distckpt.storage.posix_removal`, with cleanup and the setting aside of a damaged one).
 
 Power loss: every guarantee stands on an fsync of its own, in the order the persistence model
 of ``docs/faults.md`` needs. The root and ``.staging`` are created durably (an fsync of the
@@ -56,7 +57,7 @@ from distckpt.fsutil import (
 )
 from distckpt.fsutil import free_bytes as filesystem_free_bytes
 from distckpt.layout import MANIFEST_NAME, RootLayout
-from distckpt.lease import RootLease
+from distckpt.lease import LeaseHolder, RootLease, break_lease, read_holder
 from distckpt.lock import RootLock, WriterLock
 from distckpt.manifest import FileRecord, Manifest
 from distckpt.results import CheckpointLocation, SaveResult
@@ -170,6 +171,12 @@ class PosixRootStore(Removals, LinksAndRetention, ViewedStore):
         maintenance commands rely on the lock alone."""
         if self._lease is not None:
             self._lease.check_current()
+
+    def lease_holder(self) -> LeaseHolder | None:
+        return read_holder(self.root)
+
+    def break_lease(self) -> LeaseHolder | None:
+        return break_lease(self.root)
 
     def check_visible(self, rank: int) -> None:
         if not self.root.is_dir():

@@ -20,7 +20,7 @@ from pathlib import Path
 from distckpt import faults, policy, resolve
 from distckpt.fsutil import move_to_trash, remove_tree, rename_dir
 from distckpt.layout import RootLayout
-from distckpt.lease import LeaseHolder, RootLease, break_lease, read_holder
+from distckpt.lease import RootLease
 from distckpt.lock import Leftover, RootLock, WriterLock, find_leftovers
 from distckpt.results import CheckpointLocation
 from distckpt.storage.posix_links import COMMITTING_RANK
@@ -82,12 +82,6 @@ class Removals:
 
     def leftovers(self) -> list[Leftover]:
         return [item for item in find_leftovers(self.layout) if item.kind != "lock"]
-
-    def lease_holder(self) -> LeaseHolder | None:
-        return read_holder(self.root)
-
-    def break_lease(self) -> LeaseHolder | None:
-        return break_lease(self.root)
 
     def collect_leftovers(self) -> list[CheckpointLocation]:
         self._refuse_if_read_only("collect leftovers")
