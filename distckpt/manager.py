@@ -113,7 +113,8 @@ class CheckpointManager:
             :class:`InsufficientSpace` before writing. Where the filesystem reports no size,
             free space is unknown and not checked (with a warning).
         read_only: never write to the root (a read-only mount, or a root another job owns):
-            no writability probe, no lock file, no cleanup or link repair. :meth:`restore`
+            no writability probe, no lock file, no cleanup or link repair, no damaged
+            checkpoint set aside (see :meth:`restore`). :meth:`restore`
             and the queries work; :meth:`save`, :meth:`delete`, :meth:`prune` and :meth:`gc`
             raise :class:`ReadOnlyRoot`. The root must exist.
         wait_for_root: seconds to wait for another job that holds the root to end; 0 (the

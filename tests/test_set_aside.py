@@ -13,6 +13,7 @@ import io
 import json
 import logging
 import os
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -228,6 +229,38 @@ def test_a_damaged_newer_checkpoint_not_set_aside_is_named_by_the_refusal(root: 
     message = str(refused.value)
     assert f"{root / DAMAGED} is damaged" in message and "truncated" in message
     assert "restore('last') by a manager that can write sets it aside" in message
+
+
+def test_a_job_killed_while_setting_aside_leaves_it_for_the_next_restore(root: Path) -> None:
+    """Killed (SIGKILL) after moving the links off the damaged checkpoint and before renaming
+    it: the checkpoint is still committed and damaged, and the next restart sets it aside."""
+    with distckpt.CheckpointManager(root, fsync=False) as manager:
+        for step in (90, 100):
+            manager.save(step, {"w": _weights(step, 0)})
+    os.truncate(root / DAMAGED / rank_file_name(0), 100)
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child is killed
+        from distckpt.storage import posix_removal
+
+        def killed(*args: Any, **kwargs: Any) -> None:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        posix_removal.rename_dir = killed  # type: ignore[assignment]
+        with distckpt.CheckpointManager(root, fsync=False) as manager:
+            manager.restore(state={"w": torch.zeros(256)})
+        os._exit(0)
+    _, status = os.waitpid(child, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, status
+    assert os.readlink(root / "last") == "step-00000090"  # moved off it before the kill
+    assert (root / DAMAGED).is_dir() and distckpt.verify(root).set_aside == ()
+
+    with distckpt.CheckpointManager(root, fsync=False, wait_for_root=30) as manager:
+        restored = manager.restore(state={"w": torch.zeros(256)})
+        assert restored is not None and restored.step == 90
+        assert manager.steps() == [90]
+        assert manager.save(100, {"w": _weights(100, 0)}).step == 100
+    (set_aside,) = distckpt.verify(root).set_aside
+    assert parse_set_aside_name(set_aside.name)[0] == 100
 
 
 def test_a_read_only_manager_never_sets_aside(root: Path) -> None:
