@@ -6,7 +6,8 @@ than the one loaded still committed, the step rules would refuse each of those s
 than it (:class:`~distckpt.InvalidStep`) and return it as saved at its own step, on every
 restart, until someone deleted it. So rank 0 sets such a checkpoint aside while it resolves
 the restore (:meth:`~distckpt.storage.RootStore.set_aside`: renamed, never deleted), on the
-verdicts that resolution made: nothing is read for it, and the save path checks nothing more.
+verdicts that resolution made: no checkpoint is read again to judge it, and the save path
+checks nothing more than before.
 
 Only content damage this version is sure of counts (:class:`~distckpt.CorruptCheckpoint`'s
 ``damaged``): a checkpoint that could not be judged (an I/O error other than a missing file,
