@@ -263,6 +263,19 @@ def test_a_job_killed_while_setting_aside_leaves_it_for_the_next_restore(root: P
     assert parse_set_aside_name(set_aside.name)[0] == 100
 
 
+def test_with_nothing_intact_to_load_every_damaged_checkpoint_is_set_aside(root: Path) -> None:
+    """``restore(missing_ok=True)`` loads nothing when the only checkpoint is damaged; the
+    job starts over from step 1, which is saved."""
+    with distckpt.CheckpointManager(root, fsync=False) as manager:
+        manager.save(100, {"w": _weights(100, 0)})
+    (root / DAMAGED / MANIFEST_NAME).unlink()
+    with distckpt.CheckpointManager(root, fsync=False) as manager:
+        assert manager.restore(state={"w": torch.zeros(256)}, missing_ok=True) is None
+        assert manager.steps() == []
+        assert manager.save(1, {"w": _weights(1, 0)}).step == 1
+    assert len(distckpt.verify(root).set_aside) == 1
+
+
 def test_a_read_only_manager_never_sets_aside(root: Path) -> None:
     with distckpt.CheckpointManager(root, fsync=False) as manager:
         for step in (90, 100):
