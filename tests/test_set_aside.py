@@ -386,6 +386,25 @@ def test_ls_and_verify_list_a_set_aside_checkpoint_as_such(root: Path) -> None:
     assert status == 0 and json.loads(text)["set_aside"] == [str(set_aside)]
 
 
+def test_an_s3_record_left_by_a_killed_set_aside_goes_with_its_save(
+    s3_server: S3Server, s3_url: str
+) -> None:
+    """A set-aside killed between writing its record and deleting COMMIT leaves both: the
+    step stays committed, and once it is deleted (or replaced) its record goes too."""
+    options = s3_server.storage_options()
+    with distckpt.CheckpointManager(s3_url, storage_options=options) as manager:
+        for step in (90, 100):
+            manager.save(step, {"w": _weights(step, 0)})
+        (commit,) = [n for n in _s3_objects(s3_url, options) if n == f"{DAMAGED}/COMMIT"]
+        with ObjectStore(s3_url, options) as store:
+            attempt = json.loads(store.get_bytes(commit))["attempt"]
+            record = f"damaged-{DAMAGED}-{attempt}"
+            store.put_bytes(record, json.dumps({"step": 100, "attempt": attempt}).encode())
+        manager.delete(100)
+    assert record not in _s3_objects(s3_url, options)
+    assert distckpt.verify(s3_url, storage_options=options).set_aside == ()
+
+
 def test_retention_and_gc_leave_a_set_aside_checkpoint(root: Path) -> None:
     with distckpt.CheckpointManager(root, fsync=False) as manager:
         for step in (90, 100):

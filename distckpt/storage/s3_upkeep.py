@@ -71,6 +71,13 @@ class Upkeep:
     def _delete_prefix(self, prefix: str) -> None:
         self.s3.client.delete(info.key for info in list(self.s3.client.list(prefix)))
 
+    def _delete_published_save(self, step: int, attempt: str) -> None:
+        """Delete every object of a save that was published (unpublished now: removed or
+        replaced), with the set-aside record naming it that a set-aside killed before it
+        unpublished the save leaves behind (it would list a save that is gone)."""
+        self._delete_prefix(self.s3.attempt_prefix(step, attempt))
+        self.s3.client.delete([self.s3.set_aside_record_name(step, attempt)])
+
     def _update_pointers(self, *, leaving: int | None = None) -> list[policy.CheckpointRecord]:
         """Point ``last`` at the newest committed checkpoint that passes its check and
         ``best`` at the best, or remove a pointer that names nothing valid. ``leaving``: a
@@ -148,7 +155,7 @@ class Upkeep:
         self.s3.client.delete([self.s3.commit_name(step)])
         faults.hit("during_delete", COMMITTING_RANK)
         if record is not None:
-            self._delete_prefix(self.s3.attempt_prefix(step, record.attempt))
+            self._delete_published_save(step, record.attempt)
 
     def set_aside(self, step: int, location: CheckpointLocation) -> CheckpointLocation | None:
         """Unpublish the step's save without deleting any object of it: first a set-aside
