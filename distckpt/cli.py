@@ -105,6 +105,7 @@ def cmd_ls(args: argparse.Namespace, out: TextIO) -> int:
     store = open_store(view.root, read_only=True)
     links = {name: view.read_pointer(name) for name in LINK_NAMES}
     infos, damaged = resolve.survey(view)
+    set_aside = [os.fspath(where) for where in view.set_aside_checkpoints()]
     leftovers = _leftovers(store)
     holder = store.lease_holder()
     if args.json:
@@ -125,6 +126,7 @@ def cmd_ls(args: argparse.Namespace, out: TextIO) -> int:
                 for i in infos
             ],
             "damaged_steps": damaged,
+            "set_aside": set_aside,
             "leftovers": leftovers,
             "lease": _holder_json(holder),
         }
@@ -152,6 +154,8 @@ def cmd_ls(args: argparse.Namespace, out: TextIO) -> int:
         for step in damaged:
             rows.append([str(step), "", "DAMAGED (run verify)", "", "", "", "", ""])
         _table(rows, out)
+    for where in set_aside:
+        out.write(f"set aside as damaged: {where} (not committed; nothing removes it)\n")
     for item in leftovers:
         if item["writer_alive"]:
             state = "writer alive"

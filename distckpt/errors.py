@@ -163,7 +163,29 @@ class ConcurrentCommit(CheckpointExists):
 
 class CorruptCheckpoint(CheckpointError):
     """A checkpoint directory fails its manifest check: missing or wrong-sized files, a bad
-    checksum, a manifest that is not valid JSON or names another step."""
+    checksum, a manifest that is not valid JSON or names another step.
+
+    ``damaged`` is True only when this version is sure the checkpoint's content is damaged: its
+    manifest is missing or does not parse or follow the schema, a file it lists is missing or
+    of another size, or a checksum under an algorithm this version knows does not match. It is
+    False when the checkpoint could not be judged (a read that failed for a reason other than a
+    missing file, a checksum algorithm or format this version does not know, a symlink where a
+    file belongs): such a checkpoint may be whole, so nothing is ever done to it on that
+    verdict (see ``CheckpointManager.restore``)."""
+
+    damaged: bool = False
+
+    def __init__(
+        self,
+        message: str = "",
+        *,
+        damaged: bool = False,
+        rank: int | None = None,
+        path: str | os.PathLike[str] | None = None,
+        step: int | None = None,
+    ) -> None:
+        super().__init__(message, rank=rank, path=path, step=step)
+        self.damaged = damaged
 
 
 class UnsupportedVersion(CheckpointError):

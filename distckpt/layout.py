@@ -12,6 +12,10 @@ A root looks like this (documented in the README, so people and tools can rely o
     root/.lock                  the commit lock
     root/.lease                 the writer lease's lock, held by a writing job's rank 0
     root/.lease.json            the lease record: the holder (host, pid, job id, generation)
+    root/damaged-step-00001000-<token>/
+                                a committed checkpoint a restore found damaged, set aside
+                                (no longer committed) rather than deleted: for people to look
+                                at or remove; nothing distckpt does counts or removes it
 
 This module only computes names; it reads the disk only to list what is there.
 """
@@ -36,7 +40,11 @@ BEST = "best"
 LINK_NAMES = (LAST, BEST)
 RANK_FILE_DIGITS = 5
 
+#: Prefixed to a step dir's name when the checkpoint is set aside as damaged.
+SET_ASIDE_PREFIX = "damaged-"
+
 _STEP_DIR_RE = re.compile(r"^step-(\d+)$")
+_SET_ASIDE_RE = re.compile(rf"^{SET_ASIDE_PREFIX}step-(\d+)-([0-9A-Za-z_.-]+)$")
 _RANK_FILE_RE = re.compile(r"^rank-(\d+)\.pt$")
 
 
@@ -49,6 +57,19 @@ def parse_step_dir_name(name: str) -> int | None:
     """The step a committed dir name stands for, or None if ``name`` is not one (any width)."""
     match = _STEP_DIR_RE.match(name)
     return int(match.group(1)) if match else None
+
+
+def set_aside_name(step: int, token: str) -> str:
+    """``damaged-step-00001000-<token>``: where a damaged checkpoint of ``step`` is set aside.
+    No step dir's name (the step listing, ``last``/``best``, retention and the step rules never
+    see it) and no leftover's (cleanup never removes it); ``token`` keeps each one apart."""
+    return f"{SET_ASIDE_PREFIX}{step_dir_name(step)}-{token}"
+
+
+def parse_set_aside_name(name: str) -> tuple[int, str] | None:
+    """The step and token of a set-aside checkpoint's name, or None if ``name`` is not one."""
+    match = _SET_ASIDE_RE.match(name)
+    return (int(match.group(1)), match.group(2)) if match else None
 
 
 def rank_file_name(rank: int) -> str:
@@ -95,6 +116,21 @@ class RootLayout:
 
     def step_dir(self, step: int) -> Path:
         return self.root / step_dir_name(step)
+
+    def set_aside_dir(self, step: int, token: str) -> Path:
+        return self.root / set_aside_name(step, token)
+
+    def set_aside_dirs(self) -> list[Path]:
+        """The checkpoints set aside as damaged, by name."""
+        try:
+            entries = list(os.scandir(self.root))
+        except FileNotFoundError:
+            return []
+        return sorted(
+            Path(entry.path)
+            for entry in entries
+            if parse_set_aside_name(entry.name) is not None and entry.is_dir(follow_symlinks=False)
+        )
 
     def link_path(self, name: str) -> Path:
         return self.root / name

@@ -24,6 +24,7 @@ import torch.distributed as dist
 from distckpt import policy, proposal, protocol, reader, resolve
 from distckpt.background import DEFAULT_BACKGROUND_NICE, BackgroundSaves, check_background_nice
 from distckpt.coord import Coordinator, check_timeout
+from distckpt.damaged import set_aside_damaged_newer
 from distckpt.decisions import LastSave, SaveDecider, SignalFlag
 from distckpt.errors import CheckpointError, RootInUse
 from distckpt.formats import ReadOptions, format_named
@@ -112,7 +113,8 @@ class CheckpointManager:
             :class:`InsufficientSpace` before writing. Where the filesystem reports no size,
             free space is unknown and not checked (with a warning).
         read_only: never write to the root (a read-only mount, or a root another job owns):
-            no writability probe, no lock file, no cleanup or link repair. :meth:`restore`
+            no writability probe, no lock file, no cleanup or link repair, no damaged
+            checkpoint set aside (see :meth:`restore`). :meth:`restore`
             and the queries work; :meth:`save`, :meth:`delete`, :meth:`prune` and :meth:`gc`
             raise :class:`ReadOnlyRoot`. The root must exist.
         wait_for_root: seconds to wait for another job that holds the root to end; 0 (the
@@ -195,6 +197,7 @@ class CheckpointManager:
         )
         self.format = format
         self.fsync = fsync
+        self.read_only = read_only
         self._closed = False
         self._save_count = 0
         self.preempted = False
@@ -391,6 +394,14 @@ class CheckpointManager:
         loading (sizes are always checked) and, for ``"last"``/``"best"``, falls back past a
         corrupt checkpoint with a warning. ``fix_key_prefixes=True`` maps wrapper prefixes
         (``_orig_mod.``, ``module.``) away or on when that makes every key match, before strict.
+
+        A checkpoint newer than the one loaded that ``"last"`` / ``"best"`` skipped because its
+        content is damaged (see :class:`~distckpt.CorruptCheckpoint`'s ``damaged``) is set
+        aside by rank 0 unless ``read_only`` (:meth:`RootStore.set_aside
+        <distckpt.storage.RootStore.set_aside>`): kept whole under another name, with a warning
+        saying where, so the job saves the steps after the one loaded again instead of
+        having them refused as lower than the damaged one. One that could not be judged (an
+        I/O error, an unknown checksum algorithm or format) is only skipped, as before.
         """
         self._check_open()
         self.wait()
@@ -406,6 +417,9 @@ class CheckpointManager:
             missing_ok=missing_ok,
             verify=verify,
             storage_options=self.storage_options,
+            after_resolving=None
+            if self.read_only
+            else functools.partial(set_aside_damaged_newer, self._store),
         )
         if loaded is not None:
             self._decider.last = LastSave.at(loaded.step, loaded.epoch)

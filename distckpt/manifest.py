@@ -35,6 +35,32 @@ MAX_MANIFEST_BYTES = 64 << 20
 _NON_FINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
 
 
+class Problem(str):
+    """One thing wrong with a checkpoint: the message naming it (a ``str``, so reports and
+    errors use it as one), and whether it is damage this version is sure of (``damage``: a
+    listed file missing or of another size, a checksum mismatch under a known algorithm, a
+    manifest that contradicts the checkpoint) rather than something it cannot judge (an
+    unknown checksum algorithm or format, a symlink where a file belongs). See
+    :class:`~distckpt.CorruptCheckpoint`'s ``damaged``."""
+
+    damage: bool
+
+    def __new__(cls, message: str, damage: bool = False) -> Problem:
+        problem = super().__new__(cls, message)
+        problem.damage = damage
+        return problem
+
+
+def damage(message: str) -> Problem:
+    """A problem that is damage this version is sure of."""
+    return Problem(message, damage=True)
+
+
+def unjudged(message: str) -> Problem:
+    """A problem this version cannot judge to be damage."""
+    return Problem(message, damage=False)
+
+
 @dataclass(frozen=True)
 class FileRecord:
     """One file of a checkpoint: its size in bytes, its checksum and the rank that wrote it."""
@@ -83,14 +109,16 @@ class Manifest:
         try:
             data = json.loads(raw)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise CorruptCheckpoint(f"{source} is not valid JSON: {exc}") from exc
+            raise CorruptCheckpoint(f"{source} is not valid JSON: {exc}", damaged=True) from exc
         except RecursionError as exc:
-            raise CorruptCheckpoint(f"{source} is not a manifest: nested too deeply") from exc
+            raise CorruptCheckpoint(
+                f"{source} is not a manifest: nested too deeply", damaged=True
+            ) from exc
         if not isinstance(data, dict):
-            raise CorruptCheckpoint(f"{source} is not a JSON object")
+            raise CorruptCheckpoint(f"{source} is not a JSON object", damaged=True)
         version = data.get("format_version")
         if not isinstance(version, int):
-            raise CorruptCheckpoint(f"{source} has no integer format_version")
+            raise CorruptCheckpoint(f"{source} has no integer format_version", damaged=True)
         if version > FORMAT_VERSION:
             raise UnsupportedVersion(
                 f"{source} has format version {version}, written by distckpt "
@@ -110,9 +138,11 @@ class Manifest:
         except CorruptCheckpoint:
             raise
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise CorruptCheckpoint(f"{source} does not follow the manifest schema: {exc}") from exc
+            raise CorruptCheckpoint(
+                f"{source} does not follow the manifest schema: {exc}", damaged=True
+            ) from exc
         if not isinstance(manifest.step, int) or not isinstance(manifest.world_size, int):
-            raise CorruptCheckpoint(f"{source}: step and world_size must be integers")
+            raise CorruptCheckpoint(f"{source}: step and world_size must be integers", damaged=True)
         return manifest
 
 
@@ -138,7 +168,9 @@ def _checked_relative_name(name: str, source: str) -> str:
     else:  # one component, as most names are: no path object to make for each file
         outside = name in ("", "..")
     if outside or "\\" in name or "\0" in name:
-        raise CorruptCheckpoint(f"{source} lists a file outside its directory: {name!r}")
+        raise CorruptCheckpoint(
+            f"{source} lists a file outside its directory: {name!r}", damaged=True
+        )
     return name
 
 
@@ -158,16 +190,18 @@ def check_json_metadata(metadata: Mapping[str, Any] | None) -> dict[str, Any]:
 
 def read_manifest(checkpoint_dir: Path) -> Manifest:
     """The manifest of a checkpoint dir. Raises :class:`CorruptCheckpoint` when it is missing or
-    unreadable, :class:`UnsupportedVersion` when it is newer than this library."""
+    unreadable (``damaged`` unless the read failed for another reason than a missing file: an
+    I/O error may pass), :class:`UnsupportedVersion` when it is newer than this library."""
     path = checkpoint_dir / MANIFEST_NAME
     try:
         if path.stat().st_size > MAX_MANIFEST_BYTES:
             raise CorruptCheckpoint(
-                f"{path} is larger than {MAX_MANIFEST_BYTES >> 20} MiB: not a manifest"
+                f"{path} is larger than {MAX_MANIFEST_BYTES >> 20} MiB: not a manifest",
+                damaged=True,
             )
         raw = path.read_bytes()
     except FileNotFoundError as exc:
-        raise CorruptCheckpoint(f"{checkpoint_dir} has no {MANIFEST_NAME}") from exc
+        raise CorruptCheckpoint(f"{checkpoint_dir} has no {MANIFEST_NAME}", damaged=True) from exc
     except OSError as exc:
         raise CorruptCheckpoint(f"cannot read {path}: {exc}") from exc
     return Manifest.from_json(raw, source=os.fspath(path))
@@ -180,36 +214,61 @@ def find_problems(
     expected_step: int | None = None,
     checksums: bool = False,
     progress: Callable[[int], None] | None = None,
-) -> list[str]:
-    """Everything wrong with a checkpoint dir against its manifest, one message per problem,
+) -> list[Problem]:
+    """Everything wrong with a checkpoint dir against its manifest, one problem per message,
     each naming the file: a missing or wrong-sized file, a file that is a symlink, a wrong
     checksum (only with ``checksums=True``: it reads every byte), a step that disagrees with
-    the dir's name. An empty list means the dir passes."""
-    problems: list[str] = []
+    the dir's name. An empty list means the dir passes. A failed read (other than of a file
+    that is missing) is raised as its ``OSError``: it judges nothing."""
+    problems: list[Problem] = []
     if expected_step is not None and manifest.step != expected_step:
         problems.append(
-            f"{checkpoint_dir / MANIFEST_NAME}: names step {manifest.step}, "
-            f"but the dir is for step {expected_step}"
+            damage(
+                f"{checkpoint_dir / MANIFEST_NAME}: names step {manifest.step}, "
+                f"but the dir is for step {expected_step}"
+            )
         )
     if manifest.checksum_algorithm != CHECKSUM_ALGORITHM and checksums:
-        problems.append(
-            f"{checkpoint_dir / MANIFEST_NAME}: unknown checksum algorithm "
-            f"{manifest.checksum_algorithm!r}; this distckpt checks {CHECKSUM_ALGORITHM!r}"
-        )
+        problems.append(unknown_checksum_algorithm(checkpoint_dir / MANIFEST_NAME, manifest))
         checksums = False
     for name, record in sorted(manifest.files.items()):
         path = checkpoint_dir / name
         try:
             status = os.lstat(path)  # one system call for both questions, for every file
         except FileNotFoundError:
-            problems.append(f"{path}: missing")
+            problems.append(missing(path))
             continue
         if stat.S_ISLNK(status.st_mode):
-            problems.append(f"{path}: is a symlink; checkpoint files must be regular files")
+            problems.append(
+                unjudged(f"{path}: is a symlink; checkpoint files must be regular files")
+            )
             continue
         size = status.st_size
         if size != record.size:
-            problems.append(f"{path}: {size} bytes, the manifest says {record.size} (truncated?)")
+            problems.append(wrong_size(path, size, record.size))
         elif checksums and file_checksum(path, progress) != record.checksum:
-            problems.append(f"{path}: checksum mismatch (its bytes changed after it was written)")
+            problems.append(checksum_mismatch(path))
     return problems
+
+
+# The problems both backends find, worded alike (``where`` names the file or the object).
+
+
+def missing(where: object) -> Problem:
+    return damage(f"{where}: missing")
+
+
+def wrong_size(where: object, size: int, listed: int) -> Problem:
+    return damage(f"{where}: {size} bytes, the manifest says {listed} (truncated?)")
+
+
+def checksum_mismatch(where: object) -> Problem:
+    return damage(f"{where}: checksum mismatch (its bytes changed after it was written)")
+
+
+def unknown_checksum_algorithm(where: object, manifest: Manifest) -> Problem:
+    """Not damage: a later version may write checksums this one does not know."""
+    return unjudged(
+        f"{where}: unknown checksum algorithm {manifest.checksum_algorithm!r}; this distckpt "
+        f"checks {CHECKSUM_ALGORITHM!r}"
+    )

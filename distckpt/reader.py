@@ -43,7 +43,7 @@ from distckpt.formats.base import check_map_location, check_rank_argument
 from distckpt.layout import BEST, LAST, LINK_NAMES, parse_step_dir_name
 from distckpt.manifest import Manifest
 from distckpt.rank_read import apply_read, prepare_read, read_state, vanish_checked
-from distckpt.resolve import VANISH_RETRIES, Found, resolve
+from distckpt.resolve import VANISH_RETRIES, Found, Skipped, recording_skips, resolve
 from distckpt.results import Checkpoint, CheckpointLocation
 from distckpt.storage import locate
 from distckpt.storage.views import CheckpointSource, RootView
@@ -83,6 +83,7 @@ def restore_on_ranks(
     verify: bool = False,
     rank: int | None = None,
     storage_options: Mapping[str, Any] | None = None,
+    after_resolving: Callable[[Found | None, list[Skipped]], None] | None = None,
 ) -> Checkpoint | None:
     """Load the checkpoint ``which`` names on every rank of ``coordinator`` (collective), or
     in this process alone when ``coordinator`` is None (as ``rank``, by default this process's
@@ -94,7 +95,13 @@ def restore_on_ranks(
     ``"last"``/``"best"`` names nothing yet. ``verify`` checks every checksum while
     resolving. ``storage_options`` configure the client of an ``s3://`` location. Every rank
     reads from a local copy of the checkpoint's files (for a local root, the dir itself). Any
-    rank's failure is raised on every rank."""
+    rank's failure is raised on every rank.
+
+    ``after_resolving`` runs where ``which`` is resolved (rank 0, or this process), right after
+    each resolution and before anything is read, with what was resolved and the checkpoints
+    the resolution skipped (see :func:`~distckpt.resolve.recording_skips`); an error it raises
+    is the resolution's, raised on every rank. It adds no collective: its outcome travels with
+    rank 0's decision."""
     options = options if options is not None else ReadOptions()
     if coordinator is not None:
         rank, world_size = coordinator.rank, coordinator.world_size
@@ -102,19 +109,23 @@ def restore_on_ranks(
         rank, world_size = (current_rank() if rank is None else rank), None
 
     def find() -> Found | None:
-        try:
-            return resolve(
-                which,
-                view=view,
-                monitor=monitor,
-                mode=mode,
-                checksums=verify,
-                storage_options=storage_options,
-            )
-        except CheckpointNotFound:
-            if missing_ok and which in (LAST, BEST):
-                return None
-            raise
+        with recording_skips() as skipped:
+            try:
+                found = resolve(
+                    which,
+                    view=view,
+                    monitor=monitor,
+                    mode=mode,
+                    checksums=verify,
+                    storage_options=storage_options,
+                )
+            except CheckpointNotFound:
+                if not (missing_ok and which in (LAST, BEST)):
+                    raise
+                found = None
+        if after_resolving is not None:
+            after_resolving(found, skipped)
+        return found
 
     read = functools.partial(
         _read_on_ranks,

@@ -17,6 +17,9 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
 from typing import Any
 
 from distckpt import policy
@@ -29,8 +32,8 @@ from distckpt.errors import (
 )
 from distckpt.formats import format_named
 from distckpt.layout import BEST, LAST, LINK_NAMES, MANIFEST_NAME, parse_step_dir_name
-from distckpt.manifest import Manifest
-from distckpt.results import CheckpointInfo
+from distckpt.manifest import Manifest, Problem, damage, unjudged
+from distckpt.results import CheckpointInfo, CheckpointLocation
 from distckpt.storage import locate
 from distckpt.storage.views import CheckpointSource, Located, PathKind, RootView
 
@@ -56,7 +59,7 @@ def inspect(
     *,
     checksums: bool = False,
     progress: Callable[[int], None] | None = None,
-) -> tuple[Manifest, list[str]]:
+) -> tuple[Manifest, list[Problem]]:
     """The manifest of a committed checkpoint and everything wrong with it against that
     manifest (empty when it passes): its step, every listed file present with its size (and,
     with ``checksums=True``, its checksum), the format's required files listed. Raises
@@ -73,25 +76,34 @@ def inspect(
 
 def check(source: CheckpointSource, *, checksums: bool = False) -> Manifest:
     """The manifest of a committed checkpoint that passes :func:`inspect`; raises
-    :class:`CorruptCheckpoint` naming every problem otherwise."""
+    :class:`CorruptCheckpoint` naming every problem otherwise, ``damaged`` when one of them is
+    damage this version is sure of."""
     manifest, problems = inspect(source, checksums=checksums)
     if problems:
         raise CorruptCheckpoint(
-            f"{source.location} fails its manifest check: " + "; ".join(problems)
+            f"{source.location} fails its manifest check: " + "; ".join(problems),
+            damaged=any(problem.damage for problem in problems),
         )
     return manifest
 
 
-def _format_problems(source: CheckpointSource, manifest: Manifest) -> list[str]:
-    """The manifest's format is unknown, or a file it requires (each rank's file, DCP's
-    ``.metadata``) is not listed: an unlisted file is unchecked and must not be loaded."""
+def _format_problems(source: CheckpointSource, manifest: Manifest) -> list[Problem]:
+    """The manifest's format is unknown (a later version's, perhaps: not judged damage), or a
+    file it requires (each rank's file, DCP's ``.metadata``) is not listed: an unlisted file is
+    unchecked and must not be loaded."""
     try:
         fmt = format_named(manifest.format)
     except InvalidArgument:
-        return [f"{source.describe(MANIFEST_NAME)}: unknown checkpoint format {manifest.format!r}"]
+        return [
+            unjudged(
+                f"{source.describe(MANIFEST_NAME)}: unknown checkpoint format {manifest.format!r}"
+            )
+        ]
     return [
-        f"{source.describe(name)}: required by the {manifest.format!r} format but not in the "
-        "manifest"
+        damage(
+            f"{source.describe(name)}: required by the {manifest.format!r} format but not in "
+            "the manifest"
+        )
         for name in fmt.required_files(manifest)
         if name not in manifest.files
     ]
@@ -103,6 +115,37 @@ def record_of(manifest: Manifest) -> policy.CheckpointRecord:
 
 
 # ---------------------------------------------------------------------------------- a root
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A committed checkpoint that a listing of valid ones skipped, and why."""
+
+    step: int
+    location: CheckpointLocation
+    reason: str
+    #: whether this version is sure its content is damaged (see
+    #: :class:`~distckpt.CorruptCheckpoint`); False for one it could not judge
+    damaged: bool
+
+
+#: Where :func:`iter_valid` records what it skips, while :func:`recording_skips` runs.
+_skip_record: ContextVar[list[Skipped] | None] = ContextVar("distckpt_skips", default=None)
+
+
+@contextmanager
+def recording_skips() -> Iterator[list[Skipped]]:
+    """Within the block (in this thread or task), every checkpoint :func:`iter_valid` skips is
+    appended to the list this yields, besides the warning: what a resolution of ``"last"``,
+    ``"best"`` or a root passed over, for the caller to act on (a writing manager sets the
+    damaged ones aside). A context variable rather than an argument of every resolving
+    function: they pass it along unchanged, and the warning is where the verdict is made."""
+    skipped: list[Skipped] = []
+    token = _skip_record.set(skipped)
+    try:
+        yield skipped
+    finally:
+        _skip_record.reset(token)
 
 
 def iter_valid(
@@ -124,7 +167,18 @@ def iter_valid(
             if not source.exists():
                 logger.debug("%s was deleted while being listed", source.location)
                 continue
-            logger.warning("skipping damaged checkpoint %s: %s", source.location, exc)
+            damaged = isinstance(exc, CorruptCheckpoint) and exc.damaged
+            if damaged:
+                logger.warning("skipping damaged checkpoint %s: %s", source.location, exc)
+            else:
+                logger.warning(
+                    "skipping checkpoint %s, which fails its check (not known to be damaged): %s",
+                    source.location,
+                    exc,
+                )
+            record = _skip_record.get()
+            if record is not None:
+                record.append(Skipped(step, source.location, str(exc), damaged))
 
 
 def newest_valid(view: RootView, *, checksums: bool = False) -> Found | None:

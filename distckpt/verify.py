@@ -5,7 +5,8 @@ a real dir (not a symlink), that ``manifest.json`` exists, is valid JSON in a fo
 this library reads and names the checkpoint's step; that every listed file is present, a
 regular file, of the listed size and checksum; that the format's required files (each rank's
 file, DCP's ``.metadata``) are listed; and that no unlisted file lies in the checkpoint. For a
-root it also checks that ``last`` / ``best`` name committed checkpoints inside the root.
+root it also checks that ``last`` / ``best`` name committed checkpoints inside the root, and
+lists the checkpoints set aside as damaged (not committed: not checked, no problem of the root).
 Nothing is unpickled and no tensor is loaded.
 """
 
@@ -45,6 +46,9 @@ class VerifyReport:
     checkpoints: tuple[CheckpointReport, ...] = ()
     #: problems outside any one checkpoint: links that cannot be followed
     problems: tuple[str, ...] = field(default_factory=tuple)
+    #: checkpoints of the root set aside as damaged: no longer committed, so not checked and
+    #: no problem of the root (``ok`` ignores them); listed for people to look at or remove
+    set_aside: tuple[CheckpointLocation, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -56,6 +60,7 @@ class VerifyReport:
             "path": os.fspath(self.path),
             "ok": self.ok,
             "problems": list(self.problems),
+            "set_aside": [os.fspath(where) for where in self.set_aside],
             "checkpoints": [
                 {
                     "path": os.fspath(c.path),
@@ -74,6 +79,7 @@ class VerifyReport:
             lines.append(f"{'ok    ' if report.ok else 'BROKEN'} {location_name(report.path)}")
             lines.extend(f"         {problem}" for problem in report.problems)
         lines.extend(f"BROKEN {problem}" for problem in self.problems)
+        lines.extend(f"set aside as damaged (not checked): {where}" for where in self.set_aside)
         if not self.checkpoints and not self.problems:
             lines.append(f"no checkpoint in {self.path}")
         return "\n".join(lines)
@@ -92,8 +98,8 @@ def verify_checkpoint(
         manifest, problems = inspect(source, checksums=checksums, progress=progress)
     except CheckpointError as exc:
         return CheckpointReport(source.location, step, (str(exc),))
-    problems += source.unlisted_files(manifest)
-    return CheckpointReport(source.location, manifest.step, tuple(problems), manifest.total_bytes)
+    found = (*problems, *source.unlisted_files(manifest))
+    return CheckpointReport(source.location, manifest.step, found, manifest.total_bytes)
 
 
 def verify(
@@ -135,7 +141,7 @@ def verify(
         linked, problem = link_problem(view, name)
         if linked is None:
             problems.append(str(problem))
-    return VerifyReport(view.root, reports, tuple(problems))
+    return VerifyReport(view.root, reports, tuple(problems), tuple(view.set_aside_checkpoints()))
 
 
 def _verify_every_checkpoint(

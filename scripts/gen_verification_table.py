@@ -23,7 +23,7 @@ END = "<!-- cases:end -->"
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from tests.hostile_cases import CASES, LINKS, Case  # noqa: E402
+from tests.hostile_cases import CASES, LINKS, STEP2, Case  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import doc_tables  # noqa: E402  (beside this script)
@@ -55,8 +55,8 @@ def render_table(cases: Sequence[Case]) -> str:
     """The Markdown table, one row per case."""
     rows = [
         '| Case | What was done | `verify(root)` | `restore("last")` '
-        '| `restore("last", verify=True)` | Explicit restore |',
-        "|---|---|---|---|---|---|",
+        '| `restore("last", verify=True)` | Explicit restore | Set aside at a restart |',
+        "|---|---|---|---|---|---|---|",
     ]
     for case in cases:
         what = case.description + (f" <br>*{case.notes}*" if case.notes else "")
@@ -68,6 +68,7 @@ def render_table(cases: Sequence[Case]) -> str:
             case.last.describe(),
             verified,
             _explicit(case),
+            f"yes: `{STEP2}` becomes `damaged-{STEP2}-<token>`" if case.set_aside else "no",
         ]
         rows.append("| " + " | ".join(_cell(cell) for cell in cells) + " |")
     return "\n".join(rows) + "\n"

@@ -7,7 +7,9 @@ Every case starts from a fresh root made by :func:`make_root` (two committed che
   root's links), with substrings its problem message must contain: always the file it is about;
 * ``mgr.restore("last")`` and ``mgr.restore("last", verify=True)``: which step is loaded, with
   which warning, or which exception is raised;
-* restoring the damaged thing explicitly: a step number, or a path inside the root.
+* restoring the damaged thing explicitly: a step number, or a path inside the root;
+* whether a restarted job (a manager that can write) sets step 2 aside as damaged when its
+  ``restore("last", verify=True)`` skips it.
 
 ``tests/test_verify.py`` asserts every line of the table; ``scripts/gen_verification_table.py``
 renders it into ``docs/verification.md``, so the doc says exactly what the tests check.
@@ -300,6 +302,9 @@ class Case:
     explicit_verified: Outcome | None = None
     #: a remark for the docs table
     notes: str = ""
+    #: whether a restarted job's restore("last", verify=True) sets step 2 aside as damaged
+    #: (renamed to ``damaged-step-00000002-<token>``): only for damage this version is sure of
+    set_aside: bool = False
 
     @property
     def last_checked(self) -> Outcome:
@@ -322,6 +327,7 @@ def _quote(parts: tuple[str, ...]) -> str:
 CASES: list[Case] = [
     Case(
         id="truncated-shard",
+        set_aside=True,
         description=f"`{STEP2}/{RANK0}` cut to half its size",
         damage=truncate_shard,
         verify={STEP2: (f"{STEP2}/{RANK0}", "truncated")},
@@ -331,6 +337,7 @@ CASES: list[Case] = [
     ),
     Case(
         id="flipped-byte",
+        set_aside=True,
         description=f"one byte of tensor data in `{STEP2}/{RANK0}` flipped (same size)",
         damage=flip_byte,
         verify={STEP2: (f"{STEP2}/{RANK0}", "checksum mismatch")},
@@ -343,6 +350,7 @@ CASES: list[Case] = [
     ),
     Case(
         id="missing-manifest",
+        set_aside=True,
         description=f"`{STEP2}/{MANIFEST}` deleted",
         damage=remove_manifest,
         verify={STEP2: (STEP2, f"no {MANIFEST}")},
@@ -352,6 +360,7 @@ CASES: list[Case] = [
     ),
     Case(
         id="manifest-not-json",
+        set_aside=True,
         description=f"`{STEP2}/{MANIFEST}` cut short (not valid JSON)",
         damage=manifest_not_json,
         verify={STEP2: (f"{STEP2}/{MANIFEST}", "not valid JSON")},
@@ -371,6 +380,7 @@ CASES: list[Case] = [
     ),
     Case(
         id="missing-rank-file",
+        set_aside=True,
         description=f"`{STEP2}/{RANK0}` deleted",
         damage=remove_rank_file,
         verify={STEP2: (f"{STEP2}/{RANK0}", "missing")},
@@ -380,6 +390,7 @@ CASES: list[Case] = [
     ),
     Case(
         id="rank-file-unlisted",
+        set_aside=True,
         description=f"`{RANK0}` removed from `{STEP2}/{MANIFEST}` (the file stays)",
         damage=unlist_rank_file,
         verify={STEP2: (f"{STEP2}/{RANK0}", "required by the 'torch' format")},
@@ -400,6 +411,7 @@ CASES: list[Case] = [
     ),
     Case(
         id="manifest-names-other-step",
+        set_aside=True,
         description=f"`{STEP2}/{MANIFEST}` says `step: 1`",
         damage=manifest_names_step_1,
         verify={STEP2: (f"{STEP2}/{MANIFEST}", "names step 1")},
@@ -409,6 +421,7 @@ CASES: list[Case] = [
     ),
     Case(
         id="manifest-lists-parent-path",
+        set_aside=True,
         description=f"`{STEP2}/{MANIFEST}` also lists `../x` (which exists, size and crc match)",
         damage=manifest_lists_parent,
         verify={STEP2: (f"{STEP2}/{MANIFEST}", "outside its directory", "../x")},
@@ -418,6 +431,7 @@ CASES: list[Case] = [
     ),
     Case(
         id="manifest-lists-absolute-path",
+        set_aside=True,
         description=f"`{STEP2}/{MANIFEST}` also lists an absolute path to a real file",
         damage=manifest_lists_absolute,
         verify={STEP2: (f"{STEP2}/{MANIFEST}", "outside its directory", "elsewhere.bin")},
@@ -427,6 +441,7 @@ CASES: list[Case] = [
     ),
     Case(
         id="manifest-lists-nul-name",
+        set_aside=True,
         description=f"`{STEP2}/{MANIFEST}` also lists a name with a NUL byte (`rank\\u0000.pt`)",
         damage=manifest_lists_nul_name,
         verify={STEP2: (f"{STEP2}/{MANIFEST}",)},
@@ -460,6 +475,7 @@ CASES: list[Case] = [
     ),
     Case(
         id="huge-garbage-manifest",
+        set_aside=True,
         description=f"`{STEP2}/{MANIFEST}` replaced by 32 MiB of random bytes",
         damage=huge_garbage_manifest,
         verify={STEP2: (f"{STEP2}/{MANIFEST}", "not valid JSON")},
@@ -469,6 +485,7 @@ CASES: list[Case] = [
     ),
     Case(
         id="deeply-nested-manifest",
+        set_aside=True,
         description=f"`{STEP2}/{MANIFEST}` is 200,000 nested JSON arrays",
         damage=deeply_nested_manifest,
         verify={STEP2: (f"{STEP2}/{MANIFEST}",)},

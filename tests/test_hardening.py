@@ -388,20 +388,24 @@ def test_damaged_newest_is_skipped_by_last_and_refused_explicitly(
     _damage(step2, damage)
 
     with distckpt.CheckpointManager(root, timeout=TIMEOUT) as mgr:
+        # Named explicitly, it is refused (and left where it is).
+        with pytest.raises(distckpt.CorruptCheckpoint, match="step-00000002"):
+            mgr.restore(2)
+        with pytest.raises(distckpt.CorruptCheckpoint):
+            distckpt.load_checkpoint(step2)
+        assert mgr.latest_step() == 1 and mgr.steps() == [1, 2]
+        assert os.readlink(root / "last") == "step-00000001"  # repaired at start-up
+        assert distckpt.load_checkpoint(root / "last").step == 1
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="distckpt"):
             template = {"w": torch.zeros(3)}
             assert mgr.restore("last", state=template).step == 1
         assert torch.equal(template["w"], _weights(1, 0))
         assert "step-00000002" in caplog.text
-        with pytest.raises(distckpt.CorruptCheckpoint, match="step-00000002"):
-            mgr.restore(2)
-        assert mgr.latest_step() == 1
-        assert os.readlink(root / "last") == "step-00000001"  # repaired at start-up
-        assert distckpt.load_checkpoint(root / "last").step == 1
-        with pytest.raises(distckpt.CorruptCheckpoint):
-            distckpt.load_checkpoint(step2)
-        # Saving goes on above the damaged step.
+        # "last" skipped it, and set it aside (tests/test_set_aside.py): saving goes on from
+        # the step loaded.
+        assert mgr.steps() == [1] and not step2.exists()
+        assert mgr.save(2, {"w": _weights(2, 0)}).step == 2
         assert mgr.save(3, {"w": _weights(3, 0)}).step == 3
         assert os.readlink(root / "last") == "step-00000003"
 

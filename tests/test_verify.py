@@ -175,7 +175,8 @@ def test_restore_explicit_verified(damaged: Damaged, caplog: pytest.LogCaptureFi
 
 def test_a_restarted_job_gets_the_same_checkpoint(damaged: Damaged) -> None:
     """A manager opened on the damaged root (the restarted job) loads what restore("last",
-    verify=True) loads, or raises the same error; opening it never runs a pickle."""
+    verify=True) loads, or raises the same error; opening it never runs a pickle. It sets
+    step 2 aside exactly when the case says so."""
     expected = damaged.case.last_checked
     damaged.mgr.close()  # the job that saved has ended (it held the root's lease until now)
 
@@ -190,6 +191,14 @@ def test_a_restarted_job_gets_the_same_checkpoint(damaged: Damaged) -> None:
         ckpt = restart()
         assert ckpt is not None and ckpt.step == expected.step
         assert is_intact(ckpt.state, ckpt.step) == expected.intact
+    set_aside = distckpt.verify(damaged.root).set_aside
+    if damaged.case.set_aside:
+        (where,) = set_aside
+        assert where.name.startswith(f"damaged-{STEP2}-")
+        assert not (damaged.root / STEP2).exists()
+    else:
+        assert set_aside == ()
+        assert os.path.lexists(damaged.root / STEP2)
 
 
 def test_the_docs_table_matches_the_cases() -> None:

@@ -113,9 +113,11 @@ class RootStore(abc.ABC):
 
     @abc.abstractmethod
     def check_step(self, step: int, *, overwrite: bool, explicit: bool) -> SaveResult | None:
-        """Rank 0: refuse a step lower than the newest committed one, or an already committed
-        step when ``explicit`` and not ``overwrite`` (:class:`~distckpt.CheckpointExists`);
-        return that checkpoint instead when not ``explicit`` (a scheduled or forced save)."""
+        """Rank 0: refuse a step lower than the newest committed one
+        (:class:`~distckpt.InvalidStep`, naming each newer checkpoint that is not plainly
+        intact and what to do about it), or an already committed step when ``explicit`` and
+        not ``overwrite`` (:class:`~distckpt.CheckpointExists`); return that checkpoint instead
+        when not ``explicit`` (a scheduled or forced save)."""
 
     @abc.abstractmethod
     def begin_staging(self, step: int, token: str) -> StagingArea:
@@ -171,6 +173,18 @@ class RootStore(abc.ABC):
     def delete(self, step: int) -> int | None:
         """Unpublish and remove the checkpoint of ``step``; repair the links. Returns the
         newest remaining step. :class:`~distckpt.CheckpointNotFound` if there is none."""
+
+    @abc.abstractmethod
+    def set_aside(self, step: int, location: CheckpointLocation) -> CheckpointLocation | None:
+        """Rank 0: take the committed checkpoint of ``step``, found damaged at ``location`` by
+        a restore (:class:`~distckpt.CorruptCheckpoint` with ``damaged``), out of the committed
+        steps without deleting or changing any of its bytes: afterwards no listing, ``last`` /
+        ``best``, retention, step rule or cleanup counts it, and a person still finds it
+        (:meth:`RootView.set_aside_checkpoints`; ``distckpt ls`` and ``verify`` show it) to
+        inspect or delete. ``last`` / ``best`` are moved off it first. Checks the lease like
+        every change (:class:`~distckpt.LeaseLost`); :class:`~distckpt.ReadOnlyRoot` when
+        read-only. Returns where it now is, or None when the step's checkpoint is no longer
+        the one at ``location`` (gone, or replaced meanwhile): nothing is then done."""
 
     @abc.abstractmethod
     def prune(self) -> list[int]:

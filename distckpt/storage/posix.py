@@ -5,7 +5,8 @@ for as long as it is written. The commit is, under the root's file lock (:class:
 check the staged files, write the manifest, fsync, rename the staging dir to ``step-N`` and
 fsync the root — the rename is the moment of publication. ``last``/``best`` are relative
 symlinks (or pointer files where symlinks are refused) swapped atomically; retention and
-deletes rename a checkpoint into ``root/.trash`` under the lock and delete its bytes after.
+deletes rename a checkpoint into ``root/.trash`` under the lock and delete its bytes after
+(:mod:`distckpt.storage.posix_removal`, with cleanup and the setting aside of a damaged one).
 
 Power loss: every guarantee stands on an fsync of its own, in the order the persistence model
 of ``docs/faults.md`` needs. The root and ``.staging`` are created durably (an fsync of the
@@ -31,7 +32,7 @@ from collections.abc import Mapping
 from contextlib import ExitStack
 from pathlib import Path
 
-from distckpt import events, faults, policy, resolve
+from distckpt import events, faults, policy
 from distckpt.checksums import ChecksumWriter
 from distckpt.errors import (
     CheckpointError,
@@ -57,18 +58,19 @@ from distckpt.fsutil import (
 from distckpt.fsutil import free_bytes as filesystem_free_bytes
 from distckpt.layout import MANIFEST_NAME, RootLayout
 from distckpt.lease import LeaseHolder, RootLease, break_lease, read_holder
-from distckpt.lock import Leftover, RootLock, WriterLock, find_leftovers
+from distckpt.lock import RootLock, WriterLock
 from distckpt.manifest import FileRecord, Manifest
 from distckpt.results import CheckpointLocation, SaveResult
 from distckpt.storage import ExtraFile, OpenedRoot, StagingArea, store_files
 from distckpt.storage.posix_links import COMMITTING_RANK, LinksAndRetention
+from distckpt.storage.posix_removal import Removals
 from distckpt.storage.posix_view import PosixRootView
 from distckpt.storage.shared import ViewedStore, opened_no_more, release_at_exit
 
 logger = logging.getLogger("distckpt")
 
 
-class PosixRootStore(LinksAndRetention, ViewedStore):
+class PosixRootStore(Removals, LinksAndRetention, ViewedStore):
     """A checkpoint root that is a directory (see the module doc)."""
 
     def __init__(
@@ -169,6 +171,12 @@ class PosixRootStore(LinksAndRetention, ViewedStore):
         maintenance commands rely on the lock alone."""
         if self._lease is not None:
             self._lease.check_current()
+
+    def lease_holder(self) -> LeaseHolder | None:
+        return read_holder(self.root)
+
+    def break_lease(self) -> LeaseHolder | None:
+        return break_lease(self.root)
 
     def check_visible(self, rank: int) -> None:
         if not self.root.is_dir():
@@ -399,91 +407,6 @@ class PosixRootStore(LinksAndRetention, ViewedStore):
             self._update_links()
         except (OSError, CheckpointError) as exc:  # derived state: the next commit redoes it
             logger.error("could not repair the links of %s: %s", self.root, exc)
-
-    # ------------------------------------------------------------------ removal
-
-    def delete(self, step: int) -> int | None:
-        self._refuse_if_read_only(f"delete step {step}")
-        with self._lock:
-            self._check_lease()
-            directory = Path(resolve.committed_dir(self.view, step).location)
-            # Links first, durably, then the trash: the other order leaves a durable state
-            # in which ``last`` names a checkpoint that is gone.
-            records = self._update_links(leaving=directory)
-            faults.hit("during_delete", COMMITTING_RANK)
-            move_to_trash(directory, self.layout.trash_root, fsync=self.fsync)
-        self._empty_trash()
-        return records[-1].step if records else None
-
-    def prune(self) -> list[int]:
-        self._refuse_if_read_only("prune")
-        with self._lock:
-            self._check_lease()
-            removed = self._apply_retention(self._update_links())
-        self._empty_trash()
-        return removed
-
-    def leftovers(self) -> list[Leftover]:
-        return [item for item in find_leftovers(self.layout) if item.kind != "lock"]
-
-    def lease_holder(self) -> LeaseHolder | None:
-        return read_holder(self.root)
-
-    def break_lease(self) -> LeaseHolder | None:
-        return break_lease(self.root)
-
-    def collect_leftovers(self) -> list[CheckpointLocation]:
-        self._refuse_if_read_only("collect leftovers")
-        with self._lock:
-            self._check_lease()
-            removed = self._removed_at_open + self._remove_leftovers()
-        self._removed_at_open = []  # reported once
-        return removed
-
-    def _empty_trash(self) -> None:
-        """Delete what retention and deletes moved into the trash; outside the lock."""
-        if self.layout.trash_root.is_dir():
-            for entry in self.layout.trash_root.iterdir():
-                self._remove_quietly(entry)
-
-    def _remove_leftovers(self) -> list[CheckpointLocation]:
-        """Under the lock: staging dirs whose writer is dead, orphaned lock files, the trash,
-        and the probes and links under construction a killed process left in the root (made
-        under the lock only, so whoever made one is gone). A live writer's staging is never
-        touched. Returns what it removed."""
-        removed: list[CheckpointLocation] = []
-        holds_lease = self._lease is not None and self._lease.held
-        for leftover in find_leftovers(self.layout, locked=True, holds_lease=holds_lease):
-            path = Path(leftover.path)
-            if leftover.writer_alive:
-                logger.info("leaving %s alone: its writer is alive", path)
-            elif leftover.in_use:
-                # a deleted file a reader still holds open (.fuse_hidden*, .nfs*): removing it
-                # fails (EBUSY) until the reader closes it; the next cleanup tries again
-                logger.info("leaving %s: in use by a reader, removed at a later cleanup", path)
-            elif leftover.kind == "lock":
-                path.unlink(missing_ok=True)
-            else:
-                if leftover.kind == "staging":
-                    logger.info("removing %s, left by a writer that died", path)
-                if self._remove_quietly(path):
-                    if leftover.kind == "staging":
-                        WriterLock(path).release()  # removes its lock file
-                    removed.append(path)
-        return removed
-
-    def _remove_quietly(self, leftover: Path) -> bool:
-        """Remove a leftover; one that cannot be removed is reported, not raised, so it can
-        never stop a job from starting (the next start tries again)."""
-        try:
-            faults.hit("during_staging_cleanup", COMMITTING_RANK)
-            remove_tree(leftover)
-        except Exception as exc:
-            logger.warning(
-                "could not remove leftover %s (tried again at next start): %s", leftover, exc
-            )
-            return False
-        return True
 
 
 #: a write that failed for want of room: the disk is full, or the user's quota is used up

@@ -12,7 +12,8 @@ from pathlib import Path
 from distckpt.errors import CheckpointNotFound
 from distckpt.fsutil import read_link
 from distckpt.layout import LINK_NAMES, MANIFEST_NAME, RootLayout, parse_step_dir_name
-from distckpt.manifest import Manifest, find_problems, read_manifest
+from distckpt.manifest import Manifest, Problem, find_problems, read_manifest
+from distckpt.results import CheckpointLocation
 from distckpt.storage.views import CheckpointSource, Located, RootView
 
 
@@ -43,7 +44,7 @@ class PosixCheckpoint(CheckpointSource):
         *,
         checksums: bool,
         progress: Callable[[int], None] | None = None,
-    ) -> list[str]:
+    ) -> list[Problem]:
         return find_problems(
             self.location,
             manifest,
@@ -96,6 +97,9 @@ class PosixRootView(RootView):
             for entry in sorted(os.scandir(self.root), key=lambda e: e.name)
             if (step := parse_step_dir_name(entry.name)) is not None
         ]
+
+    def set_aside_checkpoints(self) -> list[CheckpointLocation]:
+        return list(self.layout.set_aside_dirs())
 
     def read_pointer(self, name: str) -> str | None:
         return read_link(self.layout.link_path(name))

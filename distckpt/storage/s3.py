@@ -377,7 +377,7 @@ class S3RootStore(Upkeep, ViewedStore):
         try:
             faults.hit("after_rename", rank)
             if replaced is not None:
-                self._delete_prefix(self.s3.attempt_prefix(step, replaced.attempt))
+                self._delete_published_save(step, replaced.attempt)
             self._apply_retention(self._update_pointers())
         except Exception as exc:
             logger.error(

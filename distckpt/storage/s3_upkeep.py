@@ -5,6 +5,7 @@ mixin of :class:`~distckpt.storage.s3.S3RootStore`, run by the committing rank.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -64,9 +65,18 @@ class Upkeep:
     #: each pointer's target and ETag as this store last wrote it
     _pointers_written: dict[str, tuple[str, str]]
     _steps_retention_removes: Callable[[list[policy.CheckpointRecord]], list[int]]
+    _check_lease: Callable[[], None]
+    _refuse_if_read_only: Callable[[str], None]
 
     def _delete_prefix(self, prefix: str) -> None:
         self.s3.client.delete(info.key for info in list(self.s3.client.list(prefix)))
+
+    def _delete_published_save(self, step: int, attempt: str) -> None:
+        """Delete every object of a save that was published (unpublished now: removed or
+        replaced), with the set-aside record naming it that a set-aside killed before it
+        unpublished the save leaves behind (it would list a save that is gone)."""
+        self._delete_prefix(self.s3.attempt_prefix(step, attempt))
+        self.s3.client.delete([self.s3.set_aside_record_name(step, attempt)])
 
     def _update_pointers(self, *, leaving: int | None = None) -> list[policy.CheckpointRecord]:
         """Point ``last`` at the newest committed checkpoint that passes its check and
@@ -145,7 +155,33 @@ class Upkeep:
         self.s3.client.delete([self.s3.commit_name(step)])
         faults.hit("during_delete", COMMITTING_RANK)
         if record is not None:
-            self._delete_prefix(self.s3.attempt_prefix(step, record.attempt))
+            self._delete_published_save(step, record.attempt)
+
+    def set_aside(self, step: int, location: CheckpointLocation) -> CheckpointLocation | None:
+        """Unpublish the step's save without deleting any object of it: first a set-aside
+        record naming its attempt (which gc honours: the attempt is never a leftover), then the
+        pointers move off it, then its ``COMMIT`` goes. A crash in between leaves the step
+        committed (and skipped) as before, with the record already there: the next restore
+        sets it aside again, under the same record."""
+        self._refuse_if_read_only(f"set aside step {step}")
+        self._check_lease()
+        if location != self.s3.location(step):
+            return None
+        try:
+            record = self.s3.read_commit(step)
+        except CorruptCheckpoint:
+            return None  # which save it publishes is unknown: nothing to name in a record
+        if record is None:
+            return None  # deleted since the restore judged it
+        marker = self.s3.set_aside_record_name(step, record.attempt)
+        with contextlib.suppress(ObjectExists):  # set aside before, by a start that died
+            self.s3.client.put_bytes(
+                marker, CommitRecord.encode(step, record.attempt), if_absent=True
+            )
+        self._update_pointers(leaving=step)
+        self._check_lease()
+        self.s3.client.delete([self.s3.commit_name(step)])
+        return self.s3.attempt_location(step, record.attempt)
 
     def leftovers(self) -> list[Leftover]:
         return [leftover for leftover, _ in self._find_leftovers()]
@@ -185,6 +221,11 @@ class Upkeep:
                 continue
             writer_alive = self._claim_live(attempt)
             if not writer_alive and self._names(self._read_commit_or_none(step), attempt):
+                claims.discard(attempt)
+                continue
+            # Read after COMMIT: a set-aside writes its record before it deletes COMMIT, so a
+            # save whose COMMIT this read missed for that reason has its record by now.
+            if not writer_alive and self.s3.is_set_aside(step, attempt):
                 claims.discard(attempt)
                 continue
             where = self.s3.attempt_location(step, attempt)

@@ -8,11 +8,15 @@ Under ``s3://BUCKET/PREFIX/``::
     step-00000010/COMMIT                        {"step": 10, "attempt": "<attempt>"}: created
                                                 with If-None-Match: *, the moment of publication
     last, best                                  pointer objects: one line, "step-00000010"
+    damaged-step-00000010-<attempt>             a set-aside record: the save ``attempt`` of
+                                                step 10, found damaged, whose COMMIT was
+                                                then deleted; its objects stay (gc leaves them)
     .lease                                      the writing job's lease (distckpt.objlease)
     .writers/<attempt>                          a live writer's claim on its attempt
 
 A step is committed exactly when its ``COMMIT`` object exists, and its checkpoint is the
-attempt ``COMMIT`` names; objects of any other attempt are leftovers (or a live writer's).
+attempt ``COMMIT`` names; objects of any other attempt are leftovers (or a live writer's), but
+for an attempt a set-aside record names.
 """
 
 from __future__ import annotations
@@ -35,9 +39,28 @@ from distckpt.errors import (
     ObjectNotFound,
 )
 from distckpt.fsutil import POINTER_MAX_BYTES
-from distckpt.layout import LINK_NAMES, MANIFEST_NAME, parse_step_dir_name, step_dir_name
-from distckpt.manifest import CHECKSUM_ALGORITHM, MAX_MANIFEST_BYTES, Manifest
+from distckpt.layout import (
+    LINK_NAMES,
+    MANIFEST_NAME,
+    SET_ASIDE_PREFIX,
+    parse_set_aside_name,
+    parse_step_dir_name,
+    set_aside_name,
+    step_dir_name,
+)
+from distckpt.manifest import (
+    CHECKSUM_ALGORITHM,
+    MAX_MANIFEST_BYTES,
+    Manifest,
+    Problem,
+    checksum_mismatch,
+    damage,
+    missing,
+    unknown_checksum_algorithm,
+    wrong_size,
+)
 from distckpt.objstore import ObjectStore, S3Url
+from distckpt.results import CheckpointLocation
 from distckpt.storage.s3_spool import make_temp_dir
 from distckpt.storage.views import CheckpointSource, Located, RootView
 
@@ -112,6 +135,10 @@ class S3Root:
     def claim_name(attempt: str) -> str:
         return f"{WRITERS_PREFIX}{attempt}"
 
+    @staticmethod
+    def set_aside_record_name(step: int, attempt: str) -> str:
+        return set_aside_name(step, attempt)
+
     def location(self, step: int) -> str:
         """The checkpoint of ``step`` as users name it: ``s3://BUCKET/PREFIX/step-N``."""
         return f"{self.root}/{step_dir_name(step)}"
@@ -168,6 +195,22 @@ class S3Root:
             raise CorruptCheckpoint(
                 f"{self.root}/{self.commit_name(step)} is not a commit record: {exc}", step=step
             ) from exc
+
+    def set_aside_attempts(self) -> list[tuple[int, str]]:
+        """The saves set aside as damaged (step, attempt), from their records' names."""
+        return [
+            parsed
+            for info in self.client.list(SET_ASIDE_PREFIX)
+            if (parsed := parse_set_aside_name(info.key)) is not None
+        ]
+
+    def is_set_aside(self, step: int, attempt: str) -> bool:
+        """Whether a set-aside record names the save ``attempt`` of ``step``."""
+        try:
+            self.client.head(self.set_aside_record_name(step, attempt))
+        except ObjectNotFound:
+            return False
+        return True
 
     def read_pointer(self, name: str) -> tuple[str | None, str | None]:
         """The target a pointer object names (None if absent or not a pointer) and its ETag
@@ -236,11 +279,14 @@ class S3Checkpoint(CheckpointSource):
         try:
             if self._root.client.head(name).size > MAX_MANIFEST_BYTES:
                 raise CorruptCheckpoint(
-                    f"{source} is larger than {MAX_MANIFEST_BYTES >> 20} MiB: not a manifest"
+                    f"{source} is larger than {MAX_MANIFEST_BYTES >> 20} MiB: not a manifest",
+                    damaged=True,
                 )
             raw = self._root.client.get_bytes(name)
         except ObjectNotFound as exc:
-            raise CorruptCheckpoint(f"{self.location} has no {MANIFEST_NAME}") from exc
+            raise CorruptCheckpoint(
+                f"{self.location} has no {MANIFEST_NAME}", damaged=True
+            ) from exc
         return Manifest.from_json(raw, source=source)
 
     def _sizes(self) -> dict[str, int]:
@@ -253,42 +299,35 @@ class S3Checkpoint(CheckpointSource):
         *,
         checksums: bool,
         progress: Callable[[int], None] | None = None,
-    ) -> list[str]:
-        problems: list[str] = []
+    ) -> list[Problem]:
+        problems: list[Problem] = []
         if manifest.step != self.expected_step:
             problems.append(
-                f"{self.describe(MANIFEST_NAME)}: names step {manifest.step}, "
-                f"but the checkpoint is for step {self.expected_step}"
+                damage(
+                    f"{self.describe(MANIFEST_NAME)}: names step {manifest.step}, "
+                    f"but the checkpoint is for step {self.expected_step}"
+                )
             )
         if manifest.checksum_algorithm != CHECKSUM_ALGORITHM and checksums:
-            problems.append(
-                f"{self.describe(MANIFEST_NAME)}: unknown checksum algorithm "
-                f"{manifest.checksum_algorithm!r}; this distckpt checks {CHECKSUM_ALGORITHM!r}"
-            )
+            problems.append(unknown_checksum_algorithm(self.describe(MANIFEST_NAME), manifest))
             checksums = False
         sizes = self._sizes()
         for name, record in sorted(manifest.files.items()):
             size = sizes.get(name)
             if size is None:
-                problems.append(f"{self.describe(name)}: missing")
+                problems.append(missing(self.describe(name)))
             elif size != record.size:
-                problems.append(
-                    f"{self.describe(name)}: {size} bytes, the manifest says {record.size} "
-                    "(truncated?)"
-                )
+                problems.append(wrong_size(self.describe(name), size, record.size))
             elif checksums:
                 try:
                     matches = self._checksum_matches(name, record.checksum, progress)
                 except ObjectNotFound:
                     # deleted since the listing (before its HEAD or its GET): as missing as
                     # when the listing did not find it
-                    problems.append(f"{self.describe(name)}: missing")
+                    problems.append(missing(self.describe(name)))
                     continue
                 if not matches:
-                    problems.append(
-                        f"{self.describe(name)}: checksum mismatch (its bytes changed after "
-                        "it was written)"
-                    )
+                    problems.append(checksum_mismatch(self.describe(name)))
         return problems
 
     def _checksum_matches(
@@ -383,6 +422,13 @@ class S3RootView(RootView):
 
     def checkpoint(self, step: int) -> S3Checkpoint:
         return S3Checkpoint(self.s3, step)
+
+    def set_aside_checkpoints(self) -> list[CheckpointLocation]:
+        """Where the objects of each set-aside save are (its prefix, as a URL)."""
+        return [
+            self.s3.attempt_location(step, attempt)
+            for step, attempt in self.s3.set_aside_attempts()
+        ]
 
     def read_pointer(self, name: str) -> str | None:
         return self.s3.read_pointer(name)[0]

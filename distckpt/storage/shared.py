@@ -6,7 +6,7 @@ from __future__ import annotations
 import atexit
 import weakref
 
-from distckpt import policy, resolve
+from distckpt import damaged, policy, resolve
 from distckpt.errors import CheckpointExists, InvalidStep, ReadOnlyRoot
 from distckpt.layout import BEST, LAST, parse_step_dir_name
 from distckpt.results import SaveResult
@@ -73,7 +73,8 @@ class ViewedStore(RootStore):
             raise InvalidStep(
                 f"step {step} is lower than the newest committed step {committed[-1]} in "
                 f"{self.root}; steps only grow within a root: delete the newer "
-                "checkpoints (manager.delete(step)) or save into a new root",
+                "checkpoints (manager.delete(step)) or save into a new root"
+                + damaged.verdicts_on_newer(self.view, step, committed),
                 step=step,
             )
         return None

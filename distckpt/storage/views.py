@@ -24,7 +24,7 @@ from typing import Literal
 
 from distckpt.errors import CheckpointError
 from distckpt.layout import RootLayout
-from distckpt.manifest import Manifest
+from distckpt.manifest import Manifest, Problem
 from distckpt.results import CheckpointLocation, location_name
 
 #: What a location given by a user stands for: a ``last``/``best`` pointer of a root, one
@@ -70,10 +70,12 @@ class CheckpointSource(abc.ABC):
         *,
         checksums: bool,
         progress: Callable[[int], None] | None = None,
-    ) -> list[str]:
+    ) -> list[Problem]:
         """Everything wrong with its files against ``manifest``, one message per problem: a
         step other than :attr:`expected_step`, a missing or wrong-sized file, and with
-        ``checksums`` a wrong checksum (every byte is read; ``progress`` gets the counts)."""
+        ``checksums`` a wrong checksum (every byte is read; ``progress`` gets the counts).
+        Each says whether it is damage this version is sure of (:class:`Problem`); a read
+        that fails for another reason than a missing file raises."""
 
     @abc.abstractmethod
     def unlisted_files(self, manifest: Manifest) -> list[str]:
@@ -133,6 +135,11 @@ class RootView(abc.ABC):
         """Everything that looks like a checkpoint, damaged or unsafe ones included, for
         ``verify`` to report on: by default the committed steps' checkpoints."""
         return [self.checkpoint(step) for step in self.committed_steps()]
+
+    @abc.abstractmethod
+    def set_aside_checkpoints(self) -> list[CheckpointLocation]:
+        """The checkpoints set aside as damaged (:meth:`~distckpt.storage.RootStore.set_aside`),
+        by name: no longer committed, kept for people to inspect or delete."""
 
     @abc.abstractmethod
     def read_pointer(self, name: str) -> str | None:

@@ -1,0 +1,137 @@
+"""The POSIX store's removals: deletes, pruning, cleanup of dead writers' leftovers, and the
+setting aside of a damaged checkpoint.
+
+A delete (or retention) moves the links off a checkpoint, durably, then renames it into
+``root/.trash`` under the root's lock; its bytes are deleted after the lock is released. A
+checkpoint a restore found damaged is set aside instead: the links move off it, then it is
+renamed, whole, to ``root/damaged-step-N-<token>`` (durably), a name no step listing, link,
+retention rule or cleanup treats as a checkpoint or a leftover; nothing of it is deleted.
+Everything here runs on the committing rank, as part of
+:class:`~distckpt.storage.posix.PosixRootStore`.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+from distckpt import faults, policy, resolve
+from distckpt.fsutil import move_to_trash, remove_tree, rename_dir
+from distckpt.layout import RootLayout
+from distckpt.lease import RootLease
+from distckpt.lock import Leftover, RootLock, WriterLock, find_leftovers
+from distckpt.results import CheckpointLocation
+from distckpt.storage.posix_links import COMMITTING_RANK
+from distckpt.storage.posix_view import PosixRootView
+
+logger = logging.getLogger("distckpt")
+
+
+class Removals:
+    """The removing half of the POSIX store (a mixin: the store supplies these attributes)."""
+
+    layout: RootLayout
+    view: PosixRootView
+    root: Path
+    fsync: bool
+    _lock: RootLock
+    _lease: RootLease | None
+    _removed_at_open: list[CheckpointLocation]
+    _check_lease: Callable[[], None]
+    _refuse_if_read_only: Callable[[str], None]
+    _update_links: Callable[..., list[policy.CheckpointRecord]]
+    _apply_retention: Callable[[list[policy.CheckpointRecord]], list[int]]
+
+    def delete(self, step: int) -> int | None:
+        self._refuse_if_read_only(f"delete step {step}")
+        with self._lock:
+            self._check_lease()
+            directory = Path(resolve.committed_dir(self.view, step).location)
+            # Links first, durably, then the trash: the other order leaves a durable state
+            # in which ``last`` names a checkpoint that is gone.
+            records = self._update_links(leaving=directory)
+            faults.hit("during_delete", COMMITTING_RANK)
+            move_to_trash(directory, self.layout.trash_root, fsync=self.fsync)
+        self._empty_trash()
+        return records[-1].step if records else None
+
+    def set_aside(self, step: int, location: CheckpointLocation) -> CheckpointLocation | None:
+        self._refuse_if_read_only(f"set aside step {step}")
+        directory = Path(location)
+        with self._lock:
+            self._check_lease()
+            if directory != self.view.checkpoint(step).location or not directory.is_dir():
+                return None  # deleted or replaced since the restore judged it
+            target = self.layout.set_aside_dir(step, uuid.uuid4().hex[:12])
+            # Links first, durably, as for a delete: no durable state has ``last`` naming a
+            # step dir that is gone. A crash between the two leaves the checkpoint committed
+            # (and skipped) as before: the next restore sets it aside.
+            self._update_links(leaving=directory)
+            rename_dir(directory, target, fsync=self.fsync)
+        return target
+
+    def prune(self) -> list[int]:
+        self._refuse_if_read_only("prune")
+        with self._lock:
+            self._check_lease()
+            removed = self._apply_retention(self._update_links())
+        self._empty_trash()
+        return removed
+
+    def leftovers(self) -> list[Leftover]:
+        return [item for item in find_leftovers(self.layout) if item.kind != "lock"]
+
+    def collect_leftovers(self) -> list[CheckpointLocation]:
+        self._refuse_if_read_only("collect leftovers")
+        with self._lock:
+            self._check_lease()
+            removed = self._removed_at_open + self._remove_leftovers()
+        self._removed_at_open = []  # reported once
+        return removed
+
+    def _empty_trash(self) -> None:
+        """Delete what retention and deletes moved into the trash; outside the lock."""
+        if self.layout.trash_root.is_dir():
+            for entry in self.layout.trash_root.iterdir():
+                self._remove_quietly(entry)
+
+    def _remove_leftovers(self) -> list[CheckpointLocation]:
+        """Under the lock: staging dirs whose writer is dead, orphaned lock files, the trash,
+        and the probes and links under construction a killed process left in the root (made
+        under the lock only, so whoever made one is gone). A live writer's staging is never
+        touched. Returns what it removed."""
+        removed: list[CheckpointLocation] = []
+        holds_lease = self._lease is not None and self._lease.held
+        for leftover in find_leftovers(self.layout, locked=True, holds_lease=holds_lease):
+            path = Path(leftover.path)
+            if leftover.writer_alive:
+                logger.info("leaving %s alone: its writer is alive", path)
+            elif leftover.in_use:
+                # a deleted file a reader still holds open (.fuse_hidden*, .nfs*): removing it
+                # fails (EBUSY) until the reader closes it; the next cleanup tries again
+                logger.info("leaving %s: in use by a reader, removed at a later cleanup", path)
+            elif leftover.kind == "lock":
+                path.unlink(missing_ok=True)
+            else:
+                if leftover.kind == "staging":
+                    logger.info("removing %s, left by a writer that died", path)
+                if self._remove_quietly(path):
+                    if leftover.kind == "staging":
+                        WriterLock(path).release()  # removes its lock file
+                    removed.append(path)
+        return removed
+
+    def _remove_quietly(self, leftover: Path) -> bool:
+        """Remove a leftover; one that cannot be removed is reported, not raised, so it can
+        never stop a job from starting (the next start tries again)."""
+        try:
+            faults.hit("during_staging_cleanup", COMMITTING_RANK)
+            remove_tree(leftover)
+        except Exception as exc:
+            logger.warning(
+                "could not remove leftover %s (tried again at next start): %s", leftover, exc
+            )
+            return False
+        return True
