@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from typing import Any, TextIO
 
 from distckpt import resolve
-from distckpt.errors import CheckpointError, CheckpointNotFound
+from distckpt.errors import CheckpointError, CheckpointNotFound, InvalidArgument
 from distckpt.layout import LINK_NAMES
 from distckpt.lease import LeaseHolder
 from distckpt.policy import RetentionPolicy, parse_created_utc
@@ -261,11 +261,20 @@ def _open_store(root: str, retention: RetentionPolicy | None = None) -> RootStor
 
 
 def cmd_prune(args: argparse.Namespace, out: TextIO) -> int:
+    # The root does not record the job's mode, and a wrong guess ranks its checkpoints upside
+    # down: the job's best would be removed, and its best link moved to the worst.
+    if args.monitor is not None and args.mode is None:
+        raise InvalidArgument(
+            f"--monitor {args.monitor} needs --mode min or --mode max: the job's own, which "
+            "the root does not record"
+        )
+    if args.mode is not None and args.monitor is None:
+        raise InvalidArgument("--mode needs --monitor (the metric it ranks by)")
     retention = RetentionPolicy(
         keep_last=args.keep_last,
         keep_best=args.keep_best,
         monitor=args.monitor,
-        mode=args.mode,
+        mode=args.mode or "min",
         keep_every_n_steps=args.keep_every_n_steps,
         keep_every_n_seconds=args.keep_every_n_seconds,
         keep_unranked=args.keep_unranked,
@@ -343,7 +352,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--keep-last", type=int)
     sub.add_argument("--keep-best", type=int)
     sub.add_argument("--monitor", help="metric for --keep-best and the best link")
-    sub.add_argument("--mode", choices=("min", "max"), default="min")
+    sub.add_argument(
+        "--mode",
+        choices=("min", "max"),
+        help="whether the lowest or the highest --monitor value is best (required with it)",
+    )
     sub.add_argument("--keep-every-n-steps", type=int)
     sub.add_argument(
         "--keep-every-n-seconds", type=float, help="keep one checkpoint per S seconds of history"

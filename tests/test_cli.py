@@ -96,12 +96,58 @@ def test_verify_exit_status(root: Path) -> None:
 
 
 def test_prune_uses_the_managers_rules(root: Path) -> None:
-    out = run("prune", str(root), "--keep-last", "1", "--keep-best", "1", "--monitor", "loss")
+    out = run(
+        "prune",
+        str(root),
+        "--keep-last",
+        "1",
+        "--keep-best",
+        "1",
+        "--monitor",
+        "loss",
+        "--mode",
+        "min",
+    )
     assert out.returncode == 0, out.stderr
     assert distckpt.CheckpointManager(root).steps() == [20, 30]
     # Without --monitor the best link is not maintained, but its target stays protected.
     out = run("prune", str(root), "--keep-last", "1", "--json")
     assert json.loads(out.stdout) == {"removed": [], "kept": [20, 30]}
+
+
+def _job_ranked_by_accuracy(root: Path) -> None:
+    """A job that keeps its best by the highest accuracy: step 20 is its best."""
+    with distckpt.CheckpointManager(root, monitor="acc", mode="max", fsync=False) as mgr:
+        for step, acc in ((10, 0.50), (20, 0.91), (30, 0.70), (40, 0.72), (50, 0.60)):
+            mgr.save(step, {"w": torch.zeros(4)}, metrics={"acc": acc})
+
+
+def test_prune_with_monitor_needs_the_jobs_mode(tmp_path: Path) -> None:
+    """The root does not record the job's mode: a default guess ("min") would rank an
+    accuracy upside down and remove the job's best, so --monitor without --mode is refused."""
+    root = tmp_path / "root"
+    _job_ranked_by_accuracy(root)
+    out = run("prune", str(root), "--keep-last", "2", "--monitor", "acc")
+    assert out.returncode == 2, out
+    assert out.stderr.startswith("distckpt prune: error: --monitor acc needs --mode"), out.stderr
+    out = run("prune", str(root), "--keep-last", "2", "--mode", "max")
+    assert out.returncode == 2 and "--mode needs --monitor" in out.stderr, out
+    assert distckpt.CheckpointManager(root, read_only=True).steps() == [10, 20, 30, 40, 50]
+    out = run("prune", str(root), "--keep-last", "2", "--monitor", "acc", "--mode", "max")
+    assert out.returncode == 0, out.stderr
+    assert distckpt.CheckpointManager(root, read_only=True).steps() == [20, 40, 50]
+    assert os.readlink(root / "best") == "step-00000020"
+
+
+def test_prune_never_removes_the_checkpoint_best_named_before_it(tmp_path: Path) -> None:
+    """A prune whose monitor/mode disagree with the job's moves the best link, but the
+    checkpoint it named before (the job's best) stays."""
+    root = tmp_path / "root"
+    _job_ranked_by_accuracy(root)
+    out = run("prune", str(root), "--keep-last", "2", "--monitor", "acc", "--mode", "min")
+    assert out.returncode == 0, out.stderr
+    assert distckpt.CheckpointManager(root, read_only=True).steps() == [10, 20, 40, 50]
+    assert os.readlink(root / "best") == "step-00000010"  # this prune's best, kept too
 
 
 def test_gc_removes_dead_writers_only(root: Path) -> None:
@@ -163,7 +209,7 @@ def test_prune_without_a_rule_is_refused(root: Path) -> None:
     assert out.returncode == 2 and "--keep-last" in out.stderr
     assert distckpt.CheckpointManager(root).steps() == [10, 20, 30]
     # --keep-unranked alone removes nothing either: it only keeps.
-    out = run("prune", str(root), "--monitor", "loss", "--keep-unranked")
+    out = run("prune", str(root), "--monitor", "loss", "--mode", "min", "--keep-unranked")
     assert out.returncode == 2 and "--keep-every-n-seconds" in out.stderr
 
 
@@ -174,7 +220,17 @@ def test_prune_keep_every_n_seconds_and_keep_unranked(root: Path) -> None:
     out = run("prune", str(root), "--keep-every-n-seconds", "3600", "--json")
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout) == {"removed": [30], "kept": [10, 20, 40]}
-    out = run("prune", str(root), "--keep-last", "1", "--monitor", "loss", "--keep-unranked")
+    out = run(
+        "prune",
+        str(root),
+        "--keep-last",
+        "1",
+        "--monitor",
+        "loss",
+        "--mode",
+        "min",
+        "--keep-unranked",
+    )
     assert out.returncode == 0, out.stderr
     assert distckpt.CheckpointManager(root).steps() == [20, 40]  # best, and newest + unranked
 

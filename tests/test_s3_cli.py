@@ -95,12 +95,32 @@ def test_verify_finds_a_corrupted_object(root: str, s3_server: S3Server) -> None
 
 
 def test_prune_uses_the_managers_rules(root: str, s3_server: S3Server) -> None:
-    out = run("prune", root, "--keep-last", "1", "--keep-best", "1", "--monitor", "loss")
+    out = run(
+        "prune", root, "--keep-last", "1", "--keep-best", "1", "--monitor", "loss", "--mode", "min"
+    )
     assert out.returncode == 0, out.stderr
     with distckpt.CheckpointManager(root, read_only=True) as mgr:  # from the environment too
         assert mgr.steps() == [20, 30]
     remaining = {info.key.split("/")[0] for info in raw_store(root, s3_server).list()}
     assert step_dir_name(10) not in remaining  # its objects are gone, not only its commit
+
+
+def test_prune_never_removes_the_checkpoint_best_named_before_it(
+    s3_server: S3Server, s3_url: str, aws_env: None
+) -> None:
+    """As on a local root: a prune ranking the other way moves ``best``, but the checkpoint
+    it named before (the job's best) stays; --monitor without --mode is refused."""
+    with distckpt.CheckpointManager(
+        s3_url, storage_options=s3_server.storage_options(), monitor="acc", mode="max"
+    ) as mgr:
+        for step, acc in ((10, 0.50), (20, 0.91), (30, 0.70), (40, 0.72), (50, 0.60)):
+            mgr.save(step, {"w": torch.zeros(4)}, metrics={"acc": acc})
+    out = run("prune", s3_url, "--keep-last", "2", "--monitor", "acc")
+    assert out.returncode == 2 and "needs --mode" in out.stderr, out
+    out = run("prune", s3_url, "--keep-last", "2", "--monitor", "acc", "--mode", "min")
+    assert out.returncode == 0, out.stderr
+    with distckpt.CheckpointManager(s3_url, read_only=True) as mgr:
+        assert mgr.steps() == [10, 20, 40, 50]
 
 
 def test_gc_removes_the_leftovers_of_a_dead_writer(root: str, s3_server: S3Server) -> None:

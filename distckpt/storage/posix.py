@@ -419,7 +419,9 @@ class PosixRootStore(LinksAndRetention, ViewedStore):
         self._refuse_if_read_only("prune")
         with self._lock:
             self._check_lease()
-            removed = self._apply_retention(self._update_links())
+            # Read before the links move: this prune's monitor/mode may disagree with the job's.
+            linked_before = self._linked_steps()
+            removed = self._apply_retention(self._update_links(), linked_before)
         self._empty_trash()
         return removed
 

@@ -430,7 +430,9 @@ class S3RootStore(Upkeep, ViewedStore):
     def prune(self) -> list[int]:
         self._refuse_if_read_only("prune")
         self._check_lease()
-        return self._apply_retention(self._update_pointers())
+        # Read before the pointers move: this prune's monitor/mode may disagree with the job's.
+        linked_before = self._linked_steps()
+        return self._apply_retention(self._update_pointers(), linked_before)
 
     def collect_leftovers(self) -> list[CheckpointLocation]:
         self._refuse_if_read_only("collect leftovers")

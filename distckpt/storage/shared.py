@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import atexit
 import weakref
+from collections.abc import Collection
 
 from distckpt import policy, resolve
 from distckpt.errors import CheckpointExists, InvalidStep, ReadOnlyRoot
@@ -78,15 +79,24 @@ class ViewedStore(RootStore):
             )
         return None
 
-    def _steps_retention_removes(self, records: list[policy.CheckpointRecord]) -> list[int]:
-        """The steps the retention rules do not keep among ``records``; never the targets of
-        ``last`` / ``best`` as they are now."""
-        if self.retention.keeps_everything:
-            return []
-        protected = {
+    def _linked_steps(self) -> set[int]:
+        """The steps ``last`` / ``best`` name now (a pointer naming no step dir counts for
+        none)."""
+        return {
             step
             for name in (LAST, BEST)
             if (target := self.view.read_pointer(name)) is not None
             and (step := parse_step_dir_name(target)) is not None
         }
+
+    def _steps_retention_removes(
+        self, records: list[policy.CheckpointRecord], linked_before: Collection[int] = ()
+    ) -> list[int]:
+        """The steps the retention rules do not keep among ``records``; never the targets of
+        ``last`` / ``best`` as they are now, nor the ``linked_before`` steps (what they named
+        before the links were moved: a prune whose ``monitor``/``mode`` differ from the job's
+        moves ``best`` away from the job's best, which must survive it)."""
+        if self.retention.keeps_everything:
+            return []
+        protected = self._linked_steps() | set(linked_before)
         return policy.steps_to_remove(records, self.retention, protected=protected)
