@@ -198,8 +198,9 @@ class CheckpointManager:
         self._closed = False
         self._save_count = 0
         self.preempted = False
-        """True once a save requested by a signal (``save_on_signal``) has committed: the
-        loop should exit so the job can be requeued and resume from ``last``."""
+        """True once a save requested by a signal (``save_on_signal``) has committed (or found
+        its step committed already): the loop should exit so the job can be requeued and
+        resume from ``last``."""
 
         self._buffers = SnapshotBuffers() if async_save else None
         self._background: BackgroundSaves | None = None
@@ -298,6 +299,8 @@ class CheckpointManager:
         )
         if isinstance(plan, SaveResult):  # committed already: the schedule counts from it
             self._decider.last = LastSave.at(plan.step, plan.epoch)
+            if decision.preempt:  # that checkpoint is durable: the preemption save is done
+                self._preemption_saved(step)
             return plan
         commit = functools.partial(
             protocol.write_and_commit,
@@ -321,11 +324,16 @@ class CheckpointManager:
             if decision.preempt:
                 result = self.wait() or result  # a preemption save must be durable first
         if decision.preempt:
-            self._signals.clear()
-            self.preempted = True
-            if self.is_coordinator:
-                logger.warning("preemption save of step %d committed; stop and requeue", step)
+            self._preemption_saved(step)
         return result
+
+    def _preemption_saved(self, step: int) -> None:
+        """The checkpoint of ``step`` is durable after a signal asked for it (every rank
+        decided so together): report :attr:`preempted`."""
+        self._signals.clear()
+        self.preempted = True
+        if self.is_coordinator:
+            logger.warning("preemption save of step %d committed; stop and requeue", step)
 
     def wait(self) -> SaveResult | None:
         """Wait for the save in flight (``async_save=True``) to be committed and durable, and
