@@ -29,6 +29,7 @@ from distckpt import resolve
 from distckpt.errors import CheckpointError, CheckpointNotFound, InvalidArgument
 from distckpt.layout import LINK_NAMES
 from distckpt.lease import LeaseHolder
+from distckpt.manifest import encode_metrics
 from distckpt.policy import RetentionPolicy, parse_created_utc
 from distckpt.results import location_name
 from distckpt.storage import Located, RootStore, RootView, open_store, open_view
@@ -62,6 +63,13 @@ def _table(rows: list[list[str]], out: TextIO) -> None:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         out.write("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() + "\n")
+
+
+def _write_json(data: Any, out: TextIO, *, indent: int | None = None) -> None:
+    """``data`` as one JSON document and a newline; strict JSON (allow_nan=False), which any
+    parser reads: a non-finite metric must be encoded first (:func:`encode_metrics`)."""
+    json.dump(data, out, indent=indent, allow_nan=False)
+    out.write("\n")
 
 
 def _leftovers(store: RootStore) -> list[dict[str, Any]]:
@@ -115,7 +123,7 @@ def cmd_ls(args: argparse.Namespace, out: TextIO) -> int:
                 {
                     "step": i.step,
                     "epoch": i.epoch,
-                    "metrics": i.metrics,
+                    "metrics": encode_metrics(i.metrics),
                     "size_bytes": i.size_bytes,
                     "created_utc": i.created_utc,
                     "format": i.format,
@@ -128,8 +136,7 @@ def cmd_ls(args: argparse.Namespace, out: TextIO) -> int:
             "leftovers": leftovers,
             "lease": _holder_json(holder),
         }
-        json.dump(payload, out, indent=1, default=str)
-        out.write("\n")
+        _write_json(payload, out, indent=1)
         return EXIT_OK
     if not infos and not damaged:
         out.write(f"no checkpoints in {view.root}\n")
@@ -171,8 +178,7 @@ def cmd_lease(args: argparse.Namespace, out: TextIO) -> int:
     store = open_store(root, read_only=True)
     holder = store.break_lease() if args.break_lease else store.lease_holder()
     if args.json:
-        json.dump({"root": os.fspath(root), "lease": _holder_json(holder)}, out, indent=1)
-        out.write("\n")
+        _write_json({"root": os.fspath(root), "lease": _holder_json(holder)}, out, indent=1)
     elif args.break_lease and holder is not None and holder.broken_utc is not None:
         out.write(f"broke the lease of {holder.describe()}\n")
     else:
@@ -186,8 +192,7 @@ def cmd_info(args: argparse.Namespace, out: TextIO) -> int:
     if args.json:
         data = json.loads(manifest.to_json())
         data["path"] = os.fspath(directory)
-        json.dump(data, out, indent=1)
-        out.write("\n")
+        _write_json(data, out, indent=1)
         return EXIT_OK
     out.write(f"path        {directory}\n")
     out.write(f"step        {manifest.step}\n")
@@ -198,7 +203,9 @@ def cmd_info(args: argparse.Namespace, out: TextIO) -> int:
     for key, value in sorted(manifest.metrics.items()):
         out.write(f"metric      {key} = {value}\n")
     if manifest.metadata:
-        out.write(f"metadata    {json.dumps(dict(manifest.metadata), sort_keys=True)}\n")
+        out.write(
+            f"metadata    {json.dumps(dict(manifest.metadata), sort_keys=True, allow_nan=False)}\n"
+        )
     out.write(f"files       {len(manifest.files)}, {_human_size(manifest.total_bytes)}\n")
     for name, record in sorted(manifest.files.items()):
         out.write(f"  {name}  {_human_size(record.size)}  {record.checksum}\n")
@@ -248,8 +255,7 @@ def cmd_verify(args: argparse.Namespace, out: TextIO) -> int:
         # Nothing was verified: "all is well" would hide a wrong path.
         raise CheckpointNotFound(f"no checkpoint in {report.path}: nothing to verify")
     if args.json:
-        json.dump(report.to_dict(), out, indent=1)
-        out.write("\n")
+        _write_json(report.to_dict(), out, indent=1)
     else:
         out.write(str(report) + "\n")
     return EXIT_OK if report.ok else EXIT_PROBLEMS
@@ -287,8 +293,7 @@ def cmd_prune(args: argparse.Namespace, out: TextIO) -> int:
     removed = _open_store(args.root, retention).prune()
     kept = open_view(args.root).committed_steps()
     if args.json:
-        json.dump({"removed": removed, "kept": kept}, out)
-        out.write("\n")
+        _write_json({"removed": removed, "kept": kept}, out)
     else:
         out.write(f"removed steps: {', '.join(map(str, removed)) or 'none'}\n")
         out.write(f"kept steps:    {', '.join(map(str, kept)) or 'none'}\n")
@@ -302,8 +307,7 @@ def cmd_gc(args: argparse.Namespace, out: TextIO) -> int:
     # gc or start), and leftovers of writers that are still alive.
     kept = [item for item in _leftovers(store) if item["path"] not in removed]
     if args.json:
-        json.dump({"removed": removed, "left": kept}, out)
-        out.write("\n")
+        _write_json({"removed": removed, "left": kept}, out)
     else:
         out.write("".join(f"removed {p}\n" for p in removed))
         for item in kept:
@@ -319,8 +323,7 @@ def cmd_export(args: argparse.Namespace, out: TextIO) -> int:
 
     written = export(args.path, args.out, rank=args.rank, all_ranks=args.all_ranks)
     if args.json:
-        json.dump({"out": os.fspath(written)}, out)
-        out.write("\n")
+        _write_json({"out": os.fspath(written)}, out)
     else:
         out.write(f"wrote {written}\n")
     return EXIT_OK

@@ -72,6 +72,42 @@ def test_ls_json(root: Path) -> None:
     assert data["checkpoints"][1]["links"] == ["best"]
 
 
+def strict_json(text: str) -> Any:
+    """``text`` parsed as strict JSON: NaN and Infinity, which Python writes by default but
+    JSON has not, are refused."""
+
+    def refuse(constant: str) -> Any:
+        raise ValueError(f"not JSON: {constant}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_every_json_output_is_strict_json_with_non_finite_metrics(tmp_path: Path) -> None:
+    """Metrics that are NaN or infinite are written as the manifest writes them ("nan",
+    "inf"), so any JSON parser reads every command's --json output."""
+    root = tmp_path / "root"
+    with distckpt.CheckpointManager(root, monitor="loss", fsync=False) as mgr:
+        for step, loss in ((10, 3.0), (20, float("nan")), (30, 2.0), (40, float("inf"))):
+            mgr.save(step, {"w": torch.zeros(4)}, metrics={"loss": loss})
+    listed = strict_json(run("ls", str(root), "--json").stdout)
+    assert [c["metrics"]["loss"] for c in listed["checkpoints"]] == [3.0, "nan", 2.0, "inf"]
+    assert strict_json(run("info", str(root / "step-00000020"), "--json").stdout)["metrics"] == {
+        "loss": "nan"
+    }
+    commands = [
+        ("info", str(root), "--json"),
+        ("verify", str(root), "--json"),
+        ("lease", str(root), "--json"),
+        ("export", str(root), str(tmp_path / "out.pt"), "--json"),
+        ("gc", str(root), "--json"),
+        ("prune", str(root), "--keep-last", "3", "--json"),
+    ]
+    for args in commands:
+        out = run(*args)
+        assert out.returncode == 0, out
+        strict_json(out.stdout)
+
+
 def test_info_resolves_links_and_relative_paths(root: Path) -> None:
     out = run("info", "root/best", cwd=root.parent)
     assert out.returncode == 0, out.stderr
