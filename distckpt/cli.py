@@ -11,7 +11,12 @@ act through the same store a training job's rank 0 uses (its retention rules, it
 cleanup), with no process group, and ``export`` through the same reader, so running one next to
 a live job is safe. Output is for people by default, JSON with ``--json``. Exit status: 0 on
 success, 1 when ``verify`` finds a problem or ``gc`` must leave files a process still holds
-open, 2 on bad input (a path holding no checkpoint included) or any other error.
+open, 2 on bad input or any other error. Bad input includes a path holding no checkpoint for
+``info``, ``verify`` and ``export``, and for the commands that take a root (``ls``, ``lease``,
+``prune``, ``gc``) a path that is no root: nothing there (an ``s3://`` prefix holding no object
+is what a missing directory is; a root a job opened holds its lease, and is a root), or a
+checkpoint or ``last``/``best`` link, in which ``prune`` and ``gc`` would create the root's
+lock file.
 """
 
 from __future__ import annotations
@@ -85,9 +90,19 @@ def _leftovers(store: RootStore) -> list[dict[str, Any]]:
 
 
 def _existing_view(root: str) -> RootView:
+    """The view of the root at ``root``; refused when ``root`` is no root (nothing is there,
+    or it names a checkpoint or a ``last``/``best`` link: a command working on a root must
+    never take a checkpoint for one, nor create its lock file inside one)."""
     view = open_view(root)
     if not view.exists():
-        raise CheckpointError(f"no checkpoint root at {view.root}")
+        raise CheckpointNotFound(f"no checkpoint root at {view.root}", path=view.root)
+    located = resolve.classify_path(root)
+    if located.kind != "root":
+        what = "a checkpoint" if located.kind == "step_dir" else f"the {located.pointer} link"
+        raise InvalidArgument(
+            f"{root} is {what}, not a checkpoint root: give its root, {located.view.root}",
+            path=root,
+        )
     return view
 
 

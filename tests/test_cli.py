@@ -219,6 +219,8 @@ def test_export_then_load_in_a_plain_process(root: Path, tmp_path: Path) -> None
         ("verify", "does-not-exist"),
         ("prune", "does-not-exist", "--keep-last", "1"),
         ("gc", "does-not-exist"),
+        ("export", "does-not-exist", "out.pt"),
+        ("lease", "does-not-exist"),
     ],
 )
 def test_bad_input_is_a_clear_error_with_status_2(tmp_path: Path, args: tuple[str, ...]) -> None:
@@ -227,6 +229,21 @@ def test_bad_input_is_a_clear_error_with_status_2(tmp_path: Path, args: tuple[st
     assert out.stderr.startswith(f"distckpt {args[0]}: error:")
     assert "Traceback" not in out.stderr
     assert not (tmp_path / "does-not-exist").exists()  # nothing is created by mistake
+
+
+@pytest.mark.parametrize("command", [("prune", "--keep-last", "1"), ("gc",), ("ls",), ("lease",)])
+@pytest.mark.parametrize("path", ["last", "step-00000020"])
+def test_a_command_on_a_root_refuses_a_checkpoint_or_link(
+    root: Path, command: tuple[str, ...], path: str
+) -> None:
+    """A checkpoint or a link given where a root is wanted is bad input: nothing is removed,
+    and no file (the root's lock) is created inside a checkpoint, which would then fail
+    verify."""
+    out = run(command[0], str(root / path), *command[1:])
+    assert out.returncode == 2, out
+    assert f"not a checkpoint root: give its root, {root}" in out.stderr, out.stderr
+    assert distckpt.CheckpointManager(root, read_only=True).steps() == [10, 20, 30]
+    assert run("verify", str(root)).returncode == 0
 
 
 def test_verify_of_a_path_holding_no_checkpoint_exits_2(tmp_path: Path) -> None:
@@ -238,6 +255,9 @@ def test_verify_of_a_path_holding_no_checkpoint_exits_2(tmp_path: Path) -> None:
     assert out.returncode == 2, out
     assert out.stderr.startswith("distckpt verify: error: no checkpoint in"), out.stderr
     assert str(empty) in out.stderr
+    for args in (("info", str(empty)), ("export", str(empty), str(tmp_path / "out.pt"))):
+        out = run(*args)
+        assert out.returncode == 2 and str(empty) in out.stderr, out
 
 
 def test_prune_without_a_rule_is_refused(root: Path) -> None:

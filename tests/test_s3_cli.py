@@ -144,6 +144,24 @@ def test_export_then_load_in_a_plain_process(root: str, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
+    "args",
+    [("info",), ("verify",), ("ls",), ("prune", "--keep-last", "1"), ("gc",), ("lease",)],
+    ids=lambda value: value[0],
+)
+def test_a_prefix_holding_nothing_is_a_missing_root(
+    s3_server: S3Server, s3_url: str, aws_env: None, args: tuple[str, ...]
+) -> None:
+    """A prefix holding nothing (a typo) is what a missing local root dir is: bad input (status
+    2, naming it) for every command, and nothing is made there by mistake."""
+    out = run(args[0], s3_url, *args[1:])
+    assert out.returncode == 2, out
+    assert "Traceback" not in out.stderr
+    assert out.stderr.startswith(f"distckpt {args[0]}: error: no "), out.stderr
+    assert s3_url in out.stderr
+    assert list(raw_store(s3_url, s3_server).list()) == []
+
+
+@pytest.mark.parametrize(
     ("args", "status"),
     [
         (("info",), 2),
@@ -154,13 +172,13 @@ def test_export_then_load_in_a_plain_process(root: str, tmp_path: Path) -> None:
     ],
     ids=lambda value: value[0] if isinstance(value, tuple) else str(value),
 )
-def test_an_empty_prefix_is_treated_as_an_empty_local_root(
+def test_a_root_before_its_first_save_is_an_empty_local_root(
     s3_server: S3Server, s3_url: str, aws_env: None, args: tuple[str, ...], status: int
 ) -> None:
-    """A prefix holding nothing (a typo, a root before its first save) is what an empty local
-    root dir is: ``info`` and ``verify`` find no checkpoint there, which is bad input (status
-    2, saying so); ``ls``, ``prune`` and ``gc`` find nothing to show or remove. No step is made
-    there by mistake."""
+    """A root a job opened but never committed to holds the job's lease, as a local root dir
+    made by a manager holds no checkpoint: ``info`` and ``verify`` find no checkpoint there
+    (status 2, saying so); ``ls``, ``prune`` and ``gc`` find nothing to show or remove."""
+    distckpt.CheckpointManager(s3_url, storage_options=s3_server.storage_options()).close()
     out = run(args[0], s3_url, *args[1:])
     assert out.returncode == status, out
     assert "Traceback" not in out.stderr
@@ -169,6 +187,18 @@ def test_an_empty_prefix_is_treated_as_an_empty_local_root(
         assert s3_url in out.stderr
     keys = [info.key for info in raw_store(s3_url, s3_server).list()]
     assert not [key for key in keys if key.startswith("step-")], keys
+
+
+def test_prune_and_gc_of_a_checkpoint_are_refused(root: str, s3_server: S3Server) -> None:
+    for args in (
+        ("gc", f"{root}/{step_dir_name(30)}"),
+        ("prune", f"{root}/{step_dir_name(30)}", "--keep-last", "1"),
+    ):
+        out = run(*args)
+        assert out.returncode == 2, out
+        assert "not a checkpoint root" in out.stderr, out.stderr
+    with distckpt.CheckpointManager(root, read_only=True) as mgr:
+        assert mgr.steps() == [10, 20, 30]
 
 
 def test_python_dash_m_with_the_aws_environment(root: str, s3_server: S3Server) -> None:
