@@ -399,6 +399,10 @@ class CheckpointManager:
         loading (sizes are always checked) and, for ``"last"``/``"best"``, falls back past a
         corrupt checkpoint with a warning. ``fix_key_prefixes=True`` maps wrapper prefixes
         (``_orig_mod.``, ``module.``) away or on when that makes every key match, before strict.
+
+        The save schedule counts from the newest checkpoint committed or restored: restoring
+        a newer step than the last save moves it there, an older one (``"best"`` loaded into
+        an evaluation model mid-run, a step) leaves it as it is.
         """
         self._check_open()
         self.wait()
@@ -415,7 +419,10 @@ class CheckpointManager:
             verify=verify,
             storage_options=self.storage_options,
         )
-        if loaded is not None:
+        last = self._decider.last
+        if loaded is not None and (last.step is None or loaded.step > last.step):
+            # Only forward: loading an older checkpoint (``best`` into an eval model, a step)
+            # mid-run must not make the schedule due again at once.
             self._decider.last = LastSave.at(loaded.step, loaded.epoch)
         return loaded
 

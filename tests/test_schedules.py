@@ -121,6 +121,29 @@ def test_signal_on_one_rank_makes_every_rank_save_and_report_preempted(
     assert results == [([4], True, True)] * world_size
 
 
+def _restore_best_mid_run(rank: int, world_size: int, root: str) -> tuple[list[int], int]:
+    """``every_n_steps=5``; at step 11 the best checkpoint so far (step 5) is loaded into a
+    separate evaluation model."""
+    saved = []
+    with distckpt.CheckpointManager(
+        root, every_n_steps=5, monitor="loss", fsync=False, timeout=20
+    ) as mgr:
+        for step in range(1, 14):
+            if step == 11:
+                evaluated = mgr.restore("best", state={"s": -1}).step
+            metrics = {"loss": 1.0 if step == 5 else 2.0}
+            if mgr.save(step, {"s": step}, metrics=metrics) is not None:
+                saved.append(step)
+    return saved, evaluated
+
+
+def test_restoring_an_older_checkpoint_mid_run_keeps_the_schedule(tmp_path: Path) -> None:
+    """The schedule counts from the newest save: loading an older checkpoint does not make
+    the next call save out of schedule."""
+    results = values(run_ranks(_restore_best_mid_run, 2, str(tmp_path)))
+    assert results == [([5, 10], 5)] * 2
+
+
 def _preempt_at_a_committed_step(
     rank: int, world_size: int, root: str
 ) -> list[tuple[int, int | None, bool]]:
