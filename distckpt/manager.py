@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import time
 import uuid
 from collections.abc import Collection, Mapping
 from typing import Any, Literal, Union
@@ -66,6 +67,10 @@ class CheckpointManager:
             (default: only the other rules keep them).
         every_n_steps, every_n_epochs, every_seconds, save_on_steps: save schedules, combined
             with "any"; with one set, :meth:`save` returns None when no schedule is due.
+            ``every_seconds`` counts from the last save; at the start, from the creation time
+            of the root's newest checkpoint (its manifest's, by rank 0's clock; one created
+            later than that clock says counts as created now), or from the start in a root
+            holding none, so a job killed more often than the interval still saves.
         min_seconds_between_saves: skip (return None from) a scheduled or plain save while less
             than S seconds passed since the previous save began, or while an async save is in
             flight; forced and preemption saves are never skipped. Rank 0's clock decides.
@@ -211,16 +216,15 @@ class CheckpointManager:
         self.world_size = self._coord.world_size
         try:
             # Rank 0 names this manager's staging areas after the token: unique to this manager.
-            newest, self._token = self._coord.decide_within(
-                lambda seconds: (
-                    self._store.open(wait_for_root=seconds).newest,
-                    uuid.uuid4().hex[:12],
-                ),
+            (newest, newest_age), self._token = self._coord.decide_within(
+                lambda seconds: (self._opened_root(seconds), uuid.uuid4().hex[:12]),
                 wait=wait_for_root,
                 retry_on=RootInUse,
                 what="opening the checkpoint root",
             )
-            self._decider.last = LastSave.at(*(newest or (None, None)))
+            # every_seconds counts from the newest checkpoint's creation, not from this start:
+            # a job requeued more often than the interval would never save again.
+            self._decider.last = LastSave.at(*(newest or (None, None)), seconds_ago=newest_age)
             self._coord.all_gather(
                 lambda: self._store.check_visible(self.rank),
                 what="checking the root from every rank",
@@ -232,6 +236,12 @@ class CheckpointManager:
         except BaseException:
             self.close()  # gives the groups back: ranks must take and return them alike
             raise
+
+    def _opened_root(self, wait_for_root: float) -> tuple[tuple[int, int | None] | None, float]:
+        """On rank 0: open the root; its newest checkpoint's step and epoch, and how many
+        seconds ago (by this clock) it was created."""
+        opened = self._store.open(wait_for_root=wait_for_root)
+        return opened.newest, policy.seconds_since_created(opened.newest_created, time.time())
 
     # ------------------------------------------------------------------ save
 

@@ -144,6 +144,17 @@ class CheckpointRecord:
 # Save schedules
 
 
+def seconds_since_created(created: float | None, now: float) -> float:
+    """How long before ``now`` a checkpoint ``created`` then was made (both in seconds since
+    the epoch): what ``every_seconds`` counts from when a job starts on a root holding it, so
+    a job killed more often than the interval still saves. 0 when ``created`` is unknown
+    (the interval starts now) or later than ``now`` (a clock ahead of this one's: counted as
+    made just now, never as due already)."""
+    if created is None or not math.isfinite(created):
+        return 0.0
+    return max(0.0, now - created)
+
+
 def crossed_multiple(value: int, last: int | None, n: int) -> bool:
     """True when ``value`` has crossed a multiple of ``n`` since ``last`` (None means since 0).
 

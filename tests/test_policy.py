@@ -30,6 +30,7 @@ from distckpt.policy import (
     missing_monitor,
     parse_created_utc,
     rank_by_metric,
+    seconds_since_created,
     steps_to_keep,
     steps_to_remove,
 )
@@ -129,6 +130,13 @@ def test_time_schedule() -> None:
     assert schedule.due_by_time(130.0, last_time=100.0)
     assert schedule.due_by_time(500.0, last_time=100.0)
     assert not SaveSchedule(every_n_steps=1).due_by_time(1e9, last_time=0.0)
+
+
+def test_seconds_since_created_clamps_unknown_and_future_times_to_now() -> None:
+    assert seconds_since_created(1000.0, 1030.5) == 30.5
+    assert seconds_since_created(None, 1030.5) == 0.0  # unknown: the interval starts now
+    assert seconds_since_created(2000.0, 1030.5) == 0.0  # a clock ahead: made just now
+    assert seconds_since_created(math.nan, 1030.5) == 0.0
 
 
 def test_schedule_flags() -> None:

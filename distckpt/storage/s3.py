@@ -125,7 +125,7 @@ class S3RootStore(Upkeep, ViewedStore):
 
     def open(self, *, wait_for_root: float = 0.0) -> OpenedRoot:
         if self.read_only:
-            return OpenedRoot(self._newest())
+            return self._opened()
         self.check_visible(COMMITTING_RANK)
         self._take_lease(wait_for_root)
         try:
@@ -137,7 +137,7 @@ class S3RootStore(Upkeep, ViewedStore):
         except BaseException:
             self.close()
             raise
-        return OpenedRoot(self._newest(), tuple(self._removed_at_open))
+        return self._opened(tuple(self._removed_at_open))
 
     def _take_lease(self, wait: float) -> None:
         if self._lease is not None and self._lease.held:

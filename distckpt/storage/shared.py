@@ -10,8 +10,8 @@ from collections.abc import Collection
 from distckpt import policy, resolve
 from distckpt.errors import CheckpointExists, InvalidStep, ReadOnlyRoot
 from distckpt.layout import BEST, LAST, parse_step_dir_name
-from distckpt.results import SaveResult
-from distckpt.storage import RootStore
+from distckpt.results import CheckpointLocation, SaveResult
+from distckpt.storage import OpenedRoot, RootStore
 from distckpt.storage.views import RootView
 
 #: Stores holding a lease, released at interpreter exit. Registered when the first store module
@@ -44,10 +44,15 @@ class ViewedStore(RootStore):
     #: never write: changes raise :class:`~distckpt.ReadOnlyRoot`
     read_only: bool
 
-    def _newest(self) -> tuple[int, int | None] | None:
-        """The step and epoch of the newest committed checkpoint that passes its check."""
+    def _opened(self, removed: tuple[CheckpointLocation, ...] = ()) -> OpenedRoot:
+        """What opening the root found: the newest committed checkpoint that passes its
+        check, and ``removed``."""
         newest = resolve.newest_valid(self.view)
-        return (newest[1].step, newest[1].epoch) if newest is not None else None
+        if newest is None:
+            return OpenedRoot(None, removed)
+        manifest = newest[1]
+        created = policy.parse_created_utc(manifest.created_utc)
+        return OpenedRoot((manifest.step, manifest.epoch), removed, newest_created=created)
 
     def _refuse_if_read_only(self, change: str) -> None:
         if self.read_only:
