@@ -375,7 +375,11 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("min", "max"),
         help="whether the lowest or the highest --monitor value is best (required with it)",
     )
-    sub.add_argument("--keep-every-n-steps", type=int)
+    sub.add_argument(
+        "--keep-every-n-steps",
+        type=int,
+        help="keep milestones: for each multiple of N, the first checkpoint at or after it",
+    )
     sub.add_argument(
         "--keep-every-n-seconds", type=float, help="keep one checkpoint per S seconds of history"
     )
