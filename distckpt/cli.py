@@ -11,7 +11,12 @@ act through the same store a training job's rank 0 uses (its retention rules, it
 cleanup), with no process group, and ``export`` through the same reader, so running one next to
 a live job is safe. Output is for people by default, JSON with ``--json``. Exit status: 0 on
 success, 1 when ``verify`` finds a problem or ``gc`` must leave files a process still holds
-open, 2 on bad input (a path holding no checkpoint included) or any other error.
+open, 2 on bad input or any other error. Bad input includes a path holding no checkpoint for
+``info``, ``verify`` and ``export``, and for the commands that take a root (``ls``, ``lease``,
+``prune``, ``gc``) a path that is no root: nothing there (an ``s3://`` prefix holding no object
+is what a missing directory is; a root a job opened holds its lease, and is a root), or a
+checkpoint or ``last``/``best`` link, in which ``prune`` and ``gc`` would create the root's
+lock file.
 """
 
 from __future__ import annotations
@@ -26,9 +31,10 @@ from collections.abc import Sequence
 from typing import Any, TextIO
 
 from distckpt import resolve
-from distckpt.errors import CheckpointError, CheckpointNotFound
+from distckpt.errors import CheckpointError, CheckpointNotFound, InvalidArgument
 from distckpt.layout import LINK_NAMES
 from distckpt.lease import LeaseHolder
+from distckpt.manifest import encode_metrics
 from distckpt.policy import RetentionPolicy, parse_created_utc
 from distckpt.results import location_name
 from distckpt.storage import Located, RootStore, RootView, open_store, open_view
@@ -64,6 +70,13 @@ def _table(rows: list[list[str]], out: TextIO) -> None:
         out.write("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() + "\n")
 
 
+def _write_json(data: Any, out: TextIO, *, indent: int | None = None) -> None:
+    """``data`` as one JSON document and a newline; strict JSON (allow_nan=False), which any
+    parser reads: a non-finite metric must be encoded first (:func:`encode_metrics`)."""
+    json.dump(data, out, indent=indent, allow_nan=False)
+    out.write("\n")
+
+
 def _leftovers(store: RootStore) -> list[dict[str, Any]]:
     return [
         {
@@ -77,9 +90,19 @@ def _leftovers(store: RootStore) -> list[dict[str, Any]]:
 
 
 def _existing_view(root: str) -> RootView:
+    """The view of the root at ``root``; refused when ``root`` is no root (nothing is there,
+    or it names a checkpoint or a ``last``/``best`` link: a command working on a root must
+    never take a checkpoint for one, nor create its lock file inside one)."""
     view = open_view(root)
     if not view.exists():
-        raise CheckpointError(f"no checkpoint root at {view.root}")
+        raise CheckpointNotFound(f"no checkpoint root at {view.root}", path=view.root)
+    located = resolve.classify_path(root)
+    if located.kind != "root":
+        what = "a checkpoint" if located.kind == "step_dir" else f"the {located.pointer} link"
+        raise InvalidArgument(
+            f"{root} is {what}, not a checkpoint root: give its root, {located.view.root}",
+            path=root,
+        )
     return view
 
 
@@ -116,7 +139,7 @@ def cmd_ls(args: argparse.Namespace, out: TextIO) -> int:
                 {
                     "step": i.step,
                     "epoch": i.epoch,
-                    "metrics": i.metrics,
+                    "metrics": encode_metrics(i.metrics),
                     "size_bytes": i.size_bytes,
                     "created_utc": i.created_utc,
                     "format": i.format,
@@ -130,8 +153,7 @@ def cmd_ls(args: argparse.Namespace, out: TextIO) -> int:
             "leftovers": leftovers,
             "lease": _holder_json(holder),
         }
-        json.dump(payload, out, indent=1, default=str)
-        out.write("\n")
+        _write_json(payload, out, indent=1)
         return EXIT_OK
     if not infos and not damaged:
         out.write(f"no checkpoints in {view.root}\n")
@@ -175,8 +197,7 @@ def cmd_lease(args: argparse.Namespace, out: TextIO) -> int:
     store = open_store(root, read_only=True)
     holder = store.break_lease() if args.break_lease else store.lease_holder()
     if args.json:
-        json.dump({"root": os.fspath(root), "lease": _holder_json(holder)}, out, indent=1)
-        out.write("\n")
+        _write_json({"root": os.fspath(root), "lease": _holder_json(holder)}, out, indent=1)
     elif args.break_lease and holder is not None and holder.broken_utc is not None:
         out.write(f"broke the lease of {holder.describe()}\n")
     else:
@@ -190,8 +211,7 @@ def cmd_info(args: argparse.Namespace, out: TextIO) -> int:
     if args.json:
         data = json.loads(manifest.to_json())
         data["path"] = os.fspath(directory)
-        json.dump(data, out, indent=1)
-        out.write("\n")
+        _write_json(data, out, indent=1)
         return EXIT_OK
     out.write(f"path        {directory}\n")
     out.write(f"step        {manifest.step}\n")
@@ -202,7 +222,9 @@ def cmd_info(args: argparse.Namespace, out: TextIO) -> int:
     for key, value in sorted(manifest.metrics.items()):
         out.write(f"metric      {key} = {value}\n")
     if manifest.metadata:
-        out.write(f"metadata    {json.dumps(dict(manifest.metadata), sort_keys=True)}\n")
+        out.write(
+            f"metadata    {json.dumps(dict(manifest.metadata), sort_keys=True, allow_nan=False)}\n"
+        )
     out.write(f"files       {len(manifest.files)}, {_human_size(manifest.total_bytes)}\n")
     for name, record in sorted(manifest.files.items()):
         out.write(f"  {name}  {_human_size(record.size)}  {record.checksum}\n")
@@ -252,8 +274,7 @@ def cmd_verify(args: argparse.Namespace, out: TextIO) -> int:
         # Nothing was verified: "all is well" would hide a wrong path.
         raise CheckpointNotFound(f"no checkpoint in {report.path}: nothing to verify")
     if args.json:
-        json.dump(report.to_dict(), out, indent=1)
-        out.write("\n")
+        _write_json(report.to_dict(), out, indent=1)
     else:
         out.write(str(report) + "\n")
     return EXIT_OK if report.ok else EXIT_PROBLEMS
@@ -265,11 +286,20 @@ def _open_store(root: str, retention: RetentionPolicy | None = None) -> RootStor
 
 
 def cmd_prune(args: argparse.Namespace, out: TextIO) -> int:
+    # The root does not record the job's mode, and a wrong guess ranks its checkpoints upside
+    # down: the job's best would be removed, and its best link moved to the worst.
+    if args.monitor is not None and args.mode is None:
+        raise InvalidArgument(
+            f"--monitor {args.monitor} needs --mode min or --mode max: the job's own, which "
+            "the root does not record"
+        )
+    if args.mode is not None and args.monitor is None:
+        raise InvalidArgument("--mode needs --monitor (the metric it ranks by)")
     retention = RetentionPolicy(
         keep_last=args.keep_last,
         keep_best=args.keep_best,
         monitor=args.monitor,
-        mode=args.mode,
+        mode=args.mode or "min",
         keep_every_n_steps=args.keep_every_n_steps,
         keep_every_n_seconds=args.keep_every_n_seconds,
         keep_unranked=args.keep_unranked,
@@ -282,8 +312,7 @@ def cmd_prune(args: argparse.Namespace, out: TextIO) -> int:
     removed = _open_store(args.root, retention).prune()
     kept = open_view(args.root).committed_steps()
     if args.json:
-        json.dump({"removed": removed, "kept": kept}, out)
-        out.write("\n")
+        _write_json({"removed": removed, "kept": kept}, out)
     else:
         out.write(f"removed steps: {', '.join(map(str, removed)) or 'none'}\n")
         out.write(f"kept steps:    {', '.join(map(str, kept)) or 'none'}\n")
@@ -297,8 +326,7 @@ def cmd_gc(args: argparse.Namespace, out: TextIO) -> int:
     # gc or start), and leftovers of writers that are still alive.
     kept = [item for item in _leftovers(store) if item["path"] not in removed]
     if args.json:
-        json.dump({"removed": removed, "left": kept}, out)
-        out.write("\n")
+        _write_json({"removed": removed, "left": kept}, out)
     else:
         out.write("".join(f"removed {p}\n" for p in removed))
         for item in kept:
@@ -314,8 +342,7 @@ def cmd_export(args: argparse.Namespace, out: TextIO) -> int:
 
     written = export(args.path, args.out, rank=args.rank, all_ranks=args.all_ranks)
     if args.json:
-        json.dump({"out": os.fspath(written)}, out)
-        out.write("\n")
+        _write_json({"out": os.fspath(written)}, out)
     else:
         out.write(f"wrote {written}\n")
     return EXIT_OK
@@ -347,8 +374,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--keep-last", type=int)
     sub.add_argument("--keep-best", type=int)
     sub.add_argument("--monitor", help="metric for --keep-best and the best link")
-    sub.add_argument("--mode", choices=("min", "max"), default="min")
-    sub.add_argument("--keep-every-n-steps", type=int)
+    sub.add_argument(
+        "--mode",
+        choices=("min", "max"),
+        help="whether the lowest or the highest --monitor value is best (required with it)",
+    )
+    sub.add_argument(
+        "--keep-every-n-steps",
+        type=int,
+        help="keep milestones: for each multiple of N, the first checkpoint at or after it",
+    )
     sub.add_argument(
         "--keep-every-n-seconds", type=float, help="keep one checkpoint per S seconds of history"
     )

@@ -50,8 +50,9 @@ class LastSave:
     time: float = 0.0
 
     @classmethod
-    def at(cls, step: int | None, epoch: int | None) -> LastSave:
-        return cls(step, epoch, time.monotonic())
+    def at(cls, step: int | None, epoch: int | None, *, seconds_ago: float = 0.0) -> LastSave:
+        """A save of ``step`` and ``epoch`` made ``seconds_ago`` before now."""
+        return cls(step, epoch, time.monotonic() - seconds_ago)
 
 
 @dataclass(frozen=True)

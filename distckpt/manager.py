@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import time
 import uuid
 from collections.abc import Collection, Mapping
 from typing import Any, Literal, Union
@@ -60,13 +61,19 @@ class CheckpointManager:
         keep_last: keep the newest N checkpoints (with the other ``keep_*`` rules, a checkpoint
             stays if any rule keeps it). None with no other ``keep_*`` keeps everything.
         keep_best: keep the best K by ``monitor``; ``monitor``/``mode`` also drive ``root/best``.
-        keep_every_n_steps: keep every checkpoint whose step is a multiple of N (milestones).
+        keep_every_n_steps: keep milestones: for each multiple of N, the first checkpoint at or
+            after it (the save schedules' crossing rule: with saves every 3 steps and N=1000,
+            step 1002 stands for 1000).
         keep_every_n_seconds: keep a sparse history: a checkpoint created at least S seconds
             after the last one kept this way (by the manifests' creation times).
         keep_unranked: with ``monitor``, keep checkpoints saved without a finite value of it
             (default: only the other rules keep them).
         every_n_steps, every_n_epochs, every_seconds, save_on_steps: save schedules, combined
             with "any"; with one set, :meth:`save` returns None when no schedule is due.
+            ``every_seconds`` counts from the last save; at the start, from the creation time
+            of the root's newest checkpoint (its manifest's, by rank 0's clock; one created
+            later than that clock says counts as created now), or from the start in a root
+            holding none, so a job killed more often than the interval still saves.
         min_seconds_between_saves: skip (return None from) a scheduled or plain save while less
             than S seconds passed since the previous save began, or while an async save is in
             flight; forced and preemption saves are never skipped. Rank 0's clock decides.
@@ -201,28 +208,30 @@ class CheckpointManager:
         self._closed = False
         self._save_count = 0
         self.preempted = False
-        """True once a save requested by a signal (``save_on_signal``) has committed: the
-        loop should exit so the job can be requeued and resume from ``last``."""
+        """True once a save requested by a signal (``save_on_signal``) has committed (or found
+        its step committed already): the loop should exit so the job can be requeued and
+        resume from ``last``."""
 
         self._buffers = SnapshotBuffers() if async_save else None
         self._background: BackgroundSaves | None = None
         self._before_inflight = LastSave()
+        #: no save or restore yet: the schedule counts from the root's newest checkpoint
+        self._resuming = True
         self._coord = Coordinator(group, self.timeout)
         self.rank = self._coord.rank
         self._decider = SaveDecider(self.schedule, self._signals, self._coord)
         self.world_size = self._coord.world_size
         try:
             # Rank 0 names this manager's staging areas after the token: unique to this manager.
-            newest, self._token = self._coord.decide_within(
-                lambda seconds: (
-                    self._store.open(wait_for_root=seconds).newest,
-                    uuid.uuid4().hex[:12],
-                ),
+            (newest, newest_age), self._token = self._coord.decide_within(
+                lambda seconds: (self._opened_root(seconds), uuid.uuid4().hex[:12]),
                 wait=wait_for_root,
                 retry_on=RootInUse,
                 what="opening the checkpoint root",
             )
-            self._decider.last = LastSave.at(*(newest or (None, None)))
+            # every_seconds counts from the newest checkpoint's creation, not from this start:
+            # a job requeued more often than the interval would never save again.
+            self._decider.last = LastSave.at(*(newest or (None, None)), seconds_ago=newest_age)
             self._coord.all_gather(
                 lambda: self._store.check_visible(self.rank),
                 what="checking the root from every rank",
@@ -234,6 +243,12 @@ class CheckpointManager:
         except BaseException:
             self.close()  # gives the groups back: ranks must take and return them alike
             raise
+
+    def _opened_root(self, wait_for_root: float) -> tuple[tuple[int, int | None] | None, float]:
+        """On rank 0: open the root; its newest checkpoint's step and epoch, and how many
+        seconds ago (by this clock) it was created."""
+        opened = self._store.open(wait_for_root=wait_for_root)
+        return opened.newest, policy.seconds_since_created(opened.newest_created, time.time())
 
     # ------------------------------------------------------------------ save
 
@@ -299,8 +314,11 @@ class CheckpointManager:
             space_margin=self.space_margin,
             launcher=self._launcher,
         )
+        self._resuming = False
         if isinstance(plan, SaveResult):  # committed already: the schedule counts from it
             self._decider.last = LastSave.at(plan.step, plan.epoch)
+            if decision.preempt:  # that checkpoint is durable: the preemption save is done
+                self._preemption_saved(step)
             return plan
         commit = functools.partial(
             protocol.write_and_commit,
@@ -324,11 +342,16 @@ class CheckpointManager:
             if decision.preempt:
                 result = self.wait() or result  # a preemption save must be durable first
         if decision.preempt:
-            self._signals.clear()
-            self.preempted = True
-            if self.is_coordinator:
-                logger.warning("preemption save of step %d committed; stop and requeue", step)
+            self._preemption_saved(step)
         return result
+
+    def _preemption_saved(self, step: int) -> None:
+        """The checkpoint of ``step`` is durable after a signal asked for it (every rank
+        decided so together): report :attr:`preempted`."""
+        self._signals.clear()
+        self.preempted = True
+        if self.is_coordinator:
+            logger.warning("preemption save of step %d committed; stop and requeue", step)
 
     def wait(self) -> SaveResult | None:
         """Wait for the save in flight (``async_save=True``) to be committed and durable, and
@@ -402,6 +425,11 @@ class CheckpointManager:
         saying where, so the job saves the steps after the one loaded again instead of
         having them refused as lower than the damaged one. One that could not be judged (an
         I/O error, an unknown checksum algorithm or format) is only skipped, as before.
+
+        The save schedule counts from the step restored by the first restore before any save
+        (the resume, which may load an older step than the root's newest); after that, a
+        restore moves it only forward: an older one (``"best"`` loaded into an evaluation
+        model mid-run, a step) leaves it as it is.
         """
         self._check_open()
         self.wait()
@@ -421,8 +449,15 @@ class CheckpointManager:
             if self.read_only
             else functools.partial(set_aside_damaged_newer, self._store),
         )
-        if loaded is not None:
-            self._decider.last = LastSave.at(loaded.step, loaded.epoch)
+        last = self._decider.last
+        if loaded is not None and loaded.step != last.step:
+            # The first restore is the resume, from wherever the job resumes (an older step
+            # when the newest was set aside or skipped); later ones only move forward: loading
+            # an older checkpoint (``best`` into an eval model) mid-run must not make the
+            # schedule due again at once.
+            if self._resuming or last.step is None or loaded.step > last.step:
+                self._decider.last = LastSave.at(loaded.step, loaded.epoch)
+        self._resuming = self._resuming and loaded is None
         return loaded
 
     # ------------------------------------------------------------------ queries

@@ -98,7 +98,7 @@ class Manifest:
 
     def to_json(self) -> bytes:
         data = asdict(self)
-        data["metrics"] = {key: _encode_float(value) for key, value in self.metrics.items()}
+        data["metrics"] = encode_metrics(self.metrics)
         data["files"] = {name: asdict(record) for name, record in sorted(self.files.items())}
         # allow_nan=False: the file must be valid JSON for any reader, not only Python's.
         return (json.dumps(data, indent=1, sort_keys=True, allow_nan=False) + "\n").encode()
@@ -144,6 +144,12 @@ class Manifest:
         if not isinstance(manifest.step, int) or not isinstance(manifest.world_size, int):
             raise CorruptCheckpoint(f"{source}: step and world_size must be integers", damaged=True)
         return manifest
+
+
+def encode_metrics(metrics: Mapping[str, float]) -> dict[str, float | str]:
+    """``metrics`` as a manifest stores them: strict JSON, which has no NaN or infinities, so
+    those are the strings ``"nan"``, ``"inf"`` and ``"-inf"``."""
+    return {key: _encode_float(value) for key, value in metrics.items()}
 
 
 def _encode_float(value: float) -> float | str:

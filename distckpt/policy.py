@@ -144,6 +144,17 @@ class CheckpointRecord:
 # Save schedules
 
 
+def seconds_since_created(created: float | None, now: float) -> float:
+    """How long before ``now`` a checkpoint ``created`` then was made (both in seconds since
+    the epoch): what ``every_seconds`` counts from when a job starts on a root holding it, so
+    a job killed more often than the interval still saves. 0 when ``created`` is unknown
+    (the interval starts now) or later than ``now`` (a clock ahead of this one's: counted as
+    made just now, never as due already)."""
+    if created is None or not math.isfinite(created):
+        return 0.0
+    return max(0.0, now - created)
+
+
 def crossed_multiple(value: int, last: int | None, n: int) -> bool:
     """True when ``value`` has crossed a multiple of ``n`` since ``last`` (None means since 0).
 
@@ -264,7 +275,8 @@ class RetentionPolicy:
 
     A checkpoint is kept when any rule keeps it: among the newest ``keep_last``; among the best
     ``keep_best`` by ``monitor`` (lowest first for ``mode="min"``, highest for ``"max"``); a
-    milestone (``step % keep_every_n_steps == 0``); in the time history
+    milestone (the first step at or after a multiple of ``keep_every_n_steps``, see
+    :func:`kept_as_milestones`); in the time history
     (``keep_every_n_seconds``, see :func:`kept_by_time`); unranked, with ``keep_unranked``
     (its monitored metric is missing, NaN or infinite). The newest and the best checkpoint are
     always kept. With no count or seconds rule set, everything is kept.
@@ -364,6 +376,27 @@ def best_step(records: Iterable[CheckpointRecord], monitor: str | None, mode: Mo
     return ranked[0].step if ranked else None
 
 
+def kept_as_milestones(steps: Iterable[int], every_n_steps: int) -> set[int]:
+    """The steps the ``keep_every_n_steps`` rule keeps: for each multiple of ``every_n_steps``,
+    the first step at or after it (each step that :func:`crossed_multiple` since the step
+    before it, and step 0).
+
+    The save schedules' crossing rule: saves that land beside the multiples (every 3 steps,
+    with ``every_n_steps=500``: 501, 1002, 1500, ...) still leave one milestone per multiple,
+    which keeping only exact multiples would not. Removing a step this rule does not keep (it
+    shares its multiple with the step before it), or adding newer steps, never changes which
+    of the others it keeps, so pruning after every commit keeps what pruning once would.
+    """
+    _check_positive_int("every_n_steps", every_n_steps)
+    kept: set[int] = set()
+    previous: int | None = None
+    for step in sorted(set(steps)):
+        if step == 0 or crossed_multiple(step, previous, every_n_steps):
+            kept.add(step)
+        previous = step
+    return kept
+
+
 def kept_by_time(records: Iterable[CheckpointRecord], seconds: float) -> set[int]:
     """The steps the ``keep_every_n_seconds`` rule keeps: a sparse history of a long run.
 
@@ -397,11 +430,12 @@ def steps_to_keep(
 
     All of them when :attr:`RetentionPolicy.keeps_everything`. Otherwise the union of: the
     newest ``keep_last`` steps; the best ``keep_best`` by ``monitor``; the milestones
-    (``step % keep_every_n_steps == 0``); the time history (:func:`kept_by_time` with
-    ``keep_every_n_seconds``); with ``keep_unranked``, the records without a finite
-    ``monitor`` value; the ``protected`` steps (for instance the targets of the ``last`` and
-    ``best`` links); and always the newest step and the best step. The result is a subset of
-    the records' steps: a protected step with no record is not added.
+    (:func:`kept_as_milestones` with ``keep_every_n_steps``); the time history
+    (:func:`kept_by_time` with ``keep_every_n_seconds``); with ``keep_unranked``, the
+    records without a finite ``monitor`` value; the ``protected`` steps (for instance the
+    targets of the ``last`` and ``best`` links); and always the newest step and the best step.
+    The result is a subset of the records' steps: a protected step with no record is not
+    added.
     """
     records = list(records)
     steps = {record.step for record in records}
@@ -422,7 +456,7 @@ def steps_to_keep(
             best_steps = list(dict.fromkeys(record.step for record in ranked))
             keep.update(best_steps[: policy.keep_best])
     if policy.keep_every_n_steps is not None:
-        keep.update(step for step in steps if step % policy.keep_every_n_steps == 0)
+        keep.update(kept_as_milestones(steps, policy.keep_every_n_steps))
     if policy.keep_every_n_seconds is not None:
         keep.update(kept_by_time(records, policy.keep_every_n_seconds))
     if policy.keep_unranked and policy.monitor is not None:

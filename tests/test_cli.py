@@ -72,6 +72,42 @@ def test_ls_json(root: Path) -> None:
     assert data["checkpoints"][1]["links"] == ["best"]
 
 
+def strict_json(text: str) -> Any:
+    """``text`` parsed as strict JSON: NaN and Infinity, which Python writes by default but
+    JSON has not, are refused."""
+
+    def refuse(constant: str) -> Any:
+        raise ValueError(f"not JSON: {constant}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_every_json_output_is_strict_json_with_non_finite_metrics(tmp_path: Path) -> None:
+    """Metrics that are NaN or infinite are written as the manifest writes them ("nan",
+    "inf"), so any JSON parser reads every command's --json output."""
+    root = tmp_path / "root"
+    with distckpt.CheckpointManager(root, monitor="loss", fsync=False) as mgr:
+        for step, loss in ((10, 3.0), (20, float("nan")), (30, 2.0), (40, float("inf"))):
+            mgr.save(step, {"w": torch.zeros(4)}, metrics={"loss": loss})
+    listed = strict_json(run("ls", str(root), "--json").stdout)
+    assert [c["metrics"]["loss"] for c in listed["checkpoints"]] == [3.0, "nan", 2.0, "inf"]
+    assert strict_json(run("info", str(root / "step-00000020"), "--json").stdout)["metrics"] == {
+        "loss": "nan"
+    }
+    commands = [
+        ("info", str(root), "--json"),
+        ("verify", str(root), "--json"),
+        ("lease", str(root), "--json"),
+        ("export", str(root), str(tmp_path / "out.pt"), "--json"),
+        ("gc", str(root), "--json"),
+        ("prune", str(root), "--keep-last", "3", "--json"),
+    ]
+    for args in commands:
+        out = run(*args)
+        assert out.returncode == 0, out
+        strict_json(out.stdout)
+
+
 def test_info_resolves_links_and_relative_paths(root: Path) -> None:
     out = run("info", "root/best", cwd=root.parent)
     assert out.returncode == 0, out.stderr
@@ -96,12 +132,58 @@ def test_verify_exit_status(root: Path) -> None:
 
 
 def test_prune_uses_the_managers_rules(root: Path) -> None:
-    out = run("prune", str(root), "--keep-last", "1", "--keep-best", "1", "--monitor", "loss")
+    out = run(
+        "prune",
+        str(root),
+        "--keep-last",
+        "1",
+        "--keep-best",
+        "1",
+        "--monitor",
+        "loss",
+        "--mode",
+        "min",
+    )
     assert out.returncode == 0, out.stderr
     assert distckpt.CheckpointManager(root).steps() == [20, 30]
     # Without --monitor the best link is not maintained, but its target stays protected.
     out = run("prune", str(root), "--keep-last", "1", "--json")
     assert json.loads(out.stdout) == {"removed": [], "kept": [20, 30]}
+
+
+def _job_ranked_by_accuracy(root: Path) -> None:
+    """A job that keeps its best by the highest accuracy: step 20 is its best."""
+    with distckpt.CheckpointManager(root, monitor="acc", mode="max", fsync=False) as mgr:
+        for step, acc in ((10, 0.50), (20, 0.91), (30, 0.70), (40, 0.72), (50, 0.60)):
+            mgr.save(step, {"w": torch.zeros(4)}, metrics={"acc": acc})
+
+
+def test_prune_with_monitor_needs_the_jobs_mode(tmp_path: Path) -> None:
+    """The root does not record the job's mode: a default guess ("min") would rank an
+    accuracy upside down and remove the job's best, so --monitor without --mode is refused."""
+    root = tmp_path / "root"
+    _job_ranked_by_accuracy(root)
+    out = run("prune", str(root), "--keep-last", "2", "--monitor", "acc")
+    assert out.returncode == 2, out
+    assert out.stderr.startswith("distckpt prune: error: --monitor acc needs --mode"), out.stderr
+    out = run("prune", str(root), "--keep-last", "2", "--mode", "max")
+    assert out.returncode == 2 and "--mode needs --monitor" in out.stderr, out
+    assert distckpt.CheckpointManager(root, read_only=True).steps() == [10, 20, 30, 40, 50]
+    out = run("prune", str(root), "--keep-last", "2", "--monitor", "acc", "--mode", "max")
+    assert out.returncode == 0, out.stderr
+    assert distckpt.CheckpointManager(root, read_only=True).steps() == [20, 40, 50]
+    assert os.readlink(root / "best") == "step-00000020"
+
+
+def test_prune_never_removes_the_checkpoint_best_named_before_it(tmp_path: Path) -> None:
+    """A prune whose monitor/mode disagree with the job's moves the best link, but the
+    checkpoint it named before (the job's best) stays."""
+    root = tmp_path / "root"
+    _job_ranked_by_accuracy(root)
+    out = run("prune", str(root), "--keep-last", "2", "--monitor", "acc", "--mode", "min")
+    assert out.returncode == 0, out.stderr
+    assert distckpt.CheckpointManager(root, read_only=True).steps() == [10, 20, 40, 50]
+    assert os.readlink(root / "best") == "step-00000010"  # this prune's best, kept too
 
 
 def test_gc_removes_dead_writers_only(root: Path) -> None:
@@ -137,6 +219,8 @@ def test_export_then_load_in_a_plain_process(root: Path, tmp_path: Path) -> None
         ("verify", "does-not-exist"),
         ("prune", "does-not-exist", "--keep-last", "1"),
         ("gc", "does-not-exist"),
+        ("export", "does-not-exist", "out.pt"),
+        ("lease", "does-not-exist"),
     ],
 )
 def test_bad_input_is_a_clear_error_with_status_2(tmp_path: Path, args: tuple[str, ...]) -> None:
@@ -145,6 +229,21 @@ def test_bad_input_is_a_clear_error_with_status_2(tmp_path: Path, args: tuple[st
     assert out.stderr.startswith(f"distckpt {args[0]}: error:")
     assert "Traceback" not in out.stderr
     assert not (tmp_path / "does-not-exist").exists()  # nothing is created by mistake
+
+
+@pytest.mark.parametrize("command", [("prune", "--keep-last", "1"), ("gc",), ("ls",), ("lease",)])
+@pytest.mark.parametrize("path", ["last", "step-00000020"])
+def test_a_command_on_a_root_refuses_a_checkpoint_or_link(
+    root: Path, command: tuple[str, ...], path: str
+) -> None:
+    """A checkpoint or a link given where a root is wanted is bad input: nothing is removed,
+    and no file (the root's lock) is created inside a checkpoint, which would then fail
+    verify."""
+    out = run(command[0], str(root / path), *command[1:])
+    assert out.returncode == 2, out
+    assert f"not a checkpoint root: give its root, {root}" in out.stderr, out.stderr
+    assert distckpt.CheckpointManager(root, read_only=True).steps() == [10, 20, 30]
+    assert run("verify", str(root)).returncode == 0
 
 
 def test_verify_of_a_path_holding_no_checkpoint_exits_2(tmp_path: Path) -> None:
@@ -156,6 +255,9 @@ def test_verify_of_a_path_holding_no_checkpoint_exits_2(tmp_path: Path) -> None:
     assert out.returncode == 2, out
     assert out.stderr.startswith("distckpt verify: error: no checkpoint in"), out.stderr
     assert str(empty) in out.stderr
+    for args in (("info", str(empty)), ("export", str(empty), str(tmp_path / "out.pt"))):
+        out = run(*args)
+        assert out.returncode == 2 and str(empty) in out.stderr, out
 
 
 def test_prune_without_a_rule_is_refused(root: Path) -> None:
@@ -163,7 +265,7 @@ def test_prune_without_a_rule_is_refused(root: Path) -> None:
     assert out.returncode == 2 and "--keep-last" in out.stderr
     assert distckpt.CheckpointManager(root).steps() == [10, 20, 30]
     # --keep-unranked alone removes nothing either: it only keeps.
-    out = run("prune", str(root), "--monitor", "loss", "--keep-unranked")
+    out = run("prune", str(root), "--monitor", "loss", "--mode", "min", "--keep-unranked")
     assert out.returncode == 2 and "--keep-every-n-seconds" in out.stderr
 
 
@@ -174,7 +276,17 @@ def test_prune_keep_every_n_seconds_and_keep_unranked(root: Path) -> None:
     out = run("prune", str(root), "--keep-every-n-seconds", "3600", "--json")
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout) == {"removed": [30], "kept": [10, 20, 40]}
-    out = run("prune", str(root), "--keep-last", "1", "--monitor", "loss", "--keep-unranked")
+    out = run(
+        "prune",
+        str(root),
+        "--keep-last",
+        "1",
+        "--monitor",
+        "loss",
+        "--mode",
+        "min",
+        "--keep-unranked",
+    )
     assert out.returncode == 0, out.stderr
     assert distckpt.CheckpointManager(root).steps() == [20, 40]  # best, and newest + unranked
 

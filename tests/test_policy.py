@@ -25,11 +25,13 @@ from distckpt.policy import (
     SaveSchedule,
     best_step,
     crossed_multiple,
+    kept_as_milestones,
     kept_by_time,
     metric_value,
     missing_monitor,
     parse_created_utc,
     rank_by_metric,
+    seconds_since_created,
     steps_to_keep,
     steps_to_remove,
 )
@@ -129,6 +131,13 @@ def test_time_schedule() -> None:
     assert schedule.due_by_time(130.0, last_time=100.0)
     assert schedule.due_by_time(500.0, last_time=100.0)
     assert not SaveSchedule(every_n_steps=1).due_by_time(1e9, last_time=0.0)
+
+
+def test_seconds_since_created_clamps_unknown_and_future_times_to_now() -> None:
+    assert seconds_since_created(1000.0, 1030.5) == 30.5
+    assert seconds_since_created(None, 1030.5) == 0.0  # unknown: the interval starts now
+    assert seconds_since_created(2000.0, 1030.5) == 0.0  # a clock ahead: made just now
+    assert seconds_since_created(math.nan, 1030.5) == 0.0
 
 
 def test_schedule_flags() -> None:
@@ -306,6 +315,30 @@ def test_milestones() -> None:
     policy = RetentionPolicy(keep_every_n_steps=300)
     assert steps_to_keep(records, policy) == {300, 600, 900, 1000}
     assert steps_to_remove(records, policy) == [100, 200, 400, 500, 700, 800]
+
+
+def test_milestones_are_the_first_checkpoint_at_or_after_each_multiple() -> None:
+    assert kept_as_milestones([0, 999, 1002, 1500, 2001, 2004, 3000], 1000) == {0, 1002, 2001, 3000}
+    assert kept_as_milestones([500, 999], 1000) == set()  # no multiple reached but 0
+    assert kept_as_milestones([1500, 1800], 1000) == {1500}  # the first one left after 1000
+    assert kept_as_milestones([], 1000) == set()
+    with pytest.raises(InvalidArgument):
+        kept_as_milestones([1], 0)
+
+
+def test_milestones_survive_saves_that_land_beside_the_multiples() -> None:
+    """Saves every 3 steps with every_n_steps=500 (the crossing rule: 501, 1002, 1500, ...),
+    pruned after each commit with keep_last=2: one milestone per 1000 steps stays."""
+    schedule = SaveSchedule(every_n_steps=500)
+    policy = RetentionPolicy(keep_last=2, keep_every_n_steps=1000)
+    last, on_disk = None, []
+    for step in range(3, 6001, 3):
+        if schedule.due_by_counters(step, None, last_step=last, last_epoch=None):
+            last = step
+            on_disk.append(step)
+            doomed = set(steps_to_remove([rec(s) for s in on_disk], policy))
+            on_disk = [s for s in on_disk if s not in doomed]
+    assert on_disk == [1002, 2001, 3000, 4002, 5001, 5502, 6000]
 
 
 def test_protected_steps_kept() -> None:
@@ -646,6 +679,21 @@ def test_time_history_is_the_same_whether_pruned_as_it_grows_or_at_once(
         on_disk = [r for r in on_disk if r.step not in doomed]
     expected = kept_by_time(records, seconds) | ({records[-1].step} if records else set())
     assert {r.step for r in on_disk} == expected
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.integers(0, 400), unique=True).map(sorted), st.integers(1, 50))
+def test_milestones_are_the_same_whether_pruned_as_they_grow_or_at_once(
+    steps: list[int], every_n_steps: int
+) -> None:
+    policy = RetentionPolicy(keep_last=1, keep_every_n_steps=every_n_steps)
+    on_disk: list[int] = []
+    for step in steps:
+        on_disk.append(step)
+        doomed = set(steps_to_remove([rec(s) for s in on_disk], policy))
+        on_disk = [s for s in on_disk if s not in doomed]
+    expected = kept_as_milestones(steps, every_n_steps) | set(steps[-1:])
+    assert set(on_disk) == expected
 
 
 # --------------------------------------------------------------------------------------------

@@ -95,12 +95,32 @@ def test_verify_finds_a_corrupted_object(root: str, s3_server: S3Server) -> None
 
 
 def test_prune_uses_the_managers_rules(root: str, s3_server: S3Server) -> None:
-    out = run("prune", root, "--keep-last", "1", "--keep-best", "1", "--monitor", "loss")
+    out = run(
+        "prune", root, "--keep-last", "1", "--keep-best", "1", "--monitor", "loss", "--mode", "min"
+    )
     assert out.returncode == 0, out.stderr
     with distckpt.CheckpointManager(root, read_only=True) as mgr:  # from the environment too
         assert mgr.steps() == [20, 30]
     remaining = {info.key.split("/")[0] for info in raw_store(root, s3_server).list()}
     assert step_dir_name(10) not in remaining  # its objects are gone, not only its commit
+
+
+def test_prune_never_removes_the_checkpoint_best_named_before_it(
+    s3_server: S3Server, s3_url: str, aws_env: None
+) -> None:
+    """As on a local root: a prune ranking the other way moves ``best``, but the checkpoint
+    it named before (the job's best) stays; --monitor without --mode is refused."""
+    with distckpt.CheckpointManager(
+        s3_url, storage_options=s3_server.storage_options(), monitor="acc", mode="max"
+    ) as mgr:
+        for step, acc in ((10, 0.50), (20, 0.91), (30, 0.70), (40, 0.72), (50, 0.60)):
+            mgr.save(step, {"w": torch.zeros(4)}, metrics={"acc": acc})
+    out = run("prune", s3_url, "--keep-last", "2", "--monitor", "acc")
+    assert out.returncode == 2 and "needs --mode" in out.stderr, out
+    out = run("prune", s3_url, "--keep-last", "2", "--monitor", "acc", "--mode", "min")
+    assert out.returncode == 0, out.stderr
+    with distckpt.CheckpointManager(s3_url, read_only=True) as mgr:
+        assert mgr.steps() == [10, 20, 40, 50]
 
 
 def test_gc_removes_the_leftovers_of_a_dead_writer(root: str, s3_server: S3Server) -> None:
@@ -124,6 +144,24 @@ def test_export_then_load_in_a_plain_process(root: str, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
+    "args",
+    [("info",), ("verify",), ("ls",), ("prune", "--keep-last", "1"), ("gc",), ("lease",)],
+    ids=lambda value: value[0],
+)
+def test_a_prefix_holding_nothing_is_a_missing_root(
+    s3_server: S3Server, s3_url: str, aws_env: None, args: tuple[str, ...]
+) -> None:
+    """A prefix holding nothing (a typo) is what a missing local root dir is: bad input (status
+    2, naming it) for every command, and nothing is made there by mistake."""
+    out = run(args[0], s3_url, *args[1:])
+    assert out.returncode == 2, out
+    assert "Traceback" not in out.stderr
+    assert out.stderr.startswith(f"distckpt {args[0]}: error: no "), out.stderr
+    assert s3_url in out.stderr
+    assert list(raw_store(s3_url, s3_server).list()) == []
+
+
+@pytest.mark.parametrize(
     ("args", "status"),
     [
         (("info",), 2),
@@ -134,13 +172,13 @@ def test_export_then_load_in_a_plain_process(root: str, tmp_path: Path) -> None:
     ],
     ids=lambda value: value[0] if isinstance(value, tuple) else str(value),
 )
-def test_an_empty_prefix_is_treated_as_an_empty_local_root(
+def test_a_root_before_its_first_save_is_an_empty_local_root(
     s3_server: S3Server, s3_url: str, aws_env: None, args: tuple[str, ...], status: int
 ) -> None:
-    """A prefix holding nothing (a typo, a root before its first save) is what an empty local
-    root dir is: ``info`` and ``verify`` find no checkpoint there, which is bad input (status
-    2, saying so); ``ls``, ``prune`` and ``gc`` find nothing to show or remove. No step is made
-    there by mistake."""
+    """A root a job opened but never committed to holds the job's lease, as a local root dir
+    made by a manager holds no checkpoint: ``info`` and ``verify`` find no checkpoint there
+    (status 2, saying so); ``ls``, ``prune`` and ``gc`` find nothing to show or remove."""
+    distckpt.CheckpointManager(s3_url, storage_options=s3_server.storage_options()).close()
     out = run(args[0], s3_url, *args[1:])
     assert out.returncode == status, out
     assert "Traceback" not in out.stderr
@@ -149,6 +187,18 @@ def test_an_empty_prefix_is_treated_as_an_empty_local_root(
         assert s3_url in out.stderr
     keys = [info.key for info in raw_store(s3_url, s3_server).list()]
     assert not [key for key in keys if key.startswith("step-")], keys
+
+
+def test_prune_and_gc_of_a_checkpoint_are_refused(root: str, s3_server: S3Server) -> None:
+    for args in (
+        ("gc", f"{root}/{step_dir_name(30)}"),
+        ("prune", f"{root}/{step_dir_name(30)}", "--keep-last", "1"),
+    ):
+        out = run(*args)
+        assert out.returncode == 2, out
+        assert "not a checkpoint root" in out.stderr, out.stderr
+    with distckpt.CheckpointManager(root, read_only=True) as mgr:
+        assert mgr.steps() == [10, 20, 30]
 
 
 def test_python_dash_m_with_the_aws_environment(root: str, s3_server: S3Server) -> None:

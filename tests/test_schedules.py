@@ -121,6 +121,56 @@ def test_signal_on_one_rank_makes_every_rank_save_and_report_preempted(
     assert results == [([4], True, True)] * world_size
 
 
+def _restore_best_mid_run(rank: int, world_size: int, root: str) -> tuple[list[int], int]:
+    """``every_n_steps=5``; at step 11 the best checkpoint so far (step 5) is loaded into a
+    separate evaluation model."""
+    saved = []
+    with distckpt.CheckpointManager(
+        root, every_n_steps=5, monitor="loss", fsync=False, timeout=20
+    ) as mgr:
+        for step in range(1, 14):
+            if step == 11:
+                evaluated = mgr.restore("best", state={"s": -1}).step
+            metrics = {"loss": 1.0 if step == 5 else 2.0}
+            if mgr.save(step, {"s": step}, metrics=metrics) is not None:
+                saved.append(step)
+    return saved, evaluated
+
+
+def test_restoring_an_older_checkpoint_mid_run_keeps_the_schedule(tmp_path: Path) -> None:
+    """The schedule counts from the newest save: loading an older checkpoint does not make
+    the next call save out of schedule."""
+    results = values(run_ranks(_restore_best_mid_run, 2, str(tmp_path)))
+    assert results == [([5, 10], 5)] * 2
+
+
+def _preempt_at_a_committed_step(
+    rank: int, world_size: int, root: str
+) -> list[tuple[int, int | None, bool]]:
+    """Gradient accumulation 4 (``save(step)`` after every micro-batch), with the signal
+    reaching rank 1 just after the scheduled save of step 500 committed."""
+    calls = []
+    with distckpt.CheckpointManager(
+        root, every_n_steps=500, save_on_signal=(signal.SIGUSR1,), fsync=False, timeout=20
+    ) as mgr:
+        for micro, step in enumerate([500, 500, 500, 500, 501, 501, 501, 501, 502]):
+            if micro == 1 and rank == 1:
+                os.kill(os.getpid(), signal.SIGUSR1)
+            result = mgr.save(step, {"s": step})
+            calls.append((step, result and result.step, mgr.preempted))
+            if mgr.preempted:
+                break
+    return calls
+
+
+def test_a_preemption_save_of_a_committed_step_reports_preempted(tmp_path: Path) -> None:
+    """The step the signal finds is committed already: that checkpoint is the preemption save,
+    and the job stops there instead of running another step."""
+    results = values(run_ranks(_preempt_at_a_committed_step, 2, str(tmp_path)))
+    assert results == [[(500, 500, False), (500, 500, True)]] * 2
+    assert distckpt.CheckpointManager(tmp_path, read_only=True).steps() == [500]
+
+
 def _best_and_top_k(rank: int, world_size: int, root: str, losses: list[float]) -> dict:
     kwargs = dict(keep_last=2, keep_best=1, monitor="val_loss", mode="min", fsync=False)
     with distckpt.CheckpointManager(root, timeout=20, **kwargs) as mgr:

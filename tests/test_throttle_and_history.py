@@ -26,6 +26,34 @@ from tests.ranks import run_ranks, values
 TIMEOUT = 30.0
 
 
+def _save_step_10(rank: int, world_size: int, root: str) -> None:
+    with distckpt.CheckpointManager(root, fsync=False, timeout=20) as mgr:
+        mgr.save(10, {"w": torch.zeros(2)})
+
+
+def _requeued_every_seconds(rank: int, world_size: int, root: str) -> dict[str, Any]:
+    """A job with ``every_seconds=1`` whose previous run committed step 10 over a second ago
+    (it was killed and waited in the queue): the interval counts from that checkpoint."""
+    with distckpt.CheckpointManager(root, every_seconds=1.0, fsync=False, timeout=20) as mgr:
+        mgr.restore("last", state={"w": torch.zeros(2)})  # the resume does not restart it either
+        due_at_start = mgr.should_save(11)
+        saved = mgr.save(11, {"w": torch.zeros(2)})
+        return {
+            "due_at_start": due_at_start,
+            "saved": saved and saved.step,
+            "due_right_after": mgr.should_save(12),
+        }
+
+
+def test_every_seconds_counts_from_the_newest_checkpoint_across_restarts(tmp_path: Path) -> None:
+    """A job killed more often than ``every_seconds`` still saves: a start does not restart
+    the interval when the root's newest checkpoint is older than it."""
+    values(run_ranks(_save_step_10, 2, str(tmp_path)))
+    time.sleep(1.1)  # the requeued job waits in the queue longer than the interval
+    results = values(run_ranks(_requeued_every_seconds, 2, str(tmp_path)))
+    assert results == [{"due_at_start": True, "saved": 11, "due_right_after": False}] * 2
+
+
 class HeldValue:
     """A plain value whose pickling waits for :attr:`release`: an async save writing it stays
     in flight, really blocked inside its write, until the test lets it go."""

@@ -61,10 +61,12 @@ class StagingArea:
 @dataclass(frozen=True)
 class OpenedRoot:
     """What :meth:`RootStore.open` found: the newest valid checkpoint (step, epoch), if any,
-    and the leftovers of dead writers it removed."""
+    the leftovers of dead writers it removed, and when that checkpoint was created (seconds
+    since the epoch, from its manifest; None when unknown)."""
 
     newest: tuple[int, int | None] | None
     removed: tuple[CheckpointLocation, ...] = ()
+    newest_created: float | None = None
 
 
 class RootStore(abc.ABC):

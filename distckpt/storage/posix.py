@@ -111,7 +111,7 @@ class PosixRootStore(Removals, LinksAndRetention, ViewedStore):
                     "not created)",
                     path=root,
                 )
-            return OpenedRoot(self._newest())
+            return self._opened()
         try:
             # Durably, parents included: a root whose name a power loss can drop would take
             # every checkpoint saved in it along.
@@ -143,7 +143,7 @@ class PosixRootStore(Removals, LinksAndRetention, ViewedStore):
         except BaseException:
             self.close()
             raise
-        return OpenedRoot(self._newest(), tuple(self._removed_at_open))
+        return self._opened(tuple(self._removed_at_open))
 
     def _take_lease(self, wait: float) -> None:
         if self._lease is not None and self._lease.held:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 from distckpt import faults, policy, resolve
@@ -33,7 +33,7 @@ class LinksAndRetention:
 
     layout: RootLayout
     view: PosixRootView
-    _steps_retention_removes: Callable[[list[policy.CheckpointRecord]], list[int]]
+    _steps_retention_removes: Callable[[list[policy.CheckpointRecord], Collection[int]], list[int]]
     root: Path
     retention: policy.RetentionPolicy
     fsync: bool
@@ -108,9 +108,12 @@ class LinksAndRetention:
             logger.info("removing %s: it names no committed checkpoint", link)
             remove_link(link, fsync=self.fsync)
 
-    def _apply_retention(self, records: list[policy.CheckpointRecord]) -> list[int]:
-        """Under the lock: remove what the retention rules do not keep; returns those steps."""
-        doomed = self._steps_retention_removes(records)
+    def _apply_retention(
+        self, records: list[policy.CheckpointRecord], linked_before: Collection[int] = ()
+    ) -> list[int]:
+        """Under the lock: remove what the retention rules do not keep, never the
+        ``linked_before`` steps; returns the steps removed."""
+        doomed = self._steps_retention_removes(records, linked_before)
         for step in doomed:
             faults.hit("during_retention", COMMITTING_RANK)
             logger.info("retention: removing %s", self.layout.step_dir(step).name)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 from distckpt import faults, policy, resolve
@@ -42,7 +42,8 @@ class Removals:
     _check_lease: Callable[[], None]
     _refuse_if_read_only: Callable[[str], None]
     _update_links: Callable[..., list[policy.CheckpointRecord]]
-    _apply_retention: Callable[[list[policy.CheckpointRecord]], list[int]]
+    _apply_retention: Callable[[list[policy.CheckpointRecord], Collection[int]], list[int]]
+    _linked_steps: Callable[[], set[int]]
 
     def delete(self, step: int) -> int | None:
         self._refuse_if_read_only(f"delete step {step}")
@@ -76,7 +77,9 @@ class Removals:
         self._refuse_if_read_only("prune")
         with self._lock:
             self._check_lease()
-            removed = self._apply_retention(self._update_links())
+            # Read before the links move: this prune's monitor/mode may disagree with the job's.
+            linked_before = self._linked_steps()
+            removed = self._apply_retention(self._update_links(), linked_before)
         self._empty_trash()
         return removed
 

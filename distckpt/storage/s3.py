@@ -125,7 +125,7 @@ class S3RootStore(Upkeep, ViewedStore):
 
     def open(self, *, wait_for_root: float = 0.0) -> OpenedRoot:
         if self.read_only:
-            return OpenedRoot(self._newest())
+            return self._opened()
         self.check_visible(COMMITTING_RANK)
         self._take_lease(wait_for_root)
         try:
@@ -137,7 +137,7 @@ class S3RootStore(Upkeep, ViewedStore):
         except BaseException:
             self.close()
             raise
-        return OpenedRoot(self._newest(), tuple(self._removed_at_open))
+        return self._opened(tuple(self._removed_at_open))
 
     def _take_lease(self, wait: float) -> None:
         if self._lease is not None and self._lease.held:
@@ -430,7 +430,9 @@ class S3RootStore(Upkeep, ViewedStore):
     def prune(self) -> list[int]:
         self._refuse_if_read_only("prune")
         self._check_lease()
-        return self._apply_retention(self._update_pointers())
+        # Read before the pointers move: this prune's monitor/mode may disagree with the job's.
+        linked_before = self._linked_steps()
+        return self._apply_retention(self._update_pointers(), linked_before)
 
     def collect_leftovers(self) -> list[CheckpointLocation]:
         self._refuse_if_read_only("collect leftovers")

@@ -9,7 +9,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 from distckpt import faults, policy, resolve
 from distckpt.errors import (
@@ -64,7 +64,7 @@ class Upkeep:
     _claims: set[str]
     #: each pointer's target and ETag as this store last wrote it
     _pointers_written: dict[str, tuple[str, str]]
-    _steps_retention_removes: Callable[[list[policy.CheckpointRecord]], list[int]]
+    _steps_retention_removes: Callable[[list[policy.CheckpointRecord], Collection[int]], list[int]]
     _check_lease: Callable[[], None]
     _refuse_if_read_only: Callable[[str], None]
 
@@ -137,9 +137,12 @@ class Upkeep:
             self._pointers_written.pop(name, None)
             self.s3.client.delete([name])
 
-    def _apply_retention(self, records: list[policy.CheckpointRecord]) -> list[int]:
-        """Remove what the retention rules do not keep; returns those steps."""
-        doomed = self._steps_retention_removes(records)
+    def _apply_retention(
+        self, records: list[policy.CheckpointRecord], linked_before: Collection[int] = ()
+    ) -> list[int]:
+        """Remove what the retention rules do not keep, never the ``linked_before`` steps;
+        returns the steps removed."""
+        doomed = self._steps_retention_removes(records, linked_before)
         for step in doomed:
             faults.hit("during_retention", COMMITTING_RANK)
             logger.info("retention: removing %s", self.s3.location(step))

@@ -411,11 +411,15 @@ class S3RootView(RootView):
         self.root: str = self.s3.root
 
     def exists(self) -> bool:
+        """Whether the bucket is there and, for a root under a prefix, the prefix holds an
+        object: what a directory's existence is to a local root. A manager leaves its lease
+        object in the root whether or not it committed, so a root a job opened is there; a
+        prefix holding nothing (a typo) is not."""
         try:
-            next(iter(self.s3.client.list("", page_size=1)), None)
+            first = next(iter(self.s3.client.list("", page_size=1)), None)
         except ObjectNotFound:  # no such bucket
             return False
-        return True
+        return first is not None or not self.s3.url.prefix
 
     def committed_steps(self) -> list[int]:
         return self.s3.committed_steps()

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import atexit
 import weakref
+from collections.abc import Collection
 
 from distckpt import damaged, policy, resolve
 from distckpt.errors import CheckpointExists, InvalidStep, ReadOnlyRoot
 from distckpt.layout import BEST, LAST, parse_step_dir_name
-from distckpt.results import SaveResult
-from distckpt.storage import RootStore
+from distckpt.results import CheckpointLocation, SaveResult
+from distckpt.storage import OpenedRoot, RootStore
 from distckpt.storage.views import RootView
 
 #: Stores holding a lease, released at interpreter exit. Registered when the first store module
@@ -43,10 +44,15 @@ class ViewedStore(RootStore):
     #: never write: changes raise :class:`~distckpt.ReadOnlyRoot`
     read_only: bool
 
-    def _newest(self) -> tuple[int, int | None] | None:
-        """The step and epoch of the newest committed checkpoint that passes its check."""
+    def _opened(self, removed: tuple[CheckpointLocation, ...] = ()) -> OpenedRoot:
+        """What opening the root found: the newest committed checkpoint that passes its
+        check, and ``removed``."""
         newest = resolve.newest_valid(self.view)
-        return (newest[1].step, newest[1].epoch) if newest is not None else None
+        if newest is None:
+            return OpenedRoot(None, removed)
+        manifest = newest[1]
+        created = policy.parse_created_utc(manifest.created_utc)
+        return OpenedRoot((manifest.step, manifest.epoch), removed, newest_created=created)
 
     def _refuse_if_read_only(self, change: str) -> None:
         if self.read_only:
@@ -79,15 +85,24 @@ class ViewedStore(RootStore):
             )
         return None
 
-    def _steps_retention_removes(self, records: list[policy.CheckpointRecord]) -> list[int]:
-        """The steps the retention rules do not keep among ``records``; never the targets of
-        ``last`` / ``best`` as they are now."""
-        if self.retention.keeps_everything:
-            return []
-        protected = {
+    def _linked_steps(self) -> set[int]:
+        """The steps ``last`` / ``best`` name now (a pointer naming no step dir counts for
+        none)."""
+        return {
             step
             for name in (LAST, BEST)
             if (target := self.view.read_pointer(name)) is not None
             and (step := parse_step_dir_name(target)) is not None
         }
+
+    def _steps_retention_removes(
+        self, records: list[policy.CheckpointRecord], linked_before: Collection[int] = ()
+    ) -> list[int]:
+        """The steps the retention rules do not keep among ``records``; never the targets of
+        ``last`` / ``best`` as they are now, nor the ``linked_before`` steps (what they named
+        before the links were moved: a prune whose ``monitor``/``mode`` differ from the job's
+        moves ``best`` away from the job's best, which must survive it)."""
+        if self.retention.keeps_everything:
+            return []
+        protected = self._linked_steps() | set(linked_before)
         return policy.steps_to_remove(records, self.retention, protected=protected)

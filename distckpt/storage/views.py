@@ -121,7 +121,8 @@ class RootView(abc.ABC):
 
     @abc.abstractmethod
     def exists(self) -> bool:
-        """Whether the root is there (a directory; a bucket this client may list)."""
+        """Whether the root is there (a directory; a bucket this client may list, and for a
+        root under a prefix, an object under it)."""
 
     @abc.abstractmethod
     def committed_steps(self) -> list[int]:
