@@ -450,13 +450,16 @@ class CheckpointManager:
             else functools.partial(set_aside_damaged_newer, self._store),
         )
         last = self._decider.last
-        if loaded is not None and loaded.step != last.step:
-            # The first restore is the resume, from wherever the job resumes (an older step
-            # when the newest was set aside or skipped); later ones only move forward: loading
-            # an older checkpoint (``best`` into an eval model) mid-run must not make the
-            # schedule due again at once.
-            if self._resuming or last.step is None or loaded.step > last.step:
-                self._decider.last = LastSave.at(loaded.step, loaded.epoch)
+        # The first restore is the resume, from wherever the job resumes (an older step when
+        # the newest was set aside or skipped); later ones only move forward: loading an older
+        # checkpoint (``best`` into an eval model) mid-run must not make the schedule due again
+        # at once.
+        if (
+            loaded is not None
+            and loaded.step != last.step
+            and (self._resuming or last.step is None or loaded.step > last.step)
+        ):
+            self._decider.last = LastSave.at(loaded.step, loaded.epoch)
         self._resuming = self._resuming and loaded is None
         return loaded
 
