@@ -95,6 +95,12 @@ def test_a_failing_update_is_retried(fake_apt: Path) -> None:
     ]
 
 
+def test_the_documented_number_of_update_tries_is_the_number_made() -> None:
+    documented = " ".join((REPO / "docs" / "filesystems.md").read_text().split())
+    # UPDATE_ATTEMPTS counts every try, the first one too: "tried", not "retried", that often
+    assert f"`apt-get update` tried up to {apt.UPDATE_ATTEMPTS} times" in documented
+
+
 def test_an_update_that_keeps_failing_is_reported_and_tried_again_next_time(
     fake_apt: Path,
 ) -> None:
