@@ -1,5 +1,7 @@
 """tests/apt.py: concurrent installs of test tools are serialised, a failed ``apt-get update``
-is retried and reported, and counts as done only when it succeeded.
+is retried and reported, and counts as done only when it succeeded; apt inside a test keeps
+within its time (another process's apt run held too long, a slow update, a slow install) and
+says why it stopped, like any failure of apt: an update is stopped, an install left to finish.
 
 apt-get here is a stand-in script first on PATH, not the real one: the real one would change
 this machine's packages and needs the network, and its failures (a held lists lock, a mirror
@@ -10,18 +12,27 @@ run of it is under way, as apt-get update does with its lists lock.
 from __future__ import annotations
 
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 
 from tests import apt
+from tests.filesystems import tool_missing_reason
+from tests.killing import live_group_members
+from tests.waiting import wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 
 FAKE_APT_GET = r"""#!/bin/bash
 # called as: apt-get -o OPTION update | install -y --no-install-recommends PACKAGE...
+# logs each call to calls and its pid to update.pid or install.pid; sleeps as many more seconds
+# as update-seconds or install-seconds say, where they exist
 here="$(dirname "$0")/.."
 if ! mkdir "$here/running" 2>/dev/null; then
   echo "E: Could not get lock $here/lists/lock. It is held by another apt-get" >&2
@@ -29,7 +40,11 @@ if ! mkdir "$here/running" 2>/dev/null; then
 fi
 trap 'rmdir "$here/running"' EXIT
 echo "${*:3}" >> "$here/calls"
+echo $$ > "$here/$3.pid"
 sleep 0.3
+if [ -s "$here/$3-seconds" ]; then
+  sleep "$(cat "$here/$3-seconds")"
+fi
 if [ "$3" = update ] && [ -s "$here/update-failures" ]; then
   left=$(cat "$here/update-failures")
   if [ "$left" -gt 0 ]; then
@@ -57,6 +72,7 @@ def fake_apt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.setattr(apt, "LOCK_FILE", tmp_path / "apt.lock")
     monkeypatch.setattr(apt, "UPDATE_RETRY_PAUSE_SECONDS", 0.05)
+    monkeypatch.setattr(apt, "STOP_GRACE_SECONDS", 0.5)
     monkeypatch.setattr(apt, "_updated_in_this_process", False)
     return tmp_path
 
@@ -95,6 +111,12 @@ def test_a_failing_update_is_retried(fake_apt: Path) -> None:
     ]
 
 
+def test_the_documented_number_of_update_tries_is_the_number_made() -> None:
+    documented = " ".join((REPO / "docs" / "filesystems.md").read_text().split())
+    # UPDATE_ATTEMPTS counts every try, the first one too: "tried", not "retried", that often
+    assert f"`apt-get update` tried up to {apt.UPDATE_ATTEMPTS} times" in documented
+
+
 def test_an_update_that_keeps_failing_is_reported_and_tried_again_next_time(
     fake_apt: Path,
 ) -> None:
@@ -114,6 +136,77 @@ def test_an_update_that_keeps_failing_is_reported_and_tried_again_next_time(
         "update",
         "install -y --no-install-recommends distckpt-test-tool-c",
     ]
+
+
+#: How much longer than its budget apt may take in the tests below: Python's and bash's own
+#: work on a loaded machine (the budget already holds the time to stop apt)
+BUDGET_SLACK_SECONDS = 2.0
+
+
+def test_a_lock_held_for_all_the_time_apt_has_is_a_reason_like_a_failure_of_apt(
+    fake_apt: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(apt, "IN_TEST_BUDGET_SECONDS", 1.0)
+    tool = "distckpt-test-tool-d"
+    started = time.monotonic()
+    with FileLock(apt.LOCK_FILE):  # another process's apt run, for longer than the budget
+        reason = tool_missing_reason(tool, tool)
+    assert time.monotonic() - started < 1.0 + BUDGET_SLACK_SECONDS
+    assert reason is not None and reason.startswith(f"could not install {tool}: "), reason
+    assert "was not done within the 1 s given to apt" in reason
+    assert "another process's apt run held the lock all that time" in reason
+    assert "scripts/test.sh installs the test tools before the suite" in reason
+    assert not (fake_apt / "calls").exists()  # apt did not run
+
+
+def test_an_update_out_of_time_is_stopped_and_reported(
+    fake_apt: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(apt, "IN_TEST_BUDGET_SECONDS", 2.0)
+    (fake_apt / "update-seconds").write_text("600\n")
+    started = time.monotonic()
+    with pytest.raises(apt.AptOutOfTime) as raised:
+        apt.install_missing_tools({"distckpt-test-tool-e": "distckpt-test-tool-e"})
+    assert time.monotonic() - started < 2.0 + BUDGET_SLACK_SECONDS
+    assert raised.value.command[-1] == "update"
+    assert raised.value.returncode == -signal.SIGTERM
+    assert "it was stopped" in str(raised.value)
+    assert _calls(fake_apt) == ["update"]  # no install without the package lists
+    # stopped with everything it started (a sleep, here; apt's download methods)
+    update = int((fake_apt / "update.pid").read_text())
+    wait_until(lambda: not live_group_members(update), "the update's processes ended", 10)
+    assert not apt._updated_in_this_process
+
+
+def test_an_install_out_of_time_is_reported_and_left_to_finish(
+    fake_apt: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(apt, "IN_TEST_BUDGET_SECONDS", 2.0)
+    (fake_apt / "install-seconds").write_text("3\n")
+    tool = "distckpt-test-tool-f"
+    started = time.monotonic()
+    reason = tool_missing_reason(tool, tool)
+    assert time.monotonic() - started < 2.0 + BUDGET_SLACK_SECONDS
+    assert reason is not None and reason.startswith(f"could not install {tool}: "), reason
+    install = int((fake_apt / "install.pid").read_text())
+    assert f"it still runs, as pid {install}, and is left to finish" in reason
+    assert shutil.which(tool) is None
+    # not stopped midway: it finishes after the test gave up on it
+    wait_until(lambda: shutil.which(tool) is not None, "the install finished", 30)
+
+
+def test_apt_in_a_test_takes_at_most_half_the_per_test_timeout() -> None:
+    """What tests/apt.py and docs/filesystems.md say: pytest-timeout never ends a test inside
+    apt (it would kill apt and lose the reason), unless the test had already used half its time
+    before it needed a tool."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11 on
+    pytest_options = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["pytest"]
+    per_test_timeout = pytest_options["ini_options"]["timeout"]
+    assert per_test_timeout >= 2 * apt.IN_TEST_BUDGET_SECONDS
+    documented = " ".join((REPO / "docs" / "filesystems.md").read_text().split())
+    assert f"all within {apt.IN_TEST_BUDGET_SECONDS:g} s, half the per-test timeout" in documented
+    assert f"gives apt up to {apt.UP_FRONT_BUDGET_SECONDS / 60:g} minutes" in documented
+    assert apt.STOP_GRACE_SECONDS < apt.IN_TEST_BUDGET_SECONDS
 
 
 def test_the_test_script_installs_every_test_tool_before_the_suite() -> None:

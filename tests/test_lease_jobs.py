@@ -16,7 +16,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ from distckpt.layout import LEASE_RECORD_NAME, RootLayout
 from distckpt.lease import read_holder
 from tests.test_launch import Job, _cmdline
 from tests.test_lease import _cli, _on_another_host
+from tests.waiting import wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 LEASE_JOB = REPO / "tests" / "lease_job.py"
@@ -58,14 +59,6 @@ def logged(out: Path, run: str, rank: int, event: str) -> list[dict[str, Any]]:
 
 def pid_of(out: Path, run: str, rank: int) -> int:
     return int(logged(out, run, rank, "pid")[0]["pid"])
-
-
-def wait_until(condition: Callable[[], object], what: str, timeout: float = STARTUP) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {timeout} s")
-        time.sleep(0.05)
 
 
 def saved_steps(out: Path, run: str, rank: int) -> list[int]:
@@ -134,7 +127,9 @@ def decided(out: Path, run: str) -> bool:
 def test_two_jobs_at_once_one_holds_the_root_the_other_is_refused_or_waits(jobs: Jobs) -> None:
     root, out = jobs.root, jobs.out
     started = {run: jobs.start(plain(root, out, run, "--hold-open")) for run in ("p", "q")}
-    wait_until(lambda: decided(out, "p") and decided(out, "q"), "both jobs opened or refused")
+    wait_until(
+        lambda: decided(out, "p") and decided(out, "q"), "both jobs opened or refused", STARTUP
+    )
     winner = next(run for run in started if logged(out, run, 0, "opened"))
     loser = "q" if winner == "p" else "p"
     holder_pid = pid_of(out, winner, 0)
@@ -148,9 +143,11 @@ def test_two_jobs_at_once_one_holds_the_root_the_other_is_refused_or_waits(jobs:
     assert logged(out, loser, 0, "saved") == []
 
     # A third job waits for the winner to close instead of failing.
-    wait_until(lambda: saved_steps(out, winner, 0) == [1, 2], "the winner saved")
+    wait_until(lambda: saved_steps(out, winner, 0) == [1, 2], "the winner saved", STARTUP)
     waiting = jobs.start(plain(root, out, "r", "--wait", "200"))
-    wait_until(lambda: all(logged(out, "r", r, "opening") for r in RANKS), "the third job began")
+    wait_until(
+        lambda: all(logged(out, "r", r, "opening") for r in RANKS), "the third job began", STARTUP
+    )
     time.sleep(2.0)
     assert not logged(out, "r", 0, "opened"), "it opened a root another job holds"
     (out / f"{winner}.release").touch()
@@ -169,7 +166,7 @@ def test_two_jobs_at_once_one_holds_the_root_the_other_is_refused_or_waits(jobs:
 def test_a_sigkilled_holder_job_blocks_nobody(jobs: Jobs) -> None:
     root, out = jobs.root, jobs.out
     killed = jobs.start(plain(root, out, "a", "--saves", "1", "--hold-open"))
-    wait_until(lambda: saved_steps(out, "a", 1) == [1], "the first job saved")
+    wait_until(lambda: saved_steps(out, "a", 1) == [1], "the first job saved", STARTUP)
     killed.kill()  # the whole job: launcher and ranks, as a machine failure would
     killed.process.wait(30)
     killed.wait_until_dead(60)  # until then rank 0, still exiting, may hold the lease's lock
@@ -223,7 +220,7 @@ def test_a_save_in_progress_keeps_the_root_and_operators_work_beside_it(
     options = ["--saves", "2", "--hold-in-save", "2", "--timeout", "300"]
     options += ["--async-save"] if async_save else []
     holding = jobs.start(plain(root, out, "h", *options))
-    wait_until((out / "h.held").exists, "the second save reached its hold")
+    wait_until((out / "h.held").exists, "the second save reached its hold", STARTUP)
     holder_pid = pid_of(out, "h", 0)
     if async_save:  # save() returned: the save is in flight in the background
         assert logged(out, "h", 0, "saved")[-1] == {"event": "saved", "step": 2, "done": False}
@@ -267,14 +264,14 @@ def test_a_fenced_job_commits_nothing(jobs: Jobs) -> None:
     root, out = jobs.root, jobs.out
     fenced = jobs.start([*_on_another_host(), *plain(root, out, "f", "--saves", "3", "--gate")])
     (out / "f.go-1").touch()
-    wait_until(lambda: all(saved_steps(out, "f", r) == [1] for r in RANKS), "step 1 saved")
+    wait_until(lambda: all(saved_steps(out, "f", r) == [1] for r in RANKS), "step 1 saved", STARTUP)
     holder = read_holder(root)
     assert holder is not None and holder.host == "node-a" and holder.generation == 1
 
     broke = _cli("lease", "--break", str(root))
     assert broke.returncode == 0 and "broke the lease of" in broke.stdout, broke
     (out / "f.go-2").touch()
-    wait_until(lambda: all(logged(out, "f", r, "failed") for r in RANKS), "save 2 failed")
+    wait_until(lambda: all(logged(out, "f", r, "failed") for r in RANKS), "save 2 failed", STARTUP)
     for rank in RANKS:
         (failure,) = logged(out, "f", rank, "failed")
         assert failure["type"] == "LeaseLost" and "an operator broke it" in failure["error"]
@@ -282,7 +279,9 @@ def test_a_fenced_job_commits_nothing(jobs: Jobs) -> None:
 
     with distckpt.CheckpointManager(root) as taker:  # another job takes the root
         (out / "f.go-3").touch()
-        wait_until(lambda: all(len(logged(out, "f", r, "failed")) == 2 for r in RANKS), "3")
+        wait_until(
+            lambda: all(len(logged(out, "f", r, "failed")) == 2 for r in RANKS), "3", STARTUP
+        )
         for rank in RANKS:
             failure = logged(out, "f", rank, "failed")[-1]
             assert failure["type"] == "LeaseLost" and f"pid {os.getpid()}" in failure["error"]
@@ -304,9 +303,9 @@ def test_orphans_of_a_killed_torchrun_agent_stop_committing(jobs: Jobs) -> None:
     from A's last checkpoint. Steps only grow; no step of A comes after B's first."""
     root, out = jobs.root, jobs.out
     first = jobs.start(under_torchrun(root, out, "a", "--saves", "100000", "--pause", "0.2"))
-    wait_until(lambda: len(saved_steps(out, "a", 0)) >= 2, "job A saved twice")
+    wait_until(lambda: len(saved_steps(out, "a", 0)) >= 2, "job A saved twice", STARTUP)
     second = jobs.start(under_torchrun(root, out, "b", "--saves", "3", "--wait", "300"))
-    wait_until(lambda: all(logged(out, "b", r, "opening") for r in RANKS), "job B began")
+    wait_until(lambda: all(logged(out, "b", r, "opening") for r in RANKS), "job B began", STARTUP)
     assert not logged(out, "b", 0, "opened"), "B opened a root A holds"
 
     orphans = [pid_of(out, "a", rank) for rank in RANKS]

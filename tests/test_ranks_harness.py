@@ -1,16 +1,18 @@
 """The test harness's own promises (``tests.ranks``): a hung job fails with each stuck rank's
 stacks, no rendezvous store thread runs in the parent while it forks the ranks, the ranks meet
 in a file store (the store opens no socket, so it makes no DNS lookup), non-daemonic ranks
-may start processes, none of which outlives the job, and a reserved port is no other process's
-until it is given back."""
+may start processes, none of which outlives the job, and a reserved port is no other process's,
+on any local address, until it is given back."""
 
 from __future__ import annotations
 
 import datetime
+import json
 import multiprocessing
 import os
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +23,8 @@ import torch.distributed as dist
 from tests.filesystems import skip_or_fail, tool_missing_reason
 from tests.killing import proc_stat, wait_until_group_is_gone
 from tests.ranks import ReservedPort, describe_stuck, run_ranks, values
+
+REPO = Path(__file__).resolve().parents[1]
 
 #: Thread counts of this process taken just before each fork, while a test records them.
 _threads_at_fork: list[int] = []
@@ -168,28 +172,88 @@ def test_a_hung_job_is_killed_with_its_children(tmp_path: Path) -> None:
     assert (stat := proc_stat(child_pid)) is None or not stat.live  # its child too
 
 
-def _bind_refused(port: int) -> bool:
-    """Whether a socket of another owner is refused the port (as a gloo rank's listener or an
-    S3 server without SO_REUSEADDR would be)."""
+#: Local addresses other than 127.0.0.1 that a process may bind: what the hostname resolves to
+#: on Debian-style hosts (where a gloo rank listens), and any other of the loopback's /8.
+OTHER_LOOPBACK_ADDRESSES = ("127.0.1.1", "127.0.0.2")
+
+
+def _bind_refused(port: int, address: str = "127.0.0.1") -> bool:
+    """Whether a socket of another owner is refused the port on ``address`` (as a gloo rank's
+    listener or an S3 server without SO_REUSEADDR would be)."""
     with socket.socket() as other:
         try:
-            other.bind(("127.0.0.1", port))
+            other.bind((address, port))
         except OSError:
             return True
         return False
 
 
+#: Run in a network namespace of its own (where the kernel's range of ports for a bind to port 0
+#: can be narrowed to the reserved port alone without touching the machine's): binds port 0 on
+#: each address of argv, with and without SO_REUSEADDR (gloo sets it), and prints, as JSON, the
+#: port each got or None where the kernel had no port to give.
+EPHEMERAL_BINDS = """
+import json, socket, subprocess, sys
+from pathlib import Path
+from tests.ranks import ReservedPort
+subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+port_range = Path("/proc/sys/net/ipv4/ip_local_port_range")
+got = {}
+with ReservedPort() as reserved:
+    port_range.write_text(f"{reserved.port} {reserved.port}")
+    for address in sys.argv[1:]:
+        for reuse in (0, 1):
+            with socket.socket() as ephemeral:
+                ephemeral.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, reuse)
+                try:
+                    ephemeral.bind((address, 0))
+                    got[f"{address} reuse={reuse}"] = ephemeral.getsockname()[1]
+                except OSError:
+                    got[f"{address} reuse={reuse}"] = None
+print(json.dumps(got))
+"""
+
+
+def test_a_reserved_port_is_given_to_no_bind_to_port_0_on_any_local_address() -> None:
+    if os.geteuid() != 0:
+        skip_or_fail("a network namespace of the test's own needs root")
+    for tool, package in (("unshare", "util-linux"), ("ip", "iproute2")):
+        missing = tool_missing_reason(tool, package)
+        if missing is not None:
+            skip_or_fail(missing)
+    addresses = [*OTHER_LOOPBACK_ADDRESSES, "127.0.0.1", "0.0.0.0"]
+    done = subprocess.run(
+        ["unshare", "--net", sys.executable, "-c", EPHEMERAL_BINDS, *addresses],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": os.fspath(REPO)},
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    got = json.loads(done.stdout.splitlines()[-1])
+    # the only port the kernel may give is the reserved one, which it gives to none of them
+    assert got == {f"{address} reuse={reuse}": None for address in addresses for reuse in (0, 1)}
+
+
 def test_a_reserved_port_refuses_connections_and_other_binds_but_takes_a_server() -> None:
     with ReservedPort() as reserved:
-        assert _bind_refused(reserved.port)
+        for address in ("127.0.0.1", *OTHER_LOOPBACK_ADDRESSES):
+            assert _bind_refused(reserved.port, address), address
         with socket.socket() as client, pytest.raises(ConnectionRefusedError):
             client.connect(("127.0.0.1", reserved.port))
-        # a server that sets SO_REUSEADDR, as moto's and torch's do, binds it; so does the next
-        # one once the first is gone, and the port is nobody else's in between
+        # a server that sets SO_REUSEADDR binds it, on 127.0.0.1 as moto's does or on every
+        # address as torch's TCPStore does; so does the next one once the first is gone, and the
+        # port is nobody else's in between
+        with socket.socket() as moto_like:
+            moto_like.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            moto_like.bind(("127.0.0.1", reserved.port))
+            moto_like.listen()
         for _ in range(2):
             timeout = datetime.timedelta(seconds=10)
             server = dist.TCPStore("127.0.0.1", reserved.port, 1, True, timeout=timeout)
             server.set("key", "value")
             assert server.get("key") == b"value"
             del server
-            assert _bind_refused(reserved.port)
+            for address in ("127.0.0.1", *OTHER_LOOPBACK_ADDRESSES):
+                assert _bind_refused(reserved.port, address), address

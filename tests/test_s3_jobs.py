@@ -31,7 +31,8 @@ from tests.ranks import run_ranks
 from tests.s3_job import WORLD_SIZE, expected_state, loss_at, template
 from tests.s3server import S3Server
 from tests.test_launch import Job
-from tests.test_lease_jobs import Jobs, log, logged, pid_of, saved_steps, wait_until
+from tests.test_lease_jobs import Jobs, log, logged, pid_of, saved_steps
+from tests.waiting import wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 S3_JOB = REPO / "tests" / "s3_job.py"

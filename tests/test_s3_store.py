@@ -31,7 +31,7 @@ from distckpt.storage.s3_view import S3RootView
 from tests.ranks import run_ranks, values
 from tests.s3proxy import S3Proxy
 from tests.s3server import S3Server
-from tests.test_lease_jobs import wait_until
+from tests.waiting import wait_until
 
 pytest.importorskip("botocore")
 
