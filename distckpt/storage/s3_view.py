@@ -56,6 +56,7 @@ from distckpt.manifest import (
     checksum_mismatch,
     damage,
     missing,
+    oversized_manifest,
     unknown_checksum_algorithm,
     wrong_size,
 )
@@ -278,10 +279,7 @@ class S3Checkpoint(CheckpointSource):
         source = f"{self._root.root}/{name}"
         try:
             if self._root.client.head(name).size > MAX_MANIFEST_BYTES:
-                raise CorruptCheckpoint(
-                    f"{source} is larger than {MAX_MANIFEST_BYTES >> 20} MiB: not a manifest",
-                    damaged=True,
-                )
+                raise oversized_manifest(source)
             raw = self._root.client.get_bytes(name)
         except ObjectNotFound as exc:
             raise CorruptCheckpoint(
