@@ -263,6 +263,67 @@ def test_a_job_killed_while_setting_aside_leaves_it_for_the_next_restore(root: P
     assert parse_set_aside_name(set_aside.name)[0] == 100
 
 
+def _restart_where_setting_aside_fails(
+    rank: int, world_size: int, root: str, failure: BaseException
+) -> dict[str, Any]:
+    """A requeued job whose rank 0 fails to rename the damaged checkpoint with ``failure``: the
+    restore goes on, and the ranks' later calls agree."""
+    from distckpt.storage import posix_removal
+
+    def failing_rename(*args: Any, **kwargs: Any) -> None:
+        raise failure
+
+    # The failure is injected (no real filesystem raises a RuntimeError from a rename): the
+    # code around it, the ranks and their collectives are real.
+    posix_removal.rename_dir = failing_rename  # type: ignore[assignment]
+    collected = Collected()
+    logging.getLogger("distckpt").addHandler(collected)
+    out: dict[str, Any] = {}
+    with distckpt.CheckpointManager(root, fsync=False, timeout=JOB_TIMEOUT / 4) as manager:
+        restored = manager.restore(state={"w": torch.zeros(256)})
+        assert restored is not None
+        out["restored"] = (restored.step, restored.state["w"].tolist())
+        with pytest.raises(distckpt.InvalidStep) as refused:
+            manager.save(91, {"w": _weights(91, rank)})
+        out["refused"] = str(refused.value)
+        out["steps"] = manager.steps()
+        out["saved"] = manager.save(101, {"w": _weights(101, rank)}).step
+    out["errors"] = [
+        (record.getMessage(), record.exc_info is not None)
+        for record in collected.records
+        if record.levelno >= logging.ERROR
+    ]
+    return out
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [OSError(5, "injected EIO"), RuntimeError("injected bug")],
+    ids=["os-error", "bug"],
+)
+def test_a_failure_to_set_aside_is_logged_and_the_restore_goes_on_in_step(
+    root: Path, failure: BaseException
+) -> None:
+    values(run_ranks(_save_90_and_100, 2, str(root), {}, timeout=JOB_TIMEOUT))
+    os.truncate(root / DAMAGED / rank_file_name(1), 100)
+
+    out = values(
+        run_ranks(_restart_where_setting_aside_fails, 2, str(root), failure, timeout=JOB_TIMEOUT)
+    )
+
+    for rank, rank_out in enumerate(out):
+        assert rank_out["restored"] == (90, _weights(90, rank).tolist())
+        assert "lower than the newest committed step 100" in rank_out["refused"]
+        assert rank_out["steps"] == [90, 100]
+        assert rank_out["saved"] == 101
+    (logged, with_traceback), *others = out[0]["errors"]
+    assert not others and with_traceback
+    assert "could not set aside" in logged and type(failure).__name__ in logged
+    assert str(failure) in logged
+    assert out[1]["errors"] == []  # rank 0 alone sets aside
+    assert (root / DAMAGED).is_dir()
+
+
 def test_with_nothing_intact_to_load_every_damaged_checkpoint_is_set_aside(root: Path) -> None:
     """``restore(missing_ok=True)`` loads nothing when the only checkpoint is damaged; the
     job starts over from step 1, which is saved."""
