@@ -140,6 +140,16 @@ class S3Root:
     def set_aside_record_name(step: int, attempt: str) -> str:
         return set_aside_name(step, attempt)
 
+    @staticmethod
+    def set_aside_prefix(step: int, attempt: str) -> str:
+        """Where a save set aside is moved to, beside its record: no ``step-N/`` prefix, which
+        any version's cleanup may take for a dead writer's once ``COMMIT`` no longer names it."""
+        return f"{set_aside_name(step, attempt)}/"
+
+    def set_aside_location(self, step: int, attempt: str) -> str:
+        """A save set aside, as a URL: its objects' prefix."""
+        return f"{self.root}/{set_aside_name(step, attempt)}"
+
     def location(self, step: int) -> str:
         """The checkpoint of ``step`` as users name it: ``s3://BUCKET/PREFIX/step-N``."""
         return f"{self.root}/{step_dir_name(step)}"
@@ -428,7 +438,7 @@ class S3RootView(RootView):
     def set_aside_checkpoints(self) -> list[CheckpointLocation]:
         """Where the objects of each set-aside save are (its prefix, as a URL)."""
         return [
-            self.s3.attempt_location(step, attempt)
+            self.s3.set_aside_location(step, attempt)
             for step, attempt in self.s3.set_aside_attempts()
         ]
 
