@@ -164,11 +164,10 @@ class Upkeep:
 
     def set_aside(self, step: int, location: CheckpointLocation) -> CheckpointLocation | None:
         """Unpublish the step's save by moving its objects, none deleted before its copy is
-        there: first a set-aside record naming its attempt (which gc honours: the attempt is
-        never a leftover while ``COMMIT`` names it, and its copy is completed before its
-        objects go), then a copy of every object under ``damaged-step-N-<attempt>/`` inside
-        the store, then the pointers move off the step, then its ``COMMIT`` goes, then the
-        objects under ``step-N/<attempt>/``.
+        there: first a set-aside record naming its attempt (the cleanup completes the copy of
+        a save a record names before it deletes the save's objects), then a copy of every
+        object under ``damaged-step-N-<attempt>/`` inside the store, then the pointers move
+        off the step, then its ``COMMIT`` goes, then the objects under ``step-N/<attempt>/``.
 
         Moved, because any version's cleanup (an older one's start, which knows no record)
         takes an uncommitted ``step-N/<attempt>/`` for a dead writer's and deletes it. A crash
