@@ -32,8 +32,9 @@ logger = logging.getLogger("distckpt")
 def set_aside_damaged_newer(store: RootStore, found: Found | None, skipped: list[Skipped]) -> None:
     """Rank 0, once a restore resolved ``found`` (None: nothing to load, with ``missing_ok``):
     set aside the checkpoints of ``store``'s root newer than it that the resolution skipped as
-    damaged, each with a warning saying where it went. A failure to set one aside is logged and
-    leaves it committed, as before: the restore itself is sound either way."""
+    damaged, each with a warning saying where it went. A failure to set one aside, of any kind,
+    is logged with its traceback and leaves it committed, as before: the restore itself is
+    sound either way, and goes on."""
     loaded_step = found[1].step if found is not None else None
     damaged = {
         skip.step: skip
@@ -46,13 +47,17 @@ def set_aside_damaged_newer(store: RootStore, found: Found | None, skipped: list
     for step, skip in sorted(damaged.items()):
         try:
             where = store.set_aside(step, skip.location)
-        except (CheckpointError, OSError) as exc:
+        except Exception as exc:
+            # Rank 0 alone runs this, within the restore's resolution: an exception escaping it
+            # would fail a restore that is sound, on every rank. Any exception, a bug's too:
+            # logged with its traceback, to report.
             logger.error(
                 "could not set aside the damaged checkpoint %s (saves of steps below %d are "
                 "refused until it is deleted): %s",
                 skip.location,
                 step,
-                exc,
+                describe_error(exc),
+                exc_info=exc,
             )
             continue
         if where is not None:

@@ -166,11 +166,13 @@ class CorruptCheckpoint(CheckpointError):
     checksum, a manifest that is not valid JSON or names another step.
 
     ``damaged`` is True only when this version is sure the checkpoint's content is damaged: its
-    manifest is missing or does not parse or follow the schema, a file it lists is missing or
-    of another size, or a checksum under an algorithm this version knows does not match. It is
-    False when the checkpoint could not be judged (a read that failed for a reason other than a
-    missing file, a checksum algorithm or format this version does not know, a symlink where a
-    file belongs): such a checkpoint may be whole, so nothing is ever done to it on that
+    manifest is missing or does not parse or follow the schema (a key every version writes
+    missing or of the wrong type; a key this version does not know is ignored, as a newer
+    writer may add one), a file it lists is missing or of another size, or a checksum under an
+    algorithm this version knows does not match. It is False when the checkpoint could not be
+    judged (a read that failed for a reason other than a missing file, a checksum algorithm or
+    format this version does not know, a symlink where a file belongs, a manifest larger than
+    this version reads): such a checkpoint may be whole, so nothing is ever done to it on that
     verdict (see ``CheckpointManager.restore``)."""
 
     damaged: bool = False

@@ -125,25 +125,37 @@ class Manifest:
                 f"{data.get('library_version', '?')}; this distckpt {__version__} reads up to "
                 f"version {FORMAT_VERSION}: upgrade distckpt to read it"
             )
+        # Keys this version does not know are ignored, at the top level and in each file's
+        # record alike: a newer writer adds them without raising FORMAT_VERSION (it rises only
+        # for changes that would mislead this reader), so they are never damage. A known key
+        # missing or of the wrong type is: every version writes them so.
+        files_data = data.get("files")
+        if not isinstance(files_data, dict):
+            raise _off_schema(source, "'files' is missing or not an object")
+        files = {
+            _checked_relative_name(name, source): _file_record(name, record, source)
+            for name, record in files_data.items()
+        }
+        metrics_data = data.get("metrics")
+        if not isinstance(metrics_data, dict):
+            raise _off_schema(source, "'metrics' is missing or not an object")
         try:
-            files = {
-                _checked_relative_name(name, source): FileRecord(**record)
-                for name, record in data["files"].items()
-            }
-            metrics = {key: _decode_float(value) for key, value in data["metrics"].items()}
-            fields = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
-            fields.setdefault("created_utc", None)  # unknown, not "now"
-            fields.update(files=files, metrics=metrics)
-            manifest = cls(**fields)
-        except CorruptCheckpoint:
-            raise
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            metrics = {key: _decode_float(value) for key, value in metrics_data.items()}
+        except (TypeError, ValueError) as exc:
+            # A value spelled in a way this version does not know may be a newer writer's:
+            # refused, not judged damage.
             raise CorruptCheckpoint(
-                f"{source} does not follow the manifest schema: {exc}", damaged=True
+                f"{source} has a metric this version cannot read: {exc}"
             ) from exc
-        if not isinstance(manifest.step, int) or not isinstance(manifest.world_size, int):
-            raise CorruptCheckpoint(f"{source}: step and world_size must be integers", damaged=True)
-        return manifest
+        for key in ("step", "world_size"):
+            if not _is_integer(data.get(key)):
+                raise _off_schema(source, f"{key!r} is missing or not an integer")
+        if not isinstance(data.get("format"), str):
+            raise _off_schema(source, "'format' is missing or not a string")
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        known.setdefault("created_utc", None)  # unknown, not "now"
+        known.update(files=files, metrics=metrics)
+        return cls(**known)
 
 
 def encode_metrics(metrics: Mapping[str, float]) -> dict[str, float | str]:
@@ -173,11 +185,41 @@ def _checked_relative_name(name: str, source: str) -> str:
         outside = pure.is_absolute() or ".." in pure.parts
     else:  # one component, as most names are: no path object to make for each file
         outside = name in ("", "..")
-    if outside or "\\" in name or "\0" in name:
+    if outside or "\0" in name:
         raise CorruptCheckpoint(
             f"{source} lists a file outside its directory: {name!r}", damaged=True
         )
+    if "\\" in name:
+        # Refused, as a separator elsewhere, but a legal POSIX name that a newer writer could
+        # list: not judged damage.
+        raise CorruptCheckpoint(f"{source} lists a file outside its directory: {name!r}")
     return name
+
+
+def _is_integer(value: object) -> bool:
+    """An integer as JSON gives one (``true`` parses as a Python ``bool``, an ``int``)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _off_schema(source: str, what: str) -> CorruptCheckpoint:
+    """A manifest missing a key every version writes, or holding one of a type none writes:
+    damage this version is sure of."""
+    return CorruptCheckpoint(f"{source} does not follow the manifest schema: {what}", damaged=True)
+
+
+def _file_record(name: str, record: object, source: str) -> FileRecord:
+    """One file's record from a manifest: its known keys only (a newer writer may add others,
+    ignored as at the top level); damage when one it needs is missing or of the wrong type."""
+    if not isinstance(record, dict):
+        raise _off_schema(source, f"the record of {name!r} is not an object")
+    size, checksum, rank = record.get("size"), record.get("checksum"), record.get("rank")
+    if not _is_integer(size) or size < 0:
+        raise _off_schema(source, f"the size of {name!r} is missing or not a count of bytes")
+    if not isinstance(checksum, str):
+        raise _off_schema(source, f"the checksum of {name!r} is missing or not a string")
+    if rank is not None and not _is_integer(rank):
+        raise _off_schema(source, f"the rank of {name!r} is not an integer")
+    return FileRecord(size=size, checksum=checksum, rank=rank)
 
 
 def check_json_metadata(metadata: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -194,6 +236,14 @@ def check_json_metadata(metadata: Mapping[str, Any] | None) -> dict[str, Any]:
         ) from exc
 
 
+def oversized_manifest(source: object) -> CorruptCheckpoint:
+    """A manifest larger than :data:`MAX_MANIFEST_BYTES`, refused unread. Not judged damage:
+    the limit is this version's, and a newer one may list more files."""
+    return CorruptCheckpoint(
+        f"{source} is larger than {MAX_MANIFEST_BYTES >> 20} MiB: this version does not read it"
+    )
+
+
 def read_manifest(checkpoint_dir: Path) -> Manifest:
     """The manifest of a checkpoint dir. Raises :class:`CorruptCheckpoint` when it is missing or
     unreadable (``damaged`` unless the read failed for another reason than a missing file: an
@@ -201,10 +251,7 @@ def read_manifest(checkpoint_dir: Path) -> Manifest:
     path = checkpoint_dir / MANIFEST_NAME
     try:
         if path.stat().st_size > MAX_MANIFEST_BYTES:
-            raise CorruptCheckpoint(
-                f"{path} is larger than {MAX_MANIFEST_BYTES >> 20} MiB: not a manifest",
-                damaged=True,
-            )
+            raise oversized_manifest(path)
         raw = path.read_bytes()
     except FileNotFoundError as exc:
         raise CorruptCheckpoint(f"{checkpoint_dir} has no {MANIFEST_NAME}", damaged=True) from exc

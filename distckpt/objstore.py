@@ -14,6 +14,8 @@ says why botocore and which store features each guarantee rests on:
   parallel multipart upload and computes distckpt's CRC-32 (the value
   :class:`distckpt.checksums.ChecksumWriter` computes) and size as bytes go by. The object appears
   whole when the writer is closed, or never; a writer left by an exception aborts its upload.
+* :meth:`ObjectStore.copy` copies an object inside the store (``CopyObject``; past 5 GiB, a
+  multipart upload of ``UploadPartCopy`` ranges), its bytes never passing through the client.
 * :meth:`ObjectStore.open_read` streams an object back through a seekable file-like pinned to
   the ETag it opened, so a replaced object is noticed instead of read as a mix.
 * Transient failures (5xx, throttling, dropped connections) are retried with exponential
@@ -27,6 +29,7 @@ A client must not cross a ``fork()``: make one per process.
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 import random
 import time
@@ -51,6 +54,11 @@ if TYPE_CHECKING:
 S3_SCHEME = "s3://"
 MIN_PART_SIZE = 5 << 20  # S3's minimum for every part but the last
 DEFAULT_PART_SIZE = 16 << 20
+#: The largest object one ``CopyObject`` copies (S3's limit); a larger one is copied in parts.
+MAX_COPY_OBJECT_BYTES = 5 << 30
+#: The range of a larger object each ``UploadPartCopy`` copies: at most 5 GiB (S3's limit),
+#: and 10,000 parts of it reach past S3's largest object (5 TiB).
+COPY_PART_BYTES = 1 << 30
 DEFAULT_MAX_CONCURRENCY = 4
 DEFAULT_ATTEMPTS = 5  # botocore's "standard" mode: 1 try + 4 retries, backoff up to 20 s
 _DELETE_BATCH = 1000  # DeleteObjects' limit
@@ -478,6 +486,64 @@ class ObjectStore:
             detail = f"{len(errors)} of {len(names)} not deleted, first {first.get('Key')}: "
             detail += f"{first.get('Code')} {first.get('Message', '')}"
             raise self.error(ObjectStoreError, "delete", names[0], detail)
+
+    # -- server-side copies ----------------------------------------------------------------
+
+    def copy(self, source: str, target: str, size: int) -> None:
+        """Copy the object ``source`` (of ``size`` bytes) to ``target`` inside the store, its
+        bytes never passing through this process; ``target`` is replaced if it exists. Up to
+        :data:`MAX_COPY_OBJECT_BYTES` one ``CopyObject``; a larger object (which that refuses)
+        as a multipart upload of ``UploadPartCopy`` ranges, published whole or not at all."""
+        copy_source = {"Bucket": self.bucket, "Key": self.url.key(source)}
+        if size <= MAX_COPY_OBJECT_BYTES:
+            self.request(
+                "copy",
+                source,
+                self.client.copy_object,
+                Key=self.url.key(target),
+                CopySource=copy_source,
+            )
+            return
+        key = self.url.key(target)
+        upload = self.request(
+            "start multipart copy", target, self.client.create_multipart_upload, Key=key
+        )
+        upload_id = upload["UploadId"]
+        try:
+            parts = []
+            for number, start in enumerate(range(0, size, COPY_PART_BYTES), start=1):
+                end = min(start + COPY_PART_BYTES, size) - 1
+                response = self.request(
+                    f"copy part {number}",
+                    source,
+                    self.client.upload_part_copy,
+                    Key=key,
+                    UploadId=upload_id,
+                    PartNumber=number,
+                    CopySource=copy_source,
+                    CopySourceRange=f"bytes={start}-{end}",
+                )
+                parts.append({"PartNumber": number, "ETag": response["CopyPartResult"]["ETag"]})
+            self.request(
+                "complete multipart copy",
+                target,
+                self.client.complete_multipart_upload,
+                Key=key,
+                UploadId=upload_id,
+                MultipartUpload={"Parts": parts},
+            )
+        except BaseException:
+            # Nothing was published: the parts copied so far are dropped (an abort that fails
+            # leaves them to the store's lifecycle rules, as a crashed upload does).
+            with contextlib.suppress(ObjectStoreError):
+                self.request(
+                    "abort multipart copy",
+                    target,
+                    self.client.abort_multipart_upload,
+                    Key=key,
+                    UploadId=upload_id,
+                )
+            raise
 
     # -- streams -------------------------------------------------------------------------
 

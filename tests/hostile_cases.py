@@ -200,6 +200,21 @@ def manifest_unknown_format(root: Path) -> None:
     edit_manifest(root / STEP2, lambda data: data.update(format="pickle-jar"))
 
 
+def manifest_extra_file_field(root: Path) -> None:
+    """Every file's record gains a field this version does not know, as a newer writer may add
+    one without raising the format version (it rises only for what would mislead a reader)."""
+
+    def add_field(data: dict[str, Any]) -> None:
+        for record in data["files"].values():
+            record["mtime_ns"] = 123
+
+    edit_manifest(root / STEP2, add_field)
+
+
+def manifest_extra_top_level_field(root: Path) -> None:
+    edit_manifest(root / STEP2, lambda data: data.update(compression=None))
+
+
 def huge_garbage_manifest(root: Path) -> None:
     (root / STEP2 / MANIFEST).write_bytes(random.Random(0).randbytes(32 << 20))
 
@@ -472,6 +487,26 @@ CASES: list[Case] = [
         target=2,
         explicit=raises(CorruptCheckpoint, f"{STEP2}/{MANIFEST}", "unknown checkpoint format"),
         notes="restore's check must agree with verify's: a dir verify calls broken is skipped",
+    ),
+    Case(
+        id="manifest-extra-file-field",
+        description=f"every file record in `{STEP2}/{MANIFEST}` gains `mtime_ns: 123`",
+        damage=manifest_extra_file_field,
+        verify={},
+        last=loads(2),
+        target=2,
+        explicit=loads(2),
+        notes="a newer writer's field: ignored, as at the top level, never damage",
+    ),
+    Case(
+        id="manifest-extra-top-level-field",
+        description=f"`{STEP2}/{MANIFEST}` gains a top-level `compression: null`",
+        damage=manifest_extra_top_level_field,
+        verify={},
+        last=loads(2),
+        target=2,
+        explicit=loads(2),
+        notes="a newer writer's field: ignored, never damage",
     ),
     Case(
         id="huge-garbage-manifest",

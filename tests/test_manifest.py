@@ -130,9 +130,65 @@ _UNREADABLE = {
 
 
 @pytest.mark.parametrize("label", list(_UNREADABLE))
-def test_unreadable_manifests_are_corrupt(label: str) -> None:
-    with pytest.raises(CorruptCheckpoint):
+def test_unreadable_manifests_are_damaged(label: str) -> None:
+    # Each lacks a key every version writes, or holds one of a type none writes: sure damage.
+    with pytest.raises(CorruptCheckpoint) as raised:
         Manifest.from_json(_UNREADABLE[label], source="m")
+    assert raised.value.damaged
+
+
+def test_unknown_keys_are_ignored_at_the_top_level_and_in_file_records() -> None:
+    # A newer writer adds keys without raising FORMAT_VERSION: they must never read as damage.
+    data = json.loads(_manifest().to_json())
+    data["compression"] = None
+    for record in data["files"].values():
+        record["mtime_ns"] = 123
+    assert Manifest.from_json(json.dumps(data).encode(), source="m") == _manifest()
+
+
+_WRONG_FILE_RECORDS = {
+    "not an object": ["size", 1],
+    "size missing": {"checksum": "00000000", "rank": 0},
+    "size as str": {"size": "1", "checksum": "00000000", "rank": 0},
+    "size as bool": {"size": True, "checksum": "00000000", "rank": 0},
+    "size negative": {"size": -1, "checksum": "00000000", "rank": 0},
+    "checksum missing": {"size": 1, "rank": 0},
+    "checksum as int": {"size": 1, "checksum": 0, "rank": 0},
+    "rank as str": {"size": 1, "checksum": "00000000", "rank": "0"},
+}
+
+
+@pytest.mark.parametrize("label", list(_WRONG_FILE_RECORDS))
+def test_a_file_record_missing_a_key_or_of_a_wrong_type_is_damaged(label: str) -> None:
+    files = {"rank-00000.pt": _WRONG_FILE_RECORDS[label]}
+    with pytest.raises(CorruptCheckpoint, match=r"rank-00000\.pt") as raised:
+        Manifest.from_json(_raw(files=files), source="m")
+    assert raised.value.damaged
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        _raw(metrics={"loss": "lots"}),
+        _raw(files={"dir\\file": {"size": 1, "checksum": "00000000", "rank": 0}}),
+    ],
+    ids=["metric spelled unknown", "backslash in a name"],
+)
+def test_what_a_newer_writer_could_write_is_refused_but_not_damaged(raw: bytes) -> None:
+    with pytest.raises(CorruptCheckpoint) as raised:
+        Manifest.from_json(raw, source="m")
+    assert not raised.value.damaged
+
+
+def test_a_manifest_too_large_to_read_is_not_judged_damaged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The limit is this version's: a newer one listing more files may pass it.
+    monkeypatch.setattr("distckpt.manifest.MAX_MANIFEST_BYTES", 16)
+    (tmp_path / MANIFEST_NAME).write_bytes(_manifest().to_json())
+    with pytest.raises(CorruptCheckpoint, match="does not read it") as raised:
+        read_manifest(tmp_path)
+    assert not raised.value.damaged
 
 
 def test_read_manifest_of_a_dir_without_one(tmp_path: Path) -> None:

@@ -349,3 +349,23 @@ def test_a_configuration_error_raises_its_documented_class(
         next(iter(store.list()), None)
     with pytest.raises(error), distckpt.CheckpointManager(url, storage_options=storage_options):
         pass
+
+
+@pytest.mark.parametrize("in_parts", [False, True], ids=["copy-object", "upload-part-copy"])
+def test_copy_makes_the_same_object_inside_the_store(
+    s3_server: S3Server, s3_url: str, monkeypatch: pytest.MonkeyPatch, in_parts: bool
+) -> None:
+    if in_parts:
+        # The limits lowered so that a small object takes the path of one over 5 GiB: parts
+        # of S3's smallest size, the last one shorter.
+        monkeypatch.setattr("distckpt.objstore.MAX_COPY_OBJECT_BYTES", MIN_PART_SIZE)
+        monkeypatch.setattr("distckpt.objstore.COPY_PART_BYTES", MIN_PART_SIZE)
+    data = os.urandom(2 * MIN_PART_SIZE + 12345)
+    with ObjectStore(s3_url, s3_server.storage_options()) as store:
+        store.put_bytes("a/source", data)
+        store.put_bytes("b/target", b"replaced")
+        store.copy("a/source", "b/target", len(data))
+        assert store.get_bytes("b/target") == data
+        assert store.get_bytes("a/source") == data
+        with pytest.raises(ObjectNotFound):
+            store.copy("a/missing", "b/other", 10)

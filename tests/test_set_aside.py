@@ -14,6 +14,9 @@ import json
 import logging
 import os
 import signal
+import subprocess
+import sys
+import tarfile
 from pathlib import Path
 from typing import Any
 
@@ -263,6 +266,67 @@ def test_a_job_killed_while_setting_aside_leaves_it_for_the_next_restore(root: P
     assert parse_set_aside_name(set_aside.name)[0] == 100
 
 
+def _restart_where_setting_aside_fails(
+    rank: int, world_size: int, root: str, failure: BaseException
+) -> dict[str, Any]:
+    """A requeued job whose rank 0 fails to rename the damaged checkpoint with ``failure``: the
+    restore goes on, and the ranks' later calls agree."""
+    from distckpt.storage import posix_removal
+
+    def failing_rename(*args: Any, **kwargs: Any) -> None:
+        raise failure
+
+    # The failure is injected (no real filesystem raises a RuntimeError from a rename): the
+    # code around it, the ranks and their collectives are real.
+    posix_removal.rename_dir = failing_rename  # type: ignore[assignment]
+    collected = Collected()
+    logging.getLogger("distckpt").addHandler(collected)
+    out: dict[str, Any] = {}
+    with distckpt.CheckpointManager(root, fsync=False, timeout=JOB_TIMEOUT / 4) as manager:
+        restored = manager.restore(state={"w": torch.zeros(256)})
+        assert restored is not None
+        out["restored"] = (restored.step, restored.state["w"].tolist())
+        with pytest.raises(distckpt.InvalidStep) as refused:
+            manager.save(91, {"w": _weights(91, rank)})
+        out["refused"] = str(refused.value)
+        out["steps"] = manager.steps()
+        out["saved"] = manager.save(101, {"w": _weights(101, rank)}).step
+    out["errors"] = [
+        (record.getMessage(), record.exc_info is not None)
+        for record in collected.records
+        if record.levelno >= logging.ERROR
+    ]
+    return out
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [OSError(5, "injected EIO"), RuntimeError("injected bug")],
+    ids=["os-error", "bug"],
+)
+def test_a_failure_to_set_aside_is_logged_and_the_restore_goes_on_in_step(
+    root: Path, failure: BaseException
+) -> None:
+    values(run_ranks(_save_90_and_100, 2, str(root), {}, timeout=JOB_TIMEOUT))
+    os.truncate(root / DAMAGED / rank_file_name(1), 100)
+
+    out = values(
+        run_ranks(_restart_where_setting_aside_fails, 2, str(root), failure, timeout=JOB_TIMEOUT)
+    )
+
+    for rank, rank_out in enumerate(out):
+        assert rank_out["restored"] == (90, _weights(90, rank).tolist())
+        assert "lower than the newest committed step 100" in rank_out["refused"]
+        assert rank_out["steps"] == [90, 100]
+        assert rank_out["saved"] == 101
+    (logged, with_traceback), *others = out[0]["errors"]
+    assert not others and with_traceback
+    assert "could not set aside" in logged and type(failure).__name__ in logged
+    assert str(failure) in logged
+    assert out[1]["errors"] == []  # rank 0 alone sets aside
+    assert (root / DAMAGED).is_dir()
+
+
 def test_with_nothing_intact_to_load_every_damaged_checkpoint_is_set_aside(root: Path) -> None:
     """``restore(missing_ok=True)`` loads nothing when the only checkpoint is damaged; the
     job starts over from step 1, which is saved."""
@@ -315,6 +379,15 @@ def _s3_objects(url: str, options: dict[str, Any]) -> dict[str, str]:
         return {info.key: info.etag for info in store.list()}
 
 
+def _s3_digests(url: str, options: dict[str, Any], prefix: str) -> dict[str, str]:
+    """The SHA-256 of each object under ``prefix``, by its name below it."""
+    with ObjectStore(url, options) as store:
+        return {
+            info.key[len(prefix) :]: hashlib.sha256(store.get_bytes(info.key)).hexdigest()
+            for info in store.list(prefix)
+        }
+
+
 def test_an_s3_restart_sets_a_damaged_newest_checkpoint_aside_and_saves_past_it(
     s3_server: S3Server, s3_url: str
 ) -> None:
@@ -329,11 +402,7 @@ def test_an_s3_restart_sets_a_damaged_newest_checkpoint_aside_and_saves_past_it(
     with ObjectStore(s3_url, options) as store:
         store.put_bytes(rank_file, store.get_bytes(rank_file)[:100])  # cut short
     attempt = rank_file.split("/")[1]
-    damaged_objects = {
-        name: etag
-        for name, etag in _s3_objects(s3_url, options).items()
-        if name.startswith(f"{DAMAGED}/{attempt}/")
-    }
+    damaged_objects = _s3_digests(s3_url, options, f"{DAMAGED}/{attempt}/")
 
     out = values(run_ranks(_restart, 2, s3_url, options, False, timeout=JOB_TIMEOUT))
 
@@ -342,23 +411,16 @@ def test_an_s3_restart_sets_a_damaged_newest_checkpoint_aside_and_saves_past_it(
         assert "save_error" not in rank_out, rank_out.get("save_error")
         assert rank_out["saved"] == list(range(91, 101))
         assert rank_out["last"] == (100, _weights(100, rank).tolist())
-    where = f"{s3_url}/{DAMAGED}/{attempt}"
+    where = f"{s3_url}/damaged-{DAMAGED}-{attempt}"
     assert any(m.startswith("set aside") and where in m for m in out[0]["logged"])
     with distckpt.CheckpointManager(s3_url, storage_options=options) as manager:
         manager.gc()  # a set-aside save is no leftover
-    objects = _s3_objects(s3_url, options)
-    assert {n: e for n, e in objects.items() if n.startswith(f"{DAMAGED}/{attempt}/")} == (
-        damaged_objects
-    )
-    assert f"damaged-{DAMAGED}-{attempt}" in objects
+    # Moved, every byte kept: no step-N/<attempt>/ is left, which any version's cleanup may
+    # take for a dead writer's save.
+    assert _s3_digests(s3_url, options, f"damaged-{DAMAGED}-{attempt}/") == damaged_objects
+    assert not [n for n in _s3_objects(s3_url, options) if n.startswith(f"{DAMAGED}/{attempt}/")]
     report = distckpt.verify(s3_url, storage_options=options)
     assert report.ok and report.set_aside == (where,)
-    # Once its record is deleted, the save is a leftover that gc removes.
-    with ObjectStore(s3_url, options) as store:
-        store.delete([f"damaged-{DAMAGED}-{attempt}"])
-    with distckpt.CheckpointManager(s3_url, storage_options=options) as manager:
-        assert manager.gc() == [where]
-    assert not [n for n in _s3_objects(s3_url, options) if n.startswith(f"{DAMAGED}/{attempt}/")]
 
 
 def _run_cli(*args: str) -> tuple[int, str]:
@@ -422,3 +484,144 @@ def test_retention_and_gc_leave_a_set_aside_checkpoint(root: Path) -> None:
     Path(set_aside).rename(root / DAMAGED)
     with distckpt.CheckpointManager(root, fsync=False, read_only=True) as manager:
         assert manager.steps() == [100, 101]
+
+
+# ------------------------------------------------------------- s3, with an older version
+
+#: The last commit before a save could be set aside: its writing manager's start (and gc)
+#: takes any ``step-N/<attempt>/`` that no ``COMMIT`` names for a dead writer's save and deletes
+#: it. An ancestor of this code, so a clone with its history holds it.
+OLDER_VERSION_COMMIT = "e3b8cf71bdb636c14234239f5c1ce12dc7e11e29"
+
+
+@pytest.fixture(scope="module")
+def older_distckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The package of :data:`OLDER_VERSION_COMMIT`, extracted from this repository's history;
+    the test is skipped where that history is missing (a shallow clone, an unpacked sdist)."""
+    repo = Path(__file__).resolve().parent.parent
+    command = ["git", "-C", str(repo), "archive", "--format=tar", OLDER_VERSION_COMMIT, "distckpt"]
+    try:
+        archive = subprocess.run(command, capture_output=True, check=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError) as exc:
+        pytest.skip(f"the older version is not in this repository's history: {exc}")
+    target = tmp_path_factory.mktemp("older-distckpt")
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(target, filter="data")
+    return target
+
+
+def _older_version_starts(older: Path, url: str, options: dict[str, Any]) -> None:
+    """An older version's writing manager opens the root (its start removes what it takes
+    for leftovers), runs gc, and closes: in a process of its own, importing that version."""
+    code = (
+        "import json, sys, distckpt\n"
+        "url, options = json.loads(sys.argv[1])\n"
+        "print(distckpt.__file__)\n"
+        "manager = distckpt.CheckpointManager(url, storage_options=options)\n"
+        "manager.gc()\n"
+        "manager.close()\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, json.dumps([url, options])],
+        env=dict(os.environ, PYTHONPATH=str(older)),
+        cwd=older,
+        capture_output=True,
+        text=True,
+        timeout=JOB_TIMEOUT,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(str(older)), done.stdout  # that version, not this one
+
+
+def _s3_save_90_and_damaged_100(url: str, options: dict[str, Any]) -> tuple[str, dict[str, str]]:
+    """Steps 90 and 100 saved by one process, step 100's rank file cut short: its attempt,
+    and the digests of its objects."""
+    with distckpt.CheckpointManager(url, storage_options=options) as manager:
+        for step in (90, 100):
+            manager.save(step, {"w": _weights(step, 0)})
+    with ObjectStore(url, options) as store:
+        attempt = json.loads(store.get_bytes(f"{DAMAGED}/COMMIT"))["attempt"]
+        rank_file = f"{DAMAGED}/{attempt}/{rank_file_name(0)}"
+        store.put_bytes(rank_file, store.get_bytes(rank_file)[:100])
+    return attempt, _s3_digests(url, options, f"{DAMAGED}/{attempt}/")
+
+
+def _assert_set_aside_whole(
+    url: str, options: dict[str, Any], attempt: str, digests: dict[str, str]
+) -> None:
+    """Step 100's save is set aside with every byte, listed as such, and no longer under a
+    ``step-N/`` prefix."""
+    assert _s3_digests(url, options, f"damaged-{DAMAGED}-{attempt}/") == digests
+    assert not [name for name in _s3_objects(url, options) if name.startswith(f"{DAMAGED}/")]
+    report = distckpt.verify(url, storage_options=options)
+    assert report.ok and report.set_aside == (f"{url}/damaged-{DAMAGED}-{attempt}",)
+
+
+def test_an_older_versions_start_and_gc_leave_an_s3_set_aside_save(
+    s3_server: S3Server, s3_url: str, older_distckpt: Path
+) -> None:
+    options = s3_server.storage_options()
+    attempt, digests = _s3_save_90_and_damaged_100(s3_url, options)
+    with distckpt.CheckpointManager(s3_url, storage_options=options) as manager:
+        restored = manager.restore(state={"w": torch.zeros(256)})
+        assert restored is not None and restored.step == 90
+    _assert_set_aside_whole(s3_url, options, attempt, digests)
+
+    _older_version_starts(older_distckpt, s3_url, options)
+
+    _assert_set_aside_whole(s3_url, options, attempt, digests)
+
+
+def _kill_this_process(*args: Any, **kwargs: Any) -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+@pytest.mark.parametrize(
+    ("killed", "older_starts_next"),
+    [("while-copying", False), ("after-unpublishing", False), ("after-unpublishing", True)],
+    ids=["while-copying", "after-unpublishing", "after-unpublishing-older-starts-next"],
+)
+def test_an_s3_set_aside_killed_midway_is_completed_and_loses_nothing(
+    s3_server: S3Server, s3_url: str, older_distckpt: Path, killed: str, older_starts_next: bool
+) -> None:
+    """SIGKILLed after copying one object (step 100 still committed: the next restart sets it
+    aside again, copying the rest) or after deleting COMMIT (the copy whole: the next start
+    deletes the originals), then restarted by this version, or first started by an older one,
+    which deletes the originals as a dead writer's save: harmless, they were copied. (Killed
+    while copying, the step is still committed, which every version's start leaves alone.)"""
+    options = s3_server.storage_options()
+    attempt, digests = _s3_save_90_and_damaged_100(s3_url, options)
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child is killed
+        if killed == "while-copying":
+            copy = ObjectStore.copy
+            copies: list[str] = []
+
+            def copy_once_then_die(self: ObjectStore, source: str, target: str, size: int) -> None:
+                if copies:
+                    _kill_this_process()
+                copies.append(source)
+                copy(self, source, target, size)
+
+            ObjectStore.copy = copy_once_then_die  # type: ignore[method-assign]
+        else:
+            from distckpt.storage.s3_upkeep import Upkeep
+
+            Upkeep._delete_prefix = _kill_this_process  # type: ignore[method-assign]
+        with distckpt.CheckpointManager(s3_url, storage_options=options) as manager:
+            manager.restore(state={"w": torch.zeros(256)})
+        os._exit(0)
+    _, status = os.waitpid(child, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, status
+    committed = killed == "while-copying"
+    assert (f"{DAMAGED}/COMMIT" in _s3_objects(s3_url, options)) == committed
+
+    if older_starts_next:
+        _older_version_starts(older_distckpt, s3_url, options)
+    # this version's restart: it takes the lease the killed job held (a dead process here)
+    with distckpt.CheckpointManager(s3_url, storage_options=options, wait_for_root=30) as manager:
+        restored = manager.restore(state={"w": torch.zeros(256)})
+        assert restored is not None and restored.step == 90
+        assert manager.steps() == [90]
+
+    _assert_set_aside_whole(s3_url, options, attempt, digests)

@@ -185,8 +185,11 @@ class RootStore(abc.ABC):
         (:meth:`RootView.set_aside_checkpoints`; ``distckpt ls`` and ``verify`` show it) to
         inspect or delete. ``last`` / ``best`` are moved off it first. Checks the lease like
         every change (:class:`~distckpt.LeaseLost`); :class:`~distckpt.ReadOnlyRoot` when
-        read-only. Returns where it now is, or None when the step's checkpoint is no longer
-        the one at ``location`` (gone, or replaced meanwhile): nothing is then done."""
+        read-only. Returns where it now is, or None when nothing is done: the step is no longer
+        committed at ``location`` (deleted since the restore judged it; on S3 also a ``COMMIT``
+        that cannot be read, naming no save to set aside). Whether the step was replaced by
+        another save of it since it was judged is not checked: only the lease holder saves,
+        and it is the caller, in a restore that first waits for its own pending saves."""
 
     @abc.abstractmethod
     def prune(self) -> list[int]:

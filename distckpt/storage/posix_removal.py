@@ -64,7 +64,7 @@ class Removals:
         with self._lock:
             self._check_lease()
             if directory != self.view.checkpoint(step).location or not directory.is_dir():
-                return None  # deleted or replaced since the restore judged it
+                return None  # deleted since the restore judged it
             target = self.layout.set_aside_dir(step, uuid.uuid4().hex[:12])
             # Links first, durably, as for a delete: no durable state has ``last`` naming a
             # step dir that is gone. A crash between the two leaves the checkpoint committed

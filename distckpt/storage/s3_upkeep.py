@@ -73,9 +73,11 @@ class Upkeep:
 
     def _delete_published_save(self, step: int, attempt: str) -> None:
         """Delete every object of a save that was published (unpublished now: removed or
-        replaced), with the set-aside record naming it that a set-aside killed before it
-        unpublished the save leaves behind (it would list a save that is gone)."""
+        replaced), with the set-aside record naming it and the part of its copy that a
+        set-aside killed before it unpublished the save leaves behind (they would list a save
+        that is gone)."""
         self._delete_prefix(self.s3.attempt_prefix(step, attempt))
+        self._delete_prefix(self.s3.set_aside_prefix(step, attempt))
         self.s3.client.delete([self.s3.set_aside_record_name(step, attempt)])
 
     def _update_pointers(self, *, leaving: int | None = None) -> list[policy.CheckpointRecord]:
@@ -161,11 +163,19 @@ class Upkeep:
             self._delete_published_save(step, record.attempt)
 
     def set_aside(self, step: int, location: CheckpointLocation) -> CheckpointLocation | None:
-        """Unpublish the step's save without deleting any object of it: first a set-aside
-        record naming its attempt (which gc honours: the attempt is never a leftover), then the
-        pointers move off it, then its ``COMMIT`` goes. A crash in between leaves the step
-        committed (and skipped) as before, with the record already there: the next restore
-        sets it aside again, under the same record."""
+        """Unpublish the step's save by moving its objects, none deleted before its copy is
+        there: first a set-aside record naming its attempt (the cleanup completes the copy of
+        a save a record names before it deletes the save's objects), then a copy of every
+        object under ``damaged-step-N-<attempt>/`` inside the store, then the pointers move
+        off the step, then its ``COMMIT`` goes, then the objects under ``step-N/<attempt>/``.
+
+        Moved, because any version's cleanup (an older one's start, which knows no record)
+        takes an uncommitted ``step-N/<attempt>/`` for a dead writer's and deletes it. A crash
+        before ``COMMIT`` goes leaves the step committed (and skipped) as before, with the
+        record and part of the copy there: the next restore sets it aside again, copying what
+        is missing. A crash after leaves the copy whole and the originals uncommitted: this
+        version's next start or gc deletes them (completing the copy first), and so does an
+        older version's, which is then harmless."""
         self._refuse_if_read_only(f"set aside step {step}")
         self._check_lease()
         if location != self.s3.location(step):
@@ -181,10 +191,23 @@ class Upkeep:
             self.s3.client.put_bytes(
                 marker, CommitRecord.encode(step, record.attempt), if_absent=True
             )
+        self._copy_set_aside_save(step, record.attempt)
         self._update_pointers(leaving=step)
         self._check_lease()
         self.s3.client.delete([self.s3.commit_name(step)])
-        return self.s3.attempt_location(step, record.attempt)
+        self._delete_prefix(self.s3.attempt_prefix(step, record.attempt))
+        return self.s3.set_aside_location(step, record.attempt)
+
+    def _copy_set_aside_save(self, step: int, attempt: str) -> None:
+        """Copy each object of the save ``attempt`` of ``step`` to its set-aside place, but
+        those a set-aside that died already copied (a copy appears whole or not at all)."""
+        source = self.s3.attempt_prefix(step, attempt)
+        target = self.s3.set_aside_prefix(step, attempt)
+        copied = {info.key[len(target) :]: info.size for info in self.s3.client.list(target)}
+        for info in list(self.s3.client.list(source)):
+            name = info.key[len(source) :]
+            if copied.get(name) != info.size:
+                self.s3.client.copy(info.key, target + name, info.size)
 
     def leftovers(self) -> list[Leftover]:
         return [leftover for leftover, _ in self._find_leftovers()]
@@ -226,11 +249,6 @@ class Upkeep:
             if not writer_alive and self._names(self._read_commit_or_none(step), attempt):
                 claims.discard(attempt)
                 continue
-            # Read after COMMIT: a set-aside writes its record before it deletes COMMIT, so a
-            # save whose COMMIT this read missed for that reason has its record by now.
-            if not writer_alive and self.s3.is_set_aside(step, attempt):
-                claims.discard(attempt)
-                continue
             where = self.s3.attempt_location(step, attempt)
             # its claim goes with it (a dead writer's)
             claim = [self.s3.claim_name(attempt)] if attempt in claims else []
@@ -267,6 +285,8 @@ class Upkeep:
             if leftover.kind == "staging":
                 logger.info("removing %s, left by a writer that died", leftover.path)
             try:
+                if leftover.kind == "staging":
+                    self._complete_set_aside_copy(leftover.path)
                 faults.hit("during_staging_cleanup", COMMITTING_RANK)
                 self.s3.client.delete(names)
             except CheckpointError as exc:
@@ -277,6 +297,16 @@ class Upkeep:
             if leftover.kind == "staging":
                 removed.append(leftover.path)
         return removed
+
+    def _complete_set_aside_copy(self, location: str) -> None:
+        """Before the objects of an uncommitted save go: if a record says it was set aside
+        (read after ``COMMIT``: a set-aside writes its record before it deletes ``COMMIT``),
+        make sure its copy is whole, so that only the originals of a copied save are deleted
+        (a set-aside deletes ``COMMIT`` only once its copy is whole; this covers a ``COMMIT``
+        deleted otherwise)."""
+        step, attempt = self.s3.parse_attempt_location(location)
+        if self.s3.is_set_aside(step, attempt):
+            self._copy_set_aside_save(step, attempt)
 
     def _claim_live(self, attempt: str) -> bool:
         """Whether the writer of ``attempt`` may still be writing: its claim exists and has

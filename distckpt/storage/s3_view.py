@@ -56,6 +56,7 @@ from distckpt.manifest import (
     checksum_mismatch,
     damage,
     missing,
+    oversized_manifest,
     unknown_checksum_algorithm,
     wrong_size,
 )
@@ -138,6 +139,16 @@ class S3Root:
     @staticmethod
     def set_aside_record_name(step: int, attempt: str) -> str:
         return set_aside_name(step, attempt)
+
+    @staticmethod
+    def set_aside_prefix(step: int, attempt: str) -> str:
+        """Where a save set aside is moved to, beside its record: no ``step-N/`` prefix, which
+        any version's cleanup may take for a dead writer's once ``COMMIT`` no longer names it."""
+        return f"{set_aside_name(step, attempt)}/"
+
+    def set_aside_location(self, step: int, attempt: str) -> str:
+        """A save set aside, as a URL: its objects' prefix."""
+        return f"{self.root}/{set_aside_name(step, attempt)}"
 
     def location(self, step: int) -> str:
         """The checkpoint of ``step`` as users name it: ``s3://BUCKET/PREFIX/step-N``."""
@@ -278,10 +289,7 @@ class S3Checkpoint(CheckpointSource):
         source = f"{self._root.root}/{name}"
         try:
             if self._root.client.head(name).size > MAX_MANIFEST_BYTES:
-                raise CorruptCheckpoint(
-                    f"{source} is larger than {MAX_MANIFEST_BYTES >> 20} MiB: not a manifest",
-                    damaged=True,
-                )
+                raise oversized_manifest(source)
             raw = self._root.client.get_bytes(name)
         except ObjectNotFound as exc:
             raise CorruptCheckpoint(
@@ -430,7 +438,7 @@ class S3RootView(RootView):
     def set_aside_checkpoints(self) -> list[CheckpointLocation]:
         """Where the objects of each set-aside save are (its prefix, as a URL)."""
         return [
-            self.s3.attempt_location(step, attempt)
+            self.s3.set_aside_location(step, attempt)
             for step, attempt in self.s3.set_aside_attempts()
         ]
 
