@@ -27,7 +27,6 @@ import distckpt
 from distckpt.cli import main
 from distckpt.layout import MANIFEST_NAME, parse_set_aside_name, rank_file_name
 from distckpt.objstore import ObjectStore
-from tests.filesystems import skip_or_fail
 from tests.ranks import Collected, run_ranks, values
 from tests.s3server import S3Server
 
@@ -489,25 +488,18 @@ def test_retention_and_gc_leave_a_set_aside_checkpoint(root: Path) -> None:
 
 # ------------------------------------------------------------- s3, with an older version
 
-#: The last commit before a save could be set aside: its writing manager's start (and gc)
-#: takes any ``step-N/<attempt>/`` that no ``COMMIT`` names for a dead writer's save and deletes
-#: it. An ancestor of this code, so a clone with its history holds it.
-OLDER_VERSION_COMMIT = "e3b8cf71bdb636c14234239f5c1ce12dc7e11e29"
+#: The package of the last version before a save could be set aside (commit e3b8cf7): its
+#: writing manager's start (and gc) takes any ``step-N/<attempt>/`` that no ``COMMIT`` names
+#: for a dead writer's save and deletes it. Kept as a fixture, not read from the repository's
+#: history, which a shallow clone lacks.
+OLDER_VERSION_ARCHIVE = Path(__file__).parent / "fixtures/older-version/distckpt-e3b8cf7.tar.xz"
 
 
 @pytest.fixture(scope="module")
 def older_distckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The package of :data:`OLDER_VERSION_COMMIT`, extracted from this repository's history;
-    the test is skipped where that history is missing (a shallow clone, an unpacked sdist), and
-    fails in CI, which clones the whole history."""
-    repo = Path(__file__).resolve().parent.parent
-    command = ["git", "-C", str(repo), "archive", "--format=tar", OLDER_VERSION_COMMIT, "distckpt"]
-    try:
-        archive = subprocess.run(command, capture_output=True, check=True, timeout=60).stdout
-    except (OSError, subprocess.SubprocessError) as exc:
-        skip_or_fail(f"the older version is not in this repository's history: {exc}")
+    """The older version's package (:data:`OLDER_VERSION_ARCHIVE`), unpacked."""
     target = tmp_path_factory.mktemp("older-distckpt")
-    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+    with tarfile.open(OLDER_VERSION_ARCHIVE) as tar:
         tar.extractall(target, filter="data")
     return target
 
