@@ -90,15 +90,20 @@ def decide(
     ``last_started`` is when this rank's previous save began (monotonic clock; None when none
     did in this process) and ``in_flight`` whether an async save is still running here: the
     ``min_seconds_between_saves`` throttle reads them, and rank 0's verdict counts. A throttled
-    save is neither forced nor a preemption save, and leaves ``last`` as it is (deferred)."""
+    save is neither forced nor a preemption save, and leaves ``last`` as it is (deferred).
+    ``every_seconds`` is due only at a step past ``last``'s."""
     due = not schedule.is_set or schedule.due_by_counters(
         step, epoch, last_step=last.step, last_epoch=last.epoch
     )
     throttled = preempt = False
     if schedule.needs_agreement or signals.watched:
         now = time.monotonic()
+        # A step the schedule already counts from is committed (or in flight): saving it again
+        # would only return that checkpoint and restart the interval without a new one (a
+        # requeued job saving after every micro-batch would then never save).
+        past_last = last.step is None or step > last.step
         vote = _Vote(
-            time_due=schedule.due_by_time(now, last_time=last.time),
+            time_due=past_last and schedule.due_by_time(now, last_time=last.time),
             throttled=schedule.throttled(now, last_started=last_started, in_flight=in_flight),
             signalled=signals.is_set(),
         )

@@ -73,7 +73,8 @@ class CheckpointManager:
             ``every_seconds`` counts from the last save; at the start, from the creation time
             of the root's newest checkpoint (its manifest's, by rank 0's clock; one created
             later than that clock says counts as created now), or from the start in a root
-            holding none, so a job killed more often than the interval still saves.
+            holding none, so a job killed more often than the interval still saves. It is
+            due only at a step past the last one saved or restored (that step is saved).
         min_seconds_between_saves: skip (return None from) a scheduled or plain save while less
             than S seconds passed since the previous save began, or while an async save is in
             flight; forced and preemption saves are never skipped. Rank 0's clock decides.
