@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Literal
 
 from distckpt.errors import CheckpointError
-from distckpt.layout import RootLayout
+from distckpt.layout import RootLayout, parse_step_dir_name
 from distckpt.manifest import Manifest, Problem
 from distckpt.results import CheckpointLocation, location_name
 
@@ -155,6 +155,12 @@ class RootView(abc.ABC):
     def pointer_location(self, name: str) -> str:
         """How messages name the pointer ``name``."""
         return f"{self.root}/{name}"
+
+    def pointer_names_checkpoint(self, name: str) -> bool:
+        """Whether the pointer ``name`` holds a checkpoint's name: what makes a location of
+        that name this root's pointer rather than a root of its own reached through it (a
+        user's ``ln -s exp42 runs/best``, an ``s3://BUCKET/ckpt/best`` root)."""
+        return parse_step_dir_name(self.read_pointer(name) or "") is not None
 
 
 class Located:
