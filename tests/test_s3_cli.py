@@ -201,6 +201,20 @@ def test_prune_and_gc_of_a_checkpoint_are_refused(root: str, s3_server: S3Server
         assert mgr.steps() == [10, 20, 30]
 
 
+@pytest.mark.parametrize("command", [("prune", "--keep-last", "1"), ("gc",), ("ls",), ("lease",)])
+@pytest.mark.parametrize("name", ["last", "best"])
+def test_a_command_on_a_root_refuses_a_link(
+    root: str, s3_server: S3Server, command: tuple[str, ...], name: str
+) -> None:
+    """A root's ``last``/``best`` pointer given where a root is wanted is refused as the link
+    it is, naming its root, and nothing is removed."""
+    out = run(command[0], f"{root}/{name}", *command[1:])
+    assert out.returncode == 2, out
+    assert f"is the {name} link, not a checkpoint root: give its root, {root}" in out.stderr
+    with distckpt.CheckpointManager(root, read_only=True) as mgr:
+        assert mgr.steps() == [10, 20, 30]
+
+
 @pytest.mark.parametrize("name", ["last", "best"])
 def test_a_root_at_a_prefix_named_last_or_best_is_a_root(
     s3_server: S3Server, s3_url: str, aws_env: None, name: str
