@@ -157,10 +157,12 @@ class RootView(abc.ABC):
         return f"{self.root}/{name}"
 
     def pointer_names_checkpoint(self, name: str) -> bool:
-        """Whether the pointer ``name`` holds a checkpoint's name: what makes a location of
-        that name this root's pointer rather than a root of its own reached through it (a
-        user's ``ln -s exp42 runs/best``, an ``s3://BUCKET/ckpt/best`` root)."""
-        return parse_step_dir_name(self.read_pointer(name) or "") is not None
+        """Whether the pointer ``name`` names a checkpoint (its target's last component is a
+        step dir's name, however the target is spelled: a symlink may hold an absolute path):
+        what makes a location of that name this root's pointer rather than a root of its own
+        reached through it (a user's ``ln -s exp42 runs/best``, an ``s3://BUCKET/ckpt/best``
+        root)."""
+        return parse_step_dir_name(Path(self.read_pointer(name) or "").name) is not None
 
 
 class Located:
