@@ -387,7 +387,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument(
         "--keep-every-n-steps",
         type=int,
-        help="keep milestones: for each multiple of N, the first checkpoint at or after it",
+        help="keep milestones: for each multiple of N from N on, the first checkpoint at or "
+        "after it, plus step 0",
     )
     sub.add_argument(
         "--keep-every-n-seconds", type=float, help="keep one checkpoint per S seconds of history"

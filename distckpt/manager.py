@@ -58,9 +58,9 @@ class CheckpointManager:
         keep_last: keep the newest N checkpoints (with the other ``keep_*`` rules, a checkpoint
             stays if any rule keeps it). None with no other ``keep_*`` keeps everything.
         keep_best: keep the best K by ``monitor``; ``monitor``/``mode`` also drive ``root/best``.
-        keep_every_n_steps: keep milestones: for each multiple of N, the first checkpoint at or
-            after it (the save schedules' crossing rule: with saves every 3 steps and N=1000,
-            step 1002 stands for 1000).
+        keep_every_n_steps: keep milestones: for each multiple of N from N on, the first
+            checkpoint at or after it, plus step 0 (the save schedules' crossing rule: with
+            saves every 3 steps and N=1000, step 1002 stands for 1000).
         keep_every_n_seconds: keep a sparse history: a checkpoint created at least S seconds
             after the last one kept this way (by the manifests' creation times).
         keep_unranked: with ``monitor``, keep checkpoints saved without a finite value of it
