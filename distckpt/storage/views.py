@@ -156,13 +156,16 @@ class RootView(abc.ABC):
         """How messages name the pointer ``name``."""
         return f"{self.root}/{name}"
 
-    def pointer_names_checkpoint(self, name: str) -> bool:
-        """Whether the pointer ``name`` names a checkpoint (its target's last component is a
-        step dir's name, however the target is spelled: a symlink may hold an absolute path):
-        what makes a location of that name this root's pointer rather than a root of its own
-        reached through it (a user's ``ln -s exp42 runs/best``, an ``s3://BUCKET/ckpt/best``
-        root)."""
-        return parse_step_dir_name(Path(self.read_pointer(name) or "").name) is not None
+    def owns_pointer(self, name: str) -> bool:
+        """Whether the location ``name`` (``last``/``best``) here is this root's pointer rather
+        than a root of its own reached through it (a user's ``ln -s exp42 runs/best``, an
+        ``s3://BUCKET/ckpt/best`` root): the pointer names a checkpoint (its target's last
+        component is a step dir's name, however spelled: a symlink may hold an absolute path),
+        or this holds checkpoints (a pointer of a root never stands for another root, wherever
+        it was made to point)."""
+        if parse_step_dir_name(Path(self.read_pointer(name) or "").name) is not None:
+            return True
+        return bool(self.committed_steps())
 
 
 class Located:
