@@ -17,6 +17,9 @@ not depend on where it was staged and can be moved.
 What DCP saves, and its limits:
 
 * The top-level state must be a dict. Nested dicts and lists are flattened into dotted keys.
+  Dict keys other than strings (ints, floats, bool, None) come back as they were, mapped onto
+  the given state's keys; keys that read the same as text, or of other types, are refused
+  (:mod:`distckpt.formats.dcp_text_keys`).
 * DTensors (FSDP2 ``fully_shard`` parameters, their optimizer state) are saved shard by shard.
 * Everything else -- plain tensors and plain values -- is taken to be the *same on every rank*
   and is saved once, from one rank, unless it is marked per rank: :class:`~distckpt.RNGState`,
@@ -117,6 +120,7 @@ from distckpt.formats.dcp_keys import (
 )
 from distckpt.formats.dcp_metadata import DATA_FILE_RE, METADATA_NAME, read_metadata
 from distckpt.formats.dcp_storage import Planner, Reader, Writer
+from distckpt.formats.dcp_text_keys import check_restorable_keys
 from distckpt.manifest import FileRecord, Manifest
 from distckpt.model_state import ModelOptimizerState
 from distckpt.state import copy_containers, dtensor_type, remove_path, set_path, tensor_bytes
@@ -217,6 +221,7 @@ def _find_id_keyed_optimizer(state: Any, path: str = "") -> str | None:
 
 def _check_saveable(state: Any) -> None:
     _check_keys(state, "saves")
+    check_restorable_keys(state)
     if PER_RANK_KEY in state:
         raise InvalidArgument(
             f"the top-level key {PER_RANK_KEY!r} is where the 'dcp' format keeps per-rank "

@@ -23,6 +23,7 @@ import torch
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 
 from distckpt.formats.dcp_storage import flat_state, key_mismatch, shape_mismatches
+from distckpt.formats.dcp_text_keys import get_saved, keys_like
 from distckpt.key_prefixes import log_prefix_mapping, matching_prefixes
 from distckpt.per_rank import PerRank
 from distckpt.state import LoadReport, same_kind_of_tuple, set_path
@@ -122,10 +123,11 @@ def restore_per_rank(
         if key in state:
             set_path(nested, paths.get(key, (key,)), state.pop(key))
     found_own, own = _get_path(nested, (PER_RANK_KEY, str(rank)))
-    for path, _ in marked:
-        found, value = _get_path(own, path) if found_own else (False, None)
+    for path, template in marked:
+        found, value = get_saved(own, path) if found_own else (False, None)
         if found:
-            set_path(state, path, value)
+            # Built from saved places: its dicts' keys as text, mapped back onto the template's.
+            set_path(state, path, keys_like(template, value))
 
 
 def split_per_rank_keys(keys: Iterable[str]) -> tuple[list[str], dict[int, list[str]]]:
