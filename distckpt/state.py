@@ -92,23 +92,48 @@ def is_stateful(value: Any) -> bool:
     )
 
 
-def to_plain(state: Any, *, mark_per_rank: bool = False) -> Any:
+def template_state_dict(value: Any) -> Any:
+    """``value.state_dict()`` asked by a restore, which only reads it (its keys, a template to
+    load into), leaving the generator of ``value`` (``value.generator``: a data loader's) as it
+    was. A fresh ``StatefulDataLoader`` with workers answers by building an iterator, which
+    draws its workers' base seed from the loader's generator: a restore would advance it once
+    more than the uninterrupted run did, and every later epoch's workers would get other seeds
+    (the iterator a resumed epoch builds draws once, as the interrupted one did)."""
+    generator = getattr(value, "generator", None)
+    if not isinstance(generator, torch.Generator):
+        return value.state_dict()
+    before = generator.get_state()
+    try:
+        return value.state_dict()
+    finally:
+        generator.set_state(before)
+
+
+def to_plain(state: Any, *, mark_per_rank: bool = False, template: bool = False) -> Any:
     """``state`` with every stateful object replaced by its ``state_dict()``, recursively.
     With ``mark_per_rank``, a value that differs per rank (:func:`distckpt.per_rank.is_per_rank`)
-    comes out as :class:`~distckpt.PerRank` around its plain value; without, unmarked."""
+    comes out as :class:`~distckpt.PerRank` around its plain value; without, unmarked. With
+    ``template`` (a restore's ``state=``), through :func:`template_state_dict`."""
     if is_per_rank(state):
         # An RNGState or a loader is Stateful itself; a PerRank holds its value.
-        inner = state.value if isinstance(state, PerRank) else state.state_dict()
-        plain = to_plain(inner)
+        if isinstance(state, PerRank):
+            inner = state.value
+        else:
+            inner = template_state_dict(state) if template else state.state_dict()
+        plain = to_plain(inner, template=template)
         return PerRank(plain) if mark_per_rank else plain
     if isinstance(state, torch.Tensor):
         return state.detach()
     if is_stateful(state):
-        return to_plain(state.state_dict(), mark_per_rank=mark_per_rank)
+        inner = template_state_dict(state) if template else state.state_dict()
+        return to_plain(inner, mark_per_rank=mark_per_rank, template=template)
     if isinstance(state, Mapping):
-        return {key: to_plain(value, mark_per_rank=mark_per_rank) for key, value in state.items()}
+        return {
+            key: to_plain(value, mark_per_rank=mark_per_rank, template=template)
+            for key, value in state.items()
+        }
     if isinstance(state, (list, tuple)):
-        items = [to_plain(value, mark_per_rank=mark_per_rank) for value in state]
+        items = [to_plain(value, mark_per_rank=mark_per_rank, template=template) for value in state]
         return type(state)(items) if isinstance(state, list) else same_kind_of_tuple(state, items)
     return state
 
@@ -295,7 +320,7 @@ def _load(
         if apply:
             _checked(path, lambda: template.load_state_dict(loaded, strict=False))
     elif is_stateful(template):
-        if _same_keys(template.state_dict(), loaded):
+        if _same_keys(template_state_dict(template), loaded):
             if apply:
                 _checked(path, lambda: template.load_state_dict(loaded))
         else:
