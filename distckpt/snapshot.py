@@ -5,13 +5,20 @@ The buffers are allocated at the first save and reused by later ones while the s
 keep their places, shapes, dtypes and sharing, so a steady-state snapshot costs one memory copy
 and no allocation; a save whose tensors changed gets new buffers and lets the old ones go.
 
-A tensor that is the state's only tensor in its storage (the common case) gets a contiguous
-buffer of its own, exactly its bytes. Tensors that share a storage (a weight tied to two places
-of the state, views of one tensor) share one buffer: a copy of the bytes of that storage they
-reach, from the lowest to the highest, in which each of them is a view with its own dtype,
-offset, shape and strides. So a format sees what a sync save shows it: the "torch" rank file
-writes each storage once, and a restore gives independent tensors where the state had them and
-tensors sharing a storage where the state shared one.
+A contiguous tensor that is the state's only tensor in its storage (the common case) gets a
+contiguous buffer of its own, exactly its bytes. Tensors that share a storage (a weight tied to
+two places of the state, views of one tensor) share one buffer: a copy of the bytes of that
+storage they reach, from the lowest to the highest, in which each of them is a view with its
+own dtype, offset, shape and strides. A tensor alone in its storage that is not contiguous (a
+``channels_last`` or transposed one, an expanded view whose strides are 0, a slice with gaps)
+gets such a buffer of its own, of the bytes it reaches. A lazily conjugated or negated view
+keeps its bit: its buffer holds the bytes as they are, under the view with the bit set. So a
+format sees what a sync save shows it: the "torch" rank file writes each storage once, and a
+restore gives independent tensors where the state had them, tensors sharing a storage where the
+state shared one, and each with its strides and bits. The one exception is a tensor whose bytes
+reach too far: one that would copy more than :data:`MAX_SHARED_SPAN_RATIO` times its own bytes
+(a narrow slice of a large tensor) gets a compact buffer of exactly its elements, in its memory
+format where it has one (``channels_last``), else contiguous.
 
 Without CUDA the buffers lie in one flat, page-aligned block of private anonymous memory
 (``mmap``): one allocation per layout and no allocator header per tensor. Each buffer still has
@@ -50,7 +57,8 @@ BUFFER_ALIGNMENT = 64
 SHARED_START_ALIGNMENT = 16
 #: Tensors sharing a storage share a buffer only while the bytes it would copy (from the lowest
 #: they reach to the highest) are at most this many times their own bytes; else each keeps a
-#: buffer of its own (see ``_Walk._worth_sharing``).
+#: buffer of its own (see ``_Walk._worth_sharing``). A tensor that is not contiguous gets a
+#: buffer of the bytes it reaches, keeping its strides, under the same bound.
 MAX_SHARED_SPAN_RATIO = 2
 #: Dtypes of fewer than 8 bits, each element in a byte of its own: torch has no copy (nor
 #: clone) for them, so their buffers are filled through ``uint8`` views of the same bytes.
@@ -82,9 +90,20 @@ class SharedStorage:
 BufferKey = TreeKey | SharedStorage
 
 
+class Arrangement(NamedTuple):
+    """How a tensor that is not plainly contiguous lies over its bytes, which its snapshot keeps
+    as a sync save does: its strides, and whether it is a lazily conjugated or negated view
+    (whose bytes hold the values before the bit applies)."""
+
+    stride: tuple[int, ...]
+    conj: bool
+    neg: bool
+
+
 class SharedView(NamedTuple):
-    """A tensor of the state that shares its storage with others: its place, which shared
-    buffer holds it (:class:`SharedStorage` ``number``), and its view of that buffer's bytes."""
+    """A tensor of the state in a buffer of the bytes of its storage that it (and the others
+    sharing that storage, if any) reaches: its place, which such buffer holds it
+    (:class:`SharedStorage` ``number``), its view of that buffer's bytes, and its bits."""
 
     key: TreeKey
     storage: int
@@ -92,6 +111,8 @@ class SharedView(NamedTuple):
     shape: torch.Size
     stride: tuple[int, ...]
     dtype: torch.dtype
+    conj: bool = False
+    neg: bool = False
 
 
 @dataclass(frozen=True)
@@ -100,10 +121,13 @@ class Layout:
 
     #: every tensor with a buffer, in the order of the state's walk
     slots: list[Slot] = field(default_factory=list)
-    #: those of them that share a storage: by shared storage, each's in the order of the walk
+    #: those of them in a buffer of the bytes they reach (sharing a storage, or not contiguous):
+    #: by such buffer, each's in the order of the walk
     views: list[SharedView] = field(default_factory=list)
-    #: the size of each shared storage's buffer
+    #: the size of each such buffer
     shared_bytes: list[int] = field(default_factory=list)
+    #: the tensors that are not plainly contiguous, by place
+    arranged: dict[TreeKey, Arrangement] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -139,25 +163,33 @@ class _Walk:
     first_in_storage: dict[int, int] = field(default_factory=dict)
     #: a storage's start address -> its slots, once a second one is met in it
     sharing: dict[int, list[int]] = field(default_factory=dict)
+    #: the slots of the tensors that are not plainly contiguous, and how each lies
+    arranged: dict[int, Arrangement] = field(default_factory=dict)
 
     def layout(self) -> tuple[Layout, list[tuple[torch.Tensor, int, int]]]:
-        """The layout found, and for each shared storage the range of bytes its tensors reach
-        [low, high) in a tensor whose storage holds them all."""
-        if not self.sharing:
+        """The layout found, and for each buffer of the bytes its tensors reach (tensors sharing
+        a storage, a tensor that is not contiguous) the range of bytes [low, high) in a tensor
+        whose storage holds them all."""
+        if not self.sharing and not self.arranged:
             return Layout(self.slots), []
         groups: list[list[int]] = []
         for members in self.sharing.values():
             on_device: dict[torch.device, list[int]] = {}
             for index in members:
                 tensor = self.sources[index]
-                # A tensor of no elements shares nothing. A lazily conjugated or negated view
-                # keeps a buffer of its own: a copy into it applies the bit, a view of the raw
-                # bytes would not.
-                if tensor.numel() and not (tensor.is_conj() or tensor.is_neg()):
+                if tensor.numel():  # a tensor of no elements shares nothing
                     on_device.setdefault(tensor.device, []).append(index)
             groups += [
                 same for same in on_device.values() if len(same) > 1 and self._worth_sharing(same)
             ]
+        grouped = {index for members in groups for index in members}
+        # A tensor that is not contiguous and shares no buffer gets one of the bytes it reaches,
+        # keeping its strides, unless that is too many more than its own (then a compact one).
+        groups += [
+            [index]
+            for index in self.arranged
+            if index not in grouped and self.sources[index].numel() and self._worth_sharing([index])
+        ]
         groups.sort()  # by the first slot of each: the order of the walk, as the layout's
         views: list[SharedView] = []
         shared_bytes: list[int] = []
@@ -181,17 +213,21 @@ class _Walk:
                     tensor.shape,
                     tensor.stride(),
                     tensor.dtype,
+                    tensor.is_conj(),
+                    tensor.is_neg(),
                 )
                 for index, tensor, (start, _) in zip(members, tensors, extents)
             ]
-        return Layout(self.slots, views, shared_bytes), ranges
+        arranged = {self.slots[index][0]: how for index, how in self.arranged.items()}
+        return Layout(self.slots, views, shared_bytes, arranged), ranges
 
     def _worth_sharing(self, members: list[int]) -> bool:
-        """Whether the tensors of ``members`` (slots in one storage) take one shared buffer:
-        only while the bytes between the lowest and the highest they reach are at most
-        :data:`MAX_SHARED_SPAN_RATIO` times their own. Two small slices far apart in a large
+        """Whether the tensors of ``members`` (slots in one storage) take one buffer of the bytes
+        they reach: only while the bytes between the lowest and the highest they reach are at
+        most :data:`MAX_SHARED_SPAN_RATIO` times their own. Two small slices far apart in a large
         storage keep a buffer each (their gap is not copied, nor held between saves), and are
-        restored as separate tensors, as before sharing was kept."""
+        restored as separate tensors, as before sharing was kept. An expanded view (strides of
+        0) reaches fewer bytes than it has elements."""
         tensors = [self.sources[index] for index in members]
         extents = [_byte_extent(tensor) for tensor in tensors]
         span = max(end for _, end in extents) - min(start for start, _ in extents)
@@ -216,10 +252,41 @@ def _byte_range(tensor: torch.Tensor, low: int, high: int) -> torch.Tensor:
 
 
 def _view_in(buffer: torch.Tensor, view: SharedView) -> torch.Tensor:
-    """``view``'s tensor in the shared ``buffer`` (whose storage it then shares)."""
-    return torch.empty(0, dtype=view.dtype, device=buffer.device).set_(
+    """``view``'s tensor in the ``buffer`` of the bytes it reaches (whose storage it then
+    shares), with its conjugate and negative bits."""
+    tensor = torch.empty(0, dtype=view.dtype, device=buffer.device).set_(
         buffer.untyped_storage(), view.byte_offset // view.dtype.itemsize, view.shape, view.stride
     )
+    return _with_bits(tensor, Arrangement(view.stride, view.conj, view.neg))
+
+
+def _with_bits(tensor: torch.Tensor, arrangement: Arrangement) -> torch.Tensor:
+    """``tensor`` (its bytes as they are) as the lazily conjugated or negated view
+    ``arrangement`` says, as a sync save restores one."""
+    if arrangement.conj:
+        tensor = tensor.conj()
+    if arrangement.neg:
+        # No public call sets the bit alone; this is the view ``.imag`` of a conjugate gives.
+        tensor = torch._neg_view(tensor)
+    return tensor
+
+
+def _without_bits(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor``'s bytes as they are: a view of it without its conjugate or negative bit."""
+    if tensor.is_conj():
+        tensor = tensor.conj()
+    if tensor.is_neg():
+        tensor = torch._neg_view(tensor)
+    return tensor
+
+
+def _compact_stride(shape: torch.Size, stride: tuple[int, ...]) -> tuple[int, ...]:
+    """The strides of a compact copy of a tensor of ``shape`` and ``stride``: the same when
+    they cover exactly its elements, else those of its memory format (``channels_last`` when
+    its strides suggest it, else contiguous), as ``torch.empty_like`` chooses them."""
+    # On the meta device: only the strides are computed, nothing is allocated.
+    laid_out = torch.empty_strided(shape, stride, device="meta")
+    return torch.empty_like(laid_out).stride()
 
 
 class SnapshotBuffers:
@@ -289,6 +356,11 @@ class SnapshotBuffers:
         else:
             self._buffers = {}  # before mapping the new block: the old one may go back first
             self._buffers = flat_buffers(slots)
+        for key, arrangement in layout.arranged.items():
+            if key not in shared:  # a compact buffer of exactly its elements
+                buffer = self._buffers[key]
+                compact = _compact_stride(buffer.shape, arrangement.stride)
+                self._buffers[key] = buffer.as_strided(buffer.shape, compact)
         self._views = {
             view.key: _view_in(self._buffers[SharedStorage(view.storage)], view)
             for view in layout.views
@@ -329,6 +401,10 @@ class SnapshotBuffers:
         first = walk.first_in_storage.setdefault(start, index)
         if first != index:
             walk.sharing.setdefault(start, [first]).append(index)
+        if not local.is_contiguous() or local.is_conj() or local.is_neg():
+            arrangement = Arrangement(local.stride(), local.is_conj(), local.is_neg())
+            walk.arranged[index] = arrangement
+            return self._arranged_leaf(key, value, local, arrangement, walk, is_dtensor)
         buffer = self._buffers.get(key)
         if buffer is not None:
             if buffer.shape != shape or buffer.dtype != dtype:
@@ -343,6 +419,44 @@ class SnapshotBuffers:
             if buffer is None or buffer.shape != shape or buffer.dtype != dtype:
                 return None
         return self._rebuilt(value, buffer, is_dtensor)
+
+    def _arranged_leaf(
+        self,
+        key: TreeKey,
+        value: Any,
+        local: torch.Tensor,
+        arrangement: Arrangement,
+        walk: _Walk,
+        is_dtensor: bool,
+    ) -> Any:
+        """:meth:`_leaf` for a tensor that is not plainly contiguous: its view of a buffer of
+        the bytes it reaches (filled by one copy of them), or its compact buffer."""
+        shape, dtype = local.shape, local.dtype
+        view = self._views.get(key)
+        if view is not None:
+            if (
+                view.shape != shape
+                or view.dtype != dtype
+                or Arrangement(view.stride(), view.is_conj(), view.is_neg()) != arrangement
+            ):
+                return None
+            return self._rebuilt(value, view, is_dtensor)
+        buffer = self._buffers.get(key)
+        if (
+            buffer is None
+            or self._layout is None
+            or self._layout.arranged.get(key) != arrangement
+            or buffer.shape != shape
+            or buffer.dtype != dtype
+        ):
+            return None
+        # The bytes as they are, into a buffer without the bits: a copy would apply them.
+        source = _without_bits(local)
+        if dtype in SUB_BYTE_DTYPES:
+            walk.copies.append((buffer.view(torch.uint8), source.view(torch.uint8)))
+        else:
+            walk.copies.append((buffer, source))
+        return self._rebuilt(value, _with_bits(buffer, arrangement), is_dtensor)
 
     def _rebuilt(self, value: Any, local: torch.Tensor, is_dtensor: bool) -> Any:
         """``local`` as the snapshot of ``value``: itself, or a DTensor like ``value``."""
