@@ -124,3 +124,10 @@ def test_dcp_refuses_keys_whose_text_names_an_address(tmp_path: Path) -> None:
     refused = pytest.raises(UnrestorableKeys, match=r"types whose text may differ.*\(object\)")
     with distckpt.CheckpointManager(tmp_path, format="dcp", fsync=False) as mgr, refused:
         mgr.save(1, {"app": [{object(): 1}]})
+
+
+def test_dcp_export_has_no_state_to_map_onto_and_gives_keys_as_text(tmp_path: Path) -> None:
+    with distckpt.CheckpointManager(tmp_path / "root", format="dcp", fsync=False) as mgr:
+        mgr.save(1, {"hist": {0: 0.5}})
+    distckpt.export(tmp_path / "root", tmp_path / "out.pt", fsync=False)
+    assert torch.load(tmp_path / "out.pt") == {"hist": {"0": 0.5}}

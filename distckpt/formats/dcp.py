@@ -19,7 +19,8 @@ What DCP saves, and its limits:
 * The top-level state must be a dict. Nested dicts and lists are flattened into dotted keys.
   Dict keys other than strings (ints, floats, bool, None) come back as they were, mapped onto
   the given state's keys; keys that read the same as text, or of other types, are refused
-  (:mod:`distckpt.formats.dcp_text_keys`).
+  (:mod:`distckpt.formats.dcp_text_keys`). :func:`load_consolidated` (``export``), which has no
+  state to map onto, gives them as text.
 * DTensors (FSDP2 ``fully_shard`` parameters, their optimizer state) are saved shard by shard.
 * Everything else -- plain tensors and plain values -- is taken to be the *same on every rank*
   and is saved once, from one rank, unless it is marked per rank: :class:`~distckpt.RNGState`,
