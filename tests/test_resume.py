@@ -145,7 +145,9 @@ def test_workers_rng_is_not_restored_mid_epoch_but_later_epochs_get_the_same_see
     with distckpt.CheckpointManager(tmp_path, fsync=False) as mgr:
         mgr.save(1, {"loader": interrupted})
         resumed = _loader()
+        untouched = resumed.generator.get_state()
         mgr.restore("last", state={"loader": resumed})
+    assert torch.equal(resumed.generator.get_state(), untouched)  # the restore drew nothing
     rest = _run(resumed, epochs)  # the rest of epoch 0, then epochs 1 and 2
     run = first + rest
     assert [batch[:2] for batch in run] == [batch[:2] for batch in reference]  # same samples
