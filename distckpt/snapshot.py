@@ -401,7 +401,9 @@ class SnapshotBuffers:
         first = walk.first_in_storage.setdefault(start, index)
         if first != index:
             walk.sharing.setdefault(start, [first]).append(index)
-        if not local.is_contiguous() or local.is_conj() or local.is_neg():
+        # Only a complex tensor can be lazily conjugated: real ones skip asking (every save, for
+        # every tensor, the calls add up).
+        if not local.is_contiguous() or local.is_neg() or (dtype.is_complex and local.is_conj()):
             arrangement = Arrangement(local.stride(), local.is_conj(), local.is_neg())
             walk.arranged[index] = arrangement
             return self._arranged_leaf(key, value, local, arrangement, walk, is_dtensor)
