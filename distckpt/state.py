@@ -92,21 +92,51 @@ def is_stateful(value: Any) -> bool:
     )
 
 
+def _generators_an_iterator_draws_from(loader: Any) -> list[torch.Generator]:
+    """The generators a data loader's new iterator draws from: the loader's own (its workers'
+    base seed), its sampler's and its batch sampler's (an epoch's order), and torch's default
+    one (a sampler without a generator of its own draws from it); each once."""
+    owners = [loader, getattr(loader, "sampler", None), getattr(loader, "batch_sampler", None)]
+    owners.append(getattr(owners[-1], "sampler", None))
+    found: dict[int, torch.Generator] = {}
+    for owner in owners:
+        generator = getattr(owner, "generator", None)
+        if isinstance(generator, torch.Generator):
+            found.setdefault(id(generator), generator)
+    found.setdefault(id(torch.default_generator), torch.default_generator)
+    return list(found.values())
+
+
 def template_state_dict(value: Any) -> Any:
     """``value.state_dict()`` asked by a restore, which only reads it (its keys, a template to
-    load into), leaving the generator of ``value`` (``value.generator``: a data loader's) as it
-    was. A fresh ``StatefulDataLoader`` with workers answers by building an iterator, which
-    draws its workers' base seed from the loader's generator: a restore would advance it once
-    more than the uninterrupted run did, and every later epoch's workers would get other seeds
-    (the iterator a resumed epoch builds draws once, as the interrupted one did)."""
-    generator = getattr(value, "generator", None)
-    if not isinstance(generator, torch.Generator):
+    load into), leaving ``value`` and the generators it draws from as they were, when it has a
+    generator of its own (``value.generator``: a data loader's). A fresh
+    ``StatefulDataLoader`` with workers answers by building an iterator, which draws its
+    workers' base seed from the loader's generator and its first epoch's order from the
+    sampler's: a restore would advance them once more than the uninterrupted run did, and every
+    later epoch's workers would get other seeds (the iterator a resumed epoch builds draws once,
+    as the interrupted one did).
+
+    The loader also keeps that iterator, and its first epoch would run on it (its seed drawn
+    before the generator was put back) when no ``load_state_dict`` follows: a restore with
+    ``strict=False`` whose checkpoint lacks the loader, or a failed one before a fresh start.
+    The next epoch would then draw that same seed again, and its workers repeat the first
+    epoch's noise. So an iterator built only to answer is dropped (``load_state_dict`` with the
+    state the loader was waiting to resume from, or none), and the loader runs as a fresh one."""
+    if not isinstance(getattr(value, "generator", None), torch.Generator):
         return value.state_dict()
-    before = generator.get_state()
+    generators = _generators_an_iterator_draws_from(value)
+    before = [generator.get_state() for generator in generators]
+    # StatefulDataLoader's own attributes: no public call says whether it holds an iterator.
+    had_no_iterator = hasattr(value, "_iterator") and value._iterator is None
+    pending_resume = getattr(value, "next_iter_state", None)
     try:
         return value.state_dict()
     finally:
-        generator.set_state(before)
+        for generator, state in zip(generators, before):
+            generator.set_state(state)
+        if had_no_iterator and getattr(value, "_iterator", None) is not None:
+            value.load_state_dict(pending_resume if pending_resume is not None else {})
 
 
 def to_plain(state: Any, *, mark_per_rank: bool = False, template: bool = False) -> Any:

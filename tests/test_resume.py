@@ -155,3 +155,19 @@ def test_workers_rng_is_not_restored_mid_epoch_but_later_epochs_get_the_same_see
     in_epoch_0 = len([batch for batch in reference if batch[0] == 0])
     assert all(same[:3]) and not all(same[3:in_epoch_0])
     assert all(same[in_epoch_0:])
+
+
+def test_loader_left_out_of_a_restore_runs_as_a_fresh_one(tmp_path: Path) -> None:
+    """A restore that asks a fresh loader for its template but never loads into it (its
+    checkpoint lacks the loader, ``strict=False``) leaves it as a fresh one: every epoch has
+    the order and the workers' noise of an untouched loader's (a kept iterator gave the second
+    epoch the first one's noise again)."""
+    epochs = range(2)
+    reference = _run(_loader(), epochs)
+    with distckpt.CheckpointManager(tmp_path, fsync=False) as mgr:
+        mgr.save(1, {"w": torch.ones(1)})  # saved before the loader was in the state
+        left_out = _loader()
+        mgr.restore("last", state={"w": torch.zeros(1), "loader": left_out}, strict=False)
+    run = _run(left_out, epochs)
+    assert [batch[:2] for batch in run] == [batch[:2] for batch in reference]
+    assert all(torch.equal(ours[2], theirs[2]) for ours, theirs in zip(run, reference))
