@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,43 +33,53 @@ def dtensor_type() -> type | None:
     return None
 
 
-def tensor_bytes(state: Any) -> int:
-    """Bytes of tensor data this rank holds in a nested state: a DTensor counts its local
-    shard, and each storage is counted once."""
-    return sum(storage_sizes(state))
+def element_bytes(state: Any) -> int:
+    """Bytes of the elements of the tensors in a nested state, as a format that writes each
+    tensor's elements (DCP) writes them: numel times item size of each (a DTensor: its local shard;
+    a sparse one: the tensors it is made of). An expanded or overlapping view counts every
+    element it shows, however few bytes its storage holds; a tensor met twice counts twice."""
+    return sum(
+        part.numel() * part.element_size()
+        for tensor in local_tensors(state)
+        for part in tensor_parts(tensor)
+    )
 
 
 def storage_sizes(state: Any) -> list[int]:
     """The size in bytes of each storage the tensors of a nested state hold, each storage once
     (a DTensor: its local shard's), in the order the state's walk meets them."""
-    dtensor = dtensor_type()
     seen: set[tuple[int, int]] = set()
     sizes: list[int] = []
-
-    def visit(value: Any) -> None:
-        if dtensor is not None and isinstance(value, dtensor):
-            value = value.to_local()
-        if isinstance(value, torch.Tensor) and value.layout != torch.strided:
+    for tensor in local_tensors(state):
+        if tensor.layout != torch.strided:
             # A sparse (or other non-strided) tensor has no storage of its own to ask about:
             # torch.save writes the tensors it is made of (indices and values).
-            sizes.append(sum(part.nbytes for part in tensor_parts(value)))
-        elif isinstance(value, torch.Tensor):
-            storage = value.untyped_storage()
-            key = (storage.data_ptr(), storage.nbytes())
-            if key not in seen:
-                seen.add(key)
-                sizes.append(storage.nbytes())
-        elif isinstance(value, PerRank):
-            visit(value.value)
-        elif isinstance(value, Mapping):
-            for item in value.values():
-                visit(item)
-        elif isinstance(value, (list, tuple)):
-            for item in value:
-                visit(item)
-
-    visit(state)
+            sizes.append(sum(part.nbytes for part in tensor_parts(tensor)))
+            continue
+        storage = tensor.untyped_storage()
+        key = (storage.data_ptr(), storage.nbytes())
+        if key not in seen:
+            seen.add(key)
+            sizes.append(storage.nbytes())
     return sizes
+
+
+def local_tensors(state: Any) -> Iterator[torch.Tensor]:
+    """The tensors of a nested state (through mappings, lists, tuples and
+    :class:`~distckpt.PerRank`), in order; a DTensor as its local shard."""
+    dtensor = dtensor_type()
+    if dtensor is not None and isinstance(state, dtensor):
+        yield state.to_local()
+    elif isinstance(state, torch.Tensor):
+        yield state
+    elif isinstance(state, PerRank):
+        yield from local_tensors(state.value)
+    elif isinstance(state, Mapping):
+        for item in state.values():
+            yield from local_tensors(item)
+    elif isinstance(state, (list, tuple)):
+        for item in state:
+            yield from local_tensors(item)
 
 
 def tensor_parts(tensor: torch.Tensor) -> list[torch.Tensor]:

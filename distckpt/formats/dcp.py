@@ -124,7 +124,7 @@ from distckpt.formats.dcp_storage import Planner, Reader, Writer
 from distckpt.formats.dcp_text_keys import check_restorable_keys
 from distckpt.manifest import FileRecord, Manifest
 from distckpt.model_state import ModelOptimizerState
-from distckpt.state import copy_containers, dtensor_type, remove_path, set_path, tensor_bytes
+from distckpt.state import copy_containers, dtensor_type, element_bytes, remove_path, set_path
 
 logger = logging.getLogger("distckpt")
 
@@ -291,8 +291,10 @@ class DcpFormat:
         _check_saveable(state)
 
     def estimate_bytes(self, state: Any) -> int:
-        # Local shards only: replicated values are written by one rank, so this over-counts.
-        return tensor_bytes(state) + _OVERHEAD_BYTES
+        # DCP writes every element of each tensor (an expanded view in full), not its storage,
+        # whatever an async snapshot's buffers hold. Local shards only: replicated values are
+        # written by one rank, so this over-counts.
+        return element_bytes(state) + _OVERHEAD_BYTES
 
     def write(self, state: Any, directory: Path, ctx: ShardContext) -> Mapping[str, FileRecord]:
         """Save this rank's part with ``dcp.save`` over ``ctx.group``; collective. Returns the
