@@ -131,3 +131,47 @@ def test_dcp_export_has_no_state_to_map_onto_and_gives_keys_as_text(tmp_path: Pa
         mgr.save(1, {"hist": {0: 0.5}})
     distckpt.export(tmp_path / "root", tmp_path / "out.pt", fsync=False)
     assert torch.load(tmp_path / "out.pt") == {"hist": {"0": 0.5}}
+
+
+def _pickled_whole() -> dict[str, Any]:
+    """Dicts with keys "dcp" refuses where it places keys as text, where DCP pickles them whole
+    with their keys as they are: in a tuple, in a list of plain values, in a tuple in a list
+    DCP walks (it holds a list of tensors)."""
+    return {
+        "in_tuple": ({1: 5, "1": 6},),
+        "in_plain_list": [({(1, 2): "tuple key"},), 3],
+        "beside_tensors": [[torch.ones(2)], ({1.0: "float", "1.0": "str"},)],
+    }
+
+
+def test_dcp_keeps_the_keys_of_dicts_it_pickles_whole(tmp_path: Path) -> None:
+    with distckpt.CheckpointManager(tmp_path, format="dcp", fsync=False) as mgr:
+        mgr.save(1, _pickled_whole())
+        state: dict[str, Any] = {
+            "in_tuple": ({1: 0, "1": 0},),
+            "in_plain_list": [({(1, 2): ""},), 0],
+            "beside_tensors": [[torch.zeros(2)], ({1.0: "", "1.0": ""},)],
+        }
+        mgr.restore("last", state=state)
+    assert _typed(state) == _typed(_pickled_whole())
+
+
+class _CountsLooks(int):
+    """An int that counts how often a check asks what it is beyond its type (``isinstance``
+    of an unrelated class reads ``__class__``): a plain value a walk looked at."""
+
+    looks = 0
+
+    @property  # type: ignore[misc]
+    def __class__(self) -> type:
+        _CountsLooks.looks += 1
+        return int
+
+
+def test_dcp_does_not_look_at_each_item_of_a_list_of_plain_values() -> None:
+    """DCP pickles such a list whole, so its items have no keys to check: a long one (millions
+    of token ids) costs a save nothing per item."""
+    _CountsLooks.looks = 0
+    state = {"ids": [_CountsLooks(i) for i in range(1000)], "w": torch.ones(1)}
+    distckpt.formats.format_named("dcp").check_state(state)
+    assert _CountsLooks.looks == 0

@@ -19,7 +19,8 @@ What DCP saves, and its limits:
 * The top-level state must be a dict. Nested dicts and lists are flattened into dotted keys.
   Dict keys other than strings (ints, floats, bool, None) come back as they were, mapped onto
   the given state's keys; keys that read the same as text, or of other types, are refused
-  (:mod:`distckpt.formats.dcp_text_keys`). :func:`load_consolidated` (``export``), which has no
+  (:mod:`distckpt.formats.dcp_text_keys`), except in a dict DCP pickles whole with its keys (in
+  a tuple, or in a list of plain values). :func:`load_consolidated` (``export``), which has no
   state to map onto, gives them as text.
 * DTensors (FSDP2 ``fully_shard`` parameters, their optimizer state) are saved shard by shard.
 * Everything else -- plain tensors and plain values -- is taken to be the *same on every rank*
@@ -121,7 +122,7 @@ from distckpt.formats.dcp_keys import (
 )
 from distckpt.formats.dcp_metadata import DATA_FILE_RE, METADATA_NAME, read_metadata
 from distckpt.formats.dcp_storage import Planner, Reader, Writer
-from distckpt.formats.dcp_text_keys import check_restorable_keys
+from distckpt.formats.dcp_text_keys import check_restorable_keys, holds_containers
 from distckpt.manifest import FileRecord, Manifest
 from distckpt.model_state import ModelOptimizerState
 from distckpt.state import copy_containers, dtensor_type, element_bytes, remove_path, set_path
@@ -212,7 +213,7 @@ def _find_id_keyed_optimizer(state: Any, path: str = "") -> str | None:
             found = _find_id_keyed_optimizer(value, f"{path}.{key}" if path else str(key))
             if found is not None:
                 return found
-    elif isinstance(state, (list, tuple)):
+    elif isinstance(state, (list, tuple)) and holds_containers(state):
         for index, value in enumerate(state):
             found = _find_id_keyed_optimizer(value, f"{path}.{index}" if path else str(index))
             if found is not None:

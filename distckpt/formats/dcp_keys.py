@@ -23,7 +23,7 @@ import torch
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 
 from distckpt.formats.dcp_storage import flat_state, key_mismatch, shape_mismatches
-from distckpt.formats.dcp_text_keys import get_saved, keys_like
+from distckpt.formats.dcp_text_keys import get_saved, holds_containers, keys_like
 from distckpt.key_prefixes import log_prefix_mapping, matching_prefixes
 from distckpt.per_rank import PerRank
 from distckpt.state import LoadReport, same_kind_of_tuple, set_path
@@ -68,6 +68,8 @@ def split_per_rank(state: Any) -> tuple[Any, list[tuple[Path_, Any]]]:
         if isinstance(node, Mapping):
             items = ((key, walk(value, (*path, key))) for key, value in node.items())
             return {key: value for key, value in items if value is not _REMOVED}
+        if isinstance(node, (list, tuple)) and not holds_containers(node):
+            return list(node) if isinstance(node, list) else node  # no per-rank mark inside
         if isinstance(node, (list, tuple)):
             items = [walk(value, (*path, index)) for index, value in enumerate(node)]
             kept = [None if value is _REMOVED else value for value in items]

@@ -7,18 +7,29 @@ the given state has for it: a saved key is mapped back onto the key of the given
 whose text it is (``"0"`` onto ``0``), so a dict of int keys comes back with int keys, into the
 same entries. That needs every key of a dict to have one fixed text that no other key of that
 dict shares: a save refuses (:class:`~distckpt.errors.UnrestorableKeys`) keys that read the same
-(``1`` and ``"1"``) and keys of any type but :data:`TEXT_KEY_TYPES`.
+(``1`` and ``"1"``) and keys of any type but :data:`TEXT_KEY_TYPES`, in the dicts DCP places key
+by key: one it pickles whole (in a tuple, or in a list of plain values) keeps its keys as they
+are, whatever they are.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
+
+import torch
 
 from distckpt.errors import UnrestorableKeys
 from distckpt.per_rank import PerRank
 
-__all__ = ["TEXT_KEY_TYPES", "SavedPlaces", "check_restorable_keys", "keys_like", "get_saved"]
+__all__ = [
+    "TEXT_KEY_TYPES",
+    "SavedPlaces",
+    "check_restorable_keys",
+    "get_saved",
+    "holds_containers",
+    "keys_like",
+]
 
 #: The key types whose text (``str(key)``) is the same in every process and names one value:
 #: what a restore can map a saved key back from. ``bool`` is an ``int``.
@@ -85,38 +96,73 @@ def keys_like(template: Any, loaded: Any) -> Any:
     return loaded
 
 
-def check_restorable_keys(state: Any, where: str = "") -> None:
-    """Raise :class:`~distckpt.errors.UnrestorableKeys` for the first dict of ``state`` (walked
-    through dicts, lists, tuples and per-rank marks) with keys a restore could not map back:
-    two that read the same, or one not of :data:`TEXT_KEY_TYPES`."""
+def check_restorable_keys(state: Any, where: str = "", *, flattened: bool = True) -> None:
+    """Raise :class:`~distckpt.errors.UnrestorableKeys` for the first dict of ``state`` with
+    keys a restore could not map back: two that read the same, or one not of
+    :data:`TEXT_KEY_TYPES`. Only the dicts DCP's flattening places key by key are checked
+    (``flattened``: ``state`` is one of its places; see :func:`_flattened_whole`): a dict DCP
+    pickles whole, in a tuple or a list of plain values, keeps its keys as they are. A per-rank
+    mark's value is saved at a place of its own, wherever the mark is, so it is looked for in
+    those too."""
     if isinstance(state, PerRank):
         check_restorable_keys(state.value, where)
-    elif isinstance(state, Mapping):
-        by_text: dict[str, list[Any]] = {}
-        for key in state:
-            by_text.setdefault(str(key), []).append(key)
-        untyped = [key for key in state if not isinstance(key, TEXT_KEY_TYPES)]
-        same_text = [key for keys in by_text.values() if len(keys) > 1 for key in keys]
-        if untyped or same_text:
-            place = repr(where) if where else "the top level"
-            problem = (
-                f"keys of types whose text may differ between processes "
-                f"({', '.join(sorted({type(key).__name__ for key in untyped}))})"
-                if untyped
-                else "keys that read the same as text"
-            )
-            refused = tuple(repr(key) for key in (untyped or same_text))
-            raise UnrestorableKeys(
-                f"the dict at {place} has {problem}: {', '.join(refused)}. The 'dcp' format "
-                "keeps dict keys as text and a restore maps each back onto the key of the "
-                "given state with that text, so each dict's keys must be str, int, float, "
-                "bool or None, with no two of the same text; use the 'torch' format, or "
-                "convert these keys",
-                where=where,
-                keys=refused,
-            )
-        for key, value in state.items():
-            check_restorable_keys(value, f"{where}.{key}" if where else str(key))
-    elif isinstance(state, (list, tuple)):
-        for index, value in enumerate(state):
-            check_restorable_keys(value, f"{where}.{index}" if where else str(index))
+        return
+    if isinstance(state, Mapping):
+        if flattened:
+            _check_keys_of(state, where)
+        items: Iterable[tuple[Any, Any]] = state.items()
+    elif isinstance(state, (list, tuple)) and holds_containers(state):
+        flattened = flattened and isinstance(state, list) and not _flattened_whole(state)
+        items = enumerate(state)
+    else:
+        return
+    for key, value in items:
+        check_restorable_keys(value, f"{where}.{key}" if where else str(key), flattened=flattened)
+
+
+def _check_keys_of(mapping: Mapping[Any, Any], where: str) -> None:
+    by_text: dict[str, list[Any]] = {}
+    for key in mapping:
+        by_text.setdefault(str(key), []).append(key)
+    untyped = [key for key in mapping if not isinstance(key, TEXT_KEY_TYPES)]
+    same_text = [key for keys in by_text.values() if len(keys) > 1 for key in keys]
+    if not untyped and not same_text:
+        return
+    place = repr(where) if where else "the top level"
+    problem = (
+        f"keys of types whose text may differ between processes "
+        f"({', '.join(sorted({type(key).__name__ for key in untyped}))})"
+        if untyped
+        else "keys that read the same as text"
+    )
+    refused = tuple(repr(key) for key in (untyped or same_text))
+    raise UnrestorableKeys(
+        f"the dict at {place} has {problem}: {', '.join(refused)}. The 'dcp' format "
+        "keeps dict keys as text and a restore maps each back onto the key of the "
+        "given state with that text, so each dict's keys must be str, int, float, "
+        "bool or None, with no two of the same text; use the 'torch' format, or "
+        "convert these keys",
+        where=where,
+        keys=refused,
+    )
+
+
+def holds_containers(items: list[Any] | tuple[Any, ...]) -> bool:
+    """Whether ``items`` holds anything with places inside (a mapping, list, tuple or per-rank
+    mark), told by the set of its items' types: a walk skips a long list of plain values (a
+    million token ids) without a look at each."""
+    return any(issubclass(kind, (Mapping, list, tuple, PerRank)) for kind in set(map(type, items)))
+
+
+def _flattened_whole(items: list[Any]) -> bool:
+    """Whether DCP's flattening (``traverse_state_dict`` in
+    ``torch.distributed.checkpoint._traverse``) saves the list ``items`` as one pickled value,
+    as its ``_is_terminal`` decides: when it holds no tensor, no mapping and no list it would
+    walk into (a tuple is always pickled whole). A per-rank mark does not count: it is taken
+    out of the list before (None keeps its index), its value saved at a place of its own."""
+    for item in items:
+        if isinstance(item, (Mapping, torch.Tensor)):
+            return False
+        if isinstance(item, list) and not _flattened_whole(item):
+            return False
+    return True
