@@ -37,10 +37,20 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 
+from distckpt.arrangement import (
+    Arrangement,
+    SharedView,
+    arranged_snapshot,
+    arrangement_of,
+    byte_extent,
+    byte_range,
+    compact_stride,
+    view_in,
+)
 from distckpt.memory import DIRECT_ALIGNMENT, DIRECT_MIN_BYTES, anonymous_memory, round_up
 from distckpt.per_rank import PerRank
 from distckpt.state import dtensor_type, same_kind_of_tuple
@@ -88,31 +98,6 @@ class SharedStorage:
 
 #: Where a buffer belongs: a tensor's place, or a storage its tensors share.
 BufferKey = TreeKey | SharedStorage
-
-
-class Arrangement(NamedTuple):
-    """How a tensor that is not plainly contiguous lies over its bytes, which its snapshot keeps
-    as a sync save does: its strides, and whether it is a lazily conjugated or negated view
-    (whose bytes hold the values before the bit applies)."""
-
-    stride: tuple[int, ...]
-    conj: bool
-    neg: bool
-
-
-class SharedView(NamedTuple):
-    """A tensor of the state in a buffer of the bytes of its storage that it (and the others
-    sharing that storage, if any) reaches: its place, which such buffer holds it
-    (:class:`SharedStorage` ``number``), its view of that buffer's bytes, and its bits."""
-
-    key: TreeKey
-    storage: int
-    byte_offset: int
-    shape: torch.Size
-    stride: tuple[int, ...]
-    dtype: torch.dtype
-    conj: bool = False
-    neg: bool = False
 
 
 @dataclass(frozen=True)
@@ -196,7 +181,7 @@ class _Walk:
         ranges: list[tuple[torch.Tensor, int, int]] = []
         for number, members in enumerate(groups):
             tensors = [self.sources[index] for index in members]
-            extents = [_byte_extent(tensor) for tensor in tensors]
+            extents = [byte_extent(tensor) for tensor in tensors]
             low = min(start for start, _ in extents)
             low -= low % SHARED_START_ALIGNMENT
             high = max(end for _, end in extents)
@@ -229,64 +214,10 @@ class _Walk:
         restored as separate tensors, as before sharing was kept. An expanded view (strides of
         0) reaches fewer bytes than it has elements."""
         tensors = [self.sources[index] for index in members]
-        extents = [_byte_extent(tensor) for tensor in tensors]
+        extents = [byte_extent(tensor) for tensor in tensors]
         span = max(end for _, end in extents) - min(start for start, _ in extents)
         own = sum(tensor.numel() * tensor.dtype.itemsize for tensor in tensors)
         return span <= MAX_SHARED_SPAN_RATIO * own
-
-
-def _byte_extent(tensor: torch.Tensor) -> tuple[int, int]:
-    """The bytes [start, end) of its storage that a tensor (of at least one element) reaches."""
-    last = tensor.storage_offset() + sum(
-        (size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride())
-    )
-    itemsize = tensor.dtype.itemsize
-    return tensor.storage_offset() * itemsize, (last + 1) * itemsize
-
-
-def _byte_range(tensor: torch.Tensor, low: int, high: int) -> torch.Tensor:
-    """The bytes [low, high) of ``tensor``'s storage, as a ``uint8`` tensor (no copy)."""
-    return torch.empty(0, dtype=torch.uint8, device=tensor.device).set_(
-        tensor.untyped_storage(), low, (high - low,)
-    )
-
-
-def _view_in(buffer: torch.Tensor, view: SharedView) -> torch.Tensor:
-    """``view``'s tensor in the ``buffer`` of the bytes it reaches (whose storage it then
-    shares), with its conjugate and negative bits."""
-    tensor = torch.empty(0, dtype=view.dtype, device=buffer.device).set_(
-        buffer.untyped_storage(), view.byte_offset // view.dtype.itemsize, view.shape, view.stride
-    )
-    return _with_bits(tensor, Arrangement(view.stride, view.conj, view.neg))
-
-
-def _with_bits(tensor: torch.Tensor, arrangement: Arrangement) -> torch.Tensor:
-    """``tensor`` (its bytes as they are) as the lazily conjugated or negated view
-    ``arrangement`` says, as a sync save restores one."""
-    if arrangement.conj:
-        tensor = tensor.conj()
-    if arrangement.neg:
-        # No public call sets the bit alone; this is the view ``.imag`` of a conjugate gives.
-        tensor = torch._neg_view(tensor)
-    return tensor
-
-
-def _without_bits(tensor: torch.Tensor) -> torch.Tensor:
-    """``tensor``'s bytes as they are: a view of it without its conjugate or negative bit."""
-    if tensor.is_conj():
-        tensor = tensor.conj()
-    if tensor.is_neg():
-        tensor = torch._neg_view(tensor)
-    return tensor
-
-
-def _compact_stride(shape: torch.Size, stride: tuple[int, ...]) -> tuple[int, ...]:
-    """The strides of a compact copy of a tensor of ``shape`` and ``stride``: the same when
-    they cover exactly its elements, else those of its memory format (``channels_last`` when
-    its strides suggest it, else contiguous), as ``torch.empty_like`` chooses them."""
-    # On the meta device: only the strides are computed, nothing is allocated.
-    laid_out = torch.empty_strided(shape, stride, device="meta")
-    return torch.empty_like(laid_out).stride()
 
 
 class SnapshotBuffers:
@@ -327,7 +258,7 @@ class SnapshotBuffers:
             layout, ranges = walk.layout()
         for number, (source, low, high) in enumerate(ranges):
             walk.copies.append(
-                (self._buffers[SharedStorage(number)], _byte_range(source, low, high))
+                (self._buffers[SharedStorage(number)], byte_range(source, low, high))
             )
         return Snapshot(copied, tuple(walk.copies), self._pin)
 
@@ -359,10 +290,10 @@ class SnapshotBuffers:
         for key, arrangement in layout.arranged.items():
             if key not in shared:  # a compact buffer of exactly its elements
                 buffer = self._buffers[key]
-                compact = _compact_stride(buffer.shape, arrangement.stride)
+                compact = compact_stride(buffer.shape, arrangement.stride)
                 self._buffers[key] = buffer.as_strided(buffer.shape, compact)
         self._views = {
-            view.key: _view_in(self._buffers[SharedStorage(view.storage)], view)
+            view.key: view_in(self._buffers[SharedStorage(view.storage)], view)
             for view in layout.views
         }
         self._layout = layout
@@ -404,61 +335,36 @@ class SnapshotBuffers:
         # Only a complex tensor can be lazily conjugated: real ones skip asking (every save, for
         # every tensor, the calls add up).
         if not local.is_contiguous() or local.is_neg() or (dtype.is_complex and local.is_conj()):
-            arrangement = Arrangement(local.stride(), local.is_conj(), local.is_neg())
+            arrangement = arrangement_of(local)
             walk.arranged[index] = arrangement
-            return self._arranged_leaf(key, value, local, arrangement, walk, is_dtensor)
+            arranged = arranged_snapshot(
+                key,
+                local,
+                arrangement,
+                views=self._views,
+                buffers=self._buffers,
+                arranged=self._layout.arranged if self._layout is not None else {},
+            )
+            if arranged is None:
+                return None
+            tensor, fill = arranged
+            if fill is not None:
+                walk.copies.append(_through_bytes(*fill))
+            return self._rebuilt(value, tensor, is_dtensor)
         buffer = self._buffers.get(key)
         if buffer is not None:
             if buffer.shape != shape or buffer.dtype != dtype:
                 return None
-            if dtype in SUB_BYTE_DTYPES:
-                walk.copies.append((buffer.view(torch.uint8), local.view(torch.uint8)))
-            else:
-                walk.copies.append((buffer, local))
+            # No call in the common case: this runs for every tensor of every save.
+            walk.copies.append(
+                (buffer, local) if dtype not in SUB_BYTE_DTYPES else _through_bytes(buffer, local)
+            )
         else:
             # In a shared buffer (filled by one copy of the storage's bytes), or in none yet.
             buffer = self._views.get(key)
             if buffer is None or buffer.shape != shape or buffer.dtype != dtype:
                 return None
         return self._rebuilt(value, buffer, is_dtensor)
-
-    def _arranged_leaf(
-        self,
-        key: TreeKey,
-        value: Any,
-        local: torch.Tensor,
-        arrangement: Arrangement,
-        walk: _Walk,
-        is_dtensor: bool,
-    ) -> Any:
-        """:meth:`_leaf` for a tensor that is not plainly contiguous: its view of a buffer of
-        the bytes it reaches (filled by one copy of them), or its compact buffer."""
-        shape, dtype = local.shape, local.dtype
-        view = self._views.get(key)
-        if view is not None:
-            if (
-                view.shape != shape
-                or view.dtype != dtype
-                or Arrangement(view.stride(), view.is_conj(), view.is_neg()) != arrangement
-            ):
-                return None
-            return self._rebuilt(value, view, is_dtensor)
-        buffer = self._buffers.get(key)
-        if (
-            buffer is None
-            or self._layout is None
-            or self._layout.arranged.get(key) != arrangement
-            or buffer.shape != shape
-            or buffer.dtype != dtype
-        ):
-            return None
-        # The bytes as they are, into a buffer without the bits: a copy would apply them.
-        source = _without_bits(local)
-        if dtype in SUB_BYTE_DTYPES:
-            walk.copies.append((buffer.view(torch.uint8), source.view(torch.uint8)))
-        else:
-            walk.copies.append((buffer, source))
-        return self._rebuilt(value, _with_bits(buffer, arrangement), is_dtensor)
 
     def _rebuilt(self, value: Any, local: torch.Tensor, is_dtensor: bool) -> Any:
         """``local`` as the snapshot of ``value``: itself, or a DTensor like ``value``."""
@@ -487,6 +393,14 @@ class SnapshotBuffers:
                 return items
             return same_kind_of_tuple(value, items)
         return leaf(key, value)
+
+
+def _through_bytes(buffer: torch.Tensor, source: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(``buffer``, ``source``) as a copy fills it: ``uint8`` views of both for a sub-byte
+    dtype, which torch has no copy for."""
+    if source.dtype in SUB_BYTE_DTYPES:
+        return buffer.view(torch.uint8), source.view(torch.uint8)
+    return buffer, source
 
 
 def flat_buffers(
