@@ -95,13 +95,13 @@ def train(rank: int, args: argparse.Namespace) -> None:
         optimizer, max_lr=0.05, total_steps=EPOCHS * STEPS_PER_EPOCH
     )
     per_sample_generator = args.leave_out != "sample-generator"
-    data = AugmentedData(AUGMENTATION_SEED, per_sample_generator=per_sample_generator)
+    dataset = AugmentedData(AUGMENTATION_SEED, per_sample_generator=per_sample_generator)
     # README, exact resume: a Stateful sampler, and a generator of the loader's own.
     plain = args.loader == "plain"
-    sampler = (DistributedSampler if plain else StatefulDistributedSampler)(data, seed=1)
+    sampler = (DistributedSampler if plain else StatefulDistributedSampler)(dataset, seed=1)
     generator = None if args.leave_out == "generator" else torch.Generator()
     loader = (DataLoader if plain else StatefulDataLoader)(
-        data, batch_size=BATCH_SIZE, sampler=sampler, num_workers=2, generator=generator
+        dataset, batch_size=BATCH_SIZE, sampler=sampler, num_workers=2, generator=generator
     )
     torch.manual_seed(100 + rank)  # each rank its own dropout masks
     tracker = distckpt.StepTracker(optimizer)
@@ -136,7 +136,7 @@ def train(rank: int, args: argparse.Namespace) -> None:
     start_epoch = checkpoint.epoch if checkpoint is not None else 0
     for epoch in range(start_epoch, EPOCHS):
         sampler.set_epoch(epoch)
-        data.set_epoch(epoch)
+        dataset.set_epoch(epoch)
         if plain and generator is not None:
             generator.manual_seed(epoch)  # the workers' seeds, whichever epoch a run starts at
         for micro_batch, (indices, batch) in enumerate(loader):
