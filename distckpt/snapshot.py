@@ -61,9 +61,10 @@ from distckpt.state import dtensor_type, same_kind_of_tuple
 #: "torch" rank file can write it with direct I/O straight from this memory (for a state whose
 #: large tensors are whole pages, as they usually are, that costs no extra page).
 BUFFER_ALIGNMENT = 64
-#: A shared buffer copies its storage from the lowest byte its tensors reach rounded down to a
-#: multiple of this: every dtype's size divides it, so each tensor's offset in the buffer stays
-#: a whole number of its elements.
+#: A buffer of the bytes its tensors reach (tensors sharing a storage, or one tensor that is
+#: not contiguous) copies them from the lowest rounded down to a multiple of this: every
+#: dtype's size divides it, so each tensor's offset in the buffer stays a whole number of its
+#: elements.
 SHARED_START_ALIGNMENT = 16
 #: Tensors sharing a storage share a buffer only while the bytes it would copy (from the lowest
 #: they reach to the highest) are at most this many times their own bytes; else each keeps a
@@ -90,13 +91,16 @@ Slot = tuple[TreeKey, torch.Size, torch.dtype]
 
 @dataclass(frozen=True)
 class SharedStorage:
-    """The key of a buffer that tensors share: the ``number``-th storage the state's walk found
-    shared. Not a tuple, so it never equals a :data:`TreeKey`."""
+    """The key of a buffer of the bytes of a storage that its tensors reach: the ``number``-th
+    such buffer of the layout, in the order of the state's walk, for tensors sharing a storage
+    or for one tensor that is not contiguous. Not a tuple, so it never equals a
+    :data:`TreeKey`."""
 
     number: int
 
 
-#: Where a buffer belongs: a tensor's place, or a storage its tensors share.
+#: Where a buffer belongs: a tensor's place (a buffer of its own elements), or the bytes of a
+#: storage its tensors reach (:class:`SharedStorage`).
 BufferKey = TreeKey | SharedStorage
 
 
@@ -122,7 +126,8 @@ class Snapshot:
 
     state: Any
     #: (buffer, what it copies): a tensor, a ``uint8`` view of a sub-byte one's bytes, or the
-    #: bytes of a shared storage its tensors reach
+    #: bytes of a storage that its tensors reach (tensors sharing it, or one tensor that is not
+    #: contiguous)
     copies: tuple[tuple[torch.Tensor, torch.Tensor], ...]
     #: whether the copies are asynchronous device-to-host copies into pinned buffers
     non_blocking: bool
@@ -221,13 +226,15 @@ class _Walk:
 
 
 class SnapshotBuffers:
-    """Reusable CPU buffers, keyed by where each tensor sits in the state tree (or, for
-    tensors sharing a storage, by which shared storage they are in)."""
+    """Reusable CPU buffers, keyed by where each tensor sits in the state tree, or, for a
+    buffer of the bytes of a storage that its tensors reach (tensors sharing a storage, a
+    tensor that is not contiguous), by which such buffer it is (:class:`SharedStorage`)."""
 
     def __init__(self) -> None:
-        #: the buffers of tensors with one of their own, and those of shared storages
+        #: the buffers of tensors with one of their own elements, and those of the bytes of a
+        #: storage that its tensors reach
         self._buffers: dict[BufferKey, torch.Tensor] = {}
-        #: each tensor in a shared buffer, a view of it, by its place
+        #: each tensor in a buffer of the bytes it reaches, its view of that buffer, by its place
         self._views: dict[TreeKey, torch.Tensor] = {}
         #: what the buffers were made for; None while there are none (at first, and after an
         #: allocation that failed: the next save allocates again)
@@ -268,9 +275,9 @@ class SnapshotBuffers:
             torch.cuda.synchronize()
 
     def _allocate(self, layout: Layout) -> None:
-        shared = {view.key for view in layout.views}
+        in_reached_bytes = {view.key for view in layout.views}
         slots: list[tuple[BufferKey, torch.Size, torch.dtype]] = [
-            slot for slot in layout.slots if slot[0] not in shared
+            slot for slot in layout.slots if slot[0] not in in_reached_bytes
         ]
         slots += [
             (SharedStorage(number), torch.Size([nbytes]), torch.uint8)
@@ -282,13 +289,14 @@ class SnapshotBuffers:
         self._views = {}
         if self._pin:
             # No GPU was available to test this branch: it follows the flat block's design, a
-            # pinned uint8 buffer per shared storage, filled by one non-blocking copy.
+            # pinned uint8 buffer for the bytes of a storage that its tensors reach (tensors
+            # sharing it, or one that is not contiguous), filled by one non-blocking copy.
             self._buffers = {key: self._pinned(key, shape, dtype) for key, shape, dtype in slots}
         else:
             self._buffers = {}  # before mapping the new block: the old one may go back first
             self._buffers = flat_buffers(slots)
         for key, arrangement in layout.arranged.items():
-            if key not in shared:  # a compact buffer of exactly its elements
+            if key not in in_reached_bytes:  # a compact buffer of exactly its elements
                 buffer = self._buffers[key]
                 compact = compact_stride(buffer.shape, arrangement.stride)
                 self._buffers[key] = buffer.as_strided(buffer.shape, compact)
@@ -360,7 +368,8 @@ class SnapshotBuffers:
                 (buffer, local) if dtype not in SUB_BYTE_DTYPES else _through_bytes(buffer, local)
             )
         else:
-            # In a shared buffer (filled by one copy of the storage's bytes), or in none yet.
+            # In a buffer of the bytes its storage's tensors reach (filled by one copy of them),
+            # or in none yet.
             buffer = self._views.get(key)
             if buffer is None or buffer.shape != shape or buffer.dtype != dtype:
                 return None

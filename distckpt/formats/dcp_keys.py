@@ -89,16 +89,6 @@ def with_per_rank(shared: dict[str, Any], marked: list[tuple[Path_, Any]], rank:
     return {**shared, PER_RANK_KEY: {str(rank): own}}
 
 
-def _get_path(root: Any, path: Path_) -> tuple[bool, Any]:
-    node = root
-    for key in path:
-        try:
-            node = node[key]
-        except (KeyError, IndexError, TypeError):
-            return False, None
-    return True, node
-
-
 def per_rank_placeholders(metadata: Metadata, rank: int) -> dict[str, Any]:
     """Something for DCP to load each of this rank's saved per-rank values into, by its flat
     key: an empty tensor of the saved size, or None for a plain value. Built from the
@@ -124,7 +114,7 @@ def restore_per_rank(
     for key in per_rank_placeholders(metadata, rank):
         if key in state:
             set_path(nested, paths.get(key, (key,)), state.pop(key))
-    found_own, own = _get_path(nested, (PER_RANK_KEY, str(rank)))
+    found_own, own = get_saved(nested, (PER_RANK_KEY, str(rank)))
     for path, template in marked:
         found, value = get_saved(own, path) if found_own else (False, None)
         if found:
@@ -235,7 +225,7 @@ def rename_back(state: Any, renames: list[tuple[Path_, dict[str, str]]]) -> None
     """Undo :func:`rename_to_saved` on the loaded ``state``, innermost first (keys a load
     left out stay out)."""
     for path, mapping in reversed(renames):
-        found, node = _get_path(state, path)
+        found, node = get_saved(state, path)
         if not found or not isinstance(node, dict):
             continue
         back = {saved: target for target, saved in mapping.items()}

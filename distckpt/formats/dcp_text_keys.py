@@ -66,8 +66,9 @@ class SavedPlaces:
 
 
 def get_saved(root: Any, place: tuple[Any, ...]) -> tuple[bool, Any]:
-    """(found, value) at ``place`` (the given state's keys) in ``root`` built from saved places,
-    whose dict keys are text: a key is looked up as it is, then as its text."""
+    """(found, value) at ``place`` (the given state's keys) in ``root``: a key is looked up as
+    it is, then as its text, so a tree built from saved places (dict keys as text) answers as
+    well as one with the keys themselves."""
     node = root
     for part in place:
         if isinstance(node, Mapping) and part not in node:
