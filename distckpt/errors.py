@@ -109,6 +109,32 @@ class ShapeMismatch(InvalidArgument):
         self.mismatches = mismatches
 
 
+class UnrestorableKeys(InvalidArgument):
+    """A dict of a state saved with ``format="dcp"`` has keys a restore could not give back:
+    DCP keeps every key as text (``str(key)``), and a restore maps it back onto the key of the
+    given state with that text, so keys of one dict that read the same (``1`` and ``"1"``) or
+    of a type with no fixed text (anything but ``str``, ``int``, ``float``, ``bool`` and None)
+    are refused, before anything is written. ``where`` is the dict's dotted place in the state
+    (``""`` for the top level), ``keys`` the reprs of the keys refused."""
+
+    where: str = ""
+    keys: tuple[str, ...] = ()
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        where: str,
+        keys: tuple[str, ...],
+        rank: int | None = None,
+        path: str | os.PathLike[str] | None = None,
+        step: int | None = None,
+    ) -> None:
+        super().__init__(message, rank=rank, path=path, step=step)
+        self.where = where
+        self.keys = keys
+
+
 class RootNotWritable(CheckpointError, PermissionError):
     """The checkpoint root cannot be created or written."""
 

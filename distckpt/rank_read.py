@@ -73,7 +73,11 @@ def prepare_read(
         group=group,
     )
     fmt = format_named(manifest.format)
-    plain = to_plain(template, mark_per_rank=fmt.marks_per_rank) if template is not None else None
+    plain = (
+        to_plain(template, mark_per_rank=fmt.marks_per_rank, template=True)
+        if template is not None
+        else None
+    )
     prepared = vanish_checked(
         source, lambda: fmt.prepare_read(directory, manifest, ctx, plain, options), directory
     )

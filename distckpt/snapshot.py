@@ -5,13 +5,20 @@ The buffers are allocated at the first save and reused by later ones while the s
 keep their places, shapes, dtypes and sharing, so a steady-state snapshot costs one memory copy
 and no allocation; a save whose tensors changed gets new buffers and lets the old ones go.
 
-A tensor that is the state's only tensor in its storage (the common case) gets a contiguous
-buffer of its own, exactly its bytes. Tensors that share a storage (a weight tied to two places
-of the state, views of one tensor) share one buffer: a copy of the bytes of that storage they
-reach, from the lowest to the highest, in which each of them is a view with its own dtype,
-offset, shape and strides. So a format sees what a sync save shows it: the "torch" rank file
-writes each storage once, and a restore gives independent tensors where the state had them and
-tensors sharing a storage where the state shared one.
+A contiguous tensor that is the state's only tensor in its storage (the common case) gets a
+contiguous buffer of its own, exactly its bytes. Tensors that share a storage (a weight tied to
+two places of the state, views of one tensor) share one buffer: a copy of the bytes of that
+storage they reach, from the lowest to the highest, in which each of them is a view with its
+own dtype, offset, shape and strides. A tensor alone in its storage that is not contiguous (a
+``channels_last`` or transposed one, an expanded view whose strides are 0, a slice with gaps)
+gets such a buffer of its own, of the bytes it reaches. A lazily conjugated or negated view
+keeps its bit: its buffer holds the bytes as they are, under the view with the bit set. So a
+format sees what a sync save shows it: the "torch" rank file writes each storage once, and a
+restore gives independent tensors where the state had them, tensors sharing a storage where the
+state shared one, and each with its strides and bits. The one exception is a tensor whose bytes
+reach too far: one that would copy more than :data:`MAX_SHARED_SPAN_RATIO` times its own bytes
+(a narrow slice of a large tensor) gets a compact buffer of exactly its elements, in its memory
+format where it has one (``channels_last``), else contiguous.
 
 Without CUDA the buffers lie in one flat, page-aligned block of private anonymous memory
 (``mmap``): one allocation per layout and no allocator header per tensor. Each buffer still has
@@ -30,10 +37,20 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 
+from distckpt.arrangement import (
+    Arrangement,
+    SharedView,
+    arranged_snapshot,
+    arrangement_of,
+    byte_extent,
+    byte_range,
+    compact_stride,
+    view_in,
+)
 from distckpt.memory import DIRECT_ALIGNMENT, DIRECT_MIN_BYTES, anonymous_memory, round_up
 from distckpt.per_rank import PerRank
 from distckpt.state import dtensor_type, same_kind_of_tuple
@@ -44,13 +61,15 @@ from distckpt.state import dtensor_type, same_kind_of_tuple
 #: "torch" rank file can write it with direct I/O straight from this memory (for a state whose
 #: large tensors are whole pages, as they usually are, that costs no extra page).
 BUFFER_ALIGNMENT = 64
-#: A shared buffer copies its storage from the lowest byte its tensors reach rounded down to a
-#: multiple of this: every dtype's size divides it, so each tensor's offset in the buffer stays
-#: a whole number of its elements.
+#: A buffer of the bytes its tensors reach (tensors sharing a storage, or one tensor that is
+#: not contiguous) copies them from the lowest rounded down to a multiple of this: every
+#: dtype's size divides it, so each tensor's offset in the buffer stays a whole number of its
+#: elements.
 SHARED_START_ALIGNMENT = 16
 #: Tensors sharing a storage share a buffer only while the bytes it would copy (from the lowest
 #: they reach to the highest) are at most this many times their own bytes; else each keeps a
-#: buffer of its own (see ``_Walk._worth_sharing``).
+#: buffer of its own (see ``_Walk._worth_sharing``). A tensor that is not contiguous gets a
+#: buffer of the bytes it reaches, keeping its strides, under the same bound.
 MAX_SHARED_SPAN_RATIO = 2
 #: Dtypes of fewer than 8 bits, each element in a byte of its own: torch has no copy (nor
 #: clone) for them, so their buffers are filled through ``uint8`` views of the same bytes.
@@ -72,26 +91,17 @@ Slot = tuple[TreeKey, torch.Size, torch.dtype]
 
 @dataclass(frozen=True)
 class SharedStorage:
-    """The key of a buffer that tensors share: the ``number``-th storage the state's walk found
-    shared. Not a tuple, so it never equals a :data:`TreeKey`."""
+    """The key of a buffer of the bytes of a storage that its tensors reach: the ``number``-th
+    such buffer of the layout, in the order of the state's walk, for tensors sharing a storage
+    or for one tensor that is not contiguous. Not a tuple, so it never equals a
+    :data:`TreeKey`."""
 
     number: int
 
 
-#: Where a buffer belongs: a tensor's place, or a storage its tensors share.
+#: Where a buffer belongs: a tensor's place (a buffer of its own elements), or the bytes of a
+#: storage its tensors reach (:class:`SharedStorage`).
 BufferKey = TreeKey | SharedStorage
-
-
-class SharedView(NamedTuple):
-    """A tensor of the state that shares its storage with others: its place, which shared
-    buffer holds it (:class:`SharedStorage` ``number``), and its view of that buffer's bytes."""
-
-    key: TreeKey
-    storage: int
-    byte_offset: int
-    shape: torch.Size
-    stride: tuple[int, ...]
-    dtype: torch.dtype
 
 
 @dataclass(frozen=True)
@@ -100,10 +110,13 @@ class Layout:
 
     #: every tensor with a buffer, in the order of the state's walk
     slots: list[Slot] = field(default_factory=list)
-    #: those of them that share a storage: by shared storage, each's in the order of the walk
+    #: those of them in a buffer of the bytes they reach (sharing a storage, or not contiguous):
+    #: by such buffer, each's in the order of the walk
     views: list[SharedView] = field(default_factory=list)
-    #: the size of each shared storage's buffer
+    #: the size of each such buffer
     shared_bytes: list[int] = field(default_factory=list)
+    #: the tensors that are not plainly contiguous, by place
+    arranged: dict[TreeKey, Arrangement] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -113,7 +126,8 @@ class Snapshot:
 
     state: Any
     #: (buffer, what it copies): a tensor, a ``uint8`` view of a sub-byte one's bytes, or the
-    #: bytes of a shared storage its tensors reach
+    #: bytes of a storage that its tensors reach (tensors sharing it, or one tensor that is not
+    #: contiguous)
     copies: tuple[tuple[torch.Tensor, torch.Tensor], ...]
     #: whether the copies are asynchronous device-to-host copies into pinned buffers
     non_blocking: bool
@@ -139,32 +153,40 @@ class _Walk:
     first_in_storage: dict[int, int] = field(default_factory=dict)
     #: a storage's start address -> its slots, once a second one is met in it
     sharing: dict[int, list[int]] = field(default_factory=dict)
+    #: the slots of the tensors that are not plainly contiguous, and how each lies
+    arranged: dict[int, Arrangement] = field(default_factory=dict)
 
     def layout(self) -> tuple[Layout, list[tuple[torch.Tensor, int, int]]]:
-        """The layout found, and for each shared storage the range of bytes its tensors reach
-        [low, high) in a tensor whose storage holds them all."""
-        if not self.sharing:
+        """The layout found, and for each buffer of the bytes its tensors reach (tensors sharing
+        a storage, a tensor that is not contiguous) the range of bytes [low, high) in a tensor
+        whose storage holds them all."""
+        if not self.sharing and not self.arranged:
             return Layout(self.slots), []
         groups: list[list[int]] = []
         for members in self.sharing.values():
             on_device: dict[torch.device, list[int]] = {}
             for index in members:
                 tensor = self.sources[index]
-                # A tensor of no elements shares nothing. A lazily conjugated or negated view
-                # keeps a buffer of its own: a copy into it applies the bit, a view of the raw
-                # bytes would not.
-                if tensor.numel() and not (tensor.is_conj() or tensor.is_neg()):
+                if tensor.numel():  # a tensor of no elements shares nothing
                     on_device.setdefault(tensor.device, []).append(index)
             groups += [
                 same for same in on_device.values() if len(same) > 1 and self._worth_sharing(same)
             ]
+        grouped = {index for members in groups for index in members}
+        # A tensor that is not contiguous and shares no buffer gets one of the bytes it reaches,
+        # keeping its strides, unless that is too many more than its own (then a compact one).
+        groups += [
+            [index]
+            for index in self.arranged
+            if index not in grouped and self.sources[index].numel() and self._worth_sharing([index])
+        ]
         groups.sort()  # by the first slot of each: the order of the walk, as the layout's
         views: list[SharedView] = []
         shared_bytes: list[int] = []
         ranges: list[tuple[torch.Tensor, int, int]] = []
         for number, members in enumerate(groups):
             tensors = [self.sources[index] for index in members]
-            extents = [_byte_extent(tensor) for tensor in tensors]
+            extents = [byte_extent(tensor) for tensor in tensors]
             low = min(start for start, _ in extents)
             low -= low % SHARED_START_ALIGNMENT
             high = max(end for _, end in extents)
@@ -181,55 +203,38 @@ class _Walk:
                     tensor.shape,
                     tensor.stride(),
                     tensor.dtype,
+                    tensor.is_conj(),
+                    tensor.is_neg(),
                 )
                 for index, tensor, (start, _) in zip(members, tensors, extents)
             ]
-        return Layout(self.slots, views, shared_bytes), ranges
+        arranged = {self.slots[index][0]: how for index, how in self.arranged.items()}
+        return Layout(self.slots, views, shared_bytes, arranged), ranges
 
     def _worth_sharing(self, members: list[int]) -> bool:
-        """Whether the tensors of ``members`` (slots in one storage) take one shared buffer:
-        only while the bytes between the lowest and the highest they reach are at most
-        :data:`MAX_SHARED_SPAN_RATIO` times their own. Two small slices far apart in a large
+        """Whether the tensors of ``members`` (slots in one storage) take one buffer of the bytes
+        they reach: only while the bytes between the lowest and the highest they reach are at
+        most :data:`MAX_SHARED_SPAN_RATIO` times their own. Two small slices far apart in a large
         storage keep a buffer each (their gap is not copied, nor held between saves), and are
-        restored as separate tensors, as before sharing was kept."""
+        restored as separate tensors, as before sharing was kept. An expanded view (strides of
+        0) reaches fewer bytes than it has elements."""
         tensors = [self.sources[index] for index in members]
-        extents = [_byte_extent(tensor) for tensor in tensors]
+        extents = [byte_extent(tensor) for tensor in tensors]
         span = max(end for _, end in extents) - min(start for start, _ in extents)
         own = sum(tensor.numel() * tensor.dtype.itemsize for tensor in tensors)
         return span <= MAX_SHARED_SPAN_RATIO * own
 
 
-def _byte_extent(tensor: torch.Tensor) -> tuple[int, int]:
-    """The bytes [start, end) of its storage that a tensor (of at least one element) reaches."""
-    last = tensor.storage_offset() + sum(
-        (size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride())
-    )
-    itemsize = tensor.dtype.itemsize
-    return tensor.storage_offset() * itemsize, (last + 1) * itemsize
-
-
-def _byte_range(tensor: torch.Tensor, low: int, high: int) -> torch.Tensor:
-    """The bytes [low, high) of ``tensor``'s storage, as a ``uint8`` tensor (no copy)."""
-    return torch.empty(0, dtype=torch.uint8, device=tensor.device).set_(
-        tensor.untyped_storage(), low, (high - low,)
-    )
-
-
-def _view_in(buffer: torch.Tensor, view: SharedView) -> torch.Tensor:
-    """``view``'s tensor in the shared ``buffer`` (whose storage it then shares)."""
-    return torch.empty(0, dtype=view.dtype, device=buffer.device).set_(
-        buffer.untyped_storage(), view.byte_offset // view.dtype.itemsize, view.shape, view.stride
-    )
-
-
 class SnapshotBuffers:
-    """Reusable CPU buffers, keyed by where each tensor sits in the state tree (or, for
-    tensors sharing a storage, by which shared storage they are in)."""
+    """Reusable CPU buffers, keyed by where each tensor sits in the state tree, or, for a
+    buffer of the bytes of a storage that its tensors reach (tensors sharing a storage, a
+    tensor that is not contiguous), by which such buffer it is (:class:`SharedStorage`)."""
 
     def __init__(self) -> None:
-        #: the buffers of tensors with one of their own, and those of shared storages
+        #: the buffers of tensors with one of their own elements, and those of the bytes of a
+        #: storage that its tensors reach
         self._buffers: dict[BufferKey, torch.Tensor] = {}
-        #: each tensor in a shared buffer, a view of it, by its place
+        #: each tensor in a buffer of the bytes it reaches, its view of that buffer, by its place
         self._views: dict[TreeKey, torch.Tensor] = {}
         #: what the buffers were made for; None while there are none (at first, and after an
         #: allocation that failed: the next save allocates again)
@@ -260,7 +265,7 @@ class SnapshotBuffers:
             layout, ranges = walk.layout()
         for number, (source, low, high) in enumerate(ranges):
             walk.copies.append(
-                (self._buffers[SharedStorage(number)], _byte_range(source, low, high))
+                (self._buffers[SharedStorage(number)], byte_range(source, low, high))
             )
         return Snapshot(copied, tuple(walk.copies), self._pin)
 
@@ -270,9 +275,9 @@ class SnapshotBuffers:
             torch.cuda.synchronize()
 
     def _allocate(self, layout: Layout) -> None:
-        shared = {view.key for view in layout.views}
+        in_reached_bytes = {view.key for view in layout.views}
         slots: list[tuple[BufferKey, torch.Size, torch.dtype]] = [
-            slot for slot in layout.slots if slot[0] not in shared
+            slot for slot in layout.slots if slot[0] not in in_reached_bytes
         ]
         slots += [
             (SharedStorage(number), torch.Size([nbytes]), torch.uint8)
@@ -284,13 +289,19 @@ class SnapshotBuffers:
         self._views = {}
         if self._pin:
             # No GPU was available to test this branch: it follows the flat block's design, a
-            # pinned uint8 buffer per shared storage, filled by one non-blocking copy.
+            # pinned uint8 buffer for the bytes of a storage that its tensors reach (tensors
+            # sharing it, or one that is not contiguous), filled by one non-blocking copy.
             self._buffers = {key: self._pinned(key, shape, dtype) for key, shape, dtype in slots}
         else:
             self._buffers = {}  # before mapping the new block: the old one may go back first
             self._buffers = flat_buffers(slots)
+        for key, arrangement in layout.arranged.items():
+            if key not in in_reached_bytes:  # a compact buffer of exactly its elements
+                buffer = self._buffers[key]
+                compact = compact_stride(buffer.shape, arrangement.stride)
+                self._buffers[key] = buffer.as_strided(buffer.shape, compact)
         self._views = {
-            view.key: _view_in(self._buffers[SharedStorage(view.storage)], view)
+            view.key: view_in(self._buffers[SharedStorage(view.storage)], view)
             for view in layout.views
         }
         self._layout = layout
@@ -329,16 +340,36 @@ class SnapshotBuffers:
         first = walk.first_in_storage.setdefault(start, index)
         if first != index:
             walk.sharing.setdefault(start, [first]).append(index)
+        # Only a complex tensor can be lazily conjugated: real ones skip asking (every save, for
+        # every tensor, the calls add up).
+        if not local.is_contiguous() or local.is_neg() or (dtype.is_complex and local.is_conj()):
+            arrangement = arrangement_of(local)
+            walk.arranged[index] = arrangement
+            arranged = arranged_snapshot(
+                key,
+                local,
+                arrangement,
+                views=self._views,
+                buffers=self._buffers,
+                arranged=self._layout.arranged if self._layout is not None else {},
+            )
+            if arranged is None:
+                return None
+            tensor, fill = arranged
+            if fill is not None:
+                walk.copies.append(_through_bytes(*fill))
+            return self._rebuilt(value, tensor, is_dtensor)
         buffer = self._buffers.get(key)
         if buffer is not None:
             if buffer.shape != shape or buffer.dtype != dtype:
                 return None
-            if dtype in SUB_BYTE_DTYPES:
-                walk.copies.append((buffer.view(torch.uint8), local.view(torch.uint8)))
-            else:
-                walk.copies.append((buffer, local))
+            # No call in the common case: this runs for every tensor of every save.
+            walk.copies.append(
+                (buffer, local) if dtype not in SUB_BYTE_DTYPES else _through_bytes(buffer, local)
+            )
         else:
-            # In a shared buffer (filled by one copy of the storage's bytes), or in none yet.
+            # In a buffer of the bytes its storage's tensors reach (filled by one copy of them),
+            # or in none yet.
             buffer = self._views.get(key)
             if buffer is None or buffer.shape != shape or buffer.dtype != dtype:
                 return None
@@ -371,6 +402,14 @@ class SnapshotBuffers:
                 return items
             return same_kind_of_tuple(value, items)
         return leaf(key, value)
+
+
+def _through_bytes(buffer: torch.Tensor, source: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(``buffer``, ``source``) as a copy fills it: ``uint8`` views of both for a sub-byte
+    dtype, which torch has no copy for."""
+    if source.dtype in SUB_BYTE_DTYPES:
+        return buffer.view(torch.uint8), source.view(torch.uint8)
+    return buffer, source
 
 
 def flat_buffers(

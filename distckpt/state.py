@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,43 +33,53 @@ def dtensor_type() -> type | None:
     return None
 
 
-def tensor_bytes(state: Any) -> int:
-    """Bytes of tensor data this rank holds in a nested state: a DTensor counts its local
-    shard, and each storage is counted once."""
-    return sum(storage_sizes(state))
+def element_bytes(state: Any) -> int:
+    """Bytes of the elements of the tensors in a nested state, as a format that writes each
+    tensor's elements (DCP) writes them: numel times item size of each (a DTensor: its local shard;
+    a sparse one: the tensors it is made of). An expanded or overlapping view counts every
+    element it shows, however few bytes its storage holds; a tensor met twice counts twice."""
+    return sum(
+        part.numel() * part.element_size()
+        for tensor in local_tensors(state)
+        for part in tensor_parts(tensor)
+    )
 
 
 def storage_sizes(state: Any) -> list[int]:
     """The size in bytes of each storage the tensors of a nested state hold, each storage once
     (a DTensor: its local shard's), in the order the state's walk meets them."""
-    dtensor = dtensor_type()
     seen: set[tuple[int, int]] = set()
     sizes: list[int] = []
-
-    def visit(value: Any) -> None:
-        if dtensor is not None and isinstance(value, dtensor):
-            value = value.to_local()
-        if isinstance(value, torch.Tensor) and value.layout != torch.strided:
+    for tensor in local_tensors(state):
+        if tensor.layout != torch.strided:
             # A sparse (or other non-strided) tensor has no storage of its own to ask about:
             # torch.save writes the tensors it is made of (indices and values).
-            sizes.append(sum(part.nbytes for part in tensor_parts(value)))
-        elif isinstance(value, torch.Tensor):
-            storage = value.untyped_storage()
-            key = (storage.data_ptr(), storage.nbytes())
-            if key not in seen:
-                seen.add(key)
-                sizes.append(storage.nbytes())
-        elif isinstance(value, PerRank):
-            visit(value.value)
-        elif isinstance(value, Mapping):
-            for item in value.values():
-                visit(item)
-        elif isinstance(value, (list, tuple)):
-            for item in value:
-                visit(item)
-
-    visit(state)
+            sizes.append(sum(part.nbytes for part in tensor_parts(tensor)))
+            continue
+        storage = tensor.untyped_storage()
+        key = (storage.data_ptr(), storage.nbytes())
+        if key not in seen:
+            seen.add(key)
+            sizes.append(storage.nbytes())
     return sizes
+
+
+def local_tensors(state: Any) -> Iterator[torch.Tensor]:
+    """The tensors of a nested state (through mappings, lists, tuples and
+    :class:`~distckpt.PerRank`), in order; a DTensor as its local shard."""
+    dtensor = dtensor_type()
+    if dtensor is not None and isinstance(state, dtensor):
+        yield state.to_local()
+    elif isinstance(state, torch.Tensor):
+        yield state
+    elif isinstance(state, PerRank):
+        yield from local_tensors(state.value)
+    elif isinstance(state, Mapping):
+        for item in state.values():
+            yield from local_tensors(item)
+    elif isinstance(state, (list, tuple)):
+        for item in state:
+            yield from local_tensors(item)
 
 
 def tensor_parts(tensor: torch.Tensor) -> list[torch.Tensor]:
@@ -92,23 +102,78 @@ def is_stateful(value: Any) -> bool:
     )
 
 
-def to_plain(state: Any, *, mark_per_rank: bool = False) -> Any:
+def _generators_an_iterator_draws_from(loader: Any) -> list[torch.Generator]:
+    """The generators a data loader's new iterator draws from: the loader's own (its workers'
+    base seed), its sampler's and its batch sampler's (an epoch's order), and torch's default
+    one (a sampler without a generator of its own draws from it); each once."""
+    owners = [loader, getattr(loader, "sampler", None), getattr(loader, "batch_sampler", None)]
+    owners.append(getattr(owners[-1], "sampler", None))
+    found: dict[int, torch.Generator] = {}
+    for owner in owners:
+        generator = getattr(owner, "generator", None)
+        if isinstance(generator, torch.Generator):
+            found.setdefault(id(generator), generator)
+    found.setdefault(id(torch.default_generator), torch.default_generator)
+    return list(found.values())
+
+
+def template_state_dict(value: Any) -> Any:
+    """``value.state_dict()`` asked by a restore, which only reads it (its keys, a template to
+    load into), leaving ``value`` and the generators it draws from as they were, when it has a
+    generator of its own (``value.generator``: a data loader's). A fresh
+    ``StatefulDataLoader`` with workers answers by building an iterator, which draws its
+    workers' base seed from the loader's generator and its first epoch's order from the
+    sampler's: a restore would advance them once more than the uninterrupted run did, and every
+    later epoch's workers would get other seeds (the iterator a resumed epoch builds draws once,
+    as the interrupted one did).
+
+    The loader also keeps that iterator, and its first epoch would run on it (its seed drawn
+    before the generator was put back) when no ``load_state_dict`` follows: a restore with
+    ``strict=False`` whose checkpoint lacks the loader, or a failed one before a fresh start.
+    The next epoch would then draw that same seed again, and its workers repeat the first
+    epoch's noise. So an iterator built only to answer is dropped (``load_state_dict`` with the
+    state the loader was waiting to resume from, or none), and the loader runs as a fresh one."""
+    if not isinstance(getattr(value, "generator", None), torch.Generator):
+        return value.state_dict()
+    generators = _generators_an_iterator_draws_from(value)
+    before = [generator.get_state() for generator in generators]
+    # StatefulDataLoader's own attributes: no public call says whether it holds an iterator.
+    had_no_iterator = hasattr(value, "_iterator") and value._iterator is None
+    pending_resume = getattr(value, "next_iter_state", None)
+    try:
+        return value.state_dict()
+    finally:
+        for generator, state in zip(generators, before):
+            generator.set_state(state)
+        if had_no_iterator and getattr(value, "_iterator", None) is not None:
+            value.load_state_dict(pending_resume if pending_resume is not None else {})
+
+
+def to_plain(state: Any, *, mark_per_rank: bool = False, template: bool = False) -> Any:
     """``state`` with every stateful object replaced by its ``state_dict()``, recursively.
     With ``mark_per_rank``, a value that differs per rank (:func:`distckpt.per_rank.is_per_rank`)
-    comes out as :class:`~distckpt.PerRank` around its plain value; without, unmarked."""
+    comes out as :class:`~distckpt.PerRank` around its plain value; without, unmarked. With
+    ``template`` (a restore's ``state=``), through :func:`template_state_dict`."""
     if is_per_rank(state):
         # An RNGState or a loader is Stateful itself; a PerRank holds its value.
-        inner = state.value if isinstance(state, PerRank) else state.state_dict()
-        plain = to_plain(inner)
+        if isinstance(state, PerRank):
+            inner = state.value
+        else:
+            inner = template_state_dict(state) if template else state.state_dict()
+        plain = to_plain(inner, template=template)
         return PerRank(plain) if mark_per_rank else plain
     if isinstance(state, torch.Tensor):
         return state.detach()
     if is_stateful(state):
-        return to_plain(state.state_dict(), mark_per_rank=mark_per_rank)
+        inner = template_state_dict(state) if template else state.state_dict()
+        return to_plain(inner, mark_per_rank=mark_per_rank, template=template)
     if isinstance(state, Mapping):
-        return {key: to_plain(value, mark_per_rank=mark_per_rank) for key, value in state.items()}
+        return {
+            key: to_plain(value, mark_per_rank=mark_per_rank, template=template)
+            for key, value in state.items()
+        }
     if isinstance(state, (list, tuple)):
-        items = [to_plain(value, mark_per_rank=mark_per_rank) for value in state]
+        items = [to_plain(value, mark_per_rank=mark_per_rank, template=template) for value in state]
         return type(state)(items) if isinstance(state, list) else same_kind_of_tuple(state, items)
     return state
 
@@ -295,7 +360,7 @@ def _load(
         if apply:
             _checked(path, lambda: template.load_state_dict(loaded, strict=False))
     elif is_stateful(template):
-        if _same_keys(template.state_dict(), loaded):
+        if _same_keys(template_state_dict(template), loaded):
             if apply:
                 _checked(path, lambda: template.load_state_dict(loaded))
         else:

@@ -4,8 +4,10 @@
 starts 2 gloo ranks (forked, so they share the job's process group and a SIGKILL of the group
 reaches every rank and every loader worker) and runs the README's ``Use`` recipe on each: a
 DDP model with dropout, AdamW and OneCycleLR (whose step count is exact: one step too many
-raises), 2 micro-batches per optimizer step, a ``StatefulDataLoader`` with a
-``StatefulDistributedSampler(shuffle=True)`` and 2 workers, :class:`distckpt.StepTracker`,
+raises), 2 micro-batches per optimizer step, a dataset whose ``__getitem__`` adds random noise
+(augmentation) drawn from a generator seeded from the seed, the epoch and the sample's index, a
+``StatefulDataLoader`` with a ``StatefulDistributedSampler(shuffle=True)`` and 2 workers,
+:class:`distckpt.StepTracker`,
 :class:`distckpt.RNGState`, a :class:`distckpt.CheckpointManager` saving every 2 optimizer
 steps, and ``restore("last", state=state, missing_ok=True)``.
 
@@ -16,9 +18,10 @@ and RNG states to ``OUT/final-rank{r}.pt``. With ``--async-save``, rank 0 append
 every save still in flight when ``save`` returns to ``OUT/saves-rank0.txt``, the moment a test
 kills the job to land inside a save. ``--loader plain`` follows the README's rule for a plain
 ``DataLoader`` instead: a ``DistributedSampler``, the loader's generator seeded per epoch,
-checkpoints at epoch ends only (``every_n_epochs=1``). ``--leave-out loader|rng|generator``
-leaves one piece of the recipe out (the loader or the RNGs from the state, the loader's own
-generator), for the tests that show each one is needed.
+checkpoints at epoch ends only (``every_n_epochs=1``). ``--leave-out
+loader|rng|generator|sample-generator`` leaves one piece of the recipe out (the loader or the
+RNGs from the state, the loader's own generator, the augmentation's generator per sample: it
+then draws from the loader worker's own RNG), for the tests that show each one is needed.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from typing import Any
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 
@@ -44,6 +47,40 @@ BATCH_SIZE = 4
 ACCUMULATE = 2
 #: optimizer steps per epoch on every rank: 64 samples / 2 ranks / batches of 4 / 2 micro-batches
 STEPS_PER_EPOCH = SAMPLES // WORLD_SIZE // BATCH_SIZE // ACCUMULATE
+#: how much random noise the augmentation adds to each feature
+NOISE = 0.1
+#: the augmentation's seed, which each sample's generator is seeded from with its epoch and index
+AUGMENTATION_SEED = 2
+
+
+class AugmentedData(Dataset[tuple[int, torch.Tensor]]):
+    """Fixed features, each sample returned with random noise added at every ``__getitem__``:
+    a random augmentation, run in the loader's worker processes. With ``per_sample_generator``
+    (the README's recipe) the noise comes from a generator seeded from (seed, epoch, index), so
+    a sample's noise does not depend on which worker drew it or what that worker drew before;
+    without, from the worker's own global RNG, which no checkpoint can restore mid-epoch."""
+
+    def __init__(self, seed: int, *, per_sample_generator: bool) -> None:
+        self.features = torch.randn(SAMPLES, 8, generator=torch.Generator().manual_seed(0))
+        self.seed = seed
+        self.per_sample_generator = per_sample_generator
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called before each epoch's loop: the workers, started for the epoch, copy it."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return SAMPLES
+
+    def __getitem__(self, index: int) -> tuple[int, torch.Tensor]:
+        generator = None
+        if self.per_sample_generator:
+            # hash() of a tuple of ints is the same in every process (no hash randomization).
+            seed = hash((self.seed, self.epoch, index))
+            generator = torch.Generator().manual_seed(seed)
+        noise = torch.randn(8, generator=generator)
+        return index, self.features[index] + NOISE * noise
 
 
 def train(rank: int, args: argparse.Namespace) -> None:
@@ -57,14 +94,14 @@ def train(rank: int, args: argparse.Namespace) -> None:
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=0.05, total_steps=EPOCHS * STEPS_PER_EPOCH
     )
-    features = torch.randn(SAMPLES, 8, generator=torch.Generator().manual_seed(0))
-    data = TensorDataset(torch.arange(SAMPLES), features)
+    per_sample_generator = args.leave_out != "sample-generator"
+    dataset = AugmentedData(AUGMENTATION_SEED, per_sample_generator=per_sample_generator)
     # README, exact resume: a Stateful sampler, and a generator of the loader's own.
     plain = args.loader == "plain"
-    sampler = (DistributedSampler if plain else StatefulDistributedSampler)(data, seed=1)
+    sampler = (DistributedSampler if plain else StatefulDistributedSampler)(dataset, seed=1)
     generator = None if args.leave_out == "generator" else torch.Generator()
     loader = (DataLoader if plain else StatefulDataLoader)(
-        data, batch_size=BATCH_SIZE, sampler=sampler, num_workers=2, generator=generator
+        dataset, batch_size=BATCH_SIZE, sampler=sampler, num_workers=2, generator=generator
     )
     torch.manual_seed(100 + rank)  # each rank its own dropout masks
     tracker = distckpt.StepTracker(optimizer)
@@ -76,7 +113,8 @@ def train(rank: int, args: argparse.Namespace) -> None:
         "rng": distckpt.RNGState(),
         "loader": loader,
     }
-    state.pop("loader" if plain else args.leave_out, None)  # "generator" is no key: no-op
+    # "generator" and "sample-generator" are no keys: no-op
+    state.pop("loader" if plain else args.leave_out, None)
     if args.ballast_mib:
         # Only makes each save take long enough for a test to kill the job inside it.
         state["ballast"] = torch.zeros(args.ballast_mib * 2**18)
@@ -98,6 +136,7 @@ def train(rank: int, args: argparse.Namespace) -> None:
     start_epoch = checkpoint.epoch if checkpoint is not None else 0
     for epoch in range(start_epoch, EPOCHS):
         sampler.set_epoch(epoch)
+        dataset.set_epoch(epoch)
         if plain and generator is not None:
             generator.manual_seed(epoch)  # the workers' seeds, whichever epoch a run starts at
         for micro_batch, (indices, batch) in enumerate(loader):
@@ -140,7 +179,7 @@ def main() -> int:
     parser.add_argument("--async-save", action="store_true")
     parser.add_argument("--ballast-mib", type=int, default=0)
     parser.add_argument("--loader", choices=("stateful", "plain"), default="stateful")
-    parser.add_argument("--leave-out", choices=("loader", "rng", "generator"))
+    parser.add_argument("--leave-out", choices=("loader", "rng", "generator", "sample-generator"))
     args = parser.parse_args()
     return run_job_ranks(train, WORLD_SIZE, args, args.out)
 

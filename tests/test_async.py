@@ -13,7 +13,9 @@ import torch.distributed as dist
 
 import distckpt
 from distckpt import faults
-from distckpt.layout import TRASH_DIR_NAME
+from distckpt.formats import format_named
+from distckpt.layout import TRASH_DIR_NAME, step_dir_name
+from distckpt.snapshot import SnapshotBuffers
 from tests.ranks import run_ranks, values
 
 
@@ -278,3 +280,41 @@ def test_background_failure_is_raised_by_the_next_call_that_waits(
         "after": after,
     }
     assert out == [expected] * 2
+
+
+def _views_reaching_few_bytes() -> dict[str, torch.Tensor]:
+    """Views showing many more elements than their storage holds (expanded, overlapping
+    windows), and fewer (a slice with gaps, a narrow slice of a large tensor)."""
+    return {
+        "expanded": torch.randn(1, 1024).expand(1024, 1024),
+        "unfolded": torch.randn(2048).unfold(0, 512, 1),
+        "every_other": torch.randn(64, 256)[:, ::2],
+        "narrow": torch.randn(1 << 16)[10:20],
+    }
+
+
+@pytest.mark.parametrize("fmt", ["torch", "dcp"])
+@pytest.mark.parametrize("async_save", [False, True])
+def test_the_space_estimate_covers_what_the_save_writes(
+    tmp_path: Path, fmt: str, async_save: bool
+) -> None:
+    """A save demands free space for its format's estimate of this rank's state, as it will
+    write it (an async save's: its snapshot's): "dcp" writes every element of a view (an
+    expanded one in full), "torch" each storage the state holds."""
+    state = _views_reaching_few_bytes()
+    written_format = format_named(fmt)
+    to_write = SnapshotBuffers().prepare(state).state if async_save else state
+    estimate = written_format.estimate_bytes(to_write)
+    with distckpt.CheckpointManager(
+        tmp_path, format=fmt, fsync=False, async_save=async_save
+    ) as mgr:
+        mgr.save(1, state)
+        mgr.wait()
+    written = sum(
+        path.stat().st_size
+        for path in (tmp_path / step_dir_name(1)).iterdir()
+        if written_format.owns_file(path.name)
+    )
+    if fmt == "dcp":  # the expanded view in full, not its one row
+        assert written >= state["expanded"].numel() * state["expanded"].element_size()
+    assert estimate >= written

@@ -323,3 +323,33 @@ def test_the_milestone_rule_is_said_alike_everywhere_and_holds() -> None:
         README.split()
     )
     assert "`prune --mode` without `--monitor` exits 2" in " ".join(README.split())
+
+
+# ------------------------------------------------------------------ the "Use" loop
+
+
+def _epoch_setters(source: str) -> set[str]:
+    """The ``set_epoch`` calls at the start of each epoch of the ``for epoch in ...`` loop in
+    ``source``, as written (``sampler.set_epoch(epoch)``)."""
+    found: set[str] = set()
+    for loop in ast.walk(ast.parse(source)):
+        if isinstance(loop, ast.For) and ast.unparse(loop.target) == "epoch":
+            found |= {
+                ast.unparse(statement)
+                for statement in loop.body
+                if isinstance(statement, ast.Expr)
+                and isinstance(statement.value, ast.Call)
+                and isinstance(statement.value.func, ast.Attribute)
+                and statement.value.func.attr == "set_epoch"
+            }
+    return found
+
+
+def test_the_use_loop_sets_each_epoch_as_the_resume_test_job_does() -> None:
+    """The README says ``tests/test_resume.py`` runs exactly its "Use" loop: the job it runs
+    (``tests/ddp_job.py``) tells the sampler and the dataset each epoch, as the loop does."""
+    use_section = README.split("## Use", 1)[1]
+    use_loop = use_section.split("```python\n", 1)[1].split("```", 1)[0]
+    job = (REPO / "tests" / "ddp_job.py").read_text()
+    assert _epoch_setters(use_loop) == _epoch_setters(job)
+    assert {"sampler.set_epoch(epoch)", "dataset.set_epoch(epoch)"} <= _epoch_setters(use_loop)

@@ -8,7 +8,6 @@ import json
 import pickle
 import shutil
 from collections import OrderedDict
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,7 @@ from distckpt.formats.raw_rank_reader import is_raw_rank_file, load_rank_file, r
 from distckpt.formats.torch_files import load_skeleton, plain_values_of
 from distckpt.manifest import FORMAT_VERSION, read_manifest
 from distckpt.memory import DIRECT_ALIGNMENT, DIRECT_MIN_BYTES
+from distckpt.state import local_tensors
 
 FIXTURE = Path(__file__).parent / "fixtures" / "torch-format-v1"
 #: A checkpoint of manifest format version 2 whose rank file is in layout 1 (every storage at a
@@ -113,17 +113,6 @@ def states(draw: st.DrawFn) -> Any:
     return {"state": nest(leaves, 0), "step": draw(st.integers(0, 10**6))}
 
 
-def _walk_tensors(value: Any) -> Iterator[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        yield value
-    elif isinstance(value, dict):
-        for item in value.values():
-            yield from _walk_tensors(item)
-    elif isinstance(value, (list, tuple)):
-        for item in value:
-            yield from _walk_tensors(item)
-
-
 def _bytes_of(tensor: torch.Tensor) -> bytes:
     # A fresh tensor: contiguous() keeps the stride of a one-element view, view() refuses it.
     flat = torch.empty(tensor.numel(), dtype=tensor.dtype).copy_(tensor.detach().reshape(-1))
@@ -155,8 +144,8 @@ def assert_same_as(loaded: Any, expected: Any, path: str = "state") -> None:
 
 def assert_same_sharing(loaded: Any, expected: Any) -> None:
     """Two tensors share a storage in ``loaded`` exactly where they do in ``expected``."""
-    ours = [t.untyped_storage().data_ptr() for t in _walk_tensors(loaded)]
-    theirs = [t.untyped_storage().data_ptr() for t in _walk_tensors(expected)]
+    ours = [t.untyped_storage().data_ptr() for t in local_tensors(loaded)]
+    theirs = [t.untyped_storage().data_ptr() for t in local_tensors(expected)]
     for i in range(len(theirs)):
         for j in range(i):
             if theirs[i] and theirs[j]:  # an empty storage has no address to compare

@@ -12,9 +12,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
+from torch.utils.data import Dataset
 
 pytest.importorskip("torchdata")
 
+from torchdata.stateful_dataloader import StatefulDataLoader
+from torchdata.stateful_dataloader.sampler import RandomSampler
+
+import distckpt
 from distckpt.layout import step_dir_name
 from tests import killing
 from tests.ddp_job import STEPS_PER_EPOCH, WORLD_SIZE
@@ -60,13 +66,16 @@ def test_ddp_job_killed_during_async_saves_resumes_exactly(tmp_path: Path, refer
     killing.assert_same_run(reference, out, WORLD_SIZE)
 
 
-@pytest.mark.parametrize("piece", ["loader", "rng", "generator"])
+@pytest.mark.parametrize("piece", ["loader", "rng", "generator", "sample-generator"])
 def test_ddp_job_without_one_piece_of_the_recipe_is_not_exact(
     tmp_path: Path, reference: Path, piece: str
 ) -> None:
     """The loader left out of the state restarts the epoch from its first batch; the RNGs left
     out give other dropout masks; a loader without its own generator draws its workers' seed
-    from the global generator, once more in the resumed run than in the reference."""
+    from the global generator, once more in the resumed run than in the reference; an
+    augmentation drawing from the loader workers' own RNG instead of a generator per sample
+    gets other noise for the rest of the interrupted epoch (its restarted workers draw from
+    their seeds' start again)."""
     command, out = _command(tmp_path, "--leave-out", piece)
     # Past the save at step 2 (line 4 of epoch 0) and before the next one: resumed mid-epoch.
     # Without the loader the resumed run trains the epoch's first batches again, so it even
@@ -86,3 +95,79 @@ def test_plain_dataloader_saved_at_epoch_ends_resumes_exactly(
     moments = [BATCHES_PER_EPOCH + 3, BATCHES_PER_EPOCH + 5]  # mid-epoch 1, then mid-epoch 2
     assert killing.run_killed(command, out, moments) == 2
     killing.assert_same_run(reference, out, WORLD_SIZE)
+
+
+class _NoiseFromTheWorkersRng(Dataset[tuple[int, torch.Tensor]]):
+    """An augmentation the README's recipe warns against: noise from the loader worker's own
+    global RNG."""
+
+    def __len__(self) -> int:
+        return 16
+
+    def __getitem__(self, index: int) -> tuple[int, torch.Tensor]:
+        return index, torch.randn(2)
+
+
+def _loader() -> StatefulDataLoader:
+    data = _NoiseFromTheWorkersRng()
+    sampler = RandomSampler(data, generator=torch.Generator().manual_seed(1))
+    return StatefulDataLoader(
+        data, batch_size=2, sampler=sampler, num_workers=2, generator=torch.Generator()
+    )
+
+
+Batches = list[tuple[int, list[int], torch.Tensor]]
+
+
+def _run(loader: StatefulDataLoader, epochs: range, *, stop_after: int | None = None) -> Batches:
+    """(epoch, indices, noise) of each batch; with ``stop_after``, only that many batches."""
+    batches: Batches = []
+    for epoch in epochs:
+        for indices, noise in loader:
+            batches.append((epoch, indices.tolist(), noise))
+            if len(batches) == stop_after:
+                return batches
+    return batches
+
+
+def test_workers_rng_is_not_restored_mid_epoch_but_later_epochs_get_the_same_seeds(
+    tmp_path: Path,
+) -> None:
+    """The README's limit, measured: restored mid-epoch (a fresh loader and generator, as in a
+    new process), an augmentation drawing from the workers' own RNG differs for the rest of the
+    interrupted epoch, on the same samples; from the next epoch on, it draws exactly what the
+    uninterrupted run drew, without the loader's generator in the checkpoint (the restored
+    iterator draws its seed from it once, as the interrupted one did)."""
+    epochs = range(3)
+    reference = _run(_loader(), epochs)
+    interrupted = _loader()
+    first = _run(interrupted, epochs, stop_after=3)
+    with distckpt.CheckpointManager(tmp_path, fsync=False) as mgr:
+        mgr.save(1, {"loader": interrupted})
+        resumed = _loader()
+        untouched = resumed.generator.get_state()
+        mgr.restore("last", state={"loader": resumed})
+    assert torch.equal(resumed.generator.get_state(), untouched)  # the restore drew nothing
+    rest = _run(resumed, epochs)  # the rest of epoch 0, then epochs 1 and 2
+    run = first + rest
+    assert [batch[:2] for batch in run] == [batch[:2] for batch in reference]  # same samples
+    same = [torch.equal(ours[2], theirs[2]) for ours, theirs in zip(run, reference)]
+    in_epoch_0 = len([batch for batch in reference if batch[0] == 0])
+    assert all(same[:3]) and not all(same[3:in_epoch_0])
+    assert all(same[in_epoch_0:])
+
+
+def test_loader_left_out_of_a_restore_runs_as_a_fresh_one(tmp_path: Path) -> None:
+    """A restore that asks a fresh loader for its template but never loads into it (its
+    checkpoint lacks the loader, ``strict=False``) leaves it as a fresh one: every epoch has
+    the order and the workers' noise of an untouched loader's (a kept iterator gave the second
+    epoch the first one's noise again)."""
+    epochs = range(2)
+    reference = _run(_loader(), epochs)
+    with distckpt.CheckpointManager(tmp_path, fsync=False) as mgr:
+        mgr.save(1, {"w": torch.ones(1)})  # saved before the loader was in the state
+        left_out = _loader()
+        mgr.restore("last", state={"w": torch.zeros(1), "loader": left_out}, strict=False)
+    run = _run(left_out, epochs)
+    assert [batch[:2] for batch in run] == [batch[:2] for batch in reference]
+    assert all(torch.equal(ours[2], theirs[2]) for ours, theirs in zip(run, reference))

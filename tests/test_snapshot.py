@@ -69,7 +69,7 @@ def test_snapshot_copies_into_one_block_with_a_storage_per_tensor() -> None:
     snap = buffers.snapshot(state)
     for original, copied in zip(_tensors(state), _tensors(snap)):
         assert torch.equal(original, copied) and original.dtype == copied.dtype
-        assert copied.is_contiguous()
+        assert copied.stride() == original.stride()  # the transposed one stays transposed
         # Its own storage of exactly its bytes: a format writes nothing more.
         assert copied.untyped_storage().nbytes() == copied.nbytes
     filled = [t for t in _tensors(snap) if t.numel()]
@@ -137,9 +137,9 @@ def test_the_block_is_private_memory_that_asks_for_no_huge_pages() -> None:
 @pytest.mark.parametrize("fmt", ["torch", "dcp"])
 def test_an_async_save_writes_what_a_sync_save_writes(tmp_path: Path, fmt: str) -> None:
     state = _mixed_state()
-    # The snapshot holds each tensor contiguous in its own storage, as a clone does (a sync
-    # save writes a view with the storage it views, as torch.save does).
-    clones = _map_tensors(state, lambda t: t.clone(memory_format=torch.contiguous_format))
+    # The snapshot holds each tensor with its strides in its own storage, as a clone does (a
+    # sync save writes a view with the storage it views, as torch.save does).
+    clones = _map_tensors(state, torch.clone)
     with distckpt.CheckpointManager(tmp_path / "sync", format=fmt, fsync=False) as mgr:
         mgr.save(1, clones)
     with distckpt.CheckpointManager(
@@ -350,13 +350,19 @@ def _tied_dtensors(rank: int, world_size: int) -> dict[str, bool]:
     }
 
 
-def test_a_lazily_conjugated_view_is_snapshotted_with_its_bit_applied() -> None:
+def test_a_lazily_conjugated_view_keeps_its_bit_and_its_storage() -> None:
+    """As a sync save does: the bytes as they are, under a view with the bit set, sharing the
+    storage of the tensor it views."""
     complex_ = torch.randn(6, dtype=torch.complex64)
     state = {"values": complex_, "conjugated": complex_.conj(), "negated": complex_.conj().imag}
     assert state["conjugated"].is_conj() and state["negated"].is_neg()
     snap = SnapshotBuffers().snapshot(state)
     for name, tensor in state.items():
-        assert torch.equal(snap[name], tensor.resolve_conj().resolve_neg()), name
+        assert torch.equal(snap[name], tensor), name
+        assert (snap[name].is_conj(), snap[name].is_neg()) == (tensor.is_conj(), tensor.is_neg())
+    assert len({t.untyped_storage().data_ptr() for t in snap.values()}) == 1
+    complex_.add_(1.0)  # training goes on: the snapshot keeps what it copied
+    assert not torch.equal(snap["conjugated"], complex_.conj())
 
 
 def test_dtensors_sharing_a_local_shard_share_its_buffer() -> None:
@@ -414,3 +420,102 @@ def test_slices_far_apart_in_one_storage_keep_a_buffer_each(tmp_path: Path) -> N
         restored = mgr.restore(1).state
     assert torch.equal(restored["head"], big[:10]) and torch.equal(restored["tail"], big[-10:])
     assert sum(f.stat().st_size for f in (tmp_path / "root").rglob("rank-*")) < 1 << 20
+
+
+# --------------------------------------------------------------------------- tensors that are
+# not contiguous: kept as a sync save keeps them
+
+
+def _arranged_state() -> dict[str, torch.Tensor]:
+    """A tensor of each arrangement a sync save keeps: memory formats, strides of 0, a
+    transposed one, lazily conjugated and negated views, a slice with gaps."""
+    torch.manual_seed(0)
+    return {
+        "channels_last": torch.randn(2, 3, 4, 5).to(memory_format=torch.channels_last),
+        "channels_last_3d": torch.randn(2, 3, 2, 4, 5).to(memory_format=torch.channels_last_3d),
+        "expanded": torch.randn(1, 4).expand(3, 4),
+        "transposed": torch.randn(6, 8).t(),
+        "conjugated": torch.randn(3, dtype=torch.complex64).conj(),
+        "negated": torch.randn(3, dtype=torch.complex64).conj().imag,
+        "every_other": torch.randn(6, 8)[2:4, 1::2],
+    }
+
+
+def _arrangement(tensor: torch.Tensor) -> tuple[Any, ...]:
+    return tensor.shape, tensor.stride(), tensor.dtype, tensor.is_conj(), tensor.is_neg()
+
+
+def test_an_async_save_keeps_strides_and_bits_as_a_sync_save_does(tmp_path: Path) -> None:
+    expected = {name: tensor.clone() for name, tensor in _arranged_state().items()}
+    loaded: dict[str, dict[str, torch.Tensor]] = {}
+    for mode in ("sync", "async"):
+        state = _arranged_state()  # the same values (seeded) for each mode
+        root = tmp_path / mode
+        with distckpt.CheckpointManager(root, fsync=False, async_save=mode == "async") as mgr:
+            mgr.save(1, state)
+            for tensor in state.values():  # training goes on after save returned
+                _train_on_storage(tensor)
+            mgr.save(2, state)  # from reused buffers
+            mgr.wait()
+        loaded[mode] = distckpt.load_checkpoint(root / "step-00000001").state
+        second = distckpt.load_checkpoint(root).state
+        for name, tensor in state.items():
+            assert torch.equal(second[name], tensor), (mode, name)
+            assert _arrangement(second[name]) == _arrangement(tensor), (mode, name)
+    for name, tensor in expected.items():
+        for mode in ("sync", "async"):
+            assert torch.equal(loaded[mode][name], tensor), (mode, name)
+            # Against the state's tensor: a clone of an expanded one has strides of its own.
+            assert _arrangement(loaded[mode][name]) == _arrangement(state[name]), (mode, name)
+
+
+def _train_on_storage(tensor: torch.Tensor) -> None:
+    """Change every byte of ``tensor``'s storage in place, as training would (an expanded view
+    itself cannot be written to)."""
+    whole = torch.empty(0, dtype=tensor.dtype).set_(tensor.untyped_storage())
+    whole.add_(1.0)
+
+
+def test_arranged_tensors_round_trip_through_an_async_dcp_save(tmp_path: Path) -> None:
+    """DCP loads into the given state's tensors, so the strides are theirs: the values come
+    back through an async snapshot of every arrangement."""
+    state = _arranged_state()
+    with distckpt.CheckpointManager(tmp_path, format="dcp", fsync=False, async_save=True) as mgr:
+        mgr.save(1, state)
+        mgr.wait()
+        template = {
+            name: torch.zeros_like(t.resolve_conj().resolve_neg()) for name, t in state.items()
+        }
+        mgr.restore(1, state=template)
+    for name, tensor in state.items():
+        assert torch.equal(template[name], tensor), name
+
+
+def test_arranged_buffers_are_reused_and_hold_only_the_bytes_reached() -> None:
+    state = _arranged_state()
+    buffers = SnapshotBuffers()
+    first = buffers.snapshot(state)
+    # An expanded view holds its one row, not its three.
+    assert first["expanded"].untyped_storage().nbytes() == 4 * 4
+    addresses = [t.data_ptr() for t in first.values()]
+    second = buffers.snapshot(state)
+    assert [t.data_ptr() for t in second.values()] == addresses  # no new allocation
+    # The same places, shapes and dtypes, other strides: new buffers with the new strides.
+    state["transposed"] = state["transposed"].contiguous()
+    third = buffers.snapshot(state)
+    assert third["transposed"].is_contiguous() and torch.equal(
+        third["transposed"], state["transposed"]
+    )
+
+
+def test_a_narrow_slice_of_a_large_tensor_is_copied_compactly_in_its_memory_format() -> None:
+    """One channel of a large ``channels_last`` tensor reaches nearly all of its bytes: its
+    buffer holds its own elements only, still channels-last."""
+    large = torch.randn(4, 64, 8, 8).to(memory_format=torch.channels_last)
+    state = {"channel": large[:, :2], "row": torch.randn(64, 1024)[:, :3]}
+    snap = SnapshotBuffers().snapshot(state)
+    for name, tensor in state.items():
+        assert torch.equal(snap[name], tensor), name
+        assert snap[name].untyped_storage().nbytes() == tensor.nbytes, name
+    assert snap["channel"].is_contiguous(memory_format=torch.channels_last)
+    assert snap["row"].is_contiguous()

@@ -17,6 +17,11 @@ not depend on where it was staged and can be moved.
 What DCP saves, and its limits:
 
 * The top-level state must be a dict. Nested dicts and lists are flattened into dotted keys.
+  Dict keys other than strings (ints, floats, bool, None) come back as they were, mapped onto
+  the given state's keys; keys that read the same as text, or of other types, are refused
+  (:mod:`distckpt.formats.dcp_text_keys`), except in a dict DCP pickles whole with its keys (in
+  a tuple, or in a list of plain values). :func:`load_consolidated` (``export``), which has no
+  state to map onto, gives them as text.
 * DTensors (FSDP2 ``fully_shard`` parameters, their optimizer state) are saved shard by shard.
 * Everything else -- plain tensors and plain values -- is taken to be the *same on every rank*
   and is saved once, from one rank, unless it is marked per rank: :class:`~distckpt.RNGState`,
@@ -117,9 +122,10 @@ from distckpt.formats.dcp_keys import (
 )
 from distckpt.formats.dcp_metadata import DATA_FILE_RE, METADATA_NAME, read_metadata
 from distckpt.formats.dcp_storage import Planner, Reader, Writer
+from distckpt.formats.dcp_text_keys import check_restorable_keys, holds_containers
 from distckpt.manifest import FileRecord, Manifest
 from distckpt.model_state import ModelOptimizerState
-from distckpt.state import copy_containers, dtensor_type, remove_path, set_path, tensor_bytes
+from distckpt.state import copy_containers, dtensor_type, element_bytes, remove_path, set_path
 
 logger = logging.getLogger("distckpt")
 
@@ -207,7 +213,7 @@ def _find_id_keyed_optimizer(state: Any, path: str = "") -> str | None:
             found = _find_id_keyed_optimizer(value, f"{path}.{key}" if path else str(key))
             if found is not None:
                 return found
-    elif isinstance(state, (list, tuple)):
+    elif isinstance(state, (list, tuple)) and holds_containers(state):
         for index, value in enumerate(state):
             found = _find_id_keyed_optimizer(value, f"{path}.{index}" if path else str(index))
             if found is not None:
@@ -217,6 +223,7 @@ def _find_id_keyed_optimizer(state: Any, path: str = "") -> str | None:
 
 def _check_saveable(state: Any) -> None:
     _check_keys(state, "saves")
+    check_restorable_keys(state)
     if PER_RANK_KEY in state:
         raise InvalidArgument(
             f"the top-level key {PER_RANK_KEY!r} is where the 'dcp' format keeps per-rank "
@@ -285,8 +292,10 @@ class DcpFormat:
         _check_saveable(state)
 
     def estimate_bytes(self, state: Any) -> int:
-        # Local shards only: replicated values are written by one rank, so this over-counts.
-        return tensor_bytes(state) + _OVERHEAD_BYTES
+        # DCP writes every element of each tensor (an expanded view in full), not its storage,
+        # whatever an async snapshot's buffers hold. Local shards only: replicated values are
+        # written by one rank, so this over-counts.
+        return element_bytes(state) + _OVERHEAD_BYTES
 
     def write(self, state: Any, directory: Path, ctx: ShardContext) -> Mapping[str, FileRecord]:
         """Save this rank's part with ``dcp.save`` over ``ctx.group``; collective. Returns the

@@ -23,6 +23,7 @@ import torch
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 
 from distckpt.formats.dcp_storage import flat_state, key_mismatch, shape_mismatches
+from distckpt.formats.dcp_text_keys import get_saved, holds_containers, keys_like
 from distckpt.key_prefixes import log_prefix_mapping, matching_prefixes
 from distckpt.per_rank import PerRank
 from distckpt.state import LoadReport, same_kind_of_tuple, set_path
@@ -67,6 +68,8 @@ def split_per_rank(state: Any) -> tuple[Any, list[tuple[Path_, Any]]]:
         if isinstance(node, Mapping):
             items = ((key, walk(value, (*path, key))) for key, value in node.items())
             return {key: value for key, value in items if value is not _REMOVED}
+        if isinstance(node, (list, tuple)) and not holds_containers(node):
+            return list(node) if isinstance(node, list) else node  # no per-rank mark inside
         if isinstance(node, (list, tuple)):
             items = [walk(value, (*path, index)) for index, value in enumerate(node)]
             kept = [None if value is _REMOVED else value for value in items]
@@ -84,16 +87,6 @@ def with_per_rank(shared: dict[str, Any], marked: list[tuple[Path_, Any]], rank:
     for path, value in marked:
         set_path(own, path, value)
     return {**shared, PER_RANK_KEY: {str(rank): own}}
-
-
-def _get_path(root: Any, path: Path_) -> tuple[bool, Any]:
-    node = root
-    for key in path:
-        try:
-            node = node[key]
-        except (KeyError, IndexError, TypeError):
-            return False, None
-    return True, node
 
 
 def per_rank_placeholders(metadata: Metadata, rank: int) -> dict[str, Any]:
@@ -121,11 +114,12 @@ def restore_per_rank(
     for key in per_rank_placeholders(metadata, rank):
         if key in state:
             set_path(nested, paths.get(key, (key,)), state.pop(key))
-    found_own, own = _get_path(nested, (PER_RANK_KEY, str(rank)))
-    for path, _ in marked:
-        found, value = _get_path(own, path) if found_own else (False, None)
+    found_own, own = get_saved(nested, (PER_RANK_KEY, str(rank)))
+    for path, template in marked:
+        found, value = get_saved(own, path) if found_own else (False, None)
         if found:
-            set_path(state, path, value)
+            # Built from saved places: its dicts' keys as text, mapped back onto the template's.
+            set_path(state, path, keys_like(template, value))
 
 
 def split_per_rank_keys(keys: Iterable[str]) -> tuple[list[str], dict[int, list[str]]]:
@@ -231,7 +225,7 @@ def rename_back(state: Any, renames: list[tuple[Path_, dict[str, str]]]) -> None
     """Undo :func:`rename_to_saved` on the loaded ``state``, innermost first (keys a load
     left out stay out)."""
     for path, mapping in reversed(renames):
-        found, node = _get_path(state, path)
+        found, node = get_saved(state, path)
         if not found or not isinstance(node, dict):
             continue
         back = {saved: target for target, saved in mapping.items()}

@@ -30,6 +30,7 @@ from torch.distributed.checkpoint.planner import LoadPlan, ReadItem
 from distckpt.checksums import ChecksumWriter
 from distckpt.errors import CheckpointError, CorruptCheckpoint
 from distckpt.formats.base import ReadOptions
+from distckpt.formats.dcp_text_keys import SavedPlaces
 from distckpt.formats.torch_files import safe_torch_load
 from distckpt.state import LoadReport, ShapeDifference, set_path
 
@@ -140,6 +141,7 @@ class Planner(DefaultLoadPlanner):
         super().__init__(flatten_state_dict=flatten, allow_partial_load=True)
         self.options = options
         self.missing: list[str] = []
+        self._places: SavedPlaces | None = None
 
     def create_local_plan(self) -> LoadPlan:
         plan = super().create_local_plan()
@@ -155,7 +157,14 @@ class Planner(DefaultLoadPlanner):
         set_path(self.original_state_dict, self.path_of(key), loaded)
 
     def path_of(self, key: str) -> tuple[Any, ...]:
-        return tuple(self.mappings[key]) if self.flatten_state_dict else (key,)
+        """The place of the flat ``key`` in the state being loaded, with that state's own dict
+        keys: DCP's place holds them as text (``0`` as ``"0"``), which would land beside the
+        key it stands for (:mod:`distckpt.formats.dcp_text_keys`)."""
+        if not self.flatten_state_dict:
+            return (key,)
+        if self._places is None:
+            self._places = SavedPlaces(self.original_state_dict)
+        return self._places.place(tuple(self.mappings[key]))
 
 
 def flat_state(state: STATE_DICT_TYPE) -> dict[str, Any]:

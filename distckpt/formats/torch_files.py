@@ -193,6 +193,8 @@ class TorchFilesFormat:
         pass  # torch.save writes anything; an unpicklable value fails the write itself
 
     def estimate_bytes(self, state: Any) -> int:
+        # The rank file holds each storage once, as torch.save does: a view's whole storage
+        # from a sync save, only the bytes it reaches from an async snapshot's buffers.
         return estimate_file_bytes(storage_sizes(state))
 
     def write(self, state: Any, directory: Path, ctx: ShardContext) -> Mapping[str, FileRecord]:
