@@ -29,7 +29,6 @@ A client must not cross a ``fork()``: make one per process.
 from __future__ import annotations
 
 import base64
-import contextlib
 import os
 import random
 import time
@@ -47,11 +46,11 @@ from distckpt.errors import (
     StoreAccessDenied,
     StoreUnavailable,
 )
+from distckpt.objurl import S3Url
 
 if TYPE_CHECKING:
     from distckpt.objstreams import ObjectReader, ObjectWriter
 
-S3_SCHEME = "s3://"
 MIN_PART_SIZE = 5 << 20  # S3's minimum for every part but the last
 DEFAULT_PART_SIZE = 16 << 20
 #: The largest object one ``CopyObject`` copies (S3's limit); a larger one is copied in parts.
@@ -90,41 +89,6 @@ _OPTION_KEYS = {
 }
 
 T = TypeVar("T")
-
-
-def is_s3_url(root: object) -> bool:
-    """Whether ``root`` names an object-store root (a ``str`` starting with ``s3://``)."""
-    return isinstance(root, str) and root.startswith(S3_SCHEME)
-
-
-@dataclass(frozen=True)
-class S3Url:
-    """``s3://bucket/prefix`` split; ``prefix`` has no leading or trailing ``/`` ("" for the
-    bucket's top)."""
-
-    bucket: str
-    prefix: str
-
-    @classmethod
-    def parse(cls, url: str) -> S3Url:
-        if not is_s3_url(url):
-            raise InvalidArgument(f"not an s3:// URL: {url!r}")
-        bucket, _, prefix = url[len(S3_SCHEME) :].partition("/")
-        prefix = prefix.strip("/")
-        if not bucket or "//" in prefix or any(p in (".", "..") for p in prefix.split("/")):
-            raise InvalidArgument(f"an s3:// URL needs a bucket and a plain prefix: {url!r}")
-        return cls(bucket, prefix)
-
-    def key(self, name: str) -> str:
-        """The full object key of ``name`` (relative to the prefix)."""
-        return f"{self.prefix}/{name}" if self.prefix else name
-
-    def relative(self, key: str) -> str:
-        """``key`` relative to the prefix (the inverse of :meth:`key`)."""
-        return key[len(self.prefix) + 1 :] if self.prefix else key
-
-    def __str__(self) -> str:
-        return f"{S3_SCHEME}{self.bucket}/{self.prefix}" if self.prefix else f"s3://{self.bucket}"
 
 
 @dataclass(frozen=True)
@@ -494,56 +458,14 @@ class ObjectStore:
         bytes never passing through this process; ``target`` is replaced if it exists. Up to
         :data:`MAX_COPY_OBJECT_BYTES` one ``CopyObject``; a larger object (which that refuses)
         as a multipart upload of ``UploadPartCopy`` ranges, published whole or not at all."""
-        copy_source = {"Bucket": self.bucket, "Key": self.url.key(source)}
-        if size <= MAX_COPY_OBJECT_BYTES:
-            self.request(
-                "copy",
-                source,
-                self.client.copy_object,
-                Key=self.url.key(target),
-                CopySource=copy_source,
-            )
+        if size > MAX_COPY_OBJECT_BYTES:
+            from distckpt.objstreams import copy_in_parts
+
+            copy_in_parts(self, source, target, size, part_bytes=COPY_PART_BYTES)
             return
+        copy_source = {"Bucket": self.bucket, "Key": self.url.key(source)}
         key = self.url.key(target)
-        upload = self.request(
-            "start multipart copy", target, self.client.create_multipart_upload, Key=key
-        )
-        upload_id = upload["UploadId"]
-        try:
-            parts = []
-            for number, start in enumerate(range(0, size, COPY_PART_BYTES), start=1):
-                end = min(start + COPY_PART_BYTES, size) - 1
-                response = self.request(
-                    f"copy part {number}",
-                    source,
-                    self.client.upload_part_copy,
-                    Key=key,
-                    UploadId=upload_id,
-                    PartNumber=number,
-                    CopySource=copy_source,
-                    CopySourceRange=f"bytes={start}-{end}",
-                )
-                parts.append({"PartNumber": number, "ETag": response["CopyPartResult"]["ETag"]})
-            self.request(
-                "complete multipart copy",
-                target,
-                self.client.complete_multipart_upload,
-                Key=key,
-                UploadId=upload_id,
-                MultipartUpload={"Parts": parts},
-            )
-        except BaseException:
-            # Nothing was published: the parts copied so far are dropped (an abort that fails
-            # leaves them to the store's lifecycle rules, as a crashed upload does).
-            with contextlib.suppress(ObjectStoreError):
-                self.request(
-                    "abort multipart copy",
-                    target,
-                    self.client.abort_multipart_upload,
-                    Key=key,
-                    UploadId=upload_id,
-                )
-            raise
+        self.request("copy", source, self.client.copy_object, Key=key, CopySource=copy_source)
 
     # -- streams -------------------------------------------------------------------------
 

@@ -2,7 +2,8 @@
 
 :class:`ObjectWriter` is what ``torch.save`` writes a shard into (a parallel multipart upload
 that is published whole at ``close()`` or never); :class:`ObjectReader` is what ``torch.load``
-reads one from (ranged GETs pinned to one version of the object).
+reads one from (ranged GETs pinned to one version of the object); :func:`copy_in_parts` copies
+an object too large for one ``CopyObject`` inside the store.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from distckpt.checksums import crc32
-from distckpt.errors import StoreUnavailable
+from distckpt.errors import ObjectStoreError, StoreUnavailable
 from distckpt.objstore import ObjectStore, crc32_base64
 
 _PARTS_PER_SIZE_STEP = 1000  # part size doubles every 1000 parts: S3 allows 10,000 parts
@@ -301,3 +302,53 @@ class ObjectReader:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def copy_in_parts(
+    store: ObjectStore, source: str, target: str, size: int, *, part_bytes: int
+) -> None:
+    """Copy ``source`` (``size`` bytes) to ``target`` inside ``store`` as a multipart upload of
+    ``UploadPartCopy`` ranges of ``part_bytes``, published whole or not at all: what
+    :meth:`ObjectStore.copy <distckpt.objstore.ObjectStore.copy>` does past the limit of one
+    ``CopyObject``."""
+    copy_source = {"Bucket": store.bucket, "Key": store.url.key(source)}
+    key = store.url.key(target)
+    upload = store.request(
+        "start multipart copy", target, store.client.create_multipart_upload, Key=key
+    )
+    upload_id = upload["UploadId"]
+    try:
+        parts = []
+        for number, start in enumerate(range(0, size, part_bytes), start=1):
+            end = min(start + part_bytes, size) - 1
+            response = store.request(
+                f"copy part {number}",
+                source,
+                store.client.upload_part_copy,
+                Key=key,
+                UploadId=upload_id,
+                PartNumber=number,
+                CopySource=copy_source,
+                CopySourceRange=f"bytes={start}-{end}",
+            )
+            parts.append({"PartNumber": number, "ETag": response["CopyPartResult"]["ETag"]})
+        store.request(
+            "complete multipart copy",
+            target,
+            store.client.complete_multipart_upload,
+            Key=key,
+            UploadId=upload_id,
+            MultipartUpload={"Parts": parts},
+        )
+    except BaseException:
+        # Nothing was published: the parts copied so far are dropped (an abort that fails
+        # leaves them to the store's lifecycle rules, as a crashed upload does).
+        with contextlib.suppress(ObjectStoreError):
+            store.request(
+                "abort multipart copy",
+                target,
+                store.client.abort_multipart_upload,
+                Key=key,
+                UploadId=upload_id,
+            )
+        raise

@@ -22,7 +22,8 @@ from distckpt.errors import (
     StoreAccessDenied,
     StoreUnavailable,
 )
-from distckpt.objstore import MIN_PART_SIZE, ObjectStore, S3Url, is_s3_url
+from distckpt.objstore import MIN_PART_SIZE, ObjectStore
+from distckpt.objurl import S3Url, is_s3_url
 from tests.ranks import ReservedPort, run_ranks, values
 from tests.s3server import FlakyProxy, S3Server
 

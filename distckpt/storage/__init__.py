@@ -36,7 +36,7 @@ from distckpt.fsutil import LinkMode
 from distckpt.lease import LeaseHolder
 from distckpt.lock import Leftover
 from distckpt.manifest import FileRecord, Manifest
-from distckpt.objstore import is_s3_url
+from distckpt.objurl import is_s3_url
 from distckpt.policy import RetentionPolicy
 from distckpt.results import CheckpointLocation, SaveResult
 from distckpt.storage.views import Located, RootView

@@ -60,7 +60,8 @@ from distckpt.manifest import (
     unknown_checksum_algorithm,
     wrong_size,
 )
-from distckpt.objstore import ObjectStore, S3Url
+from distckpt.objstore import ObjectStore
+from distckpt.objurl import S3Url
 from distckpt.results import CheckpointLocation
 from distckpt.storage.s3_spool import make_temp_dir
 from distckpt.storage.views import CheckpointSource, Located, RootView
