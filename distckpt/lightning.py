@@ -45,17 +45,31 @@ callbacks', a ``ReduceLROnPlateau`` scheduler's step) are not run again when res
 
 from __future__ import annotations
 
+import copy
+import io
 from typing import Any
 
 import lightning
+import torch
 from lightning import LightningModule, Trainer
 from lightning.fabric.utilities.data import _set_sampler_epoch
+from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.utilities.combined_loader import _Stateful
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
+from distckpt.errors import InvalidArgument
+from distckpt.formats.base import ReadOptions
+from distckpt.formats.torch_files import safe_torch_load
 from distckpt.manager import CheckpointManager
+from distckpt.per_rank import PerRank
+from distckpt.results import Checkpoint as LoadedCheckpoint
 from distckpt.results import SaveResult
 from distckpt.rng import capture_rng, restore_rng
+from distckpt.state import apply_load, check_load, to_plain
 from distckpt.steps import StepTracker
+
+#: The state's key of :class:`_LightningExtras`, which checkpoints saved before it existed lack.
+_EXTRAS_KEY = "lightning"
 
 
 class _TrainerState:
@@ -136,6 +150,122 @@ class _DeferredRNG:
             self.pending = None
 
 
+def _to_bytes(value: Any) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(value, buffer)
+    return buffer.getvalue()
+
+
+def _from_bytes(data: bytes, what: str) -> Any:
+    return safe_torch_load(io.BytesIO(data), ReadOptions(), name=what)
+
+
+class _AsBytes:
+    """A nested state (objects with ``state_dict()`` in it saved through it) saved as the
+    ``torch.save`` bytes of its plain form, and loaded back in place, as strictly as a
+    restore loads. For the "dcp" format, which loads back only tensors and the leaves of the
+    structure it is given, and drops empty dicts, tuples and non-string keys on the way: the
+    Trainer's loop state holds all of these."""
+
+    def __init__(self, state: dict[str, Any]) -> None:
+        self.state = state
+
+    def state_dict(self) -> dict[str, bytes]:
+        return {"torch_save": _to_bytes(to_plain(self.state))}
+
+    def load_state_dict(self, saved: dict[str, bytes]) -> None:
+        loaded = _from_bytes(saved["torch_save"], "the training state")
+        check_load(self.state, loaded, strict=True)
+        apply_load(self.state, loaded)
+
+
+class _LightningExtras:
+    """What Lightning's own checkpoints carry besides the module, optimizers, schedulers and
+    loops: every stateful callback's ``state_dict()`` keyed by its ``state_key`` (as
+    Lightning's ``checkpoint["callbacks"]``; the callbacks in ``skipped`` and empty states left
+    out), and the dict the module's ``on_save_checkpoint`` filled.
+
+    Each is saved as ``torch.save`` bytes, one plain value: which callbacks, and which keys a
+    hook adds, may differ between the run that saves and the one that resumes, and a restore
+    loads into a structure given in advance (the "dcp" format reads only the keys it is given
+    and flattens tuples and non-string keys). The bytes come back exactly as saved, and are
+    loaded as torch loads weights (tensors and plain containers only)."""
+
+    KEYS = ("callbacks", "module_checkpoint")
+
+    def __init__(self, trainer: Trainer, skipped: tuple[lightning.Callback, ...]) -> None:
+        self.trainer = trainer
+        self.skipped = skipped
+
+    def state_dict(self) -> dict[str, bytes]:
+        callbacks = {}
+        for callback in self.trainer.callbacks:
+            if any(callback is skipped for skipped in self.skipped):
+                continue
+            state = callback.state_dict()
+            if state:
+                callbacks[callback.state_key] = state
+        # The hook gets a dict of its own, and finds it again on resume: Lightning's entries
+        # (``state_dict``, ``optimizer_states``, ...) are saved elsewhere here.
+        module_checkpoint: dict[str, Any] = {}
+        self.trainer.lightning_module.on_save_checkpoint(module_checkpoint)
+        return {
+            "callbacks": _to_bytes(callbacks),
+            "module_checkpoint": _to_bytes(module_checkpoint),
+        }
+
+    def load_state_dict(self, state: dict[str, bytes]) -> None:
+        """Loads each saved callback state into the callback of the same ``state_key`` and
+        hands the module's dict to its ``on_load_checkpoint``, as Lightning's own restore
+        does: a saved state whose callback is gone is warned about, and a callback without a
+        saved state keeps its own."""
+        callbacks: dict[str, Any] = _from_bytes(state["callbacks"], "the callbacks' states")
+        module_checkpoint: dict[str, Any] = _from_bytes(
+            state["module_checkpoint"], "the module's on_save_checkpoint dict"
+        )
+        present = {callback.state_key for callback in self.trainer.callbacks}
+        gone = sorted(set(callbacks) - present)
+        if gone:
+            rank_zero_warn(
+                "The checkpoint holds the state of callbacks this Trainer does not have: pass "
+                f"the callbacks it was saved with to resume them. Missing: {gone}"
+            )
+        self.trainer.lightning_module.on_load_checkpoint(module_checkpoint)
+        for callback in self.trainer.callbacks:
+            saved = callbacks.get(callback.state_key)
+            if saved and not any(callback is skipped for skipped in self.skipped):
+                callback.load_state_dict(copy.deepcopy(saved))
+
+
+class _ExtrasTemplate:
+    """What a restore loads :class:`_LightningExtras` through: its ``state_dict()`` has the
+    saved keys without calling the callbacks' and the module's hooks, which run at saves."""
+
+    def __init__(self, extras: _LightningExtras) -> None:
+        self.extras = extras
+
+    def state_dict(self) -> dict[str, bytes]:
+        return dict.fromkeys(_LightningExtras.KEYS, b"")
+
+    def load_state_dict(self, state: dict[str, bytes]) -> None:
+        self.extras.load_state_dict(state)
+
+
+class _SaveAfterMonitors(Checkpoint):
+    """Takes :class:`DistckptCallback`'s epoch-end checkpoints. Lightning runs the
+    ``on_train_epoch_end`` of its checkpoint callbacks (and of ``EarlyStopping``) after every
+    other callback's and the module's, so that what those hooks change (an ``EarlyStopping``'s
+    count of epochs without improvement) is in the checkpoint. ``DistckptCallback`` cannot be
+    a checkpoint callback itself: Lightning refuses one with ``enable_checkpointing=False``.
+    Added to the Trainer's callbacks at ``setup``, last, and removed at ``teardown``."""
+
+    def __init__(self, owner: DistckptCallback) -> None:
+        self.owner = owner
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.owner.save_at_epoch_end(trainer, pl_module)
+
+
 class DistckptCallback(lightning.Callback):
     """Saves through a :class:`distckpt.CheckpointManager` and resumes exactly from ``last``
     when ``trainer.fit`` starts.
@@ -158,6 +288,8 @@ class DistckptCallback(lightning.Callback):
         self.resumed_from: int | None = None
         self._rng = _DeferredRNG()
         self._trainer_state: _TrainerState | None = None
+        self._extras: _LightningExtras | None = None
+        self._epoch_end_saver = _SaveAfterMonitors(self)
         self._step_at_last_batch = 0
         self._save_at_epoch_end = False
         self.last_save: SaveResult | None = None
@@ -165,23 +297,41 @@ class DistckptCallback(lightning.Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage == "fit":
             self.manager = CheckpointManager(self.root, **self.manager_options)
+            trainer.callbacks.append(self._epoch_end_saver)
 
-    def _state(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
-        return {
-            "model": pl_module,
-            "optimizers": list(trainer.optimizers),
+    def _state(self, trainer: Trainer, pl_module: LightningModule, extras: Any) -> dict[str, Any]:
+        """The state saved and restored; ``extras`` is :class:`_LightningExtras` to save, or
+        its :class:`_ExtrasTemplate` to restore (None: a checkpoint saved without it)."""
+        assert self.manager is not None
+        training = {
             "schedulers": [config.scheduler for config in trainer.lr_scheduler_configs],
             "steps": self.tracker,
             "trainer": self._trainer_state,
             "rng": self._rng,
         }
+        state: dict[str, Any]
+        if self.manager.format == "dcp":
+            # Imported on use: torch.distributed.checkpoint costs half a second to import.
+            from distckpt.model_state import ModelOptimizerState
+
+            state = {
+                # Keyed by parameter name, so that DCP reshards them (FSDP, DTensors).
+                "model_and_optimizers": ModelOptimizerState(pl_module, trainer.optimizers),
+                # Each rank's own: its loaders' positions, its random number generators.
+                "training": PerRank(_AsBytes(training)),
+            }
+        else:
+            state = {"model": pl_module, "optimizers": list(trainer.optimizers), **training}
+        if extras is not None:
+            state[_EXTRAS_KEY] = extras
+        return state
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         assert self.manager is not None
         self.tracker = StepTracker(*trainer.optimizers)
         self._trainer_state = _TrainerState(trainer)
-        state = self._state(trainer, pl_module)
-        checkpoint = self.manager.restore("last", state=state, missing_ok=True)
+        self._extras = _LightningExtras(trainer, skipped=(self, self._epoch_end_saver))
+        checkpoint = self._restore_last(trainer, pl_module)
         self.resumed_from = checkpoint.step if checkpoint is not None else None
         self._step_at_last_batch = self.tracker.step
         if checkpoint is not None:
@@ -191,6 +341,25 @@ class DistckptCallback(lightning.Callback):
             # has no public call to rebuild it: dropping the built one makes the fit loop
             # rebuild it, with the position, when it starts.
             trainer.fit_loop._combined_loader = None
+
+    def _restore_last(
+        self, trainer: Trainer, pl_module: LightningModule
+    ) -> LoadedCheckpoint | None:
+        """Restores ``last``, if any. A checkpoint saved before the callbacks' states and the
+        module's ``on_save_checkpoint`` dict were saved lacks them: it is refused (before
+        anything is loaded) with them, and restored without them; then there is nothing to
+        give those callbacks and hooks."""
+        assert self.manager is not None and self._extras is not None
+        state = self._state(trainer, pl_module, _ExtrasTemplate(self._extras))
+        try:
+            return self.manager.restore("last", state=state, missing_ok=True)
+        except InvalidArgument as error:
+            try:
+                return self.manager.restore(
+                    "last", state=self._state(trainer, pl_module, None), missing_ok=True
+                )
+            except InvalidArgument:
+                raise error from None
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         assert self._trainer_state is not None
@@ -227,7 +396,8 @@ class DistckptCallback(lightning.Callback):
             return
         self._save(trainer, pl_module, epochs_done=trainer.current_epoch)
 
-    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+    def save_at_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """The epoch-end save, if one is due; run by :class:`_SaveAfterMonitors`."""
         if self._save_at_epoch_end:
             self._save_at_epoch_end = False
             # ``current_epoch`` still names the epoch that has just ended here.
@@ -242,7 +412,7 @@ class DistckptCallback(lightning.Callback):
         }
         saved = self.manager.save(
             self.tracker.step,
-            self._state(trainer, pl_module),
+            self._state(trainer, pl_module, self._extras),
             epoch=epochs_done,
             metrics=metrics,
         )
@@ -252,6 +422,8 @@ class DistckptCallback(lightning.Callback):
             trainer.should_stop = True
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if self._epoch_end_saver in trainer.callbacks:
+            trainer.callbacks.remove(self._epoch_end_saver)
         if self.tracker is not None:
             self.tracker.close()
         if self.manager is not None:
