@@ -1,10 +1,11 @@
 """distckpt.lightning.DistckptCallback in real Trainers, killed with SIGKILL and fitted again.
 
 Each case (one device with manual optimization and validation; DDP on 2 CPU processes with
-gradient accumulation) runs ``tests/lightning_job.py`` once uninterrupted (the reference, shared
-by the tests here) and again killed at seeded random moments, or right after chosen saves, and
-re-run with the same command: every batch's loss and the final parameters, optimizer, scheduler
-and RNG states must equal the reference's bit for bit.
+gradient accumulation, in the "torch" format and, killed after chosen saves, the "dcp" one) runs
+``tests/lightning_job.py`` once uninterrupted (the reference, shared by the tests here) and again
+killed at seeded random moments, or right after chosen saves, and re-run with the same command:
+every batch's loss and the final parameters, optimizer, scheduler and RNG states must equal the
+reference's bit for bit.
 """
 
 from __future__ import annotations
@@ -32,10 +33,18 @@ ONE_DEVICE = ["--devices", "1", "--optimization", "manual", "--validate"]
 #: 5 batches an epoch per rank, so each epoch's last batch steps alone, its accumulation window
 #: ended early (3 optimizer steps an epoch).
 DDP = ["--devices", "2", "--optimization", "auto", "--samples", "40"]
+#: The same DDP job checkpointing in the "dcp" format: the module and optimizers through
+#: ModelOptimizerState, the rest of the training state as each rank's own.
+DDP_DCP = [*DDP, "--format", "dcp"]
 
 
 def _reference(factory: pytest.TempPathFactory, options: list[str]) -> Path:
-    """The uninterrupted fit with ``options``, one per session, shared by the tests here."""
+    """The uninterrupted fit with ``options``, one per session, shared by the tests here. The
+    checkpoint format is left out: saving in either must not change the fit (the "dcp" case
+    below holds a resumed "dcp" fit to the "torch" one, bit for bit)."""
+    if "--format" in options:
+        at = options.index("--format")
+        options = options[:at] + options[at + 2 :]
     return killing.shared_reference(factory, "lightning" + "".join(options), JOB, options)
 
 
@@ -77,8 +86,8 @@ def test_killed_fit_resumes_exactly(
 
 @pytest.mark.parametrize(
     ("options", "saved_at"),
-    [(ONE_DEVICE, ["0 11", "1 3"]), (DDP, ["1 4", "2 3"])],
-    ids=["one-device-manual-optimization", "ddp-accumulation"],
+    [(ONE_DEVICE, ["0 11", "1 3"]), (DDP, ["1 4", "2 3"]), (DDP_DCP, ["1 4", "2 3"])],
+    ids=["one-device-manual-optimization", "ddp-accumulation", "ddp-accumulation-dcp"],
 )
 def test_fit_killed_after_an_epoch_end_save_and_after_the_next_save_resumes_exactly(
     tmp_path: Path,
