@@ -1,0 +1,74 @@
+"""What distckpt.lightning.DistckptCallback restores besides the module, optimizers and loops:
+the callbacks' states (EarlyStopping, the Timer of ``max_time``), the module's
+``on_save_checkpoint`` dict and the datamodule's ``state_dict``, in real Trainers killed with
+SIGKILL and fitted again (``tests/lightning_callbacks_job.py``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("lightning")
+
+from tests import killing
+
+JOB = "tests/lightning_callbacks_job.py"
+pytestmark = pytest.mark.timeout(300)
+
+#: The uninterrupted fit: EarlyStopping stops it after epoch 2, 3 epochs of 2 batches, saved at
+#: each epoch's end.
+UNINTERRUPTED = {"stopped_epoch": 2, "global_step": 6, "epochs": 3, "saves": 3, "batches_seen": 6}
+
+
+def _killed_at_epoch_2(tmp_path: Path, options: list[str]) -> tuple[list[str], Path]:
+    """The job's command, and its output directory after it ran with ``options`` until the start
+    of epoch 2 (after epoch 1's checkpoint) and was killed there."""
+    out = tmp_path / "out"
+    out.mkdir()
+    command = [JOB, str(tmp_path / "root"), str(out), *options]
+    assert killing.run([*command, "--wait-at-epoch", "2"], out, kill_after=1, counted="waiting.txt")
+    return command, out
+
+
+@pytest.mark.parametrize("checkpoint_format", ["torch", "dcp"])
+def test_a_fit_killed_between_epochs_stops_early_where_the_uninterrupted_one_does(
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, checkpoint_format: str
+) -> None:
+    """Resumed from epoch 1's checkpoint, EarlyStopping goes on counting epochs without
+    improvement from 1 (it stopped the fit 2 epochs late without its state), the module's
+    count of saves and the datamodule's of batches go on from the checkpoint's, and the dict
+    the module's ``on_load_checkpoint`` gets is exactly what its ``on_save_checkpoint`` put in
+    (a tuple, an int key, an empty dict: the "dcp" format alone would not bring them back)."""
+    reference = killing.shared_reference(tmp_path_factory, "lightning-callbacks", JOB)
+    assert torch.load(reference / "final.pt") == UNINTERRUPTED
+    command, out = _killed_at_epoch_2(tmp_path, ["--format", checkpoint_format])
+    assert not killing.run(command, out)
+    assert torch.load(out / "final.pt") == UNINTERRUPTED
+    loaded = torch.load(out / "module-loaded.pt", weights_only=True)
+    assert loaded.keys() == {"saves", "values"} and loaded["saves"] == 2
+    values = loaded["values"]
+    assert values.keys() == {"pair", 3, "empty"}
+    assert type(values["pair"]) is tuple and values["pair"] == (1, "two")
+    assert torch.equal(values[3], torch.tensor([1.5])) and values["empty"] == {}
+
+
+def test_a_resumed_fit_counts_the_training_time_before_the_kill_against_max_time(
+    tmp_path: Path,
+) -> None:
+    """Killed at the start of epoch 2 and run again with ``max_time`` no longer than the
+    training time the first run had at epoch 1's checkpoint: the restored Timer finds the time
+    used up and the fit stops before its first batch (without its state, the Timer counted
+    from 0 and the fit trained on). That run leaves EarlyStopping out: the checkpoint's state of
+    it is warned about, as Lightning does, and the rest restores."""
+    command, out = _killed_at_epoch_2(tmp_path, [])
+    trained_microseconds = int((out / "waiting.txt").read_text())
+    assert trained_microseconds > 0
+    limited = [*command, "--max-time-us", str(trained_microseconds), "--no-early-stopping"]
+    assert not killing.run(limited, out)
+    final = torch.load(out / "final.pt")
+    assert (final["global_step"], final["batches_seen"], final["saves"]) == (4, 4, 2)
+    log = (out / "job.log").read_text()
+    assert "The checkpoint holds the state of callbacks this Trainer does not have" in log
+    assert "Missing: [\"EarlyStopping{'monitor': 'val_metric', 'mode': 'min'}\"]" in log
