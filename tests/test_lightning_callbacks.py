@@ -5,6 +5,7 @@ SIGKILL and fitted again (``tests/lightning_callbacks_job.py``)."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ pytest.importorskip("lightning")
 from tests import killing
 
 JOB = "tests/lightning_callbacks_job.py"
+FIXTURES = Path(__file__).parent / "fixtures"
 pytestmark = pytest.mark.timeout(300)
 
 #: The uninterrupted fit: EarlyStopping stops it after epoch 2, 3 epochs of 2 batches, saved at
@@ -72,3 +74,25 @@ def test_a_resumed_fit_counts_the_training_time_before_the_kill_against_max_time
     log = (out / "job.log").read_text()
     assert "The checkpoint holds the state of callbacks this Trainer does not have" in log
     assert "Missing: [\"EarlyStopping{'monitor': 'val_metric', 'mode': 'min'}\"]" in log
+
+
+def test_a_checkpoint_saved_before_callback_states_were_saved_still_resumes(tmp_path: Path) -> None:
+    """``tests/fixtures/lightning-before-callback-states``: epoch 1's checkpoint of the job, saved
+    by the callback before it saved callbacks' states and the module's ``on_save_checkpoint``
+    dict. It resumes (from step 4, the datamodule's count with it), with nothing to give
+    EarlyStopping, whose count starts again: it stops the fit after epoch 4, not 2, and the
+    module's ``on_load_checkpoint`` is not called."""
+    root = tmp_path / "root"
+    shutil.copytree(FIXTURES / "lightning-before-callback-states", root)
+    out = tmp_path / "out"
+    out.mkdir()
+    assert not killing.run([JOB, str(root), str(out)], out)
+    final = torch.load(out / "final.pt")
+    assert final == {
+        "stopped_epoch": 4,
+        "global_step": 10,
+        "epochs": 5,
+        "saves": 3,
+        "batches_seen": 10,
+    }
+    assert not (out / "module-loaded.pt").exists()
