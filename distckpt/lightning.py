@@ -21,10 +21,30 @@ What makes a resume exact, and where each piece is restored:
   (``trainer.fit_loop.state_dict()``: the epoch, batch and optimizer-step progress trackers and,
   for a ``StatefulDataLoader``, the loader's position, which Lightning hands to the loader when
   it builds the epoch's iterator). Lightning then continues from the saved batch, as it would
-  from its own checkpoint;
+  from its own checkpoint. Also there, as Lightning's own restore does: every callback's
+  ``state_dict()`` (``EarlyStopping``'s count of epochs without improvement, the training time
+  of ``Trainer(max_time=...)``'s ``Timer``), saved keyed by its ``state_key`` (empty states
+  left out) and loaded into the callback of the same ``state_key`` (a saved state whose
+  callback is gone is warned about; a callback without a saved state keeps its own), and the
+  module's ``on_load_checkpoint``, given the dict its ``on_save_checkpoint`` filled at the
+  save, exactly as filled;
 * at ``on_train_start``, after Lightning has built the data iterator: the random number
   generators. Building an iterator draws from torch's global generator (a loader without its
   own ``generator=``), so restoring the generators any earlier would leave them one draw off.
+
+With ``format="dcp"`` the module and the optimizers are saved through
+:class:`~distckpt.ModelOptimizerState` (keyed by parameter name, so DCP reshards FSDP's and
+other DTensors), and the rest of the training state as each rank's own value (its loaders'
+positions, its RNGs): a resume by another number of ranks is refused with
+:class:`~distckpt.WorldSizeMismatch`.
+
+Limits: the dict the module's ``on_save_checkpoint`` gets starts empty, without Lightning's own
+entries (``state_dict``, ``optimizer_states``, ...), which are saved elsewhere, so a hook that
+reads or changes them has no effect here; the callbacks' own ``on_save_checkpoint`` /
+``on_load_checkpoint`` hooks (which expect those entries) are not called. The callbacks' states
+and the hook's dict are saved with ``torch.save`` and loaded as torch loads weights: tensors,
+numbers, strings and containers of them. The callbacks whose ``on_fit_start`` runs before this
+callback's (listed before it) see their state before the restore.
 
 Checkpoints are taken at ``on_train_batch_end`` of a batch whose optimizer step completed: the
 step counted is the :class:`~distckpt.StepTracker`'s (real optimizer steps, also under manual
@@ -33,14 +53,17 @@ exist at that moment, so none need saving. A checkpoint due in the middle of an 
 window (a preemption signal) is taken at the window's last micro-batch. Epoch schedules
 (``every_n_epochs``) count completed epochs. After a preemption save the trainer stops.
 
-A checkpoint due at an epoch's last batch is taken at ``on_train_epoch_end`` instead, once the
-epoch's validation has run (and drawn from the RNGs) and the loop counts the epoch as processed.
-Lightning resumes it as an ended epoch: the next epoch starts with its ``on_train_epoch_start``
-and from its first batch, and a checkpoint taken later in that epoch resumes mid-epoch like
-any other. The loaders' saved position, which Lightning does not hand back for an ended epoch,
-is used up at ``on_train_start`` and the next epoch's iterator built afresh after it. Known
-limit: the ``on_train_epoch_end`` hooks that run after this callback's (the module's, later
-callbacks', a ``ReduceLROnPlateau`` scheduler's step) are not run again when resuming.
+A checkpoint due at an epoch's last batch is taken at the epoch's end instead, once the epoch's
+validation has run (and drawn from the RNGs), the loop counts the epoch as processed, and every
+``on_train_epoch_end`` hook has run: the module's and every callback's, ``EarlyStopping``'s
+check included (Lightning runs checkpoint callbacks' last; this one adds such a callback for
+it). Lightning resumes it as an ended epoch: the next epoch starts with its
+``on_train_epoch_start`` and from its first batch, and a checkpoint taken later in that epoch
+resumes mid-epoch like any other. The loaders' saved position, which Lightning does not hand
+back for an ended epoch, is used up at ``on_train_start`` and the next epoch's iterator built
+afresh after it. Known limit: what Lightning does at an epoch's end after those hooks (a
+``ReduceLROnPlateau`` scheduler's step) is not in the checkpoint and not run again when
+resuming.
 """
 
 from __future__ import annotations
@@ -198,7 +221,7 @@ class _LightningExtras:
         self.skipped = skipped
 
     def state_dict(self) -> dict[str, bytes]:
-        callbacks = {}
+        callbacks: dict[str, Any] = {}
         for callback in self.trainer.callbacks:
             if any(callback is skipped for skipped in self.skipped):
                 continue

@@ -2,13 +2,14 @@
 ``tests/test_lightning_callbacks.py`` runs, kills and runs again.
 
 ``python tests/lightning_callbacks_job.py ROOT OUT [--format torch|dcp] [--wait-at-epoch E]
-[--max-time-us T] [--no-early-stopping]`` fits a linear model over 2 batches an epoch (for at most
-20 epochs), checkpointing at every epoch's end through
+[--max-time-us T] [--early-stopping-mode min|max]`` fits a linear model over 2 batches an epoch
+(for at most 20 epochs), checkpointing at every epoch's end through
 :class:`distckpt.lightning.DistckptCallback`. Each epoch's validation logs ``val_metric``, equal
 to the epoch number, so it never improves after epoch 0, and ``EarlyStopping(patience=2)``
-(unless ``--no-early-stopping``) stops the fit after epoch 2: global step 6.
+stops the fit after epoch 2: global step 6 (with ``mode="max"`` it improves at every epoch, and
+the EarlyStopping has another ``state_key``).
 
-Besides the callback's state, a resume needs:
+Besides EarlyStopping's state, a resume needs:
 
 * the module's ``on_save_checkpoint`` dict: it counts the saves there (3 in the whole fit) and
   puts values of kinds the "dcp" format alone would not bring back (a tuple, an int key, an empty
@@ -115,7 +116,7 @@ def main() -> None:
     parser.add_argument("--format", choices=("torch", "dcp"), default="torch")
     parser.add_argument("--wait-at-epoch", type=int, help="wait to be killed at its start")
     parser.add_argument("--max-time-us", type=int, default=86_400_000_000)
-    parser.add_argument("--no-early-stopping", action="store_true")
+    parser.add_argument("--early-stopping-mode", choices=("min", "max"), default="min")
     args = parser.parse_args()
 
     torch.set_num_threads(1)
@@ -123,9 +124,8 @@ def main() -> None:
     callbacks: list[lightning.Callback] = [
         DistckptCallback(args.root, every_n_epochs=1, format=args.format, fsync=False)
     ]
-    stopping = EarlyStopping(monitor="val_metric", patience=2, mode="min")
-    if not args.no_early_stopping:
-        callbacks.append(stopping)
+    stopping = EarlyStopping(monitor="val_metric", patience=2, mode=args.early_stopping_mode)
+    callbacks.append(stopping)
     if args.wait_at_epoch is not None:
         callbacks.append(WaitAtEpochStart(args.out, args.wait_at_epoch))
     trainer = lightning.Trainer(
@@ -144,6 +144,7 @@ def main() -> None:
     trainer.fit(module, data)
     final = {
         "stopped_epoch": stopping.stopped_epoch,
+        "best_score": stopping.best_score.item(),
         "global_step": trainer.global_step,
         "epochs": trainer.current_epoch,
         "saves": module.saves,

@@ -120,6 +120,15 @@ def test_fit_killed_after_an_epoch_end_save_and_after_the_next_save_resumes_exac
     _assert_same_fit(reference, out, options)
     for rank in range(int(options[1])):
         assert torch.load(out / f"final-rank{rank}.pt", weights_only=False)["resumed_from"] == 8
+    if "dcp" in options:
+        # README: besides the module and optimizers, each rank's own training state (its loader
+        # position, its RNGs) is saved, so one rank does not resume the 2 ranks' checkpoint.
+        one_rank = tmp_path / "one-rank"
+        one_rank.mkdir()
+        alone = [JOB, str(tmp_path / "root"), str(one_rank), *options]
+        alone[alone.index("--devices") + 1] = "1"
+        with pytest.raises(AssertionError, match="WorldSizeMismatch"):
+            killing.run(alone, one_rank)
 
 
 def test_plain_dataloader_mid_epoch_resume_is_not_exact(

@@ -5,6 +5,7 @@ SIGKILL and fitted again (``tests/lightning_callbacks_job.py``)."""
 
 from __future__ import annotations
 
+import math
 import shutil
 from pathlib import Path
 
@@ -19,9 +20,16 @@ JOB = "tests/lightning_callbacks_job.py"
 FIXTURES = Path(__file__).parent / "fixtures"
 pytestmark = pytest.mark.timeout(300)
 
-#: The uninterrupted fit: EarlyStopping stops it after epoch 2, 3 epochs of 2 batches, saved at
-#: each epoch's end.
-UNINTERRUPTED = {"stopped_epoch": 2, "global_step": 6, "epochs": 3, "saves": 3, "batches_seen": 6}
+#: The uninterrupted fit: EarlyStopping stops it after epoch 2 (its best metric: epoch 0's), 3
+#: epochs of 2 batches, saved at each epoch's end.
+UNINTERRUPTED = {
+    "stopped_epoch": 2,
+    "best_score": 0.0,
+    "global_step": 6,
+    "epochs": 3,
+    "saves": 3,
+    "batches_seen": 6,
+}
 
 
 def _killed_at_epoch_2(tmp_path: Path, options: list[str]) -> tuple[list[str], Path]:
@@ -62,15 +70,18 @@ def test_a_resumed_fit_counts_the_training_time_before_the_kill_against_max_time
     """Killed at the start of epoch 2 and run again with ``max_time`` no longer than the
     training time the first run had at epoch 1's checkpoint: the restored Timer finds the time
     used up and the fit stops before its first batch (without its state, the Timer counted
-    from 0 and the fit trained on). That run leaves EarlyStopping out: the checkpoint's state of
-    it is warned about, as Lightning does, and the rest restores."""
+    from 0 and the fit trained on). That run's EarlyStopping has ``mode="max"``, so another
+    ``state_key``: as in Lightning, the checkpoint's state of the "min" one is warned about,
+    and the "max" one keeps its own (its best score is still its initial one, not the "min"
+    one's), while the rest restores."""
     command, out = _killed_at_epoch_2(tmp_path, [])
     trained_microseconds = int((out / "waiting.txt").read_text())
     assert trained_microseconds > 0
-    limited = [*command, "--max-time-us", str(trained_microseconds), "--no-early-stopping"]
+    limited = [*command, "--max-time-us", str(trained_microseconds), "--early-stopping-mode", "max"]
     assert not killing.run(limited, out)
     final = torch.load(out / "final.pt")
     assert (final["global_step"], final["batches_seen"], final["saves"]) == (4, 4, 2)
+    assert final["best_score"] == -math.inf
     log = (out / "job.log").read_text()
     assert "The checkpoint holds the state of callbacks this Trainer does not have" in log
     assert "Missing: [\"EarlyStopping{'monitor': 'val_metric', 'mode': 'min'}\"]" in log
@@ -90,6 +101,7 @@ def test_a_checkpoint_saved_before_callback_states_were_saved_still_resumes(tmp_
     final = torch.load(out / "final.pt")
     assert final == {
         "stopped_epoch": 4,
+        "best_score": 2.0,
         "global_step": 10,
         "epochs": 5,
         "saves": 3,
