@@ -320,7 +320,8 @@ class DistckptCallback(lightning.Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage == "fit":
             self.manager = CheckpointManager(self.root, **self.manager_options)
-            trainer.callbacks.append(self._epoch_end_saver)
+            if self._epoch_end_saver not in trainer.callbacks:  # a fit that failed keeps it
+                trainer.callbacks.append(self._epoch_end_saver)
 
     def _state(self, trainer: Trainer, pl_module: LightningModule, extras: Any) -> dict[str, Any]:
         """The state saved and restored; ``extras`` is :class:`_LightningExtras` to save, or
