@@ -33,9 +33,9 @@ What makes a resume exact, and where each piece is restored:
   own ``generator=``), so restoring the generators any earlier would leave them one draw off.
 
 With ``format="dcp"`` the module and the optimizers are saved through
-:class:`~distckpt.ModelOptimizerState` (keyed by parameter name, so DCP reshards FSDP's and
-other DTensors), and the rest of the training state as each rank's own value (its loaders'
-positions, its RNGs): a resume by another number of ranks is refused with
+:class:`~distckpt.ModelOptimizerState` (keyed by parameter name, as the format needs: an optimizer's
+own ``state_dict()`` numbers the parameters), and the rest of the training state as each rank's own
+value (its loaders' positions, its RNGs): a resume by another number of ranks is refused with
 :class:`~distckpt.WorldSizeMismatch`.
 
 Limits: the dict the module's ``on_save_checkpoint`` gets starts empty, without Lightning's own
@@ -339,7 +339,8 @@ class DistckptCallback(lightning.Callback):
             from distckpt.model_state import ModelOptimizerState
 
             state = {
-                # Keyed by parameter name, so that DCP reshards them (FSDP, DTensors).
+                # Keyed by parameter name: DCP loads an optimizer's state in place, and a
+                # fresh optimizer has no state under its parameters' numbers to load into.
                 "model_and_optimizers": ModelOptimizerState(pl_module, trainer.optimizers),
                 # Each rank's own: its loaders' positions, its random number generators.
                 "training": PerRank(_AsBytes(training)),
