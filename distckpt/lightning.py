@@ -25,9 +25,8 @@ What makes a resume exact, and where each piece is restored:
   ``state_dict()`` (``EarlyStopping``'s count of epochs without improvement, the training time
   of ``Trainer(max_time=...)``'s ``Timer``), saved keyed by its ``state_key`` (empty states
   left out) and loaded into the callback of the same ``state_key`` (a saved state whose
-  callback is gone is warned about; a callback without a saved state keeps its own), and the
-  module's ``on_load_checkpoint``, given the dict its ``on_save_checkpoint`` filled at the
-  save, exactly as filled;
+  callback is gone is warned about; a callback without a saved state keeps its own), and, once
+  all of that is restored, the module's ``on_load_checkpoint``;
 * at ``on_train_start``, after Lightning has built the data iterator: the random number
   generators. Building an iterator draws from torch's global generator (a loader without its
   own ``generator=``), so restoring the generators any earlier would leave them one draw off.
@@ -38,10 +37,16 @@ own ``state_dict()`` numbers the parameters), and the rest of the training state
 value (its loaders' positions, its RNGs): a resume by another number of ranks is refused with
 :class:`~distckpt.WorldSizeMismatch`.
 
-Limits: the dict the module's ``on_save_checkpoint`` gets starts empty, without Lightning's own
-entries (``state_dict``, ``optimizer_states``, ...), which are saved elsewhere, so a hook that
-reads or changes them has no effect here; the callbacks' own ``on_save_checkpoint`` /
-``on_load_checkpoint`` hooks (which expect those entries) are not called. The callbacks' states
+The module's ``on_save_checkpoint`` gets a dict holding Lightning's cheap entries
+(:data:`LIGHTNING_ENTRIES`: ``epoch``, ``global_step``, ``pytorch-lightning_version`` and
+``state_dict``, the module's ``state_dict()``), not the costly ones (``optimizer_states``,
+``loops``, ``callbacks``, ...). Only the keys the hook adds are saved: changes it makes to those
+entries (rewriting ``state_dict`` to drop frozen weights) have no effect, as the module is saved
+from itself, whole. On resume its ``on_load_checkpoint`` gets the same entries, taken after the
+restore, and the saved added keys exactly as added (tuples, int keys and empty dicts included);
+changes it makes to ``state_dict`` have no effect either. Limits: the callbacks' own
+``on_save_checkpoint`` / ``on_load_checkpoint`` hooks (which expect Lightning's whole dict) are
+not called. The callbacks' states
 and the hook's dict are saved with ``torch.save`` and loaded as torch loads weights: tensors,
 numbers, strings and containers of them. The callbacks whose ``on_fit_start`` runs before this
 callback's (listed before it) see their state before the restore.
@@ -202,11 +207,29 @@ class _AsBytes:
         apply_load(self.state, loaded)
 
 
+#: The entries of Lightning's own checkpoint dict that the module's ``on_save_checkpoint`` and
+#: ``on_load_checkpoint`` find in theirs: the cheap ones (the module's ``state_dict()`` holds its
+#: tensors themselves, not copies). The rest (``optimizer_states``, ``loops``, ``callbacks``, ...)
+#: would cost a copy of state saved elsewhere.
+LIGHTNING_ENTRIES = ("epoch", "global_step", "pytorch-lightning_version", "state_dict")
+
+
+def _lightning_entries(trainer: Trainer) -> dict[str, Any]:
+    """:data:`LIGHTNING_ENTRIES`, as Lightning's ``dump_checkpoint`` fills them."""
+    return {
+        "epoch": trainer.current_epoch,
+        "global_step": trainer.global_step,
+        "pytorch-lightning_version": lightning.__version__,
+        # The module's own, not the strategy's (which gathers a sharded module on every rank).
+        "state_dict": trainer.lightning_module.state_dict(),
+    }
+
+
 class _LightningExtras:
     """What Lightning's own checkpoints carry besides the module, optimizers, schedulers and
     loops: every stateful callback's ``state_dict()`` keyed by its ``state_key`` (as
     Lightning's ``checkpoint["callbacks"]``; the callbacks in ``skipped`` and empty states left
-    out), and the dict the module's ``on_save_checkpoint`` filled.
+    out), and the keys the module's ``on_save_checkpoint`` added to its dict.
 
     Each is saved as ``torch.save`` bytes, one plain value: which callbacks, and which keys a
     hook adds, may differ between the run that saves and the one that resumes, and a restore
@@ -219,6 +242,7 @@ class _LightningExtras:
     def __init__(self, trainer: Trainer, skipped: tuple[lightning.Callback, ...]) -> None:
         self.trainer = trainer
         self.skipped = skipped
+        self.pending_module_checkpoint: dict[str, Any] | None = None
 
     def state_dict(self) -> dict[str, bytes]:
         callbacks: dict[str, Any] = {}
@@ -228,13 +252,17 @@ class _LightningExtras:
             state = callback.state_dict()
             if state:
                 callbacks[callback.state_key] = state
-        # The hook gets a dict of its own, and finds it again on resume: Lightning's entries
-        # (``state_dict``, ``optimizer_states``, ...) are saved elsewhere here.
-        module_checkpoint: dict[str, Any] = {}
+        # The hook reads Lightning's cheap entries as it would in Lightning's own checkpoint
+        # (rewriting ``checkpoint["state_dict"]`` is a common idiom); only what it adds is
+        # saved: the module and the loops are saved from themselves.
+        module_checkpoint = _lightning_entries(self.trainer)
         self.trainer.lightning_module.on_save_checkpoint(module_checkpoint)
+        added = {
+            key: value for key, value in module_checkpoint.items() if key not in LIGHTNING_ENTRIES
+        }
         return {
             "callbacks": _to_bytes(callbacks),
-            "module_checkpoint": _to_bytes(module_checkpoint),
+            "module_checkpoint": _to_bytes(added),
         }
 
     def load_state_dict(self, state: dict[str, bytes]) -> None:
@@ -253,11 +281,21 @@ class _LightningExtras:
                 "The checkpoint holds the state of callbacks this Trainer does not have: pass "
                 f"the callbacks it was saved with to resume them. Missing: {gone}"
             )
-        self.trainer.lightning_module.on_load_checkpoint(module_checkpoint)
+        self.pending_module_checkpoint = module_checkpoint
         for callback in self.trainer.callbacks:
             saved = callbacks.get(callback.state_key)
             if saved and not any(callback is skipped for skipped in self.skipped):
                 callback.load_state_dict(copy.deepcopy(saved))
+
+    def call_module_on_load(self) -> None:
+        """Calls the module's ``on_load_checkpoint`` with the keys its ``on_save_checkpoint``
+        added, if a restore loaded them, and Lightning's entries (:data:`LIGHTNING_ENTRIES`)
+        taken now: called once the whole restore is done, so they are the restored ones."""
+        added, self.pending_module_checkpoint = self.pending_module_checkpoint, None
+        if added is not None:
+            self.trainer.lightning_module.on_load_checkpoint(
+                {**_lightning_entries(self.trainer), **added}
+            )
 
 
 class _ExtrasTemplate:
@@ -357,6 +395,7 @@ class DistckptCallback(lightning.Callback):
         self._trainer_state = _TrainerState(trainer)
         self._extras = _LightningExtras(trainer, skipped=(self, self._epoch_end_saver))
         checkpoint = self._restore_last(trainer, pl_module)
+        self._extras.call_module_on_load()
         self.resumed_from = checkpoint.step if checkpoint is not None else None
         self._step_at_last_batch = self.tracker.step
         if checkpoint is not None:

@@ -42,6 +42,17 @@ WAIT_FOR_KILL = 300.0
 #: What the module puts in its ``on_save_checkpoint`` dict besides its count of saves.
 HOOK_VALUES: dict[Any, Any] = {"pair": (1, "two"), 3: torch.tensor([1.5]), "empty": {}}
 
+#: A Trainer on one CPU device that checkpoints only through distckpt and prints nothing but
+#: warnings.
+ONE_QUIET_DEVICE: dict[str, Any] = {
+    "accelerator": "cpu",
+    "devices": 1,
+    "enable_checkpointing": False,
+    "logger": False,
+    "enable_progress_bar": False,
+    "enable_model_summary": False,
+}
+
 
 class CountingData(lightning.LightningDataModule):
     def __init__(self) -> None:
@@ -131,14 +142,9 @@ def main() -> None:
     trainer = lightning.Trainer(
         max_epochs=20,
         max_time={"microseconds": args.max_time_us},
-        accelerator="cpu",
-        devices=1,
-        enable_checkpointing=False,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         num_sanity_val_steps=0,
         callbacks=callbacks,
+        **ONE_QUIET_DEVICE,
     )
     module, data = HookedModule(args.out), CountingData()
     trainer.fit(module, data)

@@ -14,6 +14,7 @@ import torch
 
 pytest.importorskip("lightning")
 
+from distckpt.lightning import LIGHTNING_ENTRIES
 from tests import killing
 
 JOB = "tests/lightning_callbacks_job.py"
@@ -49,7 +50,7 @@ def test_a_fit_killed_between_epochs_stops_early_where_the_uninterrupted_one_doe
     """Resumed from epoch 1's checkpoint, EarlyStopping goes on counting epochs without
     improvement from 1 (it stopped the fit 2 epochs late without its state), the module's
     count of saves and the datamodule's of batches go on from the checkpoint's, and the dict
-    the module's ``on_load_checkpoint`` gets is exactly what its ``on_save_checkpoint`` put in
+    the module's ``on_load_checkpoint`` gets holds exactly what its ``on_save_checkpoint`` added
     (a tuple, an int key, an empty dict: the "dcp" format alone would not bring them back)."""
     reference = killing.shared_reference(tmp_path_factory, "lightning-callbacks", JOB)
     assert torch.load(reference / "final.pt") == UNINTERRUPTED
@@ -57,7 +58,7 @@ def test_a_fit_killed_between_epochs_stops_early_where_the_uninterrupted_one_doe
     assert not killing.run(command, out)
     assert torch.load(out / "final.pt") == UNINTERRUPTED
     loaded = torch.load(out / "module-loaded.pt", weights_only=True)
-    assert loaded.keys() == {"saves", "values"} and loaded["saves"] == 2
+    assert loaded.keys() == {*LIGHTNING_ENTRIES, "saves", "values"} and loaded["saves"] == 2
     values = loaded["values"]
     assert values.keys() == {"pair", 3, "empty"}
     assert type(values["pair"]) is tuple and values["pair"] == (1, "two")

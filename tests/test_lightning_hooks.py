@@ -1,0 +1,105 @@
+"""distckpt.lightning.DistckptCallback with the module's checkpoint hooks and the Trainer's own
+checkpoint paths, in small real fits on one device run in the test's process (a second or two
+each; the fits killed and resumed bit for bit are in ``tests/test_lightning.py``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+pytest.importorskip("lightning")
+
+import lightning
+from torch.utils.data import DataLoader
+
+from distckpt.lightning import LIGHTNING_ENTRIES, DistckptCallback
+from tests.lightning_callbacks_job import ONE_QUIET_DEVICE
+
+pytestmark = pytest.mark.timeout(120)
+
+
+class TinyModule(lightning.LightningModule):
+    """A linear model over 2 batches an epoch, with a frozen ``backbone``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = torch.nn.Linear(4, 4).requires_grad_(False)
+        self.head = torch.nn.Linear(4, 1)
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        return self.head(self.backbone(batch)).square().mean()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.head.parameters(), lr=0.01)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(torch.randn(8, 4, generator=torch.Generator().manual_seed(0)), 4)
+
+
+def _fit(module: lightning.LightningModule, root: Path, epochs: int, **options: Any) -> Any:
+    trainer = lightning.Trainer(
+        max_epochs=epochs,
+        callbacks=[DistckptCallback(str(root), every_n_epochs=1, fsync=False, **options)],
+        **ONE_QUIET_DEVICE,
+    )
+    trainer.fit(module)
+    return trainer
+
+
+class DropsFrozenWeights(TinyModule):
+    """Lightning's idiom for a fine-tune: leave the frozen weights out of the checkpoint."""
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["state_dict"] = {
+            key: value
+            for key, value in checkpoint["state_dict"].items()
+            if not key.startswith("backbone.")
+        }
+        checkpoint["seen_keys"] = sorted(checkpoint)
+
+
+class ReadsEntries(TinyModule):
+    """Reads Lightning's entries back when loading, as a hook written for Lightning does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.loaded: dict[str, Any] | None = None
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["mine"] = 7
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.loaded = checkpoint
+
+
+def test_on_save_checkpoint_sees_lightning_entries_and_its_changes_to_them_are_not_saved(
+    tmp_path: Path,
+) -> None:
+    """The hook finds ``state_dict`` (and the other cheap entries) and may rewrite it; the model
+    is still saved whole, from the module itself: the frozen weights come back on resume."""
+    first = DropsFrozenWeights()
+    _fit(first, tmp_path, epochs=1)
+    resumed = DropsFrozenWeights()
+    trainer = _fit(resumed, tmp_path, epochs=1)  # nothing left to train: restores only
+    assert trainer.callbacks[0].resumed_from == 2
+    assert torch.equal(resumed.backbone.weight, first.backbone.weight)
+    assert torch.equal(resumed.head.weight, first.head.weight)
+
+
+def test_on_load_checkpoint_gets_lightning_entries_after_the_restore_and_the_added_keys(
+    tmp_path: Path,
+) -> None:
+    """``epoch``, ``global_step``, ``pytorch-lightning_version`` and ``state_dict`` (the restored
+    module's), and exactly what ``on_save_checkpoint`` added."""
+    _fit(ReadsEntries(), tmp_path, epochs=1)
+    resumed = ReadsEntries()
+    _fit(resumed, tmp_path, epochs=2)
+    assert resumed.loaded is not None
+    assert set(resumed.loaded) == {*LIGHTNING_ENTRIES, "mine"}
+    assert resumed.loaded["mine"] == 7
+    assert resumed.loaded["global_step"] == 2 and resumed.loaded["epoch"] == 0
+    assert resumed.loaded["pytorch-lightning_version"] == lightning.__version__
+    assert resumed.loaded["state_dict"].keys() == resumed.state_dict().keys()
