@@ -62,7 +62,12 @@ A checkpoint due at an epoch's last batch is taken at the epoch's end instead, o
 validation has run (and drawn from the RNGs), the loop counts the epoch as processed, and every
 ``on_train_epoch_end`` hook has run: the module's and every callback's, ``EarlyStopping``'s
 check included (Lightning runs checkpoint callbacks' last; this one adds such a callback for
-it). Lightning resumes it as an ended epoch: the next epoch starts with its
+it, from its own ``on_train_epoch_end`` until the save: so ``trainer.checkpoint_callback``, None
+without a ``ModelCheckpoint``, is that one there, with empty ``best_model_path`` and
+``last_model_path``). After a failed fit, ``on_exception`` closes the manager as ``teardown``
+does, so a next ``fit`` on the same Trainer resumes.
+
+Lightning resumes an epoch-end checkpoint as an ended epoch: the next epoch starts with its
 ``on_train_epoch_start`` and from its first batch, and a checkpoint taken later in that epoch
 resumes mid-epoch like any other. The loaders' saved position, which Lightning does not hand
 back for an ended epoch, is used up at ``on_train_start`` and the next epoch's iterator built
@@ -75,6 +80,7 @@ from __future__ import annotations
 
 import copy
 import io
+import warnings
 from typing import Any
 
 import lightning
@@ -318,13 +324,27 @@ class _SaveAfterMonitors(Checkpoint):
     other callback's and the module's, so that what those hooks change (an ``EarlyStopping``'s
     count of epochs without improvement) is in the checkpoint. ``DistckptCallback`` cannot be
     a checkpoint callback itself: Lightning refuses one with ``enable_checkpointing=False``.
-    Added to the Trainer's callbacks at ``setup``, last, and removed at ``teardown``."""
+
+    Lightning takes the first checkpoint callback as ``trainer.checkpoint_callback``, so this
+    one is in the Trainer's callbacks (last) only from ``DistckptCallback``'s
+    ``on_train_epoch_end`` of an epoch whose end is saved to its own, which removes it: a Trainer
+    without a ``ModelCheckpoint`` has no ``checkpoint_callback`` otherwise. Within that span,
+    it answers what Lightning's code asks of a checkpoint callback as one that saved nothing:
+    ``best_model_path`` and ``last_model_path`` are empty."""
 
     def __init__(self, owner: DistckptCallback) -> None:
         self.owner = owner
+        self.best_model_path = ""
+        self.last_model_path = ""
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        _remove_callback(trainer, self)
         self.owner.save_at_epoch_end(trainer, pl_module)
+
+
+def _remove_callback(trainer: Trainer, callback: lightning.Callback) -> None:
+    """Removes ``callback`` (this very object) from the Trainer's callbacks, if there."""
+    trainer.callbacks[:] = [present for present in trainer.callbacks if present is not callback]
 
 
 class DistckptCallback(lightning.Callback):
@@ -358,8 +378,6 @@ class DistckptCallback(lightning.Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage == "fit":
             self.manager = CheckpointManager(self.root, **self.manager_options)
-            if self._epoch_end_saver not in trainer.callbacks:  # a fit that failed keeps it
-                trainer.callbacks.append(self._epoch_end_saver)
 
     def _state(self, trainer: Trainer, pl_module: LightningModule, extras: Any) -> dict[str, Any]:
         """The state saved and restored; ``extras`` is :class:`_LightningExtras` to save, or
@@ -460,6 +478,11 @@ class DistckptCallback(lightning.Callback):
             return
         self._save(trainer, pl_module, epochs_done=trainer.current_epoch)
 
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._save_at_epoch_end:
+            # Runs before the monitoring callbacks' hooks, which Lightning lists afterwards.
+            trainer.callbacks.append(self._epoch_end_saver)
+
     def save_at_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """The epoch-end save, if one is due; run by :class:`_SaveAfterMonitors`."""
         if self._save_at_epoch_end:
@@ -486,10 +509,28 @@ class DistckptCallback(lightning.Callback):
             trainer.should_stop = True
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if self._epoch_end_saver in trainer.callbacks:
-            trainer.callbacks.remove(self._epoch_end_saver)
+        self._close(trainer)
+
+    def on_exception(
+        self, trainer: Trainer, pl_module: LightningModule, exception: BaseException
+    ) -> None:
+        """Does ``teardown``'s work, which Lightning does not call after a failure: without it a
+        next ``fit`` on the same Trainer found the root still held by this manager. An error
+        while closing is warned about, so that the failure itself is what is raised."""
+        try:
+            self._close(trainer)
+        except Exception as error:  # the fit's own exception is the one to raise
+            warnings.warn(
+                f"closing the checkpoint manager after the fit failed raised {error!r}",
+                stacklevel=2,
+            )
+
+    def _close(self, trainer: Trainer) -> None:
+        """Removes the epoch-end saver and closes the step tracker and the manager."""
+        _remove_callback(trainer, self._epoch_end_saver)
+        self._save_at_epoch_end = False
         if self.tracker is not None:
-            self.tracker.close()
+            self.tracker.close()  # its count stays readable after the fit
         if self.manager is not None:
-            self.manager.close()
-            self.manager = None
+            manager, self.manager = self.manager, None
+            manager.close()

@@ -103,3 +103,49 @@ def test_on_load_checkpoint_gets_lightning_entries_after_the_restore_and_the_add
     assert resumed.loaded["global_step"] == 2 and resumed.loaded["epoch"] == 0
     assert resumed.loaded["pytorch-lightning_version"] == lightning.__version__
     assert resumed.loaded["state_dict"].keys() == resumed.state_dict().keys()
+
+
+class FailsOnce(TinyModule):
+    """Fails in its second epoch's first batch until told otherwise; records what
+    ``trainer.checkpoint_callback`` is in its hooks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fail = True
+        self.seen_checkpoint_callbacks: list[Any] = []
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        if self.fail and self.current_epoch == 1:
+            raise RuntimeError("failing on purpose")
+        self.seen_checkpoint_callbacks.append(self.trainer.checkpoint_callback)
+        return super().training_step(batch, batch_idx)
+
+    def on_train_epoch_end(self) -> None:
+        self.seen_checkpoint_callbacks.append(self.trainer.checkpoint_callback)
+
+
+def test_a_failed_fit_leaves_the_trainer_as_lightning_does_and_a_second_fit_resumes(
+    tmp_path: Path,
+) -> None:
+    """After a fit that raised, the Trainer has no checkpoint callback (Lightning calls only
+    ``on_exception`` then, not ``teardown``), so ``test(ckpt_path="best")`` raises Lightning's
+    own ValueError, and a second fit on the same Trainer resumes from the saved epoch (the root
+    was still held by the first fit's manager). During the fits, a Trainer without a
+    ``ModelCheckpoint`` has no ``checkpoint_callback`` but at an epoch-end save, when it is one
+    that saved nothing (empty ``best_model_path``)."""
+    module = FailsOnce()
+    callback = DistckptCallback(str(tmp_path), every_n_epochs=1, fsync=False)
+    trainer = lightning.Trainer(max_epochs=2, callbacks=[callback], **ONE_QUIET_DEVICE)
+    with pytest.raises(RuntimeError, match="failing on purpose"):
+        trainer.fit(module)
+    assert trainer.checkpoint_callbacks == []
+    with pytest.raises(ValueError, match="`ModelCheckpoint` is not configured"):
+        trainer.test(module, ckpt_path="best", dataloaders=module.train_dataloader())
+    module.fail = False
+    trainer.fit(module)
+    assert callback.resumed_from == 2 and trainer.global_step == 4
+    assert trainer.checkpoint_callback is None
+    # Each fit's epoch 0 or 1: 2 batches, then the epoch's end.
+    seen = module.seen_checkpoint_callbacks
+    assert [callback is None for callback in seen] == [True, True, False] * 2
+    assert seen[2].best_model_path == seen[2].last_model_path == ""
