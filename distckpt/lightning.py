@@ -34,7 +34,8 @@ What makes a resume exact, and where each piece is restored:
 With ``format="dcp"`` the module and the optimizers are saved through
 :class:`~distckpt.ModelOptimizerState` (keyed by parameter name, as the format needs: an optimizer's
 own ``state_dict()`` numbers the parameters), and the rest of the training state as each rank's own
-value (its loaders' positions, its RNGs): a resume by another number of ranks is refused with
+value (its loaders' positions, its RNGs, its callbacks' states and its module's
+``on_save_checkpoint`` keys): a resume by another number of ranks is refused with
 :class:`~distckpt.WorldSizeMismatch`.
 
 The module's ``on_save_checkpoint`` gets a dict holding Lightning's cheap entries
@@ -404,7 +405,8 @@ class DistckptCallback(lightning.Callback):
         else:
             state = {"model": pl_module, "optimizers": list(trainer.optimizers), **training}
         if extras is not None:
-            state[_EXTRAS_KEY] = extras
+            # Each rank's own callbacks' states and hook dict ("torch" saves every value so).
+            state[_EXTRAS_KEY] = PerRank(extras) if self.manager.format == "dcp" else extras
         return state
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:

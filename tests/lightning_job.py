@@ -12,7 +12,9 @@ and in the job's process group, so a SIGKILL of the group reaches every rank.
 Each rank appends every training step's loss to ``OUT/losses-rank{r}.txt`` as ``epoch batch
 loss`` (the loss in ``float.hex``, exact; with ``--validate`` every validation batch's to
 ``OUT/val-rank{r}.txt``) and, at the end, saves its final parameters, optimizer, scheduler and
-RNG states to ``OUT/final-rank{r}.pt``.
+RNG states to ``OUT/final-rank{r}.pt``. The module's ``on_save_checkpoint`` and a callback's
+``state_dict`` save the saving rank's number; at each resume, each rank appends the numbers it
+gets back to ``OUT/loaded-rank{r}.txt`` (``callback R`` and ``hook R``).
 """
 
 from __future__ import annotations
@@ -35,6 +37,11 @@ ACCUMULATE = 2
 WAIT_FOR_KILL = 300.0
 
 
+def _record_loaded(out: Path, rank: int, line: str) -> None:
+    with open(out / f"loaded-rank{rank}.txt", "a") as log:
+        log.write(f"{line}\n")
+
+
 class SaveFinalState(lightning.Callback):
     """Each rank's final state, written in the rank itself (with ``ddp_fork`` the launching
     process gets back rank 0's weights only)."""
@@ -42,6 +49,16 @@ class SaveFinalState(lightning.Callback):
     def __init__(self, out: Path, checkpointing: DistckptCallback) -> None:
         self.out = out
         self.checkpointing = checkpointing
+        self.rank = 0
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self.rank = trainer.global_rank
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"saved_by_rank": self.rank}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        _record_loaded(self.out, self.rank, f"callback {state_dict['saved_by_rank']}")
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         final = {
@@ -112,6 +129,12 @@ class DropoutModule(lightning.LightningModule):
             optimizer.zero_grad()
             self.lr_schedulers().step()
         return None
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["saved_by_rank"] = self.global_rank
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        _record_loaded(self.out, self.global_rank, f"hook {checkpoint['saved_by_rank']}")
 
     def configure_optimizers(self) -> Any:
         optimizer = torch.optim.AdamW(self.parameters(), lr=0.01)

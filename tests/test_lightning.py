@@ -120,6 +120,10 @@ def test_fit_killed_after_an_epoch_end_save_and_after_the_next_save_resumes_exac
     _assert_same_fit(reference, out, options)
     for rank in range(int(options[1])):
         assert torch.load(out / f"final-rank{rank}.pt", weights_only=False)["resumed_from"] == 8
+    for rank in range(int(options[1])):
+        # Each rank's own callback state and on_save_checkpoint dict, at both resumes.
+        loaded = (out / f"loaded-rank{rank}.txt").read_text().splitlines()
+        assert loaded == [f"callback {rank}", f"hook {rank}"] * 2
     if "dcp" in options:
         # README: besides the module and optimizers, each rank's own training state (its loader
         # position, its RNGs) is saved, so one rank does not resume the 2 ranks' checkpoint.
