@@ -47,10 +47,12 @@ from itself, whole. On resume its ``on_load_checkpoint`` gets the same entries, 
 restore, and the saved added keys exactly as added (tuples, int keys and empty dicts included);
 changes it makes to ``state_dict`` have no effect either. Limits: the callbacks' own
 ``on_save_checkpoint`` / ``on_load_checkpoint`` hooks (which expect Lightning's whole dict) are
-not called. The callbacks' states
-and the hook's dict are saved with ``torch.save`` and loaded as torch loads weights: tensors,
-numbers, strings and containers of them. The callbacks whose ``on_fit_start`` runs before this
-callback's (listed before it) see their state before the restore.
+not called. The callbacks' states and the hook's added keys are saved with ``torch.save`` and
+loaded as torch loads weights: tensors, numbers, strings and containers of them; a value a
+resume would refuse so (a numpy scalar) is refused at the save instead, before anything is
+written, with :class:`~distckpt.UnloadableState` naming its ``state_key``. The callbacks
+whose ``on_fit_start`` runs before this callback's (listed before it) see their state before
+the restore.
 
 Checkpoints are taken at ``on_train_batch_end`` of a batch whose optimizer step completed: the
 step counted is the :class:`~distckpt.StepTracker`'s (real optimizer steps, also under manual
@@ -92,7 +94,7 @@ from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.utilities.combined_loader import _Stateful
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
-from distckpt.errors import InvalidArgument
+from distckpt.errors import InvalidArgument, UnloadableState, UnsafeCheckpoint
 from distckpt.formats.base import ReadOptions
 from distckpt.formats.torch_files import safe_torch_load
 from distckpt.manager import CheckpointManager
@@ -232,6 +234,36 @@ def _lightning_entries(trainer: Trainer) -> dict[str, Any]:
     }
 
 
+def _check_loadable(saved: dict[str, bytes], callbacks: dict[str, Any], added: Any) -> None:
+    """Raises :class:`~distckpt.UnloadableState` naming the first value of ``saved`` (the
+    bytes of ``callbacks`` and ``added``) that a restore would refuse to load, before the save:
+    a checkpoint holding one could never be resumed. Cheap: these values are small."""
+    try:
+        for key in _LightningExtras.KEYS:
+            _from_bytes(saved[key], key)
+        return
+    except UnsafeCheckpoint:
+        pass
+    for state_key, state in [*callbacks.items(), ("on_save_checkpoint", added)]:
+        try:
+            _from_bytes(_to_bytes(state), state_key)
+        except UnsafeCheckpoint as refusal:
+            # Its advice (allow_pickle=True) is for loading: not something a resume here takes.
+            refused = str(refusal).split(", so it was not loaded")[0]
+            what = (
+                "the keys the module's on_save_checkpoint added"
+                if state_key == "on_save_checkpoint"
+                else f"the state_dict() of the callback {state_key!r}"
+            )
+            raise UnloadableState(
+                f"{what} cannot be saved: a resume loads it as torch loads weights (tensors, "
+                "numbers, strings, and lists, tuples and dicts of them), which refuses it. "
+                f"Save plain values instead (float(x) for a numpy scalar): {refused}",
+                state_key=state_key,
+                refused=refused,
+            ) from None
+
+
 class _LightningExtras:
     """What Lightning's own checkpoints carry besides the module, optimizers, schedulers and
     loops: every stateful callback's ``state_dict()`` keyed by its ``state_key`` (as
@@ -267,10 +299,9 @@ class _LightningExtras:
         added = {
             key: value for key, value in module_checkpoint.items() if key not in LIGHTNING_ENTRIES
         }
-        return {
-            "callbacks": _to_bytes(callbacks),
-            "module_checkpoint": _to_bytes(added),
-        }
+        saved = {"callbacks": _to_bytes(callbacks), "module_checkpoint": _to_bytes(added)}
+        _check_loadable(saved, callbacks, added)
+        return saved
 
     def load_state_dict(self, state: dict[str, bytes]) -> None:
         """Loads each saved callback state into the callback of the same ``state_key`` and

@@ -13,8 +13,11 @@ import torch
 pytest.importorskip("lightning")
 
 import lightning
+import numpy as np
 from torch.utils.data import DataLoader
 
+import distckpt
+from distckpt.errors import UnloadableState
 from distckpt.lightning import LIGHTNING_ENTRIES, DistckptCallback
 from tests.lightning_callbacks_job import ONE_QUIET_DEVICE
 
@@ -149,3 +152,41 @@ def test_a_failed_fit_leaves_the_trainer_as_lightning_does_and_a_second_fit_resu
     seen = module.seen_checkpoint_callbacks
     assert [callback is None for callback in seen] == [True, True, False] * 2
     assert seen[2].best_model_path == seen[2].last_model_path == ""
+
+
+class NumpyState(lightning.Callback):
+    """A callback whose state holds a numpy scalar, which torch's weights-only load refuses."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": np.float64(0.5)}
+
+
+class NumpyHook(TinyModule):
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["best"] = np.float64(0.5)
+
+
+@pytest.mark.parametrize("checkpoint_format", ["torch", "dcp"])
+def test_a_state_a_resume_could_not_load_is_refused_at_the_save(
+    tmp_path: Path, checkpoint_format: str
+) -> None:
+    """It saved, and then every resume failed with advice (allow_pickle=True) the callback does
+    not take: now the first save raises UnloadableState naming it, and nothing is committed."""
+    trainer = lightning.Trainer(
+        max_epochs=1,
+        callbacks=[
+            DistckptCallback(str(tmp_path), every_n_epochs=1, format=checkpoint_format),
+            NumpyState(),
+        ],
+        **ONE_QUIET_DEVICE,
+    )
+    with pytest.raises(UnloadableState, match="the callback 'NumpyState'") as refused:
+        trainer.fit(TinyModule())
+    assert refused.value.state_key == "NumpyState" and "numpy" in refused.value.refused
+    assert "allow_pickle" not in str(refused.value)
+    with pytest.raises(UnloadableState, match="on_save_checkpoint added") as refused:
+        _fit(NumpyHook(), tmp_path, epochs=1, format=checkpoint_format)
+    assert refused.value.state_key == "on_save_checkpoint"
+    manager = distckpt.CheckpointManager(str(tmp_path))
+    assert manager.steps() == []
+    manager.close()
