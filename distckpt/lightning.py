@@ -36,7 +36,8 @@ With ``format="dcp"`` the module and the optimizers are saved through
 own ``state_dict()`` numbers the parameters), and the rest of the training state as each rank's own
 value (its loaders' positions, its RNGs, its callbacks' states and its module's
 ``on_save_checkpoint`` keys): a resume by another number of ranks is refused with
-:class:`~distckpt.WorldSizeMismatch`.
+:class:`~distckpt.WorldSizeMismatch`. A run may change its format between fits: ``last`` is
+read in the layout of the format it was saved in.
 
 The module's ``on_save_checkpoint`` gets a dict holding Lightning's cheap entries
 (:data:`LIGHTNING_ENTRIES`: ``epoch``, ``global_step``, ``pytorch-lightning_version`` and
@@ -411,8 +412,11 @@ class DistckptCallback(lightning.Callback):
         if stage == "fit":
             self.manager = CheckpointManager(self.root, **self.manager_options)
 
-    def _state(self, trainer: Trainer, pl_module: LightningModule, extras: Any) -> dict[str, Any]:
-        """The state saved and restored; ``extras`` is :class:`_LightningExtras` to save, or
+    def _state(
+        self, trainer: Trainer, pl_module: LightningModule, extras: Any, layout: str
+    ) -> dict[str, Any]:
+        """The state saved and restored, laid out for the format ``layout`` (the one saved
+        in, or the restored checkpoint's); ``extras`` is :class:`_LightningExtras` to save, or
         its :class:`_ExtrasTemplate` to restore (None: a checkpoint saved without it)."""
         assert self.manager is not None
         training = {
@@ -422,7 +426,7 @@ class DistckptCallback(lightning.Callback):
             "rng": self._rng,
         }
         state: dict[str, Any]
-        if self.manager.format == "dcp":
+        if layout == "dcp":
             # Imported on use: torch.distributed.checkpoint costs half a second to import.
             from distckpt.model_state import ModelOptimizerState
 
@@ -437,7 +441,7 @@ class DistckptCallback(lightning.Callback):
             state = {"model": pl_module, "optimizers": list(trainer.optimizers), **training}
         if extras is not None:
             # Each rank's own callbacks' states and hook dict ("torch" saves every value so).
-            state[_EXTRAS_KEY] = PerRank(extras) if self.manager.format == "dcp" else extras
+            state[_EXTRAS_KEY] = PerRank(extras) if layout == "dcp" else extras
         return state
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -465,13 +469,16 @@ class DistckptCallback(lightning.Callback):
         anything is loaded) with them, and restored without them; then there is nothing to
         give those callbacks and hooks."""
         assert self.manager is not None and self._extras is not None
-        state = self._state(trainer, pl_module, _ExtrasTemplate(self._extras))
+        # A run may change its format: the checkpoint is read in the layout it was saved in.
+        saved = self.manager.checkpoints()  # the manifests of the committed ones, oldest first
+        layout = saved[-1].format if saved else self.manager.format
+        state = self._state(trainer, pl_module, _ExtrasTemplate(self._extras), layout)
         try:
             return self.manager.restore("last", state=state, missing_ok=True)
         except InvalidArgument as error:
             try:
                 return self.manager.restore(
-                    "last", state=self._state(trainer, pl_module, None), missing_ok=True
+                    "last", state=self._state(trainer, pl_module, None, layout), missing_ok=True
                 )
             except InvalidArgument:
                 raise error from None
@@ -532,7 +539,7 @@ class DistckptCallback(lightning.Callback):
         }
         saved = self.manager.save(
             self.tracker.step,
-            self._state(trainer, pl_module, self._extras),
+            self._state(trainer, pl_module, self._extras, self.manager.format),
             epoch=epochs_done,
             metrics=metrics,
         )

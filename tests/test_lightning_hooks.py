@@ -190,3 +190,19 @@ def test_a_state_a_resume_could_not_load_is_refused_at_the_save(
     manager = distckpt.CheckpointManager(str(tmp_path))
     assert manager.steps() == []
     manager.close()
+
+
+@pytest.mark.parametrize(("first", "then"), [("torch", "dcp"), ("dcp", "torch")])
+def test_a_run_that_changes_its_format_resumes(tmp_path: Path, first: str, then: str) -> None:
+    """The checkpoint is read in the layout of its own format, not of the one the resumed run
+    saves in (the keys did not match), and the run goes on saving in its new format."""
+    saved = ReadsEntries()
+    _fit(saved, tmp_path, epochs=1, format=first)
+    resumed = ReadsEntries()
+    trainer = _fit(resumed, tmp_path, epochs=2, format=then)
+    assert trainer.callbacks[0].resumed_from == 2 and resumed.loaded is not None
+    assert resumed.loaded["mine"] == 7
+    assert trainer.callbacks[0].last_save.step == 4
+    manager = distckpt.CheckpointManager(str(tmp_path))
+    assert [info.format for info in manager.checkpoints()] == [first, then]
+    manager.close()
