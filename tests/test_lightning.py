@@ -20,9 +20,15 @@ import torch
 pytest.importorskip("lightning")
 pytest.importorskip("torchdata")
 
+import lightning
+
+from distckpt.errors import WorldSizeMismatch
 from distckpt.layout import step_dir_name
+from distckpt.lightning import DistckptCallback
 from distckpt.manifest import read_manifest
 from tests import killing
+from tests.lightning_callbacks_job import ONE_QUIET_DEVICE
+from tests.lightning_job import DropoutModule
 
 JOB = "tests/lightning_job.py"
 pytestmark = pytest.mark.timeout(420)
@@ -127,12 +133,15 @@ def test_fit_killed_after_an_epoch_end_save_and_after_the_next_save_resumes_exac
     if "dcp" in options:
         # README: besides the module and optimizers, each rank's own training state (its loader
         # position, its RNGs) is saved, so one rank does not resume the 2 ranks' checkpoint.
-        one_rank = tmp_path / "one-rank"
-        one_rank.mkdir()
-        alone = [JOB, str(tmp_path / "root"), str(one_rank), *options]
-        alone[alone.index("--devices") + 1] = "1"
-        with pytest.raises(AssertionError, match="WorldSizeMismatch"):
-            killing.run(alone, one_rank)
+        # The job's fit on one device, here in the test's process (a launch costs seconds).
+        alone = lightning.Trainer(
+            max_epochs=3,
+            callbacks=[DistckptCallback(str(tmp_path / "root"), format="dcp")],
+            use_distributed_sampler=False,
+            **ONE_QUIET_DEVICE,
+        )
+        with pytest.raises(WorldSizeMismatch, match="saved by 2 ranks"):
+            alone.fit(DropoutModule(out, "auto", "stateful", samples=40))
 
 
 def test_plain_dataloader_mid_epoch_resume_is_not_exact(

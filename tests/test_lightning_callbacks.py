@@ -22,7 +22,8 @@ FIXTURES = Path(__file__).parent / "fixtures"
 pytestmark = pytest.mark.timeout(300)
 
 #: The uninterrupted fit: EarlyStopping stops it after epoch 2 (its best metric: epoch 0's), 3
-#: epochs of 2 batches, saved at each epoch's end.
+#: epochs of 2 batches, saved at each epoch's end. Its job's ``final.pt``, as the module doc of
+#: ``tests/lightning_callbacks_job.py`` works it out (a constant: no reference run needed).
 UNINTERRUPTED = {
     "stopped_epoch": 2,
     "best_score": 0.0,
@@ -33,14 +34,23 @@ UNINTERRUPTED = {
 }
 
 
-def _killed_at_epoch_2(tmp_path: Path, options: list[str]) -> tuple[list[str], Path]:
-    """The job's command, and its output directory after it ran with ``options`` until the start
-    of epoch 2 (after epoch 1's checkpoint) and was killed there."""
-    out = tmp_path / "out"
-    out.mkdir()
-    command = [JOB, str(tmp_path / "root"), str(out), *options]
-    assert killing.run([*command, "--wait-at-epoch", "2"], out, kill_after=1, counted="waiting.txt")
-    return command, out
+def _killed_at_epoch_2(
+    factory: pytest.TempPathFactory, tmp_path: Path, options: list[str]
+) -> tuple[list[str], Path]:
+    """The job's command with ``options``, and its output directory, after it ran until the
+    start of epoch 2 (after epoch 1's checkpoint) and was killed there: that run is made once
+    per session for each ``options``, and copied into ``tmp_path`` for the test to go on."""
+
+    def killed(root: Path, out: Path) -> None:
+        waiting = [JOB, str(root), str(out), *options, "--wait-at-epoch", "2"]
+        assert killing.run(waiting, out, kill_after=1, counted="waiting.txt")
+
+    name = "lightning-callbacks-killed" + "".join(options)
+    shared_out, shared_root = killing.shared_output(factory, name, killed)
+    out, root = tmp_path / "out", tmp_path / "root"
+    shutil.copytree(shared_out, out)
+    shutil.copytree(shared_root, root)
+    return [JOB, str(root), str(out), *options], out
 
 
 @pytest.mark.parametrize("checkpoint_format", ["torch", "dcp"])
@@ -52,9 +62,7 @@ def test_a_fit_killed_between_epochs_stops_early_where_the_uninterrupted_one_doe
     count of saves and the datamodule's of batches go on from the checkpoint's, and the dict
     the module's ``on_load_checkpoint`` gets holds exactly what its ``on_save_checkpoint`` added
     (a tuple, an int key, an empty dict: the "dcp" format alone would not bring them back)."""
-    reference = killing.shared_reference(tmp_path_factory, "lightning-callbacks", JOB)
-    assert torch.load(reference / "final.pt") == UNINTERRUPTED
-    command, out = _killed_at_epoch_2(tmp_path, ["--format", checkpoint_format])
+    command, out = _killed_at_epoch_2(tmp_path_factory, tmp_path, ["--format", checkpoint_format])
     assert not killing.run(command, out)
     assert torch.load(out / "final.pt") == UNINTERRUPTED
     loaded = torch.load(out / "module-loaded.pt", weights_only=True)
@@ -66,16 +74,16 @@ def test_a_fit_killed_between_epochs_stops_early_where_the_uninterrupted_one_doe
 
 
 def test_a_resumed_fit_counts_the_training_time_before_the_kill_against_max_time(
-    tmp_path: Path,
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
-    """Killed at the start of epoch 2 and run again with ``max_time`` no longer than the
-    training time the first run had at epoch 1's checkpoint: the restored Timer finds the time
-    used up and the fit stops before its first batch (without its state, the Timer counted
-    from 0 and the fit trained on). That run's EarlyStopping has ``mode="max"``, so another
-    ``state_key``: as in Lightning, the checkpoint's state of the "min" one is warned about,
-    and the "max" one keeps its own (its best score is still its initial one, not the "min"
-    one's), while the rest restores."""
-    command, out = _killed_at_epoch_2(tmp_path, [])
+    """Killed at the start of epoch 2 (the same killed run as the "torch" test above) and run
+    again with ``max_time`` no longer than the training time the first run had at epoch 1's
+    checkpoint: the restored Timer finds the time used up and the fit stops before its first
+    batch (without its state, the Timer counted from 0 and the fit trained on). That run's
+    EarlyStopping has ``mode="max"``, so another ``state_key``: as in Lightning, the
+    checkpoint's state of the "min" one is warned about, and the "max" one keeps its own (its
+    best score is still its initial one, not the "min" one's), while the rest restores."""
+    command, out = _killed_at_epoch_2(tmp_path_factory, tmp_path, ["--format", "torch"])
     trained_microseconds = int((out / "waiting.txt").read_text())
     assert trained_microseconds > 0
     limited = [*command, "--max-time-us", str(trained_microseconds), "--early-stopping-mode", "max"]
