@@ -359,8 +359,8 @@ class _SaveAfterMonitors(Checkpoint):
     a checkpoint callback itself: Lightning refuses one with ``enable_checkpointing=False``.
 
     Lightning takes the first checkpoint callback as ``trainer.checkpoint_callback``, so this
-    one is in the Trainer's callbacks (last) only from ``DistckptCallback``'s
-    ``on_train_epoch_end`` of an epoch whose end is saved to its own, which removes it: a Trainer
+    one is in the Trainer's callbacks (last) only at an epoch whose end is saved: from
+    ``DistckptCallback``'s ``on_train_epoch_end`` until its own, which removes it. A Trainer
     without a ``ModelCheckpoint`` has no ``checkpoint_callback`` otherwise. Within that span,
     it answers what Lightning's code asks of a checkpoint callback as one that saved nothing:
     ``best_model_path`` and ``last_model_path`` are empty."""
