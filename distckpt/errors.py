@@ -135,6 +135,23 @@ class UnrestorableKeys(InvalidArgument):
         self.keys = keys
 
 
+class UnloadableState(InvalidArgument):
+    """A value to save that a restore could not load back: loaded as torch loads weights
+    (tensors, numbers, strings and containers of them), it holds an object of another type
+    (a numpy scalar). Raised at the save, before anything is written, since every resume
+    from the checkpoint would fail. ``state_key`` names the value (a Lightning callback's
+    ``state_key``, or ``"on_save_checkpoint"`` for the module's hook dict); ``refused`` is
+    torch's reason."""
+
+    state_key: str = ""
+    refused: str = ""
+
+    def __init__(self, message: str, *, state_key: str, refused: str) -> None:
+        super().__init__(message)
+        self.state_key = state_key
+        self.refused = refused
+
+
 class RootNotWritable(CheckpointError, PermissionError):
     """The checkpoint root cannot be created or written."""
 

@@ -21,10 +21,39 @@ What makes a resume exact, and where each piece is restored:
   (``trainer.fit_loop.state_dict()``: the epoch, batch and optimizer-step progress trackers and,
   for a ``StatefulDataLoader``, the loader's position, which Lightning hands to the loader when
   it builds the epoch's iterator). Lightning then continues from the saved batch, as it would
-  from its own checkpoint;
+  from its own checkpoint. Also there, as Lightning's own restore does: every callback's
+  ``state_dict()`` (``EarlyStopping``'s count of epochs without improvement, the training time
+  of ``Trainer(max_time=...)``'s ``Timer``), saved keyed by its ``state_key`` (empty states
+  left out) and loaded into the callback of the same ``state_key`` (a saved state whose
+  callback is gone is warned about; a callback without a saved state keeps its own), and, once
+  all of that is restored, the module's ``on_load_checkpoint``;
 * at ``on_train_start``, after Lightning has built the data iterator: the random number
   generators. Building an iterator draws from torch's global generator (a loader without its
   own ``generator=``), so restoring the generators any earlier would leave them one draw off.
+
+With ``format="dcp"`` the module and the optimizers are saved through
+:class:`~distckpt.ModelOptimizerState` (keyed by parameter name, as the format needs: an optimizer's
+own ``state_dict()`` numbers the parameters), and the rest of the training state as each rank's own
+value (its loaders' positions, its RNGs, its callbacks' states and its module's
+``on_save_checkpoint`` keys): a resume by another number of ranks is refused with
+:class:`~distckpt.WorldSizeMismatch`. A run may change its format between fits: ``last`` is
+read in the layout of the format it was saved in.
+
+The module's ``on_save_checkpoint`` gets a dict holding Lightning's cheap entries
+(:data:`LIGHTNING_ENTRIES`: ``epoch``, ``global_step``, ``pytorch-lightning_version`` and
+``state_dict``, the module's ``state_dict()``), not the costly ones (``optimizer_states``,
+``loops``, ``callbacks``, ...). Only the keys the hook adds are saved: changes it makes to those
+entries (rewriting ``state_dict`` to drop frozen weights) have no effect, as the module is saved
+from itself, whole. On resume its ``on_load_checkpoint`` gets the same entries, taken after the
+restore, and the saved added keys exactly as added (tuples, int keys and empty dicts included);
+changes it makes to ``state_dict`` have no effect either. Limits: the callbacks' own
+``on_save_checkpoint`` / ``on_load_checkpoint`` hooks (which expect Lightning's whole dict) are
+not called. The callbacks' states and the hook's added keys are saved with ``torch.save`` and
+loaded as torch loads weights: tensors, numbers, strings and containers of them; a value a
+resume would refuse so (a numpy scalar) is refused at the save instead, before anything is
+written, with :class:`~distckpt.UnloadableState` naming its ``state_key``. The callbacks
+whose ``on_fit_start`` runs before this callback's (listed before it) see their state before
+the restore.
 
 Checkpoints are taken at ``on_train_batch_end`` of a batch whose optimizer step completed: the
 step counted is the :class:`~distckpt.StepTracker`'s (real optimizer steps, also under manual
@@ -33,29 +62,52 @@ exist at that moment, so none need saving. A checkpoint due in the middle of an 
 window (a preemption signal) is taken at the window's last micro-batch. Epoch schedules
 (``every_n_epochs``) count completed epochs. After a preemption save the trainer stops.
 
-A checkpoint due at an epoch's last batch is taken at ``on_train_epoch_end`` instead, once the
-epoch's validation has run (and drawn from the RNGs) and the loop counts the epoch as processed.
-Lightning resumes it as an ended epoch: the next epoch starts with its ``on_train_epoch_start``
-and from its first batch, and a checkpoint taken later in that epoch resumes mid-epoch like
-any other. The loaders' saved position, which Lightning does not hand back for an ended epoch,
-is used up at ``on_train_start`` and the next epoch's iterator built afresh after it. Known
-limit: the ``on_train_epoch_end`` hooks that run after this callback's (the module's, later
-callbacks', a ``ReduceLROnPlateau`` scheduler's step) are not run again when resuming.
+A checkpoint due at an epoch's last batch is taken at the epoch's end instead, once the epoch's
+validation has run (and drawn from the RNGs), the loop counts the epoch as processed, and every
+``on_train_epoch_end`` hook has run: the module's and every callback's, ``EarlyStopping``'s
+check included (Lightning runs checkpoint callbacks' last; this one adds such a callback for
+it, from its own ``on_train_epoch_end`` until the save: so ``trainer.checkpoint_callback``, None
+without a ``ModelCheckpoint``, is that one there, with empty ``best_model_path`` and
+``last_model_path``). After a failed fit, ``on_exception`` closes the manager as ``teardown``
+does, so a next ``fit`` on the same Trainer resumes.
+
+Lightning resumes an epoch-end checkpoint as an ended epoch: the next epoch starts with its
+``on_train_epoch_start`` and from its first batch, and a checkpoint taken later in that epoch
+resumes mid-epoch like any other. The loaders' saved position, which Lightning does not hand
+back for an ended epoch, is used up at ``on_train_start`` and the next epoch's iterator built
+afresh after it. Known limit: what Lightning does at an epoch's end after those hooks (a
+``ReduceLROnPlateau`` scheduler's step) is not in the checkpoint and not run again when
+resuming.
 """
 
 from __future__ import annotations
 
+import copy
+import io
+import warnings
 from typing import Any
 
 import lightning
+import torch
 from lightning import LightningModule, Trainer
 from lightning.fabric.utilities.data import _set_sampler_epoch
+from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.utilities.combined_loader import _Stateful
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
+from distckpt.errors import InvalidArgument, UnloadableState, UnsafeCheckpoint
+from distckpt.formats.base import ReadOptions
+from distckpt.formats.torch_files import safe_torch_load
 from distckpt.manager import CheckpointManager
+from distckpt.per_rank import PerRank
+from distckpt.results import Checkpoint as LoadedCheckpoint
 from distckpt.results import SaveResult
 from distckpt.rng import capture_rng, restore_rng
+from distckpt.state import apply_load, check_load, to_plain
 from distckpt.steps import StepTracker
+
+#: The state's key of :class:`_LightningExtras`, which checkpoints saved before it existed lack.
+_EXTRAS_KEY = "lightning"
 
 
 class _TrainerState:
@@ -136,6 +188,198 @@ class _DeferredRNG:
             self.pending = None
 
 
+def _to_bytes(value: Any) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(value, buffer)
+    return buffer.getvalue()
+
+
+def _from_bytes(data: bytes, what: str) -> Any:
+    return safe_torch_load(io.BytesIO(data), ReadOptions(), name=what)
+
+
+class _AsBytes:
+    """A nested state (objects with ``state_dict()`` in it saved through it) saved as the
+    ``torch.save`` bytes of its plain form, and loaded back in place, as strictly as a
+    restore loads. For the "dcp" format, which loads back only tensors and the leaves of the
+    structure it is given, and drops empty dicts, tuples and non-string keys on the way: the
+    Trainer's loop state holds all of these."""
+
+    def __init__(self, state: dict[str, Any]) -> None:
+        self.state = state
+
+    def state_dict(self) -> dict[str, bytes]:
+        return {"torch_save": _to_bytes(to_plain(self.state))}
+
+    def load_state_dict(self, saved: dict[str, bytes]) -> None:
+        loaded = _from_bytes(saved["torch_save"], "the training state")
+        check_load(self.state, loaded, strict=True)
+        apply_load(self.state, loaded)
+
+
+#: The entries of Lightning's own checkpoint dict that the module's ``on_save_checkpoint`` and
+#: ``on_load_checkpoint`` find in theirs: the cheap ones (the module's ``state_dict()`` holds its
+#: tensors themselves, not copies). The rest (``optimizer_states``, ``loops``, ``callbacks``, ...)
+#: would cost a copy of state saved elsewhere.
+LIGHTNING_ENTRIES = ("epoch", "global_step", "pytorch-lightning_version", "state_dict")
+
+
+def _lightning_entries(trainer: Trainer) -> dict[str, Any]:
+    """:data:`LIGHTNING_ENTRIES`, as Lightning's ``dump_checkpoint`` fills them."""
+    return {
+        "epoch": trainer.current_epoch,
+        "global_step": trainer.global_step,
+        "pytorch-lightning_version": lightning.__version__,
+        # The module's own, not the strategy's (which gathers a sharded module on every rank).
+        "state_dict": trainer.lightning_module.state_dict(),
+    }
+
+
+def _check_loadable(saved: dict[str, bytes], callbacks: dict[str, Any], added: Any) -> None:
+    """Raises :class:`~distckpt.UnloadableState` naming the first value of ``saved`` (the
+    bytes of ``callbacks`` and ``added``) that a restore would refuse to load, before the save:
+    a checkpoint holding one could never be resumed. Cheap: these values are small."""
+    try:
+        for key in _LightningExtras.KEYS:
+            _from_bytes(saved[key], key)
+        return
+    except UnsafeCheckpoint:
+        pass
+    for state_key, state in [*callbacks.items(), ("on_save_checkpoint", added)]:
+        try:
+            _from_bytes(_to_bytes(state), state_key)
+        except UnsafeCheckpoint as refusal:
+            # Its advice (allow_pickle=True) is for loading: not something a resume here takes.
+            refused = str(refusal).split(", so it was not loaded")[0]
+            what = (
+                "the keys the module's on_save_checkpoint added"
+                if state_key == "on_save_checkpoint"
+                else f"the state_dict() of the callback {state_key!r}"
+            )
+            raise UnloadableState(
+                f"{what} cannot be saved: a resume loads it as torch loads weights (tensors, "
+                "numbers, strings, and lists, tuples and dicts of them), which refuses it. "
+                f"Save plain values instead (float(x) for a numpy scalar): {refused}",
+                state_key=state_key,
+                refused=refused,
+            ) from None
+
+
+class _LightningExtras:
+    """What Lightning's own checkpoints carry besides the module, optimizers, schedulers and
+    loops: every stateful callback's ``state_dict()`` keyed by its ``state_key`` (as
+    Lightning's ``checkpoint["callbacks"]``; the callbacks in ``skipped`` and empty states left
+    out), and the keys the module's ``on_save_checkpoint`` added to its dict.
+
+    Each is saved as ``torch.save`` bytes, one plain value: which callbacks, and which keys a
+    hook adds, may differ between the run that saves and the one that resumes, and a restore
+    loads into a structure given in advance (the "dcp" format reads only the keys it is given
+    and flattens tuples and non-string keys). The bytes come back exactly as saved, and are
+    loaded as torch loads weights (tensors and plain containers only)."""
+
+    KEYS = ("callbacks", "module_checkpoint")
+
+    def __init__(self, trainer: Trainer, skipped: tuple[lightning.Callback, ...]) -> None:
+        self.trainer = trainer
+        self.skipped = skipped
+        self.pending_module_checkpoint: dict[str, Any] | None = None
+
+    def state_dict(self) -> dict[str, bytes]:
+        callbacks: dict[str, Any] = {}
+        for callback in self.trainer.callbacks:
+            if any(callback is skipped for skipped in self.skipped):
+                continue
+            state = callback.state_dict()
+            if state:
+                callbacks[callback.state_key] = state
+        # The hook reads Lightning's cheap entries as it would in Lightning's own checkpoint
+        # (rewriting ``checkpoint["state_dict"]`` is a common idiom); only what it adds is
+        # saved: the module and the loops are saved from themselves.
+        module_checkpoint = _lightning_entries(self.trainer)
+        self.trainer.lightning_module.on_save_checkpoint(module_checkpoint)
+        added = {
+            key: value for key, value in module_checkpoint.items() if key not in LIGHTNING_ENTRIES
+        }
+        saved = {"callbacks": _to_bytes(callbacks), "module_checkpoint": _to_bytes(added)}
+        _check_loadable(saved, callbacks, added)
+        return saved
+
+    def load_state_dict(self, state: dict[str, bytes]) -> None:
+        """Loads each saved callback state into the callback of the same ``state_key`` and
+        hands the module's dict to its ``on_load_checkpoint``, as Lightning's own restore
+        does: a saved state whose callback is gone is warned about, and a callback without a
+        saved state keeps its own."""
+        callbacks: dict[str, Any] = _from_bytes(state["callbacks"], "the callbacks' states")
+        module_checkpoint: dict[str, Any] = _from_bytes(
+            state["module_checkpoint"], "the module's on_save_checkpoint dict"
+        )
+        present = {callback.state_key for callback in self.trainer.callbacks}
+        gone = sorted(set(callbacks) - present)
+        if gone:
+            rank_zero_warn(
+                "The checkpoint holds the state of callbacks this Trainer does not have: pass "
+                f"the callbacks it was saved with to resume them. Missing: {gone}"
+            )
+        self.pending_module_checkpoint = module_checkpoint
+        for callback in self.trainer.callbacks:
+            saved = callbacks.get(callback.state_key)
+            if saved and not any(callback is skipped for skipped in self.skipped):
+                callback.load_state_dict(copy.deepcopy(saved))
+
+    def call_module_on_load(self) -> None:
+        """Calls the module's ``on_load_checkpoint`` with the keys its ``on_save_checkpoint``
+        added, if a restore loaded them, and Lightning's entries (:data:`LIGHTNING_ENTRIES`)
+        taken now: called once the whole restore is done, so they are the restored ones."""
+        added, self.pending_module_checkpoint = self.pending_module_checkpoint, None
+        if added is not None:
+            self.trainer.lightning_module.on_load_checkpoint(
+                {**_lightning_entries(self.trainer), **added}
+            )
+
+
+class _ExtrasTemplate:
+    """What a restore loads :class:`_LightningExtras` through: its ``state_dict()`` has the
+    saved keys without calling the callbacks' and the module's hooks, which run at saves."""
+
+    def __init__(self, extras: _LightningExtras) -> None:
+        self.extras = extras
+
+    def state_dict(self) -> dict[str, bytes]:
+        return dict.fromkeys(_LightningExtras.KEYS, b"")
+
+    def load_state_dict(self, state: dict[str, bytes]) -> None:
+        self.extras.load_state_dict(state)
+
+
+class _SaveAfterMonitors(Checkpoint):
+    """Takes :class:`DistckptCallback`'s epoch-end checkpoints. Lightning runs the
+    ``on_train_epoch_end`` of its checkpoint callbacks (and of ``EarlyStopping``) after every
+    other callback's and the module's, so that what those hooks change (an ``EarlyStopping``'s
+    count of epochs without improvement) is in the checkpoint. ``DistckptCallback`` cannot be
+    a checkpoint callback itself: Lightning refuses one with ``enable_checkpointing=False``.
+
+    Lightning takes the first checkpoint callback as ``trainer.checkpoint_callback``, so this
+    one is in the Trainer's callbacks (last) only at an epoch whose end is saved: from
+    ``DistckptCallback``'s ``on_train_epoch_end`` until its own, which removes it. A Trainer
+    without a ``ModelCheckpoint`` has no ``checkpoint_callback`` otherwise. Within that span,
+    it answers what Lightning's code asks of a checkpoint callback as one that saved nothing:
+    ``best_model_path`` and ``last_model_path`` are empty."""
+
+    def __init__(self, owner: DistckptCallback) -> None:
+        self.owner = owner
+        self.best_model_path = ""
+        self.last_model_path = ""
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        _remove_callback(trainer, self)
+        self.owner.save_at_epoch_end(trainer, pl_module)
+
+
+def _remove_callback(trainer: Trainer, callback: lightning.Callback) -> None:
+    """Removes ``callback`` (this very object) from the Trainer's callbacks, if there."""
+    trainer.callbacks[:] = [present for present in trainer.callbacks if present is not callback]
+
+
 class DistckptCallback(lightning.Callback):
     """Saves through a :class:`distckpt.CheckpointManager` and resumes exactly from ``last``
     when ``trainer.fit`` starts.
@@ -158,6 +402,8 @@ class DistckptCallback(lightning.Callback):
         self.resumed_from: int | None = None
         self._rng = _DeferredRNG()
         self._trainer_state: _TrainerState | None = None
+        self._extras: _LightningExtras | None = None
+        self._epoch_end_saver = _SaveAfterMonitors(self)
         self._step_at_last_batch = 0
         self._save_at_epoch_end = False
         self.last_save: SaveResult | None = None
@@ -166,22 +412,45 @@ class DistckptCallback(lightning.Callback):
         if stage == "fit":
             self.manager = CheckpointManager(self.root, **self.manager_options)
 
-    def _state(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
-        return {
-            "model": pl_module,
-            "optimizers": list(trainer.optimizers),
+    def _state(
+        self, trainer: Trainer, pl_module: LightningModule, extras: Any, layout: str
+    ) -> dict[str, Any]:
+        """The state saved and restored, laid out for the format ``layout`` (the one saved
+        in, or the restored checkpoint's); ``extras`` is :class:`_LightningExtras` to save, or
+        its :class:`_ExtrasTemplate` to restore (None: a checkpoint saved without it)."""
+        assert self.manager is not None
+        training = {
             "schedulers": [config.scheduler for config in trainer.lr_scheduler_configs],
             "steps": self.tracker,
             "trainer": self._trainer_state,
             "rng": self._rng,
         }
+        state: dict[str, Any]
+        if layout == "dcp":
+            # Imported on use: torch.distributed.checkpoint costs half a second to import.
+            from distckpt.model_state import ModelOptimizerState
+
+            state = {
+                # Keyed by parameter name: DCP loads an optimizer's state in place, and a
+                # fresh optimizer has no state under its parameters' numbers to load into.
+                "model_and_optimizers": ModelOptimizerState(pl_module, trainer.optimizers),
+                # Each rank's own: its loaders' positions, its random number generators.
+                "training": PerRank(_AsBytes(training)),
+            }
+        else:
+            state = {"model": pl_module, "optimizers": list(trainer.optimizers), **training}
+        if extras is not None:
+            # Each rank's own callbacks' states and hook dict ("torch" saves every value so).
+            state[_EXTRAS_KEY] = PerRank(extras) if layout == "dcp" else extras
+        return state
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         assert self.manager is not None
         self.tracker = StepTracker(*trainer.optimizers)
         self._trainer_state = _TrainerState(trainer)
-        state = self._state(trainer, pl_module)
-        checkpoint = self.manager.restore("last", state=state, missing_ok=True)
+        self._extras = _LightningExtras(trainer, skipped=(self, self._epoch_end_saver))
+        checkpoint = self._restore_last(trainer, pl_module)
+        self._extras.call_module_on_load()
         self.resumed_from = checkpoint.step if checkpoint is not None else None
         self._step_at_last_batch = self.tracker.step
         if checkpoint is not None:
@@ -191,6 +460,28 @@ class DistckptCallback(lightning.Callback):
             # has no public call to rebuild it: dropping the built one makes the fit loop
             # rebuild it, with the position, when it starts.
             trainer.fit_loop._combined_loader = None
+
+    def _restore_last(
+        self, trainer: Trainer, pl_module: LightningModule
+    ) -> LoadedCheckpoint | None:
+        """Restores ``last``, if any. A checkpoint saved before the callbacks' states and the
+        module's ``on_save_checkpoint`` dict were saved lacks them: it is refused (before
+        anything is loaded) with them, and restored without them; then there is nothing to
+        give those callbacks and hooks."""
+        assert self.manager is not None and self._extras is not None
+        # A run may change its format: the checkpoint is read in the layout it was saved in.
+        saved = self.manager.checkpoints()  # the manifests of the committed ones, oldest first
+        layout = saved[-1].format if saved else self.manager.format
+        state = self._state(trainer, pl_module, _ExtrasTemplate(self._extras), layout)
+        try:
+            return self.manager.restore("last", state=state, missing_ok=True)
+        except InvalidArgument as error:
+            try:
+                return self.manager.restore(
+                    "last", state=self._state(trainer, pl_module, None, layout), missing_ok=True
+                )
+            except InvalidArgument:
+                raise error from None
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         assert self._trainer_state is not None
@@ -229,6 +520,12 @@ class DistckptCallback(lightning.Callback):
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._save_at_epoch_end:
+            # Runs before the monitoring callbacks' hooks, which Lightning lists afterwards.
+            trainer.callbacks.append(self._epoch_end_saver)
+
+    def save_at_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """The epoch-end save, if one is due; run by :class:`_SaveAfterMonitors`."""
+        if self._save_at_epoch_end:
             self._save_at_epoch_end = False
             # ``current_epoch`` still names the epoch that has just ended here.
             self._save(trainer, pl_module, epochs_done=trainer.current_epoch + 1)
@@ -242,7 +539,7 @@ class DistckptCallback(lightning.Callback):
         }
         saved = self.manager.save(
             self.tracker.step,
-            self._state(trainer, pl_module),
+            self._state(trainer, pl_module, self._extras, self.manager.format),
             epoch=epochs_done,
             metrics=metrics,
         )
@@ -252,8 +549,28 @@ class DistckptCallback(lightning.Callback):
             trainer.should_stop = True
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._close(trainer)
+
+    def on_exception(
+        self, trainer: Trainer, pl_module: LightningModule, exception: BaseException
+    ) -> None:
+        """Does ``teardown``'s work, which Lightning does not call after a failure: without it a
+        next ``fit`` on the same Trainer found the root still held by this manager. An error
+        while closing is warned about, so that the failure itself is what is raised."""
+        try:
+            self._close(trainer)
+        except Exception as error:  # the fit's own exception is the one to raise
+            warnings.warn(
+                f"closing the checkpoint manager after the fit failed raised {error!r}",
+                stacklevel=2,
+            )
+
+    def _close(self, trainer: Trainer) -> None:
+        """Removes the epoch-end saver and closes the step tracker and the manager."""
+        _remove_callback(trainer, self._epoch_end_saver)
+        self._save_at_epoch_end = False
         if self.tracker is not None:
-            self.tracker.close()
+            self.tracker.close()  # its count stays readable after the fit
         if self.manager is not None:
-            self.manager.close()
-            self.manager = None
+            manager, self.manager = self.manager, None
+            manager.close()

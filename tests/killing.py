@@ -20,7 +20,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -212,25 +212,38 @@ def run_killed(
     return killed
 
 
+def shared_output(
+    factory: pytest.TempPathFactory, name: str, make: Callable[[Path, Path], None]
+) -> tuple[Path, Path]:
+    """The output directory and root of a run, made once per test session under the name
+    ``name`` by ``make(root, out)`` and shared by every test and every xdist worker that asks
+    for it: the first makes it under a file lock, the others wait for it. A test that changes
+    them works on a copy."""
+    shared = factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent  # the session's directory, above each worker's own
+    out, root = shared / name, shared / f"{name}-root"
+    with FileLock(str(shared / f"{name}.lock")):
+        if not (out / "done").exists():
+            # A run that failed in another worker is made again from nothing.
+            shutil.rmtree(out, ignore_errors=True)
+            shutil.rmtree(root, ignore_errors=True)
+            out.mkdir()
+            make(root, out)
+            (out / "done").touch()
+    return out, root
+
+
 def shared_reference(
     factory: pytest.TempPathFactory, name: str, script: str, options: Sequence[str] = ()
 ) -> Path:
     """The output directory of an uninterrupted run of ``script root out *options``, made once
-    per test session under the name ``name`` and shared by every test and every xdist worker
-    that asks for it: the first makes it under a file lock, the others wait for it."""
-    shared = factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        shared = shared.parent  # the session's directory, above each worker's own
-    out, root = shared / f"{name}-reference", shared / f"{name}-reference-root"
-    with FileLock(str(shared / f"{name}-reference.lock")):
-        if not (out / "done").exists():
-            # A reference that failed in another worker is made again from nothing.
-            shutil.rmtree(out, ignore_errors=True)
-            shutil.rmtree(root, ignore_errors=True)
-            out.mkdir()
-            run([script, str(root), str(out), *options], out)
-            (out / "done").touch()
-    return out
+    per test session under the name ``name`` (see :func:`shared_output`)."""
+
+    def uninterrupted(root: Path, out: Path) -> None:
+        run([script, str(root), str(out), *options], out)
+
+    return shared_output(factory, f"{name}-reference", uninterrupted)[0]
 
 
 def losses(out: Path, rank: int, log: str = "losses") -> dict[tuple[int, int], set[str]]:

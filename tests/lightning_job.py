@@ -1,17 +1,20 @@
 """A Lightning training job that the exact-resume tests run, kill and run again, unchanged.
 
 ``python tests/lightning_job.py ROOT OUT --devices N --optimization auto|manual --loader
-stateful|plain --samples S [--validate] [--wait-after-step N]`` fits a small dropout model with
-AdamW and OneCycleLR (whose step count is exact: one step too many raises) over 3 epochs of S
-samples (48 unless told) in batches of 4, with 2 micro-batches per optimizer step (Lightning's
-automatic optimization also steps on an epoch's last batch when it ends a window early), saving
-through :class:`distckpt.lightning.DistckptCallback` every 2 optimizer steps. With 2 devices the
-ranks are forked (Lightning's ``ddp_fork``): the same DDP, without importing Lightning once
-more per rank, and in the job's process group, so a SIGKILL of the group reaches every rank.
+stateful|plain --samples S --format torch|dcp [--validate] [--wait-after-step N]`` fits a small
+dropout model with AdamW and OneCycleLR (whose step count is exact: one step too many raises)
+over 3 epochs of S samples (48 unless told) in batches of 4, with 2 micro-batches per optimizer
+step (Lightning's automatic optimization also steps on an epoch's last batch when it ends a
+window early), saving through :class:`distckpt.lightning.DistckptCallback` every 2 optimizer
+steps, in the checkpoint format given ("torch" unless told). With 2 devices the ranks are
+forked (Lightning's ``ddp_fork``): the same DDP, without importing Lightning once more per rank,
+and in the job's process group, so a SIGKILL of the group reaches every rank.
 Each rank appends every training step's loss to ``OUT/losses-rank{r}.txt`` as ``epoch batch
 loss`` (the loss in ``float.hex``, exact; with ``--validate`` every validation batch's to
 ``OUT/val-rank{r}.txt``) and, at the end, saves its final parameters, optimizer, scheduler and
-RNG states to ``OUT/final-rank{r}.pt``.
+RNG states to ``OUT/final-rank{r}.pt``. The module's ``on_save_checkpoint`` and a callback's
+``state_dict`` save the saving rank's number; at each resume, each rank appends the numbers it
+gets back to ``OUT/loaded-rank{r}.txt`` (``callback R`` and ``hook R``).
 """
 
 from __future__ import annotations
@@ -34,6 +37,11 @@ ACCUMULATE = 2
 WAIT_FOR_KILL = 300.0
 
 
+def _record_loaded(out: Path, rank: int, line: str) -> None:
+    with open(out / f"loaded-rank{rank}.txt", "a") as log:
+        log.write(f"{line}\n")
+
+
 class SaveFinalState(lightning.Callback):
     """Each rank's final state, written in the rank itself (with ``ddp_fork`` the launching
     process gets back rank 0's weights only)."""
@@ -41,6 +49,16 @@ class SaveFinalState(lightning.Callback):
     def __init__(self, out: Path, checkpointing: DistckptCallback) -> None:
         self.out = out
         self.checkpointing = checkpointing
+        self.rank = 0
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self.rank = trainer.global_rank
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"saved_by_rank": self.rank}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        _record_loaded(self.out, self.rank, f"callback {state_dict['saved_by_rank']}")
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         final = {
@@ -55,30 +73,34 @@ class SaveFinalState(lightning.Callback):
 
 class WaitForKillAfterSave(lightning.Callback):
     """``--wait-after-step N``: once the checkpoint of optimizer step N has committed, each rank
-    appends ``epoch batch`` to ``OUT/saved-rank{r}.txt`` and waits to be killed, so a SIGKILL
-    lands exactly after that save, never a few batches later."""
+    appends ``epoch batch`` (the batch after which it was saved) to ``OUT/saved-rank{r}.txt``
+    and waits to be killed, so a SIGKILL lands right after that save, before another batch
+    runs, never a few batches later."""
 
     def __init__(self, out: Path, checkpointing: DistckptCallback, step: int) -> None:
         self.out = out
         self.checkpointing = checkpointing
         self.step = step
+        self.last_batch = ""
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        self._wait_if_saved(trainer)
-
-    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._wait_if_saved(trainer)  # an epoch's last batch is saved at its end
-
-    def _wait_if_saved(self, trainer: Trainer) -> None:
         # Runs after DistckptCallback's hooks (callbacks run in list order), whose saves are
         # synchronous: the checkpoint of step N has committed when its result is there.
+        self.last_batch = f"{trainer.current_epoch} {batch_idx}"
+        self._wait_if_saved(trainer)
+
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # An epoch's last batch is saved at the epoch's end, after every callback's
+        # ``on_train_epoch_end`` (this one's too): the next epoch's start is the first hook after.
+        self._wait_if_saved(trainer)
+
+    def _wait_if_saved(self, trainer: Trainer) -> None:
         saved = self.checkpointing.last_save
         if saved is not None and saved.step == self.step:
-            batch_idx = trainer.fit_loop.epoch_loop.batch_idx
             with open(self.out / f"saved-rank{trainer.global_rank}.txt", "a") as log:
-                log.write(f"{trainer.current_epoch} {batch_idx}\n")
+                log.write(f"{self.last_batch}\n")
             time.sleep(WAIT_FOR_KILL)
             raise AssertionError(f"not killed within {WAIT_FOR_KILL} s of saving step {self.step}")
 
@@ -107,6 +129,12 @@ class DropoutModule(lightning.LightningModule):
             optimizer.zero_grad()
             self.lr_schedulers().step()
         return None
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["saved_by_rank"] = self.global_rank
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        _record_loaded(self.out, self.global_rank, f"hook {checkpoint['saved_by_rank']}")
 
     def configure_optimizers(self) -> Any:
         optimizer = torch.optim.AdamW(self.parameters(), lr=0.01)
@@ -157,6 +185,7 @@ def main() -> None:
     parser.add_argument("--optimization", choices=("auto", "manual"), default="auto")
     parser.add_argument("--loader", choices=("stateful", "plain"), default="stateful")
     parser.add_argument("--samples", type=int, default=48, help="training samples (batches of 4)")
+    parser.add_argument("--format", choices=("torch", "dcp"), default="torch")
     parser.add_argument("--validate", action="store_true", help="validate after each epoch")
     parser.add_argument("--wait-after-step", type=int, help="wait to be killed after saving it")
     args = parser.parse_args()
@@ -166,7 +195,12 @@ def main() -> None:
     kind = ValidatedModule if args.validate else DropoutModule
     module = kind(args.out, args.optimization, args.loader, args.samples)
     callback = DistckptCallback(
-        args.root, every_n_steps=2, keep_last=2, monitor="val_loss", fsync=False
+        args.root,
+        every_n_steps=2,
+        keep_last=2,
+        monitor="val_loss",
+        fsync=False,
+        format=args.format,
     )
     callbacks: list[lightning.Callback] = [callback, SaveFinalState(args.out, callback)]
     if args.wait_after_step is not None:

@@ -1,10 +1,11 @@
 """distckpt.lightning.DistckptCallback in real Trainers, killed with SIGKILL and fitted again.
 
 Each case (one device with manual optimization and validation; DDP on 2 CPU processes with
-gradient accumulation) runs ``tests/lightning_job.py`` once uninterrupted (the reference, shared
-by the tests here) and again killed at seeded random moments, or right after chosen saves, and
-re-run with the same command: every batch's loss and the final parameters, optimizer, scheduler
-and RNG states must equal the reference's bit for bit.
+gradient accumulation, in the "torch" format and, killed after chosen saves, the "dcp" one) runs
+``tests/lightning_job.py`` once uninterrupted (the reference, shared by the tests here) and again
+killed at seeded random moments, or right after chosen saves, and re-run with the same command:
+every batch's loss and the final parameters, optimizer, scheduler and RNG states must equal the
+reference's bit for bit.
 """
 
 from __future__ import annotations
@@ -19,9 +20,15 @@ import torch
 pytest.importorskip("lightning")
 pytest.importorskip("torchdata")
 
+import lightning
+
+from distckpt.errors import WorldSizeMismatch
 from distckpt.layout import step_dir_name
+from distckpt.lightning import DistckptCallback
 from distckpt.manifest import read_manifest
 from tests import killing
+from tests.lightning_callbacks_job import ONE_QUIET_DEVICE
+from tests.lightning_job import DropoutModule
 
 JOB = "tests/lightning_job.py"
 pytestmark = pytest.mark.timeout(420)
@@ -32,10 +39,18 @@ ONE_DEVICE = ["--devices", "1", "--optimization", "manual", "--validate"]
 #: 5 batches an epoch per rank, so each epoch's last batch steps alone, its accumulation window
 #: ended early (3 optimizer steps an epoch).
 DDP = ["--devices", "2", "--optimization", "auto", "--samples", "40"]
+#: The same DDP job checkpointing in the "dcp" format: the module and optimizers through
+#: ModelOptimizerState, the rest of the training state as each rank's own.
+DDP_DCP = [*DDP, "--format", "dcp"]
 
 
 def _reference(factory: pytest.TempPathFactory, options: list[str]) -> Path:
-    """The uninterrupted fit with ``options``, one per session, shared by the tests here."""
+    """The uninterrupted fit with ``options``, one per session, shared by the tests here. The
+    checkpoint format is left out: saving in either must not change the fit (the "dcp" case
+    below holds a resumed "dcp" fit to the "torch" one, bit for bit)."""
+    if "--format" in options:
+        at = options.index("--format")
+        options = options[:at] + options[at + 2 :]
     return killing.shared_reference(factory, "lightning" + "".join(options), JOB, options)
 
 
@@ -77,8 +92,8 @@ def test_killed_fit_resumes_exactly(
 
 @pytest.mark.parametrize(
     ("options", "saved_at"),
-    [(ONE_DEVICE, ["0 11", "1 3"]), (DDP, ["1 4", "2 3"])],
-    ids=["one-device-manual-optimization", "ddp-accumulation"],
+    [(ONE_DEVICE, ["0 11", "1 3"]), (DDP, ["1 4", "2 3"]), (DDP_DCP, ["1 4", "2 3"])],
+    ids=["one-device-manual-optimization", "ddp-accumulation", "ddp-accumulation-dcp"],
 )
 def test_fit_killed_after_an_epoch_end_save_and_after_the_next_save_resumes_exactly(
     tmp_path: Path,
@@ -111,6 +126,22 @@ def test_fit_killed_after_an_epoch_end_save_and_after_the_next_save_resumes_exac
     _assert_same_fit(reference, out, options)
     for rank in range(int(options[1])):
         assert torch.load(out / f"final-rank{rank}.pt", weights_only=False)["resumed_from"] == 8
+    for rank in range(int(options[1])):
+        # Each rank's own callback state and on_save_checkpoint dict, at both resumes.
+        loaded = (out / f"loaded-rank{rank}.txt").read_text().splitlines()
+        assert loaded == [f"callback {rank}", f"hook {rank}"] * 2
+    if "dcp" in options:
+        # README: besides the module and optimizers, each rank's own training state (its loader
+        # position, its RNGs) is saved, so one rank does not resume the 2 ranks' checkpoint.
+        # The job's fit on one device, here in the test's process (a launch costs seconds).
+        alone = lightning.Trainer(
+            max_epochs=3,
+            callbacks=[DistckptCallback(str(tmp_path / "root"), format="dcp")],
+            use_distributed_sampler=False,
+            **ONE_QUIET_DEVICE,
+        )
+        with pytest.raises(WorldSizeMismatch, match="saved by 2 ranks"):
+            alone.fit(DropoutModule(out, "auto", "stateful", samples=40))
 
 
 def test_plain_dataloader_mid_epoch_resume_is_not_exact(

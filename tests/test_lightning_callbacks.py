@@ -1,0 +1,119 @@
+"""What distckpt.lightning.DistckptCallback restores besides the module, optimizers and loops:
+the callbacks' states (EarlyStopping, the Timer of ``max_time``), the module's
+``on_save_checkpoint`` dict and the datamodule's ``state_dict``, in real Trainers killed with
+SIGKILL and fitted again (``tests/lightning_callbacks_job.py``)."""
+
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("lightning")
+
+from distckpt.lightning import LIGHTNING_ENTRIES
+from tests import killing
+
+JOB = "tests/lightning_callbacks_job.py"
+FIXTURES = Path(__file__).parent / "fixtures"
+pytestmark = pytest.mark.timeout(300)
+
+#: The uninterrupted fit: EarlyStopping stops it after epoch 2 (its best metric: epoch 0's), 3
+#: epochs of 2 batches, saved at each epoch's end. Its job's ``final.pt``, as the module doc of
+#: ``tests/lightning_callbacks_job.py`` works it out (a constant: no reference run needed).
+UNINTERRUPTED = {
+    "stopped_epoch": 2,
+    "best_score": 0.0,
+    "global_step": 6,
+    "epochs": 3,
+    "saves": 3,
+    "batches_seen": 6,
+}
+
+
+def _killed_at_epoch_2(
+    factory: pytest.TempPathFactory, tmp_path: Path, options: list[str]
+) -> tuple[list[str], Path]:
+    """The job's command with ``options``, and its output directory, after it ran until the
+    start of epoch 2 (after epoch 1's checkpoint) and was killed there: that run is made once
+    per session for each ``options``, and copied into ``tmp_path`` for the test to go on."""
+
+    def killed(root: Path, out: Path) -> None:
+        waiting = [JOB, str(root), str(out), *options, "--wait-at-epoch", "2"]
+        assert killing.run(waiting, out, kill_after=1, counted="waiting.txt")
+
+    name = "lightning-callbacks-killed" + "".join(options)
+    shared_out, shared_root = killing.shared_output(factory, name, killed)
+    out, root = tmp_path / "out", tmp_path / "root"
+    shutil.copytree(shared_out, out)
+    shutil.copytree(shared_root, root)
+    return [JOB, str(root), str(out), *options], out
+
+
+@pytest.mark.parametrize("checkpoint_format", ["torch", "dcp"])
+def test_a_fit_killed_between_epochs_stops_early_where_the_uninterrupted_one_does(
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, checkpoint_format: str
+) -> None:
+    """Resumed from epoch 1's checkpoint, EarlyStopping goes on counting epochs without
+    improvement from 1 (it stopped the fit 2 epochs late without its state), the module's
+    count of saves and the datamodule's of batches go on from the checkpoint's, and the dict
+    the module's ``on_load_checkpoint`` gets holds exactly what its ``on_save_checkpoint`` added
+    (a tuple, an int key, an empty dict: the "dcp" format alone would not bring them back)."""
+    command, out = _killed_at_epoch_2(tmp_path_factory, tmp_path, ["--format", checkpoint_format])
+    assert not killing.run(command, out)
+    assert torch.load(out / "final.pt") == UNINTERRUPTED
+    loaded = torch.load(out / "module-loaded.pt", weights_only=True)
+    assert loaded.keys() == {*LIGHTNING_ENTRIES, "saves", "values"} and loaded["saves"] == 2
+    values = loaded["values"]
+    assert values.keys() == {"pair", 3, "empty"}
+    assert type(values["pair"]) is tuple and values["pair"] == (1, "two")
+    assert torch.equal(values[3], torch.tensor([1.5])) and values["empty"] == {}
+
+
+def test_a_resumed_fit_counts_the_training_time_before_the_kill_against_max_time(
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Killed at the start of epoch 2 (the same killed run as the "torch" test above) and run
+    again with ``max_time`` no longer than the training time the first run had at epoch 1's
+    checkpoint: the restored Timer finds the time used up and the fit stops before its first
+    batch (without its state, the Timer counted from 0 and the fit trained on). That run's
+    EarlyStopping has ``mode="max"``, so another ``state_key``: as in Lightning, the
+    checkpoint's state of the "min" one is warned about, and the "max" one keeps its own (its
+    best score is still its initial one, not the "min" one's), while the rest restores."""
+    command, out = _killed_at_epoch_2(tmp_path_factory, tmp_path, ["--format", "torch"])
+    trained_microseconds = int((out / "waiting.txt").read_text())
+    assert trained_microseconds > 0
+    limited = [*command, "--max-time-us", str(trained_microseconds), "--early-stopping-mode", "max"]
+    assert not killing.run(limited, out)
+    final = torch.load(out / "final.pt")
+    assert (final["global_step"], final["batches_seen"], final["saves"]) == (4, 4, 2)
+    assert final["best_score"] == -math.inf
+    log = (out / "job.log").read_text()
+    assert "The checkpoint holds the state of callbacks this Trainer does not have" in log
+    assert "Missing: [\"EarlyStopping{'monitor': 'val_metric', 'mode': 'min'}\"]" in log
+
+
+def test_a_checkpoint_saved_before_callback_states_were_saved_still_resumes(tmp_path: Path) -> None:
+    """``tests/fixtures/lightning-before-callback-states``: epoch 1's checkpoint of the job, saved
+    by the callback before it saved callbacks' states and the module's ``on_save_checkpoint``
+    dict. It resumes (from step 4, the datamodule's count with it), with nothing to give
+    EarlyStopping, whose count starts again: it stops the fit after epoch 4, not 2, and the
+    module's ``on_load_checkpoint`` is not called."""
+    root = tmp_path / "root"
+    shutil.copytree(FIXTURES / "lightning-before-callback-states", root)
+    out = tmp_path / "out"
+    out.mkdir()
+    assert not killing.run([JOB, str(root), str(out)], out)
+    final = torch.load(out / "final.pt")
+    assert final == {
+        "stopped_epoch": 4,
+        "best_score": 2.0,
+        "global_step": 10,
+        "epochs": 5,
+        "saves": 3,
+        "batches_seen": 10,
+    }
+    assert not (out / "module-loaded.pt").exists()

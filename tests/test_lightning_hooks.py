@@ -1,0 +1,208 @@
+"""distckpt.lightning.DistckptCallback with the module's checkpoint hooks and the Trainer's own
+checkpoint paths, in small real fits on one device run in the test's process (a second or two
+each; the fits killed and resumed bit for bit are in ``tests/test_lightning.py``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+pytest.importorskip("lightning")
+
+import lightning
+import numpy as np
+from torch.utils.data import DataLoader
+
+import distckpt
+from distckpt.errors import UnloadableState
+from distckpt.lightning import LIGHTNING_ENTRIES, DistckptCallback
+from tests.lightning_callbacks_job import ONE_QUIET_DEVICE
+
+pytestmark = pytest.mark.timeout(120)
+
+
+class TinyModule(lightning.LightningModule):
+    """A linear model over 2 batches an epoch, with a frozen ``backbone``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = torch.nn.Linear(4, 4).requires_grad_(False)
+        self.head = torch.nn.Linear(4, 1)
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        return self.head(self.backbone(batch)).square().mean()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.head.parameters(), lr=0.01)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(torch.randn(8, 4, generator=torch.Generator().manual_seed(0)), 4)
+
+
+def _fit(module: lightning.LightningModule, root: Path, epochs: int, **options: Any) -> Any:
+    trainer = lightning.Trainer(
+        max_epochs=epochs,
+        callbacks=[DistckptCallback(str(root), every_n_epochs=1, fsync=False, **options)],
+        **ONE_QUIET_DEVICE,
+    )
+    trainer.fit(module)
+    return trainer
+
+
+class DropsFrozenWeights(TinyModule):
+    """Lightning's idiom for a fine-tune: leave the frozen weights out of the checkpoint."""
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["state_dict"] = {
+            key: value
+            for key, value in checkpoint["state_dict"].items()
+            if not key.startswith("backbone.")
+        }
+        checkpoint["seen_keys"] = sorted(checkpoint)
+
+
+class ReadsEntries(TinyModule):
+    """Reads Lightning's entries back when loading, as a hook written for Lightning does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.loaded: dict[str, Any] | None = None
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["mine"] = 7
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.loaded = checkpoint
+
+
+def test_on_save_checkpoint_sees_lightning_entries_and_its_changes_to_them_are_not_saved(
+    tmp_path: Path,
+) -> None:
+    """The hook finds ``state_dict`` (and the other cheap entries) and may rewrite it; the model
+    is still saved whole, from the module itself: the frozen weights come back on resume."""
+    first = DropsFrozenWeights()
+    _fit(first, tmp_path, epochs=1)
+    resumed = DropsFrozenWeights()
+    trainer = _fit(resumed, tmp_path, epochs=1)  # nothing left to train: restores only
+    assert trainer.callbacks[0].resumed_from == 2
+    assert torch.equal(resumed.backbone.weight, first.backbone.weight)
+    assert torch.equal(resumed.head.weight, first.head.weight)
+
+
+def test_on_load_checkpoint_gets_lightning_entries_after_the_restore_and_the_added_keys(
+    tmp_path: Path,
+) -> None:
+    """``epoch``, ``global_step``, ``pytorch-lightning_version`` and ``state_dict`` (the restored
+    module's), and exactly what ``on_save_checkpoint`` added."""
+    _fit(ReadsEntries(), tmp_path, epochs=1)
+    resumed = ReadsEntries()
+    _fit(resumed, tmp_path, epochs=2)
+    assert resumed.loaded is not None
+    assert set(resumed.loaded) == {*LIGHTNING_ENTRIES, "mine"}
+    assert resumed.loaded["mine"] == 7
+    assert resumed.loaded["global_step"] == 2 and resumed.loaded["epoch"] == 0
+    assert resumed.loaded["pytorch-lightning_version"] == lightning.__version__
+    assert resumed.loaded["state_dict"].keys() == resumed.state_dict().keys()
+
+
+class FailsOnce(TinyModule):
+    """Fails in its second epoch's first batch until told otherwise; records what
+    ``trainer.checkpoint_callback`` is in its hooks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fail = True
+        self.seen_checkpoint_callbacks: list[Any] = []
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        if self.fail and self.current_epoch == 1:
+            raise RuntimeError("failing on purpose")
+        self.seen_checkpoint_callbacks.append(self.trainer.checkpoint_callback)
+        return super().training_step(batch, batch_idx)
+
+    def on_train_epoch_end(self) -> None:
+        self.seen_checkpoint_callbacks.append(self.trainer.checkpoint_callback)
+
+
+def test_a_failed_fit_leaves_the_trainer_as_lightning_does_and_a_second_fit_resumes(
+    tmp_path: Path,
+) -> None:
+    """After a fit that raised, the Trainer has no checkpoint callback (Lightning calls only
+    ``on_exception`` then, not ``teardown``), so ``test(ckpt_path="best")`` raises Lightning's
+    own ValueError, and a second fit on the same Trainer resumes from the saved epoch (the root
+    was still held by the first fit's manager). During the fits, a Trainer without a
+    ``ModelCheckpoint`` has no ``checkpoint_callback`` but at an epoch-end save, when it is one
+    that saved nothing (empty ``best_model_path``)."""
+    module = FailsOnce()
+    callback = DistckptCallback(str(tmp_path), every_n_epochs=1, fsync=False)
+    trainer = lightning.Trainer(max_epochs=2, callbacks=[callback], **ONE_QUIET_DEVICE)
+    with pytest.raises(RuntimeError, match="failing on purpose"):
+        trainer.fit(module)
+    assert trainer.checkpoint_callbacks == []
+    with pytest.raises(ValueError, match="`ModelCheckpoint` is not configured"):
+        trainer.test(module, ckpt_path="best", dataloaders=module.train_dataloader())
+    module.fail = False
+    trainer.fit(module)
+    assert callback.resumed_from == 2 and trainer.global_step == 4
+    assert trainer.checkpoint_callback is None
+    # Each fit's epoch 0 or 1: 2 batches, then the epoch's end.
+    seen = module.seen_checkpoint_callbacks
+    assert [callback is None for callback in seen] == [True, True, False] * 2
+    assert seen[2].best_model_path == seen[2].last_model_path == ""
+
+
+class NumpyState(lightning.Callback):
+    """A callback whose state holds a numpy scalar, which torch's weights-only load refuses."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": np.float64(0.5)}
+
+
+class NumpyHook(TinyModule):
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["best"] = np.float64(0.5)
+
+
+@pytest.mark.parametrize("checkpoint_format", ["torch", "dcp"])
+def test_a_state_a_resume_could_not_load_is_refused_at_the_save(
+    tmp_path: Path, checkpoint_format: str
+) -> None:
+    """It saved, and then every resume failed with advice (allow_pickle=True) the callback does
+    not take: now the first save raises UnloadableState naming it, and nothing is committed."""
+    trainer = lightning.Trainer(
+        max_epochs=1,
+        callbacks=[
+            DistckptCallback(str(tmp_path), every_n_epochs=1, format=checkpoint_format),
+            NumpyState(),
+        ],
+        **ONE_QUIET_DEVICE,
+    )
+    with pytest.raises(UnloadableState, match="the callback 'NumpyState'") as refused:
+        trainer.fit(TinyModule())
+    assert refused.value.state_key == "NumpyState" and "numpy" in refused.value.refused
+    assert "allow_pickle" not in str(refused.value)
+    with pytest.raises(UnloadableState, match="on_save_checkpoint added") as refused:
+        _fit(NumpyHook(), tmp_path, epochs=1, format=checkpoint_format)
+    assert refused.value.state_key == "on_save_checkpoint"
+    manager = distckpt.CheckpointManager(str(tmp_path))
+    assert manager.steps() == []
+    manager.close()
+
+
+@pytest.mark.parametrize(("first", "then"), [("torch", "dcp"), ("dcp", "torch")])
+def test_a_run_that_changes_its_format_resumes(tmp_path: Path, first: str, then: str) -> None:
+    """The checkpoint is read in the layout of its own format, not of the one the resumed run
+    saves in (the keys did not match), and the run goes on saving in its new format."""
+    saved = ReadsEntries()
+    _fit(saved, tmp_path, epochs=1, format=first)
+    resumed = ReadsEntries()
+    trainer = _fit(resumed, tmp_path, epochs=2, format=then)
+    assert trainer.callbacks[0].resumed_from == 2 and resumed.loaded is not None
+    assert resumed.loaded["mine"] == 7
+    assert trainer.callbacks[0].last_save.step == 4
+    manager = distckpt.CheckpointManager(str(tmp_path))
+    assert [info.format for info in manager.checkpoints()] == [first, then]
+    manager.close()
