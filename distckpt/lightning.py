@@ -40,20 +40,19 @@ value (its loaders' positions, its RNGs, its callbacks' states and its module's
 read in the layout of the format it was saved in.
 
 The module's ``on_save_checkpoint`` gets a dict holding Lightning's cheap entries
-(:data:`LIGHTNING_ENTRIES`: ``epoch``, ``global_step``, ``pytorch-lightning_version`` and
-``state_dict``, the module's ``state_dict()``), not the costly ones (``optimizer_states``,
-``loops``, ``callbacks``, ...). Only the keys the hook adds are saved: changes it makes to those
-entries (rewriting ``state_dict`` to drop frozen weights) have no effect, as the module is saved
-from itself, whole. On resume its ``on_load_checkpoint`` gets the same entries, taken after the
-restore, and the saved added keys exactly as added (tuples, int keys and empty dicts included);
-changes it makes to ``state_dict`` have no effect either. Limits: the callbacks' own
-``on_save_checkpoint`` / ``on_load_checkpoint`` hooks (which expect Lightning's whole dict) are
-not called. The callbacks' states and the hook's added keys are saved with ``torch.save`` and
-loaded as torch loads weights: tensors, numbers, strings and containers of them; a value a
-resume would refuse so (a numpy scalar) is refused at the save instead, before anything is
-written, with :class:`~distckpt.UnloadableState` naming its ``state_key``. The callbacks
-whose ``on_fit_start`` runs before this callback's (listed before it) see their state before
-the restore.
+(:data:`~distckpt.lightning_extras.LIGHTNING_ENTRIES`: ``epoch``, ``global_step``,
+``pytorch-lightning_version`` and ``state_dict``, the module's ``state_dict()``), not the costly
+ones (``optimizer_states``, ``loops``, ``callbacks``, ...). Only the keys the hook adds are saved:
+changes it makes to those entries (rewriting ``state_dict`` to drop frozen weights) have no effect,
+as the module is saved from itself, whole. On resume its ``on_load_checkpoint`` gets the same
+entries, taken after the restore, and the saved added keys exactly as added (tuples, int keys and
+empty dicts included); changes it makes to ``state_dict`` have no effect either. Limits: the
+callbacks' own ``on_save_checkpoint`` / ``on_load_checkpoint`` hooks (which expect Lightning's
+whole dict) are not called. The callbacks' states and the hook's added keys are saved with
+``torch.save`` and loaded as torch loads weights: tensors, numbers, strings and containers of them;
+a value a resume would refuse so (a numpy scalar) is refused at the save instead, before anything
+is written, with :class:`~distckpt.UnloadableState` naming its ``state_key``. The callbacks whose
+``on_fit_start`` runs before this callback's (listed before it) see their state before the restore.
 
 Checkpoints are taken at ``on_train_batch_end`` of a batch whose optimizer step completed: the
 step counted is the :class:`~distckpt.StepTracker`'s (real optimizer steps, also under manual
@@ -82,31 +81,30 @@ resuming.
 
 from __future__ import annotations
 
-import copy
-import io
 import warnings
 from typing import Any
 
 import lightning
-import torch
 from lightning import LightningModule, Trainer
 from lightning.fabric.utilities.data import _set_sampler_epoch
 from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.utilities.combined_loader import _Stateful
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
-from distckpt.errors import InvalidArgument, UnloadableState, UnsafeCheckpoint
-from distckpt.formats.base import ReadOptions
-from distckpt.formats.torch_files import safe_torch_load
+from distckpt.errors import InvalidArgument
+from distckpt.lightning_extras import (
+    AsBytes,
+    ExtrasTemplate,
+    LightningExtras,
+)
 from distckpt.manager import CheckpointManager
 from distckpt.per_rank import PerRank
 from distckpt.results import Checkpoint as LoadedCheckpoint
 from distckpt.results import SaveResult
 from distckpt.rng import capture_rng, restore_rng
-from distckpt.state import apply_load, check_load, to_plain
 from distckpt.steps import StepTracker
 
-#: The state's key of :class:`_LightningExtras`, which checkpoints saved before it existed lack.
+#: The state's key of :class:`~distckpt.lightning_extras.LightningExtras`, which checkpoints
+#: saved before it existed lack.
 _EXTRAS_KEY = "lightning"
 
 
@@ -188,169 +186,6 @@ class _DeferredRNG:
             self.pending = None
 
 
-def _to_bytes(value: Any) -> bytes:
-    buffer = io.BytesIO()
-    torch.save(value, buffer)
-    return buffer.getvalue()
-
-
-def _from_bytes(data: bytes, what: str) -> Any:
-    return safe_torch_load(io.BytesIO(data), ReadOptions(), name=what)
-
-
-class _AsBytes:
-    """A nested state (objects with ``state_dict()`` in it saved through it) saved as the
-    ``torch.save`` bytes of its plain form, and loaded back in place, as strictly as a
-    restore loads. For the "dcp" format, which loads back only tensors and the leaves of the
-    structure it is given, and drops empty dicts, tuples and non-string keys on the way: the
-    Trainer's loop state holds all of these."""
-
-    def __init__(self, state: dict[str, Any]) -> None:
-        self.state = state
-
-    def state_dict(self) -> dict[str, bytes]:
-        return {"torch_save": _to_bytes(to_plain(self.state))}
-
-    def load_state_dict(self, saved: dict[str, bytes]) -> None:
-        loaded = _from_bytes(saved["torch_save"], "the training state")
-        check_load(self.state, loaded, strict=True)
-        apply_load(self.state, loaded)
-
-
-#: The entries of Lightning's own checkpoint dict that the module's ``on_save_checkpoint`` and
-#: ``on_load_checkpoint`` find in theirs: the cheap ones (the module's ``state_dict()`` holds its
-#: tensors themselves, not copies). The rest (``optimizer_states``, ``loops``, ``callbacks``, ...)
-#: would cost a copy of state saved elsewhere.
-LIGHTNING_ENTRIES = ("epoch", "global_step", "pytorch-lightning_version", "state_dict")
-
-
-def _lightning_entries(trainer: Trainer) -> dict[str, Any]:
-    """:data:`LIGHTNING_ENTRIES`, as Lightning's ``dump_checkpoint`` fills them."""
-    return {
-        "epoch": trainer.current_epoch,
-        "global_step": trainer.global_step,
-        "pytorch-lightning_version": lightning.__version__,
-        # The module's own, not the strategy's (which gathers a sharded module on every rank).
-        "state_dict": trainer.lightning_module.state_dict(),
-    }
-
-
-def _check_loadable(saved: dict[str, bytes], callbacks: dict[str, Any], added: Any) -> None:
-    """Raises :class:`~distckpt.UnloadableState` naming the first value of ``saved`` (the
-    bytes of ``callbacks`` and ``added``) that a restore would refuse to load, before the save:
-    a checkpoint holding one could never be resumed. Cheap: these values are small."""
-    try:
-        for key in _LightningExtras.KEYS:
-            _from_bytes(saved[key], key)
-        return
-    except UnsafeCheckpoint:
-        pass
-    for state_key, state in [*callbacks.items(), ("on_save_checkpoint", added)]:
-        try:
-            _from_bytes(_to_bytes(state), state_key)
-        except UnsafeCheckpoint as refusal:
-            # Its advice (allow_pickle=True) is for loading: not something a resume here takes.
-            refused = str(refusal).split(", so it was not loaded")[0]
-            what = (
-                "the keys the module's on_save_checkpoint added"
-                if state_key == "on_save_checkpoint"
-                else f"the state_dict() of the callback {state_key!r}"
-            )
-            raise UnloadableState(
-                f"{what} cannot be saved: a resume loads it as torch loads weights (tensors, "
-                "numbers, strings, and lists, tuples and dicts of them), which refuses it. "
-                f"Save plain values instead (float(x) for a numpy scalar): {refused}",
-                state_key=state_key,
-                refused=refused,
-            ) from None
-
-
-class _LightningExtras:
-    """What Lightning's own checkpoints carry besides the module, optimizers, schedulers and
-    loops: every stateful callback's ``state_dict()`` keyed by its ``state_key`` (as
-    Lightning's ``checkpoint["callbacks"]``; the callbacks in ``skipped`` and empty states left
-    out), and the keys the module's ``on_save_checkpoint`` added to its dict.
-
-    Each is saved as ``torch.save`` bytes, one plain value: which callbacks, and which keys a
-    hook adds, may differ between the run that saves and the one that resumes, and a restore
-    loads into a structure given in advance (the "dcp" format reads only the keys it is given
-    and flattens tuples and non-string keys). The bytes come back exactly as saved, and are
-    loaded as torch loads weights (tensors and plain containers only)."""
-
-    KEYS = ("callbacks", "module_checkpoint")
-
-    def __init__(self, trainer: Trainer, skipped: tuple[lightning.Callback, ...]) -> None:
-        self.trainer = trainer
-        self.skipped = skipped
-        self.pending_module_checkpoint: dict[str, Any] | None = None
-
-    def state_dict(self) -> dict[str, bytes]:
-        callbacks: dict[str, Any] = {}
-        for callback in self.trainer.callbacks:
-            if any(callback is skipped for skipped in self.skipped):
-                continue
-            state = callback.state_dict()
-            if state:
-                callbacks[callback.state_key] = state
-        # The hook reads Lightning's cheap entries as it would in Lightning's own checkpoint
-        # (rewriting ``checkpoint["state_dict"]`` is a common idiom); only what it adds is
-        # saved: the module and the loops are saved from themselves.
-        module_checkpoint = _lightning_entries(self.trainer)
-        self.trainer.lightning_module.on_save_checkpoint(module_checkpoint)
-        added = {
-            key: value for key, value in module_checkpoint.items() if key not in LIGHTNING_ENTRIES
-        }
-        saved = {"callbacks": _to_bytes(callbacks), "module_checkpoint": _to_bytes(added)}
-        _check_loadable(saved, callbacks, added)
-        return saved
-
-    def load_state_dict(self, state: dict[str, bytes]) -> None:
-        """Loads each saved callback state into the callback of the same ``state_key`` and
-        hands the module's dict to its ``on_load_checkpoint``, as Lightning's own restore
-        does: a saved state whose callback is gone is warned about, and a callback without a
-        saved state keeps its own."""
-        callbacks: dict[str, Any] = _from_bytes(state["callbacks"], "the callbacks' states")
-        module_checkpoint: dict[str, Any] = _from_bytes(
-            state["module_checkpoint"], "the module's on_save_checkpoint dict"
-        )
-        present = {callback.state_key for callback in self.trainer.callbacks}
-        gone = sorted(set(callbacks) - present)
-        if gone:
-            rank_zero_warn(
-                "The checkpoint holds the state of callbacks this Trainer does not have: pass "
-                f"the callbacks it was saved with to resume them. Missing: {gone}"
-            )
-        self.pending_module_checkpoint = module_checkpoint
-        for callback in self.trainer.callbacks:
-            saved = callbacks.get(callback.state_key)
-            if saved and not any(callback is skipped for skipped in self.skipped):
-                callback.load_state_dict(copy.deepcopy(saved))
-
-    def call_module_on_load(self) -> None:
-        """Calls the module's ``on_load_checkpoint`` with the keys its ``on_save_checkpoint``
-        added, if a restore loaded them, and Lightning's entries (:data:`LIGHTNING_ENTRIES`)
-        taken now: called once the whole restore is done, so they are the restored ones."""
-        added, self.pending_module_checkpoint = self.pending_module_checkpoint, None
-        if added is not None:
-            self.trainer.lightning_module.on_load_checkpoint(
-                {**_lightning_entries(self.trainer), **added}
-            )
-
-
-class _ExtrasTemplate:
-    """What a restore loads :class:`_LightningExtras` through: its ``state_dict()`` has the
-    saved keys without calling the callbacks' and the module's hooks, which run at saves."""
-
-    def __init__(self, extras: _LightningExtras) -> None:
-        self.extras = extras
-
-    def state_dict(self) -> dict[str, bytes]:
-        return dict.fromkeys(_LightningExtras.KEYS, b"")
-
-    def load_state_dict(self, state: dict[str, bytes]) -> None:
-        self.extras.load_state_dict(state)
-
-
 class _SaveAfterMonitors(Checkpoint):
     """Takes :class:`DistckptCallback`'s epoch-end checkpoints. Lightning runs the
     ``on_train_epoch_end`` of its checkpoint callbacks (and of ``EarlyStopping``) after every
@@ -402,7 +237,7 @@ class DistckptCallback(lightning.Callback):
         self.resumed_from: int | None = None
         self._rng = _DeferredRNG()
         self._trainer_state: _TrainerState | None = None
-        self._extras: _LightningExtras | None = None
+        self._extras: LightningExtras | None = None
         self._epoch_end_saver = _SaveAfterMonitors(self)
         self._step_at_last_batch = 0
         self._save_at_epoch_end = False
@@ -416,8 +251,8 @@ class DistckptCallback(lightning.Callback):
         self, trainer: Trainer, pl_module: LightningModule, extras: Any, layout: str
     ) -> dict[str, Any]:
         """The state saved and restored, laid out for the format ``layout`` (the one saved
-        in, or the restored checkpoint's); ``extras`` is :class:`_LightningExtras` to save, or
-        its :class:`_ExtrasTemplate` to restore (None: a checkpoint saved without it)."""
+        in, or the restored checkpoint's); ``extras`` is :class:`LightningExtras` to save, or
+        its :class:`ExtrasTemplate` to restore (None: a checkpoint saved without it)."""
         assert self.manager is not None
         training = {
             "schedulers": [config.scheduler for config in trainer.lr_scheduler_configs],
@@ -435,7 +270,7 @@ class DistckptCallback(lightning.Callback):
                 # fresh optimizer has no state under its parameters' numbers to load into.
                 "model_and_optimizers": ModelOptimizerState(pl_module, trainer.optimizers),
                 # Each rank's own: its loaders' positions, its random number generators.
-                "training": PerRank(_AsBytes(training)),
+                "training": PerRank(AsBytes(training)),
             }
         else:
             state = {"model": pl_module, "optimizers": list(trainer.optimizers), **training}
@@ -448,7 +283,7 @@ class DistckptCallback(lightning.Callback):
         assert self.manager is not None
         self.tracker = StepTracker(*trainer.optimizers)
         self._trainer_state = _TrainerState(trainer)
-        self._extras = _LightningExtras(trainer, skipped=(self, self._epoch_end_saver))
+        self._extras = LightningExtras(trainer, skipped=(self, self._epoch_end_saver))
         checkpoint = self._restore_last(trainer, pl_module)
         self._extras.call_module_on_load()
         self.resumed_from = checkpoint.step if checkpoint is not None else None
@@ -472,7 +307,7 @@ class DistckptCallback(lightning.Callback):
         # A run may change its format: the checkpoint is read in the layout it was saved in.
         saved = self.manager.checkpoints()  # the manifests of the committed ones, oldest first
         layout = saved[-1].format if saved else self.manager.format
-        state = self._state(trainer, pl_module, _ExtrasTemplate(self._extras), layout)
+        state = self._state(trainer, pl_module, ExtrasTemplate(self._extras), layout)
         try:
             return self.manager.restore("last", state=state, missing_ok=True)
         except InvalidArgument as error:

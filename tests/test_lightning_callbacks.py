@@ -14,7 +14,7 @@ import torch
 
 pytest.importorskip("lightning")
 
-from distckpt.lightning import LIGHTNING_ENTRIES
+from distckpt.lightning_extras import LIGHTNING_ENTRIES
 from tests import killing
 
 JOB = "tests/lightning_callbacks_job.py"

@@ -18,7 +18,8 @@ from torch.utils.data import DataLoader
 
 import distckpt
 from distckpt.errors import UnloadableState
-from distckpt.lightning import LIGHTNING_ENTRIES, DistckptCallback
+from distckpt.lightning import DistckptCallback
+from distckpt.lightning_extras import LIGHTNING_ENTRIES
 from tests.lightning_callbacks_job import ONE_QUIET_DEVICE
 
 pytestmark = pytest.mark.timeout(120)
