@@ -485,8 +485,11 @@ class CheckpointManager:
         self.close()
 
     def _check_open(self) -> None:
+        """Refuse a closed manager; called first by every public call that may run collectives,
+        so it also marks where the coordinator's next operation begins."""
         if self._closed:
             raise CheckpointError("this CheckpointManager is closed")
+        self._coord.begin_operation()
 
     def __repr__(self) -> str:
         return (
