@@ -278,3 +278,39 @@ def test_background_failure_is_raised_by_the_next_call_that_waits(
         "after": after,
     }
     assert out == [expected] * 2
+
+
+#: Elements of the state each rank saves while the process group is destroyed: 64 MiB, whose
+#: write and fsync outlast the destroy that follows the save at once.
+IN_FLIGHT_ELEMENTS = 16 << 20
+
+
+def _destroyed_under_a_save(rank: int, world_size: int, root: str, order: str) -> tuple[str, bool]:
+    mgr = distckpt.CheckpointManager(root, async_save=True, timeout=20)
+    mgr.save(1, {"w": torch.ones(IN_FLIGHT_ELEMENTS)})
+    in_flight = mgr.save_in_flight
+    if order == "close first":  # the README's order
+        mgr.close()
+        dist.destroy_process_group()
+        return "closed", in_flight
+    dist.destroy_process_group()
+    try:
+        mgr.close()
+    except distckpt.CheckpointError as exc:
+        return f"{type(exc).__name__}: {exc}", in_flight
+    return "closed", in_flight
+
+
+def test_destroying_the_process_group_under_a_save_in_flight_says_to_close_first(
+    tmp_path: Path,
+) -> None:
+    """README: call ``mgr.wait()`` or ``mgr.close()`` before ``destroy_process_group()``."""
+    results = values(run_ranks(_destroyed_under_a_save, 2, str(tmp_path / "late"), "destroy first"))
+    for message, in_flight in results:
+        assert in_flight
+        assert message.startswith("ProcessGroupDestroyed: "), message
+        assert "call mgr.wait() or mgr.close()" in message
+    assert distckpt.CheckpointManager(tmp_path / "late", read_only=True).steps() == []
+    results = values(run_ranks(_destroyed_under_a_save, 2, str(tmp_path / "ok"), "close first"))
+    assert results == [("closed", True)] * 2
+    assert distckpt.CheckpointManager(tmp_path / "ok", read_only=True).steps() == [1]
