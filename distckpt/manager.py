@@ -231,6 +231,8 @@ class CheckpointManager:
         except BaseException:
             self.close()  # gives the groups back: ranks must take and return them alike
             raise
+        # Dead writers' leftovers, after every collective of the start.
+        self._tidy()
 
     # ------------------------------------------------------------------ save
 
@@ -443,6 +445,7 @@ class CheckpointManager:
         protocol.check_step_number(step)
         self.wait()
         latest = self._coord.decide(lambda: self._store.delete(step), what=f"deleting step {step}")
+        self._tidy()
         if self._decider.last.step == step:  # rank 0's view, so every rank's schedule agrees
             self._decider.last = LastSave(latest, self._decider.last.epoch, self._decider.last.time)
 
@@ -451,7 +454,9 @@ class CheckpointManager:
         Returns the steps removed. Links are repaired first, so their targets stay."""
         self._check_open()
         self.wait()
-        return self._coord.decide(self._store.prune, what="pruning")
+        removed = self._coord.decide(self._store.prune, what="pruning")
+        self._tidy()
+        return removed
 
     def gc(self) -> list[CheckpointLocation]:
         """Remove leftovers of dead writers (staging dirs whose writer lock is free; on an
@@ -483,6 +488,12 @@ class CheckpointManager:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+    def _tidy(self) -> None:
+        """Rank 0, after an outcome reached every rank: remove what it left to remove (the
+        trash), outside the collectives' timeout (:meth:`~distckpt.storage.RootStore.tidy`)."""
+        if self.is_coordinator:
+            self._store.tidy()
 
     def _check_open(self) -> None:
         """Refuse a closed manager; called first by every public call that may run collectives,

@@ -159,7 +159,8 @@ def write_and_commit(
     (``save.agree``), which builds the manifest and commits, and the result or the error is
     broadcast to every rank (``save.commit``; :meth:`~distckpt.coord.Coordinator.gather` and
     :meth:`~distckpt.coord.Coordinator.conclude`). Rank 0 discards the staging area unless it
-    was committed.
+    was committed, then tidies the root (:meth:`~distckpt.storage.RootStore.tidy`: the trash
+    of what retention removed), after every rank has the outcome.
 
     With a ``launcher`` watch, every rank checks after writing, in what it reports for the
     agreement, that its launcher lives (:func:`check_launcher`)."""
@@ -188,6 +189,10 @@ def write_and_commit(
     finally:
         if plan.area is not None:
             store.discard_staging(plan.area)
+        if coord.is_coordinator:
+            # After the outcome's broadcast: a slow removal must not run inside the other
+            # ranks' timeout, nor fail a save that committed (tidy never raises).
+            store.tidy()
 
 
 def _ran_out_of_space(plan: SavePlan, full: OSError, *, root: Path, rank: int) -> InsufficientSpace:

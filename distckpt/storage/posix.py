@@ -91,6 +91,8 @@ class PosixRootStore(LinksAndRetention, ViewedStore):
         self.link_mode: LinkMode = link
         self._lock = RootLock(self.layout.lock_path, timeout=lock_timeout)
         self._removed_at_open: list[CheckpointLocation] = []
+        #: whether the leftovers of dead writers were removed since the root was opened
+        self._leftovers_checked = True
         self._warned_missing_monitor = False
         self._warned_unknown_space = False
         #: never write: no probe, no lock file, no cleanup or link repair (a read-only mount)
@@ -133,7 +135,9 @@ class PosixRootStore(LinksAndRetention, ViewedStore):
                 except OSError as exc:
                     raise _open_write_failed(root, "is not writable", exc) from exc
                 self._settle_link_mode()
-                self._removed_at_open = self._remove_leftovers()
+                # The leftovers of dead writers are removed by tidy(), once every rank knows
+                # the root is open: a slow removal here would run inside their timeout.
+                self._leftovers_checked = False
                 try:
                     self._update_links()
                 except (OSError, CheckpointError) as exc:  # derived state: never block a start
@@ -300,7 +304,8 @@ class PosixRootStore(LinksAndRetention, ViewedStore):
                     final.name,
                     exc,
                 )
-        self._empty_trash()
+        # The trash (what retention removed) is emptied by tidy(), after every rank heard of
+        # this commit.
         self._warn_missing_monitor(manifest)
         return SaveResult(manifest.step, final, manifest.epoch, dict(manifest.metrics))
 
@@ -412,16 +417,14 @@ class PosixRootStore(LinksAndRetention, ViewedStore):
             records = self._update_links(leaving=directory)
             faults.hit("during_delete", COMMITTING_RANK)
             move_to_trash(directory, self.layout.trash_root, fsync=self.fsync)
-        self._empty_trash()
-        return records[-1].step if records else None
+        return records[-1].step if records else None  # its bytes go at tidy()
 
     def prune(self) -> list[int]:
         self._refuse_if_read_only("prune")
         with self._lock:
             self._check_lease()
             removed = self._apply_retention(self._update_links())
-        self._empty_trash()
-        return removed
+        return removed  # their bytes go at tidy()
 
     def leftovers(self) -> list[Leftover]:
         return [item for item in find_leftovers(self.layout) if item.kind != "lock"]
@@ -439,6 +442,19 @@ class PosixRootStore(LinksAndRetention, ViewedStore):
             removed = self._removed_at_open + self._remove_leftovers()
         self._removed_at_open = []  # reported once
         return removed
+
+    def tidy(self) -> None:
+        if self.read_only:
+            return
+        try:
+            if self._leftovers_checked:
+                self._empty_trash()
+                return
+            with self._lock:
+                self._removed_at_open = self._remove_leftovers()  # the trash included
+            self._leftovers_checked = True
+        except Exception as exc:  # the outcome was told already: a removal never fails it
+            logger.warning("could not tidy %s (tried again later): %s", self.root, exc)
 
     def _empty_trash(self) -> None:
         """Delete what retention and deletes moved into the trash; outside the lock."""
