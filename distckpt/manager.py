@@ -17,6 +17,7 @@ import logging
 import os
 import uuid
 from collections.abc import Collection, Mapping
+from types import TracebackType
 from typing import Any, Literal, Union
 
 import torch.distributed as dist
@@ -25,7 +26,7 @@ from distckpt import policy, proposal, protocol, reader, resolve
 from distckpt.background import DEFAULT_BACKGROUND_NICE, BackgroundSaves, check_background_nice
 from distckpt.coord import Coordinator, check_timeout
 from distckpt.decisions import LastSave, SaveDecider, SignalFlag
-from distckpt.errors import CheckpointError, RootInUse
+from distckpt.errors import CheckpointError, RootInUse, describe_error
 from distckpt.formats import ReadOptions, format_named
 from distckpt.fsutil import LinkMode
 from distckpt.layout import RootLayout
@@ -486,8 +487,30 @@ class CheckpointManager:
     def __enter__(self) -> CheckpointManager:
         return self
 
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        """Close the manager. With an exception leaving the block, that exception stays the
+        one raised: an error of the close (a failed save in flight) is logged and added to it
+        as a note, instead of replacing it."""
+        if exc is None:
+            self.close()
+            return
+        try:
+            self.close()
+        except Exception as close_error:
+            logger.error(
+                "closing the checkpoint manager after %s failed: %s",
+                type(exc).__name__,
+                close_error,
+            )
+            exc.add_note(
+                f"distckpt: closing the checkpoint manager also failed: "
+                f"{describe_error(close_error)}"
+            )
 
     def _tidy(self) -> None:
         """Rank 0, after an outcome reached every rank: remove what it left to remove (the

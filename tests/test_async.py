@@ -314,3 +314,25 @@ def test_destroying_the_process_group_under_a_save_in_flight_says_to_close_first
     results = values(run_ranks(_destroyed_under_a_save, 2, str(tmp_path / "ok"), "close first"))
     assert results == [("closed", True)] * 2
     assert distckpt.CheckpointManager(tmp_path / "ok", read_only=True).steps() == [1]
+
+
+def _user_error_over_a_failed_save(rank: int, world_size: int, root: str) -> tuple[str, str, str]:
+    faults.arm("after_shard_write", "raise", rank=1)  # the save in flight fails
+    try:
+        with distckpt.CheckpointManager(root, async_save=True, fsync=False, timeout=20) as mgr:
+            mgr.save(1, {"w": torch.ones(4)})
+            raise ValueError("the training loop's own error")
+    except Exception as exc:
+        return type(exc).__name__, str(exc), "\n".join(getattr(exc, "__notes__", []))
+    finally:
+        faults.disarm()
+    return "nothing raised", "", ""
+
+
+def test_an_error_inside_with_is_not_replaced_by_a_failed_save(tmp_path: Path) -> None:
+    """The user's exception leaves the ``with`` block; the failed save is added as a note."""
+    for error_type, message, notes in values(
+        run_ranks(_user_error_over_a_failed_save, 2, str(tmp_path))
+    ):
+        assert (error_type, message) == ("ValueError", "the training loop's own error")
+        assert "closing the checkpoint manager also failed: InjectedFault" in notes, notes
