@@ -477,10 +477,12 @@ class CheckpointManager:
             self.wait()
         finally:
             try:
-                if self._background is not None:
-                    self._background.close()
-                self._store.close()
-                self._signals.restore()
+                try:
+                    if self._background is not None:
+                        self._background.close()
+                    self._store.close()
+                finally:
+                    self._signals.restore()  # whatever failed above
             finally:
                 self._coord.close()
 
