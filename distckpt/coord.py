@@ -74,7 +74,8 @@ import torch.distributed as dist
 from distckpt import errors, events
 from distckpt.coord_frames import FRAME_BYTES, frame_length, pack_frame, padded_rest, unpack_frame
 from distckpt.coord_groups import (
-    FailureReport,
+    PeerFailures,
+    failed_anywhere,
     is_registered,
     peer_failures,
     report_failure,
@@ -254,9 +255,9 @@ class Coordinator:
         try:
             self._attempt(verb, collective)
         except Exception as exc:
-            reports = self._fail(what, exc)
-            if not (first and any(r.operation < self._operation for r in reports)):
-                raise self._error(what, exc, reports) from exc
+            peers = self._fail(exc)
+            if not (first and peers.earlier):
+                raise self._error(what, exc, peers) from exc
             # The peers failed an earlier operation that this rank completed: they begin this
             # one on a fresh group, so this rank joins them there.
             logger.warning(
@@ -269,7 +270,7 @@ class Coordinator:
             try:
                 self._attempt(verb, collective)
             except Exception as again:
-                raise self._error(what, again, self._fail(what, again)) from again
+                raise self._error(what, again, self._fail(again)) from again
         self._first_of_operation = False
 
     def _attempt(self, verb: str, collective: Callable[[dist.ProcessGroup], None]) -> None:
@@ -280,9 +281,9 @@ class Coordinator:
         with events.phase(f"collective.{verb}", rank=self.rank):
             collective(group)
 
-    def _fail(self, what: str, exc: Exception) -> list[FailureReport]:
+    def _fail(self, exc: Exception) -> PeerFailures:
         """Mark the group broken after ``exc``, report it to the other ranks and return what
-        they reported (waiting briefly for one unless this rank timed out itself: a peer that
+        they reported (waiting briefly for it unless this rank timed out itself: a peer that
         closed the connection reports why a moment later)."""
         if isinstance(exc, ProcessGroupDestroyed):
             raise exc
@@ -292,23 +293,26 @@ class Coordinator:
             raise self._destroyed() from exc
         self._broken = True
         timed_out = is_timeout(exc)
-        report_failure(group, FailureReport(self.rank, self._operation, timed_out))
-        wait = 0.0 if timed_out else min(PEER_REPORT_WAIT, self.timeout)
-        return peer_failures(group, rank=self.rank, world_size=self.world_size, wait=wait)
+        report_failure(group, operation=self._operation, timed_out=timed_out)
+        return peer_failures(
+            group,
+            operation=self._operation,
+            timed_out_here=timed_out,
+            wait=0.0 if timed_out else min(PEER_REPORT_WAIT, self.timeout),
+        )
 
-    def _error(self, what: str, exc: Exception, reports: list[FailureReport]) -> CoordinationError:
+    def _error(self, what: str, exc: Exception, peers: PeerFailures) -> CoordinationError:
         """The error of a failed collective: :class:`CoordinationTimeout` when it timed out
         here, or when a peer reports having timed out in this operation (which closed the
         connection this rank then found closed)."""
-        waited_for_us = [r.rank for r in reports if r.timed_out and r.operation == self._operation]
         if is_timeout(exc):
             hint = (
                 f"another rank died, hung or stopped calling distckpt in step with this one "
                 f"(timeout {self.timeout:g} s)"
             )
-        elif waited_for_us:
+        elif peers.timed_out:
             hint = (
-                f"rank {waited_for_us[0]} gave up waiting for this rank after the timeout "
+                f"another rank gave up waiting for this one after the timeout "
                 f"({self.timeout:g} s) and closed the connection: this rank came late"
             )
         else:
@@ -316,7 +320,9 @@ class Coordinator:
                 f"another rank died, failed a collective before or stopped calling distckpt "
                 f"in step with this one (timeout {self.timeout:g} s)"
             )
-        error_type = CoordinationTimeout if is_timeout(exc) or waited_for_us else CoordinationError
+        error_type = (
+            CoordinationTimeout if is_timeout(exc) or peers.timed_out else CoordinationError
+        )
         return error_type(
             f"{what}: the collective among {self.world_size} ranks failed on rank "
             f"{self.rank}; {hint}: {describe_error(exc)}",
@@ -332,22 +338,22 @@ class Coordinator:
         )
 
     def _renew_group(self, what: str) -> None:
-        """Retire the broken group and take a fresh one, with every other rank (each renews
-        before the same operation's collectives; see the module doc)."""
+        """Replace the broken group with a fresh one, made with every other rank (each renews
+        before the same operation's collectives; see the module doc), and retire it."""
         broken = self._group
         assert broken is not None
         if not is_registered(broken):
             raise self._destroyed()
-        retire_private_group(broken)
         try:
-            self._group = take_private_group(self._ranks, self.timeout)
-        except CoordinationError as exc:
+            fresh = take_private_group(self._ranks, self.timeout)
+        except CoordinationError as exc:  # still broken: the next call tries again
             raise type(exc)(
                 f"{what}: a collective failed earlier, and replacing distckpt's gloo group "
                 f"with the other ranks failed too (a rank died or is no longer in step): {exc}",
                 rank=self.rank,
             ) from exc
-        self._broken = False
+        retire_private_group(broken)
+        self._group, self._broken = fresh, False
 
     def _broadcast(self, value: T, *, what: str) -> T:
         """Rank 0's ``value`` on every rank (the others' argument is ignored)."""
@@ -575,9 +581,7 @@ class Coordinator:
         group, self._group = self._group, None
         if group is None or not is_registered(group):
             return  # destroyed already: nothing to give back
-        if self._broken or peer_failures(
-            group, rank=self.rank, world_size=self.world_size, wait=0.0
-        ):
+        if self._broken or failed_anywhere(group):
             retire_private_group(group)
         else:
             return_private_group(self._ranks, group)

@@ -42,22 +42,27 @@ _pool: dict[tuple[int, ...], list[dist.ProcessGroup]] = {}
 _retired: list[dist.ProcessGroup] = []
 _pool_lock = threading.Lock()
 
-#: The key, in a group's own store, under which group rank N reports a failed collective.
-FAILURE_KEY = "distckpt-failed/{rank}"
+#: The counters, in a group's own store, of the ranks that reported a failed collective: in
+#: all, and per operation (failed, and of those timed out). Counters, not a key per rank, so
+#: that reading them costs a few store requests whatever the number of ranks.
+ALL_FAILURES_KEY = "distckpt-failures"
+FAILED_IN_KEY = "distckpt-failures/{operation}"
+TIMED_OUT_IN_KEY = "distckpt-timeouts/{operation}"
 #: How often :func:`peer_failures` looks for a peer's report while it waits for one.
 REPORT_POLL_SECONDS = 0.05
 
 
 @dataclass(frozen=True)
-class FailureReport:
-    """What a rank whose collective failed on a group tells the group's other ranks."""
+class PeerFailures:
+    """What the other ranks of a group reported about the operations around one of this
+    rank's (see :func:`peer_failures`)."""
 
-    #: the group rank that failed
-    rank: int
-    #: the operation, as its coordinator counts them, in which it failed
-    operation: int
-    #: whether its collective ran out of time (rather than losing a peer)
-    timed_out: bool
+    #: another rank failed the operation before it
+    earlier: bool = False
+    #: another rank failed the same operation
+    same: bool = False
+    #: another rank timed out in the same operation
+    timed_out: bool = False
 
 
 def is_registered(group: dist.ProcessGroup) -> bool:
@@ -72,43 +77,62 @@ def _store_of(group: dist.ProcessGroup) -> dist.Store | None:
     return None if entry is None else entry[1]
 
 
-def report_failure(group: dist.ProcessGroup, report: FailureReport) -> None:
-    """Tell the other ranks of ``group`` that a collective failed here. Best effort: a store that
-    is gone (the job is ending) only loses the report, which tells the peers why, not whether."""
+def report_failure(group: dist.ProcessGroup, *, operation: int, timed_out: bool) -> None:
+    """Tell the other ranks of ``group`` that a collective of ``operation`` (as its coordinator
+    counts them) failed here, and whether it timed out. Best effort: a store that is gone (the
+    job is ending) only loses the report, which tells the peers why, not whether."""
     store = _store_of(group)
     if store is None:
         return
-    value = f"{report.operation} {int(report.timed_out)}"
     try:
-        store.set(FAILURE_KEY.format(rank=report.rank), value)
+        store.add(FAILED_IN_KEY.format(operation=operation), 1)
+        if timed_out:
+            store.add(TIMED_OUT_IN_KEY.format(operation=operation), 1)
+        store.add(ALL_FAILURES_KEY, 1)
     except Exception as exc:  # the failure itself is raised by the caller: never mask it
         logger.debug("could not report a failed collective to the other ranks: %s", exc)
 
 
 def peer_failures(
-    group: dist.ProcessGroup, *, rank: int, world_size: int, wait: float
-) -> list[FailureReport]:
-    """The failures the other ranks of ``group`` reported, waiting up to ``wait`` seconds for a
-    first one: a peer that closed the connection reports why a moment after it closed it (a dead
-    peer never does, hence the bound)."""
+    group: dist.ProcessGroup, *, operation: int, timed_out_here: bool, wait: float
+) -> PeerFailures:
+    """What the other ranks of ``group`` reported about ``operation`` and the one before,
+    once this rank reported its own failure of ``operation`` (``timed_out_here``: whether it
+    timed out), waiting up to ``wait`` seconds for a first report of theirs: a peer that closed
+    the connection reports why a moment after it closed it (a dead peer never does, hence the
+    bound). A rank only ever misses a failure of the operation before its own (see
+    :mod:`distckpt.coord`), so no older one is read."""
     store = _store_of(group)
     if store is None:
-        return []
+        return PeerFailures()
     deadline = time.monotonic() + wait
     while True:
-        reports: list[FailureReport] = []
         try:
-            for peer in range(world_size):
-                key = FAILURE_KEY.format(rank=peer)
-                if peer != rank and store.check([key]):
-                    operation, timed_out = store.get(key).decode().split()
-                    reports.append(FailureReport(peer, int(operation), timed_out == "1"))
+            earlier = operation > 1 and _count(store, FAILED_IN_KEY, operation - 1) > 0
+            same = _count(store, FAILED_IN_KEY, operation) > 1  # this rank's own counts once
+            timeouts = _count(store, TIMED_OUT_IN_KEY, operation) - int(timed_out_here)
         except Exception as exc:  # a store that is gone tells nothing more
             logger.debug("could not read the other ranks' failure reports: %s", exc)
-            return reports
-        if reports or time.monotonic() >= deadline:
-            return reports
+            return PeerFailures()
+        if earlier or same or time.monotonic() >= deadline:
+            return PeerFailures(earlier, same, timeouts > 0)
         time.sleep(REPORT_POLL_SECONDS)
+
+
+def _count(store: dist.Store, key: str, operation: int) -> int:
+    return int(store.add(key.format(operation=operation), 0))
+
+
+def failed_anywhere(group: dist.ProcessGroup) -> bool:
+    """Whether any rank reported a failed collective on ``group`` (one store request)."""
+    store = _store_of(group)
+    if store is None:
+        return True  # destroyed: never to be handed out again
+    try:
+        return int(store.add(ALL_FAILURES_KEY, 0)) > 0
+    except Exception as exc:  # a store that is gone: the job is ending, nothing to pool for
+        logger.debug("could not read the other ranks' failure reports: %s", exc)
+        return True
 
 
 def take_private_group(ranks: tuple[int, ...], timeout: float) -> dist.ProcessGroup:
