@@ -159,8 +159,9 @@ def write_and_commit(
     (``save.agree``), which builds the manifest and commits, and the result or the error is
     broadcast to every rank (``save.commit``; :meth:`~distckpt.coord.Coordinator.gather` and
     :meth:`~distckpt.coord.Coordinator.conclude`). Rank 0 discards the staging area unless it
-    was committed, then tidies the root (:meth:`~distckpt.storage.RootStore.tidy`: the trash
-    of what retention removed), after every rank has the outcome.
+    was committed; after a commit it then tidies the root
+    (:meth:`~distckpt.storage.RootStore.tidy`: the trash of what retention removed), once
+    every rank has the outcome.
 
     With a ``launcher`` watch, every rank checks after writing, in what it reports for the
     agreement, that its launcher lives (:func:`check_launcher`)."""
@@ -185,14 +186,16 @@ def write_and_commit(
             return commit(plan, manifest, store=store, rank=rank)
 
         with events.phase("save.commit", rank=rank, step=step):
-            return coord.conclude(gathered, commit_written, what=f"committing step {step}")
+            result = coord.conclude(gathered, commit_written, what=f"committing step {step}")
     finally:
         if plan.area is not None:
             store.discard_staging(plan.area)
-        if coord.is_coordinator:
-            # After the outcome's broadcast: a slow removal must not run inside the other
-            # ranks' timeout, nor fail a save that committed (tidy never raises).
-            store.tidy()
+    if coord.is_coordinator:
+        # After the outcome's broadcast: a slow removal must not run inside the other ranks'
+        # timeout, nor fail a save that committed (tidy never raises). Only after a commit: a
+        # failed save leaves the root as it was.
+        store.tidy()
+    return result
 
 
 def _ran_out_of_space(plan: SavePlan, full: OSError, *, root: Path, rank: int) -> InsufficientSpace:

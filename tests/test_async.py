@@ -256,6 +256,7 @@ def _failure_raised_by(rank: int, world_size: int, root: str, call: str) -> dict
         out["before"] = root_state()
         dist.barrier()  # every rank has looked before rank 0 runs the call again
         out["again"] = calls[call]()  # raised once, then done with: the call runs
+        dist.barrier()  # rank 0 empties the trash once every rank has the call's outcome
         out["after"] = root_state()
     return out
 
