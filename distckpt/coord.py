@@ -274,6 +274,7 @@ class Coordinator:
         self._first_of_operation = False
 
     def _attempt(self, verb: str, collective: Callable[[dist.ProcessGroup], None]) -> None:
+        """Run ``collective`` once on the current group, unless it was destroyed."""
         group = self._group
         assert group is not None  # only a real group runs collectives
         if not is_registered(group):
@@ -330,6 +331,7 @@ class Coordinator:
         )
 
     def _destroyed(self) -> ProcessGroupDestroyed:
+        """The error of a collective whose group ``destroy_process_group()`` destroyed."""
         return ProcessGroupDestroyed(
             "the process group was destroyed (torch.distributed.destroy_process_group()) "
             "while distckpt still had collectives to run, such as an async save's commit: call "

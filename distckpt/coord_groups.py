@@ -24,13 +24,16 @@ import datetime
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch.distributed as dist
 
 from distckpt.errors import CoordinationError
 
 logger = logging.getLogger("distckpt")
+T = TypeVar("T")
 
 # Private gloo groups, pooled per set of ranks instead of destroyed: torch names a group made
 # with use_local_synchronization=True after its ranks and the number of live groups, so a group
@@ -50,6 +53,10 @@ FAILED_IN_KEY = "distckpt-failures/{operation}"
 TIMED_OUT_IN_KEY = "distckpt-timeouts/{operation}"
 #: How often :func:`peer_failures` looks for a peer's report while it waits for one.
 REPORT_POLL_SECONDS = 0.05
+#: How long the store may take to answer the requests of one report or reading: a store whose
+#: server cannot be reached (its host stopped or cut off) holds a request for the store's own
+#: timeout (torch's default: 30 minutes), far beyond distckpt's.
+STORE_SECONDS = 5.0
 
 
 @dataclass(frozen=True)
@@ -77,10 +84,28 @@ def _store_of(group: dist.ProcessGroup) -> dist.Store | None:
     return None if entry is None else entry[1]
 
 
+def _within(seconds: float, ask: Callable[[], T], default: T) -> T:
+    """What ``ask`` returns, or ``default`` if it did not return within ``seconds`` (see
+    :data:`STORE_SECONDS`; the request is left to end in a daemon thread). ``ask`` must not
+    raise."""
+    answers: list[T] = []
+    worker = threading.Thread(
+        target=lambda: answers.append(ask()), name="distckpt-store", daemon=True
+    )
+    worker.start()
+    worker.join(seconds)
+    return answers[0] if answers else default
+
+
 def report_failure(group: dist.ProcessGroup, *, operation: int, timed_out: bool) -> None:
     """Tell the other ranks of ``group`` that a collective of ``operation`` (as its coordinator
-    counts them) failed here, and whether it timed out. Best effort: a store that is gone (the
-    job is ending) only loses the report, which tells the peers why, not whether."""
+    counts them) failed here, and whether it timed out. Best effort: a store that is gone or
+    does not answer in :data:`STORE_SECONDS` only loses the report, which tells the peers why,
+    not whether."""
+    _within(STORE_SECONDS, lambda: _report(group, operation, timed_out), None)
+
+
+def _report(group: dist.ProcessGroup, operation: int, timed_out: bool) -> None:
     store = _store_of(group)
     if store is None:
         return
@@ -101,7 +126,18 @@ def peer_failures(
     timed out), waiting up to ``wait`` seconds for a first report of theirs: a peer that closed
     the connection reports why a moment after it closed it (a dead peer never does, hence the
     bound). A rank only ever misses a failure of the operation before its own (see
-    :mod:`distckpt.coord`), so no older one is read."""
+    :mod:`distckpt.coord`), so no older one is read. A store that does not answer tells
+    nothing."""
+    return _within(
+        wait + STORE_SECONDS,
+        lambda: _read_failures(group, operation, timed_out_here, wait),
+        PeerFailures(),
+    )
+
+
+def _read_failures(
+    group: dist.ProcessGroup, operation: int, timed_out_here: bool, wait: float
+) -> PeerFailures:
     store = _store_of(group)
     if store is None:
         return PeerFailures()
@@ -124,7 +160,12 @@ def _count(store: dist.Store, key: str, operation: int) -> int:
 
 
 def failed_anywhere(group: dist.ProcessGroup) -> bool:
-    """Whether any rank reported a failed collective on ``group`` (one store request)."""
+    """Whether any rank reported a failed collective on ``group`` (one store request); True
+    when the store does not answer: such a group is not to be handed out again."""
+    return _within(STORE_SECONDS, lambda: _any_failure(group), True)
+
+
+def _any_failure(group: dist.ProcessGroup) -> bool:
     store = _store_of(group)
     if store is None:
         return True  # destroyed: never to be handed out again
