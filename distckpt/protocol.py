@@ -172,6 +172,7 @@ def write_and_commit(
         check_launcher(launcher, coord=coord, store=store)
         return records
 
+    committed: list[SaveResult] = []  # rank 0's commit, even if telling the others failed
     try:
         with events.phase("save.write", rank=rank, step=step):
             records = run_now(write_here)
@@ -183,19 +184,19 @@ def write_and_commit(
 
         def commit_written(written: list[dict[str, FileRecord]]) -> SaveResult:
             manifest = agree(plan, written, fmt_name=fmt.name, world_size=coord.world_size)
-            return commit(plan, manifest, store=store, rank=rank)
+            committed.append(commit(plan, manifest, store=store, rank=rank))
+            return committed[-1]
 
         with events.phase("save.commit", rank=rank, step=step):
-            result = coord.conclude(gathered, commit_written, what=f"committing step {step}")
+            return coord.conclude(gathered, commit_written, what=f"committing step {step}")
     finally:
         if plan.area is not None:
             store.discard_staging(plan.area)
-    if coord.is_coordinator:
-        # After the outcome's broadcast: a slow removal must not run inside the other ranks'
-        # timeout, nor fail a save that committed (tidy never raises). Only after a commit: a
-        # failed save leaves the root as it was.
-        store.tidy()
-    return result
+        if committed:
+            # After the outcome's broadcast: a slow removal must not run inside the other
+            # ranks' timeout, nor fail a save that committed (tidy never raises). Only after a
+            # commit: a failed save leaves the root as it was.
+            store.tidy()
 
 
 def _ran_out_of_space(plan: SavePlan, full: OSError, *, root: Path, rank: int) -> InsufficientSpace:
