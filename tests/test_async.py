@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 import textwrap
@@ -14,7 +15,7 @@ import torch.distributed as dist
 import distckpt
 from distckpt import faults
 from distckpt.layout import TRASH_DIR_NAME
-from tests.ranks import run_ranks, values
+from tests.ranks import Collected, run_ranks, values
 
 
 def _snapshot_isolated(rank: int, world_size: int, root: str) -> tuple[bool, float, float]:
@@ -295,6 +296,12 @@ def _destroyed_under_a_save(rank: int, world_size: int, root: str, order: str) -
         dist.destroy_process_group()
         return "closed", in_flight
     dist.destroy_process_group()
+    if order == "exit":  # no close(): what the interpreter's exit hook logs
+        collected = Collected()
+        logging.getLogger("distckpt").addHandler(collected)
+        assert mgr._background is not None
+        mgr._background._finish_at_exit()  # the hook atexit runs (a rank here skips atexit)
+        return "\n".join(r.getMessage() for r in collected.records), in_flight
     try:
         mgr.close()
     except distckpt.CheckpointError as exc:
@@ -305,13 +312,20 @@ def _destroyed_under_a_save(rank: int, world_size: int, root: str, order: str) -
 def test_destroying_the_process_group_under_a_save_in_flight_says_to_close_first(
     tmp_path: Path,
 ) -> None:
-    """README: call ``mgr.wait()`` or ``mgr.close()`` before ``destroy_process_group()``."""
+    """README: call ``mgr.wait()`` or ``mgr.close()`` before ``destroy_process_group()``; a
+    save in flight then is lost, and ``close()`` (or the exit, in the log) says so."""
     results = values(run_ranks(_destroyed_under_a_save, 2, str(tmp_path / "late"), "destroy first"))
     for message, in_flight in results:
         assert in_flight
         assert message.startswith("ProcessGroupDestroyed: "), message
         assert "call mgr.wait() or mgr.close()" in message
     assert distckpt.CheckpointManager(tmp_path / "late", read_only=True).steps() == []
+    results = values(run_ranks(_destroyed_under_a_save, 2, str(tmp_path / "exit"), "exit"))
+    for logged, in_flight in results:
+        assert in_flight
+        assert "the checkpoint save in flight at exit failed: the process group was destroyed" in (
+            logged
+        ), logged
     results = values(run_ranks(_destroyed_under_a_save, 2, str(tmp_path / "ok"), "close first"))
     assert results == [("closed", True)] * 2
     assert distckpt.CheckpointManager(tmp_path / "ok", read_only=True).steps() == [1]
