@@ -344,8 +344,8 @@ def test_gloo_timeouts_are_timeouts(message: str) -> None:
     assert not is_timeout(RuntimeError("Connection closed by peer [127.0.0.1]:1234"))
 
 
-#: How late the late rank comes to a save: well past :data:`TIMEOUT`.
-LATE_SECONDS = TIMEOUT + 2
+#: How late the late rank comes to a save: well past :data:`TIMEOUT`, even on a loaded machine.
+LATE_SECONDS = TIMEOUT + 3
 
 
 def _late_then_in_step(rank: int, world_size: int, root: str) -> tuple[str, bool, int, int]:
@@ -389,8 +389,8 @@ def _one_rank_leaves_an_operation(rank: int, world_size: int) -> tuple[str, list
         with pytest.raises(distckpt.CoordinationTimeout) as failed:
             coord.all_gather(lambda: rank, what="the second collective")
         first = type(failed.value).__name__
-    else:
-        time.sleep(LATE_SECONDS)  # until rank 0 timed out and closed the connections
+    # the training loop's own collective: rank 0 timed out (and closed the connections) before
+    torch.distributed.barrier()
     coord.begin_operation()
     try:
         return first, coord.all_gather(lambda: rank, what="the next operation")
