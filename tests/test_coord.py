@@ -348,9 +348,11 @@ def test_gloo_timeouts_are_timeouts(message: str) -> None:
 LATE_SECONDS = TIMEOUT + 3
 
 
-def _late_then_in_step(rank: int, world_size: int, root: str) -> tuple[str, bool, int, int]:
+def _late_then_in_step(
+    rank: int, world_size: int, root: str, async_save: bool
+) -> tuple[str, bool, int, int]:
     """Rank 1 comes late to save(1) (a slow step), then both ranks are in step again."""
-    manager = distckpt.CheckpointManager(root, timeout=TIMEOUT)
+    manager = distckpt.CheckpointManager(root, timeout=TIMEOUT, async_save=async_save)
     if rank == 1:
         time.sleep(LATE_SECONDS)
     with pytest.raises(distckpt.CoordinationError) as failed:
@@ -358,20 +360,22 @@ def _late_then_in_step(rank: int, world_size: int, root: str) -> tuple[str, bool
     # the training loop's own group: both ranks back in step
     torch.distributed.barrier()
     retried = manager.save(2, {"w": torch.ones(4)})
+    retried = manager.wait() if async_save else retried
     manager.close()
-    fresh = distckpt.CheckpointManager(root, timeout=TIMEOUT)
+    fresh = distckpt.CheckpointManager(root, timeout=TIMEOUT, async_save=async_save)
     saved = fresh.save(3, {"w": torch.ones(4)})
     fresh.close()
     assert retried is not None and saved is not None
     return type(failed.value).__name__, retried.done, retried.step, saved.step
 
 
+@pytest.mark.parametrize("async_save", [False, True])
 def test_after_a_collective_timeout_the_next_save_and_a_new_manager_save_again(
-    tmp_path: Path,
+    tmp_path: Path, async_save: bool
 ) -> None:
     """README: "a failed save does not count for the schedule, so the next step retries it";
     a timed-out collective leaves gloo's connections closed, so the group is replaced."""
-    results = values(run_ranks(_late_then_in_step, 2, str(tmp_path), timeout=90))
+    results = values(run_ranks(_late_then_in_step, 2, str(tmp_path), async_save, timeout=90))
     # the rank that waited timed out; the late one found the connection closed by it and
     # raises the same class
     assert results == [("CoordinationTimeout", True, 2, 3)] * 2
