@@ -94,7 +94,9 @@ class BackgroundSaves:
         atexit.register(self._finish_at_exit)
 
     def submit(self, save: Callable[[Coordinator], SaveResult]) -> None:
-        """Run ``save`` with this thread's coordinator; the caller waits for the one before."""
+        """Run ``save`` with this thread's coordinator; the caller waits for the one before.
+        Each save is one operation of that coordinator."""
+        self.coord.begin_operation()
         with self._lock:
             self._inflight = self._executor.submit(save, self.coord)
 

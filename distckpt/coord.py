@@ -34,6 +34,30 @@ timeout, so a dead or hung rank surfaces as :class:`CoordinationError`
 30-minute default, and distckpt's collectives never interleave with the training loop's.
 This module holds the verbs and their collectives; those three hold the parts no verb needs to
 be read with. Nothing here knows about files or formats.
+
+A failed collective breaks the group for good (gloo closes its connections after a timeout),
+so the coordinator marks it broken, retires it (:func:`~distckpt.coord_groups.retire_private_group`)
+and makes a fresh one, with every other rank, before its next collective: one failure fails
+that operation on every rank, and the next operation runs again. The ranks agree on when to
+make it because they fail the same operation: the rank that timed out closes the connections
+and every peer still in (or later entering) that operation's collectives fails at once. The
+exception is a peer whose last collective of an operation had completed just as another rank
+gave up on it (a broadcast whose bytes were sent): it learns of the failure at the first
+collective of its next operation, which fails at once; it then reads the failure reports of
+the others (:func:`~distckpt.coord_groups.report_failure`), and when they failed an earlier
+operation it makes the fresh group too and runs the collective again on it, in step with them.
+A peer that cannot tell (no report arrives) raises, and so does every rank waiting for it: a
+rank left waiting for a fresh group fails after the timeout, never hangs. The operations are
+counted per coordinator (:meth:`Coordinator.begin_operation`: the manager marks where each of
+its calls begins), so every rank numbers them alike.
+
+A late rank's collective fails at once with gloo's "Connection closed by peer" where the rank
+that waited for it timed out; it raises :class:`CoordinationTimeout` as well when that peer
+reports the timeout in the same operation, so every rank raises the same class.
+
+A group destroyed under the coordinator (``torch.distributed.destroy_process_group()`` while
+an async save's collectives were still to come) raises :class:`ProcessGroupDestroyed`, saying
+to wait for or close the manager first.
 """
 
 from __future__ import annotations
@@ -49,12 +73,22 @@ import torch.distributed as dist
 
 from distckpt import errors, events
 from distckpt.coord_frames import FRAME_BYTES, frame_length, pack_frame, padded_rest, unpack_frame
-from distckpt.coord_groups import return_private_group, take_private_group
+from distckpt.coord_groups import (
+    PeerFailures,
+    failed_anywhere,
+    is_registered,
+    peer_failures,
+    report_failure,
+    retire_private_group,
+    return_private_group,
+    take_private_group,
+)
 from distckpt.coord_outcomes import Outcome, raise_failures
 from distckpt.errors import (
     CheckpointError,
     CoordinationError,
     CoordinationTimeout,
+    ProcessGroupDestroyed,
     describe_error,
 )
 
@@ -76,6 +110,12 @@ GLOO_TIMEOUT_MESSAGES = ("Timed out waiting", "Application timeout caused pair c
 #: 4.3-4.9 ms (medians of 300 each, 4 runs). At 2 ranks the all-gather is one exchange and
 #: the pair 0.1-0.2 ms slower (0.5-0.6 ms against 0.7), so two ranks keep the all-gather.
 GATHER_FROM_RANKS = 3
+
+#: How long a rank whose collective failed without timing out (a peer closed the connection)
+#: waits for that peer's failure report (:func:`~distckpt.coord_groups.peer_failures`): a live
+#: peer writes it right after closing; a dead one never does, and then the error is raised
+#: this much later. Capped by the coordinator's timeout.
+PEER_REPORT_WAIT = 2.0
 
 
 def is_timeout(exc: BaseException) -> bool:
@@ -153,6 +193,7 @@ class Coordinator:
             if group is not None:
                 raise CoordinationError("group= was given but torch.distributed is not initialised")
             self.rank, self.world_size = 0, 1
+            self._start_counting()
             return
         parent = group if group is not None else dist.group.WORLD
         self._ranks = tuple(dist.get_process_group_ranks(parent))
@@ -164,6 +205,24 @@ class Coordinator:
         self.rank = dist.get_rank(self._group)
         self.world_size = dist.get_world_size(self._group)
         self._src = dist.get_global_rank(self._group, 0)
+        self._start_counting()
+
+    def _start_counting(self) -> None:
+        """A healthy group and no operation yet: the next collective begins the first one."""
+        #: whether a collective failed on the group (it is then replaced before the next one)
+        self._broken = False
+        #: the operation the last collective belonged to, counted alike on every rank
+        self._operation = 0
+        #: whether the next collective begins a new operation (:meth:`begin_operation`)
+        self._operation_pending = True
+        #: whether no collective of the current operation has completed on this rank yet
+        self._first_of_operation = True
+
+    def begin_operation(self) -> None:
+        """Mark the start of an operation (a call of the manager): its first collective counts
+        it. Only the counting collectives make it one, so a call that runs no collective on any
+        rank counts on none."""
+        self._operation_pending = True
 
     @property
     def _alone(self) -> bool:
@@ -182,57 +241,155 @@ class Coordinator:
         """The private gloo group (None without torch.distributed)."""
         return self._group
 
-    def _run(self, verb: str, what: str, collective: Callable[[], None]) -> None:
+    def _run(self, verb: str, what: str, collective: Callable[[dist.ProcessGroup], None]) -> None:
+        """Run ``collective`` on the private group: a fresh group first if the last one broke,
+        and once more on a fresh group if this rank had completed the collective that another
+        rank failed (see the module doc). Any failure raises :class:`CoordinationError`."""
+        if self._operation_pending:
+            self._operation_pending = False
+            self._operation += 1
+            self._first_of_operation = True
+        if self._broken:
+            self._renew_group(what)
+        first = self._first_of_operation
         try:
-            with events.phase(f"collective.{verb}", rank=self.rank):
-                collective()
+            self._attempt(verb, collective)
         except Exception as exc:
+            peers = self._fail(exc)
+            if not (first and peers.earlier):
+                raise self._error(what, exc, peers) from exc
+            # The peers failed an earlier operation that this rank completed: they begin this
+            # one on a fresh group, so this rank joins them there.
+            logger.warning(
+                "%s: rank %d had completed a collective that another rank failed in an "
+                "earlier operation; running this one again on a fresh group",
+                what,
+                self.rank,
+            )
+            self._renew_group(what)
+            try:
+                self._attempt(verb, collective)
+            except Exception as again:
+                raise self._error(what, again, self._fail(again)) from again
+        self._first_of_operation = False
+
+    def _attempt(self, verb: str, collective: Callable[[dist.ProcessGroup], None]) -> None:
+        """Run ``collective`` once on the current group, unless it was destroyed."""
+        group = self._group
+        assert group is not None  # only a real group runs collectives
+        if not is_registered(group):
+            raise self._destroyed()
+        with events.phase(f"collective.{verb}", rank=self.rank):
+            collective(group)
+
+    def _fail(self, exc: Exception) -> PeerFailures:
+        """Mark the group broken after ``exc``, report it to the other ranks and return what
+        they reported (waiting briefly for it unless this rank timed out itself: a peer that
+        closed the connection reports why a moment later)."""
+        if isinstance(exc, ProcessGroupDestroyed):
+            raise exc
+        group = self._group
+        assert group is not None
+        if not is_registered(group):
+            raise self._destroyed() from exc
+        self._broken = True
+        timed_out = is_timeout(exc)
+        report_failure(group, operation=self._operation, timed_out=timed_out)
+        return peer_failures(
+            group,
+            operation=self._operation,
+            timed_out_here=timed_out,
+            wait=0.0 if timed_out else min(PEER_REPORT_WAIT, self.timeout),
+        )
+
+    def _error(self, what: str, exc: Exception, peers: PeerFailures) -> CoordinationError:
+        """The error of a failed collective: :class:`CoordinationTimeout` when it timed out
+        here, or when a peer reports having timed out in this operation (which closed the
+        connection this rank then found closed)."""
+        if is_timeout(exc):
             hint = (
                 f"another rank died, hung or stopped calling distckpt in step with this one "
                 f"(timeout {self.timeout:g} s)"
             )
-            error_type = CoordinationTimeout if is_timeout(exc) else CoordinationError
-            raise error_type(
-                f"{what}: the collective among {self.world_size} ranks failed on rank "
-                f"{self.rank}; {hint}: {describe_error(exc)}",
+        elif peers.timed_out:
+            hint = (
+                f"another rank gave up waiting for this one after the timeout "
+                f"({self.timeout:g} s) and closed the connection: this rank came late"
+            )
+        else:
+            hint = (
+                f"another rank died, failed a collective before or stopped calling distckpt "
+                f"in step with this one (timeout {self.timeout:g} s)"
+            )
+        error_type = (
+            CoordinationTimeout if is_timeout(exc) or peers.timed_out else CoordinationError
+        )
+        return error_type(
+            f"{what}: the collective among {self.world_size} ranks failed on rank "
+            f"{self.rank}; {hint}: {describe_error(exc)}",
+            rank=self.rank,
+        )
+
+    def _destroyed(self) -> ProcessGroupDestroyed:
+        """The error of a collective whose group ``destroy_process_group()`` destroyed."""
+        return ProcessGroupDestroyed(
+            "the process group was destroyed (torch.distributed.destroy_process_group()) "
+            "while distckpt still had collectives to run, such as an async save's commit: call "
+            "mgr.wait() or mgr.close() on every manager before destroy_process_group()",
+            rank=self.rank,
+        )
+
+    def _renew_group(self, what: str) -> None:
+        """Replace the broken group with a fresh one, made with every other rank (each renews
+        before the same operation's collectives; see the module doc), and retire it."""
+        broken = self._group
+        assert broken is not None
+        if not is_registered(broken):
+            raise self._destroyed()
+        try:
+            fresh = take_private_group(self._ranks, self.timeout)
+        except CoordinationError as exc:  # still broken: the next call tries again
+            raise type(exc)(
+                f"{what}: a collective failed earlier, and replacing distckpt's gloo group "
+                f"with the other ranks failed too (a rank died or is no longer in step): {exc}",
                 rank=self.rank,
             ) from exc
+        retire_private_group(broken)
+        self._group, self._broken = fresh, False
 
     def _broadcast(self, value: T, *, what: str) -> T:
         """Rank 0's ``value`` on every rank (the others' argument is ignored)."""
         if self._alone:
             return value
-        group = self._group
         frame, rest = pack_frame(value if self.is_coordinator else None)
-        self._run("broadcast", what, lambda: dist.broadcast(frame, src=self._src, group=group))
+        self._run("broadcast", what, lambda g: dist.broadcast(frame, src=self._src, group=g))
         extra = frame_length(frame) - FRAME_BYTES
         if extra <= 0:
             return unpack_frame(frame, None)
         tail = padded_rest(rest if self.is_coordinator else b"", extra)
-        self._run("broadcast", what, lambda: dist.broadcast(tail, src=self._src, group=group))
+        self._run("broadcast", what, lambda g: dist.broadcast(tail, src=self._src, group=g))
         return unpack_frame(frame, tail)
 
     def _all_gather(self, value: T, *, what: str) -> list[T]:
         """Every rank's ``value``, indexed by rank, on every rank."""
         if self._alone:
             return [value]
-        group = self._group
         frame, rest = pack_frame(value)
         frames = [torch.empty_like(frame) for _ in range(self.world_size)]
-        self._run("all_gather", what, lambda: dist.all_gather(frames, frame, group=group))
+        self._run("all_gather", what, lambda g: dist.all_gather(frames, frame, group=g))
         extra = max(frame_length(f) for f in frames) - FRAME_BYTES
         if extra <= 0:
             return [unpack_frame(f, None) for f in frames]
         tail = padded_rest(rest, extra)
         tails = [torch.empty_like(tail) for _ in range(self.world_size)]
-        self._run("all_gather", what, lambda: dist.all_gather(tails, tail, group=group))
+        self._run("all_gather", what, lambda g: dist.all_gather(tails, tail, group=g))
         return [unpack_frame(f, t) for f, t in zip(frames, tails)]
 
     def _gather(self, value: T, *, what: str) -> list[T] | None:
         """Every rank's ``value``, indexed by rank, on rank 0; None on the other ranks."""
         if self._alone:
             return [value]
-        group, coordinator_rank = self._group, self._src  # the global rank of rank 0
+        coordinator_rank = self._src  # the global rank of rank 0
         frame, rest = pack_frame(value)
         frames = (
             [torch.empty_like(frame) for _ in range(self.world_size)]
@@ -240,7 +397,7 @@ class Coordinator:
             else None
         )
         self._run(
-            "gather", what, lambda: dist.gather(frame, frames, dst=coordinator_rank, group=group)
+            "gather", what, lambda g: dist.gather(frame, frames, dst=coordinator_rank, group=g)
         )
         # The rest of a value longer than a frame goes to rank 0 alone, point to point: rank 0
         # read every length in the frames and each sender knows its own, so no rank waits in a
@@ -248,9 +405,7 @@ class Coordinator:
         if not self.is_coordinator:
             if rest:
                 tail = torch.frombuffer(bytearray(rest), dtype=torch.uint8)
-                self._run(
-                    "gather", what, lambda: dist.send(tail, dst=coordinator_rank, group=group)
-                )
+                self._run("gather", what, lambda g: dist.send(tail, dst=coordinator_rank, group=g))
             return None
         assert frames is not None  # rank 0 received them
         gathered: list[T] = []
@@ -269,10 +424,9 @@ class Coordinator:
     def _receive(self, size: int, *, sender: int, what: str) -> torch.Tensor:
         """``size`` bytes that rank ``sender`` of the group sends to this rank."""
         assert self._group is not None  # only a real group has other ranks
-        group = self._group
         received = torch.empty(size, dtype=torch.uint8)
-        source = dist.get_global_rank(group, sender)
-        self._run("gather", what, lambda: dist.recv(received, src=source, group=group))
+        source = dist.get_global_rank(self._group, sender)
+        self._run("gather", what, lambda g: dist.recv(received, src=source, group=g))
         return received
 
     def all_gather(self, local: Callable[[], T], *, what: str) -> list[T]:
@@ -418,12 +572,18 @@ class Coordinator:
         thread whose collectives must never interleave with this one's). Collective."""
         twin = object.__new__(Coordinator)
         twin.__dict__.update(self.__dict__)
+        twin._start_counting()
         if self._group is not None:
             twin._group = take_private_group(self._ranks, self.timeout)
         return twin
 
     def close(self) -> None:
-        """Give the private group back to the pool. Safe to call twice."""
+        """Give the private group back to the pool, or retire it if a collective failed on it
+        here or on a peer (which reported it). Safe to call twice."""
         group, self._group = self._group, None
-        if group is not None:
+        if group is None or not is_registered(group):
+            return  # destroyed already: nothing to give back
+        if self._broken or failed_anywhere(group):
+            retire_private_group(group)
+        else:
             return_private_group(self._ranks, group)

@@ -18,6 +18,7 @@ import os
 import time
 import uuid
 from collections.abc import Collection, Mapping
+from types import TracebackType
 from typing import Any, Literal, Union
 
 import torch.distributed as dist
@@ -27,7 +28,7 @@ from distckpt.background import DEFAULT_BACKGROUND_NICE, BackgroundSaves, check_
 from distckpt.coord import Coordinator, check_timeout
 from distckpt.damaged import set_aside_damaged_newer
 from distckpt.decisions import LastSave, SaveDecider, SignalFlag
-from distckpt.errors import CheckpointError, RootInUse
+from distckpt.errors import CheckpointError, RootInUse, describe_error
 from distckpt.formats import ReadOptions, format_named
 from distckpt.fsutil import LinkMode
 from distckpt.layout import RootLayout
@@ -243,6 +244,8 @@ class CheckpointManager:
         except BaseException:
             self.close()  # gives the groups back: ranks must take and return them alike
             raise
+        # Dead writers' leftovers, after every collective of the start.
+        self._tidy()
 
     def _opened_root(self, wait_for_root: float) -> tuple[tuple[int, int | None] | None, float]:
         """On rank 0: open the root; its newest checkpoint's step and epoch, and how many
@@ -495,6 +498,7 @@ class CheckpointManager:
         protocol.check_step_number(step)
         self.wait()
         latest = self._coord.decide(lambda: self._store.delete(step), what=f"deleting step {step}")
+        self._tidy()
         if self._decider.last.step == step:  # rank 0's view, so every rank's schedule agrees
             self._decider.last = LastSave(latest, self._decider.last.epoch, self._decider.last.time)
 
@@ -503,7 +507,9 @@ class CheckpointManager:
         Returns the steps removed. Links are repaired first, so their targets stay."""
         self._check_open()
         self.wait()
-        return self._coord.decide(self._store.prune, what="pruning")
+        removed = self._coord.decide(self._store.prune, what="pruning")
+        self._tidy()
+        return removed
 
     def gc(self) -> list[CheckpointLocation]:
         """Remove leftovers of dead writers (staging dirs whose writer lock is free; on an
@@ -523,22 +529,55 @@ class CheckpointManager:
             self.wait()
         finally:
             try:
-                if self._background is not None:
-                    self._background.close()
-                self._store.close()
-                self._signals.restore()
+                try:
+                    if self._background is not None:
+                        self._background.close()
+                    self._store.close()
+                finally:
+                    self._signals.restore()  # whatever failed above
             finally:
                 self._coord.close()
 
     def __enter__(self) -> CheckpointManager:
         return self
 
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        """Close the manager. With an exception leaving the block, that exception stays the
+        one raised: an error of the close (a failed save in flight) is logged and added to it
+        as a note, instead of replacing it."""
+        if exc is None:
+            self.close()
+            return
+        try:
+            self.close()
+        except Exception as close_error:
+            logger.error(
+                "closing the checkpoint manager after %s failed: %s",
+                type(exc).__name__,
+                close_error,
+            )
+            exc.add_note(
+                f"distckpt: closing the checkpoint manager also failed: "
+                f"{describe_error(close_error)}"
+            )
+
+    def _tidy(self) -> None:
+        """Rank 0, after an outcome reached every rank: remove what it left to remove (the
+        trash), outside the collectives' timeout (:meth:`~distckpt.storage.RootStore.tidy`)."""
+        if self.is_coordinator:
+            self._store.tidy()
 
     def _check_open(self) -> None:
+        """Refuse a closed manager; called first by every public call that may run collectives,
+        so it also marks where the coordinator's next operation begins."""
         if self._closed:
             raise CheckpointError("this CheckpointManager is closed")
+        self._coord.begin_operation()
 
     def __repr__(self) -> str:
         return (

@@ -342,3 +342,89 @@ def test_gloo_timeouts_are_timeouts(message: str) -> None:
 
     assert is_timeout(RuntimeError(message))
     assert not is_timeout(RuntimeError("Connection closed by peer [127.0.0.1]:1234"))
+
+
+#: How late the late rank comes to a save: well past :data:`TIMEOUT`, even on a loaded machine.
+LATE_SECONDS = TIMEOUT + 3
+
+
+def _late_then_in_step(
+    rank: int, world_size: int, root: str, async_save: bool
+) -> tuple[str, bool, int, int]:
+    """Rank 1 comes late to save(1) (a slow step), then both ranks are in step again."""
+    manager = distckpt.CheckpointManager(root, timeout=TIMEOUT, async_save=async_save)
+    if rank == 1:
+        time.sleep(LATE_SECONDS)
+    with pytest.raises(distckpt.CoordinationError) as failed:
+        manager.save(1, {"w": torch.zeros(4)})
+    # the training loop's own group: both ranks back in step
+    torch.distributed.barrier()
+    retried = manager.save(2, {"w": torch.ones(4)})
+    retried = manager.wait() if async_save else retried
+    manager.close()
+    fresh = distckpt.CheckpointManager(root, timeout=TIMEOUT, async_save=async_save)
+    saved = fresh.save(3, {"w": torch.ones(4)})
+    fresh.close()
+    assert retried is not None and saved is not None
+    return type(failed.value).__name__, retried.done, retried.step, saved.step
+
+
+@pytest.mark.parametrize("async_save", [False, True])
+def test_after_a_collective_timeout_the_next_save_and_a_new_manager_save_again(
+    tmp_path: Path, async_save: bool
+) -> None:
+    """README: "a failed save does not count for the schedule, so the next step retries it";
+    a timed-out collective leaves gloo's connections closed, so the group is replaced."""
+    results = values(run_ranks(_late_then_in_step, 2, str(tmp_path), async_save, timeout=90))
+    # the rank that waited timed out; the late one found the connection closed by it and
+    # raises the same class
+    assert results == [("CoordinationTimeout", True, 2, 3)] * 2
+    assert distckpt.CheckpointManager(tmp_path, read_only=True).steps() == [2, 3]
+
+
+def _one_rank_leaves_an_operation(rank: int, world_size: int) -> tuple[str, list[int]]:
+    """Rank 1 leaves an operation before its second collective (a local error raised outside
+    a verb): rank 0 times out in it alone, and rank 1 only finds the closed group at the first
+    collective of its next operation."""
+    coord = Coordinator(None, TIMEOUT)
+    coord.all_gather(lambda: rank, what="the first collective")
+    first = "left"
+    if rank == 0:
+        with pytest.raises(distckpt.CoordinationTimeout) as failed:
+            coord.all_gather(lambda: rank, what="the second collective")
+        first = type(failed.value).__name__
+    # the training loop's own collective: rank 0 timed out (and closed the connections) before
+    torch.distributed.barrier()
+    coord.begin_operation()
+    try:
+        return first, coord.all_gather(lambda: rank, what="the next operation")
+    finally:
+        coord.close()
+
+
+def test_a_rank_that_missed_a_failed_operation_joins_the_fresh_group_at_the_next() -> None:
+    results = values(run_ranks(_one_rank_leaves_an_operation, 2, timeout=60))
+    assert results == [("CoordinationTimeout", [0, 1]), ("left", [0, 1])]
+
+
+def _one_rank_never_comes_back(rank: int, world_size: int) -> tuple[str, float]:
+    coord = Coordinator(None, TIMEOUT)
+    if rank == 1:
+        time.sleep(LATE_SECONDS)
+        with pytest.raises(distckpt.CoordinationError):
+            coord.all_gather(lambda: rank, what="the late operation")
+        return "gone", 0.0  # and never calls the coordinator again
+    with pytest.raises(distckpt.CoordinationTimeout):
+        coord.all_gather(lambda: rank, what="the first operation")
+    coord.begin_operation()
+    started = time.monotonic()
+    with pytest.raises(distckpt.CoordinationError) as failed:
+        coord.all_gather(lambda: rank, what="the next operation")
+    return str(failed.value), time.monotonic() - started
+
+
+def test_a_fresh_group_no_other_rank_makes_fails_after_the_timeout() -> None:
+    """A rank that replaces its broken group while the others do not raises, never hangs."""
+    (message, elapsed), _gone = values(run_ranks(_one_rank_never_comes_back, 2, timeout=60))
+    assert "replacing distckpt's gloo group" in message
+    assert elapsed <= TIMEOUT + 10

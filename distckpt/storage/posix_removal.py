@@ -2,7 +2,8 @@
 setting aside of a damaged checkpoint.
 
 A delete (or retention) moves the links off a checkpoint, durably, then renames it into
-``root/.trash`` under the root's lock; its bytes are deleted after the lock is released. A
+``root/.trash`` under the root's lock; its bytes are deleted by ``tidy()``, outside the lock
+and after every rank heard the outcome (as are dead writers' leftovers after a start). A
 checkpoint a restore found damaged is set aside instead: the links move off it, then it is
 renamed, whole, to ``root/damaged-step-N-<token>`` (durably), a name no step listing, link,
 retention rule or cleanup treats as a checkpoint or a leftover; nothing of it is deleted.
@@ -39,6 +40,9 @@ class Removals:
     _lock: RootLock
     _lease: RootLease | None
     _removed_at_open: list[CheckpointLocation]
+    #: whether the leftovers of dead writers were removed since the root was opened
+    _leftovers_checked: bool
+    read_only: bool
     _check_lease: Callable[[], None]
     _refuse_if_read_only: Callable[[str], None]
     _update_links: Callable[..., list[policy.CheckpointRecord]]
@@ -55,8 +59,7 @@ class Removals:
             records = self._update_links(leaving=directory)
             faults.hit("during_delete", COMMITTING_RANK)
             move_to_trash(directory, self.layout.trash_root, fsync=self.fsync)
-        self._empty_trash()
-        return records[-1].step if records else None
+        return records[-1].step if records else None  # its bytes go at tidy()
 
     def set_aside(self, step: int, location: CheckpointLocation) -> CheckpointLocation | None:
         self._refuse_if_read_only(f"set aside step {step}")
@@ -80,8 +83,7 @@ class Removals:
             # Read before the links move: this prune's monitor/mode may disagree with the job's.
             linked_before = self._linked_steps()
             removed = self._apply_retention(self._update_links(), linked_before)
-        self._empty_trash()
-        return removed
+        return removed  # their bytes go at tidy()
 
     def leftovers(self) -> list[Leftover]:
         return [item for item in find_leftovers(self.layout) if item.kind != "lock"]
@@ -93,6 +95,19 @@ class Removals:
             removed = self._removed_at_open + self._remove_leftovers()
         self._removed_at_open = []  # reported once
         return removed
+
+    def tidy(self) -> None:
+        if self.read_only:
+            return
+        try:
+            if self._leftovers_checked:
+                self._empty_trash()
+                return
+            with self._lock:
+                self._removed_at_open = self._remove_leftovers()  # the trash included
+            self._leftovers_checked = True
+        except Exception as exc:  # the outcome was told already: a removal never fails it
+            logger.warning("could not tidy %s (tried again later): %s", self.root, exc)
 
     def _empty_trash(self) -> None:
         """Delete what retention and deletes moved into the trash; outside the lock."""
