@@ -50,12 +50,10 @@ import uuid
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
-import filelock
-
 from distckpt.errors import CheckpointError, InvalidArgument, LauncherGone, LeaseLost, RootInUse
 from distckpt.fsutil import atomic_write_bytes
 from distckpt.layout import RootLayout
-from distckpt.lock import _flock, _unsupported, locks_local_to_machine
+from distckpt.lock import Flock, _unsupported, locks_local_to_machine
 
 logger = logging.getLogger("distckpt")
 
@@ -182,16 +180,14 @@ def _read_record(root: Path) -> LeaseHolder | None:
         return None
 
 
-def _try_lock(path: Path, timeout: float) -> filelock.BaseFileLock | None:
+def _try_lock(path: Path, timeout: float) -> Flock | None:
     """The lease lock taken within ``timeout`` seconds, or None if another process holds it."""
-    lock = _flock(path, timeout)
+    lock = Flock(path)
     try:
-        lock.acquire()
-    except filelock.Timeout:
-        return None
-    except (OSError, NotImplementedError) as exc:
+        taken = lock.acquire(timeout)
+    except OSError as exc:
         raise _unsupported(path, exc) from exc
-    return lock
+    return lock if taken else None
 
 
 def _in_use(root: Path, holder: LeaseHolder | None, why: str) -> RootInUse:
@@ -214,10 +210,10 @@ class RootLease:
     """The lease of one root, held from :meth:`acquire` to :meth:`release` (also a context
     manager). Thread-safe to :meth:`check_current` from any thread."""
 
-    def __init__(self, root: Path, lock: filelock.BaseFileLock, holder: LeaseHolder) -> None:
+    def __init__(self, root: Path, lock: Flock, holder: LeaseHolder) -> None:
         self.root = root
         self.holder = holder
-        self._lock: filelock.BaseFileLock | None = lock
+        self._lock: Flock | None = lock
 
     @classmethod
     def acquire(cls, root: str | os.PathLike[str], *, wait: float = 0.0) -> RootLease:
@@ -245,9 +241,7 @@ class RootLease:
             time.sleep(min(_RETRY_INTERVAL, max(deadline - time.monotonic(), 0)))
 
     @classmethod
-    def _claim(
-        cls, root: Path, lock: filelock.BaseFileLock, previous: LeaseHolder | None
-    ) -> RootLease:
+    def _claim(cls, root: Path, lock: Flock, previous: LeaseHolder | None) -> RootLease:
         if previous is not None and previous.held:
             logger.info("taking over the lease of %s from dead %s", root, previous.describe())
         holder = LeaseHolder(
@@ -299,9 +293,10 @@ class RootLease:
         )
 
     def release(self) -> None:
-        """Mark the record released (if it is still ours) and drop the lock. Idempotent."""
+        """Mark the record released (if it is still ours) and drop the lock. Idempotent. In a
+        forked child of the holder it only forgets the lease: the lease is the parent's."""
         lock, self._lock = self._lock, None
-        if lock is None:
+        if lock is None or lock.inherited:
             return
         try:
             current = _read_record(self.root)

@@ -37,7 +37,7 @@ from distckpt.lease import (
     read_holder,
     this_host,
 )
-from distckpt.lock import locks_local_to_machine
+from distckpt.lock import WriterLock, locks_local_to_machine
 
 STARTUP = 30.0  # a process that has not answered by then counts as hung (a loaded machine)
 
@@ -198,7 +198,7 @@ def test_a_forked_child_of_the_holder_does_not_keep_the_lease(root: Path) -> Non
     holder_pid = os.fork()
     if holder_pid == 0:  # the holder: takes the lease, forks a long-lived child, dies
         try:
-            RootLease.acquire(root)
+            lease = RootLease.acquire(root)  # referenced: held until the holder dies
             child_pid = os.fork()
             if child_pid == 0:
                 time.sleep(STARTUP)
@@ -215,6 +215,62 @@ def test_a_forked_child_of_the_holder_does_not_keep_the_lease(root: Path) -> Non
     finally:
         with contextlib.suppress(ProcessLookupError, FileNotFoundError):
             os.kill(int(child_pid_file.read_text()), signal.SIGKILL)
+
+
+_FORKING_HOLDER = textwrap.dedent(
+    """
+    import os, sys
+    import torch
+    import distckpt
+    from distckpt.lock import WriterLock
+
+    root, staging = sys.argv[1], sys.argv[2]
+    manager = distckpt.CheckpointManager(root, fsync=False)
+    writer = WriterLock(distckpt.layout.Path(staging))
+    writer.acquire()
+    child = os.fork()
+    if child == 0:
+        # a helper forked by the job (a data loader worker, a pool) that ends normally: its
+        # exit hooks run and its copies of the locks are collected
+        sys.exit(0)
+    os.waitpid(child, 0)
+    print("child exited", flush=True)
+    for line in sys.stdin:
+        try:
+            manager.save(1, {"w": torch.zeros(1)})
+            print("saved", flush=True)
+        except distckpt.CheckpointError as exc:
+            print("failed", type(exc).__name__, exc, flush=True)
+    """
+)
+
+
+def test_a_forked_child_exiting_leaves_the_holders_locks_held(root: Path) -> None:
+    """A child of the holder that exits normally (exit hooks, garbage collection) unlocks
+    nothing of its parent's: the lease, a writer's lock and the parent's save stand."""
+    root.mkdir()
+    staging = RootLayout(root).staging_root / "step-00000009.feedface"
+    staging.parent.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _FORKING_HOLDER, os.fspath(root), os.fspath(staging)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdin is not None
+        assert holder.stdout.readline().strip() == "child exited"
+        seen = read_holder(root)
+        assert seen is not None and seen.pid == holder.pid and seen.alive is True
+        with pytest.raises(distckpt.RootInUse):
+            RootLease.acquire(root)
+        assert WriterLock.writer_is_alive(staging)
+        holder.stdin.write("save\n")
+        holder.stdin.flush()
+        assert holder.stdout.readline().strip() == "saved"
+    finally:
+        holder.kill()
+        holder.wait(timeout=STARTUP)
 
 
 def _on_another_host() -> tuple[str, ...]:
