@@ -141,6 +141,7 @@ class PosixRootStore(LinksAndRetention, ViewedStore):
         except BaseException:
             self.close()
             raise
+        self._empty_trash()  # the dead writers' staging dirs, outside the lock
         return OpenedRoot(self._newest(), tuple(self._removed_at_open))
 
     def _take_lease(self, wait: float) -> None:
@@ -438,6 +439,7 @@ class PosixRootStore(LinksAndRetention, ViewedStore):
             self._check_lease()
             removed = self._removed_at_open + self._remove_leftovers()
         self._removed_at_open = []  # reported once
+        self._empty_trash()  # the dead writers' staging dirs, outside the lock
         return removed
 
     def _empty_trash(self) -> None:
@@ -447,10 +449,16 @@ class PosixRootStore(LinksAndRetention, ViewedStore):
                 self._remove_quietly(entry)
 
     def _remove_leftovers(self) -> list[CheckpointLocation]:
-        """Under the lock: staging dirs whose writer is dead, orphaned lock files, the trash,
-        and the probes and links under construction a killed process left in the root (made
-        under the lock only, so whoever made one is gone). A live writer's staging is never
-        touched. Returns what it removed."""
+        """Under the lock: staging dirs whose writer is dead, orphaned lock files, and the
+        probes and links under construction a killed process left in the root (made under the
+        lock only, so whoever made one is gone). A live writer's staging is never touched. A
+        dead writer's staging dir is only renamed into the trash here, and the trash is left
+        as it is: deleting a large save's files takes seconds, during which the lock would
+        keep every other writer from committing (a live job's save failing with "could not
+        take the commit lock"); the caller empties the trash after releasing the lock
+        (:meth:`_empty_trash`). Returns what it removed or moved into the trash (reported as
+        removed: gone from the root, its bytes deleted by that emptying), and the trash's
+        entries, which that emptying deletes."""
         removed: list[CheckpointLocation] = []
         holds_lease = self._lease is not None and self._lease.held
         for leftover in find_leftovers(self.layout, locked=True, holds_lease=holds_lease):
@@ -463,14 +471,29 @@ class PosixRootStore(LinksAndRetention, ViewedStore):
                 logger.info("leaving %s: in use by a reader, removed at a later cleanup", path)
             elif leftover.kind == "lock":
                 path.unlink(missing_ok=True)
-            else:
-                if leftover.kind == "staging":
-                    logger.info("removing %s, left by a writer that died", path)
-                if self._remove_quietly(path):
-                    if leftover.kind == "staging":
-                        WriterLock(path).release()  # removes its lock file
+            elif leftover.kind == "trash":
+                removed.append(path)  # deleted with the rest of the trash, after the lock
+            elif leftover.kind == "staging":
+                logger.info("removing %s, left by a writer that died", path)
+                if self._trash_quietly(path):
+                    WriterLock(path).release()  # removes its lock file
                     removed.append(path)
+            elif self._remove_quietly(path):
+                removed.append(path)
         return removed
+
+    def _trash_quietly(self, staging: Path) -> bool:
+        """Move a dead writer's staging dir into the trash, under the lock; a failure is
+        reported, not raised, as in :meth:`_remove_quietly`."""
+        try:
+            faults.hit("during_staging_cleanup", COMMITTING_RANK)
+            move_to_trash(staging, self.layout.trash_root, fsync=self.fsync)
+        except Exception as exc:
+            logger.warning(
+                "could not remove leftover %s (tried again at next start): %s", staging, exc
+            )
+            return False
+        return True
 
     def _remove_quietly(self, leftover: Path) -> bool:
         """Remove a leftover; one that cannot be removed is reported, not raised, so it can
