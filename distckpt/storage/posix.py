@@ -133,7 +133,7 @@ class PosixRootStore(LinksAndRetention, ViewedStore):
                 except OSError as exc:
                     raise _open_write_failed(root, "is not writable", exc) from exc
                 self._settle_link_mode()
-                self._removed_at_open = self._remove_leftovers()
+                self._removed_at_open, trash_found = self._remove_leftovers()
                 try:
                     self._update_links()
                 except (OSError, CheckpointError) as exc:  # derived state: never block a start
@@ -141,7 +141,7 @@ class PosixRootStore(LinksAndRetention, ViewedStore):
         except BaseException:
             self.close()
             raise
-        self._empty_trash()  # the dead writers' staging dirs, outside the lock
+        self._removed_at_open += self._empty_found_trash(trash_found)
         return OpenedRoot(self._newest(), tuple(self._removed_at_open))
 
     def _take_lease(self, wait: float) -> None:
@@ -437,18 +437,26 @@ class PosixRootStore(LinksAndRetention, ViewedStore):
         self._refuse_if_read_only("collect leftovers")
         with self._lock:
             self._check_lease()
-            removed = self._removed_at_open + self._remove_leftovers()
+            removed, trash_found = self._remove_leftovers()
+        removed = self._removed_at_open + removed + self._empty_found_trash(trash_found)
         self._removed_at_open = []  # reported once
-        self._empty_trash()  # the dead writers' staging dirs, outside the lock
         return removed
 
-    def _empty_trash(self) -> None:
-        """Delete what retention and deletes moved into the trash; outside the lock."""
-        if self.layout.trash_root.is_dir():
-            for entry in self.layout.trash_root.iterdir():
-                self._remove_quietly(entry)
+    def _empty_trash(self) -> list[Path]:
+        """Delete what retention, deletes and cleanups moved into the trash; outside the lock.
+        Returns the entries it deleted."""
+        if not self.layout.trash_root.is_dir():
+            return []
+        return [entry for entry in self.layout.trash_root.iterdir() if self._remove_quietly(entry)]
 
-    def _remove_leftovers(self) -> list[CheckpointLocation]:
+    def _empty_found_trash(self, found: list[Path]) -> list[CheckpointLocation]:
+        """After a cleanup, outside the lock: empty the trash (the dead writers' staging dirs
+        the cleanup moved there included). Returns those of ``found``, the entries the cleanup
+        found in the trash, that it deleted: a cleanup reports them as removed."""
+        deleted = set(self._empty_trash())
+        return [entry for entry in found if entry in deleted]
+
+    def _remove_leftovers(self) -> tuple[list[CheckpointLocation], list[Path]]:
         """Under the lock: staging dirs whose writer is dead, orphaned lock files, and the
         probes and links under construction a killed process left in the root (made under the
         lock only, so whoever made one is gone). A live writer's staging is never touched. A
@@ -456,10 +464,11 @@ class PosixRootStore(LinksAndRetention, ViewedStore):
         as it is: deleting a large save's files takes seconds, during which the lock would
         keep every other writer from committing (a live job's save failing with "could not
         take the commit lock"); the caller empties the trash after releasing the lock
-        (:meth:`_empty_trash`). Returns what it removed or moved into the trash (reported as
-        removed: gone from the root, its bytes deleted by that emptying), and the trash's
-        entries, which that emptying deletes."""
+        (:meth:`_empty_found_trash`). Returns what it removed or moved into the trash (reported
+        as removed: gone from the root, its bytes deleted by that emptying), and the entries it
+        found in the trash."""
         removed: list[CheckpointLocation] = []
+        trash_found: list[Path] = []
         holds_lease = self._lease is not None and self._lease.held
         for leftover in find_leftovers(self.layout, locked=True, holds_lease=holds_lease):
             path = Path(leftover.path)
@@ -472,7 +481,7 @@ class PosixRootStore(LinksAndRetention, ViewedStore):
             elif leftover.kind == "lock":
                 path.unlink(missing_ok=True)
             elif leftover.kind == "trash":
-                removed.append(path)  # deleted with the rest of the trash, after the lock
+                trash_found.append(path)  # deleted with the rest of the trash, after the lock
             elif leftover.kind == "staging":
                 logger.info("removing %s, left by a writer that died", path)
                 if self._trash_quietly(path):
@@ -480,7 +489,7 @@ class PosixRootStore(LinksAndRetention, ViewedStore):
                     removed.append(path)
             elif self._remove_quietly(path):
                 removed.append(path)
-        return removed
+        return removed, trash_found
 
     def _trash_quietly(self, staging: Path) -> bool:
         """Move a dead writer's staging dir into the trash, under the lock; a failure is
