@@ -65,8 +65,8 @@ class Flock:
     descriptor is this object's own, so what a fork does to it is decided here and nowhere
     else: a forked child closes its copy at once (:func:`_close_inherited_locks`) and its
     :meth:`release` does nothing. The child never calls ``flock(LOCK_UN)``, which would unlock
-    the open file description it shares with its parent. Raises ``OSError`` where the file cannot be
-    opened or locked (see :func:`_unsupported`)."""
+    the open file description it shares with its parent. Raises ``OSError`` where the file
+    cannot be opened or locked (see :func:`_unsupported`)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -237,7 +237,6 @@ class WriterLock:
     def __init__(self, staging_dir: Path) -> None:
         self.path = RootLayout.writer_lock_path(staging_dir)
         self._lock = Flock(self.path)
-        self._released = False
 
     def acquire(self) -> None:
         try:
