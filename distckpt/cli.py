@@ -93,16 +93,21 @@ def _existing_view(root: str) -> RootView:
     """The view of the root at ``root``; refused when ``root`` is no root (nothing is there,
     or it names a checkpoint or a ``last``/``best`` link: a command working on a root must
     never take a checkpoint for one, nor create its lock file inside one)."""
-    view = open_view(root)
-    if not view.exists():
-        raise CheckpointNotFound(f"no checkpoint root at {view.root}", path=view.root)
-    located = resolve.classify_path(root)
-    if located.kind != "root":
+    # Classified first: a root's pointer object is no prefix holding objects, so an s3:// link
+    # would otherwise be reported as a missing root instead of as the link it is.
+    try:
+        located: Located | None = resolve.classify_path(root)
+    except CheckpointNotFound:
+        located = None  # nothing there: said below, as a missing root
+    if located is not None and located.kind != "root":
         what = "a checkpoint" if located.kind == "step_dir" else f"the {located.pointer} link"
         raise InvalidArgument(
             f"{root} is {what}, not a checkpoint root: give its root, {located.view.root}",
             path=root,
         )
+    view = open_view(root)
+    if not view.exists():
+        raise CheckpointNotFound(f"no checkpoint root at {view.root}", path=view.root)
     return view
 
 
@@ -384,7 +389,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument(
         "--keep-every-n-steps",
         type=int,
-        help="keep milestones: for each multiple of N, the first checkpoint at or after it",
+        help="keep milestones: for each multiple of N from N on, the first checkpoint at or "
+        "after it, plus step 0",
     )
     sub.add_argument(
         "--keep-every-n-seconds", type=float, help="keep one checkpoint per S seconds of history"

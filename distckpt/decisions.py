@@ -11,6 +11,7 @@ a gather to rank 0 and a broadcast of its tally from 3 on).
 
 from __future__ import annotations
 
+import logging
 import signal
 import threading
 import time
@@ -18,11 +19,17 @@ import weakref
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from distckpt.coord import Coordinator
 from distckpt.errors import InvalidArgument
-from distckpt.policy import SaveSchedule
+from distckpt.policy import SaveSchedule, seconds_since_created
+
+if TYPE_CHECKING:
+    from distckpt.results import Checkpoint
+    from distckpt.storage import OpenedRoot
+
+logger = logging.getLogger("distckpt")
 
 
 @dataclass(frozen=True)
@@ -91,15 +98,20 @@ def decide(
     ``last_started`` is when this rank's previous save began (monotonic clock; None when none
     did in this process) and ``in_flight`` whether an async save is still running here: the
     ``min_seconds_between_saves`` throttle reads them, and rank 0's verdict counts. A throttled
-    save is neither forced nor a preemption save, and leaves ``last`` as it is (deferred)."""
+    save is neither forced nor a preemption save, and leaves ``last`` as it is (deferred).
+    ``every_seconds`` is due only at a step past ``last``'s."""
     due = not schedule.is_set or schedule.due_by_counters(
         step, epoch, last_step=last.step, last_epoch=last.epoch
     )
     throttled = preempt = False
     if schedule.needs_agreement or signals.watched:
         now = time.monotonic()
+        # A step the schedule already counts from is committed (or in flight): saving it again
+        # would only return that checkpoint and restart the interval without a new one (a
+        # requeued job saving after every micro-batch would then never save).
+        past_last = last.step is None or step > last.step
         vote = _Vote(
-            time_due=schedule.due_by_time(now, last_time=last.time),
+            time_due=past_last and schedule.due_by_time(now, last_time=last.time),
             throttled=schedule.throttled(now, last_started=last_started, in_flight=in_flight),
             signalled=signals.is_set(),
         )
@@ -115,10 +127,18 @@ def decide(
     )
 
 
+def newest_to_count_from(
+    opened: OpenedRoot, now: float
+) -> tuple[tuple[int, int | None] | None, float]:
+    """On rank 0, right after opening the root: its newest checkpoint's step and epoch, and
+    how many seconds before ``now`` (``time.time()``, this clock) it was created."""
+    return opened.newest, seconds_since_created(opened.newest_created, now)
+
+
 class SaveDecider:
     """The save decisions of one manager: the schedule, the signals, the last save counted
-    from, when the last save began, and the decision :meth:`should_save` took for a step
-    (reused by the save)."""
+    from (kept by the ``count_*`` methods, every rank alike), when the last save began, and the
+    decision :meth:`should_save` took for a step (reused by the save)."""
 
     def __init__(self, schedule: SaveSchedule, signals: SignalFlag, coord: Coordinator) -> None:
         self.schedule = schedule
@@ -129,6 +149,59 @@ class SaveDecider:
         #: the first save of this process): what ``min_seconds_between_saves`` counts from
         self.last_started: float | None = None
         self._pending: SaveDecision | None = None
+        #: ``last`` before the async save in flight: put back if that save fails
+        self._before_in_flight = LastSave()
+        #: no save or restore yet: the first restore (the resume) sets ``last`` to its step
+        self.resuming = True
+        #: a save a signal asked for is durable (``CheckpointManager.preempted``)
+        self.preempted = False
+
+    def count_from_newest(self, newest: tuple[int, int | None] | None, seconds_ago: float) -> None:
+        """At the start: count from the root's newest checkpoint (step, epoch), created
+        ``seconds_ago`` by rank 0's clock, not from this start: a job requeued more often than
+        ``every_seconds`` would never save again."""
+        self.last = LastSave.at(*(newest or (None, None)), seconds_ago=seconds_ago)
+
+    def count_save(self, step: int, epoch: int | None) -> None:
+        """The save of ``step`` committed (or was committed already): count from it."""
+        self.last = LastSave.at(step, epoch)
+
+    def count_in_flight(self, step: int, epoch: int | None) -> None:
+        """An async save of ``step`` was submitted: counted at once, so the next steps do not
+        save again while it is in flight; :meth:`in_flight_failed` puts the count back."""
+        self._before_in_flight, self.last = self.last, LastSave.at(step, epoch)
+
+    def in_flight_failed(self) -> None:
+        """The async save in flight failed: count from what came before it."""
+        self.last = self._before_in_flight
+
+    def count_restore(self, loaded: Checkpoint | None) -> None:
+        """A restore loaded ``loaded`` (None: nothing). The first restore is the resume, from
+        wherever the job resumes (an older step when the newest was set aside or skipped);
+        later ones only move forward: loading an older checkpoint (``best`` into an eval
+        model) mid-run must not make the schedule due again at once."""
+        last = self.last
+        if (
+            loaded is not None
+            and loaded.step != last.step
+            and (self.resuming or last.step is None or loaded.step > last.step)
+        ):
+            self.last = LastSave.at(loaded.step, loaded.epoch)
+        self.resuming = self.resuming and loaded is None
+
+    def count_delete(self, step: int, newest_left: int | None) -> None:
+        """``step`` was deleted and ``newest_left`` (rank 0's view, so every rank's schedule
+        agrees) is the newest step left: counting from ``step`` moves to it, at the same time."""
+        if self.last.step == step:
+            self.last = LastSave(newest_left, self.last.epoch, self.last.time)
+
+    def preemption_saved(self, step: int, *, report: bool) -> None:
+        """The checkpoint of ``step`` is durable after a signal asked for it (every rank
+        decided so together): set :attr:`preempted`, and log it where ``report``."""
+        self.signals.clear()
+        self.preempted = True
+        if report:
+            logger.warning("preemption save of step %d committed; stop and requeue", step)
 
     def should_save(self, step: int, epoch: int | None, *, in_flight: bool = False) -> bool:
         """Decide for ``step`` now and keep the decision for the save of that step.

@@ -1,13 +1,12 @@
 """CheckpointManager: the public face of distckpt, composing the pieces below it.
 
-It holds no mechanism of its own: the save protocol is :mod:`distckpt.proposal` (propose) and
-:mod:`distckpt.protocol` (write → agree → commit), over frozen values; whether to save is
-:mod:`distckpt.decisions`, everything done to the root is the
-:class:`~distckpt.storage.RootStore`, every collective goes through the
-:class:`~distckpt.coord.Coordinator`, and restores through :mod:`distckpt.reader`.
-What it owns is the lifecycle: the process groups, the store, the signal handlers, the async
-save's background thread and the counters a schedule counts from. See
-``docs/architecture.md``.
+It holds no mechanism of its own: a save is :mod:`distckpt.saving`, over the protocol of
+:mod:`distckpt.proposal` (propose) and :mod:`distckpt.protocol` (write → agree → commit), on
+frozen values; whether to save, and what the schedule counts from, is :mod:`distckpt.decisions`;
+everything done to the root is the :class:`~distckpt.storage.RootStore`, every collective goes
+through the :class:`~distckpt.coord.Coordinator`, and restores through :mod:`distckpt.reader`.
+What it owns is the lifecycle: the process groups, the store, the signal handlers and the
+async save's background thread. See ``docs/architecture.md``.
 """
 
 from __future__ import annotations
@@ -27,19 +26,19 @@ from distckpt import policy, proposal, protocol, reader, resolve
 from distckpt.background import DEFAULT_BACKGROUND_NICE, BackgroundSaves, check_background_nice
 from distckpt.coord import Coordinator, check_timeout
 from distckpt.damaged import set_aside_damaged_newer
-from distckpt.decisions import LastSave, SaveDecider, SignalFlag
+from distckpt.decisions import SaveDecider, SignalFlag, newest_to_count_from
 from distckpt.errors import CheckpointError, RootInUse, describe_error
 from distckpt.formats import ReadOptions, format_named
 from distckpt.fsutil import LinkMode
 from distckpt.layout import RootLayout
 from distckpt.lease import LauncherWatch, check_wait
 from distckpt.results import Checkpoint, CheckpointInfo, CheckpointLocation, SaveResult
+from distckpt.saving import Saver
 from distckpt.snapshot import SnapshotBuffers
 from distckpt.storage import ExtraFile, open_store
 
-logger = logging.getLogger("distckpt")
-
 Which = Union[Literal["last", "best"], int, str, "os.PathLike[str]"]
+logger = logging.getLogger("distckpt")
 __all__ = ["CheckpointManager", "ExtraFile", "Which"]
 
 
@@ -62,9 +61,9 @@ class CheckpointManager:
         keep_last: keep the newest N checkpoints (with the other ``keep_*`` rules, a checkpoint
             stays if any rule keeps it). None with no other ``keep_*`` keeps everything.
         keep_best: keep the best K by ``monitor``; ``monitor``/``mode`` also drive ``root/best``.
-        keep_every_n_steps: keep milestones: for each multiple of N, the first checkpoint at or
-            after it (the save schedules' crossing rule: with saves every 3 steps and N=1000,
-            step 1002 stands for 1000).
+        keep_every_n_steps: keep milestones: for each multiple of N from N on, the first
+            checkpoint at or after it, plus step 0 (the save schedules' crossing rule: with
+            saves every 3 steps and N=1000, step 1002 stands for 1000).
         keep_every_n_seconds: keep a sparse history: a checkpoint created at least S seconds
             after the last one kept this way (by the manifests' creation times).
         keep_unranked: with ``monitor``, keep checkpoints saved without a finite value of it
@@ -74,7 +73,8 @@ class CheckpointManager:
             ``every_seconds`` counts from the last save; at the start, from the creation time
             of the root's newest checkpoint (its manifest's, by rank 0's clock; one created
             later than that clock says counts as created now), or from the start in a root
-            holding none, so a job killed more often than the interval still saves.
+            holding none, so a job killed more often than the interval still saves. It is
+            due only at a step past the last one saved or restored (that step is saved).
         min_seconds_between_saves: skip (return None from) a scheduled or plain save while less
             than S seconds passed since the previous save began, or while an async save is in
             flight; forced and preemption saves are never skipped. Rank 0's clock decides.
@@ -207,32 +207,24 @@ class CheckpointManager:
         self.fsync = fsync
         self.read_only = read_only
         self._closed = False
-        self._save_count = 0
-        self.preempted = False
-        """True once a save requested by a signal (``save_on_signal``) has committed (or found
-        its step committed already): the loop should exit so the job can be requeued and
-        resume from ``last``."""
-
-        self._buffers = SnapshotBuffers() if async_save else None
         self._background: BackgroundSaves | None = None
-        self._before_inflight = LastSave()
-        #: no save or restore yet: the schedule counts from the root's newest checkpoint
-        self._resuming = True
+        self._saver: Saver | None = None  # once the root is open
         self._coord = Coordinator(group, self.timeout)
         self.rank = self._coord.rank
         self._decider = SaveDecider(self.schedule, self._signals, self._coord)
         self.world_size = self._coord.world_size
         try:
             # Rank 0 names this manager's staging areas after the token: unique to this manager.
-            (newest, newest_age), self._token = self._coord.decide_within(
-                lambda seconds: (self._opened_root(seconds), uuid.uuid4().hex[:12]),
+            (newest, newest_age), token = self._coord.decide_within(
+                lambda seconds: (
+                    newest_to_count_from(self._store.open(wait_for_root=seconds), time.time()),
+                    uuid.uuid4().hex[:12],
+                ),
                 wait=wait_for_root,
                 retry_on=RootInUse,
                 what="opening the checkpoint root",
             )
-            # every_seconds counts from the newest checkpoint's creation, not from this start:
-            # a job requeued more often than the interval would never save again.
-            self._decider.last = LastSave.at(*(newest or (None, None)), seconds_ago=newest_age)
+            self._decider.count_from_newest(newest, newest_age)
             self._coord.all_gather(
                 lambda: self._store.check_visible(self.rank),
                 what="checking the root from every rank",
@@ -240,6 +232,17 @@ class CheckpointManager:
             if async_save:
                 # Its own group: background collectives never interleave with this thread's.
                 self._background = BackgroundSaves(self._coord, nice=background_nice)
+            self._saver = Saver(
+                coord=self._coord,
+                store=self._store,
+                fmt=self._format,
+                decider=self._decider,
+                token=token,
+                space_margin=self.space_margin,
+                launcher=self._launcher,
+                snapshot=SnapshotBuffers() if async_save else None,
+                background=self._background,
+            )
             self._signals.install()
         except BaseException:
             self.close()  # gives the groups back: ranks must take and return them alike
@@ -247,11 +250,12 @@ class CheckpointManager:
         # Dead writers' leftovers, after every collective of the start.
         self._tidy()
 
-    def _opened_root(self, wait_for_root: float) -> tuple[tuple[int, int | None] | None, float]:
-        """On rank 0: open the root; its newest checkpoint's step and epoch, and how many
-        seconds ago (by this clock) it was created."""
-        opened = self._store.open(wait_for_root=wait_for_root)
-        return opened.newest, policy.seconds_since_created(opened.newest_created, time.time())
+    @property
+    def preempted(self) -> bool:
+        """True once a save requested by a signal (``save_on_signal``) has committed (or found
+        its step committed already): the loop should exit so the job can be requeued and
+        resume from ``last``."""
+        return self._decider.preempted
 
     # ------------------------------------------------------------------ save
 
@@ -302,59 +306,11 @@ class CheckpointManager:
         if not decision.save:
             return None
         self.wait()  # at most one save in flight; raises a failed one's error here
-        self._save_count += 1
         request = proposal.SaveRequest(
             step, epoch, overwrite, decision.explicit, metrics, metadata, files
         )
-        plan = proposal.propose(
-            request,
-            state,
-            coord=self._coord,
-            store=self._store,
-            fmt=self._format,
-            snapshot=self._buffers,
-            token=f"{self._token}-{self._save_count}",
-            space_margin=self.space_margin,
-            launcher=self._launcher,
-        )
-        self._resuming = False
-        if isinstance(plan, SaveResult):  # committed already: the schedule counts from it
-            self._decider.last = LastSave.at(plan.step, plan.epoch)
-            if decision.preempt:  # that checkpoint is durable: the preemption save is done
-                self._preemption_saved(step)
-            return plan
-        commit = functools.partial(
-            protocol.write_and_commit,
-            plan,
-            store=self._store,
-            fmt=self._format,
-            launcher=self._launcher,
-        )
-        if self._background is None:
-            result = commit(coord=self._coord)
-            self._decider.last = LastSave.at(plan.step, plan.epoch)
-        else:
-            # Counted at once, so the next steps do not save again while this one is in
-            # flight; wait() restores the previous counters if it fails.
-            self._before_inflight, self._decider.last = (
-                self._decider.last,
-                LastSave.at(plan.step, plan.epoch),
-            )
-            self._background.submit(lambda coord: commit(coord=coord))
-            result = SaveResult(plan.step, plan.destination, plan.epoch, plan.metrics, done=False)
-            if decision.preempt:
-                result = self.wait() or result  # a preemption save must be durable first
-        if decision.preempt:
-            self._preemption_saved(step)
-        return result
-
-    def _preemption_saved(self, step: int) -> None:
-        """The checkpoint of ``step`` is durable after a signal asked for it (every rank
-        decided so together): report :attr:`preempted`."""
-        self._signals.clear()
-        self.preempted = True
-        if self.is_coordinator:
-            logger.warning("preemption save of step %d committed; stop and requeue", step)
+        assert self._saver is not None  # made by the constructor, which raises otherwise
+        return self._saver.save(request, state, decision)
 
     def wait(self) -> SaveResult | None:
         """Wait for the save in flight (``async_save=True``) to be committed and durable, and
@@ -362,19 +318,13 @@ class CheckpointManager:
         flight. Every thread waiting meanwhile blocks and sees the same result or error.
         Not collective by itself, but every rank must call it (the background commit needs
         every rank)."""
-        if self._background is None:
-            return None
-        try:
-            return self._background.wait()
-        except BaseException:
-            self._decider.last = self._before_inflight
-            raise
+        return None if self._saver is None else self._saver.wait()
 
     @property
     def save_in_flight(self) -> bool:
         """Whether an async save's background write and commit are still running on this rank
         (not collective; :meth:`wait` blocks until it is done and returns its result)."""
-        return self._background is not None and self._background.in_flight
+        return self._saver is not None and self._saver.in_flight
 
     @property
     def is_coordinator(self) -> bool:
@@ -452,18 +402,7 @@ class CheckpointManager:
             if self.read_only
             else functools.partial(set_aside_damaged_newer, self._store),
         )
-        last = self._decider.last
-        # The first restore is the resume, from wherever the job resumes (an older step when
-        # the newest was set aside or skipped); later ones only move forward: loading an older
-        # checkpoint (``best`` into an eval model) mid-run must not make the schedule due again
-        # at once.
-        if (
-            loaded is not None
-            and loaded.step != last.step
-            and (self._resuming or last.step is None or loaded.step > last.step)
-        ):
-            self._decider.last = LastSave.at(loaded.step, loaded.epoch)
-        self._resuming = self._resuming and loaded is None
+        self._decider.count_restore(loaded)
         return loaded
 
     # ------------------------------------------------------------------ queries
@@ -499,8 +438,7 @@ class CheckpointManager:
         self.wait()
         latest = self._coord.decide(lambda: self._store.delete(step), what=f"deleting step {step}")
         self._tidy()
-        if self._decider.last.step == step:  # rank 0's view, so every rank's schedule agrees
-            self._decider.last = LastSave(latest, self._decider.last.epoch, self._decider.last.time)
+        self._decider.count_delete(step, latest)
 
     def prune(self) -> list[int]:
         """Apply the retention rules now (as after every commit), under the lock; collective.

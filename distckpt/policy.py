@@ -377,9 +377,9 @@ def best_step(records: Iterable[CheckpointRecord], monitor: str | None, mode: Mo
 
 
 def kept_as_milestones(steps: Iterable[int], every_n_steps: int) -> set[int]:
-    """The steps the ``keep_every_n_steps`` rule keeps: for each multiple of ``every_n_steps``,
-    the first step at or after it (each step that :func:`crossed_multiple` since the step
-    before it, and step 0).
+    """The steps the ``keep_every_n_steps`` rule keeps: for each multiple of ``every_n_steps``
+    from ``every_n_steps`` on, the first step at or after it, plus step 0 (each step that
+    :func:`crossed_multiple` since the step before it, and step 0).
 
     The save schedules' crossing rule: saves that land beside the multiples (every 3 steps,
     with ``every_n_steps=500``: 501, 1002, 1500, ...) still leave one milestone per multiple,

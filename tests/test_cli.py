@@ -323,6 +323,28 @@ def test_a_command_on_a_root_refuses_a_checkpoint_or_link(
     assert run("verify", str(root)).returncode == 0
 
 
+@pytest.mark.parametrize("name", ["last", "best"])
+@pytest.mark.parametrize("how", ["symlink", "dir"])
+def test_a_root_reached_through_a_path_named_last_or_best_is_a_root(
+    root: Path, tmp_path: Path, name: str, how: str
+) -> None:
+    """A path named like a link is a root when no ``last``/``best`` pointer of its parent
+    names a checkpoint there: a user's own link to a run (``ln -s exp42 runs/best``) or a
+    root dir of that name."""
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    path = runs / name
+    if how == "symlink":
+        path.symlink_to(os.path.relpath(root, runs))
+    else:
+        root.rename(path)
+    for command in (("ls",), ("prune", "--keep-last", "3"), ("gc",), ("lease",)):
+        out = run(command[0], str(path), *command[1:])
+        assert out.returncode == 0, out
+    assert "step        30" in run("info", str(path)).stdout
+    assert distckpt.CheckpointManager(path, read_only=True).steps() == [10, 20, 30]
+
+
 def test_verify_of_a_path_holding_no_checkpoint_exits_2(tmp_path: Path) -> None:
     """An empty dir (a typo'd root, a root before its first save) verifies nothing: saying
     "ok" would hide the mistake, so it is an error."""

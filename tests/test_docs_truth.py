@@ -6,6 +6,7 @@ collective costs and failures the manager's docstrings name."""
 from __future__ import annotations
 
 import ast
+import contextlib
 import errno
 import inspect
 import io
@@ -288,3 +289,37 @@ def test_should_save_votes_with_a_time_schedule_only(
 ) -> None:
     out = values(run_ranks(_collectives_of_should_save, world_size, str(tmp_path), schedule))
     assert out == [collectives] * world_size
+
+
+def test_the_milestone_rule_is_said_alike_everywhere_and_holds() -> None:
+    """README, the CLI's help, the manager's docstring and ``kept_as_milestones`` say the
+    milestones are the first checkpoint at or after each multiple from K on, plus step 0, and
+    the README's upgrade note that saves missing the multiples now keep one per multiple."""
+    from distckpt.cli import build_parser
+    from distckpt.policy import kept_as_milestones
+
+    prune_help = io.StringIO()
+    with contextlib.redirect_stdout(prune_help), pytest.raises(SystemExit):
+        build_parser().parse_args(["prune", "--help"])
+    said = {
+        "README": README,
+        "prune --help": prune_help.getvalue(),
+        "CheckpointManager": distckpt.CheckpointManager.__doc__ or "",
+        "kept_as_milestones": kept_as_milestones.__doc__ or "",
+    }
+    for where, text in said.items():
+        words = " ".join(text.replace("``", "").split())
+        assert re.search(
+            r"for each multiple of (K|N|every_n_steps) from \1 on, the first", words
+        ), where
+        assert "plus step 0" in words, where
+    assert kept_as_milestones([500, 999], 1000) == set()  # no multiple from K on reached
+    assert 0 in kept_as_milestones([0, 500], 1000)
+    every_3_steps = range(0, 3004, 3)
+    exact_multiples = {step for step in every_3_steps if step % 1000 == 0}
+    assert exact_multiples == {0, 3000}
+    assert kept_as_milestones(every_3_steps, 1000) == {0, 1002, 2001, 3000}  # keeps more
+    assert "keeps one checkpoint per multiple crossed, so it keeps more checkpoints" in " ".join(
+        README.split()
+    )
+    assert "`prune --mode` without `--monitor` exits 2" in " ".join(README.split())

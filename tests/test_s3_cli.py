@@ -201,6 +201,35 @@ def test_prune_and_gc_of_a_checkpoint_are_refused(root: str, s3_server: S3Server
         assert mgr.steps() == [10, 20, 30]
 
 
+@pytest.mark.parametrize("command", [("prune", "--keep-last", "1"), ("gc",), ("ls",), ("lease",)])
+@pytest.mark.parametrize("name", ["last", "best"])
+def test_a_command_on_a_root_refuses_a_link(
+    root: str, s3_server: S3Server, command: tuple[str, ...], name: str
+) -> None:
+    """A root's ``last``/``best`` pointer given where a root is wanted is refused as the link
+    it is, naming its root, and nothing is removed."""
+    out = run(command[0], f"{root}/{name}", *command[1:])
+    assert out.returncode == 2, out
+    assert f"is the {name} link, not a checkpoint root: give its root, {root}" in out.stderr
+    with distckpt.CheckpointManager(root, read_only=True) as mgr:
+        assert mgr.steps() == [10, 20, 30]
+
+
+@pytest.mark.parametrize("name", ["last", "best"])
+def test_a_root_at_a_prefix_named_last_or_best_is_a_root(
+    s3_server: S3Server, s3_url: str, aws_env: None, name: str
+) -> None:
+    """``s3://BUCKET/ckpt/best`` is a root of its own when the root above it (here: none)
+    has no pointer of that name naming a checkpoint."""
+    url = f"{s3_url}/{name}"
+    with distckpt.CheckpointManager(url, storage_options=s3_server.storage_options()) as mgr:
+        mgr.save(10, {"w": torch.zeros(2)})
+    for command in (("ls",), ("prune", "--keep-last", "1"), ("gc",), ("lease",)):
+        out = run(command[0], url, *command[1:])
+        assert out.returncode == 0, out
+    assert "step        10" in run("info", url).stdout
+
+
 def test_python_dash_m_with_the_aws_environment(root: str, s3_server: S3Server) -> None:
     """The real entry point, in a fresh process that finds the store through the AWS
     variables alone."""

@@ -54,6 +54,30 @@ def test_every_seconds_counts_from_the_newest_checkpoint_across_restarts(tmp_pat
     assert results == [{"due_at_start": True, "saved": 11, "due_right_after": False}] * 2
 
 
+def _requeued_saving_every_micro_batch(rank: int, world_size: int, root: str) -> dict[str, Any]:
+    """A requeued job with ``every_seconds=1`` and gradient accumulation: it saves after every
+    micro-batch, so its first calls are at the step it resumed from, already committed."""
+    with distckpt.CheckpointManager(root, every_seconds=1.0, fsync=False, timeout=20) as mgr:
+        step = mgr.restore("last", state={"w": torch.zeros(2)}).step
+        at_resumed_step = [mgr.save(step, {"w": torch.zeros(2)}) for _micro_batch in range(2)]
+        saved = mgr.save(step + 1, {"w": torch.zeros(2)})
+        return {
+            "at_resumed_step": at_resumed_step,
+            "saved": saved and saved.step,
+            "steps": mgr.steps(),
+        }
+
+
+def test_every_seconds_is_not_restarted_by_calls_at_the_resumed_step(tmp_path: Path) -> None:
+    """A call at the step the schedule counts from has nothing new to save: it returns None and
+    leaves the interval running, so the first call past it saves (a job killed more often than
+    the interval still saves)."""
+    values(run_ranks(_save_step_10, 2, str(tmp_path)))
+    time.sleep(1.1)  # the requeued job waits in the queue longer than the interval
+    results = values(run_ranks(_requeued_saving_every_micro_batch, 2, str(tmp_path)))
+    assert results == [{"at_resumed_step": [None, None], "saved": 11, "steps": [10, 11]}] * 2
+
+
 class HeldValue:
     """A plain value whose pickling waits for :attr:`release`: an async save writing it stays
     in flight, really blocked inside its write, until the test lets it go."""

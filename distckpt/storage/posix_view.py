@@ -135,13 +135,18 @@ def _dir_for_step(layout: RootLayout, step: int) -> Path:
 def locate_path(path: str | os.PathLike[str]) -> Located:
     """What a user's path stands for: a ``last`` / ``best`` link inside a root (symlink or
     pointer file; one that is missing still names its root's newest or best checkpoint), a
-    step dir (it has a manifest, or a step dir's name), or a root (any other dir). Raises
+    step dir (it has a manifest, or a step dir's name), or a root (any other dir, a symlink
+    named ``last``/``best`` to one included when it is no pointer of its parent's:
+    :meth:`~distckpt.storage.views.RootView.owns_pointer`). Raises
     :class:`CheckpointNotFound` for anything else, and for a step dir that is not there."""
     target = Path(os.path.abspath(os.fspath(path)))
     is_link = target.is_symlink() or target.is_file() or not target.exists()
     if target.name in LINK_NAMES and is_link:
         if target.parent.is_dir():
-            return Located("link", PosixRootView(target.parent), pointer=target.name)
+            parent = PosixRootView(target.parent)
+            if target.is_dir() and not parent.owns_pointer(target.name):
+                return Located("root", PosixRootView(target))
+            return Located("link", parent, pointer=target.name)
     elif (target / MANIFEST_NAME).exists() or parse_step_dir_name(target.name) is not None:
         if target.exists():
             source = PosixCheckpoint(target, parse_step_dir_name(target.name))

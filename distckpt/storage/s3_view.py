@@ -451,13 +451,19 @@ class S3RootView(RootView):
 
 def locate_url(url: str, storage_options: Mapping[str, Any] | None) -> Located:
     """What an ``s3://`` URL stands for: ``.../last`` or ``.../best`` (a pointer of the root
-    above it), ``.../step-00000010`` (a checkpoint, :class:`CheckpointNotFound` unless it is
-    committed), or a root."""
+    above it, unless that is no root's pointer, :meth:`RootView.owns_pointer`, and the URL's
+    prefix holds objects: then a root of that name), ``.../step-00000010`` (a checkpoint,
+    :class:`CheckpointNotFound` unless it is committed), or a root."""
     parsed = S3Url.parse(url)
     parent, _, last = parsed.prefix.rpartition("/")
     parent_url = str(S3Url(parsed.bucket, parent))
     if last in LINK_NAMES:
-        return Located("link", S3RootView(parent_url, storage_options), pointer=last)
+        parent_view = S3RootView(parent_url, storage_options)
+        if not parent_view.owns_pointer(last):
+            as_root = S3RootView(url, storage_options)
+            if as_root.exists():
+                return Located("root", as_root)
+        return Located("link", parent_view, pointer=last)
     step = parse_step_dir_name(last)
     if step is not None:
         view = S3RootView(parent_url, storage_options)

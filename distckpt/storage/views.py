@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Literal
 
 from distckpt.errors import CheckpointError
-from distckpt.layout import RootLayout
+from distckpt.layout import RootLayout, parse_step_dir_name
 from distckpt.manifest import Manifest, Problem
 from distckpt.results import CheckpointLocation, location_name
 
@@ -155,6 +155,17 @@ class RootView(abc.ABC):
     def pointer_location(self, name: str) -> str:
         """How messages name the pointer ``name``."""
         return f"{self.root}/{name}"
+
+    def owns_pointer(self, name: str) -> bool:
+        """Whether the location ``name`` (``last``/``best``) here is this root's pointer rather
+        than a root of its own reached through it (a user's ``ln -s exp42 runs/best``, an
+        ``s3://BUCKET/ckpt/best`` root): the pointer names a checkpoint (its target's last
+        component is a step dir's name, however spelled: a symlink may hold an absolute path),
+        or this holds checkpoints (a pointer of a root never stands for another root, wherever
+        it was made to point)."""
+        if parse_step_dir_name(Path(self.read_pointer(name) or "").name) is not None:
+            return True
+        return bool(self.committed_steps())
 
 
 class Located:

@@ -1,0 +1,112 @@
+"""One save a manager decided to make, from its proposal to its commit, and the schedule's count
+of it.
+
+:class:`Saver` proposes (:func:`distckpt.proposal.propose`), then commits the plan in the
+calling thread or hands it to the async save's background thread
+(:class:`~distckpt.background.BackgroundSaves`), and tells the
+:class:`~distckpt.decisions.SaveDecider` what the schedule counts from now. The manager decides
+whether to save and owns every piece this uses (the groups, the store, the buffers, the thread).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+from distckpt import proposal, protocol
+from distckpt.background import BackgroundSaves
+from distckpt.coord import Coordinator
+from distckpt.decisions import SaveDecider, SaveDecision
+from distckpt.formats import CheckpointFormat
+from distckpt.lease import LauncherWatch
+from distckpt.results import SaveResult
+from distckpt.snapshot import SnapshotBuffers
+from distckpt.storage import RootStore
+
+
+class Saver:
+    """The saves of one manager: ``token`` names their staging areas (with a count of the
+    saves, unique to each), and ``background`` is the async saves' thread (None: sync saves)."""
+
+    def __init__(
+        self,
+        *,
+        coord: Coordinator,
+        store: RootStore,
+        fmt: CheckpointFormat,
+        decider: SaveDecider,
+        token: str,
+        space_margin: float,
+        launcher: LauncherWatch,
+        snapshot: SnapshotBuffers | None,
+        background: BackgroundSaves | None,
+    ) -> None:
+        self._coord = coord
+        self._store = store
+        self._format = fmt
+        self._decider = decider
+        self._token = token
+        self._space_margin = space_margin
+        self._launcher = launcher
+        self._snapshot = snapshot
+        self._background = background
+        self._count = 0
+
+    def save(self, request: proposal.SaveRequest, state: Any, decision: SaveDecision) -> SaveResult:
+        """Save ``state`` as ``decision`` says (collective); any previous save is done. An
+        async save returns a result with ``done=False`` at once, unless it is a preemption
+        save, which must be durable first."""
+        self._count += 1
+        plan = proposal.propose(
+            request,
+            state,
+            coord=self._coord,
+            store=self._store,
+            fmt=self._format,
+            snapshot=self._snapshot,
+            token=f"{self._token}-{self._count}",
+            space_margin=self._space_margin,
+            launcher=self._launcher,
+        )
+        self._decider.resuming = False  # a save was tried: a later restore is no resume
+        if isinstance(plan, SaveResult):  # committed already: the schedule counts from it
+            self._decider.count_save(plan.step, plan.epoch)
+            result = plan  # durable: a preemption save is done
+        else:
+            commit = functools.partial(
+                protocol.write_and_commit,
+                plan,
+                store=self._store,
+                fmt=self._format,
+                launcher=self._launcher,
+            )
+            if self._background is None:
+                result = commit(coord=self._coord)
+                self._decider.count_save(plan.step, plan.epoch)
+            else:
+                self._decider.count_in_flight(plan.step, plan.epoch)  # wait() undoes a failure
+                self._background.submit(lambda coord: commit(coord=coord))
+                result = SaveResult(
+                    plan.step, plan.destination, plan.epoch, plan.metrics, done=False
+                )
+                if decision.preempt:
+                    result = self.wait() or result  # a preemption save must be durable first
+        if decision.preempt:
+            self._decider.preemption_saved(request.step, report=self._coord.is_coordinator)
+        return result
+
+    def wait(self) -> SaveResult | None:
+        """The async save in flight's result once durable, or its error (then the schedule
+        counts from what came before it); None when no save is in flight."""
+        if self._background is None:
+            return None
+        try:
+            return self._background.wait()
+        except BaseException:
+            self._decider.in_flight_failed()
+            raise
+
+    @property
+    def in_flight(self) -> bool:
+        """Whether an async save is still running on this rank."""
+        return self._background is not None and self._background.in_flight
