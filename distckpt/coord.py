@@ -189,6 +189,9 @@ class Coordinator:
         self._group: dist.ProcessGroup | None = None
         self._src = 0
         self._ranks: tuple[int, ...] = ()
+        #: whether a broken group is replaced before the next collective (False for a
+        #: background twin, whose owner renews it: see :meth:`spawn`)
+        self.renews_itself = True
         if not (dist.is_available() and dist.is_initialized()):
             if group is not None:
                 raise CoordinationError("group= was given but torch.distributed is not initialised")
@@ -250,13 +253,15 @@ class Coordinator:
             self._operation += 1
             self._first_of_operation = True
         if self._broken:
+            if not self.renews_itself:
+                raise self._still_broken(what)
             self._renew_group(what)
         first = self._first_of_operation
         try:
             self._attempt(verb, collective)
         except Exception as exc:
             peers = self._fail(exc)
-            if not (first and peers.earlier):
+            if not (first and peers.earlier and self.renews_itself):
                 raise self._error(what, exc, peers) from exc
             # The peers failed an earlier operation that this rank completed: they begin this
             # one on a fresh group, so this rank joins them there.
@@ -338,6 +343,27 @@ class Coordinator:
             "mgr.wait() or mgr.close() on every manager before destroy_process_group()",
             rank=self.rank,
         )
+
+    def _still_broken(self, what: str) -> CoordinationError:
+        """The error of a background twin's collective on a group broken earlier: the twin
+        never makes a group itself (see :meth:`spawn`); its owner renews it first."""
+        return CoordinationError(
+            f"{what}: a collective of the background save before failed, and its gloo group "
+            "is renewed only by the next save's call, in step with the other ranks",
+            rank=self.rank,
+        )
+
+    @property
+    def broken(self) -> bool:
+        """Whether a collective failed on the group here (it is replaced before the next)."""
+        return self._broken
+
+    def renew(self) -> None:
+        """Replace the group with a fresh one now, made with every other rank, which must
+        call this at the same point (collective); for a background twin, whose own thread
+        never makes groups (see :meth:`spawn`)."""
+        if self._group is not None:
+            self._renew_group("renewing the background save's group")
 
     def _renew_group(self, what: str) -> None:
         """Replace the broken group with a fresh one, made with every other rank (each renews
@@ -569,10 +595,18 @@ class Coordinator:
 
     def spawn(self) -> Coordinator:
         """Another coordinator over the same ranks on a group of its own (for a background
-        thread whose collectives must never interleave with this one's). Collective."""
+        thread whose collectives must never interleave with this one's). Collective.
+
+        The twin never makes a group in its thread: torch names a new group from its ranks
+        and the number of groups before it registers, so a group made in a background thread
+        while the caller's thread (another manager, or the training loop's own ``new_group``)
+        makes one would get the same name. After a failure its next collective raises
+        (:meth:`_still_broken`) unless the owner, in the caller's thread, called
+        :meth:`renew` on every rank first."""
         twin = object.__new__(Coordinator)
         twin.__dict__.update(self.__dict__)
         twin._start_counting()
+        twin.renews_itself = False
         if self._group is not None:
             twin._group = take_private_group(self._ranks, self.timeout)
         return twin

@@ -44,6 +44,10 @@ _pool: dict[tuple[int, ...], list[dist.ProcessGroup]] = {}
 # Broken groups, kept alive (not destroyed) until exit for the same reason.
 _retired: list[dist.ProcessGroup] = []
 _pool_lock = threading.Lock()
+# Held around every group creation: torch names a use_local_synchronization group from its
+# ranks and the number of groups registered so far, counted before the new one registers, so
+# two threads making groups at once would give both the same name.
+_creation_lock = threading.Lock()
 
 #: The counters, in a group's own store, of the ranks that reported a failed collective: in
 #: all, and per operation (failed, and of those timed out). Counters, not a key per rank, so
@@ -188,12 +192,13 @@ def take_private_group(ranks: tuple[int, ...], timeout: float) -> dist.ProcessGr
     delta = datetime.timedelta(seconds=timeout)
     if group is None:
         try:
-            return dist.new_group(
-                ranks=list(ranks),
-                backend="gloo",
-                timeout=delta,
-                use_local_synchronization=True,
-            )
+            with _creation_lock:
+                return dist.new_group(
+                    ranks=list(ranks),
+                    backend="gloo",
+                    timeout=delta,
+                    use_local_synchronization=True,
+                )
         except Exception as exc:
             raise CoordinationError(f"could not create distckpt's gloo group: {exc}") from exc
     set_timeout = getattr(dist.distributed_c10d, "_set_pg_timeout", None)

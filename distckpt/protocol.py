@@ -73,6 +73,9 @@ class SavePlan:
     area: StagingArea | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
     files: dict[str, ExtraFile] = field(default_factory=dict)
+    #: whether the background coordinator's group must be renewed, in the caller's thread,
+    #: before this save is handed to it (some rank's broke; the same on every rank)
+    renew_twin: bool = False
 
 
 def write(

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import distckpt
+from distckpt import faults
 from distckpt.coord import GATHER_FROM_RANKS, Coordinator
 from distckpt.coord_frames import FRAME_BYTES
 from distckpt.errors import CheckpointExists, InvalidStep, RankFailure
@@ -380,6 +381,68 @@ def test_after_a_collective_timeout_the_next_save_and_a_new_manager_save_again(
     # raises the same class
     assert results == [("CoordinationTimeout", True, 2, 3)] * 2
     assert distckpt.CheckpointManager(tmp_path, read_only=True).steps() == [2, 3]
+
+
+def _late_inside_the_background_write(rank: int, world_size: int, root: str) -> dict[str, object]:
+    """Rank 1's background write of save(2) comes late, so the background coordinator's
+    group breaks; save(3) is handed to the background thread and a second manager is made
+    right after, in the calling thread, while that save runs."""
+    manager = distckpt.CheckpointManager(Path(root) / "a", timeout=TIMEOUT, async_save=True)
+    manager.save(1, {"w": torch.zeros(4)})
+    manager.wait()
+    first_group = manager._background.coord.group
+    real_hit = faults.hit
+    late: list[bool] = []
+
+    def late_once(point: str, hit_rank: int) -> None:
+        # A slow disk under rank 1's shard: the only way to be late inside the background
+        # thread's own collectives (a late caller would fail the proposal instead).
+        if point == "after_shard_write" and rank == 1 and not late:
+            late.append(True)
+            time.sleep(LATE_SECONDS)
+        real_hit(point, hit_rank)
+
+    faults.hit = late_once
+    try:
+        manager.save(2, {"w": torch.zeros(4)})
+        with pytest.raises(distckpt.CoordinationError) as failed:
+            manager.wait()
+    finally:
+        faults.hit = real_hit
+    # the training loop's own group: both ranks back in step
+    torch.distributed.barrier()
+    broke = manager._background.coord.broken
+    manager.save(3, {"w": torch.ones(4)})
+    renewed = manager._background.coord.group is not first_group
+    second = distckpt.CheckpointManager(Path(root) / "b", timeout=TIMEOUT)
+    second_saved = second.save(1, {"w": torch.ones(4)})
+    second.close()
+    saved = manager.wait()
+    manager.close()
+    assert saved is not None and second_saved is not None
+    return {
+        "failed": type(failed.value).__name__,
+        "broke": broke,
+        "renewed": renewed,
+        "saved": (saved.step, saved.done),
+        "second": second_saved.step,
+    }
+
+
+def test_a_background_save_late_in_its_write_renews_its_group_in_the_calling_thread(
+    tmp_path: Path,
+) -> None:
+    """After a timeout inside the background thread's collectives, the next async save commits
+    on a fresh group made by the caller's thread, and a manager made while it runs works: the
+    background thread never makes a group whose name a group of the caller's thread could
+    take."""
+    results = values(run_ranks(_late_inside_the_background_write, 2, str(tmp_path), timeout=90))
+    for result in results:
+        assert result["failed"] in ("CoordinationTimeout", "CoordinationError")
+        assert result["renewed"] and result["saved"] == (3, True) and result["second"] == 1
+    assert any(result["broke"] for result in results)
+    assert distckpt.CheckpointManager(tmp_path / "a", read_only=True).steps() == [1, 3]
+    assert distckpt.CheckpointManager(tmp_path / "b", read_only=True).steps() == [1]
 
 
 def _one_rank_leaves_an_operation(rank: int, world_size: int) -> tuple[str, list[int]]:
