@@ -3,9 +3,11 @@ keep their structured fields across ranks, and a stopped rank is a timeout every
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -349,19 +351,51 @@ def test_gloo_timeouts_are_timeouts(message: str) -> None:
 LATE_SECONDS = TIMEOUT + 3
 
 
+@contextlib.contextmanager
+def late_in_the_write(rank: int) -> Iterator[None]:
+    """Rank 1's next shard write comes :data:`LATE_SECONDS` late (a slow disk under it): the
+    way to be late inside an async save's background collectives, where a late caller would
+    fail the proposal, in the calling thread, instead."""
+    real_hit = faults.hit
+    late: list[bool] = []
+
+    def late_once(point: str, hit_rank: int) -> None:
+        if point == "after_shard_write" and rank == 1 and not late:
+            late.append(True)
+            time.sleep(LATE_SECONDS)
+        real_hit(point, hit_rank)
+
+    faults.hit = late_once
+    try:
+        yield
+    finally:
+        faults.hit = real_hit
+
+
 def _late_then_in_step(
     rank: int, world_size: int, root: str, async_save: bool
 ) -> tuple[str, bool, int, int]:
-    """Rank 1 comes late to save(1) (a slow step), then both ranks are in step again."""
+    """Rank 1 comes late to save(1) (a slow step; with ``async_save``, a slow write inside the
+    background thread's save), then both ranks are in step again. With ``async_save`` it also
+    returns whether the background coordinator's group was replaced before save(2)."""
     manager = distckpt.CheckpointManager(root, timeout=TIMEOUT, async_save=async_save)
-    if rank == 1:
-        time.sleep(LATE_SECONDS)
-    with pytest.raises(distckpt.CoordinationError) as failed:
-        manager.save(1, {"w": torch.zeros(4)})
+    if async_save:
+        first_group = manager._background.coord.group
+        with late_in_the_write(rank), pytest.raises(distckpt.CoordinationError) as failed:
+            manager.save(1, {"w": torch.zeros(4)})
+            manager.wait()
+    else:
+        if rank == 1:
+            time.sleep(LATE_SECONDS)
+        with pytest.raises(distckpt.CoordinationError) as failed:
+            manager.save(1, {"w": torch.zeros(4)})
     # the training loop's own group: both ranks back in step
     torch.distributed.barrier()
     retried = manager.save(2, {"w": torch.ones(4)})
-    retried = manager.wait() if async_save else retried
+    if async_save:
+        renewed = manager._background.coord.group is not first_group
+        retried = manager.wait()
+        assert renewed, "the background coordinator's broken group was not replaced"
     manager.close()
     fresh = distckpt.CheckpointManager(root, timeout=TIMEOUT, async_save=async_save)
     saved = fresh.save(3, {"w": torch.ones(4)})
@@ -391,24 +425,10 @@ def _late_inside_the_background_write(rank: int, world_size: int, root: str) -> 
     manager.save(1, {"w": torch.zeros(4)})
     manager.wait()
     first_group = manager._background.coord.group
-    real_hit = faults.hit
-    late: list[bool] = []
-
-    def late_once(point: str, hit_rank: int) -> None:
-        # A slow disk under rank 1's shard: the only way to be late inside the background
-        # thread's own collectives (a late caller would fail the proposal instead).
-        if point == "after_shard_write" and rank == 1 and not late:
-            late.append(True)
-            time.sleep(LATE_SECONDS)
-        real_hit(point, hit_rank)
-
-    faults.hit = late_once
-    try:
+    with late_in_the_write(rank):
         manager.save(2, {"w": torch.zeros(4)})
         with pytest.raises(distckpt.CoordinationError) as failed:
             manager.wait()
-    finally:
-        faults.hit = real_hit
     # the training loop's own group: both ranks back in step
     torch.distributed.barrier()
     broke = manager._background.coord.broken
