@@ -111,10 +111,12 @@ GLOO_TIMEOUT_MESSAGES = ("Timed out waiting", "Application timeout caused pair c
 #: the pair 0.1-0.2 ms slower (0.5-0.6 ms against 0.7), so two ranks keep the all-gather.
 GATHER_FROM_RANKS = 3
 
-#: How long a rank whose collective failed without timing out (a peer closed the connection)
-#: waits for that peer's failure report (:func:`~distckpt.coord_groups.peer_failures`): a live
-#: peer writes it right after closing; a dead one never does, and then the error is raised
-#: this much later. Capped by the coordinator's timeout.
+#: How long a rank whose first collective of an operation (after the first operation) failed
+#: without timing out (a peer closed the connection) waits for that peer's failure report
+#: (:func:`~distckpt.coord_groups.peer_failures`): a live peer writes it right after closing; a
+#: dead one never does, and then the error is raised this much later. Capped by the
+#: coordinator's timeout. Every other failed collective reads the reports once, without
+#: waiting.
 PEER_REPORT_WAIT = 2.0
 
 
@@ -300,11 +302,18 @@ class Coordinator:
         self._broken = True
         timed_out = is_timeout(exc)
         report_failure(group, operation=self._operation, timed_out=timed_out)
+        # Only the first collective of an operation after the first one can have failed for a
+        # peer's failure of the operation before (see the module doc), whose report may still
+        # be on its way; anywhere else the reports are read once, so that a survivor of a dead
+        # peer (which never reports) raises at once.
+        may_follow_a_failure = self._first_of_operation and self._operation > 1
         return peer_failures(
             group,
             operation=self._operation,
             timed_out_here=timed_out,
-            wait=0.0 if timed_out else min(PEER_REPORT_WAIT, self.timeout),
+            wait=min(PEER_REPORT_WAIT, self.timeout)
+            if may_follow_a_failure and not timed_out
+            else 0.0,
         )
 
     def _error(self, what: str, exc: Exception, peers: PeerFailures) -> CoordinationError:

@@ -277,6 +277,39 @@ def test_gather_decide_with_a_dead_rank_raises_coordination_error_on_the_others(
         assert elapsed <= TIMEOUT + 15  # the manager's timeout, not gloo's default
 
 
+def _rank_1_dies_in_the_write(rank: int, world_size: int, root: str) -> tuple[str, float]:
+    """Rank 1 is killed right after its shard write of save(2), having noted the instant;
+    rank 0 returns its error's class and when it raised (CLOCK_MONOTONIC: one clock for all
+    processes)."""
+    manager = distckpt.CheckpointManager(root, timeout=TIMEOUT * 10)
+    manager.save(1, {"w": torch.zeros(4)})
+    real_hit = faults.hit
+
+    def die_after_the_write(point: str, hit_rank: int) -> None:
+        if point == "after_shard_write" and rank == 1:
+            Path(root, "killed_at").write_text(repr(time.monotonic()))
+            os.kill(os.getpid(), signal.SIGKILL)
+        real_hit(point, hit_rank)
+
+    faults.hit = die_after_the_write
+    try:
+        with pytest.raises(distckpt.CoordinationError) as failed:
+            manager.save(2, {"w": torch.zeros(4)})
+        return type(failed.value).__name__, time.monotonic()
+    finally:
+        faults.hit = real_hit
+
+
+def test_a_survivor_of_a_dead_rank_raises_within_a_fraction_of_a_second(tmp_path: Path) -> None:
+    """docs/faults.md: "gloo notices a dead peer's closed socket at once, so a survivor raises
+    CoordinationError within a fraction of a second"."""
+    results = run_ranks(_rank_1_dies_in_the_write, 2, str(tmp_path), expect_killed=True)
+    [(error_type, raised_at)] = values(results)
+    killed_at = float((tmp_path / "killed_at").read_text())
+    assert error_type == "CoordinationError"
+    assert raised_at - killed_at < 1.0
+
+
 def _agreed(rank: int, world_size: int) -> tuple[str, str, str | None, int | None]:
     """agree_on: every rank keeps its own value; then one rank fails, and every rank raises."""
     coord = Coordinator(None, TIMEOUT)
