@@ -111,13 +111,20 @@ def report_failure(group: dist.ProcessGroup, *, operation: int, timed_out: bool)
 
 def _report(group: dist.ProcessGroup, operation: int, timed_out: bool) -> None:
     store = _store_of(group)
-    if store is None:
-        return
+    if store is not None:
+        write_report(store, operation, timed_out)
+
+
+def write_report(store: dist.Store, operation: int, timed_out: bool) -> None:
+    """The counters of one rank's failure of ``operation`` in ``store``: the timeout first and
+    the failure last, so that a peer which reads the failure (before the timeout, as
+    :func:`_read_failures` does) also sees the timeout that came with it, and raises the same
+    class as the rank that timed out."""
     try:
-        store.add(FAILED_IN_KEY.format(operation=operation), 1)
         if timed_out:
             store.add(TIMED_OUT_IN_KEY.format(operation=operation), 1)
         store.add(ALL_FAILURES_KEY, 1)
+        store.add(FAILED_IN_KEY.format(operation=operation), 1)
     except Exception as exc:  # the failure itself is raised by the caller: never mask it
         logger.debug("could not report a failed collective to the other ranks: %s", exc)
 
@@ -147,7 +154,7 @@ def _read_failures(
         return PeerFailures()
     deadline = time.monotonic() + wait
     while True:
-        try:
+        try:  # the failures before the timeouts: the reverse of write_report's order
             earlier = operation > 1 and _count(store, FAILED_IN_KEY, operation - 1) > 0
             same = _count(store, FAILED_IN_KEY, operation) > 1  # this rank's own counts once
             timeouts = _count(store, TIMED_OUT_IN_KEY, operation) - int(timed_out_here)

@@ -544,3 +544,30 @@ def test_a_fresh_group_no_other_rank_makes_fails_after_the_timeout() -> None:
     (message, elapsed), _gone = values(run_ranks(_one_rank_never_comes_back, 2, timeout=60))
     assert "replacing distckpt's gloo group" in message
     assert elapsed <= TIMEOUT + 10
+
+
+class _RecordingStore(torch.distributed.Store):
+    """A real in-process store (torch's HashStore) that also records the order of its
+    counters' increments: no interleaving of two processes shows that order reliably."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.store = torch.distributed.HashStore()
+        self.added: list[str] = []
+
+    def add(self, key: str, value: int) -> int:
+        self.added.append(key)
+        return self.store.add(key, value)
+
+
+def test_a_failure_report_writes_its_timeout_before_its_failure() -> None:
+    """A peer reading the reports must never see a failure without its timeout: it would
+    raise CoordinationError where the rank that timed out raises CoordinationTimeout."""
+    from distckpt.coord_groups import FAILED_IN_KEY, TIMED_OUT_IN_KEY, write_report
+
+    store = _RecordingStore()
+    write_report(store, 3, timed_out=True)
+    failed, timed_out = FAILED_IN_KEY.format(operation=3), TIMED_OUT_IN_KEY.format(operation=3)
+    assert store.added.index(timed_out) < store.added.index(failed)
+    assert store.added[-1] == failed
+    assert int(store.store.add(failed, 0)) == int(store.store.add(timed_out, 0)) == 1
