@@ -146,6 +146,43 @@ def test_interpreter_exit_with_a_save_in_flight_finishes_it(tmp_path: Path) -> N
     assert distckpt.verify(tmp_path).ok
 
 
+def test_a_forked_child_that_exits_with_a_save_in_flight_does_not_wait_for_it(
+    tmp_path: Path,
+) -> None:
+    """A plain os.fork() child (a data loader's worker, a helper process) inherits the exit
+    hook of a save in flight, but not the thread running it: it exits at once, and the parent
+    still finishes the save."""
+    script = textwrap.dedent(
+        f"""
+        import os, sys, time, torch, distckpt
+        from distckpt import faults
+        real_hit = faults.hit
+
+        def slow_write(point, rank):
+            if point == "after_shard_write":
+                time.sleep(3)  # the save is still in flight when the child exits
+            real_hit(point, rank)
+
+        faults.hit = slow_write
+        mgr = distckpt.CheckpointManager({str(tmp_path)!r}, async_save=True)
+        mgr.save(7, {{"w": torch.ones(16)}})
+        assert mgr.save_in_flight
+        pid = os.fork()
+        if pid == 0:
+            sys.exit(0)  # a normal exit: the exit hooks run in the child
+        started = time.monotonic()
+        os.waitpid(pid, 0)
+        print(round(time.monotonic() - started, 2))
+        mgr.close()
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], check=True, timeout=30, capture_output=True, text=True
+    )
+    assert float(done.stdout.split()[-1]) < 2.5  # the child did not wait for the slow write
+    assert distckpt.CheckpointManager(tmp_path).steps() == [7]
+
+
 def _preempted_async(rank: int, world_size: int, root: str) -> tuple[bool, bool]:
     import os
     import signal
