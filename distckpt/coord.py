@@ -32,8 +32,9 @@ gloo group (:mod:`distckpt.coord_groups`, which pools them), created with the ma
 timeout, so a dead or hung rank surfaces as :class:`CoordinationError`
 (:class:`CoordinationTimeout` when gloo timed out) after that timeout instead of gloo's
 30-minute default, and distckpt's collectives never interleave with the training loop's.
-This module holds the verbs and their collectives; those three hold the parts no verb needs to
-be read with. Nothing here knows about files or formats.
+This module holds the verbs and their collectives; those three and
+:mod:`distckpt.coord_health` (what a failed collective does to the group) hold the parts no
+verb needs to be read with. Nothing here knows about files or formats.
 
 A failed collective breaks the group for good (gloo closes its connections after a timeout),
 so the coordinator marks it broken, retires it (:func:`~distckpt.coord_groups.retire_private_group`)
@@ -71,37 +72,25 @@ from typing import Generic, TypeVar
 import torch
 import torch.distributed as dist
 
-from distckpt import errors, events
+from distckpt import events
 from distckpt.coord_frames import FRAME_BYTES, frame_length, pack_frame, padded_rest, unpack_frame
 from distckpt.coord_groups import (
-    PeerFailures,
     failed_anywhere,
     is_registered,
-    peer_failures,
-    report_failure,
     retire_private_group,
     return_private_group,
     take_private_group,
 )
+from distckpt.coord_health import GroupHealth
 from distckpt.coord_outcomes import Outcome, raise_failures
 from distckpt.errors import (
     CheckpointError,
     CoordinationError,
-    CoordinationTimeout,
-    ProcessGroupDestroyed,
-    describe_error,
 )
 
 logger = logging.getLogger("distckpt")
 T = TypeVar("T")
 R = TypeVar("R")
-
-#: gloo's own words for a collective that ran out of time. torch raises them as a plain
-#: RuntimeError (no DistBackendError, no TimeoutError), so gloo's message is what tells a timeout
-#: from a peer that died; after a timeout gloo closes the pair, and the next collective on the
-#: group fails with the second message.
-GLOO_TIMEOUT_MESSAGES = ("Timed out waiting", "Application timeout caused pair closure")
-
 
 #: From this many ranks on, :meth:`Coordinator.all_reduce` gathers to rank 0 and broadcasts
 #: the result instead of all-gathering. gloo's all-gather is a ring of ``world_size - 1``
@@ -110,21 +99,6 @@ GLOO_TIMEOUT_MESSAGES = ("Timed out waiting", "Application timeout caused pair c
 #: 4.3-4.9 ms (medians of 300 each, 4 runs). At 2 ranks the all-gather is one exchange and
 #: the pair 0.1-0.2 ms slower (0.5-0.6 ms against 0.7), so two ranks keep the all-gather.
 GATHER_FROM_RANKS = 3
-
-#: How long a rank whose first collective of an operation (after the first operation) failed
-#: without timing out (a peer closed the connection) waits for that peer's failure report
-#: (:func:`~distckpt.coord_groups.peer_failures`): a live peer writes it right after closing; a
-#: dead one never does, and then the error is raised this much later. Capped by the
-#: coordinator's timeout. Every other failed collective reads the reports once, without
-#: waiting.
-PEER_REPORT_WAIT = 2.0
-
-
-def is_timeout(exc: BaseException) -> bool:
-    """Whether a failed collective ran out of time (rather than losing a peer)."""
-    if isinstance(exc, TimeoutError):
-        return True
-    return isinstance(exc, RuntimeError) and any(m in str(exc) for m in GLOO_TIMEOUT_MESSAGES)
 
 
 def run_now(func: Callable[[], T]) -> Callable[[], T]:
@@ -157,25 +131,12 @@ class Gathered(Generic[T]):
     cause: Exception | None = None
 
 
-def check_timeout(timeout: object) -> float:
-    """``timeout`` as seconds, refused unless a positive number gloo can take."""
-    if (
-        isinstance(timeout, bool)
-        or not isinstance(timeout, (int, float))
-        or not 0 < timeout < 10**7
-    ):
-        raise errors.InvalidArgument(
-            f"timeout must be a positive number of seconds, not {timeout!r}"
-        )
-    return float(timeout)
-
-
 def current_rank() -> int:
     """This process's global rank, or 0 without an initialised process group."""
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
-class Coordinator:
+class Coordinator(GroupHealth):
     """Collectives among the ranks of one group, on a private gloo group.
 
     With no initialised process group it stands for a single process (rank 0 of 1) and every
@@ -288,109 +249,6 @@ class Coordinator:
             raise self._destroyed()
         with events.phase(f"collective.{verb}", rank=self.rank):
             collective(group)
-
-    def _fail(self, exc: Exception) -> PeerFailures:
-        """Mark the group broken after ``exc``, report it to the other ranks and return what
-        they reported (waiting briefly for it unless this rank timed out itself: a peer that
-        closed the connection reports why a moment later)."""
-        if isinstance(exc, ProcessGroupDestroyed):
-            raise exc
-        group = self._group
-        assert group is not None
-        if not is_registered(group):
-            raise self._destroyed() from exc
-        self._broken = True
-        timed_out = is_timeout(exc)
-        report_failure(group, operation=self._operation, timed_out=timed_out)
-        # Only the first collective of an operation after the first one can have failed for a
-        # peer's failure of the operation before (see the module doc), whose report may still
-        # be on its way; anywhere else the reports are read once, so that a survivor of a dead
-        # peer (which never reports) raises at once.
-        may_follow_a_failure = self._first_of_operation and self._operation > 1
-        return peer_failures(
-            group,
-            operation=self._operation,
-            timed_out_here=timed_out,
-            wait=min(PEER_REPORT_WAIT, self.timeout)
-            if may_follow_a_failure and not timed_out
-            else 0.0,
-        )
-
-    def _error(self, what: str, exc: Exception, peers: PeerFailures) -> CoordinationError:
-        """The error of a failed collective: :class:`CoordinationTimeout` when it timed out
-        here, or when a peer reports having timed out in this operation (which closed the
-        connection this rank then found closed)."""
-        if is_timeout(exc):
-            hint = (
-                f"another rank died, hung or stopped calling distckpt in step with this one "
-                f"(timeout {self.timeout:g} s)"
-            )
-        elif peers.timed_out:
-            hint = (
-                f"another rank gave up waiting for this one after the timeout "
-                f"({self.timeout:g} s) and closed the connection: this rank came late"
-            )
-        else:
-            hint = (
-                f"another rank died, failed a collective before or stopped calling distckpt "
-                f"in step with this one (timeout {self.timeout:g} s)"
-            )
-        error_type = (
-            CoordinationTimeout if is_timeout(exc) or peers.timed_out else CoordinationError
-        )
-        return error_type(
-            f"{what}: the collective among {self.world_size} ranks failed on rank "
-            f"{self.rank}; {hint}: {describe_error(exc)}",
-            rank=self.rank,
-        )
-
-    def _destroyed(self) -> ProcessGroupDestroyed:
-        """The error of a collective whose group ``destroy_process_group()`` destroyed."""
-        return ProcessGroupDestroyed(
-            "the process group was destroyed (torch.distributed.destroy_process_group()) "
-            "while distckpt still had collectives to run, such as an async save's commit: call "
-            "mgr.wait() or mgr.close() on every manager before destroy_process_group()",
-            rank=self.rank,
-        )
-
-    def _still_broken(self, what: str) -> CoordinationError:
-        """The error of a background twin's collective on a group broken earlier: the twin
-        never makes a group itself (see :meth:`spawn`); its owner renews it first."""
-        return CoordinationError(
-            f"{what}: a collective of the background save before failed, and its gloo group "
-            "is renewed only by the next save's call, in step with the other ranks",
-            rank=self.rank,
-        )
-
-    @property
-    def broken(self) -> bool:
-        """Whether a collective failed on the group here (it is replaced before the next)."""
-        return self._broken
-
-    def renew(self) -> None:
-        """Replace the group with a fresh one now, made with every other rank, which must
-        call this at the same point (collective); for a background twin, whose own thread
-        never makes groups (see :meth:`spawn`)."""
-        if self._group is not None:
-            self._renew_group("renewing the background save's group")
-
-    def _renew_group(self, what: str) -> None:
-        """Replace the broken group with a fresh one, made with every other rank (each renews
-        before the same operation's collectives; see the module doc), and retire it."""
-        broken = self._group
-        assert broken is not None
-        if not is_registered(broken):
-            raise self._destroyed()
-        try:
-            fresh = take_private_group(self._ranks, self.timeout)
-        except CoordinationError as exc:  # still broken: the next call tries again
-            raise type(exc)(
-                f"{what}: a collective failed earlier, and replacing distckpt's gloo group "
-                f"with the other ranks failed too (a rank died or is no longer in step): {exc}",
-                rank=self.rank,
-            ) from exc
-        retire_private_group(broken)
-        self._group, self._broken = fresh, False
 
     def _broadcast(self, value: T, *, what: str) -> T:
         """Rank 0's ``value`` on every rank (the others' argument is ignored)."""

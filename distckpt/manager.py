@@ -22,12 +22,13 @@ from typing import Any, Literal, Union
 
 import torch.distributed as dist
 
-from distckpt import policy, proposal, protocol, reader, resolve
+from distckpt import closing, policy, proposal, protocol, reader, resolve
 from distckpt.background import DEFAULT_BACKGROUND_NICE, BackgroundSaves, check_background_nice
-from distckpt.coord import Coordinator, check_timeout
+from distckpt.coord import Coordinator
+from distckpt.coord_health import check_timeout
 from distckpt.damaged import set_aside_damaged_newer
 from distckpt.decisions import SaveDecider, SignalFlag, newest_to_count_from
-from distckpt.errors import CheckpointError, RootInUse, describe_error
+from distckpt.errors import CheckpointError, RootInUse
 from distckpt.formats import ReadOptions, format_named
 from distckpt.fsutil import LinkMode
 from distckpt.layout import RootLayout
@@ -257,8 +258,6 @@ class CheckpointManager:
         resume from ``last``."""
         return self._decider.preempted
 
-    # ------------------------------------------------------------------ save
-
     def should_save(self, step: int, *, epoch: int | None = None) -> bool:
         """Whether a schedule (or a preemption signal) says to save at ``step``.
 
@@ -330,8 +329,6 @@ class CheckpointManager:
     def is_coordinator(self) -> bool:
         """Whether this process is rank 0 of the group, the one that commits."""
         return self._coord.is_coordinator
-
-    # ------------------------------------------------------------------ restore
 
     def restore(
         self,
@@ -405,8 +402,6 @@ class CheckpointManager:
         self._decider.count_restore(loaded)
         return loaded
 
-    # ------------------------------------------------------------------ queries
-
     def steps(self) -> list[int]:
         """Committed steps, ascending, read fresh from the root, damaged ones included (names
         only; not collective)."""
@@ -427,8 +422,6 @@ class CheckpointManager:
         """Every committed checkpoint that passes its manifest check, oldest first, from
         manifests only (not collective). A damaged one is left out; :meth:`steps` lists it."""
         return resolve.list_checkpoints(self._view)
-
-    # ------------------------------------------------------------------ delete / close
 
     def delete(self, step: int) -> None:
         """Delete the checkpoint of ``step``; collective. Links that pointed at it are moved to
@@ -466,15 +459,7 @@ class CheckpointManager:
         try:
             self.wait()
         finally:
-            try:
-                try:
-                    if self._background is not None:
-                        self._background.close()
-                    self._store.close()
-                finally:
-                    self._signals.restore()  # whatever failed above
-            finally:
-                self._coord.close()
+            closing.release(self._background, self._store, self._signals, self._coord)
 
     def __enter__(self) -> CheckpointManager:
         return self
@@ -485,24 +470,9 @@ class CheckpointManager:
         exc: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
-        """Close the manager. With an exception leaving the block, that exception stays the
-        one raised: an error of the close (a failed save in flight) is logged and added to it
-        as a note, instead of replacing it."""
-        if exc is None:
-            self.close()
-            return
-        try:
-            self.close()
-        except Exception as close_error:
-            logger.error(
-                "closing the checkpoint manager after %s failed: %s",
-                type(exc).__name__,
-                close_error,
-            )
-            exc.add_note(
-                f"distckpt: closing the checkpoint manager also failed: "
-                f"{describe_error(close_error)}"
-            )
+        """Close the manager; an exception leaving the block stays the one raised, with an
+        error of the close added as a note (:func:`~distckpt.closing.close_keeping`)."""
+        closing.close_keeping(self.close, exc)
 
     def _tidy(self) -> None:
         """Rank 0, after an outcome reached every rank: remove what it left to remove (the

@@ -374,7 +374,7 @@ def test_a_stopped_rank_makes_the_others_raise_coordination_timeout(tmp_path: Pa
     ],
 )
 def test_gloo_timeouts_are_timeouts(message: str) -> None:
-    from distckpt.coord import is_timeout
+    from distckpt.coord_health import is_timeout
 
     assert is_timeout(RuntimeError(message))
     assert not is_timeout(RuntimeError("Connection closed by peer [127.0.0.1]:1234"))
