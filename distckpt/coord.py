@@ -50,7 +50,9 @@ operation it makes the fresh group too and runs the collective again on it, in s
 A peer that cannot tell (no report arrives) raises, and so does every rank waiting for it: a
 rank left waiting for a fresh group fails after the timeout, never hangs. The operations are
 counted per coordinator (:meth:`Coordinator.begin_operation`: the manager marks where each of
-its calls begins), so every rank numbers them alike.
+its calls begins), so every rank numbers them alike. An async save's background coordinator
+(:meth:`Coordinator.spawn`) is the exception: it never makes a group in its thread, and after a
+failure raises until the next save renews it in the caller's thread, on every rank alike.
 
 A late rank's collective fails at once with gloo's "Connection closed by peer" where the rank
 that waited for it timed out; it raises :class:`CoordinationTimeout` as well when that peer
