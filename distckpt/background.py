@@ -91,10 +91,15 @@ class BackgroundSaves:
         self._inflight: Future[SaveResult] | None = None
         # Guards _inflight between the training thread and other threads that wait.
         self._lock = threading.Lock()
+        # The exit hook is inherited by a forked child, but the worker thread is not: only
+        # the process that made it waits for its save (see _finish_at_exit).
+        self._creator_pid = os.getpid()
         atexit.register(self._finish_at_exit)
 
     def submit(self, save: Callable[[Coordinator], SaveResult]) -> None:
-        """Run ``save`` with this thread's coordinator; the caller waits for the one before."""
+        """Run ``save`` with this thread's coordinator; the caller waits for the one before.
+        Each save is one operation of that coordinator."""
+        self.coord.begin_operation()
         with self._lock:
             self._inflight = self._executor.submit(save, self.coord)
 
@@ -126,6 +131,10 @@ class BackgroundSaves:
         self.coord.close()
 
     def _finish_at_exit(self) -> None:
+        """Finish the save in flight at exit (or log its failure); nothing in a forked child,
+        whose copy of the save has no thread to finish it and would wait forever."""
+        if os.getpid() != self._creator_pid:
+            return
         try:
             result = self.wait()
             if result is not None:

@@ -314,7 +314,9 @@ def cmd_prune(args: argparse.Namespace, out: TextIO) -> int:
             "prune needs at least one of --keep-last, --keep-best, --keep-every-n-steps, "
             "--keep-every-n-seconds"
         )
-    removed = _open_store(args.root, retention).prune()
+    store = _open_store(args.root, retention)
+    removed = store.prune()
+    store.tidy()  # the bytes of what it removed
     kept = open_view(args.root).committed_steps()
     if args.json:
         _write_json({"removed": removed, "kept": kept}, out)

@@ -32,8 +32,35 @@ gloo group (:mod:`distckpt.coord_groups`, which pools them), created with the ma
 timeout, so a dead or hung rank surfaces as :class:`CoordinationError`
 (:class:`CoordinationTimeout` when gloo timed out) after that timeout instead of gloo's
 30-minute default, and distckpt's collectives never interleave with the training loop's.
-This module holds the verbs and their collectives; those three hold the parts no verb needs to
-be read with. Nothing here knows about files or formats.
+This module holds the verbs and their collectives; those three and
+:mod:`distckpt.coord_health` (what a failed collective does to the group) hold the parts no
+verb needs to be read with. Nothing here knows about files or formats.
+
+A failed collective breaks the group for good (gloo closes its connections after a timeout),
+so the coordinator marks it broken, retires it (:func:`~distckpt.coord_groups.retire_private_group`)
+and makes a fresh one, with every other rank, before its next collective: one failure fails
+that operation on every rank, and the next operation runs again. The ranks agree on when to
+make it because they fail the same operation: the rank that timed out closes the connections
+and every peer still in (or later entering) that operation's collectives fails at once. The
+exception is a peer whose last collective of an operation had completed just as another rank
+gave up on it (a broadcast whose bytes were sent): it learns of the failure at the first
+collective of its next operation, which fails at once; it then reads the failure reports of
+the others (:func:`~distckpt.coord_groups.report_failure`), and when they failed an earlier
+operation it makes the fresh group too and runs the collective again on it, in step with them.
+A peer that cannot tell (no report arrives) raises, and so does every rank waiting for it: a
+rank left waiting for a fresh group fails after the timeout, never hangs. The operations are
+counted per coordinator (:meth:`Coordinator.begin_operation`: the manager marks where each of
+its calls begins), so every rank numbers them alike. An async save's background coordinator
+(:meth:`Coordinator.spawn`) is the exception: it never makes a group in its thread, and after a
+failure raises until the next save renews it in the caller's thread, on every rank alike.
+
+A late rank's collective fails at once with gloo's "Connection closed by peer" where the rank
+that waited for it timed out; it raises :class:`CoordinationTimeout` as well when that peer
+reports the timeout in the same operation, so every rank raises the same class.
+
+A group destroyed under the coordinator (``torch.distributed.destroy_process_group()`` while
+an async save's collectives were still to come) raises :class:`ProcessGroupDestroyed`, saying
+to wait for or close the manager first.
 """
 
 from __future__ import annotations
@@ -47,27 +74,25 @@ from typing import Generic, TypeVar
 import torch
 import torch.distributed as dist
 
-from distckpt import errors, events
+from distckpt import events
 from distckpt.coord_frames import FRAME_BYTES, frame_length, pack_frame, padded_rest, unpack_frame
-from distckpt.coord_groups import return_private_group, take_private_group
+from distckpt.coord_groups import (
+    failed_anywhere,
+    is_registered,
+    retire_private_group,
+    return_private_group,
+    take_private_group,
+)
+from distckpt.coord_health import GroupHealth
 from distckpt.coord_outcomes import Outcome, raise_failures
 from distckpt.errors import (
     CheckpointError,
     CoordinationError,
-    CoordinationTimeout,
-    describe_error,
 )
 
 logger = logging.getLogger("distckpt")
 T = TypeVar("T")
 R = TypeVar("R")
-
-#: gloo's own words for a collective that ran out of time. torch raises them as a plain
-#: RuntimeError (no DistBackendError, no TimeoutError), so gloo's message is what tells a timeout
-#: from a peer that died; after a timeout gloo closes the pair, and the next collective on the
-#: group fails with the second message.
-GLOO_TIMEOUT_MESSAGES = ("Timed out waiting", "Application timeout caused pair closure")
-
 
 #: From this many ranks on, :meth:`Coordinator.all_reduce` gathers to rank 0 and broadcasts
 #: the result instead of all-gathering. gloo's all-gather is a ring of ``world_size - 1``
@@ -76,13 +101,6 @@ GLOO_TIMEOUT_MESSAGES = ("Timed out waiting", "Application timeout caused pair c
 #: 4.3-4.9 ms (medians of 300 each, 4 runs). At 2 ranks the all-gather is one exchange and
 #: the pair 0.1-0.2 ms slower (0.5-0.6 ms against 0.7), so two ranks keep the all-gather.
 GATHER_FROM_RANKS = 3
-
-
-def is_timeout(exc: BaseException) -> bool:
-    """Whether a failed collective ran out of time (rather than losing a peer)."""
-    if isinstance(exc, TimeoutError):
-        return True
-    return isinstance(exc, RuntimeError) and any(m in str(exc) for m in GLOO_TIMEOUT_MESSAGES)
 
 
 def run_now(func: Callable[[], T]) -> Callable[[], T]:
@@ -115,25 +133,12 @@ class Gathered(Generic[T]):
     cause: Exception | None = None
 
 
-def check_timeout(timeout: object) -> float:
-    """``timeout`` as seconds, refused unless a positive number gloo can take."""
-    if (
-        isinstance(timeout, bool)
-        or not isinstance(timeout, (int, float))
-        or not 0 < timeout < 10**7
-    ):
-        raise errors.InvalidArgument(
-            f"timeout must be a positive number of seconds, not {timeout!r}"
-        )
-    return float(timeout)
-
-
 def current_rank() -> int:
     """This process's global rank, or 0 without an initialised process group."""
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
-class Coordinator:
+class Coordinator(GroupHealth):
     """Collectives among the ranks of one group, on a private gloo group.
 
     With no initialised process group it stands for a single process (rank 0 of 1) and every
@@ -149,10 +154,14 @@ class Coordinator:
         self._group: dist.ProcessGroup | None = None
         self._src = 0
         self._ranks: tuple[int, ...] = ()
+        #: whether a broken group is replaced before the next collective (False for a
+        #: background twin, whose owner renews it: see :meth:`spawn`)
+        self.renews_itself = True
         if not (dist.is_available() and dist.is_initialized()):
             if group is not None:
                 raise CoordinationError("group= was given but torch.distributed is not initialised")
             self.rank, self.world_size = 0, 1
+            self._start_counting()
             return
         parent = group if group is not None else dist.group.WORLD
         self._ranks = tuple(dist.get_process_group_ranks(parent))
@@ -164,6 +173,24 @@ class Coordinator:
         self.rank = dist.get_rank(self._group)
         self.world_size = dist.get_world_size(self._group)
         self._src = dist.get_global_rank(self._group, 0)
+        self._start_counting()
+
+    def _start_counting(self) -> None:
+        """A healthy group and no operation yet: the next collective begins the first one."""
+        #: whether a collective failed on the group (it is then replaced before the next one)
+        self._broken = False
+        #: the operation the last collective belonged to, counted alike on every rank
+        self._operation = 0
+        #: whether the next collective begins a new operation (:meth:`begin_operation`)
+        self._operation_pending = True
+        #: whether no collective of the current operation has completed on this rank yet
+        self._first_of_operation = True
+
+    def begin_operation(self) -> None:
+        """Mark the start of an operation (a call of the manager): its first collective counts
+        it. Only the counting collectives make it one, so a call that runs no collective on any
+        rank counts on none."""
+        self._operation_pending = True
 
     @property
     def _alone(self) -> bool:
@@ -182,57 +209,82 @@ class Coordinator:
         """The private gloo group (None without torch.distributed)."""
         return self._group
 
-    def _run(self, verb: str, what: str, collective: Callable[[], None]) -> None:
+    def _run(self, verb: str, what: str, collective: Callable[[dist.ProcessGroup], None]) -> None:
+        """Run ``collective`` on the private group: a fresh group first if the last one broke,
+        and once more on a fresh group if this rank had completed the collective that another
+        rank failed (see the module doc). Any failure raises :class:`CoordinationError`."""
+        if self._operation_pending:
+            self._operation_pending = False
+            self._operation += 1
+            self._first_of_operation = True
+        if self._broken:
+            if not self.renews_itself:
+                raise self._still_broken(what)
+            self._renew_group(what)
+        first = self._first_of_operation
         try:
-            with events.phase(f"collective.{verb}", rank=self.rank):
-                collective()
+            self._attempt(verb, collective)
         except Exception as exc:
-            hint = (
-                f"another rank died, hung or stopped calling distckpt in step with this one "
-                f"(timeout {self.timeout:g} s)"
+            peers = self._fail(exc)
+            if not (first and peers.earlier and self.renews_itself):
+                raise self._error(what, exc, peers) from exc
+            # The peers failed an earlier operation that this rank completed: they begin this
+            # one on a fresh group, so this rank joins them there.
+            logger.warning(
+                "%s: rank %d had completed a collective that another rank failed in an "
+                "earlier operation; running this one again on a fresh group",
+                what,
+                self.rank,
             )
-            error_type = CoordinationTimeout if is_timeout(exc) else CoordinationError
-            raise error_type(
-                f"{what}: the collective among {self.world_size} ranks failed on rank "
-                f"{self.rank}; {hint}: {describe_error(exc)}",
-                rank=self.rank,
-            ) from exc
+            self._renew_group(what)
+            try:
+                self._attempt(verb, collective)
+            except Exception as again:
+                raise self._error(what, again, self._fail(again)) from again
+        self._first_of_operation = False
+
+    def _attempt(self, verb: str, collective: Callable[[dist.ProcessGroup], None]) -> None:
+        """Run ``collective`` once on the current group, unless it was destroyed."""
+        group = self._group
+        assert group is not None  # only a real group runs collectives
+        if not is_registered(group):
+            raise self._destroyed()
+        with events.phase(f"collective.{verb}", rank=self.rank):
+            collective(group)
 
     def _broadcast(self, value: T, *, what: str) -> T:
         """Rank 0's ``value`` on every rank (the others' argument is ignored)."""
         if self._alone:
             return value
-        group = self._group
         frame, rest = pack_frame(value if self.is_coordinator else None)
-        self._run("broadcast", what, lambda: dist.broadcast(frame, src=self._src, group=group))
+        self._run("broadcast", what, lambda g: dist.broadcast(frame, src=self._src, group=g))
         extra = frame_length(frame) - FRAME_BYTES
         if extra <= 0:
             return unpack_frame(frame, None)
         tail = padded_rest(rest if self.is_coordinator else b"", extra)
-        self._run("broadcast", what, lambda: dist.broadcast(tail, src=self._src, group=group))
+        self._run("broadcast", what, lambda g: dist.broadcast(tail, src=self._src, group=g))
         return unpack_frame(frame, tail)
 
     def _all_gather(self, value: T, *, what: str) -> list[T]:
         """Every rank's ``value``, indexed by rank, on every rank."""
         if self._alone:
             return [value]
-        group = self._group
         frame, rest = pack_frame(value)
         frames = [torch.empty_like(frame) for _ in range(self.world_size)]
-        self._run("all_gather", what, lambda: dist.all_gather(frames, frame, group=group))
+        self._run("all_gather", what, lambda g: dist.all_gather(frames, frame, group=g))
         extra = max(frame_length(f) for f in frames) - FRAME_BYTES
         if extra <= 0:
             return [unpack_frame(f, None) for f in frames]
         tail = padded_rest(rest, extra)
         tails = [torch.empty_like(tail) for _ in range(self.world_size)]
-        self._run("all_gather", what, lambda: dist.all_gather(tails, tail, group=group))
+        self._run("all_gather", what, lambda g: dist.all_gather(tails, tail, group=g))
         return [unpack_frame(f, t) for f, t in zip(frames, tails)]
 
     def _gather(self, value: T, *, what: str) -> list[T] | None:
         """Every rank's ``value``, indexed by rank, on rank 0; None on the other ranks."""
         if self._alone:
             return [value]
-        group, coordinator_rank = self._group, self._src  # the global rank of rank 0
+        coordinator_rank = self._src  # the global rank of rank 0
         frame, rest = pack_frame(value)
         frames = (
             [torch.empty_like(frame) for _ in range(self.world_size)]
@@ -240,7 +292,7 @@ class Coordinator:
             else None
         )
         self._run(
-            "gather", what, lambda: dist.gather(frame, frames, dst=coordinator_rank, group=group)
+            "gather", what, lambda g: dist.gather(frame, frames, dst=coordinator_rank, group=g)
         )
         # The rest of a value longer than a frame goes to rank 0 alone, point to point: rank 0
         # read every length in the frames and each sender knows its own, so no rank waits in a
@@ -248,9 +300,7 @@ class Coordinator:
         if not self.is_coordinator:
             if rest:
                 tail = torch.frombuffer(bytearray(rest), dtype=torch.uint8)
-                self._run(
-                    "gather", what, lambda: dist.send(tail, dst=coordinator_rank, group=group)
-                )
+                self._run("gather", what, lambda g: dist.send(tail, dst=coordinator_rank, group=g))
             return None
         assert frames is not None  # rank 0 received them
         gathered: list[T] = []
@@ -269,10 +319,9 @@ class Coordinator:
     def _receive(self, size: int, *, sender: int, what: str) -> torch.Tensor:
         """``size`` bytes that rank ``sender`` of the group sends to this rank."""
         assert self._group is not None  # only a real group has other ranks
-        group = self._group
         received = torch.empty(size, dtype=torch.uint8)
-        source = dist.get_global_rank(group, sender)
-        self._run("gather", what, lambda: dist.recv(received, src=source, group=group))
+        source = dist.get_global_rank(self._group, sender)
+        self._run("gather", what, lambda g: dist.recv(received, src=source, group=g))
         return received
 
     def all_gather(self, local: Callable[[], T], *, what: str) -> list[T]:
@@ -415,15 +464,29 @@ class Coordinator:
 
     def spawn(self) -> Coordinator:
         """Another coordinator over the same ranks on a group of its own (for a background
-        thread whose collectives must never interleave with this one's). Collective."""
+        thread whose collectives must never interleave with this one's). Collective.
+
+        The twin never makes a group in its thread: torch names a new group from its ranks
+        and the number of groups before it registers, so a group made in a background thread
+        while the caller's thread (another manager, or the training loop's own ``new_group``)
+        makes one would get the same name. After a failure its next collective raises
+        (:meth:`_still_broken`) unless the owner, in the caller's thread, called
+        :meth:`renew` on every rank first."""
         twin = object.__new__(Coordinator)
         twin.__dict__.update(self.__dict__)
+        twin._start_counting()
+        twin.renews_itself = False
         if self._group is not None:
             twin._group = take_private_group(self._ranks, self.timeout)
         return twin
 
     def close(self) -> None:
-        """Give the private group back to the pool. Safe to call twice."""
+        """Give the private group back to the pool, or retire it if a collective failed on it
+        here or on a peer (which reported it). Safe to call twice."""
         group, self._group = self._group, None
-        if group is not None:
+        if group is None or not is_registered(group):
+            return  # destroyed already: nothing to give back
+        if self._broken or failed_anywhere(group):
+            retire_private_group(group)
+        else:
             return_private_group(self._ranks, group)

@@ -4,9 +4,17 @@ its collectives, pooled per set of ranks.
 Each coordinator (and each background twin of one, :meth:`~distckpt.coord.Coordinator.spawn`)
 takes a group of its own with the manager's timeout, so distckpt's collectives never interleave
 with the training loop's, and gives it back when it closes. A module of its own because it is
-the groups' lifecycle (creation, reuse, destruction at exit), which no verb of the coordinator
-depends on: :mod:`distckpt.coord` only takes a group when a coordinator is made and returns it
-when one is closed.
+the groups' lifecycle (creation, reuse, retirement, destruction at exit) and health (the
+failure reports of :func:`report_failure`), which no verb of the coordinator depends on:
+:mod:`distckpt.coord` takes a group when a coordinator is made or its group broke, and returns
+or retires it when one is closed.
+
+A group on which a collective failed is broken for good: gloo closes its connections after a
+timeout, and every later collective on it fails at once. Such a group is retired, never pooled
+again, and destroyed at exit with the pool (destroyed sooner, torch would give the next group
+its name: see ``_pool``). Each rank whose collective failed on a group reports it in the
+group's store (:func:`report_failure`), so that a rank whose collective failed only because a
+peer had closed the connection can learn what that peer saw (:func:`peer_failures`).
 """
 
 from __future__ import annotations
@@ -15,12 +23,17 @@ import atexit
 import datetime
 import logging
 import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeVar
 
 import torch.distributed as dist
 
 from distckpt.errors import CoordinationError
 
 logger = logging.getLogger("distckpt")
+T = TypeVar("T")
 
 # Private gloo groups, pooled per set of ranks instead of destroyed: torch names a group made
 # with use_local_synchronization=True after its ranks and the number of live groups, so a group
@@ -28,7 +41,150 @@ logger = logging.getLogger("distckpt")
 # Managers are created and closed collectively, so every rank takes and returns groups in the
 # same order and the pool pairs the same groups across ranks.
 _pool: dict[tuple[int, ...], list[dist.ProcessGroup]] = {}
+# Broken groups, kept alive (not destroyed) until exit for the same reason.
+_retired: list[dist.ProcessGroup] = []
 _pool_lock = threading.Lock()
+# Held around every group creation: torch names a use_local_synchronization group from its
+# ranks and the number of groups registered so far, counted before the new one registers, so
+# two threads making groups at once would give both the same name.
+_creation_lock = threading.Lock()
+
+#: The counters, in a group's own store, of the ranks that reported a failed collective: in
+#: all, and per operation (failed, and of those timed out). Counters, not a key per rank, so
+#: that reading them costs a few store requests whatever the number of ranks.
+ALL_FAILURES_KEY = "distckpt-failures"
+FAILED_IN_KEY = "distckpt-failures/{operation}"
+TIMED_OUT_IN_KEY = "distckpt-timeouts/{operation}"
+#: How often :func:`peer_failures` looks for a peer's report while it waits for one.
+REPORT_POLL_SECONDS = 0.05
+#: How long the store may take to answer the requests of one report or reading: a store whose
+#: server cannot be reached (its host stopped or cut off) holds a request for the store's own
+#: timeout (torch's default: 30 minutes), far beyond distckpt's.
+STORE_SECONDS = 5.0
+
+
+@dataclass(frozen=True)
+class PeerFailures:
+    """What the other ranks of a group reported about the operations around one of this
+    rank's (see :func:`peer_failures`)."""
+
+    #: another rank failed the operation before it
+    earlier: bool = False
+    #: another rank failed the same operation
+    same: bool = False
+    #: another rank timed out in the same operation
+    timed_out: bool = False
+
+
+def is_registered(group: dist.ProcessGroup) -> bool:
+    """Whether ``group`` is still a live group of this process: False once
+    ``destroy_process_group()`` destroyed it (or every group, the default one included)."""
+    return dist.is_initialized() and group in dist.distributed_c10d._world.pg_map
+
+
+def _store_of(group: dist.ProcessGroup) -> dist.Store | None:
+    """The store ``group`` was made with, under the group's own prefix (None once destroyed)."""
+    entry = dist.distributed_c10d._world.pg_map.get(group)
+    return None if entry is None else entry[1]
+
+
+def _within(seconds: float, ask: Callable[[], T], default: T) -> T:
+    """What ``ask`` returns, or ``default`` if it did not return within ``seconds`` (see
+    :data:`STORE_SECONDS`; the request is left to end in a daemon thread). ``ask`` must not
+    raise."""
+    answers: list[T] = []
+    worker = threading.Thread(
+        target=lambda: answers.append(ask()), name="distckpt-store", daemon=True
+    )
+    worker.start()
+    worker.join(seconds)
+    return answers[0] if answers else default
+
+
+def report_failure(group: dist.ProcessGroup, *, operation: int, timed_out: bool) -> None:
+    """Tell the other ranks of ``group`` that a collective of ``operation`` (as its coordinator
+    counts them) failed here, and whether it timed out. Best effort: a store that is gone or
+    does not answer in :data:`STORE_SECONDS` only loses the report, which tells the peers why,
+    not whether."""
+    _within(STORE_SECONDS, lambda: _report(group, operation, timed_out), None)
+
+
+def _report(group: dist.ProcessGroup, operation: int, timed_out: bool) -> None:
+    store = _store_of(group)
+    if store is not None:
+        write_report(store, operation, timed_out)
+
+
+def write_report(store: dist.Store, operation: int, timed_out: bool) -> None:
+    """The counters of one rank's failure of ``operation`` in ``store``: the timeout first and
+    the failure last, so that a peer which reads the failure (before the timeout, as
+    :func:`_read_failures` does) also sees the timeout that came with it, and raises the same
+    class as the rank that timed out."""
+    try:
+        if timed_out:
+            store.add(TIMED_OUT_IN_KEY.format(operation=operation), 1)
+        store.add(ALL_FAILURES_KEY, 1)
+        store.add(FAILED_IN_KEY.format(operation=operation), 1)
+    except Exception as exc:  # the failure itself is raised by the caller: never mask it
+        logger.debug("could not report a failed collective to the other ranks: %s", exc)
+
+
+def peer_failures(
+    group: dist.ProcessGroup, *, operation: int, timed_out_here: bool, wait: float
+) -> PeerFailures:
+    """What the other ranks of ``group`` reported about ``operation`` and the one before,
+    once this rank reported its own failure of ``operation`` (``timed_out_here``: whether it
+    timed out), waiting up to ``wait`` seconds for a first report of theirs: a peer that closed
+    the connection reports why a moment after it closed it (a dead peer never does, hence the
+    bound). A rank only ever misses a failure of the operation before its own (see
+    :mod:`distckpt.coord`), so no older one is read. A store that does not answer tells
+    nothing."""
+    return _within(
+        wait + STORE_SECONDS,
+        lambda: _read_failures(group, operation, timed_out_here, wait),
+        PeerFailures(),
+    )
+
+
+def _read_failures(
+    group: dist.ProcessGroup, operation: int, timed_out_here: bool, wait: float
+) -> PeerFailures:
+    store = _store_of(group)
+    if store is None:
+        return PeerFailures()
+    deadline = time.monotonic() + wait
+    while True:
+        try:  # the failures before the timeouts: the reverse of write_report's order
+            earlier = operation > 1 and _count(store, FAILED_IN_KEY, operation - 1) > 0
+            same = _count(store, FAILED_IN_KEY, operation) > 1  # this rank's own counts once
+            timeouts = _count(store, TIMED_OUT_IN_KEY, operation) - int(timed_out_here)
+        except Exception as exc:  # a store that is gone tells nothing more
+            logger.debug("could not read the other ranks' failure reports: %s", exc)
+            return PeerFailures()
+        if earlier or same or time.monotonic() >= deadline:
+            return PeerFailures(earlier, same, timeouts > 0)
+        time.sleep(REPORT_POLL_SECONDS)
+
+
+def _count(store: dist.Store, key: str, operation: int) -> int:
+    return int(store.add(key.format(operation=operation), 0))
+
+
+def failed_anywhere(group: dist.ProcessGroup) -> bool:
+    """Whether any rank reported a failed collective on ``group`` (one store request); True
+    when the store does not answer: such a group is not to be handed out again."""
+    return _within(STORE_SECONDS, lambda: _any_failure(group), True)
+
+
+def _any_failure(group: dist.ProcessGroup) -> bool:
+    store = _store_of(group)
+    if store is None:
+        return True  # destroyed: never to be handed out again
+    try:
+        return int(store.add(ALL_FAILURES_KEY, 0)) > 0
+    except Exception as exc:  # a store that is gone: the job is ending, nothing to pool for
+        logger.debug("could not read the other ranks' failure reports: %s", exc)
+        return True
 
 
 def take_private_group(ranks: tuple[int, ...], timeout: float) -> dist.ProcessGroup:
@@ -43,12 +199,13 @@ def take_private_group(ranks: tuple[int, ...], timeout: float) -> dist.ProcessGr
     delta = datetime.timedelta(seconds=timeout)
     if group is None:
         try:
-            return dist.new_group(
-                ranks=list(ranks),
-                backend="gloo",
-                timeout=delta,
-                use_local_synchronization=True,
-            )
+            with _creation_lock:
+                return dist.new_group(
+                    ranks=list(ranks),
+                    backend="gloo",
+                    timeout=delta,
+                    use_local_synchronization=True,
+                )
         except Exception as exc:
             raise CoordinationError(f"could not create distckpt's gloo group: {exc}") from exc
     set_timeout = getattr(dist.distributed_c10d, "_set_pg_timeout", None)
@@ -63,14 +220,21 @@ def return_private_group(ranks: tuple[int, ...], group: dist.ProcessGroup) -> No
         _pool.setdefault(ranks, []).append(group)
 
 
+def retire_private_group(group: dist.ProcessGroup) -> None:
+    """Never hand out ``group`` again (a collective failed on it); it is destroyed at exit."""
+    with _pool_lock:
+        _retired.append(group)
+
+
 @atexit.register
 def _destroy_pool() -> None:
-    """Destroy the pooled groups while the interpreter still runs: left to interpreter
+    """Destroy the pooled and retired groups while the interpreter still runs: left to interpreter
     shutdown, a gloo thread may free the last collective's buffers without the GIL and abort
     the process ("terminate called without an active exception")."""
     with _pool_lock:
-        groups = [group for free in _pool.values() for group in free]
+        groups = [group for free in _pool.values() for group in free] + _retired
         _pool.clear()
+        _retired.clear()
     if not (dist.is_available() and dist.is_initialized()):
         return
     live = dist.distributed_c10d._world.pg_map

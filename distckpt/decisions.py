@@ -15,7 +15,8 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Collection
+import weakref
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from types import FrameType
 from typing import TYPE_CHECKING, Any
@@ -240,24 +241,39 @@ class SaveDecider:
 
 class SignalFlag:
     """Signals that request a preemption save: their handlers only set a flag, because the
-    save itself must happen where every rank takes part."""
+    save itself must happen where every rank takes part.
+
+    Managers may close in any order: :meth:`restore` puts back the handler :meth:`install`
+    replaced only where this flag's handler is still the one installed. Where another flag's
+    handler replaced it since (a manager made later, still open), that one is left in place and
+    takes over what this one had replaced, to put back in its turn."""
 
     def __init__(self, signals: object) -> None:
         self.watched = checked_signals(signals)
         self._flag = threading.Event()
         self._previous: dict[int, Any] = {}
+        self._handler: Callable[[int, FrameType | None], None] | None = None
 
     def install(self) -> None:
         def on_signal(signum: int, frame: FrameType | None) -> None:
             self._flag.set()
 
+        self._handler = on_signal
         for signum in self.watched:
             self._previous[signum] = signal.signal(signum, on_signal)
+        _installed.add(self)
 
     def restore(self) -> None:
-        """Put back the handlers that were there before :meth:`install`."""
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
+        """Put back the handlers that were there before :meth:`install`, where this flag's
+        handler is still installed (see the class doc)."""
+        _installed.discard(self)
+        for signum, previous in self._previous.items():
+            if signal.getsignal(signum) is self._handler:
+                signal.signal(signum, previous)
+                continue
+            for later in list(_installed):
+                if later._previous.get(signum) is self._handler:
+                    later._previous[signum] = previous
         self._previous.clear()
 
     def is_set(self) -> bool:
@@ -265,6 +281,10 @@ class SignalFlag:
 
     def clear(self) -> None:
         self._flag.clear()
+
+
+#: The flags whose handlers are installed (until :meth:`SignalFlag.restore`).
+_installed: weakref.WeakSet[SignalFlag] = weakref.WeakSet()
 
 
 def checked_signals(signals: object) -> tuple[int, ...]:

@@ -257,6 +257,12 @@ class CoordinationTimeout(CoordinationError, TimeoutError):
     """A collective among the ranks or the root's file lock did not complete in time."""
 
 
+class ProcessGroupDestroyed(CoordinationError, RuntimeError):
+    """``torch.distributed.destroy_process_group()`` destroyed the process groups while distckpt
+    still had collectives to run (an async save's write and commit): wait for the save
+    (``mgr.wait()``) or close the manager (``mgr.close()``) before destroying them."""
+
+
 class RankFailure(CheckpointError):
     """One or more ranks failed during a collective operation; raised on every rank.
 

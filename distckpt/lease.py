@@ -2,7 +2,8 @@
 
 A job that writes a root holds its lease for as long as its manager is open: rank 0 holds an
 ``flock`` on ``root/.lease`` (the kernel drops it when the process dies) and has written a
-record, ``root/.lease.json``, naming the holder: host, pid, job id (``TORCHELASTIC_RUN_ID``,
+record, ``root/.lease.json``, naming the holder: host (with its PID namespace and boot:
+:func:`this_process_host`), pid, job id (``TORCHELASTIC_RUN_ID``,
 else ``SLURM_JOB_ID``), start time (UTC), a random token and a *generation*, one more than the
 previous holder's. Nothing here uses ``torch.distributed``; the manager decides which rank
 calls what.
@@ -31,7 +32,9 @@ Limits, per filesystem (the lock is the same kind as :mod:`distckpt.lock`'s):
 * NFS mounted ``nolock`` / ``local_lock=flock|all`` and Lustre ``-o localflock``: locks are kept
   by each machine alone, so the lease cannot be exclusive across machines. distckpt detects these
   mounts (``/proc/self/mountinfo``) and then refuses a root whose record names a holder on
-  another machine that has not released it, since it cannot tell whether that holder is alive;
+  another machine that has not released it, since it cannot tell whether that holder is alive
+  (another machine: any host but :func:`this_process_host` exactly, so a machine with the same
+  hostname, such as a pod recreated on another node, counts as another one);
   an operator who knows it is dead runs ``distckpt lease ROOT --break``. Two jobs starting on two
   machines within the same instant can both pass that check: the record is written once by each,
   read back, and the loser of that race is fenced at its first commit; commits themselves are
@@ -50,12 +53,10 @@ import uuid
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
-import filelock
-
 from distckpt.errors import CheckpointError, InvalidArgument, LauncherGone, LeaseLost, RootInUse
 from distckpt.fsutil import atomic_write_bytes
 from distckpt.layout import RootLayout
-from distckpt.lock import _flock, _unsupported, locks_local_to_machine
+from distckpt.lock import Flock, _unsupported, locks_local_to_machine
 
 logger = logging.getLogger("distckpt")
 
@@ -104,6 +105,18 @@ def this_process_host() -> str:
     if namespace is None or boot is None:
         return this_host()
     return f"{this_host()}/pidns:{namespace}/boot:{boot[:8]}"
+
+
+def is_this_process_host(host: str) -> bool:
+    """Whether a record's ``host`` is where this process runs, so that what this machine sees
+    of its writer (its pid, its lock) may be trusted: exactly :func:`this_process_host`. A
+    plain hostname (hostnames have no "/": an older version's record, or one written where
+    ``/proc`` does not say) is judged by the hostname alone, as that version did. Any other is
+    another machine, PID namespace or boot, even under the same hostname (a pod recreated on
+    another node), whose writer cannot be judged from here."""
+    if "/" not in host:
+        return host == this_host()
+    return host == this_process_host()
 
 
 def job_id_from_environment() -> str | None:
@@ -182,16 +195,14 @@ def _read_record(root: Path) -> LeaseHolder | None:
         return None
 
 
-def _try_lock(path: Path, timeout: float) -> filelock.BaseFileLock | None:
+def _try_lock(path: Path, timeout: float) -> Flock | None:
     """The lease lock taken within ``timeout`` seconds, or None if another process holds it."""
-    lock = _flock(path, timeout)
+    lock = Flock(path)
     try:
-        lock.acquire()
-    except filelock.Timeout:
-        return None
-    except (OSError, NotImplementedError) as exc:
+        taken = lock.acquire(timeout)
+    except OSError as exc:
         raise _unsupported(path, exc) from exc
-    return lock
+    return lock if taken else None
 
 
 def _in_use(root: Path, holder: LeaseHolder | None, why: str) -> RootInUse:
@@ -205,7 +216,7 @@ def _unknowable_elsewhere(root: Path, holder: LeaseHolder | None) -> bool:
     return (
         holder is not None
         and holder.held
-        and holder.host != this_host()
+        and not is_this_process_host(holder.host)
         and locks_local_to_machine(root)
     )
 
@@ -214,10 +225,10 @@ class RootLease:
     """The lease of one root, held from :meth:`acquire` to :meth:`release` (also a context
     manager). Thread-safe to :meth:`check_current` from any thread."""
 
-    def __init__(self, root: Path, lock: filelock.BaseFileLock, holder: LeaseHolder) -> None:
+    def __init__(self, root: Path, lock: Flock, holder: LeaseHolder) -> None:
         self.root = root
         self.holder = holder
-        self._lock: filelock.BaseFileLock | None = lock
+        self._lock: Flock | None = lock
 
     @classmethod
     def acquire(cls, root: str | os.PathLike[str], *, wait: float = 0.0) -> RootLease:
@@ -245,13 +256,11 @@ class RootLease:
             time.sleep(min(_RETRY_INTERVAL, max(deadline - time.monotonic(), 0)))
 
     @classmethod
-    def _claim(
-        cls, root: Path, lock: filelock.BaseFileLock, previous: LeaseHolder | None
-    ) -> RootLease:
+    def _claim(cls, root: Path, lock: Flock, previous: LeaseHolder | None) -> RootLease:
         if previous is not None and previous.held:
             logger.info("taking over the lease of %s from dead %s", root, previous.describe())
         holder = LeaseHolder(
-            host=this_host(),
+            host=this_process_host(),  # see is_this_process_host
             pid=os.getpid(),
             job_id=job_id_from_environment(),
             started_utc=_now_utc(),
@@ -299,9 +308,10 @@ class RootLease:
         )
 
     def release(self) -> None:
-        """Mark the record released (if it is still ours) and drop the lock. Idempotent."""
+        """Mark the record released (if it is still ours) and drop the lock. Idempotent. In a
+        forked child of the holder it only forgets the lease: the lease is the parent's."""
         lock, self._lock = self._lock, None
-        if lock is None:
+        if lock is None or lock.inherited:
             return
         try:
             current = _read_record(self.root)
@@ -362,13 +372,14 @@ def break_lease(root: str | os.PathLike[str]) -> LeaseHolder | None:
     marked broken and the lock file replaced, so that a lock that machine's death left behind
     (an NFS server's lease, a machine-local lock) no longer blocks, and the holder, if it lives
     after all, is fenced at its next commit. Returns the broken holder, or None if nobody held
-    it. A holder on this machine is never broken: its lock tells whether it lives; a live one is
-    refused with :class:`~distckpt.RootInUse` (stop it first)."""
+    it. A holder of this process's host (:func:`is_this_process_host`) is never broken: its lock
+    tells whether it lives; a live one is refused with :class:`~distckpt.RootInUse` (stop it
+    first)."""
     root_path = Path(os.path.abspath(os.fspath(root)))
     holder = read_holder(root_path)
     if holder is None:
         return None
-    if holder.host == this_host():
+    if is_this_process_host(holder.host):
         if holder.alive:
             raise _in_use(root_path, holder, ", on this machine and alive: stop it, not its lease")
         return holder  # dead: the next acquire takes over by itself

@@ -12,17 +12,20 @@ async save's background thread. See ``docs/architecture.md``.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import time
 import uuid
 from collections.abc import Collection, Mapping
+from types import TracebackType
 from typing import Any, Literal, Union
 
 import torch.distributed as dist
 
-from distckpt import policy, proposal, protocol, reader, resolve
+from distckpt import closing, policy, proposal, protocol, reader, resolve
 from distckpt.background import DEFAULT_BACKGROUND_NICE, BackgroundSaves, check_background_nice
-from distckpt.coord import Coordinator, check_timeout
+from distckpt.coord import Coordinator
+from distckpt.coord_health import check_timeout
 from distckpt.damaged import set_aside_damaged_newer
 from distckpt.decisions import SaveDecider, SignalFlag, newest_to_count_from
 from distckpt.errors import CheckpointError, RootInUse
@@ -36,6 +39,7 @@ from distckpt.snapshot import SnapshotBuffers
 from distckpt.storage import ExtraFile, open_store
 
 Which = Union[Literal["last", "best"], int, str, "os.PathLike[str]"]
+logger = logging.getLogger("distckpt")
 __all__ = ["CheckpointManager", "ExtraFile", "Which"]
 
 
@@ -244,6 +248,8 @@ class CheckpointManager:
         except BaseException:
             self.close()  # gives the groups back: ranks must take and return them alike
             raise
+        # Dead writers' leftovers, after every collective of the start.
+        self._tidy()
 
     @property
     def preempted(self) -> bool:
@@ -251,8 +257,6 @@ class CheckpointManager:
         its step committed already): the loop should exit so the job can be requeued and
         resume from ``last``."""
         return self._decider.preempted
-
-    # ------------------------------------------------------------------ save
 
     def should_save(self, step: int, *, epoch: int | None = None) -> bool:
         """Whether a schedule (or a preemption signal) says to save at ``step``.
@@ -326,8 +330,6 @@ class CheckpointManager:
         """Whether this process is rank 0 of the group, the one that commits."""
         return self._coord.is_coordinator
 
-    # ------------------------------------------------------------------ restore
-
     def restore(
         self,
         which: Which = "last",
@@ -400,8 +402,6 @@ class CheckpointManager:
         self._decider.count_restore(loaded)
         return loaded
 
-    # ------------------------------------------------------------------ queries
-
     def steps(self) -> list[int]:
         """Committed steps, ascending, read fresh from the root, damaged ones included (names
         only; not collective)."""
@@ -423,8 +423,6 @@ class CheckpointManager:
         manifests only (not collective). A damaged one is left out; :meth:`steps` lists it."""
         return resolve.list_checkpoints(self._view)
 
-    # ------------------------------------------------------------------ delete / close
-
     def delete(self, step: int) -> None:
         """Delete the checkpoint of ``step``; collective. Links that pointed at it are moved to
         what remains (or removed). Raises :class:`CheckpointNotFound` if it does not exist."""
@@ -432,6 +430,7 @@ class CheckpointManager:
         protocol.check_step_number(step)
         self.wait()
         latest = self._coord.decide(lambda: self._store.delete(step), what=f"deleting step {step}")
+        self._tidy()
         self._decider.count_delete(step, latest)
 
     def prune(self) -> list[int]:
@@ -439,7 +438,9 @@ class CheckpointManager:
         Returns the steps removed. Links are repaired first, so their targets stay."""
         self._check_open()
         self.wait()
-        return self._coord.decide(self._store.prune, what="pruning")
+        removed = self._coord.decide(self._store.prune, what="pruning")
+        self._tidy()
+        return removed
 
     def gc(self) -> list[CheckpointLocation]:
         """Remove leftovers of dead writers (staging dirs whose writer lock is free; on an
@@ -458,23 +459,33 @@ class CheckpointManager:
         try:
             self.wait()
         finally:
-            try:
-                if self._background is not None:
-                    self._background.close()
-                self._store.close()
-                self._signals.restore()
-            finally:
-                self._coord.close()
+            closing.release(self._background, self._store, self._signals, self._coord)
 
     def __enter__(self) -> CheckpointManager:
         return self
 
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        """Close the manager; an exception leaving the block stays the one raised, with an
+        error of the close added as a note (:func:`~distckpt.closing.close_keeping`)."""
+        closing.close_keeping(self.close, exc)
+
+    def _tidy(self) -> None:
+        """Rank 0, after an outcome reached every rank: remove what it left to remove (the
+        trash), outside the collectives' timeout (:meth:`~distckpt.storage.RootStore.tidy`)."""
+        if self.is_coordinator:
+            self._store.tidy()
 
     def _check_open(self) -> None:
+        """Refuse a closed manager; called first by every public call that may run collectives,
+        so it also marks where the coordinator's next operation begins."""
         if self._closed:
             raise CheckpointError("this CheckpointManager is closed")
+        self._coord.begin_operation()
 
     def __repr__(self) -> str:
         return (

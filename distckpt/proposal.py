@@ -82,6 +82,11 @@ class Proposal:
     #: where the checkpoint will be once committed (rank 0 looked it up in the root; async
     #: saves only, else "")
     destination: CheckpointLocation = ""
+    #: whether this rank's background twin's group broke in the save before (see
+    #: :meth:`~distckpt.coord.Coordinator.spawn`)
+    twin_broken: bool = False
+    #: in the verdict: whether any rank's did, so every rank renews it before the write
+    renew_twin: bool = False
 
 
 def propose(
@@ -95,6 +100,7 @@ def propose(
     token: str,
     space_margin: float = SPACE_MARGIN_RATIO,
     launcher: LauncherWatch | None = None,
+    twin_broken: bool = False,
 ) -> SavePlan | SaveResult:
     """Step 1 (see the module doc), in the caller's thread. Returns the plan, or the committed
     result when the step is saved already and may be returned. ``space_margin``: the free
@@ -107,7 +113,11 @@ def propose(
 
     A failed proposal leaves nothing behind: no thread it started outlives it, and the staging
     area rank 0 opened is discarded (:func:`_abandon`); arguments that need no tensor are
-    checked before rank 0's root work starts."""
+    checked before rank 0's root work starts.
+
+    ``twin_broken``: whether this rank's background coordinator's group broke; it travels in
+    the proposals, and the plan's ``renew_twin`` says whether any rank's did, the same on every
+    rank, with no collective of its own."""
     step = request.step
     started = time.monotonic()
     prepared: dict[str, Any] = {}  # this rank's own results, kept out of the collective
@@ -176,10 +186,12 @@ def propose(
         def proposal() -> Proposal:
             root = root_done() if root_done is not None else None
             if isinstance(root, SaveResult):
-                return Proposal(step, estimated, metrics, existing=root)
+                return Proposal(step, estimated, metrics, existing=root, twin_broken=twin_broken)
             if root is None:
-                return Proposal(step, estimated, metrics)
-            return replace(root, estimated_bytes=estimated, metrics=metrics)
+                return Proposal(step, estimated, metrics, twin_broken=twin_broken)
+            return replace(
+                root, estimated_bytes=estimated, metrics=metrics, twin_broken=twin_broken
+            )
 
         return proposal
 
@@ -213,6 +225,7 @@ def propose(
         area=prepared.get("area"),
         metadata=prepared.get("metadata", {}),
         files=prepared.get("files", {}),
+        renew_twin=chosen.renew_twin,
     )
 
 
@@ -326,7 +339,8 @@ def check_space_margin(space_margin: float) -> float:
 
 def _verdict(proposals: list[Proposal], root: CheckpointLocation, space_margin: float) -> Proposal:
     """Rank 0's proposal, if the gathered ones allow the save; the same on every rank."""
-    chosen = proposals[0]  # rank 0's: the only one that looked at the root
+    # rank 0's: the only one that looked at the root
+    chosen = replace(proposals[0], renew_twin=any(p.twin_broken for p in proposals))
     steps = sorted({p.step for p in proposals})
     if len(steps) > 1:
         raise InvalidStep(

@@ -73,6 +73,9 @@ class SavePlan:
     area: StagingArea | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
     files: dict[str, ExtraFile] = field(default_factory=dict)
+    #: whether the background coordinator's group must be renewed, in the caller's thread,
+    #: before this save is handed to it (some rank's broke; the same on every rank)
+    renew_twin: bool = False
 
 
 def write(
@@ -159,7 +162,9 @@ def write_and_commit(
     (``save.agree``), which builds the manifest and commits, and the result or the error is
     broadcast to every rank (``save.commit``; :meth:`~distckpt.coord.Coordinator.gather` and
     :meth:`~distckpt.coord.Coordinator.conclude`). Rank 0 discards the staging area unless it
-    was committed.
+    was committed; after a commit it then tidies the root
+    (:meth:`~distckpt.storage.RootStore.tidy`: the trash of what retention removed), once
+    every rank has the outcome.
 
     With a ``launcher`` watch, every rank checks after writing, in what it reports for the
     agreement, that its launcher lives (:func:`check_launcher`)."""
@@ -170,6 +175,7 @@ def write_and_commit(
         check_launcher(launcher, coord=coord, store=store)
         return records
 
+    committed: list[SaveResult] = []  # rank 0's commit, even if telling the others failed
     try:
         with events.phase("save.write", rank=rank, step=step):
             records = run_now(write_here)
@@ -181,13 +187,19 @@ def write_and_commit(
 
         def commit_written(written: list[dict[str, FileRecord]]) -> SaveResult:
             manifest = agree(plan, written, fmt_name=fmt.name, world_size=coord.world_size)
-            return commit(plan, manifest, store=store, rank=rank)
+            committed.append(commit(plan, manifest, store=store, rank=rank))
+            return committed[-1]
 
         with events.phase("save.commit", rank=rank, step=step):
             return coord.conclude(gathered, commit_written, what=f"committing step {step}")
     finally:
         if plan.area is not None:
             store.discard_staging(plan.area)
+        if committed:
+            # After the outcome's broadcast: a slow removal must not run inside the other
+            # ranks' timeout, nor fail a save that committed (tidy never raises). Only after a
+            # commit: a failed save leaves the root as it was.
+            store.tidy()
 
 
 def _ran_out_of_space(plan: SavePlan, full: OSError, *, root: Path, rank: int) -> InsufficientSpace:

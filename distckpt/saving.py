@@ -67,6 +67,7 @@ class Saver:
             token=f"{self._token}-{self._count}",
             space_margin=self._space_margin,
             launcher=self._launcher,
+            twin_broken=self._background is not None and self._background.coord.broken,
         )
         self._decider.resuming = False  # a save was tried: a later restore is no resume
         if isinstance(plan, SaveResult):  # committed already: the schedule counts from it
@@ -84,6 +85,8 @@ class Saver:
                 result = commit(coord=self._coord)
                 self._decider.count_save(plan.step, plan.epoch)
             else:
+                if plan.renew_twin:  # here, never in the background thread (see spawn)
+                    self._background.coord.renew()
                 self._decider.count_in_flight(plan.step, plan.epoch)  # wait() undoes a failure
                 self._background.submit(lambda coord: commit(coord=coord))
                 result = SaveResult(

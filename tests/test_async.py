@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 import textwrap
@@ -16,7 +17,7 @@ from distckpt import faults
 from distckpt.formats import format_named
 from distckpt.layout import TRASH_DIR_NAME, step_dir_name
 from distckpt.snapshot import SnapshotBuffers
-from tests.ranks import run_ranks, values
+from tests.ranks import Collected, run_ranks, values
 
 
 def _snapshot_isolated(rank: int, world_size: int, root: str) -> tuple[bool, float, float]:
@@ -147,6 +148,43 @@ def test_interpreter_exit_with_a_save_in_flight_finishes_it(tmp_path: Path) -> N
     assert distckpt.verify(tmp_path).ok
 
 
+def test_a_forked_child_that_exits_with_a_save_in_flight_does_not_wait_for_it(
+    tmp_path: Path,
+) -> None:
+    """A plain os.fork() child (a data loader's worker, a helper process) inherits the exit
+    hook of a save in flight, but not the thread running it: it exits at once, and the parent
+    still finishes the save."""
+    script = textwrap.dedent(
+        f"""
+        import os, sys, time, torch, distckpt
+        from distckpt import faults
+        real_hit = faults.hit
+
+        def slow_write(point, rank):
+            if point == "after_shard_write":
+                time.sleep(3)  # the save is still in flight when the child exits
+            real_hit(point, rank)
+
+        faults.hit = slow_write
+        mgr = distckpt.CheckpointManager({str(tmp_path)!r}, async_save=True)
+        mgr.save(7, {{"w": torch.ones(16)}})
+        assert mgr.save_in_flight
+        pid = os.fork()
+        if pid == 0:
+            sys.exit(0)  # a normal exit: the exit hooks run in the child
+        started = time.monotonic()
+        os.waitpid(pid, 0)
+        print(round(time.monotonic() - started, 2))
+        mgr.close()
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], check=True, timeout=30, capture_output=True, text=True
+    )
+    assert float(done.stdout.split()[-1]) < 2.5  # the child did not wait for the slow write
+    assert distckpt.CheckpointManager(tmp_path).steps() == [7]
+
+
 def _preempted_async(rank: int, world_size: int, root: str) -> tuple[bool, bool]:
     import os
     import signal
@@ -258,6 +296,7 @@ def _failure_raised_by(rank: int, world_size: int, root: str, call: str) -> dict
         out["before"] = root_state()
         dist.barrier()  # every rank has looked before rank 0 runs the call again
         out["again"] = calls[call]()  # raised once, then done with: the call runs
+        dist.barrier()  # rank 0 empties the trash once every rank has the call's outcome
         out["after"] = root_state()
     return out
 
@@ -318,3 +357,74 @@ def test_the_space_estimate_covers_what_the_save_writes(
     if fmt == "dcp":  # the expanded view in full, not its one row
         assert written >= state["expanded"].numel() * state["expanded"].element_size()
     assert estimate >= written
+
+
+#: Elements of the state each rank saves while the process group is destroyed: 64 MiB, whose
+#: write and fsync outlast the destroy that follows the save at once.
+IN_FLIGHT_ELEMENTS = 16 << 20
+
+
+def _destroyed_under_a_save(rank: int, world_size: int, root: str, order: str) -> tuple[str, bool]:
+    mgr = distckpt.CheckpointManager(root, async_save=True, timeout=20)
+    mgr.save(1, {"w": torch.ones(IN_FLIGHT_ELEMENTS)})
+    in_flight = mgr.save_in_flight
+    if order == "close first":  # the README's order
+        mgr.close()
+        dist.destroy_process_group()
+        return "closed", in_flight
+    dist.destroy_process_group()
+    if order == "exit":  # no close(): what the interpreter's exit hook logs
+        collected = Collected()
+        logging.getLogger("distckpt").addHandler(collected)
+        assert mgr._background is not None
+        mgr._background._finish_at_exit()  # the hook atexit runs (a rank here skips atexit)
+        return "\n".join(r.getMessage() for r in collected.records), in_flight
+    try:
+        mgr.close()
+    except distckpt.CheckpointError as exc:
+        return f"{type(exc).__name__}: {exc}", in_flight
+    return "closed", in_flight
+
+
+def test_destroying_the_process_group_under_a_save_in_flight_says_to_close_first(
+    tmp_path: Path,
+) -> None:
+    """README: call ``mgr.wait()`` or ``mgr.close()`` before ``destroy_process_group()``; a
+    save in flight then is lost, and ``close()`` (or the exit, in the log) says so."""
+    results = values(run_ranks(_destroyed_under_a_save, 2, str(tmp_path / "late"), "destroy first"))
+    for message, in_flight in results:
+        assert in_flight
+        assert message.startswith("ProcessGroupDestroyed: "), message
+        assert "call mgr.wait() or mgr.close()" in message
+    assert distckpt.CheckpointManager(tmp_path / "late", read_only=True).steps() == []
+    results = values(run_ranks(_destroyed_under_a_save, 2, str(tmp_path / "exit"), "exit"))
+    for logged, in_flight in results:
+        assert in_flight
+        assert "the checkpoint save in flight at exit failed: the process group was destroyed" in (
+            logged
+        ), logged
+    results = values(run_ranks(_destroyed_under_a_save, 2, str(tmp_path / "ok"), "close first"))
+    assert results == [("closed", True)] * 2
+    assert distckpt.CheckpointManager(tmp_path / "ok", read_only=True).steps() == [1]
+
+
+def _user_error_over_a_failed_save(rank: int, world_size: int, root: str) -> tuple[str, str, str]:
+    faults.arm("after_shard_write", "raise", rank=1)  # the save in flight fails
+    try:
+        with distckpt.CheckpointManager(root, async_save=True, fsync=False, timeout=20) as mgr:
+            mgr.save(1, {"w": torch.ones(4)})
+            raise ValueError("the training loop's own error")
+    except Exception as exc:
+        return type(exc).__name__, str(exc), "\n".join(getattr(exc, "__notes__", []))
+    finally:
+        faults.disarm()
+    return "nothing raised", "", ""
+
+
+def test_an_error_inside_with_is_not_replaced_by_a_failed_save(tmp_path: Path) -> None:
+    """The user's exception leaves the ``with`` block; the failed save is added as a note."""
+    for error_type, message, notes in values(
+        run_ranks(_user_error_over_a_failed_save, 2, str(tmp_path))
+    ):
+        assert (error_type, message) == ("ValueError", "the training loop's own error")
+        assert "closing the checkpoint manager also failed: InjectedFault" in notes, notes

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -201,6 +202,82 @@ def test_gc_removes_dead_writers_only(root: Path) -> None:
         assert not dead.exists() and live.exists()
     finally:
         lock.release()
+
+
+_SAVING_JOB = """
+import json, sys, time
+from pathlib import Path
+import torch, distckpt
+
+root, lock_timeout, stop = sys.argv[1], float(sys.argv[2]), Path(sys.argv[3])
+with distckpt.CheckpointManager(root, timeout=lock_timeout, keep_last=2, fsync=False) as mgr:
+    step = 100
+    while not stop.exists():
+        step += 1
+        began = time.monotonic()
+        try:
+            mgr.save(step, {"w": torch.zeros(4)})
+            error = None
+        except distckpt.CheckpointError as exc:
+            error = f"{type(exc).__name__}: {exc}"
+        print(json.dumps({"began": began, "ended": time.monotonic(), "error": error}), flush=True)
+        time.sleep(0.05)
+"""
+
+#: files in the dead writer's staging dir: their deletion takes about a second (1.3 s here),
+#: several times the lock timeout of the job below
+_DEAD_SAVE_FILES = 30_000
+
+
+def _dead_writers_staging_dir(root: Path, scratch: Path) -> Path:
+    """A large save's staging dir whose writer died (no writer lock), moved into ``.staging``
+    in one rename once complete. Its files are hard links of one empty file: as many names
+    to delete as a sharded save's, made in a fraction of the time."""
+    building = scratch / "dead-save"
+    building.mkdir()
+    first = building / "rank-00000.pt"
+    first.touch()
+    for index in range(1, _DEAD_SAVE_FILES):
+        os.link(first, building / f"rank-{index:05d}.pt")
+    staging = root / ".staging" / "step-00000099.0123456789ab"
+    building.rename(staging)
+    return staging
+
+
+def test_gc_deletes_a_dead_writers_large_staging_dir_outside_the_commit_lock(
+    tmp_path: Path,
+) -> None:
+    """`distckpt gc` next to a live job, with a dead writer's staging dir whose deletion takes
+    about a second: every save the job makes meanwhile, with a commit lock timeout of 0.25 s
+    (half its ``timeout``), takes the lock and succeeds (gc only renames the dir into the trash
+    under the lock, and deletes it after)."""
+    root, stop = tmp_path / "root", tmp_path / "stop"
+    job = subprocess.Popen(
+        [sys.executable, "-c", _SAVING_JOB, os.fspath(root), "0.5", os.fspath(stop)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert job.stdout is not None
+        first = json.loads(job.stdout.readline())  # opened and saved once
+        assert first["error"] is None, first
+        dead = _dead_writers_staging_dir(root, tmp_path)
+        gc_began = time.monotonic()
+        out = run("gc", os.fspath(root))
+        gc_ended = time.monotonic()
+        assert out.returncode == 0, out.stderr
+        assert f"removed {dead}" in out.stdout and not dead.exists()
+        time.sleep(0.5)  # a save or two after the gc
+        stop.touch()
+        saves = [json.loads(line) for line in job.stdout]
+    finally:
+        stop.touch()
+        job.wait(timeout=120)
+    assert job.returncode == 0
+    during = [save for save in saves if save["began"] < gc_ended and save["ended"] > gc_began]
+    assert during, "no save ran while gc did: the test proves nothing"
+    assert [save["error"] for save in saves if save["error"]] == []
+    assert list((root / ".trash").iterdir()) == []
 
 
 def test_export_then_load_in_a_plain_process(root: Path, tmp_path: Path) -> None:

@@ -18,7 +18,8 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import fields as dataclass_fields
 from dataclasses import replace
 from pathlib import Path
 
@@ -36,8 +37,10 @@ from distckpt.lease import (
     break_lease,
     read_holder,
     this_host,
+    this_process_host,
 )
-from distckpt.lock import locks_local_to_machine
+from distckpt.lock import WriterLock, locks_local_to_machine
+from tests.filesystems import MountFactory
 
 STARTUP = 30.0  # a process that has not answered by then counts as hung (a loaded machine)
 
@@ -198,7 +201,7 @@ def test_a_forked_child_of_the_holder_does_not_keep_the_lease(root: Path) -> Non
     holder_pid = os.fork()
     if holder_pid == 0:  # the holder: takes the lease, forks a long-lived child, dies
         try:
-            RootLease.acquire(root)
+            lease = RootLease.acquire(root)  # referenced: held until the holder dies
             child_pid = os.fork()
             if child_pid == 0:
                 time.sleep(STARTUP)
@@ -215,6 +218,62 @@ def test_a_forked_child_of_the_holder_does_not_keep_the_lease(root: Path) -> Non
     finally:
         with contextlib.suppress(ProcessLookupError, FileNotFoundError):
             os.kill(int(child_pid_file.read_text()), signal.SIGKILL)
+
+
+_FORKING_HOLDER = textwrap.dedent(
+    """
+    import os, sys
+    import torch
+    import distckpt
+    from distckpt.lock import WriterLock
+
+    root, staging = sys.argv[1], sys.argv[2]
+    manager = distckpt.CheckpointManager(root, fsync=False)
+    writer = WriterLock(distckpt.layout.Path(staging))
+    writer.acquire()
+    child = os.fork()
+    if child == 0:
+        # a helper forked by the job (a data loader worker, a pool) that ends normally: its
+        # exit hooks run and its copies of the locks are collected
+        sys.exit(0)
+    os.waitpid(child, 0)
+    print("child exited", flush=True)
+    for line in sys.stdin:
+        try:
+            manager.save(1, {"w": torch.zeros(1)})
+            print("saved", flush=True)
+        except distckpt.CheckpointError as exc:
+            print("failed", type(exc).__name__, exc, flush=True)
+    """
+)
+
+
+def test_a_forked_child_exiting_leaves_the_holders_locks_held(root: Path) -> None:
+    """A child of the holder that exits normally (exit hooks, garbage collection) unlocks
+    nothing of its parent's: the lease, a writer's lock and the parent's save stand."""
+    root.mkdir()
+    staging = RootLayout(root).staging_root / "step-00000009.feedface"
+    staging.parent.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _FORKING_HOLDER, os.fspath(root), os.fspath(staging)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdin is not None
+        assert holder.stdout.readline().strip() == "child exited"
+        seen = read_holder(root)
+        assert seen is not None and seen.pid == holder.pid and seen.alive is True
+        with pytest.raises(distckpt.RootInUse):
+            RootLease.acquire(root)
+        assert WriterLock.writer_is_alive(staging)
+        holder.stdin.write("save\n")
+        holder.stdin.flush()
+        assert holder.stdout.readline().strip() == "saved"
+    finally:
+        holder.kill()
+        holder.wait(timeout=STARTUP)
 
 
 def _on_another_host() -> tuple[str, ...]:
@@ -405,7 +464,40 @@ def test_a_holder_on_another_machine_is_refused_where_locks_are_local_to_each_ma
     with distckpt.CheckpointManager(root, timeout=STARTUP) as mgr:
         assert mgr.save(1, {"w": torch.zeros(2)}) is not None
         now = read_holder(root)
-        assert now is not None and now.host == this_host() and now.generation == 4
+        assert now is not None and now.host == this_process_host() and now.generation == 4
+
+
+def _another_boot_of_this_host() -> str:
+    boot = this_process_host().rpartition("/boot:")[2]
+    return this_process_host().replace(f"/boot:{boot}", "/boot:00000000")
+
+
+@pytest.mark.parametrize(
+    ("host", "taken_over"),
+    [
+        (this_host, True),  # an older version's record: the hostname, judged by the lock
+        (this_process_host, True),
+        (lambda: f"{this_host()}/pidns:1/boot:00000000", False),  # same name, other machine
+        (_another_boot_of_this_host, False),
+    ],
+    ids=["older-writer", "this-process-host", "other-pid-namespace", "other-boot"],
+)
+def test_where_locks_are_local_a_dead_holder_is_taken_over_only_on_this_process_host(
+    root: Path, monkeypatch: pytest.MonkeyPatch, host: Callable[[], str], taken_over: bool
+) -> None:
+    """The lock of a holder whose record names this process host (or, an older version's
+    record, this hostname) tells whether it lives: free, so it is dead and taken over. Any
+    other host's holder, even under this hostname, is refused: its lock is on its machine."""
+    root.mkdir()
+    holder = _record_as_another_machine(root, host=host())
+    # as in the test above: no mount with machine-local locks can be made here
+    monkeypatch.setattr(distckpt.lease, "locks_local_to_machine", lambda path: True)
+    if not taken_over:
+        with pytest.raises(distckpt.RootInUse, match="local to each machine"):
+            RootLease.acquire(root)
+        return
+    with RootLease.acquire(root) as lease:
+        assert lease.generation == holder.generation + 1
 
 
 @pytest.mark.parametrize(
@@ -429,3 +521,60 @@ def test_a_lease_record_that_is_json_but_no_object_is_unreadable_and_ignored(
         assert mgr.save(1, {"w": torch.ones(1)}).step == 1
         holder = read_holder(root)
         assert holder is not None and holder.pid == os.getpid()  # its own record replaced it
+
+
+#: a line of ``/proc/self/mountinfo`` for an NFS mount whose locks stay on each machine
+_LOCAL_LOCKS_MOUNT = (
+    "4242 1 0:4242 / {mount_point} rw,relatime - nfs srv:/export "
+    "rw,vers=3,nolock,local_lock=all,addr=10.0.0.1\n"
+)
+
+
+def _on_another_machine_named_like_this_one(mount_point: Path, scratch: Path) -> tuple[str, ...]:
+    """A prefix that runs a command as if on another machine with this one's hostname (a pod
+    recreated on another node), where ``mount_point`` is NFS mounted with machine-local locks:
+    a PID namespace of its own (its pids name other processes than ours), a UTS namespace
+    given this hostname, and a mount namespace in which its ``/proc/self/mountinfo`` says
+    ``local_lock=all`` for ``mount_point``. The mountinfo line is the one thing not real: no
+    NFS server can be made on the test machines; the unshared locks are (bindfs)."""
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        pytest.skip("needs unshare(1) for the namespaces of another machine")
+    fake_mountinfo = scratch / "mountinfo"
+    line = _LOCAL_LOCKS_MOUNT.format(mount_point=os.path.realpath(mount_point))
+    script = (
+        f'cat /proc/$$/mountinfo > {fake_mountinfo} && echo -n "{line}" >> {fake_mountinfo} '
+        f"&& mount --bind {fake_mountinfo} /proc/$$/mountinfo && hostname {this_host()} "
+        '&& exec "$0" "$@"'
+    )
+    # --kill-child: the command dies with unshare, which the test kills by its pid
+    return (unshare, "--uts", "--pid", "--mount-proc", "--kill-child", "sh", "-c", script)
+
+
+def test_a_live_holder_on_another_machine_with_the_same_hostname_is_not_taken_over(
+    mounts: MountFactory, tmp_path: Path, holders: list[Holder]
+) -> None:
+    """Where locks stay on each machine, a holder whose record names another machine is
+    refused, never taken over, even when that machine has this one's hostname: the record's
+    host carries the PID namespace and boot (``this_process_host``). Two machines here: this
+    process's, on a directory, and another one's on a bindfs view of it, whose ``flock`` does
+    not reach the directory (as two NFS clients' locks do not reach each other)."""
+    bindfs = mounts.get("bindfs")
+    assert bindfs.writable_source is not None
+    here, there = bindfs.writable_source / "same-name", bindfs.path / "same-name"
+    here.mkdir()
+    first = _start(holders, here)
+    assert first.line() == "held 1"
+    record = json.loads((here / LEASE_RECORD_NAME).read_text())
+    assert record["host"] == this_process_host() != this_host()
+    # An older version compares the host with its hostname and decodes these keys: to it
+    # the record names another host, whose holder it waits out, as it does here.
+    assert set(record) == {f.name for f in dataclass_fields(LeaseHolder)} - {"alive"}
+
+    elsewhere = _on_another_machine_named_like_this_one(bindfs.path, tmp_path)
+    second = _start(holders, there, prefix=elsewhere)
+    refused = second.line()
+    assert refused.startswith("refused RootInUse"), refused
+    assert "locks on this filesystem are local to each machine" in refused
+    assert f"pid {first.pid}" in refused
+    assert first.ask("check") == "current"

@@ -61,8 +61,9 @@ class StagingArea:
 @dataclass(frozen=True)
 class OpenedRoot:
     """What :meth:`RootStore.open` found: the newest valid checkpoint (step, epoch), if any,
-    the leftovers of dead writers it removed, and when that checkpoint was created (seconds
-    since the epoch, from its manifest; None when unknown)."""
+    the leftovers of dead writers it removed (none where :meth:`RootStore.tidy` removes them,
+    after the open), and when that checkpoint was created (seconds since the epoch, from its
+    manifest; None when unknown)."""
 
     newest: tuple[int, int | None] | None
     removed: tuple[CheckpointLocation, ...] = ()
@@ -91,10 +92,11 @@ class RootStore(abc.ABC):
         """Rank 0, once per manager: create the root if missing, prove it writable, settle how
         links are kept, take the root's writer lease (waiting up to ``wait_for_root`` seconds
         for another job to end, else :class:`~distckpt.RootInUse` naming it), remove leftovers
-        of dead writers and repair the links. From here until :meth:`close`, every change to
-        what is published first checks (POSIX: under the root's lock) that this store still
-        holds the lease (:class:`~distckpt.LeaseLost` otherwise, before anything changed). A store
-        that was never opened (the ``distckpt`` CLI's) holds no lease and checks none.
+        of dead writers (or leave them to :meth:`tidy`) and repair the links. From here until
+        :meth:`close`, every change to what is published first checks (POSIX: under the root's
+        lock) that this store still holds the lease (:class:`~distckpt.LeaseLost` otherwise,
+        before anything changed). A store that was never opened (the ``distckpt`` CLI's) holds
+        no lease and checks none.
         Read-only: only find the newest valid checkpoint of an existing root (no lease)."""
 
     @abc.abstractmethod
@@ -214,6 +216,16 @@ class RootStore(abc.ABC):
         """Remove staging areas of dead writers and deleted checkpoints not yet gone; a live
         writer's staging area is never touched. What was removed, including what
         :meth:`open` removed (reported once)."""
+
+    def tidy(self) -> None:
+        """Rank 0, once the outcome of :meth:`open`, :meth:`commit`, :meth:`delete` or
+        :meth:`prune` reached every rank: remove what they left to remove (POSIX: the trash's
+        bytes, and after :meth:`open` the leftovers of dead writers). Apart from them because
+        a removal may be slow (a large checkpoint on a shared filesystem) and must not run
+        while the other ranks wait for that outcome within the collectives' timeout. Never
+        raises: what it cannot remove is logged and removed by a later call or start. By
+        default nothing is left to remove."""
+        return
 
 
 class ChecksummingWriter(Protocol):

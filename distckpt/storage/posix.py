@@ -93,6 +93,8 @@ class PosixRootStore(Removals, LinksAndRetention, ViewedStore):
         self.link_mode: LinkMode = link
         self._lock = RootLock(self.layout.lock_path, timeout=lock_timeout)
         self._removed_at_open: list[CheckpointLocation] = []
+        #: whether the leftovers of dead writers were removed since the root was opened
+        self._leftovers_checked = True
         self._warned_missing_monitor = False
         self._warned_unknown_space = False
         #: never write: no probe, no lock file, no cleanup or link repair (a read-only mount)
@@ -135,7 +137,9 @@ class PosixRootStore(Removals, LinksAndRetention, ViewedStore):
                 except OSError as exc:
                     raise _open_write_failed(root, "is not writable", exc) from exc
                 self._settle_link_mode()
-                self._removed_at_open = self._remove_leftovers()
+                # The leftovers of dead writers are removed by tidy(), once every rank knows
+                # the root is open: a slow removal here would run inside their timeout.
+                self._leftovers_checked = False
                 try:
                     self._update_links()
                 except (OSError, CheckpointError) as exc:  # derived state: never block a start
@@ -308,7 +312,8 @@ class PosixRootStore(Removals, LinksAndRetention, ViewedStore):
                     final.name,
                     exc,
                 )
-        self._empty_trash()
+        # The trash (what retention removed) is emptied by tidy(), after every rank heard of
+        # this commit.
         self._warn_missing_monitor(manifest)
         return SaveResult(manifest.step, final, manifest.epoch, dict(manifest.metrics))
 

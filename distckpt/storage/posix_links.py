@@ -118,7 +118,7 @@ class LinksAndRetention:
             faults.hit("during_retention", COMMITTING_RANK)
             logger.info("retention: removing %s", self.layout.step_dir(step).name)
             # Only renamed here, under the lock; the bytes are deleted after it is released
-            # (_empty_trash), so a large delete never holds up other writers.
+            # (tidy), so a large delete never holds up other writers.
             move_to_trash(
                 Path(resolve.committed_dir(self.view, step).location),
                 self.layout.trash_root,

@@ -2,7 +2,8 @@
 setting aside of a damaged checkpoint.
 
 A delete (or retention) moves the links off a checkpoint, durably, then renames it into
-``root/.trash`` under the root's lock; its bytes are deleted after the lock is released. A
+``root/.trash`` under the root's lock; its bytes are deleted by ``tidy()``, outside the lock
+and after every rank heard the outcome (as are dead writers' leftovers after a start). A
 checkpoint a restore found damaged is set aside instead: the links move off it, then it is
 renamed, whole, to ``root/damaged-step-N-<token>`` (durably), a name no step listing, link,
 retention rule or cleanup treats as a checkpoint or a leftover; nothing of it is deleted.
@@ -39,6 +40,9 @@ class Removals:
     _lock: RootLock
     _lease: RootLease | None
     _removed_at_open: list[CheckpointLocation]
+    #: whether the leftovers of dead writers were removed since the root was opened
+    _leftovers_checked: bool
+    read_only: bool
     _check_lease: Callable[[], None]
     _refuse_if_read_only: Callable[[str], None]
     _update_links: Callable[..., list[policy.CheckpointRecord]]
@@ -55,8 +59,7 @@ class Removals:
             records = self._update_links(leaving=directory)
             faults.hit("during_delete", COMMITTING_RANK)
             move_to_trash(directory, self.layout.trash_root, fsync=self.fsync)
-        self._empty_trash()
-        return records[-1].step if records else None
+        return records[-1].step if records else None  # its bytes go at tidy()
 
     def set_aside(self, step: int, location: CheckpointLocation) -> CheckpointLocation | None:
         self._refuse_if_read_only(f"set aside step {step}")
@@ -80,8 +83,7 @@ class Removals:
             # Read before the links move: this prune's monitor/mode may disagree with the job's.
             linked_before = self._linked_steps()
             removed = self._apply_retention(self._update_links(), linked_before)
-        self._empty_trash()
-        return removed
+        return removed  # their bytes go at tidy()
 
     def leftovers(self) -> list[Leftover]:
         return [item for item in find_leftovers(self.layout) if item.kind != "lock"]
@@ -90,22 +92,52 @@ class Removals:
         self._refuse_if_read_only("collect leftovers")
         with self._lock:
             self._check_lease()
-            removed = self._removed_at_open + self._remove_leftovers()
+            removed, trash_found = self._remove_leftovers()
+        removed = self._removed_at_open + removed + self._empty_found_trash(trash_found)
         self._removed_at_open = []  # reported once
         return removed
 
-    def _empty_trash(self) -> None:
-        """Delete what retention and deletes moved into the trash; outside the lock."""
-        if self.layout.trash_root.is_dir():
-            for entry in self.layout.trash_root.iterdir():
-                self._remove_quietly(entry)
+    def tidy(self) -> None:
+        if self.read_only:
+            return
+        try:
+            if self._leftovers_checked:
+                self._empty_trash()
+                return
+            with self._lock:
+                removed, trash_found = self._remove_leftovers()
+            self._removed_at_open = removed + self._empty_found_trash(trash_found)
+            self._leftovers_checked = True
+        except Exception as exc:  # the outcome was told already: a removal never fails it
+            logger.warning("could not tidy %s (tried again later): %s", self.root, exc)
 
-    def _remove_leftovers(self) -> list[CheckpointLocation]:
-        """Under the lock: staging dirs whose writer is dead, orphaned lock files, the trash,
-        and the probes and links under construction a killed process left in the root (made
-        under the lock only, so whoever made one is gone). A live writer's staging is never
-        touched. Returns what it removed."""
+    def _empty_trash(self) -> list[Path]:
+        """Delete what retention, deletes and cleanups moved into the trash; outside the lock.
+        Returns the entries it deleted."""
+        if not self.layout.trash_root.is_dir():
+            return []
+        return [entry for entry in self.layout.trash_root.iterdir() if self._remove_quietly(entry)]
+
+    def _empty_found_trash(self, found: list[Path]) -> list[CheckpointLocation]:
+        """After a cleanup, outside the lock: empty the trash (the dead writers' staging dirs
+        the cleanup moved there included). Returns those of ``found``, the entries the cleanup
+        found in the trash, that it deleted: a cleanup reports them as removed."""
+        deleted = set(self._empty_trash())
+        return [entry for entry in found if entry in deleted]
+
+    def _remove_leftovers(self) -> tuple[list[CheckpointLocation], list[Path]]:
+        """Under the lock: staging dirs whose writer is dead, orphaned lock files, and the
+        probes and links under construction a killed process left in the root (made under the
+        lock only, so whoever made one is gone). A live writer's staging is never touched. A
+        dead writer's staging dir is only renamed into the trash here, and the trash is left
+        as it is: deleting a large save's files takes seconds, during which the lock would
+        keep every other writer from committing (a live job's save failing with "could not
+        take the commit lock"); the caller empties the trash after releasing the lock
+        (:meth:`_empty_found_trash`). Returns what it removed or moved into the trash (reported
+        as removed: gone from the root, its bytes deleted by that emptying), and the entries it
+        found in the trash."""
         removed: list[CheckpointLocation] = []
+        trash_found: list[Path] = []
         holds_lease = self._lease is not None and self._lease.held
         for leftover in find_leftovers(self.layout, locked=True, holds_lease=holds_lease):
             path = Path(leftover.path)
@@ -117,14 +149,29 @@ class Removals:
                 logger.info("leaving %s: in use by a reader, removed at a later cleanup", path)
             elif leftover.kind == "lock":
                 path.unlink(missing_ok=True)
-            else:
-                if leftover.kind == "staging":
-                    logger.info("removing %s, left by a writer that died", path)
-                if self._remove_quietly(path):
-                    if leftover.kind == "staging":
-                        WriterLock(path).release()  # removes its lock file
+            elif leftover.kind == "trash":
+                trash_found.append(path)  # deleted with the rest of the trash, after the lock
+            elif leftover.kind == "staging":
+                logger.info("removing %s, left by a writer that died", path)
+                if self._trash_quietly(path):
+                    WriterLock(path).release()  # removes its lock file
                     removed.append(path)
-        return removed
+            elif self._remove_quietly(path):
+                removed.append(path)
+        return removed, trash_found
+
+    def _trash_quietly(self, staging: Path) -> bool:
+        """Move a dead writer's staging dir into the trash, under the lock; a failure is
+        reported, not raised, as in :meth:`_remove_quietly`."""
+        try:
+            faults.hit("during_staging_cleanup", COMMITTING_RANK)
+            move_to_trash(staging, self.layout.trash_root, fsync=self.fsync)
+        except Exception as exc:
+            logger.warning(
+                "could not remove leftover %s (tried again at next start): %s", staging, exc
+            )
+            return False
+        return True
 
     def _remove_quietly(self, leftover: Path) -> bool:
         """Remove a leftover; one that cannot be removed is reported, not raised, so it can

@@ -20,7 +20,7 @@ from distckpt.errors import (
     PreconditionFailed,
 )
 from distckpt.layout import BEST, LAST, parse_step_dir_name, step_dir_name
-from distckpt.lease import this_host, this_process_host
+from distckpt.lease import is_this_process_host
 from distckpt.lock import Leftover
 from distckpt.manifest import Manifest
 from distckpt.results import CheckpointLocation
@@ -41,13 +41,8 @@ CLOCK_SKEW_SECONDS = 60.0
 
 def local_process_gone(host: str, pid: int) -> bool:
     """Whether ``pid`` on ``host`` certainly no longer runs: only decidable on this machine, in
-    this PID namespace and boot. ``host`` as this version writes it
-    (:func:`~distckpt.lease.this_process_host`) must be exactly ours; a plain hostname (an
-    older version's record) is judged by hostname and pid, as that version did; any other
-    (another namespace or boot, or ``/proc`` unreadable on one side) is not ours to judge."""
-    if "/" not in host:  # hostnames have no "/": an older writer, or no /proc on its side
-        return host == this_host() and process_gone(pid)
-    return host == this_process_host() and process_gone(pid)
+    this PID namespace and boot (:func:`~distckpt.lease.is_this_process_host`)."""
+    return is_this_process_host(host) and process_gone(pid)
 
 
 class Upkeep:

@@ -1,0 +1,58 @@
+"""How a :class:`~distckpt.manager.CheckpointManager` closes: the order in which it lets go of
+what it holds, and what becomes of a failure of the close when another exception is already
+leaving a ``with`` block. A module of its own so that the manager reads as its calls.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from distckpt.background import BackgroundSaves
+from distckpt.coord import Coordinator
+from distckpt.decisions import SignalFlag
+from distckpt.errors import describe_error
+from distckpt.storage import RootStore
+
+logger = logging.getLogger("distckpt")
+
+
+def release(
+    background: BackgroundSaves | None,
+    store: RootStore,
+    signals: SignalFlag,
+    coord: Coordinator,
+) -> None:
+    """Stop the background thread (giving its group back), release the root's lease, restore
+    the signal handlers and release the coordinator's group: each even if one before failed,
+    the first failure raised."""
+    try:
+        try:
+            if background is not None:
+                background.close()
+            store.close()
+        finally:
+            signals.restore()  # whatever failed above
+    finally:
+        coord.close()
+
+
+def close_keeping(close: Callable[[], None], exc: BaseException | None) -> None:
+    """Run ``close`` as a ``with`` block ends. With an exception ``exc`` leaving the block,
+    ``exc`` stays the one raised: an error of the close (a failed save in flight) is logged
+    and added to it as a note, instead of replacing it; with none, the close's error is
+    raised."""
+    if exc is None:
+        close()
+        return
+    try:
+        close()
+    except Exception as close_error:
+        logger.error(
+            "closing the checkpoint manager after %s failed: %s",
+            type(exc).__name__,
+            close_error,
+        )
+        exc.add_note(
+            f"distckpt: closing the checkpoint manager also failed: {describe_error(close_error)}"
+        )

@@ -1,0 +1,183 @@
+"""The health of a :class:`~distckpt.coord.Coordinator`'s private group: what a failed
+collective does to it (the group marked broken, the failure reported to the other ranks and
+theirs read), the error every rank raises for it, and the group's replacement.
+
+A module of its own because it is the failure path of every verb, which none of the verbs
+needs to be read with; :class:`GroupHealth` is a base of the coordinator, whose module doc
+says when a group breaks and when the ranks replace it.
+"""
+
+from __future__ import annotations
+
+import torch.distributed as dist
+
+from distckpt import errors
+from distckpt.coord_groups import (
+    PeerFailures,
+    is_registered,
+    peer_failures,
+    report_failure,
+    retire_private_group,
+    take_private_group,
+)
+from distckpt.errors import (
+    CoordinationError,
+    CoordinationTimeout,
+    ProcessGroupDestroyed,
+    describe_error,
+)
+
+#: gloo's own words for a collective that ran out of time. torch raises them as a plain
+#: RuntimeError (no DistBackendError, no TimeoutError), so gloo's message is what tells a timeout
+#: from a peer that died; after a timeout gloo closes the pair, and the next collective on the
+#: group fails with the second message.
+GLOO_TIMEOUT_MESSAGES = ("Timed out waiting", "Application timeout caused pair closure")
+
+
+#: How long a rank whose first collective of an operation (after the first operation) failed
+#: without timing out (a peer closed the connection) waits for that peer's failure report
+#: (:func:`~distckpt.coord_groups.peer_failures`): a live peer writes it right after closing; a
+#: dead one never does, and then the error is raised this much later. Capped by the
+#: coordinator's timeout. Every other failed collective reads the reports once, without
+#: waiting.
+PEER_REPORT_WAIT = 2.0
+
+
+def is_timeout(exc: BaseException) -> bool:
+    """Whether a failed collective ran out of time (rather than losing a peer)."""
+    if isinstance(exc, TimeoutError):
+        return True
+    return isinstance(exc, RuntimeError) and any(m in str(exc) for m in GLOO_TIMEOUT_MESSAGES)
+
+
+def check_timeout(timeout: object) -> float:
+    """``timeout`` as seconds, refused unless a positive number gloo can take."""
+    if (
+        isinstance(timeout, bool)
+        or not isinstance(timeout, (int, float))
+        or not 0 < timeout < 10**7
+    ):
+        raise errors.InvalidArgument(
+            f"timeout must be a positive number of seconds, not {timeout!r}"
+        )
+    return float(timeout)
+
+
+class GroupHealth:
+    """The failure handling of a coordinator's group (a base of
+    :class:`~distckpt.coord.Coordinator`, which sets these attributes)."""
+
+    timeout: float
+    rank: int
+    world_size: int
+    _group: dist.ProcessGroup | None
+    _ranks: tuple[int, ...]
+    #: whether a collective failed on the group (it is then replaced before the next one)
+    _broken: bool
+    #: the operation the last collective belonged to, counted alike on every rank
+    _operation: int
+    #: whether no collective of the current operation has completed on this rank yet
+    _first_of_operation: bool
+
+    def _fail(self, exc: Exception) -> PeerFailures:
+        """Mark the group broken after ``exc``, report it to the other ranks and return what
+        they reported (waiting briefly for it unless this rank timed out itself: a peer that
+        closed the connection reports why a moment later)."""
+        if isinstance(exc, ProcessGroupDestroyed):
+            raise exc
+        group = self._group
+        assert group is not None
+        if not is_registered(group):
+            raise self._destroyed() from exc
+        self._broken = True
+        timed_out = is_timeout(exc)
+        report_failure(group, operation=self._operation, timed_out=timed_out)
+        # Only the first collective of an operation after the first one can have failed for a
+        # peer's failure of the operation before (see the module doc), whose report may still
+        # be on its way; anywhere else the reports are read once, so that a survivor of a dead
+        # peer (which never reports) raises at once.
+        may_follow_a_failure = self._first_of_operation and self._operation > 1
+        return peer_failures(
+            group,
+            operation=self._operation,
+            timed_out_here=timed_out,
+            wait=min(PEER_REPORT_WAIT, self.timeout)
+            if may_follow_a_failure and not timed_out
+            else 0.0,
+        )
+
+    def _error(self, what: str, exc: Exception, peers: PeerFailures) -> CoordinationError:
+        """The error of a failed collective: :class:`CoordinationTimeout` when it timed out
+        here, or when a peer reports having timed out in this operation (which closed the
+        connection this rank then found closed)."""
+        if is_timeout(exc):
+            hint = (
+                f"another rank died, hung or stopped calling distckpt in step with this one "
+                f"(timeout {self.timeout:g} s)"
+            )
+        elif peers.timed_out:
+            hint = (
+                f"another rank gave up waiting for this one after the timeout "
+                f"({self.timeout:g} s) and closed the connection: this rank came late"
+            )
+        else:
+            hint = (
+                f"another rank died, failed a collective before or stopped calling distckpt "
+                f"in step with this one (timeout {self.timeout:g} s)"
+            )
+        error_type = (
+            CoordinationTimeout if is_timeout(exc) or peers.timed_out else CoordinationError
+        )
+        return error_type(
+            f"{what}: the collective among {self.world_size} ranks failed on rank "
+            f"{self.rank}; {hint}: {describe_error(exc)}",
+            rank=self.rank,
+        )
+
+    def _destroyed(self) -> ProcessGroupDestroyed:
+        """The error of a collective whose group ``destroy_process_group()`` destroyed."""
+        return ProcessGroupDestroyed(
+            "the process group was destroyed (torch.distributed.destroy_process_group()) "
+            "while distckpt still had collectives to run, such as an async save's commit: call "
+            "mgr.wait() or mgr.close() on every manager before destroy_process_group()",
+            rank=self.rank,
+        )
+
+    def _still_broken(self, what: str) -> CoordinationError:
+        """The error of a background twin's collective on a group broken earlier: the twin
+        never makes a group itself (see :meth:`spawn`); its owner renews it first."""
+        return CoordinationError(
+            f"{what}: a collective of the background save before failed, and its gloo group "
+            "is renewed only by the next save's call, in step with the other ranks",
+            rank=self.rank,
+        )
+
+    @property
+    def broken(self) -> bool:
+        """Whether a collective failed on the group here (it is replaced before the next)."""
+        return self._broken
+
+    def renew(self) -> None:
+        """Replace the group with a fresh one now, made with every other rank, which must
+        call this at the same point (collective); for a background twin, whose own thread
+        never makes groups (see :meth:`spawn`)."""
+        if self._group is not None:
+            self._renew_group("renewing the background save's group")
+
+    def _renew_group(self, what: str) -> None:
+        """Replace the broken group with a fresh one, made with every other rank (each renews
+        before the same operation's collectives; see the module doc), and retire it."""
+        broken = self._group
+        assert broken is not None
+        if not is_registered(broken):
+            raise self._destroyed()
+        try:
+            fresh = take_private_group(self._ranks, self.timeout)
+        except CoordinationError as exc:  # still broken: the next call tries again
+            raise type(exc)(
+                f"{what}: a collective failed earlier, and replacing distckpt's gloo group "
+                f"with the other ranks failed too (a rank died or is no longer in step): {exc}",
+                rank=self.rank,
+            ) from exc
+        retire_private_group(broken)
+        self._group, self._broken = fresh, False

@@ -1,0 +1,70 @@
+"""The preemption signals' handlers (``save_on_signal``): a manager that closes puts back what
+it replaced only where its own handler is still the one installed, whatever order managers
+close in and whatever else fails in close(). Real signals, sent to this process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from types import FrameType
+
+import pytest
+
+import distckpt
+
+SIGNAL = signal.SIGUSR1
+
+
+@pytest.fixture
+def programs_own_handler() -> Iterator[list[int]]:
+    """A handler the program installed before any manager: what must be there in the end."""
+    received: list[int] = []
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        received.append(signum)
+
+    previous = signal.signal(SIGNAL, handler)
+    try:
+        yield received
+    finally:
+        signal.signal(SIGNAL, previous)
+
+
+def _deliver() -> None:
+    os.kill(os.getpid(), SIGNAL)
+    time.sleep(0.05)  # Python runs the handler at its next check, in this (main) thread
+
+
+def test_closing_managers_out_of_creation_order_keeps_the_open_ones_handler(
+    tmp_path: Path, programs_own_handler: list[int]
+) -> None:
+    first = distckpt.CheckpointManager(tmp_path / "a", save_on_signal=(SIGNAL,))
+    second = distckpt.CheckpointManager(tmp_path / "b", save_on_signal=(SIGNAL,))
+    first.close()  # not in reverse order of creation
+    _deliver()
+    assert second._signals.is_set()  # the open manager still hears the signal
+    assert programs_own_handler == []
+    second.close()
+    _deliver()
+    assert programs_own_handler == [SIGNAL]  # the program's handler is back, not the first's
+
+
+def test_close_restores_the_handler_even_when_releasing_the_root_fails(
+    tmp_path: Path, programs_own_handler: list[int]
+) -> None:
+    mgr = distckpt.CheckpointManager(tmp_path, save_on_signal=(SIGNAL,))
+    release = mgr._store.close
+
+    def failing_release() -> None:
+        release()
+        # Replaced: no real root makes releasing its lease fail on demand here.
+        raise OSError("the lease file's filesystem went away")
+
+    mgr._store.close = failing_release  # type: ignore[method-assign]
+    with pytest.raises(OSError, match="went away"):
+        mgr.close()
+    _deliver()
+    assert programs_own_handler == [SIGNAL]
