@@ -303,6 +303,32 @@ def _rank_1_dies_in_the_write(rank: int, world_size: int, root: str) -> tuple[st
         faults.hit = real_hit
 
 
+def _rank_1_dies_between_calls(rank: int, world_size: int, root: str) -> tuple[str, float]:
+    """Rank 1 is killed after save(1) returned, having noted the instant; rank 0 returns the
+    class of save(2)'s error and when it raised."""
+    manager = distckpt.CheckpointManager(root, timeout=TIMEOUT * 100)
+    manager.save(1, {"w": torch.zeros(4)})
+    if rank == 1:
+        Path(root, "killed_at").write_text(repr(time.monotonic()))
+        os.kill(os.getpid(), signal.SIGKILL)
+    time.sleep(0.5)  # the peer is gone before this call starts
+    with pytest.raises(distckpt.CoordinationError) as failed:
+        manager.save(2, {"w": torch.zeros(4)})
+    return type(failed.value).__name__, time.monotonic()
+
+
+def test_a_survivor_of_a_rank_dead_between_calls_raises_at_its_next_call_within_seconds(
+    tmp_path: Path,
+) -> None:
+    """docs/faults.md: a peer that died between two calls is noticed at the next call within
+    about PEER_REPORT_WAIT, not after the manager's timeout."""
+    results = run_ranks(_rank_1_dies_between_calls, 2, str(tmp_path), expect_killed=True)
+    [(error_type, raised_at)] = values(results)
+    killed_at = float((tmp_path / "killed_at").read_text())
+    assert error_type == "CoordinationError"
+    assert raised_at - killed_at < PEER_REPORT_WAIT + 0.5 + 5.0  # the timeout: 300 s
+
+
 def test_a_survivor_of_a_dead_rank_raises_within_a_fraction_of_a_second(tmp_path: Path) -> None:
     """docs/faults.md: "gloo notices a dead peer's closed socket at once, so a survivor raises
     CoordinationError within a fraction of a second"."""
