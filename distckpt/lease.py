@@ -53,10 +53,12 @@ import uuid
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
+import filelock
+
 from distckpt.errors import CheckpointError, InvalidArgument, LauncherGone, LeaseLost, RootInUse
 from distckpt.fsutil import atomic_write_bytes
 from distckpt.layout import RootLayout
-from distckpt.lock import Flock, _unsupported, locks_local_to_machine
+from distckpt.lock import _flock, _unsupported, locks_local_to_machine
 
 logger = logging.getLogger("distckpt")
 
@@ -195,14 +197,16 @@ def _read_record(root: Path) -> LeaseHolder | None:
         return None
 
 
-def _try_lock(path: Path, timeout: float) -> Flock | None:
+def _try_lock(path: Path, timeout: float) -> filelock.BaseFileLock | None:
     """The lease lock taken within ``timeout`` seconds, or None if another process holds it."""
-    lock = Flock(path)
+    lock = _flock(path, timeout)
     try:
-        taken = lock.acquire(timeout)
-    except OSError as exc:
+        lock.acquire()
+    except filelock.Timeout:
+        return None
+    except (OSError, NotImplementedError) as exc:
         raise _unsupported(path, exc) from exc
-    return lock if taken else None
+    return lock
 
 
 def _in_use(root: Path, holder: LeaseHolder | None, why: str) -> RootInUse:
@@ -225,10 +229,12 @@ class RootLease:
     """The lease of one root, held from :meth:`acquire` to :meth:`release` (also a context
     manager). Thread-safe to :meth:`check_current` from any thread."""
 
-    def __init__(self, root: Path, lock: Flock, holder: LeaseHolder) -> None:
+    def __init__(self, root: Path, lock: filelock.BaseFileLock, holder: LeaseHolder) -> None:
         self.root = root
         self.holder = holder
-        self._lock: Flock | None = lock
+        self._lock: filelock.BaseFileLock | None = lock
+        #: the process that took the lease: in its forked children, release leaves it alone
+        self._owner_pid = os.getpid()
 
     @classmethod
     def acquire(cls, root: str | os.PathLike[str], *, wait: float = 0.0) -> RootLease:
@@ -256,7 +262,9 @@ class RootLease:
             time.sleep(min(_RETRY_INTERVAL, max(deadline - time.monotonic(), 0)))
 
     @classmethod
-    def _claim(cls, root: Path, lock: Flock, previous: LeaseHolder | None) -> RootLease:
+    def _claim(
+        cls, root: Path, lock: filelock.BaseFileLock, previous: LeaseHolder | None
+    ) -> RootLease:
         if previous is not None and previous.held:
             logger.info("taking over the lease of %s from dead %s", root, previous.describe())
         holder = LeaseHolder(
@@ -311,7 +319,7 @@ class RootLease:
         """Mark the record released (if it is still ours) and drop the lock. Idempotent. In a
         forked child of the holder it only forgets the lease: the lease is the parent's."""
         lock, self._lock = self._lock, None
-        if lock is None or lock.inherited:
+        if lock is None or self._owner_pid != os.getpid():
             return
         try:
             current = _read_record(self.root)

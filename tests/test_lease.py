@@ -39,7 +39,7 @@ from distckpt.lease import (
     this_host,
     this_process_host,
 )
-from distckpt.lock import WriterLock, locks_local_to_machine
+from distckpt.lock import RootLock, WriterLock, locks_local_to_machine
 from tests.filesystems import MountFactory
 
 STARTUP = 30.0  # a process that has not answered by then counts as hung (a loaded machine)
@@ -202,11 +202,15 @@ def test_a_forked_child_of_the_holder_does_not_keep_the_lease(root: Path) -> Non
     if holder_pid == 0:  # the holder: takes the lease, forks a long-lived child, dies
         try:
             lease = RootLease.acquire(root)  # referenced: held until the holder dies
-            child_pid = os.fork()
-            if child_pid == 0:
+            if os.fork() == 0:
+                # written once the fork's hooks have run in the child: the holder dies after
+                # that, not in the instant before the child has closed its copies
+                atomic_write_bytes(child_pid_file, str(os.getpid()).encode(), fsync=False)
                 time.sleep(STARTUP)
             else:
-                child_pid_file.write_text(str(child_pid))
+                deadline = time.monotonic() + STARTUP
+                while not child_pid_file.exists() and time.monotonic() < deadline:
+                    time.sleep(0.01)
         finally:
             os._exit(0)
     os.waitpid(holder_pid, 0)
@@ -274,6 +278,81 @@ def test_a_forked_child_exiting_leaves_the_holders_locks_held(root: Path) -> Non
     finally:
         holder.kill()
         holder.wait(timeout=STARTUP)
+
+
+_FORKING_WHILE_LOCKING = textwrap.dedent(
+    """
+    import os, sys, threading, time
+    from pathlib import Path
+    from distckpt.lock import WriterLock
+
+    scratch, rounds = Path(sys.argv[1]), int(sys.argv[2])
+    children_holding = 0
+    for round_ in range(rounds):
+        writer = WriterLock(scratch / f"step-{round_:08d}.feedface")
+        ready = threading.Barrier(2)
+
+        def take() -> None:
+            ready.wait()
+            writer.acquire()
+
+        taker = threading.Thread(target=take)
+        taker.start()
+        ready.wait()
+        # the fork lands at another point of the other thread's acquire in each round
+        time.sleep((round_ % 40) * 2e-6)
+        child = os.fork()
+        if child == 0:
+            lock_file = os.path.realpath(writer.path)
+            fds = os.listdir("/proc/self/fd")
+            held = [fd for fd in fds if os.path.realpath(f"/proc/self/fd/{fd}") == lock_file]
+            os._exit(1 if held else 0)
+        _, status = os.waitpid(child, 0)
+        children_holding += os.waitstatus_to_exitcode(status)
+        taker.join()
+        writer.release()
+    print(children_holding, flush=True)
+    """
+)
+
+
+def test_a_child_forked_while_another_thread_takes_a_lock_holds_no_copy_of_it(
+    tmp_path: Path,
+) -> None:
+    """A fork while another thread of the holder is taking a lock (between opening the lock
+    file and locking it, or right after) leaves the child no descriptor of that lock: a child
+    holding one would keep the lock after the holder died."""
+    rounds = 40
+    done = subprocess.run(
+        [sys.executable, "-c", _FORKING_WHILE_LOCKING, os.fspath(tmp_path), str(rounds)],
+        capture_output=True,
+        text=True,
+        timeout=STARTUP * 2,
+    )
+    assert done.returncode == 0, done.stderr
+    assert int(done.stdout) == 0, f"{done.stdout.strip()} of {rounds} children held the lock"
+
+
+def test_lock_files_are_created_as_the_umask_allows(tmp_path: Path) -> None:
+    """The lock files (commit, lease, writer) get the mode the process's umask leaves of
+    0o666, as any file it creates: a root shared by a group (umask 002) stays writable by the
+    group's other members, who must open the lock files to take the locks."""
+    root = tmp_path / "root"
+    root.mkdir()
+    staging = RootLayout(root).staging_root / "step-00000001.feedface"
+    staging.parent.mkdir()
+    previous = os.umask(0o002)
+    try:
+        with RootLease.acquire(root), RootLock(RootLayout(root).lock_path, timeout=STARTUP):
+            writer = WriterLock(staging)
+            writer.acquire()
+            writer_mode = writer.path.stat().st_mode & 0o777
+            writer.release()
+    finally:
+        os.umask(previous)
+    assert writer_mode == 0o664
+    assert (RootLayout(root).lease_lock_path.stat().st_mode & 0o777) == 0o664
+    assert (RootLayout(root).lock_path.stat().st_mode & 0o777) == 0o664
 
 
 def _on_another_host() -> tuple[str, ...]:
