@@ -2,11 +2,10 @@
 
 A job that writes a root holds its lease for as long as its manager is open: rank 0 holds an
 ``flock`` on ``root/.lease`` (the kernel drops it when the process dies) and has written a
-record, ``root/.lease.json``, naming the holder: host (with its PID namespace and boot:
-:func:`this_process_host`), pid, job id (``TORCHELASTIC_RUN_ID``,
-else ``SLURM_JOB_ID``), start time (UTC), a random token and a *generation*, one more than the
-previous holder's. Nothing here uses ``torch.distributed``; the manager decides which rank
-calls what.
+record, ``root/.lease.json``, naming the holder: host (the hostname), the machine's boot id,
+pid, job id (``TORCHELASTIC_RUN_ID``, else ``SLURM_JOB_ID``), start time (UTC), a random token
+and a *generation*, one more than the previous holder's. Nothing here uses
+``torch.distributed``; the manager decides which rank calls what.
 
 * **Exclusion.** :meth:`RootLease.acquire` of a root whose lock is held raises
   :class:`~distckpt.RootInUse` naming the holder, or waits up to ``wait`` seconds for it to end.
@@ -33,8 +32,8 @@ Limits, per filesystem (the lock is the same kind as :mod:`distckpt.lock`'s):
   by each machine alone, so the lease cannot be exclusive across machines. distckpt detects these
   mounts (``/proc/self/mountinfo``) and then refuses a root whose record names a holder on
   another machine that has not released it, since it cannot tell whether that holder is alive
-  (another machine: any host but :func:`this_process_host` exactly, so a machine with the same
-  hostname, such as a pod recreated on another node, counts as another one);
+  (another machine: another hostname, or this hostname with another boot id, such as a pod
+  recreated on another node: :meth:`LeaseHolder.on_this_machine`);
   an operator who knows it is dead runs ``distckpt lease ROOT --break``. Two jobs starting on two
   machines within the same instant can both pass that check: the record is written once by each,
   read back, and the loser of that race is fenced at its first commit; commits themselves are
@@ -53,10 +52,12 @@ import uuid
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
+import filelock
+
 from distckpt.errors import CheckpointError, InvalidArgument, LauncherGone, LeaseLost, RootInUse
 from distckpt.fsutil import atomic_write_bytes
 from distckpt.layout import RootLayout
-from distckpt.lock import Flock, _unsupported, locks_local_to_machine
+from distckpt.lock import _flock, _unsupported, locks_local_to_machine
 
 logger = logging.getLogger("distckpt")
 
@@ -98,9 +99,10 @@ def this_process_host() -> str:
 
     A container with the host's network shares its hostname but may have its own PID
     namespace, where the same pid names another process or none; a reboot reuses pids too.
-    Both are folded into the host string rather than written as fields of their own, so that
-    a record keeps the keys older versions decode: to them it is simply another host, whose
-    holder they wait out."""
+    Both are folded into the host string of the s3 store's records, whose writers are judged
+    by their pid. A POSIX lease record keeps the plain hostname and a boot id of its own
+    (:attr:`LeaseHolder.boot_id`): its holder is judged by its ``flock``, which is kept per
+    kernel, so a PID namespace changes nothing there."""
     namespace, boot = _pid_namespace(), _boot_id()
     if namespace is None or boot is None:
         return this_host()
@@ -142,12 +144,25 @@ class LeaseHolder:
     token: str
     released_utc: str | None = None
     broken_utc: str | None = None
+    #: the holder machine's boot id (:func:`_boot_id`), None where ``/proc`` did not say or
+    #: in an older version's record. A key of its own, not folded into ``host``: older
+    #: versions ignore keys they do not know and compare ``host`` with their hostname.
+    boot_id: str | None = None
     alive: bool | None = None
 
     @property
     def held(self) -> bool:
         """Whether the record still claims the root (not released, not broken)."""
         return self.released_utc is None and self.broken_utc is None
+
+    def on_this_machine(self) -> bool:
+        """Whether the holder ran on this machine (its hostname, and its boot id where the
+        record has one), so that this machine's lock tells whether it lives. ``flock`` is kept
+        per kernel, so a holder in another PID namespace (a container) of this machine is
+        on it too; the pid is not compared, only shown."""
+        if self.host != this_host():
+            return False
+        return self.boot_id is None or self.boot_id == _boot_id()
 
     def describe(self) -> str:
         """``job J on host H, pid P, since T (generation G)``."""
@@ -195,14 +210,16 @@ def _read_record(root: Path) -> LeaseHolder | None:
         return None
 
 
-def _try_lock(path: Path, timeout: float) -> Flock | None:
+def _try_lock(path: Path, timeout: float) -> filelock.BaseFileLock | None:
     """The lease lock taken within ``timeout`` seconds, or None if another process holds it."""
-    lock = Flock(path)
+    lock = _flock(path, timeout)
     try:
-        taken = lock.acquire(timeout)
-    except OSError as exc:
+        lock.acquire()
+    except filelock.Timeout:
+        return None
+    except (OSError, NotImplementedError) as exc:
         raise _unsupported(path, exc) from exc
-    return lock if taken else None
+    return lock
 
 
 def _in_use(root: Path, holder: LeaseHolder | None, why: str) -> RootInUse:
@@ -216,7 +233,7 @@ def _unknowable_elsewhere(root: Path, holder: LeaseHolder | None) -> bool:
     return (
         holder is not None
         and holder.held
-        and not is_this_process_host(holder.host)
+        and not holder.on_this_machine()
         and locks_local_to_machine(root)
     )
 
@@ -225,10 +242,12 @@ class RootLease:
     """The lease of one root, held from :meth:`acquire` to :meth:`release` (also a context
     manager). Thread-safe to :meth:`check_current` from any thread."""
 
-    def __init__(self, root: Path, lock: Flock, holder: LeaseHolder) -> None:
+    def __init__(self, root: Path, lock: filelock.BaseFileLock, holder: LeaseHolder) -> None:
         self.root = root
         self.holder = holder
-        self._lock: Flock | None = lock
+        self._lock: filelock.BaseFileLock | None = lock
+        #: the process that took the lease: in its forked children, release leaves it alone
+        self._owner_pid = os.getpid()
 
     @classmethod
     def acquire(cls, root: str | os.PathLike[str], *, wait: float = 0.0) -> RootLease:
@@ -256,11 +275,14 @@ class RootLease:
             time.sleep(min(_RETRY_INTERVAL, max(deadline - time.monotonic(), 0)))
 
     @classmethod
-    def _claim(cls, root: Path, lock: Flock, previous: LeaseHolder | None) -> RootLease:
+    def _claim(
+        cls, root: Path, lock: filelock.BaseFileLock, previous: LeaseHolder | None
+    ) -> RootLease:
         if previous is not None and previous.held:
             logger.info("taking over the lease of %s from dead %s", root, previous.describe())
         holder = LeaseHolder(
-            host=this_process_host(),  # see is_this_process_host
+            host=this_host(),  # what older versions compare with their hostname
+            boot_id=_boot_id(),
             pid=os.getpid(),
             job_id=job_id_from_environment(),
             started_utc=_now_utc(),
@@ -311,7 +333,7 @@ class RootLease:
         """Mark the record released (if it is still ours) and drop the lock. Idempotent. In a
         forked child of the holder it only forgets the lease: the lease is the parent's."""
         lock, self._lock = self._lock, None
-        if lock is None or lock.inherited:
+        if lock is None or self._owner_pid != os.getpid():
             return
         try:
             current = _read_record(self.root)
@@ -372,14 +394,14 @@ def break_lease(root: str | os.PathLike[str]) -> LeaseHolder | None:
     marked broken and the lock file replaced, so that a lock that machine's death left behind
     (an NFS server's lease, a machine-local lock) no longer blocks, and the holder, if it lives
     after all, is fenced at its next commit. Returns the broken holder, or None if nobody held
-    it. A holder of this process's host (:func:`is_this_process_host`) is never broken: its lock
-    tells whether it lives; a live one is refused with :class:`~distckpt.RootInUse` (stop it
-    first)."""
+    it. A holder on this machine (:meth:`LeaseHolder.on_this_machine`, in any PID namespace)
+    is never broken: its lock tells whether it lives; a live one is refused with
+    :class:`~distckpt.RootInUse` (stop it first)."""
     root_path = Path(os.path.abspath(os.fspath(root)))
     holder = read_holder(root_path)
     if holder is None:
         return None
-    if is_this_process_host(holder.host):
+    if holder.on_this_machine():
         if holder.alive:
             raise _in_use(root_path, holder, ", on this machine and alive: stop it, not its lease")
         return holder  # dead: the next acquire takes over by itself

@@ -1,7 +1,7 @@
 """Locks between processes that share a root but no process group.
 
-Two mechanisms, both ``flock`` locks (:class:`Flock`), which the kernel drops when the holding
-process dies (so a crashed job never blocks its restarted successor):
+Two mechanisms, both ``flock``-style locks from the ``filelock`` package, which the kernel drops
+when the holding process dies (so a crashed job never blocks its restarted successor):
 
 * :class:`RootLock` (``root/.lock``) serialises everything that changes what is published in
   a root: commits, link swaps, retention, deletes, cleanup of leftovers.
@@ -27,24 +27,27 @@ restarted job). It never runs unlocked.
 A lock belongs to the process that took it, never to its forked children (a data loader
 worker, a ``multiprocessing`` pool): ``flock`` locks an open file description, which a fork
 shares, so a child holding its copy would keep the lock after its parent died, and a child
-unlocking its copy (at exit) would unlock the parent's. Every child therefore closes its copies
-at once (:func:`os.register_at_fork`) and can neither release nor keep its parent's locks.
+unlocking its copy (at exit) would unlock the parent's. ``filelock`` (from the version
+pyproject.toml requires) closes a child's copies at the fork, also of a lock another thread is
+taking right then, and its release in a child does nothing; the lease and the writer lock
+leave their record and lock file to the parent there too.
 """
 
 from __future__ import annotations
 
 import errno
-import fcntl
+import inspect
 import logging
 import os
 import re
 import threading
 import time
-import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Literal
+
+import filelock
 
 from distckpt.errors import CheckpointError, CoordinationTimeout
 from distckpt.layout import BEST, LAST, LEASE_RECORD_NAME, RootLayout
@@ -52,115 +55,28 @@ from distckpt.layout import BEST, LAST, LEASE_RECORD_NAME, RootLayout
 logger = logging.getLogger("distckpt")
 
 
-#: how often a lock held by another process is tried again while waiting for it
-_POLL_SECONDS = 0.05
-#: what ``flock(LOCK_NB)`` answers when another open file description holds the lock
-_HELD_BY_ANOTHER = {errno.EWOULDBLOCK, errno.EAGAIN}
+def _flock(path: Path, timeout: float) -> filelock.BaseFileLock:
+    """A ``filelock`` lock of ``path``, never the marker-file kind. filelock decides what a
+    fork does to it (see the module docstring and pyproject's floor of its version)."""
+    options: dict[str, object] = {"timeout": timeout, "thread_local": False}
+    if _HAS_SOFT_FALLBACK:
+        options["fallback_to_soft"] = False  # a marker file would outlive a crashed holder
+    return filelock.FileLock(os.fspath(path), **options)
 
 
-class Flock:
-    """An exclusive ``flock`` on one file, owned by the process that took it.
-
-    Not re-entrant and not for sharing between threads (:class:`RootLock` adds both). Its
-    descriptor is this object's own, so what a fork does to it is decided here and nowhere
-    else: a forked child closes its copy at once (:func:`_close_inherited_locks`) and its
-    :meth:`release` does nothing. The child never calls ``flock(LOCK_UN)``, which would unlock
-    the open file description it shares with its parent. Raises ``OSError`` where the file
-    cannot be opened or locked (see :func:`_unsupported`)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._fd: int | None = None
-        self._owner_pid = 0
-
-    @property
-    def held(self) -> bool:
-        """Whether this process holds the lock through this object."""
-        return self._fd is not None and self._owner_pid == os.getpid()
-
-    @property
-    def inherited(self) -> bool:
-        """Whether another process (the parent of this forked one) took this lock: this
-        object then holds nothing, and what the lock guards is that process's."""
-        return self._owner_pid not in (0, os.getpid())
-
-    def acquire(self, timeout: float) -> bool:
-        """Take the lock, waiting up to ``timeout`` seconds while another process holds it.
-        False when it still does; True when taken (or held already)."""
-        if self.held:
-            return True
-        deadline = time.monotonic() + max(timeout, 0.0)
-        while True:
-            if self._try_once():
-                return True
-            if time.monotonic() >= deadline:
-                return False
-            time.sleep(min(_POLL_SECONDS, max(deadline - time.monotonic(), 0.0)))
-
-    def _try_once(self) -> bool:
-        # O_NOFOLLOW: a symlink planted in the lock file's place must not make us create or
-        # lock a file elsewhere. The descriptor is not inherited across exec (PEP 446).
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            os.close(fd)
-            if exc.errno in _HELD_BY_ANOTHER:
-                return False
-            raise
-        self._fd, self._owner_pid = fd, os.getpid()
-        _held_locks.add(self)
-        return True
-
-    def release(self) -> None:
-        """Unlock and close. In a process that did not take the lock (a forked child whose
-        copy was not closed at the fork) only close: unlocking there would unlock the owner."""
-        fd, self._fd = self._fd, None
-        _held_locks.discard(self)
-        if fd is None:
-            return
-        try:
-            if self._owner_pid == os.getpid():
-                fcntl.flock(fd, fcntl.LOCK_UN)
-        finally:
-            os.close(fd)
-
-    def forget_inherited(self) -> None:
-        """In a forked child: close this process's copy of the descriptor without unlocking,
-        so the lock stays its parent's and ends with it; this object holds nothing from now."""
-        fd, self._fd = self._fd, None
-        if fd is not None:
-            os.close(fd)
-
-    def __del__(self) -> None:
-        # A lock dropped without release (an exception between acquire and its owner): give it
-        # back, as the kernel would at exit; in a forked child only close the copy.
-        if self._fd is not None:
-            self.release()
+_HAS_SOFT_FALLBACK = "fallback_to_soft" in inspect.signature(filelock.FileLock).parameters
 
 
 def _held_elsewhere(path: Path) -> bool:
     """Whether another process holds the lock of ``path`` (probed for an instant); ``OSError``
-    where it cannot be told."""
-    probe = Flock(path)
-    if not probe.acquire(0):
+    or ``NotImplementedError`` where it cannot be told."""
+    probe = _flock(path, 0)
+    try:
+        probe.acquire()
+    except filelock.Timeout:
         return True
     probe.release()
     return False
-
-
-#: every :class:`Flock` this process holds, for the fork hook (weak: a dropped lock is freed)
-_held_locks: weakref.WeakSet[Flock] = weakref.WeakSet()
-
-
-def _close_inherited_locks() -> None:
-    """After a fork, in the child: none of the parent's locks stay held by the child."""
-    for lock in list(_held_locks):
-        lock.forget_inherited()
-    _held_locks.clear()
-
-
-os.register_at_fork(after_in_child=_close_inherited_locks)
 
 
 _NO_FLOCK = {errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP}
@@ -183,7 +99,7 @@ class RootLock:
     def __init__(self, path: Path, *, timeout: float) -> None:
         self.path = path
         self.timeout = timeout
-        self._lock = Flock(path)
+        self._lock = _flock(path, timeout)
         # flock excludes other processes only; an async save's commit thread and the
         # training thread of one process are kept apart by this.
         self._threads = threading.RLock()
@@ -208,14 +124,14 @@ class RootLock:
 
     def _acquire_file_lock(self) -> None:
         try:
-            taken = self._lock.acquire(self.timeout)
-        except OSError as exc:
-            raise _unsupported(self.path, exc) from exc
-        if not taken:
+            self._lock.acquire()
+        except filelock.Timeout as exc:
             raise CoordinationTimeout(
                 f"could not take the commit lock {self.path} within {self.timeout:g} s: another "
                 "process (a second job or a maintenance command on the same root) holds it"
-            )
+            ) from exc
+        except (OSError, NotImplementedError) as exc:
+            raise _unsupported(self.path, exc) from exc
 
     def __exit__(
         self,
@@ -236,15 +152,18 @@ class WriterLock:
 
     def __init__(self, staging_dir: Path) -> None:
         self.path = RootLayout.writer_lock_path(staging_dir)
-        self._lock = Flock(self.path)
+        self._lock = _flock(self.path, 0)
+        #: the process that took the lock: in its forked children, release leaves it alone
+        self._owner_pid = 0
 
     def acquire(self) -> None:
         try:
-            taken = self._lock.acquire(0)
-        except OSError as exc:
+            self._lock.acquire()
+        except filelock.Timeout as exc:
+            raise CheckpointError(f"staging {self.path} is locked by another writer") from exc
+        except (OSError, NotImplementedError) as exc:
             raise _unsupported(self.path, exc) from exc
-        if not taken:
-            raise CheckpointError(f"staging {self.path} is locked by another writer")
+        self._owner_pid = os.getpid()
 
     def release(self) -> None:
         """Remove the lock file, then release the lock.
@@ -259,10 +178,11 @@ class WriterLock:
 
         In a forked child of the writer it does nothing: the lock file and the lock are the
         parent's, which may still be writing the dir."""
-        if self._lock.inherited:
+        if self._owner_pid not in (0, os.getpid()):
             return
         self.path.unlink(missing_ok=True)
-        self._lock.release()
+        if self._lock.is_locked:
+            self._lock.release()
 
     @staticmethod
     def writer_is_alive(staging_dir: Path) -> bool:
@@ -347,7 +267,7 @@ def _lease_held_elsewhere(root: Path) -> bool:
     """Whether another process holds the root's lease lock (probed for an instant)."""
     try:
         return _held_elsewhere(RootLayout.at(root).lease_lock_path)
-    except OSError:
+    except (OSError, NotImplementedError):
         return True  # cannot tell (a read-only mount, no flock): leave the file to its age
 
 

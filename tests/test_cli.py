@@ -6,6 +6,7 @@ import contextlib
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -202,6 +203,33 @@ def test_gc_removes_dead_writers_only(root: Path) -> None:
         assert not dead.exists() and live.exists()
     finally:
         lock.release()
+
+
+def test_gc_reports_a_dead_writers_staging_dir_removed_only_once_deleted(root: Path) -> None:
+    """A dead writer's staging dir goes into the trash, then is deleted; where the delete
+    fails, gc reports what is left in the trash, not the staging dir as removed."""
+    chattr = shutil.which("chattr")
+    if chattr is None or os.geteuid() != 0:
+        pytest.skip("needs chattr(1) and root to make a file that cannot be deleted")
+    dead = root / ".staging" / "step-00000040.dead"
+    (dead / "rank").mkdir(parents=True)
+    undeletable = dead / "rank" / "shard.pt"
+    undeletable.write_bytes(b"x")
+    # immutable: its dir can still be moved into the trash, but the file cannot be deleted
+    subprocess.run([chattr, "+i", os.fspath(undeletable)], check=True)
+    try:
+        out = run("gc", str(root), "--json")
+        assert out.returncode == 0, out.stderr
+        report = json.loads(out.stdout)
+        assert os.fspath(dead) not in report["removed"] and not dead.exists()
+        left = [item["path"] for item in report["left"] if item["kind"] == "trash"]
+        assert [Path(path).name.startswith(dead.name + ".") for path in left] == [True]
+    finally:
+        for held in root.glob(".trash/*/rank/shard.pt"):
+            subprocess.run([chattr, "-i", os.fspath(held)], check=True)
+    out = run("gc", str(root), "--json")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == {"removed": left, "left": []}
 
 
 _SAVING_JOB = """

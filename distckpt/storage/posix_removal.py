@@ -92,8 +92,8 @@ class Removals:
         self._refuse_if_read_only("collect leftovers")
         with self._lock:
             self._check_lease()
-            removed, trash_found = self._remove_leftovers()
-        removed = self._removed_at_open + removed + self._empty_found_trash(trash_found)
+            removed, in_trash = self._remove_leftovers()
+        removed = self._removed_at_open + removed + self._empty_found_trash(in_trash)
         self._removed_at_open = []  # reported once
         return removed
 
@@ -105,8 +105,8 @@ class Removals:
                 self._empty_trash()
                 return
             with self._lock:
-                removed, trash_found = self._remove_leftovers()
-            self._removed_at_open = removed + self._empty_found_trash(trash_found)
+                removed, in_trash = self._remove_leftovers()
+            self._removed_at_open = removed + self._empty_found_trash(in_trash)
             self._leftovers_checked = True
         except Exception as exc:  # the outcome was told already: a removal never fails it
             logger.warning("could not tidy %s (tried again later): %s", self.root, exc)
@@ -118,14 +118,16 @@ class Removals:
             return []
         return [entry for entry in self.layout.trash_root.iterdir() if self._remove_quietly(entry)]
 
-    def _empty_found_trash(self, found: list[Path]) -> list[CheckpointLocation]:
+    def _empty_found_trash(self, in_trash: dict[Path, Path]) -> list[CheckpointLocation]:
         """After a cleanup, outside the lock: empty the trash (the dead writers' staging dirs
-        the cleanup moved there included). Returns those of ``found``, the entries the cleanup
-        found in the trash, that it deleted: a cleanup reports them as removed."""
+        the cleanup moved there included). ``in_trash`` maps the trash entries the cleanup
+        found or made to what it reports for each (the entry itself, or the staging dir moved
+        there); returns the reports of those whose entry it deleted. One it could not delete
+        stays in the trash, a leftover for the next cleanup, not reported as removed."""
         deleted = set(self._empty_trash())
-        return [entry for entry in found if entry in deleted]
+        return [report for entry, report in in_trash.items() if entry in deleted]
 
-    def _remove_leftovers(self) -> tuple[list[CheckpointLocation], list[Path]]:
+    def _remove_leftovers(self) -> tuple[list[CheckpointLocation], dict[Path, Path]]:
         """Under the lock: staging dirs whose writer is dead, orphaned lock files, and the
         probes and links under construction a killed process left in the root (made under the
         lock only, so whoever made one is gone). A live writer's staging is never touched. A
@@ -133,11 +135,11 @@ class Removals:
         as it is: deleting a large save's files takes seconds, during which the lock would
         keep every other writer from committing (a live job's save failing with "could not
         take the commit lock"); the caller empties the trash after releasing the lock
-        (:meth:`_empty_found_trash`). Returns what it removed or moved into the trash (reported
-        as removed: gone from the root, its bytes deleted by that emptying), and the entries it
-        found in the trash."""
+        (:meth:`_empty_found_trash`). Returns what it removed, and the trash entries it found or
+        made, each mapped to what to report once that emptying deleted it: the entry, or the
+        staging dir moved there."""
         removed: list[CheckpointLocation] = []
-        trash_found: list[Path] = []
+        in_trash: dict[Path, Path] = {}
         holds_lease = self._lease is not None and self._lease.held
         for leftover in find_leftovers(self.layout, locked=True, holds_lease=holds_lease):
             path = Path(leftover.path)
@@ -150,28 +152,29 @@ class Removals:
             elif leftover.kind == "lock":
                 path.unlink(missing_ok=True)
             elif leftover.kind == "trash":
-                trash_found.append(path)  # deleted with the rest of the trash, after the lock
+                in_trash[path] = path  # deleted with the rest of the trash, after the lock
             elif leftover.kind == "staging":
                 logger.info("removing %s, left by a writer that died", path)
-                if self._trash_quietly(path):
+                entry = self._trash_quietly(path)
+                if entry is not None:
                     WriterLock(path).release()  # removes its lock file
-                    removed.append(path)
+                    in_trash[entry] = path
             elif self._remove_quietly(path):
                 removed.append(path)
-        return removed, trash_found
+        return removed, in_trash
 
-    def _trash_quietly(self, staging: Path) -> bool:
-        """Move a dead writer's staging dir into the trash, under the lock; a failure is
-        reported, not raised, as in :meth:`_remove_quietly`."""
+    def _trash_quietly(self, staging: Path) -> Path | None:
+        """Move a dead writer's staging dir into the trash, under the lock: its entry there, or
+        None if it could not be moved (or was gone); a failure is reported, not raised, as in
+        :meth:`_remove_quietly`."""
         try:
             faults.hit("during_staging_cleanup", COMMITTING_RANK)
-            move_to_trash(staging, self.layout.trash_root, fsync=self.fsync)
+            return move_to_trash(staging, self.layout.trash_root, fsync=self.fsync)
         except Exception as exc:
             logger.warning(
                 "could not remove leftover %s (tried again at next start): %s", staging, exc
             )
-            return False
-        return True
+            return None
 
     def _remove_quietly(self, leftover: Path) -> bool:
         """Remove a leftover; one that cannot be removed is reported, not raised, so it can
