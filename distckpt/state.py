@@ -64,6 +64,21 @@ def storage_sizes(state: Any) -> list[int]:
     return sizes
 
 
+def byte_string_bytes(state: Any) -> int:
+    """The length of every ``bytes`` / ``bytearray`` value of a nested state (through mappings,
+    lists, tuples and :class:`~distckpt.PerRank`): what a format writes for them besides the
+    tensors (the Lightning callback's states and loop state are saved as bytes)."""
+    if isinstance(state, (bytes, bytearray)):
+        return len(state)
+    if isinstance(state, PerRank):
+        return byte_string_bytes(state.value)
+    if isinstance(state, Mapping):
+        return sum(byte_string_bytes(item) for item in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(byte_string_bytes(item) for item in state)
+    return 0
+
+
 def local_tensors(state: Any) -> Iterator[torch.Tensor]:
     """The tensors of a nested state (through mappings, lists, tuples and
     :class:`~distckpt.PerRank`), in order; a DTensor as its local shard."""

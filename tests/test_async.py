@@ -16,7 +16,9 @@ import distckpt
 from distckpt import faults
 from distckpt.formats import format_named
 from distckpt.layout import TRASH_DIR_NAME, step_dir_name
+from distckpt.per_rank import PerRank
 from distckpt.snapshot import SnapshotBuffers
+from distckpt.state import to_plain
 from tests.ranks import Collected, run_ranks, values
 
 
@@ -357,6 +359,16 @@ def test_the_space_estimate_covers_what_the_save_writes(
     if fmt == "dcp":  # the expanded view in full, not its one row
         assert written >= state["expanded"].numel() * state["expanded"].element_size()
     assert estimate >= written
+
+
+@pytest.mark.parametrize("fmt", ["torch", "dcp"])
+def test_the_space_estimate_counts_values_saved_as_bytes(tmp_path: Path, fmt: str) -> None:
+    """Bytes values (the Lightning callback saves callback states and the loop state as the
+    torch.save bytes of them: an EMA copy of the weights, say) count in the estimate."""
+    blob = bytes(4 << 20)
+    state = {"w": torch.zeros(4), "extras": PerRank({"callbacks": blob})}
+    written_format = format_named(fmt)
+    assert written_format.estimate_bytes(to_plain(state, mark_per_rank=True)) >= len(blob)
 
 
 #: Elements of the state each rank saves while the process group is destroyed: 64 MiB, whose

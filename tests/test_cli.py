@@ -19,6 +19,7 @@ import torch
 import distckpt
 from distckpt import resolve
 from distckpt.cli import main
+from tests.filesystems import skip_or_fail
 
 
 def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
@@ -210,7 +211,7 @@ def test_gc_reports_a_dead_writers_staging_dir_removed_only_once_deleted(root: P
     fails, gc reports what is left in the trash, not the staging dir as removed."""
     chattr = shutil.which("chattr")
     if chattr is None or os.geteuid() != 0:
-        pytest.skip("needs chattr(1) and root to make a file that cannot be deleted")
+        skip_or_fail("needs chattr(1) and root to make a file that cannot be deleted")
     dead = root / ".staging" / "step-00000040.dead"
     (dead / "rank").mkdir(parents=True)
     undeletable = dead / "rank" / "shard.pt"

@@ -57,6 +57,7 @@ class DropsFrozenWeights(TinyModule):
     """Lightning's idiom for a fine-tune: leave the frozen weights out of the checkpoint."""
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.seen_at_save = sorted(checkpoint)
         checkpoint["state_dict"] = {
             key: value
             for key, value in checkpoint["state_dict"].items()
@@ -86,6 +87,7 @@ def test_on_save_checkpoint_sees_lightning_entries_and_its_changes_to_them_are_n
     is still saved whole, from the module itself: the frozen weights come back on resume."""
     first = DropsFrozenWeights()
     _fit(first, tmp_path, epochs=1)
+    assert first.seen_at_save == sorted(LIGHTNING_ENTRIES)  # all of them, as in Lightning's
     resumed = DropsFrozenWeights()
     trainer = _fit(resumed, tmp_path, epochs=1)  # nothing left to train: restores only
     assert trainer.callbacks[0].resumed_from == 2

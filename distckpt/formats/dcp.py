@@ -125,7 +125,14 @@ from distckpt.formats.dcp_storage import Planner, Reader, Writer
 from distckpt.formats.dcp_text_keys import check_restorable_keys, holds_containers
 from distckpt.manifest import FileRecord, Manifest
 from distckpt.model_state import ModelOptimizerState
-from distckpt.state import copy_containers, dtensor_type, element_bytes, remove_path, set_path
+from distckpt.state import (
+    byte_string_bytes,
+    copy_containers,
+    dtensor_type,
+    element_bytes,
+    remove_path,
+    set_path,
+)
 
 logger = logging.getLogger("distckpt")
 
@@ -295,7 +302,7 @@ class DcpFormat:
         # DCP writes every element of each tensor (an expanded view in full), not its storage,
         # whatever an async snapshot's buffers hold. Local shards only: replicated values are
         # written by one rank, so this over-counts.
-        return element_bytes(state) + _OVERHEAD_BYTES
+        return element_bytes(state) + byte_string_bytes(state) + _OVERHEAD_BYTES
 
     def write(self, state: Any, directory: Path, ctx: ShardContext) -> Mapping[str, FileRecord]:
         """Save this rank's part with ``dcp.save`` over ``ctx.group``; collective. Returns the

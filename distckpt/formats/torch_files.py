@@ -36,7 +36,7 @@ from distckpt.formats.raw_rank_file import estimate_file_bytes, write_rank_file
 from distckpt.formats.raw_rank_reader import load_rank_file
 from distckpt.layout import parse_rank_file_name, rank_file_name
 from distckpt.manifest import FileRecord, Manifest
-from distckpt.state import storage_sizes
+from distckpt.state import byte_string_bytes, storage_sizes
 
 #: The first manifest format version whose "torch" rank files are raw (version 1: torch.save).
 RAW_RANK_FILES_SINCE = 2
@@ -195,7 +195,7 @@ class TorchFilesFormat:
     def estimate_bytes(self, state: Any) -> int:
         # The rank file holds each storage once, as torch.save does: a view's whole storage
         # from a sync save, only the bytes it reaches from an async snapshot's buffers.
-        return estimate_file_bytes(storage_sizes(state))
+        return estimate_file_bytes(storage_sizes(state)) + byte_string_bytes(state)
 
     def write(self, state: Any, directory: Path, ctx: ShardContext) -> Mapping[str, FileRecord]:
         name = rank_file_name(ctx.rank)
