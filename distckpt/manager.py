@@ -293,8 +293,9 @@ class CheckpointManager:
             step: the training step, usually ``StepTracker.step``; steps only grow in a root.
             state: a nested dict/list of tensors, plain values and objects with
                 ``state_dict()`` (saved through it).
-            epoch, metrics, metadata: stored in the manifest; metrics as floats (tensors and
-                NumPy scalars converted), metadata as plain JSON. Rank 0's values are stored.
+            epoch, metrics, metadata: stored in the manifest; epoch None or a non-negative int,
+                metrics as floats (tensors and NumPy scalars converted), metadata as plain
+                JSON. Rank 0's values are stored.
             files: extra files stored in the checkpoint dir under the given names (content as
                 bytes or a path to copy), written by rank 0.
             force: save even if no schedule is due.

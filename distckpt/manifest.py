@@ -128,7 +128,7 @@ class Manifest:
         # Keys this version does not know are ignored, at the top level and in each file's
         # record alike: a newer writer adds them without raising FORMAT_VERSION (it rises only
         # for changes that would mislead this reader), so they are never damage. A known key
-        # missing or of the wrong type is: every version writes them so.
+        # missing (of those every version writes) or of a type no version writes is.
         files_data = data.get("files")
         if not isinstance(files_data, dict):
             raise _off_schema(source, "'files' is missing or not an object")
@@ -150,8 +150,11 @@ class Manifest:
         for key in ("step", "world_size"):
             if not _is_integer(data.get(key)):
                 raise _off_schema(source, f"{key!r} is missing or not an integer")
+        if data["world_size"] < 1:
+            raise _off_schema(source, f"'world_size' is {data['world_size']}, not a count of ranks")
         if not isinstance(data.get("format"), str):
             raise _off_schema(source, "'format' is missing or not a string")
+        _check_optional_keys(data, source)
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
         known.setdefault("created_utc", None)  # unknown, not "now"
         known.update(files=files, metrics=metrics)
@@ -199,6 +202,38 @@ def _checked_relative_name(name: str, source: str) -> str:
 def _is_integer(value: object) -> bool:
     """An integer as JSON gives one (``true`` parses as a Python ``bool``, an ``int``)."""
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_epoch(value: object) -> bool:
+    """None (no epoch) or a non-negative integer, as an epoch is saved."""
+    return value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 0)
+
+
+def check_epoch_number(epoch: object) -> None:
+    """An epoch must be None or a non-negative int (bools are refused, too): a manifest holding
+    anything else is judged damaged when read, so it is refused before it is saved."""
+    if not _is_epoch(epoch):
+        raise InvalidArgument(f"epoch must be None or a non-negative int, got {epoch!r}")
+
+
+#: Keys a manifest may lack (read as their defaults; ``created_utc`` as unknown) whose type, when
+#: present, every version writes the same: a string (``created_utc`` also None, as a manifest
+#: read with none holds it).
+_STRING_KEYS = ("checksum_algorithm", "library_version", "torch_version", "python_version")
+
+
+def _check_optional_keys(data: dict[str, Any], source: str) -> None:
+    """Damage when a known key that may be missing is present with a type no version writes.
+    Only keys whose type this version is sure of are checked: an unknown key stays ignored."""
+    if not _is_epoch(data.get("epoch")):
+        raise _off_schema(source, f"'epoch' is {data['epoch']!r}, not null or a count of epochs")
+    if not isinstance(data.get("metadata", {}), dict):
+        raise _off_schema(source, "'metadata' is not an object")
+    for key in _STRING_KEYS:
+        if key in data and not isinstance(data[key], str):
+            raise _off_schema(source, f"{key!r} is not a string")
+    if not isinstance(data.get("created_utc"), (str, type(None))):
+        raise _off_schema(source, "'created_utc' is neither a string nor null")
 
 
 def _off_schema(source: str, what: str) -> CorruptCheckpoint:

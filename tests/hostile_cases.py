@@ -335,6 +335,26 @@ class Case:
         return f'restore(root / "{self.target}")'
 
 
+def off_schema_case(case_id: str, key: str, value: object) -> Case:
+    """A case whose step 2 manifest holds ``value`` under the known ``key``, a type or value no
+    version writes there: damage, skipped and set aside like any other."""
+
+    def damage(root: Path) -> None:
+        edit_manifest(root / STEP2, lambda data: data.update({key: value}))
+
+    where, why = f"{STEP2}/{MANIFEST}", f"'{key}'"
+    return Case(
+        id=case_id,
+        set_aside=True,
+        description=f"`{where}` says `{key}: {json.dumps(value)}`",
+        damage=damage,
+        verify={STEP2: (where, "manifest schema", why)},
+        last=loads(1, where, "manifest schema", why),
+        target=2,
+        explicit=raises(CorruptCheckpoint, where, why),
+    )
+
+
 def _quote(parts: tuple[str, ...]) -> str:
     return " … ".join(f"`{part}`" for part in parts)
 
@@ -414,6 +434,10 @@ CASES: list[Case] = [
         explicit=raises(CorruptCheckpoint, f"{STEP2}/{RANK0}", "required"),
         notes="the file is unchecked by the manifest, so it must not be loaded",
     ),
+    off_schema_case("manifest-no-ranks", "world_size", 0),
+    off_schema_case("manifest-negative-epoch", "epoch", -2),
+    off_schema_case("manifest-metadata-list", "metadata", [1]),
+    off_schema_case("manifest-created-number", "created_utc", 5),
     Case(
         id="extra-file",
         description=f"an unlisted `{STEP2}/notes.txt` added",

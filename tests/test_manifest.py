@@ -10,7 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
+import distckpt
 from distckpt.checksums import file_checksum
 from distckpt.errors import CorruptCheckpoint, InvalidArgument, UnsupportedVersion
 from distckpt.layout import MANIFEST_NAME
@@ -126,6 +128,17 @@ _UNREADABLE = {
     "no files": _raw(files=None),
     "step as str": _raw(step="7"),
     "file record incomplete": _raw(files={"rank-00000.pt": {"size": 1}}),
+    "no ranks": _raw(world_size=0),
+    "negative world size": _raw(world_size=-2),
+    "epoch as str": _raw(epoch="abc"),
+    "epoch negative": _raw(epoch=-1),
+    "epoch as bool": _raw(epoch=True),
+    "metadata as list": _raw(metadata=[1]),
+    "checksum algorithm as int": _raw(checksum_algorithm=32),
+    "library version as int": _raw(library_version=1),
+    "torch version as list": _raw(torch_version=[2, 13]),
+    "python version as int": _raw(python_version=3),
+    "created_utc as number": _raw(created_utc=5),
 }
 
 
@@ -135,6 +148,21 @@ def test_unreadable_manifests_are_damaged(label: str) -> None:
     with pytest.raises(CorruptCheckpoint) as raised:
         Manifest.from_json(_UNREADABLE[label], source="m")
     assert raised.value.damaged
+
+
+def test_optional_keys_may_be_missing_or_null_where_a_version_writes_them_so() -> None:
+    # A manifest made by hand or by another tool may lack them; a save with no epoch writes
+    # null, as does a Manifest whose created_utc is unknown.
+    optional = ("epoch", "metadata", "library_version", "torch_version", "python_version")
+    stripped = json.loads(_raw(created_utc=None))
+    for key in optional:
+        stripped.pop(key)
+    read = Manifest.from_json(json.dumps(stripped).encode(), source="m")
+    assert (read.epoch, read.metadata, read.created_utc) == (None, {}, None)
+    unknown_epoch_and_time = _manifest(epoch=None, created_utc=None)
+    assert Manifest.from_json(unknown_epoch_and_time.to_json(), source="m") == (
+        unknown_epoch_and_time
+    )
 
 
 def test_unknown_keys_are_ignored_at_the_top_level_and_in_file_records() -> None:
@@ -196,6 +224,17 @@ def test_read_manifest_of_a_dir_without_one(tmp_path: Path) -> None:
         read_manifest(tmp_path)
     (tmp_path / "manifest.json").write_bytes(_manifest().to_json())
     assert read_manifest(tmp_path) == _manifest()
+
+
+@pytest.mark.parametrize("epoch", [-1, "3", 1.5, True])
+def test_a_save_refuses_an_epoch_its_manifest_could_not_hold(tmp_path: Path, epoch: Any) -> None:
+    # A manifest holding such an epoch reads as damaged, so the save must not write one.
+    with distckpt.CheckpointManager(tmp_path, fsync=False) as mgr:
+        with pytest.raises(InvalidArgument, match="epoch"):
+            mgr.save(1, {"w": torch.zeros(2)}, epoch=epoch)
+        assert mgr.steps() == []
+        mgr.save(1, {"w": torch.zeros(2)}, epoch=0)
+        assert mgr.checkpoints()[0].epoch == 0
 
 
 def test_metadata_must_be_plain_json() -> None:
