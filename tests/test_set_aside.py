@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import tarfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from distckpt.layout import MANIFEST_NAME, parse_set_aside_name, rank_file_name
 from distckpt.objstore import ObjectStore
 from distckpt.storage import open_store, open_view
 from tests.ranks import Collected, run_ranks, values
+from tests.s3proxy import S3Proxy
 from tests.s3server import S3Server
 from tests.test_s3_cli import aws_environment
 
@@ -702,3 +704,32 @@ def test_listing_s3_set_aside_saves_reads_their_records_not_their_copies(
     assert listings and all(params.get("Delimiter") == "/" for params in listings)
     copied = [key for key in keys_listed if f"damaged-{DAMAGED}-{attempt}/" in key]
     assert copied == [] and digests  # the copy is there, never listed
+
+
+def test_an_s3_set_aside_copies_the_objects_of_a_save_at_once(
+    s3_server: S3Server, s3_url: str
+) -> None:
+    """While one object's copy is held back, another's goes through: the copies run side by
+    side (``max_concurrency`` at a time), not one after another."""
+    options = s3_server.storage_options()
+    attempt, digests = _s3_save_90_and_damaged_100(s3_url, options)
+    assert len(digests) >= 2
+    copy_prefix = f"damaged-{DAMAGED}-{attempt}/"
+    with S3Proxy(s3_server.port) as proxy:
+        held = proxy.hold("PUT", copy_prefix)
+        store = open_store(
+            s3_url, storage_options={**options, "endpoint_url": proxy.endpoint}, lock_timeout=60
+        )
+        store.open()
+        try:
+            with ThreadPoolExecutor(1) as setting_aside:
+                where = setting_aside.submit(store.set_aside, 100, f"{s3_url}/{DAMAGED}")
+                assert held.arrived.wait(JOB_TIMEOUT)
+                # another copy is answered while the first is held
+                assert proxy.wait_for("PUT", copy_prefix, timeout=JOB_TIMEOUT)
+                held.release()
+                assert where.result(JOB_TIMEOUT) == f"{s3_url}/damaged-{DAMAGED}-{attempt}"
+        finally:
+            held.release()
+            store.close()
+    _assert_set_aside_whole(s3_url, options, attempt, digests)
