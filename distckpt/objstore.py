@@ -392,10 +392,15 @@ class ObjectStore:
             crc32=None if composite else _crc32_hex(response.get("ChecksumCRC32")),
         )
 
-    def list(self, prefix: str = "", *, page_size: int = 1000) -> Iterator[ObjectInfo]:
+    def list(
+        self, prefix: str = "", *, page_size: int = 1000, top_level: bool = False
+    ) -> Iterator[ObjectInfo]:
         """Every object whose relative key starts with ``prefix``, in key order, fetched a
-        page of ``page_size`` at a time."""
-        for page in self._list_pages(prefix, page_size=page_size):
+        page of ``page_size`` at a time. ``top_level``: only those with no ``/`` after
+        ``prefix`` (a ``/``-delimited listing, whose cost does not grow with the objects
+        under the names it rolls up)."""
+        delimiter = "/" if top_level else None
+        for page in self._list_pages(prefix, page_size=page_size, delimiter=delimiter):
             for item in page.get("Contents", []):
                 yield ObjectInfo(self.url.relative(item["Key"]), int(item["Size"]), item["ETag"])
 

@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import tarfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +28,11 @@ import distckpt
 from distckpt.cli import main
 from distckpt.layout import MANIFEST_NAME, parse_set_aside_name, rank_file_name
 from distckpt.objstore import ObjectStore
+from distckpt.storage import open_store, open_view
 from tests.ranks import Collected, run_ranks, values
+from tests.s3proxy import S3Proxy
 from tests.s3server import S3Server
+from tests.test_s3_cli import aws_environment
 
 JOB_TIMEOUT = 120.0
 DAMAGED = "step-00000100"
@@ -618,4 +622,114 @@ def test_an_s3_set_aside_killed_midway_is_completed_and_loses_nothing(
         assert restored is not None and restored.step == 90
         assert manager.steps() == [90]
 
+    _assert_set_aside_whole(s3_url, options, attempt, digests)
+
+
+def _requests_sent(store: ObjectStore, operation: str) -> list[dict[str, Any]]:
+    """The parameters of each ``operation`` request (botocore's name, e.g. ``CopyObject``)
+    that ``store``'s client sends from now on (their API parameters), by botocore's own event
+    hook: the requests are real."""
+    sent: list[dict[str, Any]] = []
+    store.client.meta.events.register(
+        f"before-parameter-build.s3.{operation}", lambda params, **_: sent.append(dict(params))
+    )
+    return sent
+
+
+def test_an_s3_set_aside_out_of_its_budget_stays_committed_and_is_continued_later(
+    s3_server: S3Server,
+    s3_url: str,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A copy that does not finish within the store's budget (half the manager's timeout:
+    the other ranks wait for it in the restore's collective) leaves the step committed, with a
+    warning; ls and verify do not list it as set aside; the next set-aside copies only what
+    is missing."""
+    options = s3_server.storage_options()
+    attempt, digests = _s3_save_90_and_damaged_100(s3_url, options)
+    location = f"{s3_url}/{DAMAGED}"
+    with distckpt.CheckpointManager(s3_url, storage_options=options, timeout=40) as manager:
+        assert manager._store.set_aside_budget == 20.0  # type: ignore[attr-defined]
+
+    store = open_store(s3_url, storage_options=options, lock_timeout=0.0)  # no time to copy
+    store.open()
+    try:
+        with caplog.at_level(logging.WARNING, logger="distckpt"):
+            assert store.set_aside(100, location) is None
+    finally:
+        store.close()
+    assert any("did not finish within" in r.getMessage() for r in caplog.records)
+    objects = _s3_objects(s3_url, options)
+    assert f"{DAMAGED}/COMMIT" in objects and f"damaged-{DAMAGED}-{attempt}" in objects
+    # the record is there, the step still committed: not listed as set aside
+    assert distckpt.verify(s3_url, storage_options=options).set_aside == ()
+    for name, value in aws_environment(s3_server).items():  # what the CLI's client reads
+        monkeypatch.setenv(name, value)
+    status, text = _run_cli("ls", s3_url)
+    assert status == 0 and "set aside" not in text and "DAMAGED" in text
+
+    # one object copied before (a set-aside that ran out of time, or was killed)
+    first = sorted(digests)[0]
+    with ObjectStore(s3_url, options) as client:
+        source = f"{DAMAGED}/{attempt}/{first}"
+        client.copy(source, f"damaged-{DAMAGED}-{attempt}/{first}", client.head(source).size)
+    store = open_store(s3_url, storage_options=options, lock_timeout=60.0)
+    store.open()
+    try:
+        copies = _requests_sent(store.s3.client, "CopyObject")  # type: ignore[attr-defined]
+        assert store.set_aside(100, location) == f"{s3_url}/damaged-{DAMAGED}-{attempt}"
+    finally:
+        store.close()
+    assert len(copies) == len(digests) - 1
+    _assert_set_aside_whole(s3_url, options, attempt, digests)
+
+
+def test_listing_s3_set_aside_saves_reads_their_records_not_their_copies(
+    s3_server: S3Server, s3_url: str
+) -> None:
+    options = s3_server.storage_options()
+    attempt, digests = _s3_save_90_and_damaged_100(s3_url, options)
+    with distckpt.CheckpointManager(s3_url, storage_options=options) as manager:
+        manager.restore(state={"w": torch.zeros(256)})
+    view = open_view(s3_url, storage_options=options)
+    client = view.s3.client  # type: ignore[attr-defined]
+    listings = _requests_sent(client, "ListObjectsV2")
+    keys_listed: list[str] = []
+    client.client.meta.events.register(
+        "after-call.s3.ListObjectsV2",
+        lambda parsed, **_: keys_listed.extend(item["Key"] for item in parsed.get("Contents", [])),
+    )
+    assert view.set_aside_checkpoints() == [f"{s3_url}/damaged-{DAMAGED}-{attempt}"]
+    assert listings and all(params.get("Delimiter") == "/" for params in listings)
+    copied = [key for key in keys_listed if f"damaged-{DAMAGED}-{attempt}/" in key]
+    assert copied == [] and digests  # the copy is there, never listed
+
+
+def test_an_s3_set_aside_copies_the_objects_of_a_save_at_once(
+    s3_server: S3Server, s3_url: str
+) -> None:
+    """While one object's copy is held back, another's goes through: the copies run side by
+    side (``max_concurrency`` at a time), not one after another."""
+    options = s3_server.storage_options()
+    attempt, digests = _s3_save_90_and_damaged_100(s3_url, options)
+    assert len(digests) >= 2
+    copy_prefix = f"damaged-{DAMAGED}-{attempt}/"
+    with S3Proxy(s3_server.port) as proxy:
+        held = proxy.hold("PUT", copy_prefix)
+        store = open_store(
+            s3_url, storage_options={**options, "endpoint_url": proxy.endpoint}, lock_timeout=60
+        )
+        store.open()
+        try:
+            with ThreadPoolExecutor(1) as setting_aside:
+                where = setting_aside.submit(store.set_aside, 100, f"{s3_url}/{DAMAGED}")
+                assert held.arrived.wait(JOB_TIMEOUT)
+                # another copy is answered while the first is held
+                assert proxy.wait_for("PUT", copy_prefix, timeout=JOB_TIMEOUT)
+                held.release()
+                assert where.result(JOB_TIMEOUT) == f"{s3_url}/damaged-{DAMAGED}-{attempt}"
+        finally:
+            held.release()
+            store.close()
     _assert_set_aside_whole(s3_url, options, attempt, digests)

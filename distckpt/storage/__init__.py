@@ -189,9 +189,11 @@ class RootStore(abc.ABC):
         every change (:class:`~distckpt.LeaseLost`); :class:`~distckpt.ReadOnlyRoot` when
         read-only. Returns where it now is, or None when nothing is done: the step is no longer
         committed at ``location`` (deleted since the restore judged it; on S3 also a ``COMMIT``
-        that cannot be read, naming no save to set aside). Whether the step was replaced by
-        another save of it since it was judged is not checked: only the lease holder saves,
-        and it is the caller, in a restore that first waits for its own pending saves."""
+        that cannot be read, naming no save to set aside, or a copy that did not finish within
+        its budget: logged, the step stays committed and the next restore goes on with it).
+        Whether the step was replaced by another save of it since it was judged is not
+        checked: only the lease holder saves, and it is the caller, in a restore that first
+        waits for its own pending saves."""
 
     @abc.abstractmethod
     def prune(self) -> list[int]:
@@ -285,7 +287,8 @@ def open_store(
     mean nothing there), anything else a POSIX directory. A ``read_only`` store never writes
     (no probe, no lock file, no cleanup or link repair when opened); its changes
     (``begin_staging``, ``delete``, ``prune``, ``collect_leftovers``) raise
-    :class:`~distckpt.ReadOnlyRoot`."""
+    :class:`~distckpt.ReadOnlyRoot`. ``lock_timeout`` is, on an ``s3://`` root, how long a
+    set-aside may copy (:meth:`RootStore.set_aside`)."""
     if is_s3_url(root):
         from distckpt.storage.s3 import S3RootStore
 
@@ -294,6 +297,9 @@ def open_store(
             storage_options=storage_options,
             retention=retention or RetentionPolicy(),
             read_only=read_only,
+            # Rank 0 copies a set-aside save inside the restore's collective: the lock's
+            # budget (half the manager's timeout) keeps the other ranks' wait under it.
+            set_aside_budget=lock_timeout,
         )
     _refuse_options_for_a_directory(root, storage_options)
     from distckpt.storage.posix import PosixRootStore

@@ -96,8 +96,10 @@ class S3RootStore(Upkeep, ViewedStore):
         storage_options: Mapping[str, Any] | None,
         retention: policy.RetentionPolicy,
         read_only: bool = False,
+        set_aside_budget: float | None = None,
     ) -> None:
         self.s3 = S3Root(url, storage_options)
+        self.set_aside_budget = set_aside_budget
         self.view = S3RootView(url, storage_options, s3=self.s3)
         self.root: str = self.s3.root
         self.retention = retention

@@ -10,6 +10,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Collection
+from concurrent.futures import ThreadPoolExecutor
 
 from distckpt import faults, policy, resolve
 from distckpt.errors import (
@@ -23,6 +24,7 @@ from distckpt.layout import BEST, LAST, parse_step_dir_name, step_dir_name
 from distckpt.lease import is_this_process_host
 from distckpt.lock import Leftover
 from distckpt.manifest import Manifest
+from distckpt.objstore import ObjectInfo
 from distckpt.results import CheckpointLocation
 from distckpt.storage.posix_links import COMMITTING_RANK
 from distckpt.storage.s3_spool import process_gone
@@ -53,6 +55,9 @@ class Upkeep:
     view: S3RootView
     root: str
     retention: policy.RetentionPolicy
+    #: seconds a set-aside may spend copying (rank 0's work inside a restore's collective,
+    #: which the other ranks wait for); None: no limit
+    set_aside_budget: float | None
     #: manifests of committed steps found valid, by (step, ETag of the step's COMMIT)
     _checked: dict[tuple[int, str], Manifest]
     #: the attempts of this store's saves in flight (their claims are live)
@@ -168,9 +173,10 @@ class Upkeep:
         takes an uncommitted ``step-N/<attempt>/`` for a dead writer's and deletes it. A crash
         before ``COMMIT`` goes leaves the step committed (and skipped) as before, with the
         record and part of the copy there: the next restore sets it aside again, copying what
-        is missing. A crash after leaves the copy whole and the originals uncommitted: this
-        version's next start or gc deletes them (completing the copy first), and so does an
-        older version's, which is then harmless."""
+        is missing. So does a copy that ran out of :attr:`set_aside_budget`: it stops there,
+        with a warning, and the step stays committed (returns None). A crash after leaves the
+        copy whole and the originals uncommitted: this version's next start or gc deletes them
+        (completing the copy first), and so does an older version's, which is then harmless."""
         self._refuse_if_read_only(f"set aside step {step}")
         self._check_lease()
         if location != self.s3.location(step):
@@ -186,23 +192,48 @@ class Upkeep:
             self.s3.client.put_bytes(
                 marker, CommitRecord.encode(step, record.attempt), if_absent=True
             )
-        self._copy_set_aside_save(step, record.attempt)
+        if not self._copy_set_aside_save(step, record.attempt, budget=self.set_aside_budget):
+            logger.warning(
+                "setting aside the damaged checkpoint %s: its copy to %s did not finish within "
+                "%.0f s (half the manager's timeout, which the other ranks wait for); it stays "
+                "committed, and saves of steps below %d are refused, until a later restore "
+                "goes on with the copy (copying only what is missing)",
+                location,
+                self.s3.set_aside_location(step, record.attempt),
+                self.set_aside_budget,
+                step,
+            )
+            return None
         self._update_pointers(leaving=step)
         self._check_lease()
         self.s3.client.delete([self.s3.commit_name(step)])
         self._delete_prefix(self.s3.attempt_prefix(step, record.attempt))
         return self.s3.set_aside_location(step, record.attempt)
 
-    def _copy_set_aside_save(self, step: int, attempt: str) -> None:
+    def _copy_set_aside_save(self, step: int, attempt: str, *, budget: float | None = None) -> bool:
         """Copy each object of the save ``attempt`` of ``step`` to its set-aside place, but
-        those a set-aside that died already copied (a copy appears whole or not at all)."""
+        those a set-aside that died already copied (a copy appears whole or not at all), as
+        many at a time as the store's ``max_concurrency``. No copy starts once ``budget``
+        seconds have passed (those in flight finish). Whether the copy is whole."""
         source = self.s3.attempt_prefix(step, attempt)
         target = self.s3.set_aside_prefix(step, attempt)
         copied = {info.key[len(target) :]: info.size for info in self.s3.client.list(target)}
-        for info in list(self.s3.client.list(source)):
-            name = info.key[len(source) :]
-            if copied.get(name) != info.size:
-                self.s3.client.copy(info.key, target + name, info.size)
+        missing = [
+            info
+            for info in self.s3.client.list(source)
+            if copied.get(info.key[len(source) :]) != info.size
+        ]
+        deadline = None if budget is None else time.monotonic() + budget
+        client = self.s3.client
+
+        def copy_one(info: ObjectInfo) -> bool:
+            if deadline is not None and time.monotonic() >= deadline:
+                return False  # left for the next set-aside, which copies what is missing
+            client.copy(info.key, target + info.key[len(source) :], info.size)
+            return True
+
+        with ThreadPoolExecutor(client.max_concurrency) as pool:
+            return all(list(pool.map(copy_one, missing)))
 
     def leftovers(self) -> list[Leftover]:
         return [leftover for leftover, _ in self._find_leftovers()]

@@ -212,7 +212,8 @@ class S3Root:
         """The saves set aside as damaged (step, attempt), from their records' names."""
         return [
             parsed
-            for info in self.client.list(SET_ASIDE_PREFIX)
+            # its records only, not the objects of the copies beside them
+            for info in self.client.list(SET_ASIDE_PREFIX, top_level=True)
             if (parsed := parse_set_aside_name(info.key)) is not None
         ]
 
@@ -437,11 +438,23 @@ class S3RootView(RootView):
         return S3Checkpoint(self.s3, step)
 
     def set_aside_checkpoints(self) -> list[CheckpointLocation]:
-        """Where the objects of each set-aside save are (its prefix, as a URL)."""
+        """Where the objects of each set-aside save are (its prefix, as a URL); not a save
+        whose step's ``COMMIT`` still names it: its set-aside was interrupted before its copy
+        was whole (the step is still committed, and the next restore continues it)."""
         return [
             self.s3.set_aside_location(step, attempt)
             for step, attempt in self.s3.set_aside_attempts()
+            if not self._still_committed(step, attempt)
         ]
+
+    def _still_committed(self, step: int, attempt: str) -> bool:
+        """Whether the step's ``COMMIT`` names the save ``attempt`` (a damaged ``COMMIT``
+        names none)."""
+        try:
+            record = self.s3.read_commit(step)
+        except CorruptCheckpoint:
+            return False
+        return record is not None and record.attempt == attempt
 
     def read_pointer(self, name: str) -> str | None:
         return self.s3.read_pointer(name)[0]
