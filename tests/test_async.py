@@ -167,6 +167,8 @@ def test_a_forked_child_that_exits_with_a_save_in_flight_does_not_wait_for_it(
                 time.sleep(3)  # the save is still in flight when the child exits
             real_hit(point, rank)
 
+        # The fault points can raise or kill but not delay, and no disk here is reliably slow
+        # for exactly one write: the hook holds the write back instead.
         faults.hit = slow_write
         mgr = distckpt.CheckpointManager({str(tmp_path)!r}, async_save=True)
         mgr.save(7, {{"w": torch.ones(16)}})

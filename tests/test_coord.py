@@ -429,6 +429,7 @@ def late_in_the_write(rank: int) -> Iterator[None]:
             time.sleep(LATE_SECONDS)
         real_hit(point, hit_rank)
 
+    # No disk here is slow for exactly one rank's one write: the fault hook holds it back.
     faults.hit = late_once
     try:
         yield
