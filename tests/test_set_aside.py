@@ -48,6 +48,15 @@ def _save_90_and_100(rank: int, world_size: int, root: str, options: dict[str, A
             manager.save(step, {"w": _weights(step, rank)})
 
 
+def _save_90_and_cut_100_short(root: Path) -> None:
+    """Steps 90 and 100 saved by one process, step 100's rank file cut short (damage a restore
+    is sure of)."""
+    with distckpt.CheckpointManager(root, fsync=False) as manager:
+        for step in (90, 100):
+            manager.save(step, {"w": _weights(step, 0)})
+    os.truncate(root / DAMAGED / rank_file_name(0), 100)
+
+
 def _restart(
     rank: int, world_size: int, root: str, options: dict[str, Any], verify: bool
 ) -> dict[str, Any]:
@@ -225,10 +234,7 @@ def test_a_newest_checkpoint_of_a_newer_format_version_is_kept(root: Path) -> No
 def test_a_damaged_newer_checkpoint_not_set_aside_is_named_by_the_refusal(root: Path) -> None:
     """Restored by its step, nothing is skipped and nothing set aside: the refusal of a lower
     step says the newer one is damaged and how to get past it."""
-    with distckpt.CheckpointManager(root, fsync=False) as manager:
-        for step in (90, 100):
-            manager.save(step, {"w": _weights(step, 0)})
-    os.truncate(root / DAMAGED / rank_file_name(0), 100)
+    _save_90_and_cut_100_short(root)
     with distckpt.CheckpointManager(root, fsync=False) as manager:
         manager.restore(90, state={"w": torch.zeros(256)})
         with pytest.raises(distckpt.InvalidStep) as refused:
@@ -241,10 +247,7 @@ def test_a_damaged_newer_checkpoint_not_set_aside_is_named_by_the_refusal(root: 
 def test_a_job_killed_while_setting_aside_leaves_it_for_the_next_restore(root: Path) -> None:
     """Killed (SIGKILL) after moving the links off the damaged checkpoint and before renaming
     it: the checkpoint is still committed and damaged, and the next restart sets it aside."""
-    with distckpt.CheckpointManager(root, fsync=False) as manager:
-        for step in (90, 100):
-            manager.save(step, {"w": _weights(step, 0)})
-    os.truncate(root / DAMAGED / rank_file_name(0), 100)
+    _save_90_and_cut_100_short(root)
     child = os.fork()
     if child == 0:  # pragma: no cover - the child is killed
         from distckpt.storage import posix_removal
@@ -345,10 +348,7 @@ def test_with_nothing_intact_to_load_every_damaged_checkpoint_is_set_aside(root:
 
 
 def test_a_read_only_manager_never_sets_aside(root: Path) -> None:
-    with distckpt.CheckpointManager(root, fsync=False) as manager:
-        for step in (90, 100):
-            manager.save(step, {"w": _weights(step, 0)})
-    os.truncate(root / DAMAGED / rank_file_name(0), 100)
+    _save_90_and_cut_100_short(root)
     with distckpt.CheckpointManager(root, read_only=True) as manager:
         restored = manager.restore(state={"w": torch.zeros(256)})
         assert restored is not None and restored.step == 90
@@ -364,10 +364,7 @@ def test_a_damaged_checkpoint_of_another_root_is_not_set_aside(root: Path, tmp_p
     """A restore of a path into another root skips what that root holds damaged; this
     manager's store is not that root's, so it leaves it alone."""
     other = tmp_path / "other"
-    with distckpt.CheckpointManager(other, fsync=False) as manager:
-        for step in (90, 100):
-            manager.save(step, {"w": _weights(step, 0)})
-    os.truncate(other / DAMAGED / rank_file_name(0), 100)
+    _save_90_and_cut_100_short(other)
     with distckpt.CheckpointManager(root, fsync=False) as manager:
         restored = manager.restore(other, state={"w": torch.zeros(256)})
         assert restored is not None and restored.step == 90
@@ -433,10 +430,7 @@ def _run_cli(*args: str) -> tuple[int, str]:
 
 
 def test_ls_and_verify_list_a_set_aside_checkpoint_as_such(root: Path) -> None:
-    with distckpt.CheckpointManager(root, fsync=False) as manager:
-        for step in (90, 100):
-            manager.save(step, {"w": _weights(step, 0)})
-    os.truncate(root / DAMAGED / rank_file_name(0), 100)
+    _save_90_and_cut_100_short(root)
     with distckpt.CheckpointManager(root, fsync=False) as manager:
         manager.restore(state={"w": torch.zeros(256)})
     (set_aside,) = distckpt.verify(root).set_aside
@@ -472,10 +466,7 @@ def test_an_s3_record_left_by_a_killed_set_aside_goes_with_its_save(
 
 
 def test_retention_and_gc_leave_a_set_aside_checkpoint(root: Path) -> None:
-    with distckpt.CheckpointManager(root, fsync=False) as manager:
-        for step in (90, 100):
-            manager.save(step, {"w": _weights(step, 0)})
-    os.truncate(root / DAMAGED / rank_file_name(0), 100)
+    _save_90_and_cut_100_short(root)
     with distckpt.CheckpointManager(root, fsync=False, keep_last=1) as manager:
         manager.restore(state={"w": torch.zeros(256)})
         (set_aside,) = distckpt.verify(root).set_aside
