@@ -69,6 +69,10 @@ def fake_apt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     bin_dir.mkdir()
     (bin_dir / "apt-get").write_text(FAKE_APT_GET)
     (bin_dir / "apt-get").chmod(0o755)
+    # A stand-in apt-get, not the real one: the real one would change this machine's packages
+    # and needs the network, and it cannot be made to fail or hang on demand. The lock file is
+    # the test's own (a real apt run elsewhere is not held up), the pauses short (seconds, not
+    # minutes), and the per-process "updated" flag reset so each test starts as a process does.
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.setattr(apt, "LOCK_FILE", tmp_path / "apt.lock")
     monkeypatch.setattr(apt, "UPDATE_RETRY_PAUSE_SECONDS", 0.05)
@@ -146,6 +150,7 @@ BUDGET_SLACK_SECONDS = 2.0
 def test_a_lock_held_for_all_the_time_apt_has_is_a_reason_like_a_failure_of_apt(
     fake_apt: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # a budget of seconds, so that running out of it takes seconds (60 s in a real test)
     monkeypatch.setattr(apt, "IN_TEST_BUDGET_SECONDS", 1.0)
     tool = "distckpt-test-tool-d"
     started = time.monotonic()
@@ -162,6 +167,7 @@ def test_a_lock_held_for_all_the_time_apt_has_is_a_reason_like_a_failure_of_apt(
 def test_an_update_out_of_time_is_stopped_and_reported(
     fake_apt: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # a budget of seconds, so that running out of it takes seconds (60 s in a real test)
     monkeypatch.setattr(apt, "IN_TEST_BUDGET_SECONDS", 2.0)
     (fake_apt / "update-seconds").write_text("600\n")
     started = time.monotonic()
@@ -181,6 +187,7 @@ def test_an_update_out_of_time_is_stopped_and_reported(
 def test_an_install_out_of_time_is_reported_and_left_to_finish(
     fake_apt: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # a budget of seconds, so that running out of it takes seconds (60 s in a real test)
     monkeypatch.setattr(apt, "IN_TEST_BUDGET_SECONDS", 2.0)
     (fake_apt / "install-seconds").write_text("3\n")
     tool = "distckpt-test-tool-f"
