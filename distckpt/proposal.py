@@ -35,9 +35,9 @@ from distckpt.errors import InsufficientSpace, InvalidArgument, InvalidStep
 from distckpt.formats import CheckpointFormat
 from distckpt.layout import MANIFEST_NAME
 from distckpt.lease import LauncherWatch
-from distckpt.manifest import check_epoch_number, check_json_metadata
+from distckpt.manifest import check_json_metadata
 from distckpt.metrics import normalize_metrics
-from distckpt.protocol import SavePlan, check_launcher, check_step_number, mib
+from distckpt.protocol import SavePlan, check_launcher, check_step_and_epoch, mib
 from distckpt.results import CheckpointLocation, SaveResult
 from distckpt.snapshot import SnapshotBuffers
 from distckpt.state import to_plain
@@ -154,8 +154,7 @@ def propose(
         Nothing here needs the tensors' values, so an async save copies them only afterwards
         (``prepared["snapshot"]``), beside the proposals' collective."""
         check_launcher(launcher, coord=coord, store=store)
-        check_step_number(step)
-        check_epoch_number(request.epoch)
+        check_step_and_epoch(step, request.epoch)
         # Every argument that needs no tensor is checked before the root work starts, so that
         # a bad one fails the save with no thread started and no staging area opened. Every
         # rank checks its metrics (rank 0's are the ones stored): a rank's bad value fails the

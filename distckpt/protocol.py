@@ -22,7 +22,8 @@
 Step 1 lives in :mod:`distckpt.proposal`: the stage that runs in the caller's thread and makes
 the :class:`SavePlan`. This module holds the plan, steps 2-4 (:func:`write_and_commit`, which an
 async save runs in its background thread) and the helpers the proposal uses as well
-(:func:`check_launcher`, made again after writing; :func:`check_step_number`; :func:`mib`).
+(:func:`check_launcher`, made again after writing; :func:`check_step_number`,
+:func:`check_step_and_epoch`; :func:`mib`).
 Each step is a phase of :mod:`distckpt.events` (``save.propose`` ... ``save.commit``).
 """
 
@@ -42,7 +43,7 @@ from distckpt.coord import Coordinator, run_now
 from distckpt.errors import InsufficientSpace, InvalidStep
 from distckpt.formats import CheckpointFormat, ShardContext
 from distckpt.lease import LauncherWatch
-from distckpt.manifest import FileRecord, Manifest
+from distckpt.manifest import FileRecord, Manifest, check_epoch_number
 from distckpt.results import CheckpointLocation, SaveResult
 from distckpt.storage import ExtraFile, RootStore, StagingArea
 
@@ -245,6 +246,14 @@ def check_step_number(step: object) -> None:
         raise InvalidStep(f"step must be an int, not {type(step).__name__} ({step!r})")
     if step < 0:
         raise InvalidStep(f"step must not be negative, got {step}", step=step)
+
+
+def check_step_and_epoch(step: object, epoch: object) -> None:
+    """The step and epoch a caller passes to ``should_save``/``save``, checked before any
+    schedule reads them: a schedule would otherwise compare a str or float step and answer
+    (or fail with a ``TypeError``) instead of naming the bad argument."""
+    check_step_number(step)
+    check_epoch_number(epoch)
 
 
 def mib(n: float) -> str:

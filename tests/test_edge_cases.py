@@ -75,6 +75,31 @@ def test_bad_arguments_are_checkpoint_errors(tmp_path: Path, call, error) -> Non
 
 
 @pytest.mark.parametrize(
+    ("step", "epoch", "error"),
+    [
+        ("12", None, distckpt.InvalidStep),
+        (12.0, None, distckpt.InvalidStep),
+        (True, None, distckpt.InvalidStep),
+        (-1, None, distckpt.InvalidStep),
+        (12, "2", distckpt.InvalidArgument),
+        (12, 1.5, distckpt.InvalidArgument),
+        (12, -1, distckpt.InvalidArgument),
+    ],
+)
+def test_schedules_never_judge_a_bad_step_or_epoch(tmp_path: Path, step, epoch, error) -> None:
+    """Both should_save and save name the bad argument, whether or not a schedule is due:
+    schedules used to compare a str or float and answer, or fail with a TypeError."""
+    with distckpt.CheckpointManager(
+        tmp_path, every_n_steps=4, every_n_epochs=1, fsync=False
+    ) as mgr:
+        with pytest.raises(error):
+            mgr.should_save(step, epoch=epoch)
+        with pytest.raises(error):
+            mgr.save(step, {"s": 1}, epoch=epoch)
+        assert mgr.save(12, {"s": 1}, epoch=2) is not None  # the refusals left no trace
+
+
+@pytest.mark.parametrize(
     "options",
     [
         {"save_on_signal": signal.SIGTERM},
