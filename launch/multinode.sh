@@ -12,12 +12,12 @@
 #   RDZV_ID         a job id shared by all nodes (default distckpt); a fresh one per job
 #   MAX_RESTARTS    torchrun's restarts of failed workers (default 0); a restart resumes
 #                   from the checkpoint root's `last`
-#   SCRIPT          the training script (default launch/train.py); arguments go to it
+#   SCRIPT          the training script (default: train.py next to this script); arguments
+#                   go to it; a relative --root is relative to the current directory
 #   PYTHON          the interpreter (default python3)
 #   DRY_RUN=1       print the command instead of running it
 # The checkpoint root must be on a filesystem every node shares.
 set -euo pipefail
-cd "$(dirname "$0")/.."
 : "${NNODES:?set NNODES to the number of nodes}"
 : "${RDZV_ENDPOINT:?set RDZV_ENDPOINT to host:port of the rendezvous store}"
 cmd=(
@@ -28,7 +28,7 @@ cmd=(
   --rdzv-endpoint "$RDZV_ENDPOINT"
   --rdzv-id "${RDZV_ID:-distckpt}"
   --max-restarts "${MAX_RESTARTS:-0}"
-  "${SCRIPT:-launch/train.py}" "$@"
+  "${SCRIPT:-$(dirname "$0")/train.py}" "$@"
 )
 if [ "${DRY_RUN:-0}" = 1 ]; then
   printf '%q ' "${cmd[@]}"; echo

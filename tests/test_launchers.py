@@ -22,7 +22,8 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.mark.timeout(240)
 def test_two_torchrun_agents_with_c10d_rendezvous(tmp_path: Path) -> None:
     """Two "nodes" (two torchrun agents on 127.0.0.1, --nnodes 2) train and checkpoint into
-    one root; the checkpoint holds both ranks' files."""
+    one root; the checkpoint holds both ranks' files. Started from another directory than the
+    repository's, with a relative --root: it is relative to the current directory."""
     # The rendezvous port is held by this process until the agents are done: torch's TCPStore
     # can still bind it (it sets SO_REUSEADDR), and no other process can meanwhile.
     rendezvous = ReservedPort()
@@ -35,11 +36,12 @@ def test_two_torchrun_agents_with_c10d_rendezvous(tmp_path: Path) -> None:
         "PYTHON": sys.executable,
         "OMP_NUM_THREADS": "1",
     }
-    args = ["bash", "launch/multinode.sh", "--root", str(tmp_path), "--steps", "12"]
+    args = ["bash", str(REPO / "launch" / "multinode.sh"), "--root", "ckpt", "--steps", "12"]
     args += ["--save-every", "5"]
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     agents = [
         subprocess.Popen(
-            args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
         )
         for _ in range(2)
     ]
@@ -54,12 +56,12 @@ def test_two_torchrun_agents_with_c10d_rendezvous(tmp_path: Path) -> None:
         rendezvous.close()
     for agent, out in zip(agents, outputs):
         assert agent.returncode == 0, out[-3000:]
-    assert distckpt.CheckpointManager(tmp_path).steps() == [5, 10, 12] or (
-        distckpt.CheckpointManager(tmp_path).latest_step() is not None
-    )
-    info = distckpt.CheckpointManager(tmp_path).checkpoints()[-1]
+    root = tmp_path / "ckpt"
+    assert distckpt.CheckpointManager(root).steps() == [5, 10, 12]
+    info = distckpt.CheckpointManager(root).checkpoints()[-1]
     assert info.world_size == 2
-    assert distckpt.verify(tmp_path).ok
+    assert distckpt.verify(root).ok
+    assert not (REPO / "ckpt").exists()
 
 
 def test_slurm_script_dry_run(tmp_path: Path) -> None:
