@@ -10,8 +10,9 @@
 #                   the node whose address it names hosts the store
 #   NPROC_PER_NODE  ranks per node (default 1)
 #   RDZV_ID         a job id shared by all nodes (default distckpt); a fresh one per job
-#   MAX_RESTARTS    torchrun's restarts of failed workers (default 0); a restart resumes
-#                   from the checkpoint root's `last`
+#   MAX_RESTARTS    torchrun's restarts of failed workers (default 0). Not relied on: on
+#                   torch 2.13 with gloo, restarted workers can fail or hang in torch's own
+#                   init_process_group; restart the whole job instead (it resumes from `last`)
 #   SCRIPT          the training script (default: train.py next to this script); arguments
 #                   go to it; a relative --root is relative to the current directory
 #   PYTHON          the interpreter (default python3)
