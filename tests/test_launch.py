@@ -18,7 +18,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import ModuleType, TracebackType
 
@@ -30,6 +30,7 @@ from tests.killing import proc_stat
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = REPO / "launch" / "train.py"
+LAUNCH_README = (REPO / "launch" / "README.md").read_text(encoding="utf-8")
 TORCHRUN_2 = [
     sys.executable,
     "-m",
@@ -87,11 +88,13 @@ class Job:
     while they are still its children, and kills each of their groups too.
     """
 
-    def __init__(self, argv: Sequence[str], cwd: Path) -> None:
+    def __init__(
+        self, argv: Sequence[str], cwd: Path, extra_env: Mapping[str, str] | None = None
+    ) -> None:
         self.process = subprocess.Popen(
             list(argv),
             cwd=cwd,
-            env=_env(),
+            env={**_env(), **(extra_env or {})},
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -412,3 +415,65 @@ def test_plain_python_run_preempted_and_resumed_bit_exactly(
     assert done_loss(job.output) == (steps, loss), job.output
     assert_weights(root, 1, weights)
     assert_nothing_staged(root)
+
+
+#: launch/README.md's commands that crash the demo started as ``bash launch/demo.sh ... &``
+#: with its pid in ``DEMO``.
+CRASH_THE_DEMO = "AGENT=$(pgrep -P $DEMO)\nkill -9 $(pgrep -P $AGENT) $AGENT\n"
+
+
+def _demo_copy(tmp_path: Path) -> Path:
+    """A tree holding the demo's scripts as they are here, in which it makes its runs/demo.
+    Its scripts/install.sh only says it ran: the real one pip-installs this package, and the
+    tests already import distckpt from this tree (PYTHONPATH), which the demo's ranks inherit."""
+    tree = tmp_path / "tree"
+    (tree / "launch").mkdir(parents=True)
+    (tree / "scripts").mkdir()
+    for name in ("demo.sh", "run_local.sh", "train.py"):
+        (tree / "launch" / name).write_bytes((REPO / "launch" / name).read_bytes())
+    (tree / "scripts" / "install.sh").write_text("echo 'install: already installed'\n")
+    return tree
+
+
+@pytest.mark.torchrun
+@pytest.mark.timeout(240)
+def test_demo_stopped_by_ctrl_c_or_crashed_as_the_readmes_say_resumes(tmp_path: Path) -> None:
+    """The quick start's promise: stopped with Ctrl-C, or crashed with launch/README.md's
+    ``kill -9`` commands, the demo leaves no process behind, and run again it resumes."""
+    assert CRASH_THE_DEMO in LAUNCH_README
+    tree = _demo_copy(tmp_path)
+    root = tree / "runs" / "demo"
+    args = ["--steps", "30", "--save-every", "5", "--log-every", "1"]
+    demo = ["bash", "launch/demo.sh", *args]
+    python = {"PYTHON": sys.executable}
+
+    # Ctrl-C: the terminal sends SIGINT to its foreground process group, the demo's.
+    with Job([*demo, "--sleep", "0.1"], tree, python) as job:
+        job.wait_for(r"^saved step=5$", 90)
+        os.killpg(job.process.pid, signal.SIGINT)
+        job.wait(TORCHRUN_SHUTDOWN_WINDOW + 15)
+        job.wait_until_dead(60)
+    stopped_at = committed_steps(root)[-1]
+
+    with Job([*demo, "--sleep", "0.1"], tree, python) as job:
+        job.wait_for(rf"^resumed from step {stopped_at} ", 90)
+        job.wait_for(rf"^saved step={stopped_at + 5}$", 60)
+        crash = subprocess.run(
+            ["bash", "-c", CRASH_THE_DEMO],
+            env={**os.environ, "DEMO": str(job.process.pid)},
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert crash.returncode == 0, crash.stderr
+        job.wait(30)
+        job.wait_until_dead(60)  # no orphaned worker trains on
+    assert "done step" not in job.output
+    crashed_at = committed_steps(root)[-1]
+
+    with Job(demo, tree, python) as job:
+        code = job.wait(120)
+    assert code == 0, job.output
+    assert re.search(rf"^resumed from step {crashed_at} ", job.output, re.MULTILINE), job.output
+    assert re.search(r"^done step=30 ", job.output, re.MULTILINE), job.output
+    assert "== last -> step-00000030" in job.output
