@@ -1,7 +1,10 @@
-"""End-to-end tests of the demo job ``launch/train.py``, under the real torchrun launcher.
+"""End-to-end tests of the demo job ``launch/train.py``, under the real torchrun launcher, of
+``launch/demo.sh`` stopped and crashed as the READMEs say, and of ``launch/train_fsdp.py``'s
+preemption save.
 
-A torchrun start costs seconds, so this file starts it three times in all: twice for a job
-killed by SIGKILL and resumed, once for a job preempted by SIGTERM. Results are checked
+A torchrun start costs seconds, so this file starts it seven times in all: twice for a job
+killed by SIGKILL and resumed, once for a job preempted by SIGTERM, three times for the demo
+(stopped with Ctrl-C, crashed, finished) and once for the FSDP job. Results are checked
 against a reference run computed in this process from the job's own building blocks (the
 ranks simulated one after the other), which is bit-exact: for two ranks, gloo's sum of two
 floats is ``a + b`` whichever rank adds, and everything else is the same code on the same data.
@@ -30,6 +33,7 @@ from tests.killing import proc_stat
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = REPO / "launch" / "train.py"
+TRAIN_FSDP = REPO / "launch" / "train_fsdp.py"
 LAUNCH_README = (REPO / "launch" / "README.md").read_text(encoding="utf-8")
 TORCHRUN_2 = [
     sys.executable,
@@ -477,3 +481,24 @@ def test_demo_stopped_by_ctrl_c_or_crashed_as_the_readmes_say_resumes(tmp_path: 
     assert re.search(rf"^resumed from step {crashed_at} ", job.output, re.MULTILINE), job.output
     assert re.search(r"^done step=30 ", job.output, re.MULTILINE), job.output
     assert "== last -> step-00000030" in job.output
+
+
+@pytest.mark.torchrun
+@pytest.mark.timeout(150)
+def test_sigterm_to_the_torchrun_agent_of_the_fsdp_job_saves_that_step(tmp_path: Path) -> None:
+    """The FSDP job saves on a preemption notice too, as the SLURM docs say of both jobs."""
+    root = tmp_path / "ckpt"
+    args = ["--root", str(root), "--steps", "100000", "--save-every", "100000"]
+    torchrun = [*TORCHRUN_2[:-1], str(TRAIN_FSDP), *args, "--log-every", "1"]
+    with Job(torchrun, tmp_path) as job:
+        job.wait_for(r"^step=3 ", 90)
+        job.process.send_signal(signal.SIGTERM)
+        job.wait(TORCHRUN_SHUTDOWN_WINDOW + 15)
+        assert job.alive() == []
+    preempted = re.findall(r"^preempted at step=(\d+) rank=(\d+) ", job.output, re.MULTILINE)
+    assert sorted(rank for _, rank in preempted) == ["0", "1"], job.output
+    assert len({step for step, _ in preempted}) == 1, job.output
+    step = int(preempted[0][0])
+    assert committed_steps(root) == [step]
+    assert last_target(root) == f"step-{step:08d}"
+    assert "done step" not in job.output
