@@ -216,6 +216,23 @@ class Job:
             self.process.stdout.close()
 
 
+#: launch/README.md's command that crashes a torchrun job whose agent's pid is in ``PID``.
+CRASH_THE_TORCHRUN_JOB = "kill -9 $(pgrep -P $PID) $PID\n"
+#: launch/README.md's commands that crash the demo started as ``bash launch/demo.sh ... &``
+#: with its pid in ``DEMO``.
+CRASH_THE_DEMO = "AGENT=$(pgrep -P $DEMO)\nkill -9 $(pgrep -P $AGENT) $AGENT\n"
+
+
+def _run_readme_commands(commands: str, **pids: int) -> None:
+    """Run ``commands``, as launch/README.md writes them, in bash, with the pids they name."""
+    assert commands in LAUNCH_README
+    env = {**os.environ, **{name: str(pid) for name, pid in pids.items()}}
+    done = subprocess.run(
+        ["bash", "-c", commands], env=env, capture_output=True, text=True, timeout=30
+    )
+    assert done.returncode == 0, done.stderr
+
+
 @pytest.fixture(scope="module")
 def train() -> ModuleType:
     """``launch/train.py`` imported as a module, for its building blocks."""
@@ -306,7 +323,7 @@ def test_killed_torchrun_job_resumes_bit_exactly(tmp_path: Path, train: ModuleTy
     with Job([*TORCHRUN_2, *args, "--sleep", "0.1"], tmp_path) as job:
         job.wait_for(r"^saved step=10$", 90)
         job.wait_for(r"^step=25 ", 30)  # past the second save, between two saves
-        job.kill()
+        _run_readme_commands(CRASH_THE_TORCHRUN_JOB, PID=job.process.pid)
         job.wait(30)
         job.wait_until_dead(60)  # its rank 0 holds the root's lease until it is gone
     first = time.monotonic() - started
@@ -421,11 +438,6 @@ def test_plain_python_run_preempted_and_resumed_bit_exactly(
     assert_nothing_staged(root)
 
 
-#: launch/README.md's commands that crash the demo started as ``bash launch/demo.sh ... &``
-#: with its pid in ``DEMO``.
-CRASH_THE_DEMO = "AGENT=$(pgrep -P $DEMO)\nkill -9 $(pgrep -P $AGENT) $AGENT\n"
-
-
 def _demo_copy(tmp_path: Path) -> Path:
     """A tree holding the demo's scripts as they are here, in which it makes its runs/demo.
     Its scripts/install.sh only says it ran: the real one pip-installs this package, and the
@@ -444,7 +456,6 @@ def _demo_copy(tmp_path: Path) -> Path:
 def test_demo_stopped_by_ctrl_c_or_crashed_as_the_readmes_say_resumes(tmp_path: Path) -> None:
     """The quick start's promise: stopped with Ctrl-C, or crashed with launch/README.md's
     ``kill -9`` commands, the demo leaves no process behind, and run again it resumes."""
-    assert CRASH_THE_DEMO in LAUNCH_README
     tree = _demo_copy(tmp_path)
     root = tree / "runs" / "demo"
     args = ["--steps", "30", "--save-every", "5", "--log-every", "1"]
@@ -462,14 +473,7 @@ def test_demo_stopped_by_ctrl_c_or_crashed_as_the_readmes_say_resumes(tmp_path: 
     with Job([*demo, "--sleep", "0.1"], tree, python) as job:
         job.wait_for(rf"^resumed from step {stopped_at} ", 90)
         job.wait_for(rf"^saved step={stopped_at + 5}$", 60)
-        crash = subprocess.run(
-            ["bash", "-c", CRASH_THE_DEMO],
-            env={**os.environ, "DEMO": str(job.process.pid)},
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
-        assert crash.returncode == 0, crash.stderr
+        _run_readme_commands(CRASH_THE_DEMO, DEMO=job.process.pid)
         job.wait(30)
         job.wait_until_dead(60)  # no orphaned worker trains on
     assert "done step" not in job.output
