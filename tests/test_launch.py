@@ -2,9 +2,9 @@
 ``launch/demo.sh`` stopped and crashed as the READMEs say, and of ``launch/train_fsdp.py``'s
 preemption save.
 
-A torchrun start costs seconds, so this file starts it seven times in all: twice for a job
-killed by SIGKILL and resumed, once for a job preempted by SIGTERM, three times for the demo
-(stopped with Ctrl-C, crashed, finished) and once for the FSDP job. Results are checked
+A torchrun start costs seconds, so this file starts it six times in all: twice for a job
+killed by SIGKILL and resumed, once for a job preempted by SIGTERM, twice for the demo
+(crashed, then resumed and stopped with Ctrl-C) and once for the FSDP job. Results are checked
 against a reference run computed in this process from the job's own building blocks (the
 ranks simulated one after the other), which is bit-exact: for two ranks, gloo's sum of two
 floats is ``a + b`` whichever rank adds, and everything else is the same code on the same data.
@@ -458,33 +458,27 @@ def test_demo_stopped_by_ctrl_c_or_crashed_as_the_readmes_say_resumes(tmp_path: 
     ``kill -9`` commands, the demo leaves no process behind, and run again it resumes."""
     tree = _demo_copy(tmp_path)
     root = tree / "runs" / "demo"
-    args = ["--steps", "30", "--save-every", "5", "--log-every", "1"]
+    args = ["--steps", "100", "--save-every", "5", "--log-every", "1"]
     demo = ["bash", "launch/demo.sh", *args]
     python = {"PYTHON": sys.executable}
 
-    # Ctrl-C: the terminal sends SIGINT to its foreground process group, the demo's.
     with Job([*demo, "--sleep", "0.1"], tree, python) as job:
         job.wait_for(r"^saved step=5$", 90)
-        os.killpg(job.process.pid, signal.SIGINT)
-        job.wait(TORCHRUN_SHUTDOWN_WINDOW + 15)
-        job.wait_until_dead(60)
-    stopped_at = committed_steps(root)[-1]
-
-    with Job([*demo, "--sleep", "0.1"], tree, python) as job:
-        job.wait_for(rf"^resumed from step {stopped_at} ", 90)
-        job.wait_for(rf"^saved step={stopped_at + 5}$", 60)
         _run_readme_commands(CRASH_THE_DEMO, DEMO=job.process.pid)
         job.wait(30)
         job.wait_until_dead(60)  # no orphaned worker trains on
     assert "done step" not in job.output
     crashed_at = committed_steps(root)[-1]
 
-    with Job(demo, tree, python) as job:
-        code = job.wait(120)
-    assert code == 0, job.output
-    assert re.search(rf"^resumed from step {crashed_at} ", job.output, re.MULTILINE), job.output
-    assert re.search(r"^done step=30 ", job.output, re.MULTILINE), job.output
-    assert "== last -> step-00000030" in job.output
+    # Ctrl-C: the terminal sends SIGINT to its foreground process group, the demo's.
+    with Job([*demo, "--sleep", "0.1"], tree, python) as job:
+        job.wait_for(rf"^resumed from step {crashed_at} ", 90)
+        job.wait_for(rf"^saved step={crashed_at + 5}$", 60)
+        os.killpg(job.process.pid, signal.SIGINT)
+        job.wait(TORCHRUN_SHUTDOWN_WINDOW + 15)
+        job.wait_until_dead(60)
+    assert "done step" not in job.output
+    assert committed_steps(root)[-1] >= crashed_at + 5
 
 
 @pytest.mark.torchrun
