@@ -10,14 +10,15 @@
 #                   the node whose address it names hosts the store
 #   NPROC_PER_NODE  ranks per node (default 1)
 #   RDZV_ID         a job id shared by all nodes (default distckpt); a fresh one per job
-#   MAX_RESTARTS    torchrun's restarts of failed workers (default 0); a restart resumes
-#                   from the checkpoint root's `last`
-#   SCRIPT          the training script (default launch/train.py); arguments go to it
+#   MAX_RESTARTS    torchrun's restarts of failed workers (default 0). Not relied on: on
+#                   torch 2.13 with gloo, restarted workers can fail or hang in torch's own
+#                   init_process_group; restart the whole job instead (it resumes from `last`)
+#   SCRIPT          the training script (default: train.py next to this script); arguments
+#                   go to it; a relative --root is relative to the current directory
 #   PYTHON          the interpreter (default python3)
 #   DRY_RUN=1       print the command instead of running it
 # The checkpoint root must be on a filesystem every node shares.
 set -euo pipefail
-cd "$(dirname "$0")/.."
 : "${NNODES:?set NNODES to the number of nodes}"
 : "${RDZV_ENDPOINT:?set RDZV_ENDPOINT to host:port of the rendezvous store}"
 cmd=(
@@ -28,7 +29,7 @@ cmd=(
   --rdzv-endpoint "$RDZV_ENDPOINT"
   --rdzv-id "${RDZV_ID:-distckpt}"
   --max-restarts "${MAX_RESTARTS:-0}"
-  "${SCRIPT:-launch/train.py}" "$@"
+  "${SCRIPT:-$(dirname "$0")/train.py}" "$@"
 )
 if [ "${DRY_RUN:-0}" = 1 ]; then
   printf '%q ' "${cmd[@]}"; echo

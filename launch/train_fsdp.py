@@ -26,9 +26,15 @@ dropout and no other per-rank state: a "dcp" checkpoint does save per-rank value
 (``distckpt.RNGState``, ``distckpt.PerRank``) one copy per rank, but those cannot be resharded
 onto another number of ranks.
 
-Output (rank 0): ``resumed from step N`` or ``starting from scratch``, ``step=N loss=X`` every
-``--log-every`` steps, ``saved step=N`` per committed checkpoint, and finally ``done step=N
-loss=X weights=W`` where ``W`` is the sum of every full parameter (compare it across runs).
+A SIGTERM (a scheduler's preemption notice, or ``kill -TERM`` of the torchrun agent, which
+forwards it) makes every rank save the current step, print ``preempted at step=N``, and exit
+with status 0.
+
+Output (rank 0 unless noted): ``resumed from step N`` or ``starting from scratch``, ``step=N
+loss=X`` every ``--log-every`` steps, ``saved step=N`` per committed checkpoint, ``preempted at
+step=N rank=R loss=X`` on every rank after a preemption save, and otherwise finally ``done
+step=N loss=X weights=W`` where ``W`` is the sum of every full parameter (compare it across
+runs).
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
+import signal
 import socket
 import sys
 from collections.abc import Sequence
@@ -116,6 +123,8 @@ def batch_for(seed: int, step: int, rank: int, world_size: int) -> tuple[torch.T
 
 
 def train(args: argparse.Namespace) -> int:
+    """Resume from ``args.root`` if it holds a checkpoint, train to ``args.steps`` (or until a
+    preemption save), and return the exit status: 0 both when done and when preempted."""
     owns_group = not dist.is_initialized()
     rank, world_size = init_distributed(args.timeout)
     if GLOBAL_BATCH % world_size:
@@ -134,6 +143,7 @@ def train(args: argparse.Namespace) -> int:
         format="dcp",
         every_n_steps=args.save_every,
         keep_last=args.keep_last,
+        save_on_signal=(signal.SIGTERM,),
         timeout=args.timeout,
     ) as mgr:
         ckpt = mgr.restore("last", state=state, missing_ok=True)
@@ -145,6 +155,7 @@ def train(args: argparse.Namespace) -> int:
             say(f"resumed from step {ckpt.step} (saved by {saved_by} ranks, now {world_size})")
         last_saved = ckpt.step if ckpt is not None else None
 
+        preempted = False
         while tracker.step < args.steps:
             x, y = batch_for(args.seed, tracker.step, rank, world_size)
             optimizer.zero_grad(set_to_none=True)
@@ -156,19 +167,29 @@ def train(args: argparse.Namespace) -> int:
             loss = float(mean) / world_size
             if tracker.step % args.log_every == 0:
                 say(f"step={tracker.step} loss={loss:.6f}")
-            # Collective on every rank; the schedule decides, identically everywhere.
+            # Collective on every rank; the schedule (or a pending SIGTERM on any rank)
+            # decides, identically everywhere.
             result = mgr.save(tracker.step, state, metrics={"loss": loss})
             if result is not None:
                 last_saved = result.step
                 say(f"saved step={result.step}")
-        # The end of training is always checkpointed (not step 0: nothing was trained).
-        if tracker.step and last_saved != tracker.step:
-            mgr.save(tracker.step, state, metrics={"loss": loss}, force=True)
-            say(f"saved step={tracker.step}")
+            if mgr.preempted:
+                # Every rank reports, in one write (the ranks share the launcher's output), so
+                # a log shows that all of them left on their own.
+                sys.stdout.write(f"preempted at step={tracker.step} rank={rank} loss={loss!r}\n")
+                sys.stdout.flush()
+                preempted = True
+                break
+        else:
+            # The end of training is always checkpointed (not step 0: nothing was trained).
+            if tracker.step and last_saved != tracker.step:
+                mgr.save(tracker.step, state, metrics={"loss": loss}, force=True)
+                say(f"saved step={tracker.step}")
 
-    with torch.no_grad():  # full_tensor() is collective: every rank takes part
-        weights = sum(float(p.full_tensor().sum()) for p in model.parameters())
-    say(f"done step={tracker.step} loss={loss!r} weights={weights!r}")
+    if not preempted:  # a preempted job leaves at once: torchrun SIGKILLs it within 30 s
+        with torch.no_grad():  # full_tensor() is collective: every rank takes part
+            weights = sum(float(p.full_tensor().sum()) for p in model.parameters())
+        say(f"done step={tracker.step} loss={loss!r} weights={weights!r}")
     tracker.close()
     if owns_group:
         dist.destroy_process_group()

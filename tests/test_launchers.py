@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ import pytest
 
 import distckpt
 from tests.ranks import ReservedPort
+from tests.waiting import wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -20,7 +22,8 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.mark.timeout(240)
 def test_two_torchrun_agents_with_c10d_rendezvous(tmp_path: Path) -> None:
     """Two "nodes" (two torchrun agents on 127.0.0.1, --nnodes 2) train and checkpoint into
-    one root; the checkpoint holds both ranks' files."""
+    one root; the checkpoint holds both ranks' files. Started from another directory than the
+    repository's, with a relative --root: it is relative to the current directory."""
     # The rendezvous port is held by this process until the agents are done: torch's TCPStore
     # can still bind it (it sets SO_REUSEADDR), and no other process can meanwhile.
     rendezvous = ReservedPort()
@@ -33,11 +36,12 @@ def test_two_torchrun_agents_with_c10d_rendezvous(tmp_path: Path) -> None:
         "PYTHON": sys.executable,
         "OMP_NUM_THREADS": "1",
     }
-    args = ["bash", "launch/multinode.sh", "--root", str(tmp_path), "--steps", "12"]
+    args = ["bash", str(REPO / "launch" / "multinode.sh"), "--root", "ckpt", "--steps", "12"]
     args += ["--save-every", "5"]
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     agents = [
         subprocess.Popen(
-            args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
         )
         for _ in range(2)
     ]
@@ -52,12 +56,12 @@ def test_two_torchrun_agents_with_c10d_rendezvous(tmp_path: Path) -> None:
         rendezvous.close()
     for agent, out in zip(agents, outputs):
         assert agent.returncode == 0, out[-3000:]
-    assert distckpt.CheckpointManager(tmp_path).steps() == [5, 10, 12] or (
-        distckpt.CheckpointManager(tmp_path).latest_step() is not None
-    )
-    info = distckpt.CheckpointManager(tmp_path).checkpoints()[-1]
+    root = tmp_path / "ckpt"
+    assert distckpt.CheckpointManager(root).steps() == [5, 10, 12]
+    info = distckpt.CheckpointManager(root).checkpoints()[-1]
     assert info.world_size == 2
-    assert distckpt.verify(tmp_path).ok
+    assert distckpt.verify(root).ok
+    assert not (REPO / "ckpt").exists()
 
 
 def test_slurm_script_dry_run(tmp_path: Path) -> None:
@@ -90,6 +94,76 @@ def test_slurm_script_dry_run(tmp_path: Path) -> None:
     assert "scontrol requeue 4242" in out
     script = (REPO / "launch" / "slurm.sbatch").read_text()
     assert "#SBATCH --signal=B:USR1@120" in script and "#SBATCH --requeue" in script
+
+
+# Stand-ins for Slurm's commands: no Slurm runs on this machine. The batch script is real bash
+# and is signalled the way Slurm signals it; only what srun and scontrol would do is played.
+# srun records that it started, then ends with STAND_IN_SRUN_STATUS, or, given "preempt", runs
+# until a SIGTERM and then exits 1 as torchrun does after forwarding a preemption signal.
+STAND_IN_SRUN = """#!/usr/bin/env bash
+echo started >> "$STAND_IN_LOG"
+if [ "$STAND_IN_SRUN_STATUS" != preempt ]; then exit "$STAND_IN_SRUN_STATUS"; fi
+sleep 60 & sleeper=$!
+trap 'kill "$sleeper"; exit 1' TERM
+wait "$sleeper"
+"""
+STAND_IN_SCONTROL = """#!/usr/bin/env bash
+if [ "$1 $2" = "show hostnames" ]; then echo "$3" | tr ',' '\\n'; exit 0; fi
+echo "scontrol $*" >> "$STAND_IN_LOG"
+"""
+
+
+def _start_batch_script(tmp_path: Path, srun_status: str) -> tuple[subprocess.Popen[str], Path]:
+    """slurm.sbatch started as Slurm would start it, with the stand-ins first on PATH; returns
+    the batch shell and the log the stand-ins write."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("srun", STAND_IN_SRUN), ("scontrol", STAND_IN_SCONTROL)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    log = tmp_path / "stand-in.log"
+    log.touch()
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        "SLURM_JOB_NODELIST": "node7",
+        "SLURM_JOB_ID": "4242",
+        "SLURM_CPUS_PER_TASK": "1",
+        "SLURM_SUBMIT_DIR": str(REPO),
+        "STAND_IN_LOG": str(log),
+        "STAND_IN_SRUN_STATUS": srun_status,
+    }
+    batch = subprocess.Popen(
+        ["bash", str(REPO / "launch" / "slurm.sbatch"), "--root", str(tmp_path / "ckpt")],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    return batch, log
+
+
+@pytest.mark.parametrize("srun_status", [0, 3])
+def test_slurm_script_exits_with_the_status_of_srun(tmp_path: Path, srun_status: int) -> None:
+    """Slurm marks a job FAILED (and holds back its `afterok` dependants) from this status."""
+    batch, _ = _start_batch_script(tmp_path, str(srun_status))
+    out, _ = batch.communicate(timeout=30)
+    assert batch.returncode == srun_status, out
+
+
+def test_slurm_script_exits_0_once_it_requeued_the_job_on_a_preemption_notice(
+    tmp_path: Path,
+) -> None:
+    batch, log = _start_batch_script(tmp_path, "preempt")
+    try:
+        wait_until(lambda: "started" in log.read_text(), "the stand-in srun to start", 30)
+        batch.send_signal(signal.SIGUSR1)  # what --signal=B:USR1@120 sends before the limit
+        out, _ = batch.communicate(timeout=30)
+    finally:
+        batch.kill()
+    assert "scontrol requeue 4242" in log.read_text()
+    assert "preemption notice: requeueing job 4242" in out
+    assert batch.returncode == 0, out
 
 
 def test_slurm_script_refuses_to_run_outside_slurm(tmp_path: Path) -> None:
