@@ -156,37 +156,48 @@ def test_a_forked_child_that_exits_with_a_save_in_flight_does_not_wait_for_it(
     """A plain os.fork() child (a data loader's worker, a helper process) inherits the exit
     hook of a save in flight, but not the thread running it: it exits at once, and the parent
     still finishes the save."""
+    released = tmp_path / "child-exited"
     script = textwrap.dedent(
         f"""
         import os, sys, time, torch, distckpt
         from distckpt import faults
         real_hit = faults.hit
 
-        def slow_write(point, rank):
+        def held_write(point, rank):
             if point == "after_shard_write":
-                time.sleep(3)  # the save is still in flight when the child exits
+                # The save stays in flight until the parent saw the child exit: a child that
+                # waited for it would never exit.
+                while not os.path.exists({str(released)!r}):
+                    time.sleep(0.01)
             real_hit(point, rank)
 
         # The fault points can raise or kill but not delay, and no disk here is reliably slow
         # for exactly one write: the hook holds the write back instead.
-        faults.hit = slow_write
-        mgr = distckpt.CheckpointManager({str(tmp_path)!r}, async_save=True)
+        faults.hit = held_write
+        mgr = distckpt.CheckpointManager({str(tmp_path / "root")!r}, async_save=True)
         mgr.save(7, {{"w": torch.ones(16)}})
         assert mgr.save_in_flight
         pid = os.fork()
         if pid == 0:
             sys.exit(0)  # a normal exit: the exit hooks run in the child
-        started = time.monotonic()
-        os.waitpid(pid, 0)
-        print(round(time.monotonic() - started, 2))
+        deadline = time.monotonic() + 20  # far beyond a child's exit, even on a loaded machine
+        exited = False
+        while not exited and time.monotonic() < deadline:
+            exited = os.waitpid(pid, os.WNOHANG) != (0, 0)
+            time.sleep(0.01)
+        open({str(released)!r}, "w").close()  # the save goes on only now
+        if not exited:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+        print("exited" if exited else "waited")
         mgr.close()
         """
     )
     done = subprocess.run(
-        [sys.executable, "-c", script], check=True, timeout=30, capture_output=True, text=True
+        [sys.executable, "-c", script], check=True, timeout=60, capture_output=True, text=True
     )
-    assert float(done.stdout.split()[-1]) < 2.5  # the child did not wait for the slow write
-    assert distckpt.CheckpointManager(tmp_path).steps() == [7]
+    assert done.stdout.split()[-1] == "exited"  # the child did not wait for the held write
+    assert distckpt.CheckpointManager(tmp_path / "root").steps() == [7]
 
 
 def _preempted_async(rank: int, world_size: int, root: str) -> tuple[bool, bool]:
