@@ -123,6 +123,51 @@ def test_prune_never_removes_the_checkpoint_best_named_before_it(
         assert mgr.steps() == [10, 20, 40, 50]
 
 
+def test_delete_removes_a_steps_commit_and_objects_and_moves_the_pointers(
+    root: str, s3_server: S3Server
+) -> None:
+    out = run("delete", root, "30")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == "deleted step 30\nkept steps:   10, 20\n"
+    out = run("delete", root, "20", "--json")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == {"deleted": 20, "kept": [10]}
+    remaining = {info.key.split("/")[0] for info in raw_store(root, s3_server).list()}
+    assert not remaining & {step_dir_name(20), step_dir_name(30)}  # every object, not the commit
+    # best named step 20; without the job's monitor it is removed, not moved
+    assert json.loads(run("ls", root, "--json").stdout)["links"] == {
+        "last": step_dir_name(10),
+        "best": None,
+    }
+    out = run("delete", root, "20")
+    assert out.returncode == 2, out
+    assert out.stderr.startswith("distckpt delete: error: no checkpoint for step 20 in "), out
+
+
+def test_delete_removes_a_checkpoint_this_version_cannot_judge(
+    root: str, s3_server: S3Server
+) -> None:
+    """The s3:// case of docs/verification.md's advice: a newest checkpoint of a format this
+    version does not know is deleted with ``distckpt delete ROOT STEP``."""
+    store = raw_store(root, s3_server)
+    attempt = json.loads(store.get_bytes(f"{step_dir_name(30)}/COMMIT"))["attempt"]
+    manifest = f"{step_dir_name(30)}/{attempt}/manifest.json"
+    data = json.loads(store.get_bytes(manifest))
+    data["format"] = "pickle-jar"
+    store.put_bytes(manifest, json.dumps(data).encode())
+    with (
+        pytest.raises(distckpt.InvalidStep, match="could not be judged"),
+        distckpt.CheckpointManager(root) as mgr,
+    ):
+        mgr.save(25, {"w": torch.zeros(4)})
+    out = run("delete", root, "30")
+    assert out.returncode == 0, out.stderr
+    assert [info.key for info in store.list(step_dir_name(30) + "/")] == []
+    with distckpt.CheckpointManager(root) as mgr:
+        assert mgr.save(25, {"w": torch.zeros(4)}) is not None
+        assert mgr.steps() == [10, 20, 25]
+
+
 def test_gc_removes_the_leftovers_of_a_dead_writer(root: str, s3_server: S3Server) -> None:
     """An uncommitted step prefix (objects without a commit object) left by a writer that is
     gone, with no job holding the root: ``gc`` removes it and leaves the committed steps."""
@@ -145,7 +190,15 @@ def test_export_then_load_in_a_plain_process(root: str, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "args",
-    [("info",), ("verify",), ("ls",), ("prune", "--keep-last", "1"), ("gc",), ("lease",)],
+    [
+        ("info",),
+        ("verify",),
+        ("ls",),
+        ("prune", "--keep-last", "1"),
+        ("gc",),
+        ("lease",),
+        ("delete", "10"),
+    ],
     ids=lambda value: value[0],
 )
 def test_a_prefix_holding_nothing_is_a_missing_root(
@@ -201,7 +254,9 @@ def test_prune_and_gc_of_a_checkpoint_are_refused(root: str, s3_server: S3Server
         assert mgr.steps() == [10, 20, 30]
 
 
-@pytest.mark.parametrize("command", [("prune", "--keep-last", "1"), ("gc",), ("ls",), ("lease",)])
+@pytest.mark.parametrize(
+    "command", [("prune", "--keep-last", "1"), ("gc",), ("ls",), ("lease",), ("delete", "20")]
+)
 @pytest.mark.parametrize("name", ["last", "best"])
 def test_a_command_on_a_root_refuses_a_link(
     root: str, s3_server: S3Server, command: tuple[str, ...], name: str
