@@ -29,6 +29,7 @@ A client must not cross a ``fork()``: make one per process.
 from __future__ import annotations
 
 import base64
+import math
 import os
 import random
 import time
@@ -88,7 +89,58 @@ _OPTION_KEYS = {
     "max_concurrency",
 }
 
+#: The options whose value is text, and those whose value is a mapping of keyword arguments.
+_TEXT_OPTIONS = ("endpoint_url", "key", "secret", "token", "region")
+_MAPPING_OPTIONS = ("client_kwargs", "config_kwargs")
+
 T = TypeVar("T")
+
+
+def _check_option_types(options: Mapping[str, Any]) -> None:
+    """Refuse a text or mapping option of another type (None is an option not given, as in
+    fsspec): botocore would fail on it later, at a request, with a less clear message."""
+    for key in _TEXT_OPTIONS:
+        value = options.get(key)
+        if value is not None and not isinstance(value, str):
+            raise InvalidArgument(f"storage_options {key} must be a str, not {value!r}")
+    for key in _MAPPING_OPTIONS:
+        value = options.get(key)
+        if value is not None and not isinstance(value, Mapping):
+            raise InvalidArgument(f"storage_options {key} must be a dict, not {value!r}")
+
+
+def _int_option(
+    options: Mapping[str, Any], key: str, default: int, minimum: int, meaning: str
+) -> int:
+    """The int ``options[key]`` (``default`` when not given or None), at least ``minimum``.
+    Only an int: a float would be cut (2.5 attempts to 2), a string ("16MiB") is no count,
+    and a bool is no count either, though Python counts it as an int."""
+    value = options.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise InvalidArgument(
+            f"storage_options {key} is {meaning}: an int of at least {minimum}, not {value!r}"
+        )
+    return value
+
+
+def _seconds_option(options: Mapping[str, Any], key: str, default: float) -> float:
+    """The timeout ``options[key]`` in seconds (``default`` when not given or None): a
+    positive, finite int or float."""
+    value = options.get(key)
+    if value is None:
+        return default
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise InvalidArgument(
+            f"storage_options {key} is seconds: a positive, finite number, not {value!r}"
+        )
+    return float(value)
 
 
 @dataclass(frozen=True)
@@ -127,9 +179,14 @@ class ObjectStore:
     ``create_client``, e.g. ``region_name``), ``config_kwargs`` (to ``botocore.config.Config``),
     ``retries`` (total attempts per request), ``connect_timeout`` / ``read_timeout`` (seconds),
     ``default_block_size`` (multipart part size), ``max_concurrency`` (parts in flight per
-    writer). What is not given comes from the standard AWS environment variables and config
-    files (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``,
-    ``AWS_SESSION_TOKEN``, ``AWS_REGION``, ``AWS_PROFILE``).
+    writer). What is not given (or given as None) comes from the standard AWS environment
+    variables and config files (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``,
+    ``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``, ``AWS_REGION``, ``AWS_PROFILE``) or is
+    the default. An unknown key, or a value of another type or out of range (the text options
+    a ``str``, ``client_kwargs`` / ``config_kwargs`` a dict, ``retries`` and
+    ``max_concurrency`` an int of at least 1, ``default_block_size`` an int of at least
+    :data:`MIN_PART_SIZE`, a timeout a positive finite number; never a bool or a numeric
+    string) raises :class:`~distckpt.errors.InvalidArgument` naming the key and the value.
     """
 
     def __init__(self, url: str, storage_options: Mapping[str, Any] | None = None) -> None:
@@ -144,16 +201,16 @@ class ObjectStore:
         except ImportError as exc:
             raise InvalidArgument("s3:// roots need botocore: pip install 'distckpt[s3]'") from exc
         self.url = S3Url.parse(url)
-        self.part_size = int(options.get("default_block_size", DEFAULT_PART_SIZE))
-        if self.part_size < MIN_PART_SIZE:
-            raise InvalidArgument(f"default_block_size must be at least {MIN_PART_SIZE} bytes")
-        self.max_concurrency = max(1, int(options.get("max_concurrency", DEFAULT_MAX_CONCURRENCY)))
-        attempts = int(options.get("retries", DEFAULT_ATTEMPTS))
-        if attempts < 1:
-            raise InvalidArgument(
-                f"storage_options retries is the total attempts per request: at least 1, "
-                f"not {attempts}"
-            )
+        _check_option_types(options)
+        self.part_size = _int_option(
+            options, "default_block_size", DEFAULT_PART_SIZE, MIN_PART_SIZE, "bytes per part"
+        )
+        self.max_concurrency = _int_option(
+            options, "max_concurrency", DEFAULT_MAX_CONCURRENCY, 1, "parts in flight per writer"
+        )
+        attempts = _int_option(
+            options, "retries", DEFAULT_ATTEMPTS, 1, "the total attempts per request"
+        )
         self.client = self._make_client(options, attempts)
         self.endpoint: str = self.client.meta.endpoint_url
 
@@ -166,7 +223,9 @@ class ObjectStore:
         from botocore.config import Config
         from botocore.exceptions import BotoCoreError, PartialCredentialsError
 
-        client_kwargs: dict[str, Any] = dict(options.get("client_kwargs", {}))
+        connect_timeout = _seconds_option(options, "connect_timeout", 10.0)
+        read_timeout = _seconds_option(options, "read_timeout", 60.0)
+        client_kwargs: dict[str, Any] = dict(options.get("client_kwargs") or {})
         for option, argument in (
             ("endpoint_url", "endpoint_url"),
             ("key", "aws_access_key_id"),
@@ -179,13 +238,13 @@ class ObjectStore:
         try:
             config = Config(
                 retries={"mode": "standard", "total_max_attempts": attempts},
-                connect_timeout=float(options.get("connect_timeout", 10)),
-                read_timeout=float(options.get("read_timeout", 60)),
+                connect_timeout=connect_timeout,
+                read_timeout=read_timeout,
                 max_pool_connections=max(10, self.max_concurrency + 2),
                 # distckpt sends the CRC-32 it computes anyway; botocore need not compute another
                 request_checksum_calculation="when_required",
                 response_checksum_validation="when_required",
-            ).merge(Config(**options.get("config_kwargs", {})))
+            ).merge(Config(**(options.get("config_kwargs") or {})))
             session = botocore.session.get_session()
             if "region_name" not in client_kwargs and session.get_config_variable("region") is None:
                 # botocore reads AWS_DEFAULT_REGION; AWS_REGION is what the other SDKs read. A

@@ -8,6 +8,7 @@ import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any, Callable
 
 import pytest
 import torch
@@ -350,6 +351,98 @@ def test_a_configuration_error_raises_its_documented_class(
         next(iter(store.list()), None)
     with pytest.raises(error), distckpt.CheckpointManager(url, storage_options=storage_options):
         pass
+
+
+#: Values of each option the client cannot use: of another type (a bool, a float count, a
+#: string, numeric or not) or out of range.
+UNUSABLE_OPTIONS = [
+    ("default_block_size", "16MiB"),
+    ("default_block_size", str(16 << 20)),
+    ("default_block_size", float(16 << 20)),
+    ("default_block_size", True),
+    ("default_block_size", MIN_PART_SIZE - 1),
+    ("max_concurrency", "x"),
+    ("max_concurrency", "8"),
+    ("max_concurrency", 0),
+    ("max_concurrency", -1),
+    ("max_concurrency", True),
+    ("max_concurrency", 2.0),
+    ("retries", 2.5),
+    ("retries", 0),
+    ("retries", "5"),
+    ("retries", False),
+    ("connect_timeout", "x"),
+    ("connect_timeout", 0),
+    ("connect_timeout", -1.0),
+    ("connect_timeout", float("nan")),
+    ("connect_timeout", True),
+    ("read_timeout", float("inf")),
+    ("read_timeout", "60"),
+    ("endpoint_url", 9000),
+    ("key", b"AKIA"),
+    ("secret", 123),
+    ("token", ["t"]),
+    ("region", 1),
+    ("client_kwargs", "region_name=eu-west-1"),
+    ("config_kwargs", [("connect_timeout", 1)]),
+]
+
+
+@pytest.mark.parametrize(("key", "value"), UNUSABLE_OPTIONS, ids=repr)
+def test_a_storage_option_value_the_client_cannot_use_is_refused_naming_it(
+    s3_server: S3Server, s3_url: str, key: str, value: object
+) -> None:
+    with pytest.raises(InvalidArgument) as refused:
+        ObjectStore(s3_url, {**s3_server.storage_options(), key: value})
+    assert f"storage_options {key} " in str(refused.value) and repr(value) in str(refused.value)
+
+
+def _entry_points(url: str, tmp_path: Path) -> dict[str, Callable[[dict[str, Any]], object]]:
+    """Each public way in that takes ``storage_options``, on ``url``."""
+    return {
+        "CheckpointManager": lambda options: distckpt.CheckpointManager(
+            url, storage_options=options
+        ).close(),
+        "load_checkpoint": lambda options: distckpt.load_checkpoint(url, storage_options=options),
+        "verify": lambda options: distckpt.verify(url, storage_options=options),
+        "export": lambda options: distckpt.export(
+            url, tmp_path / "out.pt", storage_options=options
+        ),
+    }
+
+
+@pytest.mark.parametrize("entry", ["CheckpointManager", "load_checkpoint", "verify", "export"])
+@pytest.mark.parametrize(
+    ("key", "value"), [("default_block_size", "16MiB"), ("max_concurrency", 0), ("retries", 2.5)]
+)
+def test_every_entry_point_raises_the_invalid_argument_itself(
+    s3_server: S3Server, s3_url: str, tmp_path: Path, entry: str, key: str, value: object
+) -> None:
+    """Not a plain ValueError, nor a CheckpointError wrapping one: the documented class."""
+    run = _entry_points(s3_url, tmp_path)[entry]
+    with pytest.raises(InvalidArgument, match=f"storage_options {key} "):
+        run({**s3_server.storage_options(), key: value})
+    assert not (tmp_path / "out.pt").exists()
+
+
+def test_usable_storage_option_values_are_taken_as_given(s3_server: S3Server, s3_url: str) -> None:
+    options = {
+        **s3_server.storage_options(),
+        "default_block_size": MIN_PART_SIZE,
+        "max_concurrency": 1,
+        "retries": 1,
+        "connect_timeout": 2,
+        "read_timeout": 2.5,
+        "client_kwargs": None,  # None is an option not given (fsspec's convention)
+        "config_kwargs": {"s3": {"addressing_style": "path"}},
+    }
+    with ObjectStore(s3_url, options) as store:
+        assert (store.part_size, store.max_concurrency) == (MIN_PART_SIZE, 1)
+        config = store.client.meta.config
+        assert (config.connect_timeout, config.read_timeout) == (2.0, 2.5)
+        assert config.retries["total_max_attempts"] == 1
+        store.put_bytes("x", b"1")
+        assert store.get_bytes("x") == b"1"
 
 
 @pytest.mark.parametrize("in_parts", [False, True], ids=["copy-object", "upload-part-copy"])
