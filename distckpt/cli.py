@@ -441,9 +441,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="break the lease of a holder on another machine that is known to be dead",
     )
     sub.set_defaults(run=cmd_lease)
-    sub = command("export", "write a checkpoint as one torch.save file")
+    sub = command(
+        "export",
+        "write a checkpoint as one torch.save file, or as one object of an s3:// URL "
+        "(uploaded as it is written; it appears whole or not at all)",
+    )
     sub.add_argument("path")
-    sub.add_argument("out")
+    sub.add_argument("out", help="a file, or an s3://BUCKET/KEY URL")
     sub.add_argument("--rank", type=int, help='"torch" format: the rank to export (default 0)')
     sub.add_argument("--all-ranks", action="store_true", help='"torch" format: every rank')
     sub.set_defaults(run=cmd_export)

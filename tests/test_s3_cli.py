@@ -4,6 +4,7 @@ the same commands, output and exit statuses as on a local root (tests/test_cli.p
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -16,6 +17,7 @@ import torch
 import distckpt
 from distckpt.layout import step_dir_name
 from distckpt.objstore import ObjectStore
+from distckpt.objurl import S3Url
 from tests.s3server import REGION, S3Server
 from tests.test_cli import ls_lines, run
 
@@ -186,6 +188,25 @@ def test_export_then_load_in_a_plain_process(root: str, tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr
     state = torch.load(out_file, weights_only=True)
     assert torch.equal(state["w"], torch.full((4,), 20.0))
+
+
+def test_export_to_an_s3_url_uploads_what_a_local_export_writes(
+    root: str, s3_server: S3Server, tmp_path: Path
+) -> None:
+    """The object, not a local file under ``./s3:`` (the working directory is the test's)."""
+    bucket = S3Url.parse(root).bucket
+    url = f"s3://{bucket}/exports/model.pt"
+    out = run("export", f"{root}/best", url, "--json")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == {"out": url}
+    assert run("export", f"{root}/best", str(tmp_path / "model.pt")).returncode == 0
+    local = torch.load(tmp_path / "model.pt", weights_only=True)
+    data = raw_store(f"s3://{bucket}", s3_server).get_bytes("exports/model.pt")
+    uploaded = torch.load(io.BytesIO(data), weights_only=True)
+    assert uploaded.keys() == local.keys() and torch.equal(uploaded["w"], local["w"])
+    assert not (tmp_path / "s3:").exists()
+    out = run("export", f"{root}/best", f"s3://{bucket}/exports/")
+    assert out.returncode == 2 and "names no object" in out.stderr, out
 
 
 @pytest.mark.parametrize(
