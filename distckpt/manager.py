@@ -62,6 +62,17 @@ class CheckpointManager:
         keep_last: keep the newest N checkpoints (with the other ``keep_*`` rules, a checkpoint
             stays if any rule keeps it). None with no other ``keep_*`` keeps everything.
         keep_best: keep the best K by ``monitor``; ``monitor``/``mode`` also drive ``root/best``.
+        monitor: the name of the metric (a key of :meth:`save`'s ``metrics``) that ranks
+            checkpoints: ``root/best`` names the best one, which retention never removes, and
+            ``keep_best`` keeps the best K. A checkpoint saved without it, or with a NaN or
+            infinite value, is unranked and never best. None (the default) ranks nothing:
+            ``keep_best`` and ``keep_unranked`` are then refused
+            (:class:`~distckpt.InvalidArgument`), and ``root/best`` is left where it is
+            (removed once it names no checkpoint). A non-empty str otherwise. The root does not
+            record it: give every job on a root the same.
+        mode: ``"min"`` (the default: the lowest value is best, as for a loss) or ``"max"``
+            (the highest, as for an accuracy); ties go to the earlier step. Anything else is
+            refused (:class:`~distckpt.InvalidArgument`). Means nothing without ``monitor``.
         keep_every_n_steps: keep milestones: for each multiple of N from N on, the first
             checkpoint at or after it, plus step 0 (the save schedules' crossing rule: with
             saves every 3 steps and N=1000, step 1002 stands for 1000).
