@@ -399,11 +399,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("root")
     sub.add_argument("--keep-last", type=int)
     sub.add_argument("--keep-best", type=int)
-    sub.add_argument("--monitor", help="metric for --keep-best and the best link")
+    sub.add_argument(
+        "--monitor",
+        help="metric for --keep-best and the best link: the job's own (the root does not "
+        "record it; another metric moves best to its own best, the checkpoint best named "
+        "before is kept)",
+    )
     sub.add_argument(
         "--mode",
         choices=("min", "max"),
-        help="whether the lowest or the highest --monitor value is best (required with it)",
+        help="whether the lowest or the highest --monitor value is best: the job's own, which "
+        "the root does not record (required with --monitor)",
     )
     sub.add_argument(
         "--keep-every-n-steps",

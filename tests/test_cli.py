@@ -190,6 +190,30 @@ def test_prune_never_removes_the_checkpoint_best_named_before_it(tmp_path: Path)
     assert os.readlink(root / "best") == "step-00000010"  # this prune's best, kept too
 
 
+def test_prune_by_another_metric_moves_best_until_the_job_points_it_back(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """README: --monitor must be the job's own metric, as --mode its own mode (the help says
+    so): a prune by another metric moves best to that metric's best, keeps the checkpoint best
+    named before, and the job's next start points best back."""
+    with pytest.raises(SystemExit):
+        main(["prune", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "--monitor MONITOR metric for --keep-best and the best link: the job's own" in help_text
+    assert "is best: the job's own, which the root does not record" in help_text
+    root = tmp_path / "root"
+    with distckpt.CheckpointManager(root, monitor="acc", mode="max", fsync=False) as mgr:
+        for step, acc, loss in ((10, 0.50, 1.0), (20, 0.91, 2.0), (30, 0.70, 0.5), (40, 0.72, 3.0)):
+            mgr.save(step, {"w": torch.zeros(4)}, metrics={"acc": acc, "loss": loss})
+    assert os.readlink(root / "best") == "step-00000020"
+    out = run("prune", str(root), "--keep-last", "1", "--monitor", "loss", "--mode", "min")
+    assert out.returncode == 0, out.stderr
+    assert os.readlink(root / "best") == "step-00000030"  # the best by loss
+    assert distckpt.CheckpointManager(root, read_only=True).steps() == [20, 30, 40]
+    with distckpt.CheckpointManager(root, monitor="acc", mode="max", fsync=False):
+        assert os.readlink(root / "best") == "step-00000020"
+
+
 def test_delete_removes_one_committed_step_and_moves_the_links_off_it(root: Path) -> None:
     out = run("delete", str(root), "30")
     assert out.returncode == 0, out.stderr
