@@ -6,6 +6,8 @@ import contextlib
 import io
 import json
 import os
+import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -258,6 +260,23 @@ def test_delete_of_a_step_not_committed_is_refused_with_status_2(
     assert out.returncode == 2, out
     assert out.stderr.startswith(f"distckpt delete: error: {says}"), out.stderr
     assert distckpt.CheckpointManager(root, read_only=True).steps() == [10, 30]
+
+
+def test_the_refusal_over_a_checkpoint_not_judged_names_the_delete_that_gets_past_it(
+    root: Path,
+) -> None:
+    """docs/verification.md: a save of a lower step is refused naming the checkpoint that could
+    not be judged and what to do; the command it names deletes it, and the save goes through."""
+    hostile_cases.edit_manifest(root / "step-00000030", lambda data: data.update(format="x"))
+    with distckpt.CheckpointManager(root, fsync=False) as mgr:
+        with pytest.raises(distckpt.InvalidStep, match="could not be judged") as refused:
+            mgr.save(25, {"w": torch.zeros(4)})
+        (command,) = re.findall(r"\((distckpt delete [^)]*)\)", str(refused.value))
+        assert "upgrade distckpt" in str(refused.value)
+        out = run(*shlex.split(command)[1:])
+        assert out.returncode == 0, out.stderr
+        assert mgr.save(25, {"w": torch.zeros(4)}) is not None
+        assert mgr.steps() == [10, 20, 25]
 
 
 #: Checkpoints this version cannot judge (they may be whole), as tests/hostile_cases.py makes

@@ -158,10 +158,11 @@ def test_delete_removes_a_checkpoint_this_version_cannot_judge(
     data["format"] = "pickle-jar"
     store.put_bytes(manifest, json.dumps(data).encode())
     with (
-        pytest.raises(distckpt.InvalidStep, match="could not be judged"),
+        pytest.raises(distckpt.InvalidStep, match="could not be judged") as refused,
         distckpt.CheckpointManager(root) as mgr,
     ):
         mgr.save(25, {"w": torch.zeros(4)})
+    assert f"(distckpt delete {root} 30)" in str(refused.value), refused.value  # what runs next
     out = run("delete", root, "30")
     assert out.returncode == 0, out.stderr
     assert [info.key for info in store.list(step_dir_name(30) + "/")] == []
