@@ -425,6 +425,18 @@ def test_every_entry_point_raises_the_invalid_argument_itself(
     assert not (tmp_path / "out.pt").exists()
 
 
+def _open_with_options(rank: int, world_size: int, url: str, options: dict[str, Any]) -> str:
+    with pytest.raises(InvalidArgument) as refused:
+        distckpt.CheckpointManager(url, storage_options=options, timeout=30)
+    return str(refused.value)
+
+
+def test_a_managers_ranks_all_raise_the_invalid_argument(s3_server: S3Server, s3_url: str) -> None:
+    options = {**s3_server.storage_options(), "max_concurrency": "x"}
+    refused = values(run_ranks(_open_with_options, 2, s3_url, options, timeout=120))
+    assert all("storage_options max_concurrency " in message for message in refused), refused
+
+
 def test_usable_storage_option_values_are_taken_as_given(s3_server: S3Server, s3_url: str) -> None:
     options = {
         **s3_server.storage_options(),
