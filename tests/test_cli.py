@@ -204,16 +204,21 @@ def test_prune_by_another_metric_moves_best_until_the_job_points_it_back(
     assert "--monitor MONITOR metric for --keep-best and the best link: the job's own" in help_text
     assert "is best: the job's own, which the root does not record" in help_text
     root = tmp_path / "root"
+    by_loss = ("prune", str(root), "--keep-last", "1", "--monitor", "loss", "--mode", "min")
     with distckpt.CheckpointManager(root, monitor="acc", mode="max", fsync=False) as mgr:
         for step, acc, loss in ((10, 0.50, 1.0), (20, 0.91, 2.0), (30, 0.70, 0.5), (40, 0.72, 3.0)):
             mgr.save(step, {"w": torch.zeros(4)}, metrics={"acc": acc, "loss": loss})
-    assert os.readlink(root / "best") == "step-00000020"
-    out = run("prune", str(root), "--keep-last", "1", "--monitor", "loss", "--mode", "min")
-    assert out.returncode == 0, out.stderr
-    assert os.readlink(root / "best") == "step-00000030"  # the best by loss
-    assert distckpt.CheckpointManager(root, read_only=True).steps() == [20, 30, 40]
-    with distckpt.CheckpointManager(root, monitor="acc", mode="max", fsync=False):
         assert os.readlink(root / "best") == "step-00000020"
+        out = run(*by_loss)  # next to the live job
+        assert out.returncode == 0, out.stderr
+        assert os.readlink(root / "best") == "step-00000030"  # the best by loss
+        assert mgr.steps() == [20, 30, 40]  # the one best named before is kept
+        mgr.save(50, {"w": torch.zeros(4)}, metrics={"acc": 0.6, "loss": 9.0})
+        assert os.readlink(root / "best") == "step-00000020"  # the job's save points it back
+    assert run(*by_loss).returncode == 0
+    assert os.readlink(root / "best") == "step-00000030"
+    with distckpt.CheckpointManager(root, monitor="acc", mode="max", fsync=False):
+        assert os.readlink(root / "best") == "step-00000020"  # and so does its start
 
 
 def test_delete_removes_one_committed_step_and_moves_the_links_off_it(root: Path) -> None:
@@ -237,11 +242,12 @@ def test_delete_next_to_a_live_job(root: Path) -> None:
     """The job holds the root's lease; the delete takes the commit lock alone, and the job's
     next save and retention carry on with the step gone."""
     with distckpt.CheckpointManager(root, monitor="loss", keep_last=2, fsync=False) as mgr:
-        out = run("delete", str(root), "20")
+        out = run("delete", str(root), "20")  # the best
         assert out.returncode == 0, out.stderr
-        assert mgr.save(40, {"w": torch.zeros(4)}, metrics={"loss": 0.5}) is not None
+        assert not (root / "best").exists()
+        assert mgr.save(40, {"w": torch.zeros(4)}, metrics={"loss": 5.0}) is not None
         assert mgr.steps() == [30, 40]
-        assert os.readlink(root / "best") == "step-00000040"
+        assert os.readlink(root / "best") == "step-00000030"  # the job's save points it again
 
 
 @pytest.mark.parametrize(
