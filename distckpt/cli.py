@@ -428,9 +428,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.set_defaults(run=cmd_prune)
     sub = command(
         "delete",
-        "delete one committed checkpoint, with the manager's lock; last moves to the newest "
-        "left, and best, if it named the step, is removed until the job's next start or save "
-        "points it again (the root does not record the job's --monitor)",
+        "delete one committed checkpoint as a job's mgr.delete does (its commit lock; last "
+        "moved to the newest left first); best, if it named the step, is removed until the "
+        "job's next start or save points it again (the root does not record the job's monitor)",
     )
     sub.add_argument("root")
     sub.add_argument("step", type=int, help="the committed step to delete")
