@@ -146,26 +146,42 @@ def test_delete_removes_a_steps_commit_and_objects_and_moves_the_pointers(
     assert out.stderr.startswith("distckpt delete: error: no checkpoint for step 20 in "), out
 
 
+#: Manifest edits that make a checkpoint this version cannot judge (it may be whole), as
+#: tests/hostile_cases.py makes them on a local root, and how a job is refused over it: a save
+#: of a lower step, or, for a newer format version, the start already (docs/verification.md).
+#: Its fourth case, a symlinked rank file, has no object-store equivalent: an object is no link.
+UNJUDGED_MANIFESTS: dict[str, tuple[dict[str, object], type[Exception], str]] = {
+    "newer-format-version": ({"format_version": 999}, distckpt.UnsupportedVersion, "upgrade"),
+    "unknown-format": ({"format": "pickle-jar"}, distckpt.InvalidStep, "could not be judged"),
+    "unknown-checksum-algorithm": (
+        {"checksum_algorithm": "md4"},
+        distckpt.InvalidStep,
+        "could not be judged",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(UNJUDGED_MANIFESTS))
 def test_delete_removes_a_checkpoint_this_version_cannot_judge(
-    root: str, s3_server: S3Server
+    root: str, s3_server: S3Server, case: str
 ) -> None:
-    """The s3:// case of docs/verification.md's advice: a newest checkpoint of a format this
-    version does not know is deleted with ``distckpt delete ROOT STEP``."""
+    """The s3:// case of docs/verification.md's advice: a newest checkpoint this version cannot
+    judge is deleted with ``distckpt delete ROOT STEP``, and a job saves past it."""
+    edit, refusal, says = UNJUDGED_MANIFESTS[case]
     store = raw_store(root, s3_server)
     attempt = json.loads(store.get_bytes(f"{step_dir_name(30)}/COMMIT"))["attempt"]
     manifest = f"{step_dir_name(30)}/{attempt}/manifest.json"
     data = json.loads(store.get_bytes(manifest))
-    data["format"] = "pickle-jar"
+    data.update(edit)
     store.put_bytes(manifest, json.dumps(data).encode())
-    with (
-        pytest.raises(distckpt.InvalidStep, match="could not be judged") as refused,
-        distckpt.CheckpointManager(root) as mgr,
-    ):
+    with pytest.raises(refusal, match=says) as refused, distckpt.CheckpointManager(root) as mgr:
         mgr.save(25, {"w": torch.zeros(4)})
-    assert f"(distckpt delete {root} 30)" in str(refused.value), refused.value  # what runs next
+    if refusal is distckpt.InvalidStep:  # the command it names is the one run next
+        assert f"(distckpt delete {root} 30)" in str(refused.value), refused.value
     out = run("delete", root, "30")
     assert out.returncode == 0, out.stderr
     assert [info.key for info in store.list(step_dir_name(30) + "/")] == []
+    assert json.loads(run("ls", root, "--json").stdout)["links"]["last"] == step_dir_name(20)
     with distckpt.CheckpointManager(root) as mgr:
         assert mgr.save(25, {"w": torch.zeros(4)}) is not None
         assert mgr.steps() == [10, 20, 25]

@@ -89,7 +89,11 @@ class Upkeep:
         self._checked = {
             key: m for key, m in self._checked.items() if commits.get(key[0]) == key[1]
         }
-        unchecked = [step for step, etag in commits.items() if (step, etag) not in self._checked]
+        unchecked = [  # not the step leaving: it need not be readable (one from a newer version)
+            step
+            for step, etag in commits.items()
+            if step != leaving and (step, etag) not in self._checked
+        ]
         for source, manifest in resolve.iter_valid(self.view, steps=unchecked):
             self._checked[(source.expected_step, commits[source.expected_step])] = manifest
         valid = sorted(
