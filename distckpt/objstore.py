@@ -29,7 +29,6 @@ A client must not cross a ``fork()``: make one per process.
 from __future__ import annotations
 
 import base64
-import math
 import os
 import random
 import time
@@ -47,6 +46,7 @@ from distckpt.errors import (
     StoreAccessDenied,
     StoreUnavailable,
 )
+from distckpt.objoptions import check_option_names, check_option_types, int_option, seconds_option
 from distckpt.objurl import S3Url
 
 if TYPE_CHECKING:
@@ -73,74 +73,7 @@ _ACCESS_DENIED_CODES = {
     "AllAccessDisabled",
 }
 _NOT_FOUND_CODES = {"NoSuchKey", "NoSuchBucket", "NotFound", "404", "NoSuchUpload"}
-# fsspec/s3fs storage_options keys that mean something here
-_OPTION_KEYS = {
-    "endpoint_url",
-    "key",
-    "secret",
-    "token",
-    "region",
-    "client_kwargs",
-    "config_kwargs",
-    "retries",
-    "connect_timeout",
-    "read_timeout",
-    "default_block_size",
-    "max_concurrency",
-}
-
-#: The options whose value is text, and those whose value is a mapping of keyword arguments.
-_TEXT_OPTIONS = ("endpoint_url", "key", "secret", "token", "region")
-_MAPPING_OPTIONS = ("client_kwargs", "config_kwargs")
-
 T = TypeVar("T")
-
-
-def _check_option_types(options: Mapping[str, Any]) -> None:
-    """Refuse a text or mapping option of another type (None is an option not given, as in
-    fsspec): botocore would fail on it later, at a request, with a less clear message."""
-    for key in _TEXT_OPTIONS:
-        value = options.get(key)
-        if value is not None and not isinstance(value, str):
-            raise InvalidArgument(f"storage_options {key} must be a str, not {value!r}")
-    for key in _MAPPING_OPTIONS:
-        value = options.get(key)
-        if value is not None and not isinstance(value, Mapping):
-            raise InvalidArgument(f"storage_options {key} must be a dict, not {value!r}")
-
-
-def _int_option(
-    options: Mapping[str, Any], key: str, default: int, minimum: int, meaning: str
-) -> int:
-    """The int ``options[key]`` (``default`` when not given or None), at least ``minimum``.
-    Only an int: a float would be cut (2.5 attempts to 2), a string ("16MiB") is no count,
-    and a bool is no count either, though Python counts it as an int."""
-    value = options.get(key)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise InvalidArgument(
-            f"storage_options {key} is {meaning}: an int of at least {minimum}, not {value!r}"
-        )
-    return value
-
-
-def _seconds_option(options: Mapping[str, Any], key: str, default: float) -> float:
-    """The timeout ``options[key]`` in seconds (``default`` when not given or None): a
-    positive, finite int or float."""
-    value = options.get(key)
-    if value is None:
-        return default
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or not math.isfinite(value)
-        or value <= 0
-    ):
-        raise InvalidArgument(
-            f"storage_options {key} is seconds: a positive, finite number, not {value!r}"
-        )
-    return float(value)
 
 
 @dataclass(frozen=True)
@@ -183,32 +116,30 @@ class ObjectStore:
     variables and config files (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``,
     ``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``, ``AWS_REGION``, ``AWS_PROFILE``) or is
     the default. An unknown key, or a value of another type or out of range (the text options
-    a ``str``, ``client_kwargs`` / ``config_kwargs`` a dict, ``retries`` and
-    ``max_concurrency`` an int of at least 1, ``default_block_size`` an int of at least
-    :data:`MIN_PART_SIZE`, a timeout a positive finite number; never a bool or a numeric
-    string) raises :class:`~distckpt.errors.InvalidArgument` naming the key and the value.
+    and the credentials in ``client_kwargs`` a ``str``, ``client_kwargs`` / ``config_kwargs``
+    a dict, ``retries`` and ``max_concurrency`` an int (NumPy's too) of at least 1,
+    ``default_block_size`` one of at least :data:`MIN_PART_SIZE`, a timeout a positive finite
+    number; never a bool, a float count or a numeric string) raises
+    :class:`~distckpt.errors.InvalidArgument` naming the key and the value, a credential's
+    only by its type (:mod:`distckpt.objoptions`).
     """
 
     def __init__(self, url: str, storage_options: Mapping[str, Any] | None = None) -> None:
         options = dict(storage_options or {})
-        unknown = sorted(set(options) - _OPTION_KEYS)
-        if unknown:
-            raise InvalidArgument(
-                f"unknown storage_options {unknown}; known: {sorted(_OPTION_KEYS)}"
-            )
+        check_option_names(options)
         try:
             import botocore  # noqa: F401  (only to say what is missing)
         except ImportError as exc:
             raise InvalidArgument("s3:// roots need botocore: pip install 'distckpt[s3]'") from exc
         self.url = S3Url.parse(url)
-        _check_option_types(options)
-        self.part_size = _int_option(
+        check_option_types(options)
+        self.part_size = int_option(
             options, "default_block_size", DEFAULT_PART_SIZE, MIN_PART_SIZE, "bytes per part"
         )
-        self.max_concurrency = _int_option(
+        self.max_concurrency = int_option(
             options, "max_concurrency", DEFAULT_MAX_CONCURRENCY, 1, "parts in flight per writer"
         )
-        attempts = _int_option(
+        attempts = int_option(
             options, "retries", DEFAULT_ATTEMPTS, 1, "the total attempts per request"
         )
         self.client = self._make_client(options, attempts)
@@ -223,8 +154,8 @@ class ObjectStore:
         from botocore.config import Config
         from botocore.exceptions import BotoCoreError, PartialCredentialsError
 
-        connect_timeout = _seconds_option(options, "connect_timeout", 10.0)
-        read_timeout = _seconds_option(options, "read_timeout", 60.0)
+        connect_timeout = seconds_option(options, "connect_timeout", 10.0)
+        read_timeout = seconds_option(options, "read_timeout", 60.0)
         client_kwargs: dict[str, Any] = dict(options.get("client_kwargs") or {})
         for option, argument in (
             ("endpoint_url", "endpoint_url"),

@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import pytest
 import torch
 
@@ -379,9 +380,6 @@ UNUSABLE_OPTIONS = [
     ("read_timeout", float("inf")),
     ("read_timeout", "60"),
     ("endpoint_url", 9000),
-    ("key", b"AKIA"),
-    ("secret", 123),
-    ("token", ["t"]),
     ("region", 1),
     ("client_kwargs", "region_name=eu-west-1"),
     ("config_kwargs", [("connect_timeout", 1)]),
@@ -395,6 +393,67 @@ def test_a_storage_option_value_the_client_cannot_use_is_refused_naming_it(
     with pytest.raises(InvalidArgument) as refused:
         ObjectStore(s3_url, {**s3_server.storage_options(), key: value})
     assert f"storage_options {key} " in str(refused.value) and repr(value) in str(refused.value)
+
+
+#: Credentials of another type than text: each is refused naming its type only (a message ends
+#: up in logs), in the fsspec keys and in the botocore arguments client_kwargs passes on.
+UNUSABLE_CREDENTIALS = [
+    ({"key": b"AKIAEXAMPLEKEYID"}, "storage_options key", b"AKIAEXAMPLEKEYID"),
+    ({"secret": b"wJalrXUtnFEMI/K7MDENG"}, "storage_options secret", b"wJalrXUtnFEMI/K7MDENG"),
+    (
+        {"token": bytearray(b"FwoGZXIvYXdzEXAMPLE")},
+        "storage_options token",
+        bytearray(b"FwoGZXIvYXdzEXAMPLE"),
+    ),
+    (
+        {"client_kwargs": {"aws_secret_access_key": 1234567890}},
+        "storage_options client_kwargs aws_secret_access_key",
+        1234567890,
+    ),
+    (
+        {"client_kwargs": {"aws_session_token": b"IQoJb3JpZ2luEXAMPLE"}},
+        "storage_options client_kwargs aws_session_token",
+        b"IQoJb3JpZ2luEXAMPLE",
+    ),
+]
+
+
+@pytest.mark.parametrize(("options", "named", "credential"), UNUSABLE_CREDENTIALS, ids=repr)
+def test_a_credential_of_another_type_is_refused_without_its_value(
+    s3_server: S3Server, s3_url: str, options: dict[str, object], named: str, credential: object
+) -> None:
+    with pytest.raises(InvalidArgument) as refused:
+        ObjectStore(s3_url, {**s3_server.storage_options(), **options})
+    message = str(refused.value)
+    assert f"{named} must be a str, not a {type(credential).__name__} " in message, message
+    text = credential.decode() if isinstance(credential, (bytes, bytearray)) else str(credential)
+    for shown in (str(refused.value), repr(refused.value)):
+        assert text not in shown and repr(credential) not in shown, shown
+
+
+#: Values of each count and timeout that are whole numbers, or positive finite numbers of
+#: seconds, of the kinds configs hold: NumPy's scalars (a count read from an array, a timeout
+#: computed in float32), and for a timeout any int or float.
+USABLE_NUMBERS = [
+    ("default_block_size", np.int64(8 << 20), "part_size", 8 << 20),
+    ("max_concurrency", np.int32(3), "max_concurrency", 3),
+    ("max_concurrency", np.uint8(1), "max_concurrency", 1),
+    ("retries", np.int64(3), None, None),
+    ("connect_timeout", np.float32(5.5), None, None),
+    ("read_timeout", np.int64(30), None, None),
+    ("read_timeout", 0.25, None, None),
+]
+
+
+@pytest.mark.parametrize(("key", "value", "attribute", "expected"), USABLE_NUMBERS, ids=repr)
+def test_numpy_counts_and_timeouts_are_taken_as_numbers(
+    s3_server: S3Server, s3_url: str, key: str, value: object, attribute: str | None, expected: int
+) -> None:
+    with ObjectStore(s3_url, {**s3_server.storage_options(), key: value}) as store:
+        store.put_bytes("x", b"1")  # a client that works with it
+        if attribute is not None:
+            kept = getattr(store, attribute)
+            assert kept == expected and type(kept) is int, kept
 
 
 def _entry_points(url: str, tmp_path: Path) -> dict[str, Callable[[dict[str, Any]], object]]:
