@@ -30,9 +30,11 @@ from distckpt.errors import InvalidArgument
 from distckpt.formats import format_named
 from distckpt.formats.base import check_rank_argument
 from distckpt.fsutil import atomic_write
+from distckpt.layout import LINK_NAMES, SET_ASIDE_PREFIX, parse_step_dir_name
 from distckpt.objstore import ObjectStore
 from distckpt.objurl import S3Url, is_s3_url
 from distckpt.resolve import resolve_path
+from distckpt.storage.s3_view import LEASE_NAME, WRITERS_PREFIX
 from distckpt.storage.views import errors_name_the_location
 
 __all__ = ["export"]
@@ -58,7 +60,8 @@ def export(
         out_file: the file to write; replaced atomically if it exists. Its directory is created
             if missing. Or an ``s3://BUCKET/KEY`` URL: the object to write (uploaded as it is
             written, it appears whole or not at all), in a store ``storage_options``
-            configure as well.
+            configure as well; never one of a checkpoint root's own names (``ROOT/last``,
+            ``ROOT/step-00000010/...``: :class:`~distckpt.InvalidArgument`).
         rank: for a "torch" checkpoint, the rank whose state to export (default 0). Not
             allowed for "dcp": that format is exported whole.
         all_ranks: for a "torch" checkpoint, export ``{rank: state}`` of every rank.
@@ -121,7 +124,40 @@ def _output_object(
             f"out_file {url} names no object: give the key of one (s3://BUCKET/KEY)", path=url
         )
     with ObjectStore(str(S3Url(parsed.bucket, "")), storage_options) as store:
+        _refuse_a_roots_own_name(store, url, parsed.prefix)
         yield store, parsed.prefix
+
+
+def _is_layout_name(name: str) -> bool:
+    """Whether ``name`` (one ``/``-separated part of a key) is one a checkpoint root gives its
+    own objects or prefixes (:mod:`distckpt.storage.s3_view`)."""
+    return (
+        name in (*LINK_NAMES, LEASE_NAME, WRITERS_PREFIX.rstrip("/"))
+        or parse_step_dir_name(name) is not None
+        or name.startswith(SET_ASIDE_PREFIX)
+    )
+
+
+def _refuse_a_roots_own_name(store: ObjectStore, url: str, key: str) -> None:
+    """Refuse (:class:`InvalidArgument`) a ``key`` whose part after a checkpoint root's prefix
+    is a name of that root's layout (``root/last``, ``root/step-00000010/...``): the object
+    would replace one of the root's (a pointer, the lease) or join a step's. A prefix holds a
+    root when it holds a lease or pointer object (a manager leaves its lease) or a step's."""
+    parts = key.split("/")
+    for depth, part in enumerate(parts):
+        if not _is_layout_name(part):
+            continue
+        prefix = "".join(f"{name}/" for name in parts[:depth])
+        owned = {info.key[len(prefix) :] for info in store.list(prefix, top_level=True)}
+        if owned & {*LINK_NAMES, LEASE_NAME} or any(
+            parse_step_dir_name(name[len(prefix) :].rstrip("/")) is not None
+            for name in store.list_dirs(prefix)
+        ):
+            raise InvalidArgument(
+                f"out_file {url} is inside the checkpoint root s3://{store.bucket}/"
+                f"{prefix.rstrip('/')} under its own name {part!r}: export it elsewhere",
+                path=url,
+            )
 
 
 def _atomic_torch_save(state: Any, out: Path, *, fsync: bool) -> None:

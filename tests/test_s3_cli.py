@@ -227,6 +227,28 @@ def test_export_to_an_s3_url_uploads_what_a_local_export_writes(
 
 
 @pytest.mark.parametrize(
+    "name", ["last", "best", ".lease", f"{step_dir_name(10)}/model.pt", f"{step_dir_name(40)}"]
+)
+def test_export_refuses_to_write_over_a_roots_own_names(
+    root: str, s3_server: S3Server, name: str
+) -> None:
+    """An object under a name of the root's layout (a pointer, the lease, a step's prefix) would
+    replace or join the root's own: refused before anything is written, the root unchanged."""
+    store = raw_store(root, s3_server)
+    before = {info.key: info.etag for info in store.list()}
+    with pytest.raises(distckpt.InvalidArgument, match="checkpoint root"):
+        distckpt.export(f"{root}/{step_dir_name(10)}", f"{root}/{name}")
+    out = run("export", f"{root}/{step_dir_name(10)}", f"{root}/{name}")
+    assert out.returncode == 2 and "checkpoint root" in out.stderr, out
+    assert {info.key: info.etag for info in store.list()} == before
+    assert json.loads(run("ls", root, "--json").stdout)["links"]["last"] == step_dir_name(30)
+    # beside the root, and under a prefix named as a pointer that holds no root, it writes
+    bucket = S3Url.parse(root).bucket
+    for beside in (f"{root}-exports/{name}", f"s3://{bucket}/models/last"):
+        assert distckpt.export(f"{root}/{step_dir_name(10)}", beside) == beside
+
+
+@pytest.mark.parametrize(
     "args",
     [
         ("info",),
