@@ -349,9 +349,11 @@ def cmd_gc(args: argparse.Namespace, out: TextIO) -> int:
 def cmd_delete(args: argparse.Namespace, out: TextIO) -> int:
     check_step_number(args.step)
     store = _open_store(args.root)
-    # The store's own delete, as a manager's: under the commit lock (an object store: its
-    # conditional writes), links moved off the step first. It reads no manifest of the step,
-    # so a checkpoint this version cannot judge (a newer format, an unknown one) goes too.
+    # The store's own delete, as a manager's: links moved off the step first, under the commit
+    # lock on a local root. An object store has no lock that keeps a live job's commit out: a
+    # pointer moves by compare-and-swap, and ``last`` never moves back off a step committed
+    # meanwhile; the job's next commit repoints ``best``. It reads no manifest of the step, so
+    # a checkpoint this version cannot judge (a newer format, an unknown one) goes too.
     store.delete(args.step)
     store.tidy()  # the bytes of what it removed
     kept = open_view(args.root).committed_steps()
@@ -428,8 +430,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.set_defaults(run=cmd_prune)
     sub = command(
         "delete",
-        "delete one committed checkpoint as a job's mgr.delete does (its commit lock; last "
-        "moved to the newest left first); best, if it named the step, is removed until the "
+        "delete one committed checkpoint as a job's mgr.delete does (a local root's commit "
+        "lock; last moved to the newest left first, never back off a step a live job "
+        "committed meanwhile); best, if it named the step, is removed until the "
         "job's next start or save points it again (the root does not record the job's monitor)",
     )
     sub.add_argument("root")

@@ -15,6 +15,8 @@ import pytest
 import torch
 
 import distckpt
+import distckpt.storage.s3_upkeep as upkeep
+from distckpt.cli import main
 from distckpt.layout import step_dir_name
 from distckpt.objstore import ObjectStore
 from distckpt.objurl import S3Url
@@ -185,6 +187,36 @@ def test_delete_removes_a_checkpoint_this_version_cannot_judge(
     with distckpt.CheckpointManager(root) as mgr:
         assert mgr.save(25, {"w": torch.zeros(4)}) is not None
         assert mgr.steps() == [10, 20, 25]
+
+
+def test_delete_next_to_a_live_job_never_moves_last_back_past_its_commit(
+    root: str, s3_server: S3Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The job commits step 40 (and points ``last`` at it) after ``delete`` listed the commits
+    and before it moves the pointers: ``last`` stays on 40, not on the 30 that delete saw as
+    newest. The job's commit is made at the pointer swap's fault point, the one place a test
+    can put it in that window every time (two processes would hit it only by chance)."""
+    real_hit = upkeep.faults.hit
+    with distckpt.CheckpointManager(
+        root, storage_options=s3_server.storage_options(), monitor="loss"
+    ) as job:
+        armed = [True]
+
+        def commit_in_the_window(point: str, rank: int) -> None:
+            if point == "during_link_swap" and armed[0]:
+                armed[0] = False
+                job.save(40, {"w": torch.zeros(4)}, metrics={"loss": 9.0})
+            real_hit(point, rank)
+
+        monkeypatch.setattr(upkeep.faults, "hit", commit_in_the_window)
+        assert main(["delete", root, "20"], out=io.StringIO()) == 0
+        assert not armed[0]
+        links = json.loads(run("ls", root, "--json").stdout)["links"]
+        assert links == {"last": step_dir_name(40), "best": None}, links  # best named 20
+        assert distckpt.load_checkpoint(f"{root}/last").step == 40
+        job.save(50, {"w": torch.zeros(4)}, metrics={"loss": 5.0})  # repoints best: its monitor
+    links = json.loads(run("ls", root, "--json").stdout)["links"]
+    assert links == {"last": step_dir_name(50), "best": step_dir_name(30)}, links
 
 
 def test_gc_removes_the_leftovers_of_a_dead_writer(root: str, s3_server: S3Server) -> None:
