@@ -33,7 +33,8 @@ _TEXT_OPTIONS = ("endpoint_url", "key", "secret", "token", "region")
 _MAPPING_OPTIONS = ("client_kwargs", "config_kwargs")
 #: Words in an option's name (``secret``, ``client_kwargs``' ``aws_session_token``) that make
 #: its value a credential: a message names its type, never the value (logs keep messages).
-_CREDENTIAL_WORDS = ("key", "secret", "token", "password", "credential")
+#: ``client_kwargs`` too: given as something else than a dict, it may hold them all the same.
+_CREDENTIAL_WORDS = ("key", "secret", "token", "password", "credential", "client_kwargs")
 
 
 def check_option_names(options: Mapping[str, Any]) -> None:
@@ -46,7 +47,7 @@ def check_option_names(options: Mapping[str, Any]) -> None:
 def shown(name: str, value: object) -> str:
     """``value`` as a message about option ``name`` shows it: a credential only by its type."""
     if any(word in name.lower() for word in _CREDENTIAL_WORDS):
-        return f"a {type(value).__name__} (a credential: its value is not shown)"
+        return f"a {type(value).__name__} (not shown: it may be a credential)"
     return repr(value)
 
 
@@ -58,7 +59,7 @@ def check_option_types(options: Mapping[str, Any]) -> None:
     for key in _MAPPING_OPTIONS:
         value = options.get(key)
         if value is not None and not isinstance(value, Mapping):
-            raise InvalidArgument(f"storage_options {key} must be a dict, not {value!r}")
+            raise InvalidArgument(f"storage_options {key} must be a dict, not {shown(key, value)}")
     for name, value in dict(options.get("client_kwargs") or {}).items():
         if any(word in str(name).lower() for word in _CREDENTIAL_WORDS):
             texts.append((f"storage_options client_kwargs {name}", value))

@@ -381,7 +381,6 @@ UNUSABLE_OPTIONS = [
     ("read_timeout", "60"),
     ("endpoint_url", 9000),
     ("region", 1),
-    ("client_kwargs", "region_name=eu-west-1"),
     ("config_kwargs", [("connect_timeout", 1)]),
 ]
 
@@ -396,8 +395,14 @@ def test_a_storage_option_value_the_client_cannot_use_is_refused_naming_it(
 
 
 #: Credentials of another type than text: each is refused naming its type only (a message ends
-#: up in logs), in the fsspec keys and in the botocore arguments client_kwargs passes on.
+#: up in logs), in the fsspec keys and in the botocore arguments client_kwargs passes on, and
+#: so is a client_kwargs that is no dict (it may hold them as text).
 UNUSABLE_CREDENTIALS = [
+    (
+        {"client_kwargs": "aws_secret_access_key=wJalrXUtnFEMI"},
+        "storage_options client_kwargs",
+        "aws_secret_access_key=wJalrXUtnFEMI",
+    ),
     ({"key": b"AKIAEXAMPLEKEYID"}, "storage_options key", b"AKIAEXAMPLEKEYID"),
     ({"secret": b"wJalrXUtnFEMI/K7MDENG"}, "storage_options secret", b"wJalrXUtnFEMI/K7MDENG"),
     (
@@ -425,7 +430,8 @@ def test_a_credential_of_another_type_is_refused_without_its_value(
     with pytest.raises(InvalidArgument) as refused:
         ObjectStore(s3_url, {**s3_server.storage_options(), **options})
     message = str(refused.value)
-    assert f"{named} must be a str, not a {type(credential).__name__} " in message, message
+    wanted = "dict" if named.endswith("client_kwargs") else "str"
+    assert f"{named} must be a {wanted}, not a {type(credential).__name__} " in message, message
     text = credential.decode() if isinstance(credential, (bytes, bytearray)) else str(credential)
     for shown in (str(refused.value), repr(refused.value)):
         assert text not in shown and repr(credential) not in shown, shown
