@@ -44,9 +44,13 @@ def check_option_names(options: Mapping[str, Any]) -> None:
         raise InvalidArgument(f"unknown storage_options {unknown}; known: {sorted(OPTION_KEYS)}")
 
 
+def _may_be_credential(name: str) -> bool:
+    return any(word in name.lower() for word in _CREDENTIAL_WORDS)
+
+
 def shown(name: str, value: object) -> str:
     """``value`` as a message about option ``name`` shows it: a credential only by its type."""
-    if any(word in name.lower() for word in _CREDENTIAL_WORDS):
+    if _may_be_credential(name):
         return f"a {type(value).__name__} (not shown: it may be a credential)"
     return repr(value)
 
@@ -61,7 +65,7 @@ def check_option_types(options: Mapping[str, Any]) -> None:
         if value is not None and not isinstance(value, Mapping):
             raise InvalidArgument(f"storage_options {key} must be a dict, not {shown(key, value)}")
     for name, value in dict(options.get("client_kwargs") or {}).items():
-        if any(word in str(name).lower() for word in _CREDENTIAL_WORDS):
+        if _may_be_credential(str(name)):
             texts.append((f"storage_options client_kwargs {name}", value))
     for name, value in texts:
         if value is not None and not isinstance(value, str):
