@@ -6,17 +6,18 @@ only a local root); for an ``s3://`` URL the endpoint and credentials come from 
 the AWS config files.
 
 ``ls``, ``info``, ``verify`` and ``lease`` only read (``lease --break`` rewrites only the
-lease record, for a holder on another machine that is known to be dead). ``prune`` and ``gc``
-act through the same store a training job's rank 0 uses (its retention rules, its lock, its
-cleanup), with no process group, and ``export`` through the same reader, so running one next to
-a live job is safe. Output is for people by default, JSON with ``--json``. Exit status: 0 on
-success, 1 when ``verify`` finds a problem or ``gc`` must leave files a process still holds
-open, 2 on bad input or any other error. Bad input includes a path holding no checkpoint for
-``info``, ``verify`` and ``export``, and for the commands that take a root (``ls``, ``lease``,
-``prune``, ``gc``) a path that is no root: nothing there (an ``s3://`` prefix holding no object
-is what a missing directory is; a root a job opened holds its lease, and is a root), or a
-checkpoint or ``last``/``best`` link, in which ``prune`` and ``gc`` would create the root's
-lock file.
+lease record, for a holder on another machine that is known to be dead). ``prune``,
+``delete`` and ``gc`` act through the same store a training job's rank 0 uses (its retention
+rules, its lock, its cleanup), with no process group, and ``export`` through the same reader, so
+running one next to a live job is safe. Output is for people by default, JSON with ``--json``.
+Exit status: 0 on success, 1 when ``verify`` finds a problem or ``gc`` must leave files a
+process still holds open, 2 on bad input or any other error. Bad input includes a path holding
+no checkpoint for ``info``, ``verify`` and ``export``, a step ``delete`` finds no committed
+checkpoint of, and for the commands that take a root (``ls``, ``lease``, ``prune``, ``delete``,
+``gc``) a path that is no root: nothing there (an ``s3://`` prefix holding no object is what a
+missing directory is; a root a job opened holds its lease, and is a root), or a checkpoint or
+``last``/``best`` link, in which ``prune``, ``delete`` and ``gc`` would create the root's lock
+file.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from distckpt.layout import LINK_NAMES
 from distckpt.lease import LeaseHolder
 from distckpt.manifest import encode_metrics
 from distckpt.policy import RetentionPolicy, parse_created_utc
+from distckpt.protocol import check_step_number
 from distckpt.results import location_name
 from distckpt.storage import Located, RootStore, RootView, open_store, open_view
 from distckpt.verify import verify
@@ -344,6 +346,25 @@ def cmd_gc(args: argparse.Namespace, out: TextIO) -> int:
     return EXIT_OK if not any(item["in_use"] for item in kept) else EXIT_PROBLEMS
 
 
+def cmd_delete(args: argparse.Namespace, out: TextIO) -> int:
+    check_step_number(args.step)
+    store = _open_store(args.root)
+    # The store's own delete, as a manager's: links moved off the step first, under the commit
+    # lock on a local root. An object store has no lock that keeps a live job's commit out: a
+    # pointer moves by compare-and-swap, and ``last`` never moves back off a step committed
+    # meanwhile; the job's next commit repoints ``best``. It reads no manifest of the step, so
+    # a checkpoint this version cannot judge (a newer format, an unknown one) goes too.
+    store.delete(args.step)
+    store.tidy()  # the bytes of what it removed
+    kept = open_view(args.root).committed_steps()
+    if args.json:
+        _write_json({"deleted": args.step, "kept": kept}, out)
+    else:
+        out.write(f"deleted step {args.step}\n")
+        out.write(f"kept steps:   {', '.join(map(str, kept)) or 'none'}\n")
+    return EXIT_OK
+
+
 def cmd_export(args: argparse.Namespace, out: TextIO) -> int:
     from distckpt import export
 
@@ -380,11 +401,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("root")
     sub.add_argument("--keep-last", type=int)
     sub.add_argument("--keep-best", type=int)
-    sub.add_argument("--monitor", help="metric for --keep-best and the best link")
+    sub.add_argument(
+        "--monitor",
+        help="metric for --keep-best and the best link: the job's own (the root does not "
+        "record it; another metric moves best to its own best, the checkpoint best named "
+        "before is kept)",
+    )
     sub.add_argument(
         "--mode",
         choices=("min", "max"),
-        help="whether the lowest or the highest --monitor value is best (required with it)",
+        help="whether the lowest or the highest --monitor value is best: the job's own, which "
+        "the root does not record (required with --monitor)",
     )
     sub.add_argument(
         "--keep-every-n-steps",
@@ -401,6 +428,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep checkpoints saved without the --monitor metric",
     )
     sub.set_defaults(run=cmd_prune)
+    sub = command(
+        "delete",
+        "delete one committed checkpoint as a job's mgr.delete does (a local root's commit "
+        "lock; last moved to the newest left first, never back off a step a live job "
+        "committed meanwhile); best, if it named the step, is removed until the "
+        "job's next start or save points it again (the root does not record the job's monitor)",
+    )
+    sub.add_argument("root")
+    sub.add_argument("step", type=int, help="the committed step to delete")
+    sub.set_defaults(run=cmd_delete)
     sub = command("gc", "remove leftovers of dead writers (a live writer's are kept)")
     sub.add_argument("root")
     sub.set_defaults(run=cmd_gc)
@@ -413,9 +450,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="break the lease of a holder on another machine that is known to be dead",
     )
     sub.set_defaults(run=cmd_lease)
-    sub = command("export", "write a checkpoint as one torch.save file")
+    sub = command(
+        "export",
+        "write a checkpoint as one torch.save file, or as one object of an s3:// URL "
+        "(uploaded as it is written; it appears whole or not at all)",
+    )
     sub.add_argument("path")
-    sub.add_argument("out")
+    sub.add_argument("out", help="a file, or an s3://BUCKET/KEY URL")
     sub.add_argument("--rank", type=int, help='"torch" format: the rank to export (default 0)')
     sub.add_argument("--all-ranks", action="store_true", help='"torch" format: every rank')
     sub.set_defaults(run=cmd_export)

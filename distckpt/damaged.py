@@ -18,6 +18,8 @@ committed, and the step rules' message names it.
 from __future__ import annotations
 
 import logging
+import os
+import shlex
 
 from distckpt import resolve
 from distckpt.checksums import CHECKSUM_ALGORITHM
@@ -81,18 +83,21 @@ def verdicts_on_newer(view: RootView, step: int, committed: list[int]) -> str:
     notes = []
     for newer in sorted((s for s in committed if s > step), reverse=True):
         source = view.checkpoint(newer)
+        # the command that deletes it, also where no manager can open the root (a newer format)
+        delete = f"distckpt delete {shlex.quote(os.fspath(view.root))} {newer}"
         try:
             manifest = resolve.check(source)
         except (CheckpointError, OSError) as exc:  # UnsupportedVersion too: not judged
             if isinstance(exc, CorruptCheckpoint) and exc.damaged:
                 notes.append(
                     f"{source.location} is damaged ({exc}); a restore('last') by a manager "
-                    "that can write sets it aside, or delete it"
+                    f"that can write sets it aside, or delete it ({delete})"
                 )
             else:
                 notes.append(
                     f"{source.location} could not be judged ({describe_error(exc)}): it is "
-                    "kept, as it may be whole; delete it if it is damaged"
+                    "kept, as it may be whole; upgrade distckpt, or delete it if it is damaged "
+                    f"({delete})"
                 )
             continue
         if manifest.checksum_algorithm != CHECKSUM_ALGORITHM:
@@ -100,7 +105,7 @@ def verdicts_on_newer(view: RootView, step: int, committed: list[int]) -> str:
                 f"{source.location} has checksums of an algorithm this version does not know "
                 f"({manifest.checksum_algorithm!r}), so it could not be judged and a restore "
                 "with verify=True skips it without setting it aside; upgrade distckpt to check "
-                "it, or delete it if it is damaged"
+                f"it, or delete it if it is damaged ({delete})"
             )
         else:
             break  # intact

@@ -12,13 +12,15 @@ how many ranks wrote the checkpoint:
 The checkpoint's manifest is checked before anything is read, checkpoint files are read through
 the same safe loaders as a restore (nothing is unpickled beyond tensors and plain values unless
 ``allow_pickle=True``), and the output file appears atomically: a reader sees the old file or
-the complete new one, never a partial one.
+the complete new one, never a partial one. An ``s3://`` output is streamed into its object
+(a multipart upload, published whole when complete or never), so the same holds for it.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +30,11 @@ from distckpt.errors import InvalidArgument
 from distckpt.formats import format_named
 from distckpt.formats.base import check_rank_argument
 from distckpt.fsutil import atomic_write
+from distckpt.layout import LINK_NAMES, SET_ASIDE_PREFIX, parse_step_dir_name
+from distckpt.objstore import ObjectStore
+from distckpt.objurl import S3Url, is_s3_url
 from distckpt.resolve import resolve_path
+from distckpt.storage.s3_view import LEASE_NAME, WRITERS_PREFIX
 from distckpt.storage.views import errors_name_the_location
 
 __all__ = ["export"]
@@ -43,22 +49,25 @@ def export(
     allow_pickle: bool = False,
     fsync: bool = True,
     storage_options: Mapping[str, Any] | None = None,
-) -> Path:
+) -> Path | str:
     """Write the committed checkpoint at ``path`` to ``out_file`` as one ``torch.save`` file;
-    returns the absolute path written.
+    returns the absolute path written (an ``s3://`` ``out_file``: its URL).
 
     Args:
         path: a step dir, a checkpoint root (its newest checkpoint), or a ``last`` / ``best``
             link (symlink or pointer file); or the same as an ``s3://`` URL (its files are
             downloaded into a temporary dir first).
         out_file: the file to write; replaced atomically if it exists. Its directory is created
-            if missing.
+            if missing. Or an ``s3://BUCKET/KEY`` URL: the object to write (uploaded as it is
+            written, it appears whole or not at all), in a store ``storage_options``
+            configure as well; never one of a checkpoint root's own names (``ROOT/last``,
+            ``ROOT/step-00000010/...``: :class:`~distckpt.InvalidArgument`).
         rank: for a "torch" checkpoint, the rank whose state to export (default 0). Not
             allowed for "dcp": that format is exported whole.
         all_ranks: for a "torch" checkpoint, export ``{rank: state}`` of every rank.
         allow_pickle: unpickle arbitrary objects in the checkpoint; only for trusted ones.
-        fsync: make the output durable before returning.
-        storage_options: the client options of an ``s3://`` ``path`` (see
+        fsync: make the output durable before returning (an object is durable once written).
+        storage_options: the client options of an ``s3://`` ``path`` and ``out_file`` (see
             :class:`~distckpt.CheckpointManager`).
 
     Needs memory for the whole exported state (for "dcp", every tensor at full size). Runs in
@@ -69,20 +78,86 @@ def export(
     raised as that ``OSError`` (:mod:`distckpt.errors`); a failed write leaves no temporary
     file behind.
     """
-    source, manifest = resolve_path(path, storage_options=storage_options)
+    if is_s3_url(out_file):
+        # Opened first: a bad URL or option is refused before the checkpoint is read.
+        with _output_object(str(out_file), storage_options) as (store, name):
+            state = _exported_state(path, rank, all_ranks, allow_pickle, storage_options)
+            with store.open_write(name) as writer:
+                torch.save(state, writer)
+        return str(out_file)
     out = Path(os.path.abspath(os.fspath(out_file)))
     if out.is_dir():
         raise InvalidArgument(f"out_file {out} is a directory; give the path of a file")
+    state = _exported_state(path, rank, all_ranks, allow_pickle, storage_options)
+    _atomic_torch_save(state, out, fsync=fsync)
+    return out
+
+
+def _exported_state(
+    path: str | os.PathLike[str],
+    rank: int | None,
+    all_ranks: bool,
+    allow_pickle: bool,
+    storage_options: Mapping[str, Any] | None,
+) -> Any:
+    """What :func:`export` writes of the committed checkpoint at ``path``."""
+    source, manifest = resolve_path(path, storage_options=storage_options)
     check_rank_argument(rank)
     with (
         source.local_copy(manifest.files) as directory,
         errors_name_the_location(source, directory),
     ):
-        state = format_named(manifest.format).export(
+        return format_named(manifest.format).export(
             directory, manifest, rank=rank, all_ranks=all_ranks, allow_pickle=allow_pickle
         )
-    _atomic_torch_save(state, out, fsync=fsync)
-    return out
+
+
+@contextmanager
+def _output_object(
+    url: str, storage_options: Mapping[str, Any] | None
+) -> Iterator[tuple[ObjectStore, str]]:
+    """The store of the bucket of ``url`` and the key of its object; refused
+    (:class:`InvalidArgument`) when ``url`` names no object (a bucket, a "directory/")."""
+    parsed = S3Url.parse(url)
+    if not parsed.prefix or url.endswith("/"):
+        raise InvalidArgument(
+            f"out_file {url} names no object: give the key of one (s3://BUCKET/KEY)", path=url
+        )
+    with ObjectStore(str(S3Url(parsed.bucket, "")), storage_options) as store:
+        _refuse_a_roots_own_name(store, url, parsed.prefix)
+        yield store, parsed.prefix
+
+
+def _is_layout_name(name: str) -> bool:
+    """Whether ``name`` (one ``/``-separated part of a key) is one a checkpoint root gives its
+    own objects or prefixes (:mod:`distckpt.storage.s3_view`)."""
+    return (
+        name in (*LINK_NAMES, LEASE_NAME, WRITERS_PREFIX.rstrip("/"))
+        or parse_step_dir_name(name) is not None
+        or name.startswith(SET_ASIDE_PREFIX)
+    )
+
+
+def _refuse_a_roots_own_name(store: ObjectStore, url: str, key: str) -> None:
+    """Refuse (:class:`InvalidArgument`) a ``key`` whose part after a checkpoint root's prefix
+    is a name of that root's layout (``root/last``, ``root/step-00000010/...``): the object
+    would replace one of the root's (a pointer, the lease) or join a step's. A prefix holds a
+    root when it holds a lease or pointer object (a manager leaves its lease) or a step's."""
+    parts = key.split("/")
+    for depth, part in enumerate(parts):
+        if not _is_layout_name(part):
+            continue
+        prefix = "".join(f"{name}/" for name in parts[:depth])
+        owned = {info.key[len(prefix) :] for info in store.list(prefix, top_level=True)}
+        if owned & {*LINK_NAMES, LEASE_NAME} or any(
+            parse_step_dir_name(name[len(prefix) :].rstrip("/")) is not None
+            for name in store.list_dirs(prefix)
+        ):
+            raise InvalidArgument(
+                f"out_file {url} is inside the checkpoint root s3://{store.bucket}/"
+                f"{prefix.rstrip('/')} under its own name {part!r}: export it elsewhere",
+                path=url,
+            )
 
 
 def _atomic_torch_save(state: Any, out: Path, *, fsync: bool) -> None:

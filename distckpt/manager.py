@@ -62,6 +62,12 @@ class CheckpointManager:
         keep_last: keep the newest N checkpoints (with the other ``keep_*`` rules, a checkpoint
             stays if any rule keeps it). None with no other ``keep_*`` keeps everything.
         keep_best: keep the best K by ``monitor``; ``monitor``/``mode`` also drive ``root/best``.
+        monitor: a non-empty metric name (a key of :meth:`save`'s ``metrics``) ranking checkpoints
+            for ``root/best`` (never removed) and ``keep_best``; one without a finite value is never
+            best. None ranks nothing (``keep_best``, ``keep_unranked`` refused; ``root/best`` stays
+            until it names no checkpoint). Not recorded in the root: give every job on it the same.
+        mode: ``"min"`` (default: lowest best, as a loss) or ``"max"`` (as an accuracy); ties
+            go to the earlier step; anything else is refused. Means nothing without ``monitor``.
         keep_every_n_steps: keep milestones: for each multiple of N from N on, the first
             checkpoint at or after it, plus step 0 (the save schedules' crossing rule: with
             saves every 3 steps and N=1000, step 1002 stands for 1000).
@@ -82,12 +88,11 @@ class CheckpointManager:
         Every count and seconds option takes None for "off"; 0 is refused.
         save_on_signal: signals (e.g. ``signal.SIGTERM``) that request a preemption save at the
             next :meth:`should_save` / :meth:`save`; see :attr:`preempted`.
-        async_save: :meth:`save` returns once this rank's state is copied into reusable CPU
-            buffers; writing, agreement and commit run in a background thread on a process
-            group of their own. :meth:`wait` returns the committed result. At most one save is
-            in flight; a failed one raises on every rank at the next call that waits for it:
-            :meth:`wait`, :meth:`save`, :meth:`restore`, :meth:`delete`, :meth:`prune`,
-            :meth:`gc` or :meth:`close`.
+        async_save: :meth:`save` returns once this rank's state is copied into reusable CPU buffers;
+            writing, agreement and commit run in a background thread on a process group of their
+            own. :meth:`wait` returns the committed result. At most one save is in flight; a failed
+            one raises on every rank at the next call that waits for it: :meth:`wait`, :meth:`save`,
+            :meth:`restore`, :meth:`delete`, :meth:`prune`, :meth:`gc` or :meth:`close`.
         background_nice: with ``async_save``, how much to raise the background thread's nice
             value over that of the thread making the first async save (capped at 19; Linux,
             where each thread has its own): the scheduler then favours training steps over the

@@ -46,6 +46,7 @@ from distckpt.errors import (
     StoreAccessDenied,
     StoreUnavailable,
 )
+from distckpt.objoptions import check_option_names, check_option_types, int_option, seconds_option
 from distckpt.objurl import S3Url
 
 if TYPE_CHECKING:
@@ -72,22 +73,6 @@ _ACCESS_DENIED_CODES = {
     "AllAccessDisabled",
 }
 _NOT_FOUND_CODES = {"NoSuchKey", "NoSuchBucket", "NotFound", "404", "NoSuchUpload"}
-# fsspec/s3fs storage_options keys that mean something here
-_OPTION_KEYS = {
-    "endpoint_url",
-    "key",
-    "secret",
-    "token",
-    "region",
-    "client_kwargs",
-    "config_kwargs",
-    "retries",
-    "connect_timeout",
-    "read_timeout",
-    "default_block_size",
-    "max_concurrency",
-}
-
 T = TypeVar("T")
 
 
@@ -127,33 +112,36 @@ class ObjectStore:
     ``create_client``, e.g. ``region_name``), ``config_kwargs`` (to ``botocore.config.Config``),
     ``retries`` (total attempts per request), ``connect_timeout`` / ``read_timeout`` (seconds),
     ``default_block_size`` (multipart part size), ``max_concurrency`` (parts in flight per
-    writer). What is not given comes from the standard AWS environment variables and config
-    files (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``,
-    ``AWS_SESSION_TOKEN``, ``AWS_REGION``, ``AWS_PROFILE``).
+    writer). What is not given (or given as None) comes from the standard AWS environment
+    variables and config files (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``,
+    ``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``, ``AWS_REGION``, ``AWS_PROFILE``) or is
+    the default. An unknown key, or a value of another type or out of range (the text options
+    and the credentials in ``client_kwargs`` a ``str``, ``client_kwargs`` / ``config_kwargs``
+    a dict, ``retries`` and ``max_concurrency`` an int (NumPy's too) of at least 1,
+    ``default_block_size`` one of at least :data:`MIN_PART_SIZE`, a timeout a positive finite
+    number; never a bool, a float count or a numeric string) raises
+    :class:`~distckpt.errors.InvalidArgument` naming the key and the value, a credential's
+    only by its type (:mod:`distckpt.objoptions`).
     """
 
     def __init__(self, url: str, storage_options: Mapping[str, Any] | None = None) -> None:
         options = dict(storage_options or {})
-        unknown = sorted(set(options) - _OPTION_KEYS)
-        if unknown:
-            raise InvalidArgument(
-                f"unknown storage_options {unknown}; known: {sorted(_OPTION_KEYS)}"
-            )
+        check_option_names(options)
         try:
             import botocore  # noqa: F401  (only to say what is missing)
         except ImportError as exc:
             raise InvalidArgument("s3:// roots need botocore: pip install 'distckpt[s3]'") from exc
         self.url = S3Url.parse(url)
-        self.part_size = int(options.get("default_block_size", DEFAULT_PART_SIZE))
-        if self.part_size < MIN_PART_SIZE:
-            raise InvalidArgument(f"default_block_size must be at least {MIN_PART_SIZE} bytes")
-        self.max_concurrency = max(1, int(options.get("max_concurrency", DEFAULT_MAX_CONCURRENCY)))
-        attempts = int(options.get("retries", DEFAULT_ATTEMPTS))
-        if attempts < 1:
-            raise InvalidArgument(
-                f"storage_options retries is the total attempts per request: at least 1, "
-                f"not {attempts}"
-            )
+        check_option_types(options)
+        self.part_size = int_option(
+            options, "default_block_size", DEFAULT_PART_SIZE, MIN_PART_SIZE, "bytes per part"
+        )
+        self.max_concurrency = int_option(
+            options, "max_concurrency", DEFAULT_MAX_CONCURRENCY, 1, "parts in flight per writer"
+        )
+        attempts = int_option(
+            options, "retries", DEFAULT_ATTEMPTS, 1, "the total attempts per request"
+        )
         self.client = self._make_client(options, attempts)
         self.endpoint: str = self.client.meta.endpoint_url
 
@@ -166,7 +154,9 @@ class ObjectStore:
         from botocore.config import Config
         from botocore.exceptions import BotoCoreError, PartialCredentialsError
 
-        client_kwargs: dict[str, Any] = dict(options.get("client_kwargs", {}))
+        connect_timeout = seconds_option(options, "connect_timeout", 10.0)
+        read_timeout = seconds_option(options, "read_timeout", 60.0)
+        client_kwargs: dict[str, Any] = dict(options.get("client_kwargs") or {})
         for option, argument in (
             ("endpoint_url", "endpoint_url"),
             ("key", "aws_access_key_id"),
@@ -179,13 +169,13 @@ class ObjectStore:
         try:
             config = Config(
                 retries={"mode": "standard", "total_max_attempts": attempts},
-                connect_timeout=float(options.get("connect_timeout", 10)),
-                read_timeout=float(options.get("read_timeout", 60)),
+                connect_timeout=connect_timeout,
+                read_timeout=read_timeout,
                 max_pool_connections=max(10, self.max_concurrency + 2),
                 # distckpt sends the CRC-32 it computes anyway; botocore need not compute another
                 request_checksum_calculation="when_required",
                 response_checksum_validation="when_required",
-            ).merge(Config(**options.get("config_kwargs", {})))
+            ).merge(Config(**(options.get("config_kwargs") or {})))
             session = botocore.session.get_session()
             if "region_name" not in client_kwargs and session.get_config_variable("region") is None:
                 # botocore reads AWS_DEFAULT_REGION; AWS_REGION is what the other SDKs read. A

@@ -28,10 +28,13 @@ from __future__ import annotations
 import bisect
 import datetime
 import math
-from collections.abc import Collection, Iterable, Mapping
+import numbers
+import operator
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
+from distckpt.arguments import as_count, as_seconds
 from distckpt.errors import InvalidArgument
 
 Mode = Literal["min", "max"]
@@ -42,30 +45,38 @@ def _refused(name: str, value: object, expected: str) -> InvalidArgument:
     """The error for an option ``value`` that is not ``expected`` (nor None). Zero gets its own
     message: other libraries (Lightning's ``every_n_train_steps=0``, ``save_top_k=0``) use it to
     turn an option off, which here is None."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and value == 0:
+    if isinstance(value, numbers.Real) and not isinstance(value, bool) and value == 0:
         return InvalidArgument(f"{name}=0 is not accepted: use None to turn it off")
     return InvalidArgument(f"{name} must be {expected} or None, got {value!r}")
 
 
-def _check_positive_int(name: str, value: object) -> None:
-    """Raise InvalidArgument unless ``value`` is None or an int >= 1 (bools are not ints here)."""
+def _positive_int(name: str, value: object) -> int | None:
+    """``value`` as an int (:func:`~distckpt.arguments.as_count`, at least 1), or None; refuses
+    anything else with InvalidArgument."""
     if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        return None
+    count = as_count(value, 1)
+    if count is None:
         raise _refused(name, value, "a positive int")
+    return count
 
 
-def _check_positive_seconds(name: str, value: object) -> None:
-    """Raise InvalidArgument unless ``value`` is None or a finite number > 0."""
+def _positive_seconds(name: str, value: object) -> float | None:
+    """``value`` as seconds (:func:`~distckpt.arguments.as_seconds`), or None; refuses anything
+    else with InvalidArgument."""
     if value is None:
-        return
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or not math.isfinite(value)
-        or value <= 0
-    ):
+        return None
+    seconds = as_seconds(value)
+    if seconds is None:
         raise _refused(name, value, "a positive, finite number of seconds")
+    return seconds
+
+
+def _normalize(instance: object, check: Callable[[str, object], object], *names: str) -> None:
+    """Replace each field ``names`` of the frozen dataclass ``instance`` by what ``check``
+    makes of it (a NumPy count becomes an int), once, at construction."""
+    for name in names:
+        object.__setattr__(instance, name, check(name, getattr(instance, name)))
 
 
 def _checked_steps(name: str, value: object) -> tuple[int, ...]:
@@ -76,9 +87,9 @@ def _checked_steps(name: str, value: object) -> tuple[int, ...]:
         raise InvalidArgument(f"{name} must be a collection of steps, got {value!r}")
     steps = tuple(value)
     for step in steps:
-        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        if as_count(step, 0) is None:
             raise InvalidArgument(f"{name} must hold ints >= 0, got {step!r}")
-    return tuple(sorted(set(steps)))
+    return tuple(sorted({operator.index(step) for step in steps}))
 
 
 # --------------------------------------------------------------------------------------------
@@ -197,10 +208,8 @@ class SaveSchedule:
     min_seconds_between_saves: float | None = None
 
     def __post_init__(self) -> None:
-        _check_positive_int("every_n_steps", self.every_n_steps)
-        _check_positive_int("every_n_epochs", self.every_n_epochs)
-        _check_positive_seconds("every_seconds", self.every_seconds)
-        _check_positive_seconds("min_seconds_between_saves", self.min_seconds_between_saves)
+        _normalize(self, _positive_int, "every_n_steps", "every_n_epochs")
+        _normalize(self, _positive_seconds, "every_seconds", "min_seconds_between_saves")
         # Frozen: the normalized tuple replaces what was given, once, here.
         object.__setattr__(
             self, "save_on_steps", _checked_steps("save_on_steps", self.save_on_steps)
@@ -295,10 +304,8 @@ class RetentionPolicy:
     keep_unranked: bool = False
 
     def __post_init__(self) -> None:
-        _check_positive_int("keep_last", self.keep_last)
-        _check_positive_int("keep_best", self.keep_best)
-        _check_positive_int("keep_every_n_steps", self.keep_every_n_steps)
-        _check_positive_seconds("keep_every_n_seconds", self.keep_every_n_seconds)
+        _normalize(self, _positive_int, "keep_last", "keep_best", "keep_every_n_steps")
+        _normalize(self, _positive_seconds, "keep_every_n_seconds")
         if not isinstance(self.keep_unranked, bool):
             raise InvalidArgument(
                 f"keep_unranked must be True or False, got {self.keep_unranked!r}"
@@ -387,7 +394,7 @@ def kept_as_milestones(steps: Iterable[int], every_n_steps: int) -> set[int]:
     shares its multiple with the step before it), or adding newer steps, never changes which
     of the others it keeps, so pruning after every commit keeps what pruning once would.
     """
-    _check_positive_int("every_n_steps", every_n_steps)
+    _positive_int("every_n_steps", every_n_steps)
     kept: set[int] = set()
     previous: int | None = None
     for step in sorted(set(steps)):
@@ -407,7 +414,7 @@ def kept_by_time(records: Iterable[CheckpointRecord], seconds: float) -> set[int
     rebuilt from the manifests after a restart; and removing records it does not keep, or adding
     newer steps, never changes which of the older ones it keeps.
     """
-    _check_positive_seconds("seconds", seconds)
+    _positive_seconds("seconds", seconds)
     dated = sorted(
         (record.step, record.created) for record in records if record.created is not None
     )

@@ -6,6 +6,8 @@ import contextlib
 import io
 import json
 import os
+import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -19,6 +21,7 @@ import torch
 import distckpt
 from distckpt import resolve
 from distckpt.cli import main
+from tests import hostile_cases
 from tests.filesystems import skip_or_fail
 
 
@@ -189,6 +192,126 @@ def test_prune_never_removes_the_checkpoint_best_named_before_it(tmp_path: Path)
     assert os.readlink(root / "best") == "step-00000010"  # this prune's best, kept too
 
 
+def test_prune_by_another_metric_moves_best_until_the_job_points_it_back(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """README: --monitor must be the job's own metric, as --mode its own mode (the help says
+    so): a prune by another metric moves best to that metric's best, keeps the checkpoint best
+    named before, and the job's next start points best back."""
+    with pytest.raises(SystemExit):
+        main(["prune", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "--monitor MONITOR metric for --keep-best and the best link: the job's own" in help_text
+    assert "is best: the job's own, which the root does not record" in help_text
+    root = tmp_path / "root"
+    by_loss = ("prune", str(root), "--keep-last", "1", "--monitor", "loss", "--mode", "min")
+    with distckpt.CheckpointManager(root, monitor="acc", mode="max", fsync=False) as mgr:
+        for step, acc, loss in ((10, 0.50, 1.0), (20, 0.91, 2.0), (30, 0.70, 0.5), (40, 0.72, 3.0)):
+            mgr.save(step, {"w": torch.zeros(4)}, metrics={"acc": acc, "loss": loss})
+        assert os.readlink(root / "best") == "step-00000020"
+        out = run(*by_loss)  # next to the live job
+        assert out.returncode == 0, out.stderr
+        assert os.readlink(root / "best") == "step-00000030"  # the best by loss
+        assert mgr.steps() == [20, 30, 40]  # the one best named before is kept
+        mgr.save(50, {"w": torch.zeros(4)}, metrics={"acc": 0.6, "loss": 9.0})
+        assert os.readlink(root / "best") == "step-00000020"  # the job's save points it back
+    assert run(*by_loss).returncode == 0
+    assert os.readlink(root / "best") == "step-00000030"
+    with distckpt.CheckpointManager(root, monitor="acc", mode="max", fsync=False):
+        assert os.readlink(root / "best") == "step-00000020"  # and so does its start
+
+
+def test_delete_removes_one_committed_step_and_moves_the_links_off_it(root: Path) -> None:
+    out = run("delete", str(root), "30")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == "deleted step 30\nkept steps:   10, 20\n"
+    assert os.readlink(root / "last") == "step-00000020"
+    assert not (root / "step-00000030").exists()
+    assert not list((root / ".trash").iterdir())  # its bytes are gone, not only its name
+    # best named step 20; the root does not record the job's monitor, so it is removed
+    out = run("delete", str(root), "20", "--json")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == {"deleted": 20, "kept": [10]}
+    assert not (root / "best").exists() and os.readlink(root / "last") == "step-00000010"
+    assert run("verify", str(root)).returncode == 0
+    with distckpt.CheckpointManager(root, monitor="loss", fsync=False):
+        assert os.readlink(root / "best") == "step-00000010"  # the job's start points it again
+
+
+def test_delete_next_to_a_live_job(root: Path) -> None:
+    """The job holds the root's lease; the delete takes the commit lock alone, and the job's
+    next save and retention carry on with the step gone."""
+    with distckpt.CheckpointManager(root, monitor="loss", keep_last=2, fsync=False) as mgr:
+        out = run("delete", str(root), "20")  # the best
+        assert out.returncode == 0, out.stderr
+        assert not (root / "best").exists()
+        assert mgr.save(40, {"w": torch.zeros(4)}, metrics={"loss": 5.0}) is not None
+        assert mgr.steps() == [30, 40]
+        assert os.readlink(root / "best") == "step-00000030"  # the job's save points it again
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (("20",), "no checkpoint for step 20 in"),  # deleted just before
+        (("25",), "no checkpoint for step 25 in"),
+        (("-1",), "step must not be negative"),
+    ],
+)
+def test_delete_of_a_step_not_committed_is_refused_with_status_2(
+    root: Path, args: tuple[str, ...], says: str
+) -> None:
+    assert run("delete", str(root), "20").returncode == 0
+    out = run("delete", str(root), *args)
+    assert out.returncode == 2, out
+    assert out.stderr.startswith(f"distckpt delete: error: {says}"), out.stderr
+    assert distckpt.CheckpointManager(root, read_only=True).steps() == [10, 30]
+
+
+def test_the_refusal_over_a_checkpoint_not_judged_names_the_delete_that_gets_past_it(
+    root: Path,
+) -> None:
+    """docs/verification.md: a save of a lower step is refused naming the checkpoint that could
+    not be judged and what to do; the command it names deletes it, and the save goes through."""
+    hostile_cases.edit_manifest(root / "step-00000030", lambda data: data.update(format="x"))
+    with distckpt.CheckpointManager(root, fsync=False) as mgr:
+        with pytest.raises(distckpt.InvalidStep, match="could not be judged") as refused:
+            mgr.save(25, {"w": torch.zeros(4)})
+        (command,) = re.findall(r"\((distckpt delete [^)]*)\)", str(refused.value))
+        assert "upgrade distckpt" in str(refused.value)
+        out = run(*shlex.split(command)[1:])
+        assert out.returncode == 0, out.stderr
+        assert mgr.save(25, {"w": torch.zeros(4)}) is not None
+        assert mgr.steps() == [10, 20, 25]
+
+
+#: Checkpoints this version cannot judge (they may be whole), as tests/hostile_cases.py makes
+#: them in step 2 of its root: what a refusal of a lower step tells the user to delete.
+UNJUDGED = {
+    "newer-format-version": hostile_cases.manifest_future_version,
+    "unknown-format": hostile_cases.manifest_unknown_format,
+    "unknown-checksum-algorithm": hostile_cases.manifest_unknown_checksum,
+    "rank-file-symlinked": hostile_cases.shard_symlink,
+}
+
+
+@pytest.mark.parametrize("case", sorted(UNJUDGED))
+def test_delete_removes_a_checkpoint_this_version_cannot_judge(tmp_path: Path, case: str) -> None:
+    """docs/verification.md: a checkpoint that could not be judged is kept, and the user
+    deletes it with ``distckpt delete ROOT STEP``; after that a job saves the step again."""
+    root = hostile_cases.make_root(tmp_path / "root")
+    UNJUDGED[case](root)
+    out = run("delete", str(root), "2")
+    assert out.returncode == 0, out.stderr
+    assert not (root / hostile_cases.STEP2).exists()
+    assert os.readlink(root / "last") == "step-00000001"
+    with distckpt.CheckpointManager(root, fsync=False) as mgr:
+        restored = mgr.restore(state={"w": torch.zeros(hostile_cases.WIDTH), "step": 0})
+        assert restored is not None and restored.step == 1
+        assert mgr.save(2, hostile_cases.saved_state(2)) is not None
+        assert mgr.steps() == [1, 2]
+
+
 def test_gc_removes_dead_writers_only(root: Path) -> None:
     import filelock
 
@@ -327,6 +450,7 @@ def test_export_then_load_in_a_plain_process(root: Path, tmp_path: Path) -> None
         ("gc", "does-not-exist"),
         ("export", "does-not-exist", "out.pt"),
         ("lease", "does-not-exist"),
+        ("delete", "does-not-exist", "1"),
     ],
 )
 def test_bad_input_is_a_clear_error_with_status_2(tmp_path: Path, args: tuple[str, ...]) -> None:
@@ -337,7 +461,9 @@ def test_bad_input_is_a_clear_error_with_status_2(tmp_path: Path, args: tuple[st
     assert not (tmp_path / "does-not-exist").exists()  # nothing is created by mistake
 
 
-@pytest.mark.parametrize("command", [("prune", "--keep-last", "1"), ("gc",), ("ls",), ("lease",)])
+@pytest.mark.parametrize(
+    "command", [("prune", "--keep-last", "1"), ("gc",), ("ls",), ("lease",), ("delete", "20")]
+)
 @pytest.mark.parametrize("path", ["last", "step-00000020"])
 def test_a_command_on_a_root_refuses_a_checkpoint_or_link(
     root: Path, command: tuple[str, ...], path: str

@@ -325,6 +325,68 @@ def test_the_milestone_rule_is_said_alike_everywhere_and_holds() -> None:
     assert "`prune --mode` without `--monitor` exits 2" in " ".join(README.split())
 
 
+def _args_entries(doc: str) -> list[str]:
+    """The parameter names an ``Args:`` section lists at its first indentation (``a, b: ...``
+    names two); the prose lines between entries (no ``name:`` start) name none."""
+    section = doc.split("Args:", 1)[1]
+    section = re.split(r"\n\s*(?:Returns|Raises|Yields|Example|Note)s?:", section)[0]
+    lines = [line for line in section.splitlines() if line.strip()]
+    indent = len(lines[0]) - len(lines[0].lstrip())
+    names = []
+    for line in lines:
+        if len(line) - len(line.lstrip()) != indent:
+            continue
+        match = re.match(r"\s*(\w+(?:, \w+)*):", line)
+        if match:
+            names += match.group(1).split(", ")
+    return names
+
+
+def _documented_callables() -> dict[str, tuple[Callable[..., Any], str]]:
+    """Each public function of distckpt and method of CheckpointManager whose docstring has an
+    ``Args:`` section, and the manager's class docstring for its constructor."""
+    found: dict[str, tuple[Callable[..., Any], str]] = {}
+    manager = distckpt.CheckpointManager
+    found["CheckpointManager"] = (manager.__init__, manager.__doc__ or "")
+    candidates = [(name, getattr(distckpt, name)) for name in distckpt.__all__]
+    candidates += [(f"mgr.{name}", member) for name, member in vars(manager).items()]
+    for name, member in candidates:
+        doc = inspect.getdoc(member) or ""
+        if inspect.isfunction(member) and not name.startswith("mgr._") and "Args:" in doc:
+            found[name] = (member, doc)
+    return found
+
+
+@pytest.mark.parametrize("name", sorted(_documented_callables()))
+def test_an_args_section_names_every_parameter_and_no_other(name: str) -> None:
+    function, doc = _documented_callables()[name]
+    parameters = [
+        p.name
+        for p in inspect.signature(function).parameters.values()
+        if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    ]
+    assert sorted(_args_entries(doc)) == sorted(parameters)
+
+
+def test_monitor_and_mode_do_what_the_managers_docstring_says(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    with distckpt.CheckpointManager(root, monitor="acc", mode="max", fsync=False) as mgr:
+        for step, acc in ((1, 0.5), (2, 0.9), (3, 0.7), (4, 0.9), (5, float("nan")), (6, None)):
+            mgr.save(step, {"w": torch.zeros(2)}, metrics={} if acc is None else {"acc": acc})
+        assert mgr.best_step() == 2  # the highest; ties to the earlier step; NaN, none: unranked
+    assert os.readlink(root / "best") == "step-00000002"
+    with distckpt.CheckpointManager(root, fsync=False) as mgr:  # no monitor: ranks nothing
+        mgr.save(7, {"w": torch.zeros(2)}, metrics={"acc": 1.0})
+        assert os.readlink(root / "best") == "step-00000002"  # left where it is
+        mgr.delete(2)
+        assert not (root / "best").exists()  # removed once it names no checkpoint
+    for refused in ({"keep_best": 1}, {"keep_unranked": True}, {"monitor": ""}):
+        with pytest.raises(distckpt.InvalidArgument):
+            distckpt.CheckpointManager(root, fsync=False, **refused)
+    with pytest.raises(distckpt.InvalidArgument, match="mode"):
+        distckpt.CheckpointManager(root, monitor="acc", mode="highest", fsync=False)  # type: ignore[arg-type]
+
+
 # ------------------------------------------------------------------ the "Use" loop
 
 

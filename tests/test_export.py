@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import shutil
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,10 @@ import distckpt
 from distckpt import export
 from distckpt.errors import CheckpointNotFound, InvalidArgument
 from distckpt.formats.dcp import ModelOptimizerState
+from distckpt.objstore import MIN_PART_SIZE, ObjectStore
+from distckpt.objurl import S3Url
 from tests.ranks import run_ranks, values
+from tests.s3server import S3Server
 from tests.test_dcp import TIMEOUT, fsdp, full_state, make_model, train
 
 
@@ -90,3 +94,54 @@ def test_export_torch_one_rank_or_all(tmp_path: Path) -> None:
     with pytest.raises(CheckpointNotFound):
         export(tmp_path / "nothing-here", tmp_path / "bad.pt")
     assert not (tmp_path / "bad.pt").exists()
+
+
+def _bucket_url(s3_url: str) -> str:
+    return f"s3://{S3Url.parse(s3_url).bucket}"
+
+
+@pytest.mark.parametrize("source_in_s3", [False, True], ids=["local-source", "s3-source"])
+def test_export_to_an_s3_url_uploads_the_file_a_local_export_writes(
+    s3_server: S3Server,
+    s3_url: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    source_in_s3: bool,
+) -> None:
+    """An ``s3://`` out_file is that object, uploaded in parts (the part size at its minimum,
+    the state larger than two parts), not a local file under ``./s3:``."""
+    monkeypatch.chdir(tmp_path)
+    options = s3_server.storage_options(default_block_size=MIN_PART_SIZE)
+    root: str = s3_url if source_in_s3 else str(tmp_path / "ckpt")
+    state = {"w": torch.arange(3 * MIN_PART_SIZE // 4, dtype=torch.float32), "step": 7}
+    with distckpt.CheckpointManager(root, storage_options=options if source_in_s3 else None) as m:
+        m.save(7, state)
+    url = f"{_bucket_url(s3_url)}/exports/model.pt"
+
+    written = export(root, url, storage_options=options)
+
+    assert written == url
+    local = torch.load(export(root, tmp_path / "model.pt", storage_options=options))
+    with ObjectStore(_bucket_url(s3_url), options) as store:
+        info = store.head("exports/model.pt")
+        assert info.size > 2 * MIN_PART_SIZE
+        uploaded = torch.load(io.BytesIO(store.get_bytes("exports/model.pt")), weights_only=True)
+    assert uploaded.keys() == local.keys() == state.keys()
+    assert torch.equal(uploaded["w"], local["w"]) and torch.equal(uploaded["w"], state["w"])
+    assert uploaded["step"] == local["step"] == 7
+    assert not (tmp_path / "s3:").exists()
+
+
+@pytest.mark.parametrize("key", ["", "/", "/exports/"])
+def test_export_to_an_s3_url_naming_no_object_is_refused_before_reading(
+    s3_server: S3Server, s3_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, key: str
+) -> None:
+    """Refused as bad input before the checkpoint is read: the path here holds none, which
+    a read would have reported instead."""
+    monkeypatch.chdir(tmp_path)
+    url = _bucket_url(s3_url) + key
+    with pytest.raises(InvalidArgument, match="names no object"):
+        export(tmp_path / "nothing-here", url, storage_options=s3_server.storage_options())
+    with pytest.raises(InvalidArgument, match="storage_options retries"):
+        export(tmp_path / "nothing-here", f"{url.rstrip('/')}/x.pt", storage_options={"retries": 0})
+    assert list(tmp_path.iterdir()) == []

@@ -390,6 +390,27 @@ def test_negative_values_are_refused_as_not_positive(cls: type, name: str, extra
     assert "use None" not in str(caught.value)
 
 
+@pytest.mark.parametrize(("cls", "name", "extra"), ZERO_REFUSING_OPTIONS)
+def test_numpy_numbers_are_taken_as_the_python_numbers_they_are(
+    cls: type, name: str, extra: dict
+) -> None:
+    """A count or interval read from a NumPy array or computed in NumPy is taken (and kept as
+    a plain int or float); a float count, even a whole one, and text are refused, as in
+    storage_options (distckpt.arguments)."""
+    taken = getattr(cls(**{name: np.int64(3)}, **extra), name)
+    assert taken == 3 and type(taken) in (int, float), type(taken)
+    if "seconds" in name:
+        assert getattr(cls(**{name: np.float32(2.5)}, **extra), name) == 2.5
+    else:
+        for refused in (3.0, "3", np.float64(3.0), True):
+            with pytest.raises(InvalidArgument, match=f"{name} must be a positive int"):
+                cls(**{name: refused}, **extra)
+    with pytest.raises(InvalidArgument, match=f"{name}=0 is not accepted"):
+        cls(**{name: np.int64(0)}, **extra)
+    schedule = SaveSchedule(save_on_steps=[np.int64(5), 2])
+    assert schedule.save_on_steps == (2, 5) and all(type(s) is int for s in schedule.save_on_steps)
+
+
 # --------------------------------------------------------------------------------------------
 # save_on_steps
 

@@ -4,6 +4,7 @@ the same commands, output and exit statuses as on a local root (tests/test_cli.p
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -14,8 +15,11 @@ import pytest
 import torch
 
 import distckpt
+import distckpt.storage.s3_upkeep as upkeep
+from distckpt.cli import main
 from distckpt.layout import step_dir_name
 from distckpt.objstore import ObjectStore
+from distckpt.objurl import S3Url
 from tests.s3server import REGION, S3Server
 from tests.test_cli import ls_lines, run
 
@@ -123,6 +127,98 @@ def test_prune_never_removes_the_checkpoint_best_named_before_it(
         assert mgr.steps() == [10, 20, 40, 50]
 
 
+def test_delete_removes_a_steps_commit_and_objects_and_moves_the_pointers(
+    root: str, s3_server: S3Server
+) -> None:
+    out = run("delete", root, "30")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == "deleted step 30\nkept steps:   10, 20\n"
+    out = run("delete", root, "20", "--json")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == {"deleted": 20, "kept": [10]}
+    remaining = {info.key.split("/")[0] for info in raw_store(root, s3_server).list()}
+    assert not remaining & {step_dir_name(20), step_dir_name(30)}  # every object, not the commit
+    # best named step 20; without the job's monitor it is removed, not moved
+    assert json.loads(run("ls", root, "--json").stdout)["links"] == {
+        "last": step_dir_name(10),
+        "best": None,
+    }
+    out = run("delete", root, "20")
+    assert out.returncode == 2, out
+    assert out.stderr.startswith("distckpt delete: error: no checkpoint for step 20 in "), out
+
+
+#: Manifest edits that make a checkpoint this version cannot judge (it may be whole), as
+#: tests/hostile_cases.py makes them on a local root, and how a job is refused over it: a save
+#: of a lower step, or, for a newer format version, the start already (docs/verification.md).
+#: Its fourth case, a symlinked rank file, has no object-store equivalent: an object is no link.
+UNJUDGED_MANIFESTS: dict[str, tuple[dict[str, object], type[Exception], str]] = {
+    "newer-format-version": ({"format_version": 999}, distckpt.UnsupportedVersion, "upgrade"),
+    "unknown-format": ({"format": "pickle-jar"}, distckpt.InvalidStep, "could not be judged"),
+    "unknown-checksum-algorithm": (
+        {"checksum_algorithm": "md4"},
+        distckpt.InvalidStep,
+        "could not be judged",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(UNJUDGED_MANIFESTS))
+def test_delete_removes_a_checkpoint_this_version_cannot_judge(
+    root: str, s3_server: S3Server, case: str
+) -> None:
+    """The s3:// case of docs/verification.md's advice: a newest checkpoint this version cannot
+    judge is deleted with ``distckpt delete ROOT STEP``, and a job saves past it."""
+    edit, refusal, says = UNJUDGED_MANIFESTS[case]
+    store = raw_store(root, s3_server)
+    attempt = json.loads(store.get_bytes(f"{step_dir_name(30)}/COMMIT"))["attempt"]
+    manifest = f"{step_dir_name(30)}/{attempt}/manifest.json"
+    data = json.loads(store.get_bytes(manifest))
+    data.update(edit)
+    store.put_bytes(manifest, json.dumps(data).encode())
+    with pytest.raises(refusal, match=says) as refused, distckpt.CheckpointManager(root) as mgr:
+        mgr.save(25, {"w": torch.zeros(4)})
+    if refusal is distckpt.InvalidStep:  # the command it names is the one run next
+        assert f"(distckpt delete {root} 30)" in str(refused.value), refused.value
+    out = run("delete", root, "30")
+    assert out.returncode == 0, out.stderr
+    assert [info.key for info in store.list(step_dir_name(30) + "/")] == []
+    assert json.loads(run("ls", root, "--json").stdout)["links"]["last"] == step_dir_name(20)
+    with distckpt.CheckpointManager(root) as mgr:
+        assert mgr.save(25, {"w": torch.zeros(4)}) is not None
+        assert mgr.steps() == [10, 20, 25]
+
+
+def test_delete_next_to_a_live_job_never_moves_last_back_past_its_commit(
+    root: str, s3_server: S3Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The job commits step 40 (and points ``last`` at it) after ``delete`` listed the commits
+    and before it moves the pointers: ``last`` stays on 40, not on the 30 that delete saw as
+    newest. The job's commit is made at the pointer swap's fault point, the one place a test
+    can put it in that window every time (two processes would hit it only by chance)."""
+    real_hit = upkeep.faults.hit
+    with distckpt.CheckpointManager(
+        root, storage_options=s3_server.storage_options(), monitor="loss"
+    ) as job:
+        armed = [True]
+
+        def commit_in_the_window(point: str, rank: int) -> None:
+            if point == "during_link_swap" and armed[0]:
+                armed[0] = False
+                job.save(40, {"w": torch.zeros(4)}, metrics={"loss": 9.0})
+            real_hit(point, rank)
+
+        monkeypatch.setattr(upkeep.faults, "hit", commit_in_the_window)
+        assert main(["delete", root, "20"], out=io.StringIO()) == 0
+        assert not armed[0]
+        links = json.loads(run("ls", root, "--json").stdout)["links"]
+        assert links == {"last": step_dir_name(40), "best": None}, links  # best named 20
+        assert distckpt.load_checkpoint(f"{root}/last").step == 40
+        job.save(50, {"w": torch.zeros(4)}, metrics={"loss": 5.0})  # repoints best: its monitor
+    links = json.loads(run("ls", root, "--json").stdout)["links"]
+    assert links == {"last": step_dir_name(50), "best": step_dir_name(30)}, links
+
+
 def test_gc_removes_the_leftovers_of_a_dead_writer(root: str, s3_server: S3Server) -> None:
     """An uncommitted step prefix (objects without a commit object) left by a writer that is
     gone, with no job holding the root: ``gc`` removes it and leaves the committed steps."""
@@ -143,9 +239,58 @@ def test_export_then_load_in_a_plain_process(root: str, tmp_path: Path) -> None:
     assert torch.equal(state["w"], torch.full((4,), 20.0))
 
 
+def test_export_to_an_s3_url_uploads_what_a_local_export_writes(
+    root: str, s3_server: S3Server, tmp_path: Path
+) -> None:
+    """The object, not a local file under ``./s3:`` (the working directory is the test's)."""
+    bucket = S3Url.parse(root).bucket
+    url = f"s3://{bucket}/exports/model.pt"
+    out = run("export", f"{root}/best", url, "--json")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == {"out": url}
+    assert run("export", f"{root}/best", str(tmp_path / "model.pt")).returncode == 0
+    local = torch.load(tmp_path / "model.pt", weights_only=True)
+    data = raw_store(f"s3://{bucket}", s3_server).get_bytes("exports/model.pt")
+    uploaded = torch.load(io.BytesIO(data), weights_only=True)
+    assert uploaded.keys() == local.keys() and torch.equal(uploaded["w"], local["w"])
+    assert not (tmp_path / "s3:").exists()
+    out = run("export", f"{root}/best", f"s3://{bucket}/exports/")
+    assert out.returncode == 2 and "names no object" in out.stderr, out
+
+
+@pytest.mark.parametrize(
+    "name", ["last", "best", ".lease", f"{step_dir_name(10)}/model.pt", f"{step_dir_name(40)}"]
+)
+def test_export_refuses_to_write_over_a_roots_own_names(
+    root: str, s3_server: S3Server, name: str
+) -> None:
+    """An object under a name of the root's layout (a pointer, the lease, a step's prefix) would
+    replace or join the root's own: refused before anything is written, the root unchanged."""
+    store = raw_store(root, s3_server)
+    before = {info.key: info.etag for info in store.list()}
+    with pytest.raises(distckpt.InvalidArgument, match="checkpoint root"):
+        distckpt.export(f"{root}/{step_dir_name(10)}", f"{root}/{name}")
+    out = run("export", f"{root}/{step_dir_name(10)}", f"{root}/{name}")
+    assert out.returncode == 2 and "checkpoint root" in out.stderr, out
+    assert {info.key: info.etag for info in store.list()} == before
+    assert json.loads(run("ls", root, "--json").stdout)["links"]["last"] == step_dir_name(30)
+    # beside the root, and under a prefix named as a pointer that holds no root, it writes
+    bucket = S3Url.parse(root).bucket
+    for beside in (f"{root}-exports/{name}", f"s3://{bucket}/models/last"):
+        assert distckpt.export(f"{root}/{step_dir_name(10)}", beside) == beside
+
+
 @pytest.mark.parametrize(
     "args",
-    [("info",), ("verify",), ("ls",), ("prune", "--keep-last", "1"), ("gc",), ("lease",)],
+    [
+        ("info",),
+        ("verify",),
+        ("ls",),
+        ("prune", "--keep-last", "1"),
+        ("gc",),
+        ("lease",),
+        ("delete", "10"),
+    ],
     ids=lambda value: value[0],
 )
 def test_a_prefix_holding_nothing_is_a_missing_root(
@@ -201,7 +346,9 @@ def test_prune_and_gc_of_a_checkpoint_are_refused(root: str, s3_server: S3Server
         assert mgr.steps() == [10, 20, 30]
 
 
-@pytest.mark.parametrize("command", [("prune", "--keep-last", "1"), ("gc",), ("ls",), ("lease",)])
+@pytest.mark.parametrize(
+    "command", [("prune", "--keep-last", "1"), ("gc",), ("ls",), ("lease",), ("delete", "20")]
+)
 @pytest.mark.parametrize("name", ["last", "best"])
 def test_a_command_on_a_root_refuses_a_link(
     root: str, s3_server: S3Server, command: tuple[str, ...], name: str

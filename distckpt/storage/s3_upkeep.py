@@ -89,7 +89,11 @@ class Upkeep:
         self._checked = {
             key: m for key, m in self._checked.items() if commits.get(key[0]) == key[1]
         }
-        unchecked = [step for step, etag in commits.items() if (step, etag) not in self._checked]
+        unchecked = [  # not the step leaving: it need not be readable (one from a newer version)
+            step
+            for step, etag in commits.items()
+            if step != leaving and (step, etag) not in self._checked
+        ]
         for source, manifest in resolve.iter_valid(self.view, steps=unchecked):
             self._checked[(source.expected_step, commits[source.expected_step])] = manifest
         valid = sorted(
@@ -102,12 +106,15 @@ class Upkeep:
         best = policy.best_step(records, self.retention.monitor, self.retention.mode)
         for name, step in ((LAST, records[-1].step if records else None), (BEST, best)):
             if step is not None:
-                self._swap_pointer(name, step)
+                self._swap_pointer(name, step, listed=commits.keys())
             else:
                 self._remove_pointer_unless_valid(name, valid_steps)
         return records
 
-    def _swap_pointer(self, name: str, step: int) -> None:
+    def _swap_pointer(self, name: str, step: int, listed: Collection[int] = ()) -> None:
+        """Point ``name`` at ``step``, found newest or best among the ``listed`` commits. But
+        ``last`` never moves back off a newer step committed since (a live job's save, which
+        pointed it there): it is left there, as the compare-and-swap on the ETag read holds."""
         target = step_dir_name(step)
         # What this store last wrote saves a read; if another process moved the pointer since,
         # the compare-and-swap on that ETag fails and the pointer is read again.
@@ -115,7 +122,7 @@ class Upkeep:
         for _ in range(_POINTER_RETRIES):
             if etag is None:
                 current, etag = self.s3.read_pointer(name)
-            if current == target:
+            if current == target or (name == LAST and self._committed_since(current, step, listed)):
                 return
             content = f"{target}\n".encode()
             try:
@@ -128,6 +135,16 @@ class Upkeep:
             except (ObjectExists, PreconditionFailed):
                 current, etag = None, None  # moved by another process meanwhile: read it again
         raise CheckpointError(f"{self.root}/{name} kept changing while it was being moved")
+
+    def _committed_since(self, target: str | None, step: int, listed: Collection[int]) -> bool:
+        """Whether the pointer ``target`` names a step past ``step`` committed after the
+        ``listed`` commits were read."""
+        newer = parse_step_dir_name(target) if target else None
+        if newer is None or newer <= step or newer in listed:
+            return False
+        with contextlib.suppress(CorruptCheckpoint):  # a damaged COMMIT: no step to keep
+            return self.s3.read_commit(newer) is not None
+        return False
 
     def _remove_pointer_unless_valid(self, name: str, valid_steps: set[int]) -> None:
         target, etag = self.s3.read_pointer(name)

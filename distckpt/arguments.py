@@ -1,0 +1,36 @@
+"""What a count and what a number of seconds are, in every option distckpt takes (the save and
+retention policies' counts and intervals, the object store's ``storage_options``): defined
+once, so a value is taken or refused alike everywhere. The callers word the refusal.
+
+Like :mod:`distckpt.policy`, this module must not import torch or NumPy: NumPy's scalars are
+told apart through the :mod:`numbers` classes they register with.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import operator
+
+
+def as_count(value: object, minimum: int) -> int | None:
+    """``value`` as an int when it is a whole number of at least ``minimum``, else None.
+
+    Any :class:`numbers.Integral` is one (NumPy's ``int64`` too, read with
+    :func:`operator.index`). A bool is not, though Python counts it as an int; nor is a float,
+    even ``3.0`` (a float count would be cut, 2.5 attempts to 2), nor a string (``"8"``: no
+    option is read from text)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        return None
+    count = operator.index(value)
+    return count if count >= minimum else None
+
+
+def as_seconds(value: object) -> float | None:
+    """``value`` as a float when it is a positive, finite real number (any
+    :class:`numbers.Real`: an int, a float, NumPy's ``float32``), else None; never a bool or a
+    string."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return None
+    seconds = float(value)
+    return seconds if math.isfinite(seconds) and seconds > 0 else None
