@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from distckpt.coord import Coordinator
 from distckpt.errors import InvalidArgument
 from distckpt.policy import SaveSchedule, seconds_since_created
+from distckpt.protocol import check_step_and_epoch
 
 if TYPE_CHECKING:
     from distckpt.results import Checkpoint
@@ -206,6 +207,7 @@ class SaveDecider:
     def should_save(self, step: int, epoch: int | None, *, in_flight: bool = False) -> bool:
         """Decide for ``step`` now and keep the decision for the save of that step.
         ``in_flight``: whether an async save is still running on this rank."""
+        check_step_and_epoch(step, epoch)
         self._pending = self._decide(step, epoch, force=False, in_flight=in_flight)
         return self._pending.save
 
@@ -214,6 +216,7 @@ class SaveDecider:
     ) -> SaveDecision:
         """The decision for the save of ``step``: the one :meth:`should_save` took for it, or
         a new one. A decision to save marks the start of a save, whatever its outcome."""
+        check_step_and_epoch(step, epoch)
         pending, self._pending = self._pending, None
         if pending is not None and pending.step == step and pending.epoch == epoch:
             decision = pending.forced() if force else pending

@@ -274,7 +274,6 @@ class CheckpointManager:
         instead of deciding again.
         """
         self._check_open()
-        protocol.check_step_and_epoch(step, epoch)
         return self._decider.should_save(step, epoch, in_flight=self.save_in_flight)
 
     def save(
@@ -308,7 +307,6 @@ class CheckpointManager:
             overwrite: replace an already committed checkpoint of this step.
         """
         self._check_open()
-        protocol.check_step_and_epoch(step, epoch)
         decision = self._decider.take(step, epoch, force=force, in_flight=self.save_in_flight)
         if not decision.save:
             return None
