@@ -163,7 +163,7 @@ def write_and_commit(
     broadcast to every rank (``save.commit``; :meth:`~distckpt.coord.Coordinator.gather` and
     :meth:`~distckpt.coord.Coordinator.conclude`). Rank 0 discards the staging area unless it
     was committed; after a commit it then tidies the root
-    (:meth:`~distckpt.storage.RootStore.tidy`: the trash of what retention removed), once
+    (:meth:`~distckpt.storage.RootStore.tidy`: the bytes of what retention removed), once
     every rank has the outcome.
 
     With a ``launcher`` watch, every rank checks after writing, in what it reports for the

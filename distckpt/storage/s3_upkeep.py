@@ -1,6 +1,15 @@
 """The ``s3://`` store's upkeep: the ``last``/``best`` pointer objects, retention,
 unpublishing a step (``COMMIT`` first, its objects after) and the leftovers of dead writers. A
 mixin of :class:`~distckpt.storage.s3.S3RootStore`, run by the committing rank.
+
+A removal is split in two. Inside the operation (a commit's retention or replacement, a
+delete, a prune), while the other ranks wait for its outcome within their timeout, only the
+quick part runs: the pointers move and the step's ``COMMIT`` goes, one request per step, and
+the save it named is remembered. Listing and deleting that save's objects (thousands for a
+large job) is :meth:`Upkeep.tidy`'s, after the outcome reached every rank, as are the
+leftovers of dead writers found at a start. A crash in between leaves saves that no
+``COMMIT`` names and no live claim protects: the next start or ``gc`` removes them as a dead
+writer's.
 """
 
 from __future__ import annotations
@@ -8,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
@@ -64,6 +74,15 @@ class Upkeep:
     _claims: set[str]
     #: each pointer's target and ETag as this store last wrote it
     _pointers_written: dict[str, tuple[str, str]]
+    #: the saves unpublished (their step's ``COMMIT`` deleted or replaced) as (step, attempt),
+    #: whose objects :meth:`tidy` deletes; guarded by ``_unpublished_lock``
+    _unpublished: list[tuple[int, str]]
+    _unpublished_lock: threading.Lock
+    #: whether the leftovers of dead writers were removed since the root was opened
+    _leftovers_checked: bool
+    #: the dead writers' saves the tidy after the open removed, until gc reports them
+    _removed_at_open: list[CheckpointLocation]
+    read_only: bool
     _steps_retention_removes: Callable[[list[policy.CheckpointRecord], Collection[int]], list[int]]
     _check_lease: Callable[[], None]
     _refuse_if_read_only: Callable[[str], None]
@@ -79,6 +98,43 @@ class Upkeep:
         self._delete_prefix(self.s3.attempt_prefix(step, attempt))
         self._delete_prefix(self.s3.set_aside_prefix(step, attempt))
         self.s3.client.delete([self.s3.set_aside_record_name(step, attempt)])
+
+    def tidy(self) -> None:
+        """Delete the objects of the saves unpublished since the last call, and after an open
+        the leftovers of dead writers; never raises (what it could not delete is logged and
+        deleted by a later call, or by the next start or gc as a dead writer's leftover)."""
+        if self.read_only:
+            return
+        try:
+            self._delete_unpublished()
+            if not self._leftovers_checked:
+                self._removed_at_open = self._remove_leftovers()
+                self._leftovers_checked = True
+        except Exception as exc:  # the outcome was told already: a removal never fails it
+            logger.warning("could not tidy %s (tried again later): %s", self.root, exc)
+
+    def _delete_unpublished(self) -> None:
+        """Delete the objects of each save :meth:`_unpublish` (or a replacing commit) left;
+        one that fails is logged and kept for the next call."""
+        with self._unpublished_lock:
+            saves, self._unpublished = self._unpublished, []
+        for index, (step, attempt) in enumerate(saves):
+            try:
+                self._delete_published_save(step, attempt)
+            except CheckpointError as exc:
+                logger.warning(
+                    "could not delete the objects of %s, unpublished (tried again later): %s",
+                    self.s3.attempt_location(step, attempt),
+                    exc,
+                )
+                with self._unpublished_lock:
+                    self._unpublished[:0] = saves[index:]
+                return  # the store is failing: the rest wait for the next call too
+
+    def _leave_to_tidy(self, step: int, attempt: str) -> None:
+        """Remember the save ``attempt`` of ``step``, unpublished now, for :meth:`tidy`."""
+        with self._unpublished_lock:
+            self._unpublished.append((step, attempt))
 
     def _update_pointers(self, *, leaving: int | None = None) -> list[policy.CheckpointRecord]:
         """Point ``last`` at the newest committed checkpoint that passes its check and
@@ -148,19 +204,20 @@ class Upkeep:
         for step in doomed:
             faults.hit("during_retention", COMMITTING_RANK)
             logger.info("retention: removing %s", self.s3.location(step))
-            self._remove_step(step)
+            self._unpublish(step)
         return doomed
 
-    def _remove_step(self, step: int) -> None:
-        """Unpublish ``step`` at once (its ``COMMIT`` goes first), then delete its objects."""
+    def _unpublish(self, step: int) -> None:
+        """Unpublish ``step`` at once: its ``COMMIT`` goes, in one request; the objects of the
+        save it named are left to :meth:`tidy`."""
         try:
             record = self.s3.read_commit(step)
         except CorruptCheckpoint:  # its save is unknown: gc removes it once unpublished
             record = None
-        self.s3.client.delete([self.s3.commit_name(step)])
+        self.s3.client.delete_one(self.s3.commit_name(step))
         faults.hit("during_delete", COMMITTING_RANK)
         if record is not None:
-            self._delete_published_save(step, record.attempt)
+            self._leave_to_tidy(step, record.attempt)
 
     def set_aside(self, step: int, location: CheckpointLocation) -> CheckpointLocation | None:
         """Unpublish the step's save by moving its objects, none deleted before its copy is
