@@ -1,16 +1,20 @@
 """An HTTP proxy in front of the test S3 server (tests/s3server.py) that makes a timing exact.
 
-Each request is forwarded as it came. A :class:`Rule` picks requests by method and path and
-either holds a picked request until the test releases it (``hold``: a slow request, at the
-moment the test chooses) or forwards it and then drops the connection instead of answering
-(``drop``: a write the store applied whose answer was lost). Real sockets and a real server:
-the client under test sees exactly what a slow or broken network shows it.
+Each request is forwarded as it came. A :class:`Rule` picks requests by method and path (and,
+if it says so, by what their body holds: the names of a batched delete) and either holds a
+picked request until the test releases it (``hold``: a slow request, at the moment the test
+chooses), holds it for a number of seconds (``delay``: a slow store, for a test whose ranks
+cannot wait for a release), forwards it and then drops the connection instead of answering
+(``drop``: a write the store applied whose answer was lost), or answers it with an error
+status without forwarding it (``fail``: a store refusing the request, unapplied). Real sockets
+and a real server: the client under test sees exactly what a slow or broken network shows it.
 """
 
 from __future__ import annotations
 
 import http.client
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Literal
@@ -23,15 +27,21 @@ _HOP_BY_HOP = {"transfer-encoding", "connection", "expect"}
 
 @dataclass
 class Rule:
-    """Which requests to act on, and how: ``times`` requests whose method is ``method`` and
-    whose path (the URL path and query) contains every one of ``path_parts``."""
+    """Which requests to act on, and how: ``times`` requests whose method is ``method``, whose
+    path (the URL path and query) contains every one of ``path_parts`` and whose body contains
+    every one of ``body_parts``."""
 
     method: str
     path_parts: tuple[str, ...]
-    action: Literal["hold", "drop"]
+    action: Literal["hold", "drop", "delay", "fail"]
     times: int = 1
     #: how many matching requests go by untouched before the rule acts
     skip: int = 0
+    body_parts: tuple[bytes, ...] = ()
+    #: for ``delay``: how long each picked request is held before it is forwarded
+    seconds: float = 0.0
+    #: for ``fail``: the status answered
+    status: int = 503
     #: set when the first picked request arrives (for ``hold``: it waits from then on)
     arrived: threading.Event = field(default_factory=threading.Event)
     #: set by :meth:`release`; a held request goes on once it is set
@@ -40,8 +50,12 @@ class Rule:
     def release(self) -> None:
         self.released.set()
 
-    def matches(self, method: str, path: str) -> bool:
-        return method == self.method and all(part in path for part in self.path_parts)
+    def matches(self, method: str, path: str, body: bytes = b"") -> bool:
+        return (
+            method == self.method
+            and all(part in path for part in self.path_parts)
+            and all(part in body for part in self.body_parts)
+        )
 
 
 class S3Proxy:
@@ -84,6 +98,33 @@ class S3Proxy:
         answers."""
         return self._add(Rule(method, path_parts, "drop", times, skip))
 
+    def delay(
+        self,
+        method: str,
+        *path_parts: str,
+        seconds: float,
+        body_parts: tuple[bytes, ...] = (),
+        times: int = 1,
+    ) -> Rule:
+        """Hold each of ``times`` matching requests ``seconds`` before forwarding it."""
+        return self._add(
+            Rule(method, path_parts, "delay", times, body_parts=body_parts, seconds=seconds)
+        )
+
+    def fail(
+        self,
+        method: str,
+        *path_parts: str,
+        status: int = 503,
+        body_parts: tuple[bytes, ...] = (),
+        times: int = 1,
+    ) -> Rule:
+        """Answer ``times`` matching requests with ``status`` (an S3 error document), without
+        forwarding them: the store never sees them."""
+        return self._add(
+            Rule(method, path_parts, "fail", times, body_parts=body_parts, status=status)
+        )
+
     def wait_for(self, method: str, *path_parts: str, timeout: float) -> bool:
         """Wait until a request matching ``method`` and ``path_parts`` has been answered by
         the server; whether one was within ``timeout`` seconds."""
@@ -98,10 +139,10 @@ class S3Proxy:
             self.rules.append(rule)
         return rule
 
-    def _pick(self, method: str, path: str) -> Rule | None:
+    def _pick(self, method: str, path: str, body: bytes) -> Rule | None:
         with self._lock:
             for rule in self.rules:
-                if rule.times > 0 and rule.matches(method, path):
+                if rule.times > 0 and rule.matches(method, path, body):
                     if rule.skip > 0:
                         rule.skip -= 1
                         continue
@@ -113,11 +154,16 @@ class S3Proxy:
         length = int(handler.headers.get("Content-Length") or 0)
         body = handler.rfile.read(length) if length else b""
         headers = {k: v for k, v in handler.headers.items() if k.lower() not in _HOP_BY_HOP}
-        rule = self._pick(handler.command, handler.path)
+        rule = self._pick(handler.command, handler.path, body)
         if rule is not None:
             rule.arrived.set()
             if rule.action == "hold":
                 rule.released.wait(HOLD_TIMEOUT)
+            elif rule.action == "delay":
+                time.sleep(rule.seconds)
+            elif rule.action == "fail":
+                self._refuse(handler, rule.status)
+                return
         upstream = http.client.HTTPConnection("127.0.0.1", self.upstream_port, timeout=60)
         try:
             upstream.request(handler.command, handler.path, body=body, headers=headers)
@@ -145,6 +191,22 @@ class S3Proxy:
         handler.end_headers()
         if handler.command != "HEAD":
             handler.wfile.write(data)
+
+    def _refuse(self, handler: BaseHTTPRequestHandler, status: int) -> None:
+        """Answer ``status`` with the error document an S3 store sends."""
+        code = "ServiceUnavailable" if status == 503 else "InternalError"
+        data = (
+            '<?xml version="1.0" encoding="UTF-8"?>'
+            f"<Error><Code>{code}</Code><Message>refused by the test proxy</Message></Error>"
+        ).encode()
+        with self._answered:
+            self.log.append((handler.command, handler.path, status))
+            self._answered.notify_all()
+        handler.send_response(status)
+        handler.send_header("Content-Type", "application/xml")
+        handler.send_header("Content-Length", str(len(data)))
+        handler.end_headers()
+        handler.wfile.write(data)
 
     def __enter__(self) -> S3Proxy:
         return self

@@ -1,0 +1,250 @@
+"""On an ``s3://`` root, rank 0 deletes a removed step's objects (and at a start the leftovers
+of dead writers) only once the outcome reached every rank (``tidy()``): a deletion slower than
+the collectives' timeout fails neither a committed save, a ``delete``, a ``prune`` nor the
+start of a requeued job. Inside the operation only the step's ``COMMIT`` goes (one request),
+so the step is unpublished at once; what a crash before the objects went leaves behind is a
+dead writer's save to the next start or ``gc``.
+
+The store is slowed or broken by a real proxy in front of the real test server
+(tests/s3proxy.py), picking the batched deletes of one step's objects (by the names in their
+body) and the listings of that step's saves: what thousands of objects make slow.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import distckpt
+from distckpt.layout import step_dir_name
+from distckpt.objstore import ObjectStore
+from distckpt.policy import RetentionPolicy
+from distckpt.storage import open_store, open_view
+from tests.ranks import run_ranks, values
+from tests.s3proxy import Rule, S3Proxy
+from tests.s3server import S3Server
+from tests.test_s3_store import _write_attempt
+
+pytest.importorskip("botocore")
+
+TIMEOUT = 3.0
+#: how long each slowed request of a removal takes: longer than the timeout
+SLOW_SECONDS = TIMEOUT + 1
+JOB_TIMEOUT = 120.0
+
+
+def _keys(url: str, options: dict[str, Any], step: int) -> list[str]:
+    """The names of every object under ``step``'s prefix, relative to the root."""
+    with ObjectStore(url, options) as store:
+        return [info.key for info in store.list(f"{step_dir_name(step)}/")]
+
+
+def _save_location(url: str, options: dict[str, Any], step: int) -> str:
+    """The URL of the (only) save under ``step``'s prefix."""
+    (attempt,) = {key.split("/")[1] for key in _keys(url, options, step) if key.count("/") > 1}
+    return f"{url}/{step_dir_name(step)}/{attempt}"
+
+
+def _slow_removal(proxy: S3Proxy, step: int) -> list[Rule]:
+    """Make the listings of ``step``'s saves and the batched deletes of its objects slower
+    than the timeout; the rules, to check that they acted."""
+    return [
+        proxy.delay(
+            "POST",
+            "?delete",
+            seconds=SLOW_SECONDS,
+            body_parts=(f"/{step_dir_name(step)}/".encode(),),
+            times=100,
+        ),
+        proxy.delay(
+            "GET", "list-type=2", f"{step_dir_name(step)}%2F", seconds=SLOW_SECONDS, times=100
+        ),
+    ]
+
+
+@contextlib.contextmanager
+def _manager_through_a_proxy_on_rank_0(
+    rank: int, url: str, options: dict[str, Any], port: int
+) -> Iterator[tuple[distckpt.CheckpointManager, S3Proxy | None]]:
+    """A manager with ``keep_last=1`` and the short timeout, and on rank 0 the proxy (in
+    front of the server on ``port``) its requests go through; the other ranks go straight to
+    the server, with no proxy."""
+    with contextlib.ExitStack() as stack:
+        proxy = stack.enter_context(S3Proxy(port)) if rank == 0 else None
+        endpoint = f"http://127.0.0.1:{port}" if proxy is None else proxy.endpoint
+        options = {**options, "endpoint_url": endpoint}
+        yield (
+            stack.enter_context(
+                distckpt.CheckpointManager(
+                    url, storage_options=options, timeout=TIMEOUT, keep_last=1
+                )
+            ),
+            proxy,
+        )
+
+
+def _state(step: int) -> dict[str, torch.Tensor]:
+    return {"w": torch.full((4,), float(step))}
+
+
+def _saves_two_steps(
+    rank: int, world_size: int, url: str, options: dict[str, Any], port: int
+) -> tuple[list[int], bool]:
+    """Save steps 1 and 2 with ``keep_last=1``, rank 0's removal of step 1 slowed; the steps
+    saved then listed, and whether the removal was slowed (rank 0; True elsewhere)."""
+    steps: list[int] = []
+    rules: list[Rule] = []
+    with _manager_through_a_proxy_on_rank_0(rank, url, options, port) as (mgr, proxy):
+        for step in (1, 2):  # the second one's retention removes step 1
+            if step == 2 and proxy is not None:  # step 1's save lists its prefix to check it
+                rules = _slow_removal(proxy, 1)
+            result = mgr.save(step, _state(step))
+            assert result is not None
+            steps.append(result.step)
+        dist.barrier()  # the training loop's own collective: rank 0 finished removing
+        steps.extend(mgr.steps())
+    return steps, all(rule.arrived.is_set() for rule in rules)
+
+
+def test_a_slow_delete_of_a_retained_steps_objects_never_fails_the_committed_save(
+    s3_server: S3Server, s3_url: str
+) -> None:
+    options = s3_server.storage_options()
+    out = run_ranks(_saves_two_steps, 2, s3_url, options, s3_server.port, timeout=JOB_TIMEOUT)
+    assert values(out) == [([1, 2, 2], True)] * 2
+    assert _keys(s3_url, options, 1) == []
+
+
+def _opens(rank: int, world_size: int, url: str, options: dict[str, Any]) -> list[Any]:
+    with distckpt.CheckpointManager(url, storage_options=options, timeout=TIMEOUT) as mgr:
+        dist.barrier()  # rank 0 removed the leftovers before this
+        return [mgr.latest_step(), [str(location) for location in mgr.gc()]]
+
+
+def test_a_slow_delete_of_a_dead_writers_leftovers_never_fails_the_start_of_a_requeued_job(
+    s3_server: S3Server, s3_url: str
+) -> None:
+    direct = s3_server.storage_options()
+    with distckpt.CheckpointManager(s3_url, storage_options=direct) as mgr:
+        mgr.save(1, _state(1))
+    # what a job killed while it saved step 2 leaves: its objects and its expired claim
+    attempt = "killed-writer"
+    _write_attempt(s3_url, direct, 2, attempt)
+    with ObjectStore(s3_url, direct) as store:
+        claim = {"attempt": attempt, "host": "elsewhere", "pid": 1, "expires_unix": 0.0}
+        store.put_bytes(f".writers/{attempt}", json.dumps(claim).encode())
+    with S3Proxy(s3_server.port) as proxy:
+        slow_rules = [
+            # the batched delete of the leftover's objects, and the listing of the whole root
+            # that finds them
+            proxy.delay(
+                "POST",
+                "?delete",
+                seconds=SLOW_SECONDS,
+                body_parts=(f"/{step_dir_name(2)}/".encode(),),
+            ),
+            proxy.delay("GET", "prefix=ckpt%2F&max-keys=1000", seconds=SLOW_SECONDS),
+        ]
+        options = s3_server.storage_options(endpoint_url=proxy.endpoint)
+        out = values(run_ranks(_opens, 2, s3_url, options, timeout=JOB_TIMEOUT))
+        assert all(rule.arrived.is_set() for rule in slow_rules)
+    # the start's removal, reported once by the gc after it
+    assert out == [[1, [f"{s3_url}/{step_dir_name(2)}/{attempt}"]]] * 2
+    assert _keys(s3_url, direct, 2) == []
+    with ObjectStore(s3_url, direct) as store:
+        assert list(store.list(".writers/")) == []
+
+
+def _prunes_and_deletes(
+    rank: int, world_size: int, url: str, options: dict[str, Any], port: int
+) -> tuple[list[int], list[int], bool]:
+    """With ``keep_last=1``, prune steps 1 and 2 of 3, then delete step 3, rank 0's removals of
+    steps 1 and 3 slowed; what prune returned, the steps left, and whether both removals were
+    slowed (rank 0; True elsewhere)."""
+    rules: list[Rule] = []
+    with _manager_through_a_proxy_on_rank_0(rank, url, options, port) as (mgr, proxy):
+        if proxy is not None:  # after the start, which lists each step's save to check it
+            rules = _slow_removal(proxy, 1) + _slow_removal(proxy, 3)
+        pruned = mgr.prune()
+        dist.barrier()  # the training loop's own collective: rank 0 finished removing
+        mgr.delete(3)
+        dist.barrier()
+        return pruned, mgr.steps(), all(rule.arrived.is_set() for rule in rules)
+
+
+def test_delete_and_prune_return_before_the_objects_go_and_tidy_removes_them(
+    s3_server: S3Server, s3_url: str
+) -> None:
+    direct = s3_server.storage_options()
+    with distckpt.CheckpointManager(s3_url, storage_options=direct) as mgr:
+        for step in (1, 2, 3):
+            mgr.save(step, _state(step))
+    out = run_ranks(_prunes_and_deletes, 2, s3_url, direct, s3_server.port, timeout=JOB_TIMEOUT)
+    assert values(out) == [([1, 2], [], True)] * 2
+    assert [_keys(s3_url, direct, step) for step in (1, 2, 3)] == [[], [], []]
+
+
+@pytest.mark.parametrize("cleanup", ["next save", "start", "gc"])
+def test_a_failing_delete_in_tidy_is_logged_and_the_next_save_start_or_gc_removes_the_objects(
+    s3_server: S3Server, s3_url: str, caplog: pytest.LogCaptureFixture, cleanup: str
+) -> None:
+    direct = s3_server.storage_options()
+    with S3Proxy(s3_server.port) as proxy:
+        refused = proxy.fail(
+            "POST", "?delete", status=503, body_parts=(f"/{step_dir_name(1)}/".encode(),), times=100
+        )
+        # one attempt per request: the client's retries of a 503 would only add their backoff
+        options = s3_server.storage_options(endpoint_url=proxy.endpoint, retries=1)
+        with distckpt.CheckpointManager(s3_url, storage_options=options, keep_last=1) as mgr:
+            mgr.save(1, _state(1))
+            location = _save_location(s3_url, direct, 1)
+            with caplog.at_level(logging.WARNING, logger="distckpt"):
+                saved = mgr.save(2, _state(2))
+            assert saved is not None and saved.step == 2
+            assert refused.arrived.is_set()
+            assert mgr.steps() == [2]  # unpublished at once: its COMMIT went
+            assert f"{step_dir_name(1)}/COMMIT" not in _keys(s3_url, direct, 1)
+            assert _keys(s3_url, direct, 1) != []  # its objects are left
+            assert any(
+                "could not delete the objects of" in record.getMessage()
+                and location in record.getMessage()
+                for record in caplog.records
+            )
+            refused.times = 0  # the store works again
+            if cleanup == "next save":
+                mgr.save(3, _state(3))
+    if cleanup == "start":
+        with distckpt.CheckpointManager(s3_url, storage_options=direct) as mgr:
+            assert mgr.gc() == [location]  # removed by the start, reported once
+    elif cleanup == "gc":
+        assert open_store(s3_url, storage_options=direct).collect_leftovers() == [location]
+    assert _keys(s3_url, direct, 1) == []
+
+
+@pytest.mark.parametrize("cleanup", ["start", "gc"])
+def test_a_step_unpublished_whose_objects_were_never_tidied_is_removed_by_the_next_start_or_gc(
+    s3_server: S3Server, s3_url: str, cleanup: str
+) -> None:
+    options = s3_server.storage_options()
+    with distckpt.CheckpointManager(s3_url, storage_options=options) as mgr:
+        for step in (1, 2):
+            mgr.save(step, _state(step))
+    location = _save_location(s3_url, options, 1)
+    # a prune killed before its tidy(): step 1 is unpublished, its objects still there
+    store = open_store(s3_url, storage_options=options, retention=RetentionPolicy(keep_last=1))
+    assert store.prune() == [1]
+    assert open_view(s3_url, storage_options=options).committed_steps() == [2]
+    assert _keys(s3_url, options, 1) != []
+    if cleanup == "start":
+        with distckpt.CheckpointManager(s3_url, storage_options=options) as mgr:
+            assert mgr.gc() == [location]  # removed by the start, reported once
+    else:
+        assert open_store(s3_url, storage_options=options).collect_leftovers() == [location]
+    assert _keys(s3_url, options, 1) == []
