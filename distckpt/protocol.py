@@ -197,7 +197,7 @@ def write_and_commit(
             store.discard_staging(plan.area)
         if committed:
             # After the outcome's broadcast: a slow removal must not run inside the other
-            # ranks' timeout, nor fail a save that committed (tidy never raises). Only after a
+            # ranks' timeout, nor fail a save that committed (tidy raises no error). Only after a
             # commit: a failed save leaves the root as it was.
             store.tidy()
 

@@ -88,10 +88,17 @@ class S3Proxy:
         self.endpoint = f"http://127.0.0.1:{self._server.server_address[1]}"
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
 
-    def hold(self, method: str, *path_parts: str, times: int = 1, skip: int = 0) -> Rule:
+    def hold(
+        self,
+        method: str,
+        *path_parts: str,
+        times: int = 1,
+        skip: int = 0,
+        body_parts: tuple[bytes, ...] = (),
+    ) -> Rule:
         """Hold ``times`` matching requests, after ``skip`` others, until the rule is
         released."""
-        return self._add(Rule(method, path_parts, "hold", times, skip))
+        return self._add(Rule(method, path_parts, "hold", times, skip, body_parts=body_parts))
 
     def drop(self, method: str, *path_parts: str, times: int = 1, skip: int = 0) -> Rule:
         """Forward ``times`` matching requests, after ``skip`` others, then drop their

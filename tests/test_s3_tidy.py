@@ -15,6 +15,8 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import signal
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -92,6 +94,13 @@ def _manager_through_a_proxy_on_rank_0(
 
 def _state(step: int) -> dict[str, torch.Tensor]:
     return {"w": torch.full((4,), float(step))}
+
+
+def _save_steps(url: str, options: dict[str, Any], *steps: int) -> None:
+    """Save ``steps`` in one job of one rank, keeping them all."""
+    with distckpt.CheckpointManager(url, storage_options=options) as mgr:
+        for step in steps:
+            mgr.save(step, _state(step))
 
 
 def _saves_two_steps(
@@ -183,9 +192,7 @@ def test_delete_and_prune_return_before_the_objects_go_and_tidy_removes_them(
     s3_server: S3Server, s3_url: str
 ) -> None:
     direct = s3_server.storage_options()
-    with distckpt.CheckpointManager(s3_url, storage_options=direct) as mgr:
-        for step in (1, 2, 3):
-            mgr.save(step, _state(step))
+    _save_steps(s3_url, direct, 1, 2, 3)
     out = run_ranks(_prunes_and_deletes, 2, s3_url, direct, s3_server.port, timeout=JOB_TIMEOUT)
     assert values(out) == [([1, 2], [], True)] * 2
     assert [_keys(s3_url, direct, step) for step in (1, 2, 3)] == [[], [], []]
@@ -233,9 +240,7 @@ def test_a_step_unpublished_whose_objects_were_never_tidied_is_removed_by_the_ne
     s3_server: S3Server, s3_url: str, cleanup: str
 ) -> None:
     options = s3_server.storage_options()
-    with distckpt.CheckpointManager(s3_url, storage_options=options) as mgr:
-        for step in (1, 2):
-            mgr.save(step, _state(step))
+    _save_steps(s3_url, options, 1, 2)
     location = _save_location(s3_url, options, 1)
     # a prune killed before its tidy(): step 1 is unpublished, its objects still there
     store = open_store(s3_url, storage_options=options, retention=RetentionPolicy(keep_last=1))
@@ -248,3 +253,39 @@ def test_a_step_unpublished_whose_objects_were_never_tidied_is_removed_by_the_ne
     else:
         assert open_store(s3_url, storage_options=options).collect_leftovers() == [location]
     assert _keys(s3_url, options, 1) == []
+
+
+def _interrupt_the_main_thread_when(rule: Rule) -> threading.Thread:
+    """A thread that presses Ctrl-C (SIGINT, to the main thread: its request is the one
+    held) once a request ``rule`` picks arrived."""
+
+    def interrupt() -> None:
+        if rule.arrived.wait(JOB_TIMEOUT):
+            signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGINT)
+
+    thread = threading.Thread(target=interrupt, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_a_ctrl_c_in_tidy_keeps_the_saves_not_yet_deleted_for_the_next_tidy(
+    s3_server: S3Server, s3_url: str
+) -> None:
+    direct = s3_server.storage_options()
+    _save_steps(s3_url, direct, 1, 2, 3)
+    with S3Proxy(s3_server.port) as proxy:
+        options = s3_server.storage_options(endpoint_url=proxy.endpoint)
+        store = open_store(s3_url, storage_options=options, retention=RetentionPolicy(keep_last=1))
+        assert store.prune() == [1, 2]  # both unpublished, their objects left to tidy
+        held = proxy.hold("POST", "?delete", body_parts=(f"/{step_dir_name(1)}/".encode(),))
+        previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+        try:
+            interrupter = _interrupt_the_main_thread_when(held)
+            with pytest.raises(KeyboardInterrupt):
+                store.tidy()  # interrupted in the delete of step 1's objects
+        finally:
+            signal.signal(signal.SIGINT, previous)
+            held.release()
+        interrupter.join()
+        store.tidy()
+    assert [_keys(s3_url, direct, step) for step in (1, 2)] == [[], []]

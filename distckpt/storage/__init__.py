@@ -226,8 +226,9 @@ class RootStore(abc.ABC):
         replaced; both: after :meth:`open`, the leftovers of dead writers). Apart from them
         because a removal may be slow (a large checkpoint on a shared filesystem, thousands of
         objects to list and delete) and must not run while the other ranks wait for that
-        outcome within the collectives' timeout. Never raises: what it cannot remove is logged
-        and removed by a later call, start or gc. By default nothing is left to remove."""
+        outcome within the collectives' timeout. Raises no error (a ``KeyboardInterrupt`` goes
+        through): what it cannot remove is logged and removed by a later call, start or gc. By
+        default nothing is left to remove."""
         return
 
 

@@ -101,8 +101,9 @@ class Upkeep:
 
     def tidy(self) -> None:
         """Delete the objects of the saves unpublished since the last call, and after an open
-        the leftovers of dead writers; never raises (what it could not delete is logged and
-        deleted by a later call, or by the next start or gc as a dead writer's leftover)."""
+        the leftovers of dead writers; raises no error (what it could not delete is logged and
+        deleted by a later call, or by the next start or gc as a dead writer's leftover), but
+        lets a ``KeyboardInterrupt`` through."""
         if self.read_only:
             return
         try:
@@ -115,7 +116,9 @@ class Upkeep:
 
     def _delete_unpublished(self) -> None:
         """Delete the objects of each save :meth:`_unpublish` (or a replacing commit) left;
-        one that fails is logged and kept for the next call."""
+        one that fails is logged and kept for the next call, with those after it. Anything
+        else that stops it (a bug's exception, a ``KeyboardInterrupt``) keeps them too and is
+        raised."""
         with self._unpublished_lock:
             saves, self._unpublished = self._unpublished, []
         for index, (step, attempt) in enumerate(saves):
@@ -127,9 +130,17 @@ class Upkeep:
                     self.s3.attempt_location(step, attempt),
                     exc,
                 )
-                with self._unpublished_lock:
-                    self._unpublished[:0] = saves[index:]
+                self._keep_for_next_tidy(saves[index:])
                 return  # the store is failing: the rest wait for the next call too
+            except BaseException:
+                # taken out of the list above: dropped here, nothing would delete them
+                self._keep_for_next_tidy(saves[index:])
+                raise
+
+    def _keep_for_next_tidy(self, saves: list[tuple[int, str]]) -> None:
+        """Put ``saves`` back first in the list of those :meth:`tidy` deletes."""
+        with self._unpublished_lock:
+            self._unpublished[:0] = saves
 
     def _leave_to_tidy(self, step: int, attempt: str) -> None:
         """Remember the save ``attempt`` of ``step``, unpublished now, for :meth:`tidy`."""
