@@ -28,6 +28,7 @@ import distckpt
 from distckpt.layout import step_dir_name
 from distckpt.objstore import ObjectStore
 from distckpt.policy import RetentionPolicy
+from distckpt.results import CheckpointLocation
 from distckpt.storage import open_store, open_view
 from tests.ranks import run_ranks, values
 from tests.s3proxy import Rule, S3Proxy
@@ -131,6 +132,17 @@ def test_a_slow_delete_of_a_retained_steps_objects_never_fails_the_committed_sav
     assert _keys(s3_url, options, 1) == []
 
 
+def _leave_a_killed_writers_save(url: str, options: dict[str, Any], step: int) -> str:
+    """Leave what a job killed while it saved ``step`` leaves: its objects and its expired
+    claim; its attempt."""
+    attempt = "killed-writer"
+    _write_attempt(url, options, step, attempt)
+    with ObjectStore(url, options) as store:
+        claim = {"attempt": attempt, "host": "elsewhere", "pid": 1, "expires_unix": 0.0}
+        store.put_bytes(f".writers/{attempt}", json.dumps(claim).encode())
+    return attempt
+
+
 def _opens(rank: int, world_size: int, url: str, options: dict[str, Any]) -> list[Any]:
     with distckpt.CheckpointManager(url, storage_options=options, timeout=TIMEOUT) as mgr:
         dist.barrier()  # rank 0 removed the leftovers before this
@@ -143,12 +155,7 @@ def test_a_slow_delete_of_a_dead_writers_leftovers_never_fails_the_start_of_a_re
     direct = s3_server.storage_options()
     with distckpt.CheckpointManager(s3_url, storage_options=direct) as mgr:
         mgr.save(1, _state(1))
-    # what a job killed while it saved step 2 leaves: its objects and its expired claim
-    attempt = "killed-writer"
-    _write_attempt(s3_url, direct, 2, attempt)
-    with ObjectStore(s3_url, direct) as store:
-        claim = {"attempt": attempt, "host": "elsewhere", "pid": 1, "expires_unix": 0.0}
-        store.put_bytes(f".writers/{attempt}", json.dumps(claim).encode())
+    attempt = _leave_a_killed_writers_save(s3_url, direct, 2)
     with S3Proxy(s3_server.port) as proxy:
         slow_rules = [
             # the batched delete of the leftover's objects, and the listing of the whole root
@@ -289,3 +296,38 @@ def test_a_ctrl_c_in_tidy_keeps_the_saves_not_yet_deleted_for_the_next_tidy(
         interrupter.join()
         store.tidy()
     assert [_keys(s3_url, direct, step) for step in (1, 2)] == [[], []]
+
+
+#: how long a gc is given to run while a tidy in another thread is held in its delete: a gc
+#: that does not wait for the tidy is done by then, and reports the leftover the tidy reports
+#: again; one that waits (as it must) is still waiting, and the test goes on
+GC_HEAD_START = 2.0
+
+
+def test_a_gc_while_tidy_runs_in_a_thread_waits_for_it_and_each_leftover_is_reported_once(
+    s3_server: S3Server, s3_url: str
+) -> None:
+    direct = s3_server.storage_options()
+    attempt = _leave_a_killed_writers_save(s3_url, direct, 2)
+    with S3Proxy(s3_server.port) as proxy:
+        options = s3_server.storage_options(endpoint_url=proxy.endpoint)
+        store = open_store(s3_url, storage_options=options)
+        store.open()
+        try:
+            # the tidy after the open, in a thread, held in its delete of the leftover
+            held = proxy.hold("POST", "?delete", body_parts=(f"/{step_dir_name(2)}/".encode(),))
+            tidy = threading.Thread(target=store.tidy, daemon=True)
+            tidy.start()
+            assert held.arrived.wait(JOB_TIMEOUT)
+            reports: list[list[CheckpointLocation]] = []
+            gc = threading.Thread(target=lambda: reports.append(store.collect_leftovers()))
+            gc.start()
+            gc.join(GC_HEAD_START)
+            held.release()
+            tidy.join(JOB_TIMEOUT)
+            gc.join(JOB_TIMEOUT)
+            reports.append(store.collect_leftovers())  # nothing is left to remove or report
+        finally:
+            store.close()
+    assert reports == [[f"{s3_url}/{step_dir_name(2)}/{attempt}"], []]
+    assert _keys(s3_url, direct, 2) == []

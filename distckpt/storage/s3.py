@@ -117,6 +117,7 @@ class S3RootStore(Upkeep, ViewedStore):
         self._opened_by_pid = 0
         self._removed_at_open: list[CheckpointLocation] = []
         self._leftovers_checked = True
+        self._tidy_lock = threading.Lock()
         self._unpublished: list[tuple[int, str]] = []
         self._unpublished_lock = threading.Lock()
         #: manifests of the committed steps this store found valid, by (step, ETag of the
@@ -139,7 +140,8 @@ class S3RootStore(Upkeep, ViewedStore):
         try:
             # The leftovers of dead writers are removed by tidy(), once every rank knows the
             # root is open: a slow removal here would run inside their timeout.
-            self._leftovers_checked = False
+            with self._tidy_lock:
+                self._leftovers_checked = False
             try:
                 self._update_pointers()
             except CheckpointError as exc:  # derived state: never block a start
@@ -447,8 +449,12 @@ class S3RootStore(Upkeep, ViewedStore):
     def collect_leftovers(self) -> list[CheckpointLocation]:
         self._refuse_if_read_only("collect leftovers")
         self._check_lease()
-        removed = self._removed_at_open + self._remove_leftovers()
-        self._removed_at_open = []  # reported once
+        # Under tidy's lock: a tidy in another thread, removing the same leftovers, finishes
+        # first, and what it removed is reported here, once.
+        with self._tidy_lock:
+            removed = self._removed_at_open + self._remove_leftovers()
+            self._removed_at_open = []  # reported once
+            self._leftovers_checked = True  # a tidy need not look for them again
         return removed
 
     def break_lease(self) -> LeaseHolder | None:

@@ -82,6 +82,10 @@ class Upkeep:
     _leftovers_checked: bool
     #: the dead writers' saves the tidy after the open removed, until gc reports them
     _removed_at_open: list[CheckpointLocation]
+    #: held for all of :meth:`tidy` and of ``collect_leftovers`` (tidy may run in a thread of
+    #: its own): guards ``_leftovers_checked`` and ``_removed_at_open``, so that one cleanup's
+    #: removals are reported once, and a gc never removes what a tidy is removing
+    _tidy_lock: threading.Lock
     read_only: bool
     _steps_retention_removes: Callable[[list[policy.CheckpointRecord], Collection[int]], list[int]]
     _check_lease: Callable[[], None]
@@ -103,16 +107,18 @@ class Upkeep:
         """Delete the objects of the saves unpublished since the last call, and after an open
         the leftovers of dead writers; raises no error (what it could not delete is logged and
         deleted by a later call, or by the next start or gc as a dead writer's leftover), but
-        lets a ``KeyboardInterrupt`` through."""
+        lets a ``KeyboardInterrupt`` through. It may run in a thread of its own:
+        ``collect_leftovers`` waits for it (:attr:`_tidy_lock`)."""
         if self.read_only:
             return
-        try:
-            self._delete_unpublished()
-            if not self._leftovers_checked:
-                self._removed_at_open = self._remove_leftovers()
-                self._leftovers_checked = True
-        except Exception as exc:  # the outcome was told already: a removal never fails it
-            logger.warning("could not tidy %s (tried again later): %s", self.root, exc)
+        with self._tidy_lock:
+            try:
+                self._delete_unpublished()
+                if not self._leftovers_checked:
+                    self._removed_at_open = self._remove_leftovers()
+                    self._leftovers_checked = True
+            except Exception as exc:  # the outcome was told already: a removal never fails it
+                logger.warning("could not tidy %s (tried again later): %s", self.root, exc)
 
     def _delete_unpublished(self) -> None:
         """Delete the objects of each save :meth:`_unpublish` (or a replacing commit) left;
