@@ -30,7 +30,13 @@ from distckpt.errors import (
     ObjectNotFound,
     PreconditionFailed,
 )
-from distckpt.layout import BEST, LAST, parse_step_dir_name, step_dir_name
+from distckpt.layout import (
+    BEST,
+    LAST,
+    parse_set_aside_name,
+    parse_step_dir_name,
+    step_dir_name,
+)
 from distckpt.lease import is_this_process_host
 from distckpt.lock import Leftover
 from distckpt.manifest import Manifest
@@ -225,16 +231,28 @@ class Upkeep:
         return doomed
 
     def _unpublish(self, step: int) -> None:
-        """Unpublish ``step`` at once: its ``COMMIT`` goes, in one request; the objects of the
-        save it named are left to :meth:`tidy`."""
+        """Unpublish ``step`` at once: the set-aside record naming its save (if a set-aside
+        was killed before its copy was whole) goes, then its ``COMMIT``, one request each;
+        the objects of the save, and any part of a copy, are left to :meth:`tidy`."""
         try:
             record = self.s3.read_commit(step)
         except CorruptCheckpoint:  # its save is unknown: gc removes it once unpublished
             record = None
+        if record is not None:
+            self._drop_set_aside_record(step, record.attempt)
         self.s3.client.delete_one(self.s3.commit_name(step))
         faults.hit("during_delete", COMMITTING_RANK)
         if record is not None:
             self._leave_to_tidy(step, record.attempt)
+
+    def _drop_set_aside_record(self, step: int, attempt: str) -> None:
+        """Before the ``COMMIT`` naming the save ``attempt`` of ``step`` is deleted or
+        replaced: delete the record a set-aside of that save killed before its copy was whole
+        left (one request, nothing if there is none). Left until after, a crash before
+        :meth:`tidy` would leave the record naming an uncommitted save: listed as set aside,
+        and its copy completed by the next cleanup instead of deleted. Deleted first, a crash
+        in between leaves the step committed, set aside again by the next restore."""
+        self.s3.client.delete_one(self.s3.set_aside_record_name(step, attempt))
 
     def set_aside(self, step: int, location: CheckpointLocation) -> CheckpointLocation | None:
         """Unpublish the step's save by moving its objects, none deleted before its copy is
@@ -318,13 +336,21 @@ class Upkeep:
         with no objects, of writers that died."""
         attempts: dict[tuple[int, str], list[str]] = {}
         claims: set[str] = set()
+        #: the objects of each set-aside copy, and the saves a set-aside record names
+        copies: dict[tuple[int, str], list[str]] = {}
+        records: set[tuple[int, str]] = set()
         for info in self.s3.client.list(""):
-            head, _, rest = info.key.partition("/")
+            head, slash, rest = info.key.partition("/")
             step = parse_step_dir_name(head)
+            set_aside = parse_set_aside_name(head)
             if info.key.startswith(WRITERS_PREFIX):
                 claims.add(info.key[len(WRITERS_PREFIX) :])
             elif step is not None and "/" in rest:
                 attempts.setdefault((step, rest.partition("/")[0]), []).append(info.key)
+            elif set_aside is not None and slash:
+                copies.setdefault(set_aside, []).append(info.key)
+            elif set_aside is not None:
+                records.add(set_aside)
         # A save is a leftover only if a COMMIT read *after* its claim does not name it. A
         # writer creates its claim, then its objects, then COMMIT, and deletes its claim
         # last; the listing above saw some of its objects, so its claim existed before it.
@@ -358,7 +384,23 @@ class Upkeep:
             name = self.s3.claim_name(attempt)
             if not self._claim_live(attempt):
                 found.append((Leftover(f"{self.root}/{name}", "lock"), [name]))
+        for (step, attempt), names in sorted(copies.items()):
+            if (step, attempt) not in records and self._orphan_copy(step, attempt):
+                found.append((Leftover(self.s3.set_aside_location(step, attempt), "stray"), names))
         return found
+
+    def _orphan_copy(self, step: int, attempt: str) -> bool:
+        """Whether the objects under ``damaged-step-N-<attempt>/`` are part of a copy that no
+        set-aside will complete: no record names the save (read after its step's ``COMMIT``)
+        and ``COMMIT`` does not name it. A set-aside writes its record before its first copy
+        and deletes ``COMMIT`` only once its copy is whole, so a completed one always has its
+        record, and one in progress too. A record deleted while the save was still committed
+        (a delete or a replacing commit drops it first) leaves a part that the next restore's
+        set-aside of the still committed save goes on with; once ``COMMIT`` no longer names
+        the save, nothing does."""
+        if self._names(self._read_commit_or_none(step), attempt):
+            return False
+        return not self.s3.is_set_aside(step, attempt)
 
     def _read_commit_or_none(self, step: int) -> CommitRecord | None:
         """The step's commit record; a damaged one as :data:`_UNREADABLE_COMMIT`."""
@@ -384,6 +426,8 @@ class Upkeep:
                 continue
             if leftover.kind == "staging":
                 logger.info("removing %s, left by a writer that died", leftover.path)
+            elif leftover.kind == "stray":
+                logger.info("removing %s, part of a copy of a save removed", leftover.path)
             try:
                 if leftover.kind == "staging":
                     self._complete_set_aside_copy(leftover.path)
@@ -394,7 +438,7 @@ class Upkeep:
                     "could not remove leftover %s (tried again later): %s", leftover.path, exc
                 )
                 continue
-            if leftover.kind == "staging":
+            if leftover.kind != "lock":
                 removed.append(leftover.path)
         return removed
 
