@@ -2,22 +2,24 @@
 
 Each request is forwarded as it came. A :class:`Rule` picks requests by method and path (and,
 if it says so, by what their body holds: the names of a batched delete) and either holds a
-picked request until the test releases it (``hold``: a slow request, at the moment the test
-chooses), holds it for a number of seconds (``delay``: a slow store, for a test whose ranks
-cannot wait for a release), forwards it and then drops the connection instead of answering
-(``drop``: a write the store applied whose answer was lost), or answers it with an error
-status without forwarding it (``fail``: a store refusing the request, unapplied). Real sockets
-and a real server: the client under test sees exactly what a slow or broken network shows it.
+picked request until it is released (``hold``: a slow request, for as long as the test
+chooses: released by the test, or once a file another process writes exists), forwards it
+and then drops the connection instead of answering (``drop``: a write the store applied whose
+answer was lost), or answers it with an error status without forwarding it (``fail``: a
+store refusing the request, unapplied). Real sockets and a real server: the client under test
+sees exactly what a slow or broken network shows it.
 """
 
 from __future__ import annotations
 
 import http.client
 import threading
-import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Literal
+
+from tests.lease_job import wait_for_file
 
 #: how long a held request waits for its release before it goes on anyway (a test that
 #: forgot to release it then fails on its assertions, not by hanging)
@@ -33,13 +35,11 @@ class Rule:
 
     method: str
     path_parts: tuple[str, ...]
-    action: Literal["hold", "drop", "delay", "fail"]
+    action: Literal["hold", "drop", "fail"]
     times: int = 1
     #: how many matching requests go by untouched before the rule acts
     skip: int = 0
     body_parts: tuple[bytes, ...] = ()
-    #: for ``delay``: how long each picked request is held before it is forwarded
-    seconds: float = 0.0
     #: for ``fail``: the status answered
     status: int = 503
     #: set when the first picked request arrives (for ``hold``: it waits from then on)
@@ -49,6 +49,18 @@ class Rule:
 
     def release(self) -> None:
         self.released.set()
+
+    def release_once_exists(self, path: Path) -> None:
+        """Release the rule, from a thread of its own, once ``path`` exists: another process
+        (a rank that has an outcome) writes it when the held requests may go on."""
+
+        def release() -> None:
+            try:
+                wait_for_file(path)
+            finally:
+                self.release()
+
+        threading.Thread(target=release, name="s3proxy-release", daemon=True).start()
 
     def matches(self, method: str, path: str, body: bytes = b"") -> bool:
         return (
@@ -105,19 +117,6 @@ class S3Proxy:
         answers."""
         return self._add(Rule(method, path_parts, "drop", times, skip))
 
-    def delay(
-        self,
-        method: str,
-        *path_parts: str,
-        seconds: float,
-        body_parts: tuple[bytes, ...] = (),
-        times: int = 1,
-    ) -> Rule:
-        """Hold each of ``times`` matching requests ``seconds`` before forwarding it."""
-        return self._add(
-            Rule(method, path_parts, "delay", times, body_parts=body_parts, seconds=seconds)
-        )
-
     def fail(
         self,
         method: str,
@@ -166,8 +165,6 @@ class S3Proxy:
             rule.arrived.set()
             if rule.action == "hold":
                 rule.released.wait(HOLD_TIMEOUT)
-            elif rule.action == "delay":
-                time.sleep(rule.seconds)
             elif rule.action == "fail":
                 self._refuse(handler, rule.status)
                 return

@@ -1,13 +1,15 @@
 """On an ``s3://`` root, rank 0 deletes a removed step's objects (and at a start the leftovers
-of dead writers) only once the outcome reached every rank (``tidy()``): a deletion slower than
-the collectives' timeout fails neither a committed save, a ``delete``, a ``prune`` nor the
-start of a requeued job. Inside the operation only the step's ``COMMIT`` goes (one request),
-so the step is unpublished at once; what a crash before the objects went leaves behind is a
-dead writer's save to the next start or ``gc``.
+of dead writers) only once the outcome reached every rank (``tidy()``): a deletion however
+slow fails neither a committed save, a ``delete``, a ``prune`` nor the start of a requeued
+job. Inside the operation only the step's ``COMMIT`` goes (one request, after one for the
+record a killed set-aside may have left), so the step is unpublished at once; what a crash
+before the objects went leaves behind is a dead writer's save to the next start or ``gc``.
 
 The store is slowed or broken by a real proxy in front of the real test server
-(tests/s3proxy.py), picking the batched deletes of one step's objects (by the names in their
-body) and the listings of that step's saves: what thousands of objects make slow.
+(tests/s3proxy.py), picking the batched deletes of one step's objects by the names in their
+body: what thousands of objects make slow. A slow delete is one held at the proxy until rank 1
+has the operation's outcome (it writes a flag file then): rank 1 can only get there if rank 0
+told the outcome before that delete, so no test depends on how long anything takes.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import logging
 import signal
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -37,9 +40,8 @@ from tests.test_s3_store import _write_attempt
 
 pytest.importorskip("botocore")
 
-TIMEOUT = 3.0
-#: how long each slowed request of a removal takes: longer than the timeout
-SLOW_SECONDS = TIMEOUT + 1
+#: the collectives' timeout: an operation whose delete were held inside it would fail then
+TIMEOUT = 20.0
 JOB_TIMEOUT = 120.0
 
 
@@ -55,21 +57,25 @@ def _save_location(url: str, options: dict[str, Any], step: int) -> str:
     return f"{url}/{step_dir_name(step)}/{attempt}"
 
 
-def _slow_removal(proxy: S3Proxy, step: int) -> list[Rule]:
-    """Make the listings of ``step``'s saves and the batched deletes of its objects slower
-    than the timeout; the rules, to check that they acted."""
-    return [
-        proxy.delay(
-            "POST",
-            "?delete",
-            seconds=SLOW_SECONDS,
-            body_parts=(f"/{step_dir_name(step)}/".encode(),),
-            times=100,
-        ),
-        proxy.delay(
-            "GET", "list-type=2", f"{step_dir_name(step)}%2F", seconds=SLOW_SECONDS, times=100
-        ),
-    ]
+def _hold_removal(proxy: S3Proxy, step: int, flag: Path) -> Rule:
+    """Hold the batched deletes of ``step``'s objects until ``flag`` exists; the rule, to
+    check that it acted."""
+    rule = proxy.hold(
+        "POST", "?delete", body_parts=(f"/{step_dir_name(step)}/".encode(),), times=100
+    )
+    rule.release_once_exists(flag)
+    return rule
+
+
+@contextlib.contextmanager
+def _flag_when_done(rank: int, flag: Path) -> Iterator[None]:
+    """On rank 1, write ``flag`` once the block is done, returned or raised (a rank 0 held
+    in a delete is released then, rather than at the proxy's hold timeout)."""
+    try:
+        yield
+    finally:
+        if rank == 1:
+            flag.touch()
 
 
 @contextlib.contextmanager
@@ -105,17 +111,19 @@ def _save_steps(url: str, options: dict[str, Any], *steps: int) -> None:
 
 
 def _saves_two_steps(
-    rank: int, world_size: int, url: str, options: dict[str, Any], port: int
+    rank: int, world_size: int, url: str, options: dict[str, Any], port: int, flags: Path
 ) -> tuple[list[int], bool]:
-    """Save steps 1 and 2 with ``keep_last=1``, rank 0's removal of step 1 slowed; the steps
-    saved then listed, and whether the removal was slowed (rank 0; True elsewhere)."""
+    """Save steps 1 and 2 with ``keep_last=1``, rank 0's delete of step 1's objects held until
+    rank 1's save of step 2 returned; the steps saved then listed, and whether the delete was
+    held (rank 0; True elsewhere)."""
     steps: list[int] = []
     rules: list[Rule] = []
     with _manager_through_a_proxy_on_rank_0(rank, url, options, port) as (mgr, proxy):
         for step in (1, 2):  # the second one's retention removes step 1
-            if step == 2 and proxy is not None:  # step 1's save lists its prefix to check it
-                rules = _slow_removal(proxy, 1)
-            result = mgr.save(step, _state(step))
+            if step == 2 and proxy is not None:
+                rules = [_hold_removal(proxy, 1, flags / "saved")]
+            with _flag_when_done(rank, flags / "saved") if step == 2 else contextlib.nullcontext():
+                result = mgr.save(step, _state(step))
             assert result is not None
             steps.append(result.step)
         dist.barrier()  # the training loop's own collective: rank 0 finished removing
@@ -124,10 +132,12 @@ def _saves_two_steps(
 
 
 def test_a_slow_delete_of_a_retained_steps_objects_never_fails_the_committed_save(
-    s3_server: S3Server, s3_url: str
+    s3_server: S3Server, s3_url: str, tmp_path: Path
 ) -> None:
     options = s3_server.storage_options()
-    out = run_ranks(_saves_two_steps, 2, s3_url, options, s3_server.port, timeout=JOB_TIMEOUT)
+    out = run_ranks(
+        _saves_two_steps, 2, s3_url, options, s3_server.port, tmp_path, timeout=JOB_TIMEOUT
+    )
     assert values(out) == [([1, 2, 2], True)] * 2
     assert _keys(s3_url, options, 1) == []
 
@@ -143,34 +153,27 @@ def _leave_a_killed_writers_save(url: str, options: dict[str, Any], step: int) -
     return attempt
 
 
-def _opens(rank: int, world_size: int, url: str, options: dict[str, Any]) -> list[Any]:
-    with distckpt.CheckpointManager(url, storage_options=options, timeout=TIMEOUT) as mgr:
+def _opens(rank: int, world_size: int, url: str, options: dict[str, Any], flag: Path) -> list[Any]:
+    with _flag_when_done(rank, flag):
+        mgr = distckpt.CheckpointManager(url, storage_options=options, timeout=TIMEOUT)
+    with mgr:
         dist.barrier()  # rank 0 removed the leftovers before this
         return [mgr.latest_step(), [str(location) for location in mgr.gc()]]
 
 
 def test_a_slow_delete_of_a_dead_writers_leftovers_never_fails_the_start_of_a_requeued_job(
-    s3_server: S3Server, s3_url: str
+    s3_server: S3Server, s3_url: str, tmp_path: Path
 ) -> None:
     direct = s3_server.storage_options()
-    with distckpt.CheckpointManager(s3_url, storage_options=direct) as mgr:
-        mgr.save(1, _state(1))
+    _save_steps(s3_url, direct, 1)
     attempt = _leave_a_killed_writers_save(s3_url, direct, 2)
     with S3Proxy(s3_server.port) as proxy:
-        slow_rules = [
-            # the batched delete of the leftover's objects, and the listing of the whole root
-            # that finds them
-            proxy.delay(
-                "POST",
-                "?delete",
-                seconds=SLOW_SECONDS,
-                body_parts=(f"/{step_dir_name(2)}/".encode(),),
-            ),
-            proxy.delay("GET", "prefix=ckpt%2F&max-keys=1000", seconds=SLOW_SECONDS),
-        ]
+        # the batched delete of the leftover's objects, until rank 1's start returned
+        held = _hold_removal(proxy, 2, tmp_path / "opened")
         options = s3_server.storage_options(endpoint_url=proxy.endpoint)
-        out = values(run_ranks(_opens, 2, s3_url, options, timeout=JOB_TIMEOUT))
-        assert all(rule.arrived.is_set() for rule in slow_rules)
+        flag = tmp_path / "opened"
+        out = values(run_ranks(_opens, 2, s3_url, options, flag, timeout=JOB_TIMEOUT))
+    assert held.arrived.is_set()
     # the start's removal, reported once by the gc after it
     assert out == [[1, [f"{s3_url}/{step_dir_name(2)}/{attempt}"]]] * 2
     assert _keys(s3_url, direct, 2) == []
@@ -179,28 +182,36 @@ def test_a_slow_delete_of_a_dead_writers_leftovers_never_fails_the_start_of_a_re
 
 
 def _prunes_and_deletes(
-    rank: int, world_size: int, url: str, options: dict[str, Any], port: int
+    rank: int, world_size: int, url: str, options: dict[str, Any], port: int, flags: Path
 ) -> tuple[list[int], list[int], bool]:
-    """With ``keep_last=1``, prune steps 1 and 2 of 3, then delete step 3, rank 0's removals of
-    steps 1 and 3 slowed; what prune returned, the steps left, and whether both removals were
-    slowed (rank 0; True elsewhere)."""
+    """With ``keep_last=1``, prune steps 1 and 2 of 3, then delete step 3, rank 0's deletes of
+    the objects of steps 1 and 3 held until rank 1's prune, and then its delete, returned;
+    what prune returned, the steps left, and whether both deletes were held (rank 0; True
+    elsewhere)."""
     rules: list[Rule] = []
     with _manager_through_a_proxy_on_rank_0(rank, url, options, port) as (mgr, proxy):
-        if proxy is not None:  # after the start, which lists each step's save to check it
-            rules = _slow_removal(proxy, 1) + _slow_removal(proxy, 3)
-        pruned = mgr.prune()
+        if proxy is not None:
+            rules = [
+                _hold_removal(proxy, 1, flags / "pruned"),
+                _hold_removal(proxy, 3, flags / "deleted"),
+            ]
+        with _flag_when_done(rank, flags / "pruned"):
+            pruned = mgr.prune()
         dist.barrier()  # the training loop's own collective: rank 0 finished removing
-        mgr.delete(3)
+        with _flag_when_done(rank, flags / "deleted"):
+            mgr.delete(3)
         dist.barrier()
         return pruned, mgr.steps(), all(rule.arrived.is_set() for rule in rules)
 
 
 def test_delete_and_prune_return_before_the_objects_go_and_tidy_removes_them(
-    s3_server: S3Server, s3_url: str
+    s3_server: S3Server, s3_url: str, tmp_path: Path
 ) -> None:
     direct = s3_server.storage_options()
     _save_steps(s3_url, direct, 1, 2, 3)
-    out = run_ranks(_prunes_and_deletes, 2, s3_url, direct, s3_server.port, timeout=JOB_TIMEOUT)
+    out = run_ranks(
+        _prunes_and_deletes, 2, s3_url, direct, s3_server.port, tmp_path, timeout=JOB_TIMEOUT
+    )
     assert values(out) == [([1, 2], [], True)] * 2
     assert [_keys(s3_url, direct, step) for step in (1, 2, 3)] == [[], [], []]
 
