@@ -406,10 +406,10 @@ class S3RootStore(Upkeep, ViewedStore):
         name = self.s3.commit_name(step)
         content = CommitRecord.encode(step, attempt)
         previous = self.s3.read_commit(step) if overwrite else None
+        if previous is not None:  # before the replaced save is uncommitted (see there)
+            self._drop_set_aside_record(step, previous.attempt)
         # The attempt token makes the content unique to this save: a commit applied whose
         # answer was lost is recognised as this save's own by reading it back.
-        if previous is not None:
-            self._drop_set_aside_record(step, previous.attempt)
         try:
             if previous is not None:
                 self.s3.client.put_own_bytes(name, content, if_match=previous.etag)
