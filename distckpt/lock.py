@@ -225,7 +225,8 @@ class Leftover:
     it open (``.fuse_hidden*``, ``.nfs*``): it cannot be removed until that reader closes it,
     so a cleanup leaves it and the next one retries."""
 
-    #: a path; for an ``s3://`` root, the URL of a save's prefix or of a writer's claim
+    #: a path; for an ``s3://`` root, the URL of a save's prefix or of a writer's claim, or
+    #: (``stray``) of a set-aside copy's prefix whose record is gone, and its save unpublished
     path: Path | str
     kind: Literal["staging", "lock", "trash", "stray"]
     writer_alive: bool = False

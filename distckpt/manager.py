@@ -482,7 +482,8 @@ class CheckpointManager:
 
     def _tidy(self) -> None:
         """Rank 0, after an outcome reached every rank: remove what it left to remove (the
-        trash), outside the collectives' timeout (:meth:`~distckpt.storage.RootStore.tidy`)."""
+        trash, a removed step's objects), outside the collectives' timeout
+        (:meth:`~distckpt.storage.RootStore.tidy`)."""
         if self.is_coordinator:
             self._store.tidy()
 

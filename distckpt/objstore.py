@@ -431,6 +431,11 @@ class ObjectStore:
         if batch:
             self._delete_batch(batch)
 
+    def delete_one(self, name: str) -> None:
+        """Delete one object in one request (``DeleteObject``: no batch body to build and
+        parse); a name already gone is not an error."""
+        self.request("delete", name, self.client.delete_object, Key=self.url.key(name))
+
     def _delete_batch(self, names: list[str]) -> None:
         objects = [{"Key": self.url.key(name)} for name in names]
         response = self.request(

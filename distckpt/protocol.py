@@ -164,7 +164,7 @@ def write_and_commit(
     broadcast to every rank (``save.commit``; :meth:`~distckpt.coord.Coordinator.gather` and
     :meth:`~distckpt.coord.Coordinator.conclude`). Rank 0 discards the staging area unless it
     was committed; after a commit it then tidies the root
-    (:meth:`~distckpt.storage.RootStore.tidy`: the trash of what retention removed), once
+    (:meth:`~distckpt.storage.RootStore.tidy`: the bytes of what retention removed), once
     every rank has the outcome.
 
     With a ``launcher`` watch, every rank checks after writing, in what it reports for the
@@ -198,7 +198,7 @@ def write_and_commit(
             store.discard_staging(plan.area)
         if committed:
             # After the outcome's broadcast: a slow removal must not run inside the other
-            # ranks' timeout, nor fail a save that committed (tidy never raises). Only after a
+            # ranks' timeout, nor fail a save that committed (tidy raises no error). Only after a
             # commit: a failed save leaves the root as it was.
             store.tidy()
 

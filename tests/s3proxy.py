@@ -1,10 +1,13 @@
 """An HTTP proxy in front of the test S3 server (tests/s3server.py) that makes a timing exact.
 
-Each request is forwarded as it came. A :class:`Rule` picks requests by method and path and
-either holds a picked request until the test releases it (``hold``: a slow request, at the
-moment the test chooses) or forwards it and then drops the connection instead of answering
-(``drop``: a write the store applied whose answer was lost). Real sockets and a real server:
-the client under test sees exactly what a slow or broken network shows it.
+Each request is forwarded as it came. A :class:`Rule` picks requests by method and path (and,
+if it says so, by what their body holds: the names of a batched delete) and either holds a
+picked request until it is released (``hold``: a slow request, for as long as the test
+chooses: released by the test, or once a file another process writes exists), forwards it
+and then drops the connection instead of answering (``drop``: a write the store applied whose
+answer was lost), or answers it with an error status without forwarding it (``fail``: a
+store refusing the request, unapplied). Real sockets and a real server: the client under test
+sees exactly what a slow or broken network shows it.
 """
 
 from __future__ import annotations
@@ -13,7 +16,10 @@ import http.client
 import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Literal
+
+from tests.lease_job import wait_for_file
 
 #: how long a held request waits for its release before it goes on anyway (a test that
 #: forgot to release it then fails on its assertions, not by hanging)
@@ -23,15 +29,19 @@ _HOP_BY_HOP = {"transfer-encoding", "connection", "expect"}
 
 @dataclass
 class Rule:
-    """Which requests to act on, and how: ``times`` requests whose method is ``method`` and
-    whose path (the URL path and query) contains every one of ``path_parts``."""
+    """Which requests to act on, and how: ``times`` requests whose method is ``method``, whose
+    path (the URL path and query) contains every one of ``path_parts`` and whose body contains
+    every one of ``body_parts``."""
 
     method: str
     path_parts: tuple[str, ...]
-    action: Literal["hold", "drop"]
+    action: Literal["hold", "drop", "fail"]
     times: int = 1
     #: how many matching requests go by untouched before the rule acts
     skip: int = 0
+    body_parts: tuple[bytes, ...] = ()
+    #: for ``fail``: the status answered
+    status: int = 503
     #: set when the first picked request arrives (for ``hold``: it waits from then on)
     arrived: threading.Event = field(default_factory=threading.Event)
     #: set by :meth:`release`; a held request goes on once it is set
@@ -40,8 +50,24 @@ class Rule:
     def release(self) -> None:
         self.released.set()
 
-    def matches(self, method: str, path: str) -> bool:
-        return method == self.method and all(part in path for part in self.path_parts)
+    def release_once_exists(self, path: Path) -> None:
+        """Release the rule, from a thread of its own, once ``path`` exists: another process
+        (a rank that has an outcome) writes it when the held requests may go on."""
+
+        def release() -> None:
+            try:
+                wait_for_file(path)
+            finally:
+                self.release()
+
+        threading.Thread(target=release, name="s3proxy-release", daemon=True).start()
+
+    def matches(self, method: str, path: str, body: bytes = b"") -> bool:
+        return (
+            method == self.method
+            and all(part in path for part in self.path_parts)
+            and all(part in body for part in self.body_parts)
+        )
 
 
 class S3Proxy:
@@ -74,15 +100,36 @@ class S3Proxy:
         self.endpoint = f"http://127.0.0.1:{self._server.server_address[1]}"
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
 
-    def hold(self, method: str, *path_parts: str, times: int = 1, skip: int = 0) -> Rule:
+    def hold(
+        self,
+        method: str,
+        *path_parts: str,
+        times: int = 1,
+        skip: int = 0,
+        body_parts: tuple[bytes, ...] = (),
+    ) -> Rule:
         """Hold ``times`` matching requests, after ``skip`` others, until the rule is
         released."""
-        return self._add(Rule(method, path_parts, "hold", times, skip))
+        return self._add(Rule(method, path_parts, "hold", times, skip, body_parts=body_parts))
 
     def drop(self, method: str, *path_parts: str, times: int = 1, skip: int = 0) -> Rule:
         """Forward ``times`` matching requests, after ``skip`` others, then drop their
         answers."""
         return self._add(Rule(method, path_parts, "drop", times, skip))
+
+    def fail(
+        self,
+        method: str,
+        *path_parts: str,
+        status: int = 503,
+        body_parts: tuple[bytes, ...] = (),
+        times: int = 1,
+    ) -> Rule:
+        """Answer ``times`` matching requests with ``status`` (an S3 error document), without
+        forwarding them: the store never sees them."""
+        return self._add(
+            Rule(method, path_parts, "fail", times, body_parts=body_parts, status=status)
+        )
 
     def wait_for(self, method: str, *path_parts: str, timeout: float) -> bool:
         """Wait until a request matching ``method`` and ``path_parts`` has been answered by
@@ -98,10 +145,10 @@ class S3Proxy:
             self.rules.append(rule)
         return rule
 
-    def _pick(self, method: str, path: str) -> Rule | None:
+    def _pick(self, method: str, path: str, body: bytes) -> Rule | None:
         with self._lock:
             for rule in self.rules:
-                if rule.times > 0 and rule.matches(method, path):
+                if rule.times > 0 and rule.matches(method, path, body):
                     if rule.skip > 0:
                         rule.skip -= 1
                         continue
@@ -113,11 +160,14 @@ class S3Proxy:
         length = int(handler.headers.get("Content-Length") or 0)
         body = handler.rfile.read(length) if length else b""
         headers = {k: v for k, v in handler.headers.items() if k.lower() not in _HOP_BY_HOP}
-        rule = self._pick(handler.command, handler.path)
+        rule = self._pick(handler.command, handler.path, body)
         if rule is not None:
             rule.arrived.set()
             if rule.action == "hold":
                 rule.released.wait(HOLD_TIMEOUT)
+            elif rule.action == "fail":
+                self._refuse(handler, rule.status)
+                return
         upstream = http.client.HTTPConnection("127.0.0.1", self.upstream_port, timeout=60)
         try:
             upstream.request(handler.command, handler.path, body=body, headers=headers)
@@ -145,6 +195,22 @@ class S3Proxy:
         handler.end_headers()
         if handler.command != "HEAD":
             handler.wfile.write(data)
+
+    def _refuse(self, handler: BaseHTTPRequestHandler, status: int) -> None:
+        """Answer ``status`` with the error document an S3 store sends."""
+        code = "ServiceUnavailable" if status == 503 else "InternalError"
+        data = (
+            '<?xml version="1.0" encoding="UTF-8"?>'
+            f"<Error><Code>{code}</Code><Message>refused by the test proxy</Message></Error>"
+        ).encode()
+        with self._answered:
+            self.log.append((handler.command, handler.path, status))
+            self._answered.notify_all()
+        handler.send_response(status)
+        handler.send_header("Content-Type", "application/xml")
+        handler.send_header("Content-Length", str(len(data)))
+        handler.end_headers()
+        handler.wfile.write(data)
 
     def __enter__(self) -> S3Proxy:
         return self

@@ -465,6 +465,79 @@ def test_an_s3_record_left_by_a_killed_set_aside_goes_with_its_save(
     assert distckpt.verify(s3_url, storage_options=options).set_aside == ()
 
 
+def _s3_save_90_and_100(url: str, options: dict[str, Any]) -> str:
+    """Save steps 90 and 100 in one process; step 100's attempt."""
+    with distckpt.CheckpointManager(url, storage_options=options) as manager:
+        for step in (90, 100):
+            manager.save(step, {"w": _weights(step, 0)})
+    with ObjectStore(url, options) as store:
+        return str(json.loads(store.get_bytes(f"{DAMAGED}/COMMIT"))["attempt"])
+
+
+def _s3_save_100_and_kill_its_set_aside(url: str, options: dict[str, Any]) -> tuple[str, str, str]:
+    """Save 90 and 100, then leave what a set-aside of 100 killed while it copied leaves: its
+    record and one object of the save copied, of several; the save's attempt, the record's
+    name and the copied object's."""
+    attempt = _s3_save_90_and_100(url, options)
+    with ObjectStore(url, options) as store:
+        record = f"damaged-{DAMAGED}-{attempt}"
+        store.put_bytes(record, json.dumps({"step": 100, "attempt": attempt}).encode())
+        first, *rest = store.list(f"{DAMAGED}/{attempt}/")
+        assert rest  # a part of the copy, not all of it
+        copied = f"{record}/{first.key.rpartition('/')[2]}"
+        store.copy(first.key, copied, first.size)
+    return attempt, record, copied
+
+
+@pytest.mark.parametrize("removal", ["delete", "replace"])
+def test_an_s3_step_whose_set_aside_was_killed_then_removed_leaves_no_set_aside_copy(
+    s3_server: S3Server, s3_url: str, removal: str
+) -> None:
+    """A set-aside killed with its record written and part of its copy made, then the step
+    deleted or replaced by a job killed before its tidy() deleted the objects: nothing is
+    listed as set aside, and the next start deletes the part of the copy, not completes it."""
+    pytest.importorskip("botocore")
+    direct = s3_server.storage_options()
+    attempt, set_aside, _ = _s3_save_100_and_kill_its_set_aside(s3_url, direct)
+    with S3Proxy(s3_server.port) as proxy:
+        # tidy's deletes refused: what a job killed before its tidy leaves
+        proxy.fail("POST", "?delete", body_parts=(DAMAGED.encode(),), times=100)
+        options = s3_server.storage_options(endpoint_url=proxy.endpoint, retries=1)
+        with distckpt.CheckpointManager(s3_url, storage_options=options) as manager:
+            if removal == "delete":
+                manager.delete(100)
+            else:
+                manager.save(100, {"w": _weights(101, 0)}, overwrite=True)
+    assert [n for n in _s3_objects(s3_url, direct) if n.startswith(set_aside)] != []
+    assert distckpt.verify(s3_url, storage_options=direct).set_aside == ()
+    with distckpt.CheckpointManager(s3_url, storage_options=direct) as manager:
+        assert sorted(manager.gc()) == [f"{s3_url}/{set_aside}", f"{s3_url}/{DAMAGED}/{attempt}"]
+    left = _s3_objects(s3_url, direct)
+    assert [n for n in left if n.startswith((set_aside, f"{DAMAGED}/{attempt}/"))] == []
+    assert distckpt.verify(s3_url, storage_options=direct).set_aside == ()
+
+
+def test_an_s3_delete_that_failed_after_dropping_the_set_aside_record_leaves_the_copy_made(
+    s3_server: S3Server, s3_url: str
+) -> None:
+    """A delete that dropped the record of a killed set-aside but not the step's COMMIT: the
+    step is still committed, and the part of the copy made is no leftover (the next restore's
+    set-aside goes on with it)."""
+    pytest.importorskip("botocore")
+    direct = s3_server.storage_options()
+    _, set_aside, copied = _s3_save_100_and_kill_its_set_aside(s3_url, direct)
+    with S3Proxy(s3_server.port) as proxy:
+        proxy.fail("DELETE", f"{DAMAGED}/COMMIT", times=100)
+        options = s3_server.storage_options(endpoint_url=proxy.endpoint, retries=1)
+        with distckpt.CheckpointManager(s3_url, storage_options=options) as manager:
+            with pytest.raises(distckpt.CheckpointError):
+                manager.delete(100)
+            assert manager.gc() == []
+    assert set_aside not in _s3_objects(s3_url, direct)
+    assert copied in _s3_objects(s3_url, direct)
+    assert open_view(s3_url, storage_options=direct).committed_steps() == [90, 100]
+
+
 def test_retention_and_gc_leave_a_set_aside_checkpoint(root: Path) -> None:
     _save_90_and_cut_100_short(root)
     with distckpt.CheckpointManager(root, fsync=False, keep_last=1) as manager:
@@ -525,11 +598,8 @@ def _older_version_starts(older: Path, url: str, options: dict[str, Any]) -> Non
 def _s3_save_90_and_damaged_100(url: str, options: dict[str, Any]) -> tuple[str, dict[str, str]]:
     """Steps 90 and 100 saved by one process, step 100's rank file cut short: its attempt,
     and the digests of its objects."""
-    with distckpt.CheckpointManager(url, storage_options=options) as manager:
-        for step in (90, 100):
-            manager.save(step, {"w": _weights(step, 0)})
+    attempt = _s3_save_90_and_100(url, options)
     with ObjectStore(url, options) as store:
-        attempt = json.loads(store.get_bytes(f"{DAMAGED}/COMMIT"))["attempt"]
         rank_file = f"{DAMAGED}/{attempt}/{rank_file_name(0)}"
         store.put_bytes(rank_file, store.get_bytes(rank_file)[:100])
     return attempt, _s3_digests(url, options, f"{DAMAGED}/{attempt}/")

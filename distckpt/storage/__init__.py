@@ -222,10 +222,12 @@ class RootStore(abc.ABC):
     def tidy(self) -> None:
         """Rank 0, once the outcome of :meth:`open`, :meth:`commit`, :meth:`delete` or
         :meth:`prune` reached every rank: remove what they left to remove (POSIX: the trash's
-        bytes, and after :meth:`open` the leftovers of dead writers). Apart from them because
-        a removal may be slow (a large checkpoint on a shared filesystem) and must not run
-        while the other ranks wait for that outcome within the collectives' timeout. Never
-        raises: what it cannot remove is logged and removed by a later call or start. By
+        bytes; an object store: the objects of the saves whose ``COMMIT`` they deleted or
+        replaced; both: after :meth:`open`, the leftovers of dead writers). Apart from them
+        because a removal may be slow (a large checkpoint on a shared filesystem, thousands of
+        objects to list and delete) and must not run while the other ranks wait for that
+        outcome within the collectives' timeout. Raises no error (a ``KeyboardInterrupt`` goes
+        through): what it cannot remove is logged and removed by a later call, start or gc. By
         default nothing is left to remove."""
         return
 

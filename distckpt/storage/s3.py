@@ -6,10 +6,13 @@ format writes into a local spool dir, whose files the rank then uploads (paralle
 with the manifest's CRC-32 sent for the store to check). Rank 0 commits by creating
 ``step-N/COMMIT`` with ``If-None-Match: *``: that creation is the moment of publication, and
 of two writers only one can make it (the other gets :class:`~distckpt.ConcurrentCommit`).
-``overwrite=True`` replaces ``COMMIT`` by compare-and-swap on its ETag, then deletes the old
-attempt. ``last``/``best`` are pointer objects moved by compare-and-swap after the commit;
-retention and deletes remove ``COMMIT`` first (the step stops being committed at once) and the
-objects after, so a half-deleted step never looks committed.
+``overwrite=True`` replaces ``COMMIT`` by compare-and-swap on its ETag; the old attempt's
+objects go after. ``last``/``best`` are pointer objects moved by compare-and-swap after the
+commit; retention and deletes remove ``COMMIT`` first (the step stops being committed at once)
+and the objects after, so a half-deleted step never looks committed. Those objects, and the
+leftovers of dead writers a start finds, are deleted by :meth:`~S3RootStore.tidy`, once the
+operation's outcome reached every rank: a listing and batched deletes of thousands of objects
+must not run inside the other ranks' timeout.
 
 Locks: rank 0 of a writing job holds the root's lease object ``.lease``
 (:class:`~distckpt.objlease.ObjectLease`), renewed by a daemon thread every third of its
@@ -113,6 +116,10 @@ class S3RootStore(Upkeep, ViewedStore):
         self._renewer: threading.Thread | None = None
         self._opened_by_pid = 0
         self._removed_at_open: list[CheckpointLocation] = []
+        self._leftovers_checked = True
+        self._tidy_lock = threading.Lock()
+        self._unpublished: list[tuple[int, str]] = []
+        self._unpublished_lock = threading.Lock()
         #: manifests of the committed steps this store found valid, by (step, ETag of the
         #: step's COMMIT): a committed save is never changed, only replaced (a new COMMIT)
         #: or deleted, so each is checked once, not at every commit
@@ -131,7 +138,10 @@ class S3RootStore(Upkeep, ViewedStore):
         self.check_visible(COMMITTING_RANK)
         self._take_lease(wait_for_root)
         try:
-            self._removed_at_open = self._remove_leftovers()
+            # The leftovers of dead writers are removed by tidy(), once every rank knows the
+            # root is open: a slow removal here would run inside their timeout.
+            with self._tidy_lock:
+                self._leftovers_checked = False
             try:
                 self._update_pointers()
             except CheckpointError as exc:  # derived state: never block a start
@@ -373,13 +383,13 @@ class S3RootStore(Upkeep, ViewedStore):
         self._check_lease()  # the upload may have outlasted the lease
         replaced = self._publish(step, attempt, overwrite=overwrite)
         self._published.add(attempt)
+        if replaced is not None:
+            self._leave_to_tidy(step, replaced.attempt)
         # Committed: COMMIT is the truth from here on. A failure to update the derived
-        # pointers, retention or the removal of a replaced attempt must not report the save
-        # as failed; they are redone at the next commit, start or gc.
+        # pointers or retention must not report the save as failed; they are redone at the
+        # next commit, start or gc.
         try:
             faults.hit("after_rename", rank)
-            if replaced is not None:
-                self._delete_published_save(step, replaced.attempt)
             self._apply_retention(self._update_pointers())
         except Exception as exc:
             logger.error(
@@ -396,6 +406,8 @@ class S3RootStore(Upkeep, ViewedStore):
         name = self.s3.commit_name(step)
         content = CommitRecord.encode(step, attempt)
         previous = self.s3.read_commit(step) if overwrite else None
+        if previous is not None:  # before the replaced save is uncommitted (see there)
+            self._drop_set_aside_record(step, previous.attempt)
         # The attempt token makes the content unique to this save: a commit applied whose
         # answer was lost is recognised as this save's own by reading it back.
         try:
@@ -426,7 +438,7 @@ class S3RootStore(Upkeep, ViewedStore):
             )
         # Pointers first: the other order leaves ``last`` naming a step that is gone.
         records = self._update_pointers(leaving=step)
-        self._remove_step(step)
+        self._unpublish(step)  # its objects go at tidy()
         return records[-1].step if records else None
 
     def prune(self) -> list[int]:
@@ -439,8 +451,12 @@ class S3RootStore(Upkeep, ViewedStore):
     def collect_leftovers(self) -> list[CheckpointLocation]:
         self._refuse_if_read_only("collect leftovers")
         self._check_lease()
-        removed = self._removed_at_open + self._remove_leftovers()
-        self._removed_at_open = []  # reported once
+        # Under tidy's lock: a tidy in another thread, removing the same leftovers, finishes
+        # first, and what it removed is reported here, once.
+        with self._tidy_lock:
+            removed = self._removed_at_open + self._remove_leftovers()
+            self._removed_at_open = []  # reported once
+            self._leftovers_checked = True  # a tidy need not look for them again
         return removed
 
     def break_lease(self) -> LeaseHolder | None:

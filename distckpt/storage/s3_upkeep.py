@@ -1,6 +1,15 @@
 """The ``s3://`` store's upkeep: the ``last``/``best`` pointer objects, retention,
 unpublishing a step (``COMMIT`` first, its objects after) and the leftovers of dead writers. A
 mixin of :class:`~distckpt.storage.s3.S3RootStore`, run by the committing rank.
+
+A removal is split in two. Inside the operation (a commit's retention or replacement, a
+delete, a prune), while the other ranks wait for its outcome within their timeout, only the
+quick part runs: the pointers move and the step's ``COMMIT`` goes, one request per step, and
+the save it named is remembered. Listing and deleting that save's objects (thousands for a
+large job) is :meth:`Upkeep.tidy`'s, after the outcome reached every rank, as are the
+leftovers of dead writers found at a start. A crash in between leaves saves that no
+``COMMIT`` names and no live claim protects: the next start or ``gc`` removes them as a dead
+writer's.
 """
 
 from __future__ import annotations
@@ -8,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
@@ -20,7 +30,13 @@ from distckpt.errors import (
     ObjectNotFound,
     PreconditionFailed,
 )
-from distckpt.layout import BEST, LAST, parse_step_dir_name, step_dir_name
+from distckpt.layout import (
+    BEST,
+    LAST,
+    parse_set_aside_name,
+    parse_step_dir_name,
+    step_dir_name,
+)
 from distckpt.lease import is_this_process_host
 from distckpt.lock import Leftover
 from distckpt.manifest import Manifest
@@ -64,6 +80,19 @@ class Upkeep:
     _claims: set[str]
     #: each pointer's target and ETag as this store last wrote it
     _pointers_written: dict[str, tuple[str, str]]
+    #: the saves unpublished (their step's ``COMMIT`` deleted or replaced) as (step, attempt),
+    #: whose objects :meth:`tidy` deletes; guarded by ``_unpublished_lock``
+    _unpublished: list[tuple[int, str]]
+    _unpublished_lock: threading.Lock
+    #: whether the leftovers of dead writers were removed since the root was opened
+    _leftovers_checked: bool
+    #: the dead writers' saves the tidy after the open removed, until gc reports them
+    _removed_at_open: list[CheckpointLocation]
+    #: held for all of :meth:`tidy` and of ``collect_leftovers`` (tidy may run in a thread of
+    #: its own): guards ``_leftovers_checked`` and ``_removed_at_open``, so that one cleanup's
+    #: removals are reported once, and a gc never removes what a tidy is removing
+    _tidy_lock: threading.Lock
+    read_only: bool
     _steps_retention_removes: Callable[[list[policy.CheckpointRecord], Collection[int]], list[int]]
     _check_lease: Callable[[], None]
     _refuse_if_read_only: Callable[[str], None]
@@ -79,6 +108,56 @@ class Upkeep:
         self._delete_prefix(self.s3.attempt_prefix(step, attempt))
         self._delete_prefix(self.s3.set_aside_prefix(step, attempt))
         self.s3.client.delete([self.s3.set_aside_record_name(step, attempt)])
+
+    def tidy(self) -> None:
+        """Delete the objects of the saves unpublished since the last call, and after an open
+        the leftovers of dead writers; raises no error (what it could not delete is logged and
+        deleted by a later call, or by the next start or gc as a dead writer's leftover), but
+        lets a ``KeyboardInterrupt`` through. It may run in a thread of its own:
+        ``collect_leftovers`` waits for it (:attr:`_tidy_lock`)."""
+        if self.read_only:
+            return
+        with self._tidy_lock:
+            try:
+                self._delete_unpublished()
+                if not self._leftovers_checked:
+                    self._removed_at_open = self._remove_leftovers()
+                    self._leftovers_checked = True
+            except Exception as exc:  # the outcome was told already: a removal never fails it
+                logger.warning("could not tidy %s (tried again later): %s", self.root, exc)
+
+    def _delete_unpublished(self) -> None:
+        """Delete the objects of each save :meth:`_unpublish` (or a replacing commit) left;
+        one that fails is logged and kept for the next call, with those after it. Anything
+        else that stops it (a bug's exception, a ``KeyboardInterrupt``) keeps them too and is
+        raised."""
+        with self._unpublished_lock:
+            saves, self._unpublished = self._unpublished, []
+        for index, (step, attempt) in enumerate(saves):
+            try:
+                self._delete_published_save(step, attempt)
+            except CheckpointError as exc:
+                logger.warning(
+                    "could not delete the objects of %s, unpublished (tried again later): %s",
+                    self.s3.attempt_location(step, attempt),
+                    exc,
+                )
+                self._keep_for_next_tidy(saves[index:])
+                return  # the store is failing: the rest wait for the next call too
+            except BaseException:
+                # taken out of the list above: dropped here, nothing would delete them
+                self._keep_for_next_tidy(saves[index:])
+                raise
+
+    def _keep_for_next_tidy(self, saves: list[tuple[int, str]]) -> None:
+        """Put ``saves`` back first in the list of those :meth:`tidy` deletes."""
+        with self._unpublished_lock:
+            self._unpublished[:0] = saves
+
+    def _leave_to_tidy(self, step: int, attempt: str) -> None:
+        """Remember the save ``attempt`` of ``step``, unpublished now, for :meth:`tidy`."""
+        with self._unpublished_lock:
+            self._unpublished.append((step, attempt))
 
     def _update_pointers(self, *, leaving: int | None = None) -> list[policy.CheckpointRecord]:
         """Point ``last`` at the newest committed checkpoint that passes its check and
@@ -165,19 +244,32 @@ class Upkeep:
         for step in doomed:
             faults.hit("during_retention", COMMITTING_RANK)
             logger.info("retention: removing %s", self.s3.location(step))
-            self._remove_step(step)
+            self._unpublish(step)
         return doomed
 
-    def _remove_step(self, step: int) -> None:
-        """Unpublish ``step`` at once (its ``COMMIT`` goes first), then delete its objects."""
+    def _unpublish(self, step: int) -> None:
+        """Unpublish ``step`` at once: the set-aside record naming its save (if a set-aside
+        was killed before its copy was whole) goes, then its ``COMMIT``, one request each;
+        the objects of the save, and any part of a copy, are left to :meth:`tidy`."""
         try:
             record = self.s3.read_commit(step)
         except CorruptCheckpoint:  # its save is unknown: gc removes it once unpublished
             record = None
-        self.s3.client.delete([self.s3.commit_name(step)])
+        if record is not None:
+            self._drop_set_aside_record(step, record.attempt)
+        self.s3.client.delete_one(self.s3.commit_name(step))
         faults.hit("during_delete", COMMITTING_RANK)
         if record is not None:
-            self._delete_published_save(step, record.attempt)
+            self._leave_to_tidy(step, record.attempt)
+
+    def _drop_set_aside_record(self, step: int, attempt: str) -> None:
+        """Before the ``COMMIT`` naming the save ``attempt`` of ``step`` is deleted or
+        replaced: delete the record a set-aside of that save killed before its copy was whole
+        left (one request, nothing if there is none). Left until after, a crash before
+        :meth:`tidy` would leave the record naming an uncommitted save: listed as set aside,
+        and its copy completed by the next cleanup instead of deleted. Deleted first, a crash
+        in between leaves the step committed, set aside again by the next restore."""
+        self.s3.client.delete_one(self.s3.set_aside_record_name(step, attempt))
 
     def set_aside(self, step: int, location: CheckpointLocation) -> CheckpointLocation | None:
         """Unpublish the step's save by moving its objects, none deleted before its copy is
@@ -261,13 +353,21 @@ class Upkeep:
         with no objects, of writers that died."""
         attempts: dict[tuple[int, str], list[str]] = {}
         claims: set[str] = set()
+        #: the objects of each set-aside copy, and the saves a set-aside record names
+        copies: dict[tuple[int, str], list[str]] = {}
+        records: set[tuple[int, str]] = set()
         for info in self.s3.client.list(""):
-            head, _, rest = info.key.partition("/")
+            head, slash, rest = info.key.partition("/")
             step = parse_step_dir_name(head)
+            set_aside = parse_set_aside_name(head)
             if info.key.startswith(WRITERS_PREFIX):
                 claims.add(info.key[len(WRITERS_PREFIX) :])
             elif step is not None and "/" in rest:
                 attempts.setdefault((step, rest.partition("/")[0]), []).append(info.key)
+            elif set_aside is not None and slash:
+                copies.setdefault(set_aside, []).append(info.key)
+            elif set_aside is not None:
+                records.add(set_aside)
         # A save is a leftover only if a COMMIT read *after* its claim does not name it. A
         # writer creates its claim, then its objects, then COMMIT, and deletes its claim
         # last; the listing above saw some of its objects, so its claim existed before it.
@@ -301,7 +401,23 @@ class Upkeep:
             name = self.s3.claim_name(attempt)
             if not self._claim_live(attempt):
                 found.append((Leftover(f"{self.root}/{name}", "lock"), [name]))
+        for (step, attempt), names in sorted(copies.items()):
+            if (step, attempt) not in records and self._orphan_copy(step, attempt):
+                found.append((Leftover(self.s3.set_aside_location(step, attempt), "stray"), names))
         return found
+
+    def _orphan_copy(self, step: int, attempt: str) -> bool:
+        """Whether the objects under ``damaged-step-N-<attempt>/`` are part of a copy that no
+        set-aside will complete: no record names the save (read after its step's ``COMMIT``)
+        and ``COMMIT`` does not name it. A set-aside writes its record before its first copy
+        and deletes ``COMMIT`` only once its copy is whole, so a completed one always has its
+        record, and one in progress too. A record deleted while the save was still committed
+        (a delete or a replacing commit drops it first) leaves a part that the next restore's
+        set-aside of the still committed save goes on with; once ``COMMIT`` no longer names
+        the save, nothing does."""
+        if self._names(self._read_commit_or_none(step), attempt):
+            return False
+        return not self.s3.is_set_aside(step, attempt)
 
     def _read_commit_or_none(self, step: int) -> CommitRecord | None:
         """The step's commit record; a damaged one as :data:`_UNREADABLE_COMMIT`."""
@@ -327,6 +443,8 @@ class Upkeep:
                 continue
             if leftover.kind == "staging":
                 logger.info("removing %s, left by a writer that died", leftover.path)
+            elif leftover.kind == "stray":
+                logger.info("removing %s, part of a copy of a save removed", leftover.path)
             try:
                 if leftover.kind == "staging":
                     self._complete_set_aside_copy(leftover.path)
@@ -337,7 +455,7 @@ class Upkeep:
                     "could not remove leftover %s (tried again later): %s", leftover.path, exc
                 )
                 continue
-            if leftover.kind == "staging":
+            if leftover.kind != "lock":
                 removed.append(leftover.path)
         return removed
 

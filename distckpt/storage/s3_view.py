@@ -16,7 +16,9 @@ Under ``s3://BUCKET/PREFIX/``::
 
 A step is committed exactly when its ``COMMIT`` object exists, and its checkpoint is the
 attempt ``COMMIT`` names; objects of any other attempt are leftovers (or a live writer's), but
-for an attempt a set-aside record names.
+for an attempt a set-aside record names. Objects under ``damaged-step-N-<attempt>/`` that no
+record names are a leftover too once ``COMMIT`` does not name that attempt (the part of a
+copy a set-aside killed before its step was deleted or replaced left).
 """
 
 from __future__ import annotations
