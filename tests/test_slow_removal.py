@@ -9,8 +9,10 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 import torch
 
 import distckpt
@@ -32,13 +34,18 @@ def _slow_removals_on_rank_0(rank: int) -> None:
     machine cannot hold in a test's time; the real removal still runs after the wait."""
     if rank != 0:
         return
+    posix.PosixRootStore._remove_quietly = _slowed()  # type: ignore[method-assign]
+
+
+def _slowed() -> Callable[[posix.PosixRootStore, Path], bool]:
+    """The store's removal of one leftover, after a wait of :data:`REMOVAL_SECONDS`."""
     remove = posix.PosixRootStore._remove_quietly
 
     def slow(self: posix.PosixRootStore, leftover: Path) -> bool:
         time.sleep(REMOVAL_SECONDS)
         return remove(self, leftover)
 
-    posix.PosixRootStore._remove_quietly = slow  # type: ignore[method-assign]
+    return slow
 
 
 def _trash(root: str | Path) -> list[str]:
@@ -79,6 +86,23 @@ def test_a_slow_trash_never_fails_the_next_saves_a_delete_or_holds_up_close(
     assert _trash(tmp_path) == []
 
 
+def _async_saves(rank: int, world_size: int, root: str) -> list[int]:
+    """Three async saves back to back; the steps left, and the step of the last one's result."""
+    _slow_removals_on_rank_0(rank)
+    with distckpt.CheckpointManager(root, timeout=TIMEOUT, keep_last=1, async_save=True) as mgr:
+        for step in (1, 2, 3):  # each one waits for the one before, in its own save()
+            mgr.save(step, {"w": torch.full((4,), float(step))})
+        result = mgr.wait()
+        assert result is not None
+        return [*mgr.steps(), result.step]
+
+
+def test_a_slow_trash_never_delays_an_async_save_or_fails_the_next(tmp_path: Path) -> None:
+    """An async save is done once committed: the removal its retention asked for does not hold
+    up the background thread that the next save (and wait()) waits for."""
+    assert values(run_ranks(_async_saves, 2, str(tmp_path), timeout=90)) == [[3, 3]] * 2
+
+
 def _saves_step_1(rank: int, world_size: int, root: str) -> None:
     with distckpt.CheckpointManager(root) as mgr:
         mgr.save(1, {"w": torch.ones(2)})
@@ -100,6 +124,25 @@ def test_a_slow_leftover_never_fails_the_start_of_a_requeued_job(tmp_path: Path)
     with distckpt.CheckpointManager(tmp_path):
         pass  # the next start removes what the slow one left
     assert _trash(tmp_path) == []
+
+
+def test_gc_waits_for_the_removals_after_the_start_then_reports_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One process (no other rank to time out): gc's own removals never run beside the
+    background ones, and what the start removed is reported by gc once."""
+    left = tmp_path / TRASH_DIR_NAME / "step-00000000"
+    left.mkdir(parents=True)
+    monkeypatch.setattr(posix.PosixRootStore, "_remove_quietly", _slowed())  # as on rank 0
+    with distckpt.CheckpointManager(tmp_path, timeout=TIMEOUT) as mgr:
+        assert mgr.gc() == [left]
+        assert _trash(tmp_path) == []
+        assert mgr.gc() == []
+
+
+def test_close_waits_for_the_removals_at_most_ten_seconds() -> None:
+    assert close_wait_seconds(600.0) == 10.0
+    assert close_wait_seconds(3.0) == 3.0
 
 
 class _HeldTidy:
