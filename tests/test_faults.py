@@ -169,6 +169,13 @@ def leftovers(root: Path) -> dict[str, list[str]]:
     return {"staging": entries(root / ".staging"), "trash": entries(root / ".trash")}
 
 
+def after_rank_0_removals(mgr: distckpt.CheckpointManager) -> None:
+    """Wait for what rank 0 removes in the background after the start (the crash's leftovers),
+    so the leftover checks see the root after them. Through the manager's private runner:
+    nothing public waits for those removals alone (gc and close change the root too)."""
+    mgr._tidying.wait()
+
+
 def link_target(root: Path, name: str) -> str | None:
     return read_link(root / name)
 
@@ -314,6 +321,7 @@ def _restarted_job(rank: int, world_size: int, root: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
     with manager(root) as mgr:
         if rank == 0:  # rank 0 opened the root: cleanup and link repair are done
+            after_rank_0_removals(mgr)
             out["leftovers"] = leftovers(Path(root))
             out["links"] = {name: link_target(Path(root), name) for name in ("last", "best")}
             out["link_problems"] = link_problems(Path(root))
@@ -518,6 +526,7 @@ def _saving_loop(rank: int, world_size: int, root: str, status_dir: str, fmt: st
         phase = "open"
         with manager(root, format=fmt) as mgr:
             if rank == 0:  # the root is open: leftovers cleaned, links repaired
+                after_rank_0_removals(mgr)
                 _note(
                     status,
                     event="opened",
@@ -702,6 +711,7 @@ def _final_check(rank: int, world_size: int, root: str, fmt: str) -> dict[str, A
     with manager(root, format=fmt) as mgr:
         out: dict[str, Any] = {}
         if rank == 0:
+            after_rank_0_removals(mgr)
             out["leftovers"] = leftovers(Path(root))
             out["links"] = link_problems(Path(root))
         template = template_of(rank)
