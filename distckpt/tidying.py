@@ -51,7 +51,7 @@ class BackgroundTidy:
         self._running = False
         #: a request came while a run was going on: one more run follows it
         self._pending = False
-        #: closed: requests start nothing more, and a pending run is dropped
+        #: closed: requests start nothing more
         self._closed = False
         # The thread is not copied into a forked child: only this process runs or waits.
         self._owner_pid = os.getpid()
@@ -80,22 +80,24 @@ class BackgroundTidy:
             return self._state.wait_for(lambda: not self._running, timeout)
 
     def close(self, timeout: float) -> bool:
-        """Start no more runs (a pending one is dropped), then wait at most ``timeout``
-        seconds for the one going on; whether it ended. One still going on is left to its
-        daemon thread."""
-        if self._in_owner():
-            with self._state:
-                self._closed = True
-                self._pending = False
+        """Take no more requests, then wait at most ``timeout`` seconds for the run going on
+        and the one pending after it; whether they ended. Past ``timeout`` the pending run is
+        dropped and the one going on is left to its daemon thread."""
+        if not self._in_owner():
+            return True
+        with self._state:
+            self._closed = True
         started = time.monotonic()
-        finished = self.wait(timeout)
-        if not finished:
-            logger.info(
-                "left the root's removals running after %.1f s at close: what they do not "
-                "finish is removed at the next start or gc",
-                time.monotonic() - started,
-            )
-        return finished
+        if self.wait(timeout):
+            return True
+        with self._state:
+            self._pending = False
+        logger.info(
+            "left the root's removals running after %.1f s at close: what they do not "
+            "finish is removed at the next start or gc",
+            time.monotonic() - started,
+        )
+        return False
 
     @property
     def running(self) -> bool:

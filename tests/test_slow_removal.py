@@ -181,12 +181,23 @@ def test_requests_while_a_tidy_runs_make_one_more_run_after_it() -> None:
     assert not tidying.running
 
 
-def test_close_drops_a_pending_tidy_and_leaves_a_running_one() -> None:
+def test_close_runs_a_pending_tidy_within_its_bound() -> None:
     tidy = _HeldTidy()
     tidying = BackgroundTidy(tidy)
     tidying.request()
     assert tidy.started.acquire(timeout=30)
-    tidying.request()  # pending: dropped by the close
+    tidying.request()  # pending: what the runs so far did not list yet
+    tidy.go_on.set()
+    assert tidying.close(30)
+    assert tidy.runs == 2
+
+
+def test_close_past_its_bound_drops_a_pending_tidy_and_leaves_a_running_one() -> None:
+    tidy = _HeldTidy()
+    tidying = BackgroundTidy(tidy)
+    tidying.request()
+    assert tidy.started.acquire(timeout=30)
+    tidying.request()  # pending: dropped once the close gives up waiting
     assert not tidying.close(0.1)  # the run going on is left to its thread
     tidying.request()  # closed: starts nothing
     tidy.go_on.set()
