@@ -55,6 +55,7 @@ from distckpt import checksums, faults
 from distckpt.fsutil import read_link
 from distckpt.layout import RootLayout, parse_step_dir_name, step_dir_name
 from tests.ranks import init_gloo, rendezvous_file, run_ranks, values
+from tests.waiting import after_rank_0_removals
 
 TIMEOUT = 10  # manager collectives and the commit lock: a dead peer must not block for long
 PG_TIMEOUT = 10
@@ -167,13 +168,6 @@ def entries(directory: Path) -> list[str]:
 def leftovers(root: Path) -> dict[str, list[str]]:
     """What a crash can leave: staging dirs (and their lock files) and trash entries."""
     return {"staging": entries(root / ".staging"), "trash": entries(root / ".trash")}
-
-
-def after_rank_0_removals(mgr: distckpt.CheckpointManager) -> None:
-    """Wait for what rank 0 removes in the background after the start (the crash's leftovers),
-    so the leftover checks see the root after them. Through the manager's private runner:
-    nothing public waits for those removals alone (gc and close change the root too)."""
-    mgr._tidying.wait()
 
 
 def link_target(root: Path, name: str) -> str | None:
