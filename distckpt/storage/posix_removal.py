@@ -3,8 +3,8 @@ setting aside of a damaged checkpoint.
 
 A delete (or retention) moves the links off a checkpoint, durably, then renames it into
 ``root/.trash`` under the root's lock; its bytes are deleted by ``tidy()``, outside the lock,
-after every rank heard the outcome and in a thread of its own (as are dead writers' leftovers
-after a start): what it deletes it lists under the lock. A
+after every rank heard the outcome and in a thread of the manager's own (as are dead writers'
+leftovers after a start): what it deletes it lists under the lock. A
 checkpoint a restore found damaged is set aside instead: the links move off it, then it is
 renamed, whole, to ``root/damaged-step-N-<token>`` (durably), a name no step listing, link,
 retention rule or cleanup treats as a checkpoint or a leftover; nothing of it is deleted.
