@@ -13,6 +13,7 @@ from distckpt.coord import Coordinator
 from distckpt.decisions import SignalFlag
 from distckpt.errors import describe_error
 from distckpt.storage import RootStore
+from distckpt.tidying import BackgroundTidy
 
 logger = logging.getLogger("distckpt")
 
@@ -22,14 +23,24 @@ def release(
     store: RootStore,
     signals: SignalFlag,
     coord: Coordinator,
+    *,
+    tidying: BackgroundTidy,
+    tidy_wait: float,
 ) -> None:
-    """Stop the background thread (giving its group back), release the root's lease, restore
-    the signal handlers and release the coordinator's group: each even if one before failed,
-    the first failure raised."""
+    """Stop the background thread (giving its group back; its last commit may have asked for
+    a tidy), wait at most ``tidy_wait`` seconds for the removals of ``tidying`` and leave what
+    still runs to its daemon thread, release the root's lease, restore the signal handlers and
+    release the coordinator's group: each even if one before failed, the first failure raised.
+    The lease goes after the wait, not before, so that the usual removals end while this job
+    still holds the root; the ones left only delete what was already in the trash or left by
+    dead writers, which is safe whoever holds the root then."""
     try:
         try:
-            if background is not None:
-                background.close()
+            try:
+                if background is not None:
+                    background.close()
+            finally:
+                tidying.close(tidy_wait)
             store.close()
         finally:
             signals.restore()  # whatever failed above

@@ -37,6 +37,7 @@ from distckpt.results import Checkpoint, CheckpointInfo, CheckpointLocation, Sav
 from distckpt.saving import Saver
 from distckpt.snapshot import SnapshotBuffers
 from distckpt.storage import ExtraFile, open_store
+from distckpt.tidying import BackgroundTidy, close_wait_seconds
 
 Which = Union[Literal["last", "best"], int, str, "os.PathLike[str]"]
 logger = logging.getLogger("distckpt")
@@ -198,6 +199,8 @@ class CheckpointManager:
             storage_options=self.storage_options,
         )
         self._view = self._store.view  # readers share the store's client
+        #: rank 0's removals after an outcome, in a thread of their own (no other rank waits)
+        self._tidying = BackgroundTidy(self._store.tidy)
         #: the paths of a local root (None for an ``s3://`` root)
         self.layout: RootLayout | None = self._view.layout
         #: the root: an absolute path, or the ``s3://`` URL
@@ -248,12 +251,13 @@ class CheckpointManager:
                 launcher=self._launcher,
                 snapshot=SnapshotBuffers() if async_save else None,
                 background=self._background,
+                tidying=self._tidying,
             )
             self._signals.install()
         except BaseException:
             self.close()  # gives the groups back: ranks must take and return them alike
             raise
-        # Dead writers' leftovers, after every collective of the start.
+        # Dead writers' leftovers, in the background: no collective of a later call waits.
         self._tidy()
 
     @property
@@ -451,21 +455,39 @@ class CheckpointManager:
     def gc(self) -> list[CheckpointLocation]:
         """Remove leftovers of dead writers (staging dirs whose writer lock is free; on an
         ``s3://`` root, saves whose writer's claim expired) and the trash; collective. A live
-        writer's staging is never touched. Returns what was removed (also done at start)."""
+        writer's staging is never touched. Returns what was removed (also done at start).
+        Unlike the removals after a start, a commit, a delete or a prune, these run inside the
+        call, which the other ranks wait for within ``timeout``: rank 0 first waits for those
+        still running in the background, so that no two remove the same trash at once."""
         self._check_open()
         self.wait()
-        return self._coord.decide(self._store.collect_leftovers, what="collecting leftovers")
+        return self._coord.decide(self._collect_leftovers, what="collecting leftovers")
+
+    def _collect_leftovers(self) -> list[CheckpointLocation]:
+        """Rank 0's part of :meth:`gc`: after the background removals, its own."""
+        self._tidying.wait()
+        return self._store.collect_leftovers()
 
     def close(self) -> None:
-        """Finish a save in flight (raising its error, on every rank), then release the root's
-        lease, restore signal handlers and release the manager's process groups. Idempotent."""
+        """Finish a save in flight (raising its error, on every rank); on rank 0, wait for the
+        removals running in the background for at most ``min(timeout, 10)`` seconds
+        (:func:`~distckpt.tidying.close_wait_seconds`) and leave the rest to the next start or
+        :meth:`gc`; then release the root's lease, restore signal handlers and release the
+        manager's process groups. Idempotent."""
         if self._closed:
             return
         self._closed = True
         try:
             self.wait()
         finally:
-            closing.release(self._background, self._store, self._signals, self._coord)
+            closing.release(
+                self._background,
+                self._store,
+                self._signals,
+                self._coord,
+                tidying=self._tidying,
+                tidy_wait=close_wait_seconds(self.timeout),
+            )
 
     def __enter__(self) -> CheckpointManager:
         return self
@@ -481,11 +503,12 @@ class CheckpointManager:
         closing.close_keeping(self.close, exc)
 
     def _tidy(self) -> None:
-        """Rank 0, after an outcome reached every rank: remove what it left to remove (the
-        trash, a removed step's objects), outside the collectives' timeout
-        (:meth:`~distckpt.storage.RootStore.tidy`)."""
+        """Rank 0, after an outcome reached every rank: have what it left to remove (the
+        trash, a removed step's objects, a start's leftovers) removed in the background
+        (:meth:`~distckpt.storage.RootStore.tidy`), so that the collectives of the next call
+        never wait for it."""
         if self.is_coordinator:
-            self._store.tidy()
+            self._tidying.request()
 
     def _check_open(self) -> None:
         """Refuse a closed manager; called first by every public call that may run collectives,

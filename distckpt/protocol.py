@@ -46,6 +46,7 @@ from distckpt.lease import LauncherWatch
 from distckpt.manifest import FileRecord, Manifest, check_epoch_number
 from distckpt.results import CheckpointLocation, SaveResult
 from distckpt.storage import ExtraFile, RootStore, StagingArea
+from distckpt.tidying import BackgroundTidy
 
 logger = logging.getLogger("distckpt")
 
@@ -156,6 +157,7 @@ def write_and_commit(
     coord: Coordinator,
     store: RootStore,
     fmt: CheckpointFormat,
+    tidying: BackgroundTidy,
     launcher: LauncherWatch | None = None,
 ) -> SaveResult:
     """Steps 2-4, in the caller's thread or, for an async save, in the background thread with
@@ -163,9 +165,10 @@ def write_and_commit(
     (``save.agree``), which builds the manifest and commits, and the result or the error is
     broadcast to every rank (``save.commit``; :meth:`~distckpt.coord.Coordinator.gather` and
     :meth:`~distckpt.coord.Coordinator.conclude`). Rank 0 discards the staging area unless it
-    was committed; after a commit it then tidies the root
+    was committed; after a commit it then has ``tidying`` tidy the root in the background
     (:meth:`~distckpt.storage.RootStore.tidy`: the bytes of what retention removed), once
-    every rank has the outcome.
+    every rank has the outcome, so neither the save's result (an async save's too) nor the
+    next call's collectives wait for the removal.
 
     With a ``launcher`` watch, every rank checks after writing, in what it reports for the
     agreement, that its launcher lives (:func:`check_launcher`)."""
@@ -197,10 +200,11 @@ def write_and_commit(
         if plan.area is not None:
             store.discard_staging(plan.area)
         if committed:
-            # After the outcome's broadcast: a slow removal must not run inside the other
-            # ranks' timeout, nor fail a save that committed (tidy raises no error). Only after a
-            # commit: a failed save leaves the root as it was.
-            store.tidy()
+            # After the outcome's broadcast, and in a thread of its own: the other ranks go on
+            # to their next call at once, and a slow removal must not run inside its timeout,
+            # nor fail a save that committed. Only after a commit: a failed save leaves the root
+            # as it was.
+            tidying.request()
 
 
 def _ran_out_of_space(plan: SavePlan, full: OSError, *, root: Path, rank: int) -> InsufficientSpace:

@@ -22,11 +22,13 @@ from distckpt.lease import LauncherWatch
 from distckpt.results import SaveResult
 from distckpt.snapshot import SnapshotBuffers
 from distckpt.storage import RootStore
+from distckpt.tidying import BackgroundTidy
 
 
 class Saver:
     """The saves of one manager: ``token`` names their staging areas (with a count of the
-    saves, unique to each), and ``background`` is the async saves' thread (None: sync saves)."""
+    saves, unique to each), ``background`` is the async saves' thread (None: sync saves), and
+    ``tidying`` runs rank 0's removals after each commit."""
 
     def __init__(
         self,
@@ -40,6 +42,7 @@ class Saver:
         launcher: LauncherWatch,
         snapshot: SnapshotBuffers | None,
         background: BackgroundSaves | None,
+        tidying: BackgroundTidy,
     ) -> None:
         self._coord = coord
         self._store = store
@@ -50,6 +53,7 @@ class Saver:
         self._launcher = launcher
         self._snapshot = snapshot
         self._background = background
+        self._tidying = tidying
         self._count = 0
 
     def save(self, request: proposal.SaveRequest, state: Any, decision: SaveDecision) -> SaveResult:
@@ -80,6 +84,7 @@ class Saver:
                 store=self._store,
                 fmt=self._format,
                 launcher=self._launcher,
+                tidying=self._tidying,
             )
             if self._background is None:
                 result = commit(coord=self._coord)

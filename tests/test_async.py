@@ -20,6 +20,7 @@ from distckpt.per_rank import PerRank
 from distckpt.snapshot import SnapshotBuffers
 from distckpt.state import to_plain
 from tests.ranks import Collected, run_ranks, values
+from tests.waiting import after_rank_0_removals
 
 
 def _snapshot_isolated(rank: int, world_size: int, root: str) -> tuple[bool, float, float]:
@@ -293,6 +294,7 @@ def _failure_raised_by(rank: int, world_size: int, root: str, call: str) -> dict
         root, async_save=True, fsync=False, keep_last=1, timeout=20
     ) as mgr:
         if rank == 0:  # after the manager's start, which would collect it
+            after_rank_0_removals(mgr)  # the start's, which would collect it too
             trash_leftover.mkdir(parents=True)
         faults.arm("after_shard_write", "raise", rank=1)
         mgr.save(3, {"w": torch.ones(10)})  # returns: the failure happens in the background
@@ -311,7 +313,9 @@ def _failure_raised_by(rank: int, world_size: int, root: str, call: str) -> dict
         out["before"] = root_state()
         dist.barrier()  # every rank has looked before rank 0 runs the call again
         out["again"] = calls[call]()  # raised once, then done with: the call runs
-        dist.barrier()  # rank 0 empties the trash once every rank has the call's outcome
+        if rank == 0:  # it empties the trash in the background, once every rank has the outcome
+            after_rank_0_removals(mgr)
+        dist.barrier()
         out["after"] = root_state()
     return out
 

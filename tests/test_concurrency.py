@@ -35,6 +35,7 @@ from distckpt.fsutil import read_link
 from distckpt.layout import RootLayout, step_dir_name
 from distckpt.storage import open_store
 from tests.ranks import Collected, run_ranks
+from tests.waiting import after_rank_0_removals
 
 TIMEOUT = 10  # manager timeout: the commit lock waits at most half of it
 JOB_TIMEOUT = 60  # a process still running past this counts as hung
@@ -376,6 +377,7 @@ def test_crashed_job_does_not_block_its_successor(root: Path) -> None:
     with distckpt.CheckpointManager(root, timeout=TIMEOUT) as mgr:
         opened = time.monotonic() - started
         assert opened < 1.0, f"the new manager waited {opened:.1f} s for a dead job's lock"
+        after_rank_0_removals(mgr)
         assert entries(root / ".staging") == [] and mgr.steps() == [1]
         assert read_link(root / "last") == step_dir_name(1)
         assert mgr.save(2, state_of(2)).step == 2
@@ -496,7 +498,9 @@ def test_gc_leaves_the_lease_record_a_starting_manager_writes(root: Path) -> Non
     lease, not the root lock: ``distckpt gc``'s collection, which holds the root lock, must
     leave that file alone while a live process holds the lease, and remove it once none does.
     (Removing it made the manager's start fail with FileNotFoundError under load.)"""
-    with distckpt.CheckpointManager(root, timeout=TIMEOUT):
+    with distckpt.CheckpointManager(root, timeout=TIMEOUT) as mgr:
+        # After the start's own cleanup, which holds the lease: to it the file is a dead one's.
+        after_rank_0_removals(mgr)
         writing = root / f"..lease.json.{'ef' * 16}.tmp"
         writing.write_text("{}")
         assert open_store(root).collect_leftovers() == []

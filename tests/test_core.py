@@ -32,6 +32,7 @@ from distckpt.state import storage_sizes
 from distckpt.storage import open_store
 from distckpt.storage import posix as posix_store
 from tests.ranks import Collected, run_ranks, values
+from tests.waiting import after_rank_0_removals
 
 TIMEOUT = 20  # manager collectives: a hang becomes an error well before run_ranks gives up
 JOB_TIMEOUT = 60
@@ -758,6 +759,7 @@ def _failed_proposals(
         state: dict[str, Any] = {"w": _weights(2, rank)}
         mgr.save(1, {"w": _weights(1, rank)})  # the manager's own fds and threads are open now
         mgr.wait()
+        after_rank_0_removals(mgr)  # whose thread holds fds for a while (gc waits for it, too)
         fds = _open_fds()
         failing = rank == failing_rank
         attempts = [

@@ -55,6 +55,7 @@ from distckpt import checksums, faults
 from distckpt.fsutil import read_link
 from distckpt.layout import RootLayout, parse_step_dir_name, step_dir_name
 from tests.ranks import init_gloo, rendezvous_file, run_ranks, values
+from tests.waiting import after_rank_0_removals
 
 TIMEOUT = 10  # manager collectives and the commit lock: a dead peer must not block for long
 PG_TIMEOUT = 10
@@ -314,6 +315,7 @@ def _restarted_job(rank: int, world_size: int, root: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
     with manager(root) as mgr:
         if rank == 0:  # rank 0 opened the root: cleanup and link repair are done
+            after_rank_0_removals(mgr)
             out["leftovers"] = leftovers(Path(root))
             out["links"] = {name: link_target(Path(root), name) for name in ("last", "best")}
             out["link_problems"] = link_problems(Path(root))
@@ -518,6 +520,7 @@ def _saving_loop(rank: int, world_size: int, root: str, status_dir: str, fmt: st
         phase = "open"
         with manager(root, format=fmt) as mgr:
             if rank == 0:  # the root is open: leftovers cleaned, links repaired
+                after_rank_0_removals(mgr)
                 _note(
                     status,
                     event="opened",
@@ -702,6 +705,7 @@ def _final_check(rank: int, world_size: int, root: str, fmt: str) -> dict[str, A
     with manager(root, format=fmt) as mgr:
         out: dict[str, Any] = {}
         if rank == 0:
+            after_rank_0_removals(mgr)
             out["leftovers"] = leftovers(Path(root))
             out["links"] = link_problems(Path(root))
         template = template_of(rank)

@@ -25,6 +25,7 @@ from distckpt.checksums import file_checksum
 from distckpt.fsutil import libc_function
 from tests.filesystems import MountFactory, require_mounting
 from tests.ranks import run_ranks, values
+from tests.waiting import after_rank_0_removals
 
 TIMEOUT = 20  # manager collectives: a hang becomes an error well before run_ranks gives up
 JOB_TIMEOUT = 60
@@ -283,6 +284,7 @@ def test_kill_between_rename_and_link_swap(root: Path) -> None:
     with distckpt.CheckpointManager(root, timeout=TIMEOUT) as mgr:
         assert os.readlink(root / "last") == "step-00000002"
         assert mgr.latest_step() == 2
+        after_rank_0_removals(mgr)
         assert _staging_entries(root) == []  # the dead writer's lock file too
 
 
@@ -723,6 +725,7 @@ def _resume(rank: int, world_size: int, root: str) -> dict[str, Any]:
     with distckpt.CheckpointManager(root, timeout=TIMEOUT) as mgr:
         if rank == 0:
             out["link at start"] = os.readlink(Path(root) / "last")
+            after_rank_0_removals(mgr)
             out["staging at start"] = _staging_entries(Path(root))
         template = {"w": torch.zeros(3)}
         ckpt = mgr.restore("last", state=template)

@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from distckpt import CheckpointManager
 
 #: How often a condition is checked again.
 POLL_SECONDS = 0.05
@@ -21,3 +25,11 @@ def wait_until(condition: Callable[[], object], what: str, timeout: float) -> No
         if time.monotonic() > deadline:
             raise AssertionError(f"{what}: not within {timeout} s")
         time.sleep(POLL_SECONDS)
+
+
+def after_rank_0_removals(mgr: CheckpointManager) -> None:
+    """Wait for what rank 0 removes in the background after a start, a commit, a delete or a
+    prune (the trash, dead writers' leftovers: :mod:`distckpt.tidying`), so that a test looks
+    at the root after them. Through the manager's private runner: nothing public waits for
+    those removals alone (``gc`` and ``close`` change the root too). Nothing on other ranks."""
+    mgr._tidying.wait()

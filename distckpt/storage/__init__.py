@@ -62,8 +62,8 @@ class StagingArea:
 class OpenedRoot:
     """What :meth:`RootStore.open` found: the newest valid checkpoint (step, epoch), if any,
     the leftovers of dead writers it removed (none where :meth:`RootStore.tidy` removes them,
-    after the open), and when that checkpoint was created (seconds since the epoch, from its
-    manifest; None when unknown)."""
+    after the open, in the background), and when that checkpoint was created (seconds since
+    the epoch, from its manifest; None when unknown)."""
 
     newest: tuple[int, int | None] | None
     removed: tuple[CheckpointLocation, ...] = ()
@@ -225,10 +225,22 @@ class RootStore(abc.ABC):
         bytes; an object store: the objects of the saves whose ``COMMIT`` they deleted or
         replaced; both: after :meth:`open`, the leftovers of dead writers). Apart from them
         because a removal may be slow (a large checkpoint on a shared filesystem, thousands of
-        objects to list and delete) and must not run while the other ranks wait for that
-        outcome within the collectives' timeout. Raises no error (a ``KeyboardInterrupt`` goes
-        through): what it cannot remove is logged and removed by a later call, start or gc. By
-        default nothing is left to remove."""
+        objects to list and delete), and the other ranks, which go on to their next call at
+        once, would wait for it in that call's collectives.
+
+        A manager runs it in a thread of its own (:class:`~distckpt.tidying.BackgroundTidy`),
+        one call at a time per store, while its other threads go on calling this store
+        (:meth:`commit` from an async save's thread, :meth:`begin_staging`, :meth:`delete`,
+        :meth:`set_aside`, ...; only its ``gc`` waits for the tidy to end before calling
+        :meth:`collect_leftovers`): an implementation must be safe against those running at
+        the same time, removing only what none of them may still use or bring back (POSIX:
+        trash entries and dead writers' leftovers listed under the root lock; an object store:
+        saves already unpublished, and dead writers' saves, under its own tidy lock). It may
+        also be cut short, at any point, by the end of the process (the manager's ``close``
+        waits for it only a while): what it did not remove must stay findable by the next
+        :meth:`open` or :meth:`collect_leftovers`, which remove it. Raises no error (a
+        ``KeyboardInterrupt`` goes through): what it cannot remove is logged and removed by a
+        later call, start or gc. By default nothing is left to remove."""
         return
 
 

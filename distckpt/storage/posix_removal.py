@@ -2,8 +2,9 @@
 setting aside of a damaged checkpoint.
 
 A delete (or retention) moves the links off a checkpoint, durably, then renames it into
-``root/.trash`` under the root's lock; its bytes are deleted by ``tidy()``, outside the lock
-and after every rank heard the outcome (as are dead writers' leftovers after a start). A
+``root/.trash`` under the root's lock; its bytes are deleted by ``tidy()``, outside the lock,
+after every rank heard the outcome and in a thread of the manager's own (as are dead writers'
+leftovers after a start): what it deletes it lists under the lock. A
 checkpoint a restore found damaged is set aside instead: the links move off it, then it is
 renamed, whole, to ``root/damaged-step-N-<token>`` (durably), a name no step listing, link,
 retention rule or cleanup treats as a checkpoint or a leftover; nothing of it is deleted.
@@ -98,34 +99,40 @@ class Removals:
         return removed
 
     def tidy(self) -> None:
+        # Runs in a thread of its own beside the store's other calls (RootStore.tidy): it only
+        # deletes trash entries it listed, and leftovers it found, under the root lock. An entry
+        # is moved into the trash under that lock, and out of it only by the same locked call
+        # (an overwrite putting back the checkpoint it replaced): listed under the lock, it is
+        # no longer anyone's.
         if self.read_only:
             return
         try:
             if self._leftovers_checked:
-                self._empty_trash()
+                with self._lock:
+                    in_trash = self._trash_entries()
+                self._empty_found_trash({entry: entry for entry in in_trash})
                 return
             with self._lock:
-                removed, in_trash = self._remove_leftovers()
-            self._removed_at_open = removed + self._empty_found_trash(in_trash)
+                removed, found = self._remove_leftovers()
+            self._removed_at_open = removed + self._empty_found_trash(found)
             self._leftovers_checked = True
         except Exception as exc:  # the outcome was told already: a removal never fails it
             logger.warning("could not tidy %s (tried again later): %s", self.root, exc)
 
-    def _empty_trash(self) -> list[Path]:
-        """Delete what retention, deletes and cleanups moved into the trash; outside the lock.
-        Returns the entries it deleted."""
+    def _trash_entries(self) -> list[Path]:
+        """Under the lock: what retention, deletes and cleanups moved into the trash."""
         if not self.layout.trash_root.is_dir():
             return []
-        return [entry for entry in self.layout.trash_root.iterdir() if self._remove_quietly(entry)]
+        return list(self.layout.trash_root.iterdir())
 
     def _empty_found_trash(self, in_trash: dict[Path, Path]) -> list[CheckpointLocation]:
-        """After a cleanup, outside the lock: empty the trash (the dead writers' staging dirs
-        the cleanup moved there included). ``in_trash`` maps the trash entries the cleanup
-        found or made to what it reports for each (the entry itself, or the staging dir moved
+        """Outside the lock: delete the trash entries listed under it. ``in_trash`` maps the
+        trash entries a cleanup found or made (the dead writers' staging dirs it moved there
+        included) to what it reports for each (the entry itself, or the staging dir moved
         there); returns the reports of those whose entry it deleted. One it could not delete
-        stays in the trash, a leftover for the next cleanup, not reported as removed."""
-        deleted = set(self._empty_trash())
-        return [report for entry, report in in_trash.items() if entry in deleted]
+        stays in the trash, a leftover for the next cleanup, not reported as removed. An entry
+        moved in after the listing is left to the next tidy or cleanup."""
+        return [report for entry, report in in_trash.items() if self._remove_quietly(entry)]
 
     def _remove_leftovers(self) -> tuple[list[CheckpointLocation], dict[Path, Path]]:
         """Under the lock: staging dirs whose writer is dead, orphaned lock files, and the

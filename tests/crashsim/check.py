@@ -11,8 +11,10 @@ For each state (a directory holding the replayed base dir):
   the newest step whose save had returned, and holds exactly the tensors saved at that step;
 * ``verify(root)`` passes after the manager opened; no step whose save returned is missing
   (unless an operation that may remove it had begun);
-* nothing a crash left behind survives the start: ``.staging`` and ``.trash`` empty, no
-  ``.probe-*`` file, no ``.last.*.tmp`` / ``.best.*.tmp`` link under construction.
+* nothing a crash left behind survives the start: once the manager is closed (the start's
+  removals run in rank 0's background, and ``close()`` waits for them), ``.staging`` and
+  ``.trash`` are empty, with no ``.probe-*`` file and no ``.last.*.tmp`` / ``.best.*.tmp`` link
+  under construction.
 """
 
 from __future__ import annotations
@@ -143,12 +145,12 @@ def check_state(spec: dict[str, Any]) -> list[tuple[str, str]]:
         if not after.ok:
             problems = [*after.problems, *(p for c in after.checkpoints for p in c.problems)]
             found.append((BROKEN_AFTER_OPEN, "; ".join(problems)))
-        left = [p.name for p in root.iterdir() if _is_leftover(p.name)]
-        for sub in (".staging", ".trash"):
-            if (root / sub).is_dir():
-                left += [f"{sub}/{p.name}" for p in (root / sub).iterdir()]
-        if left:
-            found.append((LEFTOVER, ", ".join(sorted(left))))
+    left = [p.name for p in root.iterdir() if _is_leftover(p.name)]
+    for sub in (".staging", ".trash"):
+        if (root / sub).is_dir():
+            left += [f"{sub}/{p.name}" for p in (root / sub).iterdir()]
+    if left:
+        found.append((LEFTOVER, ", ".join(sorted(left))))
     return found
 
 
