@@ -233,6 +233,28 @@ class CorruptCheckpoint(CheckpointError):
         self.damaged = damaged
 
 
+class ManifestChecksumMismatch(CorruptCheckpoint):
+    """A manifest's own checksum (``manifest_crc32``, which it records of its content) does not
+    match that content: its bytes changed after it was written, so nothing it says (the step,
+    the epoch, the metrics, the files and their checksums) can be trusted. Always ``damaged``.
+    ``recorded`` is the checksum the manifest holds, ``computed`` the one of its content."""
+
+    recorded: str = ""
+    computed: str = ""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        recorded: str,
+        computed: str,
+        path: str | os.PathLike[str] | None = None,
+    ) -> None:
+        super().__init__(message, damaged=True, path=path)
+        self.recorded = recorded
+        self.computed = computed
+
+
 class UnsupportedVersion(CheckpointError):
     """A manifest written by a newer distckpt, in a format version this one cannot read."""
 

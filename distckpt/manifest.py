@@ -20,14 +20,33 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from distckpt._version import __version__
-from distckpt.checksums import CHECKSUM_ALGORITHM, file_checksum
-from distckpt.errors import CorruptCheckpoint, InvalidArgument, UnsupportedVersion
+from distckpt.checksums import CHECKSUM_ALGORITHM, bytes_checksum, file_checksum
+from distckpt.errors import (
+    CorruptCheckpoint,
+    InvalidArgument,
+    ManifestChecksumMismatch,
+    UnsupportedVersion,
+)
 from distckpt.layout import MANIFEST_NAME
 
 #: Bumped when a change to the schema or to a format's files would mislead an older reader.
 #: 2: the "torch" format's rank files hold raw tensor bytes (:mod:`distckpt.formats.raw_rank_file`)
 #: instead of ``torch.save`` output; version-1 checkpoints still load.
+#: Not bumped for :data:`MANIFEST_CHECKSUM_KEY`: an optional key misleads no reader (every
+#: earlier version ignores a top-level key it does not know), while a bump would make every
+#: earlier version refuse the checkpoint with UnsupportedVersion.
 FORMAT_VERSION = 2
+#: The top-level key under which a manifest records the CRC-32 of its own content (as 8 hex
+#: digits, like a file's checksum): of :func:`canonical_content`, so a flipped bit anywhere in
+#: the manifest (the epoch, a metric, a file's size or checksum) is found when it is read.
+#: Written by every version since the one after 0.2.0; a manifest without it (an earlier
+#: version's, or another tool's) is read unchecked, as before. It lives in the manifest rather
+#: than in a file beside it: earlier versions ignore the unknown key (their ``from_json`` keeps
+#: only the fields they know), whereas a sibling file would be an unlisted file to their
+#: ``verify``, and one more file a crash could leave without the manifest. The algorithm is in
+#: the key's name and the content is always what :func:`canonical_content` gives: a version
+#: that changes either must use another key, so this one never misjudges its manifests.
+MANIFEST_CHECKSUM_KEY = "manifest_crc32"
 #: A manifest lists files by name: even a huge sharded checkpoint's is a few MiB. A larger file
 #: is refused unread rather than loaded into memory.
 MAX_MANIFEST_BYTES = 64 << 20
@@ -100,6 +119,10 @@ class Manifest:
         data = asdict(self)
         data["metrics"] = encode_metrics(self.metrics)
         data["files"] = {name: asdict(record) for name, record in sorted(self.files.items())}
+        # Of the content as a reader parses it back, not of ``data`` itself: a value JSON does
+        # not keep as it is (a tuple, a key that is not a str) must not make the checksum one
+        # no reader can reproduce.
+        data[MANIFEST_CHECKSUM_KEY] = content_checksum(json.loads(canonical_content(data)))
         # allow_nan=False: the file must be valid JSON for any reader, not only Python's.
         return (json.dumps(data, indent=1, sort_keys=True, allow_nan=False) + "\n").encode()
 
@@ -116,6 +139,9 @@ class Manifest:
             ) from exc
         if not isinstance(data, dict):
             raise CorruptCheckpoint(f"{source} is not a JSON object", damaged=True)
+        # Before anything is taken from the content: a flipped bit may have made any of it
+        # (the format version too: 2 and 3 differ by one bit) say something else.
+        _check_content_checksum(data, source)
         version = data.get("format_version")
         if not isinstance(version, int):
             raise CorruptCheckpoint(f"{source} has no integer format_version", damaged=True)
@@ -159,6 +185,49 @@ class Manifest:
         known.setdefault("created_utc", None)  # unknown, not "now"
         known.update(files=files, metrics=metrics)
         return cls(**known)
+
+
+def canonical_content(data: Mapping[str, Any]) -> bytes:
+    """A manifest's parsed content without :data:`MANIFEST_CHECKSUM_KEY`, as the bytes its
+    checksum is of: compact JSON with sorted keys and ASCII escapes (``json.dumps(content,
+    sort_keys=True, separators=(",", ":"))``). Whatever spelling the file used (its indent, a
+    string escaped or not, ``1.50`` for ``1.5``), the same content gives the same bytes, so
+    any reader can reproduce them from the parsed JSON alone."""
+    content = {key: value for key, value in data.items() if key != MANIFEST_CHECKSUM_KEY}
+    # allow_nan: no writer stores NaN or an infinity (metrics hold them as strings), but a
+    # damaged number may parse as one (1e999): its bytes must then fail the checksum, not this.
+    return json.dumps(content, sort_keys=True, separators=(",", ":"), allow_nan=True).encode()
+
+
+def content_checksum(data: Mapping[str, Any]) -> str:
+    """The checksum a manifest records of its parsed content ``data``
+    (:data:`MANIFEST_CHECKSUM_KEY`)."""
+    return bytes_checksum(canonical_content(data))
+
+
+def _check_content_checksum(data: dict[str, Any], source: str) -> None:
+    """Damage when ``data`` records a checksum of its content that the content does not have;
+    nothing when it records none (an earlier version's manifest)."""
+    if MANIFEST_CHECKSUM_KEY not in data:
+        return
+    recorded = data[MANIFEST_CHECKSUM_KEY]
+    if not isinstance(recorded, str):
+        raise _off_schema(source, f"{MANIFEST_CHECKSUM_KEY!r} is not a string")
+    try:
+        computed = content_checksum(data)
+    except RecursionError as exc:  # as deep as json.loads goes, deeper than json.dumps
+        raise CorruptCheckpoint(
+            f"{source} is not a manifest: nested too deeply", damaged=True
+        ) from exc
+    if computed != recorded:
+        raise ManifestChecksumMismatch(
+            f"{source}: checksum mismatch of the manifest itself (its bytes changed after it "
+            f"was written: it records {MANIFEST_CHECKSUM_KEY} {recorded}, its content has "
+            f"{computed}); nothing it says can be trusted",
+            recorded=recorded,
+            computed=computed,
+            path=source,
+        )
 
 
 def encode_metrics(metrics: Mapping[str, float]) -> dict[str, float | str]:
