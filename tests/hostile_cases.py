@@ -37,6 +37,7 @@ from distckpt.errors import (
     UnsafeCheckpoint,
     UnsupportedVersion,
 )
+from distckpt.manifest import MANIFEST_CHECKSUM_KEY, content_checksum
 
 STEP1 = "step-00000001"
 STEP2 = "step-00000002"
@@ -90,11 +91,20 @@ def other_root(root: Path) -> Path:
 # ---------------------------------------------------------------------------- damage helpers
 
 
+def reseal_manifest(data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` (a manifest's parsed JSON, changed) with the checksum of its content recorded
+    again, as a writer of that content records it: an edit then stands for a manifest written
+    so (by a newer version, another tool, a forger), not for damage its checksum would find."""
+    data[MANIFEST_CHECKSUM_KEY] = content_checksum(data)
+    return data
+
+
 def edit_manifest(directory: Path, change: Callable[[dict[str, Any]], None]) -> None:
+    """Change ``directory``'s manifest as if it had been written so (resealed)."""
     path = directory / MANIFEST
     data = json.loads(path.read_bytes())
     change(data)
-    path.write_text(json.dumps(data, indent=1))
+    path.write_text(json.dumps(reseal_manifest(data), indent=1))
 
 
 def file_record(path: Path) -> dict[str, Any]:
