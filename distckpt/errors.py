@@ -209,7 +209,8 @@ class CorruptCheckpoint(CheckpointError):
     checksum, a manifest that is not valid JSON or names another step.
 
     ``damaged`` is True only when this version is sure the checkpoint's content is damaged: its
-    manifest is missing or does not parse or follow the schema (a key every version writes
+    manifest is missing, does not parse, does not match its own checksum
+    (:class:`ManifestChecksumMismatch`) or does not follow the schema (a key every version writes
     missing or of the wrong type; a key this version does not know is ignored, as a newer
     writer may add one), a file it lists is missing or of another size, or a checksum under an
     algorithm this version knows does not match. It is False when the checkpoint could not be

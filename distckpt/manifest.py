@@ -2,8 +2,9 @@
 
 The manifest is written last, inside the staging dir, before the dir is renamed into place; a
 committed dir therefore always has one. It is plain JSON (never a pickle), with every file of the
-checkpoint listed by its path relative to the dir, its size and its checksum, so a checkpoint
-can be checked without loading a tensor, by distckpt or by any other tool.
+checkpoint listed by its path relative to the dir, its size and its checksum, and a checksum of
+its own content (:data:`MANIFEST_CHECKSUM_KEY`), so a checkpoint can be checked without loading
+a tensor, by distckpt or by any other tool.
 """
 
 from __future__ import annotations
@@ -116,6 +117,8 @@ class Manifest:
         return sum(record.size for record in self.files.values())
 
     def to_json(self) -> bytes:
+        """The bytes of ``manifest.json``: strict JSON, keys sorted, with the checksum of its
+        own content recorded under :data:`MANIFEST_CHECKSUM_KEY`."""
         data = asdict(self)
         data["metrics"] = encode_metrics(self.metrics)
         data["files"] = {name: asdict(record) for name, record in sorted(self.files.items())}
@@ -128,15 +131,15 @@ class Manifest:
 
     @classmethod
     def from_json(cls, raw: bytes, *, source: str) -> Manifest:
-        """Parse a manifest; ``source`` names it in errors."""
+        """Parse a manifest; ``source`` names it in errors. Raises
+        :class:`ManifestChecksumMismatch` when it records a checksum of its content that the
+        content does not have, before anything else is judged."""
         try:
             data = json.loads(raw)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise CorruptCheckpoint(f"{source} is not valid JSON: {exc}", damaged=True) from exc
         except RecursionError as exc:
-            raise CorruptCheckpoint(
-                f"{source} is not a manifest: nested too deeply", damaged=True
-            ) from exc
+            raise _nested_too_deeply(source) from exc
         if not isinstance(data, dict):
             raise CorruptCheckpoint(f"{source} is not a JSON object", damaged=True)
         # Before anything is taken from the content: a flipped bit may have made any of it
@@ -215,10 +218,8 @@ def _check_content_checksum(data: dict[str, Any], source: str) -> None:
         raise _off_schema(source, f"{MANIFEST_CHECKSUM_KEY!r} is not a string")
     try:
         computed = content_checksum(data)
-    except RecursionError as exc:  # as deep as json.loads goes, deeper than json.dumps
-        raise CorruptCheckpoint(
-            f"{source} is not a manifest: nested too deeply", damaged=True
-        ) from exc
+    except RecursionError as exc:  # nested as deep as json.loads went, from a deeper frame
+        raise _nested_too_deeply(source) from exc
     if computed != recorded:
         raise ManifestChecksumMismatch(
             f"{source}: checksum mismatch of the manifest itself (its bytes changed after it "
@@ -303,6 +304,11 @@ def _check_optional_keys(data: dict[str, Any], source: str) -> None:
             raise _off_schema(source, f"{key!r} is not a string")
     if not isinstance(data.get("created_utc"), (str, type(None))):
         raise _off_schema(source, "'created_utc' is neither a string nor null")
+
+
+def _nested_too_deeply(source: str) -> CorruptCheckpoint:
+    """JSON nested deeper than Python's recursion limit: no manifest is, so it is damage."""
+    return CorruptCheckpoint(f"{source} is not a manifest: nested too deeply", damaged=True)
 
 
 def _off_schema(source: str, what: str) -> CorruptCheckpoint:

@@ -2,7 +2,8 @@
 
 Checks, for each checkpoint (a dir, or the objects of an ``s3://`` checkpoint): that a dir is
 a real dir (not a symlink), that ``manifest.json`` exists, is valid JSON in a format version
-this library reads and names the checkpoint's step; that every listed file is present, a
+this library reads, matches its own checksum (when it records one: ``manifest_crc32``) and
+names the checkpoint's step; that every listed file is present, a
 regular file, of the listed size and checksum; that the format's required files (each rank's
 file, DCP's ``.metadata``) are listed; and that no unlisted file lies in the checkpoint. For a
 root it also checks that ``last`` / ``best`` name committed checkpoints inside the root, and
