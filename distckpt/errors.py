@@ -12,7 +12,8 @@ the builtins keeps working. None derives from ``BaseException`` directly.
 Errors carry structured fields besides their message: ``rank`` (the rank of the group where it
 happened), ``path`` and ``step`` (what it is about), each None where unknown. When a rank's
 error is raised on every rank, these fields travel with it (:meth:`CheckpointError.fields` and
-:meth:`CheckpointError.rebuild`), so code on any rank can act on them without parsing text.
+:meth:`CheckpointError.rebuild`), so code on any rank can act on them without parsing text;
+an error pickled (by a process pool or a multiprocessing queue) keeps them and its message too.
 """
 
 from __future__ import annotations
@@ -64,6 +65,14 @@ class CheckpointError(Exception):
         Exception.__init__(error, message)
         vars(error).update(fields)
         return error
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Pickle (a process pool, a multiprocessing queue) rebuilds an exception by calling its
+        # class with ``self.args``: that misses the keyword-only fields subclasses require and
+        # would remake RankFailure's message from scratch. Rebuilt as another rank's error is,
+        # it keeps its message and every field, whatever the subclass's ``__init__`` takes.
+        message = str(self.args[0]) if self.args else ""
+        return (type(self).rebuild, (message, dict(vars(self))))
 
 
 class CheckpointNotFound(CheckpointError, FileNotFoundError):
