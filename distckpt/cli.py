@@ -34,7 +34,7 @@ from distckpt import resolve
 from distckpt.errors import CheckpointError, CheckpointNotFound, InvalidArgument
 from distckpt.layout import LINK_NAMES
 from distckpt.lease import LeaseHolder
-from distckpt.manifest import encode_metrics
+from distckpt.manifest import MANIFEST_CHECKSUM_KEY, encode_metrics
 from distckpt.policy import RetentionPolicy, parse_created_utc
 from distckpt.results import location_name
 from distckpt.storage import Located, RootStore, RootView, open_store, open_view
@@ -215,6 +215,9 @@ def cmd_info(args: argparse.Namespace, out: TextIO) -> int:
     directory = source.location
     if args.json:
         data = json.loads(manifest.to_json())
+        # What the file records, not the checksum of the content as this version writes it
+        # again (which a manifest without one, or with keys this version drops, does not hold).
+        data[MANIFEST_CHECKSUM_KEY] = manifest.manifest_crc32
         data["path"] = os.fspath(directory)
         _write_json(data, out, indent=1)
         return EXIT_OK

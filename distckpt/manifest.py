@@ -111,6 +111,11 @@ class Manifest:
     created_utc: str | None = field(
         default_factory=lambda: datetime.datetime.now(datetime.timezone.utc).isoformat()
     )
+    #: the checksum of its content the manifest recorded (:data:`MANIFEST_CHECKSUM_KEY`) when it
+    #: was read, None when it recorded none (or was not read from a file); ``to_json`` records
+    #: the one of the content it writes, whatever this holds. Not compared: a manifest read back
+    #: equals the one written.
+    manifest_crc32: str | None = field(default=None, compare=False)
 
     @property
     def total_bytes(self) -> int:

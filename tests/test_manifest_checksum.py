@@ -19,6 +19,7 @@ import distckpt
 from distckpt.errors import CorruptCheckpoint, ManifestChecksumMismatch
 from distckpt.layout import MANIFEST_NAME
 from distckpt.manifest import MANIFEST_CHECKSUM_KEY, Manifest, content_checksum
+from tests.hostile_cases import reseal_manifest
 from tests.older_version import run_older_version
 from tests.test_cli import run
 from tests.test_manifest import _manifest, _strict
@@ -167,6 +168,28 @@ def test_verify_reports_a_flipped_bit_in_a_manifest_even_without_checksums(tmp_p
         assert f"{manifest}: checksum mismatch of the manifest itself" in out.stdout
     report = json.loads(run("verify", str(root), "--json").stdout)
     assert [c["ok"] for c in report["checkpoints"]] == [True, False, True]
+
+
+def test_info_json_shows_the_checksum_the_manifest_records_or_none(tmp_path: Path) -> None:
+    root = _three_steps(tmp_path)
+    path = root / "step-00000020" / MANIFEST_NAME
+
+    def shown() -> object:
+        out = run("info", str(path.parent), "--json")
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout)[MANIFEST_CHECKSUM_KEY]
+
+    assert shown() == _strict(path.read_bytes())[MANIFEST_CHECKSUM_KEY]
+    # A newer writer's key, which this version drops: the checksum of the content as this
+    # version would write it again is not the one the file records.
+    data = json.loads(path.read_bytes())
+    data["added_by_a_newer_version"] = 1
+    path.write_text(json.dumps(reseal_manifest(data)))
+    assert shown() == data[MANIFEST_CHECKSUM_KEY]
+    # As an earlier version wrote it: nothing recorded, nothing shown.
+    del data[MANIFEST_CHECKSUM_KEY]
+    path.write_text(json.dumps(data))
+    assert shown() is None
 
 
 # ------------------------------------------------------------- next to an older version
