@@ -198,13 +198,36 @@ class Manifest:
 def canonical_content(data: Mapping[str, Any]) -> bytes:
     """A manifest's parsed content without :data:`MANIFEST_CHECKSUM_KEY`, as the bytes its
     checksum is of: compact JSON with sorted keys and ASCII escapes (``json.dumps(content,
-    sort_keys=True, separators=(",", ":"))``). Whatever spelling the file used (its indent, a
-    string escaped or not, ``1.50`` for ``1.5``), the same content gives the same bytes, so
-    any reader can reproduce them from the parsed JSON alone."""
-    content = {key: value for key, value in data.items() if key != MANIFEST_CHECKSUM_KEY}
+    sort_keys=True, separators=(",", ":"))``), each float of an integral value (``1.0``,
+    ``1e+20``) but ``-0.0`` dumped as that int (``1``, ``100000000000000000000``). Whatever
+    spelling the file used (its indent, a string escaped or not, ``1.50`` for ``1.5``, ``1`` for
+    ``1.0`` as jq and JavaScript write it back), the same values give the same bytes, so any
+    reader can reproduce them from the parsed JSON alone."""
+    content = {
+        key: _integral_floats_as_ints(value)
+        for key, value in data.items()
+        if key != MANIFEST_CHECKSUM_KEY
+    }
     # allow_nan: no writer stores NaN or an infinity (metrics hold them as strings), but a
     # damaged number may parse as one (1e999): its bytes must then fail the checksum, not this.
     return json.dumps(content, sort_keys=True, separators=(",", ":"), allow_nan=True).encode()
+
+
+def _integral_floats_as_ints(value: Any) -> Any:
+    """``value`` (parsed JSON) with every float of an integral value but ``-0.0`` made an int.
+    JSON has one kind of number, and the common tools that rewrite a file without changing a
+    value (``jq .``, JavaScript's ``JSON.stringify``) write ``1.0`` as ``1``, which Python then
+    parses as an int: the canonical form must not tell the two apart. ``-0.0`` stays a float:
+    as an int it would read as ``0``, and a sign changed would pass unseen."""
+    if type(value) is float:
+        if value.is_integer() and not (value == 0 and math.copysign(1.0, value) < 0):
+            return int(value)
+        return value
+    if type(value) is dict:
+        return {key: _integral_floats_as_ints(item) for key, item in value.items()}
+    if type(value) is list:
+        return [_integral_floats_as_ints(item) for item in value]
+    return value
 
 
 def content_checksum(data: Mapping[str, Any]) -> str:

@@ -8,6 +8,8 @@ import json
 import math
 import os
 import re
+import shutil
+import subprocess
 import zlib
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,7 @@ import distckpt
 from distckpt.errors import CorruptCheckpoint, ManifestChecksumMismatch
 from distckpt.layout import MANIFEST_NAME
 from distckpt.manifest import MANIFEST_CHECKSUM_KEY, Manifest, content_checksum
+from tests.filesystems import skip_or_fail
 from tests.hostile_cases import reseal_manifest
 from tests.older_version import run_older_version
 from tests.test_cli import run
@@ -42,9 +45,12 @@ def _without_key(data: dict[str, Any]) -> dict[str, Any]:
 
 def test_a_manifest_records_the_crc32_of_its_content_as_compact_sorted_json() -> None:
     # The recipe docs/verification.md gives, redone here with zlib: any reader can check it.
+    # The float 1e22 of the metadata is integral: in the canonical form, the int it equals.
     data = _strict(_unusual_manifest().to_json())
-    content = json.dumps(_without_key(data), sort_keys=True, separators=(",", ":")).encode()
-    assert data[MANIFEST_CHECKSUM_KEY] == f"{zlib.crc32(content):08x}"
+    assert data["metadata"]["e"] == 1e22 and isinstance(data["metadata"]["e"], float)
+    content = _without_key(data) | {"metadata": data["metadata"] | {"e": 10**22}}
+    canonical = json.dumps(content, sort_keys=True, separators=(",", ":")).encode()
+    assert data[MANIFEST_CHECKSUM_KEY] == f"{zlib.crc32(canonical):08x}"
 
 
 def test_a_flipped_bit_in_the_epoch_and_a_metric_is_a_checksum_mismatch() -> None:
@@ -94,10 +100,67 @@ def test_a_manifest_spelled_otherwise_with_the_same_content_still_checks() -> No
         json.dumps(data).encode(),
         json.dumps(dict(reversed(list(data.items()))), indent=4, ensure_ascii=False).encode(),
         raw.replace(b"0.35", b"3.5e-1").replace(b"1e+22", b"10000000000000000000000.0"),
+        # As jq and JavaScript write integral floats back: without the fraction.
+        raw.replace(b"1e+22", b"10000000000000000000000"),
     ]
     for respelled in respellings:
         assert respelled != raw
-        assert Manifest.from_json(respelled, source="m").to_json() == raw
+        assert Manifest.from_json(respelled, source="m") == manifest
+
+
+#: Each tool rewriting a manifest from standard input, as a person tidying one by hand may.
+_REWRITERS = {
+    "jq": ["jq", "-S", "."],
+    "node": [
+        "node",
+        "-e",
+        "let s='';process.stdin.on('data',d=>s+=d)"
+        ".on('end',()=>process.stdout.write(JSON.stringify(JSON.parse(s),null,2)))",
+    ],
+}
+
+
+def _rewritten(tool: str, raw: bytes) -> bytes:
+    command = _REWRITERS[tool]
+    if shutil.which(command[0]) is None:
+        skip_or_fail(f"{command[0]} is not installed")
+    return subprocess.run(command, input=raw, capture_output=True, check=True, timeout=60).stdout
+
+
+@pytest.mark.parametrize("tool", sorted(_REWRITERS))
+def test_a_manifest_jq_or_javascript_rewrote_keeping_every_value_still_checks(tool: str) -> None:
+    # Both write 1.0 as 1 (which Python then reads as an int), 1e20 as 1e+20 or
+    # 100000000000000000000, 1e-7 as 1e-07: the same values, so no damage.
+    manifest = _manifest(
+        metrics={"acc": 1.0, "loss": 0.25, "big": 1e20, "huge": 1e21, "tiny": 1e-7, "neg": -3.0},
+        metadata={"lr": 1.0, "scale": 1e20, "steps": [1.0, 2.5, -0.5], "nested": {"w": 2.0}},
+    )
+    raw = manifest.to_json()
+    rewritten = _rewritten(tool, raw)
+    assert b'"acc": 1,' in rewritten and b'"acc": 1.0' in raw
+    assert json.loads(rewritten) == json.loads(raw)
+    assert Manifest.from_json(rewritten, source=tool) == manifest
+
+
+@pytest.mark.parametrize(
+    ("tool", "metadata"),
+    [
+        # Rounded to the nearest double by both: another value.
+        ("jq", {"big": 2**60 + 1}),
+        ("node", {"big": 2**60 + 1}),
+        # jq writes -0, JavaScript 0: Python reads either as the int 0, without the sign.
+        ("jq", {"zero": -0.0}),
+        ("node", {"zero": -0.0}),
+    ],
+)
+def test_a_value_jq_or_javascript_does_not_keep_is_a_checksum_mismatch(
+    tool: str, metadata: dict[str, Any]
+) -> None:
+    raw = _manifest(metadata=metadata).to_json()
+    rewritten = _rewritten(tool, raw)
+    assert json.loads(rewritten) != json.loads(raw) or b"-0.0" in raw
+    with pytest.raises(ManifestChecksumMismatch):
+        Manifest.from_json(rewritten, source=tool)
 
 
 @pytest.mark.parametrize("value", [5, None, ["0000abcd"]])
@@ -129,10 +192,32 @@ def test_the_documented_check_passes_an_intact_manifest_and_fails_a_flipped_bit(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     with distckpt.CheckpointManager(tmp_path, fsync=False) as mgr:
-        mgr.save(1000, {"w": torch.zeros(2)}, epoch=3, metrics={"loss": math.nan})
+        mgr.save(
+            1000,
+            {"w": torch.zeros(2)},
+            epoch=3,
+            metrics={"loss": math.nan, "acc": 1.0, "big": 1e20, "neg": -0.0},
+            metadata={"scale": [2.0, -4.0, 0.5]},
+        )
     monkeypatch.chdir(tmp_path)
     exec(_documented_check(), {})
     path = tmp_path / "step-00001000" / MANIFEST_NAME
+    written = path.read_bytes()
+    # jq writes 1.0 as 1 and 1e20 as 1e+20, the same values; -0.0 as -0, the int 0 to Python:
+    # a sign lost, which the documented check finds as distckpt does.
+    rewritten = _rewritten("jq", written)
+    path.write_bytes(rewritten)
+    with pytest.raises(AssertionError):
+        exec(_documented_check(), {})
+    with (
+        distckpt.CheckpointManager(tmp_path, fsync=False, read_only=True) as reader,
+        pytest.raises(ManifestChecksumMismatch),
+    ):
+        reader.restore(1000)
+    assert b'"neg": -0\n' in rewritten
+    path.write_bytes(rewritten.replace(b'"neg": -0\n', b'"neg": -0.0\n'))
+    exec(_documented_check(), {})
+    path.write_bytes(written)
     raw = bytearray(path.read_bytes())
     raw[raw.index(b'"epoch": 3') + len(b'"epoch": ')] ^= 0x04
     path.write_bytes(bytes(raw))
