@@ -7,8 +7,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import re
 import shutil
+import struct
 import subprocess
 import zlib
 from pathlib import Path
@@ -161,6 +163,41 @@ def test_a_value_jq_or_javascript_does_not_keep_is_a_checksum_mismatch(
     assert json.loads(rewritten) != json.loads(raw) or b"-0.0" in raw
     with pytest.raises(ManifestChecksumMismatch):
         Manifest.from_json(rewritten, source=tool)
+
+
+def test_the_checksum_written_is_the_one_a_reader_computes_for_any_float() -> None:
+    # The writer checksums its values as they are, not as parsed back: every double (random
+    # bit patterns: subnormal, huge, integral or not, of either sign) must dump as text that
+    # parses back to the same value, or the reader would judge the manifest damaged.
+    generator = random.Random(20260101)
+    doubles = [struct.unpack("<d", generator.randbytes(8))[0] for _ in range(4000)]
+    finite = [value for value in doubles if math.isfinite(value)]
+    chosen = [0.1 + 0.2, 1 / 3, 5e-324, 1e22, 2.0**53 + 2, -0.0, 0.0, -1e300, 1.0]
+    manifest = _manifest(
+        metrics={f"m{i}": value for i, value in enumerate(finite[:200] + chosen)}
+        | {"nan": math.nan, "inf": math.inf, "-inf": -math.inf},
+        metadata={"values": finite + chosen, "nested": {"x": chosen}},
+    )
+    assert Manifest.from_json(manifest.to_json(), source="m") == manifest
+
+
+def test_a_commit_serialises_its_manifest_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The committed manifest's size is checked against the bytes written, not against a
+    # second serialisation (which costs as much as the first, on a manifest of many files).
+    # A spy that counts the calls and returns what to_json returns.
+    calls: list[int] = []
+    to_json = Manifest.to_json
+
+    def counted(manifest: Manifest) -> bytes:
+        calls.append(manifest.step)
+        return to_json(manifest)
+
+    monkeypatch.setattr(Manifest, "to_json", counted)
+    with distckpt.CheckpointManager(tmp_path, fsync=False) as mgr:
+        mgr.save(1, {"w": torch.ones(2)})
+    assert calls == [1]
 
 
 @pytest.mark.parametrize("value", [5, None, ["0000abcd"]])
