@@ -377,7 +377,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub.set_defaults(run=cmd_info)
     sub = command("verify", "check sizes and checksums of a checkpoint or of a whole root")
     sub.add_argument("path")
-    sub.add_argument("--no-checksums", action="store_true", help="check sizes only (fast)")
+    sub.add_argument(
+        "--no-checksums",
+        action="store_true",
+        help="check sizes and each manifest's own checksum, not the files' (fast)",
+    )
     sub.set_defaults(run=cmd_verify)
     sub = command("prune", "apply retention rules now, with the manager's rules and lock")
     sub.add_argument("root")

@@ -114,7 +114,9 @@ def verify(
     ``s3://`` URL, with ``storage_options`` for its client.
 
     A checkpoint of a root deleted while it is checked (by a live job's retention) is left
-    out, not reported damaged. ``checksums=False`` checks only sizes (fast: no file is read).
+    out, not reported damaged. ``checksums=False`` checks sizes, and each manifest's own checksum
+    (:data:`~distckpt.manifest.MANIFEST_CHECKSUM_KEY`), but not the files' (fast: no file
+    but the manifests is read).
     ``progress`` is called with the number of bytes read at each step (for a progress bar).
     Raises
     :class:`CheckpointNotFound` if ``path`` is none of these, and a failed read of a file (a

@@ -292,6 +292,19 @@ def test_verify_reports_a_flipped_bit_in_a_manifest_even_without_checksums(tmp_p
     assert [c["ok"] for c in report["checkpoints"]] == [True, False, True]
 
 
+def test_verify_without_checksums_checks_the_manifests_own(tmp_path: Path) -> None:
+    # As its docstring and docs/verification.md say: checksums=False reads no file but the
+    # manifests, whose own checksum it checks. The loss of step 20 (1.0) reads 3.0.
+    root = _three_steps(tmp_path)
+    manifest = root / "step-00000020" / MANIFEST_NAME
+    data = bytearray(manifest.read_bytes())
+    data[data.index(b'"loss": 1.0') + len(b'"loss": ')] ^= 0x02
+    manifest.write_bytes(bytes(data))
+    report = distckpt.verify(root, checksums=False)
+    assert not report.ok
+    assert "checksum mismatch of the manifest itself" in str(report)
+
+
 def test_info_json_shows_the_checksum_the_manifest_records_or_none(tmp_path: Path) -> None:
     root = _three_steps(tmp_path)
     path = root / "step-00000020" / MANIFEST_NAME
