@@ -393,6 +393,11 @@ class ChecksumWriter:
         self.close()
 
 
+def bytes_checksum(data: bytes) -> str:
+    """The checksum :class:`ChecksumWriter` computes, of bytes already in memory."""
+    return f"{crc32(data):08x}"
+
+
 def file_checksum(
     path: str | os.PathLike[str], progress: Callable[[int], None] | None = None
 ) -> str:

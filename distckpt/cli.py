@@ -35,7 +35,7 @@ from distckpt import resolve
 from distckpt.errors import CheckpointError, CheckpointNotFound, InvalidArgument
 from distckpt.layout import LINK_NAMES
 from distckpt.lease import LeaseHolder
-from distckpt.manifest import encode_metrics
+from distckpt.manifest import MANIFEST_CHECKSUM_KEY, encode_metrics
 from distckpt.policy import RetentionPolicy, parse_created_utc
 from distckpt.protocol import check_step_number
 from distckpt.results import location_name
@@ -217,6 +217,9 @@ def cmd_info(args: argparse.Namespace, out: TextIO) -> int:
     directory = source.location
     if args.json:
         data = json.loads(manifest.to_json())
+        # What the file records, not the checksum of the content as this version writes it
+        # again (which a manifest without one, or with keys this version drops, does not hold).
+        data[MANIFEST_CHECKSUM_KEY] = manifest.manifest_crc32
         data["path"] = os.fspath(directory)
         _write_json(data, out, indent=1)
         return EXIT_OK
@@ -395,7 +398,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub.set_defaults(run=cmd_info)
     sub = command("verify", "check sizes and checksums of a checkpoint or of a whole root")
     sub.add_argument("path")
-    sub.add_argument("--no-checksums", action="store_true", help="check sizes only (fast)")
+    sub.add_argument(
+        "--no-checksums",
+        action="store_true",
+        help="check sizes and each manifest's own checksum, not the files' (fast)",
+    )
     sub.set_defaults(run=cmd_verify)
     sub = command("prune", "apply retention rules now, with the manager's rules and lock")
     sub.add_argument("root")

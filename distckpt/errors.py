@@ -12,7 +12,8 @@ the builtins keeps working. None derives from ``BaseException`` directly.
 Errors carry structured fields besides their message: ``rank`` (the rank of the group where it
 happened), ``path`` and ``step`` (what it is about), each None where unknown. When a rank's
 error is raised on every rank, these fields travel with it (:meth:`CheckpointError.fields` and
-:meth:`CheckpointError.rebuild`), so code on any rank can act on them without parsing text.
+:meth:`CheckpointError.rebuild`), so code on any rank can act on them without parsing text;
+an error pickled (by a process pool or a multiprocessing queue) keeps them and its message too.
 """
 
 from __future__ import annotations
@@ -64,6 +65,14 @@ class CheckpointError(Exception):
         Exception.__init__(error, message)
         vars(error).update(fields)
         return error
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Pickle (a process pool, a multiprocessing queue) rebuilds an exception by calling its
+        # class with ``self.args``: that misses the keyword-only fields subclasses require and
+        # would remake RankFailure's message from scratch. Rebuilt as another rank's error is,
+        # it keeps its message and every field, whatever the subclass's ``__init__`` takes.
+        message = str(self.args[0]) if self.args else ""
+        return (type(self).rebuild, (message, dict(vars(self))))
 
 
 class CheckpointNotFound(CheckpointError, FileNotFoundError):
@@ -209,7 +218,8 @@ class CorruptCheckpoint(CheckpointError):
     checksum, a manifest that is not valid JSON or names another step.
 
     ``damaged`` is True only when this version is sure the checkpoint's content is damaged: its
-    manifest is missing or does not parse or follow the schema (a key every version writes
+    manifest is missing, does not parse, does not match its own checksum
+    (:class:`ManifestChecksumMismatch`) or does not follow the schema (a key every version writes
     missing or of the wrong type; a key this version does not know is ignored, as a newer
     writer may add one), a file it lists is missing or of another size, or a checksum under an
     algorithm this version knows does not match. It is False when the checkpoint could not be
@@ -231,6 +241,28 @@ class CorruptCheckpoint(CheckpointError):
     ) -> None:
         super().__init__(message, rank=rank, path=path, step=step)
         self.damaged = damaged
+
+
+class ManifestChecksumMismatch(CorruptCheckpoint):
+    """A manifest's own checksum (``manifest_crc32``, which it records of its content) does not
+    match that content: its bytes changed after it was written, so nothing it says (the step,
+    the epoch, the metrics, the files and their checksums) can be trusted. Always ``damaged``.
+    ``recorded`` is the checksum the manifest holds, ``computed`` the one of its content."""
+
+    recorded: str = ""
+    computed: str = ""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        recorded: str,
+        computed: str,
+        path: str | os.PathLike[str] | None = None,
+    ) -> None:
+        super().__init__(message, damaged=True, path=path)
+        self.recorded = recorded
+        self.computed = computed
 
 
 class UnsupportedVersion(CheckpointError):

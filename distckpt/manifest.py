@@ -2,8 +2,9 @@
 
 The manifest is written last, inside the staging dir, before the dir is renamed into place; a
 committed dir therefore always has one. It is plain JSON (never a pickle), with every file of the
-checkpoint listed by its path relative to the dir, its size and its checksum, so a checkpoint
-can be checked without loading a tensor, by distckpt or by any other tool.
+checkpoint listed by its path relative to the dir, its size and its checksum, and a checksum of
+its own content (:data:`MANIFEST_CHECKSUM_KEY`), so a checkpoint can be checked without loading
+a tensor, by distckpt or by any other tool.
 """
 
 from __future__ import annotations
@@ -15,19 +16,38 @@ import os
 import platform
 import stat
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from distckpt._version import __version__
-from distckpt.checksums import CHECKSUM_ALGORITHM, file_checksum
-from distckpt.errors import CorruptCheckpoint, InvalidArgument, UnsupportedVersion
+from distckpt.checksums import CHECKSUM_ALGORITHM, bytes_checksum, file_checksum
+from distckpt.errors import (
+    CorruptCheckpoint,
+    InvalidArgument,
+    ManifestChecksumMismatch,
+    UnsupportedVersion,
+)
 from distckpt.layout import MANIFEST_NAME
 
 #: Bumped when a change to the schema or to a format's files would mislead an older reader.
 #: 2: the "torch" format's rank files hold raw tensor bytes (:mod:`distckpt.formats.raw_rank_file`)
 #: instead of ``torch.save`` output; version-1 checkpoints still load.
+#: Not bumped for :data:`MANIFEST_CHECKSUM_KEY`: an optional key misleads no reader (every
+#: earlier version ignores a top-level key it does not know), while a bump would make every
+#: earlier version refuse the checkpoint with UnsupportedVersion.
 FORMAT_VERSION = 2
+#: The top-level key under which a manifest records the CRC-32 of its own content (as 8 hex
+#: digits, like a file's checksum): of :func:`canonical_content`, so a flipped bit anywhere in
+#: the manifest (the epoch, a metric, a file's size or checksum) is found when it is read.
+#: Written by every version since the one after 0.2.0; a manifest without it (an earlier
+#: version's, or another tool's) is read unchecked, as before. It lives in the manifest rather
+#: than in a file beside it: earlier versions ignore the unknown key (their ``from_json`` keeps
+#: only the fields they know), whereas a sibling file would be an unlisted file to their
+#: ``verify``, and one more file a crash could leave without the manifest. The algorithm is in
+#: the key's name and the content is always what :func:`canonical_content` gives: a version
+#: that changes either must use another key, so this one never misjudges its manifests.
+MANIFEST_CHECKSUM_KEY = "manifest_crc32"
 #: A manifest lists files by name: even a huge sharded checkpoint's is a few MiB. A larger file
 #: is refused unread rather than loaded into memory.
 MAX_MANIFEST_BYTES = 64 << 20
@@ -91,31 +111,51 @@ class Manifest:
     created_utc: str | None = field(
         default_factory=lambda: datetime.datetime.now(datetime.timezone.utc).isoformat()
     )
+    #: the checksum of its content the manifest recorded (:data:`MANIFEST_CHECKSUM_KEY`) when it
+    #: was read, None when it recorded none (or was not read from a file); ``to_json`` records
+    #: the one of the content it writes, whatever this holds. Not compared: a manifest read back
+    #: equals the one written.
+    manifest_crc32: str | None = field(default=None, compare=False)
 
     @property
     def total_bytes(self) -> int:
         return sum(record.size for record in self.files.values())
 
     def to_json(self) -> bytes:
-        data = asdict(self)
+        """The bytes of ``manifest.json``: strict JSON, keys sorted, with the checksum of its
+        own content recorded under :data:`MANIFEST_CHECKSUM_KEY`. ``metadata`` must be plain
+        JSON (str keys, lists, finite numbers), as :func:`check_json_metadata` makes every
+        save's."""
+        # Field by field, not asdict(self): that would turn each file's record into a dict
+        # (a copy of everything, of 100,000 records in a large manifest) only to be redone.
+        data = {member.name: getattr(self, member.name) for member in fields(self)}
         data["metrics"] = encode_metrics(self.metrics)
-        data["files"] = {name: asdict(record) for name, record in sorted(self.files.items())}
+        data["files"] = {name: dict(vars(record)) for name, record in sorted(self.files.items())}
+        # Of ``data`` as it is, with no dump and parse back first (a tenth of a second for a
+        # manifest of 100,000 files): it is what a reader parses back, since everything in it is
+        # plain JSON already (metadata as check_json_metadata returns it, metrics as plain
+        # floats or the strings of encode_metrics, names and checksums as str, sizes and ranks
+        # as int), and a Python float dumps as the shortest text that parses back to it.
+        data[MANIFEST_CHECKSUM_KEY] = content_checksum(data)
         # allow_nan=False: the file must be valid JSON for any reader, not only Python's.
         return (json.dumps(data, indent=1, sort_keys=True, allow_nan=False) + "\n").encode()
 
     @classmethod
     def from_json(cls, raw: bytes, *, source: str) -> Manifest:
-        """Parse a manifest; ``source`` names it in errors."""
+        """Parse a manifest; ``source`` names it in errors. Raises
+        :class:`ManifestChecksumMismatch` when it records a checksum of its content that the
+        content does not have, before anything else is judged."""
         try:
             data = json.loads(raw)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise CorruptCheckpoint(f"{source} is not valid JSON: {exc}", damaged=True) from exc
         except RecursionError as exc:
-            raise CorruptCheckpoint(
-                f"{source} is not a manifest: nested too deeply", damaged=True
-            ) from exc
+            raise _nested_too_deeply(source) from exc
         if not isinstance(data, dict):
             raise CorruptCheckpoint(f"{source} is not a JSON object", damaged=True)
+        # Before anything is taken from the content: a flipped bit may have made any of it
+        # (the format version too: 2 and 3 differ by one bit) say something else.
+        _check_content_checksum(data, source)
         version = data.get("format_version")
         if not isinstance(version, int):
             raise CorruptCheckpoint(f"{source} has no integer format_version", damaged=True)
@@ -159,6 +199,70 @@ class Manifest:
         known.setdefault("created_utc", None)  # unknown, not "now"
         known.update(files=files, metrics=metrics)
         return cls(**known)
+
+
+def canonical_content(data: Mapping[str, Any]) -> bytes:
+    """A manifest's parsed content without :data:`MANIFEST_CHECKSUM_KEY`, as the bytes its
+    checksum is of: compact JSON with sorted keys and ASCII escapes (``json.dumps(content,
+    sort_keys=True, separators=(",", ":"))``), each float of an integral value (``1.0``,
+    ``1e+20``) but ``-0.0`` dumped as that int (``1``, ``100000000000000000000``). Whatever
+    spelling the file used (its indent, a string escaped or not, ``1.50`` for ``1.5``, ``1`` for
+    ``1.0`` as jq and JavaScript write it back), the same values give the same bytes, so any
+    reader can reproduce them from the parsed JSON alone."""
+    content = {
+        key: _integral_floats_as_ints(value)
+        for key, value in data.items()
+        if key != MANIFEST_CHECKSUM_KEY
+    }
+    # allow_nan: no writer stores NaN or an infinity (metrics hold them as strings), but a
+    # damaged number may parse as one (1e999): its bytes must then fail the checksum, not this.
+    return json.dumps(content, sort_keys=True, separators=(",", ":"), allow_nan=True).encode()
+
+
+def _integral_floats_as_ints(value: Any) -> Any:
+    """``value`` (parsed JSON) with every float of an integral value but ``-0.0`` made an int.
+    JSON has one kind of number, and the common tools that rewrite a file without changing a
+    value (``jq .``, JavaScript's ``JSON.stringify``) write ``1.0`` as ``1``, which Python then
+    parses as an int: the canonical form must not tell the two apart. ``-0.0`` stays a float:
+    as an int it would read as ``0``, and a sign changed would pass unseen."""
+    if type(value) is float:
+        if value.is_integer() and not (value == 0 and math.copysign(1.0, value) < 0):
+            return int(value)
+        return value
+    if type(value) is dict:
+        return {key: _integral_floats_as_ints(item) for key, item in value.items()}
+    if type(value) is list:
+        return [_integral_floats_as_ints(item) for item in value]
+    return value
+
+
+def content_checksum(data: Mapping[str, Any]) -> str:
+    """The checksum a manifest records of its parsed content ``data``
+    (:data:`MANIFEST_CHECKSUM_KEY`)."""
+    return bytes_checksum(canonical_content(data))
+
+
+def _check_content_checksum(data: dict[str, Any], source: str) -> None:
+    """Damage when ``data`` records a checksum of its content that the content does not have;
+    nothing when it records none (an earlier version's manifest)."""
+    if MANIFEST_CHECKSUM_KEY not in data:
+        return
+    recorded = data[MANIFEST_CHECKSUM_KEY]
+    if not isinstance(recorded, str):
+        raise _off_schema(source, f"{MANIFEST_CHECKSUM_KEY!r} is not a string")
+    try:
+        computed = content_checksum(data)
+    except RecursionError as exc:  # nested as deep as json.loads went, from a deeper frame
+        raise _nested_too_deeply(source) from exc
+    if computed != recorded:
+        raise ManifestChecksumMismatch(
+            f"{source}: checksum mismatch of the manifest itself (its bytes changed after it "
+            f"was written: it records {MANIFEST_CHECKSUM_KEY} {recorded}, its content has "
+            f"{computed}); nothing it says can be trusted",
+            recorded=recorded,
+            computed=computed,
+            path=source,
+        )
 
 
 def encode_metrics(metrics: Mapping[str, float]) -> dict[str, float | str]:
@@ -234,6 +338,11 @@ def _check_optional_keys(data: dict[str, Any], source: str) -> None:
             raise _off_schema(source, f"{key!r} is not a string")
     if not isinstance(data.get("created_utc"), (str, type(None))):
         raise _off_schema(source, "'created_utc' is neither a string nor null")
+
+
+def _nested_too_deeply(source: str) -> CorruptCheckpoint:
+    """JSON nested deeper than Python's recursion limit: no manifest is, so it is damage."""
+    return CorruptCheckpoint(f"{source} is not a manifest: nested too deeply", damaged=True)
 
 
 def _off_schema(source: str, what: str) -> CorruptCheckpoint:

@@ -2,7 +2,8 @@
 
 Checks, for each checkpoint (a dir, or the objects of an ``s3://`` checkpoint): that a dir is
 a real dir (not a symlink), that ``manifest.json`` exists, is valid JSON in a format version
-this library reads and names the checkpoint's step; that every listed file is present, a
+this library reads, matches its own checksum (when it records one: ``manifest_crc32``) and
+names the checkpoint's step; that every listed file is present, a
 regular file, of the listed size and checksum; that the format's required files (each rank's
 file, DCP's ``.metadata``) are listed; and that no unlisted file lies in the checkpoint. For a
 root it also checks that ``last`` / ``best`` name committed checkpoints inside the root, and
@@ -113,7 +114,9 @@ def verify(
     ``s3://`` URL, with ``storage_options`` for its client.
 
     A checkpoint of a root deleted while it is checked (by a live job's retention) is left
-    out, not reported damaged. ``checksums=False`` checks only sizes (fast: no file is read).
+    out, not reported damaged. ``checksums=False`` checks sizes, and each manifest's own checksum
+    (:data:`~distckpt.manifest.MANIFEST_CHECKSUM_KEY`), but not the files' (fast: no file
+    but the manifests is read).
     ``progress`` is called with the number of bytes read at each step (for a progress bar).
     Raises
     :class:`CheckpointNotFound` if ``path`` is none of these, and a failed read of a file (a

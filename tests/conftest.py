@@ -8,6 +8,7 @@ import pytest
 
 from distckpt import faults
 from tests.filesystems import MountFactory
+from tests.older_version import unpack_older_version
 from tests.s3server import S3Server
 
 
@@ -53,3 +54,9 @@ def s3_server() -> Iterator[S3Server]:
 def s3_url(s3_server: S3Server) -> str:
     """An ``s3://`` root in a fresh bucket of :func:`s3_server`."""
     return f"s3://{s3_server.create_bucket()}/ckpt"
+
+
+@pytest.fixture(scope="session")
+def older_distckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An older version's package, unpacked (:data:`tests.older_version.OLDER_VERSION_ARCHIVE`)."""
+    return unpack_older_version(tmp_path_factory.mktemp("older-distckpt"))

@@ -34,9 +34,11 @@ import distckpt
 from distckpt.errors import (
     CheckpointNotFound,
     CorruptCheckpoint,
+    ManifestChecksumMismatch,
     UnsafeCheckpoint,
     UnsupportedVersion,
 )
+from distckpt.manifest import MANIFEST_CHECKSUM_KEY, content_checksum
 
 STEP1 = "step-00000001"
 STEP2 = "step-00000002"
@@ -90,11 +92,20 @@ def other_root(root: Path) -> Path:
 # ---------------------------------------------------------------------------- damage helpers
 
 
+def reseal_manifest(data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` (a manifest's parsed JSON, changed) with the checksum of its content recorded
+    again, as a writer of that content records it: an edit then stands for a manifest written
+    so (by a newer version, another tool, a forger), not for damage its checksum would find."""
+    data[MANIFEST_CHECKSUM_KEY] = content_checksum(data)
+    return data
+
+
 def edit_manifest(directory: Path, change: Callable[[dict[str, Any]], None]) -> None:
+    """Change ``directory``'s manifest as if it had been written so (resealed)."""
     path = directory / MANIFEST
     data = json.loads(path.read_bytes())
     change(data)
-    path.write_text(json.dumps(data, indent=1))
+    path.write_text(json.dumps(reseal_manifest(data), indent=1))
 
 
 def file_record(path: Path) -> dict[str, Any]:
@@ -155,6 +166,15 @@ def manifest_not_json(root: Path) -> None:
 
 def manifest_future_version(root: Path) -> None:
     edit_manifest(root / STEP2, lambda data: data.update(format_version=999))
+
+
+def manifest_flipped_bit(root: Path) -> None:
+    """One bit of the manifest flipped, in place: ``"format_version": 2`` reads 3."""
+    path = root / STEP2 / MANIFEST
+    data = bytearray(path.read_bytes())
+    digit = data.index(b'"format_version": 2') + len(b'"format_version": ')
+    data[digit] ^= 0x01  # "2" (0x32) becomes "3" (0x33)
+    path.write_bytes(bytes(data))
 
 
 def remove_rank_file(root: Path) -> None:
@@ -412,6 +432,18 @@ CASES: list[Case] = [
         target=2,
         explicit=raises(UnsupportedVersion, f"{STEP2}/{MANIFEST}", "upgrade distckpt"),
         notes="not skipped: a newer checkpoint is not damage, so the answer is to upgrade",
+    ),
+    Case(
+        id="manifest-flipped-bit",
+        set_aside=True,
+        description=f"one bit of `{STEP2}/{MANIFEST}` flipped: `format_version` 2 reads 3",
+        damage=manifest_flipped_bit,
+        verify={STEP2: (f"{STEP2}/{MANIFEST}", "checksum mismatch of the manifest")},
+        last=loads(1, f"{STEP2}/{MANIFEST}", "checksum mismatch of the manifest"),
+        target=2,
+        explicit=raises(ManifestChecksumMismatch, f"{STEP2}/{MANIFEST}", "checksum mismatch"),
+        notes="the manifest's own checksum finds it; unchecked, it read as a newer version, "
+        "which every restore refused",
     ),
     Case(
         id="missing-rank-file",

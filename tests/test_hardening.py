@@ -24,6 +24,7 @@ from distckpt import events, faults
 from distckpt.checksums import file_checksum
 from distckpt.fsutil import libc_function
 from tests.filesystems import MountFactory, require_mounting
+from tests.hostile_cases import edit_manifest
 from tests.ranks import run_ranks, values
 from tests.waiting import after_rank_0_removals
 
@@ -495,10 +496,7 @@ def test_world_size_mismatch_names_both_sizes(root: Path, saved_by: int, restore
 
 
 def _version_999(root: Path) -> None:
-    path = root / "step-00000002" / "manifest.json"
-    data = json.loads(path.read_text())
-    data["format_version"] = 999
-    path.write_text(json.dumps(data))
+    edit_manifest(root / "step-00000002", lambda data: data.update(format_version=999))
 
 
 def _not_json(root: Path) -> None:

@@ -14,7 +14,11 @@ import torch
 
 import distckpt
 from distckpt.checksums import file_checksum
-from distckpt.errors import CorruptCheckpoint, InvalidArgument, UnsupportedVersion
+from distckpt.errors import (
+    CorruptCheckpoint,
+    InvalidArgument,
+    UnsupportedVersion,
+)
 from distckpt.layout import MANIFEST_NAME
 from distckpt.manifest import (
     FORMAT_VERSION,
@@ -24,6 +28,7 @@ from distckpt.manifest import (
     find_problems,
     read_manifest,
 )
+from tests.hostile_cases import reseal_manifest
 
 
 def _manifest(**changes: Any) -> Manifest:
@@ -54,14 +59,15 @@ def _strict(raw: bytes) -> Any:
 
 
 def _raw(**changes: Any) -> bytes:
-    """A valid manifest's JSON with some top-level fields replaced (None removes one)."""
+    """A valid manifest's JSON with some top-level fields replaced (None removes one), as a
+    writer of that content would write it (its own checksum recorded again)."""
     data = json.loads(_manifest().to_json())
     for key, value in changes.items():
         if value is None:
             data.pop(key)
         else:
             data[key] = value
-    return json.dumps(data).encode()
+    return json.dumps(reseal_manifest(data)).encode()
 
 
 def test_round_trip() -> None:
@@ -157,7 +163,7 @@ def test_optional_keys_may_be_missing_or_null_where_a_version_writes_them_so() -
     stripped = json.loads(_raw(created_utc=None))
     for key in optional:
         stripped.pop(key)
-    read = Manifest.from_json(json.dumps(stripped).encode(), source="m")
+    read = Manifest.from_json(json.dumps(reseal_manifest(stripped)).encode(), source="m")
     assert (read.epoch, read.metadata, read.created_utc) == (None, {}, None)
     unknown_epoch_and_time = _manifest(epoch=None, created_utc=None)
     assert Manifest.from_json(unknown_epoch_and_time.to_json(), source="m") == (
@@ -171,7 +177,7 @@ def test_unknown_keys_are_ignored_at_the_top_level_and_in_file_records() -> None
     data["compression"] = None
     for record in data["files"].values():
         record["mtime_ns"] = 123
-    assert Manifest.from_json(json.dumps(data).encode(), source="m") == _manifest()
+    assert Manifest.from_json(json.dumps(reseal_manifest(data)).encode(), source="m") == _manifest()
 
 
 _WRONG_FILE_RECORDS = {

@@ -24,6 +24,7 @@ import distckpt
 from distckpt import CheckpointNotFound, CorruptCheckpoint, RootInUse, StoreAccessDenied, faults
 from distckpt.errors import InjectedFault
 from distckpt.lease import this_host, this_process_host
+from distckpt.manifest import MANIFEST_CHECKSUM_KEY
 from distckpt.objstore import ObjectStore
 from distckpt.storage import open_store
 from distckpt.storage import s3 as s3_store_module
@@ -326,6 +327,41 @@ def test_load_checkpoint_and_verify_by_url(s3_server: S3Server, s3_url: str) -> 
         distckpt.load_checkpoint(f"{s3_url}/step-00000020", storage_options=options, verify=True)
     # "last" falls back past the corrupt checkpoint when checksums are checked
     assert distckpt.load_checkpoint(s3_url, storage_options=options, verify=True).step == 10
+
+
+def test_a_flipped_bit_in_a_manifest_object_is_found_and_set_aside(
+    s3_server: S3Server, s3_url: str
+) -> None:
+    """The manifest's own checksum on an s3:// root: step 2's manifest object with one bit
+    flipped (its epoch 3 reads 7) is reported by verify, skipped by restore("last") and set
+    aside; step 1's, with its checksum removed as an older version writes it, reads as before."""
+    options = s3_server.storage_options()
+    with distckpt.CheckpointManager(s3_url, storage_options=options) as manager:
+        manager.save(1, _state(1), epoch=3)
+        manager.save(2, _state(2), epoch=3)
+    manifests = {
+        name[: len("step-00000001")]: name
+        for name in _objects(s3_url, options)
+        if name.endswith("/manifest.json")
+    }
+    with ObjectStore(s3_url, options) as store:
+        older = json.loads(store.get_bytes(manifests["step-00000001"]))
+        del older[MANIFEST_CHECKSUM_KEY]
+        store.put_bytes(manifests["step-00000001"], json.dumps(older).encode())
+        flipped = bytearray(store.get_bytes(manifests["step-00000002"]))
+        flipped[flipped.index(b'"epoch": 3') + len(b'"epoch": ')] ^= 0x04
+        store.put_bytes(manifests["step-00000002"], bytes(flipped))
+
+    report = distckpt.verify(s3_url, storage_options=options)
+    assert [c.ok for c in report.checkpoints] == [True, False]
+    (problem,) = report.checkpoints[1].problems
+    assert manifests["step-00000002"] in problem and "checksum mismatch of the manifest" in problem
+    with distckpt.CheckpointManager(s3_url, storage_options=options) as manager:
+        restored = manager.restore("last", state=_state(0))
+        assert restored is not None and (restored.step, restored.epoch) == (1, 3)
+        assert manager.steps() == [1]
+    report = distckpt.verify(s3_url, storage_options=options)
+    assert report.ok and len(report.set_aside) == 1
 
 
 def _restore_the_wrong_shape(rank: int, world_size: int, url: str, options: dict[str, Any]) -> str:

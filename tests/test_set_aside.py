@@ -14,9 +14,6 @@ import json
 import logging
 import os
 import signal
-import subprocess
-import sys
-import tarfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -29,6 +26,8 @@ from distckpt.cli import main
 from distckpt.layout import MANIFEST_NAME, parse_set_aside_name, rank_file_name
 from distckpt.objstore import ObjectStore
 from distckpt.storage import open_store, open_view
+from tests.hostile_cases import edit_manifest
+from tests.older_version import run_older_version
 from tests.ranks import Collected, run_ranks, values
 from tests.s3proxy import S3Proxy
 from tests.s3server import S3Server
@@ -100,10 +99,7 @@ def _tree_digest(directory: Path) -> dict[str, str]:
 
 
 def _edit_manifest(step_dir: Path, **changes: Any) -> None:
-    path = step_dir / MANIFEST_NAME
-    data = json.loads(path.read_bytes())
-    data.update(changes)
-    path.write_text(json.dumps(data))
+    edit_manifest(step_dir, lambda data: data.update(changes))
 
 
 def _flip_a_byte(path: Path) -> None:
@@ -556,43 +552,18 @@ def test_retention_and_gc_leave_a_set_aside_checkpoint(root: Path) -> None:
 
 # ------------------------------------------------------------- s3, with an older version
 
-#: The package of the last version before a save could be set aside (commit e3b8cf7): its
-#: writing manager's start (and gc) takes any ``step-N/<attempt>/`` that no ``COMMIT`` names
-#: for a dead writer's save and deletes it. Kept as a fixture, not read from the repository's
-#: history, which a shallow clone lacks.
-OLDER_VERSION_ARCHIVE = Path(__file__).parent / "fixtures/older-version/distckpt-e3b8cf7.tar.xz"
-
-
-@pytest.fixture(scope="module")
-def older_distckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The older version's package (:data:`OLDER_VERSION_ARCHIVE`), unpacked."""
-    target = tmp_path_factory.mktemp("older-distckpt")
-    with tarfile.open(OLDER_VERSION_ARCHIVE) as tar:
-        tar.extractall(target, filter="data")
-    return target
-
 
 def _older_version_starts(older: Path, url: str, options: dict[str, Any]) -> None:
     """An older version's writing manager opens the root (its start removes what it takes
     for leftovers), runs gc, and closes: in a process of its own, importing that version."""
     code = (
-        "import json, sys, distckpt\n"
+        "import json\n"
         "url, options = json.loads(sys.argv[1])\n"
-        "print(distckpt.__file__)\n"
         "manager = distckpt.CheckpointManager(url, storage_options=options)\n"
         "manager.gc()\n"
         "manager.close()\n"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", code, json.dumps([url, options])],
-        env=dict(os.environ, PYTHONPATH=str(older)),
-        cwd=older,
-        capture_output=True,
-        text=True,
-        timeout=JOB_TIMEOUT,
-    )
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.startswith(str(older)), done.stdout  # that version, not this one
+    run_older_version(older, code, url, options)
 
 
 def _s3_save_90_and_damaged_100(url: str, options: dict[str, Any]) -> tuple[str, dict[str, str]]:

@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import signal
 import threading
@@ -20,7 +19,7 @@ import torch
 import distckpt
 from distckpt import faults
 from distckpt.errors import InjectedFault, InvalidArgument
-from distckpt.layout import MANIFEST_NAME
+from tests.hostile_cases import edit_manifest
 from tests.ranks import run_ranks, values
 
 TIMEOUT = 30.0
@@ -187,13 +186,14 @@ def test_async_save_in_flight_makes_a_throttled_save_skip_not_block(tmp_path: Pa
 
 def _set_created(root: Path, step: int, created: datetime.datetime | None) -> None:
     """Give a committed checkpoint a known creation time (None: a manifest without one)."""
-    path = distckpt.CheckpointManager(root).layout.step_dir(step) / MANIFEST_NAME
-    data = json.loads(path.read_text())
-    if created is None:
-        del data["created_utc"]
-    else:
-        data["created_utc"] = created.isoformat()
-    path.write_text(json.dumps(data))
+
+    def change(data: dict[str, Any]) -> None:
+        if created is None:
+            del data["created_utc"]
+        else:
+            data["created_utc"] = created.isoformat()
+
+    edit_manifest(distckpt.CheckpointManager(root).layout.step_dir(step), change)
 
 
 def test_time_history_is_rebuilt_from_manifests_across_restarts(root: Path) -> None:

@@ -29,7 +29,7 @@ from torch.distributed.checkpoint.metadata import (
     TensorStorageMetadata,
 )
 
-from distckpt.checksums import CHECKSUM_ALGORITHM, crc32
+from distckpt.checksums import CHECKSUM_ALGORITHM, bytes_checksum
 from distckpt.errors import CorruptCheckpoint, UnsafeCheckpoint
 from distckpt.manifest import Manifest
 
@@ -117,7 +117,7 @@ def read_metadata(directory: Path, manifest: Manifest, *, allow_pickle: bool = F
     if (
         manifest.checksum_algorithm == CHECKSUM_ALGORITHM
         and record.checksum
-        and f"{crc32(raw):08x}" != record.checksum
+        and bytes_checksum(raw) != record.checksum
     ):
         raise CorruptCheckpoint(f"{path}: checksum mismatch with the manifest")
     unpickler = pickle.Unpickler if allow_pickle else _MetadataUnpickler

@@ -287,7 +287,8 @@ class PosixRootStore(Removals, LinksAndRetention, ViewedStore):
             final = self.view.checkpoint(step).location
             with events.phase("commit.manifest", rank=rank, step=step):
                 faults.hit("before_manifest", rank)
-                atomic_write_bytes(staging / MANIFEST_NAME, manifest.to_json(), fsync=self.fsync)
+                manifest_bytes = manifest.to_json()
+                atomic_write_bytes(staging / MANIFEST_NAME, manifest_bytes, fsync=self.fsync)
                 faults.hit("after_manifest", rank)
             with events.phase("commit.publish", rank=rank, step=step):
                 faults.hit("before_rename", rank)
@@ -295,7 +296,7 @@ class PosixRootStore(Removals, LinksAndRetention, ViewedStore):
                     self._replace_committed(staging, final)
                 else:
                     self._rename_into_place(staging, final, step)
-                self._check_committed(final, manifest)
+                self._check_committed(final, manifest, manifest_size=len(manifest_bytes))
             # Committed: the dir is the truth from here on. A failure to update the derived
             # links or to apply retention must not report the save as failed; both are redone
             # at the next commit or manager start.
@@ -334,12 +335,13 @@ class PosixRootStore(Removals, LinksAndRetention, ViewedStore):
                 step=step,
             ) from exc
 
-    def _check_committed(self, final: Path, manifest: Manifest) -> None:
-        """After the rename: the committed dir holds the manifest and every file with its
-        size. A filesystem that loses them in a rename (fusefat empties a directory it
-        renames) must fail the save, not report a checkpoint that is not there; what is left
-        of it goes to the trash, so it is not taken for a committed step."""
-        expected = {MANIFEST_NAME: len(manifest.to_json())} | {
+    def _check_committed(self, final: Path, manifest: Manifest, *, manifest_size: int) -> None:
+        """After the rename: the committed dir holds the manifest (of ``manifest_size`` bytes,
+        as written) and every file with its size. A filesystem that loses them in a rename
+        (fusefat empties a directory it renames) must fail the save, not report a checkpoint
+        that is not there; what is left of it goes to the trash, so it is not taken for a
+        committed step."""
+        expected = {MANIFEST_NAME: manifest_size} | {
             name: record.size for name, record in manifest.files.items()
         }
         for name, size in expected.items():

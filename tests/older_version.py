@@ -1,0 +1,48 @@
+"""An older distckpt, run next to this one: its package as a fixture, and a way to run code in
+a process that imports it, for the tests of what an older version does with what this one
+writes (a set-aside save, a manifest recording its own checksum)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+from typing import Any
+
+#: The package of the last version before a save could be set aside (commit e3b8cf7, version
+#: 0.2.0): its writing manager's start (and gc) takes any ``step-N/<attempt>/`` that no
+#: ``COMMIT`` names for a dead writer's save and deletes it, and its manifests record no
+#: checksum of their own. Kept as a fixture, not read from the repository's history, which a
+#: shallow clone lacks.
+OLDER_VERSION_ARCHIVE = Path(__file__).parent / "fixtures/older-version/distckpt-e3b8cf7.tar.xz"
+#: how long one run of the older version may take
+OLDER_VERSION_TIMEOUT = 120.0
+
+
+def unpack_older_version(target: Path) -> Path:
+    """The older version's package (:data:`OLDER_VERSION_ARCHIVE`), unpacked in ``target``."""
+    with tarfile.open(OLDER_VERSION_ARCHIVE) as tar:
+        tar.extractall(target, filter="data")
+    return target
+
+
+def run_older_version(older: Path, code: str, *arguments: Any) -> str:
+    """Run ``code`` in a process of its own that imports the older version unpacked at
+    ``older``, ``sys.argv[1]`` holding ``arguments`` as a JSON list; its output. Fails the
+    test when the process fails, or when it imported another distckpt."""
+    preamble = "import distckpt, sys\nprint(distckpt.__file__)\n"
+    done = subprocess.run(
+        [sys.executable, "-c", preamble + code, json.dumps(list(arguments))],
+        env=dict(os.environ, PYTHONPATH=str(older)),
+        cwd=older,
+        capture_output=True,
+        text=True,
+        timeout=OLDER_VERSION_TIMEOUT,
+    )
+    assert done.returncode == 0, done.stderr
+    imported, _, output = done.stdout.partition("\n")
+    assert imported.startswith(str(older)), done.stdout  # that version, not this one
+    return output

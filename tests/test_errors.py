@@ -1,0 +1,70 @@
+"""The exceptions of :mod:`distckpt.errors` as a process pool or a multiprocessing queue
+carries them: pickled and back, with their type, message and structured fields."""
+
+from __future__ import annotations
+
+import inspect
+import pickle
+from typing import Any
+
+import pytest
+
+import distckpt.errors as errors
+from distckpt.errors import CheckpointError, RankFailure
+
+#: Arguments for the classes whose ``__init__`` takes more than a message; the others are
+#: made with one message and every base field set.
+_SPECIAL_ARGUMENTS: dict[type[CheckpointError], tuple[tuple[Any, ...], dict[str, Any]]] = {
+    RankFailure: (("save", {1: "OSError: disk full", 0: "timeout"}), {}),
+    errors.RootInUse: (("root in use", {"host": "node-a"}), {}),
+}
+
+_ERROR_CLASSES = sorted(
+    (
+        value
+        for value in vars(errors).values()
+        if isinstance(value, type) and issubclass(value, CheckpointError)
+    ),
+    key=lambda cls: cls.__name__,
+)
+
+
+def _example(cls: type[CheckpointError]) -> CheckpointError:
+    """An instance of ``cls`` with every field its ``__init__`` takes set to a value."""
+    if cls in _SPECIAL_ARGUMENTS:
+        args, kwargs = _SPECIAL_ARGUMENTS[cls]
+        return cls(*args, **kwargs)
+    values: dict[str, Any] = {
+        "rank": 3,
+        "path": "root/step-00000007/manifest.json",
+        "step": 7,
+        "damaged": True,
+        "recorded": "0000abcd",
+        "computed": "ffff1234",
+        "mismatches": (("w", (2,), (3,)),),
+        "where": "optimizer",
+        "keys": ("(1, 2)",),
+        "state_key": "on_save_checkpoint",
+        "refused": "numpy scalar",
+        "written_bytes": 10,
+        "found_bytes": 4,
+    }
+    taken = inspect.signature(cls.__init__).parameters
+    return cls("what went wrong", **{k: v for k, v in values.items() if k in taken})
+
+
+def test_every_error_class_is_covered() -> None:
+    assert len(_ERROR_CLASSES) > 30
+    assert errors.ManifestChecksumMismatch in _ERROR_CLASSES
+
+
+@pytest.mark.parametrize("cls", _ERROR_CLASSES, ids=lambda cls: cls.__name__)
+def test_an_error_survives_pickling_with_its_message_and_fields(
+    cls: type[CheckpointError],
+) -> None:
+    error = _example(cls)
+    back = pickle.loads(pickle.dumps(error))
+    assert type(back) is cls
+    assert str(back) == str(error)
+    assert vars(back) == vars(error)
+    assert back.fields() == error.fields()
