@@ -39,7 +39,7 @@ from filelock import FileLock, Timeout
 
 #: tools tests run outside the filesystem matrix (``tests.filesystems.TOOL_PACKAGES``), and the
 #: Debian package that provides each
-OTHER_TOOL_PACKAGES = {"strace": "strace", "gdb": "gdb"}
+OTHER_TOOL_PACKAGES = {"strace": "strace", "gdb": "gdb", "jq": "jq", "node": "nodejs"}
 
 #: one lock for every process of the machine that runs apt for the tests
 LOCK_FILE = Path(tempfile.gettempdir()) / "distckpt-tests-apt.lock"
