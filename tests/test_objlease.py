@@ -10,7 +10,7 @@ import pytest
 
 from distckpt import CoordinationTimeout, LeaseLost
 from distckpt.lease import this_process_host
-from distckpt.objlease import LeaseRecord, ObjectLease
+from distckpt.objlease import LeaseRecord, ObjectLease, lease_request_options
 from distckpt.objstore import ObjectStore
 from tests.ranks import run_ranks
 from tests.s3proxy import S3Proxy
@@ -155,3 +155,31 @@ def test_a_renewal_applied_whose_every_answer_was_lost_is_held(
         record = LeaseRecord.decode(store.get_bytes(".lock"))
     assert held is not None and record is not None
     assert (record.owner, record.renewal) == (lease.owner, held.renewal + 2)
+
+
+def test_a_lease_whose_time_ran_out_unrenewed_is_renewed_if_nobody_took_it(
+    s3_server: S3Server, s3_url: str
+) -> None:
+    # Its own time up, the holder may not act (check refuses), but the store still has its
+    # version: a renewal on that ETag makes the lease its own again.
+    with (
+        ObjectStore(s3_url, s3_server.storage_options()) as store,
+        ObjectLease(store, ".lock", duration=1.0) as lease,  # released on exit
+    ):
+        lease.acquire(timeout=1)
+        time.sleep(1.1)
+        assert not lease.held
+        with pytest.raises(LeaseLost, match="expired"):
+            lease.check()
+        sent = time.monotonic()
+        lease.renew()
+        assert lease.held and sent < lease.renewal_due() <= time.monotonic() + 1.0 / 3
+        lease.check()
+
+
+def test_lease_requests_give_up_within_a_fraction_of_the_lease() -> None:
+    options = {"retries": 7, "read_timeout": 60, "config_kwargs": {"connect_timeout": 99}}
+    quick = lease_request_options(options, 30.0)
+    assert (quick["retries"], quick["read_timeout"], quick["connect_timeout"]) == (1, 2.0, 2.0)
+    assert quick["config_kwargs"] == {}  # merged last: it must not undo the limits
+    assert lease_request_options({"read_timeout": 0.5}, 30.0)["read_timeout"] == 0.5

@@ -53,7 +53,8 @@ from distckpt.errors import (
 from distckpt.layout import MANIFEST_NAME
 from distckpt.lease import LeaseHolder, this_process_host
 from distckpt.manifest import FileRecord, Manifest
-from distckpt.objlease import LeaseRecord, ObjectLease
+from distckpt.objlease import LeaseRecord, ObjectLease, lease_request_options
+from distckpt.objstore import ObjectStore
 from distckpt.results import CheckpointLocation, SaveResult
 from distckpt.storage import ExtraFile, OpenedRoot, StagingArea, store_files
 from distckpt.storage.posix_links import COMMITTING_RANK
@@ -75,6 +76,9 @@ logger = logging.getLogger("distckpt")
 #: (unless it ran on this machine, in the same PID namespace and boot: a dead local holder is
 #: taken over at once).
 LEASE_SECONDS = 30.0
+#: how soon a renewal that failed in transport is tried again (each try gives up after at most
+#: LEASE_SECONDS / 15 s: see lease_request_options)
+RENEWAL_RETRY_SECONDS = 2.0
 #: how often a pointer's compare-and-swap is tried again when another process moved it meanwhile
 _POINTER_RETRIES = 3
 
@@ -111,6 +115,8 @@ class S3RootStore(Upkeep, ViewedStore):
         self._claims: set[str] = set()
         self._stop_renewing = threading.Event()
         self._renewer: threading.Thread | None = None
+        #: the client of the lease's renewals and release, whose requests give up quickly
+        self._renewals: ObjectStore | None = None
         self._opened_by_pid = 0
         self._removed_at_open: list[CheckpointLocation] = []
         #: manifests of the committed steps this store found valid, by (step, ETag of the
@@ -144,13 +150,19 @@ class S3RootStore(Upkeep, ViewedStore):
     def _take_lease(self, wait: float) -> None:
         if self._lease is not None and self._lease.held:
             return  # opened already
-        lease = ObjectLease(self.s3.client, LEASE_NAME, duration=LEASE_SECONDS)
+        renewals = ObjectStore(
+            self.root, lease_request_options(self.s3.storage_options, LEASE_SECONDS)
+        )
+        lease = ObjectLease(self.s3.client, LEASE_NAME, duration=LEASE_SECONDS, renewals=renewals)
         try:
             lease.acquire(
                 wait,
                 holder_gone=lambda record: local_process_gone(record.host, record.pid),
             )
-        except CoordinationTimeout as exc:
+        except BaseException as exc:
+            renewals.close()
+            if not isinstance(exc, CoordinationTimeout):
+                raise
             raise RootInUse(
                 f"checkpoint root {self.root} is in use by another job: {exc}; wait for it to "
                 f"end (wait_for_root=), or for its lease to expire ({LEASE_SECONDS:g} s after "
@@ -158,7 +170,7 @@ class S3RootStore(Upkeep, ViewedStore):
                 holder=self._holder(),
             ) from exc
         with self._lease_lock:
-            self._lease, self._lease_error = lease, None
+            self._lease, self._lease_error, self._renewals = lease, None, renewals
         self._opened_by_pid = os.getpid()
         release_at_exit(self)
         self._stop_renewing.clear()
@@ -174,20 +186,29 @@ class S3RootStore(Upkeep, ViewedStore):
         return None
 
     def _renew_until_closed(self) -> None:
-        """The renewing thread: the lease and the claims of saves in flight, every third of
-        their duration, until :meth:`close`. A lost lease is kept for :meth:`_check_lease`."""
-        while not self._stop_renewing.wait(LEASE_SECONDS / 3):
+        """The renewing thread: the lease and the claims of saves in flight, until
+        :meth:`close`. A renewal is due a third of the lease after the last successful one
+        was *sent* (not after it was answered: a slow answer must not push the next renewal
+        past the lease's end); one that failed in transport is tried again soon, also once
+        the lease's time is up (see :mod:`distckpt.objlease`). A lost lease is kept for
+        :meth:`_check_lease`."""
+        wait = LEASE_SECONDS / 3
+        while not self._stop_renewing.wait(wait):
+            wait = LEASE_SECONDS / 3
             with self._lease_lock:
+                lease = self._lease if self._lease_error is None else None
                 try:
-                    if self._lease is not None and self._lease_error is None:
-                        self._lease.renew()
+                    if lease is not None:
+                        lease.renew()
+                        wait = max(0.0, lease.renewal_due() - time.monotonic())
                     for attempt in list(self._claims):
                         self._write_claim(attempt)
                 except LeaseLost as exc:
                     logger.error("%s: %s", self.root, exc)
                     self._lease_error = exc
-                except ObjectStoreError as exc:  # transient: the next round tries again
+                except ObjectStoreError as exc:  # transient: tried again soon
                     logger.warning("could not renew the lease of %s: %s", self.root, exc)
+                    wait = RENEWAL_RETRY_SECONDS
 
     def close(self) -> None:
         # A forked child inherits the store, but the lease belongs to the process that took it.
@@ -199,11 +220,14 @@ class S3RootStore(Upkeep, ViewedStore):
             self._renewer.join()
         with self._lease_lock:
             lease, self._lease = self._lease, None
+            renewals, self._renewals = self._renewals, None
             if lease is not None:
                 try:
                     lease.release()
                 except ObjectStoreError as exc:
                     logger.warning("could not release the lease of %s: %s", self.root, exc)
+        if renewals is not None:
+            renewals.close()
         opened_no_more(self)
 
     def _check_lease(self) -> None:

@@ -1,0 +1,92 @@
+"""The timing of an ``s3://`` root's lease against a real S3-protocol server (moto,
+tests/s3server.py), with tests/s3proxy.py making requests slow at exact moments: a slow
+renewal does not cost the lease, and a real takeover does."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pytest
+import torch
+
+import distckpt
+from distckpt import LeaseLost
+from distckpt.objlease import LeaseRecord, ObjectLease
+from distckpt.objstore import ObjectStore
+from distckpt.storage import s3 as s3_store_module
+from distckpt.storage.s3_view import LEASE_NAME
+from tests.s3proxy import S3Proxy
+from tests.s3server import S3Server
+
+pytest.importorskip("botocore")
+
+#: a short lease so that its renewals come every 3 s; each lease request still gets the
+#: smallest timeout (1 s), ample for a local server
+SHORT_LEASE_SECONDS = 9.0
+
+
+def _state(step: int) -> dict[str, Any]:
+    return {"w": torch.arange(4.0) + step, "step": step}
+
+
+@contextmanager
+def _saved_through_proxy(
+    s3_server: S3Server, s3_url: str, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[tuple[S3Proxy, distckpt.CheckpointManager]]:
+    """A manager of ``s3_url`` (short lease) that talks to the store through a proxy, with
+    step 1 saved; the caller closes the manager (the proxy is closed on exit)."""
+    monkeypatch.setattr(s3_store_module, "LEASE_SECONDS", SHORT_LEASE_SECONDS)
+    with S3Proxy(s3_server.port) as proxy:
+        options = s3_server.storage_options(endpoint_url=proxy.endpoint)
+        manager = distckpt.CheckpointManager(s3_url, storage_options=options)
+        manager.save(1, _state(1))
+        yield proxy, manager
+
+
+def _committed_steps(url: str, options: dict[str, Any]) -> list[int]:
+    with distckpt.CheckpointManager(url, storage_options=options, read_only=True) as reader:
+        return reader.steps()
+
+
+def test_a_renewal_answered_late_does_not_cost_the_lease(
+    s3_server: S3Server, s3_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # One renewal is held for longer than two thirds of the lease, then answered. Timed from
+    # its answer, the next renewal would come after the lease ended, and the lease would be
+    # lost for good although nobody took it: every later save would fail at its commit.
+    with _saved_through_proxy(s3_server, s3_url, monkeypatch) as (proxy, manager), manager:
+        slow_renewal = proxy.hold("PUT", f"/{LEASE_NAME}")
+        assert slow_renewal.arrived.wait(SHORT_LEASE_SECONDS)
+        time.sleep(SHORT_LEASE_SECONDS * 0.8)
+        slow_renewal.release()
+        assert proxy.wait_for("PUT", f"/{LEASE_NAME}", timeout=10)
+        time.sleep(SHORT_LEASE_SECONDS / 3)  # the round after the slow one
+        saved = manager.save(2, _state(2))
+        assert saved is not None and saved.step == 2
+    assert _committed_steps(s3_url, s3_server.storage_options()) == [1, 2]
+
+
+def test_a_lease_taken_over_after_it_expired_is_lost_and_nothing_more_is_committed(
+    s3_server: S3Server, s3_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    direct = s3_server.storage_options()
+    with _saved_through_proxy(s3_server, s3_url, monkeypatch) as (proxy, manager), manager:
+        stalled = proxy.hold("PUT", f"/{LEASE_NAME}", times=1000)  # no renewal gets through
+        with ObjectStore(s3_url, direct) as store:
+            other = ObjectLease(store, LEASE_NAME, duration=60)
+            other.acquire(timeout=SHORT_LEASE_SECONDS * 3)  # once the lease expired
+            stalled.release()  # the held renewals now reach the store, and are refused
+            stalled.times = 0
+            time.sleep(SHORT_LEASE_SECONDS / 3)  # a renewal round that finds the takeover
+            with pytest.raises(LeaseLost):
+                manager.save(2, _state(2))
+            other.check()
+            record = LeaseRecord.decode(store.get_bytes(LEASE_NAME))
+            assert record is not None and record.owner == other.owner
+            with pytest.raises(LeaseLost):  # for good: a later save fails the same way
+                manager.save(3, _state(3))
+            other.release()
+    assert _committed_steps(s3_url, direct) == [1]
