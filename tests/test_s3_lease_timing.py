@@ -1,6 +1,7 @@
 """The timing of an ``s3://`` root's lease against a real S3-protocol server (moto,
 tests/s3server.py), with tests/s3proxy.py making requests slow at exact moments: a slow
-renewal does not cost the lease, and a real takeover does."""
+renewal does not cost the lease, a real takeover does, and closing does not wait on a stalled
+store."""
 
 from __future__ import annotations
 
@@ -90,3 +91,19 @@ def test_a_lease_taken_over_after_it_expired_is_lost_and_nothing_more_is_committ
                 manager.save(3, _state(3))
             other.release()
     assert _committed_steps(s3_url, direct) == [1]
+
+
+def test_close_does_not_wait_on_a_stalled_store(
+    s3_server: S3Server, s3_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every lease request hangs (each held until the proxy gives up on it after 30 s): a
+    # renewal is in flight when close() begins, and the release cannot be answered. Closing
+    # used to wait for that renewal with no limit and then release with every retry.
+    with _saved_through_proxy(s3_server, s3_url, monkeypatch) as (proxy, manager):
+        stalled = proxy.hold("PUT", f"/{LEASE_NAME}", times=1000)
+        assert stalled.arrived.wait(SHORT_LEASE_SECONDS)  # a renewal is waiting on the store
+        started = time.monotonic()
+        manager.close()
+        took = time.monotonic() - started
+        stalled.release()
+    assert took < 20, f"close() took {took:.1f} s on a stalled store"

@@ -79,6 +79,8 @@ LEASE_SECONDS = 30.0
 #: how soon a renewal that failed in transport is tried again (each try gives up after at most
 #: LEASE_SECONDS / 15 s: see lease_request_options)
 RENEWAL_RETRY_SECONDS = 2.0
+#: the longest close() waits for a renewal in flight to end before it releases the lease
+CLOSE_WAIT_SECONDS = 3.0
 #: how often a pointer's compare-and-swap is tried again when another process moved it meanwhile
 _POINTER_RETRIES = 3
 
@@ -216,19 +218,45 @@ class S3RootStore(Upkeep, ViewedStore):
             return
         self._opened_by_pid = 0
         self._stop_renewing.set()
+        # Bounded waits and one quick release attempt: a stalled store must not hold up the
+        # end of the job, and a lease not released expires by itself LEASE_SECONDS later.
         if self._renewer is not None and self._renewer is not threading.current_thread():
-            self._renewer.join()
-        with self._lease_lock:
-            lease, self._lease = self._lease, None
-            renewals, self._renewals = self._renewals, None
-            if lease is not None:
-                try:
-                    lease.release()
-                except ObjectStoreError as exc:
-                    logger.warning("could not release the lease of %s: %s", self.root, exc)
-        if renewals is not None:
-            renewals.close()
+            self._renewer.join(CLOSE_WAIT_SECONDS)
+        if self._lease_lock.acquire(timeout=CLOSE_WAIT_SECONDS):
+            try:
+                lease, self._lease = self._lease, None
+                renewals, self._renewals = self._renewals, None
+                self._release(lease)
+            finally:
+                self._lease_lock.release()
+            if renewals is not None:
+                renewals.close()
+        else:  # a renewal is still stuck in a request: it stops at its next wait
+            logger.warning(
+                "could not release the lease of %s (a renewal is still waiting on the store): "
+                "it expires by itself %g s after its last renewal",
+                self.root,
+                LEASE_SECONDS,
+            )
+            # without the lock (the thread holds it): one assignment, and _check_lease then
+            # refuses every later commit as closed
+            self._lease = None
         opened_no_more(self)
+
+    def _release(self, lease: ObjectLease | None) -> None:
+        """One quick attempt to release ``lease`` (see :func:`lease_request_options`)."""
+        if lease is None:
+            return
+        try:
+            lease.release()
+        except ObjectStoreError as exc:
+            logger.warning(
+                "could not release the lease of %s: %s; it expires by itself %g s after its "
+                "last renewal",
+                self.root,
+                exc,
+                LEASE_SECONDS,
+            )
 
     def _check_lease(self) -> None:
         """Before a change is published: this store's job still owns the root
