@@ -644,24 +644,6 @@ def test_a_spool_is_uploaded_as_written_and_checked_against_the_records(
         assert "save/removed" not in {info.key for info in store.list("save/")}
 
 
-def test_temp_dirs_of_dead_processes_are_removed(tmp_path: Path) -> None:
-    from distckpt.storage.s3_spool import make_temp_dir, remove_dead_temp_dirs
-
-    child = subprocess.run(
-        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
-    )
-    dead_pid = int(child.stdout)  # exited: its pid names no process (unless reused at once)
-    mine = make_temp_dir("spool", "live")
-    left = Path(str(mine).replace(f"-{os.getpid()}-", f"-{dead_pid}-"))
-    left.mkdir()
-    try:
-        remove_dead_temp_dirs()
-        assert mine.is_dir() and not left.exists()
-    finally:
-        shutil.rmtree(mine, ignore_errors=True)
-        shutil.rmtree(left, ignore_errors=True)
-
-
 def _save_losing_rank_1_object(
     rank: int, world_size: int, url: str, options: dict[str, Any]
 ) -> tuple[str, int | None, int | None, int | None, list[int]]:
