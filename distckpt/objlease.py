@@ -32,7 +32,9 @@ holder's time ends. While its time is up, the holder believes nothing: :meth:`ch
 leaves it so, to be tried again, not lost for good. A renewal refused because the object holds
 another version that is still this lease's own record (a renewal the store applied whose
 answer was lost) adopts that version and writes once more, by the same argument: only this
-lease writes its owner.
+lease writes its owner. A renewal the client gave up on may still reach the store later; it
+too is a compare-and-swap on the version this lease last wrote, so it lands only if nobody
+else wrote since, and the holder counts no time from it (it errs toward believing less).
 
 Limits: the holder must renew well within ``duration`` (every third of it is comfortable), each
 renewal's requests giving up well before the lease would expire (:func:`lease_request_options`);

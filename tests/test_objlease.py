@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 
-from distckpt import CoordinationTimeout, LeaseLost
+from distckpt import CoordinationTimeout, LeaseLost, StoreUnavailable
 from distckpt.lease import this_process_host
 from distckpt.objlease import LeaseRecord, ObjectLease, lease_request_options
 from distckpt.objstore import ObjectStore
@@ -135,18 +137,27 @@ def test_a_record_of_this_version_has_only_the_keys_older_versions_decode(
         lease.release()
 
 
-def test_a_renewal_applied_whose_every_answer_was_lost_is_held(
-    s3_server: S3Server, s3_url: str
-) -> None:
-    # Both tries of one renewal reach the store and lose their answers (the second is refused
-    # there): the client gives up unavailable, yet the object holds this renewal's record.
-    options = s3_server.storage_options(retries=2)
+@contextmanager
+def _lease_through_proxy(
+    s3_server: S3Server, s3_url: str, *, retries: int
+) -> Iterator[tuple[S3Proxy, ObjectStore, ObjectLease]]:
+    """A lease (30 s) taken through a proxy by a client making ``retries`` tries a request."""
+    options = s3_server.storage_options(retries=retries)
     with (
         S3Proxy(s3_server.port) as proxy,
         ObjectStore(s3_url, options | {"endpoint_url": proxy.endpoint}) as store,
     ):
         lease = ObjectLease(store, ".lock", duration=30)
         lease.acquire(timeout=0)
+        yield proxy, store, lease
+
+
+def test_a_renewal_applied_whose_every_answer_was_lost_is_held(
+    s3_server: S3Server, s3_url: str
+) -> None:
+    # Both tries of one renewal reach the store and lose their answers (the second is refused
+    # there): the client gives up unavailable, yet the object holds this renewal's record.
+    with _lease_through_proxy(s3_server, s3_url, retries=2) as (proxy, store, lease):
         held = LeaseRecord.decode(store.get_bytes(".lock"))
         proxy.drop("PUT", "/.lock", times=2)
         lease.renew()  # read back: its own record, so it counts as done
@@ -183,3 +194,20 @@ def test_lease_requests_give_up_within_a_fraction_of_the_lease() -> None:
     assert (quick["retries"], quick["read_timeout"], quick["connect_timeout"]) == (1, 2.0, 2.0)
     assert quick["config_kwargs"] == {}  # merged last: it must not undo the limits
     assert lease_request_options({"read_timeout": 0.5}, 30.0)["read_timeout"] == 0.5
+
+
+def test_a_renewal_applied_unseen_is_adopted_by_the_next_renewal(
+    s3_server: S3Server, s3_url: str
+) -> None:
+    # One renewal reaches the store, but neither its answer nor its read back comes back: the
+    # holder keeps the version before it. The next renewal is refused for that version, finds
+    # its own record in the store, and renews from there instead of counting the lease lost.
+    with _lease_through_proxy(s3_server, s3_url, retries=1) as (proxy, store, lease):
+        proxy.drop("PUT", "/.lock")
+        proxy.drop("GET", "/.lock")
+        with pytest.raises(StoreUnavailable):
+            lease.renew()
+        lease.renew()
+        lease.check()
+        record = LeaseRecord.decode(store.get_bytes(".lock"))
+    assert record is not None and record.owner == lease.owner
