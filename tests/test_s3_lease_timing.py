@@ -1,10 +1,13 @@
 """The timing of an ``s3://`` root's lease against a real S3-protocol server (moto,
 tests/s3server.py), with tests/s3proxy.py making requests slow at exact moments: a slow
-renewal does not cost the lease, a real takeover does, and closing does not wait on a stalled
-store."""
+renewal does not cost the lease, a real takeover does, and neither closing nor the end of the
+process waits on a stalled store."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -107,3 +110,41 @@ def test_close_does_not_wait_on_a_stalled_store(
         took = time.monotonic() - started
         stalled.release()
     assert took < 20, f"close() took {took:.1f} s on a stalled store"
+
+
+def test_interpreter_exit_does_not_wait_on_a_stalled_store(
+    s3_server: S3Server, s3_url: str
+) -> None:
+    # A process that ends without closing its manager releases the lease at exit, by the same
+    # bounded close(): on a store that answers no lease request it must still end promptly.
+    with S3Proxy(s3_server.port) as proxy:
+        options = s3_server.storage_options(endpoint_url=proxy.endpoint)
+        code = (
+            "import sys, torch, distckpt\n"
+            f"manager = distckpt.CheckpointManager({s3_url!r}, storage_options={options!r})\n"
+            "manager.save(1, {'w': torch.ones(2)})\n"
+            "print('saved', flush=True)\n"
+            "sys.stdin.readline()  # until the test has stalled the store\n"
+        )
+        job = subprocess.Popen(
+            [sys.executable, "-c", code],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+        )
+        try:
+            assert job.stdout is not None and job.stdin is not None
+            assert job.stdout.readline().strip() == "saved"
+            stalled = proxy.hold("PUT", f"/{LEASE_NAME}", times=1000)
+            started = time.monotonic()
+            job.stdin.write("exit\n")
+            job.stdin.close()
+            assert job.wait(timeout=120) == 0
+            took = time.monotonic() - started
+        finally:
+            job.kill()
+            job.wait()
+        assert stalled.arrived.is_set()  # the release was sent, and left unanswered
+        stalled.release()
+    assert took < 20, f"the process took {took:.1f} s to end on a stalled store"
