@@ -32,9 +32,12 @@ holder's time ends. While its time is up, the holder believes nothing: :meth:`ch
 leaves it so, to be tried again, not lost for good. A renewal refused because the object holds
 another version that is still this lease's own record (a renewal the store applied whose
 answer was lost) adopts that version and writes once more, by the same argument: only this
-lease writes its owner. A renewal the client gave up on may still reach the store later; it
-too is a compare-and-swap on the version this lease last wrote, so it lands only if nobody
-else wrote since, and the holder counts no time from it (it errs toward believing less).
+lease writes its owner; :meth:`check` meeting such a version refuses (the write is not seen
+to have landed) but keeps the lease for that next renewal, and a read back that fails in
+transport leaves the lease as a failed renewal does. A renewal the client gave up on may
+still reach the store later; it too is a compare-and-swap on the version this lease last
+wrote, so it lands only if nobody else wrote since, and the holder counts no time from it (it
+errs toward believing less).
 
 Limits: the holder must renew well within ``duration`` (every third of it is comfortable), each
 renewal's requests giving up well before the lease would expire (:func:`lease_request_options`);
@@ -61,7 +64,6 @@ from distckpt.errors import (
     LeaseLost,
     ObjectExists,
     ObjectNotFound,
-    ObjectStoreError,
     PreconditionFailed,
 )
 from distckpt.lease import this_process_host
@@ -254,13 +256,16 @@ class ObjectLease:
         except PreconditionFailed:
             self._lost("taken by another writer")
 
-    def _adopt_own_version(self) -> str | None:
+    def _adopt_own_version(self, through: ObjectStore | None = None) -> str | None:
         """The ETag of what the store holds when that is still this lease's own unreleased
-        record (a renewal applied whose every answer was lost), else None. A store that does
-        not answer counts as None: the lease is then given up rather than guessed held."""
+        record (a renewal applied whose every answer was lost), else None (taken, released or
+        deleted). A store that does not answer raises its
+        :class:`~distckpt.errors.ObjectStoreError`: nothing is known then, so the lease is
+        neither given up nor counted renewed (held while the time of the last write known to
+        have landed lasts)."""
         try:
-            data, etag = self.renewals.get_versioned(self.name)
-        except ObjectStoreError:
+            data, etag = (through or self.renewals).get_versioned(self.name)
+        except ObjectNotFound:
             return None
         record = LeaseRecord.decode(data)
         if record is None or record.owner != self.owner or record.released:
@@ -269,8 +274,11 @@ class ObjectLease:
 
     def check(self) -> None:
         """Fence: raise :class:`~distckpt.errors.LeaseLost` unless the lease is still ours (time
-        left, and the store still has our version). A lease whose time is up is refused but
-        not forgotten: its next :meth:`renew` may find it still ours."""
+        left, and the store still has our version). A lease whose time is up, or whose store
+        holds another version that is still this lease's own record (a renewal applied whose
+        answer was lost), is refused but not forgotten: its next :meth:`renew` may find it
+        still ours. A store that does not answer raises its
+        :class:`~distckpt.errors.ObjectStoreError`."""
         if self._etag is None:
             self._lost("not held")
         if not self.held:
@@ -282,8 +290,17 @@ class ObjectLease:
             etag = self.store.head(self.name).etag
         except ObjectNotFound:
             self._lost("deleted")
-        if etag != self._etag:
+        if etag == self._etag:
+            return
+        if self._adopt_own_version(through=self.store) is None:
             self._lost("taken by another writer")
+        # Our own renewal, applied with its answer lost: nobody else wrote, but this lease has
+        # not seen its write land. Refused (not counted held), yet kept: the next renewal
+        # adopts that version and holds the lease again.
+        raise LeaseLost(
+            f"lease {self.store.url}/{self.name} is not confirmed: the store holds a renewal "
+            "of this lease whose answer was lost (the next renewal takes it back)"
+        )
 
     def release(self) -> None:
         """Give the lease up (through ``renewals``) so the next contender need not wait for it

@@ -196,18 +196,53 @@ def test_lease_requests_give_up_within_a_fraction_of_the_lease() -> None:
     assert lease_request_options({"read_timeout": 0.5}, 30.0)["read_timeout"] == 0.5
 
 
-def test_a_renewal_applied_unseen_is_adopted_by_the_next_renewal(
-    s3_server: S3Server, s3_url: str
-) -> None:
-    # One renewal reaches the store, but neither its answer nor its read back comes back: the
-    # holder keeps the version before it. The next renewal is refused for that version, finds
-    # its own record in the store, and renews from there instead of counting the lease lost.
+@contextmanager
+def _a_renewal_applied_unseen(
+    s3_server: S3Server, s3_url: str, *, lost_reads: int = 1
+) -> Iterator[ObjectLease]:
+    """A lease one of whose renewals reached the store while neither its answer nor its read
+    back came back (``lost_reads`` GETs of the lease lose their answers, the first being that
+    read back). After the caller's block, the next renewal must hold the lease again."""
     with _lease_through_proxy(s3_server, s3_url, retries=1) as (proxy, store, lease):
         proxy.drop("PUT", "/.lock")
-        proxy.drop("GET", "/.lock")
+        proxy.drop("GET", "/.lock", times=lost_reads)
         with pytest.raises(StoreUnavailable):
             lease.renew()
+        yield lease
         lease.renew()
         lease.check()
         record = LeaseRecord.decode(store.get_bytes(".lock"))
     assert record is not None and record.owner == lease.owner
+
+
+def test_a_renewal_applied_unseen_is_adopted_by_the_next_renewal(
+    s3_server: S3Server, s3_url: str
+) -> None:
+    # The holder keeps the version before the unseen renewal. The next renewal is refused for
+    # that version, finds its own record in the store, and renews from there instead of
+    # counting the lease lost.
+    with _a_renewal_applied_unseen(s3_server, s3_url):
+        pass
+
+
+def test_a_fence_check_after_a_renewal_applied_unseen_refuses_but_keeps_the_lease(
+    s3_server: S3Server, s3_url: str
+) -> None:
+    # A check before the next renewal may not count the lease held (the write is not seen to
+    # have landed), but nobody took it, so the next renewal must hold it again.
+    with (
+        _a_renewal_applied_unseen(s3_server, s3_url) as lease,
+        pytest.raises(LeaseLost, match="not confirmed"),
+    ):
+        lease.check()
+
+
+def test_a_renewal_whose_read_back_fails_in_transport_is_tried_again_not_lost(
+    s3_server: S3Server, s3_url: str
+) -> None:
+    # The next renewal is refused and its read backs of the store fail too (its own, then its
+    # adoption's): nothing is known, so that is a transient failure, not a lost lease.
+    with _a_renewal_applied_unseen(s3_server, s3_url, lost_reads=3) as lease:
+        with pytest.raises(StoreUnavailable):
+            lease.renew()
+        assert lease.held  # the time of the last write known to land still runs
