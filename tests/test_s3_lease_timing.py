@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -148,3 +149,42 @@ def test_interpreter_exit_does_not_wait_on_a_stalled_store(
         assert stalled.arrived.is_set()  # the release was sent, and left unanswered
         stalled.release()
     assert took < 20, f"the process took {took:.1f} s to end on a stalled store"
+
+
+def _lease_writes(proxy: S3Proxy) -> int:
+    return sum(1 for method, path, _ in proxy.log if method == "PUT" and f"/{LEASE_NAME}" in path)
+
+
+def test_stalled_claim_writes_neither_stop_the_lease_renewals_nor_the_release(
+    s3_server: S3Server, s3_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A save is in flight (its uploads held), so each renewal round also renews its claim;
+    # then every claim write stalls. The lease must still be renewed on its schedule, and
+    # close() must release it, not give up waiting on a claim write.
+    failures: list[BaseException] = []
+    with _saved_through_proxy(s3_server, s3_url, monkeypatch) as (proxy, manager):
+        uploads = proxy.hold("PUT", "step-00000002", times=1000)
+
+        def save_in_flight() -> None:
+            try:
+                manager.save(2, _state(2))
+            except BaseException as exc:  # the store is closed under it: expected to fail
+                failures.append(exc)
+
+        saving = threading.Thread(target=save_in_flight, daemon=True)
+        saving.start()
+        assert uploads.arrived.wait(SHORT_LEASE_SECONDS)
+        claims = proxy.hold("PUT", "/.writers/", times=1000)
+        assert claims.arrived.wait(SHORT_LEASE_SECONDS)  # a renewal round is writing a claim
+        before = _lease_writes(proxy)
+        time.sleep(SHORT_LEASE_SECONDS * 0.8)
+        renewed = _lease_writes(proxy) - before
+        manager.close()
+        with ObjectStore(s3_url, s3_server.storage_options()) as store:
+            record = LeaseRecord.decode(store.get_bytes(LEASE_NAME))
+        uploads.release()
+        claims.release()
+        saving.join(60)
+    assert renewed >= 2, f"{renewed} lease renewals while the claim writes stalled"
+    assert record is not None and record.released
+    assert len(failures) == 1 and not saving.is_alive()

@@ -189,28 +189,59 @@ class S3RootStore(Upkeep, ViewedStore):
 
     def _renew_until_closed(self) -> None:
         """The renewing thread: the lease and the claims of saves in flight, until
-        :meth:`close`. A renewal is due a third of the lease after the last successful one
-        was *sent* (not after it was answered: a slow answer must not push the next renewal
-        past the lease's end); one that failed in transport is tried again soon, also once
-        the lease's time is up (see :mod:`distckpt.objlease`). A lost lease is kept for
-        :meth:`_check_lease`."""
+        :meth:`close`, every request through the quick client of the renewals
+        (:func:`~distckpt.objlease.lease_request_options`), so that no round outlasts the
+        lease. A renewal is due a third of the lease after the last successful one was *sent*
+        (not after it was answered, nor after the claims were written: neither may push the
+        next renewal past the lease's end); one that failed in transport is tried again soon,
+        also once the lease's time is up (see :mod:`distckpt.objlease`). A lost lease is kept
+        for :meth:`_check_lease`."""
         wait = LEASE_SECONDS / 3
         while not self._stop_renewing.wait(wait):
-            wait = LEASE_SECONDS / 3
-            with self._lease_lock:
-                lease = self._lease if self._lease_error is None else None
+            due = self._renew_lease()
+            if not self._renew_claims():
+                due = min(due, time.monotonic() + RENEWAL_RETRY_SECONDS)
+            wait = max(0.0, due - time.monotonic())  # after the claims: they took time too
+
+    def _renew_lease(self) -> float:
+        """Renew the lease once; when (``time.monotonic()``) the next round is due: by the
+        lease's schedule (:meth:`~distckpt.objlease.ObjectLease.renewal_due`), or
+        :data:`RENEWAL_RETRY_SECONDS` from now after a failure in transport."""
+        with self._lease_lock:
+            lease = self._lease if self._lease_error is None else None
+            if lease is None:
+                return time.monotonic() + LEASE_SECONDS / 3  # the claims are still renewed
+            try:
+                lease.renew()
+            except LeaseLost as exc:
+                logger.error("%s: %s", self.root, exc)
+                self._lease_error = exc
+                return time.monotonic() + LEASE_SECONDS / 3
+            except ObjectStoreError as exc:  # transient: tried again soon
+                logger.warning("could not renew the lease of %s: %s", self.root, exc)
+                return time.monotonic() + RENEWAL_RETRY_SECONDS
+            return lease.renewal_due()
+
+    def _renew_claims(self) -> bool:
+        """Renew the claim of every save in flight once, after the lease; whether every
+        claim was written.
+
+        Through the quick client, so that a stalled store delays neither the lease's next
+        renewal nor :meth:`close` for long. A claim write that client gave up on may still
+        land after :meth:`_drop_claim` deleted the claim: that claim then names a save no
+        longer in flight (removed, or published), protects nothing of a live writer, and is
+        removed as a dead writer's by the next start or gc once it has expired (its expiry,
+        written at sending, is at most LEASE_SECONDS later)."""
+        written = True
+        with self._lease_lock:
+            renewals = self._renewals
+            for attempt in list(self._claims) if renewals is not None else []:
                 try:
-                    if lease is not None:
-                        lease.renew()
-                        wait = max(0.0, lease.renewal_due() - time.monotonic())
-                    for attempt in list(self._claims):
-                        self._write_claim(attempt)
-                except LeaseLost as exc:
-                    logger.error("%s: %s", self.root, exc)
-                    self._lease_error = exc
-                except ObjectStoreError as exc:  # transient: tried again soon
-                    logger.warning("could not renew the lease of %s: %s", self.root, exc)
-                    wait = RENEWAL_RETRY_SECONDS
+                    self._write_claim(attempt, through=renewals)
+                except ObjectStoreError as exc:
+                    logger.warning("could not renew the claim of %s: %s", attempt, exc)
+                    written = False
+        return written
 
     def close(self) -> None:
         # A forked child inherits the store, but the lease belongs to the process that took it.
@@ -241,6 +272,9 @@ class S3RootStore(Upkeep, ViewedStore):
             # without the lock (the thread holds it): one assignment, and _check_lease then
             # refuses every later commit as closed
             self._lease = None
+            renewals, self._renewals = self._renewals, None
+            if renewals is not None:  # its request in flight gives up within its timeout
+                renewals.close()
         opened_no_more(self)
 
     def _release(self, lease: ObjectLease | None) -> None:
@@ -278,19 +312,23 @@ class S3RootStore(Upkeep, ViewedStore):
 
     # ------------------------------------------------------------------ staging
 
-    def _write_claim(self, attempt: str) -> None:
+    def _write_claim(self, attempt: str, *, through: ObjectStore | None = None) -> None:
+        """Write the claim of ``attempt`` (through the data client unless ``through``)."""
         claim = {
             "attempt": attempt,
             "host": this_process_host(),  # see local_process_gone
             "pid": os.getpid(),
             "expires_unix": time.time() + LEASE_SECONDS,
         }
-        self.s3.client.put_bytes(self.s3.claim_name(attempt), json.dumps(claim).encode())
+        client = through if through is not None else self.s3.client
+        client.put_bytes(self.s3.claim_name(attempt), json.dumps(claim).encode())
 
     def begin_staging(self, step: int, token: str) -> StagingArea:
         self._refuse_if_read_only(f"save step {step}")
+        # Written before the lock is taken: a slow data client must not hold up the lease's
+        # renewals, which take that lock.
+        self._write_claim(token)
         with self._lease_lock:
-            self._write_claim(token)
             self._claims.add(token)
         return StagingArea(step, self.s3.attempt_location(step, token), token)
 
