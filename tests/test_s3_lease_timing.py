@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import distckpt
-from distckpt import LeaseLost
+from distckpt import LeaseLost, objlease
 from distckpt.objlease import LeaseRecord, ObjectLease
 from distckpt.objstore import ObjectStore
 from distckpt.storage import s3 as s3_store_module
@@ -56,22 +56,40 @@ def _committed_steps(url: str, options: dict[str, Any]) -> list[int]:
         return reader.steps()
 
 
-def test_a_renewal_answered_late_does_not_cost_the_lease(
+def test_renewals_held_past_the_lease_end_do_not_cost_the_lease(
     s3_server: S3Server, s3_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # One renewal is held for longer than two thirds of the lease, then answered. Timed from
-    # its answer, the next renewal would come after the lease ended, and the lease would be
-    # lost for good although nobody took it: every later save would fail at its commit.
+    # Three renewals in a row go unanswered (the client gives up on each; the store gets them
+    # only later), for longer than the lease: the holder's own time runs out although nobody
+    # took the lease. The next renewal must take it back, or every later save would fail.
     with _saved_through_proxy(s3_server, s3_url, monkeypatch) as (proxy, manager), manager:
-        slow_renewal = proxy.hold("PUT", f"/{LEASE_NAME}")
-        assert slow_renewal.arrived.wait(SHORT_LEASE_SECONDS)
-        time.sleep(SHORT_LEASE_SECONDS * 0.8)
-        slow_renewal.release()
-        assert proxy.wait_for("PUT", f"/{LEASE_NAME}", timeout=10)
-        time.sleep(SHORT_LEASE_SECONDS / 3)  # the round after the slow one
+        unanswered = proxy.hold("PUT", f"/{LEASE_NAME}", times=3)
+        assert unanswered.arrived.wait(SHORT_LEASE_SECONDS)
+        time.sleep(SHORT_LEASE_SECONDS + 1)
+        unanswered.release()  # the held renewals reach the store now, late
         saved = manager.save(2, _state(2))
         assert saved is not None and saved.step == 2
     assert _committed_steps(s3_url, s3_server.storage_options()) == [1, 2]
+
+
+def test_the_next_renewal_is_timed_from_when_a_slow_one_was_sent(
+    s3_server: S3Server, s3_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Lease requests may take 3 s here; one renewal is answered after 2 s. The next is due a
+    # third of the lease (3 s) after that slow one was sent; timed from its answer it would
+    # come 5 s after, and a slow answer would push renewals toward the lease's end.
+    monkeypatch.setattr(objlease, "MIN_REQUEST_SECONDS", 3.0)
+    with _saved_through_proxy(s3_server, s3_url, monkeypatch) as (proxy, manager), manager:
+        slow = proxy.hold("PUT", f"/{LEASE_NAME}")
+        assert slow.arrived.wait(SHORT_LEASE_SECONDS)
+        slow_sent = time.monotonic()
+        time.sleep(2.0)
+        following = proxy.hold("PUT", f"/{LEASE_NAME}")
+        slow.release()
+        assert following.arrived.wait(SHORT_LEASE_SECONDS)
+        gap = time.monotonic() - slow_sent
+        following.release()
+    assert gap < SHORT_LEASE_SECONDS / 3 + 1, f"the next renewal came {gap:.1f} s after"
 
 
 def test_a_lease_taken_over_after_it_expired_is_lost_and_nothing_more_is_committed(
