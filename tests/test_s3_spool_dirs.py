@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from distckpt.storage.s3_spool import (
-    UNPLACED_TEMP_DIR_AGE,
+    UNJUDGED_TEMP_DIR_AGE,
     make_temp_dir,
     remove_dead_temp_dirs,
     temp_dir_place,
@@ -92,6 +92,13 @@ def _check_removal(kept: Path, removed: Path) -> None:
         shutil.rmtree(removed, ignore_errors=True)
 
 
+def _long_unchanged(directory: Path, seconds: float = UNJUDGED_TEMP_DIR_AGE + 60) -> Path:
+    """``directory``, last changed ``seconds`` ago (by default just past the age rule)."""
+    long_ago = time.time() - seconds
+    os.utime(directory, (long_ago, long_ago))
+    return directory
+
+
 def test_temp_dirs_of_dead_processes_are_removed() -> None:
     mine = make_temp_dir("spool", "live")
     left = Path(str(mine).replace(f"-{os.getpid()}@", f"-{_dead_pid()}@"))
@@ -103,7 +110,24 @@ def test_a_dir_named_as_older_versions_did_is_removed_only_once_long_unchanged()
     # Its pid cannot be judged (it has no place in its name): only its age tells.
     name = f"distckpt-spool-{_dead_pid()}-attempt-r0-"
     recent = Path(tempfile.mkdtemp(prefix=name))
-    old = Path(tempfile.mkdtemp(prefix=name))
-    long_ago = time.time() - UNPLACED_TEMP_DIR_AGE - 60
-    os.utime(old, (long_ago, long_ago))
+    old = _long_unchanged(Path(tempfile.mkdtemp(prefix=name)))
+    _check_removal(kept=recent, removed=old)
+
+
+def test_a_dir_named_as_older_versions_did_is_kept_while_its_pid_runs_here() -> None:
+    # However old: in this PID namespace, a running process of its pid may be its writer.
+    kept = _long_unchanged(Path(tempfile.mkdtemp(prefix=f"distckpt-read-{os.getpid()}-s1-")))
+    removed = _long_unchanged(Path(tempfile.mkdtemp(prefix=f"distckpt-read-{_dead_pid()}-s1-")))
+    _check_removal(kept=kept, removed=removed)
+
+
+def test_a_dir_of_another_place_is_removed_only_once_long_unchanged() -> None:
+    # Made in a previous boot, or in another PID namespace sharing the temp dir: its pid
+    # cannot be judged here, so only its age tells (a live job there keeps it changing).
+    elsewhere = "0" * 12
+    assert elsewhere != temp_dir_place()
+    name = f"distckpt-spool-{os.getpid()}@{elsewhere}-attempt-r0-"
+    hour = 3600.0  # the docs promise 24 hours
+    recent = _long_unchanged(Path(tempfile.mkdtemp(prefix=name)), 23 * hour)
+    old = _long_unchanged(Path(tempfile.mkdtemp(prefix=name)), 24 * hour + 60)
     _check_removal(kept=recent, removed=old)

@@ -35,11 +35,11 @@ _CHUNK = 8 << 20
 #: The temp dirs of this machine's saves (spools) and reads (downloads), each named
 #: ``<prefix><pid>@<place>-...`` after the process that made it (:func:`make_temp_dir`).
 TEMP_DIR_PREFIXES = ("distckpt-spool-", "distckpt-read-")
-#: How old (by its last change) a temp dir named the way older versions named them
-#: (``<prefix><pid>-...``, without a place) must be before it is removed: its process cannot
-#: be judged from here (it may run in another PID namespace that shares this temp dir), and
-#: no save or read keeps its dir unchanged this long.
-UNPLACED_TEMP_DIR_AGE = 24 * 3600.0
+#: How old (by its last change) a temp dir whose pid cannot be judged from here must be before
+#: it is removed: one made in another place (another PID namespace sharing this temp dir, a
+#: previous boot with the temp dir on disk), or named the way older versions named them
+#: (``<prefix><pid>-...``, without a place). No save or read keeps its dir unchanged this long.
+UNJUDGED_TEMP_DIR_AGE = 24 * 3600.0
 
 
 def temp_dir_place() -> str:
@@ -60,11 +60,12 @@ def make_temp_dir(kind: str, name: str) -> Path:
 def remove_dead_temp_dirs() -> None:
     """Remove the temp dirs of this machine's saves and reads whose process no longer runs.
 
-    A dir is judged by its pid only if it was made where that pid means the same process as
-    here (its place is :func:`temp_dir_place`): a job in another PID namespace (a container)
-    that shares this temp dir leaves this one's dirs alone, and the reverse. A dir named the
-    way older versions named them (no place) is removed only once it is
-    :data:`UNPLACED_TEMP_DIR_AGE` old."""
+    A dir made where its pid means the same process as here (its place is
+    :func:`temp_dir_place`) is removed once that process is gone. One made in another place (a
+    job in another PID namespace that shares this temp dir, a previous boot) is removed only
+    once it is :data:`UNJUDGED_TEMP_DIR_AGE` old: a live job there keeps its dir changing. One
+    named the way older versions named them (no place) is removed once that old and no process
+    of its pid runs here (in this namespace its pid may still be its live writer)."""
     try:
         entries = list(os.scandir(tempfile.gettempdir()))
     except OSError:
@@ -77,14 +78,16 @@ def remove_dead_temp_dirs() -> None:
         pid, at, its_place = entry.name[len(prefix) :].partition("-")[0].partition("@")
         if not pid.isdigit():
             continue
-        if at and its_place == place and process_gone(int(pid)):
-            logger.info("removing %s, left by a process that died", entry.path)
-            shutil.rmtree(entry.path, ignore_errors=True)
-        elif not at and _unchanged_for(entry, UNPLACED_TEMP_DIR_AGE):
+        if at and its_place == place:
+            if process_gone(int(pid)):
+                logger.info("removing %s, left by a process that died", entry.path)
+                shutil.rmtree(entry.path, ignore_errors=True)
+        elif _unchanged_for(entry, UNJUDGED_TEMP_DIR_AGE) and (at or process_gone(int(pid))):
             logger.info(
-                "removing %s, left by an older version %g s ago or more",
+                "removing %s, left by a process %s, unchanged for %g s or more",
                 entry.path,
-                UNPLACED_TEMP_DIR_AGE,
+                "of another PID namespace or boot" if at else "of an older version",
+                UNJUDGED_TEMP_DIR_AGE,
             )
             shutil.rmtree(entry.path, ignore_errors=True)
 
