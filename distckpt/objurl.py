@@ -12,6 +12,8 @@ from distckpt.errors import InvalidArgument
 S3_SCHEME = "s3://"
 #: what starts a URL (RFC 3986's scheme, then ``://``): never the start of a local path
 _URL_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
+#: what starts the string of a path made from a URL (its ``//`` normalised to ``/``)
+_PATH_OF_A_URL = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*):/")
 
 
 def is_s3_url(root: object) -> bool:
@@ -27,8 +29,19 @@ def checked_root(root: str | os.PathLike[str]) -> str | os.PathLike[str]:
     that starts or ends with whitespace (a pasted URL), or one that starts as a URL of another
     scheme (``s3a://``, ``gs://``, ``file://``), is refused: taken for a local path, it would
     quietly save into a local directory of that odd name. Any other string (a ``:`` not
-    followed by ``//`` included) and any path-like object is a local path, as given."""
+    followed by ``//`` included) is a local path, as given. So is a path-like object, unless
+    its string starts with a URL scheme and ``:/`` (``Path("s3://b/x")`` reads ``s3:/b/x``,
+    its ``//`` made one ``/``): that is a URL given as a path, and refused (give it as a
+    ``str``)."""
     if not isinstance(root, str):
+        spelled = os.fspath(root)
+        scheme = _PATH_OF_A_URL.match(spelled)
+        if scheme is not None:
+            raise InvalidArgument(
+                f"checkpoint root {spelled!r} is a path made from a URL ({scheme.group(1)}://"
+                "): give an s3:// root as a str, not a Path (which turns '//' into '/')",
+                path=spelled,
+            )
         return root
     if root != root.strip():
         raise InvalidArgument(

@@ -79,3 +79,14 @@ def test_a_local_path_with_a_colon_is_a_local_root(workdir: Path) -> None:
             manager.save(1, {"w": torch.ones(2)})
         assert (workdir / root / "step-00000001").is_dir()
         assert distckpt.load_checkpoint(root).step == 1
+
+
+@pytest.mark.parametrize("url", ["s3://bucket/ckpt", "S3://bucket/ckpt", "gs://bucket/ckpt"])
+def test_a_url_given_as_a_path_is_refused_not_saved_locally(workdir: Path, url: str) -> None:
+    # Path turns "//" into "/": as a path, it would be a local directory named after the URL.
+    assert str(Path(url)).startswith(url.partition(":")[0] + ":/")
+    with pytest.raises(InvalidArgument, match="give an s3:// root as a str"):
+        distckpt.CheckpointManager(Path(url))
+    with pytest.raises(InvalidArgument, match="give an s3:// root as a str"):
+        distckpt.load_checkpoint(Path(url))
+    assert list(workdir.iterdir()) == []
