@@ -21,7 +21,7 @@ import distckpt
 from distckpt import LeaseLost, objlease
 from distckpt.objlease import LeaseRecord, ObjectLease
 from distckpt.objstore import ObjectStore
-from distckpt.storage import s3 as s3_store_module
+from distckpt.storage import s3_lease
 from distckpt.storage.s3_view import LEASE_NAME
 from tests.s3proxy import S3Proxy
 from tests.s3server import S3Server
@@ -43,7 +43,7 @@ def _saved_through_proxy(
 ) -> Iterator[tuple[S3Proxy, distckpt.CheckpointManager]]:
     """A manager of ``s3_url`` (short lease) that talks to the store through a proxy, with
     step 1 saved; the caller closes the manager (the proxy is closed on exit)."""
-    monkeypatch.setattr(s3_store_module, "LEASE_SECONDS", SHORT_LEASE_SECONDS)
+    monkeypatch.setattr(s3_lease, "LEASE_SECONDS", SHORT_LEASE_SECONDS)
     with S3Proxy(s3_server.port) as proxy:
         options = s3_server.storage_options(endpoint_url=proxy.endpoint)
         manager = distckpt.CheckpointManager(s3_url, storage_options=options)

@@ -25,8 +25,7 @@ from distckpt import CheckpointNotFound, CorruptCheckpoint, RootInUse, StoreAcce
 from distckpt.errors import InjectedFault
 from distckpt.lease import this_host, this_process_host
 from distckpt.objstore import ObjectStore
-from distckpt.storage import open_store
-from distckpt.storage import s3 as s3_store_module
+from distckpt.storage import open_store, s3_lease
 from distckpt.storage.s3_view import S3RootView
 from tests.ranks import run_ranks, values
 from tests.s3proxy import S3Proxy
@@ -780,7 +779,7 @@ def test_a_claim_renewed_while_its_save_ends_is_not_left_behind(
     s3_server: S3Server, s3_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # renewals every second, so that one comes while the save's COMMIT is held
-    monkeypatch.setattr(s3_store_module, "LEASE_SECONDS", 3.0)
+    monkeypatch.setattr(s3_lease, "LEASE_SECONDS", 3.0)
     with S3Proxy(s3_server.port) as proxy:
         commit = proxy.hold("PUT", "step-00000001/COMMIT")
         renewal = proxy.hold("PUT", "/.writers/", skip=1)  # the first PUT creates the claim
