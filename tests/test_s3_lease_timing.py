@@ -5,6 +5,7 @@ process waits on a stalled store."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -173,25 +174,45 @@ def _lease_writes(proxy: S3Proxy) -> int:
     return sum(1 for method, path, _ in proxy.log if method == "PUT" and f"/{LEASE_NAME}" in path)
 
 
-def test_stalled_claim_writes_neither_stop_the_lease_renewals_nor_the_release(
+@contextmanager
+def _save_in_flight(
     s3_server: S3Server, s3_url: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # A save is in flight (its uploads held), so each renewal round also renews its claim;
-    # then every claim write stalls. The lease must still be renewed on its schedule, and
-    # close() must release it, not give up waiting on a claim write.
+) -> Iterator[tuple[S3Proxy, distckpt.CheckpointManager]]:
+    """A manager (short lease, through a proxy) with step 2's save in flight: its uploads are
+    held, so each renewal round also renews its claim. The caller closes the manager; the
+    save then fails (the store is closed under it), once its uploads are let go on exit."""
     failures: list[BaseException] = []
     with _saved_through_proxy(s3_server, s3_url, monkeypatch) as (proxy, manager):
         uploads = proxy.hold("PUT", "step-00000002", times=1000)
 
-        def save_in_flight() -> None:
+        def save() -> None:
             try:
                 manager.save(2, _state(2))
-            except BaseException as exc:  # the store is closed under it: expected to fail
+            except BaseException as exc:
                 failures.append(exc)
 
-        saving = threading.Thread(target=save_in_flight, daemon=True)
+        saving = threading.Thread(target=save, daemon=True)
         saving.start()
         assert uploads.arrived.wait(SHORT_LEASE_SECONDS)
+        yield proxy, manager
+        uploads.release()
+        saving.join(60)
+    assert len(failures) == 1 and not saving.is_alive()
+
+
+def _claim_expiry(s3_url: str, options: dict[str, Any]) -> float:
+    """The expiry written in the one claim of the root."""
+    with ObjectStore(s3_url, options) as store:
+        (name,) = [info.key for info in store.list(".writers/")]
+        return float(json.loads(store.get_bytes(name))["expires_unix"])
+
+
+def test_stalled_claim_writes_neither_stop_the_lease_renewals_nor_the_release(
+    s3_server: S3Server, s3_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every claim write stalls. The lease must still be renewed on its schedule, and close()
+    # must release it, not give up waiting on a claim write.
+    with _save_in_flight(s3_server, s3_url, monkeypatch) as (proxy, manager):
         claims = proxy.hold("PUT", "/.writers/", times=1000)
         assert claims.arrived.wait(SHORT_LEASE_SECONDS)  # a renewal round is writing a claim
         before = _lease_writes(proxy)
@@ -200,9 +221,21 @@ def test_stalled_claim_writes_neither_stop_the_lease_renewals_nor_the_release(
         manager.close()
         with ObjectStore(s3_url, s3_server.storage_options()) as store:
             record = LeaseRecord.decode(store.get_bytes(LEASE_NAME))
-        uploads.release()
         claims.release()
-        saving.join(60)
     assert renewed >= 2, f"{renewed} lease renewals while the claim writes stalled"
     assert record is not None and record.released
-    assert len(failures) == 1 and not saving.is_alive()
+
+
+def test_a_claim_renewal_that_landed_unanswered_does_not_stop_the_next(
+    s3_server: S3Server, s3_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A claim renewal reaches the store but its answer is lost: the claim's version is not the
+    # one the renewer last saw, and its compare-and-swap must go on from what the store holds.
+    direct = s3_server.storage_options()
+    with _save_in_flight(s3_server, s3_url, monkeypatch) as (proxy, manager), manager:
+        unanswered = proxy.drop("PUT", "/.writers/")
+        assert unanswered.arrived.wait(SHORT_LEASE_SECONDS)
+        time.sleep(1.0)  # the renewer gives up on it (after 1 s here)
+        landed = _claim_expiry(s3_url, direct)
+        time.sleep(SHORT_LEASE_SECONDS / 3 + 1)  # a retry, then a round
+        assert _claim_expiry(s3_url, direct) > landed

@@ -784,12 +784,22 @@ def test_a_claim_renewed_while_its_save_ends_is_not_left_behind(
         commit = proxy.hold("PUT", "step-00000001/COMMIT")
         renewal = proxy.hold("PUT", "/.writers/", skip=1)  # the first PUT creates the claim
 
+        def claim_writes() -> int:
+            return sum(
+                1 for method, path, _ in proxy.log if method == "PUT" and ".writers/" in path
+            )
+
         def release_in_the_racy_order() -> None:
             renewal.arrived.wait(30)  # the renewer is writing the claim
             commit.release()
-            # the save ending deletes the claim now, unless it waits for that renewal
-            proxy.wait_for("POST", "?delete", timeout=1.0)
+            # the save ending deletes the claim once the renewer gave up on that write (its
+            # request times out); the write reaches the store only after that delete
+            assert proxy.wait_for("POST", "?delete", timeout=30)
+            written_before = claim_writes()
             renewal.release()
+            deadline = time.monotonic() + 30
+            while claim_writes() == written_before and time.monotonic() < deadline:
+                time.sleep(0.05)  # until the store answered the late write
 
         releaser = threading.Thread(target=release_in_the_racy_order)
         releaser.start()

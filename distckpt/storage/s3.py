@@ -131,9 +131,10 @@ class S3RootStore(LeaseKeeping, Upkeep, ViewedStore):
         self._refuse_if_read_only(f"save step {step}")
         # Written before the lock is taken: a slow data client must not hold up the lease's
         # renewals, which take that lock.
-        self._write_claim(token)
+        etag = self._write_claim(token)
         with self._lease_lock:
             self._claims.add(token)
+            self._claim_etags[token] = etag
         return StagingArea(step, self.s3.attempt_location(step, token), token)
 
     def make_staging_durable(self, area: StagingArea) -> None:

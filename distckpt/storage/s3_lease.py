@@ -20,7 +20,9 @@ from distckpt.errors import (
     CoordinationTimeout,
     InvalidArgument,
     LeaseLost,
+    ObjectNotFound,
     ObjectStoreError,
+    PreconditionFailed,
     RootInUse,
 )
 from distckpt.lease import LeaseHolder, this_process_host
@@ -59,6 +61,9 @@ class LeaseKeeping(RootStore):
         # Guards the lease and the claims between the renewing thread and the store's users.
         self._lease_lock = threading.RLock()
         self._claims: set[str] = set()
+        #: the ETag of each claim in ``_claims`` as this store last wrote it: renewals are
+        #: compare-and-swap on it
+        self._claim_etags: dict[str, str] = {}
         self._stop_renewing = threading.Event()
         self._renewer: threading.Thread | None = None
         #: the client of the lease's renewals and release, whose requests give up quickly
@@ -145,17 +150,16 @@ class LeaseKeeping(RootStore):
         claim was written.
 
         Through the quick client, so that a stalled store delays neither the lease's next
-        renewal nor :meth:`close` for long. A claim write that client gave up on may still
-        land after :meth:`_drop_claim` deleted the claim: that claim then names a save no
-        longer in flight (removed, or published), protects nothing of a live writer, and is
-        removed as a dead writer's by the next start or gc once it has expired (its expiry,
-        written at sending, is at most LEASE_SECONDS later)."""
+        renewal nor :meth:`close` for long. A write that client gave up on may still land
+        later, after :meth:`_drop_claim` deleted the claim: so each renewal is a
+        compare-and-swap on the claim's version (:meth:`_renew_claim`), which the store
+        refuses once the claim is gone, and the claim never outlives its save."""
         written = True
         with self._lease_lock:
             renewals = self._renewals
             for attempt in list(self._claims) if renewals is not None else []:
                 try:
-                    self._write_claim(attempt, through=renewals)
+                    self._claim_etags[attempt] = self._renew_claim(attempt, renewals)
                 except ObjectStoreError as exc:
                     logger.warning("could not renew the claim of %s: %s", attempt, exc)
                     written = False
@@ -221,8 +225,33 @@ class LeaseKeeping(RootStore):
             elif self._renewer is not None:  # opened, then closed
                 raise LeaseLost(f"the store of {self.root} was closed: it commits nothing more")
 
-    def _write_claim(self, attempt: str, *, through: ObjectStore | None = None) -> None:
-        """Write the claim of ``attempt`` (through the data client unless ``through``)."""
+    def _renew_claim(self, attempt: str, through: ObjectStore) -> str:
+        """Renew the claim of ``attempt``, a save in flight, by compare-and-swap; its new ETag.
+        Refused for the version last written, it is written on the version the store holds:
+        while the save is in flight only this store writes its claim, so that version is an
+        earlier renewal given up on that landed. A claim found gone (removed by a ``gc`` that
+        took it for expired) is created again."""
+        name = self.s3.claim_name(attempt)
+        try:
+            return self._write_claim(attempt, through=through, if_match=self._claim_etags[attempt])
+        except (PreconditionFailed, ObjectNotFound):
+            pass
+        try:
+            current = through.head(name).etag
+        except ObjectNotFound:
+            return self._write_claim(attempt, through=through, if_absent=True)
+        return self._write_claim(attempt, through=through, if_match=current)
+
+    def _write_claim(
+        self,
+        attempt: str,
+        *,
+        through: ObjectStore | None = None,
+        if_absent: bool = False,
+        if_match: str | None = None,
+    ) -> str:
+        """Write the claim of ``attempt`` (through the data client unless ``through``, with
+        the conditions of :meth:`~distckpt.objstore.ObjectStore.put_bytes`); its ETag."""
         claim = {
             "attempt": attempt,
             "host": this_process_host(),  # see local_process_gone
@@ -230,18 +259,26 @@ class LeaseKeeping(RootStore):
             "expires_unix": time.time() + LEASE_SECONDS,
         }
         client = through if through is not None else self.s3.client
-        client.put_bytes(self.s3.claim_name(attempt), json.dumps(claim).encode())
+        return client.put_bytes(
+            self.s3.claim_name(attempt),
+            json.dumps(claim).encode(),
+            if_absent=if_absent,
+            if_match=if_match,
+        )
 
     def _drop_claim(self, attempt: str) -> None:
         """Stop renewing the claim of ``attempt`` and delete it, as the last write to it.
 
         Both under the lock the renewing thread writes claims under: a renewal in flight
-        holds that lock, so it has landed before the delete goes out; and once the attempt is
-        out of ``_claims`` no later renewal writes it again. Deleting first and forgetting
-        after (or without the lock) lets a renewal that copied ``_claims`` before the delete
-        land after it, and the claim outlives its save."""
+        holds that lock, so it has been answered or given up on before the delete goes out
+        (one given up on that lands later is a compare-and-swap on a claim that is gone, and
+        refused: see :meth:`_renew_claims`); and once the attempt is out of ``_claims`` no
+        later renewal writes it again. Deleting first and forgetting after (or without the
+        lock) lets a renewal that copied ``_claims`` before the delete land after it, and the
+        claim outlives its save."""
         with self._lease_lock:
             self._claims.discard(attempt)
+            self._claim_etags.pop(attempt, None)
             try:
                 self.s3.client.delete([self.s3.claim_name(attempt)])
             except CheckpointError as exc:
