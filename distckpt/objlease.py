@@ -12,13 +12,36 @@ Guarantees:
 * Expiry needs no agreement between clocks: a contender times the lease on *its own* monotonic
   clock, from the moment it first sees an ETag, and takes the lease over only once that ETag
   has stayed unchanged for the holder's declared ``duration``. The holder counts its own
-  remaining time from *before* it sent its last write, so it always believes it has lost the
-  lease no later than any contender can take it — provided clocks run at the same rate.
-* A holder learns it lost the lease (expired and taken) at its next :meth:`~ObjectLease.renew`
-  or :meth:`~ObjectLease.check`, which raise :class:`~distckpt.errors.LeaseLost`.
+  remaining time from *before* it sent its last successful write, so it always believes it
+  has lost the lease no later than any contender can take it — provided clocks run at the
+  same rate.
+* A holder learns it lost the lease (taken, released or deleted) at its next
+  :meth:`~ObjectLease.renew` or :meth:`~ObjectLease.check`, which raise
+  :class:`~distckpt.errors.LeaseLost`.
 
-Limits: the holder must renew well within ``duration`` (every third of it is comfortable); a
-holder paused for longer than ``duration`` (a stopped VM, swapping) may act once more between
+Renewing a lease whose time is up. A slow or failed renewal can leave the holder's own time
+up although nobody took the lease. :meth:`~ObjectLease.renew` then still sends its conditional
+write on the ETag it last wrote, and that is safe: a takeover is itself a write, so it changes
+the ETag, and the renewal then fails its precondition (a permanent
+:class:`~distckpt.errors.LeaseLost`). If the renewal succeeds, no contender had written since
+our last write, and every contender restarts its timer at the new ETag, which it sees no
+earlier than the moment the store applied it, itself no earlier than when we sent it — the
+moment our new time is counted from. So a contender can again take over no earlier than the
+holder's time ends. While its time is up, the holder believes nothing: :meth:`check` refuses
+(a commit does not go out), and a renewal that failed in transport (timeout, store down)
+leaves it so, to be tried again, not lost for good. A renewal refused because the object holds
+another version that is still this lease's own record (a renewal the store applied whose
+answer was lost) adopts that version and writes once more, by the same argument: only this
+lease writes its owner; :meth:`check` meeting such a version refuses (the write is not seen
+to have landed) but keeps the lease for that next renewal, and a read back that fails in
+transport leaves the lease as a failed renewal does. A renewal the client gave up on may
+still reach the store later; it too is a compare-and-swap on the version this lease last
+wrote, so it lands only if nobody else wrote since, and the holder counts no time from it (it
+errs toward believing less).
+
+Limits: the holder must renew well within ``duration`` (every third of it is comfortable), each
+renewal's requests giving up well before the lease would expire (:func:`lease_request_options`);
+a holder paused for longer than ``duration`` (a stopped VM, swapping) may act once more between
 losing the lease and noticing, so a commit also relies on its own conditional create (two
 commits of one step cannot both succeed). A crashed holder blocks others for ``duration``.
 """
@@ -30,9 +53,10 @@ import json
 import os
 import time
 import uuid
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from dataclasses import fields as dataclass_fields
-from typing import Callable, NoReturn
+from typing import Any, Callable, NoReturn
 
 from distckpt.errors import (
     CoordinationTimeout,
@@ -44,6 +68,37 @@ from distckpt.errors import (
 )
 from distckpt.lease import this_process_host
 from distckpt.objstore import ObjectStore
+
+#: what fraction of the lease's duration one request of its renewals or release may take at
+#: most (connecting, and then each read): a renewal (a write, then on failure a read back)
+#: ends well before the lease would expire, and closing never waits long on a stalled store
+REQUEST_FRACTION = 1 / 15
+#: a request is never given less than this many seconds, however short the lease
+MIN_REQUEST_SECONDS = 1.0
+#: the botocore config keys that :func:`lease_request_options` sets: a user's
+#: ``config_kwargs`` must not override them (they are merged last)
+_TIMING_CONFIG_KEYS = ("retries", "connect_timeout", "read_timeout")
+
+
+def lease_request_options(options: Mapping[str, Any], duration: float) -> dict[str, Any]:
+    """``storage_options`` for the client of a lease's renewals and release: what ``options``
+    give, but one attempt per request, and connect/read timeouts of at most ``duration``
+    times :data:`REQUEST_FRACTION` (at least :data:`MIN_REQUEST_SECONDS`). The caller's
+    renewal loop retries, on its own schedule; the defaults of a data client (several attempts
+    of 60 s each) would outlast the lease."""
+    limit = max(MIN_REQUEST_SECONDS, duration * REQUEST_FRACTION)
+    config_kwargs = {
+        key: value
+        for key, value in dict(options.get("config_kwargs", {})).items()
+        if key not in _TIMING_CONFIG_KEYS
+    }
+    return {
+        **options,
+        "config_kwargs": config_kwargs,
+        "retries": 1,
+        "connect_timeout": min(float(options.get("connect_timeout", limit)), limit),
+        "read_timeout": min(float(options.get("read_timeout", limit)), limit),
+    }
 
 
 @dataclass(frozen=True)
@@ -76,12 +131,25 @@ class LeaseRecord:
 
 
 class ObjectLease:
-    """A lease on ``name`` in ``store``, valid for ``duration`` seconds after each write."""
+    """A lease on ``name`` in ``store``, valid for ``duration`` seconds after each write.
 
-    def __init__(self, store: ObjectStore, name: str, *, duration: float = 60.0) -> None:
+    ``renewals`` is the store that :meth:`renew` and :meth:`release` send through (``store``
+    when not given): a client of the same root whose requests give up quickly
+    (:func:`lease_request_options`), so that a stalled store fails a renewal in time to try
+    again before the lease expires."""
+
+    def __init__(
+        self,
+        store: ObjectStore,
+        name: str,
+        *,
+        duration: float = 60.0,
+        renewals: ObjectStore | None = None,
+    ) -> None:
         if duration <= 0:
             raise InvalidArgument(f"lease duration must be positive: {duration}")
         self.store = store
+        self.renewals = renewals if renewals is not None else store
         self.name = name
         self.duration = duration
         self.owner = uuid.uuid4().hex
@@ -103,12 +171,23 @@ class ObjectLease:
             self.owner, this_process_host(), os.getpid(), self.duration, self._renewal, released
         ).encode()
 
-    def _write(self, *, if_absent: bool = False, if_match: str | None = None) -> None:
+    def renewal_due(self) -> float:
+        """When (``time.monotonic()``) the next renewal is due: a third of ``duration`` after
+        the last successful write was sent, however long that write took to be answered."""
+        return self._valid_until - self.duration + self.duration / 3
+
+    def _write(
+        self,
+        *,
+        if_absent: bool = False,
+        if_match: str | None = None,
+        through: ObjectStore | None = None,
+    ) -> None:
         sent = time.monotonic()  # before the write: the conservative start of our time
         self._renewal += 1
         # owner and renewal count make the record unique: a write applied whose answer was
         # lost is recognised as this lease's own (not a contender's) by reading it back
-        self._etag = self.store.put_own_bytes(
+        self._etag = (through or self.store).put_own_bytes(
             self.name, self._record(), if_absent=if_absent, if_match=if_match
         )
         self._valid_until = sent + self.duration
@@ -158,37 +237,79 @@ class ObjectLease:
             time.sleep(min(poll, max(0.0, deadline - now)))
 
     def renew(self) -> None:
-        """Extend the lease by ``duration`` from now; :class:`~distckpt.errors.LeaseLost` if
-        it expired or was taken."""
+        """Extend the lease by ``duration`` from now, also when this lease's own time is up
+        (it is ours again if nobody wrote it meanwhile: see the module doc).
+        :class:`~distckpt.errors.LeaseLost` if it was taken, released or deleted (for good);
+        another :class:`~distckpt.errors.ObjectStoreError` if the store did not answer (the
+        lease is then held only while its time lasts, and a later renewal may succeed)."""
         if self._etag is None:
             raise LeaseLost(f"lease {self.store.url}/{self.name} is not held")
-        if not self.held:
-            self._lost("expired before it was renewed")
         try:
-            self._write(if_match=self._etag)
+            self._write(if_match=self._etag, through=self.renewals)
+            return
+        except PreconditionFailed:
+            adopted = self._adopt_own_version()
+        if adopted is None:
+            self._lost("taken by another writer")
+        try:
+            self._write(if_match=adopted, through=self.renewals)
         except PreconditionFailed:
             self._lost("taken by another writer")
 
+    def _adopt_own_version(self, through: ObjectStore | None = None) -> str | None:
+        """The ETag of what the store holds when that is still this lease's own unreleased
+        record (a renewal applied whose every answer was lost), else None (taken, released or
+        deleted). A store that does not answer raises its
+        :class:`~distckpt.errors.ObjectStoreError`: nothing is known then, so the lease is
+        neither given up nor counted renewed (held while the time of the last write known to
+        have landed lasts)."""
+        try:
+            data, etag = (through or self.renewals).get_versioned(self.name)
+        except ObjectNotFound:
+            return None
+        record = LeaseRecord.decode(data)
+        if record is None or record.owner != self.owner or record.released:
+            return None
+        return etag
+
     def check(self) -> None:
         """Fence: raise :class:`~distckpt.errors.LeaseLost` unless the lease is still ours (time
-        left, and the store still has our version)."""
+        left, and the store still has our version). A lease whose time is up, or whose store
+        holds another version that is still this lease's own record (a renewal applied whose
+        answer was lost), is refused but not forgotten: its next :meth:`renew` may find it
+        still ours. A store that does not answer raises its
+        :class:`~distckpt.errors.ObjectStoreError`."""
+        if self._etag is None:
+            self._lost("not held")
         if not self.held:
-            self._lost("expired" if self._etag is not None else "not held")
+            raise LeaseLost(
+                f"lease {self.store.url}/{self.name} expired: not renewed within "
+                f"{self.duration:g} s (a later renewal may take it back if nobody else did)"
+            )
         try:
             etag = self.store.head(self.name).etag
         except ObjectNotFound:
             self._lost("deleted")
-        if etag != self._etag:
+        if etag == self._etag:
+            return
+        if self._adopt_own_version(through=self.store) is None:
             self._lost("taken by another writer")
+        # Our own renewal, applied with its answer lost: nobody else wrote, but this lease has
+        # not seen its write land. Refused (not counted held), yet kept: the next renewal
+        # adopts that version and holds the lease again.
+        raise LeaseLost(
+            f"lease {self.store.url}/{self.name} is not confirmed: the store holds a renewal "
+            "of this lease whose answer was lost (the next renewal takes it back)"
+        )
 
     def release(self) -> None:
-        """Give the lease up so the next contender need not wait for it to expire; nothing
-        happens if it was already lost."""
+        """Give the lease up (through ``renewals``) so the next contender need not wait for it
+        to expire; nothing happens if it was already lost."""
         if self._etag is None:
             return
         etag, self._etag = self._etag, None
         with contextlib.suppress(PreconditionFailed):  # taken over already: not ours to release
-            self.store.put_bytes(self.name, self._record(released=True), if_match=etag)
+            self.renewals.put_bytes(self.name, self._record(released=True), if_match=etag)
 
     def _lost(self, why: str) -> NoReturn:
         self._etag = None

@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 
-from distckpt import CoordinationTimeout, LeaseLost
+from distckpt import CoordinationTimeout, LeaseLost, StoreUnavailable
 from distckpt.lease import this_process_host
-from distckpt.objlease import LeaseRecord, ObjectLease
+from distckpt.objlease import LeaseRecord, ObjectLease, lease_request_options
 from distckpt.objstore import ObjectStore
 from tests.ranks import run_ranks
 from tests.s3proxy import S3Proxy
@@ -135,18 +137,27 @@ def test_a_record_of_this_version_has_only_the_keys_older_versions_decode(
         lease.release()
 
 
-def test_a_renewal_applied_whose_every_answer_was_lost_is_held(
-    s3_server: S3Server, s3_url: str
-) -> None:
-    # Both tries of one renewal reach the store and lose their answers (the second is refused
-    # there): the client gives up unavailable, yet the object holds this renewal's record.
-    options = s3_server.storage_options(retries=2)
+@contextmanager
+def _lease_through_proxy(
+    s3_server: S3Server, s3_url: str, *, retries: int
+) -> Iterator[tuple[S3Proxy, ObjectStore, ObjectLease]]:
+    """A lease (30 s) taken through a proxy by a client making ``retries`` tries a request."""
+    options = s3_server.storage_options(retries=retries)
     with (
         S3Proxy(s3_server.port) as proxy,
         ObjectStore(s3_url, options | {"endpoint_url": proxy.endpoint}) as store,
     ):
         lease = ObjectLease(store, ".lock", duration=30)
         lease.acquire(timeout=0)
+        yield proxy, store, lease
+
+
+def test_a_renewal_applied_whose_every_answer_was_lost_is_held(
+    s3_server: S3Server, s3_url: str
+) -> None:
+    # Both tries of one renewal reach the store and lose their answers (the second is refused
+    # there): the client gives up unavailable, yet the object holds this renewal's record.
+    with _lease_through_proxy(s3_server, s3_url, retries=2) as (proxy, store, lease):
         held = LeaseRecord.decode(store.get_bytes(".lock"))
         proxy.drop("PUT", "/.lock", times=2)
         lease.renew()  # read back: its own record, so it counts as done
@@ -155,3 +166,83 @@ def test_a_renewal_applied_whose_every_answer_was_lost_is_held(
         record = LeaseRecord.decode(store.get_bytes(".lock"))
     assert held is not None and record is not None
     assert (record.owner, record.renewal) == (lease.owner, held.renewal + 2)
+
+
+def test_a_lease_whose_time_ran_out_unrenewed_is_renewed_if_nobody_took_it(
+    s3_server: S3Server, s3_url: str
+) -> None:
+    # Its own time up, the holder may not act (check refuses), but the store still has its
+    # version: a renewal on that ETag makes the lease its own again.
+    with (
+        ObjectStore(s3_url, s3_server.storage_options()) as store,
+        ObjectLease(store, ".lock", duration=1.0) as lease,  # released on exit
+    ):
+        lease.acquire(timeout=1)
+        time.sleep(1.1)
+        assert not lease.held
+        with pytest.raises(LeaseLost, match="expired"):
+            lease.check()
+        sent = time.monotonic()
+        lease.renew()
+        assert lease.held and sent < lease.renewal_due() <= time.monotonic() + 1.0 / 3
+        lease.check()
+
+
+def test_lease_requests_give_up_within_a_fraction_of_the_lease() -> None:
+    options = {"retries": 7, "read_timeout": 60, "config_kwargs": {"connect_timeout": 99}}
+    quick = lease_request_options(options, 30.0)
+    assert (quick["retries"], quick["read_timeout"], quick["connect_timeout"]) == (1, 2.0, 2.0)
+    assert quick["config_kwargs"] == {}  # merged last: it must not undo the limits
+    assert lease_request_options({"read_timeout": 0.5}, 30.0)["read_timeout"] == 0.5
+
+
+@contextmanager
+def _a_renewal_applied_unseen(
+    s3_server: S3Server, s3_url: str, *, lost_reads: int = 1
+) -> Iterator[ObjectLease]:
+    """A lease one of whose renewals reached the store while neither its answer nor its read
+    back came back (``lost_reads`` GETs of the lease lose their answers, the first being that
+    read back). After the caller's block, the next renewal must hold the lease again."""
+    with _lease_through_proxy(s3_server, s3_url, retries=1) as (proxy, store, lease):
+        proxy.drop("PUT", "/.lock")
+        proxy.drop("GET", "/.lock", times=lost_reads)
+        with pytest.raises(StoreUnavailable):
+            lease.renew()
+        yield lease
+        lease.renew()
+        lease.check()
+        record = LeaseRecord.decode(store.get_bytes(".lock"))
+    assert record is not None and record.owner == lease.owner
+
+
+def test_a_renewal_applied_unseen_is_adopted_by_the_next_renewal(
+    s3_server: S3Server, s3_url: str
+) -> None:
+    # The holder keeps the version before the unseen renewal. The next renewal is refused for
+    # that version, finds its own record in the store, and renews from there instead of
+    # counting the lease lost.
+    with _a_renewal_applied_unseen(s3_server, s3_url):
+        pass
+
+
+def test_a_fence_check_after_a_renewal_applied_unseen_refuses_but_keeps_the_lease(
+    s3_server: S3Server, s3_url: str
+) -> None:
+    # A check before the next renewal may not count the lease held (the write is not seen to
+    # have landed), but nobody took it, so the next renewal must hold it again.
+    with (
+        _a_renewal_applied_unseen(s3_server, s3_url) as lease,
+        pytest.raises(LeaseLost, match="not confirmed"),
+    ):
+        lease.check()
+
+
+def test_a_renewal_whose_read_back_fails_in_transport_is_tried_again_not_lost(
+    s3_server: S3Server, s3_url: str
+) -> None:
+    # The next renewal is refused and its read backs of the store fail too (its own, then its
+    # adoption's): nothing is known, so that is a transient failure, not a lost lease.
+    with _a_renewal_applied_unseen(s3_server, s3_url, lost_reads=3) as lease:
+        with pytest.raises(StoreUnavailable):
+            lease.renew()
+        assert lease.held  # the time of the last write known to land still runs

@@ -36,7 +36,7 @@ from distckpt.fsutil import LinkMode
 from distckpt.lease import LeaseHolder
 from distckpt.lock import Leftover
 from distckpt.manifest import FileRecord, Manifest
-from distckpt.objurl import is_s3_url
+from distckpt.objurl import checked_root, is_s3_url
 from distckpt.policy import RetentionPolicy
 from distckpt.results import CheckpointLocation, SaveResult
 from distckpt.storage.views import Located, RootView
@@ -302,7 +302,9 @@ def open_store(
     (no probe, no lock file, no cleanup or link repair when opened); its changes
     (``begin_staging``, ``delete``, ``prune``, ``collect_leftovers``) raise
     :class:`~distckpt.ReadOnlyRoot`. ``lock_timeout`` is, on an ``s3://`` root, how long a
-    set-aside may copy (:meth:`RootStore.set_aside`)."""
+    set-aside may copy (:meth:`RootStore.set_aside`). ``root`` is checked first
+    (:func:`~distckpt.objurl.checked_root`)."""
+    root = checked_root(root)
     if is_s3_url(root):
         from distckpt.storage.s3 import S3RootStore
 
@@ -331,7 +333,9 @@ def open_store(
 def open_view(
     root: str | os.PathLike[str], *, storage_options: Mapping[str, Any] | None = None
 ) -> RootView:
-    """What readers see of ``root`` (an ``s3://`` URL or a directory); reads only."""
+    """What readers see of ``root`` (an ``s3://`` URL or a directory, checked by
+    :func:`~distckpt.objurl.checked_root`); reads only."""
+    root = checked_root(root)
     if is_s3_url(root):
         from distckpt.storage.s3_view import S3RootView
 
@@ -358,7 +362,9 @@ def locate(
 ) -> Located:
     """What a location given by a user stands for (see :data:`~distckpt.storage.views.PathKind`):
     an ``s3://`` URL or a local path. Raises :class:`~distckpt.CheckpointNotFound` when it
-    names nothing."""
+    names nothing; :class:`~distckpt.InvalidArgument` for a location no store takes
+    (:func:`~distckpt.objurl.checked_root`)."""
+    path = checked_root(path)
     if is_s3_url(path):
         from distckpt.storage.s3_view import locate_url
 

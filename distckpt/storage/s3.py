@@ -20,19 +20,15 @@ duration and checked before every change to what is published; and a claim objec
 ``.writers/<attempt>`` for each save in flight, renewed the same way, so that cleanup (``gc``,
 another job's start) never deletes a live writer's objects. There is no fsync: a completed
 PUT is durable, so ``fsync=`` means nothing here, and ``last``/``best`` are always pointer
-objects whatever ``link=`` says. Pointers, retention and leftovers are in
+objects whatever ``link=`` says. The lease, the claims, their renewing thread and closing are
+in :mod:`distckpt.storage.s3_lease`; pointers, retention and leftovers in
 :mod:`distckpt.storage.s3_upkeep`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
-import os
 import shutil
-import threading
-import time
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, contextmanager
@@ -44,45 +40,33 @@ from distckpt.errors import (
     CheckpointError,
     CheckpointNotFound,
     ConcurrentCommit,
-    CoordinationTimeout,
-    InvalidArgument,
-    LeaseLost,
     ObjectExists,
-    ObjectStoreError,
     PreconditionFailed,
-    RootInUse,
     StagedFileMismatch,
 )
 from distckpt.layout import MANIFEST_NAME
-from distckpt.lease import LeaseHolder, this_process_host
 from distckpt.manifest import FileRecord, Manifest
-from distckpt.objlease import LeaseRecord, ObjectLease
 from distckpt.results import CheckpointLocation, SaveResult
 from distckpt.storage import ExtraFile, OpenedRoot, StagingArea, store_files
 from distckpt.storage.posix_links import COMMITTING_RANK
+from distckpt.storage.s3_lease import LeaseKeeping
 from distckpt.storage.s3_spool import SpoolUploads, make_temp_dir, remove_dead_temp_dirs
-from distckpt.storage.s3_upkeep import Upkeep, local_process_gone
+from distckpt.storage.s3_upkeep import Upkeep
 from distckpt.storage.s3_view import (
     DOWNLOAD_CONCURRENCY,
-    LEASE_NAME,
     CommitRecord,
     S3Root,
     S3RootView,
 )
-from distckpt.storage.shared import ViewedStore, opened_no_more, release_at_exit
+from distckpt.storage.shared import ViewedStore
 
 logger = logging.getLogger("distckpt")
 
-#: How long the root's lease and a writer's claim last without renewal; both are renewed
-#: every third of it. A job killed without releasing its lease blocks the root this long
-#: (unless it ran on this machine, in the same PID namespace and boot: a dead local holder is
-#: taken over at once).
-LEASE_SECONDS = 30.0
 #: how often a pointer's compare-and-swap is tried again when another process moved it meanwhile
 _POINTER_RETRIES = 3
 
 
-class S3RootStore(Upkeep, ViewedStore):
+class S3RootStore(LeaseKeeping, Upkeep, ViewedStore):
     """A checkpoint root in an S3-protocol object store (see the module doc)."""
 
     #: a completed PUT is durable: nothing to fsync
@@ -107,14 +91,7 @@ class S3RootStore(Upkeep, ViewedStore):
         self.root: str = self.s3.root
         self.retention = retention
         self.read_only = read_only
-        self._lease: ObjectLease | None = None
-        self._lease_error: LeaseLost | None = None
-        # Guards the lease and the claims between the renewing thread and the store's users.
-        self._lease_lock = threading.RLock()
-        self._claims: set[str] = set()
-        self._stop_renewing = threading.Event()
-        self._renewer: threading.Thread | None = None
-        self._opened_by_pid = 0
+        self._init_lease_keeping()
         self._removed_at_open: list[CheckpointLocation] = []
         self._leftovers_checked = True
         self._tidy_lock = threading.Lock()
@@ -151,82 +128,6 @@ class S3RootStore(Upkeep, ViewedStore):
             raise
         return self._opened(tuple(self._removed_at_open))
 
-    def _take_lease(self, wait: float) -> None:
-        if self._lease is not None and self._lease.held:
-            return  # opened already
-        lease = ObjectLease(self.s3.client, LEASE_NAME, duration=LEASE_SECONDS)
-        try:
-            lease.acquire(
-                wait,
-                holder_gone=lambda record: local_process_gone(record.host, record.pid),
-            )
-        except CoordinationTimeout as exc:
-            raise RootInUse(
-                f"checkpoint root {self.root} is in use by another job: {exc}; wait for it to "
-                f"end (wait_for_root=), or for its lease to expire ({LEASE_SECONDS:g} s after "
-                "its last renewal) if it died",
-                holder=self._holder(),
-            ) from exc
-        with self._lease_lock:
-            self._lease, self._lease_error = lease, None
-        self._opened_by_pid = os.getpid()
-        release_at_exit(self)
-        self._stop_renewing.clear()
-        self._renewer = threading.Thread(
-            target=self._renew_until_closed, name="distckpt-s3-lease", daemon=True
-        )
-        self._renewer.start()
-        logger.info("holding the lease of %s", self.root)
-
-    def _holder(self) -> LeaseRecord | None:
-        with contextlib.suppress(ObjectStoreError):
-            return LeaseRecord.decode(self.s3.client.get_bytes(LEASE_NAME))
-        return None
-
-    def _renew_until_closed(self) -> None:
-        """The renewing thread: the lease and the claims of saves in flight, every third of
-        their duration, until :meth:`close`. A lost lease is kept for :meth:`_check_lease`."""
-        while not self._stop_renewing.wait(LEASE_SECONDS / 3):
-            with self._lease_lock:
-                try:
-                    if self._lease is not None and self._lease_error is None:
-                        self._lease.renew()
-                    for attempt in list(self._claims):
-                        self._write_claim(attempt)
-                except LeaseLost as exc:
-                    logger.error("%s: %s", self.root, exc)
-                    self._lease_error = exc
-                except ObjectStoreError as exc:  # transient: the next round tries again
-                    logger.warning("could not renew the lease of %s: %s", self.root, exc)
-
-    def close(self) -> None:
-        # A forked child inherits the store, but the lease belongs to the process that took it.
-        if self._opened_by_pid != os.getpid():
-            return
-        self._opened_by_pid = 0
-        self._stop_renewing.set()
-        if self._renewer is not None and self._renewer is not threading.current_thread():
-            self._renewer.join()
-        with self._lease_lock:
-            lease, self._lease = self._lease, None
-            if lease is not None:
-                try:
-                    lease.release()
-                except ObjectStoreError as exc:
-                    logger.warning("could not release the lease of %s: %s", self.root, exc)
-        opened_no_more(self)
-
-    def _check_lease(self) -> None:
-        """Before a change is published: this store's job still owns the root
-        (:class:`~distckpt.LeaseLost` if not). A store never opened holds no lease."""
-        with self._lease_lock:
-            if self._lease_error is not None:
-                raise self._lease_error
-            if self._lease is not None:
-                self._lease.check()
-            elif self._renewer is not None:  # opened, then closed
-                raise LeaseLost(f"the store of {self.root} was closed: it commits nothing more")
-
     def check_visible(self, rank: int) -> None:
         # One small listing proves the endpoint, the credentials and the bucket.
         next(iter(self.s3.client.list("", page_size=1)), None)
@@ -236,20 +137,14 @@ class S3RootStore(Upkeep, ViewedStore):
 
     # ------------------------------------------------------------------ staging
 
-    def _write_claim(self, attempt: str) -> None:
-        claim = {
-            "attempt": attempt,
-            "host": this_process_host(),  # see local_process_gone
-            "pid": os.getpid(),
-            "expires_unix": time.time() + LEASE_SECONDS,
-        }
-        self.s3.client.put_bytes(self.s3.claim_name(attempt), json.dumps(claim).encode())
-
     def begin_staging(self, step: int, token: str) -> StagingArea:
         self._refuse_if_read_only(f"save step {step}")
+        # Written before the lock is taken: a slow data client must not hold up the lease's
+        # renewals, which take that lock.
+        etag = self._write_claim(token)
         with self._lease_lock:
-            self._write_claim(token)
             self._claims.add(token)
+            self._claim_etags[token] = etag
         return StagingArea(step, self.s3.attempt_location(step, token), token)
 
     def make_staging_durable(self, area: StagingArea) -> None:
@@ -270,21 +165,6 @@ class S3RootStore(Upkeep, ViewedStore):
         finally:
             self._published.discard(attempt)
             self._drop_claim(attempt)
-
-    def _drop_claim(self, attempt: str) -> None:
-        """Stop renewing the claim of ``attempt`` and delete it, as the last write to it.
-
-        Both under the lock the renewing thread writes claims under: a renewal in flight
-        holds that lock, so it has landed before the delete goes out; and once the attempt is
-        out of ``_claims`` no later renewal writes it again. Deleting first and forgetting
-        after (or without the lock) lets a renewal that copied ``_claims`` before the delete
-        land after it, and the claim outlives its save."""
-        with self._lease_lock:
-            self._claims.discard(attempt)
-            try:
-                self.s3.client.delete([self.s3.claim_name(attempt)])
-            except CheckpointError as exc:
-                logger.warning("could not remove the claim of %s (left for gc): %s", attempt, exc)
 
     def open_shard(self, location: str, rank: int) -> AbstractContextManager[Path]:
         return self._spool(location, rank)
@@ -458,25 +338,3 @@ class S3RootStore(Upkeep, ViewedStore):
             self._removed_at_open = []  # reported once
             self._leftovers_checked = True  # a tidy need not look for them again
         return removed
-
-    def break_lease(self) -> LeaseHolder | None:
-        raise InvalidArgument(
-            f"the lease of {self.root} is not broken by hand: it expires by itself "
-            f"{LEASE_SECONDS:g} s after its holder stops renewing it (wait_for_root= waits)"
-        )
-
-    def lease_holder(self) -> LeaseHolder | None:
-        record = self._holder()
-        if record is None:
-            return None
-        return LeaseHolder(
-            host=record.host,
-            pid=record.pid,
-            job_id=None,
-            started_utc="unknown",
-            generation=record.renewal,
-            token=record.owner,
-            released_utc="unknown" if record.released else None,
-            # expiry is timed by a contender's own clock: not decidable from one look
-            alive=False if record.released else None,
-        )

@@ -12,14 +12,17 @@ discarded (its upload aborted). Nothing is visible to readers before the step's 
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shutil
 import tempfile
 import threading
+import time
 from collections.abc import Mapping
 from pathlib import Path
 
+from distckpt.lease import this_process_host
 from distckpt.manifest import FileRecord
 from distckpt.objstore import ObjectStore
 from distckpt.objstreams import ObjectWriter
@@ -30,31 +33,71 @@ logger = logging.getLogger("distckpt")
 POLL_SECONDS = 0.02
 _CHUNK = 8 << 20
 #: The temp dirs of this machine's saves (spools) and reads (downloads), each named
-#: ``<prefix><pid>-...`` after the process that made it.
+#: ``<prefix><pid>@<place>-...`` after the process that made it (:func:`make_temp_dir`).
 TEMP_DIR_PREFIXES = ("distckpt-spool-", "distckpt-read-")
+#: How old (by its last change) a temp dir whose pid cannot be judged from here must be before
+#: it is removed: one made in another place (another PID namespace sharing this temp dir, a
+#: previous boot with the temp dir on disk), or named the way older versions named them
+#: (``<prefix><pid>-...``, without a place). No save or read keeps its dir unchanged this long.
+UNJUDGED_TEMP_DIR_AGE = 24 * 3600.0
+
+
+def temp_dir_place() -> str:
+    """Where this process's pid means this process, as a token fit for a file name: a short
+    hash of :func:`~distckpt.lease.this_process_host` (hostname, PID namespace and boot)."""
+    return hashlib.sha256(this_process_host().encode()).hexdigest()[:12]
 
 
 def make_temp_dir(kind: str, name: str) -> Path:
     """A new temp dir for a save's spool (``kind`` ``"spool"``) or a read's download
-    (``"read"``), named after this process, so :func:`remove_dead_temp_dirs` can tell once
-    its process is gone (a killed process leaves it behind)."""
-    return Path(tempfile.mkdtemp(prefix=f"distckpt-{kind}-{os.getpid()}-{name}-"))
+    (``"read"``), named after this process and where its pid means it
+    (:func:`temp_dir_place`), so :func:`remove_dead_temp_dirs` can tell once its process is
+    gone (a killed process leaves it behind)."""
+    prefix = f"distckpt-{kind}-{os.getpid()}@{temp_dir_place()}-{name}-"
+    return Path(tempfile.mkdtemp(prefix=prefix))
 
 
 def remove_dead_temp_dirs() -> None:
-    """Remove the temp dirs of this machine's saves and reads whose process no longer runs."""
+    """Remove the temp dirs of this machine's saves and reads whose process no longer runs.
+
+    A dir made where its pid means the same process as here (its place is
+    :func:`temp_dir_place`) is removed once that process is gone. One made in another place (a
+    job in another PID namespace that shares this temp dir, a previous boot) is removed only
+    once it is :data:`UNJUDGED_TEMP_DIR_AGE` old: a live job there keeps its dir changing. One
+    named the way older versions named them (no place) is removed once that old and no process
+    of its pid runs here (in this namespace its pid may still be its live writer)."""
     try:
         entries = list(os.scandir(tempfile.gettempdir()))
     except OSError:
         return
+    place = temp_dir_place()
     for entry in entries:
         prefix = next((p for p in TEMP_DIR_PREFIXES if entry.name.startswith(p)), None)
         if prefix is None or not entry.is_dir(follow_symlinks=False):
             continue
-        pid = entry.name[len(prefix) :].partition("-")[0]
-        if pid.isdigit() and process_gone(int(pid)):
-            logger.info("removing %s, left by a process that died", entry.path)
+        pid, at, its_place = entry.name[len(prefix) :].partition("-")[0].partition("@")
+        if not pid.isdigit():
+            continue
+        if at and its_place == place:
+            if process_gone(int(pid)):
+                logger.info("removing %s, left by a process that died", entry.path)
+                shutil.rmtree(entry.path, ignore_errors=True)
+        elif _unchanged_for(entry, UNJUDGED_TEMP_DIR_AGE) and (at or process_gone(int(pid))):
+            logger.info(
+                "removing %s, left by a process %s, unchanged for %g s or more",
+                entry.path,
+                "of another PID namespace or boot" if at else "of an older version",
+                UNJUDGED_TEMP_DIR_AGE,
+            )
             shutil.rmtree(entry.path, ignore_errors=True)
+
+
+def _unchanged_for(entry: os.DirEntry[str], seconds: float) -> bool:
+    """Whether ``entry`` was last changed at least ``seconds`` ago (False if it is gone)."""
+    try:
+        return time.time() - entry.stat(follow_symlinks=False).st_mtime >= seconds
+    except OSError:
+        return False
 
 
 def process_gone(pid: int) -> bool:

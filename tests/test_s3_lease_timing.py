@@ -1,0 +1,241 @@
+"""The timing of an ``s3://`` root's lease against a real S3-protocol server (moto,
+tests/s3server.py), with tests/s3proxy.py making requests slow at exact moments: a slow
+renewal does not cost the lease, a real takeover does, and neither closing nor the end of the
+process waits on a stalled store."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pytest
+import torch
+
+import distckpt
+from distckpt import LeaseLost, objlease
+from distckpt.objlease import LeaseRecord, ObjectLease
+from distckpt.objstore import ObjectStore
+from distckpt.storage import s3_lease
+from distckpt.storage.s3_view import LEASE_NAME
+from tests.s3proxy import S3Proxy
+from tests.s3server import S3Server
+
+pytest.importorskip("botocore")
+
+#: a short lease so that its renewals come every 3 s; each lease request still gets the
+#: smallest timeout (1 s), ample for a local server
+SHORT_LEASE_SECONDS = 9.0
+
+
+def _state(step: int) -> dict[str, Any]:
+    return {"w": torch.arange(4.0) + step, "step": step}
+
+
+@contextmanager
+def _saved_through_proxy(
+    s3_server: S3Server, s3_url: str, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[tuple[S3Proxy, distckpt.CheckpointManager]]:
+    """A manager of ``s3_url`` (short lease) that talks to the store through a proxy, with
+    step 1 saved; the caller closes the manager (the proxy is closed on exit)."""
+    monkeypatch.setattr(s3_lease, "LEASE_SECONDS", SHORT_LEASE_SECONDS)
+    with S3Proxy(s3_server.port) as proxy:
+        options = s3_server.storage_options(endpoint_url=proxy.endpoint)
+        manager = distckpt.CheckpointManager(s3_url, storage_options=options)
+        manager.save(1, _state(1))
+        yield proxy, manager
+
+
+def _committed_steps(url: str, options: dict[str, Any]) -> list[int]:
+    with distckpt.CheckpointManager(url, storage_options=options, read_only=True) as reader:
+        return reader.steps()
+
+
+def test_renewals_held_past_the_lease_end_do_not_cost_the_lease(
+    s3_server: S3Server, s3_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Three renewals in a row go unanswered (the client gives up on each; the store gets them
+    # only later), for longer than the lease: the holder's own time runs out although nobody
+    # took the lease. The next renewal must take it back, or every later save would fail.
+    with _saved_through_proxy(s3_server, s3_url, monkeypatch) as (proxy, manager), manager:
+        unanswered = proxy.hold("PUT", f"/{LEASE_NAME}", times=3)
+        assert unanswered.arrived.wait(SHORT_LEASE_SECONDS)
+        time.sleep(SHORT_LEASE_SECONDS + 1)
+        unanswered.release()  # the held renewals reach the store now, late
+        saved = manager.save(2, _state(2))
+        assert saved is not None and saved.step == 2
+    assert _committed_steps(s3_url, s3_server.storage_options()) == [1, 2]
+
+
+def test_the_next_renewal_is_timed_from_when_a_slow_one_was_sent(
+    s3_server: S3Server, s3_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Lease requests may take 3 s here; one renewal is answered after 2 s. The next is due a
+    # third of the lease (3 s) after that slow one was sent; timed from its answer it would
+    # come 5 s after, and a slow answer would push renewals toward the lease's end.
+    monkeypatch.setattr(objlease, "MIN_REQUEST_SECONDS", 3.0)
+    with _saved_through_proxy(s3_server, s3_url, monkeypatch) as (proxy, manager), manager:
+        slow = proxy.hold("PUT", f"/{LEASE_NAME}")
+        assert slow.arrived.wait(SHORT_LEASE_SECONDS)
+        slow_sent = time.monotonic()
+        time.sleep(2.0)
+        following = proxy.hold("PUT", f"/{LEASE_NAME}")
+        slow.release()
+        assert following.arrived.wait(SHORT_LEASE_SECONDS)
+        gap = time.monotonic() - slow_sent
+        following.release()
+    assert gap < SHORT_LEASE_SECONDS / 3 + 1, f"the next renewal came {gap:.1f} s after"
+
+
+def test_a_lease_taken_over_after_it_expired_is_lost_and_nothing_more_is_committed(
+    s3_server: S3Server, s3_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    direct = s3_server.storage_options()
+    with _saved_through_proxy(s3_server, s3_url, monkeypatch) as (proxy, manager), manager:
+        stalled = proxy.hold("PUT", f"/{LEASE_NAME}", times=1000)  # no renewal gets through
+        with ObjectStore(s3_url, direct) as store:
+            other = ObjectLease(store, LEASE_NAME, duration=60)
+            other.acquire(timeout=SHORT_LEASE_SECONDS * 3)  # once the lease expired
+            stalled.release()  # the held renewals now reach the store, and are refused
+            stalled.times = 0
+            time.sleep(SHORT_LEASE_SECONDS / 3)  # a renewal round that finds the takeover
+            with pytest.raises(LeaseLost):
+                manager.save(2, _state(2))
+            other.check()
+            record = LeaseRecord.decode(store.get_bytes(LEASE_NAME))
+            assert record is not None and record.owner == other.owner
+            with pytest.raises(LeaseLost):  # for good: a later save fails the same way
+                manager.save(3, _state(3))
+            other.release()
+    assert _committed_steps(s3_url, direct) == [1]
+
+
+def test_close_does_not_wait_on_a_stalled_store(
+    s3_server: S3Server, s3_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every lease request hangs (each held until the proxy gives up on it after 30 s): a
+    # renewal is in flight when close() begins, and the release cannot be answered. Closing
+    # used to wait for that renewal with no limit and then release with every retry.
+    with _saved_through_proxy(s3_server, s3_url, monkeypatch) as (proxy, manager):
+        stalled = proxy.hold("PUT", f"/{LEASE_NAME}", times=1000)
+        assert stalled.arrived.wait(SHORT_LEASE_SECONDS)  # a renewal is waiting on the store
+        started = time.monotonic()
+        manager.close()
+        took = time.monotonic() - started
+        stalled.release()
+    assert took < 20, f"close() took {took:.1f} s on a stalled store"
+
+
+def test_interpreter_exit_does_not_wait_on_a_stalled_store(
+    s3_server: S3Server, s3_url: str
+) -> None:
+    # A process that ends without closing its manager releases the lease at exit, by the same
+    # bounded close(): on a store that answers no lease request it must still end promptly.
+    with S3Proxy(s3_server.port) as proxy:
+        options = s3_server.storage_options(endpoint_url=proxy.endpoint)
+        code = (
+            "import sys, torch, distckpt\n"
+            f"manager = distckpt.CheckpointManager({s3_url!r}, storage_options={options!r})\n"
+            "manager.save(1, {'w': torch.ones(2)})\n"
+            "print('saved', flush=True)\n"
+            "sys.stdin.readline()  # until the test has stalled the store\n"
+        )
+        job = subprocess.Popen(
+            [sys.executable, "-c", code],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+        )
+        try:
+            assert job.stdout is not None and job.stdin is not None
+            assert job.stdout.readline().strip() == "saved"
+            stalled = proxy.hold("PUT", f"/{LEASE_NAME}", times=1000)
+            started = time.monotonic()
+            job.stdin.write("exit\n")
+            job.stdin.close()
+            assert job.wait(timeout=120) == 0
+            took = time.monotonic() - started
+        finally:
+            job.kill()
+            job.wait()
+        assert stalled.arrived.is_set()  # the release was sent, and left unanswered
+        stalled.release()
+    assert took < 20, f"the process took {took:.1f} s to end on a stalled store"
+
+
+def _lease_writes(proxy: S3Proxy) -> int:
+    return sum(1 for method, path, _ in proxy.log if method == "PUT" and f"/{LEASE_NAME}" in path)
+
+
+@contextmanager
+def _save_in_flight(
+    s3_server: S3Server, s3_url: str, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[tuple[S3Proxy, distckpt.CheckpointManager]]:
+    """A manager (short lease, through a proxy) with step 2's save in flight: its uploads are
+    held, so each renewal round also renews its claim. The caller closes the manager; the
+    save then fails (the store is closed under it), once its uploads are let go on exit."""
+    failures: list[BaseException] = []
+    with _saved_through_proxy(s3_server, s3_url, monkeypatch) as (proxy, manager):
+        uploads = proxy.hold("PUT", "step-00000002", times=1000)
+
+        def save() -> None:
+            try:
+                manager.save(2, _state(2))
+            except BaseException as exc:
+                failures.append(exc)
+
+        saving = threading.Thread(target=save, daemon=True)
+        saving.start()
+        assert uploads.arrived.wait(SHORT_LEASE_SECONDS)
+        yield proxy, manager
+        uploads.release()
+        saving.join(60)
+    assert len(failures) == 1 and not saving.is_alive()
+
+
+def _claim_expiry(s3_url: str, options: dict[str, Any]) -> float:
+    """The expiry written in the one claim of the root."""
+    with ObjectStore(s3_url, options) as store:
+        (name,) = [info.key for info in store.list(".writers/")]
+        return float(json.loads(store.get_bytes(name))["expires_unix"])
+
+
+def test_stalled_claim_writes_neither_stop_the_lease_renewals_nor_the_release(
+    s3_server: S3Server, s3_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every claim write stalls. The lease must still be renewed on its schedule, and close()
+    # must release it, not give up waiting on a claim write.
+    with _save_in_flight(s3_server, s3_url, monkeypatch) as (proxy, manager):
+        claims = proxy.hold("PUT", "/.writers/", times=1000)
+        assert claims.arrived.wait(SHORT_LEASE_SECONDS)  # a renewal round is writing a claim
+        before = _lease_writes(proxy)
+        time.sleep(SHORT_LEASE_SECONDS * 0.8)
+        renewed = _lease_writes(proxy) - before
+        manager.close()
+        with ObjectStore(s3_url, s3_server.storage_options()) as store:
+            record = LeaseRecord.decode(store.get_bytes(LEASE_NAME))
+        claims.release()
+    assert renewed >= 2, f"{renewed} lease renewals while the claim writes stalled"
+    assert record is not None and record.released
+
+
+def test_a_claim_renewal_that_landed_unanswered_does_not_stop_the_next(
+    s3_server: S3Server, s3_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A claim renewal reaches the store but its answer is lost: the claim's version is not the
+    # one the renewer last saw, and its compare-and-swap must go on from what the store holds.
+    direct = s3_server.storage_options()
+    with _save_in_flight(s3_server, s3_url, monkeypatch) as (proxy, manager), manager:
+        unanswered = proxy.drop("PUT", "/.writers/")
+        assert unanswered.arrived.wait(SHORT_LEASE_SECONDS)
+        time.sleep(1.0)  # the renewer gives up on it (after 1 s here)
+        landed = _claim_expiry(s3_url, direct)
+        time.sleep(SHORT_LEASE_SECONDS / 3 + 1)  # a retry, then a round
+        assert _claim_expiry(s3_url, direct) > landed
