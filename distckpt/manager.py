@@ -14,21 +14,19 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import time
-import uuid
 from collections.abc import Collection, Mapping
 from types import TracebackType
 from typing import Any, Literal, Union
 
 import torch.distributed as dist
 
-from distckpt import closing, policy, proposal, protocol, reader, resolve
+from distckpt import closing, policy, proposal, protocol, reader, resolve, starting
 from distckpt.background import DEFAULT_BACKGROUND_NICE, BackgroundSaves, check_background_nice
 from distckpt.coord import Coordinator
 from distckpt.coord_health import check_timeout
 from distckpt.damaged import set_aside_damaged_newer
-from distckpt.decisions import SaveDecider, SignalFlag, newest_to_count_from
-from distckpt.errors import CheckpointError, RootInUse
+from distckpt.decisions import SaveDecider, SignalFlag
+from distckpt.errors import CheckpointError
 from distckpt.formats import ReadOptions, format_named
 from distckpt.fsutil import LinkMode
 from distckpt.layout import RootLayout
@@ -78,10 +76,9 @@ class CheckpointManager:
             (default: only the other rules keep them).
         every_n_steps, every_n_epochs, every_seconds, save_on_steps: save schedules, combined
             with "any"; with one set, :meth:`save` returns None when no schedule is due.
-            ``every_seconds`` counts from the last save; at the start, from the creation time
-            of the root's newest checkpoint (its manifest's, by rank 0's clock; one created
-            later than that clock says counts as created now), or from the start in a root
-            holding none, so a job killed more often than the interval still saves. It is
+            ``every_seconds`` counts from the last save; at the start, from the root's newest
+            checkpoint's manifest creation time by rank 0's clock (a later one counts as now;
+            none: from the start), so a job killed more often than the interval still saves;
             due only at a step past the last one saved or restored (that step is saved).
         min_seconds_between_saves: skip (return None from) a scheduled or plain save while less
             than S seconds passed since the previous save began, or while an async save is in
@@ -89,37 +86,32 @@ class CheckpointManager:
         Every count and seconds option takes None for "off"; 0 is refused.
         save_on_signal: signals (e.g. ``signal.SIGTERM``) that request a preemption save at the
             next :meth:`should_save` / :meth:`save`; see :attr:`preempted`.
-        async_save: :meth:`save` returns once this rank's state is copied into reusable CPU buffers;
-            writing, agreement and commit run in a background thread on a process group of their
-            own. :meth:`wait` returns the committed result. At most one save is in flight; a failed
-            one raises on every rank at the next call that waits for it: :meth:`wait`, :meth:`save`,
-            :meth:`restore`, :meth:`delete`, :meth:`prune`, :meth:`gc` or :meth:`close`.
+        async_save: :meth:`save` returns once this rank's state is copied into reusable CPU
+            buffers; writing, agreement and commit run in a background thread on a process group
+            of their own, and :meth:`wait` returns the committed result. At most one save is in
+            flight; a failed one raises on every rank at the next call that waits for it.
         background_nice: with ``async_save``, how much to raise the background thread's nice
-            value over that of the thread making the first async save (capped at 19; Linux,
-            where each thread has its own): the scheduler then favours training steps over the
-            save's writing and checksums when both want a core, and gives the save the time
-            training leaves idle. 0 or None leaves its priority alone; ignored where threads
-            have no nice value of their own. Only scheduling changes, never what is saved.
+            value over that of the thread making the first async save (capped at 19; Linux):
+            training steps win a core over the save's writing and checksums, which get the time
+            training leaves idle. 0 or None leaves it alone; ignored where threads have no nice
+            value of their own. Only scheduling changes, never what is saved.
         format: ``"torch"`` (one file per rank, fixed world size) or ``"dcp"`` (sharded,
             reshards on restore).
         link: ``"auto"`` (symlink, or a pointer file where symlinks are refused),
             ``"symlink"`` or ``"pointer"``. An ``s3://`` root always has pointer objects.
         fsync: make every commit durable against power loss (fsync files and dirs). Means
             nothing for an ``s3://`` root: a completed upload is durable.
-        writer_threads: with ``format="torch"``, how many threads write each rank's tensor
-            bytes (with ``pwrite`` at offsets known beforehand, each checksumming its chunks);
-            the file is the same byte for byte. 1 (the default) appends them in one thread: on
-            the 2-core machine measured (docs/benchmark.md) more threads were no faster. Try
-            more on a disk that serves parallel writes faster (NVMe, a parallel filesystem).
-            An int of at least 1; the "dcp" format refuses more than 1.
-        direct_io: with ``format="torch"``, write an async save's rank files with direct I/O
-            (``O_DIRECT``) where the file system accepts it: straight from the snapshot's
-            page-aligned buffers to the disk, which costs the background writer far less CPU
-            and leaves the page cache to training. A sync save's rank file (torch's own tensor
-            memory, normally not page-aligned), a file of small tensors only, every file
-            written by several ``writer_threads`` and every file of an object-store root stay
-            buffered. False keeps every write buffered. Durability is the same either
-            way (every file is fsynced when ``fsync``).
+        writer_threads: with ``format="torch"``, threads writing each rank's tensor bytes
+            (``pwrite`` at offsets known beforehand, each checksumming its chunks; the same file
+            byte for byte). 1 (the default) appends them in one thread: on the 2-core machine
+            measured (docs/benchmark.md) more were no faster; try more on NVMe or a parallel
+            filesystem. An int of at least 1; the "dcp" format refuses more than 1.
+        direct_io: with ``format="torch"``, write an async save's rank files with ``O_DIRECT``
+            where the filesystem accepts it, straight from the snapshot's page-aligned buffers:
+            far less CPU for the background writer, and the page cache left to training. A sync
+            save's rank file (torch's memory is not page-aligned), a file of small tensors only,
+            files written by several ``writer_threads`` and an object-store root's files stay
+            buffered; False buffers every write. Durability is the same (fsync when ``fsync``).
         group: the process group whose ranks checkpoint together (default: the world).
         timeout: seconds any collective or the commit lock may take before a hang becomes an
             error on every rank.
@@ -128,10 +120,10 @@ class CheckpointManager:
             :class:`InsufficientSpace` before writing. Where the filesystem reports no size,
             free space is unknown and not checked (with a warning).
         read_only: never write to the root (a read-only mount, or a root another job owns):
-            no writability probe, no lock file, no cleanup or link repair, no damaged
-            checkpoint set aside (see :meth:`restore`). :meth:`restore`
-            and the queries work; :meth:`save`, :meth:`delete`, :meth:`prune` and :meth:`gc`
-            raise :class:`ReadOnlyRoot`. The root must exist.
+            no writability probe, no lock file, no cleanup or link repair, no damaged checkpoint
+            set aside (see :meth:`restore`). :meth:`restore` and the queries work; :meth:`save`,
+            :meth:`delete`, :meth:`prune` and :meth:`gc` raise :class:`ReadOnlyRoot`. The root
+            must exist.
         wait_for_root: seconds to wait for another job that holds the root to end; 0 (the
             default) raises :class:`~distckpt.RootInUse`, naming that job, on every rank at
             once. One writing job per root: rank 0 holds the root's lease
@@ -212,9 +204,7 @@ class CheckpointManager:
             save_on_steps=save_on_steps,
             min_seconds_between_saves=min_seconds_between_saves,
         )
-        self.format = format
-        self.fsync = fsync
-        self.read_only = read_only
+        self.format, self.fsync, self.read_only = format, fsync, read_only
         self._closed = False
         self._background: BackgroundSaves | None = None
         self._saver: Saver | None = None  # once the root is open
@@ -223,20 +213,8 @@ class CheckpointManager:
         self._decider = SaveDecider(self.schedule, self._signals, self._coord)
         self.world_size = self._coord.world_size
         try:
-            # Rank 0 names this manager's staging areas after the token: unique to this manager.
-            (newest, newest_age), token = self._coord.decide_within(
-                lambda seconds: (
-                    newest_to_count_from(self._store.open(wait_for_root=seconds), time.time()),
-                    uuid.uuid4().hex[:12],
-                ),
-                wait=wait_for_root,
-                retry_on=RootInUse,
-                what="opening the checkpoint root",
-            )
-            self._decider.count_from_newest(newest, newest_age)
-            self._coord.all_gather(
-                lambda: self._store.check_visible(self.rank),
-                what="checking the root from every rank",
+            token = starting.open_root(
+                self._coord, self._store, self._decider, wait_for_root=wait_for_root
             )
             if async_save:
                 # Its own group: background collectives never interleave with this thread's.
@@ -257,8 +235,7 @@ class CheckpointManager:
         except BaseException:
             self.close()  # gives the groups back: ranks must take and return them alike
             raise
-        # Dead writers' leftovers, in the background: no collective of a later call waits.
-        self._tidy()
+        self._tidy()  # dead writers' leftovers
 
     @property
     def preempted(self) -> bool:
@@ -386,10 +363,9 @@ class CheckpointManager:
         having them refused as lower than the damaged one. One that could not be judged (an
         I/O error, an unknown checksum algorithm or format) is only skipped, as before.
 
-        The save schedule counts from the step restored by the first restore before any save
-        (the resume, which may load an older step than the root's newest); after that, a
-        restore moves it only forward: an older one (``"best"`` loaded into an evaluation
-        model mid-run, a step) leaves it as it is.
+        The save schedule counts from the step the first restore before any save loads (the
+        resume, possibly older than the root's newest); later restores only move it forward
+        (an older ``"best"`` loaded into an evaluation model mid-run leaves it as it is).
         """
         self._check_open()
         self.wait()
@@ -457,8 +433,8 @@ class CheckpointManager:
         ``s3://`` root, saves whose writer's claim expired) and the trash; collective. A live
         writer's staging is never touched. Returns what was removed (also done at start).
         Unlike the removals after a start, a commit, a delete or a prune, these run inside the
-        call, which the other ranks wait for within ``timeout``: rank 0 first waits for those
-        still running in the background, so that no two remove the same trash at once."""
+        call (within ``timeout``), after rank 0 waited for those still running in the
+        background, so that no two remove the same trash at once."""
         self._check_open()
         self.wait()
         return self._coord.decide(self._collect_leftovers, what="collecting leftovers")
@@ -503,10 +479,9 @@ class CheckpointManager:
         closing.close_keeping(self.close, exc)
 
     def _tidy(self) -> None:
-        """Rank 0, after an outcome reached every rank: have what it left to remove (the
-        trash, a removed step's objects, a start's leftovers) removed in the background
-        (:meth:`~distckpt.storage.RootStore.tidy`), so that the collectives of the next call
-        never wait for it."""
+        """Rank 0, after an outcome reached every rank: have what it left to remove (the trash,
+        a removed step's objects, a start's leftovers) removed in the background
+        (:meth:`~distckpt.storage.RootStore.tidy`): no later collective waits for it."""
         if self.is_coordinator:
             self._tidying.request()
 
