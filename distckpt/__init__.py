@@ -50,6 +50,7 @@ from distckpt.errors import (
     UnloadableState,
     UnrestorableKeys,
     UnsafeCheckpoint,
+    UnsupportedTensors,
     UnsupportedVersion,
     WorldSizeMismatch,
 )
@@ -108,6 +109,7 @@ __all__ = [
     "StoreUnavailable",
     "UnloadableState",
     "UnrestorableKeys",
+    "UnsupportedTensors",
     "UnsafeCheckpoint",
     "UnsupportedVersion",
     "WorldSizeMismatch",

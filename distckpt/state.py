@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from distckpt.errors import InvalidArgument, ShapeMismatch
 from distckpt.key_prefixes import log_prefix_mapping, matching_prefixes
@@ -51,9 +52,10 @@ def storage_sizes(state: Any) -> list[int]:
     seen: set[tuple[int, int]] = set()
     sizes: list[int] = []
     for tensor in local_tensors(state):
-        if tensor.layout != torch.strided:
-            # A sparse (or other non-strided) tensor has no storage of its own to ask about:
-            # torch.save writes the tensors it is made of (indices and values).
+        if tensor.layout != torch.strided or is_traceable_wrapper_subclass(tensor):
+            # A sparse (or other non-strided) tensor, or a wrapper subclass (a tensor holding
+            # inner tensors), has no storage of its own to ask about: torch.save writes the
+            # tensors it is made of (indices and values; the inner tensors).
             sizes.append(sum(part.nbytes for part in tensor_parts(tensor)))
             continue
         storage = tensor.untyped_storage()
@@ -98,9 +100,14 @@ def local_tensors(state: Any) -> Iterator[torch.Tensor]:
 
 
 def tensor_parts(tensor: torch.Tensor) -> list[torch.Tensor]:
-    """The strided tensors a non-strided one is made of, as ``torch.save`` writes it: a COO
-    tensor's indices and values, a compressed one's (CSR, CSC, BSR, BSC) two index tensors and
-    values; any other layout, the tensor itself as if it were dense."""
+    """The strided tensors a non-strided one is made of, as ``torch.save`` writes it: a wrapper
+    subclass's inner tensors (``__tensor_flatten__``, each taken apart in turn), a COO tensor's
+    indices and values, a compressed one's (CSR, CSC, BSR, BSC) two index tensors and values;
+    any other layout, the tensor itself as if it were dense."""
+    if is_traceable_wrapper_subclass(tensor):
+        names, _ = tensor.__tensor_flatten__()
+        inner = [getattr(tensor, name) for name in names]
+        return [part for item in inner if item is not None for part in tensor_parts(item)]
     layout = tensor.layout
     if layout == torch.sparse_coo:
         return [tensor._indices(), tensor._values()]

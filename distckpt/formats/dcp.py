@@ -23,6 +23,10 @@ What DCP saves, and its limits:
   a tuple, or in a list of plain values). :func:`load_consolidated` (``export``), which has no
   state to map onto, gives them as text.
 * DTensors (FSDP2 ``fully_shard`` parameters, their optimizer state) are saved shard by shard.
+* Tensors must be plain tensors or DTensors: a subclass of ``torch.Tensor`` (a wrapper
+  subclass, a nested tensor of the jagged layout) would be written as a plain tensor's data and
+  refused on restore, so the save refuses it first
+  (:class:`~distckpt.errors.UnsupportedTensors`); the "torch" format saves them.
 * Everything else -- plain tensors and plain values -- is taken to be the *same on every rank*
   and is saved once, from one rank, unless it is marked per rank: :class:`~distckpt.RNGState`,
   a ``StatefulDataLoader``, or any value wrapped in :class:`~distckpt.PerRank`. Those are saved
@@ -86,7 +90,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Callable, NoReturn
 
@@ -103,6 +107,7 @@ from distckpt.errors import (
     CorruptCheckpoint,
     InvalidArgument,
     RankFailure,
+    UnsupportedTensors,
     WorldSizeMismatch,
     describe_error,
 )
@@ -125,6 +130,7 @@ from distckpt.formats.dcp_storage import Planner, Reader, Writer
 from distckpt.formats.dcp_text_keys import check_restorable_keys, holds_containers
 from distckpt.manifest import FileRecord, Manifest
 from distckpt.model_state import ModelOptimizerState
+from distckpt.per_rank import PerRank
 from distckpt.state import (
     byte_string_bytes,
     copy_containers,
@@ -244,6 +250,7 @@ def _check_saveable(state: Any) -> None:
             f"{', '.join(sharded)}: marked per rank but holds DTensors, which are sharded "
             "across the ranks already; leave them unmarked"
         )
+    _check_tensor_types(state, dtensor)
     optimizer_key = _find_id_keyed_optimizer(state)
     if optimizer_key is not None:
         raise InvalidArgument(
@@ -252,6 +259,40 @@ def _check_saveable(state: Any) -> None:
             "into a fresh optimizer would silently drop it. Save "
             "ModelOptimizerState(model, optimizer) (from distckpt.formats.dcp) instead of the "
             "model and the optimizer"
+        )
+
+
+def _unsupported_tensors(
+    value: Any, dtensor: type | None, path: tuple[Any, ...] = ()
+) -> Iterator[tuple[str, str]]:
+    """(dotted key, kind) of each tensor of ``value`` that is neither a plain tensor nor a
+    DTensor: DCP writes a subclass's data as a plain tensor's and reads it back with
+    ``weights_only=True``, which refuses the subclass even when the caller allows pickles."""
+    if isinstance(value, torch.Tensor):
+        is_dtensor = dtensor is not None and isinstance(value, dtensor)
+        if type(value) is not torch.Tensor and not is_dtensor:
+            yield dotted(path), f"{type(value).__module__}.{type(value).__qualname__}"
+    elif isinstance(value, PerRank):
+        yield from _unsupported_tensors(value.value, dtensor, path)
+    elif isinstance(value, Mapping):
+        for key, item in value.items():
+            yield from _unsupported_tensors(item, dtensor, (*path, key))
+    elif isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            yield from _unsupported_tensors(item, dtensor, (*path, index))
+
+
+def _check_tensor_types(state: Any, dtensor: type | None) -> None:
+    """Raise :class:`~distckpt.errors.UnsupportedTensors` naming every tensor of ``state`` the
+    format cannot save and load back (:func:`_unsupported_tensors`)."""
+    found = list(_unsupported_tensors(state, dtensor))
+    if found:
+        listed = ", ".join(f"{key} ({kind})" for key, kind in found)
+        raise UnsupportedTensors(
+            f"the 'dcp' format saves plain tensors and DTensors only, not {listed}: save with "
+            "format='torch', or convert them to plain tensors first",
+            keys=tuple(key for key, _ in found),
+            kinds=tuple(kind for _, kind in found),
         )
 
 
