@@ -140,7 +140,8 @@ class UnsupportedTensors(InvalidArgument):
     anything is written: the "dcp" format takes plain tensors and DTensors only, so a subclass
     of ``torch.Tensor`` (a wrapper subclass, a nested tensor) is refused; the "torch" format
     saves them all. ``keys`` are the tensors' dotted places in the state, ``kinds`` each one's
-    type (its class's qualified name, ``nested`` added for a nested tensor)."""
+    type (its class's qualified name; ``torch.Tensor (nested)`` for a nested tensor of the
+    strided layout, whose class is the plain one)."""
 
     keys: tuple[str, ...] = ()
     kinds: tuple[str, ...] = ()

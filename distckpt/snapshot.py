@@ -25,8 +25,9 @@ Without CUDA the buffers lie in one flat, page-aligned block of private anonymou
 a storage of its own covering exactly its bytes, so no format sees the block. With CUDA, every
 buffer is a pinned tensor of its own, so device-to-host copies run at full speed.
 
-A tensor torch cannot copy into such a buffer (quantized, sparse, of any layout but strided, or
-a subclass of ``torch.Tensor``, which a plain buffer would turn into a plain tensor) is cloned
+A tensor torch cannot copy into such a buffer (quantized, sparse, nested, of any layout but
+strided, or a subclass of ``torch.Tensor``, which a plain buffer would turn into a plain tensor)
+is cloned
 instead, into fresh memory at each save: correct, and rare. A tensor of a sub-byte dtype
 (:data:`SUB_BYTE_DTYPES`), for which torch has no copy at all, is copied as the bytes it lies in.
 
@@ -325,9 +326,15 @@ class SnapshotBuffers:
         local = value.to_local() if is_dtensor else value
         if local.requires_grad:  # a state reduced to plain data has none: no detach to pay
             local = local.detach()
-        if local.layout is not _STRIDED or local.is_quantized or type(local) is not torch.Tensor:
+        if (
+            local.layout is not _STRIDED
+            or local.is_quantized
+            or local.is_nested
+            or type(local) is not torch.Tensor
+        ):
             # A buffer of raw bytes cannot hold it (a quantized buffer made that way has no
-            # quantizer, and copying into it crashed the process), nor a subclass: a plain
+            # quantizer, and copying into it crashed the process; a nested tensor of the strided
+            # layout has no single shape to make one of), nor a subclass: a plain
             # buffer would drop its type, and a wrapper subclass (one holding inner tensors)
             # dispatches ``copy_`` once per inner tensor, so only the last one would land.
             # Its own clone keeps it whole: fresh memory each save.

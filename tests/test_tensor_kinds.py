@@ -5,6 +5,7 @@ sync one writes; the "dcp" format refuses them at the save."""
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -103,3 +104,52 @@ def test_dcp_refuses_subclasses_at_the_save(root: Path, async_save: bool) -> Non
         f"{__name__}.Marked",
         "torch.testing._internal.two_tensor.TwoTensor",
     )
+
+
+def nested(layout: torch.layout) -> torch.Tensor:
+    with warnings.catch_warnings():
+        # torch warns that the strided layout of nested tensors is a prototype.
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.nested.nested_tensor(
+            [torch.arange(3.0), torch.arange(5.0) + 100], layout=layout
+        )
+
+
+NESTED_LAYOUTS = [torch.strided, torch.jagged]
+
+
+@pytest.mark.parametrize("layout", NESTED_LAYOUTS, ids=["strided", "jagged"])
+@pytest.mark.parametrize(("async_save", "threads"), SAVE_MODES, ids=MODE_IDS)
+def test_nested_tensors_round_trip_loaded_as_weights(
+    root: Path, layout: torch.layout, async_save: bool, threads: int
+) -> None:
+    """As ``torch.save`` and ``torch.load(weights_only=True)`` do: no opt-in needed."""
+    saved = nested(layout)
+    state = {"nested": saved, "plain": torch.ones(2)}
+    expected = [part.clone() for part in saved.unbind()]
+    with distckpt.CheckpointManager(
+        root, async_save=async_save, writer_threads=threads, fsync=False
+    ) as manager:
+        manager.save(1, state)
+        with torch.no_grad():
+            for part in saved.unbind():  # views of its memory: the snapshot must not see this
+                part.add_(1000)
+        manager.wait()
+    for mmap in (False, True):
+        got = distckpt.load_checkpoint(root, mmap=mmap).state["nested"]
+        assert type(got) is type(saved) and got.is_nested and got.layout == layout
+        parts = got.unbind()
+        assert len(parts) == len(expected)
+        assert all(torch.equal(part, want) for part, want in zip(parts, expected))
+    assert distckpt.verify(root).ok
+
+
+@pytest.mark.parametrize("layout", NESTED_LAYOUTS, ids=["strided", "jagged"])
+def test_dcp_refuses_nested_tensors_at_the_save(root: Path, layout: torch.layout) -> None:
+    with distckpt.CheckpointManager(root, format="dcp") as manager:
+        with pytest.raises(UnsupportedTensors) as refused:
+            manager.save(1, {"batch": nested(layout)})
+        assert manager.steps() == []
+    assert refused.value.keys == ("batch",)
+    kind = "torch.Tensor (nested)" if layout == torch.strided else "NestedTensor"
+    assert refused.value.kinds[0].endswith(kind)

@@ -25,8 +25,9 @@ What DCP saves, and its limits:
 * DTensors (FSDP2 ``fully_shard`` parameters, their optimizer state) are saved shard by shard.
 * Tensors must be plain tensors or DTensors: a subclass of ``torch.Tensor`` (a wrapper
   subclass, a nested tensor of the jagged layout) would be written as a plain tensor's data and
-  refused on restore, so the save refuses it first
-  (:class:`~distckpt.errors.UnsupportedTensors`); the "torch" format saves them.
+  refused on restore, and a nested tensor of the strided layout fails DCP's write, so the save
+  refuses them first (:class:`~distckpt.errors.UnsupportedTensors`); the "torch" format saves
+  them.
 * Everything else -- plain tensors and plain values -- is taken to be the *same on every rank*
   and is saved once, from one rank, unless it is marked per rank: :class:`~distckpt.RNGState`,
   a ``StatefulDataLoader``, or any value wrapped in :class:`~distckpt.PerRank`. Those are saved
@@ -266,12 +267,15 @@ def _unsupported_tensors(
     value: Any, dtensor: type | None, path: tuple[Any, ...] = ()
 ) -> Iterator[tuple[str, str]]:
     """(dotted key, kind) of each tensor of ``value`` that is neither a plain tensor nor a
-    DTensor: DCP writes a subclass's data as a plain tensor's and reads it back with
-    ``weights_only=True``, which refuses the subclass even when the caller allows pickles."""
+    DTensor, or is nested: DCP writes a subclass's data as a plain tensor's and reads it back
+    with ``weights_only=True``, which refuses the subclass even when the caller allows pickles,
+    and it cannot write a nested tensor of the strided layout at all."""
     if isinstance(value, torch.Tensor):
         is_dtensor = dtensor is not None and isinstance(value, dtensor)
         if type(value) is not torch.Tensor and not is_dtensor:
             yield dotted(path), f"{type(value).__module__}.{type(value).__qualname__}"
+        elif value.is_nested:  # a nested tensor of the strided layout: DCP cannot size it
+            yield dotted(path), "torch.Tensor (nested)"
     elif isinstance(value, PerRank):
         yield from _unsupported_tensors(value.value, dtensor, path)
     elif isinstance(value, Mapping):
@@ -289,8 +293,8 @@ def _check_tensor_types(state: Any, dtensor: type | None) -> None:
     if found:
         listed = ", ".join(f"{key} ({kind})" for key, kind in found)
         raise UnsupportedTensors(
-            f"the 'dcp' format saves plain tensors and DTensors only, not {listed}: save with "
-            "format='torch', or convert them to plain tensors first",
+            f"the 'dcp' format saves plain (not nested) tensors and DTensors only, not {listed}: "
+            "save with format='torch', or convert them to plain tensors first",
             keys=tuple(key for key, _ in found),
             kinds=tuple(kind for _, kind in found),
         )
