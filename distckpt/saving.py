@@ -22,6 +22,7 @@ from distckpt.lease import LauncherWatch
 from distckpt.results import SaveResult
 from distckpt.snapshot import SnapshotBuffers
 from distckpt.storage import RootStore
+from distckpt.weights_only import RefusedValuesWarning
 
 
 class Saver:
@@ -51,6 +52,8 @@ class Saver:
         self._snapshot = snapshot
         self._background = background
         self._count = 0
+        #: warns once per manager about values a default restore would refuse
+        self._refused_values = RefusedValuesWarning()
 
     def save(self, request: proposal.SaveRequest, state: Any, decision: SaveDecision) -> SaveResult:
         """Save ``state`` as ``decision`` says (collective); any previous save is done. An
@@ -80,6 +83,7 @@ class Saver:
                 store=self._store,
                 fmt=self._format,
                 launcher=self._launcher,
+                refused_values=self._refused_values,
             )
             if self._background is None:
                 result = commit(coord=self._coord)
