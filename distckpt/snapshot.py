@@ -55,7 +55,7 @@ from distckpt.arrangement import (
 )
 from distckpt.memory import DIRECT_ALIGNMENT, DIRECT_MIN_BYTES, anonymous_memory, round_up
 from distckpt.per_rank import PerRank
-from distckpt.state import dtensor_type, same_kind_of_tuple
+from distckpt.state import dtensor_type, same_kind_of_mapping, same_kind_of_tuple
 
 #: Each buffer of the flat block starts at a multiple of this many bytes: a cache line, which
 #: every dtype's alignment divides, and small enough that many tiny tensors waste little. A
@@ -406,7 +406,9 @@ class SnapshotBuffers:
         if isinstance(value, PerRank):
             return PerRank(self._walk(value.value, key, leaf))
         if isinstance(value, Mapping):
-            return {k: self._walk(v, (*key, k), leaf) for k, v in value.items()}
+            return same_kind_of_mapping(
+                value, ((k, self._walk(v, (*key, k), leaf)) for k, v in value.items())
+            )
         if isinstance(value, (list, tuple)):
             items = [self._walk(v, (*key, i), leaf) for i, v in enumerate(value)]
             if isinstance(value, list):

@@ -10,8 +10,10 @@ dicts and lists that hold them.
 
 from __future__ import annotations
 
+import copy
 import os
 import sys
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -190,10 +192,13 @@ def to_plain(state: Any, *, mark_per_rank: bool = False, template: bool = False)
         inner = template_state_dict(state) if template else state.state_dict()
         return to_plain(inner, mark_per_rank=mark_per_rank, template=template)
     if isinstance(state, Mapping):
-        return {
-            key: to_plain(value, mark_per_rank=mark_per_rank, template=template)
-            for key, value in state.items()
-        }
+        return same_kind_of_mapping(
+            state,
+            (
+                (key, to_plain(value, mark_per_rank=mark_per_rank, template=template))
+                for key, value in state.items()
+            ),
+        )
     if isinstance(state, (list, tuple)):
         items = [to_plain(value, mark_per_rank=mark_per_rank, template=template) for value in state]
         return type(state)(items) if isinstance(state, list) else same_kind_of_tuple(state, items)
@@ -428,6 +433,22 @@ def _load(
     elif not isinstance(template, (Mapping, list, tuple)):
         return loaded  # a plain value: its container takes the loaded one
     return template
+
+
+def same_kind_of_mapping(template: Mapping[Any, Any], items: Iterable[tuple[Any, Any]]) -> dict:
+    """``items`` as a dict, or as an ``OrderedDict`` with a copy of the ``_metadata`` attribute
+    of ``template`` when it is one: as ``torch.save`` and ``torch.load(weights_only=True)``
+    keep a module's ``state_dict()``, whose ``_metadata`` holds its modules' versions (which
+    ``load_state_dict`` passes on to each module's loading, e.g. ``BatchNorm``'s). Any other
+    mapping becomes a plain dict."""
+    if not isinstance(template, OrderedDict):
+        return dict(items)
+    result: OrderedDict[Any, Any] = OrderedDict(items)
+    metadata = getattr(template, "_metadata", None)
+    if metadata is not None:
+        # A copy: an async save's snapshot must not see the module's later changes to it.
+        result._metadata = copy.deepcopy(metadata)  # type: ignore[attr-defined]
+    return result
 
 
 def same_kind_of_tuple(template: tuple[Any, ...], items: list[Any]) -> tuple[Any, ...]:

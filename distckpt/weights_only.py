@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import logging
 import threading
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -29,9 +30,10 @@ _PLAIN_TYPES: frozenset[type] = frozenset({int, float, str, bytes, bool, type(No
 
 def unusual_values(state: Any) -> list[Any]:
     """What in ``state`` could make its pickle name a global: each value (or dict key) that is
-    neither of :data:`_PLAIN_TYPES` nor a dict, list, tuple or plain tensor (taken as it is),
-    the class of a named tuple or of a tensor subclass (not its data: a DTensor's shard would
-    be pickled again for nothing). Their pickle names the globals the state's pickle names."""
+    neither of :data:`_PLAIN_TYPES` nor a dict, OrderedDict, list, tuple or plain tensor (taken
+    as it is), the class of a named tuple or of a tensor subclass (not its data: a DTensor's
+    shard would be pickled again for nothing). Their pickle names the globals the state's
+    pickle names."""
     found: list[Any] = []
     pending = [state]
     while pending:
@@ -41,7 +43,8 @@ def unusual_values(state: Any) -> list[Any]:
             continue
         if isinstance(value, PerRank):
             pending.append(value.value)
-        elif kind is dict:
+        elif kind is dict or kind is OrderedDict:
+            # torch allows OrderedDict; the _metadata of a module's holds plain values
             pending.extend(value.keys())
             pending.extend(value.values())
         elif kind is list or kind is tuple:

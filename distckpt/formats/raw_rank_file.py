@@ -58,7 +58,7 @@ import torch
 
 from distckpt.checksums import ChecksumWriter
 from distckpt.memory import DIRECT_ALIGNMENT, DIRECT_MIN_BYTES, round_up
-from distckpt.state import same_kind_of_tuple
+from distckpt.state import same_kind_of_mapping, same_kind_of_tuple
 
 #: The first bytes of every rank file in this layout.
 MAGIC = b"DCKPTRAW"
@@ -204,7 +204,9 @@ class _Splitter:
         if _is_raw_tensor(value):
             result: Any = self._placeholder(value)
         elif type(value) in (dict, OrderedDict):
-            result = type(value)((key, self.split(item)) for key, item in value.items())
+            result = same_kind_of_mapping(
+                value, ((key, self.split(item)) for key, item in value.items())
+            )
         elif type(value) is list:
             result = [self.split(item) for item in value]
         elif type(value) is tuple or (isinstance(value, tuple) and hasattr(value, "_fields")):
