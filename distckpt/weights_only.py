@@ -48,7 +48,10 @@ def unusual_values(state: Any) -> list[Any]:
             pending.extend(value.keys())
             pending.extend(value.values())
         elif kind is list or kind is tuple:
-            pending.extend(value)
+            # Told by the set of the items' types first: a long list of plain values (a
+            # million token ids) costs no step of this loop per item.
+            if not _PLAIN_TYPES.issuperset(set(map(type, value))):
+                pending.extend(value)
         elif isinstance(value, tuple) and hasattr(value, "_fields"):  # a named tuple
             found.append(kind)
             pending.extend(value)

@@ -281,7 +281,12 @@ def _unsupported_tensors(
     elif isinstance(value, Mapping):
         for key, item in value.items():
             yield from _unsupported_tensors(item, dtensor, (*path, key))
-    elif isinstance(value, (list, tuple)):
+    elif isinstance(value, (list, tuple)) and any(
+        # told by the set of the items' types, so a long list of plain values (a million token
+        # ids) costs no look at each
+        issubclass(kind, (torch.Tensor, Mapping, list, tuple, PerRank))
+        for kind in set(map(type, value))
+    ):
         for index, item in enumerate(value):
             yield from _unsupported_tensors(item, dtensor, (*path, index))
 
