@@ -194,10 +194,10 @@ def to_plain(state: Any, *, mark_per_rank: bool = False, template: bool = False)
     if isinstance(state, Mapping):
         return same_kind_of_mapping(
             state,
-            (
-                (key, to_plain(value, mark_per_rank=mark_per_rank, template=template))
+            {
+                key: to_plain(value, mark_per_rank=mark_per_rank, template=template)
                 for key, value in state.items()
-            ),
+            },
         )
     if isinstance(state, (list, tuple)):
         items = [to_plain(value, mark_per_rank=mark_per_rank, template=template) for value in state]
@@ -435,14 +435,14 @@ def _load(
     return template
 
 
-def same_kind_of_mapping(template: Mapping[Any, Any], items: Iterable[tuple[Any, Any]]) -> dict:
-    """``items`` as a dict, or as an ``OrderedDict`` with a copy of the ``_metadata`` attribute
-    of ``template`` when it is one: as ``torch.save`` and ``torch.load(weights_only=True)``
-    keep a module's ``state_dict()``, whose ``_metadata`` holds its modules' versions (which
-    ``load_state_dict`` passes on to each module's loading, e.g. ``BatchNorm``'s). Any other
-    mapping becomes a plain dict."""
+def same_kind_of_mapping(template: Mapping[Any, Any], items: dict[Any, Any]) -> dict[Any, Any]:
+    """``items`` (a fresh dict of ``template``'s keys) itself, or as an ``OrderedDict`` with a
+    copy of the ``_metadata`` attribute of ``template`` when that is one: as ``torch.save`` and
+    ``torch.load(weights_only=True)`` keep a module's ``state_dict()``, whose ``_metadata``
+    holds its modules' versions (which ``load_state_dict`` passes on to each module's loading,
+    e.g. ``BatchNorm``'s). Any other mapping becomes a plain dict."""
     if not isinstance(template, OrderedDict):
-        return dict(items)
+        return items  # the common case costs no copy: this runs for every dict of every save
     result: OrderedDict[Any, Any] = OrderedDict(items)
     metadata = getattr(template, "_metadata", None)
     if metadata is not None:

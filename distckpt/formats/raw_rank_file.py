@@ -205,7 +205,7 @@ class _Splitter:
             result: Any = self._placeholder(value)
         elif type(value) in (dict, OrderedDict):
             result = same_kind_of_mapping(
-                value, ((key, self.split(item)) for key, item in value.items())
+                value, {key: self.split(item) for key, item in value.items()}
             )
         elif type(value) is list:
             result = [self.split(item) for item in value]
