@@ -27,9 +27,9 @@ buffer is a pinned tensor of its own, so device-to-host copies run at full speed
 
 A tensor torch cannot copy into such a buffer (quantized, sparse, nested, of any layout but
 strided, or a subclass of ``torch.Tensor``, which a plain buffer would turn into a plain tensor)
-is cloned
-instead, into fresh memory at each save: correct, and rare. A tensor of a sub-byte dtype
-(:data:`SUB_BYTE_DTYPES`), for which torch has no copy at all, is copied as the bytes it lies in.
+is cloned instead, into fresh memory at each save: correct, and rare. A tensor of a sub-byte
+dtype (:data:`SUB_BYTE_DTYPES`), for which torch has no copy at all, is copied as the bytes it
+lies in.
 
 DTensors are copied shard by shard and rebuilt with the same mesh and placements.
 """
@@ -334,10 +334,10 @@ class SnapshotBuffers:
         ):
             # A buffer of raw bytes cannot hold it (a quantized buffer made that way has no
             # quantizer, and copying into it crashed the process; a nested tensor of the strided
-            # layout has no single shape to make one of), nor a subclass: a plain
-            # buffer would drop its type, and a wrapper subclass (one holding inner tensors)
-            # dispatches ``copy_`` once per inner tensor, so only the last one would land.
-            # Its own clone keeps it whole: fresh memory each save.
+            # layout has no single shape to make one of), nor a subclass: a plain buffer would
+            # drop its type, and a wrapper subclass (one holding inner tensors) dispatches
+            # ``copy_`` once per inner tensor, so only the last one would land. Its own clone
+            # keeps it whole: fresh memory each save.
             return self._rebuilt(value, local.clone(), is_dtensor)
         shape, dtype = local.shape, local.dtype
         # Written out here, not in a method of the walk: this runs for every tensor of every

@@ -14,7 +14,7 @@ import io
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -57,9 +57,7 @@ def unusual_values(state: Any) -> list[Any]:
             pending.extend(value)
         elif isinstance(value, torch.Tensor):  # a subclass: torch.save names its class
             found.append(kind)
-        elif isinstance(value, Mapping):
-            found.append(value)  # another mapping is pickled whole, by its class
-        else:
+        else:  # any other value (another mapping too) is pickled whole
             found.append(value)
     return found
 

@@ -37,8 +37,7 @@ Layout 1 (up to distckpt 0.1.0) put the data and every storage at multiples of
 Tensors that are views of one storage share it after loading, as with ``torch.load``. A
 tensor this layout does not describe (a subclass such as a DTensor, one off the CPU, sparse,
 nested, quantized, with ``requires_grad`` or a lazy conjugate/negative bit), and every tensor
-inside an
-object other than a dict, OrderedDict, list or tuple, stays in the skeleton, where
+inside an object other than a dict, OrderedDict, list or tuple, stays in the skeleton, where
 ``torch.save`` writes it as it always did (such a tensor does not share its storage with a raw
 one after loading; the states distckpt saves hold detached plain tensors, so they do not meet).
 """
