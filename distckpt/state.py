@@ -50,21 +50,22 @@ def element_bytes(state: Any) -> int:
 
 def storage_sizes(state: Any) -> list[int]:
     """The size in bytes of each storage the tensors of a nested state hold, each storage once
-    (a DTensor: its local shard's), in the order the state's walk meets them."""
+    (a DTensor: its local shard's), in the order the state's walk meets them: what
+    ``torch.save`` writes, each tensor's whole storage. A sparse tensor or a wrapper subclass (a
+    tensor holding inner tensors) has no storage of its own: torch.save writes the storages of
+    the tensors it is made of (:func:`tensor_parts`), a slice's whole storage too."""
     seen: set[tuple[int, int]] = set()
     sizes: list[int] = []
     for tensor in local_tensors(state):
-        if tensor.layout != torch.strided or is_traceable_wrapper_subclass(tensor):
-            # A sparse (or other non-strided) tensor, or a wrapper subclass (a tensor holding
-            # inner tensors), has no storage of its own to ask about: torch.save writes the
-            # tensors it is made of (indices and values; the inner tensors).
-            sizes.append(sum(part.nbytes for part in tensor_parts(tensor)))
-            continue
-        storage = tensor.untyped_storage()
-        key = (storage.data_ptr(), storage.nbytes())
-        if key not in seen:
-            seen.add(key)
-            sizes.append(storage.nbytes())
+        for part in tensor_parts(tensor):
+            if part.layout != torch.strided:  # a layout of no storage to ask about
+                sizes.append(part.nbytes)
+                continue
+            storage = part.untyped_storage()
+            key = (storage.data_ptr(), storage.nbytes())
+            if key not in seen:
+                seen.add(key)
+                sizes.append(storage.nbytes())
     return sizes
 
 

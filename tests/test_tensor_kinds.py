@@ -15,6 +15,7 @@ from torch.testing._internal.two_tensor import TwoTensor
 
 import distckpt
 from distckpt.errors import UnsafeCheckpoint, UnsupportedTensors
+from distckpt.formats.torch_files import TorchFilesFormat
 
 #: (async_save, writer_threads) of each way a "torch" save is made
 SAVE_MODES = [(False, 1), (True, 1), (True, 2)]
@@ -153,3 +154,27 @@ def test_dcp_refuses_nested_tensors_at_the_save(root: Path, layout: torch.layout
     assert refused.value.keys == ("batch",)
     kind = "torch.Tensor (nested)" if layout == torch.strided else "NestedTensor"
     assert refused.value.kinds[0].endswith(kind)
+
+
+def rank_file_bytes(step_dir: Path) -> int:
+    return sum(path.stat().st_size for path in step_dir.glob("rank*"))
+
+
+def test_the_space_estimate_counts_a_wrapper_subclass_s_whole_storages(root: Path) -> None:
+    # torch.save writes each inner tensor's whole storage, however few elements it shows.
+    first, second = torch.zeros(2**20), torch.zeros(2**20)  # 4 MiB each
+    state = {"two": TwoTensor(first[:10], second[:10])}
+    estimate = TorchFilesFormat().estimate_bytes(state)
+    with distckpt.CheckpointManager(root, fsync=False) as manager:
+        manager.save(1, state)
+    written = rank_file_bytes(root / "step-00000001")
+    assert written > 8 * 2**20
+    assert written <= estimate < written + 2**20
+
+
+def test_the_space_estimate_counts_a_storage_shared_with_a_wrapper_subclass_once() -> None:
+    storage = torch.zeros(2**20)  # 4 MiB
+    alone = TorchFilesFormat().estimate_bytes({"plain": storage})
+    # TwoTensor wants its inner tensors at one offset: one over the same slice twice
+    shared = {"plain": storage, "two": TwoTensor(storage[:10], storage[:10])}
+    assert TorchFilesFormat().estimate_bytes(shared) < alone + 2**20
