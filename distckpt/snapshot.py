@@ -407,7 +407,9 @@ class SnapshotBuffers:
             return PerRank(self._walk(value.value, key, leaf))
         if isinstance(value, Mapping):
             return same_kind_of_mapping(
-                value, {k: self._walk(v, (*key, k), leaf) for k, v in value.items()}
+                value,
+                {k: self._walk(v, (*key, k), leaf) for k, v in value.items()},
+                copy_metadata=True,
             )
         if isinstance(value, (list, tuple)):
             items = [self._walk(v, (*key, i), leaf) for i, v in enumerate(value)]
