@@ -91,7 +91,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Callable, NoReturn
 
@@ -108,7 +108,6 @@ from distckpt.errors import (
     CorruptCheckpoint,
     InvalidArgument,
     RankFailure,
-    UnsupportedTensors,
     WorldSizeMismatch,
     describe_error,
 )
@@ -128,10 +127,10 @@ from distckpt.formats.dcp_keys import (
 )
 from distckpt.formats.dcp_metadata import DATA_FILE_RE, METADATA_NAME, read_metadata
 from distckpt.formats.dcp_storage import Planner, Reader, Writer
+from distckpt.formats.dcp_tensor_kinds import check_tensor_types
 from distckpt.formats.dcp_text_keys import check_restorable_keys, holds_containers
 from distckpt.manifest import FileRecord, Manifest
 from distckpt.model_state import ModelOptimizerState
-from distckpt.per_rank import PerRank
 from distckpt.state import (
     byte_string_bytes,
     copy_containers,
@@ -251,7 +250,7 @@ def _check_saveable(state: Any) -> None:
             f"{', '.join(sharded)}: marked per rank but holds DTensors, which are sharded "
             "across the ranks already; leave them unmarked"
         )
-    _check_tensor_types(state, dtensor)
+    check_tensor_types(state, dtensor)
     optimizer_key = _find_id_keyed_optimizer(state)
     if optimizer_key is not None:
         raise InvalidArgument(
@@ -260,48 +259,6 @@ def _check_saveable(state: Any) -> None:
             "into a fresh optimizer would silently drop it. Save "
             "ModelOptimizerState(model, optimizer) (from distckpt.formats.dcp) instead of the "
             "model and the optimizer"
-        )
-
-
-def _unsupported_tensors(
-    value: Any, dtensor: type | None, path: tuple[Any, ...] = ()
-) -> Iterator[tuple[str, str]]:
-    """(dotted key, kind) of each tensor of ``value`` that is neither a plain tensor nor a
-    DTensor, or is nested: DCP writes a subclass's data as a plain tensor's and reads it back
-    with ``weights_only=True``, which refuses the subclass even when the caller allows pickles,
-    and it cannot write a nested tensor of the strided layout at all."""
-    if isinstance(value, torch.Tensor):
-        is_dtensor = dtensor is not None and isinstance(value, dtensor)
-        if type(value) is not torch.Tensor and not is_dtensor:
-            yield dotted(path), f"{type(value).__module__}.{type(value).__qualname__}"
-        elif value.is_nested:  # a nested tensor of the strided layout: DCP cannot size it
-            yield dotted(path), "torch.Tensor (nested)"
-    elif isinstance(value, PerRank):
-        yield from _unsupported_tensors(value.value, dtensor, path)
-    elif isinstance(value, Mapping):
-        for key, item in value.items():
-            yield from _unsupported_tensors(item, dtensor, (*path, key))
-    elif isinstance(value, (list, tuple)) and any(
-        # told by the set of the items' types, so a long list of plain values (a million token
-        # ids) costs no look at each
-        issubclass(kind, (torch.Tensor, Mapping, list, tuple, PerRank))
-        for kind in set(map(type, value))
-    ):
-        for index, item in enumerate(value):
-            yield from _unsupported_tensors(item, dtensor, (*path, index))
-
-
-def _check_tensor_types(state: Any, dtensor: type | None) -> None:
-    """Raise :class:`~distckpt.errors.UnsupportedTensors` naming every tensor of ``state`` the
-    format cannot save and load back (:func:`_unsupported_tensors`)."""
-    found = list(_unsupported_tensors(state, dtensor))
-    if found:
-        listed = ", ".join(f"{key} ({kind})" for key, kind in found)
-        raise UnsupportedTensors(
-            f"the 'dcp' format saves plain (not nested) tensors and DTensors only, not {listed}: "
-            "save with format='torch', or convert them to plain tensors first",
-            keys=tuple(key for key, _ in found),
-            kinds=tuple(kind for _, kind in found),
         )
 
 
