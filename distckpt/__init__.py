@@ -51,6 +51,7 @@ from distckpt.errors import (
     UnloadableState,
     UnrestorableKeys,
     UnsafeCheckpoint,
+    UnsupportedTensors,
     UnsupportedVersion,
     WorldSizeMismatch,
 )
@@ -110,6 +111,7 @@ __all__ = [
     "StoreUnavailable",
     "UnloadableState",
     "UnrestorableKeys",
+    "UnsupportedTensors",
     "UnsafeCheckpoint",
     "UnsupportedVersion",
     "WorldSizeMismatch",

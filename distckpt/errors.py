@@ -144,6 +144,32 @@ class UnrestorableKeys(InvalidArgument):
         self.keys = keys
 
 
+class UnsupportedTensors(InvalidArgument):
+    """Tensors of a state the format cannot save and load back, refused at the save before
+    anything is written: the "dcp" format takes plain tensors and DTensors only, so a subclass
+    of ``torch.Tensor`` (a wrapper subclass, a nested tensor) is refused; the "torch" format
+    saves them all. ``keys`` are the tensors' dotted places in the state, ``kinds`` each one's
+    type (its class's qualified name; ``torch.Tensor (nested)`` for a nested tensor of the
+    strided layout, whose class is the plain one)."""
+
+    keys: tuple[str, ...] = ()
+    kinds: tuple[str, ...] = ()
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        keys: tuple[str, ...],
+        kinds: tuple[str, ...],
+        rank: int | None = None,
+        path: str | os.PathLike[str] | None = None,
+        step: int | None = None,
+    ) -> None:
+        super().__init__(message, rank=rank, path=path, step=step)
+        self.keys = keys
+        self.kinds = kinds
+
+
 class UnloadableState(InvalidArgument):
     """A value to save that a restore could not load back: loaded as torch loads weights
     (tensors, numbers, strings and containers of them), it holds an object of another type

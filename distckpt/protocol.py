@@ -47,6 +47,7 @@ from distckpt.manifest import FileRecord, Manifest, check_epoch_number
 from distckpt.results import CheckpointLocation, SaveResult
 from distckpt.storage import ExtraFile, RootStore, StagingArea
 from distckpt.tidying import BackgroundTidy
+from distckpt.weights_only import RefusedValuesWarning
 
 logger = logging.getLogger("distckpt")
 
@@ -81,10 +82,19 @@ class SavePlan:
 
 
 def write(
-    plan: SavePlan, *, coord: Coordinator, store: RootStore, fmt: CheckpointFormat, fsync: bool
+    plan: SavePlan,
+    *,
+    coord: Coordinator,
+    store: RootStore,
+    fmt: CheckpointFormat,
+    fsync: bool,
+    refused_values: RefusedValuesWarning | None = None,
 ) -> dict[str, FileRecord]:
     """Step 2, this rank's part: its shard (and on rank 0 the extra files) in the staging area;
-    the records of what it wrote. Rank 0 first makes the area's creation durable
+    the records of what it wrote. With ``refused_values``, the state is first looked at for
+    values a default restore would refuse (one warning per distinct kind): here, where both
+    formats pickle it, and in the background thread for an async save, off the time ``save``
+    blocks. Rank 0 first makes the area's creation durable
     (:meth:`~distckpt.storage.RootStore.make_staging_durable`), which only the commit needs.
     The format writes into the local dir the store gives this rank
     (:meth:`~distckpt.storage.RootStore.open_shard`), then the store publishes it into the
@@ -99,6 +109,8 @@ def write(
             # overlaps the other ranks' writes, and an async save's write is in the background.
             # Before the shard, so the journal it flushes holds little else.
             store.make_staging_durable(plan.area)
+        if refused_values is not None:
+            refused_values.check(plan.state)
         with store.open_shard(plan.location, coord.rank) as directory:
             written = fmt.write(plan.state, directory, ctx)
             records = store.publish_shard(plan.location, directory, written)
@@ -159,6 +171,7 @@ def write_and_commit(
     fmt: CheckpointFormat,
     tidying: BackgroundTidy,
     launcher: LauncherWatch | None = None,
+    refused_values: RefusedValuesWarning | None = None,
 ) -> SaveResult:
     """Steps 2-4, in the caller's thread or, for an async save, in the background thread with
     a ``coord`` of its own: every rank writes, the records (or errors) are gathered to rank 0
@@ -171,11 +184,14 @@ def write_and_commit(
     next call's collectives wait for the removal.
 
     With a ``launcher`` watch, every rank checks after writing, in what it reports for the
-    agreement, that its launcher lives (:func:`check_launcher`)."""
+    agreement, that its launcher lives (:func:`check_launcher`). ``refused_values``: see
+    :func:`write`."""
     step, rank, fsync = plan.step, coord.rank, store.fsync
 
     def write_here() -> dict[str, FileRecord]:
-        records = write(plan, coord=coord, store=store, fmt=fmt, fsync=fsync)
+        records = write(
+            plan, coord=coord, store=store, fmt=fmt, fsync=fsync, refused_values=refused_values
+        )
         check_launcher(launcher, coord=coord, store=store)
         return records
 

@@ -23,6 +23,7 @@ from distckpt.results import SaveResult
 from distckpt.snapshot import SnapshotBuffers
 from distckpt.storage import RootStore
 from distckpt.tidying import BackgroundTidy
+from distckpt.weights_only import RefusedValuesWarning
 
 
 class Saver:
@@ -55,6 +56,8 @@ class Saver:
         self._background = background
         self._tidying = tidying
         self._count = 0
+        #: warns once per manager about values a default restore would refuse
+        self._refused_values = RefusedValuesWarning()
 
     def save(self, request: proposal.SaveRequest, state: Any, decision: SaveDecision) -> SaveResult:
         """Save ``state`` as ``decision`` says (collective); any previous save is done. An
@@ -85,6 +88,7 @@ class Saver:
                 fmt=self._format,
                 launcher=self._launcher,
                 tidying=self._tidying,
+                refused_values=self._refused_values,
             )
             if self._background is None:
                 result = commit(coord=self._coord)

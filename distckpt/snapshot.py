@@ -25,9 +25,11 @@ Without CUDA the buffers lie in one flat, page-aligned block of private anonymou
 a storage of its own covering exactly its bytes, so no format sees the block. With CUDA, every
 buffer is a pinned tensor of its own, so device-to-host copies run at full speed.
 
-A tensor torch cannot copy into such a buffer (quantized, sparse, of any layout but strided) is
-cloned instead, into fresh memory at each save: correct, and rare. A tensor of a sub-byte dtype
-(:data:`SUB_BYTE_DTYPES`), for which torch has no copy at all, is copied as the bytes it lies in.
+A tensor torch cannot copy into such a buffer (quantized, sparse, nested, of any layout but
+strided, or a subclass of ``torch.Tensor``, which a plain buffer would turn into a plain tensor)
+is cloned instead, into fresh memory at each save: correct, and rare. A tensor of a sub-byte
+dtype (:data:`SUB_BYTE_DTYPES`), for which torch has no copy at all, is copied as the bytes it
+lies in.
 
 DTensors are copied shard by shard and rebuilt with the same mesh and placements.
 """
@@ -53,7 +55,7 @@ from distckpt.arrangement import (
 )
 from distckpt.memory import DIRECT_ALIGNMENT, DIRECT_MIN_BYTES, anonymous_memory, round_up
 from distckpt.per_rank import PerRank
-from distckpt.state import dtensor_type, same_kind_of_tuple
+from distckpt.state import dtensor_type, same_kind_of_mapping, same_kind_of_tuple
 
 #: Each buffer of the flat block starts at a multiple of this many bytes: a cache line, which
 #: every dtype's alignment divides, and small enough that many tiny tensors waste little. A
@@ -324,9 +326,18 @@ class SnapshotBuffers:
         local = value.to_local() if is_dtensor else value
         if local.requires_grad:  # a state reduced to plain data has none: no detach to pay
             local = local.detach()
-        if local.layout is not _STRIDED or local.is_quantized:
+        if (
+            local.layout is not _STRIDED
+            or local.is_quantized
+            or local.is_nested
+            or type(local) is not torch.Tensor
+        ):
             # A buffer of raw bytes cannot hold it (a quantized buffer made that way has no
-            # quantizer, and copying into it crashed the process): fresh memory each save.
+            # quantizer, and copying into it crashed the process; a nested tensor of the strided
+            # layout has no single shape to make one of), nor a subclass: a plain buffer would
+            # drop its type, and a wrapper subclass (one holding inner tensors) dispatches
+            # ``copy_`` once per inner tensor, so only the last one would land. Its own clone
+            # keeps it whole: fresh memory each save.
             return self._rebuilt(value, local.clone(), is_dtensor)
         shape, dtype = local.shape, local.dtype
         # Written out here, not in a method of the walk: this runs for every tensor of every
@@ -395,7 +406,11 @@ class SnapshotBuffers:
         if isinstance(value, PerRank):
             return PerRank(self._walk(value.value, key, leaf))
         if isinstance(value, Mapping):
-            return {k: self._walk(v, (*key, k), leaf) for k, v in value.items()}
+            return same_kind_of_mapping(
+                value,
+                {k: self._walk(v, (*key, k), leaf) for k, v in value.items()},
+                copy_metadata=True,
+            )
         if isinstance(value, (list, tuple)):
             items = [self._walk(v, (*key, i), leaf) for i, v in enumerate(value)]
             if isinstance(value, list):

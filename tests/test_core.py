@@ -826,8 +826,8 @@ def test_a_named_tuple_round_trips(root: Path, async_save: bool) -> None:
 @pytest.mark.parametrize("async_save", [False, True])
 def test_a_sparse_tensor_round_trips(root: Path, async_save: bool) -> None:
     sparse = torch.sparse_coo_tensor([[0, 2, 5]], [1.0, 2.0, 3.0], (8,))
-    # It has no storage to size: what torch.save writes of it, its indices and values.
-    assert storage_sizes({"sparse": sparse}) == [3 * 8 + 3 * 4]
+    # It has no storage of its own: torch.save writes its indices' and its values' storages.
+    assert storage_sizes({"sparse": sparse}) == [3 * 8, 3 * 4]
     with distckpt.CheckpointManager(root, async_save=async_save, fsync=False) as mgr:
         mgr.save(1, {"sparse": sparse, "dense": torch.ones(3)})
         sparse.add_(sparse)  # training goes on: an async save keeps what it copied

@@ -336,14 +336,26 @@ def test_a_skeleton_of_plain_values_loads_as_torch_load_loads_it() -> None:
     assert loaded == plain and loaded[0]["a"] is not loaded[1][0]
 
 
-def test_the_plain_values_unpickler_refuses_every_class_and_runs_nothing(tmp_path: Path) -> None:
+def test_the_plain_values_unpickler_refuses_every_other_class_and_runs_nothing(
+    tmp_path: Path,
+) -> None:
     from tests.hostile_cases import Exploit
 
     marker = tmp_path / "PWNED"
-    for value in (Exploit(marker), OrderedDict(a=1), torch.ones(2), torch.float32):
+    for value in (Exploit(marker), torch.ones(2), torch.float32):
         with pytest.raises(pickle.UnpicklingError, match="not a plain value"):
             plain_values_of(_saved(value))
     assert not marker.exists()
+
+
+def test_the_plain_values_unpickler_takes_an_ordered_dict_with_its_metadata() -> None:
+    """A module's ``state_dict()``, as torch's weights-only unpickler takes it."""
+    saved = torch.nn.BatchNorm1d(2).state_dict()
+    skeleton = OrderedDict((key, index) for index, key in enumerate(saved))
+    skeleton._metadata = saved._metadata  # type: ignore[attr-defined]
+    loaded = plain_values_of(_saved(skeleton))
+    assert type(loaded) is OrderedDict and list(loaded) == list(saved)
+    assert loaded._metadata == saved._metadata
 
 
 def test_a_skeleton_beyond_plain_values_is_left_to_torch_load(tmp_path: Path) -> None:

@@ -23,6 +23,11 @@ What DCP saves, and its limits:
   a tuple, or in a list of plain values). :func:`load_consolidated` (``export``), which has no
   state to map onto, gives them as text.
 * DTensors (FSDP2 ``fully_shard`` parameters, their optimizer state) are saved shard by shard.
+* Tensors must be plain tensors or DTensors: a subclass of ``torch.Tensor`` (a wrapper
+  subclass, a nested tensor of the jagged layout) would be written as a plain tensor's data and
+  refused on restore, and a nested tensor of the strided layout fails DCP's write, so the save
+  refuses them first (:class:`~distckpt.errors.UnsupportedTensors`); the "torch" format saves
+  them.
 * Everything else -- plain tensors and plain values -- is taken to be the *same on every rank*
   and is saved once, from one rank, unless it is marked per rank: :class:`~distckpt.RNGState`,
   a ``StatefulDataLoader``, or any value wrapped in :class:`~distckpt.PerRank`. Those are saved
@@ -122,6 +127,7 @@ from distckpt.formats.dcp_keys import (
 )
 from distckpt.formats.dcp_metadata import DATA_FILE_RE, METADATA_NAME, read_metadata
 from distckpt.formats.dcp_storage import Planner, Reader, Writer
+from distckpt.formats.dcp_tensor_kinds import check_tensor_types
 from distckpt.formats.dcp_text_keys import check_restorable_keys, holds_containers
 from distckpt.manifest import FileRecord, Manifest
 from distckpt.model_state import ModelOptimizerState
@@ -244,6 +250,7 @@ def _check_saveable(state: Any) -> None:
             f"{', '.join(sharded)}: marked per rank but holds DTensors, which are sharded "
             "across the ranks already; leave them unmarked"
         )
+    check_tensor_types(state, dtensor)
     optimizer_key = _find_id_keyed_optimizer(state)
     if optimizer_key is not None:
         raise InvalidArgument(

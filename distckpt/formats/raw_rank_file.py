@@ -36,8 +36,8 @@ Layout 1 (up to distckpt 0.1.0) put the data and every storage at multiples of
 
 Tensors that are views of one storage share it after loading, as with ``torch.load``. A
 tensor this layout does not describe (a subclass such as a DTensor, one off the CPU, sparse,
-quantized, with ``requires_grad`` or a lazy conjugate/negative bit), and every tensor inside an
-object other than a dict, OrderedDict, list or tuple, stays in the skeleton, where
+nested, quantized, with ``requires_grad`` or a lazy conjugate/negative bit), and every tensor
+inside an object other than a dict, OrderedDict, list or tuple, stays in the skeleton, where
 ``torch.save`` writes it as it always did (such a tensor does not share its storage with a raw
 one after loading; the states distckpt saves hold detached plain tensors, so they do not meet).
 """
@@ -57,7 +57,7 @@ import torch
 
 from distckpt.checksums import ChecksumWriter
 from distckpt.memory import DIRECT_ALIGNMENT, DIRECT_MIN_BYTES, round_up
-from distckpt.state import same_kind_of_tuple
+from distckpt.state import same_kind_of_mapping, same_kind_of_tuple
 
 #: The first bytes of every rank file in this layout.
 MAGIC = b"DCKPTRAW"
@@ -154,6 +154,7 @@ def _is_raw_tensor(value: Any) -> bool:
         type(value) is torch.Tensor
         and value.device.type == "cpu"
         and value.layout == torch.strided
+        and not value.is_nested  # strided layout, but no sizes or strides of its own
         and not value.is_quantized
         and not value.requires_grad
         and not value.is_conj()
@@ -202,7 +203,9 @@ class _Splitter:
         if _is_raw_tensor(value):
             result: Any = self._placeholder(value)
         elif type(value) in (dict, OrderedDict):
-            result = type(value)((key, self.split(item)) for key, item in value.items())
+            result = same_kind_of_mapping(
+                value, {key: self.split(item) for key, item in value.items()}
+            )
         elif type(value) is list:
             result = [self.split(item) for item in value]
         elif type(value) is tuple or (isinstance(value, tuple) and hasattr(value, "_fields")):

@@ -18,6 +18,7 @@ import io
 import os
 import pickle
 import re
+from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Union
@@ -100,13 +101,16 @@ def read_rank_file(path: Path, manifest: Manifest, options: ReadOptions) -> Any:
 
 
 class _PlainValuesUnpickler(pickle.Unpickler):
-    """Unpickles plain values only: dicts, lists, tuples, strings, numbers, booleans and None.
-    Every class or function a pickle names, and every persistent id (a tensor's
-    storage), is refused, so no code can run (the "restricting globals" recipe of Python's
-    ``pickle`` documentation, with nothing allowed): stricter than torch's weights-only
-    unpickler, and C code instead of its opcode loop in Python."""
+    """Unpickles plain values only: dicts (``OrderedDict`` too, with the attributes pickled with
+    it: a module's ``state_dict()`` and its ``_metadata``), lists, tuples, strings, numbers,
+    booleans and None. Every other class or function a pickle names, and every persistent id
+    (a tensor's storage), is refused, so no code can run (the "restricting globals" recipe of
+    Python's ``pickle`` documentation, allowing what torch's weights-only unpickler allows of
+    them): stricter than that unpickler, and C code instead of its opcode loop in Python."""
 
     def find_class(self, module: str, name: str) -> Any:
+        if (module, name) == ("collections", "OrderedDict"):
+            return OrderedDict
         raise pickle.UnpicklingError(f"global {module}.{name} is not a plain value")
 
     def persistent_load(self, pid: Any) -> Any:
