@@ -53,9 +53,10 @@ from distckpt.arrangement import (
     compact_stride,
     view_in,
 )
+from distckpt.containers import same_kind_of_mapping, same_kind_of_tuple
 from distckpt.memory import DIRECT_ALIGNMENT, DIRECT_MIN_BYTES, anonymous_memory, round_up
 from distckpt.per_rank import PerRank
-from distckpt.state import dtensor_type, same_kind_of_mapping, same_kind_of_tuple
+from distckpt.state import dtensor_type
 
 #: Each buffer of the flat block starts at a multiple of this many bytes: a cache line, which
 #: every dtype's alignment divides, and small enough that many tiny tensors waste little. A

@@ -10,10 +10,8 @@ dicts and lists that hold them.
 
 from __future__ import annotations
 
-import copy
 import os
 import sys
-from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +19,7 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
+from distckpt.containers import same_kind_of_mapping, same_kind_of_tuple
 from distckpt.errors import InvalidArgument, ShapeMismatch
 from distckpt.key_prefixes import log_prefix_mapping, matching_prefixes
 from distckpt.per_rank import PerRank, is_per_rank
@@ -434,44 +433,6 @@ def _load(
     elif not isinstance(template, (Mapping, list, tuple)):
         return loaded  # a plain value: its container takes the loaded one
     return template
-
-
-def same_kind_of_mapping(
-    template: Mapping[Any, Any], items: dict[Any, Any], *, copy_metadata: bool = False
-) -> dict[Any, Any]:
-    """``items`` (a fresh dict of ``template``'s keys) itself, or as an ``OrderedDict`` with the
-    ``_metadata`` attribute of ``template`` when that is one: as ``torch.save`` and
-    ``torch.load(weights_only=True)`` keep a module's ``state_dict()``, whose ``_metadata``
-    holds its modules' versions (which ``load_state_dict`` passes on to each module's loading,
-    e.g. ``BatchNorm``'s). Any other mapping becomes a plain dict.
-
-    The ``_metadata`` is ``template``'s own unless ``copy_metadata`` (an async save's snapshot,
-    which must not see later changes to it): a sync save writes it before returning, and a copy
-    at 10,000 modules cost 35 ms a save."""
-    if not isinstance(template, OrderedDict):
-        return items  # the common case costs no copy: this runs for every dict of every save
-    result: OrderedDict[Any, Any] = OrderedDict(items)
-    metadata = getattr(template, "_metadata", None)
-    if metadata is not None:
-        kept = copy_of_metadata(metadata) if copy_metadata else metadata
-        result._metadata = kept  # type: ignore[attr-defined]
-    return result
-
-
-def copy_of_metadata(metadata: Any) -> Any:
-    """A copy of a module's ``state_dict()._metadata`` (an OrderedDict of each module's dict of
-    plain values): two levels, which a deep copy's bookkeeping made several times slower; any
-    other shape, a deep copy."""
-    if type(metadata) is not OrderedDict or not all(type(v) is dict for v in metadata.values()):
-        return copy.deepcopy(metadata)
-    return OrderedDict((key, dict(value)) for key, value in metadata.items())
-
-
-def same_kind_of_tuple(template: tuple[Any, ...], items: list[Any]) -> tuple[Any, ...]:
-    """``items`` as a tuple of ``template``'s type (a named tuple takes them as arguments)."""
-    if hasattr(template, "_fields"):
-        return type(template)(*items)
-    return type(template)(items)
 
 
 def _compare_shapes(current: Any, loaded: Any, path: str, report: LoadReport) -> bool:

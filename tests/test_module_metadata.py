@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import distckpt
-from distckpt.state import copy_of_metadata
+from distckpt.containers import copy_of_metadata
 
 
 @pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])

@@ -22,11 +22,12 @@ from typing import Any
 import torch
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 
+from distckpt.containers import same_kind_of_tuple
 from distckpt.formats.dcp_storage import flat_state, key_mismatch, shape_mismatches
 from distckpt.formats.dcp_text_keys import get_saved, holds_containers, keys_like
 from distckpt.key_prefixes import log_prefix_mapping, matching_prefixes
 from distckpt.per_rank import PerRank
-from distckpt.state import LoadReport, same_kind_of_tuple, set_path
+from distckpt.state import LoadReport, set_path
 
 __all__ = [
     "PER_RANK_KEY",

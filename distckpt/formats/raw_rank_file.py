@@ -56,8 +56,8 @@ from typing import Any, NamedTuple
 import torch
 
 from distckpt.checksums import ChecksumWriter
+from distckpt.containers import same_kind_of_mapping, same_kind_of_tuple
 from distckpt.memory import DIRECT_ALIGNMENT, DIRECT_MIN_BYTES, round_up
-from distckpt.state import same_kind_of_mapping, same_kind_of_tuple
 
 #: The first bytes of every rank file in this layout.
 MAGIC = b"DCKPTRAW"

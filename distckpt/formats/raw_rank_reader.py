@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 import torch
 
+from distckpt.containers import same_kind_of_tuple
 from distckpt.errors import CorruptCheckpoint
 from distckpt.formats.base import ReadOptions, storage_placement
 from distckpt.formats.raw_rank_file import (
@@ -29,7 +30,6 @@ from distckpt.formats.raw_rank_file import (
     memory_of,
 )
 from distckpt.memory import prefault
-from distckpt.state import same_kind_of_tuple
 
 #: Storages up to this size are read together with one ``preadv`` (many small tensors would
 #: otherwise cost a system call each).
