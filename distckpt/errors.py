@@ -177,7 +177,8 @@ class CommitLost(CheckpointError, OSError):
 class StagedFileMismatch(CheckpointError, OSError):
     """Rank 0, about to commit, found a file another rank staged missing, or of another size
     than that rank wrote: on a filesystem, the root is not one directory shared by every rank
-    (or a client's cache of it is stale); on an object store, the object is not there. Nothing
+    (or a client's cache of it is stale), or the whole staging dir was removed under the save
+    (the message then says so); on an object store, the object is not there. Nothing
     was committed. Besides ``rank`` (whose file) and ``path``: ``written_bytes``, the size that
     rank wrote, and ``found_bytes``, the size rank 0 found (None: no such file)."""
 

@@ -238,6 +238,17 @@ def _unknowable_elsewhere(root: Path, holder: LeaseHolder | None) -> bool:
     )
 
 
+def holder_beyond_judgement(root: str | os.PathLike[str]) -> LeaseHolder | None:
+    """The holder the root's lease record names when this machine cannot tell whether it lives
+    (it has not released the root, it is on another machine or boot, and locks on the root's
+    filesystem are local to each machine), else None. Its lock files, the lease's and its
+    staging dirs' writer locks, are free as seen from here even while it writes: a cleanup
+    must not take them for a dead writer's."""
+    root_path = Path(os.path.abspath(os.fspath(root)))
+    holder = _read_record(root_path)
+    return holder if _unknowable_elsewhere(root_path, holder) else None
+
+
 class RootLease:
     """The lease of one root, held from :meth:`acquire` to :meth:`release` (also a context
     manager). Thread-safe to :meth:`check_current` from any thread."""

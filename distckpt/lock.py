@@ -223,13 +223,19 @@ class Leftover:
 
     ``in_use`` is True when the leftover is, or holds, a file deleted while a reader still has
     it open (``.fuse_hidden*``, ``.nfs*``): it cannot be removed until that reader closes it,
-    so a cleanup leaves it and the next one retries."""
+    so a cleanup leaves it and the next one retries.
+
+    ``kept_because`` says why a cleanup leaves a staging dir or writer lock file whose lock
+    looks free: its writer may be alive where this machine's locks do not reach (the lease
+    holder on another machine, on a filesystem whose locks are local to each machine). None
+    when the lock can be trusted."""
 
     #: a path; for an ``s3://`` root, the URL of a save's prefix or of a writer's claim
     path: Path | str
     kind: Literal["staging", "lock", "trash", "stray"]
     writer_alive: bool = False
     in_use: bool = False
+    kept_because: str | None = None
 
 
 def _held_open(path: Path) -> bool:

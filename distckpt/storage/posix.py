@@ -250,9 +250,17 @@ class PosixRootStore(Removals, LinksAndRetention, ViewedStore):
             try:
                 size = (staging / name).stat().st_size
             except FileNotFoundError:
+                # Rank 0 made the staging dir itself: gone, it was removed under this save
+                # (a gc that could not see this writer's lock), not hidden by the filesystem.
+                why = (
+                    f"the staging dir {staging} was removed while this save wrote it, e.g. "
+                    "by a 'distckpt gc' on a machine this writer's lock does not reach"
+                    if not staging.is_dir()
+                    else f"rank {record.rank}'s file {name} is not visible from rank 0 in "
+                    f"{staging}: the root must be on a filesystem shared by every rank"
+                )
                 raise StagedFileMismatch(
-                    f"rank {record.rank}'s file {name} is not visible from rank 0 in "
-                    f"{staging}: the root must be on a filesystem shared by every rank",
+                    why,
                     rank=record.rank,
                     path=staging / name,
                     written_bytes=record.size,
