@@ -296,6 +296,17 @@ class RootInUse(CheckpointError, BlockingIOError):
         self.holder = holder
 
 
+class LeaseTakenMeanwhile(RootInUse):
+    """``distckpt lease ROOT --break`` judged the holder ``judged`` dead, but by the time it
+    held the lease's lock the record named someone else (a requeued job took the root over
+    meanwhile) or no longer claimed the root: nothing was broken. ``holder`` is the record
+    found then (None: no readable record)."""
+
+    def __init__(self, message: str, holder: object, judged: object) -> None:
+        super().__init__(message, holder)
+        self.judged = judged
+
+
 class LeaseLost(CheckpointError, RuntimeError):
     """This job's writer lease on the root was taken over (broken by an operator, another job
     acquired it after this job's lease holder died, or an object-store lease expired): it may no

@@ -54,7 +54,14 @@ from pathlib import Path
 
 import filelock
 
-from distckpt.errors import CheckpointError, InvalidArgument, LauncherGone, LeaseLost, RootInUse
+from distckpt.errors import (
+    CheckpointError,
+    InvalidArgument,
+    LauncherGone,
+    LeaseLost,
+    LeaseTakenMeanwhile,
+    RootInUse,
+)
 from distckpt.fsutil import atomic_write_bytes
 from distckpt.layout import RootLayout
 from distckpt.lock import _flock, _unsupported, locks_local_to_machine
@@ -402,12 +409,19 @@ def read_holder(root: str | os.PathLike[str]) -> LeaseHolder | None:
 
 def break_lease(root: str | os.PathLike[str]) -> LeaseHolder | None:
     """Break the lease of a holder that is on another machine and known dead: the record is
-    marked broken and the lock file replaced, so that a lock that machine's death left behind
-    (an NFS server's lease, a machine-local lock) no longer blocks, and the holder, if it lives
-    after all, is fenced at its next commit. Returns the broken holder, or None if nobody held
-    it. A holder on this machine (:meth:`LeaseHolder.on_this_machine`, in any PID namespace)
-    is never broken: its lock tells whether it lives; a live one is refused with
-    :class:`~distckpt.RootInUse` (stop it first)."""
+    marked broken, so that the next job takes the root and the holder, if it lives after all,
+    is fenced at its next commit. Returns the broken holder, or None if nobody held it. A
+    holder on this machine (:meth:`LeaseHolder.on_this_machine`, in any PID namespace) is
+    never broken: its lock tells whether it lives; a live one is refused with
+    :class:`~distckpt.RootInUse` (stop it first).
+
+    The record is re-read and rewritten under the lock an acquisition claims with, and broken
+    only if it still names the holder judged dead (its token and generation): a job that took
+    the root over since (a requeued job waiting with ``wait_for_root``) is left alone, with
+    :class:`~distckpt.LeaseTakenMeanwhile`. Where that lock stays held (a lock that machine's
+    death left behind: an NFS server's lease) and the record is unchanged, the lock file is
+    replaced too, so that it no longer blocks; a lock file this call holds is kept, since a
+    job waiting on it would otherwise hold a lock on a file no other job sees."""
     root_path = Path(os.path.abspath(os.fspath(root)))
     holder = read_holder(root_path)
     if holder is None:
@@ -416,11 +430,45 @@ def break_lease(root: str | os.PathLike[str]) -> LeaseHolder | None:
         if holder.alive:
             raise _in_use(root_path, holder, ", on this machine and alive: stop it, not its lease")
         return holder  # dead: the next acquire takes over by itself
-    logger.warning("breaking the lease of %s held by %s", root_path, holder.describe())
-    broken = replace(holder, broken_utc=_now_utc(), alive=None)
-    atomic_write_bytes(_record_path(root_path), broken.to_json(), fsync=True)
-    _lock_path(root_path).unlink(missing_ok=True)
+    # A starting job holds this lock from before it reads the record until it dies, so within
+    # PROBE_GRACE it is either ours or a claimer's whose record is written by then.
+    lock = _try_lock(_lock_path(root_path), PROBE_GRACE)
+    try:
+        current = _read_record(root_path)
+        if (
+            current is None
+            or not current.held
+            or (current.token, current.generation) != (holder.token, holder.generation)
+        ):
+            raise _taken_meanwhile(root_path, holder, current)
+        logger.warning("breaking the lease of %s held by %s", root_path, holder.describe())
+        broken = replace(current, broken_utc=_now_utc(), alive=None)
+        atomic_write_bytes(_record_path(root_path), broken.to_json(), fsync=True)
+        if lock is None:
+            _lock_path(root_path).unlink(missing_ok=True)
+    finally:
+        if lock is not None:
+            lock.release()
     return broken
+
+
+def _taken_meanwhile(
+    root: Path, judged: LeaseHolder, current: LeaseHolder | None
+) -> LeaseTakenMeanwhile:
+    if current is None:
+        now = "no readable lease record is there any more"
+    elif (current.token, current.generation) != (judged.token, judged.generation):
+        now = f"it was taken meanwhile by {current.describe()}"
+    elif current.broken_utc is not None:
+        now = f"it was broken meanwhile, at {current.broken_utc}"
+    else:
+        now = f"its holder released it meanwhile, at {current.released_utc}"
+    return LeaseTakenMeanwhile(
+        f"did not break the lease of {root}, judged dead as {judged.describe()}: {now}. "
+        "Nothing was changed",
+        current,
+        judged,
+    )
 
 
 class LauncherWatch:

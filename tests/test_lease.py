@@ -404,6 +404,60 @@ def test_break_refuses_a_live_holder_on_this_machine(root: Path, holders: list[H
     assert first.ask("check") == "current"
 
 
+def test_a_break_leaves_alone_a_job_that_took_the_root_after_its_holder_was_judged_dead(
+    root: Path,
+    holders: list[Holder],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """An operator breaks the lease of a holder on a machine that died; between the break's
+    reading of the record and its writing, the requeued job (a real process, taking the real
+    lock) takes the root over. The break changes nothing and says so: the requeued job keeps
+    its lease, its lock file stays, and a third job is refused."""
+    # Imported before the patch below: the POSIX store binds read_holder at its import, and
+    # must keep the real one, for this test's command line and every later test.
+    import distckpt.storage.posix
+    from distckpt.cli import main
+
+    root.mkdir()
+    dead = _record_as_another_machine(root, host=this_host() + "-node7")
+    lock_file = RootLayout(root).lease_lock_path
+    requeued: list[Holder] = []
+    real_read_holder = distckpt.lease.read_holder
+
+    def judged_dead_then_the_requeued_job_claims(where: str | os.PathLike[str]) -> object:
+        judged = real_read_holder(where)
+        requeued.append(_start(holders, root))
+        assert requeued[-1].line() == f"held {dead.generation + 1}"
+        return judged
+
+    # A wrapper around the break's read: the read and the write are microseconds apart, and no
+    # real part can schedule another process's claim between them. The claim itself is real.
+    monkeypatch.setattr(distckpt.lease, "read_holder", judged_dead_then_the_requeued_job_claims)
+    with pytest.raises(distckpt.LeaseTakenMeanwhile) as refused:
+        break_lease(root)
+    (job,) = requeued
+    message = str(refused.value)
+    assert f"judged dead as {dead.describe()}" in message
+    assert "taken meanwhile by" in message and f"pid {job.pid}" in message
+    assert "Nothing was changed" in message
+    assert isinstance(refused.value, distckpt.RootInUse)
+    assert refused.value.judged == replace(dead, alive=False)  # its lock was free
+    assert refused.value.holder is not None and refused.value.holder.pid == job.pid
+    assert job.ask("check") == "current"
+    assert lock_file.exists()
+    with pytest.raises(distckpt.RootInUse):
+        RootLease.acquire(root)
+
+    # The command line says so too, with exit status 2: the same race once more, with the
+    # first requeued job dead and the dead machine's record written back.
+    job.kill()
+    _record_as_another_machine(root, host=this_host() + "-node7")
+    assert main(["lease", "--break", os.fspath(root)], out=io.StringIO()) == 2
+    assert len(requeued) == 2 and "taken meanwhile by" in capsys.readouterr().err
+    assert requeued[-1].ask("check") == "current"
+
+
 def _in_another_pid_namespace() -> tuple[str, ...]:
     """A prefix that runs a command in a PID namespace of its own on this machine (a
     container sharing the host's hostname): its pids name other processes than ours."""
