@@ -19,6 +19,10 @@ Guarantees and limits, per filesystem:
   each machine: never run two *machines* writing one root on such a mount.
 * Lustre mounted with ``-o flock``: exclusive across machines. Mounted with ``-o localflock``:
   local to each machine, as above. Mounted with neither, ``flock`` fails with ENOSYS.
+* Where locks are local to each machine, a cleanup keeps every staging dir and writer lock
+  file while the root's lease record names an unreleased holder on another machine, whose
+  writer locks look free from here (:mod:`distckpt.storage.posix_removal`; ``gc --force``
+  overrides it).
 
 Where ``flock`` is not supported at all, distckpt raises :class:`~distckpt.CheckpointError`
 instead of degrading to a marker-file lock (which survives its process and would block a
