@@ -275,14 +275,17 @@ def test_gc_on_another_machine_keeps_a_live_writers_staging_where_locks_are_loca
     seen_elsewhere = bindfs.path / "gc-elsewhere"
     elsewhere = _on_another_machine_named_like_this_one(bindfs.path, tmp_path)
 
-    def gc_elsewhere(*options: str) -> subprocess.CompletedProcess[str]:
-        command = [sys.executable, "-m", "distckpt", "gc", "--json", *options]
+    def cli_elsewhere(*arguments: str) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-m", "distckpt", *arguments]
         return subprocess.run(
             [*elsewhere, *command, str(seen_elsewhere)],
             capture_output=True,
             text=True,
             timeout=STARTUP,
         )
+
+    def gc_elsewhere(*options: str) -> subprocess.CompletedProcess[str]:
+        return cli_elsewhere("gc", "--json", *options)
 
     held = ["--world-size", "1", "--timeout", "300"]
     holding = jobs.start(plain(root, out, "h", "--saves", "2", "--hold-in-save", "2", *held))
@@ -299,6 +302,10 @@ def test_gc_on_another_machine_keeps_a_live_writers_staging_where_locks_are_loca
         assert not item["writer_alive"]  # its lock looks free from there
         assert f"pid {pid_of(out, 'h', 0)}" in item["kept_because"]
         assert "local to each machine" in item["kept_because"]
+    said = cli_elsewhere("gc")
+    assert said.returncode == 0 and "(kept: the lease holder" in said.stdout, said
+    listed = cli_elsewhere("ls")
+    assert listed.returncode == 0 and "(gc keeps it: the lease holder" in listed.stdout, listed
     assert staged(root) == live_staging
     (out / "h.resume").touch()
     assert holding.wait(STARTUP) == 0, holding.output
