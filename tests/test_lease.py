@@ -656,6 +656,9 @@ def test_a_holder_on_another_machine_is_refused_where_locks_are_local_to_each_ma
     # An operator who knows that machine's job is dead breaks its lease: the root opens.
     broken = break_lease(root)
     assert broken is not None and broken.token == holder.token and broken.broken_utc
+    # the break held the lock file (that machine's lock does not reach it here): kept, so
+    # that a job waiting on it and a job opening it later lock the same file
+    assert RootLayout(root).lease_lock_path.exists()
     with distckpt.CheckpointManager(root, timeout=STARTUP) as mgr:
         assert mgr.save(1, {"w": torch.zeros(2)}) is not None
         now = read_holder(root)
