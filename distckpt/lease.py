@@ -218,15 +218,36 @@ def _read_record(root: Path) -> LeaseHolder | None:
 
 
 def _try_lock(path: Path, timeout: float) -> filelock.BaseFileLock | None:
-    """The lease lock taken within ``timeout`` seconds, or None if another process holds it."""
-    lock = _flock(path, timeout)
+    """The lease lock taken within ``timeout`` seconds, or None if another process holds it.
+
+    The lock returned is on the file named ``path`` now: ``lease --break`` sets aside a lock
+    file a dead machine's lock lingers on (:func:`break_lease`), and a lock taken on the file
+    set aside, opened just before, would exclude nobody; it is dropped and taken again."""
+    deadline = time.monotonic() + timeout
+    locked_files: list[os.stat_result] = []  # each file locked, the last one last
+    while True:
+        lock = _flock(
+            path,
+            max(deadline - time.monotonic(), 0.0),
+            on_acquired=lambda fd: locked_files.append(os.fstat(fd)),
+        )
+        try:
+            lock.acquire()
+        except filelock.Timeout:
+            return None
+        except (OSError, NotImplementedError) as exc:
+            raise _unsupported(path, exc) from exc
+        if _names_file(path, locked_files[-1]):
+            return lock
+        lock.release()
+
+
+def _names_file(path: Path, file: os.stat_result) -> bool:
+    """Whether ``path`` names ``file`` (it was not set aside, replaced or removed)."""
     try:
-        lock.acquire()
-    except filelock.Timeout:
-        return None
-    except (OSError, NotImplementedError) as exc:
-        raise _unsupported(path, exc) from exc
-    return lock
+        return os.path.samestat(os.stat(path), file)
+    except FileNotFoundError:
+        return False
 
 
 def _in_use(root: Path, holder: LeaseHolder | None, why: str) -> RootInUse:
@@ -420,8 +441,10 @@ def break_lease(root: str | os.PathLike[str]) -> LeaseHolder | None:
     the root over since (a requeued job waiting with ``wait_for_root``) is left alone, with
     :class:`~distckpt.LeaseTakenMeanwhile`. Where that lock stays held (a lock that machine's
     death left behind: an NFS server's lease) and the record is unchanged, the lock file is
-    replaced too, so that it no longer blocks; a lock file this call holds is kept, since a
-    job waiting on it would otherwise hold a lock on a file no other job sees."""
+    set aside and the record re-read and rewritten under the lock of a new lock file, which
+    stays: a job waiting on the lock retries on the new file (:func:`_try_lock`), and either
+    it claims the root before this break takes that lock (the break then changes nothing) or
+    after the break. The file set aside is removed once the record is written."""
     root_path = Path(os.path.abspath(os.fspath(root)))
     holder = read_holder(root_path)
     if holder is None:
@@ -430,26 +453,52 @@ def break_lease(root: str | os.PathLike[str]) -> LeaseHolder | None:
         if holder.alive:
             raise _in_use(root_path, holder, ", on this machine and alive: stop it, not its lease")
         return holder  # dead: the next acquire takes over by itself
+    lock_path = _lock_path(root_path)
+    set_aside: Path | None = None
     # A starting job holds this lock from before it reads the record until it dies, so within
     # PROBE_GRACE it is either ours or a claimer's whose record is written by then.
-    lock = _try_lock(_lock_path(root_path), PROBE_GRACE)
+    lock = _try_lock(lock_path, PROBE_GRACE)
     try:
-        current = _read_record(root_path)
-        if (
-            current is None
-            or not current.held
-            or (current.token, current.generation) != (holder.token, holder.generation)
-        ):
+        if lock is None:
+            _refuse_unless_still_judged(root_path, holder)
+            set_aside = _set_aside(lock_path)
+            lock = _try_lock(lock_path, PROBE_GRACE)
+        current = _refuse_unless_still_judged(root_path, holder)
+        if lock is None:  # a waiting job took the new lock file first and is claiming the root
             raise _taken_meanwhile(root_path, holder, current)
         logger.warning("breaking the lease of %s held by %s", root_path, holder.describe())
         broken = replace(current, broken_utc=_now_utc(), alive=None)
         atomic_write_bytes(_record_path(root_path), broken.to_json(), fsync=True)
-        if lock is None:
-            _lock_path(root_path).unlink(missing_ok=True)
     finally:
         if lock is not None:
             lock.release()
+        if set_aside is not None:
+            set_aside.unlink(missing_ok=True)
     return broken
+
+
+def _set_aside(lock_path: Path) -> Path | None:
+    """Rename the lease's lock file to a name of its own: where it went, or None if it was
+    gone already (its lock lingered on a file nobody can open any more)."""
+    set_aside = lock_path.with_name(f"{lock_path.name}.{uuid.uuid4().hex}.set-aside")
+    try:
+        os.rename(lock_path, set_aside)
+    except FileNotFoundError:
+        return None
+    return set_aside
+
+
+def _refuse_unless_still_judged(root: Path, judged: LeaseHolder) -> LeaseHolder:
+    """The current record, if it still names the holder judged dead and has not been released
+    or broken; else :class:`~distckpt.LeaseTakenMeanwhile`."""
+    current = _read_record(root)
+    if (
+        current is None
+        or not current.held
+        or (current.token, current.generation) != (judged.token, judged.generation)
+    ):
+        raise _taken_meanwhile(root, judged, current)
+    return current
 
 
 def _taken_meanwhile(
@@ -461,8 +510,10 @@ def _taken_meanwhile(
         now = f"it was taken meanwhile by {current.describe()}"
     elif current.broken_utc is not None:
         now = f"it was broken meanwhile, at {current.broken_utc}"
-    else:
+    elif current.released_utc is not None:
         now = f"its holder released it meanwhile, at {current.released_utc}"
+    else:
+        now = "a job took the lease's lock meanwhile and has not written its record yet"
     return LeaseTakenMeanwhile(
         f"did not break the lease of {root}, judged dead as {judged.describe()}: {now}. "
         "Nothing was changed",

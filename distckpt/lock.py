@@ -46,6 +46,7 @@ import os
 import re
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -59,10 +60,15 @@ from distckpt.layout import BEST, LAST, LEASE_RECORD_NAME, RootLayout
 logger = logging.getLogger("distckpt")
 
 
-def _flock(path: Path, timeout: float) -> filelock.BaseFileLock:
+def _flock(
+    path: Path, timeout: float, *, on_acquired: Callable[[int], None] | None = None
+) -> filelock.BaseFileLock:
     """A ``filelock`` lock of ``path``, never the marker-file kind. filelock decides what a
-    fork does to it (see the module docstring and pyproject's floor of its version)."""
+    fork does to it (see the module docstring and pyproject's floor of its version).
+    ``on_acquired`` is called with the locked file's descriptor each time the lock is taken."""
     options: dict[str, object] = {"timeout": timeout, "thread_local": False}
+    if on_acquired is not None:
+        options["on_acquired"] = on_acquired
     if _HAS_SOFT_FALLBACK:
         options["fallback_to_soft"] = False  # a marker file would outlive a crashed holder
     return filelock.FileLock(os.fspath(path), **options)

@@ -51,6 +51,8 @@ _HOLDER = textwrap.dedent(
     from distckpt.errors import CheckpointError
     from distckpt.lease import RootLease
 
+    if sys.argv[3:] == ["announce"]:
+        print("acquiring", flush=True)  # imports done: the acquire starts now
     try:
         lease = RootLease.acquire(sys.argv[1], wait=float(sys.argv[2]))
     except CheckpointError as exc:
@@ -74,9 +76,18 @@ _HOLDER = textwrap.dedent(
 class Holder:
     """A process that takes a root's lease and answers ``check`` and ``release``."""
 
-    def __init__(self, root: Path, *, wait: float = 0.0, prefix: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        root: Path,
+        *,
+        wait: float = 0.0,
+        prefix: tuple[str, ...] = (),
+        announce: bool = False,
+    ) -> None:
+        """``announce``: it first prints "acquiring", when its acquire starts."""
         self.proc = subprocess.Popen(
-            [*prefix, sys.executable, "-c", _HOLDER, os.fspath(root), str(wait)],
+            [*prefix, sys.executable, "-c", _HOLDER, os.fspath(root), str(wait)]
+            + (["announce"] if announce else []),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -516,6 +527,93 @@ def test_an_older_versions_break_refuses_a_live_holder_of_this_version_on_this_m
     assert refused.returncode == 2, refused.stderr
     assert f"pid {first.pid}" in refused.stderr and "stop it" in refused.stderr
     assert first.ask("check") == "current"
+
+
+_LINGERING_LOCK = textwrap.dedent(
+    """
+    import fcntl, os, sys, time
+
+    fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    print("locked", flush=True)
+    time.sleep(600)
+    """
+)
+
+
+@pytest.mark.parametrize("waiting_version", ["this", "older"])
+def test_a_break_past_a_lingering_lock_leaves_the_requeued_job_one_lease(
+    root: Path,
+    holders: list[Holder],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    waiting_version: str,
+) -> None:
+    """On NFS a dead machine's lock lingers until the server's lease ends, and the operator
+    breaks the lease meanwhile, while the requeued job waits for the lock (``wait_for_root``,
+    of this version or an older one). The lingering lock ends at the worst moment, just as the
+    break writes the record: the break holds the lock of a new lock file by then, so the
+    requeued job claims the root after the break, on the file every later job locks. It holds
+    the only lease, generation 4; a third job is refused."""
+    root.mkdir()
+    dead = _record_as_another_machine(root, host=this_host() + "-node7")
+    lock_file = RootLayout(root).lease_lock_path
+    # No NFS server here whose lease of a dead client's lock could be let run out: a process
+    # holding the flock of the lock file stands in for it, as that lock looks the same from
+    # here (held by no process the break can judge), until the process is killed.
+    lingering = subprocess.Popen(
+        [sys.executable, "-c", _LINGERING_LOCK, os.fspath(lock_file)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert lingering.stdout is not None and lingering.stdout.readline().strip() == "locked"
+        prefix: tuple[str, ...] = ()
+        if waiting_version == "older":
+            older = tmp_path / "older"
+            with tarfile.open(OLDER_VERSION_ARCHIVE) as tar:
+                tar.extractall(older, filter="data")
+            # its own directory first on the path, so that it imports its own package
+            prefix = ("env", "-C", os.fspath(older), f"PYTHONPATH={older}")
+        requeued = _start(holders, root, wait=STARTUP, prefix=prefix, announce=True)
+        assert requeued.line() == "acquiring"
+        claimed_during_the_write: list[str] = []
+        real_write = distckpt.lease.atomic_write_bytes
+
+        def the_lingering_lock_ends_as_the_break_writes(
+            path: Path, data: bytes, **kw: bool
+        ) -> None:
+            lingering.kill()
+            lingering.wait(timeout=STARTUP)
+            # a job polling a free lock takes it within a few of filelock's 0.05 s polls
+            claimed_during_the_write.append(requeued.line(timeout=2.0))
+            real_write(path, data, **kw)
+
+        # A wrapper around the break's write: no real part can end the lingering lock between
+        # the break's re-reading of the record and its writing. The end itself is real.
+        monkeypatch.setattr(
+            distckpt.lease, "atomic_write_bytes", the_lingering_lock_ends_as_the_break_writes
+        )
+        try:
+            broken = break_lease(root)
+        except distckpt.LeaseTakenMeanwhile:
+            # It took the new lock file in the instant between its making and the break's
+            # lock (it polls every 0.05 s): the break then changes nothing, also one lease.
+            assert claimed_during_the_write == []
+        else:
+            assert broken is not None and broken.token == dead.token and broken.broken_utc
+            assert claimed_during_the_write == [""]  # it waited for the break's lock
+    finally:
+        if lingering.poll() is None:
+            lingering.kill()
+        lingering.wait(timeout=STARTUP)
+    assert requeued.line() == f"held {dead.generation + 1}"
+    assert requeued.ask("check") == "current"
+    assert lock_file.exists()
+    assert [path.name for path in root.glob(".lease.*.set-aside")] == []
+    with pytest.raises(distckpt.RootInUse):
+        RootLease.acquire(root)
+    assert requeued.ask("check") == "current"
 
 
 _LAUNCHER = textwrap.dedent(
