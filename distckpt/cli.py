@@ -77,7 +77,9 @@ def _write_json(data: Any, out: TextIO, *, indent: int | None = None) -> None:
     out.write("\n")
 
 
-def _leftovers(store: RootStore) -> list[dict[str, Any]]:
+def _leftovers(store: RootStore, *, force: bool = False) -> list[dict[str, Any]]:
+    """The store's leftovers as ``ls`` and ``gc`` report them; ``force``: as ``gc --force``
+    judges them."""
     return [
         {
             "path": os.fspath(item.path),
@@ -86,7 +88,7 @@ def _leftovers(store: RootStore) -> list[dict[str, Any]]:
             "in_use": item.in_use,
             "kept_because": item.kept_because,
         }
-        for item in store.leftovers()
+        for item in store.leftovers(force=force)
     ]
 
 
@@ -335,14 +337,14 @@ def cmd_gc(args: argparse.Namespace, out: TextIO) -> int:
     # What the collection had to leave: files a reader still holds open (retried by the next
     # gc or start), leftovers of writers that are still alive, and (without --force) those a
     # lease holder on another machine may be writing, where locks are local to each machine.
-    kept = [item for item in _leftovers(store) if item["path"] not in removed]
+    kept = [item for item in _leftovers(store, force=args.force) if item["path"] not in removed]
     if args.json:
         _write_json({"removed": removed, "left": kept}, out)
     else:
         out.write("".join(f"removed {p}\n" for p in removed))
         for item in kept:
             why = "writer alive" if item["writer_alive"] else "in use" if item["in_use"] else ""
-            if item["kept_because"] and not args.force:
+            if item["kept_because"]:
                 why = f"kept: {item['kept_because']}"
             out.write(f"left {item['path']}" + (f" ({why}; retried later)\n" if why else "\n"))
         if not removed and not kept:

@@ -200,9 +200,11 @@ class RootStore(abc.ABC):
         """Repair the links, then apply the retention rules; the steps removed."""
 
     @abc.abstractmethod
-    def leftovers(self) -> list[Leftover]:
+    def leftovers(self, *, force: bool = False) -> list[Leftover]:
         """What :meth:`collect_leftovers` would look at (staging areas, with whether their
-        writer is alive, the trash, strays), without removing anything; for ``distckpt ls``."""
+        writer is alive, the trash, strays), without removing anything; for ``distckpt ls``
+        and ``gc``. ``force`` judges them as :meth:`collect_leftovers` with ``force`` does: no
+        :attr:`Leftover.kept_because`."""
 
     @abc.abstractmethod
     def lease_holder(self) -> LeaseHolder | None:

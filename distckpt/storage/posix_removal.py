@@ -86,8 +86,9 @@ class Removals:
             removed = self._apply_retention(self._update_links(), linked_before)
         return removed  # their bytes go at tidy()
 
-    def leftovers(self) -> list[Leftover]:
-        return [item for item in self._judged_leftovers(locked=False) if item.kind != "lock"]
+    def leftovers(self, *, force: bool = False) -> list[Leftover]:
+        judged = self._judged_leftovers(locked=False, force=force)
+        return [item for item in judged if item.kind != "lock"]
 
     def collect_leftovers(self, *, force: bool = False) -> list[CheckpointLocation]:
         self._refuse_if_read_only("collect leftovers")
