@@ -18,8 +18,8 @@ and a *generation*, one more than the previous holder's. Nothing here uses
 * **Orphans.** torchrun (2.13) starts every worker in a session of its own, so a worker
   outlives an agent killed with SIGKILL and keeps saving. As long as the orphans' rank 0 lives,
   the job keeps its lease and a requeued job is refused, loudly, instead of interleaving its
-  steps. :class:`LauncherWatch` lets such a worker notice that its launcher is gone and refuse to
-  commit on its own (:class:`~distckpt.LauncherGone`).
+  steps. :class:`~distckpt.launcher.LauncherWatch` lets such a worker notice that its launcher
+  is gone and refuse to commit on its own (:class:`~distckpt.LauncherGone`).
 * **Readers never need the lease**; :func:`read_holder` only probes the lock (a try-lock held for
   an instant), to tell a live holder from a dead one.
 
@@ -57,9 +57,7 @@ import filelock
 from distckpt.errors import (
     CheckpointError,
     InvalidArgument,
-    LauncherGone,
     LeaseLost,
-    LeaseTakenMeanwhile,
     RootInUse,
 )
 from distckpt.fsutil import atomic_write_bytes
@@ -426,127 +424,3 @@ def read_holder(root: str | os.PathLike[str]) -> LeaseHolder | None:
         return replace(holder, alive=True)
     probe.release()
     return replace(holder, alive=False)
-
-
-def break_lease(root: str | os.PathLike[str]) -> LeaseHolder | None:
-    """Break the lease of a holder that is on another machine and known dead: the record is
-    marked broken, so that the next job takes the root and the holder, if it lives after all,
-    is fenced at its next commit. Returns the broken holder, or None if nobody held it. A
-    holder on this machine (:meth:`LeaseHolder.on_this_machine`, in any PID namespace) is
-    never broken: its lock tells whether it lives; a live one is refused with
-    :class:`~distckpt.RootInUse` (stop it first).
-
-    The record is re-read and rewritten under the lock an acquisition claims with, and broken
-    only if it still names the holder judged dead (its token and generation): a job that took
-    the root over since (a requeued job waiting with ``wait_for_root``) is left alone, with
-    :class:`~distckpt.LeaseTakenMeanwhile`. Where that lock stays held (a lock that machine's
-    death left behind: an NFS server's lease) and the record is unchanged, the lock file is
-    set aside and the record re-read and rewritten under the lock of a new lock file, which
-    stays: a job waiting on the lock retries on the new file (:func:`_try_lock`), and either
-    it claims the root before this break takes that lock (the break then changes nothing) or
-    after the break. The file set aside is removed once the record is written."""
-    root_path = Path(os.path.abspath(os.fspath(root)))
-    holder = read_holder(root_path)
-    if holder is None:
-        return None
-    if holder.on_this_machine():
-        if holder.alive:
-            raise _in_use(root_path, holder, ", on this machine and alive: stop it, not its lease")
-        return holder  # dead: the next acquire takes over by itself
-    lock_path = _lock_path(root_path)
-    set_aside: Path | None = None
-    # A starting job holds this lock from before it reads the record until it dies, so within
-    # PROBE_GRACE it is either ours or a claimer's whose record is written by then.
-    lock = _try_lock(lock_path, PROBE_GRACE)
-    try:
-        if lock is None:
-            _refuse_unless_still_judged(root_path, holder)
-            set_aside = _set_aside(lock_path)
-            lock = _try_lock(lock_path, PROBE_GRACE)
-        current = _refuse_unless_still_judged(root_path, holder)
-        if lock is None:  # a waiting job took the new lock file first and is claiming the root
-            raise _taken_meanwhile(root_path, holder, current)
-        logger.warning("breaking the lease of %s held by %s", root_path, holder.describe())
-        broken = replace(current, broken_utc=_now_utc(), alive=None)
-        atomic_write_bytes(_record_path(root_path), broken.to_json(), fsync=True)
-    finally:
-        if lock is not None:
-            lock.release()
-        if set_aside is not None:
-            set_aside.unlink(missing_ok=True)
-    return broken
-
-
-def _set_aside(lock_path: Path) -> Path | None:
-    """Rename the lease's lock file to a name of its own: where it went, or None if it was
-    gone already (its lock lingered on a file nobody can open any more)."""
-    set_aside = lock_path.with_name(f"{lock_path.name}.{uuid.uuid4().hex}.set-aside")
-    try:
-        os.rename(lock_path, set_aside)
-    except FileNotFoundError:
-        return None
-    return set_aside
-
-
-def _refuse_unless_still_judged(root: Path, judged: LeaseHolder) -> LeaseHolder:
-    """The current record, if it still names the holder judged dead and has not been released
-    or broken; else :class:`~distckpt.LeaseTakenMeanwhile`."""
-    current = _read_record(root)
-    if (
-        current is None
-        or not current.held
-        or (current.token, current.generation) != (judged.token, judged.generation)
-    ):
-        raise _taken_meanwhile(root, judged, current)
-    return current
-
-
-def _taken_meanwhile(
-    root: Path, judged: LeaseHolder, current: LeaseHolder | None
-) -> LeaseTakenMeanwhile:
-    if current is None:
-        now = "no readable lease record is there any more"
-    elif (current.token, current.generation) != (judged.token, judged.generation):
-        now = f"it was taken meanwhile by {current.describe()}"
-    elif current.broken_utc is not None:
-        now = f"it was broken meanwhile, at {current.broken_utc}"
-    elif current.released_utc is not None:
-        now = f"its holder released it meanwhile, at {current.released_utc}"
-    else:
-        now = "a job took the lease's lock meanwhile and has not written its record yet"
-    return LeaseTakenMeanwhile(
-        f"did not break the lease of {root}, judged dead as {judged.describe()}: {now}. "
-        "Nothing was changed",
-        current,
-        judged,
-    )
-
-
-class LauncherWatch:
-    """Notices that the process that started this one (the torchrun agent, ``srun``'s step
-    daemon) is gone, by its parent pid changing: an orphan is re-parented to init or to a
-    subreaper. Reliable for torchrun workers (their parent is the agent) and any launcher that
-    is the worker's parent; a process started from a shell that later exits is re-parented the
-    same way, so enable it only under a launcher (:meth:`for_this_process`)."""
-
-    def __init__(self, parent_pid: int | None = None) -> None:
-        self.parent_pid = os.getppid() if parent_pid is None else parent_pid
-
-    @classmethod
-    def for_this_process(cls) -> LauncherWatch | None:
-        """A watch when this process was started by torchrun (``TORCHELASTIC_RUN_ID`` is set),
-        else None."""
-        return cls() if os.environ.get("TORCHELASTIC_RUN_ID") else None
-
-    def launcher_gone(self) -> bool:
-        return os.getppid() != self.parent_pid
-
-    def check(self) -> None:
-        """Raise :class:`~distckpt.LauncherGone` if the launcher is gone."""
-        if self.launcher_gone():
-            raise LauncherGone(
-                f"the launcher of pid {os.getpid()} (parent pid {self.parent_pid}) is gone; this "
-                "process is an orphan (torchrun starts workers in sessions of their own, so they "
-                "outlive a killed agent) and refuses to commit. Stop it; the requeued job resumes "
-                "from the last checkpoint"
-            )

@@ -29,17 +29,18 @@ import torch
 
 import distckpt
 import distckpt.lease
+import distckpt.lease_break
 from distckpt.fsutil import atomic_write_bytes
+from distckpt.launcher import LauncherWatch
 from distckpt.layout import LEASE_RECORD_NAME, RootLayout
 from distckpt.lease import (
-    LauncherWatch,
     LeaseHolder,
     RootLease,
     _boot_id,
-    break_lease,
     read_holder,
     this_host,
 )
+from distckpt.lease_break import break_lease
 from distckpt.lock import RootLock, WriterLock, locks_local_to_machine
 from tests.filesystems import MountFactory
 
@@ -425,16 +426,13 @@ def test_a_break_leaves_alone_a_job_that_took_the_root_after_its_holder_was_judg
     reading of the record and its writing, the requeued job (a real process, taking the real
     lock) takes the root over. The break changes nothing and says so: the requeued job keeps
     its lease, its lock file stays, and a third job is refused."""
-    # Imported before the patch below: the POSIX store binds read_holder at its import, and
-    # must keep the real one, for this test's command line and every later test.
-    import distckpt.storage.posix
     from distckpt.cli import main
 
     root.mkdir()
     dead = _record_as_another_machine(root, host=this_host() + "-node7")
     lock_file = RootLayout(root).lease_lock_path
     requeued: list[Holder] = []
-    real_read_holder = distckpt.lease.read_holder
+    real_read_holder = distckpt.lease_break.read_holder
 
     def judged_dead_then_the_requeued_job_claims(where: str | os.PathLike[str]) -> object:
         judged = real_read_holder(where)
@@ -444,7 +442,9 @@ def test_a_break_leaves_alone_a_job_that_took_the_root_after_its_holder_was_judg
 
     # A wrapper around the break's read: the read and the write are microseconds apart, and no
     # real part can schedule another process's claim between them. The claim itself is real.
-    monkeypatch.setattr(distckpt.lease, "read_holder", judged_dead_then_the_requeued_job_claims)
+    monkeypatch.setattr(
+        distckpt.lease_break, "read_holder", judged_dead_then_the_requeued_job_claims
+    )
     with pytest.raises(distckpt.LeaseTakenMeanwhile) as refused:
         break_lease(root)
     (job,) = requeued
@@ -578,7 +578,7 @@ def test_a_break_past_a_lingering_lock_leaves_the_requeued_job_one_lease(
         requeued = _start(holders, root, wait=STARTUP, prefix=prefix, announce=True)
         assert requeued.line() == "acquiring"
         claimed_during_the_write: list[str] = []
-        real_write = distckpt.lease.atomic_write_bytes
+        real_write = distckpt.lease_break.atomic_write_bytes
 
         def the_lingering_lock_ends_as_the_break_writes(
             path: Path, data: bytes, **kw: bool
@@ -592,7 +592,7 @@ def test_a_break_past_a_lingering_lock_leaves_the_requeued_job_one_lease(
         # A wrapper around the break's write: no real part can end the lingering lock between
         # the break's re-reading of the record and its writing. The end itself is real.
         monkeypatch.setattr(
-            distckpt.lease, "atomic_write_bytes", the_lingering_lock_ends_as_the_break_writes
+            distckpt.lease_break, "atomic_write_bytes", the_lingering_lock_ends_as_the_break_writes
         )
         try:
             broken = break_lease(root)
@@ -629,7 +629,7 @@ _WORKER = textwrap.dedent(
     import sys, time
     from pathlib import Path
     from distckpt.errors import LauncherGone
-    from distckpt.lease import LauncherWatch
+    from distckpt.launcher import LauncherWatch
 
     out = Path(sys.argv[1])
     watch = LauncherWatch()

@@ -57,7 +57,8 @@ from distckpt.fsutil import (
 )
 from distckpt.fsutil import free_bytes as filesystem_free_bytes
 from distckpt.layout import MANIFEST_NAME, RootLayout
-from distckpt.lease import LeaseHolder, RootLease, break_lease, read_holder
+from distckpt.lease import LeaseHolder, RootLease, read_holder
+from distckpt.lease_break import break_lease
 from distckpt.lock import RootLock, WriterLock
 from distckpt.manifest import FileRecord, Manifest
 from distckpt.results import CheckpointLocation, SaveResult
