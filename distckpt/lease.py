@@ -218,9 +218,9 @@ def _read_record(root: Path) -> LeaseHolder | None:
 def _try_lock(path: Path, timeout: float) -> filelock.BaseFileLock | None:
     """The lease lock taken within ``timeout`` seconds, or None if another process holds it.
 
-    The lock returned is on the file named ``path`` now: ``lease --break`` sets aside a lock
+    The lock returned is on the file named ``path`` now: ``lease --break`` moves aside a lock
     file a dead machine's lock lingers on (:func:`break_lease`), and a lock taken on the file
-    set aside, opened just before, would exclude nobody; it is dropped and taken again."""
+    moved aside, opened just before, would exclude nobody; it is dropped and taken again."""
     deadline = time.monotonic() + timeout
     locked_files: list[os.stat_result] = []  # each file locked, the last one last
     while True:
@@ -241,7 +241,7 @@ def _try_lock(path: Path, timeout: float) -> filelock.BaseFileLock | None:
 
 
 def _names_file(path: Path, file: os.stat_result) -> bool:
-    """Whether ``path`` names ``file`` (it was not set aside, replaced or removed)."""
+    """Whether ``path`` names ``file`` (it was not moved aside, replaced or removed)."""
     try:
         return os.path.samestat(os.stat(path), file)
     except FileNotFoundError:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from distckpt.errors import LeaseTakenMeanwhile
 from distckpt.fsutil import atomic_write_bytes
+from distckpt.layout import RootLayout
 from distckpt.lease import (
     PROBE_GRACE,
     LeaseHolder,
@@ -40,10 +41,11 @@ def break_lease(root: str | os.PathLike[str]) -> LeaseHolder | None:
     the root over since (a requeued job waiting with ``wait_for_root``) is left alone, with
     :class:`~distckpt.LeaseTakenMeanwhile`. Where that lock stays held (a lock that machine's
     death left behind: an NFS server's lease) and the record is unchanged, the lock file is
-    set aside and the record re-read and rewritten under the lock of a new lock file, which
+    moved aside and the record re-read and rewritten under the lock of a new lock file, which
     stays: a job waiting on the lock retries on the new file (:func:`_try_lock`), and either
     it claims the root before this break takes that lock (the break then changes nothing) or
-    after the break. The file set aside is removed once the record is written."""
+    after the break. The file moved aside is removed once the record is written (a cleanup
+    removes it where the break was killed first)."""
     root_path = Path(os.path.abspath(os.fspath(root)))
     holder = read_holder(root_path)
     if holder is None:
@@ -53,14 +55,14 @@ def break_lease(root: str | os.PathLike[str]) -> LeaseHolder | None:
             raise _in_use(root_path, holder, ", on this machine and alive: stop it, not its lease")
         return holder  # dead: the next acquire takes over by itself
     lock_path = _lock_path(root_path)
-    set_aside: Path | None = None
+    moved_aside: Path | None = None
     # A starting job holds this lock from before it reads the record until it dies, so within
     # PROBE_GRACE it is either ours or a claimer's whose record is written by then.
     lock = _try_lock(lock_path, PROBE_GRACE)
     try:
         if lock is None:
             _refuse_unless_still_judged(root_path, holder)
-            set_aside = _set_aside(lock_path)
+            moved_aside = _move_aside(root_path)
             lock = _try_lock(lock_path, PROBE_GRACE)
         current = _refuse_unless_still_judged(root_path, holder)
         if lock is None:  # a waiting job took the new lock file first and is claiming the root
@@ -71,20 +73,20 @@ def break_lease(root: str | os.PathLike[str]) -> LeaseHolder | None:
     finally:
         if lock is not None:
             lock.release()
-        if set_aside is not None:
-            set_aside.unlink(missing_ok=True)
+        if moved_aside is not None:
+            moved_aside.unlink(missing_ok=True)
     return broken
 
 
-def _set_aside(lock_path: Path) -> Path | None:
+def _move_aside(root: Path) -> Path | None:
     """Rename the lease's lock file to a name of its own: where it went, or None if it was
     gone already (its lock lingered on a file nobody can open any more)."""
-    set_aside = lock_path.with_name(f"{lock_path.name}.{uuid.uuid4().hex}.set-aside")
+    moved_aside = RootLayout(root).lingering_lease_lock_path(uuid.uuid4().hex)
     try:
-        os.rename(lock_path, set_aside)
+        os.rename(_lock_path(root), moved_aside)
     except FileNotFoundError:
         return None
-    return set_aside
+    return moved_aside
 
 
 def _refuse_unless_still_judged(root: Path, judged: LeaseHolder) -> LeaseHolder:

@@ -55,7 +55,14 @@ from typing import Literal
 import filelock
 
 from distckpt.errors import CheckpointError, CoordinationTimeout
-from distckpt.layout import BEST, LAST, LEASE_RECORD_NAME, RootLayout
+from distckpt.layout import (
+    BEST,
+    LAST,
+    LEASE_LOCK_NAME,
+    LEASE_RECORD_NAME,
+    LINGERING_LEASE_LOCK_SUFFIX,
+    RootLayout,
+)
 
 logger = logging.getLogger("distckpt")
 
@@ -220,6 +227,11 @@ _LINK_UNDER_CONSTRUCTION = re.compile(
 _LEASE_RECORD_UNDER_CONSTRUCTION = re.compile(
     rf"\.{re.escape(LEASE_RECORD_NAME)}\.[0-9a-f]{{32}}\.tmp"
 )
+#: a lease lock file ``lease --break`` moved aside, a dead machine's lock lingering on it: the
+#: break removes it once done, unless it was killed first. Made without the root lock.
+_LINGERING_LEASE_LOCK = re.compile(
+    rf"{re.escape(LEASE_LOCK_NAME)}\.[0-9a-f]{{32}}{re.escape(LINGERING_LEASE_LOCK_SUFFIX)}"
+)
 #: Seen without the root lock, a probe or a link under construction younger than this may
 #: belong to a manager at work right now. Under the lock, none does: both are made under it.
 PROBE_GRACE_SECONDS = 60.0
@@ -229,7 +241,8 @@ PROBE_GRACE_SECONDS = 60.0
 class Leftover:
     """Something a root holds besides committed checkpoints: a staging dir (of a live writer
     or a dead one), a writer lock file whose dir is gone, a dir in the trash, or a stray file
-    (a probe, or a deleted file some process still holds open).
+    (a probe, a lease lock file a killed ``lease --break`` moved aside, or a deleted file some
+    process still holds open).
 
     ``in_use`` is True when the leftover is, or holds, a file deleted while a reader still has
     it open (``.fuse_hidden*``, ``.nfs*``): it cannot be removed until that reader closes it,
@@ -263,14 +276,23 @@ def _held_open(path: Path) -> bool:
 
 
 def _dead_temporary(path: Path, *, locked: bool, holds_lease: bool) -> bool:
-    """Whether ``path`` is a probe or a link under construction whose maker is gone."""
+    """Whether ``path`` is a probe, a link under construction or a lease lock file moved aside
+    whose maker is gone."""
     name = path.name
-    if not (name.startswith(_PROBE_PREFIX) or _LINK_UNDER_CONSTRUCTION.fullmatch(name)):
+    made_holding_the_lease = bool(
+        _LEASE_RECORD_UNDER_CONSTRUCTION.fullmatch(name) or _LINGERING_LEASE_LOCK.fullmatch(name)
+    )
+    if not (
+        name.startswith(_PROBE_PREFIX)
+        or _LINK_UNDER_CONSTRUCTION.fullmatch(name)
+        or made_holding_the_lease
+    ):
         return False
-    if locked and not _LEASE_RECORD_UNDER_CONSTRUCTION.fullmatch(name):
+    if locked and not made_holding_the_lease:
         return True
-    # A starting manager writes the lease record holding the lease's lock, not the root lock:
-    # its temporary file is dead only if no other process holds the lease now.
+    # A starting manager writes the lease record holding the lease's lock, not the root lock,
+    # and a lease break holds it while it has a lock file moved aside: such a file is dead
+    # only if no other process holds the lease now.
     if locked and (holds_lease or not _lease_held_elsewhere(path.parent)):
         return True
     try:

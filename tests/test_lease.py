@@ -610,10 +610,36 @@ def test_a_break_past_a_lingering_lock_leaves_the_requeued_job_one_lease(
     assert requeued.line() == f"held {dead.generation + 1}"
     assert requeued.ask("check") == "current"
     assert lock_file.exists()
-    assert [path.name for path in root.glob(".lease.*.set-aside")] == []
+    assert [path.name for path in root.glob(".lease.*.lingering")] == []
     with pytest.raises(distckpt.RootInUse):
         RootLease.acquire(root)
     assert requeued.ask("check") == "current"
+
+
+def test_gc_removes_a_lease_lock_file_a_killed_break_moved_aside(
+    root: Path, holders: list[Holder]
+) -> None:
+    """A break killed between moving a lingering lock file aside and removing it leaves the
+    file behind: gc removes it, once 60 s old while a job holds the lease (a break holding it
+    may still be at work), at once when nobody holds it."""
+    from distckpt.cli import main
+
+    root.mkdir()
+    moved_aside = RootLayout(root).lingering_lease_lock_path("a" * 32)
+    moved_aside.touch()
+    job = _start(holders, root)
+    assert job.line() == "held 1"
+    assert main(["gc", os.fspath(root)], out=io.StringIO()) == 0
+    assert moved_aside.exists()
+    an_hour_ago = time.time() - 3600
+    os.utime(moved_aside, (an_hour_ago, an_hour_ago))
+    assert main(["gc", os.fspath(root)], out=io.StringIO()) == 0
+    assert not moved_aside.exists()
+    job.kill()
+    moved_aside.touch()
+    out = io.StringIO()
+    assert main(["gc", os.fspath(root)], out=out) == 0
+    assert not moved_aside.exists() and f"removed {moved_aside}" in out.getvalue()
 
 
 _LAUNCHER = textwrap.dedent(
