@@ -42,10 +42,10 @@ def break_lease(root: str | os.PathLike[str]) -> LeaseHolder | None:
     :class:`~distckpt.LeaseTakenMeanwhile`. Where that lock stays held (a lock that machine's
     death left behind: an NFS server's lease) and the record is unchanged, the lock file is
     moved aside and the record re-read and rewritten under the lock of a new lock file, which
-    stays: a job waiting on the lock retries on the new file (:func:`_try_lock`), and either
-    it claims the root before this break takes that lock (the break then changes nothing) or
-    after the break. The file moved aside is removed once the record is written (a cleanup
-    removes it where the break was killed first)."""
+    stays: a job waiting on the lock retries on the new file
+    (:func:`~distckpt.lease._try_lock`), and either it claims the root before this break takes
+    that lock (the break then leaves the record alone) or after the break. The file moved aside
+    is removed when the break ends (a cleanup removes it where the break was killed first)."""
     root_path = Path(os.path.abspath(os.fspath(root)))
     holder = read_holder(root_path)
     if holder is None:
@@ -61,6 +61,11 @@ def break_lease(root: str | os.PathLike[str]) -> LeaseHolder | None:
     lock = _try_lock(lock_path, PROBE_GRACE)
     try:
         if lock is None:
+            # Held past PROBE_GRACE with the record unchanged: a lock the dead machine left
+            # behind. Writing without a lock would race a waiting job that takes it the moment
+            # it ends; the break takes the lock of a new lock file instead, which later jobs
+            # lock too. (Should it end between this read and the move, a job taking it then
+            # holds the file moved aside: its record still fences whichever job loses.)
             _refuse_unless_still_judged(root_path, holder)
             moved_aside = _move_aside(root_path)
             lock = _try_lock(lock_path, PROBE_GRACE)
@@ -117,7 +122,7 @@ def _taken_meanwhile(
         now = "a job took the lease's lock meanwhile and has not written its record yet"
     return LeaseTakenMeanwhile(
         f"did not break the lease of {root}, judged dead as {judged.describe()}: {now}. "
-        "Nothing was changed",
+        "The lease record was left as it was",
         current,
         judged,
     )

@@ -451,7 +451,7 @@ def test_a_break_leaves_alone_a_job_that_took_the_root_after_its_holder_was_judg
     message = str(refused.value)
     assert f"judged dead as {dead.describe()}" in message
     assert "taken meanwhile by" in message and f"pid {job.pid}" in message
-    assert "Nothing was changed" in message
+    assert "The lease record was left as it was" in message
     assert isinstance(refused.value, distckpt.RootInUse)
     assert refused.value.judged == replace(dead, alive=False)  # its lock was free
     assert refused.value.holder is not None and refused.value.holder.pid == job.pid
