@@ -79,15 +79,18 @@ def _write_json(data: Any, out: TextIO, *, indent: int | None = None) -> None:
     out.write("\n")
 
 
-def _leftovers(store: RootStore) -> list[dict[str, Any]]:
+def _leftovers(store: RootStore, *, force: bool = False) -> list[dict[str, Any]]:
+    """The store's leftovers as ``ls`` and ``gc`` report them; ``force``: as ``gc --force``
+    judges them."""
     return [
         {
             "path": os.fspath(item.path),
             "kind": item.kind,
             "writer_alive": item.writer_alive,
             "in_use": item.in_use,
+            "kept_because": item.kept_because,
         }
-        for item in store.leftovers()
+        for item in store.leftovers(force=force)
     ]
 
 
@@ -190,6 +193,8 @@ def cmd_ls(args: argparse.Namespace, out: TextIO) -> int:
             state = "writer alive"
         elif item["in_use"]:
             state = "in use: a process holds a deleted file in it open; gc retries later"
+        elif item["kept_because"]:
+            state = f"gc keeps it: {item['kept_because']}"
         elif item["kind"] == "stray":
             state = "stray file: gc removes it"
         else:
@@ -333,16 +338,19 @@ def cmd_prune(args: argparse.Namespace, out: TextIO) -> int:
 
 def cmd_gc(args: argparse.Namespace, out: TextIO) -> int:
     store = _open_store(args.root)
-    removed = [os.fspath(p) for p in store.collect_leftovers()]
+    removed = [os.fspath(p) for p in store.collect_leftovers(force=args.force)]
     # What the collection had to leave: files a reader still holds open (retried by the next
-    # gc or start), and leftovers of writers that are still alive.
-    kept = [item for item in _leftovers(store) if item["path"] not in removed]
+    # gc or start), leftovers of writers that are still alive, and (without --force) those a
+    # lease holder on another machine may be writing, where locks are local to each machine.
+    kept = [item for item in _leftovers(store, force=args.force) if item["path"] not in removed]
     if args.json:
         _write_json({"removed": removed, "left": kept}, out)
     else:
         out.write("".join(f"removed {p}\n" for p in removed))
         for item in kept:
             why = "writer alive" if item["writer_alive"] else "in use" if item["in_use"] else ""
+            if item["kept_because"]:
+                why = f"kept: {item['kept_because']}"
             out.write(f"left {item['path']}" + (f" ({why}; retried later)\n" if why else "\n"))
         if not removed and not kept:
             out.write("nothing to collect\n")
@@ -447,6 +455,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub.set_defaults(run=cmd_delete)
     sub = command("gc", "remove leftovers of dead writers (a live writer's are kept)")
     sub.add_argument("root")
+    sub.add_argument(
+        "--force",
+        action="store_true",
+        help="also remove staging a lease holder on another machine may be writing, where locks "
+        "are local to each machine: only when no job runs on this root",
+    )
     sub.set_defaults(run=cmd_gc)
     sub = command("lease", "show which job holds a root's writer lease; --break breaks it")
     sub.add_argument("root")

@@ -212,7 +212,8 @@ class CommitLost(CheckpointError, OSError):
 class StagedFileMismatch(CheckpointError, OSError):
     """Rank 0, about to commit, found a file another rank staged missing, or of another size
     than that rank wrote: on a filesystem, the root is not one directory shared by every rank
-    (or a client's cache of it is stale); on an object store, the object is not there. Nothing
+    (or a client's cache of it is stale), or the whole staging dir was removed under the save
+    (the message then says so); on an object store, the object is not there. Nothing
     was committed. Besides ``rank`` (whose file) and ``path``: ``written_bytes``, the size that
     rank wrote, and ``found_bytes``, the size rank 0 found (None: no such file)."""
 
@@ -351,6 +352,17 @@ class RootInUse(CheckpointError, BlockingIOError):
     def __init__(self, message: str, holder: object = None) -> None:
         super().__init__(message)
         self.holder = holder
+
+
+class LeaseTakenMeanwhile(RootInUse):
+    """``distckpt lease ROOT --break`` judged the holder ``judged`` dead, but by the time it
+    held the lease's lock the record named someone else (a requeued job took the root over
+    meanwhile) or no longer claimed the root: nothing was broken. ``holder`` is the record
+    found then (None: no readable record)."""
+
+    def __init__(self, message: str, holder: object, judged: object) -> None:
+        super().__init__(message, holder)
+        self.judged = judged
 
 
 class LeaseLost(CheckpointError, RuntimeError):

@@ -35,6 +35,9 @@ TRASH_DIR_NAME = ".trash"
 LOCK_NAME = ".lock"
 LEASE_LOCK_NAME = ".lease"
 LEASE_RECORD_NAME = ".lease.json"
+#: Ends the name a lease lock file is moved to when a dead machine's lock lingers on it
+#: (``.lease.<32 hex digits>.lingering``): a ``lease --break`` takes a new one meanwhile.
+LINGERING_LEASE_LOCK_SUFFIX = ".lingering"
 LAST = "last"
 BEST = "best"
 LINK_NAMES = (LAST, BEST)
@@ -113,6 +116,10 @@ class RootLayout:
     @property
     def lease_record_path(self) -> Path:
         return self.root / LEASE_RECORD_NAME
+
+    def lingering_lease_lock_path(self, token: str) -> Path:
+        """Where ``lease --break`` moves a lease lock file a dead machine's lock lingers on."""
+        return self.root / f"{LEASE_LOCK_NAME}.{token}{LINGERING_LEASE_LOCK_SUFFIX}"
 
     def step_dir(self, step: int) -> Path:
         return self.root / step_dir_name(step)

@@ -18,8 +18,8 @@ and a *generation*, one more than the previous holder's. Nothing here uses
 * **Orphans.** torchrun (2.13) starts every worker in a session of its own, so a worker
   outlives an agent killed with SIGKILL and keeps saving. As long as the orphans' rank 0 lives,
   the job keeps its lease and a requeued job is refused, loudly, instead of interleaving its
-  steps. :class:`LauncherWatch` lets such a worker notice that its launcher is gone and refuse to
-  commit on its own (:class:`~distckpt.LauncherGone`).
+  steps. :class:`~distckpt.launcher.LauncherWatch` lets such a worker notice that its launcher
+  is gone and refuse to commit on its own (:class:`~distckpt.LauncherGone`).
 * **Readers never need the lease**; :func:`read_holder` only probes the lock (a try-lock held for
   an instant), to tell a live holder from a dead one.
 
@@ -54,7 +54,12 @@ from pathlib import Path
 
 import filelock
 
-from distckpt.errors import CheckpointError, InvalidArgument, LauncherGone, LeaseLost, RootInUse
+from distckpt.errors import (
+    CheckpointError,
+    InvalidArgument,
+    LeaseLost,
+    RootInUse,
+)
 from distckpt.fsutil import atomic_write_bytes
 from distckpt.layout import RootLayout
 from distckpt.lock import _flock, _unsupported, locks_local_to_machine
@@ -211,15 +216,36 @@ def _read_record(root: Path) -> LeaseHolder | None:
 
 
 def _try_lock(path: Path, timeout: float) -> filelock.BaseFileLock | None:
-    """The lease lock taken within ``timeout`` seconds, or None if another process holds it."""
-    lock = _flock(path, timeout)
+    """The lease lock taken within ``timeout`` seconds, or None if another process holds it.
+
+    The lock returned is on the file named ``path`` now: ``lease --break`` moves aside a lock
+    file a dead machine's lock lingers on (:func:`break_lease`), and a lock taken on the file
+    moved aside, opened just before, would exclude nobody; it is dropped and taken again."""
+    deadline = time.monotonic() + timeout
+    locked_files: list[os.stat_result] = []  # each file locked, the last one last
+    while True:
+        lock = _flock(
+            path,
+            max(deadline - time.monotonic(), 0.0),
+            on_acquired=lambda fd: locked_files.append(os.fstat(fd)),
+        )
+        try:
+            lock.acquire()
+        except filelock.Timeout:
+            return None
+        except (OSError, NotImplementedError) as exc:
+            raise _unsupported(path, exc) from exc
+        if _names_file(path, locked_files[-1]):
+            return lock
+        lock.release()
+
+
+def _names_file(path: Path, file: os.stat_result) -> bool:
+    """Whether ``path`` names ``file`` (it was not moved aside, replaced or removed)."""
     try:
-        lock.acquire()
-    except filelock.Timeout:
-        return None
-    except (OSError, NotImplementedError) as exc:
-        raise _unsupported(path, exc) from exc
-    return lock
+        return os.path.samestat(os.stat(path), file)
+    except FileNotFoundError:
+        return False
 
 
 def _in_use(root: Path, holder: LeaseHolder | None, why: str) -> RootInUse:
@@ -236,6 +262,17 @@ def _unknowable_elsewhere(root: Path, holder: LeaseHolder | None) -> bool:
         and not holder.on_this_machine()
         and locks_local_to_machine(root)
     )
+
+
+def holder_beyond_judgement(root: str | os.PathLike[str]) -> LeaseHolder | None:
+    """The holder the root's lease record names when this machine cannot tell whether it lives
+    (it has not released the root, it is on another machine or boot, and locks on the root's
+    filesystem are local to each machine), else None. Its lock files, the lease's and its
+    staging dirs' writer locks, are free as seen from here even while it writes: a cleanup
+    must not take them for a dead writer's."""
+    root_path = Path(os.path.abspath(os.fspath(root)))
+    holder = _read_record(root_path)
+    return holder if _unknowable_elsewhere(root_path, holder) else None
 
 
 class RootLease:
@@ -387,56 +424,3 @@ def read_holder(root: str | os.PathLike[str]) -> LeaseHolder | None:
         return replace(holder, alive=True)
     probe.release()
     return replace(holder, alive=False)
-
-
-def break_lease(root: str | os.PathLike[str]) -> LeaseHolder | None:
-    """Break the lease of a holder that is on another machine and known dead: the record is
-    marked broken and the lock file replaced, so that a lock that machine's death left behind
-    (an NFS server's lease, a machine-local lock) no longer blocks, and the holder, if it lives
-    after all, is fenced at its next commit. Returns the broken holder, or None if nobody held
-    it. A holder on this machine (:meth:`LeaseHolder.on_this_machine`, in any PID namespace)
-    is never broken: its lock tells whether it lives; a live one is refused with
-    :class:`~distckpt.RootInUse` (stop it first)."""
-    root_path = Path(os.path.abspath(os.fspath(root)))
-    holder = read_holder(root_path)
-    if holder is None:
-        return None
-    if holder.on_this_machine():
-        if holder.alive:
-            raise _in_use(root_path, holder, ", on this machine and alive: stop it, not its lease")
-        return holder  # dead: the next acquire takes over by itself
-    logger.warning("breaking the lease of %s held by %s", root_path, holder.describe())
-    broken = replace(holder, broken_utc=_now_utc(), alive=None)
-    atomic_write_bytes(_record_path(root_path), broken.to_json(), fsync=True)
-    _lock_path(root_path).unlink(missing_ok=True)
-    return broken
-
-
-class LauncherWatch:
-    """Notices that the process that started this one (the torchrun agent, ``srun``'s step
-    daemon) is gone, by its parent pid changing: an orphan is re-parented to init or to a
-    subreaper. Reliable for torchrun workers (their parent is the agent) and any launcher that
-    is the worker's parent; a process started from a shell that later exits is re-parented the
-    same way, so enable it only under a launcher (:meth:`for_this_process`)."""
-
-    def __init__(self, parent_pid: int | None = None) -> None:
-        self.parent_pid = os.getppid() if parent_pid is None else parent_pid
-
-    @classmethod
-    def for_this_process(cls) -> LauncherWatch | None:
-        """A watch when this process was started by torchrun (``TORCHELASTIC_RUN_ID`` is set),
-        else None."""
-        return cls() if os.environ.get("TORCHELASTIC_RUN_ID") else None
-
-    def launcher_gone(self) -> bool:
-        return os.getppid() != self.parent_pid
-
-    def check(self) -> None:
-        """Raise :class:`~distckpt.LauncherGone` if the launcher is gone."""
-        if self.launcher_gone():
-            raise LauncherGone(
-                f"the launcher of pid {os.getpid()} (parent pid {self.parent_pid}) is gone; this "
-                "process is an orphan (torchrun starts workers in sessions of their own, so they "
-                "outlive a killed agent) and refuses to commit. Stop it; the requeued job resumes "
-                "from the last checkpoint"
-            )

@@ -19,6 +19,10 @@ Guarantees and limits, per filesystem:
   each machine: never run two *machines* writing one root on such a mount.
 * Lustre mounted with ``-o flock``: exclusive across machines. Mounted with ``-o localflock``:
   local to each machine, as above. Mounted with neither, ``flock`` fails with ENOSYS.
+* Where locks are local to each machine, a cleanup keeps every staging dir and writer lock
+  file while the root's lease record names an unreleased holder on another machine, whose
+  writer locks look free from here (:mod:`distckpt.storage.posix_removal`; ``gc --force``
+  overrides it).
 
 Where ``flock`` is not supported at all, distckpt raises :class:`~distckpt.CheckpointError`
 instead of degrading to a marker-file lock (which survives its process and would block a
@@ -42,6 +46,7 @@ import os
 import re
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -50,15 +55,27 @@ from typing import Literal
 import filelock
 
 from distckpt.errors import CheckpointError, CoordinationTimeout
-from distckpt.layout import BEST, LAST, LEASE_RECORD_NAME, RootLayout
+from distckpt.layout import (
+    BEST,
+    LAST,
+    LEASE_LOCK_NAME,
+    LEASE_RECORD_NAME,
+    LINGERING_LEASE_LOCK_SUFFIX,
+    RootLayout,
+)
 
 logger = logging.getLogger("distckpt")
 
 
-def _flock(path: Path, timeout: float) -> filelock.BaseFileLock:
+def _flock(
+    path: Path, timeout: float, *, on_acquired: Callable[[int], None] | None = None
+) -> filelock.BaseFileLock:
     """A ``filelock`` lock of ``path``, never the marker-file kind. filelock decides what a
-    fork does to it (see the module docstring and pyproject's floor of its version)."""
+    fork does to it (see the module docstring and pyproject's floor of its version).
+    ``on_acquired`` is called with the locked file's descriptor each time the lock is taken."""
     options: dict[str, object] = {"timeout": timeout, "thread_local": False}
+    if on_acquired is not None:
+        options["on_acquired"] = on_acquired
     if _HAS_SOFT_FALLBACK:
         options["fallback_to_soft"] = False  # a marker file would outlive a crashed holder
     return filelock.FileLock(os.fspath(path), **options)
@@ -210,6 +227,11 @@ _LINK_UNDER_CONSTRUCTION = re.compile(
 _LEASE_RECORD_UNDER_CONSTRUCTION = re.compile(
     rf"\.{re.escape(LEASE_RECORD_NAME)}\.[0-9a-f]{{32}}\.tmp"
 )
+#: a lease lock file ``lease --break`` moved aside, a dead machine's lock lingering on it: the
+#: break removes it once done, unless it was killed first. Made without the root lock.
+_LINGERING_LEASE_LOCK = re.compile(
+    rf"{re.escape(LEASE_LOCK_NAME)}\.[0-9a-f]{{32}}{re.escape(LINGERING_LEASE_LOCK_SUFFIX)}"
+)
 #: Seen without the root lock, a probe or a link under construction younger than this may
 #: belong to a manager at work right now. Under the lock, none does: both are made under it.
 PROBE_GRACE_SECONDS = 60.0
@@ -219,11 +241,17 @@ PROBE_GRACE_SECONDS = 60.0
 class Leftover:
     """Something a root holds besides committed checkpoints: a staging dir (of a live writer
     or a dead one), a writer lock file whose dir is gone, a dir in the trash, or a stray file
-    (a probe, or a deleted file some process still holds open).
+    (a probe, a lease lock file a killed ``lease --break`` moved aside, or a deleted file some
+    process still holds open).
 
     ``in_use`` is True when the leftover is, or holds, a file deleted while a reader still has
     it open (``.fuse_hidden*``, ``.nfs*``): it cannot be removed until that reader closes it,
-    so a cleanup leaves it and the next one retries."""
+    so a cleanup leaves it and the next one retries.
+
+    ``kept_because`` says why a cleanup leaves a staging dir or writer lock file whose lock
+    looks free: its writer may be alive where this machine's locks do not reach (the lease
+    holder on another machine, on a filesystem whose locks are local to each machine). None
+    when the lock can be trusted."""
 
     #: a path; for an ``s3://`` root, the URL of a save's prefix or of a writer's claim, or
     #: (``stray``) of a set-aside copy's prefix whose record is gone, and its save unpublished
@@ -231,6 +259,7 @@ class Leftover:
     kind: Literal["staging", "lock", "trash", "stray"]
     writer_alive: bool = False
     in_use: bool = False
+    kept_because: str | None = None
 
 
 def _held_open(path: Path) -> bool:
@@ -248,14 +277,23 @@ def _held_open(path: Path) -> bool:
 
 
 def _dead_temporary(path: Path, *, locked: bool, holds_lease: bool) -> bool:
-    """Whether ``path`` is a probe or a link under construction whose maker is gone."""
+    """Whether ``path`` is a probe, a link under construction or a lease lock file moved aside
+    whose maker is gone."""
     name = path.name
-    if not (name.startswith(_PROBE_PREFIX) or _LINK_UNDER_CONSTRUCTION.fullmatch(name)):
+    made_holding_the_lease = bool(
+        _LEASE_RECORD_UNDER_CONSTRUCTION.fullmatch(name) or _LINGERING_LEASE_LOCK.fullmatch(name)
+    )
+    if not (
+        name.startswith(_PROBE_PREFIX)
+        or _LINK_UNDER_CONSTRUCTION.fullmatch(name)
+        or made_holding_the_lease
+    ):
         return False
-    if locked and not _LEASE_RECORD_UNDER_CONSTRUCTION.fullmatch(name):
+    if locked and not made_holding_the_lease:
         return True
-    # A starting manager writes the lease record holding the lease's lock, not the root lock:
-    # its temporary file is dead only if no other process holds the lease now.
+    # A starting manager writes the lease record holding the lease's lock, not the root lock,
+    # and a lease break holds it while it has a lock file moved aside: such a file is dead
+    # only if no other process holds the lease now.
     if locked and (holds_lease or not _lease_held_elsewhere(path.parent)):
         return True
     try:

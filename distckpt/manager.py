@@ -29,8 +29,9 @@ from distckpt.decisions import SaveDecider, SignalFlag
 from distckpt.errors import CheckpointError
 from distckpt.formats import ReadOptions, format_named
 from distckpt.fsutil import LinkMode
+from distckpt.launcher import LauncherWatch
 from distckpt.layout import RootLayout
-from distckpt.lease import LauncherWatch, check_wait
+from distckpt.lease import check_wait
 from distckpt.results import Checkpoint, CheckpointInfo, CheckpointLocation, SaveResult
 from distckpt.saving import Saver
 from distckpt.snapshot import SnapshotBuffers

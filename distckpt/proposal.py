@@ -33,8 +33,8 @@ from distckpt import events, faults
 from distckpt.coord import Coordinator, run_now
 from distckpt.errors import InsufficientSpace, InvalidArgument, InvalidStep
 from distckpt.formats import CheckpointFormat
+from distckpt.launcher import LauncherWatch
 from distckpt.layout import MANIFEST_NAME
-from distckpt.lease import LauncherWatch
 from distckpt.manifest import check_json_metadata
 from distckpt.metrics import normalize_metrics
 from distckpt.protocol import SavePlan, check_launcher, check_step_and_epoch, mib

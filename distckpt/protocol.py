@@ -42,7 +42,7 @@ from distckpt import events, faults
 from distckpt.coord import Coordinator, run_now
 from distckpt.errors import InsufficientSpace, InvalidStep
 from distckpt.formats import CheckpointFormat, ShardContext
-from distckpt.lease import LauncherWatch
+from distckpt.launcher import LauncherWatch
 from distckpt.manifest import FileRecord, Manifest, check_epoch_number
 from distckpt.results import CheckpointLocation, SaveResult
 from distckpt.storage import ExtraFile, RootStore, StagingArea

@@ -18,7 +18,7 @@ from distckpt.background import BackgroundSaves
 from distckpt.coord import Coordinator
 from distckpt.decisions import SaveDecider, SaveDecision
 from distckpt.formats import CheckpointFormat
-from distckpt.lease import LauncherWatch
+from distckpt.launcher import LauncherWatch
 from distckpt.results import SaveResult
 from distckpt.snapshot import SnapshotBuffers
 from distckpt.storage import RootStore

@@ -329,6 +329,57 @@ def test_gc_removes_dead_writers_only(root: Path) -> None:
         lock.release()
 
 
+def test_gc_force_reports_no_kept_because_it_did_not_apply(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where locks are local to each machine and the lease record names a holder on another
+    machine, gc keeps that holder's possible staging and says why (``kept_because``);
+    ``gc --force`` removes it, and what it still leaves (a staging dir holding a file a reader
+    has open) is reported with the reason that applied, never the one --force overrode."""
+    import distckpt.lease
+    from distckpt.layout import RootLayout
+    from distckpt.lease import this_host
+    from tests.test_lease import _record_as_another_machine
+
+    _record_as_another_machine(root, host=this_host() + "-node-b")
+    staging_root = RootLayout(root).staging_root
+    in_use = staging_root / "step-00000002.deadbeef-1"
+    in_use.mkdir(parents=True)
+    (in_use / ".nfs0000001").write_bytes(b"x")  # a deleted file a reader still holds open
+    dead = staging_root / "step-00000003.cafe-1"
+    dead.mkdir()
+    # No NFS or Lustre driver here, so no mount whose locks are local to each machine can be
+    # made (see tests/test_lease.py); the parsing that detects one is tested there on its own.
+    monkeypatch.setattr(distckpt.lease, "locks_local_to_machine", lambda path: True)
+
+    def gc(*options: str) -> tuple[int, str]:
+        out = io.StringIO()
+        return main(["gc", *options, os.fspath(root)], out=out), out.getvalue()
+
+    status, said = gc("--json")
+    assert status == 1  # a leftover in use
+    report = json.loads(said)
+    assert report["removed"] == []
+    assert {Path(item["path"]).name for item in report["left"]} == {in_use.name, dead.name}
+    assert all("local to each machine" in item["kept_because"] for item in report["left"])
+
+    status, said = gc("--json", "--force")
+    assert status == 1
+    report = json.loads(said)
+    assert report["removed"] == [os.fspath(dead)]
+    assert report["left"] == [
+        {
+            "path": os.fspath(in_use),
+            "kind": "staging",
+            "writer_alive": False,
+            "in_use": True,
+            "kept_because": None,
+        }
+    ]
+    status, said = gc("--force")
+    assert status == 1 and said == f"left {in_use} (in use; retried later)\n"
+
+
 def test_gc_reports_a_dead_writers_staging_dir_removed_only_once_deleted(root: Path) -> None:
     """A dead writer's staging dir goes into the trash, then is deleted; where the delete
     fails, gc reports what is left in the trash, not the staging dir as removed."""

@@ -29,17 +29,18 @@ import torch
 
 import distckpt
 import distckpt.lease
+import distckpt.lease_break
 from distckpt.fsutil import atomic_write_bytes
+from distckpt.launcher import LauncherWatch
 from distckpt.layout import LEASE_RECORD_NAME, RootLayout
 from distckpt.lease import (
-    LauncherWatch,
     LeaseHolder,
     RootLease,
     _boot_id,
-    break_lease,
     read_holder,
     this_host,
 )
+from distckpt.lease_break import break_lease
 from distckpt.lock import RootLock, WriterLock, locks_local_to_machine
 from tests.filesystems import MountFactory
 
@@ -51,6 +52,8 @@ _HOLDER = textwrap.dedent(
     from distckpt.errors import CheckpointError
     from distckpt.lease import RootLease
 
+    if sys.argv[3:] == ["announce"]:
+        print("acquiring", flush=True)  # imports done: the acquire starts now
     try:
         lease = RootLease.acquire(sys.argv[1], wait=float(sys.argv[2]))
     except CheckpointError as exc:
@@ -74,9 +77,18 @@ _HOLDER = textwrap.dedent(
 class Holder:
     """A process that takes a root's lease and answers ``check`` and ``release``."""
 
-    def __init__(self, root: Path, *, wait: float = 0.0, prefix: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        root: Path,
+        *,
+        wait: float = 0.0,
+        prefix: tuple[str, ...] = (),
+        announce: bool = False,
+    ) -> None:
+        """``announce``: it first prints "acquiring", when its acquire starts."""
         self.proc = subprocess.Popen(
-            [*prefix, sys.executable, "-c", _HOLDER, os.fspath(root), str(wait)],
+            [*prefix, sys.executable, "-c", _HOLDER, os.fspath(root), str(wait)]
+            + (["announce"] if announce else []),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -404,6 +416,59 @@ def test_break_refuses_a_live_holder_on_this_machine(root: Path, holders: list[H
     assert first.ask("check") == "current"
 
 
+def test_a_break_leaves_alone_a_job_that_took_the_root_after_its_holder_was_judged_dead(
+    root: Path,
+    holders: list[Holder],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """An operator breaks the lease of a holder on a machine that died; between the break's
+    reading of the record and its writing, the requeued job (a real process, taking the real
+    lock) takes the root over. The break changes nothing and says so: the requeued job keeps
+    its lease, its lock file stays, and a third job is refused."""
+    from distckpt.cli import main
+
+    root.mkdir()
+    dead = _record_as_another_machine(root, host=this_host() + "-node7")
+    lock_file = RootLayout(root).lease_lock_path
+    requeued: list[Holder] = []
+    real_read_holder = distckpt.lease_break.read_holder
+
+    def judged_dead_then_the_requeued_job_claims(where: str | os.PathLike[str]) -> object:
+        judged = real_read_holder(where)
+        requeued.append(_start(holders, root))
+        assert requeued[-1].line() == f"held {dead.generation + 1}"
+        return judged
+
+    # A wrapper around the break's read: the read and the write are microseconds apart, and no
+    # real part can schedule another process's claim between them. The claim itself is real.
+    monkeypatch.setattr(
+        distckpt.lease_break, "read_holder", judged_dead_then_the_requeued_job_claims
+    )
+    with pytest.raises(distckpt.LeaseTakenMeanwhile) as refused:
+        break_lease(root)
+    (job,) = requeued
+    message = str(refused.value)
+    assert f"judged dead as {dead.describe()}" in message
+    assert "taken meanwhile by" in message and f"pid {job.pid}" in message
+    assert "The lease record was left as it was" in message
+    assert isinstance(refused.value, distckpt.RootInUse)
+    assert refused.value.judged == replace(dead, alive=False)  # its lock was free
+    assert refused.value.holder is not None and refused.value.holder.pid == job.pid
+    assert job.ask("check") == "current"
+    assert lock_file.exists()
+    with pytest.raises(distckpt.RootInUse):
+        RootLease.acquire(root)
+
+    # The command line says so too, with exit status 2: the same race once more, with the
+    # first requeued job dead and the dead machine's record written back.
+    job.kill()
+    _record_as_another_machine(root, host=this_host() + "-node7")
+    assert main(["lease", "--break", os.fspath(root)], out=io.StringIO()) == 2
+    assert len(requeued) == 2 and "taken meanwhile by" in capsys.readouterr().err
+    assert requeued[-1].ask("check") == "current"
+
+
 def _in_another_pid_namespace() -> tuple[str, ...]:
     """A prefix that runs a command in a PID namespace of its own on this machine (a
     container sharing the host's hostname): its pids name other processes than ours."""
@@ -464,6 +529,119 @@ def test_an_older_versions_break_refuses_a_live_holder_of_this_version_on_this_m
     assert first.ask("check") == "current"
 
 
+_LINGERING_LOCK = textwrap.dedent(
+    """
+    import fcntl, os, sys, time
+
+    fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    print("locked", flush=True)
+    time.sleep(600)
+    """
+)
+
+
+@pytest.mark.parametrize("waiting_version", ["this", "older"])
+def test_a_break_past_a_lingering_lock_leaves_the_requeued_job_one_lease(
+    root: Path,
+    holders: list[Holder],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    waiting_version: str,
+) -> None:
+    """On NFS a dead machine's lock lingers until the server's lease ends, and the operator
+    breaks the lease meanwhile, while the requeued job waits for the lock (``wait_for_root``,
+    of this version or an older one). The lingering lock ends at the worst moment, just as the
+    break writes the record: the break holds the lock of a new lock file by then, so the
+    requeued job claims the root after the break, on the file every later job locks. It holds
+    the only lease, generation 4; a third job is refused."""
+    root.mkdir()
+    dead = _record_as_another_machine(root, host=this_host() + "-node7")
+    lock_file = RootLayout(root).lease_lock_path
+    # No NFS server here whose lease of a dead client's lock could be let run out: a process
+    # holding the flock of the lock file stands in for it, as that lock looks the same from
+    # here (held by no process the break can judge), until the process is killed.
+    lingering = subprocess.Popen(
+        [sys.executable, "-c", _LINGERING_LOCK, os.fspath(lock_file)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert lingering.stdout is not None and lingering.stdout.readline().strip() == "locked"
+        prefix: tuple[str, ...] = ()
+        if waiting_version == "older":
+            older = tmp_path / "older"
+            with tarfile.open(OLDER_VERSION_ARCHIVE) as tar:
+                tar.extractall(older, filter="data")
+            # its own directory first on the path, so that it imports its own package
+            prefix = ("env", "-C", os.fspath(older), f"PYTHONPATH={older}")
+        requeued = _start(holders, root, wait=STARTUP, prefix=prefix, announce=True)
+        assert requeued.line() == "acquiring"
+        claimed_during_the_write: list[str] = []
+        real_write = distckpt.lease_break.atomic_write_bytes
+
+        def the_lingering_lock_ends_as_the_break_writes(
+            path: Path, data: bytes, **kw: bool
+        ) -> None:
+            lingering.kill()
+            lingering.wait(timeout=STARTUP)
+            # a job polling a free lock takes it within a few of filelock's 0.05 s polls
+            claimed_during_the_write.append(requeued.line(timeout=2.0))
+            real_write(path, data, **kw)
+
+        # A wrapper around the break's write: no real part can end the lingering lock between
+        # the break's re-reading of the record and its writing. The end itself is real.
+        monkeypatch.setattr(
+            distckpt.lease_break, "atomic_write_bytes", the_lingering_lock_ends_as_the_break_writes
+        )
+        try:
+            broken = break_lease(root)
+        except distckpt.LeaseTakenMeanwhile:
+            # It took the new lock file in the instant between its making and the break's
+            # lock (it polls every 0.05 s): the break then changes nothing, also one lease.
+            assert claimed_during_the_write == []
+        else:
+            assert broken is not None and broken.token == dead.token and broken.broken_utc
+            assert claimed_during_the_write == [""]  # it waited for the break's lock
+    finally:
+        if lingering.poll() is None:
+            lingering.kill()
+        lingering.wait(timeout=STARTUP)
+    assert requeued.line() == f"held {dead.generation + 1}"
+    assert requeued.ask("check") == "current"
+    assert lock_file.exists()
+    assert [path.name for path in root.glob(".lease.*.lingering")] == []
+    with pytest.raises(distckpt.RootInUse):
+        RootLease.acquire(root)
+    assert requeued.ask("check") == "current"
+
+
+def test_gc_removes_a_lease_lock_file_a_killed_break_moved_aside(
+    root: Path, holders: list[Holder]
+) -> None:
+    """A break killed between moving a lingering lock file aside and removing it leaves the
+    file behind: gc removes it, once 60 s old while a job holds the lease (a break holding it
+    may still be at work), at once when nobody holds it."""
+    from distckpt.cli import main
+
+    root.mkdir()
+    moved_aside = RootLayout(root).lingering_lease_lock_path("a" * 32)
+    moved_aside.touch()
+    job = _start(holders, root)
+    assert job.line() == "held 1"
+    assert main(["gc", os.fspath(root)], out=io.StringIO()) == 0
+    assert moved_aside.exists()
+    an_hour_ago = time.time() - 3600
+    os.utime(moved_aside, (an_hour_ago, an_hour_ago))
+    assert main(["gc", os.fspath(root)], out=io.StringIO()) == 0
+    assert not moved_aside.exists()
+    job.kill()
+    moved_aside.touch()
+    out = io.StringIO()
+    assert main(["gc", os.fspath(root)], out=out) == 0
+    assert not moved_aside.exists() and f"removed {moved_aside}" in out.getvalue()
+
+
 _LAUNCHER = textwrap.dedent(
     """
     import subprocess, sys, time
@@ -477,7 +655,7 @@ _WORKER = textwrap.dedent(
     import sys, time
     from pathlib import Path
     from distckpt.errors import LauncherGone
-    from distckpt.lease import LauncherWatch
+    from distckpt.launcher import LauncherWatch
 
     out = Path(sys.argv[1])
     watch = LauncherWatch()
@@ -602,6 +780,9 @@ def test_a_holder_on_another_machine_is_refused_where_locks_are_local_to_each_ma
     # An operator who knows that machine's job is dead breaks its lease: the root opens.
     broken = break_lease(root)
     assert broken is not None and broken.token == holder.token and broken.broken_utc
+    # the break held the lock file (that machine's lock does not reach it here): kept, so
+    # that a job waiting on it and a job opening it later lock the same file
+    assert RootLayout(root).lease_lock_path.exists()
     with distckpt.CheckpointManager(root, timeout=STARTUP) as mgr:
         assert mgr.save(1, {"w": torch.zeros(2)}) is not None
         now = read_holder(root)

@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -25,8 +26,9 @@ import pytest
 import distckpt
 from distckpt.layout import LEASE_RECORD_NAME, RootLayout
 from distckpt.lease import read_holder
+from tests.filesystems import MountFactory
 from tests.test_launch import Job, _cmdline
-from tests.test_lease import _cli, _on_another_host
+from tests.test_lease import _cli, _on_another_host, _on_another_machine_named_like_this_one
 from tests.waiting import wait_until
 
 REPO = Path(__file__).resolve().parents[1]
@@ -254,6 +256,74 @@ def test_a_save_in_progress_keeps_the_root_and_operators_work_beside_it(
     record = json.loads((root / LEASE_RECORD_NAME).read_text())
     assert record["pid"] == holder_pid and record["released_utc"] is not None
     assert read_holder(root) is None
+
+
+@pytest.mark.timeout(400)
+def test_gc_on_another_machine_keeps_a_live_writers_staging_where_locks_are_local(
+    jobs: Jobs, mounts: MountFactory, tmp_path: Path
+) -> None:
+    """README: gc never removes a live writer's staging, also when run on a second machine of
+    a filesystem whose locks are local to each machine (Lustre ``-o localflock``, NFS
+    ``local_lock``), where the writer's lock looks free. The job writes through a directory;
+    gc runs as "another machine" through a bindfs view of it, whose ``flock`` does not reach
+    the directory's. gc keeps the staging, saying why, and the save commits. ``gc --force``
+    removes it (what an operator does only when no job runs): the save then fails saying its
+    staging dir was removed, not that the root is not shared."""
+    bindfs = mounts.get("bindfs")
+    assert bindfs.writable_source is not None
+    root, out = bindfs.writable_source / "gc-elsewhere", jobs.out
+    seen_elsewhere = bindfs.path / "gc-elsewhere"
+    elsewhere = _on_another_machine_named_like_this_one(bindfs.path, tmp_path)
+
+    def cli_elsewhere(*arguments: str) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-m", "distckpt", *arguments]
+        return subprocess.run(
+            [*elsewhere, *command, str(seen_elsewhere)],
+            capture_output=True,
+            text=True,
+            timeout=STARTUP,
+        )
+
+    def gc_elsewhere(*options: str) -> subprocess.CompletedProcess[str]:
+        return cli_elsewhere("gc", "--json", *options)
+
+    held = ["--world-size", "1", "--timeout", "300"]
+    holding = jobs.start(plain(root, out, "h", "--saves", "2", "--hold-in-save", "2", *held))
+    wait_until((out / "h.held").exists, "the second save reached its hold", STARTUP)
+    live_staging = staged(root)
+    assert len([name for name in live_staging if not name.endswith(".lock")]) == 1
+    collected = gc_elsewhere()
+    assert collected.returncode == 0, collected
+    report = json.loads(collected.stdout)
+    assert report["removed"] == [], report
+    left = {Path(item["path"]).name: item for item in report["left"]}
+    assert set(left) == {name for name in live_staging if not name.endswith(".lock")}
+    for item in left.values():
+        assert not item["writer_alive"]  # its lock looks free from there
+        assert f"pid {pid_of(out, 'h', 0)}" in item["kept_because"]
+        assert "local to each machine" in item["kept_because"]
+    said = cli_elsewhere("gc")
+    assert said.returncode == 0 and "(kept: the lease holder" in said.stdout, said
+    listed = cli_elsewhere("ls")
+    assert listed.returncode == 0 and "(gc keeps it: the lease holder" in listed.stdout, listed
+    assert staged(root) == live_staging
+    (out / "h.resume").touch()
+    assert holding.wait(STARTUP) == 0, holding.output
+    assert saved_steps(out, "h", 0) == [1, 2]
+
+    forced = jobs.start(plain(root, out, "f", "--saves", "1", "--hold-in-save", "1", *held))
+    wait_until((out / "f.held").exists, "the third save reached its hold", STARTUP)
+    collected = gc_elsewhere("--force")
+    assert collected.returncode == 0, collected
+    removed = json.loads(collected.stdout)["removed"]
+    assert [Path(path).name.split(".")[0] for path in removed] == ["step-00000003"], removed
+    (out / "f.resume").touch()
+    assert forced.wait(STARTUP) == 0, forced.output
+    (failure,) = logged(out, "f", 0, "failed")
+    assert failure["type"] == "StagedFileMismatch", failure
+    assert "was removed while this save wrote it" in failure["error"], failure
+    assert "shared by every rank" not in failure["error"], failure
+    assert RootLayout.at(root).committed_steps() == [1, 2]
 
 
 @pytest.mark.timeout(400)

@@ -200,9 +200,11 @@ class RootStore(abc.ABC):
         """Repair the links, then apply the retention rules; the steps removed."""
 
     @abc.abstractmethod
-    def leftovers(self) -> list[Leftover]:
+    def leftovers(self, *, force: bool = False) -> list[Leftover]:
         """What :meth:`collect_leftovers` would look at (staging areas, with whether their
-        writer is alive, the trash, strays), without removing anything; for ``distckpt ls``."""
+        writer is alive, the trash, strays), without removing anything; for ``distckpt ls``
+        and ``gc``. ``force`` judges them as :meth:`collect_leftovers` with ``force`` does: no
+        :attr:`Leftover.kept_because`."""
 
     @abc.abstractmethod
     def lease_holder(self) -> LeaseHolder | None:
@@ -214,10 +216,14 @@ class RootStore(abc.ABC):
         next job may take the root; the record as broken, or None when nobody held it."""
 
     @abc.abstractmethod
-    def collect_leftovers(self) -> list[CheckpointLocation]:
+    def collect_leftovers(self, *, force: bool = False) -> list[CheckpointLocation]:
         """Remove staging areas of dead writers and deleted checkpoints not yet gone; a live
         writer's staging area is never touched. What was removed, including what
-        :meth:`open` removed (reported once)."""
+        :meth:`open` removed (reported once). On a POSIX root whose locks are local to each
+        machine, the staging areas a lease holder on another machine may be writing are left
+        too (:attr:`Leftover.kept_because`), unless ``force`` (only when no job runs on the
+        root); an ``s3://`` root judges its writers by their claims, which ``force`` does not
+        change."""
 
     def tidy(self) -> None:
         """Rank 0, once the outcome of :meth:`open`, :meth:`commit`, :meth:`delete` or

@@ -57,7 +57,8 @@ from distckpt.fsutil import (
 )
 from distckpt.fsutil import free_bytes as filesystem_free_bytes
 from distckpt.layout import MANIFEST_NAME, RootLayout
-from distckpt.lease import LeaseHolder, RootLease, break_lease, read_holder
+from distckpt.lease import LeaseHolder, RootLease, read_holder
+from distckpt.lease_break import break_lease
 from distckpt.lock import RootLock, WriterLock
 from distckpt.manifest import FileRecord, Manifest
 from distckpt.results import CheckpointLocation, SaveResult
@@ -250,9 +251,17 @@ class PosixRootStore(Removals, LinksAndRetention, ViewedStore):
             try:
                 size = (staging / name).stat().st_size
             except FileNotFoundError:
+                # Rank 0 made the staging dir itself: gone, it was removed under this save
+                # (a gc that could not see this writer's lock), not hidden by the filesystem.
+                why = (
+                    f"the staging dir {staging} was removed while this save wrote it, e.g. "
+                    "by a 'distckpt gc' on a machine this writer's lock does not reach"
+                    if not staging.is_dir()
+                    else f"rank {record.rank}'s file {name} is not visible from rank 0 in "
+                    f"{staging}: the root must be on a filesystem shared by every rank"
+                )
                 raise StagedFileMismatch(
-                    f"rank {record.rank}'s file {name} is not visible from rank 0 in "
-                    f"{staging}: the root must be on a filesystem shared by every rank",
+                    why,
                     rank=record.rank,
                     path=staging / name,
                     written_bytes=record.size,

@@ -14,6 +14,7 @@ Everything here runs on the committing rank, as part of
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import uuid
 from collections.abc import Callable, Collection
@@ -22,7 +23,7 @@ from pathlib import Path
 from distckpt import faults, policy, resolve
 from distckpt.fsutil import move_to_trash, remove_tree, rename_dir
 from distckpt.layout import RootLayout
-from distckpt.lease import RootLease
+from distckpt.lease import RootLease, holder_beyond_judgement
 from distckpt.lock import Leftover, RootLock, WriterLock, find_leftovers
 from distckpt.results import CheckpointLocation
 from distckpt.storage.posix_links import COMMITTING_RANK
@@ -86,14 +87,15 @@ class Removals:
             removed = self._apply_retention(self._update_links(), linked_before)
         return removed  # their bytes go at tidy()
 
-    def leftovers(self) -> list[Leftover]:
-        return [item for item in find_leftovers(self.layout) if item.kind != "lock"]
+    def leftovers(self, *, force: bool = False) -> list[Leftover]:
+        judged = self._judged_leftovers(locked=False, force=force)
+        return [item for item in judged if item.kind != "lock"]
 
-    def collect_leftovers(self) -> list[CheckpointLocation]:
+    def collect_leftovers(self, *, force: bool = False) -> list[CheckpointLocation]:
         self._refuse_if_read_only("collect leftovers")
         with self._lock:
             self._check_lease()
-            removed, in_trash = self._remove_leftovers()
+            removed, in_trash = self._remove_leftovers(force=force)
         removed = self._removed_at_open + removed + self._empty_found_trash(in_trash)
         self._removed_at_open = []  # reported once
         return removed
@@ -134,10 +136,39 @@ class Removals:
         moved in after the listing is left to the next tidy or cleanup."""
         return [report for entry, report in in_trash.items() if self._remove_quietly(entry)]
 
-    def _remove_leftovers(self) -> tuple[list[CheckpointLocation], dict[Path, Path]]:
+    def _judged_leftovers(self, *, locked: bool, force: bool = False) -> list[Leftover]:
+        """:func:`find_leftovers`, with the staging dirs and writer lock files of a lease
+        holder whose liveness this machine cannot tell marked ``kept_because`` (unless
+        ``force``): where locks are local to each machine, a writer lock that looks free here
+        may be held on the holder's machine. The root lock does not reach that machine either,
+        so probes and links under construction are then judged by their age, as without it."""
+        holds_lease = self._lease is not None and self._lease.held
+        holder = None if force else holder_beyond_judgement(self.root)
+        found = find_leftovers(
+            self.layout, locked=locked and holder is None, holds_lease=holds_lease
+        )
+        if holder is None:
+            return found
+        reason = (
+            f"the lease holder, {holder.describe()}, may be writing it: locks on this "
+            "filesystem are local to each machine, so whether it lives cannot be told from "
+            "here ('distckpt gc --force' removes it, only when no job runs on this root)"
+        )
+        return [
+            dataclasses.replace(item, kept_because=reason)
+            if item.kind in ("staging", "lock") and not item.writer_alive
+            else item
+            for item in found
+        ]
+
+    def _remove_leftovers(
+        self, *, force: bool = False
+    ) -> tuple[list[CheckpointLocation], dict[Path, Path]]:
         """Under the lock: staging dirs whose writer is dead, orphaned lock files, and the
         probes and links under construction a killed process left in the root (made under the
-        lock only, so whoever made one is gone). A live writer's staging is never touched. A
+        lock only, so whoever made one is gone). A live writer's staging is never touched, nor
+        (unless ``force``) one a lease holder on another machine may be writing where locks
+        are local to each machine (:meth:`_judged_leftovers`). A
         dead writer's staging dir is only renamed into the trash here, and the trash is left
         as it is: deleting a large save's files takes seconds, during which the lock would
         keep every other writer from committing (a live job's save failing with "could not
@@ -147,11 +178,12 @@ class Removals:
         staging dir moved there."""
         removed: list[CheckpointLocation] = []
         in_trash: dict[Path, Path] = {}
-        holds_lease = self._lease is not None and self._lease.held
-        for leftover in find_leftovers(self.layout, locked=True, holds_lease=holds_lease):
+        for leftover in self._judged_leftovers(locked=True, force=force):
             path = Path(leftover.path)
             if leftover.writer_alive:
                 logger.info("leaving %s alone: its writer is alive", path)
+            elif leftover.kept_because is not None:
+                logger.warning("leaving %s alone: %s", path, leftover.kept_because)
             elif leftover.in_use:
                 # a deleted file a reader still holds open (.fuse_hidden*, .nfs*): removing it
                 # fails (EBUSY) until the reader closes it; the next cleanup tries again

@@ -329,7 +329,7 @@ class S3RootStore(LeaseKeeping, Upkeep, ViewedStore):
         linked_before = self._linked_steps()
         return self._apply_retention(self._update_pointers(), linked_before)
 
-    def collect_leftovers(self) -> list[CheckpointLocation]:
+    def collect_leftovers(self, *, force: bool = False) -> list[CheckpointLocation]:
         self._refuse_if_read_only("collect leftovers")
         self._check_lease()
         # Under tidy's lock: a tidy in another thread, removing the same leftovers, finishes

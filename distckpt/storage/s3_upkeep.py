@@ -344,7 +344,8 @@ class Upkeep:
         with ThreadPoolExecutor(client.max_concurrency) as pool:
             return all(list(pool.map(copy_one, missing)))
 
-    def leftovers(self) -> list[Leftover]:
+    def leftovers(self, *, force: bool = False) -> list[Leftover]:
+        # writers are judged by their claims, which force does not change
         return [leftover for leftover, _ in self._find_leftovers()]
 
     def _find_leftovers(self) -> list[tuple[Leftover, list[str]]]:

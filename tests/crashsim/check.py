@@ -9,6 +9,8 @@ For each state (a directory holding the replayed base dir):
 * the checkpoint ``restore("last")`` loads (``load_checkpoint`` of each rank's part when the
   job had several ranks, as restoring needs the same world size) is complete, its step at least
   the newest step whose save had returned, and holds exactly the tensors saved at that step;
+  it is never a step damaged on purpose (``damaged-N``), whose save had returned: a restore
+  sets that one aside, and until then only it may fail ``verify``;
 * ``verify(root)`` passes after the manager opened; no step whose save returned is missing
   (unless an operation that may remove it had begun);
 * nothing a crash left behind survives the start: once the manager is closed (the start's
@@ -46,10 +48,18 @@ class Expectation:
     deleting: tuple[int, ...]
     overwriting: tuple[int, ...]
     shrinks: bool
+    #: steps whose save returned, damaged on purpose since: a restore sets them aside, and
+    #: never restores one
+    damaged: tuple[int, ...] = ()
 
     @classmethod
     def from_markers(cls, markers: list[str]) -> Expectation:
-        found: dict[str, list[int]] = {"saved": [], "deleting": [], "overwriting": []}
+        found: dict[str, list[int]] = {
+            "saved": [],
+            "deleting": [],
+            "overwriting": [],
+            "damaged": [],
+        }
         shrinks = False
         for marker in markers:
             what = marker.split("-", 1)[1]
@@ -61,13 +71,18 @@ class Expectation:
                 if kind == "saved" and int(step) in found["overwriting"]:
                     found["overwriting"].remove(int(step))  # the overwrite returned: durable
         return cls(
-            tuple(found["saved"]), tuple(found["deleting"]), tuple(found["overwriting"]), shrinks
+            tuple(found["saved"]),
+            tuple(found["deleting"]),
+            tuple(found["overwriting"]),
+            shrinks,
+            tuple(found["damaged"]),
         )
 
     def _may_vanish(self, overwrite_window: bool) -> set[int]:
-        # A step being deleted may go; one being overwritten only where the documented
-        # two-rename window exists.
-        return set(self.deleting) | (set(self.overwriting) if overwrite_window else set())
+        # A step being deleted may go, and a damaged one (set aside); one being overwritten
+        # only where the documented two-rename window exists.
+        vanishing = set(self.deleting) | set(self.damaged)
+        return vanishing | (set(self.overwriting) if overwrite_window else set())
 
     def floor(self, overwrite_window: bool) -> int | None:
         """The step ``restore("last")`` may not go below."""
@@ -108,7 +123,8 @@ def check_state(spec: dict[str, Any]) -> list[tuple[str, str]]:
         return found
     raw = distckpt.verify(root, checksums=True)
     for report in raw.checkpoints:
-        if not report.ok:
+        # a step damaged on purpose is damaged until a restore sets it aside
+        if not report.ok and report.step not in expected.damaged:
             found.append((RAW_PARTIAL, f"{report.path.name}: {'; '.join(report.problems)}"))
     for problem in raw.problems:
         found.append((RAW_DANGLING, problem))
@@ -133,7 +149,11 @@ def check_state(spec: dict[str, Any]) -> list[tuple[str, str]]:
                         loaded = mgr.restore("last", state=template)
                     else:
                         loaded = distckpt.load_checkpoint(root, rank=rank, state=template)
-                    if loaded.step != latest or not _tensor_ok(
+                    if loaded.step in expected.damaged:
+                        found.append(
+                            (WRONG_STATE, f"rank {rank}: restored the damaged step {loaded.step}")
+                        )
+                    elif loaded.step != latest or not _tensor_ok(
                         loaded.state, loaded.step, rank, fmt
                     ):
                         found.append(

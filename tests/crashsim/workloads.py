@@ -5,7 +5,7 @@ durable starting state) and ``traced``. Run as
 Rank 0 marks each moment the checker needs by creating a file in MARKERS: ``saved-N`` once
 ``save`` of step N returned (committed and durable, the promise checked), ``deleting-N`` /
 ``overwriting-N`` when a delete or an overwrite of step N begins, ``shrink`` when retention may
-remove any older step.
+remove any older step, ``damaged-N`` once step N (whose save returned) was damaged on purpose.
 """
 
 from __future__ import annotations
@@ -200,6 +200,28 @@ def killed_swap_traced(ctx: Context) -> None:
     assert cli(["prune", os.fspath(ctx.root), "--keep-last", "1"]) == 0
 
 
+def set_aside_setup(ctx: Context) -> None:
+    """Steps 1 and 2, then step 2's largest file cut to half its size (damage a restore is
+    sure of): a committed checkpoint that is damaged, which ``last`` names."""
+    _saves(ctx, (1, 2))
+    if ctx.rank == 0:
+        step_dir = ctx.root / "step-00000002"
+        largest = max(
+            (path for path in step_dir.iterdir() if path.is_file()), key=lambda p: p.stat().st_size
+        )
+        os.truncate(largest, largest.stat().st_size // 2)
+        ctx.mark("damaged-2")
+
+
+def set_aside_traced(ctx: Context) -> None:
+    """A writing manager's ``restore("last")`` sets the damaged step 2 aside (links moved off
+    it, then renamed to ``damaged-step-2-*``) and restores step 1; then it saves step 3."""
+    with ctx.manager() as mgr:
+        restored = mgr.restore("last", state=state_for(0, ctx.rank, ctx.format))
+        assert restored is not None and restored.step == 1, restored
+        ctx.save(mgr, 3)
+
+
 def fresh_root_traced(ctx: Context) -> None:
     """A root the manager creates itself, with missing parents."""
     with ctx.manager(root=ctx.base / "parent" / "child" / ROOT_NAME) as mgr:
@@ -237,6 +259,9 @@ WORKLOADS = {
         Workload("restart", restart_setup, restart_traced, multi_rank=False),
         Workload("killed_swap", killed_swap_setup, killed_swap_traced, multi_rank=False),
         Workload("fresh_root", None, fresh_root_traced, root=f"parent/child/{ROOT_NAME}"),
+        # one rank: the checker restores a several-rank job's parts with load_checkpoint, which
+        # does not set a damaged checkpoint aside
+        Workload("set_aside", set_aside_setup, set_aside_traced, multi_rank=False),
         Workload("pointer", lambda ctx: _saves(ctx, (1, 2), **POINTER), pointer_traced),
     )
 }
