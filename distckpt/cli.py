@@ -27,56 +27,22 @@ import dataclasses
 import json
 import os
 import sys
-import time
 from collections.abc import Sequence
 from typing import Any, TextIO
 
 from distckpt import resolve
+from distckpt.cli_output import Progress, age, human_size, table, write_json
 from distckpt.errors import CheckpointError, CheckpointNotFound, InvalidArgument
 from distckpt.layout import LINK_NAMES
 from distckpt.lease import LeaseHolder
 from distckpt.manifest import MANIFEST_CHECKSUM_KEY, encode_metrics
-from distckpt.policy import RetentionPolicy, parse_created_utc
+from distckpt.policy import RetentionPolicy
 from distckpt.protocol import check_step_number
 from distckpt.results import location_name
 from distckpt.storage import Located, RootStore, RootView, open_store, open_view
 from distckpt.verify import verify
 
 EXIT_OK, EXIT_PROBLEMS, EXIT_ERROR = 0, 1, 2
-#: Checkpoints larger than this get a progress bar on a terminal while verified.
-PROGRESS_MIN_BYTES = 256 << 20
-
-
-def _human_size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
-
-
-def _age(created_utc: str | None) -> str:
-    created = parse_created_utc(created_utc)
-    if created is None:
-        return "?"
-    seconds = time.time() - created
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{seconds / size:.0f}{unit}"
-    return f"{max(seconds, 0):.0f}s"
-
-
-def _table(rows: list[list[str]], out: TextIO) -> None:
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        out.write("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() + "\n")
-
-
-def _write_json(data: Any, out: TextIO, *, indent: int | None = None) -> None:
-    """``data`` as one JSON document and a newline; strict JSON (allow_nan=False), which any
-    parser reads: a non-finite metric must be encoded first (:func:`encode_metrics`)."""
-    json.dump(data, out, indent=indent, allow_nan=False)
-    out.write("\n")
 
 
 def _leftovers(store: RootStore, *, force: bool = False) -> list[dict[str, Any]]:
@@ -163,7 +129,7 @@ def cmd_ls(args: argparse.Namespace, out: TextIO) -> int:
             "leftovers": leftovers,
             "lease": _holder_json(holder),
         }
-        _write_json(payload, out, indent=1)
+        write_json(payload, out, indent=1)
         return EXIT_OK
     if not infos and not damaged:
         out.write(f"no checkpoints in {view.root}\n")
@@ -176,8 +142,8 @@ def cmd_ls(args: argparse.Namespace, out: TextIO) -> int:
                     str(info.step),
                     "" if info.epoch is None else str(info.epoch),
                     metrics,
-                    _human_size(info.size_bytes),
-                    _age(info.created_utc),
+                    human_size(info.size_bytes),
+                    age(info.created_utc),
                     info.format,
                     str(info.world_size),
                     ",".join(n for n, t in links.items() if t == location_name(info.path)),
@@ -185,7 +151,7 @@ def cmd_ls(args: argparse.Namespace, out: TextIO) -> int:
             )
         for step in damaged:
             rows.append([str(step), "", "DAMAGED (run verify)", "", "", "", "", ""])
-        _table(rows, out)
+        table(rows, out)
     for where in set_aside:
         out.write(f"set aside as damaged: {where} (not committed; nothing removes it)\n")
     for item in leftovers:
@@ -209,7 +175,7 @@ def cmd_lease(args: argparse.Namespace, out: TextIO) -> int:
     store = open_store(root, read_only=True)
     holder = store.break_lease() if args.break_lease else store.lease_holder()
     if args.json:
-        _write_json({"root": os.fspath(root), "lease": _holder_json(holder)}, out, indent=1)
+        write_json({"root": os.fspath(root), "lease": _holder_json(holder)}, out, indent=1)
     elif args.break_lease and holder is not None and holder.broken_utc is not None:
         out.write(f"broke the lease of {holder.describe()}\n")
     else:
@@ -226,7 +192,7 @@ def cmd_info(args: argparse.Namespace, out: TextIO) -> int:
         # again (which a manifest without one, or with keys this version drops, does not hold).
         data[MANIFEST_CHECKSUM_KEY] = manifest.manifest_crc32
         data["path"] = os.fspath(directory)
-        _write_json(data, out, indent=1)
+        write_json(data, out, indent=1)
         return EXIT_OK
     out.write(f"path        {directory}\n")
     out.write(f"step        {manifest.step}\n")
@@ -240,32 +206,10 @@ def cmd_info(args: argparse.Namespace, out: TextIO) -> int:
         out.write(
             f"metadata    {json.dumps(dict(manifest.metadata), sort_keys=True, allow_nan=False)}\n"
         )
-    out.write(f"files       {len(manifest.files)}, {_human_size(manifest.total_bytes)}\n")
+    out.write(f"files       {len(manifest.files)}, {human_size(manifest.total_bytes)}\n")
     for name, record in sorted(manifest.files.items()):
-        out.write(f"  {name}  {_human_size(record.size)}  {record.checksum}\n")
+        out.write(f"  {name}  {human_size(record.size)}  {record.checksum}\n")
     return EXIT_OK
-
-
-class _Progress:
-    """A one-line progress bar on a terminal's stderr; silent elsewhere."""
-
-    def __init__(self, total: int, stream: TextIO) -> None:
-        self.total, self.done, self.stream = total, 0, stream
-        self.enabled = total >= PROGRESS_MIN_BYTES and stream.isatty()
-        self._shown = -1
-
-    def __call__(self, n: int) -> None:
-        self.done += n
-        percent = min(100, self.done * 100 // max(self.total, 1))
-        if self.enabled and percent != self._shown:
-            self._shown = percent
-            bar = "#" * (percent // 4)
-            self.stream.write(f"\rverifying [{bar:<25}] {percent:3d}%")
-            self.stream.flush()
-
-    def finish(self) -> None:
-        if self.enabled:
-            self.stream.write("\n")
 
 
 def _bytes_to_verify(located: Located) -> int:
@@ -280,7 +224,7 @@ def _bytes_to_verify(located: Located) -> int:
 
 def cmd_verify(args: argparse.Namespace, out: TextIO) -> int:
     total = _bytes_to_verify(resolve.classify_path(args.path))
-    progress = _Progress(total, sys.stderr)
+    progress = Progress(total, sys.stderr)
     try:
         report = verify(args.path, checksums=not args.no_checksums, progress=progress)
     finally:
@@ -289,7 +233,7 @@ def cmd_verify(args: argparse.Namespace, out: TextIO) -> int:
         # Nothing was verified: "all is well" would hide a wrong path.
         raise CheckpointNotFound(f"no checkpoint in {report.path}: nothing to verify")
     if args.json:
-        _write_json(report.to_dict(), out, indent=1)
+        write_json(report.to_dict(), out, indent=1)
     else:
         out.write(str(report) + "\n")
     return EXIT_OK if report.ok else EXIT_PROBLEMS
@@ -329,7 +273,7 @@ def cmd_prune(args: argparse.Namespace, out: TextIO) -> int:
     store.tidy()  # the bytes of what it removed
     kept = open_view(args.root).committed_steps()
     if args.json:
-        _write_json({"removed": removed, "kept": kept}, out)
+        write_json({"removed": removed, "kept": kept}, out)
     else:
         out.write(f"removed steps: {', '.join(map(str, removed)) or 'none'}\n")
         out.write(f"kept steps:    {', '.join(map(str, kept)) or 'none'}\n")
@@ -344,7 +288,7 @@ def cmd_gc(args: argparse.Namespace, out: TextIO) -> int:
     # lease holder on another machine may be writing, where locks are local to each machine.
     kept = [item for item in _leftovers(store, force=args.force) if item["path"] not in removed]
     if args.json:
-        _write_json({"removed": removed, "left": kept}, out)
+        write_json({"removed": removed, "left": kept}, out)
     else:
         out.write("".join(f"removed {p}\n" for p in removed))
         for item in kept:
@@ -369,7 +313,7 @@ def cmd_delete(args: argparse.Namespace, out: TextIO) -> int:
     store.tidy()  # the bytes of what it removed
     kept = open_view(args.root).committed_steps()
     if args.json:
-        _write_json({"deleted": args.step, "kept": kept}, out)
+        write_json({"deleted": args.step, "kept": kept}, out)
     else:
         out.write(f"deleted step {args.step}\n")
         out.write(f"kept steps:   {', '.join(map(str, kept)) or 'none'}\n")
@@ -381,7 +325,7 @@ def cmd_export(args: argparse.Namespace, out: TextIO) -> int:
 
     written = export(args.path, args.out, rank=args.rank, all_ranks=args.all_ranks)
     if args.json:
-        _write_json({"out": os.fspath(written)}, out)
+        write_json({"out": os.fspath(written)}, out)
     else:
         out.write(f"wrote {written}\n")
     return EXIT_OK

@@ -628,24 +628,24 @@ def test_console_script_is_installed() -> None:
 
 
 def test_verify_shows_a_progress_bar_on_a_terminal_for_large_checkpoints() -> None:
-    from distckpt.cli import PROGRESS_MIN_BYTES, _Progress
+    from distckpt.cli_output import PROGRESS_MIN_BYTES, Progress
 
     class Terminal(io.StringIO):
         def isatty(self) -> bool:
             return True
 
     screen = Terminal()
-    progress = _Progress(PROGRESS_MIN_BYTES * 2, screen)
+    progress = Progress(PROGRESS_MIN_BYTES * 2, screen)
     for _ in range(4):
         progress(PROGRESS_MIN_BYTES // 2)
     progress.finish()
     assert "verifying [" in screen.getvalue() and "100%" in screen.getvalue()
     quiet = Terminal()
-    small = _Progress(1024, quiet)  # small checkpoints: no bar
+    small = Progress(1024, quiet)  # small checkpoints: no bar
     small(1024)
     small.finish()
     piped = io.StringIO()  # not a terminal (a log file, a pipe): no bar
-    _Progress(PROGRESS_MIN_BYTES * 2, piped)(PROGRESS_MIN_BYTES * 2)
+    Progress(PROGRESS_MIN_BYTES * 2, piped)(PROGRESS_MIN_BYTES * 2)
     assert quiet.getvalue() == "" and piped.getvalue() == ""
 
 
