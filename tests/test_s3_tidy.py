@@ -37,6 +37,7 @@ from tests.ranks import run_ranks, values
 from tests.s3proxy import Rule, S3Proxy
 from tests.s3server import S3Server
 from tests.test_s3_store import _write_attempt
+from tests.waiting import after_rank_0_removals
 
 pytest.importorskip("botocore")
 
@@ -126,7 +127,8 @@ def _saves_two_steps(
                 result = mgr.save(step, _state(step))
             assert result is not None
             steps.append(result.step)
-        dist.barrier()  # the training loop's own collective: rank 0 finished removing
+        after_rank_0_removals(mgr)  # they run in the background, after rank 1's save returned
+        dist.barrier()  # the training loop's own collective
         steps.extend(mgr.steps())
     return steps, all(rule.arrived.is_set() for rule in rules)
 
@@ -157,7 +159,7 @@ def _opens(rank: int, world_size: int, url: str, options: dict[str, Any], flag: 
     with _flag_when_done(rank, flag):
         mgr = distckpt.CheckpointManager(url, storage_options=options, timeout=TIMEOUT)
     with mgr:
-        dist.barrier()  # rank 0 removed the leftovers before this
+        dist.barrier()  # the training loop's own collective (gc waits for rank 0's removals)
         return [mgr.latest_step(), [str(location) for location in mgr.gc()]]
 
 
@@ -197,9 +199,10 @@ def _prunes_and_deletes(
             ]
         with _flag_when_done(rank, flags / "pruned"):
             pruned = mgr.prune()
-        dist.barrier()  # the training loop's own collective: rank 0 finished removing
+        dist.barrier()  # the training loop's own collective
         with _flag_when_done(rank, flags / "deleted"):
             mgr.delete(3)
+        after_rank_0_removals(mgr)  # they run in the background, after rank 1's call returned
         dist.barrier()
         return pruned, mgr.steps(), all(rule.arrived.is_set() for rule in rules)
 
@@ -232,6 +235,7 @@ def test_a_failing_delete_in_tidy_is_logged_and_the_next_save_start_or_gc_remove
             location = _save_location(s3_url, direct, 1)
             with caplog.at_level(logging.WARNING, logger="distckpt"):
                 saved = mgr.save(2, _state(2))
+                after_rank_0_removals(mgr)  # the refused delete runs in the background
             assert saved is not None and saved.step == 2
             assert refused.arrived.is_set()
             assert mgr.steps() == [2]  # unpublished at once: its COMMIT went
