@@ -5,6 +5,7 @@ they guess it will be, and one collective carries the decision and every rank's 
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,9 @@ def _restores(rank: int, world_size: int, root: str) -> dict[str, tuple[Any, int
         dist.barrier()
         out["unreadable manifest"] = _outcome(lambda: mgr.restore(5))
         if rank == 0:  # a stale pointer: rank 1 guesses step 1, rank 0 resolves the newest
+            # Step 5 goes first: rank 0 would set the damaged step aside inside the restore,
+            # moving `last` off it, and a rank 1 slow to start could then read the new `last`.
+            shutil.rmtree(os.path.join(root, "step-00000005"))
             os.symlink("step-00000001", os.path.join(root, "last.new"))
             os.replace(os.path.join(root, "last.new"), os.path.join(root, "last"))
             # rank 0's own file of step 3 loses its last byte: its check refuses step 3
