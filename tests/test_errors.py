@@ -17,6 +17,7 @@ from distckpt.errors import CheckpointError, RankFailure
 _SPECIAL_ARGUMENTS: dict[type[CheckpointError], tuple[tuple[Any, ...], dict[str, Any]]] = {
     RankFailure: (("save", {1: "OSError: disk full", 0: "timeout"}), {}),
     errors.RootInUse: (("root in use", {"host": "node-a"}), {}),
+    errors.LeaseTakenMeanwhile: (("taken meanwhile", {"host": "node-b"}, {"host": "node-a"}), {}),
 }
 
 _ERROR_CLASSES = sorted(
@@ -44,6 +45,7 @@ def _example(cls: type[CheckpointError]) -> CheckpointError:
         "mismatches": (("w", (2,), (3,)),),
         "where": "optimizer",
         "keys": ("(1, 2)",),
+        "kinds": ("TwoTensor",),
         "state_key": "on_save_checkpoint",
         "refused": "numpy scalar",
         "written_bytes": 10,
