@@ -20,6 +20,7 @@ from distckpt.cli import main
 from distckpt.layout import step_dir_name
 from distckpt.objstore import ObjectStore
 from distckpt.objurl import S3Url
+from tests.hostile_cases import reseal_manifest
 from tests.s3server import REGION, S3Server
 from tests.test_cli import ls_lines, run
 
@@ -175,7 +176,7 @@ def test_delete_removes_a_checkpoint_this_version_cannot_judge(
     manifest = f"{step_dir_name(30)}/{attempt}/manifest.json"
     data = json.loads(store.get_bytes(manifest))
     data.update(edit)
-    store.put_bytes(manifest, json.dumps(data).encode())
+    store.put_bytes(manifest, json.dumps(reseal_manifest(data)).encode())
     with pytest.raises(refusal, match=says) as refused, distckpt.CheckpointManager(root) as mgr:
         mgr.save(25, {"w": torch.zeros(4)})
     if refusal is distckpt.InvalidStep:  # the command it names is the one run next
