@@ -11,4 +11,6 @@ bash scripts/install.sh
 "$PYTHON" -m tests.apt || echo "installing the test tools failed: continuing with the tests"
 "$PYTHON" -m ruff check distckpt tests scripts launch
 "$PYTHON" -m ruff format --check distckpt tests scripts launch
-exec "$PYTHON" -m pytest -n 2 "$@"
+# worksteal: a worker that runs out of tests takes some of the other's, so the long
+# end-to-end tests do not leave one core idle at the end of the run.
+exec "$PYTHON" -m pytest -n 2 --dist worksteal "$@"
