@@ -144,6 +144,46 @@ def test_a_slow_delete_of_a_retained_steps_objects_never_fails_the_committed_sav
     assert _keys(s3_url, options, 1) == []
 
 
+def _saves_on_while_a_removal_is_held(
+    rank: int, world_size: int, url: str, options: dict[str, Any], port: int, flags: Path
+) -> tuple[list[int], bool]:
+    """Save steps 1 and 2 (``keep_last=1``: step 1 is unpublished), with rank 0's delete of
+    step 1's objects held until rank 1 has made its NEXT calls too (save 3, prune, delete 3):
+    were rank 0 held inside any of them, rank 1 would time out there. The steps left, and
+    whether the delete was held (rank 0; True elsewhere)."""
+    rules: list[Rule] = []
+    with _manager_through_a_proxy_on_rank_0(rank, url, options, port) as (mgr, proxy):
+        mgr.save(1, _state(1))
+        if proxy is not None:
+            rules = [_hold_removal(proxy, 1, flags / "next calls")]
+        with _flag_when_done(rank, flags / "next calls"):
+            mgr.save(2, _state(2))
+            mgr.save(3, _state(3))
+            mgr.prune()
+            mgr.delete(3)
+        after_rank_0_removals(mgr)
+        return mgr.steps(), all(rule.arrived.is_set() for rule in rules)
+
+
+def test_a_slow_delete_on_an_s3_root_holds_up_none_of_the_calls_the_ranks_make_next(
+    s3_server: S3Server, s3_url: str, tmp_path: Path
+) -> None:
+    """README: a deletion slower than ``timeout`` fails neither the operation nor the call the
+    ranks make next, on an S3 root as on a POSIX one (rank 0 deletes in the background)."""
+    options = s3_server.storage_options()
+    out = run_ranks(
+        _saves_on_while_a_removal_is_held,
+        2,
+        s3_url,
+        options,
+        s3_server.port,
+        tmp_path,
+        timeout=JOB_TIMEOUT,
+    )
+    assert values(out) == [([], True)] * 2  # step 3's save removed step 2, delete step 3
+    assert [_keys(s3_url, options, step) for step in (1, 2, 3)] == [[], [], []]
+
+
 def _leave_a_killed_writers_save(url: str, options: dict[str, Any], step: int) -> str:
     """Leave what a job killed while it saved ``step`` leaves: its objects and its expired
     claim; its attempt."""
