@@ -184,6 +184,31 @@ def test_a_slow_delete_on_an_s3_root_holds_up_none_of_the_calls_the_ranks_make_n
     assert [_keys(s3_url, options, step) for step in (1, 2, 3)] == [[], [], []]
 
 
+def test_the_starts_cleanup_never_reports_the_jobs_own_removed_save_as_a_dead_writers(
+    s3_server: S3Server, s3_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The start's leftover scan runs in the background: held at its listing until the first
+    save's retention has unpublished step 1 (its objects not yet deleted), it meets step 1's
+    save with no COMMIT. It deletes it, but neither logs nor reports it as left by a writer
+    that died: gc reports nothing."""
+    direct = s3_server.storage_options()
+    _save_steps(s3_url, direct, 1)
+    with S3Proxy(s3_server.port) as proxy:
+        listing = proxy.hold("GET", "prefix=ckpt%2F&max-keys=1000")  # the scan's whole listing
+        options = s3_server.storage_options(endpoint_url=proxy.endpoint)
+        with (
+            caplog.at_level(logging.INFO, logger="distckpt"),
+            distckpt.CheckpointManager(s3_url, storage_options=options, keep_last=1) as mgr,
+        ):
+            assert listing.arrived.wait(JOB_TIMEOUT)
+            mgr.save(2, _state(2))  # retention unpublishes step 1; its objects go at tidy
+            listing.release()
+            after_rank_0_removals(mgr)
+            assert mgr.gc() == []
+    assert not [record for record in caplog.records if "died" in record.getMessage()]
+    assert _keys(s3_url, direct, 1) == []
+
+
 def _leave_a_killed_writers_save(url: str, options: dict[str, Any], step: int) -> str:
     """Leave what a job killed while it saved ``step`` leaves: its objects and its expired
     claim; its attempt."""

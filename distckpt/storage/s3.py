@@ -98,6 +98,7 @@ class S3RootStore(LeaseKeeping, Upkeep, ViewedStore):
         self._tidy_lock = threading.Lock()
         self._unpublished: list[tuple[int, str]] = []
         self._unpublished_lock = threading.Lock()
+        self._unpublished_here: set[tuple[int, str]] = set()
         #: manifests of the committed steps this store found valid, by (step, ETag of the
         #: step's COMMIT): a committed save is never changed, only replaced (a new COMMIT)
         #: or deleted, so each is checked once, not at every commit

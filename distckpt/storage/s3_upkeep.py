@@ -84,6 +84,8 @@ class Upkeep:
     #: whose objects :meth:`tidy` deletes; guarded by ``_unpublished_lock``
     _unpublished: list[tuple[int, str]]
     _unpublished_lock: threading.Lock
+    #: every save this store unpublished (a few per save): a cleanup meeting one reports none
+    _unpublished_here: set[tuple[int, str]]
     #: whether the leftovers of dead writers were removed since the root was opened
     _leftovers_checked: bool
     #: the dead writers' saves the tidy after the open removed, until gc reports them
@@ -158,6 +160,7 @@ class Upkeep:
         """Remember the save ``attempt`` of ``step``, unpublished now, for :meth:`tidy`."""
         with self._unpublished_lock:
             self._unpublished.append((step, attempt))
+            self._unpublished_here.add((step, attempt))
 
     def _update_pointers(self, *, leaving: int | None = None) -> list[policy.CheckpointRecord]:
         """Point ``last`` at the newest committed checkpoint that passes its check and
@@ -296,6 +299,8 @@ class Upkeep:
             return None  # which save it publishes is unknown: nothing to name in a record
         if record is None:
             return None  # deleted since the restore judged it
+        with self._unpublished_lock:  # its originals are this store's to delete, not a leftover
+            self._unpublished_here.add((step, record.attempt))
         marker = self.s3.set_aside_record_name(step, record.attempt)
         with contextlib.suppress(ObjectExists):  # set aside before, by a start that died
             self.s3.client.put_bytes(
@@ -442,7 +447,8 @@ class Upkeep:
             if leftover.writer_alive:
                 logger.info("leaving %s alone: its writer is alive", leftover.path)
                 continue
-            if leftover.kind == "staging":
+            ours = leftover.kind == "staging" and self._unpublished_by_this_store(leftover.path)
+            if leftover.kind == "staging" and not ours:
                 logger.info("removing %s, left by a writer that died", leftover.path)
             elif leftover.kind == "stray":
                 logger.info("removing %s, part of a copy of a save removed", leftover.path)
@@ -456,9 +462,14 @@ class Upkeep:
                     "could not remove leftover %s (tried again later): %s", leftover.path, exc
                 )
                 continue
-            if leftover.kind != "lock":
+            if leftover.kind != "lock" and not ours:
                 removed.append(leftover.path)
         return removed
+
+    def _unpublished_by_this_store(self, location: str) -> bool:
+        """Whether the save at ``location`` is one this store unpublished (not a leftover)."""
+        with self._unpublished_lock:
+            return self.s3.parse_attempt_location(location) in self._unpublished_here
 
     def _complete_set_aside_copy(self, location: str) -> None:
         """Before the objects of an uncommitted save go: if a record says it was set aside
