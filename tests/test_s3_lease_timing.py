@@ -29,8 +29,9 @@ from tests.s3server import S3Server
 
 pytest.importorskip("botocore")
 
-#: a short lease so that its renewals come every 3 s; each lease request still gets the
-#: smallest timeout (1 s), ample for a local server
+#: a short lease so that its renewals come every 3 s (patched in: the real 30 s would make each
+#: test wait minutes for an expiry); each lease request still gets the smallest timeout (1 s),
+#: ample for a local server
 SHORT_LEASE_SECONDS = 9.0
 
 
