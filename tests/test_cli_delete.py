@@ -1,0 +1,112 @@
+"""``distckpt delete ROOT STEP`` on a local root: one committed checkpoint removed, links
+moved off it first, next to a live job, and the checkpoints this version cannot judge (the
+case docs/verification.md sends the user to this command for). The s3:// cases are in
+tests/test_s3_cli.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+import torch
+
+import distckpt
+from tests import hostile_cases
+from tests.test_cli import root, run
+
+__all__ = ["root"]  # the fixture, shared with tests/test_cli.py
+
+
+def test_delete_removes_one_committed_step_and_moves_the_links_off_it(root: Path) -> None:
+    out = run("delete", str(root), "30")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == "deleted step 30\nkept steps:   10, 20\n"
+    assert os.readlink(root / "last") == "step-00000020"
+    assert not (root / "step-00000030").exists()
+    assert not list((root / ".trash").iterdir())  # its bytes are gone, not only its name
+    # best named step 20; the root does not record the job's monitor, so it is removed
+    out = run("delete", str(root), "20", "--json")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == {"deleted": 20, "kept": [10]}
+    assert not (root / "best").exists() and os.readlink(root / "last") == "step-00000010"
+    assert run("verify", str(root)).returncode == 0
+    with distckpt.CheckpointManager(root, monitor="loss", fsync=False):
+        assert os.readlink(root / "best") == "step-00000010"  # the job's start points it again
+
+
+def test_delete_next_to_a_live_job(root: Path) -> None:
+    """The job holds the root's lease; the delete takes the commit lock alone, and the job's
+    next save and retention carry on with the step gone."""
+    with distckpt.CheckpointManager(root, monitor="loss", keep_last=2, fsync=False) as mgr:
+        out = run("delete", str(root), "20")  # the best
+        assert out.returncode == 0, out.stderr
+        assert not (root / "best").exists()
+        assert mgr.save(40, {"w": torch.zeros(4)}, metrics={"loss": 5.0}) is not None
+        assert mgr.steps() == [30, 40]
+        assert os.readlink(root / "best") == "step-00000030"  # the job's save points it again
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (("20",), "no checkpoint for step 20 in"),  # deleted just before
+        (("25",), "no checkpoint for step 25 in"),
+        (("-1",), "step must not be negative"),
+    ],
+)
+def test_delete_of_a_step_not_committed_is_refused_with_status_2(
+    root: Path, args: tuple[str, ...], says: str
+) -> None:
+    assert run("delete", str(root), "20").returncode == 0
+    out = run("delete", str(root), *args)
+    assert out.returncode == 2, out
+    assert out.stderr.startswith(f"distckpt delete: error: {says}"), out.stderr
+    assert distckpt.CheckpointManager(root, read_only=True).steps() == [10, 30]
+
+
+def test_the_refusal_over_a_checkpoint_not_judged_names_the_delete_that_gets_past_it(
+    root: Path,
+) -> None:
+    """docs/verification.md: a save of a lower step is refused naming the checkpoint that could
+    not be judged and what to do; the command it names deletes it, and the save goes through."""
+    hostile_cases.edit_manifest(root / "step-00000030", lambda data: data.update(format="x"))
+    with distckpt.CheckpointManager(root, fsync=False) as mgr:
+        with pytest.raises(distckpt.InvalidStep, match="could not be judged") as refused:
+            mgr.save(25, {"w": torch.zeros(4)})
+        (command,) = re.findall(r"\((distckpt delete [^)]*)\)", str(refused.value))
+        assert "upgrade distckpt" in str(refused.value)
+        out = run(*shlex.split(command)[1:])
+        assert out.returncode == 0, out.stderr
+        assert mgr.save(25, {"w": torch.zeros(4)}) is not None
+        assert mgr.steps() == [10, 20, 25]
+
+
+#: Checkpoints this version cannot judge (they may be whole), as tests/hostile_cases.py makes
+#: them in step 2 of its root: what a refusal of a lower step tells the user to delete.
+UNJUDGED = {
+    "newer-format-version": hostile_cases.manifest_future_version,
+    "unknown-format": hostile_cases.manifest_unknown_format,
+    "unknown-checksum-algorithm": hostile_cases.manifest_unknown_checksum,
+    "rank-file-symlinked": hostile_cases.shard_symlink,
+}
+
+
+@pytest.mark.parametrize("case", sorted(UNJUDGED))
+def test_delete_removes_a_checkpoint_this_version_cannot_judge(tmp_path: Path, case: str) -> None:
+    """docs/verification.md: a checkpoint that could not be judged is kept, and the user
+    deletes it with ``distckpt delete ROOT STEP``; after that a job saves the step again."""
+    root = hostile_cases.make_root(tmp_path / "root")
+    UNJUDGED[case](root)
+    out = run("delete", str(root), "2")
+    assert out.returncode == 0, out.stderr
+    assert not (root / hostile_cases.STEP2).exists()
+    assert os.readlink(root / "last") == "step-00000001"
+    with distckpt.CheckpointManager(root, fsync=False) as mgr:
+        restored = mgr.restore(state={"w": torch.zeros(hostile_cases.WIDTH), "step": 0})
+        assert restored is not None and restored.step == 1
+        assert mgr.save(2, hostile_cases.saved_state(2)) is not None
+        assert mgr.steps() == [1, 2]
