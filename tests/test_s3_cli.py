@@ -1,6 +1,7 @@
 """The distckpt command line on an ``s3://`` root of a real S3-protocol server (moto), with the
 endpoint and credentials in the standard AWS environment variables, as a user would run it:
-the same commands, output and exit statuses as on a local root (tests/test_cli.py, test_cli_gc.py, test_cli_delete.py)."""
+the same commands, output and exit statuses as on a local root (tests/test_cli.py,
+test_cli_gc.py and test_cli_delete.py)."""
 
 from __future__ import annotations
 
