@@ -186,7 +186,8 @@ def test_a_commit_serialises_its_manifest_once(
 ) -> None:
     # The committed manifest's size is checked against the bytes written, not against a
     # second serialisation (which costs as much as the first, on a manifest of many files).
-    # A spy that counts the calls and returns what to_json returns.
+    # A spy that counts the calls and returns what to_json returns: how often a commit
+    # serialises its manifest shows nowhere else (its bytes are the same either way).
     calls: list[int] = []
     to_json = Manifest.to_json
 
