@@ -100,7 +100,14 @@ def decide(
     did in this process) and ``in_flight`` whether an async save is still running here: the
     ``min_seconds_between_saves`` throttle reads them, and rank 0's verdict counts. A throttled
     save is neither forced nor a preemption save, and leaves ``last`` as it is (deferred).
-    ``every_seconds`` is due only at a step past ``last``'s."""
+    ``every_seconds`` is due only at a step past ``last``'s.
+
+    A step or epoch a schedule or a vote would compare is checked first (a str or float step
+    would be answered, a str epoch fail with ``TypeError``). With neither, nothing here reads
+    them: the save's proposal checks them inside its collective, so that a bad one on any rank
+    raises on every rank."""
+    if schedule.is_set or signals.watched:
+        check_step_and_epoch(step, epoch)
     due = not schedule.is_set or schedule.due_by_counters(
         step, epoch, last_step=last.step, last_epoch=last.epoch
     )
@@ -207,7 +214,6 @@ class SaveDecider:
     def should_save(self, step: int, epoch: int | None, *, in_flight: bool = False) -> bool:
         """Decide for ``step`` now and keep the decision for the save of that step.
         ``in_flight``: whether an async save is still running on this rank."""
-        check_step_and_epoch(step, epoch)
         self._pending = self._decide(step, epoch, force=False, in_flight=in_flight)
         return self._pending.save
 
@@ -216,7 +222,6 @@ class SaveDecider:
     ) -> SaveDecision:
         """The decision for the save of ``step``: the one :meth:`should_save` took for it, or
         a new one. A decision to save marks the start of a save, whatever its outcome."""
-        check_step_and_epoch(step, epoch)
         pending, self._pending = self._pending, None
         if pending is not None and pending.step == step and pending.epoch == epoch:
             decision = pending.forced() if force else pending

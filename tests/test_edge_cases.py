@@ -99,6 +99,21 @@ def test_schedules_never_judge_a_bad_step_or_epoch(tmp_path: Path, step, epoch, 
         assert mgr.save(12, {"s": 1}, epoch=2) is not None  # the refusals left no trace
 
 
+def _saves_a_bad_step_on_rank_1(rank: int, world_size: int, root: str) -> str:
+    with distckpt.CheckpointManager(root, fsync=False, timeout=20) as mgr:
+        try:
+            mgr.save("7" if rank == 1 else 7, {"s": rank})
+        except distckpt.CheckpointError as exc:
+            return type(exc).__name__
+        return "saved"
+
+
+def test_a_bad_step_on_one_rank_with_no_schedule_is_refused_on_every_rank(tmp_path: Path) -> None:
+    """With no schedule nothing reads the step before the save's proposal, whose collective
+    carries one rank's refusal to every rank (not a timeout on the others)."""
+    assert values(run_ranks(_saves_a_bad_step_on_rank_1, 2, str(tmp_path))) == ["InvalidStep"] * 2
+
+
 @pytest.mark.parametrize(
     "options",
     [
