@@ -276,7 +276,7 @@ def _held_open(path: Path) -> bool:
         return False
 
 
-def _dead_temporary(path: Path, *, locked: bool, holds_lease: bool) -> bool:
+def _dead_temporary(path: Path, *, locked: bool) -> bool:
     """Whether ``path`` is a probe, a link under construction or a lease lock file moved aside
     whose maker is gone."""
     name = path.name
@@ -293,8 +293,11 @@ def _dead_temporary(path: Path, *, locked: bool, holds_lease: bool) -> bool:
         return True
     # A starting manager writes the lease record holding the lease's lock, not the root lock,
     # and a lease break holds it while it has a lock file moved aside: such a file is dead
-    # only if no other process holds the lease now.
-    if locked and (holds_lease or not _lease_held_elsewhere(path.parent)):
+    # only if no process holds the lease now. Not even the caller: its belief that it holds
+    # the lease says nothing of a job that took the lease where its locks do not reach (a
+    # second mount, another NFS client), whose new record this file may be about to become.
+    # A file left by a process killed before the caller took the lease goes with its age.
+    if locked and not _lease_held_elsewhere(path.parent):
         return True
     try:
         return time.time() - path.lstat().st_mtime > PROBE_GRACE_SECONDS
@@ -310,16 +313,14 @@ def _lease_held_elsewhere(root: Path) -> bool:
         return True  # cannot tell (a read-only mount, no flock): leave the file to its age
 
 
-def find_leftovers(
-    layout: RootLayout, *, locked: bool = False, holds_lease: bool = False
-) -> list[Leftover]:
+def find_leftovers(layout: RootLayout, *, locked: bool = False) -> list[Leftover]:
     """The root's leftovers; ``writer_alive`` is True for a staging dir whose writer still
     holds its lock (never to be removed) and for a lock file held by a writer about to create
     its dir; ``in_use`` marks those holding a file a reader still has open. ``locked``: the
     caller holds the root lock, so every probe and link under construction is a dead
     process's, whatever its age (without it, only those older than
-    :data:`PROBE_GRACE_SECONDS`); a lease record under construction only when no other
-    process holds the lease (``holds_lease``: the caller does)."""
+    :data:`PROBE_GRACE_SECONDS`); a lease record under construction only when no process,
+    the caller included, holds the lease."""
     found: list[Leftover] = []
     if layout.staging_root.is_dir():
         for entry in sorted(layout.staging_root.iterdir()):
@@ -339,8 +340,7 @@ def find_leftovers(
         found += [
             Leftover(entry, "stray", in_use=_held_open(entry))
             for entry in sorted(layout.root.iterdir())
-            if entry.name.startswith(_HELD_OPEN_PREFIXES)
-            or _dead_temporary(entry, locked=locked, holds_lease=holds_lease)
+            if entry.name.startswith(_HELD_OPEN_PREFIXES) or _dead_temporary(entry, locked=locked)
         ]
     return found
 

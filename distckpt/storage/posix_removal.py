@@ -23,7 +23,7 @@ from pathlib import Path
 from distckpt import faults, policy, resolve
 from distckpt.fsutil import move_to_trash, remove_tree, rename_dir
 from distckpt.layout import RootLayout
-from distckpt.lease import RootLease, holder_beyond_judgement
+from distckpt.lease import holder_beyond_judgement
 from distckpt.lock import Leftover, RootLock, WriterLock, find_leftovers
 from distckpt.results import CheckpointLocation
 from distckpt.storage.posix_links import COMMITTING_RANK
@@ -40,7 +40,6 @@ class Removals:
     root: Path
     fsync: bool
     _lock: RootLock
-    _lease: RootLease | None
     _removed_at_open: list[CheckpointLocation]
     #: whether the leftovers of dead writers were removed since the root was opened
     _leftovers_checked: bool
@@ -142,11 +141,8 @@ class Removals:
         ``force``): where locks are local to each machine, a writer lock that looks free here
         may be held on the holder's machine. The root lock does not reach that machine either,
         so probes and links under construction are then judged by their age, as without it."""
-        holds_lease = self._lease is not None and self._lease.held
         holder = None if force else holder_beyond_judgement(self.root)
-        found = find_leftovers(
-            self.layout, locked=locked and holder is None, holds_lease=holds_lease
-        )
+        found = find_leftovers(self.layout, locked=locked and holder is None)
         if holder is None:
             return found
         reason = (
