@@ -2,8 +2,10 @@
 
 An async save's write, agreement and commit run here, with a :class:`Coordinator` spawned for
 this thread alone, so its collectives never interleave with those of the training thread. A
-save still in flight when the interpreter exits is finished (or its failure logged) by an
-``atexit`` hook; the collectives' timeout bounds that wait.
+save still in flight when the interpreter exits is finished (or its failure logged) by an exit
+hook; the collectives' timeout bounds that wait. The hook runs before ``concurrent.futures``
+shuts its thread pools down at exit (:func:`_register_exit_hook`): the save's writes and
+uploads still run in pools of their own then.
 
 The thread runs at a lower scheduling priority than the training loop (a higher nice value,
 :func:`lower_priority`): the write and its checksums are CPU work that would otherwise take
@@ -25,6 +27,38 @@ from distckpt.errors import InvalidArgument
 from distckpt.results import SaveResult
 
 logger = logging.getLogger("distckpt")
+
+
+def _register_exit_hook(hook: Callable[[], None]) -> None:
+    """Have ``hook`` run at interpreter exit before ``concurrent.futures``' own exit hook.
+
+    That hook (registered with ``threading._register_atexit`` when
+    ``concurrent.futures.thread`` is imported, which this module's imports did already) makes
+    every later ``ThreadPoolExecutor.submit`` raise "cannot schedule new futures after
+    interpreter shutdown", and it runs before any ``atexit`` hook: a save finished from an
+    ``atexit`` hook fails at its first write or upload that uses a pool. Hooks registered
+    this way run last-registered first, so this one runs before that one.
+    ``threading._register_atexit`` is private to CPython; where it is missing (another
+    interpreter, a later version that drops it), ``atexit`` is the best there is."""
+    register = getattr(threading, "_register_atexit", None)
+    if register is None:
+        atexit.register(hook)
+        return
+    register(hook)
+
+
+#: The saves whose save in flight is finished at exit: every BackgroundSaves not closed yet.
+#: Strong references: a manager dropped without close() still has its save finished. No lock
+#: guards it: adding, discarding and copying a set are each atomic under the GIL, and a lock
+#: another thread held at a fork would stay held for good in the child, whose exit runs the hook.
+_open_saves: set[BackgroundSaves] = set()
+
+
+def _finish_saves_at_exit() -> None:
+    """The exit hook: finish (or log the failure of) every open save's save in flight."""
+    for saves in tuple(_open_saves):
+        saves._finish_at_exit()
+
 
 #: The highest nice value Linux has: the lowest priority a thread can take.
 MAX_NICE = 19
@@ -94,7 +128,7 @@ class BackgroundSaves:
         # The exit hook is inherited by a forked child, but the worker thread is not: only
         # the process that made it waits for its save (see _finish_at_exit).
         self._creator_pid = os.getpid()
-        atexit.register(self._finish_at_exit)
+        _open_saves.add(self)
 
     def submit(self, save: Callable[[Coordinator], SaveResult]) -> None:
         """Run ``save`` with this thread's coordinator; the caller waits for the one before.
@@ -127,7 +161,7 @@ class BackgroundSaves:
     def close(self) -> None:
         """Stop the thread (after the save in flight) and give its group back."""
         self._executor.shutdown(wait=True)
-        atexit.unregister(self._finish_at_exit)
+        _open_saves.discard(self)
         self.coord.close()
 
     def _finish_at_exit(self) -> None:
@@ -141,3 +175,7 @@ class BackgroundSaves:
                 logger.info("finished the save of step %d in flight at exit", result.step)
         except Exception as exc:
             logger.error("the checkpoint save in flight at exit failed: %s", exc)
+
+
+# At import, after ``concurrent.futures.thread`` registered its exit hook (imported above).
+_register_exit_hook(_finish_saves_at_exit)

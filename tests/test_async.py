@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from distckpt.per_rank import PerRank
 from distckpt.snapshot import SnapshotBuffers
 from distckpt.state import to_plain
 from tests.ranks import Collected, run_ranks, values
+from tests.s3server import S3Server
 from tests.waiting import after_rank_0_removals
 
 
@@ -137,18 +139,61 @@ def test_training_collectives_during_background_commit_do_not_deadlock(tmp_path:
     assert values(run_ranks(_training_collectives_meanwhile, 2, str(tmp_path))) == [200.0] * 2
 
 
-def test_interpreter_exit_with_a_save_in_flight_finishes_it(tmp_path: Path) -> None:
-    script = textwrap.dedent(
-        f"""
-        import torch, distckpt
-        mgr = distckpt.CheckpointManager({str(tmp_path)!r}, async_save=True)
-        mgr.save(7, {{"w": torch.ones(1 << 20)}})
-        # no wait(), no close(): the interpreter exits with the save in flight
-        """
+#: A script that saves step 7 async and exits without wait() or close(): argv is the root, its
+#: storage options (JSON) and writer_threads.
+_EXIT_WITH_A_SAVE_IN_FLIGHT = textwrap.dedent(
+    """
+    import json, sys, threading, torch, distckpt
+    from distckpt.formats.torch_files import TorchFilesFormat
+
+    root, options, writer_threads = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
+    exiting = threading.Event()
+    real_write = TorchFilesFormat.write
+
+    def write_once_exiting(self, state, directory, ctx):
+        # The write starts only once the interpreter's exit began: a save whose write began
+        # before would sometimes finish before the exit shuts anything down. No real workload
+        # times a write to exactly that moment, so the format's write is held back until it.
+        exiting.wait(60)
+        return real_write(self, state, directory, ctx)
+
+    TorchFilesFormat.write = write_once_exiting
+    mgr = distckpt.CheckpointManager(
+        root, storage_options=options, async_save=True, writer_threads=writer_threads, timeout=60
     )
-    subprocess.run([sys.executable, "-c", script], check=True, timeout=60)
-    assert distckpt.CheckpointManager(tmp_path).steps() == [7]
-    assert distckpt.verify(tmp_path).ok
+    mgr.save(7, {"w": torch.ones(1 << 20)})
+    # The exit's first moment: hooks registered this way run before every atexit hook, last
+    # registered first (so before distckpt's, and concurrent.futures'); nothing public marks it.
+    threading._register_atexit(exiting.set)
+    # no wait(), no close(): the interpreter exits with the save in flight
+    """
+)
+
+
+@pytest.mark.parametrize("where", ["posix", "posix, writer_threads=2", "s3"])
+def test_interpreter_exit_with_a_save_in_flight_finishes_it(
+    tmp_path: Path, where: str, request: pytest.FixtureRequest
+) -> None:
+    """README: at interpreter exit a save in flight is finished, also where its write or upload
+    uses a thread pool (writer_threads > 1, an s3:// root), which Python shuts down at exit
+    before any atexit hook runs."""
+    root, options = str(tmp_path / "root"), None
+    if where == "s3":
+        server: S3Server = request.getfixturevalue("s3_server")
+        root, options = request.getfixturevalue("s3_url"), server.storage_options()
+    threads = "2" if "writer_threads=2" in where else "1"
+    done = subprocess.run(
+        [sys.executable, "-c", _EXIT_WITH_A_SAVE_IN_FLIGHT, root, json.dumps(options), threads],
+        timeout=120,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "failed" not in done.stderr, done.stderr
+    with distckpt.CheckpointManager(root, storage_options=options, read_only=True) as reader:
+        assert reader.steps() == [7]
+        assert reader.restore(7).state["w"].equal(torch.ones(1 << 20))
+    assert distckpt.verify(root, storage_options=options).ok
 
 
 def test_a_forked_child_that_exits_with_a_save_in_flight_does_not_wait_for_it(

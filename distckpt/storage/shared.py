@@ -14,9 +14,9 @@ from distckpt.results import CheckpointLocation, SaveResult
 from distckpt.storage import OpenedRoot, RootStore
 from distckpt.storage.views import RootView
 
-#: Stores holding a lease, released at interpreter exit. Registered when the first store module
-#: is imported, before any async save's own exit hook, so (hooks run last-registered first) a
-#: save still in flight at exit is finished before its lease goes.
+#: Stores holding a lease, released at interpreter exit by an ``atexit`` hook. An async save
+#: still in flight at exit is finished by a hook that runs before every ``atexit`` hook
+#: (:mod:`distckpt.background`), so before its lease goes.
 _open_stores: weakref.WeakSet[RootStore] = weakref.WeakSet()
 
 
