@@ -57,9 +57,11 @@ class BackgroundTidy:
         self._owner_pid = os.getpid()
 
     def request(self) -> None:
-        """Have ``tidy`` run soon, in the background; returns at once. While a run is going
-        on, it is run once more after it, however many requests come meanwhile. Nothing once
-        closed, or in a forked child."""
+        """Have ``tidy`` run soon, in the background; returns at once and never raises. While
+        a run is going on, it is run once more after it, however many requests come meanwhile.
+        Nothing once closed, or in a forked child. Where no thread can be started (a
+        container's pids limit reached), nothing runs: a warning is logged, and what was to be
+        removed stays for the next request, or for ``gc``, which removes it in its own call."""
         if not self._in_owner():
             return
         with self._state:
@@ -69,7 +71,18 @@ class BackgroundTidy:
                 self._pending = True
                 return
             self._running = True
-        threading.Thread(target=self._run, name=self._name, daemon=True).start()
+        try:
+            threading.Thread(target=self._run, name=self._name, daemon=True).start()
+        except RuntimeError as exc:  # "can't start new thread"
+            # The caller's outcome (a committed save, an opened root) is told already: a
+            # removal left for later must not turn it into a failure, nor leave _running set,
+            # which would keep every wait() (a gc, a close) waiting for a run that never ends.
+            self._stopped()
+            logger.warning(
+                "could not start removing the root's leftovers in the background (%s): they "
+                "are removed at the next save, delete, prune or gc",
+                exc,
+            )
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait until no run is going on or pending (at most ``timeout`` seconds; None: for as
@@ -116,6 +129,13 @@ class BackgroundTidy:
                     self._state.notify_all()
                     return
                 self._pending = False
+
+    def _stopped(self) -> None:
+        """No run going on nor pending any more (its thread never started): wake the waiters."""
+        with self._state:
+            self._running = False
+            self._pending = False
+            self._state.notify_all()
 
     def _in_owner(self) -> bool:
         """Whether this is the process that made the runner (not a forked child of it)."""

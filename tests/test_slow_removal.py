@@ -6,7 +6,12 @@ waits for it only a while, and the next start removes what it left."""
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
+import tempfile
+import textwrap
 import threading
 import time
 from collections.abc import Callable
@@ -241,3 +246,60 @@ def test_a_tidy_deletes_only_trash_entries_it_listed_under_the_commit_lock(
         trashed.rename(checkpoint)
     assert tidying.wait(30)
     assert (checkpoint / "rank0.pt").read_bytes() == b"weights"
+
+
+#: Saves twice with keep_last=1 and collects leftovers while no thread can be started, then
+#: saves once more with threads back; argv: the root. Prints what it saw, as JSON.
+_NO_THREAD_CAN_START = textwrap.dedent(
+    """
+    import json, os, resource, sys, torch, distckpt
+
+    root = sys.argv[1]
+    trash = os.path.join(root, ".trash")
+    # A save first, so that every module the save path imports lazily is loaded before the uid
+    # changes: the other user may not read the interpreter's installation.
+    with distckpt.CheckpointManager(root + "-warm-up") as warm_up:
+        warm_up.save(1, {"w": torch.zeros(2)})
+    if os.geteuid() == 0:  # the kernel never applies RLIMIT_NPROC to root
+        os.setgid(65534)
+        os.setuid(65534)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NPROC)
+    # The user's threads are this process's (or more): any new one is refused, for real.
+    resource.setrlimit(resource.RLIMIT_NPROC, (len(os.listdir("/proc/self/task")), hard))
+    mgr = distckpt.CheckpointManager(root, keep_last=1, timeout=20)
+    saved = [mgr.save(step, {"w": torch.full((2,), float(step))}).done for step in (1, 2)]
+    trashed = os.listdir(trash)
+    removed_by_gc = len(mgr.gc())
+    trash_after_gc = os.listdir(trash)
+    resource.setrlimit(resource.RLIMIT_NPROC, (soft, hard))
+    saved.append(mgr.save(3, {"w": torch.full((2,), 3.0)}).done)
+    mgr._tidying.wait(60)  # tests.waiting.after_rank_0_removals, which this script cannot import
+    print(json.dumps([saved, trashed, removed_by_gc, trash_after_gc, os.listdir(trash)]))
+    mgr.close()
+    """
+)
+
+
+def test_a_tidy_thread_that_cannot_start_fails_nothing_and_its_removals_come_later() -> None:
+    """README: where rank 0 cannot start the removals' thread, nothing fails or hangs: the
+    constructor and the saves succeed, gc() deletes what retention moved into the trash inside
+    its own call, and the next commit's removals run once a thread can start again. The start
+    fails for real: RLIMIT_NPROC, as under a container's pids limit, in a process of another
+    user (the kernel does not apply it to root)."""
+    with tempfile.TemporaryDirectory() as shared:
+        os.chmod(shared, 0o777)  # written by the other user; tmp_path's parents are private
+        done = subprocess.run(
+            [sys.executable, "-c", _NO_THREAD_CAN_START, os.path.join(shared, "root")],
+            timeout=120,
+            capture_output=True,
+            text=True,
+        )
+        assert done.returncode == 0, done.stderr
+        saved, trashed, removed_by_gc, trash_after_gc, trash_at_end = json.loads(
+            done.stdout.splitlines()[-1]
+        )
+        assert saved == [True, True, True]
+        assert trashed and removed_by_gc == len(trashed) and trash_after_gc == []
+        assert trash_at_end == []  # step 2, moved there by step 3's retention
+        assert "could not start removing the root's leftovers" in done.stderr
+        assert distckpt.CheckpointManager(Path(shared) / "root", read_only=True).steps() == [3]
