@@ -62,13 +62,10 @@ from distckpt.errors import (
 )
 from distckpt.fsutil import atomic_write_bytes
 from distckpt.layout import RootLayout
-from distckpt.lock import _flock, _unsupported, locks_local_to_machine
+from distckpt.lock import PROBE_GRACE, _flock, _unsupported, locks_local_to_machine
 
 logger = logging.getLogger("distckpt")
 
-#: A try-lock retries this long before a root counts as in use: a ``distckpt ls`` probing the
-#: lock for an instant must not make a starting job fail.
-PROBE_GRACE = 0.5
 _RETRY_INTERVAL = 0.5
 JOB_ID_VARIABLES = ("TORCHELASTIC_RUN_ID", "SLURM_JOB_ID")
 

@@ -14,7 +14,6 @@ from distckpt.errors import LeaseTakenMeanwhile
 from distckpt.fsutil import atomic_write_bytes
 from distckpt.layout import RootLayout
 from distckpt.lease import (
-    PROBE_GRACE,
     LeaseHolder,
     _in_use,
     _lock_path,
@@ -24,6 +23,7 @@ from distckpt.lease import (
     _try_lock,
     read_holder,
 )
+from distckpt.lock import PROBE_GRACE
 
 logger = logging.getLogger("distckpt")
 

@@ -67,6 +67,12 @@ from distckpt.layout import (
 logger = logging.getLogger("distckpt")
 
 
+#: A probe (``distckpt ls``, ``read_holder``, a cleanup's ``writer_is_alive``) holds a lock for
+#: an instant, without the root lock: a taker of a lock only a probe can hold besides it (the
+#: lease lock, a new writer lock) retries this long before it counts the lock as taken.
+PROBE_GRACE = 0.5
+
+
 def _flock(
     path: Path, timeout: float, *, on_acquired: Callable[[int], None] | None = None
 ) -> filelock.BaseFileLock:
@@ -169,18 +175,32 @@ class WriterLock:
 
     def __init__(self, staging_dir: Path) -> None:
         self.path = RootLayout.writer_lock_path(staging_dir)
-        self._lock = _flock(self.path, 0)
+        # A staging dir's name is new and unique to its save, so no other writer ever takes
+        # its lock: only a probe can hold it, which ``distckpt ls`` makes without the root
+        # lock, between this process creating the lock file and locking it. It lets go at once.
+        self._lock = _flock(self.path, PROBE_GRACE)
         #: the process that took the lock: in its forked children, release leaves it alone
         self._owner_pid = 0
 
     def acquire(self) -> None:
+        """Take the lock, creating its file; a failure leaves no lock file behind."""
         try:
             self._lock.acquire()
         except filelock.Timeout as exc:
+            self._remove_lock_file()
             raise CheckpointError(f"staging {self.path} is locked by another writer") from exc
         except (OSError, NotImplementedError) as exc:
+            self._remove_lock_file()
             raise _unsupported(self.path, exc) from exc
         self._owner_pid = os.getpid()
+
+    def _remove_lock_file(self) -> None:
+        """After a failed acquire: the file is this save's alone (its name is unique), so it
+        goes, rather than stay a leftover for the next cleanup."""
+        try:
+            self.path.unlink(missing_ok=True)
+        except OSError as exc:
+            logger.warning("could not remove %s after failing to lock it: %s", self.path, exc)
 
     def release(self) -> None:
         """Remove the lock file, then release the lock.

@@ -220,9 +220,7 @@ def test_maintenance_next_to_a_saving_job(root: Path) -> None:
     """While a job saves with ``keep_last=2``: ``distckpt prune --keep-last 1`` and
     ``distckpt gc``, twice each and all at once, and in another process the store's
     ``delete(step)`` and ``collect_leftovers()`` over and over. Every command succeeds, no
-    save fails, nothing breaks.
-    (Until the writer-lock race of test_gc_never_fails_a_live_save is fixed, a save here
-    may rarely fail with "locked by another writer".)"""
+    save fails, nothing breaks."""
     stop = mp.get_context("fork").Event()
     writer = Proc(_saving_loop, str(root), stop, 2, 100_000)
     deadline = time.monotonic() + JOB_TIMEOUT
