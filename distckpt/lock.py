@@ -238,12 +238,12 @@ _HELD_OPEN_PREFIXES = (".fuse_hidden", ".nfs")
 #: the root's writability probes (``probe_writable``, the symlink probe): a process killed
 #: between creating and removing one leaves it behind.
 _PROBE_PREFIX = ".probe-"
-#: a ``last``/``best`` link under construction (``fsutil.swap_link``'s temporary name), or the
-#: lease record being replaced (``fsutil.atomic_write``'s temporary name for ``.lease.json``).
+#: a ``last``/``best`` link under construction (``fsutil.swap_link``'s temporary name)
 _LINK_UNDER_CONSTRUCTION = re.compile(
-    rf"\.(?:{re.escape(LAST)}|{re.escape(BEST)}|{re.escape(LEASE_RECORD_NAME)})\.[0-9a-f]{{32}}\.tmp"
+    rf"\.(?:{re.escape(LAST)}|{re.escape(BEST)})\.[0-9a-f]{{32}}\.tmp"
 )
-#: the lease record being replaced: written by the lease's holder, not under the root lock
+#: the lease record being replaced (``fsutil.atomic_write``'s temporary name for
+#: ``.lease.json``): written by a manager claiming the lease, not under the root lock
 _LEASE_RECORD_UNDER_CONSTRUCTION = re.compile(
     rf"\.{re.escape(LEASE_RECORD_NAME)}\.[0-9a-f]{{32}}\.tmp"
 )
@@ -252,9 +252,33 @@ _LEASE_RECORD_UNDER_CONSTRUCTION = re.compile(
 _LINGERING_LEASE_LOCK = re.compile(
     rf"{re.escape(LEASE_LOCK_NAME)}\.[0-9a-f]{{32}}{re.escape(LINGERING_LEASE_LOCK_SUFFIX)}"
 )
-#: Seen without the root lock, a probe or a link under construction younger than this may
-#: belong to a manager at work right now. Under the lock, none does: both are made under it.
+#: A temporary file younger than this may belong to a process at work on it right now, unless
+#: the caller can tell that none is (:func:`_dead_temporary`). Each lives for milliseconds.
 PROBE_GRACE_SECONDS = 60.0
+
+# When is a temporary file in the root dead? Who makes each kind, and what keeps others out:
+#
+# * A lease record under construction is written by a manager claiming the lease, holding the
+#   lease lock, and a lingering lease lock is made by ``lease --break`` holding the old one:
+#   neither holds the root lock, and where locks do not reach (a bindfs mount and its source
+#   dir, two NFS clients with local locks) the lease lock of a live maker looks free from
+#   here. Nothing but its age tells such a file dead, so it is judged by age alone.
+# * Probes and links under construction are made under the root lock, by a manager after it
+#   wrote its lease record (the probes at the start, right after the claim; the links at a
+#   commit, delete or prune, after the record was checked), or by a maintenance command
+#   (``distckpt prune`` / ``delete``), which takes the root lock only. Where the root lock
+#   reaches every maker, holding it is enough. Where it does not, holding it proves nothing:
+#   ``distckpt gc`` through the other path, holding no lease, judges them by age. A caller
+#   that holds the lease removes them at once only if the record names its lease when read
+#   *after* it listed the root: every manager wrote its record before making one of these
+#   files, so the maker of a listed file wrote its record before that read, and a record still
+#   naming the caller means the maker's claim came first and the caller has taken the root
+#   over from it. That maker is fenced already (its next check of the record fails); removing
+#   its file fails it at most sooner, inside the window the lease record leaves open on such
+#   mounts (:mod:`distckpt.lease`). A caller's mere belief that it holds the lease would not
+#   do: a job that took the lease over through the other path may be probing right now, and
+#   the caller is the fenced one. A maintenance command through a path the root lock does not
+#   reach is excluded by nothing, here or in what it changes: such mounts take one writer.
 
 
 @dataclass(frozen=True)
@@ -296,51 +320,38 @@ def _held_open(path: Path) -> bool:
         return False
 
 
-def _dead_temporary(path: Path, *, locked: bool) -> bool:
-    """Whether ``path`` is a probe, a link under construction or a lease lock file moved aside
-    whose maker is gone."""
+def _dead_temporary(path: Path, *, none_at_work: bool) -> bool:
+    """Whether ``path`` is a probe, a link under construction, a lease record under
+    construction or a lease lock file moved aside whose maker is gone (see the comment above
+    :data:`PROBE_GRACE_SECONDS`). ``none_at_work``: the caller can tell that no process is
+    making a probe or a link right now; the lease's files go by their age whatever it is."""
     name = path.name
-    made_holding_the_lease = bool(
-        _LEASE_RECORD_UNDER_CONSTRUCTION.fullmatch(name) or _LINGERING_LEASE_LOCK.fullmatch(name)
-    )
-    if not (
-        name.startswith(_PROBE_PREFIX)
-        or _LINK_UNDER_CONSTRUCTION.fullmatch(name)
-        or made_holding_the_lease
-    ):
+    if _LEASE_RECORD_UNDER_CONSTRUCTION.fullmatch(name) or _LINGERING_LEASE_LOCK.fullmatch(name):
+        return _older_than_grace(path)
+    if not (name.startswith(_PROBE_PREFIX) or _LINK_UNDER_CONSTRUCTION.fullmatch(name)):
         return False
-    if locked and not made_holding_the_lease:
-        return True
-    # A starting manager writes the lease record holding the lease's lock, not the root lock,
-    # and a lease break holds it while it has a lock file moved aside: such a file is dead
-    # only if no process holds the lease now. Not even the caller: its belief that it holds
-    # the lease says nothing of a job that took the lease where its locks do not reach (a
-    # second mount, another NFS client), whose new record this file may be about to become.
-    # A file left by a process killed before the caller took the lease goes with its age.
-    if locked and not _lease_held_elsewhere(path.parent):
-        return True
+    return none_at_work or _older_than_grace(path)
+
+
+def _older_than_grace(path: Path) -> bool:
+    """Whether ``path`` was last changed more than :data:`PROBE_GRACE_SECONDS` ago."""
     try:
         return time.time() - path.lstat().st_mtime > PROBE_GRACE_SECONDS
     except FileNotFoundError:
         return False
 
 
-def _lease_held_elsewhere(root: Path) -> bool:
-    """Whether another process holds the root's lease lock (probed for an instant)."""
-    try:
-        return _held_elsewhere(RootLayout.at(root).lease_lock_path)
-    except (OSError, NotImplementedError):
-        return True  # cannot tell (a read-only mount, no flock): leave the file to its age
-
-
-def find_leftovers(layout: RootLayout, *, locked: bool = False) -> list[Leftover]:
+def find_leftovers(
+    layout: RootLayout, *, locked: bool = False, holds_lease: Callable[[], bool] | None = None
+) -> list[Leftover]:
     """The root's leftovers; ``writer_alive`` is True for a staging dir whose writer still
     holds its lock (never to be removed) and for a lock file held by a writer about to create
     its dir; ``in_use`` marks those holding a file a reader still has open. ``locked``: the
-    caller holds the root lock, so every probe and link under construction is a dead
-    process's, whatever its age (without it, only those older than
-    :data:`PROBE_GRACE_SECONDS`); a lease record under construction only when no process,
-    the caller included, holds the lease."""
+    caller holds the root lock; ``holds_lease``: whether the root's lease record names the
+    caller's lease, asked after the root is listed. With both, every probe and link under
+    construction is a dead (or fenced) process's, whatever its age; otherwise, and for the
+    lease record under construction and a lingering lease lock always, only those older than
+    :data:`PROBE_GRACE_SECONDS` are (the comment above it says why)."""
     found: list[Leftover] = []
     if layout.staging_root.is_dir():
         for entry in sorted(layout.staging_root.iterdir()):
@@ -357,10 +368,14 @@ def find_leftovers(layout: RootLayout, *, locked: bool = False) -> list[Leftover
             for entry in sorted(layout.trash_root.iterdir())
         ]
     if layout.root.is_dir():
+        entries = sorted(layout.root.iterdir())
+        # After the listing, not before: see the comment above PROBE_GRACE_SECONDS.
+        none_at_work = locked and holds_lease is not None and holds_lease()
         found += [
             Leftover(entry, "stray", in_use=_held_open(entry))
-            for entry in sorted(layout.root.iterdir())
-            if entry.name.startswith(_HELD_OPEN_PREFIXES) or _dead_temporary(entry, locked=locked)
+            for entry in entries
+            if entry.name.startswith(_HELD_OPEN_PREFIXES)
+            or _dead_temporary(entry, none_at_work=none_at_work)
         ]
     return found
 

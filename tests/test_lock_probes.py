@@ -4,6 +4,11 @@ lock but not the lease) never makes a live job fail."""
 
 from __future__ import annotations
 
+import contextlib
+import io
+import os
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -12,8 +17,10 @@ import torch
 
 import distckpt
 from distckpt import lock
+from distckpt.cli import main
 from distckpt.layout import RootLayout
 from distckpt.lock import PROBE_GRACE, WriterLock
+from tests.filesystems import MountFactory
 
 
 def _probe_the_new_writer_lock_first(
@@ -63,3 +70,75 @@ def test_a_save_that_cannot_take_its_writer_lock_leaves_no_lock_file(
         assert list(RootLayout.at(root).staging_root.iterdir()) == []
         monkeypatch.undo()
         assert mgr.save(1, {"w": torch.zeros(2)}).done
+
+
+# A job opening ROOT that stops once, inside its start, while a temporary file of its own is in
+# the root, until a line comes on stdin: PAUSE is "lease record" (written, not yet renamed over
+# .lease.json) or "probe" (the writability probe, created, not yet removed). Then it saves.
+_JOB_PAUSED_IN_ITS_START = """
+import os, pathlib, sys, torch, distckpt
+
+root, pause = sys.argv[1], sys.argv[2]
+paused = []
+
+def pause_once(name):
+    # Nothing real stops a start for long enough inside a file's few milliseconds of life:
+    # the job's own process is held there while the test runs distckpt gc beside it.
+    if not paused:
+        paused.append(name)
+        print("paused", name, flush=True)
+        sys.stdin.readline()
+
+real_replace, real_unlink = os.replace, pathlib.Path.unlink
+
+def replace(src, dst, *args, **kwargs):
+    if pause == "lease record" and os.path.basename(dst) == ".lease.json":
+        pause_once(os.path.basename(src))
+    return real_replace(src, dst, *args, **kwargs)
+
+def unlink(path, missing_ok=False):
+    if pause == "probe" and path.name.startswith(".probe-"):
+        pause_once(path.name)
+    return real_unlink(path, missing_ok=missing_ok)
+
+os.replace, pathlib.Path.unlink = replace, unlink
+with distckpt.CheckpointManager(root, timeout=20) as mgr:
+    print("saved", mgr.save(1, {"w": torch.ones(2)}).step, flush=True)
+"""
+
+
+@pytest.mark.parametrize("pause", ["lease record", "probe"])
+def test_gc_where_the_locks_do_not_reach_leaves_a_starting_jobs_files(
+    mounts: MountFactory, pause: str
+) -> None:
+    """``distckpt gc`` through a path whose locks do not reach a job starting through another
+    (here the directory under a bindfs mount and the mount, as two NFS clients with local
+    locks) holds no lease, so it cannot tell the job's lease record under construction or its
+    probe from a dead process's: it leaves both until they are older than
+    ``PROBE_GRACE_SECONDS``, and the job starts and saves. (Removing either made the start fail
+    with ``RootNotWritable``.)"""
+    bindfs = mounts.get("bindfs")
+    assert bindfs.writable_source is not None
+    name = f"gc-beside-a-start-{pause.replace(' ', '-')}"
+    here, there = bindfs.path / name, bindfs.writable_source / name
+    distckpt.CheckpointManager(there, timeout=20).close()  # a previous job's, released
+    job = subprocess.Popen(
+        [sys.executable, "-c", _JOB_PAUSED_IN_ITS_START, os.fspath(here), pause],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert job.stdout is not None
+        paused, _, temporary = job.stdout.readline().strip().partition(" ")
+        assert paused == "paused", job.communicate(timeout=60)[1]
+        with contextlib.redirect_stdout(io.StringIO()):
+            assert main(["gc", os.fspath(there)]) == 0
+        assert (there / temporary).exists()
+        out, err = job.communicate("go\n", timeout=120)
+    finally:
+        if job.returncode is None:
+            job.kill()
+            job.wait()
+    assert job.returncode == 0 and out.split()[-2:] == ["saved", "1"], err

@@ -40,6 +40,7 @@ from distckpt.errors import (
     ConcurrentCommit,
     InsufficientSpace,
     InvalidArgument,
+    LeaseLost,
     RootNotWritable,
     StagedFileMismatch,
 )
@@ -176,6 +177,17 @@ class PosixRootStore(Removals, LinksAndRetention, ViewedStore):
         maintenance commands rely on the lock alone."""
         if self._lease is not None:
             self._lease.check_current()
+
+    def _holds_current_lease(self) -> bool:
+        """Whether the root's lease record names this store's lease, read now. A store never
+        opened (the CLI's) holds none."""
+        if self._lease is None:
+            return False
+        try:
+            self._lease.check_current()
+        except LeaseLost:
+            return False
+        return True
 
     def lease_holder(self) -> LeaseHolder | None:
         return read_holder(self.root)

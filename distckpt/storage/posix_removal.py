@@ -45,6 +45,7 @@ class Removals:
     _leftovers_checked: bool
     read_only: bool
     _check_lease: Callable[[], None]
+    _holds_current_lease: Callable[[], bool]
     _refuse_if_read_only: Callable[[str], None]
     _update_links: Callable[..., list[policy.CheckpointRecord]]
     _apply_retention: Callable[[list[policy.CheckpointRecord], Collection[int]], list[int]]
@@ -140,9 +141,13 @@ class Removals:
         holder whose liveness this machine cannot tell marked ``kept_because`` (unless
         ``force``): where locks are local to each machine, a writer lock that looks free here
         may be held on the holder's machine. The root lock does not reach that machine either,
-        so probes and links under construction are then judged by their age, as without it."""
+        so probes and links under construction are then judged by their age, as without it;
+        so they are unless this store holds the root's current lease
+        (:func:`~distckpt.lock.find_leftovers`)."""
         holder = None if force else holder_beyond_judgement(self.root)
-        found = find_leftovers(self.layout, locked=locked and holder is None)
+        found = find_leftovers(
+            self.layout, locked=locked and holder is None, holds_lease=self._holds_current_lease
+        )
         if holder is None:
             return found
         reason = (
@@ -161,8 +166,9 @@ class Removals:
         self, *, force: bool = False
     ) -> tuple[list[CheckpointLocation], dict[Path, Path]]:
         """Under the lock: staging dirs whose writer is dead, orphaned lock files, and the
-        probes and links under construction a killed process left in the root (made under the
-        lock only, so whoever made one is gone). A live writer's staging is never touched, nor
+        temporary files a killed process left in the root (probes and links under construction
+        at once if this store holds the root's current lease, else by their age:
+        :func:`~distckpt.lock.find_leftovers`). A live writer's staging is never touched, nor
         (unless ``force``) one a lease holder on another machine may be writing where locks
         are local to each machine (:meth:`_judged_leftovers`). A
         dead writer's staging dir is only renamed into the trash here, and the trash is left
