@@ -196,6 +196,55 @@ def test_interpreter_exit_with_a_save_in_flight_finishes_it(
     assert distckpt.verify(root, storage_options=options).ok
 
 
+#: One rank of a two-rank job (argv: rank, init file, root) whose async save is in flight when
+#: it exits; rank 1 dies inside its write, so rank 0's save waits for a peer that never answers.
+_EXIT_WITH_A_DEAD_PEER = textwrap.dedent(
+    """
+    import os, sys, torch, torch.distributed as dist, distckpt
+    from distckpt.formats.torch_files import TorchFilesFormat
+
+    rank, init, root = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+    real_write = TorchFilesFormat.write
+
+    def write_unless_dead(self, state, directory, ctx):
+        if rank == 1:
+            os._exit(0)  # a peer lost mid-save (no exit hooks: it is gone)
+        return real_write(self, state, directory, ctx)
+
+    TorchFilesFormat.write = write_unless_dead
+    dist.init_process_group("gloo", init_method="file://" + init, rank=rank, world_size=2)
+    mgr = distckpt.CheckpointManager(root, async_save=True, timeout=5)
+    mgr.save(1, {"w": torch.ones(4)})
+    # no wait(), no close(): rank 0 exits with the save in flight
+    """
+)
+
+
+def test_an_exit_with_a_save_waiting_for_a_dead_peer_ends(tmp_path: Path) -> None:
+    """README: the save finished at exit is bounded by the timeout: with its peer dead, rank
+    0's exit waits for it at most about ``timeout`` (5 s here; less where the peer's closed
+    connection tells it sooner), logs its failure, and ends."""
+    init, root = str(tmp_path / "init"), str(tmp_path / "root")
+    ranks = [
+        subprocess.Popen(
+            [sys.executable, "-c", _EXIT_WITH_A_DEAD_PEER, str(rank), init, root],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
+    try:
+        _, logged = ranks[0].communicate(timeout=120)  # far beyond 5 s, even on a loaded machine
+    finally:
+        for rank in ranks:
+            if rank.poll() is None:
+                rank.kill()
+            rank.wait()
+    assert "the checkpoint save in flight at exit failed" in logged, logged
+    assert distckpt.CheckpointManager(root, read_only=True).steps() == []
+
+
 def test_a_forked_child_that_exits_with_a_save_in_flight_does_not_wait_for_it(
     tmp_path: Path,
 ) -> None:
