@@ -55,9 +55,15 @@ _open_saves: set[BackgroundSaves] = set()
 
 
 def _finish_saves_at_exit() -> None:
-    """The exit hook: finish (or log the failure of) every open save's save in flight."""
+    """The exit hook: finish (or log the failure of) every open save's save in flight. Nothing
+    may escape it, not even a Ctrl-C during a long wait: an exception out of a ``threading``
+    exit hook ends the interpreter's shutdown there, so the other managers' saves, the thread
+    pools' own exit hook and the join of the program's non-daemon threads would be skipped."""
     for saves in tuple(_open_saves):
-        saves._finish_at_exit()
+        try:
+            saves._finish_at_exit()
+        except BaseException as exc:  # see the docstring
+            logger.error("the checkpoint save in flight at exit was abandoned: %r", exc)
 
 
 #: The highest nice value Linux has: the lowest priority a thread can take.

@@ -245,6 +245,56 @@ def test_an_exit_with_a_save_waiting_for_a_dead_peer_ends(tmp_path: Path) -> Non
     assert distckpt.CheckpointManager(root, read_only=True).steps() == []
 
 
+#: A script whose async save is in flight at exit and whose user presses Ctrl-C while the exit
+#: waits for it (argv: the root, and a file its own non-daemon thread writes a while later).
+_CTRL_C_AT_EXIT = textwrap.dedent(
+    """
+    import os, signal, sys, threading, time, torch, distckpt
+    from distckpt.formats.torch_files import TorchFilesFormat
+
+    root, written_late = sys.argv[1], sys.argv[2]
+    exiting = threading.Event()
+
+    def write_interrupted(self, state, directory, ctx):
+        # Held until the exit waits for it, as a slow write would be; then the user's Ctrl-C
+        # comes (no real workload can time one into that wait), and the write fails.
+        exiting.wait(60)
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(1)
+        raise OSError("the write gave up")
+
+    TorchFilesFormat.write = write_interrupted
+    mgr = distckpt.CheckpointManager(root, async_save=True, timeout=60)
+    mgr.save(1, {"w": torch.ones(4)})
+
+    def the_programs_own_work():
+        time.sleep(3)
+        with open(written_late, "w") as out:
+            out.write("done")
+
+    threading.Thread(target=the_programs_own_work).start()  # non-daemon: joined at exit
+    threading._register_atexit(exiting.set)  # runs first at exit: see the test above
+    """
+)
+
+
+def test_ctrl_c_while_the_exit_waits_for_a_save_leaves_the_rest_of_the_exit_alone(
+    tmp_path: Path,
+) -> None:
+    """A Ctrl-C during the exit's wait for a save in flight abandons that save (logged), and
+    the interpreter's exit goes on: the program's own non-daemon threads are still joined
+    (an exception out of the exit hook would cut the shutdown short and kill them)."""
+    written_late = tmp_path / "written-late"
+    done = subprocess.run(
+        [sys.executable, "-c", _CTRL_C_AT_EXIT, str(tmp_path / "root"), str(written_late)],
+        timeout=120,
+        capture_output=True,
+        text=True,
+    )
+    assert "the checkpoint save in flight at exit was abandoned" in done.stderr, done.stderr
+    assert written_late.read_text() == "done", done.stderr
+
+
 def test_a_forked_child_that_exits_with_a_save_in_flight_does_not_wait_for_it(
     tmp_path: Path,
 ) -> None:

@@ -168,33 +168,39 @@ def check_state(spec: dict[str, Any]) -> list[tuple[str, str]]:
         if not after.ok:
             problems = [*after.problems, *(p for c in after.checkpoints for p in c.problems)]
             found.append((BROKEN_AFTER_OPEN, "; ".join(problems)))
-    _collect_aged_lease_records(root)
-    left = [p.name for p in root.iterdir() if _is_leftover(p.name)]
+    # Everything but the lease records under construction must be gone after the start alone,
+    # so it is listed before the cleanup that removes those (which removes the rest too).
+    left = [p.name for p in root.iterdir() if _is_leftover(p.name) and not _is_lease_record(p)]
     for sub in (".staging", ".trash"):
         if (root / sub).is_dir():
             left += [f"{sub}/{p.name}" for p in (root / sub).iterdir()]
+    left += _aged_lease_records_left(root)
     if left:
         found.append((LEFTOVER, ", ".join(sorted(left))))
     return found
 
 
-def _collect_aged_lease_records(root: Path) -> None:
+def _is_lease_record(path: Path) -> bool:
+    return path.name.startswith("..lease.json.")
+
+
+def _aged_lease_records_left(root: Path) -> list[str]:
     """A lease record under construction (``..lease.json.*.tmp``) goes by its age alone, never
     at once (``distckpt/lock.py`` says why: a job claiming the lease where the cleanup's locks
     do not reach may be writing it): one a crash left is removed by the first cleanup once it
     is older than ``PROBE_GRACE_SECONDS``. A state is checked at once, so such a file is made
-    that old here and ``distckpt gc``'s cleanup run; nothing else is, so every other leftover
-    must still be gone after the start alone."""
+    that old here and ``distckpt gc``'s cleanup run; returns those it left."""
     from distckpt.lock import PROBE_GRACE_SECONDS
     from distckpt.storage import open_store
 
-    aged = [p for p in root.iterdir() if p.name.startswith("..lease.json.")]
+    aged = [p for p in root.iterdir() if _is_lease_record(p)]
     if not aged:
-        return
+        return []
     long_ago = time.time() - PROBE_GRACE_SECONDS - 1
     for path in aged:
         os.utime(path, (long_ago, long_ago))
     open_store(root).collect_leftovers()
+    return [p.name for p in aged if p.exists()]
 
 
 def _is_leftover(name: str) -> bool:
