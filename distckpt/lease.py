@@ -70,6 +70,10 @@ logger = logging.getLogger("distckpt")
 #: lock for an instant must not make a starting job fail.
 PROBE_GRACE = 0.5
 _RETRY_INTERVAL = 0.5
+#: A job refused because the lease lock is held waits this long for the holder's record (it
+#: takes the lock, then writes the record: a few milliseconds, longer on a loaded machine),
+#: so that the refusal names the holder, not a previous one or nobody.
+RECORD_WRITE_GRACE = 2.0
 JOB_ID_VARIABLES = ("TORCHELASTIC_RUN_ID", "SLURM_JOB_ID")
 
 
@@ -253,6 +257,21 @@ def _in_use(root: Path, holder: LeaseHolder | None, why: str) -> RootInUse:
     return RootInUse(f"root {root} is in use by {who}{why}", holder)
 
 
+def _holder_once_written(root: Path) -> LeaseHolder | None:
+    """The record of the process holding the lease lock: re-read for up to
+    :data:`RECORD_WRITE_GRACE` seconds while it names nobody or a holder that released the
+    root, as it does between the holder taking the lock and writing its own record. Then
+    whatever is there (another process holding the lock, such as a ``lease --break``, writes
+    no record). A record a killed holder left still claims the root: read in that instant, it
+    is taken as is, and the refusal names the dead holder instead of the new one."""
+    deadline = time.monotonic() + RECORD_WRITE_GRACE
+    while True:
+        record = _read_record(root)
+        if (record is not None and record.held) or time.monotonic() >= deadline:
+            return record
+        time.sleep(0.02)
+
+
 def _unknowable_elsewhere(root: Path, holder: LeaseHolder | None) -> bool:
     """Whether the record names a holder on another machine whose liveness this machine's lock
     cannot show (locks local to each machine)."""
@@ -296,7 +315,7 @@ class RootLease:
             remaining = deadline - time.monotonic()
             lock = _try_lock(_lock_path(root_path), max(remaining, PROBE_GRACE))
             if lock is None:
-                raise _in_use(root_path, _read_record(root_path), _waited(wait))
+                raise _in_use(root_path, _holder_once_written(root_path), _waited(wait))
             previous = _read_record(root_path)
             if not _unknowable_elsewhere(root_path, previous):
                 return cls._claim(root_path, lock, previous)
