@@ -4,6 +4,8 @@ between the holder taking the lease's lock and writing its record."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -39,6 +41,15 @@ def _refusal(
         return (str(exc), holder.pid if holder is not None else None)
 
 
+#: A holder that dies without releasing the root: its record still claims it.
+_HOLD_AND_DIE = """
+import os, sys
+from distckpt.lease import RootLease
+RootLease.acquire(sys.argv[1])
+os._exit(0)
+"""
+
+
 def test_a_job_refused_before_the_holder_wrote_its_record_names_the_holder(
     tmp_path: Path,
 ) -> None:
@@ -47,6 +58,13 @@ def test_a_job_refused_before_the_holder_wrote_its_record_names_the_holder(
     between the two, which no second job can be timed into by any other means)."""
     root = tmp_path / "root"
     root.mkdir()
+    # A killed holder's record still claims the root: the refusal must not name that one.
+    killed = subprocess.run(
+        [sys.executable, "-c", _HOLD_AND_DIE, os.fspath(root)], capture_output=True, text=True
+    )
+    assert killed.returncode == 0, killed.stderr
+    dead = lease.read_holder(root)
+    assert dead is None or dead.pid != os.getpid()
     found_held = tmp_path / "found-held"
     lock = lease._try_lock(lease._lock_path(root), 0)
     assert lock is not None
@@ -73,9 +91,18 @@ def test_a_job_refused_before_the_holder_wrote_its_record_names_the_holder(
         assert f"pid {os.getpid()}" in message
 
 
-def test_every_rank_of_a_job_refused_by_a_live_holder_gets_its_record(tmp_path: Path) -> None:
+def test_a_job_refused_while_the_holder_writes_no_record_gets_no_holder_on_every_rank(
+    tmp_path: Path,
+) -> None:
+    """A lock held with no record written (as by a holder that never gets that far): the
+    refusal says so, and ``holder`` is None, an attribute still, on both ranks."""
     root = tmp_path / "root"
     root.mkdir()
-    with lease.RootLease.acquire(root):
+    lock = lease._try_lock(lease._lock_path(root), 0)
+    assert lock is not None
+    try:
         refusals = values(run_ranks(_refusal, 2, os.fspath(root), timeout=60))
-    assert [holder_pid for _, holder_pid in refusals] == [os.getpid()] * 2
+    finally:
+        lock.release()
+    for message, holder_pid in refusals:
+        assert holder_pid is None and "record is not written yet" in message, message
