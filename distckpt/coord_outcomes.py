@@ -43,8 +43,8 @@ class Outcome:
         """The report of ``exc``; ``rank`` fills the error's ``rank`` field if it has none."""
         if isinstance(exc, CheckpointError):
             fields = exc.fields()
-            if rank is not None and not isinstance(exc, RankFailure):
-                fields.setdefault("rank", rank)
+            if rank is not None and fields.get("rank") is None and not isinstance(exc, RankFailure):
+                fields["rank"] = rank
             return cls(error=str(exc), error_type=type(exc).__name__, fields=fields)
         return cls(error=describe_error(exc))
 

@@ -54,8 +54,10 @@ class CheckpointError(Exception):
         self.step = step
 
     def fields(self) -> dict[str, Any]:
-        """The structured fields as plain values (what crosses between ranks)."""
-        return {k: v for k, v in vars(self).items() if not k.startswith("_") and v is not None}
+        """The structured fields as plain values (what crosses between ranks). Those that are
+        None are kept: the error rebuilt from them must still have each attribute its class
+        documents (``RootInUse.holder`` is None while the holder's record is unwritten)."""
+        return {k: v for k, v in vars(self).items() if not k.startswith("_")}
 
     @classmethod
     def rebuild(cls: type[E], message: str, fields: Mapping[str, Any]) -> E:

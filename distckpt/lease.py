@@ -67,6 +67,11 @@ from distckpt.lock import PROBE_GRACE, _flock, _unsupported, locks_local_to_mach
 logger = logging.getLogger("distckpt")
 
 _RETRY_INTERVAL = 0.5
+#: A job that found the lease lock held reads the record for up to this long more while it
+#: names no live holder: a holder takes the lock, then writes its record (milliseconds; longer
+#: on a loaded machine), and the refusal must name it, not a previous holder or nobody. Short:
+#: a start's try runs inside a collective's timeout (``Coordinator.decide_within``).
+RECORD_WRITE_GRACE = 0.5
 JOB_ID_VARIABLES = ("TORCHELASTIC_RUN_ID", "SLURM_JOB_ID")
 
 
@@ -109,6 +114,19 @@ def this_process_host() -> str:
     if namespace is None or boot is None:
         return this_host()
     return f"{this_host()}/pidns:{namespace}/boot:{boot[:8]}"
+
+
+def process_gone(pid: int) -> bool:
+    """Whether no process ``pid`` runs on this machine (one of another user's still runs)."""
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
 
 
 def is_this_process_host(host: str) -> bool:
@@ -200,15 +218,17 @@ def _record_path(root: Path) -> Path:
     return RootLayout(root).lease_record_path
 
 
-def _read_record(root: Path) -> LeaseHolder | None:
-    """The record, or None when there is none. An unreadable record is logged and ignored: it
-    names nobody, so it fences whoever held it and blocks nobody."""
+def _read_record(root: Path, *, quiet: bool = False) -> LeaseHolder | None:
+    """The record, or None when there is none. An unreadable record is logged (unless
+    ``quiet``: read again, it was logged already) and ignored: it names nobody, so it fences
+    whoever held it and blocks nobody."""
     try:
         return LeaseHolder.from_json(_record_path(root).read_bytes())
     except FileNotFoundError:
         return None
     except (OSError, ValueError, TypeError) as exc:
-        logger.warning("ignoring the unreadable lease record %s: %s", _record_path(root), exc)
+        if not quiet:
+            logger.warning("ignoring the unreadable lease record %s: %s", _record_path(root), exc)
         return None
 
 
@@ -248,6 +268,35 @@ def _names_file(path: Path, file: os.stat_result) -> bool:
 def _in_use(root: Path, holder: LeaseHolder | None, why: str) -> RootInUse:
     who = holder.describe() if holder is not None else "a process whose record is not written yet"
     return RootInUse(f"root {root} is in use by {who}{why}", holder)
+
+
+def _holder_of_the_held_lock(
+    root: Path,
+) -> tuple[LeaseHolder | None, filelock.BaseFileLock | None]:
+    """After the lease lock was found held: its holder's record, read again for up to
+    :data:`RECORD_WRITE_GRACE` seconds while it claims the root for no live holder (none, one
+    released or broken, or one naming a process gone from this machine), as it does between
+    a new holder taking the lock and writing its record; then whatever is there (a
+    ``lease --break`` holding the lock writes no record). The lock is tried between reads:
+    when it comes free meanwhile it is returned, taken, with the record read last."""
+    deadline = time.monotonic() + RECORD_WRITE_GRACE
+    record = _read_record(root)
+    while not _claims_for_a_live_holder(record) and time.monotonic() < deadline:
+        time.sleep(0.02)
+        lock = _try_lock(_lock_path(root), 0)
+        if lock is not None:
+            return _read_record(root, quiet=True), lock
+        record = _read_record(root, quiet=True)
+    return record, None
+
+
+def _claims_for_a_live_holder(record: LeaseHolder | None) -> bool:
+    """Whether ``record`` claims the root for a process that may be alive (one on this machine
+    is looked up by its pid; one in another PID namespace of it may be taken for gone, which
+    costs a refusal :data:`RECORD_WRITE_GRACE` seconds, nothing more)."""
+    if record is None or not record.held:
+        return False
+    return not (record.on_this_machine() and process_gone(record.pid))
 
 
 def _unknowable_elsewhere(root: Path, holder: LeaseHolder | None) -> bool:
@@ -293,7 +342,9 @@ class RootLease:
             remaining = deadline - time.monotonic()
             lock = _try_lock(_lock_path(root_path), max(remaining, PROBE_GRACE))
             if lock is None:
-                raise _in_use(root_path, _read_record(root_path), _waited(wait))
+                holder, lock = _holder_of_the_held_lock(root_path)
+                if lock is None:
+                    raise _in_use(root_path, holder, _waited(wait))
             previous = _read_record(root_path)
             if not _unknowable_elsewhere(root_path, previous):
                 return cls._claim(root_path, lock, previous)

@@ -70,3 +70,37 @@ def test_an_error_survives_pickling_with_its_message_and_fields(
     assert str(back) == str(error)
     assert vars(back) == vars(error)
     assert back.fields() == error.fields()
+
+
+#: The classes whose ``__init__`` requires more than a message, with their optional fields None.
+_SPARSE_ARGUMENTS: dict[type[CheckpointError], tuple[Any, ...]] = {
+    RankFailure: ("save", {1: "OSError: disk full"}),
+    errors.RootInUse: ("root in use by a process whose record is not written yet",),
+    errors.LeaseTakenMeanwhile: ("taken meanwhile", None, None),
+}
+
+
+def _sparse_example(cls: type[CheckpointError]) -> CheckpointError:
+    """An instance of ``cls`` made with only the arguments its ``__init__`` requires: every
+    optional field is None."""
+    if cls in _SPARSE_ARGUMENTS:
+        return cls(*_SPARSE_ARGUMENTS[cls])
+    full = vars(_example(cls))
+    required = [
+        name
+        for name, parameter in inspect.signature(cls.__init__).parameters.items()
+        if name not in ("self", "message") and parameter.default is inspect.Parameter.empty
+    ]
+    return cls("what went wrong", **{name: full[name] for name in required})
+
+
+@pytest.mark.parametrize("cls", _ERROR_CLASSES, ids=lambda cls: cls.__name__)
+def test_an_error_rebuilt_on_another_rank_has_every_field_even_those_that_are_none(
+    cls: type[CheckpointError],
+) -> None:
+    """What crosses between ranks is ``fields()``; the error rebuilt from it must have every
+    attribute the raised one had (a refused job read ``RootInUse.holder`` and met an
+    ``AttributeError`` when the holder's record was not written yet)."""
+    error = _sparse_example(cls)
+    back = cls.rebuild(str(error), error.fields())
+    assert vars(back) == vars(error)

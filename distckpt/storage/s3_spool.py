@@ -22,7 +22,7 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
-from distckpt.lease import this_process_host
+from distckpt.lease import process_gone, this_process_host
 from distckpt.manifest import FileRecord
 from distckpt.objstore import ObjectStore
 from distckpt.objstreams import ObjectWriter
@@ -98,19 +98,6 @@ def _unchanged_for(entry: os.DirEntry[str], seconds: float) -> bool:
         return time.time() - entry.stat(follow_symlinks=False).st_mtime >= seconds
     except OSError:
         return False
-
-
-def process_gone(pid: int) -> bool:
-    """Whether no process ``pid`` runs on this machine (one of another user's still runs)."""
-    if pid == os.getpid():
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
 
 
 class _Follower:

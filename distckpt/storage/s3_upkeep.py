@@ -37,13 +37,12 @@ from distckpt.layout import (
     parse_step_dir_name,
     step_dir_name,
 )
-from distckpt.lease import is_this_process_host
+from distckpt.lease import is_this_process_host, process_gone
 from distckpt.lock import Leftover
 from distckpt.manifest import Manifest
 from distckpt.objstore import ObjectInfo
 from distckpt.results import CheckpointLocation
 from distckpt.storage.posix_links import COMMITTING_RANK
-from distckpt.storage.s3_spool import process_gone
 from distckpt.storage.s3_view import WRITERS_PREFIX, CommitRecord, S3Root, S3RootView
 
 logger = logging.getLogger("distckpt")

@@ -1,0 +1,108 @@
+"""A job refused the root names its holder, on every rank, even when it comes in the instant
+between the holder taking the lease's lock and writing its record."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import distckpt
+from distckpt import lease
+from tests.ranks import run_ranks, values
+
+TIMEOUT = 30.0
+
+
+def _refusal(
+    rank: int, world_size: int, root: str, found_held: str | None = None
+) -> tuple[str, int | None]:
+    if found_held is not None:
+        # Only observes: it tells the holder when this job has found the lock held, the one
+        # instant the holder's record write must come after (see the test below).
+        try_lock = lease._try_lock
+
+        def try_lock_and_say_when_held(*args: Any, **kwargs: Any) -> Any:
+            lock = try_lock(*args, **kwargs)
+            if lock is None:
+                Path(found_held).touch()
+            return lock
+
+        lease._try_lock = try_lock_and_say_when_held  # type: ignore[assignment]
+    try:
+        with distckpt.CheckpointManager(root, timeout=TIMEOUT):
+            return ("opened", None)
+    except distckpt.RootInUse as exc:
+        holder = exc.holder  # an attribute on every rank, never missing
+        return (str(exc), holder.pid if holder is not None else None)
+
+
+#: A holder that dies without releasing the root: its record still claims it.
+_HOLD_AND_DIE = """
+import os, sys
+from distckpt.lease import RootLease
+RootLease.acquire(sys.argv[1])
+os._exit(0)
+"""
+
+
+def test_a_job_refused_before_the_holder_wrote_its_record_names_the_holder(
+    tmp_path: Path,
+) -> None:
+    """The holder here is this process: it takes the lease's lock, and writes its record only
+    once the other job has found the lock held (a real winner spends a few milliseconds
+    between the two, which no second job can be timed into by any other means)."""
+    root = tmp_path / "root"
+    root.mkdir()
+    # A killed holder's record still claims the root: the refusal must not name that one.
+    killed = subprocess.run(
+        [sys.executable, "-c", _HOLD_AND_DIE, os.fspath(root)], capture_output=True, text=True
+    )
+    assert killed.returncode == 0, killed.stderr
+    dead = lease.read_holder(root)
+    assert dead is None or dead.pid != os.getpid()
+    found_held = tmp_path / "found-held"
+    lock = lease._try_lock(lease._lock_path(root), 0)
+    assert lock is not None
+
+    def write_the_record_late() -> None:
+        deadline = time.monotonic() + 60
+        while not found_held.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        claimed.append(lease.RootLease._claim(root, lock, None))
+
+    claimed: list[lease.RootLease] = []
+    writer = threading.Thread(target=write_the_record_late)
+    writer.start()
+    try:
+        refusals = values(
+            run_ranks(_refusal, 2, os.fspath(root), os.fspath(found_held), timeout=60)
+        )
+    finally:
+        writer.join()
+        for held in claimed:
+            held.release()
+    for message, holder_pid in refusals:
+        assert holder_pid == os.getpid(), message
+        assert f"pid {os.getpid()}" in message
+
+
+def test_a_job_refused_while_the_holder_writes_no_record_gets_no_holder_on_every_rank(
+    tmp_path: Path,
+) -> None:
+    """A lock held with no record written (as by a holder that never gets that far): the
+    refusal says so, and ``holder`` is None, an attribute still, on both ranks."""
+    root = tmp_path / "root"
+    root.mkdir()
+    lock = lease._try_lock(lease._lock_path(root), 0)
+    assert lock is not None
+    try:
+        refusals = values(run_ranks(_refusal, 2, os.fspath(root), timeout=60))
+    finally:
+        lock.release()
+    for message, holder_pid in refusals:
+        assert holder_pid is None and "record is not written yet" in message, message
