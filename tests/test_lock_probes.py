@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -20,6 +21,7 @@ from distckpt import lock
 from distckpt.cli import main
 from distckpt.layout import RootLayout
 from distckpt.lock import PROBE_GRACE, WriterLock
+from distckpt.storage import posix_removal
 from tests.filesystems import MountFactory
 
 
@@ -142,3 +144,40 @@ def test_gc_where_the_locks_do_not_reach_leaves_a_starting_jobs_files(
             job.kill()
             job.wait()
     assert job.returncode == 0 and out.split()[-2:] == ["saved", "1"], err
+
+
+def test_a_lease_holder_removes_a_young_probe_at_once_only_while_its_lease_is_current(
+    mounts: MountFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cleanup by the holder of the root's current lease removes a probe of any age: every
+    writer that makes one took the lease first, so its maker is dead or fenced. When another
+    job takes the lease over through a path the holder's locks do not reach (the bindfs mount
+    and its source dir, as two NFS clients with local locks) after the holder's cleanup
+    checked its lease, a young probe may be that job's, made right now: the cleanup leaves it
+    to its age. The takeover is placed in that instant by wrapping the cleanup's listing (no
+    job can be timed into it otherwise); the job taking over is real."""
+    bindfs = mounts.get("bindfs")
+    assert bindfs.writable_source is not None
+    here, there = bindfs.path / "holder-cleanup", bindfs.writable_source / "holder-cleanup"
+    with distckpt.CheckpointManager(here, timeout=20) as holder:
+        young = here / ".probe-0123abcd"
+        young.write_bytes(b"distckpt write probe\n")
+        assert young in holder.gc()
+
+        real_find_leftovers = posix_removal.find_leftovers
+        taken_over: list[distckpt.CheckpointManager] = []
+
+        def taken_over_first(*args: Any, **kwargs: Any) -> list[lock.Leftover]:
+            if not taken_over:
+                taken_over.append(distckpt.CheckpointManager(there, timeout=20))
+                young.write_bytes(b"distckpt write probe\n")  # as the new holder's start does
+            return real_find_leftovers(*args, **kwargs)
+
+        monkeypatch.setattr(posix_removal, "find_leftovers", taken_over_first)
+        try:
+            with contextlib.suppress(distckpt.LeaseLost):
+                holder.gc()
+            assert young.exists()
+        finally:
+            for other in taken_over:
+                other.close()
