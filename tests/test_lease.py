@@ -500,7 +500,8 @@ def test_a_holder_in_another_pid_namespace_of_this_machine_is_judged_by_its_lock
 
 #: The package of an older version (commit e3b8cf7), whose lease records have no boot id and
 #: whose ``lease --break`` breaks a holder unless its host is this hostname (see
-#: tests/test_set_aside.py, which keeps it for the same reason: a shallow clone lacks history).
+#: tests/test_s3_set_aside.py, which keeps it for the same reason: a shallow clone lacks
+#: history).
 OLDER_VERSION_ARCHIVE = Path(__file__).parent / "fixtures/older-version/distckpt-e3b8cf7.tar.xz"
 
 
