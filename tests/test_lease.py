@@ -131,11 +131,17 @@ def _start(holders: list[Holder], root: Path, **options: object) -> Holder:
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "distckpt", *args],
-        capture_output=True,
-        text=True,
-        timeout=STARTUP,
+    """The command line run in this process (a process of its own would spend seconds
+    importing torch), with its exit status and what it wrote to stdout and to stderr. What it
+    judges of a holder is the same: a lease's lock is taken through a file descriptor of its
+    own, which another of this process's descriptors holding it excludes too."""
+    from distckpt.cli import main
+
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stderr(stderr):
+        status = main(list(args), out=stdout)
+    return subprocess.CompletedProcess(
+        ["distckpt", *args], status, stdout.getvalue(), stderr.getvalue()
     )
 
 
