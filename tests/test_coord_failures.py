@@ -21,6 +21,7 @@ from distckpt.coord import Coordinator
 from distckpt.coord_health import PEER_REPORT_WAIT
 from tests.ranks import run_ranks, values
 from tests.test_coord import TIMEOUT
+from tests.waiting import wait_until
 
 
 def _dying_rank(rank: int, world_size: int) -> tuple[str, float]:
@@ -144,22 +145,41 @@ def test_a_stopped_rank_makes_the_others_raise_coordination_timeout(tmp_path: Pa
     assert TIMEOUT * 0.8 <= elapsed <= TIMEOUT + 15  # the manager's timeout, not gloo's default
 
 
-#: How late the late rank comes to a save: well past :data:`TIMEOUT`, even on a loaded machine.
+#: How late the late rank comes to an operation no other rank waits for: well past
+#: :data:`TIMEOUT`, even on a loaded machine.
 LATE_SECONDS = TIMEOUT + 3
+#: Only bounds a hang: how long the late rank waits for rank 0's save to time out.
+TIMED_OUT_WAIT = 60.0
+
+
+def _timed_out_marker(root: str) -> Path:
+    return Path(root) / "rank-0-timed-out"
+
+
+def note_the_timeout(rank: int, root: str) -> None:
+    """Rank 0 notes that its save has raised after timing out, for :func:`after_the_timeout`."""
+    if rank == 0:
+        _timed_out_marker(root).touch()
+
+
+def after_the_timeout(root: str) -> None:
+    """The late rank comes once rank 0's save has timed out and raised (:func:`note_the_timeout`):
+    late by construction, however loaded the machine, and no later than that."""
+    wait_until(_timed_out_marker(root).exists, "rank 0's save timed out", TIMED_OUT_WAIT)
 
 
 @contextlib.contextmanager
-def late_in_the_write(rank: int) -> Iterator[None]:
-    """Rank 1's next shard write comes :data:`LATE_SECONDS` late (a slow disk under it): the
-    way to be late inside an async save's background collectives, where a late caller would
-    fail the proposal, in the calling thread, instead."""
+def late_in_the_write(rank: int, root: str) -> Iterator[None]:
+    """Rank 1's next shard write comes after rank 0's save timed out (a slow disk under it):
+    the way to be late inside an async save's background collectives, where a late caller
+    would fail the proposal, in the calling thread, instead."""
     real_hit = faults.hit
     late: list[bool] = []
 
     def late_once(point: str, hit_rank: int) -> None:
         if point == "after_shard_write" and rank == 1 and not late:
             late.append(True)
-            time.sleep(LATE_SECONDS)
+            after_the_timeout(root)
         real_hit(point, hit_rank)
 
     # No disk here is slow for exactly one rank's one write: the fault hook holds it back.
@@ -179,14 +199,16 @@ def _late_then_in_step(
     manager = distckpt.CheckpointManager(root, timeout=TIMEOUT, async_save=async_save)
     if async_save:
         first_group = manager._background.coord.group
-        with late_in_the_write(rank), pytest.raises(distckpt.CoordinationError) as failed:
+        with late_in_the_write(rank, root), pytest.raises(distckpt.CoordinationError) as failed:
             manager.save(1, {"w": torch.zeros(4)})
             manager.wait()
+        note_the_timeout(rank, root)
     else:
         if rank == 1:
-            time.sleep(LATE_SECONDS)
+            after_the_timeout(root)
         with pytest.raises(distckpt.CoordinationError) as failed:
             manager.save(1, {"w": torch.zeros(4)})
+        note_the_timeout(rank, root)
     # the training loop's own group: both ranks back in step
     torch.distributed.barrier()
     retried = manager.save(2, {"w": torch.ones(4)})
@@ -223,10 +245,11 @@ def _late_inside_the_background_write(rank: int, world_size: int, root: str) -> 
     manager.save(1, {"w": torch.zeros(4)})
     manager.wait()
     first_group = manager._background.coord.group
-    with late_in_the_write(rank):
+    with late_in_the_write(rank, root):
         manager.save(2, {"w": torch.zeros(4)})
         with pytest.raises(distckpt.CoordinationError) as failed:
             manager.wait()
+        note_the_timeout(rank, root)
     # the training loop's own group: both ranks back in step
     torch.distributed.barrier()
     broke = manager._background.coord.broken
