@@ -27,8 +27,8 @@ import distckpt
 from distckpt.layout import LEASE_RECORD_NAME, RootLayout
 from distckpt.lease import read_holder
 from tests.filesystems import MountFactory
+from tests.lease_holders import _cli, _on_another_host, _on_another_machine_named_like_this_one
 from tests.test_launch import Job, _cmdline
-from tests.test_lease import _cli, _on_another_host, _on_another_machine_named_like_this_one
 from tests.waiting import wait_until
 
 REPO = Path(__file__).resolve().parents[1]

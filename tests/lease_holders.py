@@ -1,0 +1,186 @@
+"""What the lease tests share: a holder of a root's lease as a ``python`` process of its own,
+driven through its stdin (``tests/test_lease.py``, ``tests/test_lease_break.py``), the command
+line run in the test's process, and prefixes that run a command as if on another host or
+another machine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from distckpt.fsutil import atomic_write_bytes
+from distckpt.layout import RootLayout
+from distckpt.lease import (
+    LeaseHolder,
+    this_host,
+)
+
+STARTUP = 30.0  # a process that has not answered by then counts as hung (a loaded machine)
+
+_HOLDER = textwrap.dedent(
+    """
+    import sys
+    from distckpt.errors import CheckpointError
+    from distckpt.lease import RootLease
+
+    if sys.argv[3:] == ["announce"]:
+        print("acquiring", flush=True)  # imports done: the acquire starts now
+    try:
+        lease = RootLease.acquire(sys.argv[1], wait=float(sys.argv[2]))
+    except CheckpointError as exc:
+        print("refused", type(exc).__name__, exc, flush=True)
+        sys.exit(3)
+    print("held", lease.generation, flush=True)
+    for line in sys.stdin:
+        if line.strip() == "check":
+            try:
+                lease.check_current()
+                print("current", flush=True)
+            except CheckpointError as exc:
+                print("lost", type(exc).__name__, exc, flush=True)
+        elif line.strip() == "release":
+            lease.release()
+            print("released", flush=True)
+    """
+)
+
+
+class Holder:
+    """A process that takes a root's lease and answers ``check`` and ``release``."""
+
+    def __init__(
+        self,
+        root: Path,
+        *,
+        wait: float = 0.0,
+        prefix: tuple[str, ...] = (),
+        announce: bool = False,
+    ) -> None:
+        """``announce``: it first prints "acquiring", when its acquire starts."""
+        self.proc = subprocess.Popen(
+            [*prefix, sys.executable, "-c", _HOLDER, os.fspath(root), str(wait)]
+            + (["announce"] if announce else []),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def line(self, timeout: float = STARTUP) -> str:
+        """The next line it prints; "" when none came within ``timeout`` or it exited."""
+        assert self.proc.stdout is not None
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        return self.proc.stdout.readline().strip() if ready else ""
+
+    def ask(self, command: str) -> str:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+        return self.line()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=STARTUP)
+
+
+def _start(holders: list[Holder], root: Path, **options: object) -> Holder:
+    holder = Holder(root, **options)  # type: ignore[arg-type]
+    holders.append(holder)
+    return holder
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    """The command line run in this process (a process of its own would spend seconds
+    importing torch), with its exit status and what it wrote to stdout and to stderr. What it
+    judges of a holder is the same: a lease's lock is taken through a file descriptor of its
+    own, which another of this process's descriptors holding it excludes too."""
+    from distckpt.cli import main
+
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stderr(stderr):
+        status = main(list(args), out=stdout)
+    return subprocess.CompletedProcess(
+        ["distckpt", *args], status, stdout.getvalue(), stderr.getvalue()
+    )
+
+
+def _on_another_host() -> tuple[str, ...]:
+    """A prefix that runs a command under another host name: a UTS namespace of its own. This
+    machine is the only one here, so a second machine is a second host name on the same kernel
+    (locks still reach it, which breaking a lease does not rely on)."""
+    unshare = shutil.which("unshare")
+    prefix = (unshare or "unshare", "--uts", "--user", "--map-root-user", "sh", "-c")
+    if unshare is None:
+        pytest.skip("needs unshare(1) to give a process another host name")
+    probe = subprocess.run(
+        [*prefix, "hostname node-a && hostname"], capture_output=True, text=True, check=False
+    )
+    if probe.returncode != 0 or probe.stdout.strip() != "node-a":
+        pytest.skip(f"cannot make a UTS namespace here: {probe.stderr.strip()}")
+    return (*prefix, 'hostname node-a && exec "$0" "$@"')
+
+
+def _record_as_another_machine(root: Path, host: str, boot_id: str | None = None) -> LeaseHolder:
+    """Write the lease record a job holding ``root`` from machine ``host`` writes (the
+    module's own record format); its lock lives on that machine, not here."""
+    holder = LeaseHolder(
+        host=host,
+        boot_id=boot_id,
+        pid=4242,
+        job_id="job-on-node-b",
+        started_utc="2026-01-01T00:00:00+00:00",
+        generation=3,
+        token="0" * 32,
+    )
+    atomic_write_bytes(RootLayout(root).lease_record_path, holder.to_json(), fsync=True)
+    return holder
+
+
+#: a boot id no machine here has: the boot of another machine (or another boot of this one)
+_ANOTHER_BOOT_ID = "00000000-0000-4000-8000-000000000000"
+
+
+#: a line of ``/proc/self/mountinfo`` for an NFS mount whose locks stay on each machine
+_LOCAL_LOCKS_MOUNT = (
+    "4242 1 0:4242 / {mount_point} rw,relatime - nfs srv:/export "
+    "rw,vers=3,nolock,local_lock=all,addr=10.0.0.1\n"
+)
+
+
+def _on_another_machine_named_like_this_one(mount_point: Path, scratch: Path) -> tuple[str, ...]:
+    """A prefix that runs a command as if on another machine with this one's hostname (a pod
+    recreated on another node), where ``mount_point`` is NFS mounted with machine-local locks:
+    a PID namespace of its own (its pids name other processes than ours), a UTS namespace
+    given this hostname, and a mount namespace in which its ``/proc/self/mountinfo`` says
+    ``local_lock=all`` for ``mount_point`` and its boot id is another machine's. The mountinfo
+    line and the boot id are the things not real: no NFS server nor second kernel can be made
+    on the test machines; the unshared locks are (bindfs)."""
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        pytest.skip("needs unshare(1) for the namespaces of another machine")
+    fake_mountinfo, fake_boot_id = scratch / "mountinfo", scratch / "boot_id"
+    fake_boot_id.write_text(_ANOTHER_BOOT_ID + "\n")
+    line = _LOCAL_LOCKS_MOUNT.format(mount_point=os.path.realpath(mount_point))
+    script = (
+        f'cat /proc/$$/mountinfo > {fake_mountinfo} && echo -n "{line}" >> {fake_mountinfo} '
+        f"&& mount --bind {fake_mountinfo} /proc/$$/mountinfo && hostname {this_host()} "
+        f"&& mount --bind {fake_boot_id} /proc/sys/kernel/random/boot_id "
+        '&& exec "$0" "$@"'
+    )
+    # --kill-child: the command dies with unshare, which the test kills by its pid
+    return (unshare, "--uts", "--pid", "--mount-proc", "--kill-child", "sh", "-c", script)
