@@ -15,7 +15,10 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
+import traceback
 from pathlib import Path
+from typing import TextIO
 
 import pytest
 
@@ -56,6 +59,65 @@ _HOLDER = textwrap.dedent(
 )
 
 
+class _ForkedHolder:
+    """The holder script run in a child forked from this process, where a fresh interpreter
+    would spend seconds importing torch: a process of its own (its own pid, its own lock's
+    file descriptor), answering through pipes as :class:`subprocess.Popen` does. This process
+    must hold no lock of the root when it forks: the child would hold a copy."""
+
+    def __init__(self, argv: list[str]) -> None:
+        child_stdin, to_child = os.pipe()
+        from_child, child_stdout = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child
+            status = 1
+            try:
+                os.dup2(child_stdin, 0)
+                os.dup2(child_stdout, 1)
+                for fd in (child_stdin, to_child, from_child, child_stdout):
+                    os.close(fd)
+                sys.stdin = open(0, closefd=False)  # noqa: SIM115 - the child's whole life
+                sys.stdout = open(1, "w", closefd=False)  # noqa: SIM115 - the child's whole life
+                sys.argv = argv
+                exec(compile(_HOLDER, "<holder>", "exec"), {"__name__": "__main__"})
+                status = 0
+            except SystemExit as exc:
+                status = exc.code if isinstance(exc.code, int) else 1
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                os._exit(status)
+        os.close(child_stdin)
+        os.close(child_stdout)
+        self.pid = pid
+        self.stdin: TextIO | None = open(to_child, "w")  # noqa: SIM115 - closed by kill()
+        self.stdout: TextIO | None = open(from_child)  # noqa: SIM115 - closed by kill()
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self, timeout: float) -> int:
+        """Its exit status (negative: the signal that ended it); raises TimeoutError when it
+        has not ended within ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while (status := self.poll()) is None:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"holder {self.pid} did not end within {timeout} s")
+            time.sleep(0.01)
+        return status
+
+    def close(self) -> None:
+        for pipe in (self.stdin, self.stdout):
+            if pipe is not None:
+                with contextlib.suppress(OSError):  # the child is gone: a write may be lost
+                    pipe.close()
+
+
 class Holder:
     """A process that takes a root's lease and answers ``check`` and ``release``."""
 
@@ -66,15 +128,22 @@ class Holder:
         wait: float = 0.0,
         prefix: tuple[str, ...] = (),
         announce: bool = False,
+        fresh_interpreter: bool = False,
     ) -> None:
-        """``announce``: it first prints "acquiring", when its acquire starts."""
-        self.proc = subprocess.Popen(
-            [*prefix, sys.executable, "-c", _HOLDER, os.fspath(root), str(wait)]
-            + (["announce"] if announce else []),
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
+        """``announce``: it first prints "acquiring", when its acquire starts. Forked from this
+        process (:class:`_ForkedHolder`) unless ``prefix`` runs it (another host, namespace or
+        version) or ``fresh_interpreter`` asks for a ``python`` of its own."""
+        argv = [os.fspath(root), str(wait)] + (["announce"] if announce else [])
+        self.proc: subprocess.Popen[str] | _ForkedHolder
+        if prefix or fresh_interpreter:
+            self.proc = subprocess.Popen(
+                [*prefix, sys.executable, "-c", _HOLDER, *argv],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+        else:
+            self.proc = _ForkedHolder(["-c", *argv])
 
     @property
     def pid(self) -> int:
@@ -96,6 +165,8 @@ class Holder:
         if self.proc.poll() is None:
             os.kill(self.proc.pid, signal.SIGKILL)
         self.proc.wait(timeout=STARTUP)
+        if isinstance(self.proc, _ForkedHolder):
+            self.proc.close()
 
 
 def _start(holders: list[Holder], root: Path, **options: object) -> Holder:
