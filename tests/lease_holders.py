@@ -1,7 +1,7 @@
-"""What the lease tests share: a holder of a root's lease as a ``python`` process of its own,
-driven through its stdin (``tests/test_lease.py``, ``tests/test_lease_break.py``), the command
-line run in the test's process, and prefixes that run a command as if on another host or
-another machine.
+"""What the lease tests share: a holder of a root's lease as a process of its own (forked from
+the test's, or a ``python`` of its own), driven through its stdin (``tests/test_lease.py``,
+``tests/test_lease_break.py``), the command line run in the test's process, and prefixes that
+run a command as if on another host or another machine.
 """
 
 from __future__ import annotations

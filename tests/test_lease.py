@@ -3,7 +3,7 @@ holders on other machines where locks are local to each machine. Breaking a leas
 ``tests/test_lease_break.py``; forked children of a holder and a worker noticing that its
 launcher died in ``tests/test_lease_forks.py``.
 
-Every holder is a separate ``python`` process driven through its stdin; every process a test
+Every holder is a separate process driven through its stdin; every process a test
 starts is killed by its pid when the test ends.
 """
 
