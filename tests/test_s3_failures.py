@@ -439,9 +439,12 @@ def test_gc_that_cannot_read_a_claim_stops_instead_of_removing_the_save(
         store.put_bytes(f".writers/{attempt}", json.dumps(claim).encode())
         store.put_bytes(staged, b"staged")
     with S3Proxy(s3_server.port) as proxy:
-        proxy.drop("GET", "/.writers/", times=10)  # every answer to the claim's read is lost
-        options = s3_server.storage_options(endpoint_url=proxy.endpoint)
+        # every answer to the claim's read is lost; one attempt a request: more would only be
+        # lost the same way, each after a backoff
+        lost = proxy.drop("GET", "/.writers/", times=10)
+        options = s3_server.storage_options(endpoint_url=proxy.endpoint, retries=1)
         gc = open_store(s3_url, storage_options=options)
         with pytest.raises(distckpt.StoreUnavailable):
             gc.collect_leftovers()
+        assert lost.arrived.is_set()  # it failed reading the claim, not before
     assert staged in _objects(s3_url, s3_server.storage_options())
