@@ -121,6 +121,18 @@ def jobs(tmp_path: Path) -> Iterator[Jobs]:
         started.kill_all()
 
 
+#: Runs each command line of ``argv[1]`` (JSON) in turn, printing its exit status and output.
+_CLI_RUNS = """
+import io, json, sys
+from distckpt.cli import main
+
+for arguments in json.loads(sys.argv[1]):
+    out = io.StringIO()
+    status = main(arguments, out=out)
+    print(json.dumps([status, out.getvalue()]), flush=True)
+"""
+
+
 def decided(out: Path, run: str) -> bool:
     return all(logged(out, run, r, "opened") or logged(out, run, r, "refused") for r in RANKS)
 
@@ -275,26 +287,28 @@ def test_gc_on_another_machine_keeps_a_live_writers_staging_where_locks_are_loca
     seen_elsewhere = bindfs.path / "gc-elsewhere"
     elsewhere = _on_another_machine_named_like_this_one(bindfs.path, tmp_path)
 
-    def cli_elsewhere(*arguments: str) -> subprocess.CompletedProcess[str]:
-        command = [sys.executable, "-m", "distckpt", *arguments]
-        return subprocess.run(
-            [*elsewhere, *command, str(seen_elsewhere)],
+    def cli_elsewhere(*commands: tuple[str, ...]) -> list[tuple[int, str]]:
+        """Each command line, on the root seen from there, run by one python there (each
+        python spends seconds importing torch): its exit status and what it printed."""
+        runs = [[*command, str(seen_elsewhere)] for command in commands]
+        done = subprocess.run(
+            [*elsewhere, sys.executable, "-c", _CLI_RUNS, json.dumps(runs)],
             capture_output=True,
             text=True,
             timeout=STARTUP,
         )
-
-    def gc_elsewhere(*options: str) -> subprocess.CompletedProcess[str]:
-        return cli_elsewhere("gc", "--json", *options)
+        assert done.returncode == 0, done.stderr
+        printed = [json.loads(line) for line in done.stdout.splitlines()]
+        return [(int(status), str(output)) for status, output in printed]
 
     held = ["--world-size", "1", "--timeout", "300"]
     holding = jobs.start(plain(root, out, "h", "--saves", "2", "--hold-in-save", "2", *held))
     wait_until((out / "h.held").exists, "the second save reached its hold", STARTUP)
     live_staging = staged(root)
     assert len([name for name in live_staging if not name.endswith(".lock")]) == 1
-    collected = gc_elsewhere()
-    assert collected.returncode == 0, collected
-    report = json.loads(collected.stdout)
+    collected, said, listed = cli_elsewhere(("gc", "--json"), ("gc",), ("ls",))
+    assert collected[0] == 0, collected
+    report = json.loads(collected[1])
     assert report["removed"] == [], report
     left = {Path(item["path"]).name: item for item in report["left"]}
     assert set(left) == {name for name in live_staging if not name.endswith(".lock")}
@@ -302,10 +316,8 @@ def test_gc_on_another_machine_keeps_a_live_writers_staging_where_locks_are_loca
         assert not item["writer_alive"]  # its lock looks free from there
         assert f"pid {pid_of(out, 'h', 0)}" in item["kept_because"]
         assert "local to each machine" in item["kept_because"]
-    said = cli_elsewhere("gc")
-    assert said.returncode == 0 and "(kept: the lease holder" in said.stdout, said
-    listed = cli_elsewhere("ls")
-    assert listed.returncode == 0 and "(gc keeps it: the lease holder" in listed.stdout, listed
+    assert said[0] == 0 and "(kept: the lease holder" in said[1], said
+    assert listed[0] == 0 and "(gc keeps it: the lease holder" in listed[1], listed
     assert staged(root) == live_staging
     (out / "h.resume").touch()
     assert holding.wait(STARTUP) == 0, holding.output
@@ -313,9 +325,9 @@ def test_gc_on_another_machine_keeps_a_live_writers_staging_where_locks_are_loca
 
     forced = jobs.start(plain(root, out, "f", "--saves", "1", "--hold-in-save", "1", *held))
     wait_until((out / "f.held").exists, "the third save reached its hold", STARTUP)
-    collected = gc_elsewhere("--force")
-    assert collected.returncode == 0, collected
-    removed = json.loads(collected.stdout)["removed"]
+    ((status, printed),) = cli_elsewhere(("gc", "--json", "--force"))
+    assert status == 0, printed
+    removed = json.loads(printed)["removed"]
     assert [Path(path).name.split(".")[0] for path in removed] == ["step-00000003"], removed
     (out / "f.resume").touch()
     assert forced.wait(STARTUP) == 0, forced.output
