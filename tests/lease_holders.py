@@ -128,14 +128,13 @@ class Holder:
         wait: float = 0.0,
         prefix: tuple[str, ...] = (),
         announce: bool = False,
-        fresh_interpreter: bool = False,
     ) -> None:
         """``announce``: it first prints "acquiring", when its acquire starts. Forked from this
         process (:class:`_ForkedHolder`) unless ``prefix`` runs it (another host, namespace or
-        version) or ``fresh_interpreter`` asks for a ``python`` of its own."""
+        version): then a ``python`` of its own."""
         argv = [os.fspath(root), str(wait)] + (["announce"] if announce else [])
         self.proc: subprocess.Popen[str] | _ForkedHolder
-        if prefix or fresh_interpreter:
+        if prefix:
             self.proc = subprocess.Popen(
                 [*prefix, sys.executable, "-c", _HOLDER, *argv],
                 stdin=subprocess.PIPE,

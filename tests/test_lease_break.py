@@ -89,8 +89,8 @@ def test_a_break_leaves_alone_a_job_that_took_the_root_after_its_holder_was_judg
 
     def judged_dead_then_the_requeued_job_claims(where: str | os.PathLike[str]) -> object:
         judged = real_read_holder(where)
-        # a python of its own: a child forked here, inside the break, would share its locks
-        requeued.append(_start(holders, root, fresh_interpreter=True))
+        # forked here: the break reads the record before it takes any lock
+        requeued.append(_start(holders, root))
         assert requeued[-1].line() == f"held {dead.generation + 1}"
         return judged
 
