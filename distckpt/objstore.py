@@ -29,6 +29,7 @@ A client must not cross a ``fork()``: make one per process.
 from __future__ import annotations
 
 import base64
+import functools
 import os
 import random
 import time
@@ -104,6 +105,17 @@ def _crc32_hex(store_value: str | None) -> str | None:
     return raw.hex() if len(raw) == 4 else None
 
 
+@functools.cache
+def _shared_data_loader(search_path: str | None) -> Any:
+    """The botocore data loader every client of this process shares, one per search path.
+    Each client has a session of its own, and a new session's loader would parse botocore's
+    endpoint and service model files again (a quarter of a second of JSON per client on a
+    busy machine); the loader only reads those files and keeps what it read."""
+    import botocore.loaders
+
+    return botocore.loaders.create_loader(search_path)
+
+
 class ObjectStore:
     """A client for one ``s3://bucket/prefix`` root.
 
@@ -177,6 +189,9 @@ class ObjectStore:
                 response_checksum_validation="when_required",
             ).merge(Config(**(options.get("config_kwargs") or {})))
             session = botocore.session.get_session()
+            session.register_component(
+                "data_loader", _shared_data_loader(session.get_config_variable("data_path"))
+            )
             if "region_name" not in client_kwargs and session.get_config_variable("region") is None:
                 # botocore reads AWS_DEFAULT_REGION; AWS_REGION is what the other SDKs read. A
                 # custom endpoint still needs some region to sign with.

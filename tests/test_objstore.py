@@ -372,3 +372,18 @@ def test_copy_makes_the_same_object_inside_the_store(
         assert store.get_bytes("a/source") == data
         with pytest.raises(ObjectNotFound):
             store.copy("a/missing", "b/other", 10)
+
+
+def test_the_clients_of_a_process_share_botocores_data_loader(
+    s3_server: S3Server, s3_url: str
+) -> None:
+    """Each store's client has a session of its own, but not a loader of its own: a new loader
+    parses botocore's endpoint and service model files again for every client. (The client
+    keeps its loader in a private attribute; nothing public shows which loader it used.)"""
+    with (
+        ObjectStore(s3_url, s3_server.storage_options()) as first,
+        ObjectStore(s3_url, s3_server.storage_options()) as second,
+    ):
+        assert first.client._loader is second.client._loader
+        first.put_bytes("shared-loader", b"x")
+        assert second.get_bytes("shared-loader") == b"x"
