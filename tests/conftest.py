@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import functools
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,24 +11,6 @@ from tests.filesystems import MountFactory
 from tests.lease_holders import Holder
 from tests.older_version import unpack_older_version
 from tests.s3server import S3Server
-
-
-def _share_botocores_data_loader() -> None:
-    """Make every botocore session of this process (and of the ranks it forks) share one data
-    loader per search path. distckpt makes a session per client, and each new session's loader
-    parses botocore's endpoint and S3 model files again: about 0.25 s of JSON a client on a
-    loaded machine, most of an S3 test's time. The loader only reads those files and caches
-    what it read, so sharing it changes no request a client sends."""
-    try:
-        import botocore.loaders
-        import botocore.session
-    except ImportError:  # the s3 tests skip themselves
-        return
-    shared = functools.cache(botocore.loaders.create_loader)
-    botocore.session.create_loader = shared  # type: ignore[attr-defined]
-
-
-_share_botocores_data_loader()
 
 
 @pytest.fixture(autouse=True)
