@@ -1,13 +1,12 @@
 """What the lease tests share: a holder of a root's lease as a process of its own (forked from
 the test's, or a ``python`` of its own), driven through its stdin (``tests/test_lease.py``,
-``tests/test_lease_break.py``), the command line run in the test's process, and prefixes that
-run a command as if on another host or another machine.
+``tests/test_lease_break.py``), and prefixes that run a command as if on another host or
+another machine.
 """
 
 from __future__ import annotations
 
 import contextlib
-import io
 import os
 import select
 import shutil
@@ -172,21 +171,6 @@ def _start(holders: list[Holder], root: Path, **options: object) -> Holder:
     holder = Holder(root, **options)  # type: ignore[arg-type]
     holders.append(holder)
     return holder
-
-
-def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    """The command line run in this process (a process of its own would spend seconds
-    importing torch), with its exit status and what it wrote to stdout and to stderr. What it
-    judges of a holder is the same: a lease's lock is taken through a file descriptor of its
-    own, which another of this process's descriptors holding it excludes too."""
-    from distckpt.cli import main
-
-    stdout, stderr = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stderr(stderr):
-        status = main(list(args), out=stdout)
-    return subprocess.CompletedProcess(
-        ["distckpt", *args], status, stdout.getvalue(), stderr.getvalue()
-    )
 
 
 def _on_another_host() -> tuple[str, ...]:

@@ -34,12 +34,12 @@ from distckpt.lease import (
 )
 from distckpt.lease_break import break_lease
 from distckpt.lock import locks_local_to_machine
+from tests.cli_runner import run_cli
 from tests.filesystems import MountFactory
 from tests.lease_holders import (
     _ANOTHER_BOOT_ID,
     STARTUP,
     Holder,
-    _cli,
     _on_another_machine_named_like_this_one,
     _record_as_another_machine,
     _start,
@@ -57,7 +57,7 @@ def test_second_job_is_refused_naming_the_holder(root: Path, holders: list[Holde
     assert f"pid {first.pid}" in answer and "on host" in answer and "since" in answer
     assert second.proc.wait(timeout=STARTUP) == 3
     assert first.ask("check") == "current"  # the refused job changed nothing
-    shown = _cli("lease", os.fspath(root))
+    shown = run_cli("lease", os.fspath(root))
     assert f"pid {first.pid}" in shown.stdout and "(alive)" in shown.stdout
 
 
@@ -89,18 +89,18 @@ def test_a_sigkilled_holder_blocks_nobody(root: Path, holders: list[Holder]) -> 
     first.kill()
     holder = read_holder(root)
     assert holder is not None and holder.pid == first.pid and holder.alive is False
-    assert "dead: the next writer takes over" in _cli("ls", os.fspath(root)).stdout
+    assert "dead: the next writer takes over" in run_cli("ls", os.fspath(root)).stdout
     began = time.monotonic()
     lease = RootLease.acquire(root)  # no wait, no manual step
     try:
         assert time.monotonic() - began < 5
         assert lease.generation == 2 and lease.holder.pid == os.getpid()
-        listed = json.loads(_cli("ls", "--json", os.fspath(root)).stdout)
+        listed = json.loads(run_cli("ls", "--json", os.fspath(root)).stdout)
         assert listed["lease"]["generation"] == 2 and listed["lease"]["alive"] is True
     finally:
         lease.release()
     assert read_holder(root) is None
-    assert "lease: none" in _cli("ls", os.fspath(root)).stdout
+    assert "lease: none" in run_cli("ls", os.fspath(root)).stdout
 
 
 def test_an_exception_in_the_loop_releases_the_lease(root: Path) -> None:

@@ -27,10 +27,10 @@ import distckpt.lease_break
 from distckpt.layout import RootLayout
 from distckpt.lease import RootLease, this_host
 from distckpt.lease_break import break_lease
+from tests.cli_runner import run_cli
 from tests.lease_holders import (
     STARTUP,
     Holder,
-    _cli,
     _on_another_host,
     _record_as_another_machine,
     _start,
@@ -43,7 +43,7 @@ def test_a_broken_lease_fences_its_holder(root: Path, holders: list[Holder]) -> 
     assert elsewhere.line() == "held 1"
     assert elsewhere.ask("check") == "current"
 
-    broke = _cli("lease", "--break", os.fspath(root))
+    broke = run_cli("lease", "--break", os.fspath(root))
     assert broke.returncode == 0, broke.stderr
     assert "broke the lease of" in broke.stdout and "host node-a" in broke.stdout
     assert "an operator broke it" in elsewhere.ask("check")
@@ -63,7 +63,7 @@ def test_break_refuses_a_live_holder_on_this_machine(root: Path, holders: list[H
     root.mkdir()
     first = _start(holders, root)
     assert first.line() == "held 1"
-    refused = _cli("lease", "--break", os.fspath(root))
+    refused = run_cli("lease", "--break", os.fspath(root))
     assert refused.returncode == 2
     assert f"pid {first.pid}" in refused.stderr and "stop it" in refused.stderr
     assert first.ask("check") == "current"

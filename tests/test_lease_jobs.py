@@ -26,8 +26,9 @@ import pytest
 import distckpt
 from distckpt.layout import LEASE_RECORD_NAME, RootLayout
 from distckpt.lease import read_holder
+from tests.cli_runner import run_cli
 from tests.filesystems import MountFactory
-from tests.lease_holders import _cli, _on_another_host, _on_another_machine_named_like_this_one
+from tests.lease_holders import _on_another_host, _on_another_machine_named_like_this_one
 from tests.test_launch import Job, _cmdline
 from tests.waiting import wait_until
 
@@ -121,15 +122,17 @@ def jobs(tmp_path: Path) -> Iterator[Jobs]:
         started.kill_all()
 
 
-#: Runs each command line of ``argv[1]`` (JSON) in turn, printing its exit status and output.
+#: Runs each command line of ``argv[1]`` (JSON) in turn, printing its exit status and what it
+#: wrote to stdout and to stderr (a failing command's reasons are on its stderr).
 _CLI_RUNS = """
-import io, json, sys
+import contextlib, io, json, sys
 from distckpt.cli import main
 
 for arguments in json.loads(sys.argv[1]):
-    out = io.StringIO()
-    status = main(arguments, out=out)
-    print(json.dumps([status, out.getvalue()]), flush=True)
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stderr(err):
+        status = main(arguments, out=out)
+    print(json.dumps([status, out.getvalue(), err.getvalue()]), flush=True)
 """
 
 
@@ -247,15 +250,15 @@ def test_a_save_in_progress_keeps_the_root_and_operators_work_beside_it(
         (refusal,) = logged(out, "i", rank, "refused")
         assert refusal["type"] == "RootInUse" and refusal["holder"] == holder_pid
 
-    listed = _cli("ls", str(root))
+    listed = run_cli("ls", str(root))
     assert f"pid {holder_pid}" in listed.stdout and "(alive)" in listed.stdout, listed.stdout
     assert "(writer alive)" in listed.stdout, listed.stdout
     live_staging = staged(root)
     assert len([name for name in live_staging if not name.endswith(".lock")]) == 1
-    collected = _cli("gc", str(root))
+    collected = run_cli("gc", str(root))
     assert collected.returncode == 0 and "writer alive" in collected.stdout, collected
     assert staged(root) == live_staging
-    pruned = _cli("prune", str(root), "--keep-last", "1")
+    pruned = run_cli("prune", str(root), "--keep-last", "1")
     assert pruned.returncode == 0 and "kept steps:    1" in pruned.stdout, pruned
     assert distckpt.load_checkpoint(root).step == 1  # readers take no lease
     assert distckpt.verify(root).ok
@@ -287,9 +290,10 @@ def test_gc_on_another_machine_keeps_a_live_writers_staging_where_locks_are_loca
     seen_elsewhere = bindfs.path / "gc-elsewhere"
     elsewhere = _on_another_machine_named_like_this_one(bindfs.path, tmp_path)
 
-    def cli_elsewhere(*commands: tuple[str, ...]) -> list[tuple[int, str]]:
+    def cli_elsewhere(*commands: tuple[str, ...]) -> list[tuple[int, str, str]]:
         """Each command line, on the root seen from there, run by one python there (each
-        python spends seconds importing torch): its exit status and what it printed."""
+        python spends seconds importing torch): its exit status and what it wrote to stdout and
+        to stderr."""
         runs = [[*command, str(seen_elsewhere)] for command in commands]
         done = subprocess.run(
             [*elsewhere, sys.executable, "-c", _CLI_RUNS, json.dumps(runs)],
@@ -299,7 +303,7 @@ def test_gc_on_another_machine_keeps_a_live_writers_staging_where_locks_are_loca
         )
         assert done.returncode == 0, done.stderr
         printed = [json.loads(line) for line in done.stdout.splitlines()]
-        return [(int(status), str(output)) for status, output in printed]
+        return [(int(status), str(output), str(errors)) for status, output, errors in printed]
 
     held = ["--world-size", "1", "--timeout", "300"]
     holding = jobs.start(plain(root, out, "h", "--saves", "2", "--hold-in-save", "2", *held))
@@ -325,8 +329,8 @@ def test_gc_on_another_machine_keeps_a_live_writers_staging_where_locks_are_loca
 
     forced = jobs.start(plain(root, out, "f", "--saves", "1", "--hold-in-save", "1", *held))
     wait_until((out / "f.held").exists, "the third save reached its hold", STARTUP)
-    ((status, printed),) = cli_elsewhere(("gc", "--json", "--force"))
-    assert status == 0, printed
+    ((status, printed, errors),) = cli_elsewhere(("gc", "--json", "--force"))
+    assert status == 0, (printed, errors)
     removed = json.loads(printed)["removed"]
     assert [Path(path).name.split(".")[0] for path in removed] == ["step-00000003"], removed
     (out / "f.resume").touch()
@@ -350,7 +354,7 @@ def test_a_fenced_job_commits_nothing(jobs: Jobs) -> None:
     holder = read_holder(root)
     assert holder is not None and holder.host == "node-a" and holder.generation == 1
 
-    broke = _cli("lease", "--break", str(root))
+    broke = run_cli("lease", "--break", str(root))
     assert broke.returncode == 0 and "broke the lease of" in broke.stdout, broke
     (out / "f.go-2").touch()
     wait_until(lambda: all(logged(out, "f", r, "failed") for r in RANKS), "save 2 failed", STARTUP)
