@@ -1,12 +1,18 @@
-"""What the lease tests share: a holder of a root's lease as a process of its own (forked from
-the test's, or a ``python`` of its own), driven through its stdin (``tests/test_lease.py``,
-``tests/test_lease_break.py``), and prefixes that run a command as if on another host or
-another machine.
+"""What the lease tests share: a holder of a root's lease as a process of its own, driven
+through its stdin (``tests/test_lease.py``, ``tests/test_lease_break.py``), and prefixes that
+run a command as if on another host or another machine.
+
+A holder is forked from the test's process unless it asks for a ``python`` of its own (a
+prefix, or ``fresh_interpreter``). A forked holder does not end as a real process does: it
+ends with ``os._exit``, so no interpreter shutdown and none of distckpt's exit hooks run in it
+(the test's process's hooks are not the holder's to run). A test that looks at how a holder
+ends (its exit status, what it does at exit) starts that holder with ``fresh_interpreter``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import select
 import shutil
@@ -61,8 +67,9 @@ _HOLDER = textwrap.dedent(
 class _ForkedHolder:
     """The holder script run in a child forked from this process, where a fresh interpreter
     would spend seconds importing torch: a process of its own (its own pid, its own lock's
-    file descriptor), answering through pipes as :class:`subprocess.Popen` does. This process
-    must hold no lock of the root when it forks: the child would hold a copy."""
+    file descriptor), answering through pipes as :class:`subprocess.Popen` does, and holding
+    no other descriptor of this process (so none of its locks, nor the pipes of the holders
+    forked before it). It ends with ``os._exit``: see the module's docstring."""
 
     def __init__(self, argv: list[str]) -> None:
         child_stdin, to_child = os.pipe()
@@ -73,18 +80,27 @@ class _ForkedHolder:
             try:
                 os.dup2(child_stdin, 0)
                 os.dup2(child_stdout, 1)
-                for fd in (child_stdin, to_child, from_child, child_stdout):
-                    os.close(fd)
+                # the objects of this process that own a descriptor closed below must never
+                # close it again: the number may by then be the holder's lock's
+                gc.freeze()
                 sys.stdin = open(0, closefd=False)  # noqa: SIM115 - the child's whole life
                 sys.stdout = open(1, "w", closefd=False)  # noqa: SIM115 - the child's whole life
+                sys.stderr = open(2, "w", closefd=False)  # noqa: SIM115 - the child's whole life
+                # none of this process's descriptors, as Popen's child (which execs) holds
+                # none: a copy of an earlier holder's stdin would keep that stdin open after
+                # the test closed it, a copy of a lock's descriptor would share the lock
+                os.closerange(3, os.sysconf("SC_OPEN_MAX"))
                 sys.argv = argv
                 exec(compile(_HOLDER, "<holder>", "exec"), {"__name__": "__main__"})
                 status = 0
             except SystemExit as exc:
-                status = exc.code if isinstance(exc.code, int) else 1
+                status = _exit_status(exc)
             except BaseException:
                 traceback.print_exc()
             finally:
+                with contextlib.suppress(BaseException):
+                    sys.stdout.flush()
+                    sys.stderr.flush()
                 os._exit(status)
         os.close(child_stdin)
         os.close(child_stdout)
@@ -117,6 +133,17 @@ class _ForkedHolder:
                     pipe.close()
 
 
+def _exit_status(exit: SystemExit) -> int:
+    """The exit status Python gives a process ended by ``exit``: its code when an int, 0 for
+    None, else 1 with the code written to stderr (as ``sys.exit("message")``)."""
+    if exit.code is None:
+        return 0
+    if isinstance(exit.code, int):
+        return exit.code & 0xFF
+    print(exit.code, file=sys.stderr)
+    return 1
+
+
 class Holder:
     """A process that takes a root's lease and answers ``check`` and ``release``."""
 
@@ -127,13 +154,15 @@ class Holder:
         wait: float = 0.0,
         prefix: tuple[str, ...] = (),
         announce: bool = False,
+        fresh_interpreter: bool = False,
     ) -> None:
         """``announce``: it first prints "acquiring", when its acquire starts. Forked from this
         process (:class:`_ForkedHolder`) unless ``prefix`` runs it (another host, namespace or
-        version): then a ``python`` of its own."""
+        version) or ``fresh_interpreter`` is set: then a ``python`` of its own, which ends as
+        a real process does (its interpreter's shutdown, distckpt's exit hooks)."""
         argv = [os.fspath(root), str(wait)] + (["announce"] if announce else [])
         self.proc: subprocess.Popen[str] | _ForkedHolder
-        if prefix:
+        if prefix or fresh_interpreter:
             self.proc = subprocess.Popen(
                 [*prefix, sys.executable, "-c", _HOLDER, *argv],
                 stdin=subprocess.PIPE,

@@ -4,7 +4,8 @@ holders on other machines where locks are local to each machine. Breaking a leas
 launcher died in ``tests/test_lease_forks.py``.
 
 Every holder is a separate process driven through its stdin; every process a test
-starts is killed by its pid when the test ends.
+starts is killed by its pid when the test ends. The last tests hold the holders to what
+``tests/lease_holders.py`` promises of them.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from tests.lease_holders import (
     _ANOTHER_BOOT_ID,
     STARTUP,
     Holder,
+    _exit_status,
     _on_another_machine_named_like_this_one,
     _record_as_another_machine,
     _start,
@@ -50,7 +52,8 @@ def test_second_job_is_refused_naming_the_holder(root: Path, holders: list[Holde
     root.mkdir()
     first = _start(holders, root)
     assert first.line() == "held 1"
-    second = _start(holders, root)
+    # a python of its own: its exit status is looked at, and a forked holder's is not real
+    second = _start(holders, root, fresh_interpreter=True)
     answer = second.line()
     assert answer.startswith("refused RootInUse")
     assert f"root {root} is in use by" in answer
@@ -251,3 +254,31 @@ def test_a_live_holder_on_another_machine_with_the_same_hostname_is_not_taken_ov
     assert "locks on this filesystem are local to each machine" in refused
     assert f"pid {first.pid}" in refused
     assert first.ask("check") == "current"
+
+
+def test_a_forked_holder_ends_when_its_stdin_closes_while_a_later_holder_runs(
+    tmp_path: Path, holders: list[Holder]
+) -> None:
+    """The harness's promise: a forked holder keeps no copy of an earlier holder's pipes, so
+    closing a holder's stdin ends it however many holders were forked after it."""
+    earlier, later = tmp_path / "earlier", tmp_path / "later"
+    earlier.mkdir()
+    later.mkdir()
+    first = _start(holders, earlier)
+    assert first.line() == "held 1"
+    second = _start(holders, later)
+    assert second.line() == "held 1"
+    assert first.proc.stdin is not None
+    first.proc.stdin.close()
+    first.proc.stdin = None
+    assert first.proc.wait(timeout=STARTUP) == 0
+    assert second.ask("check") == "current"
+
+
+@pytest.mark.parametrize(
+    ("code", "status"), [(None, 0), (0, 0), (3, 3), (256 + 3, 3), ("a message", 1)]
+)
+def test_a_forked_holder_exits_with_the_status_python_gives_sys_exit(
+    code: object, status: int
+) -> None:
+    assert _exit_status(SystemExit(code)) == status
