@@ -8,6 +8,7 @@ import pytest
 
 from distckpt import faults
 from tests.filesystems import MountFactory
+from tests.lease_holders import Holder
 from tests.older_version import unpack_older_version
 from tests.s3server import S3Server
 
@@ -25,6 +26,16 @@ def _no_armed_faults() -> Iterator[None]:
 def root(tmp_path: Path) -> Path:
     """A checkpoint root that does not exist yet, in its own temporary directory."""
     return tmp_path / "ckpt"
+
+
+@pytest.fixture
+def holders() -> Iterator[list[Holder]]:
+    """The lease holders a test starts (:func:`tests.lease_holders._start`): each is killed
+    when the test ends."""
+    started: list[Holder] = []
+    yield started
+    for holder in started:
+        holder.kill()
 
 
 @pytest.fixture(scope="session")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import os
@@ -17,21 +16,7 @@ import torch
 import distckpt
 from distckpt import resolve
 from distckpt.cli import main
-
-
-def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    """The command line in this process (a subprocess would spend seconds importing torch);
-    `test_python_dash_m_runs_the_real_entry_point` covers the real entry point."""
-    out, err = io.StringIO(), io.StringIO()
-    previous = os.getcwd()
-    try:
-        if cwd is not None:
-            os.chdir(cwd)
-        with contextlib.redirect_stderr(err):
-            status = main(list(args), out=out)
-    finally:
-        os.chdir(previous)
-    return subprocess.CompletedProcess(list(args), status, out.getvalue(), err.getvalue())
+from tests.cli_runner import run_cli as run
 
 
 @pytest.fixture

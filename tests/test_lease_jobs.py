@@ -26,9 +26,10 @@ import pytest
 import distckpt
 from distckpt.layout import LEASE_RECORD_NAME, RootLayout
 from distckpt.lease import read_holder
+from tests.cli_runner import run_cli
 from tests.filesystems import MountFactory
+from tests.lease_holders import _on_another_host, _on_another_machine_named_like_this_one
 from tests.test_launch import Job, _cmdline
-from tests.test_lease import _cli, _on_another_host, _on_another_machine_named_like_this_one
 from tests.waiting import wait_until
 
 REPO = Path(__file__).resolve().parents[1]
@@ -119,6 +120,20 @@ def jobs(tmp_path: Path) -> Iterator[Jobs]:
         yield started
     finally:
         started.kill_all()
+
+
+#: Runs each command line of ``argv[1]`` (JSON) in turn, printing its exit status and what it
+#: wrote to stdout and to stderr (a failing command's reasons are on its stderr).
+_CLI_RUNS = """
+import contextlib, io, json, sys
+from distckpt.cli import main
+
+for arguments in json.loads(sys.argv[1]):
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stderr(err):
+        status = main(arguments, out=out)
+    print(json.dumps([status, out.getvalue(), err.getvalue()]), flush=True)
+"""
 
 
 def decided(out: Path, run: str) -> bool:
@@ -235,15 +250,15 @@ def test_a_save_in_progress_keeps_the_root_and_operators_work_beside_it(
         (refusal,) = logged(out, "i", rank, "refused")
         assert refusal["type"] == "RootInUse" and refusal["holder"] == holder_pid
 
-    listed = _cli("ls", str(root))
+    listed = run_cli("ls", str(root))
     assert f"pid {holder_pid}" in listed.stdout and "(alive)" in listed.stdout, listed.stdout
     assert "(writer alive)" in listed.stdout, listed.stdout
     live_staging = staged(root)
     assert len([name for name in live_staging if not name.endswith(".lock")]) == 1
-    collected = _cli("gc", str(root))
+    collected = run_cli("gc", str(root))
     assert collected.returncode == 0 and "writer alive" in collected.stdout, collected
     assert staged(root) == live_staging
-    pruned = _cli("prune", str(root), "--keep-last", "1")
+    pruned = run_cli("prune", str(root), "--keep-last", "1")
     assert pruned.returncode == 0 and "kept steps:    1" in pruned.stdout, pruned
     assert distckpt.load_checkpoint(root).step == 1  # readers take no lease
     assert distckpt.verify(root).ok
@@ -275,26 +290,29 @@ def test_gc_on_another_machine_keeps_a_live_writers_staging_where_locks_are_loca
     seen_elsewhere = bindfs.path / "gc-elsewhere"
     elsewhere = _on_another_machine_named_like_this_one(bindfs.path, tmp_path)
 
-    def cli_elsewhere(*arguments: str) -> subprocess.CompletedProcess[str]:
-        command = [sys.executable, "-m", "distckpt", *arguments]
-        return subprocess.run(
-            [*elsewhere, *command, str(seen_elsewhere)],
+    def cli_elsewhere(*commands: tuple[str, ...]) -> list[tuple[int, str, str]]:
+        """Each command line, on the root seen from there, run by one python there (each
+        python spends seconds importing torch): its exit status and what it wrote to stdout and
+        to stderr."""
+        runs = [[*command, str(seen_elsewhere)] for command in commands]
+        done = subprocess.run(
+            [*elsewhere, sys.executable, "-c", _CLI_RUNS, json.dumps(runs)],
             capture_output=True,
             text=True,
             timeout=STARTUP,
         )
-
-    def gc_elsewhere(*options: str) -> subprocess.CompletedProcess[str]:
-        return cli_elsewhere("gc", "--json", *options)
+        assert done.returncode == 0, done.stderr
+        printed = [json.loads(line) for line in done.stdout.splitlines()]
+        return [(int(status), str(output), str(errors)) for status, output, errors in printed]
 
     held = ["--world-size", "1", "--timeout", "300"]
     holding = jobs.start(plain(root, out, "h", "--saves", "2", "--hold-in-save", "2", *held))
     wait_until((out / "h.held").exists, "the second save reached its hold", STARTUP)
     live_staging = staged(root)
     assert len([name for name in live_staging if not name.endswith(".lock")]) == 1
-    collected = gc_elsewhere()
-    assert collected.returncode == 0, collected
-    report = json.loads(collected.stdout)
+    collected, said, listed = cli_elsewhere(("gc", "--json"), ("gc",), ("ls",))
+    assert collected[0] == 0, collected
+    report = json.loads(collected[1])
     assert report["removed"] == [], report
     left = {Path(item["path"]).name: item for item in report["left"]}
     assert set(left) == {name for name in live_staging if not name.endswith(".lock")}
@@ -302,10 +320,8 @@ def test_gc_on_another_machine_keeps_a_live_writers_staging_where_locks_are_loca
         assert not item["writer_alive"]  # its lock looks free from there
         assert f"pid {pid_of(out, 'h', 0)}" in item["kept_because"]
         assert "local to each machine" in item["kept_because"]
-    said = cli_elsewhere("gc")
-    assert said.returncode == 0 and "(kept: the lease holder" in said.stdout, said
-    listed = cli_elsewhere("ls")
-    assert listed.returncode == 0 and "(gc keeps it: the lease holder" in listed.stdout, listed
+    assert said[0] == 0 and "(kept: the lease holder" in said[1], said
+    assert listed[0] == 0 and "(gc keeps it: the lease holder" in listed[1], listed
     assert staged(root) == live_staging
     (out / "h.resume").touch()
     assert holding.wait(STARTUP) == 0, holding.output
@@ -313,9 +329,9 @@ def test_gc_on_another_machine_keeps_a_live_writers_staging_where_locks_are_loca
 
     forced = jobs.start(plain(root, out, "f", "--saves", "1", "--hold-in-save", "1", *held))
     wait_until((out / "f.held").exists, "the third save reached its hold", STARTUP)
-    collected = gc_elsewhere("--force")
-    assert collected.returncode == 0, collected
-    removed = json.loads(collected.stdout)["removed"]
+    ((status, printed, errors),) = cli_elsewhere(("gc", "--json", "--force"))
+    assert status == 0, (printed, errors)
+    removed = json.loads(printed)["removed"]
     assert [Path(path).name.split(".")[0] for path in removed] == ["step-00000003"], removed
     (out / "f.resume").touch()
     assert forced.wait(STARTUP) == 0, forced.output
@@ -338,7 +354,7 @@ def test_a_fenced_job_commits_nothing(jobs: Jobs) -> None:
     holder = read_holder(root)
     assert holder is not None and holder.host == "node-a" and holder.generation == 1
 
-    broke = _cli("lease", "--break", str(root))
+    broke = run_cli("lease", "--break", str(root))
     assert broke.returncode == 0 and "broke the lease of" in broke.stdout, broke
     (out / "f.go-2").touch()
     wait_until(lambda: all(logged(out, "f", r, "failed") for r in RANKS), "save 2 failed", STARTUP)

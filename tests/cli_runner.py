@@ -1,0 +1,31 @@
+"""The distckpt command line run in the test's process, as the tests of the command line and
+of the lease run it."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import subprocess
+from pathlib import Path
+
+
+def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """``distckpt *args`` run in this process (a process of its own would spend seconds
+    importing torch; ``test_python_dash_m_runs_the_real_entry_point`` covers the real entry
+    point), in ``cwd`` when given: its exit status and what it wrote to stdout and to stderr.
+    What it judges of a lease's holder is what a process of its own judges: a lease's lock is
+    taken through a file descriptor of its own, which another of this process's descriptors
+    holding the lock excludes too."""
+    from distckpt.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    previous = os.getcwd()
+    try:
+        if cwd is not None:
+            os.chdir(cwd)
+        with contextlib.redirect_stderr(err):
+            status = main(list(args), out=out)
+    finally:
+        os.chdir(previous)
+    return subprocess.CompletedProcess(["distckpt", *args], status, out.getvalue(), err.getvalue())

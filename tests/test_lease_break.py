@@ -1,0 +1,301 @@
+"""Breaking a root's lease (``distckpt lease --break``) between real processes: a broken lease
+fences its holder; a live holder on this machine (or in another PID namespace of it) is never
+broken, also by an older version; a job that took the root meanwhile is left alone; a
+lingering lock ends at the worst moment and the requeued job still holds the only lease; gc
+removes a lock file a killed break moved aside. The holders are processes of their own, as in
+``tests/test_lease.py``.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import textwrap
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+import distckpt
+import distckpt.lease
+import distckpt.lease_break
+from distckpt.layout import RootLayout
+from distckpt.lease import RootLease, this_host
+from distckpt.lease_break import break_lease
+from tests.cli_runner import run_cli
+from tests.lease_holders import (
+    STARTUP,
+    Holder,
+    _on_another_host,
+    _record_as_another_machine,
+    _start,
+)
+
+
+def test_a_broken_lease_fences_its_holder(root: Path, holders: list[Holder]) -> None:
+    root.mkdir()
+    elsewhere = _start(holders, root, prefix=_on_another_host())
+    assert elsewhere.line() == "held 1"
+    assert elsewhere.ask("check") == "current"
+
+    broke = run_cli("lease", "--break", os.fspath(root))
+    assert broke.returncode == 0, broke.stderr
+    assert "broke the lease of" in broke.stdout and "host node-a" in broke.stdout
+    assert "an operator broke it" in elsewhere.ask("check")
+
+    lease = RootLease.acquire(root)
+    try:
+        assert lease.generation == 2
+        lost = elsewhere.ask("check")
+        assert lost.startswith("lost LeaseLost") and f"pid {os.getpid()}" in lost
+        assert elsewhere.ask("release") == "released"
+        lease.check_current()  # the fenced holder's release left the new record alone
+    finally:
+        lease.release()
+
+
+def test_break_refuses_a_live_holder_on_this_machine(root: Path, holders: list[Holder]) -> None:
+    root.mkdir()
+    first = _start(holders, root)
+    assert first.line() == "held 1"
+    refused = run_cli("lease", "--break", os.fspath(root))
+    assert refused.returncode == 2
+    assert f"pid {first.pid}" in refused.stderr and "stop it" in refused.stderr
+    assert first.ask("check") == "current"
+
+
+def test_a_break_leaves_alone_a_job_that_took_the_root_after_its_holder_was_judged_dead(
+    root: Path,
+    holders: list[Holder],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """An operator breaks the lease of a holder on a machine that died; between the break's
+    reading of the record and its writing, the requeued job (a real process, taking the real
+    lock) takes the root over. The break changes nothing and says so: the requeued job keeps
+    its lease, its lock file stays, and a third job is refused."""
+    from distckpt.cli import main
+
+    root.mkdir()
+    dead = _record_as_another_machine(root, host=this_host() + "-node7")
+    lock_file = RootLayout(root).lease_lock_path
+    requeued: list[Holder] = []
+    real_read_holder = distckpt.lease_break.read_holder
+
+    def judged_dead_then_the_requeued_job_claims(where: str | os.PathLike[str]) -> object:
+        judged = real_read_holder(where)
+        # forked here: the break reads the record before it takes any lock
+        requeued.append(_start(holders, root))
+        assert requeued[-1].line() == f"held {dead.generation + 1}"
+        return judged
+
+    # A wrapper around the break's read: the read and the write are microseconds apart, and no
+    # real part can schedule another process's claim between them. The claim itself is real.
+    monkeypatch.setattr(
+        distckpt.lease_break, "read_holder", judged_dead_then_the_requeued_job_claims
+    )
+    with pytest.raises(distckpt.LeaseTakenMeanwhile) as refused:
+        break_lease(root)
+    (job,) = requeued
+    message = str(refused.value)
+    assert f"judged dead as {dead.describe()}" in message
+    assert "taken meanwhile by" in message and f"pid {job.pid}" in message
+    assert "The lease record was left as it was" in message
+    assert isinstance(refused.value, distckpt.RootInUse)
+    assert refused.value.judged == replace(dead, alive=False)  # its lock was free
+    assert refused.value.holder is not None and refused.value.holder.pid == job.pid
+    assert job.ask("check") == "current"
+    assert lock_file.exists()
+    with pytest.raises(distckpt.RootInUse):
+        RootLease.acquire(root)
+
+    # The command line says so too, with exit status 2: the same race once more, with the
+    # first requeued job dead and the dead machine's record written back.
+    job.kill()
+    _record_as_another_machine(root, host=this_host() + "-node7")
+    assert main(["lease", "--break", os.fspath(root)], out=io.StringIO()) == 2
+    assert len(requeued) == 2 and "taken meanwhile by" in capsys.readouterr().err
+    assert requeued[-1].ask("check") == "current"
+
+
+def _in_another_pid_namespace() -> tuple[str, ...]:
+    """A prefix that runs a command in a PID namespace of its own on this machine (a
+    container sharing the host's hostname): its pids name other processes than ours."""
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        pytest.skip("needs unshare(1) for a PID namespace")
+    # --kill-child: the command dies with unshare, which the test kills by its pid
+    return (unshare, "--pid", "--fork", "--mount-proc", "--kill-child")
+
+
+def test_a_holder_in_another_pid_namespace_of_this_machine_is_judged_by_its_lock(
+    root: Path, holders: list[Holder], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """flock is kept per kernel, so a holder in another PID namespace of this machine is on
+    this machine: alive, its lease is not broken; dead, it is taken over, also where locks
+    are local to each machine (where another machine's holder would be refused)."""
+    root.mkdir()
+    first = _start(holders, root, prefix=_in_another_pid_namespace())
+    assert first.line() == "held 1"
+    # no mount with machine-local locks can be made here (see the test above)
+    monkeypatch.setattr(distckpt.lease, "locks_local_to_machine", lambda path: True)
+    with pytest.raises(distckpt.RootInUse, match="on this machine and alive"):
+        break_lease(root)
+    assert first.ask("check") == "current"
+    first.kill()
+    with RootLease.acquire(root, wait=STARTUP) as lease:
+        assert lease.generation == 2
+
+
+#: The package of an older version (commit e3b8cf7), whose lease records have no boot id and
+#: whose ``lease --break`` breaks a holder unless its host is this hostname (see
+#: tests/test_s3_set_aside.py, which keeps it for the same reason: a shallow clone lacks
+#: history).
+OLDER_VERSION_ARCHIVE = Path(__file__).parent / "fixtures/older-version/distckpt-e3b8cf7.tar.xz"
+
+
+def test_an_older_versions_break_refuses_a_live_holder_of_this_version_on_this_machine(
+    root: Path, holders: list[Holder], tmp_path: Path
+) -> None:
+    """This version's record keeps the keys an older version decodes (it ignores the boot id)
+    and the plain hostname it compares: its ``lease --break`` finds the holder on its machine
+    and alive, and refuses."""
+    older = tmp_path / "older"
+    with tarfile.open(OLDER_VERSION_ARCHIVE) as tar:
+        tar.extractall(older, filter="data")
+    root.mkdir()
+    first = _start(holders, root)
+    assert first.line() == "held 1"
+    refused = subprocess.run(
+        [sys.executable, "-m", "distckpt", "lease", "--break", os.fspath(root)],
+        env=dict(os.environ, PYTHONPATH=os.fspath(older)),
+        cwd=older,
+        capture_output=True,
+        text=True,
+        timeout=STARTUP,
+    )
+    assert refused.returncode == 2, refused.stderr
+    assert f"pid {first.pid}" in refused.stderr and "stop it" in refused.stderr
+    assert first.ask("check") == "current"
+
+
+_LINGERING_LOCK = textwrap.dedent(
+    """
+    import fcntl, os, sys, time
+
+    fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    print("locked", flush=True)
+    time.sleep(600)
+    """
+)
+
+
+@pytest.mark.parametrize("waiting_version", ["this", "older"])
+def test_a_break_past_a_lingering_lock_leaves_the_requeued_job_one_lease(
+    root: Path,
+    holders: list[Holder],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    waiting_version: str,
+) -> None:
+    """On NFS a dead machine's lock lingers until the server's lease ends, and the operator
+    breaks the lease meanwhile, while the requeued job waits for the lock (``wait_for_root``,
+    of this version or an older one). The lingering lock ends at the worst moment, just as the
+    break writes the record: the break holds the lock of a new lock file by then, so the
+    requeued job claims the root after the break, on the file every later job locks. It holds
+    the only lease, generation 4; a third job is refused."""
+    root.mkdir()
+    dead = _record_as_another_machine(root, host=this_host() + "-node7")
+    lock_file = RootLayout(root).lease_lock_path
+    # No NFS server here whose lease of a dead client's lock could be let run out: a process
+    # holding the flock of the lock file stands in for it, as that lock looks the same from
+    # here (held by no process the break can judge), until the process is killed.
+    lingering = subprocess.Popen(
+        [sys.executable, "-c", _LINGERING_LOCK, os.fspath(lock_file)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert lingering.stdout is not None and lingering.stdout.readline().strip() == "locked"
+        prefix: tuple[str, ...] = ()
+        if waiting_version == "older":
+            older = tmp_path / "older"
+            with tarfile.open(OLDER_VERSION_ARCHIVE) as tar:
+                tar.extractall(older, filter="data")
+            # its own directory first on the path, so that it imports its own package
+            prefix = ("env", "-C", os.fspath(older), f"PYTHONPATH={older}")
+        requeued = _start(holders, root, wait=STARTUP, prefix=prefix, announce=True)
+        assert requeued.line() == "acquiring"
+        claimed_during_the_write: list[str] = []
+        real_write = distckpt.lease_break.atomic_write_bytes
+
+        def the_lingering_lock_ends_as_the_break_writes(
+            path: Path, data: bytes, **kw: bool
+        ) -> None:
+            lingering.kill()
+            lingering.wait(timeout=STARTUP)
+            # a job polling a free lock takes it within a few of filelock's 0.05 s polls
+            claimed_during_the_write.append(requeued.line(timeout=2.0))
+            real_write(path, data, **kw)
+
+        # A wrapper around the break's write: no real part can end the lingering lock between
+        # the break's re-reading of the record and its writing. The end itself is real.
+        monkeypatch.setattr(
+            distckpt.lease_break, "atomic_write_bytes", the_lingering_lock_ends_as_the_break_writes
+        )
+        try:
+            broken = break_lease(root)
+        except distckpt.LeaseTakenMeanwhile:
+            # It took the new lock file in the instant between its making and the break's
+            # lock (it polls every 0.05 s): the break then changes nothing, also one lease.
+            assert claimed_during_the_write == []
+        else:
+            assert broken is not None and broken.token == dead.token and broken.broken_utc
+            assert claimed_during_the_write == [""]  # it waited for the break's lock
+    finally:
+        if lingering.poll() is None:
+            lingering.kill()
+        lingering.wait(timeout=STARTUP)
+    assert requeued.line() == f"held {dead.generation + 1}"
+    assert requeued.ask("check") == "current"
+    assert lock_file.exists()
+    assert [path.name for path in root.glob(".lease.*.lingering")] == []
+    with pytest.raises(distckpt.RootInUse):
+        RootLease.acquire(root)
+    assert requeued.ask("check") == "current"
+
+
+def test_gc_removes_a_lease_lock_file_a_killed_break_moved_aside(
+    root: Path, holders: list[Holder]
+) -> None:
+    """A break killed between moving a lingering lock file aside and removing it leaves the
+    file behind: gc removes it once 60 s old, whether a job holds the lease or not (a break
+    holding the lease lock may still be at work, and where locks do not reach, as here on
+    another NFS client, that lock looks free: a young file is kept even when none looks held)."""
+    from distckpt.cli import main
+
+    root.mkdir()
+    moved_aside = RootLayout(root).lingering_lease_lock_path("a" * 32)
+    moved_aside.touch()
+    job = _start(holders, root)
+    assert job.line() == "held 1"
+    assert main(["gc", os.fspath(root)], out=io.StringIO()) == 0
+    assert moved_aside.exists()
+    an_hour_ago = time.time() - 3600
+    os.utime(moved_aside, (an_hour_ago, an_hour_ago))
+    assert main(["gc", os.fspath(root)], out=io.StringIO()) == 0
+    assert not moved_aside.exists()
+    job.kill()
+    moved_aside.touch()
+    assert main(["gc", os.fspath(root)], out=io.StringIO()) == 0
+    assert moved_aside.exists()
+    os.utime(moved_aside, (an_hour_ago, an_hour_ago))
+    out = io.StringIO()
+    assert main(["gc", os.fspath(root)], out=out) == 0
+    assert not moved_aside.exists() and f"removed {moved_aside}" in out.getvalue()
