@@ -30,7 +30,7 @@ from tests.cli_runner import run_cli
 from tests.filesystems import MountFactory
 from tests.lease_holders import _on_another_host, _on_another_machine_named_like_this_one
 from tests.test_launch import Job, _cmdline
-from tests.waiting import wait_until
+from tests.waiting import wait_until, wait_while_running
 
 REPO = Path(__file__).resolve().parents[1]
 LEASE_JOB = REPO / "tests" / "lease_job.py"
@@ -144,8 +144,11 @@ def decided(out: Path, run: str) -> bool:
 def test_two_jobs_at_once_one_holds_the_root_the_other_is_refused_or_waits(jobs: Jobs) -> None:
     root, out = jobs.root, jobs.out
     started = {run: jobs.start(plain(root, out, run, "--hold-open")) for run in ("p", "q")}
-    wait_until(
-        lambda: decided(out, "p") and decided(out, "q"), "both jobs opened or refused", STARTUP
+    wait_while_running(
+        list(started.values()),
+        lambda: decided(out, "p") and decided(out, "q"),
+        "both jobs opened or refused",
+        STARTUP,
     )
     winner = next(run for run in started if logged(out, run, 0, "opened"))
     loser = "q" if winner == "p" else "p"

@@ -15,7 +15,7 @@ import random
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +30,8 @@ from tests import killing
 from tests.ranks import run_ranks
 from tests.s3_job import WORLD_SIZE, expected_state, loss_at, template
 from tests.s3server import S3Server
-from tests.test_launch import Job
 from tests.test_lease_jobs import Jobs, log, logged, pid_of, saved_steps
-from tests.waiting import wait_until
+from tests.waiting import wait_until, wait_while_running
 
 REPO = Path(__file__).resolve().parents[1]
 S3_JOB = REPO / "tests" / "s3_job.py"
@@ -88,21 +87,6 @@ class S3Jobs(Jobs):
 def jobs(tmp_path: Path) -> Iterator[S3Jobs]:
     with contextlib.closing(S3Jobs(tmp_path)) as started:
         yield started
-
-
-def wait_while_running(
-    running: list[Job], condition: Callable[[], object], what: str, timeout: float = STARTUP
-) -> None:
-    """Wait for ``condition``, failing at once (with the output) if every job of ``running``
-    ended before it came true, and after ``timeout`` seconds otherwise."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if all(job.process.poll() is not None for job in running) and not condition():
-            outputs = "\n".join(job.output for job in running)
-            pytest.fail(f"{what}: the job(s) ended first:\n{outputs[-4000:]}")
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what}: not within {timeout} s")
-        time.sleep(0.05)
 
 
 def reader(url: str, server: S3Server, **options: Any) -> distckpt.CheckpointManager:
@@ -170,6 +154,7 @@ def test_jobs_killed_at_random_instants_resume_from_the_newest_committed_step(
             [job],
             lambda run=run, saves=saves: len(saved_steps(out, run, 0)) >= saves,
             f"{run} saved {saves} time(s)",
+            STARTUP,
         )
         time.sleep(chooser.uniform(0.0, 0.4))
         jobs.kill_all()  # SIGKILL: every rank by its pid, and the launcher (the only job)
@@ -326,7 +311,9 @@ def test_two_jobs_on_one_prefix_one_holds_it_the_other_is_refused_or_waits(
         return all(logged(out, run, r, "opened") or logged(out, run, r, "refused") for r in RANKS)
 
     both = list(started.values())
-    wait_while_running(both, lambda: decided("p") and decided("q"), "both opened or were refused")
+    wait_while_running(
+        both, lambda: decided("p") and decided("q"), "both opened or were refused", STARTUP
+    )
     winner = next(run for run in started if logged(out, run, 0, "opened"))
     loser = "q" if winner == "p" else "p"
     for rank in RANKS:
@@ -338,12 +325,14 @@ def test_two_jobs_on_one_prefix_one_holds_it_the_other_is_refused_or_waits(
     assert all(saved_steps(out, loser, rank) == [] for rank in RANKS)
 
     holder = [started[winner]]
-    wait_while_running(holder, lambda: saved_steps(out, winner, 1) == [1, 2], "the winner saved")
+    wait_while_running(
+        holder, lambda: saved_steps(out, winner, 1) == [1, 2], "the winner saved", STARTUP
+    )
     waiting = jobs.start(
         forked(s3_url, out, "r", *job_options(s3_server, "--steps", "4", "--wait", "200"))
     )
     wait_while_running(
-        [waiting], lambda: all(logged(out, "r", r, "opening") for r in RANKS), "r began"
+        [waiting], lambda: all(logged(out, "r", r, "opening") for r in RANKS), "r began", STARTUP
     )
     time.sleep(2.0)
     assert not logged(out, "r", 0, "opened"), "it opened a prefix another job holds"

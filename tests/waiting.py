@@ -6,12 +6,23 @@ Kept free of heavy imports (torch): test modules of every kind import it.
 
 from __future__ import annotations
 
+import subprocess
 import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from distckpt import CheckpointManager
+
+
+class RunningJob(Protocol):
+    """A job another process runs (``tests.test_launch.Job``): its process and output so far."""
+
+    process: subprocess.Popen[str]
+
+    @property
+    def output(self) -> str: ...
+
 
 #: How often a condition is checked again.
 POLL_SECONDS = 0.05
@@ -22,6 +33,22 @@ def wait_until(condition: Callable[[], object], what: str, timeout: float) -> No
     if it is still false after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {timeout} s")
+        time.sleep(POLL_SECONDS)
+
+
+def wait_while_running(
+    running: Sequence[RunningJob], condition: Callable[[], object], what: str, timeout: float
+) -> None:
+    """:func:`wait_until`, failing at once (with their output) if every job of ``running``
+    ended before ``condition`` came true: a job that crashed fails the test with its own
+    traceback, not with a timeout minutes later."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if all(job.process.poll() is not None for job in running) and not condition():
+            outputs = "\n".join(job.output for job in running)
+            raise AssertionError(f"{what}: the job(s) ended first:\n{outputs[-4000:]}")
         if time.monotonic() > deadline:
             raise AssertionError(f"{what}: not within {timeout} s")
         time.sleep(POLL_SECONDS)
