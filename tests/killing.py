@@ -8,20 +8,31 @@ run started: the job is killed (its whole process group: every rank, Lightning's
 loader workers) as soon as that many are there, and the next run starts only once every
 process of that group is gone. No fixed sleeps: a kill waits for the job's
 own progress, however slow a loaded machine makes it.
+
+A run is a forked copy of the test's process running the script as ``__main__`` (see
+:func:`_run_script`), not a fresh interpreter: importing torch and Lightning again costs a
+fresh one 2 to 6 s, every run. Nothing passes from one run to the next that way either: each
+is forked from the test's process, which never runs the job itself, and each job seeds its
+own RNGs and sets its own thread count, as it would in a fresh interpreter.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import logging
+import multiprocessing as mp
 import os
 import random
+import runpy
 import shutil
 import signal
-import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 
@@ -134,6 +145,84 @@ def _env() -> dict[str, str]:
     return env
 
 
+#: The warning filters of a fresh interpreter started without ``-W`` (pytest installs its own).
+_FRESH_WARNING_FILTERS: tuple[tuple[str, type[Warning], str], ...] = (
+    ("default", DeprecationWarning, "__main__"),
+    ("ignore", DeprecationWarning, ""),
+    ("ignore", PendingDeprecationWarning, ""),
+    ("ignore", ImportWarning, ""),
+    ("ignore", ResourceWarning, ""),
+)
+
+
+def _print_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: Any = None,
+    line: str | None = None,
+) -> None:
+    sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+
+def _as_in_a_fresh_interpreter() -> None:
+    """Undo, in a job forked from a test, what pytest changed in the test's process: its
+    warning filters and its recording of warnings and log records (a job prints them to its
+    log, which tests read), and its signal handlers."""
+    warnings.resetwarnings()
+    for action, category, module in reversed(_FRESH_WARNING_FILTERS):
+        warnings.filterwarnings(action, category=category, module=module)  # type: ignore[arg-type]
+    warnings.showwarning = _print_warning
+    logging.getLogger().handlers.clear()
+    logging.getLogger().setLevel(logging.WARNING)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    for signum in (signal.SIGTERM, signal.SIGALRM, signal.SIGUSR1):
+        signal.signal(signum, signal.SIG_DFL)
+
+
+def _run_script(command: Sequence[str], log: str) -> None:
+    """What ``python SCRIPT ARGS...`` (``command``) does, in a process forked from the test's,
+    leading a process group of its own: the script runs as ``__main__`` from the repository,
+    its output going to ``log``, and its ``atexit`` handlers run when it ends (the test's own
+    are forgotten first). torch and Lightning are imported already."""
+    os.setsid()
+    output = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    os.dup2(output, 1)
+    os.dup2(output, 2)
+    os.close(output)
+    sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115
+    sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
+    os.chdir(ROOT)
+    os.environ.clear()
+    os.environ.update(_env())
+    torch.set_num_threads(1)  # what OMP_NUM_THREADS=1 gives a fresh interpreter
+    _as_in_a_fresh_interpreter()
+    sys.argv = list(command)
+    sys.path.insert(0, str((ROOT / command[0]).parent))
+    atexit._clear()
+    try:
+        runpy.run_path(str(ROOT / command[0]), run_name="__main__")
+    finally:
+        atexit._run_exitfuncs()
+
+
+def _start(command: Sequence[str], log: Path) -> BaseProcess:
+    """Start ``command`` forked (:func:`_run_script`); returns once it leads its process
+    group, so that a SIGKILL of the group reaches it."""
+    # A process group of the test's would be the job's too, where a fresh interpreter has none.
+    assert not torch.distributed.is_initialized(), "a job forked from a test in a process group"
+    job = mp.get_context("fork").Process(target=_run_script, args=(command, str(log)))
+    job.start()
+    assert job.pid is not None
+    while job.exitcode is None:
+        with contextlib.suppress(ProcessLookupError):
+            if os.getpgid(job.pid) == job.pid:
+                break
+        time.sleep(0.001)
+    return job
+
+
 def run(
     command: Sequence[str],
     out: Path,
@@ -142,27 +231,20 @@ def run(
     counted: str = "losses-rank0.txt",
     timeout: float = 240,
 ) -> bool:
-    """Run ``command`` (a Python script and its arguments) in a process group of its own; with
-    ``kill_after``, SIGKILL the group once ``OUT/counted`` (rank 0's losses unless told) has
-    that many more lines. True if the job was killed, False if it finished (its exit status
-    must then be 0)."""
+    """Run ``command`` (a Python script, relative to the repository, and its arguments) in a
+    process group of its own (forked: see the module doc); with ``kill_after``, SIGKILL the
+    group once ``OUT/counted`` (rank 0's losses unless told) has that many more lines. True if
+    the job was killed, False if it finished (its exit status must then be 0)."""
     log = out / counted
     start = _count_lines(log)
-    with open(out / "job.log", "ab") as output:
-        job = subprocess.Popen(
-            [sys.executable, *command],
-            cwd=ROOT,
-            env=_env(),
-            stdout=output,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    job = _start(command, out / "job.log")
+    assert job.pid is not None
     deadline = time.monotonic() + timeout
     try:
-        while job.poll() is None:
+        while job.exitcode is None:
             if kill_after is not None and _count_lines(log) - start >= kill_after:
                 os.killpg(job.pid, signal.SIGKILL)
-                job.wait()
+                job.join()
                 wait_until_group_is_gone(job.pid)
                 return True
             if time.monotonic() > deadline:
@@ -172,16 +254,16 @@ def run(
                 )
             time.sleep(0.02)
     finally:
-        if job.poll() is None:
+        if job.exitcode is None:
             os.killpg(job.pid, signal.SIGKILL)
-            job.wait()
+            job.join()
     # The job's own children (ranks, loader workers) must not outlive it either.
     with contextlib.suppress(ProcessLookupError):
         os.killpg(job.pid, signal.SIGKILL)
     wait_until_group_is_gone(job.pid)
-    if job.returncode != 0:
+    if job.exitcode != 0:
         output = (out / "job.log").read_text()[-4000:]
-        raise AssertionError(f"{command} exited {job.returncode}:\n{output}")
+        raise AssertionError(f"{command} exited {job.exitcode}:\n{output}")
     return False
 
 
