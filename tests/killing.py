@@ -163,6 +163,8 @@ def _print_warning(
     file: Any = None,
     line: str | None = None,
 ) -> None:
+    """Print a warning to stderr, as a fresh interpreter's ``warnings.showwarning`` does (the
+    test's records it for pytest's summary instead)."""
     sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
 
 
@@ -199,7 +201,9 @@ def _run_script(command: Sequence[str], log: str) -> None:
     torch.set_num_threads(1)  # what OMP_NUM_THREADS=1 gives a fresh interpreter
     _as_in_a_fresh_interpreter()
     sys.argv = list(command)
-    sys.path.insert(0, str((ROOT / command[0]).parent))
+    sys.path.insert(0, str((ROOT / command[0]).parent))  # as ``python SCRIPT`` puts it
+    # The test's exit handlers are not the job's; the job's own run when it ends, as they do
+    # at a fresh interpreter's exit (a multiprocessing child skips them otherwise).
     atexit._clear()
     try:
         runpy.run_path(str(ROOT / command[0]), run_name="__main__")
