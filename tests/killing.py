@@ -9,30 +9,35 @@ loader workers) as soon as that many are there, and the next run starts only onc
 process of that group is gone. No fixed sleeps: a kill waits for the job's
 own progress, however slow a loaded machine makes it.
 
-A run is a forked copy of the test's process running the script as ``__main__`` (see
-:func:`_run_script`), not a fresh interpreter: importing torch and Lightning again costs a
-fresh one 2 to 6 s, every run. Nothing passes from one run to the next that way either: each
-is forked from the test's process, which never runs the job itself, and each job seeds its
-own RNGs and sets its own thread count, as it would in a fresh interpreter.
+A run is a child of a job server (``tests/job_server.py``): a fresh interpreter, started once
+per test process and reused, that has imported torch, Lightning, torchdata and numpy (a fresh
+interpreter would take 2 to 6 s over them at every run) but neither distckpt nor the tests,
+and forks each run from itself. The run then does what ``python SCRIPT ARGS...`` does: it
+leads a process group of its own, has the test's whole environment (as a subprocess would),
+imports distckpt afresh, runs the script as ``__main__`` and its exit handlers at its end.
+
+There are two servers, each with its own random hash seed (``PYTHONHASHSEED``, drawn per test
+process), and runs take turns between them: a killed run and the run resuming it never share
+a hash seed, as a user's re-run of the same command does not, so a job whose results depend
+on ``hash()`` of a string does not resume bit for bit here either.
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
-import logging
-import multiprocessing as mp
+import json
 import os
+import queue
 import random
-import runpy
 import shutil
 import signal
+import subprocess
 import sys
+import threading
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 
@@ -145,86 +150,114 @@ def _env() -> dict[str, str]:
     return env
 
 
-#: The warning filters of a fresh interpreter started without ``-W`` (pytest installs its own).
-_FRESH_WARNING_FILTERS: tuple[tuple[str, type[Warning], str], ...] = (
-    ("default", DeprecationWarning, "__main__"),
-    ("ignore", DeprecationWarning, ""),
-    ("ignore", PendingDeprecationWarning, ""),
-    ("ignore", ImportWarning, ""),
-    ("ignore", ResourceWarning, ""),
-)
+class _JobServer:
+    """A running ``tests/job_server.py`` (see there), started with hash seed ``hash_seed``:
+    sends it jobs and collects what it reports of them (a thread reads its answers)."""
+
+    def __init__(self, hash_seed: int) -> None:
+        env = _env()
+        env["PYTHONHASHSEED"] = str(hash_seed)
+        self._process = subprocess.Popen(
+            [sys.executable, str(ROOT / "tests" / "job_server.py")],
+            cwd=ROOT,
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+        )
+        self._started: queue.Queue[int | None] = queue.Queue()
+        self._exit_codes: dict[int, int] = {}
+        self._reported = threading.Condition()
+        self._requesting = threading.Lock()
+        threading.Thread(target=self._read_reports, daemon=True).start()
+
+    def _read_reports(self) -> None:
+        assert self._process.stdout is not None
+        for line in self._process.stdout:
+            report = json.loads(line)
+            if "started" in report:
+                self._started.put(report["started"])
+            else:
+                with self._reported:
+                    self._exit_codes[report["exited"]] = report["code"]
+                    self._reported.notify_all()
+        self._started.put(None)  # the server is gone: a request waiting for it fails
+
+    @property
+    def alive(self) -> bool:
+        return self._process.poll() is None
+
+    def start(self, command: Sequence[str], log: Path) -> _Job:
+        """Start ``python *command`` in the server, with the environment a subprocess of the
+        test would get; returns once the job leads its process group."""
+        request = {"argv": list(command), "env": _env(), "cwd": str(ROOT), "log": str(log)}
+        assert self._process.stdin is not None
+        with self._requesting:
+            self._process.stdin.write((json.dumps(request) + "\n").encode())
+            self._process.stdin.flush()
+            pid = self._started.get(timeout=GROUP_EXIT_SECONDS)
+        assert pid is not None, f"the job server ended (exit status {self._process.poll()})"
+        return _Job(self, pid)
+
+    def exit_code(self, pid: int, timeout: float | None) -> int | None:
+        """Job ``pid``'s exit status once the server reaped it, waiting up to ``timeout``."""
+        with self._reported:
+            self._reported.wait_for(lambda: pid in self._exit_codes or not self.alive, timeout)
+            return self._exit_codes.get(pid)
+
+    def stop(self) -> None:
+        self._process.kill()
+        self._process.wait()
 
 
-def _print_warning(
-    message: Warning | str,
-    category: type[Warning],
-    filename: str,
-    lineno: int,
-    file: Any = None,
-    line: str | None = None,
-) -> None:
-    """Print a warning to stderr, as a fresh interpreter's ``warnings.showwarning`` does (the
-    test's records it for pytest's summary instead)."""
-    sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+@dataclass(frozen=True)
+class _Job:
+    """A job a :class:`_JobServer` runs (with ``exitcode`` and ``join`` as a process has)."""
+
+    server: _JobServer
+    pid: int
+
+    @property
+    def exitcode(self) -> int | None:
+        return self.server.exit_code(self.pid, timeout=0)
+
+    def join(self) -> None:
+        while self.server.exit_code(self.pid, timeout=1) is None:
+            assert self.server.alive, "the job server ended"
 
 
-def _as_in_a_fresh_interpreter() -> None:
-    """Undo, in a job forked from a test, what pytest changed in the test's process: its
-    warning filters and its recording of warnings and log records (a job prints them to its
-    log, which tests read), and its signal handlers."""
-    warnings.resetwarnings()
-    for action, category, module in reversed(_FRESH_WARNING_FILTERS):
-        warnings.filterwarnings(action, category=category, module=module)  # type: ignore[arg-type]
-    warnings.showwarning = _print_warning
-    logging.getLogger().handlers.clear()
-    logging.getLogger().setLevel(logging.WARNING)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    for signum in (signal.SIGTERM, signal.SIGALRM, signal.SIGUSR1):
-        signal.signal(signum, signal.SIG_DFL)
+#: The two job servers (started at their first use), with different hash seeds.
+_servers: list[_JobServer] = []
+#: How many runs have started: the servers take turns by it.
+_runs_started = 0
 
 
-def _run_script(command: Sequence[str], log: str) -> None:
-    """What ``python SCRIPT ARGS...`` (``command``) does, in a process forked from the test's,
-    leading a process group of its own: the script runs as ``__main__`` from the repository,
-    its output going to ``log``, and its ``atexit`` handlers run when it ends (the test's own
-    are forgotten first). torch and Lightning are imported already."""
-    os.setsid()
-    output = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    os.dup2(output, 1)
-    os.dup2(output, 2)
-    os.close(output)
-    sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115
-    sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
-    os.chdir(ROOT)
-    os.environ.clear()
-    os.environ.update(_env())
-    torch.set_num_threads(1)  # what OMP_NUM_THREADS=1 gives a fresh interpreter
-    _as_in_a_fresh_interpreter()
-    sys.argv = list(command)
-    sys.path.insert(0, str((ROOT / command[0]).parent))  # as ``python SCRIPT`` puts it
-    # The test's exit handlers are not the job's; the job's own run when it ends, as they do
-    # at a fresh interpreter's exit (a multiprocessing child skips them otherwise).
-    atexit._clear()
-    try:
-        runpy.run_path(str(ROOT / command[0]), run_name="__main__")
-    finally:
-        atexit._run_exitfuncs()
+def _hash_seeds() -> tuple[int, int]:
+    """Two different random hash seeds (``PYTHONHASHSEED``: 1 to 2**32 - 1; 0 turns
+    randomization off)."""
+    first = int.from_bytes(os.urandom(4), "little") % (2**32 - 1) + 1
+    return first, first % (2**32 - 1) + 1
 
 
-def _start(command: Sequence[str], log: Path) -> BaseProcess:
-    """Start ``command`` forked (:func:`_run_script`); returns once it leads its process
-    group, so that a SIGKILL of the group reaches it."""
-    # A process group of the test's would be the job's too, where a fresh interpreter has none.
-    assert not torch.distributed.is_initialized(), "a job forked from a test in a process group"
-    job = mp.get_context("fork").Process(target=_run_script, args=(command, str(log)))
-    job.start()
-    assert job.pid is not None
-    while job.exitcode is None:
-        with contextlib.suppress(ProcessLookupError):
-            if os.getpgid(job.pid) == job.pid:
-                break
-        time.sleep(0.001)
-    return job
+#: The servers' hash seeds, for this test process (a server started again keeps its own).
+_HASH_SEEDS = _hash_seeds()
+
+
+def _stop_servers() -> None:
+    for server in _servers:
+        server.stop()
+
+
+def _start(command: Sequence[str], log: Path) -> _Job:
+    """Start ``command`` in the next job server by turns (see the module doc)."""
+    global _runs_started
+    if not _servers:
+        _servers.extend(_JobServer(seed) for seed in _HASH_SEEDS)
+        atexit.register(_stop_servers)
+    turn = _runs_started % len(_servers)
+    _runs_started += 1
+    if not _servers[turn].alive:
+        _servers[turn] = _JobServer(_HASH_SEEDS[turn])
+    return _servers[turn].start(command, log)
 
 
 def run(
@@ -236,7 +269,7 @@ def run(
     timeout: float = 240,
 ) -> bool:
     """Run ``command`` (a Python script, relative to the repository, and its arguments) in a
-    process group of its own (forked: see the module doc); with ``kill_after``, SIGKILL the
+    process group of its own (in a job server: see the module doc); with ``kill_after``, SIGKILL the
     group once ``OUT/counted`` (rank 0's losses unless told) has that many more lines. True if
     the job was killed, False if it finished (its exit status must then be 0)."""
     log = out / counted
