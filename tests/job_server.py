@@ -117,6 +117,7 @@ def _run_job(request: dict[str, Any], ready: int, imports: list[warnings.Warning
 
 
 def _send(message: dict[str, int]) -> None:
+    """Write one report to the client (fd 1 directly: a child's own ``sys.stdout`` is its log)."""
     os.write(1, (json.dumps(message) + "\n").encode())
 
 
