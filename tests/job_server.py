@@ -9,27 +9,29 @@ working directory and arguments of the request, writes its output to the request
 the default signal handlers, runs the script as ``__main__`` and ends the way an interpreter
 does (non-daemon threads joined, exit handlers run).
 
-The protocol, one JSON object a line: the client writes ``{"argv", "env", "cwd", "log"}``;
-the server answers ``{"started": PID}`` once the child leads its session (so that a SIGKILL of
-its group reaches it), and ``{"exited": PID, "code": CODE}`` when it has reaped it (``CODE``
-as ``subprocess.Popen.returncode`` gives it: minus the signal for a killed one). The server
-ends when its input closes.
+The protocol, one JSON object a line: the client writes ``{"id", "argv", "env", "cwd",
+"log"}``; the server answers ``{"id": ID, "started": PID}`` once the child leads its session
+(so that a SIGKILL of its group reaches it), and ``{"id": ID, "exited": PID, "code": CODE}``
+when it has reaped it (``CODE`` as ``subprocess.Popen.returncode`` gives it: minus the signal
+for a killed one). Each answer echoes its request's ``ID``: a pid names a job only while it
+runs (the system gives it to another process afterwards), the id for good. The server ends
+when its input closes.
 
 Run as a script (``python tests/job_server.py``): :mod:`tests.killing` starts and uses it.
 """
 
 from __future__ import annotations
 
-import atexit
+import builtins
 import contextlib
 import json
 import os
-import runpy
 import select
 import signal
 import sys
-import threading
+import types
 import warnings
+from dataclasses import dataclass
 from typing import Any
 
 #: Imported once by the server; a job importing them finds them imported.
@@ -58,18 +60,12 @@ def _as_fresh_signals() -> None:
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
-def _exit_code(code: object) -> int:
-    """The exit status ``sys.exit(code)`` gives a fresh interpreter."""
-    if code is None:
-        return 0
-    if isinstance(code, int):
-        return code & 0xFF
-    print(code, file=sys.stderr)
-    return 1
-
-
-def _run_job(request: dict[str, Any], ready: int, imports: list[warnings.WarningMessage]) -> None:
-    """In the forked child: become ``python ARGV...`` as ``request`` says, run it, exit."""
+def _run_job(
+    request: dict[str, Any], ready: int, imports: list[warnings.WarningMessage]
+) -> BaseException | None:
+    """In the forked child: become ``python ARGV...`` as ``request`` says and run the script;
+    returns the exception it ended with (None if it ran to its end), for the server's top level
+    to raise, so that the child ends the way an interpreter does (see :func:`serve`)."""
     os.setsid()
     os.write(ready, b"x")
     os.close(ready)
@@ -93,27 +89,25 @@ def _run_job(request: dict[str, Any], ready: int, imports: list[warnings.Warning
     sys.path.insert(0, os.path.dirname(script))  # as ``python SCRIPT`` puts it
     for raised in imports:
         warnings.warn_explicit(raised.message, raised.category, raised.filename, raised.lineno)
-    interrupted = False
+    with open(script, "rb") as source:
+        code = compile(source.read(), script, "exec")
+    # A module of its own, left in place after the script's body returns (unlike
+    # ``runpy.run_path``, which puts the server's back): its threads and exit handlers still
+    # find the script's classes in ``__main__``, to pickle them.
+    main = types.ModuleType("__main__")
+    main.__file__ = script
+    main.__cached__ = None  # type: ignore[attr-defined]
+    main.__builtins__ = builtins  # type: ignore[attr-defined]
+    sys.modules["__main__"] = main
     try:
-        runpy.run_path(script, run_name="__main__")
-        code = 0
-    except SystemExit as exit_request:
-        code = _exit_code(exit_request.code)
-    except KeyboardInterrupt:
-        sys.excepthook(*sys.exc_info())  # type: ignore[arg-type]
-        code, interrupted = 1, True
-    except BaseException:
-        sys.excepthook(*sys.exc_info())  # type: ignore[arg-type]
-        code = 1
-    # What an interpreter does at its end: wait for non-daemon threads, run exit handlers.
-    threading._shutdown()  # type: ignore[attr-defined]
-    atexit._run_exitfuncs()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    if interrupted:  # an uncaught Ctrl-C ends a fresh interpreter by SIGINT
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
-        os.kill(os.getpid(), signal.SIGINT)
-    os._exit(code)
+        exec(code, main.__dict__)
+    except BaseException as error:  # raised again at the top level, as it is
+        # Without the server's frames between its top level and the script's, as far as can be.
+        assert error.__traceback__ is not None
+        return error.with_traceback(error.__traceback__.tb_next)
+    finally:
+        del main.__file__  # as ``python SCRIPT`` does once the script's body has returned
+    return None
 
 
 def _send(message: dict[str, int]) -> None:
@@ -121,24 +115,33 @@ def _send(message: dict[str, int]) -> None:
     os.write(1, (json.dumps(message) + "\n").encode())
 
 
-def _start(request: dict[str, Any], imports: list[warnings.WarningMessage]) -> None:
-    """Fork a child running ``request``; answer with its pid once it leads its session."""
+@dataclass
+class _JobEnd:
+    """What a job's child takes out of :func:`serve`: the exception its script ended with."""
+
+    error: BaseException | None
+
+
+def _start(
+    request: dict[str, Any], imports: list[warnings.WarningMessage], jobs: dict[int, int]
+) -> _JobEnd | None:
+    """Fork a child running ``request``; answer with its pid once it leads its session, and
+    record it in ``jobs`` (pid: request id). In the child, returns how its script ended."""
     ready_read, ready_write = os.pipe()
     pid = os.fork()
     if pid == 0:
         os.close(ready_read)
-        try:
-            _run_job(request, ready_write, imports)
-        finally:
-            os._exit(1)  # never back into the server's loop
+        return _JobEnd(_run_job(request, ready_write, imports))
     os.close(ready_write)
+    jobs[pid] = request["id"]
     os.read(ready_read, 1)  # empty if the child died first: it is reported as exited then
     os.close(ready_read)
-    _send({"started": pid})
+    _send({"id": request["id"], "started": pid})
+    return None
 
 
-def _reap() -> None:
-    """Report every child that has ended since the last look."""
+def _reap(jobs: dict[int, int]) -> None:
+    """Report every child of ``jobs`` that has ended since the last look, and forget it."""
     while True:
         try:
             pid, status = os.waitpid(-1, os.WNOHANG)
@@ -146,28 +149,42 @@ def _reap() -> None:
             return
         if pid == 0:
             return
-        _send({"exited": pid, "code": os.waitstatus_to_exitcode(status)})
+        code = os.waitstatus_to_exitcode(status)
+        _send({"id": jobs.pop(pid), "exited": pid, "code": code})
 
 
-def serve() -> None:
-    """Preload, then start the jobs asked for on stdin and report them until it closes."""
+def serve() -> _JobEnd | None:
+    """Preload, then start the jobs asked for on stdin and report them until it closes.
+
+    Returns None in the server. In a job's child it returns too, with how the job's script
+    ended, instead of going on in the server's loop: the top level raises the script's
+    exception, if any, and the child then ends through the interpreter's own shutdown as
+    ``python SCRIPT`` would (non-daemon threads joined, exit handlers and finalizers run, files
+    and C-level buffers flushed, ``sys.exit``'s status, a traceback or a Ctrl-C's SIGINT). The
+    server registers no exit handler and starts no thread, so a child runs none of its own.
+    """
     imports = _preload()
+    jobs: dict[int, int] = {}
     pending = b""
     while True:
         readable, _, _ = select.select([0], [], [], REAP_INTERVAL)
-        _reap()
+        _reap(jobs)
         if not readable:
             continue
         chunk = os.read(0, 65536)
         if not chunk:
-            return
+            return None
         pending += chunk
         *lines, pending = pending.split(b"\n")
         for line in lines:
-            _start(json.loads(line), imports)
+            job_end = _start(json.loads(line), imports, jobs)
+            if job_end is not None:
+                return job_end
 
 
 if __name__ == "__main__":
     # The server's own directory (``tests``) is no job's: each job's script puts its own first.
     sys.path.pop(0)
-    serve()
+    job_end = serve()
+    if job_end is not None and job_end.error is not None:
+        raise job_end.error

@@ -26,9 +26,9 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import itertools
 import json
 import os
-import queue
 import random
 import shutil
 import signal
@@ -152,7 +152,9 @@ def _env() -> dict[str, str]:
 
 class _JobServer:
     """A running ``tests/job_server.py`` (see there), started with hash seed ``hash_seed``:
-    sends it jobs and collects what it reports of them (a thread reads its answers)."""
+    sends it jobs and collects what it reports of them (a thread reads its answers). Jobs are
+    known by the id of their request, never by pid: the system gives a pid to another process
+    once its job has ended."""
 
     def __init__(self, hash_seed: int) -> None:
         env = _env()
@@ -164,8 +166,12 @@ class _JobServer:
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
         )
-        self._started: queue.Queue[int | None] = queue.Queue()
+        self._request_ids = itertools.count()
+        #: By request id, what the server has reported: each job's pid, each ended one's status.
+        self._pids: dict[int, int] = {}
         self._exit_codes: dict[int, int] = {}
+        #: The server's exit status, once its output has ended.
+        self._ended_with: int | None = None
         self._reported = threading.Condition()
         self._requesting = threading.Lock()
         threading.Thread(target=self._read_reports, daemon=True).start()
@@ -174,35 +180,66 @@ class _JobServer:
         assert self._process.stdout is not None
         for line in self._process.stdout:
             report = json.loads(line)
-            if "started" in report:
-                self._started.put(report["started"])
-            else:
-                with self._reported:
-                    self._exit_codes[report["exited"]] = report["code"]
-                    self._reported.notify_all()
-        self._started.put(None)  # the server is gone: a request waiting for it fails
+            with self._reported:
+                if "started" in report:
+                    self._pids[report["id"]] = report["started"]
+                else:
+                    self._exit_codes[report["id"]] = report["code"]
+                self._reported.notify_all()
+        status = self._process.wait()
+        with self._reported:  # whoever waits for a report now waits in vain: wake them
+            self._ended_with = status
+            self._reported.notify_all()
 
     @property
     def alive(self) -> bool:
         return self._process.poll() is None
 
+    def _report(
+        self, reports: dict[int, int], request_id: int, timeout: float | None
+    ) -> int | None:
+        """``reports[request_id]`` once the server has reported it, waiting up to ``timeout``;
+        None if it has not by then. Raises AssertionError once the server has died without
+        reporting it (reports come in order: a report is in before the server's end is)."""
+        with self._reported:
+            self._reported.wait_for(
+                lambda: request_id in reports or self._ended_with is not None, timeout
+            )
+            if request_id in reports:
+                return reports[request_id]
+            if self._ended_with is not None:
+                raise AssertionError(f"job server died (status {self._ended_with})")
+            return None
+
     def start(self, command: Sequence[str], log: Path) -> _Job:
         """Start ``python *command`` in the server, with the environment a subprocess of the
         test would get; returns once the job leads its process group."""
-        request = {"argv": list(command), "env": _env(), "cwd": str(ROOT), "log": str(log)}
-        assert self._process.stdin is not None
         with self._requesting:
+            request_id = next(self._request_ids)
+            request = {
+                "id": request_id,
+                "argv": list(command),
+                "env": _env(),
+                "cwd": str(ROOT),
+                "log": str(log),
+            }
+            assert self._process.stdin is not None
             self._process.stdin.write((json.dumps(request) + "\n").encode())
             self._process.stdin.flush()
-            pid = self._started.get(timeout=GROUP_EXIT_SECONDS)
-        assert pid is not None, f"the job server ended (exit status {self._process.poll()})"
-        return _Job(self, pid)
+        pid = self._report(self._pids, request_id, GROUP_EXIT_SECONDS)
+        assert pid is not None, f"the job server started no job in {GROUP_EXIT_SECONDS:g} s"
+        return _Job(self, request_id, pid)
 
-    def exit_code(self, pid: int, timeout: float | None) -> int | None:
-        """Job ``pid``'s exit status once the server reaped it, waiting up to ``timeout``."""
+    def exit_code(self, request_id: int, timeout: float | None) -> int | None:
+        """The exit status of the job of request ``request_id`` once the server reaped it,
+        waiting up to ``timeout``; raises AssertionError if the server died first."""
+        return self._report(self._exit_codes, request_id, timeout)
+
+    def reported_exit(self, request_id: int) -> bool:
+        """Whether the server has reported the job of request ``request_id`` ended (never
+        raises: for cleanup, whether the server lives or not)."""
         with self._reported:
-            self._reported.wait_for(lambda: pid in self._exit_codes or not self.alive, timeout)
-            return self._exit_codes.get(pid)
+            return request_id in self._exit_codes
 
     def stop(self) -> None:
         self._process.kill()
@@ -211,18 +248,21 @@ class _JobServer:
 
 @dataclass(frozen=True)
 class _Job:
-    """A job a :class:`_JobServer` runs (with ``exitcode`` and ``join`` as a process has)."""
+    """A job a :class:`_JobServer` runs for request ``request_id`` (with ``exitcode`` and
+    ``join`` as a process has)."""
 
     server: _JobServer
+    request_id: int
     pid: int
 
     @property
     def exitcode(self) -> int | None:
-        return self.server.exit_code(self.pid, timeout=0)
+        return self.server.exit_code(self.request_id, timeout=0)
 
     def join(self) -> None:
-        while self.server.exit_code(self.pid, timeout=1) is None:
-            assert self.server.alive, "the job server ended"
+        """Wait until the job's own process has ended (it was killed, or is ending)."""
+        code = self.server.exit_code(self.request_id, timeout=GROUP_EXIT_SECONDS)
+        assert code is not None, f"job {self.pid} still running {GROUP_EXIT_SECONDS:g} s on"
 
 
 #: The two job servers (started at their first use), with different hash seeds.
@@ -291,9 +331,11 @@ def run(
                 )
             time.sleep(0.02)
     finally:
-        if job.exitcode is None:
-            os.killpg(job.pid, signal.SIGKILL)
-            job.join()
+        if not job.server.reported_exit(job.request_id):  # still running, or its server died
+            with contextlib.suppress(ProcessLookupError):  # it may have ended meanwhile
+                os.killpg(job.pid, signal.SIGKILL)
+            if job.server.alive:
+                job.join()
     # The job's own children (ranks, loader workers) must not outlive it either.
     with contextlib.suppress(ProcessLookupError):
         os.killpg(job.pid, signal.SIGKILL)
