@@ -11,7 +11,8 @@ does (non-daemon threads joined, exit handlers run).
 
 The protocol, one JSON object a line: the client writes ``{"id", "argv", "env", "cwd",
 "log"}``; the server answers ``{"id": ID, "started": PID}`` once the child leads its session
-(so that a SIGKILL of its group reaches it), and ``{"id": ID, "exited": PID, "code": CODE}``
+(so that a SIGKILL of its group reaches it; the child starts the job only after this answer),
+and ``{"id": ID, "exited": PID, "code": CODE}``
 when it has reaped it (``CODE`` as ``subprocess.Popen.returncode`` gives it: minus the signal
 for a killed one). Each answer echoes its request's ``ID``: a pid names a job only while it
 runs (the system gives it to another process afterwards), the id for good. The server ends
@@ -61,14 +62,22 @@ def _as_fresh_signals() -> None:
 
 
 def _run_job(
-    request: dict[str, Any], ready: int, imports: list[warnings.WarningMessage]
+    request: dict[str, Any], ready: int, go: int, imports: list[warnings.WarningMessage]
 ) -> BaseException | None:
     """In the forked child: become ``python ARGV...`` as ``request`` says and run the script;
     returns the exception it ended with (None if it ran to its end), for the server's top level
-    to raise, so that the child ends the way an interpreter does (see :func:`serve`)."""
+    to raise, so that the child ends the way an interpreter does (see :func:`serve`).
+
+    It says on ``ready`` that it leads its session, and waits on ``go`` until the server has
+    reported it started: the client knows the pid of any job that has done anything (to kill
+    its group), even of one that kills the server."""
     os.setsid()
     os.write(ready, b"x")
     os.close(ready)
+    told_to_go = os.read(go, 1)
+    os.close(go)
+    if not told_to_go:  # the server died before reporting it: no one knows of this job
+        os._exit(1)
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
     os.close(devnull)
@@ -128,15 +137,21 @@ def _start(
     """Fork a child running ``request``; answer with its pid once it leads its session, and
     record it in ``jobs`` (pid: request id). In the child, returns how its script ended."""
     ready_read, ready_write = os.pipe()
+    go_read, go_write = os.pipe()
     pid = os.fork()
     if pid == 0:
         os.close(ready_read)
-        return _JobEnd(_run_job(request, ready_write, imports))
+        os.close(go_write)
+        return _JobEnd(_run_job(request, ready_write, go_read, imports))
     os.close(ready_write)
+    os.close(go_read)
     jobs[pid] = request["id"]
     os.read(ready_read, 1)  # empty if the child died first: it is reported as exited then
     os.close(ready_read)
     _send({"id": request["id"], "started": pid})
+    with contextlib.suppress(BrokenPipeError):  # a child that died first has no use for it
+        os.write(go_write, b"x")
+    os.close(go_write)
     return None
 
 
