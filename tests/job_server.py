@@ -6,17 +6,17 @@ It imports neither distckpt nor the tests: each job imports those afresh, so wha
 import (exit handlers they register, faults armed from the environment) happens in the job,
 as in a fresh interpreter. A child leads a session of its own, has exactly the environment,
 working directory and arguments of the request, writes its output to the request's log, has
-the default signal handlers, runs the script as ``__main__`` and ends the way an interpreter
-does (non-daemon threads joined, exit handlers run).
+the default signal handlers, runs the script as ``__main__`` (a module of its own, which stays
+``__main__`` to the end) and ends through the interpreter's own shutdown, as a fresh one does
+(non-daemon threads joined, exit handlers and finalizers run, buffered output written out).
 
 The protocol, one JSON object a line: the client writes ``{"id", "argv", "env", "cwd",
 "log"}``; the server answers ``{"id": ID, "started": PID}`` once the child leads its session
 (so that a SIGKILL of its group reaches it; the child starts the job only after this answer),
-and ``{"id": ID, "exited": PID, "code": CODE}``
-when it has reaped it (``CODE`` as ``subprocess.Popen.returncode`` gives it: minus the signal
-for a killed one). Each answer echoes its request's ``ID``: a pid names a job only while it
-runs (the system gives it to another process afterwards), the id for good. The server ends
-when its input closes.
+and ``{"id": ID, "exited": PID, "code": CODE}`` when it has reaped it (``CODE`` as
+``subprocess.Popen.returncode`` gives it: minus the signal for a killed one). Each answer
+echoes its request's ``ID``: a pid names a job only while it runs (the system gives it to
+another process afterwards), the id for good. The server ends when its input closes.
 
 Run as a script (``python tests/job_server.py``): :mod:`tests.killing` starts and uses it.
 """
@@ -115,7 +115,8 @@ def _run_job(
         assert error.__traceback__ is not None
         return error.with_traceback(error.__traceback__.tb_next)
     finally:
-        del main.__file__  # as ``python SCRIPT`` does once the script's body has returned
+        # As ``python SCRIPT`` does once the script's body has returned.
+        main.__dict__.pop("__file__", None)
     return None
 
 
