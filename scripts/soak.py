@@ -11,7 +11,7 @@ survivors must raise a distckpt error promptly). After each kill every checkpoin
 ``verify``, every save that returned must still be there, and the next trial's start must find
 no leftovers and resume from the newest step with exactly the state saved at it. The trials
 chain on one root, like a job that is preempted over and over; a clean restart checks it once
-more at the end. The long version of ``tests/test_faults.py::test_random_kills``.
+more at the end. The long version of ``tests/test_random_kills.py::test_random_kills``.
 
 Prints a summary line; exits 0 when nothing was found, 1 otherwise (listing the problems), 2
 when the run cannot start (e.g. a format that is not available).
@@ -31,7 +31,8 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from tests.test_faults import KillTally, run_random_kills, state_matches, template_of  # noqa: E402
+from tests.fault_checks import state_matches, template_of  # noqa: E402
+from tests.test_random_kills import KillTally, run_random_kills  # noqa: E402
 
 
 def check_format(fmt: str) -> str | None:

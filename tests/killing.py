@@ -8,17 +8,33 @@ run started: the job is killed (its whole process group: every rank, Lightning's
 loader workers) as soon as that many are there, and the next run starts only once every
 process of that group is gone. No fixed sleeps: a kill waits for the job's
 own progress, however slow a loaded machine makes it.
+
+A run is a child of a job server (``tests/job_server.py``): a fresh interpreter, started once
+per test process and reused, that has imported torch, Lightning, torchdata and numpy (a fresh
+interpreter would take 2 to 6 s over them at every run) but neither distckpt nor the tests,
+and forks each run from itself. The run then does what ``python SCRIPT ARGS...`` does: it
+leads a process group of its own, has the test's whole environment (as a subprocess would),
+imports distckpt afresh, runs the script as ``__main__`` and its exit handlers at its end.
+
+There are two servers, each with its own random hash seed (``PYTHONHASHSEED``, drawn per test
+process), and runs take turns between them: a killed run and the run resuming it never share
+a hash seed, as a user's re-run of the same command does not, so a job whose results depend
+on ``hash()`` of a string does not resume bit for bit here either.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import itertools
+import json
 import os
 import random
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -134,6 +150,156 @@ def _env() -> dict[str, str]:
     return env
 
 
+class _JobServer:
+    """A running ``tests/job_server.py`` (see there), started with hash seed ``hash_seed``:
+    sends it jobs and collects what it reports of them (a thread reads its answers). Jobs are
+    known by the id of their request, never by pid: the system gives a pid to another process
+    once its job has ended."""
+
+    def __init__(self, hash_seed: int) -> None:
+        env = _env()
+        env["PYTHONHASHSEED"] = str(hash_seed)
+        self._process = subprocess.Popen(
+            [sys.executable, str(ROOT / "tests" / "job_server.py")],
+            cwd=ROOT,
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+        )
+        self._request_ids = itertools.count()
+        #: By request id, what the server has reported: each job's pid, each ended one's status.
+        self._pids: dict[int, int] = {}
+        self._exit_codes: dict[int, int] = {}
+        #: The server's exit status, once its output has ended.
+        self._ended_with: int | None = None
+        self._reported = threading.Condition()
+        self._requesting = threading.Lock()
+        threading.Thread(target=self._read_reports, daemon=True).start()
+
+    def _read_reports(self) -> None:
+        assert self._process.stdout is not None
+        for line in self._process.stdout:
+            report = json.loads(line)
+            with self._reported:
+                if "started" in report:
+                    self._pids[report["id"]] = report["started"]
+                else:
+                    self._exit_codes[report["id"]] = report["code"]
+                self._reported.notify_all()
+        status = self._process.wait()
+        with self._reported:  # whoever waits for a report now waits in vain: wake them
+            self._ended_with = status
+            self._reported.notify_all()
+
+    @property
+    def alive(self) -> bool:
+        return self._process.poll() is None
+
+    def _report(
+        self, reports: dict[int, int], request_id: int, timeout: float | None
+    ) -> int | None:
+        """``reports[request_id]`` once the server has reported it, waiting up to ``timeout``;
+        None if it has not by then. Raises AssertionError once the server has died without
+        reporting it (reports come in order: a report is in before the server's end is)."""
+        with self._reported:
+            self._reported.wait_for(
+                lambda: request_id in reports or self._ended_with is not None, timeout
+            )
+            if request_id in reports:
+                return reports[request_id]
+            if self._ended_with is not None:
+                raise AssertionError(f"job server died (status {self._ended_with})")
+            return None
+
+    def start(self, command: Sequence[str], log: Path) -> _Job:
+        """Start ``python *command`` in the server, with the environment a subprocess of the
+        test would get; returns once the job leads its process group."""
+        with self._requesting:
+            request_id = next(self._request_ids)
+            request = {
+                "id": request_id,
+                "argv": list(command),
+                "env": _env(),
+                "cwd": str(ROOT),
+                "log": str(log),
+            }
+            assert self._process.stdin is not None
+            self._process.stdin.write((json.dumps(request) + "\n").encode())
+            self._process.stdin.flush()
+        pid = self._report(self._pids, request_id, GROUP_EXIT_SECONDS)
+        assert pid is not None, f"the job server started no job in {GROUP_EXIT_SECONDS:g} s"
+        return _Job(self, request_id, pid)
+
+    def exit_code(self, request_id: int, timeout: float | None) -> int | None:
+        """The exit status of the job of request ``request_id`` once the server reaped it,
+        waiting up to ``timeout``; raises AssertionError if the server died first."""
+        return self._report(self._exit_codes, request_id, timeout)
+
+    def reported_exit(self, request_id: int) -> bool:
+        """Whether the server has reported the job of request ``request_id`` ended (never
+        raises: for cleanup, whether the server lives or not)."""
+        with self._reported:
+            return request_id in self._exit_codes
+
+    def stop(self) -> None:
+        self._process.kill()
+        self._process.wait()
+
+
+@dataclass(frozen=True)
+class _Job:
+    """A job a :class:`_JobServer` runs for request ``request_id`` (with ``exitcode`` and
+    ``join`` as a process has)."""
+
+    server: _JobServer
+    request_id: int
+    pid: int
+
+    @property
+    def exitcode(self) -> int | None:
+        return self.server.exit_code(self.request_id, timeout=0)
+
+    def join(self) -> None:
+        """Wait until the job's own process has ended (it was killed, or is ending)."""
+        code = self.server.exit_code(self.request_id, timeout=GROUP_EXIT_SECONDS)
+        assert code is not None, f"job {self.pid} still running {GROUP_EXIT_SECONDS:g} s on"
+
+
+#: The two job servers (started at their first use), with different hash seeds.
+_servers: list[_JobServer] = []
+#: How many runs have started: the servers take turns by it.
+_runs_started = 0
+
+
+def _hash_seeds() -> tuple[int, int]:
+    """Two different random hash seeds (``PYTHONHASHSEED``: 1 to 2**32 - 1; 0 turns
+    randomization off)."""
+    first = int.from_bytes(os.urandom(4), "little") % (2**32 - 1) + 1
+    return first, first % (2**32 - 1) + 1
+
+
+#: The servers' hash seeds, for this test process (a server started again keeps its own).
+_HASH_SEEDS = _hash_seeds()
+
+
+def _stop_servers() -> None:
+    for server in _servers:
+        server.stop()
+
+
+def _start(command: Sequence[str], log: Path) -> _Job:
+    """Start ``command`` in the next job server by turns (see the module doc)."""
+    global _runs_started
+    if not _servers:
+        _servers.extend(_JobServer(seed) for seed in _HASH_SEEDS)
+        atexit.register(_stop_servers)
+    turn = _runs_started % len(_servers)
+    _runs_started += 1
+    if not _servers[turn].alive:
+        _servers[turn] = _JobServer(_HASH_SEEDS[turn])
+    return _servers[turn].start(command, log)
+
+
 def run(
     command: Sequence[str],
     out: Path,
@@ -142,27 +308,20 @@ def run(
     counted: str = "losses-rank0.txt",
     timeout: float = 240,
 ) -> bool:
-    """Run ``command`` (a Python script and its arguments) in a process group of its own; with
-    ``kill_after``, SIGKILL the group once ``OUT/counted`` (rank 0's losses unless told) has
-    that many more lines. True if the job was killed, False if it finished (its exit status
-    must then be 0)."""
+    """Run ``command`` (a Python script, relative to the repository, and its arguments) in a
+    process group of its own (in a job server: see the module doc); with ``kill_after``, SIGKILL the
+    group once ``OUT/counted`` (rank 0's losses unless told) has that many more lines. True if
+    the job was killed, False if it finished (its exit status must then be 0)."""
     log = out / counted
     start = _count_lines(log)
-    with open(out / "job.log", "ab") as output:
-        job = subprocess.Popen(
-            [sys.executable, *command],
-            cwd=ROOT,
-            env=_env(),
-            stdout=output,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    job = _start(command, out / "job.log")
+    assert job.pid is not None
     deadline = time.monotonic() + timeout
     try:
-        while job.poll() is None:
+        while job.exitcode is None:
             if kill_after is not None and _count_lines(log) - start >= kill_after:
                 os.killpg(job.pid, signal.SIGKILL)
-                job.wait()
+                job.join()
                 wait_until_group_is_gone(job.pid)
                 return True
             if time.monotonic() > deadline:
@@ -172,16 +331,18 @@ def run(
                 )
             time.sleep(0.02)
     finally:
-        if job.poll() is None:
-            os.killpg(job.pid, signal.SIGKILL)
-            job.wait()
+        if not job.server.reported_exit(job.request_id):  # still running, or its server died
+            with contextlib.suppress(ProcessLookupError):  # it may have ended meanwhile
+                os.killpg(job.pid, signal.SIGKILL)
+            if job.server.alive:
+                job.join()
     # The job's own children (ranks, loader workers) must not outlive it either.
     with contextlib.suppress(ProcessLookupError):
         os.killpg(job.pid, signal.SIGKILL)
     wait_until_group_is_gone(job.pid)
-    if job.returncode != 0:
+    if job.exitcode != 0:
         output = (out / "job.log").read_text()[-4000:]
-        raise AssertionError(f"{command} exited {job.returncode}:\n{output}")
+        raise AssertionError(f"{command} exited {job.exitcode}:\n{output}")
     return False
 
 

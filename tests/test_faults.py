@@ -26,8 +26,7 @@ A 2-rank job with ``keep_last=2, monitor="loss"`` saves steps 1, 2, 3 with the f
 With ``DISTCKPT_FAULT_REPORT=path`` set, each scenario appends its outcome as one JSON line to
 ``path``; ``scripts/gen_fault_table.py`` renders those lines as the table in ``docs/faults.md``.
 
-The random-kill run (:func:`run_random_kills`, also driven by ``scripts/soak.py``) SIGKILLs a
-job saving in a loop at random instants and checks the same after every kill.
+The random-kill run is in ``tests/test_random_kills.py``.
 """
 
 from __future__ import annotations
@@ -36,30 +35,38 @@ import errno
 import fcntl
 import importlib.util
 import json
-import multiprocessing as mp
 import os
-import random
 import signal
 import time
-import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 import torch.distributed as dist
 
 import distckpt
 from distckpt import checksums, faults
-from distckpt.fsutil import read_link
-from distckpt.layout import RootLayout, parse_step_dir_name, step_dir_name
-from tests.ranks import init_gloo, rendezvous_file, run_ranks, values
+from distckpt.layout import parse_step_dir_name, step_dir_name
+from tests.fault_checks import (
+    JOB_TIMEOUT,
+    PG_TIMEOUT,
+    TIMEOUT,
+    broken_checkpoints,
+    committed_steps,
+    describe,
+    leftovers,
+    link_problems,
+    link_target,
+    loss_of,
+    manager,
+    state_matches,
+    state_of,
+    template_of,
+)
+from tests.ranks import run_ranks, values
 from tests.waiting import after_rank_0_removals
 
-TIMEOUT = 10  # manager collectives and the commit lock: a dead peer must not block for long
-PG_TIMEOUT = 10
-JOB_TIMEOUT = 30  # run_ranks: past this a job counts as hung and the test fails
 REPORT_ENV = "DISTCKPT_FAULT_REPORT"
 
 MODES = ("raise", "kill", "kill-job")
@@ -73,8 +80,6 @@ NTH = {
     "during_delete": 1,  # see _faulted_job: after the third save, delete(3)
     "during_staging_cleanup": 1,  # see _faulted_job: the 2nd manager cleans a dead staging dir
 }
-#: Step 2 is the best: ``best`` and ``last`` differ once step 3 is committed.
-LOSS = {1: 0.9, 2: 0.5, 3: 0.7, 4: 0.6}
 #: The points at or after the commit (the rename of the staging dir to ``step-N``).
 COMMITTED_FROM = "after_rename"
 #: Crashes here leave the commit done but retention (removing step 1) not yet done.
@@ -128,93 +133,6 @@ class Scenario:
 
 
 SCENARIOS = [Scenario(point, mode) for point in faults.POINTS for mode in MODES]
-
-
-# ---------------------------------------------------------------------------------- helpers
-
-
-def state_of(step: int, rank: int) -> dict[str, Any]:
-    """What rank ``rank`` saves at ``step``: a deterministic function of both. The tensor's key
-    names the rank, so a sharded format (DCP) keeps each rank's own values."""
-    return {"step": step, f"rank{rank}": torch.full((4,), float(step * 10 + rank))}
-
-
-def template_of(rank: int) -> dict[str, Any]:
-    return {"step": -1, f"rank{rank}": torch.zeros(4)}
-
-
-def state_matches(loaded: Any, template: dict[str, Any], step: int, rank: int) -> bool:
-    """Whether a restore of ``step`` gave back what ``rank`` saved, both in the returned state
-    and in the template loaded in place."""
-    want = state_of(step, rank)
-    key = f"rank{rank}"
-    return (
-        loaded["step"] == step
-        and torch.equal(loaded[key], want[key])
-        and torch.equal(template[key], want[key])
-    )
-
-
-def loss_of(step: int) -> float:
-    """A loss for any step: ``LOSS`` for the fault scenarios, a scrambled one beyond (so that
-    ``best`` moves around), never the same for two steps."""
-    return LOSS.get(step, ((step * 7919) % 101) / 100 + 0.01 + step * 1e-9)
-
-
-def entries(directory: Path) -> list[str]:
-    return sorted(os.listdir(directory)) if directory.is_dir() else []
-
-
-def leftovers(root: Path) -> dict[str, list[str]]:
-    """What a crash can leave: staging dirs (and their lock files) and trash entries."""
-    return {"staging": entries(root / ".staging"), "trash": entries(root / ".trash")}
-
-
-def link_target(root: Path, name: str) -> str | None:
-    return read_link(root / name)
-
-
-def committed_steps(root: Path) -> list[int]:
-    return RootLayout.at(root).committed_steps()
-
-
-def broken_checkpoints(root: Path) -> list[str]:
-    """Every ``step-*`` dir that fails verify, with its problems (empty when all pass)."""
-    report = distckpt.verify(root)
-    return [f"{c.path.name}: {'; '.join(c.problems)}" for c in report.checkpoints if not c.ok]
-
-
-def link_problems(root: Path) -> list[str]:
-    """``last`` must name the newest committed step, ``best`` the best by ``loss_of``; each
-    must name a dir that exists and passes verify."""
-    steps = committed_steps(root)
-    if not steps:
-        return []
-    want = {"last": steps[-1], "best": min(steps, key=loss_of)}
-    problems = []
-    for name, step in want.items():
-        target = link_target(root, name)
-        if target != step_dir_name(step):
-            problems.append(f"{name} -> {target}, expected {step_dir_name(step)}")
-        elif not distckpt.verify(root / name).ok:
-            problems.append(f"{name} -> {target} fails verify")
-    return problems
-
-
-def describe(exc: BaseException) -> dict[str, Any]:
-    return {
-        "error_type": type(exc).__name__,
-        "checkpoint_error": isinstance(exc, distckpt.CheckpointError),
-        "error": str(exc)[:500],
-        "traceback": traceback.format_exc()[-3000:],
-    }
-
-
-def manager(root: str, **options: Any) -> distckpt.CheckpointManager:
-    options.setdefault("keep_last", 2)
-    options.setdefault("monitor", "loss")
-    options.setdefault("timeout", TIMEOUT)
-    return distckpt.CheckpointManager(root, **options)
 
 
 def append_json_line(path: str, record: dict[str, Any]) -> None:
@@ -495,278 +413,6 @@ def test_disk_error_on_one_rank(root: Path, code: int) -> None:
         message = rank_out["error"]
         assert "rank 1" in message, f"rank {rank}'s error does not name rank 1: {message}"
         assert os.strerror(code) in message, f"rank {rank}'s error hides the cause: {message}"
-
-
-# ---------------------------------------------------------------------------------- random kills
-
-
-def _note(path: Path, **event: Any) -> None:
-    """One line of a rank's status file; it outlives a SIGKILL (the page cache keeps it)."""
-    event["t"] = round(time.monotonic(), 4)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    try:
-        os.write(fd, (json.dumps(event) + "\n").encode())
-    finally:
-        os.close(fd)
-
-
-def _saving_loop(rank: int, world_size: int, root: str, status_dir: str, fmt: str) -> None:
-    """A rank of a training job that resumes from ``last`` and saves every step, forever."""
-    status = Path(status_dir) / f"rank{rank}.jsonl"
-    phase = "init"
-    try:
-        torch.set_num_threads(1)
-        init_gloo(rank, world_size, rendezvous_file(status_dir), PG_TIMEOUT)
-        phase = "open"
-        with manager(root, format=fmt) as mgr:
-            if rank == 0:  # the root is open: leftovers cleaned, links repaired
-                after_rank_0_removals(mgr)
-                _note(
-                    status,
-                    event="opened",
-                    leftovers=leftovers(Path(root)),
-                    links=link_problems(Path(root)),
-                )
-            phase = "restore"
-            template = template_of(rank)
-            # strict=False: a "dcp" checkpoint also holds the other ranks' keys, not asked for.
-            ckpt = mgr.restore("last", state=template, missing_ok=True, strict=False)
-            step = 0 if ckpt is None else ckpt.step
-            ok = ckpt is None or state_matches(ckpt.state, template, ckpt.step, rank)
-            _note(status, event="resumed", step=None if ckpt is None else ckpt.step, ok=ok)
-            phase = "save"
-            while True:
-                step += 1
-                mgr.save(step, state_of(step, rank), metrics={"loss": loss_of(step)})
-                _note(status, event="saved", step=step)
-    except BaseException as exc:
-        _note(status, event="error", phase=phase, **describe(exc))
-    finally:
-        os._exit(0)
-
-
-def _read_status(status_dir: Path, rank: int) -> list[dict[str, Any]]:
-    path = status_dir / f"rank{rank}.jsonl"
-    if not path.exists():
-        return []
-    lines = path.read_text().splitlines()
-    # A SIGKILL mid-write can cut the last line short.
-    return [json.loads(line) for line in lines if line.endswith("}")]
-
-
-@dataclass
-class KillTally:
-    """What a random-kill run did and found."""
-
-    trials: int = 0
-    job_kills: int = 0
-    rank_kills: int = 0
-    resumes_checked: int = 0
-    committed: int = 0  # saves that returned
-    newest: int | None = None
-    survivor_errors: dict[str, int] = field(default_factory=dict)
-    #: one message per error class survivors raised, and the longest a survivor took
-    survivor_examples: dict[str, str] = field(default_factory=dict)
-    slowest_survivor: float = 0.0
-    problems: list[str] = field(default_factory=list)
-    seconds: float = 0.0
-
-    def summary(self, world_size: int, fmt: str, seed: int) -> str:
-        errors = ", ".join(f"{k} x{v}" for k, v in sorted(self.survivor_errors.items()))
-        return (
-            f"{self.trials} trials ({world_size} ranks, format {fmt}, seed {seed}): "
-            f"{'OK' if not self.problems else f'{len(self.problems)} PROBLEMS'}; "
-            f"{self.job_kills} whole-job kills, {self.rank_kills} one-rank kills; "
-            f"{self.committed} saves returned (newest step {self.newest}); "
-            f"{self.resumes_checked} resumes checked; survivors raised: {errors or 'nothing'} "
-            f"(slowest after {self.slowest_survivor:.2f} s); "
-            f"{self.seconds:.1f} s"
-        )
-
-
-def _wait_for(predicate: Any, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return False
-
-
-def _kill_trial(
-    root: Path,
-    trial: int,
-    rng: random.Random,
-    tally: KillTally,
-    *,
-    world_size: int,
-    fmt: str,
-    modes: tuple[str, ...],
-) -> list[str]:
-    """Start a job that resumes and saves in a loop, SIGKILL it (all ranks, or one) at a
-    random instant, and check the root. Returns the problems found."""
-    problems: list[str] = []
-    newest_before = tally.newest
-    status_dir = root.parent / "status" / f"trial-{trial:05d}"
-    status_dir.mkdir(parents=True)
-    ctx = mp.get_context("fork")
-    procs = [
-        ctx.Process(
-            target=_saving_loop,
-            args=(rank, world_size, str(root), str(status_dir), fmt),
-            daemon=True,
-        )
-        for rank in range(world_size)
-    ]
-    for proc in procs:
-        proc.start()
-    mode = rng.choice(modes)
-
-    def resumed() -> bool:
-        return any(e["event"] in ("resumed", "error") for e in _read_status(status_dir, 0))
-
-    try:
-        if mode == "job" and rng.random() < 0.25:
-            time.sleep(rng.uniform(0, 1.0))  # any instant, start-up included
-        else:  # mostly mid-save: a random instant after the job resumed
-            if not _wait_for(resumed, JOB_TIMEOUT):
-                problems.append("the job did not start within the timeout")
-            time.sleep(rng.uniform(0, 0.5))
-        killed_at = time.monotonic()  # CLOCK_MONOTONIC: the same clock in every process
-        if mode == "job":
-            tally.job_kills += 1
-            for proc in procs:
-                os.kill(proc.pid, signal.SIGKILL)
-            victims = set(range(world_size))
-        else:
-            tally.rank_kills += 1
-            victim = rng.randrange(world_size)
-            os.kill(procs[victim].pid, signal.SIGKILL)
-            victims = {victim}
-            for rank, proc in enumerate(procs):
-                proc.join(TIMEOUT * 1.5)
-                if proc.is_alive():
-                    problems.append(f"rank {rank} still running {TIMEOUT * 1.5:g} s after the kill")
-    finally:
-        for proc in procs:
-            if proc.is_alive():
-                proc.kill()
-            proc.join(5)
-
-    events = {rank: _read_status(status_dir, rank) for rank in range(world_size)}
-    for rank in set(range(world_size)) - victims:  # survivors: a distckpt error, no hang
-        last = events[rank][-1] if events[rank] else {}
-        if last.get("event") != "error":
-            problems.append(f"survivor rank {rank} ended without an error: {last}")
-        elif last["phase"] != "init" and not last["checkpoint_error"]:
-            problems.append(f"survivor rank {rank} raised a raw {last['error_type']}: {last}")
-        else:
-            name = last["error_type"]
-            tally.survivor_errors[name] = tally.survivor_errors.get(name, 0) + 1
-            tally.survivor_examples.setdefault(name, last["error"])
-            tally.slowest_survivor = max(tally.slowest_survivor, last["t"] - killed_at)
-    for rank, rank_events in events.items():
-        for event in rank_events:
-            if event["event"] == "error" and event["t"] < killed_at:
-                problems.append(f"rank {rank} failed before any kill: {event}")
-            if event["event"] == "opened":
-                if event["leftovers"]["trash"] or event["leftovers"]["staging"]:
-                    problems.append(f"leftovers after the root was opened: {event['leftovers']}")
-                if event["links"]:
-                    problems.append(f"links after the root was opened: {event['links']}")
-            if event["event"] == "resumed":
-                tally.resumes_checked += 1
-                if event["step"] != newest_before or not event["ok"]:
-                    problems.append(
-                        f"rank {rank} resumed from step {event['step']} (state ok: "
-                        f"{event['ok']}), but the newest committed step was {newest_before}"
-                    )
-
-    problems += [f"after the kill: {p}" for p in broken_checkpoints(root)]
-    steps = committed_steps(root)
-    newest = steps[-1] if steps else None
-    saved = [
-        e["step"] for rank_events in events.values() for e in rank_events if e["event"] == "saved"
-    ]
-    if saved and (newest is None or newest < max(saved)):
-        problems.append(f"step {max(saved)} was saved (save returned) but the newest is {newest}")
-    if newest_before is not None and (newest is None or newest < newest_before):
-        problems.append(f"the newest step went from {newest_before} back to {newest}")
-    for step in saved:
-        if step not in steps and step >= (newest or 0) - 1:
-            problems.append(f"step {step} was saved but is gone (retention keeps the last two)")
-    tally.committed += len(set(saved))
-    tally.newest = newest
-    tally.trials += 1
-    return [f"trial {trial} ({mode} kill): {p}" for p in problems]
-
-
-def _final_check(rank: int, world_size: int, root: str, fmt: str) -> dict[str, Any]:
-    with manager(root, format=fmt) as mgr:
-        out: dict[str, Any] = {}
-        if rank == 0:
-            after_rank_0_removals(mgr)
-            out["leftovers"] = leftovers(Path(root))
-            out["links"] = link_problems(Path(root))
-        template = template_of(rank)
-        # strict=False: a "dcp" checkpoint also holds the other ranks' keys, not asked for.
-        ckpt = mgr.restore("last", state=template, missing_ok=True, strict=False)
-        out["restored"] = None if ckpt is None else ckpt.step
-        out["ok"] = ckpt is None or state_matches(ckpt.state, template, ckpt.step, rank)
-        return out
-
-
-def run_random_kills(
-    root: Path,
-    *,
-    trials: int,
-    world_size: int = 2,
-    fmt: str = "torch",
-    seed: int = 0,
-    modes: tuple[str, ...] = ("job", "rank"),
-    max_seconds: float | None = None,
-    progress: Any = None,
-) -> KillTally:
-    """Kill a job saving into ``root`` ``trials`` times at random instants (``modes``: "job"
-    kills every rank, "rank" one of them), checking the root after each kill and once more
-    with a clean restart at the end. Stops early after ``max_seconds``."""
-    rng = random.Random(seed)
-    tally = KillTally()
-    started = time.monotonic()
-    for trial in range(trials):
-        if max_seconds is not None and time.monotonic() - started > max_seconds:
-            break
-        found = _kill_trial(root, trial, rng, tally, world_size=world_size, fmt=fmt, modes=modes)
-        tally.problems += found
-        if progress is not None:
-            progress(trial, tally, found)
-    final = values(
-        run_ranks(
-            _final_check, world_size, str(root), fmt, timeout=JOB_TIMEOUT, pg_timeout=PG_TIMEOUT
-        )
-    )
-    for rank, out in enumerate(final):
-        if out["restored"] != tally.newest or not out["ok"]:
-            tally.problems.append(f"final restart: rank {rank} restored {out['restored']}")
-    if final[0]["leftovers"] != {"staging": [], "trash": []} or final[0]["links"]:
-        tally.problems.append(f"final restart: {final[0]['leftovers']} {final[0]['links']}")
-    if not distckpt.verify(root).ok:
-        tally.problems.append(f"final verify: {distckpt.verify(root)}")
-    tally.seconds = time.monotonic() - started
-    return tally
-
-
-@pytest.mark.parametrize(("fmt", "trials"), [("torch", 16), ("dcp", 10)])
-def test_random_kills(root: Path, fmt: str, trials: int) -> None:
-    """At least 10 random SIGKILLs (of the whole job, or of one rank) of a job saving in a
-    loop: after each, every checkpoint verifies, nothing saved is lost, and the next start
-    cleans up and resumes from the newest step, exactly. Both formats."""
-    seed = int(os.environ.get("DISTCKPT_KILL_SEED", "0"))
-    tally = run_random_kills(root, trials=trials, seed=seed, max_seconds=40, fmt=fmt)
-    print(tally.summary(2, fmt, seed))
-    assert tally.problems == [], "\n".join(tally.problems)
-    assert tally.trials >= 10, tally.summary(2, fmt, seed)
-    assert tally.job_kills and tally.rank_kills and tally.resumes_checked >= 8
 
 
 # ---------------------------------------------------------------------------------- commit lost

@@ -1,13 +1,19 @@
 """The kill harness itself (``tests/killing.py``): a killed job counts as gone only once every
-process of its group has died, not merely its first process."""
+process of its group has died, not merely its first process; each run is a fresh interpreter's,
+and a run and the next do not share a hash seed."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
+
+import pytest
+import torch
 
 from tests import killing
 
@@ -34,3 +40,86 @@ def test_a_killed_group_is_waited_for_until_its_last_process_has_died() -> None:
         job.wait()
     killing.wait_until_group_is_gone(job.pid, timeout=30)
     assert killing.live_group_members(job.pid) == []
+
+
+def test_each_run_is_a_fresh_interpreter_and_the_next_has_another_hash_seed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # What the test's process holds (its environment, an armed fault, a default dtype a test
+    # left behind) reaches a run only as it would a fresh interpreter: through the environment.
+    monkeypatch.setenv("PROBE_SETTING", "from the test")
+    monkeypatch.setenv("DISTCKPT_FAULT", "after_rename:kill:0")
+    torch.set_default_dtype(torch.float64)
+    try:
+        for _ in range(2):
+            assert not killing.run(["tests/fresh_run_probe.py", str(tmp_path)], tmp_path)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    first, second = (json.loads(line) for line in (tmp_path / "probe.txt").read_text().splitlines())
+    for found in (first, second):
+        assert found["already_imported"] == []
+        assert found["setting"] == "from the test"
+        assert found["armed"] == ["after_rename"]
+        assert found["default_dtype"] == "torch.float32"
+    assert first["string_hash"] != second["string_hash"]
+    # It ends as an interpreter does: exit handlers run with the script still ``__main__``,
+    # then the shutdown collects what is left (finalizers run, unflushed files are written out).
+    exited = json.loads((tmp_path / "exited.txt").read_text())
+    assert exited == {"main_is_this_script": True, "pickled": True}
+    assert (tmp_path / "finalized.txt").read_text() == "finalizer ran\n"
+    assert (tmp_path / "unflushed.txt").read_text() == "written out at shutdown\n"
+
+
+def test_a_run_whose_job_server_dies_fails_at_once_and_its_job_is_killed(tmp_path: Path) -> None:
+    # The job kills the server it runs in (its parent), then waits to be killed itself.
+    job = tmp_path / "kills_its_server.py"
+    job.write_text(
+        "import os, signal, sys, time\n"
+        "open(sys.argv[1], 'w').write(str(os.getpid()))\n"
+        "os.kill(os.getppid(), signal.SIGKILL)\n"
+        "time.sleep(120)\n"
+    )
+    pid_file = tmp_path / "pid"
+    # Without noticing the server's end, the run would wait out its timeout and fail otherwise.
+    with pytest.raises(AssertionError, match=r"job server died \(status -9\)"):
+        killing.run([str(job), str(pid_file)], tmp_path, timeout=120)
+    killing.wait_until_group_is_gone(int(pid_file.read_text()), timeout=30)
+
+
+def _reuse_pid_next(pid: int) -> bool:
+    """Make ``pid`` the next pid the system gives (unless another process takes it first);
+    False where that is not allowed."""
+    try:
+        Path("/proc/sys/kernel/ns_last_pid").write_text(str(pid - 1))
+    except OSError:
+        return False
+    return True
+
+
+def test_a_job_given_an_earlier_jobs_pid_is_not_reported_ended(tmp_path: Path) -> None:
+    job = tmp_path / "sleeps.py"
+    job.write_text("import sys, time\ntime.sleep(float(sys.argv[1]))\n")
+    server = killing._JobServer(hash_seed=1)
+    try:
+        first = server.start([str(job), "0"], tmp_path / "job.log")
+        first.join()
+        assert first.exitcode == 0
+        # Other processes of the machine may take the pid first: try a few times.
+        for _ in range(50):
+            if not _reuse_pid_next(first.pid):
+                pytest.skip("the next pid cannot be chosen here (needs CAP_SYS_ADMIN)")
+            second = server.start([str(job), "60"], tmp_path / "job.log")
+            if second.pid == first.pid:
+                break
+            os.killpg(second.pid, signal.SIGKILL)
+            second.join()
+        else:
+            pytest.skip("other processes took the pid each time")
+        try:
+            assert second.exitcode is None  # still sleeping, whatever the first job's status
+        finally:
+            os.killpg(second.pid, signal.SIGKILL)
+            second.join()
+        assert second.exitcode == -signal.SIGKILL
+    finally:
+        server.stop()
