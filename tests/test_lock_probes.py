@@ -23,6 +23,7 @@ from distckpt.layout import RootLayout
 from distckpt.lock import PROBE_GRACE, WriterLock
 from distckpt.storage import posix_removal
 from tests.filesystems import MountFactory
+from tests.waiting import after_rank_0_removals
 
 
 def _probe_the_new_writer_lock_first(
@@ -170,6 +171,9 @@ def test_a_lease_holder_removes_a_young_probe_at_once_only_while_its_lease_is_cu
         def taken_over_first(*args: Any, **kwargs: Any) -> list[lock.Leftover]:
             if not taken_over:
                 taken_over.append(distckpt.CheckpointManager(there, timeout=20))
+                # The new holder's own cleanup may remove a probe at once (its lease is
+                # current): the probe is made once that cleanup is over.
+                after_rank_0_removals(taken_over[-1])
                 young.write_bytes(b"distckpt write probe\n")  # as the new holder's start does
             return real_find_leftovers(*args, **kwargs)
 
