@@ -177,6 +177,7 @@ def test_a_lease_holder_removes_a_young_probe_at_once_only_while_its_lease_is_cu
                 young.write_bytes(b"distckpt write probe\n")  # as the new holder's start does
             return real_find_leftovers(*args, **kwargs)
 
+        # A hook at our own seam: no job can be timed into the instant after the lease check.
         monkeypatch.setattr(posix_removal, "find_leftovers", taken_over_first)
         try:
             with contextlib.suppress(distckpt.LeaseLost):
