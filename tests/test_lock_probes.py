@@ -43,6 +43,7 @@ def _probe_the_new_writer_lock_first(
         releases[-1].start()
         real_acquire(writer)
 
+    # A wrapper at our own seam (see the docstring): the probe and the lock it holds are real.
     monkeypatch.setattr(WriterLock, "acquire", probed_first)
     return releases
 

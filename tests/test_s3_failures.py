@@ -379,7 +379,8 @@ def test_verify_takes_a_checkpoint_deleted_between_a_reads_head_and_get_for_gone
 def test_a_claim_renewed_while_its_save_ends_is_not_left_behind(
     s3_server: S3Server, s3_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # renewals every second, so that one comes while the save's COMMIT is held
+    # Renewals every second, so that one comes while the save's COMMIT is held. Patched in:
+    # the real 30 s lease would keep this test waiting for minutes; the renewals are real.
     monkeypatch.setattr(s3_lease, "LEASE_SECONDS", 3.0)
     with S3Proxy(s3_server.port) as proxy:
         commit = proxy.hold("PUT", "step-00000001/COMMIT")
