@@ -8,12 +8,18 @@ after that outcome, would therefore still run inside the next call's timeout. He
 a daemon thread instead, one tidy at a time per store: a request made while one runs is
 coalesced into a single pass after it (never two removals of the same trash side by side).
 
+The thread stays for the next request until it has waited :data:`IDLE_SECONDS` for one: a
+request then only wakes it. Starting a thread per save cost rank 0 about a millisecond of every
+save on a busy machine (``Thread.start`` waits until the new thread runs), most of a tiny
+save's coordination; a manager that saves less often than that starts one per save, and one
+never closed leaves no thread behind for long.
+
 :meth:`BackgroundTidy.close` waits for a running tidy for a bounded time
 (:func:`close_wait_seconds`), then leaves it to its daemon thread, which the process's exit
 never waits for; whatever it had not removed stays a leftover that the next start or ``gc``
-removes. A forked child (a data loader worker) has no copy of the thread, and no part in it:
-there :meth:`~BackgroundTidy.request` starts nothing and :meth:`~BackgroundTidy.wait` does not
-wait.
+removes. An idle thread ends at the close. A forked child (a data loader worker) has no copy of
+the thread, and no part in it: there :meth:`~BackgroundTidy.request` starts nothing and
+:meth:`~BackgroundTidy.wait` does not wait.
 """
 
 from __future__ import annotations
@@ -32,6 +38,10 @@ logger = logging.getLogger("distckpt")
 #: spent deleting what the next start removes anyway.
 CLOSE_WAIT_CAP_SECONDS = 10.0
 
+#: How long the tidy thread waits for another request before it ends (the next request then
+#: starts a new one).
+IDLE_SECONDS = 30.0
+
 
 def close_wait_seconds(timeout: float) -> float:
     """How long a manager with collectives' ``timeout`` waits at close for a running tidy:
@@ -41,17 +51,28 @@ def close_wait_seconds(timeout: float) -> float:
 
 class BackgroundTidy:
     """Runs ``tidy`` (a store's :meth:`~distckpt.storage.RootStore.tidy`, which never raises)
-    in a daemon thread on :meth:`request`, one run at a time."""
+    in a daemon thread on :meth:`request`, one run at a time; the thread waits up to
+    ``idle_seconds`` for the next request before it ends."""
 
-    def __init__(self, tidy: Callable[[], None], *, name: str = "distckpt-tidy") -> None:
+    def __init__(
+        self,
+        tidy: Callable[[], None],
+        *,
+        name: str = "distckpt-tidy",
+        idle_seconds: float = IDLE_SECONDS,
+    ) -> None:
         self._tidy = tidy
         self._name = name
-        # Guards the three fields below; held only to read or change them, never while tidying.
+        self._idle_seconds = idle_seconds
+        # Guards the fields below; held only to read or change them, never while tidying.
         self._state = threading.Condition()
+        #: a run was requested and has not started yet
+        self._wanted = False
+        #: a run is going on
         self._running = False
-        #: a request came while a run was going on: one more run follows it
-        self._pending = False
-        #: closed: requests start nothing more
+        #: the thread serving requests (running one or waiting for one), if any
+        self._thread: threading.Thread | None = None
+        #: closed: requests start nothing more, and the thread ends once idle
         self._closed = False
         # The thread is not copied into a forked child: only this process runs or waits.
         self._owner_pid = os.getpid()
@@ -67,17 +88,21 @@ class BackgroundTidy:
         with self._state:
             if self._closed:
                 return
-            if self._running:
-                self._pending = True
+            self._wanted = True
+            if self._thread is not None:  # waiting for a request, or running one
+                self._state.notify_all()
                 return
-            self._running = True
+            thread = self._thread = threading.Thread(
+                target=self._serve, name=self._name, daemon=True
+            )
         try:
-            threading.Thread(target=self._run, name=self._name, daemon=True).start()
+            thread.start()
         except RuntimeError as exc:  # "can't start new thread"
             # The caller's outcome (a committed save, an opened root) is told already: a
-            # removal left for later must not turn it into a failure, nor leave _running set,
-            # which would keep every wait() (a gc, a close) waiting for a run that never ends.
-            self._stopped()
+            # removal left for later must not turn it into a failure, nor leave the request
+            # wanted, which would keep every wait() (a gc, a close) waiting for a run that
+            # never comes.
+            self._stopped(thread)
             logger.warning(
                 "could not start removing the root's leftovers in the background (%s): they "
                 "are removed at the next save, delete, prune or gc",
@@ -85,26 +110,31 @@ class BackgroundTidy:
             )
 
     def wait(self, timeout: float | None = None) -> bool:
-        """Wait until no run is going on or pending (at most ``timeout`` seconds; None: for as
+        """Wait until no run is going on or wanted (at most ``timeout`` seconds; None: for as
         long as it takes); whether none is. At once in a forked child."""
         if not self._in_owner():
             return True
         with self._state:
-            return self._state.wait_for(lambda: not self._running, timeout)
+            return self._state.wait_for(self._idle, timeout)
 
     def close(self, timeout: float) -> bool:
         """Take no more requests, then wait at most ``timeout`` seconds for the run going on
-        and the one pending after it; whether they ended. Past ``timeout`` the pending run is
-        dropped and the one going on is left to its daemon thread."""
+        and the one wanted after it, and for the thread to end; whether the runs ended. Past
+        ``timeout`` the wanted run is dropped and the one going on is left to its daemon
+        thread, which ends after it."""
         if not self._in_owner():
             return True
+        started = time.monotonic()
         with self._state:
             self._closed = True
-        started = time.monotonic()
+            self._state.notify_all()  # an idle thread ends now
+            thread = self._thread
         if self.wait(timeout):
+            if thread is not None:  # ending: nothing is left for it to do
+                thread.join(max(0.0, timeout - (time.monotonic() - started)))
             return True
         with self._state:
-            self._pending = False
+            self._wanted = False
         logger.info(
             "left the root's removals running after %.1f s at close: what they do not "
             "finish is removed at the next start or gc",
@@ -114,27 +144,38 @@ class BackgroundTidy:
 
     @property
     def running(self) -> bool:
-        """Whether a run is going on (or pending) in this process."""
-        return self._in_owner() and self._running
+        """Whether a run is going on (or wanted) in this process."""
+        return self._in_owner() and not self._idle()
 
-    def _run(self) -> None:
+    def _idle(self) -> bool:
+        """No run going on nor wanted; under ``_state``."""
+        return not self._running and not self._wanted
+
+    def _serve(self) -> None:
+        """The thread: run ``tidy`` once per wake-up that found a request, until closed or
+        idle for ``idle_seconds``."""
         while True:
+            with self._state:
+                self._state.wait_for(lambda: self._wanted or self._closed, self._idle_seconds)
+                if not self._wanted:  # idle too long, or closed: a new request starts anew
+                    self._thread = None
+                    return
+                self._wanted = False
+                self._running = True
             try:
                 self._tidy()
             except Exception as exc:  # tidy never raises; this thread must not die silently
                 logger.warning("tidying the checkpoint root failed: %s", exc)
             with self._state:
-                if not self._pending:
-                    self._running = False
-                    self._state.notify_all()
-                    return
-                self._pending = False
+                self._running = False
+                self._state.notify_all()
 
-    def _stopped(self) -> None:
-        """No run going on nor pending any more (its thread never started): wake the waiters."""
+    def _stopped(self, thread: threading.Thread) -> None:
+        """``thread`` never started: drop the request it was to serve and wake the waiters."""
         with self._state:
-            self._running = False
-            self._pending = False
+            if self._thread is thread:
+                self._thread = None
+            self._wanted = False
             self._state.notify_all()
 
     def _in_owner(self) -> bool:

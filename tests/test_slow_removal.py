@@ -27,6 +27,7 @@ from distckpt.lock import RootLock
 from distckpt.storage import open_store, posix
 from distckpt.tidying import BackgroundTidy, close_wait_seconds
 from tests.ranks import run_ranks, values
+from tests.waiting import wait_until
 
 TIMEOUT = 3.0
 #: How long rank 0 takes to remove each entry: longer than the timeout.
@@ -225,6 +226,42 @@ def test_a_forked_child_neither_waits_for_nor_starts_a_tidy() -> None:
     tidy.go_on.set()
     assert tidying.wait(30)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def _tidy_threads() -> list[threading.Thread]:
+    return [thread for thread in threading.enumerate() if thread.name == "distckpt-tidy-test"]
+
+
+def test_one_thread_serves_requests_until_idle_then_a_request_starts_another() -> None:
+    """Requests coming while the thread waits are served by it (no thread started per save);
+    after ``idle_seconds`` without one it ends, and the next request starts a new one."""
+    served_by: list[threading.Thread] = []  # the threads themselves: idents are reused
+    tidying = BackgroundTidy(
+        lambda: served_by.append(threading.current_thread()),
+        name="distckpt-tidy-test",
+        idle_seconds=1.0,
+    )
+    for _ in range(3):
+        tidying.request()
+        assert tidying.wait(30)
+    assert len(served_by) == 3 and all(t is served_by[0] for t in served_by)
+    wait_until(lambda: not _tidy_threads(), "the idle thread ended", 30)
+    tidying.request()
+    assert tidying.wait(30)
+    assert len(served_by) == 4 and served_by[3] is not served_by[0]
+    assert tidying.close(30)
+
+
+def test_close_ends_the_idle_thread() -> None:
+    tidy = _HeldTidy()
+    tidy.go_on.set()
+    tidying = BackgroundTidy(tidy, name="distckpt-tidy-test", idle_seconds=600.0)
+    tidying.request()
+    assert tidying.wait(30) and _tidy_threads()
+    assert tidying.close(30)
+    assert not _tidy_threads()  # ended within the close, not 600 s later
+    tidying.request()  # closed: starts nothing
+    assert tidy.runs == 1 and not _tidy_threads()
 
 
 def test_a_tidy_deletes_only_trash_entries_it_listed_under_the_commit_lock(
