@@ -28,6 +28,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable
 
 logger = logging.getLogger("distckpt")
@@ -49,6 +50,60 @@ def close_wait_seconds(timeout: float) -> float:
     return min(timeout, CLOSE_WAIT_CAP_SECONDS)
 
 
+class _Requests:
+    """What a :class:`BackgroundTidy` shares with its thread. It holds nothing of the tidy (nor
+    of the store behind it): the thread keeps only this and a weak reference to its runner, so
+    a manager dropped without ``close`` (its store, and the root's lease the store holds) is
+    freed while the thread waits for a request, as it was before the thread outlived a run."""
+
+    def __init__(self) -> None:
+        # Guards the fields below; held only to read or change them, never while tidying.
+        self.state = threading.Condition()
+        #: a run was requested and has not started yet
+        self.wanted = False
+        #: a run is going on
+        self.running = False
+        #: the thread serving requests (running one or waiting for one), if any
+        self.thread: threading.Thread | None = None
+        #: closed: requests start nothing more, and the thread ends once idle
+        self.closed = False
+
+    def idle(self) -> bool:
+        """No run going on nor wanted; under ``state``."""
+        return not self.running and not self.wanted
+
+    def close(self) -> None:
+        """Take no more requests and have an idle thread end now."""
+        with self.state:
+            self.closed = True
+            self.state.notify_all()
+
+
+def _serve(requests: _Requests, runner: weakref.ref[BackgroundTidy], idle_seconds: float) -> None:
+    """The thread: run the runner's tidy once per wake-up that found a request, until closed
+    (also by the runner's collection) or idle for ``idle_seconds``; it holds the runner only
+    during a run."""
+    while True:
+        with requests.state:
+            requests.state.wait_for(lambda: requests.wanted or requests.closed, idle_seconds)
+            if not requests.wanted:  # idle too long, or closed: a new request starts anew
+                requests.thread = None
+                return
+            requests.wanted = False
+            requests.running = True
+        owner = runner()
+        try:
+            if owner is not None:
+                owner._tidy()
+        except Exception as exc:  # tidy never raises; this thread must not die silently
+            logger.warning("tidying the checkpoint root failed: %s", exc)
+        finally:
+            owner = None  # not held while waiting: see _Requests
+            with requests.state:
+                requests.running = False
+                requests.state.notify_all()
+
+
 class BackgroundTidy:
     """Runs ``tidy`` (a store's :meth:`~distckpt.storage.RootStore.tidy`, which never raises)
     in a daemon thread on :meth:`request`, one run at a time; the thread waits up to
@@ -64,16 +119,8 @@ class BackgroundTidy:
         self._tidy = tidy
         self._name = name
         self._idle_seconds = idle_seconds
-        # Guards the fields below; held only to read or change them, never while tidying.
-        self._state = threading.Condition()
-        #: a run was requested and has not started yet
-        self._wanted = False
-        #: a run is going on
-        self._running = False
-        #: the thread serving requests (running one or waiting for one), if any
-        self._thread: threading.Thread | None = None
-        #: closed: requests start nothing more, and the thread ends once idle
-        self._closed = False
+        self._requests = _Requests()
+        weakref.finalize(self, self._requests.close)  # dropped unclosed: the thread ends
         # The thread is not copied into a forked child: only this process runs or waits.
         self._owner_pid = os.getpid()
 
@@ -85,15 +132,19 @@ class BackgroundTidy:
         removed stays for the next request, or for ``gc``, which removes it in its own call."""
         if not self._in_owner():
             return
-        with self._state:
-            if self._closed:
+        requests = self._requests
+        with requests.state:
+            if requests.closed:
                 return
-            self._wanted = True
-            if self._thread is not None:  # waiting for a request, or running one
-                self._state.notify_all()
+            requests.wanted = True
+            if requests.thread is not None:  # waiting for a request, or running one
+                requests.state.notify_all()
                 return
-            thread = self._thread = threading.Thread(
-                target=self._serve, name=self._name, daemon=True
+            thread = requests.thread = threading.Thread(
+                target=_serve,
+                args=(requests, weakref.ref(self), self._idle_seconds),
+                name=self._name,
+                daemon=True,
             )
         try:
             thread.start()
@@ -102,7 +153,11 @@ class BackgroundTidy:
             # removal left for later must not turn it into a failure, nor leave the request
             # wanted, which would keep every wait() (a gc, a close) waiting for a run that
             # never comes.
-            self._stopped(thread)
+            with requests.state:
+                if requests.thread is thread:
+                    requests.thread = None
+                requests.wanted = False
+                requests.state.notify_all()
             logger.warning(
                 "could not start removing the root's leftovers in the background (%s): they "
                 "are removed at the next save, delete, prune or gc",
@@ -114,8 +169,8 @@ class BackgroundTidy:
         long as it takes); whether none is. At once in a forked child."""
         if not self._in_owner():
             return True
-        with self._state:
-            return self._state.wait_for(self._idle, timeout)
+        with self._requests.state:
+            return self._requests.state.wait_for(self._requests.idle, timeout)
 
     def close(self, timeout: float) -> bool:
         """Take no more requests, then wait at most ``timeout`` seconds for the run going on
@@ -125,16 +180,15 @@ class BackgroundTidy:
         if not self._in_owner():
             return True
         started = time.monotonic()
-        with self._state:
-            self._closed = True
-            self._state.notify_all()  # an idle thread ends now
-            thread = self._thread
+        self._requests.close()
         if self.wait(timeout):
-            if thread is not None:  # ending: nothing is left for it to do
+            with self._requests.state:
+                thread = self._requests.thread
+            if thread is not None and thread.is_alive():  # ending: nothing is left for it
                 thread.join(max(0.0, timeout - (time.monotonic() - started)))
             return True
-        with self._state:
-            self._wanted = False
+        with self._requests.state:
+            self._requests.wanted = False
         logger.info(
             "left the root's removals running after %.1f s at close: what they do not "
             "finish is removed at the next start or gc",
@@ -145,38 +199,10 @@ class BackgroundTidy:
     @property
     def running(self) -> bool:
         """Whether a run is going on (or wanted) in this process."""
-        return self._in_owner() and not self._idle()
-
-    def _idle(self) -> bool:
-        """No run going on nor wanted; under ``_state``."""
-        return not self._running and not self._wanted
-
-    def _serve(self) -> None:
-        """The thread: run ``tidy`` once per wake-up that found a request, until closed or
-        idle for ``idle_seconds``."""
-        while True:
-            with self._state:
-                self._state.wait_for(lambda: self._wanted or self._closed, self._idle_seconds)
-                if not self._wanted:  # idle too long, or closed: a new request starts anew
-                    self._thread = None
-                    return
-                self._wanted = False
-                self._running = True
-            try:
-                self._tidy()
-            except Exception as exc:  # tidy never raises; this thread must not die silently
-                logger.warning("tidying the checkpoint root failed: %s", exc)
-            with self._state:
-                self._running = False
-                self._state.notify_all()
-
-    def _stopped(self, thread: threading.Thread) -> None:
-        """``thread`` never started: drop the request it was to serve and wake the waiters."""
-        with self._state:
-            if self._thread is thread:
-                self._thread = None
-            self._wanted = False
-            self._state.notify_all()
+        if not self._in_owner():
+            return False
+        with self._requests.state:
+            return not self._requests.idle()
 
     def _in_owner(self) -> bool:
         """Whether this is the process that made the runner (not a forked child of it)."""

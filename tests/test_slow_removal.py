@@ -6,6 +6,7 @@ waits for it only a while, and the next start removes what it left."""
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import subprocess
@@ -27,7 +28,7 @@ from distckpt.lock import RootLock
 from distckpt.storage import open_store, posix
 from distckpt.tidying import BackgroundTidy, close_wait_seconds
 from tests.ranks import run_ranks, values
-from tests.waiting import wait_until
+from tests.waiting import after_rank_0_removals, wait_until
 
 TIMEOUT = 3.0
 #: How long rank 0 takes to remove each entry: longer than the timeout.
@@ -232,24 +233,52 @@ def _tidy_threads() -> list[threading.Thread]:
     return [thread for thread in threading.enumerate() if thread.name == "distckpt-tidy-test"]
 
 
-def test_one_thread_serves_requests_until_idle_then_a_request_starts_another() -> None:
-    """Requests coming while the thread waits are served by it (no thread started per save);
-    after ``idle_seconds`` without one it ends, and the next request starts a new one."""
+def test_one_thread_serves_requests_while_it_waits_for_them() -> None:
+    """Requests coming while the thread waits are served by it: no thread started per save."""
     served_by: list[threading.Thread] = []  # the threads themselves: idents are reused
     tidying = BackgroundTidy(
         lambda: served_by.append(threading.current_thread()),
         name="distckpt-tidy-test",
-        idle_seconds=1.0,
+        idle_seconds=600.0,
     )
     for _ in range(3):
         tidying.request()
         assert tidying.wait(30)
-    assert len(served_by) == 3 and all(t is served_by[0] for t in served_by)
+    assert len(served_by) == 3 and all(thread is served_by[0] for thread in served_by)
+    assert tidying.close(30)
+
+
+def test_the_thread_ends_when_idle_and_the_next_request_starts_another() -> None:
+    served_by: list[threading.Thread] = []
+    tidying = BackgroundTidy(
+        lambda: served_by.append(threading.current_thread()),
+        name="distckpt-tidy-test",
+        idle_seconds=0.2,
+    )
+    tidying.request()
+    assert tidying.wait(30)
     wait_until(lambda: not _tidy_threads(), "the idle thread ended", 30)
     tidying.request()
     assert tidying.wait(30)
-    assert len(served_by) == 4 and served_by[3] is not served_by[0]
+    assert len(served_by) == 2 and served_by[1] is not served_by[0]
     assert tidying.close(30)
+
+
+def test_a_manager_dropped_without_close_frees_the_root_while_its_tidy_thread_waits(
+    tmp_path: Path,
+) -> None:
+    """The waiting thread holds neither the runner nor the store: a manager dropped without
+    ``close`` gives the root's lease back when it is collected, as before the thread outlived
+    its run, so the same process opens the root again at once."""
+    mgr = distckpt.CheckpointManager(tmp_path, keep_last=1)
+    for step in (1, 2):
+        mgr.save(step, {"w": torch.full((2,), float(step))})
+    after_rank_0_removals(mgr)
+    assert any(thread.name == "distckpt-tidy" for thread in threading.enumerate())
+    del mgr
+    gc.collect()
+    with distckpt.CheckpointManager(tmp_path) as again:
+        assert again.steps() == [2]
 
 
 def test_close_ends_the_idle_thread() -> None:
