@@ -1,5 +1,6 @@
-"""Run the filesystem matrix (``tests/test_filesystems.py``) and write its results as the
-Markdown table in ``docs/filesystems.md``.
+"""Run the filesystem matrix (``tests/test_filesystems.py``, with the cases of real mounts in
+``tests/test_filesystems_space.py`` and ``tests/test_filesystems_fuse.py``) and write its
+results as the Markdown table in ``docs/filesystems.md``.
 
     python scripts/gen_filesystem_table.py           # run the tests, print the table
     python scripts/gen_filesystem_table.py --write   # and replace it in docs/filesystems.md
@@ -24,7 +25,11 @@ REPO = Path(__file__).resolve().parent.parent
 DOC = REPO / "docs" / "filesystems.md"
 START = "<!-- matrix:start -->"
 END = "<!-- matrix:end -->"
-TESTS = "tests/test_filesystems.py"
+TESTS = (
+    "tests/test_filesystems.py",
+    "tests/test_filesystems_space.py",
+    "tests/test_filesystems_fuse.py",
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import doc_tables  # noqa: E402  (beside this script)
@@ -47,7 +52,7 @@ def run_matrix(workers: int = 2) -> dict[tuple[str, str], str]:
                 "no:cacheprovider",
                 "-n",
                 str(workers),
-                TESTS,
+                *TESTS,
                 f"--junitxml={report}",
                 "-o",
                 "junit_family=xunit1",  # xunit1 keeps record_property's properties

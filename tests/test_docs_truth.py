@@ -238,7 +238,7 @@ def _disk_read_error(*args: object, **kwargs: object) -> Any:
 def test_the_plain_process_functions_raise_a_disk_read_error_as_it_is_and_a_manager_wraps_it(
     root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # No disk here fails a read on demand (a full disk is real in test_filesystems.py, an I/O
+    # No disk here fails a read on demand (a full disk is real in test_filesystems_space.py, an I/O
     # error is not), so it is injected where the readers touch the disk: the rank file's
     # reads, and the checksum's open.
     with distckpt.CheckpointManager(root, fsync=False) as mgr:
