@@ -14,7 +14,8 @@ there the matrix proves that every save fails on every rank with :class:`distckp
 and that nothing is reported committed, and that after a SIGKILL mid-save a restart finds no
 checkpoint, no damage and nothing left in ``.staging``.
 ``scripts/gen_filesystem_table.py`` runs this file and the two beside it and writes the
-results into docs/filesystems.md."""
+results into docs/filesystems.md.
+"""
 
 from __future__ import annotations
 
