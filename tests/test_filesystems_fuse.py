@@ -23,9 +23,7 @@ from tests.filesystem_saves import (
     _hidden_files_settle,
     _save_one,
 )
-from tests.filesystems import (
-    MountFactory,
-)
+from tests.filesystems import MountFactory
 from tests.ranks import run_ranks, values
 
 
