@@ -34,7 +34,17 @@ TESTS = (
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import doc_tables  # noqa: E402  (beside this script)
 
-_PARAM = re.compile(r"^(?P<test>[a-z_]+)(?:\[(?P<param>[^\]]+)\])?$")
+# a test's name and its parameter, if any: ``test_x_at_least_1_mib`` or ``test_y[sync-2-writers]``
+_PARAM = re.compile(r"^(?P<test>test_\w+)(?:\[(?P<param>.+)\])?$")
+
+
+def split_case_name(name: str) -> tuple[str, str]:
+    """A junit test case's name as (test, parameter or ""); a name of another shape stops the
+    script, so that no case drops out of the table unseen."""
+    match = _PARAM.match(name)
+    if match is None:
+        raise SystemExit(f"cannot read the test case name {name!r}: fix _PARAM in {__file__}")
+    return match["test"], match["param"] or ""
 
 
 def run_matrix(workers: int = 2) -> dict[tuple[str, str], str]:
@@ -63,9 +73,7 @@ def run_matrix(workers: int = 2) -> dict[tuple[str, str], str]:
         tree = ET.parse(report)
     outcomes: dict[tuple[str, str], str] = {}
     for case in tree.iter("testcase"):
-        match = _PARAM.match(case.get("name", ""))
-        if match is None:
-            continue
+        test, param = split_case_name(case.get("name", ""))
         outcome = "passed"
         for child in case:
             if child.tag == "skipped":
@@ -80,7 +88,7 @@ def run_matrix(workers: int = 2) -> dict[tuple[str, str], str]:
                 shown = [prop.get("value") for prop in child if prop.get("name") == "shows"]
                 if shown and outcome == "passed":
                     outcome = f"passed: {shown[0]}"
-        outcomes[(match["test"], match["param"] or "")] = outcome
+        outcomes[(test, param)] = outcome
     return outcomes
 
 
