@@ -117,6 +117,23 @@ def render_table(outcomes: dict[tuple[str, str], str]) -> str:
     return "\n".join(rows) + "\n"
 
 
+#: a row of the single cases: the case's name, with its parameter if it has one, in backticks
+_CASE_ROW = re.compile(r"^\|\s*`(?P<case>[^`]+)`\s*\|")
+
+
+def tests_in_doc(path: Path = DOC) -> set[str]:
+    """The tests the doc's table shows, by function name: the test of each matrix column its
+    header has, and the test of each single case's row (its parameter left out)."""
+    lines = doc_tables.extract_table(path.read_text(encoding="utf-8"), START, END).splitlines()
+    header = {cell.strip() for cell in lines[0].strip().strip("|").split("|")}
+    shown = {test for test, column in _COLUMNS.items() if column in header}
+    for line in lines:
+        row = _CASE_ROW.match(line)
+        if row is not None:
+            shown.add(split_case_name(row["case"])[0])
+    return shown
+
+
 def _order(name: str) -> int:
     from tests.filesystems import KINDS
 
