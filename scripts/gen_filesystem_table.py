@@ -8,7 +8,8 @@ results as the Markdown table in ``docs/filesystems.md``.
 
 Needs root (mounts). The table sits between ``<!-- matrix:start -->`` and ``<!-- matrix:end -->``;
 each cell is the outcome of one test: passed, "known failure" (an ``xfail`` naming the fix the
-library still needs), failed or skipped (with the reason in the test log).
+library still needs), failed or skipped (with the reason in the test log). Every test of the
+three files is in the table, as a column or a row: tests/test_docs_truth.py checks it.
 """
 
 from __future__ import annotations
