@@ -119,7 +119,8 @@ def test_disk_filled_by_another_process_mid_save(
         assert kind in ("InsufficientSpace", "RankFailure"), message
         assert "No space left on device" in message
         # named after the file (the async save's rank file is written with direct I/O here:
-        # its snapshot is page-aligned and ext4 takes O_DIRECT, test_filesystems.py::test_async_save_with_direct_io)
+        # its snapshot is page-aligned and ext4 takes O_DIRECT:
+        # test_filesystems.py::test_async_save_with_direct_io)
         assert "/rank-00000.pt for step 2: No space left on device" in message, message
         assert f"the filesystem of {root} ran out of space" in message
         assert "free space when the save began: " in message
