@@ -3,12 +3,12 @@ rank reports of a distckpt error and what is left in a root's staging dir."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 
 import distckpt
+from tests.fault_checks import entries
 
 TIMEOUT = 20  # manager collectives: a hang becomes an error well before run_ranks gives up
 JOB_TIMEOUT = 60
@@ -30,5 +30,4 @@ def _weights(step: int, rank: int) -> torch.Tensor:
 
 
 def _staging_entries(root: Path) -> list[str]:
-    staging = root / ".staging"
-    return sorted(os.listdir(staging)) if staging.is_dir() else []
+    return entries(root / ".staging")

@@ -3,33 +3,18 @@ root holds."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
 import distckpt
+from tests.core_ranks import JOB_TIMEOUT, TIMEOUT, _weights
 from tests.ranks import run_ranks, values
-
-TIMEOUT = 20  # manager collectives: a hang becomes an error well before run_ranks gives up
-JOB_TIMEOUT = 60
 
 
 def _err(exc: BaseException) -> tuple[str, str]:
     return type(exc).__name__, str(exc)
-
-
-def _weights(step: int, rank: int) -> torch.Tensor:
-    return torch.full((3,), float(step * 10 + rank))
-
-
-def _entries(directory: Path) -> list[str]:
-    return sorted(os.listdir(directory)) if directory.is_dir() else []
-
-
-def _staging_entries(root: Path) -> list[str]:
-    return _entries(root / ".staging")
 
 
 def _save_steps(rank: int, world_size: int, root: str, steps: tuple[int, ...]) -> dict[str, Any]:

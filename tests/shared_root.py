@@ -66,10 +66,6 @@ def staging_dirs(root: Path) -> list[str]:
     return sorted(p.name for p in staging.iterdir() if p.is_dir()) if staging.is_dir() else []
 
 
-def entries(directory: Path) -> list[str]:
-    return sorted(os.listdir(directory)) if directory.is_dir() else []
-
-
 def check_root(root: Path) -> None:
     """Every committed dir verifies, and ``last`` names the newest."""
     report = distckpt.verify(root)

@@ -28,6 +28,7 @@ import distckpt
 from distckpt import reader
 from distckpt.layout import RootLayout, step_dir_name
 from distckpt.storage import open_store
+from tests.fault_checks import entries
 from tests.ranks import Collected
 from tests.shared_root import (
     JOB_TIMEOUT,
@@ -36,7 +37,6 @@ from tests.shared_root import (
     _saving_loop,
     check_root,
     describe,
-    entries,
     staging_dirs,
     state_of,
 )

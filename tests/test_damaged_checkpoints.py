@@ -15,14 +15,8 @@ import torch
 
 import distckpt
 from distckpt.checksums import file_checksum
-from tests.hardening_steps import (
-    JOB_TIMEOUT,
-    TIMEOUT,
-    _err,
-    _staging_entries,
-    _truncate,
-    _weights,
-)
+from tests.core_ranks import JOB_TIMEOUT, TIMEOUT, _staging_entries, _weights
+from tests.hardening_steps import _err, _truncate
 from tests.ranks import run_ranks, values
 
 # --------------------------------------------------------------------------- damaged checkpoints

@@ -16,16 +16,10 @@ import torch
 
 import distckpt
 from distckpt import faults
+from tests.core_ranks import JOB_TIMEOUT, TIMEOUT, _staging_entries, _weights
+from tests.fault_checks import entries as _entries
 from tests.filesystems import MountFactory
-from tests.hardening_steps import (
-    JOB_TIMEOUT,
-    TIMEOUT,
-    _entries,
-    _err,
-    _save,
-    _staging_entries,
-    _weights,
-)
+from tests.hardening_steps import _err, _save
 from tests.ranks import run_ranks, values
 from tests.waiting import after_rank_0_removals
 

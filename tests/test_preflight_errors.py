@@ -19,16 +19,9 @@ from torch import nn
 import distckpt
 from distckpt import events
 from distckpt.fsutil import libc_function
+from tests.core_ranks import JOB_TIMEOUT, TIMEOUT, _staging_entries, _weights
 from tests.filesystems import MountFactory, require_mounting
-from tests.hardening_steps import (
-    JOB_TIMEOUT,
-    TIMEOUT,
-    _err,
-    _save,
-    _staging_entries,
-    _truncate,
-    _weights,
-)
+from tests.hardening_steps import _err, _save, _truncate
 from tests.hostile_cases import edit_manifest
 from tests.ranks import run_ranks, values
 
