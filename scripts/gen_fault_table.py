@@ -30,7 +30,8 @@ DOC = REPO / "docs" / "faults.md"
 START = "<!-- faults:start -->"
 END = "<!-- faults:end -->"
 REPORT_ENV = "DISTCKPT_FAULT_REPORT"
-_ROW = re.compile(r"^\|\s*`([a-z_]+)`\s*\|\s*`([a-z-]+)`")
+#: a row of the table: its point and its mode, each in backticks (digits allowed in both names)
+_ROW = re.compile(r"^\|\s*`(?P<point>[a-z0-9_]+)`\s*\|\s*`(?P<mode>[a-z0-9-]+)`")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import doc_tables  # noqa: E402  (beside this script)
@@ -151,9 +152,14 @@ def rows_in_doc(path: Path = DOC) -> set[tuple[str, str]]:
     """The (point, mode) pairs the committed doc's table has a row for."""
     rows = set()
     for line in extract_table(path.read_text(encoding="utf-8")).splitlines():
+        if not line.startswith("| `"):
+            continue  # the header, its rule, the sentence under the table
         match = _ROW.match(line)
-        if match and "NOT RUN" not in line:
-            rows.add((match.group(1), match.group(2)))
+        if match is None:
+            # a row this cannot read would count as missing, and regenerating would not help
+            raise SystemExit(f"cannot read the row {line!r} of {path.name}: fix _ROW in {__file__}")
+        if "NOT RUN" not in line:
+            rows.add((match["point"], match["mode"]))
     return rows
 
 

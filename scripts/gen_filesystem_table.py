@@ -1,5 +1,6 @@
-"""Run the filesystem matrix (``tests/test_filesystems.py``) and write its results as the
-Markdown table in ``docs/filesystems.md``.
+"""Run the filesystem matrix (``tests/test_filesystems.py``, with the cases of real mounts in
+``tests/test_filesystems_space.py`` and ``tests/test_filesystems_fuse.py``) and write its
+results as the Markdown table in ``docs/filesystems.md``.
 
     python scripts/gen_filesystem_table.py           # run the tests, print the table
     python scripts/gen_filesystem_table.py --write   # and replace it in docs/filesystems.md
@@ -7,7 +8,8 @@ Markdown table in ``docs/filesystems.md``.
 
 Needs root (mounts). The table sits between ``<!-- matrix:start -->`` and ``<!-- matrix:end -->``;
 each cell is the outcome of one test: passed, "known failure" (an ``xfail`` naming the fix the
-library still needs), failed or skipped (with the reason in the test log).
+library still needs), failed or skipped (with the reason in the test log). Every test of the
+three files is in the table, as a column or a row: tests/test_docs_truth.py checks it.
 """
 
 from __future__ import annotations
@@ -24,12 +26,26 @@ REPO = Path(__file__).resolve().parent.parent
 DOC = REPO / "docs" / "filesystems.md"
 START = "<!-- matrix:start -->"
 END = "<!-- matrix:end -->"
-TESTS = "tests/test_filesystems.py"
+TESTS = (
+    "tests/test_filesystems.py",
+    "tests/test_filesystems_space.py",
+    "tests/test_filesystems_fuse.py",
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import doc_tables  # noqa: E402  (beside this script)
 
-_PARAM = re.compile(r"^(?P<test>[a-z_]+)(?:\[(?P<param>[^\]]+)\])?$")
+# a test's name and its parameter, if any: ``test_x_at_least_1_mib`` or ``test_y[sync-2-writers]``
+_PARAM = re.compile(r"^(?P<test>test_\w+)(?:\[(?P<param>.+)\])?$")
+
+
+def split_case_name(name: str) -> tuple[str, str]:
+    """A junit test case's name as (test, parameter or ""); a name of another shape stops the
+    script, so that no case drops out of the table unseen."""
+    match = _PARAM.match(name)
+    if match is None:
+        raise SystemExit(f"cannot read the test case name {name!r}: fix _PARAM in {__file__}")
+    return match["test"], match["param"] or ""
 
 
 def run_matrix(workers: int = 2) -> dict[tuple[str, str], str]:
@@ -47,7 +63,7 @@ def run_matrix(workers: int = 2) -> dict[tuple[str, str], str]:
                 "no:cacheprovider",
                 "-n",
                 str(workers),
-                TESTS,
+                *TESTS,
                 f"--junitxml={report}",
                 "-o",
                 "junit_family=xunit1",  # xunit1 keeps record_property's properties
@@ -58,9 +74,11 @@ def run_matrix(workers: int = 2) -> dict[tuple[str, str], str]:
         tree = ET.parse(report)
     outcomes: dict[tuple[str, str], str] = {}
     for case in tree.iter("testcase"):
-        match = _PARAM.match(case.get("name", ""))
-        if match is None:
-            continue
+        name = case.get("name", "")
+        if not case.get("classname"):
+            # pytest reports a file it could not collect as a case of no class, named after it
+            raise SystemExit(f"pytest could not collect {name}: see its output above")
+        test, param = split_case_name(name)
         outcome = "passed"
         for child in case:
             if child.tag == "skipped":
@@ -75,7 +93,7 @@ def run_matrix(workers: int = 2) -> dict[tuple[str, str], str]:
                 shown = [prop.get("value") for prop in child if prop.get("name") == "shows"]
                 if shown and outcome == "passed":
                     outcome = f"passed: {shown[0]}"
-        outcomes[(match["test"], match["param"] or "")] = outcome
+        outcomes[(test, param)] = outcome
     return outcomes
 
 
@@ -102,6 +120,23 @@ def render_table(outcomes: dict[tuple[str, str], str]) -> str:
         if test not in _COLUMNS:
             rows.append(f"| `{test}{f'[{param}]' if param else ''}` | {outcome} |")
     return "\n".join(rows) + "\n"
+
+
+#: a row of the single cases: the case's name, with its parameter if it has one, in backticks
+_CASE_ROW = re.compile(r"^\|\s*`(?P<case>[^`]+)`\s*\|")
+
+
+def tests_in_doc(path: Path = DOC) -> set[str]:
+    """The tests the doc's table shows, by function name: the test of each matrix column its
+    header has, and the test of each single case's row (its parameter left out)."""
+    lines = doc_tables.extract_table(path.read_text(encoding="utf-8"), START, END).splitlines()
+    header = {cell.strip() for cell in lines[0].strip().strip("|").split("|")}
+    shown = {test for test, column in _COLUMNS.items() if column in header}
+    for line in lines:
+        row = _CASE_ROW.match(line)
+        if row is not None:
+            shown.add(split_case_name(row["case"])[0])
+    return shown
 
 
 def _order(name: str) -> int:

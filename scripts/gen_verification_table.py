@@ -1,4 +1,4 @@
-"""Render the hostile-input cases of ``tests/hostile_cases.py`` as the Markdown table in
+"""Render the hostile-input cases of ``tests/hostile_case_table.py`` as the Markdown table in
 ``docs/verification.md``.
 
     python scripts/gen_verification_table.py           # print the table
@@ -23,7 +23,8 @@ END = "<!-- cases:end -->"
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from tests.hostile_cases import CASES, LINKS, STEP2, Case  # noqa: E402
+from tests.hostile_case_table import CASES, Case  # noqa: E402
+from tests.hostile_cases import LINKS, STEP2  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import doc_tables  # noqa: E402  (beside this script)

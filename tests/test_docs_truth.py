@@ -1,13 +1,15 @@
 """What README.md, the install script and the public docstrings say, held against the code: the
 API table's signatures, the rank file's header, the ``OSError`` the plain-process functions pass
 through, the space margin, the CPU build of torch the install asks for, the linter's pin, and the
-collective costs and failures the manager's docstrings name."""
+collective costs and failures the manager's docstrings name, and the tests the filesystem matrix's
+table in docs/filesystems.md names."""
 
 from __future__ import annotations
 
 import ast
 import contextlib
 import errno
+import importlib.util
 import inspect
 import io
 import json
@@ -19,6 +21,7 @@ import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
+from types import ModuleType
 from typing import Any, Callable
 
 import pytest
@@ -238,7 +241,7 @@ def _disk_read_error(*args: object, **kwargs: object) -> Any:
 def test_the_plain_process_functions_raise_a_disk_read_error_as_it_is_and_a_manager_wraps_it(
     root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # No disk here fails a read on demand (a full disk is real in test_filesystems.py, an I/O
+    # No disk here fails a read on demand (a full disk is real in test_filesystems_space.py, an I/O
     # error is not), so it is injected where the readers touch the disk: the rank file's
     # reads, and the checksum's open.
     with distckpt.CheckpointManager(root, fsync=False) as mgr:
@@ -415,3 +418,39 @@ def test_the_use_loop_sets_each_epoch_as_the_resume_test_job_does() -> None:
     job = (REPO / "tests" / "ddp_job.py").read_text()
     assert _epoch_setters(use_loop) == _epoch_setters(job)
     assert {"sampler.set_epoch(epoch)", "dataset.set_epoch(epoch)"} <= _epoch_setters(use_loop)
+
+
+# ------------------------------------------------------------------ the filesystem matrix
+
+
+def _filesystem_table_script() -> ModuleType:
+    """scripts/gen_filesystem_table.py as a module (a script, not a package: loaded by path)."""
+    path = REPO / "scripts" / "gen_filesystem_table.py"
+    spec = importlib.util.spec_from_file_location("gen_filesystem_table", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _test_functions(path: Path) -> set[str]:
+    """The names of the module-level ``test_*`` functions of the test file ``path`` (read, not
+    run: the matrix needs root and mounts)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    return {
+        node.name
+        for node in tree.body
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+        and node.name.startswith("test_")
+    }
+
+
+def test_the_filesystem_table_names_every_test_of_the_matrix_and_no_other() -> None:
+    """docs/filesystems.md's generated table shows each test of the files the script runs, as a
+    column or as a row, and no test those files no longer have."""
+    script = _filesystem_table_script()
+    defined = set().union(*(_test_functions(REPO / name) for name in script.TESTS))
+    shown = script.tests_in_doc()
+    rerun = "run python scripts/gen_filesystem_table.py --write"
+    assert not defined - shown, f"docs/filesystems.md lacks {sorted(defined - shown)}: {rerun}"
+    assert not shown - defined, f"docs/filesystems.md names gone tests {sorted(shown - defined)}"

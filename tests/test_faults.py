@@ -397,7 +397,7 @@ def _disk_error_job(rank: int, world_size: int, root: str, code: int) -> dict[st
     return out
 
 
-# EIO only: a full disk is real in tests/test_filesystems.py (a small ext4 filled by another
+# EIO only: a full disk is real in tests/test_filesystems_space.py (a small ext4 filled by another
 # process mid-save); no disk here fails with EIO on demand, so this write failure is injected.
 @pytest.mark.parametrize("code", [errno.EIO], ids=errno.errorcode.get)
 def test_disk_error_on_one_rank(root: Path, code: int) -> None:

@@ -1,5 +1,6 @@
 """The "torch" format's raw rank files (manifest format version 2), against torch.save/torch.load
-round trips of the same states; and checkpoints of format version 1 (torch.save rank files)."""
+round trips of the same states: their layout, checksum and size, what they load and map, the
+unpicklers that refuse to run code, and damaged indexes and truncated files."""
 
 from __future__ import annotations
 
@@ -20,13 +21,12 @@ import distckpt
 from distckpt.errors import CorruptCheckpoint, UnsafeCheckpoint
 from distckpt.formats.base import ReadOptions
 from distckpt.formats.raw_rank_file import ALIGNMENT, HEADER, MAGIC, write_rank_file
-from distckpt.formats.raw_rank_reader import is_raw_rank_file, load_rank_file, read_index
+from distckpt.formats.raw_rank_reader import load_rank_file, read_index
 from distckpt.formats.torch_files import load_skeleton, plain_values_of
-from distckpt.manifest import FORMAT_VERSION, read_manifest
 from distckpt.memory import DIRECT_ALIGNMENT, DIRECT_MIN_BYTES
 from distckpt.state import local_tensors
+from tests.raw_rank_states import _torch_round_trip, assert_same_as, fixture_state
 
-FIXTURE = Path(__file__).parent / "fixtures" / "torch-format-v1"
 #: A checkpoint of manifest format version 2 whose rank file is in layout 1 (every storage at a
 #: multiple of 64), as distckpt 0.1.0 wrote it: :func:`fixture_state` and ``"large"``, 3000
 #: float32 from 0 (``torch.arange``), saved with ``CheckpointManager(root, fsync=False)``.
@@ -113,35 +113,6 @@ def states(draw: st.DrawFn) -> Any:
     return {"state": nest(leaves, 0), "step": draw(st.integers(0, 10**6))}
 
 
-def _bytes_of(tensor: torch.Tensor) -> bytes:
-    # A fresh tensor: contiguous() keeps the stride of a one-element view, view() refuses it.
-    flat = torch.empty(tensor.numel(), dtype=tensor.dtype).copy_(tensor.detach().reshape(-1))
-    return bytes(flat.view(torch.uint8).numpy())
-
-
-def assert_same_as(loaded: Any, expected: Any, path: str = "state") -> None:
-    """``loaded`` is what ``torch.load`` gave for the same state: same types, keys and order,
-    values; tensors with the same dtype, shape, stride, storage offset and bytes."""
-    assert type(loaded) is type(expected), path
-    if isinstance(expected, torch.Tensor):
-        assert loaded.dtype == expected.dtype, path
-        assert loaded.shape == expected.shape, path
-        assert loaded.stride() == expected.stride(), path
-        assert loaded.storage_offset() == expected.storage_offset(), path
-        assert loaded.untyped_storage().nbytes() == expected.untyped_storage().nbytes(), path
-        assert _bytes_of(loaded) == _bytes_of(expected), path
-    elif isinstance(expected, dict):
-        assert list(loaded) == list(expected), path
-        for key in expected:
-            assert_same_as(loaded[key], expected[key], f"{path}[{key!r}]")
-    elif isinstance(expected, (list, tuple)):
-        assert len(loaded) == len(expected), path
-        for index, (a, b) in enumerate(zip(loaded, expected)):
-            assert_same_as(a, b, f"{path}[{index}]")
-    else:
-        assert loaded == expected, path
-
-
 def assert_same_sharing(loaded: Any, expected: Any) -> None:
     """Two tensors share a storage in ``loaded`` exactly where they do in ``expected``."""
     ours = [t.untyped_storage().data_ptr() for t in local_tensors(loaded)]
@@ -150,13 +121,6 @@ def assert_same_sharing(loaded: Any, expected: Any) -> None:
         for j in range(i):
             if theirs[i] and theirs[j]:  # an empty storage has no address to compare
                 assert (ours[i] == ours[j]) == (theirs[i] == theirs[j]), (i, j)
-
-
-def _torch_round_trip(state: Any, **options: Any) -> Any:
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    buffer.seek(0)
-    return torch.load(buffer, weights_only=True, **options)
 
 
 @settings(
@@ -419,118 +383,3 @@ def test_a_truncated_rank_file_is_a_corrupt_checkpoint(tmp_path: Path) -> None:
         path.write_bytes(path.read_bytes()[:size])
         with pytest.raises(CorruptCheckpoint, match=r"rank\.pt"):
             _load(path)
-
-
-# ------------------------------------------------------------------- through the manager
-
-
-def test_stateful_objects_restore_from_raw_rank_files(tmp_path: Path) -> None:
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
-    optim = torch.optim.AdamW(model.parameters(), lr=0.1)
-    model(torch.randn(3, 4)).sum().backward()
-    optim.step()
-    with distckpt.CheckpointManager(tmp_path / "ckpt", fsync=False) as mgr:
-        mgr.save(1, {"model": model, "optim": optim, "epoch": 2})
-    step_dir = tmp_path / "ckpt" / "step-00000001"
-    assert read_manifest(step_dir).format_version == FORMAT_VERSION == 2
-    assert is_raw_rank_file(step_dir / "rank-00000.pt")
-
-    fresh = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
-    fresh_optim = torch.optim.AdamW(fresh.parameters(), lr=0.1)
-    with distckpt.CheckpointManager(tmp_path / "ckpt", fsync=False) as mgr:
-        mgr.restore("last", state={"model": fresh, "optim": fresh_optim, "epoch": 0})
-    expected = _torch_round_trip({"model": model.state_dict(), "optim": optim.state_dict()})
-    assert_same_as(
-        {"model": fresh.state_dict(), "optim": fresh_optim.state_dict()}, expected, "restored"
-    )
-    exported = torch.load(distckpt.export(step_dir, tmp_path / "out.pt"), weights_only=True)
-    for key, tensor in expected["model"].items():  # the manager saves plain dicts
-        assert_same_as(exported["model"][key], tensor, key)
-    assert distckpt.verify(step_dir).ok
-
-
-def fixture_state() -> dict[str, Any]:
-    """The state the format-version-1 fixture holds (written by distckpt 0.1.0's torch.save
-    rank files, from this recipe)."""
-    torch.manual_seed(0)
-    base = torch.arange(12, dtype=torch.float32)
-    return {
-        "weights": {
-            "w": torch.randn(3, 4),
-            "b16": torch.randn(5).to(torch.bfloat16),
-            "mask": torch.tensor([True, False, True]),
-            "c": torch.randn(2, dtype=torch.complex64),
-        },
-        "base": base,
-        "view": base[2:8].view(2, 3).t(),
-        "empty": torch.empty(0, 3),
-        "scalar": torch.tensor(7, dtype=torch.int64),
-        "items": [1, "two", (3.0, None)],
-        "step": 3,
-    }
-
-
-@pytest.fixture
-def version_1_root(tmp_path: Path) -> Path:
-    root = tmp_path / "v1"
-    shutil.copytree(FIXTURE, root)
-    return root
-
-
-def test_a_format_version_1_checkpoint_still_loads(version_1_root: Path, tmp_path: Path) -> None:
-    step_dir = version_1_root / "step-00000003"
-    assert read_manifest(step_dir).format_version == 1
-    assert not is_raw_rank_file(step_dir / "rank-00000.pt")
-    expected = fixture_state()
-    expected["empty"] = torch.empty(0, 3)  # its bytes are none; the value is what counts
-
-    assert distckpt.verify(version_1_root).ok
-    assert_same_as(distckpt.load_checkpoint(step_dir).state, expected)
-    exported = torch.load(distckpt.export(step_dir, tmp_path / "out.pt"), weights_only=True)
-    assert_same_as(exported, expected)
-    with distckpt.CheckpointManager(version_1_root, fsync=False) as mgr:
-        for mmap in (False, True):
-            restored = mgr.restore(3, mmap=mmap).state
-            assert_same_as(restored, expected)
-            assert restored["view"].untyped_storage().data_ptr() == (
-                restored["base"].untyped_storage().data_ptr()
-            )
-        # The next save into the same root writes the new layout beside the old one.
-        mgr.save(4, expected)
-    assert is_raw_rank_file(version_1_root / "step-00000004" / "rank-00000.pt")
-    assert_same_as(distckpt.load_checkpoint(version_1_root).state, expected)
-
-
-def test_a_torch_save_file_resealed_into_a_new_checkpoint_is_read_as_one(
-    tmp_path: Path,
-) -> None:
-    """A rank file a person replaced with ``torch.save`` output (and resealed) still loads,
-    and unsafely pickled content in it is still refused."""
-    from tests.hostile_cases import reseal
-
-    with distckpt.CheckpointManager(tmp_path / "ckpt", fsync=False) as mgr:
-        mgr.save(1, {"w": torch.zeros(2)})
-    step_dir = tmp_path / "ckpt" / "step-00000001"
-    (step_dir / "rank-00000.pt").unlink()
-    torch.save({"w": torch.ones(2)}, step_dir / "rank-00000.pt")
-    reseal(step_dir, "rank-00000.pt")
-    assert torch.equal(distckpt.load_checkpoint(step_dir).state["w"], torch.ones(2))
-
-
-@pytest.mark.parametrize(
-    "sizes",
-    [
-        [1025] * 1000,  # 4100 bytes each: 64-byte padding only
-        [(1 << 18) + 1] * 12,  # just over 1 MiB each: each padded up to a page
-        [3, (1 << 20) // 4 + 7, 5, (3 << 20) // 4 + 1, 1],
-    ],
-    ids=["small", "just-over-a-mebibyte", "mixed"],
-)
-def test_the_space_estimate_covers_the_file(tmp_path: Path, sizes: list[int]) -> None:
-    """What a save asks the disk to have free (before its margin) is at least the rank file
-    it then writes, padding included."""
-    state = {f"t{i}": torch.zeros(n) for i, n in enumerate(sizes)}
-    path = tmp_path / "rank.pt"
-    writer = write_rank_file(state, path, fsync=False)
-    assert distckpt.formats.format_named("torch").estimate_bytes(state) >= writer.size

@@ -1,7 +1,7 @@
 """Verification and hostile input: checksums you can check, corruption found and named, nothing
 unsafe loaded.
 
-The table of damaged roots lives in ``tests/hostile_cases.py``; every case is checked against
+The table of damaged roots lives in ``tests/hostile_case_table.py``; every case is checked against
 ``verify``, ``restore("last")`` (with and without ``verify=True``) and an explicit restore.
 """
 
@@ -25,16 +25,14 @@ import torch
 
 import distckpt
 from distckpt.errors import CheckpointNotFound, CorruptCheckpoint, UnsafeCheckpoint
+from tests.hostile_case_table import CASES, Case, Outcome
 from tests.hostile_cases import (
-    CASES,
     LINKS,
     MANIFEST,
     MARKER_NAME,
     RANK0,
     STEP1,
     STEP2,
-    Case,
-    Outcome,
     flip_byte,
     is_intact,
     make_root,

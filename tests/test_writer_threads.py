@@ -167,7 +167,7 @@ def test_an_async_save_writes_with_parallel_writers_in_its_background_thread(
 
 def test_a_full_disk_under_parallel_writers_names_the_file(mounts: MountFactory) -> None:
     """Every thread stops; the error is the "no space" OSError one writer raises, named after
-    the file (the manager turns it into InsufficientSpace: tests/test_filesystems.py)."""
+    the file (the manager turns it into InsufficientSpace: tests/test_filesystems_space.py)."""
     mount = mounts.get("small-ext4")
     target = mount.path / "victim-threads"
     try:
