@@ -157,12 +157,16 @@ class GroupHealth:
         """Whether a collective failed on the group here (it is replaced before the next)."""
         return self._broken
 
-    def renew(self) -> None:
+    def renew(self, what: str = "renewing the background save's group") -> None:
         """Replace the group with a fresh one now, made with every other rank, which must
         call this at the same point (collective); for a background twin, whose own thread
-        never makes groups (see :meth:`spawn`)."""
+        never makes groups (see :meth:`spawn`). ``what`` names the renewal in its error.
+
+        A rank that fails to make the group raises at once; the others cannot connect to it
+        and raise once the timeout has run out. The group stays broken on every rank, so the
+        next renewal is tried again."""
         if self._group is not None:
-            self._renew_group("renewing the background save's group")
+            self._renew_group(what)
 
     def _renew_group(self, what: str) -> None:
         """Replace the broken group with a fresh one, made with every other rank (each renews

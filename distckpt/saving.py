@@ -4,13 +4,16 @@ of it.
 :class:`Saver` proposes (:func:`distckpt.proposal.propose`), then commits the plan in the
 calling thread or hands it to the async save's background thread
 (:class:`~distckpt.background.BackgroundSaves`), and tells the
-:class:`~distckpt.decisions.SaveDecider` what the schedule counts from now. The manager decides
-whether to save and owns every piece this uses (the groups, the store, the buffers, the thread).
+:class:`~distckpt.decisions.SaveDecider` what the schedule counts from now. A hand-off to that
+thread that fails (its group cannot be renewed, the thread takes no more work) discards the
+staging area at once, as a failed commit does. The manager decides whether to save and owns
+every piece this uses (the groups, the store, the buffers, the thread).
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any
 
 from distckpt import proposal, protocol
@@ -94,10 +97,7 @@ class Saver:
                 result = commit(coord=self._coord)
                 self._decider.count_save(plan.step, plan.epoch)
             else:
-                if plan.renew_twin:  # here, never in the background thread (see spawn)
-                    self._background.coord.renew()
-                self._decider.count_in_flight(plan.step, plan.epoch)  # wait() undoes a failure
-                self._background.submit(lambda coord: commit(coord=coord))
+                self._hand_off(plan, commit, self._background)
                 result = SaveResult(
                     plan.step, plan.destination, plan.epoch, plan.metrics, done=False
                 )
@@ -106,6 +106,31 @@ class Saver:
         if decision.preempt:
             self._decider.preemption_saved(request.step, report=self._coord.is_coordinator)
         return result
+
+    def _hand_off(
+        self,
+        plan: protocol.SavePlan,
+        commit: Callable[..., SaveResult],
+        background: BackgroundSaves,
+    ) -> None:
+        """Give ``plan`` to ``background``'s thread, which runs ``commit`` with its own
+        coordinator, renewing that coordinator's group first when the plan says so. Until the
+        thread has the plan, nothing else ends it: when the renewal or the submission fails
+        (a rank could not make the group, the thread cannot take work at interpreter exit),
+        the staging area is discarded here and the schedule's count put back (the save is not
+        made), and the error raised as it came."""
+        counted = False
+        try:
+            if plan.renew_twin:  # here, never in the background thread (see spawn)
+                background.coord.renew(f"renewing the background save's group for step {plan.step}")
+            self._decider.count_in_flight(plan.step, plan.epoch)  # wait() undoes a failure
+            counted = True
+            background.submit(lambda coord: commit(coord=coord))
+        except BaseException:
+            if counted:
+                self._decider.in_flight_failed()
+            protocol.release_staging(plan, store=self._store)
+            raise
 
     def wait(self) -> SaveResult | None:
         """The async save in flight's result once durable, or its error (then the schedule
