@@ -92,10 +92,11 @@ def _saves_again(rank: int, world_size: int, root: str) -> list[int]:
 def test_a_failed_renewal_of_the_background_group_removes_the_staging_on_every_rank(
     tmp_path: Path,
 ) -> None:
-    """README: "Any rank's failure raises on every rank and leaves the root as it was", also
-    when the background group cannot be renewed for an async save: rank 1 raises at once, rank
-    0 (which cannot connect to it) within the timeout, and rank 0 removes the save's staging
-    area before it raises; the schedule retries the step, and the next job saves."""
+    """docs/faults.md: "A rank that raises removes its staging itself", and README: "a failed
+    save does not count for the schedule, so the next step retries it", also when the
+    background group cannot be renewed for an async save: rank 1 raises at once, rank 0 (which
+    cannot connect to it) within the timeout, each naming the step, and rank 0 removes the
+    save's staging area before it raises; the next job saves."""
     root = str(tmp_path)
     results = values(run_ranks(_renewal_fails_on_rank_1, 2, root, timeout=120))
     assert results[0]["left"] == [], results[0]["left"]
@@ -137,9 +138,9 @@ _SAVE_IN_AN_ATEXIT_HOOK = textwrap.dedent(
 def test_an_async_save_the_background_thread_cannot_take_leaves_no_staging(
     tmp_path: Path,
 ) -> None:
-    """An async save made at interpreter exit (an atexit hook) fails when its background
-    thread can take no work any more; its staging area is removed at once and the schedule
-    does not count it."""
+    """docs/faults.md: "A rank that raises removes its staging itself", and README: "a failed
+    save does not count for the schedule", also for an async save made at interpreter exit (an
+    atexit hook), which fails because its background thread can take no work any more."""
     root = str(tmp_path / "root")
     done = subprocess.run(
         [sys.executable, "-c", _SAVE_IN_AN_ATEXIT_HOOK, root],
