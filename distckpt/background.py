@@ -136,12 +136,38 @@ class BackgroundSaves:
         self._creator_pid = os.getpid()
         _open_saves.add(self)
 
-    def submit(self, save: Callable[[Coordinator], SaveResult]) -> None:
+    def submit(
+        self, save: Callable[[Coordinator], SaveResult], *, abandon: Callable[[], None]
+    ) -> None:
         """Run ``save`` with this thread's coordinator; the caller waits for the one before.
-        Each save is one operation of that coordinator."""
+        Each save is one operation of that coordinator.
+
+        The save has one owner at a time: the caller until the thread starts it, the thread
+        from then on. When the submission fails before the thread started the save (the
+        thread could not be started, or takes no work at interpreter exit), the save never
+        runs and ``abandon`` is called, once, before the error is raised: the caller ends what
+        the save would have ended. When it fails after (an interrupt landing inside the
+        submission), the save runs and is in flight as if the submission had returned, and
+        the error is raised all the same."""
         self.coord.begin_operation()
-        with self._lock:
-            self._inflight = self._executor.submit(save, self.coord)
+        outcome: Future[SaveResult] = Future()
+        before = self._inflight  # done: the caller waited for it
+        try:
+            with self._lock:
+                self._inflight = outcome
+            self._executor.submit(_run_unless_cancelled, outcome, save, self.coord)
+        except BaseException:
+            # ThreadPoolExecutor.submit queues the work before it starts the thread: a start
+            # that fails leaves it queued, and the thread a later submission starts would run
+            # it first. Cancelling the outcome decides who owns the save, atomically against
+            # the thread starting it (Future's own lock): a cancelled save is skipped whenever
+            # a thread reaches it, so the caller may end it now.
+            if outcome.cancel():
+                with self._lock:
+                    if self._inflight is outcome:
+                        self._inflight = before
+                abandon()
+            raise
 
     def wait(self) -> SaveResult | None:
         """The save in flight's result, or its error raised; None with none in flight."""
@@ -181,6 +207,21 @@ class BackgroundSaves:
                 logger.info("finished the save of step %d in flight at exit", result.step)
         except Exception as exc:
             logger.error("the checkpoint save in flight at exit failed: %s", exc)
+
+
+def _run_unless_cancelled(
+    outcome: Future[SaveResult], save: Callable[[Coordinator], SaveResult], coord: Coordinator
+) -> None:
+    """The worker thread's part of :meth:`BackgroundSaves.submit`: run ``save`` into
+    ``outcome``, unless its submission failed and cancelled it first (its caller ended it)."""
+    if not outcome.set_running_or_notify_cancel():
+        return
+    try:
+        result = save(coord)
+    except BaseException as exc:  # as ThreadPoolExecutor's own work items: wait() raises it
+        outcome.set_exception(exc)
+    else:
+        outcome.set_result(result)
 
 
 # At import, after ``concurrent.futures.thread`` registered its exit hook (imported above).

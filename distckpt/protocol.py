@@ -229,8 +229,9 @@ def release_staging(plan: SavePlan, *, store: RootStore) -> None:
     claim is just released); nothing on the other ranks, which hold none. Idempotent. Every
     plan ends here once proposed: in :func:`write_and_commit`, whatever its outcome, and in an
     async save whose hand-off to the background thread failed before that thread took it
-    (:class:`~distckpt.saving.Saver`), so a failed save leaves no staging area behind for the
-    next start's cleanup."""
+    (:class:`~distckpt.saving.Saver`; never both: the plan has one owner at a time, see
+    :meth:`~distckpt.background.BackgroundSaves.submit`), so a failed save leaves no staging
+    area behind for the next start's cleanup."""
     if plan.area is not None:
         store.discard_staging(plan.area)
 

@@ -5,9 +5,10 @@ of it.
 calling thread or hands it to the async save's background thread
 (:class:`~distckpt.background.BackgroundSaves`), and tells the
 :class:`~distckpt.decisions.SaveDecider` what the schedule counts from now. A hand-off to that
-thread that fails (its group cannot be renewed, the thread takes no more work) discards the
-staging area at once, as a failed commit does. The manager decides whether to save and owns
-every piece this uses (the groups, the store, the buffers, the thread).
+thread that fails before the thread took the plan (its group cannot be renewed, the thread
+cannot start or takes no more work) discards the staging area at once, as a failed commit does.
+The manager decides whether to save and owns every piece this uses (the groups, the store, the
+buffers, the thread).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from distckpt import proposal, protocol
 from distckpt.background import BackgroundSaves
 from distckpt.coord import Coordinator
 from distckpt.decisions import SaveDecider, SaveDecision
+from distckpt.errors import CheckpointError
 from distckpt.formats import CheckpointFormat
 from distckpt.launcher import LauncherWatch
 from distckpt.results import SaveResult
@@ -114,23 +116,38 @@ class Saver:
         background: BackgroundSaves,
     ) -> None:
         """Give ``plan`` to ``background``'s thread, which runs ``commit`` with its own
-        coordinator, renewing that coordinator's group first when the plan says so. Until the
-        thread has the plan, nothing else ends it: when the renewal or the submission fails
-        (a rank could not make the group, the thread cannot take work at interpreter exit),
-        the staging area is discarded here and the schedule's count put back (the save is not
-        made), and the error raised as it came."""
+        coordinator, renewing that coordinator's group first when the plan says so. The plan
+        has one owner at a time: this thread until the background thread starts the commit,
+        that thread from then on (:meth:`BackgroundSaves.submit`). When the renewal fails (a
+        rank could not make the group), or the submission fails before that thread took the
+        plan, the staging area is discarded here and the schedule's count put back (the save
+        is not made), and the error raised: a submission's error as a
+        :class:`~distckpt.errors.CheckpointError` naming the step and the rank (the thread
+        could not be started, or takes no work at interpreter exit). A submission interrupted
+        after the thread took the plan leaves it to the thread, in flight."""
         counted = False
+
+        def abandon() -> None:
+            if counted:
+                self._decider.in_flight_failed()
+            protocol.release_staging(plan, store=self._store)
+
         try:
             if plan.renew_twin:  # here, never in the background thread (see spawn)
                 background.coord.renew(f"renewing the background save's group for step {plan.step}")
             self._decider.count_in_flight(plan.step, plan.epoch)  # wait() undoes a failure
             counted = True
-            background.submit(lambda coord: commit(coord=coord))
         except BaseException:
-            if counted:
-                self._decider.in_flight_failed()
-            protocol.release_staging(plan, store=self._store)
+            abandon()
             raise
+        try:
+            background.submit(lambda coord: commit(coord=coord), abandon=abandon)
+        except RuntimeError as exc:  # "can't start new thread", "cannot schedule new futures"
+            raise CheckpointError(
+                f"the background thread could not take the async save of step {plan.step}: {exc}",
+                rank=self._coord.rank,
+                step=plan.step,
+            ) from exc
 
     def wait(self) -> SaveResult | None:
         """The async save in flight's result once durable, or its error (then the schedule

@@ -11,15 +11,19 @@ import os
 import resource
 import subprocess
 import sys
+import tempfile
 import textwrap
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import FrameType
 
 import pytest
 import torch
 
 import distckpt
+from distckpt import events
 from tests.ranks import run_ranks, values
 from tests.test_coord import TIMEOUT
 from tests.test_coord_failures import late_in_the_write, note_the_timeout
@@ -126,7 +130,7 @@ _SAVE_IN_AN_ATEXIT_HOOK = textwrap.dedent(
             mgr.save(4, {"w": torch.ones(4)})
             error = None
         except Exception as exc:
-            error = f"{type(exc).__name__}: {exc}"
+            error = f"{type(exc).__name__} (step {getattr(exc, 'step', None)}): {exc}"
         left = sorted(os.listdir(os.path.join(root, ".staging")))
         print(json.dumps({"error": error, "left": left, "retried": mgr.should_save(5)}))
 
@@ -140,7 +144,8 @@ def test_an_async_save_the_background_thread_cannot_take_leaves_no_staging(
 ) -> None:
     """docs/faults.md: "A rank that raises removes its staging itself", and README: "a failed
     save does not count for the schedule", also for an async save made at interpreter exit (an
-    atexit hook), which fails because its background thread can take no work any more."""
+    atexit hook), which fails because its background thread can take no work any more; README:
+    "`save` raises a `CheckpointError` naming the step" then."""
     root = str(tmp_path / "root")
     done = subprocess.run(
         [sys.executable, "-c", _SAVE_IN_AN_ATEXIT_HOOK, root],
@@ -151,6 +156,134 @@ def test_an_async_save_the_background_thread_cannot_take_leaves_no_staging(
     )
     outcome = json.loads(done.stdout.strip().splitlines()[-1])
     assert outcome["error"] is not None and "cannot schedule new futures" in outcome["error"]
+    assert outcome["error"].startswith("CheckpointError (step 4): "), outcome["error"]
     assert outcome["left"] == [], outcome
     assert outcome["retried"], "the failed save of step 4 was counted by the schedule"
     assert distckpt.CheckpointManager(root, read_only=True).steps() == [2]
+
+
+#: Saves once at step 2 while no thread can start, then at step 4 with threads back; argv: the
+#: root. Prints what it saw, as JSON.
+_NO_THREAD_FOR_THE_FIRST_ASYNC_SAVE = textwrap.dedent(
+    """
+    import json, os, resource, sys, torch, distckpt
+    from distckpt import events
+
+    root = sys.argv[1]
+    # An async save first, so that every module the save path imports lazily is loaded before
+    # the uid changes: the other user may not read the interpreter's installation.
+    with distckpt.CheckpointManager(root + "-warm-up", async_save=True) as warm_up:
+        warm_up.save(1, {"w": torch.zeros(2)})
+        warm_up.wait()
+    if os.geteuid() == 0:  # the kernel never applies RLIMIT_NPROC to root
+        os.setgid(65534)
+        os.setuid(65534)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NPROC)
+    mgr = distckpt.CheckpointManager(
+        root, async_save=True, every_n_steps=2, timeout=20, fsync=False
+    )
+
+    def no_thread_once_proposed(event):
+        # The user's threads are this process's (or more): any new one is refused, for real.
+        if event.phase == "save.propose" and event.step == 2:
+            resource.setrlimit(resource.RLIMIT_NPROC, (len(os.listdir("/proc/self/task")), hard))
+
+    stop_limiting = events.add_listener(no_thread_once_proposed)
+    try:
+        mgr.save(2, {"w": torch.zeros(2)})
+        error = None
+    except Exception as exc:
+        error = [type(exc).__name__, getattr(exc, "step", None), getattr(exc, "rank", None)]
+        error.append(repr(exc.__cause__))
+    finally:
+        resource.setrlimit(resource.RLIMIT_NPROC, (soft, hard))
+        stop_limiting()
+    left = os.listdir(os.path.join(root, ".staging"))
+    retried = mgr.should_save(3)
+    phases_of_step_2 = []
+    events.add_listener(lambda event: event.step == 2 and phases_of_step_2.append(event.phase))
+    mgr.save(4, {"w": torch.ones(2)})
+    committed = mgr.wait().step
+    steps = mgr.steps()
+    mgr.close()
+    print(json.dumps([error, left, retried, committed, phases_of_step_2, steps]))
+    """
+)
+
+
+def test_an_async_save_whose_thread_cannot_start_is_not_made_later() -> None:
+    """README: where the async saves' thread cannot start, "`save` raises a `CheckpointError`
+    naming the step and the rank: that save is never made, not even once a later save starts
+    the thread, leaves no staging behind and does not count for the schedule" (the submission
+    had queued it before the start failed). The start fails for real: RLIMIT_NPROC, as under a
+    container's pids limit, in a process of another user (the kernel does not apply it to
+    root)."""
+    with tempfile.TemporaryDirectory() as shared:
+        os.chmod(shared, 0o777)  # written by the other user; tmp_path's parents are private
+        done = subprocess.run(
+            [sys.executable, "-c", _NO_THREAD_FOR_THE_FIRST_ASYNC_SAVE, f"{shared}/root"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert done.returncode == 0, done.stderr
+    error, left, retried, committed, phases_of_step_2, steps = json.loads(
+        done.stdout.splitlines()[-1]
+    )
+    assert (committed, phases_of_step_2, steps) == (4, [], [4])
+    assert left == [] and retried, (left, retried)
+    assert error[:3] == ["CheckpointError", 2, 0], error
+    assert "can't start new thread" in error[3], error
+
+
+#: The name prefix of the async saves' background thread (distckpt.background); the save's
+#: proposal runs other pools' threads as well.
+BACKGROUND_THREAD_PREFIX = "distckpt-commit"
+
+
+def _in_the_background_thread() -> bool:
+    return threading.current_thread().name.startswith(BACKGROUND_THREAD_PREFIX)
+
+
+def test_an_interrupt_inside_the_submission_leaves_a_save_the_thread_took_to_it(
+    tmp_path: Path,
+) -> None:
+    """A Ctrl-C landing inside the submission of an async save after the background thread
+    took the save neither removes the staging under the running commit nor uncounts the save:
+    the save is in flight, wait() returns it committed, and the schedule counts from it."""
+    manager = distckpt.CheckpointManager(
+        tmp_path, timeout=TIMEOUT, async_save=True, every_n_steps=2, fsync=False
+    )
+    manager.save(2, {"w": torch.zeros(4)})
+    manager.wait()  # the thread is idle now: it takes the next save as soon as it is queued
+    taken = threading.Event()
+    stop_listening = events.add_listener(
+        lambda event: event.step == 4 and _in_the_background_thread() and taken.set()
+    )
+
+    def interrupt_once_taken(frame: FrameType, event: str, arg: object) -> None:
+        # A real SIGINT cannot be landed at this point on purpose: the trace hook (this thread
+        # only) raises it where ThreadPoolExecutor.submit, having queued the save, looks for
+        # a thread to run it, once that thread has begun the save.
+        if (
+            event == "call"
+            and frame.f_code.co_name == "_adjust_thread_count"
+            and frame.f_locals["self"]._thread_name_prefix == BACKGROUND_THREAD_PREFIX
+        ):
+            sys.settrace(None)
+            assert taken.wait(TIMEOUT), "the background thread did not take the save"
+            raise KeyboardInterrupt
+
+    sys.settrace(interrupt_once_taken)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            manager.save(4, {"w": torch.ones(4)})
+    finally:
+        sys.settrace(None)
+        stop_listening()
+    committed = manager.wait()
+    assert committed is not None and (committed.step, committed.done) == (4, True)
+    assert manager.steps() == [2, 4]
+    assert not manager.should_save(5), "the save of step 4 was not counted"
+    assert os.listdir(tmp_path / ".staging") == []
+    manager.close()
