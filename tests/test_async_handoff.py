@@ -93,7 +93,7 @@ def _saves_again(rank: int, world_size: int, root: str) -> list[int]:
         return manager.steps()
 
 
-def test_a_failed_renewal_of_the_background_group_removes_the_staging_on_every_rank(
+def test_a_failed_background_group_renewal_raises_on_every_rank_and_rank_0_removes_its_staging(
     tmp_path: Path,
 ) -> None:
     """docs/faults.md: "A rank that raises removes its staging itself", and README: "a failed
