@@ -184,9 +184,10 @@ _NO_THREAD_FOR_THE_FIRST_ASYNC_SAVE = textwrap.dedent(
     )
 
     def no_thread_once_proposed(event):
-        # The user's threads are this process's (or more): any new one is refused, for real.
+        # The user has this process's threads at least: any new one is refused, for real, also
+        # when a thread the proposal started is still on its way out.
         if event.phase == "save.propose" and event.step == 2:
-            resource.setrlimit(resource.RLIMIT_NPROC, (len(os.listdir("/proc/self/task")), hard))
+            resource.setrlimit(resource.RLIMIT_NPROC, (1, hard))
 
     stop_limiting = events.add_listener(no_thread_once_proposed)
     try:
