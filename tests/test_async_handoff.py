@@ -18,13 +18,17 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import pytest
 import torch
 
 import distckpt
 from distckpt import events
+from distckpt.layout import step_dir_name
+from distckpt.objstore import ObjectStore
 from tests.ranks import run_ranks, values
+from tests.s3server import S3Server
 from tests.test_coord import TIMEOUT
 from tests.test_coord_failures import late_in_the_write, note_the_timeout
 
@@ -163,16 +167,19 @@ def test_an_async_save_the_background_thread_cannot_take_leaves_no_staging(
 
 
 #: Saves once at step 2 while no thread can start, then at step 4 with threads back; argv: the
-#: root. Prints what it saw, as JSON.
+#: root and the storage options (JSON). Prints what it saw, as JSON.
 _NO_THREAD_FOR_THE_FIRST_ASYNC_SAVE = textwrap.dedent(
     """
     import json, os, resource, sys, torch, distckpt
     from distckpt import events
 
-    root = sys.argv[1]
+    root, options = sys.argv[1], json.loads(sys.argv[2])
     # An async save first, so that every module the save path imports lazily is loaded before
     # the uid changes: the other user may not read the interpreter's installation.
-    with distckpt.CheckpointManager(root + "-warm-up", async_save=True) as warm_up:
+    warm_up = distckpt.CheckpointManager(
+        root + "-warm-up", async_save=True, storage_options=options
+    )
+    with warm_up:
         warm_up.save(1, {"w": torch.zeros(2)})
         warm_up.wait()
     if os.geteuid() == 0:  # the kernel never applies RLIMIT_NPROC to root
@@ -180,7 +187,7 @@ _NO_THREAD_FOR_THE_FIRST_ASYNC_SAVE = textwrap.dedent(
         os.setuid(65534)
     soft, hard = resource.getrlimit(resource.RLIMIT_NPROC)
     mgr = distckpt.CheckpointManager(
-        root, async_save=True, every_n_steps=2, timeout=20, fsync=False
+        root, async_save=True, every_n_steps=2, timeout=20, fsync=False, storage_options=options
     )
 
     def no_thread_once_proposed(event):
@@ -199,7 +206,6 @@ _NO_THREAD_FOR_THE_FIRST_ASYNC_SAVE = textwrap.dedent(
     finally:
         resource.setrlimit(resource.RLIMIT_NPROC, (soft, hard))
         stop_limiting()
-    left = os.listdir(os.path.join(root, ".staging"))
     retried = mgr.should_save(3)
     phases_of_step_2 = []
     events.add_listener(lambda event: event.step == 2 and phases_of_step_2.append(event.phase))
@@ -207,9 +213,26 @@ _NO_THREAD_FOR_THE_FIRST_ASYNC_SAVE = textwrap.dedent(
     committed = mgr.wait().step
     steps = mgr.steps()
     mgr.close()
-    print(json.dumps([error, left, retried, committed, phases_of_step_2, steps]))
+    print(json.dumps([error, retried, committed, phases_of_step_2, steps]))
     """
 )
+
+
+def _no_thread_for_the_first_async_save(root: str, options: dict[str, Any] | None) -> None:
+    """Run :data:`_NO_THREAD_FOR_THE_FIRST_ASYNC_SAVE` on ``root`` as another user and check
+    what it saw: step 2's save raised, never ran, is not counted; step 4's was made."""
+    done = subprocess.run(
+        [sys.executable, "-c", _NO_THREAD_FOR_THE_FIRST_ASYNC_SAVE, root, json.dumps(options)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    error, retried, committed, phases_of_step_2, steps = json.loads(done.stdout.splitlines()[-1])
+    assert (committed, phases_of_step_2, steps) == (4, [], [4])
+    assert retried, "the failed save of step 2 was counted by the schedule"
+    assert error[:3] == ["CheckpointError", 2, 0], error
+    assert "can't start new thread" in error[3], error
 
 
 def test_an_async_save_whose_thread_cannot_start_is_not_made_later() -> None:
@@ -221,20 +244,20 @@ def test_an_async_save_whose_thread_cannot_start_is_not_made_later() -> None:
     root)."""
     with tempfile.TemporaryDirectory() as shared:
         os.chmod(shared, 0o777)  # written by the other user; tmp_path's parents are private
-        done = subprocess.run(
-            [sys.executable, "-c", _NO_THREAD_FOR_THE_FIRST_ASYNC_SAVE, f"{shared}/root"],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-    assert done.returncode == 0, done.stderr
-    error, left, retried, committed, phases_of_step_2, steps = json.loads(
-        done.stdout.splitlines()[-1]
-    )
-    assert (committed, phases_of_step_2, steps) == (4, [], [4])
-    assert left == [] and retried, (left, retried)
-    assert error[:3] == ["CheckpointError", 2, 0], error
-    assert "can't start new thread" in error[3], error
+        root = os.path.join(shared, "root")
+        _no_thread_for_the_first_async_save(root, None)
+        assert os.listdir(os.path.join(root, ".staging")) == []
+
+
+def test_an_async_save_whose_thread_cannot_start_is_not_published_later(
+    s3_server: S3Server, s3_url: str
+) -> None:
+    """The same on an object store, where the save run later would publish step 2 after its
+    save() raised: nothing of step 2 is left, staged or published."""
+    options = s3_server.storage_options()
+    _no_thread_for_the_first_async_save(s3_url, options)
+    with ObjectStore(s3_url, options) as store:
+        assert list(store.list(f"{step_dir_name(2)}/")) == []
 
 
 #: The name prefix of the async saves' background thread (distckpt.background); the save's
