@@ -121,13 +121,14 @@ class Saver:
         that thread from then on (:meth:`BackgroundSaves.submit`). When the renewal fails (a
         rank could not make the group), or the submission fails before that thread took the
         plan, the staging area is discarded here and the schedule's count put back (the save
-        is not made), and the error raised: a submission's error as a
-        :class:`~distckpt.errors.CheckpointError` naming the step and the rank (the thread
-        could not be started, or takes no work at interpreter exit). A submission interrupted
-        after the thread took the plan leaves it to the thread, in flight."""
+        is not made), and the error raised; the submission's ``RuntimeError`` (the thread
+        could not be started, or takes no work at interpreter exit) as a
+        :class:`~distckpt.errors.CheckpointError` naming the step and the rank. A submission
+        interrupted after the thread took the plan leaves it to the thread, in flight."""
         counted = False
 
         def abandon() -> None:
+            """End the plan while this thread still owns it (no commit will run for it)."""
             if counted:
                 self._decider.in_flight_failed()
             protocol.release_staging(plan, store=self._store)
