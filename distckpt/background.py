@@ -137,37 +137,40 @@ class BackgroundSaves:
         _open_saves.add(self)
 
     def submit(
-        self, save: Callable[[Coordinator], SaveResult], *, abandon: Callable[[], None]
+        self, save: Callable[[Coordinator], SaveResult], outcome: Future[SaveResult]
     ) -> None:
-        """Run ``save`` with this thread's coordinator; the caller waits for the one before.
+        """Run ``save`` with this thread's coordinator into ``outcome``, a fresh Future the
+        caller made before anything of the hand-off ran; the caller waits for the one before.
         Each save is one operation of that coordinator.
 
         The save has one owner at a time: the caller until the thread starts it, the thread
-        from then on. When the submission fails before the thread started the save (the
-        thread could not be started, or takes no work at interpreter exit), the save never
-        runs and ``abandon`` is called, once, before the error is raised: the caller ends what
-        the save would have ended. When it fails after (an interrupt landing inside the
-        submission), the save runs and is in flight as if the submission had returned, and
-        the error is raised all the same."""
+        from then on. ``outcome.cancel()`` tells which, atomically against the thread starting
+        the save (Future's own lock): it succeeds only while the thread has not started it, and
+        a cancelled save is skipped whenever a thread reaches it. So a caller interrupted
+        anywhere in the hand-off, before this call or inside it, cancels ``outcome`` and, when
+        that succeeds, ends what the save would have ended. When the submission fails before
+        the thread started the save (the thread could not be started, or takes no work at
+        interpreter exit), it is cancelled here and the error raised. When it fails after (an
+        interrupt landing inside the submission), the save runs and is in flight as if the
+        submission had returned, and the error is raised all the same.
+
+        ``outcome`` is in flight (what :meth:`wait` waits for) only once the thread will run
+        it: another thread's :meth:`wait` never sees a save that never runs, nor its
+        cancellation."""
         self.coord.begin_operation()
-        outcome: Future[SaveResult] = Future()
-        before = self._inflight  # done: the caller waited for it
         try:
-            with self._lock:
-                self._inflight = outcome
             self._executor.submit(_run_unless_cancelled, outcome, save, self.coord)
         except BaseException:
             # ThreadPoolExecutor.submit queues the work before it starts the thread: a start
             # that fails leaves it queued, and the thread a later submission starts would run
-            # it first. Cancelling the outcome decides who owns the save, atomically against
-            # the thread starting it (Future's own lock): a cancelled save is skipped whenever
-            # a thread reaches it, so the caller may end it now.
-            if outcome.cancel():
+            # it first. Cancelling makes that thread skip it; a cancel that fails means the
+            # thread started it already, so it is in flight.
+            if not outcome.cancel():
                 with self._lock:
-                    if self._inflight is outcome:
-                        self._inflight = before
-                abandon()
+                    self._inflight = outcome
             raise
+        with self._lock:
+            self._inflight = outcome
 
     def wait(self) -> SaveResult | None:
         """The save in flight's result, or its error raised; None with none in flight."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from concurrent.futures import Future
 from typing import Any
 
 from distckpt import proposal, protocol
@@ -119,12 +120,17 @@ class Saver:
         coordinator, renewing that coordinator's group first when the plan says so. The plan
         has one owner at a time: this thread until the background thread starts the commit,
         that thread from then on (:meth:`BackgroundSaves.submit`). When the renewal fails (a
-        rank could not make the group), or the submission fails before that thread took the
-        plan, the staging area is discarded here and the schedule's count put back (the save
-        is not made), and the error raised; the submission's ``RuntimeError`` (the thread
+        rank could not make the group), or the submission fails or the hand-off is
+        interrupted (a Ctrl-C, at any point) before that thread took the plan, the staging area
+        is discarded here and the schedule's count put back (the save is not made), and the
+        error raised; the submission's ``RuntimeError`` (the thread
         could not be started, or takes no work at interpreter exit) as a
         :class:`~distckpt.errors.CheckpointError` naming the step and the rank. A submission
         interrupted after the thread took the plan leaves it to the thread, in flight."""
+        # Who owns the plan once made: outcome.cancel() decides (see BackgroundSaves.submit).
+        # Made inside the try, so that an interrupt landing at any point of the hand-off, its
+        # making included, ends the plan here when the background thread never got it.
+        outcome: Future[SaveResult] | None = None
         counted = False
 
         def abandon() -> None:
@@ -134,21 +140,32 @@ class Saver:
             protocol.release_staging(plan, store=self._store)
 
         try:
+            outcome = Future()
             if plan.renew_twin:  # here, never in the background thread (see spawn)
                 background.coord.renew(f"renewing the background save's group for step {plan.step}")
             self._decider.count_in_flight(plan.step, plan.epoch)  # wait() undoes a failure
             counted = True
-        except BaseException:
-            abandon()
+            background.submit(lambda coord: commit(coord=coord), outcome)
+        except BaseException as exc:
+            # cancel() succeeds while the background thread has not started the commit (also
+            # when submit cancelled it already): the plan is still this thread's to end.
+            if outcome is None or outcome.cancel():
+                abandon()
+            # "can't start new thread", "cannot schedule new futures": the thread did not take
+            # the plan. A CheckpointError (the renewal's) names the step already.
+            if (
+                isinstance(exc, RuntimeError)
+                and not isinstance(exc, CheckpointError)
+                and outcome is not None
+                and outcome.cancelled()
+            ):
+                raise CheckpointError(
+                    f"the background thread could not take the async save of step {plan.step}: "
+                    f"{exc}",
+                    rank=self._coord.rank,
+                    step=plan.step,
+                ) from exc
             raise
-        try:
-            background.submit(lambda coord: commit(coord=coord), abandon=abandon)
-        except RuntimeError as exc:  # "can't start new thread", "cannot schedule new futures"
-            raise CheckpointError(
-                f"the background thread could not take the async save of step {plan.step}: {exc}",
-                rank=self._coord.rank,
-                step=plan.step,
-            ) from exc
 
     def wait(self) -> SaveResult | None:
         """The async save in flight's result once durable, or its error (then the schedule

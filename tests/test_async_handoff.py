@@ -15,7 +15,7 @@ import tempfile
 import textwrap
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -269,6 +269,21 @@ def _in_the_background_thread() -> bool:
     return threading.current_thread().name.startswith(BACKGROUND_THREAD_PREFIX)
 
 
+def _save_interrupted(
+    manager: distckpt.CheckpointManager,
+    step: int,
+    trace: Callable[[FrameType, str, object], None],
+) -> None:
+    """Save ``step`` with ``trace`` as this thread's trace hook: the save must raise the
+    KeyboardInterrupt the hook raises."""
+    sys.settrace(trace)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            manager.save(step, {"w": torch.ones(4)})
+    finally:
+        sys.settrace(None)
+
+
 def test_an_interrupt_inside_the_submission_leaves_a_save_the_thread_took_to_it(
     tmp_path: Path,
 ) -> None:
@@ -298,16 +313,62 @@ def test_an_interrupt_inside_the_submission_leaves_a_save_the_thread_took_to_it(
             assert taken.wait(TIMEOUT), "the background thread did not take the save"
             raise KeyboardInterrupt
 
-    sys.settrace(interrupt_once_taken)
     try:
-        with pytest.raises(KeyboardInterrupt):
-            manager.save(4, {"w": torch.ones(4)})
+        _save_interrupted(manager, 4, interrupt_once_taken)
     finally:
-        sys.settrace(None)
         stop_listening()
     committed = manager.wait()
     assert committed is not None and (committed.step, committed.done) == (4, True)
     assert manager.steps() == [2, 4]
     assert not manager.should_save(5), "the save of step 4 was not counted"
     assert os.listdir(tmp_path / ".staging") == []
+    manager.close()
+
+
+def _interrupted_on_creating_the_outcome(frame: FrameType) -> bool:
+    """The hand-off's first statement: the Future that decides who owns the save is made."""
+    caller = frame.f_back
+    return (
+        frame.f_code.co_name == "__init__"
+        and caller is not None
+        and caller.f_code.co_name == "_hand_off"
+        and caller.f_code.co_filename.endswith(os.path.join("distckpt", "saving.py"))
+    )
+
+
+def _interrupted_on_entering_the_submission(frame: FrameType) -> bool:
+    """After the renewal and the schedule's count, before any statement of the submission."""
+    return frame.f_code.co_name == "submit" and frame.f_code.co_filename.endswith(
+        os.path.join("distckpt", "background.py")
+    )
+
+
+@pytest.mark.parametrize(
+    "lands_at", [_interrupted_on_creating_the_outcome, _interrupted_on_entering_the_submission]
+)
+def test_an_interrupt_before_the_thread_took_the_save_ends_it_at_once(
+    tmp_path: Path, lands_at: Any
+) -> None:
+    """A Ctrl-C landing in the hand-off of an async save before the background thread could
+    take it (as the hand-off begins; once the save is counted, as the submission is entered)
+    ends the save there: its staging is removed, the schedule does not count it (the next step
+    retries it), and wait() has no save in flight."""
+    manager = distckpt.CheckpointManager(
+        tmp_path, timeout=TIMEOUT, async_save=True, every_n_steps=2, fsync=False
+    )
+    manager.save(2, {"w": torch.zeros(4)})
+    manager.wait()
+
+    def interrupt_there(frame: FrameType, event: str, arg: object) -> None:
+        # A real SIGINT cannot be landed at one exact line on purpose: the trace hook (this
+        # thread only) raises it there, as the signal handler would.
+        if event == "call" and lands_at(frame):
+            sys.settrace(None)
+            raise KeyboardInterrupt
+
+    _save_interrupted(manager, 4, interrupt_there)
+    assert manager.wait() is None
+    assert os.listdir(tmp_path / ".staging") == []
+    assert manager.should_save(5), "the interrupted save of step 4 was counted"
+    assert manager.steps() == [2]
     manager.close()
