@@ -166,11 +166,12 @@ def test_an_async_save_the_background_thread_cannot_take_leaves_no_staging(
     assert distckpt.CheckpointManager(root, read_only=True).steps() == [2]
 
 
-#: Saves once at step 2 while no thread can start, then at step 4 with threads back; argv: the
-#: root and the storage options (JSON). Prints what it saw, as JSON.
-_NO_THREAD_FOR_THE_FIRST_ASYNC_SAVE = textwrap.dedent(
+#: The start of the scripts whose async saves cannot start their thread (argv: the root, the
+#: storage options as JSON): every module the save path imports loaded, then running as
+#: another user, with ``soft, hard`` its thread limits and ``mgr`` an async manager on the root.
+_AS_ANOTHER_USER = textwrap.dedent(
     """
-    import json, os, resource, sys, torch, distckpt
+    import json, os, resource, sys, threading, torch, distckpt
     from distckpt import events
 
     root, options = sys.argv[1], json.loads(sys.argv[2])
@@ -189,7 +190,13 @@ _NO_THREAD_FOR_THE_FIRST_ASYNC_SAVE = textwrap.dedent(
     mgr = distckpt.CheckpointManager(
         root, async_save=True, every_n_steps=2, timeout=20, fsync=False, storage_options=options
     )
+    """
+)
 
+#: Saves once at step 2 while no thread can start, then at step 4 with threads back; argv: the
+#: root and the storage options (JSON). Prints what it saw, as JSON.
+_NO_THREAD_FOR_THE_FIRST_ASYNC_SAVE = _AS_ANOTHER_USER + textwrap.dedent(
+    """
     def no_thread_once_proposed(event):
         # The user has this process's threads at least: any new one is refused, for real, also
         # when a thread the proposal started is still on its way out.
@@ -372,3 +379,89 @@ def test_an_interrupt_before_the_thread_took_the_save_ends_it_at_once(
     assert manager.should_save(5), "the interrupted save of step 4 was counted"
     assert manager.steps() == [2]
     manager.close()
+
+
+#: How many async saves fail to start their thread while another thread waits all along: each
+#: gives the waiter a chance to see the failed save between two statements of its submission.
+FAILED_SUBMISSIONS = 60
+
+#: Another thread calls wait() all along while the async save of step 2 is made
+#: FAILED_SUBMISSIONS times, each refused a thread; then step 4 is saved with threads back.
+#: argv: the root, the storage options (JSON), FAILED_SUBMISSIONS. Prints what it saw, as JSON.
+_WAITING_WHILE_NO_THREAD_STARTS = _AS_ANOTHER_USER + textwrap.dedent(
+    """
+    attempts = int(sys.argv[3])
+    waiter_saw, stop_waiting = [], threading.Event()
+
+    def wait_all_along():
+        while not stop_waiting.is_set():
+            try:
+                mgr.wait()
+            except BaseException as exc:
+                waiter_saw.append(repr(exc))
+
+    waiter = threading.Thread(target=wait_all_along)
+    waiter.start()  # before the limit: no thread starts after
+    stop_limiting = events.add_listener(
+        lambda event: event.phase == "save.propose"
+        and resource.setrlimit(resource.RLIMIT_NPROC, (1, hard))
+    )
+    # Switch threads as often as the interpreter can: the waiter runs between any two of the
+    # saving thread's statements, where a save published too early would show.
+    sys.setswitchinterval(1e-6)
+    raised, retried = [], []
+    for _ in range(attempts):
+        try:
+            mgr.save(2, {"w": torch.zeros(2)})
+            raised.append(None)
+        except distckpt.CheckpointError as exc:
+            raised.append(exc.step)
+        finally:
+            resource.setrlimit(resource.RLIMIT_NPROC, (soft, hard))
+        retried.append(mgr.should_save(3))
+    stop_limiting()
+    sys.setswitchinterval(0.005)
+    stop_waiting.set()
+    waiter.join()
+    mgr.save(4, {"w": torch.ones(2)})
+    committed = mgr.wait().step
+    counted = not mgr.should_save(5)
+    steps = mgr.steps()
+    left = sorted(os.listdir(os.path.join(root, ".staging")))
+    mgr.close()
+    print(json.dumps([waiter_saw, raised, retried, committed, counted, steps, left]))
+    """
+)
+
+
+def test_a_thread_waiting_while_an_async_save_cannot_start_its_thread_sees_no_save() -> None:
+    """Any thread may wait() (README); one waiting all along while async saves fail to start
+    their thread sees no save in flight: never one that is not made, nor its cancellation
+    (``concurrent.futures.CancelledError``). Each failed save raises its CheckpointError, is
+    not counted (the next step retries it, also after the waiter's waits), and the next save
+    is made and counted. The start fails for real: RLIMIT_NPROC, in a process of another user,
+    as in test_an_async_save_whose_thread_cannot_start_is_not_made_later."""
+    with tempfile.TemporaryDirectory() as shared:
+        os.chmod(shared, 0o777)  # written by the other user; tmp_path's parents are private
+        root = os.path.join(shared, "root")
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                _WAITING_WHILE_NO_THREAD_STARTS,
+                root,
+                "null",
+                str(FAILED_SUBMISSIONS),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 0, done.stderr
+        waiter_saw, raised, retried, committed, counted, steps, left = json.loads(
+            done.stdout.splitlines()[-1]
+        )
+    assert waiter_saw == []
+    assert raised == [2] * FAILED_SUBMISSIONS
+    assert retried == [True] * FAILED_SUBMISSIONS
+    assert (committed, counted, steps, left) == (4, True, [4], [])
