@@ -163,8 +163,9 @@ class GroupHealth:
         never makes groups (see :meth:`spawn`). ``what`` names the renewal in its error.
 
         A rank that fails to make the group raises at once; the others cannot connect to it
-        and raise once the timeout has run out. The group stays broken on every rank, so the
-        next renewal is tried again."""
+        and raise once the timeout has run out. Each rank keeps the group it had: the ranks
+        whose group broke keep it broken, and say so in the next save's proposal, so the next
+        save renews it again on every rank."""
         if self._group is not None:
             self._renew_group(what)
 
@@ -177,7 +178,7 @@ class GroupHealth:
             raise self._destroyed()
         try:
             fresh = take_private_group(self._ranks, self.timeout)
-        except CoordinationError as exc:  # still broken: the next call tries again
+        except CoordinationError as exc:  # the group it had is kept (see renew)
             raise type(exc)(
                 f"{what}: a collective failed earlier, and replacing distckpt's gloo group "
                 f"with the other ranks failed too (a rank died or is no longer in step): {exc}",

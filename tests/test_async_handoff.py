@@ -58,7 +58,8 @@ def no_descriptor_left(limited: bool) -> Iterator[None]:
 
 def _renewal_fails_on_rank_1(rank: int, world_size: int, root: str) -> dict[str, object]:
     """Save 2 commits; rank 1 comes late to save 4's background write, which breaks the
-    background group; save 6 must renew it, and rank 1 can make no socket for the new one."""
+    background group; save 6 must renew it, and rank 1 can make no socket for the new one;
+    save 8 renews it with sockets back."""
     manager = distckpt.CheckpointManager(
         root, timeout=TIMEOUT, async_save=True, every_n_steps=2, fsync=False
     )
@@ -77,7 +78,11 @@ def _renewal_fails_on_rank_1(rank: int, world_size: int, root: str) -> dict[str,
     elapsed = time.monotonic() - started
     left = sorted(os.listdir(Path(root, ".staging")))  # rank 0 discarded it before it raised
     retried = manager.should_save(7)  # 6 crossed since 2, the last save counted
+    still_broken = manager._background.coord.broken
+    in_flight = manager.save_in_flight
     torch.distributed.barrier()
+    manager.save(8, {"w": torch.ones(4)})  # renews the group again, on every rank
+    renewed = manager.wait()
     manager.close()
     return {
         "broke": broke,
@@ -86,13 +91,15 @@ def _renewal_fails_on_rank_1(rank: int, world_size: int, root: str) -> dict[str,
         "elapsed": elapsed,
         "left": left,
         "retried": retried,
-        "in_flight": manager.save_in_flight,
+        "in_flight": in_flight,
+        "still_broken": still_broken,
+        "renewed": None if renewed is None else renewed.step,
     }
 
 
 def _saves_again(rank: int, world_size: int, root: str) -> list[int]:
     with distckpt.CheckpointManager(root, timeout=TIMEOUT, async_save=True) as manager:
-        manager.save(8, {"w": torch.ones(4)})
+        manager.save(10, {"w": torch.ones(4)})
         manager.wait()
         return manager.steps()
 
@@ -104,7 +111,9 @@ def test_a_failed_background_group_renewal_raises_on_every_rank_and_rank_0_remov
     save does not count for the schedule, so the next step retries it", also when the
     background group cannot be renewed for an async save: rank 1 raises at once, rank 0 (which
     cannot connect to it) within the timeout, each naming the step, and rank 0 removes the
-    save's staging area before it raises; the next job saves."""
+    save's staging area before it raises. Each rank keeps the group it had, broken where it
+    broke, so the next save of the same job renews it on every rank and is made; the next job
+    saves too."""
     root = str(tmp_path)
     results = values(run_ranks(_renewal_fails_on_rank_1, 2, root, timeout=120))
     assert results[0]["left"] == [], results[0]["left"]
@@ -114,8 +123,10 @@ def test_a_failed_background_group_renewal_raises_on_every_rank_and_rank_0_remov
         assert "for step 6" in str(result["message"]), result["message"]
         assert result["elapsed"] < TIMEOUT + RAISE_SLACK_SECONDS, (rank, result["elapsed"])
         assert result["retried"] and not result["in_flight"], result
-    assert distckpt.CheckpointManager(root, read_only=True).steps() == [2]
-    assert values(run_ranks(_saves_again, 2, root, timeout=60)) == [[2, 8]] * 2
+        assert result["still_broken"] == result["broke"], result  # each rank kept its group
+        assert result["renewed"] == 8, result
+    assert distckpt.CheckpointManager(root, read_only=True).steps() == [2, 8]
+    assert values(run_ranks(_saves_again, 2, root, timeout=60)) == [[2, 8, 10]] * 2
 
 
 #: A script whose async save is made by an atexit hook (argv: the root): Python has shut its
