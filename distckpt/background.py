@@ -166,9 +166,13 @@ class BackgroundSaves:
             # it first. Cancelling makes that thread skip it; a cancel that fails means the
             # thread started it already, so it is in flight.
             if not outcome.cancel():
-                with self._lock:
-                    self._inflight = outcome
+                self.keep_in_flight(outcome)
             raise
+        self.keep_in_flight(outcome)
+
+    def keep_in_flight(self, outcome: Future[SaveResult]) -> None:
+        """Make ``outcome``, a save the thread took (see :meth:`submit`), the one in flight:
+        what :meth:`wait` waits for. Again for the same save does nothing more."""
         with self._lock:
             self._inflight = outcome
 

@@ -148,9 +148,13 @@ class Saver:
             background.submit(lambda coord: commit(coord=coord), outcome)
         except BaseException as exc:
             # cancel() succeeds while the background thread has not started the commit (also
-            # when submit cancelled it already): the plan is still this thread's to end.
+            # when submit cancelled it already): the plan is still this thread's to end. When
+            # it fails, the thread runs the plan: in flight, also when the interrupt landed
+            # after the submission, before submit made it so.
             if outcome is None or outcome.cancel():
                 abandon()
+            else:
+                background.keep_in_flight(outcome)
             # "can't start new thread", "cannot schedule new futures": the thread did not take
             # the plan. A CheckpointError (the renewal's) names the step already.
             if (

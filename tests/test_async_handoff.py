@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import linecache
 import os
 import resource
 import subprocess
@@ -290,7 +291,7 @@ def _in_the_background_thread() -> bool:
 def _save_interrupted(
     manager: distckpt.CheckpointManager,
     step: int,
-    trace: Callable[[FrameType, str, object], None],
+    trace: Callable[[FrameType, str, object], Any],
 ) -> None:
     """Save ``step`` with ``trace`` as this thread's trace hook: the save must raise the
     KeyboardInterrupt the hook raises."""
@@ -302,12 +303,39 @@ def _save_interrupted(
         sys.settrace(None)
 
 
+def _looking_for_a_thread_to_run_it(frame: FrameType, event: str) -> bool:
+    """Inside ThreadPoolExecutor.submit, which queued the save and looks for a thread to run
+    it."""
+    return (
+        event == "call"
+        and frame.f_code.co_name == "_adjust_thread_count"
+        and frame.f_locals["self"]._thread_name_prefix == BACKGROUND_THREAD_PREFIX
+    )
+
+
+def _submitted_not_yet_in_flight(frame: FrameType, event: str) -> bool:
+    """After ThreadPoolExecutor.submit returned, before BackgroundSaves.submit made the save
+    the one in flight (its last line)."""
+    return (
+        event == "line"
+        and frame.f_code.co_name == "submit"
+        and frame.f_code.co_filename.endswith(os.path.join("distckpt", "background.py"))
+        and linecache.getline(frame.f_code.co_filename, frame.f_lineno).strip()
+        == "self.keep_in_flight(outcome)"
+    )
+
+
+@pytest.mark.parametrize(
+    "lands_at", [_looking_for_a_thread_to_run_it, _submitted_not_yet_in_flight]
+)
 def test_an_interrupt_inside_the_submission_leaves_a_save_the_thread_took_to_it(
-    tmp_path: Path,
+    tmp_path: Path, lands_at: Any
 ) -> None:
     """A Ctrl-C landing inside the submission of an async save after the background thread
-    took the save neither removes the staging under the running commit nor uncounts the save:
-    the save is in flight, wait() returns it committed, and the schedule counts from it."""
+    took the save (while the executor looks for a thread to run it; once it returned, before
+    the save is in flight) neither removes the staging under the running commit nor uncounts
+    the save: the save is in flight, wait() returns it committed, and the schedule counts from
+    it."""
     manager = distckpt.CheckpointManager(
         tmp_path, timeout=TIMEOUT, async_save=True, every_n_steps=2, fsync=False
     )
@@ -318,18 +346,14 @@ def test_an_interrupt_inside_the_submission_leaves_a_save_the_thread_took_to_it(
         lambda event: event.step == 4 and _in_the_background_thread() and taken.set()
     )
 
-    def interrupt_once_taken(frame: FrameType, event: str, arg: object) -> None:
+    def interrupt_once_taken(frame: FrameType, event: str, arg: object) -> Any:
         # A real SIGINT cannot be landed at this point on purpose: the trace hook (this thread
-        # only) raises it where ThreadPoolExecutor.submit, having queued the save, looks for
-        # a thread to run it, once that thread has begun the save.
-        if (
-            event == "call"
-            and frame.f_code.co_name == "_adjust_thread_count"
-            and frame.f_locals["self"]._thread_name_prefix == BACKGROUND_THREAD_PREFIX
-        ):
+        # only) raises it there, once the background thread has begun the save.
+        if lands_at(frame, event):
             sys.settrace(None)
             assert taken.wait(TIMEOUT), "the background thread did not take the save"
             raise KeyboardInterrupt
+        return interrupt_once_taken  # traces the lines of each call too
 
     try:
         _save_interrupted(manager, 4, interrupt_once_taken)
