@@ -6,7 +6,8 @@ calling thread or hands it to the async save's background thread
 (:class:`~distckpt.background.BackgroundSaves`), and tells the
 :class:`~distckpt.decisions.SaveDecider` what the schedule counts from now. A hand-off to that
 thread that fails before the thread took the plan (its group cannot be renewed, the thread
-cannot start or takes no more work) discards the staging area at once, as a failed commit does.
+cannot start or takes no more work, a Ctrl-C lands in it) discards the staging area at once, as
+a failed commit does.
 The manager decides whether to save and owns every piece this uses (the groups, the store, the
 buffers, the thread).
 """
