@@ -136,12 +136,45 @@ class BackgroundSaves:
         self._creator_pid = os.getpid()
         _open_saves.add(self)
 
-    def submit(self, save: Callable[[Coordinator], SaveResult]) -> None:
-        """Run ``save`` with this thread's coordinator; the caller waits for the one before.
-        Each save is one operation of that coordinator."""
+    def submit(
+        self, save: Callable[[Coordinator], SaveResult], outcome: Future[SaveResult]
+    ) -> None:
+        """Run ``save`` with this thread's coordinator into ``outcome``, a fresh Future the
+        caller made before anything of the hand-off ran; the caller waits for the one before.
+        Each save is one operation of that coordinator.
+
+        The save has one owner at a time: the caller until the thread starts it, the thread
+        from then on. ``outcome.cancel()`` tells which, atomically against the thread starting
+        the save (Future's own lock): it succeeds only while the thread has not started it, and
+        a cancelled save is skipped whenever a thread reaches it. So a caller interrupted
+        anywhere in the hand-off, before this call or inside it, cancels ``outcome`` and, when
+        that succeeds, ends what the save would have ended. When the submission fails before
+        the thread started the save (the thread could not be started, or takes no work at
+        interpreter exit), it is cancelled here and the error raised. When it fails after (an
+        interrupt landing inside the submission), the save runs and is in flight as if the
+        submission had returned, and the error is raised all the same.
+
+        ``outcome`` is in flight (what :meth:`wait` waits for) only once the thread will run
+        it: another thread's :meth:`wait` never sees a save that never runs, nor its
+        cancellation."""
         self.coord.begin_operation()
+        try:
+            self._executor.submit(_run_unless_cancelled, outcome, save, self.coord)
+        except BaseException:
+            # ThreadPoolExecutor.submit queues the work before it starts the thread: a start
+            # that fails leaves it queued, and the thread a later submission starts would run
+            # it first. Cancelling makes that thread skip it; a cancel that fails means the
+            # thread started it already, so it is in flight.
+            if not outcome.cancel():
+                self.keep_in_flight(outcome)
+            raise
+        self.keep_in_flight(outcome)
+
+    def keep_in_flight(self, outcome: Future[SaveResult]) -> None:
+        """Make ``outcome``, a save the thread took (see :meth:`submit`), the one in flight:
+        what :meth:`wait` waits for. Again for the same save does nothing more."""
         with self._lock:
-            self._inflight = self._executor.submit(save, self.coord)
+            self._inflight = outcome
 
     def wait(self) -> SaveResult | None:
         """The save in flight's result, or its error raised; None with none in flight."""
@@ -181,6 +214,21 @@ class BackgroundSaves:
                 logger.info("finished the save of step %d in flight at exit", result.step)
         except Exception as exc:
             logger.error("the checkpoint save in flight at exit failed: %s", exc)
+
+
+def _run_unless_cancelled(
+    outcome: Future[SaveResult], save: Callable[[Coordinator], SaveResult], coord: Coordinator
+) -> None:
+    """The worker thread's part of :meth:`BackgroundSaves.submit`: run ``save`` into
+    ``outcome``, unless its submission failed and cancelled it first (its caller ended it)."""
+    if not outcome.set_running_or_notify_cancel():
+        return
+    try:
+        result = save(coord)
+    except BaseException as exc:  # as ThreadPoolExecutor's own work items: wait() raises it
+        outcome.set_exception(exc)
+    else:
+        outcome.set_result(result)
 
 
 # At import, after ``concurrent.futures.thread`` registered its exit hook (imported above).

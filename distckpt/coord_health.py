@@ -157,12 +157,17 @@ class GroupHealth:
         """Whether a collective failed on the group here (it is replaced before the next)."""
         return self._broken
 
-    def renew(self) -> None:
+    def renew(self, what: str = "renewing the background save's group") -> None:
         """Replace the group with a fresh one now, made with every other rank, which must
         call this at the same point (collective); for a background twin, whose own thread
-        never makes groups (see :meth:`spawn`)."""
+        never makes groups (see :meth:`spawn`). ``what`` names the renewal in its error.
+
+        A rank that fails to make the group raises at once; the others cannot connect to it
+        and raise once the timeout has run out. Each rank keeps the group it had: the ranks
+        whose group broke keep it broken, and say so in the next save's proposal, so the next
+        save tries the renewal again on every rank."""
         if self._group is not None:
-            self._renew_group("renewing the background save's group")
+            self._renew_group(what)
 
     def _renew_group(self, what: str) -> None:
         """Replace the broken group with a fresh one, made with every other rank (each renews
@@ -173,7 +178,7 @@ class GroupHealth:
             raise self._destroyed()
         try:
             fresh = take_private_group(self._ranks, self.timeout)
-        except CoordinationError as exc:  # still broken: the next call tries again
+        except CoordinationError as exc:  # the group it had is kept (see renew)
             raise type(exc)(
                 f"{what}: a collective failed earlier, and replacing distckpt's gloo group "
                 f"with the other ranks failed too (a rank died or is no longer in step): {exc}",

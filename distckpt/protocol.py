@@ -21,7 +21,9 @@
 
 Step 1 lives in :mod:`distckpt.proposal`: the stage that runs in the caller's thread and makes
 the :class:`SavePlan`. This module holds the plan, steps 2-4 (:func:`write_and_commit`, which an
-async save runs in its background thread) and the helpers the proposal uses as well
+async save runs in its background thread), the end of a plan's staging area
+(:func:`release_staging`, also for a plan that never reaches step 2) and the helpers the
+proposal uses as well
 (:func:`check_launcher`, made again after writing; :func:`check_step_number`,
 :func:`check_step_and_epoch`; :func:`mib`).
 Each step is a phase of :mod:`distckpt.events` (``save.propose`` ... ``save.commit``).
@@ -213,14 +215,25 @@ def write_and_commit(
         with events.phase("save.commit", rank=rank, step=step):
             return coord.conclude(gathered, commit_written, what=f"committing step {step}")
     finally:
-        if plan.area is not None:
-            store.discard_staging(plan.area)
+        release_staging(plan, store=store)
         if committed:
             # After the outcome's broadcast, and in a thread of its own: the other ranks go on
             # to their next call at once, and a slow removal must not run inside its timeout,
             # nor fail a save that committed. Only after a commit: a failed save leaves the root
             # as it was.
             tidying.request()
+
+
+def release_staging(plan: SavePlan, *, store: RootStore) -> None:
+    """Rank 0: discard ``plan``'s staging area unless it was committed (a committed area's
+    claim is just released); nothing on the other ranks, which hold none. Idempotent. Every
+    plan ends here once proposed: in :func:`write_and_commit`, whatever its outcome, and in an
+    async save whose hand-off to the background thread failed before that thread took it
+    (:class:`~distckpt.saving.Saver`; never both: the plan has one owner at a time, see
+    :meth:`~distckpt.background.BackgroundSaves.submit`), so a failed save leaves no staging
+    area behind for the next start's cleanup."""
+    if plan.area is not None:
+        store.discard_staging(plan.area)
 
 
 def _ran_out_of_space(plan: SavePlan, full: OSError, *, root: Path, rank: int) -> InsufficientSpace:

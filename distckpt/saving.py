@@ -4,19 +4,26 @@ of it.
 :class:`Saver` proposes (:func:`distckpt.proposal.propose`), then commits the plan in the
 calling thread or hands it to the async save's background thread
 (:class:`~distckpt.background.BackgroundSaves`), and tells the
-:class:`~distckpt.decisions.SaveDecider` what the schedule counts from now. The manager decides
-whether to save and owns every piece this uses (the groups, the store, the buffers, the thread).
+:class:`~distckpt.decisions.SaveDecider` what the schedule counts from now. A hand-off to that
+thread that fails before the thread took the plan (its group cannot be renewed, the thread
+cannot start or takes no more work, a Ctrl-C lands in it) discards the staging area at once, as
+a failed commit does.
+The manager decides whether to save and owns every piece this uses (the groups, the store, the
+buffers, the thread).
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
+from concurrent.futures import Future
 from typing import Any
 
 from distckpt import proposal, protocol
 from distckpt.background import BackgroundSaves
 from distckpt.coord import Coordinator
 from distckpt.decisions import SaveDecider, SaveDecision
+from distckpt.errors import CheckpointError
 from distckpt.formats import CheckpointFormat
 from distckpt.launcher import LauncherWatch
 from distckpt.results import SaveResult
@@ -94,10 +101,7 @@ class Saver:
                 result = commit(coord=self._coord)
                 self._decider.count_save(plan.step, plan.epoch)
             else:
-                if plan.renew_twin:  # here, never in the background thread (see spawn)
-                    self._background.coord.renew()
-                self._decider.count_in_flight(plan.step, plan.epoch)  # wait() undoes a failure
-                self._background.submit(lambda coord: commit(coord=coord))
+                self._hand_off(plan, commit, self._background)
                 result = SaveResult(
                     plan.step, plan.destination, plan.epoch, plan.metrics, done=False
                 )
@@ -106,6 +110,67 @@ class Saver:
         if decision.preempt:
             self._decider.preemption_saved(request.step, report=self._coord.is_coordinator)
         return result
+
+    def _hand_off(
+        self,
+        plan: protocol.SavePlan,
+        commit: Callable[..., SaveResult],
+        background: BackgroundSaves,
+    ) -> None:
+        """Give ``plan`` to ``background``'s thread, which runs ``commit`` with its own
+        coordinator, renewing that coordinator's group first when the plan says so. The plan
+        has one owner at a time: this thread until the background thread starts the commit,
+        that thread from then on (:meth:`BackgroundSaves.submit`). When the renewal fails (a
+        rank could not make the group), or the submission fails or the hand-off is
+        interrupted (a Ctrl-C, at any point) before that thread took the plan, the staging area
+        is discarded here and the schedule's count put back (the save is not made), and the
+        error raised; the submission's ``RuntimeError`` (the thread
+        could not be started, or takes no work at interpreter exit) as a
+        :class:`~distckpt.errors.CheckpointError` naming the step and the rank. A submission
+        interrupted after the thread took the plan leaves it to the thread, in flight."""
+        # Who owns the plan once made: outcome.cancel() decides (see BackgroundSaves.submit).
+        # Made inside the try, so that an interrupt landing at any point of the hand-off, its
+        # making included, ends the plan here when the background thread never got it.
+        outcome: Future[SaveResult] | None = None
+        counted = False
+
+        def abandon() -> None:
+            """End the plan while this thread still owns it (no commit will run for it)."""
+            if counted:
+                self._decider.in_flight_failed()
+            protocol.release_staging(plan, store=self._store)
+
+        try:
+            outcome = Future()
+            if plan.renew_twin:  # here, never in the background thread (see spawn)
+                background.coord.renew(f"renewing the background save's group for step {plan.step}")
+            self._decider.count_in_flight(plan.step, plan.epoch)  # wait() undoes a failure
+            counted = True
+            background.submit(lambda coord: commit(coord=coord), outcome)
+        except BaseException as exc:
+            # cancel() succeeds while the background thread has not started the commit (also
+            # when submit cancelled it already): the plan is still this thread's to end. When
+            # it fails, the thread runs the plan: in flight, also when the interrupt landed
+            # after the submission, before submit made it so.
+            if outcome is None or outcome.cancel():
+                abandon()
+            else:
+                background.keep_in_flight(outcome)
+            # "can't start new thread", "cannot schedule new futures": the thread did not take
+            # the plan. A CheckpointError (the renewal's) names the step already.
+            if (
+                isinstance(exc, RuntimeError)
+                and not isinstance(exc, CheckpointError)
+                and outcome is not None
+                and outcome.cancelled()
+            ):
+                raise CheckpointError(
+                    f"the background thread could not take the async save of step {plan.step}: "
+                    f"{exc}",
+                    rank=self._coord.rank,
+                    step=plan.step,
+                ) from exc
+            raise
 
     def wait(self) -> SaveResult | None:
         """The async save in flight's result once durable, or its error (then the schedule
