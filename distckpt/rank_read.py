@@ -18,7 +18,7 @@ from distckpt.errors import CheckpointError, CheckpointVanished, CorruptCheckpoi
 from distckpt.formats import PreparedRead, ReadOptions, ShardContext, format_named
 from distckpt.manifest import Manifest
 from distckpt.results import Checkpoint
-from distckpt.state import apply_load, check_load, to_plain
+from distckpt.state import apply_load, check_load, check_strict_options, to_plain
 from distckpt.storage.views import CheckpointSource, errors_name_the_location
 
 T = TypeVar("T")
@@ -73,6 +73,7 @@ def prepare_read(
         group=group,
     )
     fmt = format_named(manifest.format)
+    check_strict_options(template, strict=strict)
     plain = (
         to_plain(template, mark_per_rank=fmt.marks_per_rank, template=True)
         if template is not None
@@ -127,9 +128,16 @@ def read_state(
     )
 
 
-def apply_read(checkpoint: Checkpoint, template: Any, options: ReadOptions) -> Checkpoint:
-    """Load ``checkpoint`` (from :func:`read_state`, checked) into ``template`` in place, if
-    any; ``checkpoint`` itself."""
+def apply_read(
+    checkpoint: Checkpoint, template: Any, options: ReadOptions, *, strict: bool = True
+) -> Checkpoint:
+    """Load ``checkpoint`` (from :func:`read_state`, checked with the same ``strict``) into
+    ``template`` in place, if any; ``checkpoint`` itself."""
     if template is not None:
-        apply_load(template, checkpoint.state, fix_key_prefixes=options.fix_key_prefixes)
+        apply_load(
+            template,
+            checkpoint.state,
+            strict=strict,
+            fix_key_prefixes=options.fix_key_prefixes,
+        )
     return checkpoint

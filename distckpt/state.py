@@ -120,6 +120,38 @@ def tensor_parts(tensor: torch.Tensor) -> list[torch.Tensor]:
     return [tensor]
 
 
+def model_optimizer_state_type() -> type | None:
+    """:class:`~distckpt.ModelOptimizerState` if its module is loaded: an instance can only
+    exist once it is, and importing it imports ``torch.distributed.checkpoint``."""
+    module = sys.modules.get("distckpt.model_state")
+    return getattr(module, "ModelOptimizerState", None)
+
+
+def check_strict_options(template: Any, *, strict: bool, path: str = "") -> None:
+    """Refuse a :class:`~distckpt.ModelOptimizerState` of ``template`` whose own options say
+    ``strict=False`` in a restore with ``strict=True``: the restore's ``strict`` decides for
+    every key, and one asking for the other is refused before anything is read rather than
+    one of them ignored."""
+    kind = model_optimizer_state_type()
+    if not strict or kind is None:
+        return
+    if isinstance(template, kind):
+        if template.options is not None and not template.options.strict:
+            raise InvalidArgument(
+                f"{path or 'state'}: ModelOptimizerState(options=StateDictOptions(strict=False))"
+                " given to a restore with strict=True; the restore's strict decides which keys"
+                " must match: pass strict=False to the restore to load what matches"
+            )
+    elif isinstance(template, PerRank):
+        check_strict_options(template.value, strict=strict, path=path)
+    elif isinstance(template, Mapping):
+        for key, value in template.items():
+            check_strict_options(value, strict=strict, path=_join(path, key))
+    elif isinstance(template, (list, tuple)):
+        for index, value in enumerate(template):
+            check_strict_options(value, strict=strict, path=_join(path, index))
+
+
 def is_stateful(value: Any) -> bool:
     return callable(getattr(value, "state_dict", None)) and callable(
         getattr(value, "load_state_dict", None)
@@ -337,14 +369,25 @@ def check_load(
     return report
 
 
-def apply_load(template: Any, loaded: Any, *, fix_key_prefixes: bool = True) -> None:
-    """Load ``loaded`` into ``template`` in place, what matches (after :func:`check_load`),
-    logging one INFO line per wrapper-prefix mapping. Objects with ``load_state_dict`` load
-    through it, tensors are copied into, and any other value inside a dict or list of
-    ``template`` is replaced by the loaded one (a tuple by a new tuple); a plain value at the
-    top level cannot be replaced: read it from the result. An object's ``load_state_dict``
+def apply_load(
+    template: Any, loaded: Any, *, strict: bool = True, fix_key_prefixes: bool = True
+) -> None:
+    """Load ``loaded`` into ``template`` in place, what matches (after :func:`check_load`
+    with the same ``strict``, which a :class:`~distckpt.ModelOptimizerState`'s own
+    ``load_state_dict`` is given), logging one INFO line per wrapper-prefix mapping. Objects
+    with ``load_state_dict`` load through it, tensors are copied into, and any other value
+    inside a dict or list of ``template`` is replaced by the loaded one (a tuple by a new
+    tuple); a plain value at the top level cannot be replaced: read it from the result. An object's ``load_state_dict``
     that fails raises :class:`InvalidArgument`, leaving what was loaded before it loaded."""
-    _load(template, loaded, "", LoadReport(), apply=True, fix_prefixes=fix_key_prefixes)
+    _load(
+        template,
+        loaded,
+        "",
+        LoadReport(),
+        apply=True,
+        fix_prefixes=fix_key_prefixes,
+        strict=strict,
+    )
 
 
 def _join(prefix: str, key: object) -> str:
@@ -365,14 +408,30 @@ def _renamed(expected: Any, loaded: Any, path: str, *, fix: bool, log: bool) -> 
 
 
 def _load(
-    template: Any, loaded: Any, path: str, report: LoadReport, *, apply: bool, fix_prefixes: bool
+    template: Any,
+    loaded: Any,
+    path: str,
+    report: LoadReport,
+    *,
+    apply: bool,
+    fix_prefixes: bool,
+    strict: bool = True,
 ) -> Any:
     """Walk ``template`` and ``loaded`` together, recording mismatches in ``report`` and, with
-    ``apply``, loading what matches. Returns what the template's place should hold: the
-    template itself when it was loaded in place (or left alone), else the loaded value."""
+    ``apply``, loading what matches (``strict`` goes to a ModelOptimizerState's own load).
+    Returns what the template's place should hold: the template itself when it was loaded in
+    place (or left alone), else the loaded value."""
     if isinstance(template, PerRank):
         # The mark matters to the format only; the mark stays, its value is loaded.
-        new = _load(template.value, loaded, path, report, apply=apply, fix_prefixes=fix_prefixes)
+        new = _load(
+            template.value,
+            loaded,
+            path,
+            report,
+            apply=apply,
+            fix_prefixes=fix_prefixes,
+            strict=strict,
+        )
         if apply and new is not template.value:
             template.value = new
         return template
@@ -386,6 +445,19 @@ def _load(
             _compare_shapes(current[key], loaded[key], _join(path, key), report)
         if apply:
             _checked(path, lambda: template.load_state_dict(loaded, strict=False))
+    elif isinstance(template, model_optimizer_state_type() or ()):
+        # Compared key by key, as a nested dict (so a strict restore refuses before torch
+        # loads anything), then loaded by its own load_state_dict with the restore's strict.
+        _load(
+            _without_param_lists(template_state_dict(template)),
+            _without_param_lists(loaded),
+            path,
+            report,
+            apply=False,
+            fix_prefixes=fix_prefixes,
+        )
+        if apply:
+            _checked(path, lambda: template.load_state_dict(loaded, strict=strict))
     elif is_stateful(template):
         if _same_keys(template_state_dict(template), loaded):
             if apply:
@@ -410,6 +482,7 @@ def _load(
                     report,
                     apply=apply,
                     fix_prefixes=fix_prefixes,
+                    strict=strict,
                 )
                 if apply and new is not value and isinstance(template, dict):
                     template[key] = new
@@ -421,7 +494,15 @@ def _load(
             report.missing_keys.append(f"{path}[len {len(template)} != {len(loaded)}]")
             return template
         items = [
-            _load(item, value, _join(path, index), report, apply=apply, fix_prefixes=fix_prefixes)
+            _load(
+                item,
+                value,
+                _join(path, index),
+                report,
+                apply=apply,
+                fix_prefixes=fix_prefixes,
+                strict=strict,
+            )
             for index, (item, value) in enumerate(zip(template, loaded))
         ]
         if not apply or all(new is old for new, old in zip(items, template)):
@@ -433,6 +514,21 @@ def _load(
     elif not isinstance(template, (Mapping, list, tuple)):
         return loaded  # a plain value: its container takes the loaded one
     return template
+
+
+def _without_param_lists(state: Any) -> Any:
+    """A ModelOptimizerState's state dict without each parameter group's ``params`` (the
+    names of its parameters, whose state is compared under ``optim.state``): a list that
+    differs whenever a parameter is added or removed, which is no key of its own."""
+    optim = state.get("optim") if isinstance(state, Mapping) else None
+    groups = optim.get("param_groups") if isinstance(optim, Mapping) else None
+    if not isinstance(groups, list):
+        return state
+    bare = [
+        {k: v for k, v in group.items() if k != "params"} if isinstance(group, Mapping) else group
+        for group in groups
+    ]
+    return {**state, "optim": {**optim, "param_groups": bare}}
 
 
 def _compare_shapes(current: Any, loaded: Any, path: str, report: LoadReport) -> bool:
