@@ -377,8 +377,9 @@ def apply_load(
     ``load_state_dict`` is given), logging one INFO line per wrapper-prefix mapping. Objects
     with ``load_state_dict`` load through it, tensors are copied into, and any other value
     inside a dict or list of ``template`` is replaced by the loaded one (a tuple by a new
-    tuple); a plain value at the top level cannot be replaced: read it from the result. An object's ``load_state_dict``
-    that fails raises :class:`InvalidArgument`, leaving what was loaded before it loaded."""
+    tuple); a plain value at the top level cannot be replaced: read it from the result. An
+    object's ``load_state_dict`` that fails raises :class:`InvalidArgument`, leaving what was
+    loaded before it loaded."""
     _load(
         template,
         loaded,
