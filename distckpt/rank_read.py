@@ -17,8 +17,9 @@ import torch.distributed as dist
 from distckpt.errors import CheckpointError, CheckpointVanished, CorruptCheckpoint
 from distckpt.formats import PreparedRead, ReadOptions, ShardContext, format_named
 from distckpt.manifest import Manifest
+from distckpt.model_state_keys import check_strict_options
 from distckpt.results import Checkpoint
-from distckpt.state import apply_load, check_load, check_strict_options, to_plain
+from distckpt.state import apply_load, check_load, to_plain
 from distckpt.storage.views import CheckpointSource, errors_name_the_location
 
 T = TypeVar("T")

@@ -12,16 +12,16 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from distckpt.containers import same_kind_of_mapping, same_kind_of_tuple
 from distckpt.errors import InvalidArgument, ShapeMismatch
 from distckpt.key_prefixes import log_prefix_mapping, matching_prefixes
+from distckpt.model_state_keys import join_key, model_optimizer_state_type, without_param_lists
 from distckpt.per_rank import PerRank, is_per_rank
 
 
@@ -33,123 +33,6 @@ def dtensor_type() -> type | None:
         if module is not None and hasattr(module, "DTensor"):
             return module.DTensor
     return None
-
-
-def element_bytes(state: Any) -> int:
-    """Bytes of the elements of the tensors in a nested state, as a format that writes each
-    tensor's elements (DCP) writes them: numel times item size of each (a DTensor: its local shard;
-    a sparse one: the tensors it is made of). An expanded or overlapping view counts every
-    element it shows, however few bytes its storage holds; a tensor met twice counts twice."""
-    return sum(
-        part.numel() * part.element_size()
-        for tensor in local_tensors(state)
-        for part in tensor_parts(tensor)
-    )
-
-
-def storage_sizes(state: Any) -> list[int]:
-    """The size in bytes of each storage the tensors of a nested state hold, each storage once
-    (a DTensor: its local shard's), in the order the state's walk meets them: what
-    ``torch.save`` writes, each tensor's whole storage. A sparse tensor or a wrapper subclass (a
-    tensor holding inner tensors) has no storage of its own: torch.save writes the storages of
-    the tensors it is made of (:func:`tensor_parts`), a slice's whole storage too."""
-    seen: set[tuple[int, int]] = set()
-    sizes: list[int] = []
-    for tensor in local_tensors(state):
-        for part in tensor_parts(tensor):
-            if part.layout != torch.strided:  # a layout of no storage to ask about
-                sizes.append(part.nbytes)
-                continue
-            storage = part.untyped_storage()
-            key = (storage.data_ptr(), storage.nbytes())
-            if key not in seen:
-                seen.add(key)
-                sizes.append(storage.nbytes())
-    return sizes
-
-
-def byte_string_bytes(state: Any) -> int:
-    """The length of every ``bytes`` / ``bytearray`` value of a nested state (through mappings,
-    lists, tuples and :class:`~distckpt.PerRank`): what a format writes for them besides the
-    tensors (the Lightning callback's states and loop state are saved as bytes)."""
-    if isinstance(state, (bytes, bytearray)):
-        return len(state)
-    if isinstance(state, PerRank):
-        return byte_string_bytes(state.value)
-    if isinstance(state, Mapping):
-        return sum(byte_string_bytes(item) for item in state.values())
-    if isinstance(state, (list, tuple)):
-        return sum(byte_string_bytes(item) for item in state)
-    return 0
-
-
-def local_tensors(state: Any) -> Iterator[torch.Tensor]:
-    """The tensors of a nested state (through mappings, lists, tuples and
-    :class:`~distckpt.PerRank`), in order; a DTensor as its local shard."""
-    dtensor = dtensor_type()
-    if dtensor is not None and isinstance(state, dtensor):
-        yield state.to_local()
-    elif isinstance(state, torch.Tensor):
-        yield state
-    elif isinstance(state, PerRank):
-        yield from local_tensors(state.value)
-    elif isinstance(state, Mapping):
-        for item in state.values():
-            yield from local_tensors(item)
-    elif isinstance(state, (list, tuple)):
-        for item in state:
-            yield from local_tensors(item)
-
-
-def tensor_parts(tensor: torch.Tensor) -> list[torch.Tensor]:
-    """The strided tensors a non-strided one is made of, as ``torch.save`` writes it: a wrapper
-    subclass's inner tensors (``__tensor_flatten__``, each taken apart in turn), a COO tensor's
-    indices and values, a compressed one's (CSR, CSC, BSR, BSC) two index tensors and values;
-    any other layout, the tensor itself as if it were dense."""
-    if is_traceable_wrapper_subclass(tensor):
-        names, _ = tensor.__tensor_flatten__()
-        inner = [getattr(tensor, name) for name in names]
-        return [part for item in inner if item is not None for part in tensor_parts(item)]
-    layout = tensor.layout
-    if layout == torch.sparse_coo:
-        return [tensor._indices(), tensor._values()]
-    if layout in (torch.sparse_csr, torch.sparse_bsr):
-        return [tensor.crow_indices(), tensor.col_indices(), tensor.values()]
-    if layout in (torch.sparse_csc, torch.sparse_bsc):
-        return [tensor.ccol_indices(), tensor.row_indices(), tensor.values()]
-    return [tensor]
-
-
-def model_optimizer_state_type() -> type | None:
-    """:class:`~distckpt.ModelOptimizerState` if its module is loaded: an instance can only
-    exist once it is, and importing it imports ``torch.distributed.checkpoint``."""
-    module = sys.modules.get("distckpt.model_state")
-    return getattr(module, "ModelOptimizerState", None)
-
-
-def check_strict_options(template: Any, *, strict: bool, path: str = "") -> None:
-    """Refuse a :class:`~distckpt.ModelOptimizerState` of ``template`` whose own options say
-    ``strict=False`` in a restore with ``strict=True``: the restore's ``strict`` decides for
-    every key, and one asking for the other is refused before anything is read rather than
-    one of them ignored."""
-    kind = model_optimizer_state_type()
-    if not strict or kind is None:
-        return
-    if isinstance(template, kind):
-        if template.options is not None and not template.options.strict:
-            raise InvalidArgument(
-                f"{path or 'state'}: ModelOptimizerState(options=StateDictOptions(strict=False))"
-                " given to a restore with strict=True; the restore's strict decides which keys"
-                " must match: pass strict=False to the restore to load what matches"
-            )
-    elif isinstance(template, PerRank):
-        check_strict_options(template.value, strict=strict, path=path)
-    elif isinstance(template, Mapping):
-        for key, value in template.items():
-            check_strict_options(value, strict=strict, path=_join(path, key))
-    elif isinstance(template, (list, tuple)):
-        for index, value in enumerate(template):
-            check_strict_options(value, strict=strict, path=_join(path, index))
 
 
 def is_stateful(value: Any) -> bool:
@@ -391,10 +274,6 @@ def apply_load(
     )
 
 
-def _join(prefix: str, key: object) -> str:
-    return f"{prefix}.{key}" if prefix else str(key)
-
-
 def _renamed(expected: Any, loaded: Any, path: str, *, fix: bool, log: bool) -> Any:
     """``loaded`` with its keys renamed to ``expected``'s when they differ only by wrapper
     prefixes (and ``fix``); otherwise ``loaded`` itself."""
@@ -440,18 +319,18 @@ def _load(
         current = template.state_dict()
         loaded = _renamed(current, loaded, path, fix=fix_prefixes, log=apply)
         expected, got = set(current), set(loaded) if isinstance(loaded, Mapping) else set()
-        report.missing_keys += [_join(path, k) for k in sorted(expected - got)]
-        report.unexpected_keys += [_join(path, k) for k in sorted(got - expected)]
+        report.missing_keys += [join_key(path, k) for k in sorted(expected - got)]
+        report.unexpected_keys += [join_key(path, k) for k in sorted(got - expected)]
         for key in sorted(expected & got):
-            _compare_shapes(current[key], loaded[key], _join(path, key), report)
+            _compare_shapes(current[key], loaded[key], join_key(path, key), report)
         if apply:
             _checked(path, lambda: template.load_state_dict(loaded, strict=False))
     elif isinstance(template, model_optimizer_state_type() or ()):
         # Compared key by key, as a nested dict (so a strict restore refuses before torch
         # loads anything), then loaded by its own load_state_dict with the restore's strict.
         _load(
-            _without_param_lists(template_state_dict(template)),
-            _without_param_lists(loaded),
+            without_param_lists(template_state_dict(template)),
+            without_param_lists(loaded),
             path,
             report,
             apply=False,
@@ -479,7 +358,7 @@ def _load(
                 new = _load(
                     value,
                     loaded[key],
-                    _join(path, key),
+                    join_key(path, key),
                     report,
                     apply=apply,
                     fix_prefixes=fix_prefixes,
@@ -488,8 +367,8 @@ def _load(
                 if apply and new is not value and isinstance(template, dict):
                     template[key] = new
             else:
-                report.missing_keys.append(_join(path, key))
-        report.unexpected_keys += [_join(path, k) for k in loaded if k not in template]
+                report.missing_keys.append(join_key(path, key))
+        report.unexpected_keys += [join_key(path, k) for k in loaded if k not in template]
     elif isinstance(template, (list, tuple)) and isinstance(loaded, (list, tuple)):
         if len(template) != len(loaded):
             report.missing_keys.append(f"{path}[len {len(template)} != {len(loaded)}]")
@@ -498,7 +377,7 @@ def _load(
             _load(
                 item,
                 value,
-                _join(path, index),
+                join_key(path, index),
                 report,
                 apply=apply,
                 fix_prefixes=fix_prefixes,
@@ -515,21 +394,6 @@ def _load(
     elif not isinstance(template, (Mapping, list, tuple)):
         return loaded  # a plain value: its container takes the loaded one
     return template
-
-
-def _without_param_lists(state: Any) -> Any:
-    """A ModelOptimizerState's state dict without each parameter group's ``params`` (the
-    names of its parameters, whose state is compared under ``optim.state``): a list that
-    differs whenever a parameter is added or removed, which is no key of its own."""
-    optim = state.get("optim") if isinstance(state, Mapping) else None
-    groups = optim.get("param_groups") if isinstance(optim, Mapping) else None
-    if not isinstance(groups, list):
-        return state
-    bare = [
-        {k: v for k, v in group.items() if k != "params"} if isinstance(group, Mapping) else group
-        for group in groups
-    ]
-    return {**state, "optim": {**optim, "param_groups": bare}}
 
 
 def _compare_shapes(current: Any, loaded: Any, path: str, report: LoadReport) -> bool:

@@ -28,7 +28,7 @@ import distckpt
 from distckpt import faults, fsutil
 from distckpt.checksums import file_checksum
 from distckpt.manifest import FORMAT_VERSION
-from distckpt.state import storage_sizes
+from distckpt.state_sizes import storage_sizes
 from distckpt.storage import open_store
 from distckpt.storage import posix as posix_store
 from tests.ranks import Collected, run_ranks, values

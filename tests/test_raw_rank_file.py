@@ -24,7 +24,7 @@ from distckpt.formats.raw_rank_reader import is_raw_rank_file, load_rank_file, r
 from distckpt.formats.torch_files import load_skeleton, plain_values_of
 from distckpt.manifest import FORMAT_VERSION, read_manifest
 from distckpt.memory import DIRECT_ALIGNMENT, DIRECT_MIN_BYTES
-from distckpt.state import local_tensors
+from distckpt.state_sizes import local_tensors
 
 FIXTURE = Path(__file__).parent / "fixtures" / "torch-format-v1"
 #: A checkpoint of manifest format version 2 whose rank file is in layout 1 (every storage at a

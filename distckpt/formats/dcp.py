@@ -131,14 +131,8 @@ from distckpt.formats.dcp_tensor_kinds import check_tensor_types
 from distckpt.formats.dcp_text_keys import check_restorable_keys, holds_containers
 from distckpt.manifest import FileRecord, Manifest
 from distckpt.model_state import ModelOptimizerState
-from distckpt.state import (
-    byte_string_bytes,
-    copy_containers,
-    dtensor_type,
-    element_bytes,
-    remove_path,
-    set_path,
-)
+from distckpt.state import copy_containers, dtensor_type, remove_path, set_path
+from distckpt.state_sizes import byte_string_bytes, element_bytes
 
 logger = logging.getLogger("distckpt")
 

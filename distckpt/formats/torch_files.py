@@ -37,7 +37,7 @@ from distckpt.formats.raw_rank_file import estimate_file_bytes, write_rank_file
 from distckpt.formats.raw_rank_reader import load_rank_file
 from distckpt.layout import parse_rank_file_name, rank_file_name
 from distckpt.manifest import FileRecord, Manifest
-from distckpt.state import byte_string_bytes, storage_sizes
+from distckpt.state_sizes import byte_string_bytes, storage_sizes
 
 #: The first manifest format version whose "torch" rank files are raw (version 1: torch.save).
 RAW_RANK_FILES_SINCE = 2
