@@ -120,6 +120,30 @@ class ShapeMismatch(InvalidArgument):
         self.mismatches = mismatches
 
 
+class KeyMismatch(InvalidArgument):
+    """A restore with ``strict=True`` whose checkpoint and ``state=`` do not have the same
+    keys, refused before anything is loaded (in both formats). ``missing_keys`` are the
+    dotted keys of the given state the checkpoint lacks, ``unexpected_keys`` the checkpoint's
+    the given state lacks; ``path`` and ``step`` name the checkpoint."""
+
+    missing_keys: tuple[str, ...] = ()
+    unexpected_keys: tuple[str, ...] = ()
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        missing_keys: tuple[str, ...],
+        unexpected_keys: tuple[str, ...],
+        rank: int | None = None,
+        path: str | os.PathLike[str] | None = None,
+        step: int | None = None,
+    ) -> None:
+        super().__init__(message, rank=rank, path=path, step=step)
+        self.missing_keys = missing_keys
+        self.unexpected_keys = unexpected_keys
+
+
 class UnrestorableKeys(InvalidArgument):
     """A dict of a state saved with ``format="dcp"`` has keys a restore could not give back:
     DCP keeps every key as text (``str(key)``), and a restore maps it back onto the key of the

@@ -84,7 +84,7 @@ def prepare_read(
         source, lambda: fmt.prepare_read(directory, manifest, ctx, plain, options), directory
     )
     if prepared.mismatch is not None:
-        prepared.mismatch.check(strict=strict, where=source.location)
+        prepared.mismatch.check(strict=strict, where=source.location, step=manifest.step)
     return prepared
 
 
@@ -106,6 +106,7 @@ def read_state(
             strict=strict,
             fix_key_prefixes=prepared.options.fix_key_prefixes,
             where=source.location,
+            step=manifest.step,
         )
         if template is not None
         else None

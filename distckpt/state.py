@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from distckpt.containers import same_kind_of_mapping, same_kind_of_tuple
-from distckpt.errors import InvalidArgument, ShapeMismatch
+from distckpt.errors import InvalidArgument, KeyMismatch, ShapeMismatch
 from distckpt.key_prefixes import log_prefix_mapping, matching_prefixes
 from distckpt.model_state_keys import join_key, model_optimizer_state_type, without_param_lists
 from distckpt.per_rank import PerRank, is_per_rank
@@ -189,43 +189,64 @@ class LoadReport:
         """Whether no key is on one side only (shapes are :meth:`check_shapes`' business)."""
         return not self.missing_keys and not self.unexpected_keys
 
-    def check(self, *, strict: bool, where: str | os.PathLike[str] | None = None) -> None:
+    def check(
+        self,
+        *,
+        strict: bool,
+        where: str | os.PathLike[str] | None = None,
+        step: int | None = None,
+    ) -> None:
         """Raise what a restore refuses before loading anything: a shape mismatch always
-        (:meth:`check_shapes`, naming the checkpoint ``where``), keys on one side only with
-        ``strict`` (:meth:`check_strict`)."""
-        self.check_shapes(where)
+        (:meth:`check_shapes`), keys on one side only with ``strict`` (:meth:`check_strict`),
+        naming the checkpoint ``where`` of ``step`` (the error's ``path`` and ``step``)."""
+        self.check_shapes(where, step)
         if strict:
-            self.check_strict()
+            self.check_strict(where, step)
 
-    def check_shapes(self, where: str | os.PathLike[str] | None = None) -> None:
+    def check_shapes(
+        self, where: str | os.PathLike[str] | None = None, step: int | None = None
+    ) -> None:
         """Raise :class:`~distckpt.errors.ShapeMismatch` naming every tensor whose saved shape
-        differs from the given one, if any, and the checkpoint ``where`` (its ``path``) when
-        known: whatever ``strict`` is, as torch's own ``load_state_dict`` and DCP do, since
-        nothing can be loaded into such a tensor."""
+        differs from the given one, if any, and the checkpoint ``where`` (its ``path``) of
+        ``step`` when known: whatever ``strict`` is, as torch's own ``load_state_dict`` and DCP
+        do, since nothing can be loaded into such a tensor."""
         if self.mismatched_shapes:
             listed = "; ".join(
                 f"{key}: saved {list(saved)}, given {list(current)}"
                 for key, saved, current in self.mismatched_shapes
             )
-            checkpoint = f"{os.fspath(where)}: the checkpoint's" if where else "the checkpoint's"
             raise ShapeMismatch(
-                f"{checkpoint} tensors do not have the shapes of the given state's ({listed})."
-                " A shape mismatch is refused even with strict=False: nothing can be loaded into"
-                " a tensor of another shape",
+                f"{_about(where)}the checkpoint's tensors do not have the shapes of the given"
+                f" state's ({listed}). A shape mismatch is refused even with strict=False:"
+                " nothing can be loaded into a tensor of another shape",
                 mismatches=tuple(self.mismatched_shapes),
                 path=where,
+                step=step,
             )
 
-    def check_strict(self) -> None:
-        """Raise :class:`InvalidArgument` listing every key on one side only, unless clean: what
+    def check_strict(
+        self, where: str | os.PathLike[str] | None = None, step: int | None = None
+    ) -> None:
+        """Raise :class:`~distckpt.errors.KeyMismatch` listing every key on one side only,
+        unless clean, naming the checkpoint ``where`` of ``step`` when known: what
         ``strict=True`` means for every format."""
         if not self.clean:
-            raise InvalidArgument(
-                "the checkpoint does not match the given state: "
+            raise KeyMismatch(
+                f"{_about(where)}the checkpoint does not match the given state: "
                 f"missing from the checkpoint {self.missing_keys}, "
                 f"not in the given state {self.unexpected_keys}. "
-                "Pass strict=False to load what matches."
+                "Pass strict=False to load what matches.",
+                missing_keys=tuple(self.missing_keys),
+                unexpected_keys=tuple(self.unexpected_keys),
+                path=where,
+                step=step,
             )
+
+
+def _about(where: str | os.PathLike[str] | None) -> str:
+    """``"<where>: "``, what an error's message starts with to name the checkpoint ``where``;
+    ``""`` when it is not known."""
+    return f"{os.fspath(where)}: " if where else ""
 
 
 def check_load(
@@ -235,20 +256,22 @@ def check_load(
     strict: bool,
     fix_key_prefixes: bool = True,
     where: str | os.PathLike[str] | None = None,
+    step: int | None = None,
 ) -> LoadReport:
     """A dry run of loading ``loaded`` (as saved) into ``template`` (the user's live objects),
     changing nothing (:func:`apply_load` loads it): a tensor (a module's too) whose shape
     differs from the saved one raises :class:`~distckpt.errors.ShapeMismatch`; with
-    ``strict=True`` any key present on one side only raises :class:`InvalidArgument` listing
-    them all; with ``strict=False`` the keys are reported. With ``fix_key_prefixes``, a
-    module's (or dict's) keys that differ from the saved ones only by wrapper prefixes
-    (``_orig_mod.``, ``module.``) are compared mapped (see :mod:`distckpt.key_prefixes`). An
-    object's own ``load_state_dict`` is not run, so what it alone refuses (an optimizer's
-    parameter groups of other sizes) is only found by :func:`apply_load`. ``where``: the
-    checkpoint ``loaded`` comes from, for the errors."""
+    ``strict=True`` any key present on one side only raises
+    :class:`~distckpt.errors.KeyMismatch` listing them all; with ``strict=False`` the keys
+    are reported. With ``fix_key_prefixes``, a module's (or dict's) keys that differ from
+    the saved ones only by wrapper prefixes (``_orig_mod.``, ``module.``) are compared mapped
+    (see :mod:`distckpt.key_prefixes`). An object's own ``load_state_dict`` is not run, so
+    what it alone refuses (an optimizer's parameter groups of other sizes) is only found by
+    :func:`apply_load`. ``where`` and ``step``: the checkpoint ``loaded`` comes from, for the
+    errors."""
     report = LoadReport()
     _load(template, loaded, "", report, apply=False, fix_prefixes=fix_key_prefixes)
-    report.check(strict=strict, where=where)
+    report.check(strict=strict, where=where, step=step)
     return report
 
 
