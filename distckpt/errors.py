@@ -323,7 +323,27 @@ class UnsupportedVersion(CheckpointError):
 
 
 class WorldSizeMismatch(CheckpointError, ValueError):
-    """A "torch"-format checkpoint restored with a different number of ranks than saved it."""
+    """A checkpoint restored by another number of ranks than saved it, where that cannot be
+    done: any "torch"-format checkpoint, and a "dcp" one whose per-rank values the restore asks
+    for. ``saved_world_size`` is the number of ranks that saved it, ``world_size`` the number
+    restoring it; ``path`` and ``step`` name the checkpoint."""
+
+    saved_world_size: int = 0
+    world_size: int = 0
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        saved_world_size: int,
+        world_size: int,
+        rank: int | None = None,
+        path: str | os.PathLike[str] | None = None,
+        step: int | None = None,
+    ) -> None:
+        super().__init__(message, rank=rank, path=path, step=step)
+        self.saved_world_size = saved_world_size
+        self.world_size = world_size
 
 
 class UnsafeCheckpoint(CheckpointError):

@@ -4,6 +4,7 @@ and a planner that unpickles nothing beyond tensors and plain values without an 
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 from collections.abc import Iterable, Iterator, Mapping
@@ -25,10 +26,11 @@ from torch.distributed.checkpoint.metadata import (
     StorageMeta,
     TensorStorageMetadata,
 )
-from torch.distributed.checkpoint.planner import LoadPlan, ReadItem
+from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner, ReadItem
+from torch.futures import Future
 
 from distckpt.checksums import ChecksumWriter
-from distckpt.errors import CheckpointError, CorruptCheckpoint
+from distckpt.errors import CheckpointError, CorruptCheckpoint, describe_error
 from distckpt.formats.base import ReadOptions
 from distckpt.formats.dcp_text_keys import SavedPlaces
 from distckpt.formats.torch_files import safe_torch_load
@@ -122,6 +124,34 @@ class Reader(FileSystemReader):
     def __init__(self, directory: Path, metadata: Metadata) -> None:
         super().__init__(directory)
         self._metadata = metadata
+
+    def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
+        """DCP's read, one item at a time, so that an item that cannot be read (a damaged data
+        file: torch fails to unpickle it, or finds its bytes of another size) is reported as
+        :class:`~distckpt.errors.CorruptCheckpoint` naming the data file (its ``path``), the
+        value and its bytes in it; a distckpt error (a value refused as unsafe) keeps its class
+        and fields, its message and ``path`` naming the data file. An ``OSError`` (a missing
+        file, a disk's error) passes through as itself."""
+        for item in plan.items:
+            stored = self.storage_data[item.storage_index]
+            where = Path(self.path) / stored.relative_path
+            try:
+                super().read_data(dataclasses.replace(plan, items=[item]), planner)
+            except OSError:
+                raise
+            except CheckpointError as exc:
+                fields = exc.fields()
+                fields["path"] = exc.path if exc.path is not None else str(where)
+                raise type(exc).rebuild(f"{where}: {exc}", fields) from exc
+            except Exception as exc:  # torch's unpickling fails in many ways on damaged bytes
+                raise CorruptCheckpoint(
+                    f"{where}: value {item.dest_index.fqn!r} (bytes {stored.offset} to "
+                    f"{stored.offset + stored.length}) cannot be read: {describe_error(exc)}",
+                    path=where,
+                ) from exc
+        done: Future[None] = Future()
+        done.set_result(None)
+        return done
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         if kwargs.get("rank") is not None:
