@@ -36,14 +36,15 @@ def _restore(rank: int, world_size: int, root: str, fmt: str, width: int) -> tup
 
 @pytest.mark.parametrize("fmt", ["torch", "dcp"])
 def test_world_size_mismatch_names_both_sizes_and_the_checkpoint(tmp_path: Path, fmt: str) -> None:
-    """Saved by 2 ranks, restored by 1: refused ("dcp": for its per-rank RNG state) with both
-    world sizes, the checkpoint's path and its step as fields."""
+    """Saved by 1 rank, restored by 2: refused ("dcp": for its per-rank RNG state) with both
+    world sizes, the checkpoint's path and its step as fields, on every rank (rank 1 raises
+    the error rebuilt from rank 0's fields)."""
     root = str(tmp_path / "ckpt")
-    run_ranks(_save, 2, root, fmt, timeout=TIMEOUT)
-    for kind, fields in values(run_ranks(_restore, 1, root, fmt, 40, timeout=TIMEOUT)):
+    run_ranks(_save, 1, root, fmt, timeout=TIMEOUT)
+    for kind, fields in values(run_ranks(_restore, 2, root, fmt, 40, timeout=TIMEOUT)):
         assert kind == "WorldSizeMismatch"
-        assert fields["saved_world_size"] == 2
-        assert fields["world_size"] == 1
+        assert fields["saved_world_size"] == 1
+        assert fields["world_size"] == 2
         assert fields["path"] == str(tmp_path / "ckpt" / "step-00000003")
         assert fields["step"] == 3
 
