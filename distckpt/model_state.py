@@ -42,9 +42,12 @@ class ModelOptimizerState:
     Without an optimizer the state dict is ``{"model": ...}`` only. ``options`` is passed to
     ``get_state_dict`` / ``set_state_dict``, but for its ``strict`` on a restore: there the
     restore's own ``strict`` decides for every key, this object's too, and is passed on to
-    ``set_state_dict`` (see :meth:`load_state_dict`). ``options.strict=False`` given to a
-    restore with ``strict=True`` is refused before anything is read, as the two contradict
-    each other; ``options.strict`` applies to a ``load_state_dict`` called with no ``strict``.
+    ``set_state_dict`` (see :meth:`load_state_dict`). So ``options.strict=False`` in a restore
+    with ``strict=True`` loads as usual when the keys match, and a key on one side only is
+    refused as any other is (:class:`~distckpt.errors.KeyMismatch`); ``options.strict`` applies
+    to a ``load_state_dict`` called with no ``strict``. A parameter group's settings (``lr``,
+    an LR scheduler's ``initial_lr``) are not compared: the optimizer takes the saved ones
+    wholesale, so a scheduler built after the restore finds the ones it saved.
 
     Limits: ``get_state_dict`` on an optimizer that has never stepped creates its state by one
     step with zero gradients and a zero learning rate (so there are tensors to save or load

@@ -17,7 +17,6 @@ import torch.distributed as dist
 from distckpt.errors import CheckpointError, CheckpointVanished, CorruptCheckpoint
 from distckpt.formats import PreparedRead, ReadOptions, ShardContext, format_named
 from distckpt.manifest import Manifest
-from distckpt.model_state_keys import check_strict_options
 from distckpt.results import Checkpoint
 from distckpt.state import apply_load, check_load, to_plain
 from distckpt.storage.views import CheckpointSource, errors_name_the_location
@@ -74,7 +73,6 @@ def prepare_read(
         group=group,
     )
     fmt = format_named(manifest.format)
-    check_strict_options(template, strict=strict)
     plain = (
         to_plain(template, mark_per_rank=fmt.marks_per_rank, template=True)
         if template is not None

@@ -21,7 +21,7 @@ import torch
 from distckpt.containers import same_kind_of_mapping, same_kind_of_tuple
 from distckpt.errors import InvalidArgument, KeyMismatch, ShapeMismatch
 from distckpt.key_prefixes import log_prefix_mapping, matching_prefixes
-from distckpt.model_state_keys import join_key, model_optimizer_state_type, without_param_lists
+from distckpt.model_state_keys import join_key, model_optimizer_state_type, without_group_settings
 from distckpt.per_rank import PerRank, is_per_rank
 
 
@@ -352,8 +352,8 @@ def _load(
         # Compared key by key, as a nested dict (so a strict restore refuses before torch
         # loads anything), then loaded by its own load_state_dict with the restore's strict.
         _load(
-            without_param_lists(template_state_dict(template)),
-            without_param_lists(loaded),
+            without_group_settings(template_state_dict(template)),
+            without_group_settings(loaded),
             path,
             report,
             apply=False,

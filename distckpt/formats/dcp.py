@@ -121,6 +121,7 @@ from distckpt.formats.dcp_keys import (
     saved_paths,
     split_per_rank,
     with_per_rank,
+    with_saved_group_settings,
 )
 from distckpt.formats.dcp_metadata import DATA_FILE_RE, METADATA_NAME, read_metadata
 from distckpt.formats.dcp_storage import Planner, Reader, Writer
@@ -334,6 +335,7 @@ class DcpFormat:
             state, renames = rename_to_saved(state, saved_paths(prepared.detail), directory.name)
         if marked:
             state.update(per_rank_placeholders(prepared.detail, rank))
+        with_saved_group_settings(state, prepared.detail)
         planner = Planner(prepared.options)
         run_dcp(
             lambda: dcp.load(
