@@ -120,6 +120,30 @@ class ShapeMismatch(InvalidArgument):
         self.mismatches = mismatches
 
 
+class KeyMismatch(InvalidArgument):
+    """A restore with ``strict=True`` whose checkpoint and ``state=`` do not have the same
+    keys, refused before anything is loaded (in both formats). ``missing_keys`` are the
+    dotted keys of the given state the checkpoint lacks, ``unexpected_keys`` the checkpoint's
+    the given state lacks; ``path`` and ``step`` name the checkpoint."""
+
+    missing_keys: tuple[str, ...] = ()
+    unexpected_keys: tuple[str, ...] = ()
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        missing_keys: tuple[str, ...],
+        unexpected_keys: tuple[str, ...],
+        rank: int | None = None,
+        path: str | os.PathLike[str] | None = None,
+        step: int | None = None,
+    ) -> None:
+        super().__init__(message, rank=rank, path=path, step=step)
+        self.missing_keys = missing_keys
+        self.unexpected_keys = unexpected_keys
+
+
 class UnrestorableKeys(InvalidArgument):
     """A dict of a state saved with ``format="dcp"`` has keys a restore could not give back:
     DCP keeps every key as text (``str(key)``), and a restore maps it back onto the key of the
@@ -299,7 +323,27 @@ class UnsupportedVersion(CheckpointError):
 
 
 class WorldSizeMismatch(CheckpointError, ValueError):
-    """A "torch"-format checkpoint restored with a different number of ranks than saved it."""
+    """A checkpoint restored by another number of ranks than saved it, where that cannot be
+    done: any "torch"-format checkpoint, and a "dcp" one whose per-rank values the restore asks
+    for. ``saved_world_size`` is the number of ranks that saved it, ``world_size`` the number
+    restoring it; ``path`` and ``step`` name the checkpoint."""
+
+    saved_world_size: int = 0
+    world_size: int = 0
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        saved_world_size: int,
+        world_size: int,
+        rank: int | None = None,
+        path: str | os.PathLike[str] | None = None,
+        step: int | None = None,
+    ) -> None:
+        super().__init__(message, rank=rank, path=path, step=step)
+        self.saved_world_size = saved_world_size
+        self.world_size = world_size
 
 
 class UnsafeCheckpoint(CheckpointError):

@@ -6,6 +6,7 @@ why ``distckpt.ModelOptimizerState`` is resolved only on first use.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -13,12 +14,13 @@ import torch
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
+    get_optimizer_state_dict,
     get_state_dict,
     set_model_state_dict,
     set_state_dict,
 )
 
-from distckpt.errors import InvalidArgument, describe_error
+from distckpt.errors import InvalidArgument
 
 __all__ = ["ModelOptimizerState"]
 
@@ -38,8 +40,14 @@ class ModelOptimizerState:
         mgr.save(step, state)
 
     Without an optimizer the state dict is ``{"model": ...}`` only. ``options`` is passed to
-    ``get_state_dict`` / ``set_state_dict`` unchanged (its ``strict`` decides whether missing or
-    unexpected keys raise on load).
+    ``get_state_dict`` / ``set_state_dict``, but for its ``strict`` on a restore: there the
+    restore's own ``strict`` decides for every key, this object's too, and is passed on to
+    ``set_state_dict`` (see :meth:`load_state_dict`). So ``options.strict=False`` in a restore
+    with ``strict=True`` loads as usual when the keys match, and a key on one side only is
+    refused as any other is (:class:`~distckpt.errors.KeyMismatch`); ``options.strict`` applies
+    to a ``load_state_dict`` called with no ``strict``. A parameter group's settings (``lr``,
+    an LR scheduler's ``initial_lr``) are not compared: the optimizer takes the saved ones
+    wholesale, so a scheduler built after the restore finds the ones it saved.
 
     Limits: ``get_state_dict`` on an optimizer that has never stepped creates its state by one
     step with zero gradients and a zero learning rate (so there are tensors to save or load
@@ -79,32 +87,75 @@ class ModelOptimizerState:
         model_state, optim_state = get_state_dict(self.model, self.optimizers, options=self.options)
         return {"model": model_state, "optim": optim_state}
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+    def load_state_dict(self, state: Mapping[str, Any], strict: bool | None = None) -> None:
+        """Load ``state`` (as :meth:`state_dict` gives it) through ``set_state_dict``.
+
+        ``strict`` (None: ``options.strict``, True without options) is passed to
+        ``set_state_dict``. With ``strict=False`` what ``state`` lacks keeps its current
+        value: the model's missing keys are left alone, and the optimizer's state, parameter
+        group settings or whole optimizer part missing from ``state`` are filled in from the
+        optimizer's current state dict before it is loaded (torch's optimizer needs every
+        group's settings). With ``strict=True`` ``state`` must have exactly the keys
+        ``{"model", "optim"}`` (``{"model"}`` without an optimizer). A state that does not fit
+        raises :class:`~distckpt.errors.InvalidArgument` with torch's whole message (the keys
+        it names); torch loads the optimizer before the model, and either may be partly loaded
+        by then: a restore checks the keys before loading, so it only meets this for what its
+        check cannot see.
+        """
+        if strict is None:
+            strict = self.options.strict if self.options is not None else True
         expected = {"model", "optim"} if self.optimizers else {"model"}
-        if not isinstance(state, Mapping) or set(state) != expected:
+        if not isinstance(state, Mapping) or (strict and set(state) != expected):
             got = sorted(state) if isinstance(state, Mapping) else type(state).__name__
             raise InvalidArgument(
                 f"ModelOptimizerState expects a state dict with keys {sorted(expected)}, got "
                 f"{got}: save and restore with the same model/optimizer arrangement"
             )
+        options = dataclasses.replace(self.options or StateDictOptions(), strict=strict)
         try:
             if self.optimizers:
+                optim_state = state.get("optim", {})
+                if not strict:
+                    current = get_optimizer_state_dict(self.model, self.optimizers, options=options)
+                    optim_state = with_current_values(optim_state, current)
                 set_state_dict(
                     self.model,
                     self.optimizers,
-                    model_state_dict=state["model"],
-                    optim_state_dict=state["optim"],
-                    options=self.options,
+                    model_state_dict=state.get("model", {}),
+                    optim_state_dict=optim_state,
+                    options=options,
                 )
             else:
-                set_model_state_dict(self.model, state["model"], options=self.options)
+                set_model_state_dict(self.model, state.get("model", {}), options=options)
         except (RuntimeError, KeyError, ValueError) as exc:
-            # torch reports missing/unexpected keys and shape mismatches this way.
+            # torch reports missing/unexpected keys and shape mismatches this way, the keys on
+            # the lines after the first: the whole message is kept.
             raise InvalidArgument(
-                f"the checkpoint does not fit this model/optimizer: {describe_error(exc)}"
+                f"the checkpoint does not fit this model/optimizer: {type(exc).__name__}: {exc}"
             ) from exc
 
     def __repr__(self) -> str:
         return (
             f"ModelOptimizerState({type(self.model).__name__}, {len(self.optimizers)} optimizer(s))"
         )
+
+
+def with_current_values(loaded: Any, current: Any) -> Any:
+    """``loaded`` (part of a saved state dict), with what it lacks taken from ``current`` (the
+    live one): a key of a dict only in ``current`` is added with its value, dicts present on
+    both sides are merged the same way, and a list of dicts (an optimizer's parameter groups)
+    is merged item by item, ``current``'s extra items added. Anything else is ``loaded``'s.
+    Copies the dicts and lists it merges, not the values."""
+    if isinstance(loaded, Mapping) and isinstance(current, Mapping):
+        merged = dict(loaded)
+        for key, value in current.items():
+            merged[key] = with_current_values(loaded[key], value) if key in loaded else value
+        return merged
+    if (
+        isinstance(loaded, list)
+        and isinstance(current, list)
+        and all(isinstance(item, Mapping) for item in (*loaded, *current))
+    ):
+        merged_items = [with_current_values(a, b) for a, b in zip(loaded, current)]
+        return merged_items + list(current[len(loaded) :])
+    return loaded

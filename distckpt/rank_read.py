@@ -82,7 +82,7 @@ def prepare_read(
         source, lambda: fmt.prepare_read(directory, manifest, ctx, plain, options), directory
     )
     if prepared.mismatch is not None:
-        prepared.mismatch.check(strict=strict, where=source.location)
+        prepared.mismatch.check(strict=strict, where=source.location, step=manifest.step)
     return prepared
 
 
@@ -104,6 +104,7 @@ def read_state(
             strict=strict,
             fix_key_prefixes=prepared.options.fix_key_prefixes,
             where=source.location,
+            step=manifest.step,
         )
         if template is not None
         else None
@@ -127,9 +128,16 @@ def read_state(
     )
 
 
-def apply_read(checkpoint: Checkpoint, template: Any, options: ReadOptions) -> Checkpoint:
-    """Load ``checkpoint`` (from :func:`read_state`, checked) into ``template`` in place, if
-    any; ``checkpoint`` itself."""
+def apply_read(
+    checkpoint: Checkpoint, template: Any, options: ReadOptions, *, strict: bool = True
+) -> Checkpoint:
+    """Load ``checkpoint`` (from :func:`read_state`, checked with the same ``strict``) into
+    ``template`` in place, if any; ``checkpoint`` itself."""
     if template is not None:
-        apply_load(template, checkpoint.state, fix_key_prefixes=options.fix_key_prefixes)
+        apply_load(
+            template,
+            checkpoint.state,
+            strict=strict,
+            fix_key_prefixes=options.fix_key_prefixes,
+        )
     return checkpoint

@@ -368,7 +368,7 @@ def _read_on_ranks(
         # the others train on. One more small collective, for a restore into state= only.
         return _agreed(
             coordinator,
-            lambda: apply_read(checkpoint, state, options),
+            lambda: apply_read(checkpoint, state, options, strict=strict),
             f"loading {source.name} into the given state",
         )
 

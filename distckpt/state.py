@@ -12,16 +12,16 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from distckpt.containers import same_kind_of_mapping, same_kind_of_tuple
-from distckpt.errors import InvalidArgument, ShapeMismatch
+from distckpt.errors import InvalidArgument, KeyMismatch, ShapeMismatch
 from distckpt.key_prefixes import log_prefix_mapping, matching_prefixes
+from distckpt.model_state_keys import join_key, model_optimizer_state_type, without_group_settings
 from distckpt.per_rank import PerRank, is_per_rank
 
 
@@ -33,91 +33,6 @@ def dtensor_type() -> type | None:
         if module is not None and hasattr(module, "DTensor"):
             return module.DTensor
     return None
-
-
-def element_bytes(state: Any) -> int:
-    """Bytes of the elements of the tensors in a nested state, as a format that writes each
-    tensor's elements (DCP) writes them: numel times item size of each (a DTensor: its local shard;
-    a sparse one: the tensors it is made of). An expanded or overlapping view counts every
-    element it shows, however few bytes its storage holds; a tensor met twice counts twice."""
-    return sum(
-        part.numel() * part.element_size()
-        for tensor in local_tensors(state)
-        for part in tensor_parts(tensor)
-    )
-
-
-def storage_sizes(state: Any) -> list[int]:
-    """The size in bytes of each storage the tensors of a nested state hold, each storage once
-    (a DTensor: its local shard's), in the order the state's walk meets them: what
-    ``torch.save`` writes, each tensor's whole storage. A sparse tensor or a wrapper subclass (a
-    tensor holding inner tensors) has no storage of its own: torch.save writes the storages of
-    the tensors it is made of (:func:`tensor_parts`), a slice's whole storage too."""
-    seen: set[tuple[int, int]] = set()
-    sizes: list[int] = []
-    for tensor in local_tensors(state):
-        for part in tensor_parts(tensor):
-            if part.layout != torch.strided:  # a layout of no storage to ask about
-                sizes.append(part.nbytes)
-                continue
-            storage = part.untyped_storage()
-            key = (storage.data_ptr(), storage.nbytes())
-            if key not in seen:
-                seen.add(key)
-                sizes.append(storage.nbytes())
-    return sizes
-
-
-def byte_string_bytes(state: Any) -> int:
-    """The length of every ``bytes`` / ``bytearray`` value of a nested state (through mappings,
-    lists, tuples and :class:`~distckpt.PerRank`): what a format writes for them besides the
-    tensors (the Lightning callback's states and loop state are saved as bytes)."""
-    if isinstance(state, (bytes, bytearray)):
-        return len(state)
-    if isinstance(state, PerRank):
-        return byte_string_bytes(state.value)
-    if isinstance(state, Mapping):
-        return sum(byte_string_bytes(item) for item in state.values())
-    if isinstance(state, (list, tuple)):
-        return sum(byte_string_bytes(item) for item in state)
-    return 0
-
-
-def local_tensors(state: Any) -> Iterator[torch.Tensor]:
-    """The tensors of a nested state (through mappings, lists, tuples and
-    :class:`~distckpt.PerRank`), in order; a DTensor as its local shard."""
-    dtensor = dtensor_type()
-    if dtensor is not None and isinstance(state, dtensor):
-        yield state.to_local()
-    elif isinstance(state, torch.Tensor):
-        yield state
-    elif isinstance(state, PerRank):
-        yield from local_tensors(state.value)
-    elif isinstance(state, Mapping):
-        for item in state.values():
-            yield from local_tensors(item)
-    elif isinstance(state, (list, tuple)):
-        for item in state:
-            yield from local_tensors(item)
-
-
-def tensor_parts(tensor: torch.Tensor) -> list[torch.Tensor]:
-    """The strided tensors a non-strided one is made of, as ``torch.save`` writes it: a wrapper
-    subclass's inner tensors (``__tensor_flatten__``, each taken apart in turn), a COO tensor's
-    indices and values, a compressed one's (CSR, CSC, BSR, BSC) two index tensors and values;
-    any other layout, the tensor itself as if it were dense."""
-    if is_traceable_wrapper_subclass(tensor):
-        names, _ = tensor.__tensor_flatten__()
-        inner = [getattr(tensor, name) for name in names]
-        return [part for item in inner if item is not None for part in tensor_parts(item)]
-    layout = tensor.layout
-    if layout == torch.sparse_coo:
-        return [tensor._indices(), tensor._values()]
-    if layout in (torch.sparse_csr, torch.sparse_bsr):
-        return [tensor.crow_indices(), tensor.col_indices(), tensor.values()]
-    if layout in (torch.sparse_csc, torch.sparse_bsc):
-        return [tensor.ccol_indices(), tensor.row_indices(), tensor.values()]
-    return [tensor]
 
 
 def is_stateful(value: Any) -> bool:
@@ -274,43 +189,64 @@ class LoadReport:
         """Whether no key is on one side only (shapes are :meth:`check_shapes`' business)."""
         return not self.missing_keys and not self.unexpected_keys
 
-    def check(self, *, strict: bool, where: str | os.PathLike[str] | None = None) -> None:
+    def check(
+        self,
+        *,
+        strict: bool,
+        where: str | os.PathLike[str] | None = None,
+        step: int | None = None,
+    ) -> None:
         """Raise what a restore refuses before loading anything: a shape mismatch always
-        (:meth:`check_shapes`, naming the checkpoint ``where``), keys on one side only with
-        ``strict`` (:meth:`check_strict`)."""
-        self.check_shapes(where)
+        (:meth:`check_shapes`), keys on one side only with ``strict`` (:meth:`check_strict`),
+        naming the checkpoint ``where`` of ``step`` (the error's ``path`` and ``step``)."""
+        self.check_shapes(where, step)
         if strict:
-            self.check_strict()
+            self.check_strict(where, step)
 
-    def check_shapes(self, where: str | os.PathLike[str] | None = None) -> None:
+    def check_shapes(
+        self, where: str | os.PathLike[str] | None = None, step: int | None = None
+    ) -> None:
         """Raise :class:`~distckpt.errors.ShapeMismatch` naming every tensor whose saved shape
-        differs from the given one, if any, and the checkpoint ``where`` (its ``path``) when
-        known: whatever ``strict`` is, as torch's own ``load_state_dict`` and DCP do, since
-        nothing can be loaded into such a tensor."""
+        differs from the given one, if any, and the checkpoint ``where`` (its ``path``) of
+        ``step`` when known: whatever ``strict`` is, as torch's own ``load_state_dict`` and DCP
+        do, since nothing can be loaded into such a tensor."""
         if self.mismatched_shapes:
             listed = "; ".join(
                 f"{key}: saved {list(saved)}, given {list(current)}"
                 for key, saved, current in self.mismatched_shapes
             )
-            checkpoint = f"{os.fspath(where)}: the checkpoint's" if where else "the checkpoint's"
             raise ShapeMismatch(
-                f"{checkpoint} tensors do not have the shapes of the given state's ({listed})."
-                " A shape mismatch is refused even with strict=False: nothing can be loaded into"
-                " a tensor of another shape",
+                f"{_about(where)}the checkpoint's tensors do not have the shapes of the given"
+                f" state's ({listed}). A shape mismatch is refused even with strict=False:"
+                " nothing can be loaded into a tensor of another shape",
                 mismatches=tuple(self.mismatched_shapes),
                 path=where,
+                step=step,
             )
 
-    def check_strict(self) -> None:
-        """Raise :class:`InvalidArgument` listing every key on one side only, unless clean: what
+    def check_strict(
+        self, where: str | os.PathLike[str] | None = None, step: int | None = None
+    ) -> None:
+        """Raise :class:`~distckpt.errors.KeyMismatch` listing every key on one side only,
+        unless clean, naming the checkpoint ``where`` of ``step`` when known: what
         ``strict=True`` means for every format."""
         if not self.clean:
-            raise InvalidArgument(
-                "the checkpoint does not match the given state: "
+            raise KeyMismatch(
+                f"{_about(where)}the checkpoint does not match the given state: "
                 f"missing from the checkpoint {self.missing_keys}, "
                 f"not in the given state {self.unexpected_keys}. "
-                "Pass strict=False to load what matches."
+                "Pass strict=False to load what matches.",
+                missing_keys=tuple(self.missing_keys),
+                unexpected_keys=tuple(self.unexpected_keys),
+                path=where,
+                step=step,
             )
+
+
+def _about(where: str | os.PathLike[str] | None) -> str:
+    """``"<where>: "``, what an error's message starts with to name the checkpoint ``where``;
+    ``""`` when it is not known."""
+    return f"{os.fspath(where)}: " if where else ""
 
 
 def check_load(
@@ -320,35 +256,45 @@ def check_load(
     strict: bool,
     fix_key_prefixes: bool = True,
     where: str | os.PathLike[str] | None = None,
+    step: int | None = None,
 ) -> LoadReport:
     """A dry run of loading ``loaded`` (as saved) into ``template`` (the user's live objects),
     changing nothing (:func:`apply_load` loads it): a tensor (a module's too) whose shape
     differs from the saved one raises :class:`~distckpt.errors.ShapeMismatch`; with
-    ``strict=True`` any key present on one side only raises :class:`InvalidArgument` listing
-    them all; with ``strict=False`` the keys are reported. With ``fix_key_prefixes``, a
-    module's (or dict's) keys that differ from the saved ones only by wrapper prefixes
-    (``_orig_mod.``, ``module.``) are compared mapped (see :mod:`distckpt.key_prefixes`). An
-    object's own ``load_state_dict`` is not run, so what it alone refuses (an optimizer's
-    parameter groups of other sizes) is only found by :func:`apply_load`. ``where``: the
-    checkpoint ``loaded`` comes from, for the errors."""
+    ``strict=True`` any key present on one side only raises
+    :class:`~distckpt.errors.KeyMismatch` listing them all; with ``strict=False`` the keys
+    are reported. With ``fix_key_prefixes``, a module's (or dict's) keys that differ from
+    the saved ones only by wrapper prefixes (``_orig_mod.``, ``module.``) are compared mapped
+    (see :mod:`distckpt.key_prefixes`). An object's own ``load_state_dict`` is not run, so
+    what it alone refuses (an optimizer's parameter groups of other sizes) is only found by
+    :func:`apply_load`. ``where`` and ``step``: the checkpoint ``loaded`` comes from, for the
+    errors."""
     report = LoadReport()
     _load(template, loaded, "", report, apply=False, fix_prefixes=fix_key_prefixes)
-    report.check(strict=strict, where=where)
+    report.check(strict=strict, where=where, step=step)
     return report
 
 
-def apply_load(template: Any, loaded: Any, *, fix_key_prefixes: bool = True) -> None:
-    """Load ``loaded`` into ``template`` in place, what matches (after :func:`check_load`),
-    logging one INFO line per wrapper-prefix mapping. Objects with ``load_state_dict`` load
-    through it, tensors are copied into, and any other value inside a dict or list of
-    ``template`` is replaced by the loaded one (a tuple by a new tuple); a plain value at the
-    top level cannot be replaced: read it from the result. An object's ``load_state_dict``
-    that fails raises :class:`InvalidArgument`, leaving what was loaded before it loaded."""
-    _load(template, loaded, "", LoadReport(), apply=True, fix_prefixes=fix_key_prefixes)
-
-
-def _join(prefix: str, key: object) -> str:
-    return f"{prefix}.{key}" if prefix else str(key)
+def apply_load(
+    template: Any, loaded: Any, *, strict: bool = True, fix_key_prefixes: bool = True
+) -> None:
+    """Load ``loaded`` into ``template`` in place, what matches (after :func:`check_load`
+    with the same ``strict``, which a :class:`~distckpt.ModelOptimizerState`'s own
+    ``load_state_dict`` is given), logging one INFO line per wrapper-prefix mapping. Objects
+    with ``load_state_dict`` load through it, tensors are copied into, and any other value
+    inside a dict or list of ``template`` is replaced by the loaded one (a tuple by a new
+    tuple); a plain value at the top level cannot be replaced: read it from the result. An
+    object's ``load_state_dict`` that fails raises :class:`InvalidArgument`, leaving what was
+    loaded before it loaded."""
+    _load(
+        template,
+        loaded,
+        "",
+        LoadReport(),
+        apply=True,
+        fix_prefixes=fix_key_prefixes,
+        strict=strict,
+    )
 
 
 def _renamed(expected: Any, loaded: Any, path: str, *, fix: bool, log: bool) -> Any:
@@ -365,14 +311,30 @@ def _renamed(expected: Any, loaded: Any, path: str, *, fix: bool, log: bool) -> 
 
 
 def _load(
-    template: Any, loaded: Any, path: str, report: LoadReport, *, apply: bool, fix_prefixes: bool
+    template: Any,
+    loaded: Any,
+    path: str,
+    report: LoadReport,
+    *,
+    apply: bool,
+    fix_prefixes: bool,
+    strict: bool = True,
 ) -> Any:
     """Walk ``template`` and ``loaded`` together, recording mismatches in ``report`` and, with
-    ``apply``, loading what matches. Returns what the template's place should hold: the
-    template itself when it was loaded in place (or left alone), else the loaded value."""
+    ``apply``, loading what matches (``strict`` goes to a ModelOptimizerState's own load).
+    Returns what the template's place should hold: the template itself when it was loaded in
+    place (or left alone), else the loaded value."""
     if isinstance(template, PerRank):
         # The mark matters to the format only; the mark stays, its value is loaded.
-        new = _load(template.value, loaded, path, report, apply=apply, fix_prefixes=fix_prefixes)
+        new = _load(
+            template.value,
+            loaded,
+            path,
+            report,
+            apply=apply,
+            fix_prefixes=fix_prefixes,
+            strict=strict,
+        )
         if apply and new is not template.value:
             template.value = new
         return template
@@ -380,12 +342,25 @@ def _load(
         current = template.state_dict()
         loaded = _renamed(current, loaded, path, fix=fix_prefixes, log=apply)
         expected, got = set(current), set(loaded) if isinstance(loaded, Mapping) else set()
-        report.missing_keys += [_join(path, k) for k in sorted(expected - got)]
-        report.unexpected_keys += [_join(path, k) for k in sorted(got - expected)]
+        report.missing_keys += [join_key(path, k) for k in sorted(expected - got)]
+        report.unexpected_keys += [join_key(path, k) for k in sorted(got - expected)]
         for key in sorted(expected & got):
-            _compare_shapes(current[key], loaded[key], _join(path, key), report)
+            _compare_shapes(current[key], loaded[key], join_key(path, key), report)
         if apply:
             _checked(path, lambda: template.load_state_dict(loaded, strict=False))
+    elif isinstance(template, model_optimizer_state_type() or ()):
+        # Compared key by key, as a nested dict (so a strict restore refuses before torch
+        # loads anything), then loaded by its own load_state_dict with the restore's strict.
+        _load(
+            without_group_settings(template_state_dict(template)),
+            without_group_settings(loaded),
+            path,
+            report,
+            apply=False,
+            fix_prefixes=fix_prefixes,
+        )
+        if apply:
+            _checked(path, lambda: template.load_state_dict(loaded, strict=strict))
     elif is_stateful(template):
         if _same_keys(template_state_dict(template), loaded):
             if apply:
@@ -406,22 +381,31 @@ def _load(
                 new = _load(
                     value,
                     loaded[key],
-                    _join(path, key),
+                    join_key(path, key),
                     report,
                     apply=apply,
                     fix_prefixes=fix_prefixes,
+                    strict=strict,
                 )
                 if apply and new is not value and isinstance(template, dict):
                     template[key] = new
             else:
-                report.missing_keys.append(_join(path, key))
-        report.unexpected_keys += [_join(path, k) for k in loaded if k not in template]
+                report.missing_keys.append(join_key(path, key))
+        report.unexpected_keys += [join_key(path, k) for k in loaded if k not in template]
     elif isinstance(template, (list, tuple)) and isinstance(loaded, (list, tuple)):
         if len(template) != len(loaded):
             report.missing_keys.append(f"{path}[len {len(template)} != {len(loaded)}]")
             return template
         items = [
-            _load(item, value, _join(path, index), report, apply=apply, fix_prefixes=fix_prefixes)
+            _load(
+                item,
+                value,
+                join_key(path, index),
+                report,
+                apply=apply,
+                fix_prefixes=fix_prefixes,
+                strict=strict,
+            )
             for index, (item, value) in enumerate(zip(template, loaded))
         ]
         if not apply or all(new is old for new, old in zip(items, template)):

@@ -25,7 +25,7 @@ from torch import nn
 import distckpt
 from distckpt.checksums import file_checksum
 from distckpt.manifest import FORMAT_VERSION
-from distckpt.state import storage_sizes
+from distckpt.state_sizes import storage_sizes
 from tests.core_ranks import JOB_TIMEOUT, TIMEOUT, _err, _weights
 from tests.ranks import Collected, run_ranks, values
 

@@ -464,3 +464,31 @@ def test_per_rank_values_leave_a_named_tuple_of_the_same_type() -> None:
     shared, marked = split_per_rank({"pair": Pair(weights, distckpt.PerRank(3))})
     assert shared == {"pair": Pair(weights, None)} and type(shared["pair"]) is Pair
     assert marked == [(("pair", 1), 3)]
+
+
+# ------------------------------------------------------------------ reading the data files
+
+#: a one-process "dcp" save of 200 values, then its restore
+MANY_VALUES_RESTORE = """
+import torch
+import distckpt
+state = {f"t{index}": torch.full((4,), float(index)) for index in range(200)}
+with distckpt.CheckpointManager("root", format="dcp", timeout=60) as manager:
+    manager.save(1, state)
+restored = {key: torch.zeros(4) for key in state}
+with distckpt.CheckpointManager("root", format="dcp", timeout=60) as manager:
+    manager.restore("last", state=restored)
+assert all(torch.equal(restored[key], state[key]) for key in state)
+"""
+
+
+def test_a_restore_opens_a_data_file_once_not_once_per_value(tmp_path: Path) -> None:
+    """Reading 200 values from one data file opens it a handful of times (the read itself,
+    the checksum's), not once per value: each open costs, and a model has thousands."""
+    from tests.syscall_trace import traced_file_calls
+
+    calls = traced_file_calls(MANY_VALUES_RESTORE, tmp_path, "openat")
+    data_opens = [call for call in calls if call.path.endswith(".distcp")]
+    read_opens = [call for call in data_opens if "O_RDONLY" in " ".join(call.args)]
+    assert read_opens, data_opens  # the trace saw the restore's reads
+    assert len(read_opens) <= 4, len(read_opens)

@@ -50,6 +50,10 @@ def _example(cls: type[CheckpointError]) -> CheckpointError:
         "refused": "numpy scalar",
         "written_bytes": 10,
         "found_bytes": 4,
+        "missing_keys": ("model.2.weight",),
+        "unexpected_keys": ("model.3.bias",),
+        "saved_world_size": 4,
+        "world_size": 2,
     }
     taken = inspect.signature(cls.__init__).parameters
     return cls("what went wrong", **{k: v for k, v in values.items() if k in taken})

@@ -229,12 +229,14 @@ def test_strict_false_loads_what_matches_and_reports_the_rest(root: Path) -> Non
         assert rank_out["rank"] == rank
 
 
-def test_strict_true_raises_invalid_argument_naming_the_keys(root: Path) -> None:
+def test_strict_true_raises_key_mismatch_naming_the_keys(root: Path) -> None:
+    """A KeyMismatch, an InvalidArgument (tests/test_model_state.py checks its fields)."""
     out = values(run_ranks(_restore_into_bigger_model, 2, str(root), timeout=JOB_TIMEOUT))
     for rank_out in out:
         assert rank_out["strict"] is not None
         name, message = rank_out["strict"]
-        assert name == "InvalidArgument", message
+        assert name == "KeyMismatch", message
+        assert issubclass(distckpt.KeyMismatch, distckpt.InvalidArgument)
         assert "1.weight" in message
         assert "strict=False" in message
 

@@ -24,7 +24,7 @@ from distckpt.formats.raw_rank_file import ALIGNMENT, HEADER, MAGIC, write_rank_
 from distckpt.formats.raw_rank_reader import load_rank_file, read_index
 from distckpt.formats.torch_files import load_skeleton, plain_values_of
 from distckpt.memory import DIRECT_ALIGNMENT, DIRECT_MIN_BYTES
-from distckpt.state import local_tensors
+from distckpt.state_sizes import local_tensors
 from tests.raw_rank_states import _torch_round_trip, assert_same_as, fixture_state
 
 #: A checkpoint of manifest format version 2 whose rank file is in layout 1 (every storage at a

@@ -90,14 +90,12 @@ checkpoints from a trusted source.
 from __future__ import annotations
 
 import logging
-import warnings
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Callable, NoReturn
+from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 from torch.distributed.checkpoint.metadata import (
     TensorStorageMetadata,
@@ -107,11 +105,10 @@ from distckpt.errors import (
     CheckpointError,
     CorruptCheckpoint,
     InvalidArgument,
-    RankFailure,
     WorldSizeMismatch,
-    describe_error,
 )
 from distckpt.formats.base import PreparedRead, ReadOptions, ShardContext
+from distckpt.formats.dcp_errors import run_dcp
 from distckpt.formats.dcp_keys import (
     PER_RANK_KEY,
     dotted,
@@ -124,6 +121,7 @@ from distckpt.formats.dcp_keys import (
     saved_paths,
     split_per_rank,
     with_per_rank,
+    with_saved_group_settings,
 )
 from distckpt.formats.dcp_metadata import DATA_FILE_RE, METADATA_NAME, read_metadata
 from distckpt.formats.dcp_storage import Planner, Reader, Writer
@@ -131,14 +129,8 @@ from distckpt.formats.dcp_tensor_kinds import check_tensor_types
 from distckpt.formats.dcp_text_keys import check_restorable_keys, holds_containers
 from distckpt.manifest import FileRecord, Manifest
 from distckpt.model_state import ModelOptimizerState
-from distckpt.state import (
-    byte_string_bytes,
-    copy_containers,
-    dtensor_type,
-    element_bytes,
-    remove_path,
-    set_path,
-)
+from distckpt.state import copy_containers, dtensor_type, remove_path, set_path
+from distckpt.state_sizes import byte_string_bytes, element_bytes
 
 logger = logging.getLogger("distckpt")
 
@@ -153,54 +145,11 @@ __all__ = [
 
 # The metadata pickle and the per-item headers around the tensor data.
 _OVERHEAD_BYTES = 64 << 10
-_NO_DIST_WARNING = r".*(torch\.distributed is|assuming the intent is to)"
 
 
 def data_file_name(rank: int) -> str:
     """``__3_0.distcp``: the file DCP writes for ``rank`` (single file per rank, one thread)."""
     return f"__{rank}_0.distcp"
-
-
-# ---------------------------------------------------------------------------------------------
-# DCP's errors, as distckpt's
-
-
-def _failures(exc: CheckpointException) -> list[tuple[int, BaseException]]:
-    found = []
-    for rank, failure in sorted(exc.failures.items()):
-        error = failure[0] if isinstance(failure, tuple) else failure
-        if isinstance(error, BaseException):
-            found.append((rank, error))
-    return found
-
-
-def _raise_from_dcp(
-    exc: CheckpointException, action: str, default: type[CheckpointError]
-) -> NoReturn:
-    """Turn DCP's CheckpointException (a BaseException carrying every rank's error) into the
-    distckpt error of the first failing rank, naming every failing rank."""
-    failures = _failures(exc)
-    if not failures:
-        raise default(f"DCP failed while {action}: {exc}") from None
-    ranks = ", ".join(str(rank) for rank, _ in failures)
-    first = failures[0][1]
-    details = "; ".join(f"rank {r}: {describe_error(e)}" for r, e in failures)
-    message = f"DCP failed while {action} on rank {ranks}: {details}"
-    if isinstance(first, CheckpointError) and not isinstance(first, RankFailure):
-        raise type(first)(message) from first
-    if isinstance(first, ValueError) and "mismatch" in str(first).lower():
-        hint = "the given state does not match the checkpoint"
-        raise InvalidArgument(f"{message}; {hint}") from first
-    raise default(message) from first
-
-
-def _run_dcp(func: Callable[[], Any], action: str, default: type[CheckpointError]) -> Any:
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=_NO_DIST_WARNING)
-        try:
-            return func()
-        except CheckpointException as exc:
-            _raise_from_dcp(exc, action, default)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -317,7 +266,7 @@ class DcpFormat:
         writer = Writer(directory, fsync=ctx.fsync)
         shared, marked = split_per_rank(state)
         to_save = with_per_rank(shared, marked, ctx.rank)
-        _run_dcp(
+        run_dcp(
             lambda: dcp.save(
                 to_save,
                 storage_writer=writer,
@@ -327,6 +276,7 @@ class DcpFormat:
             ),
             f"writing {directory.name}",
             CheckpointError,
+            path=directory,
         )
         return {
             name: FileRecord(size=size, checksum=checksum, rank=ctx.rank)
@@ -360,7 +310,11 @@ class DcpFormat:
                 f"{directory} was saved by {manifest.world_size} ranks and holds per-rank "
                 f"values, which cannot be resharded to {ctx.world_size} ranks: {keys}. Restore "
                 f"with {manifest.world_size} ranks, or leave these keys out of state= to "
-                "restore everything else (they then start afresh on every rank)"
+                "restore everything else (they then start afresh on every rank)",
+                saved_world_size=manifest.world_size,
+                world_size=ctx.world_size,
+                path=directory,
+                step=manifest.step,
             )
         metadata = read_metadata(directory, manifest, allow_pickle=options.allow_pickle)
         mismatch = key_mismatch_as_read(template, metadata, ctx.rank, options.fix_key_prefixes)
@@ -381,8 +335,9 @@ class DcpFormat:
             state, renames = rename_to_saved(state, saved_paths(prepared.detail), directory.name)
         if marked:
             state.update(per_rank_placeholders(prepared.detail, rank))
+        with_saved_group_settings(state, prepared.detail)
         planner = Planner(prepared.options)
-        _run_dcp(
+        run_dcp(
             lambda: dcp.load(
                 state,
                 storage_reader=Reader(directory, prepared.detail),
@@ -392,6 +347,8 @@ class DcpFormat:
             ),
             f"reading {directory.name}",
             CorruptCheckpoint,
+            path=directory,
+            step=prepared.manifest.step,
         )
         for key in planner.missing:
             remove_path(state, planner.path_of(key))
@@ -462,7 +419,7 @@ def load_consolidated(
         for key in metadata.state_dict_metadata
     }
     options = ReadOptions(map_location="cpu", allow_pickle=allow_pickle)
-    _run_dcp(
+    run_dcp(
         lambda: dcp.load(
             flat,
             storage_reader=Reader(directory, metadata),
@@ -471,6 +428,8 @@ def load_consolidated(
         ),
         f"reading {directory.name}",
         CorruptCheckpoint,
+        path=directory,
+        step=manifest.step,
     )
     paths = metadata.planner_data if isinstance(metadata.planner_data, dict) else {}
     nested: dict[str, Any] = {}

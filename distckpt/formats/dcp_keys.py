@@ -16,6 +16,7 @@ not restored.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -51,6 +52,10 @@ PER_RANK_KEY = "__per_rank__"
 
 Path_ = tuple[Any, ...]
 _REMOVED = object()
+
+#: the flat key of an optimizer parameter group's setting (``...param_groups.0.lr``); its
+#: ``params`` (the names of its parameters) is no setting
+_GROUP_SETTING = re.compile(r"(?:^|\.)param_groups\.\d+\.(?!params$)[^.]+$")
 
 
 def dotted(path: Iterable[Any]) -> str:
@@ -171,12 +176,32 @@ def key_mismatch_as_read(
     report.unexpected_keys = [
         key for key in report.unexpected_keys if not key.startswith(f"{PER_RANK_KEY}.")
     ]
+    # A group's settings are not compared (each group's ``params`` key still counts the groups):
+    # an LR scheduler adds its own, and the read loads the saved ones (with_saved_group_settings).
+    report.missing_keys = [key for key in report.missing_keys if not _GROUP_SETTING.search(key)]
+    report.unexpected_keys = [
+        key for key in report.unexpected_keys if not _GROUP_SETTING.search(key)
+    ]
     own = [key for key in metadata.state_dict_metadata if key.startswith(f"{PER_RANK_KEY}.{rank}.")]
     for path, _ in marked:
         place = f"{PER_RANK_KEY}.{rank}.{dotted(path)}"
         if not any(key == place or key.startswith(f"{place}.") for key in own):
             report.missing_keys.append(dotted(path))
     return report
+
+
+def with_saved_group_settings(state: Any, metadata: Metadata) -> None:
+    """Add to each optimizer parameter group of ``state`` (a copy of the template's containers,
+    as the read loads it) the settings the checkpoint saved for that group and it lacks, as
+    placeholders the read fills: the optimizer's ``load_state_dict`` takes a group's settings
+    wholesale, and an LR scheduler built after the restore needs the ones it saved
+    (``initial_lr``), which a group built before the scheduler lacks."""
+    for path in saved_paths(metadata):
+        if not _GROUP_SETTING.search(dotted(path)):
+            continue
+        found, group = get_saved(state, tuple(path[:-1]))
+        if found and isinstance(group, dict) and path[-1] not in group:
+            group[path[-1]] = None
 
 
 # ---------------------------------------------------------------------------------------------

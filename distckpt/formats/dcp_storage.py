@@ -9,7 +9,7 @@ import os
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 from torch.distributed.checkpoint._nested_dict import flatten_state_dict
@@ -18,6 +18,7 @@ from torch.distributed.checkpoint.filesystem import (
     FileSystem,
     FileSystemReader,
     FileSystemWriter,
+    _StorageInfo,
 )
 from torch.distributed.checkpoint.metadata import (
     STATE_DICT_TYPE,
@@ -25,10 +26,11 @@ from torch.distributed.checkpoint.metadata import (
     StorageMeta,
     TensorStorageMetadata,
 )
-from torch.distributed.checkpoint.planner import LoadPlan, ReadItem
+from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner, ReadItem
+from torch.futures import Future
 
 from distckpt.checksums import ChecksumWriter
-from distckpt.errors import CheckpointError, CorruptCheckpoint
+from distckpt.errors import CheckpointError, CorruptCheckpoint, describe_error
 from distckpt.formats.base import ReadOptions
 from distckpt.formats.dcp_text_keys import SavedPlaces
 from distckpt.formats.torch_files import safe_torch_load
@@ -122,6 +124,50 @@ class Reader(FileSystemReader):
     def __init__(self, directory: Path, metadata: Metadata) -> None:
         super().__init__(directory)
         self._metadata = metadata
+        self._reading: _StorageInfo | None = None  # the bytes torch's read_data reads now
+
+    def _slice_file(self, file: IO[bytes], sinfo: _StorageInfo) -> IO[bytes]:
+        # torch's read_data calls this once per item, just before reading it: remembering it
+        # names the item a failure belongs to, without opening the file once per item.
+        self._reading = sinfo
+        return super()._slice_file(file, sinfo)
+
+    def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
+        """DCP's read (each data file opened once), such that an item that cannot be read (a
+        damaged data file: torch fails to unpickle it, or finds its bytes of another size) is
+        reported as :class:`~distckpt.errors.CorruptCheckpoint` naming the data file (its
+        ``path``), the value and its bytes in it; a distckpt error (a value refused as unsafe)
+        keeps its class and fields, its message and ``path`` naming the data file. An
+        ``OSError`` (a missing file, a disk's error) passes through as itself."""
+        self._reading = None
+        try:
+            return super().read_data(plan, planner)
+        except OSError:
+            raise
+        except Exception as exc:
+            if self._reading is None:  # failed before reading any item: nothing to name
+                raise
+            raise self._failed_item(plan, self._reading, exc) from exc
+
+    def _failed_item(self, plan: LoadPlan, stored: _StorageInfo, exc: Exception) -> CheckpointError:
+        """The error to raise for ``exc``, raised while reading the bytes ``stored``."""
+        where = Path(self.path) / stored.relative_path
+        if isinstance(exc, CheckpointError):
+            fields = exc.fields()
+            fields["path"] = exc.path if exc.path is not None else str(where)
+            return type(exc).rebuild(f"{where}: {exc}", fields)
+        # torch's unpickling fails in many ways on damaged bytes
+        values = [
+            item.dest_index.fqn
+            for item in plan.items
+            if self.storage_data[item.storage_index] is stored
+        ]
+        value = f"value {values[0]!r}" if values else "a value"
+        return CorruptCheckpoint(
+            f"{where}: {value} (bytes {stored.offset} to {stored.offset + stored.length}) "
+            f"cannot be read: {describe_error(exc)}",
+            path=where,
+        )
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         if kwargs.get("rank") is not None:

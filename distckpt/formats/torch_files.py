@@ -37,7 +37,7 @@ from distckpt.formats.raw_rank_file import estimate_file_bytes, write_rank_file
 from distckpt.formats.raw_rank_reader import load_rank_file
 from distckpt.layout import parse_rank_file_name, rank_file_name
 from distckpt.manifest import FileRecord, Manifest
-from distckpt.state import byte_string_bytes, storage_sizes
+from distckpt.state_sizes import byte_string_bytes, storage_sizes
 
 #: The first manifest format version whose "torch" rank files are raw (version 1: torch.save).
 RAW_RANK_FILES_SINCE = 2
@@ -169,7 +169,9 @@ def check_direct_io(direct_io: object) -> bool:
 def _check_rank(directory: Path, manifest: Manifest, rank: int) -> None:
     if not 0 <= rank < manifest.world_size:
         raise CheckpointNotFound(
-            f"{directory} has ranks 0..{manifest.world_size - 1}; there is no rank {rank}"
+            f"{directory} has ranks 0..{manifest.world_size - 1}; there is no rank {rank}",
+            path=directory,
+            step=manifest.step,
         )
 
 
@@ -226,7 +228,11 @@ class TorchFilesFormat:
             raise WorldSizeMismatch(
                 f"{directory} was saved by {manifest.world_size} ranks in the {self.name!r} "
                 f"format and cannot be restored by {ctx.world_size} ranks; restore with "
-                f"{manifest.world_size} ranks, or save with format='dcp' to reshard on restore"
+                f"{manifest.world_size} ranks, or save with format='dcp' to reshard on restore",
+                saved_world_size=manifest.world_size,
+                world_size=ctx.world_size,
+                path=directory,
+                step=manifest.step,
             )
         _check_rank(directory, manifest, ctx.rank)
         return PreparedRead(directory, manifest, ctx, template, options)
