@@ -285,7 +285,7 @@ class DistckptCallback(lightning.Callback):
         self._trainer_state = _TrainerState(trainer)
         self._extras = LightningExtras(trainer, skipped=(self, self._epoch_end_saver))
         checkpoint = self._restore_last(trainer, pl_module)
-        self._extras.call_module_on_load()
+        self._extras.finish_restore()
         self.resumed_from = checkpoint.step if checkpoint is not None else None
         self._step_at_last_batch = self.tracker.step
         if checkpoint is not None:
@@ -299,24 +299,29 @@ class DistckptCallback(lightning.Callback):
     def _restore_last(
         self, trainer: Trainer, pl_module: LightningModule
     ) -> LoadedCheckpoint | None:
-        """Restores ``last``, if any. A checkpoint saved before the callbacks' states and the
-        module's ``on_save_checkpoint`` dict were saved lacks them: it is refused (before
-        anything is loaded) with them, and restored without them; then there is nothing to
-        give those callbacks and hooks."""
+        """Restores ``last``, if any. An older checkpoint lacks what later versions added to
+        :class:`LightningExtras`: saved before the callbacks' ``on_save_checkpoint`` keys were,
+        or before any of it was. It is refused (before anything is loaded) with the newer
+        keys, and restored with the keys it has; then there is nothing to give the hooks
+        those keys are for."""
         assert self.manager is not None and self._extras is not None
         # A run may change its format: the checkpoint is read in the layout it was saved in.
         saved = self.manager.checkpoints()  # the manifests of the committed ones, oldest first
         layout = saved[-1].format if saved else self.manager.format
-        state = self._state(trainer, pl_module, ExtrasTemplate(self._extras), layout)
-        try:
-            return self.manager.restore("last", state=state, missing_ok=True)
-        except InvalidArgument as error:
+        newest_first = [
+            ExtrasTemplate(self._extras, LightningExtras.KEYS),
+            ExtrasTemplate(self._extras, LightningExtras.PREVIOUS_KEYS),
+            None,
+        ]
+        first_refusal: InvalidArgument | None = None
+        for extras in newest_first:
             try:
-                return self.manager.restore(
-                    "last", state=self._state(trainer, pl_module, None, layout), missing_ok=True
-                )
-            except InvalidArgument:
-                raise error from None
+                state = self._state(trainer, pl_module, extras, layout)
+                return self.manager.restore("last", state=state, missing_ok=True)
+            except InvalidArgument as refusal:
+                first_refusal = first_refusal or refusal
+        assert first_refusal is not None
+        raise first_refusal
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         assert self._trainer_state is not None

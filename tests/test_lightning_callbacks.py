@@ -1,7 +1,7 @@
 """What distckpt.lightning.DistckptCallback restores besides the module, optimizers and loops:
-the callbacks' states (EarlyStopping, the Timer of ``max_time``), the module's
-``on_save_checkpoint`` dict and the datamodule's ``state_dict``, in real Trainers killed with
-SIGKILL and fitted again (``tests/lightning_callbacks_job.py``)."""
+the callbacks' states (EarlyStopping, the Timer of ``max_time``), the keys a callback's and the
+module's ``on_save_checkpoint`` add and the datamodule's ``state_dict``, in real Trainers killed
+with SIGKILL and fitted again (``tests/lightning_callbacks_job.py``)."""
 
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ UNINTERRUPTED = {
     "epochs": 3,
     "saves": 3,
     "batches_seen": 6,
+    "batches_counted_in_hooks": 6,
 }
 
 
@@ -59,7 +60,10 @@ def test_a_fit_killed_between_epochs_stops_early_where_the_uninterrupted_one_doe
 ) -> None:
     """Resumed from epoch 1's checkpoint, EarlyStopping goes on counting epochs without
     improvement from 1 (it stopped the fit 2 epochs late without its state), the module's
-    count of saves and the datamodule's of batches go on from the checkpoint's, and the dict
+    count of saves, the datamodule's of batches and the count of batches a callback keeps in
+    its checkpoint hooks alone go on from the checkpoint's, that callback's
+    ``on_load_checkpoint`` gets Lightning's entries and the key its ``on_save_checkpoint``
+    added, and the dict
     the module's ``on_load_checkpoint`` gets holds exactly what its ``on_save_checkpoint`` added
     (a tuple, an int key, an empty dict: the "dcp" format alone would not bring them back)."""
     command, out = _killed_at_epoch_2(tmp_path_factory, tmp_path, ["--format", checkpoint_format])
@@ -71,6 +75,9 @@ def test_a_fit_killed_between_epochs_stops_early_where_the_uninterrupted_one_doe
     assert values.keys() == {"pair", 3, "empty"}
     assert type(values["pair"]) is tuple and values["pair"] == (1, "two")
     assert torch.equal(values[3], torch.tensor([1.5])) and values["empty"] == {}
+    callback_loaded = torch.load(out / "callback-loaded.pt", weights_only=True)
+    assert callback_loaded.keys() == {*LIGHTNING_ENTRIES, "batches"}
+    assert callback_loaded["batches"] == 4 and callback_loaded["global_step"] == 4
 
 
 def test_a_resumed_fit_counts_the_training_time_before_the_kill_against_max_time(
@@ -89,7 +96,8 @@ def test_a_resumed_fit_counts_the_training_time_before_the_kill_against_max_time
     limited = [*command, "--max-time-us", str(trained_microseconds), "--early-stopping-mode", "max"]
     assert not killing.run(limited, out)
     final = torch.load(out / "final.pt")
-    assert (final["global_step"], final["batches_seen"], final["saves"]) == (4, 4, 2)
+    counts = ("global_step", "batches_seen", "saves", "batches_counted_in_hooks")
+    assert tuple(final[count] for count in counts) == (4, 4, 2, 4)
     assert final["best_score"] == -math.inf
     log = (out / "job.log").read_text()
     assert "The checkpoint holds the state of callbacks this Trainer does not have" in log
@@ -100,8 +108,9 @@ def test_a_checkpoint_saved_before_callback_states_were_saved_still_resumes(tmp_
     """``tests/fixtures/lightning-before-callback-states``: epoch 1's checkpoint of the job, saved
     by the callback before it saved callbacks' states and the module's ``on_save_checkpoint``
     dict. It resumes (from step 4, the datamodule's count with it), with nothing to give
-    EarlyStopping, whose count starts again: it stops the fit after epoch 4, not 2, and the
-    module's ``on_load_checkpoint`` is not called."""
+    EarlyStopping, whose count starts again: it stops the fit after epoch 4, not 2, and neither
+    the module's ``on_load_checkpoint`` nor the callbacks' are called (the callback counting
+    batches in its hooks counts from 0 again: the 6 batches after step 4)."""
     root = tmp_path / "root"
     shutil.copytree(FIXTURES / "lightning-before-callback-states", root)
     out = tmp_path / "out"
@@ -115,5 +124,29 @@ def test_a_checkpoint_saved_before_callback_states_were_saved_still_resumes(tmp_
         "epochs": 5,
         "saves": 3,
         "batches_seen": 10,
+        "batches_counted_in_hooks": 6,
     }
     assert not (out / "module-loaded.pt").exists()
+    assert not (out / "callback-loaded.pt").exists()
+
+
+@pytest.mark.parametrize("checkpoint_format", ["torch", "dcp"])
+def test_a_checkpoint_saved_before_callback_hooks_were_called_still_resumes(
+    tmp_path: Path, checkpoint_format: str
+) -> None:
+    """``tests/fixtures/lightning-before-callback-hooks``: epoch 1's checkpoint of the job in
+    each format, saved by the callback before it called the callbacks' ``on_save_checkpoint``
+    (with the callbacks' states and the module's dict). It resumes as the uninterrupted fit
+    does, EarlyStopping's and the module's state included, but for the callback keeping its
+    count in its hooks alone: its ``on_load_checkpoint`` gets Lightning's entries only, so its
+    count starts again from 0 (the 2 batches of epoch 2)."""
+    root = tmp_path / "root"
+    shutil.copytree(FIXTURES / "lightning-before-callback-hooks" / checkpoint_format, root)
+    out = tmp_path / "out"
+    out.mkdir()
+    assert not killing.run([JOB, str(root), str(out), "--format", checkpoint_format], out)
+    assert torch.load(out / "final.pt") == {**UNINTERRUPTED, "batches_counted_in_hooks": 2}
+    assert torch.load(out / "module-loaded.pt", weights_only=True)["saves"] == 2
+    callback_loaded = torch.load(out / "callback-loaded.pt", weights_only=True)
+    assert callback_loaded.keys() == set(LIGHTNING_ENTRIES)
+    assert callback_loaded["global_step"] == 4 and callback_loaded["epoch"] == 1
