@@ -1,0 +1,225 @@
+"""distckpt.lightning.DistckptCallback with the callbacks' own ``on_save_checkpoint`` /
+``on_load_checkpoint`` hooks, in small real fits on one device run in the test's process (a
+second or two each), held to Lightning's own checkpoint (``ModelCheckpoint`` and ``ckpt_path``)
+and to the uninterrupted fit. The fit killed with SIGKILL and resumed with such a callback is in
+``tests/test_lightning_callbacks.py``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+pytest.importorskip("lightning")
+
+import lightning
+from lightning import LightningModule, Trainer
+from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint
+
+import distckpt
+from distckpt.lightning import DistckptCallback
+from distckpt.lightning_extras import LIGHTNING_ENTRIES, from_bytes
+from tests.lightning_callbacks_job import ONE_QUIET_DEVICE
+from tests.lightning_tiny import FailsInSecondEpoch, TinyModule, fit_tiny
+
+pytestmark = pytest.mark.timeout(120)
+
+#: What the hooks of one fit and its resume did, in order.
+Events = list[tuple[Any, ...]]
+
+
+class CountsInHooks(lightning.Callback):
+    """Counts optimizer steps, kept through its checkpoint hooks alone under ``key``, and its
+    own saves through ``state_dict()``; records every checkpoint call in ``events``."""
+
+    def __init__(self, name: str, key: str, events: Events) -> None:
+        self.name = name
+        self.key = key
+        self.events = events
+        self.steps = 0
+        self.saves = 0
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(name=self.name)
+
+    def on_before_optimizer_step(
+        self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        self.steps += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        self.saves += 1
+        self.events.append(("state_dict", self.name))
+        return {"saves": self.saves}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.events.append(("load_state_dict", self.name, state_dict))
+        self.saves = state_dict["saves"]
+
+    def on_save_checkpoint(
+        self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        self.events.append(("on_save_checkpoint", self.name))
+        checkpoint[self.key] = self.steps
+
+    def on_load_checkpoint(
+        self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        self.events.append(("on_load_checkpoint", self.name, checkpoint.get(self.key)))
+        self.steps = checkpoint.get(self.key, 0)
+
+
+class RecordsModuleHooks(FailsInSecondEpoch):
+    def __init__(self, events: Events) -> None:
+        super().__init__()
+        self.events = events
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.events.append(("module.on_save_checkpoint",))
+        checkpoint["module_key"] = "saved"
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.events.append(("module.on_load_checkpoint", checkpoint.get("module_key")))
+
+
+def _failed_and_resumed(
+    saver: lightning.Callback, resumed_saver: lightning.Callback, ckpt_dir: Path | None
+) -> tuple[Events, list[CountsInHooks]]:
+    """A 2-epoch fit that fails in epoch 1 after ``saver`` saved epoch 0, then a fresh module,
+    callbacks and Trainer resuming it with ``resumed_saver`` (from Lightning's checkpoint in
+    ``ckpt_dir``, if given): every checkpoint call of the hooks, and the resumed callbacks."""
+    events: Events = []
+    lightning_own = ckpt_dir is not None
+    options = {**ONE_QUIET_DEVICE, "enable_checkpointing": lightning_own}
+
+    def fit(module: RecordsModuleHooks, saver: lightning.Callback) -> list[CountsInHooks]:
+        counters = [CountsInHooks("a", "a_steps", events), CountsInHooks("b", "b_steps", events)]
+        trainer = lightning.Trainer(max_epochs=2, callbacks=[saver, *counters], **options)
+        ckpt_path = next(ckpt_dir.glob("*.ckpt")) if lightning_own and not module.fail else None
+        trainer.fit(module, ckpt_path=ckpt_path)
+        return counters
+
+    with pytest.raises(RuntimeError, match="failing on purpose"):
+        fit(RecordsModuleHooks(events), saver)
+    events.append(("failed",))
+    resumed = RecordsModuleHooks(events)
+    resumed.fail = False
+    return events, fit(resumed, resumed_saver)
+
+
+def test_callbacks_hooks_resume_a_failed_fit_as_from_lightnings_own_checkpoint(
+    tmp_path: Path,
+) -> None:
+    """The same calls in the same order as with ``ModelCheckpoint`` and ``ckpt_path``: at a save
+    every callback's ``state_dict()``, every callback's ``on_save_checkpoint``, the module's; at
+    the resume the module's ``on_load_checkpoint``, every callback's (with the key it added),
+    every callback's ``load_state_dict``; and the count kept in the hooks alone goes on."""
+    lightning_dir = tmp_path / "lightning"
+    own = _failed_and_resumed(
+        ModelCheckpoint(dirpath=lightning_dir),
+        ModelCheckpoint(dirpath=lightning_dir),
+        lightning_dir,
+    )
+    root = str(tmp_path / "distckpt")
+    ours = _failed_and_resumed(
+        DistckptCallback(root, every_n_epochs=1, fsync=False),
+        DistckptCallback(root, every_n_epochs=1, fsync=False),
+        None,
+    )
+    assert ours[0] == own[0]
+    at_save = [("state_dict", "a"), ("state_dict", "b")]
+    at_save += [("on_save_checkpoint", "a"), ("on_save_checkpoint", "b")]
+    at_save += [("module.on_save_checkpoint",)]
+    resume = [("module.on_load_checkpoint", "saved")]
+    resume += [("on_load_checkpoint", "a", 2), ("on_load_checkpoint", "b", 2)]
+    resume += [("load_state_dict", "a", {"saves": 1}), ("load_state_dict", "b", {"saves": 1})]
+    assert ours[0] == [*at_save, ("failed",), *resume, *at_save]
+    assert [counter.steps for counter in ours[1]] == [4, 4]
+
+
+class SameKey(CountsInHooks):
+    """Adds ``steps`` times its ``factor`` under the key ``steps``, like every other one."""
+
+    def __init__(self, name: str, factor: int, events: Events) -> None:
+        super().__init__(name, "steps", events)
+        self.factor = factor
+
+    def on_save_checkpoint(
+        self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        checkpoint[self.key] = self.steps * self.factor
+
+
+class AddsNothing(lightning.Callback):
+    """Has both hooks; its ``on_save_checkpoint`` adds nothing. Keeps the dict it loads."""
+
+    def __init__(self) -> None:
+        self.loaded: dict[str, Any] | None = None
+
+    def on_save_checkpoint(
+        self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        checkpoint["epoch"] = checkpoint["epoch"]  # the same value: nothing to save
+
+    def on_load_checkpoint(
+        self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        self.loaded = checkpoint
+
+
+def test_two_callbacks_adding_the_same_key_each_get_their_own_and_adding_nothing_costs_nothing(
+    tmp_path: Path,
+) -> None:
+    """Each callback's hook has a dict of its own, saved under its ``state_key``: both get back
+    the value they added under ``steps`` (in Lightning's one dict the second overwrote the
+    first's). A callback whose hook added nothing has no entry in the checkpoint, and its
+    ``on_load_checkpoint`` gets Lightning's entries alone."""
+    events: Events = []
+    first = [SameKey("one", 1, events), SameKey("ten", 10, events), AddsNothing()]
+    trainer = lightning.Trainer(
+        max_epochs=1,
+        callbacks=[DistckptCallback(str(tmp_path), every_n_epochs=1, fsync=False), *first],
+        **ONE_QUIET_DEVICE,
+    )
+    trainer.fit(TinyModule())
+    manager = distckpt.CheckpointManager(str(tmp_path), read_only=True)
+    saved = manager.restore("last").state["lightning"]["callback_checkpoints"]
+    manager.close()
+    assert from_bytes(saved, "the hooks' keys") == {
+        first[0].state_key: {"steps": 2},
+        first[1].state_key: {"steps": 20},
+    }
+    resumed = [SameKey("one", 1, events), SameKey("ten", 10, events), AddsNothing()]
+    trainer = lightning.Trainer(
+        max_epochs=1,
+        callbacks=[DistckptCallback(str(tmp_path), every_n_epochs=1, fsync=False), *resumed],
+        **ONE_QUIET_DEVICE,
+    )
+    trainer.fit(TinyModule())  # nothing left to train: restores only
+    assert [counter.steps for counter in resumed[:2]] == [2, 20]
+    assert resumed[2].loaded is not None and resumed[2].loaded.keys() == set(LIGHTNING_ENTRIES)
+
+
+def test_lightnings_ema_callback_resumes_a_failed_fit_exactly(tmp_path: Path) -> None:
+    """``EMAWeightAveraging`` saves the averaged weights by replacing ``state_dict`` in its dict
+    and reads them back from there: kept for it (its class has an ``on_load_checkpoint``), the
+    resumed fit ends with the uninterrupted fit's averaged weights, bit for bit."""
+    torch.manual_seed(0)
+    uninterrupted = TinyModule()
+    lightning.Trainer(
+        max_epochs=2, callbacks=[EMAWeightAveraging(decay=0.5)], **ONE_QUIET_DEVICE
+    ).fit(uninterrupted)
+    torch.manual_seed(0)
+    failing = FailsInSecondEpoch()
+    with pytest.raises(RuntimeError, match="failing on purpose"):
+        fit_tiny(failing, tmp_path, epochs=2, callbacks=[EMAWeightAveraging(decay=0.5)])
+    resumed = FailsInSecondEpoch()
+    resumed.fail = False
+    trainer = fit_tiny(resumed, tmp_path, epochs=2, callbacks=[EMAWeightAveraging(decay=0.5)])
+    assert trainer.callbacks[0].resumed_from == 2
+    # At the fit's end the callback copies the averaged weights into the module.
+    for name, value in uninterrupted.state_dict().items():
+        assert torch.equal(resumed.state_dict()[name], value), name
