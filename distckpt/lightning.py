@@ -25,8 +25,10 @@ What makes a resume exact, and where each piece is restored:
   ``state_dict()`` (``EarlyStopping``'s count of epochs without improvement, the training time
   of ``Trainer(max_time=...)``'s ``Timer``), saved keyed by its ``state_key`` (empty states
   left out) and loaded into the callback of the same ``state_key`` (a saved state whose
-  callback is gone is warned about; a callback without a saved state keeps its own), and, once
-  all of that is restored, the module's ``on_load_checkpoint``;
+  callback is gone is warned about; a callback without a saved state keeps its own). Once all
+  of the rest is restored, as Lightning's restore orders them: the module's
+  ``on_load_checkpoint``, every callback's ``on_load_checkpoint``, then every callback's
+  ``load_state_dict``;
 * at ``on_train_start``, after Lightning has built the data iterator: the random number
   generators. Building an iterator draws from torch's global generator (a loader without its
   own ``generator=``), so restoring the generators any earlier would leave them one draw off.
@@ -39,20 +41,33 @@ value (its loaders' positions, its RNGs, its callbacks' states and its module's
 :class:`~distckpt.WorldSizeMismatch`. A run may change its format between fits: ``last`` is
 read in the layout of the format it was saved in.
 
-The module's ``on_save_checkpoint`` gets a dict holding Lightning's cheap entries
-(:data:`~distckpt.lightning_extras.LIGHTNING_ENTRIES`: ``epoch``, ``global_step``,
-``pytorch-lightning_version`` and ``state_dict``, the module's ``state_dict()``), not the costly
-ones (``optimizer_states``, ``loops``, ``callbacks``, ...). Only the keys the hook adds are saved:
-changes it makes to those entries (rewriting ``state_dict`` to drop frozen weights) have no effect,
-as the module is saved from itself, whole. On resume its ``on_load_checkpoint`` gets the same
-entries, taken after the restore, and the saved added keys exactly as added (tuples, int keys and
-empty dicts included); changes it makes to ``state_dict`` have no effect either. Limits: the
-callbacks' own ``on_save_checkpoint`` / ``on_load_checkpoint`` hooks (which expect Lightning's
-whole dict) are not called. The callbacks' states and the hook's added keys are saved with
-``torch.save`` and loaded as torch loads weights: tensors, numbers, strings and containers of them;
-a value a resume would refuse so (a numpy scalar) is refused at the save instead, before anything
-is written, with :class:`~distckpt.UnloadableState` naming its ``state_key``. The callbacks whose
-``on_fit_start`` runs before this callback's (listed before it) see their state before the restore.
+The checkpoint hooks, called as Lightning calls them (at a save: every callback's
+``state_dict()``, every callback's ``on_save_checkpoint``, then the module's), get dicts holding
+Lightning's cheap entries (:data:`~distckpt.lightning_extras.LIGHTNING_ENTRIES`: ``epoch``,
+``global_step``, ``pytorch-lightning_version`` and ``state_dict``, the module's
+``state_dict()``), not the costly ones (``optimizer_states``, ``loops``, ``callbacks``, ...). Only
+the keys a hook adds are saved: changes it makes to those entries have no effect (rewriting
+``state_dict`` to drop frozen weights does not drop them), as the module is saved from itself,
+whole; but a callback whose class also has an ``on_load_checkpoint`` keeps the entries it
+replaced too, and gets them back (Lightning's ``WeightAveraging`` puts the averaged weights in
+``state_dict``). Each callback's hook has a dict of its own, and what it adds is saved under its
+``state_key``: two callbacks adding the same key each get their own value back, and a callback
+adding nothing costs nothing. On resume each ``on_load_checkpoint`` gets the same entries, taken
+after the restore, and the keys its own ``on_save_checkpoint`` added exactly as added (tuples,
+int keys and empty dicts included); changes it makes to ``state_dict`` have no effect either.
+``DistckptCallback``'s own hooks are not called (they do nothing). A ``ModelCheckpoint`` (which a
+Trainer with ``enable_checkpointing=False`` refuses) would be treated as any other callback:
+its ``state_dict()`` saved, no hooks of its own to call. The callbacks' states and the hooks'
+added keys are saved with ``torch.save`` and loaded as torch loads weights: tensors, numbers,
+strings and containers of them; a value a resume would refuse so (a numpy scalar) is refused at
+the save instead, before anything is written, with :class:`~distckpt.UnloadableState` naming its
+``state_key`` (the callback's, or ``"on_save_checkpoint"`` for the module's hook). A checkpoint
+saved before the callbacks' hooks were called still resumes, the callbacks' states and the
+module's keys included: each callback's ``on_load_checkpoint`` then gets Lightning's entries
+alone. One saved before the callbacks' states were saved resumes without any of these: no
+``on_load_checkpoint`` is called and the callbacks keep their own state. The callbacks whose
+``on_fit_start`` runs before this callback's (listed before it) see their state before the
+restore.
 
 Checkpoints are taken at ``on_train_batch_end`` of a batch whose optimizer step completed: the
 step counted is the :class:`~distckpt.StepTracker`'s (real optimizer steps, also under manual

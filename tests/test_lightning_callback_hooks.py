@@ -17,6 +17,7 @@ pytest.importorskip("lightning")
 import lightning
 from lightning import LightningModule, Trainer
 from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint
+from lightning.pytorch.utilities.model_helpers import is_overridden
 
 import distckpt
 from distckpt.lightning import DistckptCallback
@@ -223,3 +224,21 @@ def test_lightnings_ema_callback_resumes_a_failed_fit_exactly(tmp_path: Path) ->
     # At the fit's end the callback copies the averaged weights into the module.
     for name, value in uninterrupted.state_dict().items():
         assert torch.equal(resumed.state_dict()[name], value), name
+
+
+def test_a_model_checkpoint_beside_it_is_resumed_as_any_other_callback(tmp_path: Path) -> None:
+    """With ``enable_checkpointing=True``, a ``ModelCheckpoint`` may save beside it: its
+    ``state_dict()`` is saved and loaded like every callback's (the resumed one knows the best
+    checkpoint it wrote, as after Lightning's own ``ckpt_path``), and it has no checkpoint hooks
+    of its own to call."""
+    assert not is_overridden("on_save_checkpoint", ModelCheckpoint, lightning.Callback)
+    assert not is_overridden("on_load_checkpoint", ModelCheckpoint, lightning.Callback)
+    options = {**ONE_QUIET_DEVICE, "enable_checkpointing": True}
+    writers = []
+    for _ in range(2):  # the second fit has nothing left to train: restores only
+        writer = ModelCheckpoint(dirpath=tmp_path / "lightning")
+        saving = DistckptCallback(str(tmp_path / "distckpt"), every_n_epochs=1, fsync=False)
+        lightning.Trainer(max_epochs=1, callbacks=[saving, writer], **options).fit(TinyModule())
+        writers.append(writer)
+    assert saving.resumed_from == 2
+    assert writers[1].best_model_path == writers[0].best_model_path != ""
