@@ -78,7 +78,9 @@ SavedPart = tuple[str, str, Any]
 def check_loadable(saved: dict[str, bytes], parts: list[SavedPart]) -> None:
     """Raises :class:`~distckpt.UnloadableState` naming the first of ``parts`` (the values whose
     bytes ``saved`` holds) that a restore would refuse to load, before the save: a checkpoint
-    holding one could never be resumed. Cheap: these values are small."""
+    holding one could never be resumed. One more read of what ``saved`` holds: cheap for the
+    usual small states, as costly as a load of the weights a callback keeps (the averaged
+    weights of Lightning's ``WeightAveraging``)."""
     try:
         for key, data in saved.items():
             from_bytes(data, key)
