@@ -14,6 +14,7 @@ import torch
 
 pytest.importorskip("lightning")
 
+import distckpt
 from distckpt.lightning_extras import LIGHTNING_ENTRIES
 from tests import killing
 
@@ -33,6 +34,16 @@ UNINTERRUPTED = {
     "batches_seen": 6,
     "batches_counted_in_hooks": 6,
 }
+#: Its checkpoints: one at each epoch's end, at the steps the optimizer really took (plain SGD,
+#: whose empty state torch's ``get_state_dict`` creates by a step of its own at every "dcp"
+#: save: a step no tracker may count).
+UNINTERRUPTED_CHECKPOINT_STEPS = [2, 4, 6]
+
+
+def checkpoint_steps(root: Path) -> list[int]:
+    """The steps of the checkpoints committed in ``root``."""
+    with distckpt.CheckpointManager(str(root)) as manager:
+        return manager.steps()
 
 
 def _killed_at_epoch_2(
@@ -65,10 +76,14 @@ def test_a_fit_killed_between_epochs_stops_early_where_the_uninterrupted_one_doe
     ``on_load_checkpoint`` gets Lightning's entries and the key its ``on_save_checkpoint``
     added, and the dict
     the module's ``on_load_checkpoint`` gets holds exactly what its ``on_save_checkpoint`` added
-    (a tuple, an int key, an empty dict: the "dcp" format alone would not bring them back)."""
+    (a tuple, an int key, an empty dict: the "dcp" format alone would not bring them back).
+    The checkpoints, before the kill and after the resume, land at the uninterrupted fit's
+    steps."""
     command, out = _killed_at_epoch_2(tmp_path_factory, tmp_path, ["--format", checkpoint_format])
+    assert checkpoint_steps(tmp_path / "root") == UNINTERRUPTED_CHECKPOINT_STEPS[:2]
     assert not killing.run(command, out)
     assert torch.load(out / "final.pt") == UNINTERRUPTED
+    assert checkpoint_steps(tmp_path / "root") == UNINTERRUPTED_CHECKPOINT_STEPS
     loaded = torch.load(out / "module-loaded.pt", weights_only=True)
     assert loaded.keys() == {*LIGHTNING_ENTRIES, "saves", "values"} and loaded["saves"] == 2
     values = loaded["values"]
@@ -139,7 +154,9 @@ def test_a_checkpoint_saved_before_callback_hooks_were_called_still_resumes(
     (with the callbacks' states and the module's dict). It resumes as the uninterrupted fit
     does, EarlyStopping's and the module's state included, but for the callback keeping its
     count in its hooks alone: its ``on_load_checkpoint`` gets Lightning's entries only, so its
-    count starts again from 0 (the 2 batches of epoch 2)."""
+    count starts again from 0 (the 2 batches of epoch 2). The "dcp" one is at step 5, not 4:
+    it was saved when the step tracker still counted the step torch's ``get_state_dict`` takes
+    at every save of a plain SGD; the trainer's own loop state, restored with it, is right."""
     root = tmp_path / "root"
     shutil.copytree(FIXTURES / "lightning-before-callback-hooks" / checkpoint_format, root)
     out = tmp_path / "out"
