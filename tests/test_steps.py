@@ -247,12 +247,14 @@ def test_saving_a_plain_sgd_through_model_optimizer_state_counts_no_step(
         assert mgr.steps() == [1, 2, 3, 4]
 
 
+@pytest.mark.parametrize("tracker_first", [True, False], ids=["tracker-first", "tracker-last"])
 @pytest.mark.parametrize("checkpoint_format", ["torch", "dcp"])
-def test_a_tracker_restored_before_its_model_optimizer_state_resumes_the_exact_count(
-    tmp_path: Path, checkpoint_format: str
+def test_a_restored_tracker_resumes_the_exact_count_wherever_it_sits_in_the_state(
+    tmp_path: Path, checkpoint_format: str, tracker_first: bool
 ) -> None:
-    """The tracker comes first in the state, so it is restored before ``set_state_dict``
-    steps the fresh SGD to create its state: that step does not move the restored count."""
+    """First in the state, the tracker is restored before ``set_state_dict`` steps the fresh
+    SGD to create its state; last, after it: either way that step does not move the restored
+    count (nor does the restore's own ``get_state_dict``, for its template)."""
     model, optimizer = make_model()
     with (
         StepTracker(optimizer) as tracker,
@@ -267,7 +269,8 @@ def test_a_tracker_restored_before_its_model_optimizer_state_resumes_the_exact_c
         StepTracker(resumed_optimizer) as resumed,
         CheckpointManager(tmp_path, format=checkpoint_format, fsync=False) as mgr,
     ):
-        state = {"steps": resumed, "app": ModelOptimizerState(resumed_model, resumed_optimizer)}
+        app = ModelOptimizerState(resumed_model, resumed_optimizer)
+        state = {"steps": resumed, "app": app} if tracker_first else {"app": app, "steps": resumed}
         checkpoint = mgr.restore("last", state=state)
         assert checkpoint is not None and checkpoint.step == 3
         assert resumed.step == 3
