@@ -300,7 +300,12 @@ class DistckptCallback(lightning.Callback):
         self._trainer_state = _TrainerState(trainer)
         self._extras = LightningExtras(trainer, skipped=(self, self._epoch_end_saver))
         checkpoint = self._restore_last(trainer, pl_module)
-        self._extras.finish_restore()
+        # The callbacks' and the module's hooks may fail on one rank alone: agreed on, so that
+        # every rank raises then, not that rank alone while the others train on into DDP's
+        # next collective, to wait there for it until the process group's timeout.
+        self.manager.agree_on(
+            self._extras.finish_restore, what="handing the restored state to the hooks"
+        )
         self.resumed_from = checkpoint.step if checkpoint is not None else None
         self._step_at_last_batch = self.tracker.step
         if checkpoint is not None:

@@ -14,9 +14,9 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from types import TracebackType
-from typing import Any, Literal, Union
+from typing import Any, Literal, TypeVar, Union
 
 import torch.distributed as dist
 
@@ -40,6 +40,7 @@ from distckpt.tidying import BackgroundTidy, close_wait_seconds
 
 Which = Union[Literal["last", "best"], int, str, "os.PathLike[str]"]
 logger = logging.getLogger("distckpt")
+T = TypeVar("T")
 __all__ = ["CheckpointManager", "ExtraFile", "Which"]
 
 
@@ -388,6 +389,17 @@ class CheckpointManager:
         )
         self._decider.count_restore(loaded)
         return loaded
+
+    def agree_on(self, local: Callable[[], T], *, what: str) -> T:
+        """Run ``local`` on every rank, each keeping its own value, and raise on every rank if
+        it raised on any (the error naming the failing ranks); collective. For work a restore
+        leaves to the caller (hooks that load what was restored into other objects): a rank
+        failing alone would otherwise leave the others training on, to wait for it in the
+        training's next collective. ``what`` names the work in errors. Only the verdicts
+        travel, as in the restore's own agreement (:meth:`Coordinator.agree_on
+        <distckpt.coord.Coordinator.agree_on>`)."""
+        self._check_open()
+        return self._coord.agree_on(local, what=what)
 
     def steps(self) -> list[int]:
         """Committed steps, ascending, read fresh from the root, damaged ones included (names
