@@ -331,6 +331,7 @@ class CheckpointManager:
         mmap: bool = False,
         verify: bool = False,
         fix_key_prefixes: bool = True,
+        optional_keys: Collection[str] = (),
     ) -> Checkpoint | None:
         """Load a checkpoint on every rank; collective.
 
@@ -344,7 +345,11 @@ class CheckpointManager:
 
         ``strict=True`` refuses a key only in the checkpoint or only in ``state`` before
         loading anything; ``strict=False`` loads what matches and reports the rest in
-        ``missing_keys`` / ``unexpected_keys``. A tensor whose saved shape differs is refused
+        ``missing_keys`` / ``unexpected_keys``. ``optional_keys`` are dotted keys of ``state``
+        (``"extras.added"``) that the checkpoint may lack even so: keys a newer version of the
+        state added, which a checkpoint saved before it has not. Those missing are reported in
+        ``missing_keys`` and left as given; any other key on one side only is still refused,
+        before anything is loaded. A tensor whose saved shape differs is refused
         with :class:`~distckpt.errors.ShapeMismatch` whatever ``strict`` is. No rank loads into
         ``state`` before every rank read and checked its part, so a failure on any rank leaves
         every rank's ``state`` as it was; an object's own ``load_state_dict`` failing
@@ -378,7 +383,9 @@ class CheckpointManager:
             monitor=self.retention.monitor,
             mode=self.retention.mode,
             state=state,
-            options=ReadOptions(map_location, allow_pickle, mmap, fix_key_prefixes),
+            options=ReadOptions(
+                map_location, allow_pickle, mmap, fix_key_prefixes, frozenset(optional_keys)
+            ),
             strict=strict,
             missing_ok=missing_ok,
             verify=verify,

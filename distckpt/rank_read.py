@@ -82,7 +82,9 @@ def prepare_read(
         source, lambda: fmt.prepare_read(directory, manifest, ctx, plain, options), directory
     )
     if prepared.mismatch is not None:
-        prepared.mismatch.check(strict=strict, where=source.location)
+        prepared.mismatch.check(
+            strict=strict, where=source.location, optional_keys=options.optional_keys
+        )
     return prepared
 
 
@@ -104,6 +106,7 @@ def read_state(
             strict=strict,
             fix_key_prefixes=prepared.options.fix_key_prefixes,
             where=source.location,
+            optional_keys=prepared.options.optional_keys,
         )
         if template is not None
         else None

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -274,13 +274,19 @@ class LoadReport:
         """Whether no key is on one side only (shapes are :meth:`check_shapes`' business)."""
         return not self.missing_keys and not self.unexpected_keys
 
-    def check(self, *, strict: bool, where: str | os.PathLike[str] | None = None) -> None:
+    def check(
+        self,
+        *,
+        strict: bool,
+        where: str | os.PathLike[str] | None = None,
+        optional_keys: Collection[str] = (),
+    ) -> None:
         """Raise what a restore refuses before loading anything: a shape mismatch always
         (:meth:`check_shapes`, naming the checkpoint ``where``), keys on one side only with
-        ``strict`` (:meth:`check_strict`)."""
+        ``strict`` (:meth:`check_strict`), but for the ``optional_keys`` missing."""
         self.check_shapes(where)
         if strict:
-            self.check_strict()
+            self.check_strict(optional_keys)
 
     def check_shapes(self, where: str | os.PathLike[str] | None = None) -> None:
         """Raise :class:`~distckpt.errors.ShapeMismatch` naming every tensor whose saved shape
@@ -301,13 +307,15 @@ class LoadReport:
                 path=where,
             )
 
-    def check_strict(self) -> None:
-        """Raise :class:`InvalidArgument` listing every key on one side only, unless clean: what
-        ``strict=True`` means for every format."""
-        if not self.clean:
+    def check_strict(self, optional_keys: Collection[str] = ()) -> None:
+        """Raise :class:`InvalidArgument` listing every key on one side only, unless clean but
+        for the ``optional_keys`` missing from the checkpoint: what ``strict=True`` means for
+        every format."""
+        missing = [key for key in self.missing_keys if key not in optional_keys]
+        if missing or self.unexpected_keys:
             raise InvalidArgument(
                 "the checkpoint does not match the given state: "
-                f"missing from the checkpoint {self.missing_keys}, "
+                f"missing from the checkpoint {missing}, "
                 f"not in the given state {self.unexpected_keys}. "
                 "Pass strict=False to load what matches."
             )
@@ -320,6 +328,7 @@ def check_load(
     strict: bool,
     fix_key_prefixes: bool = True,
     where: str | os.PathLike[str] | None = None,
+    optional_keys: Collection[str] = (),
 ) -> LoadReport:
     """A dry run of loading ``loaded`` (as saved) into ``template`` (the user's live objects),
     changing nothing (:func:`apply_load` loads it): a tensor (a module's too) whose shape
@@ -330,10 +339,11 @@ def check_load(
     (``_orig_mod.``, ``module.``) are compared mapped (see :mod:`distckpt.key_prefixes`). An
     object's own ``load_state_dict`` is not run, so what it alone refuses (an optimizer's
     parameter groups of other sizes) is only found by :func:`apply_load`. ``where``: the
-    checkpoint ``loaded`` comes from, for the errors."""
+    checkpoint ``loaded`` comes from, for the errors; ``optional_keys``: the dotted keys of
+    ``template`` that ``loaded`` may lack even with ``strict`` (reported, not refused)."""
     report = LoadReport()
     _load(template, loaded, "", report, apply=False, fix_prefixes=fix_key_prefixes)
-    report.check(strict=strict, where=where)
+    report.check(strict=strict, where=where, optional_keys=optional_keys)
     return report
 
 

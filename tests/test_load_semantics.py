@@ -99,6 +99,24 @@ def test_strict_false_loads_the_rest_and_reports_both_sides(root: Path, fmt: str
     assert torch.equal(state["new"], torch.zeros(4))
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_strict_lets_the_optional_keys_alone_be_missing(root: Path, fmt: str) -> None:
+    """A checkpoint saved before ``extras.added`` existed: strict lets exactly the optional
+    keys be missing (reported, left as given); any other key on one side only is still
+    refused before anything is loaded."""
+    with distckpt.CheckpointManager(root, format=fmt, fsync=False) as mgr:
+        mgr.save(1, {"w": torch.ones(2), "extras": {"kept": 5}})
+        state = {"w": torch.zeros(2), "extras": {"kept": 0, "added": 1}}
+        ckpt = mgr.restore(state=state, optional_keys=["extras.added", "later"])
+        assert ckpt is not None and ckpt.missing_keys == ("extras.added",)
+        assert torch.equal(state["w"], torch.ones(2))
+        assert state["extras"] == {"kept": 5, "added": 1}
+        refused = {"w": torch.zeros(2), "extras": {"kept": 0, "added": 1}, "new": 0}
+        with pytest.raises(InvalidArgument, match=r"missing from the checkpoint \['new'\]"):
+            mgr.restore(state=refused, optional_keys=["extras.added"])
+    assert torch.equal(refused["w"], torch.zeros(2))
+
+
 def _restore_on_ranks(rank: int, world_size: int, root: str, fmt: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
     with distckpt.CheckpointManager(root, format=fmt, fsync=False, timeout=TIMEOUT) as mgr:
@@ -133,6 +151,32 @@ def _save_then_refuse_on_rank_one(rank: int, world_size: int, root: str) -> dict
         with pytest.raises(InvalidArgument):
             mgr.restore(state=state)
     return {"w": state["w"].tolist(), "n": state["n"]}
+
+
+def _agree_then_fail_on_rank_one(rank: int, world_size: int, root: str) -> dict[str, Any]:
+    """The manager's agreement on work after a restore: each rank's value, then the error of
+    work failing on rank 1 alone, as each rank raised it."""
+    with distckpt.CheckpointManager(root, fsync=False, timeout=TIMEOUT) as mgr:
+        kept = mgr.agree_on(lambda: f"rank {rank}'s own", what="loading the rest")
+
+        def fails_on_rank_one() -> None:
+            if rank == 1:
+                raise ValueError("rank 1 cannot load the rest")
+
+        with pytest.raises(distckpt.RankFailure) as raised:
+            mgr.agree_on(fails_on_rank_one, what="loading the rest")
+    return {"kept": kept, "error": str(raised.value)}
+
+
+def test_agree_on_keeps_each_ranks_value_and_raises_one_ranks_failure_on_every_rank(
+    root: Path,
+) -> None:
+    results = values(run_ranks(_agree_then_fail_on_rank_one, 2, str(root), timeout=TIMEOUT))
+    assert [result["kept"] for result in results] == ["rank 0's own", "rank 1's own"]
+    for result in results:
+        assert result["error"] == (
+            "loading the rest failed on rank 1: rank 1: ValueError: rank 1 cannot load the rest"
+        )
 
 
 def _restore_expecting_damage(rank: int, world_size: int, root: str) -> dict[str, Any]:

@@ -98,6 +98,9 @@ class ReadOptions:
     #: map keys that differ only by wrapper prefixes (``_orig_mod.``, ``module.``); see
     #: :mod:`distckpt.key_prefixes`
     fix_key_prefixes: bool = True
+    #: dotted keys of the given state that the checkpoint may lack even when strict (the keys
+    #: a newer version of a state added): reported in ``missing_keys``, not refused
+    optional_keys: frozenset[str] = frozenset()
 
 
 def storage_placement(
