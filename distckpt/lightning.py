@@ -105,12 +105,7 @@ from lightning.fabric.utilities.data import _set_sampler_epoch
 from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.utilities.combined_loader import _Stateful
 
-from distckpt.errors import InvalidArgument
-from distckpt.lightning_extras import (
-    AsBytes,
-    ExtrasTemplate,
-    LightningExtras,
-)
+from distckpt.lightning_extras import AsBytes, LightningExtras
 from distckpt.manager import CheckpointManager
 from distckpt.per_rank import PerRank
 from distckpt.results import Checkpoint as LoadedCheckpoint
@@ -267,7 +262,7 @@ class DistckptCallback(lightning.Callback):
     ) -> dict[str, Any]:
         """The state saved and restored, laid out for the format ``layout`` (the one saved
         in, or the restored checkpoint's); ``extras`` is :class:`LightningExtras` to save, or
-        its :class:`ExtrasTemplate` to restore (None: a checkpoint saved without it)."""
+        the dict its saved bytes are restored into."""
         assert self.manager is not None
         training = {
             "schedulers": [config.scheduler for config in trainer.lr_scheduler_configs],
@@ -289,9 +284,8 @@ class DistckptCallback(lightning.Callback):
             }
         else:
             state = {"model": pl_module, "optimizers": list(trainer.optimizers), **training}
-        if extras is not None:
-            # Each rank's own callbacks' states and hook dict ("torch" saves every value so).
-            state[_EXTRAS_KEY] = PerRank(extras) if layout == "dcp" else extras
+        # Each rank's own callbacks' states and hook dict ("torch" saves every value so).
+        state[_EXTRAS_KEY] = PerRank(extras) if layout == "dcp" else extras
         return state
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -299,13 +293,18 @@ class DistckptCallback(lightning.Callback):
         self.tracker = StepTracker(*trainer.optimizers)
         self._trainer_state = _TrainerState(trainer)
         self._extras = LightningExtras(trainer, skipped=(self, self._epoch_end_saver))
-        checkpoint = self._restore_last(trainer, pl_module)
+        checkpoint, extras = self._restore_last(trainer, pl_module)
+
+        def finish_restore() -> None:
+            assert self._extras is not None
+            if extras is not None:
+                self._extras.load_state_dict(extras)
+            self._extras.finish_restore()
+
         # The callbacks' and the module's hooks may fail on one rank alone: agreed on, so that
         # every rank raises then, not that rank alone while the others train on into DDP's
         # next collective, to wait there for it until the process group's timeout.
-        self.manager.agree_on(
-            self._extras.finish_restore, what="handing the restored state to the hooks"
-        )
+        self.manager.agree_on(finish_restore, what="handing the restored state to the hooks")
         self.resumed_from = checkpoint.step if checkpoint is not None else None
         self._step_at_last_batch = self.tracker.step
         if checkpoint is not None:
@@ -318,30 +317,34 @@ class DistckptCallback(lightning.Callback):
 
     def _restore_last(
         self, trainer: Trainer, pl_module: LightningModule
-    ) -> LoadedCheckpoint | None:
-        """Restores ``last``, if any. An older checkpoint lacks what later versions added to
-        :class:`LightningExtras`: saved before the callbacks' ``on_save_checkpoint`` keys were,
-        or before any of it was. It is refused (before anything is loaded) with the newer
-        keys, and restored with the keys it has; then there is nothing to give the hooks
-        those keys are for."""
-        assert self.manager is not None and self._extras is not None
+    ) -> tuple[LoadedCheckpoint | None, dict[str, bytes] | None]:
+        """Restores ``last``, if any, in one read; with it, the saved bytes of
+        :class:`LightningExtras` for :meth:`LightningExtras.load_state_dict` (None: the
+        checkpoint has none). An older checkpoint lacks what later versions added to them:
+        the whole of them (saved before the callbacks' states were), or the callbacks'
+        ``on_save_checkpoint`` keys (:attr:`LightningExtras.NEWER_KEYS`). Those keys, and only
+        those, may be missing: any other key on one side only is refused before anything is
+        loaded, as a strict restore refuses it."""
+        assert self.manager is not None
         # A run may change its format: the checkpoint is read in the layout it was saved in.
         saved = self.manager.checkpoints()  # the manifests of the committed ones, oldest first
         layout = saved[-1].format if saved else self.manager.format
-        newest_first = [
-            ExtrasTemplate(self._extras, LightningExtras.KEYS),
-            ExtrasTemplate(self._extras, LightningExtras.PREVIOUS_KEYS),
-            None,
-        ]
-        first_refusal: InvalidArgument | None = None
-        for extras in newest_first:
-            try:
-                state = self._state(trainer, pl_module, extras, layout)
-                return self.manager.restore("last", state=state, missing_ok=True)
-            except InvalidArgument as refusal:
-                first_refusal = first_refusal or refusal
-        assert first_refusal is not None
-        raise first_refusal
+        # Plain bytes leaves, not an object with a state_dict(): the restore then reports each
+        # key the checkpoint lacks, where it would report (and skip) the object as a whole.
+        extras = dict.fromkeys(LightningExtras.KEYS, b"")
+        newer = [_EXTRAS_KEY, *(f"{_EXTRAS_KEY}.{key}" for key in LightningExtras.NEWER_KEYS)]
+        checkpoint = self.manager.restore(
+            "last",
+            state=self._state(trainer, pl_module, extras, layout),
+            missing_ok=True,
+            optional_keys=newer,
+        )
+        if checkpoint is None or _EXTRAS_KEY in checkpoint.missing_keys:
+            return checkpoint, None
+        missing = set(checkpoint.missing_keys)
+        return checkpoint, {
+            key: value for key, value in extras.items() if f"{_EXTRAS_KEY}.{key}" not in missing
+        }
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         assert self._trainer_state is not None

@@ -139,9 +139,9 @@ class LightningExtras:
     A restore only loads them; :meth:`finish_restore`, once the whole restore is done, hands
     them to the hooks and the callbacks' ``load_state_dict`` in Lightning's order."""
 
-    #: The keys of a checkpoint saved before the callbacks' checkpoint hooks were called.
-    PREVIOUS_KEYS = ("callbacks", "module_checkpoint")
-    KEYS = (*PREVIOUS_KEYS, "callback_checkpoints")
+    #: The keys a checkpoint saved before the callbacks' checkpoint hooks were called lacks.
+    NEWER_KEYS = ("callback_checkpoints",)
+    KEYS = ("callbacks", "module_checkpoint", *NEWER_KEYS)
 
     def __init__(self, trainer: Trainer, skipped: tuple[lightning.Callback, ...]) -> None:
         self.trainer = trainer
@@ -221,7 +221,7 @@ class LightningExtras:
 
     def load_state_dict(self, state: dict[str, bytes]) -> None:
         """Keeps what was saved for :meth:`finish_restore`; a checkpoint saved before the
-        callbacks' hooks were called (:data:`PREVIOUS_KEYS`) has nothing for them. A saved
+        callbacks' hooks were called (it lacks :data:`NEWER_KEYS`) has nothing for them. A saved
         state whose callback is gone is warned about, as Lightning's own restore does."""
         callbacks: dict[str, Any] = from_bytes(state["callbacks"], "the callbacks' states")
         module_checkpoint: dict[str, Any] = from_bytes(
@@ -263,20 +263,3 @@ class LightningExtras:
             saved = pending.callbacks.get(callback.state_key)
             if saved:
                 callback.load_state_dict(copy.deepcopy(saved))
-
-
-class ExtrasTemplate:
-    """What a restore loads :class:`LightningExtras` through: its ``state_dict()`` has the
-    saved ``keys`` (:attr:`LightningExtras.KEYS`, or the :attr:`~LightningExtras.PREVIOUS_KEYS`
-    of an older checkpoint) without calling the callbacks' and the module's hooks, which run at
-    saves."""
-
-    def __init__(self, extras: LightningExtras, keys: tuple[str, ...]) -> None:
-        self.extras = extras
-        self.keys = keys
-
-    def state_dict(self) -> dict[str, bytes]:
-        return dict.fromkeys(self.keys, b"")
-
-    def load_state_dict(self, state: dict[str, bytes]) -> None:
-        self.extras.load_state_dict(state)

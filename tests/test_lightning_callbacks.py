@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import math
 import shutil
+import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -15,8 +17,9 @@ import torch
 pytest.importorskip("lightning")
 
 import distckpt
+from distckpt import reader
 from distckpt.lightning_extras import LIGHTNING_ENTRIES
-from tests import killing
+from tests import killing, lightning_callbacks_job
 
 JOB = "tests/lightning_callbacks_job.py"
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -167,3 +170,37 @@ def test_a_checkpoint_saved_before_callback_hooks_were_called_still_resumes(
     callback_loaded = torch.load(out / "callback-loaded.pt", weights_only=True)
     assert callback_loaded.keys() == set(LIGHTNING_ENTRIES)
     assert callback_loaded["global_step"] == 4 and callback_loaded["epoch"] == 1
+
+
+@pytest.mark.parametrize(
+    "fixture",
+    [
+        "lightning-before-callback-states",
+        "lightning-before-callback-hooks/torch",
+        "lightning-before-callback-hooks/dcp",
+    ],
+)
+def test_a_checkpoint_of_an_older_layout_is_read_once_at_its_resume(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fixture: str
+) -> None:
+    """The fixtures of the tests above, resumed in this process (the job's ``main``): each
+    checkpoint is read once, though it lacks the keys of the callbacks' hooks (or the
+    callbacks' states with them), not once per layout tried."""
+    root, out = tmp_path / "root", tmp_path / "out"
+    shutil.copytree(FIXTURES / fixture, root)
+    out.mkdir()
+    # Nothing in distckpt counts reads: counted at the function every rank's read of a
+    # checkpoint goes through (a fit saves but never reads otherwise).
+    reads: list[str] = []
+    read_state = reader.read_state
+
+    def counted(source: Any, *args: Any, **kwargs: Any) -> Any:
+        reads.append(source.name)
+        return read_state(source, *args, **kwargs)
+
+    monkeypatch.setattr(reader, "read_state", counted)
+    checkpoint_format = fixture.split("/")[1] if "/" in fixture else "torch"
+    monkeypatch.setattr(sys, "argv", [JOB, str(root), str(out), "--format", checkpoint_format])
+    lightning_callbacks_job.main()
+    assert len(reads) == 1, reads
+    assert (out / "final.pt").exists()  # the fit ran on; the tests above hold what it resumed
