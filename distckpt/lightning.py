@@ -105,7 +105,7 @@ from lightning.fabric.utilities.data import _set_sampler_epoch
 from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.utilities.combined_loader import _Stateful
 
-from distckpt.lightning_extras import AsBytes, LightningExtras
+from distckpt.lightning_extras import AsBytes, BytesAsTensors, LightningExtras
 from distckpt.manager import CheckpointManager
 from distckpt.per_rank import PerRank
 from distckpt.results import Checkpoint as LoadedCheckpoint
@@ -284,8 +284,14 @@ class DistckptCallback(lightning.Callback):
             }
         else:
             state = {"model": pl_module, "optimizers": list(trainer.optimizers), **training}
-        # Each rank's own callbacks' states and hook dict ("torch" saves every value so).
-        state[_EXTRAS_KEY] = PerRank(extras) if layout == "dcp" else extras
+        # Each rank's own callbacks' states and hook dict ("torch" saves every value so). The
+        # bytes go as tensors in "torch", whose restore puts them in place of the template's
+        # bytes; "dcp" loads a tensor only into a tensor of its size, which no template knows.
+        if layout == "dcp":
+            state[_EXTRAS_KEY] = PerRank(extras)
+        else:
+            saving = isinstance(extras, LightningExtras)
+            state[_EXTRAS_KEY] = BytesAsTensors(extras) if saving else extras
         return state
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -317,7 +323,7 @@ class DistckptCallback(lightning.Callback):
 
     def _restore_last(
         self, trainer: Trainer, pl_module: LightningModule
-    ) -> tuple[LoadedCheckpoint | None, dict[str, bytes] | None]:
+    ) -> tuple[LoadedCheckpoint | None, dict[str, Any] | None]:
         """Restores ``last``, if any, in one read; with it, the saved bytes of
         :class:`LightningExtras` for :meth:`LightningExtras.load_state_dict` (None: the
         checkpoint has none). An older checkpoint lacks what later versions added to them:

@@ -29,8 +29,34 @@ def to_bytes(value: Any) -> bytes:
     return buffer.getvalue()
 
 
-def from_bytes(data: bytes, what: str) -> Any:
+def from_bytes(data: bytes | torch.Tensor, what: str) -> Any:
+    """What :func:`to_bytes` made, loaded as torch loads weights; ``data`` may be those bytes
+    as a ``uint8`` tensor (:class:`BytesAsTensors`)."""
+    if isinstance(data, torch.Tensor):
+        data = data.numpy().tobytes()
     return safe_torch_load(io.BytesIO(data), ReadOptions(), name=what)
+
+
+class BytesAsTensors:
+    """Saves the ``bytes`` values of ``inner.state_dict()`` as ``uint8`` tensors of the same
+    bytes: the "torch" format writes a tensor's bytes raw, whereas a ``bytes`` value in its
+    pickled skeleton takes half as much room again (``torch.save`` pickles with protocol 2,
+    which writes bytes as latin-1 text encoded in UTF-8). :func:`from_bytes` loads either;
+    ``load_state_dict`` hands what it is given to ``inner``."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            key: torch.frombuffer(bytearray(value), dtype=torch.uint8)
+            if isinstance(value, bytes) and value
+            else value
+            for key, value in self.inner.state_dict().items()
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.inner.load_state_dict(state)
 
 
 class AsBytes:
@@ -57,6 +83,21 @@ class AsBytes:
 #: tensors themselves, not copies). The rest (``optimizer_states``, ``loops``, ``callbacks``, ...)
 #: would cost a copy of state saved elsewhere.
 LIGHTNING_ENTRIES = ("epoch", "global_step", "pytorch-lightning_version", "state_dict")
+
+
+#: What a callback's ``on_save_checkpoint`` dict holds, saved, in place of a value that is
+#: Lightning's ``state_dict`` entry itself (``WeightAveraging`` moves it to
+#: ``current_model_state``): the module, saved whole already, is not saved a second time, and
+#: the value is refilled at load with the ``state_dict`` entry then (the restored module's).
+MODULE_STATE_MARK = {"distckpt.lightning": "the module's state_dict"}
+
+
+def _is_module_state_mark(value: Any) -> bool:
+    if not isinstance(value, dict) or value.keys() != MODULE_STATE_MARK.keys():
+        return False
+    # Key by key: == on a whole dict holding a tensor would compare the tensor.
+    marks = MODULE_STATE_MARK.items()
+    return all(isinstance(value[key], str) and value[key] == text for key, text in marks)
 
 
 def lightning_entries(trainer: Trainer) -> dict[str, Any]:
@@ -208,18 +249,20 @@ class LightningExtras:
         entries (so that two callbacks adding the same key keep each their own); what it added.
         A callback that reads its dict back (its class has an ``on_load_checkpoint``) also
         keeps the entries it replaced: Lightning's ``WeightAveraging`` puts the averaged
-        weights in ``state_dict`` and reads them back from there."""
+        weights in ``state_dict`` and reads them back from there. A value that is the given
+        ``state_dict`` entry itself (``WeightAveraging`` moves it to ``current_model_state``)
+        is kept as :data:`MODULE_STATE_MARK`."""
         given = lightning_entries(self.trainer)
         checkpoint = dict(given)
         callback.on_save_checkpoint(self.trainer, self.trainer.lightning_module, checkpoint)
         reads_back = _overrides(callback, "on_load_checkpoint")
         return {
-            key: value
+            key: MODULE_STATE_MARK if value is given["state_dict"] else value
             for key, value in checkpoint.items()
             if key not in given or (reads_back and value is not given[key])
         }
 
-    def load_state_dict(self, state: dict[str, bytes]) -> None:
+    def load_state_dict(self, state: dict[str, bytes | torch.Tensor]) -> None:
         """Keeps what was saved for :meth:`finish_restore`; a checkpoint saved before the
         callbacks' hooks were called (it lacks :data:`NEWER_KEYS`) has nothing for them. A saved
         state whose callback is gone is warned about, as Lightning's own restore does."""
@@ -257,7 +300,11 @@ class LightningExtras:
         module.on_load_checkpoint({**entries, **pending.module_checkpoint})
         for callback in self._callbacks():
             if _overrides(callback, "on_load_checkpoint"):
-                added = pending.callback_checkpoints.get(callback.state_key, {})
+                kept = pending.callback_checkpoints.get(callback.state_key, {})
+                added = {
+                    key: entries["state_dict"] if _is_module_state_mark(value) else value
+                    for key, value in kept.items()
+                }
                 callback.on_load_checkpoint(trainer, module, {**entries, **added})
         for callback in self._callbacks():
             saved = pending.callbacks.get(callback.state_key)

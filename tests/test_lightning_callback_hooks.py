@@ -21,7 +21,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 
 import distckpt
 from distckpt.lightning import DistckptCallback
-from distckpt.lightning_extras import LIGHTNING_ENTRIES, from_bytes
+from distckpt.lightning_extras import LIGHTNING_ENTRIES, MODULE_STATE_MARK, from_bytes
 from tests.lightning_callbacks_job import ONE_QUIET_DEVICE
 from tests.lightning_tiny import FailsInSecondEpoch, TinyModule, fit_tiny
 
@@ -204,10 +204,15 @@ def test_two_callbacks_adding_the_same_key_each_get_their_own_and_adding_nothing
     assert resumed[2].loaded is not None and resumed[2].loaded.keys() == set(LIGHTNING_ENTRIES)
 
 
-def test_lightnings_ema_callback_resumes_a_failed_fit_exactly(tmp_path: Path) -> None:
+@pytest.mark.parametrize("checkpoint_format", ["torch", "dcp"])
+def test_lightnings_ema_callback_resumes_a_failed_fit_exactly(
+    tmp_path: Path, checkpoint_format: str
+) -> None:
     """``EMAWeightAveraging`` saves the averaged weights by replacing ``state_dict`` in its dict
     and reads them back from there: kept for it (its class has an ``on_load_checkpoint``), the
-    resumed fit ends with the uninterrupted fit's averaged weights, bit for bit."""
+    resumed fit ends with the uninterrupted fit's averaged weights, bit for bit. It also moves
+    the given ``state_dict`` to ``current_model_state`` and loads the module from it: that one
+    is refilled at resume from the restored module."""
     torch.manual_seed(0)
     uninterrupted = TinyModule()
     lightning.Trainer(
@@ -216,14 +221,77 @@ def test_lightnings_ema_callback_resumes_a_failed_fit_exactly(tmp_path: Path) ->
     torch.manual_seed(0)
     failing = FailsInSecondEpoch()
     with pytest.raises(RuntimeError, match="failing on purpose"):
-        fit_tiny(failing, tmp_path, epochs=2, callbacks=[EMAWeightAveraging(decay=0.5)])
+        fit_tiny(
+            failing,
+            tmp_path,
+            epochs=2,
+            callbacks=[EMAWeightAveraging(decay=0.5)],
+            format=checkpoint_format,
+        )
     resumed = FailsInSecondEpoch()
     resumed.fail = False
-    trainer = fit_tiny(resumed, tmp_path, epochs=2, callbacks=[EMAWeightAveraging(decay=0.5)])
+    trainer = fit_tiny(
+        resumed,
+        tmp_path,
+        epochs=2,
+        callbacks=[EMAWeightAveraging(decay=0.5)],
+        format=checkpoint_format,
+    )
     assert trainer.callbacks[0].resumed_from == 2
     # At the fit's end the callback copies the averaged weights into the module.
     for name, value in uninterrupted.state_dict().items():
         assert torch.equal(resumed.state_dict()[name], value), name
+
+
+class WideModule(TinyModule):
+    """:class:`TinyModule` with a head of 64 KiB of weights, which a checkpoint's size shows."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = torch.nn.Sequential(torch.nn.Linear(4, 4096), torch.nn.Linear(4096, 1))
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        return self.head(self.backbone(batch)).square().mean()
+
+
+#: The most ``EMAWeightAveraging`` may add to a checkpoint, in module sizes, per format: the
+#: averaged weights once, raw in "torch", pickled in "dcp" (as bytes, half as large again).
+EMA_COST_IN_MODULE_SIZES = {"torch": 1.25, "dcp": 1.75}
+
+
+def _checkpoint_bytes(root: Path, checkpoint_format: str, callbacks: list[Any]) -> int:
+    """The size of the data files of the checkpoint of a 1-epoch fit of :class:`WideModule`."""
+    torch.manual_seed(0)
+    fit_tiny(WideModule(), root, epochs=1, callbacks=callbacks, format=checkpoint_format)
+    (step,) = root.glob("step-*")
+    return sum(path.stat().st_size for path in step.iterdir() if path.suffix != ".json")
+
+
+@pytest.mark.parametrize("checkpoint_format", ["torch", "dcp"])
+def test_the_ema_callback_costs_its_averaged_weights_alone(
+    tmp_path: Path, checkpoint_format: str
+) -> None:
+    """``EMAWeightAveraging`` adds the averaged weights to a checkpoint, once: its
+    ``current_model_state``, the module's ``state_dict`` itself, is saved as a mark (the module
+    is saved whole already). In "torch" the callbacks' states and hook keys are ``uint8``
+    tensors, written raw, not ``bytes`` pickled as text."""
+    plain = _checkpoint_bytes(tmp_path / "plain", checkpoint_format, [])
+    root = tmp_path / "ema"
+    with_ema = _checkpoint_bytes(root, checkpoint_format, [EMAWeightAveraging(decay=0.5)])
+    module_bytes = sum(
+        value.numel() * value.element_size() for value in WideModule().state_dict().values()
+    )
+    assert with_ema - plain < EMA_COST_IN_MODULE_SIZES[checkpoint_format] * module_bytes
+    if checkpoint_format == "dcp":
+        return  # read back whole by "torch" alone: DCP needs the saved structure given
+    with distckpt.CheckpointManager(str(root), read_only=True) as manager:
+        loaded = manager.restore("last")
+    assert loaded is not None
+    saved = loaded.state["lightning"]
+    assert all(isinstance(value, torch.Tensor) for value in saved.values())
+    (kept,) = from_bytes(saved["callback_checkpoints"], "the hooks' keys").values()
+    assert kept["current_model_state"] == MODULE_STATE_MARK
+    assert kept["state_dict"].keys() == WideModule().state_dict().keys()
 
 
 def test_a_model_checkpoint_beside_it_is_resumed_as_any_other_callback(tmp_path: Path) -> None:
