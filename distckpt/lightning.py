@@ -3,7 +3,9 @@
 Install with ``pip install distckpt[lightning]``; importing :mod:`distckpt` never imports
 Lightning, only importing this module does.
 
-Use it instead of Lightning's ``ModelCheckpoint``::
+Use it instead of Lightning's ``ModelCheckpoint`` (``enable_checkpointing=False``), or beside
+one that keeps writing Lightning's own checkpoints (``enable_checkpointing=True``; that
+``ModelCheckpoint`` is resumed as any other callback, through its ``state_dict()``)::
 
     from distckpt.lightning import DistckptCallback
 
@@ -28,7 +30,8 @@ What makes a resume exact, and where each piece is restored:
   callback is gone is warned about; a callback without a saved state keeps its own). Once all
   of the rest is restored, as Lightning's restore orders them: the module's
   ``on_load_checkpoint``, every callback's ``on_load_checkpoint``, then every callback's
-  ``load_state_dict``;
+  ``load_state_dict`` (agreed on by the ranks: one of them raising on one rank raises
+  :class:`~distckpt.RankFailure` naming it on every rank);
 * at ``on_train_start``, after Lightning has built the data iterator: the random number
   generators. Building an iterator draws from torch's global generator (a loader without its
   own ``generator=``), so restoring the generators any earlier would leave them one draw off.
@@ -36,8 +39,9 @@ What makes a resume exact, and where each piece is restored:
 With ``format="dcp"`` the module and the optimizers are saved through
 :class:`~distckpt.ModelOptimizerState` (keyed by parameter name, as the format needs: an optimizer's
 own ``state_dict()`` numbers the parameters), and the rest of the training state as each rank's own
-value (its loaders' positions, its RNGs, its callbacks' states and its module's
-``on_save_checkpoint`` keys): a resume by another number of ranks is refused with
+value (its loaders' positions, its RNGs, its callbacks' states, the keys its callbacks'
+``on_save_checkpoint`` add and its module's ``on_save_checkpoint`` keys): a resume by another
+number of ranks is refused with
 :class:`~distckpt.WorldSizeMismatch`. A run may change its format between fits: ``last`` is
 read in the layout of the format it was saved in.
 
@@ -55,11 +59,16 @@ replaced too, and gets them back (Lightning's ``WeightAveraging`` puts the avera
 adding nothing costs nothing. On resume each ``on_load_checkpoint`` gets the same entries, taken
 after the restore, and the keys its own ``on_save_checkpoint`` added exactly as added (tuples,
 int keys and empty dicts included); changes it makes to ``state_dict`` have no effect either.
-``DistckptCallback``'s own hooks are not called (they do nothing). A ``ModelCheckpoint`` (which a
-Trainer with ``enable_checkpointing=False`` refuses) would be treated as any other callback:
-its ``state_dict()`` saved, no hooks of its own to call. The callbacks' states and the hooks'
-added keys are saved with ``torch.save`` and loaded as torch loads weights: tensors, numbers,
-strings and containers of them; a value a resume would refuse so (a numpy scalar) is refused at
+A value a callback's hook puts in its dict that is the given ``state_dict`` entry itself
+(``WeightAveraging`` moves it to ``current_model_state``) is saved as a mark, not a second
+time, and is that hook's restored ``state_dict`` entry again at resume: so
+``EMAWeightAveraging`` adds its averaged weights alone to each rank's checkpoint.
+``DistckptCallback``'s own hooks are not called (they do nothing). A ``ModelCheckpoint`` saving
+beside it (``enable_checkpointing=True``) is treated as any other callback: its
+``state_dict()`` saved and loaded, no hooks of its own to call. The callbacks' states and the
+hooks' added keys are saved with ``torch.save`` (with "torch", those bytes as ``uint8``
+tensors, written raw) and loaded as torch loads weights: tensors, numbers, strings and
+containers of them; a value a resume would refuse so (a numpy scalar) is refused at
 the save instead, before anything is written, with :class:`~distckpt.UnloadableState` naming its
 ``state_key`` (the callback's, or ``"on_save_checkpoint"`` for the module's hook). A checkpoint
 saved before the callbacks' hooks were called still resumes, the callbacks' states and the
@@ -232,7 +241,10 @@ class DistckptCallback(lightning.Callback):
     ``root`` and ``manager_options`` are the arguments of :class:`~distckpt.CheckpointManager`
     (``every_n_steps``, ``keep_last``, ``async_save``, ``save_on_signal``, ...); the manager is
     created in ``setup``, once Lightning has initialised the process group, so every rank of a
-    DDP job runs it. Set ``enable_checkpointing=False`` on the Trainer.
+    DDP job runs it. Set ``enable_checkpointing=False`` on the Trainer, unless Lightning's own
+    checkpoints are wanted too: a ``ModelCheckpoint`` beside it (``enable_checkpointing=True``)
+    writes its files as usual and is resumed as any other callback, through its
+    ``state_dict()``.
 
     After fitting starts, :attr:`resumed_from` is the step restored (None on a fresh start),
     :attr:`manager` the manager, :attr:`tracker` the step counter and :attr:`last_save` the
