@@ -11,7 +11,6 @@ async save's background thread. See ``docs/architecture.md``.
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 from collections.abc import Callable, Collection, Mapping
@@ -24,10 +23,10 @@ from distckpt import closing, policy, proposal, protocol, reader, resolve, start
 from distckpt.background import DEFAULT_BACKGROUND_NICE, BackgroundSaves, check_background_nice
 from distckpt.coord import Coordinator
 from distckpt.coord_health import check_timeout
-from distckpt.damaged import set_aside_damaged_newer
 from distckpt.decisions import SaveDecider, SignalFlag
 from distckpt.errors import CheckpointError
 from distckpt.formats import ReadOptions, format_named
+from distckpt.formats.base import check_optional_keys
 from distckpt.fsutil import LinkMode
 from distckpt.launcher import LauncherWatch
 from distckpt.layout import RootLayout
@@ -348,19 +347,23 @@ class CheckpointManager:
         ``missing_keys`` / ``unexpected_keys``. ``optional_keys`` are dotted keys of ``state``
         (``"extras.added"``) that the checkpoint may lack even so: keys a newer version of the
         state added, which a checkpoint saved before it has not. Those missing are reported in
-        ``missing_keys`` and left as given; any other key on one side only is still refused,
-        before anything is loaded. A tensor whose saved shape differs is refused
-        with :class:`~distckpt.errors.ShapeMismatch` whatever ``strict`` is. No rank loads into
-        ``state`` before every rank read and checked its part, so a failure on any rank leaves
-        every rank's ``state`` as it was; an object's own ``load_state_dict`` failing
-        afterwards (what the check cannot foresee) raises on every rank too (one more small
-        collective when ``state`` is given: give it on every rank or on none), with what came
-        before it loaded on the ranks that loaded. ``allow_pickle=True`` unpickles arbitrary
-        objects: only for checkpoints you trust. ``mmap=True`` maps tensor data from disk
-        instead of reading it all. ``verify=True`` checks every file's checksum before
-        loading (sizes are always checked) and, for ``"last"``/``"best"``, falls back past a
-        corrupt checkpoint with a warning. ``fix_key_prefixes=True`` maps wrapper prefixes
-        (``_orig_mod.``, ``module.``) away or on when that makes every key match, before strict.
+        ``missing_keys`` and left as given, as is any key under one of them (``"extras"``
+        covers ``"extras.added"``, reported as ``"extras"`` in both formats); a key inside an
+        object with ``state_dict()`` is optional only as the whole object (``"obj"``, not
+        ``"obj.added"``). Any other key on one side only is still refused, before anything is
+        loaded; a plain string is refused (give ``["extras.added"]``). A tensor whose saved
+        shape differs is refused with :class:`~distckpt.errors.ShapeMismatch` whatever
+        ``strict`` is. No rank loads into ``state`` before every rank read and checked its
+        part, so a failure on any rank leaves every rank's ``state`` as it was; an object's own
+        ``load_state_dict`` failing afterwards (what the check cannot foresee) raises on every
+        rank too (one more small collective when ``state`` is given: give it on every rank or
+        on none), with what came before it loaded on the ranks that loaded.
+        ``allow_pickle=True`` unpickles arbitrary objects: only for checkpoints you trust.
+        ``mmap=True`` maps tensor data from disk instead of reading it all. ``verify=True``
+        checks every file's checksum before loading (sizes are always checked) and, for
+        ``"last"``/``"best"``, falls back past a corrupt checkpoint with a warning.
+        ``fix_key_prefixes=True`` maps wrapper prefixes (``_orig_mod.``, ``module.``) away or on
+        when that makes every key match, before strict.
 
         A checkpoint newer than the one loaded that ``"last"`` / ``"best"`` skipped because its
         content is damaged (see :class:`~distckpt.CorruptCheckpoint`'s ``damaged``) is set
@@ -376,23 +379,23 @@ class CheckpointManager:
         """
         self._check_open()
         self.wait()
-        loaded = reader.restore_on_ranks(
+        loaded = reader.restore_in_root(
             self._coord,
+            self._store,
             which,
-            view=self._view,
-            monitor=self.retention.monitor,
-            mode=self.retention.mode,
+            retention=self.retention,
             state=state,
             options=ReadOptions(
-                map_location, allow_pickle, mmap, fix_key_prefixes, frozenset(optional_keys)
+                map_location,
+                allow_pickle,
+                mmap,
+                fix_key_prefixes,
+                check_optional_keys(optional_keys),
             ),
             strict=strict,
             missing_ok=missing_ok,
             verify=verify,
             storage_options=self.storage_options,
-            after_resolving=None
-            if self.read_only
-            else functools.partial(set_aside_damaged_newer, self._store),
         )
         self._decider.count_restore(loaded)
         return loaded

@@ -283,7 +283,8 @@ class LoadReport:
     ) -> None:
         """Raise what a restore refuses before loading anything: a shape mismatch always
         (:meth:`check_shapes`, naming the checkpoint ``where``), keys on one side only with
-        ``strict`` (:meth:`check_strict`), but for the ``optional_keys`` missing."""
+        ``strict`` (:meth:`check_strict`), but for the missing keys that are or are under
+        ``optional_keys`` (:func:`optional_cover`)."""
         self.check_shapes(where)
         if strict:
             self.check_strict(optional_keys)
@@ -311,7 +312,7 @@ class LoadReport:
         """Raise :class:`InvalidArgument` listing every key on one side only, unless clean but
         for the ``optional_keys`` missing from the checkpoint: what ``strict=True`` means for
         every format."""
-        missing = [key for key in self.missing_keys if key not in optional_keys]
+        missing = [key for key in self.missing_keys if optional_cover(key, optional_keys) is None]
         if missing or self.unexpected_keys:
             raise InvalidArgument(
                 "the checkpoint does not match the given state: "
@@ -319,6 +320,18 @@ class LoadReport:
                 f"not in the given state {self.unexpected_keys}. "
                 "Pass strict=False to load what matches."
             )
+
+
+def dotted_prefixes(key: str) -> list[str]:
+    """``key``'s dotted parents, outermost first, then ``key`` (``a``, ``a.b``, ``a.b.c``)."""
+    parts = key.split(".")
+    return [".".join(parts[:length]) for length in range(1, len(parts) + 1)]
+
+
+def optional_cover(key: str, optional_keys: Collection[str]) -> str | None:
+    """The shortest of ``key`` and its dotted parents that is in ``optional_keys``, or None
+    when the key is not optional."""
+    return next((prefix for prefix in dotted_prefixes(key) if prefix in optional_keys), None)
 
 
 def check_load(

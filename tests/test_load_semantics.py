@@ -117,6 +117,73 @@ def test_strict_lets_the_optional_keys_alone_be_missing(root: Path, fmt: str) ->
     assert torch.equal(refused["w"], torch.zeros(2))
 
 
+class KeyedTensors:
+    """An object with ``state_dict()``, as a user's own stateful object is: its keys are
+    named tensors, so a newer version can add one."""
+
+    def __init__(self, *names: str) -> None:
+        self.tensors = {name: torch.zeros(2) for name in names}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return dict(self.tensors)
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.tensors.update(state)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_missing_key_under_an_optional_key_is_optional_and_reported_as_it(
+    root: Path, fmt: str
+) -> None:
+    """A whole sub-dict a newer version added, named by its key: strict lets it be missing
+    (its leaves too), reported as that key in both formats, and left as given."""
+    with distckpt.CheckpointManager(root, format=fmt, fsync=False) as mgr:
+        mgr.save(1, {"w": torch.ones(2)})
+        state = {"w": torch.zeros(2), "extras": {"a": torch.zeros(1), "b": 1}}
+        ckpt = mgr.restore(state=state, optional_keys=["extras"])
+        assert ckpt is not None and ckpt.missing_keys == ("extras",)
+        assert torch.equal(state["w"], torch.ones(2)) and state["extras"]["b"] == 1
+        # Naming its leaves as well changes nothing.
+        ckpt = mgr.restore(state=state, optional_keys=["extras", "extras.a", "extras.b"])
+        assert ckpt is not None and ckpt.missing_keys == ("extras",)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_key_inside_an_object_with_a_state_dict_is_optional_as_the_whole_object(
+    root: Path, fmt: str
+) -> None:
+    """A key a newer version added inside an object with ``state_dict()`` is optional only as
+    the object: ``"obj.added"`` alone is refused (the object is reported missing, in both
+    formats), ``"obj"`` lets it load with the object reported and left as given."""
+    with distckpt.CheckpointManager(root, format=fmt, fsync=False) as mgr:
+        mgr.save(1, {"w": torch.ones(2), "obj": KeyedTensors("kept")})
+        with pytest.raises(InvalidArgument, match=r"missing from the checkpoint \['obj'\]"):
+            mgr.restore(
+                state={"w": torch.zeros(2), "obj": KeyedTensors("kept", "added")},
+                optional_keys=["obj.added"],
+            )
+        state = {"w": torch.zeros(2), "obj": KeyedTensors("kept", "added")}
+        ckpt = mgr.restore(state=state, optional_keys=["obj"])
+        assert ckpt is not None and ckpt.missing_keys == ("obj",)
+        assert torch.equal(state["w"], torch.ones(2))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_optional_keys_as_a_plain_string_are_refused(root: Path, fmt: str) -> None:
+    """A string is no collection of keys (it would be taken as its characters): refused, as
+    is a key that is no string, before anything is read."""
+    with distckpt.CheckpointManager(root, format=fmt, fsync=False) as mgr:
+        mgr.save(1, {"extras": {"kept": 5}})
+        state = {"extras": {"kept": 0, "added": 1}}
+        with pytest.raises(InvalidArgument, match=r"not the string 'extras\.added'"):
+            mgr.restore(state=state, optional_keys="extras.added")
+        with pytest.raises(InvalidArgument, match="optional_keys must be strings"):
+            mgr.restore(state=state, optional_keys=[1])
+        assert state["extras"]["kept"] == 0
+    ckpt = distckpt.load_checkpoint(root, state=state, optional_keys=["extras.added"])
+    assert ckpt.missing_keys == ("extras.added",) and state["extras"] == {"kept": 5, "added": 1}
+
+
 def _restore_on_ranks(rank: int, world_size: int, root: str, fmt: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
     with distckpt.CheckpointManager(root, format=fmt, fsync=False, timeout=TIMEOUT) as mgr:
