@@ -114,13 +114,14 @@ from lightning.fabric.utilities.data import _set_sampler_epoch
 from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.utilities.combined_loader import _Stateful
 
+from distckpt.errors import InvalidArgument
 from distckpt.lightning_extras import AsBytes, BytesAsTensors, LightningExtras
 from distckpt.manager import CheckpointManager
 from distckpt.per_rank import PerRank
 from distckpt.results import Checkpoint as LoadedCheckpoint
 from distckpt.results import SaveResult
 from distckpt.rng import capture_rng, restore_rng
-from distckpt.steps import StepTracker
+from distckpt.steps import BY_OPTIMIZER_KEY, STEP_KEY, StepTracker
 
 #: The state's key of :class:`~distckpt.lightning_extras.LightningExtras`, which checkpoints
 #: saved before it existed lack.
@@ -315,6 +316,8 @@ class DistckptCallback(lightning.Callback):
 
         def finish_restore() -> None:
             assert self._extras is not None
+            if checkpoint is not None:
+                _check_only_newer_keys_missing(checkpoint)
             if extras is not None:
                 self._extras.load_state_dict(extras)
             self._extras.finish_restore()
@@ -324,6 +327,15 @@ class DistckptCallback(lightning.Callback):
         # next collective, to wait there for it until the process group's timeout.
         self.manager.agree_on(finish_restore, what="handing the restored state to the hooks")
         self.resumed_from = checkpoint.step if checkpoint is not None else None
+        if checkpoint is not None and self.tracker.step != checkpoint.step:
+            # This callback saves at tracker.step, so the restored count is the checkpoint's
+            # step; a "dcp" checkpoint saved before steps_not_counted held one more (the
+            # zero-learning-rate step DCP takes inside its state calls was counted), which
+            # would leave every later checkpoint one step ahead.
+            counts = self.tracker.state_dict()[BY_OPTIMIZER_KEY]
+            self.tracker.load_state_dict(
+                {STEP_KEY: checkpoint.step, BY_OPTIMIZER_KEY: [checkpoint.step, *counts[1:]]}
+            )
         self._step_at_last_batch = self.tracker.step
         if checkpoint is not None:
             # The train loader may already be built (``estimated_stepping_batches`` in
@@ -342,7 +354,10 @@ class DistckptCallback(lightning.Callback):
         the whole of them (saved before the callbacks' states were), or the callbacks'
         ``on_save_checkpoint`` keys (:attr:`LightningExtras.NEWER_KEYS`). Those keys, and only
         those, may be missing: any other key on one side only is refused before anything is
-        loaded, as a strict restore refuses it."""
+        loaded, as a strict restore refuses it, but for the other keys of
+        :class:`LightningExtras`, which the restore takes as optional with the whole of them
+        (a key under an optional key is optional): those are refused after the load
+        (:func:`_check_only_newer_keys_missing`), on every rank."""
         assert self.manager is not None
         # A run may change its format: the checkpoint is read in the layout it was saved in.
         saved = self.manager.checkpoints()  # the manifests of the committed ones, oldest first
@@ -455,3 +470,20 @@ class DistckptCallback(lightning.Callback):
         if self.manager is not None:
             manager, self.manager = self.manager, None
             manager.close()
+
+
+def _check_only_newer_keys_missing(checkpoint: LoadedCheckpoint) -> None:
+    """Refuse a checkpoint that lacks some of :class:`LightningExtras`' keys but not all and
+    not only :attr:`LightningExtras.NEWER_KEYS`: no older layout lacks those, and the restore
+    let them through as under its optional key (the whole of them, which older layouts lack)."""
+    newer = {f"{_EXTRAS_KEY}.{key}" for key in LightningExtras.NEWER_KEYS}
+    lacking = [
+        key
+        for key in checkpoint.missing_keys
+        if key.startswith(f"{_EXTRAS_KEY}.") and key not in newer
+    ]
+    if lacking:
+        raise InvalidArgument(
+            f"{checkpoint.path}: the checkpoint does not match the given state: missing from "
+            f"the checkpoint {lacking}, which no older layout of the callback's checkpoints lacks"
+        )

@@ -18,6 +18,7 @@ pytest.importorskip("lightning")
 
 import distckpt
 from distckpt import reader
+from distckpt.errors import InvalidArgument
 from distckpt.lightning_extras import LIGHTNING_ENTRIES
 from tests import killing, lightning_callbacks_job
 
@@ -159,7 +160,9 @@ def test_a_checkpoint_saved_before_callback_hooks_were_called_still_resumes(
     count in its hooks alone: its ``on_load_checkpoint`` gets Lightning's entries only, so its
     count starts again from 0 (the 2 batches of epoch 2). The "dcp" one is at step 5, not 4:
     it was saved when the step tracker still counted the step torch's ``get_state_dict`` takes
-    at every save of a plain SGD; the trainer's own loop state, restored with it, is right."""
+    at every save of a plain SGD; the trainer's own loop state, restored with it, is right.
+    The callback counts on from the checkpoint's step, not from the tracker's count saved in
+    it (one more, that step counted), so the next checkpoint is 2 steps (one epoch) after it."""
     root = tmp_path / "root"
     shutil.copytree(FIXTURES / "lightning-before-callback-hooks" / checkpoint_format, root)
     out = tmp_path / "out"
@@ -170,6 +173,28 @@ def test_a_checkpoint_saved_before_callback_hooks_were_called_still_resumes(
     callback_loaded = torch.load(out / "callback-loaded.pt", weights_only=True)
     assert callback_loaded.keys() == set(LIGHTNING_ENTRIES)
     assert callback_loaded["global_step"] == 4 and callback_loaded["epoch"] == 1
+    assert checkpoint_steps(root) == ([4, 6] if checkpoint_format == "torch" else [5, 7])
+
+
+def test_a_checkpoint_lacking_a_key_no_older_layout_lacks_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The torch fixture above without its module's dict: the callbacks' states alone, a key
+    under the optional whole of the callback's own keys but none an older layout lacks. Its
+    resume is refused, naming the key, as a strict restore refuses a key on one side only."""
+    with distckpt.CheckpointManager(
+        str(FIXTURES / "lightning-before-callback-hooks" / "torch"), read_only=True
+    ) as fixture:
+        saved = fixture.restore("last")
+    assert saved is not None
+    del saved.state["lightning"]["module_checkpoint"]
+    root, out = tmp_path / "root", tmp_path / "out"
+    out.mkdir()
+    with distckpt.CheckpointManager(str(root), fsync=False) as manager:
+        manager.save(saved.step, saved.state, epoch=saved.epoch, metrics=saved.metrics)
+    monkeypatch.setattr(sys, "argv", [JOB, str(root), str(out), "--format", "torch"])
+    with pytest.raises(InvalidArgument, match=r"\['lightning\.module_checkpoint'\]"):
+        lightning_callbacks_job.main()
 
 
 @pytest.mark.parametrize(
