@@ -30,8 +30,10 @@ What makes a resume exact, and where each piece is restored:
   callback is gone is warned about; a callback without a saved state keeps its own). Once all
   of the rest is restored, as Lightning's restore orders them: the module's
   ``on_load_checkpoint``, every callback's ``on_load_checkpoint``, then every callback's
-  ``load_state_dict`` (agreed on by the ranks: one of them raising on one rank raises
-  :class:`~distckpt.RankFailure` naming it on every rank);
+  ``load_state_dict`` (agreed on by the ranks, :meth:`CheckpointManager.agree_on
+  <distckpt.CheckpointManager.agree_on>`: one of them raising on any rank raises on every rank,
+  :class:`~distckpt.RankFailure` naming the ranks, or the distckpt error they share, in a
+  single process too);
 * at ``on_train_start``, after Lightning has built the data iterator: the random number
   generators. Building an iterator draws from torch's global generator (a loader without its
   own ``generator=``), so restoring the generators any earlier would leave them one draw off.

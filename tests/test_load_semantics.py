@@ -232,7 +232,14 @@ def _agree_then_fail_on_rank_one(rank: int, world_size: int, root: str) -> dict[
 
         with pytest.raises(distckpt.RankFailure) as raised:
             mgr.agree_on(fails_on_rank_one, what="loading the rest")
-    return {"kept": kept, "error": str(raised.value)}
+
+        def refuses_on_rank_one() -> None:
+            if rank == 1:
+                raise InvalidArgument("rank 1 refuses the rest")
+
+        with pytest.raises(InvalidArgument) as refused:
+            mgr.agree_on(refuses_on_rank_one, what="loading the rest")
+    return {"kept": kept, "error": str(raised.value), "refused": str(refused.value)}
 
 
 def test_agree_on_keeps_each_ranks_value_and_raises_one_ranks_failure_on_every_rank(
@@ -244,6 +251,27 @@ def test_agree_on_keeps_each_ranks_value_and_raises_one_ranks_failure_on_every_r
         assert result["error"] == (
             "loading the rest failed on rank 1: rank 1: ValueError: rank 1 cannot load the rest"
         )
+        # A distckpt error comes through as itself, on every rank, naming the rank.
+        assert result["refused"] == "rank 1 refuses the rest (on rank 1)"
+
+
+def test_agree_on_in_one_process_raises_a_distckpt_error_as_itself_and_any_other_as_rank_failure(
+    root: Path,
+) -> None:
+    """The same rule without a process group: a single process is rank 0 of one."""
+
+    def refuses() -> None:
+        raise InvalidArgument("cannot load the rest")
+
+    def fails() -> None:
+        raise ValueError("cannot load the rest")
+
+    with distckpt.CheckpointManager(root, fsync=False) as mgr:
+        with pytest.raises(InvalidArgument, match=r"^cannot load the rest$"):
+            mgr.agree_on(refuses, what="loading the rest")
+        with pytest.raises(distckpt.RankFailure) as raised:
+            mgr.agree_on(fails, what="loading the rest")
+    assert isinstance(raised.value.__cause__, ValueError)
 
 
 def _restore_expecting_damage(rank: int, world_size: int, root: str) -> dict[str, Any]:
