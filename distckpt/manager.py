@@ -4,9 +4,10 @@ It holds no mechanism of its own: a save is :mod:`distckpt.saving`, over the pro
 :mod:`distckpt.proposal` (propose) and :mod:`distckpt.protocol` (write → agree → commit), on
 frozen values; whether to save, and what the schedule counts from, is :mod:`distckpt.decisions`;
 everything done to the root is the :class:`~distckpt.storage.RootStore`, every collective goes
-through the :class:`~distckpt.coord.Coordinator`, and restores through :mod:`distckpt.reader`.
-What it owns is the lifecycle: the process groups, the store, the signal handlers and the
-async save's background thread. See ``docs/architecture.md``.
+through the :class:`~distckpt.coord.Coordinator`, restores through :mod:`distckpt.reader`, and
+deleting, pruning and collecting leftovers are :mod:`distckpt.upkeep`'s. What it owns is the
+lifecycle: the process groups, the store, the signal handlers and the async save's background
+thread. See ``docs/architecture.md``.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any, Literal, TypeVar, Union
 
 import torch.distributed as dist
 
-from distckpt import closing, policy, proposal, protocol, reader, resolve, starting
+from distckpt import closing, policy, proposal, reader, resolve, starting
 from distckpt.background import DEFAULT_BACKGROUND_NICE, BackgroundSaves, check_background_nice
 from distckpt.coord import Coordinator
 from distckpt.coord_health import check_timeout
@@ -36,6 +37,7 @@ from distckpt.saving import Saver
 from distckpt.snapshot import SnapshotBuffers
 from distckpt.storage import ExtraFile, open_store
 from distckpt.tidying import BackgroundTidy, close_wait_seconds
+from distckpt.upkeep import RootUpkeep
 
 Which = Union[Literal["last", "best"], int, str, "os.PathLike[str]"]
 logger = logging.getLogger("distckpt")
@@ -43,7 +45,7 @@ T = TypeVar("T")
 __all__ = ["CheckpointManager", "ExtraFile", "Which"]
 
 
-class CheckpointManager:
+class CheckpointManager(RootUpkeep):
     """Saves and restores the checkpoints of a distributed job under one root: a directory, or
     an ``s3://BUCKET/PREFIX`` URL of an S3-compatible object store.
 
@@ -432,41 +434,6 @@ class CheckpointManager:
         manifests only (not collective). A damaged one is left out; :meth:`steps` lists it."""
         return resolve.list_checkpoints(self._view)
 
-    def delete(self, step: int) -> None:
-        """Delete the checkpoint of ``step``; collective. Links that pointed at it are moved to
-        what remains (or removed). Raises :class:`CheckpointNotFound` if it does not exist."""
-        self._check_open()
-        protocol.check_step_number(step)
-        self.wait()
-        latest = self._coord.decide(lambda: self._store.delete(step), what=f"deleting step {step}")
-        self._tidy()
-        self._decider.count_delete(step, latest)
-
-    def prune(self) -> list[int]:
-        """Apply the retention rules now (as after every commit), under the lock; collective.
-        Returns the steps removed. Links are repaired first, so their targets stay."""
-        self._check_open()
-        self.wait()
-        removed = self._coord.decide(self._store.prune, what="pruning")
-        self._tidy()
-        return removed
-
-    def gc(self) -> list[CheckpointLocation]:
-        """Remove leftovers of dead writers (staging dirs whose writer lock is free; on an
-        ``s3://`` root, saves whose writer's claim expired) and the trash; collective. A live
-        writer's staging is never touched. Returns what was removed (also done at start).
-        Unlike the removals after a start, a commit, a delete or a prune, these run inside the
-        call (within ``timeout``), after rank 0 waited for those still running in the
-        background, so that no two remove the same trash at once."""
-        self._check_open()
-        self.wait()
-        return self._coord.decide(self._collect_leftovers, what="collecting leftovers")
-
-    def _collect_leftovers(self) -> list[CheckpointLocation]:
-        """Rank 0's part of :meth:`gc`: after the background removals, its own."""
-        self._tidying.wait()
-        return self._store.collect_leftovers()
-
     def close(self) -> None:
         """Finish a save in flight (raising its error, on every rank); on rank 0, wait for the
         removals running in the background for at most ``min(timeout, 10)`` seconds
@@ -500,13 +467,6 @@ class CheckpointManager:
         """Close the manager; an exception leaving the block stays the one raised, with an
         error of the close added as a note (:func:`~distckpt.closing.close_keeping`)."""
         closing.close_keeping(self.close, exc)
-
-    def _tidy(self) -> None:
-        """Rank 0, after an outcome reached every rank: have what it left to remove (the trash,
-        a removed step's objects, a start's leftovers) removed in the background
-        (:meth:`~distckpt.storage.RootStore.tidy`): no later collective waits for it."""
-        if self.is_coordinator:
-            self._tidying.request()
 
     def _check_open(self) -> None:
         """Refuse a closed manager; called first by every public call that may run collectives,
