@@ -3,7 +3,9 @@
 Install with ``pip install distckpt[lightning]``; importing :mod:`distckpt` never imports
 Lightning, only importing this module does.
 
-Use it instead of Lightning's ``ModelCheckpoint``::
+Use it instead of Lightning's ``ModelCheckpoint`` (``enable_checkpointing=False``), or beside
+one that keeps writing Lightning's own checkpoints (``enable_checkpointing=True``; that
+``ModelCheckpoint`` is resumed as any other callback, through its ``state_dict()``)::
 
     from distckpt.lightning import DistckptCallback
 
@@ -25,8 +27,13 @@ What makes a resume exact, and where each piece is restored:
   ``state_dict()`` (``EarlyStopping``'s count of epochs without improvement, the training time
   of ``Trainer(max_time=...)``'s ``Timer``), saved keyed by its ``state_key`` (empty states
   left out) and loaded into the callback of the same ``state_key`` (a saved state whose
-  callback is gone is warned about; a callback without a saved state keeps its own), and, once
-  all of that is restored, the module's ``on_load_checkpoint``;
+  callback is gone is warned about; a callback without a saved state keeps its own). Once all
+  of the rest is restored, as Lightning's restore orders them: the module's
+  ``on_load_checkpoint``, every callback's ``on_load_checkpoint``, then every callback's
+  ``load_state_dict`` (agreed on by the ranks, :meth:`CheckpointManager.agree_on
+  <distckpt.CheckpointManager.agree_on>`: one of them raising on any rank raises on every rank,
+  :class:`~distckpt.RankFailure` naming the ranks, or the distckpt error they share, in a
+  single process too);
 * at ``on_train_start``, after Lightning has built the data iterator: the random number
   generators. Building an iterator draws from torch's global generator (a loader without its
   own ``generator=``), so restoring the generators any earlier would leave them one draw off.
@@ -34,25 +41,44 @@ What makes a resume exact, and where each piece is restored:
 With ``format="dcp"`` the module and the optimizers are saved through
 :class:`~distckpt.ModelOptimizerState` (keyed by parameter name, as the format needs: an optimizer's
 own ``state_dict()`` numbers the parameters), and the rest of the training state as each rank's own
-value (its loaders' positions, its RNGs, its callbacks' states and its module's
-``on_save_checkpoint`` keys): a resume by another number of ranks is refused with
+value (its loaders' positions, its RNGs, its callbacks' states, the keys its callbacks'
+``on_save_checkpoint`` add and its module's ``on_save_checkpoint`` keys): a resume by another
+number of ranks is refused with
 :class:`~distckpt.WorldSizeMismatch`. A run may change its format between fits: ``last`` is
 read in the layout of the format it was saved in.
 
-The module's ``on_save_checkpoint`` gets a dict holding Lightning's cheap entries
-(:data:`~distckpt.lightning_extras.LIGHTNING_ENTRIES`: ``epoch``, ``global_step``,
-``pytorch-lightning_version`` and ``state_dict``, the module's ``state_dict()``), not the costly
-ones (``optimizer_states``, ``loops``, ``callbacks``, ...). Only the keys the hook adds are saved:
-changes it makes to those entries (rewriting ``state_dict`` to drop frozen weights) have no effect,
-as the module is saved from itself, whole. On resume its ``on_load_checkpoint`` gets the same
-entries, taken after the restore, and the saved added keys exactly as added (tuples, int keys and
-empty dicts included); changes it makes to ``state_dict`` have no effect either. Limits: the
-callbacks' own ``on_save_checkpoint`` / ``on_load_checkpoint`` hooks (which expect Lightning's
-whole dict) are not called. The callbacks' states and the hook's added keys are saved with
-``torch.save`` and loaded as torch loads weights: tensors, numbers, strings and containers of them;
-a value a resume would refuse so (a numpy scalar) is refused at the save instead, before anything
-is written, with :class:`~distckpt.UnloadableState` naming its ``state_key``. The callbacks whose
-``on_fit_start`` runs before this callback's (listed before it) see their state before the restore.
+The checkpoint hooks, called as Lightning calls them (at a save: every callback's
+``state_dict()``, every callback's ``on_save_checkpoint``, then the module's), get dicts holding
+Lightning's cheap entries (:data:`~distckpt.lightning_extras.LIGHTNING_ENTRIES`: ``epoch``,
+``global_step``, ``pytorch-lightning_version`` and ``state_dict``, the module's
+``state_dict()``), not the costly ones (``optimizer_states``, ``loops``, ``callbacks``, ...). Only
+the keys a hook adds are saved: changes it makes to those entries have no effect (rewriting
+``state_dict`` to drop frozen weights does not drop them), as the module is saved from itself,
+whole; but a callback whose class also has an ``on_load_checkpoint`` keeps the entries it
+replaced too, and gets them back (Lightning's ``WeightAveraging`` puts the averaged weights in
+``state_dict``). Each callback's hook has a dict of its own, and what it adds is saved under its
+``state_key``: two callbacks adding the same key each get their own value back, and a callback
+adding nothing costs nothing. On resume each ``on_load_checkpoint`` gets the same entries, taken
+after the restore, and the keys its own ``on_save_checkpoint`` added exactly as added (tuples,
+int keys and empty dicts included); changes it makes to ``state_dict`` have no effect either.
+A value a callback's hook puts in its dict that is the given ``state_dict`` entry itself
+(``WeightAveraging`` moves it to ``current_model_state``) is saved as a mark, not a second
+time, and is that hook's restored ``state_dict`` entry again at resume: so
+``EMAWeightAveraging`` adds its averaged weights alone to each rank's checkpoint.
+``DistckptCallback``'s own hooks are not called (they do nothing). A ``ModelCheckpoint`` saving
+beside it (``enable_checkpointing=True``) is treated as any other callback: its
+``state_dict()`` saved and loaded, no hooks of its own to call. The callbacks' states and the
+hooks' added keys are saved with ``torch.save`` (with "torch", those bytes as ``uint8``
+tensors, written raw) and loaded as torch loads weights: tensors, numbers, strings and
+containers of them; a value a resume would refuse so (a numpy scalar) is refused at
+the save instead, before anything is written, with :class:`~distckpt.UnloadableState` naming its
+``state_key`` (the callback's, or ``"on_save_checkpoint"`` for the module's hook). A checkpoint
+saved before the callbacks' hooks were called still resumes, the callbacks' states and the
+module's keys included: each callback's ``on_load_checkpoint`` then gets Lightning's entries
+alone. One saved before the callbacks' states were saved resumes without any of these: no
+``on_load_checkpoint`` is called and the callbacks keep their own state. The callbacks whose
+``on_fit_start`` runs before this callback's (listed before it) see their state before the
+restore.
 
 Checkpoints are taken at ``on_train_batch_end`` of a batch whose optimizer step completed: the
 step counted is the :class:`~distckpt.StepTracker`'s (real optimizer steps, also under manual
@@ -91,17 +117,13 @@ from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.utilities.combined_loader import _Stateful
 
 from distckpt.errors import InvalidArgument
-from distckpt.lightning_extras import (
-    AsBytes,
-    ExtrasTemplate,
-    LightningExtras,
-)
+from distckpt.lightning_extras import AsBytes, BytesAsTensors, LightningExtras
 from distckpt.manager import CheckpointManager
 from distckpt.per_rank import PerRank
 from distckpt.results import Checkpoint as LoadedCheckpoint
 from distckpt.results import SaveResult
 from distckpt.rng import capture_rng, restore_rng
-from distckpt.steps import StepTracker
+from distckpt.steps import BY_OPTIMIZER_KEY, STEP_KEY, StepTracker
 
 #: The state's key of :class:`~distckpt.lightning_extras.LightningExtras`, which checkpoints
 #: saved before it existed lack.
@@ -222,7 +244,10 @@ class DistckptCallback(lightning.Callback):
     ``root`` and ``manager_options`` are the arguments of :class:`~distckpt.CheckpointManager`
     (``every_n_steps``, ``keep_last``, ``async_save``, ``save_on_signal``, ...); the manager is
     created in ``setup``, once Lightning has initialised the process group, so every rank of a
-    DDP job runs it. Set ``enable_checkpointing=False`` on the Trainer.
+    DDP job runs it. Set ``enable_checkpointing=False`` on the Trainer, unless Lightning's own
+    checkpoints are wanted too: a ``ModelCheckpoint`` beside it (``enable_checkpointing=True``)
+    writes its files as usual and is resumed as any other callback, through its
+    ``state_dict()``.
 
     After fitting starts, :attr:`resumed_from` is the step restored (None on a fresh start),
     :attr:`manager` the manager, :attr:`tracker` the step counter and :attr:`last_save` the
@@ -252,7 +277,7 @@ class DistckptCallback(lightning.Callback):
     ) -> dict[str, Any]:
         """The state saved and restored, laid out for the format ``layout`` (the one saved
         in, or the restored checkpoint's); ``extras`` is :class:`LightningExtras` to save, or
-        its :class:`ExtrasTemplate` to restore (None: a checkpoint saved without it)."""
+        the dict its saved bytes are restored into."""
         assert self.manager is not None
         training = {
             "schedulers": [config.scheduler for config in trainer.lr_scheduler_configs],
@@ -274,9 +299,14 @@ class DistckptCallback(lightning.Callback):
             }
         else:
             state = {"model": pl_module, "optimizers": list(trainer.optimizers), **training}
-        if extras is not None:
-            # Each rank's own callbacks' states and hook dict ("torch" saves every value so).
-            state[_EXTRAS_KEY] = PerRank(extras) if layout == "dcp" else extras
+        # Each rank's own callbacks' states and hook dict ("torch" saves every value so). The
+        # bytes go as tensors in "torch", whose restore puts them in place of the template's
+        # bytes; "dcp" loads a tensor only into a tensor of its size, which no template knows.
+        if layout == "dcp":
+            state[_EXTRAS_KEY] = PerRank(extras)
+        else:
+            saving = isinstance(extras, LightningExtras)
+            state[_EXTRAS_KEY] = BytesAsTensors(extras) if saving else extras
         return state
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -284,9 +314,30 @@ class DistckptCallback(lightning.Callback):
         self.tracker = StepTracker(*trainer.optimizers)
         self._trainer_state = _TrainerState(trainer)
         self._extras = LightningExtras(trainer, skipped=(self, self._epoch_end_saver))
-        checkpoint = self._restore_last(trainer, pl_module)
-        self._extras.call_module_on_load()
+        checkpoint, extras = self._restore_last(trainer, pl_module)
+
+        def finish_restore() -> None:
+            assert self._extras is not None
+            if checkpoint is not None:
+                _check_only_newer_keys_missing(checkpoint)
+            if extras is not None:
+                self._extras.load_state_dict(extras)
+            self._extras.finish_restore()
+
+        # The callbacks' and the module's hooks may fail on one rank alone: agreed on, so that
+        # every rank raises then, not that rank alone while the others train on into DDP's
+        # next collective, to wait there for it until the process group's timeout.
+        self.manager.agree_on(finish_restore, what="handing the restored state to the hooks")
         self.resumed_from = checkpoint.step if checkpoint is not None else None
+        if checkpoint is not None and self.tracker.step != checkpoint.step:
+            # This callback saves at tracker.step, so the restored count is the checkpoint's
+            # step; a "dcp" checkpoint saved before steps_not_counted held one more (the
+            # zero-learning-rate step DCP takes inside its state calls was counted), which
+            # would leave every later checkpoint one step ahead.
+            counts = self.tracker.state_dict()[BY_OPTIMIZER_KEY]
+            self.tracker.load_state_dict(
+                {STEP_KEY: checkpoint.step, BY_OPTIMIZER_KEY: [checkpoint.step, *counts[1:]]}
+            )
         self._step_at_last_batch = self.tracker.step
         if checkpoint is not None:
             # The train loader may already be built (``estimated_stepping_batches`` in
@@ -298,25 +349,37 @@ class DistckptCallback(lightning.Callback):
 
     def _restore_last(
         self, trainer: Trainer, pl_module: LightningModule
-    ) -> LoadedCheckpoint | None:
-        """Restores ``last``, if any. A checkpoint saved before the callbacks' states and the
-        module's ``on_save_checkpoint`` dict were saved lacks them: it is refused (before
-        anything is loaded) with them, and restored without them; then there is nothing to
-        give those callbacks and hooks."""
-        assert self.manager is not None and self._extras is not None
+    ) -> tuple[LoadedCheckpoint | None, dict[str, Any] | None]:
+        """Restores ``last``, if any, in one read; with it, the saved bytes of
+        :class:`LightningExtras` for :meth:`LightningExtras.load_state_dict` (None: the
+        checkpoint has none). An older checkpoint lacks what later versions added to them:
+        the whole of them (saved before the callbacks' states were), or the callbacks'
+        ``on_save_checkpoint`` keys (:attr:`LightningExtras.NEWER_KEYS`). Those keys, and only
+        those, may be missing: any other key on one side only is refused before anything is
+        loaded, as a strict restore refuses it, but for the other keys of
+        :class:`LightningExtras`, which the restore takes as optional with the whole of them
+        (a key under an optional key is optional): those are refused after the load
+        (:func:`_check_only_newer_keys_missing`), on every rank."""
+        assert self.manager is not None
         # A run may change its format: the checkpoint is read in the layout it was saved in.
         saved = self.manager.checkpoints()  # the manifests of the committed ones, oldest first
         layout = saved[-1].format if saved else self.manager.format
-        state = self._state(trainer, pl_module, ExtrasTemplate(self._extras), layout)
-        try:
-            return self.manager.restore("last", state=state, missing_ok=True)
-        except InvalidArgument as error:
-            try:
-                return self.manager.restore(
-                    "last", state=self._state(trainer, pl_module, None, layout), missing_ok=True
-                )
-            except InvalidArgument:
-                raise error from None
+        # Plain bytes leaves, not an object with a state_dict(): the restore then reports each
+        # key the checkpoint lacks, where it would report (and skip) the object as a whole.
+        extras = dict.fromkeys(LightningExtras.KEYS, b"")
+        newer = [_EXTRAS_KEY, *(f"{_EXTRAS_KEY}.{key}" for key in LightningExtras.NEWER_KEYS)]
+        checkpoint = self.manager.restore(
+            "last",
+            state=self._state(trainer, pl_module, extras, layout),
+            missing_ok=True,
+            optional_keys=newer,
+        )
+        if checkpoint is None or _EXTRAS_KEY in checkpoint.missing_keys:
+            return checkpoint, None
+        missing = set(checkpoint.missing_keys)
+        return checkpoint, {
+            key: value for key, value in extras.items() if f"{_EXTRAS_KEY}.{key}" not in missing
+        }
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         assert self._trainer_state is not None
@@ -409,3 +472,20 @@ class DistckptCallback(lightning.Callback):
         if self.manager is not None:
             manager, self.manager = self.manager, None
             manager.close()
+
+
+def _check_only_newer_keys_missing(checkpoint: LoadedCheckpoint) -> None:
+    """Refuse a checkpoint that lacks some of :class:`LightningExtras`' keys but not all and
+    not only :attr:`LightningExtras.NEWER_KEYS`: no older layout lacks those, and the restore
+    let them through as under its optional key (the whole of them, which older layouts lack)."""
+    newer = {f"{_EXTRAS_KEY}.{key}" for key in LightningExtras.NEWER_KEYS}
+    lacking = [
+        key
+        for key in checkpoint.missing_keys
+        if key.startswith(f"{_EXTRAS_KEY}.") and key not in newer
+    ]
+    if lacking:
+        raise InvalidArgument(
+            f"{checkpoint.path}: the checkpoint does not match the given state: missing from "
+            f"the checkpoint {lacking}, which no older layout of the callback's checkpoints lacks"
+        )

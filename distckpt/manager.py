@@ -4,30 +4,30 @@ It holds no mechanism of its own: a save is :mod:`distckpt.saving`, over the pro
 :mod:`distckpt.proposal` (propose) and :mod:`distckpt.protocol` (write → agree → commit), on
 frozen values; whether to save, and what the schedule counts from, is :mod:`distckpt.decisions`;
 everything done to the root is the :class:`~distckpt.storage.RootStore`, every collective goes
-through the :class:`~distckpt.coord.Coordinator`, and restores through :mod:`distckpt.reader`.
-What it owns is the lifecycle: the process groups, the store, the signal handlers and the
-async save's background thread. See ``docs/architecture.md``.
+through the :class:`~distckpt.coord.Coordinator`, restores through :mod:`distckpt.reader`, and
+deleting, pruning and collecting leftovers are :mod:`distckpt.upkeep`'s. What it owns is the
+lifecycle: the process groups, the store, the signal handlers and the async save's background
+thread. See ``docs/architecture.md``.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from types import TracebackType
-from typing import Any, Literal, Union
+from typing import Any, Literal, TypeVar, Union
 
 import torch.distributed as dist
 
-from distckpt import closing, policy, proposal, protocol, reader, resolve, starting
+from distckpt import closing, policy, proposal, reader, resolve, starting
 from distckpt.background import DEFAULT_BACKGROUND_NICE, BackgroundSaves, check_background_nice
 from distckpt.coord import Coordinator
 from distckpt.coord_health import check_timeout
-from distckpt.damaged import set_aside_damaged_newer
 from distckpt.decisions import SaveDecider, SignalFlag
 from distckpt.errors import CheckpointError
 from distckpt.formats import ReadOptions, format_named
+from distckpt.formats.base import check_optional_keys
 from distckpt.fsutil import LinkMode
 from distckpt.launcher import LauncherWatch
 from distckpt.layout import RootLayout
@@ -37,13 +37,15 @@ from distckpt.saving import Saver
 from distckpt.snapshot import SnapshotBuffers
 from distckpt.storage import ExtraFile, open_store
 from distckpt.tidying import BackgroundTidy, close_wait_seconds
+from distckpt.upkeep import RootUpkeep
 
 Which = Union[Literal["last", "best"], int, str, "os.PathLike[str]"]
 logger = logging.getLogger("distckpt")
+T = TypeVar("T")
 __all__ = ["CheckpointManager", "ExtraFile", "Which"]
 
 
-class CheckpointManager:
+class CheckpointManager(RootUpkeep):
     """Saves and restores the checkpoints of a distributed job under one root: a directory, or
     an ``s3://BUCKET/PREFIX`` URL of an S3-compatible object store.
 
@@ -330,6 +332,7 @@ class CheckpointManager:
         mmap: bool = False,
         verify: bool = False,
         fix_key_prefixes: bool = True,
+        optional_keys: Collection[str] = (),
     ) -> Checkpoint | None:
         """Load a checkpoint on every rank; collective.
 
@@ -343,18 +346,26 @@ class CheckpointManager:
 
         ``strict=True`` refuses a key only in the checkpoint or only in ``state`` before
         loading anything; ``strict=False`` loads what matches and reports the rest in
-        ``missing_keys`` / ``unexpected_keys``. A tensor whose saved shape differs is refused
-        with :class:`~distckpt.errors.ShapeMismatch` whatever ``strict`` is. No rank loads into
-        ``state`` before every rank read and checked its part, so a failure on any rank leaves
-        every rank's ``state`` as it was; an object's own ``load_state_dict`` failing
-        afterwards (what the check cannot foresee) raises on every rank too (one more small
-        collective when ``state`` is given: give it on every rank or on none), with what came
-        before it loaded on the ranks that loaded. ``allow_pickle=True`` unpickles arbitrary
-        objects: only for checkpoints you trust. ``mmap=True`` maps tensor data from disk
-        instead of reading it all. ``verify=True`` checks every file's checksum before
-        loading (sizes are always checked) and, for ``"last"``/``"best"``, falls back past a
-        corrupt checkpoint with a warning. ``fix_key_prefixes=True`` maps wrapper prefixes
-        (``_orig_mod.``, ``module.``) away or on when that makes every key match, before strict.
+        ``missing_keys`` / ``unexpected_keys``. ``optional_keys`` are dotted keys of ``state``
+        (``"extras.added"``) that the checkpoint may lack even so: keys a newer version of the
+        state added, which a checkpoint saved before it has not. Those missing are reported in
+        ``missing_keys`` and left as given, as is any key under one of them (``"extras"``
+        covers ``"extras.added"``, reported as ``"extras"`` in both formats); a key inside an
+        object with ``state_dict()`` is optional only as the whole object (``"obj"``, not
+        ``"obj.added"``). Any other key on one side only is still refused, before anything is
+        loaded; a plain string is refused (give ``["extras.added"]``). A tensor whose saved
+        shape differs is refused with :class:`~distckpt.errors.ShapeMismatch` whatever
+        ``strict`` is. No rank loads into ``state`` before every rank read and checked its
+        part, so a failure on any rank leaves every rank's ``state`` as it was; an object's own
+        ``load_state_dict`` failing afterwards (what the check cannot foresee) raises on every
+        rank too (one more small collective when ``state`` is given: give it on every rank or
+        on none), with what came before it loaded on the ranks that loaded.
+        ``allow_pickle=True`` unpickles arbitrary objects: only for checkpoints you trust.
+        ``mmap=True`` maps tensor data from disk instead of reading it all. ``verify=True``
+        checks every file's checksum before loading (sizes are always checked) and, for
+        ``"last"``/``"best"``, falls back past a corrupt checkpoint with a warning.
+        ``fix_key_prefixes=True`` maps wrapper prefixes (``_orig_mod.``, ``module.``) away or on
+        when that makes every key match, before strict.
 
         A checkpoint newer than the one loaded that ``"last"`` / ``"best"`` skipped because its
         content is damaged (see :class:`~distckpt.CorruptCheckpoint`'s ``damaged``) is set
@@ -370,24 +381,37 @@ class CheckpointManager:
         """
         self._check_open()
         self.wait()
-        loaded = reader.restore_on_ranks(
+        loaded = reader.restore_in_root(
             self._coord,
+            self._store,
             which,
-            view=self._view,
-            monitor=self.retention.monitor,
-            mode=self.retention.mode,
+            retention=self.retention,
             state=state,
-            options=ReadOptions(map_location, allow_pickle, mmap, fix_key_prefixes),
+            options=ReadOptions(
+                map_location,
+                allow_pickle,
+                mmap,
+                fix_key_prefixes,
+                check_optional_keys(optional_keys),
+            ),
             strict=strict,
             missing_ok=missing_ok,
             verify=verify,
             storage_options=self.storage_options,
-            after_resolving=None
-            if self.read_only
-            else functools.partial(set_aside_damaged_newer, self._store),
         )
         self._decider.count_restore(loaded)
         return loaded
+
+    def agree_on(self, local: Callable[[], T], *, what: str) -> T:
+        """Run ``local`` on every rank, each keeping its own value, and raise on every rank if
+        it raised on any (the error naming the failing ranks); collective. For work a restore
+        leaves to the caller (hooks that load what was restored into other objects): a rank
+        failing alone would otherwise leave the others training on, to wait for it in the
+        training's next collective. ``what`` names the work in errors. Only the verdicts
+        travel, as in the restore's own agreement (:meth:`Coordinator.agree_on
+        <distckpt.coord.Coordinator.agree_on>`)."""
+        self._check_open()
+        return self._coord.agree_on(local, what=what)
 
     def steps(self) -> list[int]:
         """Committed steps, ascending, read fresh from the root, damaged ones included (names
@@ -409,41 +433,6 @@ class CheckpointManager:
         """Every committed checkpoint that passes its manifest check, oldest first, from
         manifests only (not collective). A damaged one is left out; :meth:`steps` lists it."""
         return resolve.list_checkpoints(self._view)
-
-    def delete(self, step: int) -> None:
-        """Delete the checkpoint of ``step``; collective. Links that pointed at it are moved to
-        what remains (or removed). Raises :class:`CheckpointNotFound` if it does not exist."""
-        self._check_open()
-        protocol.check_step_number(step)
-        self.wait()
-        latest = self._coord.decide(lambda: self._store.delete(step), what=f"deleting step {step}")
-        self._tidy()
-        self._decider.count_delete(step, latest)
-
-    def prune(self) -> list[int]:
-        """Apply the retention rules now (as after every commit), under the lock; collective.
-        Returns the steps removed. Links are repaired first, so their targets stay."""
-        self._check_open()
-        self.wait()
-        removed = self._coord.decide(self._store.prune, what="pruning")
-        self._tidy()
-        return removed
-
-    def gc(self) -> list[CheckpointLocation]:
-        """Remove leftovers of dead writers (staging dirs whose writer lock is free; on an
-        ``s3://`` root, saves whose writer's claim expired) and the trash; collective. A live
-        writer's staging is never touched. Returns what was removed (also done at start).
-        Unlike the removals after a start, a commit, a delete or a prune, these run inside the
-        call (within ``timeout``), after rank 0 waited for those still running in the
-        background, so that no two remove the same trash at once."""
-        self._check_open()
-        self.wait()
-        return self._coord.decide(self._collect_leftovers, what="collecting leftovers")
-
-    def _collect_leftovers(self) -> list[CheckpointLocation]:
-        """Rank 0's part of :meth:`gc`: after the background removals, its own."""
-        self._tidying.wait()
-        return self._store.collect_leftovers()
 
     def close(self) -> None:
         """Finish a save in flight (raising its error, on every rank); on rank 0, wait for the
@@ -478,13 +467,6 @@ class CheckpointManager:
         """Close the manager; an exception leaving the block stays the one raised, with an
         error of the close added as a note (:func:`~distckpt.closing.close_keeping`)."""
         closing.close_keeping(self.close, exc)
-
-    def _tidy(self) -> None:
-        """Rank 0, after an outcome reached every rank: have what it left to remove (the trash,
-        a removed step's objects, a start's leftovers) removed in the background
-        (:meth:`~distckpt.storage.RootStore.tidy`): no later collective waits for it."""
-        if self.is_coordinator:
-            self._tidying.request()
 
     def _check_open(self) -> None:
         """Refuse a closed manager; called first by every public call that may run collectives,

@@ -21,6 +21,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from distckpt.errors import InvalidArgument
+from distckpt.steps import steps_not_counted
 
 __all__ = ["ModelOptimizerState"]
 
@@ -49,12 +50,15 @@ class ModelOptimizerState:
     an LR scheduler's ``initial_lr``) are not compared: the optimizer takes the saved ones
     wholesale, so a scheduler built after the restore finds the ones it saved.
 
-    Limits: ``get_state_dict`` on an optimizer that has never stepped creates its state by one
-    step with zero gradients and a zero learning rate (so there are tensors to save or load
-    into); a :class:`~distckpt.StepTracker` on that optimizer counts that step, and restoring a
-    checkpoint then sets the tracker's count back to the saved one. Calling ``state_dict()``
-    on an FSDP2 model is collective when ``options`` asks for full state dicts, so every rank
-    must use it together (as ``save`` and ``restore`` do).
+    ``get_state_dict`` / ``set_state_dict`` create the state of an optimizer that has none
+    (one that has never stepped, or plain SGD without momentum, whose state stays empty) by one
+    step with zero gradients and a zero learning rate, at every save and restore. That step is
+    taken inside :func:`distckpt.steps.steps_not_counted`, so a :class:`~distckpt.StepTracker`
+    does not count it, wherever the tracker sits in the state: its count is the real training
+    steps only.
+
+    Limits: calling ``state_dict()`` on an FSDP2 model is collective when ``options`` asks for
+    full state dicts, so every rank must use it together (as ``save`` and ``restore`` do).
     """
 
     def __init__(
@@ -84,7 +88,11 @@ class ModelOptimizerState:
     def state_dict(self) -> dict[str, Any]:
         if not self.optimizers:
             return {"model": get_model_state_dict(self.model, options=self.options)}
-        model_state, optim_state = get_state_dict(self.model, self.optimizers, options=self.options)
+        # The step torch may take here to create an empty optimizer state is no training step.
+        with steps_not_counted():
+            model_state, optim_state = get_state_dict(
+                self.model, self.optimizers, options=self.options
+            )
         return {"model": model_state, "optim": optim_state}
 
     def load_state_dict(self, state: Mapping[str, Any], strict: bool | None = None) -> None:
@@ -114,17 +122,21 @@ class ModelOptimizerState:
         options = dataclasses.replace(self.options or StateDictOptions(), strict=strict)
         try:
             if self.optimizers:
-                optim_state = state.get("optim", {})
-                if not strict:
-                    current = get_optimizer_state_dict(self.model, self.optimizers, options=options)
-                    optim_state = with_current_values(optim_state, current)
-                set_state_dict(
-                    self.model,
-                    self.optimizers,
-                    model_state_dict=state.get("model", {}),
-                    optim_state_dict=optim_state,
-                    options=options,
-                )
+                # As in state_dict(): a tracker restored before this must keep its count.
+                with steps_not_counted():
+                    optim_state = state.get("optim", {})
+                    if not strict:
+                        current = get_optimizer_state_dict(
+                            self.model, self.optimizers, options=options
+                        )
+                        optim_state = with_current_values(optim_state, current)
+                    set_state_dict(
+                        self.model,
+                        self.optimizers,
+                        model_state_dict=state.get("model", {}),
+                        optim_state_dict=optim_state,
+                        options=options,
+                    )
             else:
                 set_model_state_dict(self.model, state.get("model", {}), options=options)
         except (RuntimeError, KeyError, ValueError) as exc:

@@ -18,7 +18,7 @@ from distckpt.errors import CheckpointError, CheckpointVanished, CorruptCheckpoi
 from distckpt.formats import PreparedRead, ReadOptions, ShardContext, format_named
 from distckpt.manifest import Manifest
 from distckpt.results import Checkpoint
-from distckpt.state import apply_load, check_load, to_plain
+from distckpt.state import apply_load, check_load, dotted_prefixes, to_plain
 from distckpt.storage.views import CheckpointSource, errors_name_the_location
 
 T = TypeVar("T")
@@ -82,7 +82,12 @@ def prepare_read(
         source, lambda: fmt.prepare_read(directory, manifest, ctx, plain, options), directory
     )
     if prepared.mismatch is not None:
-        prepared.mismatch.check(strict=strict, where=source.location, step=manifest.step)
+        prepared.mismatch.check(
+            strict=strict,
+            where=source.location,
+            step=manifest.step,
+            optional_keys=options.optional_keys,
+        )
     return prepared
 
 
@@ -105,6 +110,7 @@ def read_state(
             fix_key_prefixes=prepared.options.fix_key_prefixes,
             where=source.location,
             step=manifest.step,
+            optional_keys=prepared.options.optional_keys,
         )
         if template is not None
         else None
@@ -115,6 +121,13 @@ def read_state(
             (report.unexpected_keys, prepared.mismatch.unexpected_keys),
         ):
             found += [key for key in known if key not in found]
+            # The format's keys and the check's may name one missing sub-tree at two depths
+            # (DCP's leaves, the check's sub-dict): it is listed once, as the sub-tree.
+            found[:] = [
+                key
+                for key in found
+                if not any(parent in found for parent in dotted_prefixes(key)[:-1])
+            ]
     return Checkpoint(
         state=loaded,
         step=manifest.step,

@@ -24,7 +24,7 @@ import functools
 import hashlib
 import logging
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -33,19 +33,20 @@ from typing import Any, TypeVar
 from distckpt import policy
 from distckpt.coord import Coordinator, current_rank
 from distckpt.coord_outcomes import Outcome, raise_failures
+from distckpt.damaged import set_aside_damaged_newer
 from distckpt.errors import (
     CheckpointNotFound,
     CheckpointVanished,
     InvalidArgument,
 )
 from distckpt.formats import PreparedRead, ReadOptions, format_named
-from distckpt.formats.base import check_map_location, check_rank_argument
+from distckpt.formats.base import check_map_location, check_optional_keys, check_rank_argument
 from distckpt.layout import BEST, LAST, LINK_NAMES, parse_step_dir_name
 from distckpt.manifest import Manifest
 from distckpt.rank_read import apply_read, prepare_read, read_state, vanish_checked
 from distckpt.resolve import VANISH_RETRIES, Found, Skipped, recording_skips, resolve
 from distckpt.results import Checkpoint, CheckpointLocation
-from distckpt.storage import locate
+from distckpt.storage import RootStore, locate
 from distckpt.storage.views import CheckpointSource, RootView
 
 logger = logging.getLogger("distckpt")
@@ -187,6 +188,41 @@ class _FirstRound:
     fingerprint: Fingerprint | None
     #: the outcome of this rank's read of it, without the state (None: it read nothing yet)
     read: Outcome | None
+
+
+def restore_in_root(
+    coordinator: Coordinator,
+    store: RootStore,
+    which: Any,
+    *,
+    retention: policy.RetentionPolicy,
+    state: Any,
+    options: ReadOptions,
+    strict: bool,
+    missing_ok: bool,
+    verify: bool,
+    storage_options: Mapping[str, Any],
+) -> Checkpoint | None:
+    """:func:`restore_on_ranks` within ``store``'s root, as ``CheckpointManager.restore`` runs
+    it: ``"best"`` ranked by ``retention``'s monitor, and a damaged checkpoint newer than the
+    one loaded set aside by rank 0 unless the store is read-only
+    (:func:`~distckpt.damaged.set_aside_damaged_newer`)."""
+    return restore_on_ranks(
+        coordinator,
+        which,
+        view=store.view,
+        monitor=retention.monitor,
+        mode=retention.mode,
+        state=state,
+        options=options,
+        strict=strict,
+        missing_ok=missing_ok,
+        verify=verify,
+        storage_options=storage_options,
+        after_resolving=None
+        if store.read_only
+        else functools.partial(set_aside_damaged_newer, store),
+    )
 
 
 def _candidate(found: Found) -> _Candidate:
@@ -395,6 +431,7 @@ def load_checkpoint(
     verify: bool = False,
     fix_key_prefixes: bool = True,
     storage_options: Mapping[str, Any] | None = None,
+    optional_keys: Collection[str] = (),
 ) -> Checkpoint:
     """Load one rank's part of a committed checkpoint in any process, by itself: no process
     group is needed, and none is used even where one exists (so a "dcp" checkpoint is read
@@ -406,7 +443,8 @@ def load_checkpoint(
     ``storage_options`` for its client (else the AWS environment variables apply). ``rank``
     defaults to this process's rank when torch.distributed is initialised, else 0. ``state=``
     loads in place as in :meth:`CheckpointManager.restore`; ``verify=True`` checks every file's
-    checksum first; ``fix_key_prefixes`` as in :meth:`CheckpointManager.restore`.
+    checksum first; ``fix_key_prefixes`` and ``optional_keys`` as in
+    :meth:`CheckpointManager.restore`.
 
     A failed read of one of the checkpoint's files (a disk's I/O error) is raised as that
     ``OSError``, not as a :class:`~distckpt.CheckpointError` (:mod:`distckpt.errors`).
@@ -419,6 +457,7 @@ def load_checkpoint(
         allow_pickle=allow_pickle,
         mmap=mmap,
         fix_key_prefixes=fix_key_prefixes,
+        optional_keys=check_optional_keys(optional_keys),
     )
     loaded = restore_on_ranks(
         None,

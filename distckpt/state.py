@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -195,13 +195,16 @@ class LoadReport:
         strict: bool,
         where: str | os.PathLike[str] | None = None,
         step: int | None = None,
+        optional_keys: Collection[str] = (),
     ) -> None:
         """Raise what a restore refuses before loading anything: a shape mismatch always
         (:meth:`check_shapes`), keys on one side only with ``strict`` (:meth:`check_strict`),
-        naming the checkpoint ``where`` of ``step`` (the error's ``path`` and ``step``)."""
+        but for the missing keys that are or are under ``optional_keys``
+        (:func:`optional_cover`), naming the checkpoint ``where`` of ``step`` (the error's
+        ``path`` and ``step``)."""
         self.check_shapes(where, step)
         if strict:
-            self.check_strict(where, step)
+            self.check_strict(where, step, optional_keys)
 
     def check_shapes(
         self, where: str | os.PathLike[str] | None = None, step: int | None = None
@@ -225,18 +228,23 @@ class LoadReport:
             )
 
     def check_strict(
-        self, where: str | os.PathLike[str] | None = None, step: int | None = None
+        self,
+        where: str | os.PathLike[str] | None = None,
+        step: int | None = None,
+        optional_keys: Collection[str] = (),
     ) -> None:
         """Raise :class:`~distckpt.errors.KeyMismatch` listing every key on one side only,
-        unless clean, naming the checkpoint ``where`` of ``step`` when known: what
-        ``strict=True`` means for every format."""
-        if not self.clean:
+        unless clean but for the ``optional_keys`` missing from the checkpoint, naming the
+        checkpoint ``where`` of ``step`` when known: what ``strict=True`` means for every
+        format."""
+        missing = [key for key in self.missing_keys if optional_cover(key, optional_keys) is None]
+        if missing or self.unexpected_keys:
             raise KeyMismatch(
                 f"{_about(where)}the checkpoint does not match the given state: "
-                f"missing from the checkpoint {self.missing_keys}, "
+                f"missing from the checkpoint {missing}, "
                 f"not in the given state {self.unexpected_keys}. "
                 "Pass strict=False to load what matches.",
-                missing_keys=tuple(self.missing_keys),
+                missing_keys=tuple(missing),
                 unexpected_keys=tuple(self.unexpected_keys),
                 path=where,
                 step=step,
@@ -249,6 +257,18 @@ def _about(where: str | os.PathLike[str] | None) -> str:
     return f"{os.fspath(where)}: " if where else ""
 
 
+def dotted_prefixes(key: str) -> list[str]:
+    """``key``'s dotted parents, outermost first, then ``key`` (``a``, ``a.b``, ``a.b.c``)."""
+    parts = key.split(".")
+    return [".".join(parts[:length]) for length in range(1, len(parts) + 1)]
+
+
+def optional_cover(key: str, optional_keys: Collection[str]) -> str | None:
+    """The shortest of ``key`` and its dotted parents that is in ``optional_keys``, or None
+    when the key is not optional."""
+    return next((prefix for prefix in dotted_prefixes(key) if prefix in optional_keys), None)
+
+
 def check_load(
     template: Any,
     loaded: Any,
@@ -257,6 +277,7 @@ def check_load(
     fix_key_prefixes: bool = True,
     where: str | os.PathLike[str] | None = None,
     step: int | None = None,
+    optional_keys: Collection[str] = (),
 ) -> LoadReport:
     """A dry run of loading ``loaded`` (as saved) into ``template`` (the user's live objects),
     changing nothing (:func:`apply_load` loads it): a tensor (a module's too) whose shape
@@ -268,10 +289,11 @@ def check_load(
     (see :mod:`distckpt.key_prefixes`). An object's own ``load_state_dict`` is not run, so
     what it alone refuses (an optimizer's parameter groups of other sizes) is only found by
     :func:`apply_load`. ``where`` and ``step``: the checkpoint ``loaded`` comes from, for the
-    errors."""
+    errors; ``optional_keys``: the dotted keys of ``template`` that ``loaded`` may lack even
+    with ``strict`` (reported, not refused)."""
     report = LoadReport()
     _load(template, loaded, "", report, apply=False, fix_prefixes=fix_key_prefixes)
-    report.check(strict=strict, where=where, step=step)
+    report.check(strict=strict, where=where, step=step, optional_keys=optional_keys)
     return report
 
 

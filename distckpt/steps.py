@@ -5,12 +5,19 @@ counter that only advances under automatic optimization never moves when the use
 optimizer by hand, so step-based checkpoints never fire; a counter bumped once per optimizer
 counts a two-optimizer step twice. :class:`StepTracker` avoids both by counting the step itself,
 through the optimizer's step post-hooks.
+
+Not every ``optimizer.step()`` is a training step: torch's ``get_state_dict`` /
+``set_state_dict`` create the state of an optimizer that has none (plain SGD without momentum
+never has any) by one step with zero gradients and a zero learning rate. distckpt makes those
+calls inside :func:`steps_not_counted`, and no tracker counts a step taken there.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextvars import ContextVar
 from types import TracebackType
 from typing import Any
 
@@ -21,6 +28,26 @@ from distckpt.errors import InvalidArgument
 
 STEP_KEY = "step"
 BY_OPTIMIZER_KEY = "by_optimizer"
+
+#: True while the current thread is inside :func:`steps_not_counted`. A context variable, not a
+#: global flag: each thread has its own value, so a real step the training thread takes while
+#: another thread is inside the block is still counted.
+_NOT_TRAINING: ContextVar[bool] = ContextVar("distckpt_steps_not_training", default=False)
+
+
+@contextlib.contextmanager
+def steps_not_counted() -> Iterator[None]:
+    """A block of the current thread whose optimizer steps no :class:`StepTracker` counts.
+
+    For calls that step an optimizer without training, as torch's ``get_state_dict`` /
+    ``set_state_dict`` do to create the state of an optimizer that has none. Steps other
+    threads take meanwhile are counted as usual. Blocks nest.
+    """
+    token = _NOT_TRAINING.set(True)
+    try:
+        yield
+    finally:
+        _NOT_TRAINING.reset(token)
 
 
 def _check_count(name: str, value: object) -> int:
@@ -36,7 +63,9 @@ class StepTracker:
     manual optimization in a framework, a batch-end hook. Micro-batches of gradient
     accumulation that run ``backward()`` without stepping do not count, and neither does a step
     that raises or that is never called (for instance one ``torch.amp.GradScaler`` skips because
-    of inf/NaN gradients).
+    of inf/NaN gradients), nor one taken inside :func:`steps_not_counted` in the same thread
+    (the zero-learning-rate step torch takes to create an empty optimizer state when
+    :class:`~distckpt.ModelOptimizerState` saves or restores it).
 
     With several optimizers, a training step is a step of the *first* one: :attr:`step` follows
     the first optimizer only, so stepping two optimizers per batch counts one step, not two.
@@ -75,6 +104,8 @@ class StepTracker:
             raise
 
     def _on_step(self, index: int, optimizer: object, args: object, kwargs: object) -> None:
+        if _NOT_TRAINING.get():
+            return
         self._counts[index] += 1
 
     @property

@@ -15,6 +15,9 @@ Besides EarlyStopping's state, a resume needs:
   puts values of kinds the "dcp" format alone would not bring back (a tuple, an int key, an empty
   dict); ``on_load_checkpoint`` writes the dict it gets to ``OUT/module-loaded.pt``;
 * the datamodule's ``state_dict``: it counts the training batches (6 in the whole fit);
+* the keys a callback's ``on_save_checkpoint`` adds (:class:`CountsInHooks`, a callback with no
+  ``state_dict()``, as written before Lightning had one): it counts the training batches too,
+  and its ``on_load_checkpoint`` writes the dict it gets to ``OUT/callback-loaded.pt``;
 * the ``Timer`` of ``Trainer(max_time=T microseconds)`` (a day unless told): its training time.
 
 ``--wait-at-epoch E``: at the start of epoch E, the job writes to ``OUT/waiting.txt`` the
@@ -99,6 +102,31 @@ class HookedModule(lightning.LightningModule):
         torch.save(checkpoint, self.out / "module-loaded.pt")
 
 
+class CountsInHooks(lightning.Callback):
+    """Keeps its count of training batches through its checkpoint hooks alone; a checkpoint
+    without the count (one its hook never saw) starts it again from 0."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+        self.batches = 0
+
+    def on_train_batch_start(
+        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self.batches += 1
+
+    def on_save_checkpoint(
+        self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        checkpoint["batches"] = self.batches
+
+    def on_load_checkpoint(
+        self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        self.batches = checkpoint.get("batches", 0)
+        torch.save(checkpoint, self.out / "callback-loaded.pt")
+
+
 class WaitAtEpochStart(lightning.Callback):
     """``--wait-at-epoch E``: see the module doc."""
 
@@ -136,7 +164,8 @@ def main() -> None:
         DistckptCallback(args.root, every_n_epochs=1, format=args.format, fsync=False)
     ]
     stopping = EarlyStopping(monitor="val_metric", patience=2, mode=args.early_stopping_mode)
-    callbacks.append(stopping)
+    counter = CountsInHooks(args.out)
+    callbacks += [stopping, counter]
     if args.wait_at_epoch is not None:
         callbacks.append(WaitAtEpochStart(args.out, args.wait_at_epoch))
     trainer = lightning.Trainer(
@@ -155,6 +184,7 @@ def main() -> None:
         "epochs": trainer.current_epoch,
         "saves": module.saves,
         "batches_seen": data.batches_seen,
+        "batches_counted_in_hooks": counter.batches,
     }
     torch.save(final, args.out / "final.pt")
 

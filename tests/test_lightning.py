@@ -127,9 +127,10 @@ def test_fit_killed_after_an_epoch_end_save_and_after_the_next_save_resumes_exac
     for rank in range(int(options[1])):
         assert torch.load(out / f"final-rank{rank}.pt", weights_only=False)["resumed_from"] == 8
     for rank in range(int(options[1])):
-        # Each rank's own callback state and on_save_checkpoint dict, at both resumes.
+        # Each rank's own on_save_checkpoint dict and callback state, at both resumes, in
+        # Lightning's order: the module's on_load_checkpoint before the callbacks' states.
         loaded = (out / f"loaded-rank{rank}.txt").read_text().splitlines()
-        assert loaded == [f"callback {rank}", f"hook {rank}"] * 2
+        assert loaded == [f"hook {rank}", f"callback {rank}"] * 2
     if "dcp" in options:
         # README: besides the module and optimizers, each rank's own training state (its loader
         # position, its RNGs) is saved, so one rank does not resume the 2 ranks' checkpoint.

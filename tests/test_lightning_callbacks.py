@@ -1,21 +1,26 @@
 """What distckpt.lightning.DistckptCallback restores besides the module, optimizers and loops:
-the callbacks' states (EarlyStopping, the Timer of ``max_time``), the module's
-``on_save_checkpoint`` dict and the datamodule's ``state_dict``, in real Trainers killed with
-SIGKILL and fitted again (``tests/lightning_callbacks_job.py``)."""
+the callbacks' states (EarlyStopping, the Timer of ``max_time``), the keys a callback's and the
+module's ``on_save_checkpoint`` add and the datamodule's ``state_dict``, in real Trainers killed
+with SIGKILL and fitted again (``tests/lightning_callbacks_job.py``)."""
 
 from __future__ import annotations
 
 import math
 import shutil
+import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
 pytest.importorskip("lightning")
 
+import distckpt
+from distckpt import reader
+from distckpt.errors import InvalidArgument
 from distckpt.lightning_extras import LIGHTNING_ENTRIES
-from tests import killing
+from tests import killing, lightning_callbacks_job
 
 JOB = "tests/lightning_callbacks_job.py"
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -31,7 +36,18 @@ UNINTERRUPTED = {
     "epochs": 3,
     "saves": 3,
     "batches_seen": 6,
+    "batches_counted_in_hooks": 6,
 }
+#: Its checkpoints: one at each epoch's end, at the steps the optimizer really took (plain SGD,
+#: whose empty state torch's ``get_state_dict`` creates by a step of its own at every "dcp"
+#: save: a step no tracker may count).
+UNINTERRUPTED_CHECKPOINT_STEPS = [2, 4, 6]
+
+
+def checkpoint_steps(root: Path) -> list[int]:
+    """The steps of the checkpoints committed in ``root``."""
+    with distckpt.CheckpointManager(str(root)) as manager:
+        return manager.steps()
 
 
 def _killed_at_epoch_2(
@@ -59,18 +75,28 @@ def test_a_fit_killed_between_epochs_stops_early_where_the_uninterrupted_one_doe
 ) -> None:
     """Resumed from epoch 1's checkpoint, EarlyStopping goes on counting epochs without
     improvement from 1 (it stopped the fit 2 epochs late without its state), the module's
-    count of saves and the datamodule's of batches go on from the checkpoint's, and the dict
+    count of saves, the datamodule's of batches and the count of batches a callback keeps in
+    its checkpoint hooks alone go on from the checkpoint's, that callback's
+    ``on_load_checkpoint`` gets Lightning's entries and the key its ``on_save_checkpoint``
+    added, and the dict
     the module's ``on_load_checkpoint`` gets holds exactly what its ``on_save_checkpoint`` added
-    (a tuple, an int key, an empty dict: the "dcp" format alone would not bring them back)."""
+    (a tuple, an int key, an empty dict: the "dcp" format alone would not bring them back).
+    The checkpoints, before the kill and after the resume, land at the uninterrupted fit's
+    steps."""
     command, out = _killed_at_epoch_2(tmp_path_factory, tmp_path, ["--format", checkpoint_format])
+    assert checkpoint_steps(tmp_path / "root") == UNINTERRUPTED_CHECKPOINT_STEPS[:2]
     assert not killing.run(command, out)
     assert torch.load(out / "final.pt") == UNINTERRUPTED
+    assert checkpoint_steps(tmp_path / "root") == UNINTERRUPTED_CHECKPOINT_STEPS
     loaded = torch.load(out / "module-loaded.pt", weights_only=True)
     assert loaded.keys() == {*LIGHTNING_ENTRIES, "saves", "values"} and loaded["saves"] == 2
     values = loaded["values"]
     assert values.keys() == {"pair", 3, "empty"}
     assert type(values["pair"]) is tuple and values["pair"] == (1, "two")
     assert torch.equal(values[3], torch.tensor([1.5])) and values["empty"] == {}
+    callback_loaded = torch.load(out / "callback-loaded.pt", weights_only=True)
+    assert callback_loaded.keys() == {*LIGHTNING_ENTRIES, "batches"}
+    assert callback_loaded["batches"] == 4 and callback_loaded["global_step"] == 4
 
 
 def test_a_resumed_fit_counts_the_training_time_before_the_kill_against_max_time(
@@ -89,7 +115,8 @@ def test_a_resumed_fit_counts_the_training_time_before_the_kill_against_max_time
     limited = [*command, "--max-time-us", str(trained_microseconds), "--early-stopping-mode", "max"]
     assert not killing.run(limited, out)
     final = torch.load(out / "final.pt")
-    assert (final["global_step"], final["batches_seen"], final["saves"]) == (4, 4, 2)
+    counts = ("global_step", "batches_seen", "saves", "batches_counted_in_hooks")
+    assert tuple(final[count] for count in counts) == (4, 4, 2, 4)
     assert final["best_score"] == -math.inf
     log = (out / "job.log").read_text()
     assert "The checkpoint holds the state of callbacks this Trainer does not have" in log
@@ -100,8 +127,9 @@ def test_a_checkpoint_saved_before_callback_states_were_saved_still_resumes(tmp_
     """``tests/fixtures/lightning-before-callback-states``: epoch 1's checkpoint of the job, saved
     by the callback before it saved callbacks' states and the module's ``on_save_checkpoint``
     dict. It resumes (from step 4, the datamodule's count with it), with nothing to give
-    EarlyStopping, whose count starts again: it stops the fit after epoch 4, not 2, and the
-    module's ``on_load_checkpoint`` is not called."""
+    EarlyStopping, whose count starts again: it stops the fit after epoch 4, not 2, and neither
+    the module's ``on_load_checkpoint`` nor the callbacks' are called (the callback counting
+    batches in its hooks counts from 0 again: the 6 batches after step 4)."""
     root = tmp_path / "root"
     shutil.copytree(FIXTURES / "lightning-before-callback-states", root)
     out = tmp_path / "out"
@@ -115,5 +143,97 @@ def test_a_checkpoint_saved_before_callback_states_were_saved_still_resumes(tmp_
         "epochs": 5,
         "saves": 3,
         "batches_seen": 10,
+        "batches_counted_in_hooks": 6,
     }
     assert not (out / "module-loaded.pt").exists()
+    assert not (out / "callback-loaded.pt").exists()
+
+
+@pytest.mark.parametrize("checkpoint_format", ["torch", "dcp"])
+def test_a_checkpoint_saved_before_callback_hooks_were_called_still_resumes(
+    tmp_path: Path, checkpoint_format: str
+) -> None:
+    """``tests/fixtures/lightning-before-callback-hooks``: epoch 1's checkpoint of the job in
+    each format, saved by the callback before it called the callbacks' ``on_save_checkpoint``
+    (with the callbacks' states and the module's dict). It resumes as the uninterrupted fit
+    does, EarlyStopping's and the module's state included, but for the callback keeping its
+    count in its hooks alone: its ``on_load_checkpoint`` gets Lightning's entries only, so its
+    count starts again from 0 (the 2 batches of epoch 2). The "dcp" one is at step 5, not 4:
+    it was saved when the step tracker still counted the step torch's ``get_state_dict`` takes
+    at every save of a plain SGD; the trainer's own loop state, restored with it, is right.
+    The callback counts on from the checkpoint's step, not from the tracker's count saved in
+    it (one more, that step counted), so the next checkpoint is 2 steps (one epoch) after it."""
+    root = tmp_path / "root"
+    shutil.copytree(FIXTURES / "lightning-before-callback-hooks" / checkpoint_format, root)
+    out = tmp_path / "out"
+    out.mkdir()
+    assert not killing.run([JOB, str(root), str(out), "--format", checkpoint_format], out)
+    assert torch.load(out / "final.pt") == {**UNINTERRUPTED, "batches_counted_in_hooks": 2}
+    assert torch.load(out / "module-loaded.pt", weights_only=True)["saves"] == 2
+    callback_loaded = torch.load(out / "callback-loaded.pt", weights_only=True)
+    assert callback_loaded.keys() == set(LIGHTNING_ENTRIES)
+    assert callback_loaded["global_step"] == 4 and callback_loaded["epoch"] == 1
+    assert checkpoint_steps(root) == ([4, 6] if checkpoint_format == "torch" else [5, 7])
+
+
+def test_a_checkpoint_lacking_a_key_no_older_layout_lacks_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The torch fixture above without its module's dict: the callbacks' states alone, a key
+    under the optional whole of the callback's own keys but none an older layout lacks. Its
+    resume is refused, naming the key, as a strict restore refuses a key on one side only."""
+    with distckpt.CheckpointManager(
+        str(FIXTURES / "lightning-before-callback-hooks" / "torch"), read_only=True
+    ) as fixture:
+        saved = fixture.restore("last")
+    assert saved is not None
+    del saved.state["lightning"]["module_checkpoint"]
+    root, out = tmp_path / "root", tmp_path / "out"
+    out.mkdir()
+    with distckpt.CheckpointManager(str(root), fsync=False) as manager:
+        manager.save(saved.step, saved.state, epoch=saved.epoch, metrics=saved.metrics)
+    monkeypatch.setattr(sys, "argv", [JOB, str(root), str(out), "--format", "torch"])
+    with pytest.raises(InvalidArgument, match=r"\['lightning\.module_checkpoint'\]"):
+        lightning_callbacks_job.main()
+
+
+@pytest.mark.parametrize(
+    "fixture",
+    [
+        "lightning-before-callback-states",
+        "lightning-before-callback-hooks/torch",
+        "lightning-before-callback-hooks/dcp",
+    ],
+)
+def test_a_checkpoint_of_an_older_layout_is_read_once_at_its_resume(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fixture: str
+) -> None:
+    """The fixtures of the tests above, resumed in this process (the job's ``main``): each
+    checkpoint is read once, though it lacks the keys of the callbacks' hooks (or the
+    callbacks' states with them), not once per layout tried. Counted at both steps of a read:
+    the preparation (where "dcp" reads its metadata and refuses a key on one side only) and
+    the read of the state (where "torch" refuses it)."""
+    root, out = tmp_path / "root", tmp_path / "out"
+    shutil.copytree(FIXTURES / fixture, root)
+    out.mkdir()
+    # Nothing in distckpt counts reads: counted at the functions every rank's read of a
+    # checkpoint goes through (a fit saves but never reads otherwise).
+    prepared: list[str] = []
+    reads: list[str] = []
+    prepare_read, read_state = reader.prepare_read, reader.read_state
+
+    def counted_prepare(source: Any, *args: Any, **kwargs: Any) -> Any:
+        prepared.append(source.name)
+        return prepare_read(source, *args, **kwargs)
+
+    def counted_read(source: Any, *args: Any, **kwargs: Any) -> Any:
+        reads.append(source.name)
+        return read_state(source, *args, **kwargs)
+
+    monkeypatch.setattr(reader, "prepare_read", counted_prepare)
+    monkeypatch.setattr(reader, "read_state", counted_read)
+    checkpoint_format = fixture.split("/")[1] if "/" in fixture else "torch"
+    monkeypatch.setattr(sys, "argv", [JOB, str(root), str(out), "--format", checkpoint_format])
+    lightning_callbacks_job.main()
+    assert len(prepared) == 1 and len(reads) == 1, (prepared, reads)
+    assert (out / "final.pt").exists()  # the fit ran on; the tests above hold what it resumed

@@ -14,43 +14,15 @@ pytest.importorskip("lightning")
 
 import lightning
 import numpy as np
-from torch.utils.data import DataLoader
 
 import distckpt
 from distckpt.errors import UnloadableState
 from distckpt.lightning import DistckptCallback
 from distckpt.lightning_extras import LIGHTNING_ENTRIES
 from tests.lightning_callbacks_job import ONE_QUIET_DEVICE
+from tests.lightning_tiny import FailsInSecondEpoch, TinyModule, fit_tiny
 
 pytestmark = pytest.mark.timeout(120)
-
-
-class TinyModule(lightning.LightningModule):
-    """A linear model over 2 batches an epoch, with a frozen ``backbone``."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.backbone = torch.nn.Linear(4, 4).requires_grad_(False)
-        self.head = torch.nn.Linear(4, 1)
-
-    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
-        return self.head(self.backbone(batch)).square().mean()
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.head.parameters(), lr=0.01)
-
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(torch.randn(8, 4, generator=torch.Generator().manual_seed(0)), 4)
-
-
-def _fit(module: lightning.LightningModule, root: Path, epochs: int, **options: Any) -> Any:
-    trainer = lightning.Trainer(
-        max_epochs=epochs,
-        callbacks=[DistckptCallback(str(root), every_n_epochs=1, fsync=False, **options)],
-        **ONE_QUIET_DEVICE,
-    )
-    trainer.fit(module)
-    return trainer
 
 
 class DropsFrozenWeights(TinyModule):
@@ -86,10 +58,10 @@ def test_on_save_checkpoint_sees_lightning_entries_and_its_changes_to_them_are_n
     """The hook finds ``state_dict`` (and the other cheap entries) and may rewrite it; the model
     is still saved whole, from the module itself: the frozen weights come back on resume."""
     first = DropsFrozenWeights()
-    _fit(first, tmp_path, epochs=1)
+    fit_tiny(first, tmp_path, epochs=1)
     assert first.seen_at_save == sorted(LIGHTNING_ENTRIES)  # all of them, as in Lightning's
     resumed = DropsFrozenWeights()
-    trainer = _fit(resumed, tmp_path, epochs=1)  # nothing left to train: restores only
+    trainer = fit_tiny(resumed, tmp_path, epochs=1)  # nothing left to train: restores only
     assert trainer.callbacks[0].resumed_from == 2
     assert torch.equal(resumed.backbone.weight, first.backbone.weight)
     assert torch.equal(resumed.head.weight, first.head.weight)
@@ -100,9 +72,9 @@ def test_on_load_checkpoint_gets_lightning_entries_after_the_restore_and_the_add
 ) -> None:
     """``epoch``, ``global_step``, ``pytorch-lightning_version`` and ``state_dict`` (the restored
     module's), and exactly what ``on_save_checkpoint`` added."""
-    _fit(ReadsEntries(), tmp_path, epochs=1)
+    fit_tiny(ReadsEntries(), tmp_path, epochs=1)
     resumed = ReadsEntries()
-    _fit(resumed, tmp_path, epochs=2)
+    fit_tiny(resumed, tmp_path, epochs=2)
     assert resumed.loaded is not None
     assert set(resumed.loaded) == {*LIGHTNING_ENTRIES, "mine"}
     assert resumed.loaded["mine"] == 7
@@ -111,20 +83,18 @@ def test_on_load_checkpoint_gets_lightning_entries_after_the_restore_and_the_add
     assert resumed.loaded["state_dict"].keys() == resumed.state_dict().keys()
 
 
-class FailsOnce(TinyModule):
+class FailsOnce(FailsInSecondEpoch):
     """Fails in its second epoch's first batch until told otherwise; records what
     ``trainer.checkpoint_callback`` is in its hooks."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.fail = True
         self.seen_checkpoint_callbacks: list[Any] = []
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
-        if self.fail and self.current_epoch == 1:
-            raise RuntimeError("failing on purpose")
+        loss = super().training_step(batch, batch_idx)  # raises first while failing
         self.seen_checkpoint_callbacks.append(self.trainer.checkpoint_callback)
-        return super().training_step(batch, batch_idx)
+        return loss
 
     def on_train_epoch_end(self) -> None:
         self.seen_checkpoint_callbacks.append(self.trainer.checkpoint_callback)
@@ -169,26 +139,35 @@ class NumpyHook(TinyModule):
         checkpoint["best"] = np.float64(0.5)
 
 
+class AddsNumpy(lightning.Callback):
+    """A callback whose ``on_save_checkpoint`` adds a numpy scalar."""
+
+    def on_save_checkpoint(
+        self,
+        trainer: lightning.Trainer,
+        pl_module: lightning.LightningModule,
+        checkpoint: dict[str, Any],
+    ) -> None:
+        checkpoint["best"] = np.float64(0.5)
+
+
 @pytest.mark.parametrize("checkpoint_format", ["torch", "dcp"])
 def test_a_state_a_resume_could_not_load_is_refused_at_the_save(
     tmp_path: Path, checkpoint_format: str
 ) -> None:
     """It saved, and then every resume failed with advice (allow_pickle=True) the callback does
-    not take: now the first save raises UnloadableState naming it, and nothing is committed."""
-    trainer = lightning.Trainer(
-        max_epochs=1,
-        callbacks=[
-            DistckptCallback(str(tmp_path), every_n_epochs=1, format=checkpoint_format),
-            NumpyState(),
-        ],
-        **ONE_QUIET_DEVICE,
-    )
+    not take: now the first save raises UnloadableState naming it (a callback's state, what a
+    callback's ``on_save_checkpoint`` added, what the module's added), and nothing is
+    committed."""
     with pytest.raises(UnloadableState, match="the callback 'NumpyState'") as refused:
-        trainer.fit(TinyModule())
+        fit_tiny(TinyModule(), tmp_path, 1, callbacks=[NumpyState()], format=checkpoint_format)
     assert refused.value.state_key == "NumpyState" and "numpy" in refused.value.refused
     assert "allow_pickle" not in str(refused.value)
+    with pytest.raises(UnloadableState, match="callback 'AddsNumpy' added") as refused:
+        fit_tiny(TinyModule(), tmp_path, 1, callbacks=[AddsNumpy()], format=checkpoint_format)
+    assert refused.value.state_key == "AddsNumpy" and "numpy" in refused.value.refused
     with pytest.raises(UnloadableState, match="on_save_checkpoint added") as refused:
-        _fit(NumpyHook(), tmp_path, epochs=1, format=checkpoint_format)
+        fit_tiny(NumpyHook(), tmp_path, epochs=1, format=checkpoint_format)
     assert refused.value.state_key == "on_save_checkpoint"
     manager = distckpt.CheckpointManager(str(tmp_path))
     assert manager.steps() == []
@@ -200,9 +179,9 @@ def test_a_run_that_changes_its_format_resumes(tmp_path: Path, first: str, then:
     """The checkpoint is read in the layout of its own format, not of the one the resumed run
     saves in (the keys did not match), and the run goes on saving in its new format."""
     saved = ReadsEntries()
-    _fit(saved, tmp_path, epochs=1, format=first)
+    fit_tiny(saved, tmp_path, epochs=1, format=first)
     resumed = ReadsEntries()
-    trainer = _fit(resumed, tmp_path, epochs=2, format=then)
+    trainer = fit_tiny(resumed, tmp_path, epochs=2, format=then)
     assert trainer.callbacks[0].resumed_from == 2 and resumed.loaded is not None
     assert resumed.loaded["mine"] == 7
     assert trainer.callbacks[0].last_save.step == 4

@@ -99,6 +99,91 @@ def test_strict_false_loads_the_rest_and_reports_both_sides(root: Path, fmt: str
     assert torch.equal(state["new"], torch.zeros(4))
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_strict_lets_the_optional_keys_alone_be_missing(root: Path, fmt: str) -> None:
+    """A checkpoint saved before ``extras.added`` existed: strict lets exactly the optional
+    keys be missing (reported, left as given); any other key on one side only is still
+    refused before anything is loaded."""
+    with distckpt.CheckpointManager(root, format=fmt, fsync=False) as mgr:
+        mgr.save(1, {"w": torch.ones(2), "extras": {"kept": 5}})
+        state = {"w": torch.zeros(2), "extras": {"kept": 0, "added": 1}}
+        ckpt = mgr.restore(state=state, optional_keys=["extras.added", "later"])
+        assert ckpt is not None and ckpt.missing_keys == ("extras.added",)
+        assert torch.equal(state["w"], torch.ones(2))
+        assert state["extras"] == {"kept": 5, "added": 1}
+        refused = {"w": torch.zeros(2), "extras": {"kept": 0, "added": 1}, "new": 0}
+        with pytest.raises(InvalidArgument, match=r"missing from the checkpoint \['new'\]"):
+            mgr.restore(state=refused, optional_keys=["extras.added"])
+    assert torch.equal(refused["w"], torch.zeros(2))
+
+
+class KeyedTensors:
+    """An object with ``state_dict()``, as a user's own stateful object is: its keys are
+    named tensors, so a newer version can add one."""
+
+    def __init__(self, *names: str) -> None:
+        self.tensors = {name: torch.zeros(2) for name in names}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return dict(self.tensors)
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.tensors.update(state)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_missing_key_under_an_optional_key_is_optional_and_reported_as_it(
+    root: Path, fmt: str
+) -> None:
+    """A whole sub-dict a newer version added, named by its key: strict lets it be missing
+    (its leaves too), reported as that key in both formats, and left as given."""
+    with distckpt.CheckpointManager(root, format=fmt, fsync=False) as mgr:
+        mgr.save(1, {"w": torch.ones(2)})
+        state = {"w": torch.zeros(2), "extras": {"a": torch.zeros(1), "b": 1}}
+        ckpt = mgr.restore(state=state, optional_keys=["extras"])
+        assert ckpt is not None and ckpt.missing_keys == ("extras",)
+        assert torch.equal(state["w"], torch.ones(2)) and state["extras"]["b"] == 1
+        # Naming its leaves as well changes nothing.
+        ckpt = mgr.restore(state=state, optional_keys=["extras", "extras.a", "extras.b"])
+        assert ckpt is not None and ckpt.missing_keys == ("extras",)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_key_inside_an_object_with_a_state_dict_is_optional_as_the_whole_object(
+    root: Path, fmt: str
+) -> None:
+    """A key a newer version added inside an object with ``state_dict()`` is optional only as
+    the object: ``"obj.added"`` alone is refused (the object is reported missing, in both
+    formats), ``"obj"`` lets it load with the object reported and left as given."""
+    with distckpt.CheckpointManager(root, format=fmt, fsync=False) as mgr:
+        mgr.save(1, {"w": torch.ones(2), "obj": KeyedTensors("kept")})
+        with pytest.raises(InvalidArgument, match=r"missing from the checkpoint \['obj'\]"):
+            mgr.restore(
+                state={"w": torch.zeros(2), "obj": KeyedTensors("kept", "added")},
+                optional_keys=["obj.added"],
+            )
+        state = {"w": torch.zeros(2), "obj": KeyedTensors("kept", "added")}
+        ckpt = mgr.restore(state=state, optional_keys=["obj"])
+        assert ckpt is not None and ckpt.missing_keys == ("obj",)
+        assert torch.equal(state["w"], torch.ones(2))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_optional_keys_as_a_plain_string_are_refused(root: Path, fmt: str) -> None:
+    """A string is no collection of keys (it would be taken as its characters): refused, as
+    is a key that is no string, before anything is read."""
+    with distckpt.CheckpointManager(root, format=fmt, fsync=False) as mgr:
+        mgr.save(1, {"extras": {"kept": 5}})
+        state = {"extras": {"kept": 0, "added": 1}}
+        with pytest.raises(InvalidArgument, match=r"not the string 'extras\.added'"):
+            mgr.restore(state=state, optional_keys="extras.added")
+        with pytest.raises(InvalidArgument, match="optional_keys must be strings"):
+            mgr.restore(state=state, optional_keys=[1])
+        assert state["extras"]["kept"] == 0
+    ckpt = distckpt.load_checkpoint(root, state=state, optional_keys=["extras.added"])
+    assert ckpt.missing_keys == ("extras.added",) and state["extras"] == {"kept": 5, "added": 1}
+
+
 def _restore_on_ranks(rank: int, world_size: int, root: str, fmt: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
     with distckpt.CheckpointManager(root, format=fmt, fsync=False, timeout=TIMEOUT) as mgr:
@@ -133,6 +218,60 @@ def _save_then_refuse_on_rank_one(rank: int, world_size: int, root: str) -> dict
         with pytest.raises(InvalidArgument):
             mgr.restore(state=state)
     return {"w": state["w"].tolist(), "n": state["n"]}
+
+
+def _agree_then_fail_on_rank_one(rank: int, world_size: int, root: str) -> dict[str, Any]:
+    """The manager's agreement on work after a restore: each rank's value, then the error of
+    work failing on rank 1 alone, as each rank raised it."""
+    with distckpt.CheckpointManager(root, fsync=False, timeout=TIMEOUT) as mgr:
+        kept = mgr.agree_on(lambda: f"rank {rank}'s own", what="loading the rest")
+
+        def fails_on_rank_one() -> None:
+            if rank == 1:
+                raise ValueError("rank 1 cannot load the rest")
+
+        with pytest.raises(distckpt.RankFailure) as raised:
+            mgr.agree_on(fails_on_rank_one, what="loading the rest")
+
+        def refuses_on_rank_one() -> None:
+            if rank == 1:
+                raise InvalidArgument("rank 1 refuses the rest")
+
+        with pytest.raises(InvalidArgument) as refused:
+            mgr.agree_on(refuses_on_rank_one, what="loading the rest")
+    return {"kept": kept, "error": str(raised.value), "refused": str(refused.value)}
+
+
+def test_agree_on_keeps_each_ranks_value_and_raises_one_ranks_failure_on_every_rank(
+    root: Path,
+) -> None:
+    results = values(run_ranks(_agree_then_fail_on_rank_one, 2, str(root), timeout=TIMEOUT))
+    assert [result["kept"] for result in results] == ["rank 0's own", "rank 1's own"]
+    for result in results:
+        assert result["error"] == (
+            "loading the rest failed on rank 1: rank 1: ValueError: rank 1 cannot load the rest"
+        )
+        # A distckpt error comes through as itself, on every rank, naming the rank.
+        assert result["refused"] == "rank 1 refuses the rest (on rank 1)"
+
+
+def test_agree_on_in_one_process_raises_a_distckpt_error_as_itself_and_any_other_as_rank_failure(
+    root: Path,
+) -> None:
+    """The same rule without a process group: a single process is rank 0 of one."""
+
+    def refuses() -> None:
+        raise InvalidArgument("cannot load the rest")
+
+    def fails() -> None:
+        raise ValueError("cannot load the rest")
+
+    with distckpt.CheckpointManager(root, fsync=False) as mgr:
+        with pytest.raises(InvalidArgument, match=r"^cannot load the rest$"):
+            mgr.agree_on(refuses, what="loading the rest")
+        with pytest.raises(distckpt.RankFailure) as raised:
+            mgr.agree_on(fails, what="loading the rest")
+    assert isinstance(raised.value.__cause__, ValueError)
 
 
 def _restore_expecting_damage(rank: int, world_size: int, root: str) -> dict[str, Any]:

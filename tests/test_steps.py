@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
 from distckpt.errors import InvalidArgument
-from distckpt.steps import StepTracker
+from distckpt.manager import CheckpointManager
+from distckpt.model_state import ModelOptimizerState
+from distckpt.steps import StepTracker, steps_not_counted
 
 
 def make_model() -> tuple[nn.Linear, torch.optim.SGD]:
@@ -213,3 +217,106 @@ def test_failed_step_is_not_counted() -> None:
         with pytest.raises(RuntimeError):
             optimizer.step(closure=explode)
         assert tracker.step == 0
+
+
+def train_one_step(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """One real step, gradients dropped after it (``zero_grad(set_to_none=True)``, as
+    Lightning does): torch's ``get_state_dict`` / ``set_state_dict`` then create the empty
+    state of a plain SGD by a zero-learning-rate step of their own."""
+    backward(model)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("checkpoint_format", ["torch", "dcp"])
+def test_saving_a_plain_sgd_through_model_optimizer_state_counts_no_step(
+    tmp_path: Path, checkpoint_format: str
+) -> None:
+    """Plain SGD (no momentum) keeps no state, so torch steps it at every ``get_state_dict``:
+    the tracker counts the real steps only, and each checkpoint lands at its real step."""
+    model, optimizer = make_model()
+    with (
+        StepTracker(optimizer) as tracker,
+        CheckpointManager(tmp_path, format=checkpoint_format, fsync=False) as mgr,
+    ):
+        state = {"steps": tracker, "app": ModelOptimizerState(model, optimizer)}
+        for real_steps in range(1, 5):
+            train_one_step(model, optimizer)
+            mgr.save(tracker.step, state)
+            assert tracker.step == real_steps
+        assert mgr.steps() == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("tracker_first", [True, False], ids=["tracker-first", "tracker-last"])
+@pytest.mark.parametrize("checkpoint_format", ["torch", "dcp"])
+def test_a_restored_tracker_resumes_the_exact_count_wherever_it_sits_in_the_state(
+    tmp_path: Path, checkpoint_format: str, tracker_first: bool
+) -> None:
+    """First in the state, the tracker is restored before ``set_state_dict`` steps the fresh
+    SGD to create its state; last, after it: either way that step does not move the restored
+    count (nor does the restore's own ``get_state_dict``, for its template)."""
+    model, optimizer = make_model()
+    with (
+        StepTracker(optimizer) as tracker,
+        CheckpointManager(tmp_path, format=checkpoint_format, fsync=False) as mgr,
+    ):
+        for _ in range(3):
+            train_one_step(model, optimizer)
+        mgr.save(tracker.step, {"steps": tracker, "app": ModelOptimizerState(model, optimizer)})
+
+    resumed_model, resumed_optimizer = make_model()
+    with (
+        StepTracker(resumed_optimizer) as resumed,
+        CheckpointManager(tmp_path, format=checkpoint_format, fsync=False) as mgr,
+    ):
+        app = ModelOptimizerState(resumed_model, resumed_optimizer)
+        state = {"steps": resumed, "app": app} if tracker_first else {"app": app, "steps": resumed}
+        checkpoint = mgr.restore("last", state=state)
+        assert checkpoint is not None and checkpoint.step == 3
+        assert resumed.step == 3
+        train_one_step(resumed_model, resumed_optimizer)
+        assert resumed.step == 4
+
+
+def test_a_step_in_another_thread_is_counted_while_one_thread_is_not_counting() -> None:
+    """:func:`steps_not_counted` covers its own thread only: a real step the training thread
+    takes while another thread is inside the block counts, and one taken inside it does not."""
+    model, optimizer = make_model()
+    inside, release = threading.Event(), threading.Event()
+
+    def hold_the_block() -> None:
+        with steps_not_counted():
+            inside.set()
+            release.wait(timeout=30)
+
+    holder = threading.Thread(target=hold_the_block)
+    with StepTracker(optimizer) as tracker:
+        holder.start()
+        try:
+            assert inside.wait(timeout=30)
+            train_one_step(model, optimizer)
+            assert tracker.step == 1
+        finally:
+            release.set()
+            holder.join(timeout=30)
+        with steps_not_counted():
+            train_one_step(model, optimizer)
+        assert tracker.step == 1
+
+
+def test_a_real_step_during_an_async_save_is_counted(tmp_path: Path) -> None:
+    """An async save takes ``state_dict()`` in the calling thread (torch's step there is not
+    counted) and writes in the background: a real step meanwhile counts."""
+    model, optimizer = make_model()
+    with (
+        StepTracker(optimizer) as tracker,
+        CheckpointManager(tmp_path, format="dcp", fsync=False, async_save=True) as mgr,
+    ):
+        state = {"steps": tracker, "app": ModelOptimizerState(model, optimizer)}
+        for real_steps in range(1, 4):
+            train_one_step(model, optimizer)
+            mgr.save(tracker.step, state)
+            train_one_step(model, optimizer)
+            assert tracker.step == 2 * real_steps
+        mgr.wait()
+        assert mgr.steps() == [1, 3, 5]

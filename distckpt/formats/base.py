@@ -51,6 +51,22 @@ def check_rank_argument(rank: Any) -> int | None:
     return rank
 
 
+def check_optional_keys(optional_keys: Any) -> frozenset[str]:
+    """``optional_keys`` as a restore takes them: a collection of dotted keys, as a frozenset.
+    A plain string is refused with :class:`~distckpt.errors.InvalidArgument`, as is any item
+    that is no string: a string would be taken as its characters, none of them a key."""
+    if isinstance(optional_keys, (str, bytes)):
+        raise InvalidArgument(
+            f"optional_keys must be a collection of dotted keys, not the string {optional_keys!r}"
+            f" (pass [{optional_keys!r}] for one key)"
+        )
+    keys = frozenset(optional_keys)
+    not_keys = sorted(repr(key) for key in keys if not isinstance(key, str))
+    if not_keys:
+        raise InvalidArgument(f"optional_keys must be strings; not {', '.join(not_keys)}")
+    return keys
+
+
 def check_map_location(map_location: Any) -> Any:
     """``map_location`` if it is one ``torch.load`` takes: None, a device name
     ``torch.device`` accepts, a ``torch.device``, a dict of such names (a saved location to
@@ -98,6 +114,9 @@ class ReadOptions:
     #: map keys that differ only by wrapper prefixes (``_orig_mod.``, ``module.``); see
     #: :mod:`distckpt.key_prefixes`
     fix_key_prefixes: bool = True
+    #: dotted keys of the given state that the checkpoint may lack even when strict (the keys
+    #: a newer version of a state added): reported in ``missing_keys``, not refused
+    optional_keys: frozenset[str] = frozenset()
 
 
 def storage_placement(

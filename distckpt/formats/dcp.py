@@ -317,7 +317,9 @@ class DcpFormat:
                 step=manifest.step,
             )
         metadata = read_metadata(directory, manifest, allow_pickle=options.allow_pickle)
-        mismatch = key_mismatch_as_read(template, metadata, ctx.rank, options.fix_key_prefixes)
+        mismatch = key_mismatch_as_read(
+            template, metadata, ctx.rank, options.fix_key_prefixes, options.optional_keys
+        )
         return PreparedRead(
             directory, manifest, ctx, template, options, detail=metadata, mismatch=mismatch
         )

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -157,7 +157,11 @@ def per_rank_not_read(
 
 
 def key_mismatch_as_read(
-    template: Any, metadata: Metadata, rank: int, fix_prefixes: bool
+    template: Any,
+    metadata: Metadata,
+    rank: int,
+    fix_prefixes: bool,
+    optional_keys: Collection[str] = (),
 ) -> LoadReport:
     """The keys on one side only, and the tensors whose saved shape differs, compared as the
     read will ask for them: per-rank values split
@@ -166,7 +170,8 @@ def key_mismatch_as_read(
     asks for is missing when the checkpoint holds nothing under its place in this rank's
     namespace (its saved structure may differ from a fresh one's); per-rank values nobody
     asks for are not unexpected but logged by the read (:func:`per_rank_not_read`), so a
-    restore by another world size may leave them out."""
+    restore by another world size may leave them out. An optional key (``optional_keys``)
+    whose leaves are all missing is reported as itself (:func:`fold_missing_subtrees`)."""
     shared, marked = split_per_rank(template)
     if fix_prefixes:
         shared, _ = rename_to_saved(shared, saved_paths(metadata), "", log=False)
@@ -187,6 +192,7 @@ def key_mismatch_as_read(
         place = f"{PER_RANK_KEY}.{rank}.{dotted(path)}"
         if not any(key == place or key.startswith(f"{place}.") for key in own):
             report.missing_keys.append(dotted(path))
+    report.missing_keys = fold_missing_subtrees(report.missing_keys, flat, optional_keys)
     return report
 
 
@@ -202,6 +208,25 @@ def with_saved_group_settings(state: Any, metadata: Metadata) -> None:
         found, group = get_saved(state, tuple(path[:-1]))
         if found and isinstance(group, dict) and path[-1] not in group:
             group[path[-1]] = None
+
+
+def fold_missing_subtrees(
+    missing: list[str], flat: Iterable[str], optional_keys: Collection[str]
+) -> list[str]:
+    """``missing`` with the leaves of each of ``optional_keys`` replaced by that key when
+    every leaf of it (among the ``flat`` keys asked for) is missing: DCP flattens the state,
+    so it finds a whole missing sub-dict as its leaves, where "torch" finds the sub-dict; one
+    with some leaves saved keeps its missing leaves listed, in both formats."""
+    asked = list(flat)
+    folded = list(missing)
+    for optional in sorted(optional_keys, key=len):
+        leaves = [key for key in asked if key == optional or key.startswith(f"{optional}.")]
+        if not leaves or not all(leaf in folded for leaf in leaves):
+            continue
+        first = folded.index(leaves[0])
+        folded = [key for key in folded if key not in leaves]
+        folded.insert(min(first, len(folded)), optional)
+    return folded
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,102 @@
+"""distckpt.lightning.DistckptCallback resuming a DDP fit on 2 real ranks (forked processes in a
+gloo group, ``strategy="ddp"``): what the restore hands to the callbacks' hooks after it
+(their ``load_state_dict`` and ``on_load_checkpoint``) failing on one rank alone is raised on
+every rank, naming that rank, instead of leaving the other rank to train on into DDP's
+gradient sync and wait there for the process group's timeout."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("lightning")
+
+import lightning
+from lightning import LightningModule, Trainer
+
+from distckpt.lightning import DistckptCallback
+from tests.lightning_tiny import TinyModule
+from tests.ranks import ReservedPort, run_ranks
+
+pytestmark = pytest.mark.timeout(120)
+
+#: What a fit on 2 ranks passes to its Trainer beside its callbacks: no output, no files.
+TWO_QUIET_RANKS: dict[str, Any] = {
+    "accelerator": "cpu",
+    "devices": 2,
+    "strategy": "ddp",
+    "enable_checkpointing": False,
+    "logger": False,
+    "enable_progress_bar": False,
+    "enable_model_summary": False,
+}
+
+
+class FailsToResumeOnRankOne(lightning.Callback):
+    """Has a state to save; at a resume its hook named ``failing_hook`` raises on rank 1 only."""
+
+    def __init__(self, failing_hook: str | None) -> None:
+        self.failing_hook = failing_hook
+
+    def _fail_if(self, hook: str) -> None:
+        if hook == self.failing_hook and os.environ["RANK"] == "1":
+            raise ValueError(f"{hook} refuses the state on rank 1")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"saved": 1}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._fail_if("load_state_dict")
+
+    def on_load_checkpoint(
+        self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        self._fail_if("on_load_checkpoint")
+
+
+def _fit_then_resume(rank: int, world_size: int, root: str, port: int, hook: str) -> str:
+    """One rank of a 1-epoch fit, then of its resume to 2 epochs whose ``hook`` fails on rank 1;
+    the resume's error as ``type: message``."""
+    # The process group exists already (tests.ranks made it): Lightning takes it as is; these
+    # tell Lightning's DDP which rank this process is.
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        NODE_RANK="0",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+
+    def fit(epochs: int, failing_hook: str | None) -> None:
+        callbacks = [
+            DistckptCallback(root, every_n_epochs=1, fsync=False, timeout=20),
+            FailsToResumeOnRankOne(failing_hook),
+        ]
+        lightning.Trainer(max_epochs=epochs, callbacks=callbacks, **TWO_QUIET_RANKS).fit(
+            TinyModule()
+        )
+
+    fit(1, None)
+    try:
+        fit(2, hook)
+    except Exception as error:
+        return f"{type(error).__name__}: {error}"
+    return "resumed"
+
+
+@pytest.mark.parametrize("hook", ["load_state_dict", "on_load_checkpoint"])
+def test_a_hook_failing_on_one_rank_at_resume_raises_on_every_rank(
+    tmp_path: Path, hook: str
+) -> None:
+    with ReservedPort() as port:
+        results = run_ranks(
+            _fit_then_resume, 2, str(tmp_path / "root"), port.port, hook, timeout=60
+        )
+    errors = [result.unwrap() for result in results]
+    for error in errors:
+        assert error.startswith("RankFailure"), error
+        assert f"rank 1: ValueError: {hook} refuses the state on rank 1" in error
