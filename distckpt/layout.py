@@ -51,6 +51,34 @@ _SET_ASIDE_RE = re.compile(rf"^{SET_ASIDE_PREFIX}step-(\d+)-([0-9A-Za-z_.-]+)$")
 _RANK_FILE_RE = re.compile(r"^rank-(\d+)\.pt$")
 
 
+#: The names a root gives entries of its own, besides its step dirs, set-aside checkpoints and
+#: lingering lease locks (:func:`is_root_entry_name`).
+ROOT_ENTRY_NAMES = (STAGING_DIR_NAME, TRASH_DIR_NAME, LOCK_NAME, LEASE_LOCK_NAME, LEASE_RECORD_NAME)
+
+
+def is_root_entry_name(name: str) -> bool:
+    """Whether ``name`` is one a checkpoint root gives an entry of its own (the layout above):
+    a step dir, a link, its staging or trash dir, its lock or lease files, a set-aside
+    checkpoint. Whatever else is in a root is no part of it."""
+    return (
+        name in ROOT_ENTRY_NAMES
+        or name in LINK_NAMES
+        or parse_step_dir_name(name) is not None
+        or name.startswith(SET_ASIDE_PREFIX)
+        or (name.startswith(LEASE_LOCK_NAME + ".") and name.endswith(LINGERING_LEASE_LOCK_SUFFIX))
+    )
+
+
+def holds_a_root(directory: str | os.PathLike[str]) -> bool:
+    """Whether ``directory`` is a checkpoint root: it holds an entry of a root's layout (a
+    root a job opened holds at least its lease lock). A directory that holds none, like the
+    parent of roots, is not one."""
+    try:
+        return any(is_root_entry_name(entry.name) for entry in os.scandir(directory))
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+
+
 def step_dir_name(step: int) -> str:
     """``step-00001000``: zero-padded to at least eight digits, so names sort like steps."""
     return f"{STEP_PREFIX}{step:0{STEP_DIGITS}d}"

@@ -209,6 +209,34 @@ def test_export_then_load_in_a_plain_process(root: Path, tmp_path: Path) -> None
 
 
 @pytest.mark.parametrize(
+    "target",
+    [
+        "last/model.pt",  # through the link, into the newest step dir
+        "step-00000030/rank-00000.pt",  # over a committed rank file
+        "step-00000010/extra.pt",
+        ".staging/x.pt",
+        ".trash/x.pt",
+        "last",
+        ".lock",
+        ".lease.json",
+    ],
+)
+def test_export_inside_the_roots_own_layout_is_refused(
+    root: Path, tmp_path: Path, target: str
+) -> None:
+    """As an ``s3://`` output under a root's own name is: a file in a step dir fails its
+    verify and goes with it at retention, a replaced rank file loses the checkpoint."""
+    before = {path: path.read_bytes() for path in root.rglob("*") if path.is_file()}
+    out = run("export", str(root), str(root / target))
+    assert out.returncode == 2, out
+    assert "inside the checkpoint root" in out.stderr and repr(target.split("/")[0]) in out.stderr
+    assert {path: path.read_bytes() for path in root.rglob("*") if path.is_file()} == before
+    assert run("verify", str(root)).returncode == 0
+    # Beside the layout, in the root, is not in it: nothing distckpt reads or removes.
+    assert run("export", str(root), str(root / "model.pt")).returncode == 0
+
+
+@pytest.mark.parametrize(
     "args",
     [
         ("info", "does-not-exist"),
