@@ -209,6 +209,24 @@ def test_export_then_load_in_a_plain_process(root: Path, tmp_path: Path) -> None
 
 
 @pytest.mark.parametrize(
+    "args",
+    [("ls",), ("lease",), ("gc",), ("prune", "--keep-last", "1"), ("delete", "10")],
+    ids=lambda value: value[0],
+)
+def test_a_command_on_a_root_refuses_a_directory_of_roots(
+    root: Path, args: tuple[str, ...]
+) -> None:
+    """The directory holding a root (``runs/`` for ``runs/exp1``) holds none of a root's
+    entries: refused as bad input naming it, and nothing (no lock file) is made there."""
+    parent = root.parent
+    before = sorted(parent.iterdir())
+    out = run(args[0], str(parent), *args[1:])
+    assert out.returncode == 2, out
+    assert f"{parent} is not a checkpoint root" in out.stderr, out.stderr
+    assert sorted(parent.iterdir()) == before
+
+
+@pytest.mark.parametrize(
     "target",
     [
         "last/model.pt",  # through the link, into the newest step dir

@@ -60,6 +60,18 @@ def root(s3_server: S3Server, s3_url: str, aws_env: None) -> str:
     return s3_url
 
 
+#: Every command that reads or changes a root or a checkpoint in it, with its arguments.
+COMMANDS_ON_A_LOCATION = [
+    ("info",),
+    ("verify",),
+    ("ls",),
+    ("prune", "--keep-last", "1"),
+    ("gc",),
+    ("lease",),
+    ("delete", "10"),
+]
+
+
 def raw_store(url: str, server: S3Server) -> ObjectStore:
     """The root's objects as the store holds them, past distckpt's checkpoint layer."""
     return ObjectStore(url, server.storage_options())
@@ -282,19 +294,7 @@ def test_export_refuses_to_write_over_a_roots_own_names(
         assert distckpt.export(f"{root}/{step_dir_name(10)}", beside) == beside
 
 
-@pytest.mark.parametrize(
-    "args",
-    [
-        ("info",),
-        ("verify",),
-        ("ls",),
-        ("prune", "--keep-last", "1"),
-        ("gc",),
-        ("lease",),
-        ("delete", "10"),
-    ],
-    ids=lambda value: value[0],
-)
+@pytest.mark.parametrize("args", COMMANDS_ON_A_LOCATION, ids=lambda value: value[0])
 def test_a_prefix_holding_nothing_is_a_missing_root(
     s3_server: S3Server, s3_url: str, aws_env: None, args: tuple[str, ...]
 ) -> None:
@@ -306,6 +306,20 @@ def test_a_prefix_holding_nothing_is_a_missing_root(
     assert out.stderr.startswith(f"distckpt {args[0]}: error: no "), out.stderr
     assert s3_url in out.stderr
     assert list(raw_store(s3_url, s3_server).list()) == []
+
+
+@pytest.mark.parametrize("args", COMMANDS_ON_A_LOCATION, ids=lambda value: value[0])
+def test_a_missing_bucket_is_named_as_one_not_as_a_missing_root(
+    s3_server: S3Server, aws_env: None, args: tuple[str, ...]
+) -> None:
+    """Every command says the store's own ``NoSuchBucket``: a prefix of a bucket that is
+    there but empty is a missing root, a bucket that is not there is not."""
+    url = "s3://no-such-bucket-here/t1"
+    out = run(args[0], url, *args[1:])
+    assert out.returncode == 2, out
+    assert "Traceback" not in out.stderr
+    assert "NoSuchBucket" in out.stderr, out.stderr
+    assert "no checkpoint root" not in out.stderr, out.stderr
 
 
 @pytest.mark.parametrize(
