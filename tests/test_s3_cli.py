@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ import distckpt
 import distckpt.storage.s3_upkeep as upkeep
 from distckpt.cli import main
 from distckpt.layout import step_dir_name
+from distckpt.lease import this_process_host
 from distckpt.objstore import ObjectStore
 from distckpt.objurl import S3Url
 from tests.hostile_cases import reseal_manifest
@@ -407,3 +409,30 @@ def test_python_dash_m_with_the_aws_environment(root: str, s3_server: S3Server) 
     )
     assert out.returncode == 0, out.stderr
     assert f"ok     {step_dir_name(30)}" in out.stdout
+
+
+def _lease_record(url: str) -> dict[str, Any]:
+    """What ``distckpt lease --json`` shows of the lease of the root at ``url``."""
+    out = run("lease", "--json", url)
+    assert out.returncode == 0, out
+    lease: dict[str, Any] = json.loads(out.stdout)["lease"]
+    return lease
+
+
+def test_lease_shows_only_what_an_s3_lease_records(
+    s3_server: S3Server, s3_url: str, aws_env: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The lease object keeps its holder's host and pid only: the job id, start time and
+    generation are null, and the holder is not said to have no job id (it had one here), nor
+    given its renewal count as a generation."""
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    with distckpt.CheckpointManager(s3_url, storage_options=s3_server.storage_options()):
+        held = _lease_record(s3_url)
+        assert (held["host"], held["pid"]) == (this_process_host(), os.getpid())
+        assert held["job_id"] is None and held["started_utc"] is None
+        assert held["generation"] is None and held["released_utc"] is None
+        for command in ("lease", "ls"):
+            shown = run(command, s3_url).stdout
+            assert f"lease: a job on host {this_process_host()}, pid {os.getpid()} (" in shown
+            assert "without a job id" not in shown and "generation" not in shown
