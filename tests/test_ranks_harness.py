@@ -301,11 +301,13 @@ def test_a_return_value_that_cannot_be_pickled_is_the_ranks_error() -> None:
         values(results)
 
 
-def test_values_refuses_results_that_are_not_one_from_each_rank() -> None:
+def test_values_refuses_no_results_and_a_rank_given_twice() -> None:
     with pytest.raises(RankResultLost):
         values([])
     with pytest.raises(RankResultLost):
-        values([RankResult(1, value=1)])
-    with pytest.raises(RankResultLost):
         values([RankResult(0, value=0), RankResult(0, value=0)])
+    with pytest.raises(RankResultLost):
+        values([RankResult(1, value=1), RankResult(0, value=0)])
     assert values([RankResult(0, value="a"), RankResult(1, value="b")]) == ["a", "b"]
+    # What run_ranks returns with expect_killed when rank 1 of 3 was killed.
+    assert values([RankResult(0, value="a"), RankResult(2, value="c")]) == ["a", "c"]
