@@ -16,9 +16,10 @@ no checkpoint for ``info``, ``verify`` and ``export``, a step ``delete`` finds n
 checkpoint of, and for the commands that take a root (``ls``, ``lease``, ``prune``, ``delete``,
 ``gc``) a path that is no root: nothing there (an ``s3://`` prefix holding no object is what a
 missing directory is; a root a job opened holds its lease, and is a root; a missing bucket is
-the store's ``NoSuchBucket``), a local directory holding none of a root's entries (a directory
-of roots), or a checkpoint or ``last``/``best`` link, in which ``prune``, ``delete`` and ``gc``
-would create the root's lock file.
+the store's ``NoSuchBucket``), a local directory that is no root by
+:func:`distckpt.layout.holds_a_root` (a directory of roots, even holding a ``last`` link to
+one of them; an empty directory), or a checkpoint or ``last``/``best`` link, in which
+``prune``, ``delete`` and ``gc`` would create the root's lock file.
 """
 
 from __future__ import annotations
@@ -85,8 +86,9 @@ def _existing_view(root: str) -> RootView:
         # A directory of roots (``runs/`` for ``runs/exp1``), or any other: "nothing to
         # collect" there would hide the mistake, and prune and gc would leave a lock file.
         raise InvalidArgument(
-            f"{view.root} is not a checkpoint root: it holds none of a root's entries "
-            "(step dirs, last/best, .staging, .lease); give the root itself",
+            f"{view.root} is not a checkpoint root: it holds no lease file (.lease), "
+            "committed checkpoint (step-N/manifest.json) or last/best link to one; "
+            "give the root itself",
             path=root,
         )
     return view

@@ -62,7 +62,9 @@ def export(
             written, it appears whole or not at all), in a store ``storage_options``
             configure as well. Local or not, never one of a checkpoint root's own names
             (``ROOT/last``, ``ROOT/step-00000010/...``, ``ROOT/.staging/...``; links resolved:
-            :class:`~distckpt.InvalidArgument`).
+            :class:`~distckpt.InvalidArgument`), a local root being what
+            :func:`distckpt.layout.holds_a_root` tells one: ``exports/last/model.pt`` is
+            written again and again.
         rank: for a "torch" checkpoint, the rank whose state to export (default 0). Not
             allowed for "dcp": that format is exported whole.
         all_ranks: for a "torch" checkpoint, export ``{rank: state}`` of every rank.
