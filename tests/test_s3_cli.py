@@ -423,12 +423,15 @@ def test_lease_shows_only_what_an_s3_lease_records(
     s3_server: S3Server, s3_url: str, aws_env: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The lease object keeps its holder's host and pid only: the job id, start time and
-    generation are null, and the holder is not said to have no job id (it had one here), nor
-    given its renewal count as a generation."""
+    generation are null (in ``lease --json`` and ``ls --json`` alike), and the holder is not
+    said to have no job id (it had one here), nor given its renewal count as a generation."""
     monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
     with distckpt.CheckpointManager(s3_url, storage_options=s3_server.storage_options()):
         held = _lease_record(s3_url)
+        listed = run("ls", "--json", s3_url)
+        assert listed.returncode == 0, listed
+        assert json.loads(listed.stdout)["lease"] == held
         assert (held["host"], held["pid"]) == (this_process_host(), os.getpid())
         assert held["job_id"] is None and held["started_utc"] is None
         assert held["generation"] is None and held["released_utc"] is None
