@@ -82,6 +82,8 @@ def test_a_root_is_told_by_what_only_a_root_has(
 def test_a_root_a_job_opened_and_closed_without_saving_is_one(tmp_path: Path) -> None:
     """Its lease files stay after close: it is a root before its first checkpoint."""
     distckpt.CheckpointManager(tmp_path / "root", fsync=False).close()
+    assert (tmp_path / "root" / ".lease").is_file()
+    assert (tmp_path / "root" / ".lease.json").is_file()
     assert holds_a_root(tmp_path / "root")
     assert not holds_a_root(tmp_path)
     assert not holds_a_root(tmp_path / "missing")
