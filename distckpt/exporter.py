@@ -30,7 +30,7 @@ from distckpt.errors import InvalidArgument
 from distckpt.formats import format_named
 from distckpt.formats.base import check_rank_argument
 from distckpt.fsutil import atomic_write
-from distckpt.layout import LINK_NAMES, SET_ASIDE_PREFIX, parse_step_dir_name
+from distckpt.layout import LINK_NAMES, holds_a_root, is_root_entry_name, parse_step_dir_name
 from distckpt.objstore import ObjectStore
 from distckpt.objurl import S3Url, is_s3_url
 from distckpt.resolve import resolve_path
@@ -60,8 +60,11 @@ def export(
         out_file: the file to write; replaced atomically if it exists. Its directory is created
             if missing. Or an ``s3://BUCKET/KEY`` URL: the object to write (uploaded as it is
             written, it appears whole or not at all), in a store ``storage_options``
-            configure as well; never one of a checkpoint root's own names (``ROOT/last``,
-            ``ROOT/step-00000010/...``: :class:`~distckpt.InvalidArgument`).
+            configure as well. Local or not, never one of a checkpoint root's own names
+            (``ROOT/last``, ``ROOT/step-00000010/...``, ``ROOT/.staging/...``; links resolved:
+            :class:`~distckpt.InvalidArgument`), a local root being what
+            :func:`distckpt.layout.holds_a_root` tells one: ``exports/last/model.pt`` is
+            written again and again.
         rank: for a "torch" checkpoint, the rank whose state to export (default 0). Not
             allowed for "dcp": that format is exported whole.
         all_ranks: for a "torch" checkpoint, export ``{rank: state}`` of every rank.
@@ -86,6 +89,7 @@ def export(
                 torch.save(state, writer)
         return str(out_file)
     out = Path(os.path.abspath(os.fspath(out_file)))
+    _refuse_a_local_roots_own_name(out)
     if out.is_dir():
         raise InvalidArgument(f"out_file {out} is a directory; give the path of a file")
     state = _exported_state(path, rank, all_ranks, allow_pickle, storage_options)
@@ -129,13 +133,34 @@ def _output_object(
 
 
 def _is_layout_name(name: str) -> bool:
-    """Whether ``name`` (one ``/``-separated part of a key) is one a checkpoint root gives its
-    own objects or prefixes (:mod:`distckpt.storage.s3_view`)."""
-    return (
-        name in (*LINK_NAMES, LEASE_NAME, WRITERS_PREFIX.rstrip("/"))
-        or parse_step_dir_name(name) is not None
-        or name.startswith(SET_ASIDE_PREFIX)
+    """Whether ``name`` (one part of a path, or one ``/``-separated part of a key) is one a
+    checkpoint root gives its own entries: on disk (:mod:`distckpt.layout`) or in a bucket
+    (:mod:`distckpt.storage.s3_view`)."""
+    return is_root_entry_name(name) or name in (LEASE_NAME, WRITERS_PREFIX.rstrip("/"))
+
+
+def _inside_a_root(out_file: str | Path, root: str, name: str) -> InvalidArgument:
+    """The refusal of an ``out_file`` that is inside the checkpoint root ``root`` under the
+    root's own ``name``."""
+    return InvalidArgument(
+        f"out_file {out_file} is inside the checkpoint root {root} under its own name "
+        f"{name!r}: export it elsewhere",
+        path=str(out_file),
     )
+
+
+def _refuse_a_local_roots_own_name(out: Path) -> None:
+    """Refuse (:class:`InvalidArgument`) an ``out`` inside a checkpoint root under a name of
+    its layout (``root/step-00000010/rank-00000.pt``, ``root/last/model.pt``): the file would
+    replace a committed one or join a step dir, which verify then reports and retention
+    deletes. Checked as given and with its links resolved (``root/last`` is a link to a step
+    dir; so may any dir on the way be)."""
+    for path in (out, Path(os.path.realpath(out))):
+        for depth in range(1, len(path.parts)):
+            name = path.parts[depth]
+            directory = Path(*path.parts[:depth])
+            if is_root_entry_name(name) and holds_a_root(directory):
+                raise _inside_a_root(out, str(directory), name)
 
 
 def _refuse_a_roots_own_name(store: ObjectStore, url: str, key: str) -> None:
@@ -153,11 +178,7 @@ def _refuse_a_roots_own_name(store: ObjectStore, url: str, key: str) -> None:
             parse_step_dir_name(name[len(prefix) :].rstrip("/")) is not None
             for name in store.list_dirs(prefix)
         ):
-            raise InvalidArgument(
-                f"out_file {url} is inside the checkpoint root s3://{store.bucket}/"
-                f"{prefix.rstrip('/')} under its own name {part!r}: export it elsewhere",
-                path=url,
-            )
+            raise _inside_a_root(url, f"s3://{store.bucket}/{prefix.rstrip('/')}", part)
 
 
 def _atomic_torch_save(state: Any, out: Path, *, fsync: bool) -> None:

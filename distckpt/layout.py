@@ -17,7 +17,16 @@ A root looks like this (documented in the README, so people and tools can rely o
                                 (no longer committed) rather than deleted: for people to look
                                 at or remove; nothing distckpt does counts or removes it
 
-This module only computes names; it reads the disk only to list what is there.
+What makes a directory a root (:func:`holds_a_root`, the one rule the command line and
+``export`` share) is what only a root has, never a name alone: its lease files (``.lease``,
+``.lease.json``, or a lease lock ``lease --break`` moved aside; every version opening a root
+makes them, and closing it leaves them), a committed checkpoint (a step dir holding
+``manifest.json``), or a ``last``/``best`` link (symlink or pointer file) naming one of its step
+dirs. ``.lock``, ``.staging`` and ``.trash`` are names other tools use too, and a directory of
+any other kind may hold ``last/``, ``step-00000010/`` or ``damaged-x`` of its own (exports, a
+user's ``runs/last -> exp1``): none of them makes a root.
+
+This module computes names; it reads the disk only to list what is there and to tell a root.
 """
 
 from __future__ import annotations
@@ -26,6 +35,8 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+
+from distckpt.fsutil import read_link
 
 STEP_PREFIX = "step-"
 STEP_DIGITS = 8
@@ -49,6 +60,69 @@ SET_ASIDE_PREFIX = "damaged-"
 _STEP_DIR_RE = re.compile(r"^step-(\d+)$")
 _SET_ASIDE_RE = re.compile(rf"^{SET_ASIDE_PREFIX}step-(\d+)-([0-9A-Za-z_.-]+)$")
 _RANK_FILE_RE = re.compile(r"^rank-(\d+)\.pt$")
+
+
+#: The names a root gives entries of its own, besides its step dirs, set-aside checkpoints and
+#: lingering lease locks (:func:`is_root_entry_name`).
+ROOT_ENTRY_NAMES = (STAGING_DIR_NAME, TRASH_DIR_NAME, LOCK_NAME, LEASE_LOCK_NAME, LEASE_RECORD_NAME)
+
+
+def is_root_entry_name(name: str) -> bool:
+    """Whether ``name`` is one a checkpoint root gives an entry of its own (the layout above):
+    a step dir, a link, its staging or trash dir, its lock or lease files, a set-aside
+    checkpoint. Whatever else is in a root is no part of it."""
+    return (
+        name in ROOT_ENTRY_NAMES
+        or name in LINK_NAMES
+        or parse_step_dir_name(name) is not None
+        or name.startswith(SET_ASIDE_PREFIX)
+        or _is_lingering_lease_lock(name)
+    )
+
+
+def holds_a_root(directory: str | os.PathLike[str]) -> bool:
+    """Whether ``directory`` is a checkpoint root by what only a root has (the rule in the
+    module docstring): its lease files, a committed checkpoint, or a ``last``/``best`` link
+    naming one of its step dirs. A directory of roots, one holding another tool's ``.lock``,
+    or one of exported files in ``last/`` or ``step-00000010/`` dirs is not one."""
+    try:
+        entries = list(os.scandir(directory))
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    for entry in entries:
+        if entry.name in (LEASE_LOCK_NAME, LEASE_RECORD_NAME) or _is_lingering_lease_lock(
+            entry.name
+        ):
+            return True
+        if _is_committed_step_dir(entry):
+            return True
+        if entry.name in LINK_NAMES and _names_a_step_dir(Path(entry.path)):
+            return True
+    return False
+
+
+def _is_committed_step_dir(entry: os.DirEntry[str]) -> bool:
+    """Whether ``entry`` is a step dir holding its manifest (a committed checkpoint)."""
+    return (
+        parse_step_dir_name(entry.name) is not None
+        and entry.is_dir(follow_symlinks=False)
+        and os.path.isfile(os.path.join(entry.path, MANIFEST_NAME))
+    )
+
+
+def _is_lingering_lease_lock(name: str) -> bool:
+    """Whether ``name`` is a lease lock file ``lease --break`` moved aside."""
+    return name.startswith(LEASE_LOCK_NAME + ".") and name.endswith(LINGERING_LEASE_LOCK_SUFFIX)
+
+
+def _names_a_step_dir(link: Path) -> bool:
+    """Whether the link ``link`` (symlink or pointer file) names a step dir beside it, as a
+    root's ``last``/``best`` do: not a directory of another name (``runs/last -> exp1``), nor
+    anything elsewhere."""
+    target = read_link(link)
+    if target is None or parse_step_dir_name(target) is None:
+        return False
+    return (link.parent / target).is_dir()
 
 
 def step_dir_name(step: int) -> str:

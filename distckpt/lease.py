@@ -159,8 +159,10 @@ class LeaseHolder:
     host: str
     pid: int
     job_id: str | None
-    started_utc: str
-    generation: int
+    #: None, as ``job_id`` is, where the record does not say: an ``s3://`` root's lease object
+    #: holds its holder's host and pid only (older versions refuse a record with more keys)
+    started_utc: str | None
+    generation: int | None
     token: str
     released_utc: str | None = None
     broken_utc: str | None = None
@@ -185,7 +187,10 @@ class LeaseHolder:
         return self.boot_id is None or self.boot_id == _boot_id()
 
     def describe(self) -> str:
-        """``job J on host H, pid P, since T (generation G)``."""
+        """``job J on host H, pid P, since T (generation G)``; ``a job on host H, pid P`` where
+        the record keeps no more (an ``s3://`` lease)."""
+        if self.started_utc is None:  # a record that keeps no job id, time nor generation
+            return f"a job on host {self.host}, pid {self.pid}"
         job = f"job {self.job_id}" if self.job_id else "a job without a job id"
         return (
             f"{job} on host {self.host}, pid {self.pid}, since {self.started_utc} "
@@ -388,6 +393,8 @@ class RootLease:
 
     @property
     def generation(self) -> int:
+        # A root directory's record always has one: from_json refuses a record without.
+        assert self.holder.generation is not None
         return self.holder.generation
 
     @property

@@ -3,9 +3,11 @@
 ``run_ranks(fn, world_size, *args)`` forks ``world_size`` processes (about 0.1 s), each of which
 initialises torch.distributed (gloo, meeting in a file store in the job's temporary directory:
 see :func:`init_gloo`; a short timeout), runs ``fn(rank, world_size, *args)`` and sends back
-its return value or its exception. A job that does not finish within ``timeout`` seconds is
-killed and the test fails fast instead of hanging, with every stuck rank's stacks (Python and,
-where ``gdb`` is installed, native) and kernel wait in its message.
+its return value (pickled by value in the rank, so a tensor arrives too) or its exception. A
+rank that ends without a result that can be received fails the test, naming the rank: a test
+never goes on with fewer results than ranks. A job that does not finish within ``timeout``
+seconds is killed and the test fails fast instead of hanging, with every stuck rank's stacks
+(Python and, where ``gdb`` is installed, native) and kernel wait in its message.
 ``start_method="spawn"`` starts fresh interpreters instead (slower; what a benchmark wants, since
 forked ranks share the parent's memory layout), and ``fail_fast=True`` stops at the first rank
 that raises instead of waiting for its peers, which may be stuck in a collective until
@@ -27,6 +29,8 @@ import faulthandler
 import logging
 import multiprocessing as mp
 import os
+import pickle
+import queue as queue_module
 import shutil
 import signal
 import socket
@@ -176,11 +180,61 @@ def _child(
         result.error_type = type(exc).__name__
         result.error = str(exc)
         result.traceback = traceback.format_exc()
-    queue.put(result)
+    queue.put((rank, _pickled(result)))
     queue.close()
     queue.join_thread()
     # Skip interpreter teardown: a rank whose peers died must not hang in atexit handlers.
     os._exit(0)
+
+
+def _pickled(result: RankResult) -> bytes:
+    """``result`` as plain pickle bytes, made in the rank itself.
+
+    The queue's own pickler (torch registers reductions with it) would send a tensor as a
+    shared-memory handle that only the sending process can serve, so a tensor returned by a
+    rank that has exited could not be received. Plain pickle copies a tensor's data. A return
+    value that cannot be pickled at all is reported as the rank's error."""
+    try:
+        return pickle.dumps(result)
+    except Exception as exc:
+        unpicklable = RankResult(
+            result.rank,
+            error_type=type(exc).__name__,
+            error=str(exc),
+            traceback=f"the rank's return value {result.value!r} cannot be pickled: {exc!r}",
+        )
+        return pickle.dumps(unpicklable)
+
+
+class RankResultLost(AssertionError):
+    """A rank's result could not be received, or a rank reported more than once or not at
+    all: the test must fail, not go on with fewer results than ranks."""
+
+
+def _received(rank: int, payload: bytes) -> RankResult:
+    """The :class:`RankResult` that ``rank`` sent as ``payload``."""
+    try:
+        result = pickle.loads(payload)
+    except Exception as exc:
+        raise RankResultLost(f"the result of rank {rank} could not be unpickled: {exc!r}") from exc
+    if not isinstance(result, RankResult) or result.rank != rank:
+        raise RankResultLost(f"rank {rank} sent something other than its result: {result!r}")
+    return result
+
+
+def _check_every_rank_reported(
+    results: dict[int, RankResult], procs: list[BaseProcess], expect_killed: bool
+) -> None:
+    """Fail unless each rank reported, except, with ``expect_killed``, a rank a signal
+    killed (a rank that exited, even with status 0, without reporting is a lost result)."""
+    unreported = {rank: proc.exitcode for rank, proc in enumerate(procs) if rank not in results}
+    lost = {
+        rank: exitcode
+        for rank, exitcode in unreported.items()
+        if not (expect_killed and exitcode is not None and exitcode < 0)
+    }
+    if lost:
+        raise RankResultLost(f"ranks ended without a result (rank: exit status): {lost}")
 
 
 #: How long ``gdb`` may take to print a stuck rank's native stacks (it loads torch's symbols).
@@ -266,15 +320,16 @@ def run_ranks(
     native_stacks: bool = True,
     daemon: bool = True,
 ) -> list[RankResult]:
-    """Run ``fn`` on ``world_size`` real ranks; ``world_size=0`` runs one process with no
-    process group. Returns one :class:`RankResult` per rank (ranks killed by a signal, only
-    allowed with ``expect_killed``, are missing; with ``fail_fast``, so are the ranks that had
-    not reported when the first rank raised). With ``start_method="spawn"``, ``fn`` and
-    ``args`` must be importable or picklable by reference. On a timeout, the
-    :class:`TimeoutError` describes each rank that had not reported (:func:`describe_stuck`;
-    ``native_stacks=False`` leaves out ``gdb``'s stacks, which take seconds). With
-    ``daemon=False`` the ranks may start processes, each rank in a process group of its own
-    that is killed (SIGKILL) at the end, on success, failure, timeout or interrupt alike."""
+    """Run ``fn`` on ``world_size`` real ranks; ``world_size=0`` runs one process with no process
+    group. Returns one :class:`RankResult` per rank, or raises :class:`RankResultLost`
+    (ranks killed by a signal, only allowed with ``expect_killed``, are missing; with
+    ``fail_fast``, so are the ranks that had not reported when the first rank raised). With
+    ``start_method="spawn"``, ``fn`` and ``args`` must be importable or picklable by
+    reference. On a timeout, the :class:`TimeoutError` describes each rank that had not
+    reported (:func:`describe_stuck`; ``native_stacks=False`` leaves out ``gdb``'s stacks,
+    which take seconds). With ``daemon=False`` the ranks may start processes, each rank in a
+    process group of its own that is killed (SIGKILL) at the end, on success, failure,
+    timeout or interrupt alike."""
     ctx = mp.get_context(start_method)
     queue = ctx.Queue()
     # The ranks' stack files and their rendezvous store.
@@ -319,17 +374,22 @@ def run_ranks(
                     + "\n\n".join(stuck)
                 )
             try:
-                item = queue.get(timeout=min(remaining, 0.5))
-                results[item.rank] = item
-                if fail_fast and item.error_type is not None:
-                    break
-            except Exception:  # queue.Empty: check for ranks that died without reporting
+                rank, payload = queue.get(timeout=min(remaining, 0.5))
+            except queue_module.Empty:  # check for ranks that died without reporting
                 dead = [p for p in procs if p.exitcode is not None and p.exitcode != 0]
                 if dead and not expect_killed:
                     codes = {procs.index(p): p.exitcode for p in dead}
                     raise AssertionError(f"ranks died without reporting: {codes}") from None
                 if all(p.exitcode is not None for p in procs) and queue.empty():
                     break
+                continue
+            if rank in results:
+                raise RankResultLost(f"rank {rank} reported twice")
+            results[rank] = _received(rank, payload)
+            if fail_fast and results[rank].error_type is not None:
+                break
+        if not (fail_fast and any(r.error_type is not None for r in results.values())):
+            _check_every_rank_reported(results, procs, expect_killed)
     finally:
         for proc in procs:
             if proc.pid is not None and not daemon:
@@ -355,7 +415,13 @@ class Collected(logging.Handler):
 
 
 def values(results: list[RankResult]) -> list[Any]:
-    """Every rank's return value, failing the test with the traceback of any rank that raised."""
+    """Every rank's return value, failing the test with the traceback of any rank that raised,
+    or if ``results`` is empty (a test asserting over no values would pass whatever the ranks
+    did) or holds a rank twice or out of order. That every rank is there is
+    :func:`run_ranks`'s check: only it knows which may be missing (``expect_killed``)."""
+    ranks = [result.rank for result in results]
+    if not ranks or ranks != sorted(set(ranks)):
+        raise RankResultLost(f"not one result from each rank, in order: ranks {ranks}")
     return [result.unwrap() for result in results]
 
 

@@ -208,6 +208,68 @@ def test_export_then_load_in_a_plain_process(root: Path, tmp_path: Path) -> None
     assert torch.equal(state["w"], torch.full((4,), 20.0))
 
 
+@pytest.mark.parametrize("users_link", [False, True], ids=["plain", "with-last-link"])
+@pytest.mark.parametrize(
+    "args",
+    [("ls",), ("lease",), ("gc",), ("prune", "--keep-last", "1"), ("delete", "10")],
+    ids=lambda value: value[0],
+)
+def test_a_command_on_a_root_refuses_a_directory_of_roots(
+    root: Path, args: tuple[str, ...], users_link: bool
+) -> None:
+    """The directory holding a root (``runs/`` for ``runs/exp1``) is no root, even holding a
+    user's own ``last`` link to the root (a root's links name its step dirs): refused as bad
+    input naming it, and nothing is made (no lock file) or removed (the link) there."""
+    parent = root.parent
+    if users_link:
+        (parent / "last").symlink_to(root.name, target_is_directory=True)
+    before = sorted(parent.iterdir())
+    out = run(args[0], str(parent), *args[1:])
+    assert out.returncode == 2, out
+    assert f"{parent} is not a checkpoint root" in out.stderr, out.stderr
+    assert sorted(parent.iterdir()) == before
+
+
+@pytest.mark.parametrize("command", ["ls", "gc"])
+def test_a_command_on_a_root_refuses_an_empty_directory(tmp_path: Path, command: str) -> None:
+    """An empty directory is no root either: exit 2, not an empty listing, and no lock file."""
+    out = run(command, str(tmp_path))
+    assert out.returncode == 2, out
+    assert f"{tmp_path} is not a checkpoint root" in out.stderr, out.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("target", "refused_name"),
+    [
+        ("root/last/model.pt", "last"),  # through the link, into the newest step dir
+        ("root/step-00000030/rank-00000.pt", "step-00000030"),  # over a committed rank file
+        ("root/step-00000010/extra.pt", "step-00000010"),
+        ("root/.staging/x.pt", ".staging"),
+        ("root/.trash/x.pt", ".trash"),
+        ("root/last", "last"),
+        ("root/.lock", ".lock"),
+        ("root/.lease.json", ".lease.json"),
+        # A link outside the root to one of its step dirs: only its resolved path is inside.
+        ("alias/model.pt", "step-00000030"),
+    ],
+)
+def test_export_inside_the_roots_own_layout_is_refused(
+    root: Path, tmp_path: Path, target: str, refused_name: str
+) -> None:
+    """As an ``s3://`` output under a root's own name is: a file in a step dir fails its
+    verify and goes with it at retention, a replaced rank file loses the checkpoint."""
+    (tmp_path / "alias").symlink_to(root / "step-00000030", target_is_directory=True)
+    before = {path: path.read_bytes() for path in root.rglob("*") if path.is_file()}
+    out = run("export", str(root), str(tmp_path / target))
+    assert out.returncode == 2, out
+    assert "inside the checkpoint root" in out.stderr and repr(refused_name) in out.stderr
+    assert {path: path.read_bytes() for path in root.rglob("*") if path.is_file()} == before
+    assert run("verify", str(root)).returncode == 0
+    # Beside the layout, in the root, is not in it: nothing distckpt reads or removes.
+    assert run("export", str(root), str(root / "model.pt")).returncode == 0
+
+
 @pytest.mark.parametrize(
     "args",
     [

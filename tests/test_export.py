@@ -145,3 +145,23 @@ def test_export_to_an_s3_url_naming_no_object_is_refused_before_reading(
     with pytest.raises(InvalidArgument, match="storage_options retries"):
         export(tmp_path / "nothing-here", f"{url.rstrip('/')}/x.pt", storage_options={"retries": 0})
     assert list(tmp_path.iterdir()) == []
+
+
+def test_export_twice_into_dirs_named_like_a_roots_entries(tmp_path: Path) -> None:
+    """An export's own dirs (``exports/last/``, ``exports/step-00000010/``) make no root, so
+    the second export there replaces or adds its file as the first wrote it."""
+    root = tmp_path / "root"
+    with distckpt.CheckpointManager(root, fsync=False) as mgr:
+        mgr.save(10, {"w": torch.zeros(2)})
+        mgr.save(20, {"w": torch.ones(2)})
+    for _ in range(2):
+        distckpt.export(root, tmp_path / "exports" / "last" / "model.pt", fsync=False)
+    for step in (10, 20):
+        name = f"step-{step:08d}"
+        distckpt.export(root / name, tmp_path / "exports2" / name / "model.pt", fsync=False)
+        state = torch.load(tmp_path / "exports2" / name / "model.pt", weights_only=True)
+        assert torch.equal(state["w"], torch.full((2,), float(step == 20)))
+    (tmp_path / "project").mkdir()
+    (tmp_path / "project" / ".lock").touch()  # another tool's
+    distckpt.export(root, tmp_path / "project" / "best" / "model.pt", fsync=False)
+    assert (tmp_path / "project" / "best" / "model.pt").is_file()

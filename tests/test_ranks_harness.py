@@ -13,16 +13,25 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 import torch.distributed as dist
 
 from tests.filesystems import skip_or_fail, tool_missing_reason
 from tests.killing import proc_stat, wait_until_group_is_gone
-from tests.ranks import ReservedPort, describe_stuck, run_ranks, values
+from tests.ranks import (
+    RankResult,
+    RankResultLost,
+    ReservedPort,
+    describe_stuck,
+    run_ranks,
+    values,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -257,3 +266,48 @@ def test_a_reserved_port_refuses_connections_and_other_binds_but_takes_a_server(
             del server
             for address in ("127.0.0.1", *OTHER_LOOPBACK_ADDRESSES):
                 assert _bind_refused(reserved.port, address), address
+
+
+def _returns_a_tensor(rank: int, world_size: int) -> torch.Tensor:
+    return torch.ones(2) * rank
+
+
+def test_a_tensor_a_rank_returns_arrives_after_the_rank_has_exited() -> None:
+    # Sent through the queue's own pickler, a tensor was a shared-memory handle that only its
+    # exited rank could serve: the result was dropped, and run_ranks returned no results.
+    received = values(run_ranks(_returns_a_tensor, 2))
+    assert [tensor.tolist() for tensor in received] == [[0.0, 0.0], [1.0, 1.0]]
+
+
+def _rank_one_exits_without_a_result(rank: int, world_size: int) -> int:
+    if rank == 1:
+        os._exit(0)
+    return rank
+
+
+def test_a_rank_that_exits_cleanly_without_a_result_fails_the_job() -> None:
+    with pytest.raises(RankResultLost, match=r"\{1: 0\}"):
+        run_ranks(_rank_one_exits_without_a_result, 2)
+
+
+def _returns_a_lock(rank: int, world_size: int) -> object:
+    return threading.Lock()
+
+
+def test_a_return_value_that_cannot_be_pickled_is_the_ranks_error() -> None:
+    results = run_ranks(_returns_a_lock, 2)
+    assert [result.rank for result in results] == [0, 1]
+    with pytest.raises(AssertionError, match="rank 0 raised TypeError"):
+        values(results)
+
+
+def test_values_refuses_no_results_and_a_rank_given_twice() -> None:
+    with pytest.raises(RankResultLost):
+        values([])
+    with pytest.raises(RankResultLost):
+        values([RankResult(0, value=0), RankResult(0, value=0)])
+    with pytest.raises(RankResultLost):
+        values([RankResult(1, value=1), RankResult(0, value=0)])
+    assert values([RankResult(0, value="a"), RankResult(1, value="b")]) == ["a", "b"]
+    # What run_ranks returns with expect_killed when rank 1 of 3 was killed.
+    assert values([RankResult(0, value="a"), RankResult(2, value="c")]) == ["a", "c"]

@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ import distckpt
 import distckpt.storage.s3_upkeep as upkeep
 from distckpt.cli import main
 from distckpt.layout import step_dir_name
+from distckpt.lease import this_process_host
 from distckpt.objstore import ObjectStore
 from distckpt.objurl import S3Url
 from tests.hostile_cases import reseal_manifest
@@ -58,6 +60,18 @@ def root(s3_server: S3Server, s3_url: str, aws_env: None) -> str:
             state = {"w": torch.full((4,), float(step))}
             mgr.save(step, state, epoch=step // 10, metrics={"loss": loss})
     return s3_url
+
+
+#: Every command that reads or changes a root or a checkpoint in it, with its arguments.
+COMMANDS_ON_A_LOCATION = [
+    ("info",),
+    ("verify",),
+    ("ls",),
+    ("prune", "--keep-last", "1"),
+    ("gc",),
+    ("lease",),
+    ("delete", "10"),
+]
 
 
 def raw_store(url: str, server: S3Server) -> ObjectStore:
@@ -282,19 +296,7 @@ def test_export_refuses_to_write_over_a_roots_own_names(
         assert distckpt.export(f"{root}/{step_dir_name(10)}", beside) == beside
 
 
-@pytest.mark.parametrize(
-    "args",
-    [
-        ("info",),
-        ("verify",),
-        ("ls",),
-        ("prune", "--keep-last", "1"),
-        ("gc",),
-        ("lease",),
-        ("delete", "10"),
-    ],
-    ids=lambda value: value[0],
-)
+@pytest.mark.parametrize("args", COMMANDS_ON_A_LOCATION, ids=lambda value: value[0])
 def test_a_prefix_holding_nothing_is_a_missing_root(
     s3_server: S3Server, s3_url: str, aws_env: None, args: tuple[str, ...]
 ) -> None:
@@ -306,6 +308,20 @@ def test_a_prefix_holding_nothing_is_a_missing_root(
     assert out.stderr.startswith(f"distckpt {args[0]}: error: no "), out.stderr
     assert s3_url in out.stderr
     assert list(raw_store(s3_url, s3_server).list()) == []
+
+
+@pytest.mark.parametrize("args", COMMANDS_ON_A_LOCATION, ids=lambda value: value[0])
+def test_a_missing_bucket_is_named_as_one_not_as_a_missing_root(
+    s3_server: S3Server, aws_env: None, args: tuple[str, ...]
+) -> None:
+    """Every command says the store's own ``NoSuchBucket``: a prefix of a bucket that is
+    there but empty is a missing root, a bucket that is not there is not."""
+    url = "s3://no-such-bucket-here/t1"
+    out = run(args[0], url, *args[1:])
+    assert out.returncode == 2, out
+    assert "Traceback" not in out.stderr
+    assert "NoSuchBucket" in out.stderr, out.stderr
+    assert "no checkpoint root" not in out.stderr, out.stderr
 
 
 @pytest.mark.parametrize(
@@ -393,3 +409,33 @@ def test_python_dash_m_with_the_aws_environment(root: str, s3_server: S3Server) 
     )
     assert out.returncode == 0, out.stderr
     assert f"ok     {step_dir_name(30)}" in out.stdout
+
+
+def _lease_record(url: str) -> dict[str, Any]:
+    """What ``distckpt lease --json`` shows of the lease of the root at ``url``."""
+    out = run("lease", "--json", url)
+    assert out.returncode == 0, out
+    lease: dict[str, Any] = json.loads(out.stdout)["lease"]
+    return lease
+
+
+def test_lease_shows_only_what_an_s3_lease_records(
+    s3_server: S3Server, s3_url: str, aws_env: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The lease object keeps its holder's host and pid only: the job id, start time and
+    generation are null (in ``lease --json`` and ``ls --json`` alike), and the holder is not
+    said to have no job id (it had one here), nor given its renewal count as a generation."""
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    with distckpt.CheckpointManager(s3_url, storage_options=s3_server.storage_options()):
+        held = _lease_record(s3_url)
+        listed = run("ls", "--json", s3_url)
+        assert listed.returncode == 0, listed
+        assert json.loads(listed.stdout)["lease"] == held
+        assert (held["host"], held["pid"]) == (this_process_host(), os.getpid())
+        assert held["job_id"] is None and held["started_utc"] is None
+        assert held["generation"] is None and held["released_utc"] is None
+        for command in ("lease", "ls"):
+            shown = run(command, s3_url).stdout
+            assert f"lease: a job on host {this_process_host()}, pid {os.getpid()} (" in shown
+            assert "without a job id" not in shown and "generation" not in shown

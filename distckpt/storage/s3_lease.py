@@ -297,10 +297,13 @@ class LeaseKeeping(RootStore):
         return LeaseHolder(
             host=record.host,
             pid=record.pid,
+            # The lease object keeps none of these (older versions refuse a record holding
+            # more keys): null, not a guess, and its renewal count is no holder's generation.
             job_id=None,
-            started_utc="unknown",
-            generation=record.renewal,
+            started_utc=None,
+            generation=None,
             token=record.owner,
+            # When is not recorded either; "unknown" still says it was released.
             released_utc="unknown" if record.released else None,
             # expiry is timed by a contender's own clock: not decidable from one look
             alive=False if record.released else None,

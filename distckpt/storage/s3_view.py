@@ -423,14 +423,12 @@ class S3RootView(RootView):
         self.root: str = self.s3.root
 
     def exists(self) -> bool:
-        """Whether the bucket is there and, for a root under a prefix, the prefix holds an
-        object: what a directory's existence is to a local root. A manager leaves its lease
-        object in the root whether or not it committed, so a root a job opened is there; a
-        prefix holding nothing (a typo) is not."""
-        try:
-            first = next(iter(self.s3.client.list("", page_size=1)), None)
-        except ObjectNotFound:  # no such bucket
-            return False
+        """Whether, for a root under a prefix, the prefix holds an object: what a directory's
+        existence is to a local root. A manager leaves its lease object in the root whether or
+        not it committed, so a root a job opened is there; a prefix holding nothing (a typo) is
+        not. A missing bucket raises the store's :class:`ObjectNotFound` (``NoSuchBucket``), as
+        every other command's first request does: it is no missing root."""
+        first = next(iter(self.s3.client.list("", page_size=1)), None)
         return first is not None or not self.s3.url.prefix
 
     def committed_steps(self) -> list[int]:
