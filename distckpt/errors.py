@@ -124,7 +124,11 @@ class KeyMismatch(InvalidArgument):
     """A restore with ``strict=True`` whose checkpoint and ``state=`` do not have the same
     keys, refused before anything is loaded (in both formats). ``missing_keys`` are the
     dotted keys of the given state the checkpoint lacks, ``unexpected_keys`` the checkpoint's
-    the given state lacks; ``path`` and ``step`` name the checkpoint."""
+    the given state lacks; ``path`` and ``step`` name the checkpoint. Also, whatever
+    ``strict`` is, a ModelOptimizerState whose optimizer's parameter groups differ from the
+    saved ones in number or membership (torch loads groups by position): its keys are then
+    ``<group>.params.<parameter name>``, given but not in the saved group (missing) or saved
+    but not in the given group (unexpected)."""
 
     missing_keys: tuple[str, ...] = ()
     unexpected_keys: tuple[str, ...] = ()

@@ -46,9 +46,13 @@ class ModelOptimizerState:
     ``set_state_dict`` (see :meth:`load_state_dict`). So ``options.strict=False`` in a restore
     with ``strict=True`` loads as usual when the keys match, and a key on one side only is
     refused as any other is (:class:`~distckpt.errors.KeyMismatch`); ``options.strict`` applies
-    to a ``load_state_dict`` called with no ``strict``. A parameter group's settings (``lr``,
-    an LR scheduler's ``initial_lr``) are not compared: the optimizer takes the saved ones
-    wholesale, so a scheduler built after the restore finds the ones it saved.
+    to a ``load_state_dict`` called with no ``strict``. A parameter group's settings are
+    compared as keys (another optimizer class has others), but for those an LR scheduler adds
+    (``initial_lr``; :data:`~distckpt.model_state_keys.SCHEDULER_GROUP_KEYS`): the optimizer
+    takes the saved ones wholesale, so a scheduler built after the restore finds the ones it
+    saved. A restore refuses a changed number of groups or a parameter moved between groups
+    whatever ``strict`` is (:class:`~distckpt.errors.KeyMismatch`): torch loads groups by
+    position.
 
     ``get_state_dict`` / ``set_state_dict`` create the state of an optimizer that has none
     (one that has never stepped, or plain SGD without momentum, whose state stays empty) by one
@@ -156,7 +160,8 @@ def with_current_values(loaded: Any, current: Any) -> Any:
     """``loaded`` (part of a saved state dict), with what it lacks taken from ``current`` (the
     live one): a key of a dict only in ``current`` is added with its value, dicts present on
     both sides are merged the same way, and a list of dicts (an optimizer's parameter groups)
-    is merged item by item, ``current``'s extra items added. Anything else is ``loaded``'s.
+    is merged item by item, ``current``'s extra items added (a restore has refused groups
+    that differ in number or membership first). Anything else is ``loaded``'s.
     Copies the dicts and lists it merges, not the values."""
     if isinstance(loaded, Mapping) and isinstance(current, Mapping):
         merged = dict(loaded)

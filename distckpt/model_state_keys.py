@@ -23,17 +23,70 @@ def model_optimizer_state_type() -> type | None:
     return getattr(module, "ModelOptimizerState", None)
 
 
-def without_group_settings(state: Any) -> Any:
-    """A ModelOptimizerState's state dict with each parameter group reduced to an empty dict,
-    so that a comparison of keys counts the groups and compares the per-parameter state (under
-    ``optim.state``) only. A group's settings are no keys to compare: an LR scheduler adds its
-    own (``initial_lr``; OneCycleLR more) to every group, so a checkpoint saved with one holds
-    settings that a group built before the scheduler lacks, and the optimizer's
-    ``load_state_dict`` takes the saved settings wholesale, so nothing is lost. Its ``params``
-    (the names of its parameters, whose state is compared under ``optim.state``) differ
-    whenever a parameter is added or removed."""
+#: The keys ``torch.optim.lr_scheduler`` writes into an optimizer's parameter groups beside the
+#: optimizer's own settings: ``initial_lr`` (every scheduler), and OneCycleLR's and CyclicLR's
+#: ``max_lr``, ``min_lr``, ``base_momentum`` and ``max_momentum``. A checkpoint saved with a
+#: scheduler holds them, a group built before the scheduler lacks them, so a restore does not
+#: compare them (and the "dcp" format reads the saved ones into a group that lacks them).
+SCHEDULER_GROUP_KEYS = frozenset(
+    {"initial_lr", "max_lr", "min_lr", "base_momentum", "max_momentum"}
+)
+
+
+def without_scheduler_settings(state: Any) -> Any:
+    """A ModelOptimizerState's state dict with each parameter group's ``params`` and the
+    settings an LR scheduler adds (:data:`SCHEDULER_GROUP_KEYS`) left out, so that a comparison
+    of keys counts the groups and compares the optimizer's own settings (another optimizer
+    class has others) and its per-parameter state (under ``optim.state``). ``params`` (the
+    names of a group's parameters, whose state is compared under ``optim.state``) differ
+    whenever a parameter is added or removed; which group holds which parameter is
+    :func:`param_group_changes`' business."""
+    groups = _param_groups(state)
+    if groups is None:
+        return state
+    bare = [
+        {k: v for k, v in group.items() if k != "params" and k not in SCHEDULER_GROUP_KEYS}
+        if isinstance(group, Mapping)
+        else group
+        for group in groups
+    ]
+    return {**state, "optim": {**state["optim"], "param_groups": bare}}
+
+
+def param_group_changes(current: Any, saved: Any) -> list[tuple[int, list[str], list[str]]]:
+    """The parameter groups that cannot be loaded from ``saved`` (the checkpoint's state dict
+    of a ModelOptimizerState) into ``current`` (the given one's), as (the group's index, its
+    saved parameter names, its current ones): every group when their number differs, else
+    each group holding a parameter that the other side has in another group. torch's
+    optimizer loads groups by position, so neither loads, with ``strict`` or not. A parameter
+    on one side only is no change of groups (its state is a key on one side only)."""
+    current_groups = _param_groups(current) or []
+    saved_groups = _param_groups(saved) or []
+    saved_names = [_group_params(saved_groups, index) for index in range(len(saved_groups))]
+    current_names = [_group_params(current_groups, index) for index in range(len(current_groups))]
+    if len(current_groups) == len(saved_groups):
+        saved_group_of = {name: index for index, names in enumerate(saved_names) for name in names}
+        moved: set[int] = set()
+        for index, names in enumerate(current_names):
+            for name in names:
+                saved_index = saved_group_of.get(name, index)
+                if saved_index != index:
+                    moved |= {index, saved_index}
+    else:
+        moved = set(range(max(len(current_groups), len(saved_groups))))
+    return [
+        (index, _group_params(saved_groups, index), _group_params(current_groups, index))
+        for index in sorted(moved)
+    ]
+
+
+def _param_groups(state: Any) -> list[Any] | None:
     optim = state.get("optim") if isinstance(state, Mapping) else None
     groups = optim.get("param_groups") if isinstance(optim, Mapping) else None
-    if not isinstance(groups, list):
-        return state
-    return {**state, "optim": {**optim, "param_groups": [{} for _ in groups]}}
+    return groups if isinstance(groups, list) else None
+
+
+def _group_params(groups: list[Any], index: int) -> list[str]:
+    group = groups[index] if index < len(groups) else None
+    params = group.get("params") if isinstance(group, Mapping) else None
+    return [str(name) for name in params] if isinstance(params, (list, tuple)) else []

@@ -21,7 +21,12 @@ import torch
 from distckpt.containers import same_kind_of_mapping, same_kind_of_tuple
 from distckpt.errors import InvalidArgument, KeyMismatch, ShapeMismatch
 from distckpt.key_prefixes import log_prefix_mapping, matching_prefixes
-from distckpt.model_state_keys import join_key, model_optimizer_state_type, without_group_settings
+from distckpt.model_state_keys import (
+    join_key,
+    model_optimizer_state_type,
+    param_group_changes,
+    without_scheduler_settings,
+)
 from distckpt.per_rank import PerRank, is_per_rank
 
 
@@ -183,6 +188,9 @@ class LoadReport:
     missing_keys: list[str] = field(default_factory=list)
     unexpected_keys: list[str] = field(default_factory=list)
     mismatched_shapes: list[ShapeDifference] = field(default_factory=list)
+    #: the parameter groups of a ModelOptimizerState whose parameters differ from the saved
+    #: ones: (the group's dotted place, its saved parameter names, the given ones)
+    changed_param_groups: list[tuple[str, list[str], list[str]]] = field(default_factory=list)
 
     @property
     def clean(self) -> bool:
@@ -203,6 +211,7 @@ class LoadReport:
         (:func:`optional_cover`), naming the checkpoint ``where`` of ``step`` (the error's
         ``path`` and ``step``)."""
         self.check_shapes(where, step)
+        self.check_param_groups(where, step)
         if strict:
             self.check_strict(where, step, optional_keys)
 
@@ -226,6 +235,43 @@ class LoadReport:
                 path=where,
                 step=step,
             )
+
+    def check_param_groups(
+        self, where: str | os.PathLike[str] | None = None, step: int | None = None
+    ) -> None:
+        """Raise :class:`~distckpt.errors.KeyMismatch` naming every parameter group of a
+        ModelOptimizerState whose parameters differ from the saved group's (a group added or
+        removed, or parameters moved between groups), whatever ``strict`` is: torch's
+        optimizer loads groups by position, so nothing sensible can be loaded. Its
+        ``missing_keys`` are ``<group>.params.<name>`` for each given parameter the saved group
+        lacks, ``unexpected_keys`` the same for each saved one the given group lacks."""
+        if not self.changed_param_groups:
+            return
+        listed = "; ".join(
+            f"{place}: saved {saved}, given {given}"
+            for place, saved, given in self.changed_param_groups
+        )
+        missing = [
+            f"{place}.params.{name}"
+            for place, saved, given in self.changed_param_groups
+            for name in given
+            if name not in saved
+        ]
+        unexpected = [
+            f"{place}.params.{name}"
+            for place, saved, given in self.changed_param_groups
+            for name in saved
+            if name not in given
+        ]
+        raise KeyMismatch(
+            f"{_about(where)}the optimizer's parameter groups do not hold the saved ones' "
+            f"parameters ({listed}). A changed number of groups or a parameter moved between "
+            "groups is refused even with strict=False: the optimizer loads groups by position",
+            missing_keys=tuple(missing),
+            unexpected_keys=tuple(unexpected),
+            path=where,
+            step=step,
+        )
 
     def check_strict(
         self,
@@ -373,9 +419,14 @@ def _load(
     elif isinstance(template, model_optimizer_state_type() or ()):
         # Compared key by key, as a nested dict (so a strict restore refuses before torch
         # loads anything), then loaded by its own load_state_dict with the restore's strict.
+        current = template_state_dict(template)
+        report.changed_param_groups += [
+            (join_key(path, f"optim.param_groups.{index}"), saved, given)
+            for index, saved, given in param_group_changes(current, loaded)
+        ]
         _load(
-            without_group_settings(template_state_dict(template)),
-            without_group_settings(loaded),
+            without_scheduler_settings(current),
+            without_scheduler_settings(loaded),
             path,
             report,
             apply=False,

@@ -492,3 +492,18 @@ def test_a_restore_opens_a_data_file_once_not_once_per_value(tmp_path: Path) -> 
     read_opens = [call for call in data_opens if "O_RDONLY" in " ".join(call.args)]
     assert read_opens, data_opens  # the trace saw the restore's reads
     assert len(read_opens) <= 4, len(read_opens)
+
+
+def test_torchs_file_system_reader_still_calls_slice_file() -> None:
+    """The reader names the item a failure belongs to by overriding torch's private
+    ``FileSystemReader._slice_file``, which ``read_data`` calls once per item. A torch release
+    that renames or stops calling it makes that override dead code (errors then name only the
+    data files): update ``Reader._slice_file`` in ``distckpt/formats/dcp_storage.py`` to the
+    new hook."""
+    import inspect
+
+    from torch.distributed.checkpoint.filesystem import FileSystemReader
+
+    message = "torch's FileSystemReader no longer has _slice_file: update dcp_storage.Reader"
+    assert hasattr(FileSystemReader, "_slice_file"), message
+    assert "_slice_file" in inspect.getsource(FileSystemReader.read_data), message

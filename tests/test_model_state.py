@@ -13,8 +13,9 @@ import torch._dynamo  # imported here once: FSDP2 would import it in every rank
 from torch.distributed.checkpoint.state_dict import StateDictOptions
 
 import distckpt
-from distckpt.errors import InvalidArgument
+from distckpt.errors import InvalidArgument, KeyMismatch
 from distckpt.formats.dcp import ModelOptimizerState
+from distckpt.model_state_keys import SCHEDULER_GROUP_KEYS
 from tests.ranks import run_ranks, values
 from tests.test_dcp import fsdp, full_state, make_model, train
 
@@ -217,15 +218,21 @@ def test_options_strict_false_in_a_strict_restore_loads_when_the_keys_match(
         assert set(fields["unexpected_keys"]) == {"run.0.model.weight", "run.0.model.bias"}
 
 
-def _scheduler_built_after_restore(rank: int, world_size: int, root: str, fmt: str) -> Any:
+def _scheduler_built_after_restore(
+    rank: int, world_size: int, root: str, fmt: str, tensor_lr: bool
+) -> Any:
     """Two runs of the same training code, each building its LR scheduler after the restore
     from the restored step (as a resumed job does): the first saves the scheduler's
-    ``initial_lr`` in the group settings, which the second's fresh groups lack."""
+    ``initial_lr`` in the group settings, which the second's fresh groups lack (a tensor when
+    the learning rate is one)."""
     learning_rates = []
     for run in (1, 2):
         torch.manual_seed(0)
         model = torch.nn.Linear(4, 2)
-        optim = torch.optim.AdamW(model.parameters(), lr=0.1)
+        if tensor_lr:
+            optim = torch.optim.Adam(model.parameters(), lr=torch.tensor(0.1), foreach=False)
+        else:
+            optim = torch.optim.AdamW(model.parameters(), lr=0.1)
         state = {"app": ModelOptimizerState(model, optim)}
         with distckpt.CheckpointManager(root, format=fmt, timeout=30) as mgr:
             checkpoint = mgr.restore("last", state=state, missing_ok=True)
@@ -235,20 +242,94 @@ def _scheduler_built_after_restore(rank: int, world_size: int, root: str, fmt: s
             optim.step()
             scheduler.step()
             mgr.save(run, state)
-        learning_rates.append(optim.param_groups[0]["lr"])
+        learning_rates.append(float(optim.param_groups[0]["lr"]))
     return learning_rates
 
 
+@pytest.mark.parametrize("tensor_lr", [False, True], ids=["float_lr", "tensor_lr"])
 @pytest.mark.parametrize("fmt", ["torch", "dcp"])
-def test_a_scheduler_built_after_the_restore_resumes(tmp_path: Path, fmt: str) -> None:
-    """A strict restore does not compare parameter group settings (an LR scheduler adds
-    ``initial_lr``) and loads the saved ones, so the second run resumes the schedule."""
+def test_a_scheduler_built_after_the_restore_resumes(
+    tmp_path: Path, fmt: str, tensor_lr: bool
+) -> None:
+    """A strict restore does not compare the settings an LR scheduler adds to a parameter
+    group (``initial_lr``) and loads the saved ones, so the second run resumes the schedule."""
     for learning_rates in values(
-        run_ranks(_scheduler_built_after_restore, 2, str(tmp_path / "c"), fmt, timeout=TIMEOUT)
+        run_ranks(
+            _scheduler_built_after_restore,
+            2,
+            str(tmp_path / "c"),
+            fmt,
+            tensor_lr,
+            timeout=TIMEOUT,
+        )
     ):
         # run 2 starts from the saved 0.05 and halves it twice: once as StepLR's constructor
         # steps to last_epoch + 1, once by the run's own step (torch's rule, not ours)
-        assert learning_rates == [0.05, 0.0125]
+        assert learning_rates == pytest.approx([0.05, 0.0125])
+
+
+def _two_layer_optimizer(
+    kind: type[torch.optim.Optimizer], group_count: int, seed: int
+) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """Two Linear layers and an optimizer of ``kind`` over them, in one parameter group or in
+    two (one per layer)."""
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 2))
+    params = list(model.parameters())
+    groups = [{"params": params[:2]}, {"params": params[2:]}]
+    if group_count == 1:
+        groups = [{"params": params}]
+    return model, kind(groups, lr=0.1)
+
+
+def _saved_then_restored(
+    root: Path, fmt: str, saved: tuple[Any, int], restored: tuple[Any, int], strict: bool
+) -> torch.optim.Optimizer:
+    """Save one step of a model with ``saved`` (optimizer class, group count), restore it into
+    a fresh one with ``restored``; the restored optimizer."""
+    model, optim = _two_layer_optimizer(*saved, seed=0)
+    model(torch.randn(2, 3)).sum().backward()
+    optim.step()
+    with distckpt.CheckpointManager(root, format=fmt, timeout=30) as mgr:
+        mgr.save(1, {"app": ModelOptimizerState(model, optim)})
+    model, optim = _two_layer_optimizer(*restored, seed=1)
+    with distckpt.CheckpointManager(root, format=fmt, timeout=30) as mgr:
+        mgr.restore("last", state={"app": ModelOptimizerState(model, optim)}, strict=strict)
+    return optim
+
+
+@pytest.mark.parametrize("fmt", ["torch", "dcp"])
+def test_a_strict_restore_refuses_another_optimizer_class(tmp_path: Path, fmt: str) -> None:
+    """Adam's per-parameter state keys are RAdam's too, but their group settings differ
+    (``amsgrad``, ``fused``): a strict restore compares them and refuses, naming them."""
+    with pytest.raises(KeyMismatch) as raised:
+        _saved_then_restored(
+            tmp_path, fmt, (torch.optim.Adam, 1), (torch.optim.RAdam, 1), strict=True
+        )
+    assert "app.optim.param_groups.0.amsgrad" in raised.value.unexpected_keys
+
+
+@pytest.mark.parametrize("strict", [True, False])
+@pytest.mark.parametrize("fmt", ["torch", "dcp"])
+@pytest.mark.parametrize("saved_groups, restored_groups", [(1, 2), (2, 1)])
+def test_a_changed_set_of_parameter_groups_is_refused_whatever_strict_is(
+    tmp_path: Path, fmt: str, strict: bool, saved_groups: int, restored_groups: int
+) -> None:
+    """The optimizer loads groups by position: one group saved and two restored (or the
+    reverse) moves parameters between groups, which nothing can load; refused, naming them."""
+    with pytest.raises(KeyMismatch) as raised:
+        _saved_then_restored(
+            tmp_path,
+            fmt,
+            (torch.optim.Adam, saved_groups),
+            (torch.optim.Adam, restored_groups),
+            strict=strict,
+        )
+    if not strict or fmt == "torch":  # a strict DCP restore already refuses the group's keys
+        assert "parameter groups" in str(raised.value)
+        assert "app.optim.param_groups.0" in str(raised.value)
+        named = {*raised.value.missing_keys, *raised.value.unexpected_keys}
+        assert "app.optim.param_groups.1.params.1.weight" in named
 
 
 def test_load_state_dict_keeps_torchs_whole_message() -> None:
@@ -260,3 +341,22 @@ def test_load_state_dict_keeps_torchs_whole_message() -> None:
     assert "1.weight" in str(raised.value)
     app.load_state_dict(partial, strict=False)
     assert not app.model[0].weight.any()
+
+
+@pytest.mark.parametrize(
+    "make_scheduler",
+    [
+        lambda optim: torch.optim.lr_scheduler.StepLR(optim, 1),
+        lambda optim: torch.optim.lr_scheduler.OneCycleLR(optim, max_lr=0.1, total_steps=10),
+        lambda optim: torch.optim.lr_scheduler.CyclicLR(optim, base_lr=0.01, max_lr=0.1),
+    ],
+    ids=["StepLR", "OneCycleLR", "CyclicLR"],
+)
+def test_scheduler_group_keys_names_every_setting_a_scheduler_adds(make_scheduler: Any) -> None:
+    """The settings a restore leaves out of its comparison are all a scheduler adds to a
+    group: a torch release whose schedulers add another must extend SCHEDULER_GROUP_KEYS."""
+    optim = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1, momentum=0.9)
+    before = set(optim.param_groups[0])
+    make_scheduler(optim)
+    added = set(optim.param_groups[0]) - before
+    assert added and added <= SCHEDULER_GROUP_KEYS

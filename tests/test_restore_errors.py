@@ -12,7 +12,8 @@ import pytest
 import torch
 
 import distckpt
-from distckpt.errors import CheckpointNotFound
+from distckpt.errors import CheckpointNotFound, CorruptCheckpoint
+from distckpt.formats.dcp_storage import Reader
 from tests.ranks import run_ranks, values
 
 TIMEOUT = 90.0
@@ -99,3 +100,27 @@ def _restore_message(rank: int, world_size: int, root: str) -> tuple[str, Any]:
     except distckpt.CheckpointError as exc:
         return type(exc).__name__, {**exc.fields(), "message": str(exc)}
     return "ok", None
+
+
+def test_a_damaged_dcp_data_file_is_named_when_torch_does_not_say_which_item(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The reader learns which item torch reads from torch's private ``_slice_file`` hook: a
+    torch that renamed it would never call ours. Taking our override away (nothing real
+    stands for a future torch release) shows the error still names the data file, as
+    CorruptCheckpoint with the file as its ``path``."""
+    root = tmp_path / "ckpt"
+    with distckpt.CheckpointManager(root, format="dcp", timeout=30) as mgr:
+        mgr.save(3, {"w": torch.arange(40.0), "note": "hello"})
+    data_file = root / "step-00000003" / "__0_0.distcp"
+    damaged = bytearray(data_file.read_bytes())
+    damaged[-100] ^= 0xFF
+    data_file.write_bytes(bytes(damaged))
+    monkeypatch.delattr(Reader, "_slice_file")
+    with (
+        pytest.raises(CorruptCheckpoint) as raised,
+        distckpt.CheckpointManager(root, format="dcp", timeout=30) as mgr,
+    ):
+        mgr.restore("last", state={"w": torch.zeros(40), "note": ""})
+    assert raised.value.path == str(data_file)
+    assert f"{data_file} cannot be read" in str(raised.value)

@@ -21,12 +21,13 @@ from collections.abc import Collection, Iterable, Mapping
 from typing import Any
 
 import torch
-from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
+from torch.distributed.checkpoint.metadata import STORAGE_TYPES, Metadata, TensorStorageMetadata
 
 from distckpt.containers import same_kind_of_tuple
 from distckpt.formats.dcp_storage import flat_state, key_mismatch, shape_mismatches
 from distckpt.formats.dcp_text_keys import get_saved, holds_containers, keys_like
 from distckpt.key_prefixes import log_prefix_mapping, matching_prefixes
+from distckpt.model_state_keys import SCHEDULER_GROUP_KEYS
 from distckpt.per_rank import PerRank
 from distckpt.state import LoadReport, set_path
 
@@ -53,9 +54,13 @@ PER_RANK_KEY = "__per_rank__"
 Path_ = tuple[Any, ...]
 _REMOVED = object()
 
-#: the flat key of an optimizer parameter group's setting (``...param_groups.0.lr``); its
-#: ``params`` (the names of its parameters) is no setting
-_GROUP_SETTING = re.compile(r"(?:^|\.)param_groups\.\d+\.(?!params$)[^.]+$")
+#: the flat key of a setting an LR scheduler adds to an optimizer parameter group
+#: (``...param_groups.0.initial_lr``; :data:`~distckpt.model_state_keys.SCHEDULER_GROUP_KEYS`)
+_SCHEDULER_SETTING = re.compile(
+    rf"(?:^|\.)param_groups\.\d+\.(?:{'|'.join(sorted(SCHEDULER_GROUP_KEYS))})$"
+)
+#: the flat key of the names of an optimizer parameter group's parameters
+_GROUP_PARAMS = re.compile(r"(?:^|\.)param_groups\.\d+\.params$")
 
 
 def dotted(path: Iterable[Any]) -> str:
@@ -102,12 +107,18 @@ def per_rank_placeholders(metadata: Metadata, rank: int) -> dict[str, Any]:
     another shape now (a fresh data loader's state has no iterator position yet)."""
     prefix = f"{PER_RANK_KEY}.{rank}."
     return {
-        key: torch.empty(entry.size, dtype=entry.properties.dtype)
-        if isinstance(entry, TensorStorageMetadata)
-        else None
+        key: _placeholder(entry)
         for key, entry in metadata.state_dict_metadata.items()
         if key.startswith(prefix)
     }
+
+
+def _placeholder(entry: STORAGE_TYPES) -> torch.Tensor | None:
+    """Something DCP can load a saved value into: an empty tensor of its saved size and dtype,
+    or None for a plain value (which DCP replaces with the unpickled one)."""
+    if isinstance(entry, TensorStorageMetadata):
+        return torch.empty(entry.size, dtype=entry.properties.dtype)
+    return None
 
 
 def restore_per_rank(
@@ -181,11 +192,11 @@ def key_mismatch_as_read(
     report.unexpected_keys = [
         key for key in report.unexpected_keys if not key.startswith(f"{PER_RANK_KEY}.")
     ]
-    # A group's settings are not compared (each group's ``params`` key still counts the groups):
-    # an LR scheduler adds its own, and the read loads the saved ones (with_saved_group_settings).
-    report.missing_keys = [key for key in report.missing_keys if not _GROUP_SETTING.search(key)]
+    # The settings an LR scheduler adds to a group are not compared (a group built before the
+    # scheduler lacks them); the read loads the saved ones (with_saved_group_settings).
+    report.missing_keys = [key for key in report.missing_keys if not _SCHEDULER_SETTING.search(key)]
     report.unexpected_keys = [
-        key for key in report.unexpected_keys if not _GROUP_SETTING.search(key)
+        key for key in report.unexpected_keys if not _SCHEDULER_SETTING.search(key)
     ]
     own = [key for key in metadata.state_dict_metadata if key.startswith(f"{PER_RANK_KEY}.{rank}.")]
     for path, _ in marked:
@@ -197,17 +208,29 @@ def key_mismatch_as_read(
 
 
 def with_saved_group_settings(state: Any, metadata: Metadata) -> None:
-    """Add to each optimizer parameter group of ``state`` (a copy of the template's containers,
-    as the read loads it) the settings the checkpoint saved for that group and it lacks, as
-    placeholders the read fills: the optimizer's ``load_state_dict`` takes a group's settings
-    wholesale, and an LR scheduler built after the restore needs the ones it saved
-    (``initial_lr``), which a group built before the scheduler lacks."""
-    for path in saved_paths(metadata):
-        if not _GROUP_SETTING.search(dotted(path)):
-            continue
-        found, group = get_saved(state, tuple(path[:-1]))
-        if found and isinstance(group, dict) and path[-1] not in group:
-            group[path[-1]] = None
+    """Add to the optimizer parameter groups of ``state`` (a copy of the template's containers,
+    as the read loads it) what the checkpoint saved and they lack, as placeholders the read
+    fills (:func:`_placeholder`: a tensor learning rate's is a tensor): each group's settings
+    an LR scheduler saved (``initial_lr``;
+    :data:`~distckpt.model_state_keys.SCHEDULER_GROUP_KEYS`), which a scheduler built after the
+    restore needs and a group built before it lacks; and the ``params`` of each saved group
+    beyond the given ones, so that the restore sees the saved groups' number and refuses a
+    change of it (:func:`~distckpt.model_state_keys.param_group_changes`)."""
+    paths = metadata.planner_data if isinstance(metadata.planner_data, dict) else {}
+    for key, entry in metadata.state_dict_metadata.items():
+        path = tuple(paths.get(key, (key,)))
+        if _GROUP_PARAMS.search(key):
+            found, groups = get_saved(state, path[:-2])
+            index = int(path[-2])
+            if found and isinstance(groups, list):
+                # the given groups all have their params: an empty dict is one added here
+                groups.extend({} for _ in range(index + 1 - len(groups)))
+                if groups[index] == {}:
+                    groups[index]["params"] = _placeholder(entry)
+        elif _SCHEDULER_SETTING.search(key):
+            found, group = get_saved(state, path[:-1])
+            if found and isinstance(group, dict) and path[-1] not in group:
+                group[path[-1]] = _placeholder(entry)
 
 
 def fold_missing_subtrees(

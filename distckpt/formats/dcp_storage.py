@@ -127,8 +127,10 @@ class Reader(FileSystemReader):
         self._reading: _StorageInfo | None = None  # the bytes torch's read_data reads now
 
     def _slice_file(self, file: IO[bytes], sinfo: _StorageInfo) -> IO[bytes]:
-        # torch's read_data calls this once per item, just before reading it: remembering it
-        # names the item a failure belongs to, without opening the file once per item.
+        # torch's read_data calls this private hook once per item, just before reading it:
+        # remembering it names the item a failure belongs to, without opening the file once per
+        # item. tests/test_dcp.py fails if a torch release renames it; if one does anyway, a
+        # failure still names the plan's data files (_failed_files).
         self._reading = sinfo
         return super()._slice_file(file, sinfo)
 
@@ -137,17 +139,35 @@ class Reader(FileSystemReader):
         damaged data file: torch fails to unpickle it, or finds its bytes of another size) is
         reported as :class:`~distckpt.errors.CorruptCheckpoint` naming the data file (its
         ``path``), the value and its bytes in it; a distckpt error (a value refused as unsafe)
-        keeps its class and fields, its message and ``path`` naming the data file. An
-        ``OSError`` (a missing file, a disk's error) passes through as itself."""
+        keeps its class and fields, its message and ``path`` naming the data file. When torch
+        did not say which item it was reading, the error names the data files of the plan
+        (:meth:`_failed_files`). An ``OSError`` (a missing file, a disk's error) passes through
+        as itself."""
         self._reading = None
         try:
             return super().read_data(plan, planner)
         except OSError:
             raise
         except Exception as exc:
-            if self._reading is None:  # failed before reading any item: nothing to name
-                raise
+            if self._reading is None:  # no item recorded: name the files the plan reads
+                raise self._failed_files(plan, exc) from exc
             raise self._failed_item(plan, self._reading, exc) from exc
+
+    def _failed_files(self, plan: LoadPlan, exc: Exception) -> CheckpointError:
+        """The error to raise for ``exc`` when no item was recorded as being read (a failure
+        before the first, or a torch whose ``read_data`` no longer calls ``_slice_file``): a
+        :class:`~distckpt.errors.CorruptCheckpoint` naming the data files ``plan`` reads (its
+        ``path`` the file, when there is one), or a distckpt error keeping its class, fields
+        and ``path``, its message naming them too."""
+        names = sorted({self.storage_data[item.storage_index].relative_path for item in plan.items})
+        files = [Path(self.path) / name for name in names]
+        where = files[0] if len(files) == 1 else Path(self.path)
+        listed = ", ".join(str(file) for file in files) or str(where)
+        if isinstance(exc, CheckpointError):
+            fields = exc.fields()
+            fields["path"] = exc.path if exc.path is not None else str(where)
+            return type(exc).rebuild(f"reading {listed}: {exc}", fields)
+        return CorruptCheckpoint(f"{listed} cannot be read: {describe_error(exc)}", path=where)
 
     def _failed_item(self, plan: LoadPlan, stored: _StorageInfo, exc: Exception) -> CheckpointError:
         """The error to raise for ``exc``, raised while reading the bytes ``stored``."""
