@@ -83,7 +83,10 @@ def prepare_read(
     )
     if prepared.mismatch is not None:
         prepared.mismatch.check(
-            strict=strict, where=source.location, optional_keys=options.optional_keys
+            strict=strict,
+            where=source.location,
+            optional_keys=options.optional_keys,
+            optional_whole_keys=options.optional_whole_keys,
         )
     return prepared
 
@@ -107,6 +110,7 @@ def read_state(
             fix_key_prefixes=prepared.options.fix_key_prefixes,
             where=source.location,
             optional_keys=prepared.options.optional_keys,
+            optional_whole_keys=prepared.options.optional_whole_keys,
         )
         if template is not None
         else None

@@ -280,14 +280,15 @@ class LoadReport:
         strict: bool,
         where: str | os.PathLike[str] | None = None,
         optional_keys: Collection[str] = (),
+        optional_whole_keys: Collection[str] = (),
     ) -> None:
         """Raise what a restore refuses before loading anything: a shape mismatch always
         (:meth:`check_shapes`, naming the checkpoint ``where``), keys on one side only with
         ``strict`` (:meth:`check_strict`), but for the missing keys that are or are under
-        ``optional_keys`` (:func:`optional_cover`)."""
+        ``optional_keys`` (:func:`optional_cover`) or are one of ``optional_whole_keys``."""
         self.check_shapes(where)
         if strict:
-            self.check_strict(optional_keys)
+            self.check_strict(optional_keys, optional_whole_keys)
 
     def check_shapes(self, where: str | os.PathLike[str] | None = None) -> None:
         """Raise :class:`~distckpt.errors.ShapeMismatch` naming every tensor whose saved shape
@@ -308,11 +309,17 @@ class LoadReport:
                 path=where,
             )
 
-    def check_strict(self, optional_keys: Collection[str] = ()) -> None:
+    def check_strict(
+        self, optional_keys: Collection[str] = (), optional_whole_keys: Collection[str] = ()
+    ) -> None:
         """Raise :class:`InvalidArgument` listing every key on one side only, unless clean but
-        for the ``optional_keys`` missing from the checkpoint: what ``strict=True`` means for
-        every format."""
-        missing = [key for key in self.missing_keys if optional_cover(key, optional_keys) is None]
+        for the ``optional_keys`` (or keys under them) and the ``optional_whole_keys`` (those
+        alone) missing from the checkpoint: what ``strict=True`` means for every format."""
+        missing = [
+            key
+            for key in self.missing_keys
+            if optional_cover(key, optional_keys) is None and key not in optional_whole_keys
+        ]
         if missing or self.unexpected_keys:
             raise InvalidArgument(
                 "the checkpoint does not match the given state: "
@@ -342,6 +349,7 @@ def check_load(
     fix_key_prefixes: bool = True,
     where: str | os.PathLike[str] | None = None,
     optional_keys: Collection[str] = (),
+    optional_whole_keys: Collection[str] = (),
 ) -> LoadReport:
     """A dry run of loading ``loaded`` (as saved) into ``template`` (the user's live objects),
     changing nothing (:func:`apply_load` loads it): a tensor (a module's too) whose shape
@@ -353,11 +361,46 @@ def check_load(
     object's own ``load_state_dict`` is not run, so what it alone refuses (an optimizer's
     parameter groups of other sizes) is only found by :func:`apply_load`. ``where``: the
     checkpoint ``loaded`` comes from, for the errors; ``optional_keys``: the dotted keys of
-    ``template`` that ``loaded`` may lack even with ``strict`` (reported, not refused)."""
+    ``template`` that ``loaded`` may lack even with ``strict`` (reported, not refused), and
+    ``optional_whole_keys`` those it may lack only as a whole."""
     report = LoadReport()
     _load(template, loaded, "", report, apply=False, fix_prefixes=fix_key_prefixes)
-    report.check(strict=strict, where=where, optional_keys=optional_keys)
+    for key in optional_whole_keys:
+        if not _holds_any(loaded, key):
+            # DCP reads a sub-dict it holds nothing of as empty; reported whole, as "torch" does.
+            report.missing_keys = _folded_under(report.missing_keys, key)
+    report.check(
+        strict=strict,
+        where=where,
+        optional_keys=optional_keys,
+        optional_whole_keys=optional_whole_keys,
+    )
     return report
+
+
+def _holds_any(loaded: Any, key: str) -> bool:
+    """Whether ``loaded`` holds anything at the dotted ``key`` (through its mappings)."""
+    value = loaded
+    for part in key.split("."):
+        if isinstance(value, PerRank):
+            value = value.value
+        if not isinstance(value, Mapping) or part not in value:
+            return False
+        value = value[part]
+    if isinstance(value, PerRank):
+        value = value.value
+    return not isinstance(value, Mapping) or bool(value)
+
+
+def _folded_under(missing: list[str], key: str) -> list[str]:
+    """``missing`` with the keys under ``key`` listed once, as ``key``, where the first was."""
+    under = [name for name in missing if name == key or name.startswith(f"{key}.")]
+    if not under:
+        return missing
+    first = missing.index(under[0])
+    kept = [name for name in missing if name not in under]
+    kept.insert(first, key)
+    return kept
 
 
 def apply_load(template: Any, loaded: Any, *, fix_key_prefixes: bool = True) -> None:

@@ -207,6 +207,42 @@ def test_in_place_and_strict_on_two_ranks(root: Path, fmt: str) -> None:
         assert out["unexpected"] == ("old",)
 
 
+def _restore_optional_as_a_whole(rank: int, world_size: int, root: str, fmt: str) -> Any:
+    """Save ``extras`` with one of its two keys, restore it with ``extras`` optional as a
+    whole: refused, naming the key; then a state with no ``extras`` saved loads, reporting it."""
+    out: dict[str, Any] = {}
+    with distckpt.CheckpointManager(root, format=fmt, fsync=False, timeout=TIMEOUT) as mgr:
+        mgr.save(1, {"w": torch.ones(2), "extras": {"kept": torch.ones(1)}})
+        mgr.save(2, {"w": torch.ones(2)})
+        state = {"w": torch.zeros(2), "extras": {"kept": torch.zeros(1), "added": 0}}
+        try:
+            mgr.restore(1, state=state, optional_whole_keys=["extras"])
+        except InvalidArgument as exc:
+            out["refused"] = str(exc)
+        out["untouched"] = torch.equal(state["w"], torch.zeros(2)) and torch.equal(
+            state["extras"]["kept"], torch.zeros(1)
+        )
+        ckpt = mgr.restore(2, state=state, optional_whole_keys=["extras"])
+        assert ckpt is not None
+        out["missing"] = ckpt.missing_keys
+        out["loaded"] = torch.equal(state["w"], torch.ones(2))
+    return out
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_optional_whole_keys_may_be_missing_only_as_a_whole_on_two_ranks(
+    root: Path, fmt: str
+) -> None:
+    """``optional_whole_keys``: a key under one of them missing is refused on every rank
+    before anything is loaded; the whole of it missing is let through and reported."""
+    restores = run_ranks(_restore_optional_as_a_whole, 2, str(root), fmt, timeout=TIMEOUT * 2)
+    results = values(restores)
+    for out in results:
+        assert "missing from the checkpoint ['extras.added']" in out["refused"]
+        assert out["untouched"] and out["loaded"]
+        assert out["missing"] == ("extras",)
+
+
 def _save_then_refuse_on_rank_one(rank: int, world_size: int, root: str) -> dict[str, Any]:
     """Save one step, then restore it with a template that only rank 1's strict check refuses
     (a key only it has): what each rank's state holds after the restore raised."""
