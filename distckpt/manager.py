@@ -351,7 +351,10 @@ class CheckpointManager(RootUpkeep):
         (``"extras.added"``) that the checkpoint may lack even so: keys a newer version of the
         state added, which a checkpoint saved before it has not. Those missing are reported in
         ``missing_keys`` and left as given, as is any key under one of them (``"extras"``
-        covers ``"extras.added"``, reported as ``"extras"`` in both formats); a key inside an
+        covers ``"extras.added"``, reported as ``"extras"`` in both formats), and a whole
+        missing sub-dict whose every leaf is one (``["extras.added"]`` for a new
+        ``{"extras": {"added": t}}``, reported as ``"extras"``); a list's items are not keys:
+        a list longer than the saved one is refused whatever is optional; a key inside an
         object with ``state_dict()`` is optional only as the whole object (``"obj"``, not
         ``"obj.added"``). ``optional_whole_keys`` may be missing only as a whole: a key under
         one of them is not optional (``"extras"`` missing is let through, ``"extras.added"``

@@ -268,6 +268,9 @@ class LoadReport:
     missing_keys: list[str] = field(default_factory=list)
     unexpected_keys: list[str] = field(default_factory=list)
     mismatched_shapes: list[ShapeDifference] = field(default_factory=list)
+    #: the given state's leaves under each missing key that is a whole sub-tree (a missing
+    #: key absent here is a leaf itself): the sub-tree is optional when each leaf is
+    leaves_of_missing: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def clean(self) -> bool:
@@ -318,7 +321,9 @@ class LoadReport:
         missing = [
             key
             for key in self.missing_keys
-            if optional_cover(key, optional_keys) is None and key not in optional_whole_keys
+            if optional_cover(key, optional_keys) is None
+            and key not in optional_whole_keys
+            and not self._leaves_all_optional(key, optional_keys)
         ]
         if missing or self.unexpected_keys:
             raise InvalidArgument(
@@ -327,6 +332,12 @@ class LoadReport:
                 f"not in the given state {self.unexpected_keys}. "
                 "Pass strict=False to load what matches."
             )
+
+    def _leaves_all_optional(self, key: str, optional_keys: Collection[str]) -> bool:
+        """Whether ``key`` is a missing sub-tree whose every leaf is optional: a whole
+        sub-dict a newer version added, named by its leaves, is as optional as named by it."""
+        leaves = self.leaves_of_missing.get(key, [])
+        return bool(leaves) and all(optional_cover(leaf, optional_keys) for leaf in leaves)
 
 
 def dotted_prefixes(key: str) -> list[str]:
@@ -365,6 +376,9 @@ def check_load(
     ``optional_whole_keys`` those it may lack only as a whole."""
     report = LoadReport()
     _load(template, loaded, "", report, apply=False, fix_prefixes=fix_key_prefixes)
+    report.leaves_of_missing = {
+        key: leaves for key in report.missing_keys if (leaves := _leaves_at(template, key))
+    }
     for key in optional_whole_keys:
         if not _holds_any(loaded, key):
             # DCP reads a sub-dict it holds nothing of as empty; reported whole, as "torch" does.
@@ -378,18 +392,39 @@ def check_load(
     return report
 
 
-def _holds_any(loaded: Any, key: str) -> bool:
-    """Whether ``loaded`` holds anything at the dotted ``key`` (through its mappings)."""
-    value = loaded
+def _value_at(root: Any, key: str) -> tuple[bool, Any]:
+    """(found, value) at the dotted ``key`` of ``root``, through its mappings (and the values
+    marked :class:`PerRank`)."""
+    value = root
     for part in key.split("."):
         if isinstance(value, PerRank):
             value = value.value
         if not isinstance(value, Mapping) or part not in value:
-            return False
+            return False, None
         value = value[part]
+    return True, value.value if isinstance(value, PerRank) else value
+
+
+def _leaves_at(template: Any, key: str) -> list[str]:
+    """The dotted keys of the leaves of ``template``'s sub-dict at ``key`` (anything but a
+    mapping, an object with ``state_dict()`` or a list too, is one leaf), or no keys when
+    ``key`` names no sub-dict of it."""
+    _, value = _value_at(template, key)
+    return _leaves(value, key) if isinstance(value, Mapping) else []
+
+
+def _leaves(value: Any, key: str) -> list[str]:
     if isinstance(value, PerRank):
-        value = value.value
-    return not isinstance(value, Mapping) or bool(value)
+        return _leaves(value.value, key)
+    if isinstance(value, Mapping) and value:
+        return [leaf for name, item in value.items() for leaf in _leaves(item, f"{key}.{name}")]
+    return [key]
+
+
+def _holds_any(loaded: Any, key: str) -> bool:
+    """Whether ``loaded`` holds anything at the dotted ``key`` (an empty mapping is nothing)."""
+    found, value = _value_at(loaded, key)
+    return found and (not isinstance(value, Mapping) or bool(value))
 
 
 def _folded_under(missing: list[str], key: str) -> list[str]:

@@ -176,6 +176,13 @@ def flat_state(state: STATE_DICT_TYPE) -> dict[str, Any]:
     return dict(flat)
 
 
+def flat_paths(state: STATE_DICT_TYPE) -> dict[str, tuple[Any, ...]]:
+    """Each of DCP's flat keys of a nested ``state`` (:func:`flat_state`) with its place in
+    it (``"a.0"``: ``("a", 0)``)."""
+    _, paths = flatten_state_dict(state)
+    return {key: tuple(path) for key, path in paths.items()}
+
+
 def flat_keys(state: STATE_DICT_TYPE) -> list[str]:
     """The keys DCP gives the values of a nested ``state`` (:func:`flat_state`)."""
     return list(flat_state(state))
