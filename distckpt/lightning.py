@@ -116,7 +116,6 @@ from lightning.fabric.utilities.data import _set_sampler_epoch
 from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.utilities.combined_loader import _Stateful
 
-from distckpt.errors import InvalidArgument
 from distckpt.lightning_extras import AsBytes, BytesAsTensors, LightningExtras
 from distckpt.manager import CheckpointManager
 from distckpt.per_rank import PerRank
@@ -318,8 +317,6 @@ class DistckptCallback(lightning.Callback):
 
         def finish_restore() -> None:
             assert self._extras is not None
-            if checkpoint is not None:
-                _check_only_newer_keys_missing(checkpoint)
             if extras is not None:
                 self._extras.load_state_dict(extras)
             self._extras.finish_restore()
@@ -355,11 +352,8 @@ class DistckptCallback(lightning.Callback):
         checkpoint has none). An older checkpoint lacks what later versions added to them:
         the whole of them (saved before the callbacks' states were), or the callbacks'
         ``on_save_checkpoint`` keys (:attr:`LightningExtras.NEWER_KEYS`). Those keys, and only
-        those, may be missing: any other key on one side only is refused before anything is
-        loaded, as a strict restore refuses it, but for the other keys of
-        :class:`LightningExtras`, which the restore takes as optional with the whole of them
-        (a key under an optional key is optional): those are refused after the load
-        (:func:`_check_only_newer_keys_missing`), on every rank."""
+        those, may be missing: any other key on one side only is refused on every rank before
+        anything is loaded, as a strict restore refuses it."""
         assert self.manager is not None
         # A run may change its format: the checkpoint is read in the layout it was saved in.
         saved = self.manager.checkpoints()  # the manifests of the committed ones, oldest first
@@ -367,12 +361,14 @@ class DistckptCallback(lightning.Callback):
         # Plain bytes leaves, not an object with a state_dict(): the restore then reports each
         # key the checkpoint lacks, where it would report (and skip) the object as a whole.
         extras = dict.fromkeys(LightningExtras.KEYS, b"")
-        newer = [_EXTRAS_KEY, *(f"{_EXTRAS_KEY}.{key}" for key in LightningExtras.NEWER_KEYS)]
         checkpoint = self.manager.restore(
             "last",
             state=self._state(trainer, pl_module, extras, layout),
             missing_ok=True,
-            optional_keys=newer,
+            optional_keys=[f"{_EXTRAS_KEY}.{key}" for key in LightningExtras.NEWER_KEYS],
+            # Only as a whole: a checkpoint lacking some of the other keys of LightningExtras
+            # matches no older layout, and is refused before anything is loaded.
+            optional_whole_keys=[_EXTRAS_KEY],
         )
         if checkpoint is None or _EXTRAS_KEY in checkpoint.missing_keys:
             return checkpoint, None
@@ -472,20 +468,3 @@ class DistckptCallback(lightning.Callback):
         if self.manager is not None:
             manager, self.manager = self.manager, None
             manager.close()
-
-
-def _check_only_newer_keys_missing(checkpoint: LoadedCheckpoint) -> None:
-    """Refuse a checkpoint that lacks some of :class:`LightningExtras`' keys but not all and
-    not only :attr:`LightningExtras.NEWER_KEYS`: no older layout lacks those, and the restore
-    let them through as under its optional key (the whole of them, which older layouts lack)."""
-    newer = {f"{_EXTRAS_KEY}.{key}" for key in LightningExtras.NEWER_KEYS}
-    lacking = [
-        key
-        for key in checkpoint.missing_keys
-        if key.startswith(f"{_EXTRAS_KEY}.") and key not in newer
-    ]
-    if lacking:
-        raise InvalidArgument(
-            f"{checkpoint.path}: the checkpoint does not match the given state: missing from "
-            f"the checkpoint {lacking}, which no older layout of the callback's checkpoints lacks"
-        )

@@ -333,6 +333,7 @@ class CheckpointManager(RootUpkeep):
         verify: bool = False,
         fix_key_prefixes: bool = True,
         optional_keys: Collection[str] = (),
+        optional_whole_keys: Collection[str] = (),
     ) -> Checkpoint | None:
         """Load a checkpoint on every rank; collective.
 
@@ -350,9 +351,14 @@ class CheckpointManager(RootUpkeep):
         (``"extras.added"``) that the checkpoint may lack even so: keys a newer version of the
         state added, which a checkpoint saved before it has not. Those missing are reported in
         ``missing_keys`` and left as given, as is any key under one of them (``"extras"``
-        covers ``"extras.added"``, reported as ``"extras"`` in both formats); a key inside an
+        covers ``"extras.added"``, reported as ``"extras"`` in both formats), and a whole
+        missing sub-dict whose every leaf is one (``["extras.added"]`` for a new
+        ``{"extras": {"added": t}}``, reported as ``"extras"``); a list's items are not keys:
+        a list longer than the saved one is refused whatever is optional; a key inside an
         object with ``state_dict()`` is optional only as the whole object (``"obj"``, not
-        ``"obj.added"``). Any other key on one side only is still refused, before anything is
+        ``"obj.added"``). ``optional_whole_keys`` may be missing only as a whole: a key under
+        one of them is not optional (``"extras"`` missing is let through, ``"extras.added"``
+        alone is refused). Any other key on one side only is still refused, before anything is
         loaded; a plain string is refused (give ``["extras.added"]``). A tensor whose saved
         shape differs is refused with :class:`~distckpt.errors.ShapeMismatch` whatever
         ``strict`` is. No rank loads into ``state`` before every rank read and checked its
@@ -393,6 +399,7 @@ class CheckpointManager(RootUpkeep):
                 mmap,
                 fix_key_prefixes,
                 check_optional_keys(optional_keys),
+                check_optional_keys(optional_whole_keys),
             ),
             strict=strict,
             missing_ok=missing_ok,

@@ -16,9 +16,10 @@ import torch.distributed as dist
 
 from distckpt.errors import CheckpointError, CheckpointVanished, CorruptCheckpoint
 from distckpt.formats import PreparedRead, ReadOptions, ShardContext, format_named
+from distckpt.load_report import dotted_prefixes
 from distckpt.manifest import Manifest
 from distckpt.results import Checkpoint
-from distckpt.state import apply_load, check_load, dotted_prefixes, to_plain
+from distckpt.state import apply_load, check_load, to_plain
 from distckpt.storage.views import CheckpointSource, errors_name_the_location
 
 T = TypeVar("T")
@@ -87,6 +88,7 @@ def prepare_read(
             where=source.location,
             step=manifest.step,
             optional_keys=options.optional_keys,
+            optional_whole_keys=options.optional_whole_keys,
         )
     return prepared
 
@@ -111,6 +113,7 @@ def read_state(
             where=source.location,
             step=manifest.step,
             optional_keys=prepared.options.optional_keys,
+            optional_whole_keys=prepared.options.optional_whole_keys,
         )
         if template is not None
         else None

@@ -13,14 +13,19 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Collection, Iterable, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from distckpt.containers import same_kind_of_mapping, same_kind_of_tuple
-from distckpt.errors import InvalidArgument, KeyMismatch, ShapeMismatch
+from distckpt.errors import InvalidArgument
 from distckpt.key_prefixes import log_prefix_mapping, matching_prefixes
+from distckpt.load_report import (
+    LoadReport,
+    folded_under,
+    holds_any,
+    leaves_at,
+)
 from distckpt.model_state_keys import (
     join_key,
     model_optimizer_state_type,
@@ -174,147 +179,6 @@ def copy_containers(value: Any) -> Any:
     return value
 
 
-#: A tensor of the template whose shape differs from the saved one under the same key:
-#: (dotted key, saved shape, current shape).
-ShapeDifference = tuple[str, tuple[int, ...], tuple[int, ...]]
-
-
-@dataclass
-class LoadReport:
-    """What did not line up between the ``state=`` template and the checkpoint, each key as a
-    dotted path (``model.layer.weight``): keys on one side only, and tensors present on both
-    sides with different shapes (which nothing can load, strict or not)."""
-
-    missing_keys: list[str] = field(default_factory=list)
-    unexpected_keys: list[str] = field(default_factory=list)
-    mismatched_shapes: list[ShapeDifference] = field(default_factory=list)
-    #: the parameter groups of a ModelOptimizerState whose parameters differ from the saved
-    #: ones: (the group's dotted place, its saved parameter names, the given ones)
-    changed_param_groups: list[tuple[str, list[str], list[str]]] = field(default_factory=list)
-
-    @property
-    def clean(self) -> bool:
-        """Whether no key is on one side only (shapes are :meth:`check_shapes`' business)."""
-        return not self.missing_keys and not self.unexpected_keys
-
-    def check(
-        self,
-        *,
-        strict: bool,
-        where: str | os.PathLike[str] | None = None,
-        step: int | None = None,
-        optional_keys: Collection[str] = (),
-    ) -> None:
-        """Raise what a restore refuses before loading anything: a shape mismatch always
-        (:meth:`check_shapes`), keys on one side only with ``strict`` (:meth:`check_strict`),
-        but for the missing keys that are or are under ``optional_keys``
-        (:func:`optional_cover`), naming the checkpoint ``where`` of ``step`` (the error's
-        ``path`` and ``step``)."""
-        self.check_shapes(where, step)
-        self.check_param_groups(where, step)
-        if strict:
-            self.check_strict(where, step, optional_keys)
-
-    def check_shapes(
-        self, where: str | os.PathLike[str] | None = None, step: int | None = None
-    ) -> None:
-        """Raise :class:`~distckpt.errors.ShapeMismatch` naming every tensor whose saved shape
-        differs from the given one, if any, and the checkpoint ``where`` (its ``path``) of
-        ``step`` when known: whatever ``strict`` is, as torch's own ``load_state_dict`` and DCP
-        do, since nothing can be loaded into such a tensor."""
-        if self.mismatched_shapes:
-            listed = "; ".join(
-                f"{key}: saved {list(saved)}, given {list(current)}"
-                for key, saved, current in self.mismatched_shapes
-            )
-            raise ShapeMismatch(
-                f"{_about(where)}the checkpoint's tensors do not have the shapes of the given"
-                f" state's ({listed}). A shape mismatch is refused even with strict=False:"
-                " nothing can be loaded into a tensor of another shape",
-                mismatches=tuple(self.mismatched_shapes),
-                path=where,
-                step=step,
-            )
-
-    def check_param_groups(
-        self, where: str | os.PathLike[str] | None = None, step: int | None = None
-    ) -> None:
-        """Raise :class:`~distckpt.errors.KeyMismatch` naming every parameter group of a
-        ModelOptimizerState whose parameters differ from the saved group's (a group added or
-        removed, or parameters moved between groups), whatever ``strict`` is: torch's
-        optimizer loads groups by position, so nothing sensible can be loaded. Its
-        ``missing_keys`` are ``<group>.params.<name>`` for each given parameter the saved group
-        lacks, ``unexpected_keys`` the same for each saved one the given group lacks."""
-        if not self.changed_param_groups:
-            return
-        listed = "; ".join(
-            f"{place}: saved {saved}, given {given}"
-            for place, saved, given in self.changed_param_groups
-        )
-        missing = [
-            f"{place}.params.{name}"
-            for place, saved, given in self.changed_param_groups
-            for name in given
-            if name not in saved
-        ]
-        unexpected = [
-            f"{place}.params.{name}"
-            for place, saved, given in self.changed_param_groups
-            for name in saved
-            if name not in given
-        ]
-        raise KeyMismatch(
-            f"{_about(where)}the optimizer's parameter groups do not hold the saved ones' "
-            f"parameters ({listed}). A changed number of groups or a parameter moved between "
-            "groups is refused even with strict=False: the optimizer loads groups by position",
-            missing_keys=tuple(missing),
-            unexpected_keys=tuple(unexpected),
-            path=where,
-            step=step,
-        )
-
-    def check_strict(
-        self,
-        where: str | os.PathLike[str] | None = None,
-        step: int | None = None,
-        optional_keys: Collection[str] = (),
-    ) -> None:
-        """Raise :class:`~distckpt.errors.KeyMismatch` listing every key on one side only,
-        unless clean but for the ``optional_keys`` missing from the checkpoint, naming the
-        checkpoint ``where`` of ``step`` when known: what ``strict=True`` means for every
-        format."""
-        missing = [key for key in self.missing_keys if optional_cover(key, optional_keys) is None]
-        if missing or self.unexpected_keys:
-            raise KeyMismatch(
-                f"{_about(where)}the checkpoint does not match the given state: "
-                f"missing from the checkpoint {missing}, "
-                f"not in the given state {self.unexpected_keys}. "
-                "Pass strict=False to load what matches.",
-                missing_keys=tuple(missing),
-                unexpected_keys=tuple(self.unexpected_keys),
-                path=where,
-                step=step,
-            )
-
-
-def _about(where: str | os.PathLike[str] | None) -> str:
-    """``"<where>: "``, what an error's message starts with to name the checkpoint ``where``;
-    ``""`` when it is not known."""
-    return f"{os.fspath(where)}: " if where else ""
-
-
-def dotted_prefixes(key: str) -> list[str]:
-    """``key``'s dotted parents, outermost first, then ``key`` (``a``, ``a.b``, ``a.b.c``)."""
-    parts = key.split(".")
-    return [".".join(parts[:length]) for length in range(1, len(parts) + 1)]
-
-
-def optional_cover(key: str, optional_keys: Collection[str]) -> str | None:
-    """The shortest of ``key`` and its dotted parents that is in ``optional_keys``, or None
-    when the key is not optional."""
-    return next((prefix for prefix in dotted_prefixes(key) if prefix in optional_keys), None)
-
-
 def check_load(
     template: Any,
     loaded: Any,
@@ -324,6 +188,7 @@ def check_load(
     where: str | os.PathLike[str] | None = None,
     step: int | None = None,
     optional_keys: Collection[str] = (),
+    optional_whole_keys: Collection[str] = (),
 ) -> LoadReport:
     """A dry run of loading ``loaded`` (as saved) into ``template`` (the user's live objects),
     changing nothing (:func:`apply_load` loads it): a tensor (a module's too) whose shape
@@ -336,10 +201,24 @@ def check_load(
     what it alone refuses (an optimizer's parameter groups of other sizes) is only found by
     :func:`apply_load`. ``where`` and ``step``: the checkpoint ``loaded`` comes from, for the
     errors; ``optional_keys``: the dotted keys of ``template`` that ``loaded`` may lack even
-    with ``strict`` (reported, not refused)."""
+    with ``strict`` (reported, not refused), and ``optional_whole_keys`` those it may lack
+    only as a whole."""
     report = LoadReport()
     _load(template, loaded, "", report, apply=False, fix_prefixes=fix_key_prefixes)
-    report.check(strict=strict, where=where, step=step, optional_keys=optional_keys)
+    report.leaves_of_missing = {
+        key: leaves for key in report.missing_keys if (leaves := leaves_at(template, key))
+    }
+    for key in optional_whole_keys:
+        if not holds_any(loaded, key):
+            # DCP reads a sub-dict it holds nothing of as empty; reported whole, as "torch" does.
+            report.missing_keys = folded_under(report.missing_keys, key)
+    report.check(
+        strict=strict,
+        where=where,
+        step=step,
+        optional_keys=optional_keys,
+        optional_whole_keys=optional_whole_keys,
+    )
     return report
 
 
@@ -363,6 +242,10 @@ def apply_load(
         fix_prefixes=fix_key_prefixes,
         strict=strict,
     )
+
+
+def _join(prefix: str, key: object) -> str:
+    return f"{prefix}.{key}" if prefix else str(key)
 
 
 def _renamed(expected: Any, loaded: Any, path: str, *, fix: bool, log: bool) -> Any:

@@ -5,6 +5,7 @@ with SIGKILL and fitted again (``tests/lightning_callbacks_job.py``)."""
 
 from __future__ import annotations
 
+import copy
 import math
 import shutil
 import sys
@@ -16,9 +17,12 @@ import torch
 
 pytest.importorskip("lightning")
 
+import lightning
+
 import distckpt
 from distckpt import reader
 from distckpt.errors import InvalidArgument
+from distckpt.lightning import DistckptCallback
 from distckpt.lightning_extras import LIGHTNING_ENTRIES
 from tests import killing, lightning_callbacks_job
 
@@ -181,7 +185,9 @@ def test_a_checkpoint_lacking_a_key_no_older_layout_lacks_is_refused(
 ) -> None:
     """The torch fixture above without its module's dict: the callbacks' states alone, a key
     under the optional whole of the callback's own keys but none an older layout lacks. Its
-    resume is refused, naming the key, as a strict restore refuses a key on one side only."""
+    resume is refused, naming the key, as a strict restore refuses a key on one side only:
+    before anything is loaded, the trainer's loops, the module and the step tracker as the
+    fit built them."""
     with distckpt.CheckpointManager(
         str(FIXTURES / "lightning-before-callback-hooks" / "torch"), read_only=True
     ) as fixture:
@@ -192,9 +198,45 @@ def test_a_checkpoint_lacking_a_key_no_older_layout_lacks_is_refused(
     out.mkdir()
     with distckpt.CheckpointManager(str(root), fsync=False) as manager:
         manager.save(saved.step, saved.state, epoch=saved.epoch, metrics=saved.metrics)
+    at_refusal: dict[str, Any] = {}
+    fit_start = DistckptCallback.on_fit_start
+
+    def noting_what_the_refusal_left(
+        callback: DistckptCallback, trainer: lightning.Trainer, module: lightning.LightningModule
+    ) -> None:
+        before = _fit_state(callback, trainer, module)
+        try:
+            fit_start(callback, trainer, module)
+        finally:
+            at_refusal.update(before=before, after=_fit_state(callback, trainer, module))
+
+    # Wrapped, not replaced: the callback's own on_fit_start runs, observed on both sides.
+    monkeypatch.setattr(DistckptCallback, "on_fit_start", noting_what_the_refusal_left)
     monkeypatch.setattr(sys, "argv", [JOB, str(root), str(out), "--format", "torch"])
     with pytest.raises(InvalidArgument, match=r"\['lightning\.module_checkpoint'\]"):
         lightning_callbacks_job.main()
+    before, after = at_refusal["before"], at_refusal["after"]
+    assert after.pop("tracker_step") == 0  # built afresh, not the checkpoint's count (4)
+    before.pop("tracker_step")
+    before_parameters, after_parameters = before.pop("parameters"), after.pop("parameters")
+    assert before_parameters.keys() == after_parameters.keys()
+    for name, value in before_parameters.items():
+        assert torch.equal(after_parameters[name], value), name
+    assert after == before
+
+
+def _fit_state(
+    callback: DistckptCallback, trainer: lightning.Trainer, module: lightning.LightningModule
+) -> dict[str, Any]:
+    """What a resume restores into the trainer, the module, its datamodule and the callback's
+    step tracker (None before the callback builds it), copied."""
+    return {
+        "global_step": trainer.global_step,
+        "fit_loop": copy.deepcopy(trainer.fit_loop.state_dict()),
+        "parameters": {name: value.detach().clone() for name, value in module.state_dict().items()},
+        "datamodule": dict(trainer.datamodule.state_dict()),
+        "tracker_step": callback.tracker.step if callback.tracker is not None else None,
+    }
 
 
 @pytest.mark.parametrize(

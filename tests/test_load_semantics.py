@@ -149,6 +149,38 @@ def test_a_missing_key_under_an_optional_key_is_optional_and_reported_as_it(
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
+def test_a_missing_sub_dict_whose_every_leaf_is_optional_is_optional(root: Path, fmt: str) -> None:
+    """A whole sub-dict a newer version added, named by its leaves alone: as optional as named
+    by its key, reported as that key in both formats; one leaf of two named is not enough."""
+    with distckpt.CheckpointManager(root, format=fmt, fsync=False) as mgr:
+        mgr.save(1, {"w": torch.ones(2)})
+        state = {"w": torch.zeros(2), "extras": {"added": torch.zeros(1)}}
+        ckpt = mgr.restore(state=state, optional_keys=["extras.added"])
+        assert ckpt is not None and ckpt.missing_keys == ("extras",)
+        assert torch.equal(state["w"], torch.ones(2))
+        two = {"w": torch.zeros(2), "extras": {"a": torch.zeros(1), "b": 3}}
+        ckpt = mgr.restore(state=two, optional_keys=["extras.a", "extras.b"])
+        assert ckpt is not None and ckpt.missing_keys == ("extras",)
+        with pytest.raises(InvalidArgument, match=r"missing from the checkpoint \['extras'\]"):
+            mgr.restore(state=two, optional_keys=["extras.a"])
+
+
+@pytest.mark.parametrize("optional", [["lst"], ["lst.1"]])
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_optional_keys_do_not_cover_a_lists_items(
+    root: Path, fmt: str, optional: list[str]
+) -> None:
+    """A list longer than the saved one is refused whatever ``optional_keys`` name, the list or
+    its new item, in both formats, named as the list with both lengths; nothing is loaded."""
+    with distckpt.CheckpointManager(root, format=fmt, fsync=False) as mgr:
+        mgr.save(1, {"lst": [torch.ones(1)]})
+        state = {"lst": [torch.zeros(1), torch.zeros(1)]}
+        with pytest.raises(InvalidArgument, match=r"\['lst\[len 2 != 1\]'\]"):
+            mgr.restore(state=state, optional_keys=optional)
+        assert torch.equal(state["lst"][0], torch.zeros(1))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
 def test_a_key_inside_an_object_with_a_state_dict_is_optional_as_the_whole_object(
     root: Path, fmt: str
 ) -> None:
@@ -205,6 +237,42 @@ def test_in_place_and_strict_on_two_ranks(root: Path, fmt: str) -> None:
     for out in values(run_ranks(_restore_on_ranks, 2, str(root), fmt, timeout=TIMEOUT * 2)):
         assert "not in the given state ['old']" in out["strict"]
         assert out["unexpected"] == ("old",)
+
+
+def _restore_optional_as_a_whole(rank: int, world_size: int, root: str, fmt: str) -> Any:
+    """Save ``extras`` with one of its two keys, restore it with ``extras`` optional as a
+    whole: refused, naming the key; then a state with no ``extras`` saved loads, reporting it."""
+    out: dict[str, Any] = {}
+    with distckpt.CheckpointManager(root, format=fmt, fsync=False, timeout=TIMEOUT) as mgr:
+        mgr.save(1, {"w": torch.ones(2), "extras": {"kept": torch.ones(1)}})
+        mgr.save(2, {"w": torch.ones(2)})
+        state = {"w": torch.zeros(2), "extras": {"kept": torch.zeros(1), "added": 0}}
+        try:
+            mgr.restore(1, state=state, optional_whole_keys=["extras"])
+        except InvalidArgument as exc:
+            out["refused"] = str(exc)
+        out["untouched"] = torch.equal(state["w"], torch.zeros(2)) and torch.equal(
+            state["extras"]["kept"], torch.zeros(1)
+        )
+        ckpt = mgr.restore(2, state=state, optional_whole_keys=["extras"])
+        assert ckpt is not None
+        out["missing"] = ckpt.missing_keys
+        out["loaded"] = torch.equal(state["w"], torch.ones(2))
+    return out
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_optional_whole_keys_may_be_missing_only_as_a_whole_on_two_ranks(
+    root: Path, fmt: str
+) -> None:
+    """``optional_whole_keys``: a key under one of them missing is refused on every rank
+    before anything is loaded; the whole of it missing is let through and reported."""
+    restores = run_ranks(_restore_optional_as_a_whole, 2, str(root), fmt, timeout=TIMEOUT * 2)
+    results = values(restores)
+    for out in results:
+        assert "missing from the checkpoint ['extras.added']" in out["refused"]
+        assert out["untouched"] and out["loaded"]
+        assert out["missing"] == ("extras",)
 
 
 def _save_then_refuse_on_rank_one(rank: int, world_size: int, root: str) -> dict[str, Any]:

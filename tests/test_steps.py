@@ -320,3 +320,27 @@ def test_a_real_step_during_an_async_save_is_counted(tmp_path: Path) -> None:
             assert tracker.step == 2 * real_steps
         mgr.wait()
         assert mgr.steps() == [1, 3, 5]
+
+
+def test_the_readmes_recipe_sets_back_an_older_count_keeping_the_other_optimizers(
+    tmp_path: Path,
+) -> None:
+    """The README's recipe for an older "dcp" checkpoint whose tracker holds one more than its
+    step, run with two optimizers: the first optimizer's count is set back to the
+    checkpoint's step, the second's stays as restored (the recipe must not zero it)."""
+    model = nn.Linear(3, 1)
+    first = torch.optim.SGD([model.weight], lr=0.01)
+    second = torch.optim.SGD([model.bias], lr=0.01)
+    with StepTracker(first, second) as tracker:
+        # As such a checkpoint holds it: saved at step 5, its tracker's count one more.
+        tracker.load_state_dict({"step": 6, "by_optimizer": [6, 3]})
+        with CheckpointManager(tmp_path / "root", fsync=False) as manager:
+            manager.save(5, {"steps": tracker})
+        with StepTracker(first, second) as resumed:
+            with CheckpointManager(tmp_path / "root", fsync=False) as manager:
+                ckpt = manager.restore(state={"steps": resumed})
+            assert ckpt is not None and resumed.steps_by_optimizer == (6, 3)
+            resumed.load_state_dict(
+                {"step": ckpt.step, "by_optimizer": [ckpt.step, *resumed.steps_by_optimizer[1:]]}
+            )
+            assert resumed.steps_by_optimizer == (5, 3)

@@ -20,8 +20,8 @@ import torch
 import torch.distributed as dist
 
 from distckpt.errors import InvalidArgument
+from distckpt.load_report import LoadReport
 from distckpt.manifest import FileRecord, Manifest
-from distckpt.state import LoadReport
 
 
 @dataclass(frozen=True)
@@ -117,6 +117,9 @@ class ReadOptions:
     #: dotted keys of the given state that the checkpoint may lack even when strict (the keys
     #: a newer version of a state added): reported in ``missing_keys``, not refused
     optional_keys: frozenset[str] = frozenset()
+    #: dotted keys the checkpoint may lack only as a whole: optional as ``optional_keys``
+    #: are, but a key under one of them is not (a state whose keys all came in one version)
+    optional_whole_keys: frozenset[str] = frozenset()
 
 
 def storage_placement(

@@ -318,7 +318,11 @@ class DcpFormat:
             )
         metadata = read_metadata(directory, manifest, allow_pickle=options.allow_pickle)
         mismatch = key_mismatch_as_read(
-            template, metadata, ctx.rank, options.fix_key_prefixes, options.optional_keys
+            template,
+            metadata,
+            ctx.rank,
+            options.fix_key_prefixes,
+            options.optional_keys | options.optional_whole_keys,
         )
         return PreparedRead(
             directory, manifest, ctx, template, options, detail=metadata, mismatch=mismatch

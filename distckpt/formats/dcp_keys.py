@@ -24,12 +24,13 @@ import torch
 from torch.distributed.checkpoint.metadata import STORAGE_TYPES, Metadata, TensorStorageMetadata
 
 from distckpt.containers import same_kind_of_tuple
-from distckpt.formats.dcp_storage import flat_state, key_mismatch, shape_mismatches
+from distckpt.formats.dcp_storage import flat_paths, flat_state, key_mismatch, shape_mismatches
 from distckpt.formats.dcp_text_keys import get_saved, holds_containers, keys_like
 from distckpt.key_prefixes import log_prefix_mapping, matching_prefixes
+from distckpt.load_report import LoadReport
 from distckpt.model_state_keys import SCHEDULER_GROUP_KEYS
 from distckpt.per_rank import PerRank
-from distckpt.state import LoadReport, set_path
+from distckpt.state import set_path
 
 __all__ = [
     "PER_RANK_KEY",
@@ -181,8 +182,9 @@ def key_mismatch_as_read(
     asks for is missing when the checkpoint holds nothing under its place in this rank's
     namespace (its saved structure may differ from a fresh one's); per-rank values nobody
     asks for are not unexpected but logged by the read (:func:`per_rank_not_read`), so a
-    restore by another world size may leave them out. An optional key (``optional_keys``)
-    whose leaves are all missing is reported as itself (:func:`fold_missing_subtrees`)."""
+    restore by another world size may leave them out. An optional key (``optional_keys``),
+    or a top-level key, whose leaves are all missing is reported as itself, as "torch"
+    reports a missing sub-dict (:func:`fold_missing_subtrees`)."""
     shared, marked = split_per_rank(template)
     if fix_prefixes:
         shared, _ = rename_to_saved(shared, saved_paths(metadata), "", log=False)
@@ -203,7 +205,16 @@ def key_mismatch_as_read(
         place = f"{PER_RANK_KEY}.{rank}.{dotted(path)}"
         if not any(key == place or key.startswith(f"{place}.") for key in own):
             report.missing_keys.append(dotted(path))
+    report.missing_keys = grown_lists(report.missing_keys, shared, metadata)
+    report.missing_keys = fold_missing_subtrees(
+        report.missing_keys, flat, {key.split(".")[0] for key in report.missing_keys}
+    )
     report.missing_keys = fold_missing_subtrees(report.missing_keys, flat, optional_keys)
+    report.leaves_of_missing = {
+        key: leaves
+        for key in report.missing_keys
+        if (leaves := [leaf for leaf in flat if leaf.startswith(f"{key}.")])
+    }
     return report
 
 
@@ -231,6 +242,32 @@ def with_saved_group_settings(state: Any, metadata: Metadata) -> None:
             found, group = get_saved(state, path[:-1])
             if found and isinstance(group, dict) and path[-1] not in group:
                 group[path[-1]] = _placeholder(entry)
+
+
+def grown_lists(missing: list[str], shared: Any, metadata: Metadata) -> list[str]:
+    """``missing`` with the items of a list the checkpoint holds fewer of (but some) replaced
+    by the list, as "torch" reports it (``lst[len 2 != 1]``): a list's items are not keys
+    a newer version adds, so ``optional_keys`` covers none of them, in both formats."""
+    paths = flat_paths(shared)
+    saved = list(metadata.state_dict_metadata)
+    reported: list[str] = []
+    for key in missing:
+        path = paths.get(key, ())
+        for depth, part in enumerate(path):
+            if not isinstance(part, int):
+                continue
+            items = f"{dotted(path[:depth])}."
+            held = {
+                int(name[len(items) :].split(".")[0]) for name in saved if name.startswith(items)
+            }
+            if held and part not in held:
+                _, items_given = get_saved(shared, path[:depth])
+                given = len(items_given)
+                key = f"{dotted(path[:depth])}[len {given} != {max(held) + 1}]"
+                break
+        if key not in reported:
+            reported.append(key)
+    return reported
 
 
 def fold_missing_subtrees(

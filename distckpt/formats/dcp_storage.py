@@ -34,7 +34,8 @@ from distckpt.errors import CheckpointError, CorruptCheckpoint, describe_error
 from distckpt.formats.base import ReadOptions
 from distckpt.formats.dcp_text_keys import SavedPlaces
 from distckpt.formats.torch_files import safe_torch_load
-from distckpt.state import LoadReport, ShapeDifference, set_path
+from distckpt.load_report import LoadReport, ShapeDifference
+from distckpt.state import set_path
 
 
 class ChecksumStream(ChecksumWriter):
@@ -240,6 +241,13 @@ def flat_state(state: STATE_DICT_TYPE) -> dict[str, Any]:
     # truth, where a copy of its rules could drift from it between torch versions.
     flat, _ = flatten_state_dict(state)
     return dict(flat)
+
+
+def flat_paths(state: STATE_DICT_TYPE) -> dict[str, tuple[Any, ...]]:
+    """Each of DCP's flat keys of a nested ``state`` (:func:`flat_state`) with its place in
+    it (``"a.0"``: ``("a", 0)``)."""
+    _, paths = flatten_state_dict(state)
+    return {key: tuple(path) for key, path in paths.items()}
 
 
 def flat_keys(state: STATE_DICT_TYPE) -> list[str]:
