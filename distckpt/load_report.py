@@ -130,13 +130,18 @@ class LoadReport:
         unless clean but for the ``optional_keys`` (or keys under them) and the
         ``optional_whole_keys`` (those alone) missing from the checkpoint, naming the
         checkpoint ``where`` of ``step`` when known: what ``strict=True`` means for every
-        format."""
+        format. A list longer than the saved one (:func:`is_grown_list`) is never optional:
+        its items are no keys a newer version added, and the formats would load it
+        differently (DCP its first items, "torch" none)."""
         missing = [
             key
             for key in self.missing_keys
-            if optional_cover(key, optional_keys) is None
-            and key not in optional_whole_keys
-            and not self._leaves_all_optional(key, optional_keys)
+            if is_grown_list(key)
+            or (
+                optional_cover(key, optional_keys) is None
+                and key not in optional_whole_keys
+                and not self._leaves_all_optional(key, optional_keys)
+            )
         ]
         if missing or self.unexpected_keys:
             raise KeyMismatch(
@@ -205,9 +210,24 @@ def _leaves(value: Any, key: str) -> list[str]:
 
 
 def holds_any(loaded: Any, key: str) -> bool:
-    """Whether ``loaded`` holds anything at the dotted ``key`` (an empty mapping is nothing)."""
+    """Whether ``loaded`` holds anything at the dotted ``key``: a mapping holding only empty
+    mappings is nothing (DCP reads a sub-dict it holds nothing of as its empty containers)."""
     found, value = _value_at(loaded, key)
-    return found and (not isinstance(value, Mapping) or bool(value))
+    return found and _holds_a_value(value)
+
+
+def _holds_a_value(value: Any) -> bool:
+    if isinstance(value, PerRank):
+        return _holds_a_value(value.value)
+    if isinstance(value, Mapping):
+        return any(_holds_a_value(item) for item in value.values())
+    return True
+
+
+def is_grown_list(key: str) -> bool:
+    """Whether ``key`` is a list of another length than the saved one, as both formats report
+    it (``lst[len 2 != 1]``)."""
+    return key.endswith("]") and "[len " in key
 
 
 def folded_under(missing: list[str], key: str) -> list[str]:

@@ -356,8 +356,10 @@ class CheckpointManager(RootUpkeep):
         ``{"extras": {"added": t}}``, reported as ``"extras"``); a list's items are not keys:
         a list longer than the saved one is refused whatever is optional; a key inside an
         object with ``state_dict()`` is optional only as the whole object (``"obj"``, not
-        ``"obj.added"``). ``optional_whole_keys`` may be missing only as a whole: a key under
-        one of them is not optional (``"extras"`` missing is let through, ``"extras.added"``
+        ``"obj.added"``), but for a :class:`~distckpt.ModelOptimizerState`, whose keys are
+        compared one by one (``"app.model.3"``: it keeps its current values for them).
+        ``optional_whole_keys`` may be missing only as a whole: a key under one of them is not
+        optional (``"extras"`` missing is let through, ``"extras.added"``
         alone is refused). Any other key on one side only is still refused, before anything is
         loaded; a plain string is refused (give ``["extras.added"]``). A tensor whose saved
         shape differs is refused with :class:`~distckpt.errors.ShapeMismatch` whatever

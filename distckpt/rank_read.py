@@ -153,7 +153,10 @@ def apply_read(
         apply_load(
             template,
             checkpoint.state,
-            strict=strict,
+            # A strict check that passed with keys missing excused them (optional keys): a
+            # ModelOptimizerState, whose keys are compared one by one, then loads what it has
+            # and keeps its current values for those, instead of torch refusing them.
+            strict=strict and not checkpoint.missing_keys,
             fix_key_prefixes=options.fix_key_prefixes,
         )
     return checkpoint

@@ -244,10 +244,6 @@ def apply_load(
     )
 
 
-def _join(prefix: str, key: object) -> str:
-    return f"{prefix}.{key}" if prefix else str(key)
-
-
 def _renamed(expected: Any, loaded: Any, path: str, *, fix: bool, log: bool) -> Any:
     """``loaded`` with its keys renamed to ``expected``'s when they differ only by wrapper
     prefixes (and ``fix``); otherwise ``loaded`` itself."""
