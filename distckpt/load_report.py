@@ -224,9 +224,15 @@ def _holds_a_value(value: Any) -> bool:
     return True
 
 
+def list_length_key(place: str, given: int, saved: int) -> str:
+    """The key both formats report a list of ``given`` items under for one saved with
+    ``saved`` (``lst[len 2 != 1]``): the one spelling :func:`is_grown_list` reads."""
+    return f"{place}[len {given} != {saved}]"
+
+
 def is_grown_list(key: str) -> bool:
     """Whether ``key`` is a list of another length than the saved one, as both formats report
-    it (``lst[len 2 != 1]``)."""
+    it (:func:`list_length_key`)."""
     return key.endswith("]") and "[len " in key
 
 

@@ -25,6 +25,7 @@ from distckpt.load_report import (
     folded_under,
     holds_any,
     leaves_at,
+    list_length_key,
 )
 from distckpt.model_state_keys import (
     join_key,
@@ -346,7 +347,7 @@ def _load(
         report.unexpected_keys += [join_key(path, k) for k in loaded if k not in template]
     elif isinstance(template, (list, tuple)) and isinstance(loaded, (list, tuple)):
         if len(template) != len(loaded):
-            report.missing_keys.append(f"{path}[len {len(template)} != {len(loaded)}]")
+            report.missing_keys.append(list_length_key(path, len(template), len(loaded)))
             return template
         items = [
             _load(

@@ -27,7 +27,7 @@ from distckpt.containers import same_kind_of_tuple
 from distckpt.formats.dcp_storage import flat_paths, flat_state, key_mismatch, shape_mismatches
 from distckpt.formats.dcp_text_keys import get_saved, holds_containers, keys_like
 from distckpt.key_prefixes import log_prefix_mapping, matching_prefixes
-from distckpt.load_report import LoadReport
+from distckpt.load_report import LoadReport, list_length_key
 from distckpt.model_state_keys import SCHEDULER_GROUP_KEYS
 from distckpt.per_rank import PerRank
 from distckpt.state import set_path
@@ -263,7 +263,7 @@ def grown_lists(missing: list[str], shared: Any, metadata: Metadata) -> list[str
             if held and part not in held:
                 _, items_given = get_saved(shared, path[:depth])
                 given = len(items_given)
-                key = f"{dotted(path[:depth])}[len {given} != {max(held) + 1}]"
+                key = list_length_key(dotted(path[:depth]), given, max(held) + 1)
                 break
         if key not in reported:
             reported.append(key)
