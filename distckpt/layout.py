@@ -76,7 +76,7 @@ def is_root_entry_name(name: str) -> bool:
         or name in LINK_NAMES
         or parse_step_dir_name(name) is not None
         or name.startswith(SET_ASIDE_PREFIX)
-        or _is_lingering_lease_lock(name)
+        or is_lingering_lease_lock(name)
     )
 
 
@@ -90,7 +90,7 @@ def holds_a_root(directory: str | os.PathLike[str]) -> bool:
     except (FileNotFoundError, NotADirectoryError):
         return False
     for entry in entries:
-        if entry.name in (LEASE_LOCK_NAME, LEASE_RECORD_NAME) or _is_lingering_lease_lock(
+        if entry.name in (LEASE_LOCK_NAME, LEASE_RECORD_NAME) or is_lingering_lease_lock(
             entry.name
         ):
             return True
@@ -110,9 +110,16 @@ def _is_committed_step_dir(entry: os.DirEntry[str]) -> bool:
     )
 
 
-def _is_lingering_lease_lock(name: str) -> bool:
+#: the name of a lease lock file ``lease --break`` moved aside
+#: (:meth:`RootLayout.lingering_lease_lock_path`, its token a uuid4's 32 hex digits)
+_LINGERING_LEASE_LOCK = re.compile(
+    rf"{re.escape(LEASE_LOCK_NAME)}\.[0-9a-f]{{32}}{re.escape(LINGERING_LEASE_LOCK_SUFFIX)}"
+)
+
+
+def is_lingering_lease_lock(name: str) -> bool:
     """Whether ``name`` is a lease lock file ``lease --break`` moved aside."""
-    return name.startswith(LEASE_LOCK_NAME + ".") and name.endswith(LINGERING_LEASE_LOCK_SUFFIX)
+    return _LINGERING_LEASE_LOCK.fullmatch(name) is not None
 
 
 def _names_a_step_dir(link: Path) -> bool:

@@ -58,10 +58,9 @@ from distckpt.errors import CheckpointError, CoordinationTimeout
 from distckpt.layout import (
     BEST,
     LAST,
-    LEASE_LOCK_NAME,
     LEASE_RECORD_NAME,
-    LINGERING_LEASE_LOCK_SUFFIX,
     RootLayout,
+    is_lingering_lease_lock,
 )
 
 logger = logging.getLogger("distckpt")
@@ -247,11 +246,6 @@ _LINK_UNDER_CONSTRUCTION = re.compile(
 _LEASE_RECORD_UNDER_CONSTRUCTION = re.compile(
     rf"\.{re.escape(LEASE_RECORD_NAME)}\.[0-9a-f]{{32}}\.tmp"
 )
-#: a lease lock file ``lease --break`` moved aside, a dead machine's lock lingering on it: the
-#: break removes it once done, unless it was killed first. Made without the root lock.
-_LINGERING_LEASE_LOCK = re.compile(
-    rf"{re.escape(LEASE_LOCK_NAME)}\.[0-9a-f]{{32}}{re.escape(LINGERING_LEASE_LOCK_SUFFIX)}"
-)
 #: A temporary file younger than this may belong to a process at work on it right now, unless
 #: the caller can tell that none is (:func:`_dead_temporary`). Each lives for milliseconds.
 PROBE_GRACE_SECONDS = 60.0
@@ -326,7 +320,9 @@ def _dead_temporary(path: Path, *, none_at_work: bool) -> bool:
     :data:`PROBE_GRACE_SECONDS`). ``none_at_work``: the caller can tell that no process is
     making a probe or a link right now; the lease's files go by their age whatever it is."""
     name = path.name
-    if _LEASE_RECORD_UNDER_CONSTRUCTION.fullmatch(name) or _LINGERING_LEASE_LOCK.fullmatch(name):
+    # a lingering lease lock (layout.is_lingering_lease_lock): a dead machine's lock lingering on
+    # it, which the break removes once done, unless it was killed first; made without the root lock
+    if _LEASE_RECORD_UNDER_CONSTRUCTION.fullmatch(name) or is_lingering_lease_lock(name):
         return _older_than_grace(path)
     if not (name.startswith(_PROBE_PREFIX) or _LINK_UNDER_CONSTRUCTION.fullmatch(name)):
         return False
