@@ -75,7 +75,8 @@ RECORD_WRITE_GRACE = 0.5
 JOB_ID_VARIABLES = ("TORCHELASTIC_RUN_ID", "SLURM_JOB_ID")
 
 
-def _now_utc() -> str:
+def now_utc() -> str:
+    """Now, in UTC, to the second (ISO 8601): the times a lease record keeps."""
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
@@ -159,8 +160,9 @@ class LeaseHolder:
     host: str
     pid: int
     job_id: str | None
-    #: None, as ``job_id`` is, where the record does not say: an ``s3://`` root's lease object
-    #: holds its holder's host and pid only (older versions refuse a record with more keys)
+    #: None, as ``job_id`` and ``generation`` are, where the record does not say: the lease
+    #: object of an ``s3://`` root written by an older version holds its holder's host and pid
+    #: only
     started_utc: str | None
     generation: int | None
     token: str
@@ -188,7 +190,7 @@ class LeaseHolder:
 
     def describe(self) -> str:
         """``job J on host H, pid P, since T (generation G)``; ``a job on host H, pid P`` where
-        the record keeps no more (an ``s3://`` lease)."""
+        the record keeps no more (an older version's ``s3://`` lease object)."""
         if self.started_utc is None:  # a record that keeps no job id, time nor generation
             return f"a job on host {self.host}, pid {self.pid}"
         job = f"job {self.job_id}" if self.job_id else "a job without a job id"
@@ -375,7 +377,7 @@ class RootLease:
             boot_id=_boot_id(),
             pid=os.getpid(),
             job_id=job_id_from_environment(),
-            started_utc=_now_utc(),
+            started_utc=now_utc(),
             generation=(previous.generation if previous is not None else 0) + 1,
             token=uuid.uuid4().hex,
         )
@@ -430,7 +432,7 @@ class RootLease:
         try:
             current = _read_record(self.root)
             if current is not None and current.token == self.holder.token and current.held:
-                released = replace(self.holder, released_utc=_now_utc())
+                released = replace(self.holder, released_utc=now_utc())
                 atomic_write_bytes(_record_path(self.root), released.to_json(), fsync=True)
         except OSError as exc:  # the lock still goes; the next holder takes over a stale record
             logger.warning("could not mark the lease of %s released: %s", self.root, exc)

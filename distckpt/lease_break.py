@@ -17,10 +17,10 @@ from distckpt.lease import (
     LeaseHolder,
     _in_use,
     _lock_path,
-    _now_utc,
     _read_record,
     _record_path,
     _try_lock,
+    now_utc,
     read_holder,
 )
 from distckpt.lock import PROBE_GRACE
@@ -73,7 +73,7 @@ def break_lease(root: str | os.PathLike[str]) -> LeaseHolder | None:
         if lock is None:  # a waiting job took the new lock file first and is claiming the root
             raise _taken_meanwhile(root_path, holder, current)
         logger.warning("breaking the lease of %s held by %s", root_path, holder.describe())
-        broken = replace(current, broken_utc=_now_utc(), alive=None)
+        broken = replace(current, broken_utc=now_utc(), alive=None)
         atomic_write_bytes(_record_path(root_path), broken.to_json(), fsync=True)
     finally:
         if lock is not None:

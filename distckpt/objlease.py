@@ -2,8 +2,11 @@
 file lock, for stores that have no ``flock`` and no process that the kernel could watch.
 
 The lease object (JSON: owner, host, pid, the holder's declared ``duration``, a renewal count,
-``released``) is created with a conditional create, renewed and released with a
-compare-and-swap on its ETag, and taken over from a holder that stopped renewing.
+``released``, and the holder's job id, start time (UTC) and generation, as a root directory's
+lease record keeps them) is created with a conditional create, renewed and released with a
+compare-and-swap on its ETag, and taken over from a holder that stopped renewing. The
+generation is one more than the previous record's (1 for a new object, or after a record of an
+older version, which keeps none); renewals keep the job id, start time and generation.
 
 Guarantees:
 
@@ -54,7 +57,7 @@ import os
 import time
 import uuid
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from dataclasses import fields as dataclass_fields
 from typing import Any, Callable, NoReturn
 
@@ -66,7 +69,7 @@ from distckpt.errors import (
     ObjectNotFound,
     PreconditionFailed,
 )
-from distckpt.lease import this_process_host
+from distckpt.lease import LeaseHolder, job_id_from_environment, now_utc, this_process_host
 from distckpt.objstore import ObjectStore
 
 #: what fraction of the lease's duration one request of its renewals or release may take at
@@ -111,6 +114,10 @@ class LeaseRecord:
     duration: float
     renewal: int = 0  # counted so that every renewal changes the ETag
     released: bool = False
+    # The last three are None in a record of an older version, which keeps none of them.
+    job_id: str | None = None
+    started_utc: str | None = None
+    generation: int | None = None
 
     def encode(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True).encode()
@@ -119,15 +126,39 @@ class LeaseRecord:
     def decode(cls, data: bytes) -> LeaseRecord | None:
         """The record, or None for an object that is not one (then it never expires). Fields
         this version does not know are ignored, so that a later version may add some without
-        locking this one out of the roots it leased."""
+        locking this one out of the roots it leased; a ``generation`` that is not a whole
+        number counts as none (the next holder's is then 1)."""
         try:
             fields = json.loads(data)
             if not isinstance(fields, dict):
                 return None
             known = {field.name for field in dataclass_fields(cls)}
-            return cls(**{name: value for name, value in fields.items() if name in known})
+            record = cls(**{name: value for name, value in fields.items() if name in known})
         except (ValueError, TypeError):
             return None
+        generation = record.generation
+        if isinstance(generation, bool) or not isinstance(generation, int):
+            return replace(record, generation=None)
+        return record
+
+    def next_generation(self) -> int:
+        """The generation of the holder that takes over from this record's."""
+        return (self.generation or 0) + 1
+
+    def holder(self) -> LeaseHolder:
+        """This record as a root directory's lease record is read (``alive`` unknown: a lease
+        object's expiry is timed by a contender's own clock, not decidable from one look)."""
+        return LeaseHolder(
+            host=self.host,
+            pid=self.pid,
+            job_id=self.job_id,
+            started_utc=self.started_utc,
+            generation=self.generation,
+            token=self.owner,
+            # The lease object does not record when it was released; "unknown" still says it was.
+            released_utc="unknown" if self.released else None,
+            alive=False if self.released else None,
+        )
 
 
 class ObjectLease:
@@ -153,6 +184,12 @@ class ObjectLease:
         self.name = name
         self.duration = duration
         self.owner = uuid.uuid4().hex
+        #: recorded with the lease, as a root directory's lease record has it
+        self.job_id = job_id_from_environment()
+        #: when this lease was taken (UTC) and its generation: set by :meth:`acquire`, kept
+        #: by renewals
+        self.started_utc: str | None = None
+        self.generation: int | None = None
         self._etag: str | None = None
         self._renewal = 0
         self._valid_until = 0.0  # time.monotonic()
@@ -168,8 +205,27 @@ class ObjectLease:
 
     def _record(self, *, released: bool = False) -> bytes:
         return LeaseRecord(
-            self.owner, this_process_host(), os.getpid(), self.duration, self._renewal, released
+            self.owner,
+            this_process_host(),
+            os.getpid(),
+            self.duration,
+            self._renewal,
+            released,
+            job_id=self.job_id,
+            started_utc=self.started_utc,
+            generation=self.generation,
         ).encode()
+
+    def _take(self, generation: int, **conditions: Any) -> None:
+        """Write this lease's first record, of ``generation`` and started now, on
+        ``conditions`` (those of :meth:`_write`); the start and generation stay unset if the
+        store refuses it."""
+        self.started_utc, self.generation = now_utc(), generation
+        try:
+            self._write(**conditions)
+        except BaseException:
+            self.started_utc = self.generation = None
+            raise
 
     def renewal_due(self) -> float:
         """When (``time.monotonic()``) the next renewal is due: a third of ``duration`` after
@@ -207,7 +263,7 @@ class ObjectLease:
         seen: tuple[str, float] | None = None  # (ETag, when first seen)
         while True:
             try:
-                self._write(if_absent=True)
+                self._take(1, if_absent=True)
                 return
             except ObjectExists:
                 pass
@@ -225,12 +281,12 @@ class ObjectLease:
             )
             if record is not None and (record.released or expired):
                 try:
-                    self._write(if_match=info.etag)
+                    self._take(record.next_generation(), if_match=info.etag)
                     return
                 except PreconditionFailed:
                     continue  # another contender was faster, or the holder renewed
             if now >= deadline:
-                holder = f"{record.owner} (host {record.host}, pid {record.pid})" if record else "?"
+                holder = record.holder().describe() if record else "an unreadable record"
                 raise CoordinationTimeout(
                     f"lease {self.store.url}/{self.name} still held by {holder} after {timeout} s"
                 )
@@ -249,27 +305,31 @@ class ObjectLease:
             return
         except PreconditionFailed:
             adopted = self._adopt_own_version()
-        if adopted is None:
-            self._lost("taken by another writer")
         try:
             self._write(if_match=adopted, through=self.renewals)
         except PreconditionFailed:
             self._lost("taken by another writer")
 
-    def _adopt_own_version(self, through: ObjectStore | None = None) -> str | None:
+    def _adopt_own_version(self, through: ObjectStore | None = None) -> str:
         """The ETag of what the store holds when that is still this lease's own unreleased
-        record (a renewal applied whose every answer was lost), else None (taken, released or
-        deleted). A store that does not answer raises its
+        record (a renewal applied whose every answer was lost); else the lease is lost (taken,
+        released or deleted): :class:`~distckpt.errors.LeaseLost`, naming the holder the
+        store's record names. A store that does not answer raises its
         :class:`~distckpt.errors.ObjectStoreError`: nothing is known then, so the lease is
         neither given up nor counted renewed (held while the time of the last write known to
         have landed lasts)."""
         try:
             data, etag = (through or self.renewals).get_versioned(self.name)
         except ObjectNotFound:
-            return None
+            self._lost("deleted")
         record = LeaseRecord.decode(data)
-        if record is None or record.owner != self.owner or record.released:
-            return None
+        if record is None:
+            self._lost("replaced by an object that is no lease record")
+        if record.owner != self.owner:
+            now = "released since" if record.released else "it holds it now"
+            self._lost(f"taken by {record.holder().describe()} ({now})")
+        if record.released:
+            self._lost("released")
         return etag
 
     def check(self) -> None:
@@ -292,8 +352,7 @@ class ObjectLease:
             self._lost("deleted")
         if etag == self._etag:
             return
-        if self._adopt_own_version(through=self.store) is None:
-            self._lost("taken by another writer")
+        self._adopt_own_version(through=self.store)
         # Our own renewal, applied with its answer lost: nobody else wrote, but this lease has
         # not seen its write land. Refused (not counted held), yet kept: the next renewal
         # adopts that version and holds the lease again.
@@ -313,7 +372,8 @@ class ObjectLease:
 
     def _lost(self, why: str) -> NoReturn:
         self._etag = None
-        raise LeaseLost(f"lease {self.store.url}/{self.name} lost: {why}")
+        taken = "" if self.generation is None else f" (generation {self.generation})"
+        raise LeaseLost(f"lease {self.store.url}/{self.name}{taken} lost: {why}")
 
     def __enter__(self) -> ObjectLease:
         return self

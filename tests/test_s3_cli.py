@@ -5,6 +5,7 @@ test_cli_gc.py and test_cli_delete.py)."""
 
 from __future__ import annotations
 
+import datetime
 import io
 import json
 import os
@@ -419,12 +420,13 @@ def _lease_record(url: str) -> dict[str, Any]:
     return lease
 
 
-def test_lease_shows_only_what_an_s3_lease_records(
+def test_lease_shows_the_holders_job_start_and_generation(
     s3_server: S3Server, s3_url: str, aws_env: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The lease object keeps its holder's host and pid only: the job id, start time and
-    generation are null (in ``lease --json`` and ``ls --json`` alike), and the holder is not
-    said to have no job id (it had one here), nor given its renewal count as a generation."""
+    """The lease object keeps its holder's job id, start time and generation, as a root
+    directory's lease record does: ``lease --json`` and ``ls --json`` show them alike, and the
+    text says ``job J on host H, pid P, since T (generation G)``."""
+    # The job id comes from the launcher's environment; this test is the launcher here.
     monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
     with distckpt.CheckpointManager(s3_url, storage_options=s3_server.storage_options()):
@@ -433,9 +435,29 @@ def test_lease_shows_only_what_an_s3_lease_records(
         assert listed.returncode == 0, listed
         assert json.loads(listed.stdout)["lease"] == held
         assert (held["host"], held["pid"]) == (this_process_host(), os.getpid())
-        assert held["job_id"] is None and held["started_utc"] is None
-        assert held["generation"] is None and held["released_utc"] is None
+        assert (held["job_id"], held["generation"], held["released_utc"]) == ("4242", 1, None)
+        started = datetime.datetime.fromisoformat(held["started_utc"])
+        assert started.utcoffset() == datetime.timedelta(0)
         for command in ("lease", "ls"):
             shown = run(command, s3_url).stdout
-            assert f"lease: a job on host {this_process_host()}, pid {os.getpid()} (" in shown
-            assert "without a job id" not in shown and "generation" not in shown
+            assert (
+                f"lease: job 4242 on host {this_process_host()}, pid {os.getpid()}, "
+                f"since {held['started_utc']} (generation 1) ("
+            ) in shown
+
+
+def test_lease_shows_an_older_versions_lease_object_as_before(
+    s3_server: S3Server, s3_url: str, aws_env: None
+) -> None:
+    """A lease object of an older version keeps its holder's host and pid only: the job id,
+    start time and generation are null, and the holder is not said to have no job id."""
+    older_record = {"owner": "older", "host": "node-b", "pid": 7, "duration": 30.0}
+    with ObjectStore(s3_url, s3_server.storage_options()) as store:
+        store.put_bytes(".lease", json.dumps(older_record).encode())
+    held = _lease_record(s3_url)
+    assert (held["host"], held["pid"]) == ("node-b", 7)
+    assert held["job_id"] is None and held["started_utc"] is None
+    assert held["generation"] is None and held["released_utc"] is None
+    shown = run("lease", s3_url).stdout
+    assert "lease: a job on host node-b, pid 7 (" in shown
+    assert "without a job id" not in shown and "generation" not in shown

@@ -88,11 +88,12 @@ class LeaseKeeping(RootStore):
             renewals.close()
             if not isinstance(exc, CoordinationTimeout):
                 raise
+            record = self._holder()
             raise RootInUse(
                 f"checkpoint root {self.root} is in use by another job: {exc}; wait for it to "
                 f"end (wait_for_root=), or for its lease to expire ({LEASE_SECONDS:g} s after "
                 "its last renewal) if it died",
-                holder=self._holder(),
+                holder=record.holder() if record is not None else None,
             ) from exc
         with self._lease_lock:
             self._lease, self._lease_error, self._renewals = lease, None, renewals
@@ -103,7 +104,7 @@ class LeaseKeeping(RootStore):
             target=self._renew_until_closed, name="distckpt-s3-lease", daemon=True
         )
         self._renewer.start()
-        logger.info("holding the lease of %s", self.root)
+        logger.info("holding the lease of %s (generation %s)", self.root, lease.generation)
 
     def _holder(self) -> LeaseRecord | None:
         with contextlib.suppress(ObjectStoreError):
@@ -292,19 +293,4 @@ class LeaseKeeping(RootStore):
 
     def lease_holder(self) -> LeaseHolder | None:
         record = self._holder()
-        if record is None:
-            return None
-        return LeaseHolder(
-            host=record.host,
-            pid=record.pid,
-            # The lease object keeps none of these (older versions refuse a record holding
-            # more keys): null, not a guess, and its renewal count is no holder's generation.
-            job_id=None,
-            started_utc=None,
-            generation=None,
-            token=record.owner,
-            # When is not recorded either; "unknown" still says it was released.
-            released_utc="unknown" if record.released else None,
-            # expiry is timed by a contender's own clock: not decidable from one look
-            alive=False if record.released else None,
-        )
+        return record.holder() if record is not None else None

@@ -1,0 +1,173 @@
+"""What an ``s3://`` root's lease object says of its holder, against a real S3-protocol server
+(moto, tests/s3server.py): the job id, start time (UTC) and generation a root directory's lease
+record keeps, carried into the same :class:`~distckpt.lease.LeaseHolder`; renewals keep them;
+the generation counts holders across a release and a takeover; a lease object of an older
+version (no such keys) is read, taken over and renewed, and an older version reads this one's
+and takes the root over once it is released."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+import distckpt
+from distckpt import LeaseLost, RootInUse
+from distckpt.lease import LeaseHolder, this_process_host
+from distckpt.objlease import LeaseRecord, ObjectLease
+from distckpt.objstore import ObjectStore
+from distckpt.storage.s3_upkeep import local_process_gone
+from tests.older_version import run_older_version
+from tests.s3server import S3Server
+from tests.test_s3_holders import _exited_pid
+
+pytest.importorskip("botocore")
+
+#: the keys of a lease object as the older version of tests/older_version.py writes it
+OLDER_KEYS = {"owner", "host", "pid", "duration", "renewal", "released"}
+
+
+@pytest.fixture
+def job_4242(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The job id a launcher gives: the lease reads it from the environment, and this test is
+    the launcher here."""
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+
+
+def _stored(store: ObjectStore, name: str = ".lock") -> LeaseRecord:
+    record = LeaseRecord.decode(store.get_bytes(name))
+    assert record is not None
+    return record
+
+
+def test_the_lease_object_records_job_start_and_generation_and_renewals_keep_them(
+    s3_server: S3Server, s3_url: str, job_4242: None
+) -> None:
+    with (
+        ObjectStore(s3_url, s3_server.storage_options()) as store,
+        ObjectLease(store, ".lock", duration=30) as lease,
+    ):
+        lease.acquire(timeout=0)
+        taken = _stored(store)
+        assert (taken.job_id, taken.generation) == ("4242", 1)
+        assert taken.started_utc is not None
+        started = datetime.datetime.fromisoformat(taken.started_utc)
+        assert started.utcoffset() == datetime.timedelta(0)
+        lease.renew()
+        lease.renew()
+        renewed = _stored(store)
+        assert renewed.renewal == taken.renewal + 2
+        assert (renewed.job_id, renewed.started_utc, renewed.generation) == (
+            "4242",
+            taken.started_utc,
+            1,
+        )
+        assert renewed.holder() == LeaseHolder(
+            host=this_process_host(),
+            pid=os.getpid(),
+            job_id="4242",
+            started_utc=taken.started_utc,
+            generation=1,
+            token=lease.owner,
+        )
+
+
+def test_the_generation_counts_holders_across_a_release_and_a_takeover(
+    s3_server: S3Server, s3_url: str, job_4242: None
+) -> None:
+    with ObjectStore(s3_url, s3_server.storage_options()) as store:
+        with ObjectLease(store, ".lock", duration=30) as first:
+            first.acquire(timeout=0)
+            assert first.generation == 1
+        second = ObjectLease(store, ".lock", duration=1.0)
+        second.acquire(timeout=0)  # released: at once
+        assert second.generation == _stored(store).generation == 2
+        with ObjectLease(store, ".lock", duration=30) as third:
+            third.acquire(timeout=20)  # once the second's second has passed unrenewed
+            taken = _stored(store)
+            assert third.generation == taken.generation == 3
+            # the holder that lost it is told who holds it now, as a root directory's is
+            with pytest.raises(LeaseLost) as lost:
+                second.renew()
+            assert "(generation 2) lost: taken by " in str(lost.value)
+            assert f"{taken.holder().describe()} (it holds it now)" in str(lost.value)
+            assert f"job 4242 on host {this_process_host()}" in str(lost.value)
+
+
+def test_a_second_job_is_refused_naming_the_holders_job_and_generation(
+    s3_server: S3Server, s3_url: str, job_4242: None
+) -> None:
+    options = s3_server.storage_options()
+    with distckpt.CheckpointManager(s3_url, storage_options=options):
+        with pytest.raises(RootInUse) as refused:
+            distckpt.CheckpointManager(s3_url, storage_options=options)
+        holder = refused.value.holder
+        assert isinstance(holder, LeaseHolder)
+        assert (holder.pid, holder.job_id, holder.generation) == (os.getpid(), "4242", 1)
+        assert holder.started_utc is not None
+        assert holder.describe() in str(refused.value)
+
+
+def test_an_older_versions_lease_object_is_read_taken_over_and_renewed(
+    s3_server: S3Server, s3_url: str, job_4242: None
+) -> None:
+    dead = _exited_pid()
+    older_record = {"owner": "older", "host": this_process_host(), "pid": dead}
+    older_record |= {"duration": 600.0, "renewal": 4, "released": False}
+    with ObjectStore(s3_url, s3_server.storage_options()) as store:
+        store.put_bytes(".lock", json.dumps(older_record).encode())
+        record = _stored(store)
+        assert (record.job_id, record.started_utc, record.generation) == (None, None, None)
+        assert record.holder().describe() == f"a job on host {this_process_host()}, pid {dead}"
+        with ObjectLease(store, ".lock", duration=30) as lease:
+            # its holder is gone from this machine: taken over at once, not after 600 s
+            lease.acquire(
+                timeout=0, holder_gone=lambda found: local_process_gone(found.host, found.pid)
+            )
+            assert lease.generation == 1  # the older record keeps none to count on from
+            lease.renew()
+            lease.check()
+            renewed = _stored(store)
+            assert (renewed.owner, renewed.job_id, renewed.generation) == (lease.owner, "4242", 1)
+
+
+_OLDER_VERSION_READS_AND_TAKES_OVER = """
+import json
+from distckpt.objlease import LeaseRecord
+from distckpt.objstore import ObjectStore
+url, options, held = json.loads(sys.argv[1])
+record = LeaseRecord.decode(held.encode())
+print(json.dumps([record.host, record.pid, record.released]))
+with distckpt.CheckpointManager(url, storage_options=options):
+    with ObjectStore(url, options) as store:
+        print(json.dumps(sorted(json.loads(store.get_bytes(".lease")))))
+"""
+
+
+def test_an_older_version_reads_this_versions_lease_object_and_takes_the_root_after_it(
+    s3_server: S3Server, s3_url: str, older_distckpt: Path, job_4242: None
+) -> None:
+    """The older version ignores the keys it does not know: it reads the holder of a lease
+    object this version holds, takes the root over once this version released it, and this
+    version takes it back from the older version's record (which keeps no generation)."""
+    options = s3_server.storage_options()
+    with (
+        distckpt.CheckpointManager(s3_url, storage_options=options),
+        ObjectStore(s3_url, options) as store,
+    ):
+        held = store.get_bytes(".lease").decode()
+    assert set(json.loads(held)) == OLDER_KEYS | {"job_id", "started_utc", "generation"}
+    read, keys = run_older_version(
+        older_distckpt, _OLDER_VERSION_READS_AND_TAKES_OVER, s3_url, options, held
+    ).splitlines()
+    assert json.loads(read) == [this_process_host(), os.getpid(), False]
+    assert set(json.loads(keys)) == OLDER_KEYS  # the older version's own record
+    with (
+        distckpt.CheckpointManager(s3_url, storage_options=options),
+        ObjectStore(s3_url, options) as store,
+    ):
+        assert _stored(store, ".lease").generation == 1
