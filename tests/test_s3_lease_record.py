@@ -112,27 +112,46 @@ def test_a_second_job_is_refused_naming_the_holders_job_and_generation(
         assert holder.describe() in str(refused.value)
 
 
-def test_an_older_versions_lease_object_is_read_taken_over_and_renewed(
-    s3_server: S3Server, s3_url: str, job_4242: None
+@pytest.mark.parametrize("generation", [None, 5], ids=["older-version", "generation-5"])
+def test_a_dead_holders_lease_object_is_read_taken_over_and_renewed(
+    s3_server: S3Server, s3_url: str, job_4242: None, generation: int | None
 ) -> None:
+    """A lease object of a holder gone from this machine: an older version's (no job id, start
+    time nor generation: the next holder's generation is 1) or this version's (the next
+    holder's is one more)."""
     dead = _exited_pid()
-    older_record = {"owner": "older", "host": this_process_host(), "pid": dead}
-    older_record |= {"duration": 600.0, "renewal": 4, "released": False}
+    record = {"owner": "older", "host": this_process_host(), "pid": dead}
+    record |= {"duration": 600.0, "renewal": 4, "released": False}
+    if generation is not None:
+        record |= {"job_id": "41", "started_utc": "2026-01-01T00:00:00+00:00"}
+        record |= {"generation": generation}
     with ObjectStore(s3_url, s3_server.storage_options()) as store:
-        store.put_bytes(".lock", json.dumps(older_record).encode())
-        record = _stored(store)
-        assert (record.job_id, record.started_utc, record.generation) == (None, None, None)
-        assert record.holder().describe() == f"a job on host {this_process_host()}, pid {dead}"
+        store.put_bytes(".lock", json.dumps(record).encode())
+        found = _stored(store)
+        assert found.generation == generation
+        if generation is None:
+            assert (found.job_id, found.started_utc) == (None, None)
+            assert found.holder().describe() == f"a job on host {this_process_host()}, pid {dead}"
+        else:
+            assert found.holder().describe() == (
+                f"job 41 on host {this_process_host()}, pid {dead}, "
+                f"since 2026-01-01T00:00:00+00:00 (generation {generation})"
+            )
         with ObjectLease(store, ".lock", duration=30) as lease:
             # its holder is gone from this machine: taken over at once, not after 600 s
             lease.acquire(
                 timeout=0, holder_gone=lambda found: local_process_gone(found.host, found.pid)
             )
-            assert lease.generation == 1  # the older record keeps none to count on from
+            expected = (generation or 0) + 1
+            assert lease.generation == expected
             lease.renew()
             lease.check()
             renewed = _stored(store)
-            assert (renewed.owner, renewed.job_id, renewed.generation) == (lease.owner, "4242", 1)
+            assert (renewed.owner, renewed.job_id, renewed.generation) == (
+                lease.owner,
+                "4242",
+                expected,
+            )
 
 
 _OLDER_VERSION_READS_AND_TAKES_OVER = """
@@ -171,3 +190,11 @@ def test_an_older_version_reads_this_versions_lease_object_and_takes_the_root_af
         ObjectStore(s3_url, options) as store,
     ):
         assert _stored(store, ".lease").generation == 1
+
+
+@pytest.mark.parametrize("generation", ["7", 2.5, True, None])
+def test_a_generation_that_is_no_whole_number_counts_as_none(generation: object) -> None:
+    record = {"owner": "o", "host": "h", "pid": 7, "duration": 30.0, "generation": generation}
+    decoded = LeaseRecord.decode(json.dumps(record).encode())
+    assert decoded is not None and decoded.generation is None
+    assert decoded.next_generation() == 1
