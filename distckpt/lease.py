@@ -162,7 +162,7 @@ class LeaseHolder:
     job_id: str | None
     #: None, as ``job_id`` and ``generation`` are, where the record does not say: the lease
     #: object of an ``s3://`` root written by an older version holds its holder's host and pid
-    #: only
+    #: only (and one of this version's may hold a malformed one, read as none)
     started_utc: str | None
     generation: int | None
     token: str
@@ -189,15 +189,20 @@ class LeaseHolder:
         return self.boot_id is None or self.boot_id == _boot_id()
 
     def describe(self) -> str:
-        """``job J on host H, pid P, since T (generation G)``; ``a job on host H, pid P`` where
-        the record keeps no more (an older version's ``s3://`` lease object)."""
-        if self.started_utc is None:  # a record that keeps no job id, time nor generation
-            return f"a job on host {self.host}, pid {self.pid}"
-        job = f"job {self.job_id}" if self.job_id else "a job without a job id"
-        return (
-            f"{job} on host {self.host}, pid {self.pid}, since {self.started_utc} "
-            f"(generation {self.generation})"
-        )
+        """``job J on host H, pid P, since T (generation G)``, leaving out what the record does
+        not say: ``a job on host H, pid P`` where it keeps no more (an older version's
+        ``s3://`` lease object), ``a job without a job id`` where only the job id is missing,
+        no ``(generation G)`` without one (a malformed one in a lease object counts as none).
+        """
+        if self.job_id:
+            job = f"job {self.job_id}"
+        elif self.started_utc is None and self.generation is None:
+            job = "a job"  # a record that keeps no job id, time nor generation
+        else:
+            job = "a job without a job id"
+        since = f", since {self.started_utc}" if self.started_utc is not None else ""
+        generation = f" (generation {self.generation})" if self.generation is not None else ""
+        return f"{job} on host {self.host}, pid {self.pid}{since}{generation}"
 
     def to_json(self) -> bytes:
         record = asdict(self)

@@ -2,11 +2,12 @@
 file lock, for stores that have no ``flock`` and no process that the kernel could watch.
 
 The lease object (JSON: owner, host, pid, the holder's declared ``duration``, a renewal count,
-``released``, and the holder's job id, start time (UTC) and generation, as a root directory's
-lease record keeps them) is created with a conditional create, renewed and released with a
-compare-and-swap on its ETag, and taken over from a holder that stopped renewing. The
-generation is one more than the previous record's (1 for a new object, or after a record of an
-older version, which keeps none); renewals keep the job id, start time and generation.
+``released``; the holder's job id, start time (UTC) and generation, as a root directory's
+lease record keeps them, folded into ``owner``, the keys older versions decode staying the
+same) is created with a conditional create, renewed and released with a compare-and-swap on
+its ETag, and taken over from a holder that stopped renewing. The generation is one more than
+the previous record's (1 for a new object, or after a record of an older version, which keeps
+none); renewals keep the job id, start time and generation.
 
 Guarantees:
 
@@ -54,12 +55,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import time
 import uuid
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, replace
-from dataclasses import fields as dataclass_fields
+from dataclasses import dataclass, replace
 from typing import Any, Callable, NoReturn
+from urllib.parse import quote, unquote
 
 from distckpt.errors import (
     CoordinationTimeout,
@@ -67,10 +69,12 @@ from distckpt.errors import (
     LeaseLost,
     ObjectExists,
     ObjectNotFound,
+    ObjectStoreError,
     PreconditionFailed,
 )
 from distckpt.lease import LeaseHolder, job_id_from_environment, now_utc, this_process_host
 from distckpt.objstore import ObjectStore
+from distckpt.policy import parse_created_utc
 
 #: what fraction of the lease's duration one request of its renewals or release may take at
 #: most (connecting, and then each read): a renewal (a write, then on failure a read back)
@@ -104,9 +108,41 @@ def lease_request_options(options: Mapping[str, Any], duration: float) -> dict[s
     }
 
 
+#: the JSON keys of a lease object: those every version decodes (distckpt 0.1.0 and early
+#: 0.2.0 builds decode with ``LeaseRecord(**fields)`` and read an object with any other key as
+#: no lease, which never expires), so new facts are folded into existing keys, never added
+_OBJECT_KEYS = ("owner", "host", "pid", "duration", "renewal", "released")
+#: the holder's facts folded into the object's ``owner`` after this lease's token, each as
+#: ``/<tag>:<value>`` (value percent-quoted): ``<token>/job:<J>/start:<T>/gen:<G>``. Older
+#: versions only show ``owner``; its holder writes the same value at every renewal.
+_OWNER_FACTS = {"job": "job_id", "start": "started_utc", "gen": "generation"}
+_GENERATION = re.compile(r"[1-9][0-9]*")
+
+
+def _unfold_owner(owner: str) -> tuple[str, dict[str, Any]]:
+    """The token that starts a stored ``owner``, and the facts folded after it that this
+    version knows and finds well formed (by :class:`LeaseRecord` field name)."""
+    token, *folded = owner.split("/")
+    facts: dict[str, Any] = {}
+    for part in folded:
+        tag, colon, quoted = part.partition(":")
+        value = unquote(quoted)
+        if not colon or tag not in _OWNER_FACTS or not value:
+            continue
+        if tag == "gen" and not _GENERATION.fullmatch(value):
+            continue  # no whole number of at least 1: no generation
+        if tag == "start" and parse_created_utc(value) is None:
+            continue  # no ISO 8601 time
+        facts[_OWNER_FACTS[tag]] = int(value) if tag == "gen" else value
+    return token, facts
+
+
 @dataclass(frozen=True)
 class LeaseRecord:
-    """What the lease object holds."""
+    """What the lease object holds. ``owner`` is the holder's token; ``job_id``,
+    ``started_utc`` and ``generation`` are stored folded into the object's ``owner``
+    (:meth:`encode`), and are None in a record of an older version, which keeps none of them,
+    or where the stored one is malformed."""
 
     owner: str
     host: str
@@ -114,32 +150,36 @@ class LeaseRecord:
     duration: float
     renewal: int = 0  # counted so that every renewal changes the ETag
     released: bool = False
-    # The last three are None in a record of an older version, which keeps none of them.
     job_id: str | None = None
     started_utc: str | None = None
     generation: int | None = None
 
     def encode(self) -> bytes:
-        return json.dumps(asdict(self), sort_keys=True).encode()
+        fields = {name: getattr(self, name) for name in _OBJECT_KEYS}
+        facts = [(tag, getattr(self, name)) for tag, name in _OWNER_FACTS.items()]
+        fields["owner"] = "/".join(
+            [self.owner]
+            + [f"{tag}:{quote(str(value), safe=':+')}" for tag, value in facts if value is not None]
+        )
+        return json.dumps(fields, sort_keys=True).encode()
 
     @classmethod
     def decode(cls, data: bytes) -> LeaseRecord | None:
-        """The record, or None for an object that is not one (then it never expires). Fields
-        this version does not know are ignored, so that a later version may add some without
-        locking this one out of the roots it leased; a ``generation`` that is not a whole
-        number counts as none (the next holder's is then 1)."""
+        """The record, or None for an object that is not one (then it never expires). Keys
+        this version does not know are ignored, and so are facts folded into ``owner`` that
+        it does not know or that are malformed (a generation that is not a whole number of at
+        least 1, a start time that is no ISO 8601 time, an empty job id)."""
         try:
             fields = json.loads(data)
             if not isinstance(fields, dict):
                 return None
-            known = {field.name for field in dataclass_fields(cls)}
-            record = cls(**{name: value for name, value in fields.items() if name in known})
+            record = cls(**{name: value for name, value in fields.items() if name in _OBJECT_KEYS})
         except (ValueError, TypeError):
             return None
-        generation = record.generation
-        if isinstance(generation, bool) or not isinstance(generation, int):
-            return replace(record, generation=None)
-        return record
+        if not isinstance(record.owner, str):
+            return record
+        token, facts = _unfold_owner(record.owner)
+        return replace(record, owner=token, **facts)
 
     def next_generation(self) -> int:
         """The generation of the holder that takes over from this record's."""
@@ -308,7 +348,31 @@ class ObjectLease:
         try:
             self._write(if_match=adopted, through=self.renewals)
         except PreconditionFailed:
-            self._lost("taken by another writer")
+            self._lost(self._why_taken_since())
+
+    def _why_taken_since(self) -> str:
+        """Why the lease is lost, once a write was refused after this lease found its own
+        record in the store: what the store holds now, read once (best effort: the lease is
+        lost either way, so a store that does not answer leaves the holder unnamed)."""
+        try:
+            data = self.renewals.get_bytes(self.name)
+        except ObjectNotFound:
+            return "deleted"
+        except ObjectStoreError:
+            return "taken by another writer"
+        return self._why_lost(LeaseRecord.decode(data)) or "taken by another writer"
+
+    def _why_lost(self, record: LeaseRecord | None) -> str | None:
+        """Why the lease is lost when the store holds ``record``; None while that is still
+        this lease's own unreleased record."""
+        if record is None:
+            return "replaced by an object that is no lease record"
+        if record.owner != self.owner:
+            now = "released since" if record.released else "it holds it now"
+            return f"taken by {record.holder().describe()} ({now})"
+        if record.released:
+            return "released"
+        return None
 
     def _adopt_own_version(self, through: ObjectStore | None = None) -> str:
         """The ETag of what the store holds when that is still this lease's own unreleased
@@ -322,14 +386,9 @@ class ObjectLease:
             data, etag = (through or self.renewals).get_versioned(self.name)
         except ObjectNotFound:
             self._lost("deleted")
-        record = LeaseRecord.decode(data)
-        if record is None:
-            self._lost("replaced by an object that is no lease record")
-        if record.owner != self.owner:
-            now = "released since" if record.released else "it holds it now"
-            self._lost(f"taken by {record.holder().describe()} ({now})")
-        if record.released:
-            self._lost("released")
+        why = self._why_lost(LeaseRecord.decode(data))
+        if why is not None:
+            self._lost(why)
         return etag
 
     def check(self) -> None:

@@ -11,6 +11,7 @@ from contextlib import contextmanager
 import pytest
 
 from distckpt import CoordinationTimeout, LeaseLost, StoreUnavailable
+from distckpt.lease import this_process_host
 from distckpt.objlease import LeaseRecord, ObjectLease, lease_request_options
 from distckpt.objstore import ObjectStore
 from tests.ranks import run_ranks
@@ -119,6 +120,38 @@ def test_a_record_with_fields_of_a_later_version_is_read_for_those_it_knows() ->
     later = json.loads(record.encode()) | {"pid_namespace": 4026531836, "zone": "b"}
     assert LeaseRecord.decode(json.dumps(later).encode()) == record
     assert LeaseRecord.decode(b"[1, 2]") is None  # not a record: it never expires
+
+
+def test_a_record_of_this_version_has_only_the_keys_older_versions_decode(
+    s3_server: S3Server, s3_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # older versions decode with LeaseRecord(**fields) and refuse any key they do not know;
+    # new facts are folded into existing keys instead of new ones: where the pid means this
+    # process into "host", the job id, start time and generation into "owner" (which older
+    # versions only show)
+    # The lease reads the job id from the environment a launcher sets; this test is the
+    # launcher here.
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    monkeypatch.setenv("SLURM_JOB_ID", "run/7")
+    older_keys = {"owner", "host", "pid", "duration", "renewal", "released"}
+    with ObjectStore(s3_url, s3_server.storage_options()) as store:
+        lease = ObjectLease(store, ".lock", duration=30.0)
+        lease.acquire(0)
+        lease.renew()
+        fields = json.loads(store.get_bytes(".lock"))
+        assert set(fields) == older_keys
+        assert LeaseRecord(**fields).host == this_process_host()
+        assert fields["owner"] == (
+            f"{lease.owner}/job:run%2F7/start:{lease.started_utc}/gen:{lease.generation}"
+        )
+        assert LeaseRecord.decode(store.get_bytes(".lock")) == LeaseRecord(
+            **fields | {"owner": lease.owner},
+            job_id="run/7",
+            started_utc=lease.started_utc,
+            generation=1,
+        )
+        lease.release()
+        assert set(json.loads(store.get_bytes(".lock"))) == older_keys
 
 
 @contextmanager

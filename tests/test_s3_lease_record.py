@@ -120,11 +120,11 @@ def test_a_dead_holders_lease_object_is_read_taken_over_and_renewed(
     time nor generation: the next holder's generation is 1) or this version's (the next
     holder's is one more)."""
     dead = _exited_pid()
-    record = {"owner": "older", "host": this_process_host(), "pid": dead}
-    record |= {"duration": 600.0, "renewal": 4, "released": False}
+    owner = "older"
     if generation is not None:
-        record |= {"job_id": "41", "started_utc": "2026-01-01T00:00:00+00:00"}
-        record |= {"generation": generation}
+        owner += f"/job:41/start:2026-01-01T00:00:00+00:00/gen:{generation}"
+    record = {"owner": owner, "host": this_process_host(), "pid": dead}
+    record |= {"duration": 600.0, "renewal": 4, "released": False}
     with ObjectStore(s3_url, s3_server.storage_options()) as store:
         store.put_bytes(".lock", json.dumps(record).encode())
         found = _stored(store)
@@ -170,8 +170,8 @@ with distckpt.CheckpointManager(url, storage_options=options):
 def test_an_older_version_reads_this_versions_lease_object_and_takes_the_root_after_it(
     s3_server: S3Server, s3_url: str, older_distckpt: Path, job_4242: None
 ) -> None:
-    """The older version ignores the keys it does not know: it reads the holder of a lease
-    object this version holds, takes the root over once this version released it, and this
+    """The older version reads the holder of a lease object this version holds (its keys are
+    the older version's own), takes the root over once this version released it, and this
     version takes it back from the older version's record (which keeps no generation)."""
     options = s3_server.storage_options()
     with (
@@ -179,7 +179,7 @@ def test_an_older_version_reads_this_versions_lease_object_and_takes_the_root_af
         ObjectStore(s3_url, options) as store,
     ):
         held = store.get_bytes(".lease").decode()
-    assert set(json.loads(held)) == OLDER_KEYS | {"job_id", "started_utc", "generation"}
+    assert set(json.loads(held)) == OLDER_KEYS  # the job id, start and generation folded
     read, keys = run_older_version(
         older_distckpt, _OLDER_VERSION_READS_AND_TAKES_OVER, s3_url, options, held
     ).splitlines()
@@ -192,9 +192,34 @@ def test_an_older_version_reads_this_versions_lease_object_and_takes_the_root_af
         assert _stored(store, ".lease").generation == 1
 
 
-@pytest.mark.parametrize("generation", ["7", 2.5, True, None])
-def test_a_generation_that_is_no_whole_number_counts_as_none(generation: object) -> None:
-    record = {"owner": "o", "host": "h", "pid": 7, "duration": 30.0, "generation": generation}
+@pytest.mark.parametrize("generation", ["0", "-3", "07", "2.5", "x", ""])
+def test_a_generation_that_is_no_whole_number_from_1_counts_as_none(generation: str) -> None:
+    record = {"owner": f"o/job:9/start:2026-01-01T00:00:00+00:00/gen:{generation}"}
+    record |= {"host": "h", "pid": 7, "duration": 30.0}
     decoded = LeaseRecord.decode(json.dumps(record).encode())
     assert decoded is not None and decoded.generation is None
+    assert (decoded.owner, decoded.job_id) == ("o", "9")
     assert decoded.next_generation() == 1
+    assert decoded.holder().describe() == "job 9 on host h, pid 7, since 2026-01-01T00:00:00+00:00"
+
+
+@pytest.mark.parametrize(
+    ("folded", "described"),
+    [
+        ("/job:/start:yesterday/gen:3", "a job without a job id on host h, pid 7 (generation 3)"),
+        ("/job:9/start:/gen:3/zone:b", "job 9 on host h, pid 7 (generation 3)"),
+        ("/job:9/job", "job 9 on host h, pid 7"),
+        (
+            "/start:2026-01-01T00:00:00+00:00",
+            "a job without a job id on host h, pid 7, since 2026-01-01T00:00:00+00:00",
+        ),
+        ("", "a job on host h, pid 7"),
+    ],
+)
+def test_malformed_or_unknown_facts_folded_into_the_owner_are_ignored(
+    folded: str, described: str
+) -> None:
+    record = {"owner": f"o{folded}", "host": "h", "pid": 7, "duration": 30.0}
+    decoded = LeaseRecord.decode(json.dumps(record).encode())
+    assert decoded is not None and decoded.owner == "o"
+    assert decoded.holder().describe() == described
