@@ -7,20 +7,23 @@ and takes the root over once it is released."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
+import threading
 from pathlib import Path
 
 import pytest
 
 import distckpt
-from distckpt import LeaseLost, RootInUse
+from distckpt import CoordinationTimeout, LeaseLost, RootInUse, StoreUnavailable
 from distckpt.lease import LeaseHolder, this_process_host
 from distckpt.objlease import LeaseRecord, ObjectLease
 from distckpt.objstore import ObjectStore
 from distckpt.storage.s3_upkeep import local_process_gone
 from tests.older_version import run_older_version
+from tests.s3proxy import S3Proxy
 from tests.s3server import S3Server
 from tests.test_s3_holders import _exited_pid
 
@@ -223,3 +226,104 @@ def test_malformed_or_unknown_facts_folded_into_the_owner_are_ignored(
     decoded = LeaseRecord.decode(json.dumps(record).encode())
     assert decoded is not None and decoded.owner == "o"
     assert decoded.holder().describe() == described
+
+
+def test_a_holder_refused_after_finding_its_own_record_is_told_who_took_the_lease(
+    s3_server: S3Server, s3_url: str
+) -> None:
+    """A renewal refused finds this lease's own record (a renewal the store applied whose
+    answers were lost) and writes on it; a contender writes in between, so that write is
+    refused too: the holder is told who holds the lease now, as on the read back's path."""
+    taker = LeaseRecord(
+        "taker",
+        "node-b",
+        7,
+        30.0,
+        job_id="77",
+        generation=2,
+        started_utc="2026-01-01T00:00:00+00:00",
+    )
+    lost: list[LeaseLost] = []
+    with (
+        S3Proxy(s3_server.port) as proxy,
+        ObjectStore(
+            s3_url, s3_server.storage_options(retries=1, endpoint_url=proxy.endpoint)
+        ) as store,
+        ObjectStore(s3_url, s3_server.storage_options()) as contender,
+    ):
+        lease = ObjectLease(store, ".lock", duration=30)
+        lease.acquire(timeout=0)
+        proxy.drop("PUT", "/.lock")  # applied, its answer lost
+        proxy.drop("GET", "/.lock")  # and so is its read back's
+        with pytest.raises(StoreUnavailable):
+            lease.renew()
+        # the next renewal: refused, its read back and adoption pass, its second write waits
+        second_write = proxy.hold("PUT", "/.lock", skip=1)
+
+        def renew() -> None:
+            try:
+                lease.renew()
+            except LeaseLost as exc:
+                lost.append(exc)
+
+        renewing = threading.Thread(target=renew)
+        renewing.start()
+        try:
+            assert second_write.arrived.wait(timeout=20)
+            contender.put_bytes(".lock", taker.encode())
+        finally:
+            second_write.release()
+            renewing.join()
+    assert len(lost) == 1 and not lease.held
+    assert str(lost[0]).endswith(
+        "lost: taken by job 77 on host node-b, pid 7, since 2026-01-01T00:00:00+00:00 "
+        "(generation 2) (it holds it now)"
+    )
+
+
+def _acquire_at_once(leases: list[ObjectLease]) -> list[bool]:
+    """Whether each of ``leases`` took its lease, all asking at once (a thread each, let go
+    together by a barrier), each giving up after 1.5 s."""
+    barrier = threading.Barrier(len(leases))
+    won = [False] * len(leases)
+
+    def contend(index: int) -> None:
+        barrier.wait()
+        with contextlib.suppress(CoordinationTimeout):
+            leases[index].acquire(timeout=1.5, poll=0.05)
+            won[index] = True
+
+    threads = [threading.Thread(target=contend, args=(i,)) for i in range(len(leases))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return won
+
+
+@pytest.mark.parametrize("released", [True, False], ids=["released", "expired"])
+def test_of_two_contenders_taking_a_free_lease_at_once_one_wins_the_next_generation(
+    s3_server: S3Server, s3_url: str, released: bool
+) -> None:
+    """Two contenders ask at once (a client each) for a lease whose holder of generation 5
+    released it, or stopped renewing it: exactly one takes it, with generation 6; the other
+    gives up with no generation. A few rounds, each on an object of its own."""
+    duration = 600.0 if released else 0.3
+    held = LeaseRecord("gone", "node-b", 7, duration, 3, released, job_id="9", generation=5)
+    for round_ in range(2):
+        name = f".lock-{round_}"
+        with contextlib.ExitStack() as stack:
+            stores = [
+                stack.enter_context(ObjectStore(s3_url, s3_server.storage_options()))
+                for _ in range(2)
+            ]
+            stores[0].put_bytes(name, held.encode())
+            leases = [ObjectLease(store, name, duration=30) for store in stores]
+            won = _acquire_at_once(leases)
+            assert sorted(won) == [False, True]
+            winner, loser = (leases[0], leases[1]) if won[0] else (leases[1], leases[0])
+            stored = _stored(stores[0], name)
+            assert (stored.owner, stored.generation) == (winner.owner, 6)
+            assert winner.generation == 6 and winner.held
+            assert (loser.generation, loser.started_utc, loser.held) == (None, None, False)
+            winner.release()
