@@ -1,9 +1,11 @@
 """What an ``s3://`` root's lease object says of its holder, against a real S3-protocol server
 (moto, tests/s3server.py): the job id, start time (UTC) and generation a root directory's lease
-record keeps, carried into the same :class:`~distckpt.lease.LeaseHolder`; renewals keep them;
-the generation counts holders across a release and a takeover; a lease object of an older
-version (no such keys) is read, taken over and renewed, and an older version reads this one's
-and takes the root over once it is released."""
+record keeps, folded into the object's ``owner`` and carried into the same
+:class:`~distckpt.lease.LeaseHolder`; renewals keep them; the generation counts holders across
+a release and a takeover, and of two contenders at once only the winner takes the next one;
+malformed facts count as none; a holder that lost the lease is told who took it; a lease object
+of an older version (no such facts) is read, taken over and renewed, and an older version
+reads this one's and takes the root over once it is released."""
 
 from __future__ import annotations
 
