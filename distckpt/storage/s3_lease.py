@@ -292,8 +292,8 @@ class LeaseKeeping(RootStore):
 
     def lease_holder(self) -> LeaseHolder | None:
         record = self._holder()
-        if record is None:
-            return None
+        if record is None or record.released:
+            return None  # nobody holds a released lease, as a local root's read_holder says
         return LeaseHolder(
             host=record.host,
             pid=record.pid,
