@@ -373,7 +373,7 @@ def locate(
     (:func:`~distckpt.objurl.checked_root`)."""
     path = checked_root(path)
     if is_s3_url(path):
-        from distckpt.storage.s3_view import locate_url
+        from distckpt.storage.s3_locate import locate_url
 
         return locate_url(str(path), storage_options)
     from distckpt.storage.posix_view import locate_path
