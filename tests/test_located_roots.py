@@ -92,10 +92,13 @@ def test_a_root_named_like_a_step_dir_is_read_as_a_root(place: Place, name: str)
     assert distckpt.load_checkpoint(checkpoint, storage_options=place.options).step == 7
     report = distckpt.verify(root, storage_options=place.options)
     assert report.ok and [item.step for item in report.checkpoints] == [7]
-    for command in ("ls", "verify"):
+    for command in ("ls", "verify", "info"):
         out = run(command, root)
         assert out.returncode == 0, out
     assert run("ls", root).stdout.splitlines()[1].startswith("7 ")
+    assert "step        7" in run("info", root).stdout
+    distckpt.export(root, "out.pt", storage_options=place.options)
+    assert torch.equal(torch.load("out.pt", weights_only=True)["w"], torch.full((3,), 7.0))
 
 
 def test_a_released_lease_has_no_holder(place: Place) -> None:
