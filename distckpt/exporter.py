@@ -30,10 +30,11 @@ from distckpt.errors import InvalidArgument
 from distckpt.formats import format_named
 from distckpt.formats.base import check_rank_argument
 from distckpt.fsutil import atomic_write
-from distckpt.layout import LINK_NAMES, holds_a_root, is_root_entry_name, parse_step_dir_name
+from distckpt.layout import holds_a_root, is_root_entry_name
 from distckpt.objstore import ObjectStore
 from distckpt.objurl import S3Url, is_s3_url
 from distckpt.resolve import resolve_path
+from distckpt.storage.s3_locate import prefix_holds_a_root
 from distckpt.storage.s3_view import LEASE_NAME, WRITERS_PREFIX
 from distckpt.storage.views import errors_name_the_location
 
@@ -60,7 +61,8 @@ def export(
         out_file: the file to write; replaced atomically if it exists. Its directory is created
             if missing. Or an ``s3://BUCKET/KEY`` URL: the object to write (uploaded as it is
             written, it appears whole or not at all), in a store ``storage_options``
-            configure as well. Local or not, never one of a checkpoint root's own names
+            configure as well. Local or not, never a checkpoint root itself (a directory; a
+            root's prefix) nor one of its own names
             (``ROOT/last``, ``ROOT/step-00000010/...``, ``ROOT/.staging/...``; links resolved:
             :class:`~distckpt.InvalidArgument`), a local root being what
             :func:`distckpt.layout.holds_a_root` tells one: ``exports/last/model.pt`` is
@@ -164,20 +166,22 @@ def _refuse_a_local_roots_own_name(out: Path) -> None:
 
 
 def _refuse_a_roots_own_name(store: ObjectStore, url: str, key: str) -> None:
-    """Refuse (:class:`InvalidArgument`) a ``key`` whose part after a checkpoint root's prefix
-    is a name of that root's layout (``root/last``, ``root/step-00000010/...``): the object
-    would replace one of the root's (a pointer, the lease) or join a step's. A prefix holds a
-    root when it holds a lease or pointer object (a manager leaves its lease) or a step's."""
+    """Refuse (:class:`InvalidArgument`) a ``key`` that is a checkpoint root's own prefix (as
+    a local root is a directory, not a file), or whose part after a root's prefix is a name of
+    that root's layout (``root/last``, ``root/step-00000010/...``): the object would replace
+    one of the root's (a pointer, the lease) or join a step's. A prefix holds a root as
+    :func:`~distckpt.storage.s3_locate.prefix_holds_a_root` tells."""
+    if prefix_holds_a_root(store, f"{key}/"):
+        raise InvalidArgument(
+            f"out_file {url} is a checkpoint root; give the key of an object outside it",
+            path=url,
+        )
     parts = key.split("/")
     for depth, part in enumerate(parts):
         if not _is_layout_name(part):
             continue
         prefix = "".join(f"{name}/" for name in parts[:depth])
-        owned = {info.key[len(prefix) :] for info in store.list(prefix, top_level=True)}
-        if owned & {*LINK_NAMES, LEASE_NAME} or any(
-            parse_step_dir_name(name[len(prefix) :].rstrip("/")) is not None
-            for name in store.list_dirs(prefix)
-        ):
+        if prefix_holds_a_root(store, prefix):
             raise _inside_a_root(url, f"s3://{store.bucket}/{prefix.rstrip('/')}", part)
 
 

@@ -24,7 +24,11 @@ makes them, and closing it leaves them), a committed checkpoint (a step dir hold
 ``manifest.json``), or a ``last``/``best`` link (symlink or pointer file) naming one of its step
 dirs. ``.lock``, ``.staging`` and ``.trash`` are names other tools use too, and a directory of
 any other kind may hold ``last/``, ``step-00000010/`` or ``damaged-x`` of its own (exports, a
-user's ``runs/last -> exp1``): none of them makes a root.
+user's ``runs/last -> exp1``): none of them makes a root. A path named like a step dir is a
+checkpoint of the root above it when it is one, else a root when it holds one by this rule (a
+sweep's ``runs/step-1``): :func:`distckpt.storage.posix_view.locate_path` and, for a bucket's
+prefix, :func:`distckpt.storage.s3_locate.locate_url` (by
+:func:`~distckpt.storage.s3_locate.prefix_holds_a_root`) decide it alike.
 
 This module computes names; it reads the disk only to list what is there and to tell a root.
 """

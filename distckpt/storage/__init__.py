@@ -208,7 +208,8 @@ class RootStore(abc.ABC):
 
     @abc.abstractmethod
     def lease_holder(self) -> LeaseHolder | None:
-        """The job holding (or that last held) the root's writer lease, or None; read only."""
+        """The job holding the root's writer lease (one that died holding it included), or
+        None when nobody holds it (no lease yet, or one released or broken); read only."""
 
     @abc.abstractmethod
     def break_lease(self) -> LeaseHolder | None:
@@ -372,7 +373,7 @@ def locate(
     (:func:`~distckpt.objurl.checked_root`)."""
     path = checked_root(path)
     if is_s3_url(path):
-        from distckpt.storage.s3_view import locate_url
+        from distckpt.storage.s3_locate import locate_url
 
         return locate_url(str(path), storage_options)
     from distckpt.storage.posix_view import locate_path

@@ -11,7 +11,13 @@ from pathlib import Path
 
 from distckpt.errors import CheckpointNotFound
 from distckpt.fsutil import read_link
-from distckpt.layout import LINK_NAMES, MANIFEST_NAME, RootLayout, parse_step_dir_name
+from distckpt.layout import (
+    LINK_NAMES,
+    MANIFEST_NAME,
+    RootLayout,
+    holds_a_root,
+    parse_step_dir_name,
+)
 from distckpt.manifest import Manifest, Problem, find_problems, read_manifest
 from distckpt.results import CheckpointLocation
 from distckpt.storage.views import CheckpointSource, Located, RootView
@@ -135,8 +141,10 @@ def _dir_for_step(layout: RootLayout, step: int) -> Path:
 def locate_path(path: str | os.PathLike[str]) -> Located:
     """What a user's path stands for: a ``last`` / ``best`` link inside a root (symlink or
     pointer file; one that is missing still names its root's newest or best checkpoint), a
-    step dir (it has a manifest, or a step dir's name), or a root (any other dir, a symlink
-    named ``last``/``best`` to one included when it is no pointer of its parent's:
+    step dir (it has a manifest, or a step dir's name and holds no root: a damaged one, for
+    verify to report), or a root (any other dir, a sweep's ``step-1`` holding a root's
+    entries, :func:`~distckpt.layout.holds_a_root`, included; a symlink named
+    ``last``/``best`` to one too when it is no pointer of its parent's:
     :meth:`~distckpt.storage.views.RootView.owns_pointer`). Raises
     :class:`CheckpointNotFound` for anything else, and for a step dir that is not there."""
     target = Path(os.path.abspath(os.fspath(path)))
@@ -147,10 +155,13 @@ def locate_path(path: str | os.PathLike[str]) -> Located:
             if target.is_dir() and not parent.owns_pointer(target.name):
                 return Located("root", PosixRootView(target))
             return Located("link", parent, pointer=target.name)
-    elif (target / MANIFEST_NAME).exists() or parse_step_dir_name(target.name) is not None:
-        if target.exists():
-            source = PosixCheckpoint(target, parse_step_dir_name(target.name))
-            return Located("step_dir", PosixRootView(target.parent), source=source)
+    elif (target / MANIFEST_NAME).exists() or (
+        parse_step_dir_name(target.name) is not None
+        and target.exists()
+        and not holds_a_root(target)
+    ):
+        source = PosixCheckpoint(target, parse_step_dir_name(target.name))
+        return Located("step_dir", PosixRootView(target.parent), source=source)
     elif target.is_dir():
         return Located("root", PosixRootView(target))
     raise CheckpointNotFound(f"no checkpoint or checkpoint root at {target}")

@@ -293,4 +293,6 @@ class LeaseKeeping(RootStore):
 
     def lease_holder(self) -> LeaseHolder | None:
         record = self._holder()
-        return record.holder() if record is not None else None
+        if record is None or record.released:
+            return None  # nobody holds a released lease, as a local root's read_holder says
+        return record.holder()

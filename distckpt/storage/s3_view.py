@@ -42,7 +42,6 @@ from distckpt.errors import (
 )
 from distckpt.fsutil import POINTER_MAX_BYTES
 from distckpt.layout import (
-    LINK_NAMES,
     MANIFEST_NAME,
     SET_ASIDE_PREFIX,
     parse_set_aside_name,
@@ -66,7 +65,7 @@ from distckpt.objstore import ObjectStore
 from distckpt.objurl import S3Url
 from distckpt.results import CheckpointLocation
 from distckpt.storage.s3_spool import make_temp_dir
-from distckpt.storage.views import CheckpointSource, Located, RootView
+from distckpt.storage.views import CheckpointSource, RootView
 
 COMMIT_NAME = "COMMIT"
 LEASE_NAME = ".lease"
@@ -461,28 +460,3 @@ class S3RootView(RootView):
 
     def pointer_present(self, name: str) -> bool:
         return self.s3.read_pointer(name)[1] is not None
-
-
-def locate_url(url: str, storage_options: Mapping[str, Any] | None) -> Located:
-    """What an ``s3://`` URL stands for: ``.../last`` or ``.../best`` (a pointer of the root
-    above it, unless that is no root's pointer, :meth:`RootView.owns_pointer`, and the URL's
-    prefix holds objects: then a root of that name), ``.../step-00000010`` (a checkpoint,
-    :class:`CheckpointNotFound` unless it is committed), or a root."""
-    parsed = S3Url.parse(url)
-    parent, _, last = parsed.prefix.rpartition("/")
-    parent_url = str(S3Url(parsed.bucket, parent))
-    if last in LINK_NAMES:
-        parent_view = S3RootView(parent_url, storage_options)
-        if not parent_view.owns_pointer(last):
-            as_root = S3RootView(url, storage_options)
-            if as_root.exists():
-                return Located("root", as_root)
-        return Located("link", parent_view, pointer=last)
-    step = parse_step_dir_name(last)
-    if step is not None:
-        view = S3RootView(parent_url, storage_options)
-        source = view.checkpoint(step)
-        if not source.exists():
-            raise CheckpointNotFound(f"no committed checkpoint at {url}", path=url, step=step)
-        return Located("step_dir", view, source=source)
-    return Located("root", S3RootView(url, storage_options))
