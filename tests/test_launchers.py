@@ -90,10 +90,24 @@ def test_slurm_script_dry_run(tmp_path: Path) -> None:
     assert "--nnodes 2" in joined and "--nproc-per-node 8" in joined
     assert "--rdzv-backend c10d" in joined and "--rdzv-endpoint node7:29500" in joined
     assert "--rdzv-id 4242" in joined
-    assert command[-3:] == ["launch/train.py", "--root", "/shared/ckpt"]
+    # The requeued job waits for a predecessor's rank 0 still holding the root; the
+    # submission's own arguments come after the flag, so they can override it.
+    assert command[-5:] == ["launch/train.py", "--wait-for-root", "300", "--root", "/shared/ckpt"]
     assert "scontrol requeue 4242" in out
     script = (REPO / "launch" / "slurm.sbatch").read_text()
     assert "#SBATCH --signal=B:USR1@120" in script and "#SBATCH --requeue" in script
+
+    # WAIT_FOR_ROOT set but empty passes no flag, for a SCRIPT that does not take it.
+    out = subprocess.run(
+        ["bash", str(REPO / "launch" / "slurm.sbatch"), "--root", "/shared/ckpt"],
+        cwd=tmp_path,
+        env={**env, "WAIT_FOR_ROOT": "", "SCRIPT": "mine.py"},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    ).stdout
+    assert shlex.split(out.splitlines()[0])[-3:] == ["mine.py", "--root", "/shared/ckpt"]
 
 
 # Stand-ins for Slurm's commands: no Slurm runs on this machine. The batch script is real bash
@@ -107,13 +121,23 @@ sleep 60 & sleeper=$!
 trap 'kill "$sleeper"; exit 1' TERM
 wait "$sleeper"
 """
+# scontrol, given STAND_IN_GO, first logs "resolving" and waits for that file to exist: the
+# batch script is then in its setup, before srun starts.
 STAND_IN_SCONTROL = """#!/usr/bin/env bash
-if [ "$1 $2" = "show hostnames" ]; then echo "$3" | tr ',' '\\n'; exit 0; fi
+if [ "$1 $2" = "show hostnames" ]; then
+  if [ -n "${STAND_IN_GO:-}" ]; then
+    echo resolving >> "$STAND_IN_LOG"
+    while [ ! -e "$STAND_IN_GO" ]; do sleep 0.05; done
+  fi
+  echo "$3" | tr ',' '\\n'; exit 0
+fi
 echo "scontrol $*" >> "$STAND_IN_LOG"
 """
 
 
-def _start_batch_script(tmp_path: Path, srun_status: str) -> tuple[subprocess.Popen[str], Path]:
+def _start_batch_script(
+    tmp_path: Path, srun_status: str, extra_env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen[str], Path]:
     """slurm.sbatch started as Slurm would start it, with the stand-ins first on PATH; returns
     the batch shell and the log the stand-ins write."""
     bin_dir = tmp_path / "bin"
@@ -132,6 +156,7 @@ def _start_batch_script(tmp_path: Path, srun_status: str) -> tuple[subprocess.Po
         "SLURM_SUBMIT_DIR": str(REPO),
         "STAND_IN_LOG": str(log),
         "STAND_IN_SRUN_STATUS": srun_status,
+        **(extra_env or {}),
     }
     batch = subprocess.Popen(
         ["bash", str(REPO / "launch" / "slurm.sbatch"), "--root", str(tmp_path / "ckpt")],
@@ -163,6 +188,26 @@ def test_slurm_script_exits_0_once_it_requeued_the_job_on_a_preemption_notice(
         batch.kill()
     assert "scontrol requeue 4242" in log.read_text()
     assert "preemption notice: requeueing job 4242" in out
+    assert batch.returncode == 0, out
+
+
+def test_slurm_script_requeues_and_starts_nothing_on_a_notice_before_srun(tmp_path: Path) -> None:
+    """The notice comes while the batch shell resolves its nodes: the trap is already set (not
+    bash's default for SIGUSR1, which ends the shell and loses the requeue), and finds no srun
+    to stop (under ``set -u``, not an unbound variable)."""
+    go = tmp_path / "go"
+    batch, log = _start_batch_script(tmp_path, "preempt", {"STAND_IN_GO": str(go)})
+    try:
+        wait_until(lambda: "resolving" in log.read_text(), "the batch script's setup", 30)
+        batch.send_signal(signal.SIGUSR1)
+        go.touch()
+        out, _ = batch.communicate(timeout=30)
+    finally:
+        batch.kill()
+    assert "scontrol requeue 4242" in log.read_text()
+    assert "started" not in log.read_text(), "srun started after the notice"
+    assert "preemption notice before srun started: not starting it" in out
+    assert "unbound variable" not in out
     assert batch.returncode == 0, out
 
 
