@@ -2,7 +2,8 @@
 root's lease, as a requeued job is when the previous run's rank 0 lingers: refused at once
 without ``--wait-for-root``, waiting for the root and then resuming with it. ``train.py`` runs
 as a plain process (world size 1, no torchrun: the lease is rank 0's alone, whatever the
-number of ranks); ``train_fsdp.py`` on two ranks forked by ``tests/ranks.py``.
+number of ranks); ``train_fsdp.py`` on two ranks forked by ``tests/ranks.py``. Also: the table
+of ``train.py``'s flags in ``launch/README.md``, which names the flag.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from distckpt.layout import LEASE_RECORD_NAME
 from tests.lease_holders import Holder
 from tests.ranks import RankResult, run_ranks, values
 from tests.test_dcp import _load_train_fsdp, _run_job  # test_dcp imports torch._dynamo once
-from tests.test_launch import PLAIN, Job, committed_steps, done_loss, import_train
+from tests.test_launch import LAUNCH_README, PLAIN, Job, committed_steps, done_loss, import_train
 
 STARTUP = 120.0  # a plain run imports torch: seconds, or tens of them on a loaded machine
 
@@ -95,3 +96,13 @@ def test_train_fsdp_waits_for_the_root_on_every_rank_with_wait_for_root(tmp_path
     assert not waiting.is_alive()
     assert values(waited[0]) == [0, 0]
     assert committed_steps(root) == [1, 2]
+
+
+def test_launch_readme_flags_table_gives_every_flag_of_train_py_its_default() -> None:
+    rows = re.findall(r"^\| `(--[a-z-]+)` *\| `?([^|`]+?)`? *\|", LAUNCH_README, re.MULTILINE)
+    table = dict(rows)
+    defaults = vars(import_train().parse_args([]))
+    assert sorted(table) == sorted(f"--{name.replace('_', '-')}" for name in defaults)
+    for name, default in defaults.items():
+        written = table[f"--{name.replace('_', '-')}"]
+        assert written == default or float(written) == default, (name, written, default)
