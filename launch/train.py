@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import distckpt
+from distckpt.lease import check_wait
 
 IN_FEATURES = 16
 HIDDEN = 64
@@ -98,6 +99,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         minimum = 0 if name == "steps" else 1
         if getattr(args, name) < minimum:
             parser.error(f"--{name.replace('_', '-')} must be >= {minimum}")
+    try:
+        check_wait(args.wait_for_root)  # the manager's own check: refused here, before any work
+    except distckpt.InvalidArgument as exc:
+        parser.error(f"--wait-for-root: {exc}")
     return args
 
 

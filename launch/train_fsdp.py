@@ -61,6 +61,7 @@ from torch.distributed.fsdp import fully_shard
 
 import distckpt
 from distckpt.formats.dcp import ModelOptimizerState
+from distckpt.lease import check_wait
 
 IN_FEATURES = 16
 HIDDEN = 48
@@ -86,6 +87,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.steps < 0 or args.save_every < 1 or args.keep_last < 1 or args.log_every < 1:
         parser.error("--steps must be >= 0; --save-every, --keep-last, --log-every >= 1")
+    try:
+        check_wait(args.wait_for_root)  # the manager's own check: refused here, before any work
+    except distckpt.InvalidArgument as exc:
+        parser.error(f"--wait-for-root: {exc}")
     return args
 
 

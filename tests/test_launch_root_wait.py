@@ -98,6 +98,24 @@ def test_train_fsdp_waits_for_the_root_on_every_rank_with_wait_for_root(tmp_path
     assert committed_steps(root) == [1, 2]
 
 
+@pytest.mark.parametrize("script", ["train.py", "train_fsdp.py"])
+def test_wait_for_root_takes_only_a_finite_number_of_seconds_at_least_0(
+    script: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    parse_args = (import_train() if script == "train.py" else _load_train_fsdp()).parse_args
+    for seconds in ("-1", "nan", "inf"):
+        with pytest.raises(SystemExit) as refused:
+            parse_args(["--root", "r", "--wait-for-root", seconds])
+        assert refused.value.code == 2, seconds  # argparse's usage error, before any work
+        assert "--wait-for-root: wait_for_root must be a number of seconds >= 0" in (
+            capsys.readouterr().err
+        )
+    for seconds in ("0", "1e7"):
+        assert parse_args(["--root", "r", "--wait-for-root", seconds]).wait_for_root == float(
+            seconds
+        )
+
+
 def test_launch_readme_flags_table_gives_every_flag_of_train_py_its_default() -> None:
     rows = re.findall(r"^\| `(--[a-z-]+)` *\| `?([^|`]+?)`? *\|", LAUNCH_README, re.MULTILINE)
     table = dict(rows)
