@@ -32,7 +32,8 @@ with status 0.
 
 Another job holding the root makes the start fail at once with ``RootInUse`` naming it;
 ``--wait-for-root SECONDS`` waits up to that long for it to give the root up instead
-(``launch/slurm.sbatch`` passes it for the requeued job).
+(``launch/slurm.sbatch`` passes it when run with ``SCRIPT=launch/train_fsdp.py`` and
+``WAIT_FOR_ROOT`` set).
 
 Output (rank 0 unless noted): with ``--wait-for-root``, first ``waiting up to S s for ROOT if
 another job holds it``; ``resumed from step N`` or ``starting from scratch``, ``step=N
@@ -82,7 +83,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--wait-for-root", type=float, default=0.0, metavar="SECONDS",
-        help="seconds to wait for a job holding the root (0: RootInUse at once; slurm.sbatch: 300)",
+        help="seconds to wait for a job holding the root (0: RootInUse at once)",
     )  # fmt: skip
     args = parser.parse_args(argv)
     if args.steps < 0 or args.save_every < 1 or args.keep_last < 1 or args.log_every < 1:

@@ -64,18 +64,19 @@ def test_two_torchrun_agents_with_c10d_rendezvous(tmp_path: Path) -> None:
     assert not (REPO / "ckpt").exists()
 
 
-def test_slurm_script_dry_run(tmp_path: Path) -> None:
+def _dry_run(tmp_path: Path, **variables: str) -> str:
+    """What slurm.sbatch prints with DRY_RUN=1, given ``variables`` besides a job's own."""
     env = {
-        **os.environ,
+        **{k: v for k, v in os.environ.items() if k not in ("SCRIPT", "WAIT_FOR_ROOT")},
         "DRY_RUN": "1",
         "SLURM_JOB_NODELIST": "node7,node8",
         "SLURM_NNODES": "2",
         "SLURM_JOB_ID": "4242",
         "SLURM_GPUS_ON_NODE": "8",
         "SLURM_SUBMIT_DIR": str(REPO),
-        "PATH": os.environ["PATH"],
+        **variables,
     }
-    out = subprocess.run(
+    return subprocess.run(
         ["bash", str(REPO / "launch" / "slurm.sbatch"), "--root", "/shared/ckpt"],
         cwd=tmp_path,
         env=env,
@@ -84,6 +85,10 @@ def test_slurm_script_dry_run(tmp_path: Path) -> None:
         timeout=30,
         check=True,
     ).stdout
+
+
+def test_slurm_script_dry_run(tmp_path: Path) -> None:
+    out = _dry_run(tmp_path)
     command = shlex.split(out.splitlines()[0])
     assert command[:2] == ["srun", "--kill-on-bad-exit=1"]
     joined = " ".join(command)
@@ -97,17 +102,24 @@ def test_slurm_script_dry_run(tmp_path: Path) -> None:
     script = (REPO / "launch" / "slurm.sbatch").read_text()
     assert "#SBATCH --signal=B:USR1@120" in script and "#SBATCH --requeue" in script
 
-    # WAIT_FOR_ROOT set but empty passes no flag, for a SCRIPT that does not take it.
-    out = subprocess.run(
-        ["bash", str(REPO / "launch" / "slurm.sbatch"), "--root", "/shared/ckpt"],
-        cwd=tmp_path,
-        env={**env, "WAIT_FOR_ROOT": "", "SCRIPT": "mine.py"},
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=True,
-    ).stdout
-    assert shlex.split(out.splitlines()[0])[-3:] == ["mine.py", "--root", "/shared/ckpt"]
+
+@pytest.mark.parametrize(
+    ("variables", "script_and_flag"),
+    [
+        ({"WAIT_FOR_ROOT": "60"}, ["launch/train.py", "--wait-for-root", "60"]),
+        ({"WAIT_FOR_ROOT": ""}, ["launch/train.py"]),  # set but empty: no flag
+        # A script of the user's may not know the flag: it gets it only when asked for.
+        ({"SCRIPT": "mine.py"}, ["mine.py"]),
+        ({"SCRIPT": "mine.py", "WAIT_FOR_ROOT": ""}, ["mine.py"]),
+        ({"SCRIPT": "mine.py", "WAIT_FOR_ROOT": "60"}, ["mine.py", "--wait-for-root", "60"]),
+    ],
+)
+def test_slurm_script_passes_wait_for_root_to_train_py_unless_emptied_else_only_if_set(
+    tmp_path: Path, variables: dict[str, str], script_and_flag: list[str]
+) -> None:
+    command = shlex.split(_dry_run(tmp_path, **variables).splitlines()[0])
+    start = command.index(script_and_flag[0])
+    assert command[start:] == [*script_and_flag, "--root", "/shared/ckpt"]
 
 
 # Stand-ins for Slurm's commands: no Slurm runs on this machine. The batch script is real bash
@@ -122,7 +134,8 @@ trap 'kill "$sleeper"; exit 1' TERM
 wait "$sleeper"
 """
 # scontrol, given STAND_IN_GO, first logs "resolving" and waits for that file to exist: the
-# batch script is then in its setup, before srun starts.
+# batch script is then in its setup, before srun starts. Its requeue ends with
+# STAND_IN_REQUEUE_STATUS (default 0).
 STAND_IN_SCONTROL = """#!/usr/bin/env bash
 if [ "$1 $2" = "show hostnames" ]; then
   if [ -n "${STAND_IN_GO:-}" ]; then
@@ -132,6 +145,7 @@ if [ "$1 $2" = "show hostnames" ]; then
   echo "$3" | tr ',' '\\n'; exit 0
 fi
 echo "scontrol $*" >> "$STAND_IN_LOG"
+if [ "$1" = requeue ]; then exit "${STAND_IN_REQUEUE_STATUS:-0}"; fi
 """
 
 
@@ -191,12 +205,17 @@ def test_slurm_script_exits_0_once_it_requeued_the_job_on_a_preemption_notice(
     assert batch.returncode == 0, out
 
 
-def test_slurm_script_requeues_and_starts_nothing_on_a_notice_before_srun(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("requeue_status", "batch_status"), [(0, 0), (1, 1)])
+def test_slurm_script_requeues_and_starts_nothing_on_a_notice_before_srun(
+    tmp_path: Path, requeue_status: int, batch_status: int
+) -> None:
     """The notice comes while the batch shell resolves its nodes: the trap is already set (not
     bash's default for SIGUSR1, which ends the shell and loses the requeue), and finds no srun
-    to stop (under ``set -u``, not an unbound variable)."""
+    to stop (under ``set -u``, not an unbound variable). Requeued, the job exits 0; when the
+    requeue fails, 1, since nothing ran (Slurm marks it FAILED)."""
     go = tmp_path / "go"
-    batch, log = _start_batch_script(tmp_path, "preempt", {"STAND_IN_GO": str(go)})
+    extra_env = {"STAND_IN_GO": str(go), "STAND_IN_REQUEUE_STATUS": str(requeue_status)}
+    batch, log = _start_batch_script(tmp_path, "preempt", extra_env)
     try:
         wait_until(lambda: "resolving" in log.read_text(), "the batch script's setup", 30)
         batch.send_signal(signal.SIGUSR1)
@@ -208,7 +227,7 @@ def test_slurm_script_requeues_and_starts_nothing_on_a_notice_before_srun(tmp_pa
     assert "started" not in log.read_text(), "srun started after the notice"
     assert "preemption notice before srun started: not starting it" in out
     assert "unbound variable" not in out
-    assert batch.returncode == 0, out
+    assert batch.returncode == batch_status, out
 
 
 def test_slurm_script_refuses_to_run_outside_slurm(tmp_path: Path) -> None:
