@@ -2,8 +2,9 @@
 root's lease, as a requeued job is when the previous run's rank 0 lingers: refused at once
 without ``--wait-for-root``, waiting for the root and then resuming with it. ``train.py`` runs
 as a plain process (world size 1, no torchrun: the lease is rank 0's alone, whatever the
-number of ranks); ``train_fsdp.py`` on two ranks forked by ``tests/ranks.py``. Also: the table
-of ``train.py``'s flags in ``launch/README.md``, which names the flag.
+number of ranks); ``train_fsdp.py`` on two ranks forked by ``tests/ranks.py``, also refused
+after a short wait. Also: the values ``--wait-for-root`` takes, and the table of ``train.py``'s
+flags in ``launch/README.md``, which names the flag.
 """
 
 from __future__ import annotations
@@ -68,7 +69,20 @@ def test_a_lingering_holder_refuses_train_py_unless_it_waits_for_the_root(tmp_pa
     assert record["generation"] == 3 and record["released_utc"] is not None
 
 
-def test_train_fsdp_waits_for_the_root_on_every_rank_with_wait_for_root(tmp_path: Path) -> None:
+def _wait_for_output(capfd: pytest.CaptureFixture[str], line: str, timeout: float) -> None:
+    """Until ``line`` is printed (by this process or its forked ranks, which share its
+    captured stdout)."""
+    printed = ""
+    deadline = time.monotonic() + timeout
+    while line not in printed:
+        assert time.monotonic() < deadline, f"not printed within {timeout} s: {line!r}"
+        time.sleep(0.05)
+        printed += capfd.readouterr().out
+
+
+def test_train_fsdp_waits_for_the_root_on_every_rank_with_wait_for_root(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
     root = tmp_path / "ckpt"
     job = _load_train_fsdp()  # loaded before the fork: every rank inherits it
     argv = ["--root", str(root), "--steps", "2", "--save-every", "1", "--timeout", "30"]
@@ -78,16 +92,26 @@ def test_train_fsdp_waits_for_the_root_on_every_rank_with_wait_for_root(tmp_path
         refused = run_ranks(_run_job, 2, job, argv, timeout=60)
         assert [r.error_type for r in refused] == ["RootInUse", "RootInUse"], refused
         assert all(f"pid {holder.pid}," in (r.error or "") for r in refused), refused
+        # With a short wait and the holder staying, every rank is refused after the wait: the
+        # flag reached the lease, whenever the ranks got to it.
+        refused = run_ranks(_run_job, 2, job, [*argv, "--wait-for-root", "2"], timeout=60)
+        assert [r.error_type for r in refused] == ["RootInUse", "RootInUse"], refused
+        waits = [re.search(r"\(waited ([0-9.e+]+) s\)", r.error or "") for r in refused]
+        assert all(w is not None and float(w.group(1)) >= 2.0 for w in waits), refused
 
         waited: list[list[RankResult]] = []
 
         def wait_for_the_root(waiting_argv: list[str]) -> None:
             waited.append(run_ranks(_run_job, 2, job, waiting_argv, timeout=60))
 
+        capfd.readouterr()  # what came before: the line waited for below is the next run's
         waiting_argv = [*argv, "--wait-for-root", "60"]
         waiting = threading.Thread(target=wait_for_the_root, args=(waiting_argv,))
         waiting.start()
-        time.sleep(2.0)  # the ranks start and rank 0 meets the held root (it refused at once)
+        _wait_for_output(capfd, f"waiting up to 60 s for {root} if another job holds it", 60)
+        # Into its wait: rank 0 opens the root right after saying so, and is refused within a
+        # second without the flag.
+        time.sleep(2.0)
         assert waiting.is_alive(), waited
         holder.kill()
         waiting.join(90)
