@@ -397,11 +397,28 @@ class InjectedFault(CheckpointError):
 class RootInUse(CheckpointError, BlockingIOError):
     """Another live job holds the root's writer lease (see :mod:`distckpt.lease`). The message
     names the holder; ``holder`` is its :class:`~distckpt.lease.LeaseHolder`, or None when the
-    lock is held but its record is not readable yet."""
+    lock is held but its record is not readable yet. ``waited``: the seconds waited for the
+    root before this refusal (0: none), which the message gives after ``message`` and before
+    ``advice``."""
 
-    def __init__(self, message: str, holder: object = None) -> None:
-        super().__init__(message)
+    def __init__(
+        self, message: str, holder: object = None, *, waited: float = 0.0, advice: str = ""
+    ) -> None:
+        said_waited = f" (waited {waited:g} s)" if waited > 0 else ""
+        super().__init__(f"{message}{said_waited}{advice}")
         self.holder = holder
+        self.waited = waited
+        # the parts of the message, to say it again with a longer wait (after_waiting)
+        self.reason = message
+        self.advice = advice
+
+    def after_waiting(self, seconds: float) -> RootInUse:
+        """This refusal, said after ``seconds`` of waiting in all: a wait made of several tries
+        (each try's refusal gives only its own part) ends with it. Itself when it says no
+        wait (it was refused without waiting, or its message does not give the time)."""
+        if self.waited <= 0:
+            return self
+        return RootInUse(self.reason, self.holder, waited=seconds, advice=self.advice)
 
 
 class LeaseTakenMeanwhile(RootInUse):

@@ -277,9 +277,11 @@ def _names_file(path: Path, file: os.stat_result) -> bool:
         return False
 
 
-def _in_use(root: Path, holder: LeaseHolder | None, why: str) -> RootInUse:
+def _in_use(
+    root: Path, holder: LeaseHolder | None, why: str = "", *, waited: float = 0.0, advice: str = ""
+) -> RootInUse:
     who = holder.describe() if holder is not None else "a process whose record is not written yet"
-    return RootInUse(f"root {root} is in use by {who}{why}", holder)
+    return RootInUse(f"root {root} is in use by {who}{why}", holder, waited=waited, advice=advice)
 
 
 def _holder_of_the_held_lock(
@@ -356,7 +358,7 @@ class RootLease:
             if lock is None:
                 holder, lock = _holder_of_the_held_lock(root_path)
                 if lock is None:
-                    raise _in_use(root_path, holder, _waited(wait))
+                    raise _in_use(root_path, holder, waited=wait)
             previous = _read_record(root_path)
             if not _unknowable_elsewhere(root_path, previous):
                 return cls._claim(root_path, lock, previous)
@@ -365,8 +367,9 @@ class RootLease:
                 raise _in_use(
                     root_path,
                     previous,
-                    f"{_waited(wait)}; locks on this filesystem are local to each machine, so "
-                    "whether that holder is alive cannot be told from here. If it is dead, run "
+                    waited=wait,
+                    advice="; locks on this filesystem are local to each machine, so whether "
+                    "that holder is alive cannot be told from here. If it is dead, run "
                     f"'distckpt lease {root_path} --break'",
                 )
             time.sleep(min(_RETRY_INTERVAL, max(deadline - time.monotonic(), 0)))
@@ -463,10 +466,6 @@ def check_wait(seconds: object) -> float:
             f"wait_for_root must be a number of seconds >= 0 (0: fail at once), not {seconds!r}"
         )
     return float(seconds)
-
-
-def _waited(wait: float) -> str:
-    return f" (waited {wait:g} s)" if wait > 0 else ""
 
 
 def read_holder(root: str | os.PathLike[str]) -> LeaseHolder | None:

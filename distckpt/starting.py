@@ -25,11 +25,18 @@ def open_root(
     from its newest checkpoint, and check from every rank that the root is the one rank 0
     opened. Returns the token rank 0 names this manager's staging areas after (unique to this
     manager), the same on every rank."""
+    started = time.monotonic()
+
+    def open_once(seconds: float) -> tuple[tuple[tuple[int, int | None] | None, float], str]:
+        try:
+            opened = store.open(wait_for_root=seconds)
+        except RootInUse as exc:
+            # decide_within waits in pieces, and store.open's refusal says its piece alone.
+            raise exc.after_waiting(time.monotonic() - started) from exc.__cause__
+        return newest_to_count_from(opened, time.time()), uuid.uuid4().hex[:12]
+
     (newest, newest_age), token = coord.decide_within(
-        lambda seconds: (
-            newest_to_count_from(store.open(wait_for_root=seconds), time.time()),
-            uuid.uuid4().hex[:12],
-        ),
+        open_once,
         wait=wait_for_root,
         retry_on=RootInUse,
         what="opening the checkpoint root",

@@ -20,7 +20,12 @@ Why the resume is exact:
   applies the same update and the replicas never drift apart;
 * model, optimizer, LR scheduler and step counter are all in the checkpoint.
 
-Output (rank 0 unless noted): ``resumed from step N`` or ``starting from scratch``, then
+Another job holding the root (a predecessor still shutting down, orphaned workers) makes the
+start fail at once with ``RootInUse`` naming it; ``--wait-for-root SECONDS`` waits up to that
+long for it to give the root up instead (``launch/slurm.sbatch`` passes it for the requeued job).
+
+Output (rank 0 unless noted): with ``--wait-for-root``, first ``waiting up to S s for ROOT if
+another job holds it``; then ``resumed from step N`` or ``starting from scratch``, then
 ``step=N loss=X`` every ``--log-every`` steps, ``saved step=N`` per committed checkpoint,
 ``preempted at step=N rank=R loss=X`` on every rank after a preemption save, and finally
 ``done step=N loss=X`` (the loss as Python's exact ``repr`` of the float).
@@ -43,6 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import distckpt
+from distckpt.lease import check_wait
 
 IN_FEATURES = 16
 HIDDEN = 64
@@ -80,11 +86,23 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=120.0,
         help="seconds a collective may take before a hung or dead rank becomes an error",
     )
+    parser.add_argument(
+        "--wait-for-root",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="seconds to wait for another job that holds the root to give it up (default: 0, "
+        "fail at once with RootInUse naming it; launch/slurm.sbatch passes 300)",
+    )
     args = parser.parse_args(argv)
     for name in ("steps", "save_every", "log_every"):
         minimum = 0 if name == "steps" else 1
         if getattr(args, name) < minimum:
             parser.error(f"--{name.replace('_', '-')} must be >= {minimum}")
+    try:
+        check_wait(args.wait_for_root)  # the manager's own check: refused here, before any work
+    except distckpt.InvalidArgument as exc:
+        parser.error(f"--wait-for-root: {exc}")
     return args
 
 
@@ -190,12 +208,16 @@ def train(args: argparse.Namespace) -> int:
             print_line(message)
 
     loss = math.nan
+    if args.wait_for_root > 0:
+        # The wait is silent otherwise: say why a requeued job's log stops here for a while.
+        say(f"waiting up to {args.wait_for_root:g} s for {args.root} if another job holds it")
     with distckpt.CheckpointManager(
         args.root,
         keep_last=3,
         every_n_steps=args.save_every,
         save_on_signal=(signal.SIGTERM,),
         timeout=args.timeout,
+        wait_for_root=args.wait_for_root,
     ) as mgr:
         ckpt = mgr.restore("last", state=state, missing_ok=True)
         if ckpt is None:

@@ -30,7 +30,13 @@ A SIGTERM (a scheduler's preemption notice, or ``kill -TERM`` of the torchrun ag
 forwards it) makes every rank save the current step, print ``preempted at step=N``, and exit
 with status 0.
 
-Output (rank 0 unless noted): ``resumed from step N`` or ``starting from scratch``, ``step=N
+Another job holding the root makes the start fail at once with ``RootInUse`` naming it;
+``--wait-for-root SECONDS`` waits up to that long for it to give the root up instead
+(``launch/slurm.sbatch`` passes it when run with ``SCRIPT=launch/train_fsdp.py`` and
+``WAIT_FOR_ROOT`` set).
+
+Output (rank 0 unless noted): with ``--wait-for-root``, first ``waiting up to S s for ROOT if
+another job holds it``; ``resumed from step N`` or ``starting from scratch``, ``step=N
 loss=X`` every ``--log-every`` steps, ``saved step=N`` per committed checkpoint, ``preempted at
 step=N rank=R loss=X`` on every rank after a preemption save, and otherwise finally ``done
 step=N loss=X weights=W`` where ``W`` is the sum of every full parameter (compare it across
@@ -56,6 +62,7 @@ from torch.distributed.fsdp import fully_shard
 
 import distckpt
 from distckpt.formats.dcp import ModelOptimizerState
+from distckpt.lease import check_wait
 
 IN_FEATURES = 16
 HIDDEN = 48
@@ -74,9 +81,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--timeout", type=float, default=120.0, help="seconds before a hung rank is an error"
     )
+    parser.add_argument(
+        "--wait-for-root", type=float, default=0.0, metavar="SECONDS",
+        help="seconds to wait for a job holding the root (0: RootInUse at once)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     if args.steps < 0 or args.save_every < 1 or args.keep_last < 1 or args.log_every < 1:
         parser.error("--steps must be >= 0; --save-every, --keep-last, --log-every >= 1")
+    try:
+        check_wait(args.wait_for_root)  # the manager's own check: refused here, before any work
+    except distckpt.InvalidArgument as exc:
+        parser.error(f"--wait-for-root: {exc}")
     return args
 
 
@@ -138,6 +153,9 @@ def train(args: argparse.Namespace) -> int:
             print(message, flush=True)
 
     loss = float("nan")
+    if args.wait_for_root > 0:
+        # The wait is silent otherwise: say why a requeued job's log stops here for a while.
+        say(f"waiting up to {args.wait_for_root:g} s for {args.root} if another job holds it")
     with distckpt.CheckpointManager(
         args.root,
         format="dcp",
@@ -145,6 +163,7 @@ def train(args: argparse.Namespace) -> int:
         keep_last=args.keep_last,
         save_on_signal=(signal.SIGTERM,),
         timeout=args.timeout,
+        wait_for_root=args.wait_for_root,
     ) as mgr:
         ckpt = mgr.restore("last", state=state, missing_ok=True)
         if ckpt is None:

@@ -227,14 +227,18 @@ def _run_readme_commands(commands: str, **pids: int) -> None:
     assert done.returncode == 0, done.stderr
 
 
-@pytest.fixture(scope="module")
-def train() -> ModuleType:
+def import_train() -> ModuleType:
     """``launch/train.py`` imported as a module, for its building blocks."""
     spec = importlib.util.spec_from_file_location("launch_train", TRAIN)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="module")
+def train() -> ModuleType:
+    return import_train()
 
 
 def expected_run(

@@ -1,5 +1,6 @@
 """A job refused the root names its holder, on every rank, even when it comes in the instant
-between the holder taking the lease's lock and writing its record."""
+between the holder taking the lease's lock and writing its record; refused after a wait, it
+says how long it waited in all."""
 
 from __future__ import annotations
 
@@ -11,8 +12,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 import distckpt
 from distckpt import lease
+from tests.lease_holders import Holder
 from tests.ranks import run_ranks, values
 
 TIMEOUT = 30.0
@@ -106,3 +110,20 @@ def test_a_job_refused_while_the_holder_writes_no_record_gets_no_holder_on_every
         lock.release()
     for message, holder_pid in refusals:
         assert holder_pid is None and "record is not written yet" in message, message
+
+
+def test_a_job_refused_after_waiting_in_pieces_says_the_whole_wait(tmp_path: Path) -> None:
+    """A wait longer than half the timeout is made of several tries (``decide_within``), each
+    of which waits its own piece: the refusal gives the time waited in all, not the last piece."""
+    root = tmp_path / "ckpt"
+    holder = Holder(root)
+    try:
+        assert holder.line() == "held 1"
+        with pytest.raises(distckpt.RootInUse) as refused:
+            # timeout 2: tries of 1 s at most, three of them
+            distckpt.CheckpointManager(root, wait_for_root=3.0, timeout=2.0)
+    finally:
+        holder.kill()
+    assert refused.value.waited >= 3.0  # the deadline is what ends the wait: never before it
+    assert str(refused.value).endswith(f" (waited {refused.value.waited:g} s)"), refused.value
+    assert f"pid {holder.pid}," in str(refused.value)

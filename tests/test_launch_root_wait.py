@@ -1,0 +1,150 @@
+"""``launch/train.py`` and ``launch/train_fsdp.py`` started while another process holds their
+root's lease, as a requeued job is when the previous run's rank 0 lingers: refused at once
+without ``--wait-for-root``, waiting for the root and then resuming with it. ``train.py`` runs
+as a plain process (world size 1, no torchrun: the lease is rank 0's alone, whatever the
+number of ranks); ``train_fsdp.py`` on two ranks forked by ``tests/ranks.py``, also refused
+after a short wait. Also: the values ``--wait-for-root`` takes, and the table of ``train.py``'s
+flags in ``launch/README.md``, which names the flag.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from distckpt.layout import LEASE_RECORD_NAME
+from tests.lease_holders import Holder
+from tests.ranks import RankResult, run_ranks, values
+from tests.test_dcp import _load_train_fsdp, _run_job  # test_dcp imports torch._dynamo once
+from tests.test_launch import LAUNCH_README, PLAIN, Job, committed_steps, done_loss, import_train
+
+STARTUP = 120.0  # a plain run imports torch: seconds, or tens of them on a loaded machine
+
+
+@pytest.mark.timeout(300)
+def test_a_lingering_holder_refuses_train_py_unless_it_waits_for_the_root(tmp_path: Path) -> None:
+    root = tmp_path / "ckpt"
+    args = ["--root", str(root), "--save-every", "5", "--log-every", "5"]
+    # The first job, run in this process (a job of its own would cost another torch import);
+    # it seeds torch's global generator, which is this process's.
+    with torch.random.fork_rng(devices=[]):
+        assert import_train().main([*args, "--steps", "10"]) == 0
+    assert committed_steps(root) == [5, 10]
+
+    # The first job's rank 0 lingering: a process of its own holding the root's lease.
+    holder = Holder(root)
+    try:
+        assert holder.line() == "held 2", "the first job held generation 1"
+        more = [*PLAIN, *args, "--steps", "20"]
+        # Started together: each spends seconds importing torch.
+        refused = Job(more, tmp_path)
+        waiting = Job([*more, "--wait-for-root", "300"], tmp_path)
+        with refused, waiting:
+            assert refused.wait(STARTUP) == 1, refused.output
+            assert re.search(r"RootInUse: root .* is in use by .*, pid \d+,", refused.output)
+            assert f"pid {holder.pid}," in refused.output, refused.output
+            assert "resumed from step" not in refused.output
+
+            line = rf"^waiting up to 300 s for {re.escape(str(root))} if another job holds it$"
+            waiting.wait_for(line, STARTUP)
+            # Into its wait (a refusal comes within a second); then the holder lets the root
+            # go: here it dies; an orphaned rank 0 releases it when its next save fails.
+            time.sleep(2.0)
+            assert waiting.process.poll() is None, waiting.output
+            assert "resumed from step" not in waiting.output
+            holder.kill()
+            assert waiting.wait(STARTUP) == 0, waiting.output
+    finally:
+        holder.kill()
+    assert re.search(r"^resumed from step 10 ", waiting.output, re.MULTILINE), waiting.output
+    assert done_loss(waiting.output)[0] == 20
+    assert committed_steps(root) == [10, 15, 20]  # keep_last=3
+    record = json.loads((root / LEASE_RECORD_NAME).read_text())
+    assert record["generation"] == 3 and record["released_utc"] is not None
+
+
+def _wait_for_output(capfd: pytest.CaptureFixture[str], line: str, timeout: float) -> None:
+    """Until ``line`` is printed (by this process or its forked ranks, which share its
+    captured stdout)."""
+    printed = ""
+    deadline = time.monotonic() + timeout
+    while line not in printed:
+        assert time.monotonic() < deadline, f"not printed within {timeout} s: {line!r}"
+        time.sleep(0.05)
+        printed += capfd.readouterr().out
+
+
+def test_train_fsdp_waits_for_the_root_on_every_rank_with_wait_for_root(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    root = tmp_path / "ckpt"
+    job = _load_train_fsdp()  # loaded before the fork: every rank inherits it
+    argv = ["--root", str(root), "--steps", "2", "--save-every", "1", "--timeout", "30"]
+    holder = Holder(root)
+    try:
+        assert holder.line() == "held 1"
+        refused = run_ranks(_run_job, 2, job, argv, timeout=60)
+        assert [r.error_type for r in refused] == ["RootInUse", "RootInUse"], refused
+        assert all(f"pid {holder.pid}," in (r.error or "") for r in refused), refused
+        # With a short wait and the holder staying, every rank is refused after the wait: the
+        # flag reached the lease, whenever the ranks got to it.
+        refused = run_ranks(_run_job, 2, job, [*argv, "--wait-for-root", "2"], timeout=60)
+        assert [r.error_type for r in refused] == ["RootInUse", "RootInUse"], refused
+        waits = [re.search(r"\(waited ([0-9.e+]+) s\)", r.error or "") for r in refused]
+        assert all(w is not None and float(w.group(1)) >= 2.0 for w in waits), refused
+
+        waited: list[list[RankResult]] = []
+
+        def wait_for_the_root(waiting_argv: list[str]) -> None:
+            waited.append(run_ranks(_run_job, 2, job, waiting_argv, timeout=60))
+
+        capfd.readouterr()  # what came before: the line waited for below is the next run's
+        waiting_argv = [*argv, "--wait-for-root", "60"]
+        waiting = threading.Thread(target=wait_for_the_root, args=(waiting_argv,))
+        waiting.start()
+        _wait_for_output(capfd, f"waiting up to 60 s for {root} if another job holds it", 60)
+        # Into its wait: rank 0 opens the root right after saying so, and is refused within a
+        # second without the flag.
+        time.sleep(2.0)
+        assert waiting.is_alive(), waited
+        holder.kill()
+        waiting.join(90)
+    finally:
+        holder.kill()
+    assert not waiting.is_alive()
+    assert values(waited[0]) == [0, 0]
+    assert committed_steps(root) == [1, 2]
+
+
+@pytest.mark.parametrize("script", ["train.py", "train_fsdp.py"])
+def test_wait_for_root_takes_only_a_finite_number_of_seconds_at_least_0(
+    script: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    parse_args = (import_train() if script == "train.py" else _load_train_fsdp()).parse_args
+    for seconds in ("-1", "nan", "inf"):
+        with pytest.raises(SystemExit) as refused:
+            parse_args(["--root", "r", "--wait-for-root", seconds])
+        assert refused.value.code == 2, seconds  # argparse's usage error, before any work
+        assert "--wait-for-root: wait_for_root must be a number of seconds >= 0" in (
+            capsys.readouterr().err
+        )
+    for seconds in ("0", "1e7"):
+        assert parse_args(["--root", "r", "--wait-for-root", seconds]).wait_for_root == float(
+            seconds
+        )
+
+
+def test_launch_readme_flags_table_gives_every_flag_of_train_py_its_default() -> None:
+    rows = re.findall(r"^\| `(--[a-z-]+)` *\| `?([^|`]+?)`? *\|", LAUNCH_README, re.MULTILINE)
+    table = dict(rows)
+    defaults = vars(import_train().parse_args([]))
+    assert sorted(table) == sorted(f"--{name.replace('_', '-')}" for name in defaults)
+    for name, default in defaults.items():
+        written = table[f"--{name.replace('_', '-')}"]
+        assert written == default or float(written) == default, (name, written, default)
