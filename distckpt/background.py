@@ -176,20 +176,37 @@ class BackgroundSaves:
         with self._lock:
             self._inflight = outcome
 
-    def wait(self) -> SaveResult | None:
-        """The save in flight's result, or its error raised; None with none in flight."""
+    def wait(self, on_failure: Callable[[], None] | None = None) -> SaveResult | None:
+        """The save in flight's result, or its error raised; None with none in flight.
+
+        The save stops being in flight only once a caller has its outcome: its result
+        returned, or its own error raised, after which the one caller that ended it runs
+        ``on_failure`` (a failed save's schedule count is put back once). A caller interrupted
+        while it waits (a Ctrl-C), even once the save ended, leaves it in flight, so a later
+        wait returns its result or raises its error."""
         with self._lock:
             inflight = self._inflight
         if inflight is None:
             return None
         try:
-            return inflight.result()
-        finally:
-            # Cleared only once it ended (not when a waiter is interrupted), so concurrent
-            # waiters all see the same outcome.
-            with self._lock:
-                if self._inflight is inflight and inflight.done():
-                    self._inflight = None
+            result = inflight.result()
+        except BaseException as exc:
+            # The save's own error (not an interrupt of this waiter): the save ended with it.
+            failed = inflight.done() and not inflight.cancelled() and inflight.exception() is exc
+            if failed and self._forget(inflight) and on_failure is not None:
+                on_failure()
+            raise
+        self._forget(inflight)
+        return result
+
+    def _forget(self, ended: Future[SaveResult]) -> bool:
+        """``ended`` is no longer in flight; whether it still was (False: another waiter, or
+        a later submission, saw to it already)."""
+        with self._lock:
+            if self._inflight is not ended:
+                return False
+            self._inflight = None
+            return True
 
     @property
     def in_flight(self) -> bool:

@@ -30,22 +30,48 @@ def release(
     """Stop the background thread (giving its group back; its last commit may have asked for
     a tidy), wait at most ``tidy_wait`` seconds for the removals of ``tidying`` and leave what
     still runs to its daemon thread, release the root's lease, restore the signal handlers and
-    release the coordinator's group: each even if one before failed, the first failure raised.
+    release the coordinator's group: each even if one before failed or was interrupted (a
+    Ctrl-C), the first failure raised. Each step may run again, so a repeated close finishes
+    what an interrupted one left. The lease is kept while the async save in flight still runs
+    (a Ctrl-C interrupted the thread's stop), so that no other job takes the root under its
+    commit: the repeated close releases it, or the end of the process.
     The lease goes after the wait, not before, so that the usual removals end while this job
     still holds the root; the ones left only delete what was already in the trash or left by
     dead writers, which is safe whoever holds the root then."""
-    try:
-        try:
-            try:
-                if background is not None:
-                    background.close()
-            finally:
-                tidying.close(tidy_wait)
+
+    def stop_background() -> None:
+        if background is not None:
+            background.close()
+
+    def release_lease() -> None:
+        # Still in flight only when the thread's stop failed: then release() raises, and the
+        # repeated close comes back here.
+        if background is None or not background.in_flight:
             store.close()
-        finally:
-            signals.restore()  # whatever failed above
-    finally:
-        coord.close()
+
+    run_each(
+        stop_background,
+        lambda: tidying.close(tidy_wait),
+        release_lease,
+        signals.restore,
+        coord.close,
+    )
+
+
+def run_each(*steps: Callable[[], object]) -> None:
+    """Run every one of ``steps`` in order, even if one before failed or was interrupted;
+    then raise the first failure (the later ones are logged)."""
+    first: BaseException | None = None
+    for step in steps:
+        try:
+            step()
+        except BaseException as exc:  # a KeyboardInterrupt too: the next steps still run
+            if first is None:
+                first = exc
+            else:
+                logger.error("closing the checkpoint manager: another step failed too: %r", exc)
+    if first is not None:
+        raise first
 
 
 def close_keeping(close: Callable[[], None], exc: BaseException | None) -> None:

@@ -209,6 +209,8 @@ class CheckpointManager(RootUpkeep):
         )
         self.format, self.fsync, self.read_only = format, fsync, read_only
         self._closed = False
+        #: whether close() let go of everything (False after an interrupted or failed close)
+        self._released = False
         self._background: BackgroundSaves | None = None
         self._saver: Saver | None = None  # once the root is open
         self._coord = Coordinator(group, self.timeout)
@@ -448,8 +450,10 @@ class CheckpointManager(RootUpkeep):
         removals running in the background for at most ``min(timeout, 10)`` seconds
         (:func:`~distckpt.tidying.close_wait_seconds`) and leave the rest to the next start or
         :meth:`gc`; then release the root's lease, restore signal handlers and release the
-        manager's process groups. Idempotent."""
-        if self._closed:
+        manager's process groups. Each step runs even if one before failed or was interrupted
+        (a Ctrl-C); a close that did not complete (its lease is kept while the save in flight
+        runs) is finished by calling close() again; once it did, close() does nothing."""
+        if self._released:
             return
         self._closed = True
         try:
@@ -463,6 +467,7 @@ class CheckpointManager(RootUpkeep):
                 tidying=self._tidying,
                 tidy_wait=close_wait_seconds(self.timeout),
             )
+            self._released = True  # only once every step succeeded: a failed one is retried
 
     def __enter__(self) -> CheckpointManager:
         return self

@@ -174,14 +174,12 @@ class Saver:
 
     def wait(self) -> SaveResult | None:
         """The async save in flight's result once durable, or its error (then the schedule
-        counts from what came before it); None when no save is in flight."""
+        counts from what came before it); None when no save is in flight. An interrupted wait
+        (a Ctrl-C) leaves the save in flight and counted: a later wait has its outcome."""
         if self._background is None:
             return None
-        try:
-            return self._background.wait()
-        except BaseException:
-            self._decider.in_flight_failed()
-            raise
+        # Only the save's own failure uncounts it: a Ctrl-C in the wait leaves it in flight.
+        return self._background.wait(on_failure=self._decider.in_flight_failed)
 
     @property
     def in_flight(self) -> bool:
