@@ -288,7 +288,8 @@ class CheckpointManager(RootUpkeep):
                 metrics as floats (tensors and NumPy scalars converted), metadata as plain
                 JSON. Rank 0's values are stored.
             files: extra files stored in the checkpoint dir under the given names (content as
-                bytes or a path to copy), written by rank 0.
+                bytes or a path to copy), written by rank 0. An async save reads each path into
+                memory before it returns, so the checkpoint holds the file as it was then.
             force: save even if no schedule is due.
             overwrite: replace an already committed checkpoint of this step.
         """
