@@ -37,7 +37,13 @@ from distckpt.launcher import LauncherWatch
 from distckpt.layout import MANIFEST_NAME
 from distckpt.manifest import check_json_metadata
 from distckpt.metrics import normalize_metrics
-from distckpt.protocol import SavePlan, check_launcher, check_step_and_epoch, mib
+from distckpt.protocol import (
+    SavePlan,
+    check_launcher,
+    check_step_and_epoch,
+    discard_staging_area,
+    mib,
+)
 from distckpt.results import CheckpointLocation, SaveResult
 from distckpt.snapshot import SnapshotBuffers
 from distckpt.state import to_plain
@@ -233,13 +239,14 @@ def _abandon(prepared: dict[str, Any], store: RootStore) -> None:
     """Undo what a failed proposal prepared on this rank: wait for rank 0's root work first
     (a thread still running could open a staging area after this looked, and keep it, its
     writer lock and itself alive past the failed save), then discard the staging area it
-    opened. The root work's own error, if any, is the lesser news: the proposal's is raised."""
+    opened (a discard that fails is only logged). The root work's own error, if any, is the
+    lesser news: the proposal's is raised."""
     root_done = prepared.get("root_done")
     if root_done is not None:
         with contextlib.suppress(Exception):
             root_done()
     if "area" in prepared:
-        store.discard_staging(prepared["area"])
+        discard_staging_area(prepared["area"], store=store)
 
 
 def _agree_beside_copy(
