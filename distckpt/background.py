@@ -47,7 +47,8 @@ def _register_exit_hook(hook: Callable[[], None]) -> None:
     register(hook)
 
 
-#: The saves whose save in flight is finished at exit: every BackgroundSaves not closed yet.
+#: The saves whose save in flight is finished at exit: every BackgroundSaves not closed yet,
+#: but those whose manager was dropped and whose save ended (:meth:`BackgroundSaves.owner_dropped`).
 #: Strong references: a manager dropped without close() still has its save finished. No lock
 #: guards it: adding, discarding and copying a set are each atomic under the GIL, and a lock
 #: another thread held at a fork would stay held for good in the child, whose exit runs the hook.
@@ -219,6 +220,27 @@ class BackgroundSaves:
         self._executor.shutdown(wait=True)
         _open_saves.discard(self)
         self.coord.close()
+
+    def owner_dropped(self) -> None:
+        """The manager that owns these saves was collected without close(): the thread ends
+        now when idle, else once the save in flight ended, which until then is still finished
+        at exit (this stays in ``_open_saves``); that save's failure, which no one will wait
+        for, is logged. The thread's group is not given back to the pool: each rank collects
+        its manager when its own garbage collection runs, so one rank could hand that group
+        out to its next manager while another makes a new one, and their collectives would
+        never meet."""
+        with self._lock:
+            inflight = self._inflight
+        if inflight is not None and not inflight.done():
+            inflight.add_done_callback(lambda _: self.owner_dropped())
+            return
+        self._executor.shutdown(wait=False)  # a worker ends its thread on the next item
+        _open_saves.discard(self)
+        if inflight is None:
+            return
+        failure = inflight.exception()
+        if failure is not None and self._forget(inflight):
+            logger.error("the checkpoint save of a manager dropped unclosed failed: %s", failure)
 
     def _finish_at_exit(self) -> None:
         """Finish the save in flight at exit (or log its failure); nothing in a forked child,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import weakref
 from collections.abc import Callable, Collection, Mapping
 from types import TracebackType
 from typing import Any, Literal, TypeVar, Union
@@ -224,6 +225,9 @@ class CheckpointManager(RootUpkeep):
             if async_save:
                 # Its own group: background collectives never interleave with this thread's.
                 self._background = BackgroundSaves(self._coord, nice=background_nice)
+                # Dropped without close(): its idle thread ends (see owner_dropped). Not at
+                # exit, where the exit hook finishes a save in flight first.
+                weakref.finalize(self, self._background.owner_dropped).atexit = False
             self._saver = Saver(
                 coord=self._coord,
                 store=self._store,
