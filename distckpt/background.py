@@ -116,8 +116,9 @@ class BackgroundSaves:
     """One worker thread and its private coordinator. Collective to create (it takes a group).
 
     Any thread may :meth:`wait`: every caller waiting while a save runs blocks until it ends
-    and gets its result or its error; the save counts as in flight until one caller has
-    returned from waiting on it (after that, :meth:`wait` returns None)."""
+    and gets its result or its error; the save counts as in flight until one caller got its
+    result or its error (after that, :meth:`wait` returns None); a caller interrupted while
+    waiting does not count."""
 
     def __init__(self, coord: Coordinator, *, nice: int = 0) -> None:
         """``nice``: how much to raise the worker thread's nice value over that of the thread
@@ -130,8 +131,9 @@ class BackgroundSaves:
             initargs=(check_background_nice(nice),),
         )
         self._inflight: Future[SaveResult] | None = None
-        # Guards _inflight between the training thread and other threads that wait.
-        self._lock = threading.Lock()
+        # Guards _inflight between the training thread and other threads that wait. Reentrant:
+        # a garbage collection while a thread holds it may run owner_dropped in that thread.
+        self._lock = threading.RLock()
         # The exit hook is inherited by a forked child, but the worker thread is not: only
         # the process that made it waits for its save (see _finish_at_exit).
         self._creator_pid = os.getpid()
