@@ -19,6 +19,7 @@ import logging
 import os
 import sys
 import threading
+import weakref
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -222,6 +223,11 @@ class BackgroundSaves:
         self._executor.shutdown(wait=True)
         _open_saves.discard(self)
         self.coord.close()
+
+    def owned_by(self, owner: object) -> None:
+        """Call :meth:`owner_dropped` once ``owner`` (the manager) is garbage collected; not
+        at exit, where the exit hook finishes the save in flight first."""
+        weakref.finalize(owner, self.owner_dropped).atexit = False
 
     def owner_dropped(self) -> None:
         """The manager that owns these saves was collected without close(): the thread ends

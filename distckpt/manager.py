@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import os
-import weakref
 from collections.abc import Callable, Collection, Mapping
 from types import TracebackType
 from typing import Any, Literal, TypeVar, Union
@@ -225,9 +224,7 @@ class CheckpointManager(RootUpkeep):
             if async_save:
                 # Its own group: background collectives never interleave with this thread's.
                 self._background = BackgroundSaves(self._coord, nice=background_nice)
-                # Dropped without close(): its idle thread ends (see owner_dropped). Not at
-                # exit, where the exit hook finishes a save in flight first.
-                weakref.finalize(self, self._background.owner_dropped).atexit = False
+                self._background.owned_by(self)  # dropped unclosed, its idle thread ends
             self._saver = Saver(
                 coord=self._coord,
                 store=self._store,
