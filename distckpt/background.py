@@ -21,7 +21,7 @@ import sys
 import threading
 import weakref
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 
 from distckpt.coord import Coordinator
 from distckpt.errors import InvalidArgument
@@ -148,9 +148,9 @@ class BackgroundSaves:
         Each save is one operation of that coordinator.
 
         The save has one owner at a time: the caller until the thread starts it, the thread
-        from then on. ``outcome.cancel()`` tells which, atomically against the thread starting
-        the save (Future's own lock): it succeeds only while the thread has not started it, and
-        a cancelled save is skipped whenever a thread reaches it. So a caller interrupted
+        from then on. :meth:`cancel` tells which, atomically against the thread starting the
+        save (Future's own lock): it succeeds only while the thread has not started it, and a
+        cancelled save is skipped whenever a thread reaches it. So a caller interrupted
         anywhere in the hand-off, before this call or inside it, cancels ``outcome`` and, when
         that succeeds, ends what the save would have ended. When the submission fails before
         the thread started the save (the thread could not be started, or takes no work at
@@ -169,10 +169,21 @@ class BackgroundSaves:
             # that fails leaves it queued, and the thread a later submission starts would run
             # it first. Cancelling makes that thread skip it; a cancel that fails means the
             # thread started it already, so it is in flight.
-            if not outcome.cancel():
+            if not self.cancel(outcome):
                 self.keep_in_flight(outcome)
             raise
         self.keep_in_flight(outcome)
+
+    def cancel(self, outcome: Future[SaveResult]) -> bool:
+        """Cancel ``outcome`` unless the thread started it (``Future.cancel``), and then it is
+        no longer in flight either, also when :meth:`submit` had made it so before an interrupt
+        landed: :meth:`wait` never waits for a save that never runs. Whether it is cancelled."""
+        with self._lock:
+            if not outcome.cancel():
+                return False
+            if self._inflight is outcome:
+                self._inflight = None
+            return True
 
     def keep_in_flight(self, outcome: Future[SaveResult]) -> None:
         """Make ``outcome``, a save the thread took (see :meth:`submit`), the one in flight:
@@ -187,13 +198,19 @@ class BackgroundSaves:
         returned, or its own error raised, after which the one caller that ended it runs
         ``on_failure`` (a failed save's schedule count is put back once). A caller interrupted
         while it waits (a Ctrl-C), even once the save ended, leaves it in flight, so a later
-        wait returns its result or raises its error."""
+        wait returns its result or raises its error. A save cancelled before the thread took
+        it (see :meth:`cancel`) ended without running: it is forgotten and None returned."""
         with self._lock:
             inflight = self._inflight
         if inflight is None:
             return None
         try:
             result = inflight.result()
+        except CancelledError:
+            if not inflight.cancelled():
+                raise  # the save's own error, not its cancellation
+            self._forget(inflight)
+            return None
         except BaseException as exc:
             # The save's own error (not an interrupt of this waiter): the save ended with it.
             failed = inflight.done() and not inflight.cancelled() and inflight.exception() is exc
@@ -244,7 +261,7 @@ class BackgroundSaves:
             return
         self._executor.shutdown(wait=False)  # a worker ends its thread on the next item
         _open_saves.discard(self)
-        if inflight is None:
+        if inflight is None or inflight.cancelled():  # a cancelled save has no failure
             return
         failure = inflight.exception()
         if failure is not None and self._forget(inflight):

@@ -11,7 +11,7 @@ import torch
 
 import distckpt
 from distckpt import background
-from tests.test_async_handoff import BACKGROUND_THREAD_PREFIX
+from tests.test_async_handoff_interrupts import BACKGROUND_THREAD_PREFIX
 from tests.test_async_interrupts import _held_after_writing
 from tests.test_coord import TIMEOUT
 

@@ -5,7 +5,6 @@ its result, and a later close() still lets go of everything the manager holds.""
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
 import sys
 import threading
@@ -21,20 +20,16 @@ import torch
 
 import distckpt
 from distckpt import events
-from tests.test_async_handoff import _in_the_background_thread
+from tests.test_async_handoff_interrupts import (
+    _in_the_background_thread,
+    called_in_background_module,
+)
 from tests.test_coord import TIMEOUT
 
 
 def _waiting_for_the_save(frame: FrameType, event: str) -> bool:
     """BackgroundSaves.wait calls the Future's result(): the waiter blocks on the save there."""
-    caller = frame.f_back
-    return (
-        event == "call"
-        and frame.f_code.co_name == "result"
-        and caller is not None
-        and caller.f_code.co_name == "wait"
-        and caller.f_code.co_filename.endswith(os.path.join("distckpt", "background.py"))
-    )
+    return event == "call" and called_in_background_module(frame, "result", "wait")
 
 
 def _interrupting_the_wait(
@@ -113,15 +108,9 @@ def _main_thread_inside(code_name: str, called_from: str) -> bool:
     distckpt/background.py."""
     frame: FrameType | None = sys._current_frames().get(threading.main_thread().ident or 0)
     while frame is not None:
-        caller = frame.f_back
-        if (
-            frame.f_code.co_name == code_name
-            and caller is not None
-            and caller.f_code.co_name == called_from
-            and caller.f_code.co_filename.endswith(os.path.join("distckpt", "background.py"))
-        ):
+        if called_in_background_module(frame, code_name, called_from):
             return True
-        frame = caller
+        frame = frame.f_back
     return False
 
 
