@@ -138,6 +138,8 @@ class BackgroundSaves:
         # The exit hook is inherited by a forked child, but the worker thread is not: only
         # the process that made it waits for its save (see _finish_at_exit).
         self._creator_pid = os.getpid()
+        #: Whether close() completed: the thread ended and its group was given back.
+        self.closed = False
         _open_saves.add(self)
 
     def submit(
@@ -236,10 +238,12 @@ class BackgroundSaves:
         return inflight is not None and not inflight.done()
 
     def close(self) -> None:
-        """Stop the thread (after the save in flight) and give its group back."""
+        """Stop the thread (after the save in flight) and give its group back; :attr:`closed`
+        once both are done. Safe to call again after an interrupt."""
         self._executor.shutdown(wait=True)
         _open_saves.discard(self)
         self.coord.close()
+        self.closed = True
 
     def owned_by(self, owner: object) -> None:
         """Call :meth:`owner_dropped` once ``owner`` (the manager) is garbage collected; not

@@ -27,14 +27,16 @@ def release(
     tidying: BackgroundTidy,
     tidy_wait: float,
 ) -> None:
-    """Stop the background thread (giving its group back; its last commit may have asked for
-    a tidy), wait at most ``tidy_wait`` seconds for the removals of ``tidying`` and leave what
+    """Stop the background thread (giving its group back; its last commit may have asked for a
+    tidy), wait at most ``tidy_wait`` seconds for the removals of ``tidying`` and leave what
     still runs to its daemon thread, release the root's lease, restore the signal handlers and
     release the coordinator's group: each even if one before failed or was interrupted (a
-    Ctrl-C), the first failure raised. Each step may run again, so a repeated close finishes
-    what an interrupted one left. The lease is kept while the async save in flight still runs
-    (a Ctrl-C interrupted the thread's stop), so that no other job takes the root under its
-    commit: the repeated close releases it, or the end of the process.
+    Ctrl-C), the first failure raised. The coordinator's group is kept until the thread's stop
+    completed, so that every rank gives the two back to the pool in the same order. Each step
+    may run again, so a repeated close finishes what an interrupted one left. The lease is kept
+    while the async save in flight still runs (a Ctrl-C interrupted the thread's stop), so that
+    no other job takes the root under its commit: the repeated close releases it, or the end of
+    the process.
     The lease goes after the wait, not before, so that the usual removals end while this job
     still holds the root; the ones left only delete what was already in the trash or left by
     dead writers, which is safe whoever holds the root then."""
@@ -49,12 +51,19 @@ def release(
         if background is None or not background.in_flight:
             store.close()
 
+    def release_group() -> None:
+        # Every rank gives its groups back to the pool in the same order (coord_groups): the
+        # thread's group, then this one. A rank whose thread's stop was interrupted keeps this
+        # one until the repeated close gave the thread's back.
+        if background is None or background.closed:
+            coord.close()
+
     run_each(
         stop_background,
         lambda: tidying.close(tidy_wait),
         release_lease,
         signals.restore,
-        coord.close,
+        release_group,
     )
 
 

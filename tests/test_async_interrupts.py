@@ -5,6 +5,7 @@ its result, and a later close() still lets go of everything the manager holds.""
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import sys
 import threading
@@ -20,6 +21,7 @@ import torch
 
 import distckpt
 from distckpt import events
+from tests.ranks import run_ranks, values
 from tests.test_async_handoff_interrupts import (
     _in_the_background_thread,
     called_in_background_module,
@@ -147,3 +149,40 @@ def test_a_close_interrupted_twice_keeps_the_lease_until_it_is_repeated(tmp_path
     assert manager.steps() == [1]
     with distckpt.CheckpointManager(tmp_path, timeout=TIMEOUT) as successor:
         assert successor.steps() == [1]
+
+
+#: The managers' timeout in the two-rank close test: its held save must not time out the peer's
+#: agreement on a loaded machine while rank 0 is interrupted twice.
+TWO_RANK_TIMEOUT = 10.0
+
+
+def _close_interrupted_twice_on_rank_0(rank: int, world_size: int, root: str) -> list[int]:
+    """Rank 0 closes as the test above (interrupted twice, then again), rank 1 at once; then
+    both save with a new manager, on the groups their closes gave back to the pool."""
+    manager = distckpt.CheckpointManager(
+        os.path.join(root, "first"), timeout=TWO_RANK_TIMEOUT, async_save=True, fsync=False
+    )
+    with _held_after_writing(1):
+        manager.save(1, {"w": torch.ones(4)})
+        if rank == 0:
+            interrupter = _ctrl_c_in([("result", "wait"), ("shutdown", "close")])
+            with pytest.raises(KeyboardInterrupt):
+                manager.close()
+            interrupter.join(TWO_RANK_TIMEOUT)
+    manager.close()
+    with distckpt.CheckpointManager(
+        os.path.join(root, "next"), timeout=TWO_RANK_TIMEOUT, fsync=False
+    ) as successor:
+        successor.save(5, {"w": torch.ones(4)}, force=True)
+        return successor.steps()
+
+
+def test_a_close_interrupted_on_one_rank_gives_its_groups_back_in_the_order_of_the_others(
+    tmp_path: Path,
+) -> None:
+    """README: a close() that did not complete is finished by calling close() again; once it
+    did, the next manager works on every rank, also when only one rank's close was interrupted
+    (as its background thread was stopped): each rank gives the thread's group back to the
+    pool before the manager's, so the next manager's ranks take the same group."""
+    results = values(run_ranks(_close_interrupted_twice_on_rank_0, 2, str(tmp_path), timeout=90))
+    assert results == [[5], [5]]
