@@ -232,6 +232,12 @@ class BackgroundSaves:
             return True
 
     @property
+    def holds_outcome(self) -> bool:
+        """Whether a save is in flight: running, or ended with an outcome no caller of
+        :meth:`wait` received yet (one was interrupted)."""
+        return self._inflight is not None
+
+    @property
     def in_flight(self) -> bool:
         """Whether the save submitted last is still running."""
         inflight = self._inflight

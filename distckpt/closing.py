@@ -26,7 +26,7 @@ def release(
     *,
     tidying: BackgroundTidy,
     tidy_wait: float,
-) -> None:
+) -> bool:
     """Stop the background thread (giving its group back; its last commit may have asked for a
     tidy), wait at most ``tidy_wait`` seconds for the removals of ``tidying`` and leave what
     still runs to its daemon thread, release the root's lease, restore the signal handlers and
@@ -39,7 +39,11 @@ def release(
     the process.
     The lease goes after the wait, not before, so that the usual removals end while this job
     still holds the root; the ones left only delete what was already in the trash or left by
-    dead writers, which is safe whoever holds the root then."""
+    dead writers, which is safe whoever holds the root then.
+
+    Returns whether the close is complete: not while the stopped thread holds the outcome of a
+    save that no caller received (a Ctrl-C interrupted the close's wait), which the repeated
+    close's wait then returns or raises."""
 
     def stop_background() -> None:
         if background is not None:
@@ -65,6 +69,7 @@ def release(
         signals.restore,
         release_group,
     )
+    return background is None or not background.holds_outcome
 
 
 def run_each(*steps: Callable[[], object]) -> None:

@@ -454,14 +454,15 @@ class CheckpointManager(RootUpkeep):
         :meth:`gc`; then release the root's lease, restore signal handlers and release the
         manager's process groups. Each step runs even if one before failed or was interrupted
         (a Ctrl-C); a close that did not complete (its lease is kept while the save in flight
-        runs) is finished by calling close() again; once it did, close() does nothing."""
+        runs; a save's outcome its interrupted wait missed is kept) is finished by calling
+        close() again, which raises that save's error; once it did, close() does nothing."""
         if self._released:
             return
         self._closed = True
         try:
             self.wait()
         finally:
-            closing.release(
+            self._released = closing.release(  # not when a step failed: the next close retries
                 self._background,
                 self._store,
                 self._signals,
@@ -469,7 +470,6 @@ class CheckpointManager(RootUpkeep):
                 tidying=self._tidying,
                 tidy_wait=close_wait_seconds(self.timeout),
             )
-            self._released = True  # only once every step succeeded: a failed one is retried
 
     def __enter__(self) -> CheckpointManager:
         return self

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import distckpt
-from distckpt import events
+from distckpt import events, faults
 from tests.ranks import run_ranks, values
 from tests.test_async_handoff_interrupts import (
     _in_the_background_thread,
@@ -186,3 +186,29 @@ def test_a_close_interrupted_on_one_rank_gives_its_groups_back_in_the_order_of_t
     pool before the manager's, so the next manager's ranks take the same group."""
     results = values(run_ranks(_close_interrupted_twice_on_rank_0, 2, str(tmp_path), timeout=90))
     assert results == [[5], [5]]
+
+
+def test_a_save_failing_after_a_close_was_interrupted_is_raised_by_the_repeated_close(
+    tmp_path: Path,
+) -> None:
+    """A Ctrl-C in close()'s wait while the async save runs, which then fails as the close
+    stops the thread: the interrupted close raises KeyboardInterrupt, and close() again raises
+    the save's error (the manager's docstring), which is not lost."""
+    manager = distckpt.CheckpointManager(tmp_path, timeout=TIMEOUT, async_save=True, fsync=False)
+    faults.arm("before_agreement", "raise")
+    with _held_after_writing(1) as release:
+        manager.save(1, {"w": torch.ones(4)})
+
+        def release_the_save(save: futures.Future[Any]) -> None:
+            release.set()  # it fails before or while the interrupted close stops the thread
+
+        sys.settrace(_interrupting_the_wait(release_the_save))
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                manager.close()
+        finally:
+            sys.settrace(None)
+    with pytest.raises(faults.InjectedFault):
+        manager.close()
+    manager.close()  # complete now: nothing more
+    assert manager.steps() == []
