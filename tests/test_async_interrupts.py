@@ -50,6 +50,19 @@ def _interrupting_the_wait(
     return trace
 
 
+def _interrupted_in_the_wait(
+    call: Callable[[], object], before_raising: Callable[[futures.Future[Any]], None]
+) -> None:
+    """Run ``call``, which must raise the KeyboardInterrupt :func:`_interrupting_the_wait`
+    raises as it waits for the save."""
+    sys.settrace(_interrupting_the_wait(before_raising))
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            call()
+    finally:
+        sys.settrace(None)
+
+
 @contextlib.contextmanager
 def _held_after_writing(step: int) -> Iterator[threading.Event]:
     """Hold the background thread once it wrote ``step`` until the event yielded is set."""
@@ -88,12 +101,7 @@ def test_an_interrupted_wait_leaves_the_save_in_flight_and_counted(
             else:
                 assert not save.done()
 
-        sys.settrace(_interrupting_the_wait(before_raising))
-        try:
-            with pytest.raises(KeyboardInterrupt):
-                manager.wait()
-        finally:
-            sys.settrace(None)
+        _interrupted_in_the_wait(manager.wait, before_raising)
         assert manager.save_in_flight is not save_ended
     assert manager.save(11, {"w": torch.ones(4)}) is None, "the interrupted save was uncounted"
     committed = manager.wait()
@@ -202,12 +210,7 @@ def test_a_save_failing_after_a_close_was_interrupted_is_raised_by_the_repeated_
         def release_the_save(save: futures.Future[Any]) -> None:
             release.set()  # it fails before or while the interrupted close stops the thread
 
-        sys.settrace(_interrupting_the_wait(release_the_save))
-        try:
-            with pytest.raises(KeyboardInterrupt):
-                manager.close()
-        finally:
-            sys.settrace(None)
+        _interrupted_in_the_wait(manager.close, release_the_save)
     with pytest.raises(faults.InjectedFault):
         manager.close()
     manager.close()  # complete now: nothing more
