@@ -278,16 +278,21 @@ class BackgroundSaves:
             logger.error("the checkpoint save of a manager dropped unclosed failed: %s", failure)
 
     def _finish_at_exit(self) -> None:
-        """Finish the save in flight at exit (or log its failure); nothing in a forked child,
-        whose copy of the save has no thread to finish it and would wait forever."""
+        """Finish the save in flight at exit (or log its failure, once: not one another caller
+        received or :meth:`owner_dropped` logged); nothing in a forked child, whose copy of
+        the save has no thread to finish it and would wait forever."""
         if os.getpid() != self._creator_pid:
             return
+        ended_here: list[bool] = []
         try:
-            result = self.wait()
+            # on_failure runs only for the one caller that ended the failed save: a failure
+            # another caller received (or owner_dropped logged) already is not logged again.
+            result = self.wait(on_failure=lambda: ended_here.append(True))
             if result is not None:
                 logger.info("finished the save of step %d in flight at exit", result.step)
         except Exception as exc:
-            logger.error("the checkpoint save in flight at exit failed: %s", exc)
+            if ended_here:
+                logger.error("the checkpoint save in flight at exit failed: %s", exc)
 
 
 def _run_unless_cancelled(
