@@ -42,7 +42,7 @@ import torch
 
 from distckpt import events, faults
 from distckpt.coord import Coordinator, run_now
-from distckpt.errors import InsufficientSpace, InvalidStep
+from distckpt.errors import CheckpointError, InsufficientSpace, InvalidStep
 from distckpt.formats import CheckpointFormat, ShardContext
 from distckpt.launcher import LauncherWatch
 from distckpt.manifest import FileRecord, Manifest, check_epoch_number
@@ -242,10 +242,11 @@ def discard_staging_area(area: StagingArea, *, store: RootStore) -> None:
     its save's outcome is known (committed, failed, or never made). A discard that fails (the
     filesystem turned read-only under the save) is logged as a warning naming the area, never
     raised: the save's own outcome, the one every rank gets, stays what its caller sees, and
-    the next start or ``distckpt gc`` removes what is left. A KeyboardInterrupt goes through."""
+    the next start or ``distckpt gc`` removes what is left. Any other error (a bug, such as a
+    ``TypeError``) and a KeyboardInterrupt go through."""
     try:
         store.discard_staging(area)
-    except Exception as exc:
+    except (OSError, CheckpointError) as exc:
         logger.warning(
             "could not discard the staging area %s (the next start or 'distckpt gc' removes "
             "it): %s",

@@ -18,6 +18,7 @@ import torch
 
 import distckpt
 from distckpt import events
+from distckpt.storage.posix import PosixRootStore
 from tests.filesystem_saves import TIMEOUT
 from tests.filesystems import _run, not_mountable_reason, skip_or_fail, unmount
 from tests.ranks import run_ranks, values
@@ -128,3 +129,20 @@ def test_a_filesystem_failing_under_a_save_raises_the_same_error_on_every_rank(
             assert [e.name for e in (root / ".staging").iterdir()] == []
             assert manager.save(3, {"w": torch.ones(1024)}) is not None
             assert manager.steps() == [1, 3]
+
+
+def test_a_bug_in_discarding_the_staging_area_is_raised_not_only_logged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only a failing filesystem or store (OSError, CheckpointError) is logged when the staging
+    area cannot be discarded: a programming error in a backend's discard is raised."""
+
+    def discard_with_a_bug(store: object, area: object) -> None:
+        raise TypeError("unsupported operand type(s)")
+
+    # A programming error cannot be produced by any real backend on purpose: the discard of
+    # the POSIX store is replaced by one that has such a bug.
+    monkeypatch.setattr(PosixRootStore, "discard_staging", discard_with_a_bug)
+    manager = distckpt.CheckpointManager(tmp_path, timeout=TIMEOUT, fsync=False)
+    with manager, pytest.raises(TypeError):
+        manager.save(1, {"w": torch.ones(4)}, force=True)
