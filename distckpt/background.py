@@ -19,8 +19,9 @@ import logging
 import os
 import sys
 import threading
+import weakref
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 
 from distckpt.coord import Coordinator
 from distckpt.errors import InvalidArgument
@@ -47,7 +48,8 @@ def _register_exit_hook(hook: Callable[[], None]) -> None:
     register(hook)
 
 
-#: The saves whose save in flight is finished at exit: every BackgroundSaves not closed yet.
+#: The saves whose save in flight is finished at exit: every BackgroundSaves not closed yet,
+#: but those whose manager was dropped and whose save ended (:meth:`BackgroundSaves.owner_dropped`).
 #: Strong references: a manager dropped without close() still has its save finished. No lock
 #: guards it: adding, discarding and copying a set are each atomic under the GIL, and a lock
 #: another thread held at a fork would stay held for good in the child, whose exit runs the hook.
@@ -115,8 +117,9 @@ class BackgroundSaves:
     """One worker thread and its private coordinator. Collective to create (it takes a group).
 
     Any thread may :meth:`wait`: every caller waiting while a save runs blocks until it ends
-    and gets its result or its error; the save counts as in flight until one caller has
-    returned from waiting on it (after that, :meth:`wait` returns None)."""
+    and gets its result or its error; the save counts as in flight until one caller got its
+    result or its error (after that, :meth:`wait` returns None); a caller interrupted while
+    waiting does not count."""
 
     def __init__(self, coord: Coordinator, *, nice: int = 0) -> None:
         """``nice``: how much to raise the worker thread's nice value over that of the thread
@@ -129,11 +132,14 @@ class BackgroundSaves:
             initargs=(check_background_nice(nice),),
         )
         self._inflight: Future[SaveResult] | None = None
-        # Guards _inflight between the training thread and other threads that wait.
-        self._lock = threading.Lock()
+        # Guards _inflight between the training thread and other threads that wait. Reentrant:
+        # a garbage collection while a thread holds it may run owner_dropped in that thread.
+        self._lock = threading.RLock()
         # The exit hook is inherited by a forked child, but the worker thread is not: only
         # the process that made it waits for its save (see _finish_at_exit).
         self._creator_pid = os.getpid()
+        #: Whether close() completed: the thread ended and its group was given back.
+        self.closed = False
         _open_saves.add(self)
 
     def submit(
@@ -144,9 +150,9 @@ class BackgroundSaves:
         Each save is one operation of that coordinator.
 
         The save has one owner at a time: the caller until the thread starts it, the thread
-        from then on. ``outcome.cancel()`` tells which, atomically against the thread starting
-        the save (Future's own lock): it succeeds only while the thread has not started it, and
-        a cancelled save is skipped whenever a thread reaches it. So a caller interrupted
+        from then on. :meth:`cancel` tells which, atomically against the thread starting the
+        save (Future's own lock): it succeeds only while the thread has not started it, and a
+        cancelled save is skipped whenever a thread reaches it. So a caller interrupted
         anywhere in the hand-off, before this call or inside it, cancels ``outcome`` and, when
         that succeeds, ends what the save would have ended. When the submission fails before
         the thread started the save (the thread could not be started, or takes no work at
@@ -165,10 +171,21 @@ class BackgroundSaves:
             # that fails leaves it queued, and the thread a later submission starts would run
             # it first. Cancelling makes that thread skip it; a cancel that fails means the
             # thread started it already, so it is in flight.
-            if not outcome.cancel():
+            if not self.cancel(outcome):
                 self.keep_in_flight(outcome)
             raise
         self.keep_in_flight(outcome)
+
+    def cancel(self, outcome: Future[SaveResult]) -> bool:
+        """Cancel ``outcome`` unless the thread started it (``Future.cancel``), and then it is
+        no longer in flight either, also when :meth:`submit` had made it so before an interrupt
+        landed: :meth:`wait` never waits for a save that never runs. Whether it is cancelled."""
+        with self._lock:
+            if not outcome.cancel():
+                return False
+            if self._inflight is outcome:
+                self._inflight = None
+            return True
 
     def keep_in_flight(self, outcome: Future[SaveResult]) -> None:
         """Make ``outcome``, a save the thread took (see :meth:`submit`), the one in flight:
@@ -176,20 +193,49 @@ class BackgroundSaves:
         with self._lock:
             self._inflight = outcome
 
-    def wait(self) -> SaveResult | None:
-        """The save in flight's result, or its error raised; None with none in flight."""
+    def wait(self, on_failure: Callable[[], None] | None = None) -> SaveResult | None:
+        """The save in flight's result, or its error raised; None with none in flight.
+
+        The save stops being in flight only once a caller has its outcome: its result
+        returned, or its own error raised, after which the one caller that ended it runs
+        ``on_failure`` (a failed save's schedule count is put back once). A caller interrupted
+        while it waits (a Ctrl-C), even once the save ended, leaves it in flight, so a later
+        wait returns its result or raises its error. A save cancelled before the thread took
+        it (see :meth:`cancel`) ended without running: it is forgotten and None returned."""
         with self._lock:
             inflight = self._inflight
         if inflight is None:
             return None
         try:
-            return inflight.result()
-        finally:
-            # Cleared only once it ended (not when a waiter is interrupted), so concurrent
-            # waiters all see the same outcome.
-            with self._lock:
-                if self._inflight is inflight and inflight.done():
-                    self._inflight = None
+            result = inflight.result()
+        except CancelledError:
+            if not inflight.cancelled():
+                raise  # the save's own error, not its cancellation
+            self._forget(inflight)
+            return None
+        except BaseException as exc:
+            # The save's own error (not an interrupt of this waiter): the save ended with it.
+            failed = inflight.done() and not inflight.cancelled() and inflight.exception() is exc
+            if failed and self._forget(inflight) and on_failure is not None:
+                on_failure()
+            raise
+        self._forget(inflight)
+        return result
+
+    def _forget(self, ended: Future[SaveResult]) -> bool:
+        """``ended`` is no longer in flight; whether it still was (False: another waiter, or
+        a later submission, saw to it already)."""
+        with self._lock:
+            if self._inflight is not ended:
+                return False
+            self._inflight = None
+            return True
+
+    @property
+    def holds_outcome(self) -> bool:
+        """Whether a save is in flight: running, or ended with an outcome no caller of
+        :meth:`wait` received yet (one was interrupted)."""
+        return self._inflight is not None
 
     @property
     def in_flight(self) -> bool:
@@ -198,22 +244,55 @@ class BackgroundSaves:
         return inflight is not None and not inflight.done()
 
     def close(self) -> None:
-        """Stop the thread (after the save in flight) and give its group back."""
+        """Stop the thread (after the save in flight) and give its group back; :attr:`closed`
+        once both are done. Safe to call again after an interrupt."""
         self._executor.shutdown(wait=True)
         _open_saves.discard(self)
         self.coord.close()
+        self.closed = True
+
+    def owned_by(self, owner: object) -> None:
+        """Call :meth:`owner_dropped` once ``owner`` (the manager) is garbage collected; not
+        at exit, where the exit hook finishes the save in flight first."""
+        weakref.finalize(owner, self.owner_dropped).atexit = False
+
+    def owner_dropped(self) -> None:
+        """The manager that owns these saves was collected without close(): the thread ends
+        now when idle, else once the save in flight ended, which until then is still finished
+        at exit (this stays in ``_open_saves``); that save's failure, which no one will wait
+        for, is logged. The thread's group is not given back to the pool: each rank collects
+        its manager when its own garbage collection runs, so one rank could hand that group
+        out to its next manager while another makes a new one, and their collectives would
+        never meet."""
+        with self._lock:
+            inflight = self._inflight
+        if inflight is not None and not inflight.done():
+            inflight.add_done_callback(lambda _: self.owner_dropped())
+            return
+        self._executor.shutdown(wait=False)  # a worker ends its thread on the next item
+        _open_saves.discard(self)
+        if inflight is None or inflight.cancelled():  # a cancelled save has no failure
+            return
+        failure = inflight.exception()
+        if failure is not None and self._forget(inflight):
+            logger.error("the checkpoint save of a manager dropped unclosed failed: %s", failure)
 
     def _finish_at_exit(self) -> None:
-        """Finish the save in flight at exit (or log its failure); nothing in a forked child,
-        whose copy of the save has no thread to finish it and would wait forever."""
+        """Finish the save in flight at exit (or log its failure, once: not one another caller
+        received or :meth:`owner_dropped` logged); nothing in a forked child, whose copy of
+        the save has no thread to finish it and would wait forever."""
         if os.getpid() != self._creator_pid:
             return
+        ended_here: list[bool] = []
         try:
-            result = self.wait()
+            # on_failure runs only for the one caller that ended the failed save: a failure
+            # another caller received (or owner_dropped logged) already is not logged again.
+            result = self.wait(on_failure=lambda: ended_here.append(True))
             if result is not None:
                 logger.info("finished the save of step %d in flight at exit", result.step)
         except Exception as exc:
-            logger.error("the checkpoint save in flight at exit failed: %s", exc)
+            if ended_here:
+                logger.error("the checkpoint save in flight at exit failed: %s", exc)
 
 
 def _run_unless_cancelled(

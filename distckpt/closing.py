@@ -26,26 +26,66 @@ def release(
     *,
     tidying: BackgroundTidy,
     tidy_wait: float,
-) -> None:
-    """Stop the background thread (giving its group back; its last commit may have asked for
-    a tidy), wait at most ``tidy_wait`` seconds for the removals of ``tidying`` and leave what
+) -> bool:
+    """Stop the background thread (giving its group back; its last commit may have asked for a
+    tidy), wait at most ``tidy_wait`` seconds for the removals of ``tidying`` and leave what
     still runs to its daemon thread, release the root's lease, restore the signal handlers and
-    release the coordinator's group: each even if one before failed, the first failure raised.
+    release the coordinator's group: each even if one before failed or was interrupted (a
+    Ctrl-C), the first failure raised. The coordinator's group is kept until the thread's stop
+    completed, so that every rank gives the two back to the pool in the same order. Each step
+    may run again, so a repeated close finishes what an interrupted one left. The lease is kept
+    while the async save in flight still runs (a Ctrl-C interrupted the thread's stop), so that
+    no other job takes the root under its commit: the repeated close releases it, or the end of
+    the process.
     The lease goes after the wait, not before, so that the usual removals end while this job
     still holds the root; the ones left only delete what was already in the trash or left by
-    dead writers, which is safe whoever holds the root then."""
-    try:
-        try:
-            try:
-                if background is not None:
-                    background.close()
-            finally:
-                tidying.close(tidy_wait)
+    dead writers, which is safe whoever holds the root then.
+
+    Returns whether the close is complete: not while the stopped thread holds the outcome of a
+    save that no caller received (a Ctrl-C interrupted the close's wait), which the repeated
+    close's wait then returns or raises."""
+
+    def stop_background() -> None:
+        if background is not None:
+            background.close()
+
+    def release_lease() -> None:
+        # Still in flight only when the thread's stop failed: then release() raises, and the
+        # repeated close comes back here.
+        if background is None or not background.in_flight:
             store.close()
-        finally:
-            signals.restore()  # whatever failed above
-    finally:
-        coord.close()
+
+    def release_group() -> None:
+        # Every rank gives its groups back to the pool in the same order (coord_groups): the
+        # thread's group, then this one. A rank whose thread's stop was interrupted keeps this
+        # one until the repeated close gave the thread's back.
+        if background is None or background.closed:
+            coord.close()
+
+    run_each(
+        stop_background,
+        lambda: tidying.close(tidy_wait),
+        release_lease,
+        signals.restore,
+        release_group,
+    )
+    return background is None or not background.holds_outcome
+
+
+def run_each(*steps: Callable[[], object]) -> None:
+    """Run every one of ``steps`` in order, even if one before failed or was interrupted;
+    then raise the first failure (the later ones are logged)."""
+    first: BaseException | None = None
+    for step in steps:
+        try:
+            step()
+        except BaseException as exc:  # a KeyboardInterrupt too: the next steps still run
+            if first is None:
+                first = exc
+            else:
+                logger.error("closing the checkpoint manager: another step failed too: %r", exc)
+    if first is not None:
+        raise first
 
 
 def close_keeping(close: Callable[[], None], exc: BaseException | None) -> None:

@@ -466,5 +466,5 @@ class DistckptCallback(lightning.Callback):
         if self.tracker is not None:
             self.tracker.close()  # its count stays readable after the fit
         if self.manager is not None:
-            manager, self.manager = self.manager, None
-            manager.close()
+            self.manager.close()
+            self.manager = None  # only once closed: a close a Ctrl-C interrupted can be repeated

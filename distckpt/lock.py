@@ -213,12 +213,17 @@ class WriterLock:
         only after this writer is done with its staging dir.
 
         In a forked child of the writer it does nothing: the lock file and the lock are the
-        parent's, which may still be writing the dir."""
+        parent's, which may still be writing the dir. The lock is released even when removing
+        its file fails (that error is raised)."""
         if self._owner_pid not in (0, os.getpid()):
             return
-        self.path.unlink(missing_ok=True)
-        if self._lock.is_locked:
-            self._lock.release()
+        try:
+            self.path.unlink(missing_ok=True)
+        finally:
+            # Released even when the file cannot be removed (a read-only filesystem): a lock
+            # file nobody holds is a dead writer's, which a later cleanup removes.
+            if self._lock.is_locked:
+                self._lock.release()
 
     @staticmethod
     def writer_is_alive(staging_dir: Path) -> bool:

@@ -209,6 +209,8 @@ class CheckpointManager(RootUpkeep):
         )
         self.format, self.fsync, self.read_only = format, fsync, read_only
         self._closed = False
+        #: whether close() let go of everything (False after an interrupted or failed close)
+        self._released = False
         self._background: BackgroundSaves | None = None
         self._saver: Saver | None = None  # once the root is open
         self._coord = Coordinator(group, self.timeout)
@@ -222,6 +224,7 @@ class CheckpointManager(RootUpkeep):
             if async_save:
                 # Its own group: background collectives never interleave with this thread's.
                 self._background = BackgroundSaves(self._coord, nice=background_nice)
+                self._background.owned_by(self)  # dropped unclosed, its idle thread ends
             self._saver = Saver(
                 coord=self._coord,
                 store=self._store,
@@ -286,7 +289,8 @@ class CheckpointManager(RootUpkeep):
                 metrics as floats (tensors and NumPy scalars converted), metadata as plain
                 JSON. Rank 0's values are stored.
             files: extra files stored in the checkpoint dir under the given names (content as
-                bytes or a path to copy), written by rank 0.
+                bytes or a path to copy), written by rank 0. An async save reads each path into
+                memory before it returns, so the checkpoint holds the file as it was then.
             force: save even if no schedule is due.
             overwrite: replace an already committed checkpoint of this step.
         """
@@ -448,14 +452,18 @@ class CheckpointManager(RootUpkeep):
         removals running in the background for at most ``min(timeout, 10)`` seconds
         (:func:`~distckpt.tidying.close_wait_seconds`) and leave the rest to the next start or
         :meth:`gc`; then release the root's lease, restore signal handlers and release the
-        manager's process groups. Idempotent."""
-        if self._closed:
+        manager's process groups. Each step runs even if one before failed or was interrupted
+        (a Ctrl-C); a close that did not complete (its lease is kept while the save in flight
+        runs; a save's outcome its interrupted wait missed is kept) is finished by calling
+        close() again, which raises that save's error if it failed; once complete, it does
+        nothing."""
+        if self._released:
             return
         self._closed = True
         try:
             self.wait()
         finally:
-            closing.release(
+            self._released = closing.release(  # not when a step failed: the next close retries
                 self._background,
                 self._store,
                 self._signals,

@@ -37,7 +37,13 @@ from distckpt.launcher import LauncherWatch
 from distckpt.layout import MANIFEST_NAME
 from distckpt.manifest import check_json_metadata
 from distckpt.metrics import normalize_metrics
-from distckpt.protocol import SavePlan, check_launcher, check_step_and_epoch, mib
+from distckpt.protocol import (
+    SavePlan,
+    check_launcher,
+    check_step_and_epoch,
+    discard_staging_area,
+    mib,
+)
 from distckpt.results import CheckpointLocation, SaveResult
 from distckpt.snapshot import SnapshotBuffers
 from distckpt.state import to_plain
@@ -163,7 +169,7 @@ def propose(
         root_done: Callable[[], Proposal | SaveResult] | None = None
         if coord.is_coordinator:
             prepared["metadata"] = check_json_metadata(request.metadata)
-            prepared["files"] = check_extra_files(request.files, fmt)
+            prepared["files"] = check_extra_files(request.files, fmt, read_now=snapshot is not None)
             # Only an async save copies tensors here; a sync save has nothing to overlap, so
             # it spends no thread on it. Kept in `prepared` so that a failed proposal waits
             # for it, wherever it fails (see :func:`_abandon`).
@@ -233,13 +239,14 @@ def _abandon(prepared: dict[str, Any], store: RootStore) -> None:
     """Undo what a failed proposal prepared on this rank: wait for rank 0's root work first
     (a thread still running could open a staging area after this looked, and keep it, its
     writer lock and itself alive past the failed save), then discard the staging area it
-    opened. The root work's own error, if any, is the lesser news: the proposal's is raised."""
+    opened (a discard that fails is only logged). The root work's own error, if any, is the
+    lesser news: the proposal's is raised."""
     root_done = prepared.get("root_done")
     if root_done is not None:
         with contextlib.suppress(Exception):
             root_done()
     if "area" in prepared:
-        store.discard_staging(prepared["area"])
+        discard_staging_area(prepared["area"], store=store)
 
 
 def _agree_beside_copy(
@@ -365,10 +372,13 @@ def _verdict(proposals: list[Proposal], root: CheckpointLocation, space_margin: 
 
 
 def check_extra_files(
-    files: Mapping[str, ExtraFile] | None, fmt: CheckpointFormat
+    files: Mapping[str, ExtraFile] | None, fmt: CheckpointFormat, *, read_now: bool = False
 ) -> dict[str, ExtraFile]:
     """The extra files to store, checked: plain names that clash with none of the
-    checkpoint's own files, existing sources."""
+    checkpoint's own files, existing sources. With ``read_now`` (an async save, which stores
+    them in the background after save() returned), each source given as a path is read into
+    memory here, in the caller's thread: the checkpoint holds the file as it was at save(),
+    even if it is changed or removed right after."""
     for name, content in (files or {}).items():
         if (
             not isinstance(name, str)
@@ -386,4 +396,16 @@ def check_extra_files(
             )
         if not isinstance(content, bytes) and not Path(os.fspath(content)).is_file():
             raise InvalidArgument(f"extra file {name!r}: {content!r} is not a file")
-    return dict(files or {})
+    if not read_now:
+        return dict(files or {})
+    return {name: _read_extra_file(name, content) for name, content in (files or {}).items()}
+
+
+def _read_extra_file(name: str, content: ExtraFile) -> bytes:
+    """``content``'s bytes: as given, or read from the path given."""
+    if isinstance(content, bytes):
+        return content
+    try:
+        return Path(os.fspath(content)).read_bytes()
+    except OSError as exc:
+        raise InvalidArgument(f"extra file {name!r}: {content!r} cannot be read: {exc}") from exc

@@ -42,7 +42,7 @@ import torch
 
 from distckpt import events, faults
 from distckpt.coord import Coordinator, run_now
-from distckpt.errors import InsufficientSpace, InvalidStep
+from distckpt.errors import CheckpointError, InsufficientSpace, InvalidStep
 from distckpt.formats import CheckpointFormat, ShardContext
 from distckpt.launcher import LauncherWatch
 from distckpt.manifest import FileRecord, Manifest, check_epoch_number
@@ -231,9 +231,28 @@ def release_staging(plan: SavePlan, *, store: RootStore) -> None:
     async save whose hand-off to the background thread failed before that thread took it
     (:class:`~distckpt.saving.Saver`; never both: the plan has one owner at a time, see
     :meth:`~distckpt.background.BackgroundSaves.submit`), so a failed save leaves no staging
-    area behind for the next start's cleanup."""
+    area behind for the next start's cleanup (a discard that fails is only logged: see
+    :func:`discard_staging_area`)."""
     if plan.area is not None:
-        store.discard_staging(plan.area)
+        discard_staging_area(plan.area, store=store)
+
+
+def discard_staging_area(area: StagingArea, *, store: RootStore) -> None:
+    """Rank 0: discard ``area`` (:meth:`~distckpt.storage.RootStore.discard_staging`) once
+    its save's outcome is known (committed, failed, or never made). A discard that fails (the
+    filesystem turned read-only under the save) is logged as a warning naming the area, never
+    raised: the save's own outcome, the one every rank gets, stays what its caller sees, and
+    the next start or ``distckpt gc`` removes what is left. Any other error (a bug, such as a
+    ``TypeError``) and a KeyboardInterrupt go through."""
+    try:
+        store.discard_staging(area)
+    except (OSError, CheckpointError) as exc:
+        logger.warning(
+            "could not discard the staging area %s (the next start or 'distckpt gc' removes "
+            "it): %s",
+            area.location,
+            exc,
+        )
 
 
 def _ran_out_of_space(plan: SavePlan, full: OSError, *, root: Path, rank: int) -> InsufficientSpace:

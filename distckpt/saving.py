@@ -128,7 +128,7 @@ class Saver:
         could not be started, or takes no work at interpreter exit) as a
         :class:`~distckpt.errors.CheckpointError` naming the step and the rank. A submission
         interrupted after the thread took the plan leaves it to the thread, in flight."""
-        # Who owns the plan once made: outcome.cancel() decides (see BackgroundSaves.submit).
+        # Who owns the plan once made: background.cancel() decides (see BackgroundSaves.submit).
         # Made inside the try, so that an interrupt landing at any point of the hand-off, its
         # making included, ends the plan here when the background thread never got it.
         outcome: Future[SaveResult] | None = None
@@ -149,10 +149,10 @@ class Saver:
             background.submit(lambda coord: commit(coord=coord), outcome)
         except BaseException as exc:
             # cancel() succeeds while the background thread has not started the commit (also
-            # when submit cancelled it already): the plan is still this thread's to end. When
-            # it fails, the thread runs the plan: in flight, also when the interrupt landed
-            # after the submission, before submit made it so.
-            if outcome is None or outcome.cancel():
+            # when submit cancelled it already, or had made it the one in flight): the plan is
+            # still this thread's to end. When it fails, the thread runs the plan: in flight,
+            # also when the interrupt landed after the submission, before submit made it so.
+            if outcome is None or background.cancel(outcome):
                 abandon()
             else:
                 background.keep_in_flight(outcome)
@@ -174,14 +174,12 @@ class Saver:
 
     def wait(self) -> SaveResult | None:
         """The async save in flight's result once durable, or its error (then the schedule
-        counts from what came before it); None when no save is in flight."""
+        counts from what came before it); None when no save is in flight. An interrupted wait
+        (a Ctrl-C) leaves the save in flight and counted: a later wait has its outcome."""
         if self._background is None:
             return None
-        try:
-            return self._background.wait()
-        except BaseException:
-            self._decider.in_flight_failed()
-            raise
+        # Only the save's own failure uncounts it: a Ctrl-C in the wait leaves it in flight.
+        return self._background.wait(on_failure=self._decider.in_flight_failed)
 
     @property
     def in_flight(self) -> bool:

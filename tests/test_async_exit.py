@@ -17,10 +17,10 @@ import distckpt
 from tests.s3server import S3Server
 
 #: A script that saves step 7 async and exits without wait() or close(): argv is the root, its
-#: storage options (JSON) and writer_threads.
+#: storage options (JSON), writer_threads and whether to drop the manager (collected) first.
 _EXIT_WITH_A_SAVE_IN_FLIGHT = textwrap.dedent(
     """
-    import json, sys, threading, torch, distckpt
+    import gc, json, sys, threading, torch, distckpt
     from distckpt.formats.torch_files import TorchFilesFormat
 
     root, options, writer_threads = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
@@ -42,25 +42,36 @@ _EXIT_WITH_A_SAVE_IN_FLIGHT = textwrap.dedent(
     # The exit's first moment: hooks registered this way run before every atexit hook, last
     # registered first (so before distckpt's, and concurrent.futures'); nothing public marks it.
     threading._register_atexit(exiting.set)
+    if sys.argv[4] == "dropped":
+        del mgr
+        gc.collect()
     # no wait(), no close(): the interpreter exits with the save in flight
     """
 )
 
 
-@pytest.mark.parametrize("where", ["posix", "posix, writer_threads=2", "s3"])
+@pytest.mark.parametrize("where", ["posix", "posix, writer_threads=2", "posix, dropped", "s3"])
 def test_interpreter_exit_with_a_save_in_flight_finishes_it(
     tmp_path: Path, where: str, request: pytest.FixtureRequest
 ) -> None:
     """README: at interpreter exit a save in flight is finished, also where its write or upload
     uses a thread pool (writer_threads > 1, an s3:// root), which Python shuts down at exit
-    before any atexit hook runs."""
+    before any atexit hook runs, and where the manager was dropped without close()."""
     root, options = str(tmp_path / "root"), None
     if where == "s3":
         server: S3Server = request.getfixturevalue("s3_server")
         root, options = request.getfixturevalue("s3_url"), server.storage_options()
     threads = "2" if "writer_threads=2" in where else "1"
     done = subprocess.run(
-        [sys.executable, "-c", _EXIT_WITH_A_SAVE_IN_FLIGHT, root, json.dumps(options), threads],
+        [
+            sys.executable,
+            "-c",
+            _EXIT_WITH_A_SAVE_IN_FLIGHT,
+            root,
+            json.dumps(options),
+            threads,
+            "dropped" if "dropped" in where else "kept",
+        ],
         timeout=120,
         capture_output=True,
         text=True,

@@ -7,25 +7,21 @@ from __future__ import annotations
 
 import contextlib
 import json
-import linecache
 import os
 import resource
 import subprocess
 import sys
 import tempfile
 import textwrap
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import pytest
 import torch
 
 import distckpt
-from distckpt import events
 from distckpt.layout import step_dir_name
 from distckpt.objstore import ObjectStore
 from tests.ranks import run_ranks, values
@@ -271,143 +267,6 @@ def test_an_async_save_whose_thread_cannot_start_is_not_published_later(
     _no_thread_for_the_first_async_save(s3_url, options)
     with ObjectStore(s3_url, options) as store:
         assert list(store.list(f"{step_dir_name(2)}/")) == []
-
-
-#: The name prefix of the async saves' background thread (distckpt.background); the save's
-#: proposal runs other pools' threads as well.
-BACKGROUND_THREAD_PREFIX = "distckpt-commit"
-
-
-def _in_the_background_thread() -> bool:
-    return threading.current_thread().name.startswith(BACKGROUND_THREAD_PREFIX)
-
-
-def _save_interrupted(
-    manager: distckpt.CheckpointManager,
-    step: int,
-    trace: Callable[[FrameType, str, object], Any],
-) -> None:
-    """Save ``step`` with ``trace`` as this thread's trace hook: the save must raise the
-    KeyboardInterrupt the hook raises."""
-    sys.settrace(trace)
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            manager.save(step, {"w": torch.ones(4)})
-    finally:
-        sys.settrace(None)
-
-
-def _looking_for_a_thread_to_run_it(frame: FrameType, event: str) -> bool:
-    """Inside ThreadPoolExecutor.submit, which queued the save and looks for a thread to run
-    it."""
-    return (
-        event == "call"
-        and frame.f_code.co_name == "_adjust_thread_count"
-        and frame.f_locals["self"]._thread_name_prefix == BACKGROUND_THREAD_PREFIX
-    )
-
-
-def _submitted_not_yet_in_flight(frame: FrameType, event: str) -> bool:
-    """After ThreadPoolExecutor.submit returned, before BackgroundSaves.submit made the save
-    the one in flight (its last line)."""
-    return (
-        event == "line"
-        and frame.f_code.co_name == "submit"
-        and frame.f_code.co_filename.endswith(os.path.join("distckpt", "background.py"))
-        and linecache.getline(frame.f_code.co_filename, frame.f_lineno).strip()
-        == "self.keep_in_flight(outcome)"
-    )
-
-
-@pytest.mark.parametrize(
-    "lands_at", [_looking_for_a_thread_to_run_it, _submitted_not_yet_in_flight]
-)
-def test_an_interrupt_inside_the_submission_leaves_a_save_the_thread_took_to_it(
-    tmp_path: Path, lands_at: Any
-) -> None:
-    """A Ctrl-C landing inside the submission of an async save after the background thread
-    took the save (while the executor looks for a thread to run it; once it returned, before
-    the save is in flight) neither removes the staging under the running commit nor uncounts
-    the save: the save is in flight, wait() returns it committed, and the schedule counts from
-    it."""
-    manager = distckpt.CheckpointManager(
-        tmp_path, timeout=TIMEOUT, async_save=True, every_n_steps=2, fsync=False
-    )
-    manager.save(2, {"w": torch.zeros(4)})
-    manager.wait()  # the thread is idle now: it takes the next save as soon as it is queued
-    taken = threading.Event()
-    stop_listening = events.add_listener(
-        lambda event: event.step == 4 and _in_the_background_thread() and taken.set()
-    )
-
-    def interrupt_once_taken(frame: FrameType, event: str, arg: object) -> Any:
-        # A real SIGINT cannot be landed at this point on purpose: the trace hook (this thread
-        # only) raises it there, once the background thread has begun the save.
-        if lands_at(frame, event):
-            sys.settrace(None)
-            assert taken.wait(TIMEOUT), "the background thread did not take the save"
-            raise KeyboardInterrupt
-        return interrupt_once_taken  # traces the lines of each call too
-
-    try:
-        _save_interrupted(manager, 4, interrupt_once_taken)
-    finally:
-        stop_listening()
-    committed = manager.wait()
-    assert committed is not None and (committed.step, committed.done) == (4, True)
-    assert manager.steps() == [2, 4]
-    assert not manager.should_save(5), "the save of step 4 was not counted"
-    assert os.listdir(tmp_path / ".staging") == []
-    manager.close()
-
-
-def _interrupted_on_creating_the_outcome(frame: FrameType) -> bool:
-    """The hand-off's first statement: the Future that decides who owns the save is made."""
-    caller = frame.f_back
-    return (
-        frame.f_code.co_name == "__init__"
-        and caller is not None
-        and caller.f_code.co_name == "_hand_off"
-        and caller.f_code.co_filename.endswith(os.path.join("distckpt", "saving.py"))
-    )
-
-
-def _interrupted_on_entering_the_submission(frame: FrameType) -> bool:
-    """After the renewal and the schedule's count, before any statement of the submission."""
-    return frame.f_code.co_name == "submit" and frame.f_code.co_filename.endswith(
-        os.path.join("distckpt", "background.py")
-    )
-
-
-@pytest.mark.parametrize(
-    "lands_at", [_interrupted_on_creating_the_outcome, _interrupted_on_entering_the_submission]
-)
-def test_an_interrupt_before_the_thread_took_the_save_ends_it_at_once(
-    tmp_path: Path, lands_at: Any
-) -> None:
-    """A Ctrl-C landing in the hand-off of an async save before the background thread could
-    take it (as the hand-off begins; once the save is counted, as the submission is entered)
-    ends the save there: its staging is removed, the schedule does not count it (the next step
-    retries it), and wait() has no save in flight."""
-    manager = distckpt.CheckpointManager(
-        tmp_path, timeout=TIMEOUT, async_save=True, every_n_steps=2, fsync=False
-    )
-    manager.save(2, {"w": torch.zeros(4)})
-    manager.wait()
-
-    def interrupt_there(frame: FrameType, event: str, arg: object) -> None:
-        # A real SIGINT cannot be landed at one exact line on purpose: the trace hook (this
-        # thread only) raises it there, as the signal handler would.
-        if event == "call" and lands_at(frame):
-            sys.settrace(None)
-            raise KeyboardInterrupt
-
-    _save_interrupted(manager, 4, interrupt_there)
-    assert manager.wait() is None
-    assert os.listdir(tmp_path / ".staging") == []
-    assert manager.should_save(5), "the interrupted save of step 4 was counted"
-    assert manager.steps() == [2]
-    manager.close()
 
 
 #: How many async saves fail to start their thread while another thread waits all along: each

@@ -21,6 +21,7 @@ from distckpt.lightning import DistckptCallback
 from distckpt.lightning_extras import LIGHTNING_ENTRIES
 from tests.lightning_callbacks_job import ONE_QUIET_DEVICE
 from tests.lightning_tiny import FailsInSecondEpoch, TinyModule, fit_tiny
+from tests.test_async_interrupts import _held_after_writing, _interrupted_in_the_wait
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -188,3 +189,26 @@ def test_a_run_that_changes_its_format_resumes(tmp_path: Path, first: str, then:
     manager = distckpt.CheckpointManager(str(tmp_path))
     assert [info.format for info in manager.checkpoints()] == [first, then]
     manager.close()
+
+
+def test_a_teardown_whose_close_was_interrupted_keeps_the_manager_to_close_again(
+    tmp_path: Path,
+) -> None:
+    """A Ctrl-C in the manager's close() during teardown (its wait for the async save) leaves
+    the callback's manager there, so that teardown (or the manager's close()) again finishes
+    the close and the next fit can take the root."""
+    callback = DistckptCallback(str(tmp_path), async_save=True, fsync=False)
+    trainer = lightning.Trainer(callbacks=[callback], logger=False, enable_progress_bar=False)
+    module = TinyModule()
+    callback.setup(trainer, module, "fit")
+    assert callback.manager is not None
+    with _held_after_writing(1) as release:
+        callback.manager.save(1, {"w": torch.ones(4)})
+        _interrupted_in_the_wait(
+            lambda: callback.teardown(trainer, module, "fit"), lambda save: release.set()
+        )
+    assert callback.manager is not None
+    callback.teardown(trainer, module, "fit")
+    assert callback.manager is None
+    with distckpt.CheckpointManager(tmp_path) as successor:
+        assert successor.steps() == [1]

@@ -139,8 +139,9 @@ class RootStore(abc.ABC):
 
     @abc.abstractmethod
     def discard_staging(self, area: StagingArea) -> None:
-        """Rank 0: remove a staging area that was not committed and release its claim.
-        Idempotent; a committed area's claim is just released."""
+        """Rank 0: remove a staging area that was not committed and release its claim, also
+        when the removal fails (its error raised, or logged by an object store). Idempotent; a
+        committed area's claim is just released."""
 
     def open_shard(self, location: str, rank: int) -> AbstractContextManager[Path]:
         """Every rank: the local directory its format writes this save's shard into, for as

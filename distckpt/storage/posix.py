@@ -245,10 +245,14 @@ class PosixRootStore(Removals, LinksAndRetention, ViewedStore):
 
     def discard_staging(self, area: StagingArea) -> None:
         staging = Path(area.location)
-        if staging.exists():
-            remove_tree(staging)
-        if isinstance(area.claim, WriterLock):
-            area.claim.release()
+        try:
+            if staging.exists():
+                remove_tree(staging)
+        finally:
+            # Even when the dir cannot be removed (a read-only filesystem): the writer is done
+            # with it, and a held claim would keep the next cleanup from removing it.
+            if isinstance(area.claim, WriterLock):
+                area.claim.release()
 
     def write_extra_files(
         self, area: StagingArea, files: Mapping[str, ExtraFile]

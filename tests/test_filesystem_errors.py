@@ -1,0 +1,148 @@
+"""A filesystem that fails under a save: an ext4 root mounted ``errors=remount-ro`` that the
+kernel turns read-only after a real filesystem error (``/sys/fs/ext4/<dev>/trigger_fs_error``,
+as after a disk error) while the save is made. Every rank raises the same error; the staging
+area that can no longer be removed does not replace it, its writer lock is released, and once
+the filesystem is repaired the next save works and gc removes the leftover."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+import distckpt
+from distckpt import events
+from distckpt.storage.posix import PosixRootStore
+from tests.filesystem_saves import TIMEOUT
+from tests.filesystems import _run, not_mountable_reason, skip_or_fail, unmount
+from tests.ranks import run_ranks, values
+
+IMAGE_MIB = 32
+
+
+def _mount_ext4(image: Path, target: Path, *options: str) -> str:
+    """Mount ``image`` on ``target`` through a loop device; the device's name (``loop3``)."""
+    _run("mount", "-o", ",".join(("loop", *options)), image, target)
+    source = subprocess.run(
+        ["findmnt", "-n", "-o", "SOURCE", target], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    return os.path.basename(source)
+
+
+@contextlib.contextmanager
+def _ext4_that_fails(base: Path) -> Iterator[tuple[Path, Path, Path]]:
+    """A fresh ext4 image mounted ``errors=remount-ro``: (the mount, the file whose write makes
+    the kernel fail the filesystem, the image). Skipped (in CI: failed) where it cannot be made."""
+    reason = not_mountable_reason(("mkfs.ext4",))
+    if reason is not None:
+        skip_or_fail(reason)
+    image, target = base / "ext4.img", base / "ext4"
+    target.mkdir()
+    _run("truncate", "-s", f"{IMAGE_MIB}M", image)
+    _run("mkfs.ext4", "-q", "-F", image)
+    device = _mount_ext4(image, target, "errors=remount-ro")
+    try:
+        trigger = Path("/sys/fs/ext4", device, "trigger_fs_error")
+        if not trigger.exists():
+            skip_or_fail(f"this kernel has no {trigger} to fail an ext4 filesystem with")
+        yield target, trigger, image
+    finally:
+        unmount(target)
+
+
+def _save_as_the_filesystem_fails(
+    rank: int, world_size: int, root: str, trigger: str, async_save: bool
+) -> tuple[str, str, list[bool]]:
+    """Save step 1, then step 2 with the filesystem failed by rank 1 once the save is proposed
+    (rank 0 has made the staging dir). Returns the error's type and message and, on rank 0,
+    whether each staging dir left is still locked by a live writer."""
+    manager = distckpt.CheckpointManager(root, async_save=async_save, timeout=TIMEOUT)
+    manager.save(1, {"w": torch.ones(1024)})
+    manager.wait()
+
+    def fail_the_filesystem(event: events.PhaseEvent) -> None:
+        if event.phase == "save.propose" and event.step == 2 and rank == 1:
+            Path(trigger).write_text("distckpt test: a disk error")
+
+    stop_listening = events.add_listener(fail_the_filesystem)
+    try:
+        manager.save(2, {"w": torch.ones(1024)})
+        manager.wait()
+        raised = ("nothing", "")
+    except Exception as exc:
+        raised = (type(exc).__name__, str(exc))
+    finally:
+        stop_listening()
+    staging = Path(root, ".staging")
+    locked = [_locked(entry) for entry in sorted(staging.glob("*.lock")) if rank == 0]
+    with contextlib.suppress(distckpt.CheckpointError, OSError):  # the root is read-only
+        manager.close()
+    return raised[0], raised[1], locked
+
+
+def _locked(lock_file: Path) -> bool:
+    """Whether a writer holds ``lock_file``'s flock, probed read-only (WriterLock's own probe
+    opens it for writing, which a read-only filesystem refuses)."""
+    descriptor = os.open(lock_file, os.O_RDONLY)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(descriptor)
+    return False
+
+
+@pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
+def test_a_filesystem_failing_under_a_save_raises_the_same_error_on_every_rank(
+    tmp_path: Path, async_save: bool
+) -> None:
+    with _ext4_that_fails(tmp_path) as (mount, trigger, image):
+        root = mount / "root"
+        outcomes = values(
+            run_ranks(
+                _save_as_the_filesystem_fails,
+                2,
+                os.fspath(root),
+                os.fspath(trigger),
+                async_save,
+                timeout=90,
+            )
+        )
+        (kind_0, message_0, locked), (kind_1, message_1, _) = outcomes
+        assert (kind_0, message_0) == (kind_1, message_1)
+        assert kind_0 == "RankFailure", message_0
+        assert locked == [False], "the staging left behind is still locked"
+        unmount(mount)
+        # Repaired, as after the disk error: e2fsck exits 1 when it corrected errors.
+        repair = subprocess.run(["e2fsck", "-f", "-y", image], capture_output=True, check=False)
+        assert repair.returncode in (0, 1), repair.stdout
+        _mount_ext4(image, mount)
+        with distckpt.CheckpointManager(root, timeout=TIMEOUT) as manager:
+            manager.gc()
+            assert [e.name for e in (root / ".staging").iterdir()] == []
+            assert manager.save(3, {"w": torch.ones(1024)}) is not None
+            assert manager.steps() == [1, 3]
+
+
+def test_a_bug_in_discarding_the_staging_area_is_raised_not_only_logged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only a failing filesystem or store (OSError, CheckpointError) is logged when the staging
+    area cannot be discarded: a programming error in a backend's discard is raised."""
+
+    def discard_with_a_bug(store: object, area: object) -> None:
+        raise TypeError("unsupported operand type(s)")
+
+    # A programming error cannot be produced by any real backend on purpose: the discard of
+    # the POSIX store is replaced by one that has such a bug.
+    monkeypatch.setattr(PosixRootStore, "discard_staging", discard_with_a_bug)
+    manager = distckpt.CheckpointManager(tmp_path, timeout=TIMEOUT, fsync=False)
+    with manager, pytest.raises(TypeError):
+        manager.save(1, {"w": torch.ones(4)}, force=True)
