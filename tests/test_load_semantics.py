@@ -203,7 +203,8 @@ def test_a_key_inside_an_object_with_a_state_dict_is_optional_as_the_whole_objec
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_optional_keys_as_a_plain_string_are_refused(root: Path, fmt: str) -> None:
     """A string is no collection of keys (it would be taken as its characters): refused, as
-    is a key that is no string, before anything is read."""
+    is a key that is no string, before anything is read, naming the argument given
+    (``optional_keys`` or ``optional_whole_keys``)."""
     with distckpt.CheckpointManager(root, format=fmt, fsync=False) as mgr:
         mgr.save(1, {"extras": {"kept": 5}})
         state = {"extras": {"kept": 0, "added": 1}}
@@ -211,6 +212,11 @@ def test_optional_keys_as_a_plain_string_are_refused(root: Path, fmt: str) -> No
             mgr.restore(state=state, optional_keys="extras.added")
         with pytest.raises(InvalidArgument, match="optional_keys must be strings"):
             mgr.restore(state=state, optional_keys=[1])
+        # The error names the argument that was passed.
+        with pytest.raises(InvalidArgument, match=r"^optional_whole_keys must .* 'extras'"):
+            mgr.restore(state=state, optional_whole_keys="extras")
+        with pytest.raises(InvalidArgument, match=r"^optional_whole_keys must be strings"):
+            mgr.restore(state=state, optional_whole_keys=[1])
         assert state["extras"]["kept"] == 0
     ckpt = distckpt.load_checkpoint(root, state=state, optional_keys=["extras.added"])
     assert ckpt.missing_keys == ("extras.added",) and state["extras"] == {"kept": 5, "added": 1}
