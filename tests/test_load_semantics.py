@@ -165,6 +165,31 @@ def test_a_missing_sub_dict_whose_every_leaf_is_optional_is_optional(root: Path,
             mgr.restore(state=two, optional_keys=["extras.a"])
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_nested_sub_dict_on_one_side_only_is_reported_as_its_key(root: Path, fmt: str) -> None:
+    """One level down as at the top: a whole sub-dict missing from the checkpoint (optional by
+    its key or by its every leaf, or refused) and a whole saved sub-dict the state lacks are
+    each reported as its own key in both formats, not as their leaves."""
+    with distckpt.CheckpointManager(root, format=fmt, fsync=False) as mgr:
+        mgr.save(1, {"a": {"w": torch.ones(1), "old": {"x": torch.ones(1), "y": 3}}})
+
+        def state() -> dict[str, Any]:
+            added = {"x": torch.zeros(1), "y": torch.zeros(1)}
+            return {"a": {"w": torch.zeros(1), "old": {"x": torch.zeros(1), "y": 0}, "new": added}}
+
+        for optional in (["a.new"], ["a.new.x", "a.new.y"]):
+            ckpt = mgr.restore(state=state(), optional_keys=optional)
+            assert ckpt is not None and ckpt.missing_keys == ("a.new",)
+        with pytest.raises(InvalidArgument) as refused:
+            mgr.restore(state=state())
+        assert refused.value.fields()["missing_keys"] == ("a.new",)
+        given = state()
+        del given["a"]["old"]
+        ckpt = mgr.restore(state=given, strict=False)
+        assert ckpt is not None
+        assert (ckpt.missing_keys, ckpt.unexpected_keys) == (("a.new",), ("a.old",))
+
+
 @pytest.mark.parametrize("optional", [["lst"], ["lst.1"]])
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_optional_keys_do_not_cover_a_lists_items(

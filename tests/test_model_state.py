@@ -22,16 +22,10 @@ from tests.test_dcp import fsdp, full_state, make_model, train
 TIMEOUT = 90.0
 
 #: The keys of the layer a model grows between runs (its Linear(5, 5) at index 3), under
-#: ``app.``: its parameters and their Adam state.
+#: ``app.``: its parameters and their Adam state, each parameter's state (a whole sub-dict)
+#: as its own key, as the "torch" format reports it.
 ADDED_LAYER_KEYS = {
-    f"app.{part}"
-    for name in ("3.weight", "3.bias")
-    for part in (
-        f"model.{name}",
-        f"optim.state.{name}.step",
-        f"optim.state.{name}.exp_avg",
-        f"optim.state.{name}.exp_avg_sq",
-    )
+    f"app.{part}.{name}" for name in ("3.weight", "3.bias") for part in ("model", "optim.state")
 }
 
 
@@ -130,12 +124,12 @@ def test_a_model_only_checkpoint_loads_the_model_and_keeps_the_optimizer(tmp_pat
     ):
         kind, (message, _) = out["strict"]
         assert kind == "KeyMismatch"
-        assert "app.optim.param_groups.0.lr" in message
+        assert "['app.optim']" in message  # the whole optimizer, as "torch" reports it
         assert not out["weight_after_strict"].any()
         result, (missing, unexpected) = out["lenient"]
         assert result == "ok"
         assert not unexpected
-        assert {"app.optim.param_groups.0.lr", "app.optim.state.weight.exp_avg"} <= missing
+        assert missing == {"app.optim"}
         assert not any(key.startswith("app.model") for key in missing)
         assert out["weight_loaded"]
         assert out["lr"] == 0.25

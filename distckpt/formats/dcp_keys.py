@@ -27,7 +27,7 @@ from distckpt.containers import same_kind_of_tuple
 from distckpt.formats.dcp_storage import flat_paths, flat_state, key_mismatch, shape_mismatches
 from distckpt.formats.dcp_text_keys import get_saved, holds_containers, keys_like
 from distckpt.key_prefixes import log_prefix_mapping, matching_prefixes
-from distckpt.load_report import LoadReport, list_length_key
+from distckpt.load_report import LoadReport, folded_under, list_length_key
 from distckpt.model_state_keys import SCHEDULER_GROUP_KEYS
 from distckpt.per_rank import PerRank
 from distckpt.state import set_path
@@ -182,9 +182,10 @@ def key_mismatch_as_read(
     asks for is missing when the checkpoint holds nothing under its place in this rank's
     namespace (its saved structure may differ from a fresh one's); per-rank values nobody
     asks for are not unexpected but logged by the read (:func:`per_rank_not_read`), so a
-    restore by another world size may leave them out. An optional key (``optional_keys``),
-    or a top-level key, whose leaves are all missing is reported as itself, as "torch"
-    reports a missing sub-dict (:func:`fold_missing_subtrees`)."""
+    restore by another world size may leave them out. A sub-dict (or list) of the given state
+    at any depth, or an optional key (``optional_keys``), whose leaves are all missing is
+    reported as itself, and so is a saved one whose leaves are all unexpected, as "torch"
+    reports a sub-dict on one side only (:func:`fold_whole_subtrees`)."""
     shared, marked = split_per_rank(template)
     if fix_prefixes:
         shared, _ = rename_to_saved(shared, saved_paths(metadata), "", log=False)
@@ -206,10 +207,15 @@ def key_mismatch_as_read(
         if not any(key == place or key.startswith(f"{place}.") for key in own):
             report.missing_keys.append(dotted(path))
     report.missing_keys = grown_lists(report.missing_keys, shared, metadata)
-    report.missing_keys = fold_missing_subtrees(
-        report.missing_keys, flat, {key.split(".")[0] for key in report.missing_keys}
+    asked_paths = flat_paths(shared)
+    report.missing_keys = fold_whole_subtrees(
+        report.missing_keys, flat, subtrees_of(report.missing_keys, asked_paths)
     )
-    report.missing_keys = fold_missing_subtrees(report.missing_keys, flat, optional_keys)
+    report.missing_keys = fold_whole_subtrees(report.missing_keys, flat, optional_keys)
+    held = dict(zip(metadata.state_dict_metadata, saved_paths(metadata)))
+    report.unexpected_keys = fold_whole_subtrees(
+        report.unexpected_keys, held, subtrees_of(report.unexpected_keys, held)
+    )
     report.leaves_of_missing = {
         key: leaves
         for key in report.missing_keys
@@ -270,22 +276,34 @@ def grown_lists(missing: list[str], shared: Any, metadata: Metadata) -> list[str
     return reported
 
 
-def fold_missing_subtrees(
-    missing: list[str], flat: Iterable[str], optional_keys: Collection[str]
+def subtrees_of(keys: Iterable[str], paths: Mapping[str, Path_]) -> set[str]:
+    """The flat keys of the sub-trees (dicts and lists, at every depth) holding any of
+    ``keys``, by their places in the nested state (``paths``, each flat key's): a module's
+    ``layer.weight`` is one key of its dict, never a sub-tree ``layer``."""
+    return {
+        dotted(path[:depth])
+        for key in keys
+        if (path := paths.get(key)) is not None
+        for depth in range(1, len(path))
+    }
+
+
+def fold_whole_subtrees(
+    keys: list[str], flat: Iterable[str], subtrees: Collection[str]
 ) -> list[str]:
-    """``missing`` with the leaves of each of ``optional_keys`` replaced by that key when
-    every leaf of it (among the ``flat`` keys asked for) is missing: DCP flattens the state,
-    so it finds a whole missing sub-dict as its leaves, where "torch" finds the sub-dict; one
-    with some leaves saved keeps its missing leaves listed, in both formats."""
+    """``keys`` (flat keys on one side only: missing from the checkpoint, or unexpected)
+    with the leaves of each of ``subtrees`` (sub-trees found by :func:`subtrees_of`, or
+    optional keys) replaced by that key when every leaf of it (among the ``flat`` keys of
+    that side) is in ``keys``, outermost first (:func:`~distckpt.load_report.folded_under`):
+    DCP flattens the state, so it finds a whole sub-dict on one side only as its leaves, where
+    "torch" finds the sub-dict; one with some leaves on both sides keeps the others listed,
+    in both formats."""
     asked = list(flat)
-    folded = list(missing)
-    for optional in sorted(optional_keys, key=len):
-        leaves = [key for key in asked if key == optional or key.startswith(f"{optional}.")]
-        if not leaves or not all(leaf in folded for leaf in leaves):
-            continue
-        first = folded.index(leaves[0])
-        folded = [key for key in folded if key not in leaves]
-        folded.insert(min(first, len(folded)), optional)
+    folded = list(keys)
+    for subtree in sorted(subtrees, key=len):
+        leaves = [key for key in asked if key == subtree or key.startswith(f"{subtree}.")]
+        if leaves and all(leaf in folded for leaf in leaves):
+            folded = folded_under(folded, subtree)
     return folded
 
 
