@@ -97,9 +97,7 @@ from typing import Any
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
-from torch.distributed.checkpoint.metadata import (
-    TensorStorageMetadata,
-)
+from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 
 from distckpt.errors import (
     CheckpointError,
@@ -323,6 +321,11 @@ class DcpFormat:
             ctx.rank,
             options.fix_key_prefixes,
             options.optional_keys | options.optional_whole_keys,
+            # The few saved values it needs before the collective read (a changed number of
+            # parameter groups' names), each rank alone.
+            read_saved=lambda keys: _read_alone(
+                directory, manifest, metadata, dict.fromkeys(keys), options
+            ),
         )
         return PreparedRead(
             directory, manifest, ctx, template, options, detail=metadata, mismatch=mismatch
@@ -393,6 +396,32 @@ class DcpFormat:
         return load_consolidated(directory, manifest, allow_pickle=allow_pickle)
 
 
+def _read_alone(
+    directory: Path,
+    manifest: Manifest,
+    metadata: Metadata,
+    flat: dict[str, Any],
+    options: ReadOptions,
+) -> dict[str, Any]:
+    """``flat`` (flat keys to placeholders: an empty tensor of the saved size, or None for a
+    plain value) filled with the saved values, read by this process alone (no collective,
+    even if a process group exists), through the same safe path as restore with
+    ``options``."""
+    run_dcp(
+        lambda: dcp.load(
+            flat,
+            storage_reader=Reader(directory, metadata),
+            planner=Planner(options, flatten=False),
+            no_dist=True,
+        ),
+        f"reading {directory.name}",
+        CorruptCheckpoint,
+        path=directory,
+        step=manifest.step,
+    )
+    return flat
+
+
 def load_consolidated(
     directory: Path, manifest: Manifest, *, allow_pickle: bool = False
 ) -> dict[str, Any]:
@@ -425,18 +454,7 @@ def load_consolidated(
         for key in metadata.state_dict_metadata
     }
     options = ReadOptions(map_location="cpu", allow_pickle=allow_pickle)
-    run_dcp(
-        lambda: dcp.load(
-            flat,
-            storage_reader=Reader(directory, metadata),
-            planner=Planner(options, flatten=False),
-            no_dist=True,
-        ),
-        f"reading {directory.name}",
-        CorruptCheckpoint,
-        path=directory,
-        step=manifest.step,
-    )
+    _read_alone(directory, manifest, metadata, flat, options)
     paths = metadata.planner_data if isinstance(metadata.planner_data, dict) else {}
     nested: dict[str, Any] = {}
     try:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -28,7 +28,7 @@ from distckpt.formats.dcp_storage import flat_paths, flat_state, key_mismatch, s
 from distckpt.formats.dcp_text_keys import get_saved, holds_containers, keys_like
 from distckpt.key_prefixes import log_prefix_mapping, matching_prefixes
 from distckpt.load_report import LoadReport, folded_under, list_length_key
-from distckpt.model_state_keys import SCHEDULER_GROUP_KEYS
+from distckpt.model_state_keys import SCHEDULER_GROUP_KEYS, param_group_changes
 from distckpt.per_rank import PerRank
 from distckpt.state import set_path
 
@@ -60,8 +60,9 @@ _REMOVED = object()
 _SCHEDULER_SETTING = re.compile(
     rf"(?:^|\.)param_groups\.\d+\.(?:{'|'.join(sorted(SCHEDULER_GROUP_KEYS))})$"
 )
-#: the flat key of the names of an optimizer parameter group's parameters
-_GROUP_PARAMS = re.compile(r"(?:^|\.)param_groups\.\d+\.params$")
+#: the flat key of the names of an optimizer parameter group's parameters: its list's place
+#: (``app.optim.param_groups``) and its index in it
+_GROUP_PARAMS = re.compile(r"^(?P<place>(?:.+\.)?param_groups)\.(?P<index>\d+)\.params$")
 
 
 def dotted(path: Iterable[Any]) -> str:
@@ -174,6 +175,7 @@ def key_mismatch_as_read(
     rank: int,
     fix_prefixes: bool,
     optional_keys: Collection[str] = (),
+    read_saved: Callable[[list[str]], Mapping[str, Any]] | None = None,
 ) -> LoadReport:
     """The keys on one side only, and the tensors whose saved shape differs, compared as the
     read will ask for them: per-rank values split
@@ -185,7 +187,11 @@ def key_mismatch_as_read(
     restore by another world size may leave them out. A sub-dict (or list) of the given state
     at any depth, or an optional key (``optional_keys``), whose leaves are all missing is
     reported as itself, and so is a saved one whose leaves are all unexpected, as "torch"
-    reports a sub-dict on one side only (:func:`fold_whole_subtrees`)."""
+    reports a sub-dict on one side only (:func:`fold_whole_subtrees`). Where the number of an
+    optimizer's parameter groups differs from the saved one, the saved groups' parameter
+    names are read with ``read_saved`` (their flat keys to their values) to name each group
+    (:func:`changed_param_groups`), so that a restore refuses it as "torch" does, whatever
+    ``strict`` is, before the keys of those groups and before anything is loaded."""
     shared, marked = split_per_rank(template)
     if fix_prefixes:
         shared, _ = rename_to_saved(shared, saved_paths(metadata), "", log=False)
@@ -206,6 +212,10 @@ def key_mismatch_as_read(
         place = f"{PER_RANK_KEY}.{rank}.{dotted(path)}"
         if not any(key == place or key.startswith(f"{place}.") for key in own):
             report.missing_keys.append(dotted(path))
+    saved_groups = [key for key in metadata.state_dict_metadata if _GROUP_PARAMS.match(key)]
+    given_groups = {key: value for key, value in flat.items() if _GROUP_PARAMS.match(key)}
+    if read_saved is not None and _group_counts(saved_groups) != _group_counts(given_groups):
+        report.changed_param_groups = changed_param_groups(given_groups, read_saved(saved_groups))
     report.missing_keys = grown_lists(report.missing_keys, shared, metadata)
     asked_paths = flat_paths(shared)
     report.missing_keys = fold_whole_subtrees(
@@ -248,6 +258,45 @@ def with_saved_group_settings(state: Any, metadata: Metadata) -> None:
             found, group = get_saved(state, path[:-1])
             if found and isinstance(group, dict) and path[-1] not in group:
                 group[path[-1]] = _placeholder(entry)
+
+
+def _group_counts(keys: Iterable[str]) -> dict[str, int]:
+    """The number of parameter groups under each place among the flat ``keys`` of their
+    parameter names (``app.optim.param_groups.1.params``: two at ``app.optim.param_groups``)."""
+    counts: dict[str, int] = {}
+    for key in keys:
+        if match := _GROUP_PARAMS.match(key):
+            place, index = match["place"], int(match["index"])
+            counts[place] = max(counts.get(place, 0), index + 1)
+    return counts
+
+
+def changed_param_groups(
+    given: Mapping[str, Any], saved: Mapping[str, Any]
+) -> list[tuple[str, list[str], list[str]]]:
+    """The parameter groups that cannot load
+    (:func:`~distckpt.model_state_keys.param_group_changes`) from the flat keys of the
+    ``saved`` groups' parameter names and their values into the ``given`` ones, as
+    :attr:`~distckpt.load_report.LoadReport.changed_param_groups` holds them
+    (``app.optim.param_groups.0``, saved names, given names)."""
+
+    def as_state(flat: Mapping[str, Any], place: str, count: int) -> dict[str, Any]:
+        """The groups at ``place`` in the shape of a ModelOptimizerState's state dict."""
+        groups = [{"params": flat.get(f"{place}.{index}.params")} for index in range(count)]
+        return {"optim": {"param_groups": groups}}
+
+    changes: list[tuple[str, list[str], list[str]]] = []
+    given_counts, saved_counts = _group_counts(given), _group_counts(saved)
+    for place in sorted(given_counts.keys() & saved_counts.keys()):
+        groups = (
+            as_state(given, place, given_counts[place]),
+            as_state(saved, place, saved_counts[place]),
+        )
+        changes += [
+            (f"{place}.{index}", saved_names, given_names)
+            for index, saved_names, given_names in param_group_changes(*groups)
+        ]
+    return changes
 
 
 def grown_lists(missing: list[str], shared: Any, metadata: Metadata) -> list[str]:
