@@ -1,8 +1,8 @@
 """A key under which the checkpoint holds another kind of value than the given state: a
-sub-dict given where a tensor was saved, a tensor or a plain value where a sub-dict was, at
-any depth. Nothing of one fits the other, so the key is on both sides only: ``strict=True``
-refuses it before anything is loaded, ``strict=False`` loads the rest and reports it as
-missing and unexpected, the same in both formats."""
+sub-dict given where a tensor or a list was saved, a tensor, a list or a plain value where a
+sub-dict was, at any depth. Nothing of one fits the other, so the key is on both sides only:
+``strict=True`` refuses it before anything is loaded, ``strict=False`` loads the rest and
+reports it as missing and unexpected, the same in both formats."""
 
 from __future__ import annotations
 
@@ -39,6 +39,18 @@ CASES: dict[str, tuple[dict[str, Any], Callable[[], dict[str, Any]], str, Any]] 
         "cfg",
         5,
     ),
+    "a sub-dict given, a list saved": (
+        {"extra": [torch.full((2,), 7.0)]},
+        lambda: {"extra": {"0": torch.zeros(2)}},
+        "extra",
+        {"0": torch.zeros(2)},
+    ),
+    "a list given, a sub-dict saved": (
+        {"extra": {"0": torch.full((2,), 7.0)}},
+        lambda: {"extra": [torch.zeros(2)]},
+        "extra",
+        [torch.zeros(2)],
+    ),
     "one level down": (
         {"a": {"x": torch.ones(1), "v": torch.ones(1)}},
         lambda: {"a": {"v": torch.zeros(1), "x": {"k": torch.zeros(1)}}},
@@ -61,6 +73,12 @@ def _same(value: Any, expected: Any) -> bool:
             isinstance(value, dict)
             and value.keys() == expected.keys()
             and all(_same(value[k], expected[k]) for k in expected)
+        )
+    if isinstance(expected, list):
+        return (
+            isinstance(value, list)
+            and len(value) == len(expected)
+            and all(_same(item, want) for item, want in zip(value, expected))
         )
     if isinstance(expected, torch.Tensor):
         return isinstance(value, torch.Tensor) and torch.equal(value, expected)
@@ -88,14 +106,11 @@ def test_a_key_holding_another_kind_of_value_is_on_both_sides_only(
         assert _same(_value_at(state, key), left)
 
 
-@pytest.mark.parametrize("saved", [None, [torch.ones(2)]], ids=["None", "a list"])
-def test_the_torch_format_finds_a_sub_dict_given_for_a_saved_leaf_or_list(
-    tmp_path: Path, saved: Any
-) -> None:
-    """Values "dcp" saves otherwise (None is no value DCP reads into a sub-dict's place; a
-    list's items are flat keys a dict's may share), in the "torch" format alone."""
+def test_the_torch_format_finds_a_sub_dict_given_for_a_saved_none(tmp_path: Path) -> None:
+    """None, which "dcp" saves as no value a sub-dict's place can read, in the "torch" format
+    alone: on both sides only, through ``load_checkpoint`` too."""
     with distckpt.CheckpointManager(tmp_path, format="torch", fsync=False) as mgr:
-        mgr.save(1, {"w": torch.ones(2), "extra": saved})
+        mgr.save(1, {"w": torch.ones(2), "extra": None})
         state = {"w": torch.zeros(2), "extra": {"0": torch.zeros(2)}}
         with pytest.raises(KeyMismatch) as refused:
             mgr.restore(state=state)

@@ -109,6 +109,7 @@ from distckpt.formats.base import PreparedRead, ReadOptions, ShardContext
 from distckpt.formats.dcp_errors import run_dcp
 from distckpt.formats.dcp_keys import (
     PER_RANK_KEY,
+    dict_list_swaps,
     dotted,
     key_mismatch_as_read,
     per_rank_not_read,
@@ -335,7 +336,8 @@ class DcpFormat:
         """Load into the template's tensors and DTensors with ``dcp.load`` over
         ``ctx.group`` (collective); returns the filled template, without the keys the
         checkpoint lacks (the checkpoint's keys the template lacks are not loaded: the
-        prepared ``mismatch`` reports them; per-rank values not asked for are logged)."""
+        prepared ``mismatch`` reports them, as it reports a dict given for a saved list or the
+        reverse, which is not read either; per-rank values not asked for are logged)."""
         directory, group, rank = prepared.directory, prepared.ctx.group, prepared.ctx.rank
         shared, marked = split_per_rank(prepared.template)
         state = copy_containers(shared)
@@ -345,6 +347,8 @@ class DcpFormat:
         if marked:
             state.update(per_rank_placeholders(prepared.detail, rank))
         with_saved_group_settings(state, prepared.detail)
+        for place in dict_list_swaps(state, prepared.detail):
+            remove_path(state, place)  # reported by the prepared mismatch, left as given
         planner = Planner(prepared.options)
         run_dcp(
             lambda: dcp.load(

@@ -187,7 +187,9 @@ def key_mismatch_as_read(
     restore by another world size may leave them out. A sub-dict (or list) of the given state
     at any depth, or an optional key (``optional_keys``), whose leaves are all missing is
     reported as itself, and so is a saved one whose leaves are all unexpected, as "torch"
-    reports a sub-dict on one side only (:func:`fold_whole_subtrees`). Where the number of an
+    reports a sub-dict on one side only (:func:`fold_whole_subtrees`); a dict given where a
+    list was saved, or the reverse, is on both sides only (:func:`dict_list_swaps`). Where the
+    number of an
     optimizer's parameter groups differs from the saved one, the saved groups' parameter
     names are read with ``read_saved`` (their flat keys to their values) to name each group
     (:func:`changed_param_groups`), so that a restore refuses it as "torch" does, whatever
@@ -217,6 +219,10 @@ def key_mismatch_as_read(
     if read_saved is not None and _group_counts(saved_groups) != _group_counts(given_groups):
         report.changed_param_groups = changed_param_groups(given_groups, read_saved(saved_groups))
     report.missing_keys = grown_lists(report.missing_keys, shared, metadata)
+    for place in map(dotted, dict_list_swaps(shared, metadata)):
+        # On both sides only, as "torch" reports it; the read leaves it out.
+        report.missing_keys = folded_under([*report.missing_keys, place], place)
+        report.unexpected_keys = folded_under([*report.unexpected_keys, place], place)
     asked_paths = flat_paths(shared)
     report.missing_keys = fold_whole_subtrees(
         report.missing_keys, flat, subtrees_of(report.missing_keys, asked_paths)
@@ -297,6 +303,22 @@ def changed_param_groups(
             for index, saved_names, given_names in param_group_changes(*groups)
         ]
     return changes
+
+
+def dict_list_swaps(state: Any, metadata: Metadata) -> list[Path_]:
+    """The places of ``state`` (flat, as the read asks for it) that hold a dict where the
+    checkpoint holds a list, or a list where it holds a dict, outermost first: DCP names a
+    dict's key ``"0"`` as it names a list's first item, and would load one into the other."""
+    saved = metadata.planner_data if isinstance(metadata.planner_data, dict) else {}
+    places: list[Path_] = []
+    for key, path in flat_paths(state).items():
+        saved_path = tuple(saved.get(key, path))
+        for depth, (part, saved_part) in enumerate(zip(path, saved_path)):
+            if isinstance(part, int) != isinstance(saved_part, int):
+                if path[:depth] not in places:
+                    places.append(path[:depth])
+                break
+    return places
 
 
 def grown_lists(missing: list[str], shared: Any, metadata: Metadata) -> list[str]:
