@@ -189,11 +189,10 @@ def key_mismatch_as_read(
     reported as itself, and so is a saved one whose leaves are all unexpected, as "torch"
     reports a sub-dict on one side only (:func:`fold_whole_subtrees`); a dict given where a
     list was saved, or the reverse, is on both sides only (:func:`dict_list_swaps`). Where the
-    number of an
-    optimizer's parameter groups differs from the saved one, the saved groups' parameter
-    names are read with ``read_saved`` (their flat keys to their values) to name each group
-    (:func:`changed_param_groups`), so that a restore refuses it as "torch" does, whatever
-    ``strict`` is, before the keys of those groups and before anything is loaded."""
+    number of an optimizer's parameter groups differs from the saved one, the saved groups'
+    parameter names are read with ``read_saved`` (their flat keys to their values) to name
+    each group (:func:`changed_param_groups`), so that a restore refuses it as "torch" does,
+    whatever ``strict`` is, before the keys of those groups and before anything is loaded."""
     shared, marked = split_per_rank(template)
     if fix_prefixes:
         shared, _ = rename_to_saved(shared, saved_paths(metadata), "", log=False)
@@ -306,9 +305,10 @@ def changed_param_groups(
 
 
 def dict_list_swaps(state: Any, metadata: Metadata) -> list[Path_]:
-    """The places of ``state`` (flat, as the read asks for it) that hold a dict where the
-    checkpoint holds a list, or a list where it holds a dict, outermost first: DCP names a
-    dict's key ``"0"`` as it names a list's first item, and would load one into the other."""
+    """The places of ``state`` (as the read asks for it) that hold a dict where the checkpoint
+    holds a list, or a list where it holds a dict, each the outermost place where they differ:
+    DCP names a dict's key ``"0"`` as it names a list's first item, and would load one into
+    the other."""
     saved = metadata.planner_data if isinstance(metadata.planner_data, dict) else {}
     places: list[Path_] = []
     for key, path in flat_paths(state).items():
