@@ -317,13 +317,7 @@ class DcpFormat:
                 step=manifest.step,
             )
         metadata = read_metadata(directory, manifest, allow_pickle=options.allow_pickle)
-        mismatch = key_mismatch_as_read(
-            template,
-            metadata,
-            ctx.rank,
-            options.fix_key_prefixes,
-            options.optional_keys | options.optional_whole_keys,
-        )
+        mismatch = key_mismatch_as_read(template, metadata, ctx.rank, options.fix_key_prefixes)
         return PreparedRead(
             directory, manifest, ctx, template, options, detail=metadata, mismatch=mismatch
         )

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -27,7 +27,7 @@ from distckpt.containers import same_kind_of_tuple
 from distckpt.formats.dcp_storage import flat_paths, flat_state, key_mismatch, shape_mismatches
 from distckpt.formats.dcp_text_keys import get_saved, holds_containers, keys_like
 from distckpt.key_prefixes import log_prefix_mapping, matching_prefixes
-from distckpt.load_report import LoadReport, list_length_key
+from distckpt.load_report import LoadReport, dotted_prefixes, list_length_key
 from distckpt.model_state_keys import SCHEDULER_GROUP_KEYS
 from distckpt.per_rank import PerRank
 from distckpt.state import set_path
@@ -169,11 +169,7 @@ def per_rank_not_read(
 
 
 def key_mismatch_as_read(
-    template: Any,
-    metadata: Metadata,
-    rank: int,
-    fix_prefixes: bool,
-    optional_keys: Collection[str] = (),
+    template: Any, metadata: Metadata, rank: int, fix_prefixes: bool
 ) -> LoadReport:
     """The keys on one side only, and the tensors whose saved shape differs, compared as the
     read will ask for them: per-rank values split
@@ -182,9 +178,8 @@ def key_mismatch_as_read(
     asks for is missing when the checkpoint holds nothing under its place in this rank's
     namespace (its saved structure may differ from a fresh one's); per-rank values nobody
     asks for are not unexpected but logged by the read (:func:`per_rank_not_read`), so a
-    restore by another world size may leave them out. An optional key (``optional_keys``),
-    or a top-level key, whose leaves are all missing is reported as itself, as "torch"
-    reports a missing sub-dict (:func:`fold_missing_subtrees`)."""
+    restore by another world size may leave them out. A sub-dict the checkpoint holds
+    nothing of is reported as itself, as "torch" reports it (:func:`fold_missing_places`)."""
     shared, marked = split_per_rank(template)
     if fix_prefixes:
         shared, _ = rename_to_saved(shared, saved_paths(metadata), "", log=False)
@@ -206,10 +201,9 @@ def key_mismatch_as_read(
         if not any(key == place or key.startswith(f"{place}.") for key in own):
             report.missing_keys.append(dotted(path))
     report.missing_keys = grown_lists(report.missing_keys, shared, metadata)
-    report.missing_keys = fold_missing_subtrees(
-        report.missing_keys, flat, {key.split(".")[0] for key in report.missing_keys}
+    report.missing_keys = fold_missing_places(
+        report.missing_keys, shared, metadata.state_dict_metadata
     )
-    report.missing_keys = fold_missing_subtrees(report.missing_keys, flat, optional_keys)
     report.leaves_of_missing = {
         key: leaves
         for key in report.missing_keys
@@ -270,22 +264,27 @@ def grown_lists(missing: list[str], shared: Any, metadata: Metadata) -> list[str
     return reported
 
 
-def fold_missing_subtrees(
-    missing: list[str], flat: Iterable[str], optional_keys: Collection[str]
-) -> list[str]:
-    """``missing`` with the leaves of each of ``optional_keys`` replaced by that key when
-    every leaf of it (among the ``flat`` keys asked for) is missing: DCP flattens the state,
-    so it finds a whole missing sub-dict as its leaves, where "torch" finds the sub-dict; one
-    with some leaves saved keeps its missing leaves listed, in both formats."""
-    asked = list(flat)
-    folded = list(missing)
-    for optional in sorted(optional_keys, key=len):
-        leaves = [key for key in asked if key == optional or key.startswith(f"{optional}.")]
-        if not leaves or not all(leaf in folded for leaf in leaves):
-            continue
-        first = folded.index(leaves[0])
-        folded = [key for key in folded if key not in leaves]
-        folded.insert(min(first, len(folded)), optional)
+def fold_missing_places(missing: list[str], shared: Any, saved_keys: Iterable[str]) -> list[str]:
+    """``missing`` (flat keys of ``shared``, the state as read) with each key under a dict
+    place the checkpoint holds no key of (``saved_keys``: DCP's flat keys) replaced by the
+    outermost such place, listed once where its first key was: DCP flattens the state, so it
+    finds a whole missing sub-dict as its leaves, where "torch" finds the sub-dict. Only the
+    places of dicts count, as in "torch": an item of a list is no key, and the flat keys of a
+    dict (a model's ``3.weight``) are keys of their own, not a ``3`` holding a ``weight``.
+    Keys that are no flat key of ``shared`` are kept as they are."""
+    paths = flat_paths(shared)
+    held = {prefix for key in saved_keys for prefix in dotted_prefixes(key)}
+    folded: list[str] = []
+    for key in missing:
+        path = paths.get(key, ())
+        place = key
+        for depth in range(1, len(path)):
+            _, parent = get_saved(shared, path[: depth - 1])
+            if isinstance(parent, Mapping) and dotted(path[:depth]) not in held:
+                place = dotted(path[:depth])
+                break
+        if place not in folded:
+            folded.append(place)
     return folded
 
 
