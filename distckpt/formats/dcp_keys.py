@@ -25,7 +25,12 @@ from torch.distributed.checkpoint.metadata import STORAGE_TYPES, Metadata, Tenso
 
 from distckpt.containers import same_kind_of_tuple
 from distckpt.formats.dcp_storage import flat_paths, flat_state, key_mismatch, shape_mismatches
-from distckpt.formats.dcp_text_keys import get_saved, holds_containers, keys_like
+from distckpt.formats.dcp_text_keys import (
+    flattened_whole,
+    get_saved,
+    holds_containers,
+    keys_like,
+)
 from distckpt.key_prefixes import log_prefix_mapping, matching_prefixes
 from distckpt.load_report import LoadReport, dotted_prefixes, list_length_key
 from distckpt.model_state_keys import SCHEDULER_GROUP_KEYS
@@ -200,7 +205,7 @@ def key_mismatch_as_read(
         place = f"{PER_RANK_KEY}.{rank}.{dotted(path)}"
         if not any(key == place or key.startswith(f"{place}.") for key in own):
             report.missing_keys.append(dotted(path))
-    report.missing_keys = grown_lists(report.missing_keys, shared, metadata)
+    report_list_lengths(report, lists_of_other_length(shared, metadata.state_dict_metadata))
     report.missing_keys = fold_missing_places(
         report.missing_keys, shared, metadata.state_dict_metadata
     )
@@ -238,30 +243,75 @@ def with_saved_group_settings(state: Any, metadata: Metadata) -> None:
                 group[path[-1]] = _placeholder(entry)
 
 
-def grown_lists(missing: list[str], shared: Any, metadata: Metadata) -> list[str]:
-    """``missing`` with the items of a list the checkpoint holds fewer of (but some) replaced
-    by the list, as "torch" reports it (``lst[len 2 != 1]``): a list's items are not keys
-    a newer version adds, so ``optional_keys`` covers none of them, in both formats."""
-    paths = flat_paths(shared)
-    saved = list(metadata.state_dict_metadata)
-    reported: list[str] = []
-    for key in missing:
-        path = paths.get(key, ())
-        for depth, part in enumerate(path):
-            if not isinstance(part, int):
-                continue
-            items = f"{dotted(path[:depth])}."
-            held = {
-                int(name[len(items) :].split(".")[0]) for name in saved if name.startswith(items)
-            }
-            if held and part not in held:
-                _, items_given = get_saved(shared, path[:depth])
-                given = len(items_given)
-                key = list_length_key(dotted(path[:depth]), given, max(held) + 1)
-                break
-        if key not in reported:
-            reported.append(key)
-    return reported
+def lists_of_other_length(shared: Any, saved_keys: Iterable[str]) -> list[tuple[Path_, int, int]]:
+    """Each list of ``shared`` (the state as the read asks for it) that DCP saves item by item
+    (:func:`~distckpt.formats.dcp_text_keys.flattened_whole`), or an empty one, whose saved
+    items (``saved_keys``: DCP's flat keys, ``lst.0``, ``lst.1.x``) number another count, as
+    (its place, its length, the saved length), outermost first. A list the checkpoint holds
+    no item of is none of these: its keys are missing as they are. "torch" loads none of such
+    a list, and DCP would load the items both have: :func:`with_saved_lists` keeps it apart."""
+    counts: dict[str, int] = {}
+    for key in saved_keys:
+        parts = key.split(".")
+        for depth in range(1, len(parts)):
+            if parts[depth].isdigit():
+                place = ".".join(parts[:depth])
+                counts[place] = max(counts.get(place, 0), int(parts[depth]) + 1)
+    found: list[tuple[Path_, int, int]] = []
+
+    def walk(node: Any, path: Path_) -> None:
+        if isinstance(node, Mapping):
+            for key, value in node.items():
+                walk(value, (*path, key))
+        elif isinstance(node, list) and (not node or not flattened_whole(node)):
+            saved = counts.get(dotted(path))
+            if saved is not None and saved != len(node):
+                found.append((path, len(node), saved))
+                return
+            for index, item in enumerate(node):
+                walk(item, (*path, index))
+
+    walk(shared, ())
+    return found
+
+
+def report_list_lengths(report: LoadReport, lists: list[tuple[Path_, int, int]]) -> None:
+    """Report each list of another length (:func:`lists_of_other_length`) as "torch" does, one
+    missing key ``lst[len 2 != 1]`` (:func:`~distckpt.load_report.list_length_key`) where its
+    first missing item was, in place of its items missing, unexpected or of another shape: a
+    list's items are not keys a newer version adds, so ``optional_keys`` covers none of them."""
+    for path, given, saved in lists:
+        place = dotted(path)
+
+        def under(key: str, place: str = place) -> bool:
+            return key == place or key.startswith(f"{place}.")
+
+        length_key = list_length_key(place, given, saved)
+        items = [index for index, key in enumerate(report.missing_keys) if under(key)]
+        kept = [key for key in report.missing_keys if not under(key)]
+        kept.insert(items[0] if items else len(kept), length_key)
+        report.missing_keys = kept
+        report.unexpected_keys = [key for key in report.unexpected_keys if not under(key)]
+        report.mismatched_shapes = [
+            difference for difference in report.mismatched_shapes if not under(difference[0])
+        ]
+
+
+def with_saved_lists(state: Any, lists: list[tuple[Path_, int, int]], metadata: Metadata) -> None:
+    """Put in ``state`` (a copy of the template's containers, as the read loads it), at the
+    place of each list of another length (:func:`lists_of_other_length`), a fresh list of
+    placeholders of the saved items (:func:`_placeholder`): the read loads the saved list
+    there, as "torch" gives it back, and none of it into the given list's tensors, which the
+    restore then leaves as they are (reported as ``lst[len 2 != 1]``)."""
+    paths = metadata.planner_data if isinstance(metadata.planner_data, dict) else {}
+    for path, _, _ in lists:
+        fresh: list[Any] = []
+        items = f"{dotted(path)}."
+        for key, entry in metadata.state_dict_metadata.items():
+            if key.startswith(items):
+                saved_path = tuple(paths.get(key, key.split(".")))
+                set_path(fresh, saved_path[len(path) :], _placeholder(entry))
+        set_path(state, path, fresh)
 
 
 def fold_missing_places(missing: list[str], shared: Any, saved_keys: Iterable[str]) -> list[str]:
