@@ -105,7 +105,8 @@ class ModelOptimizerState:
         return {"model": model_state, "optim": optim_state}
 
     def load_state_dict(self, state: Mapping[str, Any], strict: bool | None = None) -> None:
-        """Load ``state`` (as :meth:`state_dict` gives it) through ``set_state_dict``.
+        """Load ``state`` (as :meth:`state_dict` gives it) through ``set_state_dict``, each
+        optimizer given its own part (:func:`optimizer_parts`), the model last.
 
         ``strict`` (None: ``options.strict``, True without options) is passed to
         ``set_state_dict``. With ``strict=False`` what ``state`` lacks keeps its current

@@ -1,7 +1,8 @@
 """``restore(optional_keys=..., optional_whole_keys=...)`` where the key checks of both formats
 meet the other rules of a restore: keys inside a ``ModelOptimizerState`` (compared one by one),
-a whole sub-dict with sub-dicts of its own, and a list under an optional key. Each case runs
-in both formats and asks the same answer of both."""
+a whole sub-dict with sub-dicts of its own, and a list under an optional key; and the keys
+both formats report for a missing sub-dict and a list of another length. Each case runs in
+both formats and asks the same answer of both."""
 
 from __future__ import annotations
 
@@ -113,3 +114,19 @@ def test_a_shorter_list_is_refused_by_a_strict_restore_as_its_length(
     assert raised.value.missing_keys == ("lst[len 1 != 2]",)
     assert raised.value.unexpected_keys == ()
     assert not state["lst"][0].any() and not state["b"].any()
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_nested_sub_dict_the_checkpoint_lacks_is_reported_as_its_key(
+    tmp_path: Path, fmt: str
+) -> None:
+    """A sub-dict below the top level that the checkpoint lacks as a whole, sub-dicts and all,
+    is one missing key with strict=False in both formats (DCP finds it as its leaves)."""
+    with distckpt.CheckpointManager(tmp_path, format=fmt, timeout=30) as mgr:
+        mgr.save(1, {"a": {"b": torch.ones(1)}})
+    state = {"a": {"b": torch.zeros(1), "c": {"d": torch.zeros(1), "e": {"f": torch.zeros(1)}}}}
+    with distckpt.CheckpointManager(tmp_path, format=fmt, timeout=30) as mgr:
+        restored = mgr.restore("last", state=state, strict=False)
+    assert restored.missing_keys == ("a.c",)
+    assert restored.unexpected_keys == ()
+    assert torch.equal(state["a"]["b"], torch.ones(1))
