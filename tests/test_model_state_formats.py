@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import distckpt
-from tests.test_dcp import batch, make_model
+from tests.ranks import run_ranks, values
+from tests.test_dcp import TIMEOUT, batch, fsdp, make_model
 
 FORMATS = ("torch", "dcp")
 
@@ -138,3 +139,36 @@ def test_a_non_strict_restore_reports_a_missing_parameter_state_as_one_key(
             "last", state={"app": distckpt.ModelOptimizerState(grown, grown_optim)}, strict=False
         )
     assert restored.missing_keys == ADDED_LAYER_KEYS
+
+
+def _two_plain_sgds_on_fsdp(rank: int, world_size: int, root: str) -> bool:
+    model = fsdp(make_model(0), world_size)
+    optimizers = [
+        torch.optim.SGD(model[0].parameters(), lr=0.1),
+        torch.optim.SGD(model[2].parameters(), lr=0.05),
+    ]
+    _train(model, optimizers, range(2))
+    with distckpt.CheckpointManager(root, format="dcp", timeout=30) as mgr:
+        mgr.save(2, {"app": distckpt.ModelOptimizerState(model, optimizers)})
+    resumed = fsdp(make_model(1), world_size)
+    resumed_optimizers = [
+        torch.optim.SGD(resumed[0].parameters(), lr=0.5),
+        torch.optim.SGD(resumed[2].parameters(), lr=0.5),
+    ]
+    with distckpt.CheckpointManager(root, format="dcp", timeout=30) as mgr:
+        mgr.restore(
+            "last", state={"app": distckpt.ModelOptimizerState(resumed, resumed_optimizers)}
+        )
+    _train(model, optimizers, range(2, 4))
+    _train(resumed, resumed_optimizers, range(2, 4))
+    return all(
+        torch.equal(a.full_tensor(), b.full_tensor())
+        for a, b in zip(model.parameters(), resumed.parameters())
+    )
+
+
+def test_several_plain_sgds_of_a_sharded_model_resume_exactly(tmp_path: Path) -> None:
+    """The same on 2 real ranks with an FSDP2 model ("dcp"): the sharded run resumes exactly,
+    each optimizer's learning rate the saved one."""
+    results = run_ranks(_two_plain_sgds_on_fsdp, 2, str(tmp_path / "c"), timeout=TIMEOUT)
+    assert values(results) == [True, True]
