@@ -22,10 +22,12 @@ from tests.test_dcp import fsdp, full_state, make_model, train
 TIMEOUT = 90.0
 
 #: The keys of the layer a model grows between runs (its Linear(5, 5) at index 3), under
-#: ``app.``: its parameters and their Adam state, each parameter's state (a whole sub-dict)
-#: as its own key, as the "torch" format reports it.
+#: ``app.``, as both formats report them: the model's parameters one by one, each parameter's
+#: Adam state (a whole sub-dict the checkpoint lacks) as its own key.
 ADDED_LAYER_KEYS = {
-    f"app.{part}.{name}" for name in ("3.weight", "3.bias") for part in ("model", "optim.state")
+    f"app.{part}"
+    for name in ("3.weight", "3.bias")
+    for part in (f"model.{name}", f"optim.state.{name}")
 }
 
 

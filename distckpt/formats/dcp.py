@@ -44,7 +44,10 @@ Restoring: DCP loads *in place*, so ``restore`` needs ``state=``: the same struc
 whose tensors and DTensors (on the restoring ranks' meshes) receive the data; each rank reads
 only the chunks its shards overlap. Keys the state asks for that the checkpoint lacks are left
 out of the result and reported as missing; keys only in the checkpoint are not loaded and are
-reported as unexpected. ``strict=True`` refuses either, as for the "torch" format, before DCP's
+reported as unexpected; a list of another length than the saved one is read apart, the saved
+list into fresh tensors, so none of its items is loaded into the given ones, and is reported
+as ``lst[len 3 != 2]`` (:func:`~distckpt.formats.dcp_lists.lists_of_other_length`), as "torch"
+reports it. ``strict=True`` refuses either, as for the "torch" format, before DCP's
 collective read starts (:meth:`DcpFormat.prepare_read` compares the keys with ``.metadata``).
 Keys that differ from the checkpoint's only by wrapper prefixes (``torch.compile``'s
 ``_orig_mod.``, DDP's ``module.``) are mapped, with an INFO line, unless
@@ -122,6 +125,7 @@ from distckpt.formats.dcp_keys import (
     with_per_rank,
     with_saved_group_settings,
 )
+from distckpt.formats.dcp_lists import lists_of_other_length, with_saved_lists
 from distckpt.formats.dcp_metadata import DATA_FILE_RE, METADATA_NAME, read_metadata
 from distckpt.formats.dcp_storage import Planner, Reader, Writer
 from distckpt.formats.dcp_tensor_kinds import check_tensor_types
@@ -321,7 +325,7 @@ class DcpFormat:
             metadata,
             ctx.rank,
             options.fix_key_prefixes,
-            options.optional_keys | options.optional_whole_keys,
+            options.optional_whole_keys,
             # The few saved values it needs before the collective read (a changed number of
             # parameter groups' names), each rank alone.
             read_saved=lambda keys: _read_alone(
@@ -346,6 +350,8 @@ class DcpFormat:
             state, renames = rename_to_saved(state, saved_paths(prepared.detail), directory.name)
         if marked:
             state.update(per_rank_placeholders(prepared.detail, rank))
+        saved_keys = prepared.detail.state_dict_metadata
+        with_saved_lists(state, lists_of_other_length(state, saved_keys), prepared.detail)
         with_saved_group_settings(state, prepared.detail)
         for place in dict_list_swaps(state, prepared.detail):
             remove_path(state, place)  # reported by the prepared mismatch, left as given

@@ -20,14 +20,26 @@ import re
 from collections.abc import Callable, Collection, Iterable, Mapping
 from typing import Any
 
-import torch
-from torch.distributed.checkpoint.metadata import STORAGE_TYPES, Metadata, TensorStorageMetadata
+from torch.distributed.checkpoint.metadata import Metadata
 
 from distckpt.containers import same_kind_of_tuple
-from distckpt.formats.dcp_storage import flat_paths, flat_state, key_mismatch, shape_mismatches
-from distckpt.formats.dcp_text_keys import get_saved, holds_containers, keys_like
+from distckpt.formats.dcp_lists import lists_of_other_length, report_list_lengths
+from distckpt.formats.dcp_storage import (
+    Path_,
+    dotted,
+    flat_paths,
+    flat_state,
+    key_mismatch,
+    placeholder,
+    shape_mismatches,
+)
+from distckpt.formats.dcp_text_keys import (
+    get_saved,
+    holds_containers,
+    keys_like,
+)
 from distckpt.key_prefixes import log_prefix_mapping, matching_prefixes
-from distckpt.load_report import LoadReport, folded_under, list_length_key
+from distckpt.load_report import LoadReport, dotted_prefixes, folded_under
 from distckpt.model_state_keys import SCHEDULER_GROUP_KEYS, param_group_changes
 from distckpt.per_rank import PerRank
 from distckpt.state import set_path
@@ -52,7 +64,6 @@ logger = logging.getLogger("distckpt")
 #: the top-level key under which every rank's per-rank values are saved, by rank
 PER_RANK_KEY = "__per_rank__"
 
-Path_ = tuple[Any, ...]
 _REMOVED = object()
 
 #: the flat key of a setting an LR scheduler adds to an optimizer parameter group
@@ -63,10 +74,6 @@ _SCHEDULER_SETTING = re.compile(
 #: the flat key of the names of an optimizer parameter group's parameters: its list's place
 #: (``app.optim.param_groups``) and its index in it
 _GROUP_PARAMS = re.compile(r"^(?P<place>(?:.+\.)?param_groups)\.(?P<index>\d+)\.params$")
-
-
-def dotted(path: Iterable[Any]) -> str:
-    return ".".join(str(part) for part in path)
 
 
 def split_per_rank(state: Any) -> tuple[Any, list[tuple[Path_, Any]]]:
@@ -109,18 +116,10 @@ def per_rank_placeholders(metadata: Metadata, rank: int) -> dict[str, Any]:
     another shape now (a fresh data loader's state has no iterator position yet)."""
     prefix = f"{PER_RANK_KEY}.{rank}."
     return {
-        key: _placeholder(entry)
+        key: placeholder(entry)
         for key, entry in metadata.state_dict_metadata.items()
         if key.startswith(prefix)
     }
-
-
-def _placeholder(entry: STORAGE_TYPES) -> torch.Tensor | None:
-    """Something DCP can load a saved value into: an empty tensor of its saved size and dtype,
-    or None for a plain value (which DCP replaces with the unpickled one)."""
-    if isinstance(entry, TensorStorageMetadata):
-        return torch.empty(entry.size, dtype=entry.properties.dtype)
-    return None
 
 
 def restore_per_rank(
@@ -174,7 +173,7 @@ def key_mismatch_as_read(
     metadata: Metadata,
     rank: int,
     fix_prefixes: bool,
-    optional_keys: Collection[str] = (),
+    optional_whole_keys: Collection[str] = (),
     read_saved: Callable[[list[str]], Mapping[str, Any]] | None = None,
 ) -> LoadReport:
     """The keys on one side only, and the tensors whose saved shape differs, compared as the
@@ -184,11 +183,13 @@ def key_mismatch_as_read(
     asks for is missing when the checkpoint holds nothing under its place in this rank's
     namespace (its saved structure may differ from a fresh one's); per-rank values nobody
     asks for are not unexpected but logged by the read (:func:`per_rank_not_read`), so a
-    restore by another world size may leave them out. A sub-dict (or list) of the given state
-    at any depth, or an optional key (``optional_keys``), whose leaves are all missing is
-    reported as itself, and so is a saved one whose leaves are all unexpected, as "torch"
-    reports a sub-dict on one side only (:func:`fold_whole_subtrees`); a dict given where a
-    list was saved, or the reverse, is on both sides only (:func:`dict_list_swaps`). Where the
+    restore by another world size may leave them out. A dict's value (a sub-dict or a list) at
+    any depth, or one of ``optional_whole_keys``, that the checkpoint holds nothing under is
+    reported as itself, and so is a saved one the given state holds nothing under, as "torch"
+    reports a sub-dict on one side only (:func:`fold_whole_subtrees`); a list of another
+    length is reported as one key (:func:`~distckpt.formats.dcp_lists.report_list_lengths`);
+    a dict given where a list was saved, or the reverse, is on both sides only
+    (:func:`dict_list_swaps`). Where the
     number of an optimizer's parameter groups differs from the saved one, the saved groups'
     parameter names are read with ``read_saved`` (their flat keys to their values) to name
     each group (:func:`changed_param_groups`), so that a restore refuses it as "torch" does,
@@ -217,19 +218,19 @@ def key_mismatch_as_read(
     given_groups = {key: value for key, value in flat.items() if _GROUP_PARAMS.match(key)}
     if read_saved is not None and _group_counts(saved_groups) != _group_counts(given_groups):
         report.changed_param_groups = changed_param_groups(given_groups, read_saved(saved_groups))
-    report.missing_keys = grown_lists(report.missing_keys, shared, metadata)
+    report_list_lengths(report, lists_of_other_length(shared, metadata.state_dict_metadata))
     for place in map(dotted, dict_list_swaps(shared, metadata)):
         # On both sides only, as "torch" reports it; the read leaves it out.
         report.missing_keys = folded_under([*report.missing_keys, place], place)
         report.unexpected_keys = folded_under([*report.unexpected_keys, place], place)
     asked_paths = flat_paths(shared)
-    report.missing_keys = fold_whole_subtrees(
-        report.missing_keys, flat, subtrees_of(report.missing_keys, asked_paths)
-    )
-    report.missing_keys = fold_whole_subtrees(report.missing_keys, flat, optional_keys)
     held = dict(zip(metadata.state_dict_metadata, saved_paths(metadata)))
+    report.missing_keys = fold_whole_subtrees(
+        report.missing_keys, flat, subtrees_of(report.missing_keys, asked_paths), held
+    )
+    report.missing_keys = fold_whole_subtrees(report.missing_keys, flat, optional_whole_keys, held)
     report.unexpected_keys = fold_whole_subtrees(
-        report.unexpected_keys, held, subtrees_of(report.unexpected_keys, held)
+        report.unexpected_keys, held, subtrees_of(report.unexpected_keys, held), flat
     )
     report.leaves_of_missing = {
         key: leaves
@@ -242,8 +243,8 @@ def key_mismatch_as_read(
 def with_saved_group_settings(state: Any, metadata: Metadata) -> None:
     """Add to the optimizer parameter groups of ``state`` (a copy of the template's containers,
     as the read loads it) what the checkpoint saved and they lack, as placeholders the read
-    fills (:func:`_placeholder`: a tensor learning rate's is a tensor): each group's settings
-    an LR scheduler saved (``initial_lr``;
+    fills (:func:`~distckpt.formats.dcp_storage.placeholder`: a tensor learning rate's is a
+    tensor): each group's settings an LR scheduler saved (``initial_lr``;
     :data:`~distckpt.model_state_keys.SCHEDULER_GROUP_KEYS`), which a scheduler built after the
     restore needs and a group built before it lacks; and the ``params`` of each saved group
     beyond the given ones, so that the restore sees the saved groups' number and refuses a
@@ -258,11 +259,11 @@ def with_saved_group_settings(state: Any, metadata: Metadata) -> None:
                 # the given groups all have their params: an empty dict is one added here
                 groups.extend({} for _ in range(index + 1 - len(groups)))
                 if groups[index] == {}:
-                    groups[index]["params"] = _placeholder(entry)
+                    groups[index]["params"] = placeholder(entry)
         elif _SCHEDULER_SETTING.search(key):
             found, group = get_saved(state, path[:-1])
             if found and isinstance(group, dict) and path[-1] not in group:
-                group[path[-1]] = _placeholder(entry)
+                group[path[-1]] = placeholder(entry)
 
 
 def _group_counts(keys: Iterable[str]) -> dict[str, int]:
@@ -321,59 +322,38 @@ def dict_list_swaps(state: Any, metadata: Metadata) -> list[Path_]:
     return places
 
 
-def grown_lists(missing: list[str], shared: Any, metadata: Metadata) -> list[str]:
-    """``missing`` with the items of a list the checkpoint holds fewer of (but some) replaced
-    by the list, as "torch" reports it (``lst[len 2 != 1]``): a list's items are not keys
-    a newer version adds, so ``optional_keys`` covers none of them, in both formats."""
-    paths = flat_paths(shared)
-    saved = list(metadata.state_dict_metadata)
-    reported: list[str] = []
-    for key in missing:
-        path = paths.get(key, ())
-        for depth, part in enumerate(path):
-            if not isinstance(part, int):
-                continue
-            items = f"{dotted(path[:depth])}."
-            held = {
-                int(name[len(items) :].split(".")[0]) for name in saved if name.startswith(items)
-            }
-            if held and part not in held:
-                _, items_given = get_saved(shared, path[:depth])
-                given = len(items_given)
-                key = list_length_key(dotted(path[:depth]), given, max(held) + 1)
-                break
-        if key not in reported:
-            reported.append(key)
-    return reported
-
-
 def subtrees_of(keys: Iterable[str], paths: Mapping[str, Path_]) -> set[str]:
-    """The flat keys of the sub-trees (dicts and lists, at every depth) holding any of
-    ``keys``, by their places in the nested state (``paths``, each flat key's): a module's
+    """The flat keys of the sub-trees holding any of ``keys`` that are a dict's values (dicts
+    and lists, at every depth), by their places in the nested state (``paths``, each flat
+    key's), as "torch" names keys: an item of a list is no key of its own, and a module's
     ``layer.weight`` is one key of its dict, never a sub-tree ``layer``."""
     return {
         dotted(path[:depth])
         for key in keys
         if (path := paths.get(key)) is not None
         for depth in range(1, len(path))
+        if not isinstance(path[depth - 1], int)
     }
 
 
 def fold_whole_subtrees(
-    keys: list[str], flat: Iterable[str], subtrees: Collection[str]
+    keys: list[str], flat: Iterable[str], subtrees: Collection[str], other_side: Iterable[str]
 ) -> list[str]:
     """``keys`` (flat keys on one side only: missing from the checkpoint, or unexpected)
     with the leaves of each of ``subtrees`` (sub-trees found by :func:`subtrees_of`, or
     optional keys) replaced by that key when every leaf of it (among the ``flat`` keys of
-    that side) is in ``keys``, outermost first (:func:`~distckpt.load_report.folded_under`):
-    DCP flattens the state, so it finds a whole sub-dict on one side only as its leaves, where
-    "torch" finds the sub-dict; one with some leaves on both sides keeps the others listed,
-    in both formats."""
+    that side) is in ``keys`` and none of the ``other_side``'s flat keys is under it,
+    outermost first (:func:`~distckpt.load_report.folded_under`): DCP flattens the state, so
+    it finds a whole sub-dict on one side only as its leaves, where "torch" finds the
+    sub-dict; one whose keys partly differ keeps its keys listed, in both formats."""
     asked = list(flat)
+    # a leaf of the other side at the sub-tree's own place is another kind of value, which
+    # leaves it on this side only
+    held = {prefix for key in other_side for prefix in dotted_prefixes(key)[:-1]}
     folded = list(keys)
     for subtree in sorted(subtrees, key=len):
         leaves = [key for key in asked if key == subtree or key.startswith(f"{subtree}.")]
-        if leaves and all(leaf in folded for leaf in leaves):
+        if leaves and subtree not in held and all(leaf in folded for leaf in leaves):
             folded = folded_under(folded, subtree)
     return folded
 

@@ -22,6 +22,7 @@ from torch.distributed.checkpoint.filesystem import (
 )
 from torch.distributed.checkpoint.metadata import (
     STATE_DICT_TYPE,
+    STORAGE_TYPES,
     Metadata,
     StorageMeta,
     TensorStorageMetadata,
@@ -232,6 +233,23 @@ class Planner(DefaultLoadPlanner):
         if self._places is None:
             self._places = SavedPlaces(self.original_state_dict)
         return self._places.place(tuple(self.mappings[key]))
+
+
+#: a value's place in a nested state: its dicts' keys and its lists' indices
+Path_ = tuple[Any, ...]
+
+
+def dotted(path: Iterable[Any]) -> str:
+    """The flat key DCP gives the value at ``path`` (``("a", 0, "x")``: ``a.0.x``)."""
+    return ".".join(str(part) for part in path)
+
+
+def placeholder(entry: STORAGE_TYPES) -> torch.Tensor | None:
+    """Something DCP can load a saved value into: an empty tensor of its saved size and dtype,
+    or None for a plain value (which DCP replaces with the unpickled one)."""
+    if isinstance(entry, TensorStorageMetadata):
+        return torch.empty(entry.size, dtype=entry.properties.dtype)
+    return None
 
 
 def flat_state(state: STATE_DICT_TYPE) -> dict[str, Any]:
