@@ -350,8 +350,7 @@ class DcpFormat:
             state, renames = rename_to_saved(state, saved_paths(prepared.detail), directory.name)
         if marked:
             state.update(per_rank_placeholders(prepared.detail, rank))
-        saved_keys = prepared.detail.state_dict_metadata
-        with_saved_lists(state, lists_of_other_length(state, saved_keys), prepared.detail)
+        with_saved_lists(state, lists_of_other_length(state, prepared.detail), prepared.detail)
         with_saved_group_settings(state, prepared.detail)
         for place in dict_list_swaps(state, prepared.detail):
             remove_path(state, place)  # reported by the prepared mismatch, left as given

@@ -31,6 +31,7 @@ from distckpt.formats.dcp_storage import (
     flat_state,
     key_mismatch,
     placeholder,
+    saved_paths,
     shape_mismatches,
 )
 from distckpt.formats.dcp_text_keys import (
@@ -218,7 +219,7 @@ def key_mismatch_as_read(
     given_groups = {key: value for key, value in flat.items() if _GROUP_PARAMS.match(key)}
     if read_saved is not None and _group_counts(saved_groups) != _group_counts(given_groups):
         report.changed_param_groups = changed_param_groups(given_groups, read_saved(saved_groups))
-    report_list_lengths(report, lists_of_other_length(shared, metadata.state_dict_metadata))
+    report_list_lengths(report, lists_of_other_length(shared, metadata), read_saved)
     for place in map(dotted, dict_list_swaps(shared, metadata)):
         # On both sides only, as "torch" reports it; the read leaves it out.
         report.missing_keys = folded_under([*report.missing_keys, place], place)
@@ -360,12 +361,6 @@ def fold_whole_subtrees(
 
 # ---------------------------------------------------------------------------------------------
 # Wrapper prefixes
-
-
-def saved_paths(metadata: Metadata) -> list[Path_]:
-    """Every key the checkpoint holds, as its place in the nested state."""
-    paths = metadata.planner_data if isinstance(metadata.planner_data, dict) else {}
-    return [tuple(paths.get(key, (key,))) for key in metadata.state_dict_metadata]
 
 
 def _children_index(saved_paths: Iterable[Path_]) -> dict[Path_, set[Any]]:

@@ -10,58 +10,89 @@ the read loads the saved list apart (:func:`with_saved_lists`).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from torch.distributed.checkpoint.metadata import Metadata
 
-from distckpt.formats.dcp_storage import Path_, dotted, placeholder
-from distckpt.formats.dcp_text_keys import flattened_whole
+from distckpt.formats.dcp_storage import Path_, dotted, flat_state, placeholder, saved_paths
+from distckpt.formats.dcp_text_keys import flattened_whole, get_saved, keys_like
 from distckpt.load_report import LoadReport, list_length_key
 from distckpt.state import set_path
 
 __all__ = ["lists_of_other_length", "report_list_lengths", "with_saved_lists"]
 
+#: a list of another length: its place in the given state, its length, and the saved length
+#: (None when the checkpoint holds the list as one value, whose length only reading it tells)
+OtherLength = tuple[Path_, int, int | None]
 
-def lists_of_other_length(shared: Any, saved_keys: Iterable[str]) -> list[tuple[Path_, int, int]]:
+
+def lists_of_other_length(shared: Any, metadata: Metadata) -> list[OtherLength]:
     """Each list of ``shared`` (the state as the read asks for it) that DCP saves item by item
-    (:func:`~distckpt.formats.dcp_text_keys.flattened_whole`), or an empty one, whose saved
-    items (``saved_keys``: DCP's flat keys, ``lst.0``, ``lst.1.x``) number another count, as
-    (its place, its length, the saved length), outermost first. A list the checkpoint holds
-    no item of is none of these: its keys are missing as they are. "torch" loads none of such
-    a list, and DCP would load the items both have: :func:`with_saved_lists` keeps it apart."""
-    counts: dict[str, int] = {}
-    for key in saved_keys:
-        parts = key.split(".")
-        for depth in range(1, len(parts)):
-            if parts[depth].isdigit():
-                place = ".".join(parts[:depth])
-                counts[place] = max(counts.get(place, 0), int(parts[depth]) + 1)
-    found: list[tuple[Path_, int, int]] = []
+    (:func:`~distckpt.formats.dcp_text_keys.flattened_whole`), or an empty one, saved with
+    another length (:data:`OtherLength`), outermost first. The saved items are found by their
+    places (``metadata.planner_data``: list indices are ints there), so a dict key that reads
+    like an item (``"hist.5"`` beside a list ``hist``) is none. DCP writes no key for an empty
+    dict (nor for a dict whose values are all per-rank, moved elsewhere), so the saved length
+    counts up to the last item holding a key: the lengths differ when the saved places hold an
+    item at or after the given length, or when the given list has an item at or after that
+    count that DCP would give a key. A single value saved at the place of a list the state
+    gives item by item is the list (DCP saves an empty list, or one of plain values, whole).
+    A list the checkpoint holds nothing of is none of these: its keys are missing as they are.
+    "torch" loads none of such a list, and DCP would load the items both have:
+    :func:`with_saved_lists` keeps it apart."""
+    places = saved_paths(metadata)
+    whole = set(places)
+    counts: dict[Path_, int] = {}
+    for place in places:
+        for depth, part in enumerate(place):
+            if depth and isinstance(part, int):
+                counts[place[:depth]] = max(counts.get(place[:depth], 0), part + 1)
+    found: list[OtherLength] = []
 
-    def walk(node: Any, path: Path_) -> None:
+    def walk(node: Any, path: Path_, saved_path: Path_) -> None:
         if isinstance(node, Mapping):
             for key, value in node.items():
-                walk(value, (*path, key))
+                # DCP records a dict's keys as their text
+                walk(value, (*path, key), (*saved_path, str(key)))
         elif isinstance(node, list) and (not node or not flattened_whole(node)):
-            saved = counts.get(dotted(path))
-            if saved is not None and saved != len(node):
+            if node and saved_path in whole:
+                found.append((path, len(node), None))
+                return
+            saved = counts.get(saved_path)
+            if saved is not None and (
+                saved > len(node) or any(flat_state({"item": item}) for item in node[saved:])
+            ):
                 found.append((path, len(node), saved))
                 return
             for index, item in enumerate(node):
-                walk(item, (*path, index))
+                walk(item, (*path, index), (*saved_path, index))
 
-    walk(shared, ())
+    walk(shared, (), ())
     return found
 
 
-def report_list_lengths(report: LoadReport, lists: list[tuple[Path_, int, int]]) -> None:
+def report_list_lengths(
+    report: LoadReport,
+    lists: list[OtherLength],
+    read_saved: Callable[[list[str]], Mapping[str, Any]] | None,
+) -> None:
     """Report each list of another length (:func:`lists_of_other_length`) as "torch" does, one
     missing key ``lst[len 2 != 1]`` (:func:`~distckpt.load_report.list_length_key`) where its
     first missing item was, in place of its items missing, unexpected or of another shape: a
-    list's items are not keys a newer version adds, so ``optional_keys`` covers none of them."""
+    list's items are not keys a newer version adds, so ``optional_keys`` covers none of them.
+    The length of a list saved as one value is read with ``read_saved`` (flat keys to saved
+    values); one of the given length (plain values given as tensors or containers), or one
+    not read (no ``read_saved``), keeps its keys reported as they are."""
+    whole = [dotted(path) for path, _, saved in lists if saved is None]
+    values = read_saved(whole) if whole and read_saved is not None else {}
     for path, given, saved in lists:
         place = dotted(path)
+        if saved is None:
+            value = values.get(place)
+            if not isinstance(value, list) or len(value) == given:
+                continue
+            saved = len(value)
 
         def under(key: str, place: str = place) -> bool:
             return key == place or key.startswith(f"{place}.")
@@ -77,19 +108,24 @@ def report_list_lengths(report: LoadReport, lists: list[tuple[Path_, int, int]])
         ]
 
 
-def with_saved_lists(state: Any, lists: list[tuple[Path_, int, int]], metadata: Metadata) -> None:
+def with_saved_lists(state: Any, lists: list[OtherLength], metadata: Metadata) -> None:
     """Put in ``state`` (a copy of the template's containers, as the read loads it), at the
     place of each list of another length (:func:`lists_of_other_length`), a fresh list of
-    placeholders of the saved items (:func:`~distckpt.formats.dcp_storage.placeholder`): the
-    read loads the saved list there, as "torch" gives it back, and none of it into the given
-    list's tensors, which the restore then leaves as they are (reported as
+    placeholders of the saved items (:func:`~distckpt.formats.dcp_storage.placeholder`), its
+    dicts' keys those of the given list's items where their text matches
+    (:func:`~distckpt.formats.dcp_text_keys.keys_like`), or a placeholder of the list saved as
+    one value: the read loads the saved list there, as "torch" gives it back, and none of it
+    into the given list's tensors, which the restore then leaves as they are (reported as
     ``lst[len 2 != 1]``)."""
-    paths = metadata.planner_data if isinstance(metadata.planner_data, dict) else {}
-    for path, _, _ in lists:
-        fresh: list[Any] = []
-        items = f"{dotted(path)}."
-        for key, entry in metadata.state_dict_metadata.items():
-            if key.startswith(items):
-                saved_path = tuple(paths.get(key, key.split(".")))
-                set_path(fresh, saved_path[len(path) :], placeholder(entry))
-        set_path(state, path, fresh)
+    entries = list(metadata.state_dict_metadata.values())
+    places = saved_paths(metadata)
+    for path, _, saved in lists:
+        _, given = get_saved(state, path)
+        saved_path = tuple(part if isinstance(part, int) else str(part) for part in path)
+        fresh: Any = []
+        for place, entry in zip(places, entries):
+            if place == saved_path and saved is None:
+                fresh = placeholder(entry)
+            elif place[: len(path)] == saved_path and len(place) > len(path):
+                set_path(fresh, place[len(path) :], placeholder(entry))
+        set_path(state, path, keys_like(given, fresh))

@@ -252,6 +252,13 @@ def placeholder(entry: STORAGE_TYPES) -> torch.Tensor | None:
     return None
 
 
+def saved_paths(metadata: Metadata) -> list[Path_]:
+    """Every key the checkpoint holds, as its place in the nested state (in the order of
+    ``metadata.state_dict_metadata``)."""
+    paths = metadata.planner_data if isinstance(metadata.planner_data, dict) else {}
+    return [tuple(paths.get(key, (key,))) for key in metadata.state_dict_metadata]
+
+
 def flat_state(state: STATE_DICT_TYPE) -> dict[str, Any]:
     """The values of a nested ``state`` under the keys DCP gives them (``model.layer.weight``,
     ``a.0``)."""
