@@ -1,6 +1,7 @@
 """A ``ModelOptimizerState`` gives the same answer in both formats: several optimizers whose
-state stays empty round-trip and resume exactly, and keys missing inside one are reported
-alike. Each case runs in both formats and asks the same answer of both."""
+state stays empty round-trip and resume exactly, optimizers of several parameter groups each
+get back their own groups and state, and keys missing inside one are reported alike. Each
+case runs in both formats and asks the same answer of both."""
 
 from __future__ import annotations
 
@@ -172,3 +173,49 @@ def test_several_plain_sgds_of_a_sharded_model_resume_exactly(tmp_path: Path) ->
     each optimizer's learning rate the saved one."""
     results = run_ranks(_two_plain_sgds_on_fsdp, 2, str(tmp_path / "c"), timeout=TIMEOUT)
     assert values(results) == [True, True]
+
+
+def _grouped_optimizers(seed: int) -> tuple[torch.nn.Sequential, list[torch.optim.Optimizer]]:
+    """The model of ``make_model(seed)`` with two optimizers of two parameter groups each, over
+    interleaved layers: Adam over the first layer's weight and the last's bias (its second
+    group at another learning rate), SGD with momentum over the rest."""
+    model = make_model(seed)
+    first, last = model[0], model[2]
+    return model, [
+        torch.optim.Adam(
+            [{"params": [first.weight]}, {"params": [last.bias], "lr": 0.01}], lr=0.05
+        ),
+        torch.optim.SGD(
+            [{"params": [last.weight]}, {"params": [first.bias], "lr": 0.5}],
+            lr=0.1,
+            momentum=0.9,
+        ),
+    ]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_optimizers_of_several_groups_each_get_their_own_groups_and_state(
+    tmp_path: Path, fmt: str
+) -> None:
+    """Each optimizer is given its own slice of the saved groups (they start where the groups
+    of the optimizers before it end) and its own parameters' state: after a restore, every
+    optimizer's groups (learning rates included) and state equal the saved ones."""
+    model, optimizers = _grouped_optimizers(0)
+    _train(model, optimizers, range(2))
+    with distckpt.CheckpointManager(tmp_path, format=fmt, timeout=30) as mgr:
+        mgr.save(2, {"app": distckpt.ModelOptimizerState(model, optimizers)})
+    resumed, resumed_optimizers = _grouped_optimizers(1)
+    with distckpt.CheckpointManager(tmp_path, format=fmt, timeout=30) as mgr:
+        mgr.restore(
+            "last", state={"app": distckpt.ModelOptimizerState(resumed, resumed_optimizers)}
+        )
+    for saved, loaded in zip(optimizers, resumed_optimizers):
+        saved_state, loaded_state = saved.state_dict(), loaded.state_dict()
+        assert loaded_state["param_groups"] == saved_state["param_groups"]
+        assert loaded_state["state"].keys() == saved_state["state"].keys()
+        assert all(
+            torch.equal(value, loaded_state["state"][index][name])
+            for index, entry in saved_state["state"].items()
+            for name, value in entry.items()
+        )
+    assert [group["lr"] for group in resumed_optimizers[1].param_groups] == [0.1, 0.5]
