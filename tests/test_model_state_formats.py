@@ -142,6 +142,50 @@ def test_a_non_strict_restore_reports_a_missing_parameter_state_as_one_key(
     assert restored.missing_keys == ADDED_LAYER_KEYS
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_optional_whole_keys_inside_a_model_optimizer_state_excuse_an_added_layer(
+    tmp_path: Path, fmt: str
+) -> None:
+    """``optional_whole_keys`` naming the added layer inside a ModelOptimizerState (the
+    model's ``3``, each parameter's optimizer state) let a strict restore through, each
+    reported as the key it names, in both formats."""
+    grown, grown_optim = _save_and_grow(tmp_path, fmt)
+    whole = ["app.model.3", "app.optim.state.3.weight", "app.optim.state.3.bias"]
+    with distckpt.CheckpointManager(tmp_path, format=fmt, timeout=30) as mgr:
+        restored = mgr.restore(
+            "last",
+            state={"app": distckpt.ModelOptimizerState(grown, grown_optim)},
+            optional_whole_keys=whole,
+        )
+    assert restored.missing_keys == tuple(whole)
+    assert restored.unexpected_keys == ()
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_removed_layer_is_reported_unexpected_alike_in_both_formats(
+    tmp_path: Path, fmt: str
+) -> None:
+    """A layer removed between runs: its parameters one by one and each parameter's
+    optimizer state as one key (not its values), in the saved order, in both formats."""
+    model = make_model(0)
+    model.append(torch.nn.Linear(5, 5))
+    optim = torch.optim.Adam(model.parameters(), lr=0.01)
+    _train(model, [optim], range(1))
+    with distckpt.CheckpointManager(tmp_path, format=fmt, timeout=30) as mgr:
+        mgr.save(1, {"app": distckpt.ModelOptimizerState(model, optim)})
+    shrunk = make_model(1)
+    with distckpt.CheckpointManager(tmp_path, format=fmt, timeout=30) as mgr:
+        restored = mgr.restore(
+            "last",
+            state={
+                "app": distckpt.ModelOptimizerState(shrunk, torch.optim.Adam(shrunk.parameters()))
+            },
+            strict=False,
+        )
+    assert restored.missing_keys == ()
+    assert restored.unexpected_keys == ADDED_LAYER_KEYS
+
+
 def _two_plain_sgds_on_fsdp(rank: int, world_size: int, root: str) -> bool:
     model = fsdp(make_model(0), world_size)
     optimizers = [

@@ -282,13 +282,14 @@ def flat_keys(state: STATE_DICT_TYPE) -> list[str]:
 
 def key_mismatch(asked: Iterable[str], metadata: Metadata) -> LoadReport:
     """The flat keys of a load on one side only: those ``asked`` for that the checkpoint lacks,
-    and the checkpoint's that nothing asks for."""
+    and the checkpoint's that nothing asks for, in the order the checkpoint lists them (a
+    state's own order, as "torch" reports them, when one process saved it)."""
     asked = list(asked)
     saved = metadata.state_dict_metadata
     wanted = set(asked)
     return LoadReport(
         missing_keys=[key for key in asked if key not in saved],
-        unexpected_keys=sorted(key for key in saved if key not in wanted),
+        unexpected_keys=[key for key in saved if key not in wanted],
     )
 
 
