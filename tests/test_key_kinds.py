@@ -1,8 +1,10 @@
 """A key under which the checkpoint holds another kind of value than the given state: a
-sub-dict given where a tensor or a list was saved, a tensor, a list or a plain value where a
-sub-dict was, at any depth. Nothing of one fits the other, so the key is on both sides only:
+sub-dict (an empty one too) or a list given where a tensor was saved, a sub-dict where a list
+was, a tensor, a list or a plain value where a sub-dict was, at any depth. Nothing of one fits
+the other, so the key is on both sides only:
 ``strict=True`` refuses it before anything is loaded, ``strict=False`` loads the rest and
-reports it as missing and unexpected, the same in both formats."""
+reports it as missing and unexpected, the same in both formats. A plain value given where a
+tensor was saved takes the saved tensor, in both formats."""
 
 from __future__ import annotations
 
@@ -47,6 +49,18 @@ CASES: dict[str, tuple[dict[str, Any], Callable[[], dict[str, Any]], str, Any]] 
     ),
     "a list given, a sub-dict saved": (
         {"extra": {"0": torch.full((2,), 7.0)}},
+        lambda: {"extra": [torch.zeros(2)]},
+        "extra",
+        [torch.zeros(2)],
+    ),
+    "an empty sub-dict given, a tensor saved": (
+        {"extra": torch.full((2,), 7.0)},
+        lambda: {"extra": {}},
+        "extra",
+        {},
+    ),
+    "a list given, a tensor saved": (
+        {"extra": torch.full((2,), 7.0)},
         lambda: {"extra": [torch.zeros(2)]},
         "extra",
         [torch.zeros(2)],
@@ -121,3 +135,22 @@ def test_the_torch_format_finds_a_sub_dict_given_for_a_saved_none(tmp_path: Path
     ckpt = distckpt.load_checkpoint(tmp_path, state=state, strict=False)
     assert (ckpt.missing_keys, ckpt.unexpected_keys) == (("extra",), ("extra",))
     assert torch.equal(state["extra"]["0"], torch.zeros(2))
+
+
+@pytest.mark.parametrize("given", [None, 3], ids=["none", "int"])
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_plain_value_given_for_a_saved_tensor_takes_the_tensor(
+    tmp_path: Path, fmt: str, given: Any
+) -> None:
+    """A plain value (None, an int) where the checkpoint holds a tensor is replaced by the saved
+    tensor, as any plain value inside a given dict is, with nothing reported, whatever
+    ``strict`` is: no restore calls the healthy checkpoint damaged."""
+    with distckpt.CheckpointManager(tmp_path, format=fmt, fsync=False) as mgr:
+        mgr.save(1, {"w": torch.ones(2), "x": torch.full((1,), 7.0)})
+        for strict in (True, False):
+            state = {"w": torch.zeros(2), "x": given}
+            ckpt = mgr.restore(state=state, strict=strict)
+            assert ckpt is not None
+            assert (ckpt.missing_keys, ckpt.unexpected_keys) == ((), ())
+            assert torch.equal(state["x"], torch.full((1,), 7.0))
+            assert torch.equal(state["w"], torch.ones(2))

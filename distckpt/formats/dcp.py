@@ -114,6 +114,7 @@ from distckpt.formats.dcp_keys import (
     PER_RANK_KEY,
     dict_list_swaps,
     dotted,
+    given_for_saved_tensors,
     key_mismatch_as_read,
     per_rank_not_read,
     per_rank_placeholders,
@@ -127,7 +128,7 @@ from distckpt.formats.dcp_keys import (
 )
 from distckpt.formats.dcp_lists import lists_of_other_length, with_saved_lists
 from distckpt.formats.dcp_metadata import DATA_FILE_RE, METADATA_NAME, read_metadata
-from distckpt.formats.dcp_storage import Planner, Reader, Writer
+from distckpt.formats.dcp_storage import Planner, Reader, Writer, placeholder
 from distckpt.formats.dcp_tensor_kinds import check_tensor_types
 from distckpt.formats.dcp_text_keys import check_restorable_keys, holds_containers
 from distckpt.manifest import FileRecord, Manifest
@@ -352,8 +353,12 @@ class DcpFormat:
             state.update(per_rank_placeholders(prepared.detail, rank))
         with_saved_lists(state, lists_of_other_length(state, prepared.detail), prepared.detail)
         with_saved_group_settings(state, prepared.detail)
-        for place in dict_list_swaps(state, prepared.detail):
+        containers, plain = given_for_saved_tensors(state, prepared.detail)
+        for place in [*dict_list_swaps(state, prepared.detail), *containers]:
             remove_path(state, place)  # reported by the prepared mismatch, left as given
+        for place in plain:
+            # a plain value takes the saved tensor, as a "torch" restore replaces it
+            set_path(state, place, placeholder(prepared.detail.state_dict_metadata[dotted(place)]))
         planner = Planner(prepared.options)
         run_dcp(
             lambda: dcp.load(

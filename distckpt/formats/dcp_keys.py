@@ -20,7 +20,8 @@ import re
 from collections.abc import Callable, Collection, Iterable, Mapping
 from typing import Any
 
-from torch.distributed.checkpoint.metadata import Metadata
+import torch
+from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 
 from distckpt.containers import same_kind_of_tuple
 from distckpt.formats.dcp_lists import lists_of_other_length, report_list_lengths
@@ -54,6 +55,7 @@ __all__ = [
     "split_per_rank_keys",
     "per_rank_not_read",
     "key_mismatch_as_read",
+    "given_for_saved_tensors",
     "saved_paths",
     "dotted",
     "rename_to_saved",
@@ -220,7 +222,8 @@ def key_mismatch_as_read(
     if read_saved is not None and _group_counts(saved_groups) != _group_counts(given_groups):
         report.changed_param_groups = changed_param_groups(given_groups, read_saved(saved_groups))
     report_list_lengths(report, lists_of_other_length(shared, metadata), read_saved)
-    for place in map(dotted, dict_list_swaps(shared, metadata)):
+    containers, _ = given_for_saved_tensors(shared, metadata)
+    for place in map(dotted, [*dict_list_swaps(shared, metadata), *containers]):
         # On both sides only, as "torch" reports it; the read leaves it out.
         report.missing_keys = folded_under([*report.missing_keys, place], place)
         report.unexpected_keys = folded_under([*report.unexpected_keys, place], place)
@@ -304,6 +307,37 @@ def changed_param_groups(
             for index, saved_names, given_names in param_group_changes(*groups)
         ]
     return changes
+
+
+def given_for_saved_tensors(state: Any, metadata: Metadata) -> tuple[list[Path_], list[Path_]]:
+    """The places of ``state`` (as the read asks for it) where the checkpoint holds a tensor
+    and ``state`` another kind of value, as (those holding a dict or a list, those holding a
+    plain value such as None): DCP would refuse the read as if the checkpoint were damaged.
+    "torch" reports a container there on both sides only and leaves it as given, and
+    replaces a plain value with the saved tensor."""
+    saved = {
+        tuple(part if isinstance(part, int) else str(part) for part in path)
+        for path, entry in zip(saved_paths(metadata), metadata.state_dict_metadata.values())
+        if isinstance(entry, TensorStorageMetadata)
+    }
+    containers: list[Path_] = []
+    plain: list[Path_] = []
+
+    def walk(node: Any, path: Path_, saved_path: Path_) -> None:
+        if path and saved_path in saved and not isinstance(node, torch.Tensor):
+            if isinstance(node, (Mapping, list, tuple, PerRank)):
+                containers.append(path)
+            else:
+                plain.append(path)
+        elif isinstance(node, Mapping):
+            for key, value in node.items():
+                walk(value, (*path, key), (*saved_path, str(key)))
+        elif isinstance(node, list):
+            for index, item in enumerate(node):
+                walk(item, (*path, index), (*saved_path, index))
+
+    walk(state, (), ())
+    return containers, plain
 
 
 def dict_list_swaps(state: Any, metadata: Metadata) -> list[Path_]:

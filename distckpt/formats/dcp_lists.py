@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from torch.distributed.checkpoint.metadata import Metadata
+from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 
 from distckpt.formats.dcp_storage import Path_, dotted, flat_state, placeholder, saved_paths
 from distckpt.formats.dcp_text_keys import flattened_whole, get_saved, keys_like
@@ -36,13 +36,20 @@ def lists_of_other_length(shared: Any, metadata: Metadata) -> list[OtherLength]:
     dict (nor for a dict whose values are all per-rank, moved elsewhere), so the saved length
     counts up to the last item holding a key: the lengths differ when the saved places hold an
     item at or after the given length, or when the given list has an item at or after that
-    count that DCP would give a key. A single value saved at the place of a list the state
-    gives item by item is the list (DCP saves an empty list, or one of plain values, whole).
-    A list the checkpoint holds nothing of is none of these: its keys are missing as they are.
-    "torch" loads none of such a list, and DCP would load the items both have:
+    count that DCP would give a key. A single value (no tensor) saved at the place of a list
+    the state gives item by item is the list (DCP saves an empty list, or one of plain
+    values, whole). A list the checkpoint holds nothing of is none of these: its keys are
+    missing as they are. "torch" loads none of such a list, and DCP would load the items both
+    have:
     :func:`with_saved_lists` keeps it apart."""
     places = saved_paths(metadata)
-    whole = set(places)
+    entries = metadata.state_dict_metadata.values()
+    # a tensor saved where a list is given is another kind of value, not the list
+    whole = {
+        place
+        for place, entry in zip(places, entries)
+        if not isinstance(entry, TensorStorageMetadata)
+    }
     counts: dict[Path_, int] = {}
     for place in places:
         for depth, part in enumerate(place):
