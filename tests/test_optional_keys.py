@@ -146,3 +146,20 @@ def test_a_sub_dict_only_the_checkpoint_holds_is_reported_as_its_key(
     assert restored.missing_keys == ()
     assert restored.unexpected_keys == ("extras",)
     assert torch.equal(state["a"], torch.ones(1))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_missing_sub_dict_whose_key_has_a_dot_is_reported_as_its_key(
+    tmp_path: Path, fmt: str
+) -> None:
+    """A sub-dict under the key ``"a.b"`` the checkpoint lacks, beside a saved ``a`` holding a
+    ``b`` (DCP flattens both to ``m.a.b...``), is one missing key in both formats: the places
+    are compared, not their dotted text."""
+    with distckpt.CheckpointManager(tmp_path, format=fmt, timeout=30) as mgr:
+        mgr.save(1, {"m": {"a": {"b": {"q": torch.ones(1)}}}})
+    state = {"m": {"a": {"b": {"q": torch.zeros(1)}}, "a.b": {"c": torch.zeros(1)}}}
+    with distckpt.CheckpointManager(tmp_path, format=fmt, timeout=30) as mgr:
+        restored = mgr.restore("last", state=state, strict=False)
+    assert restored.missing_keys == ("m.a.b",)
+    assert restored.unexpected_keys == ()
+    assert torch.equal(state["m"]["a"]["b"]["q"], torch.ones(1))

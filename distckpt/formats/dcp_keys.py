@@ -41,7 +41,7 @@ from distckpt.formats.dcp_text_keys import (
     keys_like,
 )
 from distckpt.key_prefixes import log_prefix_mapping, matching_prefixes
-from distckpt.load_report import LoadReport, dotted_prefixes, folded_under
+from distckpt.load_report import LoadReport, folded_under
 from distckpt.model_state_keys import SCHEDULER_GROUP_KEYS, param_group_changes
 from distckpt.per_rank import PerRank
 from distckpt.state import set_path
@@ -227,14 +227,16 @@ def key_mismatch_as_read(
         # On both sides only, as "torch" reports it; the read leaves it out.
         report.missing_keys = folded_under([*report.missing_keys, place], place)
         report.unexpected_keys = folded_under([*report.unexpected_keys, place], place)
-    asked_paths = flat_paths(shared)
+    asked = flat_paths(shared)
     held = dict(zip(metadata.state_dict_metadata, saved_paths(metadata)))
     report.missing_keys = fold_whole_subtrees(
-        report.missing_keys, flat, subtrees_of(report.missing_keys, asked_paths), held
+        report.missing_keys, asked, subtrees_of(report.missing_keys, asked), held.values()
     )
-    report.missing_keys = fold_whole_subtrees(report.missing_keys, flat, optional_whole_keys, held)
+    report.missing_keys = fold_whole_subtrees(
+        report.missing_keys, asked, optional_whole_keys, held.values()
+    )
     report.unexpected_keys = fold_whole_subtrees(
-        report.unexpected_keys, held, subtrees_of(report.unexpected_keys, held), flat
+        report.unexpected_keys, held, subtrees_of(report.unexpected_keys, held), asked.values()
     )
     report.leaves_of_missing = {
         key: leaves
@@ -372,25 +374,48 @@ def subtrees_of(keys: Iterable[str], paths: Mapping[str, Path_]) -> set[str]:
 
 
 def fold_whole_subtrees(
-    keys: list[str], flat: Iterable[str], subtrees: Collection[str], other_side: Iterable[str]
+    keys: list[str],
+    paths: Mapping[str, Path_],
+    subtrees: Collection[str],
+    other_side: Iterable[Path_],
 ) -> list[str]:
     """``keys`` (flat keys on one side only: missing from the checkpoint, or unexpected)
     with the leaves of each of ``subtrees`` (sub-trees found by :func:`subtrees_of`, or
-    optional keys) replaced by that key when every leaf of it (among the ``flat`` keys of
-    that side) is in ``keys`` and none of the ``other_side``'s flat keys is under it,
-    outermost first (:func:`~distckpt.load_report.folded_under`): DCP flattens the state, so
-    it finds a whole sub-dict on one side only as its leaves, where "torch" finds the
-    sub-dict; one whose keys partly differ keeps its keys listed, in both formats."""
-    asked = list(flat)
+    optional keys) replaced by that key when every leaf of it (among the flat keys of that
+    side, ``paths`` to their places) is in ``keys`` and the ``other_side`` (the other side's
+    places) holds nothing under it, outermost first
+    (:func:`~distckpt.load_report.folded_under`): DCP flattens the state, so it finds a whole
+    sub-dict on one side only as its leaves, where "torch" finds the sub-dict; one whose keys
+    partly differ keeps its keys listed, in both formats. A sub-tree is matched by place where
+    one has its text (so a dict key ``"a.b"`` is not the ``b`` under ``a``), else by text (an
+    optional key naming part of a flat key, a model's ``3`` of ``3.weight``)."""
     # a leaf of the other side at the sub-tree's own place is another kind of value, which
     # leaves it on this side only
-    held = {prefix for key in other_side for prefix in dotted_prefixes(key)[:-1]}
+    held = {_as_saved(place[:depth]) for place in other_side for depth in range(1, len(place))}
+    held_text = {dotted(place) for place in held}
     folded = list(keys)
     for subtree in sorted(subtrees, key=len):
-        leaves = [key for key in asked if key == subtree or key.startswith(f"{subtree}.")]
-        if leaves and subtree not in held and all(leaf in folded for leaf in leaves):
+        places = {
+            place[:depth]
+            for place in paths.values()
+            for depth in range(1, len(place) + 1)
+            if dotted(place[:depth]) == subtree
+        }
+        if places:
+            for place in places:
+                leaves = [key for key, path in paths.items() if path[: len(place)] == place]
+                if _as_saved(place) not in held and all(leaf in folded for leaf in leaves):
+                    folded = folded_under(folded, subtree)
+            continue
+        leaves = [key for key in paths if key.startswith(f"{subtree}.")]
+        if leaves and subtree not in held_text and all(leaf in folded for leaf in leaves):
             folded = folded_under(folded, subtree)
     return folded
+
+
+def _as_saved(place: Path_) -> Path_:
+    """``place`` as DCP records it: dict keys as their text, list indices as ints."""
+    return tuple(part if isinstance(part, int) else str(part) for part in place)
 
 
 # ---------------------------------------------------------------------------------------------
