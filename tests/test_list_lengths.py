@@ -102,3 +102,20 @@ def test_a_shorter_list_of_dicts_gives_back_the_keys_as_given(tmp_path: Path, fm
     assert restored.missing_keys == ("l[len 1 != 2]",)
     assert list(restored.state["l"][0]) == [0]
     assert _tensors(restored.state["l"]) == [1.0, 2.0]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_trailing_empty_dicts_of_a_saved_list_count_in_torch_only(tmp_path: Path, fmt: str) -> None:
+    """A "dcp" checkpoint holds no key for an empty dict: the saved list ``[t, {}]`` given as
+    ``[t]`` is one of the same length there (its item loaded), and one of another length in
+    "torch", as the README says."""
+    with distckpt.CheckpointManager(tmp_path, format=fmt, timeout=30) as mgr:
+        mgr.save(1, {"l": [_one(1), {}]})
+        state = {"l": [torch.zeros(1)]}
+        restored = mgr.restore("last", state=state, strict=False)
+    if fmt == "torch":
+        assert restored.missing_keys == ("l[len 1 != 2]",)
+        assert _tensors(state) == [0.0]
+    else:
+        assert restored.missing_keys == ()
+        assert _tensors(state) == [1.0]
