@@ -342,7 +342,8 @@ class DcpFormat:
         ``ctx.group`` (collective); returns the filled template, without the keys the
         checkpoint lacks (the checkpoint's keys the template lacks are not loaded: the
         prepared ``mismatch`` reports them, as it reports a dict given for a saved list or the
-        reverse, which is not read either; per-rank values not asked for are logged)."""
+        reverse, or a dict or list given for a saved tensor, which are not read either; a plain
+        value given for a saved tensor takes it; per-rank values not asked for are logged)."""
         directory, group, rank = prepared.directory, prepared.ctx.group, prepared.ctx.rank
         shared, marked = split_per_rank(prepared.template)
         state = copy_containers(shared)
