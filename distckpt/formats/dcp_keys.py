@@ -192,7 +192,8 @@ def key_mismatch_as_read(
     reports a sub-dict on one side only (:func:`fold_whole_subtrees`); a list of another
     length is reported as one key (:func:`~distckpt.formats.dcp_lists.report_list_lengths`);
     a dict given where a list was saved, or the reverse, is on both sides only
-    (:func:`dict_list_swaps`). Where the
+    (:func:`dict_list_swaps`), as is a dict or a list given where a tensor was saved
+    (:func:`given_for_saved_tensors`). Where the
     number of an optimizer's parameter groups differs from the saved one, the saved groups'
     parameter names are read with ``read_saved`` (their flat keys to their values) to name
     each group (:func:`changed_param_groups`), so that a restore refuses it as "torch" does,
