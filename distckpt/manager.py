@@ -405,7 +405,7 @@ class CheckpointManager(RootUpkeep):
                 mmap,
                 fix_key_prefixes,
                 check_optional_keys(optional_keys),
-                check_optional_keys(optional_whole_keys),
+                check_optional_keys(optional_whole_keys, "optional_whole_keys"),
             ),
             strict=strict,
             missing_ok=missing_ok,

@@ -17,10 +17,12 @@ from torch.distributed.checkpoint.state_dict import (
     get_optimizer_state_dict,
     get_state_dict,
     set_model_state_dict,
+    set_optimizer_state_dict,
     set_state_dict,
 )
 
 from distckpt.errors import InvalidArgument
+from distckpt.model_state_keys import group_params
 from distckpt.steps import steps_not_counted
 
 __all__ = ["ModelOptimizerState"]
@@ -61,6 +63,9 @@ class ModelOptimizerState:
     does not count it, wherever the tracker sits in the state: its count is the real training
     steps only.
 
+    Several optimizers (a list) are saved as one ``optim`` part, their groups one after the
+    other, and each is loaded its own groups and state (:func:`optimizer_parts`).
+
     Limits: calling ``state_dict()`` on an FSDP2 model is collective when ``options`` asks for
     full state dicts, so every rank must use it together (as ``save`` and ``restore`` do).
     """
@@ -100,7 +105,8 @@ class ModelOptimizerState:
         return {"model": model_state, "optim": optim_state}
 
     def load_state_dict(self, state: Mapping[str, Any], strict: bool | None = None) -> None:
-        """Load ``state`` (as :meth:`state_dict` gives it) through ``set_state_dict``.
+        """Load ``state`` (as :meth:`state_dict` gives it) through ``set_state_dict``, each
+        optimizer given its own part (:func:`optimizer_parts`), the model last.
 
         ``strict`` (None: ``options.strict``, True without options) is passed to
         ``set_state_dict``. With ``strict=False`` what ``state`` lacks keeps its current
@@ -134,11 +140,15 @@ class ModelOptimizerState:
                             self.model, self.optimizers, options=options
                         )
                         optim_state = with_current_values(optim_state, current)
+                    parts = optimizer_parts(optim_state, self.optimizers)
+                    # Each optimizer gets its own part, the model loaded last, as torch does.
+                    for optimizer, part in zip(self.optimizers[:-1], parts):
+                        set_optimizer_state_dict(self.model, optimizer, part, options=options)
                     set_state_dict(
                         self.model,
-                        self.optimizers,
+                        self.optimizers[-1],
                         model_state_dict=state.get("model", {}),
-                        optim_state_dict=optim_state,
+                        optim_state_dict=parts[-1],
                         options=options,
                     )
             else:
@@ -176,3 +186,34 @@ def with_current_values(loaded: Any, current: Any) -> Any:
         merged_items = [with_current_values(a, b) for a, b in zip(loaded, current)]
         return merged_items + list(current[len(loaded) :])
     return loaded
+
+
+def optimizer_parts(optim_state: Any, optimizers: tuple[torch.optim.Optimizer, ...]) -> list[Any]:
+    """``optim_state`` (the ``optim`` part of :meth:`ModelOptimizerState.state_dict`, every
+    optimizer's merged) split into one part per optimizer, as ``set_state_dict`` needs it
+    given one optimizer at a time: each optimizer's parameter groups, by position
+    (``get_state_dict`` lists them optimizer after optimizer), and the per-parameter state
+    but the entries of the other optimizers' groups' parameters. Given them all at once,
+    torch's ``_split_optim_state_dict`` takes a ``state`` with no entry for a whole
+    ``{"state", "param_groups"}`` (its ``all(isinstance(k, int) ...)`` test holds for no
+    keys), so with several optimizers that all have an empty state (plain SGD) each is given
+    every group and refuses them ("a different number of parameter groups"); and under
+    ``strict`` it refuses a parameter without state (plain SGD beside Adam) unless its
+    optimizer's part has no state at all. A state whose groups do not add up to the
+    optimizers' is given whole to each, for torch to refuse as it would."""
+    groups = optim_state.get("param_groups") if isinstance(optim_state, Mapping) else None
+    counts = [len(optimizer.param_groups) for optimizer in optimizers]
+    if len(optimizers) == 1 or not isinstance(groups, list) or len(groups) != sum(counts):
+        return [optim_state] * len(optimizers)
+    starts = [sum(counts[:index]) for index in range(len(counts))]
+    slices = [groups[start : start + count] for start, count in zip(starts, counts)]
+    owners = [
+        {name for at in range(len(part)) for name in group_params(part, at)} for part in slices
+    ]
+    state = optim_state.get("state", {})
+    parts = []
+    for index, part_groups in enumerate(slices):
+        others = set().union(*(names for other, names in enumerate(owners) if other != index))
+        own_state = {name: entry for name, entry in state.items() if name not in others}
+        parts.append({**optim_state, "state": own_state, "param_groups": part_groups})
+    return parts

@@ -62,8 +62,8 @@ def param_group_changes(current: Any, saved: Any) -> list[tuple[int, list[str], 
     on one side only is no change of groups (its state is a key on one side only)."""
     current_groups = _param_groups(current) or []
     saved_groups = _param_groups(saved) or []
-    saved_names = [_group_params(saved_groups, index) for index in range(len(saved_groups))]
-    current_names = [_group_params(current_groups, index) for index in range(len(current_groups))]
+    saved_names = [group_params(saved_groups, index) for index in range(len(saved_groups))]
+    current_names = [group_params(current_groups, index) for index in range(len(current_groups))]
     if len(current_groups) == len(saved_groups):
         saved_group_of = {name: index for index, names in enumerate(saved_names) for name in names}
         moved: set[int] = set()
@@ -75,7 +75,7 @@ def param_group_changes(current: Any, saved: Any) -> list[tuple[int, list[str], 
     else:
         moved = set(range(max(len(current_groups), len(saved_groups))))
     return [
-        (index, _group_params(saved_groups, index), _group_params(current_groups, index))
+        (index, group_params(saved_groups, index), group_params(current_groups, index))
         for index in sorted(moved)
     ]
 
@@ -86,7 +86,9 @@ def _param_groups(state: Any) -> list[Any] | None:
     return groups if isinstance(groups, list) else None
 
 
-def _group_params(groups: list[Any], index: int) -> list[str]:
+def group_params(groups: list[Any], index: int) -> list[str]:
+    """The names of the parameters of ``groups[index]`` (a state dict's parameter groups), as
+    text; none when there is no such group or it names none."""
     group = groups[index] if index < len(groups) else None
     params = group.get("params") if isinstance(group, Mapping) else None
     return [str(name) for name in params] if isinstance(params, (list, tuple)) else []

@@ -195,15 +195,18 @@ def check_load(
     changing nothing (:func:`apply_load` loads it): a tensor (a module's too) whose shape
     differs from the saved one raises :class:`~distckpt.errors.ShapeMismatch`; with
     ``strict=True`` any key present on one side only raises
-    :class:`~distckpt.errors.KeyMismatch` listing them all; with ``strict=False`` the keys
-    are reported. With ``fix_key_prefixes``, a module's (or dict's) keys that differ from
-    the saved ones only by wrapper prefixes (``_orig_mod.``, ``module.``) are compared mapped
-    (see :mod:`distckpt.key_prefixes`). An object's own ``load_state_dict`` is not run, so
-    what it alone refuses (an optimizer's parameter groups of other sizes) is only found by
+    :class:`~distckpt.errors.KeyMismatch` listing them all; with ``strict=False`` the keys are
+    reported. A key under which the two hold different kinds of value (a sub-dict given where a
+    leaf or a list was saved, a list where a leaf or a dict was, a tensor where a dict or a list
+    was, a plain value where a dict was) is on both sides only: missing and unexpected, as "dcp"
+    reports it. With ``fix_key_prefixes``, a module's (or dict's) keys that differ from the
+    saved ones only by wrapper prefixes (``_orig_mod.``, ``module.``) are compared mapped (see
+    :mod:`distckpt.key_prefixes`). An object's own ``load_state_dict`` is not run, so what it
+    alone refuses (an optimizer's parameter groups of other sizes) is only found by
     :func:`apply_load`. ``where`` and ``step``: the checkpoint ``loaded`` comes from, for the
     errors; ``optional_keys``: the dotted keys of ``template`` that ``loaded`` may lack even
-    with ``strict`` (reported, not refused), and ``optional_whole_keys`` those it may lack
-    only as a whole."""
+    with ``strict`` (reported, not refused), and ``optional_whole_keys`` those it may lack only
+    as a whole."""
     report = LoadReport()
     _load(template, loaded, "", report, apply=False, fix_prefixes=fix_key_prefixes)
     report.leaves_of_missing = {
@@ -231,7 +234,8 @@ def apply_load(
     ``load_state_dict`` is given), logging one INFO line per wrapper-prefix mapping. Objects
     with ``load_state_dict`` load through it, tensors are copied into, and any other value
     inside a dict or list of ``template`` is replaced by the loaded one (a tuple by a new
-    tuple); a plain value at the top level cannot be replaced: read it from the result. An
+    tuple), but by no saved dict (a key of another kind, which :func:`check_load` reports); a
+    plain value at the top level cannot be replaced: read it from the result. An
     object's ``load_state_dict`` that fails raises :class:`InvalidArgument`, leaving what was
     loaded before it loaded."""
     _load(
@@ -324,6 +328,9 @@ def _load(
     elif isinstance(template, torch.Tensor):
         if not isinstance(loaded, torch.Tensor):
             report.missing_keys.append(path)
+            if isinstance(loaded, (Mapping, list)):
+                # Saved a sub-tree: its keys are none the tensor has (DCP's report too).
+                report.unexpected_keys.append(path)
         elif _compare_shapes(template, loaded, path, report) and apply:
             with torch.no_grad():
                 template.copy_(loaded)
@@ -367,7 +374,14 @@ def _load(
             template[:] = items
             return template
         return same_kind_of_tuple(template, items)
-    elif not isinstance(template, (Mapping, list, tuple)):
+    elif isinstance(template, (Mapping, list, tuple)) or isinstance(loaded, Mapping):
+        # A container where the checkpoint holds another kind of value (a leaf, a list for a
+        # dict), or a plain value where it holds a dict: neither fits the other, so the key is
+        # on both sides only, reported missing and unexpected as DCP reports it, and left as
+        # given.
+        report.missing_keys.append(path)
+        report.unexpected_keys.append(path)
+    else:
         return loaded  # a plain value: its container takes the loaded one
     return template
 

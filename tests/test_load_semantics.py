@@ -165,6 +165,31 @@ def test_a_missing_sub_dict_whose_every_leaf_is_optional_is_optional(root: Path,
             mgr.restore(state=two, optional_keys=["extras.a"])
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_nested_sub_dict_on_one_side_only_is_reported_as_its_key(root: Path, fmt: str) -> None:
+    """One level down as at the top: a whole sub-dict missing from the checkpoint (optional by
+    its key or by its every leaf, or refused) and a whole saved sub-dict the state lacks are
+    each reported as its own key in both formats, not as their leaves."""
+    with distckpt.CheckpointManager(root, format=fmt, fsync=False) as mgr:
+        mgr.save(1, {"a": {"w": torch.ones(1), "old": {"x": torch.ones(1), "y": 3}}})
+
+        def state() -> dict[str, Any]:
+            added = {"x": torch.zeros(1), "y": torch.zeros(1)}
+            return {"a": {"w": torch.zeros(1), "old": {"x": torch.zeros(1), "y": 0}, "new": added}}
+
+        for optional in (["a.new"], ["a.new.x", "a.new.y"]):
+            ckpt = mgr.restore(state=state(), optional_keys=optional)
+            assert ckpt is not None and ckpt.missing_keys == ("a.new",)
+        with pytest.raises(InvalidArgument) as refused:
+            mgr.restore(state=state())
+        assert refused.value.fields()["missing_keys"] == ("a.new",)
+        given = state()
+        del given["a"]["old"]
+        ckpt = mgr.restore(state=given, strict=False)
+        assert ckpt is not None
+        assert (ckpt.missing_keys, ckpt.unexpected_keys) == (("a.new",), ("a.old",))
+
+
 @pytest.mark.parametrize("optional", [["lst"], ["lst.1"]])
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_optional_keys_do_not_cover_a_lists_items(
@@ -203,7 +228,8 @@ def test_a_key_inside_an_object_with_a_state_dict_is_optional_as_the_whole_objec
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_optional_keys_as_a_plain_string_are_refused(root: Path, fmt: str) -> None:
     """A string is no collection of keys (it would be taken as its characters): refused, as
-    is a key that is no string, before anything is read."""
+    is a key that is no string, before anything is read, naming the argument given
+    (``optional_keys`` or ``optional_whole_keys``)."""
     with distckpt.CheckpointManager(root, format=fmt, fsync=False) as mgr:
         mgr.save(1, {"extras": {"kept": 5}})
         state = {"extras": {"kept": 0, "added": 1}}
@@ -211,6 +237,11 @@ def test_optional_keys_as_a_plain_string_are_refused(root: Path, fmt: str) -> No
             mgr.restore(state=state, optional_keys="extras.added")
         with pytest.raises(InvalidArgument, match="optional_keys must be strings"):
             mgr.restore(state=state, optional_keys=[1])
+        # The error names the argument that was passed.
+        with pytest.raises(InvalidArgument, match=r"^optional_whole_keys must .* 'extras'"):
+            mgr.restore(state=state, optional_whole_keys="extras")
+        with pytest.raises(InvalidArgument, match=r"^optional_whole_keys must be strings"):
+            mgr.restore(state=state, optional_whole_keys=[1])
         assert state["extras"]["kept"] == 0
     ckpt = distckpt.load_checkpoint(root, state=state, optional_keys=["extras.added"])
     assert ckpt.missing_keys == ("extras.added",) and state["extras"] == {"kept": 5, "added": 1}

@@ -1,7 +1,8 @@
 """``restore(optional_keys=..., optional_whole_keys=...)`` where the key checks of both formats
 meet the other rules of a restore: keys inside a ``ModelOptimizerState`` (compared one by one),
-a whole sub-dict with sub-dicts of its own, and a list under an optional key. Each case runs
-in both formats and asks the same answer of both."""
+a whole sub-dict with sub-dicts of its own, and a list under an optional key; and the keys
+both formats report for a sub-dict on one side only and a list of another length. Each case runs in
+both formats and asks the same answer of both."""
 
 from __future__ import annotations
 
@@ -73,3 +74,92 @@ def test_a_longer_list_under_an_optional_key_is_refused(tmp_path: Path, fmt: str
         mgr.restore("last", state=state, optional_keys=["a"])
     assert torch.equal(state["a"]["lst"][0], torch.zeros(2))
     assert torch.equal(state["a"]["b"], torch.zeros(1))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("given", [0, 1, 3], ids=["empty", "shorter", "longer"])
+def test_a_list_of_another_length_is_left_as_given_with_strict_false(
+    tmp_path: Path, fmt: str, given: int
+) -> None:
+    """A list of tensors of another length than the saved one (2) is not loaded at all, none of
+    its items (DCP would load the items both have into the given tensors), and is reported as
+    one missing key, ``lst[len 3 != 2]``, nothing unexpected; ``.state`` holds the saved list.
+    The same in both formats."""
+    with distckpt.CheckpointManager(tmp_path, format=fmt, timeout=30) as mgr:
+        mgr.save(1, {"a": {"lst": [torch.ones(2), torch.full((2,), 2.0)], "b": torch.ones(1)}})
+    state = {"a": {"lst": [torch.zeros(2) for _ in range(given)], "b": torch.zeros(1)}}
+    with distckpt.CheckpointManager(tmp_path, format=fmt, timeout=30) as mgr:
+        restored = mgr.restore("last", state=state, strict=False)
+    assert restored.missing_keys == (f"a.lst[len {given} != 2]",)
+    assert restored.unexpected_keys == ()
+    assert len(state["a"]["lst"]) == given
+    assert all(not item.any() for item in state["a"]["lst"])
+    assert torch.equal(state["a"]["b"], torch.ones(1))
+    saved_list = restored.state["a"]["lst"]
+    assert [item.tolist() for item in saved_list] == [[1.0, 1.0], [2.0, 2.0]]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_shorter_list_is_refused_by_a_strict_restore_as_its_length(
+    tmp_path: Path, fmt: str
+) -> None:
+    """A list shorter than the saved one is refused as ``lst[len 1 != 2]`` in both formats
+    (not as the saved items DCP finds no place for), before anything is loaded."""
+    with distckpt.CheckpointManager(tmp_path, format=fmt, timeout=30) as mgr:
+        mgr.save(1, {"lst": [torch.ones(2), torch.ones(2)], "b": torch.ones(1)})
+    state = {"lst": [torch.zeros(2)], "b": torch.zeros(1)}
+    mgr = distckpt.CheckpointManager(tmp_path, format=fmt, timeout=30)
+    with mgr, pytest.raises(KeyMismatch) as raised:
+        mgr.restore("last", state=state)
+    assert raised.value.missing_keys == ("lst[len 1 != 2]",)
+    assert raised.value.unexpected_keys == ()
+    assert not state["lst"][0].any() and not state["b"].any()
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_nested_sub_dict_the_checkpoint_lacks_is_reported_as_its_key(
+    tmp_path: Path, fmt: str
+) -> None:
+    """A sub-dict below the top level that the checkpoint lacks as a whole, sub-dicts and all,
+    is one missing key with strict=False in both formats (DCP finds it as its leaves)."""
+    with distckpt.CheckpointManager(tmp_path, format=fmt, timeout=30) as mgr:
+        mgr.save(1, {"a": {"b": torch.ones(1)}})
+    state = {"a": {"b": torch.zeros(1), "c": {"d": torch.zeros(1), "e": {"f": torch.zeros(1)}}}}
+    with distckpt.CheckpointManager(tmp_path, format=fmt, timeout=30) as mgr:
+        restored = mgr.restore("last", state=state, strict=False)
+    assert restored.missing_keys == ("a.c",)
+    assert restored.unexpected_keys == ()
+    assert torch.equal(state["a"]["b"], torch.ones(1))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_sub_dict_only_the_checkpoint_holds_is_reported_as_its_key(
+    tmp_path: Path, fmt: str
+) -> None:
+    """A sub-dict, with sub-dicts of its own, that only the checkpoint holds is one unexpected
+    key in both formats (DCP finds it as its leaves)."""
+    with distckpt.CheckpointManager(tmp_path, format=fmt, timeout=30) as mgr:
+        mgr.save(1, {"a": torch.ones(1), "extras": {"x": torch.ones(1), "y": {"z": torch.ones(1)}}})
+    state = {"a": torch.zeros(1)}
+    with distckpt.CheckpointManager(tmp_path, format=fmt, timeout=30) as mgr:
+        restored = mgr.restore("last", state=state, strict=False)
+    assert restored.missing_keys == ()
+    assert restored.unexpected_keys == ("extras",)
+    assert torch.equal(state["a"], torch.ones(1))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_missing_sub_dict_whose_key_has_a_dot_is_reported_as_its_key(
+    tmp_path: Path, fmt: str
+) -> None:
+    """A sub-dict under the key ``"a.b"`` the checkpoint lacks, beside a saved ``a`` holding a
+    ``b`` (DCP flattens both to ``m.a.b...``), is one missing key in both formats: the places
+    are compared, not their dotted text."""
+    with distckpt.CheckpointManager(tmp_path, format=fmt, timeout=30) as mgr:
+        mgr.save(1, {"m": {"a": {"b": {"q": torch.ones(1)}}}})
+    state = {"m": {"a": {"b": {"q": torch.zeros(1)}}, "a.b": {"c": torch.zeros(1)}}}
+    with distckpt.CheckpointManager(tmp_path, format=fmt, timeout=30) as mgr:
+        restored = mgr.restore("last", state=state, strict=False)
+    assert restored.missing_keys == ("m.a.b",)
+    assert restored.unexpected_keys == ()
+    assert torch.equal(state["m"]["a"]["b"]["q"], torch.ones(1))

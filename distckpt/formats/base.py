@@ -51,19 +51,21 @@ def check_rank_argument(rank: Any) -> int | None:
     return rank
 
 
-def check_optional_keys(optional_keys: Any) -> frozenset[str]:
+def check_optional_keys(optional_keys: Any, argument: str = "optional_keys") -> frozenset[str]:
     """``optional_keys`` as a restore takes them: a collection of dotted keys, as a frozenset.
     A plain string is refused with :class:`~distckpt.errors.InvalidArgument`, as is any item
-    that is no string: a string would be taken as its characters, none of them a key."""
+    that is no string: a string would be taken as its characters, none of them a key. The
+    error names ``argument``, the restore's argument they were passed as
+    (``optional_whole_keys`` are checked here too)."""
     if isinstance(optional_keys, (str, bytes)):
         raise InvalidArgument(
-            f"optional_keys must be a collection of dotted keys, not the string {optional_keys!r}"
+            f"{argument} must be a collection of dotted keys, not the string {optional_keys!r}"
             f" (pass [{optional_keys!r}] for one key)"
         )
     keys = frozenset(optional_keys)
     not_keys = sorted(repr(key) for key in keys if not isinstance(key, str))
     if not_keys:
-        raise InvalidArgument(f"optional_keys must be strings; not {', '.join(not_keys)}")
+        raise InvalidArgument(f"{argument} must be strings; not {', '.join(not_keys)}")
     return keys
 
 

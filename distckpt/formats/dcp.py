@@ -44,7 +44,10 @@ Restoring: DCP loads *in place*, so ``restore`` needs ``state=``: the same struc
 whose tensors and DTensors (on the restoring ranks' meshes) receive the data; each rank reads
 only the chunks its shards overlap. Keys the state asks for that the checkpoint lacks are left
 out of the result and reported as missing; keys only in the checkpoint are not loaded and are
-reported as unexpected. ``strict=True`` refuses either, as for the "torch" format, before DCP's
+reported as unexpected; a list of another length than the saved one is read apart, the saved
+list into fresh tensors, so none of its items is loaded into the given ones, and is reported
+as ``lst[len 3 != 2]`` (:func:`~distckpt.formats.dcp_lists.lists_of_other_length`), as "torch"
+reports it. ``strict=True`` refuses either, as for the "torch" format, before DCP's
 collective read starts (:meth:`DcpFormat.prepare_read` compares the keys with ``.metadata``).
 Keys that differ from the checkpoint's only by wrapper prefixes (``torch.compile``'s
 ``_orig_mod.``, DDP's ``module.``) are mapped, with an INFO line, unless
@@ -97,9 +100,7 @@ from typing import Any
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
-from torch.distributed.checkpoint.metadata import (
-    TensorStorageMetadata,
-)
+from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 
 from distckpt.errors import (
     CheckpointError,
@@ -111,7 +112,9 @@ from distckpt.formats.base import PreparedRead, ReadOptions, ShardContext
 from distckpt.formats.dcp_errors import run_dcp
 from distckpt.formats.dcp_keys import (
     PER_RANK_KEY,
+    dict_list_swaps,
     dotted,
+    given_for_saved_tensors,
     key_mismatch_as_read,
     per_rank_not_read,
     per_rank_placeholders,
@@ -123,8 +126,9 @@ from distckpt.formats.dcp_keys import (
     with_per_rank,
     with_saved_group_settings,
 )
+from distckpt.formats.dcp_lists import lists_of_other_length, with_saved_lists
 from distckpt.formats.dcp_metadata import DATA_FILE_RE, METADATA_NAME, read_metadata
-from distckpt.formats.dcp_storage import Planner, Reader, Writer
+from distckpt.formats.dcp_storage import Planner, Reader, Writer, placeholder
 from distckpt.formats.dcp_tensor_kinds import check_tensor_types
 from distckpt.formats.dcp_text_keys import check_restorable_keys, holds_containers
 from distckpt.manifest import FileRecord, Manifest
@@ -322,7 +326,12 @@ class DcpFormat:
             metadata,
             ctx.rank,
             options.fix_key_prefixes,
-            options.optional_keys | options.optional_whole_keys,
+            options.optional_whole_keys,
+            # The few saved values it needs before the collective read (a changed number of
+            # parameter groups' names), each rank alone.
+            read_saved=lambda keys: _read_alone(
+                directory, manifest, metadata, dict.fromkeys(keys), options
+            ),
         )
         return PreparedRead(
             directory, manifest, ctx, template, options, detail=metadata, mismatch=mismatch
@@ -332,7 +341,9 @@ class DcpFormat:
         """Load into the template's tensors and DTensors with ``dcp.load`` over
         ``ctx.group`` (collective); returns the filled template, without the keys the
         checkpoint lacks (the checkpoint's keys the template lacks are not loaded: the
-        prepared ``mismatch`` reports them; per-rank values not asked for are logged)."""
+        prepared ``mismatch`` reports them, as it reports a dict given for a saved list or the
+        reverse, or a dict or list given for a saved tensor, which are not read either; a plain
+        value given for a saved tensor takes it; per-rank values not asked for are logged)."""
         directory, group, rank = prepared.directory, prepared.ctx.group, prepared.ctx.rank
         shared, marked = split_per_rank(prepared.template)
         state = copy_containers(shared)
@@ -341,7 +352,14 @@ class DcpFormat:
             state, renames = rename_to_saved(state, saved_paths(prepared.detail), directory.name)
         if marked:
             state.update(per_rank_placeholders(prepared.detail, rank))
+        with_saved_lists(state, lists_of_other_length(state, prepared.detail), prepared.detail)
         with_saved_group_settings(state, prepared.detail)
+        containers, plain = given_for_saved_tensors(state, prepared.detail)
+        for place in [*dict_list_swaps(state, prepared.detail), *containers]:
+            remove_path(state, place)  # reported by the prepared mismatch, left as given
+        for place in plain:
+            # a plain value takes the saved tensor, as a "torch" restore replaces it
+            set_path(state, place, placeholder(prepared.detail.state_dict_metadata[dotted(place)]))
         planner = Planner(prepared.options)
         run_dcp(
             lambda: dcp.load(
@@ -393,6 +411,32 @@ class DcpFormat:
         return load_consolidated(directory, manifest, allow_pickle=allow_pickle)
 
 
+def _read_alone(
+    directory: Path,
+    manifest: Manifest,
+    metadata: Metadata,
+    flat: dict[str, Any],
+    options: ReadOptions,
+) -> dict[str, Any]:
+    """``flat`` (flat keys to placeholders: an empty tensor of the saved size, or None for a
+    plain value) filled with the saved values, read by this process alone (no collective,
+    even if a process group exists), through the same safe path as restore with
+    ``options``."""
+    run_dcp(
+        lambda: dcp.load(
+            flat,
+            storage_reader=Reader(directory, metadata),
+            planner=Planner(options, flatten=False),
+            no_dist=True,
+        ),
+        f"reading {directory.name}",
+        CorruptCheckpoint,
+        path=directory,
+        step=manifest.step,
+    )
+    return flat
+
+
 def load_consolidated(
     directory: Path, manifest: Manifest, *, allow_pickle: bool = False
 ) -> dict[str, Any]:
@@ -425,18 +469,7 @@ def load_consolidated(
         for key in metadata.state_dict_metadata
     }
     options = ReadOptions(map_location="cpu", allow_pickle=allow_pickle)
-    run_dcp(
-        lambda: dcp.load(
-            flat,
-            storage_reader=Reader(directory, metadata),
-            planner=Planner(options, flatten=False),
-            no_dist=True,
-        ),
-        f"reading {directory.name}",
-        CorruptCheckpoint,
-        path=directory,
-        step=manifest.step,
-    )
+    _read_alone(directory, manifest, metadata, flat, options)
     paths = metadata.planner_data if isinstance(metadata.planner_data, dict) else {}
     nested: dict[str, Any] = {}
     try:

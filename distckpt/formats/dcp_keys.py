@@ -17,18 +17,32 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from typing import Any
 
 import torch
-from torch.distributed.checkpoint.metadata import STORAGE_TYPES, Metadata, TensorStorageMetadata
+from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 
 from distckpt.containers import same_kind_of_tuple
-from distckpt.formats.dcp_storage import flat_paths, flat_state, key_mismatch, shape_mismatches
-from distckpt.formats.dcp_text_keys import get_saved, holds_containers, keys_like
+from distckpt.formats.dcp_lists import lists_of_other_length, report_list_lengths
+from distckpt.formats.dcp_storage import (
+    Path_,
+    dotted,
+    flat_paths,
+    flat_state,
+    key_mismatch,
+    placeholder,
+    saved_paths,
+    shape_mismatches,
+)
+from distckpt.formats.dcp_text_keys import (
+    get_saved,
+    holds_containers,
+    keys_like,
+)
 from distckpt.key_prefixes import log_prefix_mapping, matching_prefixes
-from distckpt.load_report import LoadReport, list_length_key
-from distckpt.model_state_keys import SCHEDULER_GROUP_KEYS
+from distckpt.load_report import LoadReport, folded_under
+from distckpt.model_state_keys import SCHEDULER_GROUP_KEYS, param_group_changes
 from distckpt.per_rank import PerRank
 from distckpt.state import set_path
 
@@ -41,6 +55,7 @@ __all__ = [
     "split_per_rank_keys",
     "per_rank_not_read",
     "key_mismatch_as_read",
+    "given_for_saved_tensors",
     "saved_paths",
     "dotted",
     "rename_to_saved",
@@ -52,7 +67,6 @@ logger = logging.getLogger("distckpt")
 #: the top-level key under which every rank's per-rank values are saved, by rank
 PER_RANK_KEY = "__per_rank__"
 
-Path_ = tuple[Any, ...]
 _REMOVED = object()
 
 #: the flat key of a setting an LR scheduler adds to an optimizer parameter group
@@ -60,12 +74,9 @@ _REMOVED = object()
 _SCHEDULER_SETTING = re.compile(
     rf"(?:^|\.)param_groups\.\d+\.(?:{'|'.join(sorted(SCHEDULER_GROUP_KEYS))})$"
 )
-#: the flat key of the names of an optimizer parameter group's parameters
-_GROUP_PARAMS = re.compile(r"(?:^|\.)param_groups\.\d+\.params$")
-
-
-def dotted(path: Iterable[Any]) -> str:
-    return ".".join(str(part) for part in path)
+#: the flat key of the names of an optimizer parameter group's parameters: its list's place
+#: (``app.optim.param_groups``) and its index in it
+_GROUP_PARAMS = re.compile(r"^(?P<place>(?:.+\.)?param_groups)\.(?P<index>\d+)\.params$")
 
 
 def split_per_rank(state: Any) -> tuple[Any, list[tuple[Path_, Any]]]:
@@ -108,18 +119,10 @@ def per_rank_placeholders(metadata: Metadata, rank: int) -> dict[str, Any]:
     another shape now (a fresh data loader's state has no iterator position yet)."""
     prefix = f"{PER_RANK_KEY}.{rank}."
     return {
-        key: _placeholder(entry)
+        key: placeholder(entry)
         for key, entry in metadata.state_dict_metadata.items()
         if key.startswith(prefix)
     }
-
-
-def _placeholder(entry: STORAGE_TYPES) -> torch.Tensor | None:
-    """Something DCP can load a saved value into: an empty tensor of its saved size and dtype,
-    or None for a plain value (which DCP replaces with the unpickled one)."""
-    if isinstance(entry, TensorStorageMetadata):
-        return torch.empty(entry.size, dtype=entry.properties.dtype)
-    return None
 
 
 def restore_per_rank(
@@ -173,7 +176,8 @@ def key_mismatch_as_read(
     metadata: Metadata,
     rank: int,
     fix_prefixes: bool,
-    optional_keys: Collection[str] = (),
+    optional_whole_keys: Collection[str] = (),
+    read_saved: Callable[[list[str]], Mapping[str, Any]] | None = None,
 ) -> LoadReport:
     """The keys on one side only, and the tensors whose saved shape differs, compared as the
     read will ask for them: per-rank values split
@@ -182,9 +186,18 @@ def key_mismatch_as_read(
     asks for is missing when the checkpoint holds nothing under its place in this rank's
     namespace (its saved structure may differ from a fresh one's); per-rank values nobody
     asks for are not unexpected but logged by the read (:func:`per_rank_not_read`), so a
-    restore by another world size may leave them out. An optional key (``optional_keys``),
-    or a top-level key, whose leaves are all missing is reported as itself, as "torch"
-    reports a missing sub-dict (:func:`fold_missing_subtrees`)."""
+    restore by another world size may leave them out. A dict's value (a sub-dict or a list) at
+    any depth, or one of ``optional_whole_keys``, that the checkpoint holds nothing under is
+    reported as itself, and so is a saved one the given state holds nothing under, as "torch"
+    reports a sub-dict on one side only (:func:`fold_whole_subtrees`); a list of another
+    length is reported as one key (:func:`~distckpt.formats.dcp_lists.report_list_lengths`);
+    a dict given where a list was saved, or the reverse, is on both sides only
+    (:func:`dict_list_swaps`), as is a dict or a list given where a tensor was saved
+    (:func:`given_for_saved_tensors`). Where the
+    number of an optimizer's parameter groups differs from the saved one, the saved groups'
+    parameter names are read with ``read_saved`` (their flat keys to their values) to name
+    each group (:func:`changed_param_groups`), so that a restore refuses it as "torch" does,
+    whatever ``strict`` is, before the keys of those groups and before anything is loaded."""
     shared, marked = split_per_rank(template)
     if fix_prefixes:
         shared, _ = rename_to_saved(shared, saved_paths(metadata), "", log=False)
@@ -205,11 +218,27 @@ def key_mismatch_as_read(
         place = f"{PER_RANK_KEY}.{rank}.{dotted(path)}"
         if not any(key == place or key.startswith(f"{place}.") for key in own):
             report.missing_keys.append(dotted(path))
-    report.missing_keys = grown_lists(report.missing_keys, shared, metadata)
-    report.missing_keys = fold_missing_subtrees(
-        report.missing_keys, flat, {key.split(".")[0] for key in report.missing_keys}
+    saved_groups = [key for key in metadata.state_dict_metadata if _GROUP_PARAMS.match(key)]
+    given_groups = {key: value for key, value in flat.items() if _GROUP_PARAMS.match(key)}
+    if read_saved is not None and _group_counts(saved_groups) != _group_counts(given_groups):
+        report.changed_param_groups = changed_param_groups(given_groups, read_saved(saved_groups))
+    report_list_lengths(report, lists_of_other_length(shared, metadata), read_saved)
+    containers, _ = given_for_saved_tensors(shared, metadata)
+    for place in map(dotted, [*dict_list_swaps(shared, metadata), *containers]):
+        # On both sides only, as "torch" reports it; the read leaves it out.
+        report.missing_keys = folded_under([*report.missing_keys, place], place)
+        report.unexpected_keys = folded_under([*report.unexpected_keys, place], place)
+    asked = flat_paths(shared)
+    held = dict(zip(metadata.state_dict_metadata, saved_paths(metadata)))
+    report.missing_keys = fold_whole_subtrees(
+        report.missing_keys, asked, subtrees_of(report.missing_keys, asked), held.values()
     )
-    report.missing_keys = fold_missing_subtrees(report.missing_keys, flat, optional_keys)
+    report.missing_keys = fold_whole_subtrees(
+        report.missing_keys, asked, optional_whole_keys, held.values()
+    )
+    report.unexpected_keys = fold_whole_subtrees(
+        report.unexpected_keys, held, subtrees_of(report.unexpected_keys, held), asked.values()
+    )
     report.leaves_of_missing = {
         key: leaves
         for key in report.missing_keys
@@ -221,8 +250,8 @@ def key_mismatch_as_read(
 def with_saved_group_settings(state: Any, metadata: Metadata) -> None:
     """Add to the optimizer parameter groups of ``state`` (a copy of the template's containers,
     as the read loads it) what the checkpoint saved and they lack, as placeholders the read
-    fills (:func:`_placeholder`: a tensor learning rate's is a tensor): each group's settings
-    an LR scheduler saved (``initial_lr``;
+    fills (:func:`~distckpt.formats.dcp_storage.placeholder`: a tensor learning rate's is a
+    tensor): each group's settings an LR scheduler saved (``initial_lr``;
     :data:`~distckpt.model_state_keys.SCHEDULER_GROUP_KEYS`), which a scheduler built after the
     restore needs and a group built before it lacks; and the ``params`` of each saved group
     beyond the given ones, so that the restore sees the saved groups' number and refuses a
@@ -237,66 +266,161 @@ def with_saved_group_settings(state: Any, metadata: Metadata) -> None:
                 # the given groups all have their params: an empty dict is one added here
                 groups.extend({} for _ in range(index + 1 - len(groups)))
                 if groups[index] == {}:
-                    groups[index]["params"] = _placeholder(entry)
+                    groups[index]["params"] = placeholder(entry)
         elif _SCHEDULER_SETTING.search(key):
             found, group = get_saved(state, path[:-1])
             if found and isinstance(group, dict) and path[-1] not in group:
-                group[path[-1]] = _placeholder(entry)
+                group[path[-1]] = placeholder(entry)
 
 
-def grown_lists(missing: list[str], shared: Any, metadata: Metadata) -> list[str]:
-    """``missing`` with the items of a list the checkpoint holds fewer of (but some) replaced
-    by the list, as "torch" reports it (``lst[len 2 != 1]``): a list's items are not keys
-    a newer version adds, so ``optional_keys`` covers none of them, in both formats."""
-    paths = flat_paths(shared)
-    saved = list(metadata.state_dict_metadata)
-    reported: list[str] = []
-    for key in missing:
-        path = paths.get(key, ())
-        for depth, part in enumerate(path):
-            if not isinstance(part, int):
-                continue
-            items = f"{dotted(path[:depth])}."
-            held = {
-                int(name[len(items) :].split(".")[0]) for name in saved if name.startswith(items)
-            }
-            if held and part not in held:
-                _, items_given = get_saved(shared, path[:depth])
-                given = len(items_given)
-                key = list_length_key(dotted(path[:depth]), given, max(held) + 1)
+def _group_counts(keys: Iterable[str]) -> dict[str, int]:
+    """The number of parameter groups under each place among the flat ``keys`` of their
+    parameter names (``app.optim.param_groups.1.params``: two at ``app.optim.param_groups``)."""
+    counts: dict[str, int] = {}
+    for key in keys:
+        if match := _GROUP_PARAMS.match(key):
+            place, index = match["place"], int(match["index"])
+            counts[place] = max(counts.get(place, 0), index + 1)
+    return counts
+
+
+def changed_param_groups(
+    given: Mapping[str, Any], saved: Mapping[str, Any]
+) -> list[tuple[str, list[str], list[str]]]:
+    """The parameter groups that cannot load
+    (:func:`~distckpt.model_state_keys.param_group_changes`) from the flat keys of the
+    ``saved`` groups' parameter names and their values into the ``given`` ones, as
+    :attr:`~distckpt.load_report.LoadReport.changed_param_groups` holds them
+    (``app.optim.param_groups.0``, saved names, given names)."""
+
+    def as_state(flat: Mapping[str, Any], place: str, count: int) -> dict[str, Any]:
+        """The groups at ``place`` in the shape of a ModelOptimizerState's state dict."""
+        groups = [{"params": flat.get(f"{place}.{index}.params")} for index in range(count)]
+        return {"optim": {"param_groups": groups}}
+
+    changes: list[tuple[str, list[str], list[str]]] = []
+    given_counts, saved_counts = _group_counts(given), _group_counts(saved)
+    for place in sorted(given_counts.keys() & saved_counts.keys()):
+        groups = (
+            as_state(given, place, given_counts[place]),
+            as_state(saved, place, saved_counts[place]),
+        )
+        changes += [
+            (f"{place}.{index}", saved_names, given_names)
+            for index, saved_names, given_names in param_group_changes(*groups)
+        ]
+    return changes
+
+
+def given_for_saved_tensors(state: Any, metadata: Metadata) -> tuple[list[Path_], list[Path_]]:
+    """The places of ``state`` (as the read asks for it) where the checkpoint holds a tensor
+    and ``state`` another kind of value, as (those holding a dict or a list, those holding a
+    plain value such as None): DCP would refuse the read as if the checkpoint were damaged.
+    "torch" reports a container there on both sides only and leaves it as given, and
+    replaces a plain value with the saved tensor."""
+    saved = {
+        tuple(part if isinstance(part, int) else str(part) for part in path)
+        for path, entry in zip(saved_paths(metadata), metadata.state_dict_metadata.values())
+        if isinstance(entry, TensorStorageMetadata)
+    }
+    containers: list[Path_] = []
+    plain: list[Path_] = []
+
+    def walk(node: Any, path: Path_, saved_path: Path_) -> None:
+        if path and saved_path in saved and not isinstance(node, torch.Tensor):
+            if isinstance(node, (Mapping, list, tuple, PerRank)):
+                containers.append(path)
+            else:
+                plain.append(path)
+        elif isinstance(node, Mapping):
+            for key, value in node.items():
+                walk(value, (*path, key), (*saved_path, str(key)))
+        elif isinstance(node, list):
+            for index, item in enumerate(node):
+                walk(item, (*path, index), (*saved_path, index))
+
+    walk(state, (), ())
+    return containers, plain
+
+
+def dict_list_swaps(state: Any, metadata: Metadata) -> list[Path_]:
+    """The places of ``state`` (as the read asks for it) that hold a dict where the checkpoint
+    holds a list, or a list where it holds a dict, each the outermost place where they differ:
+    DCP names a dict's key ``"0"`` as it names a list's first item, and would load one into
+    the other."""
+    saved = metadata.planner_data if isinstance(metadata.planner_data, dict) else {}
+    places: list[Path_] = []
+    for key, path in flat_paths(state).items():
+        saved_path = tuple(saved.get(key, path))
+        for depth, (part, saved_part) in enumerate(zip(path, saved_path)):
+            if isinstance(part, int) != isinstance(saved_part, int):
+                if path[:depth] not in places:
+                    places.append(path[:depth])
                 break
-        if key not in reported:
-            reported.append(key)
-    return reported
+    return places
 
 
-def fold_missing_subtrees(
-    missing: list[str], flat: Iterable[str], optional_keys: Collection[str]
+def subtrees_of(keys: Iterable[str], paths: Mapping[str, Path_]) -> set[str]:
+    """The flat keys of the sub-trees holding any of ``keys`` that are a dict's values (dicts
+    and lists, at every depth), by their places in the nested state (``paths``, each flat
+    key's), as "torch" names keys: an item of a list is no key of its own, and a module's
+    ``layer.weight`` is one key of its dict, never a sub-tree ``layer``."""
+    return {
+        dotted(path[:depth])
+        for key in keys
+        if (path := paths.get(key)) is not None
+        for depth in range(1, len(path))
+        if not isinstance(path[depth - 1], int)
+    }
+
+
+def fold_whole_subtrees(
+    keys: list[str],
+    paths: Mapping[str, Path_],
+    subtrees: Collection[str],
+    other_side: Iterable[Path_],
 ) -> list[str]:
-    """``missing`` with the leaves of each of ``optional_keys`` replaced by that key when
-    every leaf of it (among the ``flat`` keys asked for) is missing: DCP flattens the state,
-    so it finds a whole missing sub-dict as its leaves, where "torch" finds the sub-dict; one
-    with some leaves saved keeps its missing leaves listed, in both formats."""
-    asked = list(flat)
-    folded = list(missing)
-    for optional in sorted(optional_keys, key=len):
-        leaves = [key for key in asked if key == optional or key.startswith(f"{optional}.")]
-        if not leaves or not all(leaf in folded for leaf in leaves):
+    """``keys`` (flat keys on one side only: missing from the checkpoint, or unexpected)
+    with the leaves of each of ``subtrees`` (sub-trees found by :func:`subtrees_of`, or
+    optional keys) replaced by that key when every leaf of it (among the flat keys of that
+    side, ``paths`` to their places) is in ``keys`` and the ``other_side`` (the other side's
+    places) holds nothing under it, outermost first
+    (:func:`~distckpt.load_report.folded_under`): DCP flattens the state, so it finds a whole
+    sub-dict on one side only as its leaves, where "torch" finds the sub-dict; one whose keys
+    partly differ keeps its keys listed, in both formats. A sub-tree is matched by place where
+    one has its text (so a dict key ``"a.b"`` is not the ``b`` under ``a``), else by text (an
+    optional key naming part of a flat key, a model's ``3`` of ``3.weight``)."""
+    # a leaf of the other side at the sub-tree's own place is another kind of value, which
+    # leaves it on this side only
+    held = {_as_saved(place[:depth]) for place in other_side for depth in range(1, len(place))}
+    held_text = {dotted(place) for place in held}
+    folded = list(keys)
+    for subtree in sorted(subtrees, key=len):
+        places = {
+            place[:depth]
+            for place in paths.values()
+            for depth in range(1, len(place) + 1)
+            if dotted(place[:depth]) == subtree
+        }
+        if places:
+            for place in places:
+                leaves = [key for key, path in paths.items() if path[: len(place)] == place]
+                if _as_saved(place) not in held and all(leaf in folded for leaf in leaves):
+                    folded = folded_under(folded, subtree)
             continue
-        first = folded.index(leaves[0])
-        folded = [key for key in folded if key not in leaves]
-        folded.insert(min(first, len(folded)), optional)
+        leaves = [key for key in paths if key.startswith(f"{subtree}.")]
+        if leaves and subtree not in held_text and all(leaf in folded for leaf in leaves):
+            folded = folded_under(folded, subtree)
     return folded
+
+
+def _as_saved(place: Path_) -> Path_:
+    """``place`` as DCP records it: dict keys as their text, list indices as ints."""
+    return tuple(part if isinstance(part, int) else str(part) for part in place)
 
 
 # ---------------------------------------------------------------------------------------------
 # Wrapper prefixes
-
-
-def saved_paths(metadata: Metadata) -> list[Path_]:
-    """Every key the checkpoint holds, as its place in the nested state."""
-    paths = metadata.planner_data if isinstance(metadata.planner_data, dict) else {}
-    return [tuple(paths.get(key, (key,))) for key in metadata.state_dict_metadata]
 
 
 def _children_index(saved_paths: Iterable[Path_]) -> dict[Path_, set[Any]]:

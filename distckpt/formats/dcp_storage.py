@@ -22,6 +22,7 @@ from torch.distributed.checkpoint.filesystem import (
 )
 from torch.distributed.checkpoint.metadata import (
     STATE_DICT_TYPE,
+    STORAGE_TYPES,
     Metadata,
     StorageMeta,
     TensorStorageMetadata,
@@ -234,6 +235,30 @@ class Planner(DefaultLoadPlanner):
         return self._places.place(tuple(self.mappings[key]))
 
 
+#: a value's place in a nested state: its dicts' keys and its lists' indices
+Path_ = tuple[Any, ...]
+
+
+def dotted(path: Iterable[Any]) -> str:
+    """The flat key DCP gives the value at ``path`` (``("a", 0, "x")``: ``a.0.x``)."""
+    return ".".join(str(part) for part in path)
+
+
+def placeholder(entry: STORAGE_TYPES) -> torch.Tensor | None:
+    """Something DCP can load a saved value into: an empty tensor of its saved size and dtype,
+    or None for a plain value (which DCP replaces with the unpickled one)."""
+    if isinstance(entry, TensorStorageMetadata):
+        return torch.empty(entry.size, dtype=entry.properties.dtype)
+    return None
+
+
+def saved_paths(metadata: Metadata) -> list[Path_]:
+    """Every key the checkpoint holds, as its place in the nested state (in the order of
+    ``metadata.state_dict_metadata``)."""
+    paths = metadata.planner_data if isinstance(metadata.planner_data, dict) else {}
+    return [tuple(paths.get(key, (key,))) for key in metadata.state_dict_metadata]
+
+
 def flat_state(state: STATE_DICT_TYPE) -> dict[str, Any]:
     """The values of a nested ``state`` under the keys DCP gives them (``model.layer.weight``,
     ``a.0``)."""
@@ -257,13 +282,14 @@ def flat_keys(state: STATE_DICT_TYPE) -> list[str]:
 
 def key_mismatch(asked: Iterable[str], metadata: Metadata) -> LoadReport:
     """The flat keys of a load on one side only: those ``asked`` for that the checkpoint lacks,
-    and the checkpoint's that nothing asks for."""
+    and the checkpoint's that nothing asks for, in the order the checkpoint lists them (a
+    state's own order, as "torch" reports them, when one process saved it)."""
     asked = list(asked)
     saved = metadata.state_dict_metadata
     wanted = set(asked)
     return LoadReport(
         missing_keys=[key for key in asked if key not in saved],
-        unexpected_keys=sorted(key for key in saved if key not in wanted),
+        unexpected_keys=[key for key in saved if key not in wanted],
     )
 
 

@@ -101,7 +101,7 @@ def check_restorable_keys(state: Any, where: str = "", *, flattened: bool = True
     """Raise :class:`~distckpt.errors.UnrestorableKeys` for the first dict of ``state`` with
     keys a restore could not map back: two that read the same, or one not of
     :data:`TEXT_KEY_TYPES`. Only the dicts DCP's flattening places key by key are checked
-    (``flattened``: ``state`` is one of its places; see :func:`_flattened_whole`): a dict DCP
+    (``flattened``: ``state`` is one of its places; see :func:`flattened_whole`): a dict DCP
     pickles whole, in a tuple or a list of plain values, keeps its keys as they are. A per-rank
     mark's value is saved at a place of its own, wherever the mark is, so it is looked for in
     those too."""
@@ -113,7 +113,7 @@ def check_restorable_keys(state: Any, where: str = "", *, flattened: bool = True
             _check_keys_of(state, where)
         items: Iterable[tuple[Any, Any]] = state.items()
     elif isinstance(state, (list, tuple)) and holds_containers(state):
-        flattened = flattened and isinstance(state, list) and not _flattened_whole(state)
+        flattened = flattened and isinstance(state, list) and not flattened_whole(state)
         items = enumerate(state)
     else:
         return
@@ -155,7 +155,7 @@ def holds_containers(items: list[Any] | tuple[Any, ...]) -> bool:
     return any(issubclass(kind, (Mapping, list, tuple, PerRank)) for kind in set(map(type, items)))
 
 
-def _flattened_whole(items: list[Any]) -> bool:
+def flattened_whole(items: list[Any]) -> bool:
     """Whether DCP's flattening (``traverse_state_dict`` in
     ``torch.distributed.checkpoint._traverse``) saves the list ``items`` as one pickled value,
     as its ``_is_terminal`` decides: when it holds no tensor, no mapping and no list it would
@@ -164,6 +164,6 @@ def _flattened_whole(items: list[Any]) -> bool:
     for item in items:
         if isinstance(item, (Mapping, torch.Tensor)):
             return False
-        if isinstance(item, list) and not _flattened_whole(item):
+        if isinstance(item, list) and not flattened_whole(item):
             return False
     return True
