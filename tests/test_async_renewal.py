@@ -1,0 +1,78 @@
+"""An async save's background group whose renewal failed on one rank is renewed by the next
+save on every rank, in the same job: each attempt meets the other ranks on a group name of its
+own, never on the store keys a failed attempt left behind."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import distckpt
+from distckpt import coord_health
+from tests.ranks import run_ranks, values
+from tests.test_async_handoff import no_descriptor_left
+from tests.test_coord import TIMEOUT
+from tests.test_coord_failures import late_in_the_write, note_the_timeout
+
+
+@contextlib.contextmanager
+def renewal_without_descriptors(limited: bool) -> Iterator[None]:
+    """Where ``limited``: the next group this process makes for distckpt is made with no file
+    descriptor left (:func:`~tests.test_async_handoff.no_descriptor_left`), so that gloo cannot
+    make its sockets and the renewal fails on this rank, while the other renews as usual."""
+    real_take = coord_health.take_private_group
+
+    def take_without_descriptors(ranks: tuple[int, ...], timeout: float) -> dist.ProcessGroup:
+        with no_descriptor_left(True):
+            return real_take(ranks, timeout)
+
+    # Patched because rank 0 needs descriptors for the rest of the save (its proposal, the
+    # removal of the staging area), so the limit must cover the group's creation alone, and
+    # no hook of the library marks that point.
+    if limited:
+        coord_health.take_private_group = take_without_descriptors
+    try:
+        yield
+    finally:
+        coord_health.take_private_group = real_take
+
+
+def _renewal_fails_once_then_succeeds(rank: int, world_size: int, root: str) -> dict[str, object]:
+    """Save 2 commits; rank 1 comes late to save 4's background write, which breaks the
+    background group; save 6's renewal fails (rank 0 can make no socket, after rank 1 wrote
+    its address in the store for the new group); save 8 renews the group again and commits."""
+    manager = distckpt.CheckpointManager(
+        root, timeout=TIMEOUT, async_save=True, every_n_steps=2, fsync=False
+    )
+    manager.save(2, {"w": torch.zeros(4)})
+    manager.wait()
+    with late_in_the_write(rank, root):
+        manager.save(4, {"w": torch.zeros(4)})
+        with pytest.raises(distckpt.CoordinationError):
+            manager.wait()
+        note_the_timeout(rank, root)
+    dist.barrier()  # the training loop's own group: both ranks in step again
+    with renewal_without_descriptors(rank == 0), pytest.raises(distckpt.CoordinationError):
+        manager.save(6, {"w": torch.ones(4)})
+    dist.barrier()
+    manager.save(8, {"w": torch.full((4,), 8.0)})
+    saved = manager.wait()
+    renewed = not manager._background.coord.broken
+    manager.close()
+    return {"committed": saved is not None and saved.step, "renewed": renewed}
+
+
+def test_a_renewal_that_failed_on_one_rank_succeeds_at_the_next_save(tmp_path: Path) -> None:
+    """docs/faults.md: a background group whose renewal failed is renewed by the next save,
+    which commits: the ranks name each attempt's group alike, whatever attempts failed before
+    on some of them (torch's own name for such a group, counted from the groups each process
+    holds, would meet the failed attempt's store keys, or another rank's other name)."""
+    root = str(tmp_path)
+    results = values(run_ranks(_renewal_fails_once_then_succeeds, 2, root, timeout=120))
+    assert results == [{"committed": 8, "renewed": True}] * 2, results
+    assert distckpt.CheckpointManager(root, read_only=True).steps() == [2, 8]
