@@ -11,16 +11,20 @@ or retires it when one is closed.
 
 A group on which a collective failed is broken for good: gloo closes its connections after a
 timeout, and every later collective on it fails at once. Such a group is retired, never pooled
-again, and destroyed at exit with the pool (destroyed sooner, torch would give the next group
-its name: see ``_pool``). Each rank whose collective failed on a group reports it in the
-group's store (:func:`report_failure`), so that a rank whose collective failed only because a
-peer had closed the connection can learn what that peer saw (:func:`peer_failures`).
+again, and destroyed at exit with the pool. Each new group, and each attempt to make one, is named
+alike on every rank (:func:`group_name`), so that an attempt that failed on some rank leaves neither
+its name nor the addresses written under it to the next. Each rank whose collective failed on a
+group reports it in the group's store (:func:`report_failure`), so that a rank whose collective
+failed only because a peer had closed the connection can learn what that peer saw
+(:func:`peer_failures`).
 """
 
 from __future__ import annotations
 
 import atexit
 import datetime
+import hashlib
+import inspect
 import logging
 import threading
 import time
@@ -35,19 +39,28 @@ from distckpt.errors import CoordinationError
 logger = logging.getLogger("distckpt")
 T = TypeVar("T")
 
-# Private gloo groups, pooled per set of ranks instead of destroyed: torch names a group made
-# with use_local_synchronization=True after its ranks and the number of live groups, so a group
-# destroyed and made again gets the old name and meets the old group's addresses in the store.
-# Managers are created and closed collectively, so every rank takes and returns groups in the
-# same order and the pool pairs the same groups across ranks.
+# Private gloo groups, pooled per set of ranks instead of destroyed: a new group costs a
+# rendezvous, and where torch names it itself (see _new_group) a group destroyed and made again
+# gets the old name and meets the old group's addresses in the store. Managers are created and
+# closed collectively, so every rank takes and returns groups in the same order, the pool pairs
+# the same groups across ranks, and every rank makes its groups in the same order (_attempts).
 _pool: dict[tuple[int, ...], list[dist.ProcessGroup]] = {}
 # Broken groups, kept alive (not destroyed) until exit for the same reason.
 _retired: list[dist.ProcessGroup] = []
 _pool_lock = threading.Lock()
-# Held around every group creation: torch names a use_local_synchronization group from its
-# ranks and the number of groups registered so far, counted before the new one registers, so
-# two threads making groups at once would give both the same name.
+# Held around every group creation: the attempts below are counted under it, and torch (for
+# the groups it names itself) counts the groups registered so far before the new one
+# registers, so two threads making groups at once would give both the same name.
 _creation_lock = threading.Lock()
+# How many groups this process tried to make for each set of ranks, failed attempts included:
+# the ranks make distckpt's groups in the same order (see _pool), so the count names each
+# attempt alike on every rank (group_name). torch's own name for a use_local_synchronization
+# group is counted from the groups this process holds, which a failed attempt does not add
+# to: the next attempt would take the failed one's name and meet, under that prefix of the
+# store, the addresses a peer wrote for the failed attempt (and connect to a socket closed
+# since); and a rank whose attempt succeeded while another's failed would name the next one
+# differently from it.
+_attempts: dict[tuple[int, ...], int] = {}
 
 #: The counters, in a group's own store, of the ranks that reported a failed collective: in
 #: all, and per operation (failed, and of those timed out). Counters, not a key per rank, so
@@ -190,7 +203,7 @@ def _any_failure(group: dist.ProcessGroup) -> bool:
 def take_private_group(ranks: tuple[int, ...], timeout: float) -> dist.ProcessGroup:
     """A gloo group over the global ``ranks`` with ``timeout`` seconds per collective: a pooled
     one still alive, or else a new one, which every rank of ``ranks`` (and only those) makes at
-    the same time."""
+    the same time, under the name of that attempt (:func:`group_name`)."""
     live = dist.distributed_c10d._world.pg_map
     with _pool_lock:
         free = [g for g in _pool.get(ranks, []) if g in live]
@@ -200,18 +213,65 @@ def take_private_group(ranks: tuple[int, ...], timeout: float) -> dist.ProcessGr
     if group is None:
         try:
             with _creation_lock:
-                return dist.new_group(
-                    ranks=list(ranks),
-                    backend="gloo",
-                    timeout=delta,
-                    use_local_synchronization=True,
-                )
+                return _new_group(ranks, delta)
         except Exception as exc:
             raise CoordinationError(f"could not create distckpt's gloo group: {exc}") from exc
     set_timeout = getattr(dist.distributed_c10d, "_set_pg_timeout", None)
     if set_timeout is not None:  # older torch: the group keeps the timeout it was made with
         set_timeout(delta, group)
     return group
+
+
+def group_name(ranks: tuple[int, ...], attempt: int) -> str:
+    """The name of distckpt's ``attempt``-th group over ``ranks`` (counted from 0), the same
+    on every rank: the prefix under which the ranks meet in the default group's store."""
+    spelled = hashlib.sha1(",".join(map(str, ranks)).encode(), usedforsecurity=False)
+    return f"distckpt_{spelled.hexdigest()[:16]}_{attempt}"
+
+
+def _new_group(ranks: tuple[int, ...], timeout: datetime.timedelta) -> dist.ProcessGroup:
+    """A new gloo group over ``ranks``, made with the other ranks under the name of this
+    attempt (:func:`group_name`), whether or not the attempts before succeeded here or on the
+    others. Called under ``_creation_lock``."""
+    attempt = _attempts.get(ranks, 0)
+    _attempts[ranks] = attempt + 1  # a failed attempt uses its name up too: see _attempts
+    c10d = dist.distributed_c10d
+    helper = getattr(c10d, "_new_process_group_helper", None)
+    if not takes_a_name(helper):
+        # A torch whose private helper is gone or changed: torch's own name, which a failed
+        # attempt leaves to the next (see _attempts); only a retry after a failed renewal may
+        # then fail once more.
+        return dist.new_group(
+            ranks=list(ranks), backend="gloo", timeout=timeout, use_local_synchronization=True
+        )
+    default_store = c10d._world.pg_map[c10d._get_default_group()][1]
+    pg, _ = helper(
+        len(ranks),
+        ranks.index(dist.get_rank()),
+        list(ranks),
+        "gloo",
+        default_store,
+        group_name(ranks, attempt),
+        timeout=timeout,
+    )
+    # What new_group does after the helper, which leaves the group's ranks to its callers.
+    c10d._world.pg_group_ranks[pg] = {rank: index for index, rank in enumerate(ranks)}
+    return pg
+
+
+def takes_a_name(helper: Callable[..., object] | None) -> bool:
+    """Whether ``helper`` (torch's private ``_new_process_group_helper``) takes the arguments
+    :func:`_new_group` gives it: the group's size, this rank's place in it, its global ranks,
+    the backend, the store and the name, in that order (torch 2.4 to 2.13 at least), and a
+    ``timeout``."""
+    if helper is None:
+        return False
+    try:
+        parameters = list(inspect.signature(helper).parameters)
+    except (TypeError, ValueError):
+        return False
+    expected = ["group_size", "group_rank", "global_ranks_in_group", "backend", "store"]
+    return parameters[:6] == [*expected, "group_name"] and "timeout" in parameters
 
 
 def return_private_group(ranks: tuple[int, ...], group: dist.ProcessGroup) -> None:

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 import distckpt
-from distckpt import coord_health
+from distckpt import coord_groups, coord_health
 from tests.ranks import run_ranks, values
 from tests.test_async_handoff import no_descriptor_left
 from tests.test_coord import TIMEOUT
@@ -68,11 +68,26 @@ def _renewal_fails_once_then_succeeds(rank: int, world_size: int, root: str) -> 
 
 
 def test_a_renewal_that_failed_on_one_rank_succeeds_at_the_next_save(tmp_path: Path) -> None:
-    """docs/faults.md: a background group whose renewal failed is renewed by the next save,
-    which commits: the ranks name each attempt's group alike, whatever attempts failed before
-    on some of them (torch's own name for such a group, counted from the groups each process
-    holds, would meet the failed attempt's store keys, or another rank's other name)."""
+    """README: when the new group fails too, "that save raises on every rank and the one after tries
+    again", and commits: the ranks name each attempt's group alike, whatever attempts failed before
+    on some of them (torch's own name for such a group, counted from the groups each process holds,
+    would meet the failed attempt's store keys, or another rank's other name)."""
     root = str(tmp_path)
     results = values(run_ranks(_renewal_fails_once_then_succeeds, 2, root, timeout=120))
     assert results == [{"committed": 8, "renewed": True}] * 2, results
     assert distckpt.CheckpointManager(root, read_only=True).steps() == [2, 8]
+
+
+def test_torch_still_lets_distckpt_name_its_groups() -> None:
+    """The private helper through which the ranks name each attempt alike still takes what
+    distckpt gives it; a torch that changed it would leave distckpt to torch's own names,
+    with which a renewal retried after a failed one may fail again."""
+    assert coord_groups.takes_a_name(dist.distributed_c10d._new_process_group_helper)
+    assert not coord_groups.takes_a_name(None)
+    assert not coord_groups.takes_a_name(lambda group_size, group_rank: None)
+
+
+def test_group_names_differ_per_attempt_and_per_set_of_ranks() -> None:
+    names = {coord_groups.group_name(ranks, n) for ranks in [(0, 1), (0, 2)] for n in range(3)}
+    assert len(names) == 6, names
+    assert all("/" not in name for name in names), names  # a prefix of the store's keys
