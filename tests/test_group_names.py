@@ -1,6 +1,8 @@
-"""An async save's background group whose renewal failed on one rank is renewed by the next
-save on every rank, in the same job: each attempt meets the other ranks on a group name of its
-own, never on the store keys a failed attempt left behind."""
+"""distckpt's private gloo groups are named alike on every rank, whatever groups each rank
+made or failed to make before: an async save's background group whose renewal failed on one
+rank is renewed by the next save, in the same job (each attempt meets the other ranks under a
+name of its own, never on the store keys a failed attempt left behind), and a manager on a
+subgroup makes its group although its ranks hold different numbers of groups."""
 
 from __future__ import annotations
 
@@ -91,3 +93,25 @@ def test_group_names_differ_per_attempt_and_per_set_of_ranks() -> None:
     names = {coord_groups.group_name(ranks, n) for ranks in [(0, 1), (0, 2)] for n in range(3)}
     assert len(names) == 6, names
     assert all("/" not in name for name in names), names  # a prefix of the store's keys
+
+
+def _manager_on_a_subgroup(rank: int, world_size: int, root: str) -> object:
+    """Ranks 1 and 2 save on a subgroup of their own; rank 1 also made a group alone, so the
+    two hold different numbers of groups (torch's own name for a new group would differ)."""
+    subgroup = dist.new_group([1, 2], use_local_synchronization=True) if rank > 0 else None
+    if rank == 1:
+        dist.new_group([1], use_local_synchronization=True)
+    if rank == 0:
+        return None
+    with distckpt.CheckpointManager(root, group=subgroup, timeout=TIMEOUT) as manager:
+        manager.save(1, {"w": torch.ones(2)})
+        return manager.steps()
+
+
+def test_a_manager_on_a_subgroup_makes_its_group_whatever_groups_its_ranks_made(
+    tmp_path: Path,
+) -> None:
+    """README: a manager "makes its own gloo group with `timeout` (with `group=`, among that
+    group's ranks alone, whatever other groups each of them made before)"."""
+    results = values(run_ranks(_manager_on_a_subgroup, 3, str(tmp_path), timeout=60))
+    assert results == [None, [1], [1]], results
