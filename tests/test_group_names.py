@@ -19,7 +19,7 @@ from distckpt import coord_groups, coord_health
 from tests.ranks import run_ranks, values
 from tests.test_async_handoff import no_descriptor_left
 from tests.test_coord import TIMEOUT
-from tests.test_coord_failures import late_in_the_write, note_the_timeout
+from tests.test_coord_failures import broken_background_group
 
 
 @contextlib.contextmanager
@@ -48,16 +48,7 @@ def _renewal_fails_once_then_succeeds(rank: int, world_size: int, root: str) -> 
     """Save 2 commits; rank 1 comes late to save 4's background write, which breaks the
     background group; save 6's renewal fails (rank 0 can make no socket, after rank 1 wrote
     its address in the store for the new group); save 8 renews the group again and commits."""
-    manager = distckpt.CheckpointManager(
-        root, timeout=TIMEOUT, async_save=True, every_n_steps=2, fsync=False
-    )
-    manager.save(2, {"w": torch.zeros(4)})
-    manager.wait()
-    with late_in_the_write(rank, root):
-        manager.save(4, {"w": torch.zeros(4)})
-        with pytest.raises(distckpt.CoordinationError):
-            manager.wait()
-        note_the_timeout(rank, root)
+    manager = broken_background_group(rank, root)
     dist.barrier()  # the training loop's own group: both ranks in step again
     with renewal_without_descriptors(rank == 0), pytest.raises(distckpt.CoordinationError):
         manager.save(6, {"w": torch.ones(4)})
