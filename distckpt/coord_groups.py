@@ -239,30 +239,31 @@ def _new_group(ranks: tuple[int, ...], timeout: datetime.timedelta) -> dist.Proc
     helper = getattr(c10d, "_new_process_group_helper", None)
     if not takes_a_name(helper):
         # A torch whose private helper is gone or changed: torch's own name, which a failed
-        # attempt leaves to the next (see _attempts); only a retry after a failed renewal may
-        # then fail once more.
+        # attempt leaves to the next (see _attempts), so that a renewal retried after a failed
+        # one may fail again.
         return dist.new_group(
             ranks=list(ranks), backend="gloo", timeout=timeout, use_local_synchronization=True
         )
     default_store = c10d._world.pg_map[c10d._get_default_group()][1]
+    members = sorted(ranks)  # in the order new_group puts them: group rank 0 is the lowest
     pg, _ = helper(
-        len(ranks),
-        ranks.index(dist.get_rank()),
-        list(ranks),
-        "gloo",
+        len(members),
+        members.index(dist.get_rank()),
+        members,
+        dist.Backend("gloo"),
         default_store,
         group_name(ranks, attempt),
         timeout=timeout,
     )
     # What new_group does after the helper, which leaves the group's ranks to its callers.
-    c10d._world.pg_group_ranks[pg] = {rank: index for index, rank in enumerate(ranks)}
+    c10d._world.pg_group_ranks[pg] = {rank: index for index, rank in enumerate(members)}
     return pg
 
 
 def takes_a_name(helper: Callable[..., object] | None) -> bool:
     """Whether ``helper`` (torch's private ``_new_process_group_helper``) takes the arguments
     :func:`_new_group` gives it: the group's size, this rank's place in it, its global ranks,
-    the backend, the store and the name, in that order (torch 2.4 to 2.13 at least), and a
+    the backend, the store and the name, in that order (as torch 2.13's does), and a
     ``timeout``."""
     if helper is None:
         return False
