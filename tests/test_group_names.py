@@ -44,30 +44,56 @@ def renewal_without_descriptors(limited: bool) -> Iterator[None]:
         coord_health.take_private_group = real_take
 
 
+def _shared_attempt() -> int:
+    """The attempt the next group over ranks 0 and 1 is made as, as every rank reads it."""
+    return coord_groups.next_attempt(coord_groups.default_group_store(), (0, 1))
+
+
 def _renewal_fails_once_then_succeeds(rank: int, world_size: int, root: str) -> dict[str, object]:
     """Save 2 commits; rank 1 comes late to save 4's background write, which breaks the
     background group; save 6's renewal fails (rank 0 can make no socket, after rank 1 wrote
-    its address in the store for the new group); save 8 renews the group again and commits."""
+    its address in the store for the new group); save 8 renews the group again and commits.
+    Returns the shared attempt before save 6 and before save 8 (read between barriers, alike
+    on every rank) and the name of the group save 8 renewed."""
     manager = broken_background_group(rank, root)
     dist.barrier()  # the training loop's own group: both ranks in step again
+    before_failed = _shared_attempt()
+    dist.barrier()
     with renewal_without_descriptors(rank == 0), pytest.raises(distckpt.CoordinationError):
         manager.save(6, {"w": torch.ones(4)})
     dist.barrier()
+    before_renewal = _shared_attempt()
+    dist.barrier()
     manager.save(8, {"w": torch.full((4,), 8.0)})
     saved = manager.wait()
-    renewed = not manager._background.coord.broken
+    coord = manager._background.coord
+    renewed = None if coord.broken or coord.group is None else coord.group.group_name
     manager.close()
-    return {"committed": saved is not None and saved.step, "renewed": renewed}
+    return {
+        "committed": saved is not None and saved.step,
+        "renewed": renewed,
+        "attempts": (before_failed, before_renewal),
+    }
 
 
 def test_a_renewal_that_failed_on_one_rank_succeeds_at_the_next_save(tmp_path: Path) -> None:
     """README: when the new group fails too, "that save raises on every rank and the one after tries
     again", and commits: the ranks name each attempt's group alike, whatever attempts failed before
     on some of them (torch's own name for such a group, counted from the groups each process holds,
-    would meet the failed attempt's store keys, or another rank's other name)."""
+    would meet the failed attempt's store keys, or another rank's other name). Beside the commit,
+    which a renewal under a stale name fails only when a peer's stale address is still met, the
+    names say it without a race: the failed attempt moved the shared attempt on (each rank's
+    failed attempt was made as one from ``before_failed`` up), and every rank's renewed group
+    has the same name, of the attempt after them."""
     root = str(tmp_path)
     results = values(run_ranks(_renewal_fails_once_then_succeeds, 2, root, timeout=120))
-    assert results == [{"committed": 8, "renewed": True}] * 2, results
+    before_failed, before_renewal = results[0]["attempts"]
+    assert [r["attempts"] for r in results] == [(before_failed, before_renewal)] * 2, results
+    assert before_renewal > before_failed, results
+    expected = coord_groups.group_name((0, 1), before_renewal)
+    assert [r["renewed"] for r in results] == [expected] * 2, results
+    assert expected != coord_groups.group_name((0, 1), before_failed)
+    assert [r["committed"] for r in results] == [8, 8], results
     assert distckpt.CheckpointManager(root, read_only=True).steps() == [2, 8]
 
 
