@@ -65,11 +65,12 @@ def _rank_1_gives_up_on_the_proposal(rank: int, world_size: int, root: str) -> l
 def test_saves_recover_after_one_rank_renewed_the_background_group_alone(
     tmp_path: Path,
 ) -> None:
-    """A renewal attempt made by rank 0 alone (rank 1 had raised before it) leaves the ranks
-    agreeing on the next attempts: counted on each rank, rank 1 would make every later group
-    as the attempt rank 0 had used up, and every later save would fail. The first save after
-    may still fail (rank 1's group broke, rank 0's did not: they learn it in that save); the
-    ones after commit."""
+    """README: "Where a rank gave up on that save's last agreement just as the others completed
+    it (...), the save after may fail as well, and the ones after it commit". A renewal attempt
+    made by rank 0 alone (rank 1 had raised before it) leaves the ranks agreeing on the next
+    attempts: counted on each rank, rank 1 would make every later group as the attempt rank 0
+    had used up, and every later save would fail. The first save after may still fail (rank
+    1's group broke, rank 0's did not: they learn it in that save)."""
     root = str(tmp_path)
     results = values(run_ranks(_rank_1_gives_up_on_the_proposal, 2, root, timeout=150))
     for outcomes in results:
