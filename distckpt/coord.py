@@ -466,12 +466,13 @@ class Coordinator(GroupHealth):
         """Another coordinator over the same ranks on a group of its own (for a background
         thread whose collectives must never interleave with this one's). Collective.
 
-        The twin never makes a group in its thread: torch names a new group from its ranks
-        and the number of groups before it registers, so a group made in a background thread
-        while the caller's thread (another manager, or the training loop's own ``new_group``)
-        makes one would get the same name. After a failure its next collective raises
-        (:meth:`_still_broken`) unless the owner, in the caller's thread, called
-        :meth:`renew` on every rank first."""
+        The twin never makes a group in its thread: the ranks name each group by the attempt
+        they share in the store (:data:`~distckpt.coord_groups.ATTEMPT_KEY`), and torch names a
+        group it names itself from the groups registered before it, so a group made in a
+        background thread while the caller's thread (another manager, or the training loop's
+        own ``new_group``) makes one could be named differently on each rank, or alike twice.
+        After a failure its next collective raises (:meth:`_still_broken`) unless the owner, in
+        the caller's thread, called :meth:`renew` on every rank first."""
         twin = object.__new__(Coordinator)
         twin.__dict__.update(self.__dict__)
         twin._start_counting()

@@ -11,16 +11,21 @@ or retires it when one is closed.
 
 A group on which a collective failed is broken for good: gloo closes its connections after a
 timeout, and every later collective on it fails at once. Such a group is retired, never pooled
-again, and destroyed at exit with the pool (destroyed sooner, torch would give the next group
-its name: see ``_pool``). Each rank whose collective failed on a group reports it in the
-group's store (:func:`report_failure`), so that a rank whose collective failed only because a
-peer had closed the connection can learn what that peer saw (:func:`peer_failures`).
+again, and destroyed at exit with the pool. Each new group, and each attempt to make one, is named
+alike on every rank by a counter the ranks share in the default group's store (:func:`group_name`,
+:data:`ATTEMPT_KEY`), so that an attempt that failed on some rank (or that some rank never made)
+leaves neither its name nor the addresses written under it to the next. Each rank whose
+collective failed on a group reports it in the group's store (:func:`report_failure`), so that a
+rank whose collective failed only because a peer had closed the connection can learn what that
+peer saw (:func:`peer_failures`).
 """
 
 from __future__ import annotations
 
 import atexit
 import datetime
+import hashlib
+import inspect
 import logging
 import threading
 import time
@@ -28,6 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
+import torch
 import torch.distributed as dist
 
 from distckpt.errors import CoordinationError
@@ -35,19 +41,31 @@ from distckpt.errors import CoordinationError
 logger = logging.getLogger("distckpt")
 T = TypeVar("T")
 
-# Private gloo groups, pooled per set of ranks instead of destroyed: torch names a group made
-# with use_local_synchronization=True after its ranks and the number of live groups, so a group
-# destroyed and made again gets the old name and meets the old group's addresses in the store.
-# Managers are created and closed collectively, so every rank takes and returns groups in the
-# same order and the pool pairs the same groups across ranks.
+# Private gloo groups, pooled per set of ranks instead of destroyed: a new group costs a
+# rendezvous, and where torch names it itself (see _new_group) a group destroyed and made again
+# gets the old name and meets the old group's addresses in the store. Managers are created and
+# closed collectively, so every rank takes and returns groups in the same order and the pool
+# pairs the same groups across ranks.
 _pool: dict[tuple[int, ...], list[dist.ProcessGroup]] = {}
 # Broken groups, kept alive (not destroyed) until exit for the same reason.
 _retired: list[dist.ProcessGroup] = []
 _pool_lock = threading.Lock()
-# Held around every group creation: torch names a use_local_synchronization group from its
-# ranks and the number of groups registered so far, counted before the new one registers, so
-# two threads making groups at once would give both the same name.
+# Held around every group creation: torch (for the groups it names itself) counts the groups
+# registered so far before the new one registers, so two threads making groups at once would
+# give both the same name.
 _creation_lock = threading.Lock()
+# Once per process: the warning that torch's private helper is gone (see _new_group).
+_warned_of_torch_names = False
+
+#: The key, in the default group's store, of the attempt (counted from 0) that the next group
+#: over a set of ranks is made as (:func:`group_name`): read by every rank before it makes the
+#: group, and moved past that attempt by the first rank to end it, whether it succeeded or
+#: failed. A count of its own on each rank would drift apart for good once an attempt ended
+#: on some ranks and not others (a rank that tried alone, or that had raised before it came);
+#: torch's own name for a use_local_synchronization group, counted from the groups the
+#: process holds (which a failed attempt does not add to), would give the next attempt the
+#: failed one's name, under which a peer's stale address waits.
+ATTEMPT_KEY = "distckpt_{ranks}/next_attempt"
 
 #: The counters, in a group's own store, of the ranks that reported a failed collective: in
 #: all, and per operation (failed, and of those timed out). Counters, not a key per rank, so
@@ -190,7 +208,7 @@ def _any_failure(group: dist.ProcessGroup) -> bool:
 def take_private_group(ranks: tuple[int, ...], timeout: float) -> dist.ProcessGroup:
     """A gloo group over the global ``ranks`` with ``timeout`` seconds per collective: a pooled
     one still alive, or else a new one, which every rank of ``ranks`` (and only those) makes at
-    the same time."""
+    the same time, under the name of that attempt (:func:`group_name`)."""
     live = dist.distributed_c10d._world.pg_map
     with _pool_lock:
         free = [g for g in _pool.get(ranks, []) if g in live]
@@ -200,18 +218,112 @@ def take_private_group(ranks: tuple[int, ...], timeout: float) -> dist.ProcessGr
     if group is None:
         try:
             with _creation_lock:
-                return dist.new_group(
-                    ranks=list(ranks),
-                    backend="gloo",
-                    timeout=delta,
-                    use_local_synchronization=True,
-                )
+                return _new_group(ranks, delta)
         except Exception as exc:
             raise CoordinationError(f"could not create distckpt's gloo group: {exc}") from exc
     set_timeout = getattr(dist.distributed_c10d, "_set_pg_timeout", None)
     if set_timeout is not None:  # older torch: the group keeps the timeout it was made with
         set_timeout(delta, group)
     return group
+
+
+def group_name(ranks: tuple[int, ...], attempt: int) -> str:
+    """The name of distckpt's ``attempt``-th group over ``ranks`` (counted from 0), the same
+    on every rank: the prefix under which the ranks meet in the default group's store."""
+    return f"distckpt_{_spelled(ranks)}_{attempt}"
+
+
+def _spelled(ranks: tuple[int, ...]) -> str:
+    """``ranks`` as a short name, alike on every rank, fit for a prefix of the store's keys."""
+    digest = hashlib.sha1(",".join(map(str, ranks)).encode(), usedforsecurity=False)
+    return digest.hexdigest()[:16]
+
+
+def default_group_store() -> dist.Store:
+    """The store of the default group, in which the ranks meet to make every other group."""
+    c10d = dist.distributed_c10d
+    return c10d._world.pg_map[c10d._get_default_group()][1]
+
+
+def next_attempt(store: dist.Store, ranks: tuple[int, ...]) -> int:
+    """The attempt the next group over ``ranks`` is made as (see :data:`ATTEMPT_KEY`)."""
+    return int(store.add(ATTEMPT_KEY.format(ranks=_spelled(ranks)), 0))
+
+
+def _end_attempt(store: dist.Store, ranks: tuple[int, ...], attempt: int) -> None:
+    """Move the shared count past ``attempt``, unless another rank did already: compare and
+    set, so that a rank that ends an attempt late never takes the count back."""
+    key = ATTEMPT_KEY.format(ranks=_spelled(ranks))
+    store.compare_set(key, str(attempt), str(attempt + 1))
+
+
+def _new_group(ranks: tuple[int, ...], timeout: datetime.timedelta) -> dist.ProcessGroup:
+    """A new gloo group over ``ranks``, made with the other ranks under the name of the
+    attempt they share (:data:`ATTEMPT_KEY`), whatever attempts before failed here or on the
+    others. Called under ``_creation_lock``.
+
+    Every rank reads the attempt before it writes its address under the attempt's name, and
+    none ends a successful attempt before it read every peer's address, so no rank of an
+    attempt that succeeds reads the count after another moved it on. A rank that fails
+    moves the count on before it raises, so the ranks meet the next time under a new name."""
+    c10d = dist.distributed_c10d
+    helper = getattr(c10d, "_new_process_group_helper", None)
+    if not takes_a_name(helper):
+        return _new_group_named_by_torch(ranks, timeout)
+    default_store = default_group_store()
+    attempt = next_attempt(default_store, ranks)
+    members = sorted(ranks)  # in the order new_group puts them: group rank 0 is the lowest
+    try:
+        pg, _ = helper(
+            len(members),
+            members.index(dist.get_rank()),
+            members,
+            dist.Backend("gloo"),
+            default_store,
+            group_name(ranks, attempt),
+            timeout=timeout,
+        )
+    finally:
+        _end_attempt(default_store, ranks, attempt)
+    # What new_group does after the helper, which leaves the group's ranks to its callers.
+    c10d._world.pg_group_ranks[pg] = {rank: index for index, rank in enumerate(members)}
+    return pg
+
+
+def _new_group_named_by_torch(
+    ranks: tuple[int, ...], timeout: datetime.timedelta
+) -> dist.ProcessGroup:
+    """A torch whose private helper is gone or changed: torch's own name, which a failed
+    attempt leaves to the next (see :data:`ATTEMPT_KEY`), and which ranks that hold different
+    numbers of groups spell differently; said once per process."""
+    global _warned_of_torch_names
+    if not _warned_of_torch_names:
+        _warned_of_torch_names = True
+        logger.warning(
+            "torch %s changed its private _new_process_group_helper: distckpt's gloo groups "
+            "take torch's own names, so a manager on a subgroup may fail to make its group "
+            "when its ranks made different numbers of groups before, and a renewal retried "
+            "after a failed one may fail again",
+            torch.__version__,
+        )
+    return dist.new_group(
+        ranks=list(ranks), backend="gloo", timeout=timeout, use_local_synchronization=True
+    )
+
+
+def takes_a_name(helper: Callable[..., object] | None) -> bool:
+    """Whether ``helper`` (torch's private ``_new_process_group_helper``) takes the arguments
+    :func:`_new_group` gives it: the group's size, this rank's place in it, its global ranks,
+    the backend, the store and the name, in that order (as torch 2.13's does), and a
+    ``timeout``."""
+    if helper is None:
+        return False
+    try:
+        parameters = list(inspect.signature(helper).parameters)
+    except (TypeError, ValueError):
+        return False
+    expected = ["group_size", "group_rank", "global_ranks_in_group", "backend", "store"]
+    return parameters[:6] == [*expected, "group_name"] and "timeout" in parameters
 
 
 def return_private_group(ranks: tuple[int, ...], group: dist.ProcessGroup) -> None:

@@ -165,7 +165,9 @@ class GroupHealth:
         A rank that fails to make the group raises at once; the others cannot connect to it
         and raise once the timeout has run out. Each rank keeps the group it had: the ranks
         whose group broke keep it broken, and say so in the next save's proposal, so the next
-        save tries the renewal again on every rank."""
+        save tries the renewal again on every rank, under a name of its own (the rank that
+        failed moved the attempt the ranks share past the failed one:
+        :data:`~distckpt.coord_groups.ATTEMPT_KEY`)."""
         if self._group is not None:
             self._renew_group(what)
 

@@ -27,7 +27,7 @@ from distckpt.objstore import ObjectStore
 from tests.ranks import run_ranks, values
 from tests.s3server import S3Server
 from tests.test_coord import TIMEOUT
-from tests.test_coord_failures import late_in_the_write, note_the_timeout
+from tests.test_coord_failures import broken_background_group
 
 #: Only bounds a hang: how far past the timeout a rank whose peer could not make the group may
 #: raise (gloo's connection attempts and a loaded machine).
@@ -56,16 +56,7 @@ def no_descriptor_left(limited: bool) -> Iterator[None]:
 def _renewal_fails_on_rank_1(rank: int, world_size: int, root: str) -> dict[str, object]:
     """Save 2 commits; rank 1 comes late to save 4's background write, which breaks the
     background group; save 6 must renew it, and rank 1 can make no socket for the new one."""
-    manager = distckpt.CheckpointManager(
-        root, timeout=TIMEOUT, async_save=True, every_n_steps=2, fsync=False
-    )
-    manager.save(2, {"w": torch.zeros(4)})
-    manager.wait()
-    with late_in_the_write(rank, root):
-        manager.save(4, {"w": torch.zeros(4)})
-        with pytest.raises(distckpt.CoordinationError):
-            manager.wait()
-        note_the_timeout(rank, root)
+    manager = broken_background_group(rank, root)
     torch.distributed.barrier()  # the training loop's own group: both ranks in step again
     broke = manager._background.coord.broken
     started = time.monotonic()

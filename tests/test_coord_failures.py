@@ -190,6 +190,22 @@ def late_in_the_write(rank: int, root: str) -> Iterator[None]:
         faults.hit = real_hit
 
 
+def broken_background_group(rank: int, root: str) -> distckpt.CheckpointManager:
+    """An async manager (every 2 steps) whose save 2 committed and whose save 4 failed, rank 1
+    coming late to its background write: the background group broke (on one rank at least)."""
+    manager = distckpt.CheckpointManager(
+        root, timeout=TIMEOUT, async_save=True, every_n_steps=2, fsync=False
+    )
+    manager.save(2, {"w": torch.zeros(4)})
+    manager.wait()
+    with late_in_the_write(rank, root):
+        manager.save(4, {"w": torch.zeros(4)})
+        with pytest.raises(distckpt.CoordinationError):
+            manager.wait()
+        note_the_timeout(rank, root)
+    return manager
+
+
 def _late_then_in_step(
     rank: int, world_size: int, root: str, async_save: bool
 ) -> tuple[str, bool, int, int]:
