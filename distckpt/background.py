@@ -48,8 +48,9 @@ def _register_exit_hook(hook: Callable[[], None]) -> None:
     register(hook)
 
 
-#: The saves whose save in flight is finished at exit: every BackgroundSaves not closed yet,
-#: but those whose manager was dropped and whose save ended (:meth:`BackgroundSaves.owner_dropped`).
+#: The saves whose save in flight is finished at exit: every BackgroundSaves not closed yet, or
+#: closed while it holds an outcome no caller received (:meth:`BackgroundSaves.close`), but
+#: those whose manager was dropped and whose save ended (:meth:`BackgroundSaves.owner_dropped`).
 #: Strong references: a manager dropped without close() still has its save finished. No lock
 #: guards it: adding, discarding and copying a set are each atomic under the GIL, and a lock
 #: another thread held at a fork would stay held for good in the child, whose exit runs the hook.
@@ -245,9 +246,12 @@ class BackgroundSaves:
 
     def close(self) -> None:
         """Stop the thread (after the save in flight) and give its group back; :attr:`closed`
-        once both are done. Safe to call again after an interrupt."""
+        once both are done. Safe to call again after an interrupt. While it
+        :attr:`holds_outcome` (a caller's wait was interrupted), it stays in ``_open_saves``:
+        a program that exits without waiting again still has that save's failure logged."""
         self._executor.shutdown(wait=True)
-        _open_saves.discard(self)
+        if not self.holds_outcome:
+            _open_saves.discard(self)
         self.coord.close()
         self.closed = True
 
