@@ -209,12 +209,12 @@ class BackgroundSaves:
             return None
         try:
             result = inflight.result()
-        except CancelledError:
-            if not inflight.cancelled():
-                raise  # the save's own error, not its cancellation
-            self._forget(inflight)
-            return None
         except BaseException as exc:
+            # Only the Future's own cancellation: a CancelledError the save's code raised (an
+            # inner future of it cancelled) is its failure, handled as any other.
+            if isinstance(exc, CancelledError) and inflight.cancelled():
+                self._forget(inflight)
+                return None
             # The save's own error (not an interrupt of this waiter): the save ended with it.
             failed = inflight.done() and not inflight.cancelled() and inflight.exception() is exc
             if failed and self._forget(inflight) and on_failure is not None:
