@@ -48,8 +48,9 @@ def _register_exit_hook(hook: Callable[[], None]) -> None:
     register(hook)
 
 
-#: The saves whose save in flight is finished at exit: every BackgroundSaves not closed yet,
-#: but those whose manager was dropped and whose save ended (:meth:`BackgroundSaves.owner_dropped`).
+#: The saves whose save in flight is finished at exit: every BackgroundSaves not closed yet, or
+#: closed while it holds an outcome no caller received (:meth:`BackgroundSaves.close`), but
+#: those whose manager was dropped and whose save ended (:meth:`BackgroundSaves.owner_dropped`).
 #: Strong references: a manager dropped without close() still has its save finished. No lock
 #: guards it: adding, discarding and copying a set are each atomic under the GIL, and a lock
 #: another thread held at a fork would stay held for good in the child, whose exit runs the hook.
@@ -208,12 +209,12 @@ class BackgroundSaves:
             return None
         try:
             result = inflight.result()
-        except CancelledError:
-            if not inflight.cancelled():
-                raise  # the save's own error, not its cancellation
-            self._forget(inflight)
-            return None
         except BaseException as exc:
+            # Only the Future's own cancellation: a CancelledError the save's code raised (an
+            # inner future of it cancelled) is its failure, handled as any other.
+            if isinstance(exc, CancelledError) and inflight.cancelled():
+                self._forget(inflight)
+                return None
             # The save's own error (not an interrupt of this waiter): the save ended with it.
             failed = inflight.done() and not inflight.cancelled() and inflight.exception() is exc
             if failed and self._forget(inflight) and on_failure is not None:
@@ -245,9 +246,12 @@ class BackgroundSaves:
 
     def close(self) -> None:
         """Stop the thread (after the save in flight) and give its group back; :attr:`closed`
-        once both are done. Safe to call again after an interrupt."""
+        once both are done. Safe to call again after an interrupt. While it
+        :attr:`holds_outcome` (a caller's wait was interrupted), it stays in ``_open_saves``:
+        a program that exits without waiting again still has that save's failure logged."""
         self._executor.shutdown(wait=True)
-        _open_saves.discard(self)
+        if not self.holds_outcome:
+            _open_saves.discard(self)
         self.coord.close()
         self.closed = True
 

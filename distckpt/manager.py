@@ -455,8 +455,8 @@ class CheckpointManager(RootUpkeep):
         manager's process groups. Each step runs even if one before failed or was interrupted
         (a Ctrl-C); a close that did not complete (its lease is kept while the save in flight
         runs; a save's outcome its interrupted wait missed is kept) is finished by calling
-        close() again, which raises that save's error if it failed; once complete, it does
-        nothing."""
+        close() again, which raises that save's error if it failed and no wait() raised it
+        first; once complete, it does nothing."""
         if self._released:
             return
         self._closed = True

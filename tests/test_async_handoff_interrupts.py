@@ -9,6 +9,7 @@ import os
 import sys
 import threading
 from collections.abc import Callable
+from concurrent import futures
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -208,3 +209,29 @@ def test_an_interrupt_once_the_save_is_in_flight_before_the_thread_started_it_en
     assert committed is not None and committed.step == 2
     manager.close()
     assert manager.steps() == [2]
+
+
+def test_a_save_raising_cancelled_error_itself_fails_once_and_is_then_over(
+    tmp_path: Path,
+) -> None:
+    """A save whose own code raises CancelledError (an inner future of it was cancelled), not
+    a cancellation of the save: wait() raises it once as the save's failure (its on_failure
+    runs), then no save is in flight, and close() completes."""
+    manager = distckpt.CheckpointManager(tmp_path, timeout=TIMEOUT, async_save=True, fsync=False)
+    saves = manager._background
+    assert saves is not None
+
+    def save_with_a_cancelled_inner_future(coord: object) -> Any:
+        # No real save can be made to lose one of its inner futures to a cancel on purpose:
+        # this stand-in raises the CancelledError such a save would.
+        raise futures.CancelledError("an inner future of the save was cancelled")
+
+    saves.submit(save_with_a_cancelled_inner_future, futures.Future())
+    failures: list[str] = []
+    with pytest.raises(futures.CancelledError, match="inner future"):
+        saves.wait(on_failure=lambda: failures.append("failed"))
+    assert failures == ["failed"]
+    assert not saves.holds_outcome
+    assert saves.wait() is None
+    manager.close()
+    assert manager._released

@@ -7,7 +7,9 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import subprocess
 import sys
+import textwrap
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -196,12 +198,14 @@ def test_a_close_interrupted_on_one_rank_gives_its_groups_back_in_the_order_of_t
     assert results == [[5], [5]]
 
 
+@pytest.mark.parametrize("repeated", ["close", "wait"])
 def test_a_save_failing_after_a_close_was_interrupted_is_raised_by_the_repeated_close(
-    tmp_path: Path,
+    tmp_path: Path, repeated: str
 ) -> None:
     """A Ctrl-C in close()'s wait while the async save runs, which then fails as the close
-    stops the thread: the interrupted close raises KeyboardInterrupt, and close() again raises
-    the save's error (the manager's docstring), which is not lost."""
+    stops the thread: the interrupted close raises KeyboardInterrupt, and close() again (the
+    manager's docstring) or wait() (README) raises the save's error, which is not lost; a
+    close() after that completes."""
     manager = distckpt.CheckpointManager(tmp_path, timeout=TIMEOUT, async_save=True, fsync=False)
     faults.arm("before_agreement", "raise")
     with _held_after_writing(1) as release:
@@ -212,6 +216,41 @@ def test_a_save_failing_after_a_close_was_interrupted_is_raised_by_the_repeated_
 
         _interrupted_in_the_wait(manager.close, release_the_save)
     with pytest.raises(faults.InjectedFault):
-        manager.close()
-    manager.close()  # complete now: nothing more
+        getattr(manager, repeated)()
+    manager.close()  # raises nothing: the save's error was received
+    assert manager._released
     assert manager.steps() == []
+
+
+#: A script (argv: the root) whose close() a Ctrl-C interrupts in its wait while the async save
+#: runs; the save then fails, and the program exits as a Ctrl-C'd program does: without closing
+#: again.
+_INTERRUPTED_CLOSE_THEN_EXIT = textwrap.dedent(
+    """
+    import sys, torch, distckpt
+    from distckpt import faults
+    from tests.test_async_interrupts import _held_after_writing, _interrupted_in_the_wait
+
+    manager = distckpt.CheckpointManager(sys.argv[1], timeout=60, async_save=True, fsync=False)
+    faults.arm("before_agreement", "raise")
+    with _held_after_writing(1) as release:
+        manager.save(1, {"w": torch.ones(4)})
+        _interrupted_in_the_wait(manager.close, lambda save: release.set())
+    """
+)
+
+
+def test_a_save_failing_after_a_close_was_interrupted_is_logged_once_at_exit(
+    tmp_path: Path,
+) -> None:
+    """README: a save in flight at exit is finished or reported as failed; also one whose
+    close() a Ctrl-C interrupted, when the program then exits without closing again."""
+    done = subprocess.run(
+        [sys.executable, "-c", _INTERRUPTED_CLOSE_THEN_EXIT, str(tmp_path / "root")],
+        cwd=Path(__file__).parents[1],  # the script imports this module's helpers
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    assert done.stderr.count("fault injected at before_agreement") == 1, done.stderr
