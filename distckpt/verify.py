@@ -144,7 +144,11 @@ def verify(
         linked, problem = link_problem(view, name)
         if linked is None:
             problems.append(str(problem))
-    return VerifyReport(view.root, reports, tuple(problems), tuple(view.set_aside_checkpoints()))
+    set_aside = tuple(view.set_aside_checkpoints())
+    if not (reports or problems or set_aside) and not view.exists():
+        # Asked only of a root holding no checkpoint: one with checkpoints costs no request.
+        raise CheckpointNotFound(f"no checkpoint or checkpoint root at {where}")
+    return VerifyReport(view.root, reports, tuple(problems), set_aside)
 
 
 def _verify_every_checkpoint(
