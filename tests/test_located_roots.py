@@ -17,6 +17,7 @@ import distckpt
 from distckpt import CheckpointNotFound, InvalidArgument
 from distckpt.layout import step_dir_name
 from distckpt.objstore import ObjectStore
+from distckpt.storage import open_store
 from distckpt.storage.s3_locate import prefix_holds_a_root
 from tests.s3server import S3Server
 from tests.test_cli import run
@@ -185,3 +186,25 @@ def test_a_root_named_like_a_step_dir_inside_a_root_is_refused(place: Place) -> 
     for command in (("ls", inner), ("info", inner), ("verify", inner), ("export", inner, "o.pt")):
         out = run(*command)
         assert out.returncode == 2 and "inside the checkpoint root" in out.stderr, out
+
+
+def test_a_folder_of_roots_or_a_set_aside_checkpoint_is_no_root(place: Place) -> None:
+    """The commands that take a root refuse a folder of roots (``sweep/`` for
+    ``sweep/step-1``) and a checkpoint a restore set aside (``ROOT/damaged-step-…``) with exit
+    status 2 on both backends, so gc and prune never act there; on an ``s3://`` store neither
+    verifies as an empty root that is fine."""
+    _save(place, f"{place.base}/sweep/step-1", 1)
+    _save(place, f"{place.base}/aside", 1)
+    store = open_store(f"{place.base}/aside", storage_options=place.options)
+    store.open()
+    try:
+        set_aside = str(store.set_aside(1, store.view.checkpoint(1).location))
+    finally:
+        store.close()
+    for location in (f"{place.base}/sweep", set_aside):
+        for command in (("ls",), ("gc",), ("prune", "--keep-last", "1"), ("lease",)):
+            out = run(*command, location)
+            assert out.returncode == 2 and "not a checkpoint root" in out.stderr, out
+        if place.options is not None:
+            with pytest.raises(CheckpointNotFound):
+                distckpt.verify(location, storage_options=place.options)

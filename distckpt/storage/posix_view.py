@@ -89,6 +89,9 @@ class PosixRootView(RootView):
     def exists(self) -> bool:
         return self.root.is_dir()
 
+    def holds_a_root(self) -> bool:
+        return holds_a_root(self.root)
+
     def committed_steps(self) -> list[int]:
         return self.layout.committed_steps()
 

@@ -436,6 +436,12 @@ class S3RootView(RootView):
         first = next(iter(self.s3.client.list("", page_size=1)), None)
         return first is not None or not self.s3.url.prefix
 
+    def holds_a_root(self) -> bool:
+        # imported here: s3_locate reads a URL with this module's views
+        from distckpt.storage.s3_locate import prefix_holds_a_root
+
+        return prefix_holds_a_root(self.s3.client, "")
+
     def committed_steps(self) -> list[int]:
         return self.s3.committed_steps()
 
