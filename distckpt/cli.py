@@ -16,10 +16,11 @@ no checkpoint for ``info``, ``verify`` and ``export``, a step ``delete`` finds n
 checkpoint of, and for the commands that take a root (``ls``, ``lease``, ``prune``, ``delete``,
 ``gc``) a path that is no root: nothing there (an ``s3://`` prefix holding no object is what a
 missing directory is; a root a job opened holds its lease, and is a root; a missing bucket is
-the store's ``NoSuchBucket``), a local directory that is no root by
-:func:`distckpt.layout.holds_a_root` (a directory of roots, even holding a ``last`` link to
-one of them; an empty directory), or a checkpoint or ``last``/``best`` link, in which
-``prune``, ``delete`` and ``gc`` would create the root's lock file.
+the store's ``NoSuchBucket``), a directory or prefix that is no root by
+:meth:`~distckpt.storage.views.RootView.holds_a_root` (one of roots, even holding a ``last``
+link to one of them; an empty directory; a set-aside checkpoint's prefix), or a checkpoint
+or ``last``/``best`` link, in which ``prune``, ``delete`` and ``gc`` would create the root's
+lock file.
 """
 
 from __future__ import annotations
@@ -30,13 +31,12 @@ import json
 import os
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, TextIO
 
 from distckpt import resolve
 from distckpt.cli_output import Progress, age, human_size, table, write_json
 from distckpt.errors import CheckpointError, CheckpointNotFound, InvalidArgument
-from distckpt.layout import LINK_NAMES, holds_a_root
+from distckpt.layout import LINK_NAMES
 from distckpt.lease import LeaseHolder
 from distckpt.manifest import MANIFEST_CHECKSUM_KEY, encode_metrics
 from distckpt.policy import RetentionPolicy
@@ -82,13 +82,13 @@ def _existing_view(root: str) -> RootView:
     view = open_view(root)
     if not view.exists():
         raise CheckpointNotFound(f"no checkpoint root at {view.root}", path=view.root)
-    if isinstance(view.root, Path) and not holds_a_root(view.root):
+    if not view.holds_a_root():
         # A directory of roots (``runs/`` for ``runs/exp1``), or any other: "nothing to
         # collect" there would hide the mistake, and prune and gc would leave a lock file.
         raise InvalidArgument(
-            f"{view.root} is not a checkpoint root: it holds no lease file (.lease), "
-            "committed checkpoint (step-N/manifest.json) or last/best link to one; "
-            "give the root itself",
+            f"{view.root} is not a checkpoint root: it holds no lease (.lease), "
+            "committed checkpoint (step-N/manifest.json; in a bucket, step-N/COMMIT) "
+            "or last/best link to one; give the root itself",
             path=root,
         )
     return view

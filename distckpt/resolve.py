@@ -289,6 +289,8 @@ def resolve_last(view: RootView, *, checksums: bool = False) -> Found:
     otherwise."""
     newest = newest_valid(view, checksums=checksums)
     if newest is None:
+        if not view.exists():  # asked only now: a root with checkpoints costs no request
+            raise CheckpointNotFound(f"no checkpoint or checkpoint root at {view.root}")
         raise CheckpointNotFound(f"no committed checkpoint in {view.root}")
     linked, problem = link_problem(view, LAST, checksums=checksums)
     if linked is not None and linked.name != newest[0].name:

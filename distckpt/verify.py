@@ -119,7 +119,9 @@ def verify(
     but the manifests is read).
     ``progress`` is called with the number of bytes read at each step (for a progress bar).
     Raises
-    :class:`CheckpointNotFound` if ``path`` is none of these, and a failed read of a file (a
+    :class:`CheckpointNotFound` if ``path`` is none of these (a directory or prefix holding
+    no checkpoint and no root either, :meth:`~distckpt.storage.views.RootView.holds_a_root`:
+    an empty one, one of roots), and a failed read of a file (a
     disk's I/O error) as that ``OSError`` (:mod:`distckpt.errors`)."""
     located = classify_path(path, storage_options=storage_options)
     view, where = located.view, os.fspath(path)
@@ -144,7 +146,15 @@ def verify(
         linked, problem = link_problem(view, name)
         if linked is None:
             problems.append(str(problem))
-    return VerifyReport(view.root, reports, tuple(problems), tuple(view.set_aside_checkpoints()))
+    set_aside = tuple(view.set_aside_checkpoints())
+    if not (reports or problems or set_aside) and not view.holds_a_root():
+        # Asked only of a root holding no checkpoint: one with checkpoints costs no request.
+        # A location holding nothing, or no root (a folder of roots), is no empty root.
+        raise CheckpointNotFound(
+            f"no checkpoint in {where}, and it is no checkpoint root "
+            "(it holds no lease, committed checkpoint or last/best link to one)"
+        )
+    return VerifyReport(view.root, reports, tuple(problems), set_aside)
 
 
 def _verify_every_checkpoint(

@@ -17,6 +17,8 @@ import distckpt
 from distckpt import CheckpointNotFound, InvalidArgument
 from distckpt.layout import step_dir_name
 from distckpt.objstore import ObjectStore
+from distckpt.storage import open_store
+from distckpt.storage.s3_locate import prefix_holds_a_root
 from tests.s3server import S3Server
 from tests.test_cli import run
 from tests.test_s3_cli import aws_environment
@@ -49,14 +51,10 @@ def _save(place: Place, root: str, step: int) -> None:
         manager.save(step, {"w": torch.full((3,), float(step))})
 
 
-@pytest.mark.parametrize(
-    "name",
-    ["typo", "ru", "run/step-1", "run/step-0001", "run/step-000000001", "run/step-00000002"],
-)
+@pytest.mark.parametrize("name", ["typo", "ru", "run/step-2", "run/step-00000002"])
 def test_a_location_holding_nothing_is_not_found(place: Place, name: str) -> None:
-    """A typo of a root (``ru`` for ``run``), or a step of it under a name it never has (a
-    step dir is named with eight digits) or not committed, names nothing: every reader says
-    so, none reports an empty root as fine."""
+    """A typo of a root (``ru`` for ``run``), or a step of it not committed (of any width),
+    names nothing: every reader says so, none reports an empty root as fine."""
     _save(place, f"{place.base}/run", 1)
     location = f"{place.base}/{name}"
     with pytest.raises(CheckpointNotFound):
@@ -68,6 +66,24 @@ def test_a_location_holding_nothing_is_not_found(place: Place, name: str) -> Non
         assert out.returncode == 2, out
         assert out.stderr.startswith(f"distckpt {command[0]}: error: no "), out.stderr
     assert not Path("out.pt").exists()
+
+
+@pytest.mark.parametrize("name", ["step-1", "step-0000001", "step-000000001"])
+def test_a_step_dir_of_any_width_is_that_step(place: Place, name: str) -> None:
+    """A step dir's name of any width parses ("On disk"): a local step dir copied in as
+    ``step-1`` is step 1, and so is ``s3://BUCKET/run/step-1`` for the step an ``s3://`` root
+    committed as ``step-00000001`` (the only name a step has in a bucket)."""
+    root = f"{place.base}/run"
+    _save(place, root, 1)
+    if place.options is None:
+        Path(root, step_dir_name(1)).rename(Path(root, name))
+    location = f"{root}/{name}"
+    assert distckpt.load_checkpoint(location, storage_options=place.options).step == 1
+    report = distckpt.verify(location, storage_options=place.options)
+    assert report.ok and [item.step for item in report.checkpoints] == [1]
+    for command in ("info", "verify"):
+        out = run(command, location)
+        assert out.returncode == 0, out
 
 
 def test_a_root_opened_without_a_save_is_a_root(place: Place) -> None:
@@ -124,3 +140,71 @@ def test_an_export_onto_a_root_is_refused(place: Place) -> None:
         with ObjectStore(f"s3://{bucket}", place.options) as store:
             assert prefix not in [info.key for info in store.list()]
     assert distckpt.load_checkpoint(root, storage_options=place.options).step == 1
+
+
+def test_a_folder_of_exports_named_like_a_step_dir_is_no_root(place: Place) -> None:
+    """A folder of exports named by a step count, holding an export in its own
+    ``step-00000010/`` and then in its own ``last/``, is no root: the second export is
+    written (README's export row), and on an ``s3://`` store, where a prefix holding no
+    committed step is no checkpoint either, readers find nothing there rather than an empty
+    root that verifies fine."""
+    _save(place, f"{place.base}/run", 10)
+    folder = f"{place.base}/exports/step-1"
+    for name in (f"{step_dir_name(10)}/model.pt", "last/model.pt"):
+        distckpt.export(f"{place.base}/run", f"{folder}/{name}", storage_options=place.options)
+    if place.options is None:
+        return  # a local dir of a step dir's name holding no root is a damaged checkpoint
+    with pytest.raises(CheckpointNotFound):
+        distckpt.verify(folder, storage_options=place.options)
+    with pytest.raises(CheckpointNotFound):
+        distckpt.load_checkpoint(folder, storage_options=place.options)
+
+
+def test_a_last_object_naming_no_step_dir_makes_no_root(s3_server: S3Server) -> None:
+    """An object named ``last`` that names no step dir (a user's note, ``exp1``) makes no
+    root of its prefix, as a local ``runs/last -> exp1`` makes none; one naming a step dir
+    does, as a root's pointer."""
+    with ObjectStore(f"s3://{s3_server.create_bucket()}", s3_server.storage_options()) as store:
+        store.put_bytes("runs/last", b"exp1\n")
+        assert not prefix_holds_a_root(store, "runs/")
+        store.put_bytes("runs/last", f"{step_dir_name(3)}\n".encode())
+        assert prefix_holds_a_root(store, "runs/")
+
+
+def test_a_root_named_like_a_step_dir_inside_a_root_is_refused(place: Place) -> None:
+    """A root named like a step dir inside another root would be taken by that root for one
+    of its own (leftovers its gc deletes; a damaged checkpoint): readers refuse it, naming
+    both, instead of reading a root its neighbour may delete."""
+    outer = f"{place.base}/run"
+    inner = f"{outer}/{step_dir_name(9)}"
+    _save(place, outer, 1)
+    _save(place, inner, 7)
+    for read in (distckpt.load_checkpoint, distckpt.verify):
+        with pytest.raises(InvalidArgument, match="inside the checkpoint root") as caught:
+            read(inner, storage_options=place.options)
+        assert inner.rstrip("/") in str(caught.value) and f"root {outer}" in str(caught.value)
+    for command in (("ls", inner), ("info", inner), ("verify", inner), ("export", inner, "o.pt")):
+        out = run(*command)
+        assert out.returncode == 2 and "inside the checkpoint root" in out.stderr, out
+
+
+def test_a_folder_of_roots_or_a_set_aside_checkpoint_is_no_root(place: Place) -> None:
+    """The commands that take a root refuse a folder of roots (``sweep/`` for
+    ``sweep/step-1``) and a checkpoint a restore set aside (``ROOT/damaged-step-…``) with exit
+    status 2 on both backends, so gc and prune never act there; on an ``s3://`` store neither
+    verifies as an empty root that is fine."""
+    _save(place, f"{place.base}/sweep/step-1", 1)
+    _save(place, f"{place.base}/aside", 1)
+    store = open_store(f"{place.base}/aside", storage_options=place.options)
+    store.open()
+    try:
+        set_aside = str(store.set_aside(1, store.view.checkpoint(1).location))
+    finally:
+        store.close()
+    for location in (f"{place.base}/sweep", set_aside):
+        for command in (("ls",), ("gc",), ("prune", "--keep-last", "1"), ("lease",)):
+            out = run(*command, location)
+            assert out.returncode == 2 and "not a checkpoint root" in out.stderr, out
+        if place.options is not None:
+            with pytest.raises(CheckpointNotFound):
+                distckpt.verify(location, storage_options=place.options)

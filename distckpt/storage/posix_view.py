@@ -9,7 +9,7 @@ from collections.abc import Callable, Collection, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
-from distckpt.errors import CheckpointNotFound
+from distckpt.errors import CheckpointNotFound, InvalidArgument
 from distckpt.fsutil import read_link
 from distckpt.layout import (
     LINK_NAMES,
@@ -89,6 +89,9 @@ class PosixRootView(RootView):
     def exists(self) -> bool:
         return self.root.is_dir()
 
+    def holds_a_root(self) -> bool:
+        return holds_a_root(self.root)
+
     def committed_steps(self) -> list[int]:
         return self.layout.committed_steps()
 
@@ -146,7 +149,9 @@ def locate_path(path: str | os.PathLike[str]) -> Located:
     entries, :func:`~distckpt.layout.holds_a_root`, included; a symlink named
     ``last``/``best`` to one too when it is no pointer of its parent's:
     :meth:`~distckpt.storage.views.RootView.owns_pointer`). Raises
-    :class:`CheckpointNotFound` for anything else, and for a step dir that is not there."""
+    :class:`CheckpointNotFound` for anything else, and for a step dir that is not there;
+    :class:`InvalidArgument` for a root named like a step dir inside another root (which
+    would list it as a damaged checkpoint of its own)."""
     target = Path(os.path.abspath(os.fspath(path)))
     is_link = target.is_symlink() or target.is_file() or not target.exists()
     if target.name in LINK_NAMES and is_link:
@@ -163,5 +168,12 @@ def locate_path(path: str | os.PathLike[str]) -> Located:
         source = PosixCheckpoint(target, parse_step_dir_name(target.name))
         return Located("step_dir", PosixRootView(target.parent), source=source)
     elif target.is_dir():
+        if parse_step_dir_name(target.name) is not None and holds_a_root(target.parent):
+            raise InvalidArgument(
+                f"{target} is a checkpoint root inside the checkpoint root {target.parent}, "
+                "under a step dir's name: that root would take it for a damaged checkpoint "
+                "of its own; move it out",
+                path=str(target),
+            )
         return Located("root", PosixRootView(target))
     raise CheckpointNotFound(f"no checkpoint or checkpoint root at {target}")

@@ -4,41 +4,63 @@ by the rules :mod:`distckpt.layout` states for a directory."""
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping
 from typing import Any
 
-from distckpt.errors import CheckpointNotFound
-from distckpt.layout import LINK_NAMES, parse_step_dir_name, step_dir_name
+from distckpt.errors import CheckpointNotFound, InvalidArgument, ObjectNotFound
+from distckpt.layout import LINK_NAMES, parse_step_dir_name
 from distckpt.objstore import ObjectStore
 from distckpt.objurl import S3Url
-from distckpt.storage.s3_view import LEASE_NAME, S3RootView
+from distckpt.storage.s3_view import COMMIT_NAME, LEASE_NAME, S3RootView, read_pointer_object
 from distckpt.storage.views import Located
+
+#: how many of a prefix's step-named sub-prefixes :func:`prefix_holds_a_root` asks about
+#: (one ``HEAD`` each): a root's are committed but for the one a save is writing and a few a
+#: crash left, so a root is told within a few; a folder of exports is refused within as many
+COMMITS_CHECKED = 8
 
 
 def prefix_holds_a_root(store: ObjectStore, prefix: str) -> bool:
     """Whether the objects under ``prefix`` (relative to ``store``'s own prefix: ``""``, or
     ending in ``/``) are a checkpoint root's, by what only a root has, as
     :func:`distckpt.layout.holds_a_root` tells a directory: its lease object (a manager
-    leaves it, whether or not it committed), a ``last``/``best`` pointer, or a step's
-    prefix."""
+    leaves it, whether or not it committed), a ``last``/``best`` pointer naming a step dir,
+    or a committed step (its ``COMMIT`` object; of the first :data:`COMMITS_CHECKED`
+    step-named sub-prefixes). A folder of exports holding ``step-00000010/model.pt`` or
+    ``last/model.pt`` is none."""
     owned = {info.key[len(prefix) :] for info in store.list(prefix, top_level=True)}
-    if owned & {*LINK_NAMES, LEASE_NAME}:
+    if LEASE_NAME in owned:
         return True
-    return any(
-        parse_step_dir_name(name[len(prefix) :].rstrip("/")) is not None
+    for name in sorted(owned & set(LINK_NAMES)):
+        target = read_pointer_object(store, f"{prefix}{name}")[0]
+        if target is not None and parse_step_dir_name(target) is not None:
+            return True
+    step_prefixes = (
+        name
         for name in store.list_dirs(prefix)
+        if parse_step_dir_name(name[len(prefix) :].rstrip("/")) is not None
     )
+    for name in itertools.islice(step_prefixes, COMMITS_CHECKED):
+        try:
+            store.head(f"{name}{COMMIT_NAME}")
+        except ObjectNotFound:
+            continue
+        return True
+    return False
 
 
 def locate_url(url: str, storage_options: Mapping[str, Any] | None) -> Located:
     """What an ``s3://`` URL stands for: ``.../last`` or ``.../best`` (a pointer of the root
     above it, unless that is no root's pointer, :meth:`RootView.owns_pointer`, and the URL's
-    prefix holds objects: then a root of that name); ``.../step-00000010`` (a checkpoint when
-    the root above it committed that step under that name, the only one a step has in a
-    bucket; else a root when the prefix holds one, :func:`prefix_holds_a_root`: a sweep's
-    ``.../step-1``); or a root, when its prefix holds an object (a job's lease, at least).
-    Raises :class:`CheckpointNotFound` for anything else: a prefix holding nothing (a typo),
-    a step not committed or spelled with another width."""
+    prefix holds objects: then a root of that name); ``.../step-1`` or ``.../step-00000001``
+    (a name of any width: that step of the root above it when that root committed it; else a
+    root when the prefix holds one, :func:`prefix_holds_a_root`, a sweep's ``.../step-1``);
+    or a root, unlisted: whether it is there is asked only when it has no committed step
+    (:meth:`S3RootView.exists`), so a root with checkpoints costs no request here.
+    Raises :class:`CheckpointNotFound` for a step-named URL that is neither, and
+    :class:`InvalidArgument` for a root named like a step dir inside another root (whose
+    ``gc`` would take it for leftovers of its own)."""
     parsed = S3Url.parse(url)
     parent, _, last = parsed.prefix.rpartition("/")
     parent_url = str(S3Url(parsed.bucket, parent))
@@ -49,15 +71,18 @@ def locate_url(url: str, storage_options: Mapping[str, Any] | None) -> Located:
             return Located("root", as_root)
         return Located("link", parent_view, pointer=last)
     step = parse_step_dir_name(last)
-    if step is not None:
-        if last == step_dir_name(step):
-            view = S3RootView(parent_url, storage_options)
-            source = view.checkpoint(step)
-            if source.exists():
-                return Located("step_dir", view, source=source)
-        if prefix_holds_a_root(as_root.s3.client, ""):
-            return Located("root", as_root)
+    if step is None:
+        return Located("root", as_root)
+    view = S3RootView(parent_url, storage_options)
+    source = view.checkpoint(step)
+    if source.exists():
+        return Located("step_dir", view, source=source)
+    if not prefix_holds_a_root(as_root.s3.client, ""):
         raise CheckpointNotFound(f"no committed checkpoint at {url}", path=url, step=step)
-    if not as_root.exists():
-        raise CheckpointNotFound(f"no checkpoint or checkpoint root at {url}", path=url)
+    if prefix_holds_a_root(view.s3.client, ""):
+        raise InvalidArgument(
+            f"{url} is a checkpoint root inside the checkpoint root {parent_url}, under a "
+            "step dir's name: that root would take it for leftovers of its own; move it out",
+            path=url,
+        )
     return Located("root", as_root)

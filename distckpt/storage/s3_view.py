@@ -229,18 +229,24 @@ class S3Root:
     def read_pointer(self, name: str) -> tuple[str | None, str | None]:
         """The target a pointer object names (None if absent or not a pointer) and its ETag
         (None if absent)."""
-        try:
-            data, etag = self.client.get_versioned(name)
-        except ObjectNotFound:
-            return None, None
-        if len(data) > POINTER_MAX_BYTES:
-            return None, etag
-        try:
-            lines = data.decode("utf-8").splitlines()
-        except UnicodeDecodeError:
-            return None, etag
-        target = lines[0].strip() if len(lines) == 1 else ""
-        return target or None, etag
+        return read_pointer_object(self.client, name)
+
+
+def read_pointer_object(store: ObjectStore, key: str) -> tuple[str | None, str | None]:
+    """The target the pointer object ``key`` of ``store`` names (None if absent or not a
+    pointer) and its ETag (None if absent)."""
+    try:
+        data, etag = store.get_versioned(key)
+    except ObjectNotFound:
+        return None, None
+    if len(data) > POINTER_MAX_BYTES:
+        return None, etag
+    try:
+        lines = data.decode("utf-8").splitlines()
+    except UnicodeDecodeError:
+        return None, etag
+    target = lines[0].strip() if len(lines) == 1 else ""
+    return target or None, etag
 
 
 class S3Checkpoint(CheckpointSource):
@@ -429,6 +435,12 @@ class S3RootView(RootView):
         every other command's first request does: it is no missing root."""
         first = next(iter(self.s3.client.list("", page_size=1)), None)
         return first is not None or not self.s3.url.prefix
+
+    def holds_a_root(self) -> bool:
+        # imported here: s3_locate reads a URL with this module's views
+        from distckpt.storage.s3_locate import prefix_holds_a_root
+
+        return prefix_holds_a_root(self.s3.client, "")
 
     def committed_steps(self) -> list[int]:
         return self.s3.committed_steps()

@@ -125,6 +125,12 @@ class RootView(abc.ABC):
         root under a prefix, an object under it)."""
 
     @abc.abstractmethod
+    def holds_a_root(self) -> bool:
+        """Whether it holds what only a checkpoint root has (its lease, a committed checkpoint,
+        a ``last``/``best`` link naming a step dir): not a directory or prefix of roots, nor
+        of exports, nor a set-aside checkpoint (:func:`distckpt.layout.holds_a_root`)."""
+
+    @abc.abstractmethod
     def committed_steps(self) -> list[int]:
         """The steps committed in the root, ascending (their checkpoints are unchecked)."""
 
