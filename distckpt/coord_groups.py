@@ -263,8 +263,9 @@ def _new_group(ranks: tuple[int, ...], timeout: datetime.timedelta) -> dist.Proc
     others. Called under ``_creation_lock``.
 
     Every rank reads the attempt before it writes its address under the attempt's name, and
-    none ends a successful attempt before it read every peer's address, so no rank of an
-    attempt that succeeds reads the count after another moved it on. A rank that fails
+    none ends a successful attempt before a barrier on the new group (which gloo's lazy
+    connection, ``TORCH_GLOO_LAZY_INIT=1``, also passes only once every member connected), so
+    no rank of an attempt that succeeds reads the count after another moved it on. A rank that fails
     moves the count on before it raises, so the ranks meet the next time under a new name."""
     c10d = dist.distributed_c10d
     helper = getattr(c10d, "_new_process_group_helper", None)
@@ -283,10 +284,18 @@ def _new_group(ranks: tuple[int, ...], timeout: datetime.timedelta) -> dist.Proc
             group_name(ranks, attempt),
             timeout=timeout,
         )
+        # What new_group does after the helper, which leaves the group's ranks to its callers.
+        c10d._world.pg_group_ranks[pg] = {rank: index for index, rank in enumerate(members)}
+        try:
+            # Before the count moves on: with TORCH_GLOO_LAZY_INIT=1 gloo returns before it
+            # connected, so a fast rank would move the count before a slow peer read it. The
+            # barrier connects every member under this attempt's name first.
+            dist.barrier(group=pg)
+        except BaseException:
+            dist.destroy_process_group(pg)
+            raise
     finally:
         _end_attempt(default_store, ranks, attempt)
-    # What new_group does after the helper, which leaves the group's ranks to its callers.
-    c10d._world.pg_group_ranks[pg] = {rank: index for index, rank in enumerate(members)}
     return pg
 
 

@@ -7,6 +7,7 @@ says once that its groups take torch's own names."""
 from __future__ import annotations
 
 import logging
+import time
 import traceback
 from pathlib import Path
 from typing import Any
@@ -134,3 +135,24 @@ def test_a_torch_without_the_helper_says_once_that_groups_take_its_names() -> No
     (warnings,) = values(run_ranks(_groups_named_by_torch, 1, timeout=60))
     assert len(warnings) == 1, warnings
     assert "torch's own names" in warnings[0], warnings
+
+
+def _late_rank_under_lazy_gloo(rank: int, world_size: int) -> tuple[str, float]:
+    """Rank 1 comes a second late to a private group's creation; with gloo's lazy connection
+    the helper returns before any peer connected."""
+    if rank == 1:
+        time.sleep(1.0)
+    group = coord_groups.take_private_group((0, 1), 10.0)
+    total = torch.ones(1)
+    dist.all_reduce(total, group=group)
+    return group.group_name, float(total)
+
+
+def test_a_late_rank_meets_the_others_under_gloos_lazy_connection() -> None:
+    """With TORCH_GLOO_LAZY_INIT=1 a fast rank must not move the shared count on before a
+    slow peer read it: both make the group under one name, and it works."""
+    results = values(
+        run_ranks(_late_rank_under_lazy_gloo, 2, timeout=60, env={"TORCH_GLOO_LAZY_INIT": "1"})
+    )
+    assert results[0] == results[1]
+    assert results[0][1] == 2.0
