@@ -119,10 +119,11 @@ def verify(
     but the manifests is read).
     ``progress`` is called with the number of bytes read at each step (for a progress bar).
     Raises
-    :class:`CheckpointNotFound` if ``path`` is none of these (a directory or prefix holding
-    no checkpoint and no root either, :meth:`~distckpt.storage.views.RootView.holds_a_root`:
-    an empty one, one of roots), and a failed read of a file (a
-    disk's I/O error) as that ``OSError`` (:mod:`distckpt.errors`)."""
+    :class:`CheckpointNotFound` if ``path`` is none of these (a directory that is not there;
+    an ``s3://`` prefix holding no checkpoint and no root either, an empty one or one of roots:
+    :meth:`~distckpt.storage.views.RootView.certainly_no_root`; a local directory holding no
+    checkpoint is an empty root, as a crash may leave one before its lease), and a failed read
+    of a file (a disk's I/O error) as that ``OSError`` (:mod:`distckpt.errors`)."""
     located = classify_path(path, storage_options=storage_options)
     view, where = located.view, os.fspath(path)
     if located.kind == "link":
@@ -147,9 +148,10 @@ def verify(
         if linked is None:
             problems.append(str(problem))
     set_aside = tuple(view.set_aside_checkpoints())
-    if not (reports or problems or set_aside) and not view.holds_a_root():
+    if not (reports or problems or set_aside) and view.certainly_no_root():
         # Asked only of a root holding no checkpoint: one with checkpoints costs no request.
-        # A location holding nothing, or no root (a folder of roots), is no empty root.
+        # A location that is not there, or a prefix holding no root (a folder of roots), is
+        # no empty root; a local directory that is there may be one whose lease a crash lost.
         raise CheckpointNotFound(
             f"no checkpoint in {where}, and it is no checkpoint root "
             "(it holds no lease, committed checkpoint or last/best link to one)"

@@ -208,3 +208,20 @@ def test_a_folder_of_roots_or_a_set_aside_checkpoint_is_no_root(place: Place) ->
         if place.options is not None:
             with pytest.raises(CheckpointNotFound):
                 distckpt.verify(location, storage_options=place.options)
+
+
+@pytest.mark.parametrize("left", [(), ("..lease.json.0123abcd.tmp",)], ids=["empty", "lease-tmp"])
+def test_a_local_directory_a_crash_left_before_its_lease_verifies_as_an_empty_root(
+    tmp_path: Path, left: tuple[str, ...]
+) -> None:
+    """A local root's files are created one by one, so a crash can leave its directory with
+    no lease yet (or only the lease's temporary file): verify reads it as an empty root, as
+    the manager then opens it, where a directory that is not there is not found."""
+    root = tmp_path / "run"
+    root.mkdir()
+    for name in left:
+        (root / name).write_text("{")
+    report = distckpt.verify(root)
+    assert report.ok and report.checkpoints == ()
+    with pytest.raises(CheckpointNotFound):
+        distckpt.verify(tmp_path / "typo")

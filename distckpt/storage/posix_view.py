@@ -92,6 +92,9 @@ class PosixRootView(RootView):
     def holds_a_root(self) -> bool:
         return holds_a_root(self.root)
 
+    def certainly_no_root(self) -> bool:
+        return not self.exists()
+
     def committed_steps(self) -> list[int]:
         return self.layout.committed_steps()
 

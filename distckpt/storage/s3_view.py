@@ -442,6 +442,9 @@ class S3RootView(RootView):
 
         return prefix_holds_a_root(self.s3.client, "")
 
+    def certainly_no_root(self) -> bool:
+        return not self.holds_a_root()
+
     def committed_steps(self) -> list[int]:
         return self.s3.committed_steps()
 

@@ -131,6 +131,14 @@ class RootView(abc.ABC):
         of exports, nor a set-aside checkpoint (:func:`distckpt.layout.holds_a_root`)."""
 
     @abc.abstractmethod
+    def certainly_no_root(self) -> bool:
+        """Whether this location, holding no checkpoint, is certainly no empty root: a
+        directory that is not there; a prefix that holds no root (:meth:`holds_a_root`). A
+        directory that is there may be a root whose first lease a crash lost (its files are
+        created one by one), so it is not ruled out; an object store writes the lease object
+        whole or not at all."""
+
+    @abc.abstractmethod
     def committed_steps(self) -> list[int]:
         """The steps committed in the root, ascending (their checkpoints are unchecked)."""
 
