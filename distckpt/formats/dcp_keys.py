@@ -236,8 +236,11 @@ def key_mismatch_as_read(
     report.missing_keys = fold_whole_subtrees(
         report.missing_keys, asked, optional_whole_keys, held.values()
     )
+    # the given containers count as held, empty ones too (DCP gives an empty dict no key): each
+    # as a place one deeper, whose prefixes fold_whole_subtrees takes as held
+    given_places = [*asked.values(), *((*place, None) for place in container_places(shared))]
     report.unexpected_keys = fold_whole_subtrees(
-        report.unexpected_keys, held, subtrees_of(report.unexpected_keys, held), asked.values()
+        report.unexpected_keys, held, subtrees_of(report.unexpected_keys, held), given_places
     )
     report.leaves_of_missing = {
         key: leaves
@@ -412,6 +415,26 @@ def fold_whole_subtrees(
         if leaves and subtree not in held_text and all(leaf in folded for leaf in leaves):
             folded = folded_under(folded, subtree)
     return folded
+
+
+def container_places(state: Any) -> list[Path_]:
+    """The places of the dicts and lists (empty ones too) inside ``state``, at every depth."""
+    places: list[Path_] = []
+
+    def walk(node: Any, path: Path_) -> None:
+        if isinstance(node, Mapping):
+            children: Iterable[tuple[Any, Any]] = node.items()
+        elif isinstance(node, list):
+            children = enumerate(node)
+        else:
+            return
+        if path:
+            places.append(path)
+        for key, value in children:
+            walk(value, (*path, key))
+
+    walk(state, ())
+    return places
 
 
 def _as_saved(place: Path_) -> Path_:
