@@ -154,3 +154,39 @@ def test_a_plain_value_given_for_a_saved_tensor_takes_the_tensor(
             assert (ckpt.missing_keys, ckpt.unexpected_keys) == ((), ())
             assert torch.equal(state["x"], torch.full((1,), 7.0))
             assert torch.equal(state["w"], torch.ones(2))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_tensor_given_for_a_saved_plain_value_is_refused_before_anything_is_loaded(
+    tmp_path: Path, fmt: str
+) -> None:
+    """A tensor where the checkpoint holds a plain value (a string) cannot take it: it is
+    missing, refused by a strict restore before anything is loaded, and left as given with
+    ``strict=False``, which loads the rest."""
+    with distckpt.CheckpointManager(tmp_path, format=fmt, fsync=False) as mgr:
+        mgr.save(1, {"w": torch.ones(2), "x": "s5"})
+        state = {"w": torch.zeros(2), "x": torch.zeros(1)}
+        with pytest.raises(KeyMismatch) as refused:
+            mgr.restore(state=state)
+        assert (refused.value.missing_keys, refused.value.unexpected_keys) == (("x",), ())
+        assert torch.equal(state["w"], torch.zeros(2))
+        ckpt = mgr.restore(state=state, strict=False)
+        assert ckpt is not None
+        assert (ckpt.missing_keys, ckpt.unexpected_keys) == (("x",), ())
+        assert torch.equal(state["w"], torch.ones(2))
+        assert torch.equal(state["x"], torch.zeros(1))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_per_rank_sub_dict_given_for_a_saved_per_rank_tensor_is_refused_before_loading(
+    tmp_path: Path, fmt: str
+) -> None:
+    """The same for a per-rank value: a sub-dict given where a per-rank tensor was saved is on
+    both sides only, refused by a strict restore before anything is loaded."""
+    with distckpt.CheckpointManager(tmp_path, format=fmt, fsync=False) as mgr:
+        mgr.save(1, {"w": torch.ones(2), "r": distckpt.PerRank(torch.ones(1))})
+        state = {"w": torch.zeros(2), "r": distckpt.PerRank({"a": torch.zeros(1)})}
+        with pytest.raises(KeyMismatch) as refused:
+            mgr.restore(state=state)
+        assert (refused.value.missing_keys, refused.value.unexpected_keys) == (("r",), ("r",))
+        assert torch.equal(state["w"], torch.zeros(2))

@@ -1,0 +1,93 @@
+"""Places where the state given to a "dcp" restore holds another kind of value than the
+checkpoint: a dict or a list where a tensor was saved, a dict where a list was or the reverse,
+a tensor where a plain value was. DCP would refuse some of them in its collective read as if
+the checkpoint were damaged, and load others into the wrong kind of value; the restore's key
+check finds them before the read (:func:`~distckpt.formats.dcp_keys.key_mismatch_as_read`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
+
+from distckpt.formats.dcp_storage import Path_, flat_paths, saved_paths
+from distckpt.per_rank import PerRank
+
+__all__ = [
+    "given_for_saved_tensors",
+    "dict_list_swaps",
+    "tensors_for_saved_values",
+    "container_for_saved_tensor",
+]
+
+
+def given_for_saved_tensors(state: Any, metadata: Metadata) -> tuple[list[Path_], list[Path_]]:
+    """The places of ``state`` (as the read asks for it) where the checkpoint holds a tensor
+    and ``state`` another kind of value, as (those holding a dict or a list, those holding a
+    plain value such as None): DCP would refuse the read as if the checkpoint were damaged.
+    "torch" reports a container there on both sides only and leaves it as given, and
+    replaces a plain value with the saved tensor."""
+    saved = {
+        tuple(part if isinstance(part, int) else str(part) for part in path)
+        for path, entry in zip(saved_paths(metadata), metadata.state_dict_metadata.values())
+        if isinstance(entry, TensorStorageMetadata)
+    }
+    containers: list[Path_] = []
+    plain: list[Path_] = []
+
+    def walk(node: Any, path: Path_, saved_path: Path_) -> None:
+        if path and saved_path in saved and not isinstance(node, torch.Tensor):
+            if isinstance(node, (Mapping, list, tuple, PerRank)):
+                containers.append(path)
+            else:
+                plain.append(path)
+        elif isinstance(node, Mapping):
+            for key, value in node.items():
+                walk(value, (*path, key), (*saved_path, str(key)))
+        elif isinstance(node, list):
+            for index, item in enumerate(node):
+                walk(item, (*path, index), (*saved_path, index))
+
+    walk(state, (), ())
+    return containers, plain
+
+
+def dict_list_swaps(state: Any, metadata: Metadata) -> list[Path_]:
+    """The places of ``state`` (as the read asks for it) that hold a dict where the checkpoint
+    holds a list, or a list where it holds a dict, each the outermost place where they differ:
+    DCP names a dict's key ``"0"`` as it names a list's first item, and would load one into
+    the other."""
+    saved = metadata.planner_data if isinstance(metadata.planner_data, dict) else {}
+    places: list[Path_] = []
+    for key, path in flat_paths(state).items():
+        saved_path = tuple(saved.get(key, path))
+        for depth, (part, saved_part) in enumerate(zip(path, saved_path)):
+            if isinstance(part, int) != isinstance(saved_part, int):
+                if path[:depth] not in places:
+                    places.append(path[:depth])
+                break
+    return places
+
+
+def tensors_for_saved_values(flat: Mapping[str, Any], metadata: Metadata) -> list[str]:
+    """The flat keys of the tensors of ``flat`` (the state as the read asks for it, flattened)
+    where the checkpoint holds a plain value: the tensor cannot take it, so it is missing, as
+    "torch" reports it, found before the read."""
+    saved = metadata.state_dict_metadata
+    return [
+        key
+        for key, value in flat.items()
+        if isinstance(value, torch.Tensor)
+        and key in saved
+        and not isinstance(saved[key], TensorStorageMetadata)
+    ]
+
+
+def container_for_saved_tensor(value: Any, entry: Any) -> bool:
+    """Whether ``value`` (a per-rank value given) is a dict or a list where the checkpoint's
+    ``entry`` (at the place of its saved copy) is a tensor: on both sides only, as
+    :func:`given_for_saved_tensors` finds it for the rest of a state."""
+    return isinstance(entry, TensorStorageMetadata) and isinstance(value, (Mapping, list, tuple))
