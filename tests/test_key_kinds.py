@@ -4,7 +4,8 @@ was, a tensor, a list or a plain value where a sub-dict was, at any depth. Nothi
 the other, so the key is on both sides only:
 ``strict=True`` refuses it before anything is loaded, ``strict=False`` loads the rest and
 reports it as missing and unexpected, the same in both formats. A plain value given where a
-tensor was saved takes the saved tensor, in both formats."""
+tensor was saved takes the saved tensor, in both formats; a tensor given where a plain value
+was saved is missing, refused by a strict restore before anything is loaded."""
 
 from __future__ import annotations
 
