@@ -191,3 +191,24 @@ def test_a_per_rank_sub_dict_given_for_a_saved_per_rank_tensor_is_refused_before
             mgr.restore(state=state)
         assert (refused.value.missing_keys, refused.value.unexpected_keys) == (("r",), ("r",))
         assert torch.equal(state["w"], torch.zeros(2))
+
+
+@pytest.mark.parametrize("saved", ["s5", None, ()], ids=["string", "none", "empty-tuple"])
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_an_empty_sub_dict_given_for_a_saved_plain_value_is_on_both_sides_whatever_strict_is(
+    tmp_path: Path, fmt: str, saved: Any
+) -> None:
+    """An empty sub-dict where the checkpoint holds a plain value: the same keys refused by a
+    strict restore, before anything is loaded, as reported with ``strict=False``."""
+    with distckpt.CheckpointManager(tmp_path, format=fmt, fsync=False) as mgr:
+        mgr.save(1, {"w": torch.ones(2), "x": saved})
+        state: dict[str, Any] = {"w": torch.zeros(2), "x": {}}
+        with pytest.raises(KeyMismatch) as refused:
+            mgr.restore(state=state)
+        assert (refused.value.missing_keys, refused.value.unexpected_keys) == (("x",), ("x",))
+        assert torch.equal(state["w"], torch.zeros(2))
+        ckpt = mgr.restore(state=state, strict=False)
+        assert ckpt is not None
+        assert (ckpt.missing_keys, ckpt.unexpected_keys) == (("x",), ("x",))
+        assert torch.equal(state["w"], torch.ones(2))
+        assert state["x"] == {}

@@ -26,6 +26,7 @@ from distckpt.containers import same_kind_of_tuple
 from distckpt.formats.dcp_kinds import (
     container_for_saved_tensor,
     dict_list_swaps,
+    dicts_for_saved_values,
     given_for_saved_tensors,
     tensors_for_saved_values,
 )
@@ -198,7 +199,8 @@ def key_mismatch_as_read(
     a dict given where a list was saved, or the reverse, is on both sides only
     (:func:`~distckpt.formats.dcp_kinds.dict_list_swaps`), as is a dict or a list given where
     a tensor was saved (:func:`~distckpt.formats.dcp_kinds.given_for_saved_tensors`), a
-    per-rank one too; a
+    per-rank one too, or a dict where a plain value was
+    (:func:`~distckpt.formats.dcp_kinds.dicts_for_saved_values`); a
     tensor given where a plain value was saved is missing
     (:func:`~distckpt.formats.dcp_kinds.tensors_for_saved_values`). Where the
     number of an optimizer's parameter groups differs from the saved one, the saved groups'
@@ -236,7 +238,8 @@ def key_mismatch_as_read(
         report.changed_param_groups = changed_param_groups(given_groups, read_saved(saved_groups))
     report_list_lengths(report, lists_of_other_length(shared, metadata), read_saved)
     containers, _ = given_for_saved_tensors(shared, metadata)
-    for place in map(dotted, [*dict_list_swaps(shared, metadata), *containers]):
+    swapped = [*dict_list_swaps(shared, metadata), *containers]
+    for place in map(dotted, [*swapped, *dicts_for_saved_values(shared, metadata)]):
         # On both sides only, as "torch" reports it; the read leaves it out.
         report.missing_keys = folded_under([*report.missing_keys, place], place)
         report.unexpected_keys = folded_under([*report.unexpected_keys, place], place)

@@ -7,7 +7,7 @@ check finds them before the read (:func:`~distckpt.formats.dcp_keys.key_mismatch
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -21,6 +21,7 @@ __all__ = [
     "dict_list_swaps",
     "tensors_for_saved_values",
     "container_for_saved_tensor",
+    "dicts_for_saved_values",
 ]
 
 
@@ -30,28 +31,18 @@ def given_for_saved_tensors(state: Any, metadata: Metadata) -> tuple[list[Path_]
     plain value such as None): DCP would refuse the read as if the checkpoint were damaged.
     "torch" reports a container there on both sides only and leaves it as given, and
     replaces a plain value with the saved tensor."""
-    saved = {
-        tuple(part if isinstance(part, int) else str(part) for part in path)
-        for path, entry in zip(saved_paths(metadata), metadata.state_dict_metadata.values())
-        if isinstance(entry, TensorStorageMetadata)
-    }
+    saved = _saved_places(metadata, tensors=True)
     containers: list[Path_] = []
     plain: list[Path_] = []
 
-    def walk(node: Any, path: Path_, saved_path: Path_) -> None:
-        if path and saved_path in saved and not isinstance(node, torch.Tensor):
-            if isinstance(node, (Mapping, list, tuple, PerRank)):
-                containers.append(path)
-            else:
-                plain.append(path)
-        elif isinstance(node, Mapping):
-            for key, value in node.items():
-                walk(value, (*path, key), (*saved_path, str(key)))
-        elif isinstance(node, list):
-            for index, item in enumerate(node):
-                walk(item, (*path, index), (*saved_path, index))
+    def other_kind(node: Any, path: Path_, saved_path: Path_) -> bool:
+        if saved_path not in saved or isinstance(node, torch.Tensor):
+            return False
+        kind = isinstance(node, (Mapping, list, tuple, PerRank))
+        (containers if kind else plain).append(path)
+        return True
 
-    walk(state, (), ())
+    _walk(state, other_kind)
     return containers, plain
 
 
@@ -91,3 +82,49 @@ def container_for_saved_tensor(value: Any, entry: Any) -> bool:
     ``entry`` (at the place of its saved copy) is a tensor: on both sides only, as
     :func:`given_for_saved_tensors` finds it for the rest of a state."""
     return isinstance(entry, TensorStorageMetadata) and isinstance(value, (Mapping, list, tuple))
+
+
+def dicts_for_saved_values(state: Any, metadata: Metadata) -> list[Path_]:
+    """The places of ``state`` (as the read asks for it) holding a dict, an empty one too,
+    where the checkpoint holds a plain value (a string, None, a tuple): on both sides only, as
+    "torch" reports it. DCP gives an empty dict no key, so without this a strict check would
+    find the saved value unexpected alone, where the read then finds it missing too."""
+    saved = _saved_places(metadata, tensors=False)
+    places: list[Path_] = []
+
+    def other_kind(node: Any, path: Path_, saved_path: Path_) -> bool:
+        if isinstance(node, Mapping) and saved_path in saved:
+            places.append(path)
+            return True
+        return False
+
+    _walk(state, other_kind)
+    return places
+
+
+def _saved_places(metadata: Metadata, *, tensors: bool) -> set[Path_]:
+    """The places (dict keys as their text) of the checkpoint's tensors, or of its other
+    values."""
+    return {
+        tuple(part if isinstance(part, int) else str(part) for part in path)
+        for path, entry in zip(saved_paths(metadata), metadata.state_dict_metadata.values())
+        if isinstance(entry, TensorStorageMetadata) == tensors
+    }
+
+
+def _walk(state: Any, stop: Callable[[Any, Path_, Path_], bool]) -> None:
+    """Visit every value below the top of ``state`` through its dicts and lists, each with its
+    place and its place as DCP records it (dict keys as text), not below one ``stop`` is true
+    of."""
+
+    def walk(node: Any, path: Path_, saved_path: Path_) -> None:
+        if path and stop(node, path, saved_path):
+            return
+        if isinstance(node, Mapping):
+            for key, value in node.items():
+                walk(value, (*path, key), (*saved_path, str(key)))
+        elif isinstance(node, list):
+            for index, item in enumerate(node):
+                walk(item, (*path, index), (*saved_path, index))
+
+    walk(state, (), ())
