@@ -54,6 +54,18 @@ CASES: dict[str, tuple[dict[str, Any], Callable[[], dict[str, Any]], str, Any]] 
         "extra",
         [torch.zeros(2)],
     ),
+    "a list given, a sub-dict of other keys saved": (
+        {"extra": {"x": torch.full((2,), 7.0)}},
+        lambda: {"extra": [torch.zeros(2)]},
+        "extra",
+        [torch.zeros(2)],
+    ),
+    "a sub-dict of other keys given, a list saved": (
+        {"extra": [torch.full((2,), 7.0)]},
+        lambda: {"extra": {"x": torch.zeros(2)}},
+        "extra",
+        {"x": torch.zeros(2)},
+    ),
     "an empty sub-dict given, a tensor saved": (
         {"extra": torch.full((2,), 7.0)},
         lambda: {"extra": {}},

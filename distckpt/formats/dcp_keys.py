@@ -24,6 +24,7 @@ from torch.distributed.checkpoint.metadata import Metadata
 
 from distckpt.containers import same_kind_of_tuple
 from distckpt.formats.dcp_kinds import (
+    as_saved,
     container_for_saved_tensor,
     dict_list_swaps,
     dicts_for_saved_values,
@@ -362,7 +363,7 @@ def fold_whole_subtrees(
     optional key naming part of a flat key, a model's ``3`` of ``3.weight``)."""
     # a leaf of the other side at the sub-tree's own place is another kind of value, which
     # leaves it on this side only
-    held = {_as_saved(place[:depth]) for place in other_side for depth in range(1, len(place))}
+    held = {as_saved(place[:depth]) for place in other_side for depth in range(1, len(place))}
     held_text = {dotted(place) for place in held}
     folded = list(keys)
     for subtree in sorted(subtrees, key=len):
@@ -375,7 +376,7 @@ def fold_whole_subtrees(
         if places:
             for place in places:
                 leaves = [key for key, path in paths.items() if path[: len(place)] == place]
-                if _as_saved(place) not in held and all(leaf in folded for leaf in leaves):
+                if as_saved(place) not in held and all(leaf in folded for leaf in leaves):
                     folded = folded_under(folded, subtree)
             continue
         leaves = [key for key in paths if key.startswith(f"{subtree}.")]
@@ -402,11 +403,6 @@ def container_places(state: Any) -> list[Path_]:
 
     walk(state, ())
     return places
-
-
-def _as_saved(place: Path_) -> Path_:
-    """``place`` as DCP records it: dict keys as their text, list indices as ints."""
-    return tuple(part if isinstance(part, int) else str(part) for part in place)
 
 
 # ---------------------------------------------------------------------------------------------

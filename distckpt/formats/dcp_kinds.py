@@ -22,6 +22,7 @@ __all__ = [
     "tensors_for_saved_values",
     "container_for_saved_tensor",
     "dicts_for_saved_values",
+    "as_saved",
 ]
 
 
@@ -50,13 +51,18 @@ def dict_list_swaps(state: Any, metadata: Metadata) -> list[Path_]:
     """The places of ``state`` (as the read asks for it) that hold a dict where the checkpoint
     holds a list, or a list where it holds a dict, each the outermost place where they differ:
     DCP names a dict's key ``"0"`` as it names a list's first item, and would load one into
-    the other."""
-    saved = metadata.planner_data if isinstance(metadata.planner_data, dict) else {}
+    the other, and a list's items beside a dict's other keys are keys on each side only. A
+    place differs where the checkpoint holds something under it and all of it under keys of
+    the other kind (list indices are ints in DCP's places, dict keys text)."""
+    saved_kinds: dict[Path_, set[bool]] = {}
+    for place in map(as_saved, saved_paths(metadata)):
+        for depth, part in enumerate(place):
+            saved_kinds.setdefault(place[:depth], set()).add(isinstance(part, int))
     places: list[Path_] = []
-    for key, path in flat_paths(state).items():
-        saved_path = tuple(saved.get(key, path))
-        for depth, (part, saved_part) in enumerate(zip(path, saved_path)):
-            if isinstance(part, int) != isinstance(saved_part, int):
+    for path in flat_paths(state).values():
+        for depth, part in enumerate(path):
+            kinds = saved_kinds.get(as_saved(path[:depth]))
+            if kinds and isinstance(part, int) not in kinds:
                 if path[:depth] not in places:
                     places.append(path[:depth])
                 break
@@ -103,13 +109,17 @@ def dicts_for_saved_values(state: Any, metadata: Metadata) -> list[Path_]:
 
 
 def _saved_places(metadata: Metadata, *, tensors: bool) -> set[Path_]:
-    """The places (dict keys as their text) of the checkpoint's tensors, or of its other
-    values."""
+    """The places (:func:`as_saved`) of the checkpoint's tensors, or of its other values."""
     return {
-        tuple(part if isinstance(part, int) else str(part) for part in path)
+        as_saved(path)
         for path, entry in zip(saved_paths(metadata), metadata.state_dict_metadata.values())
         if isinstance(entry, TensorStorageMetadata) == tensors
     }
+
+
+def as_saved(place: Path_) -> Path_:
+    """``place`` as DCP records it: dict keys as their text, list indices as ints."""
+    return tuple(part if isinstance(part, int) else str(part) for part in place)
 
 
 def _walk(state: Any, stop: Callable[[Any, Path_, Path_], bool]) -> None:
