@@ -66,6 +66,12 @@ CASES: dict[str, tuple[dict[str, Any], Callable[[], dict[str, Any]], str, Any]] 
         "extra",
         {"x": torch.zeros(2)},
     ),
+    "a sub-dict given, a list of tensors of another shape saved": (
+        {"extra": [torch.full((2,), 7.0)]},
+        lambda: {"extra": {"0": torch.zeros(1)}},
+        "extra",
+        {"0": torch.zeros(1)},
+    ),
     "an empty sub-dict given, a tensor saved": (
         {"extra": torch.full((2,), 7.0)},
         lambda: {"extra": {}},

@@ -244,6 +244,12 @@ def key_mismatch_as_read(
         # On both sides only, as "torch" reports it; the read leaves it out.
         report.missing_keys = folded_under([*report.missing_keys, place], place)
         report.unexpected_keys = folded_under([*report.unexpected_keys, place], place)
+        # nothing under it is compared, so no shape either
+        report.mismatched_shapes = [
+            shape
+            for shape in report.mismatched_shapes
+            if not (shape[0] == place or shape[0].startswith(f"{place}."))
+        ]
     asked = flat_paths(shared)
     held = dict(zip(metadata.state_dict_metadata, saved_paths(metadata)))
     report.missing_keys = fold_whole_subtrees(
