@@ -4,7 +4,8 @@ was, a tensor, a list or a plain value where a sub-dict was, at any depth. Nothi
 the other, so the key is on both sides only:
 ``strict=True`` refuses it before anything is loaded, ``strict=False`` loads the rest and
 reports it as missing and unexpected, the same in both formats. A plain value given where a
-tensor was saved takes the saved tensor, in both formats."""
+tensor was saved takes the saved tensor, in both formats; a tensor given where a plain value
+was saved is missing, refused by a strict restore before anything is loaded."""
 
 from __future__ import annotations
 
@@ -52,6 +53,24 @@ CASES: dict[str, tuple[dict[str, Any], Callable[[], dict[str, Any]], str, Any]] 
         lambda: {"extra": [torch.zeros(2)]},
         "extra",
         [torch.zeros(2)],
+    ),
+    "a list given, a sub-dict of other keys saved": (
+        {"extra": {"x": torch.full((2,), 7.0)}},
+        lambda: {"extra": [torch.zeros(2)]},
+        "extra",
+        [torch.zeros(2)],
+    ),
+    "a sub-dict of other keys given, a list saved": (
+        {"extra": [torch.full((2,), 7.0)]},
+        lambda: {"extra": {"x": torch.zeros(2)}},
+        "extra",
+        {"x": torch.zeros(2)},
+    ),
+    "a sub-dict given, a list of tensors of another shape saved": (
+        {"extra": [torch.full((2,), 7.0)]},
+        lambda: {"extra": {"0": torch.zeros(1)}},
+        "extra",
+        {"0": torch.zeros(1)},
     ),
     "an empty sub-dict given, a tensor saved": (
         {"extra": torch.full((2,), 7.0)},
@@ -154,3 +173,60 @@ def test_a_plain_value_given_for_a_saved_tensor_takes_the_tensor(
             assert (ckpt.missing_keys, ckpt.unexpected_keys) == ((), ())
             assert torch.equal(state["x"], torch.full((1,), 7.0))
             assert torch.equal(state["w"], torch.ones(2))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_tensor_given_for_a_saved_plain_value_is_refused_before_anything_is_loaded(
+    tmp_path: Path, fmt: str
+) -> None:
+    """A tensor where the checkpoint holds a plain value (a string) cannot take it: it is
+    missing, refused by a strict restore before anything is loaded, and left as given with
+    ``strict=False``, which loads the rest."""
+    with distckpt.CheckpointManager(tmp_path, format=fmt, fsync=False) as mgr:
+        mgr.save(1, {"w": torch.ones(2), "x": "s5"})
+        state = {"w": torch.zeros(2), "x": torch.zeros(1)}
+        with pytest.raises(KeyMismatch) as refused:
+            mgr.restore(state=state)
+        assert (refused.value.missing_keys, refused.value.unexpected_keys) == (("x",), ())
+        assert torch.equal(state["w"], torch.zeros(2))
+        ckpt = mgr.restore(state=state, strict=False)
+        assert ckpt is not None
+        assert (ckpt.missing_keys, ckpt.unexpected_keys) == (("x",), ())
+        assert torch.equal(state["w"], torch.ones(2))
+        assert torch.equal(state["x"], torch.zeros(1))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_per_rank_sub_dict_given_for_a_saved_per_rank_tensor_is_refused_before_loading(
+    tmp_path: Path, fmt: str
+) -> None:
+    """The same for a per-rank value: a sub-dict given where a per-rank tensor was saved is on
+    both sides only, refused by a strict restore before anything is loaded."""
+    with distckpt.CheckpointManager(tmp_path, format=fmt, fsync=False) as mgr:
+        mgr.save(1, {"w": torch.ones(2), "r": distckpt.PerRank(torch.ones(1))})
+        state = {"w": torch.zeros(2), "r": distckpt.PerRank({"a": torch.zeros(1)})}
+        with pytest.raises(KeyMismatch) as refused:
+            mgr.restore(state=state)
+        assert (refused.value.missing_keys, refused.value.unexpected_keys) == (("r",), ("r",))
+        assert torch.equal(state["w"], torch.zeros(2))
+
+
+@pytest.mark.parametrize("saved", ["s5", None, ()], ids=["string", "none", "empty-tuple"])
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_an_empty_sub_dict_given_for_a_saved_plain_value_is_on_both_sides_whatever_strict_is(
+    tmp_path: Path, fmt: str, saved: Any
+) -> None:
+    """An empty sub-dict where the checkpoint holds a plain value: the same keys refused by a
+    strict restore, before anything is loaded, as reported with ``strict=False``."""
+    with distckpt.CheckpointManager(tmp_path, format=fmt, fsync=False) as mgr:
+        mgr.save(1, {"w": torch.ones(2), "x": saved})
+        state: dict[str, Any] = {"w": torch.zeros(2), "x": {}}
+        with pytest.raises(KeyMismatch) as refused:
+            mgr.restore(state=state)
+        assert (refused.value.missing_keys, refused.value.unexpected_keys) == (("x",), ("x",))
+        assert torch.equal(state["w"], torch.zeros(2))
+        ckpt = mgr.restore(state=state, strict=False)
+        assert ckpt is not None
+        assert (ckpt.missing_keys, ckpt.unexpected_keys) == (("x",), ("x",))
+        assert torch.equal(state["w"], torch.ones(2))
+        assert state["x"] == {}

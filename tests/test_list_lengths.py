@@ -37,6 +37,22 @@ SAME_STRUCTURE: dict[str, tuple[dict[str, Any], Callable[[], dict[str, Any]]]] =
         {"l": [_one(1), {"x": distckpt.PerRank(_one(3))}]},
         lambda: {"l": [torch.zeros(1), {"x": distckpt.PerRank(torch.zeros(1))}]},
     ),
+    "a list of a plain value and an empty dict": (
+        {"w": _one(1), "a": [1.5, {}]},
+        lambda: {"w": torch.zeros(1), "a": [1.5, {}]},
+    ),
+    "a list of an empty dict between plain values": (
+        {"w": _one(1), "a": [1.5, {}, 1.5]},
+        lambda: {"w": torch.zeros(1), "a": [1.5, {}, 1.5]},
+    ),
+    "a list of an empty dict and a list of plain values": (
+        {"w": _one(1), "a": [{}, [7]]},
+        lambda: {"w": torch.zeros(1), "a": [{}, [7]]},
+    ),
+    "a list of a tensor, an empty dict and a plain value": (
+        {"w": _one(1), "a": [_one(2), {}, 1.5]},
+        lambda: {"w": torch.zeros(1), "a": [torch.zeros(1), {}, 1.5]},
+    ),
     "a list beside a dict key naming an item of it": (
         {"hist": [_one(1), _one(2)], "hist.5": _one(3)},
         lambda: {"hist": [torch.zeros(1), torch.zeros(1)], "hist.5": torch.zeros(1)},

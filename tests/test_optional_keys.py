@@ -163,3 +163,20 @@ def test_a_missing_sub_dict_whose_key_has_a_dot_is_reported_as_its_key(
     assert restored.missing_keys == ("m.a.b",)
     assert restored.unexpected_keys == ()
     assert torch.equal(state["m"]["a"]["b"]["q"], torch.ones(1))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_an_empty_sub_dict_given_for_a_filled_one_reports_the_saved_sub_dicts(
+    tmp_path: Path, fmt: str
+) -> None:
+    """An empty sub-dict given where the checkpoint holds one with a sub-dict of its own: the
+    given dict is on both sides, so what only the checkpoint holds is the sub-dict inside it,
+    one unexpected key in both formats (never the given dict itself)."""
+    with distckpt.CheckpointManager(tmp_path, format=fmt, timeout=30) as mgr:
+        mgr.save(1, {"w": torch.ones(1), "a": {"k": {"x": torch.ones(1)}}})
+    state = {"w": torch.zeros(1), "a": {}}
+    with distckpt.CheckpointManager(tmp_path, format=fmt, timeout=30) as mgr:
+        restored = mgr.restore("last", state=state, strict=False)
+    assert restored.missing_keys == ()
+    assert restored.unexpected_keys == ("a.k",)
+    assert torch.equal(state["w"], torch.ones(1))

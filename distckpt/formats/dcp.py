@@ -112,9 +112,7 @@ from distckpt.formats.base import PreparedRead, ReadOptions, ShardContext
 from distckpt.formats.dcp_errors import run_dcp
 from distckpt.formats.dcp_keys import (
     PER_RANK_KEY,
-    dict_list_swaps,
     dotted,
-    given_for_saved_tensors,
     key_mismatch_as_read,
     per_rank_not_read,
     per_rank_placeholders,
@@ -126,6 +124,7 @@ from distckpt.formats.dcp_keys import (
     with_per_rank,
     with_saved_group_settings,
 )
+from distckpt.formats.dcp_kinds import dict_list_swaps, given_for_saved_tensors
 from distckpt.formats.dcp_lists import lists_of_other_length, with_saved_lists
 from distckpt.formats.dcp_metadata import DATA_FILE_RE, METADATA_NAME, read_metadata
 from distckpt.formats.dcp_storage import Planner, Reader, Writer, placeholder

@@ -20,10 +20,17 @@ import re
 from collections.abc import Callable, Collection, Iterable, Mapping
 from typing import Any
 
-import torch
-from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
+from torch.distributed.checkpoint.metadata import Metadata
 
 from distckpt.containers import same_kind_of_tuple
+from distckpt.formats.dcp_kinds import (
+    as_saved,
+    container_for_saved_tensor,
+    dict_list_swaps,
+    dicts_for_saved_values,
+    given_for_saved_tensors,
+    tensors_for_saved_values,
+)
 from distckpt.formats.dcp_lists import lists_of_other_length, report_list_lengths
 from distckpt.formats.dcp_storage import (
     Path_,
@@ -55,7 +62,6 @@ __all__ = [
     "split_per_rank_keys",
     "per_rank_not_read",
     "key_mismatch_as_read",
-    "given_for_saved_tensors",
     "saved_paths",
     "dotted",
     "rename_to_saved",
@@ -192,8 +198,12 @@ def key_mismatch_as_read(
     reports a sub-dict on one side only (:func:`fold_whole_subtrees`); a list of another
     length is reported as one key (:func:`~distckpt.formats.dcp_lists.report_list_lengths`);
     a dict given where a list was saved, or the reverse, is on both sides only
-    (:func:`dict_list_swaps`), as is a dict or a list given where a tensor was saved
-    (:func:`given_for_saved_tensors`). Where the
+    (:func:`~distckpt.formats.dcp_kinds.dict_list_swaps`), as is a dict or a list given where
+    a tensor was saved (:func:`~distckpt.formats.dcp_kinds.given_for_saved_tensors`), a
+    per-rank one too, or a dict where a plain value was
+    (:func:`~distckpt.formats.dcp_kinds.dicts_for_saved_values`); a
+    tensor given where a plain value was saved is missing
+    (:func:`~distckpt.formats.dcp_kinds.tensors_for_saved_values`). Where the
     number of an optimizer's parameter groups differs from the saved one, the saved groups'
     parameter names are read with ``read_saved`` (their flat keys to their values) to name
     each group (:func:`changed_param_groups`), so that a restore refuses it as "torch" does,
@@ -214,20 +224,32 @@ def key_mismatch_as_read(
         key for key in report.unexpected_keys if not _SCHEDULER_SETTING.search(key)
     ]
     own = [key for key in metadata.state_dict_metadata if key.startswith(f"{PER_RANK_KEY}.{rank}.")]
-    for path, _ in marked:
+    for path, value in marked:
         place = f"{PER_RANK_KEY}.{rank}.{dotted(path)}"
         if not any(key == place or key.startswith(f"{place}.") for key in own):
             report.missing_keys.append(dotted(path))
+        elif container_for_saved_tensor(value, metadata.state_dict_metadata.get(place)):
+            report.missing_keys.append(dotted(path))
+            report.unexpected_keys.append(dotted(path))
+    # a tensor cannot take a saved plain value: missing, found here rather than after the read
+    report.missing_keys += tensors_for_saved_values(flat, metadata)
     saved_groups = [key for key in metadata.state_dict_metadata if _GROUP_PARAMS.match(key)]
     given_groups = {key: value for key, value in flat.items() if _GROUP_PARAMS.match(key)}
     if read_saved is not None and _group_counts(saved_groups) != _group_counts(given_groups):
         report.changed_param_groups = changed_param_groups(given_groups, read_saved(saved_groups))
     report_list_lengths(report, lists_of_other_length(shared, metadata), read_saved)
     containers, _ = given_for_saved_tensors(shared, metadata)
-    for place in map(dotted, [*dict_list_swaps(shared, metadata), *containers]):
+    swapped = [*dict_list_swaps(shared, metadata), *containers]
+    for place in map(dotted, [*swapped, *dicts_for_saved_values(shared, metadata)]):
         # On both sides only, as "torch" reports it; the read leaves it out.
         report.missing_keys = folded_under([*report.missing_keys, place], place)
         report.unexpected_keys = folded_under([*report.unexpected_keys, place], place)
+        # nothing under it is compared, so no shape either
+        report.mismatched_shapes = [
+            shape
+            for shape in report.mismatched_shapes
+            if not (shape[0] == place or shape[0].startswith(f"{place}."))
+        ]
     asked = flat_paths(shared)
     held = dict(zip(metadata.state_dict_metadata, saved_paths(metadata)))
     report.missing_keys = fold_whole_subtrees(
@@ -236,8 +258,11 @@ def key_mismatch_as_read(
     report.missing_keys = fold_whole_subtrees(
         report.missing_keys, asked, optional_whole_keys, held.values()
     )
+    # the given containers count as held, empty ones too (DCP gives an empty dict no key): each
+    # as a place one deeper, whose prefixes fold_whole_subtrees takes as held
+    given_places = [*asked.values(), *((*place, None) for place in container_places(shared))]
     report.unexpected_keys = fold_whole_subtrees(
-        report.unexpected_keys, held, subtrees_of(report.unexpected_keys, held), asked.values()
+        report.unexpected_keys, held, subtrees_of(report.unexpected_keys, held), given_places
     )
     report.leaves_of_missing = {
         key: leaves
@@ -312,54 +337,6 @@ def changed_param_groups(
     return changes
 
 
-def given_for_saved_tensors(state: Any, metadata: Metadata) -> tuple[list[Path_], list[Path_]]:
-    """The places of ``state`` (as the read asks for it) where the checkpoint holds a tensor
-    and ``state`` another kind of value, as (those holding a dict or a list, those holding a
-    plain value such as None): DCP would refuse the read as if the checkpoint were damaged.
-    "torch" reports a container there on both sides only and leaves it as given, and
-    replaces a plain value with the saved tensor."""
-    saved = {
-        tuple(part if isinstance(part, int) else str(part) for part in path)
-        for path, entry in zip(saved_paths(metadata), metadata.state_dict_metadata.values())
-        if isinstance(entry, TensorStorageMetadata)
-    }
-    containers: list[Path_] = []
-    plain: list[Path_] = []
-
-    def walk(node: Any, path: Path_, saved_path: Path_) -> None:
-        if path and saved_path in saved and not isinstance(node, torch.Tensor):
-            if isinstance(node, (Mapping, list, tuple, PerRank)):
-                containers.append(path)
-            else:
-                plain.append(path)
-        elif isinstance(node, Mapping):
-            for key, value in node.items():
-                walk(value, (*path, key), (*saved_path, str(key)))
-        elif isinstance(node, list):
-            for index, item in enumerate(node):
-                walk(item, (*path, index), (*saved_path, index))
-
-    walk(state, (), ())
-    return containers, plain
-
-
-def dict_list_swaps(state: Any, metadata: Metadata) -> list[Path_]:
-    """The places of ``state`` (as the read asks for it) that hold a dict where the checkpoint
-    holds a list, or a list where it holds a dict, each the outermost place where they differ:
-    DCP names a dict's key ``"0"`` as it names a list's first item, and would load one into
-    the other."""
-    saved = metadata.planner_data if isinstance(metadata.planner_data, dict) else {}
-    places: list[Path_] = []
-    for key, path in flat_paths(state).items():
-        saved_path = tuple(saved.get(key, path))
-        for depth, (part, saved_part) in enumerate(zip(path, saved_path)):
-            if isinstance(part, int) != isinstance(saved_part, int):
-                if path[:depth] not in places:
-                    places.append(path[:depth])
-                break
-    return places
-
-
 def subtrees_of(keys: Iterable[str], paths: Mapping[str, Path_]) -> set[str]:
     """The flat keys of the sub-trees holding any of ``keys`` that are a dict's values (dicts
     and lists, at every depth), by their places in the nested state (``paths``, each flat
@@ -392,7 +369,7 @@ def fold_whole_subtrees(
     optional key naming part of a flat key, a model's ``3`` of ``3.weight``)."""
     # a leaf of the other side at the sub-tree's own place is another kind of value, which
     # leaves it on this side only
-    held = {_as_saved(place[:depth]) for place in other_side for depth in range(1, len(place))}
+    held = {as_saved(place[:depth]) for place in other_side for depth in range(1, len(place))}
     held_text = {dotted(place) for place in held}
     folded = list(keys)
     for subtree in sorted(subtrees, key=len):
@@ -405,7 +382,7 @@ def fold_whole_subtrees(
         if places:
             for place in places:
                 leaves = [key for key, path in paths.items() if path[: len(place)] == place]
-                if _as_saved(place) not in held and all(leaf in folded for leaf in leaves):
+                if as_saved(place) not in held and all(leaf in folded for leaf in leaves):
                     folded = folded_under(folded, subtree)
             continue
         leaves = [key for key in paths if key.startswith(f"{subtree}.")]
@@ -414,9 +391,24 @@ def fold_whole_subtrees(
     return folded
 
 
-def _as_saved(place: Path_) -> Path_:
-    """``place`` as DCP records it: dict keys as their text, list indices as ints."""
-    return tuple(part if isinstance(part, int) else str(part) for part in place)
+def container_places(state: Any) -> list[Path_]:
+    """The places of the dicts and lists (empty ones too) inside ``state``, at every depth."""
+    places: list[Path_] = []
+
+    def walk(node: Any, path: Path_) -> None:
+        if isinstance(node, Mapping):
+            children: Iterable[tuple[Any, Any]] = node.items()
+        elif isinstance(node, list):
+            children = enumerate(node)
+        else:
+            return
+        if path:
+            places.append(path)
+        for key, value in children:
+            walk(value, (*path, key))
+
+    walk(state, ())
+    return places
 
 
 # ---------------------------------------------------------------------------------------------

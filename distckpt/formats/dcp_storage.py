@@ -206,7 +206,12 @@ class Planner(DefaultLoadPlanner):
     requested keys the checkpoint lacks (instead of failing on the first)."""
 
     def __init__(self, options: ReadOptions, *, flatten: bool = True) -> None:
-        super().__init__(flatten_state_dict=flatten, allow_partial_load=True)
+        # No rewrite of nested ShardedTensors (distckpt shards with DTensors): DCP's rebuilds the
+        # state without its empty dicts, which turns a list holding one (``[1.5, {}]``) into a
+        # single value where the save flattened it item by item, so the read would miss it.
+        super().__init__(
+            flatten_state_dict=flatten, flatten_sharded_tensors=False, allow_partial_load=True
+        )
         self.options = options
         self.missing: list[str] = []
         self._places: SavedPlaces | None = None
