@@ -280,11 +280,6 @@ def flat_paths(state: STATE_DICT_TYPE) -> dict[str, tuple[Any, ...]]:
     return {key: tuple(path) for key, path in paths.items()}
 
 
-def flat_keys(state: STATE_DICT_TYPE) -> list[str]:
-    """The keys DCP gives the values of a nested ``state`` (:func:`flat_state`)."""
-    return list(flat_state(state))
-
-
 def key_mismatch(asked: Iterable[str], metadata: Metadata) -> LoadReport:
     """The flat keys of a load on one side only: those ``asked`` for that the checkpoint lacks,
     and the checkpoint's that nothing asks for, in the order the checkpoint lists them (a
