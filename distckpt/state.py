@@ -136,23 +136,32 @@ def to_plain(state: Any, *, mark_per_rank: bool = False, template: bool = False)
 
 
 def set_path(root: Any, path: Iterable[Any], value: Any) -> None:
-    """Set ``value`` at ``path`` in nested dicts/lists, creating missing containers (a list
-    where the next key is an int)."""
+    """Set ``value`` at ``path`` in nested dicts/lists/tuples, creating missing containers (a
+    list where the next key is an int). A tuple on the way cannot take an item: it is rebuilt
+    with it (the same kind of tuple) and put in its parent's place instead, so ``root`` itself
+    must be a dict or a list."""
     path = list(path)
-    node = root
-    for key, next_key in zip(path, path[1:]):
-        fresh: Any = [] if isinstance(next_key, int) else {}
-        if isinstance(node, list):
-            node.extend([None] * (key + 1 - len(node)))
-            if node[key] is None:
-                node[key] = fresh
-        elif key not in node:
-            node[key] = fresh
-        node = node[key]
-    last = path[-1]
-    if isinstance(node, list):
-        node.extend([None] * (last + 1 - len(node)))
-    node[last] = value
+    if isinstance(root, tuple):
+        raise TypeError(f"cannot set {path!r} inside a tuple at the top level")
+    _with_item(root, path, value)
+
+
+def _with_item(node: Any, path: list[Any], value: Any) -> Any:
+    """``node`` holding ``value`` at ``path``: the same dict or list, or a new tuple."""
+    key, rest = path[0], path[1:]
+    items = list(node) if isinstance(node, tuple) else node
+    if isinstance(items, list):
+        items.extend([None] * (key + 1 - len(items)))
+    if rest:
+        fresh: Any = [] if isinstance(rest[0], int) else {}
+        if isinstance(items, list):
+            child = fresh if items[key] is None else items[key]
+        else:
+            # anything but a mapping here is a path that contradicts another: raise as indexing it
+            child = items.get(key, fresh) if isinstance(items, Mapping) else items[key]
+        value = _with_item(child, rest, value)
+    items[key] = value
+    return same_kind_of_tuple(node, items) if isinstance(node, tuple) else items
 
 
 def remove_path(root: Any, path: tuple[Any, ...]) -> bool:

@@ -20,7 +20,7 @@ from distckpt import faults
 from distckpt.checksums import file_checksum
 from distckpt.errors import CorruptCheckpoint, InvalidArgument, UnsafeCheckpoint
 from distckpt.formats.dcp import ModelOptimizerState
-from distckpt.formats.dcp_keys import split_per_rank
+from distckpt.formats.dcp_per_rank import split_per_rank
 from distckpt.fsutil import atomic_write_bytes
 from distckpt.layout import MANIFEST_NAME
 from distckpt.manifest import FileRecord, read_manifest

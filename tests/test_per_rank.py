@@ -114,6 +114,47 @@ def test_unmarked_values_are_saved_once_for_all_ranks(tmp_path: Path) -> None:
     assert not (out[0]["draw"] and out[1]["draw"])  # one rank got the other's random stream
 
 
+# ------------------------------------------------------------------ inside lists and tuples
+
+
+def _items_marked(rank: int, value: Any) -> dict[str, Any]:
+    """Per-rank values as items of a list of plain values (which DCP pickles whole) and of
+    tuples (which it always pickles whole; a restore cannot assign into them)."""
+    return {
+        "w": torch.arange(3.0),
+        "listed": [distckpt.PerRank(value), 5],
+        "paired": (distckpt.PerRank(value), "tag"),
+        "extras": (distckpt.RNGState(), "tag"),
+    }
+
+
+def _save_restore_items(rank: int, world_size: int, root: str, fmt: str) -> dict[str, Any]:
+    torch.manual_seed(rank)
+    with distckpt.CheckpointManager(root, format=fmt, fsync=False, timeout=30) as mgr:
+        mgr.save(1, _items_marked(rank, rank * 10))
+        expected_draw = torch.rand(2)
+        torch.manual_seed(123)  # the same on every rank: the restored stream must undo this
+        template = _items_marked(rank, -1)
+        ckpt = mgr.restore("last", state=template)
+        return {
+            "listed": [ckpt.state["listed"], template["listed"][0].value],
+            "paired": [ckpt.state["paired"], template["paired"][0].value],
+            "draw": torch.equal(torch.rand(2), expected_draw),
+            "missing": ckpt.missing_keys,
+        }
+
+
+@pytest.mark.parametrize("fmt", ["dcp", "torch"])
+def test_per_rank_items_of_lists_and_tuples_come_back(tmp_path: Path, fmt: str) -> None:
+    """A strict restore finds a per-rank item of a list DCP saved whole (no key of its own),
+    and puts one back into a tuple, which it rebuilds."""
+    out = values(run_ranks(_save_restore_items, 2, str(tmp_path / "ckpt"), fmt, timeout=TIMEOUT))
+    for rank, result in enumerate(out):
+        assert result["listed"] == [[rank * 10, 5], rank * 10], result
+        assert result["paired"] == [(rank * 10, "tag"), rank * 10], result
+        assert result["draw"] and result["missing"] == (), result
+
+
 # ------------------------------------------------------------------ another number of ranks
 
 

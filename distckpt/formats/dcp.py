@@ -31,8 +31,8 @@ What DCP saves, and its limits:
 * Everything else -- plain tensors and plain values -- is taken to be the *same on every rank*
   and is saved once, from one rank, unless it is marked per rank: :class:`~distckpt.RNGState`,
   a ``StatefulDataLoader``, or any value wrapped in :class:`~distckpt.PerRank`. Those are saved
-  once per rank and restored to the same rank (see :mod:`distckpt.formats.dcp_keys`); a restore
-  by another number of ranks that asks for them raises
+  once per rank and restored to the same rank (see :mod:`distckpt.formats.dcp_per_rank`); a
+  restore by another number of ranks that asks for them raises
   :class:`~distckpt.errors.WorldSizeMismatch` naming them.
 * Optimizers must be saved FQN-keyed, through ``get_state_dict``: put
   ``{"app": ModelOptimizerState(model, optimizer)}`` in the state rather than the optimizer
@@ -111,22 +111,24 @@ from distckpt.errors import (
 from distckpt.formats.base import PreparedRead, ReadOptions, ShardContext
 from distckpt.formats.dcp_errors import run_dcp
 from distckpt.formats.dcp_keys import (
-    PER_RANK_KEY,
     dotted,
     key_mismatch_as_read,
-    per_rank_not_read,
-    per_rank_placeholders,
     rename_back,
     rename_to_saved,
-    restore_per_rank,
     saved_paths,
-    split_per_rank,
-    with_per_rank,
     with_saved_group_settings,
 )
 from distckpt.formats.dcp_kinds import dict_list_swaps, given_for_saved_tensors
 from distckpt.formats.dcp_lists import lists_of_other_length, with_saved_lists
 from distckpt.formats.dcp_metadata import DATA_FILE_RE, METADATA_NAME, read_metadata
+from distckpt.formats.dcp_per_rank import (
+    PER_RANK_KEY,
+    per_rank_not_read,
+    per_rank_placeholders,
+    restore_per_rank,
+    split_per_rank,
+    with_per_rank,
+)
 from distckpt.formats.dcp_storage import Planner, Reader, Writer, placeholder
 from distckpt.formats.dcp_tensor_kinds import check_tensor_types
 from distckpt.formats.dcp_text_keys import check_restorable_keys, holds_containers

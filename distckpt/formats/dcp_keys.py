@@ -1,16 +1,7 @@
-"""How the "dcp" format arranges a state's keys around DCP: per-rank values moved under a
-namespace of their rank, and wrapper prefixes (``_orig_mod.``, ``module.``) mapped between the
-state given to restore and the keys a checkpoint holds.
-
-Per-rank values. DCP saves every non-DTensor value once, as if every rank held the same one.
-A value marked per rank (:mod:`distckpt.per_rank`) is therefore moved, before ``dcp.save``,
-from its place to ``__per_rank__.<rank>.<its place>``: a key only that rank has, which that rank
-writes into its own ``.distcp`` file. DCP's ``.metadata`` then lists every rank's copy, so
-``verify`` checks them with the rest, ``export`` includes them (under ``__per_rank__``, by rank),
-and a restore knows they are there. On restore each rank asks for its own namespace and the
-values are put back at their places. They cannot be resharded: a restore by another number of
-ranks that asks for them is refused, naming them; one that does not ask logs that they were
-not restored.
+"""How the "dcp" format compares a state's keys with a checkpoint's before a read (per-rank
+values by their place in this rank's namespace, :mod:`distckpt.formats.dcp_per_rank`), and maps
+wrapper prefixes (``_orig_mod.``, ``module.``) between the state given to restore and the keys
+a checkpoint holds.
 """
 
 from __future__ import annotations
@@ -22,7 +13,6 @@ from typing import Any
 
 from torch.distributed.checkpoint.metadata import Metadata
 
-from distckpt.containers import same_kind_of_tuple
 from distckpt.formats.dcp_kinds import (
     as_saved,
     container_for_saved_tensor,
@@ -32,6 +22,7 @@ from distckpt.formats.dcp_kinds import (
     tensors_for_saved_values,
 )
 from distckpt.formats.dcp_lists import lists_of_other_length, report_list_lengths
+from distckpt.formats.dcp_per_rank import PER_RANK_KEY, per_rank_held_whole, split_per_rank
 from distckpt.formats.dcp_storage import (
     Path_,
     dotted,
@@ -44,23 +35,12 @@ from distckpt.formats.dcp_storage import (
 )
 from distckpt.formats.dcp_text_keys import (
     get_saved,
-    holds_containers,
-    keys_like,
 )
 from distckpt.key_prefixes import log_prefix_mapping, matching_prefixes
 from distckpt.load_report import LoadReport, folded_under
 from distckpt.model_state_keys import SCHEDULER_GROUP_KEYS, param_group_changes
-from distckpt.per_rank import PerRank
-from distckpt.state import set_path
 
 __all__ = [
-    "PER_RANK_KEY",
-    "split_per_rank",
-    "with_per_rank",
-    "per_rank_placeholders",
-    "restore_per_rank",
-    "split_per_rank_keys",
-    "per_rank_not_read",
     "key_mismatch_as_read",
     "saved_paths",
     "dotted",
@@ -70,11 +50,6 @@ __all__ = [
 
 logger = logging.getLogger("distckpt")
 
-#: the top-level key under which every rank's per-rank values are saved, by rank
-PER_RANK_KEY = "__per_rank__"
-
-_REMOVED = object()
-
 #: the flat key of a setting an LR scheduler adds to an optimizer parameter group
 #: (``...param_groups.0.initial_lr``; :data:`~distckpt.model_state_keys.SCHEDULER_GROUP_KEYS`)
 _SCHEDULER_SETTING = re.compile(
@@ -83,98 +58,6 @@ _SCHEDULER_SETTING = re.compile(
 #: the flat key of the names of an optimizer parameter group's parameters: its list's place
 #: (``app.optim.param_groups``) and its index in it
 _GROUP_PARAMS = re.compile(r"^(?P<place>(?:.+\.)?param_groups)\.(?P<index>\d+)\.params$")
-
-
-def split_per_rank(state: Any) -> tuple[Any, list[tuple[Path_, Any]]]:
-    """``state`` without its per-rank values (fresh containers, the same tensors; an item of a
-    list becomes None, so the rest keep their places), and those values by place."""
-    marked: list[tuple[Path_, Any]] = []
-
-    def walk(node: Any, path: Path_) -> Any:
-        if isinstance(node, PerRank):
-            marked.append((path, node.value))
-            return _REMOVED
-        if isinstance(node, Mapping):
-            items = ((key, walk(value, (*path, key))) for key, value in node.items())
-            return {key: value for key, value in items if value is not _REMOVED}
-        if isinstance(node, (list, tuple)) and not holds_containers(node):
-            return list(node) if isinstance(node, list) else node  # no per-rank mark inside
-        if isinstance(node, (list, tuple)):
-            items = [walk(value, (*path, index)) for index, value in enumerate(node)]
-            kept = [None if value is _REMOVED else value for value in items]
-            return kept if isinstance(node, list) else same_kind_of_tuple(node, kept)
-        return node
-
-    return walk(state, ()), marked
-
-
-def with_per_rank(shared: dict[str, Any], marked: list[tuple[Path_, Any]], rank: int) -> Any:
-    """``shared`` plus this rank's per-rank values under ``__per_rank__.<rank>``."""
-    if not marked:
-        return shared
-    own: dict[str, Any] = {}
-    for path, value in marked:
-        set_path(own, path, value)
-    return {**shared, PER_RANK_KEY: {str(rank): own}}
-
-
-def per_rank_placeholders(metadata: Metadata, rank: int) -> dict[str, Any]:
-    """Something for DCP to load each of this rank's saved per-rank values into, by its flat
-    key: an empty tensor of the saved size, or None for a plain value. Built from the
-    checkpoint rather than from the state given to restore, whose per-rank values may have
-    another shape now (a fresh data loader's state has no iterator position yet)."""
-    prefix = f"{PER_RANK_KEY}.{rank}."
-    return {
-        key: placeholder(entry)
-        for key, entry in metadata.state_dict_metadata.items()
-        if key.startswith(prefix)
-    }
-
-
-def restore_per_rank(
-    state: dict[str, Any], marked: list[tuple[Path_, Any]], rank: int, metadata: Metadata
-) -> None:
-    """Move this rank's loaded per-rank values (:func:`per_rank_placeholders`, filled) back to
-    their places; a value the checkpoint lacks stays absent (so it is reported missing)."""
-    paths = metadata.planner_data if isinstance(metadata.planner_data, dict) else {}
-    nested: dict[str, Any] = {}
-    for key in per_rank_placeholders(metadata, rank):
-        if key in state:
-            set_path(nested, paths.get(key, (key,)), state.pop(key))
-    found_own, own = get_saved(nested, (PER_RANK_KEY, str(rank)))
-    for path, template in marked:
-        found, value = get_saved(own, path) if found_own else (False, None)
-        if found:
-            # Built from saved places: its dicts' keys as text, mapped back onto the template's.
-            set_path(state, path, keys_like(template, value))
-
-
-def split_per_rank_keys(keys: Iterable[str]) -> tuple[list[str], dict[int, list[str]]]:
-    """DCP keys split into the ordinary ones and, by rank, the top-level names of the per-rank
-    values among them (``__per_rank__.1.rng.torch`` -> ``{1: ["rng"]}``)."""
-    ordinary: list[str] = []
-    per_rank: dict[int, list[str]] = {}
-    for key in keys:
-        parts = key.split(".", 3)
-        if len(parts) < 3 or parts[0] != PER_RANK_KEY or not parts[1].isdigit():
-            ordinary.append(key)
-            continue
-        names = per_rank.setdefault(int(parts[1]), [])
-        if parts[2] not in names:
-            names.append(parts[2])
-    return ordinary, dict(sorted(per_rank.items()))
-
-
-def per_rank_not_read(
-    metadata: Metadata, rank: int, *, same_ranks: bool, read_own: bool
-) -> dict[int, list[str]]:
-    """By rank, the sorted top-level names of the saved per-rank values this rank's restore leaves
-    unread and should say so: its own when it asked for none (``read_own`` false), and every
-    rank's after a world-size change. With the same ranks, the others' are theirs to read."""
-    own = f"{PER_RANK_KEY}.{rank}."
-    keys = [key for key in metadata.state_dict_metadata if not (read_own and key.startswith(own))]
-    _, per_rank = split_per_rank_keys(keys)
-    return {r: sorted(names) for r, names in per_rank.items() if r == rank or not same_ranks}
 
 
 def key_mismatch_as_read(
@@ -224,9 +107,11 @@ def key_mismatch_as_read(
         key for key in report.unexpected_keys if not _SCHEDULER_SETTING.search(key)
     ]
     own = [key for key in metadata.state_dict_metadata if key.startswith(f"{PER_RANK_KEY}.{rank}.")]
+    held_whole = per_rank_held_whole(marked, metadata, rank, read_saved)
     for path, value in marked:
         place = f"{PER_RANK_KEY}.{rank}.{dotted(path)}"
-        if not any(key == place or key.startswith(f"{place}.") for key in own):
+        held = any(key == place or key.startswith(f"{place}.") for key in own)
+        if not held and path not in held_whole:
             report.missing_keys.append(dotted(path))
         elif container_for_saved_tensor(value, metadata.state_dict_metadata.get(place)):
             report.missing_keys.append(dotted(path))
