@@ -16,6 +16,7 @@ import torch.distributed as dist
 
 from distckpt.errors import CheckpointError, CheckpointVanished, CorruptCheckpoint
 from distckpt.formats import PreparedRead, ReadOptions, ShardContext, format_named
+from distckpt.formats.base import check_saved_rank
 from distckpt.load_report import dotted_prefixes
 from distckpt.manifest import Manifest
 from distckpt.results import Checkpoint
@@ -65,7 +66,8 @@ def prepare_read(
     plain data; refuse the tensors of another shape the format found already, and with
     ``strict`` the keys on one side only.
     ``world_size`` is the number of ranks restoring, or None when a plain process reads one
-    rank's part (then only that the rank exists is checked); ``group`` is the ranks' private
+    rank's part (then the rank must be one that saved it, in either format:
+    :func:`~distckpt.formats.base.check_saved_rank`); ``group`` is the ranks' private
     group, on which the format's read may run collectives. Never collective itself."""
     ctx = ShardContext(
         rank=rank,
@@ -79,9 +81,13 @@ def prepare_read(
         if template is not None
         else None
     )
-    prepared = vanish_checked(
-        source, lambda: fmt.prepare_read(directory, manifest, ctx, plain, options), directory
-    )
+
+    def prepare() -> PreparedRead:
+        if world_size is None:
+            check_saved_rank(directory, manifest, rank)
+        return fmt.prepare_read(directory, manifest, ctx, plain, options)
+
+    prepared = vanish_checked(source, prepare, directory)
     if prepared.mismatch is not None:
         prepared.mismatch.check(
             strict=strict,

@@ -61,13 +61,26 @@ def test_shape_mismatch_names_the_checkpoint_and_its_step(tmp_path: Path, fmt: s
         assert fields["step"] == 3
 
 
-def test_a_rank_the_checkpoint_lacks_names_the_checkpoint(tmp_path: Path) -> None:
+@pytest.mark.parametrize("fmt", ["torch", "dcp"])
+@pytest.mark.parametrize("strict", [True, False])
+def test_a_rank_the_checkpoint_lacks_names_the_checkpoint(
+    tmp_path: Path, fmt: str, strict: bool
+) -> None:
+    """load_checkpoint(rank=) of a rank that did not save: refused in either format, with or
+    without ``strict`` ("dcp" would otherwise load the shared values and find no per-rank
+    ones: a key mismatch, or a silent partial load)."""
     root = str(tmp_path / "ckpt")
-    run_ranks(_save, 2, root, "torch", timeout=TIMEOUT)
-    with pytest.raises(CheckpointNotFound, match="there is no rank 5") as raised:
-        distckpt.load_checkpoint(root, rank=5)
-    assert raised.value.path == str(tmp_path / "ckpt" / "step-00000003")
-    assert raised.value.step == 3
+    run_ranks(_save, 2, root, fmt, timeout=TIMEOUT)
+    for rank in (2, 5):
+        state = {"w": torch.zeros(40), "note": "", "rng": distckpt.RNGState()}
+        with pytest.raises(CheckpointNotFound, match=f"there is no rank {rank}") as raised:
+            distckpt.load_checkpoint(root, rank=rank, state=state, strict=strict)
+        assert raised.value.path == str(tmp_path / "ckpt" / "step-00000003")
+        assert raised.value.step == 3
+        assert state["w"].count_nonzero() == 0  # nothing loaded
+    # the ranks that saved it read their part
+    state = {"w": torch.zeros(40), "note": "", "rng": distckpt.RNGState()}
+    assert distckpt.load_checkpoint(root, rank=1, state=state).state["note"] == "hello"
 
 
 def test_a_damaged_dcp_data_file_is_named_with_the_value(tmp_path: Path) -> None:

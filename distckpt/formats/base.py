@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import torch
 import torch.distributed as dist
 
-from distckpt.errors import InvalidArgument
+from distckpt.errors import CheckpointNotFound, InvalidArgument
 from distckpt.load_report import LoadReport
 from distckpt.manifest import FileRecord, Manifest
 
@@ -49,6 +49,19 @@ def check_rank_argument(rank: Any) -> int | None:
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
         raise InvalidArgument(f"rank must be an int from 0, or None; not {rank!r}")
     return rank
+
+
+def check_saved_rank(directory: Path, manifest: Manifest, rank: int) -> None:
+    """Refuse, as :class:`~distckpt.errors.CheckpointNotFound`, a ``rank`` whose part
+    ``manifest``'s checkpoint (in ``directory``) has none of, when a plain process reads one
+    rank's part: the ranks that saved it were 0 to its world size less one, in either format
+    (a "dcp" restore by more ranks than saved it reads no one rank's part)."""
+    if not 0 <= rank < manifest.world_size:
+        raise CheckpointNotFound(
+            f"{directory} has ranks 0..{manifest.world_size - 1}; there is no rank {rank}",
+            path=directory,
+            step=manifest.step,
+        )
 
 
 def check_optional_keys(optional_keys: Any, argument: str = "optional_keys") -> frozenset[str]:

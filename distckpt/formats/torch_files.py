@@ -26,13 +26,12 @@ from typing import Any, Union
 import torch
 
 from distckpt.errors import (
-    CheckpointNotFound,
     CorruptCheckpoint,
     InvalidArgument,
     UnsafeCheckpoint,
     WorldSizeMismatch,
 )
-from distckpt.formats.base import PreparedRead, ReadOptions, ShardContext
+from distckpt.formats.base import PreparedRead, ReadOptions, ShardContext, check_saved_rank
 from distckpt.formats.raw_rank_file import estimate_file_bytes, write_rank_file
 from distckpt.formats.raw_rank_reader import load_rank_file
 from distckpt.layout import parse_rank_file_name, rank_file_name
@@ -166,15 +165,6 @@ def check_direct_io(direct_io: object) -> bool:
     return direct_io
 
 
-def _check_rank(directory: Path, manifest: Manifest, rank: int) -> None:
-    if not 0 <= rank < manifest.world_size:
-        raise CheckpointNotFound(
-            f"{directory} has ranks 0..{manifest.world_size - 1}; there is no rank {rank}",
-            path=directory,
-            step=manifest.step,
-        )
-
-
 class TorchFilesFormat:
     """One file per rank (raw tensor bytes since format version 2, ``torch.save`` before);
     restorable only by the world size that saved it."""
@@ -234,7 +224,6 @@ class TorchFilesFormat:
                 path=directory,
                 step=manifest.step,
             )
-        _check_rank(directory, manifest, ctx.rank)
         return PreparedRead(directory, manifest, ctx, template, options)
 
     def read(self, prepared: PreparedRead) -> Any:
@@ -261,5 +250,5 @@ class TorchFilesFormat:
                 for r in range(manifest.world_size)
             }
         chosen = 0 if rank is None else rank
-        _check_rank(directory, manifest, chosen)
+        check_saved_rank(directory, manifest, chosen)
         return read_rank_file(directory / rank_file_name(chosen), manifest, options)
