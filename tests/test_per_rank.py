@@ -196,6 +196,52 @@ def test_per_rank_values_are_refused_by_name_on_another_world_size(tmp_path: Pat
     assert len(notes) == 1 and "rank 0: n, rng; rank 1: n, rng" in notes[0], out["logged"]
 
 
+def _save_two_unmarked(rank: int, world_size: int, root: str) -> None:
+    with distckpt.CheckpointManager(root, format="dcp", fsync=False, timeout=30) as mgr:
+        mgr.save(1, {"w": torch.arange(3.0), "n": distckpt.PerRank(rank)})
+
+
+def _restore_one_with_added(rank: int, world_size: int, root: str) -> dict[str, Any]:
+    """Restores with an RNGState the save did not have, as a newer version of a job adds one."""
+    out: dict[str, Any] = {}
+    with distckpt.CheckpointManager(root, format="dcp", timeout=30) as mgr:
+        for name, kwargs in [
+            ("optional", {"optional_keys": ["rng"]}),
+            ("lenient", {"strict": False}),
+            ("strict", {}),
+        ]:
+            w = torch.zeros(3)
+            try:
+                ckpt = mgr.restore("last", state={"w": w, "rng": distckpt.RNGState()}, **kwargs)
+                out[name] = (w.tolist(), ckpt.missing_keys)
+            except distckpt.CheckpointError as exc:
+                out[name] = (type(exc).__name__, str(exc))
+        try:
+            state = {"w": torch.zeros(3), "n": distckpt.PerRank(-1), "rng": distckpt.RNGState()}
+            mgr.restore("last", state=state, optional_keys=["rng"])
+        except distckpt.WorldSizeMismatch as exc:
+            out["held"] = str(exc)
+    return out
+
+
+def test_per_rank_values_the_checkpoint_lacks_are_missing_on_another_world_size(
+    tmp_path: Path,
+) -> None:
+    """Refused for another world size are only the per-rank values the checkpoint holds per
+    rank; one it holds nothing of is an ordinary missing key, which optional_keys or
+    strict=False let through."""
+    root = str(tmp_path / "ckpt")
+    values(run_ranks(_save_two_unmarked, 2, root, timeout=TIMEOUT))
+    (out,) = values(run_ranks(_restore_one_with_added, 1, root, timeout=TIMEOUT))
+    assert out["optional"] == ([0.0, 1.0, 2.0], ("rng",)), out
+    assert out["lenient"] == ([0.0, 1.0, 2.0], ("rng",)), out
+    assert out["strict"][0] == "KeyMismatch" and "['rng']" in out["strict"][1], out
+    assert out["held"].endswith(
+        "cannot be resharded to 1 ranks: n. Restore with 2 ranks, or leave these keys out of "
+        "state= to restore everything else (they then start afresh on every rank)"
+    ), out
+
+
 # ------------------------------------------------------------------ async saves
 
 

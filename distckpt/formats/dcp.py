@@ -32,8 +32,9 @@ What DCP saves, and its limits:
   and is saved once, from one rank, unless it is marked per rank: :class:`~distckpt.RNGState`,
   a ``StatefulDataLoader``, or any value wrapped in :class:`~distckpt.PerRank`. Those are saved
   once per rank and restored to the same rank (see :mod:`distckpt.formats.dcp_per_rank`); a
-  restore by another number of ranks that asks for them raises
-  :class:`~distckpt.errors.WorldSizeMismatch` naming them.
+  restore by another number of ranks that asks for per-rank values the checkpoint holds raises
+  :class:`~distckpt.errors.WorldSizeMismatch` naming them (asked-for ones it holds nothing of,
+  such as an ``RNGState`` added since the save, are missing keys, as any other).
 * Optimizers must be saved FQN-keyed, through ``get_state_dict``: put
   ``{"app": ModelOptimizerState(model, optimizer)}`` in the state rather than the optimizer
   itself. A plain ``optimizer.state_dict()`` (keyed by parameter number) is refused with
@@ -123,6 +124,7 @@ from distckpt.formats.dcp_lists import lists_of_other_length, with_saved_lists
 from distckpt.formats.dcp_metadata import DATA_FILE_RE, METADATA_NAME, read_metadata
 from distckpt.formats.dcp_per_rank import (
     PER_RANK_KEY,
+    per_rank_held,
     per_rank_not_read,
     per_rank_placeholders,
     restore_per_rank,
@@ -298,7 +300,8 @@ class DcpFormat:
     ) -> PreparedRead:
         """Checks the template (DCP loads in place, so one is needed), reads ``.metadata``
         safely and compares its keys with the template's (``mismatch``, before DCP's
-        collective read); any world size may restore."""
+        collective read); any world size may restore, but not into per-rank values the
+        checkpoint holds when it is another than saved it (``WorldSizeMismatch``)."""
         if template is None:
             raise InvalidArgument(
                 f"restoring {directory} (format 'dcp') needs state=: DCP loads in place into "
@@ -308,9 +311,11 @@ class DcpFormat:
                 "distckpt.export() or distckpt.formats.dcp.load_consolidated()"
             )
         _check_keys(template, "restores into")
+        metadata = read_metadata(directory, manifest, allow_pickle=options.allow_pickle)
         _, marked = split_per_rank(template)
-        if marked and ctx.world_size != manifest.world_size:
-            keys = ", ".join(dotted(path) for path, _ in marked)
+        held = per_rank_held(marked, metadata) if ctx.world_size != manifest.world_size else []
+        if held:
+            keys = ", ".join(dotted(path) for path in held)
             raise WorldSizeMismatch(
                 f"{directory} was saved by {manifest.world_size} ranks and holds per-rank "
                 f"values, which cannot be resharded to {ctx.world_size} ranks: {keys}. Restore "
@@ -321,7 +326,6 @@ class DcpFormat:
                 path=directory,
                 step=manifest.step,
             )
-        metadata = read_metadata(directory, manifest, allow_pickle=options.allow_pickle)
         mismatch = key_mismatch_as_read(
             template,
             metadata,
@@ -351,7 +355,11 @@ class DcpFormat:
         renames: list[Any] = []
         if prepared.options.fix_key_prefixes:
             state, renames = rename_to_saved(state, saved_paths(prepared.detail), directory.name)
-        if marked:
+        same_ranks = prepared.ctx.world_size == prepared.manifest.world_size
+        # After a world-size change, prepare_read refused every per-rank value asked for that
+        # the checkpoint holds: the rest are missing, and no rank's namespace is this rank's.
+        read_own = bool(marked) and same_ranks
+        if read_own:
             state.update(per_rank_placeholders(prepared.detail, rank))
         with_saved_lists(state, lists_of_other_length(state, prepared.detail), prepared.detail)
         with_saved_group_settings(state, prepared.detail)
@@ -378,12 +386,10 @@ class DcpFormat:
         for key in planner.missing:
             remove_path(state, planner.path_of(key))
         rename_back(state, renames)
-        restore_per_rank(state, marked, rank, prepared.detail)
+        if read_own:
+            restore_per_rank(state, marked, rank, prepared.detail)
         not_asked = per_rank_not_read(
-            prepared.detail,
-            rank,
-            same_ranks=prepared.ctx.world_size == prepared.manifest.world_size,
-            read_own=bool(marked),
+            prepared.detail, rank, same_ranks=same_ranks, read_own=read_own
         )
         if not_asked:
             logger.warning(

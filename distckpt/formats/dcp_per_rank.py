@@ -8,8 +8,9 @@ writes into its own ``.distcp`` file. DCP's ``.metadata`` then lists every rank'
 ``verify`` checks them with the rest, ``export`` includes them (under ``__per_rank__``, by rank),
 and a restore knows they are there. On restore each rank asks for its own namespace and the
 values are put back at their places. They cannot be resharded: a restore by another number of
-ranks that asks for them is refused, naming them; one that does not ask logs that they were
-not restored.
+ranks that asks for ones the checkpoint holds is refused, naming them (:func:`per_rank_held`;
+one it holds nothing of is missing, as any key); one that does not ask logs that they were not
+restored.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ __all__ = [
     "split_per_rank_keys",
     "per_rank_not_read",
     "per_rank_held_whole",
+    "per_rank_held",
 ]
 
 #: the top-level key under which every rank's per-rank values are saved, by rank
@@ -161,3 +163,24 @@ def per_rank_held_whole(
         return set(inside)
     values = read_saved(sorted({key for key, _ in inside.values()})) if inside else {}
     return {path for path, (key, rest) in inside.items() if get_saved(values.get(key), rest)[0]}
+
+
+def per_rank_held(marked: list[tuple[Path_, Any]], metadata: Metadata) -> list[Path_]:
+    """The places of ``marked`` (per-rank values asked for) that the checkpoint holds per rank,
+    in any rank's namespace: at the place, under it (a Stateful value's dict), or in a value
+    saved whole at a place holding it (a list of plain values). The rest it holds nothing of
+    (a value added to the state since) are ordinary missing keys."""
+    saved = [
+        place[2:]
+        for place in map(as_saved, saved_paths(metadata))
+        if len(place) > 2 and place[0] == PER_RANK_KEY
+    ]
+    return [
+        path
+        for path, _ in marked
+        if any(
+            held[: len(place)] == place or place[: len(held)] == held
+            for place in [as_saved(path)]
+            for held in saved
+        )
+    ]
