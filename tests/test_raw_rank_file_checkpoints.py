@@ -22,6 +22,41 @@ FIXTURE = Path(__file__).parent / "fixtures" / "torch-format-v1"
 # ------------------------------------------------------------------- through the manager
 
 
+def _shares(first: torch.Tensor, second: torch.Tensor) -> bool:
+    return first.untyped_storage().data_ptr() == second.untyped_storage().data_ptr()
+
+
+@pytest.mark.parametrize("mmap", [False, True])
+def test_views_share_a_storage_after_a_restore_but_conjugate_and_negative_ones(
+    tmp_path: Path, mmap: bool
+) -> None:
+    """As the README says: plain views of one storage share it again, as with torch.load; a
+    lazy conjugate or negative view (kept by a save's detach, written as torch.save writes it)
+    comes back as a tensor of its own, its values exact."""
+    x = torch.randn(4, dtype=torch.complex64)
+    y = torch.randn(4)
+    state = {
+        "x": x,
+        "x_tail": x[1:],
+        "x_conj": x.conj(),
+        "y": y,
+        "y_square": y.view(2, 2),
+        "y_neg": torch._neg_view(y),
+    }
+    with distckpt.CheckpointManager(tmp_path / "ckpt", fsync=False) as mgr:
+        mgr.save(1, state)
+        restored = mgr.restore("last", mmap=mmap).state
+    for key, value in state.items():
+        assert torch.equal(restored[key], value), key
+    assert _shares(restored["x"], restored["x_tail"])
+    assert _shares(restored["y"], restored["y_square"])
+    assert not _shares(restored["x"], restored["x_conj"])
+    assert not _shares(restored["y"], restored["y_neg"])
+    restored["x"].add_(1)  # so the conjugate view no longer follows its base
+    assert torch.equal(restored["x_tail"], restored["x"][1:])
+    assert not torch.equal(restored["x_conj"], restored["x"].conj())
+
+
 def test_stateful_objects_restore_from_raw_rank_files(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))

@@ -38,8 +38,14 @@ Tensors that are views of one storage share it after loading, as with ``torch.lo
 tensor this layout does not describe (a subclass such as a DTensor, one off the CPU, sparse,
 nested, quantized, with ``requires_grad`` or a lazy conjugate/negative bit), and every tensor
 inside an object other than a dict, OrderedDict, list or tuple, stays in the skeleton, where
-``torch.save`` writes it as it always did (such a tensor does not share its storage with a raw
-one after loading; the states distckpt saves hold detached plain tensors, so they do not meet).
+``torch.save`` writes it as it always did; such a tensor does not share its storage with a raw
+one after loading. The states distckpt saves hold detached tensors, so a parameter or a tensor
+needing grad never meets a raw view of its storage; but detaching keeps the conjugate and
+negative bits, so ``x.conj()`` (of a complex ``x``) or ``torch._neg_view(y)`` saved beside its
+base comes back as a tensor of its own, its values exact, where ``torch.load`` would have it
+share the base's storage. The index does not record those bits on purpose: a reader that
+predates such a field would ignore it and load the view's raw bytes as plain values, silently
+wrong.
 """
 
 from __future__ import annotations
