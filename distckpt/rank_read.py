@@ -56,6 +56,7 @@ def prepare_read(
     rank: int,
     world_size: int | None,
     template: Any,
+    rank_named: bool,
     options: ReadOptions,
     strict: bool = True,
     group: dist.ProcessGroup | None = None,
@@ -66,8 +67,11 @@ def prepare_read(
     plain data; refuse the tensors of another shape the format found already, and with
     ``strict`` the keys on one side only.
     ``world_size`` is the number of ranks restoring, or None when a plain process reads one
-    rank's part (then the rank must be one that saved it, in either format:
-    :func:`~distckpt.formats.base.check_saved_rank`); ``group`` is the ranks' private
+    rank's part: then a rank the caller named (``rank_named``) must be one that saved it, in
+    either format (:func:`~distckpt.formats.base.check_saved_rank`); a rank taken from
+    torch.distributed is left to the format, as only the ranks that wrote a part have one
+    ("torch" refuses the others, "dcp" only when they ask for per-rank values it holds: the
+    rest of its state is the same for every rank). ``group`` is the ranks' private
     group, on which the format's read may run collectives. Never collective itself."""
     ctx = ShardContext(
         rank=rank,
@@ -83,7 +87,7 @@ def prepare_read(
     )
 
     def prepare() -> PreparedRead:
-        if world_size is None:
+        if world_size is None and rank_named:
             check_saved_rank(directory, manifest, rank)
         return fmt.prepare_read(directory, manifest, ctx, plain, options)
 

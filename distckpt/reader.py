@@ -104,6 +104,7 @@ def restore_on_ranks(
     is the resolution's, raised on every rank. It adds no collective: its outcome travels with
     rank 0's decision."""
     options = options if options is not None else ReadOptions()
+    rank_named = coordinator is None and rank is not None
     if coordinator is not None:
         rank, world_size = coordinator.rank, coordinator.world_size
     else:
@@ -131,6 +132,7 @@ def restore_on_ranks(
     read = functools.partial(
         _read_on_ranks,
         rank=rank,
+        rank_named=rank_named,
         world_size=world_size,
         state=state,
         options=options,
@@ -345,6 +347,7 @@ def _read_on_ranks(
     manifest: Manifest,
     *,
     rank: int,
+    rank_named: bool,
     world_size: int | None,
     state: Any,
     options: ReadOptions,
@@ -352,7 +355,8 @@ def _read_on_ranks(
 ) -> Checkpoint:
     """Prepare and read ``source`` on every rank, each from its local copy of the files,
     agreeing on the outcome of each step; with no ``coordinator``, read it here alone (a
-    format's collectives, if any, run on no group: DCP's single-process read)."""
+    format's collectives, if any, run on no group: DCP's single-process read) as ``rank``,
+    which ``rank_named`` says the caller chose (:func:`~distckpt.rank_read.prepare_read`)."""
     collective = format_named(manifest.format).collective_read
     group = coordinator.group if coordinator is not None else None
     # A read without collectives reads only what this rank wrote (its rank file); one with
@@ -373,6 +377,7 @@ def _read_on_ranks(
                 directory,
                 manifest,
                 rank=rank,
+                rank_named=rank_named,
                 world_size=world_size,
                 template=state,
                 options=options,

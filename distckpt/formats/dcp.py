@@ -109,7 +109,7 @@ from distckpt.errors import (
     InvalidArgument,
     WorldSizeMismatch,
 )
-from distckpt.formats.base import PreparedRead, ReadOptions, ShardContext
+from distckpt.formats.base import PreparedRead, ReadOptions, ShardContext, check_saved_rank
 from distckpt.formats.dcp_errors import run_dcp
 from distckpt.formats.dcp_keys import (
     dotted,
@@ -312,10 +312,20 @@ class DcpFormat:
             )
         _check_keys(template, "restores into")
         metadata = read_metadata(directory, manifest, allow_pickle=options.allow_pickle)
+
+        def read_saved(keys: list[str]) -> dict[str, Any]:
+            # The few saved values the checks need before the collective read (a changed number
+            # of parameter groups' names, the per-rank lists saved whole), each rank alone.
+            return _read_alone(directory, manifest, metadata, dict.fromkeys(keys), options)
+
         _, marked = split_per_rank(template)
-        held = per_rank_held(marked, metadata) if ctx.world_size != manifest.world_size else []
-        if held:
-            keys = ", ".join(dotted(path) for path in held)
+        other_ranks = ctx.world_size != manifest.world_size
+        # A plain process past the saved ranks (an evaluation job's rank, by default) may read
+        # all but the per-rank values, of which it has none.
+        unsaved_rank = not 0 <= ctx.rank < manifest.world_size
+        held = per_rank_held(marked, metadata, read_saved) if other_ranks or unsaved_rank else []
+        keys = ", ".join(dotted(path) for path in held)
+        if held and other_ranks:
             raise WorldSizeMismatch(
                 f"{directory} was saved by {manifest.world_size} ranks and holds per-rank "
                 f"values, which cannot be resharded to {ctx.world_size} ranks: {keys}. Restore "
@@ -326,17 +336,16 @@ class DcpFormat:
                 path=directory,
                 step=manifest.step,
             )
+        if held:
+            purpose = f" to read the per-rank values {keys} from; leave them out of state="
+            check_saved_rank(directory, manifest, ctx.rank, f"{purpose} to read the rest")
         mismatch = key_mismatch_as_read(
             template,
             metadata,
             ctx.rank,
             options.fix_key_prefixes,
+            read_saved,
             options.optional_whole_keys,
-            # The few saved values it needs before the collective read (a changed number of
-            # parameter groups' names), each rank alone.
-            read_saved=lambda keys: _read_alone(
-                directory, manifest, metadata, dict.fromkeys(keys), options
-            ),
         )
         return PreparedRead(
             directory, manifest, ctx, template, options, detail=metadata, mismatch=mismatch
@@ -389,7 +398,10 @@ class DcpFormat:
         if read_own:
             restore_per_rank(state, marked, rank, prepared.detail)
         not_asked = per_rank_not_read(
-            prepared.detail, rank, same_ranks=same_ranks, read_own=read_own
+            prepared.detail,
+            rank,
+            same_ranks=same_ranks,
+            read_own=[path for path, _ in marked] if read_own else [],
         )
         if not_asked:
             logger.warning(

@@ -65,17 +65,20 @@ def key_mismatch_as_read(
     metadata: Metadata,
     rank: int,
     fix_prefixes: bool,
+    read_saved: Callable[[list[str]], Mapping[str, Any]],
     optional_whole_keys: Collection[str] = (),
-    read_saved: Callable[[list[str]], Mapping[str, Any]] | None = None,
 ) -> LoadReport:
     """The keys on one side only, and the tensors whose saved shape differs, compared as the
     read will ask for them: per-rank values split
     out and wrapper prefixes mapped (a compiled model's checkpoint into a bare model is no
     mismatch when the mapping applies). Per-rank values are compared by place: one this rank
     asks for is missing when the checkpoint holds nothing under its place in this rank's
-    namespace (its saved structure may differ from a fresh one's); per-rank values nobody
-    asks for are not unexpected but logged by the read (:func:`per_rank_not_read`), so a
-    restore by another world size may leave them out. A dict's value (a sub-dict or a list) at
+    namespace (its saved structure may differ from a fresh one's), nor, for an item of a list
+    or tuple, that item in the list saved whole there (read with ``read_saved``:
+    :func:`~distckpt.formats.dcp_per_rank.per_rank_held_whole`); saved per-rank values the
+    given state does not ask for are not unexpected but logged by the read
+    (:func:`~distckpt.formats.dcp_per_rank.per_rank_not_read`), so a restore by another world
+    size may leave them out. A dict's value (a sub-dict or a list) at
     any depth, or one of ``optional_whole_keys``, that the checkpoint holds nothing under is
     reported as itself, and so is a saved one the given state holds nothing under, as "torch"
     reports a sub-dict on one side only (:func:`fold_whole_subtrees`); a list of another
@@ -88,7 +91,7 @@ def key_mismatch_as_read(
     tensor given where a plain value was saved is missing
     (:func:`~distckpt.formats.dcp_kinds.tensors_for_saved_values`). Where the
     number of an optimizer's parameter groups differs from the saved one, the saved groups'
-    parameter names are read with ``read_saved`` (their flat keys to their values) to name
+    parameter names are read with ``read_saved`` (flat keys to saved values) to name
     each group (:func:`changed_param_groups`), so that a restore refuses it as "torch" does,
     whatever ``strict`` is, before the keys of those groups and before anything is loaded."""
     shared, marked = split_per_rank(template)
@@ -107,11 +110,13 @@ def key_mismatch_as_read(
         key for key in report.unexpected_keys if not _SCHEDULER_SETTING.search(key)
     ]
     own = [key for key in metadata.state_dict_metadata if key.startswith(f"{PER_RANK_KEY}.{rank}.")]
-    held_whole = per_rank_held_whole(marked, metadata, rank, read_saved)
+    held_whole = per_rank_held_whole(marked, metadata, read_saved, rank)
     for path, value in marked:
         place = f"{PER_RANK_KEY}.{rank}.{dotted(path)}"
         held = any(key == place or key.startswith(f"{place}.") for key in own)
-        if not held and path not in held_whole:
+        # an item of a list or tuple missing whole (one added since the save) is reported once
+        within_missing = any(dotted(path).startswith(f"{key}.") for key in report.missing_keys)
+        if not held and path not in held_whole and not within_missing:
             report.missing_keys.append(dotted(path))
         elif container_for_saved_tensor(value, metadata.state_dict_metadata.get(place)):
             report.missing_keys.append(dotted(path))
@@ -120,7 +125,7 @@ def key_mismatch_as_read(
     report.missing_keys += tensors_for_saved_values(flat, metadata)
     saved_groups = [key for key in metadata.state_dict_metadata if _GROUP_PARAMS.match(key)]
     given_groups = {key: value for key, value in flat.items() if _GROUP_PARAMS.match(key)}
-    if read_saved is not None and _group_counts(saved_groups) != _group_counts(given_groups):
+    if _group_counts(saved_groups) != _group_counts(given_groups):
         report.changed_param_groups = changed_param_groups(given_groups, read_saved(saved_groups))
     report_list_lengths(report, lists_of_other_length(shared, metadata), read_saved)
     containers, _ = given_for_saved_tensors(shared, metadata)

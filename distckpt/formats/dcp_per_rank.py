@@ -126,61 +126,80 @@ def split_per_rank_keys(keys: Iterable[str]) -> tuple[list[str], dict[int, list[
 
 
 def per_rank_not_read(
-    metadata: Metadata, rank: int, *, same_ranks: bool, read_own: bool
+    metadata: Metadata, rank: int, *, same_ranks: bool, read_own: Iterable[Path_]
 ) -> dict[int, list[str]]:
     """By rank, the sorted top-level names of the saved per-rank values this rank's restore leaves
-    unread and should say so: its own when it asked for none (``read_own`` false), and every
-    rank's after a world-size change. With the same ranks, the others' are theirs to read."""
-    own = f"{PER_RANK_KEY}.{rank}."
-    keys = [key for key in metadata.state_dict_metadata if not (read_own and key.startswith(own))]
+    unread and should say so: those of its own not at, under or around (a list saved whole) a
+    place of ``read_own`` (the places of its per-rank values it reads; none after a world-size
+    change), and every rank's after a world-size change. With the same ranks, the others' are
+    theirs to read."""
+    own = (PER_RANK_KEY, str(rank))
+    read_places = [as_saved(path) for path in read_own]
+    keys = [
+        key
+        for key, saved in zip(metadata.state_dict_metadata, map(as_saved, saved_paths(metadata)))
+        if not (saved[:2] == own and any(_overlap(saved[2:], place) for place in read_places))
+    ]
     _, per_rank = split_per_rank_keys(keys)
     return {r: sorted(names) for r, names in per_rank.items() if r == rank or not same_ranks}
+
+
+def _overlap(saved: Path_, place: Path_) -> bool:
+    """Whether a per-rank key saved at ``saved`` (in its rank's namespace) is at or under
+    ``place``, or holds it whole (a list of plain values)."""
+    return saved[: len(place)] == place or place[: len(saved)] == saved
 
 
 def per_rank_held_whole(
     marked: list[tuple[Path_, Any]],
     metadata: Metadata,
-    rank: int,
-    read_saved: Callable[[list[str]], Mapping[str, Any]] | None,
+    read_saved: Callable[[list[str]], Mapping[str, Any]],
+    rank: int | None = None,
 ) -> set[Path_]:
-    """The places of ``marked`` (per-rank values asked for) that this rank's namespace holds
-    inside a value saved whole: DCP pickles a list of plain values as one value, so a per-rank
-    item of a list or tuple (``[PerRank(3), 5]``) is saved as the list ``[3]`` at the list's
-    place, with no key of its own. The saved list is read with ``read_saved`` (flat keys to
-    saved values) to see that it has the item; without ``read_saved`` it is taken to."""
-    namespace = (PER_RANK_KEY, str(rank))
-    inside: dict[Path_, tuple[str, Path_]] = {}
+    """The places of ``marked`` (per-rank values asked for) that ``rank``'s namespace (any
+    rank's when None) holds inside a value saved whole: DCP pickles a list of plain values as
+    one value, so a per-rank item of a list or tuple (``[PerRank(3), 5]``) is saved as the list
+    ``[3]`` at the list's place, with no key of its own. The saved lists are read with
+    ``read_saved`` (flat keys to saved values) to see that one has the item."""
+    inside: dict[Path_, list[tuple[str, Path_]]] = {}
     for key, saved, entry in zip(
         metadata.state_dict_metadata, saved_paths(metadata), metadata.state_dict_metadata.values()
     ):
-        if saved[:2] != namespace or isinstance(entry, TensorStorageMetadata):
+        in_namespace = len(saved) > 2 and saved[0] == PER_RANK_KEY
+        of_rank = in_namespace and (rank is None or saved[1] == str(rank))
+        if not of_rank or isinstance(entry, TensorStorageMetadata):
             continue
-        depth = len(saved) - len(namespace)
+        depth = len(saved) - 2
         for path, _ in marked:
             if len(path) > depth and as_saved(path[:depth]) == as_saved(saved[2:]):
-                inside[path] = (key, path[depth:])
-    if read_saved is None:
-        return set(inside)
-    values = read_saved(sorted({key for key, _ in inside.values()})) if inside else {}
-    return {path for path, (key, rest) in inside.items() if get_saved(values.get(key), rest)[0]}
+                inside.setdefault(path, []).append((key, path[depth:]))
+    keys = sorted({key for places in inside.values() for key, _ in places})
+    values = read_saved(keys) if keys else {}
+    return {
+        path
+        for path, places in inside.items()
+        if any(get_saved(values.get(key), rest)[0] for key, rest in places)
+    }
 
 
-def per_rank_held(marked: list[tuple[Path_, Any]], metadata: Metadata) -> list[Path_]:
+def per_rank_held(
+    marked: list[tuple[Path_, Any]],
+    metadata: Metadata,
+    read_saved: Callable[[list[str]], Mapping[str, Any]],
+) -> list[Path_]:
     """The places of ``marked`` (per-rank values asked for) that the checkpoint holds per rank,
-    in any rank's namespace: at the place, under it (a Stateful value's dict), or in a value
-    saved whole at a place holding it (a list of plain values). The rest it holds nothing of
-    (a value added to the state since) are ordinary missing keys."""
+    in any rank's namespace: at the place, under it (a Stateful value's dict), or as an item of
+    a value saved whole at a place holding it (a list of plain values, read with
+    ``read_saved`` as :func:`per_rank_held_whole` does). The rest it holds nothing of (a value
+    added to the state since, an item its saved list lacks) are ordinary missing keys."""
     saved = [
         place[2:]
         for place in map(as_saved, saved_paths(metadata))
         if len(place) > 2 and place[0] == PER_RANK_KEY
     ]
+    whole = per_rank_held_whole(marked, metadata, read_saved)
     return [
         path
         for path, _ in marked
-        if any(
-            held[: len(place)] == place or place[: len(held)] == held
-            for place in [as_saved(path)]
-            for held in saved
-        )
+        if path in whole or any(held[: len(path)] == as_saved(path) for held in saved)
     ]

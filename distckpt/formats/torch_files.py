@@ -212,8 +212,9 @@ class TorchFilesFormat:
         template: Any,
         options: ReadOptions,
     ) -> PreparedRead:
-        """Refuses a different world size (each rank reads the file its rank wrote); any
-        template (or none) will do, as a rank file is read whole."""
+        """Refuses a different world size (each rank reads the file its rank wrote), and a
+        rank that wrote none (a plain process's past the saved ranks); any template (or none)
+        will do, as a rank file is read whole."""
         if ctx.world_size != manifest.world_size:
             raise WorldSizeMismatch(
                 f"{directory} was saved by {manifest.world_size} ranks in the {self.name!r} "
@@ -224,6 +225,7 @@ class TorchFilesFormat:
                 path=directory,
                 step=manifest.step,
             )
+        check_saved_rank(directory, manifest, ctx.rank)
         return PreparedRead(directory, manifest, ctx, template, options)
 
     def read(self, prepared: PreparedRead) -> Any:
