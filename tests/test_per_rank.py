@@ -196,7 +196,7 @@ def test_per_rank_values_are_refused_by_name_on_another_world_size(tmp_path: Pat
     assert len(notes) == 1 and "rank 0: n, rng; rank 1: n, rng" in notes[0], out["logged"]
 
 
-def _save_two_unmarked(rank: int, world_size: int, root: str) -> None:
+def _save_with_one_marked(rank: int, world_size: int, root: str) -> None:
     with distckpt.CheckpointManager(root, format="dcp", fsync=False, timeout=30) as mgr:
         mgr.save(1, {"w": torch.arange(3.0), "n": distckpt.PerRank(rank)})
 
@@ -231,7 +231,7 @@ def test_per_rank_values_the_checkpoint_lacks_are_missing_on_another_world_size(
     rank; one it holds nothing of is an ordinary missing key, which optional_keys or
     strict=False let through."""
     root = str(tmp_path / "ckpt")
-    values(run_ranks(_save_two_unmarked, 2, root, timeout=TIMEOUT))
+    values(run_ranks(_save_with_one_marked, 2, root, timeout=TIMEOUT))
     (out,) = values(run_ranks(_restore_one_with_added, 1, root, timeout=TIMEOUT))
     assert out["optional"] == ([0.0, 1.0, 2.0], ("rng",)), out
     assert out["lenient"] == ([0.0, 1.0, 2.0], ("rng",)), out
