@@ -301,7 +301,8 @@ class DcpFormat:
         """Checks the template (DCP loads in place, so one is needed), reads ``.metadata``
         safely and compares its keys with the template's (``mismatch``, before DCP's
         collective read); any world size may restore, but not into per-rank values the
-        checkpoint holds when it is another than saved it (``WorldSizeMismatch``)."""
+        checkpoint holds when it is another than saved it (``WorldSizeMismatch``), nor a plain
+        process's rank past the saved ones into them (``CheckpointNotFound``)."""
         if template is None:
             raise InvalidArgument(
                 f"restoring {directory} (format 'dcp') needs state=: DCP loads in place into "
