@@ -107,9 +107,8 @@ from distckpt.errors import (
     CheckpointError,
     CorruptCheckpoint,
     InvalidArgument,
-    WorldSizeMismatch,
 )
-from distckpt.formats.base import PreparedRead, ReadOptions, ShardContext, check_saved_rank
+from distckpt.formats.base import PreparedRead, ReadOptions, ShardContext
 from distckpt.formats.dcp_errors import run_dcp
 from distckpt.formats.dcp_keys import (
     dotted,
@@ -124,9 +123,9 @@ from distckpt.formats.dcp_lists import lists_of_other_length, with_saved_lists
 from distckpt.formats.dcp_metadata import DATA_FILE_RE, METADATA_NAME, read_metadata
 from distckpt.formats.dcp_per_rank import (
     PER_RANK_KEY,
-    per_rank_held,
     per_rank_not_read,
     per_rank_placeholders,
+    refuse_unreadable_per_rank,
     restore_per_rank,
     split_per_rank,
     with_per_rank,
@@ -320,26 +319,7 @@ class DcpFormat:
             return _read_alone(directory, manifest, metadata, dict.fromkeys(keys), options)
 
         _, marked = split_per_rank(template)
-        other_ranks = ctx.world_size != manifest.world_size
-        # A plain process past the saved ranks (an evaluation job's rank, by default) may read
-        # all but the per-rank values, of which it has none.
-        unsaved_rank = not 0 <= ctx.rank < manifest.world_size
-        held = per_rank_held(marked, metadata, read_saved) if other_ranks or unsaved_rank else []
-        keys = ", ".join(dotted(path) for path in held)
-        if held and other_ranks:
-            raise WorldSizeMismatch(
-                f"{directory} was saved by {manifest.world_size} ranks and holds per-rank "
-                f"values, which cannot be resharded to {ctx.world_size} ranks: {keys}. Restore "
-                f"with {manifest.world_size} ranks, or leave these keys out of state= to "
-                "restore everything else (they then start afresh on every rank)",
-                saved_world_size=manifest.world_size,
-                world_size=ctx.world_size,
-                path=directory,
-                step=manifest.step,
-            )
-        if held:
-            purpose = f" to read the per-rank values {keys} from; leave them out of state="
-            check_saved_rank(directory, manifest, ctx.rank, f"{purpose} to read the rest")
+        refuse_unreadable_per_rank(marked, directory, manifest, metadata, ctx, read_saved)
         mismatch = key_mismatch_as_read(
             template,
             metadata,

@@ -16,14 +16,18 @@ restored.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 
 from distckpt.containers import same_kind_of_tuple
+from distckpt.errors import WorldSizeMismatch
+from distckpt.formats.base import ShardContext, check_saved_rank
 from distckpt.formats.dcp_kinds import as_saved
-from distckpt.formats.dcp_storage import Path_, placeholder, saved_paths
+from distckpt.formats.dcp_storage import Path_, dotted, placeholder, saved_paths
 from distckpt.formats.dcp_text_keys import get_saved, holds_containers, keys_like
+from distckpt.manifest import Manifest
 from distckpt.per_rank import PerRank
 from distckpt.state import set_path
 
@@ -37,6 +41,7 @@ __all__ = [
     "per_rank_not_read",
     "per_rank_held_whole",
     "per_rank_held",
+    "refuse_unreadable_per_rank",
 ]
 
 #: the top-level key under which every rank's per-rank values are saved, by rank
@@ -203,3 +208,35 @@ def per_rank_held(
         for path, _ in marked
         if path in whole or any(held[: len(path)] == as_saved(path) for held in saved)
     ]
+
+
+def refuse_unreadable_per_rank(
+    marked: list[tuple[Path_, Any]],
+    directory: Path,
+    manifest: Manifest,
+    metadata: Metadata,
+    ctx: ShardContext,
+    read_saved: Callable[[list[str]], Mapping[str, Any]],
+) -> None:
+    """Refuse a restore asking for per-rank values (``marked``) the checkpoint holds
+    (:func:`per_rank_held`) that this rank cannot have: by another number of ranks than saved
+    it (:class:`~distckpt.errors.WorldSizeMismatch`), or by a plain process's rank past the
+    saved ones (:class:`~distckpt.errors.CheckpointNotFound`), which may read all the rest."""
+    other_ranks = ctx.world_size != manifest.world_size
+    unsaved_rank = not 0 <= ctx.rank < manifest.world_size
+    held = per_rank_held(marked, metadata, read_saved) if other_ranks or unsaved_rank else []
+    keys = ", ".join(dotted(path) for path in held)
+    if held and other_ranks:
+        raise WorldSizeMismatch(
+            f"{directory} was saved by {manifest.world_size} ranks and holds per-rank "
+            f"values, which cannot be resharded to {ctx.world_size} ranks: {keys}. Restore "
+            f"with {manifest.world_size} ranks, or leave these keys out of state= to "
+            "restore everything else (they then start afresh on every rank)",
+            saved_world_size=manifest.world_size,
+            world_size=ctx.world_size,
+            path=directory,
+            step=manifest.step,
+        )
+    if held:
+        purpose = f" to read the per-rank values {keys} from; leave them out of state="
+        check_saved_rank(directory, manifest, ctx.rank, f"{purpose} to read the rest")
