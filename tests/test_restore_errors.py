@@ -67,17 +67,23 @@ def test_a_rank_the_checkpoint_lacks_names_the_checkpoint(
     tmp_path: Path, fmt: str, strict: bool
 ) -> None:
     """load_checkpoint(rank=) of a rank that did not save: refused in either format, with or
-    without ``strict`` ("dcp" would otherwise load the shared values and find no per-rank
-    ones: a key mismatch, or a silent partial load)."""
+    without ``strict``, and whether or not the state asks for the per-rank values: the
+    caller named a rank that has no part ("dcp" would otherwise load the shared values and
+    find no per-rank ones: a key mismatch, or a silent partial load). The refusal is for the
+    rank itself, not for the per-rank values a "dcp" rank past the saved ones cannot read."""
     root = str(tmp_path / "ckpt")
     run_ranks(_save, 2, root, fmt, timeout=TIMEOUT)
     for rank in (2, 5):
-        state = {"w": torch.zeros(40), "note": "", "rng": distckpt.RNGState()}
-        with pytest.raises(CheckpointNotFound, match=f"there is no rank {rank}") as raised:
-            distckpt.load_checkpoint(root, rank=rank, state=state, strict=strict)
-        assert raised.value.path == str(tmp_path / "ckpt" / "step-00000003")
-        assert raised.value.step == 3
-        assert state["w"].count_nonzero() == 0  # nothing loaded
+        for per_rank in (False, True):
+            state: dict[str, Any] = {"w": torch.zeros(40), "note": ""}
+            if per_rank:
+                state["rng"] = distckpt.RNGState()
+            with pytest.raises(CheckpointNotFound, match=f"there is no rank {rank}") as raised:
+                distckpt.load_checkpoint(root, rank=rank, state=state, strict=strict)
+            assert "to read the per-rank values" not in str(raised.value), raised.value
+            assert raised.value.path == str(tmp_path / "ckpt" / "step-00000003")
+            assert raised.value.step == 3
+            assert state["w"].count_nonzero() == 0  # nothing loaded
     # the ranks that saved it read their part
     state = {"w": torch.zeros(40), "note": "", "rng": distckpt.RNGState()}
     assert distckpt.load_checkpoint(root, rank=1, state=state).state["note"] == "hello"
