@@ -77,14 +77,17 @@ def test_a_per_rank_item_the_saved_list_lacks_is_missing_at_any_world_size(
     tmp_path: Path,
 ) -> None:
     """An item of a per-rank list the saved list does not have (it held another item) is a
-    missing key, with the same ranks and with another number: not a WorldSizeMismatch."""
+    missing key, with the same ranks and with another number: not a WorldSizeMismatch. The
+    saved list, holding only the other item, is logged as not restored, not dropped silently."""
     root = str(tmp_path / "ckpt")
     values(run_ranks(_save, 2, root, "dcp", {"l": ["RANK", None]}, timeout=TIMEOUT))
     given = {"l": [None, distckpt.PerRank(-1)]}
     for world_size in (2, 1):
         out = values(run_ranks(_restore, world_size, root, given, False, timeout=TIMEOUT))
-        for (state, missing, _), _ in out:
+        for rank, ((state, missing, _), notes) in enumerate(out):
             assert state == {"l": [None, None]} and missing == ("l.1",), (world_size, out)
+            unread = f"rank {rank}: l" if world_size == 2 else "rank 0: l; rank 1: l"
+            assert len(notes) == 1 and notes[0].endswith(f"not restored: {unread}"), notes
 
 
 # ------------------------------------------------------------------ the same number of ranks

@@ -376,13 +376,9 @@ class DcpFormat:
         for key in planner.missing:
             remove_path(state, planner.path_of(key))
         rename_back(state, renames)
-        if read_own:
-            restore_per_rank(state, marked, rank, prepared.detail)
+        restored = restore_per_rank(state, marked, rank, prepared.detail) if read_own else []
         not_asked = per_rank_not_read(
-            prepared.detail,
-            rank,
-            same_ranks=same_ranks,
-            read_own=[path for path, _ in marked] if read_own else [],
+            prepared.detail, rank, same_ranks=same_ranks, read_own=restored
         )
         if not_asked:
             logger.warning(

@@ -98,20 +98,24 @@ def per_rank_placeholders(metadata: Metadata, rank: int) -> dict[str, Any]:
 
 def restore_per_rank(
     state: dict[str, Any], marked: list[tuple[Path_, Any]], rank: int, metadata: Metadata
-) -> None:
+) -> list[Path_]:
     """Move this rank's loaded per-rank values (:func:`per_rank_placeholders`, filled) back to
-    their places; a value the checkpoint lacks stays absent (so it is reported missing)."""
+    their places; a value the checkpoint lacks stays absent (so it is reported missing). The
+    places of ``marked`` restored: an item of a list saved whole only if that list has it."""
     paths = metadata.planner_data if isinstance(metadata.planner_data, dict) else {}
     nested: dict[str, Any] = {}
     for key in per_rank_placeholders(metadata, rank):
         if key in state:
             set_path(nested, paths.get(key, (key,)), state.pop(key))
     found_own, own = get_saved(nested, (PER_RANK_KEY, str(rank)))
+    restored: list[Path_] = []
     for path, template in marked:
         found, value = get_saved(own, path) if found_own else (False, None)
         if found:
             # Built from saved places: its dicts' keys as text, mapped back onto the template's.
             set_path(state, path, keys_like(template, value))
+            restored.append(path)
+    return restored
 
 
 def split_per_rank_keys(keys: Iterable[str]) -> tuple[list[str], dict[int, list[str]]]:
@@ -135,9 +139,10 @@ def per_rank_not_read(
 ) -> dict[int, list[str]]:
     """By rank, the sorted top-level names of the saved per-rank values this rank's restore leaves
     unread and should say so: those of its own not at, under or around (a list saved whole) a
-    place of ``read_own`` (the places of its per-rank values it reads; none after a world-size
-    change), and every rank's after a world-size change. With the same ranks, the others' are
-    theirs to read."""
+    place of ``read_own`` (the places of its per-rank values it restored,
+    :func:`restore_per_rank`, so a saved list counts as read only when the item asked for was
+    in it; none after a world-size change), and every rank's after a world-size change. With
+    the same ranks, the others' are theirs to read."""
     own = (PER_RANK_KEY, str(rank))
     read_places = [as_saved(path) for path in read_own]
     keys = [
