@@ -1,10 +1,15 @@
 """The "dcp" format's reader against torch's ``FileSystemReader``: a restore opens each data file
-once, not once per value, and the private hook the reader names a failing value through is
-still there."""
+once, not once per value, a refused per-rank item only the data file of the first rank holding
+it, and the private hook the reader names a failing value through is still there."""
 
 from __future__ import annotations
 
 from pathlib import Path
+
+import torch
+
+import distckpt
+from tests.ranks import run_ranks, values
 
 #: a one-process "dcp" save of 200 values, then its restore
 MANY_VALUES_RESTORE = """
@@ -30,6 +35,43 @@ def test_a_restore_opens_a_data_file_once_not_once_per_value(tmp_path: Path) -> 
     read_opens = [call for call in data_opens if "O_RDONLY" in " ".join(call.args)]
     assert read_opens, data_opens  # the trace saw the restore's reads
     assert len(read_opens) <= 4, len(read_opens)
+
+
+#: one process restoring a per-rank item of a list that every rank saved (whole, in its own
+#: data file): refused, as the saving ranks were more
+PER_RANK_ITEM_RESTORE = """
+import torch
+import distckpt
+given = {"w": torch.zeros(3), "l": [distckpt.PerRank(-1), None]}
+try:
+    with distckpt.CheckpointManager("root", fsync=False, timeout=60) as manager:
+        manager.restore("last", state=given)
+except distckpt.WorldSizeMismatch:
+    pass
+else:
+    raise AssertionError("a per-rank item restored by another number of ranks")
+"""
+
+
+def _save_per_rank_item(rank: int, world_size: int, root: str) -> None:
+    with distckpt.CheckpointManager(root, format="dcp", fsync=False, timeout=30) as manager:
+        manager.save(1, {"w": torch.arange(3.0), "l": [distckpt.PerRank(rank), None]})
+
+
+def test_a_refused_per_rank_item_opens_one_ranks_data_file(tmp_path: Path) -> None:
+    """Saved by 4 ranks, restored by one process asking for a per-rank item of a list: rank 0's
+    saved list holding the item is enough to refuse the restore, so no other rank's data file
+    is opened (every restoring rank reading every saved rank's lists costs M x N reads)."""
+    from tests.syscall_trace import traced_file_calls
+
+    values(run_ranks(_save_per_rank_item, 4, str(tmp_path / "root"), timeout=90))
+    calls = traced_file_calls(PER_RANK_ITEM_RESTORE, tmp_path, "openat")
+    read_opens = [
+        Path(call.path).name
+        for call in calls
+        if call.path.endswith(".distcp") and "O_RDONLY" in " ".join(call.args)
+    ]
+    assert read_opens == ["__0_0.distcp"], read_opens
 
 
 def test_torchs_file_system_reader_still_calls_slice_file() -> None:

@@ -170,8 +170,10 @@ def per_rank_held_whole(
     rank's when None) holds inside a value saved whole: DCP pickles a list of plain values as
     one value, so a per-rank item of a list or tuple (``[PerRank(3), 5]``) is saved as the list
     ``[3]`` at the list's place, with no key of its own. The saved lists are read with
-    ``read_saved`` (flat keys to saved values) to see that one has the item."""
-    inside: dict[Path_, list[tuple[str, Path_]]] = {}
+    ``read_saved`` (flat keys to saved values) to see that one has the item; with any rank's,
+    one rank at a time from rank 0, each for the items no rank before it held, as one rank
+    holding an item is enough (each rank's lists are in its own data file)."""
+    by_rank: dict[int, dict[Path_, list[tuple[str, Path_]]]] = {}
     for key, saved, entry in zip(
         metadata.state_dict_metadata, saved_paths(metadata), metadata.state_dict_metadata.values()
     ):
@@ -179,17 +181,23 @@ def per_rank_held_whole(
         of_rank = in_namespace and (rank is None or saved[1] == str(rank))
         if not of_rank or isinstance(entry, TensorStorageMetadata):
             continue
+        inside = by_rank.setdefault(int(saved[1]), {})
         depth = len(saved) - 2
         for path, _ in marked:
             if len(path) > depth and as_saved(path[:depth]) == as_saved(saved[2:]):
                 inside.setdefault(path, []).append((key, path[depth:]))
-    keys = sorted({key for places in inside.values() for key, _ in places})
-    values = read_saved(keys) if keys else {}
-    return {
-        path
-        for path, places in inside.items()
-        if any(get_saved(values.get(key), rest)[0] for key, rest in places)
-    }
+    held: set[Path_] = set()
+    for _, inside in sorted(by_rank.items()):
+        asked = {path: places for path, places in inside.items() if path not in held}
+        if not asked:
+            continue
+        values = read_saved(sorted({key for places in asked.values() for key, _ in places}))
+        held.update(
+            path
+            for path, places in asked.items()
+            if any(get_saved(values.get(key), rest)[0] for key, rest in places)
+        )
+    return held
 
 
 def per_rank_held(
