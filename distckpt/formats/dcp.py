@@ -313,10 +313,18 @@ class DcpFormat:
         _check_keys(template, "restores into")
         metadata = read_metadata(directory, manifest, allow_pickle=options.allow_pickle)
 
+        already_read: dict[str, Any] = {}
+
         def read_saved(keys: list[str]) -> dict[str, Any]:
             # The few saved values the checks need before the collective read (a changed number
-            # of parameter groups' names, the per-rank lists saved whole), each rank alone.
-            return _read_alone(directory, manifest, metadata, dict.fromkeys(keys), options)
+            # of parameter groups' names, the per-rank lists saved whole), each rank alone;
+            # each once, though both the refusal and the key check look at this rank's lists.
+            unread = [key for key in keys if key not in already_read]
+            if unread:
+                already_read.update(
+                    _read_alone(directory, manifest, metadata, dict.fromkeys(unread), options)
+                )
+            return {key: already_read[key] for key in keys if key in already_read}
 
         _, marked = split_per_rank(template)
         refuse_unreadable_per_rank(marked, directory, manifest, metadata, ctx, read_saved)
