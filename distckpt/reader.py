@@ -446,7 +446,11 @@ def load_checkpoint(
     (symlink or pointer file), whatever the working directory; or the same as an ``s3://``
     URL (``s3://BUCKET/PREFIX``, ``.../last``, ``.../best``, ``.../step-00000010``), with
     ``storage_options`` for its client (else the AWS environment variables apply). ``rank``
-    defaults to this process's rank when torch.distributed is initialised, else 0. ``state=``
+    defaults to this process's rank when torch.distributed is initialised, else 0; a ``rank=``
+    that did not save the checkpoint is :class:`~distckpt.CheckpointNotFound` in either format.
+    A default rank past the saved ones is too for a "torch" checkpoint, and for a "dcp" one
+    only when ``state=`` asks for per-rank values it holds (the rest is the same for every
+    rank, so an evaluation job of more ranks loads it). ``state=``
     loads in place as in :meth:`CheckpointManager.restore`; ``verify=True`` checks every file's
     checksum first; ``fix_key_prefixes`` and ``optional_keys`` as in
     :meth:`CheckpointManager.restore`.

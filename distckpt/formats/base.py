@@ -56,7 +56,8 @@ def check_saved_rank(directory: Path, manifest: Manifest, rank: int, purpose: st
     ``manifest``'s checkpoint (in ``directory``) has none of, when a plain process reads one
     rank's part: the ranks that saved it were 0 to its world size less one, in either format
     (a "dcp" restore by more ranks than saved it reads no one rank's part). ``purpose``, if
-    given, says in the message what the rank was needed for (`` to read ... of``)."""
+    given, is appended to the message to say what the rank was needed for (as
+    `` to read the per-rank values ... from; ...``)."""
     if not 0 <= rank < manifest.world_size:
         raise CheckpointNotFound(
             f"{directory} has ranks 0..{manifest.world_size - 1}; there is no rank {rank}{purpose}",
