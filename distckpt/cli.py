@@ -48,6 +48,10 @@ from distckpt.verify import verify
 EXIT_OK, EXIT_PROBLEMS, EXIT_ERROR = 0, 1, 2
 
 
+#: why a leftover's writer may be alive or dead: its writer lock cannot be probed from here
+_WRITER_UNKNOWN = "its lock cannot be probed from here (read-only); gc leaves it"
+
+
 def _leftovers(store: RootStore, *, force: bool = False) -> list[dict[str, Any]]:
     """The store's leftovers as ``ls`` and ``gc`` report them; ``force``: as ``gc --force``
     judges them."""
@@ -169,6 +173,8 @@ def cmd_ls(args: argparse.Namespace, out: TextIO) -> int:
     for item in leftovers:
         if item["writer_alive"]:
             state = "writer alive"
+        elif item["writer_alive"] is None:
+            state = f"writer unknown: {_WRITER_UNKNOWN}"
         elif item["in_use"]:
             state = "in use: a process holds a deleted file in it open; gc retries later"
         elif item["kept_because"]:
@@ -305,6 +311,8 @@ def cmd_gc(args: argparse.Namespace, out: TextIO) -> int:
         out.write("".join(f"removed {p}\n" for p in removed))
         for item in kept:
             why = "writer alive" if item["writer_alive"] else "in use" if item["in_use"] else ""
+            if item["writer_alive"] is None:
+                why = f"writer unknown: {_WRITER_UNKNOWN}"
             if item["kept_because"]:
                 why = f"kept: {item['kept_because']}"
             out.write(f"left {item['path']}" + (f" ({why}; retried later)\n" if why else "\n"))

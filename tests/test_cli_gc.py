@@ -190,3 +190,31 @@ def test_gc_deletes_a_dead_writers_large_staging_dir_outside_the_commit_lock(
     assert during, "no save ran while gc did: the test proves nothing"
     assert [save["error"] for save in saves if save["error"]] == []
     assert list((root / ".trash").iterdir()) == []
+
+
+def test_gc_leaves_a_leftover_whose_writer_lock_cannot_be_probed(root: Path) -> None:
+    """A writer lock file nobody can open for writing (immutable here: EPERM even for root,
+    as EROFS on a read-only mount) tells nothing of its writer: gc and ls say so, and gc
+    leaves the staging dir and its lock where they are."""
+    staging = root / ".staging" / "step-00000040.0123abcd"
+    staging.mkdir(parents=True)
+    (staging / "rank-00000.pt").write_bytes(b"partial")
+    lock_file = Path(f"{staging}.lock")
+    lock_file.touch()
+    made_immutable = subprocess.run(["chattr", "+i", lock_file], capture_output=True, text=True)
+    if made_immutable.returncode != 0:
+        skip_or_fail(f"chattr +i: {made_immutable.stderr.strip()}")
+    try:
+        gc = run("gc", str(root), "--json")
+        listed = run("ls", str(root))
+    finally:
+        subprocess.run(["chattr", "-i", lock_file], check=True)
+    assert gc.returncode == 0, gc.stderr
+    report = json.loads(gc.stdout)
+    assert report["removed"] == []
+    assert [(item["path"], item["writer_alive"]) for item in report["left"]] == [
+        (str(staging), None)
+    ]
+    assert staging.is_dir() and lock_file.exists()
+    assert listed.returncode == 0, listed.stderr
+    assert f"leftover staging: {staging} (writer unknown:" in listed.stdout
