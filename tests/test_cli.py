@@ -266,8 +266,10 @@ def test_export_inside_the_roots_own_layout_is_refused(
     assert "inside the checkpoint root" in out.stderr and repr(refused_name) in out.stderr
     assert {path: path.read_bytes() for path in root.rglob("*") if path.is_file()} == before
     assert run("verify", str(root)).returncode == 0
-    # Beside the layout, in the root, is not in it: nothing distckpt reads or removes.
-    assert run("export", str(root), str(root / "model.pt")).returncode == 0
+    # Beside the layout, in the root, is not in it: nothing distckpt reads or removes, a name
+    # starting like a set-aside checkpoint's but not one included.
+    for beside in ("model.pt", "damaged-notes.pt"):
+        assert run("export", str(root), str(root / beside)).returncode == 0
 
 
 @pytest.mark.parametrize(
