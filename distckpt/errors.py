@@ -353,7 +353,8 @@ class WorldSizeMismatch(CheckpointError, ValueError):
 class UnsafeCheckpoint(CheckpointError):
     """A checkpoint asks for something distckpt refuses to do: unpickling objects outside
     torch's weights-only allow-list (a rank file, a DCP value; the message names the refused
-    type; ``allow_pickle=True`` opts in), a DCP ``.metadata`` asking for anything but DCP's own
+    type; ``allow_pickle=True`` opts in; a pickle torch cannot parse is a
+    :class:`CorruptCheckpoint`), a DCP ``.metadata`` asking for anything but DCP's own
     types, or reading a step dir that is a symlink rather than a real dir. (Links that leave the
     root are not followed: the reader falls back, and ``verify`` reports them.)"""
 

@@ -26,6 +26,7 @@ from typing import Any, Union
 import torch
 
 from distckpt.errors import (
+    CheckpointError,
     CheckpointNotFound,
     CorruptCheckpoint,
     InvalidArgument,
@@ -43,6 +44,13 @@ from distckpt.state_sizes import byte_string_bytes, storage_sizes
 RAW_RANK_FILES_SINCE = 2
 # torch's weights-only refusal names the first type it would not unpickle like this.
 _REFUSED_GLOBAL_RE = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+# Every message of torch's weights-only unpickler (torch/_weights_only_unpickler.py) that
+# refuses a global the file names: not on the allow-list, of a blocked module, or of a module
+# (torch.nested, torch.distributed.tensor) to import first. Any other failure of that
+# unpickler ("Unsupported operand", a stack or memo out of range) is a damaged pickle.
+_REFUSED_GLOBAL_MESSAGES = re.compile(
+    r"Unsupported global: GLOBAL |Trying to load unsupported GLOBAL |must be imported to load "
+)
 # torch decorates its message with terminal escape codes (bold text).
 _ESCAPE_CODE_RE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
@@ -59,9 +67,7 @@ def unsafe_load_error(name: str, exc: pickle.UnpicklingError) -> UnsafeCheckpoin
         what = f"an object of type {types}, which is not on torch's weights-only allow-list"
         allow = f"torch.serialization.add_safe_globals([{types}])"
     else:
-        lines = [line.strip() for line in text.splitlines() if "Unpickler error" in line]
-        reason = lines[0] if lines else (text.strip().splitlines() or ["?"])[0]
-        what = f"objects outside torch's weights-only allow-list ({reason})"
+        what = f"objects outside torch's weights-only allow-list ({_unpickler_reason(text)})"
         allow = "torch.serialization.add_safe_globals([...])"
     return UnsafeCheckpoint(
         f"{name} holds {what}, so it was not loaded. If you trust this checkpoint, pass "
@@ -82,11 +88,27 @@ def safe_torch_load(source: TorchSource, options: ReadOptions, *, name: str | No
             mmap=(options.mmap and not isinstance(source, io.BytesIO)) or None,
         )
     except pickle.UnpicklingError as exc:
-        if options.allow_pickle:
-            raise CorruptCheckpoint(f"{name}: cannot be unpickled: {exc}") from exc
-        raise unsafe_load_error(name, exc) from None
-    except (RuntimeError, EOFError, ValueError) as exc:
-        raise CorruptCheckpoint(f"{name}: not a readable torch file: {exc}") from exc
+        if not options.allow_pickle and _REFUSED_GLOBAL_MESSAGES.search(str(exc)):
+            raise unsafe_load_error(name, exc) from None
+        raise CorruptCheckpoint(
+            f"{name}: cannot be unpickled: {_unpickler_reason(str(exc))}"
+        ) from exc
+    except (CheckpointError, OSError, MemoryError):
+        raise  # named already; a failed read, or too little memory, is no damage of the file
+    except Exception as exc:
+        # A damaged pickle or archive fails inside torch as anything at all (IndexError from
+        # an empty stack, KeyError from a memo, struct.error, a decoding error, ...).
+        raise CorruptCheckpoint(f"{name}: not a readable torch file: {exc!r}") from exc
+
+
+def _unpickler_reason(text: str) -> str:
+    """What torch's weights-only unpickler says failed (``Unsupported operand 80``), without
+    the advice around it (to file an issue, to pass weights_only=False, to read the docs);
+    the whole of ``text`` when it holds no such reason."""
+    text = _ESCAPE_CODE_RE.sub("", text)
+    _, marker, after = text.partition("Unpickler error:")
+    reason = " ".join(after.split("Check the documentation")[0].split())
+    return reason if marker and reason else " ".join(text.split()) or "?"
 
 
 def read_rank_file(path: Path, manifest: Manifest, options: ReadOptions) -> Any:

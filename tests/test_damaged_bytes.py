@@ -1,0 +1,93 @@
+"""A checkpoint file with one damaged byte: every read either loads it (the byte was one
+nothing reads, or data only a checksum tells) or raises a :class:`distckpt.CheckpointError`
+naming the file, and never :class:`distckpt.UnsafeCheckpoint` (which advises
+``allow_pickle=True``) for a file that is merely damaged.
+
+Each case flips one bit of a byte at a time, in a small checkpoint saved here, at positions
+chosen deterministically: every byte of a "torch" rank file's header, index and skeleton, and
+every few bytes of a "dcp" data file (an export costs tens of milliseconds)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import pytest
+import torch
+
+import distckpt
+from distckpt import export
+from distckpt.formats.raw_rank_file import HEADER
+
+pytestmark = pytest.mark.filterwarnings(
+    # a flipped byte of a pickle's protocol opcode makes torch warn of that protocol
+    "ignore:Detected pickle protocol:UserWarning"
+)
+
+STATE = {"w": torch.arange(4.0), "n": 3, "s": "hi", "nested": {"a": [1, 2.5], "t": (None, True)}}
+
+
+def _saved(root: Path, fmt: str) -> Path:
+    with distckpt.CheckpointManager(root, fsync=False, format=fmt) as mgr:
+        mgr.save(1, STATE)
+    return root / "step-00000001"
+
+
+def _outcomes(file: Path, positions: Iterable[int], read: Callable[[], object]) -> set[str]:
+    """What ``read()`` does with each of ``positions`` of ``file`` damaged in turn (one bit,
+    which bit by the position, so all eight are flipped somewhere): "loaded" or the name of
+    the CheckpointError it raised. Anything else, or an error not naming ``file``, fails."""
+    original = file.read_bytes()
+    seen: set[str] = set()
+    try:
+        for position in positions:
+            damaged = bytearray(original)
+            damaged[position] ^= 1 << (position % 8)
+            file.write_bytes(bytes(damaged))
+            try:
+                read()
+            except distckpt.CheckpointError as exc:
+                assert str(file) in str(exc), (position, exc)
+                assert not isinstance(exc, distckpt.UnsafeCheckpoint), (position, exc)
+                seen.add(type(exc).__name__)
+            else:
+                seen.add("loaded")
+    finally:
+        file.write_bytes(original)
+    return seen
+
+
+def test_a_damaged_byte_of_a_torch_rank_file_is_a_corrupt_checkpoint(tmp_path: Path) -> None:
+    step_dir = _saved(tmp_path / "root", "torch")
+    rank_file = step_dir / "rank-00000.pt"
+    header = rank_file.read_bytes()[: HEADER.size]
+    _magic, _version, _reserved, index_bytes, skeleton_bytes = HEADER.unpack(header)
+    end_of_skeleton = HEADER.size + index_bytes + skeleton_bytes
+    seen = _outcomes(rank_file, range(end_of_skeleton), lambda: distckpt.load_checkpoint(step_dir))
+    assert "CorruptCheckpoint" in seen, seen
+    assert seen <= {"loaded", "CorruptCheckpoint"}, seen
+
+
+def test_a_damaged_magic_is_no_torch_save_file(tmp_path: Path) -> None:
+    """A rank file whose first byte changed starts like no file distckpt or torch writes:
+    damaged, not a ``torch.save`` file of objects outside the allow-list."""
+    step_dir = _saved(tmp_path / "root", "torch")
+    rank_file = step_dir / "rank-00000.pt"
+    data = bytearray(rank_file.read_bytes())
+    data[0] ^= 1
+    rank_file.write_bytes(bytes(data))
+    with pytest.raises(distckpt.CorruptCheckpoint, match="not a distckpt rank file"):
+        distckpt.load_checkpoint(step_dir)
+
+
+def test_a_damaged_byte_of_a_dcp_file_is_a_corrupt_checkpoint(tmp_path: Path) -> None:
+    step_dir = _saved(tmp_path / "root", "dcp")
+    data_file = step_dir / "__0_0.distcp"
+    out = tmp_path / "exported.pt"
+    seen = _outcomes(
+        data_file,
+        range(0, data_file.stat().st_size, 13),
+        lambda: export(step_dir, out, fsync=False),
+    )
+    assert "CorruptCheckpoint" in seen, seen
+    assert seen <= {"loaded", "CorruptCheckpoint"}, seen
