@@ -413,10 +413,12 @@ def find_problems(
     progress: Callable[[int], None] | None = None,
 ) -> list[Problem]:
     """Everything wrong with a checkpoint dir against its manifest, one problem per message,
-    each naming the file: a missing or wrong-sized file, a file that is a symlink, a wrong
+    each naming the file: a missing or wrong-sized file, one that is no regular file (a
+    symlink, a directory, a FIFO: named, never opened), a wrong
     checksum (only with ``checksums=True``: it reads every byte), a step that disagrees with
     the dir's name. An empty list means the dir passes. A failed read (other than of a file
-    that is missing) is raised as its ``OSError``: it judges nothing."""
+    that is missing, at its ``lstat`` or when opened to checksum it) is raised as its
+    ``OSError``: it judges nothing."""
     problems: list[Problem] = []
     if expected_step is not None and manifest.step != expected_step:
         problems.append(
@@ -435,17 +437,38 @@ def find_problems(
         except FileNotFoundError:
             problems.append(missing(path))
             continue
-        if stat.S_ISLNK(status.st_mode):
-            problems.append(
-                unjudged(f"{path}: is a symlink; checkpoint files must be regular files")
-            )
+        if not stat.S_ISREG(status.st_mode):
+            # Never opened: a FIFO would block the read forever, a device read who knows what.
+            what = _FILE_KINDS.get(stat.S_IFMT(status.st_mode), "not a regular file")
+            problems.append(unjudged(f"{path}: is {what}; checkpoint files must be regular files"))
             continue
         size = status.st_size
         if size != record.size:
             problems.append(wrong_size(path, size, record.size))
-        elif checksums and file_checksum(path, progress) != record.checksum:
+            continue
+        if not checksums:
+            continue
+        try:
+            checksum = file_checksum(path, progress)
+        except FileNotFoundError:
+            # Gone since the lstat (its dir deleted by a live job's retention): missing, as
+            # at the lstat, so verify's handling of a vanished checkpoint sees it as one.
+            problems.append(missing(path))
+            continue
+        if checksum != record.checksum:
             problems.append(checksum_mismatch(path))
     return problems
+
+
+#: what ``find_problems`` calls a listed file that is no regular file, by its ``S_IFMT``
+_FILE_KINDS = {
+    stat.S_IFLNK: "a symlink",
+    stat.S_IFDIR: "a directory",
+    stat.S_IFIFO: "a FIFO",
+    stat.S_IFSOCK: "a socket",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+}
 
 
 # The problems both backends find, worded alike (``where`` names the file or the object).
