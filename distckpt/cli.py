@@ -119,7 +119,8 @@ def cmd_ls(args: argparse.Namespace, out: TextIO) -> int:
     view = _existing_view(args.root)
     store = open_store(view.root, read_only=True)
     links = {name: view.read_pointer(name) for name in LINK_NAMES}
-    infos, damaged = resolve.survey(view)
+    newer: list[int] = []  # listed, not refused: `distckpt delete` is one way out of them
+    infos, damaged = resolve.survey(view, newer=newer)
     set_aside = [os.fspath(where) for where in view.set_aside_checkpoints()]
     leftovers = _leftovers(store)
     holder = store.lease_holder()
@@ -141,13 +142,14 @@ def cmd_ls(args: argparse.Namespace, out: TextIO) -> int:
                 for i in infos
             ],
             "damaged_steps": damaged,
+            "newer_format_steps": newer,
             "set_aside": set_aside,
             "leftovers": leftovers,
             "lease": _holder_json(holder),
         }
         write_json(payload, out, indent=1)
         return EXIT_OK
-    if not infos and not damaged:
+    if not infos and not damaged and not newer:
         out.write(f"no checkpoints in {view.root}\n")
     else:
         rows = [["STEP", "EPOCH", "METRICS", "SIZE", "AGE", "FORMAT", "RANKS", "LINKS"]]
@@ -167,6 +169,8 @@ def cmd_ls(args: argparse.Namespace, out: TextIO) -> int:
             )
         for step in damaged:
             rows.append([str(step), "", "DAMAGED (run verify)", "", "", "", "", ""])
+        for step in newer:
+            rows.append([str(step), "", "NEWER FORMAT (upgrade distckpt)", "", "", "", "", ""])
         table(rows, out)
     for where in set_aside:
         out.write(f"set aside as damaged: {where} (not committed; nothing removes it)\n")
