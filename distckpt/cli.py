@@ -34,7 +34,14 @@ from collections.abc import Sequence
 from typing import Any, TextIO
 
 from distckpt import resolve
-from distckpt.cli_output import Progress, age, human_size, table, write_json
+from distckpt.cli_output import (
+    Progress,
+    age,
+    human_size,
+    non_finite_spelled,
+    table,
+    write_json,
+)
 from distckpt.errors import CheckpointError, CheckpointNotFound, InvalidArgument
 from distckpt.layout import LINK_NAMES
 from distckpt.lease import LeaseHolder
@@ -208,8 +215,11 @@ def cmd_lease(args: argparse.Namespace, out: TextIO) -> int:
 def cmd_info(args: argparse.Namespace, out: TextIO) -> int:
     source, manifest = resolve.resolve_path(args.path)
     directory = source.location
+    # Spelled as strict JSON holds them: another tool or an older version may have written
+    # NaN into the metadata, which reading the manifest accepts.
+    metadata = non_finite_spelled(dict(manifest.metadata))
     if args.json:
-        data = json.loads(manifest.to_json())
+        data = json.loads(dataclasses.replace(manifest, metadata=metadata).to_json())
         # What the file records, not the checksum of the content as this version writes it
         # again (which a manifest without one, or with keys this version drops, does not hold).
         data[MANIFEST_CHECKSUM_KEY] = manifest.manifest_crc32
@@ -225,9 +235,7 @@ def cmd_info(args: argparse.Namespace, out: TextIO) -> int:
     for key, value in sorted(manifest.metrics.items()):
         out.write(f"metric      {key} = {value}\n")
     if manifest.metadata:
-        out.write(
-            f"metadata    {json.dumps(dict(manifest.metadata), sort_keys=True, allow_nan=False)}\n"
-        )
+        out.write(f"metadata    {json.dumps(metadata, sort_keys=True, allow_nan=False)}\n")
     out.write(f"files       {len(manifest.files)}, {human_size(manifest.total_bytes)}\n")
     for name, record in sorted(manifest.files.items()):
         out.write(f"  {name}  {human_size(record.size)}  {record.checksum}\n")

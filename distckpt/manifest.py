@@ -268,10 +268,12 @@ def _check_content_checksum(data: dict[str, Any], source: str) -> None:
 def encode_metrics(metrics: Mapping[str, float]) -> dict[str, float | str]:
     """``metrics`` as a manifest stores them: strict JSON, which has no NaN or infinities, so
     those are the strings ``"nan"``, ``"inf"`` and ``"-inf"``."""
-    return {key: _encode_float(value) for key, value in metrics.items()}
+    return {key: encode_float(value) for key, value in metrics.items()}
 
 
-def _encode_float(value: float) -> float | str:
+def encode_float(value: float) -> float | str:
+    """``value`` as strict JSON holds it: NaN and the infinities as the strings of
+    :func:`encode_metrics`."""
     if math.isfinite(value):
         return value
     return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
