@@ -1,5 +1,6 @@
 """``distckpt gc ROOT`` on a local root: only dead writers' leftovers removed, reported once
-they are deleted, a large one deleted outside the commit lock, and what ``--force`` changes."""
+they are deleted, a large one deleted outside the commit lock, and what ``--force`` changes;
+a leftover whose writer lock cannot be probed (a read-only mount) is kept and listed as such."""
 
 from __future__ import annotations
 
@@ -13,9 +14,11 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
+import distckpt
 from distckpt.cli import main
-from tests.filesystems import skip_or_fail
+from tests.filesystems import MountFactory, skip_or_fail
 from tests.test_cli import root, run
 
 __all__ = ["root"]  # the fixture, shared with tests/test_cli.py
@@ -218,3 +221,28 @@ def test_gc_leaves_a_leftover_whose_writer_lock_cannot_be_probed(root: Path) -> 
     assert staging.is_dir() and lock_file.exists()
     assert listed.returncode == 0, listed.stderr
     assert f"leftover staging: {staging} (writer unknown:" in listed.stdout
+
+
+def test_read_only_mount_ls_a_dead_saves_leftover(mounts: MountFactory) -> None:
+    """A killed save's staging dir and writer lock, seen through a read-only mount: its lock
+    cannot be opened for writing, so ``ls`` lists it with its writer unknown (and does not
+    fail), and ``gc`` there is refused as on any read-only root."""
+    mount = mounts.get("readonly")
+    assert mount.writable_source is not None
+    source = mount.writable_source / "leftover"
+    with distckpt.CheckpointManager(source, fsync=False) as mgr:
+        mgr.save(1, {"w": torch.zeros(4)})
+    staging = source / ".staging" / "step-00000002.0123abcd"
+    staging.mkdir(parents=True)
+    (staging / "rank-00000.pt").write_bytes(b"partial")
+    Path(f"{staging}.lock").touch()
+    seen = mount.path / "leftover"
+    listed = run("ls", "--json", os.fspath(seen))
+    assert listed.returncode == 0, listed.stderr
+    leftovers = json.loads(listed.stdout)["leftovers"]
+    assert [(item["kind"], item["writer_alive"]) for item in leftovers] == [("staging", None)]
+    table = run("ls", os.fspath(seen))
+    assert table.returncode == 0, table.stderr
+    assert "(writer unknown: its lock cannot be probed from here" in table.stdout
+    assert run("gc", os.fspath(seen)).returncode == 2
+    assert staging.is_dir()
