@@ -18,6 +18,7 @@ import torch
 import distckpt
 from distckpt import export
 from distckpt.formats.raw_rank_file import HEADER
+from tests import hostile_cases
 
 pytestmark = pytest.mark.filterwarnings(
     # a flipped byte of a pickle's protocol opcode makes torch warn of that protocol
@@ -91,3 +92,17 @@ def test_a_damaged_byte_of_a_dcp_file_is_a_corrupt_checkpoint(tmp_path: Path) ->
     )
     assert "CorruptCheckpoint" in seen, seen
     assert seen <= {"loaded", "CorruptCheckpoint"}, seen
+
+
+def test_a_torch_save_file_of_a_newer_pickle_protocol_is_unsafe_not_corrupt(
+    tmp_path: Path,
+) -> None:
+    """A whole file, pickled with protocol 4 (which torch's weights-only unpickler does not
+    read), in place of a rank file and sealed into the manifest, is no damage: it is refused
+    as unsafe, with the way to opt in, and loads with ``allow_pickle=True``."""
+    step_dir = _saved(tmp_path / "root", "torch")
+    torch.save(STATE, step_dir / "rank-00000.pt", pickle_protocol=4)
+    hostile_cases.reseal(step_dir, "rank-00000.pt")
+    with pytest.raises(distckpt.UnsafeCheckpoint, match=r"protocol 4.*allow_pickle=True"):
+        distckpt.load_checkpoint(step_dir)
+    assert distckpt.load_checkpoint(step_dir, allow_pickle=True).state["s"] == "hi"

@@ -90,6 +90,13 @@ def safe_torch_load(source: TorchSource, options: ReadOptions, *, name: str | No
     except pickle.UnpicklingError as exc:
         if not options.allow_pickle and _REFUSED_GLOBAL_MESSAGES.search(str(exc)):
             raise unsafe_load_error(name, exc) from None
+        protocol = None if options.allow_pickle else _pickle_protocol(source)
+        if protocol is not None and protocol >= _FIRST_UNREAD_PROTOCOL:
+            raise UnsafeCheckpoint(
+                f"{name} was pickled with protocol {protocol}, which torch's weights-only "
+                "unpickler does not read, so it was not loaded. If you trust this checkpoint, "
+                "pass allow_pickle=True"
+            ) from None
         raise CorruptCheckpoint(
             f"{name}: cannot be unpickled: {_unpickler_reason(str(exc))}"
         ) from exc
@@ -99,6 +106,26 @@ def safe_torch_load(source: TorchSource, options: ReadOptions, *, name: str | No
         # A damaged pickle or archive fails inside torch as anything at all (IndexError from
         # an empty stack, KeyError from a memo, struct.error, a decoding error, ...).
         raise CorruptCheckpoint(f"{name}: not a readable torch file: {exc!r}") from exc
+
+
+#: the first pickle protocol (4: frames) torch's weights-only unpickler does not read; torch
+#: writes 2 unless told otherwise, and one flipped bit of that protocol byte gives no 4 or 5
+_FIRST_UNREAD_PROTOCOL = 4
+
+
+def _pickle_protocol(source: TorchSource) -> int | None:
+    """The protocol a ``torch.save`` archive's pickle says it was written with (its first
+    opcode), or None when that cannot be told (no archive, no such opcode)."""
+    try:
+        if isinstance(source, io.BytesIO):
+            source.seek(0)
+            archive = torch._C.PyTorchFileReader(source)
+        else:
+            archive = torch._C.PyTorchFileReader(os.fspath(source))
+        head = bytes(archive.get_record("data.pkl")[:2])
+    except Exception:  # a damaged or legacy archive: whatever the reader raises
+        return None
+    return head[1] if len(head) == 2 and head[0] == pickle.PROTO[0] else None
 
 
 def _unpickler_reason(text: str) -> str:
