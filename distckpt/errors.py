@@ -360,6 +360,18 @@ class UnsafeCheckpoint(CheckpointError):
     reports them.)"""
 
 
+class UnimportableClass(CheckpointError, ImportError):
+    """A checkpoint loaded with ``allow_pickle=True`` names a class or function that cannot be
+    imported here (its module is not installed, or no longer defines it): no sign of damage,
+    the checkpoint needs that code. ``reason`` is Python's (``No module named 'usermod'``)."""
+
+    reason: str = ""
+
+    def __init__(self, message: str, *, reason: str, path: str | os.PathLike[str]) -> None:
+        super().__init__(message, path=path)
+        self.reason = reason
+
+
 class CoordinationError(CheckpointError):
     """A collective among the ranks failed or timed out (a rank died, hung or disagreed)."""
 

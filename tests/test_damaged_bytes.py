@@ -9,6 +9,7 @@ every few bytes of a "dcp" data file (an export costs tens of milliseconds)."""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -28,9 +29,9 @@ pytestmark = pytest.mark.filterwarnings(
 STATE = {"w": torch.arange(4.0), "n": 3, "s": "hi", "nested": {"a": [1, 2.5], "t": (None, True)}}
 
 
-def _saved(root: Path, fmt: str) -> Path:
+def _saved(root: Path, fmt: str, state: dict[str, object] = STATE) -> Path:
     with distckpt.CheckpointManager(root, fsync=False, format=fmt) as mgr:
-        mgr.save(1, STATE)
+        mgr.save(1, state)
     return root / "step-00000001"
 
 
@@ -106,3 +107,28 @@ def test_a_torch_save_file_of_a_newer_pickle_protocol_is_unsafe_not_corrupt(
     with pytest.raises(distckpt.UnsafeCheckpoint, match=r"protocol 4.*allow_pickle=True"):
         distckpt.load_checkpoint(step_dir)
     assert distckpt.load_checkpoint(step_dir, allow_pickle=True).state["s"] == "hi"
+
+
+def test_a_class_that_cannot_be_imported_is_no_damage(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A whole checkpoint naming a class whose module is gone when it is read (uninstalled,
+    renamed) is no corrupt checkpoint, which invites deleting it: with ``allow_pickle=True``
+    it is an :class:`distckpt.UnimportableClass` saying so."""
+    modules = tmp_path / "modules"
+    modules.mkdir()
+    (modules / "gone_module.py").write_text("class Gone:\n    pass\n")
+    # sys.path is the only way to make a module importable for the save and then not
+    monkeypatch.syspath_prepend(str(modules))
+    import gone_module  # type: ignore[import-not-found]
+
+    step_dir = _saved(tmp_path / "root", "torch", {"g": gone_module.Gone()})
+    (modules / "gone_module.py").unlink()
+    monkeypatch.delitem(sys.modules, "gone_module")
+    with pytest.raises(distckpt.UnimportableClass, match="No module named 'gone_module'") as err:
+        distckpt.load_checkpoint(step_dir, allow_pickle=True)
+    assert not isinstance(err.value, distckpt.CorruptCheckpoint)
+    assert isinstance(err.value, ImportError)
+    assert err.value.path == str(step_dir / "rank-00000.pt")
+    with pytest.raises(distckpt.UnsafeCheckpoint, match=r"gone_module\.Gone"):
+        distckpt.load_checkpoint(step_dir)

@@ -30,6 +30,7 @@ from distckpt.errors import (
     CheckpointNotFound,
     CorruptCheckpoint,
     InvalidArgument,
+    UnimportableClass,
     UnsafeCheckpoint,
     WorldSizeMismatch,
 )
@@ -78,7 +79,10 @@ def unsafe_load_error(name: str, exc: pickle.UnpicklingError) -> UnsafeCheckpoin
 def safe_torch_load(source: TorchSource, options: ReadOptions, *, name: str | None = None) -> Any:
     """``torch.load`` that unpickles only tensors and plain values unless the caller opted in,
     and turns torch's refusal into an error naming the refused type and how to opt in.
-    ``name`` says what ``source`` is in errors (a path names itself)."""
+    Whatever else fails to parse is a :class:`CorruptCheckpoint`; with ``allow_pickle`` only
+    a pickle torch cannot parse is, a class or function that cannot be imported is an
+    :class:`UnimportableClass` and an object's own error is raised as it is. ``name`` says
+    what ``source`` is in errors (a path names itself)."""
     name = name if name is not None else os.fspath(source)  # type: ignore[arg-type]
     try:
         return torch.load(
@@ -103,9 +107,19 @@ def safe_torch_load(source: TorchSource, options: ReadOptions, *, name: str | No
     except (CheckpointError, OSError, MemoryError):
         raise  # named already; a failed read, or too little memory, is no damage of the file
     except Exception as exc:
-        # A damaged pickle or archive fails inside torch as anything at all (IndexError from
-        # an empty stack, KeyError from a memo, struct.error, a decoding error, ...).
-        raise CorruptCheckpoint(f"{name}: not a readable torch file: {exc!r}") from exc
+        if not options.allow_pickle:
+            # A damaged pickle or archive fails inside torch as anything at all (IndexError
+            # from an empty stack, KeyError from a memo, struct.error, a decoding error, ...).
+            raise CorruptCheckpoint(f"{name}: not a readable torch file: {exc!r}") from exc
+        if isinstance(exc, (ImportError, AttributeError)):
+            # Unpickling imports what the pickle names: code missing here, no damaged file.
+            raise UnimportableClass(
+                f"{name} names a class or function that cannot be imported here ({exc}): "
+                "the checkpoint needs the code it was saved with",
+                reason=str(exc),
+                path=name,
+            ) from exc
+        raise  # the objects' own code ran (a __setstate__): its error explains itself
 
 
 #: the first pickle protocol (4: frames) torch's weights-only unpickler does not read; torch
