@@ -95,14 +95,21 @@ def test_a_damaged_byte_of_a_dcp_file_is_a_corrupt_checkpoint(tmp_path: Path) ->
     assert seen <= {"loaded", "CorruptCheckpoint"}, seen
 
 
+@pytest.mark.parametrize("zipped", [True, False], ids=["zip", "legacy"])
 def test_a_torch_save_file_of_a_newer_pickle_protocol_is_unsafe_not_corrupt(
-    tmp_path: Path,
+    tmp_path: Path, zipped: bool
 ) -> None:
     """A whole file, pickled with protocol 4 (which torch's weights-only unpickler does not
     read), in place of a rank file and sealed into the manifest, is no damage: it is refused
-    as unsafe, with the way to opt in, and loads with ``allow_pickle=True``."""
+    as unsafe, with the way to opt in, and loads with ``allow_pickle=True``; so is one in
+    torch's legacy format (no zip archive: the file is the pickle)."""
     step_dir = _saved(tmp_path / "root", "torch")
-    torch.save(STATE, step_dir / "rank-00000.pt", pickle_protocol=4)
+    torch.save(
+        STATE,
+        step_dir / "rank-00000.pt",
+        pickle_protocol=4,
+        _use_new_zipfile_serialization=zipped,
+    )
     hostile_cases.reseal(step_dir, "rank-00000.pt")
     with pytest.raises(distckpt.UnsafeCheckpoint, match=r"protocol 4.*allow_pickle=True"):
         distckpt.load_checkpoint(step_dir)

@@ -95,7 +95,7 @@ def safe_torch_load(source: TorchSource, options: ReadOptions, *, name: str | No
         if not options.allow_pickle and _REFUSED_GLOBAL_MESSAGES.search(str(exc)):
             raise unsafe_load_error(name, exc) from None
         protocol = None if options.allow_pickle else _pickle_protocol(source)
-        if protocol is not None and protocol >= _FIRST_UNREAD_PROTOCOL:
+        if protocol in _UNREAD_PROTOCOLS:
             raise UnsafeCheckpoint(
                 f"{name} was pickled with protocol {protocol}, which torch's weights-only "
                 "unpickler does not read, so it was not loaded. If you trust this checkpoint, "
@@ -122,24 +122,37 @@ def safe_torch_load(source: TorchSource, options: ReadOptions, *, name: str | No
         raise  # the objects' own code ran (a __setstate__): its error explains itself
 
 
-#: the first pickle protocol (4: frames) torch's weights-only unpickler does not read; torch
+#: the pickle protocols (4: frames, and 5) torch's weights-only unpickler does not read; torch
 #: writes 2 unless told otherwise, and one flipped bit of that protocol byte gives no 4 or 5
-_FIRST_UNREAD_PROTOCOL = 4
+_UNREAD_PROTOCOLS = range(4, pickle.HIGHEST_PROTOCOL + 1)
+#: how a zip archive (a ``torch.save`` file since torch 1.6) starts
+_ZIP_MAGIC = b"PK"
 
 
 def _pickle_protocol(source: TorchSource) -> int | None:
-    """The protocol a ``torch.save`` archive's pickle says it was written with (its first
-    opcode), or None when that cannot be told (no archive, no such opcode)."""
+    """The protocol a ``torch.save`` file's pickle says it was written with (its first opcode):
+    of the pickle in its archive, or of the file itself, which is its first pickle in the
+    legacy (not zip) format. None when that cannot be told (unreadable, no such opcode)."""
     try:
         if isinstance(source, io.BytesIO):
-            source.seek(0)
-            archive = torch._C.PyTorchFileReader(source)
+            head = source.getvalue()[:2]
         else:
-            archive = torch._C.PyTorchFileReader(os.fspath(source))
-        head = bytes(archive.get_record("data.pkl")[:2])
-    except Exception:  # a damaged or legacy archive: whatever the reader raises
+            with open(source, "rb") as file:
+                head = file.read(2)
+        if head == _ZIP_MAGIC:
+            head = bytes(_archive_pickle(source)[:2])
+    except Exception:  # a damaged archive: whatever the reader raises
         return None
     return head[1] if len(head) == 2 and head[0] == pickle.PROTO[0] else None
+
+
+def _archive_pickle(source: TorchSource) -> bytes:
+    """The pickle (``data.pkl``) of a ``torch.save`` archive; raises whatever torch's reader
+    raises when ``source`` is no such archive."""
+    if isinstance(source, io.BytesIO):
+        source.seek(0)
+        return torch._C.PyTorchFileReader(source).get_record("data.pkl")
+    return torch._C.PyTorchFileReader(os.fspath(source)).get_record("data.pkl")
 
 
 def _unpickler_reason(text: str) -> str:
@@ -183,8 +196,7 @@ class _PlainValuesUnpickler(pickle.Unpickler):
 def plain_values_of(source: io.BytesIO) -> Any:
     """The value a ``torch.save`` archive holds when it holds plain values only; raises
     whatever the archive or its pickle raise otherwise."""
-    archive = torch._C.PyTorchFileReader(source)
-    return _PlainValuesUnpickler(io.BytesIO(archive.get_record("data.pkl"))).load()
+    return _PlainValuesUnpickler(io.BytesIO(_archive_pickle(source))).load()
 
 
 def load_skeleton(source: io.BytesIO, options: ReadOptions, name: str) -> Any:
