@@ -28,6 +28,7 @@ from distckpt.errors import (
     ManifestChecksumMismatch,
     UnsupportedVersion,
 )
+from distckpt.fsutil import file_kind
 from distckpt.layout import MANIFEST_NAME
 
 #: Bumped when a change to the schema or to a format's files would mislead an older reader.
@@ -390,15 +391,26 @@ def oversized_manifest(source: object) -> CorruptCheckpoint:
     )
 
 
+def _not_regular(path: Path, mode: int) -> str:
+    return f"{path}: is {file_kind(mode)}; checkpoint files must be regular files"
+
+
 def read_manifest(checkpoint_dir: Path) -> Manifest:
     """The manifest of a checkpoint dir. Raises :class:`CorruptCheckpoint` when it is missing or
     unreadable (``damaged`` unless the read failed for another reason than a missing file: an
-    I/O error may pass), :class:`UnsupportedVersion` when it is newer than this library."""
+    I/O error may pass; no regular file, a FIFO, is never read), :class:`UnsupportedVersion`
+    when it is newer than this library."""
     path = checkpoint_dir / MANIFEST_NAME
     try:
-        if path.stat().st_size > MAX_MANIFEST_BYTES:
-            raise oversized_manifest(path)
-        raw = path.read_bytes()
+        # Opened without blocking and judged by what was opened: a FIFO put in its place, even
+        # between a check and the read, is refused instead of blocking the read for good.
+        with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as file:
+            status = os.fstat(file.fileno())
+            if not stat.S_ISREG(status.st_mode):
+                raise CorruptCheckpoint(_not_regular(path, status.st_mode))
+            if status.st_size > MAX_MANIFEST_BYTES:
+                raise oversized_manifest(path)
+            raw = file.read()
     except FileNotFoundError as exc:
         raise CorruptCheckpoint(f"{checkpoint_dir} has no {MANIFEST_NAME}", damaged=True) from exc
     except OSError as exc:
@@ -441,8 +453,7 @@ def find_problems(
             continue
         if not stat.S_ISREG(status.st_mode):
             # Never opened: a FIFO would block the read forever, a device read who knows what.
-            what = _FILE_KINDS.get(stat.S_IFMT(status.st_mode), "not a regular file")
-            problems.append(unjudged(f"{path}: is {what}; checkpoint files must be regular files"))
+            problems.append(unjudged(_not_regular(path, status.st_mode)))
             continue
         size = status.st_size
         if size != record.size:
@@ -460,17 +471,6 @@ def find_problems(
         if checksum != record.checksum:
             problems.append(checksum_mismatch(path))
     return problems
-
-
-#: what ``find_problems`` calls a listed file that is no regular file, by its ``S_IFMT``
-_FILE_KINDS = {
-    stat.S_IFLNK: "a symlink",
-    stat.S_IFDIR: "a directory",
-    stat.S_IFIFO: "a FIFO",
-    stat.S_IFSOCK: "a socket",
-    stat.S_IFCHR: "a character device",
-    stat.S_IFBLK: "a block device",
-}
 
 
 # The problems both backends find, worded alike (``where`` names the file or the object).

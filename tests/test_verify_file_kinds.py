@@ -49,6 +49,33 @@ def test_a_listed_file_that_is_no_regular_file_is_named_not_opened(
     assert any(expected in line for line in lines), lines
 
 
+def _cli_output(rank: int, world_size: int, *args: str) -> tuple[int, str]:
+    """``distckpt ARGS`` in a process of its own (see :func:`_verify_lines`)."""
+    out = run_cli(*args)
+    return out.returncode, out.stdout + out.stderr
+
+
+def test_a_manifest_that_is_a_fifo_is_named_not_read(tmp_path: Path) -> None:
+    """A FIFO in place of ``manifest.json`` blocked verify, ls and info for good: each names
+    it and goes on (ls lists its step as damaged)."""
+    root = tmp_path / "root"
+    with distckpt.CheckpointManager(root, fsync=False) as mgr:
+        mgr.save(1, {"w": torch.zeros(2)})
+        mgr.save(2, {"w": torch.ones(2)})
+    manifest = root / "step-00000002" / "manifest.json"
+    manifest.unlink()
+    os.mkfifo(manifest)
+    named = f"{manifest}: is a FIFO; checkpoint files must be regular files"
+    for args, expected_code, expected_text in (
+        (("verify", os.fspath(root)), 1, named),
+        (("ls", os.fspath(root)), 0, "DAMAGED (run verify)"),
+        (("info", os.fspath(manifest.parent)), 2, named),
+    ):
+        code, text = values(run_ranks(_cli_output, 0, *args, timeout=60))[0]
+        assert code == expected_code, (args, text)
+        assert expected_text in text, (args, text)
+
+
 def test_a_checkpoint_deleted_between_size_and_checksum_is_left_out(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
