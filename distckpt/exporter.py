@@ -179,19 +179,36 @@ def _refuse_the_checkpoint_read(out: Path | str, location: CheckpointLocation) -
     """Refuse (:class:`InvalidArgument`) an ``out`` inside the checkpoint being exported (at
     ``location``): the export would replace one of its files or join them, and any directory
     holding a manifest is a checkpoint, a root's step dir or not (a copy named
-    ``best-model/``). Compared as given and with links resolved, on both sides."""
+    ``best-model/``). A local ``out`` is inside when a directory on its way, as given or with
+    links resolved, is the checkpoint's directory itself (the same device and inode, whatever
+    path reaches it: a link, a bind mount)."""
     if isinstance(out, str) or isinstance(location, str):
         inside = str(out).startswith(f"{str(location).rstrip('/')}/")
     else:
-        outs = (out, Path(os.path.realpath(out)))
-        directories = (Path(os.path.abspath(location)), Path(os.path.realpath(location)))
-        inside = any(o.is_relative_to(d) for o in outs for d in directories)
+        inside = _in_directory(out, Path(location))
     if inside:
         raise InvalidArgument(
             f"out_file {out} is inside the checkpoint being exported, {location}: export it "
             "elsewhere",
             path=str(out),
         )
+
+
+def _in_directory(path: Path, directory: Path) -> bool:
+    """Whether an existing directory on ``path``'s way (as given, or with links resolved) is
+    ``directory`` itself."""
+    try:
+        target = os.stat(directory)
+    except OSError:
+        return False
+    for way in (Path(os.path.abspath(path)), Path(os.path.realpath(path))):
+        for parent in way.parents:
+            try:
+                if os.path.samestat(os.stat(parent), target):
+                    return True
+            except OSError:  # not there yet (the export creates it), or no directory
+                continue
+    return False
 
 
 def _refuse_a_roots_own_name(store: ObjectStore, url: str, key: str) -> None:

@@ -16,6 +16,7 @@ from distckpt.errors import CheckpointNotFound, InvalidArgument
 from distckpt.formats.dcp import ModelOptimizerState
 from distckpt.objstore import MIN_PART_SIZE, ObjectStore
 from distckpt.objurl import S3Url
+from tests.filesystems import _run, require_mounting, unmount
 from tests.ranks import run_ranks, values
 from tests.s3server import S3Server
 from tests.test_dcp import TIMEOUT, fsdp, full_state, make_model, train
@@ -189,6 +190,25 @@ def test_export_into_the_checkpoint_it_exports_is_refused(tmp_path: Path, target
     with pytest.raises(InvalidArgument, match="inside the checkpoint being exported"):
         export(copy, out)
     assert {path.name: path.read_bytes() for path in copy.iterdir()} == before
+    assert distckpt.verify(copy).ok
+
+
+def test_export_into_the_checkpoint_through_a_bind_mount_is_refused(tmp_path: Path) -> None:
+    """A bind mount of the checkpoint's directory reaches the same directory by a path no
+    link resolves to: refused as the directory itself is, before anything is written."""
+    require_mounting()
+    copy = _copy_of_a_checkpoint(tmp_path)
+    view = tmp_path / "view"
+    view.mkdir()
+    _run("mount", "--bind", copy, view)
+    try:
+        before = {path.name: path.read_bytes() for path in copy.iterdir()}
+        for target in ("rank-00000.pt", "manifest.json", "sub/extra.pt"):
+            with pytest.raises(InvalidArgument, match="inside the checkpoint being exported"):
+                export(copy, view / target)
+        assert {path.name: path.read_bytes() for path in copy.iterdir()} == before
+    finally:
+        assert unmount(view)
     assert distckpt.verify(copy).ok
 
 
