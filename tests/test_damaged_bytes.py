@@ -9,6 +9,7 @@ every few bytes of a "dcp" data file (an export costs tens of milliseconds)."""
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -139,3 +140,23 @@ def test_a_class_that_cannot_be_imported_is_no_damage(
     assert err.value.path == str(step_dir / "rank-00000.pt")
     with pytest.raises(distckpt.UnsafeCheckpoint, match=r"gone_module\.Gone"):
         distckpt.load_checkpoint(step_dir)
+
+
+class _RunsACommand:
+    """Unpickling this runs ``true``: a global of a module torch never unpickles."""
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (os.system, ("true",))
+
+
+def test_a_global_of_a_blocked_module_is_unsafe_with_the_one_way_in(tmp_path: Path) -> None:
+    """``os.system`` in a rank file: no allow-list entry lets it through, so the refusal
+    names it and its module and advises ``allow_pickle=True`` alone, without torch's advice."""
+    step_dir = _saved(tmp_path / "root", "torch", {"x": _RunsACommand()})
+    with pytest.raises(distckpt.UnsafeCheckpoint) as refused:
+        distckpt.load_checkpoint(step_dir)
+    message = str(refused.value)
+    assert f"{os.name}.system, of the module {os.name}" in message, message
+    assert message.endswith("pass allow_pickle=True"), message
+    assert "add_safe_globals" not in message, message
+    assert "PyTorch 2.6" not in message, message  # torch's own advice

@@ -52,6 +52,9 @@ _REFUSED_GLOBAL_RE = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
 _REFUSED_GLOBAL_MESSAGES = re.compile(
     r"Unsupported global: GLOBAL |Trying to load unsupported GLOBAL |must be imported to load "
 )
+# torch's refusal of a global of a module it never loads from a file (os, posix, subprocess:
+# they run commands), which no allow-list entry lets through
+_BLOCKED_GLOBAL_RE = re.compile(r"GLOBAL ([\w.]+) whose module ([\w.]+) is blocked")
 # torch decorates its message with terminal escape codes (bold text).
 _ESCAPE_CODE_RE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
@@ -60,8 +63,16 @@ TorchSource = Union[Path, io.BytesIO]
 
 def unsafe_load_error(name: str, exc: pickle.UnpicklingError) -> UnsafeCheckpoint:
     """The error for torch's weights-only refusal of ``name``: which type(s) it refused, and
-    the two ways to opt in."""
+    the two ways to opt in (one, ``allow_pickle=True``, for a global of a module torch
+    blocks, which no allow-list entry lets through)."""
     text = _ESCAPE_CODE_RE.sub("", str(exc))
+    blocked = _BLOCKED_GLOBAL_RE.search(text)
+    if blocked:
+        return UnsafeCheckpoint(
+            f"{name} holds {blocked[1]}, of the module {blocked[2]}, which torch's weights-only "
+            "unpickler never loads (it can run commands), so it was not loaded. Only if you "
+            "trust this checkpoint, pass allow_pickle=True"
+        )
     refused = list(dict.fromkeys(_REFUSED_GLOBAL_RE.findall(text)))
     if refused:
         types = ", ".join(refused)
@@ -158,7 +169,7 @@ def _archive_pickle(source: TorchSource) -> bytes:
 def _unpickler_reason(text: str) -> str:
     """What torch's weights-only unpickler says failed (``Unsupported operand 80``), without
     the advice around it (to file an issue, to pass weights_only=False, to read the docs);
-    the whole of ``text`` when it holds no such reason."""
+    the whole of ``text``, torch's advice included, when it holds no such reason."""
     text = _ESCAPE_CODE_RE.sub("", text)
     _, marker, after = text.partition("Unpickler error:")
     reason = " ".join(after.split("Check the documentation")[0].split())
