@@ -43,20 +43,19 @@ from distckpt.cli_output import (
     write_json,
 )
 from distckpt.errors import CheckpointError, CheckpointNotFound, InvalidArgument
-from distckpt.layout import LINK_NAMES
+from distckpt.layout import LINK_NAMES, step_dir_name
 from distckpt.lease import LeaseHolder
 from distckpt.manifest import MANIFEST_CHECKSUM_KEY, encode_metrics
 from distckpt.policy import RetentionPolicy
 from distckpt.protocol import check_step_number
-from distckpt.results import location_name
 from distckpt.storage import Located, RootStore, RootView, open_store, open_view
 from distckpt.verify import verify
 
 EXIT_OK, EXIT_PROBLEMS, EXIT_ERROR = 0, 1, 2
 
 
-#: why a leftover's writer may be alive or dead: its writer lock cannot be probed from here
-_WRITER_UNKNOWN = "its lock cannot be probed from here (read-only); gc leaves it"
+#: why a leftover's writer may be alive or dead
+_WRITER_UNKNOWN = "its lock cannot be opened for writing here to probe it"
 
 
 def _leftovers(store: RootStore, *, force: bool = False) -> list[dict[str, Any]]:
@@ -126,6 +125,10 @@ def cmd_ls(args: argparse.Namespace, out: TextIO) -> int:
     view = _existing_view(args.root)
     store = open_store(view.root, read_only=True)
     links = {name: view.read_pointer(name) for name in LINK_NAMES}
+
+    def links_to(step: int) -> list[str]:
+        return [name for name, target in links.items() if target == step_dir_name(step)]
+
     newer: list[int] = []  # listed, not refused: `distckpt delete` is one way out of them
     infos, damaged = resolve.survey(view, newer=newer)
     set_aside = [os.fspath(where) for where in view.set_aside_checkpoints()]
@@ -144,7 +147,7 @@ def cmd_ls(args: argparse.Namespace, out: TextIO) -> int:
                     "created_utc": i.created_utc,
                     "format": i.format,
                     "world_size": i.world_size,
-                    "links": [n for n, t in links.items() if t == location_name(i.path)],
+                    "links": links_to(i.step),
                 }
                 for i in infos
             ],
@@ -159,25 +162,27 @@ def cmd_ls(args: argparse.Namespace, out: TextIO) -> int:
     if not infos and not damaged and not newer:
         out.write(f"no checkpoints in {view.root}\n")
     else:
-        rows = [["STEP", "EPOCH", "METRICS", "SIZE", "AGE", "FORMAT", "RANKS", "LINKS"]]
+        by_step: dict[int, list[str]] = {}
         for info in infos:
             metrics = " ".join(f"{k}={v:.4g}" for k, v in sorted(info.metrics.items()))
-            rows.append(
-                [
-                    str(info.step),
-                    "" if info.epoch is None else str(info.epoch),
-                    metrics,
-                    human_size(info.size_bytes),
-                    age(info.created_utc),
-                    info.format,
-                    str(info.world_size),
-                    ",".join(n for n, t in links.items() if t == location_name(info.path)),
-                ]
-            )
-        for step in damaged:
-            rows.append([str(step), "", "DAMAGED (run verify)", "", "", "", "", ""])
-        for step in newer:
-            rows.append([str(step), "", "NEWER FORMAT (upgrade distckpt)", "", "", "", "", ""])
+            by_step[info.step] = [
+                str(info.step),
+                "" if info.epoch is None else str(info.epoch),
+                metrics,
+                human_size(info.size_bytes),
+                age(info.created_utc),
+                info.format,
+                str(info.world_size),
+                ",".join(links_to(info.step)),
+            ]
+        for steps, what in (
+            (damaged, "DAMAGED (run verify)"),
+            (newer, "NEWER FORMAT (upgrade distckpt)"),
+        ):
+            for step in steps:
+                by_step[step] = [str(step), "", what, "", "", "", "", ",".join(links_to(step))]
+        header = ["STEP", "EPOCH", "METRICS", "SIZE", "AGE", "FORMAT", "RANKS", "LINKS"]
+        rows = [header, *(by_step[step] for step in sorted(by_step))]
         table(rows, out)
     for where in set_aside:
         out.write(f"set aside as damaged: {where} (not committed; nothing removes it)\n")
@@ -185,7 +190,7 @@ def cmd_ls(args: argparse.Namespace, out: TextIO) -> int:
         if item["writer_alive"]:
             state = "writer alive"
         elif item["writer_alive"] is None:
-            state = f"writer unknown: {_WRITER_UNKNOWN}"
+            state = f"writer unknown: {_WRITER_UNKNOWN}; gc leaves it"
         elif item["in_use"]:
             state = "in use: a process holds a deleted file in it open; gc retries later"
         elif item["kept_because"]:

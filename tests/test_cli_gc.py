@@ -209,6 +209,7 @@ def test_gc_leaves_a_leftover_whose_writer_lock_cannot_be_probed(root: Path) -> 
         skip_or_fail(f"chattr +i: {made_immutable.stderr.strip()}")
     try:
         gc = run("gc", str(root), "--json")
+        gc_text = run("gc", str(root))
         listed = run("ls", str(root))
     finally:
         subprocess.run(["chattr", "-i", lock_file], check=True)
@@ -219,8 +220,16 @@ def test_gc_leaves_a_leftover_whose_writer_lock_cannot_be_probed(root: Path) -> 
         (str(staging), None)
     ]
     assert staging.is_dir() and lock_file.exists()
+    assert gc_text.returncode == 0, gc_text.stderr
+    assert gc_text.stdout.splitlines() == [
+        f"left {staging} (writer unknown: its lock cannot be opened for writing here to probe"
+        " it; retried later)"
+    ]
     assert listed.returncode == 0, listed.stderr
-    assert f"leftover staging: {staging} (writer unknown:" in listed.stdout
+    assert (
+        f"leftover staging: {staging} (writer unknown: its lock cannot be opened for writing"
+        " here to probe it; gc leaves it)"
+    ) in listed.stdout
 
 
 def test_read_only_mount_ls_a_dead_saves_leftover(mounts: MountFactory) -> None:
@@ -243,6 +252,6 @@ def test_read_only_mount_ls_a_dead_saves_leftover(mounts: MountFactory) -> None:
     assert [(item["kind"], item["writer_alive"]) for item in leftovers] == [("staging", None)]
     table = run("ls", os.fspath(seen))
     assert table.returncode == 0, table.stderr
-    assert "(writer unknown: its lock cannot be probed from here" in table.stdout
+    assert "(writer unknown: its lock cannot be opened for writing here" in table.stdout
     assert run("gc", os.fspath(seen)).returncode == 2
     assert staging.is_dir()
