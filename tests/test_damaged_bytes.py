@@ -160,3 +160,14 @@ def test_a_global_of_a_blocked_module_is_unsafe_with_the_one_way_in(tmp_path: Pa
     assert message.endswith("pass allow_pickle=True"), message
     assert "add_safe_globals" not in message, message
     assert "PyTorch 2.6" not in message, message  # torch's own advice
+
+
+@pytest.mark.parametrize("allow_pickle", [False, True])
+def test_a_legacy_torch_save_file_loads_with_mmap(tmp_path: Path, allow_pickle: bool) -> None:
+    """torch maps only a zip archive: a whole file in torch's legacy format, whole and sealed
+    into the manifest, is read instead of mapped, not called corrupt."""
+    step_dir = _saved(tmp_path / "root", "torch")
+    torch.save(STATE, step_dir / "rank-00000.pt", _use_new_zipfile_serialization=False)
+    hostile_cases.reseal(step_dir, "rank-00000.pt")
+    loaded = distckpt.load_checkpoint(step_dir, mmap=True, allow_pickle=allow_pickle)
+    assert torch.equal(loaded.state["w"], STATE["w"]) and loaded.state["s"] == "hi"

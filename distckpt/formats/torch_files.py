@@ -96,11 +96,13 @@ def safe_torch_load(source: TorchSource, options: ReadOptions, *, name: str | No
     what ``source`` is in errors (a path names itself)."""
     name = name if name is not None else os.fspath(source)  # type: ignore[arg-type]
     try:
+        # torch maps only a zip archive: a legacy file (format version 1 may hold one) is read
+        mmap = options.mmap and not isinstance(source, io.BytesIO) and _head(source) == _ZIP_MAGIC
         return torch.load(
             source if isinstance(source, io.BytesIO) else os.fspath(source),
             map_location=options.map_location,
             weights_only=not options.allow_pickle,
-            mmap=(options.mmap and not isinstance(source, io.BytesIO)) or None,
+            mmap=mmap or None,
         )
     except pickle.UnpicklingError as exc:
         if not options.allow_pickle and _REFUSED_GLOBAL_MESSAGES.search(str(exc)):
@@ -145,16 +147,20 @@ def _pickle_protocol(source: TorchSource) -> int | None:
     of the pickle in its archive, or of the file itself, which is its first pickle in the
     legacy (not zip) format. None when that cannot be told (unreadable, no such opcode)."""
     try:
-        if isinstance(source, io.BytesIO):
-            head = source.getvalue()[:2]
-        else:
-            with open(source, "rb") as file:
-                head = file.read(2)
+        head = _head(source)
         if head == _ZIP_MAGIC:
             head = bytes(_archive_pickle(source)[:2])
     except Exception:  # a damaged archive: whatever the reader raises
         return None
     return head[1] if len(head) == 2 and head[0] == pickle.PROTO[0] else None
+
+
+def _head(source: TorchSource) -> bytes:
+    """The first two bytes of ``source``: a zip archive's magic, or a pickle's protocol."""
+    if isinstance(source, io.BytesIO):
+        return source.getvalue()[:2]
+    with open(source, "rb") as file:
+        return file.read(2)
 
 
 def _archive_pickle(source: TorchSource) -> bytes:
