@@ -34,18 +34,28 @@ from collections.abc import Sequence
 from typing import Any, TextIO
 
 from distckpt import resolve
-from distckpt.cli_output import Progress, age, human_size, table, write_json
+from distckpt.cli_output import (
+    Progress,
+    age,
+    human_size,
+    non_finite_spelled,
+    table,
+    write_json,
+)
 from distckpt.errors import CheckpointError, CheckpointNotFound, InvalidArgument
-from distckpt.layout import LINK_NAMES
+from distckpt.layout import LINK_NAMES, step_dir_name
 from distckpt.lease import LeaseHolder
 from distckpt.manifest import MANIFEST_CHECKSUM_KEY, encode_metrics
 from distckpt.policy import RetentionPolicy
 from distckpt.protocol import check_step_number
-from distckpt.results import location_name
 from distckpt.storage import Located, RootStore, RootView, open_store, open_view
 from distckpt.verify import verify
 
 EXIT_OK, EXIT_PROBLEMS, EXIT_ERROR = 0, 1, 2
+
+
+#: why a leftover's writer may be alive or dead
+_WRITER_UNKNOWN = "its lock cannot be opened for writing here to probe it"
 
 
 def _leftovers(store: RootStore, *, force: bool = False) -> list[dict[str, Any]]:
@@ -115,7 +125,12 @@ def cmd_ls(args: argparse.Namespace, out: TextIO) -> int:
     view = _existing_view(args.root)
     store = open_store(view.root, read_only=True)
     links = {name: view.read_pointer(name) for name in LINK_NAMES}
-    infos, damaged = resolve.survey(view)
+
+    def links_to(step: int) -> list[str]:
+        return [name for name, target in links.items() if target == step_dir_name(step)]
+
+    newer: list[int] = []  # listed, not refused: `distckpt delete` is one way out of them
+    infos, damaged = resolve.survey(view, newer=newer)
     set_aside = [os.fspath(where) for where in view.set_aside_checkpoints()]
     leftovers = _leftovers(store)
     holder = store.lease_holder()
@@ -132,43 +147,50 @@ def cmd_ls(args: argparse.Namespace, out: TextIO) -> int:
                     "created_utc": i.created_utc,
                     "format": i.format,
                     "world_size": i.world_size,
-                    "links": [n for n, t in links.items() if t == location_name(i.path)],
+                    "links": links_to(i.step),
                 }
                 for i in infos
             ],
             "damaged_steps": damaged,
+            "newer_format_steps": newer,
             "set_aside": set_aside,
             "leftovers": leftovers,
             "lease": _holder_json(holder),
         }
         write_json(payload, out, indent=1)
         return EXIT_OK
-    if not infos and not damaged:
+    if not infos and not damaged and not newer:
         out.write(f"no checkpoints in {view.root}\n")
     else:
-        rows = [["STEP", "EPOCH", "METRICS", "SIZE", "AGE", "FORMAT", "RANKS", "LINKS"]]
+        by_step: dict[int, list[str]] = {}
         for info in infos:
             metrics = " ".join(f"{k}={v:.4g}" for k, v in sorted(info.metrics.items()))
-            rows.append(
-                [
-                    str(info.step),
-                    "" if info.epoch is None else str(info.epoch),
-                    metrics,
-                    human_size(info.size_bytes),
-                    age(info.created_utc),
-                    info.format,
-                    str(info.world_size),
-                    ",".join(n for n, t in links.items() if t == location_name(info.path)),
-                ]
-            )
-        for step in damaged:
-            rows.append([str(step), "", "DAMAGED (run verify)", "", "", "", "", ""])
+            by_step[info.step] = [
+                str(info.step),
+                "" if info.epoch is None else str(info.epoch),
+                metrics,
+                human_size(info.size_bytes),
+                age(info.created_utc),
+                info.format,
+                str(info.world_size),
+                ",".join(links_to(info.step)),
+            ]
+        for steps, what in (
+            (damaged, "DAMAGED (run verify)"),
+            (newer, "NEWER FORMAT (upgrade distckpt)"),
+        ):
+            for step in steps:
+                by_step[step] = [str(step), "", what, "", "", "", "", ",".join(links_to(step))]
+        header = ["STEP", "EPOCH", "METRICS", "SIZE", "AGE", "FORMAT", "RANKS", "LINKS"]
+        rows = [header, *(by_step[step] for step in sorted(by_step))]
         table(rows, out)
     for where in set_aside:
         out.write(f"set aside as damaged: {where} (not committed; nothing removes it)\n")
     for item in leftovers:
         if item["writer_alive"]:
             state = "writer alive"
+        elif item["writer_alive"] is None:
+            state = f"writer unknown: {_WRITER_UNKNOWN}; gc leaves it"
         elif item["in_use"]:
             state = "in use: a process holds a deleted file in it open; gc retries later"
         elif item["kept_because"]:
@@ -198,8 +220,11 @@ def cmd_lease(args: argparse.Namespace, out: TextIO) -> int:
 def cmd_info(args: argparse.Namespace, out: TextIO) -> int:
     source, manifest = resolve.resolve_path(args.path)
     directory = source.location
+    # Spelled as strict JSON holds them: another tool or an older version may have written
+    # NaN into the metadata, which reading the manifest accepts.
+    metadata = non_finite_spelled(dict(manifest.metadata))
     if args.json:
-        data = json.loads(manifest.to_json())
+        data = json.loads(dataclasses.replace(manifest, metadata=metadata).to_json())
         # What the file records, not the checksum of the content as this version writes it
         # again (which a manifest without one, or with keys this version drops, does not hold).
         data[MANIFEST_CHECKSUM_KEY] = manifest.manifest_crc32
@@ -215,9 +240,7 @@ def cmd_info(args: argparse.Namespace, out: TextIO) -> int:
     for key, value in sorted(manifest.metrics.items()):
         out.write(f"metric      {key} = {value}\n")
     if manifest.metadata:
-        out.write(
-            f"metadata    {json.dumps(dict(manifest.metadata), sort_keys=True, allow_nan=False)}\n"
-        )
+        out.write(f"metadata    {json.dumps(metadata, sort_keys=True, allow_nan=False)}\n")
     out.write(f"files       {len(manifest.files)}, {human_size(manifest.total_bytes)}\n")
     for name, record in sorted(manifest.files.items()):
         out.write(f"  {name}  {human_size(record.size)}  {record.checksum}\n")
@@ -305,6 +328,8 @@ def cmd_gc(args: argparse.Namespace, out: TextIO) -> int:
         out.write("".join(f"removed {p}\n" for p in removed))
         for item in kept:
             why = "writer alive" if item["writer_alive"] else "in use" if item["in_use"] else ""
+            if item["writer_alive"] is None:
+                why = f"writer unknown: {_WRITER_UNKNOWN}"
             if item["kept_because"]:
                 why = f"kept: {item['kept_because']}"
             out.write(f"left {item['path']}" + (f" ({why}; retried later)\n" if why else "\n"))

@@ -7,6 +7,7 @@ import json
 import time
 from typing import Any, TextIO
 
+from distckpt.manifest import encode_float
 from distckpt.policy import parse_created_utc
 
 #: Checkpoints larger than this get a progress bar on a terminal while verified.
@@ -40,7 +41,8 @@ def table(rows: list[list[str]], out: TextIO) -> None:
 
 def write_json(data: Any, out: TextIO, *, indent: int | None = None) -> None:
     """``data`` as one JSON document and a newline; strict JSON (allow_nan=False), which any
-    parser reads: a non-finite metric must be encoded first (:func:`encode_metrics`)."""
+    parser reads: a non-finite metric must be encoded first (:func:`encode_metrics`, or
+    :func:`non_finite_spelled` for nested values)."""
     json.dump(data, out, indent=indent, allow_nan=False)
     out.write("\n")
 
@@ -65,3 +67,17 @@ class Progress:
     def finish(self) -> None:
         if self.enabled:
             self.stream.write("\n")
+
+
+def non_finite_spelled(value: Any) -> Any:
+    """``value``, plain JSON values nested in dicts and lists, with each NaN or infinite float
+    spelled as a manifest spells a metric's (``"nan"``, ``"inf"``, ``"-inf"``): a manifest
+    another tool or an older version wrote may hold them in its metadata, which Python's JSON
+    parser reads, but strict JSON cannot hold."""
+    if isinstance(value, float):
+        return encode_float(value)
+    if isinstance(value, dict):
+        return {key: non_finite_spelled(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [non_finite_spelled(item) for item in value]
+    return value

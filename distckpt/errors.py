@@ -353,9 +353,23 @@ class WorldSizeMismatch(CheckpointError, ValueError):
 class UnsafeCheckpoint(CheckpointError):
     """A checkpoint asks for something distckpt refuses to do: unpickling objects outside
     torch's weights-only allow-list (a rank file, a DCP value; the message names the refused
-    type; ``allow_pickle=True`` opts in), a DCP ``.metadata`` asking for anything but DCP's own
-    types, or reading a step dir that is a symlink rather than a real dir. (Links that leave the
-    root are not followed: the reader falls back, and ``verify`` reports them.)"""
+    type, or the pickle protocol it does not read; ``allow_pickle=True`` opts in; a pickle
+    torch cannot parse is a :class:`CorruptCheckpoint`), a DCP ``.metadata`` asking for
+    anything but DCP's own types, or reading a step dir that is a symlink rather than a real
+    dir. (Links that leave the root are not followed: the reader falls back, and ``verify``
+    reports them.)"""
+
+
+class UnimportableClass(CheckpointError, ImportError):
+    """A checkpoint loaded with ``allow_pickle=True`` names a class or function that cannot be
+    imported here (its module is not installed, or no longer defines it): no sign of damage,
+    the checkpoint needs that code. ``reason`` is Python's (``No module named 'usermod'``)."""
+
+    reason: str = ""
+
+    def __init__(self, message: str, *, reason: str, path: str | os.PathLike[str]) -> None:
+        super().__init__(message, path=path)
+        self.reason = reason
 
 
 class CoordinationError(CheckpointError):

@@ -33,7 +33,8 @@ from distckpt.fsutil import atomic_write
 from distckpt.layout import holds_a_root, is_root_entry_name
 from distckpt.objstore import ObjectStore
 from distckpt.objurl import S3Url, is_s3_url
-from distckpt.resolve import resolve_path
+from distckpt.resolve import Found, resolve_path
+from distckpt.results import CheckpointLocation
 from distckpt.storage.s3_locate import prefix_holds_a_root
 from distckpt.storage.s3_view import LEASE_NAME, WRITERS_PREFIX
 from distckpt.storage.views import errors_name_the_location
@@ -66,7 +67,11 @@ def export(
             (``ROOT/last``, ``ROOT/step-00000010/...``, ``ROOT/.staging/...``; links resolved:
             :class:`~distckpt.InvalidArgument`), a local root being what
             :func:`distckpt.layout.holds_a_root` tells one: ``exports/last/model.pt`` is
-            written again and again.
+            written again and again. A local ``out_file`` is neither inside the checkpoint
+            being exported (``best-model/rank-00000.pt`` of a checkpoint copied out as
+            ``best-model/``; links resolved) nor a name ending in a path separator (a
+            directory's): :class:`~distckpt.InvalidArgument`, before anything is read or
+            written (the checkpoint's manifest excepted).
         rank: for a "torch" checkpoint, the rank whose state to export (default 0). Not
             allowed for "dcp": that format is exported whole.
         all_ranks: for a "torch" checkpoint, export ``{rank: state}`` of every rank.
@@ -86,28 +91,33 @@ def export(
     if is_s3_url(out_file):
         # Opened first: a bad URL or option is refused before the checkpoint is read.
         with _output_object(str(out_file), storage_options) as (store, name):
-            state = _exported_state(path, rank, all_ranks, allow_pickle, storage_options)
+            found = resolve_path(path, storage_options=storage_options)
+            _refuse_the_checkpoint_read(str(out_file), found[0].location)
+            state = _exported_state(found, rank, all_ranks, allow_pickle)
             with store.open_write(name) as writer:
                 torch.save(state, writer)
         return str(out_file)
-    out = Path(os.path.abspath(os.fspath(out_file)))
+    given = os.fspath(out_file)
+    if given.endswith(tuple(sep for sep in (os.sep, os.altsep) if sep)):
+        raise InvalidArgument(
+            f"out_file {given} names a directory (it ends in a path separator); give the path "
+            "of a file",
+            path=given,
+        )
+    out = Path(os.path.abspath(given))
     _refuse_a_local_roots_own_name(out)
     if out.is_dir():
         raise InvalidArgument(f"out_file {out} is a directory; give the path of a file")
-    state = _exported_state(path, rank, all_ranks, allow_pickle, storage_options)
+    found = resolve_path(path, storage_options=storage_options)  # its manifest: no tensor read
+    _refuse_the_checkpoint_read(out, found[0].location)
+    state = _exported_state(found, rank, all_ranks, allow_pickle)
     _atomic_torch_save(state, out, fsync=fsync)
     return out
 
 
-def _exported_state(
-    path: str | os.PathLike[str],
-    rank: int | None,
-    all_ranks: bool,
-    allow_pickle: bool,
-    storage_options: Mapping[str, Any] | None,
-) -> Any:
-    """What :func:`export` writes of the committed checkpoint at ``path``."""
-    source, manifest = resolve_path(path, storage_options=storage_options)
+def _exported_state(found: Found, rank: int | None, all_ranks: bool, allow_pickle: bool) -> Any:
+    """What :func:`export` writes of the committed checkpoint ``found``."""
+    source, manifest = found
     check_rank_argument(rank)
     with (
         source.local_copy(manifest.files) as directory,
@@ -163,6 +173,42 @@ def _refuse_a_local_roots_own_name(out: Path) -> None:
             directory = Path(*path.parts[:depth])
             if is_root_entry_name(name) and holds_a_root(directory):
                 raise _inside_a_root(out, str(directory), name)
+
+
+def _refuse_the_checkpoint_read(out: Path | str, location: CheckpointLocation) -> None:
+    """Refuse (:class:`InvalidArgument`) an ``out`` inside the checkpoint being exported (at
+    ``location``): the export would replace one of its files or join them, and any directory
+    holding a manifest is a checkpoint, a root's step dir or not (a copy named
+    ``best-model/``). A local ``out`` is inside when a directory on its way, as given or with
+    links resolved, is the checkpoint's directory itself (the same device and inode, whatever
+    path reaches it: a link, a bind mount)."""
+    if isinstance(out, str) or isinstance(location, str):
+        inside = str(out).startswith(f"{str(location).rstrip('/')}/")
+    else:
+        inside = _in_directory(out, Path(location))
+    if inside:
+        raise InvalidArgument(
+            f"out_file {out} is inside the checkpoint being exported, {location}: export it "
+            "elsewhere",
+            path=str(out),
+        )
+
+
+def _in_directory(path: Path, directory: Path) -> bool:
+    """Whether an existing directory on ``path``'s way (as given, or with links resolved) is
+    ``directory`` itself."""
+    try:
+        target = os.stat(directory)
+    except OSError:
+        return False
+    for way in (Path(os.path.abspath(path)), Path(os.path.realpath(path))):
+        for parent in way.parents:
+            try:
+                if os.path.samestat(os.stat(parent), target):
+                    return True
+            except OSError:  # not there yet (the export creates it), or no directory
+                continue
+    return False
 
 
 def _refuse_a_roots_own_name(store: ObjectStore, url: str, key: str) -> None:

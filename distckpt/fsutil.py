@@ -14,6 +14,7 @@ import errno
 import logging
 import os
 import shutil
+import stat
 import sys
 import uuid
 from collections.abc import Callable
@@ -431,3 +432,22 @@ def probe_writable(directory: Path) -> None:
             probe.unlink()
     finally:
         probe.unlink(missing_ok=True)
+
+
+#: a file that is no regular file, by its ``S_IFMT``, in words
+_FILE_KINDS = {
+    stat.S_IFLNK: "a symlink",
+    stat.S_IFDIR: "a directory",
+    stat.S_IFIFO: "a FIFO",
+    stat.S_IFSOCK: "a socket",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+}
+
+
+def file_kind(mode: int) -> str:
+    """What a file of ``mode`` (its ``st_mode``) is, in words: ``a FIFO``, ``a directory``,
+    ``a regular file``."""
+    if stat.S_ISREG(mode):
+        return "a regular file"
+    return _FILE_KINDS.get(stat.S_IFMT(mode), "not a regular file")

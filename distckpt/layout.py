@@ -79,7 +79,7 @@ def is_root_entry_name(name: str) -> bool:
         name in ROOT_ENTRY_NAMES
         or name in LINK_NAMES
         or parse_step_dir_name(name) is not None
-        or name.startswith(SET_ASIDE_PREFIX)
+        or parse_set_aside_name(name) is not None
         or is_lingering_lease_lock(name)
     )
 

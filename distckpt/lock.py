@@ -102,6 +102,8 @@ def _held_elsewhere(path: Path) -> bool:
 
 
 _NO_FLOCK = {errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP}
+#: why a lock file cannot be opened for writing, which filelock does to take its lock
+_CANNOT_OPEN_FOR_WRITING = {errno.EROFS, errno.EACCES, errno.EPERM}
 
 
 def _unsupported(path: Path, exc: BaseException) -> CheckpointError:
@@ -226,13 +228,21 @@ class WriterLock:
                 self._lock.release()
 
     @staticmethod
-    def writer_is_alive(staging_dir: Path) -> bool:
+    def writer_is_alive(staging_dir: Path) -> bool | None:
         """Whether some process holds the lock beside ``staging_dir``. A dir with no lock file
-        at all was left by a writer that died before or after holding it: not alive."""
+        at all was left by a writer that died before or after holding it: not alive. None when
+        it cannot be told here: the lock file cannot be opened for writing, which taking its
+        lock needs (a read-only mount, no permission), as :func:`~distckpt.lease.read_holder`
+        reports a lease lock it cannot probe."""
         lock_path = RootLayout.writer_lock_path(staging_dir)
         if not lock_path.exists():
             return False
-        return _held_elsewhere(lock_path)
+        try:
+            return _held_elsewhere(lock_path)
+        except OSError as exc:
+            if exc.errno in _CANNOT_OPEN_FOR_WRITING:
+                return None
+            raise
 
 
 #: names a filesystem gives a file that was deleted while a process still held it open: the
@@ -287,6 +297,10 @@ class Leftover:
     (a probe, a lease lock file a killed ``lease --break`` moved aside, or a deleted file some
     process still holds open).
 
+    ``writer_alive`` (a staging dir, a writer lock file): True while its writer holds the
+    lock, None when the lock cannot be probed here (its file cannot be opened for writing: a
+    read-only mount); a cleanup removes neither.
+
     ``in_use`` is True when the leftover is, or holds, a file deleted while a reader still has
     it open (``.fuse_hidden*``, ``.nfs*``): it cannot be removed until that reader closes it,
     so a cleanup leaves it and the next one retries.
@@ -300,7 +314,7 @@ class Leftover:
     #: (``stray``) of a set-aside copy's prefix whose record is gone, and its save unpublished
     path: Path | str
     kind: Literal["staging", "lock", "trash", "stray"]
-    writer_alive: bool = False
+    writer_alive: bool | None = False
     in_use: bool = False
     kept_because: str | None = None
 
@@ -347,7 +361,8 @@ def find_leftovers(
 ) -> list[Leftover]:
     """The root's leftovers; ``writer_alive`` is True for a staging dir whose writer still
     holds its lock (never to be removed) and for a lock file held by a writer about to create
-    its dir; ``in_use`` marks those holding a file a reader still has open. ``locked``: the
+    its dir, None where that lock cannot be probed from here (a read-only mount: never removed
+    either); ``in_use`` marks those holding a file a reader still has open. ``locked``: the
     caller holds the root lock; ``holds_lease``: whether the root's lease record names the
     caller's lease, asked after the root is listed. With both, every probe and link under
     construction is a dead (or fenced) process's, whatever its age; otherwise, and for the

@@ -28,6 +28,7 @@ from distckpt.errors import (
     ManifestChecksumMismatch,
     UnsupportedVersion,
 )
+from distckpt.fsutil import file_kind
 from distckpt.layout import MANIFEST_NAME
 
 #: Bumped when a change to the schema or to a format's files would mislead an older reader.
@@ -268,10 +269,12 @@ def _check_content_checksum(data: dict[str, Any], source: str) -> None:
 def encode_metrics(metrics: Mapping[str, float]) -> dict[str, float | str]:
     """``metrics`` as a manifest stores them: strict JSON, which has no NaN or infinities, so
     those are the strings ``"nan"``, ``"inf"`` and ``"-inf"``."""
-    return {key: _encode_float(value) for key, value in metrics.items()}
+    return {key: encode_float(value) for key, value in metrics.items()}
 
 
-def _encode_float(value: float) -> float | str:
+def encode_float(value: float) -> float | str:
+    """``value`` as strict JSON holds it: NaN and the infinities as the strings of
+    :func:`encode_metrics`."""
     if math.isfinite(value):
         return value
     return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
@@ -388,15 +391,26 @@ def oversized_manifest(source: object) -> CorruptCheckpoint:
     )
 
 
+def _not_regular(path: Path, mode: int) -> str:
+    return f"{path}: is {file_kind(mode)}; checkpoint files must be regular files"
+
+
 def read_manifest(checkpoint_dir: Path) -> Manifest:
     """The manifest of a checkpoint dir. Raises :class:`CorruptCheckpoint` when it is missing or
     unreadable (``damaged`` unless the read failed for another reason than a missing file: an
-    I/O error may pass), :class:`UnsupportedVersion` when it is newer than this library."""
+    I/O error may pass; no regular file, a FIFO, is never read), :class:`UnsupportedVersion`
+    when it is newer than this library."""
     path = checkpoint_dir / MANIFEST_NAME
     try:
-        if path.stat().st_size > MAX_MANIFEST_BYTES:
-            raise oversized_manifest(path)
-        raw = path.read_bytes()
+        # Opened without blocking and judged by what was opened: a FIFO put in its place, even
+        # between a check and the read, is refused instead of blocking the read for good.
+        with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as file:
+            status = os.fstat(file.fileno())
+            if not stat.S_ISREG(status.st_mode):
+                raise CorruptCheckpoint(_not_regular(path, status.st_mode))
+            if status.st_size > MAX_MANIFEST_BYTES:
+                raise oversized_manifest(path)
+            raw = file.read()
     except FileNotFoundError as exc:
         raise CorruptCheckpoint(f"{checkpoint_dir} has no {MANIFEST_NAME}", damaged=True) from exc
     except OSError as exc:
@@ -413,10 +427,12 @@ def find_problems(
     progress: Callable[[int], None] | None = None,
 ) -> list[Problem]:
     """Everything wrong with a checkpoint dir against its manifest, one problem per message,
-    each naming the file: a missing or wrong-sized file, a file that is a symlink, a wrong
+    each naming the file: a missing or wrong-sized file, one that is no regular file (a
+    symlink, a directory, a FIFO: named, never opened), a wrong
     checksum (only with ``checksums=True``: it reads every byte), a step that disagrees with
     the dir's name. An empty list means the dir passes. A failed read (other than of a file
-    that is missing) is raised as its ``OSError``: it judges nothing."""
+    that is missing, at its ``lstat`` or when opened to checksum it) is raised as its
+    ``OSError``: it judges nothing."""
     problems: list[Problem] = []
     if expected_step is not None and manifest.step != expected_step:
         problems.append(
@@ -435,15 +451,24 @@ def find_problems(
         except FileNotFoundError:
             problems.append(missing(path))
             continue
-        if stat.S_ISLNK(status.st_mode):
-            problems.append(
-                unjudged(f"{path}: is a symlink; checkpoint files must be regular files")
-            )
+        if not stat.S_ISREG(status.st_mode):
+            # Never opened: a FIFO would block the read forever, a device read who knows what.
+            problems.append(unjudged(_not_regular(path, status.st_mode)))
             continue
         size = status.st_size
         if size != record.size:
             problems.append(wrong_size(path, size, record.size))
-        elif checksums and file_checksum(path, progress) != record.checksum:
+            continue
+        if not checksums:
+            continue
+        try:
+            checksum = file_checksum(path, progress)
+        except FileNotFoundError:
+            # Gone since the lstat (its dir deleted by a live job's retention): missing, as
+            # at the lstat, so verify's handling of a vanished checkpoint sees it as one.
+            problems.append(missing(path))
+            continue
+        if checksum != record.checksum:
             problems.append(checksum_mismatch(path))
     return problems
 

@@ -154,15 +154,22 @@ def iter_valid(
     newest_first: bool = True,
     checksums: bool = False,
     steps: Iterable[int] | None = None,
+    newer: list[int] | None = None,
 ) -> Iterator[Found]:
     """Committed checkpoints that pass :func:`check`, with their manifests; damaged ones are
     skipped with a warning, ones deleted meanwhile (by retention) silently. ``steps`` replaces
-    the listing of the root."""
+    the listing of the root. One of a newer format version raises
+    :class:`~distckpt.errors.UnsupportedVersion`, or with ``newer`` given has its step appended
+    there and is skipped."""
     listed = sorted(set(view.committed_steps() if steps is None else steps))
     for step in reversed(listed) if newest_first else listed:
         source = view.checkpoint(step)
         try:
             yield source, check(source, checksums=checksums)
+        except UnsupportedVersion:
+            if newer is None:
+                raise
+            newer.append(step)
         except (CorruptCheckpoint, UnsafeCheckpoint, FileNotFoundError) as exc:
             if not source.exists():
                 logger.debug("%s was deleted while being listed", source.location)
@@ -217,18 +224,22 @@ def list_checkpoints(view: RootView) -> list[CheckpointInfo]:
     return survey(view)[0]
 
 
-def survey(view: RootView) -> tuple[list[CheckpointInfo], list[int]]:
+def survey(
+    view: RootView, *, newer: list[int] | None = None
+) -> tuple[list[CheckpointInfo], list[int]]:
     """From one listing of the root: every committed checkpoint that passes its manifest
     check, oldest first, and the steps listed that fail it and are still there (one deleted
     meanwhile by another process's retention is neither; one committed after the listing is
-    not in it)."""
+    not in it). A checkpoint of a newer format version raises
+    :class:`~distckpt.errors.UnsupportedVersion`, or with ``newer`` given is neither but has
+    its step appended there (oldest first)."""
     listed = view.committed_steps()
     infos = [
         CheckpointInfo.from_manifest(source.location, manifest)
-        for source, manifest in iter_valid(view, newest_first=False, steps=listed)
+        for source, manifest in iter_valid(view, newest_first=False, steps=listed, newer=newer)
     ]
-    valid = {info.step for info in infos}
-    damaged = [s for s in listed if s not in valid and view.checkpoint(s).exists()]
+    judged = {info.step for info in infos} | set(newer or ())
+    damaged = [s for s in listed if s not in judged and view.checkpoint(s).exists()]
     return infos, damaged
 
 

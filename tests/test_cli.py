@@ -16,6 +16,7 @@ import torch
 import distckpt
 from distckpt import resolve
 from distckpt.cli import main
+from distckpt.manifest import MANIFEST_CHECKSUM_KEY
 from tests.cli_runner import run_cli as run
 
 
@@ -91,6 +92,24 @@ def test_every_json_output_is_strict_json_with_non_finite_metrics(tmp_path: Path
         out = run(*args)
         assert out.returncode == 0, out
         strict_json(out.stdout)
+
+
+def test_info_shows_non_finite_metadata_another_writer_left(root: Path) -> None:
+    """A manifest without its own checksum (an older version's, another tool's) may hold NaN
+    or infinities in its metadata, which reading it accepts: ``info`` spells them as the
+    manifest spells such metrics, in its text and in strict JSON."""
+    manifest = root / "step-00000030" / "manifest.json"
+    data = json.loads(manifest.read_text())
+    del data[MANIFEST_CHECKSUM_KEY]
+    data["metadata"] = {"lr": float("nan"), "seen": [float("inf"), 1.5], "at": {"x": -1e999}}
+    manifest.write_text(json.dumps(data))  # Python's default: NaN and Infinity, not JSON
+    spelled = {"lr": "nan", "seen": ["inf", 1.5], "at": {"x": "-inf"}}
+    listed = run("info", str(root), "--json")
+    assert listed.returncode == 0, listed.stderr
+    assert strict_json(listed.stdout)["metadata"] == spelled
+    shown = run("info", str(root))
+    assert shown.returncode == 0, shown.stderr
+    assert f"metadata    {json.dumps(spelled, sort_keys=True)}\n" in shown.stdout
 
 
 def test_info_resolves_links_and_relative_paths(root: Path) -> None:
@@ -266,8 +285,10 @@ def test_export_inside_the_roots_own_layout_is_refused(
     assert "inside the checkpoint root" in out.stderr and repr(refused_name) in out.stderr
     assert {path: path.read_bytes() for path in root.rglob("*") if path.is_file()} == before
     assert run("verify", str(root)).returncode == 0
-    # Beside the layout, in the root, is not in it: nothing distckpt reads or removes.
-    assert run("export", str(root), str(root / "model.pt")).returncode == 0
+    # Beside the layout, in the root, is not in it: nothing distckpt reads or removes, a name
+    # starting like a set-aside checkpoint's but not one included.
+    for beside in ("model.pt", "damaged-notes.pt"):
+        assert run("export", str(root), str(root / beside)).returncode == 0
 
 
 @pytest.mark.parametrize(

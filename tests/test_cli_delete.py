@@ -110,3 +110,37 @@ def test_delete_removes_a_checkpoint_this_version_cannot_judge(tmp_path: Path, c
         assert restored is not None and restored.step == 1
         assert mgr.save(2, hostile_cases.saved_state(2)) is not None
         assert mgr.steps() == [1, 2]
+
+
+def test_ls_lists_a_newer_format_version_for_delete_to_remove(tmp_path: Path) -> None:
+    """``ls`` of a root holding a checkpoint of a newer format version lists it as such (the
+    step ``delete`` takes) instead of failing, in the table and in ``--json``."""
+    root = hostile_cases.make_root(tmp_path / "root")
+    hostile_cases.manifest_future_version(root)
+    table = run("ls", str(root))
+    assert table.returncode == 0, table.stderr
+    (row,) = [line for line in table.stdout.splitlines() if line.startswith("2 ")]
+    assert "NEWER FORMAT (upgrade distckpt)" in row
+    listed = run("ls", str(root), "--json")
+    assert listed.returncode == 0, listed.stderr
+    data = json.loads(listed.stdout)
+    assert [c["step"] for c in data["checkpoints"]] == [1]
+    assert (data["newer_format_steps"], data["damaged_steps"]) == ([2], [])
+    assert run("delete", str(root), "2").returncode == 0
+    assert json.loads(run("ls", str(root), "--json").stdout)["newer_format_steps"] == []
+
+
+def test_ls_lists_a_newer_format_step_in_step_order_with_its_links(tmp_path: Path) -> None:
+    """A step of a newer format version below a readable one is listed in its place among
+    the steps, with the links naming it (here ``best``) in the LINKS column."""
+    root = hostile_cases.make_root(tmp_path / "root")
+    hostile_cases.edit_manifest(
+        root / "step-00000001", lambda data: data.update(format_version=999)
+    )
+    os.symlink("step-00000001", root / "best")
+    table = run("ls", str(root))
+    assert table.returncode == 0, table.stderr
+    first, second = table.stdout.splitlines()[1:3]
+    assert first.startswith("1 ") and "NEWER FORMAT (upgrade distckpt)" in first, table.stdout
+    assert first.split()[-1] == "best", table.stdout
+    assert second.startswith("2 ") and second.split()[-1] == "last", table.stdout

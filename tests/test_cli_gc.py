@@ -1,5 +1,6 @@
 """``distckpt gc ROOT`` on a local root: only dead writers' leftovers removed, reported once
-they are deleted, a large one deleted outside the commit lock, and what ``--force`` changes."""
+they are deleted, a large one deleted outside the commit lock, and what ``--force`` changes;
+a leftover whose writer lock cannot be probed (a read-only mount) is kept and listed as such."""
 
 from __future__ import annotations
 
@@ -13,9 +14,11 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
+import distckpt
 from distckpt.cli import main
-from tests.filesystems import skip_or_fail
+from tests.filesystems import MountFactory, skip_or_fail
 from tests.test_cli import root, run
 
 __all__ = ["root"]  # the fixture, shared with tests/test_cli.py
@@ -190,3 +193,65 @@ def test_gc_deletes_a_dead_writers_large_staging_dir_outside_the_commit_lock(
     assert during, "no save ran while gc did: the test proves nothing"
     assert [save["error"] for save in saves if save["error"]] == []
     assert list((root / ".trash").iterdir()) == []
+
+
+def test_gc_leaves_a_leftover_whose_writer_lock_cannot_be_probed(root: Path) -> None:
+    """A writer lock file nobody can open for writing (immutable here: EPERM even for root,
+    as EROFS on a read-only mount) tells nothing of its writer: gc and ls say so, and gc
+    leaves the staging dir and its lock where they are."""
+    staging = root / ".staging" / "step-00000040.0123abcd"
+    staging.mkdir(parents=True)
+    (staging / "rank-00000.pt").write_bytes(b"partial")
+    lock_file = Path(f"{staging}.lock")
+    lock_file.touch()
+    made_immutable = subprocess.run(["chattr", "+i", lock_file], capture_output=True, text=True)
+    if made_immutable.returncode != 0:
+        skip_or_fail(f"chattr +i: {made_immutable.stderr.strip()}")
+    try:
+        gc = run("gc", str(root), "--json")
+        gc_text = run("gc", str(root))
+        listed = run("ls", str(root))
+    finally:
+        subprocess.run(["chattr", "-i", lock_file], check=True)
+    assert gc.returncode == 0, gc.stderr
+    report = json.loads(gc.stdout)
+    assert report["removed"] == []
+    assert [(item["path"], item["writer_alive"]) for item in report["left"]] == [
+        (str(staging), None)
+    ]
+    assert staging.is_dir() and lock_file.exists()
+    assert gc_text.returncode == 0, gc_text.stderr
+    assert gc_text.stdout.splitlines() == [
+        f"left {staging} (writer unknown: its lock cannot be opened for writing here to probe"
+        " it; retried later)"
+    ]
+    assert listed.returncode == 0, listed.stderr
+    assert (
+        f"leftover staging: {staging} (writer unknown: its lock cannot be opened for writing"
+        " here to probe it; gc leaves it)"
+    ) in listed.stdout
+
+
+def test_read_only_mount_ls_a_dead_saves_leftover(mounts: MountFactory) -> None:
+    """A killed save's staging dir and writer lock, seen through a read-only mount: its lock
+    cannot be opened for writing, so ``ls`` lists it with its writer unknown (and does not
+    fail), and ``gc`` there is refused as on any read-only root."""
+    mount = mounts.get("readonly")
+    assert mount.writable_source is not None
+    source = mount.writable_source / "leftover"
+    with distckpt.CheckpointManager(source, fsync=False) as mgr:
+        mgr.save(1, {"w": torch.zeros(4)})
+    staging = source / ".staging" / "step-00000002.0123abcd"
+    staging.mkdir(parents=True)
+    (staging / "rank-00000.pt").write_bytes(b"partial")
+    Path(f"{staging}.lock").touch()
+    seen = mount.path / "leftover"
+    listed = run("ls", "--json", os.fspath(seen))
+    assert listed.returncode == 0, listed.stderr
+    leftovers = json.loads(listed.stdout)["leftovers"]
+    assert [(item["kind"], item["writer_alive"]) for item in leftovers] == [("staging", None)]
+    table = run("ls", os.fspath(seen))
+    assert table.returncode == 0, table.stderr
+    assert "(writer unknown: its lock cannot be opened for writing here" in table.stdout
+    assert run("gc", os.fspath(seen)).returncode == 2
+    assert staging.is_dir()

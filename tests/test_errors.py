@@ -48,6 +48,7 @@ def _example(cls: type[CheckpointError]) -> CheckpointError:
         "kinds": ("TwoTensor",),
         "state_key": "on_save_checkpoint",
         "refused": "numpy scalar",
+        "reason": "No module named 'gone_module'",
         "written_bytes": 10,
         "found_bytes": 4,
         "missing_keys": ("model.2.weight",),

@@ -16,6 +16,7 @@ from distckpt.errors import CheckpointNotFound, InvalidArgument
 from distckpt.formats.dcp import ModelOptimizerState
 from distckpt.objstore import MIN_PART_SIZE, ObjectStore
 from distckpt.objurl import S3Url
+from tests.filesystems import _run, require_mounting, unmount
 from tests.ranks import run_ranks, values
 from tests.s3server import S3Server
 from tests.test_dcp import TIMEOUT, fsdp, full_state, make_model, train
@@ -165,3 +166,56 @@ def test_export_twice_into_dirs_named_like_a_roots_entries(tmp_path: Path) -> No
     (tmp_path / "project" / ".lock").touch()  # another tool's
     distckpt.export(root, tmp_path / "project" / "best" / "model.pt", fsync=False)
     assert (tmp_path / "project" / "best" / "model.pt").is_file()
+
+
+def _copy_of_a_checkpoint(tmp_path: Path) -> Path:
+    """A step dir copied out of its root as ``best-model/``: a checkpoint (it holds its
+    manifest) in no root."""
+    root = tmp_path / "root"
+    with distckpt.CheckpointManager(root, fsync=False) as mgr:
+        mgr.save(1, {"w": torch.arange(4.0)})
+    copy = tmp_path / "best-model"
+    shutil.copytree(root / "step-00000001", copy)
+    return copy
+
+
+@pytest.mark.parametrize("target", ["rank-00000.pt", "manifest.json", "extra.pt", "alias/x.pt"])
+def test_export_into_the_checkpoint_it_exports_is_refused(tmp_path: Path, target: str) -> None:
+    """Into the checkpoint being read, named as it is or through a link to it (``alias``), the
+    export would replace its files or join them: refused before anything is written."""
+    copy = _copy_of_a_checkpoint(tmp_path)
+    (tmp_path / "alias").symlink_to(copy, target_is_directory=True)
+    before = {path.name: path.read_bytes() for path in copy.iterdir()}
+    out = tmp_path / target if target.startswith("alias/") else copy / target
+    with pytest.raises(InvalidArgument, match="inside the checkpoint being exported"):
+        export(copy, out)
+    assert {path.name: path.read_bytes() for path in copy.iterdir()} == before
+    assert distckpt.verify(copy).ok
+
+
+def test_export_into_the_checkpoint_through_a_bind_mount_is_refused(tmp_path: Path) -> None:
+    """A bind mount of the checkpoint's directory reaches the same directory by a path no
+    link resolves to: refused as the directory itself is, before anything is written."""
+    require_mounting()
+    copy = _copy_of_a_checkpoint(tmp_path)
+    view = tmp_path / "view"
+    view.mkdir()
+    _run("mount", "--bind", copy, view)
+    try:
+        before = {path.name: path.read_bytes() for path in copy.iterdir()}
+        for target in ("rank-00000.pt", "manifest.json", "sub/extra.pt"):
+            with pytest.raises(InvalidArgument, match="inside the checkpoint being exported"):
+                export(copy, view / target)
+        assert {path.name: path.read_bytes() for path in copy.iterdir()} == before
+    finally:
+        assert unmount(view)
+    assert distckpt.verify(copy).ok
+
+
+def test_export_to_a_name_ending_in_a_separator_is_refused(tmp_path: Path) -> None:
+    """``exports/`` names a directory: it is refused, not written as a file named
+    ``exports``."""
+    copy = _copy_of_a_checkpoint(tmp_path)
+    with pytest.raises(InvalidArgument, match="names a directory"):
+        export(copy, f"{tmp_path / 'exports'}/")
+    assert not (tmp_path / "exports").exists()

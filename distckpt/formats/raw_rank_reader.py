@@ -81,6 +81,19 @@ def _not_a_rank_file(fd: int, name: str) -> CorruptCheckpoint:
     return CorruptCheckpoint(f"{name}: not a distckpt rank file (magic {head[: len(MAGIC)]!r})")
 
 
+#: how a ``torch.save`` file starts: a zip archive's first local header (torch >= 1.6), or the
+#: protocol opcode of the pickle (protocol 2 and later) a legacy one starts with
+_TORCH_SAVE_STARTS = (b"PK\x03\x04", b"\x80")
+
+
+def _starts_like_torch_save(fd: int) -> bool:
+    """Whether the file open as ``fd`` starts as a ``torch.save`` file does: one that starts
+    like neither that nor a rank file (a damaged magic) is no file torch should be asked to
+    unpickle, whose failure would read as an unsafe checkpoint rather than a damaged one."""
+    head = os.pread(fd, max(map(len, _TORCH_SAVE_STARTS)), 0)
+    return head.startswith(_TORCH_SAVE_STARTS)
+
+
 def _index_of(fd: int, name: str) -> RankFileIndex | None:
     """:func:`read_index` of the file open as ``fd``, read with two ``pread`` calls (the
     header, then the index and the skeleton together); None when the file does not start
@@ -251,15 +264,16 @@ def load_rank_file(
     """The state in the rank file at ``path``. ``load_skeleton(source, options, name)`` loads
     the pickled skeleton (the caller's safe ``torch.load``), before any tensor data is read, so
     a refused checkpoint costs no read of its data. A file that does not start like a rank
-    file in this layout is read by ``otherwise()`` (a ``torch.save`` file in its place), or
-    refused as :class:`CorruptCheckpoint` without it: telling the two apart costs no second
-    open (``otherwise`` opens the file itself, and so does a mapping with ``mmap``)."""
+    file in this layout but like a ``torch.save`` file is read by ``otherwise()`` (a
+    ``torch.save`` file in its place); any other is refused as :class:`CorruptCheckpoint`:
+    telling them apart costs no second open (``otherwise`` opens the file itself, and so does
+    a mapping with ``mmap``)."""
     name = os.fspath(path)
     fd = os.open(name, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
     try:
         index = _index_of(fd, name)
         if index is None:
-            if otherwise is not None:
+            if otherwise is not None and _starts_like_torch_save(fd):
                 return otherwise()
             raise _not_a_rank_file(fd, name)
         loaded = load_skeleton(io.BytesIO(index.skeleton), options, name)

@@ -26,8 +26,10 @@ from typing import Any, Union
 import torch
 
 from distckpt.errors import (
+    CheckpointError,
     CorruptCheckpoint,
     InvalidArgument,
+    UnimportableClass,
     UnsafeCheckpoint,
     WorldSizeMismatch,
 )
@@ -42,6 +44,16 @@ from distckpt.state_sizes import byte_string_bytes, storage_sizes
 RAW_RANK_FILES_SINCE = 2
 # torch's weights-only refusal names the first type it would not unpickle like this.
 _REFUSED_GLOBAL_RE = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+# Every message of torch's weights-only unpickler (torch/_weights_only_unpickler.py) that
+# refuses a global the file names: not on the allow-list, of a blocked module, or of a module
+# (torch.nested, torch.distributed.tensor) to import first. Any other failure of that
+# unpickler ("Unsupported operand", a stack or memo out of range) is a damaged pickle.
+_REFUSED_GLOBAL_MESSAGES = re.compile(
+    r"Unsupported global: GLOBAL |Trying to load unsupported GLOBAL |must be imported to load "
+)
+# torch's refusal of a global of a module it never loads from a file (os, posix, subprocess:
+# they run commands), which no allow-list entry lets through
+_BLOCKED_GLOBAL_RE = re.compile(r"GLOBAL ([\w.]+) whose module ([\w.]+) is blocked")
 # torch decorates its message with terminal escape codes (bold text).
 _ESCAPE_CODE_RE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
@@ -50,17 +62,23 @@ TorchSource = Union[Path, io.BytesIO]
 
 def unsafe_load_error(name: str, exc: pickle.UnpicklingError) -> UnsafeCheckpoint:
     """The error for torch's weights-only refusal of ``name``: which type(s) it refused, and
-    the two ways to opt in."""
+    the two ways to opt in (one, ``allow_pickle=True``, for a global of a module torch
+    blocks, which no allow-list entry lets through)."""
     text = _ESCAPE_CODE_RE.sub("", str(exc))
+    blocked = _BLOCKED_GLOBAL_RE.search(text)
+    if blocked:
+        return UnsafeCheckpoint(
+            f"{name} holds {blocked[1]}, of the module {blocked[2]}, which torch's weights-only "
+            "unpickler never loads (it can run commands), so it was not loaded. Only if you "
+            "trust this checkpoint, pass allow_pickle=True"
+        )
     refused = list(dict.fromkeys(_REFUSED_GLOBAL_RE.findall(text)))
     if refused:
         types = ", ".join(refused)
         what = f"an object of type {types}, which is not on torch's weights-only allow-list"
         allow = f"torch.serialization.add_safe_globals([{types}])"
     else:
-        lines = [line.strip() for line in text.splitlines() if "Unpickler error" in line]
-        reason = lines[0] if lines else (text.strip().splitlines() or ["?"])[0]
-        what = f"objects outside torch's weights-only allow-list ({reason})"
+        what = f"objects outside torch's weights-only allow-list ({_unpickler_reason(text)})"
         allow = "torch.serialization.add_safe_globals([...])"
     return UnsafeCheckpoint(
         f"{name} holds {what}, so it was not loaded. If you trust this checkpoint, pass "
@@ -71,21 +89,96 @@ def unsafe_load_error(name: str, exc: pickle.UnpicklingError) -> UnsafeCheckpoin
 def safe_torch_load(source: TorchSource, options: ReadOptions, *, name: str | None = None) -> Any:
     """``torch.load`` that unpickles only tensors and plain values unless the caller opted in,
     and turns torch's refusal into an error naming the refused type and how to opt in.
-    ``name`` says what ``source`` is in errors (a path names itself)."""
+    Whatever else fails to parse is a :class:`CorruptCheckpoint`; with ``allow_pickle`` only
+    a pickle torch cannot parse is, a class or function that cannot be imported is an
+    :class:`UnimportableClass` and an object's own error is raised as it is. ``name`` says
+    what ``source`` is in errors (a path names itself)."""
     name = name if name is not None else os.fspath(source)  # type: ignore[arg-type]
     try:
+        # torch maps only a zip archive: a legacy file (format version 1 may hold one) is read
+        mmap = options.mmap and not isinstance(source, io.BytesIO) and _head(source) == _ZIP_MAGIC
         return torch.load(
             source if isinstance(source, io.BytesIO) else os.fspath(source),
             map_location=options.map_location,
             weights_only=not options.allow_pickle,
-            mmap=(options.mmap and not isinstance(source, io.BytesIO)) or None,
+            mmap=mmap or None,
         )
     except pickle.UnpicklingError as exc:
-        if options.allow_pickle:
-            raise CorruptCheckpoint(f"{name}: cannot be unpickled: {exc}") from exc
-        raise unsafe_load_error(name, exc) from None
-    except (RuntimeError, EOFError, ValueError) as exc:
-        raise CorruptCheckpoint(f"{name}: not a readable torch file: {exc}") from exc
+        if not options.allow_pickle and _REFUSED_GLOBAL_MESSAGES.search(str(exc)):
+            raise unsafe_load_error(name, exc) from None
+        protocol = None if options.allow_pickle else _pickle_protocol(source)
+        if protocol in _UNREAD_PROTOCOLS:
+            raise UnsafeCheckpoint(
+                f"{name} was pickled with protocol {protocol}, which torch's weights-only "
+                "unpickler does not read, so it was not loaded. If you trust this checkpoint, "
+                "pass allow_pickle=True"
+            ) from None
+        raise CorruptCheckpoint(
+            f"{name}: cannot be unpickled: {_unpickler_reason(str(exc))}"
+        ) from exc
+    except (CheckpointError, OSError, MemoryError):
+        raise  # named already; a failed read, or too little memory, is no damage of the file
+    except Exception as exc:
+        if not options.allow_pickle:
+            # A damaged pickle or archive fails inside torch as anything at all (IndexError
+            # from an empty stack, KeyError from a memo, struct.error, a decoding error, ...).
+            raise CorruptCheckpoint(f"{name}: not a readable torch file: {exc!r}") from exc
+        if isinstance(exc, (ImportError, AttributeError)):
+            # Unpickling imports what the pickle names: code missing here, no damaged file.
+            raise UnimportableClass(
+                f"{name} names a class or function that cannot be imported here ({exc}): "
+                "the checkpoint needs the code it was saved with",
+                reason=str(exc),
+                path=name,
+            ) from exc
+        raise  # the objects' own code ran (a __setstate__): its error explains itself
+
+
+#: the pickle protocols (4: frames, and 5) torch's weights-only unpickler does not read; torch
+#: writes 2 unless told otherwise, and one flipped bit of that protocol byte gives no 4 or 5
+_UNREAD_PROTOCOLS = range(4, pickle.HIGHEST_PROTOCOL + 1)
+#: how a zip archive (a ``torch.save`` file since torch 1.6) starts
+_ZIP_MAGIC = b"PK"
+
+
+def _pickle_protocol(source: TorchSource) -> int | None:
+    """The protocol a ``torch.save`` file's pickle says it was written with (its first opcode):
+    of the pickle in its archive, or of the file itself, which is its first pickle in the
+    legacy (not zip) format. None when that cannot be told (unreadable, no such opcode)."""
+    try:
+        head = _head(source)
+        if head == _ZIP_MAGIC:
+            head = bytes(_archive_pickle(source)[:2])
+    except Exception:  # a damaged archive: whatever the reader raises
+        return None
+    return head[1] if len(head) == 2 and head[0] == pickle.PROTO[0] else None
+
+
+def _head(source: TorchSource) -> bytes:
+    """The first two bytes of ``source``: a zip archive's magic, or a pickle's protocol."""
+    if isinstance(source, io.BytesIO):
+        return source.getvalue()[:2]
+    with open(source, "rb") as file:
+        return file.read(2)
+
+
+def _archive_pickle(source: TorchSource) -> bytes:
+    """The pickle (``data.pkl``) of a ``torch.save`` archive; raises whatever torch's reader
+    raises when ``source`` is no such archive."""
+    if isinstance(source, io.BytesIO):
+        source.seek(0)
+        return torch._C.PyTorchFileReader(source).get_record("data.pkl")
+    return torch._C.PyTorchFileReader(os.fspath(source)).get_record("data.pkl")
+
+
+def _unpickler_reason(text: str) -> str:
+    """What torch's weights-only unpickler says failed (``Unsupported operand 80``), without
+    the advice around it (to file an issue, to pass weights_only=False, to read the docs);
+    the whole of ``text``, torch's advice included, when it holds no such reason."""
+    text = _ESCAPE_CODE_RE.sub("", text)
+    _, marker, after = text.partition("Unpickler error:")
+    reason = " ".join(after.split("Check the documentation")[0].split())
+    return reason if marker and reason else " ".join(text.split()) or "?"
 
 
 def read_rank_file(path: Path, manifest: Manifest, options: ReadOptions) -> Any:
@@ -119,8 +212,7 @@ class _PlainValuesUnpickler(pickle.Unpickler):
 def plain_values_of(source: io.BytesIO) -> Any:
     """The value a ``torch.save`` archive holds when it holds plain values only; raises
     whatever the archive or its pickle raise otherwise."""
-    archive = torch._C.PyTorchFileReader(source)
-    return _PlainValuesUnpickler(io.BytesIO(archive.get_record("data.pkl"))).load()
+    return _PlainValuesUnpickler(io.BytesIO(_archive_pickle(source))).load()
 
 
 def load_skeleton(source: io.BytesIO, options: ReadOptions, name: str) -> Any:

@@ -157,7 +157,7 @@ class Removals:
         )
         return [
             dataclasses.replace(item, kept_because=reason)
-            if item.kind in ("staging", "lock") and not item.writer_alive
+            if item.kind in ("staging", "lock") and item.writer_alive is False
             else item
             for item in found
         ]
@@ -169,6 +169,7 @@ class Removals:
         temporary files a killed process left in the root (probes and links under construction
         at once if this store holds the root's current lease, else by their age:
         :func:`~distckpt.lock.find_leftovers`). A live writer's staging is never touched, nor
+        one whose writer lock cannot be probed here, nor
         (unless ``force``) one a lease holder on another machine may be writing where locks
         are local to each machine (:meth:`_judged_leftovers`). A
         dead writer's staging dir is only renamed into the trash here, and the trash is left
@@ -184,6 +185,8 @@ class Removals:
             path = Path(leftover.path)
             if leftover.writer_alive:
                 logger.info("leaving %s alone: its writer is alive", path)
+            elif leftover.writer_alive is None:
+                logger.warning("leaving %s alone: whether its writer lives cannot be told", path)
             elif leftover.kept_because is not None:
                 logger.warning("leaving %s alone: %s", path, leftover.kept_because)
             elif leftover.in_use:
