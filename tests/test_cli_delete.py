@@ -110,3 +110,37 @@ def test_delete_removes_a_checkpoint_this_version_cannot_judge(tmp_path: Path, c
         assert restored is not None and restored.step == 1
         assert mgr.save(2, hostile_cases.saved_state(2)) is not None
         assert mgr.steps() == [1, 2]
+
+
+@pytest.mark.parametrize(
+    ("command", "links_after"),
+    [
+        (("delete", "4"), {"last": "step-00000003", "best": "step-00000003"}),
+        # ranked by the highest loss, step 2 is the best: the prune moves the best link to it
+        (
+            ("prune", "--keep-last", "1", "--keep-best", "1", "--monitor", "loss", "--mode", "max"),
+            {"last": "step-00000004", "best": "step-00000002"},
+        ),
+    ],
+    ids=["delete", "prune"],
+)
+def test_a_command_moving_the_links_of_a_pointer_root_writes_pointer_files(
+    tmp_path: Path, command: tuple[str, ...], links_after: dict[str, str]
+) -> None:
+    """A job with ``link="pointer"`` writes ``last``/``best`` as pointer files; a command that
+    moves them writes pointer files too, instead of turning them into symlinks."""
+    root = tmp_path / "root"
+    with distckpt.CheckpointManager(root, link="pointer", monitor="loss", fsync=False) as mgr:
+        for step, loss in ((1, 0.5), (2, 0.9), (3, 0.1), (4, 0.7)):
+            mgr.save(step, {"w": torch.full((2,), float(step))}, metrics={"loss": loss})
+
+    def pointer_files() -> dict[str, str]:
+        links = {name: root / name for name in ("last", "best")}
+        assert not any(link.is_symlink() for link in links.values())
+        return {name: link.read_text().strip() for name, link in links.items()}
+
+    assert pointer_files() == {"last": "step-00000004", "best": "step-00000003"}
+    out = run(command[0], str(root), *command[1:])
+    assert out.returncode == 0, out.stderr
+    assert pointer_files() == links_after
+    assert distckpt.verify(root).ok
