@@ -266,6 +266,30 @@ def make_dirs(path: Path, *, fsync: bool) -> None:
             fsync_dir(directory.parent)
 
 
+def fsync_ancestors(path: Path) -> None:
+    """Make the name of ``path`` (an existing directory) and of each of its ancestors durable,
+    up to the mount point of its filesystem: an fsync of each one's parent, whether or not
+    this process created it. :func:`make_dirs` makes durable only what it creates, but a
+    directory someone else made (the user's own ``os.makedirs``, a job killed before its
+    fsync) may not be durable yet, and a power loss would take everything under it along.
+
+    An ancestor this process may not open (a directory it can only traverse, mode ``711``) is
+    skipped, not an error: its name was made by someone else, whose durability this process
+    cannot force, and it is the rare directory a power loss right after its creation would
+    take (an administrator's, made once, long before)."""
+    current = path
+    device = current.stat().st_dev
+    while current.parent != current:
+        parent = current.parent
+        if parent.stat().st_dev != device:
+            break  # ``current`` is the mount point: its name lives on another filesystem
+        try:
+            fsync_dir(parent)
+        except PermissionError:
+            logger.debug("cannot open %s to make %s durable: skipped", parent, current.name)
+        current = parent
+
+
 def move_to_trash(path: Path, trash_root: Path, *, fsync: bool) -> Path | None:
     """Make a directory vanish from its name at once by renaming it into ``trash_root`` (same
     filesystem), where it can be deleted later. Returns its new path, None if it was gone.

@@ -49,6 +49,7 @@ from distckpt.fsutil import (
     LinkMode,
     atomic_write_bytes,
     exchange_dirs,
+    fsync_ancestors,
     fsync_dir,
     make_dirs,
     move_to_trash,
@@ -118,8 +119,10 @@ class PosixRootStore(Removals, LinksAndRetention, ViewedStore):
             return self._opened()
         try:
             # Durably, parents included: a root whose name a power loss can drop would take
-            # every checkpoint saved in it along.
+            # every checkpoint saved in it along, even one made before this process started.
             make_dirs(root, fsync=self.fsync)
+            if self.fsync:
+                fsync_ancestors(root)
         except OSError as exc:
             raise RootNotWritable(
                 f"cannot create checkpoint root {root}: {exc}", path=root
