@@ -2,7 +2,7 @@
 model and the long run's results are in ``docs/faults.md``).
 
 The short run here: every workload in both formats, with 1 and 2 ranks, with a fixed seed and
-a bounded number of states each, and three mutations (an fsync removed from a copy of the
+a bounded number of states each, and six mutations (an fsync removed from a copy of the
 library) that the explorer must flag. No crash state may show any violation. Each case is
 traced and checked once per session, in children forked from the test process (torch is
 imported once, not in every traced and checking process); ``-n 2`` runs cases side by side.
@@ -121,7 +121,7 @@ def test_crash_leftovers_are_collected_at_start(shared: Path, name: str) -> None
     _assert_none(explored(shared, _case(name)), check.LEFTOVER)
 
 
-@pytest.mark.parametrize("name", ["delete", "overwrite_fallback", "pointer"])
+@pytest.mark.parametrize("name", ["delete", "overwrite_fallback", "pointer", "killed_remove"])
 def test_last_never_dangles_durably(shared: Path, name: str) -> None:
     # The links move off a checkpoint, durably, before it is moved into the trash.
     _assert_none(explored(shared, _case(name)), check.RAW_DANGLING)
@@ -130,6 +130,16 @@ def test_last_never_dangles_durably(shared: Path, name: str) -> None:
 def test_a_root_the_manager_creates_survives_power_loss(shared: Path) -> None:
     # The root and its missing parents are created each with an fsync of its parent.
     _assert_none(explored(shared, _case("fresh_root")), check.STEP_LOST)
+
+
+def test_a_root_in_a_directory_made_before_survives_power_loss(shared: Path) -> None:
+    # An open fsyncs the parent of the root and of each ancestor, whoever created them.
+    _assert_none(explored(shared, _case("made_parent")), check.STEP_LOST)
+
+
+def test_an_export_into_new_directories_survives_power_loss(shared: Path) -> None:
+    # The directories export creates for its file are each made durable with it.
+    _assert_none(explored(shared, _case("export")), check.EXPORT_LOST)
 
 
 def _flagged(shared: Path, tmp_path: Path, name: str, site: mutate.FsyncSite) -> bool:
@@ -156,6 +166,13 @@ MUTATIONS = [
     # Unmasked in ``killed_swap``: a prune finds ``last`` already at its target, renamed by a
     # job killed before its fsync, and moves the step the durable ``last`` names to the trash.
     ("killed_swap", "_swap", "fsync_dir"),
+    # Unmasked in ``killed_remove``: a delete finds ``last`` already removed, by a delete killed
+    # before its fsync, and moves the step the durable ``last`` names to the trash.
+    ("killed_remove", "_remove_link_if_stale", "fsync_dir"),
+    # Unmasked in ``made_parent``: nothing else fsyncs the dir holding the root's parent.
+    ("made_parent", "fsync_ancestors", "fsync_dir"),
+    # Unmasked in ``export``: nothing else fsyncs the dirs export creates above its file.
+    ("export", "make_dirs", "fsync_dir"),
 ]
 
 
