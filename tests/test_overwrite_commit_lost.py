@@ -4,6 +4,8 @@ atomic exchange and the two-rename fallback."""
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
 from pathlib import Path
 
@@ -13,6 +15,9 @@ import torch
 import distckpt
 from distckpt import faults, fsutil
 from distckpt.layout import step_dir_name
+from distckpt.storage import posix_overwrite
+from tests.filesystems import MountFactory
+from tests.test_edge_cases import _two_dirs
 
 
 def _shorten_the_staged_file_before_the_rename(root: Path) -> None:
@@ -32,14 +37,19 @@ def _shorten_the_staged_file_before_the_rename(root: Path) -> None:
 
 @pytest.mark.parametrize("exchange", [True, False], ids=["exchange", "two-renames"])
 def test_a_lost_overwrite_keeps_the_old_checkpoint(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, exchange: bool
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mounts: MountFactory, exchange: bool
 ) -> None:
-    root = tmp_path / "root"
+    if not exchange:  # bindfs (FUSE) cannot swap two names, as NFS: the two-rename fallback
+        tmp_path = mounts.get("bindfs").path / "overwrite-lost"
+        tmp_path.mkdir()
+    _overwrite_a_lost_commit_keeps_the_old_one(tmp_path / "root", monkeypatch, exchange)
+
+
+def _overwrite_a_lost_commit_keeps_the_old_one(
+    root: Path, monkeypatch: pytest.MonkeyPatch, exchange: bool
+) -> None:
     old_state = {"w": torch.arange(4.0)}
-    if not exchange:
-        # Every local filesystem of this machine exchanges two names; the one switch that
-        # selects the fallback (as on NFS) is turned.
-        monkeypatch.setattr(fsutil, "_RENAMEAT2", None)
+    assert fsutil.exchange_dirs(*_two_dirs(root.parent / "probe"), fsync=False) == exchange
     monkeypatch.setattr(faults, "hit", faults.hit)  # restored after the test
     with distckpt.CheckpointManager(root) as mgr:
         mgr.save(1, {"w": torch.zeros(4)})
@@ -59,3 +69,20 @@ def test_a_lost_overwrite_keeps_the_old_checkpoint(
             mgr.restore("last", state={"w": torch.empty(4)}).state["w"], old_state["w"]
         )
     assert not list(root.glob(".trash/*"))
+
+
+def test_a_failed_exchange_back_still_keeps_the_old_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The exchange that swaps the old checkpoint back fails: the undo falls back to the trash
+    and a rename, and the save still raises ``CommitLost``. No filesystem here fails a second
+    exchange in a row while the first succeeded (an ext4 error makes both the undo's renames
+    fail as well, and the root read-only), so that one call fails, as an I/O error would."""
+
+    def the_exchange_back_fails(a: Path, b: Path, *, fsync: bool) -> bool:
+        raise OSError(errno.EIO, os.strerror(errno.EIO), os.fspath(a))
+
+    monkeypatch.setattr(posix_overwrite, "exchange_dirs", the_exchange_back_fails)
+    with caplog.at_level(logging.ERROR, logger="distckpt"):
+        _overwrite_a_lost_commit_keeps_the_old_one(tmp_path / "root", monkeypatch, True)
+    assert "could not exchange" in caplog.text

@@ -66,6 +66,7 @@ from distckpt.manifest import FileRecord, Manifest
 from distckpt.results import CheckpointLocation, SaveResult
 from distckpt.storage import ExtraFile, OpenedRoot, StagingArea, store_files
 from distckpt.storage.posix_links import COMMITTING_RANK, LinksAndRetention
+from distckpt.storage.posix_overwrite import OverwriteUndo
 from distckpt.storage.posix_removal import Removals
 from distckpt.storage.posix_view import PosixRootView
 from distckpt.storage.shared import ViewedStore, opened_no_more, release_at_exit
@@ -73,7 +74,7 @@ from distckpt.storage.shared import ViewedStore, opened_no_more, release_at_exit
 logger = logging.getLogger("distckpt")
 
 
-class PosixRootStore(Removals, LinksAndRetention, ViewedStore):
+class PosixRootStore(Removals, OverwriteUndo, LinksAndRetention, ViewedStore):
     """A checkpoint root that is a directory (see the module doc)."""
 
     def __init__(
@@ -386,8 +387,8 @@ class PosixRootStore(Removals, LinksAndRetention, ViewedStore):
             if found == size:
                 continue
             what = "is missing" if found is None else f"has {found} bytes instead of {size}"
-            self._undo_lost_commit(final, replaced)
-            put_back = replaced is not None and final.is_dir()
+            # Claimed kept only where the checkpoint under ``final`` is whole again.
+            put_back = self._undo_lost_commit(final, replaced) and (final / MANIFEST_NAME).is_file()
             kept = " (the checkpoint it was to replace is kept)" if put_back else ""
             raise CommitLost(
                 f"the filesystem of {self.root} lost step {manifest.step} when renaming it into "
@@ -406,17 +407,6 @@ class PosixRootStore(Removals, LinksAndRetention, ViewedStore):
                 self.retention.monitor,
             )
             self._warned_missing_monitor = True
-
-    def _undo_lost_commit(self, final: Path, replaced: Path | None) -> None:
-        """Under the lock, a commit found lost: what it left under ``final`` goes, and the
-        checkpoint an overwrite replaced comes back, atomically where it was exchanged (the
-        lost one is then in the staging dir, which the failed save removes)."""
-        exchanged = replaced is not None and replaced.parent == self.layout.staging_root
-        if exchanged and exchange_dirs(replaced, final, fsync=self.fsync):
-            return
-        move_to_trash(final, self.layout.trash_root, fsync=self.fsync)
-        if replaced is not None:
-            self._put_back(replaced, final)
 
     def _replace_committed(self, staging: Path, final: Path) -> Path | None:
         """``overwrite=True``: put the new checkpoint under ``final`` in place of the old one;
@@ -443,27 +433,6 @@ class PosixRootStore(Removals, LinksAndRetention, ViewedStore):
                 self._put_back(trashed, final)
             raise
         return trashed
-
-    def _put_back(self, trashed: Path, final: Path) -> None:
-        """Best effort, under the lock, after an overwrite failed once the old checkpoint was
-        moved away (to the trash, or to the staging dir by an exchange): rename it back and
-        point the links at it again. A failure here is logged, never raised over the save's
-        own error."""
-        try:
-            rename_dir(trashed, final, fsync=self.fsync)
-        except OSError as exc:
-            logger.error(
-                "the overwrite of %s failed and its old checkpoint could not be put back from "
-                "%s (rename it back by hand before the next start empties the trash): %s",
-                final,
-                trashed,
-                exc,
-            )
-            return
-        try:
-            self._update_links()
-        except (OSError, CheckpointError) as exc:  # derived state: the next commit redoes it
-            logger.error("could not repair the links of %s: %s", self.root, exc)
 
 
 #: a write that failed for want of room: the disk is full, or the user's quota is used up
