@@ -43,7 +43,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
         nargs="+",
         # delete, killed_swap and killed_remove: where a link swap's, a link removal's and a
         # link repair's own fsync of the root is not masked by another before a trash move;
-        # made_parent and export: where nothing else fsyncs the dirs above a root or an export
+        # fresh_root and export: where nothing else fsyncs the dirs above a root or an export
         default=[
             "retention",
             "delete",
@@ -53,7 +53,6 @@ def _parse(argv: list[str]) -> argparse.Namespace:
             "pointer",
             "killed_swap",
             "killed_remove",
-            "made_parent",
             "export",
         ],
         choices=list(WORKLOADS),

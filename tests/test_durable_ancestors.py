@@ -1,6 +1,6 @@
 """A root's directory and its ancestors made durable when a writer opens it, whoever created
 them (``fsutil.fsync_ancestors``): up to the mount point, and past the ancestors the process
-may not open. That a power loss then keeps the root is the crash explorer's ``made_parent``
+may not open. That a power loss then keeps the root is the crash explorer's ``fresh_root``
 workload (tests/test_crashsim.py)."""
 
 from __future__ import annotations

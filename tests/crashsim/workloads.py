@@ -266,17 +266,12 @@ def killed_remove_traced(ctx: Context) -> None:
 
 
 def fresh_root_traced(ctx: Context) -> None:
-    """A root the manager creates itself, with missing parents."""
+    """A root the manager creates itself, with missing parents, in a directory made by the
+    job's own ``os.makedirs`` (or left by a job killed between creating it and fsyncing its
+    parent), whose name is not durable: the manager creates ``child`` and the root in
+    ``parent`` and saves step 1."""
+    os.makedirs(ctx.base / "parent", exist_ok=True)
     with ctx.manager(root=ctx.base / "parent" / "child" / ROOT_NAME) as mgr:
-        ctx.save(mgr, 1)
-
-
-def made_parent_traced(ctx: Context) -> None:
-    """The root's parent made by the job's own ``os.makedirs`` (or left by a job killed
-    between creating it and fsyncing its parent): its name is not durable. The manager
-    creates the root in it and saves step 1."""
-    os.makedirs(ctx.base / "runs", exist_ok=True)
-    with ctx.manager(root=ctx.base / "runs" / ROOT_NAME) as mgr:
         ctx.save(mgr, 1)
 
 
@@ -293,6 +288,9 @@ def export_traced(ctx: Context) -> None:
     ctx.mark("exported-1")
 
 
+FORMATS = ("torch", "dcp")
+
+
 @dataclass(frozen=True)
 class Workload:
     name: str
@@ -305,6 +303,12 @@ class Workload:
     #: whether a run with several ranks differs from one rank's (``restart`` kills saves of
     #: one process in its setup, so its 2-rank variant would only repeat ``retention``'s)
     multi_rank: bool = True
+    #: the formats it runs in: one for a workload that never reads or writes a checkpoint's
+    #: files in its own format (a delete of a whole dir, an export's one file)
+    formats: tuple[str, ...] = FORMATS
+    #: states the short run checks at least (all of them up to this many): where the one
+    #: state a missing fsync spoils must not be sampled away
+    min_states: int = 0
 
 
 WORKLOADS = {
@@ -323,14 +327,26 @@ WORKLOADS = {
         Workload("async", lambda ctx: _saves(ctx, (1,), **RETAIN), async_traced),
         Workload("restart", restart_setup, restart_traced, multi_rank=False),
         Workload("killed_swap", killed_swap_setup, killed_swap_traced, multi_rank=False),
-        Workload("killed_remove", killed_remove_setup, killed_remove_traced, multi_rank=False),
-        Workload("fresh_root", None, fresh_root_traced, root=f"parent/child/{ROOT_NAME}"),
-        # one rank for the next two: they are about directories outside the root, which the
-        # ranks do not touch differently
         Workload(
-            "made_parent", None, made_parent_traced, root=f"runs/{ROOT_NAME}", multi_rank=False
+            "killed_remove",
+            killed_remove_setup,
+            killed_remove_traced,
+            multi_rank=False,
+            formats=("torch",),
         ),
-        Workload("export", lambda ctx: _saves(ctx, (1,)), export_traced, multi_rank=False),
+        # Every state: one of about fifty loses the step where the ancestors are not fsynced.
+        Workload(
+            "fresh_root", None, fresh_root_traced, root=f"parent/child/{ROOT_NAME}", min_states=200
+        ),
+        # one rank, one format: about directories outside the root, which neither the ranks
+        # nor the formats touch differently
+        Workload(
+            "export",
+            lambda ctx: _saves(ctx, (1,)),
+            export_traced,
+            multi_rank=False,
+            formats=("torch",),
+        ),
         # one rank: the checker restores a several-rank job's parts with load_checkpoint, which
         # does not set a damaged checkpoint aside
         Workload("set_aside", set_aside_setup, set_aside_traced, multi_rank=False),
@@ -339,7 +355,6 @@ WORKLOADS = {
 }
 
 
-FORMATS = ("torch", "dcp")
 WORLDS = (1, 2)
 
 #: one exploration: (workload, format, world size)
@@ -352,13 +367,14 @@ def cases(
     worlds: Sequence[int] = WORLDS,
 ) -> list[Case]:
     """Every (workload, format, world size) asked for; a workload whose setup needs one
-    process (``restart``: the killed saves) runs with 1 rank only."""
+    process (``restart``: the killed saves) runs with 1 rank only, and one that does not
+    depend on the format in its own formats only."""
     return [
         (name, fmt, world)
         for name in names
         for fmt in formats
         for world in worlds
-        if world == 1 or WORKLOADS[name].multi_rank
+        if (world == 1 or WORKLOADS[name].multi_rank) and fmt in WORKLOADS[name].formats
     ]
 
 
