@@ -37,6 +37,28 @@ fsync_ancestors(Path({os.fspath(root)!r}))
     assert fsynced == [os.fspath(root.parent), os.fspath(volume)]
 
 
+def test_a_root_reached_through_a_symlink_has_its_real_ancestors_fsynced(
+    mounts: MountFactory, tmp_path: Path
+) -> None:
+    """A root under a symlinked directory lives under the link's target: the target's
+    ancestors hold it, and the link's own name is on the way to it."""
+    volume = mounts.get("tmpfs").path / f"linked-{uuid.uuid4().hex}"
+    target = volume / "data" / "a" / "b"
+    target.mkdir(parents=True)
+    (volume / "home").mkdir()
+    (volume / "home" / "ck").symlink_to(target)
+    root = volume / "home" / "ck" / "root"
+    root.mkdir()
+    code = f"""
+from pathlib import Path
+from distckpt.fsutil import fsync_ancestors
+fsync_ancestors(Path({os.fspath(root)!r}))
+"""
+    fsynced = [call.path for call in traced_file_calls(code, tmp_path, "fsync")]
+    real = [target, target.parent, volume / "data", volume, volume.parent]
+    assert fsynced == [os.fspath(d) for d in [*real, volume / "home"]]
+
+
 def test_an_ancestor_the_job_may_not_open_does_not_fail_the_open(tmp_path: Path) -> None:
     """A job (here user nobody) whose root lies under a dir it may only traverse (mode 711,
     as many home and project dirs are) cannot fsync that dir: it opens the root and saves."""
