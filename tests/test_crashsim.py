@@ -167,11 +167,10 @@ MUTATIONS = [
     # Unmasked in ``killed_remove``: a delete finds ``last`` already removed, by a delete killed
     # before its fsync, and moves the step the durable ``last`` names to the trash.
     ("killed_remove", "_remove_link_if_stale", "fsync_dir"),
-    # Unmasked in ``fresh_root``: nothing else fsyncs the dir holding the directory the
-    # job made itself.
-    ("fresh_root", "fsync_ancestors", "fsync_dir"),
-    # Unmasked in ``export``: nothing else fsyncs the dirs export creates above its file.
-    ("export", "make_dirs", "fsync_dir"),
+    # Unmasked in ``fresh_root`` and ``export``: nothing else fsyncs the dir holding the
+    # directory the job made itself (fsync_ancestors' walk).
+    ("fresh_root", "_fsync_names_up_to_the_mount_point", "fsync_dir"),
+    ("export", "_fsync_names_up_to_the_mount_point", "fsync_dir"),
 ]
 
 

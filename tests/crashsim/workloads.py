@@ -276,14 +276,17 @@ def fresh_root_traced(ctx: Context) -> None:
 
 
 def exported_file(base: Path, step: int) -> Path:
-    """Where the ``export`` workload writes step ``step``: in directories the export makes."""
+    """Where the ``export`` workload writes step ``step``: in a directory the export makes,
+    in one the job made just before."""
     return base / "exports" / "new" / f"step-{step}.pt"
 
 
 def export_traced(ctx: Context) -> None:
-    """``export(root, out_file, fsync=True)`` of step 1 into directories that do not exist."""
+    """``export(root, out_file, fsync=True)`` of step 1 into a directory that does not exist,
+    in one the job's own ``os.makedirs`` made, whose name is not durable."""
     import distckpt
 
+    os.makedirs(ctx.base / "exports", exist_ok=True)
     distckpt.export(ctx.root, exported_file(ctx.base, 1), fsync=True)
     ctx.mark("exported-1")
 
