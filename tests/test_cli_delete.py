@@ -144,3 +144,22 @@ def test_a_command_moving_the_links_of_a_pointer_root_writes_pointer_files(
     assert out.returncode == 0, out.stderr
     assert pointer_files() == links_after
     assert distckpt.verify(root).ok
+
+
+def test_a_command_writes_pointer_files_where_either_link_is_one(tmp_path: Path) -> None:
+    """A root with a symlink ``last`` and a pointer-file ``best`` (a pointer file written by
+    hand, or by a job on a filesystem that refused symlinks): the CLI writes pointer files."""
+    root = tmp_path / "root"
+    with distckpt.CheckpointManager(root, monitor="loss", fsync=False) as mgr:
+        for step, loss in ((1, 0.5), (2, 0.9), (3, 0.1)):
+            mgr.save(step, {"w": torch.full((2,), float(step))}, metrics={"loss": loss})
+    best = root / "best"
+    target = os.readlink(best)
+    best.unlink()
+    best.write_text(target + "\n")
+    assert (root / "last").is_symlink()
+    out = run("delete", str(root), "3")
+    assert out.returncode == 0, out.stderr
+    assert not (root / "last").is_symlink()
+    assert (root / "last").read_text().strip() == "step-00000002"
+    assert distckpt.verify(root).ok

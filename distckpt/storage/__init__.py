@@ -33,6 +33,7 @@ from typing import Any, Protocol, Union
 
 from distckpt.errors import InvalidArgument
 from distckpt.fsutil import LinkMode
+from distckpt.layout import LINK_NAMES, RootLayout
 from distckpt.lease import LeaseHolder
 from distckpt.lock import Leftover
 from distckpt.manifest import FileRecord, Manifest
@@ -362,8 +363,6 @@ def link_mode_in_use(root: str | os.PathLike[str]) -> LinkMode:
     Links mean nothing in an object store: ``"auto"``."""
     if is_s3_url(root):
         return "auto"
-    from distckpt.layout import LINK_NAMES, RootLayout
-
     layout = RootLayout.at(root)
     for name in LINK_NAMES:
         link = layout.link_path(name)
