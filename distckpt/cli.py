@@ -48,7 +48,14 @@ from distckpt.lease import LeaseHolder
 from distckpt.manifest import MANIFEST_CHECKSUM_KEY, encode_metrics
 from distckpt.policy import RetentionPolicy
 from distckpt.protocol import check_step_number
-from distckpt.storage import Located, RootStore, RootView, open_store, open_view
+from distckpt.storage import (
+    Located,
+    RootStore,
+    RootView,
+    link_mode_in_use,
+    open_store,
+    open_view,
+)
 from distckpt.verify import verify
 
 EXIT_OK, EXIT_PROBLEMS, EXIT_ERROR = 0, 1, 2
@@ -275,8 +282,10 @@ def cmd_verify(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _open_store(root: str, retention: RetentionPolicy | None = None) -> RootStore:
-    """The root's store, as a job's rank 0 uses it: no manager and no process group needed."""
-    return open_store(_existing_view(root).root, retention=retention)
+    """The root's store, as a job's rank 0 uses it: no manager and no process group needed;
+    its links stay the kind they are (a job's pointer files stay pointer files)."""
+    found = _existing_view(root).root
+    return open_store(found, retention=retention, link=link_mode_in_use(found))
 
 
 def cmd_prune(args: argparse.Namespace, out: TextIO) -> int:

@@ -235,8 +235,9 @@ class InsufficientSpace(CheckpointError, OSError):
 class CommitLost(CheckpointError, OSError):
     """The filesystem lost a checkpoint in the rename that commits it: the renamed directory
     lacks its manifest or a file, or a file has the wrong size (fusefat empties a
-    directory it renames). Nothing was committed; the root's filesystem cannot hold
-    checkpoints."""
+    directory it renames). Nothing was committed (an ``overwrite=True`` keeps the checkpoint
+    it was to replace where it could be put back: the message says so); the root's
+    filesystem cannot hold checkpoints."""
 
 
 class StagedFileMismatch(CheckpointError, OSError):

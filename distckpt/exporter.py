@@ -29,7 +29,7 @@ import torch
 from distckpt.errors import InvalidArgument
 from distckpt.formats import format_named
 from distckpt.formats.base import check_rank_argument
-from distckpt.fsutil import atomic_write
+from distckpt.fsutil import atomic_write, fsync_ancestors, make_dirs
 from distckpt.layout import holds_a_root, is_root_entry_name
 from distckpt.objstore import ObjectStore
 from distckpt.objurl import S3Url, is_s3_url
@@ -232,6 +232,11 @@ def _refuse_a_roots_own_name(store: ObjectStore, url: str, key: str) -> None:
 
 
 def _atomic_torch_save(state: Any, out: Path, *, fsync: bool) -> None:
-    """``torch.save`` streamed to a temporary file beside ``out``, then renamed over it."""
-    out.parent.mkdir(parents=True, exist_ok=True)
+    """``torch.save`` streamed to a temporary file beside ``out``, then renamed over it; with
+    ``fsync``, the names of the directories above ``out`` are made durable too, those it
+    creates and those it finds (as for a root: :func:`fsync_ancestors`), or a power loss
+    could take the file away with them."""
+    make_dirs(out.parent, fsync=fsync)
+    if fsync:
+        fsync_ancestors(out.parent)
     atomic_write(out, lambda file: torch.save(state, file), fsync=fsync)

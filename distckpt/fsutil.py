@@ -267,6 +267,51 @@ def make_dirs(path: Path, *, fsync: bool) -> None:
             fsync_dir(directory.parent)
 
 
+def fsync_ancestors(path: Path) -> None:
+    """Make the name of ``path`` (an existing directory) and of each of its ancestors durable,
+    up to the mount point of its filesystem: an fsync of each one's parent, whether or not
+    this process created it. :func:`make_dirs` makes durable only what it creates, but a
+    directory someone else made (the user's own ``os.makedirs``, a job killed before its
+    fsync) may not be durable yet, and a power loss would take everything under it along.
+
+    The ancestors are those of the real path (``os.path.realpath``): a root reached through a
+    symlinked directory lives under the link's target, whose own ancestors are the ones that
+    hold it; the name of each symlink on the way, and its ancestors, are made durable too.
+    The mount point is where the device (``st_dev``) changes: a bind mount keeps the device,
+    so the walk goes on past it, through the directories around the mount point instead of
+    those above the bind mount's source, which are not made durable.
+
+    An ancestor this process may not open (a directory it can only traverse, mode ``711``) is
+    skipped, not an error: its name was made by someone else, whose durability this process
+    cannot force, and it is the rare directory a power loss right after its creation would
+    take (an administrator's, made once, long before)."""
+    synced: set[Path] = set()
+    _fsync_names_up_to_the_mount_point(Path(os.path.realpath(path)), synced)
+    lexical = Path(os.path.abspath(path))
+    for ancestor in (lexical, *lexical.parents):
+        if ancestor.is_symlink():  # a power loss that drops it loses the way to the root
+            link = Path(os.path.realpath(ancestor.parent)) / ancestor.name
+            _fsync_names_up_to_the_mount_point(link, synced)
+
+
+def _fsync_names_up_to_the_mount_point(path: Path, synced: set[Path]) -> None:
+    """The walk of :func:`fsync_ancestors` from ``path`` (itself not followed if a symlink),
+    skipping the directories in ``synced`` and adding those it fsyncs."""
+    current = path
+    device = os.lstat(current).st_dev
+    while current.parent != current:
+        parent = current.parent
+        if os.lstat(parent).st_dev != device:
+            break  # ``current`` is the mount point: its name lives on another filesystem
+        if parent not in synced:
+            try:
+                fsync_dir(parent)
+            except PermissionError:
+                logger.debug("cannot open %s to make %s durable: skipped", parent, current.name)
+            synced.add(parent)
+        current = parent
+
+
 def move_to_trash(path: Path, trash_root: Path, *, fsync: bool) -> Path | None:
     """Make a directory vanish from its name at once by renaming it into ``trash_root`` (same
     filesystem), where it can be deleted later. Returns its new path, None if it was gone.

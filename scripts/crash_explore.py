@@ -41,8 +41,9 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--mutation-workloads",
         nargs="+",
-        # delete and killed_swap: where a link swap's, a link removal's and a link repair's
-        # own fsync of the root is not masked by another before a trash move
+        # delete, killed_swap and killed_remove: where a link swap's, a link removal's and a
+        # link repair's own fsync of the root is not masked by another before a trash move;
+        # fresh_root and export: where nothing else fsyncs the dirs above a root or an export
         default=[
             "retention",
             "delete",
@@ -51,6 +52,8 @@ def _parse(argv: list[str]) -> argparse.Namespace:
             "fresh_root",
             "pointer",
             "killed_swap",
+            "killed_remove",
+            "export",
         ],
         choices=list(WORKLOADS),
     )

@@ -15,7 +15,7 @@ from pathlib import Path
 from tests.crashsim.trace import StraceUnavailable, ensure_strace
 from tests.filesystems import skip_or_fail
 
-_CALL = re.compile(r"^(?:\[pid +\d+\] |\d+ +)?(\w+)\((.*)\) = (-?\d+)(?:<([^>]*)>)?")
+_CALL = re.compile(r"^(?:\[pid +\d+\] |\d+ +)?(\w+)\((.*)\)\s+=\s+(-?\d+)(?:<([^>]*)>)?")
 _DESCRIPTOR = re.compile(r"^(?:-?\d+|AT_FDCWD)<([^>]*)>$")
 
 

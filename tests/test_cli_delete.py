@@ -144,3 +144,56 @@ def test_ls_lists_a_newer_format_step_in_step_order_with_its_links(tmp_path: Pat
     assert first.startswith("1 ") and "NEWER FORMAT (upgrade distckpt)" in first, table.stdout
     assert first.split()[-1] == "best", table.stdout
     assert second.startswith("2 ") and second.split()[-1] == "last", table.stdout
+
+
+@pytest.mark.parametrize(
+    ("command", "links_after"),
+    [
+        (("delete", "4"), {"last": "step-00000003", "best": "step-00000003"}),
+        # ranked by the highest loss, step 2 is the best: the prune moves the best link to it
+        (
+            ("prune", "--keep-last", "1", "--keep-best", "1", "--monitor", "loss", "--mode", "max"),
+            {"last": "step-00000004", "best": "step-00000002"},
+        ),
+    ],
+    ids=["delete", "prune"],
+)
+def test_a_command_moving_the_links_of_a_pointer_root_writes_pointer_files(
+    tmp_path: Path, command: tuple[str, ...], links_after: dict[str, str]
+) -> None:
+    """A job with ``link="pointer"`` writes ``last``/``best`` as pointer files; a command that
+    moves them writes pointer files too, instead of turning them into symlinks."""
+    root = tmp_path / "root"
+    with distckpt.CheckpointManager(root, link="pointer", monitor="loss", fsync=False) as mgr:
+        for step, loss in ((1, 0.5), (2, 0.9), (3, 0.1), (4, 0.7)):
+            mgr.save(step, {"w": torch.full((2,), float(step))}, metrics={"loss": loss})
+
+    def pointer_files() -> dict[str, str]:
+        links = {name: root / name for name in ("last", "best")}
+        assert not any(link.is_symlink() for link in links.values())
+        return {name: link.read_text().strip() for name, link in links.items()}
+
+    assert pointer_files() == {"last": "step-00000004", "best": "step-00000003"}
+    out = run(command[0], str(root), *command[1:])
+    assert out.returncode == 0, out.stderr
+    assert pointer_files() == links_after
+    assert distckpt.verify(root).ok
+
+
+def test_a_command_writes_pointer_files_where_either_link_is_one(tmp_path: Path) -> None:
+    """A root with a symlink ``last`` and a pointer-file ``best`` (a pointer file written by
+    hand, or by a job on a filesystem that refused symlinks): the CLI writes pointer files."""
+    root = tmp_path / "root"
+    with distckpt.CheckpointManager(root, monitor="loss", fsync=False) as mgr:
+        for step, loss in ((1, 0.5), (2, 0.9), (3, 0.1)):
+            mgr.save(step, {"w": torch.full((2,), float(step))}, metrics={"loss": loss})
+    best = root / "best"
+    target = os.readlink(best)
+    best.unlink()
+    best.write_text(target + "\n")
+    assert (root / "last").is_symlink()
+    out = run("delete", str(root), "3")
+    assert out.returncode == 0, out.stderr
+    assert not (root / "last").is_symlink()
+    assert (root / "last").read_text().strip() == "step-00000002"
+    assert distckpt.verify(root).ok

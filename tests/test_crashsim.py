@@ -2,7 +2,8 @@
 model and the long run's results are in ``docs/faults.md``).
 
 The short run here: every workload in both formats, with 1 and 2 ranks, with a fixed seed and
-a bounded number of states each, and three mutations (an fsync removed from a copy of the
+a bounded number of states each (every state of ``fresh_root``; one format or one rank where a
+workload does not depend on it), and six mutations (an fsync removed from a copy of the
 library) that the explorer must flag. No crash state may show any violation. Each case is
 traced and checked once per session, in children forked from the test process (torch is
 imported once, not in every traced and checking process); ``-n 2`` runs cases side by side.
@@ -79,8 +80,9 @@ def explored(shared: Path, case: Case) -> explore.Result:
             name, fmt, world = case
             work.mkdir()
             explore.setup(name, work, world=world, fmt=fmt, forked=True)
+            states = max(MAX_STATES, WORKLOADS[name].min_states)
             result = explore.explore(
-                name, work, world=world, fmt=fmt, seed=SEED, max_states=MAX_STATES, forked=True
+                name, work, world=world, fmt=fmt, seed=SEED, max_states=states, forked=True
             )
             cached.write_text(result.to_json())
     return explore.Result.from_json(cached.read_text())
@@ -121,15 +123,21 @@ def test_crash_leftovers_are_collected_at_start(shared: Path, name: str) -> None
     _assert_none(explored(shared, _case(name)), check.LEFTOVER)
 
 
-@pytest.mark.parametrize("name", ["delete", "overwrite_fallback", "pointer"])
+@pytest.mark.parametrize("name", ["delete", "overwrite_fallback", "pointer", "killed_remove"])
 def test_last_never_dangles_durably(shared: Path, name: str) -> None:
     # The links move off a checkpoint, durably, before it is moved into the trash.
     _assert_none(explored(shared, _case(name)), check.RAW_DANGLING)
 
 
 def test_a_root_the_manager_creates_survives_power_loss(shared: Path) -> None:
-    # The root and its missing parents are created each with an fsync of its parent.
+    # The root and its missing parents are created each with an fsync of its parent, and an
+    # open fsyncs the parent of each ancestor, whoever created it (the job's own makedirs).
     _assert_none(explored(shared, _case("fresh_root")), check.STEP_LOST)
+
+
+def test_an_export_into_new_directories_survives_power_loss(shared: Path) -> None:
+    # The directories export creates for its file are each made durable with it.
+    _assert_none(explored(shared, _case("export")), check.EXPORT_LOST)
 
 
 def _flagged(shared: Path, tmp_path: Path, name: str, site: mutate.FsyncSite) -> bool:
@@ -156,6 +164,13 @@ MUTATIONS = [
     # Unmasked in ``killed_swap``: a prune finds ``last`` already at its target, renamed by a
     # job killed before its fsync, and moves the step the durable ``last`` names to the trash.
     ("killed_swap", "_swap", "fsync_dir"),
+    # Unmasked in ``killed_remove``: a delete finds ``last`` already removed, by a delete killed
+    # before its fsync, and moves the step the durable ``last`` names to the trash.
+    ("killed_remove", "_remove_link_if_stale", "fsync_dir"),
+    # Unmasked in ``fresh_root`` and ``export``: nothing else fsyncs the dir holding the
+    # directory the job made itself (fsync_ancestors' walk).
+    ("fresh_root", "_fsync_names_up_to_the_mount_point", "fsync_dir"),
+    ("export", "_fsync_names_up_to_the_mount_point", "fsync_dir"),
 ]
 
 

@@ -33,6 +33,7 @@ from typing import Any, Protocol, Union
 
 from distckpt.errors import InvalidArgument
 from distckpt.fsutil import LinkMode
+from distckpt.layout import LINK_NAMES, RootLayout
 from distckpt.lease import LeaseHolder
 from distckpt.lock import Leftover
 from distckpt.manifest import FileRecord, Manifest
@@ -354,6 +355,22 @@ def open_view(
     return PosixRootView(root)
 
 
+def link_mode_in_use(root: str | os.PathLike[str]) -> LinkMode:
+    """The ``link`` that keeps the kind of links ``root`` has: ``"pointer"`` when its ``last``
+    or ``best`` is a pointer file (written by a job with ``link="pointer"``, or on a filesystem
+    that refuses symlinks), else ``"auto"``. A tool that changes a root it did not create (the
+    CLI) opens its store with it, so that it never turns a job's pointer files into symlinks.
+    Links mean nothing in an object store: ``"auto"``."""
+    if is_s3_url(root):
+        return "auto"
+    layout = RootLayout.at(root)
+    for name in LINK_NAMES:
+        link = layout.link_path(name)
+        if link.is_file() and not link.is_symlink():
+            return "pointer"
+    return "auto"
+
+
 def _refuse_options_for_a_directory(
     root: str | os.PathLike[str], storage_options: Mapping[str, Any] | None
 ) -> None:
@@ -389,6 +406,7 @@ __all__ = [
     "RootStore",
     "RootView",
     "StagingArea",
+    "link_mode_in_use",
     "locate",
     "open_store",
     "open_view",

@@ -49,6 +49,7 @@ from distckpt.fsutil import (
     LinkMode,
     atomic_write_bytes,
     exchange_dirs,
+    fsync_ancestors,
     fsync_dir,
     make_dirs,
     move_to_trash,
@@ -65,6 +66,7 @@ from distckpt.manifest import FileRecord, Manifest
 from distckpt.results import CheckpointLocation, SaveResult
 from distckpt.storage import ExtraFile, OpenedRoot, StagingArea, store_files
 from distckpt.storage.posix_links import COMMITTING_RANK, LinksAndRetention
+from distckpt.storage.posix_overwrite import OverwriteUndo
 from distckpt.storage.posix_removal import Removals
 from distckpt.storage.posix_view import PosixRootView
 from distckpt.storage.shared import ViewedStore, opened_no_more, release_at_exit
@@ -72,7 +74,7 @@ from distckpt.storage.shared import ViewedStore, opened_no_more, release_at_exit
 logger = logging.getLogger("distckpt")
 
 
-class PosixRootStore(Removals, LinksAndRetention, ViewedStore):
+class PosixRootStore(Removals, OverwriteUndo, LinksAndRetention, ViewedStore):
     """A checkpoint root that is a directory (see the module doc)."""
 
     def __init__(
@@ -118,8 +120,10 @@ class PosixRootStore(Removals, LinksAndRetention, ViewedStore):
             return self._opened()
         try:
             # Durably, parents included: a root whose name a power loss can drop would take
-            # every checkpoint saved in it along.
+            # every checkpoint saved in it along, even one made before this process started.
             make_dirs(root, fsync=self.fsync)
+            if self.fsync:
+                fsync_ancestors(root)
         except OSError as exc:
             raise RootNotWritable(
                 f"cannot create checkpoint root {root}: {exc}", path=root
@@ -317,11 +321,14 @@ class PosixRootStore(Removals, LinksAndRetention, ViewedStore):
                 faults.hit("after_manifest", rank)
             with events.phase("commit.publish", rank=rank, step=step):
                 faults.hit("before_rename", rank)
+                replaced = None
                 if final.exists() and overwrite:
-                    self._replace_committed(staging, final)
+                    replaced = self._replace_committed(staging, final)
                 else:
                     self._rename_into_place(staging, final, step)
-                self._check_committed(final, manifest, manifest_size=len(manifest_bytes))
+                self._check_committed(
+                    final, manifest, manifest_size=len(manifest_bytes), replaced=replaced
+                )
             # Committed: the dir is the truth from here on. A failure to update the derived
             # links or to apply retention must not report the save as failed; both are redone
             # at the next commit or manager start.
@@ -360,12 +367,15 @@ class PosixRootStore(Removals, LinksAndRetention, ViewedStore):
                 step=step,
             ) from exc
 
-    def _check_committed(self, final: Path, manifest: Manifest, *, manifest_size: int) -> None:
+    def _check_committed(
+        self, final: Path, manifest: Manifest, *, manifest_size: int, replaced: Path | None
+    ) -> None:
         """After the rename: the committed dir holds the manifest (of ``manifest_size`` bytes,
         as written) and every file with its size. A filesystem that loses them in a rename
         (fusefat empties a directory it renames) must fail the save, not report a checkpoint
         that is not there; what is left of it goes to the trash, so it is not taken for a
-        committed step."""
+        committed step, and the checkpoint an overwrite replaced (now at ``replaced``) comes
+        back under its name, as after any failed save."""
         expected = {MANIFEST_NAME: manifest_size} | {
             name: record.size for name, record in manifest.files.items()
         }
@@ -377,11 +387,13 @@ class PosixRootStore(Removals, LinksAndRetention, ViewedStore):
             if found == size:
                 continue
             what = "is missing" if found is None else f"has {found} bytes instead of {size}"
-            move_to_trash(final, self.layout.trash_root, fsync=self.fsync)
+            # Claimed kept only where the checkpoint under ``final`` is whole again.
+            put_back = self._undo_lost_commit(final, replaced) and (final / MANIFEST_NAME).is_file()
+            kept = " (the checkpoint it was to replace is kept)" if put_back else ""
             raise CommitLost(
                 f"the filesystem of {self.root} lost step {manifest.step} when renaming it into "
                 f"place: {name} {what} in {final} after the rename (fusefat does this); "
-                "nothing was committed: keep checkpoints on another filesystem",
+                f"nothing was committed{kept}: keep checkpoints on another filesystem",
                 path=final / name,
                 step=manifest.step,
             )
@@ -396,15 +408,16 @@ class PosixRootStore(Removals, LinksAndRetention, ViewedStore):
             )
             self._warned_missing_monitor = True
 
-    def _replace_committed(self, staging: Path, final: Path) -> None:
-        """``overwrite=True``: put the new checkpoint under ``final`` in place of the old one.
-        Where the filesystem can swap two names atomically, ``final`` always holds a whole
-        checkpoint, old or new; elsewhere there is a window between two renames in which it
-        holds neither (a crash there leaves the old one in the trash)."""
+    def _replace_committed(self, staging: Path, final: Path) -> Path | None:
+        """``overwrite=True``: put the new checkpoint under ``final`` in place of the old one;
+        returns where the old one is now (None if it vanished meanwhile). Where the filesystem
+        can swap two names atomically, ``final`` always holds a whole checkpoint, old or new;
+        elsewhere there is a window between two renames in which it holds neither (a crash
+        there leaves the old one in the trash)."""
         if self.fsync:
             fsync_dir(staging)
         if exchange_dirs(staging, final, fsync=self.fsync):
-            return  # the old one is now the staging dir, removed after the commit as usual
+            return staging  # holds the old one now, removed after the commit as usual
         # Two renames: first move the links off the old checkpoint, so that no durable state
         # has ``last`` naming the missing step-N between them.
         self._update_links(leaving=final)
@@ -419,26 +432,7 @@ class PosixRootStore(Removals, LinksAndRetention, ViewedStore):
             if trashed is not None:
                 self._put_back(trashed, final)
             raise
-
-    def _put_back(self, trashed: Path, final: Path) -> None:
-        """Best effort, under the lock, after the overwrite fallback failed between its two
-        renames: rename the old checkpoint back from the trash and point the links at it
-        again. A failure here is logged, never raised over the save's own error."""
-        try:
-            rename_dir(trashed, final, fsync=self.fsync)
-        except OSError as exc:
-            logger.error(
-                "the overwrite of %s failed and its old checkpoint could not be put back from "
-                "%s (rename it back by hand before the next start empties the trash): %s",
-                final,
-                trashed,
-                exc,
-            )
-            return
-        try:
-            self._update_links()
-        except (OSError, CheckpointError) as exc:  # derived state: the next commit redoes it
-            logger.error("could not repair the links of %s: %s", self.root, exc)
+        return trashed
 
 
 #: a write that failed for want of room: the disk is full, or the user's quota is used up

@@ -92,21 +92,35 @@ class LinksAndRetention:
         faults.hit("during_link_swap", COMMITTING_RANK)
         if valid:
             self._swap(LAST, Path(valid[-1][0].location))
+            root_synced = True  # by the swap, or on finding the link at its target
         else:
-            self._remove_link_if_stale(LAST, leaving)
+            root_synced = self._remove_link_if_stale(LAST, leaving, root_synced=False)
         best = policy.best_step(records, self.retention.monitor, self.retention.mode)
         if best is not None:
             self._swap(BEST, paths[best])
         else:
-            self._remove_link_if_stale(BEST, leaving)
+            self._remove_link_if_stale(BEST, leaving, root_synced=root_synced)
         return records
 
-    def _remove_link_if_stale(self, name: str, leaving: Path | None) -> None:
+    def _remove_link_if_stale(self, name: str, leaving: Path | None, *, root_synced: bool) -> bool:
+        """Remove link ``name`` if it names no committed checkpoint, or ``leaving``; returns
+        whether the root was fsynced since this link update began (``root_synced``: before
+        this call)."""
         link = self.layout.link_path(name)
+        if not (link.is_symlink() or link.is_file()):
+            if self.fsync and leaving is not None and not root_synced:
+                # The link may be one a killed process removed without reaching its fsync:
+                # the trash move of ``leaving`` that follows relies on the removal being
+                # durable, as on a swap's when _swap finds a link already at its target.
+                fsync_dir(self.root)
+                return True
+            return root_synced
         target, _ = resolve.link_problem(self.view, name)
-        if (link.is_symlink() or link.is_file()) and (target is None or target.location == leaving):
+        if target is None or target.location == leaving:
             logger.info("removing %s: it names no committed checkpoint", link)
             remove_link(link, fsync=self.fsync)
+            return True
+        return root_synced
 
     def _apply_retention(
         self, records: list[policy.CheckpointRecord], linked_before: Collection[int] = ()

@@ -17,7 +17,8 @@ For each state (a directory holding the replayed base dir):
   removals run in rank 0's background, and ``close()`` waits for them), ``.staging`` and
   ``.trash`` are empty, with no ``.probe-*`` file and no ``.last.*.tmp`` / ``.best.*.tmp`` link
   under construction; a lease record under construction is gone after the first cleanup once
-  it is 60 s old (:func:`_collect_aged_lease_records`).
+  it is 60 s old (:func:`_collect_aged_lease_records`);
+* an ``export`` that returned (``exported-N``) left its file whole, with step N's state.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ STEP_LOST = "a returned save is lost"
 WRONG_STATE = "restore returns the wrong state"
 BROKEN_AFTER_OPEN = "verify fails after the manager opened"
 LEFTOVER = "leftover survives the start"
+EXPORT_LOST = "a returned export is lost"
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,8 @@ class Expectation:
     #: steps whose save returned, damaged on purpose since: a restore sets them aside, and
     #: never restores one
     damaged: tuple[int, ...] = ()
+    #: steps whose ``export`` to the workload's exported file returned
+    exported: tuple[int, ...] = ()
 
     @classmethod
     def from_markers(cls, markers: list[str]) -> Expectation:
@@ -62,6 +66,7 @@ class Expectation:
             "deleting": [],
             "overwriting": [],
             "damaged": [],
+            "exported": [],
         }
         shrinks = False
         for marker in markers:
@@ -79,6 +84,7 @@ class Expectation:
             tuple(found["overwriting"]),
             shrinks,
             tuple(found["damaged"]),
+            tuple(found["exported"]),
         )
 
     def _may_vanish(self, overwrite_window: bool) -> set[int]:
@@ -119,7 +125,7 @@ def check_state(spec: dict[str, Any]) -> list[tuple[str, str]]:
     window = spec["overwrite_window"]
     floor = expected.floor(window)
     fmt, world = spec["format"], spec["world"]
-    found: list[tuple[str, str]] = []
+    found: list[tuple[str, str]] = _exports_lost(Path(spec["dir"]), expected, fmt)
     if not root.is_dir():
         if floor is not None:
             found.append((STEP_LOST, f"the root is gone but step {floor} had returned"))
@@ -178,6 +184,26 @@ def check_state(spec: dict[str, Any]) -> list[tuple[str, str]]:
     if left:
         found.append((LEFTOVER, ", ".join(sorted(left))))
     return found
+
+
+def _exports_lost(base: Path, expected: Expectation, fmt: str) -> list[tuple[str, str]]:
+    """An export that returned (with ``fsync=True``) must be whole, where it was written."""
+    from tests.crashsim.workloads import exported_file
+
+    lost = []
+    for step in expected.exported:
+        out = exported_file(base, step)
+        if not out.is_file():
+            lost.append((EXPORT_LOST, f"{out.relative_to(base)} is gone"))
+            continue
+        try:
+            whole = _tensor_ok(torch.load(out, weights_only=True), step, 0, fmt)
+        except Exception as exc:  # a file cut short fails to load in many ways
+            lost.append((EXPORT_LOST, f"{out.relative_to(base)} does not load: {exc}"))
+            continue
+        if not whole:
+            lost.append((EXPORT_LOST, f"{out.relative_to(base)} holds another state"))
+    return lost
 
 
 def _is_lease_record(path: Path) -> bool:

@@ -5,11 +5,13 @@ durable starting state) and ``traced``. Run as
 Rank 0 marks each moment the checker needs by creating a file in MARKERS: ``saved-N`` once
 ``save`` of step N returned (committed and durable, the promise checked), ``deleting-N`` /
 ``overwriting-N`` when a delete or an overwrite of step N begins, ``shrink`` when retention may
-remove any older step, ``damaged-N`` once step N (whose save returned) was damaged on purpose.
+remove any older step, ``damaged-N`` once step N (whose save returned) was damaged on purpose,
+``exported-N`` once ``export`` of step N to :func:`exported_file` returned.
 """
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 import sys
@@ -168,6 +170,31 @@ def killed_swap_setup(ctx: Context) -> None:
         mgr.delete(2)
 
 
+def _kill_at_the_next_link_fsync() -> None:
+    """From the next ``during_link_swap`` point on, the next directory fsync (a link swap's or
+    a link removal's own) SIGKILLs this process instead of fsyncing."""
+    from distckpt import faults, fsutil
+
+    real_hit = faults.hit
+
+    def kill_at_the_links_fsync(point: str, rank: int) -> None:
+        real_hit(point, rank)
+        if point == "during_link_swap":
+            fsutil.fsync_dir = lambda path: os.kill(os.getpid(), signal.SIGKILL)
+
+    faults.hit = kill_at_the_links_fsync  # the store calls it through the module
+
+
+def _killed_in(job: Callable[[], None]) -> None:
+    """Run ``job`` in a forked child, which must die of SIGKILL."""
+    child = os.fork()
+    if child == 0:
+        job()
+        os._exit(0)
+    _, status = os.waitpid(child, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, status
+
+
 def killed_swap_traced(ctx: Context) -> None:
     """A job killed in the link swap of its save of step 4, after renaming ``last`` onto step
     4 and before the fsync that makes it durable; then ``distckpt prune --keep-last 1``. The
@@ -176,23 +203,12 @@ def killed_swap_traced(ctx: Context) -> None:
     durable ``last`` still names, is the prune's own, on finding ``last`` at its target."""
     from distckpt.cli import main as cli
 
-    child = os.fork()
-    if child == 0:
-        from distckpt import faults, fsutil
-
-        real_hit = faults.hit
-
-        def kill_at_the_swaps_fsync(point: str, rank: int) -> None:
-            real_hit(point, rank)
-            if point == "during_link_swap":  # the next directory fsync is the swap's own
-                fsutil.fsync_dir = lambda path: os.kill(os.getpid(), signal.SIGKILL)
-
+    def save_killed_in_the_swap() -> None:
         with ctx.manager() as mgr:
-            faults.hit = kill_at_the_swaps_fsync  # once open: a start passes the point too
+            _kill_at_the_next_link_fsync()  # once open: a start passes the point too
             mgr.save(4, state_for(4, 0, ctx.format))
-        os._exit(0)
-    _, status = os.waitpid(child, 0)
-    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, status
+
+    _killed_in(save_killed_in_the_swap)
     # Step 4 was committed durably (the commit's own fsync of the root came before the kill):
     # from here on it may not be lost, and retention may remove step 3.
     ctx.mark("saved-4")
@@ -222,10 +238,60 @@ def set_aside_traced(ctx: Context) -> None:
         ctx.save(mgr, 3)
 
 
+def killed_remove_setup(ctx: Context) -> None:
+    """Steps 2 and 3, then step 2 deleted: ``last`` names step 3, and the trash exists."""
+    killed_swap_setup(ctx)
+
+
+def killed_remove_traced(ctx: Context) -> None:
+    """``distckpt delete ROOT 3`` (the only step left, so ``last`` is removed) killed after
+    unlinking ``last`` and before the fsync that makes it durable; then the same command
+    again. The second one finds ``last`` gone: the one fsync of the root between that unlink
+    and the trash move of step 3 is its own, on finding the link already absent."""
+    from distckpt.cli import main as cli
+
+    quiet = io.StringIO()  # what the command prints is not the point
+    ctx.mark("deleting-3")
+    command = ["delete", os.fspath(ctx.root), "3"]
+
+    def delete_killed_in_the_removal() -> None:
+        _kill_at_the_next_link_fsync()
+        cli(command, quiet)
+
+    _killed_in(delete_killed_in_the_removal)
+    assert not os.path.lexists(ctx.root / "last")
+    # Not asserted to succeed: with the removal's fsync taken out (the mutation check), the
+    # first delete dies at a later fsync, the step already in the trash, and this one refuses.
+    cli(command, quiet)
+
+
 def fresh_root_traced(ctx: Context) -> None:
-    """A root the manager creates itself, with missing parents."""
+    """A root the manager creates itself, with missing parents, in a directory made by the
+    job's own ``os.makedirs`` (or left by a job killed between creating it and fsyncing its
+    parent), whose name is not durable: the manager creates ``child`` and the root in
+    ``parent`` and saves step 1."""
+    os.makedirs(ctx.base / "parent", exist_ok=True)
     with ctx.manager(root=ctx.base / "parent" / "child" / ROOT_NAME) as mgr:
         ctx.save(mgr, 1)
+
+
+def exported_file(base: Path, step: int) -> Path:
+    """Where the ``export`` workload writes step ``step``: in a directory the export makes,
+    in one the job made just before."""
+    return base / "exports" / "new" / f"step-{step}.pt"
+
+
+def export_traced(ctx: Context) -> None:
+    """``export(root, out_file, fsync=True)`` of step 1 into a directory that does not exist,
+    in one the job's own ``os.makedirs`` made, whose name is not durable."""
+    import distckpt
+
+    os.makedirs(ctx.base / "exports", exist_ok=True)
+    distckpt.export(ctx.root, exported_file(ctx.base, 1), fsync=True)
+    ctx.mark("exported-1")
+
+
+FORMATS = ("torch", "dcp")
 
 
 @dataclass(frozen=True)
@@ -240,6 +306,12 @@ class Workload:
     #: whether a run with several ranks differs from one rank's (``restart`` kills saves of
     #: one process in its setup, so its 2-rank variant would only repeat ``retention``'s)
     multi_rank: bool = True
+    #: the formats it runs in: one for a workload that never reads or writes a checkpoint's
+    #: files in its own format (a delete of a whole dir, an export's one file)
+    formats: tuple[str, ...] = FORMATS
+    #: states the short run checks at least (all of them up to this many): where the one
+    #: state a missing fsync spoils must not be sampled away
+    min_states: int = 0
 
 
 WORKLOADS = {
@@ -258,7 +330,26 @@ WORKLOADS = {
         Workload("async", lambda ctx: _saves(ctx, (1,), **RETAIN), async_traced),
         Workload("restart", restart_setup, restart_traced, multi_rank=False),
         Workload("killed_swap", killed_swap_setup, killed_swap_traced, multi_rank=False),
-        Workload("fresh_root", None, fresh_root_traced, root=f"parent/child/{ROOT_NAME}"),
+        Workload(
+            "killed_remove",
+            killed_remove_setup,
+            killed_remove_traced,
+            multi_rank=False,
+            formats=("torch",),
+        ),
+        # Every state: one of about fifty loses the step where the ancestors are not fsynced.
+        Workload(
+            "fresh_root", None, fresh_root_traced, root=f"parent/child/{ROOT_NAME}", min_states=200
+        ),
+        # one rank, one format: about directories outside the root, which neither the ranks
+        # nor the formats touch differently
+        Workload(
+            "export",
+            lambda ctx: _saves(ctx, (1,)),
+            export_traced,
+            multi_rank=False,
+            formats=("torch",),
+        ),
         # one rank: the checker restores a several-rank job's parts with load_checkpoint, which
         # does not set a damaged checkpoint aside
         Workload("set_aside", set_aside_setup, set_aside_traced, multi_rank=False),
@@ -267,7 +358,6 @@ WORKLOADS = {
 }
 
 
-FORMATS = ("torch", "dcp")
 WORLDS = (1, 2)
 
 #: one exploration: (workload, format, world size)
@@ -280,13 +370,14 @@ def cases(
     worlds: Sequence[int] = WORLDS,
 ) -> list[Case]:
     """Every (workload, format, world size) asked for; a workload whose setup needs one
-    process (``restart``: the killed saves) runs with 1 rank only."""
+    process (``restart``: the killed saves) runs with 1 rank only, and one that does not
+    depend on the format in its own formats only."""
     return [
         (name, fmt, world)
         for name in names
         for fmt in formats
         for world in worlds
-        if world == 1 or WORKLOADS[name].multi_rank
+        if (world == 1 or WORKLOADS[name].multi_rank) and fmt in WORKLOADS[name].formats
     ]
 
 

@@ -1,0 +1,87 @@
+"""A root's directory and its ancestors made durable when a writer opens it, whoever created
+them (``fsutil.fsync_ancestors``): up to the mount point, and past the ancestors the process
+may not open. That a power loss then keeps the root is the crash explorer's ``fresh_root``
+workload (tests/test_crashsim.py)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+
+import distckpt
+from tests.filesystems import MountFactory
+from tests.other_user import NOBODY, succeeds_as_nobody
+from tests.syscall_trace import traced_file_calls
+
+
+def test_the_ancestors_are_fsynced_up_to_the_mount_point(
+    mounts: MountFactory, tmp_path: Path
+) -> None:
+    """Each name from the root up is made durable by an fsync of the dir holding it, the
+    mount point's last: the mount point's own name lives on another filesystem."""
+    volume = mounts.get("tmpfs").path
+    root = volume / f"runs-{uuid.uuid4().hex}" / "root"
+    root.mkdir(parents=True)
+    code = f"""
+from pathlib import Path
+from distckpt.fsutil import fsync_ancestors
+fsync_ancestors(Path({os.fspath(root)!r}))
+"""
+    fsynced = [call.path for call in traced_file_calls(code, tmp_path, "fsync")]
+    assert fsynced == [os.fspath(root.parent), os.fspath(volume)]
+
+
+def test_a_root_reached_through_a_symlink_has_its_real_ancestors_fsynced(
+    mounts: MountFactory, tmp_path: Path
+) -> None:
+    """A root under a symlinked directory lives under the link's target: the target's
+    ancestors hold it, and the link's own name is on the way to it."""
+    volume = mounts.get("tmpfs").path / f"linked-{uuid.uuid4().hex}"
+    target = volume / "data" / "a" / "b"
+    target.mkdir(parents=True)
+    (volume / "home").mkdir()
+    (volume / "home" / "ck").symlink_to(target)
+    root = volume / "home" / "ck" / "root"
+    root.mkdir()
+    code = f"""
+from pathlib import Path
+from distckpt.fsutil import fsync_ancestors
+fsync_ancestors(Path({os.fspath(root)!r}))
+"""
+    fsynced = [call.path for call in traced_file_calls(code, tmp_path, "fsync")]
+    real = [target, target.parent, volume / "data", volume, volume.parent]
+    assert fsynced == [os.fspath(d) for d in [*real, volume / "home"]]
+
+
+def test_an_ancestor_the_job_may_not_open_does_not_fail_the_open(tmp_path: Path) -> None:
+    """A job (here user nobody) whose root lies under a dir it may only traverse (mode 711,
+    as many home and project dirs are) cannot fsync that dir: it opens the root and saves."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root, to run the job as another user")
+    # A save here first: what it imports lazily lies where user nobody may not read.
+    with distckpt.CheckpointManager(tmp_path / "warm-up", fsync=False) as mgr:
+        mgr.save(1, {"w": torch.zeros(2)})
+    # Not tmp_path: pytest's base temp dir is the user's alone (mode 700), which another user
+    # may not traverse; the system temp dir is open to all.
+    outer = Path(tempfile.mkdtemp(prefix="distckpt-traverse-only-"))
+    try:
+        outer.chmod(0o711)
+        mine = outer / "mine"
+        mine.mkdir()
+        os.chown(mine, NOBODY, NOBODY)
+
+        def open_and_save() -> None:
+            assert not os.access(outer, os.R_OK)  # the fsync of it cannot even open it
+            with distckpt.CheckpointManager(mine / "root") as mgr:
+                mgr.save(1, {"w": torch.zeros(2)})
+
+        assert succeeds_as_nobody(open_and_save), "the job could not open its root"
+        assert distckpt.verify(mine / "root").ok
+    finally:
+        shutil.rmtree(outer)
