@@ -96,7 +96,8 @@ without a ``ModelCheckpoint``, is that one there, with empty ``best_model_path``
 ``last_model_path``). After a failed fit, ``on_exception`` closes the manager as ``teardown``
 does, so a next ``fit`` on the same Trainer resumes.
 
-Lightning resumes an epoch-end checkpoint as an ended epoch: the next epoch starts with its
+An epoch-end checkpoint resumes as an ended epoch, with ``max_steps`` set too (Lightning
+completes the count of such an epoch itself only without it): the next epoch starts with its
 ``on_train_epoch_start`` and from its first batch, and a checkpoint taken later in that epoch
 resumes mid-epoch like any other. The loaders' saved position, which Lightning does not hand
 back for an ended epoch, is used up at ``on_train_start`` and the next epoch's iterator built
@@ -135,6 +136,7 @@ class _TrainerState:
 
     def __init__(self, trainer: Trainer) -> None:
         self.trainer = trainer
+        self.ended_epoch = False
         self.ended_epoch_loaders: list[dict[str, Any]] = []
 
     def state_dict(self) -> dict[str, Any]:
@@ -153,12 +155,38 @@ class _TrainerState:
             # Saved at an epoch's end: Lightning starts the next epoch afresh and never hands
             # the loaders their saved (used-up) position, yet a sampler's generator must go on
             # from it. Kept back here; ``finish_ended_epoch`` applies it.
+            self.ended_epoch = True
             self.ended_epoch_loaders = fit_loop._combined_loader_states_to_load
             fit_loop._combined_loader_states_to_load = []
         if state["precision"]:
             self.trainer.precision_plugin.load_state_dict(state["precision"])
         if self.trainer.datamodule is not None and state["datamodule"]:
             self.trainer.datamodule.load_state_dict(state["datamodule"])
+
+    def count_ended_epoch_completed(self) -> None:
+        """After a restore of an epoch-end checkpoint, count the ended epoch as completed and
+        the next one as not started, as Lightning counts them once an epoch's end has run.
+
+        The save happens between Lightning counting the epoch as processed and as completed.
+        Lightning completes that count itself on resume only for epoch-based training: with
+        ``max_steps`` set (``FitLoop._iteration_based_training``) it resumes such a state as
+        "restarted at the epoch's end", runs one more batch in the ended epoch and skips the
+        next epoch's ``on_train_epoch_start``. Called after the hooks' ``on_load_checkpoint``,
+        which get the saved ``epoch`` (the ended one), as from Lightning's own checkpoint."""
+        if not self.ended_epoch:
+            return
+        self.ended_epoch = False
+        fit_loop = self.trainer.fit_loop
+        epochs = fit_loop.epoch_progress
+        epochs.current.completed = epochs.current.processed
+        epochs.total.completed = epochs.total.processed
+        # What Lightning's epoch loop resets when it starts an epoch afresh.
+        epoch_loop = fit_loop.epoch_loop
+        epoch_loop.batch_progress.reset_on_run()
+        epoch_loop.batch_progress.is_last_batch = False
+        epoch_loop.scheduler_progress.reset_on_run()
+        epoch_loop.automatic_optimization.optim_progress.reset_on_run()
+        epoch_loop.val_loop.batch_progress.total.reset()
 
     def finish_ended_epoch(self) -> bool:
         """After a restore of an epoch-end checkpoint, bring the loaders to where the uninterrupted
@@ -325,6 +353,7 @@ class DistckptCallback(lightning.Callback):
         # every rank raises then, not that rank alone while the others train on into DDP's
         # next collective, to wait there for it until the process group's timeout.
         self.manager.agree_on(finish_restore, what="handing the restored state to the hooks")
+        self._trainer_state.count_ended_epoch_completed()
         self.resumed_from = checkpoint.step if checkpoint is not None else None
         if checkpoint is not None and self.tracker.step != checkpoint.step:
             # This callback saves at tracker.step, so the restored count is the checkpoint's
