@@ -10,9 +10,15 @@ from typing import Any
 
 import pytest
 import torch
+from torch.utils.data import DataLoader
 
 pytest.importorskip("lightning")
+pytest.importorskip("torchdata")
 
+import lightning
+from torchdata.stateful_dataloader import StatefulDataLoader
+
+import distckpt
 from tests.lightning_tiny import FailsInSecondEpoch, fit_tiny
 
 pytestmark = pytest.mark.timeout(120)
@@ -71,5 +77,111 @@ def test_a_fit_with_max_steps_rerun_after_a_failure_resumes_an_epoch_end_checkpo
     assert uninterrupted.trained == [(epoch, batch) for epoch in range(3) for batch in range(2)]
     assert failed.trained + resumed.trained == uninterrupted.trained
     assert resumed.epochs_started == [1, 2]
+    for name, value in uninterrupted.state_dict().items():
+        assert torch.equal(resumed.state_dict()[name], value), name
+
+
+class ValidatesEveryTwoBatches(RecordsBatches):
+    """6 batches an epoch (from a loader whose position is saved) and a validation after every
+    second one (with the Trainer's ``val_check_interval=2``); records each validation's
+    ``val_loss`` by the optimizer step it followed, and fails in the validation after step
+    ``fail_in_validation_at``, if set."""
+
+    def __init__(self, fail_in_validation_at: int | None = None) -> None:
+        super().__init__(fail=False)
+        self.fail_in_validation_at = fail_in_validation_at
+        self.validated: dict[int, float] = {}
+
+    def train_dataloader(self) -> StatefulDataLoader:
+        # Its position is saved: a resume in the middle of the epoch goes on from its batch.
+        data = torch.randn(24, 4, generator=torch.Generator().manual_seed(0))
+        return StatefulDataLoader(data, 4)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(torch.randn(8, 4, generator=torch.Generator().manual_seed(1)), 4)
+
+    def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+        if self.global_step == self.fail_in_validation_at:
+            raise RuntimeError("failing in validation on purpose")
+        self.log("val_loss", self.head(self.backbone(batch)).square().mean())
+
+    def on_validation_epoch_end(self) -> None:
+        self.validated[self.global_step] = self.trainer.callback_metrics["val_loss"].item()
+
+
+class CountsValidations(lightning.Callback):
+    """A callback whose state its ``on_validation_end`` changes: the validations it saw."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def on_validation_end(self, trainer: lightning.Trainer, pl_module: Any) -> None:
+        self.count += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"count": self.count}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.count = state_dict["count"]
+
+
+#: Validation after every second batch, none before fitting, a save every 2 optimizer steps.
+VALIDATING: dict[str, Any] = {"val_check_interval": 2, "num_sanity_val_steps": 0}
+
+
+def _fit_validating(
+    root: Path, module: ValidatesEveryTwoBatches, counter: CountsValidations, **options: Any
+) -> Any:
+    """One epoch validating every second batch, saving every 2 steps (with ``options``), with
+    ``counter`` listed after the saving callback."""
+    return fit_tiny(
+        module,
+        root,
+        epochs=1,
+        callbacks=[counter],
+        trainer_options=VALIDATING,
+        every_n_epochs=None,
+        every_n_steps=2,
+        **options,
+    )
+
+
+def test_a_checkpoint_due_before_a_mid_epoch_validation_holds_that_validations_metrics(
+    tmp_path: Path,
+) -> None:
+    """Saved once the validation that follows its batch has run: each checkpoint's
+    ``val_loss`` is the one measured on its weights, so ``best`` is the best (it carried the
+    validation before it, one step behind)."""
+    module = ValidatesEveryTwoBatches()
+    _fit_validating(tmp_path, module, CountsValidations(), monitor="val_loss")
+    manager = distckpt.CheckpointManager(str(tmp_path), read_only=True)
+    saved = {info.step: info.metrics["val_loss"] for info in manager.checkpoints()}
+    assert saved == module.validated and sorted(saved) == [2, 4, 6]
+
+
+def test_a_fit_failing_in_a_mid_epoch_validation_resumes_before_it_and_runs_it_again(
+    tmp_path: Path,
+) -> None:
+    """The validation after step 4 fails: step 4 was not saved before it, so the rerun resumes
+    from step 2 (saved after its validation and every callback's ``on_validation_end``; the
+    validation is not run again) and runs the training and validation after it as the
+    uninterrupted fit did. Saved before its validation, step 4 was
+    resumed and its validation never run."""
+    torch.manual_seed(0)
+    uninterrupted = ValidatesEveryTwoBatches()
+    _fit_validating(tmp_path / "uninterrupted", uninterrupted, CountsValidations())
+    torch.manual_seed(0)
+    failed = ValidatesEveryTwoBatches(fail_in_validation_at=4)
+    with pytest.raises(RuntimeError, match="failing in validation on purpose"):
+        _fit_validating(tmp_path / "resumed", failed, CountsValidations())
+    resumed, counter = ValidatesEveryTwoBatches(), CountsValidations()
+    trainer = _fit_validating(tmp_path / "resumed", resumed, counter)
+    assert trainer.callbacks[0].resumed_from == 2
+    # Saved after every callback's on_validation_end, the one listed after it too.
+    assert counter.count == 3
+    assert failed.trained == [(0, 0), (0, 1), (0, 2), (0, 3)] and list(failed.validated) == [2]
+    assert failed.trained[:2] + resumed.trained == uninterrupted.trained
+    assert {**failed.validated, **resumed.validated} == uninterrupted.validated
+    assert list(resumed.validated) == [4, 6]
     for name, value in uninterrupted.state_dict().items():
         assert torch.equal(resumed.state_dict()[name], value), name
