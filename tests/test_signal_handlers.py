@@ -68,3 +68,26 @@ def test_close_restores_the_handler_even_when_releasing_the_root_fails(
         mgr.close()
     _deliver()
     assert programs_own_handler == [SIGNAL]
+
+
+def test_a_closed_managers_handler_put_back_by_another_hands_the_signal_on(
+    tmp_path: Path, programs_own_handler: list[int]
+) -> None:
+    """Another library wraps the manager's handler in its own (Lightning's signal connector
+    does), so the manager's close() leaves that one installed, and the library then puts back
+    what it had replaced: the closed manager's handler. A signal then reaches the program's
+    handler, not a flag no one reads any more."""
+    mgr = distckpt.CheckpointManager(tmp_path, save_on_signal=(SIGNAL,))
+    managers_handler = signal.getsignal(SIGNAL)
+    assert callable(managers_handler)
+
+    def wrapping(signum: int, frame: FrameType | None) -> None:
+        managers_handler(signum, frame)
+
+    signal.signal(SIGNAL, wrapping)
+    mgr.close()
+    assert signal.getsignal(SIGNAL) is wrapping  # not the manager's to put back
+    signal.signal(SIGNAL, managers_handler)  # the other library's own teardown
+    _deliver()
+    assert programs_own_handler == [SIGNAL]
+    assert not mgr._signals.is_set()
