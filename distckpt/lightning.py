@@ -85,7 +85,11 @@ step counted is the :class:`~distckpt.StepTracker`'s (real optimizer steps, also
 optimization and gradient accumulation), and no gradients half-accumulated over micro-batches
 exist at that moment, so none need saving. A checkpoint due in the middle of an accumulation
 window (a preemption signal) is taken at the window's last micro-batch. Epoch schedules
-(``every_n_epochs``) count completed epochs. After a preemption save the trainer stops.
+(``every_n_epochs``) count completed epochs. After a preemption save the trainer stops. With
+SIGTERM in ``save_on_signal``, Lightning's own handling of it (``SIGTERMException``, raised
+after the batch or validation batch in which it came) is held back while the save is due (the
+window's last micro-batch, the end of a validation or of the epoch) and given back once it has
+run: the fit then raises ``SIGTERMException``, as Lightning does.
 
 A checkpoint due at a batch that Lightning validates after (``val_check_interval``) is taken
 once that validation has run, at the end of its ``on_validation_end`` hooks (this callback adds
@@ -116,6 +120,7 @@ resuming.
 
 from __future__ import annotations
 
+import signal
 import warnings
 from typing import Any
 
@@ -178,6 +183,30 @@ def _validates_after_this_batch(trainer: Trainer) -> bool:
     return epoch_loop._should_check_val_fx(fetcher)
 
 
+class _HeldSigterm:
+    """Lightning's own SIGTERM handling, held back while a preemption save is due: Lightning
+    raises ``SIGTERMException`` after the batch (or the validation batch) in which SIGTERM came,
+    which is before the save where that batch ends no optimizer step (the middle of an
+    accumulation window) or where the save waits for a validation or the epoch's end. Held, it
+    is given back once the save has run, and Lightning raises then. Lightning has no public way
+    to do so: its signal connector's flag is what its loops read."""
+
+    def __init__(self, watched: bool) -> None:
+        self.watched = watched
+        self.held = False
+
+    def hold(self, trainer: Trainer) -> None:
+        connector = trainer._signal_connector
+        if self.watched and connector.received_sigterm:
+            connector.received_sigterm = False
+            self.held = True
+
+    def give_back(self, trainer: Trainer) -> None:
+        if self.held:
+            self.held = False
+            trainer._signal_connector.received_sigterm = True
+
+
 def _remove_callback(trainer: Trainer, callback: lightning.Callback) -> None:
     """Removes ``callback`` (this very object) from the Trainer's callbacks, if there."""
     trainer.callbacks[:] = [present for present in trainer.callbacks if present is not callback]
@@ -213,11 +242,16 @@ class DistckptCallback(lightning.Callback):
         self._step_at_last_batch = 0
         self._save_at_epoch_end = False
         self._save_after_validation = False
+        self._mid_window = False
+        self._sigterm = _HeldSigterm(watched=False)
         self.last_save: SaveResult | None = None
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage == "fit":
             self.manager = CheckpointManager(self.root, **self.manager_options)
+            # The manager has checked the option.
+            watched = tuple(self.manager_options.get("save_on_signal", ()))
+            self._sigterm = _HeldSigterm(watched=signal.SIGTERM in watched)
 
     def _state(
         self, trainer: Trainer, pl_module: LightningModule, extras: Any, layout: str
@@ -347,8 +381,11 @@ class DistckptCallback(lightning.Callback):
         assert self.tracker is not None
         # One due after a validation that then did not run (no batch to validate) is dropped.
         self._save_after_validation = False
+        # Given back by the save below, or by the one this batch's is deferred to.
+        self._sigterm.hold(trainer)
         stepped = self.tracker.step != self._step_at_last_batch
         self._step_at_last_batch = self.tracker.step
+        self._mid_window = not stepped
         if not stepped:
             return  # mid-accumulation: gradients of earlier micro-batches are not saved
         # The loader's end, or ``limit_train_batches`` ending the epoch before it.
@@ -370,6 +407,12 @@ class DistckptCallback(lightning.Callback):
             trainer.callbacks.append(self._monitors_saver)
             return
         self._save(trainer, pl_module, epochs_done=trainer.current_epoch)
+
+    def on_validation_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, *outputs_and_batch: Any
+    ) -> None:
+        if self._save_at_epoch_end or self._save_after_validation or self._mid_window:
+            self._sigterm.hold(trainer)  # a save comes after this validation
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._save_at_epoch_end:
@@ -407,6 +450,7 @@ class DistckptCallback(lightning.Callback):
             self.last_save = saved
         if self.manager.preempted:
             trainer.should_stop = True
+        self._sigterm.give_back(trainer)
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._close(trainer)
@@ -430,6 +474,7 @@ class DistckptCallback(lightning.Callback):
         _remove_callback(trainer, self._monitors_saver)
         self._save_at_epoch_end = False
         self._save_after_validation = False
+        self._mid_window = False
         if self.tracker is not None:
             self.tracker.close()  # its count stays readable after the fit
         if self.manager is not None:

@@ -3,16 +3,26 @@ signals' handlers after a fit, and preemption."""
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+import torch
 
 pytest.importorskip("lightning")
+pytest.importorskip("torchdata")
 
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+import distckpt
 from tests import killing
+from tests.lightning_tiny import fit_tiny
+from tests.test_lightning_resume_points import VALIDATING, ValidatesEveryTwoBatches
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -50,3 +60,69 @@ def test_sigterm_after_a_failed_fit_terminates_the_process(tmp_path: Path) -> No
     )
     assert finished.stdout == "the fit failed\n", finished.stderr
     assert finished.returncode == -signal.SIGTERM, finished.stderr
+
+
+@pytest.fixture
+def sigterm_handler_kept() -> Iterator[None]:
+    """The test process's SIGTERM handler, put back after a fit that Lightning's SIGTERM ended."""
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class SendsSigterm(ValidatesEveryTwoBatches):
+    """Sends SIGTERM to its own process in the training batch ``(epoch, batch_idx)`` of
+    ``in_training``, or in the first batch of the validation after optimizer step
+    ``in_validation_after``."""
+
+    def __init__(
+        self, in_training: tuple[int, int] | None = None, in_validation_after: int | None = None
+    ) -> None:
+        super().__init__()
+        self.in_training = in_training
+        self.in_validation_after = in_validation_after
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        if (self.current_epoch, batch_idx) == self.in_training:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return super().training_step(batch, batch_idx)
+
+    def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+        if self.global_step == self.in_validation_after and batch_idx == 0:
+            os.kill(os.getpid(), signal.SIGTERM)
+        super().validation_step(batch, batch_idx)
+
+
+@pytest.mark.parametrize(
+    ("sent", "trainer_options", "saved"),
+    [
+        ({"in_training": (0, 0)}, {"accumulate_grad_batches": 2}, 1),
+        ({"in_validation_after": 2}, VALIDATING, 2),
+        ({"in_validation_after": 6}, VALIDATING, 6),
+    ],
+    ids=["first-micro-batch-of-a-window", "mid-epoch-validation", "epoch-end-validation"],
+)
+@pytest.mark.usefixtures("sigterm_handler_kept")
+def test_sigterm_where_no_save_can_be_taken_is_saved_at_the_next_point_then_lightning_raises(
+    tmp_path: Path, sent: dict[str, Any], trainer_options: dict[str, Any], saved: int
+) -> None:
+    """Lightning raises ``SIGTERMException`` after the batch (or validation batch) in which
+    SIGTERM came, which was before the save: in the middle of an accumulation window (saved at
+    the window's last micro-batch) and during a validation (saved after it, at the epoch's end
+    for the epoch's last one). Nothing was saved; now the preemption save is taken there, and
+    Lightning raises after it."""
+    module = SendsSigterm(**sent)
+    with pytest.raises(SIGTERMException):
+        fit_tiny(
+            module,
+            tmp_path,
+            epochs=1,
+            trainer_options=trainer_options,
+            every_n_epochs=None,
+            every_n_steps=100,  # a schedule that never saves here: the signal alone does
+            save_on_signal=(signal.SIGTERM,),
+        )
+    assert distckpt.CheckpointManager(str(tmp_path), read_only=True).steps() == [saved]
+    assert len(module.trained) == saved * trainer_options.get("accumulate_grad_batches", 1)
