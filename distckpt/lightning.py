@@ -85,7 +85,8 @@ step counted is the :class:`~distckpt.StepTracker`'s (real optimizer steps, also
 optimization and gradient accumulation), and no gradients half-accumulated over micro-batches
 exist at that moment, so none need saving. A checkpoint due in the middle of an accumulation
 window (a preemption signal) is taken at the window's last micro-batch. Epoch schedules
-(``every_n_epochs``) count completed epochs. After a preemption save the trainer stops. With
+(``every_n_epochs``) count completed epochs. After a preemption save the trainer stops, also
+before the Trainer's ``min_epochs`` or ``min_steps`` (lifted for the rest of that fit). With
 SIGTERM in ``save_on_signal``, Lightning's own handling of it (``SIGTERMException``, raised
 after the batch or validation batch in which it came) is held back while the save is due (the
 window's last micro-batch, the end of a validation or of the epoch) and given back once it has
@@ -244,6 +245,7 @@ class DistckptCallback(lightning.Callback):
         self._save_after_validation = False
         self._mid_window = False
         self._sigterm = _HeldSigterm(watched=False)
+        self._min_limits: tuple[int | None, int | None] | None = None
         self.last_save: SaveResult | None = None
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -450,6 +452,13 @@ class DistckptCallback(lightning.Callback):
             self.last_save = saved
         if self.manager.preempted:
             trainer.should_stop = True
+            # Lightning ignores should_stop until min_epochs and min_steps are met: lifted for
+            # the rest of this fit (``_close`` puts them back for the Trainer's next fit).
+            fit_loop = trainer.fit_loop
+            if self._min_limits is None:
+                self._min_limits = (fit_loop.min_epochs, fit_loop.epoch_loop.min_steps)
+            fit_loop.min_epochs = None
+            fit_loop.epoch_loop.min_steps = None
         self._sigterm.give_back(trainer)
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -470,11 +479,15 @@ class DistckptCallback(lightning.Callback):
             )
 
     def _close(self, trainer: Trainer) -> None:
-        """Removes the epoch-end saver and closes the step tracker and the manager."""
+        """Removes the epoch-end saver, puts back the Trainer's ``min_epochs`` and
+        ``min_steps`` a preemption lifted, and closes the step tracker and the manager."""
         _remove_callback(trainer, self._monitors_saver)
         self._save_at_epoch_end = False
         self._save_after_validation = False
         self._mid_window = False
+        if self._min_limits is not None:
+            trainer.fit_loop.min_epochs, trainer.fit_loop.epoch_loop.min_steps = self._min_limits
+            self._min_limits = None
         if self.tracker is not None:
             self.tracker.close()  # its count stays readable after the fit
         if self.manager is not None:

@@ -1,5 +1,6 @@
 """distckpt.lightning.DistckptCallback with ``save_on_signal``, in real Trainer fits: the
-signals' handlers after a fit, and preemption."""
+signals' handlers after a fit, and preemption: the save where SIGTERM came before a point
+where one can be taken, and the stop after it. Real signals, sent to the fitting process."""
 
 from __future__ import annotations
 
@@ -22,7 +23,11 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 import distckpt
 from tests import killing
 from tests.lightning_tiny import fit_tiny
-from tests.test_lightning_resume_points import VALIDATING, ValidatesEveryTwoBatches
+from tests.test_lightning_resume_points import (
+    VALIDATING,
+    RecordsBatches,
+    ValidatesEveryTwoBatches,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -126,3 +131,38 @@ def test_sigterm_where_no_save_can_be_taken_is_saved_at_the_next_point_then_ligh
         )
     assert distckpt.CheckpointManager(str(tmp_path), read_only=True).steps() == [saved]
     assert len(module.trained) == saved * trainer_options.get("accumulate_grad_batches", 1)
+
+
+class SendsSigusr1(RecordsBatches):
+    """Sends SIGUSR1 to its own process in its first epoch's second batch."""
+
+    def __init__(self) -> None:
+        super().__init__(fail=False)
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        if (self.current_epoch, batch_idx) == (0, 1):
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return super().training_step(batch, batch_idx)
+
+
+@pytest.mark.parametrize("minimum", [{"min_epochs": 3}, {"min_steps": 6}])
+def test_the_trainer_stops_after_a_preemption_save_before_its_minimum_is_met(
+    tmp_path: Path, minimum: dict[str, int]
+) -> None:
+    """Lightning ignores ``should_stop`` until ``min_epochs`` and ``min_steps`` are met: the
+    fit trained on to them after the preemption save. They are lifted for the rest of that fit
+    alone: the Trainer has them back for its next fit."""
+    module = SendsSigusr1()
+    trainer = fit_tiny(
+        module,
+        tmp_path,
+        epochs=3,
+        trainer_options=minimum,
+        every_n_epochs=None,
+        every_n_steps=100,
+        save_on_signal=(signal.SIGUSR1,),
+    )
+    assert module.trained == [(0, 0), (0, 1)]
+    assert distckpt.CheckpointManager(str(tmp_path), read_only=True).steps() == [2]
+    for limit, value in minimum.items():
+        assert getattr(trainer.fit_loop, limit) == value
