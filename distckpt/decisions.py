@@ -269,6 +269,10 @@ class SignalFlag:
         # Filled by restore(): a signal the handler gets afterwards goes to the one it replaced.
         self._replaced_when_restored: dict[int, Any] = {}
         self._handler: Callable[[int, FrameType | None], None] | None = None
+        #: Called with the signal's number right after the flag is set, inside the handler:
+        #: what must change before the interrupted code runs on (Lightning's own SIGTERM flag,
+        #: which its handler set just before, held back until the save) cannot wait for a poll.
+        self.on_set: Callable[[int], None] | None = None
 
     def install(self) -> None:
         def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -276,6 +280,8 @@ class SignalFlag:
                 _hand_on(signum, frame, self._replaced_when_restored[signum])
             else:
                 self._flag.set()
+                if self.on_set is not None:
+                    self.on_set(signum)
 
         self._handler = on_signal
         for signum in self.watched:

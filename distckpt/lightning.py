@@ -88,9 +88,10 @@ window (a preemption signal) is taken at the window's last micro-batch. Epoch sc
 (``every_n_epochs``) count completed epochs. After a preemption save the trainer stops, also
 before the Trainer's ``min_epochs`` or ``min_steps`` (lifted for the rest of that fit). With
 SIGTERM in ``save_on_signal``, Lightning's own handling of it (``SIGTERMException``, raised
-after the batch or validation batch in which it came) is held back while the save is due (the
-window's last micro-batch, the end of a validation or of the epoch) and given back once it has
-run: the fit then raises ``SIGTERMException``, as Lightning does.
+after the batch or validation batch in which it came) is held back from the moment it comes
+until the save has run (at the window's last micro-batch, the end of a validation or of the
+epoch, or the next optimizer step where it came after this callback's hook of a batch): the
+fit then raises ``SIGTERMException``, as Lightning does, also when it ends before any save.
 
 A checkpoint due at a batch that Lightning validates after (``val_check_interval``) is taken
 once that validation has run, at the end of its ``on_validation_end`` hooks (this callback adds
@@ -121,7 +122,6 @@ resuming.
 
 from __future__ import annotations
 
-import signal
 import warnings
 from typing import Any
 
@@ -130,6 +130,7 @@ from lightning import LightningModule, Trainer
 from lightning.pytorch.callbacks import Checkpoint
 
 from distckpt.lightning_extras import AsBytes, BytesAsTensors, LightningExtras
+from distckpt.lightning_internals import HeldSigterm, validates_after_this_batch
 from distckpt.lightning_state import DeferredRNG, TrainerState
 from distckpt.manager import CheckpointManager
 from distckpt.per_rank import PerRank
@@ -174,40 +175,6 @@ class _SaveAfterMonitors(Checkpoint):
         self.owner.save_after_validation(trainer, pl_module)
 
 
-def _validates_after_this_batch(trainer: Trainer) -> bool:
-    """Whether Lightning runs a validation after the batch whose ``on_train_batch_end`` is
-    running (its epoch loop decides so after that hook, in ``on_advance_end``, as here)."""
-    epoch_loop = trainer.fit_loop.epoch_loop
-    fetcher = trainer.fit_loop._data_fetcher
-    if fetcher is None or epoch_loop._skip_next_val:
-        return False
-    return epoch_loop._should_check_val_fx(fetcher)
-
-
-class _HeldSigterm:
-    """Lightning's own SIGTERM handling, held back while a preemption save is due: Lightning
-    raises ``SIGTERMException`` after the batch (or the validation batch) in which SIGTERM came,
-    which is before the save where that batch ends no optimizer step (the middle of an
-    accumulation window) or where the save waits for a validation or the epoch's end. Held, it
-    is given back once the save has run, and Lightning raises then. Lightning has no public way
-    to do so: its signal connector's flag is what its loops read."""
-
-    def __init__(self, watched: bool) -> None:
-        self.watched = watched
-        self.held = False
-
-    def hold(self, trainer: Trainer) -> None:
-        connector = trainer._signal_connector
-        if self.watched and connector.received_sigterm:
-            connector.received_sigterm = False
-            self.held = True
-
-    def give_back(self, trainer: Trainer) -> None:
-        if self.held:
-            self.held = False
-            trainer._signal_connector.received_sigterm = True
-
-
 def _remove_callback(trainer: Trainer, callback: lightning.Callback) -> None:
     """Removes ``callback`` (this very object) from the Trainer's callbacks, if there."""
     trainer.callbacks[:] = [present for present in trainer.callbacks if present is not callback]
@@ -243,17 +210,15 @@ class DistckptCallback(lightning.Callback):
         self._step_at_last_batch = 0
         self._save_at_epoch_end = False
         self._save_after_validation = False
-        self._mid_window = False
-        self._sigterm = _HeldSigterm(watched=False)
+        self._sigterm = HeldSigterm()
         self._min_limits: tuple[int | None, int | None] | None = None
         self.last_save: SaveResult | None = None
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage == "fit":
             self.manager = CheckpointManager(self.root, **self.manager_options)
-            # The manager has checked the option.
-            watched = tuple(self.manager_options.get("save_on_signal", ()))
-            self._sigterm = _HeldSigterm(watched=signal.SIGTERM in watched)
+            # The manager's own flag: this package's, not a public part of the manager.
+            self._sigterm.watch(trainer, self.manager._signals)
 
     def _state(
         self, trainer: Trainer, pl_module: LightningModule, extras: Any, layout: str
@@ -383,11 +348,8 @@ class DistckptCallback(lightning.Callback):
         assert self.tracker is not None
         # One due after a validation that then did not run (no batch to validate) is dropped.
         self._save_after_validation = False
-        # Given back by the save below, or by the one this batch's is deferred to.
-        self._sigterm.hold(trainer)
         stepped = self.tracker.step != self._step_at_last_batch
         self._step_at_last_batch = self.tracker.step
-        self._mid_window = not stepped
         if not stepped:
             return  # mid-accumulation: gradients of earlier micro-batches are not saved
         # The loader's end, or ``limit_train_batches`` ending the epoch before it.
@@ -400,7 +362,7 @@ class DistckptCallback(lightning.Callback):
             # would resume as a fresh epoch and train its first batches again.
             self._save_at_epoch_end = True
             return
-        if _validates_after_this_batch(trainer):
+        if validates_after_this_batch(trainer):
             # Lightning validates after this hook: saved once the validation has run, so that
             # the checkpoint holds its metrics (``monitor``, ``keep_best``) and what the
             # monitoring callbacks' ``on_validation_end`` changed. Lightning resumes a state
@@ -409,12 +371,6 @@ class DistckptCallback(lightning.Callback):
             trainer.callbacks.append(self._monitors_saver)
             return
         self._save(trainer, pl_module, epochs_done=trainer.current_epoch)
-
-    def on_validation_batch_end(
-        self, trainer: Trainer, pl_module: LightningModule, *outputs_and_batch: Any
-    ) -> None:
-        if self._save_at_epoch_end or self._save_after_validation or self._mid_window:
-            self._sigterm.hold(trainer)  # a save comes after this validation
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._save_at_epoch_end:
@@ -459,7 +415,12 @@ class DistckptCallback(lightning.Callback):
                 self._min_limits = (fit_loop.min_epochs, fit_loop.epoch_loop.min_steps)
             fit_loop.min_epochs = None
             fit_loop.epoch_loop.min_steps = None
-        self._sigterm.give_back(trainer)
+            self._sigterm.give_back()
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # A SIGTERM that came after the fit's last save point (a last batch ending no optimizer
+        # step): Lightning, which checks its flag no more, would have raised at that batch.
+        self._sigterm.raise_if_held()
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._close(trainer)
@@ -479,12 +440,13 @@ class DistckptCallback(lightning.Callback):
             )
 
     def _close(self, trainer: Trainer) -> None:
-        """Removes the epoch-end saver, puts back the Trainer's ``min_epochs`` and
-        ``min_steps`` a preemption lifted, and closes the step tracker and the manager."""
+        """Removes the epoch-end saver, stops holding SIGTERM, puts back the Trainer's
+        ``min_epochs`` and ``min_steps`` a preemption lifted, and closes the step tracker and
+        the manager."""
         _remove_callback(trainer, self._monitors_saver)
+        self._sigterm.stop(self.manager._signals if self.manager is not None else None)
         self._save_at_epoch_end = False
         self._save_after_validation = False
-        self._mid_window = False
         if self._min_limits is not None:
             trainer.fit_loop.min_epochs, trainer.fit_loop.epoch_loop.min_steps = self._min_limits
             self._min_limits = None

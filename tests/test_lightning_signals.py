@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import lightning
 import pytest
 import torch
 
@@ -22,7 +23,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 import distckpt
 from tests import killing
-from tests.lightning_tiny import fit_tiny
+from tests.lightning_tiny import TinyModule, fit_tiny
 from tests.test_lightning_resume_points import (
     VALIDATING,
     RecordsBatches,
@@ -166,3 +167,92 @@ def test_the_trainer_stops_after_a_preemption_save_before_its_minimum_is_met(
     assert distckpt.CheckpointManager(str(tmp_path), read_only=True).steps() == [2]
     for limit, value in minimum.items():
         assert getattr(trainer.fit_loop, limit) == value
+
+
+class SigtermAfterSaverHooks(lightning.Callback):
+    """Listed after the saving callback (as Lightning lists a ``ModelCheckpoint``): sends SIGTERM
+    in its ``on_train_batch_end`` after optimizer step ``after_step``."""
+
+    def __init__(self, after_step: int) -> None:
+        self.after_step = after_step
+
+    def on_train_batch_end(self, trainer: lightning.Trainer, *hook_args: Any) -> None:
+        if trainer.global_step == self.after_step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+class SigtermAtValidationEnd(ValidatesEveryTwoBatches):
+    """Sends SIGTERM in its own ``on_validation_end`` (after the callbacks', so after a save
+    deferred to that validation) after optimizer step ``after_step``."""
+
+    def __init__(self, after_step: int) -> None:
+        super().__init__()
+        self.after_step = after_step
+
+    def on_validation_end(self) -> None:
+        if self.global_step == self.after_step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+@pytest.mark.parametrize(
+    ("module", "callbacks", "saved"),
+    [
+        (ValidatesEveryTwoBatches(), [SigtermAfterSaverHooks(after_step=3)], 4),
+        (SigtermAtValidationEnd(after_step=2), [], 3),
+    ],
+    ids=["later-callback-at-batch-end", "module-validation-end-after-the-save"],
+)
+@pytest.mark.usefixtures("sigterm_handler_kept")
+def test_sigterm_after_the_callbacks_hook_is_saved_at_the_next_step_then_lightning_raises(
+    tmp_path: Path, module: ValidatesEveryTwoBatches, callbacks: list[Any], saved: int
+) -> None:
+    """SIGTERM coming after the saving callback's hooks of a batch, before Lightning checks its
+    flag at that batch's end, is held as it comes: Lightning raised at that batch's end, with
+    nothing saved; now it is saved at the next step (after its validation), then Lightning
+    raises."""
+    with pytest.raises(SIGTERMException):
+        fit_tiny(
+            module,
+            tmp_path,
+            epochs=1,
+            callbacks=callbacks,
+            trainer_options=VALIDATING,
+            every_n_epochs=None,
+            every_n_steps=100,
+            save_on_signal=(signal.SIGTERM,),
+        )
+    assert distckpt.CheckpointManager(str(tmp_path), read_only=True).steps() == [saved]
+
+
+class StepsAtFirstBatchOnly(TinyModule):
+    """Manual optimization stepping at each epoch's first batch alone, SIGTERM in its second
+    (last) batch: the fit ends with no save point after the signal."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+        optimizer = self.optimizers()
+        self.manual_backward(super().training_step(batch, batch_idx))
+        if batch_idx == 0:
+            optimizer.step()
+            optimizer.zero_grad()
+        else:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+@pytest.mark.usefixtures("sigterm_handler_kept")
+def test_sigterm_held_when_the_fit_ends_before_a_save_raises_at_its_end(tmp_path: Path) -> None:
+    """Lightning alone raises ``SIGTERMException`` here; a SIGTERM held for a save that never
+    came made the fit return normally."""
+    with pytest.raises(SIGTERMException):
+        fit_tiny(
+            StepsAtFirstBatchOnly(),
+            tmp_path,
+            epochs=1,
+            every_n_epochs=None,
+            every_n_steps=100,
+            save_on_signal=(signal.SIGTERM,),
+        )
+    assert distckpt.CheckpointManager(str(tmp_path), read_only=True).steps() == []
