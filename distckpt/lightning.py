@@ -175,6 +175,12 @@ class _SaveAfterMonitors(Checkpoint):
         self.owner.save_after_validation(trainer, pl_module)
 
 
+def _add_callback(trainer: Trainer, callback: lightning.Callback) -> None:
+    """Appends ``callback`` (this very object) to the Trainer's callbacks, unless there."""
+    if all(present is not callback for present in trainer.callbacks):
+        trainer.callbacks.append(callback)
+
+
 def _remove_callback(trainer: Trainer, callback: lightning.Callback) -> None:
     """Removes ``callback`` (this very object) from the Trainer's callbacks, if there."""
     trainer.callbacks[:] = [present for present in trainer.callbacks if present is not callback]
@@ -346,8 +352,11 @@ class DistckptCallback(lightning.Callback):
         batch_idx: int,
     ) -> None:
         assert self.tracker is not None
-        # One due after a validation that then did not run (no batch to validate) is dropped.
-        self._save_after_validation = False
+        if self._save_after_validation:
+            # Deferred to a validation Lightning then did not run, which the check below is
+            # meant to foresee: the state has moved on since, so that save is dropped.
+            self._save_after_validation = False
+            _remove_callback(trainer, self._monitors_saver)
         stepped = self.tracker.step != self._step_at_last_batch
         self._step_at_last_batch = self.tracker.step
         if not stepped:
@@ -368,14 +377,14 @@ class DistckptCallback(lightning.Callback):
             # monitoring callbacks' ``on_validation_end`` changed. Lightning resumes a state
             # saved after a validation without running it again.
             self._save_after_validation = True
-            trainer.callbacks.append(self._monitors_saver)
+            _add_callback(trainer, self._monitors_saver)
             return
         self._save(trainer, pl_module, epochs_done=trainer.current_epoch)
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._save_at_epoch_end:
             # Runs before the monitoring callbacks' hooks, which Lightning lists afterwards.
-            trainer.callbacks.append(self._monitors_saver)
+            _add_callback(trainer, self._monitors_saver)
 
     def save_at_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """The epoch-end save, if one is due; run by :class:`_SaveAfterMonitors`."""

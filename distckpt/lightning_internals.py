@@ -14,12 +14,17 @@ from distckpt.decisions import SignalFlag
 
 def validates_after_this_batch(trainer: Trainer) -> bool:
     """Whether Lightning runs a validation after the batch whose ``on_train_batch_end`` is
-    running (its epoch loop decides so after that hook, in ``on_advance_end``, as here)."""
+    running (its epoch loop decides so after that hook, in ``on_advance_end``, as here) and
+    the validation loop does not then skip it for want of a batch to validate."""
     epoch_loop = trainer.fit_loop.epoch_loop
     fetcher = trainer.fit_loop._data_fetcher
-    if fetcher is None or epoch_loop._skip_next_val:
+    if fetcher is None or epoch_loop._skip_next_val or not epoch_loop._should_check_val_fx(fetcher):
         return False
-    return epoch_loop._should_check_val_fx(fetcher)
+    val_loop = epoch_loop.val_loop
+    # Builds the validation loader as the loop's run is about to (a built one is kept): its
+    # skip counts that loader's batches.
+    val_loop.setup_data()
+    return not val_loop.skip
 
 
 class HeldSigterm:

@@ -185,3 +185,40 @@ def test_a_fit_failing_in_a_mid_epoch_validation_resumes_before_it_and_runs_it_a
     assert list(resumed.validated) == [4, 6]
     for name, value in uninterrupted.state_dict().items():
         assert torch.equal(resumed.state_dict()[name], value), name
+
+
+class EmptyValidationLoader(ValidatesEveryTwoBatches):
+    """Lightning decides to validate after every second batch, and its loop then skips: the
+    validation loader has no batch."""
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(torch.randn(0, 4), 4)
+
+
+def test_a_checkpoint_due_before_a_skipped_validation_is_taken_at_its_batch(
+    tmp_path: Path,
+) -> None:
+    """Deferred to a validation that never ran, each save was dropped and the next batch's
+    taken in its place (steps 3 and 5); the epoch-end saver was added at each of them."""
+    counter = CountsCheckpointCallbacks()
+    _fit_validating(tmp_path, EmptyValidationLoader(), counter)
+    assert distckpt.CheckpointManager(str(tmp_path), read_only=True).steps() == [2, 4, 6]
+    assert counter.most == 1  # the epoch-end saver alone, at the epoch's end
+
+
+class CountsCheckpointCallbacks(CountsValidations):
+    """The most checkpoint callbacks the Trainer held at a training batch's start or the
+    epoch's end."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.most = 0
+
+    def _count(self, trainer: lightning.Trainer) -> None:
+        self.most = max(self.most, len(trainer.checkpoint_callbacks))
+
+    def on_train_batch_start(self, trainer: lightning.Trainer, *hook_args: Any) -> None:
+        self._count(trainer)
+
+    def on_train_epoch_end(self, trainer: lightning.Trainer, pl_module: Any) -> None:
+        self._count(trainer)
