@@ -106,7 +106,9 @@ validation has run (and drawn from the RNGs), the loop counts the epoch as proce
 ``on_train_epoch_end`` hook has run: the module's and every callback's, ``EarlyStopping``'s
 check included (Lightning runs checkpoint callbacks' last; this one adds such a callback for
 it, from its own ``on_train_epoch_end`` until the save: so ``trainer.checkpoint_callback``, None
-without a ``ModelCheckpoint``, is that one there, and during a validation followed by a save,
+without a ``ModelCheckpoint``, is that one there, and during every mid-epoch validation that
+follows an optimizer step, whether or not a save is due at that step (the manager decides at
+the save),
 with empty ``best_model_path`` and ``last_model_path``). After a failed fit, ``on_exception``
 closes the manager as ``teardown`` does, so a next ``fit`` on the same Trainer resumes.
 
@@ -153,13 +155,15 @@ class _SaveAfterMonitors(Checkpoint):
     checkpoint callback itself: Lightning refuses one with ``enable_checkpointing=False``.
 
     Lightning takes the first checkpoint callback as ``trainer.checkpoint_callback``, so this
-    one is in the Trainer's callbacks (last) only while such a save is due: from
-    ``DistckptCallback``'s ``on_train_epoch_end`` until its own, or from
-    ``DistckptCallback``'s ``on_train_batch_end`` until the ``on_validation_end`` that
-    follows; either removes it. A Trainer without a ``ModelCheckpoint`` has no
-    ``checkpoint_callback`` otherwise. Within that span, it answers what Lightning's code asks
-    of a checkpoint callback as one that saved nothing: ``best_model_path`` and
-    ``last_model_path`` are empty."""
+    one is in the Trainer's callbacks (last) only while such a save may be due (the manager
+    decides at the save whether it is): from ``DistckptCallback``'s ``on_train_epoch_end`` of
+    an epoch whose last batch ended an optimizer step until its own, or from
+    ``DistckptCallback``'s ``on_train_batch_end`` of a batch ending an optimizer step that
+    Lightning validates after in the middle of the epoch, whether or not a save is due at that
+    step, until the ``on_validation_end`` that follows; either removes it. A Trainer without a
+    ``ModelCheckpoint`` has no ``checkpoint_callback`` otherwise. Within that span, it answers
+    what Lightning's code asks of a checkpoint callback as one that saved nothing:
+    ``best_model_path`` and ``last_model_path`` are empty."""
 
     def __init__(self, owner: DistckptCallback) -> None:
         self.owner = owner

@@ -222,3 +222,38 @@ class CountsCheckpointCallbacks(CountsValidations):
 
     def on_train_epoch_end(self, trainer: lightning.Trainer, pl_module: Any) -> None:
         self._count(trainer)
+
+
+class RecordsCheckpointCallback(ValidatesEveryTwoBatches):
+    """Records ``trainer.checkpoint_callback`` at each validation batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen_checkpoint_callbacks: list[Any] = []
+
+    def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+        self.seen_checkpoint_callbacks.append(self.trainer.checkpoint_callback)
+        super().validation_step(batch, batch_idx)
+
+
+def test_every_validation_after_an_optimizer_step_has_a_checkpoint_callback_saving_or_not(
+    tmp_path: Path,
+) -> None:
+    """The saver waits for every mid-epoch validation that follows an optimizer step, the
+    manager deciding only at the save: here, with no save due, the Trainer without a
+    ``ModelCheckpoint`` has one that saved nothing in each of them, and none in the epoch-end
+    validation (the epoch-end save comes after it)."""
+    module = RecordsCheckpointCallback()
+    fit_tiny(
+        module,
+        tmp_path,
+        epochs=1,
+        trainer_options=VALIDATING,
+        every_n_epochs=None,
+        every_n_steps=100,
+    )
+    assert distckpt.CheckpointManager(str(tmp_path), read_only=True).steps() == []
+    seen = module.seen_checkpoint_callbacks
+    assert len(seen) == 3 * 2  # 3 validations of 2 batches
+    assert all(callback is not None and callback.best_model_path == "" for callback in seen[:4])
+    assert seen[4:] == [None, None]
