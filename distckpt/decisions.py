@@ -295,7 +295,9 @@ class SignalFlag:
         for signum, previous in self._previous.items():
             self._replaced_when_restored[signum] = previous
             if signal.getsignal(signum) is self._handler:
-                signal.signal(signum, previous)
+                # None: a handler not installed from Python (set from C before the interpreter
+                # started), which Python cannot put back; the default action is the nearest.
+                signal.signal(signum, signal.SIG_DFL if previous is None else previous)
                 continue
             for later in list(_installed):
                 if later._previous.get(signum) is self._handler:

@@ -91,3 +91,20 @@ def test_a_closed_managers_handler_put_back_by_another_hands_the_signal_on(
     _deliver()
     assert programs_own_handler == [SIGNAL]
     assert not mgr._signals.is_set()
+
+
+def test_closing_puts_back_the_default_action_where_python_reported_no_handler(
+    tmp_path: Path,
+) -> None:
+    """``signal.signal`` reports None for a handler set from C before the interpreter started
+    (an embedding program's), which Python cannot install: close() raised TypeError."""
+    previous = signal.signal(SIGNAL, signal.SIG_IGN)
+    try:
+        mgr = distckpt.CheckpointManager(tmp_path, save_on_signal=(SIGNAL,))
+        # Set by hand: no handler this test process can install makes Python report None
+        # (it does so only for one set before the interpreter started).
+        mgr._signals._previous[SIGNAL] = None
+        mgr.close()
+        assert signal.getsignal(SIGNAL) == signal.SIG_DFL
+    finally:
+        signal.signal(SIGNAL, previous)
