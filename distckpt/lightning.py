@@ -132,7 +132,7 @@ from lightning import LightningModule, Trainer
 from lightning.pytorch.callbacks import Checkpoint
 
 from distckpt.lightning_extras import AsBytes, BytesAsTensors, LightningExtras
-from distckpt.lightning_internals import HeldSigterm, validates_after_this_batch
+from distckpt.lightning_internals import HeldSigterm, set_internal, validates_after_this_batch
 from distckpt.lightning_state import DeferredRNG, TrainerState
 from distckpt.manager import CheckpointManager
 from distckpt.per_rank import PerRank
@@ -302,7 +302,7 @@ class DistckptCallback(lightning.Callback):
             # restored loader position only to a loader it builds after the restore. Lightning
             # has no public call to rebuild it: dropping the built one makes the fit loop
             # rebuild it, with the position, when it starts.
-            trainer.fit_loop._combined_loader = None
+            set_internal(trainer.fit_loop, "_combined_loader", None)
 
     def _restore_last(
         self, trainer: Trainer, pl_module: LightningModule

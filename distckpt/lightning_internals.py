@@ -1,15 +1,37 @@
 """What :class:`~distckpt.lightning.DistckptCallback` reads and sets of Lightning's private
-state, for which Lightning has no public way: its SIGTERM flag (:class:`HeldSigterm`) and its
-epoch loop's decision to validate after a batch (:func:`validates_after_this_batch`)."""
+state, for which Lightning has no public way: its SIGTERM flag (:class:`HeldSigterm`), its
+epoch loop's decision to validate after a batch (:func:`validates_after_this_batch`), and,
+through :func:`internal` and :func:`set_internal`, every private attribute the callback uses,
+so that a Lightning version without one is named as such."""
 
 from __future__ import annotations
 
 import signal
+from typing import Any
 
+import lightning
 from lightning import Trainer
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from distckpt.decisions import SignalFlag
+from distckpt.errors import LightningInternalMissing
+
+
+def internal(owner: object, name: str) -> Any:
+    """``owner``'s private attribute ``name`` of Lightning's; raises
+    :class:`~distckpt.LightningInternalMissing` where the installed Lightning has none."""
+    try:
+        return getattr(owner, name)
+    except AttributeError:
+        attribute = f"{type(owner).__name__}.{name}"
+        raise LightningInternalMissing(attribute, lightning.__version__) from None
+
+
+def set_internal(owner: object, name: str, value: Any) -> None:
+    """Sets ``owner``'s private attribute ``name`` of Lightning's, only where it exists (a new
+    attribute would be set silently and read by nothing)."""
+    internal(owner, name)
+    setattr(owner, name, value)
 
 
 def validates_after_this_batch(trainer: Trainer) -> bool:
@@ -17,8 +39,10 @@ def validates_after_this_batch(trainer: Trainer) -> bool:
     running (its epoch loop decides so after that hook, in ``on_advance_end``, as here) and
     the validation loop does not then skip it for want of a batch to validate."""
     epoch_loop = trainer.fit_loop.epoch_loop
-    fetcher = trainer.fit_loop._data_fetcher
-    if fetcher is None or epoch_loop._skip_next_val or not epoch_loop._should_check_val_fx(fetcher):
+    fetcher = internal(trainer.fit_loop, "_data_fetcher")
+    if fetcher is None or internal(epoch_loop, "_skip_next_val"):
+        return False
+    if not internal(epoch_loop, "_should_check_val_fx")(fetcher):
         return False
     val_loop = epoch_loop.val_loop
     # Builds the validation loader as the loop's run is about to (a built one is kept): its
@@ -53,16 +77,16 @@ class HeldSigterm:
     def _hold(self, signum: int) -> None:
         trainer = self.trainer
         if signum == signal.SIGTERM and trainer is not None:
-            connector = trainer._signal_connector
-            if connector.received_sigterm:
-                connector.received_sigterm = False
+            connector = internal(trainer, "_signal_connector")
+            if internal(connector, "received_sigterm"):
+                set_internal(connector, "received_sigterm", False)
                 self.held = True
 
     def give_back(self) -> None:
         """Puts Lightning's flag back, if held: Lightning raises at its next check."""
         if self.held and self.trainer is not None:
             self.held = False
-            self.trainer._signal_connector.received_sigterm = True
+            set_internal(internal(self.trainer, "_signal_connector"), "received_sigterm", True)
 
     def raise_if_held(self) -> None:
         """Raises ``SIGTERMException`` as Lightning would have, if a SIGTERM is still held:

@@ -11,6 +11,7 @@ from lightning import Trainer
 from lightning.fabric.utilities.data import _set_sampler_epoch
 from lightning.pytorch.utilities.combined_loader import _Stateful
 
+from distckpt.lightning_internals import internal, set_internal
 from distckpt.rng import capture_rng, restore_rng
 
 
@@ -40,8 +41,8 @@ class TrainerState:
             # the loaders their saved (used-up) position, yet a sampler's generator must go on
             # from it. Kept back here; ``finish_ended_epoch`` applies it.
             self.ended_epoch = True
-            self.ended_epoch_loaders = fit_loop._combined_loader_states_to_load
-            fit_loop._combined_loader_states_to_load = []
+            self.ended_epoch_loaders = internal(fit_loop, "_combined_loader_states_to_load")
+            set_internal(fit_loop, "_combined_loader_states_to_load", [])
         if state["precision"]:
             self.trainer.precision_plugin.load_state_dict(state["precision"])
         if self.trainer.datamodule is not None and state["datamodule"]:
@@ -68,8 +69,8 @@ class TrainerState:
         epoch_loop = fit_loop.epoch_loop
         epoch_loop.batch_progress.reset_on_run()
         epoch_loop.batch_progress.is_last_batch = False
-        epoch_loop.scheduler_progress.reset_on_run()
-        epoch_loop.automatic_optimization.optim_progress.reset_on_run()
+        internal(epoch_loop, "scheduler_progress").reset_on_run()
+        internal(epoch_loop.automatic_optimization, "optim_progress").reset_on_run()
         epoch_loop.val_loop.batch_progress.total.reset()
 
     def finish_ended_epoch(self) -> bool:
@@ -80,9 +81,9 @@ class TrainerState:
         states, self.ended_epoch_loaders = self.ended_epoch_loaders, []
         if not states:
             return False
-        combined_loader = self.trainer.fit_loop._combined_loader
+        combined_loader = internal(self.trainer.fit_loop, "_combined_loader")
         assert combined_loader is not None
-        combined_loader._load_state_dicts(states)
+        internal(combined_loader, "_load_state_dicts")(states)
         stateful = [loader for loader in combined_loader.flattened if isinstance(loader, _Stateful)]
         for loader, state in zip(stateful, states):
             # A StatefulDataLoader whose iterator had already finished starts afresh by itself.
@@ -95,10 +96,12 @@ class TrainerState:
         """Build the next epoch's data iterator as Lightning does at an epoch's start (after
         the samplers' ``set_epoch``), which a resuming fit loop does not."""
         fit_loop = self.trainer.fit_loop
-        assert fit_loop._combined_loader is not None and fit_loop._data_fetcher is not None
-        for loader in fit_loop._combined_loader.flattened:
+        combined_loader = internal(fit_loop, "_combined_loader")
+        fetcher = internal(fit_loop, "_data_fetcher")
+        assert combined_loader is not None and fetcher is not None
+        for loader in combined_loader.flattened:
             _set_sampler_epoch(loader, fit_loop.epoch_progress.current.processed)
-        iter(fit_loop._data_fetcher)
+        iter(fetcher)
 
 
 class DeferredRNG:
