@@ -61,7 +61,8 @@ class HeldSigterm:
     installed (the manager's, installed at ``setup``) after setting its flag, so the manager's
     handler clears that flag right then (:attr:`SignalFlag.on_set
     <distckpt.decisions.SignalFlag.on_set>`). Held, it is given back once the save has run, and
-    Lightning raises then; a fit ending before any save raises at ``on_train_end``."""
+    Lightning raises then; a fit ending before any save raises at ``on_train_end``. A SIGTERM
+    coming before Lightning installs its handler (during ``on_fit_start``) is held too."""
 
     def __init__(self) -> None:
         self.trainer: Trainer | None = None
@@ -77,10 +78,11 @@ class HeldSigterm:
     def _hold(self, signum: int) -> None:
         trainer = self.trainer
         if signum == signal.SIGTERM and trainer is not None:
-            connector = internal(trainer, "_signal_connector")
-            if internal(connector, "received_sigterm"):
-                set_internal(connector, "received_sigterm", False)
-                self.held = True
+            # Held also where Lightning's flag is not set: before Lightning installs its handler
+            # (after ``on_fit_start``, during the restore) the manager's handler alone runs,
+            # and the signal would otherwise be swallowed.
+            set_internal(internal(trainer, "_signal_connector"), "received_sigterm", False)
+            self.held = True
 
     def give_back(self) -> None:
         """Puts Lightning's flag back, if held: Lightning raises at its next check."""

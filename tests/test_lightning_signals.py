@@ -256,3 +256,30 @@ def test_sigterm_held_when_the_fit_ends_before_a_save_raises_at_its_end(tmp_path
             save_on_signal=(signal.SIGTERM,),
         )
     assert distckpt.CheckpointManager(str(tmp_path), read_only=True).steps() == []
+
+
+class SigtermAtFitStart(lightning.Callback):
+    """Listed after the saving callback: sends SIGTERM in its ``on_fit_start``, as during a
+    long restore, before Lightning installs its own SIGTERM handler."""
+
+    def on_fit_start(self, *hook_args: Any) -> None:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+@pytest.mark.usefixtures("sigterm_handler_kept")
+def test_sigterm_during_fit_start_is_saved_at_the_first_step_then_lightning_raises(
+    tmp_path: Path,
+) -> None:
+    """Lightning's handler, installed after ``on_fit_start``, never saw this SIGTERM: the fit
+    returned normally, its signal swallowed."""
+    with pytest.raises(SIGTERMException):
+        fit_tiny(
+            TinyModule(),
+            tmp_path,
+            epochs=1,
+            callbacks=[SigtermAtFitStart()],
+            every_n_epochs=None,
+            every_n_steps=100,
+            save_on_signal=(signal.SIGTERM,),
+        )
+    assert distckpt.CheckpointManager(str(tmp_path), read_only=True).steps() == [1]
