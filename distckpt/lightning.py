@@ -86,7 +86,9 @@ optimization and gradient accumulation), and no gradients half-accumulated over 
 exist at that moment, so none need saving. A checkpoint due in the middle of an accumulation
 window (a preemption signal) is taken at the window's last micro-batch. Epoch schedules
 (``every_n_epochs``) count completed epochs. After a preemption save the trainer stops, also
-before the Trainer's ``min_epochs`` or ``min_steps`` (lifted for the rest of that fit). With
+before the Trainer's ``min_epochs`` or ``min_steps`` (lifted for the rest of that fit), and
+without the validation Lightning runs before stopping after a batch in the middle of an epoch.
+With
 SIGTERM in ``save_on_signal``, Lightning's own handling of it (``SIGTERMException``, raised
 after the batch or validation batch in which it came) is held back from the moment it comes
 until the save has run (at the window's last micro-batch, the end of a validation or of the
@@ -384,6 +386,10 @@ class DistckptCallback(lightning.Callback):
             _add_callback(trainer, self._monitors_saver)
             return
         self._save(trainer, pl_module, epochs_done=trainer.current_epoch)
+        if self.manager is not None and self.manager.preempted:
+            # ``should_stop`` makes Lightning validate after this batch before it stops: time
+            # the grace period has no room for, and metrics the checkpoint does not hold.
+            set_internal(trainer.fit_loop.epoch_loop, "_skip_next_val", True)
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._save_at_epoch_end:

@@ -78,6 +78,27 @@ def sigterm_handler_kept() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def fit_saving_on_signal_alone(
+    module: lightning.LightningModule,
+    root: Path,
+    signum: signal.Signals,
+    epochs: int = 1,
+    callbacks: list[Any] | None = None,
+    trainer_options: dict[str, Any] | None = None,
+) -> Any:
+    """:func:`fit_tiny` saving on ``signum`` alone (a step schedule that never saves here)."""
+    return fit_tiny(
+        module,
+        root,
+        epochs=epochs,
+        callbacks=callbacks or [],
+        trainer_options=trainer_options,
+        every_n_epochs=None,
+        every_n_steps=100,
+        save_on_signal=(signum,),
+    )
+
+
 class SendsSigterm(ValidatesEveryTwoBatches):
     """Sends SIGTERM to its own process in the training batch ``(epoch, batch_idx)`` of
     ``in_training``, or in the first batch of the validation after optimizer step
@@ -121,14 +142,11 @@ def test_sigterm_where_no_save_can_be_taken_is_saved_at_the_next_point_then_ligh
     Lightning raises after it."""
     module = SendsSigterm(**sent)
     with pytest.raises(SIGTERMException):
-        fit_tiny(
+        fit_saving_on_signal_alone(
             module,
             tmp_path,
-            epochs=1,
+            signal.SIGTERM,
             trainer_options=trainer_options,
-            every_n_epochs=None,
-            every_n_steps=100,  # a schedule that never saves here: the signal alone does
-            save_on_signal=(signal.SIGTERM,),
         )
     assert distckpt.CheckpointManager(str(tmp_path), read_only=True).steps() == [saved]
     assert len(module.trained) == saved * trainer_options.get("accumulate_grad_batches", 1)
@@ -154,14 +172,12 @@ def test_the_trainer_stops_after_a_preemption_save_before_its_minimum_is_met(
     fit trained on to them after the preemption save. They are lifted for the rest of that fit
     alone: the Trainer has them back for its next fit."""
     module = SendsSigusr1()
-    trainer = fit_tiny(
+    trainer = fit_saving_on_signal_alone(
         module,
         tmp_path,
+        signal.SIGUSR1,
         epochs=3,
         trainer_options=minimum,
-        every_n_epochs=None,
-        every_n_steps=100,
-        save_on_signal=(signal.SIGUSR1,),
     )
     assert module.trained == [(0, 0), (0, 1)]
     assert distckpt.CheckpointManager(str(tmp_path), read_only=True).steps() == [2]
@@ -211,15 +227,12 @@ def test_sigterm_after_the_callbacks_hook_is_saved_at_the_next_step_then_lightni
     nothing saved; now it is saved at the next step (after its validation), then Lightning
     raises."""
     with pytest.raises(SIGTERMException):
-        fit_tiny(
+        fit_saving_on_signal_alone(
             module,
             tmp_path,
-            epochs=1,
+            signal.SIGTERM,
             callbacks=callbacks,
             trainer_options=VALIDATING,
-            every_n_epochs=None,
-            every_n_steps=100,
-            save_on_signal=(signal.SIGTERM,),
         )
     assert distckpt.CheckpointManager(str(tmp_path), read_only=True).steps() == [saved]
 
@@ -247,13 +260,10 @@ def test_sigterm_held_when_the_fit_ends_before_a_save_raises_at_its_end(tmp_path
     """Lightning alone raises ``SIGTERMException`` here; a SIGTERM held for a save that never
     came made the fit return normally."""
     with pytest.raises(SIGTERMException):
-        fit_tiny(
+        fit_saving_on_signal_alone(
             StepsAtFirstBatchOnly(),
             tmp_path,
-            epochs=1,
-            every_n_epochs=None,
-            every_n_steps=100,
-            save_on_signal=(signal.SIGTERM,),
+            signal.SIGTERM,
         )
     assert distckpt.CheckpointManager(str(tmp_path), read_only=True).steps() == []
 
@@ -273,13 +283,36 @@ def test_sigterm_during_fit_start_is_saved_at_the_first_step_then_lightning_rais
     """Lightning's handler, installed after ``on_fit_start``, never saw this SIGTERM: the fit
     returned normally, its signal swallowed."""
     with pytest.raises(SIGTERMException):
-        fit_tiny(
+        fit_saving_on_signal_alone(
             TinyModule(),
             tmp_path,
-            epochs=1,
+            signal.SIGTERM,
             callbacks=[SigtermAtFitStart()],
-            every_n_epochs=None,
-            every_n_steps=100,
-            save_on_signal=(signal.SIGTERM,),
         )
     assert distckpt.CheckpointManager(str(tmp_path), read_only=True).steps() == [1]
+
+
+class SendsSigusr1AtFirstBatch(ValidatesEveryTwoBatches):
+    """Validates after every second batch; sends SIGUSR1 to its own process in its first."""
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        if (self.current_epoch, batch_idx) == (0, 0):
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return super().training_step(batch, batch_idx)
+
+
+def test_no_validation_runs_after_a_preemption_save_in_the_middle_of_an_epoch(
+    tmp_path: Path,
+) -> None:
+    """``should_stop`` makes Lightning validate after the batch before it stops: a validation
+    ran after the preemption save at step 1, spending the grace period."""
+    module = SendsSigusr1AtFirstBatch()
+    fit_saving_on_signal_alone(
+        module,
+        tmp_path,
+        signal.SIGUSR1,
+        trainer_options=VALIDATING,
+    )
+    assert distckpt.CheckpointManager(str(tmp_path), read_only=True).steps() == [1]
+    assert module.trained == [(0, 0)]
+    assert module.validated == {}
