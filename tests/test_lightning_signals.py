@@ -316,3 +316,14 @@ def test_no_validation_runs_after_a_preemption_save_in_the_middle_of_an_epoch(
     assert distckpt.CheckpointManager(str(tmp_path), read_only=True).steps() == [1]
     assert module.trained == [(0, 0)]
     assert module.validated == {}
+
+
+@pytest.mark.usefixtures("sigterm_handler_kept")
+def test_sigterm_not_in_save_on_signal_is_lightnings_alone(tmp_path: Path) -> None:
+    """Saving on SIGUSR1 alone, SIGTERM is not held: Lightning raises ``SIGTERMException`` at
+    the end of the batch in which it came, with nothing saved."""
+    module = SendsSigterm(in_training=(0, 1))
+    with pytest.raises(SIGTERMException):
+        fit_saving_on_signal_alone(module, tmp_path, signal.SIGUSR1)
+    assert module.trained == [(0, 0), (0, 1)]
+    assert distckpt.CheckpointManager(str(tmp_path), read_only=True).steps() == []
