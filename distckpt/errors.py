@@ -484,7 +484,8 @@ class LightningInternalMissing(CheckpointError, AttributeError):
     """A private attribute of Lightning that :class:`distckpt.lightning.DistckptCallback`
     relies on (Lightning has no public way to do what it does with it) is missing from the
     installed Lightning: that version is not supported. ``attribute`` names it as
-    ``Class.name``; ``lightning_version`` is the installed version."""
+    ``Class.name`` (``module.name`` for a module's); ``lightning_version`` is the installed
+    version."""
 
     def __init__(self, attribute: str, lightning_version: str) -> None:
         super().__init__(

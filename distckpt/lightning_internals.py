@@ -7,6 +7,7 @@ so that a Lightning version without one is named as such."""
 from __future__ import annotations
 
 import signal
+from types import ModuleType
 from typing import Any
 
 import lightning
@@ -18,12 +19,14 @@ from distckpt.errors import LightningInternalMissing
 
 
 def internal(owner: object, name: str) -> Any:
-    """``owner``'s private attribute ``name`` of Lightning's; raises
+    """``owner``'s (an object, class or module of Lightning's) private attribute ``name``; raises
     :class:`~distckpt.LightningInternalMissing` where the installed Lightning has none."""
     try:
         return getattr(owner, name)
     except AttributeError:
-        attribute = f"{type(owner).__name__}.{name}"
+        # A module or class is named itself; an instance, by its class.
+        named = owner if isinstance(owner, (ModuleType, type)) else type(owner)
+        attribute = f"{named.__name__}.{name}"
         raise LightningInternalMissing(attribute, lightning.__version__) from None
 
 

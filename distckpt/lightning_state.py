@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from typing import Any
 
+import lightning.fabric.utilities.data as fabric_data
+import lightning.pytorch.utilities.combined_loader as combined_loaders
 from lightning import Trainer
-from lightning.fabric.utilities.data import _set_sampler_epoch
-from lightning.pytorch.utilities.combined_loader import _Stateful
 
 from distckpt.lightning_internals import internal, set_internal
 from distckpt.rng import capture_rng, restore_rng
@@ -84,8 +84,11 @@ class TrainerState:
         combined_loader = internal(self.trainer.fit_loop, "_combined_loader")
         assert combined_loader is not None
         internal(combined_loader, "_load_state_dicts")(states)
-        stateful = [loader for loader in combined_loader.flattened if isinstance(loader, _Stateful)]
-        for loader, state in zip(stateful, states):
+        stateful = internal(combined_loaders, "_Stateful")
+        stateful_loaders = [
+            loader for loader in combined_loader.flattened if isinstance(loader, stateful)
+        ]
+        for loader, state in zip(stateful_loaders, states):
             # A StatefulDataLoader whose iterator had already finished starts afresh by itself.
             if not state.get("_iterator_finished", False):
                 for _ in loader:
@@ -99,8 +102,9 @@ class TrainerState:
         combined_loader = internal(fit_loop, "_combined_loader")
         fetcher = internal(fit_loop, "_data_fetcher")
         assert combined_loader is not None and fetcher is not None
+        set_sampler_epoch = internal(fabric_data, "_set_sampler_epoch")
         for loader in combined_loader.flattened:
-            _set_sampler_epoch(loader, fit_loop.epoch_progress.current.processed)
+            set_sampler_epoch(loader, fit_loop.epoch_progress.current.processed)
         iter(fetcher)
 
 

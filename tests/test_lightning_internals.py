@@ -28,6 +28,8 @@ def test_every_private_attribute_used_exists_in_the_installed_lightning() -> Non
         (epoch_loop, "scheduler_progress"),
         (epoch_loop.automatic_optimization, "optim_progress"),
         (lightning.pytorch.utilities.combined_loader.CombinedLoader, "_load_state_dicts"),
+        (lightning.pytorch.utilities.combined_loader, "_Stateful"),
+        (lightning.fabric.utilities.data, "_set_sampler_epoch"),
     ]
     for owner, name in used:
         internal(owner, name)
@@ -41,3 +43,13 @@ def test_a_missing_private_attribute_names_it_and_the_lightning_version() -> Non
     assert raised.value.lightning_version == lightning.__version__
     assert isinstance(raised.value, AttributeError)
     assert not hasattr(fit_loop, "_no_such_attribute")  # not set silently
+
+
+def test_a_missing_private_attribute_of_a_module_or_class_names_it() -> None:
+    module = lightning.pytorch.utilities.combined_loader
+    with pytest.raises(distckpt.LightningInternalMissing) as raised:
+        internal(module, "_no_such_attribute")
+    assert raised.value.attribute == f"{module.__name__}._no_such_attribute"
+    with pytest.raises(distckpt.LightningInternalMissing) as raised:
+        internal(module.CombinedLoader, "_no_such_attribute")
+    assert raised.value.attribute == "CombinedLoader._no_such_attribute"
