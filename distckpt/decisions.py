@@ -254,17 +254,34 @@ class SignalFlag:
     Managers may close in any order: :meth:`restore` puts back the handler :meth:`install`
     replaced only where this flag's handler is still the one installed. Where another flag's
     handler replaced it since (a manager made later, still open), that one is left in place and
-    takes over what this one had replaced, to put back in its turn."""
+    takes over what this one had replaced, to put back in its turn.
+
+    Once restored, this flag's handler hands a signal to the handler it had replaced, as if
+    that one were installed (the default action re-raises the signal, an ignored signal stays
+    ignored): others may keep it and put it back after :meth:`restore`, as Lightning's signal
+    connector does when it wraps it in a handler of its own, so a closed manager never swallows
+    a signal."""
 
     def __init__(self, signals: object) -> None:
         self.watched = checked_signals(signals)
         self._flag = threading.Event()
         self._previous: dict[int, Any] = {}
+        # Filled by restore(): a signal the handler gets afterwards goes to the one it replaced.
+        self._replaced_when_restored: dict[int, Any] = {}
         self._handler: Callable[[int, FrameType | None], None] | None = None
+        #: Called with the signal's number right after the flag is set, inside the handler:
+        #: what must change before the interrupted code runs on (Lightning's own SIGTERM flag,
+        #: which its handler set just before, held back until the save) cannot wait for a poll.
+        self.on_set: Callable[[int], None] | None = None
 
     def install(self) -> None:
         def on_signal(signum: int, frame: FrameType | None) -> None:
-            self._flag.set()
+            if signum in self._replaced_when_restored:
+                _hand_on(signum, frame, self._replaced_when_restored[signum])
+            else:
+                self._flag.set()
+                if self.on_set is not None:
+                    self.on_set(signum)
 
         self._handler = on_signal
         for signum in self.watched:
@@ -276,8 +293,11 @@ class SignalFlag:
         handler is still installed (see the class doc)."""
         _installed.discard(self)
         for signum, previous in self._previous.items():
+            self._replaced_when_restored[signum] = previous
             if signal.getsignal(signum) is self._handler:
-                signal.signal(signum, previous)
+                # None: a handler not installed from Python (set from C before the interpreter
+                # started), which Python cannot put back; the default action is the nearest.
+                signal.signal(signum, signal.SIG_DFL if previous is None else previous)
                 continue
             for later in list(_installed):
                 if later._previous.get(signum) is self._handler:
@@ -289,6 +309,18 @@ class SignalFlag:
 
     def clear(self) -> None:
         self._flag.clear()
+
+
+def _hand_on(signum: int, frame: FrameType | None, handler: Any) -> None:
+    """Handles ``signum`` as ``handler`` (a value ``signal.signal`` returned) would have, had it
+    been installed: a Python handler is called, an ignored signal is dropped, and the default
+    action (also for a handler not installed from Python, None) is taken by putting it back and
+    raising the signal again."""
+    if callable(handler):
+        handler(signum, frame)
+    elif handler != signal.SIG_IGN:
+        signal.signal(signum, signal.SIG_DFL)
+        signal.raise_signal(signum)
 
 
 #: The flags whose handlers are installed (until :meth:`SignalFlag.restore`).

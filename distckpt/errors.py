@@ -493,3 +493,19 @@ def describe_error(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     first = text[0] if text else ""
     return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
+class LightningInternalMissing(CheckpointError, AttributeError):
+    """A private attribute of Lightning that :class:`distckpt.lightning.DistckptCallback`
+    relies on (Lightning has no public way to do what it does with it) is missing from the
+    installed Lightning: that version is not supported. ``attribute`` names it as
+    ``Class.name`` (``module.name`` for a module's); ``lightning_version`` is the installed
+    version."""
+
+    def __init__(self, attribute: str, lightning_version: str) -> None:
+        super().__init__(
+            f"Lightning {lightning_version} has no {attribute}, which distckpt's Lightning "
+            "callback relies on: this Lightning version is not supported"
+        )
+        self.attribute = attribute
+        self.lightning_version = lightning_version

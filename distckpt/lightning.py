@@ -85,18 +85,37 @@ step counted is the :class:`~distckpt.StepTracker`'s (real optimizer steps, also
 optimization and gradient accumulation), and no gradients half-accumulated over micro-batches
 exist at that moment, so none need saving. A checkpoint due in the middle of an accumulation
 window (a preemption signal) is taken at the window's last micro-batch. Epoch schedules
-(``every_n_epochs``) count completed epochs. After a preemption save the trainer stops.
+(``every_n_epochs``) count completed epochs. After a preemption save the trainer stops, also
+before the Trainer's ``min_epochs`` or ``min_steps`` (lifted for the rest of that fit), and
+without the validation Lightning runs before stopping after a batch in the middle of an epoch.
+With
+SIGTERM in ``save_on_signal``, Lightning's own handling of it (``SIGTERMException``, raised
+after the batch or validation batch in which it came) is held back from the moment it comes
+until the save has run (at the window's last micro-batch, the end of a validation or of the
+epoch, or the next optimizer step where it came after this callback's hook of a batch): the
+fit then raises ``SIGTERMException``, as Lightning does, also when it ends before any save.
+
+A checkpoint due at a batch that Lightning validates after (``val_check_interval``) is taken
+once that validation has run, at the end of its ``on_validation_end`` hooks (this callback adds
+the same checkpoint callback as below for it, so every other callback's hook has run): its
+metrics are that validation's (``monitor`` and ``keep_best`` judge the weights it measured),
+and Lightning resumes it without running the validation again. A failure during the validation
+leaves the checkpoint before it as ``last``, and the rerun validates again. The module's own
+``on_validation_end``, which Lightning calls after the callbacks', runs after the save.
 
 A checkpoint due at an epoch's last batch is taken at the epoch's end instead, once the epoch's
 validation has run (and drawn from the RNGs), the loop counts the epoch as processed, and every
 ``on_train_epoch_end`` hook has run: the module's and every callback's, ``EarlyStopping``'s
 check included (Lightning runs checkpoint callbacks' last; this one adds such a callback for
 it, from its own ``on_train_epoch_end`` until the save: so ``trainer.checkpoint_callback``, None
-without a ``ModelCheckpoint``, is that one there, with empty ``best_model_path`` and
-``last_model_path``). After a failed fit, ``on_exception`` closes the manager as ``teardown``
-does, so a next ``fit`` on the same Trainer resumes.
+without a ``ModelCheckpoint``, is that one there, and during every mid-epoch validation that
+follows an optimizer step, whether or not a save is due at that step (the manager decides at
+the save),
+with empty ``best_model_path`` and ``last_model_path``). After a failed fit, ``on_exception``
+closes the manager as ``teardown`` does, so a next ``fit`` on the same Trainer resumes.
 
-Lightning resumes an epoch-end checkpoint as an ended epoch: the next epoch starts with its
+An epoch-end checkpoint resumes as an ended epoch, with ``max_steps`` set too (Lightning
+completes the count of such an epoch itself only without it): the next epoch starts with its
 ``on_train_epoch_start`` and from its first batch, and a checkpoint taken later in that epoch
 resumes mid-epoch like any other. The loaders' saved position, which Lightning does not hand
 back for an ended epoch, is used up at ``on_train_start`` and the next epoch's iterator built
@@ -112,16 +131,15 @@ from typing import Any
 
 import lightning
 from lightning import LightningModule, Trainer
-from lightning.fabric.utilities.data import _set_sampler_epoch
 from lightning.pytorch.callbacks import Checkpoint
-from lightning.pytorch.utilities.combined_loader import _Stateful
 
 from distckpt.lightning_extras import AsBytes, BytesAsTensors, LightningExtras
+from distckpt.lightning_internals import HeldSigterm, set_internal, validates_after_this_batch
+from distckpt.lightning_state import DeferredRNG, TrainerState
 from distckpt.manager import CheckpointManager
 from distckpt.per_rank import PerRank
 from distckpt.results import Checkpoint as LoadedCheckpoint
 from distckpt.results import SaveResult
-from distckpt.rng import capture_rng, restore_rng
 from distckpt.steps import BY_OPTIMIZER_KEY, STEP_KEY, StepTracker
 
 #: The state's key of :class:`~distckpt.lightning_extras.LightningExtras`, which checkpoints
@@ -129,96 +147,24 @@ from distckpt.steps import BY_OPTIMIZER_KEY, STEP_KEY, StepTracker
 _EXTRAS_KEY = "lightning"
 
 
-class _TrainerState:
-    """The Trainer's own resumable state, as one Stateful value with fixed keys (the loop's
-    state_dict gains keys, such as the loader's, that a fresh Trainer does not have yet)."""
-
-    def __init__(self, trainer: Trainer) -> None:
-        self.trainer = trainer
-        self.ended_epoch_loaders: list[dict[str, Any]] = []
-
-    def state_dict(self) -> dict[str, Any]:
-        datamodule = self.trainer.datamodule
-        return {
-            "fit_loop": self.trainer.fit_loop.state_dict(),
-            "precision": self.trainer.precision_plugin.state_dict(),
-            "datamodule": datamodule.state_dict() if datamodule is not None else {},
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        fit_loop = self.trainer.fit_loop
-        fit_loop.load_state_dict(state["fit_loop"])
-        epochs = state["fit_loop"]["epoch_progress"]["current"]
-        if epochs["processed"] == epochs["started"]:
-            # Saved at an epoch's end: Lightning starts the next epoch afresh and never hands
-            # the loaders their saved (used-up) position, yet a sampler's generator must go on
-            # from it. Kept back here; ``finish_ended_epoch`` applies it.
-            self.ended_epoch_loaders = fit_loop._combined_loader_states_to_load
-            fit_loop._combined_loader_states_to_load = []
-        if state["precision"]:
-            self.trainer.precision_plugin.load_state_dict(state["precision"])
-        if self.trainer.datamodule is not None and state["datamodule"]:
-            self.trainer.datamodule.load_state_dict(state["datamodule"])
-
-    def finish_ended_epoch(self) -> bool:
-        """After a restore of an epoch-end checkpoint, bring the loaders to where the uninterrupted
-        run's were at that epoch's end: their saved position loaded and iterated to its end, so
-        that a sampler's pending position (a ``StatefulDistributedSampler`` skips it lazily) is
-        used up. True if there was such a restore; then call :meth:`start_next_epoch`."""
-        states, self.ended_epoch_loaders = self.ended_epoch_loaders, []
-        if not states:
-            return False
-        combined_loader = self.trainer.fit_loop._combined_loader
-        assert combined_loader is not None
-        combined_loader._load_state_dicts(states)
-        stateful = [loader for loader in combined_loader.flattened if isinstance(loader, _Stateful)]
-        for loader, state in zip(stateful, states):
-            # A StatefulDataLoader whose iterator had already finished starts afresh by itself.
-            if not state.get("_iterator_finished", False):
-                for _ in loader:
-                    pass
-        return True
-
-    def start_next_epoch(self) -> None:
-        """Build the next epoch's data iterator as Lightning does at an epoch's start (after
-        the samplers' ``set_epoch``), which a resuming fit loop does not."""
-        fit_loop = self.trainer.fit_loop
-        assert fit_loop._combined_loader is not None and fit_loop._data_fetcher is not None
-        for loader in fit_loop._combined_loader.flattened:
-            _set_sampler_epoch(loader, fit_loop.epoch_progress.current.processed)
-        iter(fit_loop._data_fetcher)
-
-
-class _DeferredRNG:
-    """The RNGs, captured at each save but restored only when :meth:`apply` is called."""
-
-    def __init__(self) -> None:
-        self.pending: dict[str, Any] | None = None
-
-    def state_dict(self) -> dict[str, Any]:
-        return capture_rng()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.pending = state
-
-    def apply(self) -> None:
-        if self.pending is not None:
-            restore_rng(self.pending)
-            self.pending = None
-
-
 class _SaveAfterMonitors(Checkpoint):
-    """Takes :class:`DistckptCallback`'s epoch-end checkpoints. Lightning runs the
-    ``on_train_epoch_end`` of its checkpoint callbacks (and of ``EarlyStopping``) after every
-    other callback's and the module's, so that what those hooks change (an ``EarlyStopping``'s
-    count of epochs without improvement) is in the checkpoint. ``DistckptCallback`` cannot be
-    a checkpoint callback itself: Lightning refuses one with ``enable_checkpointing=False``.
+    """Takes :class:`DistckptCallback`'s checkpoints due at an epoch's end or after a
+    validation in the middle of an epoch. Lightning runs the ``on_train_epoch_end`` of its
+    checkpoint callbacks (and of ``EarlyStopping``) after every other callback's and the
+    module's, and this one's ``on_validation_end`` comes after every other callback's (it is
+    the last of them), so that what those hooks change (an ``EarlyStopping``'s count of
+    validations without improvement) is in the checkpoint. ``DistckptCallback`` cannot be a
+    checkpoint callback itself: Lightning refuses one with ``enable_checkpointing=False``.
 
     Lightning takes the first checkpoint callback as ``trainer.checkpoint_callback``, so this
-    one is in the Trainer's callbacks (last) only at an epoch whose end is saved: from
-    ``DistckptCallback``'s ``on_train_epoch_end`` until its own, which removes it. A Trainer
-    without a ``ModelCheckpoint`` has no ``checkpoint_callback`` otherwise. Within that span,
-    it answers what Lightning's code asks of a checkpoint callback as one that saved nothing:
+    one is in the Trainer's callbacks (last) only while such a save may be due (the manager
+    decides at the save whether it is): from ``DistckptCallback``'s ``on_train_epoch_end`` of
+    an epoch whose last batch ended an optimizer step until its own, or from
+    ``DistckptCallback``'s ``on_train_batch_end`` of a batch ending an optimizer step that
+    Lightning validates after in the middle of the epoch, whether or not a save is due at that
+    step, until the ``on_validation_end`` that follows; either removes it. A Trainer without a
+    ``ModelCheckpoint`` has no ``checkpoint_callback`` otherwise. Within that span, it answers
+    what Lightning's code asks of a checkpoint callback as one that saved nothing:
     ``best_model_path`` and ``last_model_path`` are empty."""
 
     def __init__(self, owner: DistckptCallback) -> None:
@@ -229,6 +175,16 @@ class _SaveAfterMonitors(Checkpoint):
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         _remove_callback(trainer, self)
         self.owner.save_at_epoch_end(trainer, pl_module)
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        _remove_callback(trainer, self)
+        self.owner.save_after_validation(trainer, pl_module)
+
+
+def _add_callback(trainer: Trainer, callback: lightning.Callback) -> None:
+    """Appends ``callback`` (this very object) to the Trainer's callbacks, unless there."""
+    if all(present is not callback for present in trainer.callbacks):
+        trainer.callbacks.append(callback)
 
 
 def _remove_callback(trainer: Trainer, callback: lightning.Callback) -> None:
@@ -259,17 +215,22 @@ class DistckptCallback(lightning.Callback):
         self.manager: CheckpointManager | None = None
         self.tracker: StepTracker | None = None
         self.resumed_from: int | None = None
-        self._rng = _DeferredRNG()
-        self._trainer_state: _TrainerState | None = None
+        self._rng = DeferredRNG()
+        self._trainer_state: TrainerState | None = None
         self._extras: LightningExtras | None = None
-        self._epoch_end_saver = _SaveAfterMonitors(self)
+        self._monitors_saver = _SaveAfterMonitors(self)
         self._step_at_last_batch = 0
         self._save_at_epoch_end = False
+        self._save_after_validation = False
+        self._sigterm = HeldSigterm()
+        self._min_limits: tuple[int | None, int | None] | None = None
         self.last_save: SaveResult | None = None
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage == "fit":
             self.manager = CheckpointManager(self.root, **self.manager_options)
+            # The manager's own flag: this package's, not a public part of the manager.
+            self._sigterm.watch(trainer, self.manager._signals)
 
     def _state(
         self, trainer: Trainer, pl_module: LightningModule, extras: Any, layout: str
@@ -311,8 +272,8 @@ class DistckptCallback(lightning.Callback):
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         assert self.manager is not None
         self.tracker = StepTracker(*trainer.optimizers)
-        self._trainer_state = _TrainerState(trainer)
-        self._extras = LightningExtras(trainer, skipped=(self, self._epoch_end_saver))
+        self._trainer_state = TrainerState(trainer)
+        self._extras = LightningExtras(trainer, skipped=(self, self._monitors_saver))
         checkpoint, extras = self._restore_last(trainer, pl_module)
 
         def finish_restore() -> None:
@@ -325,6 +286,7 @@ class DistckptCallback(lightning.Callback):
         # every rank raises then, not that rank alone while the others train on into DDP's
         # next collective, to wait there for it until the process group's timeout.
         self.manager.agree_on(finish_restore, what="handing the restored state to the hooks")
+        self._trainer_state.count_ended_epoch_completed()
         self.resumed_from = checkpoint.step if checkpoint is not None else None
         if checkpoint is not None and self.tracker.step != checkpoint.step:
             # This callback saves at tracker.step, so the restored count is the checkpoint's
@@ -342,7 +304,7 @@ class DistckptCallback(lightning.Callback):
             # restored loader position only to a loader it builds after the restore. Lightning
             # has no public call to rebuild it: dropping the built one makes the fit loop
             # rebuild it, with the position, when it starts.
-            trainer.fit_loop._combined_loader = None
+            set_internal(trainer.fit_loop, "_combined_loader", None)
 
     def _restore_last(
         self, trainer: Trainer, pl_module: LightningModule
@@ -396,6 +358,11 @@ class DistckptCallback(lightning.Callback):
         batch_idx: int,
     ) -> None:
         assert self.tracker is not None
+        if self._save_after_validation:
+            # Deferred to a validation Lightning then did not run, which the check below is
+            # meant to foresee: the state has moved on since, so that save is dropped.
+            self._save_after_validation = False
+            _remove_callback(trainer, self._monitors_saver)
         stepped = self.tracker.step != self._step_at_last_batch
         self._step_at_last_batch = self.tracker.step
         if not stepped:
@@ -410,12 +377,24 @@ class DistckptCallback(lightning.Callback):
             # would resume as a fresh epoch and train its first batches again.
             self._save_at_epoch_end = True
             return
+        if validates_after_this_batch(trainer):
+            # Lightning validates after this hook: saved once the validation has run, so that
+            # the checkpoint holds its metrics (``monitor``, ``keep_best``) and what the
+            # monitoring callbacks' ``on_validation_end`` changed. Lightning resumes a state
+            # saved after a validation without running it again.
+            self._save_after_validation = True
+            _add_callback(trainer, self._monitors_saver)
+            return
         self._save(trainer, pl_module, epochs_done=trainer.current_epoch)
+        if self.manager is not None and self.manager.preempted:
+            # ``should_stop`` makes Lightning validate after this batch before it stops: time
+            # the grace period has no room for, and metrics the checkpoint does not hold.
+            set_internal(trainer.fit_loop.epoch_loop, "_skip_next_val", True)
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._save_at_epoch_end:
             # Runs before the monitoring callbacks' hooks, which Lightning lists afterwards.
-            trainer.callbacks.append(self._epoch_end_saver)
+            _add_callback(trainer, self._monitors_saver)
 
     def save_at_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """The epoch-end save, if one is due; run by :class:`_SaveAfterMonitors`."""
@@ -423,6 +402,13 @@ class DistckptCallback(lightning.Callback):
             self._save_at_epoch_end = False
             # ``current_epoch`` still names the epoch that has just ended here.
             self._save(trainer, pl_module, epochs_done=trainer.current_epoch + 1)
+
+    def save_after_validation(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """The save due after a validation in the middle of an epoch, if one is due; run by
+        :class:`_SaveAfterMonitors`."""
+        if self._save_after_validation:
+            self._save_after_validation = False
+            self._save(trainer, pl_module, epochs_done=trainer.current_epoch)
 
     def _save(self, trainer: Trainer, pl_module: LightningModule, epochs_done: int) -> None:
         assert self.manager is not None and self.tracker is not None
@@ -441,6 +427,19 @@ class DistckptCallback(lightning.Callback):
             self.last_save = saved
         if self.manager.preempted:
             trainer.should_stop = True
+            # Lightning ignores should_stop until min_epochs and min_steps are met: lifted for
+            # the rest of this fit (``_close`` puts them back for the Trainer's next fit).
+            fit_loop = trainer.fit_loop
+            if self._min_limits is None:
+                self._min_limits = (fit_loop.min_epochs, fit_loop.epoch_loop.min_steps)
+            fit_loop.min_epochs = None
+            fit_loop.epoch_loop.min_steps = None
+            self._sigterm.give_back()
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # A SIGTERM that came after the fit's last save point (a last batch ending no optimizer
+        # step): Lightning, which checks its flag no more, would have raised at that batch.
+        self._sigterm.raise_if_held()
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._close(trainer)
@@ -460,9 +459,16 @@ class DistckptCallback(lightning.Callback):
             )
 
     def _close(self, trainer: Trainer) -> None:
-        """Removes the epoch-end saver and closes the step tracker and the manager."""
-        _remove_callback(trainer, self._epoch_end_saver)
+        """Removes the epoch-end saver, stops holding SIGTERM, puts back the Trainer's
+        ``min_epochs`` and ``min_steps`` a preemption lifted, and closes the step tracker and
+        the manager."""
+        _remove_callback(trainer, self._monitors_saver)
+        self._sigterm.stop(self.manager._signals if self.manager is not None else None)
         self._save_at_epoch_end = False
+        self._save_after_validation = False
+        if self._min_limits is not None:
+            trainer.fit_loop.min_epochs, trainer.fit_loop.epoch_loop.min_steps = self._min_limits
+            self._min_limits = None
         if self.tracker is not None:
             self.tracker.close()  # its count stays readable after the fit
         if self.manager is not None:

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -51,14 +51,19 @@ def fit_tiny(
     root: Path,
     epochs: int,
     callbacks: Sequence[lightning.Callback] = (),
+    trainer_options: Mapping[str, Any] | None = None,
     **options: Any,
 ) -> Any:
     """Fits ``module`` for ``epochs`` on one quiet CPU device, saving to ``root`` at every
-    epoch's end with the manager's ``options`` (its other ``callbacks`` after the saving one);
-    the Trainer."""
-    saving = DistckptCallback(str(root), every_n_epochs=1, fsync=False, **options)
+    epoch's end unless ``options`` (the manager's) say otherwise (its other ``callbacks`` after
+    the saving one; ``trainer_options``, such as ``max_steps``, passed to the Trainer); the
+    Trainer."""
+    saving = DistckptCallback(str(root), **{"every_n_epochs": 1, "fsync": False, **options})
     trainer = lightning.Trainer(
-        max_epochs=epochs, callbacks=[saving, *callbacks], **ONE_QUIET_DEVICE
+        max_epochs=epochs,
+        callbacks=[saving, *callbacks],
+        **ONE_QUIET_DEVICE,
+        **(trainer_options or {}),
     )
     trainer.fit(module)
     return trainer

@@ -1,5 +1,6 @@
 """distckpt.lightning.DistckptCallback resuming a DDP fit on 2 real ranks (forked processes in a
-gloo group, ``strategy="ddp"``): what the restore hands to the callbacks' hooks after it
+gloo group, ``strategy="ddp"``): an epoch-end checkpoint with ``max_steps`` set resumes as an
+ended epoch on every rank, and what the restore hands to the callbacks' hooks after it
 (their ``load_state_dict`` and ``on_load_checkpoint``) failing on one rank alone is raised on
 every rank, naming that rank, instead of leaving the other rank to train on into DDP's
 gradient sync and wait there for the process group's timeout."""
@@ -20,6 +21,7 @@ from lightning import LightningModule, Trainer
 from distckpt.lightning import DistckptCallback
 from tests.lightning_tiny import TinyModule
 from tests.ranks import ReservedPort, run_ranks
+from tests.test_lightning_resume_points import RecordsBatches
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -57,9 +59,7 @@ class FailsToResumeOnRankOne(lightning.Callback):
         self._fail_if("on_load_checkpoint")
 
 
-def _fit_then_resume(rank: int, world_size: int, root: str, port: int, hook: str) -> str:
-    """One rank of a 1-epoch fit, then of its resume to 2 epochs whose ``hook`` fails on rank 1;
-    the resume's error as ``type: message``."""
+def _tell_lightning_the_rank(rank: int, world_size: int, port: int) -> None:
     # The process group exists already (tests.ranks made it): Lightning takes it as is; these
     # tell Lightning's DDP which rank this process is.
     os.environ.update(
@@ -70,6 +70,12 @@ def _fit_then_resume(rank: int, world_size: int, root: str, port: int, hook: str
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
     )
+
+
+def _fit_then_resume(rank: int, world_size: int, root: str, port: int, hook: str) -> str:
+    """One rank of a 1-epoch fit, then of its resume to 2 epochs whose ``hook`` fails on rank 1;
+    the resume's error as ``type: message``."""
+    _tell_lightning_the_rank(rank, world_size, port)
 
     def fit(epochs: int, failing_hook: str | None) -> None:
         callbacks = [
@@ -100,3 +106,36 @@ def test_a_hook_failing_on_one_rank_at_resume_raises_on_every_rank(
     for error in errors:
         assert error.startswith("RankFailure"), error
         assert f"rank 1: ValueError: {hook} refuses the state on rank 1" in error
+
+
+def _batches_uninterrupted_and_resumed(
+    rank: int, world_size: int, root: str, port: int
+) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """One rank's batches, as ``(epoch, batch_idx)``, of a fit to ``max_steps=3`` (one batch an
+    epoch on each rank), and of a fit to ``max_steps=1`` (the first epoch's end) then again to
+    3, resumed from it."""
+    _tell_lightning_the_rank(rank, world_size, port)
+
+    def fit(max_steps: int, run: str) -> list[tuple[int, int]]:
+        module = RecordsBatches(fail=False)
+        saving = DistckptCallback(f"{root}/{run}", every_n_epochs=1, fsync=False, timeout=20)
+        trainer = lightning.Trainer(
+            max_steps=max_steps, max_epochs=-1, callbacks=[saving], **TWO_QUIET_RANKS
+        )
+        trainer.fit(module)
+        return module.trained
+
+    return fit(3, "uninterrupted"), fit(1, "resumed") + fit(3, "resumed")
+
+
+def test_a_ddp_fit_with_max_steps_resumes_an_epoch_end_checkpoint_exactly(tmp_path: Path) -> None:
+    """Every rank starts the next epoch from its first batch, where it trained a batch more
+    in the ended epoch (Lightning resumes an ended epoch so only without ``max_steps``)."""
+    with ReservedPort() as port:
+        results = run_ranks(
+            _batches_uninterrupted_and_resumed, 2, str(tmp_path), port.port, timeout=90
+        )
+    for result in results:
+        uninterrupted, resumed = result.unwrap()
+        assert uninterrupted == [(0, 0), (1, 0), (2, 0)]
+        assert resumed == uninterrupted

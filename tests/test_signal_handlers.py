@@ -68,3 +68,43 @@ def test_close_restores_the_handler_even_when_releasing_the_root_fails(
         mgr.close()
     _deliver()
     assert programs_own_handler == [SIGNAL]
+
+
+def test_a_closed_managers_handler_put_back_by_another_hands_the_signal_on(
+    tmp_path: Path, programs_own_handler: list[int]
+) -> None:
+    """Another library wraps the manager's handler in its own (Lightning's signal connector
+    does), so the manager's close() leaves that one installed, and the library then puts back
+    what it had replaced: the closed manager's handler. A signal then reaches the program's
+    handler, not a flag no one reads any more."""
+    mgr = distckpt.CheckpointManager(tmp_path, save_on_signal=(SIGNAL,))
+    managers_handler = signal.getsignal(SIGNAL)
+    assert callable(managers_handler)
+
+    def wrapping(signum: int, frame: FrameType | None) -> None:
+        managers_handler(signum, frame)
+
+    signal.signal(SIGNAL, wrapping)
+    mgr.close()
+    assert signal.getsignal(SIGNAL) is wrapping  # not the manager's to put back
+    signal.signal(SIGNAL, managers_handler)  # the other library's own teardown
+    _deliver()
+    assert programs_own_handler == [SIGNAL]
+    assert not mgr._signals.is_set()
+
+
+def test_closing_puts_back_the_default_action_where_python_reported_no_handler(
+    tmp_path: Path,
+) -> None:
+    """``signal.signal`` reports None for a handler set from C before the interpreter started
+    (an embedding program's), which Python cannot install: close() raised TypeError."""
+    previous = signal.signal(SIGNAL, signal.SIG_IGN)
+    try:
+        mgr = distckpt.CheckpointManager(tmp_path, save_on_signal=(SIGNAL,))
+        # Set by hand: no handler this test process can install makes Python report None
+        # (it does so only for one set before the interpreter started).
+        mgr._signals._previous[SIGNAL] = None
+        mgr.close()
+        assert signal.getsignal(SIGNAL) == signal.SIG_DFL
+    finally:
+        signal.signal(SIGNAL, previous)

@@ -1,0 +1,108 @@
+"""What :class:`~distckpt.lightning.DistckptCallback` reads and sets of Lightning's private
+state, for which Lightning has no public way: its SIGTERM flag (:class:`HeldSigterm`), its
+epoch loop's decision to validate after a batch (:func:`validates_after_this_batch`), and,
+through :func:`internal` and :func:`set_internal`, every private attribute the callback uses,
+so that a Lightning version without one is named as such."""
+
+from __future__ import annotations
+
+import signal
+from types import ModuleType
+from typing import Any
+
+import lightning
+from lightning import Trainer
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from distckpt.decisions import SignalFlag
+from distckpt.errors import LightningInternalMissing
+
+
+def internal(owner: object, name: str) -> Any:
+    """``owner``'s (an object, class or module of Lightning's) private attribute ``name``; raises
+    :class:`~distckpt.LightningInternalMissing` where the installed Lightning has none."""
+    try:
+        return getattr(owner, name)
+    except AttributeError:
+        # A module or class is named itself; an instance, by its class.
+        named = owner if isinstance(owner, (ModuleType, type)) else type(owner)
+        attribute = f"{named.__name__}.{name}"
+        raise LightningInternalMissing(attribute, lightning.__version__) from None
+
+
+def set_internal(owner: object, name: str, value: Any) -> None:
+    """Sets ``owner``'s private attribute ``name`` of Lightning's, only where it exists (a new
+    attribute would be set silently and read by nothing)."""
+    internal(owner, name)
+    setattr(owner, name, value)
+
+
+def validates_after_this_batch(trainer: Trainer) -> bool:
+    """Whether Lightning runs a validation after the batch whose ``on_train_batch_end`` is
+    running (its epoch loop decides so after that hook, in ``on_advance_end``, as here) and
+    the validation loop does not then skip it for want of a batch to validate."""
+    epoch_loop = trainer.fit_loop.epoch_loop
+    fetcher = internal(trainer.fit_loop, "_data_fetcher")
+    if fetcher is None or internal(epoch_loop, "_skip_next_val"):
+        return False
+    if not internal(epoch_loop, "_should_check_val_fx")(fetcher):
+        return False
+    val_loop = epoch_loop.val_loop
+    # Builds the validation loader as the loop's run is about to (a built one is kept): its
+    # skip counts that loader's batches.
+    val_loop.setup_data()
+    return not val_loop.skip
+
+
+class HeldSigterm:
+    """Lightning's own SIGTERM handling, held back from the moment SIGTERM comes until the
+    preemption save has run: Lightning raises ``SIGTERMException`` at the end of the batch (or
+    the validation batch) in which SIGTERM came, which is before the save where that batch ends
+    no optimizer step (the middle of an accumulation window), where the save waits for a
+    validation or the epoch's end, or where SIGTERM came after this callback's hook of that
+    batch (in a later callback's or the module's). Lightning's handler calls the one it found
+    installed (the manager's, installed at ``setup``) after setting its flag, so the manager's
+    handler clears that flag right then (:attr:`SignalFlag.on_set
+    <distckpt.decisions.SignalFlag.on_set>`). Held, it is given back once the save has run, and
+    Lightning raises then; a fit ending before any save raises at ``on_train_end``. A SIGTERM
+    coming before Lightning installs its handler (during ``on_fit_start``) is held too."""
+
+    def __init__(self) -> None:
+        self.trainer: Trainer | None = None
+        self.held = False
+
+    def watch(self, trainer: Trainer, flag: SignalFlag) -> None:
+        """Holds Lightning's flag at each SIGTERM ``flag`` gets, until :meth:`stop`."""
+        self.trainer = trainer
+        self.held = False
+        if signal.SIGTERM in flag.watched:
+            flag.on_set = self._hold
+
+    def _hold(self, signum: int) -> None:
+        trainer = self.trainer
+        if signum == signal.SIGTERM and trainer is not None:
+            # Held also where Lightning's flag is not set: before Lightning installs its handler
+            # (after ``on_fit_start``, during the restore) the manager's handler alone runs,
+            # and the signal would otherwise be swallowed.
+            set_internal(internal(trainer, "_signal_connector"), "received_sigterm", False)
+            self.held = True
+
+    def give_back(self) -> None:
+        """Puts Lightning's flag back, if held: Lightning raises at its next check."""
+        if self.held and self.trainer is not None:
+            self.held = False
+            set_internal(internal(self.trainer, "_signal_connector"), "received_sigterm", True)
+
+    def raise_if_held(self) -> None:
+        """Raises ``SIGTERMException`` as Lightning would have, if a SIGTERM is still held:
+        at the fit's end Lightning checks its flag no more."""
+        if self.held:
+            self.give_back()
+            raise SIGTERMException
+
+    def stop(self, flag: SignalFlag | None) -> None:
+        """Holds no more (a SIGTERM held is dropped: the fit has failed or ended)."""
+        if flag is not None:
+            flag.on_set = None
+        self.trainer = None
+        self.held = False

@@ -1,0 +1,126 @@
+"""The Trainer's own state that :class:`~distckpt.lightning.DistckptCallback` saves and
+restores beside the module and optimizers: the fit loop's progress and loaders' positions, the
+precision plugin's and datamodule's states (:class:`TrainerState`), and the RNGs, restored
+only once Lightning has built the data iterator (:class:`DeferredRNG`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.fabric.utilities.data as fabric_data
+import lightning.pytorch.utilities.combined_loader as combined_loaders
+from lightning import Trainer
+
+from distckpt.lightning_internals import internal, set_internal
+from distckpt.rng import capture_rng, restore_rng
+
+
+class TrainerState:
+    """The Trainer's own resumable state, as one Stateful value with fixed keys (the loop's
+    state_dict gains keys, such as the loader's, that a fresh Trainer does not have yet)."""
+
+    def __init__(self, trainer: Trainer) -> None:
+        self.trainer = trainer
+        self.ended_epoch = False
+        self.ended_epoch_loaders: list[dict[str, Any]] = []
+
+    def state_dict(self) -> dict[str, Any]:
+        datamodule = self.trainer.datamodule
+        return {
+            "fit_loop": self.trainer.fit_loop.state_dict(),
+            "precision": self.trainer.precision_plugin.state_dict(),
+            "datamodule": datamodule.state_dict() if datamodule is not None else {},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        fit_loop = self.trainer.fit_loop
+        fit_loop.load_state_dict(state["fit_loop"])
+        epochs = state["fit_loop"]["epoch_progress"]["current"]
+        if epochs["processed"] == epochs["started"]:
+            # Saved at an epoch's end: Lightning starts the next epoch afresh and never hands
+            # the loaders their saved (used-up) position, yet a sampler's generator must go on
+            # from it. Kept back here; ``finish_ended_epoch`` applies it.
+            self.ended_epoch = True
+            self.ended_epoch_loaders = internal(fit_loop, "_combined_loader_states_to_load")
+            set_internal(fit_loop, "_combined_loader_states_to_load", [])
+        if state["precision"]:
+            self.trainer.precision_plugin.load_state_dict(state["precision"])
+        if self.trainer.datamodule is not None and state["datamodule"]:
+            self.trainer.datamodule.load_state_dict(state["datamodule"])
+
+    def count_ended_epoch_completed(self) -> None:
+        """After a restore of an epoch-end checkpoint, count the ended epoch as completed and
+        the next one as not started, as Lightning counts them once an epoch's end has run.
+
+        The save happens between Lightning counting the epoch as processed and as completed.
+        Lightning completes that count itself on resume only for epoch-based training: with
+        ``max_steps`` set (``FitLoop._iteration_based_training``) it resumes such a state as
+        "restarted at the epoch's end", runs one more batch in the ended epoch and skips the
+        next epoch's ``on_train_epoch_start``. Called after the hooks' ``on_load_checkpoint``,
+        which get the saved ``epoch`` (the ended one), as from Lightning's own checkpoint."""
+        if not self.ended_epoch:
+            return
+        self.ended_epoch = False
+        fit_loop = self.trainer.fit_loop
+        epochs = fit_loop.epoch_progress
+        epochs.current.completed = epochs.current.processed
+        epochs.total.completed = epochs.total.processed
+        # What Lightning's epoch loop resets when it starts an epoch afresh.
+        epoch_loop = fit_loop.epoch_loop
+        epoch_loop.batch_progress.reset_on_run()
+        epoch_loop.batch_progress.is_last_batch = False
+        internal(epoch_loop, "scheduler_progress").reset_on_run()
+        internal(epoch_loop.automatic_optimization, "optim_progress").reset_on_run()
+        epoch_loop.val_loop.batch_progress.total.reset()
+
+    def finish_ended_epoch(self) -> bool:
+        """After a restore of an epoch-end checkpoint, bring the loaders to where the uninterrupted
+        run's were at that epoch's end: their saved position loaded and iterated to its end, so
+        that a sampler's pending position (a ``StatefulDistributedSampler`` skips it lazily) is
+        used up. True if there was such a restore; then call :meth:`start_next_epoch`."""
+        states, self.ended_epoch_loaders = self.ended_epoch_loaders, []
+        if not states:
+            return False
+        combined_loader = internal(self.trainer.fit_loop, "_combined_loader")
+        assert combined_loader is not None
+        internal(combined_loader, "_load_state_dicts")(states)
+        stateful = internal(combined_loaders, "_Stateful")
+        stateful_loaders = [
+            loader for loader in combined_loader.flattened if isinstance(loader, stateful)
+        ]
+        for loader, state in zip(stateful_loaders, states):
+            # A StatefulDataLoader whose iterator had already finished starts afresh by itself.
+            if not state.get("_iterator_finished", False):
+                for _ in loader:
+                    pass
+        return True
+
+    def start_next_epoch(self) -> None:
+        """Build the next epoch's data iterator as Lightning does at an epoch's start (after
+        the samplers' ``set_epoch``), which a resuming fit loop does not."""
+        fit_loop = self.trainer.fit_loop
+        combined_loader = internal(fit_loop, "_combined_loader")
+        fetcher = internal(fit_loop, "_data_fetcher")
+        assert combined_loader is not None and fetcher is not None
+        set_sampler_epoch = internal(fabric_data, "_set_sampler_epoch")
+        for loader in combined_loader.flattened:
+            set_sampler_epoch(loader, fit_loop.epoch_progress.current.processed)
+        iter(fetcher)
+
+
+class DeferredRNG:
+    """The RNGs, captured at each save but restored only when :meth:`apply` is called."""
+
+    def __init__(self) -> None:
+        self.pending: dict[str, Any] | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return capture_rng()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.pending = state
+
+    def apply(self) -> None:
+        if self.pending is not None:
+            restore_rng(self.pending)
+            self.pending = None
