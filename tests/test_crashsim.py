@@ -26,8 +26,9 @@ from tests.crashsim.workloads import WORKLOADS, Case, cases
 SEED = 0
 #: states checked per case, a seeded sample where there are more (the long run checks more)
 MAX_STATES = 20
-#: states a mutant is checked in: all of them in the mutated cases (about a hundred each), so
-#: that the one state a removal spoils is never sampled away
+#: states a mutant may be checked in: all of them in the mutated cases (about a hundred each),
+#: so that the one state a removal spoils is never sampled away; they are checked in order
+#: until the first that shows a violation the intact library does not
 MUTATION_MAX_STATES = 200
 
 # The short run: every workload, both formats, 1 and 2 ranks (restart: 1, see its workload).
@@ -143,6 +144,7 @@ def _flagged(shared: Path, tmp_path: Path, name: str, site: mutate.FsyncSite) ->
         seed=SEED,
         max_states=MUTATION_MAX_STATES,
         forked=True,
+        until_flagged=True,
     )
     return outcome.flagged
 
@@ -166,6 +168,17 @@ def test_removing_an_fsync_is_flagged(
 ) -> None:
     site = next(s for s in mutate.fsync_sites() if s.function == function and call in s.text)
     assert _flagged(shared, tmp_path, name, site), f"removing {site.label} went unnoticed"
+
+
+def test_a_mutation_check_stops_at_the_first_state_showing_a_new_kind(tmp_path: Path) -> None:
+    # Two states whose root is gone after step 1's save had returned: each shows STEP_LOST.
+    gone = {"dir": os.fspath(tmp_path), "root": "root", "markers": ["0000-saved-1"]}
+    spec = {**gone, "format": "torch", "world": 1, "overwrite_window": False}
+    assert [[kind for kind, _ in found] for found in check.check_all([spec, spec])] == [
+        [check.STEP_LOST]
+    ] * 2
+    assert len(check.check_all([spec, spec], until_kind_outside=[check.STEP_LOST])) == 2
+    assert len(check.check_all([spec, spec], until_kind_outside=[check.LEFTOVER])) == 1
 
 
 def test_a_lost_rename_keeps_later_changes_to_the_renamed_dir(tmp_path: Path) -> None:

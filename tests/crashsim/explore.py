@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Collection
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -96,9 +97,12 @@ def explore(
     library: Path | None = None,
     run: str = "run",
     forked: bool = False,
+    until_kind_outside: Collection[str] | None = None,
 ) -> Result:
     """Trace ``workload`` (set up in ``work`` by :func:`setup` first) with ``library`` on the
-    path (default: this checkout), and check up to ``max_states`` of its crash states.
+    path (default: this checkout), and check up to ``max_states`` of its crash states; with
+    ``until_kind_outside``, only until one shows a violation of a kind not among those
+    (:func:`~tests.crashsim.check.check_all`).
 
     ``forked``: run the workload and the checker in children forked from this process
     instead of new interpreters, each of which would spend seconds importing torch (import
@@ -156,18 +160,24 @@ def explore(
             }
         )
     if forked:
-        verdicts = values(run_ranks(_check_job, 0, specs, timeout=900))[0]
+        verdicts = values(run_ranks(_check_job, 0, specs, until_kind_outside, timeout=900))[0]
     else:
         spec_file = here / "states.json"
         spec_file.write_text(json.dumps(specs))
+        known = [] if until_kind_outside is None else [json.dumps(sorted(until_kind_outside))]
         printed = _run_module(
-            "tests.crashsim.check", os.fspath(spec_file), env=_env(library), cwd=here, timeout=900
+            "tests.crashsim.check",
+            os.fspath(spec_file),
+            *known,
+            env=_env(library),
+            cwd=here,
+            timeout=900,
         )
         verdicts = json.loads(printed.strip().splitlines()[-1])
     for spec, found in zip(specs, verdicts):
         result.violations += [Violation(spec["describe"], kind, detail) for kind, detail in found]
     subprocess.run(["rm", "-rf", os.fspath(here)], check=True)
-    result.states_checked = len(specs)
+    result.states_checked = len(verdicts)
     result.seconds = time.monotonic() - started
     return result
 
@@ -188,8 +198,10 @@ def _run_module(module: str, *args: str, env: dict[str, str], cwd: Path, timeout
     return done.stdout
 
 
-def _check_job(rank: int, world: int, specs: list[dict[str, Any]]) -> list[list[tuple[str, str]]]:
-    return check.check_all(specs)
+def _check_job(
+    rank: int, world: int, specs: list[dict[str, Any]], until_kind_outside: Collection[str] | None
+) -> list[list[tuple[str, str]]]:
+    return check.check_all(specs, until_kind_outside)
 
 
 def _import_library_from(library: Path) -> None:
