@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import fcntl
 import os
+import shutil
+import subprocess
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -59,6 +62,23 @@ def shared(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return directory
 
 
+@pytest.fixture(scope="session")
+def scratch() -> Iterator[Path | None]:
+    """Where this process's explorations trace their workload and check its crash states: a
+    directory of the tmpfs ``/dev/shm`` where it has room, removed at the end; else None (in
+    the case's directory). What a crash keeps is the model's to say, not the disk's: a disk's
+    fsyncs (the traced workload's and every checked start's) only cost time there."""
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or shutil.disk_usage(shm).free < 1 << 30:
+        yield None
+        return
+    directory = Path(tempfile.mkdtemp(prefix="crashsim-", dir=shm))
+    try:
+        yield directory
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
 @contextmanager
 def _exclusive(lock_file: Path) -> Iterator[None]:
     with open(lock_file, "a") as handle:
@@ -71,8 +91,9 @@ def work_dir(shared: Path, case: Case) -> Path:
     return shared / "-".join(map(str, case))
 
 
-def explored(shared: Path, case: Case) -> explore.Result:
-    """``case``'s result, traced and checked once per session whatever the worker."""
+def explored(shared: Path, case: Case, scratch: Path | None) -> explore.Result:
+    """``case``'s result, traced and checked once per session whatever the worker (in
+    ``scratch``: see its fixture)."""
     work = work_dir(shared, case)
     cached = work.with_suffix(".json")
     with _exclusive(work.with_suffix(".lock")):
@@ -81,7 +102,14 @@ def explored(shared: Path, case: Case) -> explore.Result:
             work.mkdir()
             explore.setup(name, work, world=world, fmt=fmt, forked=True)
             result = explore.explore(
-                name, work, world=world, fmt=fmt, seed=SEED, max_states=MAX_STATES, forked=True
+                name,
+                work,
+                world=world,
+                fmt=fmt,
+                seed=SEED,
+                max_states=MAX_STATES,
+                forked=True,
+                scratch=scratch,
             )
             cached.write_text(result.to_json())
     return explore.Result.from_json(cached.read_text())
@@ -104,47 +132,54 @@ def _assert_none(result: explore.Result, *kinds: str) -> None:
 
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("case", CASES, ids=_ids)
-def test_no_crash_state_breaks_a_promise(shared: Path, case: Case) -> None:
-    result = explored(shared, case)
+def test_no_crash_state_breaks_a_promise(shared: Path, scratch: Path | None, case: Case) -> None:
+    result = explored(shared, case, scratch)
     assert result.states_checked > 0 and result.operations > 0, result.summary()
     assert not result.violations, f"{result.summary()}\n{_examples(result, set(result.kinds()))}"
 
 
-def test_retention_never_shows_a_half_deleted_step(shared: Path) -> None:
+def test_retention_never_shows_a_half_deleted_step(shared: Path, scratch: Path | None) -> None:
     # The trash (and the rename into it) is durable before the contents are deleted.
-    _assert_none(explored(shared, _case("retention")), check.RAW_PARTIAL, check.BROKEN_AFTER_OPEN)
+    _assert_none(
+        explored(shared, _case("retention"), scratch), check.RAW_PARTIAL, check.BROKEN_AFTER_OPEN
+    )
 
 
 @pytest.mark.parametrize("name", ["retention", "restart"])
-def test_crash_leftovers_are_collected_at_start(shared: Path, name: str) -> None:
+def test_crash_leftovers_are_collected_at_start(
+    shared: Path, scratch: Path | None, name: str
+) -> None:
     # Probes and links under construction are made under the root lock: whatever of them a
     # start finds, holding the lock, is a dead process's.
-    _assert_none(explored(shared, _case(name)), check.LEFTOVER)
+    _assert_none(explored(shared, _case(name), scratch), check.LEFTOVER)
 
 
 @pytest.mark.parametrize("name", ["delete", "overwrite_fallback", "pointer"])
-def test_last_never_dangles_durably(shared: Path, name: str) -> None:
+def test_last_never_dangles_durably(shared: Path, scratch: Path | None, name: str) -> None:
     # The links move off a checkpoint, durably, before it is moved into the trash.
-    _assert_none(explored(shared, _case(name)), check.RAW_DANGLING)
+    _assert_none(explored(shared, _case(name), scratch), check.RAW_DANGLING)
 
 
-def test_a_root_the_manager_creates_survives_power_loss(shared: Path) -> None:
+def test_a_root_the_manager_creates_survives_power_loss(shared: Path, scratch: Path | None) -> None:
     # The root and its missing parents are created each with an fsync of its parent.
-    _assert_none(explored(shared, _case("fresh_root")), check.STEP_LOST)
+    _assert_none(explored(shared, _case("fresh_root"), scratch), check.STEP_LOST)
 
 
-def _flagged(shared: Path, tmp_path: Path, name: str, site: mutate.FsyncSite) -> bool:
+def _flagged(
+    shared: Path, scratch: Path | None, tmp_path: Path, name: str, site: mutate.FsyncSite
+) -> bool:
     """Whether the explorer flags ``site``'s removal on ``name``'s case."""
     case = _case(name)
     outcome = mutate.run_mutation(
         site,
-        {name: explored(shared, case)},
+        {name: explored(shared, case, scratch)},
         {name: work_dir(shared, case)},
         tmp_path / "mutant",
         seed=SEED,
         max_states=MUTATION_MAX_STATES,
         forked=True,
         until_flagged=True,
+        explore_in=scratch,
     )
     return outcome.flagged
 
@@ -164,10 +199,21 @@ MUTATIONS = [
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize(("name", "function", "call"), MUTATIONS)
 def test_removing_an_fsync_is_flagged(
-    shared: Path, tmp_path: Path, name: str, function: str, call: str
+    shared: Path, scratch: Path | None, tmp_path: Path, name: str, function: str, call: str
 ) -> None:
     site = next(s for s in mutate.fsync_sites() if s.function == function and call in s.text)
-    assert _flagged(shared, tmp_path, name, site), f"removing {site.label} went unnoticed"
+    assert _flagged(shared, scratch, tmp_path, name, site), f"removing {site.label} went unnoticed"
+
+
+def test_the_explorations_run_in_a_tmpfs_where_there_is_one_with_room(
+    scratch: Path | None,
+) -> None:
+    shm = Path("/dev/shm")
+    if scratch is None:
+        assert not shm.is_dir() or shutil.disk_usage(shm).free < 1 << 30
+        return
+    kind = subprocess.run(["stat", "-f", "-c", "%T", scratch], capture_output=True, text=True)
+    assert scratch.parent == shm and kind.stdout.strip() == "tmpfs", kind
 
 
 def test_a_mutation_check_stops_at_the_first_state_showing_a_new_kind(tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Collection
@@ -98,11 +99,15 @@ def explore(
     run: str = "run",
     forked: bool = False,
     until_kind_outside: Collection[str] | None = None,
+    scratch: Path | None = None,
 ) -> Result:
     """Trace ``workload`` (set up in ``work`` by :func:`setup` first) with ``library`` on the
     path (default: this checkout), and check up to ``max_states`` of its crash states; with
     ``until_kind_outside``, only until one shows a violation of a kind not among those
-    (:func:`~tests.crashsim.check.check_all`).
+    (:func:`~tests.crashsim.check.check_all`). The traced run, its trace and its crash states
+    are made in ``work/run``, or with ``scratch`` in a new directory under it (a tmpfs: what a
+    crash keeps is the model's to say, not the disk's, whose fsyncs only cost time), removed
+    once the states are checked.
 
     ``forked``: run the workload and the checker in children forked from this process
     instead of new interpreters, each of which would spend seconds importing torch (import
@@ -112,7 +117,7 @@ def explore(
     the library under test wrote."""
     started = time.monotonic()
     result = Result(workload, world, fmt)
-    here = work / run
+    here = work / run if scratch is None else Path(tempfile.mkdtemp(dir=scratch)) / run
     base, markers = here / "base", here / "markers"
     subprocess.run(["cp", "-a", os.fspath(work / "initial"), os.fspath(here)], check=True)
     initial = model.Tree.from_disk(base)
@@ -176,7 +181,7 @@ def explore(
         verdicts = json.loads(printed.strip().splitlines()[-1])
     for spec, found in zip(specs, verdicts):
         result.violations += [Violation(spec["describe"], kind, detail) for kind, detail in found]
-    subprocess.run(["rm", "-rf", os.fspath(here)], check=True)
+    subprocess.run(["rm", "-rf", os.fspath(here if scratch is None else here.parent)], check=True)
     result.states_checked = len(verdicts)
     result.seconds = time.monotonic() - started
     return result
