@@ -34,6 +34,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -326,6 +327,28 @@ def start_preloaded(
     if not _servers[turn].alive:
         _servers[turn] = _JobServer(_HASH_SEEDS[turn])
     return _servers[turn].start(command, log, env, cwd)
+
+
+def run_script_preloaded(
+    source: str, args: Sequence[str], scratch: Path, timeout: float = 120
+) -> tuple[int, str]:
+    """Run ``source`` as ``python SCRIPT *args`` in a job server (see :func:`start_preloaded`),
+    the script written into ``scratch``; returns its exit status and its output (stdout and
+    stderr together) once it has ended. A script still running after ``timeout`` is killed
+    with its group, and the run fails."""
+    script = Path(tempfile.mkstemp(suffix=".py", dir=scratch)[1])
+    script.write_text(source)
+    log = script.with_suffix(".log")
+    job = start_preloaded([str(script), *args], log)
+    try:
+        code = job.wait(timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(job.pid, signal.SIGKILL)
+        job.join()
+        raise AssertionError(
+            f"{script.name} still ran after {timeout:g} s:\n{log.read_text()}"
+        ) from None
+    return code, log.read_text()
 
 
 def run(
