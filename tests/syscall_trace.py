@@ -7,7 +7,9 @@ its timings)."""
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import subprocess
 import sys
 import textwrap
@@ -40,31 +42,50 @@ def traced_file_calls(
     """The ``calls`` (strace's comma-separated names) on files that ``code``, run with
     ``workdir`` as its working directory and ``args`` as its command line, made, in order; only
     successful ``openat`` calls."""
+    run_traced(code, workdir, calls, args, timeout)
+    return _parsed_calls(workdir / "strace.log")
+
+
+def run_traced(
+    code: str, workdir: Path, calls: str, args: Sequence[str] = (), timeout: float = 180
+) -> None:
+    """Run ``code`` (as ``workload.py`` in ``workdir``, its working directory) under strace,
+    which logs the ``calls`` to ``strace.log`` there. Raises CalledProcessError if it fails and
+    TimeoutExpired if it outlives ``timeout``: then strace and every process it traces are
+    killed first (their own process group: a traced interpreter left running would keep the
+    files it has open, and a FUSE mount under them, busy)."""
     try:
         strace = ensure_strace()
     except StraceUnavailable as exc:
         skip_or_fail(f"the system calls are read from strace: {exc}")
-    log = workdir / "strace.log"
     script = workdir / "workload.py"
     script.write_text(textwrap.dedent(code))
-    subprocess.run(
-        [
-            strace,
-            "-f",
-            "-y",
-            "-qq",
-            "-e",
-            f"trace={calls}",
-            "-o",
-            log,
-            sys.executable,
-            script,
-            *args,
-        ],
-        check=True,
-        timeout=timeout,
-        cwd=workdir,
-    )
+    command = [
+        strace,
+        "-f",
+        "-y",
+        "-qq",
+        "-e",
+        f"trace={calls}",
+        "-o",
+        workdir / "strace.log",
+        sys.executable,
+        script,
+        *args,
+    ]
+    with subprocess.Popen(command, cwd=workdir, start_new_session=True) as traced:
+        try:
+            returncode = traced.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(traced.pid, signal.SIGKILL)
+            traced.wait()
+            raise
+    if returncode != 0:
+        raise subprocess.CalledProcessError(returncode, command)
+
+
+def _parsed_calls(log: Path) -> list[FileCall]:
+    """The calls on files in strace log ``log``, in order; only successful ``openat`` calls."""
     found_calls = []
     for line in log.read_text().splitlines():
         found = _CALL.match(line)
@@ -83,10 +104,11 @@ def traced_file_calls(
     return found_calls
 
 
-#: in each directory its command line names, one after the other: an async "torch" save into
-#: ``root`` there, then its restore (bit for bit) and ``verify``; what any of them raised (but
-#: CommitLost: fusefat empties the directory it renames, nothing commits there) is written to
-#: ``failed.txt`` in that directory, and the next directory is saved into all the same
+#: in each directory its command line names, one after the other: ``started.txt`` is written
+#: there, then an async "torch" save into ``root`` there, its restore (bit for bit) and
+#: ``verify``; what any of them raised (but CommitLost: fusefat empties the directory it renames,
+#: nothing commits there) is written to ``failed.txt`` in that directory, ``finished.txt``
+#: otherwise, and the next directory is saved into all the same
 DIRECT_IO_SAVES = """
 import sys, traceback
 from pathlib import Path
@@ -107,11 +129,14 @@ def save_restore_verify(root):
         assert torch.equal(restored[key].view(torch.int32), state[key].view(torch.int32)), key
     assert distckpt.verify(root).ok
 
-for workdir in sys.argv[1:]:
+for workdir in map(Path, sys.argv[1:]):
+    (workdir / "started.txt").write_text("")
     try:
-        save_restore_verify(Path(workdir) / "root")
+        save_restore_verify(workdir / "root")
     except Exception:
-        (Path(workdir) / "failed.txt").write_text(traceback.format_exc())
+        (workdir / "failed.txt").write_text(traceback.format_exc())
+    else:
+        (workdir / "finished.txt").write_text("")
 """
 #: the time one directory's save, restore and verify may take under strace, FUSE and load
 SECONDS_PER_SAVE = 60
@@ -124,11 +149,15 @@ class DirectIOSave:
     workdir: Path
     #: the rank file's openat (not a read's), ftruncate, fsync and sync_file_range calls
     rank_file_calls: list[FileCall]
+    #: why this directory has no result, if the shared traced interpreter died or hung before
+    #: it finished with it
+    lost: str | None = None
 
     def written_direct(self, *, commits: bool) -> bool:
         """Whether the rank file was written with direct I/O (then asking no early writeback,
         and cutting the padded tail back with ftruncate before the fsync); asserts the save,
         restore and verify went through, and that the step was committed if ``commits``."""
+        assert self.lost is None, self.lost
         failed = self.workdir / "failed.txt"
         assert not failed.exists(), failed.read_text()
         opened = [call for call in self.rank_file_calls if call.name == "openat"]
@@ -143,18 +172,36 @@ class DirectIOSave:
 
 def async_saves_traced(workdirs: Sequence[Path], scratch: Path) -> dict[Path, DirectIOSave]:
     """Run :data:`DIRECT_IO_SAVES` once under strace (its log and script in ``scratch``) over
-    ``workdirs``, each made now; what each directory's save did to its rank file."""
+    ``workdirs``, each made now if missing; what each directory's save did to its rank file. If
+    the interpreter dies or hangs (then it is killed after :func:`saves_timeout`), the
+    directories it had not finished with say so in :attr:`DirectIOSave.lost`."""
     for workdir in workdirs:
-        workdir.mkdir()
-    calls = traced_file_calls(
-        DIRECT_IO_SAVES,
-        scratch,
-        "openat,ftruncate,fsync,sync_file_range",
-        [str(workdir) for workdir in workdirs],
-        timeout=120 + SECONDS_PER_SAVE * len(workdirs),
-    )
+        workdir.mkdir(exist_ok=True)
+    try:
+        run_traced(
+            DIRECT_IO_SAVES,
+            scratch,
+            "openat,ftruncate,fsync,sync_file_range",
+            [str(workdir) for workdir in workdirs],
+            timeout=saves_timeout(len(workdirs)),
+        )
+        run_failure = None
+    except subprocess.CalledProcessError as exc:
+        run_failure = f"died (exit status {exc.returncode})"
+    except subprocess.TimeoutExpired as exc:
+        run_failure = f"hung (killed after {exc.timeout:.0f} s)"
+    calls = _parsed_calls(scratch / "strace.log")
     found = {}
     for workdir in workdirs:
+        lost = None
+        if run_failure is not None and not (
+            (workdir / "finished.txt").exists() or (workdir / "failed.txt").exists()
+        ):
+            lost = (
+                f"the shared traced run {run_failure} while saving on {workdir}"
+                if (workdir / "started.txt").exists()
+                else f"not reached: the shared traced run {run_failure} before {workdir}"
+            )
         # strace -y names a file by the path the kernel resolved it to
         rank_file = f"{workdir.resolve()}/root/"
         found[workdir] = DirectIOSave(
@@ -166,8 +213,14 @@ def async_saves_traced(workdirs: Sequence[Path], scratch: Path) -> dict[Path, Di
                 and call.path.endswith("/rank-00000.pt")
                 and not (call.name == "openat" and "O_RDONLY" in call.args[0])
             ],
+            lost,
         )
     return found
+
+
+def saves_timeout(directories: int) -> float:
+    """The seconds :func:`async_saves_traced` gives its interpreter over ``directories``."""
+    return 120 + SECONDS_PER_SAVE * directories
 
 
 def async_save_written_direct(workdir: Path, *, commits: bool) -> bool:
