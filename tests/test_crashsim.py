@@ -66,8 +66,9 @@ def shared(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def scratch() -> Iterator[Path | None]:
     """Where this process's explorations trace their workload and check its crash states: a
     directory of the tmpfs ``/dev/shm`` where it has room, removed at the end; else None (in
-    the case's directory). What a crash keeps is the model's to say, not the disk's: a disk's
-    fsyncs (the traced workload's and every checked start's) only cost time there."""
+    the case's directory). What a crash keeps is the model's to say, not the disk's: the
+    filesystem changes only timing (a disk's fsyncs are slow), and with it which interleaving a
+    2-rank trace records."""
     shm = Path("/dev/shm")
     if not shm.is_dir() or shutil.disk_usage(shm).free < 1 << 30:
         yield None

@@ -106,8 +106,8 @@ def explore(
     ``until_kind_outside``, only until one shows a violation of a kind not among those
     (:func:`~tests.crashsim.check.check_all`). The traced run, its trace and its crash states
     are made in ``work/run``, or with ``scratch`` in a new directory under it (a tmpfs: what a
-    crash keeps is the model's to say, not the disk's, whose fsyncs only cost time), removed
-    once the states are checked.
+    crash keeps is the model's to say, not the disk's; the filesystem changes only timing, and
+    with it which interleaving a 2-rank trace records), removed once the states are checked.
 
     ``forked``: run the workload and the checker in children forked from this process
     instead of new interpreters, each of which would spend seconds importing torch (import
