@@ -229,12 +229,10 @@ def check_all(
     return results
 
 
-def main(spec_file: str, until_kind_outside: str | None = None) -> None:
-    """``until_kind_outside``: :func:`check_all`'s, as a JSON list."""
+def main(spec_file: str) -> None:
     torch.set_num_threads(1)
-    known = None if until_kind_outside is None else json.loads(until_kind_outside)
-    print(json.dumps(check_all(json.loads(Path(spec_file).read_text()), known)))
+    print(json.dumps(check_all(json.loads(Path(spec_file).read_text()))))
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:3])
+    main(sys.argv[1])

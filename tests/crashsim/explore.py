@@ -104,10 +104,11 @@ def explore(
     """Trace ``workload`` (set up in ``work`` by :func:`setup` first) with ``library`` on the
     path (default: this checkout), and check up to ``max_states`` of its crash states; with
     ``until_kind_outside``, only until one shows a violation of a kind not among those
-    (:func:`~tests.crashsim.check.check_all`). The traced run, its trace and its crash states
-    are made in ``work/run``, or with ``scratch`` in a new directory under it (a tmpfs: what a
-    crash keeps is the model's to say, not the disk's; the filesystem changes only timing, and
-    with it which interleaving a 2-rank trace records), removed once the states are checked.
+    (:func:`~tests.crashsim.check.check_all`; ``forked`` only). The traced run, its trace and
+    its crash states are made in ``work/run``, or with ``scratch`` in a new directory under it
+    (a tmpfs: what a crash keeps is the model's to say, not the disk's; the filesystem changes
+    only timing, and with it which interleaving a 2-rank trace records), removed once the
+    states are checked.
 
     ``forked``: run the workload and the checker in children forked from this process
     instead of new interpreters, each of which would spend seconds importing torch (import
@@ -115,6 +116,8 @@ def explore(
     never from a thread pool whose other threads may hold a lock the child needs. The checker
     is then this checkout's library whatever ``library`` is; what it checks is the disk, which
     the library under test wrote."""
+    if until_kind_outside is not None and not forked:
+        raise ValueError("until_kind_outside needs forked: a new interpreter checks every state")
     started = time.monotonic()
     result = Result(workload, world, fmt)
     here = work / run if scratch is None else Path(tempfile.mkdtemp(dir=scratch)) / run
@@ -169,11 +172,9 @@ def explore(
     else:
         spec_file = here / "states.json"
         spec_file.write_text(json.dumps(specs))
-        known = [] if until_kind_outside is None else [json.dumps(sorted(until_kind_outside))]
         printed = _run_module(
             "tests.crashsim.check",
             os.fspath(spec_file),
-            *known,
             env=_env(library),
             cwd=here,
             timeout=900,

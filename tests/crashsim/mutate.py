@@ -104,7 +104,7 @@ def run_mutation(
     ``forked`` as for :func:`~tests.crashsim.explore.explore`. ``until_flagged``: a workload's
     states are checked only until one shows a kind its baseline does not (whether the removal
     is flagged, not every kind it shows), and the workloads after a flagging one are not
-    explored. ``explore_in``: each exploration's ``scratch`` (see
+    explored (``forked`` only). ``explore_in``: each exploration's ``scratch`` (see
     :func:`~tests.crashsim.explore.explore`)."""
     library = mutated_copy(site, scratch)
     new_kinds: dict[str, list[str]] = {}
