@@ -62,18 +62,37 @@ def shared(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return directory
 
 
+SHM = Path("/dev/shm")
+
+
+def _remove_dead_processes_scratch() -> None:
+    """Remove the scratch directories of test processes that are gone: a killed run never
+    removed its own, and a tmpfs keeps it in memory until reboot."""
+    for directory in SHM.glob("crashsim-*-*"):
+        pid = directory.name.split("-")[1]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(directory, ignore_errors=True)
+        except PermissionError:
+            continue  # another user's live process
+
+
 @pytest.fixture(scope="session")
 def scratch() -> Iterator[Path | None]:
     """Where this process's explorations trace their workload and check its crash states: a
     directory of the tmpfs ``/dev/shm`` where it has room, removed at the end; else None (in
     the case's directory). What a crash keeps is the model's to say, not the disk's: the
     filesystem changes only timing (a disk's fsyncs are slow), and with it which interleaving a
-    2-rank trace records."""
-    shm = Path("/dev/shm")
-    if not shm.is_dir() or shutil.disk_usage(shm).free < 1 << 30:
+    2-rank trace records. Named after this process, so that a later session removes it if this
+    one is killed before it can."""
+    if not SHM.is_dir() or shutil.disk_usage(SHM).free < explore.SCRATCH_MIN_FREE_BYTES:
         yield None
         return
-    directory = Path(tempfile.mkdtemp(prefix="crashsim-", dir=shm))
+    _remove_dead_processes_scratch()
+    directory = Path(tempfile.mkdtemp(prefix=f"crashsim-{os.getpid()}-", dir=SHM))
     try:
         yield directory
     finally:
@@ -207,14 +226,48 @@ def test_removing_an_fsync_is_flagged(
 
 
 def test_the_explorations_run_in_a_tmpfs_where_there_is_one_with_room(
-    scratch: Path | None,
+    scratch: Path | None, tmp_path: Path
 ) -> None:
-    shm = Path("/dev/shm")
+    """Where ``/dev/shm`` has room, an exploration traces and checks in it, not in its work
+    directory, and leaves nothing there."""
     if scratch is None:
-        assert not shm.is_dir() or shutil.disk_usage(shm).free < 1 << 30
+        assert not SHM.is_dir() or shutil.disk_usage(SHM).free < explore.SCRATCH_MIN_FREE_BYTES
         return
     kind = subprocess.run(["stat", "-f", "-c", "%T", scratch], capture_output=True, text=True)
-    assert scratch.parent == shm and kind.stdout.strip() == "tmpfs", kind
+    assert scratch.parent == SHM and kind.stdout.strip() == "tmpfs", kind
+    used = Path(tempfile.mkdtemp(dir=scratch))
+    changed_before = used.stat().st_mtime_ns
+    explore.setup("fresh_root", tmp_path, world=1, fmt="torch", forked=True)
+    result = explore.explore(
+        "fresh_root",
+        tmp_path,
+        world=1,
+        fmt="torch",
+        seed=SEED,
+        max_states=1,
+        forked=True,
+        scratch=used,
+    )
+    assert result.states_checked == 1 and not result.violations, result.summary()
+    # an entry was made and removed in it (its mtime moved), and none was in the work dir
+    assert used.stat().st_mtime_ns != changed_before and list(used.iterdir()) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["initial"]
+
+
+def test_a_scratch_directory_of_a_process_that_is_gone_is_removed() -> None:
+    """A session removes the scratch of a killed one (a pid no process has), not a live one's."""
+    if not SHM.is_dir():
+        pytest.skip("no /dev/shm")
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # reaped: its pid names no process (until reused, unlikely this soon)
+    dead = Path(tempfile.mkdtemp(prefix=f"crashsim-{gone.pid}-", dir=SHM))
+    alive = Path(tempfile.mkdtemp(prefix=f"crashsim-{os.getpid()}-", dir=SHM))
+    try:
+        _remove_dead_processes_scratch()
+        assert not dead.exists() and alive.is_dir()
+    finally:
+        shutil.rmtree(dead, ignore_errors=True)
+        shutil.rmtree(alive, ignore_errors=True)
 
 
 def test_a_mutation_check_stops_at_the_first_state_showing_a_new_kind(tmp_path: Path) -> None:

@@ -20,6 +20,9 @@ from tests.crashsim.workloads import WORKLOADS, run_phase
 from tests.ranks import run_ranks, values
 
 PROJECT = Path(__file__).resolve().parents[2]
+#: the free room a tmpfs needs to be an exploration's ``scratch``: every crash state of the
+#: largest short-run case is made before the first is checked
+SCRATCH_MIN_FREE_BYTES = 1 << 30
 
 
 @dataclass(frozen=True)
