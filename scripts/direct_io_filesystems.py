@@ -38,24 +38,19 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 REPO = Path(__file__).resolve().parent.parent
 for where in (REPO, REPO / "scripts"):
     if str(where) not in sys.path:
         sys.path.insert(0, str(where))
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-from bench.cli import exit_on_sigterm  # noqa: E402
-from bench.render import format_seconds, table  # noqa: E402
-from doc_tables import write_table  # noqa: E402
-from save_rounds import measure_in_rounds  # noqa: E402
-
-import distckpt  # noqa: E402
-from tests.crashsim.trace import StraceUnavailable, ensure_strace  # noqa: E402
+# What imports torch is imported where it is used, after the arguments were checked: a
+# refused argument is reported at once, not after the seconds torch takes to import.
 from tests.filesystems import KINDS, LOSES_RENAMED_DIRS, MountFactory  # noqa: E402
-from tests.ranks import run_ranks, values  # noqa: E402
-from tests.syscall_trace import async_save_written_direct  # noqa: E402
+
+if TYPE_CHECKING:
+    import distckpt
 
 MIB = 1 << 20
 DOC = REPO / "docs" / "filesystems.md"
@@ -78,6 +73,8 @@ RankTimes = dict[str, list[tuple[float, float]]]
 def timed_save(mgr: distckpt.CheckpointManager, step: int, state: dict) -> tuple[float, float]:
     """This rank's seconds until ``save`` returned and until the save was done (``wait``), every
     rank starting together; the checkpoint is deleted after."""
+    import torch.distributed as dist
+
     dist.barrier()
     started = time.perf_counter()
     mgr.save(step, state)
@@ -91,6 +88,11 @@ def timed_save(mgr: distckpt.CheckpointManager, step: int, state: dict) -> tuple
 def measure_rank(rank: int, world_size: int, root: str, mib: int, rounds: int) -> RankTimes:
     """One rank's times on the file system holding ``root``: each mode's manager saves into a
     root of its own under it."""
+    import torch
+    from save_rounds import measure_in_rounds
+
+    import distckpt
+
     state = {f"rank{rank}.w": torch.empty(mib * MIB // 4).uniform_(-1, 1)}
     options = {
         "direct": {"async_save": True, "direct_io": True},
@@ -138,6 +140,9 @@ def slowest_rank(per_rank: list[RankTimes]) -> dict[str, list[tuple[float, float
 def probe_direct(name: str, path: Path) -> bool | None:
     """Whether an async save's rank file on ``path`` is written with direct I/O, from strace of
     a real save (None where strace is not available)."""
+    from tests.crashsim.trace import StraceUnavailable, ensure_strace
+    from tests.syscall_trace import async_save_written_direct
+
     try:
         ensure_strace()
     except StraceUnavailable as exc:
@@ -148,6 +153,8 @@ def probe_direct(name: str, path: Path) -> bool | None:
 
 def render(results: list[FilesystemResult], mib: int, ranks: int, rounds: int) -> list[str]:
     """The markdown table, one row per file system."""
+    from bench.render import format_seconds, table
+
     headers = [
         f"{ranks} ranks x {mib} MiB, {rounds} rounds",
         "written direct (strace)",
@@ -186,8 +193,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--markdown", type=Path, help="write the table to this file")
     parser.add_argument("--doc", action="store_true", help=f"write the table into docs/{DOC.name}")
     args = parser.parse_args(argv)
-    # SIGTERM (`timeout`, `kill`) ends the run by an exception, so the mounts are undone below
-    signal.signal(signal.SIGTERM, exit_on_sigterm)
     names = FILESYSTEMS if args.filesystems == "all" else args.filesystems.split(",")
     unknown = sorted(set(names) - set(FILESYSTEMS))
     if unknown:
@@ -195,6 +200,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"not measured: {', '.join(unknown)} (of the matrix, measured are the writable file "
             f"systems that keep checkpoints: {', '.join(FILESYSTEMS)})"
         )
+    from bench.cli import exit_on_sigterm
+    from doc_tables import write_table
+
+    import distckpt  # noqa: F401  imported once here, not in every forked rank
+    from tests.ranks import run_ranks, values
+
+    # SIGTERM (`timeout`, `kill`) ends the run by an exception, so the mounts are undone below
+    signal.signal(signal.SIGTERM, exit_on_sigterm)
     load_before = os.getloadavg()
     print(f"load average before: {load_before}", flush=True)
     results: list[FilesystemResult] = []

@@ -34,9 +34,10 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -211,16 +212,23 @@ class _JobServer:
                 raise AssertionError(f"job server died (status {self._ended_with})")
             return None
 
-    def start(self, command: Sequence[str], log: Path) -> _Job:
-        """Start ``python *command`` in the server, with the environment a subprocess of the
-        test would get; returns once the job leads its process group."""
+    def start(
+        self,
+        command: Sequence[str],
+        log: Path,
+        env: Mapping[str, str] | None = None,
+        cwd: Path = ROOT,
+    ) -> PreloadedJob:
+        """Start ``python *command`` in the server, in ``cwd``, with environment ``env`` (by
+        default the one a subprocess of the test would get); returns once the job leads its
+        process group."""
         with self._requesting:
             request_id = next(self._request_ids)
             request = {
                 "id": request_id,
                 "argv": list(command),
-                "env": _env(),
-                "cwd": str(ROOT),
+                "env": dict(_env() if env is None else env),
+                "cwd": str(cwd),
                 "log": str(log),
             }
             assert self._process.stdin is not None
@@ -228,7 +236,7 @@ class _JobServer:
             self._process.stdin.flush()
         pid = self._report(self._pids, request_id, GROUP_EXIT_SECONDS)
         assert pid is not None, f"the job server started no job in {GROUP_EXIT_SECONDS:g} s"
-        return _Job(self, request_id, pid)
+        return PreloadedJob(self, request_id, pid)
 
     def exit_code(self, request_id: int, timeout: float | None) -> int | None:
         """The exit status of the job of request ``request_id`` once the server reaped it,
@@ -247,9 +255,9 @@ class _JobServer:
 
 
 @dataclass(frozen=True)
-class _Job:
-    """A job a :class:`_JobServer` runs for request ``request_id`` (with ``exitcode`` and
-    ``join`` as a process has)."""
+class PreloadedJob:
+    """A job a :class:`_JobServer` runs for request ``request_id`` (with ``pid``, ``poll``,
+    ``wait``, ``send_signal``, ``exitcode`` and ``join`` as a process has)."""
 
     server: _JobServer
     request_id: int
@@ -258,6 +266,23 @@ class _Job:
     @property
     def exitcode(self) -> int | None:
         return self.server.exit_code(self.request_id, timeout=0)
+
+    def poll(self) -> int | None:
+        """As ``subprocess.Popen.poll``: the exit status, None while the job runs."""
+        return self.exitcode
+
+    def wait(self, timeout: float | None = None) -> int:
+        """As ``subprocess.Popen.wait``: the exit status once the job's own process has ended;
+        raises ``subprocess.TimeoutExpired`` if it has not within ``timeout``."""
+        code = self.server.exit_code(self.request_id, timeout)
+        if code is None:
+            assert timeout is not None
+            raise subprocess.TimeoutExpired(f"job {self.pid}", timeout)
+        return code
+
+    def send_signal(self, signum: int) -> None:
+        """As ``subprocess.Popen.send_signal``: to the job's own process, not its group."""
+        os.kill(self.pid, signum)
 
     def join(self) -> None:
         """Wait until the job's own process has ended (it was killed, or is ending)."""
@@ -287,8 +312,12 @@ def _stop_servers() -> None:
         server.stop()
 
 
-def _start(command: Sequence[str], log: Path) -> _Job:
-    """Start ``command`` in the next job server by turns (see the module doc)."""
+def start_preloaded(
+    command: Sequence[str], log: Path, env: Mapping[str, str] | None = None, cwd: Path = ROOT
+) -> PreloadedJob:
+    """Start ``python *command`` (a script and its arguments) in the next job server by turns
+    (see the module doc), in ``cwd``, with environment ``env`` (by default a subprocess's),
+    its output going to ``log``; returns once the job leads its own process group."""
     global _runs_started
     if not _servers:
         _servers.extend(_JobServer(seed) for seed in _HASH_SEEDS)
@@ -297,7 +326,29 @@ def _start(command: Sequence[str], log: Path) -> _Job:
     _runs_started += 1
     if not _servers[turn].alive:
         _servers[turn] = _JobServer(_HASH_SEEDS[turn])
-    return _servers[turn].start(command, log)
+    return _servers[turn].start(command, log, env, cwd)
+
+
+def run_script_preloaded(
+    source: str, args: Sequence[str], scratch: Path, timeout: float = 120
+) -> tuple[int, str]:
+    """Run ``source`` as ``python SCRIPT *args`` in a job server (see :func:`start_preloaded`),
+    the script written into ``scratch``; returns its exit status and its output (stdout and
+    stderr together) once it has ended. A script still running after ``timeout`` is killed
+    with its group, and the run fails."""
+    script = Path(tempfile.mkstemp(suffix=".py", dir=scratch)[1])
+    script.write_text(source)
+    log = script.with_suffix(".log")
+    job = start_preloaded([str(script), *args], log)
+    try:
+        code = job.wait(timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(job.pid, signal.SIGKILL)
+        job.join()
+        raise AssertionError(
+            f"{script.name} still ran after {timeout:g} s:\n{log.read_text()}"
+        ) from None
+    return code, log.read_text()
 
 
 def run(
@@ -314,7 +365,7 @@ def run(
     the job was killed, False if it finished (its exit status must then be 0)."""
     log = out / counted
     start = _count_lines(log)
-    job = _start(command, out / "job.log")
+    job = start_preloaded(command, out / "job.log")
     assert job.pid is not None
     deadline = time.monotonic() + timeout
     try:

@@ -155,6 +155,9 @@ def run_launched(
     else:
         from tests.ranks import run_ranks
 
+        if getattr(args, "format", None) == "dcp":
+            # imported once here, not in every forked rank: it takes seconds (DTensor, sympy)
+            import distckpt.formats.dcp  # noqa: F401
         results = run_ranks(job, args.world_size, args, timeout=600, pg_timeout=args.timeout)
         for result in results:
             result.unwrap()

@@ -1,14 +1,19 @@
 """A snippet of Python run by a fresh interpreter under ``strace``, and the calls it made on
-files: what the kernel was asked, read from a real process. :func:`async_save_written_direct`
-asks it whether an async save on a given file system writes its rank file with direct I/O (the
-filesystem matrix, and ``scripts/direct_io_filesystems.py`` beside its timings)."""
+files: what the kernel was asked, read from a real process. :func:`async_saves_traced` asks it
+whether an async save on each of some file systems writes its rank file with direct I/O, all in
+one interpreter (the filesystem matrix: torch is imported once, not once per file system);
+:func:`async_save_written_direct` asks it of one (``scripts/direct_io_filesystems.py`` beside
+its timings)."""
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import subprocess
 import sys
 import textwrap
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,22 +36,56 @@ class FileCall:
     result: int
 
 
-def traced_file_calls(code: str, workdir: Path, calls: str) -> list[FileCall]:
+def traced_file_calls(
+    code: str, workdir: Path, calls: str, args: Sequence[str] = (), timeout: float = 180
+) -> list[FileCall]:
     """The ``calls`` (strace's comma-separated names) on files that ``code``, run with
-    ``workdir`` as its working directory, made, in order; only successful ``openat`` calls."""
+    ``workdir`` as its working directory and ``args`` as its command line, made, in order; only
+    successful ``openat`` calls."""
+    run_traced(code, workdir, calls, args, timeout)
+    return _parsed_calls(workdir / "strace.log")
+
+
+def run_traced(
+    code: str, workdir: Path, calls: str, args: Sequence[str] = (), timeout: float = 180
+) -> None:
+    """Run ``code`` (as ``workload.py`` in ``workdir``, its working directory) under strace,
+    which logs the ``calls`` to ``strace.log`` there. Raises CalledProcessError if it fails and
+    TimeoutExpired if it outlives ``timeout``: then strace and every process it traces are
+    killed first (their own process group: a traced interpreter left running would keep the
+    files it has open, and a FUSE mount under them, busy)."""
     try:
         strace = ensure_strace()
     except StraceUnavailable as exc:
         skip_or_fail(f"the system calls are read from strace: {exc}")
-    log = workdir / "strace.log"
     script = workdir / "workload.py"
     script.write_text(textwrap.dedent(code))
-    subprocess.run(
-        [strace, "-f", "-y", "-qq", "-e", f"trace={calls}", "-o", log, sys.executable, script],
-        check=True,
-        timeout=180,
-        cwd=workdir,
-    )
+    command = [
+        strace,
+        "-f",
+        "-y",
+        "-qq",
+        "-e",
+        f"trace={calls}",
+        "-o",
+        workdir / "strace.log",
+        sys.executable,
+        script,
+        *args,
+    ]
+    with subprocess.Popen(command, cwd=workdir, start_new_session=True) as traced:
+        try:
+            returncode = traced.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(traced.pid, signal.SIGKILL)
+            traced.wait()
+            raise
+    if returncode != 0:
+        raise subprocess.CalledProcessError(returncode, command)
+
+
+def _parsed_calls(log: Path) -> list[FileCall]:
+    """The calls on files in strace log ``log``, in order; only successful ``openat`` calls."""
     found_calls = []
     for line in log.read_text().splitlines():
         found = _CALL.match(line)
@@ -65,41 +104,126 @@ def traced_file_calls(code: str, workdir: Path, calls: str) -> list[FileCall]:
     return found_calls
 
 
-#: an async "torch" save of one process, then its restore (bit for bit) and ``verify``
-DIRECT_IO_SAVE = """
+#: in each directory its command line names, one after the other: ``started.txt`` is written
+#: there, then an async "torch" save into ``root`` there, its restore (bit for bit) and
+#: ``verify``; what any of them raised (but CommitLost: fusefat empties the directory it renames,
+#: nothing commits there) is written to ``failed.txt`` in that directory, ``finished.txt``
+#: otherwise, and the next directory is saved into all the same
+DIRECT_IO_SAVES = """
+import sys, traceback
+from pathlib import Path
 import torch
 import distckpt
-torch.manual_seed(0)
-state = {"w": torch.randn(3 << 20), "odd": torch.randn(700), "step": 1}  # 12 MiB, a part page
-try:
-    with distckpt.CheckpointManager("root", async_save=True, timeout=60) as manager:
-        manager.save(1, state)
-        manager.wait()
-        restored = manager.restore(1).state
-except distckpt.CommitLost:
-    raise SystemExit(0)  # fusefat empties the directory it renames: nothing commits there
-for key in ("w", "odd"):
-    assert torch.equal(restored[key].view(torch.int32), state[key].view(torch.int32)), key
-assert distckpt.verify("root").ok
+
+def save_restore_verify(root):
+    torch.manual_seed(0)
+    state = {"w": torch.randn(3 << 20), "odd": torch.randn(700), "step": 1}  # 12 MiB, a part page
+    try:
+        with distckpt.CheckpointManager(root, async_save=True, timeout=60) as manager:
+            manager.save(1, state)
+            manager.wait()
+            restored = manager.restore(1).state
+    except distckpt.CommitLost:
+        return
+    for key in ("w", "odd"):
+        assert torch.equal(restored[key].view(torch.int32), state[key].view(torch.int32)), key
+    assert distckpt.verify(root).ok
+
+for workdir in map(Path, sys.argv[1:]):
+    (workdir / "started.txt").write_text("")
+    try:
+        save_restore_verify(workdir / "root")
+    except Exception:
+        (workdir / "failed.txt").write_text(traceback.format_exc())
+    else:
+        (workdir / "finished.txt").write_text("")
 """
+#: the time one directory's save, restore and verify may take under strace, FUSE and load
+SECONDS_PER_SAVE = 60
+
+
+@dataclass(frozen=True)
+class DirectIOSave:
+    """One directory's part of :data:`DIRECT_IO_SAVES`: the calls on its rank file."""
+
+    workdir: Path
+    #: the rank file's openat (not a read's), ftruncate, fsync and sync_file_range calls
+    rank_file_calls: list[FileCall]
+    #: why this directory has no result, if the shared traced interpreter died or hung before
+    #: it finished with it
+    lost: str | None = None
+
+    def written_direct(self, *, commits: bool) -> bool:
+        """Whether the rank file was written with direct I/O (then asking no early writeback,
+        and cutting the padded tail back with ftruncate before the fsync); asserts the save,
+        restore and verify went through, and that the step was committed if ``commits``."""
+        assert self.lost is None, self.lost
+        failed = self.workdir / "failed.txt"
+        assert not failed.exists(), failed.read_text()
+        opened = [call for call in self.rank_file_calls if call.name == "openat"]
+        assert len(opened) == 1, self.rank_file_calls
+        assert (self.workdir / "root" / "step-00000001").is_dir() is commits
+        if "O_DIRECT" not in opened[0].args[0].split("|"):
+            return False
+        names = [call.name for call in self.rank_file_calls[1:]]
+        assert names == ["ftruncate", "fsync"], self.rank_file_calls
+        return True
+
+
+def async_saves_traced(workdirs: Sequence[Path], scratch: Path) -> dict[Path, DirectIOSave]:
+    """Run :data:`DIRECT_IO_SAVES` once under strace (its log and script in ``scratch``) over
+    ``workdirs``, each made now if missing; what each directory's save did to its rank file. If
+    the interpreter dies or hangs (then it is killed after :func:`saves_timeout`), the
+    directories it had not finished with say so in :attr:`DirectIOSave.lost`."""
+    for workdir in workdirs:
+        workdir.mkdir(exist_ok=True)
+    try:
+        run_traced(
+            DIRECT_IO_SAVES,
+            scratch,
+            "openat,ftruncate,fsync,sync_file_range",
+            [str(workdir) for workdir in workdirs],
+            timeout=saves_timeout(len(workdirs)),
+        )
+        run_failure = None
+    except subprocess.CalledProcessError as exc:
+        run_failure = f"died (exit status {exc.returncode})"
+    except subprocess.TimeoutExpired as exc:
+        run_failure = f"hung (killed after {exc.timeout:.0f} s)"
+    calls = _parsed_calls(scratch / "strace.log")
+    found = {}
+    for workdir in workdirs:
+        lost = None
+        if run_failure is not None and not (
+            (workdir / "finished.txt").exists() or (workdir / "failed.txt").exists()
+        ):
+            lost = (
+                f"the shared traced run {run_failure} while saving on {workdir}"
+                if (workdir / "started.txt").exists()
+                else f"not reached: the shared traced run {run_failure} before {workdir}"
+            )
+        # strace -y names a file by the path the kernel resolved it to
+        rank_file = f"{workdir.resolve()}/root/"
+        found[workdir] = DirectIOSave(
+            workdir,
+            [
+                call
+                for call in calls
+                if call.path.startswith(rank_file)
+                and call.path.endswith("/rank-00000.pt")
+                and not (call.name == "openat" and "O_RDONLY" in call.args[0])
+            ],
+            lost,
+        )
+    return found
+
+
+def saves_timeout(directories: int) -> float:
+    """The seconds :func:`async_saves_traced` gives its interpreter over ``directories``."""
+    return 120 + SECONDS_PER_SAVE * directories
 
 
 def async_save_written_direct(workdir: Path, *, commits: bool) -> bool:
-    """Run :data:`DIRECT_IO_SAVE` in ``workdir`` under strace; whether its rank file was
-    written with direct I/O (then asking no early writeback, and cutting the padded tail back
-    with ftruncate before the fsync)."""
-    workdir.mkdir()
-    calls = traced_file_calls(DIRECT_IO_SAVE, workdir, "openat,ftruncate,fsync,sync_file_range")
-    rank_file = [
-        call
-        for call in calls
-        if call.path.endswith("/rank-00000.pt")
-        and not (call.name == "openat" and "O_RDONLY" in call.args[0])
-    ]
-    opened = [call for call in rank_file if call.name == "openat"]
-    assert len(opened) == 1, rank_file
-    assert (workdir / "root" / "step-00000001").is_dir() is commits
-    if "O_DIRECT" not in opened[0].args[0].split("|"):
-        return False
-    assert [call.name for call in rank_file[1:]] == ["ftruncate", "fsync"], rank_file
-    return True
+    """:meth:`DirectIOSave.written_direct` of an async save in ``workdir``, made now, traced
+    alone."""
+    return async_saves_traced([workdir], workdir)[workdir].written_direct(commits=commits)

@@ -1,12 +1,15 @@
 """An async save still in flight when the interpreter exits: finished (whatever the root and
 ``writer_threads``), bounded by the timeout when a peer is dead, abandoned on a Ctrl-C without
-cutting the rest of the exit short, and never waited for by a forked child."""
+cutting the rest of the exit short, and never waited for by a forked child.
+
+Each script runs as ``python SCRIPT`` in a job server that imported torch once
+(``tests.killing``): its exit is an interpreter's own, which is what these tests look at."""
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
+import os
+import signal
 import textwrap
 from pathlib import Path
 
@@ -14,6 +17,7 @@ import pytest
 import torch
 
 import distckpt
+from tests import killing
 from tests.s3server import S3Server
 
 #: A script that saves step 7 async and exits without wait() or close(): argv is the root, its
@@ -62,22 +66,12 @@ def test_interpreter_exit_with_a_save_in_flight_finishes_it(
         server: S3Server = request.getfixturevalue("s3_server")
         root, options = request.getfixturevalue("s3_url"), server.storage_options()
     threads = "2" if "writer_threads=2" in where else "1"
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            _EXIT_WITH_A_SAVE_IN_FLIGHT,
-            root,
-            json.dumps(options),
-            threads,
-            "dropped" if "dropped" in where else "kept",
-        ],
-        timeout=120,
-        capture_output=True,
-        text=True,
+    kept = "dropped" if "dropped" in where else "kept"
+    code, output = killing.run_script_preloaded(
+        _EXIT_WITH_A_SAVE_IN_FLIGHT, [root, json.dumps(options), threads, kept], tmp_path
     )
-    assert done.returncode == 0, done.stderr
-    assert "failed" not in done.stderr, done.stderr
+    assert code == 0, output
+    assert "failed" not in output, output
     with distckpt.CheckpointManager(root, storage_options=options, read_only=True) as reader:
         assert reader.steps() == [7]
         assert reader.restore(7).state["w"].equal(torch.ones(1 << 20))
@@ -113,22 +107,20 @@ def test_an_exit_with_a_save_waiting_for_a_dead_peer_ends(tmp_path: Path) -> Non
     0's exit waits for it at most about ``timeout`` (5 s here; less where the peer's closed
     connection tells it sooner), logs its failure, and ends."""
     init, root = str(tmp_path / "init"), str(tmp_path / "root")
+    script = tmp_path / "rank.py"
+    script.write_text(_EXIT_WITH_A_DEAD_PEER)
     ranks = [
-        subprocess.Popen(
-            [sys.executable, "-c", _EXIT_WITH_A_DEAD_PEER, str(rank), init, root],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        killing.start_preloaded([str(script), str(rank), init, root], tmp_path / f"rank{rank}.log")
         for rank in (0, 1)
     ]
     try:
-        _, logged = ranks[0].communicate(timeout=120)  # far beyond 5 s, even on a loaded machine
+        ranks[0].wait(120)  # far beyond 5 s, even on a loaded machine
     finally:
         for rank in ranks:
             if rank.poll() is None:
-                rank.kill()
-            rank.wait()
+                os.killpg(rank.pid, signal.SIGKILL)
+            rank.join()
+    logged = (tmp_path / "rank0.log").read_text()
     assert "the checkpoint save in flight at exit failed" in logged, logged
     assert distckpt.CheckpointManager(root, read_only=True).steps() == []
 
@@ -173,14 +165,11 @@ def test_ctrl_c_while_the_exit_waits_for_a_save_leaves_the_rest_of_the_exit_alon
     the interpreter's exit goes on: the program's own non-daemon threads are still joined
     (an exception out of the exit hook would cut the shutdown short and kill them)."""
     written_late = tmp_path / "written-late"
-    done = subprocess.run(
-        [sys.executable, "-c", _CTRL_C_AT_EXIT, str(tmp_path / "root"), str(written_late)],
-        timeout=120,
-        capture_output=True,
-        text=True,
+    _, output = killing.run_script_preloaded(
+        _CTRL_C_AT_EXIT, [str(tmp_path / "root"), str(written_late)], tmp_path
     )
-    assert "the checkpoint save in flight at exit was abandoned" in done.stderr, done.stderr
-    assert written_late.read_text() == "done", done.stderr
+    assert "the checkpoint save in flight at exit was abandoned" in output, output
+    assert written_late.read_text() == "done", output
 
 
 def test_a_forked_child_that_exits_with_a_save_in_flight_does_not_wait_for_it(
@@ -226,8 +215,8 @@ def test_a_forked_child_that_exits_with_a_save_in_flight_does_not_wait_for_it(
         mgr.close()
         """
     )
-    done = subprocess.run(
-        [sys.executable, "-c", script], check=True, timeout=60, capture_output=True, text=True
-    )
-    assert done.stdout.split()[-1] == "exited"  # the child did not wait for the held write
+    code, output = killing.run_script_preloaded(script, [], tmp_path, timeout=60)
+    assert code == 0, output
+    # the child did not wait for the held write
+    assert output.splitlines()[-1] == "exited", output
     assert distckpt.CheckpointManager(tmp_path / "root").steps() == [7]

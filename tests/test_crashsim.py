@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import fcntl
 import os
+import shutil
+import subprocess
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,8 +30,9 @@ from tests.crashsim.workloads import WORKLOADS, Case, cases
 SEED = 0
 #: states checked per case, a seeded sample where there are more (the long run checks more)
 MAX_STATES = 20
-#: states a mutant is checked in: all of them in the mutated cases (about a hundred each), so
-#: that the one state a removal spoils is never sampled away
+#: states a mutant may be checked in: all of them in the mutated cases (about a hundred each),
+#: so that the one state a removal spoils is never sampled away; they are checked in order
+#: until the first that shows a violation the intact library does not
 MUTATION_MAX_STATES = 200
 
 # The short run: every workload, both formats, 1 and 2 ranks (restart: 1, see its workload).
@@ -59,6 +63,43 @@ def shared(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return directory
 
 
+SHM = Path("/dev/shm")
+
+
+def _remove_dead_processes_scratch() -> None:
+    """Remove the scratch directories of test processes that are gone: a killed run never
+    removed its own, and a tmpfs keeps it in memory until reboot."""
+    for directory in SHM.glob("crashsim-*-*"):
+        pid = directory.name.split("-")[1]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(directory, ignore_errors=True)
+        except PermissionError:
+            continue  # another user's live process
+
+
+@pytest.fixture(scope="session")
+def scratch() -> Iterator[Path | None]:
+    """Where this process's explorations trace their workload and check its crash states: a
+    directory of the tmpfs ``/dev/shm`` where it has room, removed at the end; else None (in
+    the case's directory). What a crash keeps is the model's to say, not the disk's: the
+    filesystem changes only timing (a disk's fsyncs are slow), and with it which interleaving a
+    2-rank trace records. Named after this process, so that a later session removes it if this
+    one is killed before it can."""
+    if not SHM.is_dir() or shutil.disk_usage(SHM).free < explore.SCRATCH_MIN_FREE_BYTES:
+        yield None
+        return
+    _remove_dead_processes_scratch()
+    directory = Path(tempfile.mkdtemp(prefix=f"crashsim-{os.getpid()}-", dir=SHM))
+    try:
+        yield directory
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
 @contextmanager
 def _exclusive(lock_file: Path) -> Iterator[None]:
     with open(lock_file, "a") as handle:
@@ -71,8 +112,9 @@ def work_dir(shared: Path, case: Case) -> Path:
     return shared / "-".join(map(str, case))
 
 
-def explored(shared: Path, case: Case) -> explore.Result:
-    """``case``'s result, traced and checked once per session whatever the worker."""
+def explored(shared: Path, case: Case, scratch: Path | None) -> explore.Result:
+    """``case``'s result, traced and checked once per session whatever the worker (in
+    ``scratch``: see its fixture)."""
     work = work_dir(shared, case)
     cached = work.with_suffix(".json")
     with _exclusive(work.with_suffix(".lock")):
@@ -82,7 +124,14 @@ def explored(shared: Path, case: Case) -> explore.Result:
             explore.setup(name, work, world=world, fmt=fmt, forked=True)
             states = max(MAX_STATES, WORKLOADS[name].min_states)
             result = explore.explore(
-                name, work, world=world, fmt=fmt, seed=SEED, max_states=states, forked=True
+                name,
+                work,
+                world=world,
+                fmt=fmt,
+                seed=SEED,
+                max_states=states,
+                forked=True,
+                scratch=scratch,
             )
             cached.write_text(result.to_json())
     return explore.Result.from_json(cached.read_text())
@@ -105,52 +154,62 @@ def _assert_none(result: explore.Result, *kinds: str) -> None:
 
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("case", CASES, ids=_ids)
-def test_no_crash_state_breaks_a_promise(shared: Path, case: Case) -> None:
-    result = explored(shared, case)
+def test_no_crash_state_breaks_a_promise(shared: Path, scratch: Path | None, case: Case) -> None:
+    result = explored(shared, case, scratch)
     assert result.states_checked > 0 and result.operations > 0, result.summary()
     assert not result.violations, f"{result.summary()}\n{_examples(result, set(result.kinds()))}"
 
 
-def test_retention_never_shows_a_half_deleted_step(shared: Path) -> None:
+def test_retention_never_shows_a_half_deleted_step(shared: Path, scratch: Path | None) -> None:
     # The trash (and the rename into it) is durable before the contents are deleted.
-    _assert_none(explored(shared, _case("retention")), check.RAW_PARTIAL, check.BROKEN_AFTER_OPEN)
+    _assert_none(
+        explored(shared, _case("retention"), scratch), check.RAW_PARTIAL, check.BROKEN_AFTER_OPEN
+    )
 
 
 @pytest.mark.parametrize("name", ["retention", "restart"])
-def test_crash_leftovers_are_collected_at_start(shared: Path, name: str) -> None:
+def test_crash_leftovers_are_collected_at_start(
+    shared: Path, scratch: Path | None, name: str
+) -> None:
     # Probes and links under construction are made under the root lock: whatever of them a
     # start finds, holding the lock, is a dead process's.
-    _assert_none(explored(shared, _case(name)), check.LEFTOVER)
+    _assert_none(explored(shared, _case(name), scratch), check.LEFTOVER)
 
 
 @pytest.mark.parametrize("name", ["delete", "overwrite_fallback", "pointer", "killed_remove"])
-def test_last_never_dangles_durably(shared: Path, name: str) -> None:
+def test_last_never_dangles_durably(shared: Path, scratch: Path | None, name: str) -> None:
     # The links move off a checkpoint, durably, before it is moved into the trash.
-    _assert_none(explored(shared, _case(name)), check.RAW_DANGLING)
+    _assert_none(explored(shared, _case(name), scratch), check.RAW_DANGLING)
 
 
-def test_a_root_the_manager_creates_survives_power_loss(shared: Path) -> None:
+def test_a_root_the_manager_creates_survives_power_loss(shared: Path, scratch: Path | None) -> None:
     # The root and its missing parents are created each with an fsync of its parent, and an
     # open fsyncs the parent of each ancestor, whoever created it (the job's own makedirs).
-    _assert_none(explored(shared, _case("fresh_root")), check.STEP_LOST)
+    _assert_none(explored(shared, _case("fresh_root"), scratch), check.STEP_LOST)
 
 
-def test_an_export_into_new_directories_survives_power_loss(shared: Path) -> None:
+def test_an_export_into_new_directories_survives_power_loss(
+    shared: Path, scratch: Path | None
+) -> None:
     # The directories export creates for its file are each made durable with it.
-    _assert_none(explored(shared, _case("export")), check.EXPORT_LOST)
+    _assert_none(explored(shared, _case("export"), scratch), check.EXPORT_LOST)
 
 
-def _flagged(shared: Path, tmp_path: Path, name: str, site: mutate.FsyncSite) -> bool:
+def _flagged(
+    shared: Path, scratch: Path | None, tmp_path: Path, name: str, site: mutate.FsyncSite
+) -> bool:
     """Whether the explorer flags ``site``'s removal on ``name``'s case."""
     case = _case(name)
     outcome = mutate.run_mutation(
         site,
-        {name: explored(shared, case)},
+        {name: explored(shared, case, scratch)},
         {name: work_dir(shared, case)},
         tmp_path / "mutant",
         seed=SEED,
         max_states=MUTATION_MAX_STATES,
         forked=True,
+        until_flagged=True,
+        explore_in=scratch,
     )
     return outcome.flagged
 
@@ -177,10 +236,66 @@ MUTATIONS = [
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize(("name", "function", "call"), MUTATIONS)
 def test_removing_an_fsync_is_flagged(
-    shared: Path, tmp_path: Path, name: str, function: str, call: str
+    shared: Path, scratch: Path | None, tmp_path: Path, name: str, function: str, call: str
 ) -> None:
     site = next(s for s in mutate.fsync_sites() if s.function == function and call in s.text)
-    assert _flagged(shared, tmp_path, name, site), f"removing {site.label} went unnoticed"
+    assert _flagged(shared, scratch, tmp_path, name, site), f"removing {site.label} went unnoticed"
+
+
+def test_the_explorations_run_in_a_tmpfs_where_there_is_one_with_room(
+    scratch: Path | None, tmp_path: Path
+) -> None:
+    """Where ``/dev/shm`` has room, an exploration traces and checks in it, not in its work
+    directory, and leaves nothing there."""
+    if scratch is None:
+        assert not SHM.is_dir() or shutil.disk_usage(SHM).free < explore.SCRATCH_MIN_FREE_BYTES
+        return
+    kind = subprocess.run(["stat", "-f", "-c", "%T", scratch], capture_output=True, text=True)
+    assert scratch.parent == SHM and kind.stdout.strip() == "tmpfs", kind
+    used = Path(tempfile.mkdtemp(dir=scratch))
+    changed_before = used.stat().st_mtime_ns
+    explore.setup("fresh_root", tmp_path, world=1, fmt="torch", forked=True)
+    result = explore.explore(
+        "fresh_root",
+        tmp_path,
+        world=1,
+        fmt="torch",
+        seed=SEED,
+        max_states=1,
+        forked=True,
+        scratch=used,
+    )
+    assert result.states_checked == 1 and not result.violations, result.summary()
+    # an entry was made and removed in it (its mtime moved), and none was in the work dir
+    assert used.stat().st_mtime_ns != changed_before and list(used.iterdir()) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["initial"]
+
+
+def test_a_scratch_directory_of_a_process_that_is_gone_is_removed() -> None:
+    """A session removes the scratch of a killed one (a pid no process has), not a live one's."""
+    if not SHM.is_dir():
+        pytest.skip("no /dev/shm")
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # reaped: its pid names no process (until reused, unlikely this soon)
+    dead = Path(tempfile.mkdtemp(prefix=f"crashsim-{gone.pid}-", dir=SHM))
+    alive = Path(tempfile.mkdtemp(prefix=f"crashsim-{os.getpid()}-", dir=SHM))
+    try:
+        _remove_dead_processes_scratch()
+        assert not dead.exists() and alive.is_dir()
+    finally:
+        shutil.rmtree(dead, ignore_errors=True)
+        shutil.rmtree(alive, ignore_errors=True)
+
+
+def test_a_mutation_check_stops_at_the_first_state_showing_a_new_kind(tmp_path: Path) -> None:
+    # Two states whose root is gone after step 1's save had returned: each shows STEP_LOST.
+    gone = {"dir": os.fspath(tmp_path), "root": "root", "markers": ["0000-saved-1"]}
+    spec = {**gone, "format": "torch", "world": 1, "overwrite_window": False}
+    assert [[kind for kind, _ in found] for found in check.check_all([spec, spec])] == [
+        [check.STEP_LOST]
+    ] * 2
+    assert len(check.check_all([spec, spec], until_kind_outside=[check.STEP_LOST])) == 2
+    assert len(check.check_all([spec, spec], until_kind_outside=[check.LEFTOVER])) == 1
 
 
 def test_a_lost_rename_keeps_later_changes_to_the_renamed_dir(tmp_path: Path) -> None:

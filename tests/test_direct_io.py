@@ -15,7 +15,9 @@ import mmap
 import os
 import resource
 import signal
+import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -36,7 +38,7 @@ from distckpt.storage.s3 import S3RootStore
 from tests.filesystems import MountFactory, skip_or_fail, take_every_free_block
 from tests.ranks import run_ranks, values
 from tests.s3server import S3Server
-from tests.syscall_trace import FileCall, traced_file_calls
+from tests.syscall_trace import FileCall, async_saves_traced, run_traced, traced_file_calls
 
 
 def _require_direct_io(directory: Path) -> None:
@@ -432,3 +434,45 @@ def test_a_direct_file_needs_no_room_for_its_padded_last_page_on_a_full_disk(
     finally:
         hog.unlink(missing_ok=True)
         target.unlink(missing_ok=True)
+
+
+def test_a_shared_traced_run_that_dies_names_the_directory_it_died_in(tmp_path: Path) -> None:
+    """When the one interpreter the filesystem matrix traces dies on one filesystem, that
+    filesystem's result says it died there, the ones after it say they were not reached, and
+    the ones before it keep their results. The death is real: an immutable directory, where
+    neither the save nor its ``failed.txt`` can be written (its ``started.txt`` is made
+    beforehand, and a file's contents may still change in an immutable directory)."""
+    before, dying, after = tmp_path / "before", tmp_path / "dying", tmp_path / "after"
+    dying.mkdir()
+    (dying / "started.txt").write_text("")
+    immutable = subprocess.run(["chattr", "+i", dying], capture_output=True, text=True)
+    if immutable.returncode != 0:
+        skip_or_fail(f"the test's directory cannot be made immutable: {immutable.stderr}")
+    try:
+        found = async_saves_traced([before, dying, after], tmp_path)
+    finally:
+        subprocess.run(["chattr", "-i", dying], check=True)
+    assert found[before].written_direct(commits=True)
+    died = "the shared traced run died (exit status 1)"
+    assert found[dying].lost == f"{died} while saving on {dying}"
+    assert found[after].lost == f"not reached: {died} before {after}"
+    with pytest.raises(AssertionError, match="not reached"):
+        found[after].written_direct(commits=True)
+
+
+def test_a_traced_run_that_hangs_is_killed_with_everything_it_traces(tmp_path: Path) -> None:
+    """A traced interpreter that outlives its timeout is killed along with strace: left
+    running, it would keep the files it has open, and a FUSE mount under them, busy."""
+    hanging = "import os, time; open('pid.txt', 'w').write(str(os.getpid())); time.sleep(600)"
+    with pytest.raises(subprocess.TimeoutExpired):
+        run_traced(hanging, tmp_path, "openat", timeout=10)
+    pid = int((tmp_path / "pid.txt").read_text())
+    for _ in range(300):  # SIGKILL is sent when the timeout fires; this only waits out the exit
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+        except FileNotFoundError:
+            return
+        if "State:\tZ" in status:
+            return
+        time.sleep(0.1)
+    pytest.fail(f"the traced interpreter {pid} still runs after its run timed out")

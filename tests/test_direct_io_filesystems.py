@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
@@ -56,7 +57,10 @@ def _undo_mounts_left(directory: Path) -> list[Path]:
 
 
 def _start_script(
-    *args: str | Path, tmpdir: Path, stdout: int = subprocess.PIPE
+    *args: str | Path,
+    tmpdir: Path,
+    stdout: int = subprocess.PIPE,
+    extra_env: Mapping[str, str] | None = None,
 ) -> subprocess.Popen[str]:
     """The script started in a fresh interpreter (as its users run it), on this tree's code,
     making its mounts under ``tmpdir``; in a session of its own, so that a stop reaches the ranks
@@ -66,7 +70,12 @@ def _start_script(
         stdout=stdout,
         stderr=subprocess.PIPE,
         text=True,
-        env={**os.environ, "PYTHONPATH": os.fspath(REPO), "TMPDIR": os.fspath(tmpdir)},
+        env={
+            **os.environ,
+            "PYTHONPATH": os.fspath(REPO),
+            "TMPDIR": os.fspath(tmpdir),
+            **(extra_env or {}),
+        },
         start_new_session=True,
     )
 
@@ -87,10 +96,12 @@ def _end_script(script: subprocess.Popen[str], *, stop: bool) -> tuple[str, str]
     return stdout or "", stderr or ""
 
 
-def _run_script(*args: str | Path, tmpdir: Path) -> subprocess.CompletedProcess[str]:
+def _run_script(
+    *args: str | Path, tmpdir: Path, extra_env: Mapping[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     """The script run to its end (stopped if it runs over its time); it may leave no mount
     under ``tmpdir``, even when stopped."""
-    with _start_script(*args, tmpdir=tmpdir) as script:
+    with _start_script(*args, tmpdir=tmpdir, extra_env=extra_env) as script:
         try:
             # what it printed so far is kept: _end_script's communicate returns all of it
             script.communicate(timeout=SCRIPT_TIMEOUT_SECONDS)
@@ -183,9 +194,17 @@ def test_the_script_stopped_by_sigterm_unmounts_what_it_mounted(tmp_path: Path) 
 
 
 def test_the_script_refuses_file_systems_it_does_not_measure(tmp_path: Path) -> None:
-    """fusefat loses every commit (no checkpoint to time) and leaks the lost files' space."""
-    done = _run_script("--filesystems", "ext4,fat16", tmpdir=tmp_path)
+    """fusefat loses every commit (no checkpoint to time) and leaks the lost files' space.
+    The refusal comes before torch is imported (Python's import log names no torch module)."""
+    done = _run_script(
+        "--filesystems",
+        "ext4,fat16",
+        tmpdir=tmp_path,
+        extra_env={"PYTHONPROFILEIMPORTTIME": "1"},
+    )
     assert done.returncode == 2 and "not measured: fat16" in done.stderr
+    imported = [line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines()]
+    assert "distckpt" not in imported and "torch" not in imported, done.stderr
 
 
 @pytest.mark.parametrize(

@@ -123,3 +123,30 @@ def test_a_job_given_an_earlier_jobs_pid_is_not_reported_ended(tmp_path: Path) -
         assert second.exitcode == -signal.SIGKILL
     finally:
         server.stop()
+
+
+def test_a_preloaded_job_has_the_environment_and_directory_it_is_given(tmp_path: Path) -> None:
+    job = tmp_path / "where.py"
+    job.write_text(
+        "import json, os, time\n"
+        "print(json.dumps({'cwd': os.getcwd(), 'env': dict(os.environ)}), flush=True)\n"
+        "time.sleep(float(os.environ['SLEEP']))\n"
+    )
+    here = tmp_path / "here"
+    here.mkdir()
+    log = tmp_path / "job.log"
+    env = {"GIVEN": "to this job only", "SLEEP": "0"}
+    started = killing.start_preloaded([str(job)], log, env, here)
+    assert started.wait(60) == 0, log.read_text()
+    found = json.loads(log.read_text().splitlines()[0])
+    assert found == {"cwd": str(here), "env": env}
+
+    # It is waited for as a process is: a timeout raises, and the status says how it ended.
+    sleeping = killing.start_preloaded([str(job)], log, {"SLEEP": "120"}, here)
+    try:
+        with pytest.raises(subprocess.TimeoutExpired):
+            sleeping.wait(0.1)
+        assert sleeping.poll() is None
+    finally:
+        os.killpg(sleeping.pid, signal.SIGKILL)
+    assert sleeping.wait(60) == -signal.SIGKILL

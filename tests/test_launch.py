@@ -14,19 +14,24 @@ import contextlib
 import importlib.util
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from types import ModuleType, TracebackType
+from typing import IO
 
 import pytest
 import torch
 
 import distckpt
+from tests import killing
 from tests.killing import proc_stat
 
 REPO = Path(__file__).resolve().parents[1]
@@ -90,35 +95,67 @@ class Job:
     """
 
     def __init__(
-        self, argv: Sequence[str], cwd: Path, extra_env: Mapping[str, str] | None = None
+        self,
+        argv: Sequence[str],
+        cwd: Path,
+        extra_env: Mapping[str, str] | None = None,
+        *,
+        preloaded: bool = False,
     ) -> None:
-        self.process = subprocess.Popen(
-            list(argv),
-            cwd=cwd,
-            env={**_env(), **(extra_env or {})},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            bufsize=1,
-            start_new_session=True,
-        )
+        """Start ``argv``; with ``preloaded``, ``argv`` is ``python SCRIPT ARGS...``, run as a
+        child of a job server that imported torch once (``tests.killing.start_preloaded``),
+        for a test whose point is not a fresh interpreter's start."""
+        env = {**_env(), **(extra_env or {})}
+        self.process: subprocess.Popen[str] | killing.PreloadedJob
+        output: Callable[[], IO[str]]
+        if preloaded:
+            assert argv[0] == sys.executable and not argv[1].startswith("-"), argv
+            # A FIFO, read as the pipe of a subprocess is: its end is the end of every process
+            # of the job that holds it (the ranks and their children).
+            self._fifo = Path(tempfile.mkdtemp(prefix="job-output-")) / "output"
+            os.mkfifo(self._fifo)
+            self.process = killing.start_preloaded(argv[1:], self._fifo, env, cwd)
+            output = partial(open, self._fifo, encoding="utf-8", errors="replace")
+        else:
+            popen = subprocess.Popen(
+                list(argv),
+                cwd=cwd,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                bufsize=1,
+                start_new_session=True,
+            )
+            self.process = popen
+            output = partial(_pipe_of, popen)
         self.lines: list[str] = []
         self._tree: dict[int, int] = {}  # descendant pid -> its start time, against pid reuse
         # Reentrant, so `output` can be read while wait_for holds the condition.
         self._changed = threading.Condition(threading.RLock())
         self._eof = False
-        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader = threading.Thread(target=self._read, args=(output,), daemon=True)
         self._reader.start()
 
-    def _read(self) -> None:
-        assert self.process.stdout is not None
-        for line in self.process.stdout:
-            with self._changed:
-                self.lines.append(line.rstrip("\n"))
-                self._changed.notify_all()
+    def _read(self, output: Callable[[], IO[str]]) -> None:
+        with output() as lines:
+            for line in lines:
+                with self._changed:
+                    self.lines.append(line.rstrip("\n"))
+                    self._changed.notify_all()
         with self._changed:
             self._eof = True
             self._changed.notify_all()
+
+    def _stop_reading(self) -> None:
+        """Let the reader end once the job has: a preloaded job killed before it opened its
+        FIFO would leave the reader waiting in ``open`` for a writer forever."""
+        if isinstance(self.process, killing.PreloadedJob):
+            with contextlib.suppress(OSError):  # ENXIO: the reader has opened it already
+                os.close(os.open(self._fifo, os.O_WRONLY | os.O_NONBLOCK))
+        self._reader.join(10)
+        if isinstance(self.process, killing.PreloadedJob):
+            shutil.rmtree(self._fifo.parent, ignore_errors=True)
 
     @property
     def output(self) -> str:
@@ -170,7 +207,7 @@ class Job:
         except subprocess.TimeoutExpired:
             self.kill()
             pytest.fail(f"the job did not end within {timeout} s:\n{self.output}")
-        self._reader.join(10)
+        self._stop_reading()
         return code
 
     def kill(self) -> None:
@@ -208,9 +245,12 @@ class Job:
     ) -> None:
         self.kill()
         self.process.wait(10)
-        self._reader.join(10)
-        if self.process.stdout is not None:
-            self.process.stdout.close()
+        self._stop_reading()
+
+
+def _pipe_of(process: subprocess.Popen[str]) -> IO[str]:
+    assert process.stdout is not None
+    return process.stdout
 
 
 #: launch/README.md's command that crashes a torchrun job whose agent's pid is in ``PID``.
@@ -408,13 +448,14 @@ def test_sigterm_to_torchrun_agent_saves_on_every_rank_and_exits(tmp_path: Path)
 def test_plain_python_run_preempted_and_resumed_bit_exactly(
     tmp_path: Path, train: ModuleType
 ) -> None:
-    """Without torchrun: world size 1, and SIGTERM reaches the job itself."""
+    """Without torchrun: world size 1, and SIGTERM reaches the job itself. Both runs are
+    children of a job server that imported torch once: what is tested starts after that."""
     root = tmp_path / "ckpt"
     seed, steps = 5, 30
     args = ["--root", str(root), "--steps", str(steps), "--save-every", "10", "--log-every", "1"]
     args += ["--seed", str(seed)]
 
-    with Job([*PLAIN, *args, "--sleep", "0.05"], tmp_path) as job:
+    with Job([*PLAIN, *args, "--sleep", "0.05"], tmp_path, preloaded=True) as job:
         job.wait_for(r"^step=15 ", 60)
         job.process.send_signal(signal.SIGTERM)
         code = job.wait(30)
@@ -425,7 +466,7 @@ def test_plain_python_run_preempted_and_resumed_bit_exactly(
     assert committed_steps(root)[-1] == step
     assert last_target(root) == f"step-{step:08d}"
 
-    with Job([*PLAIN, *args], tmp_path) as job:
+    with Job([*PLAIN, *args], tmp_path, preloaded=True) as job:
         code = job.wait(60)
     assert code == 0, job.output
     assert re.search(rf"^resumed from step {step} ", job.output, re.MULTILINE), job.output

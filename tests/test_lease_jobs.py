@@ -40,7 +40,7 @@ RANKS = (0, 1)
 
 def plain(root: Path, out: Path, run: str, *options: str) -> list[str]:
     """A 2-rank job whose ranks run_ranks forks (``--world-size 1``: one plain process)."""
-    return [sys.executable, "-m", "tests.lease_job", str(root), str(out), run, *options]
+    return [sys.executable, str(LEASE_JOB), str(root), str(out), run, *options]
 
 
 def under_torchrun(root: Path, out: Path, run: str, *options: str) -> list[str]:
@@ -96,7 +96,10 @@ class Jobs:
         self.started: list[Job] = []
 
     def start(self, argv: list[str]) -> Job:
-        job = Job(argv, self.cwd)
+        """Start ``argv``: a :func:`plain` job in a job server that has imported torch already
+        (what these tests look at starts after the imports); one under torchrun or another
+        host's namespaces as a fresh process, as it must be."""
+        job = Job(argv, self.cwd, preloaded=argv[:2] == [sys.executable, str(LEASE_JOB)])
         self.started.append(job)
         return job
 

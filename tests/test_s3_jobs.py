@@ -1,7 +1,8 @@
 """Jobs checkpointing to an ``s3://`` root on a real S3-protocol server (moto, a subprocess on
-127.0.0.1), end to end: 2 ranks under the real torchrun SIGKILLed at random instants of their
-save loop and resumed, in both formats, one of them saving asynchronously, with retention
-keeping ``best``; the server killed in the middle of a save; two jobs on one prefix.
+127.0.0.1), end to end: 2 ranks SIGKILLed at random instants of their save loop (once under
+the real torchrun, agent and workers) and resumed, in both formats, one of them saving
+asynchronously, with retention keeping ``best``; the server killed in the middle of a save;
+two jobs on one prefix.
 
 The jobs are ``tests/s3_job.py``: every step's state is known in advance (so every listed step
 can be checked bit for bit) and every rank logs what happens to it in ``OUT/NAME-rank<r>.jsonl``.
@@ -135,10 +136,14 @@ def assert_every_step_restores_exactly(url: str, server: S3Server, fmt: str) -> 
 def test_jobs_killed_at_random_instants_resume_from_the_newest_committed_step(
     jobs: S3Jobs, s3_server: S3Server, s3_url: str, fmt: str, async_save: bool
 ) -> None:
-    """SIGKILL of the whole torchrun job (agent and workers) at seeded random instants of its
+    """SIGKILL of the whole job (every rank and its launcher) at seeded random instants of its
     save loop; a fresh job resumes from the newest committed step, exactly, on every rank. At
     the end retention has kept the best step and the last two, and every one of them restores
-    bit for bit."""
+    bit for bit. The second killed job runs under the real torchrun (agent and workers killed,
+    then a job resumes from what it committed); the others fork their ranks (the same job and
+    kill, without torchrun's seconds of startup). At least one kill lands inside a save, but
+    which is not required: it may always be the forked job's, the torchrun job killed between
+    saves."""
     out = jobs.out
     options = ["--format", fmt, "--steps", str(STEPS), "--ballast-mib", str(BALLAST_MIB)]
     options += ["--keep-last", "2", "--keep-best", "1", "--wait", str(LEASE_WAIT)]
@@ -146,9 +151,9 @@ def test_jobs_killed_at_random_instants_resume_from_the_newest_committed_step(
     chooser = random.Random(fmt)
     newest: int | None = None  # the newest committed step when the next job starts
     inside_saves = 0  # kills that landed while rank 0 was in save()
-    for attempt in range(2):
+    for attempt, launcher in enumerate((forked, under_torchrun)):
         run = f"killed{attempt}"
-        job = jobs.start(under_torchrun(s3_url, out, run, *job_options(s3_server, *options)))
+        job = jobs.start(launcher(s3_url, out, run, *job_options(s3_server, *options)))
         saves = chooser.randint(1, 2)  # then a random instant within the next saves
         wait_while_running(
             [job],
@@ -157,7 +162,7 @@ def test_jobs_killed_at_random_instants_resume_from_the_newest_committed_step(
             STARTUP,
         )
         time.sleep(chooser.uniform(0.0, 0.4))
-        jobs.kill_all()  # SIGKILL: every rank by its pid, and the launcher (the only job)
+        jobs.kill_all()  # SIGKILL: every rank by its pid, and its launcher (the only job)
         inside_saves += log(out, run, 0)[-1]["event"] == "saving"
         assert resumed_steps(out, run) == [newest] * WORLD_SIZE
         newest = max(committed_steps(s3_url, s3_server), default=None)
@@ -165,7 +170,7 @@ def test_jobs_killed_at_random_instants_resume_from_the_newest_committed_step(
         assert not done or (newest is not None and newest >= max(done)), (done, newest)
 
     assert inside_saves >= 1, "no kill landed inside a save"
-    final = jobs.start(under_torchrun(s3_url, out, "final", *job_options(s3_server, *options)))
+    final = jobs.start(forked(s3_url, out, "final", *job_options(s3_server, *options)))
     assert final.wait(STARTUP) == 0, final.output
     assert resumed_steps(out, "final") == [newest] * WORLD_SIZE
     for rank in RANKS:

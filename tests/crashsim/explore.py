@@ -7,8 +7,10 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
+from collections.abc import Collection
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,9 @@ from tests.crashsim.workloads import WORKLOADS, run_phase
 from tests.ranks import run_ranks, values
 
 PROJECT = Path(__file__).resolve().parents[2]
+#: the free room a tmpfs needs to be an exploration's ``scratch``: every crash state of the
+#: largest short-run case is made before the first is checked
+SCRATCH_MIN_FREE_BYTES = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -96,9 +101,17 @@ def explore(
     library: Path | None = None,
     run: str = "run",
     forked: bool = False,
+    until_kind_outside: Collection[str] | None = None,
+    scratch: Path | None = None,
 ) -> Result:
     """Trace ``workload`` (set up in ``work`` by :func:`setup` first) with ``library`` on the
-    path (default: this checkout), and check up to ``max_states`` of its crash states.
+    path (default: this checkout), and check up to ``max_states`` of its crash states; with
+    ``until_kind_outside``, only until one shows a violation of a kind not among those
+    (:func:`~tests.crashsim.check.check_all`; ``forked`` only). The traced run, its trace and
+    its crash states are made in ``work/run``, or with ``scratch`` in a new directory under it
+    (a tmpfs: what a crash keeps is the model's to say, not the disk's; the filesystem changes
+    only timing, and with it which interleaving a 2-rank trace records), removed once the
+    states are checked.
 
     ``forked``: run the workload and the checker in children forked from this process
     instead of new interpreters, each of which would spend seconds importing torch (import
@@ -106,9 +119,11 @@ def explore(
     never from a thread pool whose other threads may hold a lock the child needs. The checker
     is then this checkout's library whatever ``library`` is; what it checks is the disk, which
     the library under test wrote."""
+    if until_kind_outside is not None and not forked:
+        raise ValueError("until_kind_outside needs forked: a new interpreter checks every state")
     started = time.monotonic()
     result = Result(workload, world, fmt)
-    here = work / run
+    here = work / run if scratch is None else Path(tempfile.mkdtemp(dir=scratch)) / run
     base, markers = here / "base", here / "markers"
     subprocess.run(["cp", "-a", os.fspath(work / "initial"), os.fspath(here)], check=True)
     initial = model.Tree.from_disk(base)
@@ -156,18 +171,22 @@ def explore(
             }
         )
     if forked:
-        verdicts = values(run_ranks(_check_job, 0, specs, timeout=900))[0]
+        verdicts = values(run_ranks(_check_job, 0, specs, until_kind_outside, timeout=900))[0]
     else:
         spec_file = here / "states.json"
         spec_file.write_text(json.dumps(specs))
         printed = _run_module(
-            "tests.crashsim.check", os.fspath(spec_file), env=_env(library), cwd=here, timeout=900
+            "tests.crashsim.check",
+            os.fspath(spec_file),
+            env=_env(library),
+            cwd=here,
+            timeout=900,
         )
         verdicts = json.loads(printed.strip().splitlines()[-1])
     for spec, found in zip(specs, verdicts):
         result.violations += [Violation(spec["describe"], kind, detail) for kind, detail in found]
-    subprocess.run(["rm", "-rf", os.fspath(here)], check=True)
-    result.states_checked = len(specs)
+    subprocess.run(["rm", "-rf", os.fspath(here if scratch is None else here.parent)], check=True)
+    result.states_checked = len(verdicts)
     result.seconds = time.monotonic() - started
     return result
 
@@ -188,8 +207,10 @@ def _run_module(module: str, *args: str, env: dict[str, str], cwd: Path, timeout
     return done.stdout
 
 
-def _check_job(rank: int, world: int, specs: list[dict[str, Any]]) -> list[list[tuple[str, str]]]:
-    return check.check_all(specs)
+def _check_job(
+    rank: int, world: int, specs: list[dict[str, Any]], until_kind_outside: Collection[str] | None
+) -> list[list[tuple[str, str]]]:
+    return check.check_all(specs, until_kind_outside)
 
 
 def _import_library_from(library: Path) -> None:

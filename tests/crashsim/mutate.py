@@ -96,14 +96,22 @@ def run_mutation(
     max_states: int,
     run: str = "mutant",
     forked: bool = False,
+    until_flagged: bool = False,
+    explore_in: Path | None = None,
 ) -> MutationOutcome:
     """Explore every workload of ``baselines`` (set up in ``works``) with ``site`` removed;
     ``run`` names the exploration's dir in each work dir (distinct for mutants run at once);
-    ``forked`` as for :func:`~tests.crashsim.explore.explore`."""
+    ``forked`` as for :func:`~tests.crashsim.explore.explore`. ``until_flagged``: a workload's
+    states are checked only until one shows a kind its baseline does not (whether the removal
+    is flagged, not every kind it shows), and the workloads after a flagging one are not
+    explored (``forked`` only). ``explore_in``: each exploration's ``scratch`` (see
+    :func:`~tests.crashsim.explore.explore`)."""
     library = mutated_copy(site, scratch)
     new_kinds: dict[str, list[str]] = {}
     try:
         for key, baseline in baselines.items():
+            if until_flagged and any(new_kinds.values()):
+                break
             mutant = explore(
                 baseline.workload,
                 works[key],
@@ -114,6 +122,8 @@ def run_mutation(
                 library=library,
                 run=run,
                 forked=forked,
+                until_kind_outside=set(baseline.kinds()) if until_flagged else None,
+                scratch=explore_in,
             )
             new_kinds[key] = sorted(set(mutant.kinds()) - set(baseline.kinds()))
     finally:
