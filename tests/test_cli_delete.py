@@ -144,3 +144,16 @@ def test_ls_lists_a_newer_format_step_in_step_order_with_its_links(tmp_path: Pat
     assert first.startswith("1 ") and "NEWER FORMAT (upgrade distckpt)" in first, table.stdout
     assert first.split()[-1] == "best", table.stdout
     assert second.startswith("2 ") and second.split()[-1] == "last", table.stdout
+
+
+@pytest.mark.parametrize("target", ["step-1", "./step-1", "absolute"])
+def test_ls_lists_a_link_to_a_step_dir_of_another_zero_padding(tmp_path: Path, target: str) -> None:
+    """A step dir named with another zero padding (``step-1``), which distckpt reads, keeps
+    the links naming it in LINKS, however the link spells its target."""
+    root = hostile_cases.make_root(tmp_path / "root")
+    os.rename(root / "step-00000001", root / "step-1")
+    os.symlink(root / "step-1" if target == "absolute" else target, root / "best")
+    table = run("ls", str(root))
+    assert table.returncode == 0, table.stderr
+    first = table.stdout.splitlines()[1]
+    assert first.startswith("1 ") and first.split()[-1] == "best", table.stdout
