@@ -37,7 +37,7 @@ from distckpt.errors import (
 )
 from distckpt.formats.base import PreparedRead, ReadOptions, ShardContext
 from distckpt.formats.raw_rank_file import estimate_file_bytes, write_rank_file
-from distckpt.formats.raw_rank_reader import load_rank_file
+from distckpt.formats.raw_rank_reader import ZIP_MAGIC, load_rank_file
 from distckpt.layout import parse_rank_file_name, rank_file_name
 from distckpt.manifest import FileRecord, Manifest
 from distckpt.state_sizes import byte_string_bytes, storage_sizes
@@ -144,7 +144,7 @@ def safe_torch_load(
     file_path = path if path is not None else file_path
     try:
         # torch maps only a zip archive: a legacy file (format version 1 may hold one) is read
-        mmap = options.mmap and path is not None and _head(source).startswith(_ZIP_MAGIC)
+        mmap = options.mmap and path is not None and _head(source) == ZIP_MAGIC
         pickle_module = (
             _import_naming_pickle_module(name, file_path) if options.allow_pickle else None
         )
@@ -179,8 +179,6 @@ def safe_torch_load(
 #: the pickle protocols (4: frames, and 5) torch's weights-only unpickler does not read; torch
 #: writes 2 unless told otherwise, and one flipped bit of that protocol byte gives no 4 or 5
 _UNREAD_PROTOCOLS = range(4, pickle.HIGHEST_PROTOCOL + 1)
-#: how a zip archive (a ``torch.save`` file since torch 1.6) starts
-_ZIP_MAGIC = b"PK"
 
 
 def _pickle_protocol(source: TorchSource) -> int | None:
@@ -189,19 +187,20 @@ def _pickle_protocol(source: TorchSource) -> int | None:
     legacy (not zip) format. None when that cannot be told (unreadable, no such opcode)."""
     try:
         head = _head(source)
-        if head == _ZIP_MAGIC:
+        if head == ZIP_MAGIC:
             head = bytes(_archive_pickle(source)[:2])
     except Exception:  # a damaged archive: whatever the reader raises
         return None
-    return head[1] if len(head) == 2 and head[0] == pickle.PROTO[0] else None
+    return head[1] if len(head) >= 2 and head[0] == pickle.PROTO[0] else None
 
 
 def _head(source: TorchSource) -> bytes:
-    """The first two bytes of ``source``: a zip archive's magic, or a pickle's protocol."""
+    """The first bytes of ``source``, as many as :data:`ZIP_MAGIC` has: a zip archive's magic,
+    or a pickle's first opcodes (its protocol in the first two)."""
     if isinstance(source, io.BytesIO):
-        return source.getvalue()[:2]
+        return source.getvalue()[: len(ZIP_MAGIC)]
     with open(source, "rb") as file:
-        return file.read(2)
+        return file.read(len(ZIP_MAGIC))
 
 
 def _archive_pickle(source: TorchSource) -> bytes:
