@@ -9,6 +9,7 @@ every few bytes of a "dcp" data file (an export costs tens of milliseconds)."""
 
 from __future__ import annotations
 
+import io
 import os
 import sys
 from collections.abc import Callable, Iterable
@@ -19,7 +20,9 @@ import torch
 
 import distckpt
 from distckpt import export
+from distckpt.formats.base import ReadOptions
 from distckpt.formats.raw_rank_file import HEADER
+from distckpt.formats.torch_files import safe_torch_load
 from tests import hostile_cases
 
 pytestmark = pytest.mark.filterwarnings(
@@ -168,6 +171,9 @@ def test_a_class_that_cannot_be_imported_is_no_damage(
     import gone_module  # type: ignore[import-not-found]
 
     step_dir = _saved(tmp_path / "root", "torch", {"g": gone_module.Gone()})
+    saved = io.BytesIO()
+    torch.save({"g": gone_module.Gone()}, saved)
+    saved_bytes = saved.getvalue()
     (modules / "gone_module.py").unlink()
     monkeypatch.delitem(sys.modules, "gone_module")
     with pytest.raises(distckpt.UnimportableClass, match="No module named 'gone_module'") as err:
@@ -178,6 +184,10 @@ def test_a_class_that_cannot_be_imported_is_no_damage(
     assert "or the file is damaged: run distckpt verify" in str(err.value)
     with pytest.raises(distckpt.UnsafeCheckpoint, match=r"gone_module\.Gone"):
         distckpt.load_checkpoint(step_dir)
+    # bytes in memory (a "dcp" value) are no file: named in the message, no path
+    with pytest.raises(distckpt.UnimportableClass, match="value 'g' names gone_module") as err:
+        safe_torch_load(io.BytesIO(saved_bytes), ReadOptions(allow_pickle=True), name="value 'g'")
+    assert err.value.path is None
 
 
 class _RunsACommand:
