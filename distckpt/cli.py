@@ -31,6 +31,7 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import PurePath
 from typing import Any, TextIO
 
 from distckpt import resolve
@@ -43,7 +44,7 @@ from distckpt.cli_output import (
     write_json,
 )
 from distckpt.errors import CheckpointError, CheckpointNotFound, InvalidArgument
-from distckpt.layout import LINK_NAMES, step_dir_name
+from distckpt.layout import LINK_NAMES, parse_step_dir_name
 from distckpt.lease import LeaseHolder
 from distckpt.manifest import MANIFEST_CHECKSUM_KEY, encode_metrics
 from distckpt.policy import RetentionPolicy
@@ -134,7 +135,12 @@ def cmd_ls(args: argparse.Namespace, out: TextIO) -> int:
     links = {name: view.read_pointer(name) for name in LINK_NAMES}
 
     def links_to(step: int) -> list[str]:
-        return [name for name, target in links.items() if target == step_dir_name(step)]
+        # a link's target may be a dir of any zero padding, as ./step-1 or an absolute path
+        return [
+            name
+            for name, target in links.items()
+            if target is not None and parse_step_dir_name(PurePath(target).name) == step
+        ]
 
     newer: list[int] = []  # listed, not refused: `distckpt delete` is one way out of them
     infos, damaged = resolve.survey(view, newer=newer)

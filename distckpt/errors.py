@@ -363,12 +363,14 @@ class UnsafeCheckpoint(CheckpointError):
 
 class UnimportableClass(CheckpointError, ImportError):
     """A checkpoint loaded with ``allow_pickle=True`` names a class or function that cannot be
-    imported here (its module is not installed, or no longer defines it): no sign of damage,
-    the checkpoint needs that code. ``reason`` is Python's (``No module named 'usermod'``)."""
+    imported here: its module is not installed or no longer defines it, and the checkpoint
+    needs that code, or the name in the file is damaged (``distckpt verify`` tells which).
+    ``reason`` is Python's (``No module named 'usermod'``); ``path`` is None for a value read
+    from memory (a "dcp" value)."""
 
     reason: str = ""
 
-    def __init__(self, message: str, *, reason: str, path: str | os.PathLike[str]) -> None:
+    def __init__(self, message: str, *, reason: str, path: str | os.PathLike[str] | None) -> None:
         super().__init__(message, path=path)
         self.reason = reason
 

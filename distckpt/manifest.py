@@ -404,12 +404,19 @@ def read_manifest(checkpoint_dir: Path) -> Manifest:
     try:
         # Opened without blocking and judged by what was opened: a FIFO put in its place, even
         # between a check and the read, is refused instead of blocking the read for good.
-        with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as file:
-            status = os.fstat(file.fileno())
+        # (O_NONBLOCK is POSIX only; where it is missing, so are FIFOs in a checkpoint dir.)
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        try:
+            status = os.fstat(fd)
             if not stat.S_ISREG(status.st_mode):
                 raise CorruptCheckpoint(_not_regular(path, status.st_mode))
             if status.st_size > MAX_MANIFEST_BYTES:
                 raise oversized_manifest(path)
+        except BaseException:
+            os.close(fd)
+            raise
+        # A regular file only: its file object owns the fd from here on, closing it.
+        with open(fd, "rb") as file:
             raw = file.read()
     except FileNotFoundError as exc:
         raise CorruptCheckpoint(f"{checkpoint_dir} has no {MANIFEST_NAME}", damaged=True) from exc

@@ -197,3 +197,16 @@ def test_a_command_writes_pointer_files_where_either_link_is_one(tmp_path: Path)
     assert not (root / "last").is_symlink()
     assert (root / "last").read_text().strip() == "step-00000002"
     assert distckpt.verify(root).ok
+
+
+@pytest.mark.parametrize("target", ["step-1", "./step-1", "absolute"])
+def test_ls_lists_a_link_to_a_step_dir_of_another_zero_padding(tmp_path: Path, target: str) -> None:
+    """A step dir named with another zero padding (``step-1``), which distckpt reads, keeps
+    the links naming it in LINKS, however the link spells its target."""
+    root = hostile_cases.make_root(tmp_path / "root")
+    os.rename(root / "step-00000001", root / "step-1")
+    os.symlink(root / "step-1" if target == "absolute" else target, root / "best")
+    table = run("ls", str(root))
+    assert table.returncode == 0, table.stderr
+    first = table.stdout.splitlines()[1]
+    assert first.startswith("1 ") and first.split()[-1] == "best", table.stdout

@@ -9,6 +9,7 @@ every few bytes of a "dcp" data file (an export costs tens of milliseconds)."""
 
 from __future__ import annotations
 
+import io
 import os
 import sys
 from collections.abc import Callable, Iterable
@@ -19,7 +20,9 @@ import torch
 
 import distckpt
 from distckpt import export
+from distckpt.formats.base import ReadOptions
 from distckpt.formats.raw_rank_file import HEADER
+from distckpt.formats.torch_files import safe_torch_load
 from tests import hostile_cases
 
 pytestmark = pytest.mark.filterwarnings(
@@ -96,6 +99,43 @@ def test_a_damaged_byte_of_a_dcp_file_is_a_corrupt_checkpoint(tmp_path: Path) ->
     assert seen <= {"loaded", "CorruptCheckpoint"}, seen
 
 
+def test_a_damaged_byte_of_a_whole_torch_save_file_with_allow_pickle(tmp_path: Path) -> None:
+    """With ``allow_pickle=True`` torch's full unpickler reads the file: a damaged byte is still
+    a CheckpointError naming the file, a damaged class name an UnimportableClass saying the
+    file may be damaged, never whatever the zip reader or the unpickler raised inside."""
+    step_dir = _saved(tmp_path / "root", "torch")
+    rank_file = step_dir / "rank-00000.pt"
+    torch.save(STATE, rank_file)
+    hostile_cases.reseal(step_dir, "rank-00000.pt")
+    seen = _outcomes(
+        rank_file,
+        range(rank_file.stat().st_size),
+        lambda: distckpt.load_checkpoint(step_dir, allow_pickle=True),
+    )
+    assert {"CorruptCheckpoint", "UnimportableClass"} <= seen, seen
+    assert seen <= {"loaded", "CorruptCheckpoint", "UnimportableClass"}, seen
+
+
+class _FailsToRebuild:
+    """Its own ``__setstate__`` raises AttributeError: a bug of its code, its module present."""
+
+    def __init__(self) -> None:
+        self.x = 1
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        self.x = state["x"].upper()  # type: ignore[attr-defined]
+
+
+def test_an_objects_own_attribute_error_is_no_unimportable_class(tmp_path: Path) -> None:
+    """An AttributeError of an object's own code while unpickling is no missing class: it is
+    a CorruptCheckpoint chained to it, as the unpickler cannot tell it from damage."""
+    step_dir = _saved(tmp_path / "root", "torch", {"o": _FailsToRebuild()})
+    with pytest.raises(distckpt.CorruptCheckpoint, match="has no attribute 'upper'") as err:
+        distckpt.load_checkpoint(step_dir, allow_pickle=True)
+    assert not isinstance(err.value, distckpt.UnimportableClass)
+    assert isinstance(err.value.__cause__, AttributeError)
+
+
 @pytest.mark.parametrize("zipped", [True, False], ids=["zip", "legacy"])
 def test_a_torch_save_file_of_a_newer_pickle_protocol_is_unsafe_not_corrupt(
     tmp_path: Path, zipped: bool
@@ -131,6 +171,9 @@ def test_a_class_that_cannot_be_imported_is_no_damage(
     import gone_module  # type: ignore[import-not-found]
 
     step_dir = _saved(tmp_path / "root", "torch", {"g": gone_module.Gone()})
+    saved = io.BytesIO()
+    torch.save({"g": gone_module.Gone()}, saved)
+    saved_bytes = saved.getvalue()
     (modules / "gone_module.py").unlink()
     monkeypatch.delitem(sys.modules, "gone_module")
     with pytest.raises(distckpt.UnimportableClass, match="No module named 'gone_module'") as err:
@@ -138,8 +181,13 @@ def test_a_class_that_cannot_be_imported_is_no_damage(
     assert not isinstance(err.value, distckpt.CorruptCheckpoint)
     assert isinstance(err.value, ImportError)
     assert err.value.path == str(step_dir / "rank-00000.pt")
+    assert "or the file is damaged: run distckpt verify" in str(err.value)
     with pytest.raises(distckpt.UnsafeCheckpoint, match=r"gone_module\.Gone"):
         distckpt.load_checkpoint(step_dir)
+    # bytes in memory (a "dcp" value) are no file: named in the message, no path
+    with pytest.raises(distckpt.UnimportableClass, match="value 'g' names gone_module") as err:
+        safe_torch_load(io.BytesIO(saved_bytes), ReadOptions(allow_pickle=True), name="value 'g'")
+    assert err.value.path is None
 
 
 class _RunsACommand:

@@ -104,3 +104,18 @@ def test_a_checkpoint_deleted_between_size_and_checksum_is_left_out(
     assert deleted == [step_dir]
     assert report.ok, str(report)
     assert [checkpoint.step for checkpoint in report.checkpoints] == [2]
+
+
+def test_a_manifest_that_is_a_directory_is_named_and_its_fd_closed(tmp_path: Path) -> None:
+    """A directory in place of ``manifest.json`` opens (read-only), so what was opened must be
+    closed when it is refused: each refusal names the file, none leaves an fd open."""
+    step_dir = tmp_path / "step-00000001"
+    (step_dir / "manifest.json").mkdir(parents=True)
+    open_fds = len(os.listdir("/proc/self/fd"))
+    for _ in range(20):
+        with pytest.raises(distckpt.CorruptCheckpoint) as err:
+            distckpt.manifest.read_manifest(step_dir)
+        assert str(err.value) == (
+            f"{step_dir / 'manifest.json'}: is a directory; checkpoint files must be regular files"
+        )
+    assert len(os.listdir("/proc/self/fd")) == open_fds

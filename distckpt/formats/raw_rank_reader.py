@@ -81,9 +81,11 @@ def _not_a_rank_file(fd: int, name: str) -> CorruptCheckpoint:
     return CorruptCheckpoint(f"{name}: not a distckpt rank file (magic {head[: len(MAGIC)]!r})")
 
 
-#: how a ``torch.save`` file starts: a zip archive's first local header (torch >= 1.6), or the
-#: protocol opcode of the pickle (protocol 2 and later) a legacy one starts with
-_TORCH_SAVE_STARTS = (b"PK\x03\x04", b"\x80")
+#: how a zip archive (a ``torch.save`` file since torch 1.6) starts: its first local header
+ZIP_MAGIC = b"PK\x03\x04"
+#: how a ``torch.save`` file starts: a zip archive, or the protocol opcode of the pickle
+#: (protocol 2 and later) a legacy one starts with
+_TORCH_SAVE_STARTS = (ZIP_MAGIC, b"\x80")
 
 
 def _starts_like_torch_save(fd: int) -> bool:
@@ -265,9 +267,9 @@ def load_rank_file(
     the pickled skeleton (the caller's safe ``torch.load``), before any tensor data is read, so
     a refused checkpoint costs no read of its data. A file that does not start like a rank
     file in this layout but like a ``torch.save`` file is read by ``otherwise()`` (a
-    ``torch.save`` file in its place); any other is refused as :class:`CorruptCheckpoint`:
-    telling them apart costs no second open (``otherwise`` opens the file itself, and so does
-    a mapping with ``mmap``)."""
+    ``torch.save`` file in its place); any other is refused as :class:`CorruptCheckpoint`.
+    Telling them apart reads through the one fd the index and skeleton are read through;
+    ``otherwise`` opens the file again, as a mapping with ``mmap`` does."""
     name = os.fspath(path)
     fd = os.open(name, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
     try:

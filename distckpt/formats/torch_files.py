@@ -18,6 +18,7 @@ import io
 import os
 import pickle
 import re
+import types
 from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
@@ -35,7 +36,7 @@ from distckpt.errors import (
 )
 from distckpt.formats.base import PreparedRead, ReadOptions, ShardContext, check_saved_rank
 from distckpt.formats.raw_rank_file import estimate_file_bytes, write_rank_file
-from distckpt.formats.raw_rank_reader import load_rank_file
+from distckpt.formats.raw_rank_reader import ZIP_MAGIC, load_rank_file
 from distckpt.layout import parse_rank_file_name, rank_file_name
 from distckpt.manifest import FileRecord, Manifest
 from distckpt.state_sizes import byte_string_bytes, storage_sizes
@@ -86,22 +87,72 @@ def unsafe_load_error(name: str, exc: pickle.UnpicklingError) -> UnsafeCheckpoin
     )
 
 
-def safe_torch_load(source: TorchSource, options: ReadOptions, *, name: str | None = None) -> Any:
+class _ImportNamingUnpickler(pickle.Unpickler):
+    """``pickle.Unpickler`` whose class lookup turns a failed import into
+    :class:`UnimportableClass`, so that failure alone is told apart from every other (a
+    damaged pickle, an object's own code failing), which stays :class:`CorruptCheckpoint`."""
+
+    #: what the pickle is read from, for errors (set by :func:`_import_naming_pickle_module`)
+    source_name: str = "?"
+    source_path: str | None = None
+
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return super().find_class(module, name)
+        except (ImportError, AttributeError) as exc:
+            raise UnimportableClass(
+                f"{self.source_name} names {module}.{name}, which cannot be imported here "
+                f"({exc}): the checkpoint needs the code it was saved with, or the file is "
+                "damaged: run distckpt verify",
+                reason=str(exc),
+                path=self.source_path,
+            ) from exc
+
+
+def _import_naming_pickle_module(name: str, path: str | None) -> types.ModuleType:
+    """A pickle module for ``torch.load(pickle_module=...)`` (torch uses its ``Unpickler`` and
+    ``load``) whose unpickler names ``name`` in an :class:`UnimportableClass`."""
+    unpickler = type(
+        "_ImportNamingUnpickler",
+        (_ImportNamingUnpickler,),
+        {"source_name": name, "source_path": path},
+    )
+    module = types.ModuleType("distckpt_import_naming_pickle")
+    module.Unpickler = unpickler  # type: ignore[attr-defined]
+    module.load = lambda file, **kwargs: unpickler(file, **kwargs).load()  # type: ignore[attr-defined]
+    return module
+
+
+def safe_torch_load(
+    source: TorchSource,
+    options: ReadOptions,
+    *,
+    name: str | None = None,
+    file_path: str | None = None,
+) -> Any:
     """``torch.load`` that unpickles only tensors and plain values unless the caller opted in,
     and turns torch's refusal into an error naming the refused type and how to opt in.
-    Whatever else fails to parse is a :class:`CorruptCheckpoint`; with ``allow_pickle`` only
-    a pickle torch cannot parse is, a class or function that cannot be imported is an
-    :class:`UnimportableClass` and an object's own error is raised as it is. ``name`` says
-    what ``source`` is in errors (a path names itself)."""
-    name = name if name is not None else os.fspath(source)  # type: ignore[arg-type]
+    With ``allow_pickle``, a class or function the file names that cannot be imported is an
+    :class:`UnimportableClass` (missing code, or a damaged name). Whatever else fails is a
+    :class:`CorruptCheckpoint` chained to what was raised, an error of an object's own code
+    (its ``__setstate__``) too: from inside the unpickler it cannot be told from damage.
+    ``name`` says what ``source`` is in errors (a path names itself); ``file_path`` is the
+    file bytes in memory were read from, the ``path`` of errors (a path is its own)."""
+    path = None if isinstance(source, io.BytesIO) else os.fspath(source)
+    name = name if name is not None else str(path)
+    file_path = path if path is not None else file_path
     try:
         # torch maps only a zip archive: a legacy file (format version 1 may hold one) is read
-        mmap = options.mmap and not isinstance(source, io.BytesIO) and _head(source) == _ZIP_MAGIC
+        mmap = options.mmap and path is not None and _head(source) == ZIP_MAGIC
+        pickle_module = (
+            _import_naming_pickle_module(name, file_path) if options.allow_pickle else None
+        )
         return torch.load(
-            source if isinstance(source, io.BytesIO) else os.fspath(source),
+            source if path is None else path,
             map_location=options.map_location,
             weights_only=not options.allow_pickle,
             mmap=mmap or None,
+            pickle_module=pickle_module,
         )
     except pickle.UnpicklingError as exc:
         if not options.allow_pickle and _REFUSED_GLOBAL_MESSAGES.search(str(exc)):
@@ -119,26 +170,14 @@ def safe_torch_load(source: TorchSource, options: ReadOptions, *, name: str | No
     except (CheckpointError, OSError, MemoryError):
         raise  # named already; a failed read, or too little memory, is no damage of the file
     except Exception as exc:
-        if not options.allow_pickle:
-            # A damaged pickle or archive fails inside torch as anything at all (IndexError
-            # from an empty stack, KeyError from a memo, struct.error, a decoding error, ...).
-            raise CorruptCheckpoint(f"{name}: not a readable torch file: {exc!r}") from exc
-        if isinstance(exc, (ImportError, AttributeError)):
-            # Unpickling imports what the pickle names: code missing here, no damaged file.
-            raise UnimportableClass(
-                f"{name} names a class or function that cannot be imported here ({exc}): "
-                "the checkpoint needs the code it was saved with",
-                reason=str(exc),
-                path=name,
-            ) from exc
-        raise  # the objects' own code ran (a __setstate__): its error explains itself
+        # A damaged pickle or archive fails inside torch as anything at all (IndexError from
+        # an empty stack, KeyError from a memo, struct.error, a decoding error, ...).
+        raise CorruptCheckpoint(f"{name}: not a readable torch file: {exc!r}") from exc
 
 
 #: the pickle protocols (4: frames, and 5) torch's weights-only unpickler does not read; torch
 #: writes 2 unless told otherwise, and one flipped bit of that protocol byte gives no 4 or 5
 _UNREAD_PROTOCOLS = range(4, pickle.HIGHEST_PROTOCOL + 1)
-#: how a zip archive (a ``torch.save`` file since torch 1.6) starts
-_ZIP_MAGIC = b"PK"
 
 
 def _pickle_protocol(source: TorchSource) -> int | None:
@@ -147,19 +186,20 @@ def _pickle_protocol(source: TorchSource) -> int | None:
     legacy (not zip) format. None when that cannot be told (unreadable, no such opcode)."""
     try:
         head = _head(source)
-        if head == _ZIP_MAGIC:
+        if head == ZIP_MAGIC:
             head = bytes(_archive_pickle(source)[:2])
     except Exception:  # a damaged archive: whatever the reader raises
         return None
-    return head[1] if len(head) == 2 and head[0] == pickle.PROTO[0] else None
+    return head[1] if len(head) >= 2 and head[0] == pickle.PROTO[0] else None
 
 
 def _head(source: TorchSource) -> bytes:
-    """The first two bytes of ``source``: a zip archive's magic, or a pickle's protocol."""
+    """The first bytes of ``source``, as many as :data:`ZIP_MAGIC` has: a zip archive's magic,
+    or a pickle's first opcodes (its protocol in the first two)."""
     if isinstance(source, io.BytesIO):
-        return source.getvalue()[:2]
+        return source.getvalue()[: len(ZIP_MAGIC)]
     with open(source, "rb") as file:
-        return file.read(2)
+        return file.read(len(ZIP_MAGIC))
 
 
 def _archive_pickle(source: TorchSource) -> bytes:
@@ -228,7 +268,7 @@ def load_skeleton(source: io.BytesIO, options: ReadOptions, name: str) -> Any:
         return plain_values_of(source)
     except Exception:  # not plain values, or unreadable: torch.load decides and explains
         source.seek(0)
-    return safe_torch_load(source, options, name=name)
+    return safe_torch_load(source, options, name=name, file_path=name)
 
 
 def check_writer_threads(writer_threads: object) -> int:
