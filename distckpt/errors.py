@@ -1,19 +1,16 @@
 """Every exception distckpt raises, but one kind: the functions that run in a plain process
 (:func:`distckpt.load_checkpoint`, :func:`distckpt.verify`, :func:`distckpt.export`) raise an
-error of the operating system reading a checkpoint's file, or writing ``export``'s output
-file, as that ``OSError``. A :class:`~distckpt.CheckpointManager`'s calls raise such an error
-as a :class:`CheckpointError` (a :class:`RankFailure`, naming the rank) on every rank.
+operating system error reading a checkpoint's file, or writing ``export``'s output, as that
+``OSError``; a :class:`~distckpt.CheckpointManager`'s calls raise it as a
+:class:`CheckpointError` (a :class:`RankFailure`, naming the rank) on every rank.
 
-All derive from :class:`CheckpointError`, so ``except distckpt.CheckpointError`` catches them
-all; where a builtin exception means the same thing, the class also derives from it (a missing
-checkpoint is a ``FileNotFoundError``, a bad argument a ``ValueError``), so code written against
-the builtins keeps working. None derives from ``BaseException`` directly.
-
-Errors carry structured fields besides their message: ``rank`` (the rank of the group where it
-happened), ``path`` and ``step`` (what it is about), each None where unknown. When a rank's
-error is raised on every rank, these fields travel with it (:meth:`CheckpointError.fields` and
-:meth:`CheckpointError.rebuild`), so code on any rank can act on them without parsing text;
-an error pickled (by a process pool or a multiprocessing queue) keeps them and its message too.
+All derive from :class:`CheckpointError`, and also from the builtin that means the same thing
+(a missing checkpoint is a ``FileNotFoundError``, a bad argument a ``ValueError``); none
+derives from ``BaseException`` directly. Errors carry structured fields besides their message:
+``rank``, ``path`` and ``step``, each None where unknown. They travel with an error raised on
+every rank (:meth:`CheckpointError.fields`, :meth:`CheckpointError.rebuild`) and survive
+pickling (a process pool or a multiprocessing queue), so code can act on them without parsing
+text.
 """
 
 from __future__ import annotations
@@ -69,10 +66,8 @@ class CheckpointError(Exception):
         return error
 
     def __reduce__(self) -> tuple[Any, ...]:
-        # Pickle (a process pool, a multiprocessing queue) rebuilds an exception by calling its
-        # class with ``self.args``: that misses the keyword-only fields subclasses require and
-        # would remake RankFailure's message from scratch. Rebuilt as another rank's error is,
-        # it keeps its message and every field, whatever the subclass's ``__init__`` takes.
+        # Pickle calls the class with ``self.args``, which misses the keyword-only fields
+        # subclasses require: rebuilt as another rank's error is, it keeps message and fields.
         message = str(self.args[0]) if self.args else ""
         return (type(self).rebuild, (message, dict(vars(self))))
 
@@ -121,14 +116,11 @@ class ShapeMismatch(InvalidArgument):
 
 
 class KeyMismatch(InvalidArgument):
-    """A restore with ``strict=True`` whose checkpoint and ``state=`` do not have the same
-    keys, refused before anything is loaded (in both formats). ``missing_keys`` are the
-    dotted keys of the given state the checkpoint lacks, ``unexpected_keys`` the checkpoint's
-    the given state lacks; ``path`` and ``step`` name the checkpoint. Also, whatever
-    ``strict`` is, a ModelOptimizerState whose optimizer's parameter groups differ from the
-    saved ones in number or membership (torch loads groups by position): its keys are then
-    ``<group>.params.<parameter name>``, given but not in the saved group (missing) or saved
-    but not in the given group (unexpected)."""
+    """A restore with ``strict=True`` whose checkpoint and ``state=`` differ in keys, refused
+    before anything is loaded (both formats): ``missing_keys`` are the given state's dotted
+    keys the checkpoint lacks, ``unexpected_keys`` the reverse. Also, whatever ``strict`` is, a
+    ModelOptimizerState whose parameter groups differ from the saved ones in number or
+    membership (torch loads groups by position), keyed ``<group>.params.<parameter name>``."""
 
     missing_keys: tuple[str, ...] = ()
     unexpected_keys: tuple[str, ...] = ()
@@ -149,12 +141,11 @@ class KeyMismatch(InvalidArgument):
 
 
 class UnrestorableKeys(InvalidArgument):
-    """A dict of a state saved with ``format="dcp"`` has keys a restore could not give back:
-    DCP keeps every key as text (``str(key)``), and a restore maps it back onto the key of the
-    given state with that text, so keys of one dict that read the same (``1`` and ``"1"``) or
-    of a type with no fixed text (anything but ``str``, ``int``, ``float``, ``bool`` and None)
-    are refused, before anything is written. ``where`` is the dict's dotted place in the state
-    (``""`` for the top level), ``keys`` the reprs of the keys refused."""
+    """A dict saved with ``format="dcp"`` has keys a restore could not give back (DCP keeps
+    keys as text, mapped back onto the given state's key of that text): keys of one dict that
+    read the same (``1`` and ``"1"``), or of a type with no fixed text (anything but ``str``,
+    ``int``, ``float``, ``bool`` and None), refused before anything is written. ``where`` is
+    the dict's dotted place (``""`` at the top), ``keys`` the reprs of the refused keys."""
 
     where: str = ""
     keys: tuple[str, ...] = ()
@@ -175,12 +166,10 @@ class UnrestorableKeys(InvalidArgument):
 
 
 class UnsupportedTensors(InvalidArgument):
-    """Tensors of a state the format cannot save and load back, refused at the save before
-    anything is written: the "dcp" format takes plain tensors and DTensors only, so a subclass
-    of ``torch.Tensor`` (a wrapper subclass, a nested tensor) is refused; the "torch" format
-    saves them all. ``keys`` are the tensors' dotted places in the state, ``kinds`` each one's
-    type (its class's qualified name; ``torch.Tensor (nested)`` for a nested tensor of the
-    strided layout, whose class is the plain one)."""
+    """Tensors the format cannot save and load back, refused before anything is written:
+    "dcp" takes plain tensors and DTensors only (a ``torch.Tensor`` subclass or a nested tensor
+    is refused; "torch" saves them all). ``keys`` are their dotted places, ``kinds`` each one's
+    class's qualified name (``torch.Tensor (nested)`` for a strided nested tensor)."""
 
     keys: tuple[str, ...] = ()
     kinds: tuple[str, ...] = ()
@@ -275,16 +264,14 @@ class CorruptCheckpoint(CheckpointError):
     """A checkpoint directory fails its manifest check: missing or wrong-sized files, a bad
     checksum, a manifest that is not valid JSON or names another step.
 
-    ``damaged`` is True only when this version is sure the checkpoint's content is damaged: its
-    manifest is missing, does not parse, does not match its own checksum
-    (:class:`ManifestChecksumMismatch`) or does not follow the schema (a key every version writes
-    missing or of the wrong type; a key this version does not know is ignored, as a newer
-    writer may add one), a file it lists is missing or of another size, or a checksum under an
-    algorithm this version knows does not match. It is False when the checkpoint could not be
-    judged (a read that failed for a reason other than a missing file, a checksum algorithm or
-    format this version does not know, a symlink where a file belongs, a manifest larger than
-    this version reads): such a checkpoint may be whole, so nothing is ever done to it on that
-    verdict (see ``CheckpointManager.restore``)."""
+    ``damaged`` is True only when this version is sure the content is damaged: the manifest is
+    missing, does not parse, fails its own checksum (:class:`ManifestChecksumMismatch`) or the
+    schema (a key every version writes missing or mistyped; unknown keys are ignored), a file
+    it lists is missing or of another size, or a checksum of a known algorithm does not match.
+    It is False when the checkpoint could not be judged (a failed read other than a missing
+    file, an unknown checksum algorithm or format, a symlink where a file belongs, a manifest
+    too large): it may be whole, so nothing is done to it on that verdict (see
+    ``CheckpointManager.restore``)."""
 
     damaged: bool = False
 
@@ -499,10 +486,9 @@ def describe_error(exc: BaseException) -> str:
 
 class LightningInternalMissing(CheckpointError, AttributeError):
     """A private attribute of Lightning that :class:`distckpt.lightning.DistckptCallback`
-    relies on (Lightning has no public way to do what it does with it) is missing from the
-    installed Lightning: that version is not supported. ``attribute`` names it as
-    ``Class.name`` (``module.name`` for a module's); ``lightning_version`` is the installed
-    version."""
+    relies on (no public way exists) is missing: that Lightning version is not supported.
+    ``attribute`` names it as ``Class.name`` (``module.name`` for a module's);
+    ``lightning_version`` is the installed version."""
 
     def __init__(self, attribute: str, lightning_version: str) -> None:
         super().__init__(

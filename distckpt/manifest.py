@@ -57,12 +57,10 @@ _NON_FINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
 
 
 class Problem(str):
-    """One thing wrong with a checkpoint: the message naming it (a ``str``, so reports and
-    errors use it as one), and whether it is damage this version is sure of (``damage``: a
-    listed file missing or of another size, a checksum mismatch under a known algorithm, a
-    manifest that contradicts the checkpoint) rather than something it cannot judge (an
-    unknown checksum algorithm or format, a symlink where a file belongs). See
-    :class:`~distckpt.CorruptCheckpoint`'s ``damaged``."""
+    """One thing wrong with a checkpoint: the message naming it (a ``str``, used as one), and
+    whether it is damage this version is sure of (``damage``: a listed file missing or of
+    another size, a known algorithm's checksum mismatch, a manifest contradicting the
+    checkpoint) or cannot judge (see :class:`~distckpt.CorruptCheckpoint`'s ``damaged``)."""
 
     damage: bool
 
@@ -403,8 +401,7 @@ def read_manifest(checkpoint_dir: Path) -> Manifest:
     path = checkpoint_dir / MANIFEST_NAME
     try:
         # Opened without blocking and judged by what was opened: a FIFO put in its place, even
-        # between a check and the read, is refused instead of blocking the read for good.
-        # (O_NONBLOCK is POSIX only; where it is missing, so are FIFOs in a checkpoint dir.)
+        # between a check and the read, is refused (no O_NONBLOCK: no FIFOs either).
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
         try:
             status = os.fstat(fd)
@@ -435,11 +432,10 @@ def find_problems(
 ) -> list[Problem]:
     """Everything wrong with a checkpoint dir against its manifest, one problem per message,
     each naming the file: a missing or wrong-sized file, one that is no regular file (a
-    symlink, a directory, a FIFO: named, never opened), a wrong
-    checksum (only with ``checksums=True``: it reads every byte), a step that disagrees with
-    the dir's name. An empty list means the dir passes. A failed read (other than of a file
-    that is missing, at its ``lstat`` or when opened to checksum it) is raised as its
-    ``OSError``: it judges nothing."""
+    symlink, a directory, a FIFO: named, never opened), a wrong checksum (only with
+    ``checksums=True``: it reads every byte), a step that disagrees with the dir's name. An
+    empty list means the dir passes. A failed read (but of a file missing, at its ``lstat`` or
+    its checksum's open) is raised as its ``OSError``: it judges nothing."""
     problems: list[Problem] = []
     if expected_step is not None and manifest.step != expected_step:
         problems.append(
