@@ -18,6 +18,8 @@ _SPECIAL_ARGUMENTS: dict[type[CheckpointError], tuple[tuple[Any, ...], dict[str,
     RankFailure: (("save", {1: "OSError: disk full", 0: "timeout"}), {}),
     errors.RootInUse: (("root in use", {"host": "node-a"}), {}),
     errors.LeaseTakenMeanwhile: (("taken meanwhile", {"host": "node-b"}, {"host": "node-a"}), {}),
+    # made from what it names, with no message of its own
+    errors.LightningInternalMissing: (("Trainer._signal_connector", "2.6.6"), {}),
 }
 
 _ERROR_CLASSES = sorted(
@@ -82,6 +84,7 @@ _SPARSE_ARGUMENTS: dict[type[CheckpointError], tuple[Any, ...]] = {
     RankFailure: ("save", {1: "OSError: disk full"}),
     errors.RootInUse: ("root in use by a process whose record is not written yet",),
     errors.LeaseTakenMeanwhile: ("taken meanwhile", None, None),
+    errors.LightningInternalMissing: ("Trainer._signal_connector", "2.6.6"),
 }
 
 
