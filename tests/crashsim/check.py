@@ -241,17 +241,23 @@ def check_all(
     ``until_kind_outside``, only until a state shows a violation of a kind not among those:
     the states after it are not checked (a mutation check needs one such state, and checking
     a state costs a manager's start, a restore and two ``verify``)."""
-    logging.disable(logging.CRITICAL)  # the manager warns about every repair it makes
+    # The manager warns about every repair it makes; put back after, for a caller in-process
+    # (a test), whose later log checks would find nothing.
+    disabled_before = logging.root.manager.disable
+    logging.disable(logging.CRITICAL)
     results: list[list[tuple[str, str]]] = []
-    for spec in specs:
-        try:
-            results.append(check_state(spec))
-        except Exception as exc:  # a crash of the checker is a finding too, not an abort
-            results.append([(OPEN_FAILED, f"checker raised {type(exc).__name__}: {exc}")])
-        if until_kind_outside is not None and {kind for kind, _ in results[-1]} - set(
-            until_kind_outside
-        ):
-            break
+    try:
+        for spec in specs:
+            try:
+                results.append(check_state(spec))
+            except Exception as exc:  # a crash of the checker is a finding too, not an abort
+                results.append([(OPEN_FAILED, f"checker raised {type(exc).__name__}: {exc}")])
+            if until_kind_outside is not None and {kind for kind, _ in results[-1]} - set(
+                until_kind_outside
+            ):
+                break
+    finally:
+        logging.disable(disabled_before)
     return results
 
 
