@@ -7,56 +7,57 @@ from __future__ import annotations
 import errno
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 
 import distckpt
-from distckpt import faults, fsutil
+from distckpt import events, fsutil
 from distckpt.layout import step_dir_name
 from distckpt.storage import posix_overwrite
 from tests.filesystems import MountFactory
 from tests.test_edge_cases import _two_dirs
 
 
-def _shorten_the_staged_file_before_the_rename(root: Path) -> None:
+def _shorten_the_staged_file_before_the_rename(root: Path) -> Callable[[], None]:
     """No filesystem here loses a file it renames (fusefat, which empties whole dirs, commits
     nothing to overwrite: tests/test_filesystems.py), so the new checkpoint's shard is cut to
-    half just before the commit renames it, after the staged files were checked."""
-    real_hit = faults.hit
+    half just before the commit renames it, after the staged files were checked: when the
+    commit's manifest phase ends, through the library's own phase listeners. Returns the
+    function that removes the listener."""
 
-    def shorten(point: str, rank: int) -> None:
+    def shorten(event: events.PhaseEvent) -> None:
         staged = list(root.glob(".staging/step-00000002.*/*.pt"))
-        if point == "before_rename" and staged:
+        if event.phase == "commit.manifest" and staged:
             os.truncate(staged[0], staged[0].stat().st_size // 2)
-        real_hit(point, rank)
 
-    faults.hit = shorten  # the store calls it through the module
+    return events.add_listener(shorten)
 
 
 @pytest.mark.parametrize("exchange", [True, False], ids=["exchange", "two-renames"])
 def test_a_lost_overwrite_keeps_the_old_checkpoint(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mounts: MountFactory, exchange: bool
+    tmp_path: Path, mounts: MountFactory, exchange: bool
 ) -> None:
     if not exchange:  # bindfs (FUSE) cannot swap two names, as NFS: the two-rename fallback
         tmp_path = mounts.get("bindfs").path / "overwrite-lost"
         tmp_path.mkdir()
-    _overwrite_a_lost_commit_keeps_the_old_one(tmp_path / "root", monkeypatch, exchange)
+    _overwrite_a_lost_commit_keeps_the_old_one(tmp_path / "root", exchange)
 
 
-def _overwrite_a_lost_commit_keeps_the_old_one(
-    root: Path, monkeypatch: pytest.MonkeyPatch, exchange: bool
-) -> None:
+def _overwrite_a_lost_commit_keeps_the_old_one(root: Path, exchange: bool) -> None:
     old_state = {"w": torch.arange(4.0)}
     assert fsutil.exchange_dirs(*_two_dirs(root.parent / "probe"), fsync=False) == exchange
-    monkeypatch.setattr(faults, "hit", faults.hit)  # restored after the test
     with distckpt.CheckpointManager(root) as mgr:
         mgr.save(1, {"w": torch.zeros(4)})
         mgr.save(2, old_state)
-        _shorten_the_staged_file_before_the_rename(root)
-        with pytest.raises(distckpt.CommitLost) as raised:
-            mgr.save(2, {"w": torch.ones(4)}, overwrite=True)
+        stop_shortening = _shorten_the_staged_file_before_the_rename(root)
+        try:
+            with pytest.raises(distckpt.CommitLost) as raised:
+                mgr.save(2, {"w": torch.ones(4)}, overwrite=True)
+        finally:
+            stop_shortening()
         assert "the checkpoint it was to replace is kept" in str(raised.value)
         assert mgr.steps() == [1, 2]
         restored = mgr.restore("last", state={"w": torch.empty(4)})
@@ -84,5 +85,5 @@ def test_a_failed_exchange_back_still_keeps_the_old_checkpoint(
 
     monkeypatch.setattr(posix_overwrite, "exchange_dirs", the_exchange_back_fails)
     with caplog.at_level(logging.ERROR, logger="distckpt"):
-        _overwrite_a_lost_commit_keeps_the_old_one(tmp_path / "root", monkeypatch, True)
+        _overwrite_a_lost_commit_keeps_the_old_one(tmp_path / "root", True)
     assert "could not exchange" in caplog.text
