@@ -30,7 +30,7 @@ from distckpt.errors import InvalidArgument
 from distckpt.formats import format_named
 from distckpt.formats.base import check_rank_argument
 from distckpt.fsutil import atomic_write, fsync_ancestors, make_dirs
-from distckpt.layout import holds_a_root, is_root_entry_name
+from distckpt.layout import holds_a_root, is_root_entry_name, on_disk_spelling
 from distckpt.objstore import ObjectStore
 from distckpt.objurl import S3Url, is_s3_url
 from distckpt.resolve import Found, resolve_path
@@ -104,7 +104,7 @@ def export(
             "of a file",
             path=given,
         )
-    out = Path(os.path.abspath(given))
+    out = on_disk_spelling(given)
     _refuse_a_local_roots_own_name(out)
     if out.is_dir():
         raise InvalidArgument(f"out_file {out} is a directory; give the path of a file")
@@ -166,12 +166,13 @@ def _refuse_a_local_roots_own_name(out: Path) -> None:
     its layout (``root/step-00000010/rank-00000.pt``, ``root/last/model.pt``): the file would
     replace a committed one or join a step dir, which verify then reports and retention
     deletes. Checked as given and with its links resolved (``root/last`` is a link to a step
-    dir; so may any dir on the way be)."""
+    dir; so may any dir on the way be). Names are compared ignoring case, on every filesystem:
+    where case is ignored (exFAT), ``root/LAST`` is the root's ``last``."""
     for path in (out, Path(os.path.realpath(out))):
         for depth in range(1, len(path.parts)):
             name = path.parts[depth]
             directory = Path(*path.parts[:depth])
-            if is_root_entry_name(name) and holds_a_root(directory):
+            if is_root_entry_name(name.casefold()) and holds_a_root(directory):
                 raise _inside_a_root(out, str(directory), name)
 
 
@@ -196,12 +197,13 @@ def _refuse_the_checkpoint_read(out: Path | str, location: CheckpointLocation) -
 
 def _in_directory(path: Path, directory: Path) -> bool:
     """Whether an existing directory on ``path``'s way (as given, or with links resolved) is
-    ``directory`` itself."""
+    ``directory`` itself. Both are spelled as the disk lists them first: exfat-fuse gives each
+    spelling of a directory an inode of its own."""
     try:
-        target = os.stat(directory)
+        target = os.stat(on_disk_spelling(directory))
     except OSError:
         return False
-    for way in (Path(os.path.abspath(path)), Path(os.path.realpath(path))):
+    for way in (on_disk_spelling(path), on_disk_spelling(os.path.realpath(path))):
         for parent in way.parents:
             try:
                 if os.path.samestat(os.stat(parent), target):

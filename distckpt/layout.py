@@ -84,6 +84,38 @@ def is_root_entry_name(name: str) -> bool:
     )
 
 
+def on_disk_spelling(path: str | os.PathLike[str]) -> Path:
+    """``path`` made absolute, each existing part spelled as its directory lists it.
+
+    On a filesystem that ignores case (exFAT, FAT) ``runs/RUN`` opens the directory listed as
+    ``run``, yet locks taken by name there are per spelling (exfat-fuse gives each its own
+    inode): two jobs opening one root in two spellings would both hold it. Spelled as listed,
+    they lock the same names. A part is respelled only when it exists, its exact name is not
+    listed and exactly one listed name equals it ignoring case; a part that does not exist
+    (yet), or a directory that cannot be listed, keeps the spelling given."""
+    absolute = Path(os.path.abspath(os.fspath(path)))
+    spelled = Path(absolute.anchor)
+    for name in absolute.parts[1:]:
+        if not os.path.lexists(spelled / name):
+            return spelled.joinpath(name, *absolute.parts[len(spelled.parts) + 1 :])
+        spelled = spelled / _listed_spelling(spelled, name)
+    return spelled
+
+
+def _listed_spelling(directory: Path, name: str) -> str:
+    """How ``directory`` lists the existing entry opened as ``name``."""
+    if name in (os.curdir, os.pardir):
+        return name
+    try:
+        listed = os.listdir(directory)
+    except OSError:  # no permission to list it: the name as given still opens it
+        return name
+    if name in listed:
+        return name
+    matches = [entry for entry in listed if entry.casefold() == name.casefold()]
+    return matches[0] if len(matches) == 1 else name
+
+
 def holds_a_root(directory: str | os.PathLike[str]) -> bool:
     """Whether ``directory`` is a checkpoint root by what only a root has (the rule in the
     module docstring): its lease files, a committed checkpoint, or a ``last``/``best`` link
@@ -180,7 +212,8 @@ class RootLayout:
 
     @classmethod
     def at(cls, root: str | os.PathLike[str]) -> RootLayout:
-        return cls(Path(os.path.abspath(os.fspath(root))))
+        """The layout of ``root``, spelled as the disk spells it (:func:`on_disk_spelling`)."""
+        return cls(on_disk_spelling(root))
 
     @property
     def staging_root(self) -> Path:

@@ -330,7 +330,7 @@ def holder_beyond_judgement(root: str | os.PathLike[str]) -> LeaseHolder | None:
     filesystem are local to each machine), else None. Its lock files, the lease's and its
     staging dirs' writer locks, are free as seen from here even while it writes: a cleanup
     must not take them for a dead writer's."""
-    root_path = Path(os.path.abspath(os.fspath(root)))
+    root_path = RootLayout.at(root).root
     holder = _read_record(root_path)
     return holder if _unknowable_elsewhere(root_path, holder) else None
 
@@ -350,7 +350,7 @@ class RootLease:
     def acquire(cls, root: str | os.PathLike[str], *, wait: float = 0.0) -> RootLease:
         """Take the lease of an existing directory ``root``: at once, or within ``wait`` seconds
         for a live holder to end. Raises :class:`~distckpt.RootInUse` naming the holder."""
-        root_path = Path(os.path.abspath(os.fspath(root)))
+        root_path = RootLayout.at(root).root
         deadline = time.monotonic() + max(wait, 0.0)
         while True:
             remaining = deadline - time.monotonic()
@@ -471,7 +471,7 @@ def check_wait(seconds: object) -> float:
 def read_holder(root: str | os.PathLike[str]) -> LeaseHolder | None:
     """The root's current lease holder, with ``alive`` filled in, or None when nobody holds it
     (no record, or released or broken). Takes no lease; probes the lock for an instant."""
-    root_path = Path(os.path.abspath(os.fspath(root)))
+    root_path = RootLayout.at(root).root
     holder = _read_record(root_path)
     if holder is None or not holder.held:
         return None

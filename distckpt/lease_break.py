@@ -46,7 +46,7 @@ def break_lease(root: str | os.PathLike[str]) -> LeaseHolder | None:
     (:func:`~distckpt.lease._try_lock`), and either it claims the root before this break takes
     that lock (the break then leaves the record alone) or after the break. The file moved aside
     is removed when the break ends (a cleanup removes it where the break was killed first)."""
-    root_path = Path(os.path.abspath(os.fspath(root)))
+    root_path = RootLayout.at(root).root
     holder = read_holder(root_path)
     if holder is None:
         return None

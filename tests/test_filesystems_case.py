@@ -1,0 +1,108 @@
+"""A filesystem that ignores case (exFAT through exfat-fuse, a real mount): ``export`` under a
+root's own names spelled in another case, two jobs naming one root in two cases, and extra
+files whose names a checkpoint's own names take in another case."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import distckpt
+from distckpt.errors import InvalidArgument, RootInUse
+from distckpt.layout import on_disk_spelling
+from tests.filesystems import MountFactory
+from tests.lease_holders import Holder, _start
+
+
+def _root_of_two_steps(root: Path) -> Path:
+    with distckpt.CheckpointManager(root) as manager:
+        for step in (1, 2):
+            manager.save(step, {"w": torch.ones(4) * step})
+    return root
+
+
+def _listing(root: Path) -> dict[str, list[str]]:
+    return {str(path): sorted(names) for path, _, names in os.walk(root)}
+
+
+@pytest.mark.parametrize(
+    "out",
+    [
+        "STEP-00000002/rank-00000.pt",
+        "Step-00000002/model.pt",
+        "STEP-00000001/RANK-00000.PT",
+        "LAST",
+        "Last/model.pt",
+        ".STAGING/x.pt",
+    ],
+)
+def test_export_under_a_roots_own_name_in_another_case_is_refused(
+    mounts: MountFactory, out: str
+) -> None:
+    """exFAT opens ``ROOT/LAST`` as the ``last`` pointer file and ``ROOT/STEP-00000002`` as the
+    committed step dir (exfat-fuse gives each spelling an inode of its own, so no device and
+    inode comparison tells): such an ``out_file`` is refused before anything is written."""
+    root = _root_of_two_steps(mounts.get("exfat").path / f"case-export-{out.replace('/', '_')}")
+    before = _listing(root)
+    with pytest.raises(InvalidArgument, match="under its own name"):
+        distckpt.export(root / "step-00000002", root / out)
+    assert _listing(root) == before
+    assert (root / "last").read_text().strip() == "step-00000002"
+    assert distckpt.load_checkpoint(root).step == 2
+
+
+def test_export_into_the_checkpoint_it_exports_in_another_case_is_refused(
+    mounts: MountFactory,
+) -> None:
+    """A copy of a checkpoint (no root's step dir) exported into itself, spelled otherwise."""
+    base = mounts.get("exfat").path / "case-export-copy"
+    root = _root_of_two_steps(base / "root")
+    shutil.copytree(root / "step-00000002", base / "best-model")
+    with pytest.raises(InvalidArgument, match="inside the checkpoint being exported"):
+        distckpt.export(base / "best-model", base / "BEST-MODEL" / "model.pt")
+    assert sorted(os.listdir(base / "best-model")) == sorted(os.listdir(root / "step-00000002"))
+
+
+def test_a_roots_names_in_another_case_are_refused_where_case_matters_too(
+    tmp_path: Path,
+) -> None:
+    """Compared ignoring case on every filesystem, as the README says: ``ROOT/LAST`` would be
+    the pointer itself wherever the root is copied to a filesystem that ignores case."""
+    root = _root_of_two_steps(tmp_path / "root")
+    with pytest.raises(InvalidArgument, match="under its own name 'LAST'"):
+        distckpt.export(root / "step-00000002", root / "LAST")
+    assert not (root / "LAST").exists()
+    assert distckpt.export(root / "step-00000002", root / "model.pt") == root / "model.pt"
+
+
+def test_on_disk_spelling_respells_only_what_the_disk_matches(
+    mounts: MountFactory, tmp_path: Path
+) -> None:
+    base = mounts.get("exfat").path / "case-spelling"
+    (base / "run").mkdir(parents=True)
+    assert on_disk_spelling(base / "RUN" / "new") == base / "run" / "new"
+    assert on_disk_spelling(base / "Other" / "x") == base / "Other" / "x"  # not there yet
+    (tmp_path / "run").mkdir()  # a filesystem that tells cases apart: RUN is another name
+    assert on_disk_spelling(tmp_path / "RUN") == tmp_path / "RUN"
+    assert on_disk_spelling(tmp_path / "run") == tmp_path / "run"
+
+
+def test_two_jobs_naming_one_root_in_two_cases_do_not_both_hold_it(
+    mounts: MountFactory, holders: list[Holder]
+) -> None:
+    """exfat-fuse keeps a ``flock`` per spelling's inode: ``run/.lease`` and ``RUN/.lease``
+    did not exclude each other, and both jobs committed into one root. Each job now locks
+    the names the disk lists, whatever spelling it was given."""
+    base = mounts.get("exfat").path / "case-lease"
+    (base / "run").mkdir(parents=True)
+    first = _start(holders, base / "run")
+    assert first.line() == "held 1"
+    second = _start(holders, base / "RUN")
+    assert second.line().startswith(f"refused RootInUse root {base / 'run'} is in use")
+    with pytest.raises(RootInUse, match=f"pid {first.pid}"):
+        distckpt.CheckpointManager(base / "Run")
+    assert first.ask("check") == "current"
