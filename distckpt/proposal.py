@@ -31,7 +31,7 @@ from typing import Any, TypeVar
 
 from distckpt import events, faults
 from distckpt.coord import Coordinator, run_now
-from distckpt.errors import InsufficientSpace, InvalidArgument, InvalidStep
+from distckpt.errors import CheckpointError, InsufficientSpace, InvalidArgument, InvalidStep
 from distckpt.formats import CheckpointFormat
 from distckpt.launcher import LauncherWatch
 from distckpt.layout import MANIFEST_NAME
@@ -43,11 +43,12 @@ from distckpt.protocol import (
     check_step_and_epoch,
     discard_staging_area,
     mib,
+    out_of_space,
 )
 from distckpt.results import CheckpointLocation, SaveResult
 from distckpt.snapshot import SnapshotBuffers
 from distckpt.state import to_plain
-from distckpt.storage import ExtraFile, RootStore
+from distckpt.storage import ExtraFile, RootStore, StagingArea
 
 logger = logging.getLogger("distckpt")
 T = TypeVar("T")
@@ -140,7 +141,7 @@ def propose(
             if existing is not None:
                 return existing
             faults.hit("before_staging", coord.rank)
-            prepared["area"] = store.begin_staging(step, token)
+            prepared["area"] = _begin_staging(store, step, token)
             # The size and metrics are this rank's, filled in once the snapshot is taken. Only
             # an async save returns before its commit names the checkpoint: a sync save spends
             # no lookup of the root on it.
@@ -187,7 +188,10 @@ def propose(
         prepared["snapshot"] = taken
         # From the buffers' sizes (an async snapshot's buffers are sized before they are
         # filled), so the estimate is ready before the copy.
-        estimated = fmt.estimate_bytes(prepared["state"])
+        # Rank 0 writes the extra files too: they count in its part of the estimate.
+        estimated = fmt.estimate_bytes(prepared["state"]) + extra_files_bytes(
+            prepared.get("files", {})
+        )
 
         def proposal() -> Proposal:
             root = root_done() if root_done is not None else None
@@ -233,6 +237,26 @@ def propose(
         files=prepared.get("files", {}),
         renew_twin=chosen.renew_twin,
     )
+
+
+def _begin_staging(store: RootStore, step: int, token: str) -> StagingArea:
+    """Rank 0's staging area for ``step``; a disk (or quota) already full when the save begins
+    fails it before any free-space check could, in creating the area or its writer lock: that
+    is :class:`InsufficientSpace`, as the check's own refusal is (the store leaves nothing of
+    an area it failed to open)."""
+    try:
+        return store.begin_staging(step, token)
+    except (OSError, CheckpointError) as exc:
+        full = out_of_space(exc)
+        if full is None:
+            raise
+        where = full.filename or store.root
+        raise InsufficientSpace(
+            f"no room to begin the save of step {step} in {store.root}: {where}: "
+            f"{full.strerror} (the filesystem is full)",
+            path=where,
+            step=step,
+        ) from exc
 
 
 def _abandon(prepared: dict[str, Any], store: RootStore) -> None:
@@ -399,6 +423,15 @@ def check_extra_files(
     if not read_now:
         return dict(files or {})
     return {name: _read_extra_file(name, content) for name, content in (files or {}).items()}
+
+
+def extra_files_bytes(files: Mapping[str, ExtraFile]) -> int:
+    """The bytes the extra files ``files`` (checked by :func:`check_extra_files`) take: each
+    one's length, or its source file's size."""
+    return sum(
+        len(content) if isinstance(content, bytes) else os.stat(os.fspath(content)).st_size
+        for content in files.values()
+    )
 
 
 def _read_extra_file(name: str, content: ExtraFile) -> bytes:

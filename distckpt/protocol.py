@@ -119,7 +119,7 @@ def write(
         if plan.files and plan.area is not None:
             records.update(store.write_extra_files(plan.area, plan.files))
     except Exception as exc:
-        full = _out_of_space(exc)
+        full = out_of_space(exc)
         if full is None:
             raise
         raise _ran_out_of_space(plan, full, root=store.root, rank=coord.rank) from exc
@@ -150,7 +150,7 @@ def commit(plan: SavePlan, manifest: Manifest, *, store: RootStore, rank: int) -
     try:
         result = store.commit(plan.area, manifest, overwrite=plan.overwrite)
     except Exception as exc:
-        full = _out_of_space(exc)  # writing the manifest, as a shard write can
+        full = out_of_space(exc)  # writing the manifest, as a shard write can
         if full is None:
             raise
         raise _ran_out_of_space(plan, full, root=store.root, rank=rank) from exc
@@ -262,14 +262,15 @@ def _ran_out_of_space(plan: SavePlan, full: OSError, *, root: Path, rank: int) -
     return InsufficientSpace(
         f"the filesystem of {root} ran out of space while rank {rank} wrote "
         f"{full.filename or plan.location} for step {plan.step}: {full.strerror} (free "
-        f"space when the save began: {seen}; another process may have filled it since)",
+        f"space when the save began: {seen}; the space or the filesystem's free inodes ran "
+        "out)",
         rank=rank,
         path=full.filename or plan.location,
         step=plan.step,
     )
 
 
-def _out_of_space(exc: BaseException) -> OSError | None:
+def out_of_space(exc: BaseException) -> OSError | None:
     """The "no space" (or "quota exceeded") OSError behind ``exc``, if it is one or was raised
     from one (a format may wrap it in an error of its own)."""
     seen: BaseException | None = exc

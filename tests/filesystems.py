@@ -99,6 +99,8 @@ EXTRA_KINDS: dict[str, FilesystemKind] = {
         FilesystemKind("small-ext4", ("mkfs.ext4",), True, image_mib=24),
         # a file system without direct I/O (it refuses O_DIRECT): the page cache is all it has
         FilesystemKind("ramfs", (), True),
+        # a filesystem that runs out of inodes long before it runs out of space
+        FilesystemKind("tmpfs-16-inodes", (), True),
     )
 }
 
@@ -272,6 +274,9 @@ class MountFactory:
             "fuse2fs": self._fuse2fs,
             "readonly": self._read_only,
             "ramfs": lambda image, target: self._mount("mount", "-t", "ramfs", "ramfs", target),
+            "tmpfs-16-inodes": lambda image, target: self._mount(
+                "mount", "-t", "tmpfs", "-o", "size=32m,nr_inodes=16", "tmpfs", target
+            ),
         }
         makers[name](image, target)
         source = self.base / f"{name}-source" if name in ("readonly", "bindfs") else None

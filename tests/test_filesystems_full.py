@@ -1,0 +1,96 @@
+"""A volume already full, or short of inodes, when a save begins, and a save whose extra files
+the volume cannot hold: each refused as :class:`~distckpt.InsufficientSpace` on every rank,
+with nothing left in ``.staging`` (real mounts: tests/filesystems.py)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import distckpt
+from tests.filesystem_saves import TIMEOUT
+from tests.filesystems import MountFactory, statvfs_free_bytes, take_every_free_block
+from tests.ranks import run_ranks, values
+
+
+def _save_on_a_full_disk(
+    rank: int, world_size: int, root: str, hog: str, async_save: bool
+) -> tuple[str, str, object, object]:
+    with distckpt.CheckpointManager(root, async_save=async_save, timeout=TIMEOUT) as mgr:
+        mgr.save(1, {"w": torch.ones(1024)})
+        mgr.wait()
+        if rank == 0:  # full once the manager is open (opening writes the lease record)
+            take_every_free_block(Path(root).parent, Path(hog))
+        dist.barrier()
+        try:
+            mgr.save(2, {"w": torch.ones(1 << 20)})
+            mgr.wait()
+            outcome: tuple[str, str, object, object] = ("saved", "", None, None)
+        except distckpt.CheckpointError as exc:
+            outcome = (type(exc).__name__, str(exc), exc.step, exc.path)
+        dist.barrier()
+        if rank == 0:
+            os.unlink(hog)
+        return outcome
+
+
+@pytest.mark.parametrize(
+    ("name", "async_save"),
+    [("small-ext4", False), ("xfs", False), ("xfs", True), ("exfat", False)],
+    ids=["ext4-sync", "xfs-sync", "xfs-async", "exfat-sync"],
+)
+def test_a_disk_full_before_the_save_is_insufficient_space(
+    mounts: MountFactory, name: str, async_save: bool
+) -> None:
+    """Creating the staging dir (ext4, exFAT) or its writer lock (xfs) fails with ENOSPC
+    before the free-space check runs: that is InsufficientSpace naming the step and the file,
+    on every rank, not a RankFailure nor "cannot lock"."""
+    volume = mounts.get(name).path
+    root = volume / f"full-before-{'async' if async_save else 'sync'}"
+    out = values(
+        run_ranks(_save_on_a_full_disk, 2, os.fspath(root), os.fspath(volume / "hog"), async_save)
+    )
+    for kind, message, step, path in out:
+        assert kind == "InsufficientSpace", message
+        assert f"no room to begin the save of step 2 in {root}" in message, message
+        assert "No space left on device" in message
+        assert step == 2 and str(path).startswith(f"{root / '.staging'}/step-00000002."), path
+    assert os.listdir(root / ".staging") == []
+    with distckpt.CheckpointManager(root) as mgr:
+        assert mgr.steps() == [1]
+
+
+def test_the_free_space_check_counts_the_extra_files(mounts: MountFactory, tmp_path: Path) -> None:
+    """A 30 MiB extra file on a volume with about 20 MiB free is refused by the check before
+    anything is written, not by the disk filling up mid-save."""
+    volume = mounts.get("small-ext4").path
+    big = tmp_path / "big.bin"
+    big.write_bytes(b"\1" * (30 << 20))
+    assert statvfs_free_bytes(volume) < 30 << 20
+    with distckpt.CheckpointManager(volume / "extra-files", timeout=TIMEOUT) as mgr:
+        mgr.save(1, {"w": torch.ones(8)})
+        refused = r"saving step 2 needs about 30\.\d MiB"
+        with pytest.raises(distckpt.InsufficientSpace, match=refused):
+            mgr.save(2, {"w": torch.ones(8)}, files={"big.bin": big})
+        assert os.listdir(volume / "extra-files" / ".staging") == []
+        assert mgr.save(3, {"w": torch.ones(8)}, files={"small.bin": b"x"}).step == 3
+
+
+def test_out_of_inodes_is_not_blamed_on_another_process(mounts: MountFactory) -> None:
+    """A tmpfs of 16 inodes runs out of them with 32 MiB free: the error says space or inodes
+    ran out, not that another process filled the disk."""
+    root = mounts.get("tmpfs-16-inodes").path / "inodes"
+    with distckpt.CheckpointManager(root, timeout=TIMEOUT) as mgr:
+        with pytest.raises(distckpt.InsufficientSpace) as info:
+            for step in range(1, 10):
+                mgr.save(step, {"w": torch.ones(100)})
+        assert os.statvfs(root).f_bavail > 0  # space was left: the inodes ran out
+        message = str(info.value)
+        assert "No space left on device" in message
+        assert "the space or the filesystem's free inodes ran out" in message, message
+        assert "another process" not in message
+        assert os.listdir(root / ".staging") == []
