@@ -399,10 +399,14 @@ def check_extra_files(
     files: Mapping[str, ExtraFile] | None, fmt: CheckpointFormat, *, read_now: bool = False
 ) -> dict[str, ExtraFile]:
     """The extra files to store, checked: plain names that clash with none of the
-    checkpoint's own files, existing sources. With ``read_now`` (an async save, which stores
-    them in the background after save() returned), each source given as a path is read into
-    memory here, in the caller's thread: the checkpoint holds the file as it was at save(),
-    even if it is changed or removed right after."""
+    checkpoint's own files nor with each other, existing sources. Names are compared ignoring
+    case on every filesystem, so that a checkpoint stays whole when copied to one that ignores
+    case (exFAT, FAT): there ``Manifest.json`` would replace ``manifest.json``. With
+    ``read_now`` (an async save, which stores them in the background after save() returned),
+    each source given as a path is read into memory here, in the caller's thread: the
+    checkpoint holds the file as it was at save(), even if it is changed or removed right
+    after."""
+    seen: dict[str, str] = {}  # each name so far, by its casefold
     for name, content in (files or {}).items():
         if (
             not isinstance(name, str)
@@ -410,14 +414,25 @@ def check_extra_files(
             or "/" in name
             or "\\" in name
             or "\0" in name
-            or name in (".", "..", MANIFEST_NAME)
-            or name.endswith(".lock")
-            or fmt.owns_file(name)
+            or name in (".", "..")
+            or name.casefold().endswith(".lock")
         ):
             raise InvalidArgument(
                 f"extra file name {name!r} is not allowed: use a plain file name that does not "
                 "clash with the checkpoint's own files"
             )
+        folded = name.casefold()
+        if folded == MANIFEST_NAME or fmt.owns_file(name):
+            raise InvalidArgument(
+                f"extra file name {name!r} is not allowed: it names the checkpoint's own file "
+                f"{folded!r} (compared ignoring case, as exFAT and FAT do)"
+            )
+        if folded in seen:
+            raise InvalidArgument(
+                f"extra file names {seen[folded]!r} and {name!r} differ only in case: where "
+                "case is ignored (exFAT, FAT) one would replace the other"
+            )
+        seen[folded] = name
         if not isinstance(content, bytes) and not Path(os.fspath(content)).is_file():
             raise InvalidArgument(f"extra file {name!r}: {content!r} is not a file")
     if not read_now:

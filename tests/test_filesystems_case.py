@@ -5,6 +5,7 @@ files whose names a checkpoint's own names take in another case."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -106,3 +107,46 @@ def test_two_jobs_naming_one_root_in_two_cases_do_not_both_hold_it(
     with pytest.raises(RootInUse, match=f"pid {first.pid}"):
         distckpt.CheckpointManager(base / "Run")
     assert first.ask("check") == "current"
+
+
+@pytest.mark.parametrize(
+    ("fmt", "name", "own"),
+    [
+        ("torch", "Manifest.json", "manifest.json"),
+        ("torch", "RANK-00000.PT", "rank-00000.pt"),
+        ("dcp", ".METADATA", ".metadata"),
+        ("dcp", "__0_0.DistCP", "__0_0.distcp"),
+    ],
+)
+def test_an_extra_file_named_like_a_checkpoints_own_in_another_case_is_refused(
+    tmp_path: Path, fmt: str, name: str, own: str
+) -> None:
+    """Refused on every filesystem before anything is written, so that a checkpoint stays whole
+    wherever it is copied; the format tells which names are its own."""
+    with distckpt.CheckpointManager(tmp_path / "root", format=fmt) as manager:
+        refused = f"{re.escape(repr(name))} is not allowed: .* {re.escape(repr(own))}"
+        with pytest.raises(InvalidArgument, match=refused):
+            manager.save(1, {"w": torch.ones(4)}, files={name: b"hello"})
+        assert manager.steps() == []
+        assert list((tmp_path / "root" / ".staging").glob("*")) == []
+
+
+def test_extra_files_whose_names_differ_only_in_case_are_refused(tmp_path: Path) -> None:
+    with distckpt.CheckpointManager(tmp_path / "root") as manager:
+        with pytest.raises(InvalidArgument, match=r"'notes\.txt' and 'Notes\.txt' differ only in"):
+            manager.save(1, {"w": torch.ones(4)}, files={"notes.txt": b"a", "Notes.txt": b"b"})
+        assert manager.save(2, {"w": torch.ones(4)}, files={"notes.txt": b"a"}).step == 2
+
+
+def test_an_extra_manifest_in_another_case_on_exfat_damages_nothing(mounts: MountFactory) -> None:
+    """On exFAT ``Manifest.json`` was written over the checkpoint's ``manifest.json``: the save
+    returned, and the next start set the checkpoint aside as damaged."""
+    root = mounts.get("exfat").path / "case-extra-manifest"
+    with distckpt.CheckpointManager(root) as manager:
+        manager.save(1, {"w": torch.ones(4)})
+        with pytest.raises(InvalidArgument, match=r"'Manifest\.json' is not allowed"):
+            manager.save(2, {"w": torch.ones(4)}, files={"Manifest.json": b"hello"})
+    with distckpt.CheckpointManager(root) as manager:
+        assert manager.steps() == [1]
+        assert manager.restore("last").step == 1
+    assert not [entry for entry in os.listdir(root) if entry.startswith("damaged-")]

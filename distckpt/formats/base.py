@@ -206,7 +206,8 @@ class CheckpointFormat(Protocol):
 
     def owns_file(self, name: str) -> bool:
         """Whether ``name`` is, or could be, one of this format's own files in a checkpoint
-        dir (extra files must not take such a name)."""
+        dir, in any case (extra files must not take such a name: on exFAT ``RANK-00000.PT``
+        is ``rank-00000.pt``)."""
         ...
 
     def check_state(self, state: Any) -> None:

@@ -254,7 +254,8 @@ class DcpFormat:
         return [METADATA_NAME, *(data_file_name(rank) for rank in range(manifest.world_size))]
 
     def owns_file(self, name: str) -> bool:
-        return name in (METADATA_NAME, METADATA_NAME + ".tmp") or bool(DATA_FILE_RE.match(name))
+        folded = name.casefold()
+        return folded in (METADATA_NAME, METADATA_NAME + ".tmp") or bool(DATA_FILE_RE.match(folded))
 
     def check_state(self, state: Any) -> None:
         """Refuses what DCP could save but not load back (see the module doc)."""

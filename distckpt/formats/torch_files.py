@@ -315,7 +315,7 @@ class TorchFilesFormat:
         return [rank_file_name(rank) for rank in range(manifest.world_size)]
 
     def owns_file(self, name: str) -> bool:
-        return parse_rank_file_name(name) is not None
+        return parse_rank_file_name(name.casefold()) is not None
 
     def check_state(self, state: Any) -> None:
         pass  # torch.save writes anything; an unpicklable value fails the write itself
