@@ -130,7 +130,7 @@ from distckpt.formats.dcp_per_rank import (
     split_per_rank,
     with_per_rank,
 )
-from distckpt.formats.dcp_storage import Planner, Reader, Writer, placeholder
+from distckpt.formats.dcp_storage import Planner, Reader, Writer, flat_state, placeholder
 from distckpt.formats.dcp_tensor_kinds import check_tensor_types
 from distckpt.formats.dcp_text_keys import check_restorable_keys, holds_containers
 from distckpt.manifest import FileRecord, Manifest
@@ -149,8 +149,14 @@ __all__ = [
     "read_metadata",
 ]
 
-# The metadata pickle and the per-item headers around the tensor data.
+# The metadata pickle's own frame, whatever the number of items.
 _OVERHEAD_BYTES = 64 << 10
+# Each item's bytes besides its values and its key: measured with torch 2.13 by saving 2000
+# one-element tensors, then 2000 ints, through this format and subtracting the elements from
+# the sizes of the files: 1573 B of the data file (DCP writes each tensor as a small
+# torch.save archive) and 191 B of .metadata per tensor, 1261 B and 100 B per plain value;
+# each key's characters add their count to .metadata.
+_ITEM_BYTES = 2 << 10
 
 
 def data_file_name(rank: int) -> str:
@@ -264,8 +270,11 @@ class DcpFormat:
     def estimate_bytes(self, state: Any) -> int:
         # DCP writes every element of each tensor (an expanded view in full), not its storage,
         # whatever an async snapshot's buffers hold. Local shards only: replicated values are
-        # written by one rank, so this over-counts.
-        return element_bytes(state) + byte_string_bytes(state) + _OVERHEAD_BYTES
+        # written by one rank, so this over-counts. Many small items cost more in their
+        # framing (_ITEM_BYTES each, keyed as DCP keys them) than in their values.
+        keys = flat_state(with_per_rank(*split_per_rank(state), rank=0))
+        items = len(keys) * _ITEM_BYTES + sum(len(key) for key in keys)
+        return element_bytes(state) + byte_string_bytes(state) + items + _OVERHEAD_BYTES
 
     def write(self, state: Any, directory: Path, ctx: ShardContext) -> Mapping[str, FileRecord]:
         """Save this rank's part with ``dcp.save`` over ``ctx.group``; collective. Returns the
