@@ -92,7 +92,8 @@ def on_disk_spelling(path: str | os.PathLike[str]) -> Path:
     inode): two jobs opening one root in two spellings would both hold it. Spelled as listed,
     they lock the same names. A part is respelled only when it exists, its exact name is not
     listed and exactly one listed name equals it ignoring case; a part that does not exist
-    (yet), or a directory that cannot be listed, keeps the spelling given."""
+    (yet), or a directory that cannot be listed, keeps the spelling given. Symlinks on the way
+    are kept, not resolved (:meth:`RootLayout.at` spells their targets too)."""
     absolute = Path(os.path.abspath(os.fspath(path)))
     spelled = Path(absolute.anchor)
     for name in absolute.parts[1:]:
@@ -103,8 +104,10 @@ def on_disk_spelling(path: str | os.PathLike[str]) -> Path:
 
 
 def _listed_spelling(directory: Path, name: str) -> str:
-    """How ``directory`` lists the existing entry opened as ``name``."""
-    if name in (os.curdir, os.pardir):
+    """How ``directory`` lists the existing entry opened as ``name``. It is listed only when
+    ``name`` could be spelled otherwise there: a large parent (a home of 100k entries) costs
+    a listing on each open, where case is told apart it costs one lookup."""
+    if not _may_be_listed_otherwise(directory, name):
         return name
     try:
         listed = os.listdir(directory)
@@ -114,6 +117,19 @@ def _listed_spelling(directory: Path, name: str) -> str:
         return name
     matches = [entry for entry in listed if entry.casefold() == name.casefold()]
     return matches[0] if len(matches) == 1 else name
+
+
+def _may_be_listed_otherwise(directory: Path, name: str) -> bool:
+    """Whether the existing entry ``name`` of ``directory`` may be listed in another case: its
+    name in swapped case opens something too (a filesystem that ignores case, or two entries
+    of those names). A name of no cased letters has no other spelling; one whose swapped case
+    is not the same name ignoring case (``ß``) is listed to tell."""
+    other = name.swapcase()
+    if other == name:
+        return False
+    if other.casefold() != name.casefold():
+        return True
+    return os.path.lexists(directory / other)
 
 
 def holds_a_root(directory: str | os.PathLike[str]) -> bool:
@@ -212,8 +228,14 @@ class RootLayout:
 
     @classmethod
     def at(cls, root: str | os.PathLike[str]) -> RootLayout:
-        """The layout of ``root``, spelled as the disk spells it (:func:`on_disk_spelling`)."""
-        return cls(on_disk_spelling(root))
+        """The layout of ``root``, spelled as the disk spells it (:func:`on_disk_spelling`).
+        A root reached through a symlink whose target is spelled in another case is the
+        target's root as the disk lists it; one whose links lead to names spelled as listed
+        keeps the spelling given (the name its messages show)."""
+        spelled = on_disk_spelling(root)
+        resolved = Path(os.path.realpath(spelled))
+        respelled = on_disk_spelling(resolved)
+        return cls(spelled if resolved == respelled else respelled)
 
     @property
     def staging_root(self) -> Path:

@@ -221,6 +221,8 @@ class CheckpointManager(RootUpkeep):
             token = starting.open_root(
                 self._coord, self._store, self._decider, wait_for_root=wait_for_root
             )
+            self._view = self._store.view  # once open, spelled as the disk lists it (exFAT)
+            self.layout, self.root = self._view.layout, self._view.root
             if async_save:
                 # Its own group: background collectives never interleave with this thread's.
                 self._background = BackgroundSaves(self._coord, nice=background_nice)
@@ -427,8 +429,7 @@ class CheckpointManager(RootUpkeep):
         return self._coord.agree_on(local, what=what)
 
     def steps(self) -> list[int]:
-        """Committed steps, ascending, read fresh from the root, damaged ones included (names
-        only; not collective)."""
+        """Committed steps, ascending, read fresh from the root, damaged too (not collective)."""
         return self._view.committed_steps()
 
     def latest_step(self) -> int | None:

@@ -30,7 +30,7 @@ def root(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def holders() -> Iterator[list[Holder]]:
-    """The lease holders a test starts (:func:`tests.lease_holders._start`): each is killed
+    """The lease holders a test starts (:func:`tests.lease_holders.start_holder`): each is killed
     when the test ends."""
     started: list[Holder] = []
     yield started

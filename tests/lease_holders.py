@@ -196,7 +196,9 @@ class Holder:
             self.proc.close()
 
 
-def _start(holders: list[Holder], root: Path, **options: object) -> Holder:
+def start_holder(holders: list[Holder], root: Path, **options: object) -> Holder:
+    """A :class:`Holder` of ``root``'s lease, added to ``holders`` (the ``holders`` fixture
+    kills each when the test ends)."""
     holder = Holder(root, **options)  # type: ignore[arg-type]
     holders.append(holder)
     return holder

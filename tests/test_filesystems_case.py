@@ -14,9 +14,11 @@ import torch
 
 import distckpt
 from distckpt.errors import InvalidArgument, RootInUse
-from distckpt.layout import on_disk_spelling
+from distckpt.layout import RootLayout, on_disk_spelling
+from distckpt.storage import open_store
+from tests.cli_runner import run_cli
 from tests.filesystems import MountFactory
-from tests.lease_holders import Holder, _start
+from tests.lease_holders import Holder, start_holder
 
 
 def _root_of_two_steps(root: Path) -> Path:
@@ -100,13 +102,92 @@ def test_two_jobs_naming_one_root_in_two_cases_do_not_both_hold_it(
     the names the disk lists, whatever spelling it was given."""
     base = mounts.get("exfat").path / "case-lease"
     (base / "run").mkdir(parents=True)
-    first = _start(holders, base / "run")
+    first = start_holder(holders, base / "run")
     assert first.line() == "held 1"
-    second = _start(holders, base / "RUN")
+    second = start_holder(holders, base / "RUN")
     assert second.line().startswith(f"refused RootInUse root {base / 'run'} is in use")
     with pytest.raises(RootInUse, match=f"pid {first.pid}"):
         distckpt.CheckpointManager(base / "Run")
     assert first.ask("check") == "current"
+
+
+def test_a_root_reached_through_a_symlink_to_another_case_is_the_same_root(
+    mounts: MountFactory, holders: list[Holder], tmp_path: Path
+) -> None:
+    """A symlink whose target is spelled ``RUN`` kept that spelling on the way: both jobs held
+    the root. Its target is spelled as the disk lists it; where that spelling is already the
+    listed one, the symlinked path is kept as given."""
+    base = mounts.get("exfat").path / "case-symlink"
+    (base / "run").mkdir(parents=True)
+    link = tmp_path / "link-to-RUN"
+    link.symlink_to(base / "RUN")
+    first = start_holder(holders, base / "run")
+    assert first.line() == "held 1"
+    second = start_holder(holders, link)
+    assert second.line().startswith(f"refused RootInUse root {base / 'run'} is in use")
+    assert RootLayout.at(link / "sub").root == base / "run" / "sub"
+    (tmp_path / "run").mkdir()
+    (tmp_path / "link-to-run").symlink_to(tmp_path / "run")
+    assert RootLayout.at(tmp_path / "link-to-run").root == tmp_path / "link-to-run"
+
+
+def test_a_root_another_job_creates_in_another_case_before_the_open_is_locked_as_listed(
+    mounts: MountFactory, holders: list[Holder]
+) -> None:
+    """A store made for ``RUN`` while no such root existed, whose root another job then
+    created as ``run``, takes the lease and the lock in the spelling that job takes them in."""
+    base = mounts.get("exfat").path / "case-create-race"
+    base.mkdir()
+    store = open_store(base / "RUN")
+    assert store.root == base / "RUN"  # not there yet: spelled as given
+    (base / "run").mkdir()  # the other job's mkdir, between this store's making and its open
+    store.open()
+    try:
+        assert store.root == base / "run"
+        held = start_holder(holders, base / "run")
+        assert held.line().startswith(f"refused RootInUse root {base / 'run'} is in use")
+        assert sorted(os.listdir(base / "run")) == sorted(os.listdir(base / "RUN"))
+        assert ".lock" in os.listdir(base / "run")
+    finally:
+        store.close()
+
+
+def test_gc_leaves_the_live_staging_of_a_job_that_opened_the_root_through_a_symlink(
+    mounts: MountFactory, tmp_path: Path
+) -> None:
+    """``distckpt gc run`` took the writer lock of a staging dir by the disk's spelling while
+    the job held it by its symlink's (``RUN``): it found it free and deleted a live save."""
+    base = mounts.get("exfat").path / "case-gc"
+    (base / "run").mkdir(parents=True)
+    link = tmp_path / "link-to-RUN"
+    link.symlink_to(base / "RUN")
+    store = open_store(link)
+    store.open()
+    try:
+        area = store.begin_staging(2, "live0000token")
+        done = run_cli("gc", os.fspath(base / "run"))
+        assert done.returncode == 0, done.stderr
+        assert "writer alive" in done.stdout + done.stderr
+        assert os.path.isdir(area.location)
+        store.discard_staging(area)
+    finally:
+        store.close()
+
+
+def test_a_parent_is_not_listed_where_case_is_told_apart(tmp_path: Path) -> None:
+    """Listing each ancestor at every open cost a listing of every large parent (a home of
+    100k entries): where no other spelling of a name opens anything, its parent is not listed.
+    Told by the parent's access time, which a listing sets (relatime: when it is a day old)."""
+    parent, control = tmp_path / "parent", tmp_path / "control"
+    (parent / "Run").mkdir(parents=True)
+    control.mkdir()
+    for directory in (parent, control):
+        os.utime(directory, (0, os.stat(directory).st_mtime))
+    os.listdir(control)
+    if os.stat(control).st_atime == 0:
+        pytest.skip(f"{tmp_path} does not record access times (noatime)")
+    assert on_disk_spelling(parent / "Run" / "new") == parent / "Run" / "new"
+    assert os.stat(parent).st_atime == 0
 
 
 @pytest.mark.parametrize(

@@ -44,16 +44,16 @@ from tests.lease_holders import (
     _exit_status,
     _on_another_machine_named_like_this_one,
     _record_as_another_machine,
-    _start,
+    start_holder,
 )
 
 
 def test_second_job_is_refused_naming_the_holder(root: Path, holders: list[Holder]) -> None:
     root.mkdir()
-    first = _start(holders, root)
+    first = start_holder(holders, root)
     assert first.line() == "held 1"
     # a python of its own: its exit status is looked at, and a forked holder's is not real
-    second = _start(holders, root, fresh_interpreter=True)
+    second = start_holder(holders, root, fresh_interpreter=True)
     answer = second.line()
     assert answer.startswith("refused RootInUse")
     assert f"root {root} is in use by" in answer
@@ -66,7 +66,7 @@ def test_second_job_is_refused_naming_the_holder(root: Path, holders: list[Holde
 
 def test_two_jobs_starting_at_once_one_wins(root: Path, holders: list[Holder]) -> None:
     root.mkdir()
-    racers = [_start(holders, root), _start(holders, root)]
+    racers = [start_holder(holders, root), start_holder(holders, root)]
     answers = [racer.line() for racer in racers]
     assert sorted(answer.split()[0] for answer in answers) == ["held", "refused"]
     winner = racers[answers.index("held 1")]
@@ -76,9 +76,9 @@ def test_two_jobs_starting_at_once_one_wins(root: Path, holders: list[Holder]) -
 
 def test_a_waiting_job_proceeds_when_the_holder_ends(root: Path, holders: list[Holder]) -> None:
     root.mkdir()
-    first = _start(holders, root)
+    first = start_holder(holders, root)
     assert first.line() == "held 1"
-    second = _start(holders, root, wait=STARTUP)
+    second = start_holder(holders, root, wait=STARTUP)
     assert second.line(timeout=1.5) == ""  # still waiting
     assert first.ask("release") == "released"
     assert second.line() == "held 2"
@@ -87,7 +87,7 @@ def test_a_waiting_job_proceeds_when_the_holder_ends(root: Path, holders: list[H
 
 def test_a_sigkilled_holder_blocks_nobody(root: Path, holders: list[Holder]) -> None:
     root.mkdir()
-    first = _start(holders, root)
+    first = start_holder(holders, root)
     assert first.line() == "held 1"
     first.kill()
     holder = read_holder(root)
@@ -241,14 +241,14 @@ def test_a_live_holder_on_another_machine_with_the_same_hostname_is_not_taken_ov
     assert bindfs.writable_source is not None
     here, there = bindfs.writable_source / "same-name", bindfs.path / "same-name"
     here.mkdir()
-    first = _start(holders, here)
+    first = start_holder(holders, here)
     assert first.line() == "held 1"
     record = json.loads((here / LEASE_RECORD_NAME).read_text())
     assert record["host"] == this_host() and record["boot_id"] == _boot_id()
     assert set(record) == {f.name for f in dataclass_fields(LeaseHolder)} - {"alive"}
 
     elsewhere = _on_another_machine_named_like_this_one(bindfs.path, tmp_path)
-    second = _start(holders, there, prefix=elsewhere)
+    second = start_holder(holders, there, prefix=elsewhere)
     refused = second.line()
     assert refused.startswith("refused RootInUse"), refused
     assert "locks on this filesystem are local to each machine" in refused
@@ -264,9 +264,9 @@ def test_a_forked_holder_ends_when_its_stdin_closes_while_a_later_holder_runs(
     earlier, later = tmp_path / "earlier", tmp_path / "later"
     earlier.mkdir()
     later.mkdir()
-    first = _start(holders, earlier)
+    first = start_holder(holders, earlier)
     assert first.line() == "held 1"
-    second = _start(holders, later)
+    second = start_holder(holders, later)
     assert second.line() == "held 1"
     assert first.proc.stdin is not None
     first.proc.stdin.close()

@@ -33,13 +33,13 @@ from tests.lease_holders import (
     Holder,
     _on_another_host,
     _record_as_another_machine,
-    _start,
+    start_holder,
 )
 
 
 def test_a_broken_lease_fences_its_holder(root: Path, holders: list[Holder]) -> None:
     root.mkdir()
-    elsewhere = _start(holders, root, prefix=_on_another_host())
+    elsewhere = start_holder(holders, root, prefix=_on_another_host())
     assert elsewhere.line() == "held 1"
     assert elsewhere.ask("check") == "current"
 
@@ -61,7 +61,7 @@ def test_a_broken_lease_fences_its_holder(root: Path, holders: list[Holder]) -> 
 
 def test_break_refuses_a_live_holder_on_this_machine(root: Path, holders: list[Holder]) -> None:
     root.mkdir()
-    first = _start(holders, root)
+    first = start_holder(holders, root)
     assert first.line() == "held 1"
     refused = run_cli("lease", "--break", os.fspath(root))
     assert refused.returncode == 2
@@ -90,7 +90,7 @@ def test_a_break_leaves_alone_a_job_that_took_the_root_after_its_holder_was_judg
     def judged_dead_then_the_requeued_job_claims(where: str | os.PathLike[str]) -> object:
         judged = real_read_holder(where)
         # forked here: the break reads the record before it takes any lock
-        requeued.append(_start(holders, root))
+        requeued.append(start_holder(holders, root))
         assert requeued[-1].line() == f"held {dead.generation + 1}"
         return judged
 
@@ -140,7 +140,7 @@ def test_a_holder_in_another_pid_namespace_of_this_machine_is_judged_by_its_lock
     this machine: alive, its lease is not broken; dead, it is taken over, also where locks
     are local to each machine (where another machine's holder would be refused)."""
     root.mkdir()
-    first = _start(holders, root, prefix=_in_another_pid_namespace())
+    first = start_holder(holders, root, prefix=_in_another_pid_namespace())
     assert first.line() == "held 1"
     # no mount with machine-local locks can be made here (see the test above)
     monkeypatch.setattr(distckpt.lease, "locks_local_to_machine", lambda path: True)
@@ -169,7 +169,7 @@ def test_an_older_versions_break_refuses_a_live_holder_of_this_version_on_this_m
     with tarfile.open(OLDER_VERSION_ARCHIVE) as tar:
         tar.extractall(older, filter="data")
     root.mkdir()
-    first = _start(holders, root)
+    first = start_holder(holders, root)
     assert first.line() == "held 1"
     refused = subprocess.run(
         [sys.executable, "-m", "distckpt", "lease", "--break", os.fspath(root)],
@@ -230,7 +230,7 @@ def test_a_break_past_a_lingering_lock_leaves_the_requeued_job_one_lease(
                 tar.extractall(older, filter="data")
             # its own directory first on the path, so that it imports its own package
             prefix = ("env", "-C", os.fspath(older), f"PYTHONPATH={older}")
-        requeued = _start(holders, root, wait=STARTUP, prefix=prefix, announce=True)
+        requeued = start_holder(holders, root, wait=STARTUP, prefix=prefix, announce=True)
         assert requeued.line() == "acquiring"
         claimed_during_the_write: list[str] = []
         real_write = distckpt.lease_break.atomic_write_bytes
@@ -283,7 +283,7 @@ def test_gc_removes_a_lease_lock_file_a_killed_break_moved_aside(
     root.mkdir()
     moved_aside = RootLayout(root).lingering_lease_lock_path("a" * 32)
     moved_aside.touch()
-    job = _start(holders, root)
+    job = start_holder(holders, root)
     assert job.line() == "held 1"
     assert main(["gc", os.fspath(root)], out=io.StringIO()) == 0
     assert moved_aside.exists()

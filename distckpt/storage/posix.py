@@ -89,13 +89,11 @@ class PosixRootStore(Removals, OverwriteUndo, LinksAndRetention, ViewedStore):
     ) -> None:
         if link not in LINK_MODES:
             raise InvalidArgument(f"link must be one of {LINK_MODES}, not {link!r}")
-        self.layout = RootLayout.at(root)
-        self.view = PosixRootView(self.layout.root)
-        self.root = self.layout.root
         self.retention = retention
         self.fsync = fsync
         self.link_mode: LinkMode = link
-        self._lock = RootLock(self.layout.lock_path, timeout=lock_timeout)
+        self._lock_timeout = lock_timeout
+        self._spell_root(root)
         self._removed_at_open: list[CheckpointLocation] = []
         #: whether the leftovers of dead writers were removed since the root was opened
         self._leftovers_checked = True
@@ -105,6 +103,13 @@ class PosixRootStore(Removals, OverwriteUndo, LinksAndRetention, ViewedStore):
         self.read_only = read_only
         self._lease: RootLease | None = None
         self._opened_by_pid = 0
+
+    def _spell_root(self, root: str | os.PathLike[str]) -> None:
+        """Name ``root``, its view and its lock as the disk spells it (RootLayout.at)."""
+        self.layout = RootLayout.at(root)
+        self.view = PosixRootView(self.layout.root)
+        self.root = self.layout.root
+        self._lock = RootLock(self.layout.lock_path, timeout=self._lock_timeout)
 
     # ------------------------------------------------------------------ open
 
@@ -128,6 +133,11 @@ class PosixRootStore(Removals, OverwriteUndo, LinksAndRetention, ViewedStore):
             raise RootNotWritable(
                 f"cannot create checkpoint root {root}: {exc}", path=root
             ) from exc
+        # Spelled again now that it exists: another job may have created it in another case
+        # since (on exFAT ``RUN`` is then its ``run``), and the lease and the lock must be
+        # taken in the spelling that job takes them in.
+        self._spell_root(root)
+        root = self.root
         if not root.is_dir():
             raise RootNotWritable(
                 f"checkpoint root {root} exists and is not a directory", path=root
