@@ -44,6 +44,7 @@ from distckpt.protocol import (
     discard_staging_area,
     mib,
     out_of_space,
+    ran_out_of_space,
 )
 from distckpt.results import CheckpointLocation, SaveResult
 from distckpt.snapshot import SnapshotBuffers
@@ -141,7 +142,7 @@ def propose(
             if existing is not None:
                 return existing
             faults.hit("before_staging", coord.rank)
-            prepared["area"] = _begin_staging(store, step, token)
+            prepared["area"] = _begin_staging(store, step, token, coord.rank)
             # The size and metrics are this rank's, filled in once the snapshot is taken. Only
             # an async save returns before its commit names the checkpoint: a sync save spends
             # no lookup of the root on it.
@@ -239,23 +240,19 @@ def propose(
     )
 
 
-def _begin_staging(store: RootStore, step: int, token: str) -> StagingArea:
-    """Rank 0's staging area for ``step``; a disk (or quota) already full when the save begins
-    fails it before any free-space check could, in creating the area or its writer lock: that
-    is :class:`InsufficientSpace`, as the check's own refusal is (the store leaves nothing of
-    an area it failed to open)."""
+def _begin_staging(store: RootStore, step: int, token: str, rank: int) -> StagingArea:
+    """Rank ``rank``'s staging area for ``step``; a disk (or quota, or inode table) already
+    full when the save begins fails it before any free-space check could, in creating the
+    area or its writer lock: that is :class:`InsufficientSpace`, as the check's own refusal
+    is (the store leaves nothing of an area it failed to open)."""
     try:
         return store.begin_staging(step, token)
     except (OSError, CheckpointError) as exc:
         full = out_of_space(exc)
         if full is None:
             raise
-        where = full.filename or store.root
-        raise InsufficientSpace(
-            f"no room to begin the save of step {step} in {store.root}: {where}: "
-            f"{full.strerror} (the filesystem is full)",
-            path=where,
-            step=step,
+        raise ran_out_of_space(
+            full, root=store.root, rank=rank, step=step, path=store.root
         ) from exc
 
 

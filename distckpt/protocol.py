@@ -256,17 +256,33 @@ def discard_staging_area(area: StagingArea, *, store: RootStore) -> None:
 
 
 def _ran_out_of_space(plan: SavePlan, full: OSError, *, root: Path, rank: int) -> InsufficientSpace:
-    """The error for ``full`` (no space, or quota exceeded) met by ``rank`` while writing a file
-    of ``plan``'s save: it names the root, the file and the free space the preflight saw."""
+    """:func:`ran_out_of_space` writing a file of ``plan``'s save, with the free space the
+    preflight saw."""
     seen = "unknown" if plan.free_bytes is None else mib(plan.free_bytes)
-    return InsufficientSpace(
-        f"the filesystem of {root} ran out of space while rank {rank} wrote "
-        f"{full.filename or plan.location} for step {plan.step}: {full.strerror} (free "
-        f"space when the save began: {seen}; the space or the filesystem's free inodes ran "
-        "out)",
+    return ran_out_of_space(
+        full,
+        root=root,
         rank=rank,
-        path=full.filename or plan.location,
         step=plan.step,
+        path=plan.location,
+        seen=f"free space when the save began: {seen}; ",
+    )
+
+
+def ran_out_of_space(
+    full: OSError, *, root: Path, rank: int, step: int, path: object, seen: str = ""
+) -> InsufficientSpace:
+    """The error for ``full`` (no space or no inode left, or quota exceeded) met by ``rank``
+    writing for ``step``'s save: it names the root and the file (``full``'s, else ``path``),
+    and ``seen`` (what the preflight saw, if it ran) before saying what ran out. Space and
+    inodes are not told apart: either may have run out, by this save or another process."""
+    where = full.filename or path
+    return InsufficientSpace(
+        f"the filesystem of {root} ran out of space while rank {rank} wrote {where} for step "
+        f"{step}: {full.strerror} ({seen}the space or the filesystem's free inodes ran out)",
+        rank=rank,
+        path=where,
+        step=step,
     )
 
 
