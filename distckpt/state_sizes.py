@@ -19,11 +19,13 @@ def element_bytes(state: Any) -> int:
     tensor's elements (DCP) writes them: numel times item size of each (a DTensor: its local shard;
     a sparse one: the tensors it is made of). An expanded or overlapping view counts every
     element it shows, however few bytes its storage holds; a tensor met twice counts twice."""
-    return sum(
-        part.numel() * part.element_size()
-        for tensor in local_tensors(state)
-        for part in tensor_parts(tensor)
-    )
+    return sum(tensor_element_bytes(tensor) for tensor in local_tensors(state))
+
+
+def tensor_element_bytes(tensor: torch.Tensor) -> int:
+    """The bytes of every element of ``tensor`` (a strided one) or of the tensors it is made of
+    (:func:`tensor_parts`): what :func:`element_bytes` counts for each tensor."""
+    return sum(part.numel() * part.element_size() for part in tensor_parts(tensor))
 
 
 def storage_sizes(state: Any) -> list[int]:

@@ -110,6 +110,7 @@ from distckpt.errors import (
 )
 from distckpt.formats.base import PreparedRead, ReadOptions, ShardContext
 from distckpt.formats.dcp_errors import run_dcp
+from distckpt.formats.dcp_estimate import dcp_sizes
 from distckpt.formats.dcp_keys import (
     dotted,
     key_mismatch_as_read,
@@ -130,13 +131,12 @@ from distckpt.formats.dcp_per_rank import (
     split_per_rank,
     with_per_rank,
 )
-from distckpt.formats.dcp_storage import Planner, Reader, Writer, flat_state, placeholder
+from distckpt.formats.dcp_storage import Planner, Reader, Writer, placeholder
 from distckpt.formats.dcp_tensor_kinds import check_tensor_types
 from distckpt.formats.dcp_text_keys import check_restorable_keys, holds_containers
 from distckpt.manifest import FileRecord, Manifest
 from distckpt.model_state import ModelOptimizerState
 from distckpt.state import copy_containers, dtensor_type, remove_path, set_path
-from distckpt.state_sizes import byte_string_bytes, element_bytes
 
 logger = logging.getLogger("distckpt")
 
@@ -270,11 +270,11 @@ class DcpFormat:
     def estimate_bytes(self, state: Any) -> int:
         # DCP writes every element of each tensor (an expanded view in full), not its storage,
         # whatever an async snapshot's buffers hold. Local shards only: replicated values are
-        # written by one rank, so this over-counts. Many small items cost more in their
-        # framing (_ITEM_BYTES each, keyed as DCP keys them) than in their values.
-        keys = flat_state(with_per_rank(*split_per_rank(state), rank=0))
-        items = len(keys) * _ITEM_BYTES + sum(len(key) for key in keys)
-        return element_bytes(state) + byte_string_bytes(state) + items + _OVERHEAD_BYTES
+        # written by one rank, so this over-counts. Texts count as byte strings do. Many small
+        # items cost more in their framing (_ITEM_BYTES each, and their keys) than in values.
+        sizes = dcp_sizes(state)
+        framing = sizes.items * _ITEM_BYTES + sizes.key_chars
+        return sizes.value_bytes + framing + _OVERHEAD_BYTES
 
     def write(self, state: Any, directory: Path, ctx: ShardContext) -> Mapping[str, FileRecord]:
         """Save this rank's part with ``dcp.save`` over ``ctx.group``; collective. Returns the
