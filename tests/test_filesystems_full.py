@@ -67,20 +67,29 @@ def test_a_disk_full_before_the_save_is_insufficient_space(
         assert mgr.steps() == [1]
 
 
-def test_the_free_space_check_counts_the_extra_files(mounts: MountFactory, tmp_path: Path) -> None:
+@pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
+def test_the_free_space_check_counts_the_extra_files(
+    mounts: MountFactory, tmp_path: Path, async_save: bool
+) -> None:
     """A 30 MiB extra file on a volume with about 20 MiB free is refused by the check before
-    anything is written, not by the disk filling up mid-save."""
+    anything is written, not by the disk filling up mid-save (an async save reads it at
+    save(), and counts it the same)."""
     volume = mounts.get("small-ext4").path
+    root = volume / f"extra-files-{'async' if async_save else 'sync'}"
     big = tmp_path / "big.bin"
     big.write_bytes(b"\1" * (30 << 20))
     assert statvfs_free_bytes(volume) < 30 << 20
-    with distckpt.CheckpointManager(volume / "extra-files", timeout=TIMEOUT) as mgr:
+    with distckpt.CheckpointManager(root, timeout=TIMEOUT, async_save=async_save) as mgr:
         mgr.save(1, {"w": torch.ones(8)})
         refused = r"saving step 2 needs about 30\.\d MiB"
         with pytest.raises(distckpt.InsufficientSpace, match=refused):
             mgr.save(2, {"w": torch.ones(8)}, files={"big.bin": big})
-        assert os.listdir(volume / "extra-files" / ".staging") == []
-        assert mgr.save(3, {"w": torch.ones(8)}, files={"small.bin": b"x"}).step == 3
+            mgr.wait()
+        assert os.listdir(root / ".staging") == []
+        mgr.save(3, {"w": torch.ones(8)}, files={"small.bin": b"x"})
+        mgr.wait()
+        assert mgr.steps() == [1, 3]
+    shutil.rmtree(root)
 
 
 def test_out_of_inodes_is_not_blamed_on_another_process(mounts: MountFactory) -> None:
