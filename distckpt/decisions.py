@@ -36,8 +36,9 @@ logger = logging.getLogger("distckpt")
 @dataclass(frozen=True)
 class SaveDecision:
     """Whether to save at a step, taken identically on every rank. ``explicit`` is True for a
-    save nothing but the call asked for (no schedule, no ``force``, no signal): only such a
-    save of an already committed step raises instead of returning that checkpoint."""
+    save nothing but the call asked for (no schedule or throttle, no ``force``, no signal):
+    only such a save of an already committed step raises instead of returning that
+    checkpoint."""
 
     step: int
     epoch: int | None
@@ -100,13 +101,14 @@ def decide(
     did in this process) and ``in_flight`` whether an async save is still running here: the
     ``min_seconds_between_saves`` throttle reads them, and rank 0's verdict counts. A throttled
     save is neither forced nor a preemption save, and leaves ``last`` as it is (deferred).
-    ``every_seconds`` is due only at a step past ``last``'s.
+    ``every_seconds`` is due only at a step past ``last``'s, and a plain save the throttle
+    governs (no schedule) not at ``last``'s step: it is committed or in flight already.
 
     A step or epoch a schedule or a vote would compare is checked first (a str or float step
     would be answered, a str epoch fail with ``TypeError``). With neither, nothing here reads
     them: the save's proposal checks them inside its collective, so that a bad one on any rank
     raises on every rank."""
-    if schedule.is_set or signals.watched:
+    if schedule.is_set or schedule.needs_agreement or signals.watched:
         check_step_and_epoch(step, epoch)
     due = not schedule.is_set or schedule.due_by_counters(
         step, epoch, last_step=last.step, last_epoch=last.epoch
@@ -118,6 +120,10 @@ def decide(
         # would only return that checkpoint and restart the interval without a new one (a
         # requeued job saving after every micro-batch would then never save).
         past_last = last.step is None or step > last.step
+        if not schedule.is_set:
+            # Continuous checkpointing calls save() after every micro-batch: a call at the step
+            # saved last has nothing new (a lower step is still refused by the proposal).
+            due = schedule.min_seconds_between_saves is None or step != last.step
         vote = _Vote(
             time_due=past_last and schedule.due_by_time(now, last_time=last.time),
             throttled=schedule.throttled(now, last_started=last_started, in_flight=in_flight),
@@ -130,7 +136,8 @@ def decide(
         step,
         epoch,
         save=(due and not throttled) or force or preempt,
-        explicit=not (schedule.is_set or force or preempt),
+        # The throttle, like a schedule, decides whether a plain save() saves: not explicit.
+        explicit=not (schedule.is_set or schedule.needs_agreement or force or preempt),
         preempt=preempt,
     )
 

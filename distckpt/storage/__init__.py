@@ -122,7 +122,7 @@ class RootStore(abc.ABC):
         (:class:`~distckpt.InvalidStep`, naming each newer checkpoint that is not plainly
         intact and what to do about it), or an already committed step when ``explicit`` and
         not ``overwrite`` (:class:`~distckpt.CheckpointExists`); return that checkpoint instead
-        when not ``explicit`` (a scheduled or forced save)."""
+        when not ``explicit`` (a scheduled, throttled or forced save)."""
 
     @abc.abstractmethod
     def begin_staging(self, step: int, token: str) -> StagingArea:
