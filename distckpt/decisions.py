@@ -29,6 +29,7 @@ from distckpt.protocol import check_step_and_epoch
 if TYPE_CHECKING:
     from distckpt.results import Checkpoint
     from distckpt.storage import OpenedRoot
+    from distckpt.storage.views import RootView
 
 logger = logging.getLogger("distckpt")
 
@@ -190,11 +191,15 @@ class SaveDecider:
         """The async save in flight failed: count from what came before it."""
         self.last = self._before_in_flight
 
-    def count_restore(self, loaded: Checkpoint | None) -> None:
+    def count_restore(self, loaded: Checkpoint | None, view: RootView) -> None:
         """A restore loaded ``loaded`` (None: nothing). The first restore is the resume, from
         wherever the job resumes (an older step when the newest was set aside or skipped);
         later ones only move forward: loading an older checkpoint (``best`` into an eval
-        model) mid-run must not make the schedule due again at once."""
+        model) mid-run must not make the schedule due again at once. A checkpoint that is not
+        this root's (``view``'s), loaded by path, counts for nothing: its step (a pretrained
+        model's, a teacher's) is no step of this run, and no resume either."""
+        if loaded is not None and not view.holds_checkpoint(loaded.path, loaded.step):
+            return
         last = self.last
         if (
             loaded is not None

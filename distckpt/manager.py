@@ -387,9 +387,10 @@ class CheckpointManager(RootUpkeep):
         having them refused as lower than the damaged one. One that could not be judged (an
         I/O error, an unknown checksum algorithm or format) is only skipped, as before.
 
-        The save schedule counts from the step the first restore before any save loads (the
-        resume, possibly older than the root's newest); later restores only move it forward
-        (an older ``"best"`` loaded into an evaluation model mid-run leaves it as it is).
+        The save schedule counts from the step the first restore of this root before any save
+        loads (the resume, possibly older than the root's newest); later restores only move it
+        forward (an older ``"best"`` loaded into an eval model mid-run leaves it as it is); a
+        path to another root's checkpoint (a pretrained model, a teacher) never moves it.
         """
         self._check_open()
         self.wait()
@@ -412,7 +413,7 @@ class CheckpointManager(RootUpkeep):
             verify=verify,
             storage_options=self.storage_options,
         )
-        self._decider.count_restore(loaded)
+        self._decider.count_restore(loaded, self._store.view)
         return loaded
 
     def agree_on(self, local: Callable[[], T], *, what: str) -> T:

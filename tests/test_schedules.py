@@ -144,6 +144,42 @@ def test_restoring_an_older_checkpoint_mid_run_keeps_the_schedule(tmp_path: Path
     assert results == [([5, 10], 5)] * 2
 
 
+def _fine_tune_from_another_root(rank: int, world_size: int, root: str) -> list[int]:
+    """A fine-tuning run on a fresh root with ``every_n_steps=10``: it first loads a
+    pretrained checkpoint of step 100000 from another root by path, and mid-run the same
+    checkpoint again as a teacher's."""
+    pretrained = os.path.join(root, "pretrained", "step-00100000")
+    with distckpt.CheckpointManager(os.path.dirname(pretrained), fsync=False, timeout=20) as mgr:
+        mgr.save(100000, {"w": torch.ones(2)})
+    saved = []
+    with distckpt.CheckpointManager(
+        os.path.join(root, "fine-tune"), every_n_steps=10, fsync=False, timeout=20
+    ) as mgr:
+        mgr.restore(pretrained, state={"w": torch.zeros(2)})
+        saved += [s for s in range(1, 21) if mgr.save(s, {"w": torch.zeros(2)})]
+        mgr.restore(pretrained, state={"w": torch.zeros(2)})  # a teacher, loaded mid-run
+        saved += [s for s in range(21, 31) if mgr.save(s, {"w": torch.zeros(2)})]
+    return saved
+
+
+def test_a_checkpoint_of_another_root_does_not_move_the_schedule(tmp_path: Path) -> None:
+    """Loading another root's checkpoint by path (a pretrained model, a teacher) leaves the
+    schedule counting this run's own steps: it saves at 10, 20, 30 as on a fresh root."""
+    results = values(run_ranks(_fine_tune_from_another_root, 2, str(tmp_path)))
+    assert results == [[10, 20, 30]] * 2
+
+
+def test_a_path_through_a_symlink_to_the_root_names_its_own_checkpoint(tmp_path: Path) -> None:
+    """The resume may name this root's checkpoint by a path through a symlink: still its own
+    (counted from), unlike the same step of another root."""
+    with distckpt.CheckpointManager(tmp_path / "root", fsync=False) as mgr:
+        mgr.save(3, {"w": torch.ones(2)})
+        view = mgr._store.view  # the view the manager's restore asks
+    (tmp_path / "linked").symlink_to(tmp_path / "root")
+    assert view.holds_checkpoint(tmp_path / "linked" / "step-00000003", 3)
+    assert not view.holds_checkpoint(tmp_path / "other" / "step-00000003", 3)
+
+
 def _preempt_at_a_committed_step(
     rank: int, world_size: int, root: str
 ) -> list[tuple[int, int | None, bool]]:
