@@ -215,7 +215,7 @@ class CheckpointManager(RootUpkeep):
         self._saver: Saver | None = None  # once the root is open
         self._coord = Coordinator(group, self.timeout)
         self.rank = self._coord.rank
-        self._decider = SaveDecider(self.schedule, self._signals, self._coord)
+        self._decider = SaveDecider(self.schedule, self._signals, self._coord, self)
         self.world_size = self._coord.world_size
         try:
             token = starting.open_root(
@@ -261,7 +261,7 @@ class CheckpointManager(RootUpkeep):
         instead of deciding again.
         """
         self._check_open()
-        return self._decider.should_save(step, epoch, in_flight=self.save_in_flight)
+        return self._decider.should_save(step, epoch)
 
     def save(
         self,
@@ -278,7 +278,7 @@ class CheckpointManager(RootUpkeep):
         """Save this rank's ``state`` as part of the checkpoint for ``step``; collective.
 
         Returns the same :class:`SaveResult` on every rank once the checkpoint is durable, or
-        None on every rank when a schedule is set and says not to save (``force=True`` saves
+        None on every rank when a schedule or the throttle says not to save (``force=True`` saves
         anyway). Any rank's failure raises on every rank and leaves the root as it was.
 
         Args:
@@ -295,7 +295,7 @@ class CheckpointManager(RootUpkeep):
             overwrite: replace an already committed checkpoint of this step.
         """
         self._check_open()
-        decision = self._decider.take(step, epoch, force=force, in_flight=self.save_in_flight)
+        decision = self._decider.take(step, epoch, force=force, overwrite=overwrite)
         if not decision.save:
             return None
         self.wait()  # at most one save in flight; raises a failed one's error here

@@ -176,6 +176,22 @@ def test_continuous_checkpointing_skips_calls_at_the_step_saved_last(tmp_path: P
     )
 
 
+def test_overwrite_at_the_step_saved_last_overwrites_under_the_throttle(tmp_path: Path) -> None:
+    """``overwrite=True`` asks for the step saved last anew: the throttle's rule that a call at
+    that step has nothing new does not hold it back (it used to return None, saving nothing),
+    after a save in this run, after ``should_save``, and after a resume."""
+    with distckpt.CheckpointManager(tmp_path, min_seconds_between_saves=1e-9, fsync=False) as mgr:
+        mgr.save(5, {"w": torch.zeros(2)})
+        assert mgr.save(5, {"w": torch.ones(2)}, overwrite=True).step == 5
+        assert not mgr.should_save(5)
+        assert mgr.save(5, {"w": torch.full((2,), 2.0)}, overwrite=True).step == 5
+    with distckpt.CheckpointManager(tmp_path, min_seconds_between_saves=1e-9, fsync=False) as mgr:
+        mgr.restore("last", state={"w": torch.zeros(2)})
+        assert mgr.save(5, {"w": torch.full((2,), 3.0)}, overwrite=True).step == 5
+        assert mgr.restore(5).state["w"].tolist() == [3.0, 3.0]
+        assert mgr.steps() == [5]
+
+
 def _deferred_past_throttle(rank: int, world_size: int, root: str) -> list[int | None]:
     with distckpt.CheckpointManager(
         root, every_n_steps=2, min_seconds_between_saves=1.5, fsync=False, timeout=TIMEOUT
