@@ -21,9 +21,9 @@ from distckpt.lease import this_host
 from distckpt.manifest import MANIFEST_CHECKSUM_KEY
 from distckpt.objstore import ObjectStore
 from distckpt.storage.s3_view import S3RootView
+from tests.monitor_jobs import restart_with_another_monitor
 from tests.ranks import run_ranks, values
 from tests.s3server import S3Server
-from tests.test_schedules import restart_with_another_monitor
 
 pytest.importorskip("botocore")
 
