@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -170,15 +171,22 @@ def test_a_checkpoint_of_another_root_does_not_move_the_schedule(tmp_path: Path)
     assert results == [[10, 20, 30]] * 2
 
 
-def test_a_path_through_a_symlink_to_the_root_names_its_own_checkpoint(tmp_path: Path) -> None:
-    """The resume may name this root's checkpoint by a path through a symlink: still its own
-    (counted from), unlike the same step of another root."""
-    with distckpt.CheckpointManager(tmp_path / "root", fsync=False) as mgr:
-        mgr.save(3, {"w": torch.ones(2)})
-        view = mgr._store.view  # the view the manager's restore asks
-    (tmp_path / "linked").symlink_to(tmp_path / "root")
-    assert view.holds_checkpoint(tmp_path / "linked" / "step-00000003", 3)
-    assert not view.holds_checkpoint(tmp_path / "other" / "step-00000003", 3)
+def test_a_resume_through_a_symlink_to_the_root_moves_the_schedule(tmp_path: Path) -> None:
+    """The resume may name this root's checkpoint by a path through a symlink: still its own,
+    so the schedule counts from the step it loads, unlike the same step of a copy of the root
+    (another root's)."""
+    root, linked, copy = tmp_path / "root", tmp_path / "linked", tmp_path / "copy"
+    with distckpt.CheckpointManager(root, fsync=False) as mgr:
+        for step in (10, 20):
+            mgr.save(step, {"w": torch.ones(2)})
+    linked.symlink_to(root)
+    shutil.copytree(root, copy, symlinks=True)
+    due_at_20 = {}
+    for name, path in (("through the symlink", linked), ("another root", copy)):
+        with distckpt.CheckpointManager(root, every_n_steps=10, fsync=False) as mgr:
+            assert mgr.restore(path / "step-00000010").step == 10
+            due_at_20[name] = mgr.should_save(20)  # counted from 10, or still from 20
+    assert due_at_20 == {"through the symlink": True, "another root": False}
 
 
 def _preempt_at_a_committed_step(
