@@ -43,7 +43,7 @@ from distckpt.cli_output import (
     table,
     write_json,
 )
-from distckpt.cli_prune import prune_retention
+from distckpt.cli_prune import prune_retention, refuse_a_monitor_ranking_none
 from distckpt.errors import CheckpointError, CheckpointNotFound, InvalidArgument
 from distckpt.layout import LINK_NAMES, parse_step_dir_name
 from distckpt.lease import LeaseHolder
@@ -297,6 +297,8 @@ def _open_store(root: str, retention: RetentionPolicy | None = None) -> RootStor
 
 def cmd_prune(args: argparse.Namespace, out: TextIO) -> int:
     retention = prune_retention(args)
+    # Before the store opens (its prune would remove best): a refusal leaves the root alone.
+    refuse_a_monitor_ranking_none(_existing_view(args.root), retention)
     store = _open_store(args.root, retention)
     removed = store.prune()
     store.tidy()  # the bytes of what it removed
@@ -410,7 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
         "after it, plus step 0",
     )
     sub.add_argument(
-        "--keep-every-n-seconds", type=float, help="keep one checkpoint per S seconds of history"
+        "--keep-every-n-seconds", metavar="S", help="keep one checkpoint per S seconds of history"
     )
     sub.add_argument(
         "--keep-unranked",

@@ -7,8 +7,10 @@ from __future__ import annotations
 import argparse
 import math
 
+from distckpt import resolve
 from distckpt.errors import CheckpointError, InvalidArgument
-from distckpt.policy import RetentionPolicy
+from distckpt.policy import RetentionPolicy, best_step
+from distckpt.storage.views import RootView
 
 #: the options that take a count, by their ``args`` attribute
 COUNT_OPTIONS = ("keep_last", "keep_best", "keep_every_n_steps")
@@ -28,12 +30,7 @@ def prune_retention(args: argparse.Namespace) -> RetentionPolicy:
                 f"{_option(attribute)} {count}: give a count of at least 1, or leave the "
                 "option out to turn its rule off"
             )
-    seconds = args.keep_every_n_seconds
-    if seconds is not None and not (math.isfinite(seconds) and seconds > 0):
-        raise InvalidArgument(
-            f"--keep-every-n-seconds {seconds}: give a positive number of seconds, or leave "
-            "the option out to turn its rule off"
-        )
+    seconds = _seconds(args.keep_every_n_seconds)
     for attribute in ("keep_best", "keep_unranked"):
         if getattr(args, attribute) not in (None, False) and args.monitor is None:
             raise InvalidArgument(
@@ -55,7 +52,7 @@ def prune_retention(args: argparse.Namespace) -> RetentionPolicy:
         monitor=args.monitor,
         mode=args.mode or "min",
         keep_every_n_steps=args.keep_every_n_steps,
-        keep_every_n_seconds=args.keep_every_n_seconds,
+        keep_every_n_seconds=seconds,
         keep_unranked=args.keep_unranked,
     )
     if retention.keeps_everything:
@@ -64,3 +61,37 @@ def prune_retention(args: argparse.Namespace) -> RetentionPolicy:
             "--keep-every-n-seconds"
         )
     return retention
+
+
+def _seconds(typed: str | None) -> float | None:
+    """``--keep-every-n-seconds`` as a number, refused as the user typed it (``0``, not the
+    ``0.0`` it parses to)."""
+    if typed is None:
+        return None
+    try:
+        seconds = float(typed)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise InvalidArgument(
+            f"--keep-every-n-seconds {typed}: give a positive number of seconds, or leave "
+            "the option out to turn its rule off"
+        )
+    return seconds
+
+
+def refuse_a_monitor_ranking_none(view: RootView, retention: RetentionPolicy) -> None:
+    """:class:`InvalidArgument` when ``--monitor`` ranks none of the root's checkpoints while
+    it has some (a typo, or a metric no checkpoint has a finite value of): that prune would
+    remove ``best``. The error names the metrics the checkpoints have."""
+    monitor = retention.monitor
+    if monitor is None:
+        return
+    records = [resolve.record_of(manifest) for _, manifest in resolve.iter_valid(view)]
+    if not records or best_step(records, monitor, retention.mode) is not None:
+        return
+    metrics = sorted({name for record in records for name in record.metrics})
+    raise InvalidArgument(
+        f"--monitor {monitor} ranks no checkpoint: none has a finite {monitor} (the "
+        f"checkpoints' metrics: {', '.join(metrics) or 'none'}); give the job's own metric"
+    )
