@@ -14,7 +14,7 @@ import distckpt
 from distckpt import faults
 
 #: what the log promises for a retention that failed after a commit
-PROMISE = "retention at the next commit or by `prune`"
+PROMISE = "retention at the next commit or by distckpt prune"
 
 
 def _root(kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> tuple[str, dict[str, Any]]:

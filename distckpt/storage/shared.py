@@ -35,7 +35,7 @@ def log_upkeep_failure(location: CheckpointLocation, links: str, exc: Exception)
     opening a root with ``keep_last=1`` to restore an older step must not lose it there)."""
     logger.error(
         "committed %s, but updating %s or retention failed (%s are redone at the next commit "
-        "or start, retention at the next commit or by `prune`): %s",
+        "or start, retention at the next commit or by distckpt prune): %s",
         location,
         links,
         links,
