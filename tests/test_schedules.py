@@ -99,6 +99,9 @@ def test_forced_save_of_committed_step_returns_it_without_overwriting(tmp_path: 
 
 
 def _preempt_one_rank(rank: int, world_size: int, root: str) -> tuple[list[int], bool, bool]:
+    # A forked rank inherits the test process's handler, which an earlier test in the same
+    # process may have left other than the default: close must put back that one.
+    before = signal.getsignal(signal.SIGUSR1)
     saved = []
     with distckpt.CheckpointManager(
         root, every_n_steps=100, save_on_signal=(signal.SIGUSR1,), fsync=False, timeout=20
@@ -111,7 +114,7 @@ def _preempt_one_rank(rank: int, world_size: int, root: str) -> tuple[list[int],
             if mgr.preempted:
                 break
         preempted = mgr.preempted
-    restored_handler = signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL
+    restored_handler = signal.getsignal(signal.SIGUSR1) == before
     return saved, preempted, restored_handler
 
 
