@@ -43,6 +43,7 @@ from distckpt.cli_output import (
     table,
     write_json,
 )
+from distckpt.cli_prune import prune_retention, refuse_a_monitor_ranking_none
 from distckpt.errors import CheckpointError, CheckpointNotFound, InvalidArgument
 from distckpt.layout import LINK_NAMES, parse_step_dir_name
 from distckpt.lease import LeaseHolder
@@ -295,29 +296,9 @@ def _open_store(root: str, retention: RetentionPolicy | None = None) -> RootStor
 
 
 def cmd_prune(args: argparse.Namespace, out: TextIO) -> int:
-    # The root does not record the job's mode, and a wrong guess ranks its checkpoints upside
-    # down: the job's best would be removed, and its best link moved to the worst.
-    if args.monitor is not None and args.mode is None:
-        raise InvalidArgument(
-            f"--monitor {args.monitor} needs --mode min or --mode max: the job's own, which "
-            "the root does not record"
-        )
-    if args.mode is not None and args.monitor is None:
-        raise InvalidArgument("--mode needs --monitor (the metric it ranks by)")
-    retention = RetentionPolicy(
-        keep_last=args.keep_last,
-        keep_best=args.keep_best,
-        monitor=args.monitor,
-        mode=args.mode or "min",
-        keep_every_n_steps=args.keep_every_n_steps,
-        keep_every_n_seconds=args.keep_every_n_seconds,
-        keep_unranked=args.keep_unranked,
-    )
-    if retention.keeps_everything:
-        raise CheckpointError(
-            "prune needs at least one of --keep-last, --keep-best, --keep-every-n-steps, "
-            "--keep-every-n-seconds"
-        )
+    retention = prune_retention(args)
+    # Before the store opens (its prune would remove best): a refusal leaves the root alone.
+    refuse_a_monitor_ranking_none(_existing_view(args.root), retention)
     store = _open_store(args.root, retention)
     removed = store.prune()
     store.tidy()  # the bytes of what it removed
@@ -431,7 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
         "after it, plus step 0",
     )
     sub.add_argument(
-        "--keep-every-n-seconds", type=float, help="keep one checkpoint per S seconds of history"
+        "--keep-every-n-seconds", metavar="S", help="keep one checkpoint per S seconds of history"
     )
     sub.add_argument(
         "--keep-unranked",

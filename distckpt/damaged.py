@@ -44,7 +44,7 @@ def set_aside_damaged_newer(store: RootStore, found: Found | None, skipped: list
         if skip.damaged
         and (loaded_step is None or skip.step > loaded_step)
         # skipped in this root, not in another one a path named
-        and skip.location == store.view.checkpoint(skip.step).location
+        and store.view.holds_checkpoint(skip.location, skip.step)
     }
     for step, skip in sorted(damaged.items()):
         try:

@@ -19,7 +19,7 @@ import weakref
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from types import FrameType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from distckpt.coord import Coordinator
 from distckpt.errors import InvalidArgument
@@ -29,6 +29,7 @@ from distckpt.protocol import check_step_and_epoch
 if TYPE_CHECKING:
     from distckpt.results import Checkpoint
     from distckpt.storage import OpenedRoot
+    from distckpt.storage.views import RootView
 
 logger = logging.getLogger("distckpt")
 
@@ -36,8 +37,9 @@ logger = logging.getLogger("distckpt")
 @dataclass(frozen=True)
 class SaveDecision:
     """Whether to save at a step, taken identically on every rank. ``explicit`` is True for a
-    save nothing but the call asked for (no schedule, no ``force``, no signal): only such a
-    save of an already committed step raises instead of returning that checkpoint."""
+    save nothing but the call asked for (no schedule or throttle, no ``force``, no signal):
+    only such a save of an already committed step raises instead of returning that
+    checkpoint."""
 
     step: int
     epoch: int | None
@@ -86,6 +88,7 @@ def decide(
     epoch: int | None,
     *,
     force: bool,
+    overwrite: bool,
     schedule: SaveSchedule,
     last: LastSave,
     last_started: float | None,
@@ -100,37 +103,51 @@ def decide(
     did in this process) and ``in_flight`` whether an async save is still running here: the
     ``min_seconds_between_saves`` throttle reads them, and rank 0's verdict counts. A throttled
     save is neither forced nor a preemption save, and leaves ``last`` as it is (deferred).
-    ``every_seconds`` is due only at a step past ``last``'s.
+    ``every_seconds`` is due only at a step past ``last``'s, and a plain save the throttle
+    governs (no schedule) not at ``last``'s step, which is committed or in flight already,
+    unless it asks to ``overwrite`` it.
 
     A step or epoch a schedule or a vote would compare is checked first (a str or float step
-    would be answered, a str epoch fail with ``TypeError``). With neither, nothing here reads
-    them: the save's proposal checks them inside its collective, so that a bad one on any rank
-    raises on every rank."""
-    if schedule.is_set or signals.watched:
+    would be answered, a str epoch fail with ``TypeError``): inside the vote when there is one,
+    so that a bad one on any rank raises on every rank instead of leaving the others waiting
+    in the vote until their timeout. With neither a schedule nor a vote, nothing here reads
+    them: the save's proposal checks them inside its collective."""
+
+    def local_vote() -> _Vote:
         check_step_and_epoch(step, epoch)
-    due = not schedule.is_set or schedule.due_by_counters(
-        step, epoch, last_step=last.step, last_epoch=last.epoch
-    )
-    throttled = preempt = False
-    if schedule.needs_agreement or signals.watched:
         now = time.monotonic()
         # A step the schedule already counts from is committed (or in flight): saving it again
         # would only return that checkpoint and restart the interval without a new one (a
         # requeued job saving after every micro-batch would then never save).
         past_last = last.step is None or step > last.step
-        vote = _Vote(
+        return _Vote(
             time_due=past_last and schedule.due_by_time(now, last_time=last.time),
             throttled=schedule.throttled(now, last_started=last_started, in_flight=in_flight),
             signalled=signals.is_set(),
         )
-        tally = coord.all_reduce(lambda: vote, _tally, what="deciding whether to save")
-        due = due or tally.time_due
-        throttled, preempt = tally.throttled, tally.signalled
+
+    voting = schedule.needs_agreement or signals.watched
+    if voting:
+        tally = coord.all_reduce(local_vote, _tally, what="deciding whether to save")
+    else:
+        if schedule.is_set:
+            check_step_and_epoch(step, epoch)
+        tally = _Vote(time_due=False, throttled=False, signalled=False)
+    if schedule.is_set:
+        due = schedule.due_by_counters(step, epoch, last_step=last.step, last_epoch=last.epoch)
+    else:
+        # Continuous checkpointing calls save() after every micro-batch: a call at the step
+        # saved last has nothing new (a lower step is still refused by the proposal), unless
+        # it asks to overwrite that step.
+        due = schedule.min_seconds_between_saves is None or overwrite or step != last.step
+    due = due or tally.time_due
+    throttled, preempt = tally.throttled, tally.signalled
     return SaveDecision(
         step,
         epoch,
         save=(due and not throttled) or force or preempt,
-        explicit=not (schedule.is_set or force or preempt),
+        # The throttle, like a schedule, decides whether a plain save() saves: not explicit.
+        explicit=not (schedule.is_set or schedule.needs_agreement or force or preempt),
         preempt=preempt,
     )
 
@@ -143,15 +160,32 @@ def newest_to_count_from(
     return opened.newest, seconds_since_created(opened.newest_created, now)
 
 
+class SavesInFlight(Protocol):
+    """What tells whether an async save is still running on this rank (the manager)."""
+
+    @property
+    def save_in_flight(self) -> bool: ...
+
+
 class SaveDecider:
     """The save decisions of one manager: the schedule, the signals, the last save counted
     from (kept by the ``count_*`` methods, every rank alike), when the last save began, and the
     decision :meth:`should_save` took for a step (reused by the save)."""
 
-    def __init__(self, schedule: SaveSchedule, signals: SignalFlag, coord: Coordinator) -> None:
+    def __init__(
+        self,
+        schedule: SaveSchedule,
+        signals: SignalFlag,
+        coord: Coordinator,
+        saves: SavesInFlight,
+    ) -> None:
         self.schedule = schedule
         self.signals = signals
         self.coord = coord
+        # What tells whether an async save is still running here (the throttle reads it): the
+        # manager, which holds this decider, so weakly (a manager dropped unclosed is freed at
+        # once, its lease with it, as without a decider).
+        self._saves = weakref.ref(saves)
         self.last = LastSave()
         #: when the previous save of any kind began (this rank's monotonic clock; None before
         #: the first save of this process): what ``min_seconds_between_saves`` counts from
@@ -183,11 +217,15 @@ class SaveDecider:
         """The async save in flight failed: count from what came before it."""
         self.last = self._before_in_flight
 
-    def count_restore(self, loaded: Checkpoint | None) -> None:
+    def count_restore(self, loaded: Checkpoint | None, view: RootView) -> None:
         """A restore loaded ``loaded`` (None: nothing). The first restore is the resume, from
         wherever the job resumes (an older step when the newest was set aside or skipped);
         later ones only move forward: loading an older checkpoint (``best`` into an eval
-        model) mid-run must not make the schedule due again at once."""
+        model) mid-run must not make the schedule due again at once. A checkpoint that is not
+        this root's (``view``'s), loaded by path, counts for nothing: its step (a pretrained
+        model's, a teacher's) is no step of this run, and no resume either."""
+        if loaded is not None and not view.holds_checkpoint(loaded.path, loaded.step):
+            return
         last = self.last
         if (
             loaded is not None
@@ -211,37 +249,45 @@ class SaveDecider:
         if report:
             logger.warning("preemption save of step %d committed; stop and requeue", step)
 
-    def should_save(self, step: int, epoch: int | None, *, in_flight: bool = False) -> bool:
-        """Decide for ``step`` now and keep the decision for the save of that step.
-        ``in_flight``: whether an async save is still running on this rank."""
-        self._pending = self._decide(step, epoch, force=False, in_flight=in_flight)
+    def should_save(self, step: int, epoch: int | None) -> bool:
+        """Decide for ``step`` now and keep the decision for the save of that step."""
+        self._pending = self._decide(step, epoch, force=False, overwrite=False)
         return self._pending.save
 
-    def take(
-        self, step: int, epoch: int | None, *, force: bool, in_flight: bool = False
-    ) -> SaveDecision:
+    def take(self, step: int, epoch: int | None, *, force: bool, overwrite: bool) -> SaveDecision:
         """The decision for the save of ``step``: the one :meth:`should_save` took for it, or
-        a new one. A decision to save marks the start of a save, whatever its outcome."""
+        a new one (also when ``overwrite`` may save what that one, taken without it, did not).
+        A decision to save marks the start of a save, whatever its outcome."""
         pending, self._pending = self._pending, None
-        if pending is not None and pending.step == step and pending.epoch == epoch:
+        if (
+            pending is not None
+            and pending.step == step
+            and pending.epoch == epoch
+            and (pending.save or not overwrite)
+        ):
             decision = pending.forced() if force else pending
         else:
-            decision = self._decide(step, epoch, force=force, in_flight=in_flight)
+            decision = self._decide(step, epoch, force=force, overwrite=overwrite)
         if decision.save:
             self.last_started = time.monotonic()
         return decision
 
+    def _in_flight(self) -> bool:
+        saves = self._saves()
+        return saves is not None and saves.save_in_flight
+
     def _decide(
-        self, step: int, epoch: int | None, *, force: bool, in_flight: bool
+        self, step: int, epoch: int | None, *, force: bool, overwrite: bool
     ) -> SaveDecision:
         return decide(
             step,
             epoch,
             force=force,
+            overwrite=overwrite,
             schedule=self.schedule,
             last=self.last,
             last_started=self.last_started,
-            in_flight=in_flight,
+            in_flight=self._in_flight(),
             signals=self.signals,
             coord=self.coord,
         )

@@ -215,7 +215,7 @@ class CheckpointManager(RootUpkeep):
         self._saver: Saver | None = None  # once the root is open
         self._coord = Coordinator(group, self.timeout)
         self.rank = self._coord.rank
-        self._decider = SaveDecider(self.schedule, self._signals, self._coord)
+        self._decider = SaveDecider(self.schedule, self._signals, self._coord, self)
         self.world_size = self._coord.world_size
         try:
             token = starting.open_root(
@@ -263,7 +263,7 @@ class CheckpointManager(RootUpkeep):
         instead of deciding again.
         """
         self._check_open()
-        return self._decider.should_save(step, epoch, in_flight=self.save_in_flight)
+        return self._decider.should_save(step, epoch)
 
     def save(
         self,
@@ -280,7 +280,7 @@ class CheckpointManager(RootUpkeep):
         """Save this rank's ``state`` as part of the checkpoint for ``step``; collective.
 
         Returns the same :class:`SaveResult` on every rank once the checkpoint is durable, or
-        None on every rank when a schedule is set and says not to save (``force=True`` saves
+        None on every rank when a schedule or the throttle says not to save (``force=True`` saves
         anyway). Any rank's failure raises on every rank and leaves the root as it was.
 
         Args:
@@ -297,7 +297,7 @@ class CheckpointManager(RootUpkeep):
             overwrite: replace an already committed checkpoint of this step.
         """
         self._check_open()
-        decision = self._decider.take(step, epoch, force=force, in_flight=self.save_in_flight)
+        decision = self._decider.take(step, epoch, force=force, overwrite=overwrite)
         if not decision.save:
             return None
         self.wait()  # at most one save in flight; raises a failed one's error here
@@ -389,9 +389,10 @@ class CheckpointManager(RootUpkeep):
         having them refused as lower than the damaged one. One that could not be judged (an
         I/O error, an unknown checksum algorithm or format) is only skipped, as before.
 
-        The save schedule counts from the step the first restore before any save loads (the
-        resume, possibly older than the root's newest); later restores only move it forward
-        (an older ``"best"`` loaded into an evaluation model mid-run leaves it as it is).
+        The save schedule counts from the step the first restore of this root before any save
+        loads (the resume, possibly older than the root's newest); later restores only move it
+        forward (an older ``"best"`` loaded into an eval model mid-run leaves it as it is); a
+        path to another root's checkpoint (a pretrained model, a teacher) never moves it.
         """
         self._check_open()
         self.wait()
@@ -414,7 +415,7 @@ class CheckpointManager(RootUpkeep):
             verify=verify,
             storage_options=self.storage_options,
         )
-        self._decider.count_restore(loaded)
+        self._decider.count_restore(loaded, self._store.view)
         return loaded
 
     def agree_on(self, local: Callable[[], T], *, what: str) -> T:

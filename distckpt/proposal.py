@@ -69,7 +69,7 @@ class SaveRequest:
     step: int
     epoch: int | None
     overwrite: bool
-    #: True unless a schedule, ``force`` or a signal asked (see ``SaveDecision.explicit``)
+    #: True unless a schedule, the throttle, ``force`` or a signal asked (``SaveDecision``)
     explicit: bool
     metrics: Mapping[str, Any] | None = None
     metadata: Mapping[str, Any] | None = None

@@ -390,3 +390,42 @@ def test_an_error_inside_with_is_not_replaced_by_a_failed_save(tmp_path: Path) -
     ):
         assert (error_type, message) == ("ValueError", "the training loop's own error")
         assert "closing the checkpoint manager also failed: InjectedFault" in notes, notes
+
+
+def _saves_past_a_failure(rank: int, world_size: int, root: str, async_save: bool) -> list[str]:
+    """``every_n_steps=5``, calls at steps 1..17, the save of step 10 failing on rank 1; what
+    each call did."""
+    calls = []
+    with distckpt.CheckpointManager(
+        root, every_n_steps=5, async_save=async_save, fsync=False, timeout=20
+    ) as mgr:
+        faults.arm("after_shard_write", "raise", rank=1, nth=2)  # the second save's
+        try:
+            for step in range(1, 18):
+                try:
+                    result = mgr.save(step, {"w": torch.zeros(4)})
+                    calls.append("saved" if result is not None else "-")
+                except distckpt.CheckpointError:
+                    calls.append("raised")
+        finally:
+            faults.disarm()
+        mgr.wait()
+        calls.append(",".join(map(str, mgr.steps())))
+    return calls
+
+
+@pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
+def test_a_failed_save_is_retried_where_the_readme_says(tmp_path: Path, async_save: bool) -> None:
+    """README, "Schedules": a failed save does not count for the schedule. A sync save's
+    failure is raised by its own call (step 10), and the next call saves (11). An async one's is
+    raised by the next call that waits, the next due save (15), which does not save; the call
+    after it does (16)."""
+    out = values(run_ranks(_saves_past_a_failure, 2, str(tmp_path), async_save))
+    calls = {step: did for step, did in enumerate(out[0][:-1], start=1) if did != "-"}
+    if async_save:
+        assert calls == {5: "saved", 10: "saved", 15: "raised", 16: "saved"}
+        assert out[0][-1] == "5,16"
+    else:
+        assert calls == {5: "saved", 10: "raised", 11: "saved", 15: "saved"}
+        assert out[0][-1] == "5,11,15"
+    assert out[0] == out[1]

@@ -91,8 +91,8 @@ def _saves_again(rank: int, world_size: int, root: str) -> list[int]:
 def test_a_failed_background_group_renewal_raises_on_every_rank_and_rank_0_removes_its_staging(
     tmp_path: Path,
 ) -> None:
-    """docs/faults.md: "A rank that raises removes its staging itself", and README: "a failed
-    save does not count for the schedule, so the next step retries it", also when the
+    """docs/faults.md: "A rank that raises removes its staging itself", and README: "a save that
+    raises in its own call (a sync save) is retried by the next call", also when the
     background group cannot be renewed for an async save: rank 1 raises at once, rank 0 (which
     cannot connect to it) within the timeout, each naming the step, and rank 0 removes the
     save's staging area before it raises. Each rank keeps the group it had, broken where it

@@ -244,7 +244,7 @@ def _late_then_in_step(
 def test_after_a_collective_timeout_the_next_save_and_a_new_manager_save_again(
     tmp_path: Path, async_save: bool
 ) -> None:
-    """README: "a failed save does not count for the schedule, so the next step retries it";
+    """README: "a failed save does not count for the schedule" (the next call retries it);
     a timed-out collective leaves gloo's connections closed, so the group is replaced."""
     results = values(run_ranks(_late_then_in_step, 2, str(tmp_path), async_save, timeout=90))
     # the rank that waited timed out; the late one found the connection closed by it and

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import signal
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -112,6 +113,37 @@ def test_a_bad_step_on_one_rank_with_no_schedule_is_refused_on_every_rank(tmp_pa
     """With no schedule nothing reads the step before the save's proposal, whose collective
     carries one rank's refusal to every rank (not a timeout on the others)."""
     assert values(run_ranks(_saves_a_bad_step_on_rank_1, 2, str(tmp_path))) == ["InvalidStep"] * 2
+
+
+def _saves_a_bad_step_on_rank_1_in_a_vote(
+    rank: int, world_size: int, root: str, options: dict[str, Any], bad_step: object
+) -> str:
+    # A short timeout: a rank left waiting in the vote would end in CoordinationTimeout.
+    with distckpt.CheckpointManager(root, fsync=False, timeout=5, **options) as mgr:
+        try:
+            mgr.save(bad_step if rank == 1 else 7, {"s": rank})
+        except distckpt.CheckpointError as exc:
+            return type(exc).__name__
+        return "saved"
+
+
+@pytest.mark.parametrize("bad_step", ["7", -1])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"min_seconds_between_saves": 60.0},
+        {"every_seconds": 60.0},
+        {"save_on_signal": (signal.SIGUSR1,)},
+    ],
+)
+def test_a_bad_step_on_one_rank_before_a_vote_is_refused_on_every_rank(
+    tmp_path: Path, options: dict[str, Any], bad_step: object
+) -> None:
+    """The throttle, ``every_seconds`` and signals decide by a vote of the ranks: the step is
+    checked inside it, so one rank's refusal raises on every rank instead of leaving the
+    others in the vote until their timeout."""
+    out = run_ranks(_saves_a_bad_step_on_rank_1_in_a_vote, 2, str(tmp_path), options, bad_step)
+    assert values(out) == ["InvalidStep"] * 2
 
 
 @pytest.mark.parametrize(

@@ -21,6 +21,7 @@ from distckpt.lease import this_host
 from distckpt.manifest import MANIFEST_CHECKSUM_KEY
 from distckpt.objstore import ObjectStore
 from distckpt.storage.s3_view import S3RootView
+from tests.monitor_jobs import restart_with_another_monitor
 from tests.ranks import run_ranks, values
 from tests.s3server import S3Server
 
@@ -104,6 +105,15 @@ def test_async_save_on_two_ranks(s3_server: S3Server, s3_url: str) -> None:
     options = s3_server.storage_options()
     out = values(run_ranks(_async_job, 2, s3_url, options, timeout=JOB_TIMEOUT))
     assert out == [(f"{s3_url}/step-00000005", [0.0, 0.0]), (f"{s3_url}/step-00000005", [1.0, 1.0])]
+
+
+def test_a_monitor_that_ranks_none_leaves_no_best(s3_server: S3Server, s3_url: str) -> None:
+    """As on a POSIX root: after a restart with another ``monitor`` no ``best`` pointer is
+    left naming the old metric's best, and retention no longer keeps that step."""
+    options = s3_server.storage_options()
+    out = restart_with_another_monitor(s3_url, storage_options=options)
+    assert out == {"no monitor": 1, "best_step": None, "steps": [7, 8]}
+    assert "best" not in _objects(s3_url, options)
 
 
 def test_retention_keeps_last_and_best_and_deletes_commit_objects(

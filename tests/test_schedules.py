@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -12,6 +13,7 @@ import pytest
 import torch
 
 import distckpt
+from tests.monitor_jobs import restart_with_another_monitor
 from tests.ranks import run_ranks, values
 
 
@@ -97,6 +99,9 @@ def test_forced_save_of_committed_step_returns_it_without_overwriting(tmp_path: 
 
 
 def _preempt_one_rank(rank: int, world_size: int, root: str) -> tuple[list[int], bool, bool]:
+    # A forked rank inherits the test process's handler, which an earlier test in the same
+    # process may have left other than the default: close must put back that one.
+    before = signal.getsignal(signal.SIGUSR1)
     saved = []
     with distckpt.CheckpointManager(
         root, every_n_steps=100, save_on_signal=(signal.SIGUSR1,), fsync=False, timeout=20
@@ -109,7 +114,7 @@ def _preempt_one_rank(rank: int, world_size: int, root: str) -> tuple[list[int],
             if mgr.preempted:
                 break
         preempted = mgr.preempted
-    restored_handler = signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL
+    restored_handler = signal.getsignal(signal.SIGUSR1) == before
     return saved, preempted, restored_handler
 
 
@@ -142,6 +147,49 @@ def test_restoring_an_older_checkpoint_mid_run_keeps_the_schedule(tmp_path: Path
     the next call save out of schedule."""
     results = values(run_ranks(_restore_best_mid_run, 2, str(tmp_path)))
     assert results == [([5, 10], 5)] * 2
+
+
+def _fine_tune_from_another_root(rank: int, world_size: int, root: str) -> list[int]:
+    """A fine-tuning run on a fresh root with ``every_n_steps=10``: it first loads a
+    pretrained checkpoint of step 100000 from another root by path, and mid-run the same
+    checkpoint again as a teacher's."""
+    pretrained = os.path.join(root, "pretrained", "step-00100000")
+    with distckpt.CheckpointManager(os.path.dirname(pretrained), fsync=False, timeout=20) as mgr:
+        mgr.save(100000, {"w": torch.ones(2)})
+    saved = []
+    with distckpt.CheckpointManager(
+        os.path.join(root, "fine-tune"), every_n_steps=10, fsync=False, timeout=20
+    ) as mgr:
+        mgr.restore(pretrained, state={"w": torch.zeros(2)})
+        saved += [s for s in range(1, 21) if mgr.save(s, {"w": torch.zeros(2)})]
+        mgr.restore(pretrained, state={"w": torch.zeros(2)})  # a teacher, loaded mid-run
+        saved += [s for s in range(21, 31) if mgr.save(s, {"w": torch.zeros(2)})]
+    return saved
+
+
+def test_a_checkpoint_of_another_root_does_not_move_the_schedule(tmp_path: Path) -> None:
+    """Loading another root's checkpoint by path (a pretrained model, a teacher) leaves the
+    schedule counting this run's own steps: it saves at 10, 20, 30 as on a fresh root."""
+    results = values(run_ranks(_fine_tune_from_another_root, 2, str(tmp_path)))
+    assert results == [[10, 20, 30]] * 2
+
+
+def test_a_resume_through_a_symlink_to_the_root_moves_the_schedule(tmp_path: Path) -> None:
+    """The resume may name this root's checkpoint by a path through a symlink: still its own,
+    so the schedule counts from the step it loads, unlike the same step of a copy of the root
+    (another root's)."""
+    root, linked, copy = tmp_path / "root", tmp_path / "linked", tmp_path / "copy"
+    with distckpt.CheckpointManager(root, fsync=False) as mgr:
+        for step in (10, 20):
+            mgr.save(step, {"w": torch.ones(2)})
+    linked.symlink_to(root)
+    shutil.copytree(root, copy, symlinks=True)
+    due_at_20 = {}
+    for name, path in (("through the symlink", linked), ("another root", copy)):
+        with distckpt.CheckpointManager(root, every_n_steps=10, fsync=False) as mgr:
+            assert mgr.restore(path / "step-00000010").step == 10
+            due_at_20[name] = mgr.should_save(20)  # counted from 10, or still from 20
+    assert due_at_20 == {"through the symlink": True, "another root": False}
 
 
 def _preempt_at_a_committed_step(
@@ -203,6 +251,14 @@ def test_best_is_rebuilt_from_disk_when_the_link_is_lost(tmp_path: Path) -> None
     with distckpt.CheckpointManager(tmp_path, monitor="val_loss", fsync=False) as mgr:
         assert os.readlink(tmp_path / "best") == "step-00000002"  # repaired on start
         assert mgr.restore("best").step == 2
+
+
+def test_a_monitor_that_ranks_none_leaves_no_best(tmp_path: Path) -> None:
+    """After a restart with another ``monitor``, the old metric's best is no best: ``best``
+    is removed at the start and retention no longer keeps that step."""
+    out = restart_with_another_monitor(tmp_path, fsync=False)
+    assert out == {"no monitor": 1, "best_step": None, "steps": [7, 8]}
+    assert not os.path.lexists(tmp_path / "best")
 
 
 def test_milestones_are_kept(tmp_path: Path) -> None:

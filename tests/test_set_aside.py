@@ -313,6 +313,24 @@ def test_a_damaged_checkpoint_of_another_root_is_not_set_aside(root: Path, tmp_p
     assert (other / DAMAGED).is_dir()
 
 
+def test_a_resume_through_a_symlink_to_the_root_sets_the_damaged_newer_one_aside(
+    root: Path, tmp_path: Path
+) -> None:
+    """The resume may name this root by a path through a symlink to it: the damaged newer
+    checkpoint it skips is still this root's, and is set aside (it used to stay committed,
+    and the job's save of step 100 then returned the damaged checkpoint)."""
+    _save_90_and_cut_100_short(root)
+    alias = tmp_path / "alias"
+    alias.symlink_to(root)
+    with distckpt.CheckpointManager(root, fsync=False) as manager:
+        restored = manager.restore(f"{alias}/last", state={"w": torch.zeros(256)}, verify=True)
+        assert restored is not None and restored.step == 90
+        assert manager.steps() == [90]
+        assert manager.save(100, {"w": weights(100, 0)}).step == 100
+        assert torch.equal(manager.restore(100, verify=True).state["w"], weights(100, 0))
+    assert len(distckpt.verify(root).set_aside) == 1
+
+
 def test_ls_and_verify_list_a_set_aside_checkpoint_as_such(root: Path) -> None:
     _save_90_and_cut_100_short(root)
     with distckpt.CheckpointManager(root, fsync=False) as manager:

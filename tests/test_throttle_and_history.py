@@ -132,6 +132,66 @@ def test_throttle_skips_scheduled_and_plain_saves_but_not_forced(
     assert out == [[1, None, None, 4, None]] * 2
 
 
+def _continuous_with_accumulation(rank: int, world_size: int, root: str) -> dict[str, Any]:
+    """Continuous checkpointing (the throttle alone) called after every micro-batch of
+    gradient accumulation, two micro-batches a step, then again after a restart. The throttle is
+    so short that no call is held back by it."""
+    state = {"w": torch.zeros(2)}
+    out: dict[str, Any] = {}
+    with distckpt.CheckpointManager(
+        root, min_seconds_between_saves=1e-9, fsync=False, timeout=TIMEOUT
+    ) as mgr:
+        out["first run"] = [getattr(mgr.save(s, state), "step", None) for s in (1, 1, 3, 3)]
+    with distckpt.CheckpointManager(
+        root, min_seconds_between_saves=1e-9, fsync=False, timeout=TIMEOUT
+    ) as mgr:
+        resumed = mgr.restore("last", state=state).step
+        out["at resumed step"] = mgr.save(resumed, state)
+        out["at an older committed step"] = getattr(mgr.save(1, state), "step", None)
+        with pytest.raises(distckpt.InvalidStep):
+            mgr.save(2, state)  # a lower step is still refused, not skipped
+    with distckpt.CheckpointManager(root, fsync=False, timeout=TIMEOUT) as mgr:
+        with pytest.raises(distckpt.CheckpointExists):
+            mgr.save(3, state)  # an explicit save (no schedule, no throttle) still refuses
+        out["steps"] = mgr.steps()
+    return out
+
+
+def test_continuous_checkpointing_skips_calls_at_the_step_saved_last(tmp_path: Path) -> None:
+    """A save the throttle governs is not explicit: a second call at a committed step (the
+    next micro-batch, the first call after a resume) returns None instead of raising
+    ``CheckpointExists``."""
+    out = values(run_ranks(_continuous_with_accumulation, 2, str(tmp_path)))
+    assert (
+        out
+        == [
+            {
+                "first run": [1, None, 3, None],
+                "at resumed step": None,
+                "at an older committed step": 1,
+                "steps": [1, 3],
+            }
+        ]
+        * 2
+    )
+
+
+def test_overwrite_at_the_step_saved_last_overwrites_under_the_throttle(tmp_path: Path) -> None:
+    """``overwrite=True`` asks for the step saved last anew: the throttle's rule that a call at
+    that step has nothing new does not hold it back (it used to return None, saving nothing),
+    after a save in this run, after ``should_save``, and after a resume."""
+    with distckpt.CheckpointManager(tmp_path, min_seconds_between_saves=1e-9, fsync=False) as mgr:
+        mgr.save(5, {"w": torch.zeros(2)})
+        assert mgr.save(5, {"w": torch.ones(2)}, overwrite=True).step == 5
+        assert not mgr.should_save(5)
+        assert mgr.save(5, {"w": torch.full((2,), 2.0)}, overwrite=True).step == 5
+    with distckpt.CheckpointManager(tmp_path, min_seconds_between_saves=1e-9, fsync=False) as mgr:
+        mgr.restore("last", state={"w": torch.zeros(2)})
+        assert mgr.save(5, {"w": torch.full((2,), 3.0)}, overwrite=True).step == 5
+        assert mgr.restore(5).state["w"].tolist() == [3.0, 3.0]
+        assert mgr.steps() == [5]
+
+
 def _deferred_past_throttle(rank: int, world_size: int, root: str) -> list[int | None]:
     with distckpt.CheckpointManager(
         root, every_n_steps=2, min_seconds_between_saves=1.5, fsync=False, timeout=TIMEOUT

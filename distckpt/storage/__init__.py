@@ -122,7 +122,7 @@ class RootStore(abc.ABC):
         (:class:`~distckpt.InvalidStep`, naming each newer checkpoint that is not plainly
         intact and what to do about it), or an already committed step when ``explicit`` and
         not ``overwrite`` (:class:`~distckpt.CheckpointExists`); return that checkpoint instead
-        when not ``explicit`` (a scheduled or forced save)."""
+        when not ``explicit`` (a scheduled, throttled or forced save)."""
 
     @abc.abstractmethod
     def begin_staging(self, step: int, token: str) -> StagingArea:
@@ -173,7 +173,8 @@ class RootStore(abc.ABC):
         """Rank 0: publish the staging area as the checkpoint of ``manifest.step``, atomically
         (all or nothing, durable when it returns), then move ``last``/``best`` and apply
         retention. A failure after publication is logged, never raised: the checkpoint is
-        committed and the links are redone at the next commit or open."""
+        committed, the links are redone at the next commit or open, retention at the next
+        commit or :meth:`prune` (an open never removes a checkpoint)."""
 
     @abc.abstractmethod
     def delete(self, step: int) -> int | None:

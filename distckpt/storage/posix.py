@@ -69,7 +69,12 @@ from distckpt.storage.posix_links import COMMITTING_RANK, LinksAndRetention
 from distckpt.storage.posix_overwrite import OverwriteUndo
 from distckpt.storage.posix_removal import Removals
 from distckpt.storage.posix_view import PosixRootView
-from distckpt.storage.shared import ViewedStore, opened_no_more, release_at_exit
+from distckpt.storage.shared import (
+    ViewedStore,
+    log_upkeep_failure,
+    opened_no_more,
+    release_at_exit,
+)
 
 logger = logging.getLogger("distckpt")
 
@@ -340,8 +345,7 @@ class PosixRootStore(Removals, OverwriteUndo, LinksAndRetention, ViewedStore):
                     final, manifest, manifest_size=len(manifest_bytes), replaced=replaced
                 )
             # Committed: the dir is the truth from here on. A failure to update the derived
-            # links or to apply retention must not report the save as failed; both are redone
-            # at the next commit or manager start.
+            # links or to apply retention must not report the save as failed (see the log).
             try:
                 faults.hit("after_rename", rank)
                 with events.phase("commit.links", rank=rank, step=step):
@@ -349,12 +353,7 @@ class PosixRootStore(Removals, OverwriteUndo, LinksAndRetention, ViewedStore):
                 with events.phase("commit.retention", rank=rank, step=step):
                     self._apply_retention(records)
             except Exception as exc:
-                logger.error(
-                    "committed %s, but updating links or retention failed (redone at the next "
-                    "commit or start): %s",
-                    final.name,
-                    exc,
-                )
+                log_upkeep_failure(final.name, "links", exc)
         # The trash (what retention removed) is emptied by tidy(), after every rank heard of
         # this commit.
         self._warn_missing_monitor(manifest)

@@ -82,8 +82,9 @@ class LinksAndRetention:
 
     def _update_links(self, *, leaving: Path | None = None) -> list[policy.CheckpointRecord]:
         """Under the lock: point ``last`` at the newest committed checkpoint and ``best`` at the
-        best, or remove a link with nothing to point at. ``leaving`` is a checkpoint about to
-        be removed: counted as gone already. Returns the records it read."""
+        best, or remove a link with nothing to point at (``best``: none ranked by a monitor).
+        ``leaving`` is a checkpoint about to be removed: counted as gone already. Returns the
+        records it read."""
         doomed = None if leaving is None else parse_step_dir_name(leaving.name)
         steps = [step for step in self.layout.committed_steps() if step != doomed]
         valid = list(resolve.iter_valid(self.view, newest_first=False, steps=steps))
@@ -99,13 +100,18 @@ class LinksAndRetention:
         if best is not None:
             self._swap(BEST, paths[best])
         else:
-            self._remove_link_if_stale(BEST, leaving, root_synced=root_synced)
+            # A monitor that ranks none (a restart with another metric): the best by another
+            # metric is no best to restore or keep. Without one (a CLI tool) none is known.
+            stale = self.retention.monitor is not None
+            self._remove_link_if_stale(BEST, leaving, root_synced=root_synced, stale=stale)
         return records
 
-    def _remove_link_if_stale(self, name: str, leaving: Path | None, *, root_synced: bool) -> bool:
-        """Remove link ``name`` if it names no committed checkpoint, or ``leaving``; returns
-        whether the root was fsynced since this link update began (``root_synced``: before
-        this call)."""
+    def _remove_link_if_stale(
+        self, name: str, leaving: Path | None, *, root_synced: bool, stale: bool = False
+    ) -> bool:
+        """Remove link ``name`` if it names no committed checkpoint, or ``leaving``, or
+        whatever it names when ``stale``; returns whether the root was fsynced since this link
+        update began (``root_synced``: before this call)."""
         link = self.layout.link_path(name)
         if not (link.is_symlink() or link.is_file()):
             if self.fsync and leaving is not None and not root_synced:
@@ -116,8 +122,8 @@ class LinksAndRetention:
                 return True
             return root_synced
         target, _ = resolve.link_problem(self.view, name)
-        if target is None or target.location == leaving:
-            logger.info("removing %s: it names no committed checkpoint", link)
+        if stale or target is None or target.location == leaving:
+            logger.info("removing %s: it names no committed checkpoint to keep", link)
             remove_link(link, fsync=self.fsync)
             return True
         return root_synced

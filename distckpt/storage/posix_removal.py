@@ -65,11 +65,13 @@ class Removals:
 
     def set_aside(self, step: int, location: CheckpointLocation) -> CheckpointLocation | None:
         self._refuse_if_read_only(f"set aside step {step}")
-        directory = Path(location)
+        # The restore may have named it by a path through a symlink to the root: what moves
+        # is the root's own step dir, which the links compare against.
+        directory = Path(self.view.checkpoint(step).location)
         with self._lock:
             self._check_lease()
-            if directory != self.view.checkpoint(step).location or not directory.is_dir():
-                return None  # deleted since the restore judged it
+            if not self.view.holds_checkpoint(location, step) or not directory.is_dir():
+                return None  # another root's, or deleted since the restore judged it
             target = self.layout.set_aside_dir(step, uuid.uuid4().hex[:12])
             # Links first, durably, as for a delete: no durable state has ``last`` naming a
             # step dir that is gone. A crash between the two leaves the checkpoint committed

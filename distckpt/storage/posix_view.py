@@ -101,6 +101,11 @@ class PosixRootView(RootView):
     def checkpoint(self, step: int) -> PosixCheckpoint:
         return PosixCheckpoint(_dir_for_step(self.layout, step), step)
 
+    def holds_checkpoint(self, location: CheckpointLocation, step: int) -> bool:
+        # A path through a symlink to this root names this root's checkpoint all the same.
+        own = self.checkpoint(step).location
+        return location == own or os.path.realpath(location) == os.path.realpath(own)
+
     def every_checkpoint(self) -> list[CheckpointSource]:
         """Every entry with a step dir's name (a symlink or a file included: verify reports
         why it is not a checkpoint)."""

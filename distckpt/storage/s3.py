@@ -59,7 +59,7 @@ from distckpt.storage.s3_view import (
     S3Root,
     S3RootView,
 )
-from distckpt.storage.shared import ViewedStore
+from distckpt.storage.shared import ViewedStore, log_upkeep_failure
 
 logger = logging.getLogger("distckpt")
 
@@ -268,18 +268,12 @@ class S3RootStore(LeaseKeeping, Upkeep, ViewedStore):
         if replaced is not None:
             self._leave_to_tidy(step, replaced.attempt)
         # Committed: COMMIT is the truth from here on. A failure to update the derived
-        # pointers or retention must not report the save as failed; they are redone at the
-        # next commit, start or gc.
+        # pointers or retention must not report the save as failed (see the log).
         try:
             faults.hit("after_rename", rank)
             self._apply_retention(self._update_pointers())
         except Exception as exc:
-            logger.error(
-                "committed %s, but updating pointers or retention failed (redone at the next "
-                "commit or start): %s",
-                self.s3.location(step),
-                exc,
-            )
+            log_upkeep_failure(self.s3.location(step), "pointers", exc)
         return SaveResult(step, self.s3.location(step), manifest.epoch, dict(manifest.metrics))
 
     def _publish(self, step: int, attempt: str, *, overwrite: bool) -> CommitRecord | None:

@@ -3,14 +3,12 @@ unpublishing a step (``COMMIT`` first, its objects after) and the leftovers of d
 mixin of :class:`~distckpt.storage.s3.S3RootStore`, run by the committing rank.
 
 A removal is split in two. Inside the operation (a commit's retention or replacement, a
-delete, a prune), while the other ranks wait for its outcome within their timeout, only the
-quick part runs: the pointers move and the step's ``COMMIT`` goes, one request per step, and
-the save it named is remembered. Listing and deleting that save's objects (thousands for a
-large job) is :meth:`Upkeep.tidy`'s, after the outcome reached every rank, as are the
-leftovers of dead writers found at a start. A crash in between leaves saves that no
-``COMMIT`` names and no live claim protects: the next start or ``gc`` removes them as a dead
-writer's.
-"""
+delete, a prune), while the other ranks wait for its outcome, only the quick part runs: the
+pointers move and the step's ``COMMIT`` goes, one request per step, and the save it named is
+remembered. Listing and deleting that save's objects (thousands for a large job) is
+:meth:`Upkeep.tidy`'s, after the outcome reached every rank, as are dead writers' leftovers
+found at a start. A crash in between leaves saves that no ``COMMIT`` names and no live claim
+protects: the next start or ``gc`` removes them as a dead writer's."""
 
 from __future__ import annotations
 
@@ -185,11 +183,14 @@ class Upkeep:
         valid_steps = {manifest.step for manifest in valid}
         faults.hit("during_link_swap", COMMITTING_RANK)
         best = policy.best_step(records, self.retention.monitor, self.retention.mode)
-        for name, step in ((LAST, records[-1].step if records else None), (BEST, best)):
+        # A monitor that ranks none leaves no best, as on a POSIX root (posix_links)
+        best_valid = valid_steps if self.retention.monitor is None else set()
+        last = records[-1].step if records else None
+        for name, step, valid in ((LAST, last, valid_steps), (BEST, best, best_valid)):
             if step is not None:
                 self._swap_pointer(name, step, listed=commits.keys())
             else:
-                self._remove_pointer_unless_valid(name, valid_steps)
+                self._remove_pointer_unless_valid(name, valid)
         return records
 
     def _swap_pointer(self, name: str, step: int, listed: Collection[int] = ()) -> None:
@@ -233,7 +234,7 @@ class Upkeep:
             return
         step = parse_step_dir_name(target) if target else None
         if step not in valid_steps:
-            logger.info("removing %s/%s: it names no committed checkpoint", self.root, name)
+            logger.info("removing %s/%s: it names no checkpoint to keep", self.root, name)
             self._pointers_written.pop(name, None)
             self.s3.client.delete([name])
 

@@ -4,6 +4,7 @@ the root through its :class:`~distckpt.storage.views.RootView`."""
 from __future__ import annotations
 
 import atexit
+import logging
 import weakref
 from collections.abc import Collection
 
@@ -13,6 +14,8 @@ from distckpt.layout import BEST, LAST, parse_step_dir_name
 from distckpt.results import CheckpointLocation, SaveResult
 from distckpt.storage import OpenedRoot, RootStore
 from distckpt.storage.views import RootView
+
+logger = logging.getLogger("distckpt")
 
 #: Stores holding a lease, released at interpreter exit by an ``atexit`` hook. An async save
 #: still in flight at exit is finished by a hook that runs before every ``atexit`` hook
@@ -24,6 +27,20 @@ _open_stores: weakref.WeakSet[RootStore] = weakref.WeakSet()
 def _release_leases_at_exit() -> None:
     for store in list(_open_stores):
         store.close()
+
+
+def log_upkeep_failure(location: CheckpointLocation, links: str, exc: Exception) -> None:
+    """After a commit, moving the ``links`` (``"links"``, ``"pointers"``) or applying retention
+    failed: logged, never raised. A start repairs the links but never applies retention (a job
+    opening a root with ``keep_last=1`` to restore an older step must not lose it there)."""
+    logger.error(
+        "committed %s, but updating %s or retention failed (%s are redone at the next commit "
+        "or start, retention at the next commit or by distckpt prune): %s",
+        location,
+        links,
+        links,
+        exc,
+    )
 
 
 def release_at_exit(store: RootStore) -> None:

@@ -146,6 +146,11 @@ class RootView(abc.ABC):
     def checkpoint(self, step: int) -> CheckpointSource:
         """The checkpoint of ``step`` (whether it is committed or not)."""
 
+    def holds_checkpoint(self, location: CheckpointLocation, step: int) -> bool:
+        """Whether ``location`` is this root's checkpoint of ``step``, not another root's that
+        a path or URL named (a pretrained model, a teacher)."""
+        return location == self.checkpoint(step).location
+
     def every_checkpoint(self) -> list[CheckpointSource]:
         """Everything that looks like a checkpoint, damaged or unsafe ones included, for
         ``verify`` to report on: by default the committed steps' checkpoints."""
