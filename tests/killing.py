@@ -319,14 +319,21 @@ def start_preloaded(
     (see the module doc), in ``cwd``, with environment ``env`` (by default a subprocess's),
     its output going to ``log``; returns once the job leads its own process group."""
     global _runs_started
+    turn = _runs_started % len(_HASH_SEEDS)
+    _runs_started += 1
+    return job_server(turn).start(command, log, env, cwd)
+
+
+def job_server(turn: int) -> _JobServer:
+    """This test process's job server ``turn`` (0 or 1), started (both) at the first call,
+    and again if it has died: a test of the servers themselves uses it as it is, without
+    seconds of preloading for a server of its own."""
     if not _servers:
         _servers.extend(_JobServer(seed) for seed in _HASH_SEEDS)
         atexit.register(_stop_servers)
-    turn = _runs_started % len(_servers)
-    _runs_started += 1
     if not _servers[turn].alive:
         _servers[turn] = _JobServer(_HASH_SEEDS[turn])
-    return _servers[turn].start(command, log, env, cwd)
+    return _servers[turn]
 
 
 def run_script_preloaded(
