@@ -232,14 +232,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                 except RuntimeError as exc:
                     not_mounted[name] = str(exc)
                     print(f"{name}: not mounted, not measured: {exc}", file=sys.stderr)
-            written_direct = probe_direct(mounted, Path(base))
+            slowest: dict[str, dict[str, list[tuple[float, float]]]] = {}
             for name, path in mounted.items():
                 job = (os.fspath(path / "speed"), args.mib, args.rounds)
                 per_rank = values(
                     run_ranks(measure_rank, args.ranks, *job, timeout=3600, pg_timeout=600)
                 )
-                results.append(FilesystemResult(name, slowest_rank(per_rank), written_direct[name]))
-                print(render(results[-1:], args.mib, args.ranks, args.rounds)[-1], flush=True)
+                slowest[name] = slowest_rank(per_rank)
+                print(f"{name}: measured", flush=True)
+            # after the timings, which thus start without waiting for a traced torch import
+            written_direct = probe_direct(mounted, Path(base))
+            for name, times in slowest.items():
+                results.append(FilesystemResult(name, times, written_direct[name]))
         finally:
             problems = mounts.cleanup()
             for problem in problems:
