@@ -137,18 +137,25 @@ def slowest_rank(per_rank: list[RankTimes]) -> dict[str, list[tuple[float, float
     }
 
 
-def probe_direct(name: str, path: Path) -> bool | None:
-    """Whether an async save's rank file on ``path`` is written with direct I/O, from strace of
-    a real save (None where strace is not available)."""
+def probe_direct(mounted: dict[str, Path], scratch: Path) -> dict[str, bool | None]:
+    """Whether an async save's rank file on each mounted file system is written with direct I/O,
+    from strace of a real save on each (None where strace is not available); the trace's log
+    goes to ``scratch``. One traced interpreter saves on every mount in turn: one per file
+    system would import torch under strace once per file system."""
     from tests.crashsim.trace import StraceUnavailable, ensure_strace
-    from tests.syscall_trace import async_save_written_direct
+    from tests.syscall_trace import async_saves_traced
 
+    if not mounted:
+        return {}
     try:
         ensure_strace()
     except StraceUnavailable as exc:
-        print(f"{name}: not checked whether direct I/O was taken: {exc}", file=sys.stderr)
-        return None
-    return async_save_written_direct(path / "direct-io-probe", commits=True)
+        for name in mounted:
+            print(f"{name}: not checked whether direct I/O was taken: {exc}", file=sys.stderr)
+        return dict.fromkeys(mounted)
+    probes = {name: path / "direct-io-probe" for name, path in mounted.items()}
+    saves = async_saves_traced(list(probes.values()), scratch)
+    return {name: saves[probe].written_direct(commits=True) for name, probe in probes.items()}
 
 
 def render(results: list[FilesystemResult], mib: int, ranks: int, rounds: int) -> list[str]:
@@ -218,20 +225,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="direct-io-") as base:
         mounts = MountFactory(Path(base), min_size_mib=size_mib)
         try:
+            mounted: dict[str, Path] = {}
             for name in names:
                 try:
-                    mount = mounts.mount(name)
+                    mounted[name] = mounts.mount(name).path
                 except RuntimeError as exc:
                     not_mounted[name] = str(exc)
                     print(f"{name}: not mounted, not measured: {exc}", file=sys.stderr)
-                    continue
-                written_direct = probe_direct(name, mount.path)
-                job = (os.fspath(mount.path / "speed"), args.mib, args.rounds)
+            slowest: dict[str, dict[str, list[tuple[float, float]]]] = {}
+            for name, path in mounted.items():
+                job = (os.fspath(path / "speed"), args.mib, args.rounds)
                 per_rank = values(
                     run_ranks(measure_rank, args.ranks, *job, timeout=3600, pg_timeout=600)
                 )
-                results.append(FilesystemResult(name, slowest_rank(per_rank), written_direct))
-                print(render(results[-1:], args.mib, args.ranks, args.rounds)[-1], flush=True)
+                slowest[name] = slowest_rank(per_rank)
+                print(f"{name}: measured", flush=True)
+            # after the timings, which thus start without waiting for a traced torch import
+            written_direct = probe_direct(mounted, Path(base))
+            for name, times in slowest.items():
+                results.append(FilesystemResult(name, times, written_direct[name]))
         finally:
             problems = mounts.cleanup()
             for problem in problems:

@@ -296,15 +296,10 @@ _servers: list[_JobServer] = []
 _runs_started = 0
 
 
-def _hash_seeds() -> tuple[int, int]:
-    """Two different random hash seeds (``PYTHONHASHSEED``: 1 to 2**32 - 1; 0 turns
-    randomization off)."""
-    first = int.from_bytes(os.urandom(4), "little") % (2**32 - 1) + 1
-    return first, first % (2**32 - 1) + 1
-
-
-#: The servers' hash seeds, for this test process (a server started again keeps its own).
-_HASH_SEEDS = _hash_seeds()
+#: The servers' two different random hash seeds, for this test process (a server started
+#: again keeps its own); ``PYTHONHASHSEED`` is 1 to 2**32 - 1 (0 turns randomization off).
+_FIRST_SEED = int.from_bytes(os.urandom(4), "little") % (2**32 - 1) + 1
+_HASH_SEEDS = (_FIRST_SEED, _FIRST_SEED % (2**32 - 1) + 1)
 
 
 def _stop_servers() -> None:
@@ -319,14 +314,19 @@ def start_preloaded(
     (see the module doc), in ``cwd``, with environment ``env`` (by default a subprocess's),
     its output going to ``log``; returns once the job leads its own process group."""
     global _runs_started
+    _runs_started += 1
+    return job_server((_runs_started - 1) % len(_HASH_SEEDS)).start(command, log, env, cwd)
+
+
+def job_server(turn: int) -> _JobServer:
+    """Job server ``turn`` (0 or 1) of this process: both start at the first call, one that
+    died starts again."""
     if not _servers:
         _servers.extend(_JobServer(seed) for seed in _HASH_SEEDS)
         atexit.register(_stop_servers)
-    turn = _runs_started % len(_servers)
-    _runs_started += 1
     if not _servers[turn].alive:
         _servers[turn] = _JobServer(_HASH_SEEDS[turn])
-    return _servers[turn].start(command, log, env, cwd)
+    return _servers[turn]
 
 
 def run_script_preloaded(

@@ -26,7 +26,7 @@ import urllib.request
 import uuid
 from typing import Any
 
-from tests.ranks import ReservedPort
+from tests.ports import ReservedPort
 
 _SETUP_CALLS = 3  # create_user, create_access_key, put_user_policy: unauthenticated
 _START_TIMEOUT = 30.0

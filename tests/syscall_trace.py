@@ -1,9 +1,8 @@
 """A snippet of Python run by a fresh interpreter under ``strace``, and the calls it made on
 files: what the kernel was asked, read from a real process. :func:`async_saves_traced` asks it
 whether an async save on each of some file systems writes its rank file with direct I/O, all in
-one interpreter (the filesystem matrix: torch is imported once, not once per file system);
-:func:`async_save_written_direct` asks it of one (``scripts/direct_io_filesystems.py`` beside
-its timings)."""
+one interpreter (the filesystem matrix, and ``scripts/direct_io_filesystems.py`` beside its
+timings: torch is imported once, not once per file system)."""
 
 from __future__ import annotations
 
@@ -221,9 +220,3 @@ def async_saves_traced(workdirs: Sequence[Path], scratch: Path) -> dict[Path, Di
 def saves_timeout(directories: int) -> float:
     """The seconds :func:`async_saves_traced` gives its interpreter over ``directories``."""
     return 120 + SECONDS_PER_SAVE * directories
-
-
-def async_save_written_direct(workdir: Path, *, commits: bool) -> bool:
-    """:meth:`DirectIOSave.written_direct` of an async save in ``workdir``, made now, traced
-    alone."""
-    return async_saves_traced([workdir], workdir)[workdir].written_direct(commits=commits)

@@ -2,10 +2,10 @@
 commands, a reader next to a writer's retention, and a checkpoint that retention removes while
 it is read.
 
-Every process here is a real, separate process (forked, or a ``python -m distckpt``
-subprocess); they meet only through the root's file lock and its directory layout. The lock
-holders, a filesystem without ``flock`` and the probes beside the writer locks are in
-test_concurrency_locks.py."""
+Every process here is a real, separate process (forked; a maintenance command is the command
+line's ``main`` in a forked process, which finds torch imported); they meet only through the
+root's file lock and its directory layout. The lock holders, a filesystem without ``flock`` and
+the probes beside the writer locks are in test_concurrency_locks.py."""
 
 from __future__ import annotations
 
@@ -13,8 +13,6 @@ import logging
 import multiprocessing as mp
 import os
 import random
-import subprocess
-import sys
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -28,6 +26,7 @@ import distckpt
 from distckpt import reader
 from distckpt.layout import RootLayout, step_dir_name
 from distckpt.storage import open_store
+from tests.cli_runner import run_cli
 from tests.fault_checks import entries
 from tests.ranks import Collected
 from tests.shared_root import (
@@ -131,15 +130,6 @@ def _deleting_loop(root: str, stop: Any, seed: int) -> dict[str, Any]:
     return out
 
 
-def _cli(*args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "distckpt", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
 def test_maintenance_next_to_a_saving_job(root: Path) -> None:
     """While a job saves with ``keep_last=2``: ``distckpt prune --keep-last 1`` and
     ``distckpt gc``, twice each and all at once, and in another process the store's
@@ -151,14 +141,16 @@ def test_maintenance_next_to_a_saving_job(root: Path) -> None:
     while not (root / "last").exists() and time.monotonic() < deadline:
         time.sleep(0.01)
     deleter = Proc(_deleting_loop, str(root), stop, 0)
-    # Each command starts a Python that imports torch: about 2 s of CPU.
+    # Each command in a forked process of its own: a fresh Python would spend about 2 s of CPU
+    # importing torch (test_python_dash_m_runs_the_real_entry_point runs the real entry point).
     batch = [
-        _cli(*args) for args in [("prune", str(root), "--keep-last", "1"), ("gc", str(root))] * 2
+        Proc(run_cli, *args)
+        for args in [("prune", str(root), "--keep-last", "1"), ("gc", str(root))] * 2
     ]
     commands = []
     for command in batch:
-        _, stderr = command.communicate(timeout=JOB_TIMEOUT)
-        commands.append((command.args[3], command.returncode, stderr))
+        done = command.result()
+        commands.append((done.args[1], done.returncode, done.stderr))
     stop.set()
     wrote, deleted = writer.result(), deleter.result()
     print(

@@ -2,8 +2,9 @@
 snapshot's page-aligned buffers (:class:`distckpt.checksums.ChecksumWriter` with
 ``direct=True``), a sync save's stays buffered, and the bytes are the same either way.
 
-What the kernel is asked is read from ``strace`` of real saves; what it saves in CPU and
-page cache is the benchmark's to show (``scripts/bench``), not a test's.
+What the kernel is asked is read from ``strace`` of real saves in tests/test_direct_io_traced.py;
+what it saves in CPU and page cache is the benchmark's to show (``scripts/bench``), not a
+test's.
 """
 
 from __future__ import annotations
@@ -15,9 +16,7 @@ import mmap
 import os
 import resource
 import signal
-import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -37,8 +36,7 @@ from distckpt.storage.posix import PosixRootStore
 from distckpt.storage.s3 import S3RootStore
 from tests.filesystems import MountFactory, skip_or_fail, take_every_free_block
 from tests.ranks import run_ranks, values
-from tests.s3server import S3Server
-from tests.syscall_trace import FileCall, async_saves_traced, run_traced, traced_file_calls
+from tests.syscall_trace import FileCall
 
 
 def _require_direct_io(directory: Path) -> None:
@@ -54,74 +52,6 @@ def _require_direct_io(directory: Path) -> None:
 
 def _opened_direct(call: FileCall) -> bool:
     return call.name == "openat" and "O_DIRECT" in call.args[0].split("|")
-
-
-def _rank_file_calls(calls: list[FileCall], root: str) -> list[FileCall]:
-    """The calls that wrote the rank file of ``root``: its open for writing and what followed
-    (the restore's and ``verify``'s opens for reading left out)."""
-    return [
-        call
-        for call in calls
-        if f"/{root}/" in call.path
-        and call.path.endswith(".pt")
-        and not (call.name == "openat" and "O_RDONLY" in call.args[0])
-    ]
-
-
-def test_an_async_save_writes_its_rank_file_direct_and_a_sync_save_buffered(
-    tmp_path: Path,
-) -> None:
-    """Real saves under strace: the async save's rank file is opened with O_DIRECT, asks for no
-    early writeback, and ends with an ftruncate to its true size and then its fsync; the sync
-    save's is opened without O_DIRECT, and with ``direct_io=False`` no file is. Every restore
-    is bit for bit the saved state, and ``verify`` passes."""
-    _require_direct_io(tmp_path)
-    calls = traced_file_calls(
-        """
-        import torch
-        import distckpt
-        torch.manual_seed(0)
-        state = {
-            "w": torch.randn(6 << 20),  # 24 MiB
-            "odd": torch.randn(700),  # the file ends mid-page
-            "tiny": torch.arange(3),
-            "step": 7,
-        }
-        for root, options in (
-            ("async", {"async_save": True}),
-            ("sync", {}),
-            ("buffered", {"async_save": True, "direct_io": False}),
-        ):
-            with distckpt.CheckpointManager(root, **options) as manager:
-                manager.save(1, state)
-                manager.wait()
-                restored = manager.restore(1).state
-            for key in ("w", "odd", "tiny"):
-                assert restored[key].dtype == state[key].dtype, (root, key)
-                saved = state[key].view(torch.uint8) if key != "tiny" else state[key]
-                got = restored[key].view(torch.uint8) if key != "tiny" else restored[key]
-                assert torch.equal(got, saved), (root, key)
-            assert restored["step"] == 7
-            assert distckpt.verify(root).ok, root
-        """,
-        tmp_path,
-        "openat,ftruncate,fsync,sync_file_range",
-    )
-    direct = _rank_file_calls(calls, "async")
-    opened = [call for call in direct if call.name == "openat"]
-    assert len(opened) == 1 and _opened_direct(opened[0]), direct
-    assert "O_EXCL" in opened[0].args[0]
-    written = [call for call in direct if call.name != "openat"]
-    assert not [call for call in written if call.name == "sync_file_range"], written
-    assert [call.name for call in written] == ["ftruncate", "fsync"], written
-    size = int(written[0].args[0])
-    saved = tmp_path / "async" / "step-00000001" / "rank-00000.pt"
-    assert size == saved.stat().st_size and size % DIRECT_ALIGNMENT != 0
-    for root in ("sync", "buffered"):
-        opened = [call for call in _rank_file_calls(calls, root) if call.name == "openat"]
-        assert opened and not [call for call in opened if _opened_direct(call)], opened
-    under_buffered = [call for call in calls if "/buffered/" in call.path]
-    assert under_buffered and not [call for call in under_buffered if _opened_direct(call)]
 
 
 def _page_aligned_state(shapes: dict[str, tuple[int, ...]], seed: int) -> dict[str, object]:
@@ -330,35 +260,6 @@ def test_a_direct_writer_stages_many_small_writes_into_whole_pages(tmp_path: Pat
     assert writer.size == len(expected) and writer.checksum == file_checksum(path)
 
 
-def test_an_async_save_to_an_object_store_spools_its_rank_file_buffered(
-    tmp_path: Path, s3_server: S3Server, s3_url: str
-) -> None:
-    """Through the real wiring (the manager, the protocol, the S3 store): the spool file an
-    async save streams into its object is written without O_DIRECT."""
-    pytest.importorskip("botocore")
-    _require_direct_io(tmp_path)
-    options = s3_server.storage_options()
-    calls = traced_file_calls(
-        f"""
-        import torch
-        import distckpt
-        state = {{"w": torch.randn(6 << 20)}}  # 24 MiB: direct, were it a local root
-        with distckpt.CheckpointManager({s3_url!r}, storage_options={options!r},
-                                        async_save=True) as manager:
-            manager.save(1, state)
-            manager.wait()
-            assert torch.equal(manager.restore(1).state["w"], state["w"])
-        """,
-        tmp_path,
-        "openat",
-    )
-    written = [
-        call for call in calls if call.path.endswith("rank-00000.pt") and "O_WRONLY" in call.args[0]
-    ]
-    assert written, calls
-    assert not [call for call in written if _opened_direct(call)], written
-
-
 def _state_ending_within_a_page(reference: Path) -> tuple[dict[str, object], ChecksumWriter]:
     """A state written direct (without a limit), whose file ends 192 bytes into a page, and
     the buffered file of it at ``reference``."""
@@ -434,45 +335,3 @@ def test_a_direct_file_needs_no_room_for_its_padded_last_page_on_a_full_disk(
     finally:
         hog.unlink(missing_ok=True)
         target.unlink(missing_ok=True)
-
-
-def test_a_shared_traced_run_that_dies_names_the_directory_it_died_in(tmp_path: Path) -> None:
-    """When the one interpreter the filesystem matrix traces dies on one filesystem, that
-    filesystem's result says it died there, the ones after it say they were not reached, and
-    the ones before it keep their results. The death is real: an immutable directory, where
-    neither the save nor its ``failed.txt`` can be written (its ``started.txt`` is made
-    beforehand, and a file's contents may still change in an immutable directory)."""
-    before, dying, after = tmp_path / "before", tmp_path / "dying", tmp_path / "after"
-    dying.mkdir()
-    (dying / "started.txt").write_text("")
-    immutable = subprocess.run(["chattr", "+i", dying], capture_output=True, text=True)
-    if immutable.returncode != 0:
-        skip_or_fail(f"the test's directory cannot be made immutable: {immutable.stderr}")
-    try:
-        found = async_saves_traced([before, dying, after], tmp_path)
-    finally:
-        subprocess.run(["chattr", "-i", dying], check=True)
-    assert found[before].written_direct(commits=True)
-    died = "the shared traced run died (exit status 1)"
-    assert found[dying].lost == f"{died} while saving on {dying}"
-    assert found[after].lost == f"not reached: {died} before {after}"
-    with pytest.raises(AssertionError, match="not reached"):
-        found[after].written_direct(commits=True)
-
-
-def test_a_traced_run_that_hangs_is_killed_with_everything_it_traces(tmp_path: Path) -> None:
-    """A traced interpreter that outlives its timeout is killed along with strace: left
-    running, it would keep the files it has open, and a FUSE mount under them, busy."""
-    hanging = "import os, time; open('pid.txt', 'w').write(str(os.getpid())); time.sleep(600)"
-    with pytest.raises(subprocess.TimeoutExpired):
-        run_traced(hanging, tmp_path, "openat", timeout=10)
-    pid = int((tmp_path / "pid.txt").read_text())
-    for _ in range(300):  # SIGKILL is sent when the timeout fires; this only waits out the exit
-        try:
-            status = Path(f"/proc/{pid}/status").read_text()
-        except FileNotFoundError:
-            return
-        if "State:\tZ" in status:
-            return
-        time.sleep(0.1)
-    pytest.fail(f"the traced interpreter {pid} still runs after its run timed out")

@@ -9,6 +9,7 @@ import os
 import shutil
 import tempfile
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -19,44 +20,66 @@ from tests.filesystems import MountFactory
 from tests.other_user import NOBODY, succeeds_as_nobody
 from tests.syscall_trace import traced_file_calls
 
+#: the file the traced run fsyncs between the two roots' ancestors, where their calls split
+BETWEEN = "between-the-roots"
 
-def test_the_ancestors_are_fsynced_up_to_the_mount_point(
-    mounts: MountFactory, tmp_path: Path
-) -> None:
-    """Each name from the root up is made durable by an fsync of the dir holding it, the
-    mount point's last: the mount point's own name lives on another filesystem."""
+
+@dataclass(frozen=True)
+class TracedRoots:
+    """The roots whose ancestors one traced interpreter fsynced, in turn, and what it fsynced
+    for each."""
+
+    volume: Path
+    plain: Path
+    plain_fsynced: list[str]
+    linked: Path
+    linked_fsynced: list[str]
+
+
+@pytest.fixture(scope="module")
+def traced_roots(mounts: MountFactory, tmp_path_factory: pytest.TempPathFactory) -> TracedRoots:
+    """``fsync_ancestors`` of a plain root on a tmpfs, then of one reached through a symlinked
+    directory there, in one interpreter under strace (one each would import torch under strace
+    twice)."""
     volume = mounts.get("tmpfs").path
-    root = volume / f"runs-{uuid.uuid4().hex}" / "root"
-    root.mkdir(parents=True)
+    plain = volume / f"runs-{uuid.uuid4().hex}" / "root"
+    plain.mkdir(parents=True)
+    linked = volume / f"linked-{uuid.uuid4().hex}"
+    target = linked / "data" / "a" / "b"
+    target.mkdir(parents=True)
+    (linked / "home").mkdir()
+    (linked / "home" / "ck").symlink_to(target)
+    (linked / "home" / "ck" / "root").mkdir()
+    workdir = tmp_path_factory.mktemp("ancestors")
     code = f"""
+import os
 from pathlib import Path
 from distckpt.fsutil import fsync_ancestors
-fsync_ancestors(Path({os.fspath(root)!r}))
+fsync_ancestors(Path({os.fspath(plain)!r}))
+os.fsync(os.open({BETWEEN!r}, os.O_RDONLY | os.O_CREAT))
+fsync_ancestors(Path({os.fspath(linked / "home" / "ck" / "root")!r}))
 """
-    fsynced = [call.path for call in traced_file_calls(code, tmp_path, "fsync")]
-    assert fsynced == [os.fspath(root.parent), os.fspath(volume)]
+    fsynced = [call.path for call in traced_file_calls(code, workdir, "fsync")]
+    split = fsynced.index(os.fspath(workdir.resolve() / BETWEEN))  # strace -y: the real path
+    return TracedRoots(volume, plain, fsynced[:split], linked, fsynced[split + 1 :])
+
+
+def test_the_ancestors_are_fsynced_up_to_the_mount_point(traced_roots: TracedRoots) -> None:
+    """Each name from the root up is made durable by an fsync of the dir holding it, the
+    mount point's last: the mount point's own name lives on another filesystem."""
+    root, volume = traced_roots.plain, traced_roots.volume
+    assert traced_roots.plain_fsynced == [os.fspath(root.parent), os.fspath(volume)]
 
 
 def test_a_root_reached_through_a_symlink_has_its_real_ancestors_fsynced(
-    mounts: MountFactory, tmp_path: Path
+    traced_roots: TracedRoots,
 ) -> None:
     """A root under a symlinked directory lives under the link's target: the target's
     ancestors hold it, and the link's own name is on the way to it."""
-    volume = mounts.get("tmpfs").path / f"linked-{uuid.uuid4().hex}"
+    volume = traced_roots.linked
     target = volume / "data" / "a" / "b"
-    target.mkdir(parents=True)
-    (volume / "home").mkdir()
-    (volume / "home" / "ck").symlink_to(target)
-    root = volume / "home" / "ck" / "root"
-    root.mkdir()
-    code = f"""
-from pathlib import Path
-from distckpt.fsutil import fsync_ancestors
-fsync_ancestors(Path({os.fspath(root)!r}))
-"""
-    fsynced = [call.path for call in traced_file_calls(code, tmp_path, "fsync")]
     real = [target, target.parent, volume / "data", volume, volume.parent]
-    assert fsynced == [os.fspath(d) for d in [*real, volume / "home"]]
+    assert traced_roots.linked_fsynced == [os.fspath(d) for d in [*real, volume / "home"]]
 
 
 def test_an_ancestor_the_job_may_not_open_does_not_fail_the_open(tmp_path: Path) -> None:

@@ -99,30 +99,27 @@ def _reuse_pid_next(pid: int) -> bool:
 def test_a_job_given_an_earlier_jobs_pid_is_not_reported_ended(tmp_path: Path) -> None:
     job = tmp_path / "sleeps.py"
     job.write_text("import sys, time\ntime.sleep(float(sys.argv[1]))\n")
-    server = killing._JobServer(hash_seed=1)
+    server = killing.job_server(0)
+    first = server.start([str(job), "0"], tmp_path / "job.log")
+    first.join()
+    assert first.exitcode == 0
+    # Other processes of the machine may take the pid first: try a few times.
+    for _ in range(50):
+        if not _reuse_pid_next(first.pid):
+            pytest.skip("the next pid cannot be chosen here (needs CAP_SYS_ADMIN)")
+        second = server.start([str(job), "60"], tmp_path / "job.log")
+        if second.pid == first.pid:
+            break
+        os.killpg(second.pid, signal.SIGKILL)
+        second.join()
+    else:
+        pytest.skip("other processes took the pid each time")
     try:
-        first = server.start([str(job), "0"], tmp_path / "job.log")
-        first.join()
-        assert first.exitcode == 0
-        # Other processes of the machine may take the pid first: try a few times.
-        for _ in range(50):
-            if not _reuse_pid_next(first.pid):
-                pytest.skip("the next pid cannot be chosen here (needs CAP_SYS_ADMIN)")
-            second = server.start([str(job), "60"], tmp_path / "job.log")
-            if second.pid == first.pid:
-                break
-            os.killpg(second.pid, signal.SIGKILL)
-            second.join()
-        else:
-            pytest.skip("other processes took the pid each time")
-        try:
-            assert second.exitcode is None  # still sleeping, whatever the first job's status
-        finally:
-            os.killpg(second.pid, signal.SIGKILL)
-            second.join()
-        assert second.exitcode == -signal.SIGKILL
+        assert second.exitcode is None  # still sleeping, whatever the first job's status
     finally:
-        server.stop()
+        os.killpg(second.pid, signal.SIGKILL)
+        second.join()
+    assert second.exitcode == -signal.SIGKILL
 
 
 def test_a_preloaded_job_has_the_environment_and_directory_it_is_given(tmp_path: Path) -> None:

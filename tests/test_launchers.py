@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import distckpt
-from tests.ranks import ReservedPort
+from tests.ports import ReservedPort
 from tests.waiting import wait_until
 
 REPO = Path(__file__).resolve().parents[1]

@@ -20,7 +20,8 @@ from lightning import LightningModule, Trainer
 
 from distckpt.lightning import DistckptCallback
 from tests.lightning_tiny import TinyModule
-from tests.ranks import ReservedPort, run_ranks
+from tests.ports import ReservedPort
+from tests.ranks import run_ranks
 from tests.test_lightning_resume_points import RecordsBatches
 
 pytestmark = pytest.mark.timeout(120)

@@ -24,7 +24,8 @@ from distckpt.errors import (
 )
 from distckpt.objstore import MIN_PART_SIZE, ObjectStore
 from distckpt.objurl import S3Url, is_s3_url
-from tests.ranks import ReservedPort, run_ranks, values
+from tests.ports import ReservedPort
+from tests.ranks import run_ranks, values
 from tests.s3server import FlakyProxy, S3Server
 
 pytest.importorskip("botocore")

@@ -1,8 +1,8 @@
-"""The test harness's own promises (``tests.ranks``): a hung job fails with each stuck rank's
-stacks, no rendezvous store thread runs in the parent while it forks the ranks, the ranks meet
-in a file store (the store opens no socket, so it makes no DNS lookup), non-daemonic ranks
-may start processes, none of which outlives the job, and a reserved port is no other process's,
-on any local address, until it is given back."""
+"""The test harness's own promises (``tests.ranks``, ``tests.ports``): a hung job fails with
+each stuck rank's stacks, no rendezvous store thread runs in the parent while it forks the
+ranks, the ranks meet in a file store (the store opens no socket, so it makes no DNS lookup),
+non-daemonic ranks may start processes, none of which outlives the job, and a reserved port is
+no other process's, on any local address, until it is given back."""
 
 from __future__ import annotations
 
@@ -24,10 +24,10 @@ import torch.distributed as dist
 
 from tests.filesystems import skip_or_fail, tool_missing_reason
 from tests.killing import proc_stat, wait_until_group_is_gone
+from tests.ports import ReservedPort
 from tests.ranks import (
     RankResult,
     RankResultLost,
-    ReservedPort,
     describe_stuck,
     run_ranks,
     values,
@@ -204,7 +204,7 @@ def _bind_refused(port: int, address: str = "127.0.0.1") -> bool:
 EPHEMERAL_BINDS = """
 import json, socket, subprocess, sys
 from pathlib import Path
-from tests.ranks import ReservedPort
+from tests.ports import ReservedPort
 subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
 port_range = Path("/proc/sys/net/ipv4/ip_local_port_range")
 got = {}

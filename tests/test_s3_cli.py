@@ -51,16 +51,36 @@ def aws_env(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
     monkeypatch.chdir(tmp_path)
 
 
-@pytest.fixture
-def root(s3_server: S3Server, s3_url: str, aws_env: None) -> str:
-    """An s3:// root with steps 10, 20 (the best loss) and 30 (the last)."""
+def make_root(url: str, server: S3Server) -> str:
+    """An s3:// root at ``url`` with steps 10, 20 (the best loss) and 30 (the last)."""
     with distckpt.CheckpointManager(
-        s3_url, storage_options=s3_server.storage_options(), monitor="loss"
+        url, storage_options=server.storage_options(), monitor="loss"
     ) as mgr:
         for step, loss in ((10, 3.0), (20, 1.0), (30, 2.0)):
             state = {"w": torch.full((4,), float(step))}
             mgr.save(step, state, epoch=step // 10, metrics={"loss": loss})
-    return s3_url
+    return url
+
+
+@pytest.fixture
+def root(s3_server: S3Server, s3_url: str, aws_env: None) -> str:
+    """A root of :func:`make_root` in a bucket of the test's own, for a test that changes it or
+    writes beside it."""
+    return make_root(s3_url, s3_server)
+
+
+@pytest.fixture(scope="module")
+def shared_root(s3_server: S3Server) -> str:
+    """One root of :func:`make_root` for this module's tests that only read it (its three
+    saves cost seconds each time). A test that changed it by mistake fails its own check that
+    the steps are all there, and the tests after it would fail too."""
+    return make_root(f"s3://{s3_server.create_bucket()}/ckpt", s3_server)
+
+
+@pytest.fixture
+def read_root(shared_root: str, aws_env: None) -> str:
+    """:func:`shared_root`, with the AWS variables of :func:`aws_env` set."""
+    return shared_root
 
 
 #: Every command that reads or changes a root or a checkpoint in it, with its arguments.
@@ -80,18 +100,18 @@ def raw_store(url: str, server: S3Server) -> ObjectStore:
     return ObjectStore(url, server.storage_options())
 
 
-def test_ls_shows_steps_and_links(root: str) -> None:
-    ls_lines(root)
-    data = json.loads(run("ls", root, "--json").stdout)
+def test_ls_shows_steps_and_links(read_root: str) -> None:
+    ls_lines(read_root)
+    data = json.loads(run("ls", read_root, "--json").stdout)
     assert [c["step"] for c in data["checkpoints"]] == [10, 20, 30]
     assert data["links"] == {"last": step_dir_name(30), "best": step_dir_name(20)}
 
 
-def test_info_of_a_link_and_of_the_root(root: str) -> None:
-    out = run("info", f"{root}/best")
+def test_info_of_a_link_and_of_the_root(read_root: str) -> None:
+    out = run("info", f"{read_root}/best")
     assert out.returncode == 0, out.stderr
     assert "step        20" in out.stdout and "rank-00000.pt" in out.stdout
-    data = json.loads(run("info", root, "--json").stdout)
+    data = json.loads(run("info", read_root, "--json").stdout)
     assert data["step"] == 30 and data["path"].endswith(step_dir_name(30))
 
 
@@ -248,30 +268,30 @@ def test_gc_removes_the_leftovers_of_a_dead_writer(root: str, s3_server: S3Serve
     assert json.loads(run("ls", root, "--json").stdout)["checkpoints"][-1]["step"] == 30
 
 
-def test_export_then_load_in_a_plain_process(root: str, tmp_path: Path) -> None:
+def test_export_then_load_in_a_plain_process(read_root: str, tmp_path: Path) -> None:
     out_file = tmp_path / "model.pt"
-    out = run("export", f"{root}/best", str(out_file))
+    out = run("export", f"{read_root}/best", str(out_file))
     assert out.returncode == 0, out.stderr
     state = torch.load(out_file, weights_only=True)
     assert torch.equal(state["w"], torch.full((4,), 20.0))
 
 
 def test_export_to_an_s3_url_uploads_what_a_local_export_writes(
-    root: str, s3_server: S3Server, tmp_path: Path
+    read_root: str, s3_server: S3Server, tmp_path: Path
 ) -> None:
     """The object, not a local file under ``./s3:`` (the working directory is the test's)."""
-    bucket = S3Url.parse(root).bucket
+    bucket = S3Url.parse(read_root).bucket
     url = f"s3://{bucket}/exports/model.pt"
-    out = run("export", f"{root}/best", url, "--json")
+    out = run("export", f"{read_root}/best", url, "--json")
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout) == {"out": url}
-    assert run("export", f"{root}/best", str(tmp_path / "model.pt")).returncode == 0
+    assert run("export", f"{read_root}/best", str(tmp_path / "model.pt")).returncode == 0
     local = torch.load(tmp_path / "model.pt", weights_only=True)
     data = raw_store(f"s3://{bucket}", s3_server).get_bytes("exports/model.pt")
     uploaded = torch.load(io.BytesIO(data), weights_only=True)
     assert uploaded.keys() == local.keys() and torch.equal(uploaded["w"], local["w"])
     assert not (tmp_path / "s3:").exists()
-    out = run("export", f"{root}/best", f"s3://{bucket}/exports/")
+    out = run("export", f"{read_root}/best", f"s3://{bucket}/exports/")
     assert out.returncode == 2 and "names no object" in out.stderr, out
 
 
@@ -353,15 +373,15 @@ def test_a_root_before_its_first_save_is_an_empty_local_root(
     assert not [key for key in keys if key.startswith("step-")], keys
 
 
-def test_prune_and_gc_of_a_checkpoint_are_refused(root: str, s3_server: S3Server) -> None:
+def test_prune_and_gc_of_a_checkpoint_are_refused(read_root: str, s3_server: S3Server) -> None:
     for args in (
-        ("gc", f"{root}/{step_dir_name(30)}"),
-        ("prune", f"{root}/{step_dir_name(30)}", "--keep-last", "1"),
+        ("gc", f"{read_root}/{step_dir_name(30)}"),
+        ("prune", f"{read_root}/{step_dir_name(30)}", "--keep-last", "1"),
     ):
         out = run(*args)
         assert out.returncode == 2, out
         assert "not a checkpoint root" in out.stderr, out.stderr
-    with distckpt.CheckpointManager(root, read_only=True) as mgr:
+    with distckpt.CheckpointManager(read_root, read_only=True) as mgr:
         assert mgr.steps() == [10, 20, 30]
 
 
@@ -370,14 +390,14 @@ def test_prune_and_gc_of_a_checkpoint_are_refused(root: str, s3_server: S3Server
 )
 @pytest.mark.parametrize("name", ["last", "best"])
 def test_a_command_on_a_root_refuses_a_link(
-    root: str, s3_server: S3Server, command: tuple[str, ...], name: str
+    read_root: str, s3_server: S3Server, command: tuple[str, ...], name: str
 ) -> None:
     """A root's ``last``/``best`` pointer given where a root is wanted is refused as the link
     it is, naming its root, and nothing is removed."""
-    out = run(command[0], f"{root}/{name}", *command[1:])
+    out = run(command[0], f"{read_root}/{name}", *command[1:])
     assert out.returncode == 2, out
-    assert f"is the {name} link, not a checkpoint root: give its root, {root}" in out.stderr
-    with distckpt.CheckpointManager(root, read_only=True) as mgr:
+    assert f"is the {name} link, not a checkpoint root: give its root, {read_root}" in out.stderr
+    with distckpt.CheckpointManager(read_root, read_only=True) as mgr:
         assert mgr.steps() == [10, 20, 30]
 
 
@@ -396,13 +416,13 @@ def test_a_root_at_a_prefix_named_last_or_best_is_a_root(
     assert "step        10" in run("info", url).stdout
 
 
-def test_python_dash_m_with_the_aws_environment(root: str, s3_server: S3Server) -> None:
+def test_python_dash_m_with_the_aws_environment(read_root: str, s3_server: S3Server) -> None:
     """The real entry point, in a fresh process that finds the store through the AWS
     variables alone."""
     env = {**os.environ, **aws_environment(s3_server)}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     out = subprocess.run(
-        [sys.executable, "-m", "distckpt", "verify", f"{root}/last"],
+        [sys.executable, "-m", "distckpt", "verify", f"{read_root}/last"],
         capture_output=True,
         text=True,
         timeout=120,

@@ -1,8 +1,8 @@
 """Early writeback: a checkpoint file that will be fsynced has its bytes sent to the disk while
 the rest of it is written (``sync_file_range(SYNC_FILE_RANGE_WRITE)``), not only in the fsync.
 
-What the kernel is asked is read from ``strace`` of a real process; the speed it buys is the
-benchmark's to show (``scripts/bench``), not a test's.
+What the kernel is asked is read from ``strace`` of a real process (one for all the traced
+tests); the speed it buys is the benchmark's to show (``scripts/bench``), not a test's.
 """
 
 from __future__ import annotations
@@ -22,17 +22,90 @@ from distckpt.fsutil import WRITEBACK_BYTES, start_writeback
 from tests.crashsim.trace import TRACED_CALLS
 from tests.syscall_trace import traced_file_calls
 
+#: the sizes of the files the first two parts of :data:`TRACED_PARTS` write
+STRETCHES_SIZE, ONE_WRITE_SIZE = 3 * WRITEBACK_BYTES + 12345, 3 * WRITEBACK_BYTES + 5
 
-def _traced(code: str, tmp_path: Path) -> list[tuple[str, str, list[str]]]:
-    """(call, path, other arguments) of the sync_file_range and fsync calls that ``code``, run
-    by a fresh interpreter, makes on files, in order."""
+#: what the traced interpreter runs, each part in a directory of its own named by its key
+TRACED_PARTS = {
+    # small writes, large ones and a tail
+    "stretches": f"""
+import os
+from pathlib import Path
+from distckpt.checksums import ChecksumWriter
+data = os.urandom({STRETCHES_SIZE})
+with ChecksumWriter(Path("file.bin"), fsync=True) as writer:
+    writer.write(data[:100])
+    for start in range(100, {STRETCHES_SIZE}, 300_000):  # gathered into runs of ~1 MiB
+        writer.write(data[start : min(start + 300_000, {STRETCHES_SIZE // 2})])
+        if start >= {STRETCHES_SIZE // 2}:
+            break
+    writer.write(memoryview(data)[{STRETCHES_SIZE // 2} :])  # one large write
+assert Path("file.bin").read_bytes() == data
+""",
+    "one-write": f"""
+import os
+from pathlib import Path
+from distckpt.checksums import ChecksumWriter
+data = os.urandom({ONE_WRITE_SIZE})
+with ChecksumWriter(Path("file.bin"), fsync=True) as writer:
+    writer.write(data)
+assert Path("file.bin").read_bytes() == data
+""",
+    "parallel": """
+import os
+from pathlib import Path
+from distckpt.checksums import ChecksumWriter
+head = b"h" * 1000
+chunks = [[memoryview(os.urandom(9 << 20))] for _ in range(4)]
+with ChecksumWriter(Path("file.bin"), fsync=True) as writer:
+    writer.write(head)
+    writer.write_in_parallel(chunks, 2)
+assert Path("file.bin").read_bytes() == head + b"".join(bytes(c[0]) for c in chunks)
+""",
+    "saves": """
+import torch
+import distckpt
+state = {"w": torch.randn(6 << 20)}  # 24 MiB
+with distckpt.CheckpointManager("durable") as manager:
+    manager.save(1, state)
+with distckpt.CheckpointManager("durable_dcp", format="dcp") as manager:
+    manager.save(1, state)
+with distckpt.CheckpointManager("volatile", fsync=False) as manager:
+    manager.save(1, state)
+""",
+    "export": """
+import torch
+import distckpt
+with distckpt.CheckpointManager("root") as manager:
+    manager.save(1, {"w": torch.randn(6 << 20)})  # 24 MiB
+distckpt.export("root", "durable.pt", rank=0)
+distckpt.export("root", "volatile.pt", rank=0, fsync=False)
+""",
+}
+
+Calls = list[tuple[str, str, list[str]]]
+
+
+@pytest.fixture(scope="module")
+def traced(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Calls]:
+    """Per part of :data:`TRACED_PARTS`: (call, path, other arguments) of the sync_file_range
+    and fsync calls it made on files in its directory, in order; all parts run in one fresh
+    interpreter under strace (one per part would import torch under strace five times)."""
     if platform.machine() not in ("x86_64", "aarch64"):
         pytest.skip("elsewhere the system call may be sync_file_range2, which this does not read")
-    calls = traced_file_calls(code, tmp_path, "sync_file_range,fsync")
-    return [(call.name, call.path, call.args) for call in calls]
+    workdir = tmp_path_factory.mktemp("writeback")
+    code = "".join(
+        f"import os\nos.mkdir({part!r})\nos.chdir({part!r})\n{source}os.chdir('..')\n"
+        for part, source in TRACED_PARTS.items()
+    )
+    calls = traced_file_calls(code, workdir, "sync_file_range,fsync")
+    return {
+        part: [(call.name, call.path, call.args) for call in calls if f"/{part}/" in call.path]
+        for part in TRACED_PARTS
+    }
 
 
-def _hinted_ranges(calls: list[tuple[str, str, list[str]]], path: str) -> list[tuple[int, int]]:
+def _hinted_ranges(calls: Calls, path: str) -> list[tuple[int, int]]:
     ranges = []
     for name, where, args in calls:
         if name == "sync_file_range" and where.endswith(path):
@@ -42,29 +115,12 @@ def _hinted_ranges(calls: list[tuple[str, str, list[str]]], path: str) -> list[t
 
 
 def test_a_fsyncing_writer_starts_the_disk_on_every_stretch_before_its_fsync(
-    tmp_path: Path,
+    traced: dict[str, Calls],
 ) -> None:
     """Small writes, large ones and a tail: every hint is for the next stretch of at least
     WRITEBACK_BYTES in order, and together they leave less than one stretch (plus what was
     still gathered) to the fsync, which comes after them."""
-    size = 3 * WRITEBACK_BYTES + 12345
-    calls = _traced(
-        f"""
-        import os
-        from pathlib import Path
-        from distckpt.checksums import ChecksumWriter
-        data = os.urandom({size})
-        with ChecksumWriter(Path("file.bin"), fsync=True) as writer:
-            writer.write(data[:100])
-            for start in range(100, {size}, 300_000):  # gathered into runs of ~1 MiB
-                writer.write(data[start : min(start + 300_000, {size // 2})])
-                if start >= {size // 2}:
-                    break
-            writer.write(memoryview(data)[{size // 2} :])  # one large write
-        assert Path("file.bin").read_bytes() == data
-        """,
-        tmp_path,
-    )
+    calls = traced["stretches"]
     ranges = _hinted_ranges(calls, "/file.bin")
     assert ranges, calls
     expected_start = 0
@@ -72,71 +128,33 @@ def test_a_fsyncing_writer_starts_the_disk_on_every_stretch_before_its_fsync(
         assert offset == expected_start
         assert length >= WRITEBACK_BYTES
         expected_start = offset + length
-    assert size - expected_start < WRITEBACK_BYTES + COALESCE_BYTES
+    assert STRETCHES_SIZE - expected_start < WRITEBACK_BYTES + COALESCE_BYTES
     names = [name for name, where, _ in calls if where.endswith("/file.bin")]
     assert names[-1] == "fsync" and "fsync" not in names[:-1]
 
 
-def test_one_large_write_is_handed_over_and_hinted_in_stretches(tmp_path: Path) -> None:
+def test_one_large_write_is_handed_over_and_hinted_in_stretches(traced: dict[str, Calls]) -> None:
     """A tensor of several stretches, written with one call, gets a hint per stretch before the
     fsync, not one at its end (when there would be nothing left to overlap)."""
-    size = 3 * WRITEBACK_BYTES + 5
-    calls = _traced(
-        f"""
-        import os
-        from pathlib import Path
-        from distckpt.checksums import ChecksumWriter
-        data = os.urandom({size})
-        with ChecksumWriter(Path("file.bin"), fsync=True) as writer:
-            writer.write(data)
-        assert Path("file.bin").read_bytes() == data
-        """,
-        tmp_path,
-    )
-    ranges = _hinted_ranges(calls, "/file.bin")
+    ranges = _hinted_ranges(traced["one-write"], "/file.bin")
     assert ranges == [(k * WRITEBACK_BYTES, WRITEBACK_BYTES) for k in range(3)], ranges
 
 
-def test_parallel_writers_start_the_disk_on_each_chunk_they_write(tmp_path: Path) -> None:
+def test_parallel_writers_start_the_disk_on_each_chunk_they_write(
+    traced: dict[str, Calls],
+) -> None:
     """With several writer threads, each chunk is hinted once it is written: the hints cover
     exactly the chunks' bytes, whatever order the threads finish in."""
-    calls = _traced(
-        """
-        import os
-        from pathlib import Path
-        from distckpt.checksums import ChecksumWriter
-        head = b"h" * 1000
-        chunks = [[memoryview(os.urandom(9 << 20))] for _ in range(4)]
-        with ChecksumWriter(Path("file.bin"), fsync=True) as writer:
-            writer.write(head)
-            writer.write_in_parallel(chunks, 2)
-        assert Path("file.bin").read_bytes() == head + b"".join(bytes(c[0]) for c in chunks)
-        """,
-        tmp_path,
-    )
-    ranges = sorted(_hinted_ranges(calls, "/file.bin"))
+    ranges = sorted(_hinted_ranges(traced["parallel"], "/file.bin"))
     assert ranges == [(1000 + k * (9 << 20), 9 << 20) for k in range(4)]
 
 
 def test_a_save_starts_the_disk_early_and_a_writer_that_does_not_fsync_never_does(
-    tmp_path: Path,
+    traced: dict[str, Calls],
 ) -> None:
     """Real saves in both formats (the "torch" format's rank file and DCP's files go through
     the same writer) ask for early writeback; a manager that does not fsync asks for none."""
-    calls = _traced(
-        """
-        import torch
-        import distckpt
-        state = {"w": torch.randn(6 << 20)}  # 24 MiB
-        with distckpt.CheckpointManager("durable") as manager:
-            manager.save(1, state)
-        with distckpt.CheckpointManager("durable_dcp", format="dcp") as manager:
-            manager.save(1, state)
-        with distckpt.CheckpointManager("volatile", fsync=False) as manager:
-            manager.save(1, state)
-        """,
-        tmp_path,
-    )
+    calls = traced["saves"]
     for root in ("durable", "durable_dcp"):
         durable = [(name, where) for name, where, _ in calls if f"/{root}/" in where]
         assert any(name == "sync_file_range" for name, _ in durable), (root, durable)
@@ -144,22 +162,13 @@ def test_a_save_starts_the_disk_early_and_a_writer_that_does_not_fsync_never_doe
     assert not [where for name, where in volatile if name == "sync_file_range"], volatile
 
 
-def test_an_export_starts_the_disk_early_and_small_atomic_files_never_do(tmp_path: Path) -> None:
+def test_an_export_starts_the_disk_early_and_small_atomic_files_never_do(
+    traced: dict[str, Calls],
+) -> None:
     """``export`` writes one large ``torch.save`` file through ``atomic_write``, which hints as
     a checkpoint file's writer does when it fsyncs, a large write in stretches; a manifest,
     written the same way, is too small for a hint, and an export without fsync asks for none."""
-    calls = _traced(
-        """
-        import torch
-        import distckpt
-        with distckpt.CheckpointManager("root") as manager:
-            manager.save(1, {"w": torch.randn(6 << 20)})  # 24 MiB
-        distckpt.export("root", "durable.pt", rank=0)
-        distckpt.export("root", "volatile.pt", rank=0, fsync=False)
-        """,
-        tmp_path,
-    )
-    hinted = [where for name, where, _ in calls if name == "sync_file_range"]
+    hinted = [where for name, where, _ in traced["export"] if name == "sync_file_range"]
     # Its temporary name; the 24 MiB tensor, one write of torch.save's, is hinted in stretches.
     assert len([where for where in hinted if "/.durable.pt." in where]) >= 2, hinted
     assert not any("volatile.pt" in where or "manifest" in where for where in hinted), hinted
