@@ -1,0 +1,103 @@
+"""Per-rank values holding empty dicts through the "dcp" format: DCP gives an empty dict no key,
+so the save lists their places and a restore by the same ranks recreates them, each rank its
+own, in a value's own order."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import distckpt
+from tests.ranks import run_ranks, values
+
+TIMEOUT = 90.0
+
+
+class Holder:
+    """A Stateful value whose state is whatever was last given or loaded."""
+
+    def __init__(self, state: dict[str, Any]) -> None:
+        self.state = state
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.state = state
+
+
+class Stream(torch.utils.data.IterableDataset):
+    """A Stateful iterable dataset whose state holds an empty dict its loading reads back."""
+
+    def __init__(self) -> None:
+        self.pos = 0
+        self.extra: dict[str, Any] = {}
+
+    def __iter__(self) -> Any:
+        while self.pos < 12:
+            self.pos += 1
+            yield torch.tensor([self.pos - 1])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"pos": self.pos, "extra": dict(self.extra)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.pos = state["pos"]
+        self.extra = state["extra"]
+
+
+def _loader() -> Any:
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    return StatefulDataLoader(Stream(), batch_size=2)
+
+
+def _save_then_restore(rank: int, world_size: int, root: str) -> dict[str, Any]:
+    loader = _loader()
+    batches = iter(loader)
+    seen = [next(batches).flatten().tolist() for _ in range(rank + 1)]  # each rank elsewhere
+    own = {"pos": rank + 5, "seen_shards": {}, "nested": {"a": {}, "b": rank}}
+    state = {
+        "obj": distckpt.PerRank(Holder(own)),
+        "plain": distckpt.PerRank({"x": rank, "e": {}}),
+        "listed": distckpt.PerRank({"lt": [torch.full((1,), float(rank)), {}], "x": rank}),
+        "loader": loader,
+    }
+    with distckpt.CheckpointManager(root, format="dcp", fsync=False, timeout=30) as mgr:
+        mgr.save(1, state)
+        seen += [batch.flatten().tolist() for batch in batches]
+        holder = Holder({"pos": 0, "seen_shards": {}, "nested": {"a": {}, "b": -1}})
+        plain = distckpt.PerRank({"x": -1, "e": {}})
+        listed = distckpt.PerRank({"lt": [torch.zeros(1), {}], "x": -1})
+        fresh = _loader()
+        template = {
+            "obj": distckpt.PerRank(holder),
+            "plain": plain,
+            "listed": listed,
+            "loader": fresh,
+        }
+        ckpt = mgr.restore("last", state=template)
+        resumed = [batch.flatten().tolist() for batch in fresh]
+    return {
+        "obj": (holder.state, list(holder.state)),
+        "plain": plain.value,
+        "listed": (listed.value["lt"][0].tolist(), listed.value["lt"][1:], listed.value["x"]),
+        "resumed": resumed == seen[rank + 1 :],
+        "missing": ckpt.missing_keys,
+    }
+
+
+def test_per_rank_values_keep_their_empty_dicts(tmp_path: Path) -> None:
+    """A Stateful value, a plain dict and a list holding an empty dict, each different on each
+    rank, come back as saved with a strict restore, and a data loader over a dataset whose state
+    holds an empty dict goes on with the next batch."""
+    out = values(run_ranks(_save_then_restore, 2, str(tmp_path / "ckpt"), timeout=TIMEOUT))
+    for rank, got in enumerate(out):
+        own = {"pos": rank + 5, "seen_shards": {}, "nested": {"a": {}, "b": rank}}
+        assert got["obj"] == (own, ["pos", "seen_shards", "nested"]), got
+        assert got["plain"] == {"x": rank, "e": {}}, got
+        assert got["listed"] == ([float(rank)], [{}], rank), got
+        assert got["resumed"], got
+        assert got["missing"] == (), got
