@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
+    _get_fqns,
     get_model_state_dict,
     get_optimizer_state_dict,
     get_state_dict,
@@ -22,7 +23,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from distckpt.errors import InvalidArgument
-from distckpt.model_state_keys import group_params
+from distckpt.model_state_keys import group_params, saved_param_states
 from distckpt.steps import steps_not_counted
 
 __all__ = ["ModelOptimizerState"]
@@ -61,7 +62,10 @@ class ModelOptimizerState:
     step with zero gradients and a zero learning rate, at every save and restore. That step is
     taken inside :func:`distckpt.steps.steps_not_counted`, so a :class:`~distckpt.StepTracker`
     does not count it, wherever the tracker sits in the state: its count is the real training
-    steps only.
+    steps only. A restore asks for its template through :meth:`template_state_dict`, which
+    leaves an optimizer without state as it was; a parameter whose weights the checkpoint holds
+    without optimizer state (a head no loss reached before the save) is then not expected to
+    have any, and has none after the load (see :meth:`load_state_dict`).
 
     Several optimizers (a list) are saved as one ``optim`` part, their groups one after the
     other, and each is loaded its own groups and state (:func:`optimizer_parts`).
@@ -93,6 +97,9 @@ class ModelOptimizerState:
         self.model = model
         self.optimizers = optimizers
         self.options = options
+        #: the names of the parameters whose optimizer state the last
+        #: :meth:`template_state_dict` found only made by torch's creating step
+        self.made_by_init: frozenset[str] = frozenset()
 
     def state_dict(self) -> dict[str, Any]:
         if not self.optimizers:
@@ -103,6 +110,40 @@ class ModelOptimizerState:
                 self.model, self.optimizers, options=self.options
             )
         return {"model": model_state, "optim": optim_state}
+
+    def template_state_dict(self) -> dict[str, Any]:
+        """:meth:`state_dict` asked by a restore, which only reads it (its keys, a template to
+        load into): the optimizers are left as they were, an optimizer without state too, and
+        the parameters whose state only torch's step creating it holds are recorded in
+        :attr:`made_by_init` (their state is not expected from a checkpoint)."""
+        stateless = [optimizer for optimizer in self.optimizers if not optimizer.state]
+        fresh = self._stateless_params()
+        state = self.state_dict()
+        for optimizer in stateless:
+            # The state the creating step made is in ``state`` (a template to load into); the
+            # optimizer keeps none, so that a load leaves none where the checkpoint has none.
+            optimizer.state.clear()
+        self.made_by_init = frozenset(fresh)
+        return state
+
+    def _stateless_params(self) -> dict[str, torch.nn.Parameter]:
+        """The parameters of the optimizers without state, by each name the optimizer state
+        dict gives them."""
+        owned = {
+            id(param)
+            for optimizer in self.optimizers
+            if not optimizer.state
+            for group in optimizer.param_groups
+            for param in group["params"]
+        }
+        # torch's own naming of a parameter in get_state_dict (private, but the one source of
+        # truth: wrapper prefixes such as DDP's ``module.`` are left out there).
+        return {
+            fqn: param
+            for name, param in self.model.named_parameters(remove_duplicate=False)
+            if id(param) in owned
+            for fqn in _get_fqns(self.model, name)
+        }
 
     def load_state_dict(self, state: Mapping[str, Any], strict: bool | None = None) -> None:
         """Load ``state`` (as :meth:`state_dict` gives it) through ``set_state_dict``, each
@@ -118,7 +159,10 @@ class ModelOptimizerState:
         raises :class:`~distckpt.errors.InvalidArgument` with torch's whole message (the keys
         it names); torch loads the optimizer before the model, and either may be partly loaded
         by then: a restore checks the keys before loading, so it only meets this for what its
-        check cannot see.
+        check cannot see. A parameter of an optimizer without state (a fresh one) that
+        ``state`` has no optimizer state for (an unused head when saved) has none after the
+        load either, whatever ``strict`` is, as in the run that saved it: torch's step creating
+        the state gives it some, which is removed once loaded.
         """
         if strict is None:
             strict = self.options.strict if self.options is not None else True
@@ -135,11 +179,24 @@ class ModelOptimizerState:
                 # As in state_dict(): a tracker restored before this must keep its count.
                 with steps_not_counted():
                     optim_state = state.get("optim", {})
-                    if not strict:
+                    saved = saved_param_states(optim_state)
+                    unsaved = {
+                        fqn: param
+                        for fqn, param in self._stateless_params().items()
+                        if fqn not in saved
+                    }
+                    if not strict or unsaved:
                         current = get_optimizer_state_dict(
                             self.model, self.optimizers, options=options
                         )
-                        optim_state = with_current_values(optim_state, current)
+                        # torch refuses a parameter without state under strict: it is given
+                        # the state its creating step made, removed once loaded
+                        made = current.get("state", {})
+                        filled = {fqn: made[fqn] for fqn in unsaved if fqn in made}
+                        if isinstance(optim_state, Mapping):
+                            optim_state = {**optim_state, "state": {**saved, **filled}}
+                        if not strict:
+                            optim_state = with_current_values(optim_state, current)
                     parts = optimizer_parts(optim_state, self.optimizers)
                     # Each optimizer gets its own part, the model loaded last, as torch does.
                     for optimizer, part in zip(self.optimizers[:-1], parts):
@@ -151,6 +208,9 @@ class ModelOptimizerState:
                         optim_state_dict=parts[-1],
                         options=options,
                     )
+                    for param in unsaved.values():
+                        for optimizer in self.optimizers:
+                            optimizer.state.pop(param, None)
             else:
                 set_model_state_dict(self.model, state.get("model", {}), options=options)
         except (RuntimeError, KeyError, ValueError) as exc:

@@ -32,6 +32,7 @@ from distckpt.model_state_keys import (
     model_optimizer_state_type,
     param_group_changes,
     without_scheduler_settings,
+    without_unsaved_init_state,
 )
 from distckpt.per_rank import PerRank, is_per_rank
 
@@ -83,6 +84,8 @@ def template_state_dict(value: Any) -> Any:
     The next epoch would then draw that same seed again, and its workers repeat the first
     epoch's noise. So an iterator built only to answer is dropped (``load_state_dict`` with the
     state the loader was waiting to resume from, or none), and the loader runs as a fresh one."""
+    if isinstance(value, model_optimizer_state_type() or ()):
+        return value.template_state_dict()  # its optimizers left without state they lacked
     if not isinstance(getattr(value, "generator", None), torch.Generator):
         return value.state_dict()
     generators = _generators_an_iterator_draws_from(value)
@@ -312,7 +315,9 @@ def _load(
     elif isinstance(template, model_optimizer_state_type() or ()):
         # Compared key by key, as a nested dict (so a strict restore refuses before torch
         # loads anything), then loaded by its own load_state_dict with the restore's strict.
-        current = template_state_dict(template)
+        current = without_unsaved_init_state(
+            template_state_dict(template), loaded, template.made_by_init
+        )
         report.changed_param_groups += [
             (join_key(path, f"optim.param_groups.{index}"), saved, given)
             for index, saved, given in param_group_changes(current, loaded)
