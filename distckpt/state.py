@@ -10,6 +10,7 @@ dicts and lists that hold them.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from collections.abc import Collection, Iterable, Mapping
@@ -35,6 +36,9 @@ from distckpt.model_state_keys import (
     without_unsaved_init_state,
 )
 from distckpt.per_rank import PerRank, is_per_rank
+from distckpt.rng import restores_partly
+
+logger = logging.getLogger("distckpt")
 
 
 def dtensor_type() -> type | None:
@@ -333,12 +337,25 @@ def _load(
         if apply:
             _checked(path, lambda: template.load_state_dict(loaded, strict=strict))
     elif is_stateful(template):
-        if _same_keys(template_state_dict(template), loaded):
+        current = template_state_dict(template)
+        # RNGState restores the parts it has (a checkpoint from a node with CUDA, or without).
+        if restores_partly(template, loaded) or _same_keys(current, loaded):
             if apply:
                 _checked(path, lambda: template.load_state_dict(loaded))
         else:
             # A changed optimizer or scheduler cannot load a partial dict: report, skip.
             report.missing_keys.append(path)
+            if isinstance(current, Mapping) and isinstance(loaded, Mapping):
+                saved, expected = list(map(str, loaded)), list(map(str, current))
+                report.changed_keys.append((path, saved, expected))
+                if apply:
+                    logger.warning(
+                        "%s: present in the checkpoint, but its keys differ: saved %s vs "
+                        "expected %s; not loaded",
+                        path or "state",
+                        saved,
+                        expected,
+                    )
     elif isinstance(template, torch.Tensor):
         if not isinstance(loaded, torch.Tensor):
             report.missing_keys.append(path)
