@@ -7,13 +7,13 @@ why ``distckpt.ModelOptimizerState`` is resolved only on first use.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
-    _get_fqns,
     get_model_state_dict,
     get_optimizer_state_dict,
     get_state_dict,
@@ -27,6 +27,8 @@ from distckpt.model_state_keys import group_params, saved_param_states
 from distckpt.steps import steps_not_counted
 
 __all__ = ["ModelOptimizerState"]
+
+logger = logging.getLogger("distckpt")
 
 
 class ModelOptimizerState:
@@ -117,33 +119,42 @@ class ModelOptimizerState:
         the parameters whose state only torch's step creating it holds are recorded in
         :attr:`made_by_init` (their state is not expected from a checkpoint)."""
         stateless = [optimizer for optimizer in self.optimizers if not optimizer.state]
-        fresh = self._stateless_params()
+        fresh = self._stateless_param_ids()
         state = self.state_dict()
         for optimizer in stateless:
             # The state the creating step made is in ``state`` (a template to load into); the
             # optimizer keeps none, so that a load leaves none where the checkpoint has none.
             optimizer.state.clear()
-        self.made_by_init = frozenset(fresh)
+        names = self._param_names(state.get("optim"))
+        self.made_by_init = frozenset(name for name, param in names.items() if id(param) in fresh)
         return state
 
-    def _stateless_params(self) -> dict[str, torch.nn.Parameter]:
-        """The parameters of the optimizers without state, by each name the optimizer state
-        dict gives them."""
-        owned = {
+    def _stateless_param_ids(self) -> set[int]:
+        """The ids of the parameters of the optimizers that have no state yet (fresh ones)."""
+        return {
             id(param)
             for optimizer in self.optimizers
             if not optimizer.state
             for group in optimizer.param_groups
             for param in group["params"]
         }
-        # torch's own naming of a parameter in get_state_dict (private, but the one source of
-        # truth: wrapper prefixes such as DDP's ``module.`` are left out there).
-        return {
-            fqn: param
-            for name, param in self.model.named_parameters(remove_duplicate=False)
-            if id(param) in owned
-            for fqn in _get_fqns(self.model, name)
-        }
+
+    def _param_names(self, optim_state: Any) -> dict[str, torch.nn.Parameter]:
+        """The optimizers' parameters by the name ``optim_state`` (``get_optimizer_state_dict``'s
+        result for them) gives each: its groups list the names in the order of the
+        optimizers' groups and parameters. A parameter tied under two names is named once, as
+        torch keys its optimizer state (wrapper prefixes such as DDP's ``module.`` left out)."""
+        groups = optim_state.get("param_groups") if isinstance(optim_state, Mapping) else None
+        if not isinstance(groups, list):
+            return {}
+        names = [name for group in groups for name in group.get("params", [])]
+        params = [
+            param
+            for optimizer in self.optimizers
+            for group in optimizer.param_groups
+            for param in group["params"]
+        ]
+        return dict(zip(names, params))
 
     def load_state_dict(self, state: Mapping[str, Any], strict: bool | None = None) -> None:
         """Load ``state`` (as :meth:`state_dict` gives it) through ``set_state_dict``, each
@@ -180,19 +191,22 @@ class ModelOptimizerState:
                 with steps_not_counted():
                     optim_state = state.get("optim", {})
                     saved = saved_param_states(optim_state)
+                    fresh = self._stateless_param_ids()
+                    current = (
+                        get_optimizer_state_dict(self.model, self.optimizers, options=options)
+                        if fresh or not strict
+                        else {}
+                    )
                     unsaved = {
-                        fqn: param
-                        for fqn, param in self._stateless_params().items()
-                        if fqn not in saved
+                        name: param
+                        for name, param in self._param_names(current).items()
+                        if id(param) in fresh and name not in saved
                     }
                     if not strict or unsaved:
-                        current = get_optimizer_state_dict(
-                            self.model, self.optimizers, options=options
-                        )
                         # torch refuses a parameter without state under strict: it is given
                         # the state its creating step made, removed once loaded
                         made = current.get("state", {})
-                        filled = {fqn: made[fqn] for fqn in unsaved if fqn in made}
+                        filled = {name: made[name] for name in unsaved if name in made}
                         if isinstance(optim_state, Mapping):
                             optim_state = {**optim_state, "state": {**saved, **filled}}
                         if not strict:
@@ -211,6 +225,11 @@ class ModelOptimizerState:
                     for param in unsaved.values():
                         for optimizer in self.optimizers:
                             optimizer.state.pop(param, None)
+                    if unsaved:
+                        logger.info(
+                            "restored without optimizer state (the checkpoint has none): %s",
+                            ", ".join(sorted(unsaved)),
+                        )
             else:
                 set_model_state_dict(self.model, state.get("model", {}), options=options)
         except (RuntimeError, KeyError, ValueError) as exc:
