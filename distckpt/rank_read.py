@@ -139,6 +139,8 @@ def read_state(
             step=manifest.step,
             optional_keys=prepared.options.optional_keys,
             optional_whole_keys=prepared.options.optional_whole_keys,
+            # what the format found saved but did not read ("dcp" reads the template's keys)
+            unread_keys=prepared.mismatch.unexpected_keys if prepared.mismatch else (),
         )
         if template is not None
         else None
@@ -183,5 +185,6 @@ def apply_read(
             # and keeps its current values for those, instead of torch refusing them.
             strict=strict and not checkpoint.missing_keys,
             fix_key_prefixes=options.fix_key_prefixes,
+            unread_keys=checkpoint.unexpected_keys,
         )
     return checkpoint

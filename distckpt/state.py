@@ -206,6 +206,7 @@ def check_load(
     step: int | None = None,
     optional_keys: Collection[str] = (),
     optional_whole_keys: Collection[str] = (),
+    unread_keys: Collection[str] = (),
 ) -> LoadReport:
     """A dry run of loading ``loaded`` (as saved) into ``template`` (the user's live objects),
     changing nothing (:func:`apply_load` loads it): a tensor (a module's too) whose shape
@@ -222,9 +223,20 @@ def check_load(
     :func:`apply_load`. ``where`` and ``step``: the checkpoint ``loaded`` comes from, for the
     errors; ``optional_keys``: the dotted keys of ``template`` that ``loaded`` may lack even
     with ``strict`` (reported, not refused), and ``optional_whole_keys`` those it may lack only
-    as a whole."""
+    as a whole. ``unread_keys``: the saved keys the read left out of ``loaded`` (a "dcp" read
+    of a value shared by the ranks gives only the keys ``template`` asked for; the others are
+    its unexpected keys), counted among the saved keys of an object with ``state_dict()``
+    whose keys differ (``changed_keys``)."""
     report = LoadReport()
-    _load(template, loaded, "", report, apply=False, fix_prefixes=fix_key_prefixes)
+    _load(
+        template,
+        loaded,
+        "",
+        report,
+        apply=False,
+        fix_prefixes=fix_key_prefixes,
+        unread_keys=unread_keys,
+    )
     report.leaves_of_missing = {
         key: leaves for key in report.missing_keys if (leaves := leaves_at(template, key))
     }
@@ -243,7 +255,12 @@ def check_load(
 
 
 def apply_load(
-    template: Any, loaded: Any, *, strict: bool = True, fix_key_prefixes: bool = True
+    template: Any,
+    loaded: Any,
+    *,
+    strict: bool = True,
+    fix_key_prefixes: bool = True,
+    unread_keys: Collection[str] = (),
 ) -> None:
     """Load ``loaded`` into ``template`` in place, what matches (after :func:`check_load`
     with the same ``strict``, which a :class:`~distckpt.ModelOptimizerState`'s own
@@ -253,7 +270,8 @@ def apply_load(
     tuple), but by no saved dict (a key of another kind, which :func:`check_load` reports); a
     plain value at the top level cannot be replaced: read it from the result. An
     object's ``load_state_dict`` that fails raises :class:`InvalidArgument`, leaving what was
-    loaded before it loaded."""
+    loaded before it loaded. ``unread_keys`` as for :func:`check_load`: the warning about an
+    object whose keys differ names them among its saved keys."""
     _load(
         template,
         loaded,
@@ -262,6 +280,7 @@ def apply_load(
         apply=True,
         fix_prefixes=fix_key_prefixes,
         strict=strict,
+        unread_keys=unread_keys,
     )
 
 
@@ -287,6 +306,7 @@ def _load(
     apply: bool,
     fix_prefixes: bool,
     strict: bool = True,
+    unread_keys: Collection[str] = (),
 ) -> Any:
     """Walk ``template`` and ``loaded`` together, recording mismatches in ``report`` and, with
     ``apply``, loading what matches (``strict`` goes to a ModelOptimizerState's own load).
@@ -302,6 +322,7 @@ def _load(
             apply=apply,
             fix_prefixes=fix_prefixes,
             strict=strict,
+            unread_keys=unread_keys,
         )
         if apply and new is not template.value:
             template.value = new
@@ -346,7 +367,9 @@ def _load(
             # A changed optimizer or scheduler cannot load a partial dict: report, skip.
             report.missing_keys.append(path)
             if isinstance(current, Mapping) and isinstance(loaded, Mapping):
-                saved, expected = list(map(str, loaded)), list(map(str, current))
+                saved = list(map(str, loaded))
+                saved += [key for key in _top_keys(unread_keys, path) if key not in saved]
+                expected = list(map(str, current))
                 report.changed_keys.append((path, saved, expected))
                 if apply:
                     logger.warning(
@@ -377,6 +400,7 @@ def _load(
                     apply=apply,
                     fix_prefixes=fix_prefixes,
                     strict=strict,
+                    unread_keys=unread_keys,
                 )
                 if apply and new is not value and isinstance(template, dict):
                     template[key] = new
@@ -396,6 +420,7 @@ def _load(
                 apply=apply,
                 fix_prefixes=fix_prefixes,
                 strict=strict,
+                unread_keys=unread_keys,
             )
             for index, (item, value) in enumerate(zip(template, loaded))
         ]
@@ -438,6 +463,13 @@ def _checked(path: str, load: Any) -> None:
         raise InvalidArgument(
             f"{path or 'state'}: cannot load the checkpoint into it: {exc}"
         ) from exc
+
+
+def _top_keys(keys: Collection[str], path: str) -> list[str]:
+    """The first parts under ``path`` of the dotted ``keys`` inside it, once each, in order."""
+    prefix = f"{path}." if path else ""
+    under = [key[len(prefix) :] for key in keys if key.startswith(prefix) and key != path]
+    return list(dict.fromkeys(key.split(".", 1)[0] for key in under))
 
 
 def _same_keys(current: Any, loaded: Any) -> bool:

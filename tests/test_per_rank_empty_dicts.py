@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 
 import distckpt
@@ -101,3 +102,17 @@ def test_per_rank_values_keep_their_empty_dicts(tmp_path: Path) -> None:
         assert got["listed"] == ([float(rank)], [{}], rank), got
         assert got["resumed"], got
         assert got["missing"] == (), got
+
+
+@pytest.mark.parametrize("fmt", ["torch", "dcp"])
+def test_a_sub_dict_given_where_an_empty_one_was_saved(tmp_path: Path, fmt: str) -> None:
+    """Named by its leaves in "torch", and in "dcp" inside a per-rank value (its empty dict is
+    listed with it); a shared value in "dcp" is named by its outermost key the checkpoint holds
+    nothing under."""
+    with distckpt.CheckpointManager(tmp_path, format=fmt, timeout=30) as mgr:
+        mgr.save(1, {"s": {"e": {}}, "v": distckpt.PerRank({"e": {}})})
+        given = {"s": {"e": {"a": 1, "b": 2}}, "v": distckpt.PerRank({"e": {"a": 1, "b": 2}})}
+        restored = mgr.restore("last", state=given, strict=False)
+    shared = ["s.e.a", "s.e.b"] if fmt == "torch" else ["s"]
+    assert sorted(restored.missing_keys) == sorted([*shared, "v.e.a", "v.e.b"])
+    assert restored.unexpected_keys == ()

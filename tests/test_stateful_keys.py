@@ -133,3 +133,43 @@ def test_an_optional_object_saved_with_other_keys_is_reported_not_refused(tmp_pa
         restored = mgr.restore("last", state={"obj": given}, optional_keys=["obj"])
     assert restored.missing_keys == ("obj",)
     assert given.state == {"pos": 0, "snapshot": {}}
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_shared_object_saved_with_other_keys(
+    tmp_path: Path, fmt: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Not per rank: "torch" names it with both lists as above; "dcp", which reads only the
+    keys asked for, refuses it by its keys on one side only; under ``strict=False`` both
+    formats warn with both lists, the saved keys the read left out among the saved ones. The
+    object's own ``load_state_dict`` is not run, in either format."""
+    with distckpt.CheckpointManager(tmp_path, format=fmt, timeout=30) as mgr:
+        mgr.save(1, {"obj": Holder({"pos": 4, "t": torch.ones(1), "workers": 2})})
+    with (
+        distckpt.CheckpointManager(tmp_path, format=fmt, timeout=30) as mgr,
+        pytest.raises(KeyMismatch) as caught,
+    ):
+        mgr.restore("last", state={"obj": Holder({"pos": 0, "t": torch.zeros(1), "snap": 1})})
+    refused = caught.value
+    given = Holder({"pos": 0, "t": torch.zeros(1), "snap": 1})
+    with (
+        caplog.at_level(logging.WARNING, logger="distckpt"),
+        distckpt.CheckpointManager(tmp_path, format=fmt, timeout=30) as mgr,
+    ):
+        restored = mgr.restore("last", state={"obj": given}, strict=False)
+    warnings = [r.getMessage() for r in caplog.records if "keys differ" in r.getMessage()]
+    assert restored.missing_keys == ("obj",)
+    assert given.state["pos"] == 0 and given.state["snap"] == 1
+    # "dcp" reads into the given tensors in place, before the keys are compared
+    assert given.state["t"].tolist() == ([1.0] if fmt == "dcp" else [0.0])
+    assert warnings == [
+        "obj: present in the checkpoint, but its keys differ: saved ['pos', 't', 'workers'] "
+        "vs expected ['pos', 't', 'snap']; not loaded"
+    ]
+    if fmt == "torch":
+        assert refused.changed_keys == (("obj", ("pos", "t", "workers"), ("pos", "t", "snap")),)
+        assert restored.unexpected_keys == ()
+    else:
+        assert refused.changed_keys == ()
+        assert (refused.missing_keys, refused.unexpected_keys) == (("obj.snap",), ("obj.workers",))
+        assert restored.unexpected_keys == ("obj.workers",)
