@@ -116,3 +116,57 @@ def test_a_sub_dict_given_where_an_empty_one_was_saved(tmp_path: Path, fmt: str)
     shared = ["s.e.a", "s.e.b"] if fmt == "torch" else ["s"]
     assert sorted(restored.missing_keys) == sorted([*shared, "v.e.a", "v.e.b"])
     assert restored.unexpected_keys == ()
+
+
+def _save_as_before(root: Path, state: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Save ``state`` in "dcp" as versions before the places of empty dicts were listed did."""
+    from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+
+    # Those versions saved with DCP's DefaultSavePlanner, which this one replaces: the save is
+    # made with it, so the checkpoint is written exactly as they wrote it.
+    with monkeypatch.context() as patched:
+        patched.setattr("distckpt.formats.dcp.PerRankSavePlanner", DefaultSavePlanner)
+        with distckpt.CheckpointManager(root, format="dcp", timeout=30) as mgr:
+            mgr.save(1, state)
+
+
+def test_a_checkpoint_saved_without_the_places_of_empty_dicts_restores(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A checkpoint of an earlier version restores strictly, nothing reported: a per-rank
+    object comes back with what DCP saved of it, without the nested empty dict it gave no key,
+    as that version restored it."""
+    saved = {"obj": distckpt.PerRank(Holder({"pos": 5, "nested": {"a": {}, "b": 3}}))}
+    _save_as_before(tmp_path, {**saved, "w": torch.ones(3)}, monkeypatch)
+    holder = Holder({"pos": 0, "nested": {"a": {}, "b": -1}})
+    state = {"obj": distckpt.PerRank(holder), "w": torch.zeros(3)}
+    with distckpt.CheckpointManager(tmp_path, format="dcp", timeout=30) as mgr:
+        restored = mgr.restore("last", state=state)
+    assert (restored.missing_keys, restored.unexpected_keys) == ((), ())
+    assert state["w"].tolist() == [1.0, 1.0, 1.0]
+    assert holder.state == {"pos": 5, "nested": {"b": 3}}
+
+
+def test_the_top_level_empty_dicts_of_an_earlier_checkpoint_are_missing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An empty dict an earlier version did not list, at a per-rank value's top level, is
+    missing, as that version reported it: a strict restore refuses an object holding one,
+    naming both lists of keys; ``strict=False`` loads a plain dict's other keys."""
+    holder = Holder({"pos": 5, "seen": {}})
+    state = {"obj": distckpt.PerRank(holder), "plain": distckpt.PerRank({"x": 7, "e": {}})}
+    _save_as_before(tmp_path, state, monkeypatch)
+    given = Holder({"pos": 0, "seen": {}})
+    plain = distckpt.PerRank({"x": -1, "e": {}})
+    with (
+        distckpt.CheckpointManager(tmp_path, format="dcp", timeout=30) as mgr,
+        pytest.raises(distckpt.KeyMismatch) as caught,
+    ):
+        mgr.restore("last", state={"obj": distckpt.PerRank(given), "plain": plain})
+    assert caught.value.changed_keys == (("obj", ("pos",), ("pos", "seen")),)
+    assert caught.value.missing_keys == ("plain.e",)
+    with distckpt.CheckpointManager(tmp_path, format="dcp", timeout=30) as mgr:
+        restored = mgr.restore("last", state={"plain": plain}, strict=False)
+    assert restored.missing_keys == ("plain.e",)
+    assert plain.value == {"x": 7, "e": {}}
+    assert given.state == {"pos": 0, "seen": {}}
