@@ -173,7 +173,8 @@ class ModelOptimizerState:
         check cannot see. A parameter of an optimizer without state (a fresh one) that
         ``state`` has no optimizer state for (an unused head when saved) has none after the
         load either, whatever ``strict`` is, as in the run that saved it: torch's step creating
-        the state gives it some, which is removed once loaded.
+        the state gives it some, which is removed once loaded; one INFO line of the
+        ``distckpt`` logger names these parameters.
         """
         if strict is None:
             strict = self.options.strict if self.options is not None else True
