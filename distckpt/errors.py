@@ -118,12 +118,15 @@ class ShapeMismatch(InvalidArgument):
 class KeyMismatch(InvalidArgument):
     """A restore with ``strict=True`` whose checkpoint and ``state=`` differ in keys, refused
     before anything is loaded (both formats): ``missing_keys`` are the given state's dotted
-    keys the checkpoint lacks, ``unexpected_keys`` the reverse. Also, whatever ``strict`` is, a
-    ModelOptimizerState whose parameter groups differ from the saved ones in number or
-    membership (torch loads groups by position), keyed ``<group>.params.<parameter name>``."""
+    keys the checkpoint lacks, ``unexpected_keys`` the reverse, ``changed_keys`` the objects
+    with ``state_dict()`` it holds with other top-level keys: (place, saved keys, expected
+    keys). Also, whatever ``strict`` is, a ModelOptimizerState whose parameter groups differ
+    from the saved ones in number or membership (torch loads groups by position), keyed
+    ``<group>.params.<parameter name>``."""
 
     missing_keys: tuple[str, ...] = ()
     unexpected_keys: tuple[str, ...] = ()
+    changed_keys: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...] = ()
 
     def __init__(
         self,
@@ -131,13 +134,14 @@ class KeyMismatch(InvalidArgument):
         *,
         missing_keys: tuple[str, ...],
         unexpected_keys: tuple[str, ...],
+        changed_keys: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...] = (),
         rank: int | None = None,
         path: str | os.PathLike[str] | None = None,
         step: int | None = None,
     ) -> None:
         super().__init__(message, rank=rank, path=path, step=step)
-        self.missing_keys = missing_keys
-        self.unexpected_keys = unexpected_keys
+        self.missing_keys, self.unexpected_keys = missing_keys, unexpected_keys
+        self.changed_keys = changed_keys
 
 
 class UnrestorableKeys(InvalidArgument):
@@ -161,8 +165,7 @@ class UnrestorableKeys(InvalidArgument):
         step: int | None = None,
     ) -> None:
         super().__init__(message, rank=rank, path=path, step=step)
-        self.where = where
-        self.keys = keys
+        self.where, self.keys = where, keys
 
 
 class UnsupportedTensors(InvalidArgument):
@@ -185,8 +188,7 @@ class UnsupportedTensors(InvalidArgument):
         step: int | None = None,
     ) -> None:
         super().__init__(message, rank=rank, path=path, step=step)
-        self.keys = keys
-        self.kinds = kinds
+        self.keys, self.kinds = keys, kinds
 
 
 class UnloadableState(InvalidArgument):
@@ -202,8 +204,7 @@ class UnloadableState(InvalidArgument):
 
     def __init__(self, message: str, *, state_key: str, refused: str) -> None:
         super().__init__(message)
-        self.state_key = state_key
-        self.refused = refused
+        self.state_key, self.refused = state_key, refused
 
 
 class RootNotWritable(CheckpointError, PermissionError):
@@ -250,8 +251,7 @@ class StagedFileMismatch(CheckpointError, OSError):
         found_bytes: int | None,
     ) -> None:
         super().__init__(message, rank=rank, path=path)
-        self.written_bytes = written_bytes
-        self.found_bytes = found_bytes
+        self.written_bytes, self.found_bytes = written_bytes, found_bytes
 
 
 class ConcurrentCommit(CheckpointExists):

@@ -35,6 +35,9 @@ class LoadReport:
     #: the given state's leaves under each missing key that is a whole sub-tree (a missing
     #: key absent here is a leaf itself): the sub-tree is optional when each leaf is
     leaves_of_missing: dict[str, list[str]] = field(default_factory=dict)
+    #: the objects with ``state_dict()`` the checkpoint holds with other top-level keys, also
+    #: in ``missing_keys`` (not loaded): (dotted place, saved keys, expected keys)
+    changed_keys: list[tuple[str, list[str], list[str]]] = field(default_factory=list)
 
     @property
     def clean(self) -> bool:
@@ -130,9 +133,16 @@ class LoadReport:
         unless clean but for the ``optional_keys`` (or keys under them) and the
         ``optional_whole_keys`` (those alone) missing from the checkpoint, naming the
         checkpoint ``where`` of ``step`` when known: what ``strict=True`` means for every
-        format. A list longer than the saved one (:func:`is_grown_list`) is never optional:
-        its items are no keys a newer version added, and the formats would load it
-        differently (DCP its first items, "torch" none)."""
+        format; an object holding other top-level keys than saved is named with both, not as
+        missing (unless optional as well). A list longer than the saved one
+        (:func:`is_grown_list`) is never optional: its items are no keys a newer version added,
+        and the formats would load it differently (DCP its first items, "torch" none)."""
+        changed_keys = [
+            (place, saved, expected)
+            for place, saved, expected in self.changed_keys
+            if optional_cover(place, optional_keys) is None and place not in optional_whole_keys
+        ]
+        changed = {place for place, _, _ in self.changed_keys}
         missing = [
             key
             for key in self.missing_keys
@@ -140,17 +150,30 @@ class LoadReport:
             or (
                 optional_cover(key, optional_keys) is None
                 and key not in optional_whole_keys
+                and key not in changed
                 and not self._leaves_all_optional(key, optional_keys)
             )
         ]
-        if missing or self.unexpected_keys:
+        if missing or self.unexpected_keys or changed_keys:
+            found = [
+                f"{place!r} present, but its keys differ: saved {saved} vs expected {expected}"
+                for place, saved, expected in changed_keys
+            ]
+            if missing or self.unexpected_keys or not found:
+                found.insert(
+                    0,
+                    f"missing from the checkpoint {missing}, "
+                    f"not in the given state {self.unexpected_keys}",
+                )
             raise KeyMismatch(
                 f"{_about(where)}the checkpoint does not match the given state: "
-                f"missing from the checkpoint {missing}, "
-                f"not in the given state {self.unexpected_keys}. "
-                "Pass strict=False to load what matches.",
+                f"{'; '.join(found)}. Pass strict=False to load what matches.",
                 missing_keys=tuple(missing),
                 unexpected_keys=tuple(self.unexpected_keys),
+                changed_keys=tuple(
+                    (place, tuple(saved), tuple(expected))
+                    for place, saved, expected in changed_keys
+                ),
                 path=where,
                 step=step,
             )

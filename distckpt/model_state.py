@@ -7,6 +7,7 @@ why ``distckpt.ModelOptimizerState`` is resolved only on first use.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -22,10 +23,12 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from distckpt.errors import InvalidArgument
-from distckpt.model_state_keys import group_params
+from distckpt.model_state_keys import group_params, saved_param_states
 from distckpt.steps import steps_not_counted
 
 __all__ = ["ModelOptimizerState"]
+
+logger = logging.getLogger("distckpt")
 
 
 class ModelOptimizerState:
@@ -61,7 +64,10 @@ class ModelOptimizerState:
     step with zero gradients and a zero learning rate, at every save and restore. That step is
     taken inside :func:`distckpt.steps.steps_not_counted`, so a :class:`~distckpt.StepTracker`
     does not count it, wherever the tracker sits in the state: its count is the real training
-    steps only.
+    steps only. A restore asks for its template through :meth:`template_state_dict`, which
+    leaves an optimizer without state as it was; a parameter whose weights the checkpoint holds
+    without optimizer state (a head no loss reached before the save) is then not expected to
+    have any, and has none after the load (see :meth:`load_state_dict`).
 
     Several optimizers (a list) are saved as one ``optim`` part, their groups one after the
     other, and each is loaded its own groups and state (:func:`optimizer_parts`).
@@ -93,6 +99,9 @@ class ModelOptimizerState:
         self.model = model
         self.optimizers = optimizers
         self.options = options
+        #: the names of the parameters whose optimizer state the last
+        #: :meth:`template_state_dict` found only made by torch's creating step
+        self.made_by_init: frozenset[str] = frozenset()
 
     def state_dict(self) -> dict[str, Any]:
         if not self.optimizers:
@@ -103,6 +112,49 @@ class ModelOptimizerState:
                 self.model, self.optimizers, options=self.options
             )
         return {"model": model_state, "optim": optim_state}
+
+    def template_state_dict(self) -> dict[str, Any]:
+        """:meth:`state_dict` asked by a restore, which only reads it (its keys, a template to
+        load into): the optimizers are left as they were, an optimizer without state too, and
+        the parameters whose state only torch's step creating it holds are recorded in
+        :attr:`made_by_init` (their state is not expected from a checkpoint)."""
+        stateless = [optimizer for optimizer in self.optimizers if not optimizer.state]
+        fresh = self._stateless_param_ids()
+        state = self.state_dict()
+        for optimizer in stateless:
+            # The state the creating step made is in ``state`` (a template to load into); the
+            # optimizer keeps none, so that a load leaves none where the checkpoint has none.
+            optimizer.state.clear()
+        names = self._param_names(state.get("optim"))
+        self.made_by_init = frozenset(name for name, param in names.items() if id(param) in fresh)
+        return state
+
+    def _stateless_param_ids(self) -> set[int]:
+        """The ids of the parameters of the optimizers that have no state yet (fresh ones)."""
+        return {
+            id(param)
+            for optimizer in self.optimizers
+            if not optimizer.state
+            for group in optimizer.param_groups
+            for param in group["params"]
+        }
+
+    def _param_names(self, optim_state: Any) -> dict[str, torch.nn.Parameter]:
+        """The optimizers' parameters by the name ``optim_state`` (``get_optimizer_state_dict``'s
+        result for them) gives each: its groups list the names in the order of the
+        optimizers' groups and parameters. A parameter tied under two names is named once, as
+        torch keys its optimizer state (wrapper prefixes such as DDP's ``module.`` left out)."""
+        groups = optim_state.get("param_groups") if isinstance(optim_state, Mapping) else None
+        if not isinstance(groups, list):
+            return {}
+        names = [name for group in groups for name in group.get("params", [])]
+        params = [
+            param
+            for optimizer in self.optimizers
+            for group in optimizer.param_groups
+            for param in group["params"]
+        ]
+        return dict(zip(names, params))
 
     def load_state_dict(self, state: Mapping[str, Any], strict: bool | None = None) -> None:
         """Load ``state`` (as :meth:`state_dict` gives it) through ``set_state_dict``, each
@@ -118,7 +170,11 @@ class ModelOptimizerState:
         raises :class:`~distckpt.errors.InvalidArgument` with torch's whole message (the keys
         it names); torch loads the optimizer before the model, and either may be partly loaded
         by then: a restore checks the keys before loading, so it only meets this for what its
-        check cannot see.
+        check cannot see. A parameter of an optimizer without state (a fresh one) that
+        ``state`` has no optimizer state for (an unused head when saved) has none after the
+        load either, whatever ``strict`` is, as in the run that saved it: torch's step creating
+        the state gives it some, which is removed once loaded; one INFO line of the
+        ``distckpt`` logger names these parameters.
         """
         if strict is None:
             strict = self.options.strict if self.options is not None else True
@@ -135,11 +191,27 @@ class ModelOptimizerState:
                 # As in state_dict(): a tracker restored before this must keep its count.
                 with steps_not_counted():
                     optim_state = state.get("optim", {})
-                    if not strict:
-                        current = get_optimizer_state_dict(
-                            self.model, self.optimizers, options=options
-                        )
-                        optim_state = with_current_values(optim_state, current)
+                    saved = saved_param_states(optim_state)
+                    fresh = self._stateless_param_ids()
+                    current = (
+                        get_optimizer_state_dict(self.model, self.optimizers, options=options)
+                        if fresh or not strict
+                        else {}
+                    )
+                    unsaved = {
+                        name: param
+                        for name, param in self._param_names(current).items()
+                        if id(param) in fresh and name not in saved
+                    }
+                    if not strict or unsaved:
+                        # torch refuses a parameter without state under strict: it is given
+                        # the state its creating step made, removed once loaded
+                        made = current.get("state", {})
+                        filled = {name: made[name] for name in unsaved if name in made}
+                        if isinstance(optim_state, Mapping):
+                            optim_state = {**optim_state, "state": {**saved, **filled}}
+                        if not strict:
+                            optim_state = with_current_values(optim_state, current)
                     parts = optimizer_parts(optim_state, self.optimizers)
                     # Each optimizer gets its own part, the model loaded last, as torch does.
                     for optimizer, part in zip(self.optimizers[:-1], parts):
@@ -151,6 +223,14 @@ class ModelOptimizerState:
                         optim_state_dict=parts[-1],
                         options=options,
                     )
+                    for param in unsaved.values():
+                        for optimizer in self.optimizers:
+                            optimizer.state.pop(param, None)
+                    if unsaved:
+                        logger.info(
+                            "restored without optimizer state (the checkpoint has none): %s",
+                            ", ".join(sorted(unsaved)),
+                        )
             else:
                 set_model_state_dict(self.model, state.get("model", {}), options=options)
         except (RuntimeError, KeyError, ValueError) as exc:

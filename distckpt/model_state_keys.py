@@ -7,13 +7,78 @@ with a checkpoint's.
 from __future__ import annotations
 
 import sys
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
+
+from distckpt.per_rank import PerRank
 
 
 def join_key(prefix: str, key: object) -> str:
     """``key``'s dotted place inside ``prefix`` (``""``: the top level)."""
     return f"{prefix}.{key}" if prefix else str(key)
+
+
+def without_unsaved_init_state(current: Any, saved: Any, made_by_init: Collection[str]) -> Any:
+    """``current`` (a ModelOptimizerState's template state dict) without the optimizer state of
+    the parameters named in ``made_by_init`` (whose state only torch's step creating it made:
+    ``ModelOptimizerState.made_by_init``) that ``saved`` (the checkpoint's) has the weights of
+    but no optimizer state for, so that a restore does not expect what the saving run never had
+    (an unused head's)."""
+    optim = current.get("optim") if isinstance(current, Mapping) else None
+    state = optim.get("state") if isinstance(optim, Mapping) else None
+    if not made_by_init or not isinstance(state, Mapping):
+        return current
+    saved_optim = saved.get("optim") if isinstance(saved, Mapping) else None
+    held = saved_param_states(saved_optim)
+    listed = saved_optim.get("state") if isinstance(saved_optim, Mapping) else None
+    saved_model = saved.get("model") if isinstance(saved, Mapping) else None
+    kept: dict[str, Any] = {}
+    for name, value in state.items():
+        # a parameter the saving run lacked (one added since) is missing as before
+        unsaved_param = not (isinstance(saved_model, Mapping) and name in saved_model)
+        if name not in made_by_init or name in held or unsaved_param:
+            kept[name] = value
+        elif isinstance(listed, Mapping) and name in listed:
+            kept[name] = {}  # the empty dict a "dcp" read leaves: nothing expected under it
+    return {**current, "optim": {**optim, "state": kept}}
+
+
+def saved_param_states(optim_state: Any) -> dict[str, Any]:
+    """The parameters' entries of ``optim_state`` (an optimizer state dict keyed by parameter
+    name) that hold something: a "dcp" read leaves an empty dict where the checkpoint has
+    nothing of a parameter whose state the template has."""
+    state = optim_state.get("state") if isinstance(optim_state, Mapping) else None
+    if not isinstance(state, Mapping):
+        return {}
+    return {
+        name: value
+        for name, value in state.items()
+        if not (isinstance(value, Mapping) and not value)
+    }
+
+
+def init_state_places(template: Any, path: str = "") -> list[tuple[str, str]]:
+    """The dotted places, in a restore's ``template``, of the optimizer state each
+    ModelOptimizerState in it has only from torch's step creating it (its ``made_by_init``,
+    as its last ``template_state_dict`` found), each with the place of its parameter's
+    weights: a checkpoint that holds the weights but not that state lacks nothing."""
+    kind = model_optimizer_state_type()
+    if kind is not None and isinstance(template, kind):
+        return [
+            (join_key(path, f"optim.state.{name}"), join_key(path, f"model.{name}"))
+            for name in sorted(template.made_by_init)
+        ]
+    if isinstance(template, PerRank):
+        return init_state_places(template.value, path)
+    if isinstance(template, Mapping):
+        items: Any = template.items()
+    elif isinstance(template, (list, tuple)):
+        items = enumerate(template)
+    else:
+        return []
+    return [
+        places for key, value in items for places in init_state_places(value, join_key(path, key))
+    ]
 
 
 def model_optimizer_state_type() -> type | None:

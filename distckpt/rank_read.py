@@ -17,8 +17,9 @@ import torch.distributed as dist
 from distckpt.errors import CheckpointError, CheckpointVanished, CorruptCheckpoint
 from distckpt.formats import PreparedRead, ReadOptions, ShardContext, format_named
 from distckpt.formats.base import check_saved_rank
-from distckpt.load_report import dotted_prefixes
+from distckpt.load_report import dotted_prefixes, optional_cover
 from distckpt.manifest import Manifest
+from distckpt.model_state_keys import init_state_places
 from distckpt.results import Checkpoint
 from distckpt.state import apply_load, check_load, to_plain
 from distckpt.storage.views import CheckpointSource, errors_name_the_location
@@ -92,6 +93,20 @@ def prepare_read(
         return fmt.prepare_read(directory, manifest, ctx, plain, options)
 
     prepared = vanish_checked(source, prepare, directory)
+    if prepared.mismatch is not None and template is not None:
+        # The optimizer state torch's creating step made for a ModelOptimizerState's template
+        # is there to load into, not expected: the saving run may have had none (an unused head).
+        missing = frozenset(prepared.mismatch.missing_keys)
+        made_by_init = frozenset(
+            state
+            for state, weights in init_state_places(template)
+            if optional_cover(weights, missing) is None  # a parameter added since is missing
+        )
+        prepared.mismatch.missing_keys = [
+            key
+            for key in prepared.mismatch.missing_keys
+            if optional_cover(key, made_by_init) is None
+        ]
     if prepared.mismatch is not None:
         prepared.mismatch.check(
             strict=strict,
@@ -124,6 +139,8 @@ def read_state(
             step=manifest.step,
             optional_keys=prepared.options.optional_keys,
             optional_whole_keys=prepared.options.optional_whole_keys,
+            # what the format found saved but did not read ("dcp" reads the template's keys)
+            unread_keys=prepared.mismatch.unexpected_keys if prepared.mismatch else (),
         )
         if template is not None
         else None
@@ -168,5 +185,6 @@ def apply_read(
             # and keeps its current values for those, instead of torch refusing them.
             strict=strict and not checkpoint.missing_keys,
             fix_key_prefixes=options.fix_key_prefixes,
+            unread_keys=checkpoint.unexpected_keys,
         )
     return checkpoint

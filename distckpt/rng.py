@@ -6,6 +6,7 @@ with ``torch.load(weights_only=True)``.
 
 from __future__ import annotations
 
+import logging
 import random
 from typing import Any
 
@@ -15,6 +16,11 @@ try:
     import numpy as np
 except ImportError:  # NumPy is optional
     np = None  # type: ignore[assignment]
+
+logger = logging.getLogger("distckpt")
+
+#: the parts :func:`capture_rng` may capture, each only where its generator exists
+RNG_PARTS = ("python", "torch", "numpy", "cuda")
 
 
 def capture_rng() -> dict[str, Any]:
@@ -41,7 +47,19 @@ def capture_rng() -> dict[str, Any]:
 
 def restore_rng(state: dict[str, Any]) -> None:
     """Set every generator captured by :func:`capture_rng`. Parts missing from ``state`` (say
-    NumPy's, captured where NumPy was not installed) are left as they are."""
+    NumPy's, captured where NumPy was not installed, or CUDA's, captured where CUDA was not
+    available) are left as they are; parts this process has no generator for (CUDA's where
+    CUDA is not available, NumPy's where NumPy is not installed) are skipped, and logged."""
+    skipped = [
+        part
+        for part, here in (("numpy", np is not None), ("cuda", torch.cuda.is_available()))
+        if part in state and not here
+    ]
+    if skipped:
+        logger.warning(
+            "random number generator states not restored, having no generator here: %s",
+            ", ".join(skipped),
+        )
     if "python" in state:
         python = state["python"]
         random.setstate((python["version"], tuple(python["state"]), python["gauss"]))
@@ -61,11 +79,24 @@ def restore_rng(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def restores_partly(template: Any, saved: Any) -> bool:
+    """Whether ``template`` is an :class:`RNGState` and ``saved`` a state it restores, if
+    only in part (:func:`restore_rng`): a dict of some of :data:`RNG_PARTS`, whichever
+    generators existed where it was captured."""
+    return (
+        isinstance(template, RNGState)
+        and isinstance(saved, dict)
+        and bool(saved)
+        and all(part in RNG_PARTS for part in saved)
+    )
+
+
 class RNGState:
     """The random number generators as a stateful value: put ``{"rng": RNGState()}`` in the
     state you save. Its ``state_dict()`` captures the generators at the moment of each save
     (a :func:`capture_rng` snapshot taken once would save the same stale state every time),
-    and restoring loads them back with :func:`restore_rng`."""
+    and restoring loads them back with :func:`restore_rng`: a checkpoint captured where CUDA
+    was available restores the other generators where it is not, and the reverse."""
 
     def state_dict(self) -> dict[str, Any]:
         return capture_rng()

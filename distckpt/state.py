@@ -10,6 +10,7 @@ dicts and lists that hold them.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from collections.abc import Collection, Iterable, Mapping
@@ -32,8 +33,12 @@ from distckpt.model_state_keys import (
     model_optimizer_state_type,
     param_group_changes,
     without_scheduler_settings,
+    without_unsaved_init_state,
 )
 from distckpt.per_rank import PerRank, is_per_rank
+from distckpt.rng import restores_partly
+
+logger = logging.getLogger("distckpt")
 
 
 def dtensor_type() -> type | None:
@@ -83,6 +88,8 @@ def template_state_dict(value: Any) -> Any:
     The next epoch would then draw that same seed again, and its workers repeat the first
     epoch's noise. So an iterator built only to answer is dropped (``load_state_dict`` with the
     state the loader was waiting to resume from, or none), and the loader runs as a fresh one."""
+    if isinstance(value, model_optimizer_state_type() or ()):
+        return value.template_state_dict()  # its optimizers left without state they lacked
     if not isinstance(getattr(value, "generator", None), torch.Generator):
         return value.state_dict()
     generators = _generators_an_iterator_draws_from(value)
@@ -199,6 +206,7 @@ def check_load(
     step: int | None = None,
     optional_keys: Collection[str] = (),
     optional_whole_keys: Collection[str] = (),
+    unread_keys: Collection[str] = (),
 ) -> LoadReport:
     """A dry run of loading ``loaded`` (as saved) into ``template`` (the user's live objects),
     changing nothing (:func:`apply_load` loads it): a tensor (a module's too) whose shape
@@ -215,9 +223,20 @@ def check_load(
     :func:`apply_load`. ``where`` and ``step``: the checkpoint ``loaded`` comes from, for the
     errors; ``optional_keys``: the dotted keys of ``template`` that ``loaded`` may lack even
     with ``strict`` (reported, not refused), and ``optional_whole_keys`` those it may lack only
-    as a whole."""
+    as a whole. ``unread_keys``: the saved keys the read left out of ``loaded`` (a "dcp" read
+    of a value shared by the ranks gives only the keys ``template`` asked for; the others are
+    its unexpected keys), counted among the saved keys of an object with ``state_dict()``
+    whose keys differ (``changed_keys``)."""
     report = LoadReport()
-    _load(template, loaded, "", report, apply=False, fix_prefixes=fix_key_prefixes)
+    _load(
+        template,
+        loaded,
+        "",
+        report,
+        apply=False,
+        fix_prefixes=fix_key_prefixes,
+        unread_keys=unread_keys,
+    )
     report.leaves_of_missing = {
         key: leaves for key in report.missing_keys if (leaves := leaves_at(template, key))
     }
@@ -236,7 +255,12 @@ def check_load(
 
 
 def apply_load(
-    template: Any, loaded: Any, *, strict: bool = True, fix_key_prefixes: bool = True
+    template: Any,
+    loaded: Any,
+    *,
+    strict: bool = True,
+    fix_key_prefixes: bool = True,
+    unread_keys: Collection[str] = (),
 ) -> None:
     """Load ``loaded`` into ``template`` in place, what matches (after :func:`check_load`
     with the same ``strict``, which a :class:`~distckpt.ModelOptimizerState`'s own
@@ -246,7 +270,8 @@ def apply_load(
     tuple), but by no saved dict (a key of another kind, which :func:`check_load` reports); a
     plain value at the top level cannot be replaced: read it from the result. An
     object's ``load_state_dict`` that fails raises :class:`InvalidArgument`, leaving what was
-    loaded before it loaded."""
+    loaded before it loaded. ``unread_keys`` as for :func:`check_load`: the warning about an
+    object whose keys differ names them among its saved keys."""
     _load(
         template,
         loaded,
@@ -255,6 +280,7 @@ def apply_load(
         apply=True,
         fix_prefixes=fix_key_prefixes,
         strict=strict,
+        unread_keys=unread_keys,
     )
 
 
@@ -280,6 +306,7 @@ def _load(
     apply: bool,
     fix_prefixes: bool,
     strict: bool = True,
+    unread_keys: Collection[str] = (),
 ) -> Any:
     """Walk ``template`` and ``loaded`` together, recording mismatches in ``report`` and, with
     ``apply``, loading what matches (``strict`` goes to a ModelOptimizerState's own load).
@@ -295,6 +322,7 @@ def _load(
             apply=apply,
             fix_prefixes=fix_prefixes,
             strict=strict,
+            unread_keys=unread_keys,
         )
         if apply and new is not template.value:
             template.value = new
@@ -312,7 +340,9 @@ def _load(
     elif isinstance(template, model_optimizer_state_type() or ()):
         # Compared key by key, as a nested dict (so a strict restore refuses before torch
         # loads anything), then loaded by its own load_state_dict with the restore's strict.
-        current = template_state_dict(template)
+        current = without_unsaved_init_state(
+            template_state_dict(template), loaded, template.made_by_init
+        )
         report.changed_param_groups += [
             (join_key(path, f"optim.param_groups.{index}"), saved, given)
             for index, saved, given in param_group_changes(current, loaded)
@@ -328,12 +358,27 @@ def _load(
         if apply:
             _checked(path, lambda: template.load_state_dict(loaded, strict=strict))
     elif is_stateful(template):
-        if _same_keys(template_state_dict(template), loaded):
+        current = template_state_dict(template)
+        # RNGState restores the parts it has (a checkpoint from a node with CUDA, or without).
+        if restores_partly(template, loaded) or _same_keys(current, loaded):
             if apply:
                 _checked(path, lambda: template.load_state_dict(loaded))
         else:
             # A changed optimizer or scheduler cannot load a partial dict: report, skip.
             report.missing_keys.append(path)
+            if isinstance(current, Mapping) and isinstance(loaded, Mapping):
+                saved = list(map(str, loaded))
+                saved += [key for key in _top_keys(unread_keys, path) if key not in saved]
+                expected = list(map(str, current))
+                report.changed_keys.append((path, saved, expected))
+                if apply:
+                    logger.warning(
+                        "%s: present in the checkpoint, but its keys differ: saved %s vs "
+                        "expected %s; not loaded",
+                        path or "state",
+                        saved,
+                        expected,
+                    )
     elif isinstance(template, torch.Tensor):
         if not isinstance(loaded, torch.Tensor):
             report.missing_keys.append(path)
@@ -355,6 +400,7 @@ def _load(
                     apply=apply,
                     fix_prefixes=fix_prefixes,
                     strict=strict,
+                    unread_keys=unread_keys,
                 )
                 if apply and new is not value and isinstance(template, dict):
                     template[key] = new
@@ -374,6 +420,7 @@ def _load(
                 apply=apply,
                 fix_prefixes=fix_prefixes,
                 strict=strict,
+                unread_keys=unread_keys,
             )
             for index, (item, value) in enumerate(zip(template, loaded))
         ]
@@ -416,6 +463,13 @@ def _checked(path: str, load: Any) -> None:
         raise InvalidArgument(
             f"{path or 'state'}: cannot load the checkpoint into it: {exc}"
         ) from exc
+
+
+def _top_keys(keys: Collection[str], path: str) -> list[str]:
+    """The first parts under ``path`` of the dotted ``keys`` inside it, once each, in order."""
+    prefix = f"{path}." if path else ""
+    under = [key[len(prefix) :] for key in keys if key.startswith(prefix) and key != path]
+    return list(dict.fromkeys(key.split(".", 1)[0] for key in under))
 
 
 def _same_keys(current: Any, loaded: Any) -> bool:

@@ -100,7 +100,6 @@ from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 
 from distckpt.errors import (
@@ -124,6 +123,7 @@ from distckpt.formats.dcp_lists import lists_of_other_length, with_saved_lists
 from distckpt.formats.dcp_metadata import DATA_FILE_RE, METADATA_NAME, read_metadata
 from distckpt.formats.dcp_per_rank import (
     PER_RANK_KEY,
+    PerRankSavePlanner,
     per_rank_not_read,
     per_rank_placeholders,
     refuse_unreadable_per_rank,
@@ -286,7 +286,7 @@ class DcpFormat:
             lambda: dcp.save(
                 to_save,
                 storage_writer=writer,
-                planner=DefaultSavePlanner(),
+                planner=PerRankSavePlanner(),
                 process_group=ctx.group,
                 no_dist=ctx.group is None,
             ),

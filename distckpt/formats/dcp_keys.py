@@ -22,7 +22,12 @@ from distckpt.formats.dcp_kinds import (
     tensors_for_saved_values,
 )
 from distckpt.formats.dcp_lists import lists_of_other_length, report_list_lengths
-from distckpt.formats.dcp_per_rank import PER_RANK_KEY, per_rank_held_whole, split_per_rank
+from distckpt.formats.dcp_per_rank import (
+    PER_RANK_KEY,
+    per_rank_held_whole,
+    saved_empty_dicts,
+    split_per_rank,
+)
 from distckpt.formats.dcp_storage import (
     Path_,
     dotted,
@@ -110,6 +115,7 @@ def key_mismatch_as_read(
         key for key in report.unexpected_keys if not _SCHEDULER_SETTING.search(key)
     ]
     own = [key for key in metadata.state_dict_metadata if key.startswith(f"{PER_RANK_KEY}.{rank}.")]
+    own += saved_empty_dicts(metadata, rank)
     held_whole = per_rank_held_whole(marked, metadata, read_saved, rank)
     for path, value in marked:
         place = f"{PER_RANK_KEY}.{rank}.{dotted(path)}"

@@ -11,6 +11,12 @@ values are put back at their places. They cannot be resharded: a restore by anot
 ranks that asks for ones the checkpoint holds is refused, naming them (:func:`per_rank_held`;
 one it holds nothing of is missing, as any key); one that does not ask logs that they were not
 restored.
+
+DCP gives an empty dict no key, so a per-rank value rebuilt from the saved keys alone would lack
+its empty dicts (``{"pos": 3, "seen": {}}`` would come back as ``{"pos": 3}``). A save therefore
+lists each one's place in DCP's ``planner_data`` (flat key to place) under a key that
+``state_dict_metadata`` lacks (:class:`PerRankSavePlanner`), and a restore recreates them
+(:func:`saved_empty_dicts`); a checkpoint saved before lists none.
 """
 
 from __future__ import annotations
@@ -19,14 +25,16 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
+from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+from torch.distributed.checkpoint.metadata import STATE_DICT_TYPE, Metadata, TensorStorageMetadata
+from torch.distributed.checkpoint.storage import StorageMeta
 
 from distckpt.containers import same_kind_of_tuple
 from distckpt.errors import WorldSizeMismatch
 from distckpt.formats.base import ShardContext, check_saved_rank
 from distckpt.formats.dcp_kinds import as_saved
 from distckpt.formats.dcp_storage import Path_, dotted, placeholder, saved_paths
-from distckpt.formats.dcp_text_keys import get_saved, holds_containers, keys_like
+from distckpt.formats.dcp_text_keys import flattened_whole, get_saved, holds_containers, keys_like
 from distckpt.manifest import Manifest
 from distckpt.per_rank import PerRank
 from distckpt.state import set_path
@@ -35,6 +43,9 @@ __all__ = [
     "PER_RANK_KEY",
     "split_per_rank",
     "with_per_rank",
+    "PerRankSavePlanner",
+    "flattened_places",
+    "saved_empty_dicts",
     "per_rank_placeholders",
     "restore_per_rank",
     "split_per_rank_keys",
@@ -83,6 +94,64 @@ def with_per_rank(shared: dict[str, Any], marked: list[tuple[Path_, Any]], rank:
     return {**shared, PER_RANK_KEY: {str(rank): own}}
 
 
+def flattened_places(state: Mapping[str, Any]) -> list[tuple[Path_, bool]]:
+    """The places of the per-rank values in ``state`` (as :func:`with_per_rank` makes it) as
+    DCP's flattening reaches them, in its order, with dict keys as text: each value it saves,
+    and each empty dict, which it gives no key (True), but not those inside a tuple or a list
+    it pickles whole, which keep theirs."""
+    places: list[tuple[Path_, bool]] = []
+
+    def walk(node: Any, place: Path_) -> None:
+        if isinstance(node, Mapping) and node:
+            for key, value in node.items():
+                walk(value, (*place, str(key)))
+        elif isinstance(node, list) and not flattened_whole(node):
+            for index, value in enumerate(node):
+                walk(value, (*place, index))
+        else:
+            places.append((place, isinstance(node, Mapping)))
+
+    walk(state.get(PER_RANK_KEY, {}), (PER_RANK_KEY,))
+    return places
+
+
+class PerRankSavePlanner(DefaultSavePlanner):
+    """DCP's save planner, also listing the places of this rank's per-rank empty dicts
+    (:func:`flattened_places`) in the ``planner_data`` it sends to the coordinator, which
+    merges every rank's into the checkpoint's metadata, each among the saved values in the
+    order of the state, so that a restore rebuilds its dicts in their order."""
+
+    def set_up_planner(
+        self,
+        state_dict: STATE_DICT_TYPE,
+        storage_meta: StorageMeta | None = None,
+        is_coordinator: bool = False,
+    ) -> None:
+        super().set_up_planner(state_dict, storage_meta, is_coordinator)
+        flat = self.mappings
+        namespace = f"{PER_RANK_KEY}."
+        ordered = {key: place for key, place in flat.items() if not key.startswith(namespace)}
+        for place, empty_dict in flattened_places(state_dict):
+            key = dotted(place)
+            # a saved value's own key (``{"a.b": 1, "a": {"b": {}}}``) keeps its place
+            if key in flat or empty_dict:
+                ordered.setdefault(key, flat.get(key, place))
+        self.mappings = {**ordered, **flat}
+
+
+def saved_empty_dicts(metadata: Metadata, rank: int) -> dict[str, Path_]:
+    """The places of ``rank``'s per-rank empty dicts the checkpoint lists
+    (:class:`PerRankSavePlanner`), by flat key: its ``planner_data`` entries in that rank's
+    namespace that name no saved value."""
+    paths = metadata.planner_data if isinstance(metadata.planner_data, dict) else {}
+    prefix = f"{PER_RANK_KEY}.{rank}."
+    return {
+        key: tuple(place)
+        for key, place in paths.items()
+        if key.startswith(prefix) and key not in metadata.state_dict_metadata
+    }
+
+
 def per_rank_placeholders(metadata: Metadata, rank: int) -> dict[str, Any]:
     """Something for DCP to load each of this rank's saved per-rank values into, by its flat
     key: an empty tensor of the saved size, or None for a plain value. Built from the
@@ -100,12 +169,20 @@ def restore_per_rank(
     state: dict[str, Any], marked: list[tuple[Path_, Any]], rank: int, metadata: Metadata
 ) -> list[Path_]:
     """Move this rank's loaded per-rank values (:func:`per_rank_placeholders`, filled) back to
-    their places; a value the checkpoint lacks stays absent (so it is reported missing). The
+    their places, with the empty dicts saved in them (:func:`saved_empty_dicts`); a value the
+    checkpoint lacks stays absent (so it is reported missing). The
     places of ``marked`` restored: an item of a list saved whole only if that list has it."""
     paths = metadata.planner_data if isinstance(metadata.planner_data, dict) else {}
+    prefix = f"{PER_RANK_KEY}.{rank}."
+    empty_dicts = saved_empty_dicts(metadata, rank)
+    # in the order the save listed them, which is the state's
+    listed = [key for key in paths if key.startswith(prefix)]
+    keys = [*listed, *per_rank_placeholders(metadata, rank)]
     nested: dict[str, Any] = {}
-    for key in per_rank_placeholders(metadata, rank):
-        if key in state:
+    for key in dict.fromkeys(keys):
+        if key in empty_dicts:
+            set_path(nested, empty_dicts[key], {})
+        elif key in state:
             set_path(nested, paths.get(key, (key,)), state.pop(key))
     found_own, own = get_saved(nested, (PER_RANK_KEY, str(rank)))
     restored: list[Path_] = []
