@@ -92,6 +92,7 @@ def decide(
     in_flight: bool,
     signals: SignalFlag,
     coord: Coordinator,
+    at_step_boundary: bool = True,
 ) -> SaveDecision:
     """Whether to save now, the same on every rank (collective when ``schedule`` or
     ``signals`` need the ranks' votes; see the module doc).
@@ -102,14 +103,24 @@ def decide(
     save is neither forced nor a preemption save, and leaves ``last`` as it is (deferred).
     ``every_seconds`` is due only at a step past ``last``'s.
 
+    ``at_step_boundary`` is False for a call at the same step as the previous call (a
+    micro-batch in the middle of a gradient-accumulation window, whose gradients no checkpoint
+    holds): an epoch, time or signal trigger that is due then is held (it stays due) until a
+    call at a boundary, except a signal at a step ``last`` already counts (that checkpoint is
+    the preemption save); the step schedules (``every_n_steps``, ``save_on_steps``) only come due
+    at a new step, and an explicit or forced save is never held.
+
     A step or epoch a schedule or a vote would compare is checked first (a str or float step
     would be answered, a str epoch fail with ``TypeError``). With neither, nothing here reads
     them: the save's proposal checks them inside its collective, so that a bad one on any rank
     raises on every rank."""
     if schedule.is_set or signals.watched:
         check_step_and_epoch(step, epoch)
-    due = not schedule.is_set or schedule.due_by_counters(
-        step, epoch, last_step=last.step, last_epoch=last.epoch
+    counted_from = {"last_step": last.step, "last_epoch": last.epoch}
+    due = (
+        not schedule.is_set
+        or schedule.due_by_counters(step, None, **counted_from)
+        or (at_step_boundary and schedule.due_by_counters(step, epoch, **counted_from))
     )
     throttled = preempt = False
     if schedule.needs_agreement or signals.watched:
@@ -119,13 +130,19 @@ def decide(
         # requeued job saving after every micro-batch would then never save).
         past_last = last.step is None or step > last.step
         vote = _Vote(
-            time_due=past_last and schedule.due_by_time(now, last_time=last.time),
+            time_due=at_step_boundary
+            and past_last
+            and schedule.due_by_time(now, last_time=last.time),
             throttled=schedule.throttled(now, last_started=last_started, in_flight=in_flight),
             signalled=signals.is_set(),
         )
         tally = coord.all_reduce(lambda: vote, _tally, what="deciding whether to save")
         due = due or tally.time_due
-        throttled, preempt = tally.throttled, tally.signalled
+        # A held signal stays set: the first call at a step boundary saves for it. A step
+        # already committed needs no wait: its checkpoint is the preemption save.
+        committed = last.step is not None and step == last.step
+        throttled = tally.throttled
+        preempt = tally.signalled and (at_step_boundary or committed)
     return SaveDecision(
         step,
         epoch,
@@ -163,6 +180,10 @@ class SaveDecider:
         self.resuming = True
         #: a save a signal asked for is durable (``CheckpointManager.preempted``)
         self.preempted = False
+        #: the step of the previous decision (the resumed step after the resume): a call at
+        #: another step follows an optimizer step. A fresh run counts from step 0, before any
+        #: optimizer step, so a trigger at its first micro-batches is held too.
+        self.previous_step: object = 0
 
     def count_from_newest(self, newest: tuple[int, int | None] | None, seconds_ago: float) -> None:
         """At the start: count from the root's newest checkpoint (step, epoch), created
@@ -195,6 +216,8 @@ class SaveDecider:
             and (self.resuming or last.step is None or loaded.step > last.step)
         ):
             self.last = LastSave.at(loaded.step, loaded.epoch)
+        if self.resuming and loaded is not None:
+            self.previous_step = loaded.step
         self.resuming = self.resuming and loaded is None
 
     def count_delete(self, step: int, newest_left: int | None) -> None:
@@ -234,6 +257,8 @@ class SaveDecider:
     def _decide(
         self, step: int, epoch: int | None, *, force: bool, in_flight: bool
     ) -> SaveDecision:
+        at_step_boundary = step != self.previous_step
+        self.previous_step = step
         return decide(
             step,
             epoch,
@@ -244,6 +269,7 @@ class SaveDecider:
             in_flight=in_flight,
             signals=self.signals,
             coord=self.coord,
+            at_step_boundary=at_step_boundary,
         )
 
 
@@ -290,8 +316,17 @@ class SignalFlag:
 
     def restore(self) -> None:
         """Put back the handlers that were there before :meth:`install`, where this flag's
-        handler is still installed (see the class doc)."""
+        handler is still installed (see the class doc). A signal still pending (no save call
+        at a step boundary came after it) is logged as a warning: no preemption save was made,
+        and the next run resumes from the last checkpoint."""
         _installed.discard(self)
+        if self._flag.is_set():
+            self._flag.clear()
+            logger.warning(
+                "closing with a preemption signal pending: no save() call at a new step came "
+                "after it, so no preemption save was made (the next run resumes from the last "
+                "checkpoint)"
+            )
         for signum, previous in self._previous.items():
             self._replaced_when_restored[signum] = previous
             if signal.getsignal(signum) is self._handler:

@@ -88,7 +88,7 @@ class CheckpointManager(RootUpkeep):
             flight; forced and preemption saves are never skipped. Rank 0's clock decides.
         Every count and seconds option takes None for "off"; 0 is refused.
         save_on_signal: signals (e.g. ``signal.SIGTERM``) that request a preemption save at the
-            next :meth:`should_save` / :meth:`save`; see :attr:`preempted`.
+            next :meth:`should_save` / :meth:`save` at a new step; see :attr:`preempted`.
         async_save: :meth:`save` returns once this rank's state is copied into reusable CPU
             buffers; writing, agreement and commit run in a background thread on a process group
             of their own, and :meth:`wait` returns the committed result. At most one save is in
@@ -251,7 +251,8 @@ class CheckpointManager(RootUpkeep):
         return self._decider.preempted
 
     def should_save(self, step: int, *, epoch: int | None = None) -> bool:
-        """Whether a schedule (or a preemption signal) says to save at ``step``.
+        """Whether a schedule (or a preemption signal) says to save at ``step``. An epoch, time
+        or signal trigger is held at a call at the previous call's step (mid accumulation).
 
         Collective cost: none when only step/epoch schedules are set (every rank computes the
         same answer from the same arguments); one small vote when ``every_seconds``,
