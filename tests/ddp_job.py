@@ -2,8 +2,9 @@
 
 ``python tests/ddp_job.py ROOT OUT [--async-save] [--ballast-mib N] [--leave-out PIECE]``
 starts 2 gloo ranks (forked, so they share the job's process group and a SIGKILL of the group
-reaches every rank and every loader worker) and runs the README's ``Use`` recipe on each: a
-DDP model with dropout, AdamW and OneCycleLR (whose step count is exact: one step too many
+reaches every rank and every loader worker) and runs the README's ``Use`` recipe on each, with
+``save`` called after each optimizer step (``tests/test_accumulation_saves.py`` calls it after
+every micro-batch): a DDP model with dropout, AdamW and OneCycleLR (whose step count is exact: one step too many
 raises), 2 micro-batches per optimizer step, a dataset whose ``__getitem__`` adds random noise
 (augmentation) drawn from a generator seeded from the seed, the epoch and the sample's index, a
 ``StatefulDataLoader`` with a ``StatefulDistributedSampler(shuffle=True)`` and 2 workers,
