@@ -92,7 +92,7 @@ def decide(
     in_flight: bool,
     signals: SignalFlag,
     coord: Coordinator,
-    at_step_boundary: bool = True,
+    at_step_boundary: bool,
 ) -> SaveDecision:
     """Whether to save now, the same on every rank (collective when ``schedule`` or
     ``signals`` need the ranks' votes; see the module doc).
@@ -107,8 +107,10 @@ def decide(
     micro-batch in the middle of a gradient-accumulation window, whose gradients no checkpoint
     holds): an epoch, time or signal trigger that is due then is held (it stays due) until a
     call at a boundary, except a signal at a step ``last`` already counts (that checkpoint is
-    the preemption save); the step schedules (``every_n_steps``, ``save_on_steps``) only come due
-    at a new step, and an explicit or forced save is never held.
+    the preemption save). The step schedules (``every_n_steps``, ``save_on_steps``) are held
+    likewise: a step save the throttle deferred (or one due again after a failed async save or
+    a ``delete`` of the newest) stays due, ``last`` unchanged, until the next new step. An
+    explicit or forced save is never held.
 
     A step or epoch a schedule or a vote would compare is checked first (a str or float step
     would be answered, a str epoch fail with ``TypeError``). With neither, nothing here reads
@@ -117,10 +119,8 @@ def decide(
     if schedule.is_set or signals.watched:
         check_step_and_epoch(step, epoch)
     counted_from = {"last_step": last.step, "last_epoch": last.epoch}
-    due = (
-        not schedule.is_set
-        or schedule.due_by_counters(step, None, **counted_from)
-        or (at_step_boundary and schedule.due_by_counters(step, epoch, **counted_from))
+    due = not schedule.is_set or (
+        at_step_boundary and schedule.due_by_counters(step, epoch, **counted_from)
     )
     throttled = preempt = False
     if schedule.needs_agreement or signals.watched:
@@ -174,6 +174,9 @@ class SaveDecider:
         #: the first save of this process): what ``min_seconds_between_saves`` counts from
         self.last_started: float | None = None
         self._pending: SaveDecision | None = None
+        #: whether the step of :attr:`_pending` was a step boundary when it was decided: a save
+        #: at that step deciding again (with another epoch) must not find it a repeated call
+        self._pending_at_step_boundary = False
         #: ``last`` before the async save in flight: put back if that save fails
         self._before_in_flight = LastSave()
         #: no save or restore yet: the first restore (the resume) sets ``last`` to its step
@@ -183,7 +186,7 @@ class SaveDecider:
         #: the step of the previous decision (the resumed step after the resume): a call at
         #: another step follows an optimizer step. A fresh run counts from step 0, before any
         #: optimizer step, so a trigger at its first micro-batches is held too.
-        self.previous_step: object = 0
+        self.previous_step: int = 0
 
     def count_from_newest(self, newest: tuple[int, int | None] | None, seconds_ago: float) -> None:
         """At the start: count from the root's newest checkpoint (step, epoch), created
@@ -237,7 +240,11 @@ class SaveDecider:
     def should_save(self, step: int, epoch: int | None, *, in_flight: bool = False) -> bool:
         """Decide for ``step`` now and keep the decision for the save of that step.
         ``in_flight``: whether an async save is still running on this rank."""
-        self._pending = self._decide(step, epoch, force=False, in_flight=in_flight)
+        at_step_boundary = step != self.previous_step
+        self._pending = self._decide(
+            step, epoch, force=False, in_flight=in_flight, at_step_boundary=at_step_boundary
+        )
+        self._pending_at_step_boundary = at_step_boundary
         return self._pending.save
 
     def take(
@@ -249,17 +256,32 @@ class SaveDecider:
         if pending is not None and pending.step == step and pending.epoch == epoch:
             decision = pending.forced() if force else pending
         else:
-            decision = self._decide(step, epoch, force=force, in_flight=in_flight)
+            # should_save already counted this step as reached: its verdict on the boundary
+            # holds for the save that follows it, whatever epoch the save passes.
+            at_step_boundary = (
+                self._pending_at_step_boundary
+                if pending is not None and pending.step == step
+                else step != self.previous_step
+            )
+            decision = self._decide(
+                step, epoch, force=force, in_flight=in_flight, at_step_boundary=at_step_boundary
+            )
         if decision.save:
             self.last_started = time.monotonic()
         return decision
 
     def _decide(
-        self, step: int, epoch: int | None, *, force: bool, in_flight: bool
+        self,
+        step: int,
+        epoch: int | None,
+        *,
+        force: bool,
+        in_flight: bool,
+        at_step_boundary: bool,
     ) -> SaveDecision:
-        at_step_boundary = step != self.previous_step
-        self.previous_step = step
-        return decide(
+        """``decide`` for this manager; once it answered (a refused step or epoch leaves no
+        trace), ``step`` is the previous call's."""
+        decision = decide(
             step,
             epoch,
             force=force,
@@ -271,6 +293,8 @@ class SaveDecider:
             coord=self.coord,
             at_step_boundary=at_step_boundary,
         )
+        self.previous_step = step
+        return decision
 
 
 class SignalFlag:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,9 @@ MICRO_BATCHES_PER_EPOCH = 4
 EPOCHS = 3
 #: the signal the tests' preemption notice is: pytest's own SIGTERM handling stays out of it
 NOTICE = signal.SIGUSR1
+#: a real interval for ``every_seconds`` and ``min_seconds_between_saves``: far longer than
+#: the few micro-batches between two saves, and slept through once where a test says
+PAUSE_SECONDS = 1.0
 
 
 def train(
@@ -39,12 +43,14 @@ def train(
     options: dict[str, Any],
     stop_after: int | None = None,
     signal_at: int | None = None,
+    pause_at: int | None = None,
 ) -> dict[str, Any]:
     """The README's ``Use`` loop on a small model, from ``last`` if there is one, saving after
     every micro-batch. ``stop_after``: this run's micro-batches before it stops as if killed
     (nothing saved after them); ``signal_at``: the micro-batch after which the last rank gets
-    the preemption notice. Returns the final parameters, each save as (step, epoch, the run's
-    micro-batch), and whether the run was preempted."""
+    the preemption notice; ``pause_at``: the micro-batch that takes :data:`PAUSE_SECONDS` longer
+    (a data stall), before its save call. Returns the final parameters, each save as (step,
+    epoch, the run's micro-batch), and whether the run was preempted."""
     torch.manual_seed(0)
     data = torch.randn(MICRO_BATCHES_PER_EPOCH * BATCH_SIZE, 4, generator=torch.Generator())
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
@@ -70,6 +76,8 @@ def train(
                     optimizer.zero_grad()
                 if seen == signal_at and rank == world_size - 1:
                     os.kill(os.getpid(), NOTICE)
+                if seen == pause_at:
+                    time.sleep(PAUSE_SECONDS)
                 saved = mgr.save(tracker.step, state, epoch=epoch)
                 if saved is not None:
                     saves.append((saved.step, saved.epoch, seen))
@@ -88,9 +96,10 @@ def run(
     world_size: int = 1,
     stop_after: int | None = None,
     signal_at: int | None = None,
+    pause_at: int | None = None,
 ) -> dict:
     """One job of ``world_size`` ranks; every rank trains alike: rank 0's outcome."""
-    ranks = run_ranks(train, world_size, str(root), options, stop_after, signal_at)
+    ranks = run_ranks(train, world_size, str(root), options, stop_after, signal_at, pause_at)
     return values(ranks)[0]
 
 
@@ -134,16 +143,39 @@ def test_an_epoch_save_due_mid_window_waits_for_the_optimizer_step_and_resumes_e
     assert same_weights(run(tmp_path / "job", options), reference)
 
 
-def test_a_time_save_waits_for_the_optimizer_step_from_the_first_call_of_a_fresh_run(
+def test_a_time_save_due_mid_window_after_an_earlier_save_waits_for_the_optimizer_step(
     tmp_path: Path,
 ) -> None:
-    """``every_seconds`` far shorter than a micro-batch: due at every call past the last saved
-    step, and at the very first (step 0, after one micro-batch of the first window)."""
-    options = {"every_seconds": 1e-9}
+    """Saved at step 1 (micro-batch 2, listed), which ``every_seconds`` counts from; micro-batch
+    5, the first of the third window, stalls past it: the save waits for micro-batch 6."""
+    options = {"save_on_steps": (1,), "every_seconds": PAUSE_SECONDS}
     reference = run(tmp_path / "reference", options)
-    assert all(micro_batch % ACCUMULATE == 0 for _, _, micro_batch in reference["saves"])
-    crashed = run(tmp_path / "job", options, stop_after=1)
-    assert crashed["saves"] == []
+    crashed = run(tmp_path / "job", options, stop_after=7, pause_at=5)
+    assert crashed["saves"] == [(1, 0, 2), (3, 1, 6)]
+    assert same_weights(run(tmp_path / "job", options), reference)
+
+
+def test_a_step_save_the_throttle_held_waits_for_the_next_optimizer_step(tmp_path: Path) -> None:
+    """Step 2 (micro-batch 4) comes too soon after step 1's save; the throttle has expired at
+    micro-batch 5, in the middle of the window: the step save it held is not lost, and is
+    made at step 3 (micro-batch 6), not at micro-batch 5."""
+    options = {"every_n_steps": 1, "min_seconds_between_saves": PAUSE_SECONDS}
+    reference = run(tmp_path / "reference", options)
+    crashed = run(tmp_path / "job", options, stop_after=7, pause_at=5)
+    assert crashed["saves"] == [(1, 0, 2), (3, 1, 6)]
+    assert same_weights(run(tmp_path / "job", options), reference)
+
+
+def test_the_first_call_after_a_resume_is_at_the_restored_step_not_a_new_one(
+    tmp_path: Path,
+) -> None:
+    """Resumed at step 2, saved at the last optimizer step of epoch 0: the first call (epoch 1,
+    its first micro-batch, still step 2) follows no optimizer step, so the epoch save waits
+    for step 3 instead of answering with the restored checkpoint and counting epoch 1 done."""
+    options = {"every_n_steps": 2, "every_n_epochs": 1}
+    reference = run(tmp_path / "reference", options)
+    assert run(tmp_path / "job", options, stop_after=5)["saves"] == [(2, 0, 4)]
+    assert run(tmp_path / "job", options, stop_after=3)["saves"] == [(3, 1, 2)]
     assert same_weights(run(tmp_path / "job", options), reference)
 
 
@@ -163,3 +195,15 @@ def test_closing_with_a_held_signal_warns_that_no_preemption_save_was_made(
         assert not mgr.preempted
     assert "closing with a preemption signal pending" in caplog.text
     assert distckpt.CheckpointManager(tmp_path, read_only=True).steps() == []
+
+
+def test_a_save_after_should_save_said_yes_saves_whatever_epoch_it_passes(tmp_path: Path) -> None:
+    """``should_save(1)`` is the first call at step 1; the save that follows at step 1, with an
+    epoch should_save was not given, is still at that step boundary, not a repeated call."""
+    options: dict[str, Any] = {"every_n_steps": 100, "save_on_signal": (NOTICE,), "fsync": False}
+    with distckpt.CheckpointManager(tmp_path, **options) as mgr:
+        os.kill(os.getpid(), NOTICE)
+        assert mgr.should_save(1)
+        saved = mgr.save(1, {"s": 1}, epoch=0)
+        assert saved is not None and (saved.step, saved.epoch) == (1, 0)
+        assert mgr.preempted
