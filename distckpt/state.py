@@ -6,7 +6,8 @@ sampler, a :class:`~distckpt.StepTracker`) is saved through ``state_dict()``. On
 same structure passed as ``state=`` is loaded in place: such objects get ``load_state_dict``,
 tensors are copied into, and plain values (ints, strings, tuples, ...) are replaced inside the
 dicts and lists that hold them. A :class:`torch.Generator` is saved as its state and device
-(:func:`saved_generator`) and restored in place with ``set_state``: the same object continues.
+(:func:`saved_generator`), per rank, and restored in place with ``set_state``: the same
+object continues.
 """
 
 from __future__ import annotations
@@ -109,14 +110,14 @@ def to_plain(state: Any, *, mark_per_rank: bool = False, template: bool = False)
         # An RNGState or a loader is Stateful itself; a PerRank holds its value.
         if isinstance(state, PerRank):
             inner = state.value
+        elif isinstance(state, torch.Generator):
+            inner = saved_generator(state)
         else:
             inner = template_state_dict(state) if template else state.state_dict()
         plain = to_plain(inner, template=template)
         return PerRank(plain) if mark_per_rank else plain
     if isinstance(state, torch.Tensor):
         return state.detach()
-    if isinstance(state, torch.Generator):
-        return saved_generator(state)
     if is_stateful(state):
         inner = template_state_dict(state) if template else state.state_dict()
         return to_plain(inner, mark_per_rank=mark_per_rank, template=template)
@@ -149,15 +150,20 @@ def _load_generator(
 ) -> None:
     """Set ``template`` to the state :func:`saved_generator` saved, in place: the same object
     (the one a sampler holds) continues its stream. A saved generator of another device
-    raises :class:`~distckpt.errors.GeneratorDeviceMismatch`; anything else saved there is
+    raises :class:`~distckpt.errors.GeneratorDeviceMismatch` (the device's type counts: a
+    generator's state does not depend on the device index); anything else saved there is
     reported as a key of another kind."""
+    if isinstance(loaded, torch.Generator):
+        # Checkpoints from before generators were saved as data hold the pickled generator (read
+        # with allow_pickle=True); its state restores the same.
+        loaded = saved_generator(loaded)
     if not (isinstance(loaded, Mapping) and set(loaded) == set(GENERATOR_KEYS)):
         report.missing_keys.append(path)
         if isinstance(loaded, (Mapping, list)):
             report.unexpected_keys.append(path)
         return
     saved_device, given_device = str(loaded["device"]), str(template.device)
-    if saved_device != given_device:
+    if torch.device(saved_device).type != template.device.type:
         raise GeneratorDeviceMismatch(
             f"{path or 'state'}: the checkpoint holds a generator of device {saved_device}, "
             f"restored into one of device {given_device}: make the generator on "
