@@ -251,8 +251,8 @@ class CheckpointManager(RootUpkeep):
         return self._decider.preempted
 
     def should_save(self, step: int, *, epoch: int | None = None) -> bool:
-        """Whether a schedule (or a preemption signal) says to save at ``step``. An epoch, time
-        or signal trigger is held at a call at the previous call's step (mid accumulation).
+        """Whether a schedule (or a preemption signal) says to save at ``step``. A schedule's
+        or signal's trigger is held at a call at the previous call's step (mid accumulation).
 
         Collective cost: none when only step/epoch schedules are set (every rank computes the
         same answer from the same arguments); one small vote when ``every_seconds``,

@@ -1,8 +1,9 @@
-"""Triggered saves in the README's ``Use`` loop with gradient accumulation: ``save()`` after every
-micro-batch, 2 micro-batches per optimizer step. An epoch, time or signal trigger that comes due
-at a micro-batch in the middle of an accumulation window (whose gradients no checkpoint holds)
-is held until the next call at a new step, right after the optimizer step, so that resuming
-from the checkpoint it takes ends with the weights of an uninterrupted run."""
+"""Triggered saves in a loop of the README's ``Use`` loop's shape with gradient accumulation:
+``save()`` after every micro-batch, 2 micro-batches per optimizer step. A step (held by the
+throttle), epoch, time or signal trigger that comes due at a micro-batch in the middle of an
+accumulation window (whose gradients no checkpoint holds) is held until the next call at a new
+step, right after the optimizer step, so that resuming from the checkpoint it takes ends with
+the weights of an uninterrupted run."""
 
 from __future__ import annotations
 
