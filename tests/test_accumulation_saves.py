@@ -208,3 +208,17 @@ def test_a_save_after_should_save_said_yes_saves_whatever_epoch_it_passes(tmp_pa
         saved = mgr.save(1, {"s": 1}, epoch=0)
         assert saved is not None and (saved.step, saved.epoch) == (1, 0)
         assert mgr.preempted
+
+
+def test_a_step_save_due_again_after_deleting_the_newest_waits_for_a_new_step(
+    tmp_path: Path,
+) -> None:
+    """Deleting the newest checkpoint makes its step due again; a call at that step in the
+    middle of a window does not save it (the micro-batches since its optimizer step would be
+    lost), the next step does."""
+    with distckpt.CheckpointManager(tmp_path, fsync=False, every_n_steps=1) as mgr:
+        assert mgr.save(1, {"s": 1}) is not None  # right after step 1's optimizer step
+        mgr.delete(1)
+        assert mgr.save(1, {"s": 1}) is None  # a micro-batch of the next window
+        assert mgr.save(2, {"s": 2}) is not None
+        assert mgr.steps() == [2]
