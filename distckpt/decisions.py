@@ -19,7 +19,7 @@ import weakref
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from types import FrameType
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from distckpt.coord import Coordinator
 from distckpt.errors import InvalidArgument
@@ -95,6 +95,7 @@ def decide(
     in_flight: bool,
     signals: SignalFlag,
     coord: Coordinator,
+    at_step_boundary: bool,
 ) -> SaveDecision:
     """Whether to save now, the same on every rank (collective when ``schedule`` or
     ``signals`` need the ranks' votes; see the module doc).
@@ -106,6 +107,15 @@ def decide(
     ``every_seconds`` is due only at a step past ``last``'s, and a plain save the throttle
     governs (no schedule) not at ``last``'s step, which is committed or in flight already,
     unless it asks to ``overwrite`` it.
+
+    ``at_step_boundary`` is False for a call at the same step as the previous call (a
+    micro-batch in the middle of a gradient-accumulation window, whose gradients no checkpoint
+    holds): an epoch, time or signal trigger that is due then is held (it stays due) until a
+    call at a boundary, except a signal at a step ``last`` already counts (that checkpoint is
+    the preemption save). The step schedules (``every_n_steps``, ``save_on_steps``) are held
+    likewise: a step save the throttle deferred (or one due again after a failed async save or
+    a ``delete`` of the newest) stays due, ``last`` unchanged, until the next new step. An
+    explicit or forced save is never held.
 
     A step or epoch a schedule or a vote would compare is checked first (a str or float step
     would be answered, a str epoch fail with ``TypeError``): inside the vote when there is one,
@@ -121,7 +131,9 @@ def decide(
         # requeued job saving after every micro-batch would then never save).
         past_last = last.step is None or step > last.step
         return _Vote(
-            time_due=past_last and schedule.due_by_time(now, last_time=last.time),
+            time_due=at_step_boundary
+            and past_last
+            and schedule.due_by_time(now, last_time=last.time),
             throttled=schedule.throttled(now, last_started=last_started, in_flight=in_flight),
             signalled=signals.is_set(),
         )
@@ -134,14 +146,20 @@ def decide(
             check_step_and_epoch(step, epoch)
         tally = _Vote(time_due=False, throttled=False, signalled=False)
     if schedule.is_set:
-        due = schedule.due_by_counters(step, epoch, last_step=last.step, last_epoch=last.epoch)
+        due = at_step_boundary and schedule.due_by_counters(
+            step, epoch, last_step=last.step, last_epoch=last.epoch
+        )
     else:
         # Continuous checkpointing calls save() after every micro-batch: a call at the step
         # saved last has nothing new (a lower step is still refused by the proposal), unless
         # it asks to overwrite that step.
         due = schedule.min_seconds_between_saves is None or overwrite or step != last.step
     due = due or tally.time_due
-    throttled, preempt = tally.throttled, tally.signalled
+    # A held signal stays set: the first call at a step boundary saves for it. A step already
+    # committed needs no wait: its checkpoint is the preemption save.
+    committed = last.step is not None and step == last.step
+    throttled = tally.throttled
+    preempt = tally.signalled and (at_step_boundary or committed)
     return SaveDecision(
         step,
         epoch,
@@ -160,13 +178,6 @@ def newest_to_count_from(
     return opened.newest, seconds_since_created(opened.newest_created, now)
 
 
-class SavesInFlight(Protocol):
-    """What tells whether an async save is still running on this rank (the manager)."""
-
-    @property
-    def save_in_flight(self) -> bool: ...
-
-
 class SaveDecider:
     """The save decisions of one manager: the schedule, the signals, the last save counted
     from (kept by the ``count_*`` methods, every rank alike), when the last save began, and the
@@ -177,26 +188,28 @@ class SaveDecider:
         schedule: SaveSchedule,
         signals: SignalFlag,
         coord: Coordinator,
-        saves: SavesInFlight,
     ) -> None:
         self.schedule = schedule
         self.signals = signals
         self.coord = coord
-        # What tells whether an async save is still running here (the throttle reads it): the
-        # manager, which holds this decider, so weakly (a manager dropped unclosed is freed at
-        # once, its lease with it, as without a decider).
-        self._saves = weakref.ref(saves)
         self.last = LastSave()
         #: when the previous save of any kind began (this rank's monotonic clock; None before
         #: the first save of this process): what ``min_seconds_between_saves`` counts from
         self.last_started: float | None = None
         self._pending: SaveDecision | None = None
+        #: whether the step of :attr:`_pending` was a step boundary when it was decided: a save
+        #: at that step deciding again (with another epoch) must not find it a repeated call
+        self._pending_at_step_boundary = False
         #: ``last`` before the async save in flight: put back if that save fails
         self._before_in_flight = LastSave()
         #: no save or restore yet: the first restore (the resume) sets ``last`` to its step
         self.resuming = True
         #: a save a signal asked for is durable (``CheckpointManager.preempted``)
         self.preempted = False
+        #: the step of the previous decision (the resumed step after the resume): a call at
+        #: another step follows an optimizer step. A fresh run counts from step 0, before any
+        #: optimizer step, so a trigger at its first micro-batches is held too.
+        self.previous_step: int = 0
 
     def count_from_newest(self, newest: tuple[int, int | None] | None, seconds_ago: float) -> None:
         """At the start: count from the root's newest checkpoint (step, epoch), created
@@ -233,6 +246,8 @@ class SaveDecider:
             and (self.resuming or last.step is None or loaded.step > last.step)
         ):
             self.last = LastSave.at(loaded.step, loaded.epoch)
+        if self.resuming and loaded is not None:
+            self.previous_step = loaded.step
         self.resuming = self.resuming and loaded is None
 
     def count_delete(self, step: int, newest_left: int | None) -> None:
@@ -249,12 +264,24 @@ class SaveDecider:
         if report:
             logger.warning("preemption save of step %d committed; stop and requeue", step)
 
-    def should_save(self, step: int, epoch: int | None) -> bool:
-        """Decide for ``step`` now and keep the decision for the save of that step."""
-        self._pending = self._decide(step, epoch, force=False, overwrite=False)
+    def should_save(self, step: int, epoch: int | None, *, in_flight: bool) -> bool:
+        """Decide for ``step`` now and keep the decision for the save of that step.
+        ``in_flight``: whether an async save is still running on this rank."""
+        at_step_boundary = step != self.previous_step
+        self._pending = self._decide(
+            step,
+            epoch,
+            force=False,
+            overwrite=False,
+            in_flight=in_flight,
+            at_step_boundary=at_step_boundary,
+        )
+        self._pending_at_step_boundary = at_step_boundary
         return self._pending.save
 
-    def take(self, step: int, epoch: int | None, *, force: bool, overwrite: bool) -> SaveDecision:
+    def take(
+        self, step: int, epoch: int | None, *, force: bool, overwrite: bool, in_flight: bool
+    ) -> SaveDecision:
         """The decision for the save of ``step``: the one :meth:`should_save` took for it, or
         a new one (also when ``overwrite`` may save what that one, taken without it, did not).
         A decision to save marks the start of a save, whatever its outcome."""
@@ -267,19 +294,38 @@ class SaveDecider:
         ):
             decision = pending.forced() if force else pending
         else:
-            decision = self._decide(step, epoch, force=force, overwrite=overwrite)
+            # should_save already counted this step as reached: its verdict on the boundary
+            # holds for the save that follows it, whatever epoch the save passes.
+            at_step_boundary = (
+                self._pending_at_step_boundary
+                if pending is not None and pending.step == step
+                else step != self.previous_step
+            )
+            decision = self._decide(
+                step,
+                epoch,
+                force=force,
+                overwrite=overwrite,
+                in_flight=in_flight,
+                at_step_boundary=at_step_boundary,
+            )
         if decision.save:
             self.last_started = time.monotonic()
         return decision
 
-    def _in_flight(self) -> bool:
-        saves = self._saves()
-        return saves is not None and saves.save_in_flight
-
     def _decide(
-        self, step: int, epoch: int | None, *, force: bool, overwrite: bool
+        self,
+        step: int,
+        epoch: int | None,
+        *,
+        force: bool,
+        overwrite: bool,
+        in_flight: bool,
+        at_step_boundary: bool,
     ) -> SaveDecision:
-        return decide(
+        """``decide`` for this manager; once it answered (a refused step or epoch leaves no
+        trace), ``step`` is the previous call's."""
+        decision = decide(
             step,
             epoch,
             force=force,
@@ -287,10 +333,13 @@ class SaveDecider:
             schedule=self.schedule,
             last=self.last,
             last_started=self.last_started,
-            in_flight=self._in_flight(),
+            in_flight=in_flight,
             signals=self.signals,
             coord=self.coord,
+            at_step_boundary=at_step_boundary,
         )
+        self.previous_step = step
+        return decision
 
 
 class SignalFlag:
@@ -336,8 +385,17 @@ class SignalFlag:
 
     def restore(self) -> None:
         """Put back the handlers that were there before :meth:`install`, where this flag's
-        handler is still installed (see the class doc)."""
+        handler is still installed (see the class doc). A signal still pending (no save call
+        at a step boundary came after it) is logged as a warning: no preemption save was made,
+        and the next run resumes from the last checkpoint."""
         _installed.discard(self)
+        if self._flag.is_set():
+            self._flag.clear()
+            logger.warning(
+                "closing with a preemption signal pending: no save() call at a new step came "
+                "after it, so no preemption save was made (the next run resumes from the last "
+                "checkpoint)"
+            )
         for signum, previous in self._previous.items():
             self._replaced_when_restored[signum] = previous
             if signal.getsignal(signum) is self._handler:

@@ -1,16 +1,13 @@
 """Every exception distckpt raises, but one kind: the functions that run in a plain process
 (:func:`distckpt.load_checkpoint`, :func:`distckpt.verify`, :func:`distckpt.export`) raise an
-operating system error reading a checkpoint's file, or writing ``export``'s output, as that
-``OSError``; a :class:`~distckpt.CheckpointManager`'s calls raise it as a
-:class:`CheckpointError` (a :class:`RankFailure`, naming the rank) on every rank.
+``OSError`` reading a checkpoint's file, or writing ``export``'s output, as it is; a
+:class:`~distckpt.CheckpointManager`'s calls raise it as a :class:`CheckpointError` (a
+:class:`RankFailure`, naming the rank) on every rank.
 
-All derive from :class:`CheckpointError`, and also from the builtin that means the same thing
-(a missing checkpoint is a ``FileNotFoundError``, a bad argument a ``ValueError``); none
-derives from ``BaseException`` directly. Errors carry structured fields besides their message:
-``rank``, ``path`` and ``step``, each None where unknown. They travel with an error raised on
-every rank (:meth:`CheckpointError.fields`, :meth:`CheckpointError.rebuild`) and survive
-pickling (a process pool or a multiprocessing queue), so code can act on them without parsing
-text.
+All derive from :class:`CheckpointError` and from the builtin that means the same (a missing
+checkpoint is a ``FileNotFoundError``, a bad argument a ``ValueError``). Their structured fields
+(``rank``, ``path``, ``step``, None where unknown, and each class's own) travel with an error
+raised on every rank and survive pickling, so code can act on them without parsing text.
 """
 
 from __future__ import annotations
@@ -77,8 +74,8 @@ class CheckpointNotFound(CheckpointError, FileNotFoundError):
 
 
 class CheckpointVanished(CheckpointNotFound):
-    """A checkpoint was deleted (by retention in another process) while it was being read.
-    ``restore("last")`` and ``load_checkpoint`` of a root or link retry on this by themselves."""
+    """A checkpoint deleted (by another process's retention) while read: ``restore("last")``
+    and ``load_checkpoint`` of a root or link retry by themselves."""
 
 
 class CheckpointExists(CheckpointError, FileExistsError):
@@ -86,8 +83,7 @@ class CheckpointExists(CheckpointError, FileExistsError):
 
 
 class InvalidStep(CheckpointError, ValueError):
-    """A step that is negative, not an int, lower than the newest committed, or not the same on
-    every rank."""
+    """A step that is negative, not an int, below the newest committed, or differing by rank."""
 
 
 class InvalidArgument(CheckpointError, ValueError):
@@ -95,10 +91,9 @@ class InvalidArgument(CheckpointError, ValueError):
 
 
 class ShapeMismatch(InvalidArgument):
-    """A tensor of the ``state=`` given to a restore has another shape than the checkpoint's
-    tensor under the same key: nothing can be loaded into it, so the restore is refused whatever
-    ``strict`` is, before anything is loaded (in both formats). ``mismatches`` lists each as
-    ``(key, saved_shape, current_shape)``, shapes as tuples of ints."""
+    """A tensor of a restore's ``state=`` has another shape than the checkpoint's under its key:
+    the restore is refused whatever ``strict`` is, before anything is loaded (in both formats).
+    ``mismatches`` lists each as ``(key, saved_shape, current_shape)``, shapes as int tuples."""
 
     mismatches: tuple[tuple[str, tuple[int, ...], tuple[int, ...]], ...] = ()
 
@@ -205,6 +200,14 @@ class UnloadableState(InvalidArgument):
     def __init__(self, message: str, *, state_key: str, refused: str) -> None:
         super().__init__(message)
         self.state_key, self.refused = state_key, refused
+
+
+class GeneratorDeviceMismatch(InvalidArgument):
+    """A ``torch.Generator`` of ``saved_device`` restored into one of ``given_device`` (``key``)."""
+
+    def __init__(self, message: str, *, key: str, saved_device: str, given_device: str) -> None:
+        super().__init__(message)
+        self.key, self.saved_device, self.given_device = key, saved_device, given_device
 
 
 class RootNotWritable(CheckpointError, PermissionError):
@@ -316,9 +319,8 @@ class UnsupportedVersion(CheckpointError):
 
 class WorldSizeMismatch(CheckpointError, ValueError):
     """A checkpoint restored by another number of ranks than saved it, where that cannot be
-    done: any "torch"-format checkpoint, and a "dcp" one whose per-rank values the restore asks
-    for. ``saved_world_size`` is the number of ranks that saved it, ``world_size`` the number
-    restoring it; ``path`` and ``step`` name the checkpoint."""
+    done: any "torch" checkpoint, and a "dcp" one whose per-rank values the restore asks for.
+    ``saved_world_size`` ranks saved it, ``world_size`` restore it; ``path``, ``step`` name it."""
 
     saved_world_size: int = 0
     world_size: int = 0
@@ -343,9 +345,8 @@ class UnsafeCheckpoint(CheckpointError):
     torch's weights-only allow-list (a rank file, a DCP value; the message names the refused
     type, or the pickle protocol it does not read; ``allow_pickle=True`` opts in; a pickle
     torch cannot parse is a :class:`CorruptCheckpoint`), a DCP ``.metadata`` asking for
-    anything but DCP's own types, or reading a step dir that is a symlink rather than a real
-    dir. (Links that leave the root are not followed: the reader falls back, and ``verify``
-    reports them.)"""
+    anything but DCP's own types, or reading a step dir that is a symlink, not a dir. (Links
+    that leave the root are not followed: the reader falls back; ``verify`` reports them.)"""
 
 
 class UnimportableClass(CheckpointError, ImportError):

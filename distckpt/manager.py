@@ -88,7 +88,7 @@ class CheckpointManager(RootUpkeep):
             flight; forced and preemption saves are never skipped. Rank 0's clock decides.
         Every count and seconds option takes None for "off"; 0 is refused.
         save_on_signal: signals (e.g. ``signal.SIGTERM``) that request a preemption save at the
-            next :meth:`should_save` / :meth:`save`; see :attr:`preempted`.
+            next :meth:`should_save` / :meth:`save` at a new step; see :attr:`preempted`.
         async_save: :meth:`save` returns once this rank's state is copied into reusable CPU
             buffers; writing, agreement and commit run in a background thread on a process group
             of their own, and :meth:`wait` returns the committed result. At most one save is in
@@ -215,7 +215,7 @@ class CheckpointManager(RootUpkeep):
         self._saver: Saver | None = None  # once the root is open
         self._coord = Coordinator(group, self.timeout)
         self.rank = self._coord.rank
-        self._decider = SaveDecider(self.schedule, self._signals, self._coord, self)
+        self._decider = SaveDecider(self.schedule, self._signals, self._coord)
         self.world_size = self._coord.world_size
         try:
             token = starting.open_root(
@@ -253,7 +253,8 @@ class CheckpointManager(RootUpkeep):
         return self._decider.preempted
 
     def should_save(self, step: int, *, epoch: int | None = None) -> bool:
-        """Whether a schedule (or a preemption signal) says to save at ``step``.
+        """Whether a schedule (or a preemption signal) says to save at ``step``. A schedule's
+        or signal's trigger is held at a call at the previous call's step (mid accumulation).
 
         Collective cost: none when only step/epoch schedules are set (every rank computes the
         same answer from the same arguments); one small vote when ``every_seconds``,
@@ -263,7 +264,7 @@ class CheckpointManager(RootUpkeep):
         instead of deciding again.
         """
         self._check_open()
-        return self._decider.should_save(step, epoch)
+        return self._decider.should_save(step, epoch, in_flight=self.save_in_flight)
 
     def save(
         self,
@@ -297,7 +298,9 @@ class CheckpointManager(RootUpkeep):
             overwrite: replace an already committed checkpoint of this step.
         """
         self._check_open()
-        decision = self._decider.take(step, epoch, force=force, overwrite=overwrite)
+        decision = self._decider.take(
+            step, epoch, force=force, overwrite=overwrite, in_flight=self.save_in_flight
+        )
         if not decision.save:
             return None
         self.wait()  # at most one save in flight; raises a failed one's error here
@@ -420,12 +423,10 @@ class CheckpointManager(RootUpkeep):
 
     def agree_on(self, local: Callable[[], T], *, what: str) -> T:
         """Run ``local`` on every rank, each keeping its own value, and raise on every rank if
-        it raised on any (the error naming the failing ranks); collective. For work a restore
-        leaves to the caller (hooks that load what was restored into other objects): a rank
-        failing alone would otherwise leave the others training on, to wait for it in the
-        training's next collective. ``what`` names the work in errors. Only the verdicts
-        travel, as in the restore's own agreement (:meth:`Coordinator.agree_on
-        <distckpt.coord.Coordinator.agree_on>`)."""
+        it raised on any (naming the failing ranks); collective. For work a restore leaves to the
+        caller (hooks loading restored state into other objects), where a rank failing alone
+        would leave the others waiting for it in the training's next collective. ``what`` names
+        the work in errors; only verdicts travel (:meth:`distckpt.coord.Coordinator.agree_on`)."""
         self._check_open()
         return self._coord.agree_on(local, what=what)
 
@@ -434,8 +435,7 @@ class CheckpointManager(RootUpkeep):
         return self._view.committed_steps()
 
     def latest_step(self) -> int | None:
-        """The newest committed step that passes its manifest check: the one
-        ``restore("last")`` loads (not collective)."""
+        """The newest committed step passing its manifest check, which ``restore("last")`` loads."""
         newest = resolve.newest_valid(self._view)
         return newest[1].step if newest else None
 
@@ -445,8 +445,7 @@ class CheckpointManager(RootUpkeep):
         return best[1].step if best else None
 
     def checkpoints(self) -> list[CheckpointInfo]:
-        """Every committed checkpoint that passes its manifest check, oldest first, from
-        manifests only (not collective). A damaged one is left out; :meth:`steps` lists it."""
+        """Committed checkpoints passing their manifest check, oldest first, from manifests."""
         return resolve.list_checkpoints(self._view)
 
     def close(self) -> None:

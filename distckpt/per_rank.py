@@ -7,6 +7,7 @@ so the format stores one copy per rank and hands each rank its own back. Marked 
 
 * values wrapped in :class:`PerRank` by the user;
 * :class:`~distckpt.RNGState` (every rank draws its own random numbers: dropout masks);
+* a ``torch.Generator`` (a sampler's, or any the ranks seed apart: its stream is the rank's);
 * torchdata's ``StatefulDataLoader`` (every rank reads its own part of the data).
 
 :func:`distckpt.state.to_plain` keeps the mark (a :class:`PerRank` around the plain value) for
@@ -17,6 +18,8 @@ from __future__ import annotations
 
 import sys
 from typing import Any
+
+import torch
 
 from distckpt.rng import RNGState
 
@@ -62,7 +65,7 @@ def _is_per_rank_loader(value: Any) -> bool:
 
 def is_per_rank(value: Any) -> bool:
     """Whether ``value`` differs per rank by its mark or by its nature (see the module doc)."""
-    return isinstance(value, (PerRank, RNGState)) or _is_per_rank_loader(value)
+    return isinstance(value, (PerRank, RNGState, torch.Generator)) or _is_per_rank_loader(value)
 
 
 def unwrap(value: Any) -> Any:

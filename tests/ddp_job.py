@@ -2,14 +2,15 @@
 
 ``python tests/ddp_job.py ROOT OUT [--async-save] [--ballast-mib N] [--leave-out PIECE]``
 starts 2 gloo ranks (forked, so they share the job's process group and a SIGKILL of the group
-reaches every rank and every loader worker) and runs the README's ``Use`` recipe on each: a
-DDP model with dropout, AdamW and OneCycleLR (whose step count is exact: one step too many
-raises), 2 micro-batches per optimizer step, a dataset whose ``__getitem__`` adds random noise
-(augmentation) drawn from a generator seeded from the seed, the epoch and the sample's index, a
-``StatefulDataLoader`` with a ``StatefulDistributedSampler(shuffle=True)`` and 2 workers,
-:class:`distckpt.StepTracker`,
-:class:`distckpt.RNGState`, a :class:`distckpt.CheckpointManager` saving every 2 optimizer
-steps, and ``restore("last", state=state, missing_ok=True)``.
+reaches every rank and every loader worker) and runs the README's ``Use`` recipe on each, with
+``save`` called after each optimizer step (``tests/test_accumulation_saves.py`` calls it after
+every micro-batch): a DDP model with dropout, AdamW and OneCycleLR (whose step count is exact:
+one step too many raises), 2 micro-batches per optimizer step, a dataset whose ``__getitem__``
+adds random noise (augmentation) drawn from a generator seeded from the seed, the epoch and the
+sample's index, a ``StatefulDataLoader`` with a ``StatefulDistributedSampler(shuffle=True)`` and
+2 workers, :class:`distckpt.StepTracker`, :class:`distckpt.RNGState`, a
+:class:`distckpt.CheckpointManager` saving every 2 optimizer steps, and
+``restore("last", state=state, missing_ok=True)``.
 
 Each rank appends every micro-batch's loss to ``OUT/losses-rank{r}.txt`` as ``epoch sample
 loss`` (``sample``: the batch's first sample index, so a key names one batch of one epoch; the

@@ -411,7 +411,7 @@ def _epoch_setters(source: str) -> set[str]:
 
 
 def test_the_use_loop_sets_each_epoch_as_the_resume_test_job_does() -> None:
-    """The README says ``tests/test_resume.py`` runs exactly its "Use" loop: the job it runs
+    """The README says ``tests/test_resume.py`` runs its "Use" loop: the job it runs
     (``tests/ddp_job.py``) tells the sampler and the dataset each epoch, as the loop does."""
     use_section = README.split("## Use", 1)[1]
     use_loop = use_section.split("```python\n", 1)[1].split("```", 1)[0]

@@ -57,6 +57,9 @@ def _example(cls: type[CheckpointError]) -> CheckpointError:
         "unexpected_keys": ("model.3.bias",),
         "saved_world_size": 4,
         "world_size": 2,
+        "key": "sampler.generator",
+        "saved_device": "cuda:0",
+        "given_device": "cpu",
     }
     taken = inspect.signature(cls.__init__).parameters
     return cls("what went wrong", **{k: v for k, v in values.items() if k in taken})

@@ -30,7 +30,8 @@ What DCP saves, and its limits:
   them.
 * Everything else -- plain tensors and plain values -- is taken to be the *same on every rank*
   and is saved once, from one rank, unless it is marked per rank: :class:`~distckpt.RNGState`,
-  a ``StatefulDataLoader``, or any value wrapped in :class:`~distckpt.PerRank`. Those are saved
+  a ``torch.Generator``, a ``StatefulDataLoader``, or any value wrapped in
+  :class:`~distckpt.PerRank`. Those are saved
   once per rank and restored to the same rank (see :mod:`distckpt.formats.dcp_per_rank`); a
   restore by another number of ranks that asks for per-rank values the checkpoint holds raises
   :class:`~distckpt.errors.WorldSizeMismatch` naming them (asked-for ones it holds nothing of,
