@@ -233,12 +233,25 @@ MUTATIONS = [
 ]
 
 
+@pytest.fixture(scope="module")
+def fsync_sites() -> list[mutate.FsyncSite]:
+    """The package's fsync calls, found once for every mutation: finding them parses every
+    module of the package, a second or so each time on a loaded machine."""
+    return mutate.fsync_sites()
+
+
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize(("name", "function", "call"), MUTATIONS)
 def test_removing_an_fsync_is_flagged(
-    shared: Path, scratch: Path | None, tmp_path: Path, name: str, function: str, call: str
+    shared: Path,
+    scratch: Path | None,
+    tmp_path: Path,
+    fsync_sites: list[mutate.FsyncSite],
+    name: str,
+    function: str,
+    call: str,
 ) -> None:
-    site = next(s for s in mutate.fsync_sites() if s.function == function and call in s.text)
+    site = next(s for s in fsync_sites if s.function == function and call in s.text)
     assert _flagged(shared, scratch, tmp_path, name, site), f"removing {site.label} went unnoticed"
 
 

@@ -24,7 +24,7 @@ from tests.ranks import RankResult, run_ranks, values
 from tests.test_dcp import _load_train_fsdp, _run_job  # test_dcp imports torch._dynamo once
 from tests.test_launch import LAUNCH_README, PLAIN, Job, committed_steps, done_loss, import_train
 
-STARTUP = 120.0  # a plain run imports torch: seconds, or tens of them on a loaded machine
+STARTUP = 120.0  # a job's start: seconds, or tens of them on a loaded machine
 
 
 @pytest.mark.timeout(300)
@@ -42,9 +42,10 @@ def test_a_lingering_holder_refuses_train_py_unless_it_waits_for_the_root(tmp_pa
     try:
         assert holder.line() == "held 2", "the first job held generation 1"
         more = [*PLAIN, *args, "--steps", "20"]
-        # Started together: each spends seconds importing torch.
-        refused = Job(more, tmp_path)
-        waiting = Job([*more, "--wait-for-root", "300"], tmp_path)
+        # Run by the job servers, which imported torch once: the point is the lease, not a
+        # fresh interpreter's start (test_launch's jobs start train.py fresh).
+        refused = Job(more, tmp_path, preloaded=True)
+        waiting = Job([*more, "--wait-for-root", "300"], tmp_path, preloaded=True)
         with refused, waiting:
             assert refused.wait(STARTUP) == 1, refused.output
             assert re.search(r"RootInUse: root .* is in use by .*, pid \d+,", refused.output)

@@ -125,17 +125,20 @@ def jobs(tmp_path: Path) -> Iterator[Jobs]:
         started.kill_all()
 
 
-#: Runs each command line of ``argv[1]`` (JSON) in turn, printing its exit status and what it
-#: wrote to stdout and to stderr (a failing command's reasons are on its stderr).
+#: Runs the command lines of each JSON list it reads on stdin, in turn, and prints a JSON line
+#: per list: each command's exit status and what it wrote to stdout and to stderr (a failing
+#: command's reasons are on its stderr).
 _CLI_RUNS = """
 import contextlib, io, json, sys
 from distckpt.cli import main
-
-for arguments in json.loads(sys.argv[1]):
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stderr(err):
-        status = main(arguments, out=out)
-    print(json.dumps([status, out.getvalue(), err.getvalue()]), flush=True)
+for batch in sys.stdin:
+    results = []
+    for arguments in json.loads(batch):
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stderr(err):
+            status = main(arguments, out=out)
+        results.append([status, out.getvalue(), err.getvalue()])
+    print(json.dumps(results), flush=True)
 """
 
 
@@ -292,24 +295,48 @@ def test_gc_on_another_machine_keeps_a_live_writers_staging_where_locks_are_loca
     staging dir was removed, not that the root is not shared."""
     bindfs = mounts.get("bindfs")
     assert bindfs.writable_source is not None
-    root, out = bindfs.writable_source / "gc-elsewhere", jobs.out
+    root = bindfs.writable_source / "gc-elsewhere"
     seen_elsewhere = bindfs.path / "gc-elsewhere"
     elsewhere = _on_another_machine_named_like_this_one(bindfs.path, tmp_path)
 
-    def cli_elsewhere(*commands: tuple[str, ...]) -> list[tuple[int, str, str]]:
-        """Each command line, on the root seen from there, run by one python there (each
-        python spends seconds importing torch): its exit status and what it wrote to stdout and
-        to stderr."""
-        runs = [[*command, str(seen_elsewhere)] for command in commands]
-        done = subprocess.run(
-            [*elsewhere, sys.executable, "-c", _CLI_RUNS, json.dumps(runs)],
-            capture_output=True,
+    # One python there runs every command line of the test: each python spends seconds
+    # importing torch. Its stderr goes to a file, which no amount of warnings fills up.
+    errors_there = tmp_path / "cli-elsewhere.stderr"
+    with errors_there.open("w") as stderr:
+        there = subprocess.Popen(
+            [*elsewhere, sys.executable, "-c", _CLI_RUNS],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=stderr,
             text=True,
-            timeout=STARTUP,
         )
-        assert done.returncode == 0, done.stderr
-        printed = [json.loads(line) for line in done.stdout.splitlines()]
-        return [(int(status), str(output), str(errors)) for status, output, errors in printed]
+    try:
+        _gc_elsewhere_keeps_a_live_writers_staging(jobs, root, there, seen_elsewhere)
+        assert there.stdin is not None
+        there.stdin.close()
+        assert there.wait(STARTUP) == 0, errors_there.read_text()
+    finally:
+        there.kill()
+        there.wait()
+
+
+def _gc_elsewhere_keeps_a_live_writers_staging(
+    jobs: Jobs, root: Path, there: subprocess.Popen[str], seen_elsewhere: Path
+) -> None:
+    out = jobs.out
+
+    def cli_elsewhere(*commands: tuple[str, ...]) -> list[tuple[int, str, str]]:
+        """Each command line, on the root seen from there, run by the python ``there`` in
+        turn: its exit status and what it wrote to stdout and to stderr."""
+        runs = [[*command, str(seen_elsewhere)] for command in commands]
+        assert there.stdin is not None and there.stdout is not None
+        there.stdin.write(json.dumps(runs) + "\n")
+        there.stdin.flush()
+        line = there.stdout.readline()
+        assert line, f"the python there ended with status {there.wait(STARTUP)}"
+        return [
+            (int(status), str(output), str(errors)) for status, output, errors in json.loads(line)
+        ]
 
     held = ["--world-size", "1", "--timeout", "300"]
     holding = jobs.start(plain(root, out, "h", "--saves", "2", "--hold-in-save", "2", *held))
