@@ -224,9 +224,9 @@ class InsufficientSpace(CheckpointError, OSError):
 class CommitLost(CheckpointError, OSError):
     """The filesystem lost a checkpoint in the rename that commits it: the renamed directory
     lacks its manifest or a file, or a file has the wrong size (fusefat empties a
-    directory it renames). Nothing was committed (an ``overwrite=True`` keeps the checkpoint
-    it was to replace where it could be put back: the message says so); the root's
-    filesystem cannot hold checkpoints."""
+    directory it renames); on an object store, objects of the save went between the commit's
+    check and its ``COMMIT``. Nothing was committed (an ``overwrite=True`` keeps the checkpoint
+    it was to replace where it could be put back: the message says so)."""
 
 
 class StagedFileMismatch(CheckpointError, OSError):

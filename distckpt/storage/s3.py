@@ -36,12 +36,15 @@ from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 
-from distckpt import faults, policy
+from distckpt import events, faults, policy
 from distckpt.errors import (
     CheckpointError,
     CheckpointNotFound,
+    CommitLost,
     ConcurrentCommit,
+    CorruptCheckpoint,
     ObjectExists,
+    ObjectNotFound,
     PreconditionFailed,
     StagedFileMismatch,
 )
@@ -52,7 +55,7 @@ from distckpt.storage import ExtraFile, OpenedRoot, StagingArea, store_files
 from distckpt.storage.posix_links import COMMITTING_RANK
 from distckpt.storage.s3_lease import LeaseKeeping
 from distckpt.storage.s3_spool import SpoolUploads, make_temp_dir, remove_dead_temp_dirs
-from distckpt.storage.s3_upkeep import Upkeep
+from distckpt.storage.s3_upkeep import UNKNOWN_ATTEMPT, Upkeep
 from distckpt.storage.s3_view import (
     DOWNLOAD_CONCURRENCY,
     CommitRecord,
@@ -158,15 +161,24 @@ class S3RootStore(LeaseKeeping, Upkeep, ViewedStore):
         # Runs after a failed save too: its own error must not hide that one. What is left is
         # a dead writer's leftover, removed by the next gc or start.
         try:
-            if attempt not in self._published:
-                record = self.s3.read_commit(step)  # the commit may have been made, unanswered
-                if record is None or record.attempt != attempt:
-                    self._delete_prefix(self.s3.attempt_prefix(step, attempt))
+            if attempt not in self._published and not self._commit_names(step, attempt):
+                self._delete_prefix(self.s3.attempt_prefix(step, attempt))
         except CheckpointError as exc:
             logger.warning("could not remove the save %s (left for gc): %s", area.location, exc)
         finally:
             self._published.discard(attempt)
             self._drop_claim(attempt)
+
+    def _commit_names(self, step: int, attempt: str) -> bool:
+        """Whether the step's ``COMMIT`` names the save ``attempt``: its commit may have been
+        made with the answer lost. A damaged ``COMMIT`` names none (this store writes only
+        whole records): cleanup, which cannot tell whose it is, would keep every save of its
+        step while it stays damaged, so the save's own prefix must go here."""
+        try:
+            record = self.s3.read_commit(step)
+        except CorruptCheckpoint:
+            return False
+        return record is not None and record.attempt == attempt
 
     def open_shard(self, location: str, rank: int) -> AbstractContextManager[Path]:
         return self._spool(location, rank)
@@ -256,16 +268,20 @@ class S3RootStore(LeaseKeeping, Upkeep, ViewedStore):
         # (checked below), may have committed, and a commit of the same step by anyone fails
         # the exclusive create of COMMIT (ConcurrentCommit). No second listing is needed.
         self.check_staged(area, manifest.files)
-        faults.hit("before_manifest", rank)
-        self.s3.client.put_bytes(
-            self.s3.attempt_prefix(step, attempt) + MANIFEST_NAME, manifest.to_json()
-        )
-        faults.hit("after_manifest", rank)
-        faults.hit("before_rename", rank)
-        self._check_lease()  # the upload may have outlasted the lease
-        replaced = self._publish(step, attempt, overwrite=overwrite)
+        with events.phase("commit.manifest", rank=rank, step=step):
+            faults.hit("before_manifest", rank)
+            manifest_bytes = manifest.to_json()
+            self.s3.client.put_bytes(
+                self.s3.attempt_prefix(step, attempt) + MANIFEST_NAME, manifest_bytes
+            )
+            faults.hit("after_manifest", rank)
+        with events.phase("commit.publish", rank=rank, step=step):
+            faults.hit("before_rename", rank)
+            self._check_lease()  # the upload may have outlasted the lease
+            replaced, etag = self._publish(step, attempt, overwrite=overwrite)
+            self._check_committed(area, manifest, len(manifest_bytes), etag, replaced)
         self._published.add(attempt)
-        if replaced is not None:
+        if replaced is not None and replaced.attempt != UNKNOWN_ATTEMPT:
             self._leave_to_tidy(step, replaced.attempt)
         # Committed: COMMIT is the truth from here on. A failure to update the derived
         # pointers or retention must not report the save as failed; they are redone at the
@@ -282,21 +298,25 @@ class S3RootStore(LeaseKeeping, Upkeep, ViewedStore):
             )
         return SaveResult(step, self.s3.location(step), manifest.epoch, dict(manifest.metrics))
 
-    def _publish(self, step: int, attempt: str, *, overwrite: bool) -> CommitRecord | None:
+    def _publish(
+        self, step: int, attempt: str, *, overwrite: bool
+    ) -> tuple[CommitRecord | None, str]:
         """Create (or with ``overwrite`` replace) the step's ``COMMIT`` object naming
-        ``attempt``; the commit record it replaced, if any."""
+        ``attempt``; the commit record it replaced, if any (a damaged one's attempt is
+        :data:`UNKNOWN_ATTEMPT`: its save becomes a leftover like a dead writer's), and the
+        ETag of the new ``COMMIT``."""
         name = self.s3.commit_name(step)
         content = CommitRecord.encode(step, attempt)
-        previous = self.s3.read_commit(step) if overwrite else None
-        if previous is not None:  # before the replaced save is uncommitted (see there)
-            self._drop_set_aside_record(step, previous.attempt)
+        previous = self._commit_to_replace(step) if overwrite else None
+        if previous is not None and previous.attempt != UNKNOWN_ATTEMPT:
+            self._drop_set_aside_record(step, previous.attempt)  # before it is uncommitted
         # The attempt token makes the content unique to this save: a commit applied whose
         # answer was lost is recognised as this save's own by reading it back.
         try:
             if previous is not None:
-                self.s3.client.put_own_bytes(name, content, if_match=previous.etag)
+                etag = self.s3.client.put_own_bytes(name, content, if_match=previous.etag)
             else:
-                self.s3.client.put_own_bytes(name, content, if_absent=True)
+                etag = self.s3.client.put_own_bytes(name, content, if_absent=True)
         except (ObjectExists, PreconditionFailed) as exc:
             raise ConcurrentCommit(
                 f"step {step} was committed by another writer meanwhile, at "
@@ -304,7 +324,67 @@ class S3RootStore(LeaseKeeping, Upkeep, ViewedStore):
                 path=self.s3.location(step),
                 step=step,
             ) from exc
-        return previous
+        return previous, etag
+
+    def _commit_to_replace(self, step: int) -> CommitRecord | None:
+        """The step's commit record, which ``overwrite`` replaces; a damaged ``COMMIT`` (not a
+        commit record) as one naming :data:`UNKNOWN_ATTEMPT`, with its ETag."""
+        try:
+            return self.s3.read_commit(step)
+        except CorruptCheckpoint:
+            try:
+                etag = self.s3.client.head(self.s3.commit_name(step)).etag
+            except ObjectNotFound:
+                return None  # deleted meanwhile: the step is a new one again
+            return CommitRecord(step, UNKNOWN_ATTEMPT, etag)
+
+    def _check_committed(
+        self,
+        area: StagingArea,
+        manifest: Manifest,
+        manifest_size: int,
+        etag: str,
+        replaced: CommitRecord | None,
+    ) -> None:
+        """After ``COMMIT`` was written: the save it names still holds the manifest and every
+        file with its size (one listing, as :meth:`check_staged`). Objects lost since that
+        check (a ``gc`` whose clock runs ahead took the save for a dead writer's) must fail
+        the save, not report a checkpoint that is not there, nor let an ``overwrite`` delete
+        the checkpoint it replaced: ``COMMIT`` is put back as it was (conditional on the ETag
+        just written; deleted where the step was new), and :class:`~distckpt.CommitLost`
+        raised, as the POSIX store does when its filesystem loses a renamed step dir."""
+        written = {MANIFEST_NAME: FileRecord(manifest_size, "", COMMITTING_RANK)}
+        try:
+            self.check_staged(area, written | dict(manifest.files))
+        except StagedFileMismatch as lost:
+            kept = self._undo_lost_commit(manifest.step, etag, replaced)
+            raise CommitLost(
+                f"the store of {self.root} lost objects of step {manifest.step} between the "
+                f"commit's check and its COMMIT: {lost}; nothing was committed"
+                + (" (the checkpoint it was to replace is kept)" if kept else "")
+                + ": is a gc running beside the job, on a machine whose clock is ahead?",
+                path=lost.path,
+                step=manifest.step,
+            ) from lost
+
+    def _undo_lost_commit(self, step: int, etag: str, replaced: CommitRecord | None) -> bool:
+        """Put the step's ``COMMIT`` back as it was before this save wrote it (version
+        ``etag``): the replaced record, else none (a damaged one replaced goes too). Whether
+        the replaced checkpoint is committed again. A failure is logged, never raised over
+        the ``CommitLost`` it undoes (the lost save stays committed, damaged: readers skip
+        it)."""
+        name = self.s3.commit_name(step)
+        try:
+            if replaced is None or replaced.attempt == UNKNOWN_ATTEMPT:
+                # a new step, or one whose damaged COMMIT named no save: uncommitted
+                self.s3.client.delete([name])
+                return False
+            content = CommitRecord.encode(step, replaced.attempt)
+            self.s3.client.put_own_bytes(name, content, if_match=etag)
+        except CheckpointError as exc:
+            logger.error("could not undo the lost commit of %s: %s", self.s3.location(step), exc)
+            return False
+        return True
 
     # ------------------------------------------------------------------ removal
 

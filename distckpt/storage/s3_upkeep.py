@@ -49,8 +49,8 @@ logger = logging.getLogger("distckpt")
 
 _POINTER_RETRIES = 3  # compare-and-swap of a pointer that another process moved meanwhile
 #: stands for the attempt a damaged ``COMMIT`` names (unknown); no attempt token is empty
-_UNREADABLE = ""
-_UNREADABLE_COMMIT = CommitRecord(-1, _UNREADABLE, "")
+UNKNOWN_ATTEMPT = ""
+_UNREADABLE_COMMIT = CommitRecord(-1, UNKNOWN_ATTEMPT, "")
 #: How far a claim's expiry, a wall-clock time written by its writer, is trusted past its
 #: end: the clocks of the writer and of the cleaning process may disagree by this much.
 CLOCK_SKEW_SECONDS = 60.0
@@ -436,7 +436,7 @@ class Upkeep:
     def _names(record: CommitRecord | None, attempt: str) -> bool:
         """Whether ``record`` publishes ``attempt``, or might (a damaged ``COMMIT``: which
         save it publishes is unknown, so every save of its step is left)."""
-        return record is not None and record.attempt in (attempt, _UNREADABLE)
+        return record is not None and record.attempt in (attempt, UNKNOWN_ATTEMPT)
 
     def _remove_leftovers(self) -> list[CheckpointLocation]:
         """Remove what :meth:`_find_leftovers` found whose writer is not alive (a live

@@ -1,0 +1,93 @@
+"""An ``s3://`` save whose objects the store lost between the commit's check and its
+``COMMIT`` (a ``gc`` whose clock runs ahead took it for a dead writer's, the window
+docs/object-stores.md names) fails with ``CommitLost`` on every rank, as a POSIX commit the
+filesystem lost does: a new step is left uncommitted, and an ``overwrite=True`` keeps the
+checkpoint it was to replace, whose objects are not deleted."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import torch
+
+import distckpt
+from distckpt import events
+from distckpt.errors import ObjectNotFound
+from distckpt.objstore import ObjectStore
+from tests.ranks import run_ranks, values
+from tests.s3server import S3Server
+from tests.test_s3_store import JOB_TIMEOUT, _objects, _state
+
+STEP_PREFIX = "step-00000002/"
+
+
+def _lose_rank_1_object_of_the_new_save(url: str, options: dict[str, Any]) -> None:
+    """Delete rank 1's file of the step 2 save being committed once the commit's manifest is
+    uploaded, after its staged objects were checked: what a ``gc`` taking the save for a dead
+    writer's does in that window. The save being committed is the one ``COMMIT`` does not
+    name yet (an overwrite's old one is named)."""
+    with ObjectStore(url, options) as store:
+        try:
+            named = json.loads(store.get_bytes(STEP_PREFIX + "COMMIT"))["attempt"]
+        except ObjectNotFound:
+            named = None
+        store.delete(
+            info.key
+            for info in list(store.list(STEP_PREFIX))
+            if info.key.endswith("rank-00001.pt") and info.key.split("/")[1] != named
+        )
+
+
+def _save_losing_an_object(
+    rank: int, world_size: int, url: str, options: dict[str, Any], overwrite: bool
+) -> tuple[str, list[int], float]:
+    def lose(event: events.PhaseEvent) -> None:
+        if event.phase == "commit.manifest" and event.ok:
+            _lose_rank_1_object_of_the_new_save(url, options)
+
+    with distckpt.CheckpointManager(url, storage_options=options, timeout=60) as manager:
+        manager.save(1, _state(1))
+        if overwrite:
+            manager.save(2, _state(2))
+        remove = events.add_listener(lose) if rank == 0 else lambda: None
+        try:
+            manager.save(2, _state(200), overwrite=overwrite)
+            outcome = "committed"
+        except distckpt.CommitLost as exc:
+            assert exc.step == 2 and str(exc.path).endswith("rank-00001.pt")
+            kept = "the checkpoint it was to replace is kept" in str(exc)
+            assert kept == overwrite, str(exc)
+            outcome = type(exc).__name__
+        finally:
+            remove()
+        restored = manager.restore("last", state={"w": torch.empty(4), "step": 0})
+        assert restored is not None
+        return outcome, manager.steps(), float(restored.state["w"][0])
+
+
+def test_an_overwrite_whose_new_save_lost_an_object_fails_and_keeps_the_old_checkpoint(
+    s3_server: S3Server, s3_url: str
+) -> None:
+    options = s3_server.storage_options()
+    out = values(run_ranks(_save_losing_an_object, 2, s3_url, options, True, timeout=JOB_TIMEOUT))
+    assert out == [("CommitLost", [1, 2], 2.0)] * 2
+    assert distckpt.verify(s3_url, storage_options=options).ok
+    # the old save's objects are all there, and nothing of the lost one is left
+    step_2 = [name for name in _objects(s3_url, options) if name.startswith(STEP_PREFIX)]
+    assert sorted(name.rsplit("/", 1)[1] for name in step_2) == [
+        "COMMIT",
+        "manifest.json",
+        "rank-00000.pt",
+        "rank-00001.pt",
+    ]
+
+
+def test_a_new_step_whose_save_lost_an_object_fails_and_is_not_committed(
+    s3_server: S3Server, s3_url: str
+) -> None:
+    options = s3_server.storage_options()
+    out = values(run_ranks(_save_losing_an_object, 2, s3_url, options, False, timeout=JOB_TIMEOUT))
+    assert out == [("CommitLost", [1], 1.0)] * 2
+    assert distckpt.verify(s3_url, storage_options=options).ok
+    assert not [name for name in _objects(s3_url, options) if name.startswith(STEP_PREFIX)]
