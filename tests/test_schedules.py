@@ -49,6 +49,24 @@ def test_restart_continues_schedule_from_restored_step(tmp_path: Path) -> None:
     assert second == [(5, [10])] * 2
 
 
+def test_a_scheduled_save_at_or_below_the_newest_step_found_at_the_start_is_not_due(
+    tmp_path: Path,
+) -> None:
+    """A scheduled save never overwrites: a requeued job's schedule counts from the newest
+    checkpoint it found, so a save of that step or an older one returns None (a forced one
+    returns the committed checkpoint: test_forced_save_of_committed_step_...)."""
+    with distckpt.CheckpointManager(tmp_path, every_n_steps=1, fsync=False) as mgr:
+        for step in (1, 2, 3):
+            mgr.save(step, {"s": step})
+    with distckpt.CheckpointManager(tmp_path, every_n_steps=1, fsync=False) as mgr:
+        assert mgr.save(3, {"s": 30}) is None
+        assert mgr.save(2, {"s": 20}) is None
+        forced = mgr.save(3, {"s": 30}, force=True)
+        assert forced is not None and forced.step == 3
+        assert mgr.restore(3, state={"s": 0}).state["s"] == 3  # type: ignore[union-attr]
+        assert mgr.steps() == [1, 2, 3]
+
+
 def _clocks_disagree(rank: int, world_size: int, root: str) -> list[int]:
     real = time.monotonic
     if rank == 1:

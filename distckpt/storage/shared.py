@@ -8,7 +8,7 @@ import weakref
 from collections.abc import Collection
 
 from distckpt import damaged, policy, resolve
-from distckpt.errors import CheckpointExists, InvalidStep, ReadOnlyRoot
+from distckpt.errors import CheckpointExists, CorruptCheckpoint, InvalidStep, ReadOnlyRoot
 from distckpt.layout import BEST, LAST, parse_step_dir_name
 from distckpt.results import CheckpointLocation, SaveResult
 from distckpt.storage import OpenedRoot, RootStore
@@ -67,8 +67,7 @@ class ViewedStore(RootStore):
         if step in committed and not overwrite:
             source = self.view.checkpoint(step)
             if not explicit:
-                source, manifest = resolve.resolve_step(self.view, step)
-                return SaveResult(step, source.location, manifest.epoch, dict(manifest.metrics))
+                return self._committed_result(step)
             raise CheckpointExists(
                 f"step {step} is already committed at {source.location}; pass "
                 "overwrite=True to replace it",
@@ -84,6 +83,25 @@ class ViewedStore(RootStore):
                 step=step,
             )
         return None
+
+    def _committed_result(self, step: int) -> SaveResult:
+        """What a forced or scheduled save of the committed ``step`` returns: that checkpoint.
+        One that fails its check (a damaged manifest, or ``COMMIT`` object) is refused here,
+        before anything is written, naming the ways out."""
+        try:
+            source, manifest = resolve.resolve_step(self.view, step)
+        except CorruptCheckpoint as exc:
+            location = self.view.checkpoint(step).location
+            raise CorruptCheckpoint(
+                f"step {step} is already committed at {location}, but fails its check, so a "
+                f"forced or scheduled save cannot return it: {exc}; delete it "
+                f"(manager.delete({step}), or distckpt delete) or save the step with "
+                "overwrite=True to replace it",
+                damaged=exc.damaged,
+                path=exc.path or location,
+                step=step,
+            ) from exc
+        return SaveResult(step, source.location, manifest.epoch, dict(manifest.metrics))
 
     def _linked_steps(self) -> set[int]:
         """The steps ``last`` / ``best`` name now (a pointer naming no step dir counts for
