@@ -354,8 +354,8 @@ class Upkeep:
 
     def _find_leftovers(self) -> list[tuple[Leftover, list[str]]]:
         """Every save's prefix that its step's ``COMMIT`` does not name (``writer_alive``
-        while its writer's claim is live), with the names of its objects and claim; and claims
-        with no objects, of writers that died."""
+        while its writer's claim is live), with the names of its objects and claim; and the
+        other claims not live (no objects left, or a committed save's), of writers that died."""
         attempts: dict[tuple[int, str], list[str]] = {}
         claims: set[str] = set()
         #: the objects of each set-aside copy, and the saves a set-aside record names
@@ -385,17 +385,17 @@ class Upkeep:
         # - the claim is read expired, or its process dead: the writer is gone (or stalled
         #   past its lease, which also stops it from committing: it checks its lease first).
         # The first COMMIT read of each step only spares the claim read of the committed save.
+        # A committed save's claim stays a candidate: a writer killed after its commit, or
+        # whose delete of it failed, leaves it, and it protects nothing once not live.
         first_read: dict[int, CommitRecord | None] = {}
         found: list[tuple[Leftover, list[str]]] = []
         for (step, attempt), names in sorted(attempts.items()):
             if step not in first_read:
                 first_read[step] = self._read_commit_or_none(step)
             if self._names(first_read[step], attempt):
-                claims.discard(attempt)
                 continue
             writer_alive = self._claim_live(attempt)
             if not writer_alive and self._names(self._read_commit_or_none(step), attempt):
-                claims.discard(attempt)
                 continue
             where = self.s3.attempt_location(step, attempt)
             # its claim goes with it (a dead writer's)
