@@ -7,8 +7,10 @@ checkpoint it was to replace, whose objects are not deleted."""
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
+import pytest
 import torch
 
 import distckpt
@@ -16,6 +18,7 @@ from distckpt import events
 from distckpt.errors import ObjectNotFound
 from distckpt.objstore import ObjectStore
 from tests.ranks import run_ranks, values
+from tests.s3proxy import S3Proxy
 from tests.s3server import S3Server
 from tests.test_s3_store import JOB_TIMEOUT, _objects, _state
 
@@ -91,3 +94,19 @@ def test_a_new_step_whose_save_lost_an_object_fails_and_is_not_committed(
     assert out == [("CommitLost", [1], 1.0)] * 2
     assert distckpt.verify(s3_url, storage_options=options).ok
     assert not [name for name in _objects(s3_url, options) if name.startswith(STEP_PREFIX)]
+
+
+def test_a_commit_whose_second_listing_fails_is_committed_and_the_failure_logged(
+    s3_server: S3Server, s3_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    with S3Proxy(s3_server.port) as proxy:
+        options = s3_server.storage_options(endpoint_url=proxy.endpoint, retries=1)
+        with distckpt.CheckpointManager(s3_url, storage_options=options) as manager:
+            manager.save(1, _state(1))
+            # the commit's check lists the save once before COMMIT, then once after it
+            proxy.fail("GET", "list-type=2", "step-00000002", skip=1)
+            with caplog.at_level(logging.ERROR, logger="distckpt"):
+                assert manager.save(2, _state(2)) is not None
+            assert "could not list it again" in caplog.text
+            assert manager.steps() == [1, 2] and manager.latest_step() == 2
+    assert distckpt.verify(s3_url, storage_options=s3_server.storage_options()).ok

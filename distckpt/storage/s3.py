@@ -7,9 +7,11 @@ with the manifest's CRC-32 sent for the store to check). Rank 0 commits by creat
 ``step-N/COMMIT`` with ``If-None-Match: *``: that creation is the moment of publication, and
 of two writers only one can make it (the other gets :class:`~distckpt.ConcurrentCommit`).
 ``overwrite=True`` replaces ``COMMIT`` by compare-and-swap on its ETag; the old attempt's
-objects go after. ``last``/``best`` are pointer objects moved by compare-and-swap after the
-commit; retention and deletes remove ``COMMIT`` first (the step stops being committed at once)
-and the objects after, so a half-deleted step never looks committed. Those objects, and the
+objects go after. The save is then listed once more: one that lost objects since its check
+puts ``COMMIT`` back as it was and fails (:class:`~distckpt.CommitLost`). ``last``/``best``
+are pointer objects moved by compare-and-swap after the commit; retention and deletes remove
+``COMMIT`` first (the step stops being committed at once) and the objects after, so a
+half-deleted step never looks committed. Those objects, and the
 leftovers of dead writers a start finds, are deleted by :meth:`~S3RootStore.tidy`, once the
 operation's outcome reached every rank: a listing and batched deletes of thousands of objects
 must not run inside the other ranks' timeout.
@@ -352,7 +354,9 @@ class S3RootStore(LeaseKeeping, Upkeep, ViewedStore):
         the save, not report a checkpoint that is not there, nor let an ``overwrite`` delete
         the checkpoint it replaced: ``COMMIT`` is put back as it was (conditional on the ETag
         just written; deleted where the step was new), and :class:`~distckpt.CommitLost`
-        raised, as the POSIX store does when its filesystem loses a renamed step dir."""
+        raised, as the POSIX store does when its filesystem loses a renamed step dir. A
+        listing that fails is logged: the save is committed, as after any failure past
+        ``COMMIT``."""
         written = {MANIFEST_NAME: FileRecord(manifest_size, "", COMMITTING_RANK)}
         try:
             self.check_staged(area, written | dict(manifest.files))
@@ -366,6 +370,12 @@ class S3RootStore(LeaseKeeping, Upkeep, ViewedStore):
                 path=lost.path,
                 step=manifest.step,
             ) from lost
+        except CheckpointError as exc:  # the listing failed: COMMIT stands, the save with it
+            logger.error(
+                "committed %s, but could not list it again to check it: %s",
+                self.s3.location(manifest.step),
+                exc,
+            )
 
     def _undo_lost_commit(self, step: int, etag: str, replaced: CommitRecord | None) -> bool:
         """Put the step's ``COMMIT`` back as it was before this save wrote it (version
