@@ -25,11 +25,13 @@ from tests.test_s3_store import JOB_TIMEOUT, _objects, _state
 STEP_PREFIX = "step-00000002/"
 
 
-def _lose_rank_1_object_of_the_new_save(url: str, options: dict[str, Any]) -> None:
-    """Delete rank 1's file of the step 2 save being committed once the commit's manifest is
-    uploaded, after its staged objects were checked: what a ``gc`` taking the save for a dead
-    writer's does in that window. The save being committed is the one ``COMMIT`` does not
-    name yet (an overwrite's old one is named)."""
+def _lose_rank_1_object_of_the_new_save(
+    url: str, options: dict[str, Any], file_name: str = "rank-00001.pt"
+) -> None:
+    """Delete rank 1's file (or ``file_name``) of the step 2 save being committed once the
+    commit's manifest is uploaded, after its staged objects were checked: what a ``gc``
+    taking the save for a dead writer's does in that window. The save being committed is the
+    one ``COMMIT`` does not name yet (an overwrite's old one is named)."""
     with ObjectStore(url, options) as store:
         try:
             named = json.loads(store.get_bytes(STEP_PREFIX + "COMMIT"))["attempt"]
@@ -38,7 +40,7 @@ def _lose_rank_1_object_of_the_new_save(url: str, options: dict[str, Any]) -> No
         store.delete(
             info.key
             for info in list(store.list(STEP_PREFIX))
-            if info.key.endswith("rank-00001.pt") and info.key.split("/")[1] != named
+            if info.key.endswith(file_name) and info.key.split("/")[1] != named
         )
 
 
@@ -110,3 +112,69 @@ def test_a_commit_whose_second_listing_fails_is_committed_and_the_failure_logged
             assert "could not list it again" in caplog.text
             assert manager.steps() == [1, 2] and manager.latest_step() == 2
     assert distckpt.verify(s3_url, storage_options=s3_server.storage_options()).ok
+
+
+def _save_whose_undo_fails(
+    s3_server: S3Server, s3_url: str, caplog: pytest.LogCaptureFixture, *, overwrite: bool
+) -> tuple[distckpt.CommitLost, str | None]:
+    """Save step 2 (over a committed step 2 with ``overwrite``) in one process, losing its
+    file before ``COMMIT``, while every request that would put ``COMMIT`` back fails (the
+    proxy): the ``CommitLost`` raised, and the attempt the replaced ``COMMIT`` named."""
+    direct = s3_server.storage_options()
+
+    def lose(event: events.PhaseEvent) -> None:
+        if event.phase == "commit.manifest" and event.ok:
+            _lose_rank_1_object_of_the_new_save(s3_url, direct, "rank-00000.pt")
+
+    old = None
+    with S3Proxy(s3_server.port) as proxy:
+        options = s3_server.storage_options(endpoint_url=proxy.endpoint, retries=1)
+        with distckpt.CheckpointManager(s3_url, storage_options=options) as manager:
+            manager.save(1, _state(1))
+            if overwrite:
+                manager.save(2, _state(2))
+                with ObjectStore(s3_url, direct) as store:
+                    old = json.loads(store.get_bytes(STEP_PREFIX + "COMMIT"))["attempt"]
+                # the overwrite's own COMMIT goes through, no put of the old one back does
+                undo = proxy.fail("PUT", STEP_PREFIX + "COMMIT", skip=1, times=100)
+            else:  # the delete of the new COMMIT, a batch delete
+                undo = proxy.fail("POST", "delete", times=100)
+            remove = events.add_listener(lose)
+            try:
+                with (
+                    caplog.at_level(logging.CRITICAL, logger="distckpt"),
+                    pytest.raises(distckpt.CommitLost) as lost,
+                ):
+                    manager.save(2, _state(200), overwrite=overwrite)
+            finally:
+                remove()
+                undo.times = 0
+    assert "step 2 is now committed damaged" in str(lost.value)
+    assert "nothing was committed" not in str(lost.value)
+    assert "manager.delete(2)" in caplog.text
+    return lost.value, old
+
+
+def test_an_overwrite_whose_undo_fails_keeps_the_old_checkpoint_set_aside(
+    s3_server: S3Server, s3_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    lost, old = _save_whose_undo_fails(s3_server, s3_url, caplog, overwrite=True)
+    kept_at = f"{s3_url}/damaged-step-00000002-{old}"
+    assert f"kept, set aside at {kept_at}" in str(lost)
+    assert kept_at in caplog.text and "to get it back" in caplog.text
+    # the next start deletes the old save's objects under step-2 only once they are copied
+    direct = s3_server.storage_options()
+    with distckpt.CheckpointManager(s3_url, storage_options=direct) as manager:
+        manager.gc()
+    copied = [name for name in _objects(s3_url, direct) if name.startswith("damaged-step")]
+    assert sorted(name.rpartition("/")[2] for name in copied if "/" in name) == [
+        "manifest.json",
+        "rank-00000.pt",
+    ]
+
+
+def test_a_new_step_whose_undo_fails_is_committed_damaged_and_says_so(
+    s3_server: S3Server, s3_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    lost, _ = _save_whose_undo_fails(s3_server, s3_url, caplog, overwrite=False)
+    assert "set aside" not in str(lost)

@@ -70,6 +70,9 @@ logger = logging.getLogger("distckpt")
 
 #: how often a pointer's compare-and-swap is tried again when another process moved it meanwhile
 _POINTER_RETRIES = 3
+#: how often putting ``COMMIT`` back after a lost commit is tried: a transient failure must
+#: not leave the lost save committed and the checkpoint it replaced named by nothing
+_UNDO_TRIES = 3
 
 
 class S3RootStore(LeaseKeeping, Upkeep, ViewedStore):
@@ -361,12 +364,11 @@ class S3RootStore(LeaseKeeping, Upkeep, ViewedStore):
         try:
             self.check_staged(area, written | dict(manifest.files))
         except StagedFileMismatch as lost:
-            kept = self._undo_lost_commit(manifest.step, etag, replaced)
+            outcome = self._undo_lost_commit(manifest.step, etag, replaced)
             raise CommitLost(
                 f"the store of {self.root} lost objects of step {manifest.step} between the "
-                f"commit's check and its COMMIT: {lost}; nothing was committed"
-                + (" (the checkpoint it was to replace is kept)" if kept else "")
-                + ": is a gc running beside the job, on a machine whose clock is ahead?",
+                f"commit's check and its COMMIT: {lost}; {outcome}: is a gc running beside "
+                "the job, on a machine whose clock is ahead?",
                 path=lost.path,
                 step=manifest.step,
             ) from lost
@@ -377,24 +379,71 @@ class S3RootStore(LeaseKeeping, Upkeep, ViewedStore):
                 exc,
             )
 
-    def _undo_lost_commit(self, step: int, etag: str, replaced: CommitRecord | None) -> bool:
+    def _undo_lost_commit(self, step: int, etag: str, replaced: CommitRecord | None) -> str:
         """Put the step's ``COMMIT`` back as it was before this save wrote it (version
-        ``etag``): the replaced record, else none (a damaged one replaced goes too). Whether
-        the replaced checkpoint is committed again. A failure is logged, never raised over
-        the ``CommitLost`` it undoes (the lost save stays committed, damaged: readers skip
-        it)."""
+        ``etag``): the replaced record, else none (a damaged one replaced goes too), trying
+        :data:`_UNDO_TRIES` times. What became of the step, for the ``CommitLost`` message. A
+        failure is never raised over the ``CommitLost`` it undoes: the lost save stays
+        committed, damaged (readers skip it), and a replaced checkpoint is kept from cleanup
+        by a set-aside record (:meth:`_keep_replaced`)."""
         name = self.s3.commit_name(step)
+        put_back = replaced is not None and replaced.attempt != UNKNOWN_ATTEMPT
+        failure: CheckpointError | None = None
+        for _ in range(_UNDO_TRIES):
+            try:
+                if replaced is None or replaced.attempt == UNKNOWN_ATTEMPT:
+                    # a new step, or one whose damaged COMMIT named no save: uncommitted
+                    self.s3.client.delete([name])
+                    return "nothing was committed"
+                content = CommitRecord.encode(step, replaced.attempt)
+                self.s3.client.put_own_bytes(name, content, if_match=etag)
+                return "nothing was committed (the checkpoint it was to replace is kept)"
+            except CheckpointError as exc:
+                failure = exc
+        location = self.s3.location(step)
+        logger.critical(
+            "could not undo the lost commit of %s: %s; it stays committed, damaged (readers "
+            "skip it): delete it (manager.delete(%d), or distckpt delete) or save the step "
+            "again with overwrite=True",
+            location,
+            failure,
+            step,
+        )
+        damaged = f"step {step} is now committed damaged (COMMIT could not be put back: {failure})"
+        if put_back and replaced is not None:
+            return damaged + "; " + self._keep_replaced(step, replaced.attempt)
+        return damaged
+
+    def _keep_replaced(self, step: int, attempt: str) -> str:
+        """Keep the save ``attempt`` an overwrite replaced, which ``COMMIT`` no longer names,
+        from cleanup, as a set-aside does: a set-aside record naming it, so that the next start
+        or ``gc`` copies it to ``damaged-step-N-<attempt>/`` (never deleted) before deleting
+        its objects. What was done, and how to get it back, logged at critical level."""
+        kept_at = self.s3.set_aside_location(step, attempt)
+        commit = CommitRecord.encode(step, attempt).decode()
         try:
-            if replaced is None or replaced.attempt == UNKNOWN_ATTEMPT:
-                # a new step, or one whose damaged COMMIT named no save: uncommitted
-                self.s3.client.delete([name])
-                return False
-            content = CommitRecord.encode(step, replaced.attempt)
-            self.s3.client.put_own_bytes(name, content, if_match=etag)
+            self.s3.write_set_aside_record(step, attempt)
         except CheckpointError as exc:
-            logger.error("could not undo the lost commit of %s: %s", self.s3.location(step), exc)
-            return False
-        return True
+            logger.critical(
+                "the checkpoint that save replaced is uncommitted, under %s, and nothing keeps "
+                "it from the next start or gc (%s): to get it back, put %s in %s first",
+                self.s3.attempt_location(step, attempt),
+                exc,
+                commit,
+                self.s3.location(step) + "/COMMIT",
+            )
+            return f"the checkpoint it was to replace is uncommitted: see the log ({exc})"
+        logger.critical(
+            "the checkpoint that save replaced is kept, set aside: the next start or gc copies "
+            "it from %s to %s, never deleted; to get it back, copy its objects back under %s "
+            "(if gone) and put %s in %s",
+            self.s3.attempt_location(step, attempt),
+            kept_at,
+            self.s3.attempt_location(step, attempt),
+            commit,
+            self.s3.location(step) + "/COMMIT",
+        )
+        return f"the checkpoint it was to replace is kept, set aside at {kept_at}"
 
     # ------------------------------------------------------------------ removal
 

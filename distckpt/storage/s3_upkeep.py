@@ -300,11 +300,7 @@ class Upkeep:
             return None  # deleted since the restore judged it
         with self._unpublished_lock:  # its originals are this store's to delete, not a leftover
             self._unpublished_here.add((step, record.attempt))
-        marker = self.s3.set_aside_record_name(step, record.attempt)
-        with contextlib.suppress(ObjectExists):  # set aside before, by a start that died
-            self.s3.client.put_bytes(
-                marker, CommitRecord.encode(step, record.attempt), if_absent=True
-            )
+        self.s3.write_set_aside_record(step, record.attempt)
         if not self._copy_set_aside_save(step, record.attempt, budget=self.set_aside_budget):
             logger.warning(
                 "setting aside the damaged checkpoint %s: its copy to %s did not finish within "

@@ -29,7 +29,7 @@ import shutil
 import threading
 from collections.abc import Callable, Collection, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,7 @@ from distckpt.checksums import crc32
 from distckpt.errors import (
     CheckpointNotFound,
     CorruptCheckpoint,
+    ObjectExists,
     ObjectNotFound,
 )
 from distckpt.fsutil import POINTER_MAX_BYTES
@@ -141,6 +142,13 @@ class S3Root:
     @staticmethod
     def set_aside_record_name(step: int, attempt: str) -> str:
         return set_aside_name(step, attempt)
+
+    def write_set_aside_record(self, step: int, attempt: str) -> None:
+        """Write the record naming the save ``attempt`` of ``step`` set aside, unless there
+        (one that died wrote it): cleanup copies the save it names before deleting it."""
+        with suppress(ObjectExists):
+            name = set_aside_name(step, attempt)
+            self.client.put_bytes(name, CommitRecord.encode(step, attempt), if_absent=True)
 
     @staticmethod
     def set_aside_prefix(step: int, attempt: str) -> str:
