@@ -67,6 +67,24 @@ def test_a_scheduled_save_at_or_below_the_newest_step_found_at_the_start_is_not_
         assert mgr.steps() == [1, 2, 3]
 
 
+def test_a_scheduled_save_after_restoring_an_older_step_returns_the_committed_checkpoints(
+    tmp_path: Path,
+) -> None:
+    """The schedule counts from the step restored, here older than the newest: the scheduled
+    saves of the committed steps above it are due, and return those checkpoints unchanged."""
+    with distckpt.CheckpointManager(tmp_path, every_n_steps=1, fsync=False) as mgr:
+        for step in (1, 2, 3):
+            mgr.save(step, {"s": step})
+    with distckpt.CheckpointManager(tmp_path, every_n_steps=1, fsync=False) as mgr:
+        assert mgr.restore(1, state={"s": 0}) is not None
+        assert mgr.save(1, {"s": 10}) is None  # the step restored: not due
+        for step in (2, 3):
+            result = mgr.save(step, {"s": 10 * step})
+            assert result is not None and result.step == step
+        assert mgr.restore(3, state={"s": 0}).state["s"] == 3  # type: ignore[union-attr]
+        assert mgr.steps() == [1, 2, 3]
+
+
 def _clocks_disagree(rank: int, world_size: int, root: str) -> list[int]:
     real = time.monotonic
     if rank == 1:
