@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -12,6 +13,7 @@ import pytest
 import torch
 
 import distckpt
+from distckpt.manifest import MANIFEST_CHECKSUM_KEY
 from tests.ranks import run_ranks, values
 
 
@@ -83,6 +85,40 @@ def test_a_scheduled_save_after_restoring_an_older_step_returns_the_committed_ch
             assert result is not None and result.step == step
         assert mgr.restore(3, state={"s": 0}).state["s"] == 3  # type: ignore[union-attr]
         assert mgr.steps() == [1, 2, 3]
+
+
+def _forced_save_of_a_step_that_fails_its_check(root: Path, manifest_change: str) -> str:
+    """The refusal of a forced save of committed step 2 whose manifest was changed: its
+    ``format`` named one no version knows, or its checksum left wrong (damage)."""
+    with distckpt.CheckpointManager(root, fsync=False) as mgr:
+        mgr.save(1, {"s": 1})
+        mgr.save(2, {"s": 2})
+    manifest_path = root / "step-00000002" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    if manifest_change == "format":
+        manifest.pop(MANIFEST_CHECKSUM_KEY, None)  # so the format is what fails the check
+        manifest["format"] = "a-format-of-a-later-version"
+    else:
+        manifest["epoch"] = 7  # the manifest's checksum no longer matches
+    manifest_path.write_text(json.dumps(manifest))
+    with distckpt.CheckpointManager(root, fsync=False) as mgr:
+        with pytest.raises(distckpt.CorruptCheckpoint) as refused:
+            mgr.save(2, {"s": 20}, force=True)
+        assert mgr.steps() == [1, 2]
+    assert refused.value.damaged == (manifest_change != "format")
+    return str(refused.value)
+
+
+def test_a_forced_save_of_a_step_in_an_unknown_format_names_no_delete(tmp_path: Path) -> None:
+    message = _forced_save_of_a_step_that_fails_its_check(tmp_path, "format")
+    assert "upgrade distckpt" in message and "import the plugin" in message, message
+    assert "delete" not in message and "overwrite=True" not in message, message
+
+
+def test_a_forced_save_of_a_damaged_step_names_delete_and_overwrite(tmp_path: Path) -> None:
+    message = _forced_save_of_a_step_that_fails_its_check(tmp_path, "checksum")
+    assert "manager.delete(2)" in message and "overwrite=True" in message, message
+    assert "upgrade distckpt" not in message, message
 
 
 def _clocks_disagree(rank: int, world_size: int, root: str) -> list[int]:

@@ -204,7 +204,8 @@ class S3Root:
 
     def read_commit(self, step: int) -> CommitRecord | None:
         """The step's commit record, or None when the step is not committed. A commit object
-        that is not one (written by something else) is :class:`CorruptCheckpoint`."""
+        that is not one (written by something else) is :class:`CorruptCheckpoint`, damaged:
+        every version writes the same two keys, whole."""
         try:
             data, etag = self.client.get_versioned(self.commit_name(step))
         except ObjectNotFound:
@@ -214,7 +215,9 @@ class S3Root:
             return CommitRecord(int(fields["step"]), str(fields["attempt"]), etag)
         except (ValueError, TypeError, KeyError) as exc:
             raise CorruptCheckpoint(
-                f"{self.root}/{self.commit_name(step)} is not a commit record: {exc}", step=step
+                f"{self.root}/{self.commit_name(step)} is not a commit record: {exc}",
+                damaged=True,
+                step=step,
             ) from exc
 
     def set_aside_attempts(self) -> list[tuple[int, str]]:

@@ -86,17 +86,24 @@ class ViewedStore(RootStore):
 
     def _committed_result(self, step: int) -> SaveResult:
         """What a forced or scheduled save of the committed ``step`` returns: that checkpoint.
-        One that fails its check (a damaged manifest, or ``COMMIT`` object) is refused here,
-        before anything is written, naming the ways out."""
+        One that fails its check is refused here, before anything is written, naming the ways
+        out: for a damaged one (a manifest, or ``COMMIT`` object), delete or overwrite; for one
+        not judged damaged (a format of a newer version, or of a plugin not imported), a
+        distckpt that reads it."""
         try:
             source, manifest = resolve.resolve_step(self.view, step)
         except CorruptCheckpoint as exc:
             location = self.view.checkpoint(step).location
+            way_out = (
+                f"delete it (manager.delete({step}), or distckpt delete) or save the step with "
+                "overwrite=True to replace it"
+                if exc.damaged
+                else "it may be sound: upgrade distckpt, or import the plugin of its format, "
+                "to read it"
+            )
             raise CorruptCheckpoint(
                 f"step {step} is already committed at {location}, but fails its check, so a "
-                f"forced or scheduled save cannot return it: {exc}; delete it "
-                f"(manager.delete({step}), or distckpt delete) or save the step with "
-                "overwrite=True to replace it",
+                f"forced or scheduled save cannot return it: {exc}; {way_out}",
                 damaged=exc.damaged,
                 path=exc.path or location,
                 step=step,
