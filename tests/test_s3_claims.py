@@ -6,13 +6,16 @@ start)."""
 from __future__ import annotations
 
 import io
+import os
+import subprocess
+import sys
 from typing import Any
 
 import pytest
 import torch
 
 import distckpt
-from distckpt import faults
+from distckpt import events, faults
 from distckpt.cli import main
 from tests.ranks import run_ranks
 from tests.s3server import S3Server
@@ -72,4 +75,39 @@ def test_distckpt_gc_removes_the_claim_of_a_writer_killed_after_its_commit(
     assert _claims(s3_url, options) == []
     assert distckpt.verify(s3_url, storage_options=options).ok
     with distckpt.CheckpointManager(s3_url, storage_options=options, read_only=True) as manager:
+        assert manager.steps() == [1, 2] and _restored_step(manager) == 2
+
+
+def test_gc_beside_a_writer_paused_after_its_commit_keeps_its_live_claim(
+    s3_server: S3Server, s3_url: str
+) -> None:
+    """A ``distckpt gc`` in another process, run while the writer is held right after its
+    ``COMMIT`` (before it deletes its claim), leaves the claim: it is live. It goes once the
+    writer finishes."""
+    options = s3_server.storage_options()
+    environment = os.environ | aws_environment(s3_server)
+    seen: dict[str, Any] = {}
+
+    def gc_beside(event: events.PhaseEvent) -> None:
+        if event.phase == "commit.publish" and event.ok and event.step == 2:
+            seen["before"] = _claims(s3_url, options)
+            seen["gc"] = subprocess.run(
+                [sys.executable, "-m", "distckpt", "gc", s3_url],
+                env=environment,
+                capture_output=True,
+                text=True,
+                timeout=JOB_TIMEOUT,
+            )
+            seen["after"] = _claims(s3_url, options)
+
+    with distckpt.CheckpointManager(s3_url, storage_options=options) as manager:
+        manager.save(1, _state(1))
+        remove = events.add_listener(gc_beside)
+        try:
+            assert manager.save(2, _state(2)) is not None
+        finally:
+            remove()
+        assert seen["gc"].returncode == 0, seen["gc"].stderr
+        assert len(seen["before"]) == 1 and seen["after"] == seen["before"]
+        assert _claims(s3_url, options) == []  # the writer's own delete, once committed
         assert manager.steps() == [1, 2] and _restored_step(manager) == 2
