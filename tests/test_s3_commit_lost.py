@@ -178,3 +178,27 @@ def test_a_new_step_whose_undo_fails_is_committed_damaged_and_says_so(
 ) -> None:
     lost, _ = _save_whose_undo_fails(s3_server, s3_url, caplog, overwrite=False)
     assert "set aside" not in str(lost)
+
+
+def test_a_save_whose_manifest_was_lost_before_its_commit_fails_and_is_not_committed(
+    s3_server: S3Server, s3_url: str
+) -> None:
+    options = s3_server.storage_options()
+
+    def lose(event: events.PhaseEvent) -> None:
+        if event.phase == "commit.manifest" and event.ok:
+            _lose_rank_1_object_of_the_new_save(s3_url, options, "manifest.json")
+
+    with distckpt.CheckpointManager(s3_url, storage_options=options) as manager:
+        manager.save(1, _state(1))
+        remove = events.add_listener(lose)
+        try:
+            with pytest.raises(distckpt.CommitLost) as lost:
+                manager.save(2, _state(2))
+        finally:
+            remove()
+        assert str(lost.value.path).endswith("manifest.json") and lost.value.step == 2
+        assert "nothing was committed" in str(lost.value)
+        assert manager.steps() == [1] and manager.latest_step() == 1
+    assert distckpt.verify(s3_url, storage_options=options).ok
+    assert not [name for name in _objects(s3_url, options) if name.startswith(STEP_PREFIX)]
