@@ -98,7 +98,6 @@ def test_a_scheduled_save_of_a_damaged_committed_step_is_refused_before_any_uplo
         before = _objects(root, options or {})
     else:
         (tmp_path / "root" / "step-00000002" / "manifest.json").write_text("not a manifest")
-        before = {}
     # A requeued job counting from step 1 (step 2 is damaged): its schedule is due at step 2.
     with distckpt.CheckpointManager(root, storage_options=options, every_n_steps=1) as manager:
         for force in (False, True):

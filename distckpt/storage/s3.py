@@ -44,9 +44,7 @@ from distckpt.errors import (
     CheckpointNotFound,
     CommitLost,
     ConcurrentCommit,
-    CorruptCheckpoint,
     ObjectExists,
-    ObjectNotFound,
     PreconditionFailed,
     StagedFileMismatch,
 )
@@ -57,9 +55,10 @@ from distckpt.storage import ExtraFile, OpenedRoot, StagingArea, store_files
 from distckpt.storage.posix_links import COMMITTING_RANK
 from distckpt.storage.s3_lease import LeaseKeeping
 from distckpt.storage.s3_spool import SpoolUploads, make_temp_dir, remove_dead_temp_dirs
-from distckpt.storage.s3_upkeep import UNKNOWN_ATTEMPT, Upkeep
+from distckpt.storage.s3_upkeep import Upkeep
 from distckpt.storage.s3_view import (
     DOWNLOAD_CONCURRENCY,
+    UNKNOWN_ATTEMPT,
     CommitRecord,
     S3Root,
     S3RootView,
@@ -179,10 +178,7 @@ class S3RootStore(LeaseKeeping, Upkeep, ViewedStore):
         made with the answer lost. A damaged ``COMMIT`` names none (this store writes only
         whole records): cleanup, which cannot tell whose it is, would keep every save of its
         step while it stays damaged, so the save's own prefix must go here."""
-        try:
-            record = self.s3.read_commit(step)
-        except CorruptCheckpoint:
-            return False
+        record = self.s3.read_commit_or_unknown(step)
         return record is not None and record.attempt == attempt
 
     def open_shard(self, location: str, rank: int) -> AbstractContextManager[Path]:
@@ -271,7 +267,7 @@ class S3RootStore(LeaseKeeping, Upkeep, ViewedStore):
         rank = COMMITTING_RANK
         # The step was checked at the proposal; since then only this job, the lease's holder
         # (checked below), may have committed, and a commit of the same step by anyone fails
-        # the exclusive create of COMMIT (ConcurrentCommit). No second listing is needed.
+        # the exclusive create of COMMIT (ConcurrentCommit): the step is not listed again.
         self.check_staged(area, manifest.files)
         with events.phase("commit.manifest", rank=rank, step=step):
             faults.hit("before_manifest", rank)
@@ -312,7 +308,7 @@ class S3RootStore(LeaseKeeping, Upkeep, ViewedStore):
         ETag of the new ``COMMIT``."""
         name = self.s3.commit_name(step)
         content = CommitRecord.encode(step, attempt)
-        previous = self._commit_to_replace(step) if overwrite else None
+        previous = self.s3.read_commit_or_unknown(step) if overwrite else None
         if previous is not None and previous.attempt != UNKNOWN_ATTEMPT:
             self._drop_set_aside_record(step, previous.attempt)  # before it is uncommitted
         # The attempt token makes the content unique to this save: a commit applied whose
@@ -330,18 +326,6 @@ class S3RootStore(LeaseKeeping, Upkeep, ViewedStore):
                 step=step,
             ) from exc
         return previous, etag
-
-    def _commit_to_replace(self, step: int) -> CommitRecord | None:
-        """The step's commit record, which ``overwrite`` replaces; a damaged ``COMMIT`` (not a
-        commit record) as one naming :data:`UNKNOWN_ATTEMPT`, with its ETag."""
-        try:
-            return self.s3.read_commit(step)
-        except CorruptCheckpoint:
-            try:
-                etag = self.s3.client.head(self.s3.commit_name(step)).etag
-            except ObjectNotFound:
-                return None  # deleted meanwhile: the step is a new one again
-            return CommitRecord(step, UNKNOWN_ATTEMPT, etag)
 
     def _check_committed(
         self,

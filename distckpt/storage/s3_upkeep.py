@@ -43,14 +43,17 @@ from distckpt.manifest import Manifest
 from distckpt.objstore import ObjectInfo
 from distckpt.results import CheckpointLocation
 from distckpt.storage.posix_links import COMMITTING_RANK
-from distckpt.storage.s3_view import WRITERS_PREFIX, CommitRecord, S3Root, S3RootView
+from distckpt.storage.s3_view import (
+    UNKNOWN_ATTEMPT,
+    WRITERS_PREFIX,
+    CommitRecord,
+    S3Root,
+    S3RootView,
+)
 
 logger = logging.getLogger("distckpt")
 
 _POINTER_RETRIES = 3  # compare-and-swap of a pointer that another process moved meanwhile
-#: stands for the attempt a damaged ``COMMIT`` names (unknown); no attempt token is empty
-UNKNOWN_ATTEMPT = ""
-_UNREADABLE_COMMIT = CommitRecord(-1, UNKNOWN_ATTEMPT, "")
 #: How far a claim's expiry, a wall-clock time written by its writer, is trusted past its
 #: end: the clocks of the writer and of the cleaning process may disagree by this much.
 CLOCK_SKEW_SECONDS = 60.0
@@ -421,12 +424,11 @@ class Upkeep:
         return not self.s3.is_set_aside(step, attempt)
 
     def _read_commit_or_none(self, step: int) -> CommitRecord | None:
-        """The step's commit record; a damaged one as :data:`_UNREADABLE_COMMIT`."""
-        try:
-            return self.s3.read_commit(step)
-        except CorruptCheckpoint:
+        """The step's commit record, a damaged one's naming :data:`UNKNOWN_ATTEMPT`."""
+        record = self.s3.read_commit_or_unknown(step)
+        if record is not None and record.attempt == UNKNOWN_ATTEMPT:
             logger.warning("leaving the saves of %s: its COMMIT is damaged", step)
-            return _UNREADABLE_COMMIT
+        return record
 
     @staticmethod
     def _names(record: CommitRecord | None, attempt: str) -> bool:

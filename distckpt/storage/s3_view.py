@@ -74,6 +74,8 @@ WRITERS_PREFIX = ".writers/"
 #: Files downloaded at once by :meth:`S3Checkpoint.local_copy` (each a stream of its own).
 DOWNLOAD_CONCURRENCY = 4
 _READ_CHUNK = 8 << 20
+#: the attempt a damaged ``COMMIT`` names (unknown); no attempt token is empty
+UNKNOWN_ATTEMPT = ""
 
 
 @dataclass(frozen=True)
@@ -201,6 +203,15 @@ class S3Root:
             return self.client.head(self.commit_name(step)).etag
         except ObjectNotFound:
             return None
+
+    def read_commit_or_unknown(self, step: int) -> CommitRecord | None:
+        """:meth:`read_commit`, but a damaged ``COMMIT`` is a record naming
+        :data:`UNKNOWN_ATTEMPT`, with its ETag (None if it went meanwhile)."""
+        try:
+            return self.read_commit(step)
+        except CorruptCheckpoint:
+            etag = self._commit_etag(step)
+            return None if etag is None else CommitRecord(step, UNKNOWN_ATTEMPT, etag)
 
     def read_commit(self, step: int) -> CommitRecord | None:
         """The step's commit record, or None when the step is not committed. A commit object
