@@ -5,6 +5,7 @@ dir."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -111,3 +112,27 @@ def test_a_scheduled_save_of_a_damaged_committed_step_is_refused_before_any_uplo
             assert _objects(root, options or {}).keys() - {".lease"} == before.keys() - {".lease"}
         else:
             assert not list((tmp_path / "root" / ".staging").glob("*"))
+
+
+def test_a_restore_that_skips_a_damaged_commit_warns_that_it_cannot_set_it_aside(
+    s3_server: S3Server, s3_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Unlike a damaged step dir on a filesystem, which a restore sets aside, a damaged
+    ``COMMIT`` names no save to move: the step stays committed, and the warning says what to
+    do (docs/object-stores.md)."""
+    options = s3_server.storage_options()
+    with distckpt.CheckpointManager(s3_url, storage_options=options) as manager:
+        saves = _save_two_steps_and_damage_step_2(manager, s3_url, options)
+    with distckpt.CheckpointManager(s3_url, storage_options=options) as manager:
+        with caplog.at_level(logging.WARNING, logger="distckpt"):
+            restored = manager.restore("last", state={"w": torch.empty(4), "step": 0})
+        assert restored is not None and restored.step == 1
+        assert f"cannot set aside the damaged checkpoint {s3_url}/step-00000002" in caplog.text
+        assert "manager.delete(2)" in caplog.text and "overwrite=True" in caplog.text
+        assert manager.steps() == [1, 2]
+        # still committed: a save of the step is refused, forced or not
+        with pytest.raises(distckpt.CorruptCheckpoint):
+            manager.save(2, _state(20), force=True)
+        with pytest.raises(distckpt.CheckpointExists):
+            manager.save(2, _state(20))
+    assert _saves_of_step_2(s3_url, options) == saves

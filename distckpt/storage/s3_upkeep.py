@@ -37,7 +37,7 @@ from distckpt.layout import (
     parse_step_dir_name,
     step_dir_name,
 )
-from distckpt.lease import is_this_process_host, process_gone
+from distckpt.lease import local_process_gone
 from distckpt.lock import Leftover
 from distckpt.manifest import Manifest
 from distckpt.objstore import ObjectInfo
@@ -57,12 +57,6 @@ _POINTER_RETRIES = 3  # compare-and-swap of a pointer that another process moved
 #: How far a claim's expiry, a wall-clock time written by its writer, is trusted past its
 #: end: the clocks of the writer and of the cleaning process may disagree by this much.
 CLOCK_SKEW_SECONDS = 60.0
-
-
-def local_process_gone(host: str, pid: int) -> bool:
-    """Whether ``pid`` on ``host`` certainly no longer runs: only decidable on this machine, in
-    this PID namespace and boot (:func:`~distckpt.lease.is_this_process_host`)."""
-    return is_this_process_host(host) and process_gone(pid)
 
 
 class Upkeep:
@@ -295,12 +289,21 @@ class Upkeep:
         self._check_lease()
         if location != self.s3.location(step):
             return None
-        try:
-            record = self.s3.read_commit(step)
-        except CorruptCheckpoint:
-            return None  # which save it publishes is unknown: nothing to name in a record
+        record = self.s3.read_commit_or_unknown(step)
         if record is None:
             return None  # deleted since the restore judged it
+        if record.attempt == UNKNOWN_ATTEMPT:  # which save it publishes is unknown
+            logger.warning(
+                "cannot set aside the damaged checkpoint %s: its COMMIT is not a commit record, "
+                "so which save it names is unknown; it stays committed, and saves of step %d "
+                "and below are refused: delete it (manager.delete(%d), or distckpt delete) or "
+                "save step %d with overwrite=True",
+                location,
+                step,
+                step,
+                step,
+            )
+            return None
         with self._unpublished_lock:  # its originals are this store's to delete, not a leftover
             self._unpublished_here.add((step, record.attempt))
         self.s3.write_set_aside_record(step, record.attempt)
