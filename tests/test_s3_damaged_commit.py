@@ -136,3 +136,17 @@ def test_a_restore_that_skips_a_damaged_commit_warns_that_it_cannot_set_it_aside
         with pytest.raises(distckpt.CheckpointExists):
             manager.save(2, _state(20))
     assert _saves_of_step_2(s3_url, options) == saves
+
+
+def test_a_save_below_a_damaged_commit_names_delete_not_a_set_aside(
+    s3_server: S3Server, s3_url: str
+) -> None:
+    options = s3_server.storage_options()
+    with distckpt.CheckpointManager(s3_url, storage_options=options) as manager:
+        _save_two_steps_and_damage_step_2(manager, s3_url, options)
+        manager.delete(1)  # so that step 1 is a new step below the damaged one
+        with pytest.raises(distckpt.InvalidStep) as refused:
+            manager.save(1, _state(1))
+    message = str(refused.value)
+    assert "a restore cannot set it aside" in message, message
+    assert f"distckpt delete {s3_url} 2" in message and "sets it aside" not in message, message

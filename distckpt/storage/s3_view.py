@@ -228,6 +228,7 @@ class S3Root:
             raise CorruptCheckpoint(
                 f"{self.root}/{self.commit_name(step)} is not a commit record: {exc}",
                 damaged=True,
+                path=f"{self.root}/{self.commit_name(step)}",
                 step=step,
             ) from exc
 
