@@ -115,11 +115,17 @@ def test_a_commit_whose_second_listing_fails_is_committed_and_the_failure_logged
 
 
 def _save_whose_undo_fails(
-    s3_server: S3Server, s3_url: str, caplog: pytest.LogCaptureFixture, *, overwrite: bool
+    s3_server: S3Server,
+    s3_url: str,
+    caplog: pytest.LogCaptureFixture,
+    *,
+    overwrite: bool,
+    failures: int = 100,
 ) -> tuple[distckpt.CommitLost, str | None]:
     """Save step 2 (over a committed step 2 with ``overwrite``) in one process, losing its
-    file before ``COMMIT``, while every request that would put ``COMMIT`` back fails (the
-    proxy): the ``CommitLost`` raised, and the attempt the replaced ``COMMIT`` named."""
+    file before ``COMMIT``, while the first ``failures`` requests that would put ``COMMIT``
+    back fail (the proxy; one attempt per request): the ``CommitLost`` raised, and the attempt
+    the replaced ``COMMIT`` named."""
     direct = s3_server.storage_options()
 
     def lose(event: events.PhaseEvent) -> None:
@@ -136,9 +142,9 @@ def _save_whose_undo_fails(
                 with ObjectStore(s3_url, direct) as store:
                     old = json.loads(store.get_bytes(STEP_PREFIX + "COMMIT"))["attempt"]
                 # the overwrite's own COMMIT goes through, no put of the old one back does
-                undo = proxy.fail("PUT", STEP_PREFIX + "COMMIT", skip=1, times=100)
+                undo = proxy.fail("PUT", STEP_PREFIX + "COMMIT", skip=1, times=failures)
             else:  # the delete of the new COMMIT, a batch delete
-                undo = proxy.fail("POST", "delete", times=100)
+                undo = proxy.fail("POST", "delete", times=failures)
             remove = events.add_listener(lose)
             try:
                 with (
@@ -149,16 +155,32 @@ def _save_whose_undo_fails(
             finally:
                 remove()
                 undo.times = 0
-    assert "step 2 is now committed damaged" in str(lost.value)
-    assert "nothing was committed" not in str(lost.value)
-    assert "manager.delete(2)" in caplog.text
     return lost.value, old
+
+
+def _assert_committed_damaged(lost: distckpt.CommitLost, log: str) -> None:
+    assert "step 2 is now committed damaged" in str(lost)
+    assert "nothing was committed" not in str(lost)
+    assert "manager.delete(2)" in log
+
+
+@pytest.mark.parametrize("overwrite", [True, False])
+def test_an_undo_that_fails_once_is_tried_again(
+    s3_server: S3Server, s3_url: str, caplog: pytest.LogCaptureFixture, overwrite: bool
+) -> None:
+    lost, _ = _save_whose_undo_fails(s3_server, s3_url, caplog, overwrite=overwrite, failures=1)
+    kept = " (the checkpoint it was to replace is kept)" if overwrite else ""
+    assert f"nothing was committed{kept}:" in str(lost), str(lost)
+    direct = s3_server.storage_options()
+    with distckpt.CheckpointManager(s3_url, storage_options=direct) as manager:
+        assert manager.steps() == ([1, 2] if overwrite else [1])
 
 
 def test_an_overwrite_whose_undo_fails_keeps_the_old_checkpoint_set_aside(
     s3_server: S3Server, s3_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     lost, old = _save_whose_undo_fails(s3_server, s3_url, caplog, overwrite=True)
+    _assert_committed_damaged(lost, caplog.text)
     kept_at = f"{s3_url}/damaged-step-00000002-{old}"
     assert f"kept, set aside at {kept_at}" in str(lost)
     assert kept_at in caplog.text and "to get it back" in caplog.text
@@ -177,6 +199,7 @@ def test_a_new_step_whose_undo_fails_is_committed_damaged_and_says_so(
     s3_server: S3Server, s3_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     lost, _ = _save_whose_undo_fails(s3_server, s3_url, caplog, overwrite=False)
+    _assert_committed_damaged(lost, caplog.text)
     assert "set aside" not in str(lost)
 
 
