@@ -26,6 +26,7 @@ from distckpt.checksums import CHECKSUM_ALGORITHM
 from distckpt.errors import CheckpointError, CorruptCheckpoint, describe_error
 from distckpt.resolve import Found, Skipped
 from distckpt.storage import RootStore
+from distckpt.storage.s3_view import COMMIT_NAME
 from distckpt.storage.views import RootView
 
 logger = logging.getLogger("distckpt")
@@ -88,7 +89,13 @@ def verdicts_on_newer(view: RootView, step: int, committed: list[int]) -> str:
         try:
             manifest = resolve.check(source)
         except (CheckpointError, OSError) as exc:  # UnsupportedVersion too: not judged
-            if isinstance(exc, CorruptCheckpoint) and exc.damaged:
+            if isinstance(exc, CorruptCheckpoint) and exc.damaged and _commit_object_of(exc):
+                # no save to name in a set-aside record: the store's set_aside keeps it
+                notes.append(
+                    f"{source.location} is damaged ({exc}); its commit object names no save, so "
+                    f"a restore cannot set it aside: delete it ({delete})"
+                )
+            elif isinstance(exc, CorruptCheckpoint) and exc.damaged:
                 notes.append(
                     f"{source.location} is damaged ({exc}); a restore('last') by a manager "
                     f"that can write sets it aside, or delete it ({delete})"
@@ -110,3 +117,8 @@ def verdicts_on_newer(view: RootView, step: int, committed: list[int]) -> str:
         else:
             break  # intact
     return "".join(f". {note}" for note in notes)
+
+
+def _commit_object_of(exc: CorruptCheckpoint) -> bool:
+    """Whether the damage is an ``s3://`` step's ``COMMIT`` object itself."""
+    return str(exc.path or "").endswith(f"/{COMMIT_NAME}")

@@ -228,9 +228,10 @@ class InsufficientSpace(CheckpointError, OSError):
 class CommitLost(CheckpointError, OSError):
     """The filesystem lost a checkpoint in the rename that commits it: the renamed directory
     lacks its manifest or a file, or a file has the wrong size (fusefat empties a
-    directory it renames). Nothing was committed (an ``overwrite=True`` keeps the checkpoint
-    it was to replace where it could be put back: the message says so); the root's
-    filesystem cannot hold checkpoints."""
+    directory it renames); on an object store, objects of the save went between the commit's
+    check and its ``COMMIT``. Nothing was committed (an ``overwrite=True`` keeps the checkpoint
+    it was to replace), unless the store's ``COMMIT`` could not be put back: the step is then
+    committed damaged and a replaced checkpoint set aside. The message says which."""
 
 
 class StagedFileMismatch(CheckpointError, OSError):

@@ -17,7 +17,8 @@ rank 0 alone ``propose.root`` (checking the step, opening the staging area, read
 space; for an async save in a thread of its own, beside the snapshot and the copy). Inside
 ``save.commit`` rank 0 alone emits ``commit.lock`` (taking the root's lock),
 ``commit.manifest``, ``commit.publish`` (the rename), ``commit.links`` and
-``commit.retention`` (the store). Every collective emits ``collective.all_gather``,
+``commit.retention`` (the store; an ``s3://`` store emits only ``commit.manifest`` and
+``commit.publish``, the creation of ``COMMIT``). Every collective emits ``collective.all_gather``,
 ``collective.gather`` or ``collective.broadcast`` (the :class:`~distckpt.coord.Coordinator`,
 with no step; a gather's second, point-to-point round for a long value is a
 ``collective.gather`` too). Restores

@@ -142,6 +142,12 @@ def is_this_process_host(host: str) -> bool:
     return host == this_process_host()
 
 
+def local_process_gone(host: str, pid: int) -> bool:
+    """Whether ``pid`` on ``host`` certainly no longer runs: only decidable on this machine, in
+    this PID namespace and boot (:func:`is_this_process_host`)."""
+    return is_this_process_host(host) and process_gone(pid)
+
+
 def job_id_from_environment() -> str | None:
     """``TORCHELASTIC_RUN_ID`` (torchrun's rendezvous id), else ``SLURM_JOB_ID``, else None."""
     for variable in JOB_ID_VARIABLES:

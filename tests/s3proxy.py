@@ -124,11 +124,12 @@ class S3Proxy:
         status: int = 503,
         body_parts: tuple[bytes, ...] = (),
         times: int = 1,
+        skip: int = 0,
     ) -> Rule:
-        """Answer ``times`` matching requests with ``status`` (an S3 error document), without
-        forwarding them: the store never sees them."""
+        """Answer ``times`` matching requests, after ``skip`` others, with ``status`` (an S3
+        error document), without forwarding them: the store never sees them."""
         return self._add(
-            Rule(method, path_parts, "fail", times, body_parts=body_parts, status=status)
+            Rule(method, path_parts, "fail", times, skip, body_parts=body_parts, status=status)
         )
 
     def wait_for(self, method: str, *path_parts: str, timeout: float) -> bool:

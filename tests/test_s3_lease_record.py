@@ -20,10 +20,9 @@ import pytest
 
 import distckpt
 from distckpt import CoordinationTimeout, LeaseLost, RootInUse, StoreUnavailable
-from distckpt.lease import LeaseHolder, this_process_host
+from distckpt.lease import LeaseHolder, local_process_gone, this_process_host
 from distckpt.objlease import LeaseRecord, ObjectLease
 from distckpt.objstore import ObjectStore
-from distckpt.storage.s3_upkeep import local_process_gone
 from tests.older_version import run_older_version
 from tests.s3proxy import S3Proxy
 from tests.s3server import S3Server

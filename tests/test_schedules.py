@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -13,6 +14,7 @@ import pytest
 import torch
 
 import distckpt
+from distckpt.manifest import MANIFEST_CHECKSUM_KEY
 from tests.monitor_jobs import restart_with_another_monitor
 from tests.ranks import run_ranks, values
 
@@ -49,6 +51,76 @@ def test_restart_continues_schedule_from_restored_step(tmp_path: Path) -> None:
     assert first == [(0, [5])] * 2
     second = values(run_ranks(_restart_continues, 2, str(tmp_path)))
     assert second == [(5, [10])] * 2
+
+
+def test_a_scheduled_save_at_or_below_the_newest_step_found_at_the_start_is_not_due(
+    tmp_path: Path,
+) -> None:
+    """A scheduled save never overwrites: a requeued job's schedule counts from the newest
+    checkpoint it found, so a save of that step or an older one returns None (a forced one
+    returns the committed checkpoint: test_forced_save_of_committed_step_...)."""
+    with distckpt.CheckpointManager(tmp_path, every_n_steps=1, fsync=False) as mgr:
+        for step in (1, 2, 3):
+            mgr.save(step, {"s": step})
+    with distckpt.CheckpointManager(tmp_path, every_n_steps=1, fsync=False) as mgr:
+        assert mgr.save(3, {"s": 30}) is None
+        assert mgr.save(2, {"s": 20}) is None
+        forced = mgr.save(3, {"s": 30}, force=True)
+        assert forced is not None and forced.step == 3
+        assert mgr.restore(3, state={"s": 0}).state["s"] == 3  # type: ignore[union-attr]
+        assert mgr.steps() == [1, 2, 3]
+
+
+def test_a_scheduled_save_after_restoring_an_older_step_returns_the_committed_checkpoints(
+    tmp_path: Path,
+) -> None:
+    """The schedule counts from the step restored, here older than the newest: the scheduled
+    saves of the committed steps above it are due, and return those checkpoints unchanged."""
+    with distckpt.CheckpointManager(tmp_path, every_n_steps=1, fsync=False) as mgr:
+        for step in (1, 2, 3):
+            mgr.save(step, {"s": step})
+    with distckpt.CheckpointManager(tmp_path, every_n_steps=1, fsync=False) as mgr:
+        assert mgr.restore(1, state={"s": 0}) is not None
+        assert mgr.save(1, {"s": 10}) is None  # the step restored: not due
+        for step in (2, 3):
+            result = mgr.save(step, {"s": 10 * step})
+            assert result is not None and result.step == step
+        assert mgr.restore(3, state={"s": 0}).state["s"] == 3  # type: ignore[union-attr]
+        assert mgr.steps() == [1, 2, 3]
+
+
+def _forced_save_of_a_step_that_fails_its_check(root: Path, manifest_change: str) -> str:
+    """The refusal of a forced save of committed step 2 whose manifest was changed: its
+    ``format`` named one no version knows, or its checksum left wrong (damage)."""
+    with distckpt.CheckpointManager(root, fsync=False) as mgr:
+        mgr.save(1, {"s": 1})
+        mgr.save(2, {"s": 2})
+    manifest_path = root / "step-00000002" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    if manifest_change == "format":
+        manifest.pop(MANIFEST_CHECKSUM_KEY, None)  # so the format is what fails the check
+        manifest["format"] = "a-format-of-a-later-version"
+    else:
+        manifest["epoch"] = 7  # the manifest's checksum no longer matches
+    manifest_path.write_text(json.dumps(manifest))
+    with distckpt.CheckpointManager(root, fsync=False) as mgr:
+        with pytest.raises(distckpt.CorruptCheckpoint) as refused:
+            mgr.save(2, {"s": 20}, force=True)
+        assert mgr.steps() == [1, 2]
+    assert refused.value.damaged == (manifest_change != "format")
+    return str(refused.value)
+
+
+def test_a_forced_save_of_a_step_in_an_unknown_format_names_no_delete(tmp_path: Path) -> None:
+    message = _forced_save_of_a_step_that_fails_its_check(tmp_path, "format")
+    assert "upgrade distckpt" in message and "import the plugin" in message, message
+    assert "delete" not in message and "overwrite=True" not in message, message
+
+
+def test_a_forced_save_of_a_damaged_step_names_delete_and_overwrite(tmp_path: Path) -> None:
+    message = _forced_save_of_a_step_that_fails_its_check(tmp_path, "checksum")
+    assert "manager.delete(2)" in message and "overwrite=True" in message, message
+    assert "upgrade distckpt" not in message, message
 
 
 def _clocks_disagree(rank: int, world_size: int, root: str) -> list[int]:

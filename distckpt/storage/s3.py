@@ -7,9 +7,11 @@ with the manifest's CRC-32 sent for the store to check). Rank 0 commits by creat
 ``step-N/COMMIT`` with ``If-None-Match: *``: that creation is the moment of publication, and
 of two writers only one can make it (the other gets :class:`~distckpt.ConcurrentCommit`).
 ``overwrite=True`` replaces ``COMMIT`` by compare-and-swap on its ETag; the old attempt's
-objects go after. ``last``/``best`` are pointer objects moved by compare-and-swap after the
-commit; retention and deletes remove ``COMMIT`` first (the step stops being committed at once)
-and the objects after, so a half-deleted step never looks committed. Those objects, and the
+objects go after. The save is then listed once more: one that lost objects since its check
+puts ``COMMIT`` back as it was and fails (:class:`~distckpt.CommitLost`). ``last``/``best``
+are pointer objects moved by compare-and-swap after the commit; retention and deletes remove
+``COMMIT`` first (the step stops being committed at once) and the objects after, so a
+half-deleted step never looks committed. Those objects, and the
 leftovers of dead writers a start finds, are deleted by :meth:`~S3RootStore.tidy`, once the
 operation's outcome reached every rank: a listing and batched deletes of thousands of objects
 must not run inside the other ranks' timeout.
@@ -36,10 +38,11 @@ from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 
-from distckpt import faults, policy
+from distckpt import events, faults, policy
 from distckpt.errors import (
     CheckpointError,
     CheckpointNotFound,
+    CommitLost,
     ConcurrentCommit,
     ObjectExists,
     PreconditionFailed,
@@ -55,6 +58,7 @@ from distckpt.storage.s3_spool import SpoolUploads, make_temp_dir, remove_dead_t
 from distckpt.storage.s3_upkeep import Upkeep
 from distckpt.storage.s3_view import (
     DOWNLOAD_CONCURRENCY,
+    UNKNOWN_ATTEMPT,
     CommitRecord,
     S3Root,
     S3RootView,
@@ -65,6 +69,9 @@ logger = logging.getLogger("distckpt")
 
 #: how often a pointer's compare-and-swap is tried again when another process moved it meanwhile
 _POINTER_RETRIES = 3
+#: how often putting ``COMMIT`` back after a lost commit is tried: a transient failure must
+#: not leave the lost save committed and the checkpoint it replaced named by nothing
+_UNDO_TRIES = 3
 
 
 class S3RootStore(LeaseKeeping, Upkeep, ViewedStore):
@@ -158,15 +165,21 @@ class S3RootStore(LeaseKeeping, Upkeep, ViewedStore):
         # Runs after a failed save too: its own error must not hide that one. What is left is
         # a dead writer's leftover, removed by the next gc or start.
         try:
-            if attempt not in self._published:
-                record = self.s3.read_commit(step)  # the commit may have been made, unanswered
-                if record is None or record.attempt != attempt:
-                    self._delete_prefix(self.s3.attempt_prefix(step, attempt))
+            if attempt not in self._published and not self._commit_names(step, attempt):
+                self._delete_prefix(self.s3.attempt_prefix(step, attempt))
         except CheckpointError as exc:
             logger.warning("could not remove the save %s (left for gc): %s", area.location, exc)
         finally:
             self._published.discard(attempt)
             self._drop_claim(attempt)
+
+    def _commit_names(self, step: int, attempt: str) -> bool:
+        """Whether the step's ``COMMIT`` names the save ``attempt``: its commit may have been
+        made with the answer lost. A damaged ``COMMIT`` names none (this store writes only
+        whole records): cleanup, which cannot tell whose it is, would keep every save of its
+        step while it stays damaged, so the save's own prefix must go here."""
+        record = self.s3.read_commit_or_unknown(step)
+        return record is not None and record.attempt == attempt
 
     def open_shard(self, location: str, rank: int) -> AbstractContextManager[Path]:
         return self._spool(location, rank)
@@ -254,18 +267,22 @@ class S3RootStore(LeaseKeeping, Upkeep, ViewedStore):
         rank = COMMITTING_RANK
         # The step was checked at the proposal; since then only this job, the lease's holder
         # (checked below), may have committed, and a commit of the same step by anyone fails
-        # the exclusive create of COMMIT (ConcurrentCommit). No second listing is needed.
+        # the exclusive create of COMMIT (ConcurrentCommit): the step is not listed again.
         self.check_staged(area, manifest.files)
-        faults.hit("before_manifest", rank)
-        self.s3.client.put_bytes(
-            self.s3.attempt_prefix(step, attempt) + MANIFEST_NAME, manifest.to_json()
-        )
-        faults.hit("after_manifest", rank)
-        faults.hit("before_rename", rank)
-        self._check_lease()  # the upload may have outlasted the lease
-        replaced = self._publish(step, attempt, overwrite=overwrite)
+        with events.phase("commit.manifest", rank=rank, step=step):
+            faults.hit("before_manifest", rank)
+            manifest_bytes = manifest.to_json()
+            self.s3.client.put_bytes(
+                self.s3.attempt_prefix(step, attempt) + MANIFEST_NAME, manifest_bytes
+            )
+            faults.hit("after_manifest", rank)
+        with events.phase("commit.publish", rank=rank, step=step):
+            faults.hit("before_rename", rank)
+            self._check_lease()  # the upload may have outlasted the lease
+            replaced, etag = self._publish(step, attempt, overwrite=overwrite)
+            self._check_committed(area, manifest, len(manifest_bytes), etag, replaced)
         self._published.add(attempt)
-        if replaced is not None:
+        if replaced is not None and replaced.attempt != UNKNOWN_ATTEMPT:
             self._leave_to_tidy(step, replaced.attempt)
         # Committed: COMMIT is the truth from here on. A failure to update the derived
         # pointers or retention must not report the save as failed (see the log).
@@ -276,21 +293,25 @@ class S3RootStore(LeaseKeeping, Upkeep, ViewedStore):
             log_upkeep_failure(self.s3.location(step), "pointers", exc)
         return SaveResult(step, self.s3.location(step), manifest.epoch, dict(manifest.metrics))
 
-    def _publish(self, step: int, attempt: str, *, overwrite: bool) -> CommitRecord | None:
+    def _publish(
+        self, step: int, attempt: str, *, overwrite: bool
+    ) -> tuple[CommitRecord | None, str]:
         """Create (or with ``overwrite`` replace) the step's ``COMMIT`` object naming
-        ``attempt``; the commit record it replaced, if any."""
+        ``attempt``; the commit record it replaced, if any (a damaged one's attempt is
+        :data:`UNKNOWN_ATTEMPT`: its save becomes a leftover like a dead writer's), and the
+        ETag of the new ``COMMIT``."""
         name = self.s3.commit_name(step)
         content = CommitRecord.encode(step, attempt)
-        previous = self.s3.read_commit(step) if overwrite else None
-        if previous is not None:  # before the replaced save is uncommitted (see there)
-            self._drop_set_aside_record(step, previous.attempt)
+        previous = self.s3.read_commit_or_unknown(step) if overwrite else None
+        if previous is not None and previous.attempt != UNKNOWN_ATTEMPT:
+            self._drop_set_aside_record(step, previous.attempt)  # before it is uncommitted
         # The attempt token makes the content unique to this save: a commit applied whose
         # answer was lost is recognised as this save's own by reading it back.
         try:
             if previous is not None:
-                self.s3.client.put_own_bytes(name, content, if_match=previous.etag)
+                etag = self.s3.client.put_own_bytes(name, content, if_match=previous.etag)
             else:
-                self.s3.client.put_own_bytes(name, content, if_absent=True)
+                etag = self.s3.client.put_own_bytes(name, content, if_absent=True)
         except (ObjectExists, PreconditionFailed) as exc:
             raise ConcurrentCommit(
                 f"step {step} was committed by another writer meanwhile, at "
@@ -298,7 +319,109 @@ class S3RootStore(LeaseKeeping, Upkeep, ViewedStore):
                 path=self.s3.location(step),
                 step=step,
             ) from exc
-        return previous
+        return previous, etag
+
+    def _check_committed(
+        self,
+        area: StagingArea,
+        manifest: Manifest,
+        manifest_size: int,
+        etag: str,
+        replaced: CommitRecord | None,
+    ) -> None:
+        """After ``COMMIT`` was written: the save it names still holds the manifest and every
+        file with its size (one listing, as :meth:`check_staged`). Objects lost since that
+        check (a ``gc`` whose clock runs ahead took the save for a dead writer's) must fail
+        the save, not report a checkpoint that is not there, nor let an ``overwrite`` delete
+        the checkpoint it replaced: ``COMMIT`` is put back as it was (conditional on the ETag
+        just written; deleted where the step was new), and :class:`~distckpt.CommitLost`
+        raised, as the POSIX store does when its filesystem loses a renamed step dir. A
+        listing that fails is logged: the save is committed, as after any failure past
+        ``COMMIT``."""
+        written = {MANIFEST_NAME: FileRecord(manifest_size, "", COMMITTING_RANK)}
+        try:
+            self.check_staged(area, written | dict(manifest.files))
+        except StagedFileMismatch as lost:
+            outcome = self._undo_lost_commit(manifest.step, etag, replaced)
+            raise CommitLost(
+                f"the store of {self.root} lost objects of step {manifest.step} between the "
+                f"commit's check and its COMMIT: {lost}; {outcome}: is a gc running beside "
+                "the job, on a machine whose clock is ahead?",
+                path=lost.path,
+                step=manifest.step,
+            ) from lost
+        except CheckpointError as exc:  # the listing failed: COMMIT stands, the save with it
+            logger.error(
+                "committed %s, but could not list it again to check it: %s",
+                self.s3.location(manifest.step),
+                exc,
+            )
+
+    def _undo_lost_commit(self, step: int, etag: str, replaced: CommitRecord | None) -> str:
+        """Put the step's ``COMMIT`` back as it was before this save wrote it (version
+        ``etag``): the replaced record, else none (a damaged one replaced goes too), trying
+        :data:`_UNDO_TRIES` times. What became of the step, for the ``CommitLost`` message. A
+        failure is never raised over the ``CommitLost`` it undoes: the lost save stays
+        committed, damaged (readers skip it), and a replaced checkpoint is kept from cleanup
+        by a set-aside record (:meth:`_keep_replaced`)."""
+        name = self.s3.commit_name(step)
+        put_back = replaced is not None and replaced.attempt != UNKNOWN_ATTEMPT
+        failure: CheckpointError | None = None
+        for _ in range(_UNDO_TRIES):
+            try:
+                if replaced is None or replaced.attempt == UNKNOWN_ATTEMPT:
+                    # a new step, or one whose damaged COMMIT named no save: uncommitted
+                    self.s3.client.delete([name])
+                    return "nothing was committed"
+                content = CommitRecord.encode(step, replaced.attempt)
+                self.s3.client.put_own_bytes(name, content, if_match=etag)
+                return "nothing was committed (the checkpoint it was to replace is kept)"
+            except CheckpointError as exc:
+                failure = exc
+        location = self.s3.location(step)
+        logger.critical(
+            "could not undo the lost commit of %s: %s; it stays committed, damaged (readers "
+            "skip it): delete it (manager.delete(%d), or distckpt delete) or save the step "
+            "again with overwrite=True",
+            location,
+            failure,
+            step,
+        )
+        damaged = f"step {step} is now committed damaged (COMMIT could not be put back: {failure})"
+        if put_back and replaced is not None:
+            return damaged + "; " + self._keep_replaced(step, replaced.attempt)
+        return damaged
+
+    def _keep_replaced(self, step: int, attempt: str) -> str:
+        """Keep the save ``attempt`` an overwrite replaced, which ``COMMIT`` no longer names,
+        from cleanup, as a set-aside does: a set-aside record naming it, so that the next start
+        or ``gc`` copies it to ``damaged-step-N-<attempt>/`` (never deleted) before deleting
+        its objects. What was done, and how to get it back, logged at critical level."""
+        kept_at = self.s3.set_aside_location(step, attempt)
+        commit = CommitRecord.encode(step, attempt).decode()
+        try:
+            self.s3.write_set_aside_record(step, attempt)
+        except CheckpointError as exc:
+            logger.critical(
+                "the checkpoint that save replaced is uncommitted, under %s, and nothing keeps "
+                "it from the next start or gc (%s): to get it back, put %s in %s first",
+                self.s3.attempt_location(step, attempt),
+                exc,
+                commit,
+                self.s3.location(step) + "/COMMIT",
+            )
+            return f"the checkpoint it was to replace is uncommitted: see the log ({exc})"
+        logger.critical(
+            "the checkpoint that save replaced is kept, set aside: the next start or gc copies "
+            "it from %s to %s, never deleted; to get it back, copy its objects back under %s "
+            "(if gone) and put %s in %s",
+            self.s3.attempt_location(step, attempt),
+            kept_at,
+            self.s3.attempt_location(step, attempt),
+            commit,
+            self.s3.location(step) + "/COMMIT",
+        )
+        return f"the checkpoint it was to replace is kept, set aside at {kept_at}"
 
     # ------------------------------------------------------------------ removal
 

@@ -25,11 +25,10 @@ from distckpt.errors import (
     PreconditionFailed,
     RootInUse,
 )
-from distckpt.lease import LeaseHolder, this_process_host
+from distckpt.lease import LeaseHolder, local_process_gone, this_process_host
 from distckpt.objlease import LeaseRecord, ObjectLease, lease_request_options
 from distckpt.objstore import ObjectStore
 from distckpt.storage import RootStore
-from distckpt.storage.s3_upkeep import local_process_gone
 from distckpt.storage.s3_view import LEASE_NAME, S3Root
 from distckpt.storage.shared import opened_no_more, release_at_exit
 

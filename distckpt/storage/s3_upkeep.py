@@ -35,29 +35,26 @@ from distckpt.layout import (
     parse_step_dir_name,
     step_dir_name,
 )
-from distckpt.lease import is_this_process_host, process_gone
+from distckpt.lease import local_process_gone
 from distckpt.lock import Leftover
 from distckpt.manifest import Manifest
 from distckpt.objstore import ObjectInfo
 from distckpt.results import CheckpointLocation
 from distckpt.storage.posix_links import COMMITTING_RANK
-from distckpt.storage.s3_view import WRITERS_PREFIX, CommitRecord, S3Root, S3RootView
+from distckpt.storage.s3_view import (
+    UNKNOWN_ATTEMPT,
+    WRITERS_PREFIX,
+    CommitRecord,
+    S3Root,
+    S3RootView,
+)
 
 logger = logging.getLogger("distckpt")
 
 _POINTER_RETRIES = 3  # compare-and-swap of a pointer that another process moved meanwhile
-#: stands for the attempt a damaged ``COMMIT`` names (unknown); no attempt token is empty
-_UNREADABLE = ""
-_UNREADABLE_COMMIT = CommitRecord(-1, _UNREADABLE, "")
 #: How far a claim's expiry, a wall-clock time written by its writer, is trusted past its
 #: end: the clocks of the writer and of the cleaning process may disagree by this much.
 CLOCK_SKEW_SECONDS = 60.0
-
-
-def local_process_gone(host: str, pid: int) -> bool:
-    """Whether ``pid`` on ``host`` certainly no longer runs: only decidable on this machine, in
-    this PID namespace and boot (:func:`~distckpt.lease.is_this_process_host`)."""
-    return is_this_process_host(host) and process_gone(pid)
 
 
 class Upkeep:
@@ -293,19 +290,24 @@ class Upkeep:
         self._check_lease()
         if location != self.s3.location(step):
             return None
-        try:
-            record = self.s3.read_commit(step)
-        except CorruptCheckpoint:
-            return None  # which save it publishes is unknown: nothing to name in a record
+        record = self.s3.read_commit_or_unknown(step)
         if record is None:
             return None  # deleted since the restore judged it
+        if record.attempt == UNKNOWN_ATTEMPT:  # which save it publishes is unknown
+            logger.warning(
+                "cannot set aside the damaged checkpoint %s: its COMMIT is not a commit record, "
+                "so which save it names is unknown; it stays committed, and saves of step %d "
+                "and below are refused: delete it (manager.delete(%d), or distckpt delete) or "
+                "save step %d with overwrite=True",
+                location,
+                step,
+                step,
+                step,
+            )
+            return None
         with self._unpublished_lock:  # its originals are this store's to delete, not a leftover
             self._unpublished_here.add((step, record.attempt))
-        marker = self.s3.set_aside_record_name(step, record.attempt)
-        with contextlib.suppress(ObjectExists):  # set aside before, by a start that died
-            self.s3.client.put_bytes(
-                marker, CommitRecord.encode(step, record.attempt), if_absent=True
-            )
+        self.s3.write_set_aside_record(step, record.attempt)
         if not self._copy_set_aside_save(step, record.attempt, budget=self.set_aside_budget):
             logger.warning(
                 "setting aside the damaged checkpoint %s: its copy to %s did not finish within "
@@ -355,8 +357,8 @@ class Upkeep:
 
     def _find_leftovers(self) -> list[tuple[Leftover, list[str]]]:
         """Every save's prefix that its step's ``COMMIT`` does not name (``writer_alive``
-        while its writer's claim is live), with the names of its objects and claim; and claims
-        with no objects, of writers that died."""
+        while its writer's claim is live), with the names of its objects and claim; and the
+        other claims not live (no objects left, or a committed save's), of writers that died."""
         attempts: dict[tuple[int, str], list[str]] = {}
         claims: set[str] = set()
         #: the objects of each set-aside copy, and the saves a set-aside record names
@@ -386,17 +388,17 @@ class Upkeep:
         # - the claim is read expired, or its process dead: the writer is gone (or stalled
         #   past its lease, which also stops it from committing: it checks its lease first).
         # The first COMMIT read of each step only spares the claim read of the committed save.
+        # A committed save's claim stays a candidate: a writer killed after its commit, or
+        # whose delete of it failed, leaves it, and it protects nothing once not live.
         first_read: dict[int, CommitRecord | None] = {}
         found: list[tuple[Leftover, list[str]]] = []
         for (step, attempt), names in sorted(attempts.items()):
             if step not in first_read:
                 first_read[step] = self._read_commit_or_none(step)
             if self._names(first_read[step], attempt):
-                claims.discard(attempt)
                 continue
             writer_alive = self._claim_live(attempt)
             if not writer_alive and self._names(self._read_commit_or_none(step), attempt):
-                claims.discard(attempt)
                 continue
             where = self.s3.attempt_location(step, attempt)
             # its claim goes with it (a dead writer's)
@@ -426,18 +428,17 @@ class Upkeep:
         return not self.s3.is_set_aside(step, attempt)
 
     def _read_commit_or_none(self, step: int) -> CommitRecord | None:
-        """The step's commit record; a damaged one as :data:`_UNREADABLE_COMMIT`."""
-        try:
-            return self.s3.read_commit(step)
-        except CorruptCheckpoint:
+        """The step's commit record, a damaged one's naming :data:`UNKNOWN_ATTEMPT`."""
+        record = self.s3.read_commit_or_unknown(step)
+        if record is not None and record.attempt == UNKNOWN_ATTEMPT:
             logger.warning("leaving the saves of %s: its COMMIT is damaged", step)
-            return _UNREADABLE_COMMIT
+        return record
 
     @staticmethod
     def _names(record: CommitRecord | None, attempt: str) -> bool:
         """Whether ``record`` publishes ``attempt``, or might (a damaged ``COMMIT``: which
         save it publishes is unknown, so every save of its step is left)."""
-        return record is not None and record.attempt in (attempt, _UNREADABLE)
+        return record is not None and record.attempt in (attempt, UNKNOWN_ATTEMPT)
 
     def _remove_leftovers(self) -> list[CheckpointLocation]:
         """Remove what :meth:`_find_leftovers` found whose writer is not alive (a live

@@ -29,7 +29,7 @@ import shutil
 import threading
 from collections.abc import Callable, Collection, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,7 @@ from distckpt.checksums import crc32
 from distckpt.errors import (
     CheckpointNotFound,
     CorruptCheckpoint,
+    ObjectExists,
     ObjectNotFound,
 )
 from distckpt.fsutil import POINTER_MAX_BYTES
@@ -73,6 +74,8 @@ WRITERS_PREFIX = ".writers/"
 #: Files downloaded at once by :meth:`S3Checkpoint.local_copy` (each a stream of its own).
 DOWNLOAD_CONCURRENCY = 4
 _READ_CHUNK = 8 << 20
+#: the attempt a damaged ``COMMIT`` names (unknown); no attempt token is empty
+UNKNOWN_ATTEMPT = ""
 
 
 @dataclass(frozen=True)
@@ -142,6 +145,13 @@ class S3Root:
     def set_aside_record_name(step: int, attempt: str) -> str:
         return set_aside_name(step, attempt)
 
+    def write_set_aside_record(self, step: int, attempt: str) -> None:
+        """Write the record naming the save ``attempt`` of ``step`` set aside, unless there
+        (one that died wrote it): cleanup copies the save it names before deleting it."""
+        with suppress(ObjectExists):
+            name = set_aside_name(step, attempt)
+            self.client.put_bytes(name, CommitRecord.encode(step, attempt), if_absent=True)
+
     @staticmethod
     def set_aside_prefix(step: int, attempt: str) -> str:
         """Where a save set aside is moved to, beside its record: no ``step-N/`` prefix, which
@@ -194,9 +204,19 @@ class S3Root:
         except ObjectNotFound:
             return None
 
+    def read_commit_or_unknown(self, step: int) -> CommitRecord | None:
+        """:meth:`read_commit`, but a damaged ``COMMIT`` is a record naming
+        :data:`UNKNOWN_ATTEMPT`, with its ETag (None if it went meanwhile)."""
+        try:
+            return self.read_commit(step)
+        except CorruptCheckpoint:
+            etag = self._commit_etag(step)
+            return None if etag is None else CommitRecord(step, UNKNOWN_ATTEMPT, etag)
+
     def read_commit(self, step: int) -> CommitRecord | None:
         """The step's commit record, or None when the step is not committed. A commit object
-        that is not one (written by something else) is :class:`CorruptCheckpoint`."""
+        that is not one (written by something else) is :class:`CorruptCheckpoint`, damaged:
+        every version writes the same two keys, whole."""
         try:
             data, etag = self.client.get_versioned(self.commit_name(step))
         except ObjectNotFound:
@@ -206,7 +226,10 @@ class S3Root:
             return CommitRecord(int(fields["step"]), str(fields["attempt"]), etag)
         except (ValueError, TypeError, KeyError) as exc:
             raise CorruptCheckpoint(
-                f"{self.root}/{self.commit_name(step)} is not a commit record: {exc}", step=step
+                f"{self.root}/{self.commit_name(step)} is not a commit record: {exc}",
+                damaged=True,
+                path=f"{self.root}/{self.commit_name(step)}",
+                step=step,
             ) from exc
 
     def set_aside_attempts(self) -> list[tuple[int, str]]:

@@ -9,7 +9,7 @@ import weakref
 from collections.abc import Collection
 
 from distckpt import damaged, policy, resolve
-from distckpt.errors import CheckpointExists, InvalidStep, ReadOnlyRoot
+from distckpt.errors import CheckpointExists, CorruptCheckpoint, InvalidStep, ReadOnlyRoot
 from distckpt.layout import BEST, LAST, parse_step_dir_name
 from distckpt.results import CheckpointLocation, SaveResult
 from distckpt.storage import OpenedRoot, RootStore
@@ -84,8 +84,7 @@ class ViewedStore(RootStore):
         if step in committed and not overwrite:
             source = self.view.checkpoint(step)
             if not explicit:
-                source, manifest = resolve.resolve_step(self.view, step)
-                return SaveResult(step, source.location, manifest.epoch, dict(manifest.metrics))
+                return self._committed_result(step)
             raise CheckpointExists(
                 f"step {step} is already committed at {source.location}; pass "
                 "overwrite=True to replace it",
@@ -101,6 +100,32 @@ class ViewedStore(RootStore):
                 step=step,
             )
         return None
+
+    def _committed_result(self, step: int) -> SaveResult:
+        """What a forced or scheduled save of the committed ``step`` returns: that checkpoint.
+        One that fails its check is refused here, before anything is written, naming the ways
+        out: for a damaged one (a manifest, or ``COMMIT`` object), delete or overwrite; for one
+        not judged damaged (a format of a newer version, or of a plugin not imported), a
+        distckpt that reads it."""
+        try:
+            source, manifest = resolve.resolve_step(self.view, step)
+        except CorruptCheckpoint as exc:
+            location = self.view.checkpoint(step).location
+            way_out = (
+                f"delete it (manager.delete({step}), or distckpt delete) or save the step with "
+                "overwrite=True to replace it"
+                if exc.damaged
+                else "it may be sound: upgrade distckpt, or import the plugin of its format, "
+                "to read it"
+            )
+            raise CorruptCheckpoint(
+                f"step {step} is already committed at {location}, but fails its check, so a "
+                f"forced or scheduled save cannot return it: {exc}; {way_out}",
+                damaged=exc.damaged,
+                path=exc.path or location,
+                step=step,
+            ) from exc
+        return SaveResult(step, source.location, manifest.epoch, dict(manifest.metrics))
 
     def _linked_steps(self) -> set[int]:
         """The steps ``last`` / ``best`` name now (a pointer naming no step dir counts for
