@@ -7,8 +7,7 @@
 All derive from :class:`CheckpointError` and from the builtin that means the same (a missing
 checkpoint is a ``FileNotFoundError``, a bad argument a ``ValueError``). Their structured fields
 (``rank``, ``path``, ``step``, None where unknown, and each class's own) travel with an error
-raised on every rank and survive pickling, so code can act on them without parsing text.
-"""
+raised on every rank and survive pickling, so code can act on them without parsing text."""
 
 from __future__ import annotations
 

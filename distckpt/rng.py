@@ -8,9 +8,15 @@ from __future__ import annotations
 
 import logging
 import random
-from typing import Any
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+from distckpt.errors import GeneratorDeviceMismatch
+
+if TYPE_CHECKING:
+    from distckpt.load_report import LoadReport
 
 try:
     import numpy as np
@@ -106,3 +112,44 @@ class RNGState:
 
     def __repr__(self) -> str:
         return "RNGState()"
+
+
+#: The keys of a saved :class:`torch.Generator`: its ``get_state()`` and its device's name.
+GENERATOR_KEYS = ("generator_state", "device")
+
+
+def saved_generator(generator: torch.Generator) -> dict[str, Any]:
+    """``generator`` as plain data (a byte tensor and a string), which either format saves
+    without pickling and a restore sets back into the given generator in place."""
+    return {"generator_state": generator.get_state(), "device": str(generator.device)}
+
+
+def load_generator(
+    template: torch.Generator, loaded: Any, path: str, report: LoadReport, *, apply: bool
+) -> None:
+    """Set ``template`` to the state :func:`saved_generator` saved, in place: the same object
+    (the one a sampler holds) continues its stream. A saved generator of another device
+    raises :class:`~distckpt.errors.GeneratorDeviceMismatch` (the device's type counts: a
+    generator's state does not depend on the device index); anything else saved there is
+    reported as a key of another kind."""
+    if isinstance(loaded, torch.Generator):
+        # Checkpoints from before generators were saved as data hold the pickled generator (read
+        # with allow_pickle=True); its state restores the same.
+        loaded = saved_generator(loaded)
+    if not (isinstance(loaded, Mapping) and set(loaded) == set(GENERATOR_KEYS)):
+        report.missing_keys.append(path)
+        if isinstance(loaded, (Mapping, list)):
+            report.unexpected_keys.append(path)
+        return
+    saved_device, given_device = str(loaded["device"]), str(template.device)
+    if torch.device(saved_device).type != template.device.type:
+        raise GeneratorDeviceMismatch(
+            f"{path or 'state'}: the checkpoint holds a generator of device {saved_device}, "
+            f"restored into one of device {given_device}: make the generator on "
+            f"{saved_device}, or load the checkpoint without state= to read its state",
+            key=path,
+            saved_device=saved_device,
+            given_device=given_device,
+        )
+    if apply:
+        template.set_state(loaded["generator_state"].to("cpu", torch.uint8))

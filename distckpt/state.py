@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from distckpt.containers import same_kind_of_mapping, same_kind_of_tuple
-from distckpt.errors import GeneratorDeviceMismatch, InvalidArgument
+from distckpt.errors import InvalidArgument
 from distckpt.key_prefixes import log_prefix_mapping, matching_prefixes
 from distckpt.load_report import (
     LoadReport,
@@ -38,7 +38,7 @@ from distckpt.model_state_keys import (
     without_unsaved_init_state,
 )
 from distckpt.per_rank import PerRank, is_per_rank
-from distckpt.rng import restores_partly
+from distckpt.rng import load_generator, restores_partly, saved_generator
 
 logger = logging.getLogger("distckpt")
 
@@ -140,47 +140,6 @@ def to_plain(state: Any, *, mark_per_rank: bool = False, template: bool = False)
         items = [to_plain(value, mark_per_rank=mark_per_rank, template=template) for value in state]
         return type(state)(items) if isinstance(state, list) else same_kind_of_tuple(state, items)
     return state
-
-
-#: The keys of a saved :class:`torch.Generator`: its ``get_state()`` and its device's name.
-GENERATOR_KEYS = ("generator_state", "device")
-
-
-def saved_generator(generator: torch.Generator) -> dict[str, Any]:
-    """``generator`` as plain data (a byte tensor and a string), which either format saves
-    without pickling and a restore sets back into the given generator in place."""
-    return {"generator_state": generator.get_state(), "device": str(generator.device)}
-
-
-def _load_generator(
-    template: torch.Generator, loaded: Any, path: str, report: LoadReport, *, apply: bool
-) -> None:
-    """Set ``template`` to the state :func:`saved_generator` saved, in place: the same object
-    (the one a sampler holds) continues its stream. A saved generator of another device
-    raises :class:`~distckpt.errors.GeneratorDeviceMismatch` (the device's type counts: a
-    generator's state does not depend on the device index); anything else saved there is
-    reported as a key of another kind."""
-    if isinstance(loaded, torch.Generator):
-        # Checkpoints from before generators were saved as data hold the pickled generator (read
-        # with allow_pickle=True); its state restores the same.
-        loaded = saved_generator(loaded)
-    if not (isinstance(loaded, Mapping) and set(loaded) == set(GENERATOR_KEYS)):
-        report.missing_keys.append(path)
-        if isinstance(loaded, (Mapping, list)):
-            report.unexpected_keys.append(path)
-        return
-    saved_device, given_device = str(loaded["device"]), str(template.device)
-    if torch.device(saved_device).type != template.device.type:
-        raise GeneratorDeviceMismatch(
-            f"{path or 'state'}: the checkpoint holds a generator of device {saved_device}, "
-            f"restored into one of device {given_device}: make the generator on "
-            f"{saved_device}, or load the checkpoint without state= to read its state",
-            key=path,
-            saved_device=saved_device,
-            given_device=given_device,
-        )
-    if apply:
-        template.set_state(loaded["generator_state"].to("cpu", torch.uint8))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -425,7 +384,7 @@ def _load(
                         expected,
                     )
     elif isinstance(template, torch.Generator):
-        _load_generator(template, loaded, path, report, apply=apply)
+        load_generator(template, loaded, path, report, apply=apply)
     elif isinstance(template, torch.Tensor):
         if not isinstance(loaded, torch.Tensor):
             report.missing_keys.append(path)

@@ -1,14 +1,13 @@
-"""The ``s3://`` store's upkeep: the ``last``/``best`` pointer objects, retention,
-unpublishing a step (``COMMIT`` first, its objects after) and the leftovers of dead writers. A
-mixin of :class:`~distckpt.storage.s3.S3RootStore`, run by the committing rank.
-
-A removal is split in two. Inside the operation (a commit's retention or replacement, a
-delete, a prune), while the other ranks wait for its outcome, only the quick part runs: the
-pointers move and the step's ``COMMIT`` goes, one request per step, and the save it named is
-remembered. Listing and deleting that save's objects (thousands for a large job) is
-:meth:`Upkeep.tidy`'s, after the outcome reached every rank, as are dead writers' leftovers
-found at a start. A crash in between leaves saves that no ``COMMIT`` names and no live claim
-protects: the next start or ``gc`` removes them as a dead writer's."""
+"""The ``s3://`` store's upkeep: the ``last``/``best`` pointer objects, retention, unpublishing a
+step (``COMMIT`` first, its objects after) and the leftovers of dead writers. A mixin of
+:class:`~distckpt.storage.s3.S3RootStore`, run by the committing rank. A removal is split in
+two. Inside the operation (a commit's retention or replacement, a delete, a prune), while the
+other ranks wait for its outcome, only the quick part runs: the pointers move and the step's
+``COMMIT`` goes, one request per step, and the save it named is remembered. Listing and deleting
+that save's objects (thousands for a large job) is :meth:`Upkeep.tidy`'s, after the outcome
+reached every rank, as are dead writers' leftovers found at a start. A crash in between leaves
+saves that no ``COMMIT`` names and no live claim protects: the next start or ``gc`` removes them
+as a dead writer's."""
 
 from __future__ import annotations
 
