@@ -56,7 +56,9 @@ import os
 from pathlib import Path
 from distckpt.fsutil import fsync_ancestors
 fsync_ancestors(Path({os.fspath(plain)!r}))
-os.fsync(os.open({BETWEEN!r}, os.O_RDONLY | os.O_CREAT))
+between = os.open({BETWEEN!r}, os.O_RDONLY | os.O_CREAT, 0o644)
+os.fsync(between)
+os.close(between)
 fsync_ancestors(Path({os.fspath(linked / "home" / "ck" / "root")!r}))
 """
     fsynced = [call.path for call in traced_file_calls(code, workdir, "fsync")]
