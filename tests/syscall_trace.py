@@ -35,6 +35,11 @@ class FileCall:
     result: int
 
 
+def opened_direct(call: FileCall) -> bool:
+    """Whether ``call`` is an ``openat`` asking for ``O_DIRECT``."""
+    return call.name == "openat" and "O_DIRECT" in call.args[0].split("|")
+
+
 def traced_file_calls(
     code: str, workdir: Path, calls: str, args: Sequence[str] = (), timeout: float = 180
 ) -> list[FileCall]:
@@ -162,7 +167,7 @@ class DirectIOSave:
         opened = [call for call in self.rank_file_calls if call.name == "openat"]
         assert len(opened) == 1, self.rank_file_calls
         assert (self.workdir / "root" / "step-00000001").is_dir() is commits
-        if "O_DIRECT" not in opened[0].args[0].split("|"):
+        if not opened_direct(opened[0]):
             return False
         names = [call.name for call in self.rank_file_calls[1:]]
         assert names == ["ftruncate", "fsync"], self.rank_file_calls

@@ -13,10 +13,15 @@ from pathlib import Path
 import pytest
 
 from distckpt.memory import DIRECT_ALIGNMENT
-from tests.filesystems import skip_or_fail
+from tests.filesystems import require_direct_io, skip_or_fail
 from tests.s3server import S3Server
-from tests.syscall_trace import FileCall, async_saves_traced, run_traced, traced_file_calls
-from tests.test_direct_io import _opened_direct, _require_direct_io
+from tests.syscall_trace import (
+    FileCall,
+    async_saves_traced,
+    opened_direct,
+    run_traced,
+    traced_file_calls,
+)
 
 
 def _rank_file_calls(calls: list[FileCall], root: str) -> list[FileCall]:
@@ -83,7 +88,7 @@ def traced_saves(
     one interpreter: a fresh interpreter importing torch under strace costs seconds, paid once
     for the tests that read these saves' calls."""
     workdir = tmp_path_factory.mktemp("traced-saves")
-    _require_direct_io(workdir)
+    require_direct_io(workdir)
     code = LOCAL_SAVES
     try:
         server: S3Server | None = request.getfixturevalue("s3_server")
@@ -122,7 +127,7 @@ def test_an_async_save_writes_its_rank_file_direct_and_a_sync_save_buffered(
     calls = traced_saves.local
     direct = _rank_file_calls(calls, "async")
     opened = [call for call in direct if call.name == "openat"]
-    assert len(opened) == 1 and _opened_direct(opened[0]), direct
+    assert len(opened) == 1 and opened_direct(opened[0]), direct
     assert "O_EXCL" in opened[0].args[0]
     written = [call for call in direct if call.name != "openat"]
     assert not [call for call in written if call.name == "sync_file_range"], written
@@ -132,9 +137,9 @@ def test_an_async_save_writes_its_rank_file_direct_and_a_sync_save_buffered(
     assert size == saved.stat().st_size and size % DIRECT_ALIGNMENT != 0
     for root in ("sync", "buffered"):
         opened = [call for call in _rank_file_calls(calls, root) if call.name == "openat"]
-        assert opened and not [call for call in opened if _opened_direct(call)], opened
+        assert opened and not [call for call in opened if opened_direct(call)], opened
     under_buffered = [call for call in calls if "/buffered/" in call.path]
-    assert under_buffered and not [call for call in under_buffered if _opened_direct(call)]
+    assert under_buffered and not [call for call in under_buffered if opened_direct(call)]
 
 
 def test_an_async_save_to_an_object_store_spools_its_rank_file_buffered(
@@ -153,7 +158,7 @@ def test_an_async_save_to_an_object_store_spools_its_rank_file_buffered(
         and "O_WRONLY" in call.args[0]
     ]
     assert written, calls
-    assert not [call for call in written if _opened_direct(call)], written
+    assert not [call for call in written if opened_direct(call)], written
 
 
 def test_a_shared_traced_run_that_dies_names_the_directory_it_died_in(tmp_path: Path) -> None:
