@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import os
 import subprocess
+import sys
+import threading
 from pathlib import Path
 
 
@@ -29,3 +32,23 @@ def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[
     finally:
         os.chdir(previous)
     return subprocess.CompletedProcess(["distckpt", *args], status, out.getvalue(), err.getvalue())
+
+
+class _CurrentStderr(logging.Handler):
+    """Writes a record to whatever ``sys.stderr`` is when the record comes (a redirect made
+    after this handler was attached included), as Python's last-resort handler does."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            sys.stderr.write(self.format(record) + "\n")
+        except Exception:
+            self.handleError(record)
+
+
+def report_as_a_fresh_process() -> None:
+    """In a forked child of pytest, before :func:`run_cli`: what a fresh ``python -m distckpt``
+    writes to its stderr lands in ``run_cli``'s stderr here too. pytest's hooks, inherited by
+    the fork, would otherwise swallow a background thread's crash (its ``threading.excepthook``)
+    and distckpt's log records (its root logger's handlers)."""
+    threading.excepthook = threading.__excepthook__
+    logging.getLogger("distckpt").addHandler(_CurrentStderr())

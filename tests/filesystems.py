@@ -167,6 +167,17 @@ def skip_or_fail(reason: str) -> NoReturn:
     pytest.skip(reason)
 
 
+def require_direct_io(directory: Path) -> None:
+    """Skip (in CI: fail) where the file system under ``directory`` refuses ``O_DIRECT``."""
+    probe = directory / ".direct-probe"
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o600))
+    except OSError as exc:
+        skip_or_fail(f"the file system of the test's temporary directory refuses O_DIRECT: {exc}")
+    finally:
+        probe.unlink(missing_ok=True)
+
+
 def take_every_free_block(volume: Path, hog: Path) -> None:
     """Allocate to ``hog`` every block ``volume`` has left, root's reserve included (the
     ranks run as root, which may write into it)."""

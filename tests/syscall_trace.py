@@ -12,7 +12,7 @@ import signal
 import subprocess
 import sys
 import textwrap
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +35,11 @@ class FileCall:
     result: int
 
 
+def opened_direct(call: FileCall) -> bool:
+    """Whether ``call`` is an ``openat`` asking for ``O_DIRECT``."""
+    return call.name == "openat" and "O_DIRECT" in call.args[0].split("|")
+
+
 def traced_file_calls(
     code: str, workdir: Path, calls: str, args: Sequence[str] = (), timeout: float = 180
 ) -> list[FileCall]:
@@ -43,6 +48,55 @@ def traced_file_calls(
     successful ``openat`` calls."""
     run_traced(code, workdir, calls, args, timeout)
     return _parsed_calls(workdir / "strace.log")
+
+
+#: what a part of :func:`trace_parts` raised, with its traceback, in the part's directory
+PART_FAILED = "failed.txt"
+
+
+def assert_part_ran(directory: Path) -> None:
+    """Fails with the traceback a traced part wrote to ``directory`` if it raised."""
+    failed = directory / PART_FAILED
+    assert not failed.exists(), failed.read_text()
+
+
+@dataclass(frozen=True)
+class TracedParts:
+    """The calls of one traced interpreter that ran several parts, each in a directory of its
+    own under ``workdir``."""
+
+    workdir: Path
+    calls: list[FileCall]
+
+    def of(self, part: str) -> list[FileCall]:
+        """The calls on files in ``part``'s directory, in order; fails with the part's own
+        traceback if it raised (another part's failure does not touch this one's calls)."""
+        assert_part_ran(self.workdir / part)
+        # strace -y names a file by the path the kernel resolved it to
+        prefix = f"{self.workdir.resolve()}/{part}/"
+        return [call for call in self.calls if call.path.startswith(prefix)]
+
+
+def trace_parts(parts: Mapping[str, str], workdir: Path, calls: str) -> TracedParts:
+    """The ``calls`` (as :func:`traced_file_calls`) of one fresh interpreter running each of
+    ``parts`` (its directory's name: its code, run in a namespace of its own) with its own
+    directory under ``workdir`` (made if missing) as its working directory, one after the
+    other: a fresh interpreter importing torch under strace costs seconds, paid once. What a
+    part raises is written to :data:`PART_FAILED` in its directory, and the next part runs all
+    the same."""
+    script = "import os, traceback\n"
+    for part, code in parts.items():
+        script += f"""
+os.makedirs({part!r}, exist_ok=True)
+os.chdir({part!r})
+try:
+    exec(compile({code!r}, {part!r}, "exec"), {{"__name__": "__main__"}})
+except BaseException:
+    with open({PART_FAILED!r}, "w") as failed:
+        failed.write(traceback.format_exc())
+os.chdir("..")
+"""
+    return TracedParts(workdir, traced_file_calls(script, workdir, calls))
 
 
 def run_traced(
@@ -157,12 +211,11 @@ class DirectIOSave:
         and cutting the padded tail back with ftruncate before the fsync); asserts the save,
         restore and verify went through, and that the step was committed if ``commits``."""
         assert self.lost is None, self.lost
-        failed = self.workdir / "failed.txt"
-        assert not failed.exists(), failed.read_text()
+        assert_part_ran(self.workdir)
         opened = [call for call in self.rank_file_calls if call.name == "openat"]
         assert len(opened) == 1, self.rank_file_calls
         assert (self.workdir / "root" / "step-00000001").is_dir() is commits
-        if "O_DIRECT" not in opened[0].args[0].split("|"):
+        if not opened_direct(opened[0]):
             return False
         names = [call.name for call in self.rank_file_calls[1:]]
         assert names == ["ftruncate", "fsync"], self.rank_file_calls
@@ -194,7 +247,7 @@ def async_saves_traced(workdirs: Sequence[Path], scratch: Path) -> dict[Path, Di
     for workdir in workdirs:
         lost = None
         if run_failure is not None and not (
-            (workdir / "finished.txt").exists() or (workdir / "failed.txt").exists()
+            (workdir / "finished.txt").exists() or (workdir / PART_FAILED).exists()
         ):
             lost = (
                 f"the shared traced run {run_failure} while saving on {workdir}"

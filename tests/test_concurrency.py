@@ -26,7 +26,7 @@ import distckpt
 from distckpt import reader
 from distckpt.layout import RootLayout, step_dir_name
 from distckpt.storage import open_store
-from tests.cli_runner import run_cli
+from tests.cli_runner import report_as_a_fresh_process, run_cli
 from tests.fault_checks import entries
 from tests.ranks import Collected
 from tests.shared_root import (
@@ -130,9 +130,31 @@ def _deleting_loop(root: str, stop: Any, seed: int) -> dict[str, Any]:
     return out
 
 
+#: how many steps the job saves while the maintenance commands run, over and over: a count of
+#: saves, so that the overlap does not shrink with how fast the machine runs a command
+SAVES_DURING_COMMANDS = 200
+
+
+def _newest_step(root: str) -> int:
+    return max(RootLayout.at(root).committed_steps(), default=0)
+
+
+def _command_rounds(root: str, args: tuple[str, ...]) -> list[tuple[str, int, str]]:
+    """``distckpt *args`` over and over in this forked process until the job saving in
+    ``root`` has saved :data:`SAVES_DURING_COMMANDS` more steps, reporting to stderr what a
+    fresh process would: each run's command name, exit status and stderr."""
+    report_as_a_fresh_process()
+    until = _newest_step(root) + SAVES_DURING_COMMANDS
+    done = [run_cli(*args)]
+    while _newest_step(root) < until:
+        done.append(run_cli(*args))
+    return [(run.args[1], run.returncode, run.stderr) for run in done]
+
+
 def test_maintenance_next_to_a_saving_job(root: Path) -> None:
     """While a job saves with ``keep_last=2``: ``distckpt prune --keep-last 1`` and
-    ``distckpt gc``, twice each and all at once, and in another process the store's
+    ``distckpt gc``, in two processes each, all at once and over and over until the job has
+    saved :data:`SAVES_DURING_COMMANDS` more steps, and in another process the store's
     ``delete(step)`` and ``collect_leftovers()`` over and over. Every command succeeds, no
     save fails, nothing breaks."""
     stop = mp.get_context("fork").Event()
@@ -144,25 +166,23 @@ def test_maintenance_next_to_a_saving_job(root: Path) -> None:
     # Each command in a forked process of its own: a fresh Python would spend about 2 s of CPU
     # importing torch (test_python_dash_m_runs_the_real_entry_point runs the real entry point).
     batch = [
-        Proc(run_cli, *args)
+        Proc(_command_rounds, str(root), args)
         for args in [("prune", str(root), "--keep-last", "1"), ("gc", str(root))] * 2
     ]
-    commands = []
-    for command in batch:
-        done = command.result()
-        commands.append((done.args[1], done.returncode, done.stderr))
+    commands = [run for command in batch for run in command.result()]
     stop.set()
     wrote, deleted = writer.result(), deleter.result()
     print(
-        f"saved {len(wrote['saved'])}; deleted {len(deleted['deleted'])} "
-        f"({dict(deleted['clear'])}), {deleted['gc']} gc; errors: {wrote['errors']}"
+        f"{len(commands)} commands; saved {len(wrote['saved'])}; deleted "
+        f"{len(deleted['deleted'])} ({dict(deleted['clear'])}), {deleted['gc']} gc; "
+        f"errors: {wrote['errors']}"
     )
 
     for name, code, stderr in commands:
         assert code == 0 and "Traceback" not in stderr, f"distckpt {name}: {code}\n{stderr}"
     assert wrote["errors"] == [], wrote["errors"]
     assert deleted["errors"] == [], deleted["errors"]
-    assert len(wrote["saved"]) >= 5
+    assert len(wrote["saved"]) > SAVES_DURING_COMMANDS and deleted["gc"] >= 100  # they overlap
     check_root(root)
     assert staging_dirs(root) == [] and entries(root / ".trash") == []
 

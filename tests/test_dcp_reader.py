@@ -11,30 +11,30 @@ import torch
 
 import distckpt
 from tests.ranks import run_ranks, values
-from tests.syscall_trace import FileCall, traced_file_calls
+from tests.syscall_trace import FileCall, TracedParts, trace_parts
 
-#: a one-process "dcp" save of 200 values into ``many/root``, then its restore
+#: a one-process "dcp" save of 200 values into ``root``, then its restore
 MANY_VALUES_RESTORE = """
 import torch
 import distckpt
 state = {f"t{index}": torch.full((4,), float(index)) for index in range(200)}
-with distckpt.CheckpointManager("many/root", format="dcp", timeout=60) as manager:
+with distckpt.CheckpointManager("root", format="dcp", timeout=60) as manager:
     manager.save(1, state)
 restored = {key: torch.zeros(4) for key in state}
-with distckpt.CheckpointManager("many/root", format="dcp", timeout=60) as manager:
+with distckpt.CheckpointManager("root", format="dcp", timeout=60) as manager:
     manager.restore("last", state=restored)
 assert all(torch.equal(restored[key], state[key]) for key in state)
 """
 
 
 #: one process restoring a per-rank item of a list that every rank saved (whole, in its own
-#: data file) into ``per-rank/root``: refused, as the saving ranks were more
+#: data file) into ``root``: refused, as the saving ranks were more
 PER_RANK_ITEM_RESTORE = """
 import torch
 import distckpt
 given = {"w": torch.zeros(3), "l": [distckpt.PerRank(-1), None]}
 try:
-    with distckpt.CheckpointManager("per-rank/root", fsync=False, timeout=60) as manager:
+    with distckpt.CheckpointManager("root", fsync=False, timeout=60) as manager:
         manager.restore("last", state=given)
 except distckpt.WorldSizeMismatch:
     pass
@@ -49,36 +49,41 @@ def _save_per_rank_item(rank: int, world_size: int, root: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def traced_restores(tmp_path_factory: pytest.TempPathFactory) -> list[FileCall]:
-    """The data files opened by :data:`MANY_VALUES_RESTORE` and, after 4 ranks saved into
-    ``per-rank/root``, :data:`PER_RANK_ITEM_RESTORE`, both in one traced interpreter: a fresh
-    interpreter importing torch under strace costs seconds, paid once for both tests."""
+def traced_restores(tmp_path_factory: pytest.TempPathFactory) -> TracedParts:
+    """The files opened by :data:`MANY_VALUES_RESTORE` (in ``many``) and, after 4 ranks saved
+    into ``per-rank/root``, :data:`PER_RANK_ITEM_RESTORE` (in ``per-rank``), both in one traced
+    interpreter: a fresh interpreter importing torch under strace costs seconds, paid once for
+    both tests."""
     workdir = tmp_path_factory.mktemp("traced-restores")
     values(run_ranks(_save_per_rank_item, 4, str(workdir / "per-rank" / "root"), timeout=90))
-    calls = traced_file_calls(MANY_VALUES_RESTORE + PER_RANK_ITEM_RESTORE, workdir, "openat")
-    return [call for call in calls if call.path.endswith(".distcp")]
+    parts = {"many": MANY_VALUES_RESTORE, "per-rank": PER_RANK_ITEM_RESTORE}
+    return trace_parts(parts, workdir, "openat")
+
+
+def _data_file_reads(traced: TracedParts, part: str) -> list[FileCall]:
+    """The opens for reading of data files in ``part``'s root."""
+    return [
+        call
+        for call in traced.of(part)
+        if call.path.endswith(".distcp") and "O_RDONLY" in " ".join(call.args)
+    ]
 
 
 def test_a_restore_opens_a_data_file_once_not_once_per_value(
-    traced_restores: list[FileCall],
+    traced_restores: TracedParts,
 ) -> None:
     """Reading 200 values from one data file opens it a handful of times (the read itself,
     the checksum's), not once per value: each open costs, and a model has thousands."""
-    data_opens = [call for call in traced_restores if "/many/root/" in call.path]
-    read_opens = [call for call in data_opens if "O_RDONLY" in " ".join(call.args)]
-    assert read_opens, data_opens  # the trace saw the restore's reads
+    read_opens = _data_file_reads(traced_restores, "many")
+    assert read_opens  # the trace saw the restore's reads
     assert len(read_opens) <= 4, len(read_opens)
 
 
-def test_a_refused_per_rank_item_opens_one_ranks_data_file(traced_restores: list[FileCall]) -> None:
+def test_a_refused_per_rank_item_opens_one_ranks_data_file(traced_restores: TracedParts) -> None:
     """Saved by 4 ranks, restored by one process asking for a per-rank item of a list: rank 0's
     saved list holding the item is enough to refuse the restore, so no other rank's data file
     is opened (every restoring rank reading every saved rank's lists costs M x N reads)."""
-    read_opens = [
-        Path(call.path).name
-        for call in traced_restores
-        if "/per-rank/root/" in call.path and "O_RDONLY" in " ".join(call.args)
-    ]
+    read_opens = [Path(call.path).name for call in _data_file_reads(traced_restores, "per-rank")]
     assert read_opens == ["__0_0.distcp"], read_opens
 
 

@@ -34,24 +34,8 @@ from distckpt.memory import DIRECT_ALIGNMENT, anonymous_memory, buffer_address
 from distckpt.snapshot import Slot, flat_buffers
 from distckpt.storage.posix import PosixRootStore
 from distckpt.storage.s3 import S3RootStore
-from tests.filesystems import MountFactory, skip_or_fail, take_every_free_block
+from tests.filesystems import MountFactory, require_direct_io, skip_or_fail, take_every_free_block
 from tests.ranks import run_ranks, values
-from tests.syscall_trace import FileCall
-
-
-def _require_direct_io(directory: Path) -> None:
-    """Skip (in CI: fail) where the file system under ``directory`` refuses ``O_DIRECT``."""
-    probe = directory / ".direct-probe"
-    try:
-        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o600))
-    except OSError as exc:
-        skip_or_fail(f"the file system of the test's temporary directory refuses O_DIRECT: {exc}")
-    finally:
-        probe.unlink(missing_ok=True)
-
-
-def _opened_direct(call: FileCall) -> bool:
-    return call.name == "openat" and "O_DIRECT" in call.args[0].split("|")
 
 
 def _page_aligned_state(shapes: dict[str, tuple[int, ...]], seed: int) -> dict[str, object]:
@@ -87,7 +71,7 @@ CASES: dict[str, tuple[dict[str, tuple[int, ...]], bool]] = {
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_a_direct_rank_file_is_byte_for_byte_the_buffered_one(tmp_path: Path, case: str) -> None:
-    _require_direct_io(tmp_path)
+    require_direct_io(tmp_path)
     shapes, expect_direct = CASES[case]
     state = _page_aligned_state(shapes, seed=len(case))
     direct_path, buffered_path = tmp_path / "direct.pt", tmp_path / "buffered.pt"
@@ -165,7 +149,7 @@ def test_a_direct_write_refused_mid_file_continues_buffered(
 ) -> None:
     """The rest of the file is written buffered from where the direct writes stopped: the bytes,
     size and checksum are those of an all-buffered file, and the save does not fail."""
-    _require_direct_io(tmp_path)
+    require_direct_io(tmp_path)
     data = _aligned_bytes(3 * DIRECT_STAGING_BYTES + 123)
     # Replaced: no device here refuses a page-aligned direct write (see the helper's doc).
     monkeypatch.setattr(os, "write", _refusing_direct_writes_after(os.write, allowed))
@@ -212,7 +196,7 @@ def test_a_direct_rank_file_leaves_none_of_its_pages_in_the_page_cache(tmp_path:
     leaves its pages there (fsynced, clean, but resident)."""
     if not sys.platform.startswith("linux"):
         pytest.skip("mincore on a file mapping: Linux")
-    _require_direct_io(tmp_path)
+    require_direct_io(tmp_path)
     state = _page_aligned_state({"w": (4 << 20,), "t": (5,)}, seed=3)  # 16 MiB
     direct = write_rank_file(state, tmp_path / "direct.pt", fsync=True, direct=True)
     buffered = write_rank_file(state, tmp_path / "buffered.pt", fsync=True, direct=False)
@@ -228,7 +212,7 @@ def test_a_store_that_reads_its_shards_back_gets_them_buffered(tmp_path: Path) -
     stay in the page cache (no direct I/O), whatever the manager's ``direct_io``."""
     if not sys.platform.startswith("linux"):
         pytest.skip("mincore on a file mapping: Linux")
-    _require_direct_io(tmp_path)
+    require_direct_io(tmp_path)
     assert S3RootStore.shards_read_back and not PosixRootStore.shards_read_back
     state = _page_aligned_state({"w": (4 << 20,), "t": (5,)}, seed=4)  # 16 MiB, page-aligned
     fmt = format_named("torch", direct_io=True)
@@ -247,7 +231,7 @@ def test_a_store_that_reads_its_shards_back_gets_them_buffered(tmp_path: Path) -
 def test_a_direct_writer_stages_many_small_writes_into_whole_pages(tmp_path: Path) -> None:
     """Writes that cannot go straight from memory (small, or not on a page) fill the staging
     buffer several times over; the file is the bytes written, in order."""
-    _require_direct_io(tmp_path)
+    require_direct_io(tmp_path)
     chunks = [os.urandom(size) for size in (3, 4096, 4095, 1, 70_000) * 600]
     path = tmp_path / "staged.bin"
     with ChecksumWriter(path, fsync=True, direct=True) as writer:
@@ -294,7 +278,7 @@ def test_a_direct_file_needs_no_room_for_its_padded_last_page_under_a_size_limit
     fit (EFBIG): the tail is written again unpadded and buffered, and the file is the buffered
     one, bit for bit. Under a limit one byte short, the write fails as a buffered one does,
     naming the file."""
-    _require_direct_io(tmp_path)
+    require_direct_io(tmp_path)
     reference = tmp_path / "buffered.pt"
     state, buffered = _state_ending_within_a_page(reference)
     target = tmp_path / "direct.pt"

@@ -6,6 +6,7 @@ leaves (:mod:`tests.syscall_trace`)."""
 from __future__ import annotations
 
 import subprocess
+import textwrap
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,10 +14,15 @@ from pathlib import Path
 import pytest
 
 from distckpt.memory import DIRECT_ALIGNMENT
-from tests.filesystems import skip_or_fail
+from tests.filesystems import require_direct_io, skip_or_fail
 from tests.s3server import S3Server
-from tests.syscall_trace import FileCall, async_saves_traced, run_traced, traced_file_calls
-from tests.test_direct_io import _opened_direct, _require_direct_io
+from tests.syscall_trace import (
+    FileCall,
+    async_saves_traced,
+    opened_direct,
+    run_traced,
+    traced_file_calls,
+)
 
 
 def _rank_file_calls(calls: list[FileCall], root: str) -> list[FileCall]:
@@ -62,6 +68,8 @@ for root, options in (
 """
 #: the file the traced run opens after its local saves, before its save to an object store
 OBJECT_STORE_PART = "object-store-part-starts"
+#: where the traced run writes the traceback of its object-store part, if that part failed
+OBJECT_STORE_FAILED = "object-store-failed.txt"
 
 
 @dataclass(frozen=True)
@@ -81,26 +89,39 @@ def traced_saves(
 ) -> TracedSaves:
     """:data:`LOCAL_SAVES`, then an async save of 24 MiB to a root on the S3 server, traced in
     one interpreter: a fresh interpreter importing torch under strace costs seconds, paid once
-    for the tests that read these saves' calls."""
+    for the tests that read these saves' calls. The S3 part's failure (its traceback in
+    :data:`OBJECT_STORE_FAILED`) is the object-store test's alone."""
     workdir = tmp_path_factory.mktemp("traced-saves")
-    _require_direct_io(workdir)
+    require_direct_io(workdir)
     code = LOCAL_SAVES
     try:
         server: S3Server | None = request.getfixturevalue("s3_server")
         import botocore  # noqa: F401  the S3 store's client
-    except (pytest.skip.Exception, ImportError):
+    except (pytest.skip.Exception, Exception):
+        # A server that did not start fails the object-store test on its own (it asks for the
+        # server too); the local saves are traced without it.
         server = None
     if server is not None:
         url = f"s3://{server.create_bucket()}/ckpt"
         options = server.storage_options()
-        code += f"""
-open({OBJECT_STORE_PART!r}, "w").close()
+        object_store_part = f"""
 state = {{"w": torch.randn(6 << 20)}}  # 24 MiB: direct, were it a local root
 with distckpt.CheckpointManager({url!r}, storage_options={options!r},
                                 async_save=True) as manager:
     manager.save(1, state)
     manager.wait()
     assert torch.equal(manager.restore(1).state["w"], state["w"])
+"""
+        # A failure here is the object-store test's to report: the local part's calls are
+        # still read.
+        code += f"""
+open({OBJECT_STORE_PART!r}, "w").close()
+try:
+{textwrap.indent(object_store_part, "    ")}
+except BaseException:
+    import traceback
+    with open({OBJECT_STORE_FAILED!r}, "w") as failed:
+        failed.write(traceback.format_exc())
 """
     calls = traced_file_calls(code, workdir, "openat,ftruncate,fsync,sync_file_range")
     split = next(
@@ -122,7 +143,7 @@ def test_an_async_save_writes_its_rank_file_direct_and_a_sync_save_buffered(
     calls = traced_saves.local
     direct = _rank_file_calls(calls, "async")
     opened = [call for call in direct if call.name == "openat"]
-    assert len(opened) == 1 and _opened_direct(opened[0]), direct
+    assert len(opened) == 1 and opened_direct(opened[0]), direct
     assert "O_EXCL" in opened[0].args[0]
     written = [call for call in direct if call.name != "openat"]
     assert not [call for call in written if call.name == "sync_file_range"], written
@@ -132,9 +153,9 @@ def test_an_async_save_writes_its_rank_file_direct_and_a_sync_save_buffered(
     assert size == saved.stat().st_size and size % DIRECT_ALIGNMENT != 0
     for root in ("sync", "buffered"):
         opened = [call for call in _rank_file_calls(calls, root) if call.name == "openat"]
-        assert opened and not [call for call in opened if _opened_direct(call)], opened
+        assert opened and not [call for call in opened if opened_direct(call)], opened
     under_buffered = [call for call in calls if "/buffered/" in call.path]
-    assert under_buffered and not [call for call in under_buffered if _opened_direct(call)]
+    assert under_buffered and not [call for call in under_buffered if opened_direct(call)]
 
 
 def test_an_async_save_to_an_object_store_spools_its_rank_file_buffered(
@@ -143,6 +164,8 @@ def test_an_async_save_to_an_object_store_spools_its_rank_file_buffered(
     """Through the real wiring (the manager, the protocol, the S3 store): the spool file an
     async save streams into its object is written without O_DIRECT."""
     pytest.importorskip("botocore")
+    failed = traced_saves.workdir / OBJECT_STORE_FAILED
+    assert not failed.exists(), failed.read_text()
     calls = traced_saves.object_store
     assert calls is not None, "the traced run had no object store, though the server runs"
     written = [
@@ -153,7 +176,7 @@ def test_an_async_save_to_an_object_store_spools_its_rank_file_buffered(
         and "O_WRONLY" in call.args[0]
     ]
     assert written, calls
-    assert not [call for call in written if _opened_direct(call)], written
+    assert not [call for call in written if opened_direct(call)], written
 
 
 def test_a_shared_traced_run_that_dies_names_the_directory_it_died_in(tmp_path: Path) -> None:

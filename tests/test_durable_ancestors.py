@@ -18,7 +18,7 @@ import torch
 import distckpt
 from tests.filesystems import MountFactory
 from tests.other_user import NOBODY, succeeds_as_nobody
-from tests.syscall_trace import traced_file_calls
+from tests.syscall_trace import assert_part_ran, trace_parts
 
 #: the file the traced run fsyncs between the two roots' ancestors, where their calls split
 BETWEEN = "between-the-roots"
@@ -29,6 +29,8 @@ class TracedRoots:
     """The roots whose ancestors one traced interpreter fsynced, in turn, and what it fsynced
     for each."""
 
+    #: where each root's part ran (its directory holds its traceback if it raised)
+    workdir: Path
     volume: Path
     plain: Path
     plain_fsynced: list[str]
@@ -40,7 +42,8 @@ class TracedRoots:
 def traced_roots(mounts: MountFactory, tmp_path_factory: pytest.TempPathFactory) -> TracedRoots:
     """``fsync_ancestors`` of a plain root on a tmpfs, then of one reached through a symlinked
     directory there, in one interpreter under strace (one each would import torch under strace
-    twice)."""
+    twice), as parts of their own (:func:`trace_parts`: one raising fails only its own test),
+    their calls split at a part fsyncing a file between them."""
     volume = mounts.get("tmpfs").path
     plain = volume / f"runs-{uuid.uuid4().hex}" / "root"
     plain.mkdir(parents=True)
@@ -49,24 +52,31 @@ def traced_roots(mounts: MountFactory, tmp_path_factory: pytest.TempPathFactory)
     target.mkdir(parents=True)
     (linked / "home").mkdir()
     (linked / "home" / "ck").symlink_to(target)
-    (linked / "home" / "ck" / "root").mkdir()
+    linked_root = linked / "home" / "ck" / "root"
+    linked_root.mkdir()
     workdir = tmp_path_factory.mktemp("ancestors")
-    code = f"""
+    ancestors = "from pathlib import Path\nfrom distckpt.fsutil import fsync_ancestors\n"
+    parts = {
+        "plain": f"{ancestors}fsync_ancestors(Path({os.fspath(plain)!r}))\n",
+        "between": f"""
 import os
-from pathlib import Path
-from distckpt.fsutil import fsync_ancestors
-fsync_ancestors(Path({os.fspath(plain)!r}))
-os.fsync(os.open({BETWEEN!r}, os.O_RDONLY | os.O_CREAT))
-fsync_ancestors(Path({os.fspath(linked / "home" / "ck" / "root")!r}))
-"""
-    fsynced = [call.path for call in traced_file_calls(code, workdir, "fsync")]
-    split = fsynced.index(os.fspath(workdir.resolve() / BETWEEN))  # strace -y: the real path
-    return TracedRoots(volume, plain, fsynced[:split], linked, fsynced[split + 1 :])
+between = os.open({BETWEEN!r}, os.O_RDONLY | os.O_CREAT, 0o644)
+os.fsync(between)
+os.close(between)
+""",
+        "linked": f"{ancestors}fsync_ancestors(Path({os.fspath(linked_root)!r}))\n",
+    }
+    fsynced = [call.path for call in trace_parts(parts, workdir, "fsync").calls]
+    assert_part_ran(workdir / "between")
+    # strace -y names a file by the path the kernel resolved it to
+    split = fsynced.index(os.fspath(workdir.resolve() / "between" / BETWEEN))
+    return TracedRoots(workdir, volume, plain, fsynced[:split], linked, fsynced[split + 1 :])
 
 
 def test_the_ancestors_are_fsynced_up_to_the_mount_point(traced_roots: TracedRoots) -> None:
     """Each name from the root up is made durable by an fsync of the dir holding it, the
     mount point's last: the mount point's own name lives on another filesystem."""
+    assert_part_ran(traced_roots.workdir / "plain")
     root, volume = traced_roots.plain, traced_roots.volume
     assert traced_roots.plain_fsynced == [os.fspath(root.parent), os.fspath(volume)]
 
@@ -76,6 +86,7 @@ def test_a_root_reached_through_a_symlink_has_its_real_ancestors_fsynced(
 ) -> None:
     """A root under a symlinked directory lives under the link's target: the target's
     ancestors hold it, and the link's own name is on the way to it."""
+    assert_part_ran(traced_roots.workdir / "linked")
     volume = traced_roots.linked
     target = volume / "data" / "a" / "b"
     real = [target, target.parent, volume / "data", volume, volume.parent]

@@ -153,8 +153,8 @@ def test_jobs_killed_at_random_instants_resume_from_the_newest_committed_step(
     bit for bit. In the "dcp" case the second killed job runs under the real torchrun (agent
     and workers killed, then a job resumes from what it committed); the other jobs fork their
     ranks (the same job and kill, without torchrun's seconds of startup). At least one kill
-    lands inside a save, but which is not required: it may always be the forked job's, the
-    torchrun job killed between saves."""
+    lands inside a save, but which is not required: in the "dcp" case it may always be the
+    forked job's, the torchrun job killed between saves."""
     out = jobs.out
     options = ["--format", fmt, "--steps", str(STEPS), "--ballast-mib", str(BALLAST_MIB)]
     options += ["--keep-last", "2", "--keep-best", "1", "--wait", str(LEASE_WAIT)]

@@ -20,7 +20,7 @@ from distckpt import fsutil
 from distckpt.checksums import COALESCE_BYTES, ChecksumWriter
 from distckpt.fsutil import WRITEBACK_BYTES, start_writeback
 from tests.crashsim.trace import TRACED_CALLS
-from tests.syscall_trace import traced_file_calls
+from tests.syscall_trace import TracedParts, trace_parts
 
 #: the sizes of the files the first two parts of :data:`TRACED_PARTS` write
 STRETCHES_SIZE, ONE_WRITE_SIZE = 3 * WRITEBACK_BYTES + 12345, 3 * WRITEBACK_BYTES + 5
@@ -87,22 +87,19 @@ Calls = list[tuple[str, str, list[str]]]
 
 
 @pytest.fixture(scope="module")
-def traced(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Calls]:
-    """Per part of :data:`TRACED_PARTS`: (call, path, other arguments) of the sync_file_range
-    and fsync calls it made on files in its directory, in order; all parts run in one fresh
+def traced(tmp_path_factory: pytest.TempPathFactory) -> TracedParts:
+    """The sync_file_range and fsync calls of :data:`TRACED_PARTS`, all run in one fresh
     interpreter under strace (one per part would import torch under strace five times)."""
     if platform.machine() not in ("x86_64", "aarch64"):
         pytest.skip("elsewhere the system call may be sync_file_range2, which this does not read")
     workdir = tmp_path_factory.mktemp("writeback")
-    code = "".join(
-        f"import os\nos.mkdir({part!r})\nos.chdir({part!r})\n{source}os.chdir('..')\n"
-        for part, source in TRACED_PARTS.items()
-    )
-    calls = traced_file_calls(code, workdir, "sync_file_range,fsync")
-    return {
-        part: [(call.name, call.path, call.args) for call in calls if f"/{part}/" in call.path]
-        for part in TRACED_PARTS
-    }
+    return trace_parts(TRACED_PARTS, workdir, "sync_file_range,fsync")
+
+
+def _part(traced: TracedParts, part: str) -> Calls:
+    """(call, path, other arguments) of the calls ``part`` made on files in its directory, in
+    order."""
+    return [(call.name, call.path, call.args) for call in traced.of(part)]
 
 
 def _hinted_ranges(calls: Calls, path: str) -> list[tuple[int, int]]:
@@ -115,12 +112,12 @@ def _hinted_ranges(calls: Calls, path: str) -> list[tuple[int, int]]:
 
 
 def test_a_fsyncing_writer_starts_the_disk_on_every_stretch_before_its_fsync(
-    traced: dict[str, Calls],
+    traced: TracedParts,
 ) -> None:
     """Small writes, large ones and a tail: every hint is for the next stretch of at least
     WRITEBACK_BYTES in order, and together they leave less than one stretch (plus what was
     still gathered) to the fsync, which comes after them."""
-    calls = traced["stretches"]
+    calls = _part(traced, "stretches")
     ranges = _hinted_ranges(calls, "/file.bin")
     assert ranges, calls
     expected_start = 0
@@ -133,28 +130,28 @@ def test_a_fsyncing_writer_starts_the_disk_on_every_stretch_before_its_fsync(
     assert names[-1] == "fsync" and "fsync" not in names[:-1]
 
 
-def test_one_large_write_is_handed_over_and_hinted_in_stretches(traced: dict[str, Calls]) -> None:
+def test_one_large_write_is_handed_over_and_hinted_in_stretches(traced: TracedParts) -> None:
     """A tensor of several stretches, written with one call, gets a hint per stretch before the
     fsync, not one at its end (when there would be nothing left to overlap)."""
-    ranges = _hinted_ranges(traced["one-write"], "/file.bin")
+    ranges = _hinted_ranges(_part(traced, "one-write"), "/file.bin")
     assert ranges == [(k * WRITEBACK_BYTES, WRITEBACK_BYTES) for k in range(3)], ranges
 
 
 def test_parallel_writers_start_the_disk_on_each_chunk_they_write(
-    traced: dict[str, Calls],
+    traced: TracedParts,
 ) -> None:
     """With several writer threads, each chunk is hinted once it is written: the hints cover
     exactly the chunks' bytes, whatever order the threads finish in."""
-    ranges = sorted(_hinted_ranges(traced["parallel"], "/file.bin"))
+    ranges = sorted(_hinted_ranges(_part(traced, "parallel"), "/file.bin"))
     assert ranges == [(1000 + k * (9 << 20), 9 << 20) for k in range(4)]
 
 
 def test_a_save_starts_the_disk_early_and_a_writer_that_does_not_fsync_never_does(
-    traced: dict[str, Calls],
+    traced: TracedParts,
 ) -> None:
     """Real saves in both formats (the "torch" format's rank file and DCP's files go through
     the same writer) ask for early writeback; a manager that does not fsync asks for none."""
-    calls = traced["saves"]
+    calls = _part(traced, "saves")
     for root in ("durable", "durable_dcp"):
         durable = [(name, where) for name, where, _ in calls if f"/{root}/" in where]
         assert any(name == "sync_file_range" for name, _ in durable), (root, durable)
@@ -163,12 +160,12 @@ def test_a_save_starts_the_disk_early_and_a_writer_that_does_not_fsync_never_doe
 
 
 def test_an_export_starts_the_disk_early_and_small_atomic_files_never_do(
-    traced: dict[str, Calls],
+    traced: TracedParts,
 ) -> None:
     """``export`` writes one large ``torch.save`` file through ``atomic_write``, which hints as
     a checkpoint file's writer does when it fsyncs, a large write in stretches; a manifest,
     written the same way, is too small for a hint, and an export without fsync asks for none."""
-    hinted = [where for name, where, _ in traced["export"] if name == "sync_file_range"]
+    hinted = [where for name, where, _ in _part(traced, "export") if name == "sync_file_range"]
     # Its temporary name; the 24 MiB tensor, one write of torch.save's, is hinted in stretches.
     assert len([where for where in hinted if "/.durable.pt." in where]) >= 2, hinted
     assert not any("volatile.pt" in where or "manifest" in where for where in hinted), hinted
