@@ -369,7 +369,7 @@ class S3RootStore(LeaseKeeping, Upkeep, ViewedStore):
         failure: CheckpointError | None = None
         for _ in range(_UNDO_TRIES):
             try:
-                if replaced is None or replaced.attempt == UNKNOWN_ATTEMPT:
+                if not put_back or replaced is None:
                     # a new step, or one whose damaged COMMIT named no save: uncommitted
                     self.s3.client.delete([name])
                     return "nothing was committed"
