@@ -198,6 +198,18 @@ def test_closing_with_a_held_signal_warns_that_no_preemption_save_was_made(
     assert distckpt.CheckpointManager(tmp_path, read_only=True).steps() == []
 
 
+def test_closing_with_held_epoch_and_time_saves_makes_neither(tmp_path: Path) -> None:
+    """The README: a held trigger is not saved by ``close()``. An epoch and a time save that
+    come due at a call repeating the previous call's step (mid-window) are held; the loop ends
+    there, and the close commits nothing for them."""
+    options: dict[str, Any] = {"every_n_epochs": 1, "every_seconds": PAUSE_SECONDS}
+    with distckpt.CheckpointManager(tmp_path, fsync=False, **options) as mgr:
+        assert mgr.save(1, {"s": 1}, epoch=0) is None  # neither is due yet
+        time.sleep(PAUSE_SECONDS)
+        assert mgr.save(1, {"s": 1}, epoch=1) is None  # both due, mid-window: held
+    assert distckpt.CheckpointManager(tmp_path, read_only=True).steps() == []
+
+
 def test_a_save_after_should_save_said_yes_saves_whatever_epoch_it_passes(tmp_path: Path) -> None:
     """``should_save(1)`` is the first call at step 1; the save that follows at step 1, with an
     epoch should_save was not given, is still at that step boundary, not a repeated call."""

@@ -135,3 +135,24 @@ def test_inodes_run_out_before_the_save_begins_is_insufficient_space(mounts: Mou
     finally:
         shutil.rmtree(hog, ignore_errors=True)
         shutil.rmtree(root, ignore_errors=True)
+
+
+def test_opening_a_root_on_a_full_disk_is_insufficient_space(mounts: MountFactory) -> None:
+    """An existing root on a volume with no free block left: opening it writes the lease record
+    and a writability probe, which fail with ENOSPC. That is InsufficientSpace naming the root,
+    and it says that the space or the inodes ran out (a full inode table looks the same)."""
+    volume = mounts.get("small-ext4").path
+    root, hog = volume / "open-full", volume / "hog-open"
+    with distckpt.CheckpointManager(root, timeout=TIMEOUT) as mgr:
+        mgr.save(1, {"w": torch.ones(4)})
+    try:
+        take_every_free_block(volume, hog)
+        with pytest.raises(distckpt.InsufficientSpace) as info:
+            distckpt.CheckpointManager(root, timeout=TIMEOUT)
+        message = str(info.value)
+        assert f"checkpoint root {root}" in message, message
+        assert "the space or the filesystem's free inodes ran out" in message, message
+        assert str(info.value.path).startswith(str(root)), info.value.path
+    finally:
+        hog.unlink(missing_ok=True)
+        shutil.rmtree(root, ignore_errors=True)

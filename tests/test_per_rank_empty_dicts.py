@@ -12,21 +12,9 @@ import torch
 
 import distckpt
 from tests.ranks import run_ranks, values
+from tests.stateful_values import Holder
 
 TIMEOUT = 90.0
-
-
-class Holder:
-    """A Stateful value whose state is whatever was last given or loaded."""
-
-    def __init__(self, state: dict[str, Any]) -> None:
-        self.state = state
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.state
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.state = state
 
 
 class Stream(torch.utils.data.IterableDataset):

@@ -17,7 +17,7 @@ import torch
 import distckpt
 from distckpt.errors import KeyMismatch
 from distckpt.rng import capture_rng
-from tests.test_per_rank_empty_dicts import Holder
+from tests.stateful_values import Holder
 
 FORMATS = ("torch", "dcp")
 

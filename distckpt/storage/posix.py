@@ -454,5 +454,11 @@ def _open_write_failed(root: Path, what: str, exc: OSError) -> CheckpointError:
     fixes, else :class:`RootNotWritable`; either names the root and the file."""
     message = f"checkpoint root {root} {what}: {exc}"
     if exc.errno in _NO_ROOM_ERRNOS:
-        return InsufficientSpace(f"{message} (the filesystem is full)", path=exc.filename or root)
+        # ENOSPC is also the errno of a full inode table, which ``statvfs`` space does not show
+        why = (
+            "the space or the filesystem's free inodes ran out"
+            if exc.errno == errno.ENOSPC
+            else "the quota is used up"
+        )
+        return InsufficientSpace(f"{message} ({why})", path=exc.filename or root)
     return RootNotWritable(message, path=exc.filename or root)
