@@ -382,10 +382,15 @@ def _verdict(proposals: list[Proposal], root: CheckpointLocation, space_margin: 
     needed = sum(p.estimated_bytes for p in proposals)
     margin = margin_bytes(needed, space_margin)
     if needed + margin > chosen.free_bytes:
+        rule = (
+            "space_margin=0: no margin"
+            if space_margin == 0
+            else f"the margin is space_margin={space_margin:g} of the estimate, at least "
+            f"{mib(SPACE_MARGIN_FLOOR_BYTES)}"
+        )
         raise InsufficientSpace(
             f"saving step {chosen.step} needs about {mib(needed)} (+{mib(margin)} margin) but "
-            f"{root} has {mib(chosen.free_bytes)} free (the margin is space_margin="
-            f"{space_margin:g} of the estimate, at least {mib(SPACE_MARGIN_FLOOR_BYTES)})",
+            f"{root} has {mib(chosen.free_bytes)} free ({rule})",
             path=root,
             step=chosen.step,
         )

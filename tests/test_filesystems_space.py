@@ -236,7 +236,8 @@ def test_a_small_save_is_refused_without_room_for_the_1_mib_margin(
     mounts: MountFactory,
 ) -> None:
     """With 5 % of a 64 KiB save as its whole margin it would fit in the 640 KiB left free; the
-    1 MiB floor refuses it, and a margin of 0 takes it."""
+    1 MiB floor refuses it, and a margin of 0 takes it. A margin of 0 with less room than the
+    save itself is refused without a word of the floor it does not apply."""
     volume = mounts.get("small-ext4").path
     root = volume / "margin-floor"
     with distckpt.CheckpointManager(root, timeout=TIMEOUT) as mgr, leaving_free(volume, 640 << 10):
@@ -248,6 +249,10 @@ def test_a_small_save_is_refused_without_room_for_the_1_mib_margin(
         leaving_free(volume, 640 << 10),
     ):
         assert mgr.save(1, {"w": torch.zeros(16 << 10)}).step == 1
+        with pytest.raises(distckpt.InsufficientSpace) as info:
+            mgr.save(2, {"w": torch.zeros(1 << 20)})  # 4 MiB
+        assert "(+0.0 MiB margin)" in str(info.value) and "at least" not in str(info.value)
+        assert "space_margin=0: no margin" in str(info.value), info.value
 
 
 def test_a_pointer_link_that_runs_out_of_space_leaves_no_temporary_file(
