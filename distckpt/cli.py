@@ -91,6 +91,8 @@ def _existing_view(root: str) -> RootView:
     try:
         located: Located | None = resolve.classify_path(root)
     except CheckpointNotFound:
+        if os.path.isfile(root):
+            raise  # "is a file, not a checkpoint root", not "no root there"
         located = None  # nothing there: said below, as a missing root
     if located is not None and located.kind != "root":
         what = "a checkpoint" if located.kind == "step_dir" else f"the {located.pointer} link"

@@ -351,6 +351,29 @@ def test_a_root_reached_through_a_path_named_last_or_best_is_a_root(
     assert distckpt.CheckpointManager(path, read_only=True).steps() == [10, 20, 30]
 
 
+def test_a_plain_file_given_for_a_root_is_named_a_file(tmp_path: Path) -> None:
+    """A file where a root or checkpoint is wanted is there: "no root at" would send the user
+    looking for a typo, so every command says it is a file (status 2, nothing created)."""
+    plain = tmp_path / "notes.txt"
+    plain.write_text("not a checkpoint")
+    for args in (
+        ("ls",),
+        ("info",),
+        ("verify",),
+        ("gc",),
+        ("lease",),
+        ("prune", "--keep-last", "1"),
+        ("delete", "1"),
+        ("export", str(tmp_path / "out.pt")),
+    ):
+        out = run(args[0], str(plain), *args[1:])
+        assert out.returncode == 2, out
+        assert f"{plain} is a file, not a checkpoint or checkpoint root" in out.stderr, out
+    assert sorted(os.listdir(tmp_path)) == ["notes.txt"]
+    with pytest.raises(distckpt.CheckpointNotFound, match="is a file, not a checkpoint"):
+        distckpt.load_checkpoint(plain)
+
+
 def test_verify_of_a_path_holding_no_checkpoint_exits_2(tmp_path: Path) -> None:
     """An empty dir (a typo'd root, a root before its first save) verifies nothing: saying
     "ok" would hide the mistake, so it is an error."""

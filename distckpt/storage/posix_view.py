@@ -184,4 +184,8 @@ def locate_path(path: str | os.PathLike[str]) -> Located:
                 path=str(target),
             )
         return Located("root", PosixRootView(target))
+    if target.exists():  # a plain file (or a device, a socket): there, but no directory
+        raise CheckpointNotFound(
+            f"{target} is a file, not a checkpoint or checkpoint root (a directory)"
+        )
     raise CheckpointNotFound(f"no checkpoint or checkpoint root at {target}")
