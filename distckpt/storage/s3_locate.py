@@ -8,12 +8,12 @@ import itertools
 from collections.abc import Mapping
 from typing import Any
 
-from distckpt.errors import CheckpointNotFound, InvalidArgument, ObjectNotFound
+from distckpt.errors import CheckpointNotFound, ObjectNotFound
 from distckpt.layout import LINK_NAMES, parse_step_dir_name
 from distckpt.objstore import ObjectStore
 from distckpt.objurl import S3Url
 from distckpt.storage.s3_view import COMMIT_NAME, LEASE_NAME, S3RootView, read_pointer_object
-from distckpt.storage.views import Located
+from distckpt.storage.views import Located, nested_root_refusal
 
 #: how many of a prefix's step-named sub-prefixes :func:`prefix_holds_a_root` asks about
 #: (one ``HEAD`` each): a root's are committed but for the one a save is writing and a few a
@@ -80,9 +80,5 @@ def locate_url(url: str, storage_options: Mapping[str, Any] | None) -> Located:
     if not prefix_holds_a_root(as_root.s3.client, ""):
         raise CheckpointNotFound(f"no committed checkpoint at {url}", path=url, step=step)
     if prefix_holds_a_root(view.s3.client, ""):
-        raise InvalidArgument(
-            f"{url} is a checkpoint root inside the checkpoint root {parent_url}, under a "
-            "step dir's name: that root would take it for leftovers of its own; move it out",
-            path=url,
-        )
+        raise nested_root_refusal(url, parent_url, last)
     return Located("root", as_root)
