@@ -1,0 +1,33 @@
+"""Places for a test's roots of either kind, a local directory or an ``s3://`` prefix (the
+``place`` fixture of ``conftest.py`` gives one of each), and moving a root between them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from distckpt.objstore import ObjectStore
+
+
+@dataclass(frozen=True)
+class Place:
+    """Where a test's roots go (a directory, or an ``s3://`` prefix) and its store's options."""
+
+    base: str
+    options: dict[str, Any] | None
+
+
+def move_root(place: Place, source: str, target: str) -> None:
+    """Move the root at ``source`` to ``target``: a rename, or in a bucket a copy of each
+    object under the new prefix and the delete of the old ones."""
+    if place.options is None:
+        Path(source).rename(target)
+        return
+    bucket = source.split("/")[2]
+    with ObjectStore(f"s3://{bucket}", place.options) as store:
+        old_prefix, new_prefix = (url.split("/", 3)[3] + "/" for url in (source, target))
+        objects = list(store.list(old_prefix))
+        for info in objects:
+            store.copy(info.key, new_prefix + info.key[len(old_prefix) :], info.size)
+        store.delete(info.key for info in objects)
