@@ -5,6 +5,7 @@ any other name inside a root is left alone by it."""
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from distckpt.layout import step_dir_name
 from distckpt.objstore import ObjectStore
 from tests.cli_runner import run_cli
 from tests.places import Place, move_root
+from tests.s3server import S3Server
 
 
 def _save(place: Place, root: str, step: int, **options: object) -> distckpt.SaveResult:
@@ -131,3 +133,27 @@ def test_the_commands_that_open_a_root_refuse_a_nested_one(
         assert out.stderr.startswith(f"distckpt {command[0]}: error: {inner} is "), out.stderr
         assert "Traceback" not in out.stderr
     assert _everything(place) == before
+
+
+def test_an_s3_root_moved_in_under_a_step_name_is_left_by_the_outer_gc(
+    s3_server: S3Server, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A root under ``run/step-00000009`` or ``run/step-00000001/new`` (moved in, or made by
+    a version that let a manager open it) is no dead writer's save of ``run``'s: the outer
+    root's start and gc leave its objects, with a warning naming it, where they deleted them."""
+    place = Place(f"s3://{s3_server.create_bucket()}/roots", s3_server.storage_options())
+    outer = f"{place.base}/run"
+    _save(place, outer, 1)
+    inners = (f"{outer}/{step_dir_name(9)}", f"{outer}/{step_dir_name(1)}/new")
+    for inner in inners:
+        _save(place, f"{place.base}/elsewhere", 5)
+        move_root(place, f"{place.base}/elsewhere", inner)
+    before = _everything(place)
+    with (
+        caplog.at_level(logging.WARNING, logger="distckpt"),
+        distckpt.CheckpointManager(outer, storage_options=place.options) as manager,
+    ):
+        assert manager.gc() == []
+    assert _everything(place) == before
+    for inner in inners:
+        assert f"leaving {inner} alone: a checkpoint root of its own is there" in caplog.text

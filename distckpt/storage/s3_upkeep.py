@@ -41,6 +41,8 @@ from distckpt.results import CheckpointLocation
 from distckpt.storage.posix_links import COMMITTING_RANK
 from distckpt.storage.s3_set_aside import SetAside
 from distckpt.storage.s3_view import (
+    COMMIT_NAME,
+    LEASE_NAME,
     UNKNOWN_ATTEMPT,
     WRITERS_PREFIX,
     CommitRecord,
@@ -53,6 +55,20 @@ _POINTER_RETRIES = 3  # compare-and-swap of a pointer that another process moved
 #: How far a claim's expiry, a wall-clock time written by its writer, is trusted past its
 #: end: the clocks of the writer and of the cleaning process may disagree by this much.
 CLOCK_SKEW_SECONDS = 60.0
+
+
+def _root_inside(rest: str) -> str | None:
+    """Where the key ``rest``, relative to a step's prefix, shows a checkpoint root of its own
+    (by its lease object, or a committed step's ``COMMIT``): ``""`` for the step's prefix
+    itself, else the one name under it a save's prefix would have; None where it shows none."""
+    parts = rest.split("/")
+    if len(parts) >= 2 and parts[-1] == COMMIT_NAME and parse_step_dir_name(parts[-2]) is not None:
+        parts = parts[:-2]
+    elif parts[-1] == LEASE_NAME:
+        parts = parts[:-1]
+    else:
+        return None
+    return "/".join(parts) if len(parts) <= 1 else None
 
 
 class Upkeep(SetAside):
@@ -258,16 +274,23 @@ class Upkeep(SetAside):
     def _find_leftovers(self) -> list[tuple[Leftover, list[str]]]:
         """Every save's prefix that its step's ``COMMIT`` does not name (``writer_alive``
         while its writer's claim is live), with the names of its objects and claim; and the
-        other claims not live (no objects left, or a committed save's), of writers that died."""
+        other claims not live (no objects left, or a committed save's), of writers that died.
+        A step's prefix, or one under it, that holds a root of its own (its lease object, or a
+        committed step's ``COMMIT``: made by a version that let a manager open it) is left
+        alone, with a warning: it is no save of this root's."""
         attempts: dict[tuple[int, str], list[str]] = {}
         claims: set[str] = set()
         #: the objects of each set-aside copy, and the saves a set-aside record names
         copies: dict[tuple[int, str], list[str]] = {}
         records: set[tuple[int, str]] = set()
+        #: the step prefixes ("" for the step's own) holding a root of their own, as (step, name)
+        nested_roots: set[tuple[int, str]] = set()
         for info in self.s3.client.list(""):
             head, slash, rest = info.key.partition("/")
             step = parse_step_dir_name(head)
             set_aside = parse_set_aside_name(head)
+            if step is not None and (inside := _root_inside(rest)) is not None:
+                nested_roots.add((step, inside))
             if info.key.startswith(WRITERS_PREFIX):
                 claims.add(info.key[len(WRITERS_PREFIX) :])
             elif step is not None and "/" in rest:
@@ -292,7 +315,15 @@ class Upkeep(SetAside):
         # whose delete of it failed, leaves it, and it protects nothing once not live.
         first_read: dict[int, CommitRecord | None] = {}
         found: list[tuple[Leftover, list[str]]] = []
+        for step, inside in sorted(nested_roots):
+            logger.warning(
+                "leaving %s alone: a checkpoint root of its own is there, inside this root "
+                "under a step dir's name (which no manager makes now); move it out",
+                f"{self.s3.location(step)}/{inside}".rstrip("/"),
+            )
         for (step, attempt), names in sorted(attempts.items()):
+            if {(step, ""), (step, attempt)} & nested_roots:
+                continue
             if step not in first_read:
                 first_read[step] = self._read_commit_or_none(step)
             if self._names(first_read[step], attempt):
