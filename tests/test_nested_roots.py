@@ -18,6 +18,7 @@ from distckpt.layout import step_dir_name
 from distckpt.objstore import ObjectStore
 from tests.cli_runner import run_cli
 from tests.places import Place, move_root
+from tests.ranks import run_ranks, values
 from tests.s3server import S3Server
 
 
@@ -157,3 +158,24 @@ def test_an_s3_root_moved_in_under_a_step_name_is_left_by_the_outer_gc(
     assert _everything(place) == before
     for inner in inners:
         assert f"leaving {inner} alone: a checkpoint root of its own is there" in caplog.text
+
+
+def _open_refused(rank: int, world_size: int, root: str) -> tuple[str, str]:
+    try:
+        distckpt.CheckpointManager(root, timeout=30)
+    except InvalidArgument as exc:
+        return type(exc).__name__, str(exc)
+    return "opened", ""
+
+
+def test_every_rank_of_a_job_gets_the_refusal(tmp_path: Path) -> None:
+    """Rank 0 alone opens the root: the refusal reaches every rank as the same error, none
+    left waiting in a collective."""
+    outer = tmp_path / "run"
+    with distckpt.CheckpointManager(outer) as manager:
+        manager.save(1, {"w": torch.ones(3)})
+    inner = os.fspath(outer / step_dir_name(9))
+    refusals = values(run_ranks(_open_refused, 2, inner, timeout=60))
+    assert [kind for kind, _ in refusals] == ["InvalidArgument"] * 2
+    assert all(f"inside the checkpoint root {outer}," in message for _, message in refusals)
+    assert not Path(inner).exists()

@@ -70,6 +70,8 @@ def refuse_a_nested_root(
     Reads only; a manager's store runs it before it creates or writes anything."""
     if is_s3_url(root):
         url = S3Url.parse(os.fspath(root))
+        if not any(is_layout_name(part) for part in url.prefix.split("/")):
+            return  # no client made, no request: the common case of every job's start
         with ObjectStore(str(S3Url(url.bucket, "")), storage_options) as store:
             found = bucket_root_around(store, url.prefix)
         if found is not None:
