@@ -11,8 +11,7 @@ from tests.filesystems import MountFactory
 from tests.lease_holders import Holder
 from tests.older_version import unpack_older_version
 from tests.places import Place
-from tests.s3server import S3Server
-from tests.test_s3_cli import aws_environment
+from tests.s3server import S3Server, aws_environment
 
 
 @pytest.fixture(autouse=True)
