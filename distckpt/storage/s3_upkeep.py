@@ -30,6 +30,7 @@ from distckpt.errors import (
 from distckpt.layout import (
     BEST,
     LAST,
+    MANIFEST_NAME,
     parse_set_aside_name,
     parse_step_dir_name,
     step_dir_name,
@@ -37,6 +38,7 @@ from distckpt.layout import (
 from distckpt.lease import local_process_gone
 from distckpt.lock import Leftover
 from distckpt.manifest import Manifest
+from distckpt.objlease import LeaseRecord
 from distckpt.results import CheckpointLocation
 from distckpt.storage.posix_links import COMMITTING_RANK
 from distckpt.storage.s3_set_aside import SetAside
@@ -57,18 +59,20 @@ _POINTER_RETRIES = 3  # compare-and-swap of a pointer that another process moved
 CLOCK_SKEW_SECONDS = 60.0
 
 
-def _root_inside(rest: str) -> str | None:
-    """Where the key ``rest``, relative to a step's prefix, shows a checkpoint root of its own
-    (by its lease object, or a committed step's ``COMMIT``): ``""`` for the step's prefix
-    itself, else the one name under it a save's prefix would have; None where it shows none."""
+def _root_inside(rest: str) -> tuple[str, bool] | None:
+    """Where the key ``rest``, relative to a step's prefix, may show a checkpoint root of its
+    own: ``""`` for the step's prefix itself, else the one name under it a save's prefix would
+    have; None where it shows none. With it, whether it shows one only if the object holds a
+    lease record: a committed step's ``COMMIT`` under it is what no save holds, a ``.lease``
+    may be a save's own file (an extra file of that name, which older versions allowed)."""
     parts = rest.split("/")
     if len(parts) >= 2 and parts[-1] == COMMIT_NAME and parse_step_dir_name(parts[-2]) is not None:
-        parts = parts[:-2]
+        parts, needs_a_record = parts[:-2], False
     elif parts[-1] == LEASE_NAME:
-        parts = parts[:-1]
+        parts, needs_a_record = parts[:-1], True
     else:
         return None
-    return "/".join(parts) if len(parts) <= 1 else None
+    return ("/".join(parts), needs_a_record) if len(parts) <= 1 else None
 
 
 class Upkeep(SetAside):
@@ -275,9 +279,10 @@ class Upkeep(SetAside):
         """Every save's prefix that its step's ``COMMIT`` does not name (``writer_alive``
         while its writer's claim is live), with the names of its objects and claim; and the
         other claims not live (no objects left, or a committed save's), of writers that died.
-        A step's prefix, or one under it, that holds a root of its own (its lease object, or a
-        committed step's ``COMMIT``: made by a version that let a manager open it) is left
-        alone, with a warning: it is no save of this root's."""
+        A step's prefix, or one under it, that holds a root of its own (its lease object holding
+        a lease record, or a committed step's ``COMMIT``: made by a version that let a manager
+        open it) is left alone, with a warning: it is no save of this root's. A save's prefix
+        (a ``manifest.json`` at its top, which no root has) is never taken for one."""
         attempts: dict[tuple[int, str], list[str]] = {}
         claims: set[str] = set()
         #: the objects of each set-aside copy, and the saves a set-aside record names
@@ -285,12 +290,22 @@ class Upkeep(SetAside):
         records: set[tuple[int, str]] = set()
         #: the step prefixes ("" for the step's own) holding a root of their own, as (step, name)
         nested_roots: set[tuple[int, str]] = set()
+        #: the objects that show one if they hold a lease record, and the saves (a manifest at
+        #: their top, which no root has)
+        lease_objects: dict[str, tuple[int, str]] = {}
+        saves: set[tuple[int, str]] = set()
         for info in self.s3.client.list(""):
             head, slash, rest = info.key.partition("/")
             step = parse_step_dir_name(head)
             set_aside = parse_set_aside_name(head)
-            if step is not None and (inside := _root_inside(rest)) is not None:
-                nested_roots.add((step, inside))
+            if step is not None and (shown := _root_inside(rest)) is not None:
+                inside, needs_a_record = shown
+                if needs_a_record:
+                    lease_objects[info.key] = (step, inside)
+                else:
+                    nested_roots.add((step, inside))
+            if step is not None and rest.count("/") == 1 and rest.endswith(f"/{MANIFEST_NAME}"):
+                saves.add((step, rest.partition("/")[0]))
             if info.key.startswith(WRITERS_PREFIX):
                 claims.add(info.key[len(WRITERS_PREFIX) :])
             elif step is not None and "/" in rest:
@@ -299,6 +314,12 @@ class Upkeep(SetAside):
                 copies.setdefault(set_aside, []).append(info.key)
             elif set_aside is not None:
                 records.add(set_aside)
+        nested_roots.update(
+            where
+            for key, where in lease_objects.items()
+            if where not in nested_roots and LeaseRecord.read(self.s3.client, key) is not None
+        )
+        nested_roots -= saves
         # A save is a leftover only if a COMMIT read *after* its claim does not name it. A
         # writer creates its claim, then its objects, then COMMIT, and deletes its claim
         # last; the listing above saw some of its objects, so its claim existed before it.
