@@ -1,5 +1,6 @@
 """Places for a test's roots of either kind, a local directory or an ``s3://`` prefix (the
-``place`` fixture of ``conftest.py`` gives one of each), and moving a root between them."""
+``place`` fixture of ``conftest.py`` gives one of each): saving in a root there, and moving
+a root between them."""
 
 from __future__ import annotations
 
@@ -7,6 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
+import distckpt
 from distckpt.objstore import ObjectStore
 
 
@@ -31,3 +35,11 @@ def move_root(place: Place, source: str, target: str) -> None:
         for info in objects:
             store.copy(info.key, new_prefix + info.key[len(old_prefix) :], info.size)
         store.delete(info.key for info in objects)
+
+
+def save_step(place: Place, root: str, step: int) -> distckpt.SaveResult:
+    """Save ``step`` (a small tensor of its value) in a root of ``place``, opened and closed."""
+    with distckpt.CheckpointManager(root, storage_options=place.options) as manager:
+        result = manager.save(step, {"w": torch.full((3,), float(step))})
+    assert result is not None
+    return result

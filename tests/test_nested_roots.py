@@ -17,16 +17,9 @@ from distckpt import InvalidArgument
 from distckpt.layout import step_dir_name
 from distckpt.objstore import ObjectStore
 from tests.cli_runner import run_cli
-from tests.places import Place, move_root
+from tests.places import Place, move_root, save_step
 from tests.ranks import run_ranks, values
 from tests.s3server import S3Server
-
-
-def _save(place: Place, root: str, step: int, **options: object) -> distckpt.SaveResult:
-    with distckpt.CheckpointManager(root, storage_options=place.options, **options) as manager:
-        result = manager.save(step, {"w": torch.full((3,), float(step))})
-    assert result is not None
-    return result
 
 
 def _everything(place: Place) -> list[str]:
@@ -63,7 +56,7 @@ def test_a_manager_refuses_a_root_under_another_roots_own_name(
     leftovers (its gc deletes them from a bucket) or a link. The manager refuses before it
     writes anything, naming both roots, and the outer root verifies as it did."""
     outer = f"{place.base}/run"
-    saved = _save(place, outer, 1).path
+    saved = save_step(place, outer, 1).path
     inner = os.fspath(saved) if name == "saved" else f"{outer}/{name}"
     before = _everything(place)
     with pytest.raises(InvalidArgument, match="inside the checkpoint root") as caught:
@@ -100,8 +93,8 @@ def test_a_root_under_another_name_inside_a_root_is_left_alone(place: Place) -> 
     """``run/sub`` is no name of ``run``'s: a manager opens it, and ``run``'s start, gc and
     verify neither count nor remove its checkpoints."""
     outer, inner = f"{place.base}/run", f"{place.base}/run/sub"
-    _save(place, outer, 1)
-    _save(place, inner, 5)
+    save_step(place, outer, 1)
+    save_step(place, inner, 5)
     with distckpt.CheckpointManager(outer, storage_options=place.options) as manager:
         manager.gc()
         assert manager.steps() == [1]
@@ -121,10 +114,10 @@ def test_the_commands_that_open_a_root_refuse_a_nested_one(
     root moved in under a step dir's name or into ``.staging`` (as an older version let a
     manager make it) exit with status 2 and a message, not a traceback, and change nothing."""
     outer = f"{place.base}/run"
-    _save(place, outer, 1)
-    _save(place, f"{place.base}/elsewhere", 1)
+    save_step(place, outer, 1)
+    save_step(place, f"{place.base}/elsewhere", 1)
     move_root(place, f"{place.base}/elsewhere", f"{outer}/{step_dir_name(9)}")
-    _save(place, f"{place.base}/elsewhere", 1)
+    save_step(place, f"{place.base}/elsewhere", 1)
     move_root(place, f"{place.base}/elsewhere", f"{outer}/.staging/x")
     before = _everything(place)
     nested = (step_dir_name(1), step_dir_name(9), ".staging/x")
@@ -144,10 +137,10 @@ def test_an_s3_root_moved_in_under_a_step_name_is_left_by_the_outer_gc(
     root's start and gc leave its objects, with a warning naming it, where they deleted them."""
     place = Place(f"s3://{s3_server.create_bucket()}/roots", s3_server.storage_options())
     outer = f"{place.base}/run"
-    _save(place, outer, 1)
+    save_step(place, outer, 1)
     inners = (f"{outer}/{step_dir_name(9)}", f"{outer}/{step_dir_name(1)}/new")
     for inner in inners:
-        _save(place, f"{place.base}/elsewhere", 5)
+        save_step(place, f"{place.base}/elsewhere", 5)
         move_root(place, f"{place.base}/elsewhere", inner)
     before = _everything(place)
     with (
