@@ -14,6 +14,7 @@ import torch
 import distckpt
 from distckpt import CheckpointNotFound, InvalidArgument
 from distckpt.layout import step_dir_name
+from distckpt.objlease import LeaseRecord
 from distckpt.objstore import ObjectStore
 from distckpt.storage import open_store
 from distckpt.storage.s3_locate import prefix_holds_a_root
@@ -133,13 +134,23 @@ def test_a_folder_of_exports_named_like_a_step_dir_is_no_root(place: Place) -> N
 
 def test_a_last_object_naming_no_step_dir_makes_no_root(s3_server: S3Server) -> None:
     """An object named ``last`` that names no step dir (a user's note, ``exp1``) makes no
-    root of its prefix, as a local ``runs/last -> exp1`` makes none; one naming a step dir
-    does, as a root's pointer."""
+    root of its prefix, as a local ``runs/last -> exp1`` makes none, nor does one naming a
+    step not committed (a sweep's newest trial, ``sweep/step-3/``); one naming a committed
+    step does, as a root's pointer. A ``.lease`` object makes one only holding a lease record
+    (another tool's lock of that name makes none)."""
     with ObjectStore(f"s3://{s3_server.create_bucket()}", s3_server.storage_options()) as store:
         store.put_bytes("runs/last", b"exp1\n")
         assert not prefix_holds_a_root(store, "runs/")
         store.put_bytes("runs/last", f"{step_dir_name(3)}\n".encode())
+        store.put_bytes(f"runs/{step_dir_name(3)}/notes", b"a trial's")
+        assert not prefix_holds_a_root(store, "runs/")
+        store.put_bytes(f"runs/{step_dir_name(3)}/COMMIT", b"")
         assert prefix_holds_a_root(store, "runs/")
+        store.put_bytes("other/.lease", b"another tool's lock")
+        assert not prefix_holds_a_root(store, "other/")
+        record = LeaseRecord(owner="token", host="host", pid=1, duration=30.0)
+        store.put_bytes("other/.lease", record.encode())
+        assert prefix_holds_a_root(store, "other/")
 
 
 def test_a_root_named_like_a_step_dir_inside_a_root_is_refused(place: Place) -> None:
