@@ -13,8 +13,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from distckpt.errors import InvalidArgument
+from distckpt.errors import CorruptCheckpoint, InvalidArgument, UnsupportedVersion
 from distckpt.layout import MANIFEST_NAME, holds_a_root, is_root_entry_name
+from distckpt.manifest import read_manifest
 from distckpt.objstore import ObjectStore
 from distckpt.objurl import S3Url, is_s3_url
 from distckpt.storage.s3_locate import prefix_holds_a_root
@@ -54,7 +55,7 @@ def bucket_root_around(store: ObjectStore, key: str) -> tuple[str, str] | None:
             continue
         prefix = "".join(f"{name}/" for name in parts[:depth])
         if prefix_holds_a_root(store, prefix):
-            return f"s3://{store.bucket}/{prefix.rstrip('/')}", part
+            return str(S3Url(store.bucket, prefix.rstrip("/"))), part
     return None
 
 
@@ -66,7 +67,8 @@ def refuse_a_nested_root(
     (:func:`nested_root_refusal`): ``ROOT/last`` (or a path through it), a step dir (a
     ``SaveResult.path``), ``ROOT/step-00000009`` holding a root of its own, or a path not
     there yet under one (``ROOT/step-00000009/new``). A local directory holding a checkpoint's
-    manifest (a copy of one, in no root) is refused too: it is a checkpoint, not a root.
+    manifest (a copy of one, in no root) is refused too: it is a checkpoint, not a root; one
+    holding another tool's ``manifest.json`` (not read as a checkpoint's) is not.
     Reads only; a manager's store runs it before it creates or writes anything."""
     if is_s3_url(root):
         url = S3Url.parse(os.fspath(root))
@@ -81,10 +83,23 @@ def refuse_a_nested_root(
     if local is not None:
         raise nested_root_refusal(root, str(local[0]), local[1])
     # The root itself only: a directory further up holding a file of that name is as likely
-    # a project's own (a web app's manifest.json) as a checkpoint's.
-    if Path(root, MANIFEST_NAME).is_file():
+    # a project's own (a web app's manifest.json) as a checkpoint's; and only a distckpt
+    # manifest (one of a newer version too) makes it a checkpoint.
+    if Path(root, MANIFEST_NAME).is_file() and _holds_a_checkpoints_manifest(Path(root)):
         raise InvalidArgument(
             f"{os.fspath(root)} is a checkpoint (it holds {MANIFEST_NAME}), not a checkpoint "
             "root: give the root it belongs to, or a new directory outside it",
             path=os.fspath(root),
         )
+
+
+def _holds_a_checkpoints_manifest(directory: Path) -> bool:
+    """Whether ``directory``'s ``manifest.json`` is a distckpt checkpoint's (read as one), not
+    another tool's file of that name."""
+    try:
+        read_manifest(directory)
+    except UnsupportedVersion:
+        return True
+    except CorruptCheckpoint:
+        return False
+    return True
