@@ -1,6 +1,6 @@
 """Places for a test's roots of either kind, a local directory or an ``s3://`` prefix (the
-``place`` fixture of ``conftest.py`` gives one of each): saving in a root there, and moving
-a root between them."""
+``place`` fixture of ``conftest.py`` gives one of each): saving in a root there, writing a
+file there, and moving a root between them."""
 
 from __future__ import annotations
 
@@ -43,3 +43,15 @@ def save_step(place: Place, root: str, step: int) -> distckpt.SaveResult:
         result = manager.save(step, {"w": torch.full((3,), float(step))})
     assert result is not None
     return result
+
+
+def put_file(place: Place, name: str, data: bytes) -> None:
+    """Write ``data`` as the file, or object, ``name`` (``/``-separated) under the place."""
+    if place.options is None:
+        path = Path(place.base, name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        return
+    bucket, _, prefix = place.base.removeprefix("s3://").partition("/")
+    with ObjectStore(f"s3://{bucket}", place.options) as store:
+        store.put_bytes(f"{prefix}/{name}", data)
