@@ -58,6 +58,7 @@ from distckpt.storage import (
     open_store,
     open_view,
 )
+from distckpt.storage.nesting import refuse_a_nested_root
 from distckpt.verify import verify
 
 EXIT_OK, EXIT_PROBLEMS, EXIT_ERROR = 0, 1, 2
@@ -85,7 +86,8 @@ def _leftovers(store: RootStore, *, force: bool = False) -> list[dict[str, Any]]
 def _existing_view(root: str) -> RootView:
     """The view of the root at ``root``; refused when ``root`` is no root (nothing is there,
     or it names a checkpoint or a ``last``/``best`` link: a command working on a root must
-    never take a checkpoint for one, nor create its lock file inside one)."""
+    never take a checkpoint for one, nor create its lock file inside one; or it sits inside
+    another root under that root's own names, as a manager refuses it)."""
     # Classified first: a root's pointer object is no prefix holding objects, so an s3:// link
     # would otherwise be reported as a missing root instead of as the link it is.
     try:
@@ -112,6 +114,7 @@ def _existing_view(root: str) -> RootView:
             "or last/best link to one; give the root itself",
             path=root,
         )
+    refuse_a_nested_root(root)
     return view
 
 

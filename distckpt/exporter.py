@@ -30,13 +30,13 @@ from distckpt.errors import InvalidArgument
 from distckpt.formats import format_named
 from distckpt.formats.base import check_rank_argument
 from distckpt.fsutil import atomic_write, fsync_ancestors, make_dirs
-from distckpt.layout import holds_a_root, is_root_entry_name, on_disk_spelling
+from distckpt.layout import on_disk_spelling
 from distckpt.objstore import ObjectStore
 from distckpt.objurl import S3Url, is_s3_url
 from distckpt.resolve import Found, resolve_path
 from distckpt.results import CheckpointLocation
+from distckpt.storage.nesting import bucket_root_around, local_root_around
 from distckpt.storage.s3_locate import prefix_holds_a_root
-from distckpt.storage.s3_view import LEASE_NAME, WRITERS_PREFIX
 from distckpt.storage.views import errors_name_the_location
 
 __all__ = ["export"]
@@ -144,13 +144,6 @@ def _output_object(
         yield store, parsed.prefix
 
 
-def _is_layout_name(name: str) -> bool:
-    """Whether ``name`` (one part of a path, or one ``/``-separated part of a key) is one a
-    checkpoint root gives its own entries: on disk (:mod:`distckpt.layout`) or in a bucket
-    (:mod:`distckpt.storage.s3_view`)."""
-    return is_root_entry_name(name) or name in (LEASE_NAME, WRITERS_PREFIX.rstrip("/"))
-
-
 def _inside_a_root(out_file: str | Path, root: str, name: str) -> InvalidArgument:
     """The refusal of an ``out_file`` that is inside the checkpoint root ``root`` under the
     root's own ``name``."""
@@ -168,12 +161,9 @@ def _refuse_a_local_roots_own_name(out: Path) -> None:
     deletes. Checked as given and with its links resolved (``root/last`` is a link to a step
     dir; so may any dir on the way be). Names are compared ignoring case, on every filesystem:
     where case is ignored (exFAT), ``root/LAST`` is the root's ``last``."""
-    for path in (out, Path(os.path.realpath(out))):
-        for depth in range(1, len(path.parts)):
-            name = path.parts[depth]
-            directory = Path(*path.parts[:depth])
-            if is_root_entry_name(name.casefold()) and holds_a_root(directory):
-                raise _inside_a_root(out, str(directory), name)
+    found = local_root_around(out)
+    if found is not None:
+        raise _inside_a_root(out, str(found[0]), found[1])
 
 
 def _refuse_the_checkpoint_read(out: Path | str, location: CheckpointLocation) -> None:
@@ -224,13 +214,9 @@ def _refuse_a_roots_own_name(store: ObjectStore, url: str, key: str) -> None:
             f"out_file {url} is a checkpoint root; give the key of an object outside it",
             path=url,
         )
-    parts = key.split("/")
-    for depth, part in enumerate(parts):
-        if not _is_layout_name(part):
-            continue
-        prefix = "".join(f"{name}/" for name in parts[:depth])
-        if prefix_holds_a_root(store, prefix):
-            raise _inside_a_root(url, f"s3://{store.bucket}/{prefix.rstrip('/')}", part)
+    found = bucket_root_around(store, key)
+    if found is not None:
+        raise _inside_a_root(url, *found)
 
 
 def _atomic_torch_save(state: Any, out: Path, *, fsync: bool) -> None:

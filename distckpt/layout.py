@@ -18,16 +18,17 @@ A root looks like this (documented in the README, so people and tools can rely o
                                 at or remove; nothing distckpt does counts or removes it
 
 What makes a directory a root (:func:`holds_a_root`, the one rule the command line and
-``export`` share) is what only a root has, never a name alone: its lease files (``.lease``,
-``.lease.json``, or a lease lock ``lease --break`` moved aside; every version opening a root
+``export`` share) is what only a root has, never a name alone: its lease record
+(``.lease.json``, or a lease lock ``lease --break`` moved aside; every version opening a root
 makes them, and closing it leaves them), a committed checkpoint (a step dir holding
-``manifest.json``), or a ``last``/``best`` link (symlink or pointer file) naming one of its step
-dirs. ``.lock``, ``.staging`` and ``.trash`` are names other tools use too, and a directory of
-any other kind may hold ``last/``, ``step-00000010/`` or ``damaged-x`` of its own (exports, a
-user's ``runs/last -> exp1``): none of them makes a root. A path named like a step dir is a
-checkpoint of the root above it when it is one, else a root when it holds one by this rule (a
-sweep's ``runs/step-1``): :func:`distckpt.storage.posix_view.locate_path` and, for a bucket's
-prefix, :func:`distckpt.storage.s3_locate.locate_url` (by
+``manifest.json``), or a ``last``/``best`` link (symlink or pointer file) naming one of its
+committed step dirs. ``.lease``, ``.lock``, ``.staging`` and ``.trash`` are names other tools
+use too, and a directory of any other kind may hold ``last/``, ``step-00000010/`` or
+``damaged-x`` of its own (exports, a user's ``runs/last -> exp1``, a sweep's
+``sweep/last -> step-2`` naming a trial dir): none of them makes a root. A path named like a
+step dir is a checkpoint of the root above it when it is one, else a root when it holds one
+by this rule (a sweep's ``runs/step-1``): :func:`distckpt.storage.posix_view.locate_path`
+and, for a bucket's prefix, :func:`distckpt.storage.s3_locate.locate_url` (by
 :func:`~distckpt.storage.s3_locate.prefix_holds_a_root`) decide it alike.
 
 This module computes names; it reads the disk only to list what is there and to tell a root.
@@ -134,17 +135,18 @@ def _may_be_listed_otherwise(directory: Path, name: str) -> bool:
 
 def holds_a_root(directory: str | os.PathLike[str]) -> bool:
     """Whether ``directory`` is a checkpoint root by what only a root has (the rule in the
-    module docstring): its lease files, a committed checkpoint, or a ``last``/``best`` link
-    naming one of its step dirs. A directory of roots, one holding another tool's ``.lock``,
-    or one of exported files in ``last/`` or ``step-00000010/`` dirs is not one."""
+    module docstring): its lease record, a committed checkpoint, or a ``last``/``best`` link
+    naming one of its committed step dirs. A directory of roots, one holding another tool's
+    ``.lock`` or ``.lease``, or one of exported files in ``last/`` or ``step-00000010/`` dirs is
+    not one."""
     try:
         entries = list(os.scandir(directory))
     except (FileNotFoundError, NotADirectoryError):
         return False
     for entry in entries:
-        if entry.name in (LEASE_LOCK_NAME, LEASE_RECORD_NAME) or is_lingering_lease_lock(
-            entry.name
-        ):
+        # Not the lease lock (.lease) alone: another tool may keep a lock file of that name,
+        # and a root's first open writes its record right after taking the lock.
+        if entry.name == LEASE_RECORD_NAME or is_lingering_lease_lock(entry.name):
             return True
         if _is_committed_step_dir(entry):
             return True
@@ -175,13 +177,14 @@ def is_lingering_lease_lock(name: str) -> bool:
 
 
 def _names_a_step_dir(link: Path) -> bool:
-    """Whether the link ``link`` (symlink or pointer file) names a step dir beside it, as a
-    root's ``last``/``best`` do: not a directory of another name (``runs/last -> exp1``), nor
-    anything elsewhere."""
+    """Whether the link ``link`` (symlink or pointer file) names a committed step dir beside
+    it (one holding its manifest), as a root's ``last``/``best`` do: not a directory of
+    another name (``runs/last -> exp1``), nor a sweep's trial dir (``sweep/last -> step-2``),
+    nor anything elsewhere."""
     target = read_link(link)
     if target is None or parse_step_dir_name(target) is None:
         return False
-    return (link.parent / target).is_dir()
+    return (link.parent / target / MANIFEST_NAME).is_file()
 
 
 def step_dir_name(step: int) -> str:

@@ -137,6 +137,10 @@ def _unfold_owner(owner: str) -> tuple[str, dict[str, Any]]:
     return token, facts
 
 
+#: more than any lease record takes (a few hundred bytes): what :meth:`LeaseRecord.read` reads
+LEASE_RECORD_MAX_BYTES = 64 << 10
+
+
 @dataclass(frozen=True)
 class LeaseRecord:
     """What the lease object holds. ``owner`` is the holder's token; ``job_id``,
@@ -180,6 +184,16 @@ class LeaseRecord:
             return record
         token, facts = _unfold_owner(record.owner)
         return replace(record, owner=token, **facts)
+
+    @classmethod
+    def read(cls, store: ObjectStore, key: str) -> LeaseRecord | None:
+        """The record the object ``key`` of ``store`` holds; None when it is missing, cannot
+        be read, or is no lease record (another tool's ``.lease``, a save's file of that
+        name). Only a record's worth of bytes is read: a larger object is none."""
+        try:
+            return cls.decode(store.get_bytes(key, end=LEASE_RECORD_MAX_BYTES))
+        except ObjectStoreError:
+            return None
 
     def next_generation(self) -> int:
         """The generation of the holder that takes over from this record's."""

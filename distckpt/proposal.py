@@ -50,6 +50,7 @@ from distckpt.results import CheckpointLocation, SaveResult
 from distckpt.snapshot import SnapshotBuffers
 from distckpt.state import to_plain
 from distckpt.storage import ExtraFile, RootStore, StagingArea
+from distckpt.storage.nesting import is_layout_name
 
 logger = logging.getLogger("distckpt")
 T = TypeVar("T")
@@ -401,9 +402,11 @@ def check_extra_files(
     files: Mapping[str, ExtraFile] | None, fmt: CheckpointFormat, *, read_now: bool = False
 ) -> dict[str, ExtraFile]:
     """The extra files to store, checked: plain names that clash with none of the
-    checkpoint's own files nor with each other, existing sources. Names are compared ignoring
-    case on every filesystem, so that a checkpoint stays whole when copied to one that ignores
-    case (exFAT, FAT): there ``Manifest.json`` would replace ``manifest.json``. With
+    checkpoint's own files, none of a root's own names (``.lease``, ``last``, a step dir's:
+    :func:`~distckpt.storage.nesting.is_layout_name`) nor each other, existing sources. Names
+    are compared ignoring case on every filesystem, so that a checkpoint stays whole when
+    copied to one that ignores case (exFAT, FAT): there ``Manifest.json`` would replace
+    ``manifest.json``. With
     ``read_now`` (an async save, which stores them in the background after save() returned),
     each source given as a path is read into memory here, in the caller's thread: the
     checkpoint holds the file as it was at save(), even if it is changed or removed right
@@ -428,6 +431,13 @@ def check_extra_files(
             raise InvalidArgument(
                 f"extra file name {name!r} is not allowed: it names the checkpoint's own file "
                 f"{folded!r} (compared ignoring case, as exFAT and FAT do)"
+            )
+        if is_layout_name(folded):
+            # A save's file of such a name would be taken for a root's own entry: a ".lease"
+            # in a bucket's save made its gc take that save for a root and keep it forever.
+            raise InvalidArgument(
+                f"extra file name {name!r} is not allowed: it names a checkpoint root's own "
+                f"entry {folded!r} (compared ignoring case, as exFAT and FAT do)"
             )
         if folded in seen:
             raise InvalidArgument(

@@ -10,7 +10,8 @@ from distckpt import faults
 from tests.filesystems import MountFactory
 from tests.lease_holders import Holder
 from tests.older_version import unpack_older_version
-from tests.s3server import S3Server
+from tests.places import Place
+from tests.s3server import S3Server, aws_environment
 
 
 @pytest.fixture(autouse=True)
@@ -71,3 +72,17 @@ def s3_url(s3_server: S3Server) -> str:
 def older_distckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An older version's package, unpacked (:data:`tests.older_version.OLDER_VERSION_ARCHIVE`)."""
     return unpack_older_version(tmp_path_factory.mktemp("older-distckpt"))
+
+
+@pytest.fixture(params=["local", "s3"])
+def place(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Place:
+    """A place of each kind. For ``s3``, the AWS variables of the test server are set for the
+    command line, and the working directory is the test's own (an s3:// URL taken for a
+    relative path would be created there)."""
+    monkeypatch.chdir(tmp_path)
+    if request.param == "local":
+        return Place(str(tmp_path / "roots"), None)
+    server: S3Server = request.getfixturevalue("s3_server")
+    for name, value in aws_environment(server).items():
+        monkeypatch.setenv(name, value)
+    return Place(f"s3://{server.create_bucket()}/roots", server.storage_options())

@@ -142,6 +142,16 @@ class S3Server:
         self._reservation.close()
 
 
+def aws_environment(server: S3Server) -> dict[str, str]:
+    """The standard AWS variables that point a client (the command line's) at ``server``."""
+    return {
+        "AWS_ENDPOINT_URL": server.endpoint,
+        "AWS_ACCESS_KEY_ID": server.key,
+        "AWS_SECRET_ACCESS_KEY": server.secret,
+        "AWS_REGION": REGION,
+    }
+
+
 class FlakyProxy:
     """A TCP proxy in front of a server that answers its first ``failures`` connections with
     ``503 Slow Down`` (what a busy S3 answers) and forwards every later one; with ``cut_after``,

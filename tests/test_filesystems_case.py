@@ -197,6 +197,10 @@ def test_a_parent_is_not_listed_where_case_is_told_apart(tmp_path: Path) -> None
         ("torch", "RANK-00000.PT", "rank-00000.pt"),
         ("dcp", ".METADATA", ".metadata"),
         ("dcp", "__0_0.DistCP", "__0_0.distcp"),
+        # a root's own names: a bucket's gc took a save holding ".lease" for a root of its own
+        ("torch", ".Lease", ".lease"),
+        ("torch", "LAST", "last"),
+        ("dcp", "Step-00000001", "step-00000001"),
     ],
 )
 def test_an_extra_file_named_like_a_checkpoints_own_in_another_case_is_refused(

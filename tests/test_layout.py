@@ -23,9 +23,11 @@ def _exported_into(directory: Path) -> None:
     (directory / "model.pt").write_bytes(b"exported")
 
 
-def _links_to(target: str, *, pointer: bool) -> Callable[[Path], None]:
+def _links_to(target: str, *, pointer: bool, manifest: bool = False) -> Callable[[Path], None]:
     def make(directory: Path) -> None:
         (directory / target).mkdir(exist_ok=True)
+        if manifest:
+            (directory / target / "manifest.json").write_text("{}")
         if pointer:
             (directory / "last").write_text(target + "\n")
         else:
@@ -48,12 +50,15 @@ def _links_to(target: str, *, pointer: bool) -> Callable[[Path], None]:
         (lambda d: _step_dir(d, manifest=False), False),  # a dir of exports named by step
         (_links_to("exp1", pointer=False), False),  # a user's link to one of their roots
         (_links_to("exp1", pointer=True), False),
-        (lambda d: (d / ".lease").touch(), True),
+        (lambda d: (d / ".lease").touch(), False),  # another tool's lock file of that name
         (lambda d: (d / ".lease.json").touch(), True),
         (lambda d: (d / ".lease.0123456789abcdef0123456789abcdef.lingering").touch(), True),
         (lambda d: _step_dir(d, manifest=True), True),
-        (_links_to("step-00000010", pointer=False), True),
-        (_links_to("step-00000010", pointer=True), True),
+        (_links_to("step-00000010", pointer=False, manifest=True), True),
+        (_links_to("step-00000010", pointer=True, manifest=True), True),
+        # a sweep's link to its newest trial dir, a directory of roots
+        (_links_to("step-00000010", pointer=False), False),
+        (_links_to("step-00000010", pointer=True), False),
     ],
     ids=[
         "empty",
@@ -64,12 +69,14 @@ def _links_to(target: str, *, pointer: bool) -> Callable[[Path], None]:
         "step-dir-without-manifest",
         "last-symlink-to-a-root",
         "last-pointer-to-a-root",
-        "lease-lock",
+        "foreign-lease-lock",
         "lease-record",
         "lingering-lease-lock",
         "committed-step-dir",
         "last-symlink-to-a-step-dir",
         "last-pointer-to-a-step-dir",
+        "last-symlink-to-an-uncommitted-step-dir",
+        "last-pointer-to-an-uncommitted-step-dir",
     ],
 )
 def test_a_root_is_told_by_what_only_a_root_has(

@@ -6,9 +6,7 @@ root."""
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
@@ -16,46 +14,20 @@ import torch
 import distckpt
 from distckpt import CheckpointNotFound, InvalidArgument
 from distckpt.layout import step_dir_name
+from distckpt.objlease import LeaseRecord
 from distckpt.objstore import ObjectStore
 from distckpt.storage import open_store
 from distckpt.storage.s3_locate import prefix_holds_a_root
+from tests.places import Place, move_root, save_step
 from tests.s3server import S3Server
 from tests.test_cli import run
-from tests.test_s3_cli import aws_environment
-
-
-@dataclass(frozen=True)
-class Place:
-    """Where a test's roots go (a directory, or an ``s3://`` prefix) and its store's options."""
-
-    base: str
-    options: dict[str, Any] | None
-
-
-@pytest.fixture(params=["local", "s3"])
-def place(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Place:
-    """A place of each kind. For ``s3``, the AWS variables of the test server are set for the
-    command line, and the working directory is the test's own (an s3:// URL taken for a
-    relative path would be created there)."""
-    monkeypatch.chdir(tmp_path)
-    if request.param == "local":
-        return Place(str(tmp_path / "roots"), None)
-    server: S3Server = request.getfixturevalue("s3_server")
-    for name, value in aws_environment(server).items():
-        monkeypatch.setenv(name, value)
-    return Place(f"s3://{server.create_bucket()}/roots", server.storage_options())
-
-
-def _save(place: Place, root: str, step: int) -> None:
-    with distckpt.CheckpointManager(root, storage_options=place.options) as manager:
-        manager.save(step, {"w": torch.full((3,), float(step))})
 
 
 @pytest.mark.parametrize("name", ["typo", "ru", "run/step-2", "run/step-00000002"])
 def test_a_location_holding_nothing_is_not_found(place: Place, name: str) -> None:
     """A typo of a root (``ru`` for ``run``), or a step of it not committed (of any width),
     names nothing: every reader says so, none reports an empty root as fine."""
-    _save(place, f"{place.base}/run", 1)
+    save_step(place, f"{place.base}/run", 1)
     location = f"{place.base}/{name}"
     with pytest.raises(CheckpointNotFound):
         distckpt.load_checkpoint(location, storage_options=place.options)
@@ -74,7 +46,7 @@ def test_a_step_dir_of_any_width_is_that_step(place: Place, name: str) -> None:
     ``step-1`` is step 1, and so is ``s3://BUCKET/run/step-1`` for the step an ``s3://`` root
     committed as ``step-00000001`` (the only name a step has in a bucket)."""
     root = f"{place.base}/run"
-    _save(place, root, 1)
+    save_step(place, root, 1)
     if place.options is None:
         Path(root, step_dir_name(1)).rename(Path(root, name))
     location = f"{root}/{name}"
@@ -102,7 +74,7 @@ def test_a_root_named_like_a_step_dir_is_read_as_a_root(place: Place, name: str)
     a parent that is no root, holds a root of its own: it is read as that root, and its
     checkpoints as checkpoints of it."""
     root = f"{place.base}/sweep/{name}"
-    _save(place, root, 7)
+    save_step(place, root, 7)
     assert distckpt.load_checkpoint(root, storage_options=place.options).step == 7
     checkpoint = f"{root}/{step_dir_name(7)}"
     assert distckpt.load_checkpoint(checkpoint, storage_options=place.options).step == 7
@@ -121,7 +93,7 @@ def test_a_released_lease_has_no_holder(place: Place) -> None:
     """Once the manager closed, its lease is released: ``lease`` and ``ls`` show none, in
     text and in JSON, though the process that held it is still running."""
     root = f"{place.base}/run"
-    _save(place, root, 1)
+    save_step(place, root, 1)
     assert run("lease", root).stdout == "lease: none\n"
     assert json.loads(run("lease", "--json", root).stdout)["lease"] is None
     assert json.loads(run("ls", "--json", root).stdout)["lease"] is None
@@ -132,7 +104,7 @@ def test_an_export_onto_a_root_is_refused(place: Place) -> None:
     """The output of an export is never the root itself (a directory; a root's prefix): the
     root is left as it was."""
     root = f"{place.base}/run"
-    _save(place, root, 1)
+    save_step(place, root, 1)
     with pytest.raises(InvalidArgument):
         distckpt.export(f"{root}/last", root, storage_options=place.options)
     if place.options is not None:
@@ -148,7 +120,7 @@ def test_a_folder_of_exports_named_like_a_step_dir_is_no_root(place: Place) -> N
     written (README's export row), and on an ``s3://`` store, where a prefix holding no
     committed step is no checkpoint either, readers find nothing there rather than an empty
     root that verifies fine."""
-    _save(place, f"{place.base}/run", 10)
+    save_step(place, f"{place.base}/run", 10)
     folder = f"{place.base}/exports/step-1"
     for name in (f"{step_dir_name(10)}/model.pt", "last/model.pt"):
         distckpt.export(f"{place.base}/run", f"{folder}/{name}", storage_options=place.options)
@@ -162,13 +134,23 @@ def test_a_folder_of_exports_named_like_a_step_dir_is_no_root(place: Place) -> N
 
 def test_a_last_object_naming_no_step_dir_makes_no_root(s3_server: S3Server) -> None:
     """An object named ``last`` that names no step dir (a user's note, ``exp1``) makes no
-    root of its prefix, as a local ``runs/last -> exp1`` makes none; one naming a step dir
-    does, as a root's pointer."""
+    root of its prefix, as a local ``runs/last -> exp1`` makes none, nor does one naming a
+    step not committed (a sweep's newest trial, ``sweep/step-3/``); one naming a committed
+    step does, as a root's pointer. A ``.lease`` object makes one only holding a lease record
+    (another tool's lock of that name makes none)."""
     with ObjectStore(f"s3://{s3_server.create_bucket()}", s3_server.storage_options()) as store:
         store.put_bytes("runs/last", b"exp1\n")
         assert not prefix_holds_a_root(store, "runs/")
         store.put_bytes("runs/last", f"{step_dir_name(3)}\n".encode())
+        store.put_bytes(f"runs/{step_dir_name(3)}/notes", b"a trial's")
+        assert not prefix_holds_a_root(store, "runs/")
+        store.put_bytes(f"runs/{step_dir_name(3)}/COMMIT", b"")
         assert prefix_holds_a_root(store, "runs/")
+        store.put_bytes("other/.lease", b"another tool's lock")
+        assert not prefix_holds_a_root(store, "other/")
+        record = LeaseRecord(owner="token", host="host", pid=1, duration=30.0)
+        store.put_bytes("other/.lease", record.encode())
+        assert prefix_holds_a_root(store, "other/")
 
 
 def test_a_root_named_like_a_step_dir_inside_a_root_is_refused(place: Place) -> None:
@@ -177,8 +159,11 @@ def test_a_root_named_like_a_step_dir_inside_a_root_is_refused(place: Place) -> 
     both, instead of reading a root its neighbour may delete."""
     outer = f"{place.base}/run"
     inner = f"{outer}/{step_dir_name(9)}"
-    _save(place, outer, 1)
-    _save(place, inner, 7)
+    save_step(place, outer, 1)
+    # A manager refuses to make it there: it is made beside the outer root and moved in, as
+    # an older version or a copy would have left it.
+    save_step(place, f"{place.base}/elsewhere", 7)
+    move_root(place, f"{place.base}/elsewhere", inner)
     for read in (distckpt.load_checkpoint, distckpt.verify):
         with pytest.raises(InvalidArgument, match="inside the checkpoint root") as caught:
             read(inner, storage_options=place.options)
@@ -193,8 +178,8 @@ def test_a_folder_of_roots_or_a_set_aside_checkpoint_is_no_root(place: Place) ->
     ``sweep/step-1``) and a checkpoint a restore set aside (``ROOT/damaged-step-…``) with exit
     status 2 on both backends, so gc and prune never act there; on an ``s3://`` store neither
     verifies as an empty root that is fine."""
-    _save(place, f"{place.base}/sweep/step-1", 1)
-    _save(place, f"{place.base}/aside", 1)
+    save_step(place, f"{place.base}/sweep/step-1", 1)
+    save_step(place, f"{place.base}/aside", 1)
     store = open_store(f"{place.base}/aside", storage_options=place.options)
     store.open()
     try:

@@ -18,8 +18,7 @@ import distckpt
 from distckpt import events, faults
 from distckpt.cli import main
 from tests.ranks import run_ranks
-from tests.s3server import S3Server
-from tests.test_s3_cli import aws_environment
+from tests.s3server import S3Server, aws_environment
 from tests.test_s3_store import JOB_TIMEOUT, _objects, _state
 
 

@@ -25,20 +25,10 @@ from distckpt.lease import this_process_host
 from distckpt.objstore import ObjectStore
 from distckpt.objurl import S3Url
 from tests.hostile_cases import reseal_manifest
-from tests.s3server import REGION, S3Server
+from tests.s3server import S3Server, aws_environment
 from tests.test_cli import ls_lines, run
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def aws_environment(server: S3Server) -> dict[str, str]:
-    """The standard AWS variables that point a client at ``server``."""
-    return {
-        "AWS_ENDPOINT_URL": server.endpoint,
-        "AWS_ACCESS_KEY_ID": server.key,
-        "AWS_SECRET_ACCESS_KEY": server.secret,
-        "AWS_REGION": REGION,
-    }
 
 
 @pytest.fixture

@@ -13,9 +13,8 @@ import torch
 
 import distckpt
 from distckpt import InvalidArgument
-from tests.s3server import S3Server
+from tests.s3server import S3Server, aws_environment
 from tests.test_cli import run
-from tests.test_s3_cli import aws_environment
 
 pytest.importorskip("botocore")
 

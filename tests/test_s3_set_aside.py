@@ -25,9 +25,8 @@ from distckpt.storage import open_store, open_view
 from tests.older_version import run_older_version
 from tests.ranks import run_ranks, values
 from tests.s3proxy import S3Proxy
-from tests.s3server import S3Server
+from tests.s3server import S3Server, aws_environment
 from tests.set_aside_jobs import DAMAGED, JOB_TIMEOUT, restart, run_cli, save_90_and_100, weights
-from tests.test_s3_cli import aws_environment
 
 
 def _s3_objects(url: str, options: dict[str, Any]) -> dict[str, str]:

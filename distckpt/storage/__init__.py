@@ -90,15 +90,19 @@ class RootStore(abc.ABC):
 
     @abc.abstractmethod
     def open(self, *, wait_for_root: float = 0.0) -> OpenedRoot:
-        """Rank 0, once per manager: create the root if missing, prove it writable, settle how
-        links are kept, take the root's writer lease (waiting up to ``wait_for_root`` seconds
-        for another job to end, else :class:`~distckpt.RootInUse` naming it), remove leftovers
-        of dead writers (or leave them to :meth:`tidy`) and repair the links. From here until
+        """Rank 0, once per manager: refuse (:class:`~distckpt.InvalidArgument`, naming both
+        roots) a root under another root's own names, before anything is written, writing or
+        read-only (:func:`~distckpt.storage.nesting.refuse_a_nested_root`); create the root if
+        missing, prove it writable, settle how links are kept, take the root's writer lease
+        (waiting up to ``wait_for_root`` seconds for another job to end, else
+        :class:`~distckpt.RootInUse` naming it), remove leftovers of dead writers (or leave them
+        to :meth:`tidy`) and repair the links. From here until
         :meth:`close`, every change to what is published first checks (POSIX: under the root's
         lock) that this store still holds the lease (:class:`~distckpt.LeaseLost` otherwise,
         before anything changed). A store that was never opened (the ``distckpt`` CLI's) holds
         no lease and checks none.
-        Read-only: only find the newest valid checkpoint of an existing root (no lease)."""
+        Read-only: refuse a nested root as above, then only find the newest valid checkpoint
+        of an existing root (no lease)."""
 
     @abc.abstractmethod
     def close(self) -> None:

@@ -65,6 +65,7 @@ from distckpt.lock import RootLock, WriterLock
 from distckpt.manifest import FileRecord, Manifest
 from distckpt.results import CheckpointLocation, SaveResult
 from distckpt.storage import ExtraFile, OpenedRoot, StagingArea, store_files
+from distckpt.storage.nesting import refuse_a_nested_root
 from distckpt.storage.posix_links import COMMITTING_RANK, LinksAndRetention
 from distckpt.storage.posix_overwrite import OverwriteUndo
 from distckpt.storage.posix_removal import Removals
@@ -120,6 +121,9 @@ class PosixRootStore(Removals, OverwriteUndo, LinksAndRetention, ViewedStore):
 
     def open(self, *, wait_for_root: float = 0.0) -> OpenedRoot:
         root = self.root
+        # Before anything is created: a root inside another's step dir or link would write
+        # into that root's checkpoint (README, "On disk").
+        refuse_a_nested_root(root)
         if self.read_only:
             if not root.is_dir():
                 raise RootNotWritable(

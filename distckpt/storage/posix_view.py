@@ -9,7 +9,7 @@ from collections.abc import Callable, Collection, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
-from distckpt.errors import CheckpointNotFound, InvalidArgument
+from distckpt.errors import CheckpointNotFound
 from distckpt.fsutil import read_link
 from distckpt.layout import (
     LINK_NAMES,
@@ -20,7 +20,7 @@ from distckpt.layout import (
 )
 from distckpt.manifest import Manifest, Problem, find_problems, read_manifest
 from distckpt.results import CheckpointLocation
-from distckpt.storage.views import CheckpointSource, Located, RootView
+from distckpt.storage.views import CheckpointSource, Located, RootView, nested_root_refusal
 
 
 class PosixCheckpoint(CheckpointSource):
@@ -177,12 +177,7 @@ def locate_path(path: str | os.PathLike[str]) -> Located:
         return Located("step_dir", PosixRootView(target.parent), source=source)
     elif target.is_dir():
         if parse_step_dir_name(target.name) is not None and holds_a_root(target.parent):
-            raise InvalidArgument(
-                f"{target} is a checkpoint root inside the checkpoint root {target.parent}, "
-                "under a step dir's name: that root would take it for a damaged checkpoint "
-                "of its own; move it out",
-                path=str(target),
-            )
+            raise nested_root_refusal(target, str(target.parent), target.name)
         return Located("root", PosixRootView(target))
     if target.exists():  # a plain file (or a device, a socket): there, but no directory
         raise CheckpointNotFound(

@@ -52,6 +52,7 @@ from distckpt.layout import MANIFEST_NAME
 from distckpt.manifest import FileRecord, Manifest
 from distckpt.results import CheckpointLocation, SaveResult
 from distckpt.storage import ExtraFile, OpenedRoot, StagingArea, store_files
+from distckpt.storage.nesting import refuse_a_nested_root
 from distckpt.storage.posix_links import COMMITTING_RANK
 from distckpt.storage.s3_lease import LeaseKeeping
 from distckpt.storage.s3_spool import SpoolUploads, make_temp_dir, remove_dead_temp_dirs
@@ -119,6 +120,9 @@ class S3RootStore(LeaseKeeping, Upkeep, ViewedStore):
     # ------------------------------------------------------------------ open / close
 
     def open(self, *, wait_for_root: float = 0.0) -> OpenedRoot:
+        # Before the lease object is written: the outer root's gc would take this root's
+        # saves for a dead writer's leftovers (README, "On disk").
+        refuse_a_nested_root(self.root, self.s3.storage_options)
         if self.read_only:
             return self._opened()
         self.check_visible(COMMITTING_RANK)

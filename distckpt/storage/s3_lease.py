@@ -8,7 +8,6 @@ A mixin of :class:`~distckpt.storage.s3.S3RootStore`.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -106,9 +105,7 @@ class LeaseKeeping(RootStore):
         logger.info("holding the lease of %s (generation %s)", self.root, lease.generation)
 
     def _holder(self) -> LeaseRecord | None:
-        with contextlib.suppress(ObjectStoreError):
-            return LeaseRecord.decode(self.s3.client.get_bytes(LEASE_NAME))
-        return None
+        return LeaseRecord.read(self.s3.client, LEASE_NAME)
 
     def _renew_until_closed(self) -> None:
         """The renewing thread: the lease and the claims of saves in flight, until

@@ -8,12 +8,13 @@ import itertools
 from collections.abc import Mapping
 from typing import Any
 
-from distckpt.errors import CheckpointNotFound, InvalidArgument, ObjectNotFound
+from distckpt.errors import CheckpointNotFound, ObjectNotFound
 from distckpt.layout import LINK_NAMES, parse_step_dir_name
+from distckpt.objlease import LeaseRecord
 from distckpt.objstore import ObjectStore
 from distckpt.objurl import S3Url
 from distckpt.storage.s3_view import COMMIT_NAME, LEASE_NAME, S3RootView, read_pointer_object
-from distckpt.storage.views import Located
+from distckpt.storage.views import Located, nested_root_refusal
 
 #: how many of a prefix's step-named sub-prefixes :func:`prefix_holds_a_root` asks about
 #: (one ``HEAD`` each): a root's are committed but for the one a save is writing and a few a
@@ -24,30 +25,41 @@ COMMITS_CHECKED = 8
 def prefix_holds_a_root(store: ObjectStore, prefix: str) -> bool:
     """Whether the objects under ``prefix`` (relative to ``store``'s own prefix: ``""``, or
     ending in ``/``) are a checkpoint root's, by what only a root has, as
-    :func:`distckpt.layout.holds_a_root` tells a directory: its lease object (a manager
-    leaves it, whether or not it committed), a ``last``/``best`` pointer naming a step dir,
-    or a committed step (its ``COMMIT`` object; of the first :data:`COMMITS_CHECKED`
-    step-named sub-prefixes). A folder of exports holding ``step-00000010/model.pt`` or
-    ``last/model.pt`` is none."""
+    :func:`distckpt.layout.holds_a_root` tells a directory: its lease object holding a lease
+    record (a manager leaves it, whether or not it committed; another tool's ``.lease`` is
+    none), a ``last``/``best`` pointer naming a committed step, or a committed step (its
+    ``COMMIT`` object; of the first :data:`COMMITS_CHECKED` step-named sub-prefixes). A folder
+    of exports holding ``step-00000010/model.pt`` or ``last/model.pt``, or a sweep's
+    ``last`` naming its trial ``step-1`` (no ``COMMIT`` there), is none."""
     owned = {info.key[len(prefix) :] for info in store.list(prefix, top_level=True)}
-    if LEASE_NAME in owned:
+    if LEASE_NAME in owned and LeaseRecord.read(store, f"{prefix}{LEASE_NAME}") is not None:
         return True
     for name in sorted(owned & set(LINK_NAMES)):
         target = read_pointer_object(store, f"{prefix}{name}")[0]
-        if target is not None and parse_step_dir_name(target) is not None:
+        if (
+            target is not None
+            and parse_step_dir_name(target) is not None
+            and _is_committed(store, f"{prefix}{target}/")
+        ):
             return True
     step_prefixes = (
         name
         for name in store.list_dirs(prefix)
         if parse_step_dir_name(name[len(prefix) :].rstrip("/")) is not None
     )
-    for name in itertools.islice(step_prefixes, COMMITS_CHECKED):
-        try:
-            store.head(f"{name}{COMMIT_NAME}")
-        except ObjectNotFound:
-            continue
-        return True
-    return False
+    return any(
+        _is_committed(store, name) for name in itertools.islice(step_prefixes, COMMITS_CHECKED)
+    )
+
+
+def _is_committed(store: ObjectStore, step_prefix: str) -> bool:
+    """Whether the step whose objects are under ``step_prefix`` (ending in ``/``) is
+    committed: its ``COMMIT`` object is there."""
+    try:
+        store.head(f"{step_prefix}{COMMIT_NAME}")
+    except ObjectNotFound:
+        return False
+    return True
 
 
 def locate_url(url: str, storage_options: Mapping[str, Any] | None) -> Located:
@@ -80,9 +92,5 @@ def locate_url(url: str, storage_options: Mapping[str, Any] | None) -> Located:
     if not prefix_holds_a_root(as_root.s3.client, ""):
         raise CheckpointNotFound(f"no committed checkpoint at {url}", path=url, step=step)
     if prefix_holds_a_root(view.s3.client, ""):
-        raise InvalidArgument(
-            f"{url} is a checkpoint root inside the checkpoint root {parent_url}, under a "
-            "step dir's name: that root would take it for leftovers of its own; move it out",
-            path=url,
-        )
+        raise nested_root_refusal(url, parent_url, last)
     return Located("root", as_root)

@@ -5,7 +5,8 @@ two. Inside the operation (a commit's retention or replacement, a delete, a prun
 other ranks wait for its outcome, only the quick part runs: the pointers move and the step's
 ``COMMIT`` goes, one request per step, and the save it named is remembered. Listing and deleting
 that save's objects (thousands for a large job) is :meth:`Upkeep.tidy`'s, after the outcome
-reached every rank, as are dead writers' leftovers found at a start. A crash in between leaves
+reached every rank, as are dead writers' leftovers found at a start. Setting a damaged save
+aside is :mod:`distckpt.storage.s3_set_aside`'s. A crash in between leaves
 saves that no ``COMMIT`` names and no live claim protects: the next start or ``gc`` removes them
 as a dead writer's."""
 
@@ -17,7 +18,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Collection
-from concurrent.futures import ThreadPoolExecutor
 
 from distckpt import faults, policy, resolve
 from distckpt.errors import (
@@ -30,6 +30,7 @@ from distckpt.errors import (
 from distckpt.layout import (
     BEST,
     LAST,
+    MANIFEST_NAME,
     parse_set_aside_name,
     parse_step_dir_name,
     step_dir_name,
@@ -37,14 +38,16 @@ from distckpt.layout import (
 from distckpt.lease import local_process_gone
 from distckpt.lock import Leftover
 from distckpt.manifest import Manifest
-from distckpt.objstore import ObjectInfo
+from distckpt.objlease import LeaseRecord
 from distckpt.results import CheckpointLocation
 from distckpt.storage.posix_links import COMMITTING_RANK
+from distckpt.storage.s3_set_aside import SetAside
 from distckpt.storage.s3_view import (
+    COMMIT_NAME,
+    LEASE_NAME,
     UNKNOWN_ATTEMPT,
     WRITERS_PREFIX,
     CommitRecord,
-    S3Root,
     S3RootView,
 )
 
@@ -56,17 +59,29 @@ _POINTER_RETRIES = 3  # compare-and-swap of a pointer that another process moved
 CLOCK_SKEW_SECONDS = 60.0
 
 
-class Upkeep:
-    """Pointers, retention, removals and leftovers of the ``s3://`` store (a mixin: the store
-    supplies these attributes)."""
+def _root_inside(rest: str) -> tuple[str, bool] | None:
+    """Where the key ``rest``, relative to a step's prefix, may show a checkpoint root of its
+    own: ``""`` for the step's prefix itself, else the one name under it a save's prefix would
+    have; None where it shows none. With it, whether it shows one only if the object holds a
+    lease record: a committed step's ``COMMIT`` under it is what no save holds, a ``.lease``
+    may be a save's own file (an extra file of that name, which older versions allowed)."""
+    parts = rest.split("/")
+    if len(parts) >= 2 and parts[-1] == COMMIT_NAME and parse_step_dir_name(parts[-2]) is not None:
+        parts, needs_a_record = parts[:-2], False
+    elif parts[-1] == LEASE_NAME:
+        parts, needs_a_record = parts[:-1], True
+    else:
+        return None
+    return ("/".join(parts), needs_a_record) if len(parts) <= 1 else None
 
-    s3: S3Root
+
+class Upkeep(SetAside):
+    """Pointers, retention, removals and leftovers of the ``s3://`` store (a mixin: the store
+    supplies these attributes, and those of :class:`SetAside`)."""
+
     view: S3RootView
     root: str
     retention: policy.RetentionPolicy
-    #: seconds a set-aside may spend copying (rank 0's work inside a restore's collective,
-    #: which the other ranks wait for); None: no limit
-    set_aside_budget: float | None
     #: manifests of committed steps found valid, by (step, ETag of the step's COMMIT)
     _checked: dict[tuple[int, str], Manifest]
     #: the attempts of this store's saves in flight (their claims are live)
@@ -76,9 +91,6 @@ class Upkeep:
     #: the saves unpublished (their step's ``COMMIT`` deleted or replaced) as (step, attempt),
     #: whose objects :meth:`tidy` deletes; guarded by ``_unpublished_lock``
     _unpublished: list[tuple[int, str]]
-    _unpublished_lock: threading.Lock
-    #: every save this store unpublished (a few per save): a cleanup meeting one reports none
-    _unpublished_here: set[tuple[int, str]]
     #: whether the leftovers of dead writers were removed since the root was opened
     _leftovers_checked: bool
     #: the dead writers' saves the tidy after the open removed, until gc reports them
@@ -89,8 +101,6 @@ class Upkeep:
     _tidy_lock: threading.Lock
     read_only: bool
     _steps_retention_removes: Callable[[list[policy.CheckpointRecord], Collection[int]], list[int]]
-    _check_lease: Callable[[], None]
-    _refuse_if_read_only: Callable[[str], None]
 
     def _delete_prefix(self, prefix: str) -> None:
         self.s3.client.delete(info.key for info in list(self.s3.client.list(prefix)))
@@ -261,95 +271,6 @@ class Upkeep:
         if record is not None:
             self._leave_to_tidy(step, record.attempt)
 
-    def _drop_set_aside_record(self, step: int, attempt: str) -> None:
-        """Before the ``COMMIT`` naming the save ``attempt`` of ``step`` is deleted or
-        replaced: delete the record a set-aside of that save killed before its copy was whole
-        left (one request, nothing if there is none). Left until after, a crash before
-        :meth:`tidy` would leave the record naming an uncommitted save: listed as set aside,
-        and its copy completed by the next cleanup instead of deleted. Deleted first, a crash
-        in between leaves the step committed, set aside again by the next restore."""
-        self.s3.client.delete_one(self.s3.set_aside_record_name(step, attempt))
-
-    def set_aside(self, step: int, location: CheckpointLocation) -> CheckpointLocation | None:
-        """Unpublish the step's save by moving its objects, none deleted before its copy is
-        there: first a set-aside record naming its attempt (the cleanup completes the copy of
-        a save a record names before it deletes the save's objects), then a copy of every
-        object under ``damaged-step-N-<attempt>/`` inside the store, then the pointers move
-        off the step, then its ``COMMIT`` goes, then the objects under ``step-N/<attempt>/``.
-
-        Moved, because any version's cleanup (an older one's start, which knows no record)
-        takes an uncommitted ``step-N/<attempt>/`` for a dead writer's and deletes it. A crash
-        before ``COMMIT`` goes leaves the step committed (and skipped) as before, with the
-        record and part of the copy there: the next restore sets it aside again, copying what
-        is missing. So does a copy that ran out of :attr:`set_aside_budget`: it stops there,
-        with a warning, and the step stays committed (returns None). A crash after leaves the
-        copy whole and the originals uncommitted: this version's next start or gc deletes them
-        (completing the copy first), and so does an older version's, which is then harmless."""
-        self._refuse_if_read_only(f"set aside step {step}")
-        self._check_lease()
-        if location != self.s3.location(step):
-            return None
-        record = self.s3.read_commit_or_unknown(step)
-        if record is None:
-            return None  # deleted since the restore judged it
-        if record.attempt == UNKNOWN_ATTEMPT:  # which save it publishes is unknown
-            logger.warning(
-                "cannot set aside the damaged checkpoint %s: its COMMIT is not a commit record, "
-                "so which save it names is unknown; it stays committed, and saves of step %d "
-                "and below are refused: delete it (manager.delete(%d), or distckpt delete) or "
-                "save step %d with overwrite=True",
-                location,
-                step,
-                step,
-                step,
-            )
-            return None
-        with self._unpublished_lock:  # its originals are this store's to delete, not a leftover
-            self._unpublished_here.add((step, record.attempt))
-        self.s3.write_set_aside_record(step, record.attempt)
-        if not self._copy_set_aside_save(step, record.attempt, budget=self.set_aside_budget):
-            logger.warning(
-                "setting aside the damaged checkpoint %s: its copy to %s did not finish within "
-                "%.0f s (half the manager's timeout, which the other ranks wait for); it stays "
-                "committed, and saves of steps below %d are refused, until a later restore "
-                "goes on with the copy (copying only what is missing)",
-                location,
-                self.s3.set_aside_location(step, record.attempt),
-                self.set_aside_budget,
-                step,
-            )
-            return None
-        self._update_pointers(leaving=step)
-        self._check_lease()
-        self.s3.client.delete([self.s3.commit_name(step)])
-        self._delete_prefix(self.s3.attempt_prefix(step, record.attempt))
-        return self.s3.set_aside_location(step, record.attempt)
-
-    def _copy_set_aside_save(self, step: int, attempt: str, *, budget: float | None = None) -> bool:
-        """Copy each object of the save ``attempt`` of ``step`` to its set-aside place, but
-        those a set-aside that died already copied (a copy appears whole or not at all), as
-        many at a time as the store's ``max_concurrency``. No copy starts once ``budget``
-        seconds have passed (those in flight finish). Whether the copy is whole."""
-        source = self.s3.attempt_prefix(step, attempt)
-        target = self.s3.set_aside_prefix(step, attempt)
-        copied = {info.key[len(target) :]: info.size for info in self.s3.client.list(target)}
-        missing = [
-            info
-            for info in self.s3.client.list(source)
-            if copied.get(info.key[len(source) :]) != info.size
-        ]
-        deadline = None if budget is None else time.monotonic() + budget
-        client = self.s3.client
-
-        def copy_one(info: ObjectInfo) -> bool:
-            if deadline is not None and time.monotonic() >= deadline:
-                return False  # left for the next set-aside, which copies what is missing
-            client.copy(info.key, target + info.key[len(source) :], info.size)
-            return True
-
-        with ThreadPoolExecutor(client.max_concurrency) as pool:
-            return all(list(pool.map(copy_one, missing)))
-
     def leftovers(self, *, force: bool = False) -> list[Leftover]:
         # writers are judged by their claims, which force does not change
         return [leftover for leftover, _ in self._find_leftovers()]
@@ -357,16 +278,34 @@ class Upkeep:
     def _find_leftovers(self) -> list[tuple[Leftover, list[str]]]:
         """Every save's prefix that its step's ``COMMIT`` does not name (``writer_alive``
         while its writer's claim is live), with the names of its objects and claim; and the
-        other claims not live (no objects left, or a committed save's), of writers that died."""
+        other claims not live (no objects left, or a committed save's), of writers that died.
+        A step's prefix, or one under it, that holds a root of its own (its lease object holding
+        a lease record, or a committed step's ``COMMIT``: made by a version that let a manager
+        open it) is left alone, with a warning: it is no save of this root's. A save's prefix
+        (a ``manifest.json`` at its top, which no root has) is never taken for one."""
         attempts: dict[tuple[int, str], list[str]] = {}
         claims: set[str] = set()
         #: the objects of each set-aside copy, and the saves a set-aside record names
         copies: dict[tuple[int, str], list[str]] = {}
         records: set[tuple[int, str]] = set()
+        #: the step prefixes ("" for the step's own) holding a root of their own, as (step, name)
+        nested_roots: set[tuple[int, str]] = set()
+        #: the objects that show one if they hold a lease record, and the saves (a manifest at
+        #: their top, which no root has)
+        lease_objects: dict[str, tuple[int, str]] = {}
+        saves: set[tuple[int, str]] = set()
         for info in self.s3.client.list(""):
             head, slash, rest = info.key.partition("/")
             step = parse_step_dir_name(head)
             set_aside = parse_set_aside_name(head)
+            if step is not None and (shown := _root_inside(rest)) is not None:
+                inside, needs_a_record = shown
+                if needs_a_record:
+                    lease_objects[info.key] = (step, inside)
+                else:
+                    nested_roots.add((step, inside))
+            if step is not None and rest.count("/") == 1 and rest.endswith(f"/{MANIFEST_NAME}"):
+                saves.add((step, rest.partition("/")[0]))
             if info.key.startswith(WRITERS_PREFIX):
                 claims.add(info.key[len(WRITERS_PREFIX) :])
             elif step is not None and "/" in rest:
@@ -375,6 +314,12 @@ class Upkeep:
                 copies.setdefault(set_aside, []).append(info.key)
             elif set_aside is not None:
                 records.add(set_aside)
+        nested_roots.update(
+            where
+            for key, where in lease_objects.items()
+            if where not in nested_roots and LeaseRecord.read(self.s3.client, key) is not None
+        )
+        nested_roots -= saves
         # A save is a leftover only if a COMMIT read *after* its claim does not name it. A
         # writer creates its claim, then its objects, then COMMIT, and deletes its claim
         # last; the listing above saw some of its objects, so its claim existed before it.
@@ -391,7 +336,15 @@ class Upkeep:
         # whose delete of it failed, leaves it, and it protects nothing once not live.
         first_read: dict[int, CommitRecord | None] = {}
         found: list[tuple[Leftover, list[str]]] = []
+        for step, inside in sorted(nested_roots):
+            logger.warning(
+                "leaving %s alone: a checkpoint root of its own is there, inside this root "
+                "under a step dir's name (which no manager makes now); move it out",
+                f"{self.s3.location(step)}/{inside}".rstrip("/"),
+            )
         for (step, attempt), names in sorted(attempts.items()):
+            if {(step, ""), (step, attempt)} & nested_roots:
+                continue
             if step not in first_read:
                 first_read[step] = self._read_commit_or_none(step)
             if self._names(first_read[step], attempt):
@@ -470,16 +423,6 @@ class Upkeep:
         """Whether the save at ``location`` is one this store unpublished (not a leftover)."""
         with self._unpublished_lock:
             return self.s3.parse_attempt_location(location) in self._unpublished_here
-
-    def _complete_set_aside_copy(self, location: str) -> None:
-        """Before the objects of an uncommitted save go: if a record says it was set aside
-        (read after ``COMMIT``: a set-aside writes its record before it deletes ``COMMIT``),
-        make sure its copy is whole, so that only the originals of a copied save are deleted
-        (a set-aside deletes ``COMMIT`` only once its copy is whole; this covers a ``COMMIT``
-        deleted otherwise)."""
-        step, attempt = self.s3.parse_attempt_location(location)
-        if self.s3.is_set_aside(step, attempt):
-            self._copy_set_aside_save(step, attempt)
 
     def _claim_live(self, attempt: str) -> bool:
         """Whether the writer of ``attempt`` may still be writing: its claim exists and has

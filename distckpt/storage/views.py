@@ -17,12 +17,13 @@ The implementations are :mod:`distckpt.storage.posix_view` and :mod:`distckpt.st
 from __future__ import annotations
 
 import abc
+import os
 from collections.abc import Callable, Collection, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Literal
 
-from distckpt.errors import CheckpointError
+from distckpt.errors import CheckpointError, InvalidArgument
 from distckpt.layout import RootLayout, parse_step_dir_name
 from distckpt.manifest import Manifest, Problem
 from distckpt.results import CheckpointLocation, location_name
@@ -203,3 +204,14 @@ class Located:
         self.view = view
         self.pointer = pointer
         self.source = source
+
+
+def nested_root_refusal(inner: str | os.PathLike[str], outer: str, name: str) -> InvalidArgument:
+    """The refusal of a root at ``inner``, inside the checkpoint root ``outer`` under the
+    outer root's own ``name`` (what every reader and a manager say alike)."""
+    return InvalidArgument(
+        f"{os.fspath(inner)} is inside the checkpoint root {outer}, under its own name "
+        f"{name!r}: no checkpoint root may be there, as that root would take it for a "
+        "checkpoint, a dead save's leftovers or a link of its own; move it out",
+        path=os.fspath(inner),
+    )
