@@ -2,7 +2,7 @@
 object-store backend (``tests/test_s3_jobs.py``), run as real processes.
 
     python -m torch.distributed.run ... tests/s3_job.py URL OUT NAME --endpoint E [options]
-    python -m tests.s3_job URL OUT NAME --endpoint E --world-size 2 [options]  # forked ranks
+    python tests/s3_job.py URL OUT NAME --endpoint E --world-size 2 [options]  # forked ranks
 
 Every rank trains a deterministic "model": tensors ``w`` that each step advances from their
 previous values (:func:`advance`), so a resume from a wrong or damaged checkpoint shows in every

@@ -96,10 +96,12 @@ class Jobs:
         self.started: list[Job] = []
 
     def start(self, argv: list[str]) -> Job:
-        """Start ``argv``: a :func:`plain` job in a job server that has imported torch already
+        """Start ``argv``: ``python`` running this class's :attr:`script` directly (a job whose
+        ranks are forked, as :func:`plain`) in a job server that has imported torch already
         (what these tests look at starts after the imports); one under torchrun or another
         host's namespaces as a fresh process, as it must be."""
-        job = Job(argv, self.cwd, preloaded=argv[:2] == [sys.executable, str(LEASE_JOB)])
+        own_script = REPO / "tests" / f"{self.script}.py"
+        job = Job(argv, self.cwd, preloaded=argv[:2] == [sys.executable, str(own_script)])
         self.started.append(job)
         return job
 

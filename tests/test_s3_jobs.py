@@ -71,8 +71,9 @@ def under_torchrun(url: str, out: Path, run: str, *options: str) -> list[str]:
 
 
 def forked(url: str, out: Path, run: str, *options: str) -> list[str]:
-    """A job whose ranks tests/ranks.py forks: for the tests where torchrun is not the point."""
-    return [sys.executable, "-m", "tests.s3_job", url, str(out), run, *options]
+    """A job whose ranks tests/ranks.py forks: for the tests where torchrun is not the point.
+    :class:`S3Jobs` runs it in a job server that has imported torch already."""
+    return [sys.executable, str(S3_JOB), url, str(out), run, *options]
 
 
 class S3Jobs(Jobs):
@@ -173,7 +174,7 @@ def test_jobs_killed_at_random_instants_resume_from_the_newest_committed_step(
             STARTUP,
         )
         time.sleep(chooser.uniform(0.0, 0.4))
-        jobs.kill_all()  # SIGKILL: every rank by its pid, and its launcher (the only job)
+        jobs.kill_all()  # SIGKILL: every rank and its launcher (the only job)
         inside_saves += log(out, run, 0)[-1]["event"] == "saving"
         assert resumed_steps(out, run) == [newest] * WORLD_SIZE
         newest = max(committed_steps(s3_url, s3_server), default=None)
