@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from tests.crashsim.syscalls import whole_calls
 from tests.crashsim.trace import StraceUnavailable, ensure_strace
 from tests.filesystems import skip_or_fail
 
@@ -140,7 +141,7 @@ def run_traced(
 def _parsed_calls(log: Path) -> list[FileCall]:
     """The calls on files in strace log ``log``, in order; only successful ``openat`` calls."""
     found_calls = []
-    for line in log.read_text().splitlines():
+    for line in whole_calls(log.read_text().splitlines()):
         found = _CALL.match(line)
         if found is None:
             continue
