@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tests.crashsim.syscalls import whole_calls
-from tests.crashsim.trace import StraceUnavailable, ensure_strace
+from tests.crashsim.trace import ONLY_TRACED_CALLS_STOP, StraceUnavailable, ensure_strace
 from tests.filesystems import skip_or_fail
 
 _CALL = re.compile(r"^(?:\[pid +\d+\] |\d+ +)?(\w+)\((.*)\)\s+=\s+(-?\d+)(?:<([^>]*)>)?")
@@ -116,6 +116,7 @@ def run_traced(
     script.write_text(textwrap.dedent(code))
     command = [
         strace,
+        ONLY_TRACED_CALLS_STOP,
         "-f",
         "-y",
         "-qq",
