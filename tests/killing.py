@@ -6,8 +6,7 @@ A job records, per rank, one line per training batch in ``OUT/losses-rank{r}.txt
 moment is a number of lines a file of ``OUT`` (by default rank 0's losses) has gained since the
 run started: the job is killed (its whole process group: every rank, Lightning's DDP children,
 loader workers) as soon as that many are there, and the next run starts only once every
-process of that group is gone. No fixed sleeps: a kill waits for the job's
-own progress, however slow a loaded machine makes it.
+process of that group is gone. No fixed sleeps: a kill waits for the job's own progress.
 
 A run is a child of a job server (``tests/job_server.py``): a fresh interpreter, started once
 per test process and reused, that has imported torch, Lightning, torchdata and numpy (a fresh
@@ -332,22 +331,24 @@ def job_server(turn: int) -> _JobServer:
 def run_script_preloaded(
     source: str, args: Sequence[str], scratch: Path, timeout: float = 120
 ) -> tuple[int, str]:
-    """Run ``source`` as ``python SCRIPT *args`` in a job server (see :func:`start_preloaded`),
-    the script written into ``scratch``; returns its exit status and its output (stdout and
-    stderr together) once it has ended. A script still running after ``timeout`` is killed
-    with its group, and the run fails."""
+    """:func:`run_preloaded` of ``source``, written into a script in ``scratch``."""
     script = Path(tempfile.mkstemp(suffix=".py", dir=scratch)[1])
     script.write_text(source)
-    log = script.with_suffix(".log")
-    job = start_preloaded([str(script), *args], log)
+    return run_preloaded([str(script), *args], script.with_suffix(".log"), timeout)
+
+
+def run_preloaded(command: Sequence[str], log: Path, timeout: float = 120) -> tuple[int, str]:
+    """Run ``python *command`` in a job server (see :func:`start_preloaded`); its exit status and
+    its output (stdout and stderr together, also in ``log``) once it has ended. A script still
+    running after ``timeout`` is killed with its group, and the run fails."""
+    job = start_preloaded(command, log)
     try:
         code = job.wait(timeout)
     except subprocess.TimeoutExpired:
         os.killpg(job.pid, signal.SIGKILL)
         job.join()
-        raise AssertionError(
-            f"{script.name} still ran after {timeout:g} s:\n{log.read_text()}"
-        ) from None
+        output = log.read_text()
+        raise AssertionError(f"{command[0]} still ran after {timeout:g} s:\n{output}") from None
     return code, log.read_text()
 
 
@@ -366,7 +367,6 @@ def run(
     log = out / counted
     start = _count_lines(log)
     job = start_preloaded(command, out / "job.log")
-    assert job.pid is not None
     deadline = time.monotonic() + timeout
     try:
         while job.exitcode is None:

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from distckpt import events
+from tests import killing
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "scripts" / "bench"
@@ -68,17 +69,15 @@ def test_phase_table_from_events_emitted_by_hand() -> None:
     assert lines[1 + PHASE_ORDER.index("commit.lock")].startswith("    commit.lock")
 
 
-def run_bench(args: list[str]) -> subprocess.CompletedProcess[str]:
-    """``python scripts/bench *args`` with this tree's distckpt; it must exit 0."""
-    proc = subprocess.run(
-        [sys.executable, str(BENCH), *args],
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 0, proc.stderr
-    return proc
+def run_bench(args: list[str], log: Path) -> subprocess.CompletedProcess[str]:
+    """``python scripts/bench/__main__.py *args`` with this tree's distckpt, in a job server that
+    has imported torch already (``tests.killing.run_preloaded``: the seconds of a fresh
+    interpreter's imports are not what these runs check; ``python scripts/bench`` itself starts
+    fresh in the stopped-run tests); it must exit 0. Its output, stdout and stderr together (as
+    both ``stdout`` and ``stderr``), is also in ``log``."""
+    code, output = killing.run_preloaded([str(BENCH / "__main__.py"), *args], log)
+    assert code == 0, output
+    return subprocess.CompletedProcess(args, code, output, output)
 
 
 @pytest.mark.timeout(130)
@@ -123,7 +122,7 @@ def test_smallest_configuration_end_to_end(tmp_path: Path) -> None:
     args += ["--coord-ranks", "2", "--coord-saves", "1", "--start-method", "fork"]
     args += ["--small-ranks", "2", "--small-tensors", "50", "--s3-ranks", "0"]
     args += ["--dir", str(tmp_path / "work"), "--json", str(out), "--plot", str(plot)]
-    proc = run_bench(args)
+    proc = run_bench(args, tmp_path / "bench.log")
     assert "== Targets" in proc.stdout
     report = json.loads(out.read_text())
     (config,) = report["configs"]
