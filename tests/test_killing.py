@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests import killing
+from tests import killing, processes
 
 #: A job whose first process starts a child of its own (as a job script starts its ranks), both
 #: sleeping until killed.
@@ -30,16 +30,16 @@ def test_a_killed_group_is_waited_for_until_its_last_process_has_died() -> None:
     job = subprocess.Popen([sys.executable, "-c", _PARENT_AND_CHILD], start_new_session=True)
     try:
         deadline = time.monotonic() + 60
-        while len(killing.live_group_members(job.pid)) < 2:
+        while len(processes.live_group_members(job.pid)) < 2:
             assert time.monotonic() < deadline, "the job's child never started"
             time.sleep(0.02)
-        stat = killing.proc_stat(job.pid)
+        stat = processes.proc_stat(job.pid)
         assert stat is not None and stat.group == job.pid and stat.live
     finally:
         os.killpg(job.pid, signal.SIGKILL)
         job.wait()
-    killing.wait_until_group_is_gone(job.pid, timeout=30)
-    assert killing.live_group_members(job.pid) == []
+    processes.wait_until_group_is_gone(job.pid, timeout=30)
+    assert processes.live_group_members(job.pid) == []
 
 
 def test_each_run_is_a_fresh_interpreter_and_the_next_has_another_hash_seed(
@@ -83,7 +83,7 @@ def test_a_run_whose_job_server_dies_fails_at_once_and_its_job_is_killed(tmp_pat
     # Without noticing the server's end, the run would wait out its timeout and fail otherwise.
     with pytest.raises(AssertionError, match=r"job server died \(status -9\)"):
         killing.run([str(job), str(pid_file)], tmp_path, timeout=120)
-    killing.wait_until_group_is_gone(int(pid_file.read_text()), timeout=30)
+    processes.wait_until_group_is_gone(int(pid_file.read_text()), timeout=30)
 
 
 def _reuse_pid_next(pid: int) -> bool:

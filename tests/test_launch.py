@@ -32,7 +32,7 @@ import torch
 
 import distckpt
 from tests import killing
-from tests.killing import proc_stat
+from tests.processes import proc_stat
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = REPO / "launch" / "train.py"

@@ -23,8 +23,8 @@ import torch
 import torch.distributed as dist
 
 from tests.filesystems import skip_or_fail, tool_missing_reason
-from tests.killing import proc_stat, wait_until_group_is_gone
 from tests.ports import ReservedPort
+from tests.processes import proc_stat, wait_until_group_is_gone
 from tests.ranks import (
     RankResult,
     RankResultLost,
