@@ -18,6 +18,7 @@ import pytest
 
 from distckpt import events
 from tests import killing
+from tests.processes import kill_session, session_members
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "scripts" / "bench"
@@ -167,22 +168,6 @@ def test_smallest_configuration_end_to_end(tmp_path: Path) -> None:
     assert not list((tmp_path / "work").iterdir())  # its checkpoints were removed
 
 
-def session_members(session: int) -> list[int]:
-    """Pids of the live processes of session ``session`` (field 6 of ``/proc/PID/stat``)."""
-    members = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-        state, _, _, sid = stat[stat.rindex(")") + 2 :].split()[:4]
-        if int(sid) == session and state not in ("Z", "X"):
-            members.append(int(entry.name))
-    return members
-
-
 def dcp_checkpoint_processes(session: int) -> list[int]:
     """The processes of ``session`` that DCP's process-based async_save started (spawned)."""
     found = []
@@ -230,8 +215,7 @@ def test_a_stopped_run_leaves_no_rank_and_no_dcp_checkpoint_process(
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-        for pid in session_members(proc.pid):  # never leave them to the next test
-            os.kill(pid, signal.SIGKILL)
+        kill_session(proc.pid)  # never leave them to the next test
 
 
 def test_snapshot_alternatives_script_runs_end_to_end() -> None:
