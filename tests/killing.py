@@ -45,7 +45,12 @@ import pytest
 import torch
 from filelock import FileLock
 
-from tests.processes import GROUP_EXIT_SECONDS, wait_until_group_is_gone
+from tests.processes import (
+    GROUP_EXIT_SECONDS,
+    kill_session,
+    session_members,
+    wait_until_group_is_gone,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -242,8 +247,14 @@ def job_server(turn: int) -> _JobServer:
     return _servers[turn]
 
 
+#: How long :func:`run_preloaded` lets a script run unless told: well below the timeout pytest
+#: gives a test (pyproject.toml), the job servers' start included, so that the run fails itself,
+#: with the script's output, rather than pytest in the middle of it.
+PRELOADED_TIMEOUT = 90.0
+
+
 def run_script_preloaded(
-    source: str, args: Sequence[str], scratch: Path, timeout: float = 120
+    source: str, args: Sequence[str], scratch: Path, timeout: float = PRELOADED_TIMEOUT
 ) -> tuple[int, str]:
     """:func:`run_preloaded` of ``source``, written into a script in ``scratch``."""
     script = Path(tempfile.mkstemp(suffix=".py", dir=scratch)[1])
@@ -251,18 +262,33 @@ def run_script_preloaded(
     return run_preloaded([str(script), *args], script.with_suffix(".log"), timeout)
 
 
-def run_preloaded(command: Sequence[str], log: Path, timeout: float = 120) -> tuple[int, str]:
+def run_preloaded(
+    command: Sequence[str], log: Path, timeout: float = PRELOADED_TIMEOUT
+) -> tuple[int, str]:
     """Run ``python *command`` in a job server (see :func:`start_preloaded`); its exit status and
-    its output (stdout and stderr together, also in ``log``) once it has ended. A script still
-    running after ``timeout`` is killed with its group, and the run fails."""
+    its output (stdout and stderr together, also in ``log``) once it has ended and every
+    process it started too (``subprocess.run`` reading its output waited for every process
+    holding the pipe). The run fails if they have not within ``timeout``. However the run ends (a
+    failure, pytest's own timeout), nothing of the job's session outlives it: not the script,
+    nor a process leading a group of its own (a rank)."""
     job = start_preloaded(command, log)
+    deadline = time.monotonic() + timeout
     try:
         code = job.wait(timeout)
+        while left := session_members(job.pid):
+            if time.monotonic() > deadline:
+                raise AssertionError(
+                    f"{command[0]} exited {code} but left processes {left} running after "
+                    f"{timeout:g} s:\n{log.read_text()}"
+                )
+            time.sleep(0.02)
     except subprocess.TimeoutExpired:
-        os.killpg(job.pid, signal.SIGKILL)
-        job.join()
         output = log.read_text()
         raise AssertionError(f"{command[0]} still ran after {timeout:g} s:\n{output}") from None
+    finally:
+        kill_session(job.pid)
+        if job.server.alive:
+            job.join()
     return code, log.read_text()
 
 
