@@ -13,7 +13,7 @@ step ``--steps``; run again after a kill, the same command carries on from the n
 step.
 
 Every rank appends what happens to it, one JSON object a line, to ``OUT/NAME-rank<r>.jsonl``:
-its pid first (a test kills by pid what it started: torchrun's workers run in sessions of their
+its pid first (a test kills by pid the ranks torchrun started: they run in sessions of their
 own), "opening" just before the manager is made, then "opened" or "refused" (the error),
 "resumed" (the step restored, or None), "saving" as each save starts, then "saved" or
 "failed", and "closed". A job with ``--hold-open`` keeps its manager (and the root's lease)

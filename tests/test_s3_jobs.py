@@ -6,7 +6,7 @@ two jobs on one prefix.
 
 The jobs are ``tests/s3_job.py``: every step's state is known in advance (so every listed step
 can be checked bit for bit) and every rank logs what happens to it in ``OUT/NAME-rank<r>.jsonl``.
-Every process a test starts is killed by its pid when the test ends.
+Every process a test starts is killed when the test ends, as in ``tests/test_lease_jobs.py``.
 """
 
 from __future__ import annotations
@@ -77,9 +77,10 @@ def forked(url: str, out: Path, run: str, *options: str) -> list[str]:
 
 
 class S3Jobs(Jobs):
-    """Jobs of tests/s3_job.py; every process they started is killed at the end, by pid."""
+    """Jobs of tests/s3_job.py; every process they started is killed at the end."""
 
-    script = "s3_job"
+    script = S3_JOB
+    own_process_rank = "s3_job"
 
     def close(self) -> None:
         self.kill_all()
