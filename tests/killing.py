@@ -136,10 +136,11 @@ class _JobServer:
         log: Path,
         env: Mapping[str, str] | None = None,
         cwd: Path = ROOT,
+        stderr_log: Path | None = None,
     ) -> PreloadedJob:
         """Start ``python *command`` in the server, in ``cwd``, with environment ``env`` (by
-        default the one a subprocess of the test would get); returns once the job leads its
-        process group."""
+        default the one a subprocess of the test would get), its output in ``log`` (its stderr
+        in ``stderr_log`` if given); returns once the job leads its process group."""
         with self._requesting:
             request_id = next(self._request_ids)
             request = {
@@ -149,6 +150,8 @@ class _JobServer:
                 "cwd": str(cwd),
                 "log": str(log),
             }
+            if stderr_log is not None:
+                request["stderr_log"] = str(stderr_log)
             assert self._process.stdin is not None
             self._process.stdin.write((json.dumps(request) + "\n").encode())
             self._process.stdin.flush()
@@ -226,14 +229,21 @@ def _stop_servers() -> None:
 
 
 def start_preloaded(
-    command: Sequence[str], log: Path, env: Mapping[str, str] | None = None, cwd: Path = ROOT
+    command: Sequence[str],
+    log: Path,
+    env: Mapping[str, str] | None = None,
+    cwd: Path = ROOT,
+    *,
+    stderr_log: Path | None = None,
 ) -> PreloadedJob:
     """Start ``python *command`` (a script and its arguments) in the next job server by turns
     (see the module doc), in ``cwd``, with environment ``env`` (by default a subprocess's),
-    its output going to ``log``; returns once the job leads its own process group."""
+    its output going to ``log`` (its stderr to ``stderr_log`` if given); returns once the job
+    leads its own process group."""
     global _runs_started
     _runs_started += 1
-    return job_server((_runs_started - 1) % len(_HASH_SEEDS)).start(command, log, env, cwd)
+    server = job_server((_runs_started - 1) % len(_HASH_SEEDS))
+    return server.start(command, log, env, cwd, stderr_log)
 
 
 def job_server(turn: int) -> _JobServer:
@@ -256,22 +266,32 @@ PRELOADED_TIMEOUT = 90.0
 def run_script_preloaded(
     source: str, args: Sequence[str], scratch: Path, timeout: float = PRELOADED_TIMEOUT
 ) -> tuple[int, str]:
-    """:func:`run_preloaded` of ``source``, written into a script in ``scratch``."""
+    """:func:`run_preloaded` of ``source``, written into a script in ``scratch``: its exit
+    status and its output (stdout and stderr together)."""
     script = Path(tempfile.mkstemp(suffix=".py", dir=scratch)[1])
     script.write_text(source)
-    return run_preloaded([str(script), *args], script.with_suffix(".log"), timeout)
+    done = run_preloaded([str(script), *args], script.with_suffix(".log"), timeout)
+    return done.returncode, done.stdout
 
 
 def run_preloaded(
-    command: Sequence[str], log: Path, timeout: float = PRELOADED_TIMEOUT
-) -> tuple[int, str]:
+    command: Sequence[str],
+    log: Path,
+    timeout: float = PRELOADED_TIMEOUT,
+    *,
+    stderr_log: Path | None = None,
+) -> subprocess.CompletedProcess[str]:
     """Run ``python *command`` in a job server (see :func:`start_preloaded`); its exit status and
-    its output (stdout and stderr together, also in ``log``) once it has ended and every
-    process it started too (``subprocess.run`` reading its output waited for every process
-    holding the pipe). The run fails if they have not within ``timeout``. However the run ends (a
-    failure, pytest's own timeout), nothing of the job's session outlives it: not the script,
-    nor a process leading a group of its own (a rank)."""
-    job = start_preloaded(command, log)
+    its output once it has ended and every process it started too (``subprocess.run`` reading
+    its output waited for every process holding the pipe). The run fails if they have not
+    within ``timeout``. However the run ends (a failure, pytest's own timeout), nothing of the
+    job's session outlives it: not the script, nor a process leading a group of its own (a
+    rank).
+
+    Its output is also in ``log``: ``stdout`` holds stdout and stderr together and ``stderr`` is
+    None, as ``subprocess.run(stderr=STDOUT)`` gives them, unless ``stderr_log`` is given:
+    stderr then goes there, and ``stderr`` holds it."""
+    job = start_preloaded(command, log, stderr_log=stderr_log)
     deadline = time.monotonic() + timeout
     try:
         code = job.wait(timeout)
@@ -289,7 +309,8 @@ def run_preloaded(
         kill_session(job.pid)
         if job.server.alive:
             job.join()
-    return code, log.read_text()
+    stderr = None if stderr_log is None else stderr_log.read_text()
+    return subprocess.CompletedProcess(list(command), code, log.read_text(), stderr)
 
 
 def run(

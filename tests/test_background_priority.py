@@ -197,8 +197,9 @@ def test_saturated_save_script_runs_end_to_end(tmp_path: Path) -> None:
     saves = tmp_path / "saves"
     saves.mkdir()
     args = ["--mib", "1", "--nice", "0,10", "--rounds", "1", "--ranks", "2", "--dir", str(saves)]
-    code, output = killing.run_preloaded([str(script), *args], tmp_path / "script.log")
-    assert code == 0, output
-    rows = [line for line in output.splitlines() if line.startswith(("| 0 |", "| 10 |"))]
-    assert len(rows) == 2, output
+    log = tmp_path / "script.log"
+    done = killing.run_preloaded([str(script), *args], log, stderr_log=log.with_suffix(".err"))
+    assert done.returncode == 0, done.stderr
+    rows = [line for line in done.stdout.splitlines() if line.startswith(("| 0 |", "| 10 |"))]
+    assert len(rows) == 2, done.stdout
     assert not list(saves.iterdir())  # its checkpoints went with their temporary directory

@@ -74,11 +74,13 @@ def run_bench(args: list[str], log: Path) -> subprocess.CompletedProcess[str]:
     """``python scripts/bench/__main__.py *args`` with this tree's distckpt, in a job server that
     has imported torch already (``tests.killing.run_preloaded``: the seconds of a fresh
     interpreter's imports are not what these runs check; ``python scripts/bench`` itself starts
-    fresh in the stopped-run tests); it must exit 0. Its output, stdout and stderr together (as
-    both ``stdout`` and ``stderr``), is also in ``log``."""
-    code, output = killing.run_preloaded([str(BENCH / "__main__.py"), *args], log)
-    assert code == 0, output
-    return subprocess.CompletedProcess(args, code, output, output)
+    fresh in the stopped-run tests); it must exit 0. Its stdout and its stderr, apart, are also
+    in ``log`` and in ``log`` with the suffix ``.err``."""
+    done = killing.run_preloaded(
+        [str(BENCH / "__main__.py"), *args], log, stderr_log=log.with_suffix(".err")
+    )
+    assert done.returncode == 0, done.stderr
+    return done
 
 
 @pytest.mark.timeout(130)

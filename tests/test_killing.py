@@ -222,3 +222,15 @@ def test_a_preloaded_run_stopped_from_outside_leaves_no_process_of_its_script(
     job, child = _started_pids(pid_file)
     assert processes.session_members(job) == []
     assert not ((stat := processes.proc_stat(child)) and stat.live)
+
+
+def test_a_preloaded_runs_stderr_is_apart_only_when_asked(tmp_path: Path) -> None:
+    job = tmp_path / "prints.py"
+    job.write_text("import sys\nprint('to stdout')\nprint('to stderr', file=sys.stderr)\n")
+    apart = killing.run_preloaded(
+        [str(job)], tmp_path / "apart.log", stderr_log=tmp_path / "apart.err"
+    )
+    assert (apart.returncode, apart.stdout, apart.stderr) == (0, "to stdout\n", "to stderr\n")
+    together = killing.run_preloaded([str(job)], tmp_path / "together.log")
+    assert together.stderr is None
+    assert sorted(together.stdout.splitlines()) == ["to stderr", "to stdout"]
