@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.syscall_trace import FileCall, _parsed_calls, traced_file_calls
+from tests.syscall_trace import FileCall, parsed_calls, traced_file_calls
 
 
 def test_a_short_call_padded_before_its_result_is_read(tmp_path: Path) -> None:
@@ -30,7 +30,7 @@ def test_a_call_split_by_another_threads_line_is_read_whole(tmp_path: Path) -> N
         f"20326 <... openat resumed>)             = 4<{data}>\n"
         "20342 <... openat resumed>)             = 5</r/.staging>\n"
     )
-    assert _parsed_calls(tmp_path / "strace.log") == [
+    assert parsed_calls(tmp_path / "strace.log") == [
         FileCall("openat", data, ["O_RDONLY|O_CLOEXEC"], 4),
         FileCall("openat", "/r/.staging", ["O_RDONLY|O_DIRECTORY"], 5),
     ]
