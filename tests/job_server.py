@@ -3,19 +3,20 @@ job uses (torch, Lightning, torchdata, numpy) once, then runs each job it is ask
 forked child of its own, as ``python SCRIPT ARGS...`` would run it.
 
 It imports neither distckpt nor the tests: each job imports those afresh, so what they do at
-import (exit handlers they register, faults armed from the environment) happens in the job,
-as in a fresh interpreter. A child leads a session of its own, has exactly the environment,
-working directory and arguments of the request, writes its output to the request's log, has
-the default signal handlers, runs the script as ``__main__`` (a module of its own, which stays
-``__main__`` to the end) and ends through the interpreter's own shutdown, as a fresh one does
-(non-daemon threads joined, exit handlers and finalizers run, buffered output written out).
+import (exit handlers they register, faults armed from the environment) happens in the job, as
+in a fresh interpreter. A child leads a session of its own, has exactly the environment, working
+directory and arguments of the request, writes its output to the request's log (its stderr to a
+log of its own if the request names one), has the default signal handlers, runs the script as
+``__main__`` (a module of its own, which stays ``__main__`` to the end) and ends through the
+interpreter's own shutdown, as a fresh one does (non-daemon threads joined, exit handlers and
+finalizers run, buffered output written out).
 
-The protocol, one JSON object a line: the client writes ``{"id", "argv", "env", "cwd",
-"log"}``; the server answers ``{"id": ID, "started": PID}`` once the child leads its session
-(so that a SIGKILL of its group reaches it; the child starts the job only after this answer),
-and ``{"id": ID, "exited": PID, "code": CODE}`` when it has reaped it (``CODE`` as
-``subprocess.Popen.returncode`` gives it: minus the signal for a killed one). Each answer
-echoes its request's ``ID``: a pid names a job only while it runs (the system gives it to
+The protocol, one JSON object a line: the client writes ``{"id", "argv", "env", "cwd", "log"}``
+(and ``"stderr_log"`` for stderr apart); the server answers ``{"id": ID, "started": PID}`` once
+the child leads its session (so that a SIGKILL of its group reaches it; the child starts the job
+only after this answer), and ``{"id": ID, "exited": PID, "code": CODE}`` when it has reaped it
+(``CODE`` as ``subprocess.Popen.returncode`` gives it: minus the signal for a killed one). Each
+answer echoes its request's ``ID``: a pid names a job only while it runs (the system gives it to
 another process afterwards), the id for good. The server ends when its input closes.
 
 Run as a script (``python tests/job_server.py``): :mod:`tests.killing` starts and uses it.
@@ -86,6 +87,10 @@ def _run_job(
     os.dup2(output, 1)
     os.dup2(output, 2)
     os.close(output)
+    if "stderr_log" in request:
+        errors = os.open(request["stderr_log"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        os.dup2(errors, 2)
+        os.close(errors)
     sys.stdin = open(0, closefd=False)  # noqa: SIM115
     sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115
     sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115

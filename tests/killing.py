@@ -6,8 +6,7 @@ A job records, per rank, one line per training batch in ``OUT/losses-rank{r}.txt
 moment is a number of lines a file of ``OUT`` (by default rank 0's losses) has gained since the
 run started: the job is killed (its whole process group: every rank, Lightning's DDP children,
 loader workers) as soon as that many are there, and the next run starts only once every
-process of that group is gone. No fixed sleeps: a kill waits for the job's
-own progress, however slow a loaded machine makes it.
+process of that group is gone. No fixed sleeps: a kill waits for the job's own progress.
 
 A run is a child of a job server (``tests/job_server.py``): a fresh interpreter, started once
 per test process and reused, that has imported torch, Lightning, torchdata and numpy (a fresh
@@ -46,95 +45,14 @@ import pytest
 import torch
 from filelock import FileLock
 
+from tests.processes import (
+    GROUP_EXIT_SECONDS,
+    kill_session,
+    session_members,
+    wait_until_group_is_gone,
+)
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-#: How long the processes of a killed job may take to be gone (a rank in uninterruptible sleep,
-#: an fsync on a loaded disk, dies only once that returns).
-GROUP_EXIT_SECONDS = 60.0
-
-
-@dataclass(frozen=True)
-class ProcStat:
-    """What ``/proc/PID/stat`` says of a process: its parent, state letter, process group and
-    start time (in clock ticks since boot: with the pid, it names one process, even after the
-    pid is reused)."""
-
-    ppid: int
-    state: str
-    group: int
-    started: int
-
-    @property
-    def live(self) -> bool:
-        """Not a zombie (dead, waiting to be reaped) or being torn down."""
-        return self.state not in _DEAD_STATES
-
-
-_DEAD_STATES = ("Z", "X")
-
-
-def _stat_fields(stat_file: Path) -> list[str] | None:
-    try:
-        stat = stat_file.read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    # The command name may hold spaces or parentheses: the fields start after its last ")".
-    return stat[stat.rindex(")") + 2 :].split()
-
-
-def _live_thread_state(pid: int) -> str | None:
-    """The state of a thread of process ``pid`` that has not exited yet, if any."""
-    try:
-        tasks = list(Path(f"/proc/{pid}/task").iterdir())
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    for task in tasks:
-        fields = _stat_fields(task / "stat")
-        if fields is not None and fields[0] not in _DEAD_STATES:
-            return fields[0]
-    return None
-
-
-def proc_stat(pid: int) -> ProcStat | None:
-    """The ``/proc`` stat of process ``pid``; None once it is gone. A killed process's main
-    thread may show as a zombie while its other threads are still exiting, and those still hold
-    its files and their locks (rank 0: the root's lease): its state is then a live thread's."""
-    fields = _stat_fields(Path(f"/proc/{pid}/stat"))
-    if fields is None:
-        return None
-    state, ppid, group = fields[:3]
-    if state in _DEAD_STATES:
-        state = _live_thread_state(pid) or state
-    return ProcStat(int(ppid), state, int(group), int(fields[19]))  # field 22, starttime
-
-
-def thread_state(pid: int, tid: int) -> str | None:
-    """The state letter of thread ``tid`` of process ``pid`` alone; None once it is gone."""
-    fields = _stat_fields(Path(f"/proc/{pid}/task/{tid}/stat"))
-    return None if fields is None else fields[0]
-
-
-def live_group_members(group: int) -> list[int]:
-    """Pids of the processes of process group ``group`` that have not died yet."""
-    pids = [int(entry.name) for entry in Path("/proc").iterdir() if entry.name.isdigit()]
-    stats = {pid: proc_stat(pid) for pid in pids}
-    return [pid for pid, stat in stats.items() if stat and stat.group == group and stat.live]
-
-
-def wait_until_group_is_gone(group: int, timeout: float = GROUP_EXIT_SECONDS) -> None:
-    """Wait until every process of the SIGKILLed process group ``group`` has died. The job's
-    own process ends first; a rank still in uninterruptible sleep dies later and holds what it
-    held (the root's lease) until then, so a job started again at once would find the root in
-    use."""
-    deadline = time.monotonic() + timeout
-    while members := live_group_members(group):
-        if time.monotonic() > deadline:
-            raise AssertionError(
-                f"processes {members} of killed process group {group} still live after "
-                f"{timeout:g} s"
-            )
-        time.sleep(0.02)
 
 
 def _count_lines(path: Path) -> int:
@@ -218,10 +136,11 @@ class _JobServer:
         log: Path,
         env: Mapping[str, str] | None = None,
         cwd: Path = ROOT,
+        stderr_log: Path | None = None,
     ) -> PreloadedJob:
         """Start ``python *command`` in the server, in ``cwd``, with environment ``env`` (by
-        default the one a subprocess of the test would get); returns once the job leads its
-        process group."""
+        default the one a subprocess of the test would get), its output in ``log`` (its stderr
+        in ``stderr_log`` if given); returns once the job leads its process group."""
         with self._requesting:
             request_id = next(self._request_ids)
             request = {
@@ -231,6 +150,8 @@ class _JobServer:
                 "cwd": str(cwd),
                 "log": str(log),
             }
+            if stderr_log is not None:
+                request["stderr_log"] = str(stderr_log)
             assert self._process.stdin is not None
             self._process.stdin.write((json.dumps(request) + "\n").encode())
             self._process.stdin.flush()
@@ -308,14 +229,21 @@ def _stop_servers() -> None:
 
 
 def start_preloaded(
-    command: Sequence[str], log: Path, env: Mapping[str, str] | None = None, cwd: Path = ROOT
+    command: Sequence[str],
+    log: Path,
+    env: Mapping[str, str] | None = None,
+    cwd: Path = ROOT,
+    *,
+    stderr_log: Path | None = None,
 ) -> PreloadedJob:
     """Start ``python *command`` (a script and its arguments) in the next job server by turns
     (see the module doc), in ``cwd``, with environment ``env`` (by default a subprocess's),
-    its output going to ``log``; returns once the job leads its own process group."""
+    its output going to ``log`` (its stderr to ``stderr_log`` if given); returns once the job
+    leads its own process group."""
     global _runs_started
     _runs_started += 1
-    return job_server((_runs_started - 1) % len(_HASH_SEEDS)).start(command, log, env, cwd)
+    server = job_server((_runs_started - 1) % len(_HASH_SEEDS))
+    return server.start(command, log, env, cwd, stderr_log)
 
 
 def job_server(turn: int) -> _JobServer:
@@ -329,26 +257,60 @@ def job_server(turn: int) -> _JobServer:
     return _servers[turn]
 
 
+#: How long :func:`run_preloaded` lets a script run unless told: well below the timeout pytest
+#: gives a test (pyproject.toml), the job servers' start included, so that the run fails itself,
+#: with the script's output, rather than pytest in the middle of it.
+PRELOADED_TIMEOUT = 90.0
+
+
 def run_script_preloaded(
-    source: str, args: Sequence[str], scratch: Path, timeout: float = 120
+    source: str, args: Sequence[str], scratch: Path, timeout: float = PRELOADED_TIMEOUT
 ) -> tuple[int, str]:
-    """Run ``source`` as ``python SCRIPT *args`` in a job server (see :func:`start_preloaded`),
-    the script written into ``scratch``; returns its exit status and its output (stdout and
-    stderr together) once it has ended. A script still running after ``timeout`` is killed
-    with its group, and the run fails."""
+    """:func:`run_preloaded` of ``source``, written into a script in ``scratch``: its exit
+    status and its output (stdout and stderr together)."""
     script = Path(tempfile.mkstemp(suffix=".py", dir=scratch)[1])
     script.write_text(source)
-    log = script.with_suffix(".log")
-    job = start_preloaded([str(script), *args], log)
+    done = run_preloaded([str(script), *args], script.with_suffix(".log"), timeout)
+    return done.returncode, done.stdout
+
+
+def run_preloaded(
+    command: Sequence[str],
+    log: Path,
+    timeout: float = PRELOADED_TIMEOUT,
+    *,
+    stderr_log: Path | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """Run ``python *command`` in a job server (see :func:`start_preloaded`); its exit status and
+    its output once it has ended and every process it started too (``subprocess.run`` reading
+    its output waited for every process holding the pipe). The run fails if they have not
+    within ``timeout``. However the run ends (a failure, pytest's own timeout), nothing of the
+    job's session outlives it: not the script, nor a process leading a group of its own (a
+    rank).
+
+    Its output is also in ``log``: ``stdout`` holds stdout and stderr together and ``stderr`` is
+    None, as ``subprocess.run(stderr=STDOUT)`` gives them, unless ``stderr_log`` is given:
+    stderr then goes there, and ``stderr`` holds it."""
+    job = start_preloaded(command, log, stderr_log=stderr_log)
+    deadline = time.monotonic() + timeout
     try:
         code = job.wait(timeout)
+        while left := session_members(job.pid):
+            if time.monotonic() > deadline:
+                raise AssertionError(
+                    f"{command[0]} exited {code} but left processes {left} running after "
+                    f"{timeout:g} s:\n{log.read_text()}"
+                )
+            time.sleep(0.02)
     except subprocess.TimeoutExpired:
-        os.killpg(job.pid, signal.SIGKILL)
-        job.join()
-        raise AssertionError(
-            f"{script.name} still ran after {timeout:g} s:\n{log.read_text()}"
-        ) from None
-    return code, log.read_text()
+        output = log.read_text()
+        raise AssertionError(f"{command[0]} still ran after {timeout:g} s:\n{output}") from None
+    finally:
+        kill_session(job.pid)
+        if job.server.alive:
+            job.join()
+    stderr = None if stderr_log is None else stderr_log.read_text()
+    return subprocess.CompletedProcess(list(command), code, log.read_text(), stderr)
 
 
 def run(
@@ -366,7 +328,6 @@ def run(
     log = out / counted
     start = _count_lines(log)
     job = start_preloaded(command, out / "job.log")
-    assert job.pid is not None
     deadline = time.monotonic() + timeout
     try:
         while job.exitcode is None:

@@ -1,12 +1,12 @@
 """A small checkpointing job for the tests of one writer job per root, run as real processes.
 
-    python -m tests.lease_job ROOT OUT NAME --world-size 2 [options]   # run_ranks ranks
+    python tests/lease_job.py ROOT OUT NAME --world-size 2 [options]   # run_ranks ranks
     python -m torch.distributed.run ... tests/lease_job.py ROOT OUT NAME [options]
 
 ``--world-size 1`` runs the job in this very process, with no process group, so that its exit
 (its ``atexit`` hooks) is a real interpreter exit. Every rank appends what happens to it, one
-JSON object a line, to ``OUT/NAME-rank<r>.jsonl``: its pid first (a test kills by pid what it
-started, torchrun's workers included: they live in sessions of their own), "opening" just
+JSON object a line, to ``OUT/NAME-rank<r>.jsonl``: its pid first (a test kills by pid the ranks
+torchrun started: they live in sessions of their own), "opening" just
 before the manager is made, then "opened" (with the seconds it took) or "refused" (the error,
 and the holder's pid), one "saved" or "failed" per save attempt, and "closed". Every save's
 metadata names the run and its ``TORCHELASTIC_RUN_ID``.

@@ -192,7 +192,7 @@ def describe_stuck(pid: int, stack_file: Path | None, native_stacks: bool = True
     registration) and, with ``native_stacks`` where ``gdb`` is installed, its native stacks,
     which name the lock a thread is blocked on (a rank stuck in C code shows only its last
     Python call)."""
-    from tests.killing import thread_state
+    from tests.processes import thread_state
 
     lines: list[str] = []
     try:

@@ -2,7 +2,7 @@
 object-store backend (``tests/test_s3_jobs.py``), run as real processes.
 
     python -m torch.distributed.run ... tests/s3_job.py URL OUT NAME --endpoint E [options]
-    python -m tests.s3_job URL OUT NAME --endpoint E --world-size 2 [options]  # forked ranks
+    python tests/s3_job.py URL OUT NAME --endpoint E --world-size 2 [options]  # forked ranks
 
 Every rank trains a deterministic "model": tensors ``w`` that each step advances from their
 previous values (:func:`advance`), so a resume from a wrong or damaged checkpoint shows in every
@@ -13,7 +13,7 @@ step ``--steps``; run again after a kill, the same command carries on from the n
 step.
 
 Every rank appends what happens to it, one JSON object a line, to ``OUT/NAME-rank<r>.jsonl``:
-its pid first (a test kills by pid what it started: torchrun's workers run in sessions of their
+its pid first (a test kills by pid the ranks torchrun started: they run in sessions of their
 own), "opening" just before the manager is made, then "opened" or "refused" (the error),
 "resumed" (the step restored, or None), "saving" as each save starts, then "saved" or
 "failed", and "closed". A job with ``--hold-open`` keeps its manager (and the root's lease)

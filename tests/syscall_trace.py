@@ -16,7 +16,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.crashsim.trace import StraceUnavailable, ensure_strace
+from tests.crashsim.syscalls import whole_calls
+from tests.crashsim.trace import ONLY_TRACED_CALLS_STOP, StraceUnavailable, ensure_strace
 from tests.filesystems import skip_or_fail
 
 _CALL = re.compile(r"^(?:\[pid +\d+\] |\d+ +)?(\w+)\((.*)\)\s+=\s+(-?\d+)(?:<([^>]*)>)?")
@@ -47,7 +48,7 @@ def traced_file_calls(
     ``workdir`` as its working directory and ``args`` as its command line, made, in order; only
     successful ``openat`` calls."""
     run_traced(code, workdir, calls, args, timeout)
-    return _parsed_calls(workdir / "strace.log")
+    return parsed_calls(workdir / "strace.log")
 
 
 #: what a part of :func:`trace_parts` raised, with its traceback, in the part's directory
@@ -115,6 +116,7 @@ def run_traced(
     script.write_text(textwrap.dedent(code))
     command = [
         strace,
+        ONLY_TRACED_CALLS_STOP,
         "-f",
         "-y",
         "-qq",
@@ -137,10 +139,10 @@ def run_traced(
         raise subprocess.CalledProcessError(returncode, command)
 
 
-def _parsed_calls(log: Path) -> list[FileCall]:
+def parsed_calls(log: Path) -> list[FileCall]:
     """The calls on files in strace log ``log``, in order; only successful ``openat`` calls."""
     found_calls = []
-    for line in log.read_text().splitlines():
+    for line in whole_calls(log.read_text().splitlines()):
         found = _CALL.match(line)
         if found is None:
             continue
@@ -242,7 +244,7 @@ def async_saves_traced(workdirs: Sequence[Path], scratch: Path) -> dict[Path, Di
         run_failure = f"died (exit status {exc.returncode})"
     except subprocess.TimeoutExpired as exc:
         run_failure = f"hung (killed after {exc.timeout:.0f} s)"
-    calls = _parsed_calls(scratch / "strace.log")
+    calls = parsed_calls(scratch / "strace.log")
     found = {}
     for workdir in workdirs:
         lost = None

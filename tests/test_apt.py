@@ -24,7 +24,7 @@ from filelock import FileLock
 
 from tests import apt
 from tests.filesystems import tool_missing_reason
-from tests.killing import live_group_members
+from tests.processes import live_group_members
 from tests.waiting import wait_until
 
 REPO = Path(__file__).resolve().parents[1]

@@ -17,6 +17,8 @@ from typing import Any
 import pytest
 
 from distckpt import events
+from tests import killing
+from tests.processes import kill_session, session_members
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "scripts" / "bench"
@@ -68,17 +70,17 @@ def test_phase_table_from_events_emitted_by_hand() -> None:
     assert lines[1 + PHASE_ORDER.index("commit.lock")].startswith("    commit.lock")
 
 
-def run_bench(args: list[str]) -> subprocess.CompletedProcess[str]:
-    """``python scripts/bench *args`` with this tree's distckpt; it must exit 0."""
-    proc = subprocess.run(
-        [sys.executable, str(BENCH), *args],
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-        capture_output=True,
-        text=True,
-        timeout=120,
+def run_bench(args: list[str], log: Path) -> subprocess.CompletedProcess[str]:
+    """``python scripts/bench/__main__.py *args`` with this tree's distckpt, in a job server that
+    has imported torch already (``tests.killing.run_preloaded``: the seconds of a fresh
+    interpreter's imports are not what these runs check; ``python scripts/bench`` itself starts
+    fresh in the stopped-run tests); it must exit 0. Its stdout and its stderr, apart, are also
+    in ``log`` and in ``log`` with the suffix ``.err``."""
+    done = killing.run_preloaded(
+        [str(BENCH / "__main__.py"), *args], log, stderr_log=log.with_suffix(".err")
     )
-    assert proc.returncode == 0, proc.stderr
-    return proc
+    assert done.returncode == 0, done.stderr
+    return done
 
 
 @pytest.mark.timeout(130)
@@ -123,7 +125,7 @@ def test_smallest_configuration_end_to_end(tmp_path: Path) -> None:
     args += ["--coord-ranks", "2", "--coord-saves", "1", "--start-method", "fork"]
     args += ["--small-ranks", "2", "--small-tensors", "50", "--s3-ranks", "0"]
     args += ["--dir", str(tmp_path / "work"), "--json", str(out), "--plot", str(plot)]
-    proc = run_bench(args)
+    proc = run_bench(args, tmp_path / "bench.log")
     assert "== Targets" in proc.stdout
     report = json.loads(out.read_text())
     (config,) = report["configs"]
@@ -166,22 +168,6 @@ def test_smallest_configuration_end_to_end(tmp_path: Path) -> None:
     assert targets["coordination per save <= 15 ms at 4 ranks"]["passed"] is None  # 2 ranks only
     assert plot.read_bytes().startswith(b"\x89PNG")
     assert not list((tmp_path / "work").iterdir())  # its checkpoints were removed
-
-
-def session_members(session: int) -> list[int]:
-    """Pids of the live processes of session ``session`` (field 6 of ``/proc/PID/stat``)."""
-    members = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-        state, _, _, sid = stat[stat.rindex(")") + 2 :].split()[:4]
-        if int(sid) == session and state not in ("Z", "X"):
-            members.append(int(entry.name))
-    return members
 
 
 def dcp_checkpoint_processes(session: int) -> list[int]:
@@ -231,8 +217,7 @@ def test_a_stopped_run_leaves_no_rank_and_no_dcp_checkpoint_process(
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-        for pid in session_members(proc.pid):  # never leave them to the next test
-            os.kill(pid, signal.SIGKILL)
+        kill_session(proc.pid)  # never leave them to the next test
 
 
 def test_snapshot_alternatives_script_runs_end_to_end() -> None:

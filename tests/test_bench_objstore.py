@@ -19,7 +19,7 @@ def test_object_store_case_at_its_smallest(tmp_path: Path) -> None:
     args = ["--world-sizes", "0", "--coord-ranks", "0", "--small-ranks", "0"]
     args += ["--s3-ranks", "2", "--s3-mib", "1", "--rounds", "2", "--start-method", "fork"]
     args += ["--dir", str(tmp_path / "work"), "--json", str(out)]
-    proc = run_bench(args)
+    proc = run_bench(args, tmp_path / "bench.log")
     assert "== object store (moto on 127.0.0.1): 2 ranks x 1 MiB" in proc.stdout, proc.stderr
     report = json.loads(out.read_text())
     summary = report["object_store"]

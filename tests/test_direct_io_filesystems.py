@@ -18,7 +18,7 @@ import pytest
 
 from tests.crashsim.trace import StraceUnavailable, ensure_strace
 from tests.filesystems import TMPFS_MIB, MountFactory, require_mounting, skip_or_fail, unmount
-from tests.killing import live_group_members, wait_until_group_is_gone
+from tests.processes import live_group_members, wait_until_group_is_gone
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "scripts" / "direct_io_filesystems.py"

@@ -9,13 +9,14 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests import killing
+from tests import killing, processes
 
 #: A job whose first process starts a child of its own (as a job script starts its ranks), both
 #: sleeping until killed.
@@ -30,16 +31,16 @@ def test_a_killed_group_is_waited_for_until_its_last_process_has_died() -> None:
     job = subprocess.Popen([sys.executable, "-c", _PARENT_AND_CHILD], start_new_session=True)
     try:
         deadline = time.monotonic() + 60
-        while len(killing.live_group_members(job.pid)) < 2:
+        while len(processes.live_group_members(job.pid)) < 2:
             assert time.monotonic() < deadline, "the job's child never started"
             time.sleep(0.02)
-        stat = killing.proc_stat(job.pid)
+        stat = processes.proc_stat(job.pid)
         assert stat is not None and stat.group == job.pid and stat.live
     finally:
         os.killpg(job.pid, signal.SIGKILL)
         job.wait()
-    killing.wait_until_group_is_gone(job.pid, timeout=30)
-    assert killing.live_group_members(job.pid) == []
+    processes.wait_until_group_is_gone(job.pid, timeout=30)
+    assert processes.live_group_members(job.pid) == []
 
 
 def test_each_run_is_a_fresh_interpreter_and_the_next_has_another_hash_seed(
@@ -83,7 +84,7 @@ def test_a_run_whose_job_server_dies_fails_at_once_and_its_job_is_killed(tmp_pat
     # Without noticing the server's end, the run would wait out its timeout and fail otherwise.
     with pytest.raises(AssertionError, match=r"job server died \(status -9\)"):
         killing.run([str(job), str(pid_file)], tmp_path, timeout=120)
-    killing.wait_until_group_is_gone(int(pid_file.read_text()), timeout=30)
+    processes.wait_until_group_is_gone(int(pid_file.read_text()), timeout=30)
 
 
 def _reuse_pid_next(pid: int) -> bool:
@@ -147,3 +148,89 @@ def test_a_preloaded_job_has_the_environment_and_directory_it_is_given(tmp_path:
     finally:
         os.killpg(sleeping.pid, signal.SIGKILL)
     assert sleeping.wait(60) == -signal.SIGKILL
+
+
+#: A script that starts ``sleep`` leading a process group of its own (as a rank does) and
+#: writes its own pid and the child's to ``argv[1]``, then sleeps ``argv[2]`` seconds.
+_STARTS_A_CHILD_OF_ITS_OWN_GROUP = (
+    "import os, subprocess, sys, time\n"
+    "child = subprocess.Popen(['sleep', '300'], process_group=0)\n"
+    "with open(sys.argv[1] + '.part', 'w') as pids:\n"
+    "    pids.write(f'{os.getpid()} {child.pid}')\n"
+    "os.rename(sys.argv[1] + '.part', sys.argv[1])\n"
+    "time.sleep(float(sys.argv[2]))\n"
+)
+
+
+def _started_pids(pid_file: Path) -> tuple[int, int]:
+    """The script's pid (its session's id) and its child's."""
+    job, child = pid_file.read_text().split()
+    return int(job), int(child)
+
+
+def test_a_preloaded_run_fails_when_its_script_leaves_a_process_running(tmp_path: Path) -> None:
+    """A script that exits 0 but leaves a process behind fails the run (as subprocess.run
+    waiting for its output's end would), and the process is killed."""
+    script = tmp_path / "leaves_a_child.py"
+    script.write_text(_STARTS_A_CHILD_OF_ITS_OWN_GROUP)
+    pid_file = tmp_path / "pids"
+    # The run waits this long for the child to end before it fails, and the test waits all of
+    # it: still far beyond the few hundredths of a second the script itself takes.
+    with pytest.raises(AssertionError, match=r"exited 0 but left processes \[\d+\] running"):
+        killing.run_preloaded([str(script), str(pid_file), "0"], tmp_path / "log", timeout=4)
+    job, child = _started_pids(pid_file)
+    assert processes.session_members(job) == []
+    assert not ((stat := processes.proc_stat(child)) and stat.live)
+
+
+class _Stopped(Exception):
+    """What the test raises into a waiting run, as pytest's own timeout does."""
+
+
+def test_a_preloaded_run_stopped_from_outside_leaves_no_process_of_its_script(
+    tmp_path: Path,
+) -> None:
+    """Stopped while it waits for its script (pytest's timeout raises in the test's thread, from
+    a SIGALRM handler), the run kills every process of the script's session, a child leading
+    a process group of its own too."""
+    script = tmp_path / "hangs.py"
+    script.write_text(_STARTS_A_CHILD_OF_ITS_OWN_GROUP)
+    pid_file = tmp_path / "pids"
+    test_thread = threading.get_ident()
+    run_over = threading.Event()
+
+    def stop_once_started() -> None:
+        while not pid_file.exists():
+            if run_over.wait(0.02):
+                return
+        signal.pthread_kill(test_thread, signal.SIGUSR1)
+
+    def stop(signum: int, frame: object) -> None:
+        raise _Stopped
+
+    # SIGUSR1 as pytest-timeout's SIGALRM: raised in the waiting thread, at a known moment.
+    previous = signal.signal(signal.SIGUSR1, stop)
+    stopper = threading.Thread(target=stop_once_started, daemon=True)
+    try:
+        stopper.start()
+        with pytest.raises(_Stopped):
+            killing.run_preloaded([str(script), str(pid_file), "300"], tmp_path / "log")
+    finally:
+        run_over.set()
+        stopper.join()
+        signal.signal(signal.SIGUSR1, previous)
+    job, child = _started_pids(pid_file)
+    assert processes.session_members(job) == []
+    assert not ((stat := processes.proc_stat(child)) and stat.live)
+
+
+def test_a_preloaded_runs_stderr_is_apart_only_when_asked(tmp_path: Path) -> None:
+    job = tmp_path / "prints.py"
+    job.write_text("import sys\nprint('to stdout')\nprint('to stderr', file=sys.stderr)\n")
+    apart = killing.run_preloaded(
+        [str(job)], tmp_path / "apart.log", stderr_log=tmp_path / "apart.err"
+    )
+    assert (apart.returncode, apart.stdout, apart.stderr) == (0, "to stdout\n", "to stderr\n")
+    together = killing.run_preloaded([str(job)], tmp_path / "together.log")
+    assert together.stderr is None
+    assert sorted(together.stdout.splitlines()) == ["to stderr", "to stdout"]

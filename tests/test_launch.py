@@ -32,7 +32,7 @@ import torch
 
 import distckpt
 from tests import killing
-from tests.killing import proc_stat
+from tests.processes import kill_session, proc_stat
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = REPO / "launch" / "train.py"
@@ -91,7 +91,9 @@ class Job:
     torchrun starts every worker in a session of its own, so signalling the launcher's process
     group does not reach the workers: a SIGKILL of the launcher's group alone leaves them
     running, orphaned. The job therefore tracks the launcher's descendants through ``/proc``
-    while they are still its children, and kills each of their groups too.
+    while they are still its children, and kills each of their groups too. The launcher leads
+    a session of its own, and its whole session is killed with it: ranks that ``run_ranks``
+    forked lead groups of their own there, even once the launcher has ended.
     """
 
     def __init__(
@@ -216,6 +218,7 @@ class Job:
         # The launcher first, so that it cannot react to its workers' deaths.
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.process.pid, signal.SIGKILL)
+        kill_session(self.process.pid)
         for pid in self.alive():
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 group = os.getpgid(pid)

@@ -3,8 +3,9 @@ run_ranks or started by the real torchrun) competing for one root, waiting for i
 while holding it, fenced after an operator broke their lease, orphaned by a killed torchrun
 agent; operators and readers working next to a live holder.
 
-Every process a test starts is killed by its pid when the test ends: the job's launcher with
-its process group, and every rank the job logged, torchrun's workers included (they run in
+Every process a test starts is killed when the test ends: the job's launcher with its
+process group, a job run in a job server with its whole session (its forked ranks lead process
+groups of their own in it), and torchrun's workers by the pids they logged (they run in
 sessions of their own).
 """
 
@@ -83,10 +84,13 @@ def staged(root: Path) -> list[str]:
 
 
 class Jobs:
-    """Starts jobs and, at the end, kills every process they started, by pid."""
+    """Starts jobs and, at the end, kills every process they started (see the module doc)."""
 
-    #: what the command line of every rank of these jobs holds (against reused pids)
-    script = "lease_job"
+    #: The job script: a job running it directly (its ranks forked) runs in a job server.
+    script = LEASE_JOB
+    #: What the command line of a rank that is a process of its own (torchrun's worker) holds,
+    #: against reused pids. A forked rank shows its job server's: it dies with its job's session.
+    own_process_rank = "lease_job"
 
     def __init__(self, tmp_path: Path) -> None:
         self.root = tmp_path / "ckpt"
@@ -96,20 +100,21 @@ class Jobs:
         self.started: list[Job] = []
 
     def start(self, argv: list[str]) -> Job:
-        """Start ``argv``: a :func:`plain` job in a job server that has imported torch already
+        """Start ``argv``: ``python`` running this class's :attr:`script` directly (a job whose
+        ranks are forked, as :func:`plain`) in a job server that has imported torch already
         (what these tests look at starts after the imports); one under torchrun or another
         host's namespaces as a fresh process, as it must be."""
-        job = Job(argv, self.cwd, preloaded=argv[:2] == [sys.executable, str(LEASE_JOB)])
+        job = Job(argv, self.cwd, preloaded=argv[:2] == [sys.executable, str(self.script)])
         self.started.append(job)
         return job
 
     def kill_all(self) -> None:
-        # The ranks first: an orphaned torchrun worker still holds its launcher's output open.
+        # Torchrun's workers first: an orphaned one still holds its launcher's output open.
         for path in self.out.glob("*.jsonl"):
             for line in path.read_text().splitlines():
                 entry = json.loads(line) if line.endswith("}") else {}
                 pid = entry.get("pid") if entry.get("event") == "pid" else None
-                if pid and self.script in (_cmdline(pid) or ""):  # not a reused pid
+                if pid and self.own_process_rank in (_cmdline(pid) or ""):  # not a reused pid
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(pid, signal.SIGKILL)
         for job in self.started:

@@ -6,7 +6,7 @@ two jobs on one prefix.
 
 The jobs are ``tests/s3_job.py``: every step's state is known in advance (so every listed step
 can be checked bit for bit) and every rank logs what happens to it in ``OUT/NAME-rank<r>.jsonl``.
-Every process a test starts is killed by its pid when the test ends.
+Every process a test starts is killed when the test ends, as in ``tests/test_lease_jobs.py``.
 """
 
 from __future__ import annotations
@@ -71,14 +71,16 @@ def under_torchrun(url: str, out: Path, run: str, *options: str) -> list[str]:
 
 
 def forked(url: str, out: Path, run: str, *options: str) -> list[str]:
-    """A job whose ranks tests/ranks.py forks: for the tests where torchrun is not the point."""
-    return [sys.executable, "-m", "tests.s3_job", url, str(out), run, *options]
+    """A job whose ranks tests/ranks.py forks: for the tests where torchrun is not the point.
+    :class:`S3Jobs` runs it in a job server that has imported torch already."""
+    return [sys.executable, str(S3_JOB), url, str(out), run, *options]
 
 
 class S3Jobs(Jobs):
-    """Jobs of tests/s3_job.py; every process they started is killed at the end, by pid."""
+    """Jobs of tests/s3_job.py; every process they started is killed at the end."""
 
-    script = "s3_job"
+    script = S3_JOB
+    own_process_rank = "s3_job"
 
     def close(self) -> None:
         self.kill_all()
@@ -173,7 +175,7 @@ def test_jobs_killed_at_random_instants_resume_from_the_newest_committed_step(
             STARTUP,
         )
         time.sleep(chooser.uniform(0.0, 0.4))
-        jobs.kill_all()  # SIGKILL: every rank by its pid, and its launcher (the only job)
+        jobs.kill_all()  # SIGKILL: every rank and its launcher (the only job)
         inside_saves += log(out, run, 0)[-1]["event"] == "saving"
         assert resumed_steps(out, run) == [newest] * WORLD_SIZE
         newest = max(committed_steps(s3_url, s3_server), default=None)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,24 @@ _UNFINISHED = " <unfinished ...>"
 _RESUMED = re.compile(r"^(\d+) +<\.\.\. (\w+) resumed>(.*)$")
 _FD = re.compile(r"^(-?\d+|AT_FDCWD)<(.*)>$")
 _DELETED = " (deleted)"
+
+
+def whole_calls(lines: Iterable[str]) -> Iterator[str]:
+    """The lines of an ``strace -f`` log with each call strace split in two (its start
+    ``<unfinished ...>``, then ``<... NAME resumed>`` once another process's or thread's line
+    came between) put back together on one line, in the place of its end (when it returned)."""
+    pending: dict[str, str] = {}
+    for raw in lines:
+        line = raw.rstrip("\n")
+        resumed = _RESUMED.match(line)
+        if resumed is not None:
+            head = pending.pop(resumed.group(1), None)
+            if head is not None:
+                yield head + resumed.group(3)
+        elif line.endswith(_UNFINISHED):
+            pending[line.split(" ", 1)[0]] = line[: -len(_UNFINISHED)]
+        else:
+            yield line
 
 
 @dataclass(frozen=True)
@@ -86,7 +105,6 @@ class TraceParser:
         self.cwd = os.path.normpath(cwd)
         self.ops: list[Op] = []
         self._positions: dict[tuple[int, str], int] = {}
-        self._pending: dict[str, str] = {}
 
     def _under(self, path: str, top: str) -> bool:
         return path == top or path.startswith(top + os.sep)
@@ -106,18 +124,7 @@ class TraceParser:
             raise ValueError(f"an operation crosses the traced tree's boundary: {op}")
 
     def feed(self, line: str) -> None:
-        line = line.rstrip("\n")
-        resumed = _RESUMED.match(line)
-        if resumed is not None:
-            pid = resumed.group(1)
-            head = self._pending.pop(pid, None)
-            if head is None:
-                return
-            line = head + resumed.group(3)
-        elif line.endswith(_UNFINISHED):
-            pid = line.split(" ", 1)[0]
-            self._pending[pid] = line[: -len(_UNFINISHED)]
-            return
+        """One whole call's line (see :func:`whole_calls`)."""
         match = _LINE.match(line)
         if match is None:
             return
@@ -226,6 +233,6 @@ class TraceParser:
 def parse_trace(text: str, *, base: Path, markers: Path, cwd: Path) -> list[Op]:
     """The operations under ``base`` (and the markers) a trace records, in order."""
     parser = TraceParser(base, markers, cwd)
-    for line in text.splitlines():
+    for line in whole_calls(text.splitlines()):
         parser.feed(line)
     return parser.ops

@@ -45,11 +45,21 @@ def ensure_strace() -> str:
     return found
 
 
-def _strace_options(trace_file: Path) -> list[str]:
+#: Stops a process strace starts only at the calls it traces (a seccomp filter), not at every
+#: call to filter them itself: an interpreter importing torch makes tens of thousands. strace
+#: takes it only for a command it starts (a process attached with ``-p`` is stopped at every
+#: call); what it logs is the same. The traced processes then run with NoNewPrivs (set to
+#: install the filter, inherited by all they start): a set-user-id program gains nothing there.
+ONLY_TRACED_CALLS_STOP = "--seccomp-bpf"
+
+
+def _strace_options(trace_file: Path, *, attach: bool = False) -> list[str]:
     """strace and its options, writing the file-system calls of a process tree to
-    ``trace_file``; the process to trace (a command, or ``-p PID``) goes after them."""
+    ``trace_file``; the process to trace (a command, or ``-p PID`` with ``attach``) goes after
+    them."""
     return [
         ensure_strace(),
+        *([] if attach else [ONLY_TRACED_CALLS_STOP]),
         "-f",
         "-y",
         "-qq",
@@ -67,7 +77,9 @@ def record(
     command: Sequence[str], trace_file: Path, *, cwd: Path, env: dict[str, str], timeout: float
 ) -> subprocess.CompletedProcess[str]:
     """Run ``command`` (and every process it starts) under strace, writing the trace to
-    ``trace_file``. Returns the finished process; raises if the workload failed."""
+    ``trace_file``. Returns the finished process; raises if the workload failed. Explorations
+    run side by side (``scripts/crash_explore.py --jobs`` above 1) trace through this; the
+    tests' go through :func:`record_forked`."""
     traced = [*_strace_options(trace_file), *command]
     done = subprocess.run(
         traced, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=False
@@ -103,7 +115,7 @@ def record_forked(
             os._exit(code)
     os.close(go_read)
     tracer = subprocess.Popen(
-        [*_strace_options(trace_file), "-p", str(child)],
+        [*_strace_options(trace_file, attach=True), "-p", str(child)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
