@@ -1,0 +1,80 @@
+"""What a manager leaves behind it: after close() and destroy_process_group() nothing of the old
+process group is held (it can be initialised again on the same port)."""
+
+from __future__ import annotations
+
+import datetime
+import multiprocessing
+import socket
+from multiprocessing.synchronize import Event as EventType
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+import distckpt
+from tests.ports import ReservedPort
+from tests.ranks import run_ranks, values
+
+#: A rank's seconds for a collective, and for the store's rendezvous.
+TIMEOUT = 10.0
+
+
+def _listens(port: int) -> bool:
+    """Whether a server accepts connections on 127.0.0.1:``port``."""
+    with socket.socket() as probe:
+        return probe.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _initialised_again(
+    rank: int, world_size: int, root: str, port: int, destroyed: EventType
+) -> tuple[bool, float, int, list[int]]:
+    """One life of the process group (manager, save, close, destroy), then a second on the same
+    port: whether rank 0 still listened on it in between, the second life's all_reduce of ones,
+    the step its manager saved and the steps it lists. Rank 1 starts the second life once rank
+    0 ``destroyed`` the first: a client that came sooner could join the old store's server."""
+    # The harness's group meets in a file store; what must go with a destroyed group is the
+    # TCPStore server that init_process_group starts on rank 0, so the ranks make their own.
+    dist.destroy_process_group()
+    delta = datetime.timedelta(seconds=TIMEOUT)
+
+    def initialise() -> None:
+        address = f"tcp://127.0.0.1:{port}"
+        dist.init_process_group(
+            "gloo", init_method=address, rank=rank, world_size=world_size, timeout=delta
+        )
+
+    initialise()
+    first = distckpt.CheckpointManager(root, timeout=TIMEOUT)
+    first.save(1, {"w": torch.ones(2)})
+    first.close()  # kept referenced: a closed manager must not hold the group either
+    dist.destroy_process_group()
+    still_listening = rank == 0 and _listens(port)
+    if rank == 0:
+        destroyed.set()
+    else:
+        assert destroyed.wait(TIMEOUT)
+    initialise()
+    total = torch.ones(1)
+    dist.all_reduce(total)
+    second = distckpt.CheckpointManager(root, timeout=TIMEOUT)
+    saved = second.save(2, {"w": torch.ones(2)})
+    assert saved is not None
+    second.close()
+    dist.destroy_process_group()
+    return still_listening, total.item(), saved.step, second.steps()
+
+
+def test_a_process_group_initialised_again_on_the_same_port_works_after_close(
+    tmp_path: Path,
+) -> None:
+    """README: after close() and destroy_process_group(), init_process_group() may run again on
+    the same MASTER_PORT: distckpt's pooled groups no longer keep the old store's server."""
+    destroyed = multiprocessing.get_context("fork").Event()  # the ranks are forked
+    with ReservedPort() as reserved:
+        results = values(
+            run_ranks(_initialised_again, 2, str(tmp_path / "r"), reserved.port, destroyed)
+        )
+    for still_listening, total, step, steps in results:
+        assert not still_listening
+        assert (total, step, steps) == (2.0, 2, [1, 2])
