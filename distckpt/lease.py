@@ -287,6 +287,9 @@ def _in_use(
     root: Path, holder: LeaseHolder | None, why: str = "", *, waited: float = 0.0, advice: str = ""
 ) -> RootInUse:
     who = holder.describe() if holder is not None else "a process whose record is not written yet"
+    if holder is not None and holder.pid == os.getpid() and holder.on_this_machine():
+        # Not another job: this process took the root before, and never let go of it.
+        who = f"this process ({who}): another CheckpointManager on it was not closed"
     return RootInUse(f"root {root} is in use by {who}{why}", holder, waited=waited, advice=advice)
 
 

@@ -1,18 +1,22 @@
 """What a manager leaves behind it: after close() and destroy_process_group() nothing of the old
-process group is held (it can be initialised again on the same port)."""
+process group is held (it can be initialised again on the same port), and a second manager on a
+root this process holds says so."""
 
 from __future__ import annotations
 
 import datetime
 import multiprocessing
+import os
 import socket
 from multiprocessing.synchronize import Event as EventType
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 
 import distckpt
+from distckpt.lease import LeaseHolder
 from tests.ports import ReservedPort
 from tests.ranks import run_ranks, values
 
@@ -78,3 +82,19 @@ def test_a_process_group_initialised_again_on_the_same_port_works_after_close(
     for still_listening, total, step, steps in results:
         assert not still_listening
         assert (total, step, steps) == (2.0, 2, [1, 2])
+
+
+def test_a_second_manager_on_a_root_this_process_holds_says_the_first_is_not_closed(
+    tmp_path: Path,
+) -> None:
+    """README: a second manager on a root whose first manager in the same process is not
+    closed raises RootInUse saying that this process holds the root."""
+    root = tmp_path / "r"
+    with distckpt.CheckpointManager(root), pytest.raises(distckpt.RootInUse) as refused:
+        distckpt.CheckpointManager(root)
+    message, holder = str(refused.value), refused.value.holder
+    assert isinstance(holder, LeaseHolder) and holder.pid == os.getpid()
+    assert f"root {root} is in use by this process ({holder.describe()}): " in message
+    assert "another CheckpointManager on it was not closed" in message
+    with distckpt.CheckpointManager(root) as reopened:  # closed, the first let go of it
+        assert reopened.steps() == []
