@@ -12,6 +12,7 @@ from distckpt.background import BackgroundSaves
 from distckpt.coord import Coordinator
 from distckpt.decisions import SignalFlag
 from distckpt.errors import describe_error
+from distckpt.saving import Saver
 from distckpt.storage import RootStore
 from distckpt.tidying import BackgroundTidy
 
@@ -26,6 +27,7 @@ def release(
     *,
     tidying: BackgroundTidy,
     tidy_wait: float,
+    saver: Saver | None = None,
 ) -> bool:
     """Stop the background thread (giving its group back; its last commit may have asked for a
     tidy), wait at most ``tidy_wait`` seconds for the removals of ``tidying`` and leave what
@@ -40,6 +42,9 @@ def release(
     The lease goes after the wait, not before, so that the usual removals end while this job
     still holds the root; the ones left only delete what was already in the trash or left by
     dead writers, which is safe whoever holds the root then.
+
+    Once the close is complete, ``saver`` lets go of its snapshot buffers (a copy of the
+    state), which would otherwise live as long as the manager.
 
     Returns whether the close is complete: not while the stopped thread holds the outcome of a
     save that no caller received (a Ctrl-C interrupted the close's wait), which the repeated
@@ -69,7 +74,10 @@ def release(
         signals.restore,
         release_group,
     )
-    return background is None or not background.holds_outcome
+    complete = background is None or not background.holds_outcome
+    if complete and saver is not None:  # nothing saves after a close: the state's copy goes now
+        saver.drop_snapshot()
+    return complete
 
 
 def run_each(*steps: Callable[[], object]) -> None:

@@ -12,7 +12,6 @@ thread. See ``docs/architecture.md``.
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Callable, Collection, Mapping
 from types import TracebackType
@@ -40,7 +39,6 @@ from distckpt.tidying import BackgroundTidy, close_wait_seconds
 from distckpt.upkeep import RootUpkeep
 
 Which = Union[Literal["last", "best"], int, str, "os.PathLike[str]"]
-logger = logging.getLogger("distckpt")
 T = TypeVar("T")
 __all__ = ["CheckpointManager", "ExtraFile", "Which"]
 
@@ -452,12 +450,12 @@ class CheckpointManager(RootUpkeep):
         """Finish a save in flight (raising its error, on every rank); on rank 0, wait for the
         removals running in the background for at most ``min(timeout, 10)`` seconds
         (:func:`~distckpt.tidying.close_wait_seconds`) and leave the rest to the next start or
-        :meth:`gc`; then release the root's lease, restore signal handlers and release the
-        manager's process groups. Each step runs even if one before failed or was interrupted
-        (a Ctrl-C); a close that did not complete (its lease is kept while the save in flight
-        runs; a save's outcome its interrupted wait missed is kept) is finished by calling
-        close() again, which raises that save's error if it failed and no wait() raised it
-        first; once complete, it does nothing."""
+        :meth:`gc`; then release the root's lease, restore signal handlers and release the manager's
+        process groups, and, once complete, an async save's snapshot buffers (a copy of the state).
+        Each step runs even if one before failed or was interrupted (a Ctrl-C); a close that did not
+        complete (its lease is kept while the save in flight runs; a save's outcome its interrupted
+        wait missed is kept) is finished by calling close() again, which raises that save's error if
+        it failed and no wait() raised it first; once complete, it does nothing."""
         if self._released:
             return
         self._closed = True
@@ -471,6 +469,7 @@ class CheckpointManager(RootUpkeep):
                 self._coord,
                 tidying=self._tidying,
                 tidy_wait=close_wait_seconds(self.timeout),
+                saver=self._saver,
             )
 
     def __enter__(self) -> CheckpointManager:

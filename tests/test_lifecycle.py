@@ -1,6 +1,6 @@
 """What a manager leaves behind it: after close() and destroy_process_group() nothing of the old
-process group is held (it can be initialised again on the same port), and a second manager on a
-root this process holds says so."""
+process group is held (it can be initialised again on the same port), a closed async manager
+holds no copy of the state, and a second manager on a root this process holds says so."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import datetime
 import multiprocessing
 import os
 import socket
+import weakref
 from multiprocessing.synchronize import Event as EventType
 from pathlib import Path
 
@@ -98,3 +99,17 @@ def test_a_second_manager_on_a_root_this_process_holds_says_the_first_is_not_clo
     assert "another CheckpointManager on it was not closed" in message
     with distckpt.CheckpointManager(root) as reopened:  # closed, the first let go of it
         assert reopened.steps() == []
+
+
+def test_close_lets_go_of_the_async_saves_copy_of_the_state(tmp_path: Path) -> None:
+    """README: close() lets go of an async manager's snapshot buffers, although the manager
+    itself is still referenced."""
+    mgr = distckpt.CheckpointManager(tmp_path / "r", async_save=True, fsync=False)
+    mgr.save(1, {"w": torch.ones(8)})
+    mgr.wait()
+    assert mgr._saver is not None and mgr._saver._snapshot is not None
+    buffers = [weakref.ref(buffer) for buffer in mgr._saver._snapshot._buffers.values()]
+    assert buffers
+    mgr.close()
+    assert [ref() for ref in buffers] == [None] * len(buffers)
+    assert mgr.steps() == [1]
