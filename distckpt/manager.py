@@ -28,7 +28,7 @@ from distckpt.errors import CheckpointError
 from distckpt.formats import ReadOptions, format_named
 from distckpt.formats.base import check_optional_keys
 from distckpt.fsutil import LinkMode
-from distckpt.launcher import LauncherWatch
+from distckpt.launcher import LauncherWatch, check_process_group
 from distckpt.layout import RootLayout
 from distckpt.lease import check_wait
 from distckpt.results import Checkpoint, CheckpointInfo, CheckpointLocation, SaveResult
@@ -50,7 +50,9 @@ class CheckpointManager(RootUpkeep):
     Every rank of the group constructs the manager (the constructor is collective) and calls
     :meth:`save`, :meth:`restore`, :meth:`delete`, :meth:`prune` and :meth:`gc` together (they
     are collective), and :meth:`should_save` too when a time or signal schedule is set (see
-    there); rank 0 alone commits. Works with no process group too (a single process).
+    there); rank 0 alone commits. With no process group it runs as a single process, unless
+    ``WORLD_SIZE`` > 1 says otherwise: it then raises :class:`~distckpt.CoordinationError`
+    (call ``init_process_group()`` first), but for a ``read_only`` manager, which runs alone.
 
     Args:
         root: the checkpoint root; created if missing. Must be one directory shared by all ranks
@@ -169,6 +171,7 @@ class CheckpointManager(RootUpkeep):
         self.space_margin = proposal.check_space_margin(space_margin)
         wait_for_root = check_wait(wait_for_root)
         background_nice = check_background_nice(background_nice)
+        check_process_group(read_only=read_only)  # before anything the ranks must do together
         # Made now, while the launcher that started this process is certainly its parent.
         self._launcher = LauncherWatch.for_this_process()
         self._signals = SignalFlag(save_on_signal)
@@ -352,43 +355,41 @@ class CheckpointManager(RootUpkeep):
         returns None on every rank when there is no checkpoint yet (the auto-resume case).
         Any rank's failure raises on every rank.
 
-        ``strict=True`` refuses a key only in the checkpoint or only in ``state`` before
-        loading anything; ``strict=False`` loads what matches and reports the rest in
-        ``missing_keys`` / ``unexpected_keys``. ``optional_keys`` are dotted keys of ``state``
-        (``"extras.added"``) that the checkpoint may lack even so: keys a newer version of the
-        state added, which a checkpoint saved before it has not. Those missing are reported in
-        ``missing_keys`` and left as given, as is any key under one of them (``"extras"``
-        covers ``"extras.added"``, reported as ``"extras"`` in both formats), and a whole
-        missing sub-dict whose every leaf is one (``["extras.added"]`` for a new
-        ``{"extras": {"added": t}}``, reported as ``"extras"``); a list's items are not keys:
-        a list longer than the saved one is refused whatever is optional; a key inside an
-        object with ``state_dict()`` is optional only as the whole object (``"obj"``, not
-        ``"obj.added"``), but for a :class:`~distckpt.ModelOptimizerState`, whose keys are
-        compared one by one (``"app.model.3"``: it keeps its current values for them).
+        ``strict=True`` refuses a key only in the checkpoint or only in ``state`` before loading
+        anything; ``strict=False`` loads what matches and reports the rest in ``missing_keys`` /
+        ``unexpected_keys``. ``optional_keys`` are dotted keys of ``state`` (``"extras.added"``)
+        that the checkpoint may lack even so: keys a newer version of the state added, which a
+        checkpoint saved before it has not. Those missing are reported in ``missing_keys`` and left
+        as given, as is any key under one of them (``"extras"`` covers ``"extras.added"``, reported
+        as ``"extras"`` in both formats), and a whole missing sub-dict whose every leaf is one
+        (``["extras.added"]`` for a new ``{"extras": {"added": t}}``, reported as ``"extras"``); a
+        list's items are not keys: a list longer than the saved one is refused whatever is optional;
+        a key inside an object with ``state_dict()`` is optional only as the whole object
+        (``"obj"``, not ``"obj.added"``), but for a :class:`~distckpt.ModelOptimizerState`, whose
+        keys are compared one by one (``"app.model.3"``: it keeps its current values for them).
         ``optional_whole_keys`` may be missing only as a whole: a key under one of them is not
-        optional (``"extras"`` missing is let through, ``"extras.added"``
-        alone is refused). Any other key on one side only is still refused, before anything is
-        loaded; a plain string is refused (give ``["extras.added"]``). A tensor whose saved
-        shape differs is refused with :class:`~distckpt.errors.ShapeMismatch` whatever
-        ``strict`` is. No rank loads into ``state`` before every rank read and checked its
-        part, so a failure on any rank leaves every rank's ``state`` as it was; an object's own
-        ``load_state_dict`` failing afterwards (what the check cannot foresee) raises on every
-        rank too (one more small collective when ``state`` is given: give it on every rank or
-        on none), with what came before it loaded on the ranks that loaded.
+        optional (``"extras"`` missing is let through, ``"extras.added"`` alone is refused). Any
+        other key on one side only is still refused, before anything is loaded; a plain string is
+        refused (give ``["extras.added"]``). A tensor whose saved shape differs is refused with
+        :class:`~distckpt.errors.ShapeMismatch` whatever ``strict`` is. No rank loads into ``state``
+        before every rank read and checked its part, so a failure on any rank leaves every rank's
+        ``state`` as it was; an object's own ``load_state_dict`` failing afterwards (what the check
+        cannot foresee) raises on every rank too (one more small collective when ``state`` is given:
+        give it on every rank or on none), with what came before it loaded on the ranks that loaded.
         ``allow_pickle=True`` unpickles arbitrary objects: only for checkpoints you trust.
-        ``mmap=True`` maps tensor data from disk instead of reading it all. ``verify=True``
-        checks every file's checksum before loading (sizes are always checked) and, for
+        ``mmap=True`` maps tensor data from disk instead of reading it all. ``verify=True`` checks
+        every file's checksum before loading (sizes are always checked) and, for
         ``"last"``/``"best"``, falls back past a corrupt checkpoint with a warning.
         ``fix_key_prefixes=True`` maps wrapper prefixes (``_orig_mod.``, ``module.``) away or on
         when that makes every key match, before strict.
 
         A checkpoint newer than the one loaded that ``"last"`` / ``"best"`` skipped because its
-        content is damaged (see :class:`~distckpt.CorruptCheckpoint`'s ``damaged``) is set
-        aside by rank 0 unless ``read_only`` (:meth:`RootStore.set_aside
+        content is damaged (see :class:`~distckpt.CorruptCheckpoint`'s ``damaged``) is set aside by
+        rank 0 unless ``read_only`` (:meth:`RootStore.set_aside
         <distckpt.storage.RootStore.set_aside>`): kept whole under another name, with a warning
-        saying where, so the job saves the steps after the one loaded again instead of
-        having them refused as lower than the damaged one. One that could not be judged (an
-        I/O error, an unknown checksum algorithm or format) is only skipped, as before.
+        saying where, so the job saves the steps after the one loaded again instead of having them
+        refused as lower than the damaged one. One that could not be judged (an I/O error, an
+        unknown checksum algorithm or format) is only skipped, as before.
 
         The save schedule counts from the step the first restore of this root before any save
         loads (the resume, possibly older than the root's newest); later restores only move it

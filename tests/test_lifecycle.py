@@ -1,6 +1,8 @@
-"""What a manager leaves behind it: after close() and destroy_process_group() nothing of the old
-process group is held (it can be initialised again on the same port), a closed async manager
-holds no copy of the state, and a second manager on a root this process holds says so."""
+"""What a manager leaves behind it and what it needs before it: after close() and
+destroy_process_group() nothing of the old process group is held (it can be initialised again on
+the same port), a closed async manager holds no copy of the state, a writing manager refuses to
+start before init_process_group() where the launcher says there are several ranks, and a second
+manager on a root this process holds says so."""
 
 from __future__ import annotations
 
@@ -85,6 +87,60 @@ def test_a_process_group_initialised_again_on_the_same_port_works_after_close(
         assert (total, step, steps) == (2.0, 2, [1, 2])
 
 
+def test_close_lets_go_of_the_async_saves_copy_of_the_state(tmp_path: Path) -> None:
+    """README: close() lets go of an async manager's snapshot buffers, although the manager
+    itself is still referenced."""
+    mgr = distckpt.CheckpointManager(tmp_path / "r", async_save=True, fsync=False)
+    mgr.save(1, {"w": torch.ones(8)})
+    mgr.wait()
+    assert mgr._saver is not None and mgr._saver._snapshot is not None
+    buffers = [weakref.ref(buffer) for buffer in mgr._saver._snapshot._buffers.values()]
+    assert buffers
+    mgr.close()
+    assert [ref() for ref in buffers] == [None] * len(buffers)
+    assert mgr.steps() == [1]
+
+
+def _made_before_init(
+    rank: int, world_size: int, new_root: str, saved_root: str
+) -> tuple[str, int | None, bool, int, float]:
+    """Under a launcher's environment for rank 1 of 2, with no process group: the refusal of a
+    writing manager (message and rank), whether it created its root, and a read_only manager's
+    world size and the value it restored."""
+    with pytest.raises(distckpt.CoordinationError) as refused:
+        distckpt.CheckpointManager(new_root)
+    reader = distckpt.CheckpointManager(saved_root, read_only=True)
+    restored = reader.restore()
+    assert restored is not None
+    reader.close()
+    return (
+        str(refused.value),
+        refused.value.rank,
+        Path(new_root).exists(),
+        reader.world_size,
+        restored.state["w"].sum().item(),
+    )
+
+
+def test_a_writing_manager_made_before_init_process_group_under_a_launcher_is_refused(
+    tmp_path: Path,
+) -> None:
+    """README: where WORLD_SIZE > 1, a manager made before init_process_group() raises
+    CoordinationError saying to call it first, before touching the root; a read_only one runs
+    alone."""
+    saved_root = tmp_path / "saved"
+    with distckpt.CheckpointManager(saved_root) as writer:
+        writer.save(1, {"w": torch.ones(3)})
+    launcher = {"RANK": "1", "WORLD_SIZE": "2", "TORCHELASTIC_RUN_ID": "job42"}
+    results = run_ranks(_made_before_init, 0, str(tmp_path / "new"), str(saved_root), env=launcher)
+    message, rank, created, reader_world_size, restored = values(results)[0]
+    assert "call torch.distributed.init_process_group() before creating the" in message
+    assert "WORLD_SIZE=2" in message
+    assert rank == 1
+    assert not created
+    assert (reader_world_size, restored) == (1, 3.0)
+
+
 def test_a_second_manager_on_a_root_this_process_holds_says_the_first_is_not_closed(
     tmp_path: Path,
 ) -> None:
@@ -99,17 +155,3 @@ def test_a_second_manager_on_a_root_this_process_holds_says_the_first_is_not_clo
     assert "another CheckpointManager on it was not closed" in message
     with distckpt.CheckpointManager(root) as reopened:  # closed, the first let go of it
         assert reopened.steps() == []
-
-
-def test_close_lets_go_of_the_async_saves_copy_of_the_state(tmp_path: Path) -> None:
-    """README: close() lets go of an async manager's snapshot buffers, although the manager
-    itself is still referenced."""
-    mgr = distckpt.CheckpointManager(tmp_path / "r", async_save=True, fsync=False)
-    mgr.save(1, {"w": torch.ones(8)})
-    mgr.wait()
-    assert mgr._saver is not None and mgr._saver._snapshot is not None
-    buffers = [weakref.ref(buffer) for buffer in mgr._saver._snapshot._buffers.values()]
-    assert buffers
-    mgr.close()
-    assert [ref() for ref in buffers] == [None] * len(buffers)
-    assert mgr.steps() == [1]
