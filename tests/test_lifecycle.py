@@ -141,17 +141,25 @@ def test_a_writing_manager_made_before_init_process_group_under_a_launcher_is_re
     assert (reader_world_size, restored) == (1, 3.0)
 
 
+@pytest.mark.parametrize("where", ["directory", "s3"])
 def test_a_second_manager_on_a_root_this_process_holds_says_the_first_is_not_closed(
-    tmp_path: Path,
+    tmp_path: Path, request: pytest.FixtureRequest, where: str
 ) -> None:
     """README: a second manager on a root whose first manager in the same process is not
-    closed raises RootInUse saying that this process holds the root."""
-    root = tmp_path / "r"
-    with distckpt.CheckpointManager(root), pytest.raises(distckpt.RootInUse) as refused:
-        distckpt.CheckpointManager(root)
+    closed raises RootInUse saying that this process holds the root, an s3:// root too."""
+    root, options = str(tmp_path / "r"), None
+    if where == "s3":
+        root = request.getfixturevalue("s3_url")
+        options = request.getfixturevalue("s3_server").storage_options()
+    with (
+        distckpt.CheckpointManager(root, storage_options=options),
+        pytest.raises(distckpt.RootInUse) as refused,
+    ):
+        distckpt.CheckpointManager(root, storage_options=options)
     message, holder = str(refused.value), refused.value.holder
     assert isinstance(holder, LeaseHolder) and holder.pid == os.getpid()
     assert f"root {root} is in use by this process ({holder.describe()}): " in message
     assert "another CheckpointManager on it was not closed" in message
-    with distckpt.CheckpointManager(root) as reopened:  # closed, the first let go of it
+    # closed, the first let go of it
+    with distckpt.CheckpointManager(root, storage_options=options) as reopened:
         assert reopened.steps() == []
