@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 import distckpt
+from distckpt import coord_groups
 from distckpt.lease import LeaseHolder
 from tests.ports import ReservedPort
 from tests.ranks import run_ranks, values
@@ -36,10 +37,11 @@ def _listens(port: int) -> bool:
 def _initialised_again(
     rank: int, world_size: int, root: str, port: int, destroyed: EventType
 ) -> tuple[bool, float, int, list[int]]:
-    """One life of the process group (manager, save, close, destroy), then a second on the same
-    port: whether rank 0 still listened on it in between, the second life's all_reduce of ones,
-    the step its manager saved and the steps it lists. Rank 1 starts the second life once rank
-    0 ``destroyed`` the first: a client that came sooner could join the old store's server."""
+    """One life of the process group (manager, save, close, a group retired, destroy), then a
+    second on the same port: whether rank 0 still listened on it in between, the second life's
+    all_reduce of ones, the step its manager saved and the steps it lists. Rank 1 starts the
+    second life once rank 0 ``destroyed`` the first: a client that came sooner could join the
+    old store's server."""
     # The harness's group meets in a file store; what must go with a destroyed group is the
     # TCPStore server that init_process_group starts on rank 0, so the ranks make their own.
     dist.destroy_process_group()
@@ -55,6 +57,9 @@ def _initialised_again(
     first = distckpt.CheckpointManager(root, timeout=TIMEOUT)
     first.save(1, {"w": torch.ones(2)})
     first.close()  # kept referenced: a closed manager must not hold the group either
+    # A group retired as if a collective had failed on it: the retired list must not hold it
+    # (and the old store with it) past the destroy either.
+    coord_groups.retire_private_group(coord_groups.take_private_group((0, 1), TIMEOUT))
     dist.destroy_process_group()
     still_listening = rank == 0 and _listens(port)
     if rank == 0:
@@ -76,7 +81,8 @@ def test_a_process_group_initialised_again_on_the_same_port_works_after_close(
     tmp_path: Path,
 ) -> None:
     """README: after close() and destroy_process_group(), init_process_group() may run again on
-    the same MASTER_PORT: distckpt's pooled groups no longer keep the old store's server."""
+    the same MASTER_PORT: neither distckpt's pooled groups nor its retired ones keep the old
+    store's server."""
     destroyed = multiprocessing.get_context("fork").Event()  # the ranks are forked
     with ReservedPort() as reserved:
         results = values(
