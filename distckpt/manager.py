@@ -19,7 +19,7 @@ from typing import Any, Literal, TypeVar, Union
 
 import torch.distributed as dist
 
-from distckpt import closing, policy, proposal, reader, resolve, starting
+from distckpt import closing, policy, proposal, reader, starting
 from distckpt.background import DEFAULT_BACKGROUND_NICE, BackgroundSaves, check_background_nice
 from distckpt.coord import Coordinator
 from distckpt.coord_health import check_timeout
@@ -31,7 +31,8 @@ from distckpt.fsutil import LinkMode
 from distckpt.launcher import LauncherWatch, check_process_group
 from distckpt.layout import RootLayout
 from distckpt.lease import check_wait
-from distckpt.results import Checkpoint, CheckpointInfo, CheckpointLocation, SaveResult
+from distckpt.queries import RootQueries
+from distckpt.results import Checkpoint, CheckpointLocation, SaveResult
 from distckpt.saving import Saver
 from distckpt.snapshot import SnapshotBuffers
 from distckpt.storage import ExtraFile, open_store
@@ -43,7 +44,7 @@ T = TypeVar("T")
 __all__ = ["CheckpointManager", "ExtraFile", "Which"]
 
 
-class CheckpointManager(RootUpkeep):
+class CheckpointManager(RootQueries, RootUpkeep):
     """Saves and restores the checkpoints of a distributed job under one root: a directory, or
     an ``s3://BUCKET/PREFIX`` URL of an S3-compatible object store.
 
@@ -428,24 +429,6 @@ class CheckpointManager(RootUpkeep):
         the work in errors; only verdicts travel (:meth:`distckpt.coord.Coordinator.agree_on`)."""
         self._check_open()
         return self._coord.agree_on(local, what=what)
-
-    def steps(self) -> list[int]:
-        """Committed steps, ascending, read fresh from the root, damaged too (not collective)."""
-        return self._view.committed_steps()
-
-    def latest_step(self) -> int | None:
-        """The newest committed step passing its manifest check, which ``restore("last")`` loads."""
-        newest = resolve.newest_valid(self._view)
-        return newest[1].step if newest else None
-
-    def best_step(self) -> int | None:
-        """The best committed step by ``monitor`` (None without one); not collective."""
-        best = resolve.best_valid(self._view, self.retention.monitor, self.retention.mode)
-        return best[1].step if best else None
-
-    def checkpoints(self) -> list[CheckpointInfo]:
-        """Committed checkpoints passing their manifest check, oldest first, from manifests."""
-        return resolve.list_checkpoints(self._view)
 
     def close(self) -> None:
         """Finish a save in flight (raising its error, on every rank); on rank 0, wait for the
