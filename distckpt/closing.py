@@ -43,8 +43,9 @@ def release(
     still holds the root; the ones left only delete what was already in the trash or left by
     dead writers, which is safe whoever holds the root then.
 
-    Once the close is complete, ``saver`` lets go of its snapshot buffers (a copy of the
-    state), which would otherwise live as long as the manager.
+    Right after the thread's stop, ``saver`` lets go of its snapshot buffers (a copy of the
+    state), which would otherwise live as long as the manager: nothing saves after a close,
+    even one that does not complete.
 
     Returns whether the close is complete: not while the stopped thread holds the outcome of a
     save that no caller received (a Ctrl-C interrupted the close's wait), which the repeated
@@ -67,17 +68,21 @@ def release(
         if background is None or background.closed:
             coord.close()
 
+    def drop_snapshot() -> None:
+        # Nothing saves once the manager is closed, whether or not the rest of the close
+        # completes; a save still in flight keeps what it writes from by itself.
+        if saver is not None:
+            saver.drop_snapshot()
+
     run_each(
         stop_background,
+        drop_snapshot,
         lambda: tidying.close(tidy_wait),
         release_lease,
         signals.restore,
         release_group,
     )
-    complete = background is None or not background.holds_outcome
-    if complete and saver is not None:  # nothing saves after a close: the state's copy goes now
-        saver.drop_snapshot()
-    return complete
+    return background is None or not background.holds_outcome
 
 
 def run_each(*steps: Callable[[], object]) -> None:

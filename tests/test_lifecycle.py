@@ -7,6 +7,7 @@ manager on a root this process holds says so."""
 from __future__ import annotations
 
 import datetime
+import gc
 import multiprocessing
 import os
 import socket
@@ -23,6 +24,7 @@ from distckpt import coord_groups
 from distckpt.lease import LeaseHolder
 from tests.ports import ReservedPort
 from tests.ranks import run_ranks, values
+from tests.test_async_interrupts import _held_after_writing, _interrupted_in_the_wait
 
 #: A rank's seconds for a collective, and for the store's rendezvous.
 TIMEOUT = 10.0
@@ -93,18 +95,45 @@ def test_a_process_group_initialised_again_on_the_same_port_works_after_close(
         assert (total, step, steps) == (2.0, 2, [1, 2])
 
 
+def _snapshot_buffers(mgr: distckpt.CheckpointManager) -> list[weakref.ref[torch.Tensor]]:
+    """Weak references to the buffers of ``mgr``'s async snapshot (its copy of the state)."""
+    assert mgr._saver is not None and mgr._saver._snapshot is not None
+    buffers = [weakref.ref(buffer) for buffer in mgr._saver._snapshot._buffers.values()]
+    assert buffers
+    return buffers
+
+
+def _all_gone(buffers: list[weakref.ref[torch.Tensor]]) -> bool:
+    gc.collect()
+    return all(ref() is None for ref in buffers)
+
+
 def test_close_lets_go_of_the_async_saves_copy_of_the_state(tmp_path: Path) -> None:
     """README: close() lets go of an async manager's snapshot buffers, although the manager
     itself is still referenced."""
     mgr = distckpt.CheckpointManager(tmp_path / "r", async_save=True, fsync=False)
     mgr.save(1, {"w": torch.ones(8)})
     mgr.wait()
-    assert mgr._saver is not None and mgr._saver._snapshot is not None
-    buffers = [weakref.ref(buffer) for buffer in mgr._saver._snapshot._buffers.values()]
-    assert buffers
+    buffers = _snapshot_buffers(mgr)
     mgr.close()
-    assert [ref() for ref in buffers] == [None] * len(buffers)
+    assert _all_gone(buffers)
     assert mgr.steps() == [1]
+
+
+def test_a_close_that_does_not_complete_lets_go_of_the_copy_of_the_state_too(
+    tmp_path: Path,
+) -> None:
+    """README: a close interrupted in its wait (a Ctrl-C) does not complete, yet nothing saves
+    after it: the snapshot buffers go all the same; the repeated close completes it."""
+    mgr = distckpt.CheckpointManager(tmp_path / "r", async_save=True, fsync=False, timeout=TIMEOUT)
+    with _held_after_writing(1) as release:
+        mgr.save(1, {"w": torch.ones(8)})
+        buffers = _snapshot_buffers(mgr)
+        _interrupted_in_the_wait(mgr.close, lambda save: release.set())
+    assert not mgr._released
+    assert _all_gone(buffers)
+    mgr.close()
+    assert mgr._released and mgr.steps() == [1]
 
 
 def _made_before_init(
