@@ -434,8 +434,11 @@ class CheckpointManager(RootQueries, RootUpkeep):
         """Finish a save in flight (raising its error, on every rank); on rank 0, wait for the
         removals running in the background for at most ``min(timeout, 10)`` seconds
         (:func:`~distckpt.tidying.close_wait_seconds`) and leave the rest to the next start or
-        :meth:`gc`; then release the root's lease, restore signal handlers and release the manager's
-        process groups, and, once complete, an async save's snapshot buffers (a copy of the state).
+        :meth:`gc`; then release the root's lease, restore signal handlers (outside the main
+        thread, left installed with a warning, passing signals on:
+        :meth:`~distckpt.decisions.SignalFlag.restore`) and release the manager's process groups.
+        An async save's snapshot buffers (a copy of the state) go once its thread stopped, even
+        if the close does not complete: nothing saves after a close.
         Each step runs even if one before failed or was interrupted (a Ctrl-C); a close that did not
         complete (its lease is kept while the save in flight runs; a save's outcome its interrupted
         wait missed is kept) is finished by calling close() again, which raises that save's error if

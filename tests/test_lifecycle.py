@@ -10,7 +10,9 @@ import datetime
 import gc
 import multiprocessing
 import os
+import signal
 import socket
+import threading
 import weakref
 from multiprocessing.synchronize import Event as EventType
 from pathlib import Path
@@ -134,6 +136,42 @@ def test_a_close_that_does_not_complete_lets_go_of_the_copy_of_the_state_too(
     assert _all_gone(buffers)
     mgr.close()
     assert mgr._released and mgr.steps() == [1]
+
+
+def test_a_close_outside_the_main_thread_with_save_on_signal_completes(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """README: close() called outside the main thread, where Python cannot restore a signal
+    handler, completes (lease, groups and snapshot let go of) with a warning, and the handler
+    left installed hands the signal to the one it had replaced."""
+    received: list[int] = []
+    original = signal.signal(signal.SIGUSR1, lambda signum, frame: received.append(signum))
+    try:
+        mgr = distckpt.CheckpointManager(
+            tmp_path / "r", async_save=True, fsync=False, save_on_signal=(signal.SIGUSR1,)
+        )
+        mgr.save(1, {"w": torch.ones(8)})
+        buffers = _snapshot_buffers(mgr)
+        failures: list[BaseException] = []
+
+        def close() -> None:
+            try:
+                mgr.close()
+            except BaseException as exc:  # handed to the test's thread, which asserts on it
+                failures.append(exc)
+
+        closer = threading.Thread(target=close)
+        closer.start()
+        closer.join()
+        assert failures == []
+        assert mgr._released and _all_gone(buffers)
+        assert "closing outside the main thread" in caplog.text
+        signal.raise_signal(signal.SIGUSR1)
+        assert received == [signal.SIGUSR1] and not mgr._signals.is_set()
+        with distckpt.CheckpointManager(tmp_path / "r") as reopened:  # the lease was released
+            assert reopened.steps() == [1]
+    finally:
+        signal.signal(signal.SIGUSR1, original)
 
 
 def _made_before_init(
