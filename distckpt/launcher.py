@@ -15,8 +15,8 @@ def check_process_group(*, read_only: bool) -> None:
     """Refuse a writing manager made before ``init_process_group()`` in a process whose
     environment says it is one of ``WORLD_SIZE`` > 1 ranks: alone it would take the root's
     lease as a job of one (its own job's other ranks then find the root in use) and never join
-    the collectives its peers run. A ``read_only`` manager runs alone (it takes no lease and
-    writes nothing), as a tool that only reads a checkpoint in each process may."""
+    the collectives its peers run. A ``read_only`` manager runs as one process of one rank (it
+    takes no lease and writes nothing): it restores a one-rank or ``"dcp"`` checkpoint."""
     world_size = os.environ.get("WORLD_SIZE", "")
     if read_only or not world_size.isdigit() or int(world_size) <= 1:
         return

@@ -53,7 +53,11 @@ class CheckpointManager(RootQueries, RootUpkeep):
     are collective), and :meth:`should_save` too when a time or signal schedule is set (see
     there); rank 0 alone commits. With no process group it runs as a single process, unless
     ``WORLD_SIZE`` > 1 says otherwise: it then raises :class:`~distckpt.CoordinationError`
-    (call ``init_process_group()`` first), but for a ``read_only`` manager, which runs alone.
+    (call ``init_process_group()`` first), but for a ``read_only`` manager, which runs as one
+    process of one rank (rank 0 of 1): it restores a one-rank or ``"dcp"`` checkpoint, and a
+    ``"torch"`` checkpoint of several ranks raises :class:`~distckpt.WorldSizeMismatch` (a tool
+    reading one rank's part in each process calls :func:`~distckpt.load_checkpoint` with
+    ``rank=``).
 
     Args:
         root: the checkpoint root; created if missing. Must be one directory shared by all ranks

@@ -214,6 +214,51 @@ def test_a_writing_manager_made_before_init_process_group_under_a_launcher_is_re
     assert (reader_world_size, restored) == (1, 3.0)
 
 
+def _saved_by_two_ranks(rank: int, world_size: int, torch_root: str, dcp_root: str) -> None:
+    """Step 1 in each format: "torch" with each rank's own value, "dcp" with one value."""
+    with distckpt.CheckpointManager(torch_root, timeout=TIMEOUT) as mgr:
+        mgr.save(1, {"w": torch.full((2,), float(rank))})
+    with distckpt.CheckpointManager(dcp_root, format="dcp", timeout=TIMEOUT) as mgr:
+        mgr.save(1, {"w": torch.full((2,), 7.0)})
+
+
+def _read_alone(
+    rank: int, world_size: int, torch_root: str, dcp_root: str
+) -> tuple[int, int, list[float], list[float]]:
+    """Under a launcher's environment for rank 1 of 2, with no process group: the saved and
+    restoring world sizes a read_only manager's restore of the "torch" checkpoint is refused
+    with, the value it restores of the "dcp" one, and rank 1's part as load_checkpoint reads
+    it."""
+    with (
+        distckpt.CheckpointManager(torch_root, read_only=True) as reader,
+        pytest.raises(distckpt.WorldSizeMismatch) as refused,
+    ):
+        reader.restore()
+    with distckpt.CheckpointManager(dcp_root, read_only=True) as reader:
+        restored = reader.restore(state={"w": torch.zeros(2)})
+    assert restored is not None
+    part = distckpt.load_checkpoint(torch_root, rank=1)
+    return (
+        refused.value.saved_world_size,
+        refused.value.world_size,
+        restored.state["w"].tolist(),
+        part.state["w"].tolist(),
+    )
+
+
+def test_a_read_only_manager_under_a_launcher_runs_as_one_process_of_one_rank(
+    tmp_path: Path,
+) -> None:
+    """README: a read_only manager made where WORLD_SIZE > 1 without a process group runs as
+    one process of one rank: it restores a "dcp" checkpoint two ranks saved, refuses a "torch"
+    one with WorldSizeMismatch; load_checkpoint(path, rank=...) reads a rank's part."""
+    torch_root, dcp_root = str(tmp_path / "torch"), str(tmp_path / "dcp")
+    values(run_ranks(_saved_by_two_ranks, 2, torch_root, dcp_root))
+    launcher = {"RANK": "1", "WORLD_SIZE": "2", "TORCHELASTIC_RUN_ID": "job42"}
+    results = run_ranks(_read_alone, 0, torch_root, dcp_root, env=launcher)
+    assert values(results)[0] == (2, 1, [7.0, 7.0], [1.0, 1.0])
+
+
 @pytest.mark.parametrize("where", ["directory", "s3"])
 def test_a_second_manager_on_a_root_this_process_holds_says_the_first_is_not_closed(
     tmp_path: Path, request: pytest.FixtureRequest, where: str
