@@ -341,10 +341,9 @@ def takes_a_name(helper: Callable[..., object] | None) -> bool:
 
 
 def _registered(refs: list[weakref.ref[dist.ProcessGroup]]) -> list[dist.ProcessGroup]:
-    """The groups of ``refs`` still alive and registered, in order."""
-    live = dist.distributed_c10d._world.pg_map
+    """The groups of ``refs`` still alive and registered (:func:`is_registered`), in order."""
     groups = (ref() for ref in refs)
-    return [group for group in groups if group is not None and group in live]
+    return [group for group in groups if group is not None and is_registered(group)]
 
 
 def return_private_group(ranks: tuple[int, ...], group: dist.ProcessGroup) -> None:
