@@ -27,7 +27,8 @@ def check_process_group(*, read_only: bool) -> None:
         f"WORLD_SIZE={world_size} in the environment says this process is one of "
         f"{world_size} ranks (RANK={rank or 'unset'}), but torch.distributed is not "
         "initialised: call torch.distributed.init_process_group() before creating the "
-        "CheckpointManager (only a read_only=True manager runs without a process group there)",
+        "CheckpointManager (only a read_only=True manager runs without a process group there; "
+        "a process meant to run alone can set WORLD_SIZE=1)",
         rank=int(rank) if rank.isdigit() else None,
     )
 

@@ -176,22 +176,28 @@ def test_a_close_outside_the_main_thread_with_save_on_signal_completes(
 
 def _made_before_init(
     rank: int, world_size: int, new_root: str, saved_root: str
-) -> tuple[str, int | None, bool, int, float]:
+) -> tuple[str, int | None, bool, int, float, bool]:
     """Under a launcher's environment for rank 1 of 2, with no process group: the refusal of a
     writing manager (message and rank), whether it created its root, and a read_only manager's
-    world size and the value it restored."""
+    world size and the value it restored; then, with WORLD_SIZE=1, whether a writing manager
+    saved."""
     with pytest.raises(distckpt.CoordinationError) as refused:
         distckpt.CheckpointManager(new_root)
     reader = distckpt.CheckpointManager(saved_root, read_only=True)
     restored = reader.restore()
     assert restored is not None
     reader.close()
+    created = Path(new_root).exists()
+    os.environ["WORLD_SIZE"] = "1"  # as the refusal advises a process meant to run alone
+    with distckpt.CheckpointManager(new_root) as alone:
+        saved = alone.save(1, {"w": torch.ones(1)})
     return (
         str(refused.value),
         refused.value.rank,
-        Path(new_root).exists(),
+        created,
         reader.world_size,
         restored.state["w"].sum().item(),
+        saved is not None and saved.step == 1,
     )
 
 
@@ -199,19 +205,21 @@ def test_a_writing_manager_made_before_init_process_group_under_a_launcher_is_re
     tmp_path: Path,
 ) -> None:
     """README: where WORLD_SIZE > 1, a manager made before init_process_group() raises
-    CoordinationError saying to call it first, before touching the root; a read_only one runs
-    alone."""
+    CoordinationError saying to call it first (or to set WORLD_SIZE=1 in a process meant to run
+    alone, which then saves), before touching the root; a read_only one runs as rank 0 of 1."""
     saved_root = tmp_path / "saved"
     with distckpt.CheckpointManager(saved_root) as writer:
         writer.save(1, {"w": torch.ones(3)})
     launcher = {"RANK": "1", "WORLD_SIZE": "2", "TORCHELASTIC_RUN_ID": "job42"}
     results = run_ranks(_made_before_init, 0, str(tmp_path / "new"), str(saved_root), env=launcher)
-    message, rank, created, reader_world_size, restored = values(results)[0]
+    message, rank, created, reader_world_size, restored, saved_alone = values(results)[0]
     assert "call torch.distributed.init_process_group() before creating the" in message
     assert "WORLD_SIZE=2" in message
+    assert "a process meant to run alone can set WORLD_SIZE=1" in message
     assert rank == 1
     assert not created
     assert (reader_world_size, restored) == (1, 3.0)
+    assert saved_alone
 
 
 def _saved_by_two_ranks(rank: int, world_size: int, torch_root: str, dcp_root: str) -> None:
