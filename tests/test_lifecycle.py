@@ -14,6 +14,7 @@ import signal
 import socket
 import threading
 import weakref
+from multiprocessing.synchronize import Barrier as BarrierType
 from multiprocessing.synchronize import Event as EventType
 from pathlib import Path
 
@@ -39,7 +40,7 @@ def _listens(port: int) -> bool:
 
 
 def _initialised_again(
-    rank: int, world_size: int, root: str, port: int, destroyed: EventType
+    rank: int, world_size: int, root: str, port: int, both_in: BarrierType, destroyed: EventType
 ) -> tuple[bool, float, int, list[int]]:
     """One life of the process group (manager, save, close, a group retired, destroy), then a
     second on the same port: whether rank 0 still listened on it in between, the second life's
@@ -48,6 +49,9 @@ def _initialised_again(
     old store's server."""
     # The harness's group meets in a file store; what must go with a destroyed group is the
     # TCPStore server that init_process_group starts on rank 0, so the ranks make their own.
+    # Not before both are here: a rank still connecting the harness's group fails when its
+    # peer destroys it under it.
+    both_in.wait()
     dist.destroy_process_group()
     delta = datetime.timedelta(seconds=TIMEOUT)
 
@@ -87,11 +91,11 @@ def test_a_process_group_initialised_again_on_the_same_port_works_after_close(
     """README: after close() and destroy_process_group(), init_process_group() may run again on
     the same MASTER_PORT: neither distckpt's pooled groups nor its retired ones keep the old
     store's server."""
-    destroyed = multiprocessing.get_context("fork").Event()  # the ranks are forked
+    forked = multiprocessing.get_context("fork")  # the ranks are forked
+    both_in, destroyed = forked.Barrier(2, timeout=TIMEOUT), forked.Event()
     with ReservedPort() as reserved:
-        results = values(
-            run_ranks(_initialised_again, 2, str(tmp_path / "r"), reserved.port, destroyed)
-        )
+        root, port = str(tmp_path / "r"), reserved.port
+        results = values(run_ranks(_initialised_again, 2, root, port, both_in, destroyed))
     for still_listening, total, step, steps in results:
         assert not still_listening
         assert (total, step, steps) == (2.0, 2, [1, 2])
