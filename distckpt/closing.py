@@ -12,6 +12,7 @@ from distckpt.background import BackgroundSaves
 from distckpt.coord import Coordinator
 from distckpt.decisions import SignalFlag
 from distckpt.errors import describe_error
+from distckpt.saving import Saver
 from distckpt.storage import RootStore
 from distckpt.tidying import BackgroundTidy
 
@@ -26,6 +27,7 @@ def release(
     *,
     tidying: BackgroundTidy,
     tidy_wait: float,
+    saver: Saver | None = None,
 ) -> bool:
     """Stop the background thread (giving its group back; its last commit may have asked for a
     tidy), wait at most ``tidy_wait`` seconds for the removals of ``tidying`` and leave what
@@ -40,6 +42,10 @@ def release(
     The lease goes after the wait, not before, so that the usual removals end while this job
     still holds the root; the ones left only delete what was already in the trash or left by
     dead writers, which is safe whoever holds the root then.
+
+    Right after the thread's stop, ``saver`` lets go of its snapshot buffers (a copy of the
+    state), which would otherwise live as long as the manager: nothing saves after a close,
+    even one that does not complete.
 
     Returns whether the close is complete: not while the stopped thread holds the outcome of a
     save that no caller received (a Ctrl-C interrupted the close's wait), which the repeated
@@ -62,8 +68,15 @@ def release(
         if background is None or background.closed:
             coord.close()
 
+    def drop_snapshot() -> None:
+        # Nothing saves once the manager is closed, whether or not the rest of the close
+        # completes; a save still in flight keeps what it writes from by itself.
+        if saver is not None:
+            saver.drop_snapshot()
+
     run_each(
         stop_background,
+        drop_snapshot,
         lambda: tidying.close(tidy_wait),
         release_lease,
         signals.restore,

@@ -11,7 +11,9 @@ or retires it when one is closed.
 
 A group on which a collective failed is broken for good: gloo closes its connections after a
 timeout, and every later collective on it fails at once. Such a group is retired, never pooled
-again, and destroyed at exit with the pool. Each new group, and each attempt to make one, is named
+again, and destroyed at exit with the pool. Neither the pool nor the retired list keeps a group
+alive: once ``destroy_process_group()`` destroyed it, it is freed, and the default group's store
+with it. Each new group, and each attempt to make one, is named
 alike on every rank by a counter the ranks share in the default group's store (:func:`group_name`,
 :data:`ATTEMPT_KEY`), so that an attempt that failed on some rank (or that some rank never made)
 leaves neither its name nor the addresses written under it to the next. Each rank whose
@@ -29,6 +31,7 @@ import inspect
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -45,10 +48,13 @@ T = TypeVar("T")
 # rendezvous, and where torch names it itself (see _new_group) a group destroyed and made again
 # gets the old name and meets the old group's addresses in the store. Managers are created and
 # closed collectively, so every rank takes and returns groups in the same order and the pool
-# pairs the same groups across ranks.
-_pool: dict[tuple[int, ...], list[dist.ProcessGroup]] = {}
-# Broken groups, kept alive (not destroyed) until exit for the same reason.
-_retired: list[dist.ProcessGroup] = []
+# pairs the same groups across ranks. Weak references: torch's registry of groups keeps a
+# group alive until destroy_process_group() destroys it, and a group held past that would
+# keep the default group's store with it (on rank 0 a TCPStore server, still listening on
+# MASTER_PORT, where a process group initialised again must start its own).
+_pool: dict[tuple[int, ...], list[weakref.ref[dist.ProcessGroup]]] = {}
+# Broken groups, left registered (not destroyed) until exit for the same reason.
+_retired: list[weakref.ref[dist.ProcessGroup]] = []
 _pool_lock = threading.Lock()
 # Held around every group creation: torch (for the groups it names itself) counts the groups
 # registered so far before the new one registers, so two threads making groups at once would
@@ -209,11 +215,10 @@ def take_private_group(ranks: tuple[int, ...], timeout: float) -> dist.ProcessGr
     """A gloo group over the global ``ranks`` with ``timeout`` seconds per collective: a pooled
     one still alive, or else a new one, which every rank of ``ranks`` (and only those) makes at
     the same time, under the name of that attempt (:func:`group_name`)."""
-    live = dist.distributed_c10d._world.pg_map
     with _pool_lock:
-        free = [g for g in _pool.get(ranks, []) if g in live]
+        free = _registered(_pool.get(ranks, []))
         group = free.pop(0) if free else None
-        _pool[ranks] = free
+        _pool[ranks] = [weakref.ref(g) for g in free]
     delta = datetime.timedelta(seconds=timeout)
     if group is None:
         try:
@@ -335,16 +340,25 @@ def takes_a_name(helper: Callable[..., object] | None) -> bool:
     return parameters[:6] == [*expected, "group_name"] and "timeout" in parameters
 
 
+def _registered(refs: list[weakref.ref[dist.ProcessGroup]]) -> list[dist.ProcessGroup]:
+    """The groups of ``refs`` still alive and registered (:func:`is_registered`), in order."""
+    groups = (ref() for ref in refs)
+    return [group for group in groups if group is not None and is_registered(group)]
+
+
 def return_private_group(ranks: tuple[int, ...], group: dist.ProcessGroup) -> None:
-    """Give ``group``, taken for ``ranks``, back to the pool for the next coordinator."""
+    """Give ``group``, taken for ``ranks``, back to the pool for the next coordinator. The pool
+    holds it weakly: once ``destroy_process_group()`` destroyed it, it is freed with its store."""
     with _pool_lock:
-        _pool.setdefault(ranks, []).append(group)
+        _pool.setdefault(ranks, []).append(weakref.ref(group))
 
 
 def retire_private_group(group: dist.ProcessGroup) -> None:
-    """Never hand out ``group`` again (a collective failed on it); it is destroyed at exit."""
+    """Never hand out ``group`` again (a collective failed on it); it is destroyed at exit, or
+    freed with its store when ``destroy_process_group()`` destroyed it first."""
     with _pool_lock:
-        _retired.append(group)
+        _retired[:] = [ref for ref in _retired if ref() is not None]
+        _retired.append(weakref.ref(group))
 
 
 @atexit.register
@@ -353,15 +367,13 @@ def _destroy_pool() -> None:
     shutdown, a gloo thread may free the last collective's buffers without the GIL and abort
     the process ("terminate called without an active exception")."""
     with _pool_lock:
-        groups = [group for free in _pool.values() for group in free] + _retired
+        refs = [ref for free in _pool.values() for ref in free] + _retired
         _pool.clear()
         _retired.clear()
     if not (dist.is_available() and dist.is_initialized()):
         return
-    live = dist.distributed_c10d._world.pg_map
-    for group in groups:
-        if group in live:
-            try:
-                dist.destroy_process_group(group)
-            except Exception as exc:  # shutting down: never mask the job's own exit status
-                logger.debug("destroying a pooled group at exit failed: %s", exc)
+    for group in _registered(refs):
+        try:
+            dist.destroy_process_group(group)
+        except Exception as exc:  # shutting down: never mask the job's own exit status
+            logger.debug("destroying a pooled group at exit failed: %s", exc)

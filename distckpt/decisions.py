@@ -385,7 +385,9 @@ class SignalFlag:
 
     def restore(self) -> None:
         """Put back the handlers that were there before :meth:`install`, where this flag's
-        handler is still installed (see the class doc). A signal still pending (no save call
+        handler is still installed (see the class doc); outside the main thread, where Python
+        cannot, it stays installed with a warning and hands each signal on to the handler it
+        replaced, as it does once restored. A signal still pending (no save call
         at a step boundary came after it) is logged as a warning: no preemption save was made,
         and the next run resumes from the last checkpoint."""
         _installed.discard(self)
@@ -396,9 +398,19 @@ class SignalFlag:
                 "after it, so no preemption save was made (the next run resumes from the last "
                 "checkpoint)"
             )
+        off_main_thread = threading.current_thread() is not threading.main_thread()
         for signum, previous in self._previous.items():
             self._replaced_when_restored[signum] = previous
-            if signal.getsignal(signum) is self._handler:
+            if signal.getsignal(signum) is self._handler and off_main_thread:
+                # signal.signal() works in the main thread alone: a close elsewhere completes,
+                # and the handler left installed hands the signal on to the one it replaced.
+                logger.warning(
+                    "closing outside the main thread: the handler of %s is left installed (only "
+                    "the main thread can restore one); it passes the signal on to the one it "
+                    "replaced",
+                    signal.Signals(signum).name,
+                )
+            elif signal.getsignal(signum) is self._handler:
                 # None: a handler not installed from Python (set from C before the interpreter
                 # started), which Python cannot put back; the default action is the nearest.
                 signal.signal(signum, signal.SIG_DFL if previous is None else previous)

@@ -364,7 +364,8 @@ class UnimportableClass(CheckpointError, ImportError):
 
 
 class CoordinationError(CheckpointError):
-    """A collective among the ranks failed or timed out (a rank died, hung or disagreed)."""
+    """A collective among the ranks failed or timed out (a rank died, hung or disagreed).
+    Also a writing manager made before ``init_process_group()`` where ``WORLD_SIZE`` > 1."""
 
 
 class CoordinationTimeout(CoordinationError, TimeoutError):
@@ -380,9 +381,8 @@ class ProcessGroupDestroyed(CoordinationError, RuntimeError):
 class RankFailure(CheckpointError):
     """One or more ranks failed during a collective operation; raised on every rank.
 
-    ``failures`` maps each failing rank to a one-line description of its error; ``what``
-    names the collective operation that failed.
-    """
+    ``failures`` maps each failing rank to a one-line description of its error; ``what`` names
+    the collective operation that failed."""
 
     def __init__(self, what: str, failures: Mapping[int, str]) -> None:
         failures = dict(sorted(failures.items()))
@@ -400,11 +400,11 @@ class InjectedFault(CheckpointError):
 
 
 class RootInUse(CheckpointError, BlockingIOError):
-    """Another live job holds the root's writer lease (see :mod:`distckpt.lease`). The message
-    names the holder; ``holder`` is its :class:`~distckpt.lease.LeaseHolder`, or None when the
-    lock is held but its record is not readable yet. ``waited``: the seconds waited for the
-    root before this refusal (0: none), which the message gives after ``message`` and before
-    ``advice``."""
+    """Another live job, or a manager of this process not closed, holds the root's writer lease
+    (see :mod:`distckpt.lease`). The message names the holder; ``holder`` is its
+    :class:`~distckpt.lease.LeaseHolder`, or None when the lock is held but its record is not
+    readable yet. ``waited``: the seconds waited for the root before this refusal (0: none),
+    which the message gives after ``message`` and before ``advice``."""
 
     def __init__(
         self, message: str, holder: object = None, *, waited: float = 0.0, advice: str = ""

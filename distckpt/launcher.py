@@ -1,11 +1,36 @@
-"""Whether the launcher that started this worker (the torchrun agent) is still its parent: an
-orphaned worker refuses to commit (see :mod:`distckpt.lease`, "Orphans")."""
+"""What the launcher that started this worker (torchrun, or any that sets ``WORLD_SIZE``) tells
+distckpt: whether it is still the worker's parent (an orphaned worker refuses to commit: see
+:mod:`distckpt.lease`, "Orphans"), and whether the worker is one of several ranks."""
 
 from __future__ import annotations
 
 import os
 
-from distckpt.errors import LauncherGone
+import torch.distributed as dist
+
+from distckpt.errors import CoordinationError, LauncherGone
+
+
+def check_process_group(*, read_only: bool) -> None:
+    """Refuse a writing manager made before ``init_process_group()`` in a process whose
+    environment says it is one of ``WORLD_SIZE`` > 1 ranks: alone it would take the root's
+    lease as a job of one (its own job's other ranks then find the root in use) and never join
+    the collectives its peers run. A ``read_only`` manager runs as one process of one rank (it
+    takes no lease and writes nothing): it restores a one-rank or ``"dcp"`` checkpoint."""
+    world_size = os.environ.get("WORLD_SIZE", "")
+    if read_only or not world_size.isdigit() or int(world_size) <= 1:
+        return
+    if dist.is_available() and dist.is_initialized():
+        return
+    rank = os.environ.get("RANK", "")
+    raise CoordinationError(
+        f"WORLD_SIZE={world_size} in the environment says this process is one of "
+        f"{world_size} ranks (RANK={rank or 'unset'}), but torch.distributed is not "
+        "initialised: call torch.distributed.init_process_group() before creating the "
+        "CheckpointManager (only a read_only=True manager runs without a process group there; "
+        "a process meant to run alone can set WORLD_SIZE=1)",
+        rank=int(rank) if rank.isdigit() else None,
+    )
 
 
 class LauncherWatch:

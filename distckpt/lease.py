@@ -62,6 +62,7 @@ from distckpt.errors import (
 )
 from distckpt.fsutil import atomic_write_bytes
 from distckpt.layout import RootLayout
+from distckpt.lease_tokens import held_here_phrase, let_go, took
 from distckpt.lock import PROBE_GRACE, _flock, _unsupported, locks_local_to_machine
 
 logger = logging.getLogger("distckpt")
@@ -286,7 +287,9 @@ def _names_file(path: Path, file: os.stat_result) -> bool:
 def _in_use(
     root: Path, holder: LeaseHolder | None, why: str = "", *, waited: float = 0.0, advice: str = ""
 ) -> RootInUse:
-    who = holder.describe() if holder is not None else "a process whose record is not written yet"
+    who = held_here_phrase(holder) or (
+        holder.describe() if holder is not None else "a process whose record is not written yet"
+    )
     return RootInUse(f"root {root} is in use by {who}{why}", holder, waited=waited, advice=advice)
 
 
@@ -405,6 +408,7 @@ class RootLease:
             # Only where locks are local to each machine: a job on another one wrote at once.
             lock.release()
             raise _in_use(root, written, " (it claimed the root at the same moment)")
+        took(holder.token)
         return cls(root, lock, holder)
 
     @property
@@ -441,6 +445,7 @@ class RootLease:
         """Mark the record released (if it is still ours) and drop the lock. Idempotent. In a
         forked child of the holder it only forgets the lease: the lease is the parent's."""
         lock, self._lock = self._lock, None
+        let_go(self.holder.token)
         if lock is None or self._owner_pid != os.getpid():
             return
         try:

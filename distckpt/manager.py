@@ -12,7 +12,6 @@ thread. See ``docs/architecture.md``.
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Callable, Collection, Mapping
 from types import TracebackType
@@ -20,7 +19,7 @@ from typing import Any, Literal, TypeVar, Union
 
 import torch.distributed as dist
 
-from distckpt import closing, policy, proposal, reader, resolve, starting
+from distckpt import closing, policy, proposal, reader, starting
 from distckpt.background import DEFAULT_BACKGROUND_NICE, BackgroundSaves, check_background_nice
 from distckpt.coord import Coordinator
 from distckpt.coord_health import check_timeout
@@ -29,10 +28,11 @@ from distckpt.errors import CheckpointError
 from distckpt.formats import ReadOptions, format_named
 from distckpt.formats.base import check_optional_keys
 from distckpt.fsutil import LinkMode
-from distckpt.launcher import LauncherWatch
+from distckpt.launcher import LauncherWatch, check_process_group
 from distckpt.layout import RootLayout
 from distckpt.lease import check_wait
-from distckpt.results import Checkpoint, CheckpointInfo, CheckpointLocation, SaveResult
+from distckpt.queries import RootQueries
+from distckpt.results import Checkpoint, CheckpointLocation, SaveResult
 from distckpt.saving import Saver
 from distckpt.snapshot import SnapshotBuffers
 from distckpt.storage import ExtraFile, open_store
@@ -40,19 +40,24 @@ from distckpt.tidying import BackgroundTidy, close_wait_seconds
 from distckpt.upkeep import RootUpkeep
 
 Which = Union[Literal["last", "best"], int, str, "os.PathLike[str]"]
-logger = logging.getLogger("distckpt")
 T = TypeVar("T")
 __all__ = ["CheckpointManager", "ExtraFile", "Which"]
 
 
-class CheckpointManager(RootUpkeep):
+class CheckpointManager(RootQueries, RootUpkeep):
     """Saves and restores the checkpoints of a distributed job under one root: a directory, or
     an ``s3://BUCKET/PREFIX`` URL of an S3-compatible object store.
 
     Every rank of the group constructs the manager (the constructor is collective) and calls
     :meth:`save`, :meth:`restore`, :meth:`delete`, :meth:`prune` and :meth:`gc` together (they
     are collective), and :meth:`should_save` too when a time or signal schedule is set (see
-    there); rank 0 alone commits. Works with no process group too (a single process).
+    there); rank 0 alone commits. With no process group it runs as a single process, unless
+    ``WORLD_SIZE`` > 1 says otherwise: it then raises :class:`~distckpt.CoordinationError`
+    (call ``init_process_group()`` first), but for a ``read_only`` manager, which runs as one
+    process of one rank (rank 0 of 1): it restores a one-rank or ``"dcp"`` checkpoint, and a
+    ``"torch"`` checkpoint of several ranks raises :class:`~distckpt.WorldSizeMismatch` (a tool
+    reading one rank's part in each process calls :func:`~distckpt.load_checkpoint` with
+    ``rank=``).
 
     Args:
         root: the checkpoint root; created if missing. Must be one directory shared by all ranks
@@ -171,6 +176,7 @@ class CheckpointManager(RootUpkeep):
         self.space_margin = proposal.check_space_margin(space_margin)
         wait_for_root = check_wait(wait_for_root)
         background_nice = check_background_nice(background_nice)
+        check_process_group(read_only=read_only)  # before anything the ranks must do together
         # Made now, while the launcher that started this process is certainly its parent.
         self._launcher = LauncherWatch.for_this_process()
         self._signals = SignalFlag(save_on_signal)
@@ -354,43 +360,41 @@ class CheckpointManager(RootUpkeep):
         returns None on every rank when there is no checkpoint yet (the auto-resume case).
         Any rank's failure raises on every rank.
 
-        ``strict=True`` refuses a key only in the checkpoint or only in ``state`` before
-        loading anything; ``strict=False`` loads what matches and reports the rest in
-        ``missing_keys`` / ``unexpected_keys``. ``optional_keys`` are dotted keys of ``state``
-        (``"extras.added"``) that the checkpoint may lack even so: keys a newer version of the
-        state added, which a checkpoint saved before it has not. Those missing are reported in
-        ``missing_keys`` and left as given, as is any key under one of them (``"extras"``
-        covers ``"extras.added"``, reported as ``"extras"`` in both formats), and a whole
-        missing sub-dict whose every leaf is one (``["extras.added"]`` for a new
-        ``{"extras": {"added": t}}``, reported as ``"extras"``); a list's items are not keys:
-        a list longer than the saved one is refused whatever is optional; a key inside an
-        object with ``state_dict()`` is optional only as the whole object (``"obj"``, not
-        ``"obj.added"``), but for a :class:`~distckpt.ModelOptimizerState`, whose keys are
-        compared one by one (``"app.model.3"``: it keeps its current values for them).
+        ``strict=True`` refuses a key only in the checkpoint or only in ``state`` before loading
+        anything; ``strict=False`` loads what matches and reports the rest in ``missing_keys`` /
+        ``unexpected_keys``. ``optional_keys`` are dotted keys of ``state`` (``"extras.added"``)
+        that the checkpoint may lack even so: keys a newer version of the state added, which a
+        checkpoint saved before it has not. Those missing are reported in ``missing_keys`` and left
+        as given, as is any key under one of them (``"extras"`` covers ``"extras.added"``, reported
+        as ``"extras"`` in both formats), and a whole missing sub-dict whose every leaf is one
+        (``["extras.added"]`` for a new ``{"extras": {"added": t}}``, reported as ``"extras"``); a
+        list's items are not keys: a list longer than the saved one is refused whatever is optional;
+        a key inside an object with ``state_dict()`` is optional only as the whole object
+        (``"obj"``, not ``"obj.added"``), but for a :class:`~distckpt.ModelOptimizerState`, whose
+        keys are compared one by one (``"app.model.3"``: it keeps its current values for them).
         ``optional_whole_keys`` may be missing only as a whole: a key under one of them is not
-        optional (``"extras"`` missing is let through, ``"extras.added"``
-        alone is refused). Any other key on one side only is still refused, before anything is
-        loaded; a plain string is refused (give ``["extras.added"]``). A tensor whose saved
-        shape differs is refused with :class:`~distckpt.errors.ShapeMismatch` whatever
-        ``strict`` is. No rank loads into ``state`` before every rank read and checked its
-        part, so a failure on any rank leaves every rank's ``state`` as it was; an object's own
-        ``load_state_dict`` failing afterwards (what the check cannot foresee) raises on every
-        rank too (one more small collective when ``state`` is given: give it on every rank or
-        on none), with what came before it loaded on the ranks that loaded.
+        optional (``"extras"`` missing is let through, ``"extras.added"`` alone is refused). Any
+        other key on one side only is still refused, before anything is loaded; a plain string is
+        refused (give ``["extras.added"]``). A tensor whose saved shape differs is refused with
+        :class:`~distckpt.errors.ShapeMismatch` whatever ``strict`` is. No rank loads into ``state``
+        before every rank read and checked its part, so a failure on any rank leaves every rank's
+        ``state`` as it was; an object's own ``load_state_dict`` failing afterwards (what the check
+        cannot foresee) raises on every rank too (one more small collective when ``state`` is given:
+        give it on every rank or on none), with what came before it loaded on the ranks that loaded.
         ``allow_pickle=True`` unpickles arbitrary objects: only for checkpoints you trust.
-        ``mmap=True`` maps tensor data from disk instead of reading it all. ``verify=True``
-        checks every file's checksum before loading (sizes are always checked) and, for
+        ``mmap=True`` maps tensor data from disk instead of reading it all. ``verify=True`` checks
+        every file's checksum before loading (sizes are always checked) and, for
         ``"last"``/``"best"``, falls back past a corrupt checkpoint with a warning.
         ``fix_key_prefixes=True`` maps wrapper prefixes (``_orig_mod.``, ``module.``) away or on
         when that makes every key match, before strict.
 
         A checkpoint newer than the one loaded that ``"last"`` / ``"best"`` skipped because its
-        content is damaged (see :class:`~distckpt.CorruptCheckpoint`'s ``damaged``) is set
-        aside by rank 0 unless ``read_only`` (:meth:`RootStore.set_aside
+        content is damaged (see :class:`~distckpt.CorruptCheckpoint`'s ``damaged``) is set aside by
+        rank 0 unless ``read_only`` (:meth:`RootStore.set_aside
         <distckpt.storage.RootStore.set_aside>`): kept whole under another name, with a warning
-        saying where, so the job saves the steps after the one loaded again instead of
-        having them refused as lower than the damaged one. One that could not be judged (an
-        I/O error, an unknown checksum algorithm or format) is only skipped, as before.
+        saying where, so the job saves the steps after the one loaded again instead of having them
+        refused as lower than the damaged one. One that could not be judged (an I/O error, an
+        unknown checksum algorithm or format) is only skipped, as before.
 
         The save schedule counts from the step the first restore of this root before any save
         loads (the resume, possibly older than the root's newest); later restores only move it
@@ -430,34 +434,19 @@ class CheckpointManager(RootUpkeep):
         self._check_open()
         return self._coord.agree_on(local, what=what)
 
-    def steps(self) -> list[int]:
-        """Committed steps, ascending, read fresh from the root, damaged too (not collective)."""
-        return self._view.committed_steps()
-
-    def latest_step(self) -> int | None:
-        """The newest committed step passing its manifest check, which ``restore("last")`` loads."""
-        newest = resolve.newest_valid(self._view)
-        return newest[1].step if newest else None
-
-    def best_step(self) -> int | None:
-        """The best committed step by ``monitor`` (None without one); not collective."""
-        best = resolve.best_valid(self._view, self.retention.monitor, self.retention.mode)
-        return best[1].step if best else None
-
-    def checkpoints(self) -> list[CheckpointInfo]:
-        """Committed checkpoints passing their manifest check, oldest first, from manifests."""
-        return resolve.list_checkpoints(self._view)
-
     def close(self) -> None:
         """Finish a save in flight (raising its error, on every rank); on rank 0, wait for the
         removals running in the background for at most ``min(timeout, 10)`` seconds
         (:func:`~distckpt.tidying.close_wait_seconds`) and leave the rest to the next start or
-        :meth:`gc`; then release the root's lease, restore signal handlers and release the
-        manager's process groups. Each step runs even if one before failed or was interrupted
-        (a Ctrl-C); a close that did not complete (its lease is kept while the save in flight
-        runs; a save's outcome its interrupted wait missed is kept) is finished by calling
-        close() again, which raises that save's error if it failed and no wait() raised it
-        first; once complete, it does nothing."""
+        :meth:`gc`; then release the root's lease, restore signal handlers (outside the main
+        thread, left installed with a warning, passing signals on:
+        :meth:`~distckpt.decisions.SignalFlag.restore`) and release the manager's process groups.
+        An async save's snapshot buffers (a copy of the state) go once its thread stopped, even
+        if the close does not complete: nothing saves after a close.
+        Each step runs even if one before failed or was interrupted (a Ctrl-C); a close that did not
+        complete (its lease is kept while the save in flight runs; a save's outcome its interrupted
+        wait missed is kept) is finished by calling close() again, which raises that save's error if
+        it failed and no wait() raised it first; once complete, it does nothing."""
         if self._released:
             return
         self._closed = True
@@ -471,6 +460,7 @@ class CheckpointManager(RootUpkeep):
                 self._coord,
                 tidying=self._tidying,
                 tidy_wait=close_wait_seconds(self.timeout),
+                saver=self._saver,
             )
 
     def __enter__(self) -> CheckpointManager:

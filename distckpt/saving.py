@@ -181,6 +181,11 @@ class Saver:
         # Only the save's own failure uncounts it: a Ctrl-C in the wait leaves it in flight.
         return self._background.wait(on_failure=self._decider.in_flight_failed)
 
+    def drop_snapshot(self) -> None:
+        """Let go of the async save's snapshot buffers (a copy of the state), once the manager
+        closed: no save comes after."""
+        self._snapshot = None
+
     @property
     def in_flight(self) -> bool:
         """Whether an async save is still running on this rank."""

@@ -1,10 +1,12 @@
 """A job refused the root names its holder, on every rank, even when it comes in the instant
 between the holder taking the lease's lock and writing its record; refused after a wait, it
-says how long it waited in all."""
+says how long it waited in all; a holder with the refused process's pid in another PID
+namespace is named as another job, not as this process."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -16,7 +18,7 @@ import pytest
 
 import distckpt
 from distckpt import lease
-from tests.lease_holders import Holder
+from tests.lease_holders import Holder, start_holder
 from tests.ranks import run_ranks, values
 
 TIMEOUT = 30.0
@@ -127,3 +129,33 @@ def test_a_job_refused_after_waiting_in_pieces_says_the_whole_wait(tmp_path: Pat
     assert refused.value.waited >= 3.0  # the deadline is what ends the wait: never before it
     assert str(refused.value).endswith(f" (waited {refused.value.waited:g} s)"), refused.value
     assert f"pid {holder.pid}," in str(refused.value)
+
+
+def _as_pid_1_of_a_pid_namespace_of_its_own() -> tuple[str, ...]:
+    """A prefix that runs a command as pid 1 of a PID namespace of its own, on this machine
+    under its hostname (a container sharing the host's network), printing ``pid N`` first."""
+    unshare = shutil.which("unshare")
+    if unshare is None or os.geteuid() != 0:
+        pytest.skip("making a PID namespace needs unshare(1), run as root")
+    # sh prints its own pid, then python takes its place (exec), and with it that pid
+    announce_pid = 'echo "pid $$" && exec "$0" "$@"'
+    return (unshare, "--pid", "--fork", "--mount-proc", "--kill-child", "sh", "-c", announce_pid)
+
+
+def test_a_holder_with_the_same_pid_in_another_pid_namespace_is_named_as_another_job(
+    tmp_path: Path, holders: list[Holder]
+) -> None:
+    """Two processes on this machine, each pid 1 of a PID namespace of its own: the one refused
+    is not told that it holds the root itself (same pid, same hostname and boot), but is given
+    the other as the holder."""
+    root = tmp_path / "root"
+    root.mkdir()
+    prefix = _as_pid_1_of_a_pid_namespace_of_its_own()
+    holder = start_holder(holders, root, prefix=prefix)
+    assert (holder.line(), holder.line()) == ("pid 1", "held 1")
+    contender = start_holder(holders, root, prefix=prefix)
+    assert contender.line() == "pid 1"
+    refusal = contender.line()
+    assert refusal.startswith(f"refused RootInUse root {root} is in use by "), refusal
+    assert "pid 1, since" in refusal and "(generation 1)" in refusal, refusal
+    assert "this process" not in refusal and "not closed" not in refusal, refusal

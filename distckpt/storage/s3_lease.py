@@ -25,6 +25,7 @@ from distckpt.errors import (
     RootInUse,
 )
 from distckpt.lease import LeaseHolder, local_process_gone, this_process_host
+from distckpt.lease_tokens import held_here_phrase, let_go, took
 from distckpt.objlease import LeaseRecord, ObjectLease, lease_request_options
 from distckpt.objstore import ObjectStore
 from distckpt.storage import RootStore
@@ -87,12 +88,17 @@ class LeaseKeeping(RootStore):
             if not isinstance(exc, CoordinationTimeout):
                 raise
             record = self._holder()
+            holder = record.holder() if record is not None else None
+            here = held_here_phrase(holder)
             raise RootInUse(
-                f"checkpoint root {self.root} is in use by another job: {exc}; wait for it to "
-                f"end (wait_for_root=), or for its lease to expire ({LEASE_SECONDS:g} s after "
-                "its last renewal) if it died",
-                holder=record.holder() if record is not None else None,
+                f"checkpoint root {self.root} is in use by {here}"
+                if here is not None
+                else f"checkpoint root {self.root} is in use by another job: {exc}; wait for it "
+                f"to end (wait_for_root=), or for its lease to expire ({LEASE_SECONDS:g} s "
+                "after its last renewal) if it died",
+                holder=holder,
             ) from exc
+        took(lease.owner)
         with self._lease_lock:
             self._lease, self._lease_error, self._renewals = lease, None, renewals
         self._opened_by_pid = os.getpid()
@@ -167,6 +173,8 @@ class LeaseKeeping(RootStore):
         if self._opened_by_pid != os.getpid():
             return
         self._opened_by_pid = 0
+        if self._lease is not None:
+            let_go(self._lease.owner)
         self._stop_renewing.set()
         # Bounded waits and one quick release attempt: a stalled store must not hold up the
         # end of the job, and a lease not released expires by itself LEASE_SECONDS later.
