@@ -9,11 +9,14 @@ how many ranks wrote the checkpoint:
 * a "torch" checkpoint becomes the state of one rank (rank 0 unless ``rank=`` says otherwise),
   or with ``all_ranks=True`` a dict ``{rank: state}`` of every rank.
 
-The checkpoint's manifest is checked before anything is read, checkpoint files are read through
-the same safe loaders as a restore (nothing is unpickled beyond tensors and plain values unless
-``allow_pickle=True``), and the output file appears atomically: a reader sees the old file or
-the complete new one, never a partial one. An ``s3://`` output is streamed into its object
-(a multipart upload, published whole when complete or never), so the same holds for it.
+The checkpoint's manifest is checked before anything is read, the checksum of every file the
+export reads is checked before the output is written (``verify=True``, the default: a
+checkpoint leaving the library's files keeps no checksum that could catch a damaged byte
+later), checkpoint files are read through the same safe loaders as a restore (nothing is
+unpickled beyond tensors and plain values unless ``allow_pickle=True``), and the output file
+appears atomically: a reader sees the old file or the complete new one, never a partial one.
+An ``s3://`` output is streamed into its object (a multipart upload, published whole when
+complete or never), so the same holds for it.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from distckpt.fsutil import atomic_write, fsync_ancestors, make_dirs
 from distckpt.layout import holds_a_root, is_root_entry_name, on_disk_spelling
 from distckpt.objstore import ObjectStore
 from distckpt.objurl import S3Url, is_s3_url
-from distckpt.resolve import Found, resolve_path
+from distckpt.resolve import Found, check_local_copy, resolve_path
 from distckpt.results import CheckpointLocation
 from distckpt.storage.s3_locate import prefix_holds_a_root
 from distckpt.storage.s3_view import LEASE_NAME, WRITERS_PREFIX
@@ -51,6 +54,7 @@ def export(
     allow_pickle: bool = False,
     fsync: bool = True,
     storage_options: Mapping[str, Any] | None = None,
+    verify: bool = True,
 ) -> Path | str:
     """Write the committed checkpoint at ``path`` to ``out_file`` as one ``torch.save`` file;
     returns the absolute path written (an ``s3://`` ``out_file``: its URL).
@@ -79,6 +83,16 @@ def export(
         fsync: make the output durable before returning (an object is durable once written).
         storage_options: the client options of an ``s3://`` ``path`` and ``out_file`` (see
             :class:`~distckpt.CheckpointManager`).
+        verify: check the checksum of every file the export reads, as
+            ``load_checkpoint(verify=True)`` does, before anything is written: a mismatch
+            raises :class:`~distckpt.CorruptCheckpoint` naming the file, and ``out_file`` is
+            left as it was (no temporary file made). Those are the files of the exported
+            state: for "dcp" every file, for "torch" the rank's file (every rank's with
+            ``all_ranks``), not the other ranks' (their bytes are not in the output, and
+            ``distckpt.verify`` checks a whole checkpoint). An ``s3://`` checkpoint's files
+            are checked as downloaded, the bytes exported. A root's newest checkpoint that
+            fails is refused, not passed over for an older one: the export writes what was
+            named. ``False`` skips the check, which costs one more read of those files.
 
     Needs memory for the whole exported state (for "dcp", every tensor at full size). Runs in
     this process alone: never collective, even where torch.distributed is initialised.
@@ -93,7 +107,7 @@ def export(
         with _output_object(str(out_file), storage_options) as (store, name):
             found = resolve_path(path, storage_options=storage_options)
             _refuse_the_checkpoint_read(str(out_file), found[0].location)
-            state = _exported_state(found, rank, all_ranks, allow_pickle)
+            state = _exported_state(found, rank, all_ranks, allow_pickle, verify)
             with store.open_write(name) as writer:
                 torch.save(state, writer)
         return str(out_file)
@@ -110,20 +124,27 @@ def export(
         raise InvalidArgument(f"out_file {out} is a directory; give the path of a file")
     found = resolve_path(path, storage_options=storage_options)  # its manifest: no tensor read
     _refuse_the_checkpoint_read(out, found[0].location)
-    state = _exported_state(found, rank, all_ranks, allow_pickle)
+    state = _exported_state(found, rank, all_ranks, allow_pickle, verify)
     _atomic_torch_save(state, out, fsync=fsync)
     return out
 
 
-def _exported_state(found: Found, rank: int | None, all_ranks: bool, allow_pickle: bool) -> Any:
-    """What :func:`export` writes of the committed checkpoint ``found``."""
+def _exported_state(
+    found: Found, rank: int | None, all_ranks: bool, allow_pickle: bool, verify: bool
+) -> Any:
+    """What :func:`export` writes of the committed checkpoint ``found``, its files checked
+    against their checksums first with ``verify``."""
     source, manifest = found
     check_rank_argument(rank)
+    fmt = format_named(manifest.format)
+    names = fmt.exported_files(manifest, rank=rank, all_ranks=all_ranks)
     with (
-        source.local_copy(manifest.files) as directory,
+        source.local_copy(names) as directory,
         errors_name_the_location(source, directory),
     ):
-        return format_named(manifest.format).export(
+        if verify:
+            check_local_copy(source, directory, manifest, names)
+        return fmt.export(
             directory, manifest, rank=rank, all_ranks=all_ranks, allow_pickle=allow_pickle
         )
 

@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 from distckpt import policy
@@ -32,7 +33,7 @@ from distckpt.errors import (
 )
 from distckpt.formats import format_named
 from distckpt.layout import BEST, LAST, LINK_NAMES, MANIFEST_NAME, parse_step_dir_name
-from distckpt.manifest import Manifest, Problem, damage, unjudged
+from distckpt.manifest import Manifest, Problem, damage, find_problems, unjudged
 from distckpt.results import CheckpointInfo, CheckpointLocation
 from distckpt.storage import locate
 from distckpt.storage.views import CheckpointSource, Located, PathKind, RootView
@@ -79,12 +80,30 @@ def check(source: CheckpointSource, *, checksums: bool = False) -> Manifest:
     :class:`CorruptCheckpoint` naming every problem otherwise, ``damaged`` when one of them is
     damage this version is sure of."""
     manifest, problems = inspect(source, checksums=checksums)
+    _refuse_problems(source, problems)
+    return manifest
+
+
+def check_local_copy(
+    source: CheckpointSource, directory: Path, manifest: Manifest, names: Collection[str]
+) -> None:
+    """Raise :class:`CorruptCheckpoint`, as :func:`check` with ``checksums=True`` does, when a
+    file ``names`` of ``directory`` (``source``'s :meth:`~CheckpointSource.local_copy`) is not
+    of the size and checksum ``manifest`` lists: the bytes a read is about to use, checked
+    where it reads them (for an object store, the download rather than the objects, which a
+    second download would read again and which may change in between)."""
+    listed = replace(manifest, files={name: manifest.files[name] for name in names})
+    _refuse_problems(source, find_problems(directory, listed, checksums=True))
+
+
+def _refuse_problems(source: CheckpointSource, problems: list[Problem]) -> None:
+    """:class:`CorruptCheckpoint` naming every one of ``problems`` of ``source``, if any;
+    ``damaged`` when one of them is damage this version is sure of."""
     if problems:
         raise CorruptCheckpoint(
             f"{source.location} fails its manifest check: " + "; ".join(problems),
             damaged=any(problem.damage for problem in problems),
         )
-    return manifest
 
 
 def _format_problems(source: CheckpointSource, manifest: Manifest) -> list[Problem]:

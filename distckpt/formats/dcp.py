@@ -26,8 +26,7 @@ What DCP saves, and its limits:
 * Tensors must be plain tensors or DTensors: a subclass of ``torch.Tensor`` (a wrapper
   subclass, a nested tensor of the jagged layout) would be written as a plain tensor's data and
   refused on restore, and a nested tensor of the strided layout fails DCP's write, so the save
-  refuses them first (:class:`~distckpt.errors.UnsupportedTensors`); the "torch" format saves
-  them.
+  refuses them first (:class:`~distckpt.errors.UnsupportedTensors`); "torch" saves them.
 * Everything else -- plain tensors and plain values -- is taken to be the *same on every rank*
   and is saved once, from one rank, unless it is marked per rank: :class:`~distckpt.RNGState`,
   a ``torch.Generator``, a ``StatefulDataLoader``, or any value wrapped in
@@ -406,6 +405,9 @@ class DcpFormat:
                 "; ".join(f"rank {r}: {', '.join(names)}" for r, names in not_asked.items()),
             )
         return state
+
+    def exported_files(self, manifest: Manifest, *, rank: int | None, all_ranks: bool) -> list[str]:
+        return self.required_files(manifest)  # the consolidated state holds every file
 
     def export(
         self,

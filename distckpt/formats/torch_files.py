@@ -364,6 +364,13 @@ class TorchFilesFormat:
         path = prepared.directory / rank_file_name(prepared.ctx.rank)
         return read_rank_file(path, prepared.manifest, prepared.options)
 
+    def exported_files(self, manifest: Manifest, *, rank: int | None, all_ranks: bool) -> list[str]:
+        """Every rank's file with ``all_ranks``, else the chosen rank's alone."""
+        if all_ranks:
+            return self.required_files(manifest)
+        chosen = 0 if rank is None else rank
+        return [rank_file_name(chosen)] if 0 <= chosen < manifest.world_size else []
+
     def export(
         self,
         directory: Path,
