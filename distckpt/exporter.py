@@ -87,12 +87,13 @@ def export(
             ``load_checkpoint(verify=True)`` does, before anything is written: a mismatch
             raises :class:`~distckpt.CorruptCheckpoint` naming the file, and ``out_file`` is
             left as it was (no temporary file made). Those are the files of the exported
-            state: for "dcp" every file, for "torch" the rank's file (every rank's with
+            state: for "dcp" ``.metadata`` and every rank's data file (not the extra files
+            a save stored beside them), for "torch" the rank's file (every rank's with
             ``all_ranks``), not the other ranks' (their bytes are not in the output, and
             ``distckpt.verify`` checks a whole checkpoint). An ``s3://`` checkpoint's files
             are checked as downloaded, the bytes exported. A root's newest checkpoint that
             fails is refused, not passed over for an older one: the export writes what was
-            named. ``False`` skips the check, which costs one more read of those files.
+            named. The check costs one more read of those files; ``False`` skips it.
 
     Needs memory for the whole exported state (for "dcp", every tensor at full size). Runs in
     this process alone: never collective, even where torch.distributed is initialised.
