@@ -30,6 +30,15 @@ from distckpt.errors import (
 )
 from distckpt.fsutil import file_kind
 from distckpt.layout import MANIFEST_NAME
+from distckpt.problems import (
+    Problem,
+    checksum_mismatch,
+    damage,
+    missing,
+    unjudged,
+    unknown_checksum_algorithm,
+    wrong_size,
+)
 
 #: Bumped when a change to the schema or to a format's files would mislead an older reader.
 #: 2: the "torch" format's rank files hold raw tensor bytes (:mod:`distckpt.formats.raw_rank_file`)
@@ -54,30 +63,6 @@ MANIFEST_CHECKSUM_KEY = "manifest_crc32"
 MAX_MANIFEST_BYTES = 64 << 20
 
 _NON_FINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
-
-
-class Problem(str):
-    """One thing wrong with a checkpoint: the message naming it (a ``str``, used as one), and
-    whether it is damage this version is sure of (``damage``: a listed file missing or of
-    another size, a known algorithm's checksum mismatch, a manifest contradicting the
-    checkpoint) or cannot judge (see :class:`~distckpt.CorruptCheckpoint`'s ``damaged``)."""
-
-    damage: bool
-
-    def __new__(cls, message: str, damage: bool = False) -> Problem:
-        problem = super().__new__(cls, message)
-        problem.damage = damage
-        return problem
-
-
-def damage(message: str) -> Problem:
-    """A problem that is damage this version is sure of."""
-    return Problem(message, damage=True)
-
-
-def unjudged(message: str) -> Problem:
-    """A problem this version cannot judge to be damage."""
-    return Problem(message, damage=False)
 
 
 @dataclass(frozen=True)
@@ -474,26 +459,3 @@ def find_problems(
         if checksum != record.checksum:
             problems.append(checksum_mismatch(path))
     return problems
-
-
-# The problems both backends find, worded alike (``where`` names the file or the object).
-
-
-def missing(where: object) -> Problem:
-    return damage(f"{where}: missing")
-
-
-def wrong_size(where: object, size: int, listed: int) -> Problem:
-    return damage(f"{where}: {size} bytes, the manifest says {listed} (truncated?)")
-
-
-def checksum_mismatch(where: object) -> Problem:
-    return damage(f"{where}: checksum mismatch (its bytes changed after it was written)")
-
-
-def unknown_checksum_algorithm(where: object, manifest: Manifest) -> Problem:
-    """Not damage: a later version may write checksums this one does not know."""
-    return unjudged(
-        f"{where}: unknown checksum algorithm {manifest.checksum_algorithm!r}; this distckpt "
-        f"checks {CHECKSUM_ALGORITHM!r}"
-    )

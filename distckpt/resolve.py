@@ -33,7 +33,8 @@ from distckpt.errors import (
 )
 from distckpt.formats import format_named
 from distckpt.layout import BEST, LAST, LINK_NAMES, MANIFEST_NAME, parse_step_dir_name
-from distckpt.manifest import Manifest, Problem, damage, find_problems, unjudged
+from distckpt.manifest import Manifest, find_problems
+from distckpt.problems import Problem, damage, unjudged
 from distckpt.results import CheckpointInfo, CheckpointLocation
 from distckpt.storage import locate
 from distckpt.storage.views import CheckpointSource, Located, PathKind, RootView
