@@ -38,11 +38,7 @@ def _saved(root: str, fmt: str, options: Mapping[str, Any] | None = None) -> str
 def _flipped(data: bytes) -> bytes:
     """``data`` with one byte inside the tensor's data changed: the size stays, and the state
     still loads, with one element of another value."""
-    start = data.find(torch.full((WIDTH,), 1.5).numpy().tobytes())
-    assert start >= 0, "the tensor's bytes were not found in the data file"
-    damaged = bytearray(data)
-    damaged[start + 4 * (WIDTH // 2) + 1] ^= 0xFF
-    return bytes(damaged)
+    return hostile_cases.flip_tensor_byte(data, torch.full((WIDTH,), 1.5))
 
 
 def _flip_local(step_dir: str, fmt: str) -> str:
@@ -163,7 +159,10 @@ def test_the_cli_refuses_a_damaged_checkpoint_unless_no_verify(tmp_path: Path) -
 
 def _two_ranks(tmp_path: Path) -> str:
     """A "torch" checkpoint of two ranks made in this process: a second root's rank file (its
-    ``n`` is 4) added as rank 1, listed in the manifest as a two-rank save lists it."""
+    ``n`` is 4) added as rank 1, listed in the manifest as a two-rank save lists it. Made by
+    hand for speed: a real two-rank save starts two processes and a process group, which
+    costs seconds, where these tests only need a second rank's file listed in the manifest
+    with its size and checksum, as an export reads it."""
     step_dir = _saved(str(tmp_path / "root"), "torch")
     with distckpt.CheckpointManager(tmp_path / "other", fsync=False) as mgr:
         mgr.save(1, {"w": torch.full((WIDTH,), 1.5), "n": 4})
