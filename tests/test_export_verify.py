@@ -203,3 +203,23 @@ def test_a_roots_damaged_newest_checkpoint_is_refused_not_passed_over(tmp_path: 
     with pytest.raises(distckpt.CorruptCheckpoint, match=f"{damaged}: checksum mismatch"):
         distckpt.export(root, tmp_path / "model.pt")
     assert not (tmp_path / "model.pt").exists()
+
+
+@pytest.mark.parametrize(
+    ("fmt", "refused"),
+    [("dcp", {"rank": 0}), ("torch", {"rank": 0, "all_ranks": True})],
+    ids=["dcp", "torch"],
+)
+def test_arguments_export_refuses_are_refused_as_such_on_a_damaged_checkpoint(
+    fmt: str, refused: dict[str, Any], tmp_path: Path
+) -> None:
+    """``InvalidArgument``, saying what is wrong with them, not the damage a check of files
+    these arguments would never export finds."""
+    step_dir = _saved(str(tmp_path / "root"), fmt)
+    _flip_local(step_dir, fmt)
+
+    with pytest.raises(distckpt.InvalidArgument) as raised:
+        distckpt.export(step_dir, tmp_path / "model.pt", **refused)
+
+    assert not isinstance(raised.value, distckpt.CorruptCheckpoint)
+    assert "rank=" in str(raised.value)

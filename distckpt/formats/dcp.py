@@ -327,7 +327,10 @@ class DcpFormat:
         return state
 
     def exported_files(self, manifest: Manifest, *, rank: int | None, all_ranks: bool) -> list[str]:
-        return self.required_files(manifest)  # the consolidated state holds every file
+        """The files the consolidated state is read from, :meth:`required_files`
+        (``.metadata`` and every rank's data file, not the extra files a save stored beside
+        them); none with ``rank`` or ``all_ranks``, which :meth:`export` refuses."""
+        return [] if _asks_for_ranks(rank, all_ranks) else self.required_files(manifest)
 
     def export(
         self,
@@ -340,12 +343,18 @@ class DcpFormat:
     ) -> Any:
         """The consolidated state (:func:`load_consolidated`), every rank's per-rank values
         under ``__per_rank__`` by rank; ``rank`` and ``all_ranks`` are refused."""
-        if rank is not None or all_ranks:
+        if _asks_for_ranks(rank, all_ranks):
             raise InvalidArgument(
                 f"{directory} is a 'dcp' checkpoint: it is exported whole, as full tensors; "
                 "rank= and all_ranks= only apply to the 'torch' format"
             )
         return load_consolidated(directory, manifest, allow_pickle=allow_pickle)
+
+
+def _asks_for_ranks(rank: int | None, all_ranks: bool) -> bool:
+    """Whether an export is asked for ranks, which a "dcp" checkpoint, exported whole, has
+    none of."""
+    return rank is not None or all_ranks
 
 
 def _read_alone(
