@@ -92,9 +92,11 @@ def check_local_copy(
     file ``names`` of ``directory`` (``source``'s :meth:`~CheckpointSource.local_copy`) is not
     of the size and checksum ``manifest`` lists: the bytes a read is about to use, checked
     where it reads them (for an object store, the download rather than the objects, which a
-    second download would read again and which may change in between)."""
+    second download would read again and which may change in between). Files are named as
+    ``source`` names them (an object's key, not the temporary copy's path)."""
     listed = replace(manifest, files={name: manifest.files[name] for name in names})
-    _refuse_problems(source, find_problems(directory, listed, checksums=True))
+    problems = find_problems(directory, listed, checksums=True, describe=source.describe)
+    _refuse_problems(source, problems)
 
 
 def _refuse_problems(source: CheckpointSource, problems: list[Problem]) -> None:

@@ -50,8 +50,8 @@ def _flip_local(step_dir: str, fmt: str) -> str:
 
 def _flip_object(root: str, fmt: str, options: Mapping[str, Any]) -> str:
     """Damage the one object of the ``s3://`` checkpoint of ``root`` holding the tensor, as a
-    bad disk of the store would; the file name its errors give (the step's, not the save's
-    attempt prefix)."""
+    bad disk of the store would; the object's URL (under the save's attempt prefix), as
+    errors name it."""
     url = S3Url.parse(root)
     with ObjectStore(f"s3://{url.bucket}", options) as store:
         (key,) = [
@@ -60,7 +60,7 @@ def _flip_object(root: str, fmt: str, options: Mapping[str, Any]) -> str:
             if info.key.endswith(f"/{DATA_FILE[fmt]}")
         ]
         store.put_bytes(key, _flipped(store.get_bytes(key)))
-    return f"{root}/{STEP}/{DATA_FILE[fmt]}"
+    return f"s3://{url.bucket}/{key}"
 
 
 @dataclass(frozen=True)
