@@ -91,9 +91,11 @@ def export(
             a save stored beside them), for "torch" the rank's file (every rank's with
             ``all_ranks``), not the other ranks' (their bytes are not in the output, and
             ``distckpt.verify`` checks a whole checkpoint). An ``s3://`` checkpoint's files
-            are checked as downloaded, the bytes exported. A root's newest checkpoint that
-            fails is refused, not passed over for an older one: the export writes what was
-            named. The check costs one more read of those files; ``False`` skips it.
+            are checked as downloaded, the bytes exported. A root's (or ``last``'s) newest
+            checkpoint that fails, a checksum or (with or without ``verify``) a file missing
+            or of another size, is refused so, naming the file, not passed over for an older
+            one as a restore of ``"last"`` is: the export writes what was named. The check
+            costs one more read of those files; ``False`` skips it.
 
     Needs memory for the whole exported state (for "dcp", every tensor at full size). Runs in
     this process alone: never collective, even where torch.distributed is initialised.
@@ -106,7 +108,7 @@ def export(
     if is_s3_url(out_file):
         # Opened first: a bad URL or option is refused before the checkpoint is read.
         with _output_object(str(out_file), storage_options) as (store, name):
-            found = resolve_path(path, storage_options=storage_options)
+            found = resolve_path(path, storage_options=storage_options, skip_failing=False)
             _refuse_the_checkpoint_read(str(out_file), found[0].location)
             state = _exported_state(found, rank, all_ranks, allow_pickle, verify)
             with store.open_write(name) as writer:
@@ -123,7 +125,9 @@ def export(
     _refuse_a_local_roots_own_name(out)
     if out.is_dir():
         raise InvalidArgument(f"out_file {out} is a directory; give the path of a file")
-    found = resolve_path(path, storage_options=storage_options)  # its manifest: no tensor read
+    # Its manifest: no tensor read. A root's failing newest checkpoint is refused, not passed
+    # over: an older step written in its place would pass for the one named.
+    found = resolve_path(path, storage_options=storage_options, skip_failing=False)
     _refuse_the_checkpoint_read(out, found[0].location)
     state = _exported_state(found, rank, all_ranks, allow_pickle, verify)
     _atomic_torch_save(state, out, fsync=fsync)

@@ -177,10 +177,12 @@ def iter_valid(
     checksums: bool = False,
     steps: Iterable[int] | None = None,
     newer: list[int] | None = None,
+    skip_failing: bool = True,
 ) -> Iterator[Found]:
     """Committed checkpoints that pass :func:`check`, with their manifests; damaged ones are
-    skipped with a warning, ones deleted meanwhile (by retention) silently. ``steps`` replaces
-    the listing of the root. One of a newer format version raises
+    skipped with a warning (with ``skip_failing=False`` the first one that fails raises its
+    error instead), ones deleted meanwhile (by retention) silently. ``steps`` replaces the
+    listing of the root. One of a newer format version raises
     :class:`~distckpt.errors.UnsupportedVersion`, or with ``newer`` given has its step appended
     there and is skipped."""
     listed = sorted(set(view.committed_steps() if steps is None else steps))
@@ -196,6 +198,8 @@ def iter_valid(
             if not source.exists():
                 logger.debug("%s was deleted while being listed", source.location)
                 continue
+            if not skip_failing:
+                raise
             damaged = isinstance(exc, CorruptCheckpoint) and exc.damaged
             if damaged:
                 logger.warning("skipping damaged checkpoint %s: %s", source.location, exc)
@@ -210,8 +214,11 @@ def iter_valid(
                 record.append(Skipped(step, source.location, str(exc), damaged))
 
 
-def newest_valid(view: RootView, *, checksums: bool = False) -> Found | None:
-    """The newest committed checkpoint that passes its check.
+def newest_valid(
+    view: RootView, *, checksums: bool = False, skip_failing: bool = True
+) -> Found | None:
+    """The newest committed checkpoint that passes its check; with ``skip_failing=False`` the
+    newest committed checkpoint, whose failing check raises its error (see :func:`iter_valid`).
 
     Another process's retention may delete checkpoints while they are listed and checked. So
     the target of ``last`` is a candidate too (it is moved right after each commit, before
@@ -223,7 +230,9 @@ def newest_valid(view: RootView, *, checksums: bool = False) -> Found | None:
         linked_step = parse_step_dir_name(linked) if linked else None
         if linked_step is not None:
             steps.append(linked_step)  # iter_valid orders them and drops duplicates
-        found = next(iter_valid(view, checksums=checksums, steps=steps), None)
+        found = next(
+            iter_valid(view, checksums=checksums, steps=steps, skip_failing=skip_failing), None
+        )
         if found is not None or not view.committed_steps():
             return found
     return None
@@ -317,10 +326,11 @@ def link_problem(
 # ---------------------------------------------------------------------------------- names
 
 
-def resolve_last(view: RootView, *, checksums: bool = False) -> Found:
+def resolve_last(view: RootView, *, checksums: bool = False, skip_failing: bool = True) -> Found:
     """The newest committed checkpoint that passes, warning about a ``last`` pointer that says
-    otherwise."""
-    newest = newest_valid(view, checksums=checksums)
+    otherwise; with ``skip_failing=False``, the newest committed checkpoint or its check's
+    error (:func:`newest_valid`)."""
+    newest = newest_valid(view, checksums=checksums, skip_failing=skip_failing)
     if newest is None:
         if not view.exists():  # asked only now: a root with checkpoints costs no request
             raise CheckpointNotFound(f"no checkpoint or checkpoint root at {view.root}")
@@ -381,16 +391,18 @@ def resolve_located(
     monitor: str | None = None,
     mode: policy.Mode = "min",
     checksums: bool = False,
+    skip_failing: bool = True,
 ) -> Found:
     """The checkpoint a located path names: a pointer's target, a checkpoint itself, a root's
-    newest checkpoint."""
+    newest checkpoint (one that passes; with ``skip_failing=False`` the newest, refused by
+    its check's error when it fails, as a checkpoint named itself is)."""
     if located.kind == "link":
         if located.pointer == LAST:
-            return resolve_last(located.view, checksums=checksums)
+            return resolve_last(located.view, checksums=checksums, skip_failing=skip_failing)
         return resolve_best(located.view, monitor=monitor, mode=mode, checksums=checksums)
     if located.source is not None:
         return located.source, check(located.source, checksums=checksums)
-    return resolve_last(located.view, checksums=checksums)
+    return resolve_last(located.view, checksums=checksums, skip_failing=skip_failing)
 
 
 def resolve_path(
@@ -400,11 +412,15 @@ def resolve_path(
     mode: policy.Mode = "min",
     checksums: bool = False,
     storage_options: Mapping[str, Any] | None = None,
+    skip_failing: bool = True,
 ) -> Found:
-    """The checkpoint a location names (see :func:`classify_path`): a pointer's target, a
-    checkpoint itself, a root's newest checkpoint."""
+    """The checkpoint a location names (see :func:`classify_path` and, for ``skip_failing``,
+    :func:`resolve_located`): a pointer's target, a checkpoint itself, a root's newest
+    checkpoint."""
     located = classify_path(path, storage_options=storage_options)
-    return resolve_located(located, monitor=monitor, mode=mode, checksums=checksums)
+    return resolve_located(
+        located, monitor=monitor, mode=mode, checksums=checksums, skip_failing=skip_failing
+    )
 
 
 def resolve(

@@ -5,7 +5,7 @@ file that no longer carries a checksum to catch it."""
 from __future__ import annotations
 
 import itertools
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import distckpt
+from distckpt.layout import step_dir_name
 from distckpt.objstore import ObjectStore
 from distckpt.objurl import S3Url
 from tests import hostile_cases
@@ -28,11 +29,12 @@ DATA_FILE = {"torch": "rank-00000.pt", "dcp": "__0_0.distcp"}
 OLD_OUTPUT = b"the output of an earlier export"
 
 
-def _saved(root: str, fmt: str, options: Mapping[str, Any] | None = None) -> str:
-    """A checkpoint of one tensor of ``WIDTH`` elements, all 1.5; its step's location."""
+def _saved(root: str, fmt: str, options: Mapping[str, Any] | None = None, step: int = 1) -> str:
+    """A checkpoint of one tensor of ``WIDTH`` elements, all 1.5, and ``n`` = ``step`` + 2;
+    its step's location."""
     with distckpt.CheckpointManager(root, format=fmt, fsync=False, storage_options=options) as m:
-        m.save(1, {"w": torch.full((WIDTH,), 1.5), "n": 3})
-    return f"{root}/{STEP}"
+        m.save(step, {"w": torch.full((WIDTH,), 1.5), "n": step + 2})
+    return f"{root}/{step_dir_name(step)}"
 
 
 def _flipped(data: bytes) -> bytes:
@@ -41,25 +43,46 @@ def _flipped(data: bytes) -> bytes:
     return hostile_cases.flip_tensor_byte(data, torch.full((WIDTH,), 1.5))
 
 
-def _flip_local(step_dir: str, fmt: str) -> str:
-    """Damage the local checkpoint at ``step_dir``; the path of the damaged file."""
-    path = Path(step_dir, DATA_FILE[fmt])
-    path.write_bytes(_flipped(path.read_bytes()))
+def _truncated(data: bytes) -> bytes:
+    """``data`` cut short: a file of another size than its manifest lists."""
+    return data[:100]
+
+
+def _removed(data: bytes) -> None:
+    """No bytes at all: the file is deleted."""
+    return None
+
+
+#: what a damage makes of a file's bytes (None: the file is deleted)
+Change = Callable[[bytes], bytes | None]
+
+
+def _change_local(step_dir: str, name: str, change: Change) -> str:
+    """Rewrite the file ``name`` of the local checkpoint at ``step_dir`` through ``change``;
+    its path."""
+    path = Path(step_dir, name)
+    changed = change(path.read_bytes())
+    if changed is None:
+        path.unlink()
+    else:
+        path.write_bytes(changed)
     return str(path)
 
 
-def _flip_object(root: str, fmt: str, options: Mapping[str, Any]) -> str:
-    """Damage the one object of the ``s3://`` checkpoint of ``root`` holding the tensor, as a
-    bad disk of the store would; the object's URL (under the save's attempt prefix), as
-    errors name it."""
-    url = S3Url.parse(root)
+def _change_object(step_dir: str, name: str, change: Change, options: Mapping[str, Any]) -> str:
+    """Rewrite the object holding the file ``name`` of the ``s3://`` checkpoint at
+    ``step_dir`` through ``change``, as a bad disk of the store would; the object's URL (under
+    the save's attempt prefix), as errors name it."""
+    url = S3Url.parse(step_dir)
     with ObjectStore(f"s3://{url.bucket}", options) as store:
         (key,) = [
-            info.key
-            for info in store.list(f"{url.prefix}/{STEP}/")
-            if info.key.endswith(f"/{DATA_FILE[fmt]}")
+            info.key for info in store.list(f"{url.prefix}/") if info.key.endswith(f"/{name}")
         ]
-        store.put_bytes(key, _flipped(store.get_bytes(key)))
+        changed = change(store.get_bytes(key))
+        if changed is None:
+            store.delete_one(key)
+        else:
+            store.put_bytes(key, changed)
     return f"s3://{url.bucket}/{key}"
 
 
@@ -75,11 +98,14 @@ class Saved:
     def step_dir(self) -> str:
         return f"{self.root}/{STEP}"
 
-    def damage(self) -> str:
-        """Flip a byte of its tensor data; the damaged file as errors name it."""
+    def damage(self, step_dir: str | None = None, change: Change = _flipped) -> str:
+        """Rewrite the file holding the tensor of the checkpoint at ``step_dir`` (its own
+        by default) through ``change`` (a byte of the tensor's data flipped by default); the
+        damaged file as errors name it."""
+        where, name = step_dir or self.step_dir, DATA_FILE[self.fmt]
         if self.options is not None:
-            return _flip_object(self.root, self.fmt, self.options)
-        return _flip_local(self.step_dir, self.fmt)
+            return _change_object(where, name, change, self.options)
+        return _change_local(where, name, change)
 
 
 @pytest.fixture(params=itertools.product(["local", "s3"], ["torch", "dcp"]), ids="-".join)
@@ -137,7 +163,7 @@ def test_the_cli_refuses_a_damaged_checkpoint_unless_no_verify(tmp_path: Path) -
     """Exit status 2, as for any checkpoint export refuses as damaged (a wrong size too), the
     error naming the file; ``--no-verify`` writes it."""
     step_dir = _saved(str(tmp_path / "root"), "torch")
-    damaged = _flip_local(step_dir, "torch")
+    damaged = _change_local(step_dir, DATA_FILE["torch"], _flipped)
     out = tmp_path / "model.pt"
     out.write_bytes(OLD_OUTPUT)
 
@@ -181,7 +207,7 @@ def test_a_rank_export_checks_that_ranks_file_alone(tmp_path: Path) -> None:
     that hold it (rank 0, every rank) and not the export of rank 1."""
     step_dir = _two_ranks(tmp_path)
     assert distckpt.load_checkpoint(step_dir, rank=1, verify=True).state["n"] == 4
-    damaged = _flip_local(step_dir, "torch")
+    damaged = _change_local(step_dir, DATA_FILE["torch"], _flipped)
     out = tmp_path / "model.pt"
 
     assert torch.load(distckpt.export(step_dir, out, rank=1), weights_only=True)["n"] == 4
@@ -192,17 +218,45 @@ def test_a_rank_export_checks_that_ranks_file_alone(tmp_path: Path) -> None:
         assert not out.exists()
 
 
-def test_a_roots_damaged_newest_checkpoint_is_refused_not_passed_over(tmp_path: Path) -> None:
-    """The export writes what was named, the root's newest checkpoint: not, silently, the
-    older one a ``"last"`` restore with ``verify=True`` would fall back to."""
-    root = tmp_path / "root"
-    with distckpt.CheckpointManager(root, fsync=False) as mgr:
-        for step in (1, 2):
-            mgr.save(step, {"w": torch.full((WIDTH,), 1.5), "n": step})
-    damaged = _flip_local(str(root / "step-00000002"), "torch")
-    with pytest.raises(distckpt.CorruptCheckpoint, match=f"{damaged}: checksum mismatch"):
-        distckpt.export(root, tmp_path / "model.pt")
-    assert not (tmp_path / "model.pt").exists()
+#: the damages export refuses, and the words of the problem each is reported as
+DAMAGES = {
+    "checksum": (_flipped, "checksum mismatch"),
+    "size": (_truncated, "100 bytes, the manifest says"),
+    "missing": (_removed, "missing"),
+}
+
+
+@pytest.mark.parametrize("named", ["", "last"], ids=["root", "last"])
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_a_roots_failing_newest_checkpoint_is_refused_not_passed_over(
+    saved: Saved, damage: str, named: str, tmp_path: Path
+) -> None:
+    """The export writes what was named, the root's newest checkpoint (``last`` names it too):
+    not, silently, the older one a restore of ``"last"`` falls back to. A file missing or of
+    another size is refused as a checksum mismatch is, with or without ``verify``: the
+    resolution of the root finds it, before the checksum check."""
+    newest = _saved(saved.root, saved.fmt, saved.options, step=2)
+    change, words = DAMAGES[damage]
+    damaged = saved.damage(newest, change)
+    out = tmp_path / "model.pt"
+    out.write_bytes(OLD_OUTPUT)
+    target = f"{saved.root}/{named}" if named else saved.root
+
+    with pytest.raises(distckpt.CorruptCheckpoint) as raised:
+        distckpt.export(target, out, storage_options=saved.options)
+
+    assert f"{damaged}: {words}" in str(raised.value)
+    assert out.read_bytes() == OLD_OUTPUT
+    if change is not _flipped:
+        with pytest.raises(distckpt.CorruptCheckpoint, match=words):
+            distckpt.export(target, out, storage_options=saved.options, verify=False)
+        assert out.read_bytes() == OLD_OUTPUT
+    # What a restore does with the same root: passes over step 2 (its n is 4) for step 1's.
+    template = {"w": torch.empty(WIDTH), "n": 0}  # "dcp" loads in place: it needs one
+    restored = distckpt.load_checkpoint(
+        target, state=template, verify=True, storage_options=saved.options
+    )
+    assert restored.state["n"] == 3
 
 
 @pytest.mark.parametrize(
@@ -216,7 +270,7 @@ def test_arguments_export_refuses_are_refused_as_such_on_a_damaged_checkpoint(
     """``InvalidArgument``, saying what is wrong with them, not the damage a check of files
     these arguments would never export finds."""
     step_dir = _saved(str(tmp_path / "root"), fmt)
-    _flip_local(step_dir, fmt)
+    _change_local(step_dir, DATA_FILE[fmt], _flipped)
 
     with pytest.raises(distckpt.InvalidArgument) as raised:
         distckpt.export(step_dir, tmp_path / "model.pt", **refused)
