@@ -83,10 +83,10 @@ def export(
         fsync: make the output durable before returning (an object is durable once written).
         storage_options: the client options of an ``s3://`` ``path`` and ``out_file`` (see
             :class:`~distckpt.CheckpointManager`).
-        verify: check the checksum of every file the export reads, as
-            ``load_checkpoint(verify=True)`` does, before anything is written: a mismatch
-            raises :class:`~distckpt.CorruptCheckpoint` naming the file, and ``out_file`` is
-            left as it was (no temporary file made). Those are the files of the exported
+        verify: compare the checksum of every file the export reads with the manifest's,
+            as :func:`distckpt.verify` does, before anything is written: a mismatch raises
+            :class:`~distckpt.CorruptCheckpoint` naming the file, and ``out_file`` is left as
+            it was (no temporary file made). Those are the files of the exported
             state: for "dcp" ``.metadata`` and every rank's data file (not the extra files
             a save stored beside them), for "torch" the rank's file (every rank's with
             ``all_ranks``), not the other ranks' (their bytes are not in the output, and

@@ -259,6 +259,19 @@ def test_a_roots_failing_newest_checkpoint_is_refused_not_passed_over(
     assert restored.state["n"] == 3
 
 
+@pytest.mark.parametrize("fmt", ["torch", "dcp"])
+def test_the_extra_files_a_save_stored_are_not_checked(fmt: str, tmp_path: Path) -> None:
+    """Not in the output, so not read: a damaged byte of one (same size) refuses no export."""
+    root = tmp_path / "root"
+    with distckpt.CheckpointManager(root, format=fmt, fsync=False) as mgr:
+        mgr.save(1, {"w": torch.full((WIDTH,), 1.5)}, files={"config.json": b'{"hidden": 8}'})
+    _change_local(str(root / STEP), "config.json", lambda data: data.replace(b"8", b"9"))
+    assert distckpt.verify(root).ok is False  # the damage is there, and verify finds it
+
+    exported = torch.load(distckpt.export(root, tmp_path / "model.pt"), weights_only=True)
+    assert torch.equal(exported["w"], torch.full((WIDTH,), 1.5))
+
+
 @pytest.mark.parametrize(
     ("fmt", "refused"),
     [("dcp", {"rank": 0}), ("torch", {"rank": 0, "all_ranks": True})],
