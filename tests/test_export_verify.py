@@ -183,6 +183,19 @@ def test_the_cli_refuses_a_damaged_checkpoint_unless_no_verify(tmp_path: Path) -
     assert not (tmp_path / "again.pt").exists()
 
 
+def test_the_cli_refuses_a_roots_failing_newest_checkpoint(tmp_path: Path) -> None:
+    """Exit status 2 naming the file, for ROOT and ROOT/last alike, rather than step 1 written
+    with status 0."""
+    root = tmp_path / "root"
+    _saved(str(root), "torch")
+    damaged = _change_local(_saved(str(root), "torch", step=2), DATA_FILE["torch"], _truncated)
+    out = tmp_path / "model.pt"
+    for target in (root, root / "last"):
+        refused = run_cli("export", str(target), str(out))
+        assert refused.returncode == 2 and f"{damaged}: 100 bytes" in refused.stderr, refused
+    assert not out.exists()
+
+
 def _two_ranks(tmp_path: Path) -> str:
     """A "torch" checkpoint of two ranks made in this process: a second root's rank file (its
     ``n`` is 4) added as rank 1, listed in the manifest as a two-rank save lists it. Made by
