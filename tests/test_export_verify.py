@@ -5,6 +5,7 @@ file that no longer carries a checksum to catch it."""
 from __future__ import annotations
 
 import itertools
+import shutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,52 +87,83 @@ def _change_object(step_dir: str, name: str, change: Change, options: Mapping[st
     return f"s3://{url.bucket}/{key}"
 
 
+def _copy_root(source: str, target: str, options: Mapping[str, Any] | None) -> None:
+    """A copy of the root ``source`` at ``target``: every file (links kept as links), or on
+    s3 every object, copied inside the store, which costs far less than saving again."""
+    if options is None:
+        shutil.copytree(source, target, symlinks=True)
+        return
+    source_url, target_url = S3Url.parse(source), S3Url.parse(target)
+    with ObjectStore(f"s3://{source_url.bucket}", options) as store:
+        for info in list(store.list(f"{source_url.prefix}/")):
+            relative = info.key.removeprefix(f"{source_url.prefix}/")
+            store.copy(info.key, f"{target_url.prefix}/{relative}", info.size)
+
+
+FORMATS = ("torch", "dcp")
+#: the newest of the two checkpoints each root of :func:`roots` holds
+NEWEST = step_dir_name(2)
+
+#: the damages export refuses, and the words of the problem each is reported as
+DAMAGES = {
+    "checksum": (_flipped, "checksum mismatch"),
+    "size": (_truncated, "100 bytes, the manifest says"),
+    "missing": (_removed, "missing"),
+}
+
+
 @dataclass(frozen=True)
-class Saved:
-    """A checkpoint of one format saved by :func:`_saved` in a local root or an ``s3://`` one."""
+class Roots:
+    """Roots of each format in one store (a local dir or a bucket), built once for the module:
+    the tests only read them. Each holds step 1 (its ``n`` is 3) and step 2 (``n`` 4): the
+    ``clean`` root undamaged, each of the ``damaged`` ones with step 2's tensor file damaged
+    by one of :data:`DAMAGES`."""
 
-    root: str
-    fmt: str
     options: dict[str, Any] | None
-
-    @property
-    def step_dir(self) -> str:
-        return f"{self.root}/{STEP}"
-
-    def damage(self, step_dir: str | None = None, change: Change = _flipped) -> str:
-        """Rewrite the file holding the tensor of the checkpoint at ``step_dir`` (its own
-        by default) through ``change`` (a byte of the tensor's data flipped by default); the
-        damaged file as errors name it."""
-        where, name = step_dir or self.step_dir, DATA_FILE[self.fmt]
-        if self.options is not None:
-            return _change_object(where, name, change, self.options)
-        return _change_local(where, name, change)
+    #: format -> the root
+    clean: dict[str, str]
+    #: (format, damage) -> (the root, its damaged file as errors name it)
+    damaged: dict[tuple[str, str], tuple[str, str]]
 
 
-@pytest.fixture(params=itertools.product(["local", "s3"], ["torch", "dcp"]), ids="-".join)
-def saved(request: pytest.FixtureRequest, tmp_path: Path) -> Saved:
-    """A checkpoint of each format in a local root and in a fresh bucket of the test's moto
-    server."""
-    where, fmt = request.param
-    if where == "local":
-        root, options = str(tmp_path / "root"), None
+@pytest.fixture(scope="module", params=["local", "s3"])
+def roots(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Roots:
+    """:class:`Roots` in a local dir and in a bucket of the session's moto server: two saves
+    per format, the damaged roots copies of the clean one (a save on s3 costs far more)."""
+    if request.param == "local":
+        base, options = str(tmp_path_factory.mktemp("roots")), None
     else:
         server: S3Server = request.getfixturevalue("s3_server")
-        root, options = f"s3://{server.create_bucket()}/ckpt", server.storage_options()
-    _saved(root, fmt, options)
-    return Saved(root, fmt, options)
+        base, options = f"s3://{server.create_bucket()}", server.storage_options()
+    clean: dict[str, str] = {}
+    damaged: dict[tuple[str, str], tuple[str, str]] = {}
+    for fmt in FORMATS:
+        clean[fmt] = f"{base}/{fmt}"
+        _saved(clean[fmt], fmt, options)
+        _saved(clean[fmt], fmt, options, step=2)
+        for damage, (change, _) in DAMAGES.items():
+            root = f"{base}/{fmt}-{damage}"
+            _copy_root(clean[fmt], root, options)
+            newest, name = f"{root}/{NEWEST}", DATA_FILE[fmt]
+            if options is None:
+                damaged[fmt, damage] = root, _change_local(newest, name, change)
+            else:
+                damaged[fmt, damage] = root, _change_object(newest, name, change, options)
+    return Roots(options, clean, damaged)
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
 def test_a_flipped_byte_of_tensor_data_is_refused_and_nothing_is_written(
-    saved: Saved, tmp_path: Path
+    roots: Roots, fmt: str, tmp_path: Path
 ) -> None:
-    damaged = saved.damage()
+    root, damaged = roots.damaged[fmt, "checksum"]
+    step_dir = f"{root}/{NEWEST}"
     out = tmp_path / "exports" / "model.pt"
     out.parent.mkdir()
     out.write_bytes(OLD_OUTPUT)
 
     with pytest.raises(distckpt.CorruptCheckpoint) as raised:
-        distckpt.export(saved.step_dir, out, storage_options=saved.options)
+        distckpt.export(step_dir, out, storage_options=roots.options)
 
     assert f"{damaged}: checksum mismatch" in str(raised.value)
     assert raised.value.damaged
@@ -140,19 +172,20 @@ def test_a_flipped_byte_of_tensor_data_is_refused_and_nothing_is_written(
     assert out.read_bytes() == OLD_OUTPUT
 
     # Unchecked, the damaged value reaches the output: the check is all that stops it.
-    distckpt.export(saved.step_dir, out, storage_options=saved.options, verify=False)
+    distckpt.export(step_dir, out, storage_options=roots.options, verify=False)
     exported = torch.load(out, weights_only=True)
     assert exported["w"].shape == (WIDTH,)
     assert not torch.equal(exported["w"], torch.full((WIDTH,), 1.5))
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
 def test_a_clean_checkpoint_exports_the_same_bytes_checked_or_not(
-    saved: Saved, tmp_path: Path
+    roots: Roots, fmt: str, tmp_path: Path
 ) -> None:
-    options = saved.options
-    checked = distckpt.export(saved.step_dir, tmp_path / "checked.pt", storage_options=options)
+    step_dir, options = f"{roots.clean[fmt]}/{STEP}", roots.options
+    checked = distckpt.export(step_dir, tmp_path / "checked.pt", storage_options=options)
     unchecked = distckpt.export(
-        saved.step_dir, tmp_path / "unchecked.pt", storage_options=options, verify=False
+        step_dir, tmp_path / "unchecked.pt", storage_options=options, verify=False
     )
     assert Path(checked).read_bytes() == Path(unchecked).read_bytes()
     exported = torch.load(checked, weights_only=True)
@@ -231,45 +264,46 @@ def test_a_rank_export_checks_that_ranks_file_alone(tmp_path: Path) -> None:
         assert not out.exists()
 
 
-#: the damages export refuses, and the words of the problem each is reported as
-DAMAGES = {
-    "checksum": (_flipped, "checksum mismatch"),
-    "size": (_truncated, "100 bytes, the manifest says"),
-    "missing": (_removed, "missing"),
-}
-
-
-@pytest.mark.parametrize("named", ["", "last"], ids=["root", "last"])
-@pytest.mark.parametrize("damage", DAMAGES)
-def test_a_roots_failing_newest_checkpoint_is_refused_not_passed_over(
-    saved: Saved, damage: str, named: str, tmp_path: Path
-) -> None:
+def _refuses_the_newest(roots: Roots, fmt: str, damage: str, named: str, out: Path) -> None:
     """The export writes what was named, the root's newest checkpoint (``last`` names it too):
     not, silently, the older one a restore of ``"last"`` falls back to. A file missing or of
     another size is refused as a checksum mismatch is, with or without ``verify``: the
     resolution of the root finds it, before the checksum check."""
-    newest = _saved(saved.root, saved.fmt, saved.options, step=2)
+    root, damaged = roots.damaged[fmt, damage]
     change, words = DAMAGES[damage]
-    damaged = saved.damage(newest, change)
-    out = tmp_path / "model.pt"
     out.write_bytes(OLD_OUTPUT)
-    target = f"{saved.root}/{named}" if named else saved.root
+    target = f"{root}/{named}" if named else root
 
     with pytest.raises(distckpt.CorruptCheckpoint) as raised:
-        distckpt.export(target, out, storage_options=saved.options)
+        distckpt.export(target, out, storage_options=roots.options)
 
     assert f"{damaged}: {words}" in str(raised.value)
     assert out.read_bytes() == OLD_OUTPUT
     if change is not _flipped:
         with pytest.raises(distckpt.CorruptCheckpoint, match=words):
-            distckpt.export(target, out, storage_options=saved.options, verify=False)
+            distckpt.export(target, out, storage_options=roots.options, verify=False)
         assert out.read_bytes() == OLD_OUTPUT
     # What a restore does with the same root: passes over step 2 (its n is 4) for step 1's.
     template = {"w": torch.empty(WIDTH), "n": 0}  # "dcp" loads in place: it needs one
     restored = distckpt.load_checkpoint(
-        target, state=template, verify=True, storage_options=saved.options
+        target, state=template, verify=True, storage_options=roots.options
     )
     assert restored.state["n"] == 3
+
+
+def test_a_roots_failing_newest_checkpoint_is_refused_not_passed_over(
+    roots: Roots, tmp_path: Path
+) -> None:
+    """:func:`_refuses_the_newest` for each format, damage and name of the root (itself or
+    ``last``), in one test per store over its shared roots: a case of its own each cost its
+    own saves. A failure's note names the case it failed in."""
+    for fmt, damage, named in itertools.product(FORMATS, DAMAGES, ["", "last"]):
+        case = f"{fmt}-{damage}-{named or 'root'}"
+        try:
+            _refuses_the_newest(roots, fmt, damage, named, tmp_path / f"{case}.pt")
+        except BaseException as failure:
+            failure.add_note(f"in the case {case}")
+            raise
 
 
 @pytest.mark.parametrize("fmt", ["torch", "dcp"])
