@@ -12,7 +12,9 @@ rules, its lock, its cleanup), with no process group, and ``export`` through the
 running one next to a live job is safe. Output is for people by default, JSON with ``--json``.
 Exit status: 0 on success, 1 when ``verify`` finds a problem or ``gc`` must leave files a
 process still holds open, 2 on bad input or any other error. Bad input includes a path holding
-no checkpoint for ``info``, ``verify`` and ``export``, a step ``delete`` finds no committed
+no checkpoint for ``info``, ``verify`` and ``export``, a checkpoint ``export`` refuses as
+damaged (a file of another size, or unless ``--no-verify`` a checksum that does not match:
+``verify`` reports the same as a problem, status 1), a step ``delete`` finds no committed
 checkpoint of, and for the commands that take a root (``ls``, ``lease``, ``prune``, ``delete``,
 ``gc``) a path that is no root: nothing there (an ``s3://`` prefix holding no object is what a
 missing directory is; a root a job opened holds its lease, and is a root; a missing bucket is
@@ -361,7 +363,9 @@ def cmd_delete(args: argparse.Namespace, out: TextIO) -> int:
 def cmd_export(args: argparse.Namespace, out: TextIO) -> int:
     from distckpt import export
 
-    written = export(args.path, args.out, rank=args.rank, all_ranks=args.all_ranks)
+    written = export(
+        args.path, args.out, rank=args.rank, all_ranks=args.all_ranks, verify=not args.no_verify
+    )
     if args.json:
         write_json({"out": os.fspath(written)}, out)
     else:
@@ -462,6 +466,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("out", help="a file, or an s3://BUCKET/KEY URL")
     sub.add_argument("--rank", type=int, help='"torch" format: the rank to export (default 0)')
     sub.add_argument("--all-ranks", action="store_true", help='"torch" format: every rank')
+    sub.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="skip the check of the exported files' checksums (saves one read of them)",
+    )
     sub.set_defaults(run=cmd_export)
     return parser
 

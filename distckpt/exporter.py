@@ -9,11 +9,14 @@ how many ranks wrote the checkpoint:
 * a "torch" checkpoint becomes the state of one rank (rank 0 unless ``rank=`` says otherwise),
   or with ``all_ranks=True`` a dict ``{rank: state}`` of every rank.
 
-The checkpoint's manifest is checked before anything is read, checkpoint files are read through
-the same safe loaders as a restore (nothing is unpickled beyond tensors and plain values unless
-``allow_pickle=True``), and the output file appears atomically: a reader sees the old file or
-the complete new one, never a partial one. An ``s3://`` output is streamed into its object
-(a multipart upload, published whole when complete or never), so the same holds for it.
+The checkpoint's manifest is checked before anything is read, the checksum of every file the
+export reads is checked before the output is written (``verify=True``, the default: a
+checkpoint leaving the library's files keeps no checksum that could catch a damaged byte
+later), checkpoint files are read through the same safe loaders as a restore (nothing is
+unpickled beyond tensors and plain values unless ``allow_pickle=True``), and the output file
+appears atomically: a reader sees the old file or the complete new one, never a partial one.
+An ``s3://`` output is streamed into its object (a multipart upload, published whole when
+complete or never), so the same holds for it.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from distckpt.fsutil import atomic_write, fsync_ancestors, make_dirs
 from distckpt.layout import on_disk_spelling
 from distckpt.objstore import ObjectStore
 from distckpt.objurl import S3Url, is_s3_url
-from distckpt.resolve import Found, resolve_path
+from distckpt.resolve import Found, check_local_copy, resolve_path
 from distckpt.results import CheckpointLocation
 from distckpt.storage.nesting import bucket_root_around, local_root_around
 from distckpt.storage.s3_locate import prefix_holds_a_root
@@ -51,6 +54,7 @@ def export(
     allow_pickle: bool = False,
     fsync: bool = True,
     storage_options: Mapping[str, Any] | None = None,
+    verify: bool = True,
 ) -> Path | str:
     """Write the committed checkpoint at ``path`` to ``out_file`` as one ``torch.save`` file;
     returns the absolute path written (an ``s3://`` ``out_file``: its URL).
@@ -79,6 +83,19 @@ def export(
         fsync: make the output durable before returning (an object is durable once written).
         storage_options: the client options of an ``s3://`` ``path`` and ``out_file`` (see
             :class:`~distckpt.CheckpointManager`).
+        verify: compare the checksum of every file the export reads with the manifest's,
+            as :func:`distckpt.verify` does, before anything is written: a mismatch raises
+            :class:`~distckpt.CorruptCheckpoint` naming the file, and ``out_file`` is left as
+            it was (no temporary file made). Those are the files of the exported
+            state: for "dcp" ``.metadata`` and every rank's data file (not the extra files
+            a save stored beside them), for "torch" the rank's file (every rank's with
+            ``all_ranks``), not the other ranks' (their bytes are not in the output, and
+            ``distckpt.verify`` checks a whole checkpoint). An ``s3://`` checkpoint's files
+            are checked as downloaded, the bytes exported. A root's (or ``last``'s) newest
+            checkpoint that fails, a checksum or (with or without ``verify``) a file missing
+            or of another size, is refused so, naming the file, not passed over for an older
+            one as a restore of ``"last"`` is: the export writes what was named. The check
+            costs one more read of those files; ``False`` skips it.
 
     Needs memory for the whole exported state (for "dcp", every tensor at full size). Runs in
     this process alone: never collective, even where torch.distributed is initialised.
@@ -91,9 +108,9 @@ def export(
     if is_s3_url(out_file):
         # Opened first: a bad URL or option is refused before the checkpoint is read.
         with _output_object(str(out_file), storage_options) as (store, name):
-            found = resolve_path(path, storage_options=storage_options)
+            found = resolve_path(path, storage_options=storage_options, skip_failing=False)
             _refuse_the_checkpoint_read(str(out_file), found[0].location)
-            state = _exported_state(found, rank, all_ranks, allow_pickle)
+            state = _exported_state(found, rank, all_ranks, allow_pickle, verify)
             with store.open_write(name) as writer:
                 torch.save(state, writer)
         return str(out_file)
@@ -108,22 +125,31 @@ def export(
     _refuse_a_local_roots_own_name(out)
     if out.is_dir():
         raise InvalidArgument(f"out_file {out} is a directory; give the path of a file")
-    found = resolve_path(path, storage_options=storage_options)  # its manifest: no tensor read
+    # Its manifest: no tensor read. A root's failing newest checkpoint is refused, not passed
+    # over: an older step written in its place would pass for the one named.
+    found = resolve_path(path, storage_options=storage_options, skip_failing=False)
     _refuse_the_checkpoint_read(out, found[0].location)
-    state = _exported_state(found, rank, all_ranks, allow_pickle)
+    state = _exported_state(found, rank, all_ranks, allow_pickle, verify)
     _atomic_torch_save(state, out, fsync=fsync)
     return out
 
 
-def _exported_state(found: Found, rank: int | None, all_ranks: bool, allow_pickle: bool) -> Any:
-    """What :func:`export` writes of the committed checkpoint ``found``."""
+def _exported_state(
+    found: Found, rank: int | None, all_ranks: bool, allow_pickle: bool, verify: bool
+) -> Any:
+    """What :func:`export` writes of the committed checkpoint ``found``, its files checked
+    against their checksums first with ``verify``."""
     source, manifest = found
     check_rank_argument(rank)
+    fmt = format_named(manifest.format)
+    names = fmt.exported_files(manifest, rank=rank, all_ranks=all_ranks)
     with (
-        source.local_copy(manifest.files) as directory,
+        source.local_copy(names) as directory,
         errors_name_the_location(source, directory),
     ):
-        return format_named(manifest.format).export(
+        if verify:
+            check_local_copy(source, directory, manifest, names)
+        return fmt.export(
             directory, manifest, rank=rank, all_ranks=all_ranks, allow_pickle=allow_pickle
         )
 

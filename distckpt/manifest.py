@@ -30,6 +30,15 @@ from distckpt.errors import (
 )
 from distckpt.fsutil import file_kind
 from distckpt.layout import MANIFEST_NAME
+from distckpt.problems import (
+    Problem,
+    checksum_mismatch,
+    damage,
+    missing,
+    unjudged,
+    unknown_checksum_algorithm,
+    wrong_size,
+)
 
 #: Bumped when a change to the schema or to a format's files would mislead an older reader.
 #: 2: the "torch" format's rank files hold raw tensor bytes (:mod:`distckpt.formats.raw_rank_file`)
@@ -54,30 +63,6 @@ MANIFEST_CHECKSUM_KEY = "manifest_crc32"
 MAX_MANIFEST_BYTES = 64 << 20
 
 _NON_FINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
-
-
-class Problem(str):
-    """One thing wrong with a checkpoint: the message naming it (a ``str``, used as one), and
-    whether it is damage this version is sure of (``damage``: a listed file missing or of
-    another size, a known algorithm's checksum mismatch, a manifest contradicting the
-    checkpoint) or cannot judge (see :class:`~distckpt.CorruptCheckpoint`'s ``damaged``)."""
-
-    damage: bool
-
-    def __new__(cls, message: str, damage: bool = False) -> Problem:
-        problem = super().__new__(cls, message)
-        problem.damage = damage
-        return problem
-
-
-def damage(message: str) -> Problem:
-    """A problem that is damage this version is sure of."""
-    return Problem(message, damage=True)
-
-
-def unjudged(message: str) -> Problem:
-    """A problem this version cannot judge to be damage."""
-    return Problem(message, damage=False)
 
 
 @dataclass(frozen=True)
@@ -389,8 +374,8 @@ def oversized_manifest(source: object) -> CorruptCheckpoint:
     )
 
 
-def _not_regular(path: Path, mode: int) -> str:
-    return f"{path}: is {file_kind(mode)}; checkpoint files must be regular files"
+def _not_regular(where: object, mode: int) -> str:
+    return f"{where}: is {file_kind(mode)}; checkpoint files must be regular files"
 
 
 def read_manifest(checkpoint_dir: Path) -> Manifest:
@@ -429,38 +414,41 @@ def find_problems(
     expected_step: int | None = None,
     checksums: bool = False,
     progress: Callable[[int], None] | None = None,
+    describe: Callable[[str], object] | None = None,
 ) -> list[Problem]:
     """Everything wrong with a checkpoint dir against its manifest, one problem per message,
-    each naming the file: a missing or wrong-sized file, one that is no regular file (a
-    symlink, a directory, a FIFO: named, never opened), a wrong checksum (only with
-    ``checksums=True``: it reads every byte), a step that disagrees with the dir's name. An
-    empty list means the dir passes. A failed read (but of a file missing, at its ``lstat`` or
-    its checksum's open) is raised as its ``OSError``: it judges nothing."""
+    each naming the file (by its path, or as ``describe(name)`` names it): a missing or
+    wrong-sized file, one that is no regular file (a symlink, a directory, a FIFO: named,
+    never opened), a wrong checksum (only with ``checksums=True``: it reads every byte), a
+    step that disagrees with the dir's name. An empty list means the dir passes. A failed
+    read (but of a file missing, at its ``lstat`` or its checksum's open) is raised as its
+    ``OSError``: it judges nothing."""
     problems: list[Problem] = []
+    named = describe or checkpoint_dir.joinpath
     if expected_step is not None and manifest.step != expected_step:
         problems.append(
             damage(
-                f"{checkpoint_dir / MANIFEST_NAME}: names step {manifest.step}, "
+                f"{named(MANIFEST_NAME)}: names step {manifest.step}, "
                 f"but the dir is for step {expected_step}"
             )
         )
     if manifest.checksum_algorithm != CHECKSUM_ALGORITHM and checksums:
-        problems.append(unknown_checksum_algorithm(checkpoint_dir / MANIFEST_NAME, manifest))
+        problems.append(unknown_checksum_algorithm(named(MANIFEST_NAME), manifest))
         checksums = False
     for name, record in sorted(manifest.files.items()):
-        path = checkpoint_dir / name
+        path, where = checkpoint_dir / name, named(name)
         try:
             status = os.lstat(path)  # one system call for both questions, for every file
         except FileNotFoundError:
-            problems.append(missing(path))
+            problems.append(missing(where))
             continue
         if not stat.S_ISREG(status.st_mode):
             # Never opened: a FIFO would block the read forever, a device read who knows what.
-            problems.append(unjudged(_not_regular(path, status.st_mode)))
+            problems.append(unjudged(_not_regular(where, status.st_mode)))
             continue
         size = status.st_size
         if size != record.size:
-            problems.append(wrong_size(path, size, record.size))
+            problems.append(wrong_size(where, size, record.size))
             continue
         if not checksums:
             continue
@@ -469,31 +457,8 @@ def find_problems(
         except FileNotFoundError:
             # Gone since the lstat (its dir deleted by a live job's retention): missing, as
             # at the lstat, so verify's handling of a vanished checkpoint sees it as one.
-            problems.append(missing(path))
+            problems.append(missing(where))
             continue
         if checksum != record.checksum:
-            problems.append(checksum_mismatch(path))
+            problems.append(checksum_mismatch(where))
     return problems
-
-
-# The problems both backends find, worded alike (``where`` names the file or the object).
-
-
-def missing(where: object) -> Problem:
-    return damage(f"{where}: missing")
-
-
-def wrong_size(where: object, size: int, listed: int) -> Problem:
-    return damage(f"{where}: {size} bytes, the manifest says {listed} (truncated?)")
-
-
-def checksum_mismatch(where: object) -> Problem:
-    return damage(f"{where}: checksum mismatch (its bytes changed after it was written)")
-
-
-def unknown_checksum_algorithm(where: object, manifest: Manifest) -> Problem:
-    """Not damage: a later version may write checksums this one does not know."""
-    return unjudged(
-        f"{where}: unknown checksum algorithm {manifest.checksum_algorithm!r}; this distckpt "
-        f"checks {CHECKSUM_ALGORITHM!r}"
-    )

@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 from distckpt import policy
@@ -32,7 +33,8 @@ from distckpt.errors import (
 )
 from distckpt.formats import format_named
 from distckpt.layout import BEST, LAST, LINK_NAMES, MANIFEST_NAME, parse_step_dir_name
-from distckpt.manifest import Manifest, Problem, damage, unjudged
+from distckpt.manifest import Manifest, find_problems
+from distckpt.problems import Problem, damage, unjudged
 from distckpt.results import CheckpointInfo, CheckpointLocation
 from distckpt.storage import locate
 from distckpt.storage.views import CheckpointSource, Located, PathKind, RootView
@@ -79,12 +81,32 @@ def check(source: CheckpointSource, *, checksums: bool = False) -> Manifest:
     :class:`CorruptCheckpoint` naming every problem otherwise, ``damaged`` when one of them is
     damage this version is sure of."""
     manifest, problems = inspect(source, checksums=checksums)
+    _refuse_problems(source, problems)
+    return manifest
+
+
+def check_local_copy(
+    source: CheckpointSource, directory: Path, manifest: Manifest, names: Collection[str]
+) -> None:
+    """Raise :class:`CorruptCheckpoint`, as :func:`check` with ``checksums=True`` does, when a
+    file ``names`` of ``directory`` (``source``'s :meth:`~CheckpointSource.local_copy`) is not
+    of the size and checksum ``manifest`` lists: the bytes a read is about to use, checked
+    where it reads them (for an object store, the download rather than the objects, which a
+    second download would read again and which may change in between). Files are named as
+    ``source`` names them (an object's key, not the temporary copy's path)."""
+    listed = replace(manifest, files={name: manifest.files[name] for name in names})
+    problems = find_problems(directory, listed, checksums=True, describe=source.describe)
+    _refuse_problems(source, problems)
+
+
+def _refuse_problems(source: CheckpointSource, problems: list[Problem]) -> None:
+    """:class:`CorruptCheckpoint` naming every one of ``problems`` of ``source``, if any;
+    ``damaged`` when one of them is damage this version is sure of."""
     if problems:
         raise CorruptCheckpoint(
             f"{source.location} fails its manifest check: " + "; ".join(problems),
             damaged=any(problem.damage for problem in problems),
         )
-    return manifest
 
 
 def _format_problems(source: CheckpointSource, manifest: Manifest) -> list[Problem]:
@@ -155,10 +177,12 @@ def iter_valid(
     checksums: bool = False,
     steps: Iterable[int] | None = None,
     newer: list[int] | None = None,
+    skip_failing: bool = True,
 ) -> Iterator[Found]:
     """Committed checkpoints that pass :func:`check`, with their manifests; damaged ones are
-    skipped with a warning, ones deleted meanwhile (by retention) silently. ``steps`` replaces
-    the listing of the root. One of a newer format version raises
+    skipped with a warning (with ``skip_failing=False`` the first one that fails raises its
+    error instead), ones deleted meanwhile (by retention) silently. ``steps`` replaces the
+    listing of the root. One of a newer format version raises
     :class:`~distckpt.errors.UnsupportedVersion`, or with ``newer`` given has its step appended
     there and is skipped."""
     listed = sorted(set(view.committed_steps() if steps is None else steps))
@@ -174,6 +198,8 @@ def iter_valid(
             if not source.exists():
                 logger.debug("%s was deleted while being listed", source.location)
                 continue
+            if not skip_failing:
+                raise
             damaged = isinstance(exc, CorruptCheckpoint) and exc.damaged
             if damaged:
                 logger.warning("skipping damaged checkpoint %s: %s", source.location, exc)
@@ -188,8 +214,11 @@ def iter_valid(
                 record.append(Skipped(step, source.location, str(exc), damaged))
 
 
-def newest_valid(view: RootView, *, checksums: bool = False) -> Found | None:
-    """The newest committed checkpoint that passes its check.
+def newest_valid(
+    view: RootView, *, checksums: bool = False, skip_failing: bool = True
+) -> Found | None:
+    """The newest committed checkpoint that passes its check; with ``skip_failing=False`` the
+    newest committed checkpoint, whose failing check raises its error (see :func:`iter_valid`).
 
     Another process's retention may delete checkpoints while they are listed and checked. So
     the target of ``last`` is a candidate too (it is moved right after each commit, before
@@ -201,7 +230,9 @@ def newest_valid(view: RootView, *, checksums: bool = False) -> Found | None:
         linked_step = parse_step_dir_name(linked) if linked else None
         if linked_step is not None:
             steps.append(linked_step)  # iter_valid orders them and drops duplicates
-        found = next(iter_valid(view, checksums=checksums, steps=steps), None)
+        found = next(
+            iter_valid(view, checksums=checksums, steps=steps, skip_failing=skip_failing), None
+        )
         if found is not None or not view.committed_steps():
             return found
     return None
@@ -295,10 +326,11 @@ def link_problem(
 # ---------------------------------------------------------------------------------- names
 
 
-def resolve_last(view: RootView, *, checksums: bool = False) -> Found:
+def resolve_last(view: RootView, *, checksums: bool = False, skip_failing: bool = True) -> Found:
     """The newest committed checkpoint that passes, warning about a ``last`` pointer that says
-    otherwise."""
-    newest = newest_valid(view, checksums=checksums)
+    otherwise; with ``skip_failing=False``, the newest committed checkpoint or its check's
+    error (:func:`newest_valid`)."""
+    newest = newest_valid(view, checksums=checksums, skip_failing=skip_failing)
     if newest is None:
         if not view.exists():  # asked only now: a root with checkpoints costs no request
             raise CheckpointNotFound(f"no checkpoint or checkpoint root at {view.root}")
@@ -359,16 +391,18 @@ def resolve_located(
     monitor: str | None = None,
     mode: policy.Mode = "min",
     checksums: bool = False,
+    skip_failing: bool = True,
 ) -> Found:
     """The checkpoint a located path names: a pointer's target, a checkpoint itself, a root's
-    newest checkpoint."""
+    newest checkpoint (one that passes; with ``skip_failing=False`` the newest, refused by
+    its check's error when it fails, as a checkpoint named itself is)."""
     if located.kind == "link":
         if located.pointer == LAST:
-            return resolve_last(located.view, checksums=checksums)
+            return resolve_last(located.view, checksums=checksums, skip_failing=skip_failing)
         return resolve_best(located.view, monitor=monitor, mode=mode, checksums=checksums)
     if located.source is not None:
         return located.source, check(located.source, checksums=checksums)
-    return resolve_last(located.view, checksums=checksums)
+    return resolve_last(located.view, checksums=checksums, skip_failing=skip_failing)
 
 
 def resolve_path(
@@ -378,11 +412,15 @@ def resolve_path(
     mode: policy.Mode = "min",
     checksums: bool = False,
     storage_options: Mapping[str, Any] | None = None,
+    skip_failing: bool = True,
 ) -> Found:
-    """The checkpoint a location names (see :func:`classify_path`): a pointer's target, a
-    checkpoint itself, a root's newest checkpoint."""
+    """The checkpoint a location names (see :func:`classify_path` and, for ``skip_failing``,
+    :func:`resolve_located`): a pointer's target, a checkpoint itself, a root's newest
+    checkpoint."""
     located = classify_path(path, storage_options=storage_options)
-    return resolve_located(located, monitor=monitor, mode=mode, checksums=checksums)
+    return resolve_located(
+        located, monitor=monitor, mode=mode, checksums=checksums, skip_failing=skip_failing
+    )
 
 
 def resolve(

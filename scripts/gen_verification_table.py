@@ -56,8 +56,9 @@ def render_table(cases: Sequence[Case]) -> str:
     """The Markdown table, one row per case."""
     rows = [
         '| Case | What was done | `verify(root)` | `restore("last")` '
-        '| `restore("last", verify=True)` | Explicit restore | Set aside at a restart |',
-        "|---|---|---|---|---|---|---|",
+        '| `restore("last", verify=True)` | Explicit restore | `export` of it '
+        "| Set aside at a restart |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for case in cases:
         what = case.description + (f" <br>*{case.notes}*" if case.notes else "")
@@ -69,6 +70,8 @@ def render_table(cases: Sequence[Case]) -> str:
             case.last.describe(),
             verified,
             _explicit(case),
+            f'`export(root / "{case.export_target}", out)`: '
+            + case.explicit_checked.describe(verb="writes"),
             f"yes: `{STEP2}` becomes `damaged-{STEP2}-<token>`" if case.set_aside else "no",
         ]
         rows.append("| " + " | ".join(_cell(cell) for cell in cells) + " |")

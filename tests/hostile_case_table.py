@@ -9,6 +9,8 @@ checkpoints, steps 1 and 2, ``last`` -> step 2), damages it (with a damage of
 * ``mgr.restore("last")`` and ``mgr.restore("last", verify=True)``: which step is loaded, with
   which warning, or which exception is raised;
 * restoring the damaged thing explicitly: a step number, or a path inside the root;
+* ``distckpt.export`` of that same checkpoint (a step's dir for a step number), which checks
+  checksums by default: as the explicit restore with ``verify=True``, writing what it loads;
 * whether a restarted job (a manager that can write) sets step 2 aside as damaged when its
   ``restore("last", verify=True)`` skips it.
 
@@ -30,6 +32,7 @@ from distckpt.errors import (
     UnsafeCheckpoint,
     UnsupportedVersion,
 )
+from distckpt.layout import step_dir_name
 from tests.hostile_cases import (
     LINKS,
     MANIFEST,
@@ -79,11 +82,12 @@ class Outcome:
     raises: type[Exception] | None = None
     says: tuple[str, ...] = ()
 
-    def describe(self) -> str:
+    def describe(self, verb: str = "loads") -> str:
+        """The outcome in words; ``verb``: what a call that succeeds does with the step."""
         if self.raises is not None:
             text = f"raises `{self.raises.__name__}`"
             return text + (f" ({_quote(self.says)})" if self.says else "")
-        text = f"loads step {self.step}"
+        text = f"{verb} step {self.step}"
         if not self.intact:
             text += " **with wrong values**"
         if self.warning is None:
@@ -136,6 +140,12 @@ class Case:
         if isinstance(self.target, int):
             return f"restore({self.target})"
         return f'restore(root / "{self.target}")'
+
+    @property
+    def export_target(self) -> str:
+        """What :func:`distckpt.export` is given, relative to the root: the explicit
+        target, a step number as its step's dir."""
+        return step_dir_name(self.target) if isinstance(self.target, int) else self.target
 
 
 def off_schema_case(case_id: str, key: str, value: object) -> Case:

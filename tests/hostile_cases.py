@@ -13,7 +13,6 @@ import json
 import os
 import random
 import shutil
-import struct
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -131,13 +130,21 @@ def truncate_shard(root: Path) -> None:
     path.write_bytes(data[: len(data) // 2])
 
 
+def flip_tensor_byte(data: bytes, tensor: torch.Tensor) -> bytes:
+    """``data`` (a checkpoint file's bytes) with one byte of ``tensor``'s stored elements
+    changed, found by their values: the size stays and the file still loads, with one element
+    of another value, which only a checksum can tell."""
+    start = data.find(tensor.numpy().tobytes())
+    assert start >= 0, "the tensor's bytes were not found in the file"
+    damaged = bytearray(data)
+    damaged[start + tensor.element_size() + 1] ^= 0xFF  # the second element's second byte
+    return bytes(damaged)
+
+
 def flip_byte(root: Path) -> None:
     path = root / STEP2 / RANK0
-    data = bytearray(path.read_bytes())
-    start = data.find(struct.pack("<f", 2.0) * WIDTH)
-    assert start >= 0, "the tensor's bytes were not found in the rank file"
-    data[start + 5] ^= 0xFF  # element 1 becomes 2.0156...: same size, different value
-    path.write_bytes(bytes(data))
+    # element 1 of the tensor of 2.0 becomes 2.0156...: same size, different value
+    path.write_bytes(flip_tensor_byte(path.read_bytes(), torch.full((WIDTH,), 2.0)))
 
 
 def remove_manifest(root: Path) -> None:

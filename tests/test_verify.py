@@ -2,7 +2,8 @@
 unsafe loaded.
 
 The table of damaged roots lives in ``tests/hostile_case_table.py``; every case is checked against
-``verify``, ``restore("last")`` (with and without ``verify=True``) and an explicit restore.
+``verify``, ``restore("last")`` (with and without ``verify=True``), an explicit restore and an
+``export`` of the same checkpoint.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
+from types import ModuleType, SimpleNamespace
 from typing import Any
 
 import pytest
@@ -169,6 +170,22 @@ def test_restore_explicit_verified(damaged: Damaged, caplog: pytest.LogCaptureFi
     check_outcome(
         lambda: damaged.mgr.restore(target, verify=True), damaged.case.explicit_checked, caplog
     )
+
+
+def test_export_explicit(
+    damaged: Damaged, caplog: pytest.LogCaptureFixture, tmp_path: Path
+) -> None:
+    """``export`` (checksums checked by default) does what the explicit restore with
+    ``verify=True`` does, writing the state it loads, and writes nothing when it raises."""
+    out = tmp_path / "exported.pt"
+
+    def exported() -> SimpleNamespace:
+        distckpt.export(damaged.root / damaged.case.export_target, out, fsync=False)
+        state = torch.load(out, weights_only=True)
+        return SimpleNamespace(step=state["step"], state=state)
+
+    check_outcome(exported, damaged.case.explicit_checked, caplog)
+    assert out.exists() == (damaged.case.explicit_checked.raises is None)
 
 
 def test_a_restarted_job_gets_the_same_checkpoint(damaged: Damaged) -> None:

@@ -243,6 +243,11 @@ class CheckpointFormat(Protocol):
         in place (DCP) fill the template's tensors, others may ignore it."""
         ...
 
+    def exported_files(self, manifest: Manifest, *, rank: int | None, all_ranks: bool) -> list[str]:
+        """The files of ``manifest``'s checkpoint that :meth:`export` with ``rank`` and
+        ``all_ranks`` reads (none for arguments it refuses: it says why)."""
+        ...
+
     def export(
         self,
         directory: Path,

@@ -26,8 +26,7 @@ What DCP saves, and its limits:
 * Tensors must be plain tensors or DTensors: a subclass of ``torch.Tensor`` (a wrapper
   subclass, a nested tensor of the jagged layout) would be written as a plain tensor's data and
   refused on restore, and a nested tensor of the strided layout fails DCP's write, so the save
-  refuses them first (:class:`~distckpt.errors.UnsupportedTensors`); the "torch" format saves
-  them.
+  refuses them first (:class:`~distckpt.errors.UnsupportedTensors`); "torch" saves them.
 * Everything else -- plain tensors and plain values -- is taken to be the *same on every rank*
   and is saved once, from one rank, unless it is marked per rank: :class:`~distckpt.RNGState`,
   a ``torch.Generator``, a ``StatefulDataLoader``, or any value wrapped in
@@ -123,7 +122,6 @@ from distckpt.formats.dcp_kinds import dict_list_swaps, given_for_saved_tensors
 from distckpt.formats.dcp_lists import lists_of_other_length, with_saved_lists
 from distckpt.formats.dcp_metadata import DATA_FILE_RE, METADATA_NAME, read_metadata
 from distckpt.formats.dcp_per_rank import (
-    PER_RANK_KEY,
     PerRankSavePlanner,
     per_rank_not_read,
     per_rank_placeholders,
@@ -132,12 +130,11 @@ from distckpt.formats.dcp_per_rank import (
     split_per_rank,
     with_per_rank,
 )
+from distckpt.formats.dcp_saveable import check_keys, check_saveable
 from distckpt.formats.dcp_storage import Planner, Reader, Writer, placeholder
-from distckpt.formats.dcp_tensor_kinds import check_tensor_types
-from distckpt.formats.dcp_text_keys import check_restorable_keys, holds_containers
 from distckpt.manifest import FileRecord, Manifest
 from distckpt.model_state import ModelOptimizerState
-from distckpt.state import copy_containers, dtensor_type, remove_path, set_path
+from distckpt.state import copy_containers, remove_path, set_path
 
 logger = logging.getLogger("distckpt")
 
@@ -169,84 +166,6 @@ def data_file_name(rank: int) -> str:
 # The format
 
 
-def _find_id_keyed_optimizer(state: Any, path: str = "") -> str | None:
-    """The key of a value that looks like ``optimizer.state_dict()`` (parameters numbered), if
-    any: DCP would save it, but a fresh optimizer has no state tensors to load it back into."""
-    if isinstance(state, Mapping):
-        groups = state.get("param_groups")
-        if (
-            set(state) == {"state", "param_groups"}
-            and isinstance(groups, list)
-            and any(
-                isinstance(group, Mapping)
-                and any(isinstance(p, int) for p in group.get("params", ()))
-                for group in groups
-            )
-        ):
-            return path or "<top level>"
-        for key, value in state.items():
-            found = _find_id_keyed_optimizer(value, f"{path}.{key}" if path else str(key))
-            if found is not None:
-                return found
-    elif isinstance(state, (list, tuple)) and holds_containers(state):
-        for index, value in enumerate(state):
-            found = _find_id_keyed_optimizer(value, f"{path}.{index}" if path else str(index))
-            if found is not None:
-                return found
-    return None
-
-
-def _check_saveable(state: Any) -> None:
-    _check_keys(state, "saves")
-    check_restorable_keys(state)
-    if PER_RANK_KEY in state:
-        raise InvalidArgument(
-            f"the top-level key {PER_RANK_KEY!r} is where the 'dcp' format keeps per-rank "
-            "values; rename yours"
-        )
-    dtensor = dtensor_type()
-    _, marked = split_per_rank(state)
-    sharded = [dotted(path) for path, value in marked if _holds(value, dtensor)]
-    if sharded:
-        raise InvalidArgument(
-            f"{', '.join(sharded)}: marked per rank but holds DTensors, which are sharded "
-            "across the ranks already; leave them unmarked"
-        )
-    check_tensor_types(state, dtensor)
-    optimizer_key = _find_id_keyed_optimizer(state)
-    if optimizer_key is not None:
-        raise InvalidArgument(
-            f"{optimizer_key!r} looks like optimizer.state_dict(), keyed by parameter number: "
-            "the 'dcp' format needs the optimizer state keyed by parameter name, or a resume "
-            "into a fresh optimizer would silently drop it. Save "
-            "ModelOptimizerState(model, optimizer) (from distckpt.formats.dcp) instead of the "
-            "model and the optimizer"
-        )
-
-
-def _holds(value: Any, kind: type | None) -> bool:
-    """Whether ``value`` is or contains (in dicts, lists, tuples) an instance of ``kind``."""
-    if kind is None:
-        return False
-    if isinstance(value, kind):
-        return True
-    if isinstance(value, Mapping):
-        return any(_holds(item, kind) for item in value.values())
-    if isinstance(value, (list, tuple)):
-        return any(_holds(item, kind) for item in value)
-    return False
-
-
-def _check_keys(state: Any, what: str) -> None:
-    if not isinstance(state, Mapping):
-        raise InvalidArgument(
-            f"the 'dcp' format {what} a dict at the top level, not a {type(state).__name__}"
-        )
-    bad = [key for key in state if not isinstance(key, str)]
-    if bad:
-        raise InvalidArgument(f"the 'dcp' format needs string top-level keys, got {bad!r}")
-
-
 class DcpFormat:
     """Sharded checkpoints through ``torch.distributed.checkpoint``; restorable by any number of
     ranks. See the module doc for what it saves and its limits."""
@@ -266,7 +185,7 @@ class DcpFormat:
 
     def check_state(self, state: Any) -> None:
         """Refuses what DCP could save but not load back (see the module doc)."""
-        _check_saveable(state)
+        check_saveable(state)
 
     def estimate_bytes(self, state: Any) -> int:
         # DCP writes every element of each tensor (an expanded view in full), not its storage,
@@ -321,7 +240,7 @@ class DcpFormat:
                 "the whole checkpoint as full tensors in one process, use "
                 "distckpt.export() or distckpt.formats.dcp.load_consolidated()"
             )
-        _check_keys(template, "restores into")
+        check_keys(template, "restores into")
         metadata = read_metadata(directory, manifest, allow_pickle=options.allow_pickle)
 
         already_read: dict[str, Any] = {}
@@ -407,6 +326,12 @@ class DcpFormat:
             )
         return state
 
+    def exported_files(self, manifest: Manifest, *, rank: int | None, all_ranks: bool) -> list[str]:
+        """The files the consolidated state is read from, :meth:`required_files`
+        (``.metadata`` and every rank's data file, not the extra files a save stored beside
+        them); none with ``rank`` or ``all_ranks``, which :meth:`export` refuses."""
+        return [] if _asks_for_ranks(rank, all_ranks) else self.required_files(manifest)
+
     def export(
         self,
         directory: Path,
@@ -418,12 +343,18 @@ class DcpFormat:
     ) -> Any:
         """The consolidated state (:func:`load_consolidated`), every rank's per-rank values
         under ``__per_rank__`` by rank; ``rank`` and ``all_ranks`` are refused."""
-        if rank is not None or all_ranks:
+        if _asks_for_ranks(rank, all_ranks):
             raise InvalidArgument(
                 f"{directory} is a 'dcp' checkpoint: it is exported whole, as full tensors; "
                 "rank= and all_ranks= only apply to the 'torch' format"
             )
         return load_consolidated(directory, manifest, allow_pickle=allow_pickle)
+
+
+def _asks_for_ranks(rank: int | None, all_ranks: bool) -> bool:
+    """Whether an export is asked for ranks, which a "dcp" checkpoint, exported whole, has
+    none of."""
+    return rank is not None or all_ranks
 
 
 def _read_alone(

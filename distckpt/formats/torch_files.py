@@ -364,6 +364,15 @@ class TorchFilesFormat:
         path = prepared.directory / rank_file_name(prepared.ctx.rank)
         return read_rank_file(path, prepared.manifest, prepared.options)
 
+    def exported_files(self, manifest: Manifest, *, rank: int | None, all_ranks: bool) -> list[str]:
+        """Every rank's file with ``all_ranks``, else the chosen rank's alone; none for
+        arguments :meth:`export` refuses (both given, a rank that saved nothing)."""
+        try:
+            ranks = _exported_ranks(manifest, rank, all_ranks)
+        except InvalidArgument:
+            return []  # export refuses them, saying why, before reading a file
+        return [rank_file_name(r) for r in ranks if 0 <= r < manifest.world_size]
+
     def export(
         self,
         directory: Path,
@@ -375,14 +384,21 @@ class TorchFilesFormat:
     ) -> Any:
         """One rank's state (rank 0 unless ``rank`` says otherwise), or with ``all_ranks``
         ``{rank: state}`` of every rank."""
-        if all_ranks and rank is not None:
-            raise InvalidArgument("pass rank= or all_ranks=True, not both")
+        ranks = _exported_ranks(manifest, rank, all_ranks)
         options = ReadOptions(map_location="cpu", allow_pickle=allow_pickle)
         if all_ranks:
             return {
-                r: read_rank_file(directory / rank_file_name(r), manifest, options)
-                for r in range(manifest.world_size)
+                r: read_rank_file(directory / rank_file_name(r), manifest, options) for r in ranks
             }
-        chosen = 0 if rank is None else rank
+        (chosen,) = ranks
         check_saved_rank(directory, manifest, chosen)
         return read_rank_file(directory / rank_file_name(chosen), manifest, options)
+
+
+def _exported_ranks(manifest: Manifest, rank: int | None, all_ranks: bool) -> list[int]:
+    """The ranks whose states an export writes: every rank with ``all_ranks``, else ``rank``,
+    rank 0 by default (unchecked: perhaps one that saved nothing); :class:`InvalidArgument`
+    for both."""
+    if all_ranks and rank is not None:
+        raise InvalidArgument("pass rank= or all_ranks=True, not both")
+    return list(range(manifest.world_size)) if all_ranks else [0 if rank is None else rank]

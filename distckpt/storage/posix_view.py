@@ -18,7 +18,8 @@ from distckpt.layout import (
     holds_a_root,
     parse_step_dir_name,
 )
-from distckpt.manifest import Manifest, Problem, find_problems, read_manifest
+from distckpt.manifest import Manifest, find_problems, read_manifest
+from distckpt.problems import Problem
 from distckpt.results import CheckpointLocation
 from distckpt.storage.views import CheckpointSource, Located, RootView, nested_root_refusal
 

@@ -50,20 +50,17 @@ from distckpt.layout import (
     set_aside_name,
     step_dir_name,
 )
-from distckpt.manifest import (
-    CHECKSUM_ALGORITHM,
-    MAX_MANIFEST_BYTES,
-    Manifest,
+from distckpt.manifest import CHECKSUM_ALGORITHM, MAX_MANIFEST_BYTES, Manifest, oversized_manifest
+from distckpt.objstore import ObjectStore
+from distckpt.objurl import S3Url
+from distckpt.problems import (
     Problem,
     checksum_mismatch,
     damage,
     missing,
-    oversized_manifest,
     unknown_checksum_algorithm,
     wrong_size,
 )
-from distckpt.objstore import ObjectStore
-from distckpt.objurl import S3Url
 from distckpt.results import CheckpointLocation
 from distckpt.storage.s3_spool import make_temp_dir
 from distckpt.storage.views import CheckpointSource, RootView

@@ -25,7 +25,8 @@ from typing import Literal
 
 from distckpt.errors import CheckpointError, InvalidArgument
 from distckpt.layout import RootLayout, parse_step_dir_name
-from distckpt.manifest import Manifest, Problem
+from distckpt.manifest import Manifest
+from distckpt.problems import Problem
 from distckpt.results import CheckpointLocation, location_name
 
 #: What a location given by a user stands for: a ``last``/``best`` pointer of a root, one
