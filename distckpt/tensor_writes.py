@@ -1,0 +1,101 @@
+"""Writing a checkpoint's tensor into a given one in place (a restore's ``state=``), and telling
+before anything is loaded whether that can be done.
+
+``copy_`` refuses some given tensors only once it runs, after the tensors before them in the
+state were loaded: one whose elements share memory (an expanded view, whose strides are 0), one
+of another layout than the saved one (sparse and strided), one made under
+``torch.inference_mode()``, or one of a dtype torch has no copy from the saved one into
+(``bits16`` from anything else, ``float4_e2m1fn_x2`` from another dtype); into a tensor on the
+``meta`` device, which holds no data, it copies nothing, without a word.
+:func:`unwritable_reason` finds them for a restore's dry run, which refuses them before
+anything is loaded. A tensor of a sub-byte dtype (:data:`SUB_BYTE_DTYPES`) takes a saved one
+of its own dtype through ``uint8`` views of both (:func:`through_bytes`), as an async save's
+snapshot copies it. Any other copy that fails is the caller's to report.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+
+import torch
+
+#: Dtypes of fewer than 8 bits, each element in a byte of its own: torch has no copy (nor
+#: clone) for them, so their bytes are copied through ``uint8`` views of them.
+SUB_BYTE_DTYPES: frozenset[torch.dtype] = frozenset(
+    getattr(torch, f"{kind}{bits}")
+    for kind in ("uint", "int")
+    for bits in range(1, 8)
+    if hasattr(torch, f"{kind}{bits}")
+)
+
+
+def through_bytes(target: torch.Tensor, source: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(``target``, ``source``) as a copy fills ``target`` from ``source``: ``uint8`` views of
+    both for a sub-byte dtype, which torch has no copy for."""
+    if source.dtype in SUB_BYTE_DTYPES:
+        return target.view(torch.uint8), source.view(torch.uint8)
+    return target, source
+
+
+def unwritable_reason(given: torch.Tensor, loaded: torch.Tensor) -> str | None:
+    """Why ``loaded`` (of the same shape) cannot be copied into ``given`` in place, or None
+    when it can (converted to ``given``'s dtype, as ``Module.load_state_dict`` does)."""
+    if given.device.type == "meta":
+        return (
+            "it is on the meta device, which holds no data to load into: make it a tensor of "
+            "a real device first (Module.to_empty)"
+        )
+    if given.layout != loaded.layout:
+        return f"torch has no copy from the saved {loaded.layout} tensor into a {given.layout} one"
+    if given.is_inference() and not torch.is_inference_mode_enabled():
+        return (
+            "it was made under torch.inference_mode(), which allows no change to it outside: "
+            "give a tensor made outside it (.clone())"
+        )
+    # The check copy_ itself makes before writing (its private name is the only one torch
+    # exposes): YES (1) only, as copy_ refuses only that, not TOO_HARD (2).
+    if (
+        given.layout == torch.strided
+        and given.numel() > 1
+        and torch._debug_has_internal_overlap(given) == 1
+    ):
+        return (
+            "several of its elements share memory (an expanded view, strides of 0): "
+            "give a tensor of its own memory (.clone())"
+        )
+    if not _copies(given.dtype, loaded.dtype):
+        return f"torch has no copy from the saved {loaded.dtype} into {given.dtype}"
+    return None
+
+
+def copy_into(given: torch.Tensor, loaded: torch.Tensor) -> None:
+    """Copy ``loaded`` into ``given`` in place (as bytes for a sub-byte dtype), untracked by
+    autograd (a parameter is a leaf that requires grad)."""
+    target, source = (
+        through_bytes(given, loaded) if given.dtype == loaded.dtype else (given, loaded)
+    )
+    with torch.no_grad():
+        target.copy_(source)
+
+
+@functools.cache
+def _copies(target: torch.dtype, source: torch.dtype) -> bool:
+    """Whether torch copies ``source`` into ``target`` (once per pair: by trying it on one
+    element, since torch publishes no table of its copy kernels)."""
+    if target == source and target in SUB_BYTE_DTYPES:
+        return True  # through_bytes
+    try:
+        one = [
+            torch.zeros(dtype.itemsize, dtype=torch.uint8).view(dtype)[:1]
+            for dtype in (target, source)
+        ]
+    except (RuntimeError, TypeError):
+        return True  # no plain tensor takes this dtype (a quantized one): the copy tells
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # complex into real: its warning is the copy's
+            one[0].copy_(one[1])
+    except RuntimeError:  # NotImplementedError too: torch's "not implemented for 'UInt4'"
+        return False
+    return True

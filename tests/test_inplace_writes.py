@@ -1,0 +1,129 @@
+"""A restore into given tensors (``state=``) that torch cannot write in place: a sub-byte dtype
+is loaded as its bytes; a tensor nothing can be copied into (an expanded view, a tensor on the
+``meta`` device, a dtype torch has no copy into) is refused before anything is loaded; any
+other failing copy is an ``InvalidArgument``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import distckpt
+from distckpt.errors import InvalidArgument
+
+
+def save(root: Path, middle: torch.Tensor) -> None:
+    with distckpt.CheckpointManager(root, fsync=False) as manager:
+        manager.save(1, {"a": torch.full((4,), 7.0), "middle": middle, "z": torch.full((4,), 7.0)})
+
+
+def given(middle: torch.Tensor) -> dict[str, Any]:
+    return {"a": torch.zeros(4), "middle": middle, "z": torch.zeros(4)}
+
+
+def test_a_sub_byte_tensor_is_restored_in_place_as_its_bytes(root: Path) -> None:
+    saved = torch.arange(4, dtype=torch.uint8).view(torch.uint4)
+    save(root, saved)
+    state = given(torch.zeros(4, dtype=torch.uint8).view(torch.uint4))
+    distckpt.load_checkpoint(root, state=state)
+    assert state["middle"].dtype == torch.uint4
+    assert state["middle"].view(torch.uint8).tolist() == [0, 1, 2, 3]
+    assert state["a"].tolist() == state["z"].tolist() == [7.0] * 4
+
+
+def inference_tensor() -> torch.Tensor:
+    with torch.inference_mode():
+        return torch.zeros(4)
+
+
+#: (saved tensor, the given one it cannot be copied into, what the refusal says)
+UNWRITABLE: dict[str, tuple[Callable[[], torch.Tensor], Callable[[], torch.Tensor], str]] = {
+    "expanded": (
+        lambda: torch.arange(4.0),
+        lambda: torch.zeros(1).expand(4),
+        "share memory",
+    ),
+    "meta": (lambda: torch.arange(4.0), lambda: torch.empty(4, device="meta"), "meta device"),
+    "no-copy-dtype": (
+        lambda: torch.arange(4, dtype=torch.int16),
+        lambda: torch.zeros(4, dtype=torch.int16).view(torch.bits16),
+        "no copy from the saved torch.int16 into torch.bits16",
+    ),
+    "quantized-into-plain": (
+        lambda: torch.quantize_per_tensor(torch.arange(4.0), 0.5, 0, torch.qint8),
+        lambda: torch.zeros(4),
+        "no copy from the saved torch.qint8 into torch.float32",
+    ),
+    "sparse-into-strided": (
+        lambda: torch.arange(4.0).to_sparse(),
+        lambda: torch.zeros(4),
+        "no copy from the saved torch.sparse_coo tensor into a torch.strided one",
+    ),
+    "inference": (lambda: torch.arange(4.0), inference_tensor, "inference_mode"),
+    "other-sub-byte-dtype": (
+        lambda: torch.arange(4, dtype=torch.uint8),
+        lambda: torch.zeros(4, dtype=torch.uint8).view(torch.uint4),
+        "no copy from the saved torch.uint8 into torch.uint4",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", UNWRITABLE)
+def test_a_tensor_nothing_can_be_copied_into_is_refused_before_anything_is_loaded(
+    root: Path, case: str
+) -> None:
+    make_saved, make_given, reason = UNWRITABLE[case]
+    save(root, make_saved())
+    state = given(make_given())
+    with pytest.raises(InvalidArgument, match=reason) as raised:
+        distckpt.load_checkpoint(root, state=state)
+    assert "middle:" in str(raised.value) and raised.value.step == 1
+    assert state["a"].tolist() == state["z"].tolist() == [0.0] * 4
+
+
+def test_a_manager_restore_refuses_it_too_leaving_the_state_as_it_was(root: Path) -> None:
+    save(root, torch.arange(4.0))
+    state = given(torch.zeros(1).expand(4))
+    with (
+        distckpt.CheckpointManager(root, fsync=False) as manager,
+        pytest.raises(InvalidArgument, match="middle: several of its elements"),
+    ):
+        manager.restore("last", state=state)
+    assert state["a"].tolist() == state["z"].tolist() == [0.0] * 4
+
+
+class Frozen(torch.Tensor):
+    """A tensor refusing every in-place copy into it, as a user's frozen weights might: only
+    running the copy tells."""
+
+    @classmethod
+    def __torch_function__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if func is torch.Tensor.copy_:
+            raise RuntimeError("this tensor is frozen")
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+def test_a_copy_torch_refuses_only_as_it_runs_is_an_invalid_argument(root: Path) -> None:
+    save(root, torch.arange(4.0))
+    state = given(torch.zeros(4).as_subclass(Frozen))
+    with pytest.raises(InvalidArgument, match=r"middle: cannot load .* it: this tensor is frozen"):
+        distckpt.load_checkpoint(root, state=state)
+
+
+def test_a_tensor_of_another_dtype_takes_the_saved_values_converted(root: Path) -> None:
+    with distckpt.CheckpointManager(root, fsync=False) as manager:
+        manager.save(
+            1,
+            {
+                "wide": torch.tensor([3e300, 1.5], dtype=torch.float64),
+                "f": torch.tensor([1.7, -2.9]),
+            },
+        )
+    state = {"wide": torch.zeros(2), "f": torch.zeros(2, dtype=torch.int64)}
+    distckpt.load_checkpoint(root, state=state)
+    assert state["wide"].dtype == torch.float32 and state["wide"].tolist() == [float("inf"), 1.5]
+    assert state["f"].dtype == torch.int64 and state["f"].tolist() == [1, -2]
