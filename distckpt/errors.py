@@ -164,9 +164,9 @@ class UnrestorableKeys(InvalidArgument):
 
 class UnsupportedTensors(InvalidArgument):
     """Tensors the format cannot save and load back, refused before anything is written:
-    "dcp" takes plain tensors and DTensors only (a ``torch.Tensor`` subclass or a nested tensor
-    is refused; "torch" saves them all). ``keys`` are their dotted places, ``kinds`` each one's
-    class's qualified name (``torch.Tensor (nested)`` for a strided nested tensor)."""
+    "dcp" refuses a ``torch.Tensor`` subclass but DTensor, a nested or sparse tensor, and a
+    ``bits*`` or sub-byte dtype ("torch" saves them all). ``keys`` are their dotted places,
+    ``kinds`` each one's class's qualified name, ``torch.Tensor (<what>)`` for the others."""
 
     keys: tuple[str, ...] = ()
     kinds: tuple[str, ...] = ()
