@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from distckpt.errors import InvalidArgument
+from distckpt.export_state import savable_state, torch_save
 from distckpt.formats import format_named
 from distckpt.formats.base import check_rank_argument
 from distckpt.fsutil import atomic_write, fsync_ancestors, make_dirs
@@ -116,16 +117,18 @@ def export(
 
 
 def _exported_state(found: Found, rank: int | None, all_ranks: bool, allow_pickle: bool) -> Any:
-    """What :func:`export` writes of the committed checkpoint ``found``."""
+    """What :func:`export` writes of the committed checkpoint ``found``, as ``torch.save`` can
+    write it (:func:`~distckpt.export_state.savable_state`)."""
     source, manifest = found
     check_rank_argument(rank)
     with (
         source.local_copy(manifest.files) as directory,
         errors_name_the_location(source, directory),
     ):
-        return format_named(manifest.format).export(
+        exported = format_named(manifest.format).export(
             directory, manifest, rank=rank, all_ranks=all_ranks, allow_pickle=allow_pickle
         )
+    return savable_state(exported)
 
 
 @contextmanager
@@ -241,4 +244,4 @@ def _atomic_torch_save(state: Any, out: Path, *, fsync: bool) -> None:
     make_dirs(out.parent, fsync=fsync)
     if fsync:
         fsync_ancestors(out.parent)
-    atomic_write(out, lambda file: torch.save(state, file), fsync=fsync)
+    atomic_write(out, lambda file: torch_save(state, file, out), fsync=fsync)
