@@ -15,7 +15,7 @@ import logging
 import sys
 import threading
 from collections import OrderedDict
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -29,12 +29,13 @@ logger = logging.getLogger("distckpt")
 _PLAIN_TYPES: frozenset[type] = frozenset({int, float, str, bytes, bool, type(None)})
 
 
-def unusual_values(state: Any) -> dict[Hashable, Any]:
+def unusual_values(state: Any, *, walks_any_mapping: bool = False) -> dict[Hashable, Any]:
     """What in ``state`` could make its pickle name a global, one value per kind (the first met):
     each value (or dict key) that is neither of :data:`_PLAIN_TYPES` nor a dict, OrderedDict,
     list, tuple or plain tensor (taken as it is), the class of a named tuple or of a tensor
     subclass (not its data: a DTensor's shard would be pickled again for nothing). Its pickle
-    names the globals the state's pickle names.
+    names the globals the state's pickle names. With ``walks_any_mapping`` (a format that saves
+    every mapping as a dict of its items: "dcp"), any mapping is looked into as a dict is.
 
     The kind of a value is its type; of a class (a named tuple's, a subclass's), the class; of
     a NumPy array, its type and dtype, and it stands as a slice of its first element, which names
@@ -51,7 +52,11 @@ def unusual_values(state: Any) -> dict[Hashable, Any]:
             continue
         if isinstance(value, PerRank):
             pending.append(value.value)
-        elif kind is dict or kind is OrderedDict:
+        elif (
+            kind is dict
+            or kind is OrderedDict
+            or (walks_any_mapping and isinstance(value, Mapping))
+        ):
             # torch allows OrderedDict; the _metadata of a module's holds plain values
             pending.extend(value.keys())
             pending.extend(value.values())
@@ -116,11 +121,11 @@ class RefusedValuesWarning:
         self.pickled_bytes = 0
         self._lock = threading.Lock()
 
-    def check(self, state: Any) -> None:
+    def check(self, state: Any, *, walks_any_mapping: bool = False) -> None:
         """Look at ``state`` (plain data, as the format writes it) and warn if a default restore
-        would refuse some of it. Never raises: a value that cannot be pickled at all fails the
-        format's write, which says so."""
-        values = unusual_values(state)
+        would refuse some of it (``walks_any_mapping``: see :func:`unusual_values`). Never
+        raises: a value that cannot be pickled at all fails the format's write, which says so."""
+        values = unusual_values(state, walks_any_mapping=walks_any_mapping)
         if not values:
             return
         kinds = frozenset(values)
