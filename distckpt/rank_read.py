@@ -17,12 +17,13 @@ import torch.distributed as dist
 from distckpt.errors import CheckpointError, CheckpointVanished, CorruptCheckpoint
 from distckpt.formats import PreparedRead, ReadOptions, ShardContext, format_named
 from distckpt.formats.base import check_saved_rank
-from distckpt.load_report import dotted_prefixes, optional_cover
+from distckpt.load_report import LoadReport, dotted_prefixes, optional_cover
 from distckpt.manifest import Manifest
 from distckpt.model_state_keys import init_state_places
 from distckpt.results import Checkpoint
 from distckpt.state import apply_load, check_load, to_plain
 from distckpt.storage.views import CheckpointSource, errors_name_the_location
+from distckpt.tensor_writes import unwritable_given
 
 T = TypeVar("T")
 
@@ -86,6 +87,12 @@ def prepare_read(
         if template is not None
         else None
     )
+
+    if plain is not None:
+        # Before the read: a "dcp" read loads into the template's tensors as it goes.
+        LoadReport(unwritable=list(unwritable_given(plain))).check_writable(
+            source.location, manifest.step
+        )
 
     def prepare() -> PreparedRead:
         if world_size is None and rank_named:

@@ -8,17 +8,25 @@ of another layout than the saved one (sparse and strided), one made under
 (``bits16`` from anything else, ``float4_e2m1fn_x2`` from another dtype); into a tensor on the
 ``meta`` device, which holds no data, it copies nothing, without a word.
 :func:`unwritable_reason` finds them for a restore's dry run, which refuses them before
-anything is loaded. A tensor of a sub-byte dtype (:data:`SUB_BYTE_DTYPES`) takes a saved one
-of its own dtype through ``uint8`` views of both (:func:`through_bytes`), as an async save's
-snapshot copies it. Any other copy that fails is the caller's to report.
+anything is loaded; those that take nothing whatever is saved (:func:`unwritable_given`: on
+``meta``, sharing memory, made under inference mode), a module's too, are refused before the
+checkpoint is read, so before a "dcp" read loads into the others. A tensor of a sub-byte
+dtype (:data:`SUB_BYTE_DTYPES`) takes a saved one of its own dtype through ``uint8`` views of
+both (:func:`through_bytes`), as an async save's snapshot copies it. Any other copy that fails
+is the caller's to report.
 """
 
 from __future__ import annotations
 
 import functools
 import warnings
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import torch
+
+from distckpt.model_state_keys import join_key
+from distckpt.per_rank import PerRank
 
 #: Dtypes of fewer than 8 bits, each element in a byte of its own: torch has no copy (nor
 #: clone) for them, so their bytes are copied through ``uint8`` views of them.
@@ -41,22 +49,34 @@ def through_bytes(target: torch.Tensor, source: torch.Tensor) -> tuple[torch.Ten
 def unwritable_reason(given: torch.Tensor, loaded: torch.Tensor) -> str | None:
     """Why ``loaded`` (of the same shape) cannot be copied into ``given`` in place, or None
     when it can (converted to ``given``'s dtype, as ``Module.load_state_dict`` does)."""
+    reason = given_unwritable_reason(given)
+    if reason is not None:
+        return reason
+    if given.layout != loaded.layout:
+        return f"torch has no copy from the saved {loaded.layout} tensor into a {given.layout} one"
+    if not _copies(given.dtype, loaded.dtype):
+        return f"torch has no copy from the saved {loaded.dtype} into {given.dtype}"
+    return None
+
+
+def given_unwritable_reason(given: torch.Tensor) -> str | None:
+    """Why nothing can be copied into ``given`` in place, whatever is saved, or None."""
     if given.device.type == "meta":
         return (
             "it is on the meta device, which holds no data to load into: make it a tensor of "
             "a real device first (Module.to_empty)"
         )
-    if given.layout != loaded.layout:
-        return f"torch has no copy from the saved {loaded.layout} tensor into a {given.layout} one"
     if given.is_inference() and not torch.is_inference_mode_enabled():
         return (
             "it was made under torch.inference_mode(), which allows no change to it outside: "
             "give a tensor made outside it (.clone())"
         )
     # The check copy_ itself makes before writing (its private name is the only one torch
-    # exposes): YES (1) only, as copy_ refuses only that, not TOO_HARD (2).
+    # exposes): YES (1) only, as copy_ refuses only that, not TOO_HARD (2). A plain tensor's
+    # only: a DTensor's shards are DCP's to write.
     if (
-        given.layout == torch.strided
+        type(given) is torch.Tensor
+        and given.layout == torch.strided
         and given.numel() > 1
         and torch._debug_has_internal_overlap(given) == 1
     ):
@@ -64,9 +84,30 @@ def unwritable_reason(given: torch.Tensor, loaded: torch.Tensor) -> str | None:
             "several of its elements share memory (an expanded view, strides of 0): "
             "give a tensor of its own memory (.clone())"
         )
-    if not _copies(given.dtype, loaded.dtype):
-        return f"torch has no copy from the saved {loaded.dtype} into {given.dtype}"
     return None
+
+
+def unwritable_given(state: Any, path: str = "") -> Iterator[tuple[str, str]]:
+    """(dotted key, why) of each tensor of ``state`` (a restore's template reduced to plain
+    data: a module's tensors too) that nothing can be copied into
+    (:func:`given_unwritable_reason`). Every mapping is looked into, as a restore loads into
+    any (and DCP flattens any)."""
+    if isinstance(state, torch.Tensor):
+        reason = given_unwritable_reason(state)
+        if reason is not None:
+            yield path, reason
+    elif isinstance(state, PerRank):
+        yield from unwritable_given(state.value, path)
+    elif isinstance(state, Mapping):
+        for key, value in state.items():
+            yield from unwritable_given(value, join_key(path, key))
+    elif isinstance(state, (list, tuple)) and any(
+        # told by the set of the items' types, so a long list of token ids costs no look at each
+        issubclass(kind, (torch.Tensor, Mapping, list, tuple, PerRank))
+        for kind in set(map(type, state))
+    ):
+        for index, value in enumerate(state):
+            yield from unwritable_given(value, join_key(path, index))
 
 
 def copy_into(given: torch.Tensor, loaded: torch.Tensor) -> None:

@@ -85,6 +85,28 @@ def test_a_tensor_nothing_can_be_copied_into_is_refused_before_anything_is_loade
     assert state["a"].tolist() == state["z"].tolist() == [0.0] * 4
 
 
+@pytest.mark.parametrize("case", ["expanded", "meta", "inference"])
+def test_a_dcp_restore_refuses_them_before_its_read_loads_the_others(root: Path, case: str) -> None:
+    make_saved, make_given, reason = UNWRITABLE[case]
+    state = given(make_given())
+    with distckpt.CheckpointManager(root, format="dcp", fsync=False) as manager:
+        manager.save(1, {"a": torch.full((4,), 7.0), "middle": make_saved(), "z": torch.ones(4)})
+        with pytest.raises(InvalidArgument, match=reason):
+            manager.restore("last", state=state)
+    assert state["a"].tolist() == state["z"].tolist() == [0.0] * 4
+
+
+def test_a_module_on_the_meta_device_is_refused_before_anything_is_loaded(root: Path) -> None:
+    with distckpt.CheckpointManager(root, fsync=False) as manager:
+        manager.save(1, {"a": torch.ones(2), "lin": torch.nn.Linear(2, 2)})
+        with torch.device("meta"):
+            lin = torch.nn.Linear(2, 2)
+        state = {"a": torch.zeros(2), "lin": lin}
+        with pytest.raises(InvalidArgument, match=r"lin\.weight: it is on the meta device"):
+            manager.restore("last", state=state)
+    assert state["a"].tolist() == [0.0, 0.0]
+
+
 def test_a_manager_restore_refuses_it_too_leaving_the_state_as_it_was(root: Path) -> None:
     save(root, torch.arange(4.0))
     state = given(torch.zeros(1).expand(4))
