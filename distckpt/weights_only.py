@@ -14,12 +14,12 @@ import io
 import logging
 import sys
 import threading
-from collections import OrderedDict
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
 import torch
 
+from distckpt.containers import is_walked_mapping
 from distckpt.per_rank import PerRank
 
 logger = logging.getLogger("distckpt")
@@ -52,11 +52,7 @@ def unusual_values(state: Any, *, walks_any_mapping: bool = False) -> dict[Hasha
             continue
         if isinstance(value, PerRank):
             pending.append(value.value)
-        elif (
-            kind is dict
-            or kind is OrderedDict
-            or (walks_any_mapping and isinstance(value, Mapping))
-        ):
+        elif is_walked_mapping(value) or (walks_any_mapping and isinstance(value, Mapping)):
             # torch allows OrderedDict; the _metadata of a module's holds plain values
             pending.extend(value.keys())
             pending.extend(value.values())
