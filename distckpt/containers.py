@@ -1,8 +1,6 @@
 """Containers rebuilt as the kind the user's state held: a module's ``state_dict()`` (an
 ``OrderedDict`` carrying ``_metadata``) and named tuples come back as what they were, on the
-save path (plain state, snapshot, rank file) and the restore path alike. The mappings walked
-are dicts and OrderedDicts only (:func:`is_walked_mapping`): any other (a ``defaultdict``, a
-``Counter``, a dict subclass) is kept whole, pickled with its type as ``torch.save`` keeps it."""
+save path (plain state, snapshot, rank file) and the restore path alike."""
 
 from __future__ import annotations
 
@@ -12,13 +10,6 @@ from collections.abc import Mapping
 from typing import Any
 
 
-def is_walked_mapping(value: Any) -> bool:
-    """Whether ``value`` is a mapping a state's walk goes into: a dict or an OrderedDict, by
-    exact type. A subclass would come back from the walk as one of them, without its type (a
-    ``defaultdict`` without its factory), so it is kept whole."""
-    return type(value) is dict or type(value) is OrderedDict
-
-
 def same_kind_of_mapping(
     template: Mapping[Any, Any], items: dict[Any, Any], *, copy_metadata: bool = False
 ) -> dict[Any, Any]:
@@ -26,7 +17,7 @@ def same_kind_of_mapping(
     ``_metadata`` attribute of ``template`` when that is one: as ``torch.save`` and
     ``torch.load(weights_only=True)`` keep a module's ``state_dict()``, whose ``_metadata``
     holds its modules' versions (which ``load_state_dict`` passes on to each module's loading,
-    e.g. ``BatchNorm``'s). ``template`` is a dict or an OrderedDict (:func:`is_walked_mapping`).
+    e.g. ``BatchNorm``'s). Any other mapping becomes a plain dict.
 
     The ``_metadata`` is ``template``'s own unless ``copy_metadata`` (an async save's snapshot,
     which must not see later changes to it): a sync save writes it before returning, and a copy

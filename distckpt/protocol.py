@@ -112,7 +112,7 @@ def write(
             # Before the shard, so the journal it flushes holds little else.
             store.make_staging_durable(plan.area)
         if refused_values is not None:
-            refused_values.check(plan.state, walks_any_mapping=fmt.walks_any_mapping)
+            refused_values.check(plan.state)
         with store.open_shard(plan.location, coord.rank) as directory:
             written = fmt.write(plan.state, directory, ctx)
             records = store.publish_shard(plan.location, directory, written)

@@ -37,7 +37,7 @@ DTensors are copied shard by shard and rebuilt with the same mesh and placements
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,7 +53,7 @@ from distckpt.arrangement import (
     compact_stride,
     view_in,
 )
-from distckpt.containers import is_walked_mapping, same_kind_of_mapping, same_kind_of_tuple
+from distckpt.containers import same_kind_of_mapping, same_kind_of_tuple
 from distckpt.memory import DIRECT_ALIGNMENT, DIRECT_MIN_BYTES, anonymous_memory, round_up
 from distckpt.per_rank import PerRank
 from distckpt.state import dtensor_type
@@ -398,7 +398,7 @@ class SnapshotBuffers:
             return leaf(key, value)
         if isinstance(value, PerRank):
             return PerRank(self._walk(value.value, key, leaf))
-        if is_walked_mapping(value):
+        if isinstance(value, Mapping):
             return same_kind_of_mapping(
                 value,
                 {k: self._walk(v, (*key, k), leaf) for k, v in value.items()},

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from distckpt.containers import is_walked_mapping, same_kind_of_mapping, same_kind_of_tuple
+from distckpt.containers import same_kind_of_mapping, same_kind_of_tuple
 from distckpt.errors import InvalidArgument
 from distckpt.key_prefixes import log_prefix_mapping, matching_prefixes
 from distckpt.load_report import (
@@ -113,9 +113,7 @@ def to_plain(state: Any, *, mark_per_rank: bool = False, template: bool = False)
     """``state`` with every stateful object replaced by its ``state_dict()``, recursively.
     With ``mark_per_rank``, a value that differs per rank (:func:`distckpt.per_rank.is_per_rank`)
     comes out as :class:`~distckpt.PerRank` around its plain value; without, unmarked. With
-    ``template`` (a restore's ``state=``), through :func:`template_state_dict`. Only dicts and
-    OrderedDicts are walked (:func:`~distckpt.containers.is_walked_mapping`): another mapping
-    (a ``defaultdict``) is kept whole, objects inside it too."""
+    ``template`` (a restore's ``state=``), through :func:`template_state_dict`."""
     if is_per_rank(state):
         # An RNGState or a loader is Stateful itself; a PerRank holds its value.
         if isinstance(state, PerRank):
@@ -131,7 +129,7 @@ def to_plain(state: Any, *, mark_per_rank: bool = False, template: bool = False)
     if is_stateful(state):
         inner = template_state_dict(state) if template else state.state_dict()
         return to_plain(inner, mark_per_rank=mark_per_rank, template=template)
-    if is_walked_mapping(state):
+    if isinstance(state, Mapping):
         return same_kind_of_mapping(
             state,
             {

@@ -14,12 +14,12 @@ import io
 import logging
 import sys
 import threading
-from collections.abc import Hashable, Mapping, Sequence
+from collections import OrderedDict
+from collections.abc import Hashable, Sequence
 from typing import Any
 
 import torch
 
-from distckpt.containers import is_walked_mapping
 from distckpt.per_rank import PerRank
 
 logger = logging.getLogger("distckpt")
@@ -29,13 +29,12 @@ logger = logging.getLogger("distckpt")
 _PLAIN_TYPES: frozenset[type] = frozenset({int, float, str, bytes, bool, type(None)})
 
 
-def unusual_values(state: Any, *, walks_any_mapping: bool = False) -> dict[Hashable, Any]:
+def unusual_values(state: Any) -> dict[Hashable, Any]:
     """What in ``state`` could make its pickle name a global, one value per kind (the first met):
     each value (or dict key) that is neither of :data:`_PLAIN_TYPES` nor a dict, OrderedDict,
     list, tuple or plain tensor (taken as it is), the class of a named tuple or of a tensor
     subclass (not its data: a DTensor's shard would be pickled again for nothing). Its pickle
-    names the globals the state's pickle names. With ``walks_any_mapping`` (a format that saves
-    every mapping as a dict of its items: "dcp"), any mapping is looked into as a dict is.
+    names the globals the state's pickle names.
 
     The kind of a value is its type; of a class (a named tuple's, a subclass's), the class; of
     a NumPy array, its type and dtype, and it stands as a slice of its first element, which names
@@ -52,7 +51,7 @@ def unusual_values(state: Any, *, walks_any_mapping: bool = False) -> dict[Hasha
             continue
         if isinstance(value, PerRank):
             pending.append(value.value)
-        elif is_walked_mapping(value) or (walks_any_mapping and isinstance(value, Mapping)):
+        elif kind is dict or kind is OrderedDict:
             # torch allows OrderedDict; the _metadata of a module's holds plain values
             pending.extend(value.keys())
             pending.extend(value.values())
@@ -117,11 +116,11 @@ class RefusedValuesWarning:
         self.pickled_bytes = 0
         self._lock = threading.Lock()
 
-    def check(self, state: Any, *, walks_any_mapping: bool = False) -> None:
+    def check(self, state: Any) -> None:
         """Look at ``state`` (plain data, as the format writes it) and warn if a default restore
-        would refuse some of it (``walks_any_mapping``: see :func:`unusual_values`). Never
-        raises: a value that cannot be pickled at all fails the format's write, which says so."""
-        values = unusual_values(state, walks_any_mapping=walks_any_mapping)
+        would refuse some of it. Never raises: a value that cannot be pickled at all fails the
+        format's write, which says so."""
+        values = unusual_values(state)
         if not values:
             return
         kinds = frozenset(values)

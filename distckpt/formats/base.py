@@ -199,10 +199,6 @@ class CheckpointFormat(Protocol):
     #: whether :meth:`read` runs collectives on ``ctx.group`` (then the ranks agree on
     #: :meth:`prepare_read` before any rank reads; otherwise one agreement after both suffices)
     collective_read: bool
-    #: whether the format goes into every mapping of the state, as into a dict (DCP flattens
-    #: any ``Mapping``), so that none is pickled whole with its type; otherwise it goes into
-    #: dicts and OrderedDicts only (:func:`~distckpt.containers.is_walked_mapping`)
-    walks_any_mapping: bool
 
     def required_files(self, manifest: Manifest) -> list[str]:
         """Files a complete checkpoint of this format must list in its manifest."""

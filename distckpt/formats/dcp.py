@@ -254,7 +254,6 @@ class DcpFormat:
     name = "dcp"
     marks_per_rank = True  # everything unmarked is saved once, for all ranks
     collective_read = True  # dcp.load plans the read across the ranks
-    walks_any_mapping = True  # DCP flattens every Mapping into its keys
 
     def required_files(self, manifest: Manifest) -> list[str]:
         """``.metadata`` and one ``.distcp`` file per saving rank (DCP writes one per rank even

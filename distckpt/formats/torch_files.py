@@ -304,7 +304,6 @@ class TorchFilesFormat:
     name = "torch"
     marks_per_rank = False  # every rank saves its whole state: every value is per rank
     collective_read = False  # each rank reads its own file
-    walks_any_mapping = False  # another mapping is pickled whole, with its type
 
     def __init__(self, writer_threads: int = 1, direct_io: bool = True) -> None:
         #: threads that write a rank file's tensor bytes (:func:`write_rank_file`)
