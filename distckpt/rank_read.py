@@ -88,18 +88,15 @@ def prepare_read(
         else None
     )
 
-    if plain is not None:
-        # Before the read: a "dcp" read loads into the template's tensors as it goes.
-        LoadReport(unwritable=list(unwritable_given(plain))).check_writable(
-            source.location, manifest.step
-        )
-
     def prepare() -> PreparedRead:
         if world_size is None and rank_named:
             check_saved_rank(directory, manifest, rank)
         return fmt.prepare_read(directory, manifest, ctx, plain, options)
 
     prepared = vanish_checked(source, prepare, directory)
+    # Told before the optimizer state made by torch's creating step is taken out of the missing
+    # keys below: the read writes none of them either.
+    not_written = frozenset(prepared.mismatch.missing_keys if prepared.mismatch else ())
     if prepared.mismatch is not None and template is not None:
         # The optimizer state torch's creating step made for a ModelOptimizerState's template
         # is there to load into, not expected: the saving run may have had none (an unused head).
@@ -122,6 +119,17 @@ def prepare_read(
             optional_keys=options.optional_keys,
             optional_whole_keys=options.optional_whole_keys,
         )
+    if fmt.collective_read and plain is not None:
+        # A collective read ("dcp") loads into the given tensors as it goes, so the dry run
+        # after it comes too late for a tensor nothing can be copied into; "torch"'s dry run
+        # comes before any load. A key the checkpoint lacks is never written: not refused.
+        LoadReport(
+            unwritable=[
+                (key, reason)
+                for key, reason in unwritable_given(plain)
+                if optional_cover(key, not_written) is None
+            ]
+        ).check_writable(source.location, manifest.step)
     return prepared
 
 

@@ -339,7 +339,15 @@ def _load(
         report.missing_keys += [join_key(path, k) for k in sorted(expected - got)]
         report.unexpected_keys += [join_key(path, k) for k in sorted(got - expected)]
         for key in sorted(expected & got):
-            _compare_shapes(current[key], loaded[key], join_key(path, key), report)
+            given, saved, place = current[key], loaded[key], join_key(path, key)
+            if (
+                _compare_shapes(given, saved, place, report)
+                and not apply
+                and isinstance(given, torch.Tensor)
+                and isinstance(saved, torch.Tensor)
+                and (reason := unwritable_reason(given, saved)) is not None
+            ):
+                report.unwritable.append((place, reason))
         if apply:
             _checked(path, lambda: template.load_state_dict(loaded, strict=False))
     elif isinstance(template, model_optimizer_state_type() or ()):

@@ -9,8 +9,9 @@ of another layout than the saved one (sparse and strided), one made under
 ``meta`` device, which holds no data, it copies nothing, without a word.
 :func:`unwritable_reason` finds them for a restore's dry run, which refuses them before
 anything is loaded; those that take nothing whatever is saved (:func:`unwritable_given`: on
-``meta``, sharing memory, made under inference mode), a module's too, are refused before the
-checkpoint is read, so before a "dcp" read loads into the others. A tensor of a sub-byte
+``meta``, sharing memory, made under inference mode), a module's too, are refused before a
+"dcp" read, which loads into the others as it goes, under the keys it will write. A tensor of
+a sub-byte
 dtype (:data:`SUB_BYTE_DTYPES`) takes a saved one of its own dtype through ``uint8`` views of
 both (:func:`through_bytes`), as an async save's snapshot copies it. Any other copy that fails
 is the caller's to report.

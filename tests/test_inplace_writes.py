@@ -118,6 +118,25 @@ def test_a_manager_restore_refuses_it_too_leaving_the_state_as_it_was(root: Path
     assert state["a"].tolist() == state["z"].tolist() == [0.0] * 4
 
 
+@pytest.mark.parametrize(
+    ("fmt", "case"),
+    # "dcp" with a meta tensor is left out: DCP itself, reading into one, asks for the default
+    # process group, which a plain process has none of.
+    [("torch", "meta"), ("torch", "inference"), ("dcp", "inference")],
+)
+def test_a_tensor_under_a_key_the_checkpoint_lacks_is_not_refused(
+    root: Path, fmt: str, case: str
+) -> None:
+    """It is never written: a key added since the save, optional or with strict=False."""
+    _, make_given, _ = UNWRITABLE[case]
+    with distckpt.CheckpointManager(root, format=fmt, fsync=False) as manager:
+        manager.save(1, {"a": torch.full((4,), 7.0)})
+        for options in ({"optional_keys": ["new"]}, {"strict": False}):
+            state = {"a": torch.zeros(4), "new": make_given()}
+            restored = manager.restore("last", state=state, **options)
+            assert restored.missing_keys == ("new",) and state["a"].tolist() == [7.0] * 4
+
+
 class Frozen(torch.Tensor):
     """A tensor refusing every in-place copy into it, as a user's frozen weights might: only
     running the copy tells."""
