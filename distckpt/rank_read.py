@@ -14,7 +14,12 @@ from typing import Any, TypeVar
 
 import torch.distributed as dist
 
-from distckpt.errors import CheckpointError, CheckpointVanished, CorruptCheckpoint
+from distckpt.errors import (
+    CheckpointError,
+    CheckpointVanished,
+    CorruptCheckpoint,
+    InvalidArgument,
+)
 from distckpt.formats import PreparedRead, ReadOptions, ShardContext, format_named
 from distckpt.formats.base import check_saved_rank
 from distckpt.load_report import LoadReport, dotted_prefixes, optional_cover
@@ -192,14 +197,23 @@ def apply_read(
     """Load ``checkpoint`` (from :func:`read_state`, checked with the same ``strict``) into
     ``template`` in place, if any; ``checkpoint`` itself."""
     if template is not None:
-        apply_load(
-            template,
-            checkpoint.state,
-            # A strict check that passed with keys missing excused them (optional keys): a
-            # ModelOptimizerState, whose keys are compared one by one, then loads what it has
-            # and keeps its current values for those, instead of torch refusing them.
-            strict=strict and not checkpoint.missing_keys,
-            fix_key_prefixes=options.fix_key_prefixes,
-            unread_keys=checkpoint.unexpected_keys,
-        )
+        try:
+            apply_load(
+                template,
+                checkpoint.state,
+                # A strict check that passed with keys missing excused them (optional keys): a
+                # ModelOptimizerState, whose keys are compared one by one, then loads what it
+                # has and keeps its current values for those, instead of torch refusing them.
+                strict=strict and not checkpoint.missing_keys,
+                fix_key_prefixes=options.fix_key_prefixes,
+                unread_keys=checkpoint.unexpected_keys,
+            )
+        except InvalidArgument as exc:
+            if type(exc) is not InvalidArgument or exc.path is not None:
+                raise
+            # A failed copy or load_state_dict knows its key, not the checkpoint: named here,
+            # as the restore's other errors name it.
+            raise InvalidArgument(
+                f"{checkpoint.path}: {exc}", path=checkpoint.path, step=checkpoint.step
+            ) from exc
     return checkpoint

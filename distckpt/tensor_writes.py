@@ -4,8 +4,9 @@ before anything is loaded whether that can be done.
 ``copy_`` refuses some given tensors only once it runs, after the tensors before them in the
 state were loaded: one whose elements share memory (an expanded view, whose strides are 0), one
 of another layout than the saved one (sparse and strided), one made under
-``torch.inference_mode()``, or one of a dtype torch has no copy from the saved one into
-(``bits16`` from anything else, ``float4_e2m1fn_x2`` from another dtype); into a tensor on the
+``torch.inference_mode()``, one of a dtype torch has no copy from the saved one into
+(``bits16`` from anything else, ``float4_e2m1fn_x2`` from another dtype), or a quantized one
+of another qscheme or dtype than the saved quantized one; into a tensor on the
 ``meta`` device, which holds no data, it copies nothing, without a word.
 :func:`unwritable_reason` finds them for a restore's dry run, which refuses them before
 anything is loaded; those that take nothing whatever is saved (:func:`unwritable_given`: on
@@ -55,6 +56,15 @@ def unwritable_reason(given: torch.Tensor, loaded: torch.Tensor) -> str | None:
         return reason
     if given.layout != loaded.layout:
         return f"torch has no copy from the saved {loaded.layout} tensor into a {given.layout} one"
+    if given.is_quantized and loaded.is_quantized:
+        # _copies cannot make a quantized tensor to try; torch's rule for a pair of them is
+        # known: the same qscheme and dtype (qparams are copied along).
+        if (given.qscheme(), given.dtype) != (loaded.qscheme(), loaded.dtype):
+            return (
+                "torch copies a quantized tensor only into one of its own qscheme and dtype: "
+                f"saved {loaded.qscheme()} {loaded.dtype}, given {given.qscheme()} {given.dtype}"
+            )
+        return None
     if not _copies(given.dtype, loaded.dtype):
         return f"torch has no copy from the saved {loaded.dtype} into {given.dtype}"
     return None

@@ -58,6 +58,17 @@ UNWRITABLE: dict[str, tuple[Callable[[], torch.Tensor], Callable[[], torch.Tenso
         lambda: torch.zeros(4),
         "no copy from the saved torch.qint8 into torch.float32",
     ),
+    "quantized-of-another-qscheme": (
+        lambda: torch.quantize_per_channel(
+            torch.arange(4.0),
+            torch.tensor([0.5] * 4),
+            torch.zeros(4, dtype=torch.int64),
+            0,
+            torch.qint8,
+        ),
+        lambda: torch.quantize_per_tensor(torch.zeros(4), 0.1, 0, torch.qint8),
+        "quantized tensor only into one of its own qscheme and dtype",
+    ),
     "sparse-into-strided": (
         lambda: torch.arange(4.0).to_sparse(),
         lambda: torch.zeros(4),
@@ -151,8 +162,11 @@ class Frozen(torch.Tensor):
 def test_a_copy_torch_refuses_only_as_it_runs_is_an_invalid_argument(root: Path) -> None:
     save(root, torch.arange(4.0))
     state = given(torch.zeros(4).as_subclass(Frozen))
-    with pytest.raises(InvalidArgument, match=r"middle: cannot load .* it: this tensor is frozen"):
+    with pytest.raises(
+        InvalidArgument, match=r"middle: cannot load .* it: this tensor is frozen"
+    ) as raised:
         distckpt.load_checkpoint(root, state=state)
+    assert raised.value.path == str(root / "step-00000001") and raised.value.step == 1
 
 
 def test_a_tensor_of_another_dtype_takes_the_saved_values_converted(root: Path) -> None:
