@@ -5,6 +5,7 @@ other failing copy is an ``InvalidArgument``."""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -182,3 +183,22 @@ def test_a_tensor_of_another_dtype_takes_the_saved_values_converted(root: Path) 
     distckpt.load_checkpoint(root, state=state)
     assert state["wide"].dtype == torch.float32 and state["wide"].tolist() == [float("inf"), 1.5]
     assert state["f"].dtype == torch.int64 and state["f"].tolist() == [1, -2]
+
+
+def test_an_empty_tensor_takes_an_empty_one_of_a_dtype_torch_has_no_copy_for(root: Path) -> None:
+    """Into no element torch copies between any dtypes: the dtype pair is not asked about."""
+    save(root, torch.zeros(0, dtype=torch.int16))
+    state = given(torch.zeros(0, dtype=torch.int16).view(torch.bits16))
+    distckpt.load_checkpoint(root, state=state)
+    assert state["middle"].dtype == torch.bits16 and state["a"].tolist() == [7.0] * 4
+
+
+def test_a_complex_tensor_loads_into_a_real_one_as_its_real_part(root: Path) -> None:
+    """The copy probe asks about a complex into a real dtype without warning filters."""
+    save(root, torch.tensor([1.5 + 2j, -3 + 0j, 0j, 4j]))
+    state = given(torch.zeros(4))
+    with warnings.catch_warnings():
+        # torch's own copy warns that it drops the imaginary parts; that is what is asked
+        warnings.simplefilter("ignore")
+        distckpt.load_checkpoint(root, state=state)
+    assert state["middle"].tolist() == [1.5, -3.0, 0.0, 0.0]
