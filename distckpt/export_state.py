@@ -7,7 +7,8 @@ for. The first are written apart (:func:`savable_state`: each view of another dt
 first one met in its storage is cloned, so only the tensors of that first dtype still share
 it); the second are refused before anything is written, naming each
 (:class:`~distckpt.errors.UnsupportedTensors`). Any other failure of ``torch.save`` writing a
-local file is raised as an :class:`~distckpt.errors.InvalidArgument` (:func:`torch_save`).
+local file or an ``s3://`` object is raised as an :class:`~distckpt.errors.InvalidArgument`
+(:func:`torch_save`).
 """
 
 from __future__ import annotations
@@ -68,10 +69,11 @@ def savable_state(state: Any) -> Any:
 
 
 def torch_save(state: Any, file: IO[bytes], out: str | os.PathLike[str]) -> None:
-    """``torch.save(state, file)`` for the export to the local file ``out``; a failure of
-    torch's (a value it cannot pickle) raised as :class:`~distckpt.errors.InvalidArgument`
-    naming ``out`` and torch's reason. An ``OSError`` passes as it is, and one the file met
-    under torch's own error is raised by :func:`~distckpt.fsutil.atomic_write` instead."""
+    """``torch.save(state, file)`` for the export to ``out`` (a local file or an ``s3://``
+    URL); a failure of torch's (a value it cannot pickle) raised as
+    :class:`~distckpt.errors.InvalidArgument` naming ``out`` and torch's reason. An
+    ``OSError`` passes as it is, and one a local file met under torch's own error is raised
+    by :func:`~distckpt.fsutil.atomic_write` instead."""
     try:
         torch.save(state, file)
     except OSError:

@@ -24,8 +24,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from distckpt.errors import InvalidArgument
 from distckpt.export_state import savable_state, torch_save
 from distckpt.formats import format_named
@@ -96,7 +94,7 @@ def export(
             _refuse_the_checkpoint_read(str(out_file), found[0].location)
             state = _exported_state(found, rank, all_ranks, allow_pickle)
             with store.open_write(name) as writer:
-                torch.save(state, writer)
+                torch_save(state, writer, str(out_file))
         return str(out_file)
     given = os.fspath(out_file)
     if given.endswith(tuple(sep for sep in (os.sep, os.altsep) if sep)):

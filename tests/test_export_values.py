@@ -14,6 +14,9 @@ import torch
 import distckpt
 from distckpt import export
 from distckpt.errors import InvalidArgument, UnsupportedTensors
+from distckpt.objstore import ObjectStore
+from distckpt.objurl import S3Url
+from tests.s3server import S3Server
 
 
 def save(root: Path, state: dict[str, Any]) -> None:
@@ -64,3 +67,17 @@ def test_a_value_torch_save_cannot_write_is_an_invalid_argument(tmp_path: Path) 
         export(tmp_path / "root", out, allow_pickle=True)
     assert refused.value.path == str(out)
     assert list(tmp_path.glob("*out.pt*")) == []
+
+
+def test_an_s3_export_torch_save_cannot_write_is_an_invalid_argument_and_no_object(
+    tmp_path: Path, s3_server: S3Server, s3_url: str
+) -> None:
+    save(tmp_path / "root", {"handle": Handle(), "w": torch.ones(2)})
+    options = s3_server.storage_options()
+    bucket = f"s3://{S3Url.parse(s3_url).bucket}"
+    url = f"{bucket}/exports/model.pt"
+    with pytest.raises(InvalidArgument, match=r"torch\.save cannot write .*lock") as refused:
+        export(tmp_path / "root", url, allow_pickle=True, storage_options=options)
+    assert refused.value.path == url
+    with ObjectStore(bucket, options) as store:
+        assert list(store.list("exports/")) == []
