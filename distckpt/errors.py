@@ -163,10 +163,10 @@ class UnrestorableKeys(InvalidArgument):
 
 
 class UnsupportedTensors(InvalidArgument):
-    """Tensors the format cannot save and load back, refused before anything is written:
-    "dcp" takes plain tensors and DTensors only (a ``torch.Tensor`` subclass or a nested tensor
-    is refused; "torch" saves them all). ``keys`` are their dotted places, ``kinds`` each one's
-    class's qualified name (``torch.Tensor (nested)`` for a strided nested tensor)."""
+    """Tensors a format (or export's file) cannot hold, refused before anything is written: "dcp"
+    a subclass but DTensor, a nested or sparse tensor, a ``bits*`` or sub-byte dtype; export a
+    sub-byte dtype. ``keys`` are their dotted places, ``kinds`` each one's class's qualified
+    name, or ``torch.Tensor (<layout or dtype>)``."""
 
     keys: tuple[str, ...] = ()
     kinds: tuple[str, ...] = ()

@@ -27,9 +27,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from distckpt.errors import InvalidArgument
+from distckpt.export_state import savable_state, torch_save
 from distckpt.formats import format_named
 from distckpt.formats.base import check_rank_argument
 from distckpt.fsutil import atomic_write, fsync_ancestors, make_dirs
@@ -112,7 +111,7 @@ def export(
             _refuse_the_checkpoint_read(str(out_file), found[0].location)
             state = _exported_state(found, rank, all_ranks, allow_pickle, verify)
             with store.open_write(name) as writer:
-                torch.save(state, writer)
+                torch_save(state, writer, str(out_file))
         return str(out_file)
     given = os.fspath(out_file)
     if given.endswith(tuple(sep for sep in (os.sep, os.altsep) if sep)):
@@ -138,7 +137,8 @@ def _exported_state(
     found: Found, rank: int | None, all_ranks: bool, allow_pickle: bool, verify: bool
 ) -> Any:
     """What :func:`export` writes of the committed checkpoint ``found``, its files checked
-    against their checksums first with ``verify``."""
+    against their checksums first with ``verify``, as ``torch.save`` can write it
+    (:func:`~distckpt.export_state.savable_state`)."""
     source, manifest = found
     check_rank_argument(rank)
     fmt = format_named(manifest.format)
@@ -149,9 +149,10 @@ def _exported_state(
     ):
         if verify:
             check_local_copy(source, directory, manifest, names)
-        return fmt.export(
+        exported = fmt.export(
             directory, manifest, rank=rank, all_ranks=all_ranks, allow_pickle=allow_pickle
         )
+    return savable_state(exported)
 
 
 @contextmanager
@@ -253,4 +254,4 @@ def _atomic_torch_save(state: Any, out: Path, *, fsync: bool) -> None:
     make_dirs(out.parent, fsync=fsync)
     if fsync:
         fsync_ancestors(out.parent)
-    atomic_write(out, lambda file: torch.save(state, file), fsync=fsync)
+    atomic_write(out, lambda file: torch_save(state, file, out), fsync=fsync)

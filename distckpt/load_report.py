@@ -12,7 +12,7 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from distckpt.errors import KeyMismatch, ShapeMismatch
+from distckpt.errors import InvalidArgument, KeyMismatch, ShapeMismatch
 from distckpt.per_rank import PerRank
 
 #: A tensor of the template whose shape differs from the saved one under the same key:
@@ -38,6 +38,8 @@ class LoadReport:
     #: the objects with ``state_dict()`` the checkpoint holds with other top-level keys, also
     #: in ``missing_keys`` (not loaded): (dotted place, saved keys, expected keys)
     changed_keys: list[tuple[str, list[str], list[str]]] = field(default_factory=list)
+    #: the given tensors the saved ones cannot be copied into: (dotted place, why)
+    unwritable: list[tuple[str, str]] = field(default_factory=list)
 
     @property
     def clean(self) -> bool:
@@ -55,11 +57,13 @@ class LoadReport:
     ) -> None:
         """Raise what a restore refuses before loading anything: a shape mismatch always
         (:meth:`check_shapes`) and a changed set of optimizer parameter groups
-        (:meth:`check_param_groups`) always, keys on one side only with ``strict``
+        (:meth:`check_param_groups`) and a given tensor nothing can be copied into
+        (:meth:`check_writable`) always, keys on one side only with ``strict``
         (:meth:`check_strict`), but for the missing keys that are or are under
         ``optional_keys`` (:func:`optional_cover`) or are one of ``optional_whole_keys``,
         naming the checkpoint ``where`` of ``step`` (the error's ``path`` and ``step``)."""
         self.check_shapes(where, step)
+        self.check_writable(where, step)
         self.check_param_groups(where, step)
         if strict:
             self.check_strict(where, step, optional_keys, optional_whole_keys)
@@ -81,6 +85,21 @@ class LoadReport:
                 f" state's ({listed}). A shape mismatch is refused even with strict=False:"
                 " nothing can be loaded into a tensor of another shape",
                 mismatches=tuple(self.mismatched_shapes),
+                path=where,
+                step=step,
+            )
+
+    def check_writable(
+        self, where: str | os.PathLike[str] | None = None, step: int | None = None
+    ) -> None:
+        """Raise :class:`~distckpt.errors.InvalidArgument` naming every given tensor the saved
+        one cannot be copied into (:func:`distckpt.tensor_writes.unwritable_reason`), whatever
+        ``strict`` is: loading would fail or do nothing there, after loading the others."""
+        if self.unwritable:
+            listed = "; ".join(f"{key}: {reason}" for key, reason in self.unwritable)
+            raise InvalidArgument(
+                f"{_about(where)}the checkpoint's tensors cannot be loaded into these of the "
+                f"given state ({listed}); nothing was loaded",
                 path=where,
                 step=step,
             )

@@ -14,15 +14,21 @@ from typing import Any, TypeVar
 
 import torch.distributed as dist
 
-from distckpt.errors import CheckpointError, CheckpointVanished, CorruptCheckpoint
+from distckpt.errors import (
+    CheckpointError,
+    CheckpointVanished,
+    CorruptCheckpoint,
+    InvalidArgument,
+)
 from distckpt.formats import PreparedRead, ReadOptions, ShardContext, format_named
 from distckpt.formats.base import check_saved_rank
-from distckpt.load_report import dotted_prefixes, optional_cover
+from distckpt.load_report import LoadReport, dotted_prefixes, optional_cover
 from distckpt.manifest import Manifest
 from distckpt.model_state_keys import init_state_places
 from distckpt.results import Checkpoint
 from distckpt.state import apply_load, check_load, to_plain
 from distckpt.storage.views import CheckpointSource, errors_name_the_location
+from distckpt.tensor_writes import unwritable_given
 
 T = TypeVar("T")
 
@@ -93,6 +99,9 @@ def prepare_read(
         return fmt.prepare_read(directory, manifest, ctx, plain, options)
 
     prepared = vanish_checked(source, prepare, directory)
+    # Told before the optimizer state made by torch's creating step is taken out of the missing
+    # keys below: the read writes none of them either.
+    not_written = frozenset(prepared.mismatch.missing_keys if prepared.mismatch else ())
     if prepared.mismatch is not None and template is not None:
         # The optimizer state torch's creating step made for a ModelOptimizerState's template
         # is there to load into, not expected: the saving run may have had none (an unused head).
@@ -115,6 +124,17 @@ def prepare_read(
             optional_keys=options.optional_keys,
             optional_whole_keys=options.optional_whole_keys,
         )
+    if fmt.collective_read and plain is not None:
+        # A collective read ("dcp") loads into the given tensors as it goes, so the dry run
+        # after it comes too late for a tensor nothing can be copied into; "torch"'s dry run
+        # comes before any load. A key the checkpoint lacks is never written: not refused.
+        LoadReport(
+            unwritable=[
+                (key, reason)
+                for key, reason in unwritable_given(plain)
+                if optional_cover(key, not_written) is None
+            ]
+        ).check_writable(source.location, manifest.step)
     return prepared
 
 
@@ -177,14 +197,23 @@ def apply_read(
     """Load ``checkpoint`` (from :func:`read_state`, checked with the same ``strict``) into
     ``template`` in place, if any; ``checkpoint`` itself."""
     if template is not None:
-        apply_load(
-            template,
-            checkpoint.state,
-            # A strict check that passed with keys missing excused them (optional keys): a
-            # ModelOptimizerState, whose keys are compared one by one, then loads what it has
-            # and keeps its current values for those, instead of torch refusing them.
-            strict=strict and not checkpoint.missing_keys,
-            fix_key_prefixes=options.fix_key_prefixes,
-            unread_keys=checkpoint.unexpected_keys,
-        )
+        try:
+            apply_load(
+                template,
+                checkpoint.state,
+                # A strict check that passed with keys missing excused them (optional keys): a
+                # ModelOptimizerState, whose keys are compared one by one, then loads what it
+                # has and keeps its current values for those, instead of torch refusing them.
+                strict=strict and not checkpoint.missing_keys,
+                fix_key_prefixes=options.fix_key_prefixes,
+                unread_keys=checkpoint.unexpected_keys,
+            )
+        except InvalidArgument as exc:
+            if type(exc) is not InvalidArgument or exc.path is not None:
+                raise
+            # A failed copy or load_state_dict knows its key, not the checkpoint: named here,
+            # as the restore's other errors name it.
+            raise InvalidArgument(
+                f"{checkpoint.path}: {exc}", path=checkpoint.path, step=checkpoint.step
+            ) from exc
     return checkpoint

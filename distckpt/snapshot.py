@@ -57,6 +57,7 @@ from distckpt.containers import same_kind_of_mapping, same_kind_of_tuple
 from distckpt.memory import DIRECT_ALIGNMENT, DIRECT_MIN_BYTES, anonymous_memory, round_up
 from distckpt.per_rank import PerRank
 from distckpt.state import dtensor_type
+from distckpt.tensor_writes import SUB_BYTE_DTYPES, through_bytes
 
 #: Each buffer of the flat block starts at a multiple of this many bytes: a cache line, which
 #: every dtype's alignment divides, and small enough that many tiny tensors waste little. A
@@ -74,15 +75,6 @@ SHARED_START_ALIGNMENT = 16
 #: buffer of its own (see ``_Walk._worth_sharing``). A tensor that is not contiguous gets a
 #: buffer of the bytes it reaches, keeping its strides, under the same bound.
 MAX_SHARED_SPAN_RATIO = 2
-#: Dtypes of fewer than 8 bits, each element in a byte of its own: torch has no copy (nor
-#: clone) for them, so their buffers are filled through ``uint8`` views of the same bytes.
-SUB_BYTE_DTYPES: frozenset[torch.dtype] = frozenset(
-    getattr(torch, f"{kind}{bits}")
-    for kind in ("uint", "int")
-    for bits in range(1, 8)
-    if hasattr(torch, f"{kind}{bits}")
-)
-
 #: ``torch.strided``, compared by identity for every tensor of every save
 _STRIDED = torch.strided
 
@@ -369,7 +361,7 @@ class SnapshotBuffers:
                 return None
             tensor, fill = arranged
             if fill is not None:
-                walk.copies.append(_through_bytes(*fill))
+                walk.copies.append(through_bytes(*fill))
             return self._rebuilt(value, tensor, is_dtensor)
         buffer = self._buffers.get(key)
         if buffer is not None:
@@ -377,7 +369,7 @@ class SnapshotBuffers:
                 return None
             # No call in the common case: this runs for every tensor of every save.
             walk.copies.append(
-                (buffer, local) if dtype not in SUB_BYTE_DTYPES else _through_bytes(buffer, local)
+                (buffer, local) if dtype not in SUB_BYTE_DTYPES else through_bytes(buffer, local)
             )
         else:
             # In a buffer of the bytes its storage's tensors reach (filled by one copy of them),
@@ -418,14 +410,6 @@ class SnapshotBuffers:
                 return items
             return same_kind_of_tuple(value, items)
         return leaf(key, value)
-
-
-def _through_bytes(buffer: torch.Tensor, source: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(``buffer``, ``source``) as a copy fills it: ``uint8`` views of both for a sub-byte
-    dtype, which torch has no copy for."""
-    if source.dtype in SUB_BYTE_DTYPES:
-        return buffer.view(torch.uint8), source.view(torch.uint8)
-    return buffer, source
 
 
 def flat_buffers(

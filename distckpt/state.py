@@ -39,6 +39,7 @@ from distckpt.model_state_keys import (
 )
 from distckpt.per_rank import PerRank, is_per_rank
 from distckpt.rng import load_generator, restores_partly, saved_generator
+from distckpt.tensor_writes import copy_into, unwritable_reason
 
 logger = logging.getLogger("distckpt")
 
@@ -338,7 +339,15 @@ def _load(
         report.missing_keys += [join_key(path, k) for k in sorted(expected - got)]
         report.unexpected_keys += [join_key(path, k) for k in sorted(got - expected)]
         for key in sorted(expected & got):
-            _compare_shapes(current[key], loaded[key], join_key(path, key), report)
+            given, saved, place = current[key], loaded[key], join_key(path, key)
+            if (
+                _compare_shapes(given, saved, place, report)
+                and not apply
+                and isinstance(given, torch.Tensor)
+                and isinstance(saved, torch.Tensor)
+                and (reason := unwritable_reason(given, saved)) is not None
+            ):
+                report.unwritable.append((place, reason))
         if apply:
             _checked(path, lambda: template.load_state_dict(loaded, strict=False))
     elif isinstance(template, model_optimizer_state_type() or ()):
@@ -391,9 +400,11 @@ def _load(
             if isinstance(loaded, (Mapping, list)):
                 # Saved a sub-tree: its keys are none the tensor has (DCP's report too).
                 report.unexpected_keys.append(path)
-        elif _compare_shapes(template, loaded, path, report) and apply:
-            with torch.no_grad():
-                template.copy_(loaded)
+        elif _compare_shapes(template, loaded, path, report):
+            if apply:
+                _checked(path, lambda: copy_into(template, loaded))
+            elif (reason := unwritable_reason(template, loaded)) is not None:
+                report.unwritable.append((path, reason))
     elif isinstance(template, Mapping) and isinstance(loaded, Mapping):
         loaded = _renamed(template, loaded, path, fix=fix_prefixes, log=apply)
         for key, value in template.items():
@@ -462,7 +473,8 @@ def _compare_shapes(current: Any, loaded: Any, path: str, report: LoadReport) ->
 
 
 def _checked(path: str, load: Any) -> None:
-    """Run an object's own ``load_state_dict``; its errors (shape mismatches) become ours."""
+    """Run an object's own ``load_state_dict``, or a tensor's copy; its errors (shape
+    mismatches, a copy torch refuses) become ours."""
     try:
         load()
     except (RuntimeError, KeyError, ValueError, TypeError) as exc:

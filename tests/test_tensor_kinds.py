@@ -156,6 +156,46 @@ def test_dcp_refuses_nested_tensors_at_the_save(root: Path, layout: torch.layout
     assert refused.value.kinds[0].endswith(kind)
 
 
+def test_dcp_refuses_sparse_bits_and_sub_byte_tensors_at_the_save(root: Path) -> None:
+    """What DCP fails on deep inside its save, naming no key: a sparse tensor's storage, the
+    size of a ``bits*`` or sub-byte dtype."""
+    refused_kinds = {
+        "coo": torch.eye(2).to_sparse(),
+        "csr": torch.eye(2).to_sparse_csr(),
+        "bits": torch.zeros(2, dtype=torch.int16).view(torch.bits16),
+        "nibbles": torch.zeros(2, dtype=torch.uint8).view(torch.uint4),
+        "bit": torch.zeros(2, dtype=torch.uint8).view(torch.int1),
+    }
+    with distckpt.CheckpointManager(root, format="dcp", fsync=False) as manager:
+        with pytest.raises(UnsupportedTensors) as refused:
+            manager.save(1, {"model": {"w": torch.ones(2), **refused_kinds}})
+        assert manager.steps() == []
+    assert refused.value.keys == tuple(f"model.{key}" for key in refused_kinds)
+    assert refused.value.kinds == (
+        "torch.Tensor (torch.sparse_coo)",
+        "torch.Tensor (torch.sparse_csr)",
+        "torch.Tensor (torch.bits16)",
+        "torch.Tensor (torch.uint4)",
+        "torch.Tensor (torch.int1)",
+    )
+
+
+def test_dcp_still_saves_and_restores_the_unusual_dtypes_it_can(root: Path) -> None:
+    """The refusal above takes nothing DCP saves: a packed float4, a float8 of exponents."""
+    saved = {
+        "f4": torch.arange(4, dtype=torch.uint8).view(torch.float4_e2m1fn_x2),
+        "e8": torch.arange(4, dtype=torch.uint8).view(torch.float8_e8m0fnu),
+    }
+    with distckpt.CheckpointManager(root, format="dcp", fsync=False) as manager:
+        manager.save(1, {"model": saved})
+        state = {"model": {key: torch.zeros_like(tensor) for key, tensor in saved.items()}}
+        manager.restore("last", state=state)
+    for key, tensor in saved.items():
+        got = state["model"][key]
+        assert got.dtype == tensor.dtype
+        assert torch.equal(got.view(torch.uint8), tensor.view(torch.uint8))
+
+
 def rank_file_bytes(step_dir: Path) -> int:
     return sum(path.stat().st_size for path in step_dir.glob("rank*"))
 
