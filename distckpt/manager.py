@@ -62,7 +62,9 @@ class CheckpointManager(RootQueries, RootUpkeep):
     Args:
         root: the checkpoint root; created if missing. Must be one directory shared by all ranks
             (a shared filesystem on multi-node jobs), or an ``s3://BUCKET/PREFIX`` URL of an
-            existing bucket (``docs/object-stores.md``; ``pip install distckpt[s3]``).
+            existing bucket (``docs/object-stores.md``; ``pip install distckpt[s3]``). Never
+            inside another root under one of its own names (``last``, a step dir, ``.staging``):
+            refused with :class:`~distckpt.InvalidArgument` before anything is written.
         storage_options: an ``s3://`` root's client options, fsspec-style (``endpoint_url``,
             ``key``, ``secret``, ``region``, ...: :class:`~distckpt.objstore.ObjectStore`);
             the rest from the ``AWS_*`` environment variables and config.
