@@ -39,7 +39,7 @@ from distckpt.model_state_keys import (
 )
 from distckpt.per_rank import PerRank, is_per_rank
 from distckpt.rng import load_generator, restores_partly, saved_generator
-from distckpt.tensor_writes import copy_into, unwritable_reason
+from distckpt.tensor_writes import copy_into, unwritable_given, unwritable_reason
 
 logger = logging.getLogger("distckpt")
 
@@ -376,6 +376,8 @@ def _load(
         if restores_partly(template, loaded) or _same_keys(current, loaded):
             if apply:
                 _checked(path, lambda: template.load_state_dict(loaded))
+            else:  # its load_state_dict may copy into these (a wrapped module's)
+                report.unwritable += list(unwritable_given(current, path))
         else:
             # A changed optimizer or scheduler cannot load a partial dict: report, skip.
             report.missing_keys.append(path)

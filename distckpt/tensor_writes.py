@@ -64,6 +64,11 @@ def unwritable_reason(given: torch.Tensor, loaded: torch.Tensor) -> str | None:
                 f"saved {loaded.qscheme()} {loaded.dtype}, given {given.qscheme()} {given.dtype}"
             )
         return None
+    if given.is_quantized:
+        # torch quantizes into a quantized tensor from float32 alone
+        if loaded.dtype == torch.float32:
+            return None
+        return f"torch quantizes only a float32 tensor into a quantized one, not {loaded.dtype}"
     # Into no element, torch copies between any two dtypes: the probe's answer would be wrong.
     if given.numel() != 0 and not _copies(given.dtype, loaded.dtype):
         return f"torch has no copy from the saved {loaded.dtype} into {given.dtype}"

@@ -202,3 +202,46 @@ def test_a_complex_tensor_loads_into_a_real_one_as_its_real_part(root: Path) -> 
         warnings.simplefilter("ignore")
         distckpt.load_checkpoint(root, state=state)
     assert state["middle"].tolist() == [1.5, -3.0, 0.0, 0.0]
+
+
+class _Wrapper:
+    """The usual Stateful wrapper of a training script: its ``load_state_dict`` loads a module."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+
+
+@pytest.mark.parametrize("fmt", ["torch", "dcp"])
+@pytest.mark.parametrize("case", ["meta", "inference"])
+def test_a_module_inside_a_stateful_wrapper_is_checked_too(root: Path, fmt: str, case: str) -> None:
+    """A meta-device (or inference-mode) module inside an object with ``state_dict()`` is
+    refused before anything is loaded, as it is given directly: it is not left on ``meta``
+    with nothing loaded and no word said."""
+    with distckpt.CheckpointManager(root, fsync=False, format=fmt) as manager:
+        manager.save(1, {"a": torch.ones(2), "app": _Wrapper(torch.nn.Linear(2, 2))})
+        with torch.device("meta") if case == "meta" else torch.inference_mode():
+            model = torch.nn.Linear(2, 2)
+        state = {"a": torch.zeros(2), "app": _Wrapper(model)}
+        with pytest.raises(InvalidArgument, match=r"app\.model\.weight: .*nothing was loaded"):
+            manager.restore("last", state=state)
+    assert state["a"].tolist() == [0.0, 0.0]
+
+
+def test_a_quantized_tensor_takes_a_saved_float32_one_quantized(root: Path) -> None:
+    """torch quantizes a float32 tensor copied into a quantized one (``Module.load_state_dict``
+    accepts it): so does a restore; from another dtype it is refused before anything loads."""
+    with distckpt.CheckpointManager(root, fsync=False) as manager:
+        manager.save(1, {"q": torch.arange(4.0), "d": torch.arange(4, dtype=torch.float64)})
+        quantized = torch.quantize_per_tensor(torch.zeros(4), 1.0, 0, torch.qint8)
+        state: dict[str, Any] = {"q": quantized}
+        manager.restore("last", state=state, strict=False)
+        assert state["q"].dequantize().tolist() == [0.0, 1.0, 2.0, 3.0]
+        other = {"d": torch.quantize_per_tensor(torch.zeros(4), 1.0, 0, torch.qint8)}
+        with pytest.raises(InvalidArgument, match="quantizes only a float32 tensor"):
+            manager.restore("last", state=other, strict=False)
