@@ -72,13 +72,17 @@ def torch_save(state: Any, file: IO[bytes], out: str | os.PathLike[str]) -> None
     """``torch.save(state, file)`` for the export to ``out`` (a local file or an ``s3://``
     URL); a failure of torch's (a value it cannot pickle) raised as
     :class:`~distckpt.errors.InvalidArgument` naming ``out`` and torch's reason. An
-    ``OSError`` passes as it is, and one a local file met under torch's own error is raised
-    by :func:`~distckpt.fsutil.atomic_write` instead."""
+    ``OSError`` passes as it is; one a local file met under torch's own error is raised
+    by :func:`~distckpt.fsutil.atomic_write` instead, and an object writer's failed upload
+    under it (:attr:`~distckpt.objstreams.ObjectWriter.failure`) here."""
     try:
         torch.save(state, file)
     except OSError:
         raise
     except Exception as exc:
+        failure = getattr(file, "failure", None)  # an object writer's own failed upload
+        if failure is not None:
+            raise failure from exc
         raise InvalidArgument(
             f"torch.save cannot write the exported state to {os.fspath(out)}: "
             f"{type(exc).__name__}: {exc}",

@@ -48,6 +48,10 @@ class ObjectWriter:
         self._parts: list[Future[dict[str, Any]]] = []
         self._pool: ThreadPoolExecutor | None = None
         self._closed = False
+        #: the first error a :meth:`write` raised: ``torch.save``'s zip writer reports a failed
+        #: write as an error of its own ("unexpected pos"), which names neither the store nor
+        #: the cause
+        self.failure: Exception | None = None
 
     @property
     def checksum(self) -> str:
@@ -61,10 +65,14 @@ class ObjectWriter:
         self._crc = crc32(view, self._crc)
         self.size += view.nbytes
         self._buffer += view
-        while len(self._buffer) >= self._next_part_size():
-            part_size = self._next_part_size()
-            self._upload_part(bytes(self._buffer[:part_size]))
-            del self._buffer[:part_size]
+        try:
+            while len(self._buffer) >= self._next_part_size():
+                part_size = self._next_part_size()
+                self._upload_part(bytes(self._buffer[:part_size]))
+                del self._buffer[:part_size]
+        except Exception as exc:
+            self.failure = self.failure or exc
+            raise
         return view.nbytes
 
     def tell(self) -> int:

@@ -14,8 +14,9 @@ import torch
 import distckpt
 from distckpt import export
 from distckpt.errors import InvalidArgument, UnsupportedTensors
-from distckpt.objstore import ObjectStore
+from distckpt.objstore import MIN_PART_SIZE, ObjectStore
 from distckpt.objurl import S3Url
+from tests.s3proxy import S3Proxy
 from tests.s3server import S3Server
 
 
@@ -80,4 +81,29 @@ def test_an_s3_export_torch_save_cannot_write_is_an_invalid_argument_and_no_obje
         export(tmp_path / "root", url, allow_pickle=True, storage_options=options)
     assert refused.value.path == url
     with ObjectStore(bucket, options) as store:
+        assert list(store.list("exports/")) == []
+
+
+def test_an_s3_export_whose_upload_fails_raises_the_stores_error(
+    tmp_path: Path, s3_server: S3Server, s3_url: str
+) -> None:
+    """The store refusing every part upload (through a real proxy) fails ``torch.save`` with
+    its zip writer's own "unexpected pos": the export raises the store's error (an OSError,
+    naming the object), not "a value torch.save cannot write", and leaves no object."""
+    save(tmp_path / "root", {"w": torch.ones(MIN_PART_SIZE)})  # four parts
+    bucket = f"s3://{S3Url.parse(s3_url).bucket}"
+    url = f"{bucket}/exports/model.pt"
+    with S3Proxy(s3_server.port) as proxy:
+        proxy.fail("PUT", "partNumber=", status=403, times=100)
+        options = s3_server.storage_options(
+            endpoint_url=proxy.endpoint,
+            retries=1,
+            default_block_size=MIN_PART_SIZE,
+            max_concurrency=1,  # the second part waits for the first: its failure is in write
+        )
+        with pytest.raises(OSError) as failed:
+            export(tmp_path / "root", url, storage_options=options)
+    assert not isinstance(failed.value, InvalidArgument), failed.value
+    assert "exports/model.pt" in str(failed.value), failed.value
+    with ObjectStore(bucket, s3_server.storage_options()) as store:
         assert list(store.list("exports/")) == []
