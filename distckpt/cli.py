@@ -111,9 +111,9 @@ def _existing_view(root: str) -> RootView:
         # A directory of roots (``runs/`` for ``runs/exp1``), or any other: "nothing to
         # collect" there would hide the mistake, and prune and gc would leave a lock file.
         raise InvalidArgument(
-            f"{view.root} is not a checkpoint root: it holds no lease (.lease), "
-            "committed checkpoint (step-N/manifest.json; in a bucket, step-N/COMMIT) "
-            "or last/best link to one; give the root itself",
+            f"{view.root} is not a checkpoint root: it holds no lease record (.lease.json; in "
+            "a bucket, a .lease object holding one), committed checkpoint (step-N/manifest.json;"
+            " in a bucket, step-N/COMMIT) or last/best link to one; give the root itself",
             path=root,
         )
     refuse_a_nested_root(root)

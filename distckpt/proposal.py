@@ -34,7 +34,12 @@ from distckpt.coord import Coordinator, run_now
 from distckpt.errors import CheckpointError, InsufficientSpace, InvalidArgument, InvalidStep
 from distckpt.formats import CheckpointFormat
 from distckpt.launcher import LauncherWatch
-from distckpt.layout import MANIFEST_NAME
+from distckpt.layout import (
+    LEASE_LOCK_NAME,
+    LEASE_RECORD_NAME,
+    MANIFEST_NAME,
+    is_lingering_lease_lock,
+)
 from distckpt.manifest import check_json_metadata
 from distckpt.metrics import normalize_metrics
 from distckpt.protocol import (
@@ -50,7 +55,6 @@ from distckpt.results import CheckpointLocation, SaveResult
 from distckpt.snapshot import SnapshotBuffers
 from distckpt.state import to_plain
 from distckpt.storage import ExtraFile, RootStore, StagingArea
-from distckpt.storage.nesting import is_layout_name
 
 logger = logging.getLogger("distckpt")
 T = TypeVar("T")
@@ -402,8 +406,8 @@ def check_extra_files(
     files: Mapping[str, ExtraFile] | None, fmt: CheckpointFormat, *, read_now: bool = False
 ) -> dict[str, ExtraFile]:
     """The extra files to store, checked: plain names that clash with none of the
-    checkpoint's own files, none of a root's own names (``.lease``, ``last``, a step dir's:
-    :func:`~distckpt.storage.nesting.is_layout_name`) nor each other, existing sources. Names
+    checkpoint's own files, none of a root's lease files (``.lease``, ``.lease.json``) nor
+    each other, existing sources. Names
     are compared ignoring case on every filesystem, so that a checkpoint stays whole when
     copied to one that ignores case (exFAT, FAT): there ``Manifest.json`` would replace
     ``manifest.json``. With
@@ -432,9 +436,10 @@ def check_extra_files(
                 f"extra file name {name!r} is not allowed: it names the checkpoint's own file "
                 f"{folded!r} (compared ignoring case, as exFAT and FAT do)"
             )
-        if is_layout_name(folded):
-            # A save's file of such a name would be taken for a root's own entry: a ".lease"
-            # in a bucket's save made its gc take that save for a root and keep it forever.
+        if folded in (LEASE_LOCK_NAME, LEASE_RECORD_NAME) or is_lingering_lease_lock(folded):
+            # A save holding a root's lease file would be taken for a root of its own: a
+            # ".lease" in a bucket's save made its gc take that save for one and keep it
+            # forever. Other names of a root's (``last``, ``step-1``) fool nothing in a save.
             raise InvalidArgument(
                 f"extra file name {name!r} is not allowed: it names a checkpoint root's own "
                 f"entry {folded!r} (compared ignoring case, as exFAT and FAT do)"

@@ -197,10 +197,9 @@ def test_a_parent_is_not_listed_where_case_is_told_apart(tmp_path: Path) -> None
         ("torch", "RANK-00000.PT", "rank-00000.pt"),
         ("dcp", ".METADATA", ".metadata"),
         ("dcp", "__0_0.DistCP", "__0_0.distcp"),
-        # a root's own names: a bucket's gc took a save holding ".lease" for a root of its own
+        # a root's lease files: a bucket's gc took a save holding ".lease" for a root of its own
         ("torch", ".Lease", ".lease"),
-        ("torch", "LAST", "last"),
-        ("dcp", "Step-00000001", "step-00000001"),
+        ("dcp", ".LEASE.json", ".lease.json"),
     ],
 )
 def test_an_extra_file_named_like_a_checkpoints_own_in_another_case_is_refused(
@@ -235,3 +234,14 @@ def test_an_extra_manifest_in_another_case_on_exfat_damages_nothing(mounts: Moun
         assert manager.steps() == [1]
         assert manager.restore("last").step == 1
     assert not [entry for entry in os.listdir(root) if entry.startswith("damaged-")]
+
+
+def test_extra_files_named_like_a_roots_other_entries_are_stored(tmp_path: Path) -> None:
+    """Only a root's lease files are refused as extra-file names: ``last``, ``best`` or a step
+    dir's name inside a save fool no reader, gc or verify."""
+    files = {"last": b"a", "best": b"b", "step-1": b"c", "damaged-step-1-notes.txt": b"d"}
+    with distckpt.CheckpointManager(tmp_path / "root") as manager:
+        assert manager.save(1, {"w": torch.ones(4)}, files=files).step == 1
+        assert manager.gc() == []
+    assert distckpt.verify(tmp_path / "root").ok
+    assert (tmp_path / "root" / "step-00000001" / "step-1").read_bytes() == b"c"

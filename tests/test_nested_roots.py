@@ -186,10 +186,10 @@ def _open_refused(rank: int, world_size: int, root: str) -> tuple[str, str]:
 
 def test_a_local_checkpoint_by_any_path_is_refused_on_every_rank(tmp_path: Path) -> None:
     """Locally, a ``last`` pointer file, a symlink elsewhere to a step dir, and a copy of a
-    checkpoint in no root (it holds a manifest) are no roots either, refused changing
-    nothing; a dir holding another tool's ``manifest.json``, or under one, opens. Rank 0
-    alone opens the root: the refusal reaches every rank of a job as the same error, none
-    left waiting in a collective."""
+    checkpoint in no root (it holds a manifest, whole or cut short) are no roots either,
+    refused changing nothing; a dir holding another tool's ``manifest.json``, or under one,
+    opens. Rank 0 alone opens the root: the refusal reaches every rank of a job as the same
+    error, none left waiting in a collective."""
     outer = tmp_path / "run"
     with distckpt.CheckpointManager(outer, link="pointer") as manager:
         saved = manager.save(1, {"w": torch.ones(3)})
@@ -197,11 +197,16 @@ def test_a_local_checkpoint_by_any_path_is_refused_on_every_rank(tmp_path: Path)
     (tmp_path / "link").symlink_to(saved.path)
     copy = tmp_path / "best-model"
     copy.mkdir()
-    (copy / "manifest.json").write_bytes((Path(saved.path) / "manifest.json").read_bytes())
+    manifest = (Path(saved.path) / "manifest.json").read_bytes()
+    (copy / "manifest.json").write_bytes(manifest)
+    cut_short = tmp_path / "interrupted-copy"  # a copy of the checkpoint cut off midway
+    cut_short.mkdir()
+    (cut_short / "manifest.json").write_bytes(manifest[: len(manifest) // 2])
     for root, says in (
         (outer / "last", f"inside the checkpoint root {outer},"),
         (tmp_path / "link", f"inside the checkpoint root {outer},"),
         (copy, "is a checkpoint (it holds manifest.json), not a checkpoint root"),
+        (cut_short, "is a checkpoint (it holds manifest.json), not a checkpoint root"),
     ):
         before = sorted(p.name for p in tmp_path.rglob("*"))
         with pytest.raises(InvalidArgument) as caught:

@@ -101,5 +101,13 @@ def _holds_a_checkpoints_manifest(directory: Path) -> bool:
     except UnsupportedVersion:
         return True
     except CorruptCheckpoint:
-        return False
+        # One cut short or damaged (an interrupted copy) is still a checkpoint's if its start
+        # names a field of distckpt's: keys are sorted, so "checksum_algorithm" comes first.
+        with open(directory / MANIFEST_NAME, "rb") as file:
+            start = file.read(4096)
+        return any(mark in start for mark in _MANIFEST_MARKS)
     return True
+
+
+#: field names near the start of a distckpt manifest, whatever its version
+_MANIFEST_MARKS = (b'"checksum_algorithm"', b'"format_version"')

@@ -128,9 +128,10 @@ class RootView(abc.ABC):
 
     @abc.abstractmethod
     def holds_a_root(self) -> bool:
-        """Whether it holds what only a checkpoint root has (its lease, a committed checkpoint,
-        a ``last``/``best`` link naming a step dir): not a directory or prefix of roots, nor
-        of exports, nor a set-aside checkpoint (:func:`distckpt.layout.holds_a_root`)."""
+        """Whether it holds what only a checkpoint root has (its lease record, a committed
+        checkpoint, a ``last``/``best`` link naming a committed step dir): not a directory or
+        prefix of roots, nor of exports, nor a set-aside checkpoint
+        (:func:`distckpt.layout.holds_a_root`)."""
 
     @abc.abstractmethod
     def certainly_no_root(self) -> bool:
