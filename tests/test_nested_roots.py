@@ -98,7 +98,10 @@ def _lease_files_in_saves(place: Place, outer: str) -> tuple[str, list[str]]:
                 if info.key.endswith("/manifest.json")
             )
             planted.append(manifest.replace("/manifest.json", "/.lease"))
-            store.put_bytes(planted[-1], b"a user's file")
+            # the dead save's holds a real lease record (the root's own): only its being in a
+            # save (a manifest.json beside it) tells gc it is no inner root's
+            record = store.get_bytes(f"{base}/run/.lease") if step == 2 else b"a user's file"
+            store.put_bytes(planted[-1], record)
         store.delete([f"{base}/run/{step_dir_name(2)}/COMMIT"])
         return planted[0], [info.key for info in store.list(f"{base}/run/{step_dir_name(2)}/")]
 
@@ -147,6 +150,11 @@ def test_nested_roots_are_refused_and_others_opened_and_left_alone(
         dead: list[str] = []
     else:
         in_a_committed_save, dead = _lease_files_in_saves(place, outer)
+        # a root with nothing committed yet, known by its lease record alone, moved in with
+        # an unfinished save: gc leaves the save alone too
+        distckpt.CheckpointManager(f"{place.base}/fresh", storage_options=place.options).close()
+        move_root(place, f"{place.base}/fresh", f"{outer}/{step_dir_name(8)}")
+        put_file(place, f"run/{step_dir_name(8)}/{step_dir_name(1)}/x/rank-00000.pt", b"w")
     save_step(place, f"{outer}/sub", 5)
     before = [name for name in _everything(place) if name not in dead]
     assert run_cli("gc", outer).returncode == 0  # removes the dead save
@@ -165,7 +173,7 @@ def test_nested_roots_are_refused_and_others_opened_and_left_alone(
     assert distckpt.load_checkpoint(f"{outer}/sub", storage_options=place.options).step == 5
     # in a bucket the roots moved in under a step dir's name, and nothing else (not a save
     # holding a .lease file)
-    moved_under_steps = (step_dir_name(9), f"{step_dir_name(1)}/new")
+    moved_under_steps = (step_dir_name(9), f"{step_dir_name(1)}/new", step_dir_name(8))
     expected = {f"{outer}/{name}" for name in moved_under_steps} if place.options else set()
     assert set(re.findall(r"leaving (\S+) alone", caplog.text)) == expected, caplog.text
     for where in expected:
