@@ -12,10 +12,9 @@ of another qscheme or dtype than the saved quantized one; into a tensor on the
 anything is loaded; those that take nothing whatever is saved (:func:`unwritable_given`: on
 ``meta``, sharing memory, made under inference mode), a module's too, are refused before a
 "dcp" read, which loads into the others as it goes, under the keys it will write. A tensor of
-a sub-byte
-dtype (:data:`SUB_BYTE_DTYPES`) takes a saved one of its own dtype through ``uint8`` views of
-both (:func:`through_bytes`), as an async save's snapshot copies it. Any other copy that fails
-is the caller's to report.
+a sub-byte dtype (:data:`SUB_BYTE_DTYPES`) takes a saved one of its own dtype through
+``uint8`` views of both (:func:`through_bytes`), as an async save's snapshot copies it. Any
+other copy that fails is the caller's to report.
 """
 
 from __future__ import annotations
