@@ -44,7 +44,8 @@ make it because they fail the same operation: the rank that timed out closes the
 and every peer still in (or later entering) that operation's collectives fails at once. The
 exception is a peer whose last collective of an operation had completed just as another rank
 gave up on it (a broadcast whose bytes were sent): it learns of the failure at the first
-collective of its next operation, which fails at once; it then reads the failure reports of
+collective of its next operation, which fails at once (or times out, at the moment the rank
+that gave up timed out too, where a third rank stalled); it then reads the failure reports of
 the others (:func:`~distckpt.coord_groups.report_failure`), and when they failed an earlier
 operation it makes the fresh group too and runs the collective again on it, in step with them.
 A peer that cannot tell (no report arrives) raises, and so does every rank waiting for it: a

@@ -35,11 +35,12 @@ GLOO_TIMEOUT_MESSAGES = ("Timed out waiting", "Application timeout caused pair c
 
 
 #: How long a rank whose first collective of an operation (after the first operation) failed
-#: without timing out (a peer closed the connection) waits for that peer's failure report
-#: (:func:`~distckpt.coord_groups.peer_failures`): a live peer writes it right after closing; a
-#: dead one never does, and then the error is raised this much later. Capped by the
-#: coordinator's timeout. Every other failed collective reads the reports once, without
-#: waiting.
+#: (a peer closed the connection, or it timed out just as a peer timed out in the operation
+#: before) waits for the peers' failure reports
+#: (:func:`~distckpt.coord_groups.peer_failures`): a live peer writes its report right after
+#: its collective failed; a dead or stopped one never does, and then the error is raised this
+#: much later. Capped by the coordinator's timeout. Every other failed collective reads the
+#: reports once, without waiting.
 PEER_REPORT_WAIT = 2.0
 
 
@@ -95,15 +96,17 @@ class GroupHealth:
         # Only the first collective of an operation after the first one can have failed for a
         # peer's failure of the operation before (see the module doc), whose report may still
         # be on its way; anywhere else the reports are read once, so that a survivor of a dead
-        # peer (which never reports) raises at once.
+        # peer (which never reports) raises at once. Timed out here too: a rank that completed
+        # the operation before while another rank was left waiting in it (a broadcast it
+        # received, where a third rank stalled) enters this one at once, and times out in it at
+        # the moment that rank times out there and only then reports. Raising without its
+        # report would leave this rank an operation behind the others for good.
         may_follow_a_failure = self._first_of_operation and self._operation > 1
         return peer_failures(
             group,
             operation=self._operation,
             timed_out_here=timed_out,
-            wait=min(PEER_REPORT_WAIT, self.timeout)
-            if may_follow_a_failure and not timed_out
-            else 0.0,
+            wait=min(PEER_REPORT_WAIT, self.timeout) if may_follow_a_failure else 0.0,
         )
 
     def _error(self, what: str, exc: Exception, peers: PeerFailures) -> CoordinationError:

@@ -348,3 +348,67 @@ def test_a_fresh_group_no_other_rank_makes_fails_after_the_timeout() -> None:
     (message, elapsed), _gone = values(run_ranks(_one_rank_never_comes_back, 2, timeout=60))
     assert "replacing distckpt's gloo group" in message
     assert elapsed <= TIMEOUT + 10
+
+
+#: How long rank 0's failure report of the operation it timed out in takes to reach the store:
+#: long enough that rank 1, timing out in its next operation at about the same moment, cannot
+#: find it there at once; well within the wait for reports (PEER_REPORT_WAIT).
+SLOW_REPORT_SECONDS = PEER_REPORT_WAIT / 4
+
+
+def _rank_1_a_call_ahead_times_out_with_rank_0(
+    rank: int, world_size: int, root: str
+) -> tuple[str, list[int]]:
+    """Rank 2 is stopped before rank 0's broadcast (an operation's last collective) until rank 0
+    timed out in it; rank 1 received it and runs its next operation at once, where it times
+    out at the moment rank 0 times out in the broadcast, whose failure report comes a moment
+    later."""
+    import distckpt.coord_health as coord_health
+
+    coord = Coordinator(None, TIMEOUT)
+    coord.all_gather(lambda: rank, what="meeting")  # every rank has joined the group
+    pid_file = Path(root) / "stopped.pid"
+    if rank == 0:
+        real_report = coord_health.report_failure
+
+        def slow_report(*args: object, **kwargs: object) -> None:
+            time.sleep(SLOW_REPORT_SECONDS)
+            real_report(*args, **kwargs)  # type: ignore[arg-type]
+
+        # No store answers slowly on demand, and without a delay the race this test is about
+        # (rank 1's timeout against rank 0's report) goes either way: the report is held back.
+        coord_health.report_failure = slow_report
+    if rank == 2:
+        pid_file.write_text(str(os.getpid()))
+        # Stopped, not sleeping: a sleeping rank's gloo threads would close its connection to
+        # rank 1 once it failed, and rank 1 would then not time out itself.
+        os.kill(os.getpid(), signal.SIGSTOP)
+    wait_until(pid_file.exists, "rank 2 stopped", TIMED_OUT_WAIT)
+    coord.begin_operation()
+    first = "decided"
+    try:
+        coord.decide(lambda: "commit", what="the stalled broadcast")
+    except distckpt.CoordinationError as exc:
+        first = type(exc).__name__
+    if rank == 0:
+        os.kill(int(pid_file.read_text()), signal.SIGCONT)
+    coord.begin_operation()
+    try:
+        return first, coord.all_gather(lambda: rank, what="the next operation")
+    finally:
+        coord.close()
+
+
+def test_a_rank_a_call_ahead_that_times_out_as_the_others_fail_joins_them(tmp_path: Path) -> None:
+    """docs/faults.md: a rank that completed a call while a third rank stalled past the timeout
+    waits for the failure reports when its next call times out, and joins the others on a
+    fresh group instead of staying a call behind them (every later save failing)."""
+    results = values(
+        run_ranks(_rank_1_a_call_ahead_times_out_with_rank_0, 3, str(tmp_path), timeout=90)
+    )
+    assert [first for first, _ in results] == [
+        "CoordinationTimeout",
+        "decided",
+        "CoordinationTimeout",
+    ]
+    assert [gathered for _, gathered in results] == [[0, 1, 2]] * 3
