@@ -215,6 +215,25 @@ class LeaseRecord:
         )
 
 
+@dataclass
+class ExpiryWatch:
+    """A contender's watch of a lease object: the version (ETag) it last saw and when, on its
+    own monotonic clock, it first saw that version. One watch kept across the
+    :meth:`ObjectLease.acquire` calls of one contender that waits in several tries (a manager
+    start waits in pieces of half its timeout, each a collective's length) times the holder
+    from the first try on; a watch made per try would start again at each, and a lease
+    declared for longer than a try would never be seen to expire."""
+
+    etag: str | None = None
+    since: float = 0.0
+
+    def unchanged_for(self, etag: str, now: float) -> float:
+        """Seconds ``etag`` has stayed the version seen, as of ``now`` (0 for a new one)."""
+        if etag != self.etag:
+            self.etag, self.since = etag, now
+        return now - self.since
+
+
 class ObjectLease:
     """A lease on ``name`` in ``store``, valid for ``duration`` seconds after each write.
 
@@ -308,13 +327,16 @@ class ObjectLease:
         *,
         poll: float = 0.5,
         holder_gone: Callable[[LeaseRecord], bool] | None = None,
+        watch: ExpiryWatch | None = None,
     ) -> None:
         """Take the lease, waiting up to ``timeout`` seconds for the holder to release it or
         for it to expire (:class:`~distckpt.errors.CoordinationTimeout` otherwise).
         ``holder_gone`` may tell from a record that its holder is certainly dead (a process
-        of this machine that no longer runs): then the lease is taken over at once."""
+        of this machine that no longer runs): then the lease is taken over at once. ``watch``
+        carries the holder's timing over from an earlier call of the same contender (see
+        :class:`ExpiryWatch`); without one, it is timed from this call's first look."""
         deadline = time.monotonic() + timeout
-        seen: tuple[str, float] | None = None  # (ETag, when first seen)
+        watch = watch if watch is not None else ExpiryWatch()
         while True:
             try:
                 self._take(1, if_absent=True)
@@ -327,11 +349,9 @@ class ObjectLease:
             except (ObjectNotFound, PreconditionFailed):
                 continue  # released by deletion, or changed between the two reads: look again
             now = time.monotonic()
-            if seen is None or seen[0] != info.etag:
-                seen = (info.etag, now)
+            unchanged = watch.unchanged_for(info.etag, now)
             expired = record is not None and (
-                now - seen[1] >= record.duration
-                or (holder_gone is not None and holder_gone(record))
+                unchanged >= record.duration or (holder_gone is not None and holder_gone(record))
             )
             if record is not None and (record.released or expired):
                 try:

@@ -119,3 +119,58 @@ def test_an_older_versions_lease_on_this_host_is_judged_by_its_pid(
     else:  # its holder is gone: taken over at once, not after 600 s
         with distckpt.CheckpointManager(s3_url, storage_options=options) as manager:
             assert manager.save(1, _state(1)) is not None
+
+
+def _put_lease_of_another_machine(url: str, options: dict[str, Any], duration: float) -> None:
+    """A lease object whose holder ran on another machine (its pid means nothing here) and
+    declared ``duration``: never renewed, as after that holder died."""
+    record = {
+        "owner": "remote/job:41/start:2026-01-01T00:00:00+00:00/gen:3",
+        "host": "another-machine",
+        "pid": 4242,
+        "duration": duration,
+        "renewal": 7,
+        "released": False,
+    }
+    with ObjectStore(url, options) as store:
+        store.put_bytes(".lease", json.dumps(record).encode())
+
+
+#: the manager's timeout in the tests below: a start waits for the root in tries of half of it,
+#: each shorter than the lease of :data:`REMOTE_LEASE_SECONDS`
+TRY_TIMEOUT = 1.0
+REMOTE_LEASE_SECONDS = 2 * TRY_TIMEOUT
+
+
+def test_a_start_waiting_in_tries_shorter_than_a_dead_remote_lease_takes_it_over(
+    s3_server: S3Server, s3_url: str
+) -> None:
+    """object-stores.md: a job killed on another machine blocks the root for its lease's time,
+    and wait_for_root= longer than that waits it out, whatever the manager's timeout (the
+    start's tries, each half of it, time the holder as one wait)."""
+    options = s3_server.storage_options()
+    _put_lease_of_another_machine(s3_url, options, REMOTE_LEASE_SECONDS)
+    with distckpt.CheckpointManager(
+        s3_url,
+        storage_options=options,
+        timeout=TRY_TIMEOUT,
+        wait_for_root=4 * REMOTE_LEASE_SECONDS,  # ample, and what a test failing here waits
+    ) as manager:
+        assert manager.save(1, _state(1)) is not None
+    with ObjectStore(s3_url, options) as store:
+        assert json.loads(store.get_bytes(".lease"))["owner"].endswith("/gen:4")
+
+
+def test_a_start_refused_after_waiting_in_tries_says_how_long_it_waited(
+    s3_server: S3Server, s3_url: str
+) -> None:
+    options = s3_server.storage_options()
+    _put_lease_of_another_machine(s3_url, options, 600.0)
+    wait = 2 * TRY_TIMEOUT  # two tries or more
+    with pytest.raises(RootInUse) as refused:
+        distckpt.CheckpointManager(
+            s3_url, storage_options=options, timeout=TRY_TIMEOUT, wait_for_root=wait
+        )
+    assert refused.value.waited >= wait  # all the tries, not the last one's part
+    assert f"(waited {refused.value.waited:g} s)" in str(refused.value)
+    assert "job 41 on host another-machine, pid 4242" in str(refused.value)

@@ -26,7 +26,7 @@ from distckpt.errors import (
 )
 from distckpt.lease import LeaseHolder, local_process_gone, this_process_host
 from distckpt.lease_tokens import held_here_phrase, let_go, took
-from distckpt.objlease import LeaseRecord, ObjectLease, lease_request_options
+from distckpt.objlease import ExpiryWatch, LeaseRecord, ObjectLease, lease_request_options
 from distckpt.objstore import ObjectStore
 from distckpt.storage import RootStore
 from distckpt.storage.s3_view import LEASE_NAME, S3Root
@@ -68,6 +68,9 @@ class LeaseKeeping(RootStore):
         #: the client of the lease's renewals and release, whose requests give up quickly
         self._renewals: ObjectStore | None = None
         self._opened_by_pid = 0
+        #: the holder's lease object as this store's tries to take it saw it: a start waits
+        #: in several tries (each one collective long), which time the holder as one wait
+        self._holder_watch = ExpiryWatch()
 
     def _take_lease(self, wait: float) -> None:
         """Take the root's lease, waiting up to ``wait`` seconds for its holder
@@ -82,6 +85,7 @@ class LeaseKeeping(RootStore):
             lease.acquire(
                 wait,
                 holder_gone=lambda record: local_process_gone(record.host, record.pid),
+                watch=self._holder_watch,
             )
         except BaseException as exc:
             renewals.close()
@@ -90,13 +94,18 @@ class LeaseKeeping(RootStore):
             record = self._holder()
             holder = record.holder() if record is not None else None
             here = held_here_phrase(holder)
+            if here is not None:
+                raise RootInUse(
+                    f"checkpoint root {self.root} is in use by {here}", holder=holder
+                ) from exc
+            declared = record.duration if record is not None else LEASE_SECONDS
             raise RootInUse(
-                f"checkpoint root {self.root} is in use by {here}"
-                if here is not None
-                else f"checkpoint root {self.root} is in use by another job: {exc}; wait for it "
-                f"to end (wait_for_root=), or for its lease to expire ({LEASE_SECONDS:g} s "
-                "after its last renewal) if it died",
+                f"checkpoint root {self.root} is in use by "
+                + (holder.describe() if holder is not None else "an unreadable lease record"),
                 holder=holder,
+                waited=wait,
+                advice="; wait for it to end (wait_for_root=), or for its lease to expire "
+                f"({declared:g} s after its last renewal) if it died",
             ) from exc
         took(lease.owner)
         with self._lease_lock:
