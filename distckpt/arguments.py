@@ -26,11 +26,11 @@ def as_count(value: object, minimum: int) -> int | None:
     return count if count >= minimum else None
 
 
-def as_seconds(value: object) -> float | None:
-    """``value`` as a float when it is a positive, finite real number (any
-    :class:`numbers.Real`: an int, a float, NumPy's ``float32``), else None; never a bool or a
-    string."""
+def as_seconds(value: object, *, zero: bool = False) -> float | None:
+    """``value`` as a float when it is a positive (with ``zero``, or zero), finite real number
+    (any :class:`numbers.Real`: an int, a float, NumPy's ``float32``), else None; never a bool
+    or a string."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         return None
     seconds = float(value)
-    return seconds if math.isfinite(seconds) and seconds > 0 else None
+    return seconds if math.isfinite(seconds) and (seconds > 0 or (zero and seconds == 0)) else None

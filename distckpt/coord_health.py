@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch.distributed as dist
 
 from distckpt import errors
+from distckpt.arguments import as_seconds
 from distckpt.coord_groups import (
     PeerFailures,
     is_registered,
@@ -51,17 +52,24 @@ def is_timeout(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and any(m in str(exc) for m in GLOO_TIMEOUT_MESSAGES)
 
 
+#: The shortest timeout gloo can take: it counts whole milliseconds, and a shorter one becomes
+#: 0 ms, which fails every collective at once ("Timed out waiting 0ms").
+SHORTEST_TIMEOUT = 0.001
+#: The longest: seconds that gloo's timeout (and ``datetime.timedelta``) still hold.
+LONGEST_TIMEOUT = 10**7
+
+
 def check_timeout(timeout: object) -> float:
-    """``timeout`` as seconds, refused unless a positive number gloo can take."""
-    if (
-        isinstance(timeout, bool)
-        or not isinstance(timeout, (int, float))
-        or not 0 < timeout < 10**7
-    ):
+    """``timeout`` as seconds (:func:`~distckpt.arguments.as_seconds`, as every seconds option
+    is read: a NumPy number too), refused unless gloo can take it: from
+    :data:`SHORTEST_TIMEOUT` to below :data:`LONGEST_TIMEOUT`."""
+    seconds = as_seconds(timeout)
+    if seconds is None or not SHORTEST_TIMEOUT <= seconds < LONGEST_TIMEOUT:
         raise errors.InvalidArgument(
-            f"timeout must be a positive number of seconds, not {timeout!r}"
+            f"timeout must be a number of seconds from {SHORTEST_TIMEOUT:g} (gloo counts whole "
+            f"milliseconds) to below {LONGEST_TIMEOUT:g}, not {timeout!r}"
         )
-    return float(timeout)
+    return seconds
 
 
 class GroupHealth:

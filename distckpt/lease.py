@@ -54,6 +54,7 @@ from pathlib import Path
 
 import filelock
 
+from distckpt.arguments import as_seconds
 from distckpt.errors import (
     CheckpointError,
     InvalidArgument,
@@ -467,16 +468,14 @@ class RootLease:
 
 def check_wait(seconds: object) -> float:
     """``seconds`` to wait for a root's lease, refused unless a finite number >= 0 (0: refuse
-    at once when another job holds it)."""
-    if (
-        isinstance(seconds, bool)
-        or not isinstance(seconds, (int, float))
-        or not 0 <= seconds < float("inf")
-    ):
+    at once when another job holds it): :func:`~distckpt.arguments.as_seconds`, as every
+    seconds option is read (a NumPy number too), or zero."""
+    wait = as_seconds(seconds, zero=True)
+    if wait is None:
         raise InvalidArgument(
             f"wait_for_root must be a number of seconds >= 0 (0: fail at once), not {seconds!r}"
         )
-    return float(seconds)
+    return wait
 
 
 def read_holder(root: str | os.PathLike[str]) -> LeaseHolder | None:

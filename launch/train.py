@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import distckpt
+from distckpt.coord_health import check_timeout
 from distckpt.lease import check_wait
 
 IN_FEATURES = 16
@@ -99,10 +100,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         minimum = 0 if name == "steps" else 1
         if getattr(args, name) < minimum:
             parser.error(f"--{name.replace('_', '-')} must be >= {minimum}")
+    # The manager's own checks: refused here, before any work (init_process_group included,
+    # which would fail on a timeout of 0 or nan with an error of its own that says nothing).
     try:
-        check_wait(args.wait_for_root)  # the manager's own check: refused here, before any work
+        check_wait(args.wait_for_root)
     except distckpt.InvalidArgument as exc:
         parser.error(f"--wait-for-root: {exc}")
+    try:
+        check_timeout(args.timeout)
+    except distckpt.InvalidArgument as exc:
+        parser.error(f"--timeout: {exc}")
     return args
 
 

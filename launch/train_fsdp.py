@@ -61,6 +61,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
 import distckpt
+from distckpt.coord_health import check_timeout
 from distckpt.formats.dcp import ModelOptimizerState
 from distckpt.lease import check_wait
 
@@ -88,10 +89,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.steps < 0 or args.save_every < 1 or args.keep_last < 1 or args.log_every < 1:
         parser.error("--steps must be >= 0; --save-every, --keep-last, --log-every >= 1")
+    # The manager's own checks: refused here, before any work (init_process_group included,
+    # which would fail on a timeout of 0 or nan with an error of its own that says nothing).
     try:
-        check_wait(args.wait_for_root)  # the manager's own check: refused here, before any work
+        check_wait(args.wait_for_root)
     except distckpt.InvalidArgument as exc:
         parser.error(f"--wait-for-root: {exc}")
+    try:
+        check_timeout(args.timeout)
+    except distckpt.InvalidArgument as exc:
+        parser.error(f"--timeout: {exc}")
     return args
 
 

@@ -7,6 +7,7 @@ import signal
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -154,6 +155,8 @@ def test_a_bad_step_on_one_rank_before_a_vote_is_refused_on_every_rank(
         {"save_on_signal": (signal.SIGKILL,)},
         {"timeout": math.inf},
         {"timeout": -1},
+        {"timeout": 0.0001},  # 0 ms to gloo, which fails every collective
+        {"wait_for_root": -1},
         {"format": "pickle"},
         {"link": "hard"},
     ],
@@ -162,6 +165,17 @@ def test_bad_options_are_refused_before_anything_is_set_up(tmp_path: Path, optio
     with pytest.raises(distckpt.InvalidArgument):
         distckpt.CheckpointManager(tmp_path / "root", **options)
     assert not (tmp_path / "root").exists()
+
+
+def test_timeout_and_wait_for_root_take_numpy_seconds_as_every_seconds_option_does(
+    tmp_path: Path,
+) -> None:
+    """distckpt.arguments: one reading of seconds for every option (a NumPy number from a config
+    computed in NumPy was refused as a timeout and taken as every_seconds)."""
+    with distckpt.CheckpointManager(
+        tmp_path, timeout=np.float32(30), wait_for_root=np.int64(0), every_seconds=np.int64(30)
+    ) as mgr:
+        assert mgr.timeout == 30.0 and type(mgr.timeout) is float
 
 
 def test_signal_handlers_are_restored_by_close(tmp_path: Path) -> None:

@@ -141,6 +141,21 @@ def test_wait_for_root_takes_only_a_finite_number_of_seconds_at_least_0(
         )
 
 
+@pytest.mark.parametrize("script", ["train.py", "train_fsdp.py"])
+def test_timeout_takes_only_the_seconds_the_manager_takes(
+    script: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """launch/README.md: --timeout is the manager's timeout: what it refuses is refused before
+    any work (init_process_group took 0 as a store timeout of 0 ms, nan as a crash)."""
+    parse_args = (import_train() if script == "train.py" else _load_train_fsdp()).parse_args
+    for seconds in ("0", "-1", "nan", "inf", "0.0001", "1e7"):
+        with pytest.raises(SystemExit) as refused:
+            parse_args(["--root", "r", "--timeout", seconds])
+        assert refused.value.code == 2, seconds  # argparse's usage error, before any work
+        assert "--timeout: timeout must be a number of seconds" in capsys.readouterr().err
+    assert parse_args(["--root", "r", "--timeout", "0.5"]).timeout == 0.5
+
+
 def test_launch_readme_flags_table_gives_every_flag_of_train_py_its_default() -> None:
     rows = re.findall(r"^\| `(--[a-z-]+)` *\| `?([^|`]+?)`? *\|", LAUNCH_README, re.MULTILINE)
     table = dict(rows)
