@@ -121,7 +121,10 @@ def decide(
     would be answered, a str epoch fail with ``TypeError``): inside the vote when there is one,
     so that a bad one on any rank raises on every rank instead of leaving the others waiting
     in the vote until their timeout. With neither a schedule nor a vote, nothing here reads
-    them: the save's proposal checks them inside its collective."""
+    them: the save's proposal checks them inside its collective. With counter schedules and no
+    vote they are checked here, on each rank alone: a bad one raises on its rank only, and the
+    others, if their save is due, wait in its proposal until their timeout (no rank can tell
+    whether the others' save is due without a collective, which these schedules do without)."""
 
     def local_vote() -> _Vote:
         check_step_and_epoch(step, epoch)
