@@ -36,8 +36,8 @@ GLOO_TIMEOUT_MESSAGES = ("Timed out waiting", "Application timeout caused pair c
 
 
 #: How long a rank whose first collective of an operation (after the first operation) failed
-#: (a peer closed the connection, or it timed out just as a peer timed out in the operation
-#: before) waits for the peers' failure reports
+#: (a peer closed the connection, or, with 3 ranks or more, it timed out just as a peer timed
+#: out in the operation before) waits for the peers' failure reports
 #: (:func:`~distckpt.coord_groups.peer_failures`): a live peer writes its report right after
 #: its collective failed; a dead or stopped one never does, and then the error is raised this
 #: much later. Capped by the coordinator's timeout. Every other failed collective reads the
@@ -90,8 +90,11 @@ class GroupHealth:
 
     def _fail(self, exc: Exception) -> PeerFailures:
         """Mark the group broken after ``exc``, report it to the other ranks and return what
-        they reported (waiting briefly for it unless this rank timed out itself: a peer that
-        closed the connection reports why a moment later)."""
+        they reported. At the first collective of an operation after the first one, wait up to
+        :data:`PEER_REPORT_WAIT` for the reports (a peer that closed the connection, or one
+        that timed out in the operation before, reports a moment later), except where this
+        rank timed out with a single peer: that peer is the one that did not come, and never
+        reports. Anywhere else the reports are read once."""
         if isinstance(exc, ProcessGroupDestroyed):
             raise exc
         group = self._group
@@ -108,8 +111,14 @@ class GroupHealth:
         # the operation before while another rank was left waiting in it (a broadcast it
         # received, where a third rank stalled) enters this one at once, and times out in it at
         # the moment that rank times out there and only then reports. Raising without its
-        # report would leave this rank an operation behind the others for good.
-        may_follow_a_failure = self._first_of_operation and self._operation > 1
+        # report would leave this rank an operation behind the others for good. That takes a
+        # third rank: with one peer, a timeout here means that very peer did not come, and
+        # waiting for its report would only raise the error later on every such call.
+        may_follow_a_failure = (
+            self._first_of_operation
+            and self._operation > 1
+            and (not timed_out or self.world_size > 2)
+        )
         return peer_failures(
             group,
             operation=self._operation,

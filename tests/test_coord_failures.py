@@ -412,3 +412,41 @@ def test_a_rank_a_call_ahead_that_times_out_as_the_others_fail_joins_them(tmp_pa
         "CoordinationTimeout",
     ]
     assert [gathered for _, gathered in results] == [[0, 1, 2]] * 3
+
+
+def _rank_1_stops_calling(rank: int, world_size: int) -> tuple[str, list[float]]:
+    """Rank 1 stops calling distckpt after one call; rank 0's next call times out."""
+    import distckpt.coord_health as coord_health
+
+    coord = Coordinator(None, 1.0)
+    coord.begin_operation()
+    coord.all_gather(lambda: rank, what="meeting")
+    if rank == 1:
+        time.sleep(4.0)  # past rank 0's timeout, so that rank 0's next call times out
+        return "stopped calling", []
+    waits: list[float] = []
+    real_peer_failures = coord_health.peer_failures
+
+    def recording_peer_failures(*args: object, **kwargs: float) -> object:
+        waits.append(kwargs["wait"])
+        return real_peer_failures(*args, **kwargs)  # type: ignore[arg-type]
+
+    # A spy, not a stand-in (the real reads run): whether rank 0 waited for reports is what
+    # this test is about, and telling a wait from none by the clock would be a timed assertion.
+    coord_health.peer_failures = recording_peer_failures  # type: ignore[assignment]
+    coord.begin_operation()
+    try:
+        coord.all_gather(lambda: rank, what="the next call")
+    except distckpt.CoordinationError as exc:
+        return type(exc).__name__, waits
+    finally:
+        coord.close()
+    return "no error", waits
+
+
+def test_with_two_ranks_a_timed_out_rank_does_not_wait_for_its_only_peer(tmp_path: Path) -> None:
+    """docs/faults.md: with 2 ranks a rank whose call times out raises after the timeout, not up
+    to PEER_REPORT_WAIT later: its only peer is the one that did not come, and never reports."""
+    (error, waits), _stopped = values(run_ranks(_rank_1_stops_calling, 2, timeout=60))
+    assert error == "CoordinationTimeout"
+    assert waits == [0.0]
