@@ -29,8 +29,11 @@ def as_count(value: object, minimum: int) -> int | None:
 def as_seconds(value: object, *, zero: bool = False) -> float | None:
     """``value`` as a float when it is a positive (with ``zero``, or zero), finite real number
     (any :class:`numbers.Real`: an int, a float, NumPy's ``float32``), else None; never a bool
-    or a string."""
+    or a string, nor an int too large for a float (``10**400``)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         return None
-    seconds = float(value)
+    try:
+        seconds = float(value)
+    except OverflowError:
+        return None
     return seconds if math.isfinite(seconds) and (seconds > 0 or (zero and seconds == 0)) else None
