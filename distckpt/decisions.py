@@ -122,9 +122,12 @@ def decide(
     so that a bad one on any rank raises on every rank instead of leaving the others waiting
     in the vote until their timeout. With neither a schedule nor a vote, nothing here reads
     them: the save's proposal checks them inside its collective. With counter schedules and no
-    vote they are checked here, on each rank alone: a bad one raises on its rank only, and the
-    others, if their save is due, wait in its proposal until their timeout (no rank can tell
-    whether the others' save is due without a collective, which these schedules do without)."""
+    vote they are checked here, on each rank alone (no rank can tell whether the others' save
+    is due without a collective, which these schedules do without): a bad one raises on its
+    rank only and leaves the ranks out of step, a programming error after which the job should
+    stop. The others' due save waits in its proposal until their timeout, or, if the rank that
+    raised calls ``save`` again, meets that call's proposal, and both raise
+    :class:`~distckpt.InvalidStep` for different steps, the ranks then a call apart."""
 
     def local_vote() -> _Vote:
         check_step_and_epoch(step, epoch)
