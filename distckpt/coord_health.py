@@ -52,9 +52,12 @@ def is_timeout(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and any(m in str(exc) for m in GLOO_TIMEOUT_MESSAGES)
 
 
-#: The shortest timeout gloo can take: it counts whole milliseconds, and a shorter one becomes
-#: 0 ms, which fails every collective at once ("Timed out waiting 0ms").
-SHORTEST_TIMEOUT = 0.001
+#: The shortest timeout taken. gloo counts whole milliseconds (under 1 ms is 0 ms, which fails
+#: every collective at once), and connecting the group's ranks must fit in it too: at 2 ranks
+#: on one machine 1 ms failed every time (once aborting a rank inside gloo), 10 ms worked; a
+#: tenth of a second leaves room for a loaded machine. A floor, not advice: a job's timeout is
+#: seconds to minutes.
+SHORTEST_TIMEOUT = 0.1
 #: The longest: seconds that gloo's timeout (and ``datetime.timedelta``) still hold.
 LONGEST_TIMEOUT = 10**7
 
@@ -62,12 +65,12 @@ LONGEST_TIMEOUT = 10**7
 def check_timeout(timeout: object) -> float:
     """``timeout`` as seconds (:func:`~distckpt.arguments.as_seconds`, as every seconds option
     is read: a NumPy number too), refused unless gloo can take it: from
-    :data:`SHORTEST_TIMEOUT` to below :data:`LONGEST_TIMEOUT`."""
+    :data:`SHORTEST_TIMEOUT` (0.1 s) to below :data:`LONGEST_TIMEOUT`."""
     seconds = as_seconds(timeout)
     if seconds is None or not SHORTEST_TIMEOUT <= seconds < LONGEST_TIMEOUT:
         raise errors.InvalidArgument(
-            f"timeout must be a number of seconds from {SHORTEST_TIMEOUT:g} (gloo counts whole "
-            f"milliseconds) to below {LONGEST_TIMEOUT:g}, not {timeout!r}"
+            f"timeout must be a number of seconds from {SHORTEST_TIMEOUT:g} (a shorter one leaves "
+            f"the ranks no time to connect) to below {LONGEST_TIMEOUT:g}, not {timeout!r}"
         )
     return seconds
 

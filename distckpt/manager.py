@@ -124,7 +124,8 @@ class CheckpointManager(RootQueries, RootUpkeep):
             buffered; False buffers every write. Durability is the same (fsync when ``fsync``).
         group: the process group whose ranks checkpoint together (default: the world).
         timeout: seconds any collective or the commit lock may take before a hang becomes an
-            error on every rank; from 0.001 (gloo counts whole milliseconds) to below 10**7.
+            error on every rank; from 0.1 (a shorter one leaves the ranks no time to connect)
+            to below 10**7.
         space_margin: free space a save demands beyond its estimated size, as a fraction of
             that size and at least 1 MiB (0: no margin); a save that does not fit raises
             :class:`InsufficientSpace` before writing. Where the filesystem reports no size,

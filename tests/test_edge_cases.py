@@ -186,6 +186,7 @@ def test_a_bad_step_on_one_rank_before_a_vote_is_refused_on_every_rank(
         {"timeout": math.inf},
         {"timeout": -1},
         {"timeout": 0.0001},  # 0 ms to gloo, which fails every collective
+        {"timeout": 0.001},  # 2 ranks failed to connect their group in it
         {"wait_for_root": -1},
         {"timeout": 10**400},  # too large for a float
         {"wait_for_root": 10**400},

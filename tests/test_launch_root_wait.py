@@ -148,7 +148,7 @@ def test_timeout_takes_only_the_seconds_the_manager_takes(
     """launch/README.md: --timeout is the manager's timeout: what it refuses is refused before
     any work (init_process_group took 0 as a store timeout of 0 ms, nan as a crash)."""
     parse_args = (import_train() if script == "train.py" else _load_train_fsdp()).parse_args
-    for seconds in ("0", "-1", "nan", "inf", "0.0001", "1e7"):
+    for seconds in ("0", "-1", "nan", "inf", "0.0001", "0.05", "1e7"):
         with pytest.raises(SystemExit) as refused:
             parse_args(["--root", "r", "--timeout", seconds])
         assert refused.value.code == 2, seconds  # argparse's usage error, before any work
