@@ -151,10 +151,10 @@ class ObjectStore:
         self.max_concurrency = int_option(
             options, "max_concurrency", DEFAULT_MAX_CONCURRENCY, 1, "parts in flight per writer"
         )
-        attempts = int_option(
+        self.attempts = int_option(
             options, "retries", DEFAULT_ATTEMPTS, 1, "the total attempts per request"
         )
-        self.client = self._make_client(options, attempts)
+        self.client = self._make_client(options, self.attempts)
         self.endpoint: str = self.client.meta.endpoint_url
 
     def _make_client(self, options: Mapping[str, Any], attempts: int) -> Any:
@@ -344,26 +344,30 @@ class ObjectStore:
     def get_bytes(
         self, name: str, *, start: int = 0, end: int | None = None, if_match: str | None = None
     ) -> bytes:
-        """The object's bytes ``[start, end)`` (to its end when ``end`` is None); with
-        ``if_match``, only from the version with that ETag (:class:`PreconditionFailed` when it
-        was replaced, :class:`ObjectNotFound` when it is gone)."""
-        body = self.open_body(name, start, end, if_match)
-        try:
-            return self.read_body(name, body, -1)
-        finally:
-            body.close()
+        """The bytes :meth:`get_versioned` returns, without their ETag."""
+        return self.get_versioned(name, start=start, end=end, if_match=if_match)[0]
 
-    def get_versioned(self, name: str) -> tuple[bytes, str]:
-        """The whole object and the ETag of the version its bytes came from (one request)."""
-        response = self.request("get", name, self.client.get_object, Key=self.url.key(name))
-        body = response["Body"]
-        try:
-            return self.read_body(name, body, -1), str(response["ETag"])
-        finally:
-            body.close()
+    def get_versioned(
+        self, name: str, *, start: int = 0, end: int | None = None, if_match: str | None = None
+    ) -> tuple[bytes, str]:
+        """The object's bytes ``[start, end)`` (to its end when ``end`` is None) and the ETag
+        of their version; with ``if_match``, only from that version (:class:`PreconditionFailed`
+        when it was replaced, :class:`ObjectNotFound` when it is gone). botocore's retries end
+        once an answer's head arrived: one whose body breaks off (the connection dropped) is
+        asked for again, up to :attr:`attempts` GETs in all (then :class:`StoreUnavailable`)."""
+        for attempt in range(1, self.attempts + 1):
+            response = self.open_get(name, start, end, if_match)
+            try:
+                return self.read_body(name, response["Body"], -1), str(response["ETag"])
+            except StoreUnavailable:
+                if attempt == self.attempts:
+                    raise
+            finally:
+                response["Body"].close()
+        raise AssertionError("unreachable")
 
-    def open_body(self, name: str, start: int, end: int | None, if_match: str | None) -> Any:
-        """The streaming body of a GET of bytes ``[start, end)`` (see :meth:`get_bytes`)."""
+    def open_get(self, name: str, start: int, end: int | None, if_match: str | None) -> Any:
+        """The answer of a GET (see :meth:`get_versioned`), its streaming ``Body`` unread."""
         kwargs: dict[str, Any] = {"Key": self.url.key(name)}
         if start or end is not None:
             kwargs["Range"] = f"bytes={start}-{'' if end is None else end - 1}"
@@ -371,11 +375,10 @@ class ObjectStore:
             kwargs["IfMatch"] = if_match
         # Not told to ``request``: for a read, a 404 under ``If-Match`` is the object gone
         # (ObjectNotFound, which readers treat as a missing file), not a lost compare-and-swap.
-        response = self.request("get", name, self.client.get_object, **kwargs)
-        return response["Body"]
+        return self.request("get", name, self.client.get_object, **kwargs)
 
     def read_body(self, name: str, body: Any, size: int) -> bytes:
-        """Up to ``size`` bytes (all, if negative) from a body :meth:`open_body` returned."""
+        """Up to ``size`` bytes (all, if negative) from the body of an :meth:`open_get` answer."""
         from botocore.exceptions import BotoCoreError
 
         try:

@@ -292,7 +292,7 @@ class ObjectReader:
 
     def _reopen(self) -> None:
         self._drop_body()
-        self._body = self._store.open_body(self.name, self._position, None, self.etag)
+        self._body = self._store.open_get(self.name, self._position, None, self.etag)["Body"]
         self._body_position = self._position
 
     def _drop_body(self) -> None:

@@ -1,6 +1,7 @@
 """Reads of an ``s3://`` root through a store that fails some of them (the real proxy of
-tests/s3proxy.py in front of a real moto server): ``verify`` raises a store's failure instead
-of reporting a sound checkpoint damaged, as it raises a disk's I/O error."""
+tests/s3proxy.py in front of a real moto server): an answer broken off mid-body is asked for
+again, and ``verify`` raises a store's failure instead of reporting a sound checkpoint
+damaged, as it raises a disk's I/O error."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import torch
 
 import distckpt
 from distckpt import StoreAccessDenied, StoreUnavailable
+from distckpt.objstore import ObjectStore
 from tests.cli_runner import run_cli
 from tests.s3proxy import S3Proxy
 from tests.s3server import S3Server, aws_environment
@@ -34,6 +36,32 @@ def saved_root(s3_server: S3Server) -> str:
 def proxy(s3_server: S3Server) -> Iterator[S3Proxy]:
     with S3Proxy(s3_server.port) as proxy:
         yield proxy
+
+
+@pytest.mark.parametrize("read", ["/last", "/COMMIT", "/manifest.json"])
+def test_a_whole_object_read_broken_off_mid_body_is_read_again(
+    s3_server: S3Server, saved_root: str, proxy: S3Proxy, read: str
+) -> None:
+    """The pointer, the commit record and the manifest are each read whole in one GET: the
+    client's retries end once its answer's head arrived, so the body breaking off must not
+    fail the restore (a rank file's stream is reopened the same way)."""
+    cut = proxy.cut("GET", read)
+    options = s3_server.storage_options(endpoint_url=proxy.endpoint)
+    loaded = distckpt.load_checkpoint(saved_root, storage_options=options)
+    assert cut.arrived.is_set()  # the proxy did cut one answer short
+    assert loaded.step == 2 and torch.equal(loaded.state["w"], torch.full((4,), 2.0))
+
+
+def test_a_read_broken_off_every_time_fails_after_the_attempts_given(
+    s3_server: S3Server, saved_root: str, proxy: S3Proxy
+) -> None:
+    proxy.cut("GET", "/last", times=3)
+    options = s3_server.storage_options(endpoint_url=proxy.endpoint, retries=3)
+    with ObjectStore(saved_root, options) as store:
+        with pytest.raises(StoreUnavailable, match="/last"):
+            store.get_bytes("last")
+        assert store.get_bytes("last") == b"step-00000002\n"  # the fourth answer is whole
+    assert sum(path.endswith("/last") for _, path, _ in proxy.log) == 4
 
 
 @pytest.mark.parametrize("what", ["rank-00000.pt", "manifest.json"])
