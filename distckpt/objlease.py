@@ -73,6 +73,7 @@ from distckpt.errors import (
     PreconditionFailed,
 )
 from distckpt.lease import LeaseHolder, job_id_from_environment, now_utc, this_process_host
+from distckpt.objoptions import seconds_option
 from distckpt.objstore import ObjectStore
 from distckpt.policy import parse_created_utc
 
@@ -96,15 +97,15 @@ def lease_request_options(options: Mapping[str, Any], duration: float) -> dict[s
     limit = max(MIN_REQUEST_SECONDS, duration * REQUEST_FRACTION)
     config_kwargs = {
         key: value
-        for key, value in dict(options.get("config_kwargs", {})).items()
+        for key, value in dict(options.get("config_kwargs") or {}).items()
         if key not in _TIMING_CONFIG_KEYS
     }
     return {
         **options,
         "config_kwargs": config_kwargs,
         "retries": 1,
-        "connect_timeout": min(float(options.get("connect_timeout", limit)), limit),
-        "read_timeout": min(float(options.get("read_timeout", limit)), limit),
+        "connect_timeout": min(seconds_option(options, "connect_timeout", limit), limit),
+        "read_timeout": min(seconds_option(options, "read_timeout", limit), limit),
     }
 
 
