@@ -28,7 +28,6 @@ A client must not cross a ``fork()``: make one per process.
 
 from __future__ import annotations
 
-import base64
 import functools
 import os
 import random
@@ -37,7 +36,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
-from distckpt.checksums import crc32
+from distckpt.checksums import crc32, crc32_base64, crc32_hex_of_base64
 from distckpt.errors import (
     InvalidArgument,
     ObjectExists,
@@ -89,22 +88,6 @@ class ObjectInfo:
     crc32: str | None = None
 
 
-def crc32_base64(crc: int) -> str:
-    return base64.b64encode(crc.to_bytes(4, "big")).decode("ascii")
-
-
-def _crc32_hex(store_value: str | None) -> str | None:
-    """The store's ``x-amz-checksum-crc32`` (base64 of 4 big-endian bytes) as 8 hex digits;
-    None for a composite value (``...-N``, a checksum of part checksums)."""
-    if not store_value or "-" in store_value:
-        return None
-    try:
-        raw = base64.b64decode(store_value, validate=True)
-    except ValueError:
-        return None
-    return raw.hex() if len(raw) == 4 else None
-
-
 @functools.cache
 def _shared_data_loader(search_path: str | None) -> Any:
     """The botocore data loader every client of this process shares, one per search path.
@@ -154,6 +137,7 @@ class ObjectStore:
         self.attempts = int_option(
             options, "retries", DEFAULT_ATTEMPTS, 1, "the total attempts per request"
         )
+        self._options = options
         self.client = self._make_client(options, self.attempts)
         self.endpoint: str = self.client.meta.endpoint_url
 
@@ -210,9 +194,18 @@ class ObjectStore:
     def bucket(self) -> str:
         return self.url.bucket
 
+    @functools.cached_property
+    def cleanup_client(self) -> Any:
+        """A client of this store that tries each request once (made when first needed): for
+        the best-effort cleanup of a write that failed (its multipart upload's abort), which
+        on a store that stopped answering must not take the whole retry budget again."""
+        return self._make_client(self._options, 1)
+
     def close(self) -> None:
-        """Release the client's connections."""
+        """Release the clients' connections."""
         self.client.close()
+        if "cleanup_client" in self.__dict__:  # made
+            self.cleanup_client.close()
 
     def __enter__(self) -> ObjectStore:
         return self
@@ -397,7 +390,7 @@ class ObjectStore:
             key=name,
             size=int(response["ContentLength"]),
             etag=str(response["ETag"]),
-            crc32=None if composite else _crc32_hex(response.get("ChecksumCRC32")),
+            crc32=None if composite else crc32_hex_of_base64(response.get("ChecksumCRC32")),
         )
 
     def list(

@@ -26,6 +26,7 @@ from distckpt.objstore import MIN_PART_SIZE, ObjectStore
 from distckpt.objurl import S3Url, is_s3_url
 from tests.ports import ReservedPort
 from tests.ranks import run_ranks, values
+from tests.s3proxy import S3Proxy
 from tests.s3server import FlakyProxy, S3Server
 
 pytest.importorskip("botocore")
@@ -213,6 +214,28 @@ def test_server_killed_mid_upload_fails_fast_and_clearly() -> None:
             assert again.get_bytes("x") == b"1"
     finally:
         server.stop()
+
+
+def test_a_failed_multipart_upload_is_aborted_in_one_attempt(
+    s3_server: S3Server, s3_url: str
+) -> None:
+    """The abort after a part failed all its attempts is best effort: on a store that keeps
+    failing it must not take the whole retry budget again (the upload left is reclaimed by
+    the bucket's lifecycle rule)."""
+    with S3Proxy(s3_server.port) as proxy:
+        proxy.fail("PUT", "partNumber=", times=100)
+        proxy.fail("DELETE", "uploadId=", times=100)
+        options = s3_server.storage_options(
+            endpoint_url=proxy.endpoint, retries=2, default_block_size=MIN_PART_SIZE
+        )
+        with (
+            ObjectStore(s3_url, options) as store,
+            pytest.raises(StoreUnavailable),
+            store.open_write("never") as writer,
+        ):
+            writer.write(bytes(MIN_PART_SIZE + 1))
+        aborts = [path for method, path, _ in proxy.log if method == "DELETE"]
+        assert len(aborts) == 1, proxy.log
 
 
 def test_transient_errors_are_retried_then_reported(s3_server: S3Server, s3_url: str) -> None:
