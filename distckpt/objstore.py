@@ -73,6 +73,10 @@ _ACCESS_DENIED_CODES = {
     "AllAccessDisabled",
 }
 _NOT_FOUND_CODES = {"NoSuchKey", "NoSuchBucket", "NotFound", "404", "NoSuchUpload"}
+_NOT_IMPLEMENTED = (
+    "the store does not implement this request (an s3:// root needs conditional writes, "
+    "If-None-Match and If-Match on PUT, and CRC-32 checksums: docs/object-stores.md)"
+)
 T = TypeVar("T")
 
 
@@ -281,6 +285,8 @@ class ObjectStore:
             return self.error(ObjectNotFound, operation, name, detail)
         if code in _ACCESS_DENIED_CODES or status in (401, 403):
             return self.error(StoreAccessDenied, operation, name, detail)
+        if status == 501 or code == "NotImplemented":  # not retried: no store that is down
+            return self.error(ObjectStoreError, operation, name, f"{detail}: {_NOT_IMPLEMENTED}")
         if status >= 500 or code in ("SlowDown", "ServiceUnavailable", "InternalError"):
             return self.error(StoreUnavailable, operation, name, f"{detail} (after retries)")
         return self.error(ObjectStoreError, operation, name, detail)

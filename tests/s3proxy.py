@@ -211,7 +211,9 @@ class S3Proxy:
 
     def _refuse(self, handler: BaseHTTPRequestHandler, status: int) -> None:
         """Answer ``status`` with the error document an S3 store sends."""
-        code = {503: "ServiceUnavailable", 403: "AccessDenied"}.get(status, "InternalError")
+        code = {503: "ServiceUnavailable", 403: "AccessDenied", 501: "NotImplemented"}.get(
+            status, "InternalError"
+        )
         data = (
             '<?xml version="1.0" encoding="UTF-8"?>'
             f"<Error><Code>{code}</Code><Message>refused by the test proxy</Message></Error>"

@@ -18,6 +18,7 @@ from distckpt.checksums import ChecksumWriter, crc32
 from distckpt.errors import (
     ObjectExists,
     ObjectNotFound,
+    ObjectStoreError,
     PreconditionFailed,
     StoreAccessDenied,
     StoreUnavailable,
@@ -236,6 +237,20 @@ def test_a_failed_multipart_upload_is_aborted_in_one_attempt(
             writer.write(bytes(MIN_PART_SIZE + 1))
         aborts = [path for method, path, _ in proxy.log if method == "DELETE"]
         assert len(aborts) == 1, proxy.log
+
+
+def test_a_request_the_store_does_not_implement_is_named_so_and_not_retried(
+    s3_server: S3Server, s3_url: str
+) -> None:
+    """A store without conditional writes answers 501: not a store that is down."""
+    with S3Proxy(s3_server.port) as proxy:
+        proxy.fail("PUT", "/COMMIT", status=501, times=100)
+        options = s3_server.storage_options(endpoint_url=proxy.endpoint, retries=3)
+        refusal = pytest.raises(ObjectStoreError, match="does not implement")
+        with ObjectStore(s3_url, options) as store, refusal as refused:
+            store.put_bytes("COMMIT", b"1", if_absent=True)
+        assert not isinstance(refused.value, StoreUnavailable)
+        assert len(proxy.log) == 1, proxy.log
 
 
 def test_transient_errors_are_retried_then_reported(s3_server: S3Server, s3_url: str) -> None:
