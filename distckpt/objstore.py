@@ -28,8 +28,8 @@ A client must not cross a ``fork()``: make one per process.
 
 from __future__ import annotations
 
-import functools
 import random
+import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -46,7 +46,12 @@ from distckpt.errors import (
     StoreUnavailable,
 )
 from distckpt.objclient import make_client
-from distckpt.objoptions import check_option_names, check_option_types, int_option
+from distckpt.objoptions import (
+    check_option_names,
+    check_option_types,
+    int_option,
+    one_attempt_options,
+)
 from distckpt.objurl import S3Url
 
 if TYPE_CHECKING:
@@ -131,6 +136,8 @@ class ObjectStore:
             options, "retries", DEFAULT_ATTEMPTS, 1, "the total attempts per request"
         )
         self._options = options
+        self._cleanup_lock = threading.Lock()
+        self._cleanup_client: Any = None
         self.client = make_client(self.url, options, self.attempts, self.max_concurrency)
         self.endpoint: str = self.client.meta.endpoint_url
 
@@ -138,18 +145,32 @@ class ObjectStore:
     def bucket(self) -> str:
         return self.url.bucket
 
-    @functools.cached_property
+    @property
     def cleanup_client(self) -> Any:
-        """A client of this store that tries each request once (made when first needed): for
-        the best-effort cleanup of a write that failed (its multipart upload's abort), which
-        on a store that stopped answering must not take the whole retry budget again."""
-        return make_client(self.url, self._options, 1, self.max_concurrency)
+        """A client of this store that tries each request once (made when first needed, once
+        however many threads ask at the same time): for the best-effort cleanup of a write
+        that failed (its multipart upload's abort), which on a store that stopped answering
+        must not take the whole retry budget again. Its options are
+        :func:`~distckpt.objoptions.one_attempt_options`: ``config_kwargs`` cannot give it
+        more attempts."""
+        client = self._cleanup_client
+        if client is None:
+            # Not functools.cached_property: from Python 3.12 on it takes no lock, and threads
+            # aborting at once would each make a client, of which close() closes one.
+            with self._cleanup_lock:
+                if self._cleanup_client is None:
+                    self._cleanup_client = make_client(
+                        self.url, one_attempt_options(self._options), 1, self.max_concurrency
+                    )
+                client = self._cleanup_client
+        return client
 
     def close(self) -> None:
         """Release the clients' connections."""
         self.client.close()
-        if "cleanup_client" in self.__dict__:  # made
-            self.cleanup_client.close()
+        with self._cleanup_lock:
+            if self._cleanup_client is not None:
+                self._cleanup_client.close()
 
     def __enter__(self) -> ObjectStore:
         return self

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import socket
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -217,17 +218,25 @@ def test_server_killed_mid_upload_fails_fast_and_clearly() -> None:
         server.stop()
 
 
+@pytest.mark.parametrize(
+    "config_kwargs",
+    [{}, {"retries": {"mode": "standard", "total_max_attempts": 3}}],
+    ids=["retries", "retries-in-config_kwargs"],
+)
 def test_a_failed_multipart_upload_is_aborted_in_one_attempt(
-    s3_server: S3Server, s3_url: str
+    s3_server: S3Server, s3_url: str, config_kwargs: dict[str, object]
 ) -> None:
     """The abort after a part failed all its attempts is best effort: on a store that keeps
     failing it must not take the whole retry budget again (the upload left is reclaimed by
-    the bucket's lifecycle rule)."""
+    the bucket's lifecycle rule), however the retries were given."""
     with S3Proxy(s3_server.port) as proxy:
         proxy.fail("PUT", "partNumber=", times=100)
         proxy.fail("DELETE", "uploadId=", times=100)
         options = s3_server.storage_options(
-            endpoint_url=proxy.endpoint, retries=2, default_block_size=MIN_PART_SIZE
+            endpoint_url=proxy.endpoint,
+            retries=2,
+            default_block_size=MIN_PART_SIZE,
+            config_kwargs=config_kwargs,
         )
         with (
             ObjectStore(s3_url, options) as store,
@@ -237,6 +246,20 @@ def test_a_failed_multipart_upload_is_aborted_in_one_attempt(
             writer.write(bytes(MIN_PART_SIZE + 1))
         aborts = [path for method, path, _ in proxy.log if method == "DELETE"]
         assert len(aborts) == 1, proxy.log
+
+
+def test_threads_asking_at_once_share_one_cleanup_client(s3_url: str) -> None:
+    """Writers aborting at once each ask for the cleanup client: one is made, and close()
+    closes it. (Python 3.11's functools.cached_property locked too; 3.12's does not.)"""
+    store = ObjectStore(s3_url, {"endpoint_url": "http://127.0.0.1:9", "key": "k", "secret": "s"})
+    barrier = threading.Barrier(8)
+
+    def ask() -> int:
+        barrier.wait()
+        return id(store.cleanup_client)
+
+    with store, ThreadPoolExecutor(8) as pool:
+        assert len(set(pool.map(lambda _: ask(), range(8)))) == 1
 
 
 def test_a_request_the_store_does_not_implement_is_named_so_and_not_retried(
