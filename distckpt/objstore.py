@@ -28,6 +28,7 @@ A client must not cross a ``fork()``: make one per process.
 
 from __future__ import annotations
 
+import itertools
 import random
 import threading
 import time
@@ -150,7 +151,8 @@ class ObjectStore:
         """A client of this store that tries each request once (made when first needed, once
         however many threads ask at the same time): for the best-effort cleanup of a write
         that failed (its multipart upload's abort), which on a store that stopped answering
-        must not take the whole retry budget again. Its options are
+        must not take the whole retry budget again, and for what must share one budget of
+        :attr:`attempts` (:meth:`get_versioned`'s GETs after the first). Its options are
         :func:`~distckpt.objoptions.one_attempt_options`: ``config_kwargs`` cannot give it
         more attempts."""
         client = self._cleanup_client
@@ -314,20 +316,45 @@ class ObjectStore:
         of their version; with ``if_match``, only from that version (:class:`PreconditionFailed`
         when it was replaced, :class:`ObjectNotFound` when it is gone). botocore's retries end
         once an answer's head arrived: one whose body breaks off (the connection dropped) is
-        asked for again, up to :attr:`attempts` GETs in all (then :class:`StoreUnavailable`)."""
-        for attempt in range(1, self.attempts + 1):
-            response = self.open_get(name, start, end, if_match)
+        asked for again after a short jittered pause, through :attr:`cleanup_client` (one
+        attempt each), as long as fewer than :attr:`attempts` GETs were sent (botocore's
+        retries of the first counted); then :class:`StoreUnavailable`. So one read sends at
+        most :attr:`attempts` GETs, as any other request."""
+        budget = self.attempts
+        client = self.client
+        for tried in itertools.count(1):
             try:
-                return self.read_body(name, response["Body"], -1), str(response["ETag"])
+                response = self.open_get(name, start, end, if_match, client=client)
             except StoreUnavailable:
-                if attempt == self.attempts:
+                budget -= 1
+                if client is self.client or budget <= 0:  # the first: botocore retried it
                     raise
-            finally:
-                response["Body"].close()
+            else:
+                budget -= int(response["ResponseMetadata"].get("RetryAttempts", 0)) + 1
+                try:
+                    return self.read_body(name, response["Body"], -1), str(response["ETag"])
+                except StoreUnavailable:
+                    if budget <= 0:
+                        raise
+                finally:
+                    response["Body"].close()
+            client = self.cleanup_client
+            # a pause, as botocore's between its tries, jittered so that ranks reading one
+            # object do not ask again all at once
+            time.sleep(random.uniform(0.0, min(1.0, 0.1 * 2**tried)))
         raise AssertionError("unreachable")
 
-    def open_get(self, name: str, start: int, end: int | None, if_match: str | None) -> Any:
-        """The answer of a GET (see :meth:`get_versioned`), its streaming ``Body`` unread."""
+    def open_get(
+        self,
+        name: str,
+        start: int,
+        end: int | None,
+        if_match: str | None,
+        *,
+        client: Any = None,
+    ) -> dict[str, Any]:
+        """The answer of a GET (see :meth:`get_versioned`) through ``client`` (by default
+        :attr:`client`), its streaming ``Body`` unread."""
         kwargs: dict[str, Any] = {"Key": self.url.key(name)}
         if start or end is not None:
             kwargs["Range"] = f"bytes={start}-{'' if end is None else end - 1}"
@@ -335,7 +362,9 @@ class ObjectStore:
             kwargs["IfMatch"] = if_match
         # Not told to ``request``: for a read, a 404 under ``If-Match`` is the object gone
         # (ObjectNotFound, which readers treat as a missing file), not a lost compare-and-swap.
-        return self.request("get", name, self.client.get_object, **kwargs)
+        get_object = (client or self.client).get_object
+        response: dict[str, Any] = self.request("get", name, get_object, **kwargs)
+        return response
 
     def read_body(self, name: str, body: Any, size: int) -> bytes:
         """Up to ``size`` bytes (all, if negative) from the body of an :meth:`open_get` answer."""

@@ -64,6 +64,20 @@ def test_a_read_broken_off_every_time_fails_after_the_attempts_given(
     assert sum(path.endswith("/last") for _, path, _ in proxy.log) == 4
 
 
+def test_a_read_broken_off_and_refused_in_turn_sends_no_more_gets_than_the_attempts(
+    s3_server: S3Server, saved_root: str, proxy: S3Proxy
+) -> None:
+    """Asking again after a cut answer shares the client's budget with botocore's retries:
+    not a whole budget for each time the answer broke off."""
+    for _ in range(3):
+        proxy.cut("GET", "/last")
+        proxy.fail("GET", "/last", status=503, times=2)
+    options = s3_server.storage_options(endpoint_url=proxy.endpoint, retries=3)
+    with ObjectStore(saved_root, options) as store, pytest.raises(StoreUnavailable, match="/last"):
+        store.get_bytes("last")
+    assert sum(path.endswith("/last") for _, path, _ in proxy.log) == 3, proxy.log
+
+
 @pytest.mark.parametrize("what", ["rank-00000.pt", "manifest.json"])
 @pytest.mark.parametrize(
     ("status", "error"), [(503, StoreUnavailable), (403, StoreAccessDenied)], ids=["503", "403"]
