@@ -28,6 +28,7 @@ A client must not cross a ``fork()``: make one per process.
 
 from __future__ import annotations
 
+import copy
 import itertools
 import random
 import threading
@@ -166,6 +167,16 @@ class ObjectStore:
                     )
                 client = self._cleanup_client
         return client
+
+    @property
+    def one_attempt(self) -> ObjectStore:
+        """This store with :attr:`cleanup_client` as its :attr:`client` (one attempt per
+        request): for best-effort cleanup made of several requests (a failed save's discard).
+        It shares this store's clients: close this store, not it."""
+        quick = copy.copy(self)
+        quick.client = self.cleanup_client
+        quick.attempts = 1
+        return quick
 
     def close(self) -> None:
         """Release the clients' connections."""
