@@ -100,8 +100,9 @@ def verify_checkpoint(
 ) -> CheckpointReport:
     """Check one checkpoint against its manifest (see the module doc): the problems a restore
     refuses it for (:func:`distckpt.resolve.inspect`), and unlisted files. A store that failed
-    a read (unreachable, 5xx after its retries, access refused) raises its
-    :class:`~distckpt.ObjectStoreError`, as a disk's I/O error raises its ``OSError``."""
+    a read (unreachable, 5xx after its retries, access refused, any refusal but the object
+    gone or replaced while read) raises its :class:`~distckpt.ObjectStoreError`, as a disk's
+    I/O error raises its ``OSError``."""
     step = source.expected_step
     try:
         manifest, problems = inspect(source, checksums=checksums, progress=progress)
@@ -142,8 +143,11 @@ def verify(
     :meth:`~distckpt.storage.views.RootView.certainly_no_root`; a local directory holding no
     checkpoint is an empty root, as a crash may leave one before its lease), and a failed read
     of a file (a disk's I/O error) as that ``OSError`` (:mod:`distckpt.errors`); so too an
-    ``s3://`` store's failure (:class:`~distckpt.StoreUnavailable` after the client's retries,
-    :class:`~distckpt.StoreAccessDenied`, each an ``OSError``), never reported as damage."""
+    ``s3://`` store's failure, any :class:`~distckpt.ObjectStoreError` (an ``OSError``:
+    :class:`~distckpt.StoreUnavailable` after the client's retries,
+    :class:`~distckpt.StoreAccessDenied`, a request the store does not implement, another
+    refusal) but :class:`~distckpt.ObjectNotFound` and :class:`~distckpt.PreconditionFailed`
+    (a file gone, or replaced while read), which are the checkpoint's damage."""
     located = classify_path(path, storage_options=storage_options)
     view, where = located.view, os.fspath(path)
     if located.kind == "link":
