@@ -273,6 +273,8 @@ def test_a_request_the_store_does_not_implement_is_named_so_and_not_retried(
         with ObjectStore(s3_url, options) as store, refusal as refused:
             store.put_bytes("COMMIT", b"1", if_absent=True)
         assert not isinstance(refused.value, StoreUnavailable)
+        # botocore never retried a 501 (this held before too): the message and the class above
+        # are what tell it from a store that is down
         assert len(proxy.log) == 1, proxy.log
 
 

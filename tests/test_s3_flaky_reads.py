@@ -99,6 +99,18 @@ def test_verify_raises_a_failing_stores_error_instead_of_reporting_damage(
             distckpt.verify(path, storage_options=options)
 
 
+def test_verify_reports_a_file_replaced_while_read_as_damage(
+    s3_server: S3Server, saved_root: str, proxy: S3Proxy
+) -> None:
+    """A ``412`` to a read pinned to the ETag the listing gave (``PreconditionFailed``) says
+    the file is not the one listed: the store answered, and the answer is about the
+    checkpoint."""
+    proxy.fail("GET", "step-00000002", "rank-00000.pt", status=412, times=100)
+    options = s3_server.storage_options(endpoint_url=proxy.endpoint, retries=1)
+    report = distckpt.verify(f"{saved_root}/step-00000002", storage_options=options)
+    assert not report.ok and "rank-00000.pt" in str(report), report
+
+
 def test_distckpt_verify_of_a_store_refusing_reads_is_an_error_not_a_broken_checkpoint(
     s3_server: S3Server,
     saved_root: str,
