@@ -8,8 +8,8 @@ and then drops the connection instead of answering (``drop``: a write the store 
 answer was lost), forwards it and answers with only the first half of the body its head
 announces, then drops the connection (``cut``: an answer broken off mid-body), or answers it
 with an error status without forwarding it (``fail``: a store refusing the request,
-unapplied). Real sockets and a real server: the client under test
-sees exactly what a slow or broken network shows it.
+unapplied). Real sockets and a real server: the client under test sees exactly what a slow or
+broken network shows it.
 """
 
 from __future__ import annotations
@@ -74,8 +74,8 @@ class Rule:
 
 class S3Proxy:
     """The proxy (a context manager: closed on exit); ``endpoint`` is its URL (give it as
-    ``endpoint_url``). Rules are added with :meth:`hold` and :meth:`drop`; ``log`` lists every
-    request answered as ``(method, path, status)``."""
+    ``endpoint_url``). Rules are added with :meth:`hold`, :meth:`drop`, :meth:`fail` and
+    :meth:`cut`; ``log`` lists every request answered as ``(method, path, status)``."""
 
     def __init__(self, upstream_port: int) -> None:
         self.upstream_port = upstream_port
