@@ -1,6 +1,8 @@
 """Checksums of checkpoint files: the CRC-32 distckpt records for every file, computed while
 the file is written (:class:`ChecksumWriter`, one thread or several at known offsets, their
-CRCs joined by :func:`crc32_combine`) or recomputed from its bytes (:func:`file_checksum`).
+CRCs joined by :func:`crc32_combine`) or recomputed from its bytes (:func:`file_checksum`),
+and spelled as an object store's ``x-amz-checksum-crc32`` header spells it
+(:func:`crc32_base64`, :func:`crc32_hex_of_base64`).
 
 Nothing here knows about ranks, formats or layouts; the durability primitives the writer's
 files rely on are in :mod:`distckpt.fsutil`.
@@ -8,6 +10,7 @@ files rely on are in :mod:`distckpt.fsutil`.
 
 from __future__ import annotations
 
+import base64
 import errno
 import os
 from collections.abc import Callable, Sequence
@@ -410,3 +413,21 @@ def file_checksum(
             if progress is not None:
                 progress(len(chunk))
     return f"{crc:08x}"
+
+
+def crc32_base64(crc: int) -> str:
+    """A CRC-32 in an object store's notation (``x-amz-checksum-crc32``: base64 of its 4
+    big-endian bytes)."""
+    return base64.b64encode(crc.to_bytes(4, "big")).decode("ascii")
+
+
+def crc32_hex_of_base64(store_value: str | None) -> str | None:
+    """A store's ``x-amz-checksum-crc32`` as the 8 hex digits manifests hold; None for none,
+    or for a composite value (``...-N``, a checksum of part checksums)."""
+    if not store_value or "-" in store_value:
+        return None
+    try:
+        raw = base64.b64decode(store_value, validate=True)
+    except ValueError:
+        return None
+    return raw.hex() if len(raw) == 4 else None

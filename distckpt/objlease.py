@@ -73,6 +73,7 @@ from distckpt.errors import (
     PreconditionFailed,
 )
 from distckpt.lease import LeaseHolder, job_id_from_environment, now_utc, this_process_host
+from distckpt.objoptions import one_attempt_options, seconds_option
 from distckpt.objstore import ObjectStore
 from distckpt.policy import parse_created_utc
 
@@ -82,9 +83,6 @@ from distckpt.policy import parse_created_utc
 REQUEST_FRACTION = 1 / 15
 #: a request is never given less than this many seconds, however short the lease
 MIN_REQUEST_SECONDS = 1.0
-#: the botocore config keys that :func:`lease_request_options` sets: a user's
-#: ``config_kwargs`` must not override them (they are merged last)
-_TIMING_CONFIG_KEYS = ("retries", "connect_timeout", "read_timeout")
 
 
 def lease_request_options(options: Mapping[str, Any], duration: float) -> dict[str, Any]:
@@ -94,17 +92,10 @@ def lease_request_options(options: Mapping[str, Any], duration: float) -> dict[s
     renewal loop retries, on its own schedule; the defaults of a data client (several attempts
     of 60 s each) would outlast the lease."""
     limit = max(MIN_REQUEST_SECONDS, duration * REQUEST_FRACTION)
-    config_kwargs = {
-        key: value
-        for key, value in dict(options.get("config_kwargs", {})).items()
-        if key not in _TIMING_CONFIG_KEYS
-    }
     return {
-        **options,
-        "config_kwargs": config_kwargs,
-        "retries": 1,
-        "connect_timeout": min(float(options.get("connect_timeout", limit)), limit),
-        "read_timeout": min(float(options.get("read_timeout", limit)), limit),
+        **one_attempt_options(options),
+        "connect_timeout": min(seconds_option(options, "connect_timeout", limit), limit),
+        "read_timeout": min(seconds_option(options, "read_timeout", limit), limit),
     }
 
 

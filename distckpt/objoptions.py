@@ -28,6 +28,11 @@ OPTION_KEYS = {
     "max_concurrency",
 }
 
+#: The botocore config keys that bound a request's time (its attempts, its timeouts): a client
+#: made to give up sooner than the user's (:func:`one_attempt_options`) must not have them
+#: undone by the user's ``config_kwargs``, which are merged last.
+TIMING_CONFIG_KEYS = ("retries", "connect_timeout", "read_timeout")
+
 #: The options whose value is text, and those whose value is a mapping of keyword arguments.
 _TEXT_OPTIONS = ("endpoint_url", "key", "secret", "token", "region")
 _MAPPING_OPTIONS = ("client_kwargs", "config_kwargs")
@@ -100,3 +105,15 @@ def seconds_option(options: Mapping[str, Any], key: str, default: float) -> floa
             f"storage_options {key} is seconds: a positive, finite number, not {value!r}"
         )
     return seconds
+
+
+def one_attempt_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    """``options`` for a client that tries each request once: ``retries`` 1, and ``config_kwargs``
+    without :data:`TIMING_CONFIG_KEYS` (so a user's ``connect_timeout`` / ``read_timeout``
+    given there give way to the top-level options or their defaults)."""
+    config_kwargs = {
+        key: value
+        for key, value in dict(options.get("config_kwargs") or {}).items()
+        if key not in TIMING_CONFIG_KEYS
+    }
+    return {**options, "config_kwargs": config_kwargs, "retries": 1}

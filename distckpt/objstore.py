@@ -28,16 +28,16 @@ A client must not cross a ``fork()``: make one per process.
 
 from __future__ import annotations
 
-import base64
-import functools
-import os
+import copy
+import itertools
 import random
+import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
-from distckpt.checksums import crc32
+from distckpt.checksums import crc32, crc32_base64, crc32_hex_of_base64
 from distckpt.errors import (
     InvalidArgument,
     ObjectExists,
@@ -47,7 +47,13 @@ from distckpt.errors import (
     StoreAccessDenied,
     StoreUnavailable,
 )
-from distckpt.objoptions import check_option_names, check_option_types, int_option, seconds_option
+from distckpt.objclient import make_client
+from distckpt.objoptions import (
+    check_option_names,
+    check_option_types,
+    int_option,
+    one_attempt_options,
+)
 from distckpt.objurl import S3Url
 
 if TYPE_CHECKING:
@@ -74,6 +80,10 @@ _ACCESS_DENIED_CODES = {
     "AllAccessDisabled",
 }
 _NOT_FOUND_CODES = {"NoSuchKey", "NoSuchBucket", "NotFound", "404", "NoSuchUpload"}
+_NOT_IMPLEMENTED = (
+    "the store does not implement this request (an s3:// root needs conditional writes, "
+    "If-None-Match and If-Match on PUT, and CRC-32 checksums: docs/object-stores.md)"
+)
 T = TypeVar("T")
 
 
@@ -87,33 +97,6 @@ class ObjectInfo:
     size: int
     etag: str
     crc32: str | None = None
-
-
-def crc32_base64(crc: int) -> str:
-    return base64.b64encode(crc.to_bytes(4, "big")).decode("ascii")
-
-
-def _crc32_hex(store_value: str | None) -> str | None:
-    """The store's ``x-amz-checksum-crc32`` (base64 of 4 big-endian bytes) as 8 hex digits;
-    None for a composite value (``...-N``, a checksum of part checksums)."""
-    if not store_value or "-" in store_value:
-        return None
-    try:
-        raw = base64.b64decode(store_value, validate=True)
-    except ValueError:
-        return None
-    return raw.hex() if len(raw) == 4 else None
-
-
-@functools.cache
-def _shared_data_loader(search_path: str | None) -> Any:
-    """The botocore data loader every client of this process shares, one per search path.
-    Each client has a session of its own, and a new session's loader would parse botocore's
-    endpoint and service model files again (a quarter of a second of JSON per client on a
-    busy machine); the loader only reads those files and keeps what it read."""
-    import botocore.loaders
-
-    return botocore.loaders.create_loader(search_path)
 
 
 class ObjectStore:
@@ -151,68 +134,56 @@ class ObjectStore:
         self.max_concurrency = int_option(
             options, "max_concurrency", DEFAULT_MAX_CONCURRENCY, 1, "parts in flight per writer"
         )
-        attempts = int_option(
+        self.attempts = int_option(
             options, "retries", DEFAULT_ATTEMPTS, 1, "the total attempts per request"
         )
-        self.client = self._make_client(options, attempts)
+        self._options = options
+        self._cleanup_lock = threading.Lock()
+        self._cleanup_client: Any = None
+        self.client = make_client(self.url, options, self.attempts, self.max_concurrency)
         self.endpoint: str = self.client.meta.endpoint_url
-
-    def _make_client(self, options: Mapping[str, Any], attempts: int) -> Any:
-        """The botocore client ``options`` configure. It sends no request yet, so what fails
-        here is the configuration: half of the credentials is :class:`StoreAccessDenied` (as
-        no credentials at all are at the first request); anything else (an endpoint that is
-        not a URL, a bad ``config_kwargs`` value) is :class:`InvalidArgument`."""
-        import botocore.session
-        from botocore.config import Config
-        from botocore.exceptions import BotoCoreError, PartialCredentialsError
-
-        connect_timeout = seconds_option(options, "connect_timeout", 10.0)
-        read_timeout = seconds_option(options, "read_timeout", 60.0)
-        client_kwargs: dict[str, Any] = dict(options.get("client_kwargs") or {})
-        for option, argument in (
-            ("endpoint_url", "endpoint_url"),
-            ("key", "aws_access_key_id"),
-            ("secret", "aws_secret_access_key"),
-            ("token", "aws_session_token"),
-            ("region", "region_name"),
-        ):
-            if options.get(option) is not None:
-                client_kwargs[argument] = options[option]
-        try:
-            config = Config(
-                retries={"mode": "standard", "total_max_attempts": attempts},
-                connect_timeout=connect_timeout,
-                read_timeout=read_timeout,
-                max_pool_connections=max(10, self.max_concurrency + 2),
-                # distckpt sends the CRC-32 it computes anyway; botocore need not compute another
-                request_checksum_calculation="when_required",
-                response_checksum_validation="when_required",
-            ).merge(Config(**(options.get("config_kwargs") or {})))
-            session = botocore.session.get_session()
-            session.register_component(
-                "data_loader", _shared_data_loader(session.get_config_variable("data_path"))
-            )
-            if "region_name" not in client_kwargs and session.get_config_variable("region") is None:
-                # botocore reads AWS_DEFAULT_REGION; AWS_REGION is what the other SDKs read. A
-                # custom endpoint still needs some region to sign with.
-                client_kwargs["region_name"] = os.environ.get("AWS_REGION") or "us-east-1"
-            return session.create_client("s3", config=config, **client_kwargs)
-        except PartialCredentialsError as exc:
-            where = client_kwargs.get("endpoint_url") or "the default endpoint"
-            raise StoreAccessDenied(
-                f"connect to {self.url} at {where} failed: {exc} (give storage_options key "
-                "and secret together)"
-            ) from exc
-        except (BotoCoreError, ValueError, TypeError) as exc:
-            raise InvalidArgument(f"storage_options for {self.url} are not usable: {exc}") from exc
 
     @property
     def bucket(self) -> str:
         return self.url.bucket
 
+    @property
+    def cleanup_client(self) -> Any:
+        """A client of this store that tries each request once (made when first needed, once
+        however many threads ask at the same time): for the best-effort cleanup of a write
+        that failed (its multipart upload's abort), which on a store that stopped answering
+        must not take the whole retry budget again, and for what must share one budget of
+        :attr:`attempts` (:meth:`get_versioned`'s GETs after the first). Its options are
+        :func:`~distckpt.objoptions.one_attempt_options`: ``config_kwargs`` cannot give it
+        more attempts."""
+        client = self._cleanup_client
+        if client is None:
+            # Not functools.cached_property: from Python 3.12 on it takes no lock, and threads
+            # aborting at once would each make a client, of which close() closes one.
+            with self._cleanup_lock:
+                if self._cleanup_client is None:
+                    self._cleanup_client = make_client(
+                        self.url, one_attempt_options(self._options), 1, self.max_concurrency
+                    )
+                client = self._cleanup_client
+        return client
+
+    @property
+    def one_attempt(self) -> ObjectStore:
+        """This store with :attr:`cleanup_client` as its :attr:`client` (one attempt per
+        request): for best-effort cleanup made of several requests (a failed save's discard).
+        It shares this store's clients: close this store, not it."""
+        quick = copy.copy(self)
+        quick.client = self.cleanup_client
+        quick.attempts = 1
+        return quick
+
     def close(self) -> None:
-        """Release the client's connections."""
+        """Release the clients' connections."""
         self.client.close()
+        with self._cleanup_lock:
+            if self._cleanup_client is not None:
+                self._cleanup_client.close()
 
     def __enter__(self) -> ObjectStore:
         return self
@@ -288,6 +259,8 @@ class ObjectStore:
             return self.error(ObjectNotFound, operation, name, detail)
         if code in _ACCESS_DENIED_CODES or status in (401, 403):
             return self.error(StoreAccessDenied, operation, name, detail)
+        if status == 501 or code == "NotImplemented":  # not retried: no store that is down
+            return self.error(ObjectStoreError, operation, name, f"{detail}: {_NOT_IMPLEMENTED}")
         if status >= 500 or code in ("SlowDown", "ServiceUnavailable", "InternalError"):
             return self.error(StoreUnavailable, operation, name, f"{detail} (after retries)")
         return self.error(ObjectStoreError, operation, name, detail)
@@ -344,26 +317,55 @@ class ObjectStore:
     def get_bytes(
         self, name: str, *, start: int = 0, end: int | None = None, if_match: str | None = None
     ) -> bytes:
-        """The object's bytes ``[start, end)`` (to its end when ``end`` is None); with
-        ``if_match``, only from the version with that ETag (:class:`PreconditionFailed` when it
-        was replaced, :class:`ObjectNotFound` when it is gone)."""
-        body = self.open_body(name, start, end, if_match)
-        try:
-            return self.read_body(name, body, -1)
-        finally:
-            body.close()
+        """The bytes :meth:`get_versioned` returns, without their ETag."""
+        return self.get_versioned(name, start=start, end=end, if_match=if_match)[0]
 
-    def get_versioned(self, name: str) -> tuple[bytes, str]:
-        """The whole object and the ETag of the version its bytes came from (one request)."""
-        response = self.request("get", name, self.client.get_object, Key=self.url.key(name))
-        body = response["Body"]
-        try:
-            return self.read_body(name, body, -1), str(response["ETag"])
-        finally:
-            body.close()
+    def get_versioned(
+        self, name: str, *, start: int = 0, end: int | None = None, if_match: str | None = None
+    ) -> tuple[bytes, str]:
+        """The object's bytes ``[start, end)`` (to its end when ``end`` is None) and the ETag
+        of their version; with ``if_match``, only from that version (:class:`PreconditionFailed`
+        when it was replaced, :class:`ObjectNotFound` when it is gone). botocore's retries end
+        once an answer's head arrived: one whose body breaks off (the connection dropped) is
+        asked for again after a short jittered pause, through :attr:`cleanup_client` (one
+        attempt each), as long as fewer than :attr:`attempts` GETs were sent (botocore's
+        retries of the first counted); then :class:`StoreUnavailable`. So one read sends at
+        most :attr:`attempts` GETs, as any other request."""
+        budget = self.attempts
+        client = self.client
+        for tried in itertools.count(1):
+            try:
+                response = self.open_get(name, start, end, if_match, client=client)
+            except StoreUnavailable:
+                budget -= 1
+                if client is self.client or budget <= 0:  # the first: botocore retried it
+                    raise
+            else:
+                budget -= int(response["ResponseMetadata"].get("RetryAttempts", 0)) + 1
+                try:
+                    return self.read_body(name, response["Body"], -1), str(response["ETag"])
+                except StoreUnavailable:
+                    if budget <= 0:
+                        raise
+                finally:
+                    response["Body"].close()
+            client = self.cleanup_client
+            # a pause, as botocore's between its tries, jittered so that ranks reading one
+            # object do not ask again all at once
+            time.sleep(random.uniform(0.0, min(1.0, 0.1 * 2**tried)))
+        raise AssertionError("unreachable")
 
-    def open_body(self, name: str, start: int, end: int | None, if_match: str | None) -> Any:
-        """The streaming body of a GET of bytes ``[start, end)`` (see :meth:`get_bytes`)."""
+    def open_get(
+        self,
+        name: str,
+        start: int,
+        end: int | None,
+        if_match: str | None,
+        *,
+        client: Any = None,
+    ) -> dict[str, Any]:
+        """The answer of a GET (see :meth:`get_versioned`) through ``client`` (by default
+        :attr:`client`), its streaming ``Body`` unread."""
         kwargs: dict[str, Any] = {"Key": self.url.key(name)}
         if start or end is not None:
             kwargs["Range"] = f"bytes={start}-{'' if end is None else end - 1}"
@@ -371,11 +373,12 @@ class ObjectStore:
             kwargs["IfMatch"] = if_match
         # Not told to ``request``: for a read, a 404 under ``If-Match`` is the object gone
         # (ObjectNotFound, which readers treat as a missing file), not a lost compare-and-swap.
-        response = self.request("get", name, self.client.get_object, **kwargs)
-        return response["Body"]
+        get_object = (client or self.client).get_object
+        response: dict[str, Any] = self.request("get", name, get_object, **kwargs)
+        return response
 
     def read_body(self, name: str, body: Any, size: int) -> bytes:
-        """Up to ``size`` bytes (all, if negative) from a body :meth:`open_body` returned."""
+        """Up to ``size`` bytes (all, if negative) from the body of an :meth:`open_get` answer."""
         from botocore.exceptions import BotoCoreError
 
         try:
@@ -394,7 +397,7 @@ class ObjectStore:
             key=name,
             size=int(response["ContentLength"]),
             etag=str(response["ETag"]),
-            crc32=None if composite else _crc32_hex(response.get("ChecksumCRC32")),
+            crc32=None if composite else crc32_hex_of_base64(response.get("ChecksumCRC32")),
         )
 
     def list(

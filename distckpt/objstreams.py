@@ -13,9 +13,9 @@ import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-from distckpt.checksums import crc32
+from distckpt.checksums import crc32, crc32_base64
 from distckpt.errors import ObjectStoreError, StoreUnavailable
-from distckpt.objstore import ObjectStore, crc32_base64
+from distckpt.objstore import ObjectStore
 
 _PARTS_PER_SIZE_STEP = 1000  # part size doubles every 1000 parts: S3 allows 10,000 parts
 
@@ -189,9 +189,10 @@ class ObjectWriter:
             return
         for part in self._parts:
             part.cancel()
-        # best effort: the store is failing already, or the upload is gone
+        # best effort, one attempt: the store is failing already, or the upload is gone (an
+        # upload left is reclaimed by the bucket's lifecycle rule, as a killed process's is)
         with contextlib.suppress(Exception):
-            self._store.client.abort_multipart_upload(
+            self._store.cleanup_client.abort_multipart_upload(
                 Bucket=self._store.bucket, Key=self._key, UploadId=self._upload_id
             )
 
@@ -292,7 +293,7 @@ class ObjectReader:
 
     def _reopen(self) -> None:
         self._drop_body()
-        self._body = self._store.open_body(self.name, self._position, None, self.etag)
+        self._body = self._store.open_get(self.name, self._position, None, self.etag)["Body"]
         self._body_position = self._position
 
     def _drop_body(self) -> None:

@@ -18,7 +18,13 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from distckpt.errors import CheckpointError, CheckpointNotFound
+from distckpt.errors import (
+    CheckpointError,
+    CheckpointNotFound,
+    ObjectNotFound,
+    ObjectStoreError,
+    PreconditionFailed,
+)
 from distckpt.layout import LINK_NAMES
 from distckpt.resolve import VANISH_RETRIES, classify_path, inspect, link_problem
 from distckpt.results import CheckpointLocation, location_name
@@ -93,14 +99,27 @@ def verify_checkpoint(
     progress: Callable[[int], None] | None = None,
 ) -> CheckpointReport:
     """Check one checkpoint against its manifest (see the module doc): the problems a restore
-    refuses it for (:func:`distckpt.resolve.inspect`), and unlisted files."""
+    refuses it for (:func:`distckpt.resolve.inspect`), and unlisted files. A store that failed
+    a read (unreachable, 5xx after its retries, access refused, any refusal but the object
+    gone or replaced while read) raises its :class:`~distckpt.ObjectStoreError`, as a disk's
+    I/O error raises its ``OSError``."""
     step = source.expected_step
     try:
         manifest, problems = inspect(source, checksums=checksums, progress=progress)
     except CheckpointError as exc:
+        if _store_failed(exc):
+            raise
         return CheckpointReport(source.location, step, (str(exc),))
     found = (*problems, *source.unlisted_files(manifest))
     return CheckpointReport(source.location, manifest.step, found, manifest.total_bytes)
+
+
+def _store_failed(exc: CheckpointError) -> bool:
+    """Whether ``exc`` is the store failing a request, which says nothing of the checkpoint;
+    an object gone or replaced while read does."""
+    return isinstance(exc, ObjectStoreError) and not isinstance(
+        exc, (ObjectNotFound, PreconditionFailed)
+    )
 
 
 def verify(
@@ -123,7 +142,12 @@ def verify(
     an ``s3://`` prefix holding no checkpoint and no root either, an empty one or one of roots:
     :meth:`~distckpt.storage.views.RootView.certainly_no_root`; a local directory holding no
     checkpoint is an empty root, as a crash may leave one before its lease), and a failed read
-    of a file (a disk's I/O error) as that ``OSError`` (:mod:`distckpt.errors`)."""
+    of a file (a disk's I/O error) as that ``OSError`` (:mod:`distckpt.errors`); so too an
+    ``s3://`` store's failure, any :class:`~distckpt.ObjectStoreError` (an ``OSError``:
+    :class:`~distckpt.StoreUnavailable` after the client's retries,
+    :class:`~distckpt.StoreAccessDenied`, a request the store does not implement, another
+    refusal) but :class:`~distckpt.ObjectNotFound` and :class:`~distckpt.PreconditionFailed`
+    (a file gone, or replaced while read), which are the checkpoint's damage."""
     located = classify_path(path, storage_options=storage_options)
     view, where = located.view, os.fspath(path)
     if located.kind == "link":

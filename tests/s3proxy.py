@@ -5,9 +5,11 @@ if it says so, by what their body holds: the names of a batched delete) and eith
 picked request until it is released (``hold``: a slow request, for as long as the test
 chooses: released by the test, or once a file another process writes exists), forwards it
 and then drops the connection instead of answering (``drop``: a write the store applied whose
-answer was lost), or answers it with an error status without forwarding it (``fail``: a
-store refusing the request, unapplied). Real sockets and a real server: the client under test
-sees exactly what a slow or broken network shows it.
+answer was lost), forwards it and answers with only the first half of the body its head
+announces, then drops the connection (``cut``: an answer broken off mid-body), or answers it
+with an error status without forwarding it (``fail``: a store refusing the request,
+unapplied). Real sockets and a real server: the client under test sees exactly what a slow or
+broken network shows it.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ class Rule:
 
     method: str
     path_parts: tuple[str, ...]
-    action: Literal["hold", "drop", "fail"]
+    action: Literal["hold", "drop", "cut", "fail"]
     times: int = 1
     #: how many matching requests go by untouched before the rule acts
     skip: int = 0
@@ -72,8 +74,8 @@ class Rule:
 
 class S3Proxy:
     """The proxy (a context manager: closed on exit); ``endpoint`` is its URL (give it as
-    ``endpoint_url``). Rules are added with :meth:`hold` and :meth:`drop`; ``log`` lists every
-    request answered as ``(method, path, status)``."""
+    ``endpoint_url``). Rules are added with :meth:`hold`, :meth:`drop`, :meth:`fail` and
+    :meth:`cut`; ``log`` lists every request answered as ``(method, path, status)``."""
 
     def __init__(self, upstream_port: int) -> None:
         self.upstream_port = upstream_port
@@ -116,6 +118,12 @@ class S3Proxy:
         """Forward ``times`` matching requests, after ``skip`` others, then drop their
         answers."""
         return self._add(Rule(method, path_parts, "drop", times, skip))
+
+    def cut(self, method: str, *path_parts: str, times: int = 1, skip: int = 0) -> Rule:
+        """Forward ``times`` matching requests, after ``skip`` others, then answer each with
+        the whole body's ``Content-Length`` but only the first half of the body, and drop the
+        connection."""
+        return self._add(Rule(method, path_parts, "cut", times, skip))
 
     def fail(
         self,
@@ -179,10 +187,14 @@ class S3Proxy:
         with self._answered:
             self.log.append((handler.command, handler.path, answer.status))
             self._answered.notify_all()
+        header_length = str(len(data))  # what the answer announces, also when it is cut
         if rule is not None and rule.action == "drop":
             handler.close_connection = True
             handler.connection.close()
             return
+        if rule is not None and rule.action == "cut":
+            data = data[: len(data) // 2]
+            handler.close_connection = True
         handler.send_response(answer.status)
         for name, value in answer.getheaders():
             # HEAD keeps the server's Content-Length (of the object); others get the body's
@@ -192,14 +204,16 @@ class S3Proxy:
                 continue
             handler.send_header(name, value)
         if handler.command != "HEAD":
-            handler.send_header("Content-Length", str(len(data)))
+            handler.send_header("Content-Length", header_length)
         handler.end_headers()
         if handler.command != "HEAD":
             handler.wfile.write(data)
 
     def _refuse(self, handler: BaseHTTPRequestHandler, status: int) -> None:
         """Answer ``status`` with the error document an S3 store sends."""
-        code = "ServiceUnavailable" if status == 503 else "InternalError"
+        code = {503: "ServiceUnavailable", 403: "AccessDenied", 501: "NotImplemented"}.get(
+            status, "InternalError"
+        )
         data = (
             '<?xml version="1.0" encoding="UTF-8"?>'
             f"<Error><Code>{code}</Code><Message>refused by the test proxy</Message></Error>"

@@ -180,3 +180,13 @@ def test_usable_storage_option_values_are_taken_as_given(s3_server: S3Server, s3
         assert config.retries["total_max_attempts"] == 1
         store.put_bytes("x", b"1")
         assert store.get_bytes("x") == b"1"
+
+
+@pytest.mark.parametrize("key", ["connect_timeout", "read_timeout", "config_kwargs"])
+def test_an_option_given_none_is_as_if_not_given_by_a_manager(
+    s3_server: S3Server, s3_url: str, key: str
+) -> None:
+    """fsspec's convention, also for the options the manager's start derives the client of
+    its lease's renewals from."""
+    options = {**s3_server.storage_options(), key: None}
+    distckpt.CheckpointManager(s3_url, storage_options=options).close()

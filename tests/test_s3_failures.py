@@ -449,3 +449,30 @@ def test_gc_that_cannot_read_a_claim_stops_instead_of_removing_the_save(
             gc.collect_leftovers()
         assert lost.arrived.is_set()  # it failed reading the claim, not before
     assert staged in _objects(s3_url, s3_server.storage_options())
+
+
+@pytest.mark.parametrize(
+    "refused",
+    [
+        ("GET", "step-00000002/COMMIT"),
+        ("GET", "prefix=ckpt%2Fstep-00000002%2F"),
+        ("POST", "?delete"),
+    ],
+    ids=["commit-read", "listing", "claim-delete"],
+)
+def test_a_failed_saves_discard_tries_each_request_once(
+    s3_server: S3Server, refused: tuple[str, str]
+) -> None:
+    """Removing a failed save is best effort (what it leaves is gc's): on a store that stopped
+    answering it must not add a whole retry budget per request to the save's failure."""
+    url = f"s3://{s3_server.create_bucket()}/ckpt"
+    with S3Proxy(s3_server.port) as proxy:
+        options = s3_server.storage_options(endpoint_url=proxy.endpoint, retries=3)
+        with distckpt.CheckpointManager(url, storage_options=options) as manager:
+            proxy.fail("PUT", "rank-00000", status=403)  # not retried: the save fails at once
+            proxy.fail(*refused, status=503, times=100)
+            with pytest.raises(StoreAccessDenied):
+                manager.save(2, _state(2))
+            method, part = refused
+            sent = [path for sent_method, path, _ in proxy.log if sent_method == method]
+            assert sum(part in path for path in sent) == 1, proxy.log

@@ -50,6 +50,7 @@ from distckpt.errors import (
 )
 from distckpt.layout import MANIFEST_NAME
 from distckpt.manifest import FileRecord, Manifest
+from distckpt.objstore import ObjectStore
 from distckpt.results import CheckpointLocation, SaveResult
 from distckpt.storage import ExtraFile, OpenedRoot, StagingArea, store_files
 from distckpt.storage.nesting import refuse_a_nested_root
@@ -166,23 +167,26 @@ class S3RootStore(LeaseKeeping, Upkeep, ViewedStore):
 
     def discard_staging(self, area: StagingArea) -> None:
         step, attempt = self.s3.parse_attempt_location(area.location)
-        # Runs after a failed save too: its own error must not hide that one. What is left is
-        # a dead writer's leftover, removed by the next gc or start.
+        # Runs after a failed save too: its own error must not hide that one, nor its time
+        # add a whole retry budget per request to a save failing on a store that stopped
+        # answering: one attempt each. What is left is a dead writer's leftover, removed by
+        # the next gc or start.
+        quick = self.s3.client.one_attempt
         try:
-            if attempt not in self._published and not self._commit_names(step, attempt):
-                self._delete_prefix(self.s3.attempt_prefix(step, attempt))
+            if attempt not in self._published and not self._commit_names(step, attempt, quick):
+                self._delete_prefix(self.s3.attempt_prefix(step, attempt), quick)
         except CheckpointError as exc:
             logger.warning("could not remove the save %s (left for gc): %s", area.location, exc)
         finally:
             self._published.discard(attempt)
             self._drop_claim(attempt)
 
-    def _commit_names(self, step: int, attempt: str) -> bool:
+    def _commit_names(self, step: int, attempt: str, store: ObjectStore | None = None) -> bool:
         """Whether the step's ``COMMIT`` names the save ``attempt``: its commit may have been
         made with the answer lost. A damaged ``COMMIT`` names none (this store writes only
         whole records): cleanup, which cannot tell whose it is, would keep every save of its
         step while it stays damaged, so the save's own prefix must go here."""
-        record = self.s3.read_commit_or_unknown(step)
+        record = self.s3.read_commit_or_unknown(step, store)
         return record is not None and record.attempt == attempt
 
     def open_shard(self, location: str, rank: int) -> AbstractContextManager[Path]:

@@ -294,7 +294,8 @@ class LeaseKeeping(RootStore):
             self._claims.discard(attempt)
             self._claim_etags.pop(attempt, None)
             try:
-                self.s3.client.delete([self.s3.claim_name(attempt)])
+                # one attempt: best effort, under the lock renewals wait for
+                self.s3.client.one_attempt.delete([self.s3.claim_name(attempt)])
             except CheckpointError as exc:
                 logger.warning("could not remove the claim of %s (left for gc): %s", attempt, exc)
 

@@ -39,6 +39,7 @@ from distckpt.lease import local_process_gone
 from distckpt.lock import Leftover
 from distckpt.manifest import Manifest
 from distckpt.objlease import LeaseRecord
+from distckpt.objstore import ObjectStore
 from distckpt.results import CheckpointLocation
 from distckpt.storage.posix_links import COMMITTING_RANK
 from distckpt.storage.s3_set_aside import SetAside
@@ -102,8 +103,11 @@ class Upkeep(SetAside):
     read_only: bool
     _steps_retention_removes: Callable[[list[policy.CheckpointRecord], Collection[int]], list[int]]
 
-    def _delete_prefix(self, prefix: str) -> None:
-        self.s3.client.delete(info.key for info in list(self.s3.client.list(prefix)))
+    def _delete_prefix(self, prefix: str, store: ObjectStore | None = None) -> None:
+        """Delete every object under ``prefix``, through ``store`` (by default the root's
+        client)."""
+        store = store or self.s3.client
+        store.delete(info.key for info in list(store.list(prefix)))
 
     def _delete_published_save(self, step: int, attempt: str) -> None:
         """Delete every object of a save that was published (unpublished now: removed or

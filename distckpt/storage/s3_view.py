@@ -194,28 +194,31 @@ class S3Root:
             etags = pool.map(self._commit_etag, steps)
             return {step: etag for step, etag in zip(steps, etags) if etag is not None}
 
-    def _commit_etag(self, step: int) -> str | None:
-        """The ETag of the step's ``COMMIT`` object, None when it has none (not committed)."""
+    def _commit_etag(self, step: int, store: ObjectStore | None = None) -> str | None:
+        """The ETag of the step's ``COMMIT`` object (from ``store``, or :attr:`client`), None
+        when it has none."""
         try:
-            return self.client.head(self.commit_name(step)).etag
+            return (store or self.client).head(self.commit_name(step)).etag
         except ObjectNotFound:
             return None
 
-    def read_commit_or_unknown(self, step: int) -> CommitRecord | None:
+    def read_commit_or_unknown(
+        self, step: int, store: ObjectStore | None = None
+    ) -> CommitRecord | None:
         """:meth:`read_commit`, but a damaged ``COMMIT`` is a record naming
         :data:`UNKNOWN_ATTEMPT`, with its ETag (None if it went meanwhile)."""
         try:
-            return self.read_commit(step)
+            return self.read_commit(step, store)
         except CorruptCheckpoint:
-            etag = self._commit_etag(step)
+            etag = self._commit_etag(step, store)
             return None if etag is None else CommitRecord(step, UNKNOWN_ATTEMPT, etag)
 
-    def read_commit(self, step: int) -> CommitRecord | None:
+    def read_commit(self, step: int, store: ObjectStore | None = None) -> CommitRecord | None:
         """The step's commit record, or None when the step is not committed. A commit object
         that is not one (written by something else) is :class:`CorruptCheckpoint`, damaged:
-        every version writes the same two keys, whole."""
+        every version writes the same two keys, whole. Read with ``store``, or :attr:`client`."""
         try:
-            data, etag = self.client.get_versioned(self.commit_name(step))
+            data, etag = (store or self.client).get_versioned(self.commit_name(step))
         except ObjectNotFound:
             return None
         try:
