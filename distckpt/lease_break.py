@@ -45,7 +45,13 @@ def break_lease(root: str | os.PathLike[str]) -> LeaseHolder | None:
     stays: a job waiting on the lock retries on the new file
     (:func:`~distckpt.lease._try_lock`), and either it claims the root before this break takes
     that lock (the break then leaves the record alone) or after the break. The file moved aside
-    is removed when the break ends (a cleanup removes it where the break was killed first)."""
+    is removed when the break ends (a cleanup removes it where the break was killed first), or
+    put back where the break then leaves the record alone: a job claiming the root from
+    another machine may hold its lock. A lock that a process of this machine other than the
+    holder judged dead holds (:func:`_locked_here_by_another`) is no dead machine's: it is a
+    job claiming the root that has not written its record yet, left alone with
+    :class:`~distckpt.LeaseTakenMeanwhile`, its lock file where it is (moved aside, no later
+    job would lock the file it holds, and the next would take the root from it)."""
     root_path = RootLayout.at(root).root
     holder = read_holder(root_path)
     if holder is None:
@@ -59,14 +65,20 @@ def break_lease(root: str | os.PathLike[str]) -> LeaseHolder | None:
     # A starting job holds this lock from before it reads the record until it dies, so within
     # PROBE_GRACE it is either ours or a claimer's whose record is written by then.
     lock = _try_lock(lock_path, PROBE_GRACE)
+    written = False
     try:
         if lock is None:
-            # Held past PROBE_GRACE with the record unchanged: a lock the dead machine left
-            # behind. Writing without a lock would race a waiting job that takes it the moment
-            # it ends; the break takes the lock of a new lock file instead, which later jobs
-            # lock too. (Should it end between this read and the move, a job taking it then
-            # holds the file moved aside: its record still fences whichever job loses.)
-            _refuse_unless_still_judged(root_path, holder)
+            current = _refuse_unless_still_judged(root_path, holder)
+            if _locked_here_by_another(lock_path, holder.pid):
+                # slower than PROBE_GRACE between its lock and its record (a loaded disk's
+                # fsync, a stopped process): a live claimer, whatever the record still says
+                raise _taken_meanwhile(root_path, holder, current)
+            # Held past PROBE_GRACE with the record unchanged, by no process of this machine:
+            # a lock the dead machine left behind. Writing without a lock would race a waiting
+            # job that takes it the moment it ends; the break takes the lock of a new lock
+            # file instead, which later jobs lock too. (Should it end between this read and
+            # the move, a job taking it then holds the file moved aside: its record still
+            # fences whichever job loses.)
             moved_aside = _move_aside(root_path)
             lock = _try_lock(lock_path, PROBE_GRACE)
         current = _refuse_unless_still_judged(root_path, holder)
@@ -75,12 +87,40 @@ def break_lease(root: str | os.PathLike[str]) -> LeaseHolder | None:
         logger.warning("breaking the lease of %s held by %s", root_path, holder.describe())
         broken = replace(current, broken_utc=now_utc(), alive=None)
         atomic_write_bytes(_record_path(root_path), broken.to_json(), fsync=True)
+        written = True
     finally:
+        if moved_aside is not None and lock is not None and not written:
+            # Left alone: a job claiming the root from another machine may hold the lock of
+            # the file moved aside, which every later job must lock again.
+            os.replace(moved_aside, lock_path)
+        elif moved_aside is not None:
+            moved_aside.unlink(missing_ok=True)
         if lock is not None:
             lock.release()
-        if moved_aside is not None:
-            moved_aside.unlink(missing_ok=True)
     return broken
+
+
+def _locked_here_by_another(path: Path, judged_pid: int) -> bool:
+    """Whether a process of this machine, in any PID namespace, other than ``judged_pid`` (the
+    holder judged dead: an operator's word that it is dead stands) holds a lock on the file
+    ``path`` names. ``/proc/locks`` lists every lock the kernel keeps, with its holder's pid
+    as this PID namespace sees it (0 for one it cannot see); a waiter's line, marked ``->``,
+    holds none. False where ``/proc`` does not say, and for a lock another machine holds on a
+    network file system, which only its server knows."""
+    try:
+        file = os.stat(path)
+        lines = Path("/proc/locks").read_text().splitlines()
+    except OSError:
+        return False
+    where = f"{os.major(file.st_dev):02x}:{os.minor(file.st_dev):02x}:{file.st_ino}"
+    # "1: FLOCK  ADVISORY  WRITE 4242 fe:00:2721173 0 EOF" (NFS emulates flock with POSIX)
+    return any(
+        len(fields) >= 6
+        and fields[1] in ("FLOCK", "POSIX", "OFDLCK")
+        and fields[5] == where
+        and fields[4] != str(judged_pid)
+        for fields in (line.split() for line in lines)
+    )
 
 
 def _move_aside(root: Path) -> Path | None:

@@ -45,7 +45,18 @@ _HOLDER = textwrap.dedent(
     if sys.argv[3:] == ["announce"]:
         print("acquiring", flush=True)  # imports done: the acquire starts now
     try:
-        lease = RootLease.acquire(sys.argv[1], wait=float(sys.argv[2]))
+        if sys.argv[3:] == ["paused"]:
+            # a claim slower than a break's probe between its lock and its record (a loaded
+            # disk's fsync, a stopped process): the record is written at the line "go"
+            from pathlib import Path
+            from distckpt.lease import _lock_path, _read_record, _try_lock
+
+            lock = _try_lock(_lock_path(Path(sys.argv[1])), float(sys.argv[2]))
+            print("locked" if lock is not None else "refused", flush=True)
+            sys.stdin.readline()
+            lease = RootLease._claim(Path(sys.argv[1]), lock, _read_record(Path(sys.argv[1])))
+        else:
+            lease = RootLease.acquire(sys.argv[1], wait=float(sys.argv[2]))
     except CheckpointError as exc:
         print("refused", type(exc).__name__, exc, flush=True)
         sys.exit(3)
@@ -154,13 +165,17 @@ class Holder:
         wait: float = 0.0,
         prefix: tuple[str, ...] = (),
         announce: bool = False,
+        paused: bool = False,
         fresh_interpreter: bool = False,
     ) -> None:
-        """``announce``: it first prints "acquiring", when its acquire starts. Forked from this
+        """``announce``: it first prints "acquiring", when its acquire starts. ``paused``: it
+        takes the lease's lock (within ``wait`` seconds), prints "locked", and writes its
+        record only once told "go" (a claimer that is slow between the two). Forked from this
         process (:class:`_ForkedHolder`) unless ``prefix`` runs it (another host, namespace or
         version) or ``fresh_interpreter`` is set: then a ``python`` of its own, which ends as
         a real process does (its interpreter's shutdown, distckpt's exit hooks)."""
         argv = [os.fspath(root), str(wait)] + (["announce"] if announce else [])
+        argv += ["paused"] if paused else []
         self.proc: subprocess.Popen[str] | _ForkedHolder
         if prefix or fresh_interpreter:
             self.proc = subprocess.Popen(

@@ -215,7 +215,9 @@ def test_a_break_past_a_lingering_lock_leaves_the_requeued_job_one_lease(
     lock_file = RootLayout(root).lease_lock_path
     # No NFS server here whose lease of a dead client's lock could be let run out: a process
     # holding the flock of the lock file stands in for it, as that lock looks the same from
-    # here (held by no process the break can judge), until the process is killed.
+    # here (held by no process the break can judge), until the process is killed. A lock the
+    # server keeps is in no process's /proc/locks here, as this stand-in's is: it is hidden.
+    monkeypatch.setattr(distckpt.lease_break, "_locked_here_by_another", lambda *args: False)
     lingering = subprocess.Popen(
         [sys.executable, "-c", _LINGERING_LOCK, os.fspath(lock_file)],
         stdout=subprocess.PIPE,
@@ -269,6 +271,46 @@ def test_a_break_past_a_lingering_lock_leaves_the_requeued_job_one_lease(
     with pytest.raises(distckpt.RootInUse):
         RootLease.acquire(root)
     assert requeued.ask("check") == "current"
+
+
+@pytest.mark.parametrize("claimer", ["this machine", "another machine"])
+def test_a_break_leaves_alone_a_job_slower_to_write_its_record_than_the_break_to_probe(
+    root: Path, holders: list[Holder], monkeypatch: pytest.MonkeyPatch, claimer: str
+) -> None:
+    """A requeued job (a real process) took the lease's lock and writes its record later
+    than the break waits for the lock (a loaded disk's fsync, a stopped process): the record
+    still names the dead machine's holder. The break leaves the record alone, and the job its
+    lock file: once it writes its record it holds the only lease, and a third job is refused
+    (the break once moved the job's lock file aside for good, and a third job took the root)."""
+    root.mkdir()
+    dead = _record_as_another_machine(root, host=this_host() + "-node7")
+    requeued = start_holder(holders, root, wait=STARTUP, paused=True)
+    assert requeued.line() == "locked"
+    if claimer == "another machine":
+        # One machine here: the lock of a claimer on another machine (an NFS client) is in no
+        # process's /proc/locks here, so it is hidden as such; the break then takes it for a
+        # dead machine's and moves its file aside. The job writes its record right after the
+        # move (a wrapper: no real part can schedule it there; the write itself is real).
+        monkeypatch.setattr(distckpt.lease_break, "_locked_here_by_another", lambda *args: False)
+        real_move_aside = distckpt.lease_break._move_aside
+
+        def moved_aside_then_the_job_writes_its_record(where: Path) -> Path | None:
+            moved_aside = real_move_aside(where)
+            assert requeued.ask("go") == f"held {dead.generation + 1}"
+            return moved_aside
+
+        monkeypatch.setattr(
+            distckpt.lease_break, "_move_aside", moved_aside_then_the_job_writes_its_record
+        )
+    with pytest.raises(distckpt.LeaseTakenMeanwhile, match="The lease record was left as it"):
+        break_lease(root)
+    if claimer == "this machine":
+        assert requeued.ask("go") == f"held {dead.generation + 1}"
+    assert requeued.ask("check") == "current"
+    with pytest.raises(distckpt.RootInUse, match=f"pid {requeued.pid}"):
+        RootLease.acquire(root)
+    assert requeued.ask("check") == "current"
+    assert [path.name for path in root.glob(".lease.*.lingering")] == []
 
 
 def test_gc_removes_a_lease_lock_file_a_killed_break_moved_aside(
