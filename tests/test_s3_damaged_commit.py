@@ -5,6 +5,7 @@ dir."""
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -114,15 +115,32 @@ def test_a_scheduled_save_of_a_damaged_committed_step_is_refused_before_any_uplo
             assert not list((tmp_path / "root" / ".staging").glob("*"))
 
 
+def _damage_step_2_naming(attempt: str, url: str, options: dict[str, Any]) -> None:
+    """Damage step 2's ``COMMIT`` so that it still reads as a commit record, naming the save
+    ``attempt`` with a character flipped: a save that is not there."""
+    flipped = ("0" if attempt[0] != "0" else "1") + attempt[1:]
+    with ObjectStore(url, options) as store:
+        store.put_bytes(
+            STEP_PREFIX + "COMMIT", json.dumps({"step": 2, "attempt": flipped}).encode()
+        )
+
+
+@pytest.mark.parametrize("record", ["garbage", "naming a save not there"])
 def test_a_restore_that_skips_a_damaged_commit_warns_that_it_cannot_set_it_aside(
-    s3_server: S3Server, s3_url: str, caplog: pytest.LogCaptureFixture
+    s3_server: S3Server, s3_url: str, caplog: pytest.LogCaptureFixture, record: str
 ) -> None:
     """Unlike a damaged step dir on a filesystem, which a restore sets aside, a damaged
     ``COMMIT`` names no save to move: the step stays committed, and the warning says what to
-    do (docs/object-stores.md)."""
+    do (docs/object-stores.md). So does one that still reads as a record but names a save of
+    which nothing is there, beside the step's save: neither the start's cleanup nor the
+    restore (nor a gc) takes the save it was written for for a dead writer's (they once
+    deleted it, and set aside an empty copy)."""
     options = s3_server.storage_options()
     with distckpt.CheckpointManager(s3_url, storage_options=options) as manager:
         saves = _save_two_steps_and_damage_step_2(manager, s3_url, options)
+    if record == "naming a save not there":
+        (attempt,) = saves
+        _damage_step_2_naming(attempt, s3_url, options)
     with distckpt.CheckpointManager(s3_url, storage_options=options) as manager:
         with caplog.at_level(logging.WARNING, logger="distckpt"):
             restored = manager.restore("last", state={"w": torch.empty(4), "step": 0})
@@ -135,6 +153,7 @@ def test_a_restore_that_skips_a_damaged_commit_warns_that_it_cannot_set_it_aside
             manager.save(2, _state(20), force=True)
         with pytest.raises(distckpt.CheckpointExists):
             manager.save(2, _state(20))
+        manager.gc()
     assert _saves_of_step_2(s3_url, options) == saves
 
 

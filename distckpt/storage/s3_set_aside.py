@@ -12,9 +12,10 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from distckpt import policy
+from distckpt.layout import MANIFEST_NAME, step_dir_name
 from distckpt.objstore import ObjectInfo
 from distckpt.results import CheckpointLocation
-from distckpt.storage.s3_view import UNKNOWN_ATTEMPT, S3Root
+from distckpt.storage.s3_view import UNKNOWN_ATTEMPT, CommitRecord, S3Root
 
 logger = logging.getLogger("distckpt")
 
@@ -44,6 +45,26 @@ class SetAside:
         in between leaves the step committed, set aside again by the next restore."""
         self.s3.client.delete_one(self.s3.set_aside_record_name(step, attempt))
 
+    def _names_a_missing_save(self, record: CommitRecord) -> bool:
+        """Whether the ``COMMIT`` read as ``record`` names a save of which no object is there,
+        while another save of its step holds a manifest: its bytes changed and still read as a
+        record (a flipped character of the attempt), so which save it was written for is as
+        unknown as for a ``COMMIT`` that is no record. (One naming a save that is gone with no
+        other save of the step, as a clock-skewed gc leaves it, names the save it was written
+        for.) Moving the save it names would copy nothing, and the one it was written for would
+        go as a dead writer's."""
+        if record.attempt == UNKNOWN_ATTEMPT:
+            return False
+        step_prefix = f"{step_dir_name(record.step)}/"
+        named = self.s3.attempt_prefix(record.step, record.attempt)
+        another_save = False
+        for info in self.s3.client.list(step_prefix):
+            if info.key.startswith(named):
+                return False
+            rest = info.key[len(step_prefix) :]
+            another_save |= rest.count("/") == 1 and rest.endswith(f"/{MANIFEST_NAME}")
+        return another_save
+
     def set_aside(self, step: int, location: CheckpointLocation) -> CheckpointLocation | None:
         """Unpublish the step's save by moving its objects, none deleted before its copy is
         there: first a set-aside record naming its attempt (the cleanup completes the copy of
@@ -66,9 +87,10 @@ class SetAside:
         record = self.s3.read_commit_or_unknown(step)
         if record is None:
             return None  # deleted since the restore judged it
-        if record.attempt == UNKNOWN_ATTEMPT:  # which save it publishes is unknown
+        if record.attempt == UNKNOWN_ATTEMPT or self._names_a_missing_save(record):
             logger.warning(
                 "cannot set aside the damaged checkpoint %s: its COMMIT is not a commit record, "
+                "or names a save of which nothing is there beside another save of the step, "
                 "so which save it names is unknown; it stays committed, and saves of step %d "
                 "and below are refused: delete it (manager.delete(%d), or distckpt delete) or "
                 "save step %d with overwrite=True",

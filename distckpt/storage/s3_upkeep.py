@@ -380,8 +380,12 @@ class Upkeep(SetAside):
         return not self.s3.is_set_aside(step, attempt)
 
     def _read_commit_or_none(self, step: int) -> CommitRecord | None:
-        """The step's commit record, a damaged one's naming :data:`UNKNOWN_ATTEMPT`."""
+        """The step's commit record, a damaged one's naming :data:`UNKNOWN_ATTEMPT`, as is
+        one naming a save that is not there beside another save of the step
+        (:meth:`_names_a_missing_save`): that one may be the save it was written for."""
         record = self.s3.read_commit_or_unknown(step)
+        if record is not None and self._names_a_missing_save(record):
+            record = CommitRecord(step, UNKNOWN_ATTEMPT, record.etag)
         if record is not None and record.attempt == UNKNOWN_ATTEMPT:
             logger.warning("leaving the saves of %s: its COMMIT is damaged", step)
         return record
