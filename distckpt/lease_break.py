@@ -4,6 +4,7 @@ meanwhile."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import uuid
@@ -89,14 +90,19 @@ def break_lease(root: str | os.PathLike[str]) -> LeaseHolder | None:
         atomic_write_bytes(_record_path(root_path), broken.to_json(), fsync=True)
         written = True
     finally:
-        if moved_aside is not None and lock is not None and not written:
-            # Left alone: a job claiming the root from another machine may hold the lock of
-            # the file moved aside, which every later job must lock again.
-            os.replace(moved_aside, lock_path)
-        elif moved_aside is not None:
-            moved_aside.unlink(missing_ok=True)
-        if lock is not None:
-            lock.release()
+        try:
+            if moved_aside is not None and lock is not None and not written:
+                # Left alone: a job claiming the root from another machine may hold the lock
+                # of the file moved aside, which every later job must lock again. A cleanup
+                # may have removed it all the same (a break killed long ago left one of its
+                # name): the break's refusal, and the release below, still stand.
+                with contextlib.suppress(FileNotFoundError):
+                    os.replace(moved_aside, lock_path)
+            elif moved_aside is not None:
+                moved_aside.unlink(missing_ok=True)
+        finally:
+            if lock is not None:
+                lock.release()
     return broken
 
 
@@ -131,6 +137,11 @@ def _move_aside(root: Path) -> Path | None:
         os.rename(_lock_path(root), moved_aside)
     except FileNotFoundError:
         return None
+    # A rename keeps the file's mtime, which may be days old: a cleanup judges a moved-aside
+    # lock file by its age alone (lock._dead_temporary), and would take this one for a killed
+    # break's leftover while this break may still have to put it back.
+    with contextlib.suppress(FileNotFoundError):
+        os.utime(moved_aside)
     return moved_aside
 
 

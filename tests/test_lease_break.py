@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 import distckpt
+import distckpt.cli
 import distckpt.lease
 import distckpt.lease_break
 from distckpt.layout import RootLayout
@@ -296,12 +297,17 @@ def test_a_break_leaves_alone_a_job_slower_to_write_its_record_than_the_break_to
 
         def moved_aside_then_the_job_writes_its_record(where: Path) -> Path | None:
             moved_aside = real_move_aside(where)
+            # an operator's gc meanwhile keeps the moved file, however old the lock file was
+            assert distckpt.cli.main(["gc", os.fspath(root)], out=io.StringIO()) == 0
+            assert moved_aside is not None and moved_aside.exists()
             assert requeued.ask("go") == f"held {dead.generation + 1}"
             return moved_aside
 
         monkeypatch.setattr(
             distckpt.lease_break, "_move_aside", moved_aside_then_the_job_writes_its_record
         )
+        a_day_ago = time.time() - 86400  # a lock file made long ago: a rename keeps its age
+        os.utime(RootLayout(root).lease_lock_path, (a_day_ago, a_day_ago))
     with pytest.raises(distckpt.LeaseTakenMeanwhile, match="The lease record was left as it"):
         break_lease(root)
     if claimer == "this machine":
