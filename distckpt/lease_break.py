@@ -24,7 +24,7 @@ from distckpt.lease import (
     now_utc,
     read_holder,
 )
-from distckpt.lock import PROBE_GRACE
+from distckpt.lock import PROBE_GRACE, mount_of
 
 logger = logging.getLogger("distckpt")
 
@@ -118,12 +118,16 @@ def _locked_here_by_another(path: Path, judged_pid: int) -> bool:
         lines = Path("/proc/locks").read_text().splitlines()
     except OSError:
         return False
-    where = f"{os.major(file.st_dev):02x}:{os.minor(file.st_dev):02x}:{file.st_ino}"
+    devices = {(os.major(file.st_dev), os.minor(file.st_dev))}
+    mount = mount_of(path)
+    if mount is not None:  # on btrfs, st_dev is the subvolume's; /proc/locks names the fs's
+        devices.add(mount.device)
+    places = {f"{major:02x}:{minor:02x}:{file.st_ino}" for major, minor in devices}
     # "1: FLOCK  ADVISORY  WRITE 4242 fe:00:2721173 0 EOF" (NFS emulates flock with POSIX)
     return any(
         len(fields) >= 6
         and fields[1] in ("FLOCK", "POSIX", "OFDLCK")
-        and fields[5] == where
+        and fields[5] in places
         and fields[4] != str(judged_pid)
         for fields in (line.split() for line in lines)
     )

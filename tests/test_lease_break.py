@@ -29,6 +29,7 @@ from distckpt.layout import RootLayout
 from distckpt.lease import RootLease, this_host
 from distckpt.lease_break import break_lease
 from tests.cli_runner import run_cli
+from tests.filesystems import MountFactory
 from tests.lease_holders import (
     STARTUP,
     Holder,
@@ -274,15 +275,22 @@ def test_a_break_past_a_lingering_lock_leaves_the_requeued_job_one_lease(
     assert requeued.ask("check") == "current"
 
 
-@pytest.mark.parametrize("claimer", ["this machine", "another machine"])
+@pytest.mark.parametrize("claimer", ["this machine", "this machine, on btrfs", "another machine"])
 def test_a_break_leaves_alone_a_job_slower_to_write_its_record_than_the_break_to_probe(
-    root: Path, holders: list[Holder], monkeypatch: pytest.MonkeyPatch, claimer: str
+    root: Path,
+    holders: list[Holder],
+    monkeypatch: pytest.MonkeyPatch,
+    mounts: MountFactory,
+    claimer: str,
 ) -> None:
     """A requeued job (a real process) took the lease's lock and writes its record later
     than the break waits for the lock (a loaded disk's fsync, a stopped process): the record
     still names the dead machine's holder. The break leaves the record alone, and the job its
     lock file: once it writes its record it holds the only lease, and a third job is refused
-    (the break once moved the job's lock file aside for good, and a third job took the root)."""
+    (the break once moved the job's lock file aside for good, and a third job took the root).
+    On btrfs a file's device is its subvolume's, not the one ``/proc/locks`` names."""
+    if claimer.endswith("on btrfs"):
+        root = mounts.get("btrfs").path / root.parent.name
     root.mkdir()
     dead = _record_as_another_machine(root, host=this_host() + "-node7")
     requeued = start_holder(holders, root, wait=STARTUP, paused=True)
@@ -310,7 +318,7 @@ def test_a_break_leaves_alone_a_job_slower_to_write_its_record_than_the_break_to
         os.utime(RootLayout(root).lease_lock_path, (a_day_ago, a_day_ago))
     with pytest.raises(distckpt.LeaseTakenMeanwhile, match="The lease record was left as it"):
         break_lease(root)
-    if claimer == "this machine":
+    if claimer.startswith("this machine"):
         assert requeued.ask("go") == f"held {dead.generation + 1}"
     assert requeued.ask("check") == "current"
     with pytest.raises(distckpt.RootInUse, match=f"pid {requeued.pid}"):
