@@ -48,11 +48,11 @@ def break_lease(root: str | os.PathLike[str]) -> LeaseHolder | None:
     that lock (the break then leaves the record alone) or after the break. The file moved aside
     is removed when the break ends (a cleanup removes it where the break was killed first), or
     put back where the break then leaves the record alone: a job claiming the root from
-    another machine may hold its lock. A lock that a process of this machine other than the
-    holder judged dead holds (:func:`_locked_here_by_another`) is no dead machine's: it is a
-    job claiming the root that has not written its record yet, left alone with
-    :class:`~distckpt.LeaseTakenMeanwhile`, its lock file where it is (moved aside, no later
-    job would lock the file it holds, and the next would take the root from it)."""
+    another machine may hold its lock. A lock that a process of this machine holds
+    (:func:`_locked_here`) is no dead machine's: it is a job claiming the root that has not
+    written its record yet, left alone with :class:`~distckpt.LeaseTakenMeanwhile`, its lock
+    file where it is (moved aside, no later job would lock the file it holds, and the next
+    would take the root from it)."""
     root_path = RootLayout.at(root).root
     holder = read_holder(root_path)
     if holder is None:
@@ -70,7 +70,7 @@ def break_lease(root: str | os.PathLike[str]) -> LeaseHolder | None:
     try:
         if lock is None:
             current = _refuse_unless_still_judged(root_path, holder)
-            if _locked_here_by_another(lock_path, holder.pid):
+            if _locked_here(lock_path):
                 # slower than PROBE_GRACE between its lock and its record (a loaded disk's
                 # fsync, a stopped process): a live claimer, whatever the record still says
                 raise _taken_meanwhile(root_path, holder, current)
@@ -106,9 +106,8 @@ def break_lease(root: str | os.PathLike[str]) -> LeaseHolder | None:
     return broken
 
 
-def _locked_here_by_another(path: Path, judged_pid: int) -> bool:
-    """Whether a process of this machine, in any PID namespace, other than ``judged_pid`` (the
-    holder judged dead: an operator's word that it is dead stands) holds a lock on the file
+def _locked_here(path: Path) -> bool:
+    """Whether a process of this machine, in any PID namespace, holds a lock on the file
     ``path`` names. ``/proc/locks`` lists every lock the kernel keeps, with its holder's pid
     as this PID namespace sees it (0 for one it cannot see); a waiter's line, marked ``->``,
     holds none. False where ``/proc`` does not say, and for a lock another machine holds on a
@@ -128,9 +127,23 @@ def _locked_here_by_another(path: Path, judged_pid: int) -> bool:
         len(fields) >= 6
         and fields[1] in ("FLOCK", "POSIX", "OFDLCK")
         and fields[5] in places
-        and fields[4] != str(judged_pid)
+        and not _kernel_thread(fields[4])
         for fields in (line.split() for line in lines)
     )
+
+
+def _kernel_thread(pid: str) -> bool:
+    """Whether ``pid`` names a kernel thread (a child of ``kthreadd``, pid 2). On an NFS
+    server, the locks of its clients are held by its ``lockd`` and ``nfsd`` threads: a dead
+    client's lingering lock among them, which the break must be able to get past when run on
+    the server. No job of this machine holds its lock through a kernel thread."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    # "<pid> (<comm, which may hold spaces and parentheses>) <state> <ppid> ..."
+    after_comm = stat.rpartition(")")[2].split()
+    return len(after_comm) > 1 and after_comm[1] == "2"
 
 
 def _move_aside(root: Path) -> Path | None:

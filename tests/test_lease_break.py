@@ -25,6 +25,7 @@ import distckpt
 import distckpt.cli
 import distckpt.lease
 import distckpt.lease_break
+from distckpt.fsutil import atomic_write_bytes
 from distckpt.layout import RootLayout
 from distckpt.lease import RootLease, this_host
 from distckpt.lease_break import break_lease
@@ -216,10 +217,11 @@ def test_a_break_past_a_lingering_lock_leaves_the_requeued_job_one_lease(
     dead = _record_as_another_machine(root, host=this_host() + "-node7")
     lock_file = RootLayout(root).lease_lock_path
     # No NFS server here whose lease of a dead client's lock could be let run out: a process
-    # holding the flock of the lock file stands in for it, as that lock looks the same from
-    # here (held by no process the break can judge), until the process is killed. A lock the
-    # server keeps is in no process's /proc/locks here, as this stand-in's is: it is hidden.
-    monkeypatch.setattr(distckpt.lease_break, "_locked_here_by_another", lambda *args: False)
+    # holding the flock of the lock file stands in for it until it is killed. The server's
+    # lock is in no /proc/locks of a client (on the server, its lockd or nfsd kernel threads
+    # hold it, which the break passes over), while this stand-in's is in this machine's: the
+    # break is told no process here holds it.
+    monkeypatch.setattr(distckpt.lease_break, "_locked_here", lambda path: False)
     lingering = subprocess.Popen(
         [sys.executable, "-c", _LINGERING_LOCK, os.fspath(lock_file)],
         stdout=subprocess.PIPE,
@@ -295,12 +297,17 @@ def test_a_break_leaves_alone_a_job_slower_to_write_its_record_than_the_break_to
     dead = _record_as_another_machine(root, host=this_host() + "-node7")
     requeued = start_holder(holders, root, wait=STARTUP, paused=True)
     assert requeued.line() == "locked"
+    if claimer.startswith("this machine"):
+        # the dead holder had the claimer's pid on its machine (fresh PID namespaces of one
+        # image give the same pids): a pid names no process beyond its machine
+        dead = replace(dead, pid=requeued.pid)
+        atomic_write_bytes(RootLayout(root).lease_record_path, dead.to_json(), fsync=True)
     if claimer == "another machine":
         # One machine here: the lock of a claimer on another machine (an NFS client) is in no
         # process's /proc/locks here, so it is hidden as such; the break then takes it for a
         # dead machine's and moves its file aside. The job writes its record right after the
         # move (a wrapper: no real part can schedule it there; the write itself is real).
-        monkeypatch.setattr(distckpt.lease_break, "_locked_here_by_another", lambda *args: False)
+        monkeypatch.setattr(distckpt.lease_break, "_locked_here", lambda path: False)
         real_move_aside = distckpt.lease_break._move_aside
 
         def moved_aside_then_the_job_writes_its_record(where: Path) -> Path | None:
