@@ -12,6 +12,7 @@ ends (its exit status, what it does at exit) starts that holder with ``fresh_int
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import gc
 import os
 import select
@@ -22,6 +23,7 @@ import sys
 import textwrap
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import TextIO
 
@@ -33,6 +35,7 @@ from distckpt.lease import (
     LeaseHolder,
     this_host,
 )
+from tests.filesystems import skip_or_fail
 
 STARTUP = 30.0  # a process that has not answered by then counts as hung (a loaded machine)
 
@@ -284,3 +287,53 @@ def _on_another_machine_named_like_this_one(mount_point: Path, scratch: Path) ->
     )
     # --kill-child: the command dies with unshare, which the test kills by its pid
     return (unshare, "--uts", "--pid", "--mount-proc", "--kill-child", "sh", "-c", script)
+
+
+_CLONE_NEWNS = 0x00020000
+_CLONE_NEWPID = 0x20000000
+_MS_REC = 0x4000
+_MS_PRIVATE = 0x40000
+
+
+def in_a_pid_namespace_of_its_own(call: Callable[[], str]) -> str:
+    """What ``call`` returns, or "raised <its exception's type>: <message>", run in a process
+    forked from this one into a PID namespace of its own with a ``/proc`` of its own, as
+    ``unshare --pid --fork --mount-proc`` runs a command (a fresh interpreter would spend
+    seconds importing torch): its ``/proc/locks`` hides the locks of every process outside
+    that namespace. Fails (skips outside CI) where namespaces cannot be made."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    reader, writer = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        os.close(reader)
+        with os.fdopen(writer, "w") as report:
+            try:
+                # the mount namespace first: /proc is mounted anew in it, for the new PID one
+                if libc.unshare(_CLONE_NEWNS | _CLONE_NEWPID) != 0:
+                    raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWNS | CLONE_NEWPID)")
+                if libc.mount(b"none", b"/", None, _MS_REC | _MS_PRIVATE, None) != 0:
+                    raise OSError(ctypes.get_errno(), "mount --make-rprivate /")
+                inner = os.fork()  # the namespace's first process, its pid 1
+                if inner == 0:
+                    try:
+                        if libc.mount(b"proc", b"/proc", b"proc", 0, None) != 0:
+                            raise OSError(ctypes.get_errno(), "mount -t proc proc /proc")
+                        report.write("ok " + call())
+                    except BaseException as exc:
+                        report.write(f"raised {type(exc).__name__}: {exc}")
+                    finally:
+                        report.flush()
+                        os._exit(0)
+                os.waitpid(inner, 0)
+            except BaseException as exc:
+                report.write(f"no namespace: {exc}")
+            finally:
+                report.flush()
+                os._exit(0)
+    os.close(writer)
+    with os.fdopen(reader) as report:
+        said = report.read()
+    os.waitpid(pid, 0)
+    if said.startswith("no namespace: "):
+        skip_or_fail(f"cannot make a PID namespace here: {said.removeprefix('no namespace: ')}")
+    return said.removeprefix("ok ")
