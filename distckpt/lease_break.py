@@ -48,11 +48,13 @@ def break_lease(root: str | os.PathLike[str]) -> LeaseHolder | None:
     that lock (the break then leaves the record alone) or after the break. The file moved aside
     is removed when the break ends (a cleanup removes it where the break was killed first), or
     put back where the break then leaves the record alone: a job claiming the root from
-    another machine may hold its lock. A lock that a process of this machine holds
-    (:func:`_locked_here`) is no dead machine's: it is a job claiming the root that has not
-    written its record yet, left alone with :class:`~distckpt.LeaseTakenMeanwhile`, its lock
-    file where it is (moved aside, no later job would lock the file it holds, and the next
-    would take the root from it)."""
+    another machine may hold its lock. A lock that a process of this machine holds, in a PID
+    namespace the break's can see (:func:`_locked_here`), is no dead machine's: it is a job
+    claiming the root that has not written its record yet, left alone with
+    :class:`~distckpt.LeaseTakenMeanwhile`, its lock file where it is (moved aside, no later
+    job would lock the file it holds, and the next would take the root from it). A break run
+    in a PID namespace that cannot see the claimer (another container of the machine) takes
+    its lock for another machine's, as it does a claimer's on another machine."""
     root_path = RootLayout.at(root).root
     holder = read_holder(root_path)
     if holder is None:
@@ -107,11 +109,12 @@ def break_lease(root: str | os.PathLike[str]) -> LeaseHolder | None:
 
 
 def _locked_here(path: Path) -> bool:
-    """Whether a process of this machine, in any PID namespace, holds a lock on the file
-    ``path`` names. ``/proc/locks`` lists every lock the kernel keeps, with its holder's pid
-    as this PID namespace sees it (0 for one it cannot see); a waiter's line, marked ``->``,
-    holds none. False where ``/proc`` does not say, and for a lock another machine holds on a
-    network file system, which only its server knows."""
+    """Whether a process of this machine whose PID namespace this one can see (this one's
+    and those made inside it) holds a lock on the file ``path`` names. ``/proc/locks`` lists
+    the locks of those processes alone, with their pids, and leaves out the others' (a
+    container beside this one); a waiter's line, marked ``->``, holds none. False where
+    ``/proc`` does not say, and for a lock another machine holds on a network file system,
+    which only its server knows."""
     try:
         file = os.stat(path)
         lines = Path("/proc/locks").read_text().splitlines()
