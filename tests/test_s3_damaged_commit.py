@@ -157,6 +157,35 @@ def test_a_restore_that_skips_a_damaged_commit_warns_that_it_cannot_set_it_aside
     assert _saves_of_step_2(s3_url, options) == saves
 
 
+def test_a_commit_whose_step_reads_another_still_names_its_save_under_its_own_step(
+    s3_server: S3Server, s3_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Step 2's ``COMMIT`` says step 3 (a flipped digit) but names step 2's save, which is
+    there: it is no ``COMMIT`` naming a missing save (that is looked for under the step it is
+    read under, not under the step its bytes say, where step 3's save lies), so gc removes
+    a dead writer's save of step 2 beside it (it once kept it for good, with a warning)."""
+    options = s3_server.storage_options()
+    with distckpt.CheckpointManager(s3_url, storage_options=options) as manager:
+        for step in (1, 2, 3):
+            manager.save(step, _state(step))
+    (attempt,) = _saves_of_step_2(s3_url, options)
+    dead_writers = "d" * len(attempt)
+    with ObjectStore(s3_url, options) as store:
+        for info in store.list(f"{STEP_PREFIX}{attempt}/"):  # no claim: a dead writer's
+            store.copy(info.key, info.key.replace(attempt, dead_writers), info.size)
+        store.put_bytes(
+            STEP_PREFIX + "COMMIT", json.dumps({"step": 3, "attempt": attempt}).encode()
+        )
+    assert _saves_of_step_2(s3_url, options) == {attempt, dead_writers}
+    with (
+        caplog.at_level(logging.WARNING, logger="distckpt"),
+        distckpt.CheckpointManager(s3_url, storage_options=options) as manager,
+    ):
+        manager.gc()
+    assert "COMMIT is damaged" not in caplog.text
+    assert _saves_of_step_2(s3_url, options) == {attempt}
+
+
 def test_a_save_below_a_damaged_commit_names_delete_not_a_set_aside(
     s3_server: S3Server, s3_url: str
 ) -> None:

@@ -45,18 +45,19 @@ class SetAside:
         in between leaves the step committed, set aside again by the next restore."""
         self.s3.client.delete_one(self.s3.set_aside_record_name(step, attempt))
 
-    def _names_a_missing_save(self, record: CommitRecord) -> bool:
-        """Whether the ``COMMIT`` read as ``record`` names a save of which no object is there,
-        while another save of its step holds a manifest: its bytes changed and still read as a
-        record (a flipped character of the attempt), so which save it was written for is as
-        unknown as for a ``COMMIT`` that is no record. (One naming a save that is gone with no
-        other save of the step, as a clock-skewed gc leaves it, names the save it was written
-        for.) Moving the save it names would copy nothing, and the one it was written for would
-        go as a dead writer's."""
+    def _names_a_missing_save(self, step: int, record: CommitRecord) -> bool:
+        """Whether the ``COMMIT`` of ``step``, read as ``record``, names a save of which no
+        object is there, while another save of the step holds a manifest: its bytes changed
+        and still read as a record (a flipped character of the attempt), so which save it was
+        written for is as unknown as for a ``COMMIT`` that is no record. (One naming a save
+        that is gone with no other save of the step, as a clock-skewed gc leaves it, names the
+        save it was written for.) Moving the save it names would copy nothing, and the one it
+        was written for would go as a dead writer's. The save is looked for under the step
+        the ``COMMIT`` was read under, whatever step its bytes say."""
         if record.attempt == UNKNOWN_ATTEMPT:
             return False
-        step_prefix = f"{step_dir_name(record.step)}/"
-        named = self.s3.attempt_prefix(record.step, record.attempt)
+        step_prefix = f"{step_dir_name(step)}/"
+        named = self.s3.attempt_prefix(step, record.attempt)
         another_save = False
         for info in self.s3.client.list(step_prefix):
             if info.key.startswith(named):
@@ -87,7 +88,7 @@ class SetAside:
         record = self.s3.read_commit_or_unknown(step)
         if record is None:
             return None  # deleted since the restore judged it
-        if record.attempt == UNKNOWN_ATTEMPT or self._names_a_missing_save(record):
+        if record.attempt == UNKNOWN_ATTEMPT or self._names_a_missing_save(step, record):
             logger.warning(
                 "cannot set aside the damaged checkpoint %s: its COMMIT is not a commit record, "
                 "or names a save of which nothing is there beside another save of the step, "

@@ -384,7 +384,7 @@ class Upkeep(SetAside):
         one naming a save that is not there beside another save of the step
         (:meth:`_names_a_missing_save`): that one may be the save it was written for."""
         record = self.s3.read_commit_or_unknown(step)
-        if record is not None and self._names_a_missing_save(record):
+        if record is not None and self._names_a_missing_save(step, record):
             record = CommitRecord(step, UNKNOWN_ATTEMPT, record.etag)
         if record is not None and record.attempt == UNKNOWN_ATTEMPT:
             logger.warning("leaving the saves of %s: its COMMIT is damaged", step)
