@@ -17,7 +17,9 @@ import distckpt
 from distckpt import faults
 from distckpt.errors import InjectedFault
 from distckpt.objstore import ObjectStore
+from distckpt.storage import open_store
 from tests.s3server import S3Server
+from tests.test_s3_set_aside import _requests_sent
 from tests.test_s3_store import _objects, _state
 
 STEP_PREFIX = "step-00000002/"
@@ -184,6 +186,26 @@ def test_a_commit_whose_step_reads_another_still_names_its_save_under_its_own_st
         manager.gc()
     assert "COMMIT is damaged" not in caplog.text
     assert _saves_of_step_2(s3_url, options) == {attempt}
+
+
+def test_looking_for_leftovers_lists_the_root_once_however_many_steps_it_holds(
+    s3_server: S3Server, s3_url: str
+) -> None:
+    """Whether each step's ``COMMIT`` names a save that is there is told from the one listing
+    of the root a cleanup (every start, gc, ls) makes: no request more per step (each step's
+    prefix was once listed again)."""
+    options = s3_server.storage_options()
+    with distckpt.CheckpointManager(s3_url, storage_options=options) as manager:
+        for step in (1, 2, 3):
+            manager.save(step, _state(step))
+    store = open_store(s3_url, storage_options=options, lock_timeout=60.0)
+    store.open()
+    try:
+        listings = _requests_sent(store.s3.client, "ListObjectsV2")  # type: ignore[attr-defined]
+        assert store.leftovers() == []
+    finally:
+        store.close()
+    assert len(listings) == 1, [params.get("Prefix") for params in listings]
 
 
 def test_a_save_below_a_damaged_commit_names_delete_not_a_set_aside(
