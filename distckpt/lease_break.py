@@ -46,11 +46,16 @@ def break_lease(root: str | os.PathLike[str]) -> LeaseHolder | None:
     stays: a job waiting on the lock retries on the new file
     (:func:`~distckpt.lease._try_lock`), and either it claims the root before this break takes
     that lock (the break then leaves the record alone) or after the break. The file moved aside
-    is removed when the break ends (a cleanup removes it where the break was killed first), or
-    put back where the break then leaves the record alone: a job claiming the root from
-    another machine may hold its lock. A lock that a process of this machine holds, in a PID
-    namespace the break's can see (:func:`_locked_here`), is no dead machine's: it is a job
-    claiming the root that has not written its record yet, left alone with
+    is removed when the break ends (a cleanup removes it where the break was killed first),
+    but put back where the break, holding the new file's lock, then leaves the record alone:
+    a job claiming the root from another machine may hold its lock, and has written its
+    record meanwhile. Where a waiting job locked the new file first, the moved file is
+    removed all the same (it cannot go back over the file that job holds): of a claimer on it
+    and that job, whichever writes its record last holds the root, and the other is fenced.
+    A claimer on another machine that writes its record only after the break read it again
+    has its lease broken like the dead holder's. A lock that a process of this machine holds,
+    in a PID namespace the break's can see (:func:`_locked_here`), is no dead machine's: it
+    is a job claiming the root that has not written its record yet, left alone with
     :class:`~distckpt.LeaseTakenMeanwhile`, its lock file where it is (moved aside, no later
     job would lock the file it holds, and the next would take the root from it). A break run
     in a PID namespace that cannot see the claimer (another container of the machine) takes

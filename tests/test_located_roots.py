@@ -179,7 +179,8 @@ def test_a_folder_of_roots_or_a_set_aside_checkpoint_is_no_root(place: Place) ->
     status 2 on both backends, so gc and prune never act there; on an ``s3://`` store the
     folder does not verify as an empty root that is fine. The checkpoint set aside is read
     where it lies, on both backends alike (on an ``s3://`` store it was not found at all):
-    verify checks it and names its damage, load_checkpoint and info read it."""
+    verify checks it and names its damage, load_checkpoint and info read it when its files
+    pass the size check."""
     save_step(place, f"{place.base}/sweep/step-1", 1)
     save_step(place, f"{place.base}/aside", 1)
     store = open_store(f"{place.base}/aside", storage_options=place.options)
@@ -208,6 +209,11 @@ def test_a_folder_of_roots_or_a_set_aside_checkpoint_is_no_root(place: Place) ->
             objects.delete([rank_file.removeprefix(f"{place.base}/aside/")])
     broken = run("verify", set_aside)
     assert broken.returncode == 1 and f"{rank_file}: missing" in broken.stdout, broken
+    # read only when its files pass the size check, as a committed checkpoint is
+    unreadable = run("info", set_aside)
+    assert unreadable.returncode == 2 and f"{rank_file}: missing" in unreadable.stderr
+    with pytest.raises(distckpt.CorruptCheckpoint, match=r"rank-00000\.pt: missing"):
+        distckpt.load_checkpoint(set_aside, storage_options=place.options)
 
 
 @pytest.mark.parametrize("left", [(), ("..lease.json.0123abcd.tmp",)], ids=["empty", "lease-tmp"])
