@@ -4,6 +4,7 @@ meanwhile."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import uuid
@@ -23,7 +24,7 @@ from distckpt.lease import (
     now_utc,
     read_holder,
 )
-from distckpt.lock import PROBE_GRACE
+from distckpt.lock import PROBE_GRACE, mount_of
 
 logger = logging.getLogger("distckpt")
 
@@ -45,7 +46,20 @@ def break_lease(root: str | os.PathLike[str]) -> LeaseHolder | None:
     stays: a job waiting on the lock retries on the new file
     (:func:`~distckpt.lease._try_lock`), and either it claims the root before this break takes
     that lock (the break then leaves the record alone) or after the break. The file moved aside
-    is removed when the break ends (a cleanup removes it where the break was killed first)."""
+    is removed when the break ends (a cleanup removes it where the break was killed first),
+    but put back where the break, holding the new file's lock, then leaves the record alone:
+    a job claiming the root from another machine may hold its lock, and has written its
+    record meanwhile. Where a waiting job locked the new file first, the moved file is
+    removed all the same (it cannot go back over the file that job holds): of a claimer on it
+    and that job, whichever writes its record last holds the root, and the other is fenced.
+    A claimer on another machine that writes its record only after the break read it again
+    has its lease broken like the dead holder's. A lock that a process of this machine holds,
+    in a PID namespace the break's can see (:func:`_locked_here`), is no dead machine's: it
+    is a job claiming the root that has not written its record yet, left alone with
+    :class:`~distckpt.LeaseTakenMeanwhile`, its lock file where it is (moved aside, no later
+    job would lock the file it holds, and the next would take the root from it). A break run
+    in a PID namespace that cannot see the claimer (another container of the machine) takes
+    its lock for another machine's, as it does a claimer's on another machine."""
     root_path = RootLayout.at(root).root
     holder = read_holder(root_path)
     if holder is None:
@@ -59,14 +73,20 @@ def break_lease(root: str | os.PathLike[str]) -> LeaseHolder | None:
     # A starting job holds this lock from before it reads the record until it dies, so within
     # PROBE_GRACE it is either ours or a claimer's whose record is written by then.
     lock = _try_lock(lock_path, PROBE_GRACE)
+    written = False
     try:
         if lock is None:
-            # Held past PROBE_GRACE with the record unchanged: a lock the dead machine left
-            # behind. Writing without a lock would race a waiting job that takes it the moment
-            # it ends; the break takes the lock of a new lock file instead, which later jobs
-            # lock too. (Should it end between this read and the move, a job taking it then
-            # holds the file moved aside: its record still fences whichever job loses.)
-            _refuse_unless_still_judged(root_path, holder)
+            current = _refuse_unless_still_judged(root_path, holder)
+            if _locked_here(lock_path):
+                # slower than PROBE_GRACE between its lock and its record (a loaded disk's
+                # fsync, a stopped process): a live claimer, whatever the record still says
+                raise _taken_meanwhile(root_path, holder, current)
+            # Held past PROBE_GRACE with the record unchanged, by no process of this machine:
+            # a lock the dead machine left behind. Writing without a lock would race a waiting
+            # job that takes it the moment it ends; the break takes the lock of a new lock
+            # file instead, which later jobs lock too. (Should it end between this read and
+            # the move, a job taking it then holds the file moved aside: its record still
+            # fences whichever job loses.)
             moved_aside = _move_aside(root_path)
             lock = _try_lock(lock_path, PROBE_GRACE)
         current = _refuse_unless_still_judged(root_path, holder)
@@ -75,12 +95,63 @@ def break_lease(root: str | os.PathLike[str]) -> LeaseHolder | None:
         logger.warning("breaking the lease of %s held by %s", root_path, holder.describe())
         broken = replace(current, broken_utc=now_utc(), alive=None)
         atomic_write_bytes(_record_path(root_path), broken.to_json(), fsync=True)
+        written = True
     finally:
-        if lock is not None:
-            lock.release()
-        if moved_aside is not None:
-            moved_aside.unlink(missing_ok=True)
+        try:
+            if moved_aside is not None and lock is not None and not written:
+                # Left alone: a job claiming the root from another machine may hold the lock
+                # of the file moved aside, which every later job must lock again. A cleanup
+                # may have removed it all the same (a break killed long ago left one of its
+                # name): the break's refusal, and the release below, still stand.
+                with contextlib.suppress(FileNotFoundError):
+                    os.replace(moved_aside, lock_path)
+            elif moved_aside is not None:
+                moved_aside.unlink(missing_ok=True)
+        finally:
+            if lock is not None:
+                lock.release()
     return broken
+
+
+def _locked_here(path: Path) -> bool:
+    """Whether a process of this machine whose PID namespace this one can see (this one's
+    and those made inside it) holds a lock on the file ``path`` names. ``/proc/locks`` lists
+    the locks of those processes alone, with their pids, and leaves out the others' (a
+    container beside this one); a waiter's line, marked ``->``, holds none. False where
+    ``/proc`` does not say, and for a lock another machine holds on a network file system,
+    which only its server knows."""
+    try:
+        file = os.stat(path)
+        lines = Path("/proc/locks").read_text().splitlines()
+    except OSError:
+        return False
+    devices = {(os.major(file.st_dev), os.minor(file.st_dev))}
+    mount = mount_of(path)
+    if mount is not None:  # on btrfs, st_dev is the subvolume's; /proc/locks names the fs's
+        devices.add(mount.device)
+    places = {f"{major:02x}:{minor:02x}:{file.st_ino}" for major, minor in devices}
+    # "1: FLOCK  ADVISORY  WRITE 4242 fe:00:2721173 0 EOF" (NFS emulates flock with POSIX)
+    return any(
+        len(fields) >= 6
+        and fields[1] in ("FLOCK", "POSIX", "OFDLCK")
+        and fields[5] in places
+        and not _kernel_thread(fields[4])
+        for fields in (line.split() for line in lines)
+    )
+
+
+def _kernel_thread(pid: str) -> bool:
+    """Whether ``pid`` names a kernel thread (a child of ``kthreadd``, pid 2). On an NFS
+    server, the locks of its clients are held by its ``lockd`` and ``nfsd`` threads: a dead
+    client's lingering lock among them, which the break must be able to get past when run on
+    the server. No job of this machine holds its lock through a kernel thread."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    # "<pid> (<comm, which may hold spaces and parentheses>) <state> <ppid> ..."
+    after_comm = stat.rpartition(")")[2].split()
+    return len(after_comm) > 1 and after_comm[1] == "2"
 
 
 def _move_aside(root: Path) -> Path | None:
@@ -91,6 +162,11 @@ def _move_aside(root: Path) -> Path | None:
         os.rename(_lock_path(root), moved_aside)
     except FileNotFoundError:
         return None
+    # A rename keeps the file's mtime, which may be days old: a cleanup judges a moved-aside
+    # lock file by its age alone (lock._dead_temporary), and would take this one for a killed
+    # break's leftover while this break may still have to put it back.
+    with contextlib.suppress(FileNotFoundError):
+        os.utime(moved_aside)
     return moved_aside
 
 

@@ -401,16 +401,26 @@ def find_leftovers(
 _MACHINE_LOCAL_LOCK_OPTIONS = {"nolock", "local_lock=flock", "local_lock=all", "localflock"}
 
 
-def locks_local_to_machine(path: Path, mountinfo: Path = Path("/proc/self/mountinfo")) -> bool:
-    """Whether ``flock`` locks on the filesystem holding ``path`` are known not to reach other
-    machines (see the module docstring). False when they do, when the filesystem is local, and
-    when it cannot be told (no ``/proc``): callers treat only a known limit as one."""
+@dataclass(frozen=True)
+class MountEntry:
+    """What ``/proc/self/mountinfo`` says of the mount holding a path."""
+
+    #: the filesystem's device (major, minor), as ``/proc/locks`` names it; on btrfs a file's
+    #: ``st_dev`` is its subvolume's, another
+    device: tuple[int, int]
+    #: its mount options and its filesystem's options
+    options: frozenset[str]
+
+
+def mount_of(path: Path, mountinfo: Path = Path("/proc/self/mountinfo")) -> MountEntry | None:
+    """The mount holding ``path`` (the longest mount point it lies under), or None when it
+    cannot be told (no ``/proc``)."""
     try:
         lines = mountinfo.read_text().splitlines()
     except OSError:
-        return False
+        return None
     target = os.path.realpath(path)
-    best: tuple[int, set[str]] = (-1, set())
+    best: tuple[int, MountEntry | None] = (-1, None)
     for line in lines:
         # "<id> <parent> <dev> <root> <mount point> <options> [tags] - <type> <source> <super>"
         before, _, after = line.partition(" - ")
@@ -419,6 +429,16 @@ def locks_local_to_machine(path: Path, mountinfo: Path = Path("/proc/self/mounti
             continue
         mount_point = fields[4].replace("\\040", " ")
         inside = target == mount_point or target.startswith(mount_point.rstrip("/") + "/")
-        if inside and len(mount_point) >= best[0]:
-            best = (len(mount_point), set(fields[5].split(",")) | set(super_fields[2].split(",")))
-    return bool(best[1] & _MACHINE_LOCAL_LOCK_OPTIONS)
+        major, _, minor = fields[2].partition(":")
+        if inside and len(mount_point) >= best[0] and major.isdigit() and minor.isdigit():
+            options = frozenset(fields[5].split(",")) | frozenset(super_fields[2].split(","))
+            best = (len(mount_point), MountEntry((int(major), int(minor)), options))
+    return best[1]
+
+
+def locks_local_to_machine(path: Path, mountinfo: Path = Path("/proc/self/mountinfo")) -> bool:
+    """Whether ``flock`` locks on the filesystem holding ``path`` are known not to reach other
+    machines (see the module docstring). False when they do, when the filesystem is local, and
+    when it cannot be told (no ``/proc``): callers treat only a known limit as one."""
+    mount = mount_of(path, mountinfo)
+    return mount is not None and bool(mount.options & _MACHINE_LOCAL_LOCK_OPTIONS)

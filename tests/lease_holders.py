@@ -12,6 +12,7 @@ ends (its exit status, what it does at exit) starts that holder with ``fresh_int
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import gc
 import os
 import select
@@ -22,6 +23,7 @@ import sys
 import textwrap
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import TextIO
 
@@ -33,6 +35,7 @@ from distckpt.lease import (
     LeaseHolder,
     this_host,
 )
+from tests.filesystems import skip_or_fail
 
 STARTUP = 30.0  # a process that has not answered by then counts as hung (a loaded machine)
 
@@ -45,7 +48,18 @@ _HOLDER = textwrap.dedent(
     if sys.argv[3:] == ["announce"]:
         print("acquiring", flush=True)  # imports done: the acquire starts now
     try:
-        lease = RootLease.acquire(sys.argv[1], wait=float(sys.argv[2]))
+        if sys.argv[3:] == ["paused"]:
+            # a claim slower than a break's probe between its lock and its record (a loaded
+            # disk's fsync, a stopped process): the record is written at the line "go"
+            from pathlib import Path
+            from distckpt.lease import _lock_path, _read_record, _try_lock
+
+            lock = _try_lock(_lock_path(Path(sys.argv[1])), float(sys.argv[2]))
+            print("locked" if lock is not None else "refused", flush=True)
+            sys.stdin.readline()
+            lease = RootLease._claim(Path(sys.argv[1]), lock, _read_record(Path(sys.argv[1])))
+        else:
+            lease = RootLease.acquire(sys.argv[1], wait=float(sys.argv[2]))
     except CheckpointError as exc:
         print("refused", type(exc).__name__, exc, flush=True)
         sys.exit(3)
@@ -154,13 +168,17 @@ class Holder:
         wait: float = 0.0,
         prefix: tuple[str, ...] = (),
         announce: bool = False,
+        paused: bool = False,
         fresh_interpreter: bool = False,
     ) -> None:
-        """``announce``: it first prints "acquiring", when its acquire starts. Forked from this
+        """``announce``: it first prints "acquiring", when its acquire starts. ``paused``: it
+        takes the lease's lock (within ``wait`` seconds), prints "locked", and writes its
+        record only once told "go" (a claimer that is slow between the two). Forked from this
         process (:class:`_ForkedHolder`) unless ``prefix`` runs it (another host, namespace or
         version) or ``fresh_interpreter`` is set: then a ``python`` of its own, which ends as
         a real process does (its interpreter's shutdown, distckpt's exit hooks)."""
         argv = [os.fspath(root), str(wait)] + (["announce"] if announce else [])
+        argv += ["paused"] if paused else []
         self.proc: subprocess.Popen[str] | _ForkedHolder
         if prefix or fresh_interpreter:
             self.proc = subprocess.Popen(
@@ -269,3 +287,53 @@ def _on_another_machine_named_like_this_one(mount_point: Path, scratch: Path) ->
     )
     # --kill-child: the command dies with unshare, which the test kills by its pid
     return (unshare, "--uts", "--pid", "--mount-proc", "--kill-child", "sh", "-c", script)
+
+
+_CLONE_NEWNS = 0x00020000
+_CLONE_NEWPID = 0x20000000
+_MS_REC = 0x4000
+_MS_PRIVATE = 0x40000
+
+
+def in_a_pid_namespace_of_its_own(call: Callable[[], str]) -> str:
+    """What ``call`` returns, or "raised <its exception's type>: <message>", run in a process
+    forked from this one into a PID namespace of its own with a ``/proc`` of its own, as
+    ``unshare --pid --fork --mount-proc`` runs a command (a fresh interpreter would spend
+    seconds importing torch): its ``/proc/locks`` hides the locks of every process outside
+    that namespace. Fails (skips outside CI) where namespaces cannot be made."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    reader, writer = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        os.close(reader)
+        with os.fdopen(writer, "w") as report:
+            try:
+                # the mount namespace first: /proc is mounted anew in it, for the new PID one
+                if libc.unshare(_CLONE_NEWNS | _CLONE_NEWPID) != 0:
+                    raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWNS | CLONE_NEWPID)")
+                if libc.mount(b"none", b"/", None, _MS_REC | _MS_PRIVATE, None) != 0:
+                    raise OSError(ctypes.get_errno(), "mount --make-rprivate /")
+                inner = os.fork()  # the namespace's first process, its pid 1
+                if inner == 0:
+                    try:
+                        if libc.mount(b"proc", b"/proc", b"proc", 0, None) != 0:
+                            raise OSError(ctypes.get_errno(), "mount -t proc proc /proc")
+                        report.write("ok " + call())
+                    except BaseException as exc:
+                        report.write(f"raised {type(exc).__name__}: {exc}")
+                    finally:
+                        report.flush()
+                        os._exit(0)
+                os.waitpid(inner, 0)
+            except BaseException as exc:
+                report.write(f"no namespace: {exc}")
+            finally:
+                report.flush()
+                os._exit(0)
+    os.close(writer)
+    with os.fdopen(reader) as report:
+        said = report.read()
+    os.waitpid(pid, 0)
+    if said.startswith("no namespace: "):
+        skip_or_fail(f"cannot make a PID namespace here: {said.removeprefix('no namespace: ')}")
+    return said.removeprefix("ok ")

@@ -22,17 +22,21 @@ from pathlib import Path
 import pytest
 
 import distckpt
+import distckpt.cli
 import distckpt.lease
 import distckpt.lease_break
+from distckpt.fsutil import atomic_write_bytes
 from distckpt.layout import RootLayout
 from distckpt.lease import RootLease, this_host
 from distckpt.lease_break import break_lease
 from tests.cli_runner import run_cli
+from tests.filesystems import MountFactory
 from tests.lease_holders import (
     STARTUP,
     Holder,
     _on_another_host,
     _record_as_another_machine,
+    in_a_pid_namespace_of_its_own,
     start_holder,
 )
 
@@ -43,9 +47,15 @@ def test_a_broken_lease_fences_its_holder(root: Path, holders: list[Holder]) -> 
     assert elsewhere.line() == "held 1"
     assert elsewhere.ask("check") == "current"
 
-    broke = run_cli("lease", "--break", os.fspath(root))
-    assert broke.returncode == 0, broke.stderr
-    assert "broke the lease of" in broke.stdout and "host node-a" in broke.stdout
+    def the_break() -> str:
+        broke = run_cli("lease", "--break", os.fspath(root))
+        return f"{broke.returncode} {broke.stdout} {broke.stderr}"
+
+    # The holder's lock is in every /proc/locks of this machine, and a lock held here is a
+    # live claimer's: the break runs where that holder's is hidden, as on another machine.
+    broke = in_a_pid_namespace_of_its_own(the_break)
+    assert broke.startswith("0 ") and "broke the lease of" in broke, broke
+    assert "host node-a" in broke
     assert "an operator broke it" in elsewhere.ask("check")
 
     lease = RootLease.acquire(root)
@@ -214,8 +224,11 @@ def test_a_break_past_a_lingering_lock_leaves_the_requeued_job_one_lease(
     dead = _record_as_another_machine(root, host=this_host() + "-node7")
     lock_file = RootLayout(root).lease_lock_path
     # No NFS server here whose lease of a dead client's lock could be let run out: a process
-    # holding the flock of the lock file stands in for it, as that lock looks the same from
-    # here (held by no process the break can judge), until the process is killed.
+    # holding the flock of the lock file stands in for it until it is killed. The server's
+    # lock is in no /proc/locks of a client (on the server, its lockd or nfsd kernel threads
+    # hold it, which the break passes over), while this stand-in's is in this machine's: the
+    # break is told no process here holds it.
+    monkeypatch.setattr(distckpt.lease_break, "_locked_here", lambda path: False)
     lingering = subprocess.Popen(
         [sys.executable, "-c", _LINGERING_LOCK, os.fspath(lock_file)],
         stdout=subprocess.PIPE,
@@ -269,6 +282,68 @@ def test_a_break_past_a_lingering_lock_leaves_the_requeued_job_one_lease(
     with pytest.raises(distckpt.RootInUse):
         RootLease.acquire(root)
     assert requeued.ask("check") == "current"
+
+
+@pytest.mark.parametrize("claimer", ["this machine", "this machine, on btrfs", "another machine"])
+def test_a_break_leaves_alone_a_job_slower_to_write_its_record_than_the_break_to_probe(
+    root: Path,
+    holders: list[Holder],
+    monkeypatch: pytest.MonkeyPatch,
+    mounts: MountFactory,
+    claimer: str,
+) -> None:
+    """A requeued job (a real process) took the lease's lock and writes its record later
+    than the break waits for the lock (a loaded disk's fsync, a stopped process): the record
+    still names the dead machine's holder. The break leaves the record alone, and the job its
+    lock file: once it writes its record it holds the only lease, and a third job is refused
+    (the break once moved the job's lock file aside for good, and a third job took the root).
+    On btrfs a file's device is its subvolume's, not the one ``/proc/locks`` names."""
+    if claimer.endswith("on btrfs"):
+        root = mounts.get("btrfs").path / root.parent.name
+    root.mkdir()
+    dead = _record_as_another_machine(root, host=this_host() + "-node7")
+    requeued = start_holder(holders, root, wait=STARTUP, paused=True)
+    assert requeued.line() == "locked"
+    if claimer.startswith("this machine"):
+        # the dead holder had the claimer's pid on its machine (fresh PID namespaces of one
+        # image give the same pids): a pid names no process beyond its machine
+        dead = replace(dead, pid=requeued.pid)
+        atomic_write_bytes(RootLayout(root).lease_record_path, dead.to_json(), fsync=True)
+    if claimer == "another machine":
+        # One machine here: the lock of a claimer on another machine (an NFS client) is in no
+        # /proc/locks here, nor is the job's in a PID namespace that cannot see it, where the
+        # break runs below; it takes the lock for a dead machine's and moves its file aside.
+        # The job writes its record right after the move (a wrapper: no real part can
+        # schedule it there; the write itself is real).
+        real_move_aside = distckpt.lease_break._move_aside
+
+        def moved_aside_then_the_job_writes_its_record(where: Path) -> Path | None:
+            moved_aside = real_move_aside(where)
+            # an operator's gc meanwhile keeps the moved file, however old the lock file was
+            assert distckpt.cli.main(["gc", os.fspath(root)], out=io.StringIO()) == 0
+            assert moved_aside is not None and moved_aside.exists()
+            assert requeued.ask("go") == f"held {dead.generation + 1}"
+            return moved_aside
+
+        monkeypatch.setattr(
+            distckpt.lease_break, "_move_aside", moved_aside_then_the_job_writes_its_record
+        )
+        a_day_ago = time.time() - 86400  # a lock file made long ago: a rename keeps its age
+        os.utime(RootLayout(root).lease_lock_path, (a_day_ago, a_day_ago))
+    if claimer == "another machine":
+        refused = in_a_pid_namespace_of_its_own(lambda: repr(break_lease(root)))
+        assert refused.startswith("raised LeaseTakenMeanwhile: "), refused
+        assert "The lease record was left as it" in refused
+    else:
+        with pytest.raises(distckpt.LeaseTakenMeanwhile, match="The lease record was left as"):
+            break_lease(root)
+    if claimer.startswith("this machine"):
+        assert requeued.ask("go") == f"held {dead.generation + 1}"
+    assert requeued.ask("check") == "current"
+    with pytest.raises(distckpt.RootInUse, match=f"pid {requeued.pid}"):
+        RootLease.acquire(root)
+    assert requeued.ask("check") == "current"
+    assert [path.name for path in root.glob(".lease.*.lingering")] == []
 
 
 def test_gc_removes_a_lease_lock_file_a_killed_break_moved_aside(

@@ -176,8 +176,11 @@ def test_a_root_named_like_a_step_dir_inside_a_root_is_refused(place: Place) -> 
 def test_a_folder_of_roots_or_a_set_aside_checkpoint_is_no_root(place: Place) -> None:
     """The commands that take a root refuse a folder of roots (``sweep/`` for
     ``sweep/step-1``) and a checkpoint a restore set aside (``ROOT/damaged-step-…``) with exit
-    status 2 on both backends, so gc and prune never act there; on an ``s3://`` store neither
-    verifies as an empty root that is fine."""
+    status 2 on both backends, so gc and prune never act there; on an ``s3://`` store the
+    folder does not verify as an empty root that is fine. The checkpoint set aside is read
+    where it lies, on both backends alike (on an ``s3://`` store it was not found at all):
+    verify checks it and names its damage, load_checkpoint and info read it when its files
+    pass the size check."""
     save_step(place, f"{place.base}/sweep/step-1", 1)
     save_step(place, f"{place.base}/aside", 1)
     store = open_store(f"{place.base}/aside", storage_options=place.options)
@@ -190,9 +193,27 @@ def test_a_folder_of_roots_or_a_set_aside_checkpoint_is_no_root(place: Place) ->
         for command in (("ls",), ("gc",), ("prune", "--keep-last", "1"), ("lease",)):
             out = run(*command, location)
             assert out.returncode == 2 and "not a checkpoint root" in out.stderr, out
-        if place.options is not None:
-            with pytest.raises(CheckpointNotFound):
-                distckpt.verify(location, storage_options=place.options)
+    if place.options is not None:
+        with pytest.raises(CheckpointNotFound):
+            distckpt.verify(f"{place.base}/sweep", storage_options=place.options)
+    report = distckpt.verify(set_aside, storage_options=place.options)
+    assert report.ok and [(str(c.path), c.step) for c in report.checkpoints] == [(set_aside, 1)]
+    assert distckpt.load_checkpoint(set_aside, storage_options=place.options).step == 1
+    info = run("info", "--json", set_aside)
+    assert info.returncode == 0 and json.loads(info.stdout)["path"] == set_aside, info
+    rank_file = f"{set_aside}/rank-00000.pt"
+    if place.options is None:
+        Path(rank_file).unlink()
+    else:
+        with ObjectStore(f"{place.base}/aside", place.options) as objects:
+            objects.delete([rank_file.removeprefix(f"{place.base}/aside/")])
+    broken = run("verify", set_aside)
+    assert broken.returncode == 1 and f"{rank_file}: missing" in broken.stdout, broken
+    # read only when its files pass the size check, as a committed checkpoint is
+    unreadable = run("info", set_aside)
+    assert unreadable.returncode == 2 and f"{rank_file}: missing" in unreadable.stderr
+    with pytest.raises(distckpt.CorruptCheckpoint, match=r"rank-00000\.pt: missing"):
+        distckpt.load_checkpoint(set_aside, storage_options=place.options)
 
 
 @pytest.mark.parametrize("left", [(), ("..lease.json.0123abcd.tmp",)], ids=["empty", "lease-tmp"])

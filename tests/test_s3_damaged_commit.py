@@ -5,6 +5,7 @@ dir."""
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,9 @@ import distckpt
 from distckpt import faults
 from distckpt.errors import InjectedFault
 from distckpt.objstore import ObjectStore
+from distckpt.storage import open_store
 from tests.s3server import S3Server
+from tests.test_s3_set_aside import _requests_sent
 from tests.test_s3_store import _objects, _state
 
 STEP_PREFIX = "step-00000002/"
@@ -114,15 +117,32 @@ def test_a_scheduled_save_of_a_damaged_committed_step_is_refused_before_any_uplo
             assert not list((tmp_path / "root" / ".staging").glob("*"))
 
 
+def _damage_step_2_naming(attempt: str, url: str, options: dict[str, Any]) -> None:
+    """Damage step 2's ``COMMIT`` so that it still reads as a commit record, naming the save
+    ``attempt`` with a character flipped: a save that is not there."""
+    flipped = ("0" if attempt[0] != "0" else "1") + attempt[1:]
+    with ObjectStore(url, options) as store:
+        store.put_bytes(
+            STEP_PREFIX + "COMMIT", json.dumps({"step": 2, "attempt": flipped}).encode()
+        )
+
+
+@pytest.mark.parametrize("record", ["garbage", "naming a save not there"])
 def test_a_restore_that_skips_a_damaged_commit_warns_that_it_cannot_set_it_aside(
-    s3_server: S3Server, s3_url: str, caplog: pytest.LogCaptureFixture
+    s3_server: S3Server, s3_url: str, caplog: pytest.LogCaptureFixture, record: str
 ) -> None:
     """Unlike a damaged step dir on a filesystem, which a restore sets aside, a damaged
     ``COMMIT`` names no save to move: the step stays committed, and the warning says what to
-    do (docs/object-stores.md)."""
+    do (docs/object-stores.md). So does one that still reads as a record but names a save of
+    which nothing is there, beside the step's save: neither the start's cleanup nor the
+    restore (nor a gc) takes the save it was written for for a dead writer's (they once
+    deleted it, and set aside an empty copy)."""
     options = s3_server.storage_options()
     with distckpt.CheckpointManager(s3_url, storage_options=options) as manager:
         saves = _save_two_steps_and_damage_step_2(manager, s3_url, options)
+    if record == "naming a save not there":
+        (attempt,) = saves
+        _damage_step_2_naming(attempt, s3_url, options)
     with distckpt.CheckpointManager(s3_url, storage_options=options) as manager:
         with caplog.at_level(logging.WARNING, logger="distckpt"):
             restored = manager.restore("last", state={"w": torch.empty(4), "step": 0})
@@ -135,7 +155,57 @@ def test_a_restore_that_skips_a_damaged_commit_warns_that_it_cannot_set_it_aside
             manager.save(2, _state(20), force=True)
         with pytest.raises(distckpt.CheckpointExists):
             manager.save(2, _state(20))
+        manager.gc()
     assert _saves_of_step_2(s3_url, options) == saves
+
+
+def test_a_commit_whose_step_reads_another_still_names_its_save_under_its_own_step(
+    s3_server: S3Server, s3_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Step 2's ``COMMIT`` says step 3 (a flipped digit) but names step 2's save, which is
+    there: it is no ``COMMIT`` naming a missing save (that is looked for under the step it is
+    read under, not under the step its bytes say, where step 3's save lies), so gc removes
+    a dead writer's save of step 2 beside it (it once kept it for good, with a warning)."""
+    options = s3_server.storage_options()
+    with distckpt.CheckpointManager(s3_url, storage_options=options) as manager:
+        for step in (1, 2, 3):
+            manager.save(step, _state(step))
+    (attempt,) = _saves_of_step_2(s3_url, options)
+    dead_writers = "d" * len(attempt)
+    with ObjectStore(s3_url, options) as store:
+        for info in store.list(f"{STEP_PREFIX}{attempt}/"):  # no claim: a dead writer's
+            store.copy(info.key, info.key.replace(attempt, dead_writers), info.size)
+        store.put_bytes(
+            STEP_PREFIX + "COMMIT", json.dumps({"step": 3, "attempt": attempt}).encode()
+        )
+    assert _saves_of_step_2(s3_url, options) == {attempt, dead_writers}
+    with (
+        caplog.at_level(logging.WARNING, logger="distckpt"),
+        distckpt.CheckpointManager(s3_url, storage_options=options) as manager,
+    ):
+        manager.gc()
+    assert "COMMIT is damaged" not in caplog.text
+    assert _saves_of_step_2(s3_url, options) == {attempt}
+
+
+def test_looking_for_leftovers_lists_the_root_once_however_many_steps_it_holds(
+    s3_server: S3Server, s3_url: str
+) -> None:
+    """Whether each step's ``COMMIT`` names a save that is there is told from the one listing
+    of the root a cleanup (every start, gc, ls) makes: no request more per step (each step's
+    prefix was once listed again)."""
+    options = s3_server.storage_options()
+    with distckpt.CheckpointManager(s3_url, storage_options=options) as manager:
+        for step in (1, 2, 3):
+            manager.save(step, _state(step))
+    store = open_store(s3_url, storage_options=options, lock_timeout=60.0)
+    store.open()
+    try:
+        listings = _requests_sent(store.s3.client, "ListObjectsV2")  # type: ignore[attr-defined]
+        assert store.leftovers() == []
+    finally:
+        store.close()
+    assert len(listings) == 1, [params.get("Prefix") for params in listings]
 
 
 def test_a_save_below_a_damaged_commit_names_delete_not_a_set_aside(

@@ -9,11 +9,19 @@ from collections.abc import Mapping
 from typing import Any
 
 from distckpt.errors import CheckpointNotFound, ObjectNotFound
-from distckpt.layout import LINK_NAMES, parse_step_dir_name
+from distckpt.layout import LINK_NAMES, MANIFEST_NAME, parse_set_aside_name, parse_step_dir_name
+from distckpt.manifest import Manifest
 from distckpt.objlease import LeaseRecord
 from distckpt.objstore import ObjectStore
 from distckpt.objurl import S3Url
-from distckpt.storage.s3_view import COMMIT_NAME, LEASE_NAME, S3RootView, read_pointer_object
+from distckpt.storage.s3_view import (
+    COMMIT_NAME,
+    LEASE_NAME,
+    S3Checkpoint,
+    S3Root,
+    S3RootView,
+    read_pointer_object,
+)
 from distckpt.storage.views import Located, nested_root_refusal
 
 #: how many of a prefix's step-named sub-prefixes :func:`prefix_holds_a_root` asks about
@@ -68,8 +76,11 @@ def locate_url(url: str, storage_options: Mapping[str, Any] | None) -> Located:
     prefix holds objects: then a root of that name); ``.../step-1`` or ``.../step-00000001``
     (a name of any width: that step of the root above it when that root committed it; else a
     root when the prefix holds one, :func:`prefix_holds_a_root`, a sweep's ``.../step-1``);
-    or a root, unlisted: whether it is there is asked only when it has no committed step
-    (:meth:`S3RootView.exists`), so a root with checkpoints costs no request here.
+    ``.../damaged-step-00000001-<attempt>``, a save a restore set aside, when a record names
+    it (:class:`S3SetAsideCheckpoint`: read and verified where it lies, as a set-aside dir of
+    a directory root is); or a root, unlisted: whether it is there is asked only when it has
+    no committed step (:meth:`S3RootView.exists`), so a root with checkpoints costs no
+    request here.
     Raises :class:`CheckpointNotFound` for a step-named URL that is neither, and
     :class:`InvalidArgument` for a root named like a step dir inside another root (whose
     ``gc`` would take it for leftovers of its own)."""
@@ -84,6 +95,12 @@ def locate_url(url: str, storage_options: Mapping[str, Any] | None) -> Located:
         return Located("link", parent_view, pointer=last)
     step = parse_step_dir_name(last)
     if step is None:
+        set_aside = parse_set_aside_name(last)
+        if set_aside is not None:
+            view = S3RootView(parent_url, storage_options)
+            source = S3SetAsideCheckpoint(view.s3, *set_aside)
+            if source.exists():
+                return Located("step_dir", view, source=source)
         return Located("root", as_root)
     view = S3RootView(parent_url, storage_options)
     source = view.checkpoint(step)
@@ -94,3 +111,29 @@ def locate_url(url: str, storage_options: Mapping[str, Any] | None) -> Located:
     if prefix_holds_a_root(view.s3.client, ""):
         raise nested_root_refusal(url, parent_url, last)
     return Located("root", as_root)
+
+
+class S3SetAsideCheckpoint(S3Checkpoint):
+    """A save a restore set aside as damaged, read where its copy lies
+    (``damaged-step-N-<attempt>/``), as a set-aside directory of a directory root is read:
+    it is no committed checkpoint, but ``verify`` names its damage, ``info`` shows its
+    manifest and ``load_checkpoint`` reads what can still be read."""
+
+    def __init__(self, root: S3Root, step: int, attempt: str) -> None:
+        super().__init__(root, step)
+        self.location = root.set_aside_location(step, attempt)
+        self._attempt = attempt
+
+    def exists(self) -> bool:
+        """Whether a set-aside record names the save (a copy no record names is a
+        leftover that the next cleanup removes)."""
+        assert self._attempt is not None
+        return self._root.is_set_aside(self.expected_step, self._attempt)
+
+    def _prefix(self) -> str:
+        assert self._attempt is not None
+        return self._root.set_aside_prefix(self.expected_step, self._attempt)
+
+    def read_manifest(self) -> Manifest:
+        # not the root's cache of committed manifests: this copy may be damaged otherwise
+        return self._fetch_manifest(self._object(MANIFEST_NAME))

@@ -8,15 +8,24 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 
 from distckpt import policy
+from distckpt.layout import MANIFEST_NAME, step_dir_name
 from distckpt.objstore import ObjectInfo
 from distckpt.results import CheckpointLocation
-from distckpt.storage.s3_view import UNKNOWN_ATTEMPT, S3Root
+from distckpt.storage.s3_view import UNKNOWN_ATTEMPT, CommitRecord, S3Root
 
 logger = logging.getLogger("distckpt")
+
+
+def save_whose_manifest(key_in_step: str) -> str | None:
+    """The save (its attempt) whose top-level ``manifest.json`` the object named
+    ``key_in_step`` (its name under a step's prefix) is, or None: what tells a save's prefix,
+    as no root has one at its top."""
+    attempt, slash, name = key_in_step.partition("/")
+    return attempt if slash and name == MANIFEST_NAME else None
 
 
 class SetAside:
@@ -44,6 +53,31 @@ class SetAside:
         in between leaves the step committed, set aside again by the next restore."""
         self.s3.client.delete_one(self.s3.set_aside_record_name(step, attempt))
 
+    def _names_a_missing_save(
+        self, step: int, record: CommitRecord, keys_in_step: Iterable[str] | None = None
+    ) -> bool:
+        """Whether the ``COMMIT`` of ``step``, read as ``record``, names a save of which no
+        object is there, while another save of the step holds a manifest: its bytes changed
+        and still read as a record (a flipped character of the attempt), so which save it was
+        written for is as unknown as for a ``COMMIT`` that is no record. (One naming a save
+        that is gone with no other save of the step, as a clock-skewed gc leaves it, names the
+        save it was written for.) Moving the save it names would copy nothing, and the one it
+        was written for would go as a dead writer's. The save is looked for under the step
+        the ``COMMIT`` was read under, whatever step its bytes say: in ``keys_in_step``, the
+        names under that step's prefix a caller listed already, else in a listing of it."""
+        if record.attempt == UNKNOWN_ATTEMPT:
+            return False
+        if keys_in_step is None:
+            step_prefix = f"{step_dir_name(step)}/"
+            listed = self.s3.client.list(step_prefix)
+            keys_in_step = (info.key[len(step_prefix) :] for info in listed)
+        another_save = False
+        for key in keys_in_step:
+            if key.startswith(f"{record.attempt}/"):
+                return False
+            another_save |= save_whose_manifest(key) is not None
+        return another_save
+
     def set_aside(self, step: int, location: CheckpointLocation) -> CheckpointLocation | None:
         """Unpublish the step's save by moving its objects, none deleted before its copy is
         there: first a set-aside record naming its attempt (the cleanup completes the copy of
@@ -66,9 +100,10 @@ class SetAside:
         record = self.s3.read_commit_or_unknown(step)
         if record is None:
             return None  # deleted since the restore judged it
-        if record.attempt == UNKNOWN_ATTEMPT:  # which save it publishes is unknown
+        if record.attempt == UNKNOWN_ATTEMPT or self._names_a_missing_save(step, record):
             logger.warning(
                 "cannot set aside the damaged checkpoint %s: its COMMIT is not a commit record, "
+                "or names a save of which nothing is there beside another save of the step, "
                 "so which save it names is unknown; it stays committed, and saves of step %d "
                 "and below are refused: delete it (manager.delete(%d), or distckpt delete) or "
                 "save step %d with overwrite=True",

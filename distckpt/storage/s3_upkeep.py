@@ -30,7 +30,6 @@ from distckpt.errors import (
 from distckpt.layout import (
     BEST,
     LAST,
-    MANIFEST_NAME,
     parse_set_aside_name,
     parse_step_dir_name,
     step_dir_name,
@@ -42,7 +41,7 @@ from distckpt.objlease import LeaseRecord
 from distckpt.objstore import ObjectStore
 from distckpt.results import CheckpointLocation
 from distckpt.storage.posix_links import COMMITTING_RANK
-from distckpt.storage.s3_set_aside import SetAside
+from distckpt.storage.s3_set_aside import SetAside, save_whose_manifest
 from distckpt.storage.s3_view import (
     COMMIT_NAME,
     LEASE_NAME,
@@ -298,6 +297,8 @@ class Upkeep(SetAside):
         #: their top, which no root has)
         lease_objects: dict[str, tuple[int, str]] = {}
         saves: set[tuple[int, str]] = set()
+        #: each step's object names under its prefix, which tell a COMMIT naming a missing save
+        keys_in_step: dict[int, list[str]] = {}
         for info in self.s3.client.list(""):
             head, slash, rest = info.key.partition("/")
             step = parse_step_dir_name(head)
@@ -308,8 +309,10 @@ class Upkeep(SetAside):
                     lease_objects[info.key] = (step, inside)
                 else:
                     nested_roots.add((step, inside))
-            if step is not None and rest.count("/") == 1 and rest.endswith(f"/{MANIFEST_NAME}"):
-                saves.add((step, rest.partition("/")[0]))
+            if step is not None:
+                keys_in_step.setdefault(step, []).append(rest)
+                if (attempt := save_whose_manifest(rest)) is not None:
+                    saves.add((step, attempt))
             if info.key.startswith(WRITERS_PREFIX):
                 claims.add(info.key[len(WRITERS_PREFIX) :])
             elif step is not None and "/" in rest:
@@ -350,11 +353,13 @@ class Upkeep(SetAside):
             if {(step, ""), (step, attempt)} & nested_roots:
                 continue
             if step not in first_read:
-                first_read[step] = self._read_commit_or_none(step)
+                first_read[step] = self._read_commit_or_none(step, keys_in_step[step])
             if self._names(first_read[step], attempt):
                 continue
             writer_alive = self._claim_live(attempt)
-            if not writer_alive and self._names(self._read_commit_or_none(step), attempt):
+            if not writer_alive and self._names(
+                self._read_commit_or_none(step, keys_in_step[step]), attempt
+            ):
                 continue
             where = self.s3.attempt_location(step, attempt)
             # its claim goes with it (a dead writer's)
@@ -366,11 +371,12 @@ class Upkeep(SetAside):
             if not self._claim_live(attempt):
                 found.append((Leftover(f"{self.root}/{name}", "lock"), [name]))
         for (step, attempt), names in sorted(copies.items()):
-            if (step, attempt) not in records and self._orphan_copy(step, attempt):
+            in_step = keys_in_step.get(step, [])
+            if (step, attempt) not in records and self._orphan_copy(step, attempt, in_step):
                 found.append((Leftover(self.s3.set_aside_location(step, attempt), "stray"), names))
         return found
 
-    def _orphan_copy(self, step: int, attempt: str) -> bool:
+    def _orphan_copy(self, step: int, attempt: str, keys_in_step: list[str]) -> bool:
         """Whether the objects under ``damaged-step-N-<attempt>/`` are part of a copy that no
         set-aside will complete: no record names the save (read after its step's ``COMMIT``)
         and ``COMMIT`` does not name it. A set-aside writes its record before its first copy
@@ -378,14 +384,22 @@ class Upkeep(SetAside):
         record, and one in progress too. A record deleted while the save was still committed
         (a delete or a replacing commit drops it first) leaves a part that the next restore's
         set-aside of the still committed save goes on with; once ``COMMIT`` no longer names
-        the save, nothing does."""
-        if self._names(self._read_commit_or_none(step), attempt):
+        the save, nothing does. ``keys_in_step``: the names a listing saw under the step's
+        prefix."""
+        if self._names(self._read_commit_or_none(step, keys_in_step), attempt):
             return False
         return not self.s3.is_set_aside(step, attempt)
 
-    def _read_commit_or_none(self, step: int) -> CommitRecord | None:
-        """The step's commit record, a damaged one's naming :data:`UNKNOWN_ATTEMPT`."""
+    def _read_commit_or_none(self, step: int, keys_in_step: list[str]) -> CommitRecord | None:
+        """The step's commit record, a damaged one's naming :data:`UNKNOWN_ATTEMPT`, as is
+        one naming a save that is not there beside another save of the step
+        (:meth:`_names_a_missing_save`, judged from ``keys_in_step``, the names a listing
+        taken before this read saw under the step's prefix: no request more). A save committed
+        after that listing is not in it: its step's saves are then all left, until the next
+        cleanup."""
         record = self.s3.read_commit_or_unknown(step)
+        if record is not None and self._names_a_missing_save(step, record, keys_in_step):
+            record = CommitRecord(step, UNKNOWN_ATTEMPT, record.etag)
         if record is not None and record.attempt == UNKNOWN_ATTEMPT:
             logger.warning("leaving the saves of %s: its COMMIT is damaged", step)
         return record
