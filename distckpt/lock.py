@@ -54,7 +54,7 @@ from typing import Literal
 
 import filelock
 
-from distckpt.errors import CheckpointError, CoordinationTimeout
+from distckpt.errors import CheckpointError, CoordinationTimeout, RootNotWritable
 from distckpt.layout import (
     BEST,
     LAST,
@@ -107,8 +107,13 @@ _CANNOT_OPEN_FOR_WRITING = {errno.EROFS, errno.EACCES, errno.EPERM}
 
 
 def _unsupported(path: Path, exc: BaseException) -> CheckpointError:
+    """The error for a lock of ``path`` that could not be taken: a lock file this process may
+    not open for writing (another user's, made under a umask that denies its group; a
+    read-only mount) is :class:`RootNotWritable`, as every other write the root refuses."""
+    if isinstance(exc, OSError) and exc.errno in _CANNOT_OPEN_FOR_WRITING:
+        return RootNotWritable(f"cannot lock {path}: {exc}", path=path)
     if isinstance(exc, OSError) and exc.errno not in _NO_FLOCK:
-        return CheckpointError(f"cannot lock {path}: {exc}")  # permissions, a read-only mount
+        return CheckpointError(f"cannot lock {path}: {exc}")
     return CheckpointError(
         f"cannot lock {path}: {exc}. The filesystem does not support flock; distckpt does not "
         "fall back to a lock that outlives its process. Mount with lock support (NFS: a lock "
