@@ -12,6 +12,7 @@ import torch
 
 import distckpt
 from distckpt import fsutil
+from distckpt.manifest import Manifest
 from distckpt.storage import open_store
 from distckpt.storage import posix as posix_store
 from tests.core_ranks import JOB_TIMEOUT, TIMEOUT, _err, _staging_entries, _weights
@@ -103,6 +104,35 @@ def _delete_steps(rank: int, world_size: int, root: str) -> dict[str, Any]:
         template = {"w": torch.zeros(3)}
         out["restored"] = (mgr.restore(state=template).step, template["w"].tolist())
     return out
+
+
+def test_a_commit_parses_only_manifests_it_has_not_parsed_before(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A commit points the links and applies retention from every committed checkpoint's
+    manifest: parsing each one again at every save made a save cost more with every step kept
+    (1 s a save with 5,000 kept). Each is parsed once; one whose bytes change (an overwrite
+    with another metric) is parsed again, and ``best`` follows it."""
+    # A spy, not a mock: every parse still happens. How many manifests a commit parses shows
+    # nowhere else, and a timing would be too noisy to tell.
+    parsed: list[str] = []
+    real_from_json = Manifest.from_json.__func__  # type: ignore[attr-defined]
+
+    def counting_from_json(cls: type[Manifest], raw: bytes, *, source: str) -> Manifest:
+        parsed.append(Path(source).parent.name)
+        return real_from_json(cls, raw, source=source)
+
+    monkeypatch.setattr(Manifest, "from_json", classmethod(counting_from_json))
+    with distckpt.CheckpointManager(root, monitor="loss", timeout=TIMEOUT) as mgr:
+        for step in range(8):
+            mgr.save(step, {"w": torch.zeros(1)}, metrics={"loss": float(step)})
+        parsed.clear()
+        mgr.save(8, {"w": torch.zeros(1)}, metrics={"loss": 8.0})
+        assert set(parsed) == {"step-00000008"}, parsed
+        assert fsutil.read_link(root / "best") == "step-00000000"
+        mgr.save(8, {"w": torch.ones(1)}, metrics={"loss": -1.0}, overwrite=True)
+        assert fsutil.read_link(root / "best") == "step-00000008"
+        assert mgr.restore("best").metrics == {"loss": -1.0}
 
 
 def test_delete_moves_last_and_missing_step_is_not_found(root: Path) -> None:
