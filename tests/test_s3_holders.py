@@ -119,3 +119,22 @@ def test_an_older_versions_lease_on_this_host_is_judged_by_its_pid(
     else:  # its holder is gone: taken over at once, not after 600 s
         with distckpt.CheckpointManager(s3_url, storage_options=options) as manager:
             assert manager.save(1, _state(1)) is not None
+
+
+def test_a_job_refused_after_waiting_in_pieces_says_the_whole_wait(
+    s3_server: S3Server, s3_url: str
+) -> None:
+    """As on a root directory (tests/test_lease_refusal.py): a wait longer than half the
+    timeout is made of several tries, and the refusal gives the time waited in all, in its
+    ``waited`` and its message, not the last try's piece."""
+    options = s3_server.storage_options()
+    # an older version's lease (it never renews) held by a live process of this host
+    record = {"owner": "older", "host": this_host(), "pid": os.getppid(), "duration": 600.0}
+    with ObjectStore(s3_url, options) as store:
+        store.put_bytes(".lease", json.dumps(record).encode())
+    with pytest.raises(RootInUse) as refused:
+        # timeout 1: tries of 0.5 s at most, two of them
+        distckpt.CheckpointManager(s3_url, storage_options=options, wait_for_root=1.0, timeout=1.0)
+    assert refused.value.waited >= 1.0  # the deadline is what ends the wait: never before it
+    assert f" (waited {refused.value.waited:g} s); wait for it" in str(refused.value)
+    assert f"pid {os.getppid()}" in str(refused.value)

@@ -90,13 +90,20 @@ class LeaseKeeping(RootStore):
             record = self._holder()
             holder = record.holder() if record is not None else None
             here = held_here_phrase(holder)
+            if here is not None:
+                raise RootInUse(
+                    f"checkpoint root {self.root} is in use by {here}", holder, waited=wait
+                ) from exc
+            # The time waited is RootInUse's to say, as on a root directory: the manager waits
+            # in pieces, and its refusal gives the whole wait (RootInUse.after_waiting).
+            who = holder.describe() if holder is not None else "a job whose record is unreadable"
             raise RootInUse(
-                f"checkpoint root {self.root} is in use by {here}"
-                if here is not None
-                else f"checkpoint root {self.root} is in use by another job: {exc}; wait for it "
-                f"to end (wait_for_root=), or for its lease to expire ({LEASE_SECONDS:g} s "
-                "after its last renewal) if it died",
-                holder=holder,
+                f"checkpoint root {self.root} is in use by another job: lease "
+                f"{self.root}/{LEASE_NAME} still held by {who}",
+                holder,
+                waited=wait,
+                advice=f"; wait for it to end (wait_for_root=), or for its lease to expire "
+                f"({LEASE_SECONDS:g} s after its last renewal) if it died",
             ) from exc
         took(lease.owner)
         with self._lease_lock:
