@@ -40,6 +40,7 @@ leave their record and lock file to the parent there too.
 from __future__ import annotations
 
 import errno
+import fcntl
 import inspect
 import logging
 import os
@@ -98,6 +99,32 @@ def _held_elsewhere(path: Path) -> bool:
     except filelock.Timeout:
         return True
     probe.release()
+    return False
+
+
+def lock_is_held(path: Path) -> bool | None:
+    """Whether a process holds the lock of ``path``, probed for an instant; None where it
+    cannot be told (no flock). A lock file this process may not open for writing, which
+    taking its lock needs (another user's, made under a umask that denies its group; a
+    read-only mount), is probed through a read-only descriptor with a shared lock, which a
+    holder's exclusive lock refuses as well."""
+    try:
+        return _held_elsewhere(path)
+    except (OSError, NotImplementedError) as exc:
+        if not isinstance(exc, OSError) or exc.errno not in _CANNOT_OPEN_FOR_WRITING:
+            return None
+    try:
+        descriptor = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return None
+    finally:
+        os.close(descriptor)  # which lets go of the shared lock, if taken
     return False
 
 
@@ -237,8 +264,9 @@ class WriterLock:
         """Whether some process holds the lock beside ``staging_dir``. A dir with no lock file
         at all was left by a writer that died before or after holding it: not alive. None when
         it cannot be told here: the lock file cannot be opened for writing, which taking its
-        lock needs (a read-only mount, no permission), as :func:`~distckpt.lease.read_holder`
-        reports a lease lock it cannot probe."""
+        lock needs (a read-only mount, no permission). Unlike :func:`lock_is_held`, no
+        read-only probe: a cleanup that cannot open the lock could not remove the dir either,
+        and keeps what it cannot judge."""
         lock_path = RootLayout.writer_lock_path(staging_dir)
         if not lock_path.exists():
             return False

@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import tempfile
 import textwrap
 import time
 from dataclasses import replace
@@ -25,7 +26,7 @@ import distckpt
 import distckpt.lease
 import distckpt.lease_break
 from distckpt.layout import RootLayout
-from distckpt.lease import RootLease, this_host
+from distckpt.lease import RootLease, read_holder, this_host
 from distckpt.lease_break import break_lease
 from tests.cli_runner import run_cli
 from tests.lease_holders import (
@@ -35,6 +36,7 @@ from tests.lease_holders import (
     _record_as_another_machine,
     start_holder,
 )
+from tests.other_user import succeeds_as_nobody
 
 
 def test_a_broken_lease_fences_its_holder(root: Path, holders: list[Holder]) -> None:
@@ -67,6 +69,44 @@ def test_break_refuses_a_live_holder_on_this_machine(root: Path, holders: list[H
     assert refused.returncode == 2
     assert f"pid {first.pid}" in refused.stderr and "stop it" in refused.stderr
     assert first.ask("check") == "current"
+
+
+def test_a_user_who_may_not_write_the_lease_lock_still_tells_a_live_holder() -> None:
+    """Another user, who may not open the root's ``.lease`` (0644, made under umask 022) for
+    writing, as taking its lock needs: ``lease`` still shows the holder alive and ``--break``
+    refuses it (it was taken for dead, and the break exited 0 having done nothing); a holder
+    that died is shown dead."""
+    shared = Path(tempfile.mkdtemp())  # pytest's tmp_path is root's alone: nobody cannot enter
+    try:
+        shared.chmod(0o755)
+        root = shared / "run"
+        umask = os.umask(0o022)
+        try:
+            manager = distckpt.CheckpointManager(root)
+        finally:
+            os.umask(umask)
+
+        def refused_while_alive() -> None:
+            assert read_holder(root).alive is True  # type: ignore[union-attr]
+            refused = run_cli("lease", "--break", os.fspath(root))
+            assert refused.returncode == 2 and "alive: stop it" in refused.stderr, refused
+
+        try:
+            assert succeeds_as_nobody(refused_while_alive), "a live holder was not told"
+        finally:
+            manager.close()
+        dead = os.fork()
+        if dead == 0:  # pragma: no cover - a holder that dies without releasing its lease
+            distckpt.CheckpointManager(root)
+            os._exit(0)
+        os.waitpid(dead, 0)
+
+        def shown_dead() -> None:
+            assert read_holder(root).alive is False  # type: ignore[union-attr]
+
+        assert succeeds_as_nobody(shown_dead), "a dead holder was not told"
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
 
 
 def test_a_break_leaves_alone_a_job_that_took_the_root_after_its_holder_was_judged_dead(
