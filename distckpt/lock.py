@@ -40,7 +40,6 @@ leave their record and lock file to the parent there too.
 from __future__ import annotations
 
 import errno
-import fcntl
 import inspect
 import logging
 import os
@@ -113,8 +112,10 @@ def lock_is_held(path: Path) -> bool | None:
     except (OSError, NotImplementedError) as exc:
         if not isinstance(exc, OSError) or exc.errno not in _CANNOT_OPEN_FOR_WRITING:
             return None
+    import fcntl  # here: the module imports where there is none (Windows), as filelock does
+
     try:
-        descriptor = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
     except OSError:
         return None
     try:
