@@ -18,7 +18,7 @@ from distckpt.layout import (
     holds_a_root,
     parse_step_dir_name,
 )
-from distckpt.manifest import Manifest, find_problems, read_manifest_bytes
+from distckpt.manifest import Manifest, find_problems, read_manifest, read_manifest_bytes
 from distckpt.problems import Problem
 from distckpt.results import CheckpointLocation
 from distckpt.storage.views import CheckpointSource, Located, RootView, nested_root_refusal
@@ -72,10 +72,9 @@ class PosixCheckpoint(CheckpointSource):
         return self.location.is_dir()
 
     def read_manifest(self) -> Manifest:
-        raw = read_manifest_bytes(self.location)
-        if self._memo is not None:
-            return self._memo.parse(self.location, raw)
-        return Manifest.from_json(raw, source=os.fspath(self.location / MANIFEST_NAME))
+        if self._memo is None:
+            return read_manifest(self.location)
+        return self._memo.parse(self.location, read_manifest_bytes(self.location))
 
     def file_problems(
         self,
