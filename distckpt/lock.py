@@ -44,6 +44,7 @@ import inspect
 import logging
 import os
 import re
+import stat
 import threading
 import time
 from collections.abc import Callable
@@ -106,7 +107,8 @@ def lock_is_held(path: Path) -> bool | None:
     cannot be told (no flock). A lock file this process may not open for writing, which
     taking its lock needs (another user's, made under a umask that denies its group; a
     read-only mount), is probed through a read-only descriptor with a shared lock, which a
-    holder's exclusive lock refuses as well."""
+    holder's exclusive lock refuses as well; such a file that is no regular file (a FIFO,
+    which would block the open) is not probed: None."""
     try:
         return _held_elsewhere(path)
     except (OSError, NotImplementedError) as exc:
@@ -115,10 +117,16 @@ def lock_is_held(path: Path) -> bool | None:
     import fcntl  # here: the module imports where there is none (Windows), as filelock does
 
     try:
-        descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        # Without blocking: a FIFO in the lock file's place would block a read-only open
+        # until some writer opened it. Only a regular file is probed.
+        descriptor = os.open(
+            path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+        )
     except OSError:
         return None
     try:
+        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+            return None
         fcntl.flock(descriptor, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except BlockingIOError:
         return True

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -107,6 +108,33 @@ def test_a_user_who_may_not_write_the_lease_lock_still_tells_a_live_holder() -> 
         assert succeeds_as_nobody(shown_dead), "a dead holder was not told"
     finally:
         shutil.rmtree(shared, ignore_errors=True)
+
+
+def test_a_lease_lock_that_is_a_fifo_another_user_may_not_write_is_not_opened(
+    shared_dir: Path,
+) -> None:
+    """A FIFO in place of the root's ``.lease`` (0644, another user's): the read-only probe
+    of a user who may not write it blocked in its open until some writer opened the FIFO,
+    and ``distckpt lease``/``ls`` with it. Liveness is unknown, told at once."""
+    root = shared_dir / "run"
+    dead = os.fork()
+    if dead == 0:  # pragma: no cover - a holder that dies without releasing its lease
+        try:
+            distckpt.CheckpointManager(root)
+        finally:
+            os._exit(0)
+    os.waitpid(dead, 0)
+    lease_lock = RootLayout.at(root).lease_lock_path
+    lease_lock.unlink()
+    os.mkfifo(lease_lock, 0o644)
+
+    def unknown_at_once() -> None:
+        # A watchdog, not a timing: a blocked probe would hang the test run for good.
+        signal.alarm(60)
+        assert read_holder(root).alive is None  # type: ignore[union-attr]
+        signal.alarm(0)
+
+    assert succeeds_as_nobody(unknown_at_once), "the probe opened the FIFO"
 
 
 def test_a_break_leaves_alone_a_job_that_took_the_root_after_its_holder_was_judged_dead(
