@@ -104,17 +104,20 @@ def _held_elsewhere(path: Path) -> bool:
 
 def lock_is_held(path: Path) -> bool | None:
     """Whether a process holds the lock of ``path``, probed for an instant; None where it
-    cannot be told (no flock). A lock file this process may not open for writing, which
-    taking its lock needs (another user's, made under a umask that denies its group; a
-    read-only mount), is probed through a read-only descriptor with a shared lock, which a
-    holder's exclusive lock refuses as well; such a file that is no regular file (a FIFO,
+    cannot be told (no flock, no ``fcntl``). A lock file this process may not open for
+    writing, which taking its lock needs (another user's, made under a umask that denies its
+    group; a read-only mount), is probed through a read-only descriptor with a shared lock,
+    which a holder's exclusive lock refuses as well; such a file that is no regular file (a FIFO,
     which would block the open) is not probed: None."""
     try:
         return _held_elsewhere(path)
     except (OSError, NotImplementedError) as exc:
         if not isinstance(exc, OSError) or exc.errno not in _CANNOT_OPEN_FOR_WRITING:
             return None
-    import fcntl  # here: the module imports where there is none (Windows), as filelock does
+    try:
+        import fcntl  # here: the module imports where there is none (Windows), as filelock does
+    except ImportError:
+        return None
 
     try:
         # Without blocking: a FIFO in the lock file's place would block a read-only open

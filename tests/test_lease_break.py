@@ -29,6 +29,7 @@ import distckpt.lease_break
 from distckpt.layout import RootLayout
 from distckpt.lease import RootLease, read_holder, this_host
 from distckpt.lease_break import break_lease
+from distckpt.lock import lock_is_held
 from tests.cli_runner import run_cli
 from tests.lease_holders import (
     STARTUP,
@@ -135,6 +136,23 @@ def test_a_lease_lock_that_is_a_fifo_another_user_may_not_write_is_not_opened(
         signal.alarm(0)
 
     assert succeeds_as_nobody(unknown_at_once), "the probe opened the FIFO"
+
+
+def test_a_lease_lock_another_user_may_not_write_is_unknown_where_there_is_no_fcntl(
+    shared_dir: Path,
+) -> None:
+    """Where there is no ``fcntl`` module (Windows), the read-only probe of a lease lock this
+    user may not write says liveness is unknown, as lock_is_held promises, rather than raise."""
+    lease_lock = shared_dir / ".lease"
+    lease_lock.touch(mode=0o644)
+
+    def unknown_without_fcntl() -> None:
+        # No platform without fcntl runs these tests: a None in sys.modules makes its import
+        # fail as it does there. Only in this forked child, which exits after it.
+        sys.modules["fcntl"] = None  # type: ignore[assignment]
+        assert lock_is_held(lease_lock) is None
+
+    assert succeeds_as_nobody(unknown_without_fcntl), "the probe raised without fcntl"
 
 
 def test_a_break_leaves_alone_a_job_that_took_the_root_after_its_holder_was_judged_dead(
