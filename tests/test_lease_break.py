@@ -15,7 +15,6 @@ import signal
 import subprocess
 import sys
 import tarfile
-import tempfile
 import textwrap
 import time
 from dataclasses import replace
@@ -73,42 +72,41 @@ def test_break_refuses_a_live_holder_on_this_machine(root: Path, holders: list[H
     assert first.ask("check") == "current"
 
 
-def test_a_user_who_may_not_write_the_lease_lock_still_tells_a_live_holder() -> None:
+def test_a_user_who_may_not_write_the_lease_lock_still_tells_a_live_holder(
+    shared_dir: Path,
+) -> None:
     """Another user, who may not open the root's ``.lease`` (0644, made under umask 022) for
     writing, as taking its lock needs: ``lease`` still shows the holder alive and ``--break``
     refuses it (it was taken for dead, and the break exited 0 having done nothing); a holder
     that died is shown dead."""
-    shared = Path(tempfile.mkdtemp())  # pytest's tmp_path is root's alone: nobody cannot enter
+    root = shared_dir / "run"
+    umask = os.umask(0o022)
     try:
-        shared.chmod(0o755)
-        root = shared / "run"
-        umask = os.umask(0o022)
-        try:
-            manager = distckpt.CheckpointManager(root)
-        finally:
-            os.umask(umask)
-
-        def refused_while_alive() -> None:
-            assert read_holder(root).alive is True  # type: ignore[union-attr]
-            refused = run_cli("lease", "--break", os.fspath(root))
-            assert refused.returncode == 2 and "alive: stop it" in refused.stderr, refused
-
-        try:
-            assert succeeds_as_nobody(refused_while_alive), "a live holder was not told"
-        finally:
-            manager.close()
-        dead = os.fork()
-        if dead == 0:  # pragma: no cover - a holder that dies without releasing its lease
-            distckpt.CheckpointManager(root)
-            os._exit(0)
-        os.waitpid(dead, 0)
-
-        def shown_dead() -> None:
-            assert read_holder(root).alive is False  # type: ignore[union-attr]
-
-        assert succeeds_as_nobody(shown_dead), "a dead holder was not told"
+        manager = distckpt.CheckpointManager(root)
     finally:
-        shutil.rmtree(shared, ignore_errors=True)
+        os.umask(umask)
+
+    def refused_while_alive() -> None:
+        assert read_holder(root).alive is True  # type: ignore[union-attr]
+        refused = run_cli("lease", "--break", os.fspath(root))
+        assert refused.returncode == 2 and "alive: stop it" in refused.stderr, refused
+
+    try:
+        assert succeeds_as_nobody(refused_while_alive), "a live holder was not told"
+    finally:
+        manager.close()
+    dead = os.fork()
+    if dead == 0:  # pragma: no cover - a holder that dies without releasing its lease
+        try:
+            distckpt.CheckpointManager(root)
+        finally:
+            os._exit(0)  # also when it raised: the child must never go on running pytest
+    os.waitpid(dead, 0)
+
+    def shown_dead() -> None:
+        assert read_holder(root).alive is False  # type: ignore[union-attr]
+
+    assert succeeds_as_nobody(shown_dead), "a dead holder was not told"
 
 
 def test_a_lease_lock_that_is_a_fifo_another_user_may_not_write_is_not_opened(

@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import ctypes
 import os
-import shutil
 import subprocess
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -65,33 +63,26 @@ def test_root_not_writable_on_every_rank(tmp_path: Path, how: str) -> None:
     assert issubclass(distckpt.RootNotWritable, PermissionError)
 
 
-def test_another_users_lease_file_is_root_not_writable() -> None:
+def test_another_users_lease_file_is_root_not_writable(shared_dir: Path) -> None:
     """A root shared with another user whose job ran under umask 022: the root dir lets this
     user write, its ``.lease`` and ``.lock`` (that job's, mode 0644) do not. Opening it is
     ``RootNotWritable`` naming the lease file, as every other write failure at the start."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root, to act as two users")
-    shared = Path(tempfile.mkdtemp())  # pytest's tmp_path is root's alone: nobody cannot enter
+    root = shared_dir / "run"
+    root.mkdir(mode=0o777)
+    root.chmod(0o777)  # a shared dir every user may write in
+    umask = os.umask(0o022)
     try:
-        shared.chmod(0o755)
-        root = shared / "run"
-        root.mkdir(mode=0o777)
-        root.chmod(0o777)  # a shared dir every user may write in
-        umask = os.umask(0o022)
-        try:
-            distckpt.CheckpointManager(root).close()  # the other user's job, ended
-        finally:
-            os.umask(umask)
-
-        def refused() -> None:
-            with pytest.raises(distckpt.RootNotWritable) as caught:
-                distckpt.CheckpointManager(root)
-            assert caught.value.path == os.fspath(root / ".lease"), caught.value
-            assert "Permission denied" in str(caught.value)
-
-        assert succeeds_as_nobody(refused), "the lease file's refusal was not RootNotWritable"
+        distckpt.CheckpointManager(root).close()  # the other user's job, ended
     finally:
-        shutil.rmtree(shared, ignore_errors=True)
+        os.umask(umask)
+
+    def refused() -> None:
+        with pytest.raises(distckpt.RootNotWritable) as caught:
+            distckpt.CheckpointManager(root)
+        assert caught.value.path == os.fspath(root / ".lease"), caught.value
+        assert "Permission denied" in str(caught.value)
+
+    assert succeeds_as_nobody(refused), "the lease file's refusal was not RootNotWritable"
 
 
 def _save_without_space(rank: int, world_size: int, root: str) -> dict[str, Any]:
