@@ -72,6 +72,15 @@ def test_break_refuses_a_live_holder_on_this_machine(root: Path, holders: list[H
     assert first.ask("check") == "current"
 
 
+def _held_under_umask(root: Path, umask: int) -> distckpt.CheckpointManager:
+    """A manager holding ``root``, its files made under ``umask`` (a job of another user's)."""
+    previous = os.umask(umask)
+    try:
+        return distckpt.CheckpointManager(root)
+    finally:
+        os.umask(previous)
+
+
 def test_a_user_who_may_not_write_the_lease_lock_still_tells_a_live_holder(
     shared_dir: Path,
 ) -> None:
@@ -80,11 +89,7 @@ def test_a_user_who_may_not_write_the_lease_lock_still_tells_a_live_holder(
     refuses it (it was taken for dead, and the break exited 0 having done nothing); a holder
     that died is shown dead."""
     root = shared_dir / "run"
-    umask = os.umask(0o022)
-    try:
-        manager = distckpt.CheckpointManager(root)
-    finally:
-        os.umask(umask)
+    manager = _held_under_umask(root, 0o022)
 
     def refused_while_alive() -> None:
         assert read_holder(root).alive is True  # type: ignore[union-attr]
@@ -134,6 +139,30 @@ def test_a_lease_lock_that_is_a_fifo_another_user_may_not_write_is_not_opened(
         signal.alarm(0)
 
     assert succeeds_as_nobody(unknown_at_once), "the probe opened the FIFO"
+
+
+def test_break_refuses_a_holder_on_this_machine_whose_liveness_cannot_be_told(
+    shared_dir: Path,
+) -> None:
+    """A live holder whose job ran under umask 077: its ``.lease`` is 0600, so another user
+    cannot probe it. ``lease --break`` by that user took it for dead and exited 0 having done
+    nothing; it refuses instead, saying why."""
+    root = shared_dir / "run"
+    manager = _held_under_umask(root, 0o077)
+    root.chmod(0o755)
+    RootLayout.at(root).lease_record_path.chmod(0o644)  # the record readable, the lock not
+
+    def refused() -> None:
+        assert read_holder(root).alive is None  # type: ignore[union-attr]
+        result = run_cli("lease", "--break", os.fspath(root))
+        assert result.returncode == 2, result
+        assert "whether it lives cannot be told here" in result.stderr, result
+
+    try:
+        assert succeeds_as_nobody(refused), "a holder not known dead was not refused"
+        assert read_holder(root).broken_utc is None  # type: ignore[union-attr]
+    finally:
+        manager.close()
 
 
 def test_a_lease_lock_another_user_may_not_write_is_unknown_where_there_is_no_fcntl(
