@@ -154,6 +154,8 @@ def test_break_refuses_a_holder_on_this_machine_whose_liveness_cannot_be_told(
 
     def refused() -> None:
         assert read_holder(root).alive is None  # type: ignore[union-attr]
+        shown = run_cli("lease", os.fspath(root))
+        assert "alive or not: unknown here" in shown.stdout, shown
         result = run_cli("lease", "--break", os.fspath(root))
         assert result.returncode == 2, result
         assert "whether it lives cannot be told here" in result.stderr, result
