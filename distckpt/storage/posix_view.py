@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import stat
 from collections.abc import Callable, Collection, Iterator
@@ -26,21 +27,24 @@ from distckpt.storage.views import CheckpointSource, Located, RootView, nested_r
 
 class ManifestMemo:
     """The manifests parsed before, by checkpoint dir: a ``manifest.json`` holding the same
-    bytes as when it was parsed is not parsed and checksummed again. A commit checks every
-    committed checkpoint to point the links and apply retention, and parsing each manifest at
-    every save made a save's cost grow with the steps kept (1 s a save at 5,000). Its manifests
-    are shared between calls, so they must never reach a user, who may change their dicts."""
+    bytes as when it was parsed (the same digest) is not parsed and checksummed again. A
+    commit checks every committed checkpoint to point the links and apply retention, and
+    parsing each manifest at every save made a save's cost grow with the steps kept (1 s a
+    save at 5,000). It holds each kept checkpoint's parsed manifest and a 16-byte digest of
+    its bytes, not the bytes: a long job keeping every step keeps them all. Its manifests are
+    shared between calls, so they must never reach a user, who may change their dicts."""
 
     def __init__(self) -> None:
         self._parsed: dict[Path, tuple[bytes, Manifest]] = {}
 
     def parse(self, directory: Path, raw: bytes) -> Manifest:
         """The manifest ``raw`` (the bytes of ``directory``'s ``manifest.json``) holds."""
+        digest = hashlib.blake2b(raw, digest_size=16).digest()
         known = self._parsed.get(directory)
-        if known is not None and known[0] == raw:
+        if known is not None and known[0] == digest:
             return known[1]
         manifest = Manifest.from_json(raw, source=os.fspath(directory / MANIFEST_NAME))
-        self._parsed[directory] = (raw, manifest)
+        self._parsed[directory] = (digest, manifest)
         return manifest
 
     def keep_only(self, directories: Collection[Path]) -> None:
