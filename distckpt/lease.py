@@ -56,7 +56,6 @@ import filelock
 
 from distckpt.arguments import as_seconds
 from distckpt.errors import (
-    CheckpointError,
     InvalidArgument,
     LeaseLost,
     RootInUse,
@@ -64,7 +63,13 @@ from distckpt.errors import (
 from distckpt.fsutil import atomic_write_bytes
 from distckpt.layout import RootLayout
 from distckpt.lease_tokens import held_here_phrase, let_go, took
-from distckpt.lock import PROBE_GRACE, _flock, _unsupported, locks_local_to_machine
+from distckpt.lock import (
+    PROBE_GRACE,
+    _flock,
+    _unsupported,
+    lock_is_held,
+    locks_local_to_machine,
+)
 
 logger = logging.getLogger("distckpt")
 
@@ -487,11 +492,4 @@ def read_holder(root: str | os.PathLike[str]) -> LeaseHolder | None:
         return None
     if _unknowable_elsewhere(root_path, holder):
         return replace(holder, alive=None)
-    try:
-        probe = _try_lock(_lock_path(root_path), 0)
-    except CheckpointError:
-        return replace(holder, alive=None)  # a read-only mount, or no flock: cannot tell
-    if probe is None:
-        return replace(holder, alive=True)
-    probe.release()
-    return replace(holder, alive=False)
+    return replace(holder, alive=lock_is_held(_lock_path(root_path)))

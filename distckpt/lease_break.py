@@ -35,7 +35,8 @@ def break_lease(root: str | os.PathLike[str]) -> LeaseHolder | None:
     is fenced at its next commit. Returns the broken holder, or None if nobody held it. A
     holder on this machine (:meth:`LeaseHolder.on_this_machine`, in any PID namespace) is
     never broken: its lock tells whether it lives; a live one is refused with
-    :class:`~distckpt.RootInUse` (stop it first).
+    :class:`~distckpt.RootInUse` (stop it first), as is one whose lock cannot be probed here
+    (a lock file this user may not read: run as the root's owner).
 
     The record is re-read and rewritten under the lock an acquisition claims with, and broken
     only if it still names the holder judged dead (its token and generation): a job that took
@@ -65,6 +66,13 @@ def break_lease(root: str | os.PathLike[str]) -> LeaseHolder | None:
     if holder is None:
         return None
     if holder.on_this_machine():
+        if holder.alive is None:  # not known dead: taken for dead, it was left alone unsaid
+            raise _in_use(
+                root_path,
+                holder,
+                ", on this machine, but whether it lives cannot be told here (its lock file "
+                "cannot be probed by this user): run this as the root's owner",
+            )
         if holder.alive:
             raise _in_use(root_path, holder, ", on this machine and alive: stop it, not its lease")
         return holder  # dead: the next acquire takes over by itself

@@ -44,6 +44,7 @@ import inspect
 import logging
 import os
 import re
+import stat
 import threading
 import time
 from collections.abc import Callable
@@ -54,7 +55,7 @@ from typing import Literal
 
 import filelock
 
-from distckpt.errors import CheckpointError, CoordinationTimeout
+from distckpt.errors import CheckpointError, CoordinationTimeout, RootNotWritable
 from distckpt.layout import (
     BEST,
     LAST,
@@ -101,14 +102,57 @@ def _held_elsewhere(path: Path) -> bool:
     return False
 
 
+def lock_is_held(path: Path) -> bool | None:
+    """Whether a process holds the lock of ``path``, probed for an instant; None where it
+    cannot be told (no flock, no ``fcntl``). A lock file this process may not open for
+    writing, which taking its lock needs (another user's, made under a umask that denies its
+    group; a read-only mount), is probed through a read-only descriptor with a shared lock,
+    which a holder's exclusive lock refuses as well; such a file that is no regular file (a FIFO,
+    which would block the open) is not probed: None."""
+    try:
+        return _held_elsewhere(path)
+    except (OSError, NotImplementedError) as exc:
+        if not isinstance(exc, OSError) or exc.errno not in _CANNOT_OPEN_FOR_WRITING:
+            return None
+    try:
+        import fcntl  # here: the module imports where there is none (Windows), as filelock does
+    except ImportError:
+        return None
+
+    try:
+        # Without blocking: a FIFO in the lock file's place would block a read-only open
+        # until some writer opened it. Only a regular file is probed.
+        descriptor = os.open(
+            path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+        )
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+            return None
+        fcntl.flock(descriptor, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return None
+    finally:
+        os.close(descriptor)  # which lets go of the shared lock, if taken
+    return False
+
+
 _NO_FLOCK = {errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP}
 #: why a lock file cannot be opened for writing, which filelock does to take its lock
 _CANNOT_OPEN_FOR_WRITING = {errno.EROFS, errno.EACCES, errno.EPERM}
 
 
 def _unsupported(path: Path, exc: BaseException) -> CheckpointError:
+    """The error for a lock of ``path`` that could not be taken: a lock file this process may
+    not open for writing (another user's, made under a umask that denies its group; a
+    read-only mount) is :class:`RootNotWritable`, as every other write the root refuses."""
+    if isinstance(exc, OSError) and exc.errno in _CANNOT_OPEN_FOR_WRITING:
+        return RootNotWritable(f"cannot lock {path}: {exc}", path=path)
     if isinstance(exc, OSError) and exc.errno not in _NO_FLOCK:
-        return CheckpointError(f"cannot lock {path}: {exc}")  # permissions, a read-only mount
+        return CheckpointError(f"cannot lock {path}: {exc}")
     return CheckpointError(
         f"cannot lock {path}: {exc}. The filesystem does not support flock; distckpt does not "
         "fall back to a lock that outlives its process. Mount with lock support (NFS: a lock "
@@ -232,8 +276,9 @@ class WriterLock:
         """Whether some process holds the lock beside ``staging_dir``. A dir with no lock file
         at all was left by a writer that died before or after holding it: not alive. None when
         it cannot be told here: the lock file cannot be opened for writing, which taking its
-        lock needs (a read-only mount, no permission), as :func:`~distckpt.lease.read_holder`
-        reports a lease lock it cannot probe."""
+        lock needs (a read-only mount, no permission). Unlike :func:`lock_is_held`, no
+        read-only probe: a cleanup that cannot open the lock could not remove the dir either,
+        and keeps what it cannot judge."""
         lock_path = RootLayout.writer_lock_path(staging_dir)
         if not lock_path.exists():
             return False

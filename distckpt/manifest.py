@@ -383,6 +383,13 @@ def read_manifest(checkpoint_dir: Path) -> Manifest:
     unreadable (``damaged`` unless the read failed for another reason than a missing file: an
     I/O error may pass; no regular file, a FIFO, is never read), :class:`UnsupportedVersion`
     when it is newer than this library."""
+    raw = read_manifest_bytes(checkpoint_dir)
+    return Manifest.from_json(raw, source=os.fspath(checkpoint_dir / MANIFEST_NAME))
+
+
+def read_manifest_bytes(checkpoint_dir: Path) -> bytes:
+    """The bytes of a checkpoint dir's ``manifest.json``, unparsed; refused as
+    :func:`read_manifest` refuses a manifest it cannot read."""
     path = checkpoint_dir / MANIFEST_NAME
     try:
         # Opened without blocking and judged by what was opened: a FIFO put in its place, even
@@ -404,7 +411,7 @@ def read_manifest(checkpoint_dir: Path) -> Manifest:
         raise CorruptCheckpoint(f"{checkpoint_dir} has no {MANIFEST_NAME}", damaged=True) from exc
     except OSError as exc:
         raise CorruptCheckpoint(f"cannot read {path}: {exc}") from exc
-    return Manifest.from_json(raw, source=os.fspath(path))
+    return raw
 
 
 def find_problems(

@@ -353,7 +353,7 @@ class ObjectLease:
             if now >= deadline:
                 holder = record.holder().describe() if record else "an unreadable record"
                 raise CoordinationTimeout(
-                    f"lease {self.store.url}/{self.name} still held by {holder} after {timeout} s"
+                    f"lease {self.store.url}/{self.name} still held by {holder} after {timeout:g} s"
                 )
             time.sleep(min(poll, max(0.0, deadline - now)))
 

@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,6 +30,21 @@ def _no_armed_faults() -> Iterator[None]:
 def root(tmp_path: Path) -> Path:
     """A checkpoint root that does not exist yet, in its own temporary directory."""
     return tmp_path / "ckpt"
+
+
+@pytest.fixture
+def shared_dir() -> Iterator[Path]:
+    """A directory every user may enter and read, for a test that acts as two users (root,
+    and ``nobody`` through :func:`tests.other_user.succeeds_as_nobody`); skipped unless this
+    process is root. Not under pytest's ``tmp_path``, which is root's alone."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root, to act as two users")
+    shared = Path(tempfile.mkdtemp())
+    try:
+        shared.chmod(0o755)
+        yield shared
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
 
 
 @pytest.fixture

@@ -3,6 +3,7 @@ step rules (overwrite, invalid steps, an empty root) and step dirs of other widt
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ import torch
 
 import distckpt
 from distckpt import fsutil
+from distckpt.manifest import Manifest
 from distckpt.storage import open_store
 from distckpt.storage import posix as posix_store
 from tests.core_ranks import JOB_TIMEOUT, TIMEOUT, _err, _staging_entries, _weights
@@ -103,6 +105,74 @@ def _delete_steps(rank: int, world_size: int, root: str) -> dict[str, Any]:
         template = {"w": torch.zeros(3)}
         out["restored"] = (mgr.restore(state=template).step, template["w"].tolist())
     return out
+
+
+def test_a_commit_parses_only_manifests_it_has_not_parsed_before(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A commit points the links and applies retention from every committed checkpoint's
+    manifest: parsing each one again at every save made a save cost more with every step kept
+    (1 s a save with 5,000 kept). Each is parsed once; one whose bytes change (an overwrite
+    with another metric) is parsed again, and ``best`` follows it."""
+    # A spy, not a mock: every parse still happens. How many manifests a commit parses shows
+    # nowhere else, and a timing would be too noisy to tell.
+    parsed: list[str] = []
+    real_from_json = Manifest.from_json.__func__  # type: ignore[attr-defined]
+
+    def counting_from_json(cls: type[Manifest], raw: bytes, *, source: str) -> Manifest:
+        parsed.append(Path(source).parent.name)
+        return real_from_json(cls, raw, source=source)
+
+    monkeypatch.setattr(Manifest, "from_json", classmethod(counting_from_json))
+    with distckpt.CheckpointManager(root, monitor="loss", timeout=TIMEOUT) as mgr:
+        for step in range(8):
+            mgr.save(step, {"w": torch.zeros(1)}, metrics={"loss": float(step)})
+        parsed.clear()
+        mgr.save(8, {"w": torch.zeros(1)}, metrics={"loss": 8.0})
+        assert parsed == ["step-00000008"], parsed
+        assert fsutil.read_link(root / "best") == "step-00000000"
+        mgr.save(8, {"w": torch.ones(1)}, metrics={"loss": -1.0}, overwrite=True)
+        assert fsutil.read_link(root / "best") == "step-00000008"
+        assert mgr.restore("best").metrics == {"loss": -1.0}
+
+
+def _rewritten_in_place(checkpoint_dir: Path, change: str) -> None:
+    """Rewrite ``checkpoint_dir``'s manifest to bytes of the same size and modification time,
+    as a memo judging by ``stat`` would not notice: a valid manifest whose metric improved
+    (``better``), or one byte of it damaged (``damaged``)."""
+    path = checkpoint_dir / "manifest.json"
+    raw = path.read_bytes()
+    if change == "better":
+        manifest = Manifest.from_json(raw, source=os.fspath(path))
+        new = dataclasses.replace(manifest, metrics={"loss": 0.5}).to_json()
+    else:
+        new = raw.replace(b'"step"', b'"Step"', 1)
+    assert len(new) == len(raw) and new != raw
+    status = path.stat()
+    path.write_bytes(new)
+    os.utime(path, ns=(status.st_atime_ns, status.st_mtime_ns))
+
+
+@pytest.mark.parametrize(
+    ("step", "change", "best", "last"),
+    [
+        (2, "better", "step-00000002", "step-00000003"),  # a valid rewrite is seen
+        (0, "damaged", "step-00000001", "step-00000003"),  # damage after parsing is seen
+        (3, "damaged", "step-00000000", "step-00000002"),  # also in the newest one
+    ],
+)
+def test_a_manifest_rewritten_after_it_was_parsed_is_parsed_again(
+    root: Path, step: int, change: str, best: str, last: str
+) -> None:
+    """The links and retention remember each manifest they parsed, but a manifest rewritten
+    since, to the same size and modification time, is read as it is now: a better metric
+    moves ``best`` to it, damage moves ``best`` and ``last`` off it."""
+    with distckpt.CheckpointManager(root, monitor="loss", timeout=TIMEOUT) as mgr:
+        for saved in range(4):
+            mgr.save(saved, {"w": torch.zeros(1)}, metrics={"loss": float(saved + 1)})
+        _rewritten_in_place(root / f"step-{step:08d}", change)
+        mgr.prune()
+        assert (fsutil.read_link(root / "best"), fsutil.read_link(root / "last")) == (best, last)
 
 
 def test_delete_moves_last_and_missing_step_is_not_found(root: Path) -> None:

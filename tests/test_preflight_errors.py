@@ -23,6 +23,7 @@ from tests.core_ranks import JOB_TIMEOUT, TIMEOUT, _staging_entries, _weights
 from tests.filesystems import MountFactory, require_mounting
 from tests.hardening_steps import _err, _save, _truncate
 from tests.hostile_cases import edit_manifest
+from tests.other_user import succeeds_as_nobody
 from tests.ranks import run_ranks, values
 
 # --------------------------------------------------------------------------- preflight errors
@@ -60,6 +61,28 @@ def test_root_not_writable_on_every_rank(tmp_path: Path, how: str) -> None:
         assert result[0] == "RootNotWritable", result
         assert os.fspath(root) in result[1]
     assert issubclass(distckpt.RootNotWritable, PermissionError)
+
+
+def test_another_users_lease_file_is_root_not_writable(shared_dir: Path) -> None:
+    """A root shared with another user whose job ran under umask 022: the root dir lets this
+    user write, its ``.lease`` and ``.lock`` (that job's, mode 0644) do not. Opening it is
+    ``RootNotWritable`` naming the lease file, as every other write failure at the start."""
+    root = shared_dir / "run"
+    root.mkdir(mode=0o777)
+    root.chmod(0o777)  # a shared dir every user may write in
+    umask = os.umask(0o022)
+    try:
+        distckpt.CheckpointManager(root).close()  # the other user's job, ended
+    finally:
+        os.umask(umask)
+
+    def refused() -> None:
+        with pytest.raises(distckpt.RootNotWritable) as caught:
+            distckpt.CheckpointManager(root)
+        assert caught.value.path == os.fspath(root / ".lease"), caught.value
+        assert "Permission denied" in str(caught.value)
+
+    assert succeeds_as_nobody(refused), "the lease file's refusal was not RootNotWritable"
 
 
 def _save_without_space(rank: int, world_size: int, root: str) -> dict[str, Any]:

@@ -69,7 +69,7 @@ from distckpt.storage.nesting import refuse_a_nested_root
 from distckpt.storage.posix_links import COMMITTING_RANK, LinksAndRetention
 from distckpt.storage.posix_overwrite import OverwriteUndo
 from distckpt.storage.posix_removal import Removals
-from distckpt.storage.posix_view import PosixRootView
+from distckpt.storage.posix_view import ManifestMemo, PosixRootView
 from distckpt.storage.shared import (
     ViewedStore,
     log_upkeep_failure,
@@ -114,6 +114,9 @@ class PosixRootStore(Removals, OverwriteUndo, LinksAndRetention, ViewedStore):
         """Name ``root``, its view and its lock as the disk spells it (RootLayout.at)."""
         self.layout = RootLayout.at(root)
         self.view = PosixRootView(self.layout.root)
+        # The links' and retention's own: their manifests never reach a user (ManifestMemo).
+        self.manifest_memo = ManifestMemo()
+        self.links_view = PosixRootView(self.layout.root, memo=self.manifest_memo)
         self.root = self.layout.root
         self._lock = RootLock(self.layout.lock_path, timeout=self._lock_timeout)
 

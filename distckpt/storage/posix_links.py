@@ -18,7 +18,7 @@ from distckpt import faults, policy, resolve
 from distckpt.errors import RootNotWritable
 from distckpt.fsutil import LinkMode, fsync_dir, move_to_trash, read_link, remove_link, swap_link
 from distckpt.layout import BEST, LAST, RootLayout, parse_step_dir_name
-from distckpt.storage.posix_view import PosixRootView
+from distckpt.storage.posix_view import ManifestMemo, PosixRootView
 
 logger = logging.getLogger("distckpt")
 
@@ -33,6 +33,8 @@ class LinksAndRetention:
 
     layout: RootLayout
     view: PosixRootView
+    links_view: PosixRootView
+    manifest_memo: ManifestMemo
     _steps_retention_removes: Callable[[list[policy.CheckpointRecord], Collection[int]], list[int]]
     root: Path
     retention: policy.RetentionPolicy
@@ -87,9 +89,10 @@ class LinksAndRetention:
         records it read."""
         doomed = None if leaving is None else parse_step_dir_name(leaving.name)
         steps = [step for step in self.layout.committed_steps() if step != doomed]
-        valid = list(resolve.iter_valid(self.view, newest_first=False, steps=steps))
+        valid = list(resolve.iter_valid(self.links_view, newest_first=False, steps=steps))
         records = [resolve.record_of(m) for _, m in valid]
         paths = {m.step: Path(source.location) for source, m in valid}
+        self.manifest_memo.keep_only(paths.values())
         faults.hit("during_link_swap", COMMITTING_RANK)
         if valid:
             self._swap(LAST, Path(valid[-1][0].location))

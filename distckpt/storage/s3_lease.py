@@ -96,13 +96,16 @@ class LeaseKeeping(RootStore):
             here = held_here_phrase(holder)
             if here is not None:
                 raise RootInUse(
-                    f"checkpoint root {self.root} is in use by {here}", holder=holder
+                    f"checkpoint root {self.root} is in use by {here}", holder, waited=wait
                 ) from exc
+            # The time waited is RootInUse's to say, as on a root directory: the manager waits
+            # in pieces, and its refusal gives the whole wait (RootInUse.after_waiting).
+            who = holder.describe() if holder is not None else "a job whose record is unreadable"
             declared = record.duration if record is not None else LEASE_SECONDS
             raise RootInUse(
-                f"checkpoint root {self.root} is in use by "
-                + (holder.describe() if holder is not None else "an unreadable lease record"),
-                holder=holder,
+                f"checkpoint root {self.root} is in use by another job: lease "
+                f"{self.root}/{LEASE_NAME} still held by {who}",
+                holder,
                 waited=wait,
                 advice="; wait for it to end (wait_for_root=), or for its lease to expire "
                 f"({declared:g} s after its last renewal) if it died",
