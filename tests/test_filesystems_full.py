@@ -4,6 +4,7 @@ with nothing left in ``.staging`` (real mounts: tests/filesystems.py)."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import shutil
@@ -156,3 +157,33 @@ def test_opening_a_root_on_a_full_disk_is_insufficient_space(mounts: MountFactor
     finally:
         hog.unlink(missing_ok=True)
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.mark.parametrize("free_inodes", [1, 2, 3, 4, 5])
+def test_a_new_root_whose_open_runs_out_of_inodes_leaves_nothing(
+    mounts: MountFactory, free_inodes: int
+) -> None:
+    """Opening a root that does not exist yet, with 1 to 5 inodes left: the open fails at
+    creating a parent, the root, its lease lock, its lease record, its commit lock or its
+    writability probe. Whichever it is, the directories it created go again with the lease
+    and lock files in them, and the parent that existed before stays."""
+    volume = mounts.get("tmpfs-16-inodes").path
+    kept, hog = volume / "kept", volume / "hog-inodes"
+    root = kept / "new" / "root"
+    kept.mkdir()
+    hog.mkdir()
+    try:
+        taken: list[Path] = []
+        with contextlib.suppress(OSError):  # ENOSPC: every inode is taken
+            for index in range(64):
+                (hog / str(index)).touch()
+                taken.append(hog / str(index))
+        for file in taken[:free_inodes]:
+            file.unlink()
+        with pytest.raises(distckpt.CheckpointError) as info:
+            distckpt.CheckpointManager(root, timeout=TIMEOUT)
+        assert "No space left on device" in str(info.value)
+        assert os.listdir(kept) == []
+    finally:
+        shutil.rmtree(hog, ignore_errors=True)
+        shutil.rmtree(kept, ignore_errors=True)

@@ -61,6 +61,7 @@ from distckpt.fsutil import free_bytes as filesystem_free_bytes
 from distckpt.layout import MANIFEST_NAME, RootLayout
 from distckpt.lease import LeaseHolder, RootLease, read_holder
 from distckpt.lease_break import break_lease
+from distckpt.lease_unmade import remove_created_root
 from distckpt.lock import RootLock, WriterLock
 from distckpt.manifest import FileRecord, Manifest
 from distckpt.results import CheckpointLocation, SaveResult
@@ -132,10 +133,20 @@ class PosixRootStore(Removals, OverwriteUndo, LinksAndRetention, ViewedStore):
                     path=root,
                 )
             return self._opened()
+        created: list[Path] = []
+        try:
+            return self._create_and_open(root, wait_for_root, created)
+        except BaseException:
+            # A root this open made goes again, lease files and parents included: a failed
+            # open (a full disk) leaves nothing behind. One that existed is never touched.
+            remove_created_root(root, created)
+            raise
+
+    def _create_and_open(self, root: Path, wait_for_root: float, created: list[Path]) -> OpenedRoot:
         try:
             # Durably, parents included: a root whose name a power loss can drop would take
             # every checkpoint saved in it along, even one made before this process started.
-            make_dirs(root, fsync=self.fsync)
+            make_dirs(root, fsync=self.fsync, created=created)
             if self.fsync:
                 fsync_ancestors(root)
         except OSError as exc:
