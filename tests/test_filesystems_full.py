@@ -159,14 +159,24 @@ def test_opening_a_root_on_a_full_disk_is_insufficient_space(mounts: MountFactor
         shutil.rmtree(root, ignore_errors=True)
 
 
-@pytest.mark.parametrize("free_inodes", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize(
+    ("free_inodes", "failed"),
+    [
+        (1, "cannot be created"),  # the root itself, its parent made
+        (2, "cannot lock its files"),  # .lease
+        (3, "cannot take its lease"),  # the record
+        (4, "cannot lock its files"),  # .lock
+        (5, "is not writable"),  # the probe
+    ],
+)
 def test_a_new_root_whose_open_runs_out_of_inodes_leaves_nothing(
-    mounts: MountFactory, free_inodes: int
+    mounts: MountFactory, free_inodes: int, failed: str
 ) -> None:
     """Opening a root that does not exist yet, with 1 to 5 inodes left: the open fails at
     creating a parent, the root, its lease lock, its lease record, its commit lock or its
-    writability probe. Whichever it is, the directories it created go again with the lease
-    and lock files in them, and the parent that existed before stays."""
+    writability probe. Whichever it is, that is InsufficientSpace naming the root (not the
+    lock's bare "cannot lock"), the directories it created go again with the lease and lock
+    files in them, and the parent that existed before stays."""
     volume = mounts.get("tmpfs-16-inodes").path
     kept, hog = volume / "kept", volume / "hog-inodes"
     root = kept / "new" / "root"
@@ -180,9 +190,10 @@ def test_a_new_root_whose_open_runs_out_of_inodes_leaves_nothing(
                 taken.append(hog / str(index))
         for file in taken[:free_inodes]:
             file.unlink()
-        with pytest.raises(distckpt.CheckpointError) as info:
+        with pytest.raises(distckpt.InsufficientSpace) as info:
             distckpt.CheckpointManager(root, timeout=TIMEOUT)
-        assert "No space left on device" in str(info.value)
+        assert f"checkpoint root {root} {failed}: " in str(info.value)
+        assert "the space or the filesystem's free inodes ran out" in str(info.value)
         assert os.listdir(kept) == []
     finally:
         shutil.rmtree(hog, ignore_errors=True)

@@ -64,6 +64,7 @@ from distckpt.lease_break import break_lease
 from distckpt.lease_unmade import remove_created_root
 from distckpt.lock import RootLock, WriterLock
 from distckpt.manifest import FileRecord, Manifest
+from distckpt.protocol import out_of_space
 from distckpt.results import CheckpointLocation, SaveResult
 from distckpt.storage import ExtraFile, OpenedRoot, StagingArea, store_files
 from distckpt.storage.nesting import refuse_a_nested_root
@@ -136,11 +137,16 @@ class PosixRootStore(Removals, OverwriteUndo, LinksAndRetention, ViewedStore):
         created: list[Path] = []
         try:
             return self._create_and_open(root, wait_for_root, created)
-        except BaseException:
+        except BaseException as exc:
             # A root this open made goes again, lease files and parents included: a failed
             # open (a full disk) leaves nothing behind. One that existed is never touched.
             remove_created_root(root, created)
-            raise
+            full = out_of_space(exc)
+            if full is None or isinstance(exc, InsufficientSpace):
+                raise
+            # A lock file (.lease, .lock) the disk had no room or inode for: as the record's
+            # write, InsufficientSpace, not the lock's "cannot lock".
+            raise _open_write_failed(root, "cannot lock its files", full) from exc
 
     def _create_and_open(self, root: Path, wait_for_root: float, created: list[Path]) -> OpenedRoot:
         try:
@@ -150,9 +156,7 @@ class PosixRootStore(Removals, OverwriteUndo, LinksAndRetention, ViewedStore):
             if self.fsync:
                 fsync_ancestors(root)
         except OSError as exc:
-            raise RootNotWritable(
-                f"cannot create checkpoint root {root}: {exc}", path=root
-            ) from exc
+            raise _open_write_failed(root, "cannot be created", exc) from exc
         # Spelled again now that it exists: another job may have created it in another case
         # since (on exFAT ``RUN`` is then its ``run``), and the lease and the lock must be
         # taken in the spelling that job takes them in.
