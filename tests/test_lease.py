@@ -34,7 +34,6 @@ from distckpt.lease import (
     this_host,
 )
 from distckpt.lease_break import break_lease
-from distckpt.lease_unmade import remove_created_root
 from distckpt.lock import locks_local_to_machine
 from tests.cli_runner import run_cli
 from tests.filesystems import MountFactory
@@ -283,23 +282,3 @@ def test_a_forked_holder_exits_with_the_status_python_gives_sys_exit(
     code: object, status: int
 ) -> None:
     assert _exit_status(SystemExit(code)) == status
-
-
-def test_a_failed_open_removes_no_root_whose_lease_another_job_holds(
-    tmp_path: Path, holders: list[Holder]
-) -> None:
-    """The undoing of a failed open of a new root (``remove_created_root``), for a root another
-    job took the lease of meanwhile: its lease files, the root and the parent made with it
-    all stay. Once that job let go, they go."""
-    parent = tmp_path / "made"
-    root = parent / "root"
-    root.mkdir(parents=True)
-    holder = start_holder(holders, root)
-    assert holder.line() == "held 1"
-    remove_created_root(root, [parent, root])
-    assert sorted(os.listdir(root)) == [".lease", LEASE_RECORD_NAME]
-    held = read_holder(root)
-    assert held is not None and held.pid == holder.pid
-    assert holder.ask("release") == "released"
-    remove_created_root(root, [parent, root])
-    assert os.listdir(tmp_path) == []
