@@ -9,7 +9,6 @@ either the old or the new state under each final name, never a partial one.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import errno
 import logging
@@ -252,21 +251,18 @@ def exchange_dirs(a: Path, b: Path, *, fsync: bool) -> bool:
     return True
 
 
-def make_dirs(path: Path, *, fsync: bool, created: list[Path] | None = None) -> None:
-    """Create ``path`` and any missing parents (``mkdir -p``), each made durable (its parent
-    fsynced after each creation): a power loss can take away a root, and every checkpoint
-    saved in it, that a plain ``mkdir(parents=True)`` made. Each directory created is
-    appended to ``created`` at once: a caller knows them even when a later one fails."""
+def make_dirs(path: Path, *, fsync: bool) -> None:
+    """Create ``path`` and any missing parents (``mkdir -p``), each made durable: a new
+    directory's name lives in its parent, so the parent is fsynced after each creation.
+    Without that, a power loss can take away a root (and every checkpoint saved in it) that
+    a plain ``mkdir(parents=True)`` made."""
     missing: list[Path] = []
     current = path
     while not os.path.lexists(current) and current.parent != current:
         missing.append(current)
         current = current.parent
-    made = created if created is not None else []
     for directory in reversed(missing):
-        with contextlib.suppress(FileExistsError):  # another process made it meanwhile
-            directory.mkdir()
-            made.append(directory)
+        directory.mkdir(exist_ok=True)  # another process may have made it meanwhile
         if fsync:
             fsync_dir(directory.parent)
 

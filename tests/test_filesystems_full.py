@@ -169,14 +169,14 @@ def test_opening_a_root_on_a_full_disk_is_insufficient_space(mounts: MountFactor
         (5, "is not writable"),  # the probe
     ],
 )
-def test_a_new_root_whose_open_runs_out_of_inodes_leaves_nothing(
+def test_a_new_root_whose_open_runs_out_of_inodes_is_left_a_valid_empty_root(
     mounts: MountFactory, free_inodes: int, failed: str
 ) -> None:
     """Opening a root that does not exist yet, with 1 to 5 inodes left: the open fails at
     creating a parent, the root, its lease lock, its lease record, its commit lock or its
     writability probe. Whichever it is, that is InsufficientSpace naming the root (not the
-    lock's bare "cannot lock"), the directories it created go again with the lease and lock
-    files in them, and the parent that existed before stays."""
+    lock's bare "cannot lock"). Nothing is removed: what is left (the directories, the lease
+    files) is a valid empty root, which the next open takes once inodes are freed."""
     volume = mounts.get("tmpfs-16-inodes").path
     kept, hog = volume / "kept", volume / "hog-inodes"
     root = kept / "new" / "root"
@@ -194,7 +194,9 @@ def test_a_new_root_whose_open_runs_out_of_inodes_leaves_nothing(
             distckpt.CheckpointManager(root, timeout=TIMEOUT)
         assert f"checkpoint root {root} {failed}: " in str(info.value)
         assert "the space or the filesystem's free inodes ran out" in str(info.value)
-        assert os.listdir(kept) == []
+        shutil.rmtree(hog)
+        with distckpt.CheckpointManager(root, timeout=TIMEOUT) as manager:
+            assert manager.steps() == []
     finally:
         shutil.rmtree(hog, ignore_errors=True)
         shutil.rmtree(kept, ignore_errors=True)

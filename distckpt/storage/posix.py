@@ -61,7 +61,6 @@ from distckpt.fsutil import free_bytes as filesystem_free_bytes
 from distckpt.layout import MANIFEST_NAME, RootLayout
 from distckpt.lease import LeaseHolder, RootLease, read_holder
 from distckpt.lease_break import break_lease
-from distckpt.lease_unmade import remove_created_root
 from distckpt.lock import RootLock, WriterLock
 from distckpt.manifest import FileRecord, Manifest
 from distckpt.protocol import out_of_space
@@ -134,13 +133,9 @@ class PosixRootStore(Removals, OverwriteUndo, LinksAndRetention, ViewedStore):
                     path=root,
                 )
             return self._opened()
-        created: list[Path] = []
         try:
-            return self._create_and_open(root, wait_for_root, created)
+            return self._create_and_open(root, wait_for_root)
         except BaseException as exc:
-            # A root this open made goes again, lease files and parents included: a failed
-            # open (a full disk) leaves nothing behind. One that existed is never touched.
-            remove_created_root(root, created)
             full = out_of_space(exc)
             if full is None or isinstance(exc, InsufficientSpace):
                 raise
@@ -148,11 +143,11 @@ class PosixRootStore(Removals, OverwriteUndo, LinksAndRetention, ViewedStore):
             # write, InsufficientSpace, not the lock's "cannot lock".
             raise _open_write_failed(root, "cannot lock its files", full) from exc
 
-    def _create_and_open(self, root: Path, wait_for_root: float, created: list[Path]) -> OpenedRoot:
+    def _create_and_open(self, root: Path, wait_for_root: float) -> OpenedRoot:
         try:
             # Durably, parents included: a root whose name a power loss can drop would take
             # every checkpoint saved in it along, even one made before this process started.
-            make_dirs(root, fsync=self.fsync, created=created)
+            make_dirs(root, fsync=self.fsync)
             if self.fsync:
                 fsync_ancestors(root)
         except OSError as exc:
