@@ -63,7 +63,6 @@ from distckpt.lease import LeaseHolder, RootLease, read_holder
 from distckpt.lease_break import break_lease
 from distckpt.lock import RootLock, WriterLock
 from distckpt.manifest import FileRecord, Manifest
-from distckpt.protocol import out_of_space
 from distckpt.results import CheckpointLocation, SaveResult
 from distckpt.storage import ExtraFile, OpenedRoot, StagingArea, store_files
 from distckpt.storage.nesting import refuse_a_nested_root
@@ -135,9 +134,9 @@ class PosixRootStore(Removals, OverwriteUndo, LinksAndRetention, ViewedStore):
             return self._opened()
         try:
             return self._create_and_open(root, wait_for_root)
-        except BaseException as exc:
-            full = out_of_space(exc)
-            if full is None or isinstance(exc, InsufficientSpace):
+        except Exception as exc:  # a Ctrl-C (not an Exception) stays what it is
+            full = None if isinstance(exc, InsufficientSpace) else _no_room_for_a_file(exc)
+            if full is None:
                 raise
             # A lock file (.lease, .lock) the disk had no room or inode for: as the record's
             # write, InsufficientSpace, not the lock's "cannot lock".
@@ -460,6 +459,16 @@ class PosixRootStore(Removals, OverwriteUndo, LinksAndRetention, ViewedStore):
 
 #: a write that failed for want of room: the disk is full, or the user's quota is used up
 _NO_ROOM_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+def _no_room_for_a_file(exc: Exception) -> OSError | None:
+    """The no-room OSError that ``exc`` is, or that a lock's :class:`CheckpointError` was
+    raised from. Not one further up the ``__context__`` chain: an error raised while handling a
+    full disk (a failing cleanup) is another failure, which must not pass for a full disk."""
+    failure = exc.__cause__ if isinstance(exc, CheckpointError) else exc
+    if isinstance(failure, OSError) and failure.errno in _NO_ROOM_ERRNOS:
+        return failure
+    return None
 
 
 def _open_write_failed(root: Path, what: str, exc: OSError) -> CheckpointError:
