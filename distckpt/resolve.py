@@ -380,13 +380,19 @@ def resolve_best(
     if named is not None and not skip_failing:
         return named, check(named, checksums=checksums)  # it fails: its own error is raised
     best = best_valid(view, monitor, mode, checksums=checksums)
+    # A pointer there, even one naming a deleted step dir, shows saving had a monitor.
+    pointer_present = view.pointer_present(BEST)
     if best is not None:
-        if view.pointer_present(BEST):
+        if pointer_present:
             logger.warning("not following %s; using %s", problem, best[0].name)
         return best
     raise CheckpointNotFound(
         f"no best checkpoint in {view.root}: {problem}"
-        + ("" if monitor or named else " (a best checkpoint needs monitor=... when saving)")
+        + (
+            ""
+            if monitor or pointer_present
+            else " (a best checkpoint needs monitor=... when saving)"
+        )
     )
 
 
