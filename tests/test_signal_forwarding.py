@@ -113,7 +113,10 @@ def _left_installed_off_the_main_thread(
     closing = threading.Thread(target=first.close)
     closing.start()
     closing.join()
-    second = distckpt.CheckpointManager(root, save_on_signal=(SIGNAL,), fsync=False)
+    # Step 1 is off the schedule: only the signal makes save(1) write it.
+    second = distckpt.CheckpointManager(
+        root, save_on_signal=(SIGNAL,), every_n_steps=100, fsync=False
+    )
     installed_over = signal.getsignal(SIGNAL) is not leftover
     os.kill(os.getpid(), SIGNAL)  # Python runs the handler in this thread, before save() does
     second.save(1, {"w": torch.ones(1)})
