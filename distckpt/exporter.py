@@ -91,9 +91,9 @@ def export(
             ``all_ranks``), not the other ranks' (their bytes are not in the output, and
             ``distckpt.verify`` checks a whole checkpoint). An ``s3://`` checkpoint's files
             are checked as downloaded, the bytes exported. A root's (or ``last``'s) newest
-            checkpoint that fails, a checksum or (with or without ``verify``) a file missing
-            or of another size, is refused so, naming the file, not passed over for an older
-            one as a restore of ``"last"`` is: the export writes what was named. The check
+            checkpoint, or ``best``'s, that fails, a checksum or (with or without ``verify``)
+            a file missing or of another size, is refused so, naming the file, not passed
+            over for another as a restore is: the export writes what was named. The check
             costs one more read of those files; ``False`` skips it.
 
     Needs memory for the whole exported state (for "dcp", every tensor at full size). Runs in

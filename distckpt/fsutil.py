@@ -428,9 +428,7 @@ def read_link(link: Path) -> str | None:
         if not link.is_file() or link.stat().st_size > POINTER_MAX_BYTES:
             return None
         text = link.read_text(encoding="utf-8")
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-    except UnicodeDecodeError:
+    except (FileNotFoundError, NotADirectoryError, UnicodeDecodeError):
         return None
     lines = text.splitlines()
     return lines[0].strip() if len(lines) == 1 and lines[0].strip() else None

@@ -295,6 +295,23 @@ def link_problem(
 ) -> tuple[CheckpointSource | None, str | None]:
     """Where the pointer ``name`` points (a committed checkpoint inside the root that passes
     its check), or why it cannot be followed."""
+    source, problem = _pointer_target(view, name)
+    if source is None:
+        return None, problem
+    try:
+        check(source, checksums=checksums)
+    except (CorruptCheckpoint, UnsafeCheckpoint) as exc:
+        return None, f"{view.pointer_location(name)} names a damaged checkpoint: {exc}"
+    except UnsupportedVersion as exc:
+        return (
+            None,
+            f"{view.pointer_location(name)} names a checkpoint this distckpt cannot read: {exc}",
+        )
+    return source, None
+
+
+def _pointer_target(view: RootView, name: str) -> tuple[CheckpointSource, None] | tuple[None, str]:
+    """The committed checkpoint the pointer ``name`` names, unchecked, or why it names none."""
     link = view.pointer_location(name)
     target = view.read_pointer(name)
     if target is None:
@@ -314,12 +331,6 @@ def link_problem(
     source = view.checkpoint(step)
     if source.name != target or not source.exists():
         return None, f"{link} is broken: {target} does not exist"
-    try:
-        check(source, checksums=checksums)
-    except (CorruptCheckpoint, UnsafeCheckpoint) as exc:
-        return None, f"{link} names a damaged checkpoint: {exc}"
-    except UnsupportedVersion as exc:
-        return None, f"{link} names a checkpoint this distckpt cannot read: {exc}"
     return source, None
 
 
@@ -351,21 +362,37 @@ def resolve_last(view: RootView, *, checksums: bool = False, skip_failing: bool 
 
 
 def resolve_best(
-    view: RootView, *, monitor: str | None, mode: policy.Mode = "min", checksums: bool = False
+    view: RootView,
+    *,
+    monitor: str | None,
+    mode: policy.Mode = "min",
+    checksums: bool = False,
+    skip_failing: bool = True,
 ) -> Found:
     """What the ``best`` pointer names, or, when it cannot be followed, the best checkpoint by
-    ``monitor`` rebuilt from the manifests."""
+    ``monitor`` rebuilt from the manifests. With ``skip_failing=False``, a checkpoint the
+    pointer names that fails its check raises its check's error, as :func:`resolve_last`'s
+    newest does."""
     linked, problem = link_problem(view, BEST, checksums=checksums)
     if linked is not None:
         return linked, linked.read_manifest()
+    named, _ = _pointer_target(view, BEST)
+    if named is not None and not skip_failing:
+        return named, check(named, checksums=checksums)  # it fails: its own error is raised
     best = best_valid(view, monitor, mode, checksums=checksums)
+    # A pointer there, even one naming a deleted step dir, shows saving had a monitor.
+    pointer_present = view.pointer_present(BEST)
     if best is not None:
-        if view.pointer_present(BEST):
+        if pointer_present:
             logger.warning("not following %s; using %s", problem, best[0].name)
         return best
     raise CheckpointNotFound(
         f"no best checkpoint in {view.root}: {problem}"
-        + ("" if monitor else " (a best checkpoint needs monitor=... when saving)")
+        + (
+            ""
+            if monitor or pointer_present
+            else " (a best checkpoint needs monitor=... when saving)"
+        )
     )
 
 
@@ -394,12 +421,18 @@ def resolve_located(
     skip_failing: bool = True,
 ) -> Found:
     """The checkpoint a located path names: a pointer's target, a checkpoint itself, a root's
-    newest checkpoint (one that passes; with ``skip_failing=False`` the newest, refused by
-    its check's error when it fails, as a checkpoint named itself is)."""
+    newest checkpoint (one that passes; with ``skip_failing=False`` the newest, or ``best``'s
+    target, refused by its check's error when it fails, as a checkpoint named itself is)."""
     if located.kind == "link":
         if located.pointer == LAST:
             return resolve_last(located.view, checksums=checksums, skip_failing=skip_failing)
-        return resolve_best(located.view, monitor=monitor, mode=mode, checksums=checksums)
+        return resolve_best(
+            located.view,
+            monitor=monitor,
+            mode=mode,
+            checksums=checksums,
+            skip_failing=skip_failing,
+        )
     if located.source is not None:
         return located.source, check(located.source, checksums=checksums)
     return resolve_last(located.view, checksums=checksums, skip_failing=skip_failing)

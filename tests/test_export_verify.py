@@ -229,6 +229,42 @@ def test_the_cli_refuses_a_roots_failing_newest_checkpoint(tmp_path: Path) -> No
     assert not out.exists()
 
 
+@pytest.mark.parametrize("target", ["damaged", "deleted"])
+def test_an_export_of_best_refuses_its_failing_target_as_last_does(
+    tmp_path: Path, target: str
+) -> None:
+    """``ROOT/best`` naming a checkpoint cut short: the export, in Python and on the command
+    line (exit status 2), raises CorruptCheckpoint naming the file, as ``ROOT/last`` does, not
+    CheckpointNotFound; naming a step dir deleted since, CheckpointNotFound saying so. A
+    restore of ``ROOT/best`` has nothing to pass over to without a monitor: it finds no best
+    checkpoint, saying why, and does not ask for a monitor the saves had."""
+    root = tmp_path / "root"
+    with distckpt.CheckpointManager(root, monitor="loss", fsync=False) as mgr:
+        mgr.save(1, {"w": torch.full((WIDTH,), 1.5)}, metrics={"loss": 1.0})
+        mgr.save(2, {"w": torch.full((WIDTH,), 1.5)}, metrics={"loss": 2.0})
+    if target == "damaged":
+        damaged = _change_local(f"{root}/{STEP}", DATA_FILE["torch"], _truncated)
+        error: type[distckpt.CheckpointError] = distckpt.CorruptCheckpoint
+        export_says = f"{damaged}: 100 bytes"
+        restore_says = f"{root / 'best'} names a damaged checkpoint"
+    else:
+        shutil.rmtree(root / STEP)
+        error = distckpt.CheckpointNotFound
+        export_says = restore_says = f"{root / 'best'} is broken: {STEP} does not exist"
+    out = tmp_path / "model.pt"
+
+    with pytest.raises(error) as refused_here:
+        distckpt.export(root / "best", out)
+    assert export_says in str(refused_here.value)
+    refused = run_cli("export", str(root / "best"), str(out))
+    assert refused.returncode == 2 and export_says in refused.stderr, refused
+    assert not out.exists()
+    with pytest.raises(distckpt.CheckpointNotFound) as not_found:
+        distckpt.load_checkpoint(root / "best")
+    assert restore_says in str(not_found.value)
+    assert "needs monitor" not in str(not_found.value)
+
+
 def _two_ranks(tmp_path: Path) -> str:
     """A "torch" checkpoint of two ranks made in this process: a second root's rank file (its
     ``n`` is 4) added as rank 1, listed in the manifest as a two-rank save lists it. Made by

@@ -4,6 +4,7 @@ with nothing left in ``.staging`` (real mounts: tests/filesystems.py)."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import shutil
@@ -14,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 import distckpt
+from distckpt.storage.posix import PosixRootStore
 from tests.filesystem_saves import TIMEOUT
 from tests.filesystems import MountFactory, statvfs_free_bytes, take_every_free_block
 from tests.ranks import run_ranks, values
@@ -156,3 +158,97 @@ def test_opening_a_root_on_a_full_disk_is_insufficient_space(mounts: MountFactor
     finally:
         hog.unlink(missing_ok=True)
         shutil.rmtree(root, ignore_errors=True)
+
+
+def _leave_free_inodes(hog: Path, free_inodes: int) -> None:
+    """Fill ``hog``'s filesystem with empty files until no inode is left, then free
+    ``free_inodes`` of them."""
+    taken: list[Path] = []
+    with contextlib.suppress(OSError):  # ENOSPC: every inode is taken
+        for index in range(64):
+            (hog / str(index)).touch()
+            taken.append(hog / str(index))
+    for file in taken[:free_inodes]:
+        file.unlink()
+
+
+@pytest.mark.parametrize(
+    ("free_inodes", "failed"),
+    [
+        (1, "cannot be created"),  # the root itself, its parent made
+        (2, "cannot lock its files"),  # .lease
+        (3, "cannot take its lease"),  # the record
+        (4, "cannot lock its files"),  # .lock
+        (5, "is not writable"),  # the probe
+    ],
+)
+def test_a_new_root_whose_open_runs_out_of_inodes_is_left_a_valid_empty_root(
+    mounts: MountFactory, free_inodes: int, failed: str
+) -> None:
+    """Opening a root that does not exist yet, with 1 to 5 inodes left: the open fails at
+    creating a parent, the root, its lease lock, its lease record, its commit lock or its
+    writability probe. Whichever it is, that is InsufficientSpace naming the root (not the
+    lock's bare "cannot lock"). Nothing is removed: what is left (the directories, the lease
+    files) is a valid empty root, which the next open takes once inodes are freed."""
+    volume = mounts.get("tmpfs-16-inodes").path
+    kept, hog = volume / "kept", volume / "hog-inodes"
+    root = kept / "new" / "root"
+    kept.mkdir()
+    hog.mkdir()
+    try:
+        _leave_free_inodes(hog, free_inodes)
+        with pytest.raises(distckpt.InsufficientSpace) as info:
+            distckpt.CheckpointManager(root, timeout=TIMEOUT)
+        assert f"checkpoint root {root} {failed}: " in str(info.value)
+        assert "the space or the filesystem's free inodes ran out" in str(info.value)
+        shutil.rmtree(hog)
+        with distckpt.CheckpointManager(root, timeout=TIMEOUT) as manager:
+            assert manager.steps() == []
+    finally:
+        shutil.rmtree(hog, ignore_errors=True)
+        shutil.rmtree(kept, ignore_errors=True)
+
+
+@pytest.mark.parametrize(
+    ("interruption", "raised"),
+    [
+        (KeyboardInterrupt, KeyboardInterrupt),
+        (RuntimeError, distckpt.CheckpointError),  # the manager names the open that failed
+    ],
+)
+def test_an_error_while_a_full_disk_fails_the_open_is_not_taken_for_the_full_disk(
+    mounts: MountFactory,
+    monkeypatch: pytest.MonkeyPatch,
+    interruption: type[BaseException],
+    raised: type[BaseException],
+) -> None:
+    """A Ctrl-C (or another error) raised while the open's failure path runs after a full disk
+    has that disk's ENOSPC in its ``__context__``: it is not turned into InsufficientSpace,
+    and a Ctrl-C reaches the caller as it is, never lost."""
+    volume = mounts.get("tmpfs-16-inodes").path
+    kept, hog = volume / "kept", volume / "hog-inodes"
+    root = kept / "root"
+    kept.mkdir()
+    hog.mkdir()
+    original_close = PosixRootStore.close
+    pressed: list[PosixRootStore] = []
+
+    def close_then_interrupt(store: PosixRootStore) -> None:
+        original_close(store)
+        if not pressed:  # once, in the close the store's own failure path runs
+            pressed.append(store)
+            raise interruption("pressed while the failed open closes")
+
+    # Patched because nothing real puts a Ctrl-C at that point: a SIGINT sent from outside
+    # lands wherever the process happens to be, and would make the test depend on timing.
+    monkeypatch.setattr(PosixRootStore, "close", close_then_interrupt)
+    try:
+        _leave_free_inodes(hog, 4)  # the writability probe, the open's fourth creation, fails
+        with pytest.raises(raised) as info:
+            distckpt.CheckpointManager(root, timeout=TIMEOUT)
+        assert type(info.value) is raised
+        assert "pressed while the failed open closes" in str(info.value)
+    finally:
+        monkeypatch.undo()
+        shutil.rmtree(hog, ignore_errors=True)
+        shutil.rmtree(kept, ignore_errors=True)

@@ -136,15 +136,24 @@ class PosixRootStore(Removals, OverwriteUndo, LinksAndRetention, ViewedStore):
                 )
             return self._opened()
         try:
+            return self._create_and_open(root, wait_for_root)
+        except Exception as exc:  # a Ctrl-C (not an Exception) stays what it is
+            full = None if isinstance(exc, InsufficientSpace) else _no_room_for_a_file(exc)
+            if full is None:
+                raise
+            # A lock file (.lease, .lock) the disk had no room or inode for: as the record's
+            # write, InsufficientSpace, not the lock's "cannot lock".
+            raise _open_write_failed(root, "cannot lock its files", full) from exc
+
+    def _create_and_open(self, root: Path, wait_for_root: float) -> OpenedRoot:
+        try:
             # Durably, parents included: a root whose name a power loss can drop would take
             # every checkpoint saved in it along, even one made before this process started.
             make_dirs(root, fsync=self.fsync)
             if self.fsync:
                 fsync_ancestors(root)
         except OSError as exc:
-            raise RootNotWritable(
-                f"cannot create checkpoint root {root}: {exc}", path=root
-            ) from exc
+            raise _open_write_failed(root, "cannot be created", exc) from exc
         # Spelled again now that it exists: another job may have created it in another case
         # since (on exFAT ``RUN`` is then its ``run``), and the lease and the lock must be
         # taken in the spelling that job takes them in.
@@ -453,6 +462,16 @@ class PosixRootStore(Removals, OverwriteUndo, LinksAndRetention, ViewedStore):
 
 #: a write that failed for want of room: the disk is full, or the user's quota is used up
 _NO_ROOM_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+def _no_room_for_a_file(exc: Exception) -> OSError | None:
+    """The no-room OSError that ``exc`` is, or that a lock's :class:`CheckpointError` was
+    raised from. Not one further up the ``__context__`` chain: an error raised while handling a
+    full disk (a failing cleanup) is another failure, which must not pass for a full disk."""
+    failure = exc.__cause__ if isinstance(exc, CheckpointError) else exc
+    if isinstance(failure, OSError) and failure.errno in _NO_ROOM_ERRNOS:
+        return failure
+    return None
 
 
 def _open_write_failed(root: Path, what: str, exc: OSError) -> CheckpointError:
