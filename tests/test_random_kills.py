@@ -296,13 +296,17 @@ def run_random_kills(
     return tally
 
 
-@pytest.mark.parametrize(("fmt", "trials"), [("torch", 16), ("dcp", 10)])
-def test_random_kills(root: Path, fmt: str, trials: int) -> None:
+#: Random kills per format: what the test asserts at least (scripts/soak.py runs more).
+TRIALS = 10
+
+
+@pytest.mark.parametrize("fmt", ["torch", "dcp"])
+def test_random_kills(root: Path, fmt: str) -> None:
     """At least 10 random SIGKILLs (of the whole job, or of one rank) of a job saving in a
     loop: after each, every checkpoint verifies, nothing saved is lost, and the next start
     cleans up and resumes from the newest step, exactly. Both formats."""
     seed = int(os.environ.get("DISTCKPT_KILL_SEED", "0"))
-    tally = run_random_kills(root, trials=trials, seed=seed, max_seconds=40, fmt=fmt)
+    tally = run_random_kills(root, trials=TRIALS, seed=seed, max_seconds=40, fmt=fmt)
     print(tally.summary(2, fmt, seed))
     assert tally.problems == [], "\n".join(tally.problems)
     assert tally.trials >= 10, tally.summary(2, fmt, seed)
