@@ -280,10 +280,12 @@ def run_preloaded(
     timeout: float = PRELOADED_TIMEOUT,
     *,
     stderr_log: Path | None = None,
+    extra_env: Mapping[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """Run ``python *command`` in a job server (see :func:`start_preloaded`); its exit status and
-    its output once it has ended and every process it started too (``subprocess.run`` reading
-    its output waited for every process holding the pipe). The run fails if they have not
+    """Run ``python *command`` in a job server (see :func:`start_preloaded`), with ``extra_env``
+    set on top of a subprocess's environment; its exit status and its output once it has ended
+    and every process it started too (``subprocess.run`` reading its output waited for every
+    process holding the pipe). The run fails if they have not
     within ``timeout``. However the run ends (a failure, pytest's own timeout), nothing of the
     job's session outlives it: not the script, nor a process leading a group of its own (a
     rank).
@@ -291,7 +293,7 @@ def run_preloaded(
     Its output is also in ``log``: ``stdout`` holds stdout and stderr together and ``stderr`` is
     None, as ``subprocess.run(stderr=STDOUT)`` gives them, unless ``stderr_log`` is given:
     stderr then goes there, and ``stderr`` holds it."""
-    job = start_preloaded(command, log, stderr_log=stderr_log)
+    job = start_preloaded(command, log, {**_env(), **(extra_env or {})}, stderr_log=stderr_log)
     deadline = time.monotonic() + timeout
     try:
         code = job.wait(timeout)
