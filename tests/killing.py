@@ -264,14 +264,21 @@ PRELOADED_TIMEOUT = 90.0
 
 
 def run_script_preloaded(
-    source: str, args: Sequence[str], scratch: Path, timeout: float = PRELOADED_TIMEOUT
-) -> tuple[int, str]:
+    source: str,
+    args: Sequence[str],
+    scratch: Path,
+    timeout: float = PRELOADED_TIMEOUT,
+    *,
+    stderr_apart: bool = False,
+) -> subprocess.CompletedProcess[str]:
     """:func:`run_preloaded` of ``source``, written into a script in ``scratch``: its exit
-    status and its output (stdout and stderr together)."""
+    status and its output, stdout and stderr together in ``stdout`` unless ``stderr_apart``."""
     script = Path(tempfile.mkstemp(suffix=".py", dir=scratch)[1])
     script.write_text(source)
-    done = run_preloaded([str(script), *args], script.with_suffix(".log"), timeout)
-    return done.returncode, done.stdout
+    stderr_log = script.with_suffix(".err") if stderr_apart else None
+    return run_preloaded(
+        [str(script), *args], script.with_suffix(".log"), timeout, stderr_log=stderr_log
+    )
 
 
 def run_preloaded(
