@@ -273,7 +273,9 @@ def run_script_preloaded(
 ) -> subprocess.CompletedProcess[str]:
     """:func:`run_preloaded` of ``source``, written into a script in ``scratch``: its exit
     status and its output, stdout and stderr together in ``stdout`` unless ``stderr_apart``."""
-    script = Path(tempfile.mkstemp(suffix=".py", dir=scratch)[1])
+    descriptor, name = tempfile.mkstemp(suffix=".py", dir=scratch)
+    os.close(descriptor)
+    script = Path(name)
     script.write_text(source)
     stderr_log = script.with_suffix(".err") if stderr_apart else None
     return run_preloaded(
