@@ -301,7 +301,11 @@ def run_preloaded(
 
     Its output is also in ``log``: ``stdout`` holds stdout and stderr together and ``stderr`` is
     None, as ``subprocess.run(stderr=STDOUT)`` gives them, unless ``stderr_log`` is given:
-    stderr then goes there, and ``stderr`` holds it."""
+    stderr then goes there, and ``stderr`` holds it.
+
+    ``extra_env`` reaches only the job's ``os.environ`` (read by what the job imports afresh);
+    what the interpreter or torch reads as it starts (``PYTHONPATH``, ``PYTHONHASHSEED``,
+    ``PYTHONWARNINGS``, ``OMP_NUM_THREADS``) comes from the job server's own start."""
     job = start_preloaded(command, log, {**_env(), **(extra_env or {})}, stderr_log=stderr_log)
     deadline = time.monotonic() + timeout
     try:
