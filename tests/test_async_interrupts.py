@@ -245,8 +245,8 @@ def test_a_save_failing_after_a_close_was_interrupted_is_logged_once_at_exit(
 ) -> None:
     """README: a save in flight at exit is finished or reported as failed; also one whose
     close() a Ctrl-C interrupted, when the program then exits without closing again."""
-    # In a job server (the script imports this module's helpers, from the repository that
-    # the job's PYTHONPATH names).
+    # In a job server (the script imports this module's helpers, from the repository on the
+    # job server's sys.path).
     done = killing.run_script_preloaded(
         _INTERRUPTED_CLOSE_THEN_EXIT, [str(tmp_path / "root")], tmp_path, stderr_apart=True
     )
