@@ -270,16 +270,22 @@ def run_script_preloaded(
     timeout: float = PRELOADED_TIMEOUT,
     *,
     stderr_apart: bool = False,
+    extra_env: Mapping[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """:func:`run_preloaded` of ``source``, written into a script in ``scratch``: its exit
-    status and its output, stdout and stderr together in ``stdout`` unless ``stderr_apart``."""
+    """:func:`run_preloaded` of ``source``, written into a script in ``scratch``, with
+    ``extra_env``: its exit status and its output, stdout and stderr together in ``stdout``
+    unless ``stderr_apart``."""
     descriptor, name = tempfile.mkstemp(suffix=".py", dir=scratch)
     os.close(descriptor)
     script = Path(name)
     script.write_text(source)
     stderr_log = script.with_suffix(".err") if stderr_apart else None
     return run_preloaded(
-        [str(script), *args], script.with_suffix(".log"), timeout, stderr_log=stderr_log
+        [str(script), *args],
+        script.with_suffix(".log"),
+        timeout,
+        stderr_log=stderr_log,
+        extra_env=extra_env,
     )
 
 

@@ -93,11 +93,10 @@ def test_crashed_job_does_not_block_its_successor(root: Path, tmp_path: Path) ->
     at import, as under torchrun) blocks nothing: a new manager opens at once and cleans up."""
     # In a job server: a process of its own that imports distckpt afresh (the fault is read
     # at that import) but finds torch imported already.
-    script = tmp_path / "killed_mid_commit.py"
-    script.write_text(_KILLED_MID_COMMIT)
-    crashed = killing.run_preloaded(
-        [str(script), str(root)],
-        tmp_path / "killed_mid_commit.log",
+    crashed = killing.run_script_preloaded(
+        _KILLED_MID_COMMIT,
+        [str(root)],
+        tmp_path,
         JOB_TIMEOUT,
         extra_env={"DISTCKPT_FAULT": "after_manifest:kill:0:2"},
     )

@@ -354,13 +354,9 @@ def test_a_tidy_thread_that_cannot_start_fails_nothing_and_its_removals_come_lat
     user (the kernel does not apply it to root)."""
     with tempfile.TemporaryDirectory() as shared:
         os.chmod(shared, 0o777)  # written by the other user; tmp_path's parents are private
-        script = Path(shared) / "no_thread_can_start.py"
-        script.write_text(_NO_THREAD_CAN_START)
         # In a job server: a process of its own, which finds torch imported already.
-        done = killing.run_preloaded(
-            [str(script), os.path.join(shared, "root")],
-            Path(shared) / "out.log",
-            stderr_log=Path(shared) / "err.log",
+        done = killing.run_script_preloaded(
+            _NO_THREAD_CAN_START, [os.path.join(shared, "root")], Path(shared), stderr_apart=True
         )
         assert done.returncode == 0, done.stderr
         saved, trashed, removed_by_gc, trash_after_gc, trash_at_end = json.loads(
