@@ -264,14 +264,29 @@ PRELOADED_TIMEOUT = 90.0
 
 
 def run_script_preloaded(
-    source: str, args: Sequence[str], scratch: Path, timeout: float = PRELOADED_TIMEOUT
-) -> tuple[int, str]:
-    """:func:`run_preloaded` of ``source``, written into a script in ``scratch``: its exit
-    status and its output (stdout and stderr together)."""
-    script = Path(tempfile.mkstemp(suffix=".py", dir=scratch)[1])
+    source: str,
+    args: Sequence[str],
+    scratch: Path,
+    timeout: float = PRELOADED_TIMEOUT,
+    *,
+    stderr_apart: bool = False,
+    extra_env: Mapping[str, str] | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """:func:`run_preloaded` of ``source``, written into a script in ``scratch``, with
+    ``extra_env``: its exit status and its output, stdout and stderr together in ``stdout``
+    unless ``stderr_apart``."""
+    descriptor, name = tempfile.mkstemp(suffix=".py", dir=scratch)
+    os.close(descriptor)
+    script = Path(name)
     script.write_text(source)
-    done = run_preloaded([str(script), *args], script.with_suffix(".log"), timeout)
-    return done.returncode, done.stdout
+    stderr_log = script.with_suffix(".err") if stderr_apart else None
+    return run_preloaded(
+        [str(script), *args],
+        script.with_suffix(".log"),
+        timeout,
+        stderr_log=stderr_log,
+        extra_env=extra_env,
+    )
 
 
 def run_preloaded(
@@ -280,18 +295,24 @@ def run_preloaded(
     timeout: float = PRELOADED_TIMEOUT,
     *,
     stderr_log: Path | None = None,
+    extra_env: Mapping[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """Run ``python *command`` in a job server (see :func:`start_preloaded`); its exit status and
-    its output once it has ended and every process it started too (``subprocess.run`` reading
-    its output waited for every process holding the pipe). The run fails if they have not
+    """Run ``python *command`` in a job server (see :func:`start_preloaded`), with ``extra_env``
+    set on top of a subprocess's environment; its exit status and its output once it has ended
+    and every process it started too (``subprocess.run`` reading its output waited for every
+    process holding the pipe). The run fails if they have not
     within ``timeout``. However the run ends (a failure, pytest's own timeout), nothing of the
     job's session outlives it: not the script, nor a process leading a group of its own (a
     rank).
 
     Its output is also in ``log``: ``stdout`` holds stdout and stderr together and ``stderr`` is
     None, as ``subprocess.run(stderr=STDOUT)`` gives them, unless ``stderr_log`` is given:
-    stderr then goes there, and ``stderr`` holds it."""
-    job = start_preloaded(command, log, stderr_log=stderr_log)
+    stderr then goes there, and ``stderr`` holds it.
+
+    ``extra_env`` reaches only the job's ``os.environ`` (read by what the job imports afresh);
+    what the interpreter or torch reads as it starts (``PYTHONPATH``, ``PYTHONHASHSEED``,
+    ``PYTHONWARNINGS``, ``OMP_NUM_THREADS``) comes from the job server's own start."""
+    job = start_preloaded(command, log, {**_env(), **(extra_env or {})}, stderr_log=stderr_log)
     deadline = time.monotonic() + timeout
     try:
         code = job.wait(timeout)

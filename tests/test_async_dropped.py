@@ -4,8 +4,6 @@ else once its save in flight committed."""
 from __future__ import annotations
 
 import gc
-import subprocess
-import sys
 import textwrap
 import threading
 from pathlib import Path
@@ -14,6 +12,7 @@ import torch
 
 import distckpt
 from distckpt import background
+from tests import killing
 from tests.test_async_handoff_interrupts import BACKGROUND_THREAD_PREFIX
 from tests.test_async_interrupts import _held_after_writing
 from tests.test_coord import TIMEOUT
@@ -88,11 +87,8 @@ _DROPPED_FAILING_AT_EXIT = textwrap.dedent(
 def test_the_failure_of_a_dropped_managers_save_is_logged_once_at_exit(tmp_path: Path) -> None:
     """README: the save of a manager dropped without close() is finished at exit "or reported
     as failed": once, although both the exit and the dropped manager's thread see it end."""
-    done = subprocess.run(
-        [sys.executable, "-c", _DROPPED_FAILING_AT_EXIT, str(tmp_path / "root")],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
+    done = killing.run_script_preloaded(
+        _DROPPED_FAILING_AT_EXIT, [str(tmp_path / "root")], tmp_path, stderr_apart=True
     )
+    assert done.returncode == 0, done.stderr
     assert done.stderr.count("fault injected at before_agreement") == 1, done.stderr

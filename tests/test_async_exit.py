@@ -67,9 +67,10 @@ def test_interpreter_exit_with_a_save_in_flight_finishes_it(
         root, options = request.getfixturevalue("s3_url"), server.storage_options()
     threads = "2" if "writer_threads=2" in where else "1"
     kept = "dropped" if "dropped" in where else "kept"
-    code, output = killing.run_script_preloaded(
+    done = killing.run_script_preloaded(
         _EXIT_WITH_A_SAVE_IN_FLIGHT, [root, json.dumps(options), threads, kept], tmp_path
     )
+    code, output = done.returncode, done.stdout
     assert code == 0, output
     assert "failed" not in output, output
     with distckpt.CheckpointManager(root, storage_options=options, read_only=True) as reader:
@@ -165,9 +166,9 @@ def test_ctrl_c_while_the_exit_waits_for_a_save_leaves_the_rest_of_the_exit_alon
     the interpreter's exit goes on: the program's own non-daemon threads are still joined
     (an exception out of the exit hook would cut the shutdown short and kill them)."""
     written_late = tmp_path / "written-late"
-    _, output = killing.run_script_preloaded(
+    output = killing.run_script_preloaded(
         _CTRL_C_AT_EXIT, [str(tmp_path / "root"), str(written_late)], tmp_path
-    )
+    ).stdout
     assert "the checkpoint save in flight at exit was abandoned" in output, output
     assert written_late.read_text() == "done", output
 
@@ -215,7 +216,8 @@ def test_a_forked_child_that_exits_with_a_save_in_flight_does_not_wait_for_it(
         mgr.close()
         """
     )
-    code, output = killing.run_script_preloaded(script, [], tmp_path, timeout=60)
+    done = killing.run_script_preloaded(script, [], tmp_path, timeout=60)
+    code, output = done.returncode, done.stdout
     assert code == 0, output
     # the child did not wait for the held write
     assert output.splitlines()[-1] == "exited", output

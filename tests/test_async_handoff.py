@@ -9,8 +9,6 @@ import contextlib
 import json
 import os
 import resource
-import subprocess
-import sys
 import tempfile
 import textwrap
 import time
@@ -24,6 +22,7 @@ import torch
 import distckpt
 from distckpt.layout import step_dir_name
 from distckpt.objstore import ObjectStore
+from tests import killing
 from tests.ranks import run_ranks, values
 from tests.s3server import S3Server
 from tests.test_coord import TIMEOUT
@@ -144,13 +143,10 @@ def test_an_async_save_the_background_thread_cannot_take_leaves_no_staging(
     atexit hook), which fails because its background thread can take no work any more; README:
     "`save` raises a `CheckpointError` naming the step" then."""
     root = str(tmp_path / "root")
-    done = subprocess.run(
-        [sys.executable, "-c", _SAVE_IN_AN_ATEXIT_HOOK, root],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
+    done = killing.run_script_preloaded(
+        _SAVE_IN_AN_ATEXIT_HOOK, [root], tmp_path, stderr_apart=True
     )
+    assert done.returncode == 0, done.stderr
     outcome = json.loads(done.stdout.strip().splitlines()[-1])
     assert outcome["error"] is not None and "cannot schedule new futures" in outcome["error"]
     assert outcome["error"].startswith("CheckpointError (step 4): "), outcome["error"]
@@ -221,12 +217,13 @@ _NO_THREAD_FOR_THE_FIRST_ASYNC_SAVE = _AS_ANOTHER_USER + textwrap.dedent(
 def _no_thread_for_the_first_async_save(root: str, options: dict[str, Any] | None) -> None:
     """Run :data:`_NO_THREAD_FOR_THE_FIRST_ASYNC_SAVE` on ``root`` as another user and check
     what it saw: step 2's save raised, never ran, is not counted; step 4's was made."""
-    done = subprocess.run(
-        [sys.executable, "-c", _NO_THREAD_FOR_THE_FIRST_ASYNC_SAVE, root, json.dumps(options)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    with tempfile.TemporaryDirectory() as scratch:
+        done = killing.run_script_preloaded(
+            _NO_THREAD_FOR_THE_FIRST_ASYNC_SAVE,
+            [root, json.dumps(options)],
+            Path(scratch),
+            stderr_apart=True,
+        )
     assert done.returncode == 0, done.stderr
     error, retried, committed, phases_of_step_2, steps = json.loads(done.stdout.splitlines()[-1])
     assert (committed, phases_of_step_2, steps) == (4, [], [4])
@@ -323,18 +320,11 @@ def test_a_thread_waiting_while_an_async_save_cannot_start_its_thread_sees_no_sa
     with tempfile.TemporaryDirectory() as shared:
         os.chmod(shared, 0o777)  # written by the other user; tmp_path's parents are private
         root = os.path.join(shared, "root")
-        done = subprocess.run(
-            [
-                sys.executable,
-                "-c",
-                _WAITING_WHILE_NO_THREAD_STARTS,
-                root,
-                "null",
-                str(FAILED_SUBMISSIONS),
-            ],
-            capture_output=True,
-            text=True,
-            timeout=120,
+        done = killing.run_script_preloaded(
+            _WAITING_WHILE_NO_THREAD_STARTS,
+            [root, "null", str(FAILED_SUBMISSIONS)],
+            Path(shared),
+            stderr_apart=True,
         )
         assert done.returncode == 0, done.stderr
         waiter_saw, raised, retried, committed, counted, steps, left = json.loads(

@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import subprocess
 import sys
 import textwrap
 import threading
@@ -23,6 +22,7 @@ import torch
 
 import distckpt
 from distckpt import events, faults
+from tests import killing
 from tests.ranks import run_ranks, values
 from tests.test_async_handoff_interrupts import (
     _in_the_background_thread,
@@ -245,12 +245,10 @@ def test_a_save_failing_after_a_close_was_interrupted_is_logged_once_at_exit(
 ) -> None:
     """README: a save in flight at exit is finished or reported as failed; also one whose
     close() a Ctrl-C interrupted, when the program then exits without closing again."""
-    done = subprocess.run(
-        [sys.executable, "-c", _INTERRUPTED_CLOSE_THEN_EXIT, str(tmp_path / "root")],
-        cwd=Path(__file__).parents[1],  # the script imports this module's helpers
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
+    # In a job server (the script imports this module's helpers, from the repository on the
+    # job server's sys.path).
+    done = killing.run_script_preloaded(
+        _INTERRUPTED_CLOSE_THEN_EXIT, [str(tmp_path / "root")], tmp_path, stderr_apart=True
     )
+    assert done.returncode == 0, done.stderr
     assert done.stderr.count("fault injected at before_agreement") == 1, done.stderr

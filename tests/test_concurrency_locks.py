@@ -3,8 +3,9 @@ out and a dead one does not block, a crashed job does not block its successor, a
 without ``flock`` is a clear error on every rank, and ``gc`` and a starting manager never take
 a live save's writer lock, probe or lease record for leftovers.
 
-Every process here is a real, separate process (forked, or a ``python -m distckpt``
-subprocess); they meet only through the root's file lock and its directory layout."""
+Every process here is a real, separate process (forked from this one, or a script run in a
+job server of tests/killing.py); they meet only through the root's file lock and its directory
+layout."""
 
 from __future__ import annotations
 
@@ -13,8 +14,6 @@ import fcntl
 import multiprocessing as mp
 import os
 import signal
-import subprocess
-import sys
 import textwrap
 import time
 from pathlib import Path
@@ -28,6 +27,7 @@ from distckpt.fsutil import read_link
 from distckpt.layout import RootLayout, step_dir_name
 from distckpt.lock import PROBE_GRACE_SECONDS
 from distckpt.storage import open_store
+from tests import killing
 from tests.fault_checks import entries
 from tests.ranks import run_ranks
 from tests.shared_root import (
@@ -88,18 +88,19 @@ _KILLED_MID_COMMIT = textwrap.dedent(
 )
 
 
-def test_crashed_job_does_not_block_its_successor(root: Path) -> None:
+def test_crashed_job_does_not_block_its_successor(root: Path, tmp_path: Path) -> None:
     """A job SIGKILLed while it holds the root lock (armed through ``DISTCKPT_FAULT``, read
     at import, as under torchrun) blocks nothing: a new manager opens at once and cleans up."""
-    env = dict(os.environ, DISTCKPT_FAULT="after_manifest:kill:0:2")
-    crashed = subprocess.run(
-        [sys.executable, "-c", _KILLED_MID_COMMIT, str(root)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=JOB_TIMEOUT,
+    # In a job server: a process of its own that imports distckpt afresh (the fault is read
+    # at that import) but finds torch imported already.
+    crashed = killing.run_script_preloaded(
+        _KILLED_MID_COMMIT,
+        [str(root)],
+        tmp_path,
+        JOB_TIMEOUT,
+        extra_env={"DISTCKPT_FAULT": "after_manifest:kill:0:2"},
     )
-    assert crashed.returncode == -signal.SIGKILL, crashed.stderr
+    assert crashed.returncode == -signal.SIGKILL, crashed.stdout
     assert staging_dirs(root) != []  # its step 2 was being committed
 
     started = time.monotonic()

@@ -28,6 +28,7 @@ from distckpt.lease import (
     read_holder,
 )
 from distckpt.lock import RootLock, WriterLock
+from tests import killing
 from tests.lease_holders import (
     STARTUP,
 )
@@ -163,11 +164,13 @@ def test_a_child_forked_while_another_thread_takes_a_lock_holds_no_copy_of_it(
     file and locking it, or right after) leaves the child no descriptor of that lock: a child
     holding one would keep the lock after the holder died."""
     rounds = 40
-    done = subprocess.run(
-        [sys.executable, "-c", _FORKING_WHILE_LOCKING, os.fspath(tmp_path), str(rounds)],
-        capture_output=True,
-        text=True,
-        timeout=STARTUP * 2,
+    # In a job server: a process of its own, which finds torch imported already.
+    done = killing.run_script_preloaded(
+        _FORKING_WHILE_LOCKING,
+        [os.fspath(tmp_path), str(rounds)],
+        tmp_path,
+        STARTUP * 2,
+        stderr_apart=True,
     )
     assert done.returncode == 0, done.stderr
     assert int(done.stdout) == 0, f"{done.stdout.strip()} of {rounds} children held the lock"

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -56,13 +54,10 @@ def test_sigterm_after_a_failed_fit_terminates_the_process(tmp_path: Path) -> No
     """Lightning wraps the callback's handler in its own during the fit and puts the closed
     manager's handler back at its teardown: the signal's default action must still be taken
     (the process went on, its SIGTERM swallowed)."""
-    finished = subprocess.run(
-        [sys.executable, "-c", FAILED_FIT_THEN_SIGTERM, str(tmp_path / "root")],
-        cwd=killing.ROOT,
-        env=killing._env(),
-        capture_output=True,
-        text=True,
-        timeout=100,
+    # In a job server: a process of its own, with the default signal handlers of a fresh
+    # interpreter, which finds torch and Lightning imported already.
+    finished = killing.run_script_preloaded(
+        FAILED_FIT_THEN_SIGTERM, [str(tmp_path / "root")], tmp_path, stderr_apart=True
     )
     assert finished.stdout == "the fit failed\n", finished.stderr
     assert finished.returncode == -signal.SIGTERM, finished.stderr

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -21,6 +19,7 @@ from distckpt.lease import this_host
 from distckpt.manifest import MANIFEST_CHECKSUM_KEY
 from distckpt.objstore import ObjectStore
 from distckpt.storage.s3_view import S3RootView
+from tests import killing
 from tests.monitor_jobs import restart_with_another_monitor
 from tests.ranks import run_ranks, values
 from tests.s3server import S3Server
@@ -424,7 +423,9 @@ def test_a_local_root_works_without_botocore(tmp_path: Path) -> None:
         "m.save(1, {'w': torch.zeros(1)}); m.restore('last'); m.close()\n"
         "assert distckpt.verify(m.root).ok\n"
     )
-    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+    # In a job server: a process of its own, which imports distckpt afresh (torch preloaded).
+    done = killing.run_script_preloaded(code, [], tmp_path)
+    assert done.returncode == 0, done.stdout
 
 
 def test_the_cli_on_an_s3_root_with_the_aws_environment(

@@ -9,8 +9,6 @@ from __future__ import annotations
 import gc
 import json
 import os
-import subprocess
-import sys
 import tempfile
 import textwrap
 import threading
@@ -27,6 +25,7 @@ from distckpt.layout import TRASH_DIR_NAME, RootLayout
 from distckpt.lock import RootLock
 from distckpt.storage import open_store, posix
 from distckpt.tidying import BackgroundTidy, close_wait_seconds
+from tests import killing
 from tests.ranks import run_ranks, values
 from tests.waiting import after_rank_0_removals, wait_until
 
@@ -355,11 +354,9 @@ def test_a_tidy_thread_that_cannot_start_fails_nothing_and_its_removals_come_lat
     user (the kernel does not apply it to root)."""
     with tempfile.TemporaryDirectory() as shared:
         os.chmod(shared, 0o777)  # written by the other user; tmp_path's parents are private
-        done = subprocess.run(
-            [sys.executable, "-c", _NO_THREAD_CAN_START, os.path.join(shared, "root")],
-            timeout=120,
-            capture_output=True,
-            text=True,
+        # In a job server: a process of its own, which finds torch imported already.
+        done = killing.run_script_preloaded(
+            _NO_THREAD_CAN_START, [os.path.join(shared, "root")], Path(shared), stderr_apart=True
         )
         assert done.returncode == 0, done.stderr
         saved, trashed, removed_by_gc, trash_after_gc, trash_at_end = json.loads(
