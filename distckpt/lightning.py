@@ -94,6 +94,10 @@ after the batch or validation batch in which it came) is held back from the mome
 until the save has run (at the window's last micro-batch, the end of a validation or of the
 epoch, or the next optimizer step where it came after this callback's hook of a batch): the
 fit then raises ``SIGTERMException``, as Lightning does, also when it ends before any save.
+Under DDP, a SIGTERM that reached some ranks only makes every rank save and raise: from
+``on_train_start`` on, Lightning's handler runs without the broadcast it makes inside the
+handler (on a rank signalled alone, it put the ranks' collectives out of step), and after the
+save the ranks tell each other whether any got SIGTERM.
 
 A checkpoint due at a batch that Lightning validates after (``val_check_interval``) is taken
 once that validation has run, at the end of its ``on_validation_end`` hooks (this callback adds
@@ -341,6 +345,8 @@ class DistckptCallback(lightning.Callback):
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         assert self._trainer_state is not None
+        # Lightning installs its SIGTERM handler after on_fit_start: this is the first hook after.
+        self._sigterm.keep_collectives_out_of_the_handler()
         ended_epoch = self._trainer_state.finish_ended_epoch()
         self._rng.apply()
         if ended_epoch:
@@ -434,7 +440,14 @@ class DistckptCallback(lightning.Callback):
                 self._min_limits = (fit_loop.min_epochs, fit_loop.epoch_loop.min_steps)
             fit_loop.min_epochs = None
             fit_loop.epoch_loop.min_steps = None
-            self._sigterm.give_back()
+            if self._sigterm.holding:
+                # SIGTERM may have reached some ranks only: every rank raises, as Lightning's
+                # loop makes them (it broadcasts rank 0's flag), and the job's exit status
+                # (the launching rank's, under Lightning's launcher) says it was stopped.
+                held_on_ranks = self.manager._coord.all_reduce(
+                    lambda: self._sigterm.held, any, what="handing SIGTERM back to Lightning"
+                )
+                self._sigterm.give_back(held_on_any_rank=held_on_ranks)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # A SIGTERM that came after the fit's last save point (a last batch ending no optimizer

@@ -7,7 +7,7 @@ so that a Lightning version without one is named as such."""
 from __future__ import annotations
 
 import signal
-from types import ModuleType
+from types import FrameType, ModuleType
 from typing import Any
 
 import lightning
@@ -54,6 +54,13 @@ def validates_after_this_batch(trainer: Trainer) -> bool:
     return not val_loop.skip
 
 
+def _handlers_compose() -> type:
+    """Lightning's class of the handler it installs (its own and the ones it found)."""
+    from lightning.pytorch.trainer.connectors import signal_connector
+
+    return internal(signal_connector, "_HandlersCompose")
+
+
 class HeldSigterm:
     """Lightning's own SIGTERM handling, held back from the moment SIGTERM comes until the
     preemption save has run: Lightning raises ``SIGTERMException`` at the end of the batch (or
@@ -65,17 +72,26 @@ class HeldSigterm:
     handler clears that flag right then (:attr:`SignalFlag.on_set
     <distckpt.decisions.SignalFlag.on_set>`). Held, it is given back once the save has run, and
     Lightning raises then; a fit ending before any save raises at ``on_train_end``. A SIGTERM
-    coming before Lightning installs its handler (during ``on_fit_start``) is held too."""
+    coming before Lightning installs its handler (during ``on_fit_start``) is held too.
+
+    Lightning's handler also broadcasts from rank 0 inside the handler, on the signalled rank
+    alone: where SIGTERM reaches some ranks only (a node's agent, one rank killed), that
+    broadcast pairs with another rank's broadcast of the training loop, and every collective
+    after it is out of step (a hang until the process group's timeout, and no save). From
+    ``on_train_start`` on (:meth:`keep_collectives_out_of_the_handler`) it runs without that
+    broadcast: the manager's vote at the save tells every rank."""
 
     def __init__(self) -> None:
         self.trainer: Trainer | None = None
         self.held = False
+        self.holding = False
 
     def watch(self, trainer: Trainer, flag: SignalFlag) -> None:
         """Holds Lightning's flag at each SIGTERM ``flag`` gets, until :meth:`stop`."""
         self.trainer = trainer
         self.held = False
-        if signal.SIGTERM in flag.watched:
+        self.holding = signal.SIGTERM in flag.watched
+        if self.holding:
             flag.on_set = self._hold
 
     def _hold(self, signum: int) -> None:
@@ -87,9 +103,33 @@ class HeldSigterm:
             set_internal(internal(trainer, "_signal_connector"), "received_sigterm", False)
             self.held = True
 
-    def give_back(self) -> None:
-        """Puts Lightning's flag back, if held: Lightning raises at its next check."""
-        if self.held and self.trainer is not None:
+    def keep_collectives_out_of_the_handler(self) -> None:
+        """Replaces Lightning's SIGTERM notifier in the handler Lightning installed (call after
+        its ``register_signal_handlers``) with one doing the same but its broadcast: it hands
+        SIGTERM to the ranks its launcher started and sets its flag (which the manager's
+        handler, run next, holds). Only where SIGTERM is held."""
+        trainer = self.trainer
+        installed = signal.getsignal(signal.SIGTERM)
+        if trainer is None or not self.holding or not isinstance(installed, _handlers_compose()):
+            return
+        connector = internal(trainer, "_signal_connector")
+        notifier = internal(connector, "_sigterm_notifier_fn")
+
+        def notify(signum: int, frame: FrameType | None) -> None:
+            if not internal(connector, "received_sigterm"):
+                launcher = trainer.strategy.launcher
+                if launcher is not None:
+                    launcher.kill(signum)
+            set_internal(connector, "received_sigterm", True)
+
+        handlers = internal(installed, "signal_handlers")
+        handlers[:] = [notify if handler == notifier else handler for handler in handlers]
+
+    def give_back(self, *, held_on_any_rank: bool | None = None) -> None:
+        """Puts Lightning's flag back, if held here (or, ``held_on_any_rank``, on any rank of
+        the job): Lightning raises at its next check."""
+        held = self.held if held_on_any_rank is None else held_on_any_rank
+        if held and self.trainer is not None:
             self.held = False
             set_internal(internal(self.trainer, "_signal_connector"), "received_sigterm", True)
 
@@ -106,3 +146,4 @@ class HeldSigterm:
             flag.on_set = None
         self.trainer = None
         self.held = False
+        self.holding = False
