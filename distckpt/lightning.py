@@ -139,7 +139,7 @@ from lightning.pytorch.callbacks import Checkpoint
 
 from distckpt.lightning_extras import AsBytes, BytesAsTensors, LightningExtras
 from distckpt.lightning_internals import HeldSigterm, set_internal, validates_after_this_batch
-from distckpt.lightning_state import DeferredRNG, TrainerState
+from distckpt.lightning_state import DeferredRNG, TrainerState, refuse_a_second_restore
 from distckpt.manager import CheckpointManager
 from distckpt.per_rank import PerRank
 from distckpt.results import Checkpoint as LoadedCheckpoint
@@ -211,6 +211,11 @@ class DistckptCallback(lightning.Callback):
     After fitting starts, :attr:`resumed_from` is the step restored (None on a fresh start),
     :attr:`manager` the manager, :attr:`tracker` the step counter and :attr:`last_save` the
     :class:`~distckpt.SaveResult` of the newest checkpoint this fit started (None before).
+
+    A fit that Lightning also restores a checkpoint of its own into (``fit(ckpt_path=...)``) is
+    refused with :class:`~distckpt.InvalidArgument` before any batch where this callback
+    restored ``last``: Lightning's restore of the optimizers, schedulers and loop progress comes
+    after this one's, over it. On a root without checkpoints the fit starts from that file.
     """
 
     def __init__(self, root: str, **manager_options: Any) -> None:
@@ -345,6 +350,7 @@ class DistckptCallback(lightning.Callback):
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         assert self._trainer_state is not None
+        refuse_a_second_restore(trainer, self.root, self.resumed_from)
         # Lightning installs its SIGTERM handler after on_fit_start: this is the first hook after.
         self._sigterm.keep_collectives_out_of_the_handler()
         ended_epoch = self._trainer_state.finish_ended_epoch()
