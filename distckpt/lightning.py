@@ -97,7 +97,10 @@ fit then raises ``SIGTERMException``, as Lightning does, also when it ends befor
 Under DDP, a SIGTERM that reached some ranks only makes every rank save and raise: from
 ``on_train_start`` on, Lightning's handler runs without the broadcast it makes inside the
 handler (on a rank signalled alone, it put the ranks' collectives out of step), and after the
-save the ranks tell each other whether any got SIGTERM.
+save the ranks tell each other whether any got SIGTERM. Under SLURM, with Lightning's
+requeue signal in ``save_on_signal`` (its auto-requeue then installs no handler of its own), rank
+0 runs ``scontrol requeue`` once the preemption save has committed
+(:class:`~distckpt.lightning_preemption.SlurmRequeue`).
 
 A checkpoint due at a batch that Lightning validates after (``val_check_interval``) is taken
 once that validation has run, at the end of its ``on_validation_end`` hooks (this callback adds
@@ -139,6 +142,7 @@ from lightning.pytorch.callbacks import Checkpoint
 
 from distckpt.lightning_extras import AsBytes, BytesAsTensors, LightningExtras
 from distckpt.lightning_internals import HeldSigterm, set_internal, validates_after_this_batch
+from distckpt.lightning_preemption import SlurmRequeue, after_preemption_save
 from distckpt.lightning_state import DeferredRNG, TrainerState, refuse_a_second_restore
 from distckpt.manager import CheckpointManager
 from distckpt.per_rank import PerRank
@@ -232,6 +236,7 @@ class DistckptCallback(lightning.Callback):
         self._save_at_epoch_end = False
         self._save_after_validation = False
         self._sigterm = HeldSigterm()
+        self._requeue = SlurmRequeue()
         self._min_limits: tuple[int | None, int | None] | None = None
         self.last_save: SaveResult | None = None
 
@@ -240,6 +245,7 @@ class DistckptCallback(lightning.Callback):
             self.manager = CheckpointManager(self.root, **self.manager_options)
             # The manager's own flag: this package's, not a public part of the manager.
             self._sigterm.watch(trainer, self.manager._signals)
+            self._requeue.watch(trainer, self.manager._signals)
 
     def _state(
         self, trainer: Trainer, pl_module: LightningModule, extras: Any, layout: str
@@ -446,14 +452,7 @@ class DistckptCallback(lightning.Callback):
                 self._min_limits = (fit_loop.min_epochs, fit_loop.epoch_loop.min_steps)
             fit_loop.min_epochs = None
             fit_loop.epoch_loop.min_steps = None
-            if self._sigterm.holding:
-                # SIGTERM may have reached some ranks only: every rank raises, as Lightning's
-                # loop makes them (it broadcasts rank 0's flag), and the job's exit status
-                # (the launching rank's, under Lightning's launcher) says it was stopped.
-                held_on_ranks = self.manager._coord.all_reduce(
-                    lambda: self._sigterm.held, any, what="handing SIGTERM back to Lightning"
-                )
-                self._sigterm.give_back(held_on_any_rank=held_on_ranks)
+            after_preemption_save(trainer, self.manager, self._sigterm, self._requeue)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # A SIGTERM that came after the fit's last save point (a last batch ending no optimizer

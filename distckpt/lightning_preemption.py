@@ -1,0 +1,98 @@
+"""What :class:`~distckpt.lightning.DistckptCallback` does after a preemption save
+(:func:`after_preemption_save`): hands a held SIGTERM back to Lightning, and requeues the SLURM
+job as Lightning's auto-requeue would have where its requeue signal asked for the save
+(:class:`SlurmRequeue`)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+
+from lightning import Trainer
+from lightning.fabric.plugins.environments import SLURMEnvironment
+
+from distckpt.decisions import SignalFlag
+from distckpt.lightning_internals import HeldSigterm, internal
+from distckpt.manager import CheckpointManager
+
+logger = logging.getLogger("distckpt")
+
+
+class SlurmRequeue:
+    """Requeues the SLURM job once a preemption save that Lightning's requeue signal asked for
+    has committed, as Lightning's auto-requeue would have.
+
+    Under SLURM, Lightning installs its requeue handler (``SLURMEnvironment(auto_requeue=True)``,
+    its default; ``SIGUSR1`` unless ``requeue_signal`` says otherwise) only where that signal has
+    no handler yet: a manager saving on it (``save_on_signal``, installed at ``setup``) turned it
+    off, and the job stopped after its preemption save, exited 0 and was never requeued. This
+    does its work instead, after the save rather than in the handler (Lightning's also writes an
+    ``hpc_ckpt_N.ckpt`` there, and its next fit restores from it by itself): rank 0 runs
+    ``scontrol requeue`` with the job's id."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.signalled = False
+
+    def watch(self, trainer: Trainer, flag: SignalFlag) -> None:
+        """Notes each of ``flag``'s signals that is Lightning's requeue signal, where Lightning
+        would requeue on it and ``flag`` watches it; chains ``flag.on_set``."""
+        environment = internal(trainer, "_accelerator_connector").cluster_environment
+        self.signalled = False
+        self.signum = None
+        if not isinstance(environment, SLURMEnvironment) or not environment.auto_requeue:
+            return
+        if environment.requeue_signal not in flag.watched:
+            return
+        self.signum = environment.requeue_signal
+        chained = flag.on_set
+
+        def on_set(signum: int) -> None:
+            if signum == self.signum:
+                self.signalled = True
+            if chained is not None:
+                chained(signum)
+
+        flag.on_set = on_set
+
+    def requeue(self, trainer: Trainer) -> None:
+        """Runs ``scontrol requeue`` on rank 0 (the job id as Lightning forms it); a failure is
+        logged as a warning, as Lightning logs it."""
+        if not trainer.is_global_zero:
+            return
+        array_job = os.environ.get("SLURM_ARRAY_JOB_ID")
+        if array_job is not None:
+            job_id = f"{array_job}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+        else:
+            job_id = os.environ["SLURM_JOB_ID"]
+        try:
+            status = subprocess.call(["scontrol", "requeue", job_id])
+        except OSError as error:
+            logger.warning("requeuing SLURM job %s failed: %s", job_id, error)
+            return
+        if status != 0:
+            logger.warning("requeuing SLURM job %s failed: scontrol exited %d", job_id, status)
+        else:
+            logger.warning("requeued SLURM job %s after its preemption save", job_id)
+
+
+def after_preemption_save(
+    trainer: Trainer, manager: CheckpointManager, sigterm: HeldSigterm, requeue: SlurmRequeue
+) -> None:
+    """Hands a held SIGTERM back to Lightning and requeues the SLURM job where its requeue
+    signal came, each where any rank got that signal (it may reach some ranks only): every rank
+    raises ``SIGTERMException`` then, as Lightning's loop makes them (it broadcasts rank 0's
+    flag), and the job's exit status says it was stopped. Collective where either is watched
+    (the same on every rank: the same options); the job is requeued once a fit."""
+    if not sigterm.holding and requeue.signum is None:
+        return
+    held, requeued = manager._coord.all_reduce(
+        lambda: (sigterm.held, requeue.signalled),
+        lambda by_rank: tuple(map(any, zip(*by_rank))),
+        what="handing the preemption signals on",
+    )
+    requeue.signalled = False  # requeued once, even where a later save is preempted too
+    sigterm.give_back(held_on_any_rank=held)
+    if requeued:
+        requeue.requeue(trainer)
