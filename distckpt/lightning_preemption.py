@@ -83,8 +83,9 @@ def after_preemption_save(
     """Hands a held SIGTERM back to Lightning and requeues the SLURM job where its requeue
     signal came, each where any rank got that signal (it may reach some ranks only): every rank
     raises ``SIGTERMException`` then, as Lightning's loop makes them (it broadcasts rank 0's
-    flag), and the job's exit status says it was stopped. Collective where either is watched
-    (the same on every rank: the same options); the job is requeued once a fit."""
+    flag), not the signalled ranks alone while the others' fits return. Collective where
+    either is watched (the same on every rank: the same options); the job is requeued once a
+    fit."""
     if not sigterm.holding and requeue.signum is None:
         return
     held, requeued = manager._coord.all_reduce(
