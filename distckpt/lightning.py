@@ -95,7 +95,7 @@ until the save has run (at the window's last micro-batch, the end of a validatio
 epoch, or the next optimizer step where it came after this callback's hook of a batch): the
 fit then raises ``SIGTERMException``, as Lightning does, also when it ends before any save.
 Under DDP, a SIGTERM that reached some ranks only makes every rank save and raise: from
-``on_train_start`` on, Lightning's handler runs without the broadcast it makes inside the
+``setup`` on, Lightning's handler runs without the broadcast it makes inside the
 handler (on a rank signalled alone, it put the ranks' collectives out of step), and after the
 save the ranks tell each other whether any got SIGTERM. Under SLURM, with Lightning's
 requeue signal in ``save_on_signal`` (its auto-requeue then installs no handler of its own), rank
@@ -245,6 +245,8 @@ class DistckptCallback(lightning.Callback):
             self.manager = CheckpointManager(self.root, **self.manager_options)
             # The manager's own flag: this package's, not a public part of the manager.
             self._sigterm.watch(trainer, self.manager._signals)
+            # Before Lightning installs its SIGTERM handler (after on_fit_start).
+            self._sigterm.keep_collectives_out_of_the_handler()
             self._requeue.watch(trainer, self.manager._signals)
 
     def _state(
@@ -357,8 +359,6 @@ class DistckptCallback(lightning.Callback):
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         assert self._trainer_state is not None
         refuse_a_second_restore(trainer, self.root, self.resumed_from)
-        # Lightning installs its SIGTERM handler after on_fit_start: this is the first hook after.
-        self._sigterm.keep_collectives_out_of_the_handler()
         ended_epoch = self._trainer_state.finish_ended_epoch()
         self._rng.apply()
         if ended_epoch:

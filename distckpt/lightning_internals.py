@@ -6,6 +6,7 @@ so that a Lightning version without one is named as such."""
 
 from __future__ import annotations
 
+import logging
 import signal
 from types import FrameType, ModuleType
 from typing import Any
@@ -13,9 +14,13 @@ from typing import Any
 import lightning
 from lightning import Trainer
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.rank_zero import rank_prefixed_message
 
 from distckpt.decisions import SignalFlag
 from distckpt.errors import LightningInternalMissing
+
+#: Lightning's signal connector's logger, whose "Received SIGTERM" line the notifier keeps.
+log = logging.getLogger("lightning.pytorch.trainer.connectors.signal_connector")
 
 
 def internal(owner: object, name: str) -> Any:
@@ -54,13 +59,6 @@ def validates_after_this_batch(trainer: Trainer) -> bool:
     return not val_loop.skip
 
 
-def _handlers_compose() -> type:
-    """Lightning's class of the handler it installs (its own and the ones it found)."""
-    from lightning.pytorch.trainer.connectors import signal_connector
-
-    return internal(signal_connector, "_HandlersCompose")
-
-
 class HeldSigterm:
     """Lightning's own SIGTERM handling, held back from the moment SIGTERM comes until the
     preemption save has run: Lightning raises ``SIGTERMException`` at the end of the batch (or
@@ -78,7 +76,8 @@ class HeldSigterm:
     alone: where SIGTERM reaches some ranks only (a node's agent, one rank killed), that
     broadcast pairs with another rank's broadcast of the training loop, and every collective
     after it is out of step (a hang until the process group's timeout, and no save). From
-    ``on_train_start`` on (:meth:`keep_collectives_out_of_the_handler`) it runs without that
+    ``setup`` on (:meth:`keep_collectives_out_of_the_handler`, before Lightning installs its
+    handler: during the sanity-check validation and the loaders' setup too) it runs without that
     broadcast: the manager's vote at the save tells every rank."""
 
     def __init__(self) -> None:
@@ -104,26 +103,28 @@ class HeldSigterm:
             self.held = True
 
     def keep_collectives_out_of_the_handler(self) -> None:
-        """Replaces Lightning's SIGTERM notifier in the handler Lightning installed (call after
-        its ``register_signal_handlers``) with one doing the same but its broadcast: it hands
-        SIGTERM to the ranks its launcher started and sets its flag (which the manager's
-        handler, run next, holds). Only where SIGTERM is held."""
+        """Replaces Lightning's SIGTERM notifier (call before its ``register_signal_handlers``,
+        which installs the one it finds then; :meth:`stop` puts Lightning's back) with one doing
+        the same but its broadcast: it logs the signal, hands it to the ranks its launcher
+        started and sets its flag (which the manager's handler, run next, holds). Only where
+        SIGTERM is held."""
         trainer = self.trainer
-        installed = signal.getsignal(signal.SIGTERM)
-        if trainer is None or not self.holding or not isinstance(installed, _handlers_compose()):
+        if trainer is None or not self.holding:
             return
         connector = internal(trainer, "_signal_connector")
-        notifier = internal(connector, "_sigterm_notifier_fn")
+        internal(connector, "_sigterm_notifier_fn")  # named where this Lightning has none
 
         def notify(signum: int, frame: FrameType | None) -> None:
+            log.info(rank_prefixed_message(f"Received SIGTERM: {signum}", trainer.local_rank))
             if not internal(connector, "received_sigterm"):
                 launcher = trainer.strategy.launcher
                 if launcher is not None:
                     launcher.kill(signum)
             set_internal(connector, "received_sigterm", True)
 
-        handlers = internal(installed, "signal_handlers")
-        handlers[:] = [notify if handler == notifier else handler for handler in handlers]
+        # An instance attribute, over the class's method: register_signal_handlers reads
+        # self._sigterm_notifier_fn when it installs the handler.
+        connector._sigterm_notifier_fn = notify
 
     def give_back(self, *, held_on_any_rank: bool | None = None) -> None:
         """Puts Lightning's flag back, if held here (or, ``held_on_any_rank``, on any rank of
@@ -144,6 +145,8 @@ class HeldSigterm:
         """Holds no more (a SIGTERM held is dropped: the fit has failed or ended)."""
         if flag is not None:
             flag.on_set = None
+        if self.trainer is not None:
+            vars(internal(self.trainer, "_signal_connector")).pop("_sigterm_notifier_fn", None)
         self.trainer = None
         self.held = False
         self.holding = False

@@ -18,6 +18,7 @@ pytest.importorskip("lightning")
 import lightning
 import torch
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from torch.utils.data import DataLoader
 
 from distckpt.lightning import DistckptCallback
 from tests.lightning_tiny import TinyModule
@@ -29,21 +30,34 @@ pytestmark = pytest.mark.timeout(120)
 
 
 class SendsSigtermOnRanks(TinyModule):
-    """Sends SIGTERM to its own process in its second epoch's (only) batch, on the ranks
-    ``signalled``."""
+    """Sends SIGTERM to its own process on the ranks ``signalled``: in its second epoch's
+    (only) batch (``when="training"``), or in the sanity-check validation that comes before
+    training, after Lightning installed its handler (``when="sanity"``)."""
 
-    def __init__(self, signalled: tuple[int, ...]) -> None:
+    def __init__(self, signalled: tuple[int, ...], when: str) -> None:
         super().__init__()
         self.signalled = signalled
+        self.when = when
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
-        if self.current_epoch == 1 and self.global_rank in self.signalled:
-            os.kill(os.getpid(), signal.SIGTERM)
+        if self.when == "training" and self.current_epoch == 1:
+            self._signal()
         return super().training_step(batch, batch_idx)
+
+    def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+        if self.when == "sanity" and self.trainer.sanity_checking:
+            self._signal()
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(torch.randn(8, 4), 4)
+
+    def _signal(self) -> None:
+        if self.global_rank in self.signalled:
+            os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _fit_signalled(
-    rank: int, world_size: int, root: str, port: int, signalled: tuple[int, ...]
+    rank: int, world_size: int, root: str, port: int, signalled: tuple[int, ...], when: str
 ) -> tuple[str, int | None, int]:
     """One rank of a 3-epoch fit (one batch an epoch on each rank) saving on SIGTERM alone;
     how it ended, the step of its last save and the step it stopped at."""
@@ -51,9 +65,11 @@ def _fit_signalled(
     callback = DistckptCallback(
         root, every_n_steps=100, fsync=False, timeout=20, save_on_signal=(signal.SIGTERM,)
     )
-    trainer = lightning.Trainer(max_epochs=3, callbacks=[callback], **TWO_QUIET_RANKS)
+    trainer = lightning.Trainer(
+        max_epochs=3, callbacks=[callback], num_sanity_val_steps=1, **TWO_QUIET_RANKS
+    )
     try:
-        trainer.fit(SendsSigtermOnRanks(signalled))
+        trainer.fit(SendsSigtermOnRanks(signalled, when))
         ended = "finished"
     except SIGTERMException:
         ended = "SIGTERMException"
@@ -61,12 +77,19 @@ def _fit_signalled(
     return ended, saved, trainer.global_step
 
 
-@pytest.mark.parametrize("signalled", [(0,), (1,)], ids=["rank-0-alone", "rank-1-alone"])
+@pytest.mark.parametrize(
+    ("signalled", "when", "step"),
+    [((0,), "training", 2), ((1,), "training", 2), ((1,), "sanity", 1)],
+    ids=["rank-0-alone", "rank-1-alone", "rank-1-alone-in-the-sanity-check"],
+)
 def test_sigterm_reaching_one_rank_is_saved_and_raised_on_every_rank(
-    tmp_path: Path, signalled: tuple[int, ...]
+    tmp_path: Path, signalled: tuple[int, ...], when: str, step: int
 ) -> None:
     with ReservedPort() as port:
-        results = run_ranks(_fit_signalled, 2, str(tmp_path), port.port, signalled, timeout=90)
-    # The second epoch's batch is its last: saved at the epoch's end, then the fit stops.
-    assert [result.unwrap() for result in results] == [("SIGTERMException", 2, 2)] * 2
-    assert os.readlink(tmp_path / "last") == "step-00000002"
+        results = run_ranks(
+            _fit_signalled, 2, str(tmp_path), port.port, signalled, when, timeout=90
+        )
+    # Saved at the first epoch's end after the signal (its only batch is its last), then the
+    # fit stops.
+    assert [result.unwrap() for result in results] == [("SIGTERMException", step, step)] * 2
+    assert os.readlink(tmp_path / "last") == f"step-{step:08d}"
