@@ -84,18 +84,22 @@ class HeldSigterm:
         self.trainer: Trainer | None = None
         self.held = False
         self.holding = False
+        self.given_back = False
 
     def watch(self, trainer: Trainer, flag: SignalFlag) -> None:
         """Holds Lightning's flag at each SIGTERM ``flag`` gets, until :meth:`stop`."""
         self.trainer = trainer
         self.held = False
+        self.given_back = False
         self.holding = signal.SIGTERM in flag.watched
         if self.holding:
             flag.on_set = self._hold
 
     def _hold(self, signum: int) -> None:
         trainer = self.trainer
-        if signum == signal.SIGTERM and trainer is not None:
+        # Once given back (the save has run, every rank raises), a later SIGTERM is not held:
+        # clearing the flag the vote set would leave this rank alone training on.
+        if signum == signal.SIGTERM and trainer is not None and not self.given_back:
             # Held also where Lightning's flag is not set: before Lightning installs its handler
             # (after ``on_fit_start``, during the restore) the manager's handler alone runs,
             # and the signal would otherwise be swallowed.
@@ -132,6 +136,7 @@ class HeldSigterm:
         held = self.held if held_on_any_rank is None else held_on_any_rank
         if held and self.trainer is not None:
             self.held = False
+            self.given_back = True
             set_internal(internal(self.trainer, "_signal_connector"), "received_sigterm", True)
 
     def raise_if_held(self) -> None:
@@ -149,4 +154,5 @@ class HeldSigterm:
             vars(internal(self.trainer, "_signal_connector")).pop("_sigterm_notifier_fn", None)
         self.trainer = None
         self.held = False
+        self.given_back = False
         self.holding = False

@@ -31,8 +31,9 @@ pytestmark = pytest.mark.timeout(120)
 
 class SendsSigtermOnRanks(TinyModule):
     """Sends SIGTERM to its own process on the ranks ``signalled``: in its second epoch's
-    (only) batch (``when="training"``), or in the sanity-check validation that comes before
-    training, after Lightning installed its handler (``when="sanity"``)."""
+    first batch (``when="training"``, ``"after-the-vote"``), or in the sanity-check validation
+    that comes before training, after Lightning installed its handler (``when="sanity"``).
+    One batch an epoch on each of 2 ranks; two with ``"after-the-vote"``."""
 
     def __init__(self, signalled: tuple[int, ...], when: str) -> None:
         super().__init__()
@@ -40,13 +41,18 @@ class SendsSigtermOnRanks(TinyModule):
         self.when = when
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
-        if self.when == "training" and self.current_epoch == 1:
+        training = self.when in ("training", "after-the-vote")
+        if training and self.current_epoch == 1 and batch_idx == 0:
             self._signal()
         return super().training_step(batch, batch_idx)
 
     def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
         if self.when == "sanity" and self.trainer.sanity_checking:
             self._signal()
+
+    def train_dataloader(self) -> DataLoader:
+        samples = 16 if self.when == "after-the-vote" else 8
+        return DataLoader(torch.randn(samples, 4, generator=torch.Generator().manual_seed(0)), 4)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(torch.randn(8, 4), 4)
@@ -56,17 +62,40 @@ class SendsSigtermOnRanks(TinyModule):
             os.kill(os.getpid(), signal.SIGTERM)
 
 
+class SendsSigtermLate(lightning.Callback):
+    """Listed after the saving callback, with ``when="after-the-vote"``: sends SIGTERM on rank 1
+    at the first batch end after a preemption save (after the ranks told each other whether
+    any got SIGTERM). Notes the step of each epoch's end it sees."""
+
+    def __init__(self, saving: DistckptCallback, when: str) -> None:
+        self.saving = saving
+        self.when = when
+        self.sent = False
+        self.epoch_ends: list[int] = []
+
+    def on_train_batch_end(self, trainer: lightning.Trainer, *_: object) -> None:
+        manager = self.saving.manager
+        late = self.when == "after-the-vote" and trainer.global_rank == 1 and not self.sent
+        if late and manager is not None and manager.preempted:
+            self.sent = True
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def on_train_epoch_end(self, trainer: lightning.Trainer, *_: object) -> None:
+        self.epoch_ends.append(trainer.global_step)
+
+
 def _fit_signalled(
     rank: int, world_size: int, root: str, port: int, signalled: tuple[int, ...], when: str
-) -> tuple[str, int | None, int]:
-    """One rank of a 3-epoch fit (one batch an epoch on each rank) saving on SIGTERM alone;
-    how it ended, the step of its last save and the step it stopped at."""
+) -> tuple[str, int | None, int, list[int]]:
+    """One rank of a 3-epoch fit saving on SIGTERM alone; how it ended, the step of its last
+    save, the step it stopped at and those of the epoch ends it ran."""
     _tell_lightning_the_rank(rank, world_size, port)
     callback = DistckptCallback(
         root, every_n_steps=100, fsync=False, timeout=20, save_on_signal=(signal.SIGTERM,)
     )
+    late = SendsSigtermLate(callback, when)
     trainer = lightning.Trainer(
-        max_epochs=3, callbacks=[callback], num_sanity_val_steps=1, **TWO_QUIET_RANKS
+        max_epochs=3, callbacks=[callback, late], num_sanity_val_steps=1, **TWO_QUIET_RANKS
     )
     try:
         trainer.fit(SendsSigtermOnRanks(signalled, when))
@@ -74,22 +103,35 @@ def _fit_signalled(
     except SIGTERMException:
         ended = "SIGTERMException"
     saved = callback.last_save.step if callback.last_save is not None else None
-    return ended, saved, trainer.global_step
+    return ended, saved, trainer.global_step, late.epoch_ends
 
 
 @pytest.mark.parametrize(
-    ("signalled", "when", "step"),
-    [((0,), "training", 2), ((1,), "training", 2), ((1,), "sanity", 1)],
-    ids=["rank-0-alone", "rank-1-alone", "rank-1-alone-in-the-sanity-check"],
+    ("signalled", "when", "step", "epoch_ends"),
+    [
+        ((0,), "training", 2, [1, 2]),
+        ((1,), "training", 2, [1, 2]),
+        ((1,), "sanity", 1, [1]),
+        # Saved mid-epoch; rank 1's own SIGTERM, after the vote, neither undoes the flag the
+        # vote gave back there nor runs that epoch's end on rank 1 alone.
+        ((0,), "after-the-vote", 3, [2]),
+    ],
+    ids=[
+        "rank-0-alone",
+        "rank-1-alone",
+        "rank-1-alone-in-the-sanity-check",
+        "rank-0-then-rank-1-after-the-vote",
+    ],
 )
 def test_sigterm_reaching_one_rank_is_saved_and_raised_on_every_rank(
-    tmp_path: Path, signalled: tuple[int, ...], when: str, step: int
+    tmp_path: Path, signalled: tuple[int, ...], when: str, step: int, epoch_ends: list[int]
 ) -> None:
     with ReservedPort() as port:
         results = run_ranks(
             _fit_signalled, 2, str(tmp_path), port.port, signalled, when, timeout=90
         )
-    # Saved at the first epoch's end after the signal (its only batch is its last), then the
-    # fit stops.
-    assert [result.unwrap() for result in results] == [("SIGTERMException", step, step)] * 2
+    # Saved at the first save point after the signal (with one batch an epoch, the epoch's
+    # end), then the fit stops.
+    expected = ("SIGTERMException", step, step, epoch_ends)
+    assert [result.unwrap() for result in results] == [expected] * 2
     assert os.readlink(tmp_path / "last") == f"step-{step:08d}"
