@@ -142,7 +142,11 @@ from lightning.pytorch.callbacks import Checkpoint
 
 from distckpt.lightning_extras import AsBytes, BytesAsTensors, LightningExtras
 from distckpt.lightning_internals import HeldSigterm, set_internal, validates_after_this_batch
-from distckpt.lightning_preemption import SlurmRequeue, after_preemption_save
+from distckpt.lightning_preemption import (
+    SlurmRequeue,
+    after_preemption_save,
+    raise_at_train_end,
+)
 from distckpt.lightning_state import DeferredRNG, TrainerState, refuse_a_second_restore
 from distckpt.manager import CheckpointManager
 from distckpt.per_rank import PerRank
@@ -456,8 +460,10 @@ class DistckptCallback(lightning.Callback):
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # A SIGTERM that came after the fit's last save point (a last batch ending no optimizer
-        # step): Lightning, which checks its flag no more, would have raised at that batch.
-        self._sigterm.raise_if_held()
+        # step): Lightning, which checks its flag no more, would have raised at that batch, on
+        # every rank (it may have reached some only).
+        assert self.manager is not None
+        raise_at_train_end(self.manager, self._sigterm)
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._close(trainer)

@@ -139,11 +139,13 @@ class HeldSigterm:
             self.given_back = True
             set_internal(internal(self.trainer, "_signal_connector"), "received_sigterm", True)
 
-    def raise_if_held(self) -> None:
-        """Raises ``SIGTERMException`` as Lightning would have, if a SIGTERM is still held:
-        at the fit's end Lightning checks its flag no more."""
-        if self.held:
-            self.give_back()
+    def raise_if_held(self, *, held_on_any_rank: bool | None = None) -> None:
+        """Raises ``SIGTERMException`` as Lightning would have, if a SIGTERM is still held here
+        (or, ``held_on_any_rank``, on any rank of the job): at the fit's end Lightning checks
+        its flag no more."""
+        held = self.held if held_on_any_rank is None else held_on_any_rank
+        if held:
+            self.give_back(held_on_any_rank=held)
             raise SIGTERMException
 
     def stop(self, flag: SignalFlag | None) -> None:

@@ -97,3 +97,17 @@ def after_preemption_save(
     sigterm.give_back(held_on_any_rank=held)
     if requeued:
         requeue.requeue(trainer)
+
+
+def raise_at_train_end(manager: CheckpointManager, sigterm: HeldSigterm) -> None:
+    """Raises ``SIGTERMException`` on every rank where any rank still holds a SIGTERM at the
+    fit's end (it came after the fit's last save point, on some ranks only), as Lightning's loop
+    would have raised it on every rank. Collective where SIGTERM is held (the same on every
+    rank: the same options); every rank reaches ``on_train_end`` once a fit, unless all raised
+    before it together."""
+    if not sigterm.holding:
+        return
+    held = manager._coord.all_reduce(
+        lambda: sigterm.held, any, what="telling a SIGTERM held at the fit's end"
+    )
+    sigterm.raise_if_held(held_on_any_rank=held)

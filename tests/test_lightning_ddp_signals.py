@@ -63,9 +63,10 @@ class SendsSigtermOnRanks(TinyModule):
 
 
 class SendsSigtermLate(lightning.Callback):
-    """Listed after the saving callback, with ``when="after-the-vote"``: sends SIGTERM on rank 1
+    """Sends SIGTERM on rank 1: listed after the saving callback, with ``when="after-the-vote"``,
     at the first batch end after a preemption save (after the ranks told each other whether
-    any got SIGTERM). Notes the step of each epoch's end it sees."""
+    any got SIGTERM); listed before it, with ``when="at-train-end"``, in ``on_train_end``, after
+    the fit's last save point. Notes the step of each epoch's end it sees."""
 
     def __init__(self, saving: DistckptCallback, when: str) -> None:
         self.saving = saving
@@ -83,6 +84,10 @@ class SendsSigtermLate(lightning.Callback):
     def on_train_epoch_end(self, trainer: lightning.Trainer, *_: object) -> None:
         self.epoch_ends.append(trainer.global_step)
 
+    def on_train_end(self, trainer: lightning.Trainer, *_: object) -> None:
+        if self.when == "at-train-end" and trainer.global_rank == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+
 
 def _fit_signalled(
     rank: int, world_size: int, root: str, port: int, signalled: tuple[int, ...], when: str
@@ -94,8 +99,9 @@ def _fit_signalled(
         root, every_n_steps=100, fsync=False, timeout=20, save_on_signal=(signal.SIGTERM,)
     )
     late = SendsSigtermLate(callback, when)
+    callbacks = [late, callback] if when == "at-train-end" else [callback, late]
     trainer = lightning.Trainer(
-        max_epochs=3, callbacks=[callback, late], num_sanity_val_steps=1, **TWO_QUIET_RANKS
+        max_epochs=3, callbacks=callbacks, num_sanity_val_steps=1, **TWO_QUIET_RANKS
     )
     try:
         trainer.fit(SendsSigtermOnRanks(signalled, when))
@@ -115,16 +121,23 @@ def _fit_signalled(
         # Saved mid-epoch; rank 1's own SIGTERM, after the vote, neither undoes the flag the
         # vote gave back there nor runs that epoch's end on rank 1 alone.
         ((0,), "after-the-vote", 3, [2]),
+        # Nothing saved after it, but the fit raises on rank 0 too.
+        ((), "at-train-end", None, [1, 2, 3]),
     ],
     ids=[
         "rank-0-alone",
         "rank-1-alone",
         "rank-1-alone-in-the-sanity-check",
         "rank-0-then-rank-1-after-the-vote",
+        "rank-1-alone-after-the-last-save-point",
     ],
 )
 def test_sigterm_reaching_one_rank_is_saved_and_raised_on_every_rank(
-    tmp_path: Path, signalled: tuple[int, ...], when: str, step: int, epoch_ends: list[int]
+    tmp_path: Path,
+    signalled: tuple[int, ...],
+    when: str,
+    step: int | None,
+    epoch_ends: list[int],
 ) -> None:
     with ReservedPort() as port:
         results = run_ranks(
@@ -132,6 +145,8 @@ def test_sigterm_reaching_one_rank_is_saved_and_raised_on_every_rank(
         )
     # Saved at the first save point after the signal (with one batch an epoch, the epoch's
     # end), then the fit stops.
-    expected = ("SIGTERMException", step, step, epoch_ends)
+    stopped_at = step if step is not None else epoch_ends[-1]
+    expected = ("SIGTERMException", step, stopped_at, epoch_ends)
     assert [result.unwrap() for result in results] == [expected] * 2
-    assert os.readlink(tmp_path / "last") == f"step-{step:08d}"
+    if step is not None:
+        assert os.readlink(tmp_path / "last") == f"step-{step:08d}"
