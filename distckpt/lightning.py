@@ -142,12 +142,8 @@ from lightning.pytorch.callbacks import Checkpoint
 
 from distckpt.lightning_extras import AsBytes, BytesAsTensors, LightningExtras
 from distckpt.lightning_internals import HeldSigterm, set_internal, validates_after_this_batch
-from distckpt.lightning_preemption import (
-    SlurmRequeue,
-    after_preemption_save,
-    raise_at_train_end,
-)
-from distckpt.lightning_state import DeferredRNG, TrainerState, refuse_a_second_restore
+from distckpt.lightning_preemption import SlurmRequeue, after_preemption_save, raise_at_train_end
+from distckpt.lightning_state import DeferredRNG, TrainerState, progress, refuse_a_second_restore
 from distckpt.manager import CheckpointManager
 from distckpt.per_rank import PerRank
 from distckpt.results import Checkpoint as LoadedCheckpoint
@@ -220,10 +216,12 @@ class DistckptCallback(lightning.Callback):
     :attr:`manager` the manager, :attr:`tracker` the step counter and :attr:`last_save` the
     :class:`~distckpt.SaveResult` of the newest checkpoint this fit started (None before).
 
-    A fit that Lightning also restores a checkpoint of its own into (``fit(ckpt_path=...)``) is
-    refused with :class:`~distckpt.InvalidArgument` before any batch where this callback
-    restored ``last``: Lightning's restore of the optimizers, schedulers and loop progress comes
-    after this one's, over it. On a root without checkpoints the fit starts from that file.
+    A fit that Lightning also restores a checkpoint of its own into (``fit(ckpt_path=...)``) of
+    another global step or epoch is refused with :class:`~distckpt.InvalidArgument` before any
+    batch where this callback restored ``last``: Lightning's restore of the optimizers,
+    schedulers and loop progress comes after this one's, over it (one of the same progress, a
+    ``ModelCheckpoint(save_last=True)``'s ``"last"``, is let through). On a root without
+    checkpoints the fit starts from that file.
     """
 
     def __init__(self, root: str, **manager_options: Any) -> None:
@@ -242,6 +240,7 @@ class DistckptCallback(lightning.Callback):
         self._sigterm = HeldSigterm()
         self._requeue = SlurmRequeue()
         self._min_limits: tuple[int | None, int | None] | None = None
+        self._restored_progress: tuple[int, int] | None = None
         self.last_save: SaveResult | None = None
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -319,6 +318,7 @@ class DistckptCallback(lightning.Callback):
                 {STEP_KEY: checkpoint.step, BY_OPTIMIZER_KEY: [checkpoint.step, *counts[1:]]}
             )
         self._step_at_last_batch = self.tracker.step
+        self._restored_progress = progress(trainer) if checkpoint is not None else None
         if checkpoint is not None:
             # The train loader may already be built (``estimated_stepping_batches`` in
             # ``configure_optimizers`` builds it before fitting starts), and Lightning hands a
@@ -362,7 +362,7 @@ class DistckptCallback(lightning.Callback):
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         assert self._trainer_state is not None
-        refuse_a_second_restore(trainer, self.root, self.resumed_from)
+        refuse_a_second_restore(trainer, self.root, self.resumed_from, self._restored_progress)
         ended_epoch = self._trainer_state.finish_ended_epoch()
         self._rng.apply()
         if ended_epoch:
@@ -460,8 +460,7 @@ class DistckptCallback(lightning.Callback):
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # A SIGTERM that came after the fit's last save point (a last batch ending no optimizer
-        # step): Lightning, which checks its flag no more, would have raised at that batch, on
-        # every rank (it may have reached some only).
+        # step), on any rank: Lightning, checking its flag no more, would have raised on each.
         assert self.manager is not None
         raise_at_train_end(self.manager, self._sigterm)
 

@@ -128,20 +128,31 @@ class DeferredRNG:
             self.pending = None
 
 
-def refuse_a_second_restore(trainer: Trainer, root: str, resumed_from: int | None) -> None:
+def progress(trainer: Trainer) -> tuple[int, int]:
+    """The Trainer's loop progress that a restore sets: its ``global_step`` and epoch."""
+    return trainer.global_step, trainer.current_epoch
+
+
+def refuse_a_second_restore(
+    trainer: Trainer, root: str, resumed_from: int | None, restored: tuple[int, int] | None
+) -> None:
     """Raises :class:`~distckpt.InvalidArgument` (``path``: Lightning's checkpoint, ``step``:
     ``resumed_from``, the one :class:`~distckpt.lightning.DistckptCallback` restored from
-    ``root``) where Lightning restored a checkpoint of its own (``fit(ckpt_path=...)``, or an
-    ``hpc_ckpt_N.ckpt`` that its SLURM auto-requeue saved and it picks by itself) after the
-    callback restored ``last``: Lightning restores the optimizers, schedulers and loop progress
-    after ``on_fit_start``, over the restored ones, so the fit would train on a mix of two
-    checkpoints. Call it before any batch, so that nothing is trained or saved; it decides the
-    same on every rank (each sees the same root and ``ckpt_path``)."""
+    ``root``, whose :func:`progress` was ``restored``) where Lightning restored a checkpoint of
+    its own (``fit(ckpt_path=...)``, or an ``hpc_ckpt_N.ckpt`` that its SLURM auto-requeue saved
+    and it picks by itself) of another progress after the callback restored ``last``: Lightning
+    restores the optimizers, schedulers and loop progress after ``on_fit_start``, over the
+    restored ones, so the fit would train on a mix of two checkpoints. One of the same progress
+    (a ``ModelCheckpoint(save_last=True)`` beside the callback, saving at the same epochs, and
+    ``fit(ckpt_path="last")``) is let through. Call it before any batch, so that nothing is
+    trained or saved; it decides the same on every rank (each sees the same root and
+    ``ckpt_path``)."""
     ckpt_path = trainer.ckpt_path
-    if resumed_from is None or ckpt_path is None:
+    if resumed_from is None or ckpt_path is None or progress(trainer) == restored:
         return
     raise InvalidArgument(
-        f"trainer.fit() restored Lightning's checkpoint {ckpt_path} over step {resumed_from} of "
+        f"trainer.fit() restored Lightning's checkpoint {ckpt_path} (global step "
+        f"{trainer.global_step}) over step {resumed_from} of "
         f"{root}, which DistckptCallback restored: the fit would train on the optimizers, "
         "schedulers and loop progress of the one and the module of the other. Leave ckpt_path "
         "out (the callback resumes from its root's last), or give the callback a root without "

@@ -14,6 +14,7 @@ pytest.importorskip("lightning")
 
 import lightning
 import numpy as np
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 import distckpt
 from distckpt.errors import UnloadableState
@@ -152,6 +153,31 @@ def test_a_fit_given_a_lightning_checkpoint_over_a_restored_root_is_refused_befo
     assert sorted(path.name for path in root.glob("step-*")) == ["step-00000002", "step-00000004"]
     trainer, callback = fit_from(tmp_path / "fresh")
     assert callback.resumed_from is None and trainer.global_step == 6
+
+
+def test_a_fit_given_a_lightning_checkpoint_of_the_restored_progress_resumes(
+    tmp_path: Path,
+) -> None:
+    """A ``ModelCheckpoint(save_last=True)`` beside the callback, saving at the same epochs,
+    and a job script that always calls ``fit(ckpt_path="last")``: Lightning's ``last.ckpt`` is
+    of the step the callback restored, no mix, and every run resumes."""
+    options = {
+        key: value for key, value in ONE_QUIET_DEVICE.items() if key != "enable_checkpointing"
+    }
+
+    def fit_for(epochs: int) -> tuple[lightning.Trainer, DistckptCallback]:
+        callback = DistckptCallback(str(tmp_path / "root"), every_n_epochs=1, fsync=False)
+        beside = ModelCheckpoint(dirpath=tmp_path / "lightning", save_last=True)
+        trainer = lightning.Trainer(
+            max_epochs=epochs, callbacks=[callback, beside], enable_checkpointing=True, **options
+        )
+        trainer.fit(TinyModule(), ckpt_path="last")
+        return trainer, callback
+
+    fit_for(1)
+    for epochs in (2, 3):
+        trainer, callback = fit_for(epochs)
+        assert callback.resumed_from == 2 * (epochs - 1) and trainer.global_step == 2 * epochs
 
 
 class NumpyState(lightning.Callback):
