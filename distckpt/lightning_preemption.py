@@ -1,6 +1,6 @@
 """What :class:`~distckpt.lightning.DistckptCallback` does after a preemption save
 (:func:`after_preemption_save`): hands a held SIGTERM back to Lightning, and requeues the SLURM
-job as Lightning's auto-requeue would have where its requeue signal asked for the save
+job in place of Lightning's auto-requeue where its requeue signal asked for the save
 (:class:`SlurmRequeue`)."""
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ logger = logging.getLogger("distckpt")
 
 class SlurmRequeue:
     """Requeues the SLURM job once a preemption save that Lightning's requeue signal asked for
-    has committed, as Lightning's auto-requeue would have.
+    has committed, in place of Lightning's auto-requeue.
 
     Under SLURM, Lightning installs its requeue handler (``SLURMEnvironment(auto_requeue=True)``,
     its default; ``SIGUSR1`` unless ``requeue_signal`` says otherwise) only where that signal has
@@ -29,7 +29,10 @@ class SlurmRequeue:
     off, and the job stopped after its preemption save, exited 0 and was never requeued. This
     does its work instead, after the save rather than in the handler (Lightning's also writes an
     ``hpc_ckpt_N.ckpt`` there, and its next fit restores from it by itself): rank 0 runs
-    ``scontrol requeue`` with the job's id."""
+    ``scontrol requeue`` with the job's id, formed as Lightning forms it. Unlike Lightning's, it
+    does not retry through a shell where ``scontrol`` is not found (that failure, and a non-zero
+    exit, are logged as warnings), and it logs the requeue itself as a warning too, so that it
+    shows at the logging level preemption messages are seen at."""
 
     def __init__(self) -> None:
         self.signum: int | None = None
@@ -57,8 +60,8 @@ class SlurmRequeue:
         flag.on_set = on_set
 
     def requeue(self, trainer: Trainer) -> None:
-        """Runs ``scontrol requeue`` on rank 0 (the job id as Lightning forms it); a failure is
-        logged as a warning, as Lightning logs it."""
+        """Runs ``scontrol requeue`` on rank 0 (the job id as Lightning forms it); a failure to
+        run it or a non-zero exit is logged as a warning, and so is the requeue."""
         if not trainer.is_global_zero:
             return
         array_job = os.environ.get("SLURM_ARRAY_JOB_ID")
@@ -88,6 +91,8 @@ def after_preemption_save(
     fit."""
     if not sigterm.holding and requeue.signum is None:
         return
+    # The manager's coordinator, this package's own: the public agree_on returns each rank's
+    # own value, and this needs the ranks' values combined.
     held, requeued = manager._coord.all_reduce(
         lambda: (sigterm.held, requeue.signalled),
         lambda by_rank: tuple(map(any, zip(*by_rank))),
@@ -107,6 +112,7 @@ def raise_at_train_end(manager: CheckpointManager, sigterm: HeldSigterm) -> None
     before it together."""
     if not sigterm.holding:
         return
+    # As in after_preemption_save: agree_on cannot return the ranks' values combined.
     held = manager._coord.all_reduce(
         lambda: sigterm.held, any, what="telling a SIGTERM held at the fit's end"
     )
