@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import subprocess
+import warnings
 
 from lightning import Trainer
 from lightning.fabric.plugins.environments import SLURMEnvironment
@@ -40,13 +42,24 @@ class SlurmRequeue:
 
     def watch(self, trainer: Trainer, flag: SignalFlag) -> None:
         """Notes each of ``flag``'s signals that is Lightning's requeue signal, where Lightning
-        would requeue on it and ``flag`` watches it; chains ``flag.on_set``."""
+        would requeue on it and ``flag`` watches it; chains ``flag.on_set``. Warns where Lightning
+        would requeue on a signal ``flag`` does not watch."""
         environment = internal(trainer, "_accelerator_connector").cluster_environment
         self.signalled = False
         self.signum = None
         if not isinstance(environment, SLURMEnvironment) or not environment.auto_requeue:
             return
         if environment.requeue_signal not in flag.watched:
+            name = signal.Signals(environment.requeue_signal).name
+            # Lightning's handler saves hpc_ckpt_N.ckpt, which its next fit restores over the
+            # callback's restore: refused, at every requeue.
+            warnings.warn(
+                f"Lightning's SLURM auto-requeue saves an hpc_ckpt_N.ckpt on {name}, which its "
+                "next fit restores and DistckptCallback then refuses: add "
+                f"signal.{name} to save_on_signal (the callback then saves and requeues), or "
+                "turn the auto-requeue off with plugins=[SLURMEnvironment(auto_requeue=False)]",
+                stacklevel=2,
+            )
             return
         self.signum = environment.requeue_signal
         chained = flag.on_set
