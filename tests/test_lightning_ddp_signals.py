@@ -3,7 +3,8 @@ ranks (forked processes in a gloo group, ``strategy="ddp"``), where SIGTERM reac
 only, as a node's agent or a scheduler stopping one node sends it: every rank takes the
 preemption save and raises ``SIGTERMException``. Lightning's own handler broadcasts inside the
 handler on the signalled rank alone, which put the ranks' collectives out of step: no save,
-and both ranks waiting until the process group's timeout."""
+and both ranks waiting until the process group's timeout. Under SLURM, Lightning's requeue
+signal saved on reaching some ranks requeues the job once, from rank 0."""
 
 from __future__ import annotations
 
@@ -150,3 +151,66 @@ def test_sigterm_reaching_one_rank_is_saved_and_raised_on_every_rank(
     assert [result.unwrap() for result in results] == [expected] * 2
     if step is not None:
         assert os.readlink(tmp_path / "last") == f"step-{step:08d}"
+
+
+class SendsSigusr1OnRanks(TinyModule):
+    """Sends SIGUSR1 (Lightning's SLURM requeue signal) to its own process in its second epoch's
+    (only) batch, on the ranks ``signalled``."""
+
+    def __init__(self, signalled: tuple[int, ...]) -> None:
+        super().__init__()
+        self.signalled = signalled
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        if self.current_epoch == 1 and self.global_rank in self.signalled:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return super().training_step(batch, batch_idx)
+
+
+def _fit_under_slurm(
+    rank: int, world_size: int, root: str, port: int, bin_dir: str, signalled: tuple[int, ...]
+) -> tuple[str, str, int | None]:
+    """One rank of a 3-epoch fit under SLURM (its variables: no SLURM here) saving on SIGUSR1;
+    the cluster environment Lightning took, how the fit ended and the step of its last save."""
+    _tell_lightning_the_rank(rank, world_size, port)
+    # This forked rank's own environment: what makes Lightning take SLURMEnvironment, and the
+    # job's scontrol, a stand-in program on PATH that notes which rank ran it.
+    os.environ.update(
+        SLURM_NTASKS="2",
+        SLURM_NTASKS_PER_NODE="2",
+        SLURM_NNODES="1",
+        SLURM_JOB_NAME="train",
+        SLURM_JOB_ID="4242",
+        SLURM_PROCID=str(rank),
+        SLURM_LOCALID=str(rank),
+        SLURM_NODEID="0",
+        PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+    )
+    callback = DistckptCallback(
+        root, every_n_steps=100, fsync=False, timeout=20, save_on_signal=(signal.SIGUSR1,)
+    )
+    trainer = lightning.Trainer(max_epochs=3, callbacks=[callback], **TWO_QUIET_RANKS)
+    environment = type(trainer._accelerator_connector.cluster_environment).__name__
+    trainer.fit(SendsSigusr1OnRanks(signalled))
+    saved = callback.last_save.step if callback.last_save is not None else None
+    return environment, f"stopped at {trainer.global_step}", saved
+
+
+@pytest.mark.parametrize("signalled", [(1,), (0, 1)], ids=["rank-1-alone", "both-ranks"])
+def test_under_slurm_the_requeue_signal_on_some_ranks_requeues_the_job_once(
+    tmp_path: Path, signalled: tuple[int, ...]
+) -> None:
+    """The ranks tell each other after the preemption save whether any got the requeue signal:
+    rank 0 runs ``scontrol requeue`` once, also where the signal reached rank 1 alone."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "scontrol-calls.txt"
+    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "rank $SLURM_PROCID: $@" >> {calls}\n')
+    (bin_dir / "scontrol").chmod(0o755)
+    with ReservedPort() as port:
+        results = run_ranks(
+            _fit_under_slurm, 2, str(tmp_path / "root"), port.port, str(bin_dir), signalled
+        )
+    expected = ("SLURMEnvironment", "stopped at 2", 2)
+    assert [result.unwrap() for result in results] == [expected] * 2
+    assert calls.read_text() == "rank 0: requeue 4242\n"
