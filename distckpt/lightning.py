@@ -94,6 +94,13 @@ after the batch or validation batch in which it came) is held back from the mome
 until the save has run (at the window's last micro-batch, the end of a validation or of the
 epoch, or the next optimizer step where it came after this callback's hook of a batch): the
 fit then raises ``SIGTERMException``, as Lightning does, also when it ends before any save.
+Under DDP, a SIGTERM that reached some ranks only makes every rank save and raise: from
+``setup`` on, Lightning's handler runs without the broadcast it makes inside the
+handler (on a rank signalled alone, it put the ranks' collectives out of step), and after the
+save the ranks tell each other whether any got SIGTERM. Under SLURM, with Lightning's
+requeue signal in ``save_on_signal`` (its auto-requeue then installs no handler of its own), rank
+0 runs ``scontrol requeue`` once the preemption save has committed
+(:class:`~distckpt.lightning_preemption.SlurmRequeue`).
 
 A checkpoint due at a batch that Lightning validates after (``val_check_interval``) is taken
 once that validation has run, at the end of its ``on_validation_end`` hooks (this callback adds
@@ -135,7 +142,8 @@ from lightning.pytorch.callbacks import Checkpoint
 
 from distckpt.lightning_extras import AsBytes, BytesAsTensors, LightningExtras
 from distckpt.lightning_internals import HeldSigterm, set_internal, validates_after_this_batch
-from distckpt.lightning_state import DeferredRNG, TrainerState
+from distckpt.lightning_preemption import SlurmRequeue, after_preemption_save, raise_at_train_end
+from distckpt.lightning_state import DeferredRNG, TrainerState, progress, refuse_a_second_restore
 from distckpt.manager import CheckpointManager
 from distckpt.per_rank import PerRank
 from distckpt.results import Checkpoint as LoadedCheckpoint
@@ -207,6 +215,13 @@ class DistckptCallback(lightning.Callback):
     After fitting starts, :attr:`resumed_from` is the step restored (None on a fresh start),
     :attr:`manager` the manager, :attr:`tracker` the step counter and :attr:`last_save` the
     :class:`~distckpt.SaveResult` of the newest checkpoint this fit started (None before).
+
+    A fit that Lightning also restores a checkpoint of its own into (``fit(ckpt_path=...)``) of
+    another global step or epoch is refused with :class:`~distckpt.InvalidArgument` before any
+    batch where this callback restored ``last``: Lightning's restore of the optimizers,
+    schedulers and loop progress comes after this one's, over it (one of the same progress, a
+    ``ModelCheckpoint(save_last=True)``'s ``"last"``, is let through). On a root without
+    checkpoints the fit starts from that file.
     """
 
     def __init__(self, root: str, **manager_options: Any) -> None:
@@ -223,7 +238,9 @@ class DistckptCallback(lightning.Callback):
         self._save_at_epoch_end = False
         self._save_after_validation = False
         self._sigterm = HeldSigterm()
+        self._requeue = SlurmRequeue()
         self._min_limits: tuple[int | None, int | None] | None = None
+        self._restored_progress: tuple[int, int] | None = None
         self.last_save: SaveResult | None = None
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -231,6 +248,9 @@ class DistckptCallback(lightning.Callback):
             self.manager = CheckpointManager(self.root, **self.manager_options)
             # The manager's own flag: this package's, not a public part of the manager.
             self._sigterm.watch(trainer, self.manager._signals)
+            # Before Lightning installs its SIGTERM handler (after on_fit_start).
+            self._sigterm.keep_collectives_out_of_the_handler()
+            self._requeue.watch(trainer, self.manager._signals)
 
     def _state(
         self, trainer: Trainer, pl_module: LightningModule, extras: Any, layout: str
@@ -298,6 +318,7 @@ class DistckptCallback(lightning.Callback):
                 {STEP_KEY: checkpoint.step, BY_OPTIMIZER_KEY: [checkpoint.step, *counts[1:]]}
             )
         self._step_at_last_batch = self.tracker.step
+        self._restored_progress = progress(trainer) if checkpoint is not None else None
         if checkpoint is not None:
             # The train loader may already be built (``estimated_stepping_batches`` in
             # ``configure_optimizers`` builds it before fitting starts), and Lightning hands a
@@ -341,6 +362,7 @@ class DistckptCallback(lightning.Callback):
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         assert self._trainer_state is not None
+        refuse_a_second_restore(trainer, self.root, self.resumed_from, self._restored_progress)
         ended_epoch = self._trainer_state.finish_ended_epoch()
         self._rng.apply()
         if ended_epoch:
@@ -434,12 +456,13 @@ class DistckptCallback(lightning.Callback):
                 self._min_limits = (fit_loop.min_epochs, fit_loop.epoch_loop.min_steps)
             fit_loop.min_epochs = None
             fit_loop.epoch_loop.min_steps = None
-            self._sigterm.give_back()
+            after_preemption_save(trainer, self.manager, self._sigterm, self._requeue)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # A SIGTERM that came after the fit's last save point (a last batch ending no optimizer
-        # step): Lightning, which checks its flag no more, would have raised at that batch.
-        self._sigterm.raise_if_held()
+        # step), on any rank: Lightning, checking its flag no more, would have raised on each.
+        assert self.manager is not None
+        raise_at_train_end(self.manager, self._sigterm)
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._close(trainer)

@@ -1,7 +1,8 @@
 """The Trainer's own state that :class:`~distckpt.lightning.DistckptCallback` saves and
 restores beside the module and optimizers: the fit loop's progress and loaders' positions, the
 precision plugin's and datamodule's states (:class:`TrainerState`), and the RNGs, restored
-only once Lightning has built the data iterator (:class:`DeferredRNG`)."""
+only once Lightning has built the data iterator (:class:`DeferredRNG`); and the refusal of a
+restore of Lightning's own over the callback's (:func:`refuse_a_second_restore`)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import lightning.fabric.utilities.data as fabric_data
 import lightning.pytorch.utilities.combined_loader as combined_loaders
 from lightning import Trainer
 
+from distckpt.errors import InvalidArgument
 from distckpt.lightning_internals import internal, set_internal
 from distckpt.rng import capture_rng, restore_rng
 
@@ -124,3 +126,39 @@ class DeferredRNG:
         if self.pending is not None:
             restore_rng(self.pending)
             self.pending = None
+
+
+def progress(trainer: Trainer) -> tuple[int, int]:
+    """The Trainer's loop progress that a restore sets: its ``global_step`` and epoch."""
+    return trainer.global_step, trainer.current_epoch
+
+
+def refuse_a_second_restore(
+    trainer: Trainer, root: str, resumed_from: int | None, restored: tuple[int, int] | None
+) -> None:
+    """Raises :class:`~distckpt.InvalidArgument` (``path``: Lightning's checkpoint, ``step``:
+    ``resumed_from``, the one :class:`~distckpt.lightning.DistckptCallback` restored from
+    ``root``, whose :func:`progress` was ``restored``) where Lightning restored a checkpoint of
+    its own (``fit(ckpt_path=...)``, or an ``hpc_ckpt_N.ckpt`` that its SLURM auto-requeue saved
+    and it picks by itself) of another progress after the callback restored ``last``: Lightning
+    restores the optimizers, schedulers and loop progress after ``on_fit_start``, over the
+    restored ones, so the fit would train on a mix of two checkpoints. One of the same progress
+    (a ``ModelCheckpoint(save_last=True)`` beside the callback, saving at the same epochs, and
+    ``fit(ckpt_path="last")``) is let through. Call it before any batch, so that nothing is
+    trained or saved; it decides the same on every rank (each sees the same root and
+    ``ckpt_path``)."""
+    ckpt_path = trainer.ckpt_path
+    if resumed_from is None or ckpt_path is None or progress(trainer) == restored:
+        return
+    raise InvalidArgument(
+        f"trainer.fit() restored Lightning's checkpoint {ckpt_path} (global step "
+        f"{trainer.global_step}) over step {resumed_from} of "
+        f"{root}, which DistckptCallback restored: the fit would train on the optimizers, "
+        "schedulers and loop progress of the one and the module of the other. Leave ckpt_path "
+        "out (the callback resumes from its root's last), or give the callback a root without "
+        "checkpoints to start from that checkpoint (an hpc_ckpt_N.ckpt is one Lightning's SLURM "
+        "auto-requeue saved and picks by itself: turn it off with "
+        "plugins=[SLURMEnvironment(auto_requeue=False)])",
+        path=str(ckpt_path),
+        step=resumed_from,
+    )

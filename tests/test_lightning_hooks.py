@@ -14,6 +14,7 @@ pytest.importorskip("lightning")
 
 import lightning
 import numpy as np
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 import distckpt
 from distckpt.errors import UnloadableState
@@ -126,6 +127,57 @@ def test_a_failed_fit_leaves_the_trainer_as_lightning_does_and_a_second_fit_resu
     seen = module.seen_checkpoint_callbacks
     assert [callback is None for callback in seen] == [True, True, False] * 2
     assert seen[2].best_model_path == seen[2].last_model_path == ""
+
+
+def test_a_fit_given_a_lightning_checkpoint_over_a_restored_root_is_refused_before_training(
+    tmp_path: Path,
+) -> None:
+    """Lightning restores ``ckpt_path``'s optimizers, schedulers and loop progress after
+    ``on_fit_start``, over the callback's restore of ``last``: the fit would train on a mix of
+    two checkpoints. Refused on the fit's start, nothing trained or saved; a callback on a
+    root without checkpoints lets the fit start from Lightning's checkpoint."""
+    root = tmp_path / "root"
+    lightning_checkpoint = tmp_path / "lightning.ckpt"
+    fit_tiny(TinyModule(), root, epochs=1).save_checkpoint(lightning_checkpoint)
+    fit_tiny(TinyModule(), root, epochs=2)  # the root's last is step 4, the file's step 2
+
+    def fit_from(callback_root: Path) -> tuple[lightning.Trainer, DistckptCallback]:
+        callback = DistckptCallback(str(callback_root), every_n_epochs=1, fsync=False)
+        trainer = lightning.Trainer(max_epochs=3, callbacks=[callback], **ONE_QUIET_DEVICE)
+        trainer.fit(TinyModule(), ckpt_path=lightning_checkpoint)
+        return trainer, callback
+
+    with pytest.raises(distckpt.InvalidArgument, match="Leave ckpt_path out") as refused:
+        fit_from(root)
+    assert refused.value.path == str(lightning_checkpoint) and refused.value.step == 4
+    assert sorted(path.name for path in root.glob("step-*")) == ["step-00000002", "step-00000004"]
+    trainer, callback = fit_from(tmp_path / "fresh")
+    assert callback.resumed_from is None and trainer.global_step == 6
+
+
+def test_a_fit_given_a_lightning_checkpoint_of_the_restored_progress_resumes(
+    tmp_path: Path,
+) -> None:
+    """A ``ModelCheckpoint(save_last=True)`` beside the callback, saving at the same epochs,
+    and a job script that always calls ``fit(ckpt_path="last")``: Lightning's ``last.ckpt`` is
+    of the step the callback restored, no mix, and every run resumes."""
+    options = {
+        key: value for key, value in ONE_QUIET_DEVICE.items() if key != "enable_checkpointing"
+    }
+
+    def fit_for(epochs: int) -> tuple[lightning.Trainer, DistckptCallback]:
+        callback = DistckptCallback(str(tmp_path / "root"), every_n_epochs=1, fsync=False)
+        beside = ModelCheckpoint(dirpath=tmp_path / "lightning", save_last=True)
+        trainer = lightning.Trainer(
+            max_epochs=epochs, callbacks=[callback, beside], enable_checkpointing=True, **options
+        )
+        trainer.fit(TinyModule(), ckpt_path="last")
+        return trainer, callback
+
+    fit_for(1)
+    for epochs in (2, 3):
+        trainer, callback = fit_for(epochs)
+        assert callback.resumed_from == 2 * (epochs - 1) and trainer.global_step == 2 * epochs
 
 
 class NumpyState(lightning.Callback):

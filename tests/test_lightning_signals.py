@@ -20,7 +20,9 @@ pytest.importorskip("torchdata")
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 import distckpt
+from distckpt.lightning import DistckptCallback
 from tests import killing
+from tests.lightning_callbacks_job import ONE_QUIET_DEVICE
 from tests.lightning_tiny import TinyModule, fit_tiny
 from tests.test_lightning_resume_points import (
     VALIDATING,
@@ -322,3 +324,64 @@ def test_sigterm_not_in_save_on_signal_is_lightnings_alone(tmp_path: Path) -> No
         fit_saving_on_signal_alone(module, tmp_path, signal.SIGUSR1)
     assert module.trained == [(0, 0), (0, 1)]
     assert distckpt.CheckpointManager(str(tmp_path), read_only=True).steps() == []
+
+
+#: A stand-in for SLURM's ``scontrol``: appends its arguments, and the step ``$ROOT/last`` names
+#: then, to the file ``$SCONTROL_CALLS``.
+SCONTROL = '#!/bin/sh\necho "$@ after $(readlink "$ROOT/last")" >> "$SCONTROL_CALLS"\n'
+
+
+def _pretend_slurm(monkeypatch: pytest.MonkeyPatch, **more: str) -> None:
+    """Sets the variables that make Lightning take SLURMEnvironment (one task), and ``more``."""
+    # No SLURM here: its variables are what makes Lightning take SLURMEnvironment.
+    variables = {
+        "SLURM_NTASKS": "1",
+        "SLURM_JOB_NAME": "train",
+        "SLURM_JOB_ID": "4242",
+        "SLURM_PROCID": "0",
+        "SLURM_LOCALID": "0",
+        "SLURM_NODEID": "0",
+    }
+    for name, value in {**variables, **more}.items():
+        monkeypatch.setenv(name, value)
+
+
+def test_under_slurm_a_requeue_signal_not_saved_on_is_warned_about(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Lightning's SLURM recipe (``--signal=USR1@90``, auto-requeue on) with SIGTERM alone in
+    ``save_on_signal``: Lightning's handler writes an ``hpc_ckpt_N.ckpt`` that every requeued
+    fit restores and the callback refuses. Warned about at setup, saying what to do."""
+    _pretend_slurm(monkeypatch)
+    callback = DistckptCallback(str(tmp_path), save_on_signal=(signal.SIGTERM,), fsync=False)
+    trainer = lightning.Trainer(max_steps=1, callbacks=[callback], **ONE_QUIET_DEVICE)
+    with pytest.warns(UserWarning, match=r"add signal\.SIGUSR1 to save_on_signal"):
+        callback.setup(trainer, TinyModule(), "fit")
+    callback.teardown(trainer, TinyModule(), "fit")
+
+
+def test_under_slurm_the_requeue_signal_saved_on_requeues_the_job_after_the_save(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Lightning installs its SLURM auto-requeue handler only where SIGUSR1 has none: the
+    manager's (installed at ``setup``) turned it off, and the fit stopped after the preemption
+    save with the job never requeued (it then exits 0, and SLURM counts it done). The callback
+    runs ``scontrol requeue`` once the save has committed."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text(SCONTROL)
+    (bin_dir / "scontrol").chmod(0o755)
+    calls = tmp_path / "scontrol-calls.txt"
+    # The job's scontrol is the stand-in above, a real program on PATH.
+    _pretend_slurm(
+        monkeypatch,
+        SCONTROL_CALLS=str(calls),
+        ROOT=str(tmp_path / "root"),
+        PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+    )
+    module = SendsSigusr1()
+    trainer = fit_saving_on_signal_alone(module, tmp_path / "root", signal.SIGUSR1, epochs=2)
+    assert type(trainer._accelerator_connector.cluster_environment).__name__ == "SLURMEnvironment"
+    assert module.trained == [(0, 0), (0, 1)]
+    assert distckpt.CheckpointManager(str(tmp_path / "root"), read_only=True).steps() == [2]
+    assert calls.read_text() == "requeue 4242 after step-00000002\n"
