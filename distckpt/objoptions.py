@@ -109,11 +109,10 @@ def seconds_option(options: Mapping[str, Any], key: str, default: float) -> floa
 
 def one_attempt_options(options: Mapping[str, Any]) -> dict[str, Any]:
     """``options`` for a client that tries each request once: ``retries`` 1, and ``config_kwargs``
-    without :data:`TIMING_CONFIG_KEYS` (so a user's ``connect_timeout`` / ``read_timeout``
-    given there give way to the top-level options or their defaults)."""
-    config_kwargs = {
-        key: value
-        for key, value in dict(options.get("config_kwargs") or {}).items()
-        if key not in TIMING_CONFIG_KEYS
-    }
-    return {**options, "config_kwargs": config_kwargs, "retries": 1}
+    without :data:`TIMING_CONFIG_KEYS`. Its ``retries`` is dropped; a ``connect_timeout`` /
+    ``read_timeout`` given there is moved to the top-level option it overrides (merged last, it
+    wins over that option in the user's client too), so this client waits as long per request."""
+    given = dict(options.get("config_kwargs") or {})
+    given.pop("retries", None)
+    timeouts = {key: given.pop(key) for key in TIMING_CONFIG_KEYS if key in given}
+    return {**options, **timeouts, "config_kwargs": given, "retries": 1}

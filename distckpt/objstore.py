@@ -220,8 +220,7 @@ class ObjectStore:
             except ClientError as exc:
                 code = str(exc.response.get("Error", {}).get("Code", ""))
                 if code == "ConditionalRequestConflict" and attempt < _CONFLICT_RETRIES:
-                    # S3's answer to two conditional writes in flight at once: retry, and the
-                    # loser then gets its 412.
+                    # S3's answer to two conditional writes at once: retry; the loser gets its 412
                     time.sleep(random.uniform(0.05, 0.2) * 2**attempt)
                     continue
                 raise self._client_error(exc, operation, name, if_absent, if_match) from exc
@@ -262,7 +261,8 @@ class ObjectStore:
         if status == 501 or code == "NotImplemented":  # not retried: no store that is down
             return self.error(ObjectStoreError, operation, name, f"{detail}: {_NOT_IMPLEMENTED}")
         if status >= 500 or code in ("SlowDown", "ServiceUnavailable", "InternalError"):
-            return self.error(StoreUnavailable, operation, name, f"{detail} (after retries)")
+            retried = " (after retries)" if self.attempts > 1 else ""  # not if it had only one
+            return self.error(StoreUnavailable, operation, name, detail + retried)
         return self.error(ObjectStoreError, operation, name, detail)
 
     # -- whole objects -------------------------------------------------------------------

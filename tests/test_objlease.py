@@ -211,6 +211,8 @@ def test_lease_requests_give_up_within_a_fraction_of_the_lease() -> None:
     assert (quick["retries"], quick["read_timeout"], quick["connect_timeout"]) == (1, 2.0, 2.0)
     assert quick["config_kwargs"] == {}  # merged last: it must not undo the limits
     assert lease_request_options({"read_timeout": 0.5}, 30.0)["read_timeout"] == 0.5
+    from_config = lease_request_options({"config_kwargs": {"read_timeout": 99}}, 30.0)
+    assert (from_config["read_timeout"], from_config["config_kwargs"]) == (2.0, {})
 
 
 @contextmanager

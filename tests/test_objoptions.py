@@ -190,3 +190,20 @@ def test_an_option_given_none_is_as_if_not_given_by_a_manager(
     its lease's renewals from."""
     options = {**s3_server.storage_options(), key: None}
     distckpt.CheckpointManager(s3_url, storage_options=options).close()
+
+
+@pytest.mark.parametrize("top_level", [{}, {"read_timeout": 1, "connect_timeout": 1}])
+def test_the_one_attempt_client_keeps_the_timeouts_given_in_config_kwargs(
+    s3_url: str, top_level: dict[str, Any]
+) -> None:
+    """Merged last, ``config_kwargs``' timeouts are the user's client's: the client of
+    re-GETs, aborts and a failed save's discard waits as long, only without retries."""
+    options = {
+        "endpoint_url": "http://127.0.0.1:9",
+        **top_level,
+        "config_kwargs": {"read_timeout": 15, "connect_timeout": 7, "retries": {"max_attempts": 9}},
+    }
+    with ObjectStore(s3_url, options) as store:
+        for config in (store.client.meta.config, store.cleanup_client.meta.config):
+            assert (config.read_timeout, config.connect_timeout) == (15, 7)
+        assert store.cleanup_client.meta.config.retries["total_max_attempts"] == 1

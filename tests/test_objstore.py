@@ -292,6 +292,10 @@ def test_transient_errors_are_retried_then_reported(s3_server: S3Server, s3_url:
         with ObjectStore(s3_url, options) as store, refused:
             store.put_bytes("never", b"1")
         assert proxy.refused == 2 + 3  # three attempts, all refused
+        options = s3_server.storage_options(endpoint_url=proxy.endpoint, retries=1)
+        with ObjectStore(s3_url, options) as store, pytest.raises(StoreUnavailable) as once:
+            store.put_bytes("never", b"1")
+        assert "SlowDown" in str(once.value) and "retries" not in str(once.value)
     finally:
         proxy.close()
 

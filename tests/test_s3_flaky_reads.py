@@ -1,7 +1,7 @@
 """Reads of an ``s3://`` root through a store that fails some of them (the real proxy of
 tests/s3proxy.py in front of a real moto server): an answer broken off mid-body is asked for
-again, and ``verify`` raises a store's failure instead of reporting a sound checkpoint
-damaged, as it raises a disk's I/O error."""
+again, a published save's claim delete is retried, and ``verify`` raises a store's failure
+instead of reporting a sound checkpoint damaged, as it raises a disk's I/O error."""
 
 from __future__ import annotations
 
@@ -76,6 +76,21 @@ def test_a_read_broken_off_and_refused_in_turn_sends_no_more_gets_than_the_attem
     with ObjectStore(saved_root, options) as store, pytest.raises(StoreUnavailable, match="/last"):
         store.get_bytes("last")
     assert sum(path.endswith("/last") for _, path, _ in proxy.log) == 3, proxy.log
+
+
+def test_a_successful_saves_claim_is_deleted_despite_one_transient_error(
+    s3_server: S3Server, proxy: S3Proxy
+) -> None:
+    """Only a failed save's discard tries each request once: a save that was published
+    retries its claim's delete, which must not be left for gc by a single 503."""
+    url = f"s3://{s3_server.create_bucket()}/ckpt"
+    options = s3_server.storage_options(endpoint_url=proxy.endpoint)
+    with distckpt.CheckpointManager(url, storage_options=options) as manager:
+        proxy.fail("POST", "?delete", status=503, times=1)
+        manager.save(2, {"w": torch.ones(3)})
+        with ObjectStore(url, s3_server.storage_options()) as store:
+            assert list(store.list(".writers/")) == []
+    assert [status for method, _, status in proxy.log if method == "POST"][:2] == [503, 200]
 
 
 @pytest.mark.parametrize("what", ["rank-00000.pt", "manifest.json"])

@@ -170,16 +170,18 @@ class S3RootStore(LeaseKeeping, Upkeep, ViewedStore):
         # Runs after a failed save too: its own error must not hide that one, nor its time
         # add a whole retry budget per request to a save failing on a store that stopped
         # answering: one attempt each. What is left is a dead writer's leftover, removed by
-        # the next gc or start.
+        # the next gc or start. A published save's claim delete keeps the retries: one
+        # transient error must not leave the claim of every successful save behind.
+        published = attempt in self._published
         quick = self.s3.client.one_attempt
         try:
-            if attempt not in self._published and not self._commit_names(step, attempt, quick):
+            if not published and not self._commit_names(step, attempt, quick):
                 self._delete_prefix(self.s3.attempt_prefix(step, attempt), quick)
         except CheckpointError as exc:
             logger.warning("could not remove the save %s (left for gc): %s", area.location, exc)
         finally:
             self._published.discard(attempt)
-            self._drop_claim(attempt)
+            self._drop_claim(attempt, one_attempt=not published)
 
     def _commit_names(self, step: int, attempt: str, store: ObjectStore | None = None) -> bool:
         """Whether the step's ``COMMIT`` names the save ``attempt``: its commit may have been

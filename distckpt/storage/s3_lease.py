@@ -283,8 +283,9 @@ class LeaseKeeping(RootStore):
             if_match=if_match,
         )
 
-    def _drop_claim(self, attempt: str) -> None:
-        """Stop renewing the claim of ``attempt`` and delete it, as the last write to it.
+    def _drop_claim(self, attempt: str, one_attempt: bool) -> None:
+        """Stop renewing the claim of ``attempt`` and delete it, as the last write to it: in
+        one attempt if ``one_attempt`` (a failed save's, best effort), else with the retries.
 
         Both under the lock the renewing thread writes claims under: a renewal in flight
         holds that lock, so it has been answered or given up on before the delete goes out
@@ -297,8 +298,8 @@ class LeaseKeeping(RootStore):
             self._claims.discard(attempt)
             self._claim_etags.pop(attempt, None)
             try:
-                # one attempt: best effort, under the lock renewals wait for
-                self.s3.client.one_attempt.delete([self.s3.claim_name(attempt)])
+                client = self.s3.client.one_attempt if one_attempt else self.s3.client
+                client.delete([self.s3.claim_name(attempt)])
             except CheckpointError as exc:
                 logger.warning("could not remove the claim of %s (left for gc): %s", attempt, exc)
 
