@@ -365,9 +365,9 @@ def _rank_1_a_call_ahead_times_out_with_rank_0(
     rank: int, world_size: int, root: str
 ) -> tuple[str, list[int]]:
     """Rank 2 is stopped before rank 0's broadcast (an operation's last collective) until rank 0
-    timed out in it; rank 1 received it and runs its next operation at once, where it times
-    out at the moment rank 0 times out in the broadcast, whose failure report comes a moment
-    later."""
+    timed out in it; rank 1 (and rank 3, at 4 ranks) received it and runs its next operation
+    at once, where it times out at the moment rank 0 times out in the broadcast, whose failure
+    report comes a moment later."""
     import distckpt.coord_health as coord_health
 
     coord = Coordinator(None, A_CALL_AHEAD_TIMEOUT)
@@ -404,19 +404,25 @@ def _rank_1_a_call_ahead_times_out_with_rank_0(
         coord.close()
 
 
-def test_a_rank_a_call_ahead_that_times_out_as_the_others_fail_joins_them(tmp_path: Path) -> None:
+@pytest.mark.parametrize("world_size", [3, 4], ids=["3 ranks", "4 ranks, 2 a call ahead"])
+def test_a_rank_a_call_ahead_that_times_out_as_the_others_fail_joins_them(
+    tmp_path: Path, world_size: int
+) -> None:
     """docs/faults.md: a rank that completed a call while a third rank stalled past the timeout
     waits for the failure reports when its next call times out, and joins the others on a
-    fresh group instead of staying a call behind them (every later save failing)."""
+    fresh group instead of staying a call behind them (every later save failing). At 4 ranks
+    the two ranks a call ahead time out together and must not stop at each other's report."""
     results = values(
-        run_ranks(_rank_1_a_call_ahead_times_out_with_rank_0, 3, str(tmp_path), timeout=90)
+        run_ranks(_rank_1_a_call_ahead_times_out_with_rank_0, world_size, str(tmp_path), timeout=90)
     )
+    ahead = ["decided"] * (world_size - 2)
     assert [first for first, _ in results] == [
         "CoordinationTimeout",
-        "decided",
+        ahead[0],
         "CoordinationTimeout",
+        *ahead[1:],
     ]
-    assert [gathered for _, gathered in results] == [[0, 1, 2]] * 3
+    assert [gathered for _, gathered in results] == [list(range(world_size))] * world_size
 
 
 def _rank_1_stops_calling(rank: int, world_size: int) -> tuple[str, list[float]]:
