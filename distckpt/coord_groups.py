@@ -158,9 +158,10 @@ def peer_failures(
 ) -> PeerFailures:
     """What the other ranks of ``group`` reported about ``operation`` and the one before,
     once this rank reported its own failure of ``operation`` (``timed_out_here``: whether it
-    timed out), waiting up to ``wait`` seconds for a first report of theirs: a peer that closed
-    the connection reports why a moment after it closed it (a dead peer never does, hence the
-    bound). A rank only ever misses a failure of the operation before its own (see
+    timed out), waiting up to ``wait`` seconds for a first report of theirs (one of the
+    operation before, when this rank timed out: its peers a call ahead time out with it): a peer
+    that closed the connection reports why a moment after it closed it (a dead peer never does,
+    hence the bound). A rank only ever misses a failure of the operation before its own (see
     :mod:`distckpt.coord`), so no older one is read. A store that does not answer tells
     nothing."""
     return _within(
@@ -185,7 +186,10 @@ def _read_failures(
         except Exception as exc:  # a store that is gone tells nothing more
             logger.debug("could not read the other ranks' failure reports: %s", exc)
             return PeerFailures()
-        if earlier or same or time.monotonic() >= deadline:
+        # A rank that timed out stops at a peer's report of this operation only if it did not
+        # time out itself: peers a call ahead time out together and see each other's report
+        # before that of the rank left behind in the operation before, which they must join.
+        if earlier or (same and not timed_out_here) or time.monotonic() >= deadline:
             return PeerFailures(earlier, same, timeouts > 0)
         time.sleep(REPORT_POLL_SECONDS)
 

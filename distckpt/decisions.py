@@ -127,7 +127,8 @@ def decide(
     rank only and leaves the ranks out of step, a programming error after which the job should
     stop. The others' due save waits in its proposal until their timeout, or, if the rank that
     raised calls ``save`` again, meets that call's proposal, and both raise
-    :class:`~distckpt.InvalidStep` for different steps, the ranks then a call apart."""
+    :class:`~distckpt.InvalidStep` for different steps, the ranks then a call apart: so does
+    every later save on every rank, and a save no other rank meets fails after the timeout."""
 
     def local_vote() -> _Vote:
         check_step_and_epoch(step, epoch)

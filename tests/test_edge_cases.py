@@ -130,12 +130,12 @@ def _saves_a_bad_step_on_rank_1_in_a_vote(
 
 
 def _rank_1_catches_a_bad_step_and_saves_on(rank: int, world_size: int, root: str) -> list[str]:
-    """Both ranks save steps 5 and 10 on a counter schedule; rank 1 passes "5" (refused on it
-    alone), catches the error and goes on."""
+    """Both ranks save steps 5, 10 and 15 on a counter schedule; rank 1 passes "5" (refused on
+    it alone), catches the error and goes on."""
     outcomes: list[str] = []
     # The smallest timeout that keeps this cheap: rank 0's last save waits it out.
     mgr = distckpt.CheckpointManager(root, fsync=False, every_n_steps=5, timeout=1)
-    for step in ("5" if rank == 1 else 5, 10):
+    for step in ("5" if rank == 1 else 5, 10, 15):
         try:
             mgr.save(step, {"s": rank})
             outcomes.append("saved")
@@ -149,13 +149,15 @@ def _rank_1_catches_a_bad_step_and_saves_on(rank: int, world_size: int, root: st
 
 def test_a_bad_step_caught_on_one_rank_leaves_the_ranks_a_call_apart(tmp_path: Path) -> None:
     """README: with counter schedules a refused step raises on its rank alone; where that rank
-    catches it and saves again, the others' due save and that next one both raise InvalidStep
-    for different steps, and the others' next save fails: the ranks are a call apart."""
+    catches it and saves on, the ranks are a call apart: every later save raises InvalidStep for
+    different steps on both ranks, and the save no rank meets fails after the timeout."""
     rank_0, rank_1 = values(run_ranks(_rank_1_catches_a_bad_step_and_saves_on, 2, str(tmp_path)))
     assert rank_1[0].startswith("InvalidStep: step must be an int")
     assert rank_0[0].startswith("InvalidStep: the ranks passed different steps")
     assert rank_1[1].startswith("InvalidStep: the ranks passed different steps")
-    assert rank_0[1].startswith("CoordinationError")
+    assert rank_0[1].startswith("InvalidStep: the ranks passed different steps")
+    assert rank_1[2].startswith("InvalidStep: the ranks passed different steps")
+    assert rank_0[2].startswith("CoordinationError")
 
 
 @pytest.mark.parametrize("bad_step", ["7", -1])
