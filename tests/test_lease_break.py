@@ -8,9 +8,11 @@ removes a lock file a killed break moved aside. The holders are processes of the
 
 from __future__ import annotations
 
+import fcntl
 import io
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -374,3 +376,39 @@ def test_gc_removes_a_lease_lock_file_a_killed_break_moved_aside(
     out = io.StringIO()
     assert main(["gc", os.fspath(root)], out=out) == 0
     assert not moved_aside.exists() and f"removed {moved_aside}" in out.getvalue()
+
+
+def test_a_lock_held_by_a_child_of_pid_2_in_a_pid_namespace_is_a_live_claimers(
+    root: Path,
+) -> None:
+    """In a container started with ``docker --init`` pid 1 is tini and pid 2 the launcher,
+    whose ranks hold the lease: only the kernel's flag tells a kernel thread, not a parent
+    pid of 2 (which is kthreadd on the host alone)."""
+    root.mkdir()
+    lock_file = root / "held.lock"
+    lock_file.touch()
+
+    def seen_from_pid_1() -> str:
+        ready, said_ready = os.pipe()
+        launcher = os.fork()  # the namespace's pid 2, as a launcher under tini
+        if launcher == 0:  # pragma: no cover - the child
+            rank = os.fork()
+            if rank == 0:
+                with open(lock_file) as held:
+                    fcntl.flock(held, fcntl.LOCK_EX)
+                    os.write(said_ready, f"{os.getpid()} {os.getppid()}".encode())
+                    time.sleep(STARTUP)
+                os._exit(0)
+            os.waitpid(rank, 0)
+            os._exit(0)
+        os.close(said_ready)
+        pids = os.read(ready, 100).decode()
+        try:
+            return f"launcher {launcher}, rank and parent {pids}: " + str(
+                distckpt.lease_break._locked_here(lock_file)
+            )
+        finally:
+            os.kill(int(pids.split()[0]), signal.SIGKILL)
+            os.waitpid(launcher, 0)
+
+    assert in_a_pid_namespace_of_its_own(seen_from_pid_1) == "launcher 2, rank and parent 3 2: True"
