@@ -27,6 +27,7 @@ from distckpt.lease import (
 from distckpt.lock import PROBE_GRACE, mount_of
 
 logger = logging.getLogger("distckpt")
+_PF_KTHREAD = 0x00200000  # include/linux/sched.h: the task is a kernel thread
 
 
 def break_lease(root: str | os.PathLike[str]) -> LeaseHolder | None:
@@ -149,17 +150,20 @@ def _locked_here(path: Path) -> bool:
 
 
 def _kernel_thread(pid: str) -> bool:
-    """Whether ``pid`` names a kernel thread (a child of ``kthreadd``, pid 2). On an NFS
-    server, the locks of its clients are held by its ``lockd`` and ``nfsd`` threads: a dead
-    client's lingering lock among them, which the break must be able to get past when run on
-    the server. No job of this machine holds its lock through a kernel thread."""
+    """Whether ``pid`` names a kernel thread: its flags in ``/proc/<pid>/stat`` carry
+    ``PF_KTHREAD``. On an NFS server, the locks of its clients are held by its ``lockd`` and
+    ``nfsd`` threads: a dead client's lingering lock among them, which the break must be able
+    to get past when run on the server. No job of this machine holds its lock through a kernel
+    thread. (Its parent's pid would not tell: kthreadd is pid 2 on the host alone, and in a
+    PID namespace pid 2 may be a job's launcher, whose ranks are live claimers.)"""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return False
-    # "<pid> (<comm, which may hold spaces and parentheses>) <state> <ppid> ..."
+    # "<pid> (<comm, which may hold spaces and parentheses>) <state> <ppid> <pgrp> <session>
+    # <tty_nr> <tpgid> <flags> ...": flags is the 9th field, the 7th after the comm
     after_comm = stat.rpartition(")")[2].split()
-    return len(after_comm) > 1 and after_comm[1] == "2"
+    return len(after_comm) > 6 and int(after_comm[6]) & _PF_KTHREAD != 0
 
 
 def _move_aside(root: Path) -> Path | None:

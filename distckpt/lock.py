@@ -472,7 +472,9 @@ def mount_of(path: Path, mountinfo: Path = Path("/proc/self/mountinfo")) -> Moun
         fields, super_fields = before.split(), after.split()
         if len(fields) < 6 or len(super_fields) < 3:
             continue
-        mount_point = fields[4].replace("\\040", " ")
+        # the kernel writes a space, tab, newline and backslash of a mount point as \040,
+        # \011, \012 and \134
+        mount_point = re.sub(r"\\([0-7]{3})", lambda code: chr(int(code[1], 8)), fields[4])
         inside = target == mount_point or target.startswith(mount_point.rstrip("/") + "/")
         major, _, minor = fields[2].partition(":")
         if inside and len(mount_point) >= best[0] and major.isdigit() and minor.isdigit():

@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import fields as dataclass_fields
@@ -34,7 +35,7 @@ from distckpt.lease import (
     this_host,
 )
 from distckpt.lease_break import break_lease
-from distckpt.lock import locks_local_to_machine
+from distckpt.lock import locks_local_to_machine, mount_of
 from tests.cli_runner import run_cli
 from tests.filesystems import MountFactory
 from tests.lease_holders import (
@@ -44,6 +45,7 @@ from tests.lease_holders import (
     _exit_status,
     _on_another_machine_named_like_this_one,
     _record_as_another_machine,
+    in_a_pid_namespace_of_its_own,
     start_holder,
 )
 
@@ -129,6 +131,23 @@ def test_machine_local_lock_mounts_are_recognised(tmp_path: Path) -> None:
     assert locks_local_to_machine(Path("/lustre/a/b"), mountinfo)
     assert not locks_local_to_machine(Path("/home/run"), mountinfo)
     assert not locks_local_to_machine(tmp_path)  # this machine's own mounts
+
+
+def test_a_mount_point_with_a_space_tab_newline_and_backslash_is_found(tmp_path: Path) -> None:
+    """A tmpfs mounted, in a mount namespace of its own, where ``/proc/self/mountinfo``
+    writes the blanks and backslash of its mount point as octal escapes."""
+    mount_point = tmp_path / "a b\tc\nd\\e"
+    mount_point.mkdir()
+
+    def its_device_as_found_and_as_stat_says() -> str:
+        subprocess.run(["mount", "-t", "tmpfs", "tmpfs", mount_point], check=True)
+        found = mount_of(mount_point / "file")
+        device = os.stat(mount_point).st_dev
+        return f"{found and found.device} / {(os.major(device), os.minor(device))}"
+
+    said = in_a_pid_namespace_of_its_own(its_device_as_found_and_as_stat_says)
+    found, _, stat_says = said.partition(" / ")
+    assert found == stat_says, said
 
 
 def test_errors_are_checkpoint_errors() -> None:

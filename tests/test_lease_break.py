@@ -8,6 +8,7 @@ removes a lock file a killed break moved aside. The holders are processes of the
 
 from __future__ import annotations
 
+import fcntl
 import io
 import os
 import shutil
@@ -399,7 +400,15 @@ def test_a_break_past_a_lingering_lock_leaves_the_requeued_job_one_lease(
     assert requeued.ask("check") == "current"
 
 
-@pytest.mark.parametrize("claimer", ["this machine", "this machine, on btrfs", "another machine"])
+@pytest.mark.parametrize(
+    "claimer",
+    [
+        "this machine",
+        "this machine, on btrfs",
+        "another machine",
+        "another machine, its moved lock file removed meanwhile",
+    ],
+)
 def test_a_break_leaves_alone_a_job_slower_to_write_its_record_than_the_break_to_probe(
     root: Path,
     holders: list[Holder],
@@ -412,7 +421,9 @@ def test_a_break_leaves_alone_a_job_slower_to_write_its_record_than_the_break_to
     still names the dead machine's holder. The break leaves the record alone, and the job its
     lock file: once it writes its record it holds the only lease, and a third job is refused
     (the break once moved the job's lock file aside for good, and a third job took the root).
-    On btrfs a file's device is its subvolume's, not the one ``/proc/locks`` names."""
+    A moved lock file removed meanwhile (a cleanup) leaves the refusal standing and the
+    break's lock released. On btrfs a file's device is its subvolume's, not the one
+    ``/proc/locks`` names."""
     if claimer.endswith("on btrfs"):
         root = mounts.get("btrfs").path / root.parent.name
     root.mkdir()
@@ -424,7 +435,7 @@ def test_a_break_leaves_alone_a_job_slower_to_write_its_record_than_the_break_to
         # image give the same pids): a pid names no process beyond its machine
         dead = replace(dead, pid=requeued.pid)
         atomic_write_bytes(RootLayout(root).lease_record_path, dead.to_json(), fsync=True)
-    if claimer == "another machine":
+    if claimer.startswith("another machine"):
         # One machine here: the lock of a claimer on another machine (an NFS client) is in no
         # /proc/locks here, nor is the job's in a PID namespace that cannot see it, where the
         # break runs below; it takes the lock for a dead machine's and moves its file aside.
@@ -438,6 +449,8 @@ def test_a_break_leaves_alone_a_job_slower_to_write_its_record_than_the_break_to
             assert distckpt.cli.main(["gc", os.fspath(root)], out=io.StringIO()) == 0
             assert moved_aside is not None and moved_aside.exists()
             assert requeued.ask("go") == f"held {dead.generation + 1}"
+            if claimer.endswith("removed meanwhile"):
+                moved_aside.unlink()
             return moved_aside
 
         monkeypatch.setattr(
@@ -445,8 +458,19 @@ def test_a_break_leaves_alone_a_job_slower_to_write_its_record_than_the_break_to
         )
         a_day_ago = time.time() - 86400  # a lock file made long ago: a rename keeps its age
         os.utime(RootLayout(root).lease_lock_path, (a_day_ago, a_day_ago))
-    if claimer == "another machine":
-        refused = in_a_pid_namespace_of_its_own(lambda: repr(break_lease(root)))
+
+    def the_break_then_whether_its_lock_is_released() -> str:
+        try:
+            return repr(break_lease(root))
+        finally:
+            if claimer.endswith("removed meanwhile"):
+                # nothing to put back: the break's new lock file stays, its lock released (a
+                # lock of another open file, even in this process, conflicts with it)
+                with open(RootLayout(root).lease_lock_path) as lock_file:
+                    fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+    if claimer.startswith("another machine"):
+        refused = in_a_pid_namespace_of_its_own(the_break_then_whether_its_lock_is_released)
         assert refused.startswith("raised LeaseTakenMeanwhile: "), refused
         assert "The lease record was left as it" in refused
     else:
@@ -455,8 +479,9 @@ def test_a_break_leaves_alone_a_job_slower_to_write_its_record_than_the_break_to
     if claimer.startswith("this machine"):
         assert requeued.ask("go") == f"held {dead.generation + 1}"
     assert requeued.ask("check") == "current"
-    with pytest.raises(distckpt.RootInUse, match=f"pid {requeued.pid}"):
-        RootLease.acquire(root)
+    if not claimer.endswith("removed meanwhile"):  # its lock file is gone: see the break
+        with pytest.raises(distckpt.RootInUse, match=f"pid {requeued.pid}"):
+            RootLease.acquire(root)
     assert requeued.ask("check") == "current"
     assert [path.name for path in root.glob(".lease.*.lingering")] == []
 
@@ -489,3 +514,39 @@ def test_gc_removes_a_lease_lock_file_a_killed_break_moved_aside(
     out = io.StringIO()
     assert main(["gc", os.fspath(root)], out=out) == 0
     assert not moved_aside.exists() and f"removed {moved_aside}" in out.getvalue()
+
+
+def test_a_lock_held_by_a_child_of_pid_2_in_a_pid_namespace_is_a_live_claimers(
+    root: Path,
+) -> None:
+    """In a container started with ``docker --init`` pid 1 is tini and pid 2 the launcher,
+    whose ranks hold the lease: only the kernel's flag tells a kernel thread, not a parent
+    pid of 2 (which is kthreadd on the host alone)."""
+    root.mkdir()
+    lock_file = root / "held.lock"
+    lock_file.touch()
+
+    def seen_from_pid_1() -> str:
+        ready, said_ready = os.pipe()
+        launcher = os.fork()  # the namespace's pid 2, as a launcher under tini
+        if launcher == 0:  # pragma: no cover - the child
+            rank = os.fork()
+            if rank == 0:
+                with open(lock_file) as held:
+                    fcntl.flock(held, fcntl.LOCK_EX)
+                    os.write(said_ready, f"{os.getpid()} {os.getppid()}".encode())
+                    time.sleep(STARTUP)
+                os._exit(0)
+            os.waitpid(rank, 0)
+            os._exit(0)
+        os.close(said_ready)
+        pids = os.read(ready, 100).decode()
+        try:
+            return f"launcher {launcher}, rank and parent {pids}: " + str(
+                distckpt.lease_break._locked_here(lock_file)
+            )
+        finally:
+            os.kill(int(pids.split()[0]), signal.SIGKILL)
+            os.waitpid(launcher, 0)
+
+    assert in_a_pid_namespace_of_its_own(seen_from_pid_1) == "launcher 2, rank and parent 3 2: True"

@@ -17,7 +17,7 @@ import distckpt
 from distckpt import faults
 from distckpt.errors import InjectedFault
 from distckpt.objstore import ObjectStore
-from distckpt.storage import open_store
+from distckpt.storage import RootStore, open_store
 from tests.s3server import S3Server
 from tests.test_s3_set_aside import _requests_sent
 from tests.test_s3_store import _objects, _state
@@ -188,6 +188,15 @@ def test_a_commit_whose_step_reads_another_still_names_its_save_under_its_own_st
     assert _saves_of_step_2(s3_url, options) == {attempt}
 
 
+def _three_steps_saved_then_the_store_opened(url: str, options: dict[str, Any]) -> RootStore:
+    with distckpt.CheckpointManager(url, storage_options=options) as manager:
+        for step in (1, 2, 3):
+            manager.save(step, _state(step))
+    store = open_store(url, storage_options=options, lock_timeout=60.0)
+    store.open()
+    return store
+
+
 def test_looking_for_leftovers_lists_the_root_once_however_many_steps_it_holds(
     s3_server: S3Server, s3_url: str
 ) -> None:
@@ -195,11 +204,7 @@ def test_looking_for_leftovers_lists_the_root_once_however_many_steps_it_holds(
     of the root a cleanup (every start, gc, ls) makes: no request more per step (each step's
     prefix was once listed again)."""
     options = s3_server.storage_options()
-    with distckpt.CheckpointManager(s3_url, storage_options=options) as manager:
-        for step in (1, 2, 3):
-            manager.save(step, _state(step))
-    store = open_store(s3_url, storage_options=options, lock_timeout=60.0)
-    store.open()
+    store = _three_steps_saved_then_the_store_opened(s3_url, options)
     try:
         listings = _requests_sent(store.s3.client, "ListObjectsV2")  # type: ignore[attr-defined]
         assert store.leftovers() == []
@@ -220,3 +225,37 @@ def test_a_save_below_a_damaged_commit_names_delete_not_a_set_aside(
     message = str(refused.value)
     assert "a restore cannot set it aside" in message, message
     assert f"distckpt delete {s3_url} 2" in message and "sets it aside" not in message, message
+
+
+def test_a_save_committed_after_the_cleanups_listing_is_not_taken_for_a_damaged_commit(
+    s3_server: S3Server, s3_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Another job re-saves step 2 between a cleanup's listing of the root and its read of
+    that step's ``COMMIT``: the listing misses the new save, which is looked for again."""
+    options = s3_server.storage_options()
+    store = _three_steps_saved_then_the_store_opened(s3_url, options)
+    client = store.s3.client  # type: ignore[attr-defined]
+    real_list = client.list
+
+    def the_root_listed_then_step_2_saved_again(prefix: str = "") -> Any:
+        listed = list(real_list(prefix))
+        if prefix == "":
+            # no real part can schedule another job's save between the two requests: the
+            # copy and the COMMIT written here are real objects of the real server
+            with ObjectStore(s3_url, options) as other:
+                old = json.loads(other.get_bytes(STEP_PREFIX + "COMMIT"))["attempt"]
+                new = "b" * len(old)
+                for info in list(other.list(f"{STEP_PREFIX}{old}/")):
+                    other.copy(info.key, info.key.replace(old, new), info.size)
+                record = json.dumps({"step": 2, "attempt": new}).encode()
+                other.put_bytes(STEP_PREFIX + "COMMIT", record)
+        return iter(listed)
+
+    try:
+        with caplog.at_level(logging.WARNING, logger="distckpt"):
+            client.list = the_root_listed_then_step_2_saved_again
+            store.leftovers()
+    finally:
+        store.close()
+    assert "COMMIT is damaged" not in caplog.text
+    assert distckpt.verify(s3_url, storage_options=options).ok

@@ -395,10 +395,14 @@ class Upkeep(SetAside):
         one naming a save that is not there beside another save of the step
         (:meth:`_names_a_missing_save`, judged from ``keys_in_step``, the names a listing
         taken before this read saw under the step's prefix: no request more). A save committed
-        after that listing is not in it: its step's saves are then all left, until the next
-        cleanup."""
+        after that listing is not in it: only when that listing says the save is missing is
+        the step's prefix listed again, to tell such a save from a damaged ``COMMIT``."""
         record = self.s3.read_commit_or_unknown(step)
-        if record is not None and self._names_a_missing_save(step, record, keys_in_step):
+        if (
+            record is not None
+            and self._names_a_missing_save(step, record, keys_in_step)
+            and self._names_a_missing_save(step, record)
+        ):
             record = CommitRecord(step, UNKNOWN_ATTEMPT, record.etag)
         if record is not None and record.attempt == UNKNOWN_ATTEMPT:
             logger.warning("leaving the saves of %s: its COMMIT is damaged", step)
