@@ -10,7 +10,7 @@ import uuid
 from dataclasses import replace
 from pathlib import Path
 
-from distckpt.errors import LeaseTakenMeanwhile
+from distckpt.errors import LeaseTakenMeanwhile, RootInUse
 from distckpt.fsutil import atomic_write_bytes
 from distckpt.layout import RootLayout
 from distckpt.lease import (
@@ -35,7 +35,8 @@ def break_lease(root: str | os.PathLike[str]) -> LeaseHolder | None:
     holder on this machine (:meth:`LeaseHolder.on_this_machine`, in any PID namespace) is
     never broken: its lock tells whether it lives; a live one is refused with
     :class:`~distckpt.RootInUse` (stop it first), as is one whose lock cannot be probed here
-    (a lock file this user may not read: run as the root's owner).
+    (a lock file this user may not read: run as the root's owner), and a root whose record
+    this user may not read (it may name a live holder).
 
     The record is re-read and rewritten under the lock an acquisition claims with, and broken
     only if it still names the holder judged dead (its token and generation): a job that took
@@ -50,6 +51,12 @@ def break_lease(root: str | os.PathLike[str]) -> LeaseHolder | None:
     root_path = RootLayout.at(root).root
     holder = read_holder(root_path)
     if holder is None:
+        if _record_unreadable_here(root_path):  # it may name a live holder: not "nobody"
+            raise RootInUse(
+                f"cannot tell whether root {root_path} is held: its lease record "
+                f"{_record_path(root_path)} cannot be read by this user: run this as the "
+                "root's owner"
+            )
         return None
     if holder.on_this_machine():
         if holder.alive is None:  # not known dead: taken for dead, it was left alone unsaid
@@ -89,6 +96,17 @@ def break_lease(root: str | os.PathLike[str]) -> LeaseHolder | None:
         if moved_aside is not None:
             moved_aside.unlink(missing_ok=True)
     return broken
+
+
+def _record_unreadable_here(root: Path) -> bool:
+    """Whether the root's lease record exists but this user may not read it."""
+    try:
+        with _record_path(root).open("rb"):
+            return False
+    except FileNotFoundError:
+        return False
+    except PermissionError:
+        return True
 
 
 def _move_aside(root: Path) -> Path | None:
