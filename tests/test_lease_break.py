@@ -192,6 +192,22 @@ def test_a_lease_lock_another_user_may_not_write_is_unknown_where_there_is_no_fc
     assert succeeds_as_nobody(unknown_without_fcntl), "the probe raised without fcntl"
 
 
+def test_a_lease_lock_file_that_is_gone_is_free_to_a_user_who_may_not_create_it(
+    shared_dir: Path,
+) -> None:
+    """A lease lock file that does not exist is free, as the writable probe finds it by
+    creating it; to a user who may not create it (the read-only probe) it was unknown, so a
+    dead holder on this machine whose lock file is gone was refused as "cannot be probed", with
+    no way around it on a read-only mount."""
+    missing_lock = shared_dir / ".lease"
+
+    def free() -> None:
+        assert lock_is_held(missing_lock) is False
+
+    assert succeeds_as_nobody(free), "a missing lock file was not told free"
+    assert not missing_lock.exists()
+
+
 def test_a_break_leaves_alone_a_job_that_took_the_root_after_its_holder_was_judged_dead(
     root: Path,
     holders: list[Holder],
