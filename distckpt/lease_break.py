@@ -11,7 +11,7 @@ import uuid
 from dataclasses import replace
 from pathlib import Path
 
-from distckpt.errors import LeaseTakenMeanwhile
+from distckpt.errors import LeaseTakenMeanwhile, RootInUse
 from distckpt.fsutil import atomic_write_bytes
 from distckpt.layout import RootLayout
 from distckpt.lease import (
@@ -37,7 +37,8 @@ def break_lease(root: str | os.PathLike[str]) -> LeaseHolder | None:
     holder on this machine (:meth:`LeaseHolder.on_this_machine`, in any PID namespace) is
     never broken: its lock tells whether it lives; a live one is refused with
     :class:`~distckpt.RootInUse` (stop it first), as is one whose lock cannot be probed here
-    (a lock file this user may not read: run as the root's owner).
+    (a lock file this user may not read: run as the root's owner), and a root whose record
+    this user may not read (it may name a live holder).
 
     The record is re-read and rewritten under the lock an acquisition claims with, and broken
     only if it still names the holder judged dead (its token and generation): a job that took
@@ -65,6 +66,12 @@ def break_lease(root: str | os.PathLike[str]) -> LeaseHolder | None:
     root_path = RootLayout.at(root).root
     holder = read_holder(root_path)
     if holder is None:
+        if _record_unreadable_here(root_path):  # it may name a live holder: not "nobody"
+            raise RootInUse(
+                f"cannot tell whether root {root_path} is held: its lease record "
+                f"{_record_path(root_path)} cannot be read by this user: run this as the "
+                "root's owner"
+            )
         return None
     if holder.on_this_machine():
         if holder.alive is None:  # not known dead: taken for dead, it was left alone unsaid
@@ -164,6 +171,17 @@ def _kernel_thread(pid: str) -> bool:
     # <tty_nr> <tpgid> <flags> ...": flags is the 9th field, the 7th after the comm
     after_comm = stat.rpartition(")")[2].split()
     return len(after_comm) > 6 and int(after_comm[6]) & _PF_KTHREAD != 0
+
+
+def _record_unreadable_here(root: Path) -> bool:
+    """Whether the root's lease record exists but this user may not read it."""
+    try:
+        with _record_path(root).open("rb"):
+            return False
+    except FileNotFoundError:
+        return False
+    except PermissionError:
+        return True
 
 
 def _move_aside(root: Path) -> Path | None:

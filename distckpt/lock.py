@@ -108,7 +108,7 @@ def lock_is_held(path: Path) -> bool | None:
     writing, which taking its lock needs (another user's, made under a umask that denies its
     group; a read-only mount), is probed through a read-only descriptor with a shared lock,
     which a holder's exclusive lock refuses as well; such a file that is no regular file (a FIFO,
-    which would block the open) is not probed: None."""
+    which would block the open) is not probed: None; one that does not exist is free: False."""
     try:
         return _held_elsewhere(path)
     except (OSError, NotImplementedError) as exc:
@@ -125,6 +125,8 @@ def lock_is_held(path: Path) -> bool | None:
         descriptor = os.open(
             path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
         )
+    except FileNotFoundError:
+        return False  # as the writable probe finds it: created, and locked by nobody
     except OSError:
         return None
     try:

@@ -36,15 +36,20 @@ def root(tmp_path: Path) -> Path:
 def shared_dir() -> Iterator[Path]:
     """A directory every user may enter and read, for a test that acts as two users (root,
     and ``nobody`` through :func:`tests.other_user.succeeds_as_nobody`); skipped unless this
-    process is root. Not under pytest's ``tmp_path``, which is root's alone."""
+    process is root. Not under pytest's ``tmp_path``, which is root's alone. The test runs
+    under umask 022, and the umask it found is restored after it."""
     if os.geteuid() != 0:
         pytest.skip("needs root, to act as two users")
+    # What these tests make must be readable by others as a umask 022 leaves it; a stricter
+    # umask of the one running them (027) would deny user nobody what the tests mean to allow.
+    previous_umask = os.umask(0o022)
     shared = Path(tempfile.mkdtemp())
     try:
         shared.chmod(0o755)
         yield shared
     finally:
         shutil.rmtree(shared, ignore_errors=True)
+        os.umask(previous_umask)
 
 
 @pytest.fixture

@@ -152,24 +152,32 @@ def test_a_lease_lock_that_is_a_fifo_another_user_may_not_write_is_not_opened(
     assert succeeds_as_nobody(unknown_at_once), "the probe opened the FIFO"
 
 
+@pytest.mark.parametrize(
+    ("record_mode", "shown_line", "refusal"),
+    [
+        (0o644, "alive or not: unknown here", "whether it lives cannot be told here"),
+        (0o600, "lease: none", "cannot be read by this user"),
+    ],
+    ids=["record-readable", "record-unreadable"],
+)
 def test_break_refuses_a_holder_on_this_machine_whose_liveness_cannot_be_told(
-    shared_dir: Path,
+    shared_dir: Path, record_mode: int, shown_line: str, refusal: str
 ) -> None:
     """A live holder whose job ran under umask 077: its ``.lease`` is 0600, so another user
-    cannot probe it. ``lease --break`` by that user took it for dead and exited 0 having done
-    nothing; it refuses instead, saying why."""
+    cannot probe it; its ``.lease.json`` is 0600 too unless made readable, so that user reads
+    no holder at all. ``lease --break`` by that user took it for dead (or for none) and exited
+    0 having done nothing; it refuses instead, saying why."""
     root = shared_dir / "run"
     manager = _held_under_umask(root, 0o077)
     root.chmod(0o755)
-    RootLayout.at(root).lease_record_path.chmod(0o644)  # the record readable, the lock not
+    RootLayout.at(root).lease_record_path.chmod(record_mode)
 
     def refused() -> None:
-        assert read_holder(root).alive is None  # type: ignore[union-attr]
         shown = run_cli("lease", os.fspath(root))
-        assert "alive or not: unknown here" in shown.stdout, shown
+        assert shown_line in shown.stdout, shown
         result = run_cli("lease", "--break", os.fspath(root))
         assert result.returncode == 2, result
-        assert "whether it lives cannot be told here" in result.stderr, result
+        assert refusal in result.stderr, result
 
     try:
         assert succeeds_as_nobody(refused), "a holder not known dead was not refused"
@@ -193,6 +201,22 @@ def test_a_lease_lock_another_user_may_not_write_is_unknown_where_there_is_no_fc
         assert lock_is_held(lease_lock) is None
 
     assert succeeds_as_nobody(unknown_without_fcntl), "the probe raised without fcntl"
+
+
+def test_a_lease_lock_file_that_is_gone_is_free_to_a_user_who_may_not_create_it(
+    shared_dir: Path,
+) -> None:
+    """A lease lock file that does not exist is free, as the writable probe finds it by
+    creating it; to a user who may not create it (the read-only probe) it was unknown, so a
+    dead holder on this machine whose lock file is gone was refused as "cannot be probed", with
+    no way around it on a read-only mount."""
+    missing_lock = shared_dir / ".lease"
+
+    def free() -> None:
+        assert lock_is_held(missing_lock) is False
+
+    assert succeeds_as_nobody(free), "a missing lock file was not told free"
+    assert not missing_lock.exists()
 
 
 def test_a_break_leaves_alone_a_job_that_took_the_root_after_its_holder_was_judged_dead(

@@ -48,8 +48,8 @@ class ManifestMemo:
         return manifest
 
     def keep_only(self, directories: Collection[Path]) -> None:
-        """Forget the manifests of every dir but ``directories`` (the ones still committed),
-        so that a long job does not keep every manifest it ever parsed."""
+        """Forget the manifests of every dir but ``directories`` (the committed ones that pass
+        their checks), so that a long job does not keep every manifest it ever parsed."""
         kept = set(directories)
         self._parsed = {d: known for d, known in self._parsed.items() if d in kept}
 
