@@ -122,7 +122,9 @@ def raise_at_train_end(manager: CheckpointManager, sigterm: HeldSigterm) -> None
     fit's end (it came after the fit's last save point, on some ranks only), as Lightning's loop
     would have raised it on every rank. Collective where SIGTERM is held (the same on every
     rank: the same options); every rank reaches ``on_train_end`` once a fit, unless all raised
-    before it together."""
+    before it together. A rank failing there before the callback's hook (in an earlier
+    callback's ``on_train_end``) leaves the other ranks raising ``CoordinationError`` in this
+    vote, after at most the manager's ``timeout``, instead of returning."""
     if not sigterm.holding:
         return
     # As in after_preemption_save: agree_on cannot return the ranks' values combined.
