@@ -43,13 +43,17 @@ class SlurmRequeue:
     def watch(self, trainer: Trainer, flag: SignalFlag) -> None:
         """Notes each of ``flag``'s signals that is Lightning's requeue signal, where Lightning
         would requeue on it and ``flag`` watches it; chains ``flag.on_set``. Warns where Lightning
-        would requeue on a signal ``flag`` does not watch."""
+        would requeue on a signal ``flag`` does not watch while ``flag`` watches others (the
+        user chose preemption saves)."""
         environment = internal(trainer, "_accelerator_connector").cluster_environment
         self.signalled = False
         self.signum = None
         if not isinstance(environment, SLURMEnvironment) or not environment.auto_requeue:
             return
         if environment.requeue_signal not in flag.watched:
+            if not flag.watched:
+                # No preemption saves chosen: Lightning's SLURM handling is left as it is.
+                return
             name = signal.Signals(environment.requeue_signal).name
             # Lightning's handler saves hpc_ckpt_N.ckpt, which its next fit restores over the
             # callback's restore: refused, at every requeue.
@@ -122,7 +126,9 @@ def raise_at_train_end(manager: CheckpointManager, sigterm: HeldSigterm) -> None
     fit's end (it came after the fit's last save point, on some ranks only), as Lightning's loop
     would have raised it on every rank. Collective where SIGTERM is held (the same on every
     rank: the same options); every rank reaches ``on_train_end`` once a fit, unless all raised
-    before it together."""
+    before it together. A rank failing there before the callback's hook (in an earlier
+    callback's ``on_train_end``) leaves the other ranks raising ``CoordinationError`` in this
+    vote, after at most the manager's ``timeout``, instead of returning."""
     if not sigterm.holding:
         return
     # As in after_preemption_save: agree_on cannot return the ranks' values combined.

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ import torch
 pytest.importorskip("lightning")
 pytest.importorskip("torchdata")
 
+from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 import distckpt
@@ -346,17 +348,43 @@ def _pretend_slurm(monkeypatch: pytest.MonkeyPatch, **more: str) -> None:
         monkeypatch.setenv(name, value)
 
 
+@pytest.mark.parametrize(
+    ("save_on_signal", "auto_requeue", "warned"),
+    [
+        ((signal.SIGTERM,), True, True),
+        ((signal.SIGTERM, signal.SIGUSR1), True, False),
+        ((signal.SIGTERM,), False, False),
+        ((), True, False),
+    ],
+    ids=["sigterm-alone", "requeue-signal-saved-on", "auto-requeue-off", "no-preemption-saves"],
+)
 def test_under_slurm_a_requeue_signal_not_saved_on_is_warned_about(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    save_on_signal: tuple[signal.Signals, ...],
+    auto_requeue: bool,
+    warned: bool,
 ) -> None:
     """Lightning's SLURM recipe (``--signal=USR1@90``, auto-requeue on) with SIGTERM alone in
     ``save_on_signal``: Lightning's handler writes an ``hpc_ckpt_N.ckpt`` that every requeued
-    fit restores and the callback refuses. Warned about at setup, saying what to do."""
+    fit restores and the callback refuses. Warned about at setup, saying what to do; not where
+    the requeue signal is saved on too, the auto-requeue is off, or no preemption saves were
+    chosen (``save_on_signal=()``, the default)."""
     _pretend_slurm(monkeypatch)
-    callback = DistckptCallback(str(tmp_path), save_on_signal=(signal.SIGTERM,), fsync=False)
-    trainer = lightning.Trainer(max_steps=1, callbacks=[callback], **ONE_QUIET_DEVICE)
-    with pytest.warns(UserWarning, match=r"add signal\.SIGUSR1 to save_on_signal"):
-        callback.setup(trainer, TinyModule(), "fit")
+    callback = DistckptCallback(str(tmp_path), save_on_signal=save_on_signal, fsync=False)
+    trainer = lightning.Trainer(
+        max_steps=1,
+        callbacks=[callback],
+        plugins=[SLURMEnvironment(auto_requeue=auto_requeue)],
+        **ONE_QUIET_DEVICE,
+    )
+    if warned:
+        with pytest.warns(UserWarning, match=r"add signal\.SIGUSR1 to save_on_signal"):
+            callback.setup(trainer, TinyModule(), "fit")
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            callback.setup(trainer, TinyModule(), "fit")
     callback.teardown(trainer, TinyModule(), "fit")
 
 
