@@ -173,10 +173,12 @@ class S3RootStore(LeaseKeeping, Upkeep, ViewedStore):
         # the next gc or start. A published save's claim delete keeps the retries: one
         # transient error must not leave the claim of every successful save behind.
         published = attempt in self._published
-        quick = self.s3.client.one_attempt
         try:
-            if not published and not self._commit_names(step, attempt, quick):
-                self._delete_prefix(self.s3.attempt_prefix(step, attempt), quick)
+            # the one-attempt client is made only for a failed save: it costs a client's setup
+            if not published:
+                quick = self.s3.client.one_attempt
+                if not self._commit_names(step, attempt, quick):
+                    self._delete_prefix(self.s3.attempt_prefix(step, attempt), quick)
         except CheckpointError as exc:
             logger.warning("could not remove the save %s (left for gc): %s", area.location, exc)
         finally:
