@@ -454,15 +454,18 @@ def test_a_rank_a_call_ahead_that_times_out_as_the_others_fail_joins_them(
     assert [gathered for _, gathered, _ in results] == [list(range(world_size))] * world_size
 
 
-def _rank_1_stops_calling(rank: int, world_size: int) -> tuple[str, list[float]]:
+def _rank_1_stops_calling(rank: int, world_size: int, root: str) -> tuple[str, list[float]]:
     """Rank 1 stops calling distckpt after one call; rank 0's next call times out."""
     import distckpt.coord_health as coord_health
 
     coord = Coordinator(None, 1.0)
     coord.begin_operation()
     coord.all_gather(lambda: rank, what="meeting")
+    raised = Path(root) / "rank-0-raised"
     if rank == 1:
-        time.sleep(4.0)  # past rank 0's timeout, so that rank 0's next call times out
+        # Alive until rank 0's call ended, so that it times out rather than finding a closed
+        # connection, and no longer: a fixed sleep past its timeout cost seconds.
+        wait_until(raised.exists, "rank 0's call ended", TIMED_OUT_WAIT)
         return "stopped calling", []
     waits: list[float] = []
     real_peer_failures = coord_health.peer_failures
@@ -480,6 +483,7 @@ def _rank_1_stops_calling(rank: int, world_size: int) -> tuple[str, list[float]]
     except distckpt.CoordinationError as exc:
         return type(exc).__name__, waits
     finally:
+        raised.touch()
         coord.close()
     return "no error", waits
 
@@ -487,6 +491,8 @@ def _rank_1_stops_calling(rank: int, world_size: int) -> tuple[str, list[float]]
 def test_with_two_ranks_a_timed_out_rank_does_not_wait_for_its_only_peer(tmp_path: Path) -> None:
     """docs/faults.md: with 2 ranks a rank whose call times out raises after the timeout, not up
     to PEER_REPORT_WAIT later: its only peer is the one that did not come, and never reports."""
-    (error, waits), _stopped = values(run_ranks(_rank_1_stops_calling, 2, timeout=60))
+    (error, waits), _stopped = values(
+        run_ranks(_rank_1_stops_calling, 2, str(tmp_path), timeout=60)
+    )
     assert error == "CoordinationTimeout"
     assert waits == [0.0]
