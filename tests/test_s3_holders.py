@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from typing import Any
@@ -19,8 +18,9 @@ from distckpt import RootInUse
 from distckpt.lease import this_host, this_process_host
 from distckpt.objstore import ObjectStore
 from distckpt.storage import open_store
+from tests.lease_holders import in_a_pid_namespace_of_its_own
 from tests.s3server import S3Server
-from tests.test_s3_store import JOB_TIMEOUT, _state
+from tests.test_s3_store import _state
 
 pytest.importorskip("botocore")
 
@@ -33,45 +33,23 @@ def _exited_pid() -> int:
     return int(child.stdout)
 
 
-_OPEN_FROM_ANOTHER_PID_NAMESPACE = """
-import sys, distckpt
-try:
-    with distckpt.CheckpointManager(sys.argv[1], storage_options=eval(sys.argv[2])):
-        print("opened")
-except distckpt.RootInUse:
-    print("RootInUse")
-"""
-
-
 def test_a_live_holder_is_not_taken_over_from_another_pid_namespace_of_its_host(
     s3_server: S3Server, s3_url: str
 ) -> None:
     # A container with the host's network (so its hostname) but its own PID namespace: the
     # holder's pid names no process there, yet the holder runs.
-    unshare = ["unshare", "--pid", "--fork"]
-    can_unshare = (
-        shutil.which("unshare") is not None and not subprocess.run([*unshare, "true"]).returncode
-    )
-    if not can_unshare and os.environ.get("CI") != "true":
-        pytest.skip("this machine cannot make a PID namespace (unshare --pid)")
     options = s3_server.storage_options()
+
+    def open_the_root() -> str:
+        try:
+            with distckpt.CheckpointManager(s3_url, storage_options=options):
+                return "opened"
+        except distckpt.RootInUse:
+            return "RootInUse"
+
     with distckpt.CheckpointManager(s3_url, storage_options=options) as manager:
         manager.save(1, _state(1))
-        other = subprocess.run(
-            [
-                *unshare,
-                sys.executable,
-                "-c",
-                _OPEN_FROM_ANOTHER_PID_NAMESPACE,
-                s3_url,
-                repr(options),
-            ],
-            capture_output=True,
-            text=True,
-            timeout=JOB_TIMEOUT,
-            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
-        )
-        assert other.stdout.strip() == "RootInUse", other.stderr[-2000:]
+        assert in_a_pid_namespace_of_its_own(open_the_root) == "RootInUse"
         assert manager.save(2, _state(2)) is not None  # still the holder
 
 
