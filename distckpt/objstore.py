@@ -438,12 +438,13 @@ class ObjectStore:
                 return
             kwargs["ContinuationToken"] = page["NextContinuationToken"]
 
-    def delete(self, names: Iterable[str]) -> None:
-        """Delete objects, up to 1000 per request; names already gone are not an error."""
+    def delete(self, names: Iterable[str], *, batch_size: int = _DELETE_BATCH) -> None:
+        """Delete objects, up to ``batch_size`` (at most 1000, ``DeleteObjects``' limit) per
+        request; names already gone are not an error."""
         batch: list[str] = []
         for name in names:
             batch.append(name)
-            if len(batch) == _DELETE_BATCH:
+            if len(batch) == batch_size:
                 self._delete_batch(batch)
                 batch = []
         if batch:

@@ -314,13 +314,15 @@ def test_a_stream_broken_mid_read_is_resumed(s3_server: S3Server, s3_url: str) -
         proxy.close()
 
 
-def test_list_and_delete_past_a_thousand_keys(s3_server: S3Server, s3_url: str) -> None:
-    names = [f"step-1/part-{i:05d}" for i in range(1005)]  # two pages, two delete batches
+def test_list_and_delete_past_a_page_and_a_batch(s3_server: S3Server, s3_url: str) -> None:
+    # Pages and batches of 10 take the same paths as the defaults' 1000 (the store's limits)
+    # at a fortieth of the puts: three pages, three delete batches, the last one partial.
+    names = [f"step-1/part-{i:05d}" for i in range(25)]
     with ObjectStore(s3_url, s3_server.storage_options()) as store:
         with ThreadPoolExecutor(4) as pool:
             list(pool.map(lambda name: store.put_bytes(name, b""), names))
-        assert [info.key for info in store.list("step-1/")] == names
-        store.delete(info.key for info in store.list())
+        assert [info.key for info in store.list("step-1/", page_size=10)] == names
+        store.delete((info.key for info in store.list(page_size=10)), batch_size=10)
         assert list(store.list()) == []
 
 
