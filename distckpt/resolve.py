@@ -376,9 +376,11 @@ def resolve_best(
     linked, problem = link_problem(view, BEST, checksums=checksums)
     if linked is not None:
         return linked, linked.read_manifest()
-    named, _ = _pointer_target(view, BEST)
-    if named is not None and not skip_failing:
-        return named, check(named, checksums=checksums)  # it fails: its own error is raised
+    if not skip_failing:
+        # the pointer is read again only here: a restore skipping failures never needs it
+        named, _ = _pointer_target(view, BEST)
+        if named is not None:
+            return named, check(named, checksums=checksums)  # it fails: its own error is raised
     best = best_valid(view, monitor, mode, checksums=checksums)
     # A pointer there, even one naming a deleted step dir, shows saving had a monitor.
     pointer_present = view.pointer_present(BEST)
