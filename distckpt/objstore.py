@@ -456,13 +456,8 @@ class ObjectStore:
         self.request("delete", name, self.client.delete_object, Key=self.url.key(name))
 
     def _delete_batch(self, names: list[str]) -> None:
-        objects = [{"Key": self.url.key(name)} for name in names]
-        response = self.request(
-            "delete",
-            names[0],
-            self.client.delete_objects,
-            Delete={"Objects": objects, "Quiet": True},
-        )
+        body = {"Objects": [{"Key": self.url.key(name)} for name in names], "Quiet": True}
+        response = self.request("delete", names[0], self.client.delete_objects, Delete=body)
         errors = response.get("Errors", [])
         if errors:
             first = errors[0]
