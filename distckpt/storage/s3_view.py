@@ -177,19 +177,15 @@ class S3Root:
 
     # -- reads
 
-    def committed_steps(self) -> list[int]:
-        return sorted(self.commit_etags())
+    def committed_steps(self, from_step: int = 0) -> list[int]:
+        return sorted(self.commit_etags(from_step))
 
-    def commit_etags(self) -> dict[int, str]:
-        """Every committed step, with the ETag of its ``COMMIT`` object: one ``/``-delimited
-        listing finds the steps' prefixes, then one ``HEAD`` per step (in parallel) its
-        ``COMMIT``. The requests grow with the steps, not with the files of each save or the
-        leftovers of dead writers, which a listing of every object would page through."""
-        steps = [
-            step
-            for name in self.client.list_dirs("step-")
-            if (step := parse_step_dir_name(name.rstrip("/"))) is not None
-        ]
+    def commit_etags(self, from_step: int = 0) -> dict[int, str]:
+        """Every committed step from ``from_step`` on, with its ``COMMIT``'s ETag: one
+        ``/``-delimited listing of the steps' prefixes, then a ``HEAD`` of each one's
+        ``COMMIT`` (in parallel), not a listing of every save's files and leftovers."""
+        parsed = (parse_step_dir_name(name.rstrip("/")) for name in self.client.list_dirs("step-"))
+        steps = [step for step in parsed if step is not None and step >= from_step]
         with ThreadPoolExecutor(DOWNLOAD_CONCURRENCY) as pool:
             etags = pool.map(self._commit_etag, steps)
             return {step: etag for step, etag in zip(steps, etags) if etag is not None}
@@ -470,6 +466,9 @@ class S3RootView(RootView):
 
     def committed_steps(self) -> list[int]:
         return self.s3.committed_steps()
+
+    def committed_steps_from(self, step: int) -> list[int]:
+        return self.s3.committed_steps(step)  # a HEAD per newer step, not per kept step
 
     def checkpoint(self, step: int) -> S3Checkpoint:
         return S3Checkpoint(self.s3, step)

@@ -80,7 +80,8 @@ class ViewedStore(RootStore):
             )
 
     def check_step(self, step: int, *, overwrite: bool, explicit: bool) -> SaveResult | None:
-        committed = self.view.committed_steps()
+        # the rules below look at this step and newer ones only
+        committed = self.view.committed_steps_from(step)
         if step in committed and not overwrite:
             source = self.view.checkpoint(step)
             if not explicit:

@@ -145,6 +145,12 @@ class RootView(abc.ABC):
     def committed_steps(self) -> list[int]:
         """The steps committed in the root, ascending (their checkpoints are unchecked)."""
 
+    def committed_steps_from(self, step: int) -> list[int]:
+        """The committed steps from ``step`` on (``step`` itself and every newer one),
+        ascending: what the step rules of a save of ``step`` need. A root where telling a step
+        committed costs a request each asks only about these."""
+        return [committed for committed in self.committed_steps() if committed >= step]
+
     @abc.abstractmethod
     def checkpoint(self, step: int) -> CheckpointSource:
         """The checkpoint of ``step`` (whether it is committed or not)."""
