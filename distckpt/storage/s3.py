@@ -128,6 +128,8 @@ class S3RootStore(LeaseKeeping, Upkeep, ViewedStore):
             return self._opened()
         self.check_visible(COMMITTING_RANK)
         self._take_lease(wait_for_root)
+        # the manifests of every committed step that passes its check, once all were checked
+        checked: list[Manifest] | None = None
         try:
             # The leftovers of dead writers are removed by tidy(), once every rank knows the
             # root is open: a slow removal here would run inside their timeout.
@@ -135,12 +137,15 @@ class S3RootStore(LeaseKeeping, Upkeep, ViewedStore):
                 self._leftovers_checked = False
             try:
                 self._update_pointers()
+                # the store's first update checks every committed step: the newest of them is
+                # what a second listing and check would find
+                checked = list(self._checked.values())
             except CheckpointError as exc:  # derived state: never block a start
                 logger.error("could not repair the pointers of %s: %s", self.root, exc)
         except BaseException:
             self.close()
             raise
-        return self._opened(tuple(self._removed_at_open))
+        return self._opened(tuple(self._removed_at_open), checked=checked)
 
     def check_visible(self, rank: int) -> None:
         # One small listing proves the endpoint, the credentials and the bucket.

@@ -11,6 +11,7 @@ from collections.abc import Collection
 from distckpt import damaged, policy, resolve
 from distckpt.errors import CheckpointExists, CorruptCheckpoint, InvalidStep, ReadOnlyRoot
 from distckpt.layout import BEST, LAST, parse_step_dir_name
+from distckpt.manifest import Manifest
 from distckpt.results import CheckpointLocation, SaveResult
 from distckpt.storage import OpenedRoot, RootStore
 from distckpt.storage.views import RootView
@@ -61,13 +62,18 @@ class ViewedStore(RootStore):
     #: never write: changes raise :class:`~distckpt.ReadOnlyRoot`
     read_only: bool
 
-    def _opened(self, removed: tuple[CheckpointLocation, ...] = ()) -> OpenedRoot:
+    def _opened(
+        self, removed: tuple[CheckpointLocation, ...] = (), *, checked: list[Manifest] | None = None
+    ) -> OpenedRoot:
         """What opening the root found: the newest committed checkpoint that passes its
-        check, and ``removed``."""
-        newest = resolve.newest_valid(self.view)
-        if newest is None:
+        check, and ``removed``. ``checked``: the manifests of every committed checkpoint that
+        passes its check, when the caller just checked them all (the root is not read again)."""
+        if checked is None:
+            newest = resolve.newest_valid(self.view)
+            checked = [] if newest is None else [newest[1]]
+        if not checked:
             return OpenedRoot(None, removed)
-        manifest = newest[1]
+        manifest = max(checked, key=lambda manifest: manifest.step)
         created = policy.parse_created_utc(manifest.created_utc)
         return OpenedRoot((manifest.step, manifest.epoch), removed, newest_created=created)
 
