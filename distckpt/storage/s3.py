@@ -297,7 +297,12 @@ class S3RootStore(LeaseKeeping, Upkeep, ViewedStore):
             faults.hit("before_rename", rank)
             self._check_lease()  # the upload may have outlasted the lease
             replaced, etag = self._publish(step, attempt, overwrite=overwrite)
-            self._check_committed(area, manifest, len(manifest_bytes), etag, replaced)
+            if self._check_committed(area, manifest, len(manifest_bytes), etag, replaced):
+                # just listed whole after its COMMIT: the pointers' update need not read the
+                # COMMIT, manifest and listing again; a COMMIT replaced since has another ETag
+                source = f"{area.location}/{MANIFEST_NAME}"
+                written = Manifest.from_json(manifest_bytes, source=source)
+                self._checked[(step, etag)] = self.s3.manifests[(step, attempt)] = written
         self._published.add(attempt)
         if replaced is not None and replaced.attempt != UNKNOWN_ATTEMPT:
             self._leave_to_tidy(step, replaced.attempt)
@@ -345,19 +350,20 @@ class S3RootStore(LeaseKeeping, Upkeep, ViewedStore):
         manifest_size: int,
         etag: str,
         replaced: CommitRecord | None,
-    ) -> None:
+    ) -> bool:
         """After ``COMMIT`` was written: the save it names still holds the manifest and every
-        file with its size (one listing, as :meth:`check_staged`). Objects lost since that
-        check (a ``gc`` whose clock runs ahead took the save for a dead writer's) must fail
-        the save, not report a checkpoint that is not there, nor let an ``overwrite`` delete
-        the checkpoint it replaced: ``COMMIT`` is put back as it was (conditional on the ETag
-        just written; deleted where the step was new), and :class:`~distckpt.CommitLost`
-        raised, as the POSIX store does when its filesystem loses a renamed step dir. A
-        listing that fails is logged: the save is committed, as after any failure past
-        ``COMMIT``."""
+        file with its size (one listing, as :meth:`check_staged`; True once it did). Objects
+        lost since that check (a ``gc`` whose clock runs ahead took the save for a dead
+        writer's) must fail the save, not report a checkpoint that is not there, nor let an
+        ``overwrite`` delete the checkpoint it replaced: ``COMMIT`` is put back as it was
+        (conditional on the ETag just written; deleted where the step was new), and
+        :class:`~distckpt.CommitLost` raised, as the POSIX store does when its filesystem
+        loses a renamed step dir. A listing that fails is logged: the save is committed, as
+        after any failure past ``COMMIT``."""
         written = {MANIFEST_NAME: FileRecord(manifest_size, "", COMMITTING_RANK)}
         try:
             self.check_staged(area, written | dict(manifest.files))
+            return True
         except StagedFileMismatch as lost:
             outcome = self._undo_lost_commit(manifest.step, etag, replaced)
             raise CommitLost(
@@ -373,6 +379,7 @@ class S3RootStore(LeaseKeeping, Upkeep, ViewedStore):
                 self.s3.location(manifest.step),
                 exc,
             )
+            return False
 
     def _undo_lost_commit(self, step: int, etag: str, replaced: CommitRecord | None) -> str:
         """Put the step's ``COMMIT`` back as it was before this save wrote it (version
