@@ -153,5 +153,10 @@ class ViewedStore(RootStore):
         moves ``best`` away from the job's best, which must survive it)."""
         if self.retention.keeps_everything:
             return []
+        # Protecting more steps only ever keeps more: when the rules remove nothing even
+        # without the pointers' targets protected, those need not be read (two requests on an
+        # object store at every save).
+        if not policy.steps_to_remove(records, self.retention, protected=linked_before):
+            return []
         protected = self._linked_steps() | set(linked_before)
         return policy.steps_to_remove(records, self.retention, protected=protected)
