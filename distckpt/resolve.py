@@ -346,6 +346,8 @@ def resolve_last(view: RootView, *, checksums: bool = False, skip_failing: bool 
         if not view.exists():  # asked only now: a root with checkpoints costs no request
             raise CheckpointNotFound(f"no checkpoint or checkpoint root at {view.root}")
         raise CheckpointNotFound(f"no committed checkpoint in {view.root}")
+    if view.read_pointer(LAST) == newest[0].name:
+        return newest  # it names what was just found and checked: nothing to warn about
     linked, problem = link_problem(view, LAST, checksums=checksums)
     if linked is not None and linked.name != newest[0].name:
         logger.warning(
