@@ -335,18 +335,19 @@ class ObjectLease:
             except ObjectExists:
                 pass
             try:
-                info = self.store.head(self.name)
-                record = LeaseRecord.decode(self.store.get_bytes(self.name, if_match=info.etag))
-            except (ObjectNotFound, PreconditionFailed):
-                continue  # released by deletion, or changed between the two reads: look again
+                # one GET: the record and the ETag of the very version it was read from
+                data, etag = self.store.get_versioned(self.name)
+            except ObjectNotFound:
+                continue  # released by deletion: look again
+            record = LeaseRecord.decode(data)
             now = time.monotonic()
-            unchanged = watch.unchanged_for(info.etag, now)
+            unchanged = watch.unchanged_for(etag, now)
             expired = record is not None and (
                 unchanged >= record.duration or (holder_gone is not None and holder_gone(record))
             )
             if record is not None and (record.released or expired):
                 try:
-                    self._take(record.next_generation(), if_match=info.etag)
+                    self._take(record.next_generation(), if_match=etag)
                     return
                 except PreconditionFailed:
                     continue  # another contender was faster, or the holder renewed
