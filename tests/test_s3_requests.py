@@ -1,0 +1,125 @@
+"""How many requests an ``s3://`` root costs: opening a manager, a save and a restore, counted
+by kind on the wire (tests/s3proxy.py in front of the moto server), each against an upper
+bound. The bounds are the costs docs/object-stores.md states ("What a save costs"): a change
+that sends more of any kind fails here, and the page must be updated with the bound."""
+
+from __future__ import annotations
+
+import collections
+import re
+from typing import Any
+
+import pytest
+import torch
+
+import distckpt
+from tests.s3proxy import S3Proxy
+from tests.s3server import S3Server
+
+pytest.importorskip("botocore")
+
+#: the steps a root keeps before the counted save, open and restore
+KEPT = 5
+_ATTEMPT = re.compile(r"step-\d+/[^/]+/")
+
+
+def request_kind(method: str, path: str) -> str:
+    """One request as ``"<operation> <object kind>"``: ``path`` is the URL path and query the
+    proxy saw (``/BUCKET/KEY?QUERY``)."""
+    path, _, query = path.partition("?")
+    key = path.lstrip("/").partition("/")[2]
+    if method == "GET" and "list-type=2" in query:
+        prefix = re.search(r"prefix=([^&]*)", query)
+        listed = (prefix.group(1) if prefix else "").replace("%2F", "/")
+        if listed.endswith("step-"):
+            return "LIST saves"  # the steps' prefixes
+        return "LIST save" if _ATTEMPT.search(listed) else f"LIST {listed.rpartition('/')[2]}root"
+    if method == "POST" and "delete" in query:
+        return "DeleteObjects"  # the names are in the body
+    name = key.rpartition("/")[2]
+    if name in ("COMMIT", ".lease", "last", "best", "manifest.json"):
+        return f"{method} {name}"
+    if "/.writers/" in f"/{key}":
+        return f"{method} claim"
+    return f"{method} {'shard' if _ATTEMPT.search(key) else key}"
+
+
+def _state(step: int) -> dict[str, Any]:
+    return {"w": torch.arange(8.0) + step, "step": step}
+
+
+def _counted(proxy: S3Proxy, since: int) -> collections.Counter[str]:
+    # The lease's and the claims' renewals run on a timer (every 10 s), so whether one falls
+    # inside a counted call depends on the machine's speed: those writes are not counted.
+    kinds = (request_kind(method, path) for method, path, _ in proxy.log[since:])
+    return collections.Counter(k for k in kinds if k not in ("PUT .lease", "PUT claim"))
+
+
+def _over(counted: collections.Counter[str], bounds: dict[str, int]) -> dict[str, int]:
+    return {kind: n for kind, n in counted.items() if n > bounds.get(kind, 0)}
+
+
+def test_a_save_open_and_restore_send_at_most_the_requests_the_docs_state(
+    s3_server: S3Server, s3_url: str
+) -> None:
+    with S3Proxy(s3_server.port) as proxy:
+        options = s3_server.storage_options(endpoint_url=proxy.endpoint)
+        manager = distckpt.CheckpointManager(s3_url, storage_options=options, keep_last=10)
+        for step in range(1, KEPT + 1):
+            manager.save(step, _state(step))
+        # what the save and the start left to remove runs in a thread: done before counting
+        manager._tidying.wait()
+        mark = len(proxy.log)
+        manager.save(KEPT + 1, _state(KEPT + 1))
+        manager._tidying.wait()
+        save = _counted(proxy, mark)
+        mark = len(proxy.log)
+        restored = manager.restore("last", state=_state(0))
+        restore = _counted(proxy, mark)
+        manager.close()
+        mark = len(proxy.log)
+        manager = distckpt.CheckpointManager(s3_url, storage_options=options, keep_last=10)
+        manager._tidying.wait()
+        opened = _counted(proxy, mark)
+        manager.close()
+    assert restored is not None and restored.step == KEPT + 1
+    kept = KEPT + 1  # committed when the restore and the second open run
+    # one HEAD of COMMIT per kept step (the pointers' update), not two
+    save_bounds = {
+        "LIST saves": 2,  # the step rules' listing, the pointers' update's
+        "HEAD COMMIT": KEPT + 1,
+        "LIST save": 2,  # the commit's check before and after COMMIT
+        "PUT shard": 1,
+        "PUT manifest.json": 1,
+        "HEAD .lease": 1,  # the commit's check of the lease
+        "PUT COMMIT": 1,
+        "PUT last": 1,
+        "GET best": 1,  # no monitor: a best pointer left behind is removed
+        "DeleteObjects": 1,  # the save's claim
+    }
+    assert not _over(save, save_bounds), save
+    restore_bounds = {
+        "LIST saves": 1,
+        "HEAD COMMIT": kept,
+        "GET last": 2,
+        "GET COMMIT": 1,
+        "LIST save": 1,
+        "HEAD manifest.json": 1,
+        "GET manifest.json": 1,
+        "HEAD shard": 1,
+        "GET shard": 1,
+    }
+    assert not _over(restore, restore_bounds), restore
+    open_bounds = {
+        "LIST root": 3,  # the root is reachable (rank 0, then every rank); leftovers
+        "GET .lease": 2,  # the released lease (the exclusive create's refusal, then the take)
+        "LIST saves": 1,
+        "HEAD COMMIT": kept,
+        "GET COMMIT": 2 * kept,  # the check of each step; the search for leftovers
+        "HEAD manifest.json": kept,
+        "GET manifest.json": kept,
+        "LIST save": kept,
+        "GET last": 1,
+        "GET best": 1,
+    }
+    assert not _over(opened, open_bounds), opened
