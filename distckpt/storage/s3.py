@@ -303,6 +303,7 @@ class S3RootStore(LeaseKeeping, Upkeep, ViewedStore):
                 source = f"{area.location}/{MANIFEST_NAME}"
                 written = Manifest.from_json(manifest_bytes, source=source)
                 self._checked[(step, etag)] = self.s3.manifests[(step, attempt)] = written
+                self.s3.commits[step] = CommitRecord(step, attempt, etag)
         self._published.add(attempt)
         if replaced is not None and replaced.attempt != UNKNOWN_ATTEMPT:
             self._leave_to_tidy(step, replaced.attempt)

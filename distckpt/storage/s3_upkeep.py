@@ -299,9 +299,13 @@ class Upkeep(SetAside):
         saves: set[tuple[int, str]] = set()
         #: each step's object names under its prefix, which tell a COMMIT naming a missing save
         keys_in_step: dict[int, list[str]] = {}
+        #: the ETag of each step's COMMIT the listing saw
+        listed_commits: dict[int, str] = {}
         for info in self.s3.client.list(""):
             head, slash, rest = info.key.partition("/")
             step = parse_step_dir_name(head)
+            if step is not None and rest == COMMIT_NAME:
+                listed_commits[step] = info.etag
             set_aside = parse_set_aside_name(head)
             if step is not None and (shown := _root_inside(rest)) is not None:
                 inside, needs_a_record = shown
@@ -338,7 +342,8 @@ class Upkeep(SetAside):
         #   delete, and the committed save would be taken for a dead writer's);
         # - the claim is read expired, or its process dead: the writer is gone (or stalled
         #   past its lease, which also stops it from committing: it checks its lease first).
-        # The first COMMIT read of each step only spares the claim read of the committed save.
+        # The first COMMIT read of each step only spares the claim read of the committed save:
+        # the record of the version the listing saw, when this process read that one already.
         # A committed save's claim stays a candidate: a writer killed after its commit, or
         # whose delete of it failed, leaves it, and it protects nothing once not live.
         first_read: dict[int, CommitRecord | None] = {}
@@ -353,7 +358,10 @@ class Upkeep(SetAside):
             if {(step, ""), (step, attempt)} & nested_roots:
                 continue
             if step not in first_read:
-                first_read[step] = self._read_commit_or_none(step, keys_in_step[step])
+                known = self.s3.commits.get(step)
+                if known is None or known.etag != listed_commits.get(step):
+                    known = None
+                first_read[step] = self._read_commit_or_none(step, keys_in_step[step], known)
             if self._names(first_read[step], attempt):
                 continue
             writer_alive = self._claim_live(attempt)
@@ -390,14 +398,17 @@ class Upkeep(SetAside):
             return False
         return not self.s3.is_set_aside(step, attempt)
 
-    def _read_commit_or_none(self, step: int, keys_in_step: list[str]) -> CommitRecord | None:
-        """The step's commit record, a damaged one's naming :data:`UNKNOWN_ATTEMPT`, as is
-        one naming a save that is not there beside another save of the step
-        (:meth:`_names_a_missing_save`, judged from ``keys_in_step``, the names a listing
-        taken before this read saw under the step's prefix: no request more). A save committed
-        after that listing is not in it: only when that listing says the save is missing is
-        the step's prefix listed again, to tell such a save from a damaged ``COMMIT``."""
-        record = self.s3.read_commit_or_unknown(step)
+    def _read_commit_or_none(
+        self, step: int, keys_in_step: list[str], known: CommitRecord | None = None
+    ) -> CommitRecord | None:
+        """The step's commit record (``known``, else read), a damaged one's naming
+        :data:`UNKNOWN_ATTEMPT`, as is one naming a save that is not there beside another save
+        of the step (:meth:`_names_a_missing_save`, judged from ``keys_in_step``, the names a
+        listing taken before this read saw under the step's prefix: no request more). A save
+        committed after that listing is not in it: only when that listing says the save is
+        missing is the step's prefix listed again, to tell such a save from a damaged
+        ``COMMIT``."""
+        record = known if known is not None else self.s3.read_commit_or_unknown(step)
         if (
             record is not None
             and self._names_a_missing_save(step, record, keys_in_step)

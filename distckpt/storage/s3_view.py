@@ -101,6 +101,7 @@ class S3Root:
         self._client_lock = threading.Lock()
         #: manifests read, by (step, attempt): a save's manifest never changes once committed
         self.manifests: dict[tuple[int, str], Manifest] = {}
+        self.commits: dict[int, CommitRecord] = {}  # each step's last read, with its ETag
 
     def __getstate__(self) -> dict[str, Any]:
         # Sent to other ranks (a resolved checkpoint travels in a broadcast): each makes its
@@ -181,9 +182,7 @@ class S3Root:
         return sorted(self.commit_etags(from_step))
 
     def commit_etags(self, from_step: int = 0) -> dict[int, str]:
-        """Every committed step from ``from_step`` on, with its ``COMMIT``'s ETag: one
-        ``/``-delimited listing of the steps' prefixes, then a ``HEAD`` of each one's
-        ``COMMIT`` (in parallel), not a listing of every save's files and leftovers."""
+        """Each committed step from ``from_step`` on, with its ``COMMIT``'s ETag (a ``HEAD``)."""
         parsed = (parse_step_dir_name(name.rstrip("/")) for name in self.client.list_dirs("step-"))
         steps = [step for step in parsed if step is not None and step >= from_step]
         with ThreadPoolExecutor(DOWNLOAD_CONCURRENCY) as pool:
@@ -219,7 +218,9 @@ class S3Root:
             return None
         try:
             fields = json.loads(data)
-            return CommitRecord(int(fields["step"]), str(fields["attempt"]), etag)
+            record = CommitRecord(int(fields["step"]), str(fields["attempt"]), etag)
+            self.commits[step] = record
+            return record
         except (ValueError, TypeError, KeyError) as exc:
             raise CorruptCheckpoint(
                 f"{self.root}/{self.commit_name(step)} is not a commit record: {exc}",
