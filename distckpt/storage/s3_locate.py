@@ -14,10 +14,10 @@ from distckpt.manifest import Manifest
 from distckpt.objlease import LeaseRecord
 from distckpt.objstore import ObjectStore
 from distckpt.objurl import S3Url
+from distckpt.storage.s3_checkpoint import S3Checkpoint
 from distckpt.storage.s3_view import (
     COMMIT_NAME,
     LEASE_NAME,
-    S3Checkpoint,
     S3Root,
     S3RootView,
     read_pointer_object,

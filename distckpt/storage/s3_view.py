@@ -1,5 +1,6 @@
-"""An ``s3://`` root as readers see it (see :mod:`distckpt.storage.views`), and the object
-layout both its readers and its writer (:mod:`distckpt.storage.s3`) share.
+"""An ``s3://`` root as readers see it (see :mod:`distckpt.storage.views`; the checkpoint of
+one step is :mod:`distckpt.storage.s3_checkpoint`), and the object layout both its readers and
+its writer (:mod:`distckpt.storage.s3`) share.
 
 Under ``s3://BUCKET/PREFIX/``::
 
@@ -25,52 +26,40 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import threading
-from collections.abc import Callable, Collection, Iterator, Mapping
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import AbstractContextManager, contextmanager, suppress
+from contextlib import suppress
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from distckpt.checksums import crc32
 from distckpt.errors import (
-    CheckpointNotFound,
     CorruptCheckpoint,
     ObjectExists,
     ObjectNotFound,
 )
 from distckpt.fsutil import POINTER_MAX_BYTES
 from distckpt.layout import (
-    MANIFEST_NAME,
     SET_ASIDE_PREFIX,
     parse_set_aside_name,
     parse_step_dir_name,
     set_aside_name,
     step_dir_name,
 )
-from distckpt.manifest import CHECKSUM_ALGORITHM, MAX_MANIFEST_BYTES, Manifest, oversized_manifest
+from distckpt.manifest import Manifest
 from distckpt.objstore import ObjectStore
 from distckpt.objurl import S3Url
-from distckpt.problems import (
-    Problem,
-    checksum_mismatch,
-    damage,
-    missing,
-    unknown_checksum_algorithm,
-    wrong_size,
-)
 from distckpt.results import CheckpointLocation
-from distckpt.storage.s3_spool import make_temp_dir
-from distckpt.storage.views import CheckpointSource, RootView
+from distckpt.storage.views import RootView
+
+if TYPE_CHECKING:
+    from distckpt.storage.s3_checkpoint import S3Checkpoint
 
 COMMIT_NAME = "COMMIT"
 LEASE_NAME = ".lease"
 WRITERS_PREFIX = ".writers/"
 #: Files downloaded at once by :meth:`S3Checkpoint.local_copy` (each a stream of its own).
 DOWNLOAD_CONCURRENCY = 4
-_READ_CHUNK = 8 << 20
 #: the attempt a damaged ``COMMIT`` names (unknown); no attempt token is empty
 UNKNOWN_ATTEMPT = ""
 
@@ -269,171 +258,6 @@ def read_pointer_object(store: ObjectStore, key: str) -> tuple[str | None, str |
     return target or None, etag
 
 
-class S3Checkpoint(CheckpointSource):
-    """The checkpoint of one step of an ``s3://`` root: the attempt its ``COMMIT`` names."""
-
-    def __init__(self, root: S3Root, step: int) -> None:
-        self._root = root
-        self.location: str = root.location(step)
-        self.expected_step: int = step
-        self._attempt: str | None = None
-
-    def unsafe(self) -> str | None:
-        return None  # objects cannot be links
-
-    def exists(self) -> bool:
-        """Whether the step is still committed, and (once read) still as the save read: a
-        save replaced by ``overwrite`` has vanished for a reader that was reading it."""
-        try:
-            record = self._root.read_commit(self.expected_step)
-        except CorruptCheckpoint:
-            return True  # there, but damaged: reported as such, not as vanished
-        return record is not None and self._attempt in (None, record.attempt)
-
-    def _prefix(self) -> str:
-        """The committed attempt's prefix (read from ``COMMIT`` once per instance)."""
-        if self._attempt is None:
-            record = self._root.read_commit(self.expected_step)
-            if record is None:
-                raise CheckpointNotFound(
-                    f"{self.location} is not committed (no {COMMIT_NAME} object)",
-                    path=self.location,
-                    step=self.expected_step,
-                )
-            self._attempt = record.attempt
-        return self._root.attempt_prefix(self.expected_step, self._attempt)
-
-    def _object(self, name: str) -> str:
-        return self._prefix() + name
-
-    def read_manifest(self) -> Manifest:
-        name = self._object(MANIFEST_NAME)
-        assert self._attempt is not None  # read by _object
-        key = (self.expected_step, self._attempt)
-        if key not in self._root.manifests:
-            self._root.manifests[key] = self._fetch_manifest(name)
-        return self._root.manifests[key]
-
-    def _fetch_manifest(self, name: str) -> Manifest:
-        source = f"{self._root.root}/{name}"
-        try:
-            if self._root.client.head(name).size > MAX_MANIFEST_BYTES:
-                raise oversized_manifest(source)
-            raw = self._root.client.get_bytes(name)
-        except ObjectNotFound as exc:
-            raise CorruptCheckpoint(
-                f"{self.location} has no {MANIFEST_NAME}", damaged=True
-            ) from exc
-        return Manifest.from_json(raw, source=source)
-
-    def _sizes(self) -> dict[str, int]:
-        prefix = self._prefix()
-        return {info.key[len(prefix) :]: info.size for info in self._root.client.list(prefix)}
-
-    def file_problems(
-        self,
-        manifest: Manifest,
-        *,
-        checksums: bool,
-        progress: Callable[[int], None] | None = None,
-    ) -> list[Problem]:
-        problems: list[Problem] = []
-        if manifest.step != self.expected_step:
-            problems.append(
-                damage(
-                    f"{self.describe(MANIFEST_NAME)}: names step {manifest.step}, "
-                    f"but the checkpoint is for step {self.expected_step}"
-                )
-            )
-        if manifest.checksum_algorithm != CHECKSUM_ALGORITHM and checksums:
-            problems.append(unknown_checksum_algorithm(self.describe(MANIFEST_NAME), manifest))
-            checksums = False
-        sizes = self._sizes()
-        for name, record in sorted(manifest.files.items()):
-            size = sizes.get(name)
-            if size is None:
-                problems.append(missing(self.describe(name)))
-            elif size != record.size:
-                problems.append(wrong_size(self.describe(name), size, record.size))
-            elif checksums:
-                try:
-                    matches = self._checksum_matches(name, record.checksum, progress)
-                except ObjectNotFound:
-                    # deleted since the listing (before its HEAD or its GET): as missing as
-                    # when the listing did not find it
-                    problems.append(missing(self.describe(name)))
-                    continue
-                if not matches:
-                    problems.append(checksum_mismatch(self.describe(name)))
-        return problems
-
-    def _checksum_matches(
-        self, name: str, expected: str, progress: Callable[[int], None] | None
-    ) -> bool:
-        """Whether the object's CRC-32 is ``expected``. The store's own CRC-32 (kept where the
-        object was sent with one) answers a mismatch without a download; a match is confirmed
-        by reading every byte, since what the store keeps is what it was sent."""
-        stored = self._root.client.head(self._object(name)).crc32
-        if stored is not None and stored != expected:
-            return False
-        crc = 0
-        with self._root.client.open_read(self._object(name)) as stream:
-            while chunk := stream.read(_READ_CHUNK):
-                crc = crc32(chunk, crc)
-                if progress is not None:
-                    progress(len(chunk))
-        return f"{crc:08x}" == expected
-
-    def unlisted_files(self, manifest: Manifest) -> list[str]:
-        return [
-            f"{self.describe(name)}: unexpected object, not in the manifest"
-            for name in sorted(self._sizes())
-            if name != MANIFEST_NAME and name not in manifest.files
-        ]
-
-    def describe(self, name: str) -> str:
-        if self._attempt is None:
-            return f"{self.location}/{name}"
-        return f"{self._root.root}/{self._object(name)}"
-
-    def local_copy(self, names: Collection[str]) -> AbstractContextManager[Path]:
-        return self._downloaded(names)
-
-    @contextmanager
-    def _downloaded(self, names: Collection[str]) -> Iterator[Path]:
-        manifest = self.read_manifest()
-        directory = make_temp_dir("read", self.name)
-        try:
-            wanted = sorted(set(names) | {MANIFEST_NAME})
-            with ThreadPoolExecutor(DOWNLOAD_CONCURRENCY) as pool:
-                for future in [
-                    pool.submit(self._download, name, directory, manifest) for name in wanted
-                ]:
-                    future.result()
-            yield directory
-        finally:
-            # A format may have memory-mapped a file: unlinking it keeps the mapping valid.
-            shutil.rmtree(directory, ignore_errors=True)
-
-    def _download(self, name: str, directory: Path, manifest: Manifest) -> None:
-        target = directory / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            with (
-                self._root.client.open_read(self._object(name)) as stream,
-                open(target, "wb") as out,
-            ):
-                shutil.copyfileobj(stream, out, _READ_CHUNK)
-        except ObjectNotFound as exc:
-            raise CorruptCheckpoint(f"{self.describe(name)}: missing") from exc
-        record = manifest.files.get(name)
-        size = target.stat().st_size
-        if record is not None and size != record.size:
-            raise CorruptCheckpoint(
-                f"{self.describe(name)}: {size} bytes, the manifest says {record.size} (truncated?)"
-            )
-
-
 class S3RootView(RootView):
     """An ``s3://`` root, read through its objects."""
 
@@ -472,6 +296,9 @@ class S3RootView(RootView):
         return self.s3.committed_steps(step)  # a HEAD per newer step, not per kept step
 
     def checkpoint(self, step: int) -> S3Checkpoint:
+        # imported here: s3_checkpoint reads its root with this module's S3Root
+        from distckpt.storage.s3_checkpoint import S3Checkpoint
+
         return S3Checkpoint(self.s3, step)
 
     def set_aside_checkpoints(self) -> list[CheckpointLocation]:
