@@ -15,6 +15,7 @@ import torch
 import distckpt
 from tests.s3proxy import S3Proxy
 from tests.s3server import S3Server
+from tests.waiting import after_rank_0_removals
 
 pytest.importorskip("botocore")
 
@@ -68,10 +69,10 @@ def test_a_save_open_and_restore_send_at_most_the_requests_the_docs_state(
         for step in range(1, KEPT + 1):
             manager.save(step, _state(step))
         # what the save and the start left to remove runs in a thread: done before counting
-        manager._tidying.wait()
+        after_rank_0_removals(manager)
         mark = len(proxy.log)
         manager.save(KEPT + 1, _state(KEPT + 1))
-        manager._tidying.wait()
+        after_rank_0_removals(manager)
         save = _counted(proxy, mark)
         mark = len(proxy.log)
         restored = manager.restore("last", state=_state(0))
@@ -79,7 +80,7 @@ def test_a_save_open_and_restore_send_at_most_the_requests_the_docs_state(
         manager.close()
         mark = len(proxy.log)
         manager = distckpt.CheckpointManager(s3_url, storage_options=options, keep_last=10)
-        manager._tidying.wait()
+        after_rank_0_removals(manager)
         opened = _counted(proxy, mark)
         manager.close()
     assert restored is not None and restored.step == KEPT + 1
