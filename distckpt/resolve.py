@@ -178,16 +178,19 @@ def iter_valid(
     steps: Iterable[int] | None = None,
     newer: list[int] | None = None,
     skip_failing: bool = True,
+    sources: Mapping[int, CheckpointSource] | None = None,
 ) -> Iterator[Found]:
     """Committed checkpoints that pass :func:`check`, with their manifests; damaged ones are
     skipped with a warning (with ``skip_failing=False`` the first one that fails raises its
     error instead), ones deleted meanwhile (by retention) silently. ``steps`` replaces the
     listing of the root. One of a newer format version raises
     :class:`~distckpt.errors.UnsupportedVersion`, or with ``newer`` given has its step appended
-    there and is skipped."""
+    there and is skipped. ``sources``: the checkpoints of some steps, checked instead of the
+    view's (one whose commit record the caller knows)."""
     listed = sorted(set(view.committed_steps() if steps is None else steps))
+    known = sources or {}
     for step in reversed(listed) if newest_first else listed:
-        source = view.checkpoint(step)
+        source = known[step] if step in known else view.checkpoint(step)
         try:
             yield source, check(source, checksums=checksums)
         except UnsupportedVersion:

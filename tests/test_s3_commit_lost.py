@@ -21,6 +21,7 @@ from tests.ranks import run_ranks, values
 from tests.s3proxy import S3Proxy
 from tests.s3server import S3Server
 from tests.test_s3_store import JOB_TIMEOUT, _objects, _state
+from tests.waiting import after_rank_0_removals
 
 STEP_PREFIX = "step-00000002/"
 
@@ -225,3 +226,38 @@ def test_a_save_whose_manifest_was_lost_before_its_commit_fails_and_is_not_commi
         assert manager.steps() == [1] and manager.latest_step() == 1
     assert distckpt.verify(s3_url, storage_options=options).ok
     assert not [name for name in _objects(s3_url, options) if name.startswith(STEP_PREFIX)]
+
+
+@pytest.mark.parametrize("second_listing_fails", [False, True])
+def test_a_save_that_loses_an_object_right_after_its_commit_is_not_last_nor_removes_the_one_before(
+    s3_server: S3Server, s3_url: str, second_listing_fails: bool
+) -> None:
+    """The window after the commit's second listing (which may have failed, only logged),
+    before the pointers' update: a file of the committed save deleted there (the same
+    ``gc``) is found by the update's own check of the save, so ``last`` stays on step 1 and
+    retention (``keep_last=1``) keeps step 1."""
+    options = s3_server.storage_options()
+
+    def lose(event: events.PhaseEvent) -> None:
+        if event.phase == "commit.publish" and event.ok and event.step == 2:
+            with ObjectStore(s3_url, options) as store:
+                named = json.loads(store.get_bytes(STEP_PREFIX + "COMMIT"))["attempt"]
+                store.delete([f"{STEP_PREFIX}{named}/rank-00000.pt"])
+
+    with S3Proxy(s3_server.port) as proxy:
+        proxied = s3_server.storage_options(endpoint_url=proxy.endpoint, retries=1)
+        with distckpt.CheckpointManager(s3_url, storage_options=proxied, keep_last=1) as manager:
+            manager.save(1, _state(1))
+            if second_listing_fails:
+                proxy.fail("GET", "list-type=2", "step-00000002", skip=1)
+            remove = events.add_listener(lose)
+            try:
+                manager.save(2, _state(2))
+            finally:
+                remove()
+            assert not [rule for rule in proxy.rules if rule.times]  # the failure was answered
+            after_rank_0_removals(manager)
+            restored = manager.restore("last", state={"w": torch.empty(4), "step": 0})
+            assert restored is not None and restored.step == 1
+    with ObjectStore(s3_url, options) as store:
+        assert store.get_bytes("last").decode().strip() == "step-00000001"

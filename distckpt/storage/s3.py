@@ -49,7 +49,7 @@ from distckpt.errors import (
     StagedFileMismatch,
 )
 from distckpt.layout import MANIFEST_NAME
-from distckpt.manifest import FileRecord, Manifest
+from distckpt.manifest import MAX_MANIFEST_BYTES, FileRecord, Manifest
 from distckpt.objstore import ObjectStore
 from distckpt.results import CheckpointLocation, SaveResult
 from distckpt.storage import ExtraFile, OpenedRoot, StagingArea, store_files
@@ -297,13 +297,8 @@ class S3RootStore(LeaseKeeping, Upkeep, ViewedStore):
             faults.hit("before_rename", rank)
             self._check_lease()  # the upload may have outlasted the lease
             replaced, etag = self._publish(step, attempt, overwrite=overwrite)
-            if self._check_committed(area, manifest, len(manifest_bytes), etag, replaced):
-                # just listed whole after its COMMIT: the pointers' update need not read the
-                # COMMIT, manifest and listing again; a COMMIT replaced since has another ETag
-                source = f"{area.location}/{MANIFEST_NAME}"
-                written = Manifest.from_json(manifest_bytes, source=source)
-                self._checked[(step, etag)] = self.s3.manifests[(step, attempt)] = written
-                self.s3.commits[step] = CommitRecord(step, attempt, etag)
+            self._check_committed(area, manifest, len(manifest_bytes), etag, replaced)
+            self._remember_written(step, attempt, etag, manifest_bytes)
         self._published.add(attempt)
         if replaced is not None and replaced.attempt != UNKNOWN_ATTEMPT:
             self._leave_to_tidy(step, replaced.attempt)
@@ -351,20 +346,19 @@ class S3RootStore(LeaseKeeping, Upkeep, ViewedStore):
         manifest_size: int,
         etag: str,
         replaced: CommitRecord | None,
-    ) -> bool:
+    ) -> None:
         """After ``COMMIT`` was written: the save it names still holds the manifest and every
-        file with its size (one listing, as :meth:`check_staged`; True once it did). Objects
-        lost since that check (a ``gc`` whose clock runs ahead took the save for a dead
-        writer's) must fail the save, not report a checkpoint that is not there, nor let an
-        ``overwrite`` delete the checkpoint it replaced: ``COMMIT`` is put back as it was
-        (conditional on the ETag just written; deleted where the step was new), and
-        :class:`~distckpt.CommitLost` raised, as the POSIX store does when its filesystem
-        loses a renamed step dir. A listing that fails is logged: the save is committed, as
-        after any failure past ``COMMIT``."""
+        file with its size (one listing, as :meth:`check_staged`). Objects lost since that
+        check (a ``gc`` whose clock runs ahead took the save for a dead writer's) must fail
+        the save, not report a checkpoint that is not there, nor let an ``overwrite`` delete
+        the checkpoint it replaced: ``COMMIT`` is put back as it was (conditional on the ETag
+        just written; deleted where the step was new), and :class:`~distckpt.CommitLost`
+        raised, as the POSIX store does when its filesystem loses a renamed step dir. A
+        listing that fails is logged: the save is committed, as after any failure past
+        ``COMMIT``."""
         written = {MANIFEST_NAME: FileRecord(manifest_size, "", COMMITTING_RANK)}
         try:
             self.check_staged(area, written | dict(manifest.files))
-            return True
         except StagedFileMismatch as lost:
             outcome = self._undo_lost_commit(manifest.step, etag, replaced)
             raise CommitLost(
@@ -380,7 +374,17 @@ class S3RootStore(LeaseKeeping, Upkeep, ViewedStore):
                 self.s3.location(manifest.step),
                 exc,
             )
-            return False
+
+    def _remember_written(self, step: int, attempt: str, etag: str, manifest_bytes: bytes) -> None:
+        """Keep the ``COMMIT`` record (version ``etag``) and the manifest this save wrote, as
+        if read: the pointers' update need not read them back, but still lists the save and
+        checks it (its objects may be lost after the commit's own listing), and a ``COMMIT``
+        replaced since has another ETag. A manifest over the size readers refuse unread is
+        not kept: it is refused as if read."""
+        self.s3.commits[step] = CommitRecord(step, attempt, etag)
+        if len(manifest_bytes) <= MAX_MANIFEST_BYTES:
+            source = f"{self.s3.attempt_location(step, attempt)}/{MANIFEST_NAME}"
+            self.s3.manifests[(step, attempt)] = Manifest.from_json(manifest_bytes, source=source)
 
     def _undo_lost_commit(self, step: int, etag: str, replaced: CommitRecord | None) -> str:
         """Put the step's ``COMMIT`` back as it was before this save wrote it (version

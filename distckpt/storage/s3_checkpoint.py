@@ -32,11 +32,12 @@ _READ_CHUNK = 8 << 20
 class S3Checkpoint(CheckpointSource):
     """The checkpoint of one step of an ``s3://`` root: the attempt its ``COMMIT`` names."""
 
-    def __init__(self, root: S3Root, step: int) -> None:
+    def __init__(self, root: S3Root, step: int, attempt: str | None = None) -> None:
+        """``attempt``: the save the step's ``COMMIT`` names, when known (it is not read)."""
         self._root = root
         self.location: str = root.location(step)
         self.expected_step: int = step
-        self._attempt: str | None = None
+        self._attempt: str | None = attempt
 
     def unsafe(self) -> str | None:
         return None  # objects cannot be links
@@ -51,7 +52,8 @@ class S3Checkpoint(CheckpointSource):
         return record is not None and self._attempt in (None, record.attempt)
 
     def _prefix(self) -> str:
-        """The committed attempt's prefix (read from ``COMMIT`` once per instance)."""
+        """The committed attempt's prefix (read from ``COMMIT`` once per instance, unless
+        given)."""
         if self._attempt is None:
             record = self._root.read_commit(self.expected_step)
             if record is None:

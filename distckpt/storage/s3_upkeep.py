@@ -41,6 +41,7 @@ from distckpt.objlease import LeaseRecord
 from distckpt.objstore import ObjectStore
 from distckpt.results import CheckpointLocation
 from distckpt.storage.posix_links import COMMITTING_RANK
+from distckpt.storage.s3_checkpoint import S3Checkpoint
 from distckpt.storage.s3_set_aside import SetAside, save_whose_manifest
 from distckpt.storage.s3_view import (
     COMMIT_NAME,
@@ -182,7 +183,14 @@ class Upkeep(SetAside):
             for step, etag in commits.items()
             if step != leaving and (step, etag) not in self._checked
         ]
-        for source, manifest in resolve.iter_valid(self.view, steps=unchecked):
+        # A COMMIT version this process read or wrote (a save's own, right after its commit)
+        # is not read again, nor its manifest: the save itself is still listed and checked.
+        known = {
+            step: S3Checkpoint(self.s3, step, record.attempt)
+            for step in unchecked
+            if (record := self.s3.known_commit(step, commits[step])) is not None
+        }
+        for source, manifest in resolve.iter_valid(self.view, steps=unchecked, sources=known):
             self._checked[(source.expected_step, commits[source.expected_step])] = manifest
         valid = sorted(
             (m for (step, _), m in self._checked.items() if step != leaving),
@@ -358,9 +366,7 @@ class Upkeep(SetAside):
             if {(step, ""), (step, attempt)} & nested_roots:
                 continue
             if step not in first_read:
-                known = self.s3.commits.get(step)
-                if known is None or known.etag != listed_commits.get(step):
-                    known = None
+                known = self.s3.known_commit(step, listed_commits.get(step))
                 first_read[step] = self._read_commit_or_none(step, keys_in_step[step], known)
             if self._names(first_read[step], attempt):
                 continue

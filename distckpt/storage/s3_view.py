@@ -218,6 +218,13 @@ class S3Root:
                 step=step,
             ) from exc
 
+    def known_commit(self, step: int, etag: str | None) -> CommitRecord | None:
+        """The record of the version ``etag`` of the step's ``COMMIT`` (as a listing or a
+        ``HEAD`` just saw it) when this process read or wrote that very version, else None:
+        no request."""
+        known = self.commits.get(step)
+        return known if known is not None and known.etag == etag else None
+
     def set_aside_attempts(self) -> list[tuple[int, str]]:
         """The saves set aside as damaged (step, attempt), from their records' names."""
         return [
