@@ -82,6 +82,10 @@ def test_a_save_open_and_restore_send_at_most_the_requests_the_docs_state(
         manager = distckpt.CheckpointManager(s3_url, storage_options=options, keep_last=10)
         after_rank_0_removals(manager)
         opened = _counted(proxy, mark)
+        mark = len(proxy.log)
+        manager.restore("last", state=_state(0))
+        # the open read every manifest already: the download's HEAD and GET of it only
+        restore_after_open = _counted(proxy, mark)
         manager.close()
     assert restored is not None and restored.step == KEPT + 1
     kept = KEPT + 1  # committed when the restore and the second open run
@@ -113,6 +117,7 @@ def test_a_save_open_and_restore_send_at_most_the_requests_the_docs_state(
         "GET shard": 1,
     }
     assert not _over(restore, restore_bounds), restore
+    assert not _over(restore_after_open, restore_bounds), restore_after_open
     open_bounds = {
         "LIST root": 3,  # the root is reachable (rank 0, then every rank); leftovers
         "GET .lease": 2,  # the released lease (the exclusive create's refusal, then the take)
