@@ -227,6 +227,14 @@ def newest_valid(
     the target of ``last`` is a candidate too (it is moved right after each commit, before
     retention deletes the one before, so it is the freshest name), and when no candidate
     survives but committed steps exist, the root is listed again."""
+    return _newest_valid_and_last(view, checksums=checksums, skip_failing=skip_failing)[0]
+
+
+def _newest_valid_and_last(
+    view: RootView, *, checksums: bool, skip_failing: bool
+) -> tuple[Found | None, str | None]:
+    """:func:`newest_valid`, and the target ``last`` named when it was read there."""
+    linked = None
     for _ in range(VANISH_RETRIES + 1):
         steps = view.committed_steps()
         linked = view.read_pointer(LAST)
@@ -237,8 +245,8 @@ def newest_valid(
             iter_valid(view, checksums=checksums, steps=steps, skip_failing=skip_failing), None
         )
         if found is not None or not view.committed_steps():
-            return found
-    return None
+            return found, linked
+    return None, linked
 
 
 def best_valid(
@@ -344,13 +352,15 @@ def resolve_last(view: RootView, *, checksums: bool = False, skip_failing: bool 
     """The newest committed checkpoint that passes, warning about a ``last`` pointer that says
     otherwise; with ``skip_failing=False``, the newest committed checkpoint or its check's
     error (:func:`newest_valid`)."""
-    newest = newest_valid(view, checksums=checksums, skip_failing=skip_failing)
+    newest, linked_name = _newest_valid_and_last(
+        view, checksums=checksums, skip_failing=skip_failing
+    )
     if newest is None:
         if not view.exists():  # asked only now: a root with checkpoints costs no request
             raise CheckpointNotFound(f"no checkpoint or checkpoint root at {view.root}")
         raise CheckpointNotFound(f"no committed checkpoint in {view.root}")
-    if view.read_pointer(LAST) == newest[0].name:
-        return newest  # it names what was just found and checked: nothing to warn about
+    if linked_name == newest[0].name:
+        return newest  # it named what was then found and checked: nothing to warn about
     linked, problem = link_problem(view, LAST, checksums=checksums)
     if linked is not None and linked.name != newest[0].name:
         logger.warning(
