@@ -1,0 +1,103 @@
+"""What the requests an ``s3://`` root no longer sends (tests/test_s3_requests.py) must not
+cost: each read this process skips is one whose answer it knows, and is sent again when that
+answer may have changed (a ``COMMIT`` replaced, a failed update, a step to remove)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+import distckpt
+from distckpt.objstore import ObjectStore
+from distckpt.storage import open_store
+from tests.s3proxy import S3Proxy
+from tests.s3server import S3Server
+from tests.test_s3_requests import _counted, _state
+from tests.waiting import after_rank_0_removals
+
+pytest.importorskip("botocore")
+
+#: the attempt of the save a lingering writer committed over step 1 (a valid attempt token)
+OTHER_ATTEMPT = "0123456789ab-1"
+
+
+def _saves_of_step_1(url: str, options: dict[str, Any]) -> list[str]:
+    with ObjectStore(url, options) as store:
+        saves = {info.key.split("/")[1] for info in store.list("step-00000001/")}
+    return sorted(saves - {"COMMIT"})
+
+
+def test_the_search_for_leftovers_reads_a_commit_replaced_since_this_process_read_it(
+    s3_server: S3Server, s3_url: str
+) -> None:
+    """The open's pointers' update reads step 1's ``COMMIT``; another writer replaces it (a
+    commit of another save of step 1) before the search for leftovers lists the root. The
+    listing shows another ETag, so the search reads the new ``COMMIT`` and removes the save it
+    no longer names, rather than keeping it on the record read before."""
+    plain = s3_server.storage_options()
+    with distckpt.CheckpointManager(s3_url, storage_options=plain) as manager:
+        manager.save(1, _state(1))
+    [first] = _saves_of_step_1(s3_url, plain)
+    with S3Proxy(s3_server.port) as proxy:
+        # the search's listing of every object (of the root's prefix, not delimited)
+        listing = proxy.hold("GET", "list-type=2", "max-keys=1000", "prefix=ckpt%2F&")
+        manager = distckpt.CheckpointManager(
+            s3_url, storage_options=s3_server.storage_options(endpoint_url=proxy.endpoint)
+        )
+        try:
+            assert listing.arrived.wait(60)
+            with ObjectStore(s3_url, plain) as store:
+                for info in list(store.list(f"step-00000001/{first}/")):
+                    copy = info.key.replace(first, OTHER_ATTEMPT)
+                    store.copy(info.key, copy, info.size)
+                record = {"attempt": OTHER_ATTEMPT, "step": 1}
+                store.put_bytes("step-00000001/COMMIT", json.dumps(record).encode())
+            listing.release()
+            after_rank_0_removals(manager)
+        finally:
+            listing.release()
+            manager.close()
+    assert _saves_of_step_1(s3_url, plain) == [OTHER_ATTEMPT]
+
+
+def test_retention_that_removes_a_step_reads_both_pointers_and_keeps_their_targets(
+    s3_server: S3Server, s3_url: str
+) -> None:
+    """Without a monitor, ``best`` left naming step 1 (by a run that had one) protects step 1
+    from ``keep_last=1``: the pointers are read once something is to be removed."""
+    with S3Proxy(s3_server.port) as proxy:
+        options = s3_server.storage_options(endpoint_url=proxy.endpoint)
+        with distckpt.CheckpointManager(s3_url, storage_options=options, keep_last=1) as manager:
+            manager.save(1, _state(1))
+            with ObjectStore(s3_url, options) as store:
+                store.put_bytes("best", b"step-00000001\n")
+            mark = len(proxy.log)
+            manager.save(2, _state(2))
+            save = _counted(proxy, mark)
+            assert manager.steps() == [1, 2]
+            manager.save(3, _state(3))  # best still names 1: step 2 alone is removed
+            assert manager.steps() == [1, 3]
+    # the update's look at best, then retention's read of both
+    assert save["GET last"] == 1 and save["GET best"] == 2, save
+
+
+def test_an_open_whose_pointers_update_fails_finds_the_newest_checkpoint_itself(
+    s3_server: S3Server, s3_url: str
+) -> None:
+    """The newest checkpoint an open reports comes from its pointers' update; when that
+    update fails (here its listing of the steps), the open lists and checks the root again."""
+    with distckpt.CheckpointManager(s3_url, storage_options=s3_server.storage_options()) as m:
+        m.save(1, _state(1))
+        m.save(2, _state(2))
+    with S3Proxy(s3_server.port) as proxy:
+        options = s3_server.storage_options(endpoint_url=proxy.endpoint, retries=1)
+        proxy.fail("GET", "list-type=2", "step-", status=403)
+        store = open_store(s3_url, storage_options=options)
+        try:
+            opened = store.open()
+        finally:
+            store.close()
+        assert not proxy.rules[0].times  # the update's listing was refused
+    assert opened.newest is not None and opened.newest[0] == 2
