@@ -6,8 +6,10 @@ are in ``tests/test_s3_store.py`` and ``tests/test_s3_cli.py``."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
+import torch
 
 import distckpt
 from distckpt.checksums import crc32
@@ -15,6 +17,7 @@ from distckpt.manifest import FileRecord
 from distckpt.objstore import ObjectStore
 from distckpt.storage import open_store
 from tests.s3server import S3Server
+from tests.test_s3_failures import _with_step_2_deleted_between_head_and_get
 from tests.test_s3_store import _objects, _state
 
 pytest.importorskip("botocore")
@@ -58,3 +61,21 @@ def test_a_spool_file_unlike_its_record_is_refused_at_its_upload(
             store.publish_shard(location, tmp_path, {"rank-00000.pt": record})
     finally:
         store.close()
+
+
+def test_a_checkpoint_replaced_while_it_is_read_is_read_again_as_replaced(
+    s3_server: S3Server, s3_url: str
+) -> None:
+    """ "a reader sees the old checkpoint or the new one": a save that an overwrite replaced
+    while a restore read it (its objects gone under the reader) has vanished, not turned
+    damaged; the restore reads the step again, the save ``COMMIT`` names now."""
+
+    def restore_last(options: dict[str, Any]) -> distckpt.Checkpoint | None:
+        with distckpt.CheckpointManager(s3_url, storage_options=options, read_only=True) as mgr:
+            return mgr.restore("last", state={"w": torch.zeros(4), "step": 0})
+
+    restored, _ = _with_step_2_deleted_between_head_and_get(
+        s3_server, s3_url, restore_last, replaced=True
+    )
+    assert restored is not None and restored.step == 2
+    assert torch.equal(restored.state["w"], _state(2)["w"])
