@@ -5,16 +5,14 @@ job whose lease was taken, are in ``tests/test_s3_failures.py``."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import threading
-from collections.abc import Callable, Iterator
 
 import pytest
 
 import distckpt
 from distckpt.objstore import ObjectStore
-from tests.s3proxy import Rule, S3Proxy
+from tests.s3proxy import S3Proxy
 from tests.s3server import S3Server
 from tests.test_s3_store import _state
 
@@ -25,28 +23,50 @@ COMMIT = "step-00000002/COMMIT"
 HOLD_SECONDS = 30.0
 
 
-@contextlib.contextmanager
-def _written_while_held(held: Rule, write: Callable[[], None]) -> Iterator[None]:
-    """Within the block, once the request ``held`` holds arrives, ``write`` runs (another
-    writer, straight to the store), and the request goes on after it."""
+def _save_while_another_writer_writes(
+    s3_server: S3Server,
+    s3_url: str,
+    *,
+    first_step: int,
+    held: str,
+    written: dict[str, bytes],
+    step: int,
+    overwrite: bool = False,
+) -> None:
+    """A job saves ``first_step``, then ``step`` (with ``overwrite``), through the proxy,
+    which holds the second save's first ``PUT`` whose path holds ``held`` until another
+    writer has put the objects ``written`` straight to the store."""
+    direct = s3_server.storage_options()
+    with S3Proxy(s3_server.port) as proxy:
+        options = s3_server.storage_options(endpoint_url=proxy.endpoint)
+        with distckpt.CheckpointManager(s3_url, storage_options=options) as manager:
+            manager.save(first_step, _state(first_step))
+            rule = proxy.hold("PUT", held)
 
-    def write_meanwhile() -> None:
-        try:
-            assert held.arrived.wait(HOLD_SECONDS)
-            write()
-        finally:
-            held.release()
+            def write_meanwhile() -> None:
+                try:
+                    assert rule.arrived.wait(HOLD_SECONDS)
+                    with ObjectStore(s3_url, direct) as store:
+                        for name, data in written.items():
+                            store.put_bytes(name, data)
+                finally:
+                    rule.release()
 
-    writer = threading.Thread(target=write_meanwhile)
-    writer.start()
-    try:
-        yield
-    finally:
-        writer.join()
+            writer = threading.Thread(target=write_meanwhile)
+            writer.start()
+            try:
+                manager.save(step, _state(step), overwrite=overwrite)
+            finally:
+                writer.join()
 
 
 def _commit_record(step: int, attempt: str) -> bytes:
     return json.dumps({"attempt": attempt, "step": step}, sort_keys=True).encode()
+
+
+def _object(s3_server: S3Server, s3_url: str, name: str) -> bytes:
+    with ObjectStore(s3_url, s3_server.storage_options()) as store:
+        return store.get_bytes(name)
 
 
 def test_an_overwrite_whose_commit_another_writer_replaced_meanwhile_is_refused(
@@ -55,24 +75,18 @@ def test_an_overwrite_whose_commit_another_writer_replaced_meanwhile_is_refused(
     """ "overwrite=True replaces COMMIT with If-Match on the ETag it read": a COMMIT another
     writer put between that read and the replacement stays, and the overwrite fails with
     ``ConcurrentCommit``."""
-    direct = s3_server.storage_options()
     other = _commit_record(2, "another-writer")
-    with S3Proxy(s3_server.port) as proxy:
-        options = s3_server.storage_options(endpoint_url=proxy.endpoint)
-        with distckpt.CheckpointManager(s3_url, storage_options=options) as manager:
-            manager.save(2, _state(2))
-
-            def replace_commit() -> None:
-                with ObjectStore(s3_url, direct) as store:
-                    store.put_bytes(COMMIT, other)
-
-            with (
-                _written_while_held(proxy.hold("PUT", COMMIT), replace_commit),
-                pytest.raises(distckpt.ConcurrentCommit),
-            ):
-                manager.save(2, _state(200), overwrite=True)
-    with ObjectStore(s3_url, direct) as store:
-        assert store.get_bytes(COMMIT) == other
+    with pytest.raises(distckpt.ConcurrentCommit):
+        _save_while_another_writer_writes(
+            s3_server,
+            s3_url,
+            first_step=2,
+            held=COMMIT,
+            written={COMMIT: other},
+            step=2,
+            overwrite=True,
+        )
+    assert _object(s3_server, s3_url, COMMIT) == other
 
 
 def test_last_moved_by_another_writer_meanwhile_is_not_moved_back(
@@ -81,18 +95,11 @@ def test_last_moved_by_another_writer_meanwhile_is_not_moved_back(
     """ "last / best are pointer objects replaced by compare-and-swap on the ETag read": a
     writer that commits a newer step and points ``last`` at it while this job is moving
     ``last`` keeps it; this job's stale write is refused and not made again over it."""
-    direct = s3_server.storage_options()
-    with S3Proxy(s3_server.port) as proxy:
-        options = s3_server.storage_options(endpoint_url=proxy.endpoint)
-        with distckpt.CheckpointManager(s3_url, storage_options=options) as manager:
-            manager.save(1, _state(1))
-
-            def commit_step_3() -> None:
-                with ObjectStore(s3_url, direct) as store:
-                    store.put_bytes("step-00000003/COMMIT", _commit_record(3, "another-writer"))
-                    store.put_bytes("last", b"step-00000003\n")
-
-            with _written_while_held(proxy.hold("PUT", "/last"), commit_step_3):
-                manager.save(2, _state(2))
-    with ObjectStore(s3_url, direct) as store:
-        assert store.get_bytes("last") == b"step-00000003\n"
+    newer = {
+        "step-00000003/COMMIT": _commit_record(3, "another-writer"),
+        "last": b"step-00000003\n",
+    }
+    _save_while_another_writer_writes(
+        s3_server, s3_url, first_step=1, held="/last", written=newer, step=2
+    )
+    assert _object(s3_server, s3_url, "last") == b"step-00000003\n"
