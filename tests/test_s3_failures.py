@@ -150,8 +150,9 @@ def test_a_job_that_lost_the_lease_commits_nothing(s3_server: S3Server, s3_url: 
             store.put_bytes(".lease", b'{"owner": "other", "host": "h", "pid": 1, "duration": 30}')
         with pytest.raises(distckpt.LeaseLost):
             manager.save(2, _state(2))
-        with pytest.raises(distckpt.LeaseLost):
-            manager.delete(1)
+        for change in (lambda: manager.delete(1), manager.prune, manager.gc):
+            with pytest.raises(distckpt.LeaseLost):
+                change()
         assert manager.steps() == [1]
     assert not any(name.startswith("step-00000002/") for name in _objects(s3_url, options))
 
