@@ -6,7 +6,6 @@ job whose lease was taken, are in ``tests/test_s3_failures.py``."""
 from __future__ import annotations
 
 import json
-import threading
 
 import pytest
 
@@ -19,8 +18,6 @@ from tests.test_s3_store import _state
 pytest.importorskip("botocore")
 
 COMMIT = "step-00000002/COMMIT"
-#: how long a held request may wait for the test's other writer (a bound, never reached)
-HOLD_SECONDS = 30.0
 
 
 def _save_while_another_writer_writes(
@@ -41,23 +38,14 @@ def _save_while_another_writer_writes(
         options = s3_server.storage_options(endpoint_url=proxy.endpoint)
         with distckpt.CheckpointManager(s3_url, storage_options=options) as manager:
             manager.save(first_step, _state(first_step))
-            rule = proxy.hold("PUT", held)
 
-            def write_meanwhile() -> None:
-                try:
-                    assert rule.arrived.wait(HOLD_SECONDS)
-                    with ObjectStore(s3_url, direct) as store:
-                        for name, data in written.items():
-                            store.put_bytes(name, data)
-                finally:
-                    rule.release()
+            def write() -> None:
+                with ObjectStore(s3_url, direct) as store:
+                    for name, data in written.items():
+                        store.put_bytes(name, data)
 
-            writer = threading.Thread(target=write_meanwhile)
-            writer.start()
-            try:
+            with proxy.hold("PUT", held).changed_meanwhile(write):
                 manager.save(step, _state(step), overwrite=overwrite)
-            finally:
-                writer.join()
 
 
 def _commit_record(step: int, attempt: str) -> bytes:
