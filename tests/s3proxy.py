@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import http.client
 import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -63,6 +65,25 @@ class Rule:
                 self.release()
 
         threading.Thread(target=release, name="s3proxy-release", daemon=True).start()
+
+    @contextmanager
+    def changed_meanwhile(self, change: Callable[[], None]) -> Iterator[None]:
+        """Within the block: once a request this rule holds arrives, ``change`` runs (another
+        writer's, from a thread of its own), and then the request goes on."""
+
+        def change_then_release() -> None:
+            try:
+                assert self.arrived.wait(HOLD_TIMEOUT)
+                change()
+            finally:
+                self.release()
+
+        changer = threading.Thread(target=change_then_release, name="s3proxy-change")
+        changer.start()
+        try:
+            yield
+        finally:
+            changer.join()
 
     def matches(self, method: str, path: str, body: bytes = b"") -> bool:
         return (

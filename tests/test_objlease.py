@@ -65,6 +65,24 @@ def test_an_unrenewed_lease_expires_and_its_holder_learns_it(
         second.check()
 
 
+def test_a_release_by_a_holder_that_has_not_seen_the_takeover_leaves_the_new_holder(
+    s3_server: S3Server, s3_url: str
+) -> None:
+    """Released "by compare-and-swap": a holder that lost its lease without learning it yet
+    (no renewal or check since; a paused process) and then releases it at its close leaves
+    the new holder's record as it is, and the new holder holds the lease."""
+    with ObjectStore(s3_url, s3_server.storage_options()) as store:
+        first = ObjectLease(store, ".lock", duration=30)
+        first.acquire(timeout=1)
+        second = ObjectLease(store, ".lock", duration=30)
+        # taken over at once, as from a holder known dead: no wait for the lease to expire
+        second.acquire(timeout=1, holder_gone=lambda record: True)
+        first.release()
+        record = LeaseRecord.decode(store.get_bytes(".lock"))
+        assert record is not None and record.owner == second.owner and not record.released
+        second.check()
+
+
 def test_renewal_keeps_the_lease_and_release_hands_it_over(
     s3_server: S3Server, s3_url: str
 ) -> None:

@@ -27,22 +27,31 @@ STEP_PREFIX = "step-00000002/"
 
 
 def _lose_rank_1_object_of_the_new_save(
-    url: str, options: dict[str, Any], file_name: str = "rank-00001.pt"
+    url: str,
+    options: dict[str, Any],
+    file_name: str = "rank-00001.pt",
+    replacement: bytes | None = None,
 ) -> None:
     """Delete rank 1's file (or ``file_name``) of the step 2 save being committed once the
     commit's manifest is uploaded, after its staged objects were checked: what a ``gc``
     taking the save for a dead writer's does in that window. The save being committed is the
-    one ``COMMIT`` does not name yet (an overwrite's old one is named)."""
+    one ``COMMIT`` does not name yet (an overwrite's old one is named). With ``replacement``
+    the object is replaced by those bytes instead (another writer's object of another size)."""
     with ObjectStore(url, options) as store:
         try:
             named = json.loads(store.get_bytes(STEP_PREFIX + "COMMIT"))["attempt"]
         except ObjectNotFound:
             named = None
-        store.delete(
+        keys = [
             info.key
             for info in list(store.list(STEP_PREFIX))
             if info.key.endswith(file_name) and info.key.split("/")[1] != named
-        )
+        ]
+        if replacement is None:
+            store.delete(keys)
+            return
+        for key in keys:
+            store.put_bytes(key, replacement)
 
 
 def _save_losing_an_object(
@@ -204,14 +213,21 @@ def test_a_new_step_whose_undo_fails_is_committed_damaged_and_says_so(
     assert "set aside" not in str(lost)
 
 
-def test_a_save_whose_manifest_was_lost_before_its_commit_fails_and_is_not_committed(
-    s3_server: S3Server, s3_url: str
+@pytest.mark.parametrize(
+    ("file_name", "replacement"),
+    [("manifest.json", None), ("rank-00000.pt", b"of another size")],
+    ids=["manifest-lost", "file-resized"],
+)
+def test_a_save_whose_object_was_lost_or_resized_before_its_commit_fails_uncommitted(
+    s3_server: S3Server, s3_url: str, file_name: str, replacement: bytes | None
 ) -> None:
+    """docs/object-stores.md: "if an object went missing or changed size since the check,
+    the save fails on every rank with CommitLost"."""
     options = s3_server.storage_options()
 
     def lose(event: events.PhaseEvent) -> None:
         if event.phase == "commit.manifest" and event.ok:
-            _lose_rank_1_object_of_the_new_save(s3_url, options, "manifest.json")
+            _lose_rank_1_object_of_the_new_save(s3_url, options, file_name, replacement)
 
     with distckpt.CheckpointManager(s3_url, storage_options=options) as manager:
         manager.save(1, _state(1))
@@ -221,7 +237,7 @@ def test_a_save_whose_manifest_was_lost_before_its_commit_fails_and_is_not_commi
                 manager.save(2, _state(2))
         finally:
             remove()
-        assert str(lost.value.path).endswith("manifest.json") and lost.value.step == 2
+        assert str(lost.value.path).endswith(file_name) and lost.value.step == 2
         assert "nothing was committed" in str(lost.value)
         assert manager.steps() == [1] and manager.latest_step() == 1
     assert distckpt.verify(s3_url, storage_options=options).ok

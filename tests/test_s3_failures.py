@@ -150,8 +150,9 @@ def test_a_job_that_lost_the_lease_commits_nothing(s3_server: S3Server, s3_url: 
             store.put_bytes(".lease", b'{"owner": "other", "host": "h", "pid": 1, "duration": 30}')
         with pytest.raises(distckpt.LeaseLost):
             manager.save(2, _state(2))
-        with pytest.raises(distckpt.LeaseLost):
-            manager.delete(1)
+        for change in (lambda: manager.delete(1), manager.prune, manager.gc):
+            with pytest.raises(distckpt.LeaseLost):
+                change()
         assert manager.steps() == [1]
     assert not any(name.startswith("step-00000002/") for name in _objects(s3_url, options))
 
@@ -321,11 +322,13 @@ def test_gc_beside_a_save_that_commits_meanwhile_keeps_the_committed_checkpoint(
 
 
 def _with_step_2_deleted_between_head_and_get(
-    server: S3Server, url: str, read: Callable[[dict[str, Any]], T]
+    server: S3Server, url: str, read: Callable[[dict[str, Any]], T], *, replaced: bool = False
 ) -> tuple[T, list[tuple[str, str, int]]]:
     """``read(storage_options)`` of a root holding steps 1 and 2, through a proxy that holds
     the GET of step 2's shard (the one after its HEAD) while step 2 is removed as retention
-    does (``COMMIT`` first, then its objects); what it returned, and the proxy's log."""
+    does (``COMMIT`` first, then its objects), or with ``replaced`` replaced as an overwrite
+    does (its objects copied to another save, ``COMMIT`` naming that one, the old objects
+    deleted); what it returned, and the proxy's log."""
     options = server.storage_options()
     with distckpt.CheckpointManager(url, storage_options=options, format="torch") as manager:
         manager.save(1, _state(1))
@@ -336,8 +339,15 @@ def _with_step_2_deleted_between_head_and_get(
         def delete_step_2() -> None:
             shard_get.arrived.wait(30)
             with ObjectStore(url, options) as store:
-                store.delete(["step-00000002/COMMIT"])
-                store.delete([info.key for info in store.list("step-00000002/")])
+                saved = [i for i in store.list("step-00000002/") if not i.key.endswith("COMMIT")]
+                if replaced:
+                    for info in saved:
+                        name = info.key.rpartition("/")[2]
+                        store.copy(info.key, f"step-00000002/new/{name}", info.size)
+                    store.put_bytes("step-00000002/COMMIT", b'{"attempt": "new", "step": 2}')
+                else:
+                    store.delete(["step-00000002/COMMIT"])
+                store.delete([info.key for info in saved])
             shard_get.release()
 
         deleter = threading.Thread(target=delete_step_2)

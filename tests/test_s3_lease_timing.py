@@ -6,7 +6,9 @@ process waits on a stalled store."""
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -20,12 +22,14 @@ import torch
 
 import distckpt
 from distckpt import LeaseLost, objlease
+from distckpt.lease import this_process_host
 from distckpt.objlease import LeaseRecord, ObjectLease
 from distckpt.objstore import ObjectStore
 from distckpt.storage import s3_lease
 from distckpt.storage.s3_view import LEASE_NAME
 from tests.s3proxy import S3Proxy
 from tests.s3server import S3Server
+from tests.waiting import wait_until
 
 pytest.importorskip("botocore")
 
@@ -95,23 +99,30 @@ def test_the_next_renewal_is_timed_from_when_a_slow_one_was_sent(
 
 
 def test_a_lease_taken_over_after_it_expired_is_lost_and_nothing_more_is_committed(
-    s3_server: S3Server, s3_url: str, monkeypatch: pytest.MonkeyPatch
+    s3_server: S3Server,
+    s3_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    """The holder whose renewal found the takeover is told who took the lease, at every later
+    save ("a holder that lost the lease is told, in its LeaseLost, who took it")."""
     direct = s3_server.storage_options()
+    taken = f"taken by a job without a job id on host {this_process_host()}, pid {os.getpid()},"
     with _saved_through_proxy(s3_server, s3_url, monkeypatch) as (proxy, manager), manager:
         stalled = proxy.hold("PUT", f"/{LEASE_NAME}", times=1000)  # no renewal gets through
-        with ObjectStore(s3_url, direct) as store:
+        with ObjectStore(s3_url, direct) as store, caplog.at_level(logging.ERROR, "distckpt"):
             other = ObjectLease(store, LEASE_NAME, duration=60)
             other.acquire(timeout=SHORT_LEASE_SECONDS * 3)  # once the lease expired
             stalled.release()  # the held renewals now reach the store, and are refused
             stalled.times = 0
-            time.sleep(SHORT_LEASE_SECONDS / 3)  # a renewal round that finds the takeover
-            with pytest.raises(LeaseLost):
+            wait_until(lambda: taken in caplog.text, "a renewal finding the takeover", 30)
+            with pytest.raises(LeaseLost, match=re.escape(taken)):
                 manager.save(2, _state(2))
             other.check()
             record = LeaseRecord.decode(store.get_bytes(LEASE_NAME))
             assert record is not None and record.owner == other.owner
-            with pytest.raises(LeaseLost):  # for good: a later save fails the same way
+            # for good: a later save fails the same way
+            with pytest.raises(LeaseLost, match=re.escape(taken)):
                 manager.save(3, _state(3))
             other.release()
     assert _committed_steps(s3_url, direct) == [1]

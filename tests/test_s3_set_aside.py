@@ -229,8 +229,18 @@ def _kill_this_process(*args: Any, **kwargs: Any) -> None:
 
 @pytest.mark.parametrize(
     ("killed", "older_starts_next"),
-    [("while-copying", False), ("after-unpublishing", False), ("after-unpublishing", True)],
-    ids=["while-copying", "after-unpublishing", "after-unpublishing-older-starts-next"],
+    [
+        ("while-copying", False),
+        ("while-copying-then-uncommitted", False),
+        ("after-unpublishing", False),
+        ("after-unpublishing", True),
+    ],
+    ids=[
+        "while-copying",
+        "while-copying-then-uncommitted",
+        "after-unpublishing",
+        "after-unpublishing-older-starts-next",
+    ],
 )
 def test_an_s3_set_aside_killed_midway_is_completed_and_loses_nothing(
     s3_server: S3Server, s3_url: str, older_distckpt: Path, killed: str, older_starts_next: bool
@@ -239,12 +249,15 @@ def test_an_s3_set_aside_killed_midway_is_completed_and_loses_nothing(
     aside again, copying the rest) or after deleting COMMIT (the copy whole: the next start
     deletes the originals), then restarted by this version, or first started by an older one,
     which deletes the originals as a dead writer's save: harmless, they were copied. (Killed
-    while copying, the step is still committed, which every version's start leaves alone.)"""
+    while copying, the step is still committed, which every version's start leaves alone.)
+    Killed while copying and then uncommitted otherwise (its COMMIT deleted by hand, or by a
+    version that knows no set-aside record), the next start completes the copy the record
+    names before it deletes the originals as a leftover."""
     options = s3_server.storage_options()
     attempt, digests = _s3_save_90_and_damaged_100(s3_url, options)
     child = os.fork()
     if child == 0:  # pragma: no cover - the child is killed
-        if killed == "while-copying":
+        if killed.startswith("while-copying"):
             copy = ObjectStore.copy
             copies: list[str] = []
 
@@ -264,8 +277,11 @@ def test_an_s3_set_aside_killed_midway_is_completed_and_loses_nothing(
         os._exit(0)
     _, status = os.waitpid(child, 0)
     assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, status
-    committed = killed == "while-copying"
+    committed = killed.startswith("while-copying")
     assert (f"{DAMAGED}/COMMIT" in _s3_objects(s3_url, options)) == committed
+    if killed == "while-copying-then-uncommitted":
+        with ObjectStore(s3_url, options) as store:
+            store.delete_one(f"{DAMAGED}/COMMIT")
 
     if older_starts_next:
         _older_version_starts(older_distckpt, s3_url, options)
