@@ -15,7 +15,7 @@ import torch
 
 import distckpt
 from distckpt import faults
-from distckpt.fsutil import exchange_dirs, probe_writable
+from distckpt.fsutil import exchange_dirs, probe_writable, read_link
 from distckpt.lock import WriterLock
 from tests.filesystem_saves import (
     TIMEOUT,
@@ -121,6 +121,26 @@ def test_two_writers_the_lock_does_not_reach_never_both_commit(mounts: MountFact
     assert [p for p in (here / ".staging").iterdir() if p.is_dir()] == []
 
 
+def test_a_job_that_lost_the_root_neither_deletes_nor_prunes(mounts: MountFactory) -> None:
+    """Every delete and prune checks the lease under the commit lock first: a job that lost
+    the root (another job took it over through a path its locks do not reach, as an operator's
+    break lets one) fails them with ``LeaseLost`` and removes nothing of the new holder's."""
+    bindfs = mounts.get("bindfs")
+    assert bindfs.writable_source is not None
+    here, there = bindfs.path / "fenced-removals", bindfs.writable_source / "fenced-removals"
+    with distckpt.CheckpointManager(here, keep_last=2, timeout=TIMEOUT, fsync=False) as fenced:
+        fenced.save(1, {"w": torch.zeros(1)})
+        fenced.save(2, {"w": torch.zeros(1)})
+        with distckpt.CheckpointManager(there, timeout=TIMEOUT, fsync=False) as taker:
+            taker.save(3, {"w": torch.ones(1)})  # keeps everything: step 1 is prunable
+            with pytest.raises(distckpt.LeaseLost):
+                fenced.delete(3)
+            with pytest.raises(distckpt.LeaseLost):
+                fenced.prune()
+            assert taker.steps() == [1, 2, 3]
+            assert read_link(there / "last") == "step-00000003"
+
+
 def test_a_step_committed_between_the_lease_check_and_the_rename(
     mounts: MountFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -156,14 +176,25 @@ def test_a_step_committed_between_the_lease_check_and_the_rename(
 
 
 def test_an_error_between_the_two_renames_of_an_overwrite_puts_the_old_step_back(
-    mounts: MountFactory,
+    mounts: MountFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Where two names cannot be exchanged (bindfs refuses RENAME_EXCHANGE), ``overwrite=True``
-    moves the old step into the trash, then renames the new one into place. An error raised
-    between the two (an injected one here: a real one is an I/O error) fails the save and, as
-    a failed save leaves the root as it was, the old step is renamed back, not left in the
-    trash to be deleted."""
+    moves the old step into the trash, then renames the new one into place. Between the two,
+    ``last`` already names a step that is there (the links moved off the old one first, so a
+    crash there leaves no link naming nothing). An error raised between the two (an injected
+    one here: a real one is an I/O error) fails the save and, as a failed save leaves the root
+    as it was, the old step is renamed back, not left in the trash to be deleted."""
     root = mounts.get("bindfs").path / "overwrite-error"
+    linked_between: list[bool] = []
+    real_hit = faults.hit
+
+    def look_at_last_between_the_renames(point: str, rank: int) -> None:
+        if point == "during_delete":
+            linked_between.append((root / str(read_link(root / "last"))).is_dir())
+        real_hit(point, rank)
+
+    # A look at the disk at our own fault point: no process can be stopped in that instant.
+    monkeypatch.setattr(faults, "hit", look_at_last_between_the_renames)
     (root / "a").mkdir(parents=True)
     (root / "b").mkdir()
     assert not exchange_dirs(root / "a", root / "b", fsync=False)  # the fallback runs here
@@ -178,6 +209,7 @@ def test_an_error_between_the_two_renames_of_an_overwrite_puts_the_old_step_back
                 mgr.save(2, {"w": torch.full((1,), 20.0)}, overwrite=True)
         finally:
             faults.disarm()
+        assert linked_between == [True]
         assert mgr.steps() == [1, 2]
         assert os.readlink(root / "last") == "step-00000002"
         assert not (root / ".trash").exists() or os.listdir(root / ".trash") == []
