@@ -121,26 +121,6 @@ def test_two_writers_the_lock_does_not_reach_never_both_commit(mounts: MountFact
     assert [p for p in (here / ".staging").iterdir() if p.is_dir()] == []
 
 
-def test_a_job_that_lost_the_root_neither_deletes_nor_prunes(mounts: MountFactory) -> None:
-    """Every delete and prune checks the lease under the commit lock first: a job that lost
-    the root (another job took it over through a path its locks do not reach, as an operator's
-    break lets one) fails them with ``LeaseLost`` and removes nothing of the new holder's."""
-    bindfs = mounts.get("bindfs")
-    assert bindfs.writable_source is not None
-    here, there = bindfs.path / "fenced-removals", bindfs.writable_source / "fenced-removals"
-    with distckpt.CheckpointManager(here, keep_last=2, timeout=TIMEOUT, fsync=False) as fenced:
-        fenced.save(1, {"w": torch.zeros(1)})
-        fenced.save(2, {"w": torch.zeros(1)})
-        with distckpt.CheckpointManager(there, timeout=TIMEOUT, fsync=False) as taker:
-            taker.save(3, {"w": torch.ones(1)})  # keeps everything: step 1 is prunable
-            with pytest.raises(distckpt.LeaseLost):
-                fenced.delete(3)
-            with pytest.raises(distckpt.LeaseLost):
-                fenced.prune()
-            assert taker.steps() == [1, 2, 3]
-            assert read_link(there / "last") == "step-00000003"
-
-
 def test_a_step_committed_between_the_lease_check_and_the_rename(
     mounts: MountFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
