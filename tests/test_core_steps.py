@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,7 @@ from distckpt.manifest import Manifest
 from distckpt.storage import open_store
 from distckpt.storage import posix as posix_store
 from tests.core_ranks import JOB_TIMEOUT, TIMEOUT, _err, _staging_entries, _weights
+from tests.filesystems import skip_or_fail
 from tests.ranks import run_ranks, values
 
 # --------------------------------------------------------------------------- retention, delete
@@ -186,6 +189,57 @@ def test_delete_moves_last_and_missing_step_is_not_found(root: Path) -> None:
         assert message == f"no checkpoint for step 7 in {root}; committed steps: 1"
         assert rank_out["restored"] == (1, [10.0 + rank] * 3)
     assert issubclass(distckpt.CheckpointNotFound, FileNotFoundError)
+
+
+def test_a_start_whose_monitor_ranks_no_checkpoint_removes_best_and_its_protection(
+    root: Path,
+) -> None:
+    """A job restarted with another metric: ``best`` (the old metric's best) is removed at its
+    start, so neither ``restore("best")`` nor retention takes it for the best any more."""
+    with distckpt.CheckpointManager(root, monitor="acc", mode="max", fsync=False) as mgr:
+        for step, acc in ((1, 0.9), (2, 0.1), (3, 0.2)):
+            mgr.save(step, {"w": torch.zeros(1)}, metrics={"acc": acc})
+    assert fsutil.read_link(root / "best") == "step-00000001"
+    with distckpt.CheckpointManager(root, monitor="loss", keep_last=1, fsync=False) as mgr:
+        assert not (root / "best").exists() and mgr.best_step() is None
+        mgr.save(4, {"w": torch.zeros(1)}, metrics={"acc": 0.3})
+        assert mgr.steps() == [4]  # the old metric's best is no longer kept for being best
+
+
+def test_retention_keeps_the_target_best_names_where_no_monitor_ranks_it(root: Path) -> None:
+    """A manager without ``monitor`` leaves ``best`` as it is, and retention keeps what it
+    names (the target of ``last``/``best`` is never removed), though no rule of its own
+    would."""
+    with distckpt.CheckpointManager(root, monitor="acc", mode="max", fsync=False) as mgr:
+        for step, acc in ((1, 0.9), (2, 0.1)):
+            mgr.save(step, {"w": torch.zeros(1)}, metrics={"acc": acc})
+    with distckpt.CheckpointManager(root, keep_last=1, fsync=False) as mgr:
+        mgr.save(3, {"w": torch.zeros(1)}, metrics={"acc": 0.2})
+        assert mgr.steps() == [1, 3]
+    assert fsutil.read_link(root / "best") == "step-00000001"
+    assert distckpt.verify(root).ok
+
+
+def test_a_delete_that_cannot_move_the_step_into_the_trash_fails_and_keeps_it(
+    root: Path,
+) -> None:
+    """A delete whose rename into the trash fails (an immutable dir here; an I/O error or a
+    permission elsewhere) fails naming that error: a checkpoint still there is never reported
+    deleted."""
+    chattr = shutil.which("chattr")
+    if chattr is None or os.geteuid() != 0:
+        skip_or_fail("needs chattr(1) and root to make a dir that cannot be renamed")
+    with distckpt.CheckpointManager(root, fsync=False) as mgr:
+        mgr.save(1, {"w": torch.zeros(1)})
+        mgr.save(2, {"w": torch.zeros(1)})
+        stuck = root / "step-00000001"
+        subprocess.run([chattr, "+i", os.fspath(stuck)], check=True)
+        try:
+            with pytest.raises(distckpt.CheckpointError, match="step 1 failed: PermissionError"):
+                mgr.delete(1)
+        finally:
+            subprocess.run([chattr, "-i", os.fspath(stuck)], check=True)
+        assert mgr.steps() == [1, 2]
 
 
 # --------------------------------------------------------------------------- step rules
