@@ -295,6 +295,16 @@ def _bad_steps(rank: int, world_size: int, root: str) -> dict[str, Any]:
     return out
 
 
+def test_overwrite_of_a_step_not_committed_yet_saves_it(root: Path) -> None:
+    """``overwrite=True`` replaces a committed step, and saves one not committed yet as a plain
+    save does (a loop may pass it at every save)."""
+    with distckpt.CheckpointManager(root, fsync=False) as mgr:
+        assert mgr.save(1, {"w": torch.ones(1)}, overwrite=True).step == 1
+        assert mgr.save(2, {"w": torch.ones(1)}, overwrite=True).step == 2
+        assert mgr.steps() == [1, 2] and mgr.restore("last").step == 2
+    assert distckpt.verify(root).ok
+
+
 def test_invalid_steps_raise_invalid_step_on_every_rank(root: Path) -> None:
     out = values(run_ranks(_bad_steps, 2, str(root), timeout=JOB_TIMEOUT))
     for rank_out in out:
