@@ -6,7 +6,6 @@ from __future__ import annotations
 import errno
 import os
 import shutil
-import sys
 import tempfile
 import zlib
 from pathlib import Path
@@ -27,6 +26,7 @@ from distckpt.fsutil import (
     remove_link,
     swap_link,
 )
+from tests.file_events import recording_removals_and_renames
 from tests.filesystems import MountFactory
 from tests.other_user import succeeds_as_nobody
 
@@ -112,37 +112,21 @@ def test_swap_link_replaces_whatever_is_there_with_a_relative_symlink(
     assert _leftovers(parent) == []
 
 
-#: the removals and renames of this process while a test listens (Python's audit events)
-_listened: list[tuple[str, tuple[Any, ...]]] | None = None
-
-
-def _note_removals_and_renames(event: str, args: tuple[Any, ...]) -> None:
-    if _listened is not None and event in ("os.remove", "os.rmdir", "os.rename"):
-        _listened.append((event, args))
-
-
-sys.addaudithook(_note_removals_and_renames)
-
-
 @pytest.mark.parametrize("mode", ["symlink", "pointer"])
 def test_a_swap_renames_the_new_link_over_the_old_one_never_removing_it(
     parent: Path, mode: str
 ) -> None:
     """Readers see the old target or the new one, never no link: the swap's one change to the
-    link's name is the rename of the new link over the old. Python's audit events show every
-    removal and rename the swap makes (a spy: each still happens); no reader can be timed into
-    the instant a remove-then-create swap leaves no link."""
-    global _listened
+    link's name is the rename of the new link over the old, which is neither removed nor
+    renamed away first. Python's audit events show every removal and rename the swap makes;
+    no reader can be timed into the instant a remove-then-create swap leaves no link."""
     link = parent / "last"
     swap_link(link, "step-00000001", mode=mode, trash_root=parent / ".trash", fsync=False)
-    _listened = []
-    try:
+    with recording_removals_and_renames() as seen:
         swap_link(link, "step-00000002", mode=mode, trash_root=parent / ".trash", fsync=False)
-        seen, _listened = _listened, None
-    finally:
-        _listened = None
-    assert [event for event, _ in seen] == ["os.rename"], seen
-    assert Path(seen[0][1][1]) == link, seen
+    name = os.fspath(link)
+    assert [event for event in seen if event.paths[0] == name] == [], seen
+    assert [event.event for event in seen if event.paths[-1] == name] == ["os.rename"], seen
     assert read_link(link) == "step-00000002" and _leftovers(parent) == []
 
 
