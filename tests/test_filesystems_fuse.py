@@ -173,7 +173,8 @@ def test_an_error_between_the_two_renames_of_an_overwrite_puts_the_old_step_back
             linked_between.append((root / str(read_link(root / "last"))).is_dir())
         real_hit(point, rank)
 
-    # A look at the disk at our own fault point: no process can be stopped in that instant.
+    # A spy (the fault still fires): it looks at the disk at our own fault point, the same
+    # instant a job killed there would leave, and cheaper than starting and killing one.
     monkeypatch.setattr(faults, "hit", look_at_last_between_the_renames)
     (root / "a").mkdir(parents=True)
     (root / "b").mkdir()
