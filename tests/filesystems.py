@@ -167,6 +167,29 @@ def skip_or_fail(reason: str) -> NoReturn:
     pytest.skip(reason)
 
 
+@contextlib.contextmanager
+def immutable(path: Path, *, may_move_under: Path | None = None) -> Iterator[Path]:
+    """Make ``path`` immutable for the block (``chattr +i``: not even root may rename, delete or
+    add to it); skipped (failed in CI) where chattr, root or the filesystem's support is
+    missing. On leaving, the flag is cleared where ``path`` is then: at ``path``, or, where
+    the code under test moved it, at every entry of its name under ``may_move_under``."""
+    chattr = shutil.which("chattr")
+    if chattr is None:
+        skip_or_fail("needs chattr(1) to make a file or dir immutable")
+    made = subprocess.run([chattr, "+i", path], capture_output=True, text=True)
+    if made.returncode != 0:
+        skip_or_fail(f"chattr +i {path}: {made.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        if os.path.lexists(path):
+            held = [path]
+        else:
+            held = sorted(may_move_under.rglob(path.name)) if may_move_under is not None else []
+        for moved in held:
+            subprocess.run([chattr, "-i", moved], check=True)
+
+
 def require_direct_io(directory: Path) -> None:
     """Skip (in CI: fail) where the file system under ``directory`` refuses ``O_DIRECT``."""
     probe = directory / ".direct-probe"

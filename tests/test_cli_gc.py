@@ -7,7 +7,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -18,7 +17,7 @@ import torch
 
 import distckpt
 from distckpt.cli import main
-from tests.filesystems import MountFactory, skip_or_fail
+from tests.filesystems import MountFactory, immutable
 from tests.test_cli import root, run
 
 __all__ = ["root"]  # the fixture, shared with tests/test_cli.py
@@ -95,25 +94,18 @@ def test_gc_force_reports_no_kept_because_it_did_not_apply(
 def test_gc_reports_a_dead_writers_staging_dir_removed_only_once_deleted(root: Path) -> None:
     """A dead writer's staging dir goes into the trash, then is deleted; where the delete
     fails, gc reports what is left in the trash, not the staging dir as removed."""
-    chattr = shutil.which("chattr")
-    if chattr is None or os.geteuid() != 0:
-        skip_or_fail("needs chattr(1) and root to make a file that cannot be deleted")
     dead = root / ".staging" / "step-00000040.dead"
     (dead / "rank").mkdir(parents=True)
     undeletable = dead / "rank" / "shard.pt"
     undeletable.write_bytes(b"x")
     # immutable: its dir can still be moved into the trash, but the file cannot be deleted
-    subprocess.run([chattr, "+i", os.fspath(undeletable)], check=True)
-    try:
+    with immutable(undeletable, may_move_under=root / ".trash"):
         out = run("gc", str(root), "--json")
         assert out.returncode == 0, out.stderr
         report = json.loads(out.stdout)
         assert os.fspath(dead) not in report["removed"] and not dead.exists()
         left = [item["path"] for item in report["left"] if item["kind"] == "trash"]
         assert [Path(path).name.startswith(dead.name + ".") for path in left] == [True]
-    finally:
-        for held in root.glob(".trash/*/rank/shard.pt"):
-            subprocess.run([chattr, "-i", os.fspath(held)], check=True)
     out = run("gc", str(root), "--json")
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout) == {"removed": left, "left": []}
@@ -204,15 +196,10 @@ def test_gc_leaves_a_leftover_whose_writer_lock_cannot_be_probed(root: Path) -> 
     (staging / "rank-00000.pt").write_bytes(b"partial")
     lock_file = Path(f"{staging}.lock")
     lock_file.touch()
-    made_immutable = subprocess.run(["chattr", "+i", lock_file], capture_output=True, text=True)
-    if made_immutable.returncode != 0:
-        skip_or_fail(f"chattr +i: {made_immutable.stderr.strip()}")
-    try:
+    with immutable(lock_file):
         gc = run("gc", str(root), "--json")
         gc_text = run("gc", str(root))
         listed = run("ls", str(root))
-    finally:
-        subprocess.run(["chattr", "-i", lock_file], check=True)
     assert gc.returncode == 0, gc.stderr
     report = json.loads(gc.stdout)
     assert report["removed"] == []

@@ -3,8 +3,11 @@ step rules (overwrite, invalid steps, an empty root) and step dirs of other widt
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,10 +16,12 @@ import torch
 
 import distckpt
 from distckpt import fsutil
+from distckpt.layout import step_dir_name
 from distckpt.manifest import Manifest
 from distckpt.storage import open_store
 from distckpt.storage import posix as posix_store
 from tests.core_ranks import JOB_TIMEOUT, TIMEOUT, _err, _staging_entries, _weights
+from tests.filesystems import immutable
 from tests.ranks import run_ranks, values
 
 # --------------------------------------------------------------------------- retention, delete
@@ -188,6 +193,99 @@ def test_delete_moves_last_and_missing_step_is_not_found(root: Path) -> None:
     assert issubclass(distckpt.CheckpointNotFound, FileNotFoundError)
 
 
+def test_a_start_whose_monitor_ranks_no_checkpoint_removes_best_and_its_protection(
+    root: Path,
+) -> None:
+    """A job restarted with another metric: ``best`` (the old metric's best) is removed at its
+    start, so neither ``restore("best")`` nor retention takes it for the best any more."""
+    with distckpt.CheckpointManager(root, monitor="acc", mode="max", fsync=False) as mgr:
+        for step, acc in ((1, 0.9), (2, 0.1), (3, 0.2)):
+            mgr.save(step, {"w": torch.zeros(1)}, metrics={"acc": acc})
+    assert fsutil.read_link(root / "best") == "step-00000001"
+    with distckpt.CheckpointManager(root, monitor="loss", keep_last=1, fsync=False) as mgr:
+        assert not (root / "best").exists() and mgr.best_step() is None
+        with pytest.raises(distckpt.CheckpointNotFound):
+            mgr.restore("best")
+        mgr.save(4, {"w": torch.zeros(1)}, metrics={"acc": 0.3})
+        assert mgr.steps() == [4]  # the old metric's best is no longer kept for being best
+
+
+def test_retention_keeps_the_target_best_names_where_no_monitor_ranks_it(root: Path) -> None:
+    """A manager without ``monitor`` leaves ``best`` as it is, and retention keeps what it
+    names (the target of ``last``/``best`` is never removed), though no rule of its own
+    would."""
+    with distckpt.CheckpointManager(root, monitor="acc", mode="max", fsync=False) as mgr:
+        for step, acc in ((1, 0.9), (2, 0.1)):
+            mgr.save(step, {"w": torch.zeros(1)}, metrics={"acc": acc})
+    with distckpt.CheckpointManager(root, keep_last=1, fsync=False) as mgr:
+        mgr.save(3, {"w": torch.zeros(1)}, metrics={"acc": 0.2})
+        assert mgr.steps() == [1, 3]
+    assert fsutil.read_link(root / "best") == "step-00000001"
+    assert distckpt.verify(root).ok
+
+
+@contextlib.contextmanager
+def _unrenamable(step_dir: Path) -> Iterator[None]:
+    """Make ``step_dir`` impossible to rename into the trash for the block. Root renames
+    whatever the modes say, so for root the dir itself is made immutable; anyone else finds its
+    parent read-only (the trash made beforehand, so that the rename is what fails)."""
+    if os.geteuid() == 0:
+        with immutable(step_dir):
+            yield
+        return
+    (step_dir.parent / ".trash").mkdir(exist_ok=True)
+    mode = step_dir.parent.stat().st_mode
+    step_dir.parent.chmod(0o555)
+    try:
+        yield
+    finally:
+        step_dir.parent.chmod(mode)
+
+
+def _fail_to_delete(
+    mgr: distckpt.CheckpointManager,
+    root: Path,
+    step: int,
+    unrenamable: Callable[[Path], contextlib.AbstractContextManager[object]],
+) -> None:
+    """Save steps 1 and 2 in ``root``, then delete ``step`` while ``unrenamable`` keeps its
+    dir from being renamed into the trash: the delete fails naming the ``PermissionError``, and
+    both steps stay."""
+    mgr.save(1, {"w": torch.zeros(1)})
+    mgr.save(2, {"w": torch.ones(1)})
+    failing = pytest.raises(distckpt.CheckpointError, match=f"step {step} failed: PermissionError")
+    with unrenamable(root / step_dir_name(step)), failing:
+        mgr.delete(step)
+    assert mgr.steps() == [1, 2]
+
+
+def test_a_delete_that_cannot_move_the_step_into_the_trash_fails_and_keeps_it(
+    root: Path,
+) -> None:
+    """A delete whose rename into the trash fails (an immutable dir or a read-only root here; an
+    I/O error elsewhere) fails naming that error: a checkpoint still there is never reported
+    deleted."""
+    with distckpt.CheckpointManager(root, fsync=False) as mgr:
+        _fail_to_delete(mgr, root, 1, _unrenamable)
+
+
+def test_a_failed_delete_of_the_newest_step_leaves_restore_last_on_it(
+    root: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A delete moves the links off a step before its rename into the trash; where that rename
+    fails, ``last`` names the older step while the newest is still there: ``restore("last")``
+    takes the newest, warning that the link says otherwise, and the next start repairs it."""
+    with distckpt.CheckpointManager(root, fsync=False) as mgr:
+        _fail_to_delete(mgr, root, 2, immutable)
+        with caplog.at_level(logging.WARNING, logger="distckpt"):
+            assert mgr.restore("last").step == 2
+        assert "last names step-00000001 but the newest committed checkpoint is step-00000002" in (
+            caplog.text
+        )
+    with distckpt.CheckpointManager(root, fsync=False):
+        assert fsutil.read_link(root / "last") == "step-00000002"
+
+
 # --------------------------------------------------------------------------- step rules
 
 
@@ -239,6 +337,16 @@ def _bad_steps(rank: int, world_size: int, root: str) -> dict[str, Any]:
         out["steps"] = mgr.steps()
         out["next"] = mgr.save(6, {"w": _weights(6, rank)}).step
     return out
+
+
+def test_overwrite_of_a_step_not_committed_yet_saves_it(root: Path) -> None:
+    """``overwrite=True`` replaces a committed step, and saves one not committed yet as a plain
+    save does (a loop may pass it at every save)."""
+    with distckpt.CheckpointManager(root, fsync=False) as mgr:
+        assert mgr.save(1, {"w": torch.ones(1)}, overwrite=True).step == 1
+        assert mgr.save(2, {"w": torch.ones(1)}, overwrite=True).step == 2
+        assert mgr.steps() == [1, 2] and mgr.restore("last").step == 2
+    assert distckpt.verify(root).ok
 
 
 def test_invalid_steps_raise_invalid_step_on_every_rank(root: Path) -> None:

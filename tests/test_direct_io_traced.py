@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from distckpt.memory import DIRECT_ALIGNMENT
-from tests.filesystems import require_direct_io, skip_or_fail
+from tests.filesystems import immutable, require_direct_io
 from tests.s3server import S3Server
 from tests.syscall_trace import (
     FileCall,
@@ -188,13 +188,8 @@ def test_a_shared_traced_run_that_dies_names_the_directory_it_died_in(tmp_path: 
     before, dying, after = tmp_path / "before", tmp_path / "dying", tmp_path / "after"
     dying.mkdir()
     (dying / "started.txt").write_text("")
-    immutable = subprocess.run(["chattr", "+i", dying], capture_output=True, text=True)
-    if immutable.returncode != 0:
-        skip_or_fail(f"the test's directory cannot be made immutable: {immutable.stderr}")
-    try:
+    with immutable(dying):
         found = async_saves_traced([before, dying, after], tmp_path)
-    finally:
-        subprocess.run(["chattr", "-i", dying], check=True)
     assert found[before].written_direct(commits=True)
     died = "the shared traced run died (exit status 1)"
     assert found[dying].lost == f"{died} while saving on {dying}"

@@ -43,10 +43,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 import torch.distributed as dist
 
 import distckpt
-from distckpt import checksums, faults
+from distckpt import checksums, events, faults
 from distckpt.layout import parse_step_dir_name, step_dir_name
 from tests.fault_checks import (
     JOB_TIMEOUT,
@@ -457,6 +458,36 @@ def test_a_file_shortened_in_the_commit_rename_is_commit_lost_on_every_rank(root
     assert not committed.exists()
     assert link_target(root, "last") == step_dir_name(1)
     # What the rename left went to the trash, not under a step's name; the next start empties it.
+    (lost,) = leftovers(root)["trash"]
+    assert parse_step_dir_name(lost) is None and lost.startswith(step_dir_name(2))
+    with manager(str(root)) as mgr:
+        assert mgr.steps() == [1]
+    assert leftovers(root) == {"staging": [], "trash": []}
+
+
+def test_a_manifest_lost_in_the_commit_rename_fails_the_save(root: Path) -> None:
+    """The check after the rename covers the manifest too: a rename that kept every shard but
+    lost ``manifest.json`` left no checkpoint, so the save must not return as committed, and
+    leaves nothing behind. The staged manifest is removed as the commit's manifest phase ends,
+    just before the rename, through the library's own phase listeners (no filesystem here loses
+    one file of a dir it renames)."""
+
+    def lose_the_manifest(event: events.PhaseEvent) -> None:
+        if event.phase == "commit.manifest" and event.step == 2:
+            (staged,) = root.glob(".staging/step-00000002.*/manifest.json")
+            staged.unlink()
+
+    with distckpt.CheckpointManager(root, fsync=False, timeout=TIMEOUT) as mgr:
+        mgr.save(1, {"w": torch.zeros(2)})
+        stop_losing = events.add_listener(lose_the_manifest)
+        try:
+            with pytest.raises(distckpt.CheckpointError):
+                mgr.save(2, {"w": torch.ones(2)})
+        finally:
+            stop_losing()
+        assert mgr.steps() == [1] and mgr.restore("last").step == 1
+    assert link_target(root, "last") == step_dir_name(1)
+    # As for a shortened file: what the rename left is in the trash until the next start.
     (lost,) = leftovers(root)["trash"]
     assert parse_step_dir_name(lost) is None and lost.startswith(step_dir_name(2))
     with manager(str(root)) as mgr:

@@ -15,7 +15,7 @@ import torch
 
 import distckpt
 from distckpt import faults
-from distckpt.fsutil import exchange_dirs, probe_writable
+from distckpt.fsutil import exchange_dirs, probe_writable, read_link
 from distckpt.lock import WriterLock
 from tests.filesystem_saves import (
     TIMEOUT,
@@ -156,14 +156,26 @@ def test_a_step_committed_between_the_lease_check_and_the_rename(
 
 
 def test_an_error_between_the_two_renames_of_an_overwrite_puts_the_old_step_back(
-    mounts: MountFactory,
+    mounts: MountFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Where two names cannot be exchanged (bindfs refuses RENAME_EXCHANGE), ``overwrite=True``
-    moves the old step into the trash, then renames the new one into place. An error raised
-    between the two (an injected one here: a real one is an I/O error) fails the save and, as
-    a failed save leaves the root as it was, the old step is renamed back, not left in the
-    trash to be deleted."""
+    moves the old step into the trash, then renames the new one into place. Between the two,
+    ``last`` already names a step that is there (the links moved off the old one first, so a
+    crash there leaves no link naming nothing). An error raised between the two (an injected
+    one here: a real one is an I/O error) fails the save and, as a failed save leaves the root
+    as it was, the old step is renamed back, not left in the trash to be deleted."""
     root = mounts.get("bindfs").path / "overwrite-error"
+    linked_between: list[bool] = []
+    real_hit = faults.hit
+
+    def look_at_last_between_the_renames(point: str, rank: int) -> None:
+        if point == "during_delete":
+            linked_between.append((root / str(read_link(root / "last"))).is_dir())
+        real_hit(point, rank)
+
+    # A spy (the fault still fires): it looks at the disk at our own fault point, the same
+    # instant a job killed there would leave, and cheaper than starting and killing one.
+    monkeypatch.setattr(faults, "hit", look_at_last_between_the_renames)
     (root / "a").mkdir(parents=True)
     (root / "b").mkdir()
     assert not exchange_dirs(root / "a", root / "b", fsync=False)  # the fallback runs here
@@ -178,6 +190,7 @@ def test_an_error_between_the_two_renames_of_an_overwrite_puts_the_old_step_back
                 mgr.save(2, {"w": torch.full((1,), 20.0)}, overwrite=True)
         finally:
             faults.disarm()
+        assert linked_between == [True]
         assert mgr.steps() == [1, 2]
         assert os.readlink(root / "last") == "step-00000002"
         assert not (root / ".trash").exists() or os.listdir(root / ".trash") == []

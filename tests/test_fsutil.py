@@ -26,6 +26,7 @@ from distckpt.fsutil import (
     remove_link,
     swap_link,
 )
+from tests.file_events import recording_removals_and_renames
 from tests.filesystems import MountFactory
 from tests.other_user import succeeds_as_nobody
 
@@ -109,6 +110,24 @@ def test_swap_link_replaces_whatever_is_there_with_a_relative_symlink(
     assert (link / "data").read_text() == "step-00000002"
     assert read_link(link) == "step-00000002"
     assert _leftovers(parent) == []
+
+
+@pytest.mark.parametrize("mode", ["symlink", "pointer"])
+def test_a_swap_renames_the_new_link_over_the_old_one_never_removing_it(
+    parent: Path, mode: str
+) -> None:
+    """Readers see the old target or the new one, never no link: the swap's one change to the
+    link's name is the rename of the new link over the old, which is neither removed nor
+    renamed away first. Python's audit events show every removal and rename the swap makes;
+    no reader can be timed into the instant a remove-then-create swap leaves no link."""
+    link = parent / "last"
+    swap_link(link, "step-00000001", mode=mode, trash_root=parent / ".trash", fsync=False)
+    with recording_removals_and_renames() as seen:
+        swap_link(link, "step-00000002", mode=mode, trash_root=parent / ".trash", fsync=False)
+    name = os.fspath(link)
+    assert [event for event in seen if event.paths[0] == name] == [], seen
+    assert [event.event for event in seen if event.paths[-1] == name] == ["os.rename"], seen
+    assert read_link(link) == "step-00000002" and _leftovers(parent) == []
 
 
 def test_swap_link_never_touches_the_old_target(parent: Path, tmp_path: Path) -> None:

@@ -1,7 +1,8 @@
-"""The root's writer lease between real processes: exclusion, waiting, a SIGKILLed holder, and
-holders on other machines where locks are local to each machine. Breaking a lease is tested in
-``tests/test_lease_break.py``; forked children of a holder and a worker noticing that its
-launcher died in ``tests/test_lease_forks.py``.
+"""The root's writer lease between real processes: exclusion, waiting, a SIGKILLed holder,
+holders on other machines where locks are local to each machine, and a manager that lost the
+root to another one (through a bindfs mount its locks do not cross) committing, deleting and
+pruning nothing. Breaking a lease is tested in ``tests/test_lease_break.py``; forked children
+of a holder and a worker noticing that its launcher died in ``tests/test_lease_forks.py``.
 
 Every holder is a separate process driven through its stdin; every process a test
 starts is killed by its pid when the test ends. The last tests hold the holders to what
@@ -223,6 +224,31 @@ def test_where_locks_are_local_a_dead_holder_is_taken_over_only_on_this_machine(
         return
     with RootLease.acquire(root) as lease:
         assert lease.generation == holder.generation + 1
+
+
+def test_a_job_that_lost_the_root_neither_commits_deletes_nor_prunes(
+    mounts: MountFactory,
+) -> None:
+    """Every commit, delete and prune checks the lease under the commit lock first: a job that
+    lost the root (another job took it over through a path its locks do not reach, as an
+    operator's break lets one) fails them with ``LeaseLost``, and neither adds nor removes a
+    checkpoint of the new holder's."""
+    bindfs = mounts.get("bindfs")
+    assert bindfs.writable_source is not None
+    here, there = bindfs.path / "fenced-removals", bindfs.writable_source / "fenced-removals"
+    with distckpt.CheckpointManager(here, keep_last=2, timeout=STARTUP, fsync=False) as fenced:
+        fenced.save(1, {"w": torch.zeros(1)})
+        fenced.save(2, {"w": torch.zeros(1)})
+        with distckpt.CheckpointManager(there, timeout=STARTUP, fsync=False) as taker:
+            taker.save(3, {"w": torch.ones(1)})  # keeps everything: step 1 is prunable
+            with pytest.raises(distckpt.LeaseLost):
+                fenced.delete(3)
+            with pytest.raises(distckpt.LeaseLost):
+                fenced.prune()
+            with pytest.raises(distckpt.LeaseLost):
+                fenced.save(4, {"w": torch.zeros(1)})
+            assert taker.steps() == [1, 2, 3]
+            assert os.readlink(there / "last") == "step-00000003"
 
 
 @pytest.mark.parametrize(

@@ -393,3 +393,26 @@ def test_a_rank_file_of_another_size_than_written_fails_the_save_with_both_sizes
         assert (written, found) == (sizes["written"], sizes["cut"])
     assert list(root.glob("step-*")) == []
     assert _staging_entries(root) == []
+
+
+def test_a_rank_file_grown_after_it_was_written_fails_the_save_with_both_sizes(root: Path) -> None:
+    """Another size is any other size: a staged file rank 0 finds longer than its rank wrote
+    (bytes appended by someone else) fails the save with ``StagedFileMismatch`` too, before
+    anything is renamed, not with a ``CommitLost`` blaming the rename."""
+
+    def append_to_the_staged_file(event: events.PhaseEvent) -> None:
+        if event.phase == "save.write" and event.ok:
+            (rank_file,) = root.glob(".staging/step-00000001.*/rank-00000.pt")
+            with open(rank_file, "ab") as file:
+                file.write(b"appended")
+
+    with distckpt.CheckpointManager(root, fsync=False, timeout=TIMEOUT) as mgr:
+        remove = events.add_listener(append_to_the_staged_file)
+        try:
+            with pytest.raises(distckpt.StagedFileMismatch) as mismatch:
+                mgr.save(1, {"w": torch.zeros(4)})
+        finally:
+            remove()
+        assert mismatch.value.found_bytes == mismatch.value.written_bytes + len(b"appended")
+        assert mgr.steps() == []
+    assert _staging_entries(root) == []
