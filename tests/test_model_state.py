@@ -265,14 +265,16 @@ def test_a_scheduler_built_after_the_restore_resumes(
 
 
 def _two_layer_optimizer(
-    kind: type[torch.optim.Optimizer], group_count: int, seed: int
+    kind: type[torch.optim.Optimizer], group_count: int, swapped: bool = False, *, seed: int
 ) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     """Two Linear layers and an optimizer of ``kind`` over them, in one parameter group or in
-    two (one per layer)."""
+    two (one per layer: the second layer's first when ``swapped``)."""
     torch.manual_seed(seed)
     model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 2))
     params = list(model.parameters())
     groups = [{"params": params[:2]}, {"params": params[2:]}]
+    if swapped:
+        groups.reverse()
     if group_count == 1:
         groups = [{"params": params}]
     return model, kind(groups, lr=0.1)
@@ -281,12 +283,13 @@ def _two_layer_optimizer(
 def _saved_then_restored(
     root: Path,
     fmt: str,
-    saved: tuple[Any, int],
-    restored: tuple[Any, int],
+    saved: tuple[Any, ...],
+    restored: tuple[Any, ...],
     strict: bool,
     fresh: list[torch.nn.Module] | None = None,
 ) -> torch.optim.Optimizer:
-    """Save one step of a model with ``saved`` (optimizer class, group count), restore it into
+    """Save one step of a model with ``saved`` (optimizer class, group count, and whether the
+    groups are swapped), restore it into
     a fresh one with ``restored`` (appended to ``fresh`` first); the restored optimizer."""
     model, optim = _two_layer_optimizer(*saved, seed=0)
     model(torch.randn(2, 3)).sum().backward()
@@ -343,6 +346,37 @@ def test_a_changed_set_of_parameter_groups_is_refused_whatever_strict_is(
     as_built, _ = _two_layer_optimizer(torch.optim.Adam, restored_groups, seed=1)
     for loaded, built in zip(fresh[0].parameters(), as_built.parameters()):
         assert torch.equal(loaded, built)  # refused before anything was loaded
+
+
+@pytest.mark.parametrize("fmt", ["torch", "dcp"])
+def test_parameters_moved_between_as_many_groups_are_refused_even_when_not_strict(
+    tmp_path: Path, fmt: str
+) -> None:
+    """Two groups saved, the same two restored in the other order: each group's settings would
+    load onto the other layer, so the restore is refused ("torch": before anything is loaded;
+    "dcp": before the optimizer's own load)."""
+    fresh: list[torch.nn.Module] = []
+    with pytest.raises(KeyMismatch) as raised:
+        _saved_then_restored(
+            tmp_path,
+            fmt,
+            (torch.optim.Adam, 2),
+            (torch.optim.Adam, 2, True),
+            strict=False,
+            fresh=fresh,
+        )
+    assert "parameter groups" in str(raised.value)
+    named = {*raised.value.missing_keys, *raised.value.unexpected_keys}
+    assert named == {
+        f"app.optim.param_groups.{group}.params.{layer}.{name}"
+        for group in (0, 1)
+        for layer in (0, 1)
+        for name in PARAMS
+    }
+    if fmt == "torch":  # a "dcp" read has loaded the tensors in place before the check
+        as_built, _ = _two_layer_optimizer(torch.optim.Adam, 2, seed=1, swapped=True)
+        for loaded, built in zip(fresh[0].parameters(), as_built.parameters()):
+            assert torch.equal(loaded, built)
 
 
 def test_load_state_dict_keeps_torchs_whole_message() -> None:
