@@ -1,6 +1,7 @@
 """A ``torch.Generator`` in a saved state: saved as plain data (its state and device, no pickle,
 no warning) and restored in place, so that the object a sampler holds continues its stream; and
-an ``RNGState``, whose restore continues every global stream it captured."""
+an ``RNGState``, whose restore continues every global stream it captured; and the generator of a
+data loader a restore loads into."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 import distckpt
 from distckpt.errors import GeneratorDeviceMismatch
@@ -69,6 +71,47 @@ def test_an_rng_state_continues_every_global_stream_after_a_restore(root: Path, 
         _seed_every_global_generator(6)  # the run moves on, then restarts
         mgr.restore("last", state={"rng": distckpt.RNGState()})
         assert _global_draws() == expected
+
+
+class _NoisySamples(torch.utils.data.Dataset):
+    """Eight samples, each its index plus noise drawn in the worker: a batch shows the
+    sampler's order and the worker's seed, both drawn from the loader's generator."""
+
+    def __len__(self) -> int:
+        return 8
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return index + torch.rand(1)
+
+
+def _shuffling_loader() -> Any:
+    return StatefulDataLoader(
+        _NoisySamples(),
+        batch_size=2,
+        shuffle=True,
+        num_workers=1,
+        generator=torch.Generator().manual_seed(0),
+    )
+
+
+def _two_epochs(loader: Any) -> list[list[list[float]]]:
+    return [[batch.tolist() for batch in loader] for _ in range(2)]
+
+
+def test_a_loader_the_checkpoint_lacks_runs_as_a_fresh_one_after_a_restore(root: Path) -> None:
+    """A restore asks the given loader for its ``state_dict()`` (its keys), which builds an
+    iterator drawing from the loader's generator; with ``strict=False`` and no loader in the
+    checkpoint nothing loads into it afterwards, so its epochs must be a fresh loader's, not
+    shuffled and seeded one draw further on."""
+    expected = _two_epochs(_shuffling_loader())
+    loader = _shuffling_loader()
+    with distckpt.CheckpointManager(root, fsync=False) as mgr:
+        mgr.save(1, {"w": torch.ones(1)})
+        checkpoint = mgr.restore(
+            "last", state={"w": torch.zeros(1), "loader": loader}, strict=False
+        )
+    assert checkpoint.missing_keys == ("loader",)
+    assert _two_epochs(loader) == expected
 
 
 def test_a_saved_generator_reads_back_as_its_state_and_device(root: Path) -> None:
