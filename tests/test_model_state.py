@@ -379,6 +379,20 @@ def test_parameters_moved_between_as_many_groups_are_refused_even_when_not_stric
             assert torch.equal(loaded, built)
 
 
+def test_a_strict_load_state_dict_refuses_parts_it_does_not_have() -> None:
+    """Called directly (not through a restore, whose key check comes first), a strict load of a
+    state with a part besides ``model`` refuses it instead of dropping it without a word."""
+    app = ModelOptimizerState(torch.nn.Linear(2, 2))
+    saved = {
+        "model": {key: torch.zeros_like(value) for key, value in app.model.state_dict().items()}
+    }
+    with pytest.raises(InvalidArgument, match=r"expects a state dict with keys \['model'\]"):
+        app.load_state_dict({**saved, "optim": {}}, strict=True)
+    assert app.model.weight.any()  # refused before anything was loaded
+    app.load_state_dict({**saved, "optim": {}}, strict=False)
+    assert not app.model.weight.any()
+
+
 def test_load_state_dict_keeps_torchs_whole_message() -> None:
     """The keys torch names are on the lines after its first: none is cut off."""
     app = ModelOptimizerState(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)))
