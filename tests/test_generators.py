@@ -1,20 +1,15 @@
 """A ``torch.Generator`` in a saved state: saved as plain data (its state and device, no pickle,
-no warning) and restored in place, so that the object a sampler holds continues its stream; and
-an ``RNGState``, whose restore continues every global stream it captured; and the generator of a
-data loader a restore loads into."""
+no warning) and restored in place, so that the object a sampler holds continues its stream."""
 
 from __future__ import annotations
 
 import os
-import random
 import warnings
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
-from torchdata.stateful_dataloader import StatefulDataLoader
 
 import distckpt
 from distckpt.errors import GeneratorDeviceMismatch
@@ -46,72 +41,6 @@ def test_the_same_generator_objects_continue_their_streams_after_a_restore(
     assert state["nested"]["pair"][1][0] is other
     assert torch.equal(torch.rand(4, generator=generator), expected[0])
     assert torch.equal(torch.rand(4, generator=other), expected[1])
-
-
-def _seed_every_global_generator(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def _global_draws() -> tuple[float, float, list[float]]:
-    return random.random(), float(np.random.rand()), torch.rand(3).tolist()
-
-
-@pytest.mark.parametrize("fmt", ["torch", "dcp"])
-def test_an_rng_state_continues_every_global_stream_after_a_restore(root: Path, fmt: str) -> None:
-    """The expected draws come from seeding again, not from ``restore_rng``: a restore that
-    left out a part of a generator's state (NumPy's position in its key) would make both sides
-    of a comparison through it the same."""
-    _seed_every_global_generator(5)
-    expected = _global_draws()
-    with distckpt.CheckpointManager(root, format=fmt, fsync=False) as mgr:
-        _seed_every_global_generator(5)  # the generators as the save captures them
-        mgr.save(1, {"rng": distckpt.RNGState()})
-        _seed_every_global_generator(6)  # the run moves on, then restarts
-        mgr.restore("last", state={"rng": distckpt.RNGState()})
-        assert _global_draws() == expected
-
-
-class _NoisySamples(torch.utils.data.Dataset):
-    """Eight samples, each its index plus noise drawn in the worker: a batch shows the
-    sampler's order and the worker's seed, both drawn from the loader's generator."""
-
-    def __len__(self) -> int:
-        return 8
-
-    def __getitem__(self, index: int) -> torch.Tensor:
-        return index + torch.rand(1)
-
-
-def _shuffling_loader() -> Any:
-    return StatefulDataLoader(
-        _NoisySamples(),
-        batch_size=2,
-        shuffle=True,
-        num_workers=1,
-        generator=torch.Generator().manual_seed(0),
-    )
-
-
-def _two_epochs(loader: Any) -> list[list[list[float]]]:
-    return [[batch.tolist() for batch in loader] for _ in range(2)]
-
-
-def test_a_loader_the_checkpoint_lacks_runs_as_a_fresh_one_after_a_restore(root: Path) -> None:
-    """A restore asks the given loader for its ``state_dict()`` (its keys), which builds an
-    iterator drawing from the loader's generator; with ``strict=False`` and no loader in the
-    checkpoint nothing loads into it afterwards, so its epochs must be a fresh loader's, not
-    shuffled and seeded one draw further on."""
-    expected = _two_epochs(_shuffling_loader())
-    loader = _shuffling_loader()
-    with distckpt.CheckpointManager(root, fsync=False) as mgr:
-        mgr.save(1, {"w": torch.ones(1)})
-        checkpoint = mgr.restore(
-            "last", state={"w": torch.zeros(1), "loader": loader}, strict=False
-        )
-    assert checkpoint.missing_keys == ("loader",)
-    assert _two_epochs(loader) == expected
 
 
 def test_a_saved_generator_reads_back_as_its_state_and_device(root: Path) -> None:
