@@ -105,6 +105,23 @@ def test_a_damaged_byte_of_a_dcp_file_is_a_corrupt_checkpoint(tmp_path: Path) ->
     assert seen <= {"loaded", "CorruptCheckpoint"}, seen
 
 
+def test_a_damaged_byte_of_a_dcp_metadata_file_is_refused_by_its_checksum(tmp_path: Path) -> None:
+    """DCP's ``.metadata`` says where each value lies in the data files: read unchecked, a
+    damaged byte of it could load values from the wrong place, or read as a pickle asking for
+    an unsafe global. Its checksum is compared before it is unpickled: always damage."""
+    step_dir = _saved(tmp_path / "root", "dcp", {"w": torch.arange(4.0), "v": torch.ones(2)})
+    metadata_file = step_dir / ".metadata"
+    size = metadata_file.stat().st_size
+    seen = _outcomes(
+        metadata_file,
+        range(0, size, max(1, size // 16)),
+        lambda: distckpt.load_checkpoint(
+            step_dir, state={"w": torch.zeros(4), "v": torch.zeros(2)}
+        ),
+    )
+    assert seen == {"CorruptCheckpoint"}, seen
+
+
 def test_a_damaged_byte_of_a_whole_torch_save_file_with_allow_pickle(tmp_path: Path) -> None:
     """With ``allow_pickle=True`` torch's full unpickler reads the file: a damaged byte is still
     a CheckpointError naming the file, a damaged class name an UnimportableClass saying the

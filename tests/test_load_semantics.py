@@ -416,6 +416,24 @@ def test_a_module_of_another_shape_is_refused_before_anything_is_loaded(
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
+def test_a_module_with_a_parameter_the_checkpoint_lacks_is_refused_before_loading(
+    root: Path, fmt: str
+) -> None:
+    """A layer's bias added since the save: strict refuses the module, loading none of it,
+    rather than loading the weight and keeping a bias that was never trained. (Only the
+    "torch" case guards the key comparison of a module: "dcp" finds the missing key through
+    its own format check as well.)"""
+    with distckpt.CheckpointManager(root, format=fmt, fsync=False) as mgr:
+        mgr.save(1, {"m": torch.nn.Linear(2, 2, bias=False)})
+        module = torch.nn.Linear(2, 2)
+        before = {key: value.clone() for key, value in module.state_dict().items()}
+        with pytest.raises(distckpt.KeyMismatch) as raised:
+            mgr.restore(state={"m": module})
+    assert raised.value.missing_keys == ("m.bias",) and raised.value.unexpected_keys == ()
+    assert all(torch.equal(module.state_dict()[key], value) for key, value in before.items())
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("strict", [True, False])
 def test_a_tensor_of_another_shape_is_refused_whatever_strict_is(
     root: Path, fmt: str, strict: bool

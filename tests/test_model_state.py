@@ -265,14 +265,18 @@ def test_a_scheduler_built_after_the_restore_resumes(
 
 
 def _two_layer_optimizer(
-    kind: type[torch.optim.Optimizer], group_count: int, seed: int
+    kind: type[torch.optim.Optimizer], group_count: int, swapped: bool = False, *, seed: int
 ) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     """Two Linear layers and an optimizer of ``kind`` over them, in one parameter group or in
-    two (one per layer)."""
+    two (one per layer, each with a learning rate of its own; the second layer's first when
+    ``swapped``)."""
+    assert group_count == 2 or not swapped, "a single group has no order to swap"
     torch.manual_seed(seed)
     model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 2))
     params = list(model.parameters())
-    groups = [{"params": params[:2]}, {"params": params[2:]}]
+    groups = [{"params": params[:2], "lr": 0.1}, {"params": params[2:], "lr": 0.2}]
+    if swapped:
+        groups.reverse()
     if group_count == 1:
         groups = [{"params": params}]
     return model, kind(groups, lr=0.1)
@@ -281,13 +285,15 @@ def _two_layer_optimizer(
 def _saved_then_restored(
     root: Path,
     fmt: str,
-    saved: tuple[Any, int],
-    restored: tuple[Any, int],
+    saved: tuple[Any, ...],
+    restored: tuple[Any, ...],
     strict: bool,
-    fresh: list[torch.nn.Module] | None = None,
+    fresh: list[tuple[torch.nn.Module, torch.optim.Optimizer]] | None = None,
 ) -> torch.optim.Optimizer:
-    """Save one step of a model with ``saved`` (optimizer class, group count), restore it into
-    a fresh one with ``restored`` (appended to ``fresh`` first); the restored optimizer."""
+    """Save one step of a model with ``saved`` (optimizer class, group count, optionally
+    whether the groups are swapped), restore it into a fresh one with ``restored`` (the model
+    and optimizer appended to ``fresh`` first, to look at when the restore raises); the
+    restored optimizer."""
     model, optim = _two_layer_optimizer(*saved, seed=0)
     model(torch.randn(2, 3)).sum().backward()
     optim.step()
@@ -295,7 +301,7 @@ def _saved_then_restored(
         mgr.save(1, {"app": ModelOptimizerState(model, optim)})
     model, optim = _two_layer_optimizer(*restored, seed=1)
     if fresh is not None:
-        fresh.append(model)
+        fresh.append((model, optim))
     with distckpt.CheckpointManager(root, format=fmt, timeout=30) as mgr:
         mgr.restore("last", state={"app": ModelOptimizerState(model, optim)}, strict=strict)
     return optim
@@ -325,7 +331,7 @@ def test_a_changed_set_of_parameter_groups_is_refused_whatever_strict_is(
     """The optimizer loads groups by position: one group saved and two restored (or the
     reverse) moves parameters between groups, which nothing can load; refused in both formats,
     naming each group with its saved and given parameters, before anything is loaded."""
-    fresh: list[torch.nn.Module] = []
+    fresh: list[tuple[torch.nn.Module, torch.optim.Optimizer]] = []
     with pytest.raises(KeyMismatch) as raised:
         _saved_then_restored(
             tmp_path,
@@ -341,8 +347,55 @@ def test_a_changed_set_of_parameter_groups_is_refused_whatever_strict_is(
     named = {*raised.value.missing_keys, *raised.value.unexpected_keys}
     assert named == {f"app.optim.param_groups.{i}.params.1.{p}" for i in (0, 1) for p in PARAMS}
     as_built, _ = _two_layer_optimizer(torch.optim.Adam, restored_groups, seed=1)
-    for loaded, built in zip(fresh[0].parameters(), as_built.parameters()):
+    for loaded, built in zip(fresh[0][0].parameters(), as_built.parameters()):
         assert torch.equal(loaded, built)  # refused before anything was loaded
+
+
+@pytest.mark.parametrize("fmt", ["torch", "dcp"])
+def test_parameters_moved_between_as_many_groups_are_refused_even_when_not_strict(
+    tmp_path: Path, fmt: str
+) -> None:
+    """Two groups saved (a learning rate each), the same two restored in the other order: each
+    group's parameters are another group's now, which is refused ("torch": before anything is
+    loaded; "dcp": before the optimizer's own load, which would have filled its state)."""
+    fresh: list[tuple[torch.nn.Module, torch.optim.Optimizer]] = []
+    with pytest.raises(KeyMismatch) as raised:
+        _saved_then_restored(
+            tmp_path,
+            fmt,
+            (torch.optim.Adam, 2),
+            (torch.optim.Adam, 2, True),
+            strict=False,
+            fresh=fresh,
+        )
+    assert "parameter groups" in str(raised.value)
+    named = {*raised.value.missing_keys, *raised.value.unexpected_keys}
+    assert named == {
+        f"app.optim.param_groups.{group}.params.{layer}.{name}"
+        for group in (0, 1)
+        for layer in (0, 1)
+        for name in PARAMS
+    }
+    model, optimizer = fresh[0]
+    assert not optimizer.state_dict()["state"]
+    if fmt == "torch":  # a "dcp" read has loaded the tensors in place before the check
+        as_built, _ = _two_layer_optimizer(torch.optim.Adam, 2, seed=1, swapped=True)
+        for loaded, built in zip(model.parameters(), as_built.parameters()):
+            assert torch.equal(loaded, built)
+
+
+def test_a_strict_load_state_dict_refuses_parts_it_does_not_have() -> None:
+    """Called directly (not through a restore, whose key check comes first), a strict load of a
+    state with a part besides ``model`` refuses it instead of dropping it without a word."""
+    app = ModelOptimizerState(torch.nn.Linear(2, 2))
+    saved = {
+        "model": {key: torch.zeros_like(value) for key, value in app.model.state_dict().items()}
+    }
+    with pytest.raises(InvalidArgument, match=r"expects a state dict with keys \['model'\]"):
+        app.load_state_dict({**saved, "optim": {}}, strict=True)
+    assert app.model.weight.any()  # refused before anything was loaded
+    app.load_state_dict({**saved, "optim": {}}, strict=False)
+    assert not app.model.weight.any()
 
 
 def test_load_state_dict_keeps_torchs_whole_message() -> None:

@@ -357,10 +357,17 @@ def _rewrite_index(path: Path, change: Any) -> None:
     path.write_bytes(head + bytes(-len(head) % DIRECT_ALIGNMENT) + raw[data_start:])
 
 
+def _one_element_past_its_storage(index: Any) -> None:
+    """The first tensor (float32, one dimension) made one element longer than its storage."""
+    entry = index["tensors"][0]
+    entry[2] = [index["storages"][entry[0]][1] // 4 + 1]
+
+
 @pytest.mark.parametrize(
     "damage",
     [
         pytest.param(lambda index: index["tensors"][0].__setitem__(2, [1000]), id="too-large"),
+        pytest.param(_one_element_past_its_storage, id="one-element-too-long"),
         pytest.param(lambda index: index["tensors"][0].__setitem__(4, -1), id="negative-offset"),
         pytest.param(lambda index: index["tensors"][0].__setitem__(0, 5), id="no-such-storage"),
         pytest.param(lambda index: index["tensors"][0].__setitem__(1, "no"), id="bad-dtype"),

@@ -171,3 +171,51 @@ def test_loader_left_out_of_a_restore_runs_as_a_fresh_one(tmp_path: Path) -> Non
     run = _run(left_out, epochs)
     assert [batch[:2] for batch in run] == [batch[:2] for batch in reference]
     assert all(torch.equal(ours[2], theirs[2]) for ours, theirs in zip(run, reference))
+
+
+class _NoiseFromTheMainProcessRng(Dataset[tuple[int, torch.Tensor]]):
+    """An augmentation drawn from torch's global RNG, which with ``num_workers=0`` is the main
+    process's: an ``RNGState`` in the state restores it."""
+
+    def __len__(self) -> int:
+        return 8
+
+    def __getitem__(self, index: int) -> tuple[int, torch.Tensor]:
+        return index, torch.rand(2)
+
+
+def _single_process_loader(shuffle: str) -> StatefulDataLoader:
+    data = _NoiseFromTheMainProcessRng()
+    generator = torch.Generator().manual_seed(0)
+    if shuffle == "shuffle=True":  # its sampler draws the order from the loader's generator
+        return StatefulDataLoader(data, batch_size=2, shuffle=True, generator=generator)
+    sampler = RandomSampler(data, generator=torch.Generator().manual_seed(1))
+    return StatefulDataLoader(data, batch_size=2, sampler=sampler, generator=generator)
+
+
+@pytest.mark.parametrize("shuffle", ["sampler-with-own-generator", "shuffle=True"])
+def test_a_single_process_loader_resumes_the_next_epoch_only_with_a_sampler_of_its_own(
+    tmp_path: Path, shuffle: str
+) -> None:
+    """The README's second rule with ``num_workers=0``, saved mid-epoch and restored into a
+    fresh loader (a new process's global RNG): with the sampler it names, the rest of the epoch
+    and the next one are the uninterrupted run's, order and noise; with ``shuffle=True`` the
+    rest of the epoch is, but the next epoch is shuffled differently."""
+    epochs = range(2)
+    torch.manual_seed(7)
+    reference = _run(_single_process_loader(shuffle), epochs)
+    torch.manual_seed(7)
+    interrupted = _single_process_loader(shuffle)
+    first = _run(interrupted, epochs, stop_after=3)  # of 4 batches an epoch
+    with distckpt.CheckpointManager(tmp_path, fsync=False) as mgr:
+        mgr.save(1, {"loader": interrupted, "rng": distckpt.RNGState()})
+        torch.manual_seed(99)
+        resumed = _single_process_loader(shuffle)
+        mgr.restore("last", state={"loader": resumed, "rng": distckpt.RNGState()})
+    run = first + _run(resumed, epochs)  # the rest of epoch 0, then epoch 1
+    assert [batch[:2] for batch in run[:4]] == [batch[:2] for batch in reference[:4]]
+    if shuffle == "shuffle=True":
+        assert [batch[1] for batch in run[4:]] != [batch[1] for batch in reference[4:]]
+    else:
+        assert [batch[:2] for batch in run] == [batch[:2] for batch in reference]
+        assert all(torch.equal(ours[2], theirs[2]) for ours, theirs in zip(run, reference))
