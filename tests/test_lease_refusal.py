@@ -6,7 +6,6 @@ namespace is named as another job, not as this process."""
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import threading
@@ -131,29 +130,21 @@ def test_a_job_refused_after_waiting_in_pieces_says_the_whole_wait(tmp_path: Pat
     assert f"pid {holder.pid}," in str(refused.value)
 
 
-def _as_pid_1_of_a_pid_namespace_of_its_own() -> tuple[str, ...]:
-    """A prefix that runs a command as pid 1 of a PID namespace of its own, on this machine
-    under its hostname (a container sharing the host's network), printing ``pid N`` first."""
-    unshare = shutil.which("unshare")
-    if unshare is None or os.geteuid() != 0:
-        pytest.skip("making a PID namespace needs unshare(1), run as root")
-    # sh prints its own pid, then python takes its place (exec), and with it that pid
-    announce_pid = 'echo "pid $$" && exec "$0" "$@"'
-    return (unshare, "--pid", "--fork", "--mount-proc", "--kill-child", "sh", "-c", announce_pid)
-
-
 def test_a_holder_with_the_same_pid_in_another_pid_namespace_is_named_as_another_job(
     tmp_path: Path, holders: list[Holder]
 ) -> None:
     """Two processes on this machine, each pid 1 of a PID namespace of its own: the one refused
     is not told that it holds the root itself (same pid, same hostname and boot), but is given
     the other as the holder."""
+    if os.geteuid() != 0:
+        pytest.skip("making a PID namespace needs root")
     root = tmp_path / "root"
     root.mkdir()
-    prefix = _as_pid_1_of_a_pid_namespace_of_its_own()
-    holder = start_holder(holders, root, prefix=prefix)
+    # Forked into their namespaces, as `unshare --pid --fork --mount-proc` runs a command: a
+    # fresh interpreter would spend seconds importing torch.
+    holder = start_holder(holders, root, pid_namespace=True)
     assert (holder.line(), holder.line()) == ("pid 1", "held 1")
-    contender = start_holder(holders, root, prefix=prefix)
+    contender = start_holder(holders, root, pid_namespace=True)
     assert contender.line() == "pid 1"
     refusal = contender.line()
     assert refusal.startswith(f"refused RootInUse root {root} is in use by "), refusal
