@@ -18,6 +18,7 @@ import os
 import select
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -85,16 +86,20 @@ class _ForkedHolder:
     no other descriptor of this process (so none of its locks, nor the pipes of the holders
     forked before it). It ends with ``os._exit``: see the module's docstring."""
 
-    def __init__(self, argv: list[str], *, pid_namespace: bool = False) -> None:
+    def __init__(
+        self, argv: list[str], *, pid_namespace: bool = False, host: str | None = None
+    ) -> None:
         """``pid_namespace``: it runs as pid 1 of a PID namespace of its own (see
         :func:`_become_pid_1_of_a_pid_namespace_of_its_own`) and first prints ``pid N``, its
-        pid there."""
+        pid there. ``host``: it runs under that host name, in a UTS namespace of its own."""
         child_stdin, to_child = os.pipe()
         from_child, child_stdout = os.pipe()
         pid = os.fork()
         if pid == 0:  # pragma: no cover - the child
             status = 1
             try:
+                if host is not None:
+                    _become_host(host)
                 if pid_namespace:
                     _become_pid_1_of_a_pid_namespace_of_its_own()
                 os.dup2(child_stdin, 0)
@@ -178,6 +183,7 @@ class Holder:
         paused: bool = False,
         fresh_interpreter: bool = False,
         pid_namespace: bool = False,
+        host: str | None = None,
     ) -> None:
         """``announce``: it first prints "acquiring", when its acquire starts. ``paused``: it
         takes the lease's lock (within ``wait`` seconds), prints "locked", and writes its
@@ -186,12 +192,15 @@ class Holder:
         version) or ``fresh_interpreter`` is set: then a ``python`` of its own, which ends as
         a real process does (its interpreter's shutdown, distckpt's exit hooks).
         ``pid_namespace`` (a forked holder only): it is pid 1 of a PID namespace of its own and
-        first prints ``pid 1``, as under ``unshare --pid --fork --mount-proc``."""
+        first prints ``pid 1``, as under ``unshare --pid --fork --mount-proc``. ``host`` (a
+        forked holder only): it runs under that host name, as under ``unshare --uts`` given
+        ``hostname HOST`` (another host: :func:`_on_another_host`'s, without its fresh
+        ``python``)."""
         argv = [os.fspath(root), str(wait)] + (["announce"] if announce else [])
         argv += ["paused"] if paused else []
         self.proc: subprocess.Popen[str] | _ForkedHolder
         if prefix or fresh_interpreter:
-            assert not pid_namespace, "a forked holder's option"
+            assert not pid_namespace and host is None, "a forked holder's options"
             self.proc = subprocess.Popen(
                 [*prefix, sys.executable, "-c", _HOLDER, *argv],
                 stdin=subprocess.PIPE,
@@ -199,7 +208,7 @@ class Holder:
                 text=True,
             )
         else:
-            self.proc = _ForkedHolder(["-c", *argv], pid_namespace=pid_namespace)
+            self.proc = _ForkedHolder(["-c", *argv], pid_namespace=pid_namespace, host=host)
 
     @property
     def pid(self) -> int:
@@ -301,10 +310,19 @@ def _on_another_machine_named_like_this_one(mount_point: Path, scratch: Path) ->
 
 
 _CLONE_NEWNS = 0x00020000
+_CLONE_NEWUTS = 0x04000000
 _CLONE_NEWPID = 0x20000000
 _MS_REC = 0x4000
 _MS_PRIVATE = 0x40000
 _PR_SET_PDEATHSIG = 1
+
+
+def _become_host(name: str) -> None:
+    """Run under host name ``name`` from now on, in a UTS namespace of this process's own."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.unshare(_CLONE_NEWUTS) != 0:
+        raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWUTS)")
+    socket.sethostname(name)
 
 
 def _unshare_mount_and_pid_namespaces(libc: ctypes.CDLL) -> None:

@@ -37,7 +37,6 @@ from tests.filesystems import MountFactory
 from tests.lease_holders import (
     STARTUP,
     Holder,
-    _on_another_host,
     _record_as_another_machine,
     in_a_pid_namespace_of_its_own,
     start_holder,
@@ -47,7 +46,9 @@ from tests.other_user import succeeds_as_nobody
 
 def test_a_broken_lease_fences_its_holder(root: Path, holders: list[Holder]) -> None:
     root.mkdir()
-    elsewhere = start_holder(holders, root, prefix=_on_another_host())
+    if os.geteuid() != 0:
+        pytest.skip("giving a process another host name needs root")
+    elsewhere = start_holder(holders, root, host="node-a")  # forked: no torch imported again
     assert elsewhere.line() == "held 1"
     assert elsewhere.ask("check") == "current"
 
