@@ -20,6 +20,8 @@ answer echoes its request's ``ID``: a pid names a job only while it runs (the sy
 another process afterwards), the id for good. The server ends when its input closes.
 
 Run as a script (``python tests/job_server.py``): :mod:`tests.killing` starts and uses it.
+``--no-preload`` makes a server that imports nothing beforehand, cheap to start, for a test
+that kills its server (:func:`tests.killing.servers_preloading_nothing`).
 """
 
 from __future__ import annotations
@@ -175,8 +177,9 @@ def _reap(jobs: dict[int, int]) -> None:
         _send({"id": jobs.pop(pid), "exited": pid, "code": code})
 
 
-def serve() -> _JobEnd | None:
-    """Preload, then start the jobs asked for on stdin and report them until it closes.
+def serve(*, preload: bool = True) -> _JobEnd | None:
+    """Preload (unless not ``preload``), then start the jobs asked for on stdin and report them
+    until it closes.
 
     Returns None in the server. In a job's child it returns too, with how the job's script
     ended, instead of going on in the server's loop: the top level raises the script's
@@ -185,7 +188,7 @@ def serve() -> _JobEnd | None:
     and C-level buffers flushed, ``sys.exit``'s status, a traceback or a Ctrl-C's SIGINT). The
     server registers no exit handler and starts no thread, so a child runs none of its own.
     """
-    imports = _preload()
+    imports = _preload() if preload else []
     # What the imports made stays alive in every child: frozen, the children's collections
     # (the last at their shutdown among them) do not walk it, writing to every page of it and
     # so copying pages the fork shared (seconds per job on a loaded machine).
@@ -212,6 +215,6 @@ def serve() -> _JobEnd | None:
 if __name__ == "__main__":
     # The server's own directory (``tests``) is no job's: each job's script puts its own first.
     sys.path.pop(0)
-    job_end = serve()
+    job_end = serve(preload=sys.argv[1:] != ["--no-preload"])
     if job_end is not None and job_end.error is not None:
         raise job_end.error

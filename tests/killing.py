@@ -36,7 +36,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -75,11 +75,12 @@ class _JobServer:
     known by the id of their request, never by pid: the system gives a pid to another process
     once its job has ended."""
 
-    def __init__(self, hash_seed: int) -> None:
+    def __init__(self, hash_seed: int, *, preload: bool = True) -> None:
         env = _env()
         env["PYTHONHASHSEED"] = str(hash_seed)
+        options = [] if preload else ["--no-preload"]
         self._process = subprocess.Popen(
-            [sys.executable, str(ROOT / "tests" / "job_server.py")],
+            [sys.executable, str(ROOT / "tests" / "job_server.py"), *options],
             cwd=ROOT,
             env=env,
             stdin=subprocess.PIPE,
@@ -226,6 +227,23 @@ _HASH_SEEDS = (_FIRST_SEED, _FIRST_SEED % (2**32 - 1) + 1)
 def _stop_servers() -> None:
     for server in _servers:
         server.stop()
+
+
+@contextlib.contextmanager
+def servers_preloading_nothing() -> Iterator[None]:
+    """Runs started within go to two job servers of their own that import nothing beforehand
+    (a job imports what it needs itself), stopped at the end: for a test that kills the server
+    of its run. The servers every other run shares, with torch imported, stay up, and no later
+    test starts one again (seconds of imports)."""
+    global _servers
+    shared = _servers
+    _servers = [_JobServer(seed, preload=False) for seed in _HASH_SEEDS]
+    try:
+        yield
+    finally:
+        for server in _servers:
+            server.stop()
+        _servers = shared
 
 
 def start_preloaded(

@@ -18,6 +18,7 @@ import os
 import select
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -85,13 +86,22 @@ class _ForkedHolder:
     no other descriptor of this process (so none of its locks, nor the pipes of the holders
     forked before it). It ends with ``os._exit``: see the module's docstring."""
 
-    def __init__(self, argv: list[str]) -> None:
+    def __init__(
+        self, argv: list[str], *, pid_namespace: bool = False, host: str | None = None
+    ) -> None:
+        """``pid_namespace``: it runs as pid 1 of a PID namespace of its own (see
+        :func:`_become_pid_1_of_a_pid_namespace_of_its_own`) and first prints ``pid N``, its
+        pid there. ``host``: it runs under that host name, in a UTS namespace of its own."""
         child_stdin, to_child = os.pipe()
         from_child, child_stdout = os.pipe()
         pid = os.fork()
         if pid == 0:  # pragma: no cover - the child
             status = 1
             try:
+                if host is not None:
+                    _become_host(host)
+                if pid_namespace:
+                    _become_pid_1_of_a_pid_namespace_of_its_own()
                 os.dup2(child_stdin, 0)
                 os.dup2(child_stdout, 1)
                 # the objects of this process that own a descriptor closed below must never
@@ -105,6 +115,8 @@ class _ForkedHolder:
                 # the test closed it, a copy of a lock's descriptor would share the lock
                 os.closerange(3, os.sysconf("SC_OPEN_MAX"))
                 sys.argv = argv
+                if pid_namespace:
+                    print("pid", os.getpid(), flush=True)
                 exec(compile(_HOLDER, "<holder>", "exec"), {"__name__": "__main__"})
                 status = 0
             except SystemExit as exc:
@@ -170,17 +182,25 @@ class Holder:
         announce: bool = False,
         paused: bool = False,
         fresh_interpreter: bool = False,
+        pid_namespace: bool = False,
+        host: str | None = None,
     ) -> None:
         """``announce``: it first prints "acquiring", when its acquire starts. ``paused``: it
         takes the lease's lock (within ``wait`` seconds), prints "locked", and writes its
         record only once told "go" (a claimer that is slow between the two). Forked from this
         process (:class:`_ForkedHolder`) unless ``prefix`` runs it (another host, namespace or
         version) or ``fresh_interpreter`` is set: then a ``python`` of its own, which ends as
-        a real process does (its interpreter's shutdown, distckpt's exit hooks)."""
+        a real process does (its interpreter's shutdown, distckpt's exit hooks).
+        ``pid_namespace`` (a forked holder only): it is pid 1 of a PID namespace of its own and
+        first prints ``pid 1``, as under ``unshare --pid --fork --mount-proc``. ``host`` (a
+        forked holder only): it runs under that host name, as under ``unshare --uts`` given
+        ``hostname HOST`` (another host: :func:`_on_another_host`'s, without its fresh
+        ``python``)."""
         argv = [os.fspath(root), str(wait)] + (["announce"] if announce else [])
         argv += ["paused"] if paused else []
         self.proc: subprocess.Popen[str] | _ForkedHolder
         if prefix or fresh_interpreter:
+            assert not pid_namespace and host is None, "a forked holder's options"
             self.proc = subprocess.Popen(
                 [*prefix, sys.executable, "-c", _HOLDER, *argv],
                 stdin=subprocess.PIPE,
@@ -188,7 +208,7 @@ class Holder:
                 text=True,
             )
         else:
-            self.proc = _ForkedHolder(["-c", *argv])
+            self.proc = _ForkedHolder(["-c", *argv], pid_namespace=pid_namespace, host=host)
 
     @property
     def pid(self) -> int:
@@ -290,9 +310,53 @@ def _on_another_machine_named_like_this_one(mount_point: Path, scratch: Path) ->
 
 
 _CLONE_NEWNS = 0x00020000
+_CLONE_NEWUTS = 0x04000000
 _CLONE_NEWPID = 0x20000000
 _MS_REC = 0x4000
 _MS_PRIVATE = 0x40000
+_PR_SET_PDEATHSIG = 1
+
+
+def _become_host(name: str) -> None:
+    """Run under host name ``name`` from now on, in a UTS namespace of this process's own."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.unshare(_CLONE_NEWUTS) != 0:
+        raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWUTS)")
+    socket.sethostname(name)
+
+
+def _unshare_mount_and_pid_namespaces(libc: ctypes.CDLL) -> None:
+    """Give this process a mount namespace of its own (mounts made in it stay in it) and its
+    next child a PID namespace of its own, of which that child is the first process, pid 1."""
+    # the mount namespace first: /proc is mounted anew in it, for the new PID one
+    if libc.unshare(_CLONE_NEWNS | _CLONE_NEWPID) != 0:
+        raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWNS | CLONE_NEWPID)")
+    if libc.mount(b"none", b"/", None, _MS_REC | _MS_PRIVATE, None) != 0:
+        raise OSError(ctypes.get_errno(), "mount --make-rprivate /")
+
+
+def _mount_proc_of_this_pid_namespace(libc: ctypes.CDLL) -> None:
+    """In the first process of a PID namespace: a ``/proc`` that shows that namespace."""
+    if libc.mount(b"proc", b"/proc", b"proc", 0, None) != 0:
+        raise OSError(ctypes.get_errno(), "mount -t proc proc /proc")
+
+
+def _become_pid_1_of_a_pid_namespace_of_its_own() -> None:
+    """In a forked child, as ``unshare --pid --fork --mount-proc --kill-child`` runs a command:
+    returns in the first process (pid 1) of a PID namespace of its own, with a ``/proc`` of its
+    own, which dies with this child; this child waits for it and ends with its status."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    _unshare_mount_and_pid_namespaces(libc)
+    inner = os.fork()
+    if inner != 0:
+        # none of the pipes: the holder's end closes them for whoever reads them
+        os.closerange(0, os.sysconf("SC_OPEN_MAX"))
+        _, status = os.waitpid(inner, 0)
+        code = os.waitstatus_to_exitcode(status)
+        os._exit(code if code >= 0 else 128 - code)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
+    _mount_proc_of_this_pid_namespace(libc)
 
 
 def in_a_pid_namespace_of_its_own(call: Callable[[], str]) -> str:
@@ -308,16 +372,11 @@ def in_a_pid_namespace_of_its_own(call: Callable[[], str]) -> str:
         os.close(reader)
         with os.fdopen(writer, "w") as report:
             try:
-                # the mount namespace first: /proc is mounted anew in it, for the new PID one
-                if libc.unshare(_CLONE_NEWNS | _CLONE_NEWPID) != 0:
-                    raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWNS | CLONE_NEWPID)")
-                if libc.mount(b"none", b"/", None, _MS_REC | _MS_PRIVATE, None) != 0:
-                    raise OSError(ctypes.get_errno(), "mount --make-rprivate /")
+                _unshare_mount_and_pid_namespaces(libc)
                 inner = os.fork()  # the namespace's first process, its pid 1
                 if inner == 0:
                     try:
-                        if libc.mount(b"proc", b"/proc", b"proc", 0, None) != 0:
-                            raise OSError(ctypes.get_errno(), "mount -t proc proc /proc")
+                        _mount_proc_of_this_pid_namespace(libc)
                         report.write("ok " + call())
                     except BaseException as exc:
                         report.write(f"raised {type(exc).__name__}: {exc}")

@@ -73,9 +73,8 @@ def test_phase_table_from_events_emitted_by_hand() -> None:
 def run_bench(args: list[str], log: Path) -> subprocess.CompletedProcess[str]:
     """``python scripts/bench/__main__.py *args`` with this tree's distckpt, in a job server that
     has imported torch already (``tests.killing.run_preloaded``: the seconds of a fresh
-    interpreter's imports are not what these runs check; ``python scripts/bench`` itself starts
-    fresh in the stopped-run tests); it must exit 0. Its stdout and its stderr, apart, are also
-    in ``log`` and in ``log`` with the suffix ``.err``."""
+    interpreter's imports are not what these runs check); it must exit 0. Its stdout and its
+    stderr, apart, are also in ``log`` and in ``log`` with the suffix ``.err``."""
     done = killing.run_preloaded(
         [str(BENCH / "__main__.py"), *args], log, stderr_log=log.with_suffix(".err")
     )
@@ -188,46 +187,43 @@ def dcp_checkpoint_processes(session: int) -> list[int]:
 def test_a_stopped_run_leaves_no_rank_and_no_dcp_checkpoint_process(
     tmp_path: Path, stop: signal.Signals
 ) -> None:
+    """Run as ``python scripts/bench/__main__.py ARGS...`` by a job server that imported torch
+    already: the bench leads a session of its own and has a fresh interpreter's signal
+    handlers; DCP's checkpoint processes are spawned fresh interpreters all the same."""
     # Many rounds: the run is stopped long before it ends, once DCP's processes run.
     args = ["--world-sizes", "2", "--mib", "1", "--rounds", "500", "--repeats", "1"]
     args += ["--contenders", "dcp_async_save", "--coord-ranks", "0", "--small-ranks", "0"]
-    args += ["--s3-ranks", "0", "--start-method", "fork", "--dir", str(tmp_path)]
-    proc = subprocess.Popen(
-        [sys.executable, str(BENCH), *args],
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,  # the session holds the bench and all it starts
-    )
+    args += ["--s3-ranks", "0", "--start-method", "fork", "--dir", str(tmp_path / "work")]
+    bench = killing.start_preloaded([str(BENCH / "__main__.py"), *args], tmp_path / "bench.log")
     try:
         deadline = time.monotonic() + 90
-        while len(dcp_checkpoint_processes(proc.pid)) < 2:
-            assert proc.poll() is None, "the bench ended before DCP's processes started"
+        while len(dcp_checkpoint_processes(bench.pid)) < 2:
+            assert bench.poll() is None, "the bench ended before DCP's processes started"
             assert time.monotonic() < deadline, "DCP's checkpoint processes never started"
             time.sleep(0.2)
         # To the bench alone, as `timeout`, `kill` or Ctrl-C would: the ranks lead process
         # groups of their own, outside the terminal's foreground group.
-        proc.send_signal(stop)
-        proc.wait(timeout=30)
+        bench.send_signal(stop)
+        bench.wait(timeout=30)
         deadline = time.monotonic() + 30
-        while left := session_members(proc.pid):
+        while left := session_members(bench.pid):
             assert time.monotonic() < deadline, f"left running after {stop.name}: {left}"
             time.sleep(0.1)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        kill_session(proc.pid)  # never leave them to the next test
+        kill_session(bench.pid)  # never leave them to the next test
+        if bench.server.alive:
+            bench.join()
 
 
-def test_snapshot_alternatives_script_runs_end_to_end() -> None:
-    """scripts/snapshot_alternatives.py at its smallest, so it cannot silently rot."""
+def test_snapshot_alternatives_script_runs_end_to_end(tmp_path: Path) -> None:
+    """scripts/snapshot_alternatives.py at its smallest, so it cannot silently rot; run as
+    ``python SCRIPT ARGS...`` by a job server that imported torch already (what rots is the
+    script, not a fresh interpreter's imports)."""
     script = REPO / "scripts" / "snapshot_alternatives.py"
-    proc = subprocess.run(
-        [sys.executable, str(script), "--mib", "1", "--rounds", "2"],
-        capture_output=True,
-        text=True,
-        timeout=120,
+    proc = killing.run_preloaded(
+        [str(script), "--mib", "1", "--rounds", "2"],
+        tmp_path / "snapshot.log",
+        stderr_log=tmp_path / "snapshot.err",
     )
     assert proc.returncode == 0, proc.stderr
     rows = [line.split(" | ")[0] for line in proc.stdout.splitlines() if line.startswith("| ")]

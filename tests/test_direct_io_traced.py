@@ -201,10 +201,24 @@ def test_a_shared_traced_run_that_dies_names_the_directory_it_died_in(tmp_path: 
 def test_a_traced_run_that_hangs_is_killed_with_everything_it_traces(tmp_path: Path) -> None:
     """A traced interpreter that outlives its timeout is killed along with strace: left
     running, it would keep the files it has open, and a FUSE mount under them, busy."""
-    hanging = "import os, time; open('pid.txt', 'w').write(str(os.getpid())); time.sleep(600)"
-    with pytest.raises(subprocess.TimeoutExpired):
-        run_traced(hanging, tmp_path, "openat", timeout=10)
-    pid = int((tmp_path / "pid.txt").read_text())
+    # The pid file appears whole (a rename), or not at all.
+    hanging = (
+        "import os, time; open('pid.new', 'w').write(str(os.getpid())); "
+        "os.rename('pid.new', 'pid.txt'); time.sleep(600)"
+    )
+    # A timeout that fired before the interpreter got to write its pid (a loaded machine starts
+    # it slowly) leaves nothing to look at: the run is tried again with twice the timeout.
+    timeout = 1.0
+    while True:
+        workdir = tmp_path / f"timeout-{timeout:g}s"
+        workdir.mkdir()
+        with pytest.raises(subprocess.TimeoutExpired):
+            run_traced(hanging, workdir, "openat", timeout=timeout)
+        if (workdir / "pid.txt").exists():
+            break
+        assert timeout < 60, "the traced interpreter never wrote its pid"
+        timeout *= 2
+    pid = int((workdir / "pid.txt").read_text())
     for _ in range(300):  # SIGKILL is sent when the timeout fires; this only waits out the exit
         try:
             status = Path(f"/proc/{pid}/status").read_text()

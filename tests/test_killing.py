@@ -82,7 +82,10 @@ def test_a_run_whose_job_server_dies_fails_at_once_and_its_job_is_killed(tmp_pat
     )
     pid_file = tmp_path / "pid"
     # Without noticing the server's end, the run would wait out its timeout and fail otherwise.
-    with pytest.raises(AssertionError, match=r"job server died \(status -9\)"):
+    with (
+        killing.servers_preloading_nothing(),
+        pytest.raises(AssertionError, match=r"job server died \(status -9\)"),
+    ):
         killing.run([str(job), str(pid_file)], tmp_path, timeout=120)
     processes.wait_until_group_is_gone(int(pid_file.read_text()), timeout=30)
 

@@ -20,6 +20,7 @@ import pytest
 import distckpt
 import distckpt.lease
 import distckpt.lease_break
+from distckpt.errors import LauncherGone
 from distckpt.fsutil import atomic_write_bytes
 from distckpt.launcher import LauncherWatch
 from distckpt.layout import RootLayout
@@ -198,34 +199,49 @@ def test_lock_files_are_created_as_the_umask_allows(tmp_path: Path) -> None:
     assert (RootLayout(root).lock_path.stat().st_mode & 0o777) == 0o664
 
 
-_LAUNCHER = textwrap.dedent(
-    """
-    import subprocess, sys, time
-    child = subprocess.Popen([sys.executable, "-c", sys.argv[1], sys.argv[2]])
-    print(child.pid, flush=True)
-    time.sleep(600)
-    """
-)
-_WORKER = textwrap.dedent(
-    """
-    import sys, time
-    from pathlib import Path
-    from distckpt.errors import LauncherGone
-    from distckpt.launcher import LauncherWatch
-
-    out = Path(sys.argv[1])
+def _watch_the_launcher(report: Path) -> None:
+    """A worker's part: report whether its launcher is gone at its start, then watch it until
+    it is (or a minute has passed) and report what the watch's check says."""
     watch = LauncherWatch()
-    out.write_text(f"started {watch.launcher_gone()}")
+    report.write_text(f"started {watch.launcher_gone()}")
     deadline = time.monotonic() + 60
     while not watch.launcher_gone() and time.monotonic() < deadline:
         time.sleep(0.05)
     try:
         watch.check()
-        out.write_text("not gone")
+        report.write_text("not gone")
     except LauncherGone as exc:
-        out.write_text(f"LauncherGone {exc}")
-    """
-)
+        report.write_text(f"LauncherGone {exc}")
+
+
+def _start_launcher_and_worker(report: Path) -> tuple[int, int]:
+    """A launcher forked from this process, which forks a worker (its child) watching it into
+    ``report`` and then sleeps until killed (a fresh interpreter for each would spend seconds
+    importing torch); returns their pids. Neither returns into this process: each ends with
+    ``os._exit``."""
+    reader, writer = os.pipe()
+    launcher = os.fork()
+    if launcher == 0:  # pragma: no cover - the launcher
+        try:
+            os.close(reader)
+            worker = os.fork()
+            if worker == 0:  # the worker
+                status = 1
+                try:
+                    os.close(writer)
+                    _watch_the_launcher(report)
+                    status = 0
+                finally:
+                    os._exit(status)
+            os.write(writer, str(worker).encode())
+            os.close(writer)
+            time.sleep(600)
+        finally:
+            os._exit(0)
+    os.close(writer)
+    with os.fdopen(reader, "rb") as said:
+        worker = int(said.read())
+    return launcher, worker
 
 
 def _wait_for_text(path: Path, prefix: str) -> str:
@@ -240,27 +256,21 @@ def _wait_for_text(path: Path, prefix: str) -> str:
 
 def test_a_worker_notices_its_launcher_died(tmp_path: Path) -> None:
     report = tmp_path / "worker.txt"
-    launcher = subprocess.Popen(
-        [sys.executable, "-c", _LAUNCHER, _WORKER, os.fspath(report)],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    worker_pid = 0
+    launcher, worker = _start_launcher_and_worker(report)
+    reaped = False
     try:
-        assert launcher.stdout is not None
-        worker_pid = int(launcher.stdout.readline())
         assert _wait_for_text(report, "started") == "started False"
-        os.kill(launcher.pid, signal.SIGKILL)  # the agent dies; its worker lives on
-        launcher.wait(timeout=STARTUP)
+        os.kill(launcher, signal.SIGKILL)  # the agent dies; its worker lives on
+        os.waitpid(launcher, 0)
+        reaped = True
         gone = _wait_for_text(report, "LauncherGone")
-        assert f"parent pid {launcher.pid}" in gone and "orphan" in gone
+        assert f"parent pid {launcher}" in gone and "orphan" in gone
     finally:
-        if launcher.poll() is None:
-            os.kill(launcher.pid, signal.SIGKILL)
-            launcher.wait(timeout=STARTUP)
-        if worker_pid:
-            with contextlib.suppress(ProcessLookupError):  # it may have finished on its own
-                os.kill(worker_pid, signal.SIGKILL)
+        if not reaped:
+            os.kill(launcher, signal.SIGKILL)
+            os.waitpid(launcher, 0)
+        with contextlib.suppress(ProcessLookupError):  # it may have finished on its own
+            os.kill(worker, signal.SIGKILL)
 
 
 def test_launcher_watch_only_under_torchrun(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -6,9 +6,6 @@ namespace is named as another job, not as this process."""
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -47,15 +44,6 @@ def _refusal(
         return (str(exc), holder.pid if holder is not None else None)
 
 
-#: A holder that dies without releasing the root: its record still claims it.
-_HOLD_AND_DIE = """
-import os, sys
-from distckpt.lease import RootLease
-RootLease.acquire(sys.argv[1])
-os._exit(0)
-"""
-
-
 def test_a_job_refused_before_the_holder_wrote_its_record_names_the_holder(
     tmp_path: Path,
 ) -> None:
@@ -65,10 +53,11 @@ def test_a_job_refused_before_the_holder_wrote_its_record_names_the_holder(
     root = tmp_path / "root"
     root.mkdir()
     # A killed holder's record still claims the root: the refusal must not name that one.
-    killed = subprocess.run(
-        [sys.executable, "-c", _HOLD_AND_DIE, os.fspath(root)], capture_output=True, text=True
-    )
-    assert killed.returncode == 0, killed.stderr
+    killed = Holder(root)
+    try:
+        assert killed.line() == "held 1"
+    finally:
+        killed.kill()
     dead = lease.read_holder(root)
     assert dead is None or dead.pid != os.getpid()
     found_held = tmp_path / "found-held"
@@ -122,24 +111,13 @@ def test_a_job_refused_after_waiting_in_pieces_says_the_whole_wait(tmp_path: Pat
     try:
         assert holder.line() == "held 1"
         with pytest.raises(distckpt.RootInUse) as refused:
-            # timeout 2: tries of 1 s at most, three of them
-            distckpt.CheckpointManager(root, wait_for_root=3.0, timeout=2.0)
+            # timeout 1: tries of 0.5 s at most, three of them
+            distckpt.CheckpointManager(root, wait_for_root=1.5, timeout=1.0)
     finally:
         holder.kill()
-    assert refused.value.waited >= 3.0  # the deadline is what ends the wait: never before it
+    assert refused.value.waited >= 1.5  # the deadline is what ends the wait: never before it
     assert str(refused.value).endswith(f" (waited {refused.value.waited:g} s)"), refused.value
     assert f"pid {holder.pid}," in str(refused.value)
-
-
-def _as_pid_1_of_a_pid_namespace_of_its_own() -> tuple[str, ...]:
-    """A prefix that runs a command as pid 1 of a PID namespace of its own, on this machine
-    under its hostname (a container sharing the host's network), printing ``pid N`` first."""
-    unshare = shutil.which("unshare")
-    if unshare is None or os.geteuid() != 0:
-        pytest.skip("making a PID namespace needs unshare(1), run as root")
-    # sh prints its own pid, then python takes its place (exec), and with it that pid
-    announce_pid = 'echo "pid $$" && exec "$0" "$@"'
-    return (unshare, "--pid", "--fork", "--mount-proc", "--kill-child", "sh", "-c", announce_pid)
 
 
 def test_a_holder_with_the_same_pid_in_another_pid_namespace_is_named_as_another_job(
@@ -148,12 +126,15 @@ def test_a_holder_with_the_same_pid_in_another_pid_namespace_is_named_as_another
     """Two processes on this machine, each pid 1 of a PID namespace of its own: the one refused
     is not told that it holds the root itself (same pid, same hostname and boot), but is given
     the other as the holder."""
+    if os.geteuid() != 0:
+        pytest.skip("making a PID namespace needs root")
     root = tmp_path / "root"
     root.mkdir()
-    prefix = _as_pid_1_of_a_pid_namespace_of_its_own()
-    holder = start_holder(holders, root, prefix=prefix)
+    # Forked into their namespaces, as `unshare --pid --fork --mount-proc` runs a command: a
+    # fresh interpreter would spend seconds importing torch.
+    holder = start_holder(holders, root, pid_namespace=True)
     assert (holder.line(), holder.line()) == ("pid 1", "held 1")
-    contender = start_holder(holders, root, prefix=prefix)
+    contender = start_holder(holders, root, pid_namespace=True)
     assert contender.line() == "pid 1"
     refusal = contender.line()
     assert refusal.startswith(f"refused RootInUse root {root} is in use by "), refusal
