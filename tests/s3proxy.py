@@ -8,14 +8,17 @@ and then drops the connection instead of answering (``drop``: a write the store 
 answer was lost), forwards it and answers with only the first half of the body its head
 announces, then drops the connection (``cut``: an answer broken off mid-body), or answers it
 with an error status without forwarding it (``fail``: a store refusing the request,
-unapplied). Real sockets and a real server: the client under test sees exactly what a slow or
-broken network shows it.
+unapplied). Listings may be answered in short pages (``short_pages``), as any S3 store may.
+Real sockets and a real server: the client under test sees exactly what a slow or broken
+network shows it.
 """
 
 from __future__ import annotations
 
 import http.client
+import re
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -69,12 +72,25 @@ class Rule:
     @contextmanager
     def changed_meanwhile(self, change: Callable[[], None]) -> Iterator[None]:
         """Within the block: once a request this rule holds arrives, ``change`` runs (another
-        writer's, from a thread of its own), and then the request goes on."""
+        writer's, from a thread of its own), and then the request goes on. At the block's end
+        an error of ``change`` is raised, and so is an ``AssertionError`` if the held request
+        never came: either way the race the test meant did not happen."""
+        block_ended = threading.Event()
+        errors: list[BaseException] = []
 
         def change_then_release() -> None:
             try:
-                assert self.arrived.wait(HOLD_TIMEOUT)
+                deadline = time.monotonic() + HOLD_TIMEOUT
+                # a request the block did not send by its end never comes: stop waiting then
+                while not self.arrived.wait(0.05):
+                    if block_ended.is_set() or time.monotonic() > deadline:
+                        raise AssertionError(
+                            f"no {self.method} request with {self.path_parts} was held: "
+                            "the change it was to wait for never ran"
+                        )
                 change()
+            except BaseException as exc:  # handed to the test's thread, which raises it
+                errors.append(exc)
             finally:
                 self.release()
 
@@ -83,7 +99,10 @@ class Rule:
         try:
             yield
         finally:
+            block_ended.set()
             changer.join()
+            if errors:
+                raise errors[0]
 
     def matches(self, method: str, path: str, body: bytes = b"") -> bool:
         return (
@@ -101,6 +120,8 @@ class S3Proxy:
     def __init__(self, upstream_port: int) -> None:
         self.upstream_port = upstream_port
         self.rules: list[Rule] = []
+        #: (keys a page at most, path parts) of the listings answered in short pages
+        self._page_sizes: list[tuple[int, tuple[str, ...]]] = []
         self.log: list[tuple[str, str, int]] = []
         self._lock = threading.Lock()
         #: notified when a request was answered by the server (see :meth:`wait_for`)
@@ -161,6 +182,26 @@ class S3Proxy:
             Rule(method, path_parts, "fail", times, skip, body_parts=body_parts, status=status)
         )
 
+    def short_pages(self, keys: int, *path_parts: str) -> None:
+        """Answer every listing (``GET`` with ``list-type=2``) whose path holds all of
+        ``path_parts`` in pages of at most ``keys`` keys: S3 answers "up to MaxKeys" keys a
+        page, so a client must work with any page size, and pages of one key make a change
+        between two pages of a listing as exact as a held request. (The rewritten query no
+        longer matches the request's signature: not for a server started with ``auth=True``.)"""
+        with self._lock:
+            self._page_sizes.append((keys, path_parts))
+
+    def _paged(self, method: str, path: str) -> str:
+        """``path`` with the page size of :meth:`short_pages` if one applies to it."""
+        if method != "GET" or "list-type=2" not in path:
+            return path
+        with self._lock:
+            sizes = [keys for keys, parts in self._page_sizes if all(p in path for p in parts)]
+        if not sizes:
+            return path
+        paged, count = re.subn(r"max-keys=\d+", f"max-keys={min(sizes)}", path)
+        return paged if count else f"{path}&max-keys={min(sizes)}"
+
     def wait_for(self, method: str, *path_parts: str, timeout: float) -> bool:
         """Wait until a request matching ``method`` and ``path_parts`` has been answered by
         the server; whether one was within ``timeout`` seconds."""
@@ -190,6 +231,7 @@ class S3Proxy:
         length = int(handler.headers.get("Content-Length") or 0)
         body = handler.rfile.read(length) if length else b""
         headers = {k: v for k, v in handler.headers.items() if k.lower() not in _HOP_BY_HOP}
+        handler.path = self._paged(handler.command, handler.path)
         rule = self._pick(handler.command, handler.path, body)
         if rule is not None:
             rule.arrived.set()

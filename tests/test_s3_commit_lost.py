@@ -26,17 +26,14 @@ from tests.waiting import after_rank_0_removals
 STEP_PREFIX = "step-00000002/"
 
 
-def _lose_rank_1_object_of_the_new_save(
-    url: str,
-    options: dict[str, Any],
-    file_name: str = "rank-00001.pt",
-    replacement: bytes | None = None,
+def _change_object_of_the_new_save(
+    url: str, options: dict[str, Any], file_name: str, replacement: bytes | None = None
 ) -> None:
-    """Delete rank 1's file (or ``file_name``) of the step 2 save being committed once the
-    commit's manifest is uploaded, after its staged objects were checked: what a ``gc``
-    taking the save for a dead writer's does in that window. The save being committed is the
-    one ``COMMIT`` does not name yet (an overwrite's old one is named). With ``replacement``
-    the object is replaced by those bytes instead (another writer's object of another size)."""
+    """Delete the file ``file_name`` of the step 2 save being committed once the commit's
+    manifest is uploaded, after its staged objects were checked: what a ``gc`` taking the
+    save for a dead writer's does in that window. The save being committed is the one
+    ``COMMIT`` does not name yet (an overwrite's old one is named). With ``replacement`` the
+    object is replaced by those bytes instead (another writer's object of another size)."""
     with ObjectStore(url, options) as store:
         try:
             named = json.loads(store.get_bytes(STEP_PREFIX + "COMMIT"))["attempt"]
@@ -59,7 +56,7 @@ def _save_losing_an_object(
 ) -> tuple[str, list[int], float]:
     def lose(event: events.PhaseEvent) -> None:
         if event.phase == "commit.manifest" and event.ok:
-            _lose_rank_1_object_of_the_new_save(url, options)
+            _change_object_of_the_new_save(url, options, "rank-00001.pt")
 
     with distckpt.CheckpointManager(url, storage_options=options, timeout=60) as manager:
         manager.save(1, _state(1))
@@ -140,7 +137,7 @@ def _save_whose_undo_fails(
 
     def lose(event: events.PhaseEvent) -> None:
         if event.phase == "commit.manifest" and event.ok:
-            _lose_rank_1_object_of_the_new_save(s3_url, direct, "rank-00000.pt")
+            _change_object_of_the_new_save(s3_url, direct, "rank-00000.pt")
 
     old = None
     with S3Proxy(s3_server.port) as proxy:
@@ -227,7 +224,7 @@ def test_a_save_whose_object_was_lost_or_resized_before_its_commit_fails_uncommi
 
     def lose(event: events.PhaseEvent) -> None:
         if event.phase == "commit.manifest" and event.ok:
-            _lose_rank_1_object_of_the_new_save(s3_url, options, file_name, replacement)
+            _change_object_of_the_new_save(s3_url, options, file_name, replacement)
 
     with distckpt.CheckpointManager(s3_url, storage_options=options) as manager:
         manager.save(1, _state(1))

@@ -321,67 +321,78 @@ def test_gc_beside_a_save_that_commits_meanwhile_keeps_the_committed_checkpoint(
         )
 
 
-def _with_step_2_deleted_between_head_and_get(
-    server: S3Server, url: str, read: Callable[[dict[str, Any]], T], *, replaced: bool = False
+def _with_step_2_changed_between_head_and_get(
+    server: S3Server,
+    url: str,
+    read: Callable[[str, dict[str, Any]], T],
+    change: Callable[[], None] | None = None,
 ) -> tuple[T, list[tuple[str, str, int]]]:
-    """``read(storage_options)`` of a root holding steps 1 and 2, through a proxy that holds
-    the GET of step 2's shard (the one after its HEAD) while step 2 is removed as retention
-    does (``COMMIT`` first, then its objects), or with ``replaced`` replaced as an overwrite
-    does (its objects copied to another save, ``COMMIT`` naming that one, the old objects
-    deleted); what it returned, and the proxy's log."""
+    """``read(url, storage_options)`` of a root holding steps 1 and 2, through a proxy that
+    holds the GET of step 2's shard (after its HEAD) while ``change`` runs (by default: step 2
+    removed as retention does, ``COMMIT`` first); what it returned, and the proxy's log."""
     options = server.storage_options()
     with distckpt.CheckpointManager(url, storage_options=options, format="torch") as manager:
         manager.save(1, _state(1))
         manager.save(2, _state(2))
+
+    def delete_step_2() -> None:
+        with ObjectStore(url, options) as store:
+            saved = [i.key for i in store.list("step-00000002/") if not i.key.endswith("COMMIT")]
+            store.delete(["step-00000002/COMMIT"])
+            store.delete(saved)
+
     with S3Proxy(server.port) as proxy:
         shard_get = proxy.hold("GET", "step-00000002/", "rank-00000.pt")
-
-        def delete_step_2() -> None:
-            shard_get.arrived.wait(30)
-            with ObjectStore(url, options) as store:
-                saved = [i for i in store.list("step-00000002/") if not i.key.endswith("COMMIT")]
-                if replaced:
-                    for info in saved:
-                        name = info.key.rpartition("/")[2]
-                        store.copy(info.key, f"step-00000002/new/{name}", info.size)
-                    store.put_bytes("step-00000002/COMMIT", b'{"attempt": "new", "step": 2}')
-                else:
-                    store.delete(["step-00000002/COMMIT"])
-                store.delete([info.key for info in saved])
-            shard_get.release()
-
-        deleter = threading.Thread(target=delete_step_2)
-        deleter.start()
-        result = read(server.storage_options(endpoint_url=proxy.endpoint))
-        deleter.join(30)
-        assert shard_get.arrived.is_set()
+        with shard_get.changed_meanwhile(change or delete_step_2):
+            result = read(url, server.storage_options(endpoint_url=proxy.endpoint))
         return result, proxy.log
+
+
+def _restore_last(url: str, options: dict[str, Any]) -> distckpt.Checkpoint | None:
+    """A restore of ``last`` by a read-only manager (no lease: others may write meanwhile)."""
+    with distckpt.CheckpointManager(
+        url, storage_options=options, format="torch", read_only=True
+    ) as manager:
+        return manager.restore("last", state={"w": torch.zeros(4), "step": 0})
 
 
 def test_a_checkpoint_deleted_between_a_reads_head_and_get_falls_back_to_the_older_step(
     s3_server: S3Server, s3_url: str
 ) -> None:
-    def restore_last(options: dict[str, Any]) -> distckpt.Checkpoint | None:
-        with distckpt.CheckpointManager(
-            s3_url, storage_options=options, format="torch", read_only=True
-        ) as manager:
-            return manager.restore("last", state={"w": torch.zeros(4), "step": 0})
-
-    restored, log = _with_step_2_deleted_between_head_and_get(s3_server, s3_url, restore_last)
+    restored, log = _with_step_2_changed_between_head_and_get(s3_server, s3_url, _restore_last)
     assert restored is not None and restored.step == 1
     step_2_shard = [(method, status) for method, path, status in log if "00000002/" in path]
     assert ("HEAD", 200) in step_2_shard and ("GET", 404) in step_2_shard
 
 
+def test_a_checkpoint_overwritten_while_it_is_read_is_read_again_as_overwritten(
+    s3_server: S3Server, s3_url: str
+) -> None:
+    """ "a reader sees the old checkpoint or the new one": the save of step 2 that another
+    job's overwrite replaced while a restore read it has vanished, not turned damaged; the
+    restore reads the step again and loads the new save."""
+
+    def overwrite() -> None:  # another job's, with other values
+        options = s3_server.storage_options()
+        with distckpt.CheckpointManager(s3_url, storage_options=options, format="torch") as job:
+            job.save(2, _state(7), overwrite=True)
+
+    restored, _ = _with_step_2_changed_between_head_and_get(
+        s3_server, s3_url, _restore_last, overwrite
+    )
+    assert restored is not None and restored.step == 2
+    assert torch.equal(restored.state["w"], _state(7)["w"])
+
+
 def test_verify_takes_a_checkpoint_deleted_between_a_reads_head_and_get_for_gone_not_damaged(
     s3_server: S3Server, s3_url: str
 ) -> None:
-    def verify(options: dict[str, Any]) -> distckpt.VerifyReport:
-        return distckpt.verify(s3_url, storage_options=options)
+    def verify(url: str, options: dict[str, Any]) -> distckpt.VerifyReport:
+        return distckpt.verify(url, storage_options=options)
 
     # Retention deleting a checkpoint while verify reads it is no damage: the object is found
     # missing (not a refused precondition), the checkpoint gone, and only step 1 is reported.
-    report, _ = _with_step_2_deleted_between_head_and_get(s3_server, s3_url, verify)
+    report, _ = _with_step_2_changed_between_head_and_get(s3_server, s3_url, verify)
     (only,) = report.checkpoints
     assert only.ok and only.step == 1  # (`last` still names step 2: the test deleted it)
 

@@ -14,14 +14,17 @@ import signal
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 import torch
 
 import distckpt
-from distckpt.layout import rank_file_name
+from distckpt.layout import rank_file_name, set_aside_name
 from distckpt.objstore import ObjectStore
+from distckpt.objurl import S3Url
 from distckpt.storage import open_store, open_view
+from distckpt.storage.s3_view import CommitRecord
 from tests.older_version import run_older_version
 from tests.ranks import run_ranks, values
 from tests.s3proxy import S3Proxy
@@ -402,3 +405,44 @@ def test_an_s3_set_aside_copies_the_objects_of_a_save_at_once(
             held.release()
             store.close()
     _assert_set_aside_whole(s3_url, options, attempt, digests)
+
+
+def test_an_s3_set_aside_made_between_two_pages_of_a_cleanup_listing_keeps_its_copy(
+    s3_server: S3Server, s3_url: str
+) -> None:
+    """A cleanup whose listing (pages of one key, as any store may answer) saw part of a
+    set-aside copy but not its record, because a restore elsewhere wrote the record, copied
+    the save and deleted its ``COMMIT`` between two pages, reads the record again before it
+    takes the copy for a stray: the copy is kept whole."""
+    direct = s3_server.storage_options()
+    attempt = _s3_save_90_and_100(s3_url, direct)
+    saved = f"{DAMAGED}/{attempt}/"
+    digests = _s3_digests(s3_url, direct, saved)
+    copy = f"{set_aside_name(100, attempt)}/"
+    first = sorted(digests)[0]
+    with ObjectStore(s3_url, direct) as store:
+        # a part of a copy whose record is gone while the step stays committed: the record's
+        # key sorts just before its copy's, so a listing's page may end between them
+        store.copy(saved + first, copy + first, store.head(saved + first).size)
+        keys = [info.key for info in store.list()]
+    root_listing = f"prefix={quote(S3Url.parse(s3_url).key(''), safe='')}&"
+    with S3Proxy(s3_server.port) as proxy:
+        proxy.short_pages(1, root_listing)
+        options = s3_server.storage_options(endpoint_url=proxy.endpoint)
+        with distckpt.CheckpointManager(s3_url, storage_options=options) as manager:
+            manager.gc()  # waits for the start's own cleanup, which lists the root too
+
+            def set_aside_elsewhere() -> None:  # in a restore's order: record, copy, COMMIT
+                with ObjectStore(s3_url, direct) as store:
+                    store.put_bytes(copy[:-1], CommitRecord.encode(100, attempt))
+                    for name in digests:
+                        store.copy(saved + name, copy + name, store.head(saved + name).size)
+                    store.delete_one(f"{DAMAGED}/COMMIT")
+
+            # page k + 1 lists keys[k]: hold the page after the one listing the copy's part
+            held = proxy.hold(
+                "GET", root_listing, "continuation-token", skip=keys.index(copy + first)
+            )
+            with held.changed_meanwhile(set_aside_elsewhere):
+                manager.gc()
+    assert _s3_digests(s3_url, direct, copy) == digests
