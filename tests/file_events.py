@@ -43,11 +43,13 @@ def _record(event: str, args: tuple[Any, ...]) -> None:
 @contextlib.contextmanager
 def recording_removals_and_renames() -> Iterator[list[FileEvent]]:
     """The list of the removals and renames this thread makes in the block, filled as they
-    happen."""
+    happen. Blocks do not nest: a second one in the same thread is a RuntimeError."""
     global _hook_installed
     if not _hook_installed:
         sys.addaudithook(_record)
         _hook_installed = True
+    if threading.get_ident() in _recording:
+        raise RuntimeError("this thread is recording its removals and renames already")
     seen: list[FileEvent] = []
     _recording[threading.get_ident()] = seen
     try:

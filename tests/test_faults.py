@@ -467,10 +467,10 @@ def test_a_file_shortened_in_the_commit_rename_is_commit_lost_on_every_rank(root
 
 def test_a_manifest_lost_in_the_commit_rename_fails_the_save(root: Path) -> None:
     """The check after the rename covers the manifest too: a rename that kept every shard but
-    lost ``manifest.json`` left no checkpoint, so the save must not return as committed, and
-    leaves nothing behind. The staged manifest is removed as the commit's manifest phase ends,
-    just before the rename, through the library's own phase listeners (no filesystem here loses
-    one file of a dir it renames)."""
+    lost ``manifest.json`` left no checkpoint, so the save must not return as committed; what
+    the rename left goes to the trash, which the next start empties. The staged manifest is
+    removed as the commit's manifest phase ends, just before the rename, through the library's
+    own phase listeners (no filesystem here loses one file of a dir it renames)."""
 
     def lose_the_manifest(event: events.PhaseEvent) -> None:
         if event.phase == "commit.manifest" and event.step == 2:
