@@ -16,6 +16,7 @@ import torch
 import distckpt
 from distckpt import events
 from distckpt.errors import ObjectNotFound
+from distckpt.layout import MANIFEST_NAME
 from distckpt.objstore import ObjectStore
 from tests.ranks import run_ranks, values
 from tests.s3proxy import S3Proxy
@@ -241,21 +242,23 @@ def test_a_save_whose_object_was_lost_or_resized_before_its_commit_fails_uncommi
     assert not [name for name in _objects(s3_url, options) if name.startswith(STEP_PREFIX)]
 
 
+@pytest.mark.parametrize("lost_object", ["rank-00000.pt", MANIFEST_NAME])
 @pytest.mark.parametrize("second_listing_fails", [False, True])
 def test_a_save_that_loses_an_object_right_after_its_commit_is_not_last_nor_removes_the_one_before(
-    s3_server: S3Server, s3_url: str, second_listing_fails: bool
+    s3_server: S3Server, s3_url: str, second_listing_fails: bool, lost_object: str
 ) -> None:
     """The window after the commit's second listing (which may have failed, only logged),
-    before the pointers' update: a file of the committed save deleted there (the same
-    ``gc``) is found by the update's own check of the save, so ``last`` stays on step 1 and
-    retention (``keep_last=1``) keeps step 1."""
+    before the pointers' update: an object of the committed save deleted there (the same
+    ``gc``), a file or the manifest the update does not read back, is found by the update's
+    own check of the save, so ``last`` stays on step 1 and retention (``keep_last=1``) keeps
+    step 1."""
     options = s3_server.storage_options()
 
     def lose(event: events.PhaseEvent) -> None:
         if event.phase == "commit.publish" and event.ok and event.step == 2:
             with ObjectStore(s3_url, options) as store:
                 named = json.loads(store.get_bytes(STEP_PREFIX + "COMMIT"))["attempt"]
-                store.delete([f"{STEP_PREFIX}{named}/rank-00000.pt"])
+                store.delete([f"{STEP_PREFIX}{named}/{lost_object}"])
 
     with S3Proxy(s3_server.port) as proxy:
         proxied = s3_server.storage_options(endpoint_url=proxy.endpoint, retries=1)

@@ -111,6 +111,10 @@ class S3Checkpoint(CheckpointSource):
             problems.append(unknown_checksum_algorithm(self.describe(MANIFEST_NAME), manifest))
             checksums = False
         sizes = self._sizes()
+        if MANIFEST_NAME not in sizes:
+            # ``manifest`` may come from memory (this process wrote or read it before): the
+            # listing is what tells whether the object is still there.
+            problems.append(missing(self.describe(MANIFEST_NAME)))
         for name, record in sorted(manifest.files.items()):
             size = sizes.get(name)
             if size is None:
