@@ -9,6 +9,7 @@ reference's bit for bit. Leaving any one piece of the recipe out breaks it.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -219,3 +220,29 @@ def test_a_single_process_loader_resumes_the_next_epoch_only_with_a_sampler_of_i
     else:
         assert [batch[:2] for batch in run] == [batch[:2] for batch in reference]
         assert all(torch.equal(ours[2], theirs[2]) for ours, theirs in zip(run, reference))
+
+
+def test_the_first_save_of_a_loader_whose_sampler_shares_its_generator_warns_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The ``shuffle=True`` set-up of the test above, saved twice, nested, and unbatched (no
+    batch sampler): one WARNING, naming their keys and the remedy; the README's set-up, and the
+    ``shuffle=True`` one with workers, none."""
+    shared = _single_process_loader("shuffle=True")
+    own = _single_process_loader("sampler-with-own-generator")
+    data = _NoiseFromTheMainProcessRng()
+    unbatched = StatefulDataLoader(data, batch_size=None, shuffle=True, generator=torch.Generator())
+    with_workers = StatefulDataLoader(
+        data, shuffle=True, num_workers=1, generator=torch.Generator()
+    )
+    state = {"data": [own, {"train": shared}], "unbatched": unbatched, "workers": with_workers}
+    with (
+        distckpt.CheckpointManager(tmp_path, fsync=False) as mgr,
+        caplog.at_level(logging.WARNING, logger="distckpt"),
+    ):
+        mgr.save(1, state)
+        mgr.save(2, state)
+    warnings = [record.getMessage() for record in caplog.records]
+    assert len(warnings) == 1
+    assert warnings[0].startswith("data.1.train, unbatched: a data loader with num_workers=0")
+    assert "sampler=torchdata.stateful_dataloader.sampler.RandomSampler(" in warnings[0]
