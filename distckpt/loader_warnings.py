@@ -21,20 +21,32 @@ from distckpt.model_state_keys import found_in_state
 logger = logging.getLogger("distckpt")
 
 
+#: values that are never a data loader nor hold one: the walk neither asks them for
+#: attributes nor looks into them, so that a state of many tensors costs little at each save
+_NOT_LOADERS = (torch.Tensor, str, bytes, int, float, bool, type(None))
+
+
 def _sampler_shares_the_generator(value: Any) -> bool:
     """Whether ``value`` is a single-process data loader whose sampler draws from the loader's
-    own generator."""
-    generator = getattr(value, "generator", None)
-    if not isinstance(generator, torch.Generator) or getattr(value, "num_workers", None) != 0:
+    own generator; ``False`` for a value whose attribute lookups raise."""
+    try:
+        generator = getattr(value, "generator", None)
+        if not isinstance(generator, torch.Generator) or getattr(value, "num_workers", None) != 0:
+            return False
+        return getattr(getattr(value, "sampler", None), "generator", None) is generator
+    except Exception:
+        # Any user object can sit in a state, and its property or __getattr__ may raise
+        # anything (not only AttributeError); a warning's check must never fail the save.
         return False
-    return getattr(getattr(value, "sampler", None), "generator", None) is generator
 
 
 def loaders_sharing_their_generator(state: Any) -> list[str]:
     """The dotted keys in ``state`` (a save's live state) of the data loaders that
-    :func:`_sampler_shares_the_generator` finds."""
+    :func:`_sampler_shares_the_generator` finds; tensors and plain scalars are skipped."""
 
     def key_if_sharing(value: Any, path: str) -> list[str] | None:
+        if isinstance(value, _NOT_LOADERS):
+            return []
         return [path or "state"] if _sampler_shares_the_generator(value) else None
 
     return found_in_state(state, key_if_sharing)

@@ -246,3 +246,51 @@ def test_the_first_save_of_a_loader_whose_sampler_shares_its_generator_warns_onc
     assert len(warnings) == 1
     assert warnings[0].startswith("data.1.train, unbatched: a data loader with num_workers=0")
     assert "sampler=torchdata.stateful_dataloader.sampler.RandomSampler(" in warnings[0]
+
+
+def _shared_generator_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """The messages of the shared-generator warning, apart from the save's other warnings
+    (a plain loader is also a value a default restore refuses)."""
+    return [record.getMessage() for record in caplog.records if record.module == "loader_warnings"]
+
+
+class _GeneratorNotBuiltYet:
+    """A Stateful whose ``generator`` property raises something other than AttributeError."""
+
+    def state_dict(self) -> dict[str, int]:
+        return {"x": 1}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        pass
+
+    @property
+    def generator(self) -> torch.Generator:
+        raise RuntimeError("not built yet")
+
+
+class _LooksUpAttributesInADict:
+    """A Stateful whose ``__getattr__`` raises KeyError for a name it does not hold."""
+
+    def state_dict(self) -> dict[str, int]:
+        return {"x": 1}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        pass
+
+    def __getattr__(self, name: str) -> object:
+        raise KeyError(name)
+
+
+def test_a_value_whose_attribute_lookup_raises_does_not_fail_the_save(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The shared-generator check asks every value of the state for attributes; a value whose
+    lookup raises (a property's RuntimeError, a ``__getattr__``'s KeyError) is no loader, and
+    the save goes on without a warning."""
+    state = {"property": _GeneratorNotBuiltYet(), "getattr": _LooksUpAttributesInADict()}
+    with (
+        distckpt.CheckpointManager(tmp_path, fsync=False) as mgr,
+        caplog.at_level(logging.WARNING, logger="distckpt"),
+    ):
+        assert mgr.save(1, state).step == 1
+    assert _shared_generator_warnings(caplog) == []
