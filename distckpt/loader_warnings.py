@@ -6,7 +6,8 @@ epoch began, and a resumed loader redraws the epoch's order from it without the 
 iterator drew after the order: the generator ends one draw short of the uninterrupted run's,
 and the next epoch is shuffled differently (README, "Exact resume: the data", rule 2). Told
 apart by public attributes only (``num_workers``, ``generator``, ``sampler``), so that any
-loader built that way is caught, not only torchdata's.
+loader built that way is caught, not only torchdata's: a plain ``DataLoader`` built so is
+warned about too, and the remedy names both (README rule 3: it has no position to save).
 """
 
 from __future__ import annotations
@@ -69,7 +70,8 @@ class SharedGeneratorLoaderWarning:
         logger.warning(
             "%s: a data loader with num_workers=0 whose sampler draws from the loader's own "
             "generator (shuffle=True with generator=): after a resume its next epoch is "
-            "shuffled differently. Pass sampler=torchdata.stateful_dataloader.sampler."
+            "shuffled differently. Use a torchdata StatefulDataLoader (a plain DataLoader has "
+            "no position to save) with sampler=torchdata.stateful_dataloader.sampler."
             "RandomSampler(data, generator=torch.Generator().manual_seed(seed)) instead of "
             "shuffle=True",
             ", ".join(keys),

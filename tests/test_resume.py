@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 pytest.importorskip("torchdata")
 
@@ -252,6 +252,23 @@ def _shared_generator_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
     """The messages of the shared-generator warning, apart from the save's other warnings
     (a plain loader is also a value a default restore refuses)."""
     return [record.getMessage() for record in caplog.records if record.module == "loader_warnings"]
+
+
+def test_a_plain_loader_sharing_its_generator_is_told_to_switch_to_a_stateful_loader(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A plain ``DataLoader`` with ``shuffle=True`` and ``generator=`` is warned about too, and
+    the remedy names the switch to ``StatefulDataLoader`` (README rule 3), not only a sampler
+    it could not save a position of."""
+    plain = DataLoader(_NoiseFromTheMainProcessRng(), shuffle=True, generator=torch.Generator())
+    with (
+        distckpt.CheckpointManager(tmp_path, fsync=False) as mgr,
+        caplog.at_level(logging.WARNING, logger="distckpt"),
+    ):
+        mgr.save(1, {"loader": plain})
+    [warning] = _shared_generator_warnings(caplog)
+    assert warning.startswith("loader: a data loader with num_workers=0")
+    assert "Use a torchdata StatefulDataLoader (a plain DataLoader has no position" in warning
 
 
 class _GeneratorNotBuiltYet:
