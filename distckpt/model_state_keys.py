@@ -7,10 +7,13 @@ with a checkpoint's.
 from __future__ import annotations
 
 import sys
-from collections.abc import Collection, Mapping
-from typing import Any
+from collections.abc import Callable, Collection, Mapping
+from typing import Any, TypeVar
 
 from distckpt.per_rank import PerRank
+
+#: what a walk of :func:`found_in_state` collects
+Found = TypeVar("Found")
 
 
 def join_key(prefix: str, key: object) -> str:
@@ -57,28 +60,45 @@ def saved_param_states(optim_state: Any) -> dict[str, Any]:
     }
 
 
-def init_state_places(template: Any, path: str = "") -> list[tuple[str, str]]:
+def found_in_state(
+    state: Any, find: Callable[[Any, str], list[Found] | None], path: str = ""
+) -> list[Found]:
+    """What ``find`` (given a value and its dotted place) answers for the values of ``state``
+    it answers for (not ``None``), those not looked into further; the others are looked into
+    through a :class:`~distckpt.PerRank`'s value, a mapping's values and a list's or tuple's
+    items."""
+    answer = find(state, path)
+    if answer is not None:
+        return answer
+    if isinstance(state, PerRank):
+        return found_in_state(state.value, find, path)
+    if isinstance(state, Mapping):
+        items: Any = state.items()
+    elif isinstance(state, (list, tuple)):
+        items = enumerate(state)
+    else:
+        return []
+    return [
+        found for key, value in items for found in found_in_state(value, find, join_key(path, key))
+    ]
+
+
+def init_state_places(template: Any) -> list[tuple[str, str]]:
     """The dotted places, in a restore's ``template``, of the optimizer state each
     ModelOptimizerState in it has only from torch's step creating it (its ``made_by_init``,
     as its last ``template_state_dict`` found), each with the place of its parameter's
     weights: a checkpoint that holds the weights but not that state lacks nothing."""
     kind = model_optimizer_state_type()
-    if kind is not None and isinstance(template, kind):
+
+    def places(value: Any, path: str) -> list[tuple[str, str]] | None:
+        if kind is None or not isinstance(value, kind):
+            return None
         return [
             (join_key(path, f"optim.state.{name}"), join_key(path, f"model.{name}"))
-            for name in sorted(template.made_by_init)
+            for name in sorted(value.made_by_init)
         ]
-    if isinstance(template, PerRank):
-        return init_state_places(template.value, path)
-    if isinstance(template, Mapping):
-        items: Any = template.items()
-    elif isinstance(template, (list, tuple)):
-        items = enumerate(template)
-    else:
-        return []
-    return [
-        places for key, value in items for places in init_state_places(value, join_key(path, key))
-    ]
+
+    return found_in_state(template, places)
 
 
 def model_optimizer_state_type() -> type | None:

@@ -26,6 +26,7 @@ from distckpt.decisions import SaveDecider, SaveDecision
 from distckpt.errors import CheckpointError
 from distckpt.formats import CheckpointFormat
 from distckpt.launcher import LauncherWatch
+from distckpt.loader_warnings import SharedGeneratorLoaderWarning
 from distckpt.results import SaveResult
 from distckpt.snapshot import SnapshotBuffers
 from distckpt.storage import RootStore
@@ -65,12 +66,15 @@ class Saver:
         self._count = 0
         #: warns once per manager about values a default restore would refuse
         self._refused_values = RefusedValuesWarning()
+        #: warns once per manager about a loader a resume would shuffle differently
+        self._shared_generator_loaders = SharedGeneratorLoaderWarning()
 
     def save(self, request: proposal.SaveRequest, state: Any, decision: SaveDecision) -> SaveResult:
         """Save ``state`` as ``decision`` says (collective); any previous save is done. An
         async save returns a result with ``done=False`` at once, unless it is a preemption
         save, which must be durable first."""
         self._count += 1
+        self._shared_generator_loaders.check(state)
         plan = proposal.propose(
             request,
             state,

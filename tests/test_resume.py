@@ -9,11 +9,12 @@ reference's bit for bit. Leaving any one piece of the recipe out breaks it.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 pytest.importorskip("torchdata")
 
@@ -219,3 +220,94 @@ def test_a_single_process_loader_resumes_the_next_epoch_only_with_a_sampler_of_i
     else:
         assert [batch[:2] for batch in run] == [batch[:2] for batch in reference]
         assert all(torch.equal(ours[2], theirs[2]) for ours, theirs in zip(run, reference))
+
+
+def test_the_first_save_of_a_loader_whose_sampler_shares_its_generator_warns_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The ``shuffle=True`` set-up of the test above, saved twice, nested, and unbatched (no
+    batch sampler): one WARNING, naming their keys and the remedy; the README's set-up, and the
+    ``shuffle=True`` one with workers, none."""
+    shared = _single_process_loader("shuffle=True")
+    own = _single_process_loader("sampler-with-own-generator")
+    data = _NoiseFromTheMainProcessRng()
+    unbatched = StatefulDataLoader(data, batch_size=None, shuffle=True, generator=torch.Generator())
+    with_workers = StatefulDataLoader(
+        data, shuffle=True, num_workers=1, generator=torch.Generator()
+    )
+    state = {"data": [own, {"train": shared}], "unbatched": unbatched, "workers": with_workers}
+    with (
+        distckpt.CheckpointManager(tmp_path, fsync=False) as mgr,
+        caplog.at_level(logging.WARNING, logger="distckpt"),
+    ):
+        mgr.save(1, state)
+        mgr.save(2, state)
+    warnings = [record.getMessage() for record in caplog.records]
+    assert len(warnings) == 1
+    assert warnings[0].startswith("data.1.train, unbatched: a data loader with num_workers=0")
+    assert "sampler=torchdata.stateful_dataloader.sampler.RandomSampler(" in warnings[0]
+
+
+def _shared_generator_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """The messages of the shared-generator warning, apart from the save's other warnings
+    (a plain loader is also a value a default restore refuses)."""
+    return [record.getMessage() for record in caplog.records if record.module == "loader_warnings"]
+
+
+def test_a_plain_loader_sharing_its_generator_is_told_to_switch_to_a_stateful_loader(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A plain ``DataLoader`` with ``shuffle=True`` and ``generator=`` is warned about too, and
+    the remedy names the switch to ``StatefulDataLoader`` (README rule 3), not only a sampler
+    it could not save a position of."""
+    plain = DataLoader(_NoiseFromTheMainProcessRng(), shuffle=True, generator=torch.Generator())
+    with (
+        distckpt.CheckpointManager(tmp_path, fsync=False) as mgr,
+        caplog.at_level(logging.WARNING, logger="distckpt"),
+    ):
+        mgr.save(1, {"loader": plain})
+    [warning] = _shared_generator_warnings(caplog)
+    assert warning.startswith("loader: a data loader with num_workers=0")
+    assert "Use a torchdata StatefulDataLoader (a plain DataLoader has no position" in warning
+
+
+class _GeneratorNotBuiltYet:
+    """A Stateful whose ``generator`` property raises something other than AttributeError."""
+
+    def state_dict(self) -> dict[str, int]:
+        return {"x": 1}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        pass
+
+    @property
+    def generator(self) -> torch.Generator:
+        raise RuntimeError("not built yet")
+
+
+class _LooksUpAttributesInADict:
+    """A Stateful whose ``__getattr__`` raises KeyError for a name it does not hold."""
+
+    def state_dict(self) -> dict[str, int]:
+        return {"x": 1}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        pass
+
+    def __getattr__(self, name: str) -> object:
+        raise KeyError(name)
+
+
+def test_a_value_whose_attribute_lookup_raises_does_not_fail_the_save(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The shared-generator check asks every value of the state for attributes; a value whose
+    lookup raises (a property's RuntimeError, a ``__getattr__``'s KeyError) is no loader, and
+    the save goes on without a warning."""
+    state = {"property": _GeneratorNotBuiltYet(), "getattr": _LooksUpAttributesInADict()}
+    with (
+        distckpt.CheckpointManager(tmp_path, fsync=False) as mgr,
+        caplog.at_level(logging.WARNING, logger="distckpt"),
+    ):
+        assert mgr.save(1, state).step == 1
+    assert _shared_generator_warnings(caplog) == []
