@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from distckpt import faults
+from tests import killing
 from tests.filesystems import MountFactory
 from tests.lease_holders import Holder
 from tests.older_version import unpack_older_version
@@ -24,6 +26,19 @@ def _no_armed_faults() -> Iterator[None]:
     faults.disarm()
     yield
     faults.disarm()
+
+
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)
+def pytest_runtest_protocol(item: pytest.Item) -> Iterator[None]:
+    # pytest-timeout's timer covers a test's setup as well as its call: the job servers' cold
+    # start (over a minute under load) is waited for here, outside it, before a test of a
+    # module that runs jobs in them starts.
+    module = getattr(item, "module", None)
+    if module is not None and any(value is killing for value in vars(module).values()):
+        # A server that is not ready fails the test at its first job, with the reason.
+        with contextlib.suppress(AssertionError):
+            killing.ready_job_servers()
+    yield
 
 
 @pytest.fixture

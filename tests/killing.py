@@ -69,6 +69,12 @@ def _env() -> dict[str, str]:
     return env
 
 
+#: How long a job server may take to preload and say it is ready, apart from any job's own
+#: budget: a cold start imports torch, Lightning, torchdata and numpy, over a minute when other
+#: interpreters import them at the same time.
+SERVER_READY_SECONDS = 300.0
+
+
 class _JobServer:
     """A running ``tests/job_server.py`` (see there), started with hash seed ``hash_seed``:
     sends it jobs and collects what it reports of them (a thread reads its answers). Jobs are
@@ -92,6 +98,9 @@ class _JobServer:
         self._exit_codes: dict[int, int] = {}
         #: The server's exit status, once its output has ended.
         self._ended_with: int | None = None
+        self._ready = False
+        #: Set once the server has failed to get ready in time: no one waits for it again.
+        self._gave_up = False
         self._reported = threading.Condition()
         self._requesting = threading.Lock()
         threading.Thread(target=self._read_reports, daemon=True).start()
@@ -101,7 +110,9 @@ class _JobServer:
         for line in self._process.stdout:
             report = json.loads(line)
             with self._reported:
-                if "started" in report:
+                if "ready" in report:
+                    self._ready = True
+                elif "started" in report:
                     self._pids[report["id"]] = report["started"]
                 else:
                     self._exit_codes[report["id"]] = report["code"]
@@ -114,6 +125,22 @@ class _JobServer:
     @property
     def alive(self) -> bool:
         return self._process.poll() is None
+
+    def wait_until_ready(self) -> None:
+        """Return once the server has preloaded, waiting up to :data:`SERVER_READY_SECONDS`
+        (once only: a server that was not ready by then fails every later wait at once);
+        raises AssertionError if it is not ready by then or died first."""
+        with self._reported:
+            if not self._gave_up:
+                self._reported.wait_for(
+                    lambda: self._ready or self._ended_with is not None, SERVER_READY_SECONDS
+                )
+            if self._ready:
+                return
+            if self._ended_with is not None:
+                raise AssertionError(f"job server died before it was ready ({self._ended_with})")
+            self._gave_up = True
+            raise AssertionError(f"the job server was not ready in {SERVER_READY_SECONDS:g} s")
 
     def _report(
         self, reports: dict[int, int], request_id: int, timeout: float | None
@@ -141,7 +168,9 @@ class _JobServer:
     ) -> PreloadedJob:
         """Start ``python *command`` in the server, in ``cwd``, with environment ``env`` (by
         default the one a subprocess of the test would get), its output in ``log`` (its stderr
-        in ``stderr_log`` if given); returns once the job leads its process group."""
+        in ``stderr_log`` if given); returns once the job leads its process group. The job's
+        start budget counts from the server's readiness, not from the server's own start."""
+        self.wait_until_ready()
         with self._requesting:
             request_id = next(self._request_ids)
             request = {
@@ -264,6 +293,16 @@ def start_preloaded(
     return server.start(command, log, env, cwd, stderr_log)
 
 
+def ready_job_servers() -> None:
+    """Start this process's job servers if they are not running, and wait until both are ready
+    (see :meth:`_JobServer.wait_until_ready`): ``tests/conftest.py`` calls it before a test
+    that uses them starts, so that their cold start does not count in the test's timeout."""
+    for turn in range(len(_HASH_SEEDS)):
+        job_server(turn)
+    for server in _servers:
+        server.wait_until_ready()
+
+
 def job_server(turn: int) -> _JobServer:
     """Job server ``turn`` (0 or 1) of this process: both start at the first call, one that
     died starts again."""
@@ -276,8 +315,9 @@ def job_server(turn: int) -> _JobServer:
 
 
 #: How long :func:`run_preloaded` lets a script run unless told: well below the timeout pytest
-#: gives a test (pyproject.toml), the job servers' start included, so that the run fails itself,
-#: with the script's output, rather than pytest in the middle of it.
+#: gives a test (pyproject.toml), so that the run fails itself, with the script's output, rather
+#: than pytest in the middle of it. The job servers' start is not in it, nor in the test's
+#: timeout: ``tests/conftest.py`` waits until they are ready before the test starts.
 PRELOADED_TIMEOUT = 90.0
 
 
