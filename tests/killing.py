@@ -82,6 +82,9 @@ class _JobServer:
     once its job has ended."""
 
     def __init__(self, hash_seed: int, *, preload: bool = True) -> None:
+        #: Whether it imports torch and the rest beforehand (a server started again in its
+        #: place does as it did).
+        self.preload = preload
         env = _env()
         env["PYTHONHASHSEED"] = str(hash_seed)
         options = [] if preload else ["--no-preload"]
@@ -305,12 +308,13 @@ def ready_job_servers() -> None:
 
 def job_server(turn: int) -> _JobServer:
     """Job server ``turn`` (0 or 1) of this process: both start at the first call, one that
-    died starts again."""
+    died starts again, preloading as it did (within :func:`servers_preloading_nothing`, a
+    server that imports nothing)."""
     if not _servers:
         _servers.extend(_JobServer(seed) for seed in _HASH_SEEDS)
         atexit.register(_stop_servers)
     if not _servers[turn].alive:
-        _servers[turn] = _JobServer(_HASH_SEEDS[turn])
+        _servers[turn] = _JobServer(_HASH_SEEDS[turn], preload=_servers[turn].preload)
     return _servers[turn]
 
 

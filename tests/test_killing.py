@@ -90,6 +90,20 @@ def test_a_run_whose_job_server_dies_fails_at_once_and_its_job_is_killed(tmp_pat
     processes.wait_until_group_is_gone(int(pid_file.read_text()), timeout=30)
 
 
+def test_a_server_preloading_nothing_that_died_starts_again_preloading_nothing(
+    tmp_path: Path,
+) -> None:
+    script = tmp_path / "imported.py"
+    script.write_text("import sys\nprint('torch' in sys.modules)\n")
+    log = tmp_path / "imported.log"
+    with killing.servers_preloading_nothing():
+        killing.job_server(0).stop()
+        job = killing.job_server(0).start([str(script)], log)
+        job.join()
+    assert job.exitcode == 0, log.read_text()
+    assert log.read_text() == "False\n"
+
+
 def _reuse_pid_next(pid: int) -> bool:
     """Make ``pid`` the next pid the system gives (unless another process takes it first);
     False where that is not allowed."""
