@@ -28,6 +28,7 @@ that kills its server (:func:`tests.killing.servers_preloading_nothing`).
 
 from __future__ import annotations
 
+import argparse
 import builtins
 import contextlib
 import gc
@@ -218,6 +219,10 @@ def serve(*, preload: bool = True) -> _JobEnd | None:
 if __name__ == "__main__":
     # The server's own directory (``tests``) is no job's: each job's script puts its own first.
     sys.path.pop(0)
-    job_end = serve(preload=sys.argv[1:] != ["--no-preload"])
+    parser = argparse.ArgumentParser(description="A preloading job server (see its doc).")
+    parser.add_argument(
+        "--no-preload", action="store_true", help="import nothing before the first job"
+    )
+    job_end = serve(preload=not parser.parse_args().no_preload)
     if job_end is not None and job_end.error is not None:
         raise job_end.error

@@ -104,6 +104,20 @@ def test_a_server_preloading_nothing_that_died_starts_again_preloading_nothing(
     assert log.read_text() == "False\n"
 
 
+def test_the_job_server_refuses_an_argument_it_does_not_know() -> None:
+    # A misspelt --no-preload must not give a server that preloads all the same.
+    server = killing.ROOT / "tests" / "job_server.py"
+    refused = subprocess.run(
+        [sys.executable, str(server), "--no-prelaod"],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert refused.returncode == 2
+    assert "unrecognized arguments: --no-prelaod" in refused.stderr
+
+
 def _reuse_pid_next(pid: int) -> bool:
     """Make ``pid`` the next pid the system gives (unless another process takes it first);
     False where that is not allowed."""
