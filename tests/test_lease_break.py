@@ -38,6 +38,7 @@ from tests.lease_holders import (
     Holder,
     _record_as_another_machine,
     in_a_pid_namespace_of_its_own,
+    require_namespaces,
     start_holder,
 )
 from tests.other_user import succeeds_as_nobody
@@ -45,8 +46,7 @@ from tests.other_user import succeeds_as_nobody
 
 def test_a_broken_lease_fences_its_holder(root: Path, holders: list[Holder]) -> None:
     root.mkdir()
-    if os.geteuid() != 0:
-        pytest.skip("giving a process another host name needs root")
+    require_namespaces()
     elsewhere = start_holder(holders, root, host="node-a")  # forked: no torch imported again
     assert elsewhere.line() == "held 1"
     assert elsewhere.ask("check") == "current"
@@ -279,8 +279,7 @@ def test_a_holder_in_another_pid_namespace_of_this_machine_is_judged_by_its_lock
     """flock is kept per kernel, so a holder in another PID namespace of this machine is on
     this machine: alive, its lease is not broken; dead, it is taken over, also where locks
     are local to each machine (where another machine's holder would be refused)."""
-    if os.geteuid() != 0:
-        pytest.skip("making a PID namespace needs root")
+    require_namespaces()
     root.mkdir()
     # forked into it, as `unshare --pid --fork --mount-proc` runs a command: no torch imported
     first = start_holder(holders, root, pid_namespace=True)
