@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from distckpt import faults
-from tests import killing
+from tests import job_servers, killing
 from tests.filesystems import MountFactory
 from tests.lease_holders import Holder
 from tests.older_version import unpack_older_version
@@ -34,10 +34,12 @@ def pytest_runtest_protocol(item: pytest.Item) -> Iterator[None]:
     # start (over a minute under load) is waited for here, outside it, before a test of a
     # module that runs jobs in them starts.
     module = getattr(item, "module", None)
-    if module is not None and any(value is killing for value in vars(module).values()):
+    names = vars(module).values() if module is not None else ()
+    # by identity: a module's other globals (tensors, arrays) need not compare with ==
+    if any(value is job_servers or value is killing for value in names):  # killing runs jobs
         # A server that is not ready fails the test at its first job, with the reason.
         with contextlib.suppress(AssertionError):
-            killing.ready_job_servers()
+            job_servers.ready_job_servers()
     yield
 
 

@@ -21,9 +21,9 @@ group reaches it; the child starts the job only after this answer), and
 its request's ``ID``: a pid names a job only while it runs (the system gives it to another
 process afterwards), the id for good. The server ends when its input closes.
 
-Run as a script (``python tests/job_server.py``): :mod:`tests.killing` starts and uses it.
+Run as a script (``python tests/job_server.py``): :mod:`tests.job_servers` starts and uses it.
 ``--no-preload`` makes a server that imports nothing beforehand, cheap to start, for a test
-that kills its server (:func:`tests.killing.servers_preloading_nothing`).
+that kills its server (:func:`tests.job_servers.servers_preloading_nothing`).
 """
 
 from __future__ import annotations

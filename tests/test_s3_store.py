@@ -19,7 +19,7 @@ from distckpt.lease import this_host
 from distckpt.manifest import MANIFEST_CHECKSUM_KEY
 from distckpt.objstore import ObjectStore
 from distckpt.storage.s3_view import S3RootView
-from tests import killing
+from tests import job_servers
 from tests.monitor_jobs import restart_with_another_monitor
 from tests.ranks import run_ranks, values
 from tests.s3server import S3Server
@@ -424,7 +424,7 @@ def test_a_local_root_works_without_botocore(tmp_path: Path) -> None:
         "assert distckpt.verify(m.root).ok\n"
     )
     # In a job server: a process of its own, which imports distckpt afresh (torch preloaded).
-    done = killing.run_script_preloaded(code, [], tmp_path)
+    done = job_servers.run_script_preloaded(code, [], tmp_path)
     assert done.returncode == 0, done.stdout
 
 
