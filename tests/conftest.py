@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from distckpt import faults
+from tests import job_servers, killing
 from tests.filesystems import MountFactory
 from tests.lease_holders import Holder
 from tests.older_version import unpack_older_version
@@ -24,6 +26,21 @@ def _no_armed_faults() -> Iterator[None]:
     faults.disarm()
     yield
     faults.disarm()
+
+
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)
+def pytest_runtest_protocol(item: pytest.Item) -> Iterator[None]:
+    # pytest-timeout's timer covers a test's setup as well as its call: the job servers' cold
+    # start (over a minute under load) is waited for here, outside it, before a test of a
+    # module that runs jobs in them starts.
+    module = getattr(item, "module", None)
+    names = vars(module).values() if module is not None else ()
+    # by identity: a module's other globals (tensors, arrays) need not compare with ==
+    if any(value is job_servers or value is killing for value in names):  # killing runs jobs
+        # A server that is not ready fails the test at its first job, with the reason.
+        with contextlib.suppress(AssertionError):
+            job_servers.ready_job_servers()
+    yield
 
 
 @pytest.fixture

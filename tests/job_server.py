@@ -11,21 +11,24 @@ log of its own if the request names one), has the default signal handlers, runs 
 interpreter's own shutdown, as a fresh one does (non-daemon threads joined, exit handlers and
 finalizers run, buffered output written out).
 
-The protocol, one JSON object a line: the client writes ``{"id", "argv", "env", "cwd", "log"}``
-(and ``"stderr_log"`` for stderr apart); the server answers ``{"id": ID, "started": PID}`` once
-the child leads its session (so that a SIGKILL of its group reaches it; the child starts the job
-only after this answer), and ``{"id": ID, "exited": PID, "code": CODE}`` when it has reaped it
-(``CODE`` as ``subprocess.Popen.returncode`` gives it: minus the signal for a killed one). Each
-answer echoes its request's ``ID``: a pid names a job only while it runs (the system gives it to
-another process afterwards), the id for good. The server ends when its input closes.
+The protocol, one JSON object a line: the server first says ``{"ready": PID}`` once it has
+preloaded (a cold start under load takes a minute or more); then the client writes
+``{"id", "argv", "env", "cwd", "log"}`` (and ``"stderr_log"`` for stderr apart); the server
+answers ``{"id": ID, "started": PID}`` once the child leads its session (so that a SIGKILL of its
+group reaches it; the child starts the job only after this answer), and
+``{"id": ID, "exited": PID, "code": CODE}`` when it has reaped it (``CODE`` as
+``subprocess.Popen.returncode`` gives it: minus the signal for a killed one). Each answer echoes
+its request's ``ID``: a pid names a job only while it runs (the system gives it to another
+process afterwards), the id for good. The server ends when its input closes.
 
-Run as a script (``python tests/job_server.py``): :mod:`tests.killing` starts and uses it.
+Run as a script (``python tests/job_server.py``): :mod:`tests.job_servers` starts and uses it.
 ``--no-preload`` makes a server that imports nothing beforehand, cheap to start, for a test
-that kills its server (:func:`tests.killing.servers_preloading_nothing`).
+that kills its server (:func:`tests.job_servers.servers_preloading_nothing`).
 """
 
 from __future__ import annotations
 
+import argparse
 import builtins
 import contextlib
 import gc
@@ -178,8 +181,8 @@ def _reap(jobs: dict[int, int]) -> None:
 
 
 def serve(*, preload: bool = True) -> _JobEnd | None:
-    """Preload (unless not ``preload``), then start the jobs asked for on stdin and report them
-    until it closes.
+    """Preload (unless not ``preload``), say it is ready, then start the jobs asked for on stdin
+    and report them until it closes.
 
     Returns None in the server. In a job's child it returns too, with how the job's script
     ended, instead of going on in the server's loop: the top level raises the script's
@@ -194,6 +197,7 @@ def serve(*, preload: bool = True) -> _JobEnd | None:
     # so copying pages the fork shared (seconds per job on a loaded machine).
     gc.collect()
     gc.freeze()
+    _send({"ready": os.getpid()})
     jobs: dict[int, int] = {}
     pending = b""
     while True:
@@ -215,6 +219,10 @@ def serve(*, preload: bool = True) -> _JobEnd | None:
 if __name__ == "__main__":
     # The server's own directory (``tests``) is no job's: each job's script puts its own first.
     sys.path.pop(0)
-    job_end = serve(preload=sys.argv[1:] != ["--no-preload"])
+    parser = argparse.ArgumentParser(description="A preloading job server (see its doc).")
+    parser.add_argument(
+        "--no-preload", action="store_true", help="import nothing before the first job"
+    )
+    job_end = serve(preload=not parser.parse_args().no_preload)
     if job_end is not None and job_end.error is not None:
         raise job_end.error

@@ -309,9 +309,10 @@ def _on_another_machine_named_like_this_one(mount_point: Path, scratch: Path) ->
     return (unshare, "--uts", "--pid", "--mount-proc", "--kill-child", "sh", "-c", script)
 
 
-_CLONE_NEWNS = 0x00020000
-_CLONE_NEWUTS = 0x04000000
-_CLONE_NEWPID = 0x20000000
+#: unshare(2)'s flags for namespaces of the caller's own (linux/sched.h): mounts, host name, pids
+CLONE_NEWNS = 0x00020000
+CLONE_NEWUTS = 0x04000000
+CLONE_NEWPID = 0x20000000
 _MS_REC = 0x4000
 _MS_PRIVATE = 0x40000
 _PR_SET_PDEATHSIG = 1
@@ -320,7 +321,7 @@ _PR_SET_PDEATHSIG = 1
 def _become_host(name: str) -> None:
     """Run under host name ``name`` from now on, in a UTS namespace of this process's own."""
     libc = ctypes.CDLL(None, use_errno=True)
-    if libc.unshare(_CLONE_NEWUTS) != 0:
+    if libc.unshare(CLONE_NEWUTS) != 0:
         raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWUTS)")
     socket.sethostname(name)
 
@@ -329,7 +330,7 @@ def _unshare_mount_and_pid_namespaces(libc: ctypes.CDLL) -> None:
     """Give this process a mount namespace of its own (mounts made in it stay in it) and its
     next child a PID namespace of its own, of which that child is the first process, pid 1."""
     # the mount namespace first: /proc is mounted anew in it, for the new PID one
-    if libc.unshare(_CLONE_NEWNS | _CLONE_NEWPID) != 0:
+    if libc.unshare(CLONE_NEWNS | CLONE_NEWPID) != 0:
         raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWNS | CLONE_NEWPID)")
     if libc.mount(b"none", b"/", None, _MS_REC | _MS_PRIVATE, None) != 0:
         raise OSError(ctypes.get_errno(), "mount --make-rprivate /")
@@ -396,3 +397,17 @@ def in_a_pid_namespace_of_its_own(call: Callable[[], str]) -> str:
     if said.startswith("no namespace: "):
         skip_or_fail(f"cannot make a PID namespace here: {said.removeprefix('no namespace: ')}")
     return said.removeprefix("ok ")
+
+
+def _took_a_host_name() -> str:
+    _become_host("node-probe")
+    return "ok"
+
+
+def require_namespaces() -> None:
+    """Skip (in CI: fail), saying why, where a forked holder cannot run under a host name of
+    its own or as pid 1 of a PID namespace with a ``/proc`` of its own: its child would
+    otherwise fail with nothing but a traceback in its stderr."""
+    said = in_a_pid_namespace_of_its_own(_took_a_host_name)  # skips or fails without one
+    if said != "ok":
+        skip_or_fail(f"cannot give a process a host name or a /proc of its own here: {said}")

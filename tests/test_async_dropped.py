@@ -12,7 +12,7 @@ import torch
 
 import distckpt
 from distckpt import background
-from tests import killing
+from tests import job_servers
 from tests.test_async_handoff_interrupts import BACKGROUND_THREAD_PREFIX
 from tests.test_async_interrupts import _held_after_writing
 from tests.test_coord import TIMEOUT
@@ -87,7 +87,7 @@ _DROPPED_FAILING_AT_EXIT = textwrap.dedent(
 def test_the_failure_of_a_dropped_managers_save_is_logged_once_at_exit(tmp_path: Path) -> None:
     """README: the save of a manager dropped without close() is finished at exit "or reported
     as failed": once, although both the exit and the dropped manager's thread see it end."""
-    done = killing.run_script_preloaded(
+    done = job_servers.run_script_preloaded(
         _DROPPED_FAILING_AT_EXIT, [str(tmp_path / "root")], tmp_path, stderr_apart=True
     )
     assert done.returncode == 0, done.stderr

@@ -3,7 +3,7 @@
 cutting the rest of the exit short, and never waited for by a forked child.
 
 Each script runs as ``python SCRIPT`` in a job server that imported torch once
-(``tests.killing``): its exit is an interpreter's own, which is what these tests look at."""
+(``tests.job_servers``): its exit is an interpreter's own, which is what these tests look at."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import distckpt
-from tests import killing
+from tests import job_servers
 from tests.s3server import S3Server
 
 #: A script that saves step 7 async and exits without wait() or close(): argv is the root, its
@@ -67,7 +67,7 @@ def test_interpreter_exit_with_a_save_in_flight_finishes_it(
         root, options = request.getfixturevalue("s3_url"), server.storage_options()
     threads = "2" if "writer_threads=2" in where else "1"
     kept = "dropped" if "dropped" in where else "kept"
-    done = killing.run_script_preloaded(
+    done = job_servers.run_script_preloaded(
         _EXIT_WITH_A_SAVE_IN_FLIGHT, [root, json.dumps(options), threads, kept], tmp_path
     )
     code, output = done.returncode, done.stdout
@@ -111,7 +111,9 @@ def test_an_exit_with_a_save_waiting_for_a_dead_peer_ends(tmp_path: Path) -> Non
     script = tmp_path / "rank.py"
     script.write_text(_EXIT_WITH_A_DEAD_PEER)
     ranks = [
-        killing.start_preloaded([str(script), str(rank), init, root], tmp_path / f"rank{rank}.log")
+        job_servers.start_preloaded(
+            [str(script), str(rank), init, root], tmp_path / f"rank{rank}.log"
+        )
         for rank in (0, 1)
     ]
     try:
@@ -166,7 +168,7 @@ def test_ctrl_c_while_the_exit_waits_for_a_save_leaves_the_rest_of_the_exit_alon
     the interpreter's exit goes on: the program's own non-daemon threads are still joined
     (an exception out of the exit hook would cut the shutdown short and kill them)."""
     written_late = tmp_path / "written-late"
-    output = killing.run_script_preloaded(
+    output = job_servers.run_script_preloaded(
         _CTRL_C_AT_EXIT, [str(tmp_path / "root"), str(written_late)], tmp_path
     ).stdout
     assert "the checkpoint save in flight at exit was abandoned" in output, output
@@ -216,7 +218,7 @@ def test_a_forked_child_that_exits_with_a_save_in_flight_does_not_wait_for_it(
         mgr.close()
         """
     )
-    done = killing.run_script_preloaded(script, [], tmp_path, timeout=60)
+    done = job_servers.run_script_preloaded(script, [], tmp_path, timeout=60)
     code, output = done.returncode, done.stdout
     assert code == 0, output
     # the child did not wait for the held write

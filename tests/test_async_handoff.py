@@ -22,7 +22,7 @@ import torch
 import distckpt
 from distckpt.layout import step_dir_name
 from distckpt.objstore import ObjectStore
-from tests import killing
+from tests import job_servers
 from tests.ranks import run_ranks, values
 from tests.s3server import S3Server
 from tests.test_coord import TIMEOUT
@@ -143,7 +143,7 @@ def test_an_async_save_the_background_thread_cannot_take_leaves_no_staging(
     atexit hook), which fails because its background thread can take no work any more; README:
     "`save` raises a `CheckpointError` naming the step" then."""
     root = str(tmp_path / "root")
-    done = killing.run_script_preloaded(
+    done = job_servers.run_script_preloaded(
         _SAVE_IN_AN_ATEXIT_HOOK, [root], tmp_path, stderr_apart=True
     )
     assert done.returncode == 0, done.stderr
@@ -218,7 +218,7 @@ def _no_thread_for_the_first_async_save(root: str, options: dict[str, Any] | Non
     """Run :data:`_NO_THREAD_FOR_THE_FIRST_ASYNC_SAVE` on ``root`` as another user and check
     what it saw: step 2's save raised, never ran, is not counted; step 4's was made."""
     with tempfile.TemporaryDirectory() as scratch:
-        done = killing.run_script_preloaded(
+        done = job_servers.run_script_preloaded(
             _NO_THREAD_FOR_THE_FIRST_ASYNC_SAVE,
             [root, json.dumps(options)],
             Path(scratch),
@@ -320,7 +320,7 @@ def test_a_thread_waiting_while_an_async_save_cannot_start_its_thread_sees_no_sa
     with tempfile.TemporaryDirectory() as shared:
         os.chmod(shared, 0o777)  # written by the other user; tmp_path's parents are private
         root = os.path.join(shared, "root")
-        done = killing.run_script_preloaded(
+        done = job_servers.run_script_preloaded(
             _WAITING_WHILE_NO_THREAD_STARTS,
             [root, "null", str(FAILED_SUBMISSIONS)],
             Path(shared),

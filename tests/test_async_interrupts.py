@@ -22,7 +22,7 @@ import torch
 
 import distckpt
 from distckpt import events, faults
-from tests import killing
+from tests import job_servers
 from tests.ranks import run_ranks, values
 from tests.test_async_handoff_interrupts import (
     _in_the_background_thread,
@@ -247,7 +247,7 @@ def test_a_save_failing_after_a_close_was_interrupted_is_logged_once_at_exit(
     close() a Ctrl-C interrupted, when the program then exits without closing again."""
     # In a job server (the script imports this module's helpers, from the repository on the
     # job server's sys.path).
-    done = killing.run_script_preloaded(
+    done = job_servers.run_script_preloaded(
         _INTERRUPTED_CLOSE_THEN_EXIT, [str(tmp_path / "root")], tmp_path, stderr_apart=True
     )
     assert done.returncode == 0, done.stderr

@@ -15,7 +15,7 @@ import torch
 
 import distckpt
 from distckpt import background, checksums, events
-from tests import killing
+from tests import job_servers
 from tests.ranks import run_ranks, values
 
 #: How long a rank waits for the other thread's side of the handshake before failing.
@@ -198,7 +198,7 @@ def test_saturated_save_script_runs_end_to_end(tmp_path: Path) -> None:
     saves.mkdir()
     args = ["--mib", "1", "--nice", "0,10", "--rounds", "1", "--ranks", "2", "--dir", str(saves)]
     log = tmp_path / "script.log"
-    done = killing.run_preloaded([str(script), *args], log, stderr_log=log.with_suffix(".err"))
+    done = job_servers.run_preloaded([str(script), *args], log, stderr_log=log.with_suffix(".err"))
     assert done.returncode == 0, done.stderr
     rows = [line for line in done.stdout.splitlines() if line.startswith(("| 0 |", "| 10 |"))]
     assert len(rows) == 2, done.stdout

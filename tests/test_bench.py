@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from distckpt import events
-from tests import killing
+from tests import job_servers
 from tests.processes import kill_session, session_members
 
 REPO = Path(__file__).resolve().parents[1]
@@ -72,10 +72,10 @@ def test_phase_table_from_events_emitted_by_hand() -> None:
 
 def run_bench(args: list[str], log: Path) -> subprocess.CompletedProcess[str]:
     """``python scripts/bench/__main__.py *args`` with this tree's distckpt, in a job server that
-    has imported torch already (``tests.killing.run_preloaded``: the seconds of a fresh
+    has imported torch already (``tests.job_servers.run_preloaded``: the seconds of a fresh
     interpreter's imports are not what these runs check); it must exit 0. Its stdout and its
     stderr, apart, are also in ``log`` and in ``log`` with the suffix ``.err``."""
-    done = killing.run_preloaded(
+    done = job_servers.run_preloaded(
         [str(BENCH / "__main__.py"), *args], log, stderr_log=log.with_suffix(".err")
     )
     assert done.returncode == 0, done.stderr
@@ -194,7 +194,7 @@ def test_a_stopped_run_leaves_no_rank_and_no_dcp_checkpoint_process(
     args = ["--world-sizes", "2", "--mib", "1", "--rounds", "500", "--repeats", "1"]
     args += ["--contenders", "dcp_async_save", "--coord-ranks", "0", "--small-ranks", "0"]
     args += ["--s3-ranks", "0", "--start-method", "fork", "--dir", str(tmp_path / "work")]
-    bench = killing.start_preloaded([str(BENCH / "__main__.py"), *args], tmp_path / "bench.log")
+    bench = job_servers.start_preloaded([str(BENCH / "__main__.py"), *args], tmp_path / "bench.log")
     try:
         deadline = time.monotonic() + 90
         while len(dcp_checkpoint_processes(bench.pid)) < 2:
@@ -220,7 +220,7 @@ def test_snapshot_alternatives_script_runs_end_to_end(tmp_path: Path) -> None:
     ``python SCRIPT ARGS...`` by a job server that imported torch already (what rots is the
     script, not a fresh interpreter's imports)."""
     script = REPO / "scripts" / "snapshot_alternatives.py"
-    proc = killing.run_preloaded(
+    proc = job_servers.run_preloaded(
         [str(script), "--mib", "1", "--rounds", "2"],
         tmp_path / "snapshot.log",
         stderr_log=tmp_path / "snapshot.err",

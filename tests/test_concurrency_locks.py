@@ -4,7 +4,7 @@ without ``flock`` is a clear error on every rank, and ``gc`` and a starting mana
 a live save's writer lock, probe or lease record for leftovers.
 
 Every process here is a real, separate process (forked from this one, or a script run in a
-job server of tests/killing.py); they meet only through the root's file lock and its directory
+job server of tests/job_servers.py); they meet only through the root's file lock and its directory
 layout."""
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from distckpt.fsutil import read_link
 from distckpt.layout import RootLayout, step_dir_name
 from distckpt.lock import PROBE_GRACE_SECONDS
 from distckpt.storage import open_store
-from tests import killing
+from tests import job_servers
 from tests.fault_checks import entries
 from tests.ranks import run_ranks
 from tests.shared_root import (
@@ -93,7 +93,7 @@ def test_crashed_job_does_not_block_its_successor(root: Path, tmp_path: Path) ->
     at import, as under torchrun) blocks nothing: a new manager opens at once and cleans up."""
     # In a job server: a process of its own that imports distckpt afresh (the fault is read
     # at that import) but finds torch imported already.
-    crashed = killing.run_script_preloaded(
+    crashed = job_servers.run_script_preloaded(
         _KILLED_MID_COMMIT,
         [str(root)],
         tmp_path,

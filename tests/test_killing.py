@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests import killing, processes
+from tests import job_servers, killing, processes
 
 #: A job whose first process starts a child of its own (as a job script starts its ranks), both
 #: sleeping until killed.
@@ -83,11 +83,39 @@ def test_a_run_whose_job_server_dies_fails_at_once_and_its_job_is_killed(tmp_pat
     pid_file = tmp_path / "pid"
     # Without noticing the server's end, the run would wait out its timeout and fail otherwise.
     with (
-        killing.servers_preloading_nothing(),
+        job_servers.servers_preloading_nothing(),
         pytest.raises(AssertionError, match=r"job server died \(status -9\)"),
     ):
         killing.run([str(job), str(pid_file)], tmp_path, timeout=120)
     processes.wait_until_group_is_gone(int(pid_file.read_text()), timeout=30)
+
+
+def test_a_server_preloading_nothing_that_died_starts_again_preloading_nothing(
+    tmp_path: Path,
+) -> None:
+    script = tmp_path / "imported.py"
+    script.write_text("import sys\nprint('torch' in sys.modules)\n")
+    log = tmp_path / "imported.log"
+    with job_servers.servers_preloading_nothing():
+        job_servers.job_server(0).stop()
+        job = job_servers.job_server(0).start([str(script)], log)
+        job.join()
+    assert job.exitcode == 0, log.read_text()
+    assert log.read_text() == "False\n"
+
+
+def test_the_job_server_refuses_an_argument_it_does_not_know() -> None:
+    # A misspelt --no-preload must not give a server that preloads all the same.
+    server = job_servers.ROOT / "tests" / "job_server.py"
+    refused = subprocess.run(
+        [sys.executable, str(server), "--no-prelaod"],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert refused.returncode == 2
+    assert "unrecognized arguments: --no-prelaod" in refused.stderr
 
 
 def _reuse_pid_next(pid: int) -> bool:
@@ -103,7 +131,7 @@ def _reuse_pid_next(pid: int) -> bool:
 def test_a_job_given_an_earlier_jobs_pid_is_not_reported_ended(tmp_path: Path) -> None:
     job = tmp_path / "sleeps.py"
     job.write_text("import sys, time\ntime.sleep(float(sys.argv[1]))\n")
-    server = killing.job_server(0)
+    server = job_servers.job_server(0)
     first = server.start([str(job), "0"], tmp_path / "job.log")
     first.join()
     assert first.exitcode == 0
@@ -137,13 +165,13 @@ def test_a_preloaded_job_has_the_environment_and_directory_it_is_given(tmp_path:
     here.mkdir()
     log = tmp_path / "job.log"
     env = {"GIVEN": "to this job only", "SLEEP": "0"}
-    started = killing.start_preloaded([str(job)], log, env, here)
+    started = job_servers.start_preloaded([str(job)], log, env, here)
     assert started.wait(60) == 0, log.read_text()
     found = json.loads(log.read_text().splitlines()[0])
     assert found == {"cwd": str(here), "env": env}
 
     # It is waited for as a process is: a timeout raises, and the status says how it ended.
-    sleeping = killing.start_preloaded([str(job)], log, {"SLEEP": "120"}, here)
+    sleeping = job_servers.start_preloaded([str(job)], log, {"SLEEP": "120"}, here)
     try:
         with pytest.raises(subprocess.TimeoutExpired):
             sleeping.wait(0.1)
@@ -180,7 +208,7 @@ def test_a_preloaded_run_fails_when_its_script_leaves_a_process_running(tmp_path
     # The run waits this long for the child to end before it fails, and the test waits all of
     # it: still far beyond the few hundredths of a second the script itself takes.
     with pytest.raises(AssertionError, match=r"exited 0 but left processes \[\d+\] running"):
-        killing.run_preloaded([str(script), str(pid_file), "0"], tmp_path / "log", timeout=4)
+        job_servers.run_preloaded([str(script), str(pid_file), "0"], tmp_path / "log", timeout=4)
     job, child = _started_pids(pid_file)
     assert processes.session_members(job) == []
     assert not ((stat := processes.proc_stat(child)) and stat.live)
@@ -217,7 +245,7 @@ def test_a_preloaded_run_stopped_from_outside_leaves_no_process_of_its_script(
     try:
         stopper.start()
         with pytest.raises(_Stopped):
-            killing.run_preloaded([str(script), str(pid_file), "300"], tmp_path / "log")
+            job_servers.run_preloaded([str(script), str(pid_file), "300"], tmp_path / "log")
     finally:
         run_over.set()
         stopper.join()
@@ -230,10 +258,10 @@ def test_a_preloaded_run_stopped_from_outside_leaves_no_process_of_its_script(
 def test_a_preloaded_runs_stderr_is_apart_only_when_asked(tmp_path: Path) -> None:
     job = tmp_path / "prints.py"
     job.write_text("import sys\nprint('to stdout')\nprint('to stderr', file=sys.stderr)\n")
-    apart = killing.run_preloaded(
+    apart = job_servers.run_preloaded(
         [str(job)], tmp_path / "apart.log", stderr_log=tmp_path / "apart.err"
     )
     assert (apart.returncode, apart.stdout, apart.stderr) == (0, "to stdout\n", "to stderr\n")
-    together = killing.run_preloaded([str(job)], tmp_path / "together.log")
+    together = job_servers.run_preloaded([str(job)], tmp_path / "together.log")
     assert together.stderr is None
     assert sorted(together.stdout.splitlines()) == ["to stderr", "to stdout"]

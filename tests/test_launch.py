@@ -31,7 +31,7 @@ import pytest
 import torch
 
 import distckpt
-from tests import killing
+from tests import job_servers
 from tests.processes import kill_session, proc_stat
 
 REPO = Path(__file__).resolve().parents[1]
@@ -105,10 +105,10 @@ class Job:
         preloaded: bool = False,
     ) -> None:
         """Start ``argv``; with ``preloaded``, ``argv`` is ``python SCRIPT ARGS...``, run as a
-        child of a job server that imported torch once (``tests.killing.start_preloaded``),
+        child of a job server that imported torch once (``tests.job_servers.start_preloaded``),
         for a test whose point is not a fresh interpreter's start."""
         env = {**_env(), **(extra_env or {})}
-        self.process: subprocess.Popen[str] | killing.PreloadedJob
+        self.process: subprocess.Popen[str] | job_servers.PreloadedJob
         output: Callable[[], IO[str]]
         if preloaded:
             assert argv[0] == sys.executable and not argv[1].startswith("-"), argv
@@ -116,7 +116,7 @@ class Job:
             # of the job that holds it (the ranks and their children).
             self._fifo = Path(tempfile.mkdtemp(prefix="job-output-")) / "output"
             os.mkfifo(self._fifo)
-            self.process = killing.start_preloaded(argv[1:], self._fifo, env, cwd)
+            self.process = job_servers.start_preloaded(argv[1:], self._fifo, env, cwd)
             output = partial(open, self._fifo, encoding="utf-8", errors="replace")
         else:
             popen = subprocess.Popen(
@@ -152,11 +152,11 @@ class Job:
     def _stop_reading(self) -> None:
         """Let the reader end once the job has: a preloaded job killed before it opened its
         FIFO would leave the reader waiting in ``open`` for a writer forever."""
-        if isinstance(self.process, killing.PreloadedJob):
+        if isinstance(self.process, job_servers.PreloadedJob):
             with contextlib.suppress(OSError):  # ENXIO: the reader has opened it already
                 os.close(os.open(self._fifo, os.O_WRONLY | os.O_NONBLOCK))
         self._reader.join(10)
-        if isinstance(self.process, killing.PreloadedJob):
+        if isinstance(self.process, job_servers.PreloadedJob):
             shutil.rmtree(self._fifo.parent, ignore_errors=True)
 
     @property

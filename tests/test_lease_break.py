@@ -1,9 +1,9 @@
 """Breaking a root's lease (``distckpt lease --break``) between real processes: a broken lease
 fences its holder; a live holder on this machine (or in another PID namespace of it) is never
-broken, also by an older version; a job that took the root meanwhile is left alone; a
-lingering lock ends at the worst moment and the requeued job still holds the only lease; gc
-removes a lock file a killed break moved aside. The holders are processes of their own, as in
-``tests/test_lease.py``.
+broken; a job that took the root meanwhile is left alone; gc removes a lock file a killed break
+moved aside. The holders are processes of their own, as in ``tests/test_lease.py``. A user who
+may not write the lease lock: ``tests/test_lease_break_other_user.py``; an older version, and a
+lingering lock: ``tests/test_lease_break_older_version.py``.
 """
 
 from __future__ import annotations
@@ -12,10 +12,6 @@ import fcntl
 import io
 import os
 import signal
-import subprocess
-import sys
-import tarfile
-import textwrap
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -28,9 +24,8 @@ import distckpt.lease
 import distckpt.lease_break
 from distckpt.fsutil import atomic_write_bytes
 from distckpt.layout import RootLayout
-from distckpt.lease import RootLease, read_holder, this_host
+from distckpt.lease import RootLease, this_host
 from distckpt.lease_break import break_lease
-from distckpt.lock import lock_is_held
 from tests.cli_runner import run_cli
 from tests.filesystems import MountFactory
 from tests.lease_holders import (
@@ -38,15 +33,14 @@ from tests.lease_holders import (
     Holder,
     _record_as_another_machine,
     in_a_pid_namespace_of_its_own,
+    require_namespaces,
     start_holder,
 )
-from tests.other_user import succeeds_as_nobody
 
 
 def test_a_broken_lease_fences_its_holder(root: Path, holders: list[Holder]) -> None:
     root.mkdir()
-    if os.geteuid() != 0:
-        pytest.skip("giving a process another host name needs root")
+    require_namespaces()
     elsewhere = start_holder(holders, root, host="node-a")  # forked: no torch imported again
     assert elsewhere.line() == "held 1"
     assert elsewhere.ask("check") == "current"
@@ -81,142 +75,6 @@ def test_break_refuses_a_live_holder_on_this_machine(root: Path, holders: list[H
     assert refused.returncode == 2
     assert f"pid {first.pid}" in refused.stderr and "stop it" in refused.stderr
     assert first.ask("check") == "current"
-
-
-def _held_under_umask(root: Path, umask: int) -> distckpt.CheckpointManager:
-    """A manager holding ``root``, its files made under ``umask`` (a job of another user's)."""
-    previous = os.umask(umask)
-    try:
-        return distckpt.CheckpointManager(root)
-    finally:
-        os.umask(previous)
-
-
-def test_a_user_who_may_not_write_the_lease_lock_still_tells_a_live_holder(
-    shared_dir: Path,
-) -> None:
-    """Another user, who may not open the root's ``.lease`` (0644, made under umask 022) for
-    writing, as taking its lock needs: ``lease`` still shows the holder alive and ``--break``
-    refuses it (it was taken for dead, and the break exited 0 having done nothing); a holder
-    that died is shown dead."""
-    root = shared_dir / "run"
-    manager = _held_under_umask(root, 0o022)
-
-    def refused_while_alive() -> None:
-        assert read_holder(root).alive is True  # type: ignore[union-attr]
-        refused = run_cli("lease", "--break", os.fspath(root))
-        assert refused.returncode == 2 and "alive: stop it" in refused.stderr, refused
-
-    try:
-        assert succeeds_as_nobody(refused_while_alive), "a live holder was not told"
-    finally:
-        manager.close()
-    dead = os.fork()
-    if dead == 0:  # pragma: no cover - a holder that dies without releasing its lease
-        try:
-            distckpt.CheckpointManager(root)
-        finally:
-            os._exit(0)  # also when it raised: the child must never go on running pytest
-    os.waitpid(dead, 0)
-
-    def shown_dead() -> None:
-        assert read_holder(root).alive is False  # type: ignore[union-attr]
-
-    assert succeeds_as_nobody(shown_dead), "a dead holder was not told"
-
-
-def test_a_lease_lock_that_is_a_fifo_another_user_may_not_write_is_not_opened(
-    shared_dir: Path,
-) -> None:
-    """A FIFO in place of the root's ``.lease`` (0644, another user's): the read-only probe
-    of a user who may not write it blocked in its open until some writer opened the FIFO,
-    and ``distckpt lease``/``ls`` with it. Liveness is unknown, told at once."""
-    root = shared_dir / "run"
-    dead = os.fork()
-    if dead == 0:  # pragma: no cover - a holder that dies without releasing its lease
-        try:
-            distckpt.CheckpointManager(root)
-        finally:
-            os._exit(0)
-    os.waitpid(dead, 0)
-    lease_lock = RootLayout.at(root).lease_lock_path
-    lease_lock.unlink()
-    os.mkfifo(lease_lock, 0o644)
-
-    def unknown_at_once() -> None:
-        # A watchdog, not a timing: a blocked probe would hang the test run for good.
-        signal.alarm(60)
-        assert read_holder(root).alive is None  # type: ignore[union-attr]
-        signal.alarm(0)
-
-    assert succeeds_as_nobody(unknown_at_once), "the probe opened the FIFO"
-
-
-@pytest.mark.parametrize(
-    ("record_mode", "shown_line", "refusal"),
-    [
-        (0o644, "alive or not: unknown here", "whether it lives cannot be told here"),
-        (0o600, "lease: none", "cannot be read by this user"),
-    ],
-    ids=["record-readable", "record-unreadable"],
-)
-def test_break_refuses_a_holder_on_this_machine_whose_liveness_cannot_be_told(
-    shared_dir: Path, record_mode: int, shown_line: str, refusal: str
-) -> None:
-    """A live holder whose job ran under umask 077: its ``.lease`` is 0600, so another user
-    cannot probe it; its ``.lease.json`` is 0600 too unless made readable, so that user reads
-    no holder at all. ``lease --break`` by that user took it for dead (or for none) and exited
-    0 having done nothing; it refuses instead, saying why."""
-    root = shared_dir / "run"
-    manager = _held_under_umask(root, 0o077)
-    root.chmod(0o755)
-    RootLayout.at(root).lease_record_path.chmod(record_mode)
-
-    def refused() -> None:
-        shown = run_cli("lease", os.fspath(root))
-        assert shown_line in shown.stdout, shown
-        result = run_cli("lease", "--break", os.fspath(root))
-        assert result.returncode == 2, result
-        assert refusal in result.stderr, result
-
-    try:
-        assert succeeds_as_nobody(refused), "a holder not known dead was not refused"
-        assert read_holder(root).broken_utc is None  # type: ignore[union-attr]
-    finally:
-        manager.close()
-
-
-def test_a_lease_lock_another_user_may_not_write_is_unknown_where_there_is_no_fcntl(
-    shared_dir: Path,
-) -> None:
-    """Where there is no ``fcntl`` module (Windows), the read-only probe of a lease lock this
-    user may not write says liveness is unknown, as lock_is_held promises, rather than raise."""
-    lease_lock = shared_dir / ".lease"
-    lease_lock.touch(mode=0o644)
-
-    def unknown_without_fcntl() -> None:
-        # No platform without fcntl runs these tests: a None in sys.modules makes its import
-        # fail as it does there. Only in this forked child, which exits after it.
-        sys.modules["fcntl"] = None  # type: ignore[assignment]
-        assert lock_is_held(lease_lock) is None
-
-    assert succeeds_as_nobody(unknown_without_fcntl), "the probe raised without fcntl"
-
-
-def test_a_lease_lock_file_that_is_gone_is_free_to_a_user_who_may_not_create_it(
-    shared_dir: Path,
-) -> None:
-    """A lease lock file that does not exist is free, as the writable probe finds it by
-    creating it; to a user who may not create it (the read-only probe) it was unknown, so a
-    dead holder on this machine whose lock file is gone was refused as "cannot be probed", with
-    no way around it on a read-only mount."""
-    missing_lock = shared_dir / ".lease"
-
-    def free() -> None:
-        assert lock_is_held(missing_lock) is False
-
-    assert succeeds_as_nobody(free), "a missing lock file was not told free"
-    assert not missing_lock.exists()
 
 
 def test_a_break_leaves_alone_a_job_that_took_the_root_after_its_holder_was_judged_dead(
@@ -279,8 +137,7 @@ def test_a_holder_in_another_pid_namespace_of_this_machine_is_judged_by_its_lock
     """flock is kept per kernel, so a holder in another PID namespace of this machine is on
     this machine: alive, its lease is not broken; dead, it is taken over, also where locks
     are local to each machine (where another machine's holder would be refused)."""
-    if os.geteuid() != 0:
-        pytest.skip("making a PID namespace needs root")
+    require_namespaces()
     root.mkdir()
     # forked into it, as `unshare --pid --fork --mount-proc` runs a command: no torch imported
     first = start_holder(holders, root, pid_namespace=True)
@@ -293,128 +150,6 @@ def test_a_holder_in_another_pid_namespace_of_this_machine_is_judged_by_its_lock
     first.kill()
     with RootLease.acquire(root, wait=STARTUP) as lease:
         assert lease.generation == 2
-
-
-#: The package of an older version (commit e3b8cf7), whose lease records have no boot id and
-#: whose ``lease --break`` breaks a holder unless its host is this hostname (see
-#: tests/test_s3_set_aside.py, which keeps it for the same reason: a shallow clone lacks
-#: history).
-OLDER_VERSION_ARCHIVE = Path(__file__).parent / "fixtures/older-version/distckpt-e3b8cf7.tar.xz"
-
-
-def test_an_older_versions_break_refuses_a_live_holder_of_this_version_on_this_machine(
-    root: Path, holders: list[Holder], tmp_path: Path
-) -> None:
-    """This version's record keeps the keys an older version decodes (it ignores the boot id)
-    and the plain hostname it compares: its ``lease --break`` finds the holder on its machine
-    and alive, and refuses."""
-    older = tmp_path / "older"
-    with tarfile.open(OLDER_VERSION_ARCHIVE) as tar:
-        tar.extractall(older, filter="data")
-    root.mkdir()
-    first = start_holder(holders, root)
-    assert first.line() == "held 1"
-    refused = subprocess.run(
-        [sys.executable, "-m", "distckpt", "lease", "--break", os.fspath(root)],
-        env=dict(os.environ, PYTHONPATH=os.fspath(older)),
-        cwd=older,
-        capture_output=True,
-        text=True,
-        timeout=STARTUP,
-    )
-    assert refused.returncode == 2, refused.stderr
-    assert f"pid {first.pid}" in refused.stderr and "stop it" in refused.stderr
-    assert first.ask("check") == "current"
-
-
-_LINGERING_LOCK = textwrap.dedent(
-    """
-    import fcntl, os, sys, time
-
-    fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)
-    fcntl.flock(fd, fcntl.LOCK_EX)
-    print("locked", flush=True)
-    time.sleep(600)
-    """
-)
-
-
-@pytest.mark.parametrize("waiting_version", ["this", "older"])
-def test_a_break_past_a_lingering_lock_leaves_the_requeued_job_one_lease(
-    root: Path,
-    holders: list[Holder],
-    monkeypatch: pytest.MonkeyPatch,
-    tmp_path: Path,
-    waiting_version: str,
-) -> None:
-    """On NFS a dead machine's lock lingers until the server's lease ends, and the operator
-    breaks the lease meanwhile, while the requeued job waits for the lock (``wait_for_root``,
-    of this version or an older one). The lingering lock ends at the worst moment, just as the
-    break writes the record: the break holds the lock of a new lock file by then, so the
-    requeued job claims the root after the break, on the file every later job locks. It holds
-    the only lease, generation 4; a third job is refused."""
-    root.mkdir()
-    dead = _record_as_another_machine(root, host=this_host() + "-node7")
-    lock_file = RootLayout(root).lease_lock_path
-    # No NFS server here whose lease of a dead client's lock could be let run out: a process
-    # holding the flock of the lock file stands in for it until it is killed. The server's
-    # lock is in no /proc/locks of a client (on the server, its lockd or nfsd kernel threads
-    # hold it, which the break passes over), while this stand-in's is in this machine's: the
-    # break is told no process here holds it.
-    monkeypatch.setattr(distckpt.lease_break, "_locked_here", lambda path: False)
-    lingering = subprocess.Popen(
-        [sys.executable, "-c", _LINGERING_LOCK, os.fspath(lock_file)],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert lingering.stdout is not None and lingering.stdout.readline().strip() == "locked"
-        prefix: tuple[str, ...] = ()
-        if waiting_version == "older":
-            older = tmp_path / "older"
-            with tarfile.open(OLDER_VERSION_ARCHIVE) as tar:
-                tar.extractall(older, filter="data")
-            # its own directory first on the path, so that it imports its own package
-            prefix = ("env", "-C", os.fspath(older), f"PYTHONPATH={older}")
-        requeued = start_holder(holders, root, wait=STARTUP, prefix=prefix, announce=True)
-        assert requeued.line() == "acquiring"
-        claimed_during_the_write: list[str] = []
-        real_write = distckpt.lease_break.atomic_write_bytes
-
-        def the_lingering_lock_ends_as_the_break_writes(
-            path: Path, data: bytes, **kw: bool
-        ) -> None:
-            lingering.kill()
-            lingering.wait(timeout=STARTUP)
-            # a job polling a free lock takes it within a few of filelock's 0.05 s polls
-            claimed_during_the_write.append(requeued.line(timeout=2.0))
-            real_write(path, data, **kw)
-
-        # A wrapper around the break's write: no real part can end the lingering lock between
-        # the break's re-reading of the record and its writing. The end itself is real.
-        monkeypatch.setattr(
-            distckpt.lease_break, "atomic_write_bytes", the_lingering_lock_ends_as_the_break_writes
-        )
-        try:
-            broken = break_lease(root)
-        except distckpt.LeaseTakenMeanwhile:
-            # It took the new lock file in the instant between its making and the break's
-            # lock (it polls every 0.05 s): the break then changes nothing, also one lease.
-            assert claimed_during_the_write == []
-        else:
-            assert broken is not None and broken.token == dead.token and broken.broken_utc
-            assert claimed_during_the_write == [""]  # it waited for the break's lock
-    finally:
-        if lingering.poll() is None:
-            lingering.kill()
-        lingering.wait(timeout=STARTUP)
-    assert requeued.line() == f"held {dead.generation + 1}"
-    assert requeued.ask("check") == "current"
-    assert lock_file.exists()
-    assert [path.name for path in root.glob(".lease.*.lingering")] == []
-    with pytest.raises(distckpt.RootInUse):
-        RootLease.acquire(root)
-    assert requeued.ask("check") == "current"
 
 
 @pytest.mark.parametrize(

@@ -29,7 +29,7 @@ from distckpt.lease import (
     read_holder,
 )
 from distckpt.lock import RootLock, WriterLock
-from tests import killing
+from tests import job_servers
 from tests.lease_holders import (
     STARTUP,
 )
@@ -166,7 +166,7 @@ def test_a_child_forked_while_another_thread_takes_a_lock_holds_no_copy_of_it(
     holding one would keep the lock after the holder died."""
     rounds = 40
     # In a job server: a process of its own, which finds torch imported already.
-    done = killing.run_script_preloaded(
+    done = job_servers.run_script_preloaded(
         _FORKING_WHILE_LOCKING,
         [os.fspath(tmp_path), str(rounds)],
         tmp_path,

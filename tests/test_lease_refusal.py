@@ -15,7 +15,7 @@ import pytest
 
 import distckpt
 from distckpt import lease
-from tests.lease_holders import Holder, start_holder
+from tests.lease_holders import Holder, require_namespaces, start_holder
 from tests.ranks import run_ranks, values
 
 TIMEOUT = 30.0
@@ -126,8 +126,7 @@ def test_a_holder_with_the_same_pid_in_another_pid_namespace_is_named_as_another
     """Two processes on this machine, each pid 1 of a PID namespace of its own: the one refused
     is not told that it holds the root itself (same pid, same hostname and boot), but is given
     the other as the holder."""
-    if os.geteuid() != 0:
-        pytest.skip("making a PID namespace needs root")
+    require_namespaces()
     root = tmp_path / "root"
     root.mkdir()
     # Forked into their namespaces, as `unshare --pid --fork --mount-proc` runs a command: a

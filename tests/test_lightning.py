@@ -26,7 +26,7 @@ from distckpt.errors import WorldSizeMismatch
 from distckpt.layout import step_dir_name
 from distckpt.lightning import DistckptCallback
 from distckpt.manifest import read_manifest
-from tests import killing
+from tests import job_servers, killing
 from tests.lightning_callbacks_job import ONE_QUIET_DEVICE
 from tests.lightning_job import DropoutModule
 
@@ -160,4 +160,6 @@ def test_plain_dataloader_mid_epoch_resume_is_not_exact(
 
 def test_importing_distckpt_does_not_import_lightning() -> None:
     code = "import sys, distckpt; assert 'lightning' not in sys.modules, sorted(sys.modules)"
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=killing.ROOT, env=killing._env())
+    subprocess.run(
+        [sys.executable, "-c", code], check=True, cwd=job_servers.ROOT, env=job_servers._env()
+    )

@@ -23,7 +23,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 import distckpt
 from distckpt.lightning import DistckptCallback
-from tests import killing
+from tests import job_servers
 from tests.lightning_callbacks_job import ONE_QUIET_DEVICE
 from tests.lightning_tiny import TinyModule, fit_tiny
 from tests.test_lightning_resume_points import (
@@ -60,7 +60,7 @@ def test_sigterm_after_a_failed_fit_terminates_the_process(tmp_path: Path) -> No
     (the process went on, its SIGTERM swallowed)."""
     # In a job server: a process of its own, with the default signal handlers of a fresh
     # interpreter, which finds torch and Lightning imported already.
-    finished = killing.run_script_preloaded(
+    finished = job_servers.run_script_preloaded(
         FAILED_FIT_THEN_SIGTERM, [str(tmp_path / "root")], tmp_path, stderr_apart=True
     )
     assert finished.stdout == "the fit failed\n", finished.stderr

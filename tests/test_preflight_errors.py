@@ -23,6 +23,7 @@ from tests.core_ranks import JOB_TIMEOUT, TIMEOUT, _staging_entries, _weights
 from tests.filesystems import MountFactory, require_mounting
 from tests.hardening_steps import _err, _save, _truncate
 from tests.hostile_cases import edit_manifest
+from tests.lease_holders import CLONE_NEWNS
 from tests.other_user import succeeds_as_nobody
 from tests.ranks import run_ranks, values
 
@@ -265,10 +266,6 @@ def test_strict_true_raises_key_mismatch_naming_the_keys(root: Path) -> None:
 
 
 # --------------------------------------------------------------------------- an unshared root
-
-
-#: unshare(2)'s flag for a mount namespace of the caller's own (linux/sched.h)
-CLONE_NEWNS = 0x00020000
 
 
 def _mount_private_disk(disk: Path, over: Path) -> None:

@@ -25,7 +25,7 @@ from distckpt.layout import TRASH_DIR_NAME, RootLayout
 from distckpt.lock import RootLock
 from distckpt.storage import open_store, posix
 from distckpt.tidying import BackgroundTidy, close_wait_seconds
-from tests import killing
+from tests import job_servers
 from tests.ranks import run_ranks, values
 from tests.waiting import after_rank_0_removals, wait_until
 
@@ -355,7 +355,7 @@ def test_a_tidy_thread_that_cannot_start_fails_nothing_and_its_removals_come_lat
     with tempfile.TemporaryDirectory() as shared:
         os.chmod(shared, 0o777)  # written by the other user; tmp_path's parents are private
         # In a job server: a process of its own, which finds torch imported already.
-        done = killing.run_script_preloaded(
+        done = job_servers.run_script_preloaded(
             _NO_THREAD_CAN_START, [os.path.join(shared, "root")], Path(shared), stderr_apart=True
         )
         assert done.returncode == 0, done.stderr
