@@ -113,6 +113,7 @@ class S3RootStore(LeaseKeeping, Upkeep, ViewedStore):
         #: or deleted, so each is checked once, not at every commit
         self._checked: dict[tuple[int, str], Manifest] = {}
         self._pointers_written: dict[str, tuple[str, str]] = {}
+        self._last_on_unlisted_step = False
         #: saves this store committed: their objects are never removed by a discard
         self._published: set[str] = set()
         #: the uploads following each spool dir of this process's saves in flight
@@ -138,8 +139,10 @@ class S3RootStore(LeaseKeeping, Upkeep, ViewedStore):
             try:
                 self._update_pointers()
                 # the store's first update checks every committed step: the newest of them is
-                # what a second listing and check would find
-                checked = list(self._checked.values())
+                # what a second listing and check would find, unless another process committed
+                # a newer step after the update listed them (and moved last to it)
+                if not self._last_on_unlisted_step:
+                    checked = list(self._checked.values())
             except CheckpointError as exc:  # derived state: never block a start
                 logger.error("could not repair the pointers of %s: %s", self.root, exc)
         except BaseException:
