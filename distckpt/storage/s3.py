@@ -1,5 +1,5 @@
 """The object-store store: a checkpoint root under ``s3://BUCKET/PREFIX`` (layout in
-:mod:`distckpt.storage.s3_view`).
+:mod:`distckpt.storage.s3_root`).
 
 A save writes every object under a prefix of its own, ``step-N/<attempt>/``: each rank's
 format writes into a local spool dir, whose files the rank then uploads (parallel multipart,
@@ -56,15 +56,10 @@ from distckpt.storage import ExtraFile, OpenedRoot, StagingArea, store_files
 from distckpt.storage.nesting import refuse_a_nested_root
 from distckpt.storage.posix_links import COMMITTING_RANK
 from distckpt.storage.s3_lease import LeaseKeeping
+from distckpt.storage.s3_root import DOWNLOAD_CONCURRENCY, UNKNOWN_ATTEMPT, CommitRecord, S3Root
 from distckpt.storage.s3_spool import SpoolUploads, make_temp_dir, remove_dead_temp_dirs
 from distckpt.storage.s3_upkeep import Upkeep
-from distckpt.storage.s3_view import (
-    DOWNLOAD_CONCURRENCY,
-    UNKNOWN_ATTEMPT,
-    CommitRecord,
-    S3Root,
-    S3RootView,
-)
+from distckpt.storage.s3_view import S3RootView
 from distckpt.storage.shared import ViewedStore, log_upkeep_failure
 
 logger = logging.getLogger("distckpt")

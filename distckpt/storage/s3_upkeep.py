@@ -42,15 +42,15 @@ from distckpt.objstore import ObjectStore
 from distckpt.results import CheckpointLocation
 from distckpt.storage.posix_links import COMMITTING_RANK
 from distckpt.storage.s3_checkpoint import S3Checkpoint
-from distckpt.storage.s3_set_aside import SetAside, save_whose_manifest
-from distckpt.storage.s3_view import (
+from distckpt.storage.s3_root import (
     COMMIT_NAME,
     LEASE_NAME,
     UNKNOWN_ATTEMPT,
     WRITERS_PREFIX,
     CommitRecord,
-    S3RootView,
 )
+from distckpt.storage.s3_set_aside import SetAside, save_whose_manifest
+from distckpt.storage.s3_view import S3RootView
 
 logger = logging.getLogger("distckpt")
 
