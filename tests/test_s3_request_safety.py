@@ -157,3 +157,16 @@ def test_a_save_moves_last_back_onto_its_step_after_another_process_moved_it_awa
             assert store.get_bytes("last") == b"step-00000002\n"
         restored = manager.restore("last")
         assert restored is not None and restored.state["step"] == 20
+
+
+def test_the_commit_records_remembered_are_those_of_steps_still_kept(
+    s3_server: S3Server, s3_url: str
+) -> None:
+    """The records of ``COMMIT`` versions read or written, which spare reads, go with the step
+    retention removes: a long job does not keep one per step it ever saved."""
+    options = s3_server.storage_options()
+    with distckpt.CheckpointManager(s3_url, storage_options=options, keep_last=1) as manager:
+        for step in (1, 2, 3):
+            manager.save(step, _state(step))
+        assert manager.steps() == [3]
+        assert set(manager._store.s3.commits) == {3}  # type: ignore[attr-defined]

@@ -199,6 +199,7 @@ class S3Root:
         try:
             data, etag = (store or self.client).get_versioned(self.commit_name(step))
         except ObjectNotFound:
+            self.forget_commit(step)
             return None
         try:
             fields = json.loads(data)
@@ -219,6 +220,11 @@ class S3Root:
         no request."""
         known = self.commits.get(step)
         return known if known is not None and known.etag == etag else None
+
+    def forget_commit(self, step: int) -> None:
+        """Drop the record of the step's ``COMMIT`` kept for :meth:`known_commit`: the step
+        was removed (one record per step ever read would pile up in a long job)."""
+        self.commits.pop(step, None)
 
     def set_aside_attempts(self) -> list[tuple[int, str]]:
         """The saves set aside as damaged (step, attempt), from their records' names."""

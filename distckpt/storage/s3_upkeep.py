@@ -289,6 +289,7 @@ class Upkeep(SetAside):
         if record is not None:
             self._drop_set_aside_record(step, record.attempt)
         self.s3.client.delete_one(self.s3.commit_name(step))
+        self.s3.forget_commit(step)
         faults.hit("during_delete", COMMITTING_RANK)
         if record is not None:
             self._leave_to_tidy(step, record.attempt)
