@@ -26,7 +26,7 @@ from distckpt.checksums import CHECKSUM_ALGORITHM
 from distckpt.errors import CheckpointError, CorruptCheckpoint, describe_error
 from distckpt.resolve import Found, Skipped
 from distckpt.storage import RootStore
-from distckpt.storage.s3_view import COMMIT_NAME
+from distckpt.storage.s3_root import COMMIT_NAME
 from distckpt.storage.views import RootView
 
 logger = logging.getLogger("distckpt")

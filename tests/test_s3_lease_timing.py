@@ -26,7 +26,7 @@ from distckpt.lease import this_process_host
 from distckpt.objlease import LeaseRecord, ObjectLease
 from distckpt.objstore import ObjectStore
 from distckpt.storage import s3_lease
-from distckpt.storage.s3_view import LEASE_NAME
+from distckpt.storage.s3_root import LEASE_NAME
 from tests.s3proxy import S3Proxy
 from tests.s3server import S3Server
 from tests.waiting import wait_until

@@ -5,13 +5,14 @@ answer may have changed (a ``COMMIT`` replaced, a failed update, a step to remov
 from __future__ import annotations
 
 import json
+import threading
 from typing import Any
 
 import pytest
 
 import distckpt
 from distckpt.objstore import ObjectStore
-from distckpt.storage import open_store
+from distckpt.storage import OpenedRoot, open_store
 from tests.s3proxy import S3Proxy
 from tests.s3server import S3Server
 from tests.test_s3_requests import _counted, _state
@@ -101,3 +102,71 @@ def test_an_open_whose_pointers_update_fails_finds_the_newest_checkpoint_itself(
             store.close()
         assert not proxy.rules[0].times  # the update's listing was refused
     assert opened.newest is not None and opened.newest[0] == 2
+
+
+def test_an_open_reports_a_newer_step_committed_while_its_pointers_update_ran(
+    s3_server: S3Server, s3_url: str
+) -> None:
+    """A lingering job commits step 3 and moves ``last`` to it after the open's pointers'
+    update listed steps 1 and 2: the update leaves ``last`` on step 3, and the open reports
+    step 3 as the newest, not step 2 (the newest the update checked)."""
+    plain = s3_server.storage_options()
+    with distckpt.CheckpointManager(s3_url, storage_options=plain) as manager:
+        manager.save(1, _state(1))
+        manager.save(2, _state(2))
+    other_url = f"{s3_url}-other"
+    with distckpt.CheckpointManager(other_url, storage_options=plain) as manager:
+        manager.save(3, _state(3))
+    with S3Proxy(s3_server.port) as proxy:
+        # the update's read of last, after its listing of the steps
+        read_of_last = proxy.hold("GET", "ckpt/last")
+        proxied = s3_server.storage_options(endpoint_url=proxy.endpoint)
+        store = open_store(s3_url, storage_options=proxied)
+        opened: list[OpenedRoot] = []
+        opening = threading.Thread(target=lambda: opened.append(store.open()))
+        opening.start()
+        try:
+            assert read_of_last.arrived.wait(60)
+            # the lingering job's commit of step 3, then its move of last
+            with ObjectStore(s3_url, plain) as root, ObjectStore(other_url, plain) as other:
+                for info in list(other.list("step-00000003/")):
+                    root.put_bytes(info.key, other.get_bytes(info.key))
+                root.put_bytes("last", b"step-00000003\n")
+        finally:
+            read_of_last.release()
+            opening.join()
+            store.close()
+    assert [root.newest for root in opened] == [(3, None)]
+
+
+def test_a_save_moves_last_back_onto_its_step_after_another_process_moved_it_away(
+    s3_server: S3Server, s3_url: str
+) -> None:
+    """Another process (as ``distckpt delete``) deletes the newest step 2, moving ``last``
+    back to step 1; the job then saves step 2 again. ``last`` names step 2, though this
+    process wrote that very target before."""
+    options = s3_server.storage_options()
+    with distckpt.CheckpointManager(s3_url, storage_options=options) as manager:
+        manager.save(1, _state(1))
+        manager.save(2, _state(2))
+        other = open_store(s3_url, storage_options=options)
+        other.delete(2)
+        other.tidy()
+        manager.save(2, _state(20))
+        with ObjectStore(s3_url, options) as store:
+            assert store.get_bytes("last") == b"step-00000002\n"
+        restored = manager.restore("last")
+        assert restored is not None and restored.state["step"] == 20
+
+
+def test_the_commit_records_remembered_are_those_of_steps_still_kept(
+    s3_server: S3Server, s3_url: str
+) -> None:
+    """The records of ``COMMIT`` versions read or written, which spare reads, go with the step
+    retention removes: a long job does not keep one per step it ever saved."""
+    options = s3_server.storage_options()
+    with distckpt.CheckpointManager(s3_url, storage_options=options, keep_last=1) as manager:
+        for step in (1, 2, 3):
+            manager.save(step, _state(step))
+        assert manager.steps() == [3]
+        assert set(manager._store.s3.commits) == {3}  # type: ignore[attr-defined]

@@ -19,14 +19,14 @@ from distckpt.manifest import read_manifest
 from distckpt.objstore import ObjectStore
 from distckpt.objurl import S3Url, is_s3_url
 from distckpt.storage.s3_locate import prefix_holds_a_root
-from distckpt.storage.s3_view import LEASE_NAME, WRITERS_PREFIX
+from distckpt.storage.s3_root import LEASE_NAME, WRITERS_PREFIX
 from distckpt.storage.views import nested_root_refusal
 
 
 def is_layout_name(name: str) -> bool:
     """Whether ``name`` (one part of a path, or one ``/``-separated part of a key) is one a
     checkpoint root gives its own entries: on disk (:mod:`distckpt.layout`) or in a bucket
-    (:mod:`distckpt.storage.s3_view`)."""
+    (:mod:`distckpt.storage.s3_root`)."""
     return is_root_entry_name(name) or name in (LEASE_NAME, WRITERS_PREFIX.rstrip("/"))
 
 

@@ -1,5 +1,5 @@
 """The object-store store: a checkpoint root under ``s3://BUCKET/PREFIX`` (layout in
-:mod:`distckpt.storage.s3_view`).
+:mod:`distckpt.storage.s3_root`).
 
 A save writes every object under a prefix of its own, ``step-N/<attempt>/``: each rank's
 format writes into a local spool dir, whose files the rank then uploads (parallel multipart,
@@ -56,15 +56,10 @@ from distckpt.storage import ExtraFile, OpenedRoot, StagingArea, store_files
 from distckpt.storage.nesting import refuse_a_nested_root
 from distckpt.storage.posix_links import COMMITTING_RANK
 from distckpt.storage.s3_lease import LeaseKeeping
+from distckpt.storage.s3_root import DOWNLOAD_CONCURRENCY, UNKNOWN_ATTEMPT, CommitRecord, S3Root
 from distckpt.storage.s3_spool import SpoolUploads, make_temp_dir, remove_dead_temp_dirs
 from distckpt.storage.s3_upkeep import Upkeep
-from distckpt.storage.s3_view import (
-    DOWNLOAD_CONCURRENCY,
-    UNKNOWN_ATTEMPT,
-    CommitRecord,
-    S3Root,
-    S3RootView,
-)
+from distckpt.storage.s3_view import S3RootView
 from distckpt.storage.shared import ViewedStore, log_upkeep_failure
 
 logger = logging.getLogger("distckpt")
@@ -113,6 +108,7 @@ class S3RootStore(LeaseKeeping, Upkeep, ViewedStore):
         #: or deleted, so each is checked once, not at every commit
         self._checked: dict[tuple[int, str], Manifest] = {}
         self._pointers_written: dict[str, tuple[str, str]] = {}
+        self._last_on_unlisted_step = False
         #: saves this store committed: their objects are never removed by a discard
         self._published: set[str] = set()
         #: the uploads following each spool dir of this process's saves in flight
@@ -138,8 +134,10 @@ class S3RootStore(LeaseKeeping, Upkeep, ViewedStore):
             try:
                 self._update_pointers()
                 # the store's first update checks every committed step: the newest of them is
-                # what a second listing and check would find
-                checked = list(self._checked.values())
+                # what a second listing and check would find, unless another process committed
+                # a newer step after the update listed them (and moved last to it)
+                if not self._last_on_unlisted_step:
+                    checked = list(self._checked.values())
             except CheckpointError as exc:  # derived state: never block a start
                 logger.error("could not repair the pointers of %s: %s", self.root, exc)
         except BaseException:

@@ -22,8 +22,8 @@ from distckpt.problems import (
     unknown_checksum_algorithm,
     wrong_size,
 )
+from distckpt.storage.s3_root import COMMIT_NAME, DOWNLOAD_CONCURRENCY, S3Root
 from distckpt.storage.s3_spool import make_temp_dir
-from distckpt.storage.s3_view import COMMIT_NAME, DOWNLOAD_CONCURRENCY, S3Root
 from distckpt.storage.views import CheckpointSource
 
 _READ_CHUNK = 8 << 20

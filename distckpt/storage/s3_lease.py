@@ -29,7 +29,7 @@ from distckpt.lease_tokens import held_here_phrase, let_go, took
 from distckpt.objlease import ExpiryWatch, LeaseRecord, ObjectLease, lease_request_options
 from distckpt.objstore import ObjectStore
 from distckpt.storage import RootStore
-from distckpt.storage.s3_view import LEASE_NAME, S3Root
+from distckpt.storage.s3_root import LEASE_NAME, S3Root
 from distckpt.storage.shared import opened_no_more, release_at_exit
 
 logger = logging.getLogger("distckpt")

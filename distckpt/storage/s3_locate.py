@@ -15,13 +15,8 @@ from distckpt.objlease import LeaseRecord
 from distckpt.objstore import ObjectStore
 from distckpt.objurl import S3Url
 from distckpt.storage.s3_checkpoint import S3Checkpoint
-from distckpt.storage.s3_view import (
-    COMMIT_NAME,
-    LEASE_NAME,
-    S3Root,
-    S3RootView,
-    read_pointer_object,
-)
+from distckpt.storage.s3_root import COMMIT_NAME, LEASE_NAME, S3Root, read_pointer_object
+from distckpt.storage.s3_view import S3RootView
 from distckpt.storage.views import Located, nested_root_refusal
 
 #: how many of a prefix's step-named sub-prefixes :func:`prefix_holds_a_root` asks about

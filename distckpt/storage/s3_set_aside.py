@@ -15,7 +15,7 @@ from distckpt import policy
 from distckpt.layout import MANIFEST_NAME, step_dir_name
 from distckpt.objstore import ObjectInfo
 from distckpt.results import CheckpointLocation
-from distckpt.storage.s3_view import UNKNOWN_ATTEMPT, CommitRecord, S3Root
+from distckpt.storage.s3_root import UNKNOWN_ATTEMPT, CommitRecord, S3Root
 
 logger = logging.getLogger("distckpt")
 

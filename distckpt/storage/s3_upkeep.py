@@ -42,15 +42,15 @@ from distckpt.objstore import ObjectStore
 from distckpt.results import CheckpointLocation
 from distckpt.storage.posix_links import COMMITTING_RANK
 from distckpt.storage.s3_checkpoint import S3Checkpoint
-from distckpt.storage.s3_set_aside import SetAside, save_whose_manifest
-from distckpt.storage.s3_view import (
+from distckpt.storage.s3_root import (
     COMMIT_NAME,
     LEASE_NAME,
     UNKNOWN_ATTEMPT,
     WRITERS_PREFIX,
     CommitRecord,
-    S3RootView,
 )
+from distckpt.storage.s3_set_aside import SetAside, save_whose_manifest
+from distckpt.storage.s3_view import S3RootView
 
 logger = logging.getLogger("distckpt")
 
@@ -89,6 +89,9 @@ class Upkeep(SetAside):
     _claims: set[str]
     #: each pointer's target and ETag as this store last wrote it
     _pointers_written: dict[str, tuple[str, str]]
+    #: whether the last pointers' update left ``last`` on a step committed after its listing
+    #: (by another process): the newest step it checked is then not the newest committed
+    _last_on_unlisted_step: bool
     #: the saves unpublished (their step's ``COMMIT`` deleted or replaced) as (step, attempt),
     #: whose objects :meth:`tidy` deletes; guarded by ``_unpublished_lock``
     _unpublished: list[tuple[int, str]]
@@ -203,26 +206,34 @@ class Upkeep(SetAside):
         # A monitor that ranks none leaves no best, as on a POSIX root (posix_links)
         best_valid = valid_steps if self.retention.monitor is None else set()
         last = records[-1].step if records else None
+        self._last_on_unlisted_step = False
         for name, step, valid in ((LAST, last, valid_steps), (BEST, best, best_valid)):
             if step is not None:
-                self._swap_pointer(name, step, listed=commits.keys())
+                kept_newer = self._swap_pointer(name, step, listed=commits.keys())
+                self._last_on_unlisted_step |= kept_newer
             else:
                 self._remove_pointer_unless_valid(name, valid)
         return records
 
-    def _swap_pointer(self, name: str, step: int, listed: Collection[int] = ()) -> None:
+    def _swap_pointer(self, name: str, step: int, listed: Collection[int] = ()) -> bool:
         """Point ``name`` at ``step``, found newest or best among the ``listed`` commits. But
         ``last`` never moves back off a newer step committed since (a live job's save, which
-        pointed it there): it is left there, as the compare-and-swap on the ETag read holds."""
+        pointed it there): it is left there, as the compare-and-swap on the ETag read holds.
+        Whether it was left on such a step."""
         target = step_dir_name(step)
-        # What this store last wrote saves a read; if another process moved the pointer since,
-        # the compare-and-swap on that ETag fails and the pointer is read again.
+        # What this store last wrote saves a read, but only as the ETag of the compare-and-swap:
+        # another process may have moved the pointer since (a delete of the step it named), so
+        # even a cached target equal to ``target`` is written; a 412 reads the pointer again.
         current, etag = self._pointers_written.get(name, (None, None))
+        cached = etag is not None
         for _ in range(_POINTER_RETRIES):
             if etag is None:
                 current, etag = self.s3.read_pointer(name)
-            if current == target or (name == LAST and self._committed_since(current, step, listed)):
-                return
+                cached = False
+            if current == target and not cached:
+                return False
+            if name == LAST and self._committed_since(current, step, listed):
+                return True
             content = f"{target}\n".encode()
             try:
                 if etag is None:
@@ -230,7 +241,7 @@ class Upkeep(SetAside):
                 else:
                     written = self.s3.client.put_bytes(name, content, if_match=etag)
                 self._pointers_written[name] = (target, written)
-                return
+                return False
             except (ObjectExists, PreconditionFailed):
                 current, etag = None, None  # moved by another process meanwhile: read it again
         raise CheckpointError(f"{self.root}/{name} kept changing while it was being moved")
@@ -278,6 +289,7 @@ class Upkeep(SetAside):
         if record is not None:
             self._drop_set_aside_record(step, record.attempt)
         self.s3.client.delete_one(self.s3.commit_name(step))
+        self.s3.forget_commit(step)
         faults.hit("during_delete", COMMITTING_RANK)
         if record is not None:
             self._leave_to_tidy(step, record.attempt)

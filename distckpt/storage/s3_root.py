@@ -1,0 +1,266 @@
+"""The object layout of an ``s3://`` root, which its readers (:mod:`distckpt.storage.s3_view`,
+:mod:`distckpt.storage.s3_checkpoint`) and its writer (:mod:`distckpt.storage.s3`) share, and
+:class:`S3Root`, the names and reads they share.
+
+Under ``s3://BUCKET/PREFIX/``::
+
+    step-00000010/<attempt>/rank-00000.pt ...   every object of one save, under its own prefix
+    step-00000010/<attempt>/manifest.json       (``attempt`` is the save's unique token)
+    step-00000010/COMMIT                        {"step": 10, "attempt": "<attempt>"}: created
+                                                with If-None-Match: *, the moment of publication
+    last, best                                  pointer objects: one line, "step-00000010"
+    damaged-step-00000010-<attempt>             a set-aside record: the save ``attempt`` of
+                                                step 10, found damaged, whose COMMIT was
+                                                then deleted; its objects stay (gc leaves them)
+    .lease                                      the writing job's lease (distckpt.objlease)
+    .writers/<attempt>                          a live writer's claim on its attempt
+
+A step is committed exactly when its ``COMMIT`` object exists, and its checkpoint is the
+attempt ``COMMIT`` names; objects of any other attempt are leftovers (or a live writer's), but
+for an attempt a set-aside record names. Objects under ``damaged-step-N-<attempt>/`` that no
+record names are a leftover too once ``COMMIT`` does not name that attempt (the part of a
+copy a set-aside killed before its step was deleted or replaced left).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import suppress
+from dataclasses import dataclass
+from typing import Any
+
+from distckpt.errors import (
+    CorruptCheckpoint,
+    ObjectExists,
+    ObjectNotFound,
+)
+from distckpt.fsutil import POINTER_MAX_BYTES
+from distckpt.layout import (
+    SET_ASIDE_PREFIX,
+    parse_set_aside_name,
+    parse_step_dir_name,
+    set_aside_name,
+    step_dir_name,
+)
+from distckpt.manifest import Manifest
+from distckpt.objstore import ObjectStore
+from distckpt.objurl import S3Url
+
+COMMIT_NAME = "COMMIT"
+LEASE_NAME = ".lease"
+WRITERS_PREFIX = ".writers/"
+#: Files downloaded at once by :meth:`S3Checkpoint.local_copy` (each a stream of its own).
+DOWNLOAD_CONCURRENCY = 4
+#: the attempt a damaged ``COMMIT`` names (unknown); no attempt token is empty
+UNKNOWN_ATTEMPT = ""
+
+
+@dataclass(frozen=True)
+class CommitRecord:
+    """What a step's ``COMMIT`` object says, and the ETag of the version read."""
+
+    step: int
+    attempt: str
+    etag: str
+
+    @staticmethod
+    def encode(step: int, attempt: str) -> bytes:
+        return json.dumps({"step": step, "attempt": attempt}, sort_keys=True).encode()
+
+
+class S3Root:
+    """One ``s3://`` root: its names, and the reads its view and its store share. The client
+    is made on first use in each process (a botocore client must not cross a ``fork()``)."""
+
+    def __init__(self, url: str, storage_options: Mapping[str, Any] | None) -> None:
+        self.url = S3Url.parse(url)
+        self.root = str(self.url)
+        self.storage_options = dict(storage_options or {})
+        self._client: ObjectStore | None = None
+        self._client_pid = 0
+        self._client_lock = threading.Lock()
+        #: manifests read, by (step, attempt): a save's manifest never changes once committed
+        self.manifests: dict[tuple[int, str], Manifest] = {}
+        self.commits: dict[int, CommitRecord] = {}  # each step's last read, with its ETag
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Sent to other ranks (a resolved checkpoint travels in a broadcast): each makes its
+        # own client.
+        return {"url": self.root, "storage_options": self.storage_options}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["url"], state["storage_options"])  # type: ignore[misc]
+
+    @property
+    def client(self) -> ObjectStore:
+        with self._client_lock:
+            if self._client is None or self._client_pid != os.getpid():
+                self._client = ObjectStore(self.root, self.storage_options)
+                self._client_pid = os.getpid()
+            return self._client
+
+    def close(self) -> None:
+        with self._client_lock:
+            if self._client is not None and self._client_pid == os.getpid():
+                self._client.close()
+            self._client = None
+
+    # -- names (relative to the root's prefix)
+
+    @staticmethod
+    def commit_name(step: int) -> str:
+        return f"{step_dir_name(step)}/{COMMIT_NAME}"
+
+    @staticmethod
+    def attempt_prefix(step: int, attempt: str) -> str:
+        return f"{step_dir_name(step)}/{attempt}/"
+
+    @staticmethod
+    def claim_name(attempt: str) -> str:
+        return f"{WRITERS_PREFIX}{attempt}"
+
+    @staticmethod
+    def set_aside_record_name(step: int, attempt: str) -> str:
+        return set_aside_name(step, attempt)
+
+    def write_set_aside_record(self, step: int, attempt: str) -> None:
+        """Write the record naming the save ``attempt`` of ``step`` set aside, unless there
+        (one that died wrote it): cleanup copies the save it names before deleting it."""
+        with suppress(ObjectExists):
+            name = set_aside_name(step, attempt)
+            self.client.put_bytes(name, CommitRecord.encode(step, attempt), if_absent=True)
+
+    @staticmethod
+    def set_aside_prefix(step: int, attempt: str) -> str:
+        """Where a save set aside is moved to, beside its record: no ``step-N/`` prefix, which
+        any version's cleanup may take for a dead writer's once ``COMMIT`` no longer names it."""
+        return f"{set_aside_name(step, attempt)}/"
+
+    def set_aside_location(self, step: int, attempt: str) -> str:
+        """A save set aside, as a URL: its objects' prefix."""
+        return f"{self.root}/{set_aside_name(step, attempt)}"
+
+    def location(self, step: int) -> str:
+        """The checkpoint of ``step`` as users name it: ``s3://BUCKET/PREFIX/step-N``."""
+        return f"{self.root}/{step_dir_name(step)}"
+
+    def attempt_location(self, step: int, attempt: str) -> str:
+        """A save's prefix as a URL: what every rank is told to write into."""
+        return f"{self.root}/{self.attempt_prefix(step, attempt).rstrip('/')}"
+
+    def parse_attempt_location(self, location: str) -> tuple[int, str]:
+        """The step and attempt of a URL :meth:`attempt_location` made."""
+        step_name, _, attempt = location[len(self.root) + 1 :].partition("/")
+        step = parse_step_dir_name(step_name)
+        if not location.startswith(self.root + "/") or step is None or not attempt:
+            raise ValueError(f"{location} is not a save's prefix in {self.root}")
+        return step, attempt
+
+    # -- reads
+
+    def committed_steps(self, from_step: int = 0) -> list[int]:
+        return sorted(self.commit_etags(from_step))
+
+    def commit_etags(self, from_step: int = 0) -> dict[int, str]:
+        """Each committed step from ``from_step`` on, with its ``COMMIT``'s ETag (a ``HEAD``)."""
+        parsed = (parse_step_dir_name(name.rstrip("/")) for name in self.client.list_dirs("step-"))
+        steps = [step for step in parsed if step is not None and step >= from_step]
+        with ThreadPoolExecutor(DOWNLOAD_CONCURRENCY) as pool:
+            etags = pool.map(self._commit_etag, steps)
+            return {step: etag for step, etag in zip(steps, etags) if etag is not None}
+
+    def _commit_etag(self, step: int, store: ObjectStore | None = None) -> str | None:
+        """The ETag of the step's ``COMMIT`` object (from ``store``, or :attr:`client`), None
+        when it has none."""
+        try:
+            return (store or self.client).head(self.commit_name(step)).etag
+        except ObjectNotFound:
+            return None
+
+    def read_commit_or_unknown(
+        self, step: int, store: ObjectStore | None = None
+    ) -> CommitRecord | None:
+        """:meth:`read_commit`, but a damaged ``COMMIT`` is a record naming
+        :data:`UNKNOWN_ATTEMPT`, with its ETag (None if it went meanwhile)."""
+        try:
+            return self.read_commit(step, store)
+        except CorruptCheckpoint:
+            etag = self._commit_etag(step, store)
+            return None if etag is None else CommitRecord(step, UNKNOWN_ATTEMPT, etag)
+
+    def read_commit(self, step: int, store: ObjectStore | None = None) -> CommitRecord | None:
+        """The step's commit record, or None when the step is not committed. A commit object
+        that is not one (written by something else) is :class:`CorruptCheckpoint`, damaged:
+        every version writes the same two keys, whole. Read with ``store``, or :attr:`client`."""
+        try:
+            data, etag = (store or self.client).get_versioned(self.commit_name(step))
+        except ObjectNotFound:
+            self.forget_commit(step)
+            return None
+        try:
+            fields = json.loads(data)
+            record = CommitRecord(int(fields["step"]), str(fields["attempt"]), etag)
+            self.commits[step] = record
+            return record
+        except (ValueError, TypeError, KeyError) as exc:
+            raise CorruptCheckpoint(
+                f"{self.root}/{self.commit_name(step)} is not a commit record: {exc}",
+                damaged=True,
+                path=f"{self.root}/{self.commit_name(step)}",
+                step=step,
+            ) from exc
+
+    def known_commit(self, step: int, etag: str | None) -> CommitRecord | None:
+        """The record of the version ``etag`` of the step's ``COMMIT`` (as a listing or a
+        ``HEAD`` just saw it) when this process read or wrote that very version, else None:
+        no request."""
+        known = self.commits.get(step)
+        return known if known is not None and known.etag == etag else None
+
+    def forget_commit(self, step: int) -> None:
+        """Drop the record of the step's ``COMMIT`` kept for :meth:`known_commit`: the step
+        was removed (one record per step ever read would pile up in a long job)."""
+        self.commits.pop(step, None)
+
+    def set_aside_attempts(self) -> list[tuple[int, str]]:
+        """The saves set aside as damaged (step, attempt), from their records' names."""
+        return [
+            parsed
+            # its records only, not the objects of the copies beside them
+            for info in self.client.list(SET_ASIDE_PREFIX, top_level=True)
+            if (parsed := parse_set_aside_name(info.key)) is not None
+        ]
+
+    def is_set_aside(self, step: int, attempt: str) -> bool:
+        """Whether a set-aside record names the save ``attempt`` of ``step``."""
+        try:
+            self.client.head(self.set_aside_record_name(step, attempt))
+        except ObjectNotFound:
+            return False
+        return True
+
+    def read_pointer(self, name: str) -> tuple[str | None, str | None]:
+        """The target a pointer object names (None if absent or not a pointer) and its ETag
+        (None if absent)."""
+        return read_pointer_object(self.client, name)
+
+
+def read_pointer_object(store: ObjectStore, key: str) -> tuple[str | None, str | None]:
+    """The target the pointer object ``key`` of ``store`` names (None if absent or not a
+    pointer) and its ETag (None if absent)."""
+    try:
+        data, etag = store.get_versioned(key)
+    except ObjectNotFound:
+        return None, None
+    if len(data) > POINTER_MAX_BYTES:
+        return None, etag
+    try:
+        lines = data.decode("utf-8").splitlines()
+    except UnicodeDecodeError:
+        return None, etag
+    target = lines[0].strip() if len(lines) == 1 else ""
+    return target or None, etag
