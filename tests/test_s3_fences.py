@@ -11,7 +11,7 @@ import pytest
 
 import distckpt
 from distckpt.objstore import ObjectStore
-from distckpt.storage.s3_view import CommitRecord
+from distckpt.storage.s3_root import CommitRecord
 from tests.s3proxy import S3Proxy
 from tests.s3server import S3Server
 from tests.test_s3_store import _state

@@ -24,7 +24,7 @@ from distckpt.layout import rank_file_name, set_aside_name
 from distckpt.objstore import ObjectStore
 from distckpt.objurl import S3Url
 from distckpt.storage import open_store, open_view
-from distckpt.storage.s3_view import CommitRecord
+from distckpt.storage.s3_root import CommitRecord
 from tests.older_version import run_older_version
 from tests.ranks import run_ranks, values
 from tests.s3proxy import S3Proxy
