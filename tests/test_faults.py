@@ -446,6 +446,17 @@ def _save_shortened_in_the_rename(rank: int, world_size: int, root: str) -> dict
     return out
 
 
+def _assert_step_2_lost_in_the_rename_is_trashed_until_the_next_start(root: Path) -> None:
+    """``last`` still names step 1; what the rename of step 2 left went to the trash, not under a
+    step's name, and the next start empties it."""
+    assert link_target(root, "last") == step_dir_name(1)
+    (lost,) = leftovers(root)["trash"]
+    assert parse_step_dir_name(lost) is None and lost.startswith(step_dir_name(2))
+    with manager(str(root)) as mgr:
+        assert mgr.steps() == [1]
+    assert leftovers(root) == {"staging": [], "trash": []}
+
+
 def test_a_file_shortened_in_the_commit_rename_is_commit_lost_on_every_rank(root: Path) -> None:
     out = values(run_ranks(_save_shortened_in_the_rename, 2, str(root), timeout=JOB_TIMEOUT))
     committed = root / step_dir_name(2)
@@ -456,13 +467,7 @@ def test_a_file_shortened_in_the_commit_rename_is_commit_lost_on_every_rank(root
         assert "bytes instead of" in message and "nothing was committed" in message
         assert rank_out["steps"] == [1] and rank_out["restored"] == 1
     assert not committed.exists()
-    assert link_target(root, "last") == step_dir_name(1)
-    # What the rename left went to the trash, not under a step's name; the next start empties it.
-    (lost,) = leftovers(root)["trash"]
-    assert parse_step_dir_name(lost) is None and lost.startswith(step_dir_name(2))
-    with manager(str(root)) as mgr:
-        assert mgr.steps() == [1]
-    assert leftovers(root) == {"staging": [], "trash": []}
+    _assert_step_2_lost_in_the_rename_is_trashed_until_the_next_start(root)
 
 
 def test_a_manifest_lost_in_the_commit_rename_fails_the_save(root: Path) -> None:
@@ -486,10 +491,4 @@ def test_a_manifest_lost_in_the_commit_rename_fails_the_save(root: Path) -> None
         finally:
             stop_losing()
         assert mgr.steps() == [1] and mgr.restore("last").step == 1
-    assert link_target(root, "last") == step_dir_name(1)
-    # As for a shortened file: what the rename left is in the trash until the next start.
-    (lost,) = leftovers(root)["trash"]
-    assert parse_step_dir_name(lost) is None and lost.startswith(step_dir_name(2))
-    with manager(str(root)) as mgr:
-        assert mgr.steps() == [1]
-    assert leftovers(root) == {"staging": [], "trash": []}
+    _assert_step_2_lost_in_the_rename_is_trashed_until_the_next_start(root)
