@@ -25,6 +25,7 @@ from tests.filesystem_saves import (
 )
 from tests.filesystems import MountFactory
 from tests.ranks import run_ranks, values
+from tests.waiting import after_rank_0_removals
 
 
 def _cli(*args: str) -> tuple[int, str]:
@@ -109,6 +110,10 @@ def test_two_writers_the_lock_does_not_reach_never_both_commit(mounts: MountFact
     try:
         assert other.stdout is not None and other.stdout.readline() == "open\n"
         with distckpt.CheckpointManager(here, timeout=TIMEOUT) as mgr:
+            # This job's start-up removal of dead writers' leftovers runs in the background;
+            # the writer lock does not reach the other job either, so that removal, still
+            # running, would take the other job's save in progress for a dead writer's.
+            after_rank_0_removals(mgr)
             out, err = other.communicate("save\n", timeout=120)
             assert other.returncode == 3 and "fenced:" in out, err
             assert mgr.save(1, {"w": torch.zeros(4)}) is not None
