@@ -15,6 +15,7 @@ network shows it.
 
 from __future__ import annotations
 
+import functools
 import http.client
 import re
 import threading
@@ -130,6 +131,9 @@ class S3Proxy:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            # The headers and the body go out in two writes: with Nagle's algorithm the body
+            # waits for the client's delayed ACK of the headers, 40 ms on each request.
+            disable_nagle_algorithm = True
 
             def log_message(self, format: str, *args: object) -> None:
                 return  # quiet: the test reads ``log``
@@ -142,7 +146,9 @@ class S3Proxy:
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
         self.endpoint = f"http://127.0.0.1:{self._server.server_address[1]}"
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        # polled often: close() waits for the next poll (half a second by default)
+        serve = functools.partial(self._server.serve_forever, poll_interval=0.05)
+        threading.Thread(target=serve, daemon=True).start()
 
     def hold(
         self,
