@@ -182,8 +182,8 @@ def iter_valid(
 ) -> Iterator[Found]:
     """Committed checkpoints that pass :func:`check`, with their manifests; damaged ones are
     skipped with a warning (with ``skip_failing=False`` the first one that fails raises its
-    error instead), ones deleted meanwhile (by retention) silently. ``steps`` replaces the
-    listing of the root. One of a newer format version raises
+    error instead), ones deleted meanwhile (by retention) or not committed silently. ``steps``
+    replaces the listing of the root. One of a newer format version raises
     :class:`~distckpt.errors.UnsupportedVersion`, or with ``newer`` given has its step appended
     there and is skipped. ``sources``: the checkpoints of some steps, checked instead of the
     view's (one whose commit record the caller knows)."""
@@ -226,7 +226,8 @@ def newest_valid(
     Another process's retention may delete checkpoints while they are listed and checked. So
     the target of ``last`` is a candidate too (it is moved right after each commit, before
     retention deletes the one before, so it is the freshest name), and when no candidate
-    survives but committed steps exist, the root is listed again."""
+    survives but committed steps exist, the root is listed again. Newest first, it stops at
+    the first that passes: older ones cost nothing (see ``RootView.candidate_steps``)."""
     return _newest_valid_and_last(view, checksums=checksums, skip_failing=skip_failing)[0]
 
 
@@ -236,7 +237,7 @@ def _newest_valid_and_last(
     """:func:`newest_valid`, and the target ``last`` named when it was read there."""
     linked = None
     for _ in range(VANISH_RETRIES + 1):
-        steps = view.committed_steps()
+        steps = view.candidate_steps()
         linked = view.read_pointer(LAST)
         linked_step = parse_step_dir_name(linked) if linked else None
         if linked_step is not None:
@@ -286,8 +287,7 @@ def survey(
 
 
 def committed_dir(view: RootView, step: int) -> CheckpointSource:
-    """The committed checkpoint of ``step`` (unchecked), or :class:`CheckpointNotFound`
-    listing the committed steps."""
+    """The committed checkpoint of ``step`` (unchecked); else CheckpointNotFound, listing steps."""
     source = view.checkpoint(step)
     if source.unsafe() is not None or not source.exists():
         steps = view.committed_steps()

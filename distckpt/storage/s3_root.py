@@ -165,10 +165,15 @@ class S3Root:
     def committed_steps(self, from_step: int = 0) -> list[int]:
         return sorted(self.commit_etags(from_step))
 
+    def listed_steps(self, from_step: int = 0) -> list[int]:
+        """The steps from ``from_step`` on that have objects, committed or not, ascending: one
+        listing, no request per step."""
+        parsed = (parse_step_dir_name(name.rstrip("/")) for name in self.client.list_dirs("step-"))
+        return sorted({step for step in parsed if step is not None and step >= from_step})
+
     def commit_etags(self, from_step: int = 0) -> dict[int, str]:
         """Each committed step from ``from_step`` on, with its ``COMMIT``'s ETag (a ``HEAD``)."""
-        parsed = (parse_step_dir_name(name.rstrip("/")) for name in self.client.list_dirs("step-"))
-        steps = [step for step in parsed if step is not None and step >= from_step]
+        steps = self.listed_steps(from_step)
         with ThreadPoolExecutor(DOWNLOAD_CONCURRENCY) as pool:
             etags = pool.map(self._commit_etag, steps)
             return {step: etag for step, etag in zip(steps, etags) if etag is not None}

@@ -48,6 +48,9 @@ class S3RootView(RootView):
     def committed_steps(self) -> list[int]:
         return self.s3.committed_steps()
 
+    def candidate_steps(self) -> list[int]:
+        return self.s3.listed_steps()  # one listing: no HEAD of each step's COMMIT
+
     def committed_steps_from(self, step: int) -> list[int]:
         return self.s3.committed_steps(step)  # a HEAD per newer step, not per kept step
 

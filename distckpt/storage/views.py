@@ -145,6 +145,13 @@ class RootView(abc.ABC):
     def committed_steps(self) -> list[int]:
         """The steps committed in the root, ascending (their checkpoints are unchecked)."""
 
+    def candidate_steps(self) -> list[int]:
+        """The committed steps, ascending, and perhaps steps that are not committed (a save in
+        progress, a dead save's leftovers): what a search that checks each step it uses lists,
+        where telling a step committed costs a request each (an object store), so that it asks
+        only about the steps it reaches. By default :meth:`committed_steps`."""
+        return self.committed_steps()
+
     def committed_steps_from(self, step: int) -> list[int]:
         """The committed steps from ``step`` on (``step`` itself and every newer one),
         ascending: what the step rules of a save of ``step`` need. A root where telling a step
