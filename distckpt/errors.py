@@ -1,13 +1,10 @@
 """Every exception distckpt raises, but one kind: the functions that run in a plain process
 (:func:`distckpt.load_checkpoint`, :func:`distckpt.verify`, :func:`distckpt.export`) raise an
 ``OSError`` reading a checkpoint's file, or writing ``export``'s output, as it is; a
-:class:`~distckpt.CheckpointManager`'s calls raise it as a :class:`CheckpointError` (a
-:class:`RankFailure`, naming the rank) on every rank.
-
-All derive from :class:`CheckpointError` and from the builtin that means the same (a missing
-checkpoint is a ``FileNotFoundError``, a bad argument a ``ValueError``). Their structured fields
-(``rank``, ``path``, ``step``, None where unknown, and each class's own) travel with an error
-raised on every rank and survive pickling, so code can act on them without parsing text."""
+:class:`~distckpt.CheckpointManager`'s calls raise it as a :class:`RankFailure` naming the rank.
+All derive from :class:`CheckpointError` and the builtin that means the same (a missing
+checkpoint is a ``FileNotFoundError``). Their structured fields (``rank``, ``path``, ``step``,
+None where unknown, and each class's own) travel between ranks and survive pickling."""
 
 from __future__ import annotations
 
@@ -219,9 +216,8 @@ class ReadOnlyRoot(RootNotWritable):
 
 
 class InsufficientSpace(CheckpointError, OSError):
-    """The filesystem holding the root has less free space than the save needs, or ran out
-    of it while the save was written (the message names the file, the root and the free space
-    the save saw before it started)."""
+    """The root's filesystem has less free space than the save needs, or ran out of it during
+    the save (the message names the file, the root and the free space seen at the start)."""
 
 
 class CommitLost(CheckpointError, OSError):
@@ -443,6 +439,12 @@ class LeaseLost(CheckpointError, RuntimeError):
     longer commit, retain or relink, and what it was doing under the lease is not published."""
 
 
+class StagingRemoved(CheckpointError, FileNotFoundError):
+    """A save's staging dir vanished while the save wrote into it: someone else removed it (a
+    job's start or ``distckpt gc`` taking it for a dead writer's, where the writer lock does not
+    reach: NFS clients with local locks) while this job held its lease. ``path``: the dir."""
+
+
 class LauncherGone(CheckpointError, RuntimeError):
     """The launcher that started this process (the torchrun agent) is gone: the process is an
     orphan and must not commit, or it would race the job that replaces it."""
@@ -458,8 +460,7 @@ class ObjectNotFound(ObjectStoreError, FileNotFoundError):
 
 
 class ObjectExists(ObjectStoreError, FileExistsError):
-    """A conditional create (``If-None-Match: *``) was refused: the object already exists, so
-    another writer created it first."""
+    """A conditional create (``If-None-Match: *``) was refused: another writer created it first."""
 
 
 class PreconditionFailed(ObjectStoreError):
@@ -468,8 +469,7 @@ class PreconditionFailed(ObjectStoreError):
 
 
 class StoreAccessDenied(ObjectStoreError, PermissionError):
-    """The store refused the credentials (unknown key, wrong secret, expired token, no
-    permission), or none were found."""
+    """The store refused the credentials (unknown, wrong, expired, not allowed) or found none."""
 
 
 class StoreUnavailable(ObjectStoreError, ConnectionError):

@@ -23,6 +23,7 @@ from distckpt.errors import InjectedFault, InvalidArgument
 #: Every fault point, in protocol order.
 POINTS = (
     "before_staging",
+    "before_shard_write",
     "after_shard_write",
     "before_agreement",
     "after_agreement",

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -113,12 +114,19 @@ def write(
             store.make_staging_durable(plan.area)
         if refused_values is not None:
             refused_values.check(plan.state)
+        faults.hit("before_shard_write", coord.rank)
         with store.open_shard(plan.location, coord.rank) as directory:
             written = fmt.write(plan.state, directory, ctx)
             records = store.publish_shard(plan.location, directory, written)
         if plan.files and plan.area is not None:
             records.update(store.write_extra_files(plan.area, plan.files))
     except Exception as exc:
+        removed = None
+        if isinstance(exc, FileNotFoundError) and exc.filename is not None:
+            missing = os.fsdecode(exc.filename)
+            removed = store.staging_removed(plan.location, missing, step=plan.step, rank=coord.rank)
+        if removed is not None:
+            raise removed from exc
         full = out_of_space(exc)
         if full is None:
             raise

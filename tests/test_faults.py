@@ -8,9 +8,9 @@ Every fault point of :mod:`distckpt.faults` is tried in three modes:
   a launcher that tears the whole job down).
 
 The one-rank modes fire on rank 1 at the points every rank reaches while writing
-(``after_shard_write``, ``before_agreement``, ``after_agreement``) and on rank 0 at the others,
-which only rank 0 (the committing rank) reaches. ``kill-job`` always fires on rank 0, so what is
-on disk at that instant does not depend on how far rank 1 got.
+(``before_shard_write``, ``after_shard_write``, ``before_agreement``, ``after_agreement``) and on
+rank 0 at the others, which only rank 0 (the committing rank) reaches. ``kill-job`` always
+fires on rank 0, so what is on disk at that instant does not depend on how far rank 1 got.
 
 A 2-rank job with ``keep_last=2, monitor="loss"`` saves steps 1, 2, 3 with the fault armed (by
 ``nth``) to fire during the third save, so retention has step 1 to remove. Then:
@@ -73,7 +73,7 @@ REPORT_ENV = "DISTCKPT_FAULT_REPORT"
 MODES = ("raise", "kill", "kill-job")
 #: Points every rank reaches while writing: a one-rank fault fires on rank 1 there, the rank
 #: that does not commit. Everywhere else only rank 0 reaches the point.
-WRITE_SIDE = ("after_shard_write", "before_agreement", "after_agreement")
+WRITE_SIDE = ("before_shard_write", "after_shard_write", "before_agreement", "after_agreement")
 #: Which hit of the point fires, so that it is the third save's.
 NTH = {
     "during_link_swap": 4,  # the manager's start repairs the links once, then once per commit

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, Union
 
-from distckpt.errors import InvalidArgument
+from distckpt.errors import CheckpointError, InvalidArgument
 from distckpt.fsutil import LinkMode
 from distckpt.layout import LINK_NAMES, RootLayout
 from distckpt.lease import LeaseHolder
@@ -153,6 +153,19 @@ class RootStore(abc.ABC):
         long as the ``with`` block lasts (then removed where it is private to the rank).
         POSIX: the shared staging dir itself."""
         return _as_is(Path(location))
+
+    def staging_removed(
+        self, location: str, missing: str, *, step: int, rank: int
+    ) -> CheckpointError | None:
+        """Every rank, when a file of ``step``'s save could not be created for a missing dir
+        (``missing``: its path): the error to raise instead when that path is in the staging
+        area ``location``, which the save made, so someone removed it (another job's start or
+        ``distckpt gc`` taking it for a dead writer's, where the writer lock does not reach:
+        NFS clients with local locks), else None. That job took the lease first:
+        :class:`~distckpt.LeaseLost` where this store's lease is lost (the commit would refuse
+        anyway), else :class:`~distckpt.StagingRemoved`. An object store's area (a prefix)
+        never vanishes under a write: None."""
+        return None
 
     def publish_shard(
         self, location: str, directory: Path, records: Mapping[str, FileRecord]

@@ -1,5 +1,6 @@
-"""The POSIX store's removals: deletes, pruning, cleanup of dead writers' leftovers, and the
-setting aside of a damaged checkpoint.
+"""The POSIX store's removals: deletes, pruning, cleanup of dead writers' leftovers, the
+setting aside of a damaged checkpoint, and what a save whose staging dir another job's cleanup
+removed raises.
 
 A delete (or retention) moves the links off a checkpoint, durably, then renames it into
 ``root/.trash`` under the root's lock; its bytes are deleted by ``tidy()``, outside the lock,
@@ -21,6 +22,7 @@ from collections.abc import Callable, Collection
 from pathlib import Path
 
 from distckpt import faults, policy, resolve
+from distckpt.errors import CheckpointError, LeaseLost, StagingRemoved
 from distckpt.fsutil import move_to_trash, remove_tree, rename_dir
 from distckpt.layout import RootLayout
 from distckpt.lease import holder_beyond_judgement
@@ -50,6 +52,27 @@ class Removals:
     _update_links: Callable[..., list[policy.CheckpointRecord]]
     _apply_retention: Callable[[list[policy.CheckpointRecord], Collection[int]], list[int]]
     _linked_steps: Callable[[], set[int]]
+
+    def staging_removed(
+        self, location: str, missing: str, *, step: int, rank: int
+    ) -> CheckpointError | None:
+        # Told by the failed write's path, not by looking at the dir: a FUSE or NFS client may
+        # answer from its cache for a dir removed through another mount.
+        if not Path(missing).is_relative_to(location):
+            return None
+        removed = f"the staging dir {location} of step {step}'s save was removed meanwhile"
+        try:
+            self._check_lease()  # rank 0's lease: the other ranks hold none, and pass
+        except LeaseLost as lost:
+            return LeaseLost(f"{lost} ({removed})", rank=rank, path=location, step=step)
+        return StagingRemoved(
+            f"{removed}, by someone else (a start or 'distckpt gc' of another job, which took it "
+            "for a dead writer's: the writer lock does not reach between them, as between NFS "
+            "clients locking locally); nothing was committed",
+            rank=rank,
+            path=location,
+            step=step,
+        )
 
     def delete(self, step: int) -> int | None:
         self._refuse_if_read_only(f"delete step {step}")
