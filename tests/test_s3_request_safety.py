@@ -170,3 +170,21 @@ def test_the_commit_records_remembered_are_those_of_steps_still_kept(
             manager.save(step, _state(step))
         assert manager.steps() == [3]
         assert set(manager._store.s3.commits) == {3}  # type: ignore[attr-defined]
+
+
+def test_the_manifests_remembered_are_those_of_the_saves_still_kept(
+    s3_server: S3Server, s3_url: str
+) -> None:
+    """The manifests read or written, which spare reads, go with the step retention or a
+    delete removes, and with a save an overwrite replaced: a long job does not keep one per
+    save it ever made. Read from the private memo: no public call tells what it holds."""
+    options = s3_server.storage_options()
+    with distckpt.CheckpointManager(s3_url, storage_options=options, keep_last=2) as manager:
+        s3 = manager._store.s3  # type: ignore[attr-defined]
+        for step in (1, 2, 3):
+            manager.save(step, _state(step))
+        assert manager.steps() == [2, 3] and sorted(step for step, _ in s3.manifests) == [2, 3]
+        manager.save(3, _state(30), overwrite=True)
+        assert sorted(s3.manifests) == [(2, s3.commits[2].attempt), (3, s3.commits[3].attempt)]
+        manager.delete(2)
+        assert list(s3.manifests) == [(3, s3.commits[3].attempt)]

@@ -83,7 +83,8 @@ class S3Root:
         self._client: ObjectStore | None = None
         self._client_pid = 0
         self._client_lock = threading.Lock()
-        #: manifests read, by (step, attempt): a save's manifest never changes once committed
+        #: manifests read, by (step, attempt): a save's manifest never changes once committed;
+        #: those of a step are dropped once it is removed (:meth:`forget_commit`)
         self.manifests: dict[tuple[int, str], Manifest] = {}
         self.commits: dict[int, CommitRecord] = {}  # each step's last read, with its ETag
 
@@ -209,7 +210,7 @@ class S3Root:
         try:
             fields = json.loads(data)
             record = CommitRecord(int(fields["step"]), str(fields["attempt"]), etag)
-            self.commits[step] = record
+            self.remember_commit(record)
             return record
         except (ValueError, TypeError, KeyError) as exc:
             raise CorruptCheckpoint(
@@ -226,10 +227,23 @@ class S3Root:
         known = self.commits.get(step)
         return known if known is not None and known.etag == etag else None
 
+    def remember_commit(self, record: CommitRecord) -> None:
+        """Keep ``record``, read or written, for :meth:`known_commit`; a manifest kept of
+        another save of its step goes (that save was replaced: ``overwrite``)."""
+        self.commits[record.step] = record
+        self._forget_manifests(record.step, keep=record.attempt)
+
     def forget_commit(self, step: int) -> None:
-        """Drop the record of the step's ``COMMIT`` kept for :meth:`known_commit`: the step
-        was removed (one record per step ever read would pile up in a long job)."""
+        """Drop what this process keeps of the step, its ``COMMIT``'s record (for
+        :meth:`known_commit`) and the manifests of its saves: the step was removed (a record
+        and a manifest per step ever saved or read would pile up in a long job)."""
         self.commits.pop(step, None)
+        self._forget_manifests(step)
+
+    def _forget_manifests(self, step: int, *, keep: str | None = None) -> None:
+        """Drop the manifests kept of the step's saves, but of the save ``keep``."""
+        for key in [key for key in self.manifests if key[0] == step and key[1] != keep]:
+            del self.manifests[key]
 
     def set_aside_attempts(self) -> list[tuple[int, str]]:
         """The saves set aside as damaged (step, attempt), from their records' names."""

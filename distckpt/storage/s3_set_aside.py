@@ -131,6 +131,7 @@ class SetAside:
         self._update_pointers(leaving=step)
         self._check_lease()
         self.s3.client.delete([self.s3.commit_name(step)])
+        self.s3.forget_commit(step)
         self._delete_prefix(self.s3.attempt_prefix(step, record.attempt))
         return self.s3.set_aside_location(step, record.attempt)
 
