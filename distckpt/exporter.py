@@ -38,7 +38,7 @@ from distckpt.objurl import S3Url, is_s3_url
 from distckpt.resolve import Found, check_local_copy, resolve_path
 from distckpt.results import CheckpointLocation
 from distckpt.storage.nesting import bucket_root_around, local_root_around
-from distckpt.storage.s3_locate import prefix_holds_a_root
+from distckpt.storage.s3_root import prefix_holds_a_root
 from distckpt.storage.views import errors_name_the_location
 
 __all__ = ["export"]
@@ -235,7 +235,7 @@ def _refuse_a_roots_own_name(store: ObjectStore, url: str, key: str) -> None:
     a local root is a directory, not a file), or whose part after a root's prefix is a name of
     that root's layout (``root/last``, ``root/step-00000010/...``): the object would replace
     one of the root's (a pointer, the lease) or join a step's. A prefix holds a root as
-    :func:`~distckpt.storage.s3_locate.prefix_holds_a_root` tells."""
+    :func:`~distckpt.storage.s3_root.prefix_holds_a_root` tells."""
     if prefix_holds_a_root(store, f"{key}/"):
         raise InvalidArgument(
             f"out_file {url} is a checkpoint root; give the key of an object outside it",

@@ -29,7 +29,7 @@ use too, and a directory of any other kind may hold ``last/``, ``step-00000010/`
 step dir is a checkpoint of the root above it when it is one, else a root when it holds one
 by this rule (a sweep's ``runs/step-1``): :func:`distckpt.storage.posix_view.locate_path`
 and, for a bucket's prefix, :func:`distckpt.storage.s3_locate.locate_url` (by
-:func:`~distckpt.storage.s3_locate.prefix_holds_a_root`) decide it alike.
+:func:`~distckpt.storage.s3_root.prefix_holds_a_root`) decide it alike.
 
 This module computes names; it reads the disk only to list what is there and to tell a root.
 """

@@ -17,7 +17,7 @@ from distckpt.layout import step_dir_name
 from distckpt.objlease import LeaseRecord
 from distckpt.objstore import ObjectStore
 from distckpt.storage import open_store
-from distckpt.storage.s3_locate import prefix_holds_a_root
+from distckpt.storage.s3_root import prefix_holds_a_root
 from tests.places import Place, move_root, save_step
 from tests.s3server import S3Server
 from tests.test_cli import run

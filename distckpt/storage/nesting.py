@@ -18,8 +18,7 @@ from distckpt.layout import MANIFEST_NAME, holds_a_root, is_root_entry_name
 from distckpt.manifest import read_manifest
 from distckpt.objstore import ObjectStore
 from distckpt.objurl import S3Url, is_s3_url
-from distckpt.storage.s3_locate import prefix_holds_a_root
-from distckpt.storage.s3_root import LEASE_NAME, WRITERS_PREFIX
+from distckpt.storage.s3_root import LEASE_NAME, WRITERS_PREFIX, prefix_holds_a_root
 from distckpt.storage.views import nested_root_refusal
 
 
@@ -48,7 +47,7 @@ def local_root_around(path: str | os.PathLike[str]) -> tuple[Path, str] | None:
 def bucket_root_around(store: ObjectStore, key: str) -> tuple[str, str] | None:
     """The root (its ``s3://`` URL) that ``key``, relative to a bucket-wide ``store``, sits
     inside under one of its own names, and that name; None when it sits in none. A prefix
-    holds a root as :func:`~distckpt.storage.s3_locate.prefix_holds_a_root` tells."""
+    holds a root as :func:`~distckpt.storage.s3_root.prefix_holds_a_root` tells."""
     parts = key.split("/")
     for depth, part in enumerate(parts):
         if not is_layout_name(part):

@@ -1,68 +1,20 @@
-"""What an ``s3://`` URL a user gives stands for (:func:`locate_url`), and what makes a prefix
-a root (:func:`prefix_holds_a_root`): the object-store side of :func:`distckpt.storage.locate`,
-by the rules :mod:`distckpt.layout` states for a directory."""
+"""What an ``s3://`` URL a user gives stands for (:func:`locate_url`): the object-store side of
+:func:`distckpt.storage.locate`, by the rules :mod:`distckpt.layout` states for a directory
+(what makes a prefix a root is :func:`distckpt.storage.s3_root.prefix_holds_a_root`)."""
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Mapping
 from typing import Any
 
-from distckpt.errors import CheckpointNotFound, ObjectNotFound
+from distckpt.errors import CheckpointNotFound
 from distckpt.layout import LINK_NAMES, MANIFEST_NAME, parse_set_aside_name, parse_step_dir_name
 from distckpt.manifest import Manifest
-from distckpt.objlease import LeaseRecord
-from distckpt.objstore import ObjectStore
 from distckpt.objurl import S3Url
 from distckpt.storage.s3_checkpoint import S3Checkpoint
-from distckpt.storage.s3_root import COMMIT_NAME, LEASE_NAME, S3Root, read_pointer_object
+from distckpt.storage.s3_root import S3Root, prefix_holds_a_root
 from distckpt.storage.s3_view import S3RootView
 from distckpt.storage.views import Located, nested_root_refusal
-
-#: how many of a prefix's step-named sub-prefixes :func:`prefix_holds_a_root` asks about
-#: (one ``HEAD`` each): a root's are committed but for the one a save is writing and a few a
-#: crash left, so a root is told within a few; a folder of exports is refused within as many
-COMMITS_CHECKED = 8
-
-
-def prefix_holds_a_root(store: ObjectStore, prefix: str) -> bool:
-    """Whether the objects under ``prefix`` (relative to ``store``'s own prefix: ``""``, or
-    ending in ``/``) are a checkpoint root's, by what only a root has, as
-    :func:`distckpt.layout.holds_a_root` tells a directory: its lease object holding a lease
-    record (a manager leaves it, whether or not it committed; another tool's ``.lease`` is
-    none), a ``last``/``best`` pointer naming a committed step, or a committed step (its
-    ``COMMIT`` object; of the first :data:`COMMITS_CHECKED` step-named sub-prefixes). A folder
-    of exports holding ``step-00000010/model.pt`` or ``last/model.pt``, or a sweep's
-    ``last`` naming its trial ``step-1`` (no ``COMMIT`` there), is none."""
-    owned = {info.key[len(prefix) :] for info in store.list(prefix, top_level=True)}
-    if LEASE_NAME in owned and LeaseRecord.read(store, f"{prefix}{LEASE_NAME}") is not None:
-        return True
-    for name in sorted(owned & set(LINK_NAMES)):
-        target = read_pointer_object(store, f"{prefix}{name}")[0]
-        if (
-            target is not None
-            and parse_step_dir_name(target) is not None
-            and _is_committed(store, f"{prefix}{target}/")
-        ):
-            return True
-    step_prefixes = (
-        name
-        for name in store.list_dirs(prefix)
-        if parse_step_dir_name(name[len(prefix) :].rstrip("/")) is not None
-    )
-    return any(
-        _is_committed(store, name) for name in itertools.islice(step_prefixes, COMMITS_CHECKED)
-    )
-
-
-def _is_committed(store: ObjectStore, step_prefix: str) -> bool:
-    """Whether the step whose objects are under ``step_prefix`` (ending in ``/``) is
-    committed: its ``COMMIT`` object is there."""
-    try:
-        store.head(f"{step_prefix}{COMMIT_NAME}")
-    except ObjectNotFound:
-        return False
-    return True
 
 
 def locate_url(url: str, storage_options: Mapping[str, Any] | None) -> Located:

@@ -1,6 +1,7 @@
 """The object layout of an ``s3://`` root, which its readers (:mod:`distckpt.storage.s3_view`,
 :mod:`distckpt.storage.s3_checkpoint`) and its writer (:mod:`distckpt.storage.s3`) share, and
-:class:`S3Root`, the names and reads they share.
+:class:`S3Root`, the names and reads they share, and what makes a prefix a root
+(:func:`prefix_holds_a_root`: a view asks it of its root, a reader of a URL it is given).
 
 Under ``s3://BUCKET/PREFIX/``::
 
@@ -24,6 +25,7 @@ copy a set-aside killed before its step was deleted or replaced left).
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import threading
@@ -40,6 +42,7 @@ from distckpt.errors import (
 )
 from distckpt.fsutil import POINTER_MAX_BYTES
 from distckpt.layout import (
+    LINK_NAMES,
     SET_ASIDE_PREFIX,
     parse_set_aside_name,
     parse_step_dir_name,
@@ -47,6 +50,7 @@ from distckpt.layout import (
     step_dir_name,
 )
 from distckpt.manifest import Manifest
+from distckpt.objlease import LeaseRecord
 from distckpt.objstore import ObjectStore
 from distckpt.objurl import S3Url
 
@@ -283,3 +287,49 @@ def read_pointer_object(store: ObjectStore, key: str) -> tuple[str | None, str |
         return None, etag
     target = lines[0].strip() if len(lines) == 1 else ""
     return target or None, etag
+
+
+#: how many of a prefix's step-named sub-prefixes :func:`prefix_holds_a_root` asks about
+#: (one ``HEAD`` each): a root's are committed but for the one a save is writing and a few a
+#: crash left, so a root is told within a few; a folder of exports is refused within as many
+COMMITS_CHECKED = 8
+
+
+def prefix_holds_a_root(store: ObjectStore, prefix: str) -> bool:
+    """Whether the objects under ``prefix`` (relative to ``store``'s own prefix: ``""``, or
+    ending in ``/``) are a checkpoint root's, by what only a root has, as
+    :func:`distckpt.layout.holds_a_root` tells a directory: its lease object holding a lease
+    record (a manager leaves it, whether or not it committed; another tool's ``.lease`` is
+    none), a ``last``/``best`` pointer naming a committed step, or a committed step (its
+    ``COMMIT`` object; of the first :data:`COMMITS_CHECKED` step-named sub-prefixes). A folder
+    of exports holding ``step-00000010/model.pt`` or ``last/model.pt``, or a sweep's
+    ``last`` naming its trial ``step-1`` (no ``COMMIT`` there), is none."""
+    owned = {info.key[len(prefix) :] for info in store.list(prefix, top_level=True)}
+    if LEASE_NAME in owned and LeaseRecord.read(store, f"{prefix}{LEASE_NAME}") is not None:
+        return True
+    for name in sorted(owned & set(LINK_NAMES)):
+        target = read_pointer_object(store, f"{prefix}{name}")[0]
+        if (
+            target is not None
+            and parse_step_dir_name(target) is not None
+            and _is_committed(store, f"{prefix}{target}/")
+        ):
+            return True
+    step_prefixes = (
+        name
+        for name in store.list_dirs(prefix)
+        if parse_step_dir_name(name[len(prefix) :].rstrip("/")) is not None
+    )
+    return any(
+        _is_committed(store, name) for name in itertools.islice(step_prefixes, COMMITS_CHECKED)
+    )
+
+
+def _is_committed(store: ObjectStore, step_prefix: str) -> bool:
+    """Whether the step whose objects are under ``step_prefix`` (ending in ``/``) is
+    committed: its ``COMMIT`` object is there."""
+    try:
+        store.head(f"{step_prefix}{COMMIT_NAME}")
+    except ObjectNotFound:
+        return False
+    return True

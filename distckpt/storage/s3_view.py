@@ -10,7 +10,7 @@ from typing import Any
 from distckpt.errors import CorruptCheckpoint
 from distckpt.results import CheckpointLocation
 from distckpt.storage.s3_checkpoint import S3Checkpoint
-from distckpt.storage.s3_root import S3Root
+from distckpt.storage.s3_root import S3Root, prefix_holds_a_root
 from distckpt.storage.views import RootView
 
 
@@ -37,9 +37,6 @@ class S3RootView(RootView):
         return first is not None or not self.s3.url.prefix
 
     def holds_a_root(self) -> bool:
-        # imported here: s3_locate reads a URL with this module's views
-        from distckpt.storage.s3_locate import prefix_holds_a_root
-
         return prefix_holds_a_root(self.s3.client, "")
 
     def certainly_no_root(self) -> bool:
