@@ -80,18 +80,12 @@ def raise_failures(
     outcomes: Sequence[Outcome], *, what: str, cause: BaseException | None = None
 ) -> None:
     """Raise on every rank alike if any rank's outcome carries an error: the distckpt
-    exception type the failing ranks share (a precondition every rank checked; a
-    :class:`~distckpt.LeaseLost` where the others found the staging dir removed), otherwise
+    exception type the failing ranks share (a precondition every rank checked), otherwise
     :class:`RankFailure` naming each failing rank and its error."""
     failing = {rank: o for rank, o in enumerate(outcomes) if o.error is not None}
     if not failing:
         return
     types = {o.error_type for o in failing.values()}
-    if types == {"LeaseLost", "StagingRemoved"}:
-        # The ranks without the lease saw the staging dir gone; the lease's holder, why: the
-        # job that took the root over removed it. Every rank raises that.
-        failing = {rank: o for rank, o in failing.items() if o.error_type == "LeaseLost"}
-        types = {"LeaseLost"}
     error_type = types.pop() if len(types) == 1 else None
     if error_type is not None and error_type != "RankFailure":
         messages = {o.error for o in failing.values()}

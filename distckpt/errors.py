@@ -440,9 +440,9 @@ class LeaseLost(CheckpointError, RuntimeError):
 
 
 class StagingRemoved(CheckpointError, FileNotFoundError):
-    """A save's staging dir vanished while the save wrote into it: someone else removed it (a
-    job's start or ``distckpt gc`` taking it for a dead writer's, where the writer lock does not
-    reach: NFS clients with local locks) while this job held its lease. ``path``: the dir."""
+    """A save's staging dir vanished while it wrote: someone else removed it (a job's start or
+    ``gc`` taking it for a dead writer's, where writer locks do not reach: NFS clients), and
+    rank 0 did not find its lease lost after the writes (else: LeaseLost). ``path``: the dir."""
 
 
 class LauncherGone(CheckpointError, RuntimeError):

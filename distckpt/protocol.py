@@ -35,15 +35,23 @@ import errno
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 from distckpt import events, faults
-from distckpt.coord import Coordinator, run_now
-from distckpt.errors import CheckpointError, InsufficientSpace, InvalidStep
+from distckpt.coord import Coordinator, Gathered, run_now
+from distckpt.coord_outcomes import Outcome
+from distckpt.errors import (
+    CheckpointError,
+    InsufficientSpace,
+    InvalidStep,
+    LeaseLost,
+    StagingRemoved,
+)
 from distckpt.formats import CheckpointFormat, ShardContext
 from distckpt.launcher import LauncherWatch
 from distckpt.manifest import FileRecord, Manifest, check_epoch_number
@@ -53,6 +61,7 @@ from distckpt.tidying import BackgroundTidy
 from distckpt.weights_only import RefusedValuesWarning
 
 logger = logging.getLogger("distckpt")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -101,7 +110,11 @@ def write(
     (:meth:`~distckpt.storage.RootStore.make_staging_durable`), which only the commit needs.
     The format writes into the local dir the store gives this rank
     (:meth:`~distckpt.storage.RootStore.open_shard`), then the store publishes it into the
-    staging area."""
+    staging area. A write that failed for a missing dir inside the staging area (even wrapped
+    by the format: DCP's) raises :class:`~distckpt.StagingRemoved` instead
+    (:meth:`~distckpt.storage.RootStore.staging_removed`): someone else removed the area;
+    rank 0 makes it :class:`~distckpt.LeaseLost` where its lease is lost
+    (:func:`blame_a_lost_lease`)."""
     ctx = ShardContext(
         coord.rank, coord.world_size, fsync, coord.group, direct_io=not store.shards_read_back
     )
@@ -121,12 +134,11 @@ def write(
         if plan.files and plan.area is not None:
             records.update(store.write_extra_files(plan.area, plan.files))
     except Exception as exc:
-        removed = None
-        if isinstance(exc, FileNotFoundError) and exc.filename is not None:
-            missing = os.fsdecode(exc.filename)
+        missing = missing_dir(exc)
+        if missing is not None:
             removed = store.staging_removed(plan.location, missing, step=plan.step, rank=coord.rank)
-        if removed is not None:
-            raise removed from exc
+            if removed is not None:
+                raise removed from exc
         full = out_of_space(exc)
         if full is None:
             raise
@@ -212,6 +224,7 @@ def write_and_commit(
         faults.hit("before_agreement", rank)
         with events.phase("save.agree", rank=rank, step=step):
             gathered = coord.gather(records, what=f"writing step {step}")
+            gathered = blame_a_lost_lease(gathered, store=store)
         # Rank 0 has every rank's report here; another rank only knows its own is delivered.
         faults.hit("after_agreement", rank)
 
@@ -230,6 +243,41 @@ def write_and_commit(
             # nor fail a save that committed. Only after a commit: a failed save leaves the root
             # as it was.
             tidying.request()
+
+
+def blame_a_lost_lease(gathered: Gathered[T], *, store: RootStore) -> Gathered[T]:
+    """Rank 0, once every rank reported its write: where some rank found the staging dir
+    removed (:class:`~distckpt.StagingRemoved`) and this store's lease is lost, the job that
+    took the lease over removed it (its start took the dir for a dead writer's), so each such
+    report becomes that :class:`~distckpt.LeaseLost`, which every rank then raises. Decided
+    here because only rank 0 holds the lease, and whether or not its own write failed: the
+    dir may vanish after rank 0 wrote its shard and before another rank wrote. Where the lease
+    is not found lost, the reports stay. Other ranks (no outcomes) get ``gathered`` as is."""
+    outcomes = gathered.outcomes
+    if outcomes is None or all(o.error_type != StagingRemoved.__name__ for o in outcomes):
+        return gathered
+    try:
+        store.check_lease()
+    except LeaseLost as exc:
+        lost = exc
+    except Exception:  # the record unreadable: raised here, the others would wait for rank 0
+        logger.warning("could not check the lease after a staging dir vanished", exc_info=True)
+        return gathered
+    else:
+        return gathered
+    return replace(gathered, outcomes=tuple(_lost_instead(o, lost) for o in outcomes))
+
+
+def _lost_instead(outcome: Outcome, lost: LeaseLost) -> Outcome:
+    """``outcome``, or the :class:`~distckpt.LeaseLost` it means if it reports a staging dir
+    removed (same text for every such rank, so the ranks raise one message)."""
+    if outcome.error_type != StagingRemoved.__name__:
+        return outcome
+    removed = StagingRemoved.rebuild(outcome.error or "", outcome.fields)
+    why = f"the staging dir {removed.path} of step {removed.step}'s save was removed meanwhile"
+    return Outcome.failure(
+        LeaseLost(f"{lost} ({why})", rank=removed.rank, path=removed.path, step=removed.step)
+    )
 
 
 def release_staging(plan: SavePlan, *, store: RootStore) -> None:
@@ -297,9 +345,25 @@ def ran_out_of_space(
 def out_of_space(exc: BaseException) -> OSError | None:
     """The "no space" (or "quota exceeded") OSError behind ``exc``, if it is one or was raised
     from one (a format may wrap it in an error of its own)."""
+    found = _behind(
+        exc, lambda e: isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
+    )
+    return found if isinstance(found, OSError) else None
+
+
+def missing_dir(exc: BaseException) -> str | None:
+    """The path a file could not be created at for a missing dir, if ``exc`` is that
+    ``FileNotFoundError`` or was raised from one (DCP wraps it in an error of its own)."""
+    found = _behind(exc, lambda e: isinstance(e, FileNotFoundError) and e.filename is not None)
+    return os.fsdecode(found.filename) if isinstance(found, FileNotFoundError) else None
+
+
+def _behind(exc: BaseException, matches: Callable[[BaseException], bool]) -> BaseException | None:
+    """The first of ``exc`` and the errors it was raised from, or raised while handling, that
+    ``matches``."""
     seen: BaseException | None = exc
     while seen is not None:
-        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+        if matches(seen):
             return seen
         seen = seen.__cause__ or seen.__context__
     return None

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, Union
 
-from distckpt.errors import CheckpointError, InvalidArgument
+from distckpt.errors import InvalidArgument, StagingRemoved
 from distckpt.fsutil import LinkMode
 from distckpt.layout import LINK_NAMES, RootLayout
 from distckpt.lease import LeaseHolder
@@ -156,16 +156,22 @@ class RootStore(abc.ABC):
 
     def staging_removed(
         self, location: str, missing: str, *, step: int, rank: int
-    ) -> CheckpointError | None:
+    ) -> StagingRemoved | None:
         """Every rank, when a file of ``step``'s save could not be created for a missing dir
-        (``missing``: its path): the error to raise instead when that path is in the staging
-        area ``location``, which the save made, so someone removed it (another job's start or
-        ``distckpt gc`` taking it for a dead writer's, where the writer lock does not reach:
-        NFS clients with local locks), else None. That job took the lease first:
-        :class:`~distckpt.LeaseLost` where this store's lease is lost (the commit would refuse
-        anyway), else :class:`~distckpt.StagingRemoved`. An object store's area (a prefix)
-        never vanishes under a write: None."""
+        (``missing``: its path): :class:`~distckpt.StagingRemoved` when that path is in the
+        staging area ``location``, which the save made, so someone else removed it (another
+        job's start or ``distckpt gc`` taking it for a dead writer's, where the writer lock does
+        not reach: NFS clients with local locks), else None. Told by the path alone: whether
+        the job that removed it took the lease first, rank 0 decides once every rank reported
+        (:func:`distckpt.protocol.write_and_commit`). An object store's area (a prefix) never
+        vanishes under a write: None."""
         return None
+
+    @abc.abstractmethod
+    def check_lease(self) -> None:
+        """Rank 0: raise :class:`~distckpt.LeaseLost` unless this store still holds the root's
+        lease, read now (what every change to what is published checks first). A store never
+        opened (the CLI's) holds none, and passes."""
 
     def publish_shard(
         self, location: str, directory: Path, records: Mapping[str, FileRecord]

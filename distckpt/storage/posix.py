@@ -206,9 +206,10 @@ class PosixRootStore(Removals, OverwriteUndo, LinksAndRetention, ViewedStore):
             self._lease.release()  # kept, so a commit after close is refused (LeaseLost)
         opened_no_more(self)
 
-    def _check_lease(self) -> None:
-        """Under the lock, before a change is published: this store's job still owns the root
-        (:class:`~distckpt.LeaseLost` if not). A store never opened holds no lease: the CLI's
+    def check_lease(self) -> None:
+        """Under the lock before a change is published, and after a save's writes found its
+        staging dir gone: this store's job still owns the root (:class:`~distckpt.LeaseLost` if
+        not). A store never opened holds no lease: the CLI's
         maintenance commands rely on the lock alone."""
         if self._lease is not None:
             self._lease.check_current()
@@ -337,7 +338,7 @@ class PosixRootStore(Removals, OverwriteUndo, LinksAndRetention, ViewedStore):
         with ExitStack() as held:
             with events.phase("commit.lock", rank=rank, step=step):
                 held.enter_context(self._lock)
-            self._check_lease()
+            self.check_lease()
             self.check_staged(area, manifest.files)
             # Re-checked under the lock: another job may have committed since the proposal.
             self.check_step(step, overwrite=overwrite, explicit=True)

@@ -22,7 +22,7 @@ from collections.abc import Callable, Collection
 from pathlib import Path
 
 from distckpt import faults, policy, resolve
-from distckpt.errors import CheckpointError, LeaseLost, StagingRemoved
+from distckpt.errors import StagingRemoved
 from distckpt.fsutil import move_to_trash, remove_tree, rename_dir
 from distckpt.layout import RootLayout
 from distckpt.lease import holder_beyond_judgement
@@ -46,7 +46,7 @@ class Removals:
     #: whether the leftovers of dead writers were removed since the root was opened
     _leftovers_checked: bool
     read_only: bool
-    _check_lease: Callable[[], None]
+    check_lease: Callable[[], None]
     _holds_current_lease: Callable[[], bool]
     _refuse_if_read_only: Callable[[str], None]
     _update_links: Callable[..., list[policy.CheckpointRecord]]
@@ -55,20 +55,16 @@ class Removals:
 
     def staging_removed(
         self, location: str, missing: str, *, step: int, rank: int
-    ) -> CheckpointError | None:
+    ) -> StagingRemoved | None:
         # Told by the failed write's path, not by looking at the dir: a FUSE or NFS client may
         # answer from its cache for a dir removed through another mount.
         if not Path(missing).is_relative_to(location):
             return None
-        removed = f"the staging dir {location} of step {step}'s save was removed meanwhile"
-        try:
-            self._check_lease()  # rank 0's lease: the other ranks hold none, and pass
-        except LeaseLost as lost:
-            return LeaseLost(f"{lost} ({removed})", rank=rank, path=location, step=step)
         return StagingRemoved(
-            f"{removed}, by someone else (a start or 'distckpt gc' of another job, which took it "
-            "for a dead writer's: the writer lock does not reach between them, as between NFS "
-            "clients locking locally); nothing was committed",
+            f"the staging dir {location} of step {step}'s save was removed meanwhile, by someone "
+            "else (a start or 'distckpt gc' of another job, which took it for a dead writer's: "
+            "the writer lock does not reach between them, as between NFS clients locking "
+            "locally); nothing was committed",
             rank=rank,
             path=location,
             step=step,
@@ -77,7 +73,7 @@ class Removals:
     def delete(self, step: int) -> int | None:
         self._refuse_if_read_only(f"delete step {step}")
         with self._lock:
-            self._check_lease()
+            self.check_lease()
             directory = Path(resolve.committed_dir(self.view, step).location)
             # Links first, durably, then the trash: the other order leaves a durable state
             # in which ``last`` names a checkpoint that is gone.
@@ -92,7 +88,7 @@ class Removals:
         # is the root's own step dir, which the links compare against.
         directory = Path(self.view.checkpoint(step).location)
         with self._lock:
-            self._check_lease()
+            self.check_lease()
             if not self.view.holds_checkpoint(location, step) or not directory.is_dir():
                 return None  # another root's, or deleted since the restore judged it
             target = self.layout.set_aside_dir(step, uuid.uuid4().hex[:12])
@@ -106,7 +102,7 @@ class Removals:
     def prune(self) -> list[int]:
         self._refuse_if_read_only("prune")
         with self._lock:
-            self._check_lease()
+            self.check_lease()
             # Read before the links move: this prune's monitor/mode may disagree with the job's.
             linked_before = self._linked_steps()
             removed = self._apply_retention(self._update_links(), linked_before)
@@ -119,7 +115,7 @@ class Removals:
     def collect_leftovers(self, *, force: bool = False) -> list[CheckpointLocation]:
         self._refuse_if_read_only("collect leftovers")
         with self._lock:
-            self._check_lease()
+            self.check_lease()
             removed, in_trash = self._remove_leftovers(force=force)
         removed = self._removed_at_open + removed + self._empty_found_trash(in_trash)
         self._removed_at_open = []  # reported once

@@ -293,7 +293,7 @@ class S3RootStore(LeaseKeeping, Upkeep, ViewedStore):
             faults.hit("after_manifest", rank)
         with events.phase("commit.publish", rank=rank, step=step):
             faults.hit("before_rename", rank)
-            self._check_lease()  # the upload may have outlasted the lease
+            self.check_lease()  # the upload may have outlasted the lease
             replaced, etag = self._publish(step, attempt, overwrite=overwrite)
             self._check_committed(area, manifest, len(manifest_bytes), etag, replaced)
             self._remember_written(step, attempt, etag, manifest_bytes)
@@ -454,7 +454,7 @@ class S3RootStore(LeaseKeeping, Upkeep, ViewedStore):
 
     def delete(self, step: int) -> int | None:
         self._refuse_if_read_only(f"delete step {step}")
-        self._check_lease()
+        self.check_lease()
         committed = self.view.committed_steps()
         if step not in committed:
             listing = ", ".join(map(str, committed)) if committed else "none"
@@ -469,14 +469,14 @@ class S3RootStore(LeaseKeeping, Upkeep, ViewedStore):
 
     def prune(self) -> list[int]:
         self._refuse_if_read_only("prune")
-        self._check_lease()
+        self.check_lease()
         # Read before the pointers move: this prune's monitor/mode may disagree with the job's.
         linked_before = self._linked_steps()
         return self._apply_retention(self._update_pointers(), linked_before)
 
     def collect_leftovers(self, *, force: bool = False) -> list[CheckpointLocation]:
         self._refuse_if_read_only("collect leftovers")
-        self._check_lease()
+        self.check_lease()
         # Under tidy's lock: a tidy in another thread, removing the same leftovers, finishes
         # first, and what it removed is reported here, once.
         with self._tidy_lock:

@@ -133,7 +133,7 @@ class LeaseKeeping(RootStore):
         (not after it was answered, nor after the claims were written: neither may push the
         next renewal past the lease's end); one that failed in transport is tried again soon,
         also once the lease's time is up (see :mod:`distckpt.objlease`). A lost lease is kept
-        for :meth:`_check_lease`."""
+        for :meth:`check_lease`."""
         wait = LEASE_SECONDS / 3
         while not self._stop_renewing.wait(wait):
             due = self._renew_lease()
@@ -208,7 +208,7 @@ class LeaseKeeping(RootStore):
                 self.root,
                 LEASE_SECONDS,
             )
-            # without the lock (the thread holds it): one assignment, and _check_lease then
+            # without the lock (the thread holds it): one assignment, and check_lease then
             # refuses every later commit as closed
             self._lease = None
             renewals, self._renewals = self._renewals, None
@@ -231,7 +231,7 @@ class LeaseKeeping(RootStore):
                 LEASE_SECONDS,
             )
 
-    def _check_lease(self) -> None:
+    def check_lease(self) -> None:
         """Before a change is published: this store's job still owns the root
         (:class:`~distckpt.LeaseLost` if not). A store never opened holds no lease."""
         with self._lease_lock:

@@ -39,7 +39,7 @@ class SetAside:
     #: none; guarded by ``_unpublished_lock``, as the store's list of saves to tidy is
     _unpublished_here: set[tuple[int, str]]
     _unpublished_lock: threading.Lock
-    _check_lease: Callable[[], None]
+    check_lease: Callable[[], None]
     _refuse_if_read_only: Callable[[str], None]
     _delete_prefix: Callable[[str], None]
     _update_pointers: Callable[..., list[policy.CheckpointRecord]]
@@ -94,7 +94,7 @@ class SetAside:
         copy whole and the originals uncommitted: this version's next start or gc deletes them
         (completing the copy first), and so does an older version's, which is then harmless."""
         self._refuse_if_read_only(f"set aside step {step}")
-        self._check_lease()
+        self.check_lease()
         if location != self.s3.location(step):
             return None
         record = self.s3.read_commit_or_unknown(step)
@@ -129,7 +129,7 @@ class SetAside:
             )
             return None
         self._update_pointers(leaving=step)
-        self._check_lease()
+        self.check_lease()
         self.s3.client.delete([self.s3.commit_name(step)])
         self.s3.forget_commit(step)
         self._delete_prefix(self.s3.attempt_prefix(step, record.attempt))
