@@ -13,6 +13,7 @@ import pytest
 import distckpt
 from distckpt.objstore import ObjectStore
 from distckpt.storage import OpenedRoot, open_store
+from distckpt.storage.s3_root import CommitRecord, S3Root
 from tests.s3proxy import S3Proxy
 from tests.s3server import S3Server
 from tests.test_s3_requests import _counted, _state
@@ -188,3 +189,40 @@ def test_the_manifests_remembered_are_those_of_the_saves_still_kept(
         assert sorted(s3.manifests) == [(2, s3.commits[2].attempt), (3, s3.commits[3].attempt)]
         manager.delete(2)
         assert list(s3.manifests) == [(3, s3.commits[3].attempt)]
+
+
+def test_a_reader_remembers_only_the_steps_another_process_kept(
+    s3_server: S3Server, s3_url: str
+) -> None:
+    """A read-only process, which removes nothing itself, forgets what it kept of the steps the
+    writer's retention removed once it lists the root again: a reader that follows a long job
+    does not keep a record and a manifest per step it ever read."""
+    options = s3_server.storage_options()
+    with distckpt.CheckpointManager(s3_url, storage_options=options, keep_last=2) as writer:
+        writer.save(1, _state(1))
+        with distckpt.CheckpointManager(s3_url, storage_options=options, read_only=True) as reader:
+            s3 = reader._store.s3  # type: ignore[attr-defined]
+            for step in range(2, 4):
+                writer.save(step, _state(step))
+                after_rank_0_removals(writer)  # the removed step's objects: listed till then
+                assert reader.restore("last", state=_state(0)).step == step
+                assert set(s3.commits) <= {step - 1, step}, s3.commits
+                assert {kept for kept, _ in s3.manifests} <= {step - 1, step}, s3.manifests
+
+
+def test_a_commit_record_is_remembered_under_the_step_it_was_read_from(
+    s3_server: S3Server, s3_url: str
+) -> None:
+    """A ``COMMIT`` whose record names another step (a step's objects copied by hand) is kept
+    as the version read at its own key, and leaves the record kept of the step it names."""
+    options = s3_server.storage_options()
+    with distckpt.CheckpointManager(s3_url, storage_options=options) as writer:
+        writer.save(2, _state(2))
+    root = S3Root(s3_url, options)
+    named = root.read_commit(2)
+    assert named is not None
+    root.client.put_bytes(root.commit_name(7), CommitRecord.encode(2, named.attempt))
+    copied = root.read_commit(7)
+    assert copied is not None
+    assert root.known_commit(7, copied.etag) == copied
+    assert root.known_commit(2, named.etag) == named

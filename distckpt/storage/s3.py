@@ -379,7 +379,7 @@ class S3RootStore(LeaseKeeping, Upkeep, ViewedStore):
         checks it (its objects may be lost after the commit's own listing), and a ``COMMIT``
         replaced since has another ETag. A manifest over the size readers refuse unread is
         not kept: it is refused as if read."""
-        self.s3.remember_commit(CommitRecord(step, attempt, etag))
+        self.s3.remember_commit(step, CommitRecord(step, attempt, etag))
         if len(manifest_bytes) <= MAX_MANIFEST_BYTES:
             source = f"{self.s3.attempt_location(step, attempt)}/{MANIFEST_NAME}"
             self.s3.manifests[(step, attempt)] = Manifest.from_json(manifest_bytes, source=source)

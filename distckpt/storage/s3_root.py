@@ -87,8 +87,10 @@ class S3Root:
         self._client: ObjectStore | None = None
         self._client_pid = 0
         self._client_lock = threading.Lock()
-        #: manifests read, by (step, attempt): a save's manifest never changes once committed;
-        #: those of a step are dropped once it is removed (:meth:`forget_commit`)
+        #: manifests read, by (step, attempt): a save's manifest never changes once committed.
+        #: Those of a step are dropped, with its commit record, once this process removes it
+        #: (:meth:`forget_commit`) or a listing of every step no longer finds it (another
+        #: process's retention: :meth:`listed_steps`), so a reader's do not pile up either
         self.manifests: dict[tuple[int, str], Manifest] = {}
         self.commits: dict[int, CommitRecord] = {}  # each step's last read, with its ETag
 
@@ -172,9 +174,16 @@ class S3Root:
 
     def listed_steps(self, from_step: int = 0) -> list[int]:
         """The steps from ``from_step`` on that have objects, committed or not, ascending: one
-        listing, no request per step."""
+        listing, no request per step. A listing of every step (``from_step`` 0) also forgets
+        what this process keeps of the steps it no longer finds (:meth:`forget_commit`)."""
         parsed = (parse_step_dir_name(name.rstrip("/")) for name in self.client.list_dirs("step-"))
-        return sorted({step for step in parsed if step is not None and step >= from_step})
+        listed = {step for step in parsed if step is not None}
+        if from_step == 0:
+            # copies taken at once: another thread (the background tidy) may change them
+            kept = set(list(self.commits)) | {step for step, _ in list(self.manifests)}
+            for step in kept - listed:
+                self.forget_commit(step)
+        return sorted(step for step in listed if step >= from_step)
 
     def commit_etags(self, from_step: int = 0) -> dict[int, str]:
         """Each committed step from ``from_step`` on, with its ``COMMIT``'s ETag (a ``HEAD``)."""
@@ -214,7 +223,7 @@ class S3Root:
         try:
             fields = json.loads(data)
             record = CommitRecord(int(fields["step"]), str(fields["attempt"]), etag)
-            self.remember_commit(record)
+            self.remember_commit(step, record)
             return record
         except (ValueError, TypeError, KeyError) as exc:
             raise CorruptCheckpoint(
@@ -231,11 +240,12 @@ class S3Root:
         known = self.commits.get(step)
         return known if known is not None and known.etag == etag else None
 
-    def remember_commit(self, record: CommitRecord) -> None:
-        """Keep ``record``, read or written, for :meth:`known_commit`; a manifest kept of
-        another save of its step goes (that save was replaced: ``overwrite``)."""
-        self.commits[record.step] = record
-        self._forget_manifests(record.step, keep=record.attempt)
+    def remember_commit(self, step: int, record: CommitRecord) -> None:
+        """Keep ``record``, the step's ``COMMIT`` read or written, for :meth:`known_commit`
+        (filed under ``step``, where it was found, whatever step it names); a manifest kept of
+        another save of the step goes (that save was replaced: ``overwrite``)."""
+        self.commits[step] = record
+        self._forget_manifests(step, keep=record.attempt)
 
     def forget_commit(self, step: int) -> None:
         """Drop what this process keeps of the step, its ``COMMIT``'s record (for
@@ -246,8 +256,8 @@ class S3Root:
 
     def _forget_manifests(self, step: int, *, keep: str | None = None) -> None:
         """Drop the manifests kept of the step's saves, but of the save ``keep``."""
-        for key in [key for key in self.manifests if key[0] == step and key[1] != keep]:
-            del self.manifests[key]
+        for key in [key for key in list(self.manifests) if key[0] == step and key[1] != keep]:
+            self.manifests.pop(key, None)
 
     def set_aside_attempts(self) -> list[tuple[int, str]]:
         """The saves set aside as damaged (step, attempt), from their records' names."""
