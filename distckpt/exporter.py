@@ -32,10 +32,11 @@ from distckpt.export_state import savable_state, torch_save
 from distckpt.formats import format_named
 from distckpt.formats.base import check_rank_argument
 from distckpt.fsutil import atomic_write, fsync_ancestors, make_dirs
+from distckpt.inspection import check_local_copy
 from distckpt.layout import on_disk_spelling
 from distckpt.objstore import ObjectStore
 from distckpt.objurl import S3Url, is_s3_url
-from distckpt.resolve import Found, check_local_copy, resolve_path
+from distckpt.resolve import Found, resolve_path
 from distckpt.results import CheckpointLocation
 from distckpt.storage.nesting import bucket_root_around, local_root_around
 from distckpt.storage.s3_root import prefix_holds_a_root

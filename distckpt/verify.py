@@ -25,8 +25,9 @@ from distckpt.errors import (
     ObjectStoreError,
     PreconditionFailed,
 )
+from distckpt.inspection import inspect
 from distckpt.layout import LINK_NAMES
-from distckpt.resolve import VANISH_RETRIES, classify_path, inspect, link_problem
+from distckpt.resolve import VANISH_RETRIES, classify_path, link_problem
 from distckpt.results import CheckpointLocation, location_name
 from distckpt.storage.views import CheckpointSource, RootView
 
@@ -99,7 +100,7 @@ def verify_checkpoint(
     progress: Callable[[int], None] | None = None,
 ) -> CheckpointReport:
     """Check one checkpoint against its manifest (see the module doc): the problems a restore
-    refuses it for (:func:`distckpt.resolve.inspect`), and unlisted files. A store that failed
+    refuses it for (:func:`distckpt.inspection.inspect`), and unlisted files. A store that failed
     a read (unreachable, 5xx after its retries, access refused, any refusal but the object
     gone or replaced while read) raises its :class:`~distckpt.ObjectStoreError`, as a disk's
     I/O error raises its ``OSError``."""
