@@ -121,7 +121,9 @@ def iter_valid(
                 raise
             newer.append(step)
         except (CorruptCheckpoint, UnsafeCheckpoint, FileNotFoundError) as exc:
-            if not source.exists():
+            # CheckpointNotFound: the check found the step not committed (no COMMIT object):
+            # asking again would cost a second request per uncommitted step
+            if isinstance(exc, CheckpointNotFound) or not source.exists():
                 logger.debug("%s was deleted while being listed", source.location)
                 continue
             if not skip_failing:

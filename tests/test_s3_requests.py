@@ -160,8 +160,9 @@ def _copy_as_steps(root: S3Root, source_step: int, steps: Iterable[int]) -> None
         list(pool.map(copy, steps))
 
 
+@pytest.mark.parametrize("suffix", ["", "/last"])
 def test_a_load_of_the_newest_step_costs_as_much_with_20_kept_steps_as_with_2(
-    s3_server: S3Server, s3_url: str
+    s3_server: S3Server, s3_url: str, suffix: str
 ) -> None:
     # restore("last") sends no request per kept step either: the bounds above hold it
     # (no HEAD of COMMIT, one GET of it); a manager behind the proxy would double the time.
@@ -175,8 +176,34 @@ def test_a_load_of_the_newest_step_costs_as_much_with_20_kept_steps_as_with_2(
             _copy_as_steps(direct, 1, copies)
             direct.client.put_bytes(LAST, step_dir_name(100).encode())
             mark = len(proxy.log)
-            assert distckpt.load_checkpoint(s3_url, storage_options=options).step == 100
+            assert distckpt.load_checkpoint(s3_url + suffix, storage_options=options).step == 100
             costs.append(_counted(proxy, mark))
     assert len(direct.committed_steps()) == 20
     direct.close()
     assert costs[0] == costs[1], costs
+    searched = {"LIST saves": 1, "GET last": 1, "GET COMMIT": 1, "LIST save": 1}
+    if suffix:
+        searched["GET last"] += 1  # read first to tell what the URL names
+    assert {kind: costs[0][kind] for kind in searched} == searched, costs[0]
+    assert costs[0]["HEAD COMMIT"] == 0, costs[0]
+
+
+def test_a_load_asks_once_about_each_newer_step_a_dead_writer_left(
+    s3_server: S3Server, s3_url: str
+) -> None:
+    """A step prefix a dead writer left uncommitted, newer than the newest committed step,
+    costs the search for the newest step one request (its ``COMMIT`` looked for, not found)."""
+    with distckpt.CheckpointManager(s3_url, storage_options=s3_server.storage_options()) as m:
+        m.save(1, _state(1))
+    direct = S3Root(s3_url, s3_server.storage_options())
+    leftovers = range(2, 5)
+    for step in leftovers:
+        direct.client.put_bytes(direct.attempt_prefix(step, "dead") + "rank-00000.pt", b"left")
+    direct.close()
+    with S3Proxy(s3_server.port) as proxy:
+        options = s3_server.storage_options(endpoint_url=proxy.endpoint)
+        mark = len(proxy.log)
+        assert distckpt.load_checkpoint(s3_url, storage_options=options).step == 1
+        counted = _counted(proxy, mark)
+    assert counted["GET COMMIT"] == len(leftovers) + 1, counted
+    assert counted["HEAD COMMIT"] == 0, counted
