@@ -1,10 +1,10 @@
 """Every exception distckpt raises, but one kind: the functions that run in a plain process
 (:func:`distckpt.load_checkpoint`, :func:`distckpt.verify`, :func:`distckpt.export`) raise an
 ``OSError`` reading a checkpoint's file, or writing ``export``'s output, as it is; a
-:class:`~distckpt.CheckpointManager`'s calls raise it as a :class:`RankFailure` naming the rank.
-All derive from :class:`CheckpointError` and the builtin that means the same (a missing
-checkpoint is a ``FileNotFoundError``). Their structured fields (``rank``, ``path``, ``step``,
-None where unknown, and each class's own) travel between ranks and survive pickling."""
+:class:`~distckpt.CheckpointManager`'s calls raise it as a :class:`RankFailure` naming the rank,
+unless they tell its cause (a full disk, a staging dir removed: :class:`InsufficientSpace`,
+:class:`StagingRemoved`, :class:`LeaseLost`). All derive from :class:`CheckpointError` and the
+same builtin (a missing checkpoint: ``FileNotFoundError``); their fields travel between ranks."""
 
 from __future__ import annotations
 

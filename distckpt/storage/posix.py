@@ -305,6 +305,8 @@ class PosixRootStore(Removals, OverwriteUndo, LinksAndRetention, ViewedStore):
             except FileNotFoundError:
                 # Rank 0 made the staging dir itself: gone, it was removed under this save
                 # (a gc that could not see this writer's lock), not hidden by the filesystem.
+                # Here a look at the dir is the only way to tell the two causes apart; a write
+                # (Removals.staging_removed) needs none, its failed path proving the dir gone.
                 why = (
                     f"the staging dir {staging} was removed while this save wrote it, e.g. "
                     "by a 'distckpt gc' on a machine this writer's lock does not reach"
