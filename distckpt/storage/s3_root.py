@@ -176,11 +176,13 @@ class S3Root:
         """The steps from ``from_step`` on that have objects, committed or not, ascending: one
         listing, no request per step. A listing of every step (``from_step`` 0) also forgets
         what this process keeps of the steps it no longer finds (:meth:`forget_commit`)."""
+        # What this process keeps, taken before the listing (copies taken at once: another
+        # thread may change them): a step it commits while the listing runs is missing from
+        # the listing, and must not be forgotten for that.
+        kept = set(list(self.commits)) | {step for step, _ in list(self.manifests)}
         parsed = (parse_step_dir_name(name.rstrip("/")) for name in self.client.list_dirs("step-"))
         listed = {step for step in parsed if step is not None}
         if from_step == 0:
-            # copies taken at once: another thread (the background tidy) may change them
-            kept = set(list(self.commits)) | {step for step, _ in list(self.manifests)}
             for step in kept - listed:
                 self.forget_commit(step)
         return sorted(step for step in listed if step >= from_step)
