@@ -333,6 +333,21 @@ def test_a_monitor_that_ranks_none_leaves_no_best(tmp_path: Path) -> None:
     assert not os.path.lexists(tmp_path / "best")
 
 
+def test_retention_without_a_monitor_keeps_the_checkpoint_best_names(tmp_path: Path) -> None:
+    """README: a checkpoint stays if it is the target of ``best``, and a manager without
+    ``monitor`` leaves ``best`` as it is: its ``keep_last`` must not remove that step, or
+    ``best`` would name nothing."""
+    state = {"w": torch.zeros(2)}
+    with distckpt.CheckpointManager(tmp_path, monitor="loss", fsync=False) as mgr:
+        mgr.save(1, state, metrics={"loss": 0.1})
+        mgr.save(2, state, metrics={"loss": 0.5})
+    with distckpt.CheckpointManager(tmp_path, keep_last=1, fsync=False) as mgr:
+        mgr.save(3, state)
+        mgr.save(4, state)
+        assert mgr.steps() == [1, 4]
+    assert os.readlink(tmp_path / "best") == "step-00000001"
+
+
 def test_milestones_are_kept(tmp_path: Path) -> None:
     with distckpt.CheckpointManager(
         tmp_path, keep_last=1, keep_every_n_steps=10, fsync=False
