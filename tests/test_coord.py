@@ -4,12 +4,15 @@ errors keep their structured fields across ranks. A rank that dies, is stopped o
 
 from __future__ import annotations
 
+import pickle
+
 import pytest
 import torch
 
 import distckpt
 from distckpt.coord import GATHER_FROM_RANKS, Coordinator
 from distckpt.coord_frames import FRAME_BYTES
+from distckpt.coord_outcomes import Outcome
 from distckpt.errors import CheckpointExists, InvalidStep, RankFailure
 from tests.ranks import run_ranks, values
 
@@ -66,8 +69,20 @@ def test_all_reduce_gives_every_rank_the_same_result_or_error(
     assert values(run_ranks(_reduced, world_size)) == [expected] * world_size
 
 
-#: Each rank's value in the mixed all_gather: only rank 3's needs a second round.
-SIZES = (0, FRAME_BYTES // 2, FRAME_BYTES // 2, 3 * FRAME_BYTES + 7)
+def _filling_a_frame() -> int:
+    """The length of a bytes value whose report (the :class:`Outcome` a verb sends) fills a
+    first-round frame exactly: the boundary at which no second round may be awaited."""
+    return next(
+        size
+        for size in range(FRAME_BYTES)
+        if len(pickle.dumps(Outcome(value=b"v" * size), protocol=pickle.HIGHEST_PROTOCOL))
+        == FRAME_BYTES
+    )
+
+
+#: Each rank's value in the mixed all_gather and gather: only rank 3's needs a second round;
+#: rank 1's fills its frame to the last byte.
+SIZES = (0, _filling_a_frame(), FRAME_BYTES // 2, 3 * FRAME_BYTES + 7)
 
 
 def _values_of_every_size(rank: int, world_size: int) -> tuple[list[bytes], list[bytes], int]:
