@@ -125,11 +125,13 @@ def test_a_forced_save_of_a_damaged_step_names_delete_and_overwrite(tmp_path: Pa
 
 def _clocks_disagree(rank: int, world_size: int, root: str) -> list[int]:
     real = time.monotonic
-    if rank == 1:
-        # Rank 1's clock runs far ahead: alone it would decide to save at every step.
-        distckpt.decisions.time.monotonic = lambda: real() + 10_000.0  # type: ignore[attr-defined]
     saved = []
     with distckpt.CheckpointManager(root, every_seconds=3600, fsync=False, timeout=20) as mgr:
+        if rank == 1:
+            # Rank 1's clock jumps far ahead once the schedule counts from the start (a clock
+            # patched before would put that start ahead too): alone it would decide to save at
+            # every step. No real clock of a forked rank can be made to run apart.
+            distckpt.decisions.time.monotonic = lambda: real() + 10_000.0  # type: ignore[attr-defined]
         for step in range(1, 6):
             wanted = mgr.should_save(step)
             result = mgr.save(step, {"s": step})
