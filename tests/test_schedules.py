@@ -160,6 +160,19 @@ def test_time_schedule_fires_on_every_rank(tmp_path: Path) -> None:
     assert values(run_ranks(_time_schedule_fires, 2, str(tmp_path))) == [[1, 2, 3]] * 2
 
 
+def test_every_seconds_at_the_newest_step_found_at_the_start_is_not_due(tmp_path: Path) -> None:
+    """README: a call at a step the schedule already counts from returns None (that step is
+    saved), also at a new step boundary (a job that resumed its state without ``restore``):
+    returning that checkpoint would restart the interval, and the next step would not save."""
+    with distckpt.CheckpointManager(tmp_path, fsync=False) as mgr:
+        mgr.save(10, {"w": torch.zeros(2)})
+    time.sleep(0.1)  # longer than the interval: the job waited in the queue
+    with distckpt.CheckpointManager(tmp_path, every_seconds=0.05, fsync=False) as mgr:
+        assert mgr.save(10, {"w": torch.zeros(2)}) is None
+        saved = mgr.save(11, {"w": torch.zeros(2)})
+        assert saved is not None and saved.step == 11
+
+
 def _forced_save_of_committed_step(rank: int, world_size: int, root: str) -> tuple[int, bool]:
     with distckpt.CheckpointManager(root, every_n_steps=10, fsync=False, timeout=20) as mgr:
         first = mgr.save(10, {"v": 1})
