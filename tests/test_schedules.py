@@ -173,6 +173,18 @@ def test_every_seconds_at_the_newest_step_found_at_the_start_is_not_due(tmp_path
         assert saved is not None and saved.step == 11
 
 
+def test_deleting_the_newest_makes_the_schedule_count_from_the_newest_left(tmp_path: Path) -> None:
+    """A ``delete`` of the step the schedule counts from moves the count to the newest step
+    left: the multiple the deleted save covered is crossed again by the next step."""
+    with distckpt.CheckpointManager(tmp_path, every_n_steps=5, fsync=False) as mgr:
+        mgr.save(5, {"s": 5})
+        mgr.save(10, {"s": 10})
+        mgr.delete(10)
+        saved = mgr.save(11, {"s": 11})
+        assert saved is not None and saved.step == 11
+        assert mgr.steps() == [5, 11]
+
+
 def _forced_save_of_committed_step(rank: int, world_size: int, root: str) -> tuple[int, bool]:
     with distckpt.CheckpointManager(root, every_n_steps=10, fsync=False, timeout=20) as mgr:
         first = mgr.save(10, {"v": 1})
