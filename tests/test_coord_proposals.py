@@ -1,0 +1,39 @@
+"""The save's proposal round on real ranks: the verdict rank 0 takes from every rank's
+proposal (one step everywhere, the free space every rank's part needs) reaches every rank."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+
+import distckpt
+from tests.ranks import run_ranks, values
+
+TIMEOUT = 20.0
+
+#: Rank 1's part of the save (1 MiB of float32); rank 0's is one element.
+LARGE_ELEMENTS = 256 << 10
+
+
+def _lopsided_save(rank: int, world_size: int, root: str, space_margin: float) -> str:
+    """A save where rank 1 writes nearly all the bytes: the error class and message."""
+    elements = LARGE_ELEMENTS if rank == 1 else 1
+    with distckpt.CheckpointManager(root, space_margin=space_margin, timeout=TIMEOUT) as mgr:
+        try:
+            mgr.save(1, {"w": torch.zeros(elements)})
+        except distckpt.CheckpointError as exc:
+            return f"{type(exc).__name__}: {exc}"
+        return "saved"
+
+
+def test_the_free_space_check_counts_every_ranks_part_of_the_save(tmp_path: Path) -> None:
+    """README: the free space a save needs is estimated from the bytes the format writes, on
+    every rank. A margin of four times the free space per MiB of the save refuses rank 1's
+    MiB, where rank 0's one element alone (a few KiB at most) would pass."""
+    space_margin = shutil.disk_usage(tmp_path).free / (256 << 10)
+    results = values(run_ranks(_lopsided_save, 2, str(tmp_path), space_margin))
+    for message in results:
+        assert message.startswith("InsufficientSpace: saving step 1 needs about 1"), message
+    assert not list(tmp_path.glob("step-*"))
