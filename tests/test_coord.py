@@ -233,6 +233,31 @@ def test_gather_decide_names_every_failing_rank_on_every_rank() -> None:
     assert message.startswith("checking the step failed on ranks 1, 2")
 
 
+def _one_type_other_messages(rank: int, world_size: int) -> tuple[str, str, int | None]:
+    """Every rank fails with the same distckpt error, each with a message of its own."""
+    coord = Coordinator(None, TIMEOUT)
+
+    def local() -> None:
+        raise CheckpointExists(f"step {rank} exists", step=rank)
+
+    try:
+        coord.all_gather(local, what="checking the steps")
+    except CheckpointExists as exc:
+        return type(exc).__name__, str(exc), exc.rank
+    finally:
+        coord.close()
+    raise AssertionError("no rank raised")
+
+
+def test_an_error_of_one_type_with_other_messages_names_each_rank_with_its_own() -> None:
+    # README (agree_on): a distckpt error of one type on every failing rank comes through as
+    # itself, naming them: which message came from which rank
+    message = (
+        "checking the steps failed on ranks 0, 1: rank 0: step 0 exists; rank 1: step 1 exists"
+    )
+    assert values(run_ranks(_one_type_other_messages, 2)) == [("CheckpointExists", message, 0)] * 2
+
+
 def _decision_fails(rank: int, world_size: int) -> tuple[str, dict[str, object]]:
     coord = Coordinator(None, TIMEOUT)
 
