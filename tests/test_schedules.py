@@ -463,3 +463,21 @@ def test_should_save_holds_an_epoch_save_due_mid_window_as_save_does(tmp_path: P
         assert mgr.should_save(2, epoch=1)
         saved = mgr.save(2, {"s": 2}, epoch=1)
         assert saved is not None and saved.step == 2
+
+
+def _throttled_by_rank_0s_clock(rank: int, world_size: int, root: str) -> list[int | None]:
+    clock = SteppedClock()
+    # Only the decisions read this clock: no real clock of one forked rank moves alone.
+    distckpt.decisions.time = clock  # type: ignore[attr-defined]
+    options = {"min_seconds_between_saves": 100, "fsync": False, "timeout": 20}
+    with distckpt.CheckpointManager(root, **options) as mgr:
+        first = mgr.save(1, {"s": 1})
+        if rank == 0:
+            clock.offset += 200  # rank 0's wait is over; rank 1's has barely begun
+        second = mgr.save(2, {"s": 2})
+    return [getattr(result, "step", None) for result in (first, second)]
+
+
+def test_the_throttle_follows_rank_0s_clock_on_every_rank(tmp_path: Path) -> None:
+    """README: for ``min_seconds_between_saves``, rank 0's clock decides, for every rank."""
+    assert values(run_ranks(_throttled_by_rank_0s_clock, 2, str(tmp_path))) == [[1, 2]] * 2
