@@ -12,6 +12,8 @@ import distckpt
 from tests.ranks import run_ranks, values
 
 TIMEOUT = 20.0
+#: The timeout where a background save that did not renew its group would wait for a peer.
+SHORT_TIMEOUT = 3.0
 
 #: Rank 1's part of the save (1 MiB of float32); rank 0's is one element.
 LARGE_ELEMENTS = 256 << 10
@@ -37,3 +39,25 @@ def test_the_free_space_check_counts_every_ranks_part_of_the_save(tmp_path: Path
     for message in results:
         assert message.startswith("InsufficientSpace: saving step 1 needs about 1"), message
     assert not list(tmp_path.glob("step-*"))
+
+
+def _twin_broken_on_rank_1_alone(rank: int, world_size: int, root: str) -> tuple[int, bool]:
+    """Rank 1's background coordinator's group is broken, rank 0's is not (rank 0 completed
+    a collective that rank 1 failed): the next async save renews it on every rank."""
+    with distckpt.CheckpointManager(root, async_save=True, timeout=SHORT_TIMEOUT) as mgr:
+        mgr.save(1, {"w": torch.zeros(4)})
+        mgr.wait()
+        if rank == 1:
+            # Marked broken by hand: no real interleaving of two ranks reliably fails a
+            # background collective on one rank alone after the other completed it.
+            mgr._background.coord._broken = True
+        mgr.save(2, {"w": torch.ones(4)})
+        saved = mgr.wait()
+        return saved.step, mgr._background.coord.broken
+
+
+def test_a_background_group_broken_on_one_rank_is_renewed_on_every_rank(tmp_path: Path) -> None:
+    """The proposals carry whether each rank's background group broke; the verdict renews it
+    on every rank if any rank's did, so the next async save commits."""
+    results = values(run_ranks(_twin_broken_on_rank_1_alone, 2, str(tmp_path)))
+    assert results == [(2, False)] * 2
