@@ -292,13 +292,13 @@ def test_a_resume_through_a_symlink_to_the_root_moves_the_schedule(tmp_path: Pat
 
 
 def _preempt_at_a_committed_step(
-    rank: int, world_size: int, root: str
+    rank: int, world_size: int, root: str, schedule: dict[str, int]
 ) -> list[tuple[int, int | None, bool]]:
     """Gradient accumulation 4 (``save(step)`` after every micro-batch), with the signal
-    reaching rank 1 just after the scheduled save of step 500 committed."""
+    reaching rank 1 just after the save of step 500 committed (scheduled, or explicit)."""
     calls = []
     with distckpt.CheckpointManager(
-        root, every_n_steps=500, save_on_signal=(signal.SIGUSR1,), fsync=False, timeout=20
+        root, **schedule, save_on_signal=(signal.SIGUSR1,), fsync=False, timeout=20
     ) as mgr:
         for micro, step in enumerate([500, 500, 500, 500, 501, 501, 501, 501, 502]):
             if micro == 1 and rank == 1:
@@ -310,10 +310,14 @@ def _preempt_at_a_committed_step(
     return calls
 
 
-def test_a_preemption_save_of_a_committed_step_reports_preempted(tmp_path: Path) -> None:
+@pytest.mark.parametrize("schedule", [{"every_n_steps": 500}, {}])
+def test_a_preemption_save_of_a_committed_step_reports_preempted(
+    tmp_path: Path, schedule: dict[str, int]
+) -> None:
     """The step the signal finds is committed already: that checkpoint is the preemption save,
-    and the job stops there instead of running another step."""
-    results = values(run_ranks(_preempt_at_a_committed_step, 2, str(tmp_path)))
+    and the job stops there instead of running another step. Without a schedule too, where a
+    plain save of a committed step raises: a preemption save is not an explicit one."""
+    results = values(run_ranks(_preempt_at_a_committed_step, 2, str(tmp_path), schedule))
     assert results == [[(500, 500, False), (500, 500, True)]] * 2
     assert distckpt.CheckpointManager(tmp_path, read_only=True).steps() == [500]
 
