@@ -61,3 +61,22 @@ def test_a_background_group_broken_on_one_rank_is_renewed_on_every_rank(tmp_path
     on every rank if any rank's did, so the next async save commits."""
     results = values(run_ranks(_twin_broken_on_rank_1_alone, 2, str(tmp_path)))
     assert results == [(2, False)] * 2
+
+
+def _other_steps_where_rank_0s_is_committed(rank: int, world_size: int, root: str) -> str:
+    """Rank 0 forces a save of step 5, committed already (which returns that checkpoint);
+    rank 1 forces one of step 6."""
+    with distckpt.CheckpointManager(root, fsync=False, timeout=TIMEOUT) as mgr:
+        mgr.save(5, {"w": torch.zeros(2)})
+        try:
+            saved = mgr.save(5 + rank, {"w": torch.zeros(2)}, force=True)
+        except distckpt.CheckpointError as exc:
+            return f"{type(exc).__name__}: {exc}"
+        return f"saved {saved.step}"
+
+
+def test_different_steps_are_refused_where_rank_0s_is_committed_already(tmp_path: Path) -> None:
+    """README: a step number that differs between ranks is refused, also where rank 0's step
+    is committed and its checkpoint would be returned: rank 1 would think step 6 saved."""
+    for message in values(run_ranks(_other_steps_where_rank_0s_is_committed, 2, str(tmp_path))):
+        assert message.startswith("InvalidStep: the ranks passed different steps"), message
