@@ -130,7 +130,9 @@ def test_an_error_keeps_its_type_and_fields_on_every_rank() -> None:
     assert values(run_ranks(_structured_failure, 2)) == [("CheckpointExists", fields)] * 2
 
 
-def _mixed_failures(rank: int, world_size: int) -> tuple[dict[int, str], dict[int, str]]:
+def _mixed_failures(
+    rank: int, world_size: int
+) -> tuple[dict[int, str], dict[int, str], tuple[str, dict[int, str]]]:
     coord = Coordinator(None, TIMEOUT)
 
     def local() -> None:
@@ -139,20 +141,32 @@ def _mixed_failures(rank: int, world_size: int) -> tuple[dict[int, str], dict[in
     def rank_zero_fails() -> None:
         raise RankFailure("reading", {3: "OSError: gone"})
 
+    def rank_one_fails() -> None:
+        if rank == 1:
+            raise RankFailure("reading", {3: "OSError: gone"})
+
     try:
         with pytest.raises(RankFailure) as gathered:
             coord.all_gather(local, what="writing")
         with pytest.raises(RankFailure) as decided:
             coord.decide(rank_zero_fails, what="deciding")
-        return gathered.value.failures, decided.value.failures
+        with pytest.raises(RankFailure) as nested:
+            coord.all_gather(rank_one_fails, what="writing")
+        return (
+            gathered.value.failures,
+            decided.value.failures,
+            (nested.value.what, nested.value.failures),
+        )
     finally:
         coord.close()
 
 
 def test_rank_failure_carries_its_failures_to_every_rank() -> None:
     gathered = {0: "OSError: disk gone", 1: "CheckpointExists: step exists"}
-    # rank 0's RankFailure is rebuilt on rank 1 with its mapping, not just its text
-    assert values(run_ranks(_mixed_failures, 2)) == [(gathered, {3: "OSError: gone"})] * 2
+    # rank 0's RankFailure is rebuilt on rank 1 with its mapping, not just its text; one that
+    # a single rank's own part raised is that rank's failure of this call, not a copy of it
+    nested = ("writing", {1: "RankFailure: reading failed on rank 3: rank 3: OSError: gone"})
+    assert values(run_ranks(_mixed_failures, 2)) == [(gathered, {3: "OSError: gone"}, nested)] * 2
 
 
 def _gathered_to_rank_0(rank: int, world_size: int) -> tuple[int, list[list[bytes]], int]:
