@@ -123,15 +123,26 @@ def test_a_forced_save_of_a_damaged_step_names_delete_and_overwrite(tmp_path: Pa
     assert "upgrade distckpt" not in message, message
 
 
-def _clocks_disagree(rank: int, world_size: int, root: str) -> list[int]:
-    real = time.monotonic
+class SteppedClock:
+    """A monotonic clock the test moves: the real one plus an offset it adds to."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def monotonic(self) -> float:
+        return time.monotonic() + self.offset
+
+
+def _one_rank_clock_ahead(rank: int, world_size: int, root: str, ahead: int) -> list[int]:
+    clock = SteppedClock()
+    # Only the decisions read this clock: no real clock of one forked rank moves alone.
+    distckpt.decisions.time = clock  # type: ignore[attr-defined]
     saved = []
     with distckpt.CheckpointManager(root, every_seconds=3600, fsync=False, timeout=20) as mgr:
-        if rank == 1:
-            # Rank 1's clock jumps far ahead once the schedule counts from the start (a clock
-            # patched before would put that start ahead too): alone it would decide to save at
-            # every step. No real clock of a forked rank can be made to run apart.
-            distckpt.decisions.time.monotonic = lambda: real() + 10_000.0  # type: ignore[attr-defined]
+        if rank == ahead:
+            # Far ahead once the schedule counts from the start (a clock moved before would put
+            # that start ahead too): alone this rank would decide to save at every step.
+            clock.offset += 10_000.0
         for step in range(1, 6):
             wanted = mgr.should_save(step)
             result = mgr.save(step, {"s": step})
@@ -141,9 +152,19 @@ def _clocks_disagree(rank: int, world_size: int, root: str) -> list[int]:
     return saved
 
 
-@pytest.mark.parametrize("world_size", [2, 3])  # the vote: an all-gather; gathered to rank 0
-def test_time_schedule_agrees_when_clocks_disagree(tmp_path: Path, world_size: int) -> None:
-    assert values(run_ranks(_clocks_disagree, world_size, str(tmp_path))) == [[]] * world_size
+@pytest.mark.parametrize(
+    ("world_size", "ahead", "expected"),
+    # the vote: an all-gather at 2 ranks, gathered to rank 0 at 3
+    [(2, 0, [1]), (2, 1, []), (3, 0, [1]), (3, 2, [])],
+    ids=["2 ranks, rank 0 ahead", "2 ranks, rank 1 ahead", "3 ranks, rank 0", "3 ranks, rank 2"],
+)
+def test_every_seconds_follows_rank_0s_clock_on_every_rank(
+    tmp_path: Path, world_size: int, ahead: int, expected: list[int]
+) -> None:
+    """README: for ``every_seconds``, rank 0's clock decides, for every rank: neither any rank's
+    clock nor every rank's."""
+    results = values(run_ranks(_one_rank_clock_ahead, world_size, str(tmp_path), ahead))
+    assert results == [expected] * world_size
 
 
 def _time_schedule_fires(rank: int, world_size: int, root: str) -> list[int]:
@@ -420,16 +441,6 @@ def test_gradient_accumulation_saves_on_optimizer_steps(tmp_path: Path) -> None:
     assert values(run_ranks(_tracked_steps, 2, str(tmp_path))) == [[2, 4]] * 2
 
 
-class SteppedClock:
-    """A monotonic clock the test moves: the real one plus an offset it adds to."""
-
-    def __init__(self) -> None:
-        self.offset = 0.0
-
-    def monotonic(self) -> float:
-        return time.monotonic() + self.offset
-
-
 def _decision_reused(rank: int, world_size: int, root: str) -> dict[str, object]:
     clock = SteppedClock()
     # Only the decisions read this clock: nothing else in the rank sees time jump.
@@ -455,33 +466,24 @@ def test_save_reuses_the_decision_should_save_took_for_that_step(tmp_path: Path)
     assert values(run_ranks(_decision_reused, 2, str(tmp_path))) == [expected] * 2
 
 
-def test_should_save_holds_an_epoch_save_due_mid_window_as_save_does(tmp_path: Path) -> None:
-    """README: a trigger due at a call at the previous call's step (a micro-batch inside an
-    accumulation window) is held until a call at another step; ``should_save`` says so too,
-    and the ``save`` right after it shares its verdict."""
-    with distckpt.CheckpointManager(tmp_path, every_n_epochs=1, fsync=False) as mgr:
-        assert mgr.save(1, {"s": 1}, epoch=0) is None
-        # The next epoch begins in the middle of step 2's window: still at step 1.
-        assert not mgr.should_save(1, epoch=1)
-        assert mgr.save(1, {"s": 1}, epoch=1) is None
-        assert mgr.should_save(2, epoch=1)
-        saved = mgr.save(2, {"s": 2}, epoch=1)
-        assert saved is not None and saved.step == 2
-
-
-def _throttled_by_rank_0s_clock(rank: int, world_size: int, root: str) -> list[int | None]:
+def _throttled(rank: int, world_size: int, root: str, over: int) -> list[int | None]:
     clock = SteppedClock()
     # Only the decisions read this clock: no real clock of one forked rank moves alone.
     distckpt.decisions.time = clock  # type: ignore[attr-defined]
     options = {"min_seconds_between_saves": 100, "fsync": False, "timeout": 20}
     with distckpt.CheckpointManager(root, **options) as mgr:
         first = mgr.save(1, {"s": 1})
-        if rank == 0:
-            clock.offset += 200  # rank 0's wait is over; rank 1's has barely begun
+        if rank == over:
+            clock.offset += 200  # this rank's wait is over; the other's has barely begun
         second = mgr.save(2, {"s": 2})
     return [getattr(result, "step", None) for result in (first, second)]
 
 
-def test_the_throttle_follows_rank_0s_clock_on_every_rank(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("over", "expected"), [(0, [1, 2]), (1, [1, None])], ids=["rank 0's over", "rank 1's over"]
+)
+def test_the_throttle_follows_rank_0s_clock_on_every_rank(
+    tmp_path: Path, over: int, expected: list[int | None]
+) -> None:
     """README: for ``min_seconds_between_saves``, rank 0's clock decides, for every rank."""
-    assert values(run_ranks(_throttled_by_rank_0s_clock, 2, str(tmp_path))) == [[1, 2]] * 2
+    assert values(run_ranks(_throttled, 2, str(tmp_path), over)) == [expected] * 2
