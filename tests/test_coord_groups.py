@@ -1,7 +1,7 @@
 """Private gloo groups on real ranks: a group on which a collective failed, on this rank or
-only on a peer, is never handed to another coordinator; and when a rank finds a peer's
+only on a peer, is never handed to another coordinator; when a rank finds a peer's
 connection closed, it waits for the peers' failure reports only where they can be on their
-way (``distckpt.coord_health``)."""
+way (``distckpt.coord_health``), and its error names itself, not the peer."""
 
 from __future__ import annotations
 
@@ -86,4 +86,27 @@ def test_a_peer_dead_in_the_first_operation_is_reported_without_waiting() -> Non
     operation came before the first, so no failure report can be on its way there."""
     assert values(run_ranks(_peer_dies_in_the_first_operation, 2, expect_killed=True)) == [
         ("CoordinationError", [0.0])
+    ]
+
+
+def _rank_0_dies(rank: int, world_size: int) -> tuple[int, str, int | None]:
+    coord = Coordinator(None, 3.0)  # long enough for three local ranks to make a group
+    coord.all_gather(lambda: rank, what="meeting")
+    if rank == 0:
+        os.kill(os.getpid(), signal.SIGKILL)
+    try:
+        coord.all_gather(lambda: rank, what="a call rank 0 died before")
+    except distckpt.CoordinationError as exc:
+        return rank, type(exc).__name__, exc.rank
+    finally:
+        coord.close()
+    return rank, "no error", None
+
+
+def test_each_survivor_of_a_dead_rank_names_itself() -> None:
+    """README ("failure of one rank"): a rank that died is not the rank the survivors' error
+    names; each names itself. Rank 0 dies, so an error naming rank 0 on every rank fails."""
+    assert values(run_ranks(_rank_0_dies, 3, expect_killed=True)) == [
+        (1, "CoordinationError", 1),
+        (2, "CoordinationError", 2),
     ]
