@@ -466,6 +466,13 @@ def test_save_reuses_the_decision_should_save_took_for_that_step(tmp_path: Path)
     assert values(run_ranks(_decision_reused, 2, str(tmp_path))) == [expected] * 2
 
 
+def test_save_decides_again_for_another_epoch_than_should_saves(tmp_path: Path) -> None:
+    with distckpt.CheckpointManager(tmp_path, every_n_epochs=1, fsync=False) as mgr:
+        mgr.save(1, {"s": 1}, epoch=0)
+        assert not mgr.should_save(2, epoch=0)
+        assert mgr.save(2, {"s": 2}, epoch=1) is not None  # epoch 1 is due
+
+
 def _throttled(rank: int, world_size: int, root: str, over: int) -> list[int | None]:
     clock = SteppedClock()
     # Only the decisions read this clock: no real clock of one forked rank moves alone.
