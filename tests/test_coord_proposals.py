@@ -6,14 +6,17 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import pytest
 import torch
 
 import distckpt
 from tests.ranks import run_ranks, values
 
 TIMEOUT = 20.0
-#: The timeout where a background save that did not renew its group would wait for a peer.
-SHORT_TIMEOUT = 3.0
+#: The timeout rank 1's lone background collective waits out, and where a background save
+#: that did not renew its group would wait for a peer; long enough for two local ranks to
+#: make a group.
+SHORT_TIMEOUT = 1.0
 
 #: Rank 1's part of the save (1 MiB of float32); rank 0's is one element.
 LARGE_ELEMENTS = 256 << 10
@@ -41,26 +44,28 @@ def test_the_free_space_check_counts_every_ranks_part_of_the_save(tmp_path: Path
     assert not list(tmp_path.glob("step-*"))
 
 
-def _twin_broken_on_rank_1_alone(rank: int, world_size: int, root: str) -> tuple[int, bool]:
-    """Rank 1's background coordinator's group is broken, rank 0's is not (rank 0 completed
-    a collective that rank 1 failed): the next async save renews it on every rank."""
+def _twin_broken_on_rank_1_alone(rank: int, world_size: int, root: str) -> tuple[int, bool, bool]:
+    """Rank 1's background coordinator's group breaks, rank 0's does not: a collective only
+    rank 1 enters times out. The next async save renews it on every rank. Returns the step
+    saved, and whether this rank's background group was broken before and after it."""
     with distckpt.CheckpointManager(root, async_save=True, timeout=SHORT_TIMEOUT) as mgr:
         mgr.save(1, {"w": torch.zeros(4)})
         mgr.wait()
         if rank == 1:
-            # Marked broken by hand: no real interleaving of two ranks reliably fails a
-            # background collective on one rank alone after the other completed it.
-            mgr._background.coord._broken = True
+            with pytest.raises(distckpt.CoordinationTimeout):
+                mgr._background.coord.all_gather(lambda: rank, what="a collective rank 0 skips")
+        torch.distributed.barrier()  # the training loop's own group
+        broken_before = mgr._background.coord.broken
         mgr.save(2, {"w": torch.ones(4)})
         saved = mgr.wait()
-        return saved.step, mgr._background.coord.broken
+        return saved.step, broken_before, mgr._background.coord.broken
 
 
 def test_a_background_group_broken_on_one_rank_is_renewed_on_every_rank(tmp_path: Path) -> None:
     """The proposals carry whether each rank's background group broke; the verdict renews it
     on every rank if any rank's did, so the next async save commits."""
     results = values(run_ranks(_twin_broken_on_rank_1_alone, 2, str(tmp_path)))
-    assert results == [(2, False)] * 2
+    assert results == [(2, False, False), (2, True, False)]
 
 
 def _other_steps_where_rank_0s_is_committed(rank: int, world_size: int, root: str) -> str:
