@@ -72,20 +72,29 @@ def test_all_reduce_gives_every_rank_the_same_result_or_error(
 def _filling_a_frame() -> int:
     """The length of a bytes value whose report (the :class:`Outcome` a verb sends) fills a
     first-round frame exactly: the boundary at which no second round may be awaited."""
-    return next(
-        size
-        for size in range(FRAME_BYTES)
-        if len(pickle.dumps(Outcome(value=b"v" * size), protocol=pickle.HIGHEST_PROTOCOL))
-        == FRAME_BYTES
-    )
+    for size in range(FRAME_BYTES):
+        report = pickle.dumps(Outcome(value=b"v" * size), protocol=pickle.HIGHEST_PROTOCOL)
+        if len(report) == FRAME_BYTES:
+            return size
+    raise AssertionError(f"no bytes value's report is {FRAME_BYTES} bytes long")
 
+
+#: The length of a value whose report fills its frame to the last byte.
+FILLING = _filling_a_frame()
 
 #: Each rank's value in the mixed all_gather and gather: only rank 3's needs a second round;
 #: rank 1's fills its frame to the last byte.
-SIZES = (0, _filling_a_frame(), FRAME_BYTES // 2, 3 * FRAME_BYTES + 7)
+SIZES = (0, FILLING, FRAME_BYTES // 2, 3 * FRAME_BYTES + 7)
 
 
-def _values_of_every_size(rank: int, world_size: int) -> tuple[list[bytes], list[bytes], int]:
+def _full(rank: int) -> bytes:
+    """Rank 1's value, the largest, fills its frame to the last byte."""
+    return bytes([rank]) * (FILLING if rank == 1 else 10)
+
+
+def _values_of_every_size(
+    rank: int, world_size: int
+) -> tuple[list[bytes], list[bytes], list[bytes], int]:
     """Values around the frame size: one collective when all fit, a second round otherwise."""
     coord = Coordinator(None, TIMEOUT)
     collectives: list[str] = []
@@ -93,10 +102,11 @@ def _values_of_every_size(rank: int, world_size: int) -> tuple[list[bytes], list
     try:
         small = coord.all_gather(lambda: bytes([rank]) * 10, what="small")
         mixed = coord.all_gather(lambda: bytes([rank]) * SIZES[rank], what="mixed")
-        for size in (0, FRAME_BYTES // 2, 3 * FRAME_BYTES + 7):
+        full = coord.all_gather(lambda: _full(rank), what="full")
+        for size in (0, FILLING, FRAME_BYTES // 2, 3 * FRAME_BYTES + 7):
             shared = coord.decide(lambda s=size: b"x" * s, what="broadcast")
             assert shared == b"x" * size
-        return small, mixed, len(collectives)
+        return small, mixed, full, len(collectives)
     finally:
         stop()
         coord.close()
@@ -105,8 +115,9 @@ def _values_of_every_size(rank: int, world_size: int) -> tuple[list[bytes], list
 def test_object_collectives_carry_small_values_in_one_round_and_large_ones_in_two() -> None:
     small = [bytes([r]) * 10 for r in range(4)]
     mixed = [bytes([r]) * SIZES[r] for r in range(4)]
-    # the all_gathers: 1 + 2 rounds; the broadcasts: 1 + 1 + 2 rounds
-    assert values(run_ranks(_values_of_every_size, 4)) == [(small, mixed, 3 + 4)] * 4
+    full = [_full(r) for r in range(4)]
+    # the all_gathers: 1 + 2 + 1 rounds; the broadcasts: 1 + 1 + 1 + 2 rounds
+    assert values(run_ranks(_values_of_every_size, 4)) == [(small, mixed, full, 4 + 5)] * 4
 
 
 def _structured_failure(rank: int, world_size: int) -> tuple[str, dict[str, object]]:
