@@ -331,7 +331,9 @@ def _preempt_at_a_committed_step(
     return calls
 
 
-@pytest.mark.parametrize("schedule", [{"every_n_steps": 500}, {}])
+@pytest.mark.parametrize(
+    "schedule", [{"every_n_steps": 500}, {}], ids=["every_n_steps", "no_schedule"]
+)
 def test_a_preemption_save_of_a_committed_step_reports_preempted(
     tmp_path: Path, schedule: dict[str, int]
 ) -> None:
