@@ -1,6 +1,8 @@
 """The Coordinator's verbs on real gloo ranks: values and errors reach every rank alike, and
 errors keep their structured fields across ranks. A rank that dies, is stopped or comes late
-(a timeout everywhere else) is tested in ``tests/test_coord_failures.py``."""
+(a timeout everywhere else) is tested in ``tests/test_coord_failures.py``; the pool of private
+groups, the wait for peers' failure reports and the rank a survivor's error names in
+``tests/test_coord_groups.py``."""
 
 from __future__ import annotations
 
