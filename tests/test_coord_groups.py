@@ -16,7 +16,7 @@ from distckpt.coord import Coordinator
 from tests.ranks import run_ranks, values
 
 #: Short, as rank 0 waits it out once; long enough for two local ranks to make a group.
-TIMEOUT = 1.0
+TIMEOUT = 2.0
 
 
 def all_gather_error_and_report_waits(coord: Coordinator, rank: int) -> tuple[str, list[float]]:

@@ -16,7 +16,7 @@ TIMEOUT = 20.0
 #: The timeout rank 1's lone background collective waits out, and where a background save
 #: that did not renew its group would wait for a peer; long enough for two local ranks to
 #: make a group.
-SHORT_TIMEOUT = 1.0
+SHORT_TIMEOUT = 2.0
 
 #: Rank 1's part of the save (1 MiB of float32); rank 0's is one element.
 LARGE_ELEMENTS = 256 << 10
