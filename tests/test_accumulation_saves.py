@@ -234,3 +234,17 @@ def test_a_step_save_due_again_after_deleting_the_newest_waits_for_a_new_step(
         assert mgr.save(1, {"s": 1}) is None  # a micro-batch of the next window
         assert mgr.save(2, {"s": 2}) is not None
         assert mgr.steps() == [2]
+
+
+def test_should_save_holds_an_epoch_save_due_mid_window_as_save_does(tmp_path: Path) -> None:
+    """README: a trigger due at a call at the previous call's step (a micro-batch inside an
+    accumulation window) is held until a call at another step; ``should_save`` says so too,
+    and the ``save`` right after it shares its verdict."""
+    with distckpt.CheckpointManager(tmp_path, every_n_epochs=1, fsync=False) as mgr:
+        assert mgr.save(1, {"s": 1}, epoch=0) is None
+        # The next epoch begins in the middle of step 2's window: still at step 1.
+        assert not mgr.should_save(1, epoch=1)
+        assert mgr.save(1, {"s": 1}, epoch=1) is None
+        assert mgr.should_save(2, epoch=1)
+        saved = mgr.save(2, {"s": 2}, epoch=1)
+        assert saved is not None and saved.step == 2

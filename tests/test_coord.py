@@ -1,8 +1,12 @@
 """The Coordinator's verbs on real gloo ranks: values and errors reach every rank alike, and
 errors keep their structured fields across ranks. A rank that dies, is stopped or comes late
-(a timeout everywhere else) is tested in ``tests/test_coord_failures.py``."""
+(a timeout everywhere else) is tested in ``tests/test_coord_failures.py``; the pool of private
+groups, the wait for peers' failure reports and the rank a survivor's error names in
+``tests/test_coord_groups.py``."""
 
 from __future__ import annotations
+
+import pickle
 
 import pytest
 import torch
@@ -10,6 +14,7 @@ import torch
 import distckpt
 from distckpt.coord import GATHER_FROM_RANKS, Coordinator
 from distckpt.coord_frames import FRAME_BYTES
+from distckpt.coord_outcomes import Outcome
 from distckpt.errors import CheckpointExists, InvalidStep, RankFailure
 from tests.ranks import run_ranks, values
 
@@ -66,11 +71,32 @@ def test_all_reduce_gives_every_rank_the_same_result_or_error(
     assert values(run_ranks(_reduced, world_size)) == [expected] * world_size
 
 
-#: Each rank's value in the mixed all_gather: only rank 3's needs a second round.
-SIZES = (0, FRAME_BYTES // 2, FRAME_BYTES // 2, 3 * FRAME_BYTES + 7)
+def _filling_a_frame() -> int:
+    """The length of a bytes value whose report (the :class:`Outcome` a verb sends) fills a
+    first-round frame exactly: the boundary at which no second round may be awaited."""
+    for size in range(FRAME_BYTES):
+        report = pickle.dumps(Outcome(value=b"v" * size), protocol=pickle.HIGHEST_PROTOCOL)
+        if len(report) == FRAME_BYTES:
+            return size
+    raise AssertionError(f"no bytes value's report is {FRAME_BYTES} bytes long")
 
 
-def _values_of_every_size(rank: int, world_size: int) -> tuple[list[bytes], list[bytes], int]:
+#: The length of a value whose report fills its frame to the last byte.
+FILLING = _filling_a_frame()
+
+#: Each rank's value in the mixed all_gather and gather: only rank 3's needs a second round;
+#: rank 1's fills its frame to the last byte.
+SIZES = (0, FILLING, FRAME_BYTES // 2, 3 * FRAME_BYTES + 7)
+
+
+def _full(rank: int) -> bytes:
+    """Rank 1's value, the largest, fills its frame to the last byte."""
+    return bytes([rank]) * (FILLING if rank == 1 else 10)
+
+
+def _values_of_every_size(
+    rank: int, world_size: int
+) -> tuple[list[bytes], list[bytes], list[bytes], int]:
     """Values around the frame size: one collective when all fit, a second round otherwise."""
     coord = Coordinator(None, TIMEOUT)
     collectives: list[str] = []
@@ -78,10 +104,11 @@ def _values_of_every_size(rank: int, world_size: int) -> tuple[list[bytes], list
     try:
         small = coord.all_gather(lambda: bytes([rank]) * 10, what="small")
         mixed = coord.all_gather(lambda: bytes([rank]) * SIZES[rank], what="mixed")
-        for size in (0, FRAME_BYTES // 2, 3 * FRAME_BYTES + 7):
+        full = coord.all_gather(lambda: _full(rank), what="full")
+        for size in (0, FILLING, FRAME_BYTES // 2, 3 * FRAME_BYTES + 7):
             shared = coord.decide(lambda s=size: b"x" * s, what="broadcast")
             assert shared == b"x" * size
-        return small, mixed, len(collectives)
+        return small, mixed, full, len(collectives)
     finally:
         stop()
         coord.close()
@@ -90,8 +117,9 @@ def _values_of_every_size(rank: int, world_size: int) -> tuple[list[bytes], list
 def test_object_collectives_carry_small_values_in_one_round_and_large_ones_in_two() -> None:
     small = [bytes([r]) * 10 for r in range(4)]
     mixed = [bytes([r]) * SIZES[r] for r in range(4)]
-    # the all_gathers: 1 + 2 rounds; the broadcasts: 1 + 1 + 2 rounds
-    assert values(run_ranks(_values_of_every_size, 4)) == [(small, mixed, 3 + 4)] * 4
+    full = [_full(r) for r in range(4)]
+    # the all_gathers: 1 + 2 + 1 rounds; the broadcasts: 1 + 1 + 1 + 2 rounds
+    assert values(run_ranks(_values_of_every_size, 4)) == [(small, mixed, full, 4 + 5)] * 4
 
 
 def _structured_failure(rank: int, world_size: int) -> tuple[str, dict[str, object]]:
@@ -115,7 +143,9 @@ def test_an_error_keeps_its_type_and_fields_on_every_rank() -> None:
     assert values(run_ranks(_structured_failure, 2)) == [("CheckpointExists", fields)] * 2
 
 
-def _mixed_failures(rank: int, world_size: int) -> tuple[dict[int, str], dict[int, str]]:
+def _mixed_failures(
+    rank: int, world_size: int
+) -> tuple[dict[int, str], dict[int, str], tuple[str, dict[int, str]]]:
     coord = Coordinator(None, TIMEOUT)
 
     def local() -> None:
@@ -124,20 +154,32 @@ def _mixed_failures(rank: int, world_size: int) -> tuple[dict[int, str], dict[in
     def rank_zero_fails() -> None:
         raise RankFailure("reading", {3: "OSError: gone"})
 
+    def rank_one_fails() -> None:
+        if rank == 1:
+            raise RankFailure("reading", {3: "OSError: gone"})
+
     try:
         with pytest.raises(RankFailure) as gathered:
             coord.all_gather(local, what="writing")
         with pytest.raises(RankFailure) as decided:
             coord.decide(rank_zero_fails, what="deciding")
-        return gathered.value.failures, decided.value.failures
+        with pytest.raises(RankFailure) as nested:
+            coord.all_gather(rank_one_fails, what="writing")
+        return (
+            gathered.value.failures,
+            decided.value.failures,
+            (nested.value.what, nested.value.failures),
+        )
     finally:
         coord.close()
 
 
 def test_rank_failure_carries_its_failures_to_every_rank() -> None:
     gathered = {0: "OSError: disk gone", 1: "CheckpointExists: step exists"}
-    # rank 0's RankFailure is rebuilt on rank 1 with its mapping, not just its text
-    assert values(run_ranks(_mixed_failures, 2)) == [(gathered, {3: "OSError: gone"})] * 2
+    # rank 0's RankFailure is rebuilt on rank 1 with its mapping, not just its text; one that
+    # a single rank's own part raised is that rank's failure of this call, not a copy of it
+    nested = ("writing", {1: "RankFailure: reading failed on rank 3: rank 3: OSError: gone"})
+    assert values(run_ranks(_mixed_failures, 2)) == [(gathered, {3: "OSError: gone"}, nested)] * 2
 
 
 def _gathered_to_rank_0(rank: int, world_size: int) -> tuple[int, list[list[bytes]], int]:
@@ -216,6 +258,31 @@ def test_gather_decide_names_every_failing_rank_on_every_rank() -> None:
     )
     assert (error_type, dict(seen_failures), decided) == ("RankFailure", failures, ())
     assert message.startswith("checking the step failed on ranks 1, 2")
+
+
+def _one_type_other_messages(rank: int, world_size: int) -> tuple[str, str]:
+    """Every rank fails with the same distckpt error, each with a message of its own."""
+    coord = Coordinator(None, TIMEOUT)
+
+    def local() -> None:
+        raise CheckpointExists(f"step {rank} exists", step=rank)
+
+    try:
+        coord.all_gather(local, what="checking the steps")
+    except CheckpointExists as exc:
+        return type(exc).__name__, str(exc)
+    finally:
+        coord.close()
+    raise AssertionError("no rank raised")
+
+
+def test_an_error_of_one_type_with_other_messages_names_each_rank_with_its_own() -> None:
+    # README (agree_on): a distckpt error of one type on every failing rank comes through as
+    # itself, naming them: which message came from which rank
+    message = (
+        "checking the steps failed on ranks 0, 1: rank 0: step 0 exists; rank 1: step 1 exists"
+    )
+    assert values(run_ranks(_one_type_other_messages, 2)) == [("CheckpointExists", message)] * 2
 
 
 def _decision_fails(rank: int, world_size: int) -> tuple[str, dict[str, object]]:

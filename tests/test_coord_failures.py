@@ -21,6 +21,7 @@ from distckpt.coord import Coordinator
 from distckpt.coord_health import PEER_REPORT_WAIT
 from tests.ranks import run_ranks, values
 from tests.test_coord import TIMEOUT
+from tests.test_coord_groups import all_gather_error_and_report_waits
 from tests.waiting import wait_until
 
 
@@ -456,8 +457,6 @@ def test_a_rank_a_call_ahead_that_times_out_as_the_others_fail_joins_them(
 
 def _rank_1_stops_calling(rank: int, world_size: int, root: str) -> tuple[str, list[float]]:
     """Rank 1 stops calling distckpt after one call; rank 0's next call times out."""
-    import distckpt.coord_health as coord_health
-
     coord = Coordinator(None, 1.0)
     coord.begin_operation()
     coord.all_gather(lambda: rank, what="meeting")
@@ -467,25 +466,12 @@ def _rank_1_stops_calling(rank: int, world_size: int, root: str) -> tuple[str, l
         # connection, and no longer: a fixed sleep past its timeout cost seconds.
         wait_until(raised.exists, "rank 0's call ended", TIMED_OUT_WAIT)
         return "stopped calling", []
-    waits: list[float] = []
-    real_peer_failures = coord_health.peer_failures
-
-    def recording_peer_failures(*args: object, **kwargs: float) -> object:
-        waits.append(kwargs["wait"])
-        return real_peer_failures(*args, **kwargs)  # type: ignore[arg-type]
-
-    # A spy, not a stand-in (the real reads run): whether rank 0 waited for reports is what
-    # this test is about, and telling a wait from none by the clock would be a timed assertion.
-    coord_health.peer_failures = recording_peer_failures  # type: ignore[assignment]
     coord.begin_operation()
     try:
-        coord.all_gather(lambda: rank, what="the next call")
-    except distckpt.CoordinationError as exc:
-        return type(exc).__name__, waits
+        return all_gather_error_and_report_waits(coord, rank)
     finally:
         raised.touch()
         coord.close()
-    return "no error", waits
 
 
 def test_with_two_ranks_a_timed_out_rank_does_not_wait_for_its_only_peer(tmp_path: Path) -> None:

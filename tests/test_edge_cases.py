@@ -53,6 +53,23 @@ def test_a_failed_async_save_is_retried_by_the_schedule(tmp_path: Path) -> None:
         assert mgr.wait().step == 6
 
 
+def test_a_failed_forced_async_save_leaves_the_schedule_at_the_save_before(tmp_path: Path) -> None:
+    # A forced save off the schedule fails in the background: the schedule counts from
+    # step 10 again, not from 15, so step 16 is not due and nothing of 15 is listed.
+    with distckpt.CheckpointManager(
+        tmp_path, every_n_steps=10, async_save=True, fsync=False
+    ) as mgr:
+        mgr.save(10, {"s": 10})
+        mgr.wait()
+        faults.arm("after_shard_write", "raise")
+        mgr.save(15, {"s": 15}, force=True)
+        with pytest.raises(distckpt.CheckpointError):
+            mgr.wait()
+        faults.disarm()
+        assert mgr.save(16, {"s": 16}) is None
+        assert mgr.steps() == [10]
+
+
 def test_epoch_schedule_continues_after_a_restart(tmp_path: Path) -> None:
     with distckpt.CheckpointManager(tmp_path, every_n_epochs=1, fsync=False) as mgr:
         assert mgr.save(10, {"s": 1}, epoch=3) is not None

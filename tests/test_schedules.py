@@ -123,13 +123,26 @@ def test_a_forced_save_of_a_damaged_step_names_delete_and_overwrite(tmp_path: Pa
     assert "upgrade distckpt" not in message, message
 
 
-def _clocks_disagree(rank: int, world_size: int, root: str) -> list[int]:
-    real = time.monotonic
-    if rank == 1:
-        # Rank 1's clock runs far ahead: alone it would decide to save at every step.
-        distckpt.decisions.time.monotonic = lambda: real() + 10_000.0  # type: ignore[attr-defined]
+class SteppedClock:
+    """A monotonic clock the test moves: the real one plus an offset it adds to."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def monotonic(self) -> float:
+        return time.monotonic() + self.offset
+
+
+def _one_rank_clock_ahead(rank: int, world_size: int, root: str, ahead: int) -> list[int]:
+    clock = SteppedClock()
+    # Only the decisions read this clock: no real clock of one forked rank moves alone.
+    distckpt.decisions.time = clock  # type: ignore[attr-defined]
     saved = []
     with distckpt.CheckpointManager(root, every_seconds=3600, fsync=False, timeout=20) as mgr:
+        if rank == ahead:
+            # Far ahead once the schedule counts from the start (a clock moved before would put
+            # that start ahead too): alone this rank would decide to save at every step.
+            clock.offset += 10_000.0
         for step in range(1, 6):
             wanted = mgr.should_save(step)
             result = mgr.save(step, {"s": step})
@@ -139,9 +152,19 @@ def _clocks_disagree(rank: int, world_size: int, root: str) -> list[int]:
     return saved
 
 
-@pytest.mark.parametrize("world_size", [2, 3])  # the vote: an all-gather; gathered to rank 0
-def test_time_schedule_agrees_when_clocks_disagree(tmp_path: Path, world_size: int) -> None:
-    assert values(run_ranks(_clocks_disagree, world_size, str(tmp_path))) == [[]] * world_size
+@pytest.mark.parametrize(
+    ("world_size", "ahead", "expected"),
+    # the vote: an all-gather at 2 ranks, gathered to rank 0 at 3
+    [(2, 0, [1]), (2, 1, []), (3, 0, [1]), (3, 2, [])],
+    ids=["2 ranks, rank 0 ahead", "2 ranks, rank 1 ahead", "3 ranks, rank 0", "3 ranks, rank 2"],
+)
+def test_every_seconds_follows_rank_0s_clock_on_every_rank(
+    tmp_path: Path, world_size: int, ahead: int, expected: list[int]
+) -> None:
+    """README: for ``every_seconds``, rank 0's clock decides, for every rank: neither any rank's
+    clock nor every rank's."""
+    results = values(run_ranks(_one_rank_clock_ahead, world_size, str(tmp_path), ahead))
+    assert results == [expected] * world_size
 
 
 def _time_schedule_fires(rank: int, world_size: int, root: str) -> list[int]:
@@ -156,6 +179,31 @@ def _time_schedule_fires(rank: int, world_size: int, root: str) -> list[int]:
 
 def test_time_schedule_fires_on_every_rank(tmp_path: Path) -> None:
     assert values(run_ranks(_time_schedule_fires, 2, str(tmp_path))) == [[1, 2, 3]] * 2
+
+
+def test_every_seconds_at_the_newest_step_found_at_the_start_is_not_due(tmp_path: Path) -> None:
+    """README: a call at a step the schedule already counts from returns None (that step is
+    saved), also at a new step boundary (a job that resumed its state without ``restore``):
+    returning that checkpoint would restart the interval, and the next step would not save."""
+    with distckpt.CheckpointManager(tmp_path, fsync=False) as mgr:
+        mgr.save(10, {"w": torch.zeros(2)})
+    time.sleep(0.1)  # longer than the interval: the job waited in the queue
+    with distckpt.CheckpointManager(tmp_path, every_seconds=0.05, fsync=False) as mgr:
+        assert mgr.save(10, {"w": torch.zeros(2)}) is None
+        saved = mgr.save(11, {"w": torch.zeros(2)})
+        assert saved is not None and saved.step == 11
+
+
+def test_deleting_the_newest_makes_the_schedule_count_from_the_newest_left(tmp_path: Path) -> None:
+    """A ``delete`` of the step the schedule counts from moves the count to the newest step
+    left: the multiple the deleted save covered is crossed again by the next step."""
+    with distckpt.CheckpointManager(tmp_path, every_n_steps=5, fsync=False) as mgr:
+        mgr.save(5, {"s": 5})
+        mgr.save(10, {"s": 10})
+        mgr.delete(10)
+        saved = mgr.save(11, {"s": 11})
+        assert saved is not None and saved.step == 11
+        assert mgr.steps() == [5, 11]
 
 
 def _forced_save_of_committed_step(rank: int, world_size: int, root: str) -> tuple[int, bool]:
@@ -265,13 +313,13 @@ def test_a_resume_through_a_symlink_to_the_root_moves_the_schedule(tmp_path: Pat
 
 
 def _preempt_at_a_committed_step(
-    rank: int, world_size: int, root: str
+    rank: int, world_size: int, root: str, schedule: dict[str, int]
 ) -> list[tuple[int, int | None, bool]]:
     """Gradient accumulation 4 (``save(step)`` after every micro-batch), with the signal
-    reaching rank 1 just after the scheduled save of step 500 committed."""
+    reaching rank 1 just after the save of step 500 committed (scheduled, or explicit)."""
     calls = []
     with distckpt.CheckpointManager(
-        root, every_n_steps=500, save_on_signal=(signal.SIGUSR1,), fsync=False, timeout=20
+        root, **schedule, save_on_signal=(signal.SIGUSR1,), fsync=False, timeout=20
     ) as mgr:
         for micro, step in enumerate([500, 500, 500, 500, 501, 501, 501, 501, 502]):
             if micro == 1 and rank == 1:
@@ -283,10 +331,16 @@ def _preempt_at_a_committed_step(
     return calls
 
 
-def test_a_preemption_save_of_a_committed_step_reports_preempted(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "schedule", [{"every_n_steps": 500}, {}], ids=["every_n_steps", "no_schedule"]
+)
+def test_a_preemption_save_of_a_committed_step_reports_preempted(
+    tmp_path: Path, schedule: dict[str, int]
+) -> None:
     """The step the signal finds is committed already: that checkpoint is the preemption save,
-    and the job stops there instead of running another step."""
-    results = values(run_ranks(_preempt_at_a_committed_step, 2, str(tmp_path)))
+    and the job stops there instead of running another step. Without a schedule too, where a
+    plain save of a committed step raises: a preemption save is not an explicit one."""
+    results = values(run_ranks(_preempt_at_a_committed_step, 2, str(tmp_path), schedule))
     assert results == [[(500, 500, False), (500, 500, True)]] * 2
     assert distckpt.CheckpointManager(tmp_path, read_only=True).steps() == [500]
 
@@ -333,6 +387,21 @@ def test_a_monitor_that_ranks_none_leaves_no_best(tmp_path: Path) -> None:
     assert not os.path.lexists(tmp_path / "best")
 
 
+def test_retention_without_a_monitor_keeps_the_checkpoint_best_names(tmp_path: Path) -> None:
+    """README: a checkpoint stays if it is the target of ``best``, and a manager without
+    ``monitor`` leaves ``best`` as it is: its ``keep_last`` must not remove that step, or
+    ``best`` would name nothing."""
+    state = {"w": torch.zeros(2)}
+    with distckpt.CheckpointManager(tmp_path, monitor="loss", fsync=False) as mgr:
+        mgr.save(1, state, metrics={"loss": 0.1})
+        mgr.save(2, state, metrics={"loss": 0.5})
+    with distckpt.CheckpointManager(tmp_path, keep_last=1, fsync=False) as mgr:
+        mgr.save(3, state)
+        mgr.save(4, state)
+        assert mgr.steps() == [1, 4]
+    assert os.readlink(tmp_path / "best") == "step-00000001"
+
+
 def test_milestones_are_kept(tmp_path: Path) -> None:
     with distckpt.CheckpointManager(
         tmp_path, keep_last=1, keep_every_n_steps=10, fsync=False
@@ -374,16 +443,6 @@ def test_gradient_accumulation_saves_on_optimizer_steps(tmp_path: Path) -> None:
     assert values(run_ranks(_tracked_steps, 2, str(tmp_path))) == [[2, 4]] * 2
 
 
-class SteppedClock:
-    """A monotonic clock the test moves: the real one plus an offset it adds to."""
-
-    def __init__(self) -> None:
-        self.offset = 0.0
-
-    def monotonic(self) -> float:
-        return time.monotonic() + self.offset
-
-
 def _decision_reused(rank: int, world_size: int, root: str) -> dict[str, object]:
     clock = SteppedClock()
     # Only the decisions read this clock: nothing else in the rank sees time jump.
@@ -407,3 +466,33 @@ def test_save_reuses_the_decision_should_save_took_for_that_step(tmp_path: Path)
         "steps": [2],
     }
     assert values(run_ranks(_decision_reused, 2, str(tmp_path))) == [expected] * 2
+
+
+def test_save_decides_again_for_another_epoch_than_should_saves(tmp_path: Path) -> None:
+    with distckpt.CheckpointManager(tmp_path, every_n_epochs=1, fsync=False) as mgr:
+        mgr.save(1, {"s": 1}, epoch=0)
+        assert not mgr.should_save(2, epoch=0)
+        assert mgr.save(2, {"s": 2}, epoch=1) is not None  # epoch 1 is due
+
+
+def _throttled(rank: int, world_size: int, root: str, over: int) -> list[int | None]:
+    clock = SteppedClock()
+    # Only the decisions read this clock: no real clock of one forked rank moves alone.
+    distckpt.decisions.time = clock  # type: ignore[attr-defined]
+    options = {"min_seconds_between_saves": 100, "fsync": False, "timeout": 20}
+    with distckpt.CheckpointManager(root, **options) as mgr:
+        first = mgr.save(1, {"s": 1})
+        if rank == over:
+            clock.offset += 200  # this rank's wait is over; the other's has barely begun
+        second = mgr.save(2, {"s": 2})
+    return [getattr(result, "step", None) for result in (first, second)]
+
+
+@pytest.mark.parametrize(
+    ("over", "expected"), [(0, [1, 2]), (1, [1, None])], ids=["rank 0's over", "rank 1's over"]
+)
+def test_the_throttle_follows_rank_0s_clock_on_every_rank(
+    tmp_path: Path, over: int, expected: list[int | None]
+) -> None:
+    """README: for ``min_seconds_between_saves``, rank 0's clock decides, for every rank."""
+    assert values(run_ranks(_throttled, 2, str(tmp_path), over)) == [expected] * 2

@@ -1,9 +1,11 @@
 """The preemption signals' handlers (``save_on_signal``): a manager that closes puts back what
 it replaced only where its own handler is still the one installed, whatever order managers
-close in and whatever else fails in close(). Real signals, sent to this process."""
+close in and whatever else fails in close(); and a signal once served asks for no later save.
+Real signals, sent to this process."""
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import time
@@ -108,3 +110,22 @@ def test_closing_puts_back_the_default_action_where_python_reported_no_handler(
         assert signal.getsignal(SIGNAL) == signal.SIG_DFL
     finally:
         signal.signal(SIGNAL, previous)
+
+
+def test_a_served_signal_forces_no_later_save_and_is_not_pending_at_close(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """README: at the next save at a step boundary the signal forces a save and
+    ``mgr.preempted`` becomes True; a job that goes on saves by its schedule again, and its
+    close does not warn of a pending signal (that warning says no preemption save was made)."""
+    options = {"every_n_steps": 100, "save_on_signal": (SIGNAL,), "fsync": False}
+    with (
+        caplog.at_level(logging.WARNING, logger="distckpt"),
+        distckpt.CheckpointManager(tmp_path, **options) as mgr,
+    ):
+        os.kill(os.getpid(), SIGNAL)
+        saved = mgr.save(1, {"s": 1})
+        assert saved is not None and saved.step == 1 and mgr.preempted
+        assert mgr.save(2, {"s": 2}) is None  # not due by the schedule: the signal is served
+    assert "preemption signal pending" not in caplog.text
+    assert distckpt.CheckpointManager(tmp_path, read_only=True).steps() == [1]
