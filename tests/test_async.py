@@ -429,3 +429,19 @@ def test_a_failed_save_is_retried_where_the_readme_says(tmp_path: Path, async_sa
         assert calls == {5: "saved", 10: "raised", 11: "saved", 15: "saved"}
         assert out[0][-1] == "5,11,15"
     assert out[0] == out[1]
+
+
+def test_a_failed_save_raised_by_wait_does_not_count_for_the_schedule(tmp_path: Path) -> None:
+    """README, "Schedules": a failed save does not count for the schedule. With
+    ``every_n_steps=5`` and step 10 failing in the background, a ``wait()`` at step 11 raises
+    its error, and step 11 is then due, counted from step 5 (still counted from 10, it would
+    wait for step 15)."""
+    with distckpt.CheckpointManager(tmp_path, every_n_steps=5, async_save=True, fsync=False) as mgr:
+        faults.arm("after_shard_write", "raise", nth=2)  # the second save's: step 10
+        for step in range(1, 11):
+            mgr.save(step, {"w": torch.zeros(4)})
+        with pytest.raises(distckpt.CheckpointError):
+            mgr.wait()
+        saved = mgr.save(11, {"w": torch.zeros(4)})
+        mgr.wait()
+        assert saved is not None and mgr.steps() == [5, 11]
