@@ -193,6 +193,21 @@ def test_slices_far_apart_in_one_storage_keep_a_buffer_each(tmp_path: Path) -> N
     assert sum(f.stat().st_size for f in (tmp_path / "root").rglob("rank-*")) < 1 << 20
 
 
+def test_slices_reaching_twice_their_bytes_share_a_buffer_and_beyond_that_do_not() -> None:
+    """README: tensors sharing a storage keep a buffer each only when the bytes between the
+    lowest and highest they reach are more than twice their own; at exactly twice they share
+    one."""
+    weights = torch.arange(64, dtype=torch.float32)
+    twice = {"head": weights[:16], "tail": weights[48:]}  # reach 256 bytes of their own 128
+    beyond = {"head": weights[:16], "tail": weights[49:]}  # reach 256 bytes of their own 124
+    for state, shared in ((twice, True), (beyond, False)):
+        snapshot = SnapshotBuffers().snapshot(state)
+        storages = {tensor.untyped_storage().data_ptr() for tensor in snapshot.values()}
+        assert len(storages) == (1 if shared else 2)
+        for name, tensor in state.items():
+            assert torch.equal(snapshot[name], tensor), name
+
+
 # --------------------------------------------------------------------------- tensors that are
 # not contiguous: kept as a sync save keeps them
 
