@@ -163,7 +163,7 @@ def test_a_buffer_of_a_mebibyte_or_more_starts_on_a_page() -> None:
     smaller one (a page-sized one too) keeps the 64-byte alignment, and a state of whole pages
     gets a block of exactly its bytes (no page more)."""
     large = DIRECT_MIN_BYTES // 4
-    sizes = [3, DIRECT_ALIGNMENT // 4, 5, large + 2, 1, 3 * DIRECT_ALIGNMENT // 4, large + 1]
+    sizes = [3, DIRECT_ALIGNMENT // 4, 5, large, 1, large + 2, 3 * DIRECT_ALIGNMENT // 4, large + 1]
     slots: list[Slot] = [((f"t{i}",), torch.Size([n]), torch.float32) for i, n in enumerate(sizes)]
     buffers = flat_buffers(slots)
     for (key, _, _), n in zip(slots, sizes):
