@@ -134,6 +134,11 @@ def test_a_lazily_conjugated_view_keeps_its_bit_and_its_storage() -> None:
     assert len({t.untyped_storage().data_ptr() for t in snap.values()}) == 1
     complex_.add_(1.0)  # training goes on: the snapshot keeps what it copied
     assert not torch.equal(snap["conjugated"], complex_.conj())
+    # A negated view of one element is contiguous: it keeps its bit all the same.
+    one = torch.randn(1, dtype=torch.complex64).conj().imag
+    assert one.is_contiguous() and one.is_neg()
+    (negated,) = SnapshotBuffers().snapshot([one])
+    assert negated.is_neg() and torch.equal(negated, one)
 
 
 def test_dtensors_sharing_a_local_shard_share_its_buffer() -> None:
