@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from concurrent import futures
 from pathlib import Path
 
 import pytest
@@ -206,6 +207,11 @@ def test_save_in_flight_tells_whether_the_background_save_is_done(
         mgr.save(1, {"w": torch.ones(3)})
         assert mgr.save_in_flight
         release.set()
+        # The save's own future (private): to see it end without a wait(), which would end
+        # its being in flight by itself.
+        saving = mgr._background._inflight if mgr._background is not None else None
+        assert saving is not None and futures.wait([saving], timeout=30).done
+        assert not mgr.save_in_flight  # ended, though no wait() has its result yet
         assert mgr.wait().step == 1
         assert not mgr.save_in_flight
 
