@@ -96,6 +96,21 @@ def test_shared_buffers_are_reused_until_the_sharing_changes() -> None:
         assert torch.equal(third[name], tensor), name
 
 
+def test_unrelated_empty_tensors_keep_storages_of_their_own_after_an_async_save(
+    tmp_path: Path,
+) -> None:
+    """An empty tensor reaches no byte of any storage (its data_ptr is 0, as every other empty
+    one's), so it shares none: two unrelated ones come back with a storage each."""
+    state = {"zeros": torch.zeros(0), "ones": torch.ones(0), "weights": torch.arange(4.0)}
+    with distckpt.CheckpointManager(tmp_path, fsync=False, async_save=True) as mgr:
+        mgr.save(1, state)
+        mgr.wait()
+        restored = mgr.restore(1).state
+    # Their data_ptrs are 0 alike; growing one storage tells whether the other is the same.
+    restored["zeros"].untyped_storage().resize_(8)
+    assert restored["ones"].untyped_storage().nbytes() == 0
+
+
 def _tied_dtensors(rank: int, world_size: int) -> dict[str, bool]:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor, Shard
