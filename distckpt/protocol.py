@@ -211,16 +211,18 @@ def write_and_commit(
     step, rank, fsync = plan.step, coord.rank, store.fsync
 
     def write_here() -> dict[str, FileRecord]:
-        records = write(
-            plan, coord=coord, store=store, fmt=fmt, fsync=fsync, refused_values=refused_values
-        )
-        check_launcher(launcher, coord=coord, store=store)
+        # The phase inside what run_now runs: run_now keeps the error for the agreement, so
+        # around it the phase would end without one and report a failed write as ok.
+        with events.phase("save.write", rank=rank, step=step):
+            records = write(
+                plan, coord=coord, store=store, fmt=fmt, fsync=fsync, refused_values=refused_values
+            )
+            check_launcher(launcher, coord=coord, store=store)
         return records
 
     committed: list[SaveResult] = []  # rank 0's commit, even if telling the others failed
     try:
-        with events.phase("save.write", rank=rank, step=step):
-            records = run_now(write_here)
+        records = run_now(write_here)
         faults.hit("before_agreement", rank)
         with events.phase("save.agree", rank=rank, step=step):
             gathered = coord.gather(records, what=f"writing step {step}")

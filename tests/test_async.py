@@ -17,7 +17,7 @@ from distckpt.per_rank import PerRank
 from distckpt.snapshot import SnapshotBuffers
 from distckpt.state import to_plain
 from tests.ranks import Collected, run_ranks, values
-from tests.waiting import after_rank_0_removals
+from tests.waiting import after_rank_0_removals, wait_until
 
 
 def _snapshot_isolated(rank: int, world_size: int, root: str) -> tuple[bool, float, float]:
@@ -206,6 +206,9 @@ def test_save_in_flight_tells_whether_the_background_save_is_done(
         mgr.save(1, {"w": torch.ones(3)})
         assert mgr.save_in_flight
         release.set()
+        # Ended, though no wait() has its result yet: polled, as a wait() would end its being
+        # in flight by itself.
+        wait_until(lambda: not mgr.save_in_flight, "the background save's end", timeout=30)
         assert mgr.wait().step == 1
         assert not mgr.save_in_flight
 
@@ -429,3 +432,19 @@ def test_a_failed_save_is_retried_where_the_readme_says(tmp_path: Path, async_sa
         assert calls == {5: "saved", 10: "raised", 11: "saved", 15: "saved"}
         assert out[0][-1] == "5,11,15"
     assert out[0] == out[1]
+
+
+def test_a_failed_save_raised_by_wait_does_not_count_for_the_schedule(tmp_path: Path) -> None:
+    """README, "Schedules": a failed save does not count for the schedule. With
+    ``every_n_steps=5`` and step 10 failing in the background, a ``wait()`` at step 11 raises
+    its error, and step 11 is then due, counted from step 5 (still counted from 10, it would
+    wait for step 15)."""
+    with distckpt.CheckpointManager(tmp_path, every_n_steps=5, async_save=True, fsync=False) as mgr:
+        faults.arm("after_shard_write", "raise", nth=2)  # the second save's: step 10
+        for step in range(1, 11):
+            mgr.save(step, {"w": torch.zeros(4)})
+        with pytest.raises(distckpt.CheckpointError):
+            mgr.wait()
+        saved = mgr.save(11, {"w": torch.zeros(4)})
+        mgr.wait()
+        assert saved is not None and mgr.steps() == [5, 11]

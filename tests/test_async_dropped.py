@@ -4,14 +4,16 @@ else once its save in flight committed."""
 from __future__ import annotations
 
 import gc
+import logging
 import textwrap
 import threading
 from pathlib import Path
 
+import pytest
 import torch
 
 import distckpt
-from distckpt import background
+from distckpt import background, faults
 from tests import job_servers
 from tests.test_async_handoff_interrupts import BACKGROUND_THREAD_PREFIX
 from tests.test_async_interrupts import _held_after_writing
@@ -55,6 +57,20 @@ def test_a_manager_dropped_with_a_save_in_flight_commits_it_then_ends_its_thread
     assert not thread.is_alive()
     with distckpt.CheckpointManager(tmp_path, timeout=TIMEOUT, read_only=True) as reader:
         assert reader.steps() == [1]
+
+
+def test_the_failure_of_a_dropped_managers_save_before_exit_is_logged_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """README: the save of a manager dropped without close() is finished "or reported as
+    failed", also when it fails long before the exit: no one can wait for it any more."""
+    faults.arm("before_agreement", "raise")
+    with caplog.at_level(logging.ERROR, logger="distckpt"), _held_after_writing(1) as release:
+        thread = _dropped_with_its_thread(tmp_path, wait=False)
+        release.set()
+        thread.join(TIMEOUT)  # it ends once the failed save's manager is found dropped
+        assert not thread.is_alive()
+    assert caplog.text.count("fault injected at before_agreement") == 1, caplog.text
 
 
 #: A script (argv: the root) whose manager is dropped with an async save in flight that fails

@@ -252,3 +252,41 @@ def test_a_save_failing_after_a_close_was_interrupted_is_logged_once_at_exit(
     )
     assert done.returncode == 0, done.stderr
     assert done.stderr.count("fault injected at before_agreement") == 1, done.stderr
+
+
+def test_a_ctrl_c_as_close_stops_the_thread_is_raised_and_a_repeated_close_completes(
+    tmp_path: Path,
+) -> None:
+    """The manager's close(): every step runs even if one before was interrupted, then the
+    first failure is raised. A Ctrl-C as the idle thread is stopped reaches the caller (not
+    lost in the later steps, which still release the lease), and close() again stops the
+    thread and gives its groups back."""
+    threads_before = set(threading.enumerate())
+    manager = distckpt.CheckpointManager(tmp_path, timeout=TIMEOUT, async_save=True, fsync=False)
+    manager.save(1, {"w": torch.ones(4)})
+    manager.wait()
+    (background_thread,) = {
+        thread
+        for thread in set(threading.enumerate()) - threads_before
+        if thread.name.startswith("distckpt-commit")
+    }
+
+    def trace(frame: FrameType, event: str, arg: object) -> None:
+        # A real SIGINT cannot be landed at this call on purpose: raised here, as the handler would.
+        if event == "call" and called_in_background_module(frame, "shutdown", "close"):
+            sys.settrace(None)
+            raise KeyboardInterrupt
+
+    sys.settrace(trace)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            manager.close()
+    finally:
+        sys.settrace(None)
+    assert not manager._released and background_thread.is_alive()
+    with distckpt.CheckpointManager(tmp_path, timeout=TIMEOUT) as successor:
+        assert successor.steps() == [1]  # the lease went with the interrupted close
+    manager.close()
+    assert manager._released
+    background_thread.join(TIMEOUT)  # the repeated close stopped it; it may still be exiting
+    assert not background_thread.is_alive()

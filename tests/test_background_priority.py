@@ -142,6 +142,31 @@ def _nice_after_lowering(increment: int) -> tuple[int, int]:
     return seen[0]
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice is Linux's")
+@pytest.mark.parametrize("increment", [1, 19])
+def test_background_nice_takes_each_increment_from_1_to_19(tmp_path: Path, increment: int) -> None:
+    """README: "1 to 19 is the increment", both bounds included: the manager's background
+    thread runs that much above the thread that started it (read by that thread itself as it
+    writes)."""
+    main = threading.get_native_id()
+    writer_nices: list[int] = []
+
+    def record_the_writers_nice(event: events.PhaseEvent) -> None:
+        if event.phase == "save.write" and threading.get_native_id() != main:
+            writer_nices.append(thread_nice(threading.get_native_id()))
+
+    remove = events.add_listener(record_the_writers_nice)
+    try:
+        with distckpt.CheckpointManager(
+            tmp_path, async_save=True, fsync=False, background_nice=increment
+        ) as mgr:
+            mgr.save(1, {"w": torch.ones(4)})
+            assert mgr.wait() is not None
+    finally:
+        remove()
+    assert writer_nices == [min(background.MAX_NICE, thread_nice(main) + increment)]
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads Linux's /proc")
 def test_lower_priority_is_a_logged_no_op_where_threads_have_no_nice_of_their_own(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture

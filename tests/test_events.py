@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import distckpt
-from distckpt import events
+from distckpt import events, faults
 from tests.ranks import run_ranks, values
 
 SAVE_PHASES = {"save.propose", "save.write", "save.agree", "save.commit"}
@@ -124,3 +124,37 @@ def test_rank_0s_root_work_runs_beside_the_snapshot_not_after_it(tmp_path: Path)
     assert rank0["propose.copy"] == rank0["propose.snapshot"]
     assert rank1["propose.copy"] == rank1["propose.snapshot"]
     assert rank0["propose.root"] not in (rank0["propose.snapshot"], rank0["save.write"])
+
+
+@pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
+def test_a_failed_phase_says_so_and_a_raising_listener_breaks_nothing(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, async_save: bool
+) -> None:
+    """The module's promises: a listener hears of a phase that ended with an error (``ok``
+    False), the failed write's own phase as well as the commit its error comes out of, in the
+    async save's background thread too, and of none other; one that raises is logged and the
+    save goes on."""
+    seen: list[events.PhaseEvent] = []
+
+    def broken(event: events.PhaseEvent) -> None:
+        raise ValueError("a broken listener")
+
+    removers = [events.add_listener(broken), events.add_listener(seen.append)]
+    try:
+        with distckpt.CheckpointManager(tmp_path, async_save=async_save, fsync=False) as manager:
+            faults.arm("after_shard_write", "raise")
+            with pytest.raises(faults.InjectedFault):
+                manager.save(1, {"w": torch.ones(8)})
+                manager.wait()
+            failed = {event.phase for event in seen if not event.ok}
+            seen.clear()
+            manager.save(2, {"w": torch.ones(8)})
+            manager.wait()
+            assert manager.steps() == [2]
+    finally:
+        for remove in removers:
+            remove()
+    assert {"save.write", "save.commit"} <= failed <= SAVE_PHASES
+    assert {event.phase for event in seen if event.step == 2} >= SAVE_PHASES
+    assert all(event.ok for event in seen)
+    assert "phase-event listener" in caplog.text and "a broken listener" in caplog.text

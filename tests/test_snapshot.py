@@ -75,6 +75,8 @@ def test_snapshot_copies_into_one_block_with_a_storage_per_tensor() -> None:
 
 def test_snapshot_reuses_its_buffers_and_is_isolated_from_later_changes() -> None:
     state = _mixed_state()
+    # Mutable values that are no container the snapshot walks into: copied all the same.
+    state["seen"], state["ids"] = {"a"}, bytearray(b"ab")
     buffers = SnapshotBuffers()
     first = buffers.snapshot(state)
     addresses = [t.data_ptr() for t in _tensors(first)]
@@ -83,7 +85,10 @@ def test_snapshot_reuses_its_buffers_and_is_isolated_from_later_changes() -> Non
     assert [t.data_ptr() for t in _tensors(second)] == addresses  # no new allocation
     assert torch.equal(second["f32"], state["f32"])
     state["f32"].add_(1.0)  # training goes on: the snapshot keeps what it copied
+    state["seen"].add("b")
+    state["ids"][0] = ord("z")
     assert torch.equal(second["f32"] + 1.0, state["f32"])
+    assert (second["seen"], second["ids"]) == ({"a"}, bytearray(b"ab"))
 
 
 def test_buffers_of_a_changed_state_are_let_go() -> None:
@@ -163,7 +168,7 @@ def test_a_buffer_of_a_mebibyte_or_more_starts_on_a_page() -> None:
     smaller one (a page-sized one too) keeps the 64-byte alignment, and a state of whole pages
     gets a block of exactly its bytes (no page more)."""
     large = DIRECT_MIN_BYTES // 4
-    sizes = [3, DIRECT_ALIGNMENT // 4, 5, large + 2, 1, 3 * DIRECT_ALIGNMENT // 4, large + 1]
+    sizes = [3, DIRECT_ALIGNMENT // 4, 5, large, 1, large + 2, 3 * DIRECT_ALIGNMENT // 4, large + 1]
     slots: list[Slot] = [((f"t{i}",), torch.Size([n]), torch.float32) for i, n in enumerate(sizes)]
     buffers = flat_buffers(slots)
     for (key, _, _), n in zip(slots, sizes):

@@ -96,6 +96,21 @@ def test_shared_buffers_are_reused_until_the_sharing_changes() -> None:
         assert torch.equal(third[name], tensor), name
 
 
+def test_unrelated_empty_tensors_keep_storages_of_their_own_after_an_async_save(
+    tmp_path: Path,
+) -> None:
+    """An empty tensor reaches no byte of any storage (its data_ptr is 0, as every other empty
+    one's), so it shares none: two unrelated ones come back with a storage each."""
+    state = {"zeros": torch.zeros(0), "ones": torch.ones(0), "weights": torch.arange(4.0)}
+    with distckpt.CheckpointManager(tmp_path, fsync=False, async_save=True) as mgr:
+        mgr.save(1, state)
+        mgr.wait()
+        restored = mgr.restore(1).state
+    # Their data_ptrs are 0 alike; growing one storage tells whether the other is the same.
+    restored["zeros"].untyped_storage().resize_(8)
+    assert restored["ones"].untyped_storage().nbytes() == 0
+
+
 def _tied_dtensors(rank: int, world_size: int) -> dict[str, bool]:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor, Shard
@@ -134,6 +149,11 @@ def test_a_lazily_conjugated_view_keeps_its_bit_and_its_storage() -> None:
     assert len({t.untyped_storage().data_ptr() for t in snap.values()}) == 1
     complex_.add_(1.0)  # training goes on: the snapshot keeps what it copied
     assert not torch.equal(snap["conjugated"], complex_.conj())
+    # A negated view of one element is contiguous: it keeps its bit all the same.
+    one = torch.randn(1, dtype=torch.complex64).conj().imag
+    assert one.is_contiguous() and one.is_neg()
+    (negated,) = SnapshotBuffers().snapshot([one])
+    assert negated.is_neg() and torch.equal(negated, one)
 
 
 def test_dtensors_sharing_a_local_shard_share_its_buffer() -> None:
@@ -191,6 +211,21 @@ def test_slices_far_apart_in_one_storage_keep_a_buffer_each(tmp_path: Path) -> N
         restored = mgr.restore(1).state
     assert torch.equal(restored["head"], big[:10]) and torch.equal(restored["tail"], big[-10:])
     assert sum(f.stat().st_size for f in (tmp_path / "root").rglob("rank-*")) < 1 << 20
+
+
+def test_slices_reaching_twice_their_bytes_share_a_buffer_and_beyond_that_do_not() -> None:
+    """README: tensors sharing a storage keep a buffer each only when the bytes between the
+    lowest and highest they reach are more than twice their own; at exactly twice they share
+    one."""
+    weights = torch.arange(64, dtype=torch.float32)
+    twice = {"head": weights[:16], "tail": weights[48:]}  # reach 256 bytes of their own 128
+    beyond = {"head": weights[:16], "tail": weights[49:]}  # reach 256 bytes of their own 124
+    for state, shared in ((twice, True), (beyond, False)):
+        snapshot = SnapshotBuffers().snapshot(state)
+        storages = {tensor.untyped_storage().data_ptr() for tensor in snapshot.values()}
+        assert len(storages) == (1 if shared else 2)
+        for name, tensor in state.items():
+            assert torch.equal(snapshot[name], tensor), name
 
 
 # --------------------------------------------------------------------------- tensors that are
