@@ -9,12 +9,12 @@ import json
 import logging
 import os
 import re
-import subprocess
-import sys
+import signal
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -27,16 +27,20 @@ from distckpt.objlease import LeaseRecord, ObjectLease
 from distckpt.objstore import ObjectStore
 from distckpt.storage import s3_lease
 from distckpt.storage.s3_root import LEASE_NAME
+from tests import job_servers
 from tests.s3proxy import S3Proxy
 from tests.s3server import S3Server
 from tests.waiting import wait_until
 
 pytest.importorskip("botocore")
 
-#: a short lease so that its renewals come every 3 s (patched in: the real 30 s would make each
+#: a short lease so that its renewals come every 2 s (patched in: the real 30 s would make each
 #: test wait minutes for an expiry); each lease request still gets the smallest timeout (1 s),
-#: ample for a local server
-SHORT_LEASE_SECONDS = 9.0
+#: ample for a local server, and half the time between two renewals. Not shorter: a renewal
+#: that failed is tried again 2 s later (RENEWAL_RETRY_SECONDS), and in
+#: test_the_next_renewal_is_timed_from_when_a_slow_one_was_sent a third of the lease must stay
+#: below the 3 s a lease request may take there.
+SHORT_LEASE_SECONDS = 6.0
 
 
 def _state(step: int) -> dict[str, Any]:
@@ -82,8 +86,8 @@ def test_the_next_renewal_is_timed_from_when_a_slow_one_was_sent(
     s3_server: S3Server, s3_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Lease requests may take 3 s here; one renewal is answered after 2 s. The next is due a
-    # third of the lease (3 s) after that slow one was sent; timed from its answer it would
-    # come 5 s after, and a slow answer would push renewals toward the lease's end.
+    # third of the lease (2 s) after that slow one was sent, so at once; timed from its answer
+    # it would come 4 s after, and a slow answer would push renewals toward the lease's end.
     monkeypatch.setattr(objlease, "MIN_REQUEST_SECONDS", 3.0)
     with _saved_through_proxy(s3_server, s3_url, monkeypatch) as (proxy, manager), manager:
         slow = proxy.hold("PUT", f"/{LEASE_NAME}")
@@ -145,38 +149,41 @@ def test_close_does_not_wait_on_a_stalled_store(
 
 
 def test_interpreter_exit_does_not_wait_on_a_stalled_store(
-    s3_server: S3Server, s3_url: str
+    s3_server: S3Server, s3_url: str, tmp_path: Path
 ) -> None:
     # A process that ends without closing its manager releases the lease at exit, by the same
     # bounded close(): on a store that answers no lease request it must still end promptly.
+    # Run by a job server, which imported torch once: its run ends as an interpreter does
+    # (threads joined, then the exit handlers), and the point is that end, not a fresh start.
+    go = tmp_path / "go"
     with S3Proxy(s3_server.port) as proxy:
         options = s3_server.storage_options(endpoint_url=proxy.endpoint)
-        code = (
-            "import sys, torch, distckpt\n"
+        script = tmp_path / "exits_unclosed.py"
+        script.write_text(
+            "import os, time, torch, distckpt\n"
             f"manager = distckpt.CheckpointManager({s3_url!r}, storage_options={options!r})\n"
             "manager.save(1, {'w': torch.ones(2)})\n"
             "print('saved', flush=True)\n"
-            "sys.stdin.readline()  # until the test has stalled the store\n"
+            f"while not os.path.exists({str(go)!r}):  # until the test has stalled the store\n"
+            "    time.sleep(0.01)\n"
         )
-        job = subprocess.Popen(
-            [sys.executable, "-c", code],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
-        )
+        log = tmp_path / "job.log"
+        log.touch()  # read before the job has opened it
+        job = job_servers.start_preloaded([str(script)], log)
         try:
-            assert job.stdout is not None and job.stdin is not None
-            assert job.stdout.readline().strip() == "saved"
+            wait_until(
+                lambda: "saved" in log.read_text() or job.poll() is not None, "the save", 120
+            )
+            assert job.poll() is None, log.read_text()
             stalled = proxy.hold("PUT", f"/{LEASE_NAME}", times=1000)
             started = time.monotonic()
-            job.stdin.write("exit\n")
-            job.stdin.close()
-            assert job.wait(timeout=120) == 0
+            go.touch()
+            assert job.wait(timeout=120) == 0, log.read_text()
             took = time.monotonic() - started
         finally:
-            job.kill()
-            job.wait()
+            if job.poll() is None:
+                os.killpg(job.pid, signal.SIGKILL)
+            job.join()
         assert stalled.arrived.is_set()  # the release was sent, and left unanswered
         stalled.release()
     assert took < 20, f"the process took {took:.1f} s to end on a stalled store"
