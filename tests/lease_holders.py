@@ -23,6 +23,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import TextIO
@@ -36,7 +37,6 @@ from distckpt.lease import (
     this_host,
 )
 from tests.filesystems import skip_or_fail
-from tests.forked_script import run_then_exit
 
 STARTUP = 30.0  # a process that has not answered by then counts as hung (a loaded machine)
 
@@ -96,8 +96,8 @@ class _ForkedHolder:
         from_child, child_stdout = os.pipe()
         pid = os.fork()
         if pid == 0:  # pragma: no cover - the child
-
-            def hold() -> None:
+            status = 1
+            try:
                 if host is not None:
                     _become_host(host)
                 if pid_namespace:
@@ -118,8 +118,16 @@ class _ForkedHolder:
                 if pid_namespace:
                     print("pid", os.getpid(), flush=True)
                 exec(compile(_HOLDER, "<holder>", "exec"), {"__name__": "__main__"})
-
-            run_then_exit(hold)
+                status = 0
+            except SystemExit as exc:
+                status = _exit_status(exc)
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                with contextlib.suppress(BaseException):
+                    sys.stdout.flush()
+                    sys.stderr.flush()
+                os._exit(status)
         os.close(child_stdin)
         os.close(child_stdout)
         self.pid = pid
@@ -149,6 +157,17 @@ class _ForkedHolder:
             if pipe is not None:
                 with contextlib.suppress(OSError):  # the child is gone: a write may be lost
                     pipe.close()
+
+
+def _exit_status(exit: SystemExit) -> int:
+    """The exit status Python gives a process ended by ``exit``: its code when an int, 0 for
+    None, else 1 with the code written to stderr (as ``sys.exit("message")``)."""
+    if exit.code is None:
+        return 0
+    if isinstance(exit.code, int):
+        return exit.code & 0xFF
+    print(exit.code, file=sys.stderr)
+    return 1
 
 
 class Holder:
