@@ -88,8 +88,8 @@ def traced_saves(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> TracedSaves:
     """:data:`LOCAL_SAVES`, then an async save of 24 MiB to a root on the S3 server, traced in
-    one interpreter: a fresh interpreter importing torch under strace costs seconds, paid once
-    for the tests that read these saves' calls. The S3 part's failure (its traceback in
+    one run (:func:`~tests.syscall_trace.run_traced`), paid once for the tests that read these
+    saves' calls. The S3 part's failure (its traceback in
     :data:`OBJECT_STORE_FAILED`) is the object-store test's alone."""
     workdir = tmp_path_factory.mktemp("traced-saves")
     require_direct_io(workdir)

@@ -187,8 +187,8 @@ def direct_io_saves(
     mounts: MountFactory, tmp_path_factory: pytest.TempPathFactory
 ) -> dict[str, DirectIOSave]:
     """Per filesystem of the matrix and ramfs: an async "torch" save, its restore and
-    ``verify``, all made by one interpreter under strace, one filesystem after the other (a
-    fresh interpreter per filesystem spends its seconds importing torch). A filesystem that
+    ``verify``, all made by one traced run, one filesystem after the other (not one run per
+    filesystem: see :func:`~tests.syscall_trace.async_saves_traced`). A filesystem that
     cannot be mounted is left out: its test skips (in CI: fails) in ``mounts.get``."""
     workdirs = {}
     for name in [*MATRIX, "ramfs"]:

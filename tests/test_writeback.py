@@ -88,8 +88,8 @@ Calls = list[tuple[str, str, list[str]]]
 
 @pytest.fixture(scope="module")
 def traced(tmp_path_factory: pytest.TempPathFactory) -> TracedParts:
-    """The sync_file_range and fsync calls of :data:`TRACED_PARTS`, all run in one fresh
-    interpreter under strace (one per part would import torch under strace five times)."""
+    """The sync_file_range and fsync calls of :data:`TRACED_PARTS`, all run in one traced
+    run (:func:`~tests.syscall_trace.trace_parts`), not one per part."""
     if platform.machine() not in ("x86_64", "aarch64"):
         pytest.skip("elsewhere the system call may be sync_file_range2, which this does not read")
     workdir = tmp_path_factory.mktemp("writeback")

@@ -121,7 +121,7 @@ def record_forked(
         text=True,
     )
     try:
-        _wait_until_traced(child, tracer, timeout=30)
+        wait_until_traced(child, tracer, timeout=30)
         os.write(go_write, b"go")
         _, status = _wait_for_child(child, timeout)
         tracer.wait(timeout=30)  # strace ends once the traced tree has
@@ -134,7 +134,7 @@ def record_forked(
         raise RuntimeError(f"traced workload failed (wait status {status}): its traceback is above")
 
 
-def _wait_until_traced(child: int, tracer: subprocess.Popen[str], *, timeout: float) -> None:
+def wait_until_traced(child: int, tracer: subprocess.Popen[str], *, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if tracer.poll() is not None:
