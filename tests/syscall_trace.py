@@ -7,7 +7,6 @@ not one per file system)."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import signal
@@ -185,13 +184,11 @@ def _run_traced_preloaded(
         tracer.wait(timeout=30)  # strace ends once the traced tree has
         return returncode, command
     finally:
-        if job.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(job.pid, signal.SIGKILL)  # it leads a session of its own
-        job.join()
+        # nothing here asks the job server first: it may be what failed (died)
         if tracer.poll() is None:
             tracer.kill()
             tracer.wait()
+        job.end()
         sys.stderr.write(log.read_text(errors="replace") if log.exists() else "")
 
 

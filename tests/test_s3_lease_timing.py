@@ -9,7 +9,6 @@ import json
 import logging
 import os
 import re
-import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -208,9 +207,7 @@ def test_interpreter_exit_does_not_wait_on_a_stalled_store(
             assert job.wait(timeout=120) == 0, log.read_text()
             took = time.monotonic() - started
         finally:
-            if job.poll() is None:
-                os.killpg(job.pid, signal.SIGKILL)
-            job.join()
+            job.end()
         assert stalled.arrived.is_set()  # the release was sent, and left unanswered
         stalled.release()
     assert took < 20, f"the process took {took:.1f} s to end on a stalled store"
