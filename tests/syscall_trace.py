@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,12 +50,19 @@ def opened_direct(call: FileCall) -> bool:
 
 
 def traced_file_calls(
-    code: str, workdir: Path, calls: str, args: Sequence[str] = (), timeout: float = 180
+    code: str,
+    workdir: Path,
+    calls: str,
+    args: Sequence[str] = (),
+    timeout: float = 180,
+    *,
+    preloaded: bool = True,
 ) -> list[FileCall]:
     """The ``calls`` (strace's comma-separated names) on files that ``code``, run with
     ``workdir`` as its working directory and ``args`` as its command line, made, in order; only
-    successful ``openat`` calls."""
-    run_traced(code, workdir, calls, args, timeout)
+    successful ``openat`` calls. ``preloaded``: as :func:`run_traced` (a workload that does not
+    import torch runs as soon in a fresh interpreter)."""
+    run_traced(code, workdir, calls, args, timeout, preloaded=preloaded)
     return parsed_calls(workdir / "strace.log")
 
 
@@ -107,10 +115,11 @@ os.chdir("..")
     return TracedParts(workdir, traced_file_calls(script, workdir, calls))
 
 
-#: Run by a job server (``python traced_run.py WORKLOAD ARGS...``): waits until strace is
-#: attached to its process, then runs the workload as ``python WORKLOAD ARGS...`` would.
+#: Run by a job server (``python traced_run.py MARKER WORKLOAD ARGS...``): waits until strace
+#: is attached to its process, makes the marker call (a ``chdir`` to the path ``MARKER``, which
+#: does not exist), then runs the workload as ``python WORKLOAD ARGS...`` would.
 _AFTER_ATTACH = """
-import runpy, sys, time
+import os, runpy, sys, time
 
 def traced():
     with open("/proc/self/status") as status:
@@ -122,7 +131,11 @@ while not traced():
     if time.monotonic() > deadline:
         sys.exit("strace did not attach within 60 s")
     time.sleep(0.005)
-sys.argv = sys.argv[1:]
+try:
+    os.chdir(sys.argv[1])
+except OSError:
+    pass
+sys.argv = sys.argv[2:]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
@@ -139,22 +152,25 @@ def run_traced(
     """Run ``code`` (as ``workload.py`` in ``workdir``, its working directory) under strace,
     which logs the ``calls`` to ``strace.log`` there. With ``preloaded``, in a job server
     (``tests.job_servers``: torch imported already; a fresh interpreter spends seconds importing
-    it, under strace longer still), strace attached to the run before the workload starts, and
-    what it printed copied to this process's stderr at its end; else in a fresh interpreter
-    that strace starts. Raises CalledProcessError if it fails and TimeoutExpired if it outlives
-    ``timeout``: then it and every process it started are killed first (a process group of
-    their own: a traced interpreter left running would keep the files it has open, and a FUSE
-    mount under them, busy)."""
+    it, under strace longer still), strace attached to the run (it waits for its TracerPid)
+    before the workload starts, and what it printed copied to this process's stderr at its end;
+    the trace must then hold a marker call the run made before the workload (its ``chdir`` to a
+    path that does not exist, traced as well), or the run fails as one strace may have missed
+    calls of. Else in a fresh interpreter that strace starts. Raises CalledProcessError if it
+    fails and TimeoutExpired if it outlives ``timeout``: then it and every process it started
+    are killed first (a process group of their own: a traced interpreter left running would
+    keep the files it has open, and a FUSE mount under them, busy)."""
     try:
         strace = ensure_strace()
     except StraceUnavailable as exc:
         skip_or_fail(f"the system calls are read from strace: {exc}")
     script = workdir / "workload.py"
     script.write_text(textwrap.dedent(code))
-    options = ["-f", "-y", "-qq", "-e", f"trace={calls}", "-o", os.fspath(workdir / "strace.log")]
+    trace_log = workdir / "strace.log"
     if preloaded:
-        returncode, command = _run_traced_preloaded(strace, options, script, args, timeout)
+        returncode, command = _run_traced_preloaded(strace, calls, trace_log, script, args, timeout)
     else:
+        options = _strace_options(calls, trace_log)
         command = [strace, ONLY_TRACED_CALLS_STOP, *options, sys.executable, script, *args]
         with subprocess.Popen(command, cwd=workdir, start_new_session=True) as traced:
             try:
@@ -167,21 +183,33 @@ def run_traced(
         raise subprocess.CalledProcessError(returncode, command)
 
 
+def _strace_options(calls: str, trace_log: Path) -> list[str]:
+    return ["-f", "-y", "-qq", "-e", f"trace={calls}", "-o", os.fspath(trace_log)]
+
+
 def _run_traced_preloaded(
-    strace: str, options: list[str], script: Path, args: Sequence[str], timeout: float
+    strace: str, calls: str, trace_log: Path, script: Path, args: Sequence[str], timeout: float
 ) -> tuple[int, list[str]]:
     """:func:`run_traced` in a job server: the run's exit status, and the command that traced
     it."""
     runner = script.with_name("traced_run.py")
     runner.write_text(_AFTER_ATTACH)
     log = script.with_name("traced_run.log")
-    job = job_servers.start_preloaded([str(runner), str(script), *args], log, cwd=script.parent)
-    command = [strace, *options, "-p", str(job.pid)]
+    marker = f"/nonexistent-strace-marker-{uuid.uuid4().hex}"
+    job = job_servers.start_preloaded(
+        [str(runner), marker, str(script), *args], log, cwd=script.parent
+    )
+    command = [strace, *_strace_options(f"{calls},chdir", trace_log), "-p", str(job.pid)]
     tracer = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         wait_until_traced(job.pid, tracer, timeout=30)
         returncode = job.wait(timeout)  # TimeoutExpired past it: killed below
         tracer.wait(timeout=30)  # strace ends once the traced tree has
+        # a non-zero TracerPid shows strace seized the run, not that it traces its calls yet
+        assert marker in trace_log.read_text(), (
+            f"strace was not yet tracing {script.name} when it began (no marker call in "
+            f"{trace_log}): calls of it may be missing"
+        )
         return returncode, command
     finally:
         # nothing here asks the job server first: it may be what failed (died)
