@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from distckpt import faults
-from tests import job_servers, killing, syscall_trace
+from tests import job_servers, killing
 from tests.filesystems import MountFactory
 from tests.lease_holders import Holder
 from tests.older_version import unpack_older_version
@@ -36,12 +36,9 @@ def pytest_runtest_protocol(item: pytest.Item) -> Iterator[None]:
     module = getattr(item, "module", None)
     names = vars(module).values() if module is not None else ()
     # by identity: a module's other globals (tensors, arrays) need not compare with ==;
-    # killing runs jobs, and so do the traced runs of what a module takes from syscall_trace
-    if any(
-        value is job_servers
-        or value is killing
-        or getattr(value, "__module__", None) == syscall_trace.__name__
-        for value in names
+    # killing runs jobs, and a module whose traced runs do says so (NEEDS_JOB_SERVERS)
+    if getattr(module, "NEEDS_JOB_SERVERS", False) or any(
+        value is job_servers or value is killing for value in names
     ):
         # A server that is not ready fails the test at its first job, with the reason.
         with contextlib.suppress(AssertionError):

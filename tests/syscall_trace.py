@@ -50,19 +50,12 @@ def opened_direct(call: FileCall) -> bool:
 
 
 def traced_file_calls(
-    code: str,
-    workdir: Path,
-    calls: str,
-    args: Sequence[str] = (),
-    timeout: float = 180,
-    *,
-    preloaded: bool = True,
+    code: str, workdir: Path, calls: str, args: Sequence[str] = (), timeout: float = 180
 ) -> list[FileCall]:
     """The ``calls`` (strace's comma-separated names) on files that ``code``, run with
     ``workdir`` as its working directory and ``args`` as its command line, made, in order; only
-    successful ``openat`` calls. ``preloaded``: as :func:`run_traced` (a workload that does not
-    import torch runs as soon in a fresh interpreter)."""
-    run_traced(code, workdir, calls, args, timeout, preloaded=preloaded)
+    successful ``openat`` calls."""
+    run_traced(code, workdir, calls, args, timeout)
     return parsed_calls(workdir / "strace.log")
 
 

@@ -13,6 +13,9 @@ import distckpt
 from tests.ranks import run_ranks, values
 from tests.syscall_trace import FileCall, TracedParts, trace_parts
 
+#: conftest readies the job servers first: the traced runs are their children
+NEEDS_JOB_SERVERS = True
+
 #: a one-process "dcp" save of 200 values into ``root``, then its restore
 MANY_VALUES_RESTORE = """
 import torch

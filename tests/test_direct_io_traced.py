@@ -24,6 +24,9 @@ from tests.syscall_trace import (
     traced_file_calls,
 )
 
+#: conftest readies the job servers first: the traced runs are their children
+NEEDS_JOB_SERVERS = True
+
 
 def _rank_file_calls(calls: list[FileCall], root: str) -> list[FileCall]:
     """The calls that wrote the rank file of ``root``: its open for writing and what followed

@@ -20,6 +20,9 @@ from tests.filesystems import MountFactory
 from tests.other_user import NOBODY, succeeds_as_nobody
 from tests.syscall_trace import assert_part_ran, trace_parts
 
+#: conftest readies the job servers first: the traced runs are their children
+NEEDS_JOB_SERVERS = True
+
 #: the file the traced run fsyncs between the two roots' ancestors, where their calls split
 BETWEEN = "between-the-roots"
 

@@ -47,6 +47,9 @@ from tests.filesystems import (
 from tests.ranks import run_ranks, values
 from tests.syscall_trace import DirectIOSave, async_saves_traced, saves_timeout
 
+#: conftest readies the job servers first: the traced runs are their children
+NEEDS_JOB_SERVERS = True
+
 WRITABLE = [name for name, kind in KINDS.items() if not kind.read_only]
 
 #: filesystems of the matrix that refuse O_DIRECT (none here; ramfs, outside it, does)

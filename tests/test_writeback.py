@@ -22,6 +22,9 @@ from distckpt.fsutil import WRITEBACK_BYTES, start_writeback
 from tests.crashsim.trace import TRACED_CALLS
 from tests.syscall_trace import TracedParts, trace_parts
 
+#: conftest readies the job servers first: the traced runs are their children
+NEEDS_JOB_SERVERS = True
+
 #: the sizes of the files the first two parts of :data:`TRACED_PARTS` write
 STRETCHES_SIZE, ONE_WRITE_SIZE = 3 * WRITEBACK_BYTES + 12345, 3 * WRITEBACK_BYTES + 5
 
