@@ -35,10 +35,13 @@ pytest.importorskip("botocore")
 
 #: a short lease so that its renewals come every 2 s (patched in: the real 30 s would make each
 #: test wait minutes for an expiry); each lease request still gets the smallest timeout (1 s),
-#: ample for a local server, and half the time between two renewals. Not shorter: a renewal
-#: that failed is tried again 2 s later (RENEWAL_RETRY_SECONDS), and in
-#: test_the_next_renewal_is_timed_from_when_a_slow_one_was_sent a third of the lease must stay
-#: below the 3 s a lease request may take there.
+#: ample for a local server, and half the time between two renewals. The lower limits: that
+#: 1 s must stay below a third of the lease (a lease over 3 s); a renewal given up is tried
+#: again 2 s later (RENEWAL_RETRY_SECONDS, fixed: at 6 s equal to the time between two
+#: renewals), and that retry must go out before the lease ends (a third of the lease + 1 s +
+#: 2 s below the lease: over 4.5 s), or no renewal would ever take a lease back in time; and
+#: test_the_next_renewal_is_timed_from_when_a_slow_one_was_sent holds a renewal 2 s, a third
+#: of 6 s, so that the next one is due as it is answered.
 SHORT_LEASE_SECONDS = 6.0
 
 
