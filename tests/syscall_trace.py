@@ -113,14 +113,10 @@ os.chdir("..")
 #: does not exist), then runs the workload as ``python WORKLOAD ARGS...`` would.
 _AFTER_ATTACH = """
 import os, runpy, sys, time
-
-def traced():
-    with open("/proc/self/status") as status:
-        return any(line.split()[:2] != ["TracerPid:", "0"] for line in status
-                   if line.startswith("TracerPid:"))
+from tests.crashsim.trace import tracer_of
 
 deadline = time.monotonic() + 60
-while not traced():
+while tracer_of(os.getpid()) == 0:
     if time.monotonic() > deadline:
         sys.exit("strace did not attach within 60 s")
     time.sleep(0.005)
@@ -149,7 +145,9 @@ def run_traced(
     before the workload starts, and what it printed copied to this process's stderr at its end;
     the trace must then hold a marker call the run made before the workload (its ``chdir`` to a
     path that does not exist, traced as well), or the run fails as one strace may have missed
-    calls of. Else in a fresh interpreter that strace starts. Raises CalledProcessError if it
+    calls of. The trace then also holds the runner's own calls from strace's attach on (the
+    opens of its last imports, the marker): whoever reads it picks calls by path. Else in a
+    fresh interpreter that strace starts. Raises CalledProcessError if it
     fails and TimeoutExpired if it outlives ``timeout``: then it and every process it started
     are killed first (a process group of their own: a traced interpreter left running would
     keep the files it has open, and a FUSE mount under them, busy)."""
@@ -183,8 +181,8 @@ def _strace_options(calls: str, trace_log: Path) -> list[str]:
 def _run_traced_preloaded(
     strace: str, calls: str, trace_log: Path, script: Path, args: Sequence[str], timeout: float
 ) -> tuple[int, list[str]]:
-    """:func:`run_traced` in a job server: the run's exit status, and the command that traced
-    it."""
+    """:func:`run_traced` in a job server: the run's exit status, and the command it stands
+    for (``python WORKLOAD ARGS...``: a failure names the workload, not the strace beside it)."""
     runner = script.with_name("traced_run.py")
     runner.write_text(_AFTER_ATTACH)
     log = script.with_name("traced_run.log")
@@ -203,7 +201,7 @@ def _run_traced_preloaded(
             f"strace was not yet tracing {script.name} when it began (no marker call in "
             f"{trace_log}): calls of it may be missing"
         )
-        return returncode, command
+        return returncode, [sys.executable, os.fspath(script), *args]
     finally:
         # nothing here asks the job server first: it may be what failed (died)
         if tracer.poll() is None:
