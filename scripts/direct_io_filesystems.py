@@ -141,7 +141,8 @@ def probe_direct(mounted: dict[str, Path], scratch: Path) -> dict[str, bool | No
     """Whether an async save's rank file on each mounted file system is written with direct I/O,
     from strace of a real save on each (None where strace is not available); the trace's log
     goes to ``scratch``. One traced interpreter saves on every mount in turn: one per file
-    system would import torch under strace once per file system."""
+    system would import torch under strace once per file system (a fresh one: the tests' job
+    servers are no part of a script users run)."""
     from tests.crashsim.trace import StraceUnavailable, ensure_strace
     from tests.syscall_trace import async_saves_traced
 
@@ -154,7 +155,7 @@ def probe_direct(mounted: dict[str, Path], scratch: Path) -> dict[str, bool | No
             print(f"{name}: not checked whether direct I/O was taken: {exc}", file=sys.stderr)
         return dict.fromkeys(mounted)
     probes = {name: path / "direct-io-probe" for name, path in mounted.items()}
-    saves = async_saves_traced(list(probes.values()), scratch)
+    saves = async_saves_traced(list(probes.values()), scratch, preloaded=False)
     return {name: saves[probe].written_direct(commits=True) for name, probe in probes.items()}
 
 

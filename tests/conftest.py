@@ -35,8 +35,11 @@ def pytest_runtest_protocol(item: pytest.Item) -> Iterator[None]:
     # module that runs jobs in them starts.
     module = getattr(item, "module", None)
     names = vars(module).values() if module is not None else ()
-    # by identity: a module's other globals (tensors, arrays) need not compare with ==
-    if any(value is job_servers or value is killing for value in names):  # killing runs jobs
+    # by identity: a module's other globals (tensors, arrays) need not compare with ==;
+    # killing runs jobs, and a module whose traced runs do says so (NEEDS_JOB_SERVERS)
+    if getattr(module, "NEEDS_JOB_SERVERS", False) or any(
+        value is job_servers or value is killing for value in names
+    ):
         # A server that is not ready fails the test at its first job, with the reason.
         with contextlib.suppress(AssertionError):
             job_servers.ready_job_servers()

@@ -220,6 +220,13 @@ class PreloadedJob:
         code = self.server.exit_code(self.request_id, timeout=GROUP_EXIT_SECONDS)
         assert code is not None, f"job {self.pid} still running {GROUP_EXIT_SECONDS:g} s on"
 
+    def end(self) -> None:
+        """Kill whatever of the job's session still runs, and wait for its server to report the
+        job's end unless the server died (for cleanup: also after a failed wait)."""
+        kill_session(self.pid)
+        if self.server.alive:
+            self.join()
+
 
 #: The two job servers (started at their first use), with different hash seeds.
 _servers: list[_JobServer] = []
@@ -366,8 +373,6 @@ def run_preloaded(
         output = log.read_text()
         raise AssertionError(f"{command[0]} still ran after {timeout:g} s:\n{output}") from None
     finally:
-        kill_session(job.pid)
-        if job.server.alive:
-            job.join()
+        job.end()
     stderr = None if stderr_log is None else stderr_log.read_text()
     return subprocess.CompletedProcess(list(command), code, log.read_text(), stderr)

@@ -1,8 +1,9 @@
-"""A snippet of Python run by a fresh interpreter under ``strace``, and the calls it made on
-files: what the kernel was asked, read from a real process. :func:`async_saves_traced` asks it
-whether an async save on each of some file systems writes its rank file with direct I/O, all in
-one interpreter (the filesystem matrix, and ``scripts/direct_io_filesystems.py`` beside its
-timings: torch is imported once, not once per file system)."""
+"""A snippet of Python run under ``strace`` (by a job server of ``tests.job_servers``, which
+imported torch already, or by a fresh interpreter), and the calls it made on files: what the
+kernel was asked, read from a real process. :func:`async_saves_traced` asks it whether an async
+save on each of some file systems writes its rank file with direct I/O, all in one traced run
+(the filesystem matrix, and ``scripts/direct_io_filesystems.py`` beside its timings: one run,
+not one per file system)."""
 
 from __future__ import annotations
 
@@ -12,12 +13,19 @@ import signal
 import subprocess
 import sys
 import textwrap
+import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from tests import job_servers
 from tests.crashsim.syscalls import whole_calls
-from tests.crashsim.trace import ONLY_TRACED_CALLS_STOP, StraceUnavailable, ensure_strace
+from tests.crashsim.trace import (
+    ONLY_TRACED_CALLS_STOP,
+    StraceUnavailable,
+    ensure_strace,
+    wait_until_traced,
+)
 from tests.filesystems import skip_or_fail
 
 _CALL = re.compile(r"^(?:\[pid +\d+\] |\d+ +)?(\w+)\((.*)\)\s+=\s+(-?\d+)(?:<([^>]*)>)?")
@@ -63,7 +71,7 @@ def assert_part_ran(directory: Path) -> None:
 
 @dataclass(frozen=True)
 class TracedParts:
-    """The calls of one traced interpreter that ran several parts, each in a directory of its
+    """The calls of one traced run that ran several parts, each in a directory of its
     own under ``workdir``."""
 
     workdir: Path
@@ -79,10 +87,10 @@ class TracedParts:
 
 
 def trace_parts(parts: Mapping[str, str], workdir: Path, calls: str) -> TracedParts:
-    """The ``calls`` (as :func:`traced_file_calls`) of one fresh interpreter running each of
-    ``parts`` (its directory's name: its code, run in a namespace of its own) with its own
-    directory under ``workdir`` (made if missing) as its working directory, one after the
-    other: a fresh interpreter importing torch under strace costs seconds, paid once. What a
+    """The ``calls`` (as :func:`traced_file_calls`) of one traced run (:func:`run_traced`)
+    running each of ``parts`` (its directory's name: its code, run in a namespace of its own)
+    with its own directory under ``workdir`` (made if missing) as its working directory, one
+    after the other: a run and its trace are paid once. What a
     part raises is written to :data:`PART_FAILED` in its directory, and the next part runs all
     the same."""
     script = "import os, traceback\n"
@@ -100,43 +108,107 @@ os.chdir("..")
     return TracedParts(workdir, traced_file_calls(script, workdir, calls))
 
 
+#: Run by a job server (``python traced_run.py MARKER WORKLOAD ARGS...``): waits until strace
+#: is attached to its process, makes the marker call (a ``chdir`` to the path ``MARKER``, which
+#: does not exist), then runs the workload as ``python WORKLOAD ARGS...`` would.
+_AFTER_ATTACH = """
+import os, runpy, sys, time
+from tests.crashsim.trace import tracer_of
+
+deadline = time.monotonic() + 60
+while tracer_of(os.getpid()) == 0:
+    if time.monotonic() > deadline:
+        sys.exit("strace did not attach within 60 s")
+    time.sleep(0.005)
+try:
+    os.chdir(sys.argv[1])
+except OSError:
+    pass
+sys.argv = sys.argv[2:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
 def run_traced(
-    code: str, workdir: Path, calls: str, args: Sequence[str] = (), timeout: float = 180
+    code: str,
+    workdir: Path,
+    calls: str,
+    args: Sequence[str] = (),
+    timeout: float = 180,
+    *,
+    preloaded: bool = True,
 ) -> None:
     """Run ``code`` (as ``workload.py`` in ``workdir``, its working directory) under strace,
-    which logs the ``calls`` to ``strace.log`` there. Raises CalledProcessError if it fails and
-    TimeoutExpired if it outlives ``timeout``: then strace and every process it traces are
-    killed first (their own process group: a traced interpreter left running would keep the
-    files it has open, and a FUSE mount under them, busy)."""
+    which logs the ``calls`` to ``strace.log`` there. With ``preloaded``, in a job server
+    (``tests.job_servers``: torch imported already; a fresh interpreter spends seconds importing
+    it, under strace longer still), strace attached to the run (it waits for its TracerPid)
+    before the workload starts, and what it printed copied to this process's stderr at its end;
+    the trace must then hold a marker call the run made before the workload (its ``chdir`` to a
+    path that does not exist, traced as well), or the run fails as one strace may have missed
+    calls of. The trace then also holds the runner's own calls from strace's attach on (the
+    opens of its last imports, the marker): whoever reads it picks calls by path. Else in a
+    fresh interpreter that strace starts. Raises CalledProcessError if it
+    fails and TimeoutExpired if it outlives ``timeout``: then it and every process it started
+    are killed first (a process group of their own: a traced interpreter left running would
+    keep the files it has open, and a FUSE mount under them, busy)."""
     try:
         strace = ensure_strace()
     except StraceUnavailable as exc:
         skip_or_fail(f"the system calls are read from strace: {exc}")
     script = workdir / "workload.py"
     script.write_text(textwrap.dedent(code))
-    command = [
-        strace,
-        ONLY_TRACED_CALLS_STOP,
-        "-f",
-        "-y",
-        "-qq",
-        "-e",
-        f"trace={calls}",
-        "-o",
-        workdir / "strace.log",
-        sys.executable,
-        script,
-        *args,
-    ]
-    with subprocess.Popen(command, cwd=workdir, start_new_session=True) as traced:
-        try:
-            returncode = traced.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(traced.pid, signal.SIGKILL)
-            traced.wait()
-            raise
+    trace_log = workdir / "strace.log"
+    if preloaded:
+        returncode, command = _run_traced_preloaded(strace, calls, trace_log, script, args, timeout)
+    else:
+        options = _strace_options(calls, trace_log)
+        command = [strace, ONLY_TRACED_CALLS_STOP, *options, sys.executable, script, *args]
+        with subprocess.Popen(command, cwd=workdir, start_new_session=True) as traced:
+            try:
+                returncode = traced.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(traced.pid, signal.SIGKILL)
+                traced.wait()
+                raise
     if returncode != 0:
         raise subprocess.CalledProcessError(returncode, command)
+
+
+def _strace_options(calls: str, trace_log: Path) -> list[str]:
+    return ["-f", "-y", "-qq", "-e", f"trace={calls}", "-o", os.fspath(trace_log)]
+
+
+def _run_traced_preloaded(
+    strace: str, calls: str, trace_log: Path, script: Path, args: Sequence[str], timeout: float
+) -> tuple[int, list[str]]:
+    """:func:`run_traced` in a job server: the run's exit status, and the command it stands
+    for (``python WORKLOAD ARGS...``: a failure names the workload, not the strace beside it)."""
+    runner = script.with_name("traced_run.py")
+    runner.write_text(_AFTER_ATTACH)
+    log = script.with_name("traced_run.log")
+    marker = f"/nonexistent-strace-marker-{uuid.uuid4().hex}"
+    job = job_servers.start_preloaded(
+        [str(runner), marker, str(script), *args], log, cwd=script.parent
+    )
+    command = [strace, *_strace_options(f"{calls},chdir", trace_log), "-p", str(job.pid)]
+    tracer = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_until_traced(job.pid, tracer, timeout=30)
+        returncode = job.wait(timeout)  # TimeoutExpired past it: killed below
+        tracer.wait(timeout=30)  # strace ends once the traced tree has
+        # a non-zero TracerPid shows strace seized the run, not that it traces its calls yet
+        assert marker in trace_log.read_text(), (
+            f"strace was not yet tracing {script.name} when it began (no marker call in "
+            f"{trace_log}): calls of it may be missing"
+        )
+        return returncode, [sys.executable, os.fspath(script), *args]
+    finally:
+        # nothing here asks the job server first: it may be what failed (died)
+        if tracer.poll() is None:
+            tracer.kill()
+            tracer.wait()
+        job.end()
+        sys.stderr.write(log.read_text(errors="replace") if log.exists() else "")
 
 
 def parsed_calls(log: Path) -> list[FileCall]:
@@ -224,11 +296,14 @@ class DirectIOSave:
         return True
 
 
-def async_saves_traced(workdirs: Sequence[Path], scratch: Path) -> dict[Path, DirectIOSave]:
+def async_saves_traced(
+    workdirs: Sequence[Path], scratch: Path, *, preloaded: bool = True
+) -> dict[Path, DirectIOSave]:
     """Run :data:`DIRECT_IO_SAVES` once under strace (its log and script in ``scratch``) over
     ``workdirs``, each made now if missing; what each directory's save did to its rank file. If
     the interpreter dies or hangs (then it is killed after :func:`saves_timeout`), the
-    directories it had not finished with say so in :attr:`DirectIOSave.lost`."""
+    directories it had not finished with say so in :attr:`DirectIOSave.lost`. ``preloaded``:
+    as :func:`run_traced`."""
     for workdir in workdirs:
         workdir.mkdir(exist_ok=True)
     try:
@@ -238,6 +313,7 @@ def async_saves_traced(workdirs: Sequence[Path], scratch: Path) -> dict[Path, Di
             "openat,ftruncate,fsync,sync_file_range",
             [str(workdir) for workdir in workdirs],
             timeout=saves_timeout(len(workdirs)),
+            preloaded=preloaded,
         )
         run_failure = None
     except subprocess.CalledProcessError as exc:

@@ -13,6 +13,9 @@ import distckpt
 from tests.ranks import run_ranks, values
 from tests.syscall_trace import FileCall, TracedParts, trace_parts
 
+#: conftest readies the job servers first: the traced runs are their children
+NEEDS_JOB_SERVERS = True
+
 #: a one-process "dcp" save of 200 values into ``root``, then its restore
 MANY_VALUES_RESTORE = """
 import torch
@@ -52,8 +55,7 @@ def _save_per_rank_item(rank: int, world_size: int, root: str) -> None:
 def traced_restores(tmp_path_factory: pytest.TempPathFactory) -> TracedParts:
     """The files opened by :data:`MANY_VALUES_RESTORE` (in ``many``) and, after 4 ranks saved
     into ``per-rank/root``, :data:`PER_RANK_ITEM_RESTORE` (in ``per-rank``), both in one traced
-    interpreter: a fresh interpreter importing torch under strace costs seconds, paid once for
-    both tests."""
+    run (:func:`~tests.syscall_trace.trace_parts`), paid once for both tests."""
     workdir = tmp_path_factory.mktemp("traced-restores")
     values(run_ranks(_save_per_rank_item, 4, str(workdir / "per-rank" / "root"), timeout=90))
     parts = {"many": MANY_VALUES_RESTORE, "per-rank": PER_RANK_ITEM_RESTORE}

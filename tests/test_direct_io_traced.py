@@ -24,6 +24,9 @@ from tests.syscall_trace import (
     traced_file_calls,
 )
 
+#: conftest readies the job servers first: the traced runs are their children
+NEEDS_JOB_SERVERS = True
+
 
 def _rank_file_calls(calls: list[FileCall], root: str) -> list[FileCall]:
     """The calls that wrote the rank file of ``root``: its open for writing and what followed
@@ -88,8 +91,8 @@ def traced_saves(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> TracedSaves:
     """:data:`LOCAL_SAVES`, then an async save of 24 MiB to a root on the S3 server, traced in
-    one interpreter: a fresh interpreter importing torch under strace costs seconds, paid once
-    for the tests that read these saves' calls. The S3 part's failure (its traceback in
+    one run (:func:`~tests.syscall_trace.run_traced`), paid once for the tests that read these
+    saves' calls. The S3 part's failure (its traceback in
     :data:`OBJECT_STORE_FAILED`) is the object-store test's alone."""
     workdir = tmp_path_factory.mktemp("traced-saves")
     require_direct_io(workdir)

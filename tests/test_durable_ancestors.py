@@ -20,6 +20,9 @@ from tests.filesystems import MountFactory
 from tests.other_user import NOBODY, succeeds_as_nobody
 from tests.syscall_trace import assert_part_ran, trace_parts
 
+#: conftest readies the job servers first: the traced runs are their children
+NEEDS_JOB_SERVERS = True
+
 #: the file the traced run fsyncs between the two roots' ancestors, where their calls split
 BETWEEN = "between-the-roots"
 
@@ -41,9 +44,9 @@ class TracedRoots:
 @pytest.fixture(scope="module")
 def traced_roots(mounts: MountFactory, tmp_path_factory: pytest.TempPathFactory) -> TracedRoots:
     """``fsync_ancestors`` of a plain root on a tmpfs, then of one reached through a symlinked
-    directory there, in one interpreter under strace (one each would import torch under strace
-    twice), as parts of their own (:func:`trace_parts`: one raising fails only its own test),
-    their calls split at a part fsyncing a file between them."""
+    directory there, in one traced run (not one each), as parts of their own
+    (:func:`trace_parts`: one raising fails only its own test), their calls split at a part
+    fsyncing a file between them."""
     volume = mounts.get("tmpfs").path
     plain = volume / f"runs-{uuid.uuid4().hex}" / "root"
     plain.mkdir(parents=True)

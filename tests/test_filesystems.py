@@ -47,6 +47,9 @@ from tests.filesystems import (
 from tests.ranks import run_ranks, values
 from tests.syscall_trace import DirectIOSave, async_saves_traced, saves_timeout
 
+#: conftest readies the job servers first: the traced runs are their children
+NEEDS_JOB_SERVERS = True
+
 WRITABLE = [name for name, kind in KINDS.items() if not kind.read_only]
 
 #: filesystems of the matrix that refuse O_DIRECT (none here; ramfs, outside it, does)
@@ -187,8 +190,8 @@ def direct_io_saves(
     mounts: MountFactory, tmp_path_factory: pytest.TempPathFactory
 ) -> dict[str, DirectIOSave]:
     """Per filesystem of the matrix and ramfs: an async "torch" save, its restore and
-    ``verify``, all made by one interpreter under strace, one filesystem after the other (a
-    fresh interpreter per filesystem spends its seconds importing torch). A filesystem that
+    ``verify``, all made by one traced run, one filesystem after the other (not one run per
+    filesystem: see :func:`~tests.syscall_trace.async_saves_traced`). A filesystem that
     cannot be mounted is left out: its test skips (in CI: fails) in ``mounts.get``."""
     workdirs = {}
     for name in [*MATRIX, "ramfs"]:

@@ -9,12 +9,11 @@ import json
 import logging
 import os
 import re
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -27,16 +26,23 @@ from distckpt.objlease import LeaseRecord, ObjectLease
 from distckpt.objstore import ObjectStore
 from distckpt.storage import s3_lease
 from distckpt.storage.s3_root import LEASE_NAME
+from tests import job_servers
 from tests.s3proxy import S3Proxy
 from tests.s3server import S3Server
 from tests.waiting import wait_until
 
 pytest.importorskip("botocore")
 
-#: a short lease so that its renewals come every 3 s (patched in: the real 30 s would make each
+#: a short lease so that its renewals come every 2 s (patched in: the real 30 s would make each
 #: test wait minutes for an expiry); each lease request still gets the smallest timeout (1 s),
-#: ample for a local server
-SHORT_LEASE_SECONDS = 9.0
+#: ample for a local server, and half the time between two renewals. The lower limits: that
+#: 1 s must stay below a third of the lease (a lease over 3 s); a renewal given up is tried
+#: again 2 s later (RENEWAL_RETRY_SECONDS, fixed: at 6 s equal to the time between two
+#: renewals), and that retry must go out before the lease ends (a third of the lease + 1 s +
+#: 2 s below the lease: over 4.5 s), or no renewal would ever take a lease back in time; and
+#: test_the_next_renewal_is_timed_from_when_a_slow_one_was_sent holds a renewal 2 s, a third
+#: of 6 s, so that the next one is due as it is answered.
+SHORT_LEASE_SECONDS = 6.0
 
 
 def _state(step: int) -> dict[str, Any]:
@@ -62,17 +68,44 @@ def _committed_steps(url: str, options: dict[str, Any]) -> list[int]:
         return reader.steps()
 
 
+def _lease_of(manager: distckpt.CheckpointManager) -> ObjectLease:
+    """The lease the manager's store renews: whether it counts itself held is not visible
+    through the store (which keeps its record either way), only in the holder."""
+    lease = manager._store._lease  # type: ignore[attr-defined]
+    assert isinstance(lease, ObjectLease)
+    return lease
+
+
+def _renewals_given_up(caplog: pytest.LogCaptureFixture) -> int:
+    return sum("could not renew the lease" in record.getMessage() for record in caplog.records)
+
+
 def test_renewals_held_past_the_lease_end_do_not_cost_the_lease(
-    s3_server: S3Server, s3_url: str, monkeypatch: pytest.MonkeyPatch
+    s3_server: S3Server,
+    s3_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    # Three renewals in a row go unanswered (the client gives up on each; the store gets them
-    # only later), for longer than the lease: the holder's own time runs out although nobody
-    # took the lease. The next renewal must take it back, or every later save would fail.
-    with _saved_through_proxy(s3_server, s3_url, monkeypatch) as (proxy, manager), manager:
-        unanswered = proxy.hold("PUT", f"/{LEASE_NAME}", times=3)
-        assert unanswered.arrived.wait(SHORT_LEASE_SECONDS)
-        time.sleep(SHORT_LEASE_SECONDS + 1)
+    # Renewals go unanswered (the client gives up on each after 1 s and tries again 2 s later;
+    # the store gets them only later): once two were given up, the holder's own time has run
+    # out (6 s after the last renewal answered was sent), although nobody took the lease. The
+    # next renewal, sent after that, must take it back, or every later save would fail. Each
+    # step waits for its event, not for a time: a late wake-up changes nothing.
+    with (
+        caplog.at_level(logging.WARNING, "distckpt"),
+        _saved_through_proxy(s3_server, s3_url, monkeypatch) as (proxy, manager),
+        manager,
+    ):
+        lease = _lease_of(manager)
+        unanswered = proxy.hold("PUT", f"/{LEASE_NAME}", times=1000)
+        wait_until(
+            lambda: _renewals_given_up(caplog) >= 2 and not lease.held,
+            "two renewals given up, and the lease's time up",
+            30,
+        )
+        unanswered.times = 0
         unanswered.release()  # the held renewals reach the store now, late
+        wait_until(lambda: lease.held, "a renewal taking the lease back", 30)
         saved = manager.save(2, _state(2))
         assert saved is not None and saved.step == 2
     assert _committed_steps(s3_url, s3_server.storage_options()) == [1, 2]
@@ -82,8 +115,8 @@ def test_the_next_renewal_is_timed_from_when_a_slow_one_was_sent(
     s3_server: S3Server, s3_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Lease requests may take 3 s here; one renewal is answered after 2 s. The next is due a
-    # third of the lease (3 s) after that slow one was sent; timed from its answer it would
-    # come 5 s after, and a slow answer would push renewals toward the lease's end.
+    # third of the lease (2 s) after that slow one was sent, so at once; timed from its answer
+    # it would come 4 s after, and a slow answer would push renewals toward the lease's end.
     monkeypatch.setattr(objlease, "MIN_REQUEST_SECONDS", 3.0)
     with _saved_through_proxy(s3_server, s3_url, monkeypatch) as (proxy, manager), manager:
         slow = proxy.hold("PUT", f"/{LEASE_NAME}")
@@ -145,38 +178,39 @@ def test_close_does_not_wait_on_a_stalled_store(
 
 
 def test_interpreter_exit_does_not_wait_on_a_stalled_store(
-    s3_server: S3Server, s3_url: str
+    s3_server: S3Server, s3_url: str, tmp_path: Path
 ) -> None:
     # A process that ends without closing its manager releases the lease at exit, by the same
     # bounded close(): on a store that answers no lease request it must still end promptly.
+    # Run by a job server, which imported torch once: its run ends as an interpreter does
+    # (threads joined, then the exit handlers), and the point is that end, not a fresh start.
+    go = tmp_path / "go"
     with S3Proxy(s3_server.port) as proxy:
         options = s3_server.storage_options(endpoint_url=proxy.endpoint)
-        code = (
-            "import sys, torch, distckpt\n"
+        script = tmp_path / "exits_unclosed.py"
+        script.write_text(
+            "import os, time, torch, distckpt\n"
             f"manager = distckpt.CheckpointManager({s3_url!r}, storage_options={options!r})\n"
             "manager.save(1, {'w': torch.ones(2)})\n"
             "print('saved', flush=True)\n"
-            "sys.stdin.readline()  # until the test has stalled the store\n"
+            f"while not os.path.exists({str(go)!r}):  # until the test has stalled the store\n"
+            "    time.sleep(0.01)\n"
         )
-        job = subprocess.Popen(
-            [sys.executable, "-c", code],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
-        )
+        log = tmp_path / "job.log"
+        log.touch()  # read before the job has opened it
+        job = job_servers.start_preloaded([str(script)], log)
         try:
-            assert job.stdout is not None and job.stdin is not None
-            assert job.stdout.readline().strip() == "saved"
+            wait_until(
+                lambda: "saved" in log.read_text() or job.poll() is not None, "the save", 120
+            )
+            assert job.poll() is None, log.read_text()
             stalled = proxy.hold("PUT", f"/{LEASE_NAME}", times=1000)
             started = time.monotonic()
-            job.stdin.write("exit\n")
-            job.stdin.close()
-            assert job.wait(timeout=120) == 0
+            go.touch()
+            assert job.wait(timeout=120) == 0, log.read_text()
             took = time.monotonic() - started
         finally:
-            job.kill()
-            job.wait()
+            job.end()
         assert stalled.arrived.is_set()  # the release was sent, and left unanswered
         stalled.release()
     assert took < 20, f"the process took {took:.1f} s to end on a stalled store"
@@ -228,13 +262,18 @@ def test_stalled_claim_writes_neither_stop_the_lease_renewals_nor_the_release(
         claims = proxy.hold("PUT", "/.writers/", times=1000)
         assert claims.arrived.wait(SHORT_LEASE_SECONDS)  # a renewal round is writing a claim
         before = _lease_writes(proxy)
-        time.sleep(SHORT_LEASE_SECONDS * 0.8)
-        renewed = _lease_writes(proxy) - before
+        # On schedule, two renewals come within 4 s (one every third of the lease); the bound
+        # is the lease's length, past which the lease would lapse, and leaves a loaded machine
+        # 2 s. Renewals waiting on the held claim writes would come when those are given up.
+        wait_until(
+            lambda: _lease_writes(proxy) - before >= 2,
+            "two lease renewals while the claim writes stall",
+            SHORT_LEASE_SECONDS,
+        )
         manager.close()
         with ObjectStore(s3_url, s3_server.storage_options()) as store:
             record = LeaseRecord.decode(store.get_bytes(LEASE_NAME))
         claims.release()
-    assert renewed >= 2, f"{renewed} lease renewals while the claim writes stalled"
     assert record is not None and record.released
 
 

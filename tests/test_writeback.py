@@ -22,6 +22,9 @@ from distckpt.fsutil import WRITEBACK_BYTES, start_writeback
 from tests.crashsim.trace import TRACED_CALLS
 from tests.syscall_trace import TracedParts, trace_parts
 
+#: conftest readies the job servers first: the traced runs are their children
+NEEDS_JOB_SERVERS = True
+
 #: the sizes of the files the first two parts of :data:`TRACED_PARTS` write
 STRETCHES_SIZE, ONE_WRITE_SIZE = 3 * WRITEBACK_BYTES + 12345, 3 * WRITEBACK_BYTES + 5
 
@@ -88,8 +91,8 @@ Calls = list[tuple[str, str, list[str]]]
 
 @pytest.fixture(scope="module")
 def traced(tmp_path_factory: pytest.TempPathFactory) -> TracedParts:
-    """The sync_file_range and fsync calls of :data:`TRACED_PARTS`, all run in one fresh
-    interpreter under strace (one per part would import torch under strace five times)."""
+    """The sync_file_range and fsync calls of :data:`TRACED_PARTS`, all run in one traced
+    run (:func:`~tests.syscall_trace.trace_parts`), not one per part."""
     if platform.machine() not in ("x86_64", "aarch64"):
         pytest.skip("elsewhere the system call may be sync_file_range2, which this does not read")
     workdir = tmp_path_factory.mktemp("writeback")

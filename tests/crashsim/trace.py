@@ -121,7 +121,7 @@ def record_forked(
         text=True,
     )
     try:
-        _wait_until_traced(child, tracer, timeout=30)
+        wait_until_traced(child, tracer, timeout=30)
         os.write(go_write, b"go")
         _, status = _wait_for_child(child, timeout)
         tracer.wait(timeout=30)  # strace ends once the traced tree has
@@ -134,19 +134,22 @@ def record_forked(
         raise RuntimeError(f"traced workload failed (wait status {status}): its traceback is above")
 
 
-def _wait_until_traced(child: int, tracer: subprocess.Popen[str], *, timeout: float) -> None:
+def wait_until_traced(child: int, tracer: subprocess.Popen[str], *, timeout: float) -> None:
+    """Return once process ``child`` has a tracer (its ``TracerPid``: strace seized it, which
+    does not yet mean it traces its calls); :class:`StraceUnavailable` if ``tracer`` (the
+    strace attaching, its stderr piped) ended first, or after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if tracer.poll() is not None:
             why = tracer.stderr.read() if tracer.stderr else ""
             raise StraceUnavailable(f"strace could not attach: {why}")
-        if _tracer_of(child) != 0:
+        if tracer_of(child) != 0:
             return
         time.sleep(0.005)
     raise StraceUnavailable(f"strace did not attach to process {child} within {timeout} s")
 
 
-def _tracer_of(pid: int) -> int:
+def tracer_of(pid: int) -> int:
     """The pid of the process tracing ``pid`` (0: none), from ``/proc``."""
     with open(f"/proc/{pid}/status", encoding="ascii") as status:
         for line in status:
