@@ -27,7 +27,7 @@ import torch
 import distckpt
 import distckpt.lease
 import distckpt.lease_break
-from distckpt.layout import LEASE_RECORD_NAME, RootLayout
+from distckpt.layout import LEASE_RECORD_NAME, RootLayout, rank_file_name
 from distckpt.lease import (
     LeaseHolder,
     RootLease,
@@ -229,10 +229,11 @@ def test_where_locks_are_local_a_dead_holder_is_taken_over_only_on_this_machine(
 def test_a_job_that_lost_the_root_neither_commits_deletes_nor_prunes(
     mounts: MountFactory,
 ) -> None:
-    """Every commit, delete and prune checks the lease under the commit lock first: a job that
-    lost the root (another job took it over through a path its locks do not reach, as an
-    operator's break lets one) fails them with ``LeaseLost``, and neither adds nor removes a
-    checkpoint of the new holder's."""
+    """Every commit, delete, prune, gc and set-aside checks the lease under the commit lock first:
+    a job that lost the root (another job took it over through a path its locks do not reach,
+    as an operator's break lets one) fails them with ``LeaseLost``, and neither adds, removes
+    nor moves a checkpoint of the new holder's (a restore of the fenced job that skips a
+    damaged newer one leaves it committed, with ``last`` on it)."""
     bindfs = mounts.get("bindfs")
     assert bindfs.writable_source is not None
     here, there = bindfs.path / "fenced-removals", bindfs.writable_source / "fenced-removals"
@@ -246,9 +247,26 @@ def test_a_job_that_lost_the_root_neither_commits_deletes_nor_prunes(
             with pytest.raises(distckpt.LeaseLost):
                 fenced.prune()
             with pytest.raises(distckpt.LeaseLost):
+                fenced.gc()
+            with pytest.raises(distckpt.LeaseLost):
                 fenced.save(4, {"w": torch.zeros(1)})
+            os.truncate(there / "step-00000003" / rank_file_name(0), 10)
+            assert fenced.restore().step == 2  # skipping the damaged step 3, left where it is
             assert taker.steps() == [1, 2, 3]
             assert os.readlink(there / "last") == "step-00000003"
+
+
+def test_a_lease_record_made_unreadable_or_removed_fences_its_holder(tmp_path: Path) -> None:
+    """An unreadable record "names nobody, so it fences whoever held it": the holder's check
+    refuses, as it does once the record is gone."""
+    record = tmp_path / LEASE_RECORD_NAME
+    with RootLease.acquire(tmp_path) as lease:
+        record.write_bytes(b"{not json")
+        with pytest.raises(distckpt.LeaseLost, match="no lease record is there any more"):
+            lease.check_current()
+        record.unlink()
+        with pytest.raises(distckpt.LeaseLost, match="no lease record is there any more"):
+            lease.check_current()
 
 
 @pytest.mark.parametrize(
