@@ -1,19 +1,23 @@
 """What fences a writer of an ``s3://`` root against another (docs/object-stores.md): a
 conditional write that loses a race, exactly timed by the proxy (tests/s3proxy.py) holding a
 request while another writer changes the object. Two writers racing to create a step, and a
-job whose lease was taken, are in ``tests/test_s3_failures.py``."""
+job whose lease was taken, are in ``tests/test_s3_failures.py``; a set-aside by one is here."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 
 import pytest
 
 import distckpt
 from distckpt.objstore import ObjectStore
-from distckpt.storage.s3_root import CommitRecord
+from distckpt.storage import open_store
+from distckpt.storage.s3_root import LEASE_NAME, CommitRecord
 from tests.s3proxy import S3Proxy
 from tests.s3server import S3Server
+from tests.set_aside_jobs import DAMAGED
+from tests.test_s3_set_aside import _s3_save_90_and_damaged_100
 from tests.test_s3_store import _state
 
 COMMIT = "step-00000002/COMMIT"
@@ -60,3 +64,42 @@ def test_a_writer_never_writes_over_what_another_wrote_meanwhile(
             with proxy.hold("PUT", "/last").changed_meanwhile(write(newer)):
                 manager.save(3, _state(3))
             assert read("last") == newer["last"]
+
+
+@pytest.mark.parametrize("taken", ["before", "during-the-copy"])
+def test_a_set_aside_by_a_job_whose_lease_was_taken_leaves_the_step_committed(
+    s3_server: S3Server, s3_url: str, taken: str
+) -> None:
+    """A restore's set-aside of a damaged step checks the lease before it writes anything, and
+    again once its copy is made (which may take half the manager's timeout) before it moves
+    ``last`` or removes the step's ``COMMIT``: a job whose lease another job took before or
+    during the copy leaves the step committed and ``last`` on it (``LeaseLost``)."""
+    direct = s3_server.storage_options()
+    attempt, _ = _s3_save_90_and_damaged_100(s3_url, direct)
+
+    def take_the_lease() -> None:  # another job's, straight to the store
+        with ObjectStore(s3_url, direct) as store:
+            taker = {"owner": "other", "host": "h", "pid": 1, "duration": 30}
+            store.put_bytes(LEASE_NAME, json.dumps(taker).encode())
+
+    with S3Proxy(s3_server.port) as proxy:
+        options = s3_server.storage_options(endpoint_url=proxy.endpoint)
+        fenced = open_store(s3_url, storage_options=options, lock_timeout=60)
+        fenced.open()  # which moves last off the damaged step, as every start does
+        try:
+            with ObjectStore(s3_url, direct) as store:
+                committed, last = store.get_bytes(f"{DAMAGED}/COMMIT"), store.get_bytes("last")
+            if taken == "before":
+                take_the_lease()
+                with pytest.raises(distckpt.LeaseLost):
+                    fenced.set_aside(100, f"{s3_url}/{DAMAGED}")
+            else:
+                held = proxy.hold("PUT", f"damaged-{DAMAGED}-{attempt}/")
+                with held.changed_meanwhile(take_the_lease), pytest.raises(distckpt.LeaseLost):
+                    fenced.set_aside(100, f"{s3_url}/{DAMAGED}")
+        finally:
+            fenced.close()
+    with ObjectStore(s3_url, direct) as store:
+        assert (store.get_bytes(f"{DAMAGED}/COMMIT"), store.get_bytes("last")) == (committed, last)
+        copied = [info.key for info in store.list() if info.key.startswith("damaged-")]
+    assert copied == [] or taken != "before"  # nothing written before the first check
