@@ -302,3 +302,58 @@ def test_a_lock_held_by_a_child_of_pid_2_in_a_pid_namespace_is_a_live_claimers(
             os.waitpid(launcher, 0)
 
     assert in_a_pid_namespace_of_its_own(seen_from_pid_1) == "launcher 2, rank and parent 3 2: True"
+
+
+def _locked_by_a_child(path: Path) -> int:
+    """The pid of a forked child that created ``path`` and holds its flock until killed."""
+    ready, said_ready = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child
+        descriptor = os.open(path, os.O_RDWR | os.O_CREAT)
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        os.write(said_ready, b"locked")
+        time.sleep(STARTUP)
+        os._exit(0)
+    os.close(said_ready)
+    try:
+        assert os.read(ready, 6) == b"locked"
+    finally:
+        os.close(ready)
+    return child
+
+
+def test_a_break_past_a_lingering_lock_leaves_alone_a_job_that_locked_the_new_file_first(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past a dead machine's lingering lock the break moves the lock file aside and locks a new
+    one: a job waiting for the root that locked the new file first, and has not written its
+    record yet, is left alone (``LeaseTakenMeanwhile``), the record not broken, and the file
+    moved aside removed all the same."""
+    root.mkdir()
+    dead = _record_as_another_machine(root, host=this_host() + "-node7")
+    lock_file = RootLayout(root).lease_lock_path
+    # As in tests/test_lease_break_older_version.py: a process here stands in for the NFS
+    # server's lingering lock, and the break is told that no process here holds it.
+    monkeypatch.setattr(distckpt.lease_break, "_locked_here", lambda path: False)
+    children = [_locked_by_a_child(lock_file)]
+    real_move_aside = distckpt.lease_break._move_aside
+
+    def a_waiting_job_locks_the_new_file_first(root_path: Path) -> Path | None:
+        moved_aside = real_move_aside(root_path)
+        children.append(_locked_by_a_child(lock_file))
+        return moved_aside
+
+    # A wrapper at the break's own seam: a waiting job polls the lock every 0.05 s, and nothing
+    # real lands its poll between the move and the break's lock. The lock it takes is real.
+    monkeypatch.setattr(distckpt.lease_break, "_move_aside", a_waiting_job_locks_the_new_file_first)
+    try:
+        with pytest.raises(distckpt.LeaseTakenMeanwhile, match="has not written its record"):
+            break_lease(root)
+    finally:
+        for child in children:
+            os.kill(child, signal.SIGKILL)
+            os.waitpid(child, 0)
+    assert len(children) == 2  # the break did move the lingering lock's file aside
+    record = distckpt.lease.LeaseHolder.from_json(RootLayout(root).lease_record_path.read_bytes())
+    assert record == dead and record.held
+    assert [path.name for path in root.glob(".lease.*.lingering")] == []
