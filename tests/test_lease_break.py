@@ -357,3 +357,14 @@ def test_a_break_past_a_lingering_lock_leaves_alone_a_job_that_locked_the_new_fi
     record = distckpt.lease.LeaseHolder.from_json(RootLayout(root).lease_record_path.read_bytes())
     assert record == dead and record.held
     assert [path.name for path in root.glob(".lease.*.lingering")] == []
+
+
+def test_a_kernel_thread_is_told_from_a_process_by_its_flags() -> None:
+    """On an NFS server its clients' locks are held by its lockd and nfsd kernel threads: a
+    break run there passes over a dead client's lingering lock, which no job of the server
+    holds. A process, the break's own, is no kernel thread."""
+    kthreadd = Path("/proc/2/stat")
+    if not kthreadd.exists() or "(kthreadd)" not in kthreadd.read_text():
+        pytest.skip("no kernel thread is visible from this PID namespace")
+    assert distckpt.lease_break._kernel_thread("2")
+    assert not distckpt.lease_break._kernel_thread(str(os.getpid()))
