@@ -36,7 +36,7 @@ from distckpt.lease import (
     this_host,
 )
 from distckpt.lease_break import break_lease
-from distckpt.lock import locks_local_to_machine, mount_of
+from distckpt.lock import lock_is_held, locks_local_to_machine, mount_of
 from tests.cli_runner import run_cli
 from tests.filesystems import MountFactory
 from tests.lease_holders import (
@@ -267,6 +267,28 @@ def test_a_lease_record_made_unreadable_or_removed_fences_its_holder(tmp_path: P
         record.unlink()
         with pytest.raises(distckpt.LeaseLost, match="no lease record is there any more"):
             lease.check_current()
+
+
+def test_a_claim_whose_record_another_machine_replaced_at_once_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where locks are local to each machine, jobs on two machines can both take the lease
+    lock: each writes its record and reads it back, and the one whose record the other's
+    replaced meanwhile is refused, naming the other, with the lock let go (not left to fail
+    at its first commit)."""
+    real_write = distckpt.lease.atomic_write_bytes
+
+    def another_machine_writes_right_after(path: Path, data: bytes, **options: bool) -> None:
+        real_write(path, data, **options)
+        _record_as_another_machine(tmp_path, host=this_host() + "-node7")
+
+    # A wrapper at the lease's own seam: nothing real lands another machine's write between
+    # this claim's write and its read back. The write and the read are real.
+    monkeypatch.setattr(distckpt.lease, "atomic_write_bytes", another_machine_writes_right_after)
+    with pytest.raises(distckpt.RootInUse, match="claimed the root at the same moment") as refused:
+        RootLease.acquire(tmp_path)
+    assert f"host {this_host()}-node7" in str(refused.value)
+    assert lock_is_held(RootLayout(tmp_path).lease_lock_path) is False
 
 
 @pytest.mark.parametrize(
