@@ -13,9 +13,11 @@ import io
 import os
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
+import filelock
 import pytest
 
 import distckpt
@@ -368,3 +370,39 @@ def test_a_kernel_thread_is_told_from_a_process_by_its_flags() -> None:
         pytest.skip("no kernel thread is visible from this PID namespace")
     assert distckpt.lease_break._kernel_thread("2")
     assert not distckpt.lease_break._kernel_thread(str(os.getpid()))
+
+
+def test_a_lease_lock_taken_on_a_file_moved_aside_meanwhile_is_dropped_for_the_new_one(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A job waiting for the lease lock may lock the file a break moves aside at that moment
+    (past a dead machine's lingering lock): that lock excludes nobody, since every later job
+    locks the new file. The job lets it go and tries the new file, which the break holds."""
+    root.mkdir()
+    lock_file = RootLayout(root).lease_lock_path
+    lock_file.touch()
+    breaks: list[int] = []
+    real_flock = distckpt.lease._flock
+
+    def moved_aside_as_it_is_locked(
+        path: Path, timeout: float, *, on_acquired: Callable[[int], None] | None = None
+    ) -> filelock.BaseFileLock:
+        def then(descriptor: int) -> None:
+            if not breaks:  # the first lock only
+                os.rename(lock_file, RootLayout(root).lingering_lease_lock_path("a" * 32))
+                breaks.append(_locked_by_a_child(lock_file))  # the break's, of the new file
+            assert on_acquired is not None
+            on_acquired(descriptor)
+
+        return real_flock(path, timeout, on_acquired=then)
+
+    # A wrapper at the lease's own seam: nothing real moves the file aside between the job's
+    # opening it and locking it. The move and both locks are real.
+    monkeypatch.setattr(distckpt.lease, "_flock", moved_aside_as_it_is_locked)
+    try:
+        assert distckpt.lease._try_lock(lock_file, 0) is None
+    finally:
+        for child in breaks:
+            os.kill(child, signal.SIGKILL)
+            os.waitpid(child, 0)
+    assert breaks
