@@ -67,39 +67,44 @@ def test_a_writer_never_writes_over_what_another_wrote_meanwhile(
 
 
 @pytest.mark.parametrize("taken", ["before", "during-the-copy"])
-def test_a_set_aside_by_a_job_whose_lease_was_taken_leaves_the_step_committed(
+def test_a_set_aside_by_a_job_whose_lease_was_taken_leaves_the_step_and_last_alone(
     s3_server: S3Server, s3_url: str, taken: str
 ) -> None:
     """A restore's set-aside of a damaged step checks the lease before it writes anything, and
     again once its copy is made (which may take half the manager's timeout) before it moves
     ``last`` or removes the step's ``COMMIT``: a job whose lease another job took before or
-    during the copy leaves the step committed and ``last`` on it (``LeaseLost``)."""
+    during the copy fails it with ``LeaseLost`` and leaves the step committed and ``last``
+    where the other job put it (here on its own save of that step)."""
     direct = s3_server.storage_options()
     attempt, _ = _s3_save_90_and_damaged_100(s3_url, direct)
+    takers = {
+        LEASE_NAME: json.dumps({"owner": "other", "host": "h", "pid": 1, "duration": 30}).encode(),
+        f"{DAMAGED}/COMMIT": CommitRecord.encode(100, "another-job"),
+        "last": f"{DAMAGED}\n".encode(),
+    }
 
-    def take_the_lease() -> None:  # another job's, straight to the store
+    def take_the_root() -> None:  # another job's, straight to the store
         with ObjectStore(s3_url, direct) as store:
-            taker = {"owner": "other", "host": "h", "pid": 1, "duration": 30}
-            store.put_bytes(LEASE_NAME, json.dumps(taker).encode())
+            for name, data in takers.items():
+                store.put_bytes(name, data)
 
     with S3Proxy(s3_server.port) as proxy:
         options = s3_server.storage_options(endpoint_url=proxy.endpoint)
         fenced = open_store(s3_url, storage_options=options, lock_timeout=60)
-        fenced.open()  # which moves last off the damaged step, as every start does
+        fenced.open()
         try:
-            with ObjectStore(s3_url, direct) as store:
-                committed, last = store.get_bytes(f"{DAMAGED}/COMMIT"), store.get_bytes("last")
             if taken == "before":
-                take_the_lease()
+                take_the_root()
                 with pytest.raises(distckpt.LeaseLost):
                     fenced.set_aside(100, f"{s3_url}/{DAMAGED}")
             else:
                 held = proxy.hold("PUT", f"damaged-{DAMAGED}-{attempt}/")
-                with held.changed_meanwhile(take_the_lease), pytest.raises(distckpt.LeaseLost):
+                with held.changed_meanwhile(take_the_root), pytest.raises(distckpt.LeaseLost):
                     fenced.set_aside(100, f"{s3_url}/{DAMAGED}")
         finally:
             fenced.close()
     with ObjectStore(s3_url, direct) as store:
-        assert (store.get_bytes(f"{DAMAGED}/COMMIT"), store.get_bytes("last")) == (committed, last)
+        for name in (f"{DAMAGED}/COMMIT", "last"):
+            assert store.get_bytes(name) == takers[name], name
         copied = [info.key for info in store.list() if info.key.startswith("damaged-")]
     assert copied == [] or taken != "before"  # nothing written before the first check

@@ -80,10 +80,12 @@ class SetAside:
 
     def set_aside(self, step: int, location: CheckpointLocation) -> CheckpointLocation | None:
         """Unpublish the step's save by moving its objects, none deleted before its copy is
-        there: first a set-aside record naming its attempt (the cleanup completes the copy of
-        a save a record names before it deletes the save's objects), then a copy of every
-        object under ``damaged-step-N-<attempt>/`` inside the store, then the pointers move
-        off the step, then its ``COMMIT`` goes, then the objects under ``step-N/<attempt>/``.
+        there, with the lease checked before anything is written and again after the copy
+        (:class:`~distckpt.LeaseLost`): first a set-aside record naming its attempt (the
+        cleanup completes the copy of a save a record names before it deletes the save's
+        objects), then a copy of every object under ``damaged-step-N-<attempt>/`` inside the
+        store, then the pointers move off the step, then its ``COMMIT`` goes, then the objects
+        under ``step-N/<attempt>/``.
 
         Moved, because any version's cleanup (an older one's start, which knows no record)
         takes an uncommitted ``step-N/<attempt>/`` for a dead writer's and deletes it. A crash
@@ -128,8 +130,11 @@ class SetAside:
                 step,
             )
             return None
-        self._update_pointers(leaving=step)
+        # Again after the copy, which may have outlasted the lease, and before the pointers:
+        # a job that took the root meanwhile may have saved this step again and moved last
+        # onto it, which moving the pointers off the step here would undo.
         self._check_lease()
+        self._update_pointers(leaving=step)
         self.s3.client.delete([self.s3.commit_name(step)])
         self._delete_prefix(self.s3.attempt_prefix(step, record.attempt))
         return self.s3.set_aside_location(step, record.attempt)
