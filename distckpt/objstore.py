@@ -28,6 +28,7 @@ A client must not cross a ``fork()``: make one per process.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 import random
@@ -450,10 +451,13 @@ class ObjectStore:
         if batch:
             self._delete_batch(batch)
 
-    def delete_one(self, name: str) -> None:
-        """Delete one object in one request (``DeleteObject``: no batch body to build and
-        parse); a name already gone is not an error."""
-        self.request("delete", name, self.client.delete_object, Key=self.url.key(name))
+    def delete_one(self, name: str, *, if_match: str | None = None) -> None:
+        """Delete one object (``DeleteObject``); a name already gone is not an error. ``if_match``:
+        only the version with that ETag (else :class:`PreconditionFailed`; any if ignored)."""
+        condition = {} if if_match is None else {"IfMatch": if_match}
+        with contextlib.suppress(ObjectNotFound):  # S3's answer to If-Match on a name gone
+            key = self.url.key(name)
+            self.request("delete", name, self.client.delete_object, Key=key, **condition)
 
     def _delete_batch(self, names: list[str]) -> None:
         body = {"Objects": [{"Key": self.url.key(name)} for name in names], "Quiet": True}

@@ -66,15 +66,26 @@ def test_a_writer_never_writes_over_what_another_wrote_meanwhile(
             assert read("last") == newer["last"]
 
 
-@pytest.mark.parametrize("taken", ["before", "during-the-copy"])
-def test_a_set_aside_by_a_job_whose_lease_was_taken_leaves_the_step_and_last_alone(
-    s3_server: S3Server, s3_url: str, taken: str
+@pytest.mark.parametrize(
+    ("removal", "taken"),
+    [
+        ("set_aside", "before"),
+        ("set_aside", "during-the-copy"),
+        ("set_aside", "while-moving-last"),
+        ("set_aside", "while-deleting-the-commit"),
+        ("delete", "while-deleting-the-commit"),
+    ],
+)
+def test_a_removal_by_a_job_whose_lease_was_taken_leaves_the_step_and_last_alone(
+    s3_server: S3Server, s3_url: str, removal: str, taken: str
 ) -> None:
     """A restore's set-aside of a damaged step checks the lease before it writes anything, and
     again once its copy is made (which may take half the manager's timeout) before it moves
-    ``last`` or removes the step's ``COMMIT``: a job whose lease another job took before or
-    during the copy fails it with ``LeaseLost`` and leaves the step committed and ``last``
-    where the other job put it (here on its own save of that step)."""
+    ``last`` or removes the step's ``COMMIT``; a pointer's compare-and-swap refused meanwhile
+    checks it again, and the ``COMMIT`` goes only if it is still the version read before the
+    check (as for a delete). A job whose lease another job took before or during any of that
+    fails with ``LeaseLost`` and leaves the step committed and ``last`` where the other job
+    put it (here on its own save of that step)."""
     direct = s3_server.storage_options()
     attempt, _ = _s3_save_90_and_damaged_100(s3_url, direct)
     takers = {
@@ -88,19 +99,31 @@ def test_a_set_aside_by_a_job_whose_lease_was_taken_leaves_the_step_and_last_alo
             for name, data in takers.items():
                 store.put_bytes(name, data)
 
+    held_request = {
+        "during-the-copy": ("PUT", f"damaged-{DAMAGED}-{attempt}/"),
+        "while-moving-last": ("PUT", "/last"),
+        "while-deleting-the-commit": ("DELETE", f"{DAMAGED}/COMMIT"),
+    }
     with S3Proxy(s3_server.port) as proxy:
         options = s3_server.storage_options(endpoint_url=proxy.endpoint)
         fenced = open_store(s3_url, storage_options=options, lock_timeout=60)
         fenced.open()
+
+        def remove() -> None:
+            if removal == "delete":
+                fenced.delete(100)
+            else:
+                fenced.set_aside(100, f"{s3_url}/{DAMAGED}")
+
         try:
             if taken == "before":
                 take_the_root()
                 with pytest.raises(distckpt.LeaseLost):
-                    fenced.set_aside(100, f"{s3_url}/{DAMAGED}")
+                    remove()
             else:
-                held = proxy.hold("PUT", f"damaged-{DAMAGED}-{attempt}/")
+                held = proxy.hold(*held_request[taken])
                 with held.changed_meanwhile(take_the_root), pytest.raises(distckpt.LeaseLost):
-                    fenced.set_aside(100, f"{s3_url}/{DAMAGED}")
+                    remove()
         finally:
             fenced.close()
     with ObjectStore(s3_url, direct) as store:

@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 
 from distckpt import policy
+from distckpt.errors import PreconditionFailed
 from distckpt.layout import MANIFEST_NAME, step_dir_name
 from distckpt.objstore import ObjectInfo
 from distckpt.results import CheckpointLocation
@@ -52,6 +53,18 @@ class SetAside:
         and its copy completed by the next cleanup instead of deleted. Deleted first, a crash
         in between leaves the step committed, set aside again by the next restore."""
         self.s3.client.delete_one(self.s3.set_aside_record_name(step, attempt))
+
+    def _delete_commit(self, step: int, etag: str | None) -> None:
+        """Delete the step's ``COMMIT`` if it is still the version ``etag`` read before this
+        job's last lease check (any version if None). Another version was written by a job
+        that took the root since (:class:`~distckpt.LeaseLost`), or by this job: left alone."""
+        try:
+            self.s3.client.delete_one(self.s3.commit_name(step), if_match=etag)
+        except PreconditionFailed:
+            self._check_lease()
+            raise
+        finally:
+            self.s3.forget_commit(step)
 
     def _names_a_missing_save(
         self, step: int, record: CommitRecord, keys_in_step: Iterable[str] | None = None
@@ -135,7 +148,8 @@ class SetAside:
         # onto it, which moving the pointers off the step here would undo.
         self._check_lease()
         self._update_pointers(leaving=step)
-        self.s3.client.delete([self.s3.commit_name(step)])
+        # Only the version read before that check: one written since is the new holder's.
+        self._delete_commit(step, record.etag)
         self._delete_prefix(self.s3.attempt_prefix(step, record.attempt))
         return self.s3.set_aside_location(step, record.attempt)
 
