@@ -1,7 +1,7 @@
 """The renewing thread of an ``s3://`` root's lease when the store misbehaves
 (docs/object-stores.md): a renewal that failed is tried again ``RENEWAL_RETRY_SECONDS`` later,
-not at once, and a ``close()`` that could not take the lease lock from a stalled renewal still
-leaves a store that commits nothing more. Through the proxy (tests/s3proxy.py), against a real
+not at once; a closed store commits nothing more, even after a ``close()`` that could not take
+the lease lock from a stalled renewal. Through the proxy (tests/s3proxy.py), against a real
 S3-protocol server."""
 
 from __future__ import annotations
@@ -59,3 +59,11 @@ def test_a_close_that_could_not_take_the_lease_lock_commits_nothing_more(
         held.release()
         with pytest.raises(distckpt.LeaseLost):
             store.prune()
+
+
+def test_a_closed_s3_store_commits_nothing_more(s3_server: S3Server, s3_url: str) -> None:
+    store = open_store(s3_url, storage_options=s3_server.storage_options())
+    store.open()
+    store.close()
+    with pytest.raises(distckpt.LeaseLost, match="was closed"):
+        store.prune()
