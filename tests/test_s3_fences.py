@@ -16,8 +16,7 @@ from distckpt.storage import open_store
 from distckpt.storage.s3_root import LEASE_NAME, CommitRecord
 from tests.s3proxy import S3Proxy
 from tests.s3server import S3Server
-from tests.set_aside_jobs import DAMAGED
-from tests.test_s3_set_aside import _s3_save_90_and_damaged_100
+from tests.set_aside_jobs import DAMAGED, s3_save_90_and_damaged_100
 from tests.test_s3_store import _state
 
 COMMIT = "step-00000002/COMMIT"
@@ -87,7 +86,7 @@ def test_a_removal_by_a_job_whose_lease_was_taken_leaves_the_step_and_last_alone
     fails with ``LeaseLost`` and leaves the step committed and ``last`` where the other job
     put it (here on its own save of that step)."""
     direct = s3_server.storage_options()
-    attempt, _ = _s3_save_90_and_damaged_100(s3_url, direct)
+    attempt, _ = s3_save_90_and_damaged_100(s3_url, direct)
     takers = {
         LEASE_NAME: json.dumps({"owner": "other", "host": "h", "pid": 1, "duration": 30}).encode(),
         f"{DAMAGED}/COMMIT": CommitRecord.encode(100, "another-job"),

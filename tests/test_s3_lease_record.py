@@ -24,7 +24,6 @@ from distckpt.lease import LeaseHolder, local_process_gone, this_process_host
 from distckpt.objlease import LeaseRecord, ObjectLease
 from distckpt.objstore import ObjectStore
 from tests.older_version import run_older_version
-from tests.other_user import succeeds_as_nobody
 from tests.s3proxy import S3Proxy
 from tests.s3server import S3Server
 from tests.test_s3_holders import _exited_pid
@@ -157,33 +156,6 @@ def test_a_dead_holders_lease_object_is_read_taken_over_and_renewed(
                 "4242",
                 expected,
             )
-
-
-def test_a_live_holder_of_another_user_on_this_machine_is_not_taken_over(
-    s3_server: S3Server, s3_url: str
-) -> None:
-    """Only a holder *gone* from this machine is taken over at once: a live process of another
-    user, which an unprivileged contender may not signal, is alive, and its lease waits out
-    its duration."""
-    options = s3_server.storage_options()
-    with (
-        ObjectStore(s3_url, options) as store,
-        ObjectLease(store, ".lock", duration=600) as held,
-    ):
-        held.acquire(timeout=0)
-
-        def contend() -> None:
-            with (
-                ObjectStore(s3_url, options) as theirs,
-                ObjectLease(theirs, ".lock", duration=30) as contender,
-                pytest.raises(CoordinationTimeout),
-            ):
-                contender.acquire(
-                    timeout=0, holder_gone=lambda found: local_process_gone(found.host, found.pid)
-                )
-
-        assert succeeds_as_nobody(contend)
-        held.check()
 
 
 _OLDER_VERSION_READS_AND_TAKES_OVER = """
