@@ -29,7 +29,7 @@ from distckpt.layout import RootLayout
 from distckpt.lease import RootLease, this_host
 from distckpt.lease_break import break_lease
 from tests.cli_runner import run_cli
-from tests.filesystems import MountFactory
+from tests.filesystems import MountFactory, skip_or_fail
 from tests.lease_holders import (
     STARTUP,
     Holder,
@@ -373,13 +373,27 @@ def _kthreadd_pid() -> str | None:
     return None
 
 
-def test_a_lock_held_by_a_kernel_thread_is_no_live_jobs_claim() -> None:
+#: PF_KTHREAD among other flags, and the flags of a process (PF_FORKNOEXEC | PF_RANDOMIZE)
+KERNEL_THREAD_FLAGS, PROCESS_FLAGS = 0x00200040, 0x00400040
+
+
+def test_a_lock_held_by_a_kernel_thread_is_no_live_jobs_claim(tmp_path: Path) -> None:
     """On an NFS server its clients' locks are held by its lockd and nfsd kernel threads: a
     break run there passes over a dead client's lingering lock, which no job of the server
-    holds. A process, the break's own, is no kernel thread."""
+    holds. Read from the flags of ``/proc/<pid>/stat``, after a comm that may hold ") "."""
+    for pid, flags in (("7", KERNEL_THREAD_FLAGS), ("8", PROCESS_FLAGS)):
+        (tmp_path / pid).mkdir()
+        stat = f"{pid} (a) b) S 2 0 0 0 -1 {flags} 0 0 0 0 1 2 0 0 20 0 1 0 5 0 0\n"
+        (tmp_path / pid / "stat").write_text(stat)
+    assert distckpt.lease_break._kernel_thread("7", proc=tmp_path)
+    assert not distckpt.lease_break._kernel_thread("8", proc=tmp_path)
+    assert not distckpt.lease_break._kernel_thread("9", proc=tmp_path)  # ended: no claim of one
+
+
+def test_this_machines_kthreadd_is_a_kernel_thread_and_this_process_is_not() -> None:
     kthreadd = _kthreadd_pid()
-    if kthreadd is None:
-        pytest.fail("no kernel thread is visible in /proc here: run the tests where it shows")
+    if kthreadd is None:  # a PID namespace (a container) shows none
+        skip_or_fail("no kernel thread is visible in /proc here")
     assert distckpt.lease_break._kernel_thread(kthreadd)
     assert not distckpt.lease_break._kernel_thread(str(os.getpid()))
 
