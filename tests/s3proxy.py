@@ -53,6 +53,8 @@ class Rule:
     status: int = 503
     #: set when the first picked request arrives (for ``hold``: it waits from then on)
     arrived: threading.Event = field(default_factory=threading.Event)
+    #: when (``time.monotonic()``) each picked request arrived
+    arrival_times: list[float] = field(default_factory=list)
     #: set by :meth:`release`; a held request goes on once it is set
     released: threading.Event = field(default_factory=threading.Event)
 
@@ -231,6 +233,7 @@ class S3Proxy:
                         rule.skip -= 1
                         continue
                     rule.times -= 1
+                    rule.arrival_times.append(time.monotonic())
                     return rule
         return None
 
