@@ -130,3 +130,38 @@ def test_a_removal_by_a_job_whose_lease_was_taken_leaves_the_step_and_last_alone
             assert store.get_bytes(name) == takers[name], name
         copied = [info.key for info in store.list() if info.key.startswith("damaged-")]
     assert copied == [] or taken != "before"  # nothing written before the first check
+
+
+def test_a_delete_whose_commit_another_writer_replaced_says_the_step_is_still_committed(
+    s3_server: S3Server, s3_url: str
+) -> None:
+    """A delete run as the CLI runs it (a store never opened: no lease of its own to lose)
+    whose step's COMMIT another writer replaced after it was read leaves that COMMIT, and
+    says so with ``ConcurrentCommit`` naming the step, not with a bare 412. The next start
+    points ``last`` at the step again."""
+    direct = s3_server.storage_options()
+    with S3Proxy(s3_server.port) as proxy:
+        options = s3_server.storage_options(endpoint_url=proxy.endpoint)
+        with distckpt.CheckpointManager(s3_url, storage_options=options) as manager:
+            manager.save(1, _state(1))
+            manager.save(2, _state(2))
+        store = open_store(s3_url, storage_options=options, lock_timeout=60)
+        with ObjectStore(s3_url, direct) as reader:
+            # the same save, in other bytes: another version (ETag) of the same COMMIT
+            other = json.dumps(json.loads(reader.get_bytes(COMMIT)), indent=1).encode()
+
+        def replace_commit() -> None:
+            with ObjectStore(s3_url, direct) as writer:
+                writer.put_bytes(COMMIT, other)
+
+        held = proxy.hold("DELETE", COMMIT)
+        refused = pytest.raises(distckpt.ConcurrentCommit, match="still committed")
+        with held.changed_meanwhile(replace_commit), refused as raised:
+            store.delete(2)
+    assert raised.value.step == 2 and str(raised.value.path).endswith("/step-00000002")
+    with ObjectStore(s3_url, direct) as reader:
+        assert reader.get_bytes(COMMIT) == other
+        assert reader.get_bytes("last") == b"step-00000001\n"  # moved off before the DELETE
+        with distckpt.CheckpointManager(s3_url, storage_options=direct) as manager:
+            assert manager.steps() == [1, 2]
+        assert reader.get_bytes("last") == b"step-00000002\n"

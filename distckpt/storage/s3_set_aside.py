@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 
 from distckpt import policy
-from distckpt.errors import PreconditionFailed
+from distckpt.errors import ConcurrentCommit, PreconditionFailed
 from distckpt.layout import MANIFEST_NAME, step_dir_name
 from distckpt.objstore import ObjectInfo
 from distckpt.results import CheckpointLocation
@@ -56,13 +56,20 @@ class SetAside:
 
     def _delete_commit(self, step: int, etag: str | None) -> None:
         """Delete the step's ``COMMIT`` if it is still the version ``etag`` read before this
-        job's last lease check (any version if None). Another version was written by a job
-        that took the root since (:class:`~distckpt.LeaseLost`), or by this job: left alone."""
+        job's last lease check (any version if None). Another version is left alone: written
+        by a job that took the root since (:class:`~distckpt.LeaseLost`), else by a writer
+        this job's lease does not exclude (:class:`~distckpt.errors.ConcurrentCommit`)."""
         try:
             self.s3.client.delete_one(self.s3.commit_name(step), if_match=etag)
-        except PreconditionFailed:
+        except PreconditionFailed as exc:
             self._check_lease()
-            raise
+            raise ConcurrentCommit(
+                f"step {step}'s COMMIT was replaced by another writer after this removal read "
+                f"it: left in place, step {step} is still committed; the pointers moved off it "
+                "are set again from the committed checkpoints at the next commit or start",
+                path=self.s3.location(step),
+                step=step,
+            ) from exc
         finally:
             self.s3.forget_commit(step)
 
