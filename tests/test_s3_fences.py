@@ -65,6 +65,25 @@ def test_a_writer_never_writes_over_what_another_wrote_meanwhile(
             assert read("last") == newer["last"]
 
 
+@pytest.fixture(scope="module")
+def saved_once(s3_server: S3Server) -> tuple[str, str]:
+    """Steps 90 and 100 saved, step 100 damaged (``s3_save_90_and_damaged_100``), once for
+    the removal cases, which each copy it inside the store (a save is most of a case's time):
+    the root, and step 100's attempt."""
+    root = f"s3://{s3_server.create_bucket()}/saved"
+    attempt, _ = s3_save_90_and_damaged_100(root, s3_server.storage_options())
+    return root, attempt
+
+
+def _copy_of(root: str, name: str, options: dict) -> str:
+    """A root ``name`` beside ``root`` (in its bucket) holding a copy of every object of it."""
+    bucket, prefix = root.removeprefix("s3://").split("/", 1)
+    with ObjectStore(f"s3://{bucket}", options) as store:
+        for info in list(store.list(f"{prefix}/")):
+            store.copy(info.key, f"{name}/{info.key.removeprefix(prefix + '/')}", info.size)
+    return f"s3://{bucket}/{name}"
+
+
 @pytest.mark.parametrize(
     ("removal", "taken"),
     [
@@ -76,7 +95,7 @@ def test_a_writer_never_writes_over_what_another_wrote_meanwhile(
     ],
 )
 def test_a_removal_by_a_job_whose_lease_was_taken_leaves_the_step_and_last_alone(
-    s3_server: S3Server, s3_url: str, removal: str, taken: str
+    s3_server: S3Server, saved_once: tuple[str, str], removal: str, taken: str
 ) -> None:
     """A restore's set-aside of a damaged step checks the lease before it writes anything, and
     again once its copy is made (which may take half the manager's timeout) before it moves
@@ -86,7 +105,8 @@ def test_a_removal_by_a_job_whose_lease_was_taken_leaves_the_step_and_last_alone
     fails with ``LeaseLost`` and leaves the step committed and ``last`` where the other job
     put it (here on its own save of that step)."""
     direct = s3_server.storage_options()
-    attempt, _ = s3_save_90_and_damaged_100(s3_url, direct)
+    template, attempt = saved_once
+    s3_url = _copy_of(template, f"{removal}-{taken}", direct)
     takers = {
         LEASE_NAME: json.dumps({"owner": "other", "host": "h", "pid": 1, "duration": 30}).encode(),
         f"{DAMAGED}/COMMIT": CommitRecord.encode(100, "another-job"),
