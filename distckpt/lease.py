@@ -437,7 +437,7 @@ class RootLease:
         if current is not None and current.token == self.holder.token and current.held:
             return
         if current is None:
-            now = "no lease record is there any more"
+            now = "no readable lease record is there any more"
         elif current.token == self.holder.token:
             now = f"an operator broke it at {current.broken_utc}"
         else:

@@ -156,15 +156,16 @@ def _locked_here(path: Path) -> bool:
     )
 
 
-def _kernel_thread(pid: str) -> bool:
+def _kernel_thread(pid: str, proc: Path = Path("/proc")) -> bool:
     """Whether ``pid`` names a kernel thread: its flags in ``/proc/<pid>/stat`` carry
     ``PF_KTHREAD``. On an NFS server, the locks of its clients are held by its ``lockd`` and
     ``nfsd`` threads: a dead client's lingering lock among them, which the break must be able
     to get past when run on the server. No job of this machine holds its lock through a kernel
     thread. (Its parent's pid would not tell: kthreadd is pid 2 on the host alone, and in a
-    PID namespace pid 2 may be a job's launcher, whose ranks are live claimers.)"""
+    PID namespace pid 2 may be a job's launcher, whose ranks are live claimers.) ``proc``: where
+    procfs is mounted."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        stat = (proc / pid / "stat").read_text()
     except OSError:
         return False
     # "<pid> (<comm, which may hold spaces and parentheses>) <state> <ppid> <pgrp> <session>

@@ -28,6 +28,7 @@ A client must not cross a ``fork()``: make one per process.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 import random
@@ -48,6 +49,7 @@ from distckpt.errors import (
     StoreUnavailable,
 )
 from distckpt.objclient import make_client
+from distckpt.objcodes import DELETE_IF_MATCH, RefusedConditions, classify, refuses_condition
 from distckpt.objoptions import (
     check_option_names,
     check_option_types,
@@ -70,20 +72,6 @@ DEFAULT_MAX_CONCURRENCY = 4
 DEFAULT_ATTEMPTS = 5  # botocore's "standard" mode: 1 try + 4 retries, backoff up to 20 s
 _DELETE_BATCH = 1000  # DeleteObjects' limit
 _CONFLICT_RETRIES = 4  # 409 ConditionalRequestConflict: a concurrent conditional write
-_ACCESS_DENIED_CODES = {
-    "AccessDenied",
-    "InvalidAccessKeyId",
-    "SignatureDoesNotMatch",
-    "ExpiredToken",
-    "InvalidToken",
-    "TokenRefreshRequired",
-    "AllAccessDisabled",
-}
-_NOT_FOUND_CODES = {"NoSuchKey", "NoSuchBucket", "NotFound", "404", "NoSuchUpload"}
-_NOT_IMPLEMENTED = (
-    "the store does not implement this request (an s3:// root needs conditional writes, "
-    "If-None-Match and If-Match on PUT, and CRC-32 checksums: docs/object-stores.md)"
-)
 T = TypeVar("T")
 
 
@@ -140,6 +128,7 @@ class ObjectStore:
         self._options = options
         self._cleanup_lock = threading.Lock()
         self._cleanup_client: Any = None
+        self._refused_conditions = RefusedConditions()  # shared with one_attempt
         self.client = make_client(self.url, options, self.attempts, self.max_concurrency)
         self.endpoint: str = self.client.meta.endpoint_url
 
@@ -244,26 +233,9 @@ class ObjectStore:
     def _client_error(
         self, exc: Any, operation: str, name: str, if_absent: bool, if_match: str | None
     ) -> ObjectStoreError:
-        error = exc.response.get("Error", {})
-        code = str(error.get("Code", ""))
-        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
-        detail = f"{code or status}: {error.get('Message', '')}".rstrip(": ")
-        if status == 412 or code in ("PreconditionFailed", "ConditionalRequestConflict"):
-            if if_absent:
-                return self.error(ObjectExists, operation, name, f"it already exists ({detail})")
-            return self.error(PreconditionFailed, operation, name, detail)
-        if code in _NOT_FOUND_CODES or status == 404:
-            if if_match is not None and code != "NoSuchBucket":
-                return self.error(PreconditionFailed, operation, name, f"it is gone ({detail})")
-            return self.error(ObjectNotFound, operation, name, detail)
-        if code in _ACCESS_DENIED_CODES or status in (401, 403):
-            return self.error(StoreAccessDenied, operation, name, detail)
-        if status == 501 or code == "NotImplemented":  # not retried: no store that is down
-            return self.error(ObjectStoreError, operation, name, f"{detail}: {_NOT_IMPLEMENTED}")
-        if status >= 500 or code in ("SlowDown", "ServiceUnavailable", "InternalError"):
-            retried = " (after retries)" if self.attempts > 1 else ""  # not if it had only one
-            return self.error(StoreUnavailable, operation, name, detail + retried)
-        return self.error(ObjectStoreError, operation, name, detail)
+        retried = self.attempts > 1  # "after retries" only if it had more than one try
+        kind, detail = classify(exc, if_absent=if_absent, if_match=if_match, retried=retried)
+        return self.error(kind, operation, name, detail)
 
     # -- whole objects -------------------------------------------------------------------
 
@@ -450,10 +422,34 @@ class ObjectStore:
         if batch:
             self._delete_batch(batch)
 
-    def delete_one(self, name: str) -> None:
-        """Delete one object in one request (``DeleteObject``: no batch body to build and
-        parse); a name already gone is not an error."""
-        self.request("delete", name, self.client.delete_object, Key=self.url.key(name))
+    def delete_one(self, name: str, *, if_match: str | None = None) -> None:
+        """Delete one object (``DeleteObject``); a name already gone is not an error. ``if_match``:
+        only the version with that ETag (else :class:`PreconditionFailed`). On a store that
+        refuses If-Match on DELETE (501, or 400 InvalidArgument / NotImplemented; remembered
+        for this store and logged once) the ETag is checked by a HEAD just before an
+        unconditional DELETE instead, which leaves a version written between the two exposed."""
+        key = self.url.key(name)
+        if if_match is not None and DELETE_IF_MATCH not in self._refused_conditions:
+            try:
+                with contextlib.suppress(ObjectNotFound):  # S3's answer to If-Match on a name gone
+                    self.request(
+                        "delete", name, self.client.delete_object, Key=key, IfMatch=if_match
+                    )
+                return
+            except ObjectStoreError as exc:
+                if not refuses_condition(exc):
+                    raise
+                self._refused_conditions.add(DELETE_IF_MATCH, f"{self.url} at {self.endpoint}", exc)
+        if if_match is not None:
+            try:
+                current = self.head(name).etag
+            except ObjectNotFound:
+                return
+            if current != if_match:
+                detail = f"its ETag is {current}, not {if_match} (checked by HEAD)"
+                raise self.error(PreconditionFailed, "delete", name, detail)
+        with contextlib.suppress(ObjectNotFound):
+            self.request("delete", name, self.client.delete_object, Key=key)
 
     def _delete_batch(self, names: list[str]) -> None:
         body = {"Objects": [{"Key": self.url.key(name)} for name in names], "Quiet": True}

@@ -20,7 +20,7 @@ import http.client
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -48,10 +48,14 @@ class Rule:
     #: how many matching requests go by untouched before the rule acts
     skip: int = 0
     body_parts: tuple[bytes, ...] = ()
+    #: headers a request must carry (any value) to be picked
+    headers: tuple[str, ...] = ()
     #: for ``fail``: the status answered
     status: int = 503
     #: set when the first picked request arrives (for ``hold``: it waits from then on)
     arrived: threading.Event = field(default_factory=threading.Event)
+    #: when (``time.monotonic()``) each picked request arrived
+    arrival_times: list[float] = field(default_factory=list)
     #: set by :meth:`release`; a held request goes on once it is set
     released: threading.Event = field(default_factory=threading.Event)
 
@@ -105,11 +109,15 @@ class Rule:
             if errors:
                 raise errors[0]
 
-    def matches(self, method: str, path: str, body: bytes = b"") -> bool:
+    def matches(
+        self, method: str, path: str, body: bytes = b"", headers: Collection[str] = ()
+    ) -> bool:
+        carried = {name.lower() for name in headers}
         return (
             method == self.method
             and all(part in path for part in self.path_parts)
             and all(part in body for part in self.body_parts)
+            and all(name.lower() in carried for name in self.headers)
         )
 
 
@@ -179,14 +187,15 @@ class S3Proxy:
         *path_parts: str,
         status: int = 503,
         body_parts: tuple[bytes, ...] = (),
+        headers: tuple[str, ...] = (),
         times: int = 1,
         skip: int = 0,
     ) -> Rule:
-        """Answer ``times`` matching requests, after ``skip`` others, with ``status`` (an S3
-        error document), without forwarding them: the store never sees them."""
-        return self._add(
-            Rule(method, path_parts, "fail", times, skip, body_parts=body_parts, status=status)
-        )
+        """Answer ``times`` matching requests (those carrying every one of ``headers``), after
+        ``skip`` others, with ``status`` (an S3 error document), without forwarding them: the
+        store never sees them."""
+        rule = Rule(method, path_parts, "fail", times, skip, body_parts, headers, status=status)
+        return self._add(rule)
 
     def short_pages(self, keys: int, *path_parts: str) -> None:
         """Answer every listing (``GET`` with ``list-type=2``) whose path holds all of
@@ -222,14 +231,15 @@ class S3Proxy:
             self.rules.append(rule)
         return rule
 
-    def _pick(self, method: str, path: str, body: bytes) -> Rule | None:
+    def _pick(self, method: str, path: str, body: bytes, headers: Collection[str]) -> Rule | None:
         with self._lock:
             for rule in self.rules:
-                if rule.times > 0 and rule.matches(method, path, body):
+                if rule.times > 0 and rule.matches(method, path, body, headers):
                     if rule.skip > 0:
                         rule.skip -= 1
                         continue
                     rule.times -= 1
+                    rule.arrival_times.append(time.monotonic())
                     return rule
         return None
 
@@ -238,7 +248,7 @@ class S3Proxy:
         body = handler.rfile.read(length) if length else b""
         headers = {k: v for k, v in handler.headers.items() if k.lower() not in _HOP_BY_HOP}
         handler.path = self._paged(handler.command, handler.path)
-        rule = self._pick(handler.command, handler.path, body)
+        rule = self._pick(handler.command, handler.path, body, handler.headers.keys())
         if rule is not None:
             rule.arrived.set()
             if rule.action == "hold":
@@ -280,9 +290,9 @@ class S3Proxy:
 
     def _refuse(self, handler: BaseHTTPRequestHandler, status: int) -> None:
         """Answer ``status`` with the error document an S3 store sends."""
-        code = {503: "ServiceUnavailable", 403: "AccessDenied", 501: "NotImplemented"}.get(
-            status, "InternalError"
-        )
+        codes = {503: "ServiceUnavailable", 403: "AccessDenied", 501: "NotImplemented"}
+        codes[400] = "InvalidArgument"
+        code = codes.get(status, "InternalError")
         data = (
             '<?xml version="1.0" encoding="UTF-8"?>'
             f"<Error><Code>{code}</Code><Message>refused by the test proxy</Message></Error>"

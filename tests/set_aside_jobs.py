@@ -1,10 +1,13 @@
 """What the set-aside tests on a local root (``tests/test_set_aside.py``) and on an ``s3://``
 root (``tests/test_s3_set_aside.py``) share: a job of 2 ranks that saves steps 90 and 100, and a
-requeued job that restores "last" and saves past it."""
+requeued job that restores "last" and saves past it; on an ``s3://`` root, the same steps saved by
+one process, step 100's save made damaged, and the digests of a save's objects."""
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import logging
 import os
 from typing import Any
@@ -13,6 +16,8 @@ import torch
 
 import distckpt
 from distckpt.cli import main
+from distckpt.layout import rank_file_name
+from distckpt.objstore import ObjectStore
 from tests.ranks import Collected
 
 JOB_TIMEOUT = 120.0
@@ -68,3 +73,31 @@ def run_cli(*args: str) -> tuple[int, str]:
     """The command line run in this process: its exit status and what it printed."""
     out = io.StringIO()
     return main(list(args), out=out), out.getvalue()
+
+
+def s3_digests(url: str, options: dict[str, Any], prefix: str) -> dict[str, str]:
+    """The SHA-256 of each object under ``prefix``, by its name below it."""
+    with ObjectStore(url, options) as store:
+        return {
+            info.key[len(prefix) :]: hashlib.sha256(store.get_bytes(info.key)).hexdigest()
+            for info in store.list(prefix)
+        }
+
+
+def s3_save_90_and_100(url: str, options: dict[str, Any]) -> str:
+    """Save steps 90 and 100 in one process; step 100's attempt."""
+    with distckpt.CheckpointManager(url, storage_options=options) as manager:
+        for step in (90, 100):
+            manager.save(step, {"w": weights(step, 0)})
+    with ObjectStore(url, options) as store:
+        return str(json.loads(store.get_bytes(f"{DAMAGED}/COMMIT"))["attempt"])
+
+
+def s3_save_90_and_damaged_100(url: str, options: dict[str, Any]) -> tuple[str, dict[str, str]]:
+    """Steps 90 and 100 saved by one process, step 100's rank file cut short: its attempt,
+    and the digests of its objects."""
+    attempt = s3_save_90_and_100(url, options)
+    with ObjectStore(url, options) as store:
+        rank_file = f"{DAMAGED}/{attempt}/{rank_file_name(0)}"
+        store.put_bytes(rank_file, store.get_bytes(rank_file)[:100])
+    return attempt, s3_digests(url, options, f"{DAMAGED}/{attempt}/")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import subprocess
 import time
@@ -27,7 +28,7 @@ import torch
 import distckpt
 import distckpt.lease
 import distckpt.lease_break
-from distckpt.layout import LEASE_RECORD_NAME, RootLayout
+from distckpt.layout import LEASE_RECORD_NAME, RootLayout, rank_file_name
 from distckpt.lease import (
     LeaseHolder,
     RootLease,
@@ -36,7 +37,7 @@ from distckpt.lease import (
     this_host,
 )
 from distckpt.lease_break import break_lease
-from distckpt.lock import locks_local_to_machine, mount_of
+from distckpt.lock import lock_is_held, locks_local_to_machine, mount_of
 from tests.cli_runner import run_cli
 from tests.filesystems import MountFactory
 from tests.lease_holders import (
@@ -226,13 +227,14 @@ def test_where_locks_are_local_a_dead_holder_is_taken_over_only_on_this_machine(
         assert lease.generation == holder.generation + 1
 
 
-def test_a_job_that_lost_the_root_neither_commits_deletes_nor_prunes(
-    mounts: MountFactory,
+def test_a_job_that_lost_the_root_changes_nothing_of_the_new_holders(
+    mounts: MountFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Every commit, delete and prune checks the lease under the commit lock first: a job that
-    lost the root (another job took it over through a path its locks do not reach, as an
-    operator's break lets one) fails them with ``LeaseLost``, and neither adds nor removes a
-    checkpoint of the new holder's."""
+    """Every commit, delete, prune, gc and set-aside checks the lease under the commit lock first:
+    a job that lost the root (another job took it over through a path its locks do not reach,
+    as an operator's break lets one) fails them with ``LeaseLost``, and neither adds, removes
+    nor moves a checkpoint of the new holder's (a restore of the fenced job that skips a
+    damaged newer one leaves it committed, with ``last`` on it)."""
     bindfs = mounts.get("bindfs")
     assert bindfs.writable_source is not None
     here, there = bindfs.path / "fenced-removals", bindfs.writable_source / "fenced-removals"
@@ -246,9 +248,54 @@ def test_a_job_that_lost_the_root_neither_commits_deletes_nor_prunes(
             with pytest.raises(distckpt.LeaseLost):
                 fenced.prune()
             with pytest.raises(distckpt.LeaseLost):
+                fenced.gc()
+            with pytest.raises(distckpt.LeaseLost):
                 fenced.save(4, {"w": torch.zeros(1)})
+            os.truncate(there / "step-00000003" / rank_file_name(0), 10)
+            with caplog.at_level(logging.ERROR, logger="distckpt"):
+                assert fenced.restore().step == 2  # skipping the damaged step 3, left there
+            refused = [r.getMessage() for r in caplog.records if r.exc_info is not None]
+            assert any(
+                "could not set aside the damaged checkpoint" in message and "LeaseLost" in message
+                for message in refused
+            ), refused  # the set-aside was tried, and the lease refused it
             assert taker.steps() == [1, 2, 3]
             assert os.readlink(there / "last") == "step-00000003"
+
+
+def test_a_lease_record_made_unreadable_or_removed_fences_its_holder(tmp_path: Path) -> None:
+    """An unreadable record "names nobody, so it fences whoever held it": the holder's check
+    refuses, as it does once the record is gone."""
+    record = tmp_path / LEASE_RECORD_NAME
+    with RootLease.acquire(tmp_path) as lease:
+        record.write_bytes(b"{not json")
+        with pytest.raises(distckpt.LeaseLost, match="no readable lease record is there any more"):
+            lease.check_current()
+        record.unlink()
+        with pytest.raises(distckpt.LeaseLost, match="no readable lease record is there any more"):
+            lease.check_current()
+
+
+def test_a_claim_whose_record_another_machine_replaced_at_once_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where locks are local to each machine, jobs on two machines can both take the lease
+    lock: each writes its record and reads it back, and the one whose record the other's
+    replaced meanwhile is refused, naming the other, with the lock let go (not left to fail
+    at its first commit)."""
+    real_write = distckpt.lease.atomic_write_bytes
+
+    def another_machine_writes_right_after(path: Path, data: bytes, **options: bool) -> None:
+        real_write(path, data, **options)
+        _record_as_another_machine(tmp_path, host=this_host() + "-node7")
+
+    # A wrapper at the lease's own seam: nothing real lands another machine's write between
+    # this claim's write and its read back. The write and the read are real.
+    monkeypatch.setattr(distckpt.lease, "atomic_write_bytes", another_machine_writes_right_after)
+    with pytest.raises(distckpt.RootInUse, match="claimed the root at the same moment") as refused:
+        RootLease.acquire(tmp_path)
+    assert f"host {this_host()}-node7" in str(refused.value)
+    assert lock_is_held(RootLayout(tmp_path).lease_lock_path) is False
 
 
 @pytest.mark.parametrize(

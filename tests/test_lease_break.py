@@ -13,9 +13,11 @@ import io
 import os
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
+import filelock
 import pytest
 
 import distckpt
@@ -27,7 +29,7 @@ from distckpt.layout import RootLayout
 from distckpt.lease import RootLease, this_host
 from distckpt.lease_break import break_lease
 from tests.cli_runner import run_cli
-from tests.filesystems import MountFactory
+from tests.filesystems import MountFactory, skip_or_fail
 from tests.lease_holders import (
     STARTUP,
     Holder,
@@ -302,3 +304,131 @@ def test_a_lock_held_by_a_child_of_pid_2_in_a_pid_namespace_is_a_live_claimers(
             os.waitpid(launcher, 0)
 
     assert in_a_pid_namespace_of_its_own(seen_from_pid_1) == "launcher 2, rank and parent 3 2: True"
+
+
+def _locked_by_a_child(path: Path) -> int:
+    """The pid of a forked child that created ``path`` and holds its flock until killed."""
+    ready, said_ready = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child
+        descriptor = os.open(path, os.O_RDWR | os.O_CREAT)
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        os.write(said_ready, b"locked")
+        time.sleep(STARTUP)
+        os._exit(0)
+    os.close(said_ready)
+    try:
+        assert os.read(ready, 6) == b"locked"
+    finally:
+        os.close(ready)
+    return child
+
+
+def test_a_break_past_a_lingering_lock_leaves_alone_a_job_that_locked_the_new_file_first(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past a dead machine's lingering lock the break moves the lock file aside and locks a new
+    one: a job waiting for the root that locked the new file first, and has not written its
+    record yet, is left alone (``LeaseTakenMeanwhile``), the record not broken, and the file
+    moved aside removed all the same."""
+    root.mkdir()
+    dead = _record_as_another_machine(root, host=this_host() + "-node7")
+    lock_file = RootLayout(root).lease_lock_path
+    # As in tests/test_lease_break_older_version.py: a process here stands in for the NFS
+    # server's lingering lock, and the break is told that no process here holds it.
+    monkeypatch.setattr(distckpt.lease_break, "_locked_here", lambda path: False)
+    children = [_locked_by_a_child(lock_file)]
+    real_move_aside = distckpt.lease_break._move_aside
+
+    def a_waiting_job_locks_the_new_file_first(root_path: Path) -> Path | None:
+        moved_aside = real_move_aside(root_path)
+        children.append(_locked_by_a_child(lock_file))
+        return moved_aside
+
+    # A wrapper at the break's own seam: a waiting job polls the lock every 0.05 s, and nothing
+    # real lands its poll between the move and the break's lock. The lock it takes is real.
+    monkeypatch.setattr(distckpt.lease_break, "_move_aside", a_waiting_job_locks_the_new_file_first)
+    try:
+        with pytest.raises(distckpt.LeaseTakenMeanwhile, match="has not written its record"):
+            break_lease(root)
+    finally:
+        for child in children:
+            os.kill(child, signal.SIGKILL)
+            os.waitpid(child, 0)
+    assert len(children) == 2  # the break did move the lingering lock's file aside
+    record = distckpt.lease.LeaseHolder.from_json(RootLayout(root).lease_record_path.read_bytes())
+    assert record == dead and record.held
+    assert [path.name for path in root.glob(".lease.*.lingering")] == []
+
+
+def _kthreadd_pid() -> str | None:
+    """The pid of ``kthreadd``, the parent of every kernel thread, found by its name (pid 2
+    on a host, another pid or none in a PID namespace): None if this namespace shows none."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if stat.read_text().startswith(f"{stat.parent.name} (kthreadd) "):
+                return stat.parent.name
+        except OSError:  # ended meanwhile
+            continue
+    return None
+
+
+#: PF_KTHREAD among other flags, and the flags of a process (PF_FORKNOEXEC | PF_RANDOMIZE)
+KERNEL_THREAD_FLAGS, PROCESS_FLAGS = 0x00200040, 0x00400040
+
+
+def test_a_lock_held_by_a_kernel_thread_is_no_live_jobs_claim(tmp_path: Path) -> None:
+    """On an NFS server its clients' locks are held by its lockd and nfsd kernel threads: a
+    break run there passes over a dead client's lingering lock, which no job of the server
+    holds. Read from the flags of ``/proc/<pid>/stat``, after a comm that may hold ") "."""
+    for pid, flags in (("7", KERNEL_THREAD_FLAGS), ("8", PROCESS_FLAGS)):
+        (tmp_path / pid).mkdir()
+        stat = f"{pid} (a) b) S 2 0 0 0 -1 {flags} 0 0 0 0 1 2 0 0 20 0 1 0 5 0 0\n"
+        (tmp_path / pid / "stat").write_text(stat)
+    assert distckpt.lease_break._kernel_thread("7", proc=tmp_path)
+    assert not distckpt.lease_break._kernel_thread("8", proc=tmp_path)
+    assert not distckpt.lease_break._kernel_thread("9", proc=tmp_path)  # ended: no claim of one
+
+
+def test_this_machines_kthreadd_is_a_kernel_thread_and_this_process_is_not() -> None:
+    kthreadd = _kthreadd_pid()
+    if kthreadd is None:  # a PID namespace (a container) shows none
+        skip_or_fail("no kernel thread is visible in /proc here")
+    assert distckpt.lease_break._kernel_thread(kthreadd)
+    assert not distckpt.lease_break._kernel_thread(str(os.getpid()))
+
+
+def test_a_lease_lock_taken_on_a_file_moved_aside_meanwhile_is_dropped_for_the_new_one(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A job waiting for the lease lock may lock the file a break moves aside at that moment
+    (past a dead machine's lingering lock): that lock excludes nobody, since every later job
+    locks the new file. The job lets it go and tries the new file, which the break holds."""
+    root.mkdir()
+    lock_file = RootLayout(root).lease_lock_path
+    lock_file.touch()
+    breaks: list[int] = []
+    real_flock = distckpt.lease._flock
+
+    def moved_aside_as_it_is_locked(
+        path: Path, timeout: float, *, on_acquired: Callable[[int], None] | None = None
+    ) -> filelock.BaseFileLock:
+        def then(descriptor: int) -> None:
+            if not breaks:  # the first lock only
+                os.rename(lock_file, RootLayout(root).lingering_lease_lock_path("a" * 32))
+                breaks.append(_locked_by_a_child(lock_file))  # the break's, of the new file
+            assert on_acquired is not None
+            on_acquired(descriptor)
+
+        return real_flock(path, timeout, on_acquired=then)
+
+    # A wrapper at the lease's own seam: nothing real moves the file aside between the job's
+    # opening it and locking it. The move and both locks are real.
+    monkeypatch.setattr(distckpt.lease, "_flock", moved_aside_as_it_is_locked)
+    try:
+        assert distckpt.lease._try_lock(lock_file, 0) is None
+    finally:
+        for child in breaks:
+            os.kill(child, signal.SIGKILL)
+            os.waitpid(child, 0)
+    assert breaks

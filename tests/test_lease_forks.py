@@ -1,7 +1,9 @@
 """A holder's children and launcher: a child forked by the lease's holder (a data loader
 worker, a pool) keeps none of its locks, whether it outlives the holder, exits normally, or is
-forked while another thread takes a lock; lock files are made as the umask allows; and a
-worker notices that its launcher died.
+forked while another thread takes a lock; one that releases what it inherited (a ``finally``
+block, an exit hook) releases nothing of its parent's: a writer lock, a root's lease record or
+an ``s3://`` store's lease object; lock files are made as the umask allows; and a worker
+notices that its launcher died.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -29,10 +32,15 @@ from distckpt.lease import (
     read_holder,
 )
 from distckpt.lock import RootLock, WriterLock
+from distckpt.objlease import LeaseRecord
+from distckpt.objstore import ObjectStore
+from distckpt.storage import open_store
+from distckpt.storage.s3_root import LEASE_NAME
 from tests import job_servers
 from tests.lease_holders import (
     STARTUP,
 )
+from tests.s3server import S3Server
 
 
 def test_a_forked_child_of_the_holder_does_not_keep_the_lease(root: Path) -> None:
@@ -175,6 +183,72 @@ def test_a_child_forked_while_another_thread_takes_a_lock_holds_no_copy_of_it(
     )
     assert done.returncode == 0, done.stderr
     assert int(done.stdout) == 0, f"{done.stdout.strip()} of {rounds} children held the lock"
+
+
+#: how long a forked child may take to release what it inherited: past it, it is deadlocked
+CHILD_DEADLINE = 30.0
+
+
+def _in_a_forked_child(release: Callable[[], None]) -> None:
+    """Run ``release`` in a forked child of this process, which then ends with ``os._exit``
+    (nothing of the test process runs in it); its failure fails the test, and so does a child
+    still running at :data:`CHILD_DEADLINE` (killed then: a release deadlocked on a lock
+    copied mid-use fails fast, not at the suite's timeout)."""
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child
+        try:
+            release()
+        except BaseException:
+            os._exit(1)
+        os._exit(0)
+    deadline = time.monotonic() + CHILD_DEADLINE
+    while (ended := os.waitpid(child, os.WNOHANG))[0] == 0:
+        if time.monotonic() > deadline:
+            os.kill(child, signal.SIGKILL)
+            os.waitpid(child, 0)
+            pytest.fail(f"the child's release did not end within {CHILD_DEADLINE:g} s")
+        time.sleep(0.01)
+    assert os.waitstatus_to_exitcode(ended[1]) == 0, "the child's release raised"
+
+
+def test_a_forked_child_releasing_a_writer_lock_leaves_the_parents_held(tmp_path: Path) -> None:
+    staging = tmp_path / "step-00000001.feedface"
+    writer = WriterLock(staging)
+    writer.acquire()
+    try:
+        _in_a_forked_child(writer.release)
+        assert writer.path.exists()
+        assert WriterLock.writer_is_alive(staging)  # a cleanup keeps the parent's staging dir
+    finally:
+        writer.release()
+    assert not writer.path.exists() and not WriterLock.writer_is_alive(staging)
+
+
+def test_a_forked_child_releasing_a_roots_lease_leaves_the_parent_its_holder(
+    tmp_path: Path,
+) -> None:
+    with RootLease.acquire(tmp_path) as lease:
+        _in_a_forked_child(lease.release)
+        lease.check_current()  # still the root's current lease: the record is not released
+        holder = read_holder(tmp_path)
+        assert holder is not None and holder.pid == os.getpid() and holder.alive
+
+
+def test_a_forked_child_closing_an_s3_store_leaves_the_parent_its_lease(
+    s3_server: S3Server, s3_url: str
+) -> None:
+    pytest.importorskip("botocore")
+    options = s3_server.storage_options()
+    store = open_store(s3_url, storage_options=options)
+    store.open()
+    try:
+        _in_a_forked_child(store.close)
+        with ObjectStore(s3_url, options) as direct:
+            record = LeaseRecord.decode(direct.get_bytes(LEASE_NAME))
+        assert record is not None and record.pid == os.getpid() and not record.released
+        assert store.prune() == []  # the lease's check passes: still the parent's
+    finally:
+        store.close()
 
 
 def test_lock_files_are_created_as_the_umask_allows(tmp_path: Path) -> None:

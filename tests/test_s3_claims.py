@@ -1,14 +1,16 @@
 """The writer claim ``.writers/<attempt>`` of a save that committed is not left behind when its
 writer dies before deleting it: the next start or ``distckpt gc`` removes it, and a committed
 step kept forever keeps no claim (README: whatever a crash left behind is cleaned by the next
-start)."""
+start). A claim says when it expires: 30 s after it was written."""
 
 from __future__ import annotations
 
 import io
+import json
 import os
 import subprocess
 import sys
+import time
 from typing import Any
 
 import pytest
@@ -17,6 +19,8 @@ import torch
 import distckpt
 from distckpt import events, faults
 from distckpt.cli import main
+from distckpt.objstore import ObjectStore
+from distckpt.storage import s3_lease
 from tests.ranks import run_ranks
 from tests.s3server import S3Server, aws_environment
 from tests.test_s3_store import JOB_TIMEOUT, _objects, _state
@@ -110,3 +114,26 @@ def test_gc_beside_a_writer_paused_after_its_commit_keeps_its_live_claim(
         assert len(seen["before"]) == 1 and seen["after"] == seen["before"]
         assert _claims(s3_url, options) == []  # the writer's own delete, once committed
         assert manager.steps() == [1, 2] and _restored_step(manager) == 2
+
+
+def test_a_writers_claim_expires_30_s_after_it_was_written(
+    s3_server: S3Server, s3_url: str
+) -> None:
+    """docs/object-stores.md: a claim carries "an expiry 30 s ahead by its clock"."""
+    options = s3_server.storage_options()
+    seen: list[float] = []
+
+    def read_claim(event: events.PhaseEvent) -> None:
+        if event.phase == "commit.publish" and not seen:
+            with ObjectStore(s3_url, options) as direct:
+                (name,) = [info.key for info in direct.list(".writers/")]
+                seen.append(json.loads(direct.get_bytes(name))["expires_unix"] - time.time())
+
+    with distckpt.CheckpointManager(s3_url, storage_options=options) as manager:
+        remove = events.add_listener(read_claim)
+        try:
+            manager.save(1, _state(1))
+        finally:
+            remove()
+    # the claim was written before this read, within the save: a few seconds at most
+    assert seen and s3_lease.LEASE_SECONDS - 10 < seen[0] <= s3_lease.LEASE_SECONDS

@@ -1,7 +1,8 @@
 """Who holds an ``s3://`` root, judged against a real S3-protocol server (moto,
-tests/s3server.py) across PID namespaces, boots and versions: a live holder in another PID
-namespace of its host is not taken over, a claim of an exited pid counts only in its own PID
-namespace and boot, and an older version's lease on this host is judged by its pid."""
+tests/s3server.py) across PID namespaces, users, boots and versions: a live holder in another
+PID namespace of its host, or of another user on this machine, is not taken over, a claim of an
+exited pid counts only in its own PID namespace and boot, and an older version's lease on this
+host is judged by its pid."""
 
 from __future__ import annotations
 
@@ -14,11 +15,13 @@ from typing import Any
 import pytest
 
 import distckpt
-from distckpt import RootInUse
-from distckpt.lease import this_host, this_process_host
+from distckpt import CoordinationTimeout, RootInUse
+from distckpt.lease import local_process_gone, this_host, this_process_host
+from distckpt.objlease import ObjectLease
 from distckpt.objstore import ObjectStore
 from distckpt.storage import open_store
 from tests.lease_holders import in_a_pid_namespace_of_its_own
+from tests.other_user import succeeds_as_nobody
 from tests.s3server import S3Server
 from tests.test_s3_store import _state
 
@@ -152,3 +155,30 @@ def test_a_start_refused_after_waiting_in_tries_says_how_long_it_waited(
     assert refused.value.waited >= wait  # all the tries, not the last one's part
     assert f"(waited {refused.value.waited:g} s)" in str(refused.value)
     assert "job 41 on host another-machine, pid 4242" in str(refused.value)
+
+
+def test_a_live_holder_of_another_user_on_this_machine_is_not_taken_over(
+    s3_server: S3Server, s3_url: str
+) -> None:
+    """Only a holder *gone* from this machine is taken over at once: a live process of another
+    user, which an unprivileged contender may not signal, is alive, and its lease waits out
+    its duration."""
+    options = s3_server.storage_options()
+    with (
+        ObjectStore(s3_url, options) as store,
+        ObjectLease(store, ".lock", duration=600) as held,
+    ):
+        held.acquire(timeout=0)
+
+        def contend() -> None:
+            with (
+                ObjectStore(s3_url, options) as theirs,
+                ObjectLease(theirs, ".lock", duration=30) as contender,
+                pytest.raises(CoordinationTimeout),
+            ):
+                contender.acquire(
+                    timeout=0, holder_gone=lambda found: local_process_gone(found.host, found.pid)
+                )
+
+        assert succeeds_as_nobody(contend)
+        held.check()

@@ -6,7 +6,6 @@ budget, or met by an older version's start loses nothing. The local-root tests a
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -29,22 +28,23 @@ from tests.older_version import run_older_version
 from tests.ranks import run_ranks, values
 from tests.s3proxy import S3Proxy
 from tests.s3server import S3Server, aws_environment
-from tests.set_aside_jobs import DAMAGED, JOB_TIMEOUT, restart, run_cli, save_90_and_100, weights
+from tests.set_aside_jobs import (
+    DAMAGED,
+    JOB_TIMEOUT,
+    restart,
+    run_cli,
+    s3_digests,
+    s3_save_90_and_100,
+    s3_save_90_and_damaged_100,
+    save_90_and_100,
+    weights,
+)
 
 
 def _s3_objects(url: str, options: dict[str, Any]) -> dict[str, str]:
     """Every object under the root, by relative name, with its ETag."""
     with ObjectStore(url, options) as store:
         return {info.key: info.etag for info in store.list()}
-
-
-def _s3_digests(url: str, options: dict[str, Any], prefix: str) -> dict[str, str]:
-    """The SHA-256 of each object under ``prefix``, by its name below it."""
-    with ObjectStore(url, options) as store:
-        return {
-            info.key[len(prefix) :]: hashlib.sha256(store.get_bytes(info.key)).hexdigest()
-            for info in store.list(prefix)
-        }
 
 
 def test_an_s3_restart_sets_a_damaged_newest_checkpoint_aside_and_saves_past_it(
@@ -61,7 +61,7 @@ def test_an_s3_restart_sets_a_damaged_newest_checkpoint_aside_and_saves_past_it(
     with ObjectStore(s3_url, options) as store:
         store.put_bytes(rank_file, store.get_bytes(rank_file)[:100])  # cut short
     attempt = rank_file.split("/")[1]
-    damaged_objects = _s3_digests(s3_url, options, f"{DAMAGED}/{attempt}/")
+    damaged_objects = s3_digests(s3_url, options, f"{DAMAGED}/{attempt}/")
 
     out = values(run_ranks(restart, 2, s3_url, options, False, timeout=JOB_TIMEOUT))
 
@@ -76,7 +76,7 @@ def test_an_s3_restart_sets_a_damaged_newest_checkpoint_aside_and_saves_past_it(
         manager.gc()  # a set-aside save is no leftover
     # Moved, every byte kept: no step-N/<attempt>/ is left, which any version's cleanup may
     # take for a dead writer's save.
-    assert _s3_digests(s3_url, options, f"damaged-{DAMAGED}-{attempt}/") == damaged_objects
+    assert s3_digests(s3_url, options, f"damaged-{DAMAGED}-{attempt}/") == damaged_objects
     assert not [n for n in _s3_objects(s3_url, options) if n.startswith(f"{DAMAGED}/{attempt}/")]
     report = distckpt.verify(s3_url, storage_options=options)
     assert report.ok and report.set_aside == (where,)
@@ -101,20 +101,11 @@ def test_an_s3_record_left_by_a_killed_set_aside_goes_with_its_save(
     assert distckpt.verify(s3_url, storage_options=options).set_aside == ()
 
 
-def _s3_save_90_and_100(url: str, options: dict[str, Any]) -> str:
-    """Save steps 90 and 100 in one process; step 100's attempt."""
-    with distckpt.CheckpointManager(url, storage_options=options) as manager:
-        for step in (90, 100):
-            manager.save(step, {"w": weights(step, 0)})
-    with ObjectStore(url, options) as store:
-        return str(json.loads(store.get_bytes(f"{DAMAGED}/COMMIT"))["attempt"])
-
-
 def _s3_save_100_and_kill_its_set_aside(url: str, options: dict[str, Any]) -> tuple[str, str, str]:
     """Save 90 and 100, then leave what a set-aside of 100 killed while it copied leaves: its
     record and one object of the save copied, of several; the save's attempt, the record's
     name and the copied object's."""
-    attempt = _s3_save_90_and_100(url, options)
+    attempt = s3_save_90_and_100(url, options)
     with ObjectStore(url, options) as store:
         record = f"damaged-{DAMAGED}-{attempt}"
         store.put_bytes(record, json.dumps({"step": 100, "attempt": attempt}).encode())
@@ -190,22 +181,12 @@ def _older_version_starts(older: Path, url: str, options: dict[str, Any]) -> Non
     run_older_version(older, code, url, options)
 
 
-def _s3_save_90_and_damaged_100(url: str, options: dict[str, Any]) -> tuple[str, dict[str, str]]:
-    """Steps 90 and 100 saved by one process, step 100's rank file cut short: its attempt,
-    and the digests of its objects."""
-    attempt = _s3_save_90_and_100(url, options)
-    with ObjectStore(url, options) as store:
-        rank_file = f"{DAMAGED}/{attempt}/{rank_file_name(0)}"
-        store.put_bytes(rank_file, store.get_bytes(rank_file)[:100])
-    return attempt, _s3_digests(url, options, f"{DAMAGED}/{attempt}/")
-
-
 def _assert_set_aside_whole(
     url: str, options: dict[str, Any], attempt: str, digests: dict[str, str]
 ) -> None:
     """Step 100's save is set aside with every byte, listed as such, and no longer under a
     ``step-N/`` prefix."""
-    assert _s3_digests(url, options, f"damaged-{DAMAGED}-{attempt}/") == digests
+    assert s3_digests(url, options, f"damaged-{DAMAGED}-{attempt}/") == digests
     assert not [name for name in _s3_objects(url, options) if name.startswith(f"{DAMAGED}/")]
     report = distckpt.verify(url, storage_options=options)
     assert report.ok and report.set_aside == (f"{url}/damaged-{DAMAGED}-{attempt}",)
@@ -215,7 +196,7 @@ def test_an_older_versions_start_and_gc_leave_an_s3_set_aside_save(
     s3_server: S3Server, s3_url: str, older_distckpt: Path
 ) -> None:
     options = s3_server.storage_options()
-    attempt, digests = _s3_save_90_and_damaged_100(s3_url, options)
+    attempt, digests = s3_save_90_and_damaged_100(s3_url, options)
     with distckpt.CheckpointManager(s3_url, storage_options=options) as manager:
         restored = manager.restore(state={"w": torch.zeros(256)})
         assert restored is not None and restored.step == 90
@@ -257,7 +238,7 @@ def test_an_s3_set_aside_killed_midway_is_completed_and_loses_nothing(
     version that knows no set-aside record), the next start completes the copy the record
     names before it deletes the originals as a leftover."""
     options = s3_server.storage_options()
-    attempt, digests = _s3_save_90_and_damaged_100(s3_url, options)
+    attempt, digests = s3_save_90_and_damaged_100(s3_url, options)
     child = os.fork()
     if child == 0:  # pragma: no cover - the child is killed
         if killed.startswith("while-copying"):
@@ -319,7 +300,7 @@ def test_an_s3_set_aside_out_of_its_budget_stays_committed_and_is_continued_late
     warning; ls and verify do not list it as set aside; the next set-aside copies only what
     is missing."""
     options = s3_server.storage_options()
-    attempt, digests = _s3_save_90_and_damaged_100(s3_url, options)
+    attempt, digests = s3_save_90_and_damaged_100(s3_url, options)
     location = f"{s3_url}/{DAMAGED}"
     with distckpt.CheckpointManager(s3_url, storage_options=options, timeout=40) as manager:
         assert manager._store.set_aside_budget == 20.0  # type: ignore[attr-defined]
@@ -361,7 +342,7 @@ def test_listing_s3_set_aside_saves_reads_their_records_not_their_copies(
     s3_server: S3Server, s3_url: str
 ) -> None:
     options = s3_server.storage_options()
-    attempt, digests = _s3_save_90_and_damaged_100(s3_url, options)
+    attempt, digests = s3_save_90_and_damaged_100(s3_url, options)
     with distckpt.CheckpointManager(s3_url, storage_options=options) as manager:
         manager.restore(state={"w": torch.zeros(256)})
     view = open_view(s3_url, storage_options=options)
@@ -384,7 +365,7 @@ def test_an_s3_set_aside_copies_the_objects_of_a_save_at_once(
     """While one object's copy is held back, another's goes through: the copies run side by
     side (``max_concurrency`` at a time), not one after another."""
     options = s3_server.storage_options()
-    attempt, digests = _s3_save_90_and_damaged_100(s3_url, options)
+    attempt, digests = s3_save_90_and_damaged_100(s3_url, options)
     assert len(digests) >= 2
     copy_prefix = f"damaged-{DAMAGED}-{attempt}/"
     with S3Proxy(s3_server.port) as proxy:
@@ -415,9 +396,9 @@ def test_an_s3_set_aside_made_between_two_pages_of_a_cleanup_listing_keeps_its_c
     the save and deleted its ``COMMIT`` between two pages, reads the record again before it
     takes the copy for a stray: the copy is kept whole."""
     direct = s3_server.storage_options()
-    attempt = _s3_save_90_and_100(s3_url, direct)
+    attempt = s3_save_90_and_100(s3_url, direct)
     saved = f"{DAMAGED}/{attempt}/"
-    digests = _s3_digests(s3_url, direct, saved)
+    digests = s3_digests(s3_url, direct, saved)
     copy = f"{set_aside_name(100, attempt)}/"
     first = sorted(digests)[0]
     with ObjectStore(s3_url, direct) as store:
@@ -445,4 +426,4 @@ def test_an_s3_set_aside_made_between_two_pages_of_a_cleanup_listing_keeps_its_c
             )
             with held.changed_meanwhile(set_aside_elsewhere):
                 manager.gc()
-    assert _s3_digests(s3_url, direct, copy) == digests
+    assert s3_digests(s3_url, direct, copy) == digests

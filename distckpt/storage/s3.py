@@ -454,9 +454,11 @@ class S3RootStore(LeaseKeeping, Upkeep, ViewedStore):
 
     def delete(self, step: int) -> int | None:
         self._refuse_if_read_only(f"delete step {step}")
+        # Read before the lease check: a COMMIT written after it is a new holder's, kept.
+        record = self.s3.read_commit_or_unknown(step)
         self.check_lease()
         committed = self.view.committed_steps()
-        if step not in committed:
+        if step not in committed or record is None:
             listing = ", ".join(map(str, committed)) if committed else "none"
             raise CheckpointNotFound(
                 f"no checkpoint for step {step} in {self.root}; committed steps: {listing}",
@@ -464,7 +466,7 @@ class S3RootStore(LeaseKeeping, Upkeep, ViewedStore):
             )
         # Pointers first: the other order leaves ``last`` naming a step that is gone.
         records = self._update_pointers(leaving=step)
-        self._unpublish(step)  # its objects go at tidy()
+        self._unpublish(step, record.etag)  # its objects go at tidy()
         return records[-1].step if records else None
 
     def prune(self) -> list[int]:

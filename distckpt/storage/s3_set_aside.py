@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 
 from distckpt import policy
+from distckpt.errors import ConcurrentCommit, PreconditionFailed
 from distckpt.layout import MANIFEST_NAME, step_dir_name
 from distckpt.objstore import ObjectInfo
 from distckpt.results import CheckpointLocation
@@ -53,6 +54,25 @@ class SetAside:
         in between leaves the step committed, set aside again by the next restore."""
         self.s3.client.delete_one(self.s3.set_aside_record_name(step, attempt))
 
+    def _delete_commit(self, step: int, etag: str | None) -> None:
+        """Delete the step's ``COMMIT`` if it is still the version ``etag`` read before this
+        job's last lease check (any version if None). Another version is left alone: written
+        by a job that took the root since (:class:`~distckpt.LeaseLost`), else by a writer
+        this job's lease does not exclude (:class:`~distckpt.errors.ConcurrentCommit`)."""
+        try:
+            self.s3.client.delete_one(self.s3.commit_name(step), if_match=etag)
+        except PreconditionFailed as exc:
+            self.check_lease()
+            raise ConcurrentCommit(
+                f"step {step}'s COMMIT was replaced by another writer after this removal read "
+                f"it: left in place, step {step} is still committed; the pointers moved off it "
+                "are set again from the committed checkpoints at the next commit or start",
+                path=self.s3.location(step),
+                step=step,
+            ) from exc
+        finally:
+            self.s3.forget_commit(step)
+
     def _names_a_missing_save(
         self, step: int, record: CommitRecord, keys_in_step: Iterable[str] | None = None
     ) -> bool:
@@ -80,10 +100,12 @@ class SetAside:
 
     def set_aside(self, step: int, location: CheckpointLocation) -> CheckpointLocation | None:
         """Unpublish the step's save by moving its objects, none deleted before its copy is
-        there: first a set-aside record naming its attempt (the cleanup completes the copy of
-        a save a record names before it deletes the save's objects), then a copy of every
-        object under ``damaged-step-N-<attempt>/`` inside the store, then the pointers move
-        off the step, then its ``COMMIT`` goes, then the objects under ``step-N/<attempt>/``.
+        there, with the lease checked before anything is written and again after the copy
+        (:class:`~distckpt.LeaseLost`): first a set-aside record naming its attempt (the
+        cleanup completes the copy of a save a record names before it deletes the save's
+        objects), then a copy of every object under ``damaged-step-N-<attempt>/`` inside the
+        store, then the pointers move off the step, then its ``COMMIT`` goes, then the objects
+        under ``step-N/<attempt>/``.
 
         Moved, because any version's cleanup (an older one's start, which knows no record)
         takes an uncommitted ``step-N/<attempt>/`` for a dead writer's and deletes it. A crash
@@ -128,10 +150,13 @@ class SetAside:
                 step,
             )
             return None
-        self._update_pointers(leaving=step)
+        # Again after the copy, which may have outlasted the lease, and before the pointers:
+        # a job that took the root meanwhile may have saved this step again and moved last
+        # onto it, which moving the pointers off the step here would undo.
         self.check_lease()
-        self.s3.client.delete([self.s3.commit_name(step)])
-        self.s3.forget_commit(step)
+        self._update_pointers(leaving=step)
+        # Only the version read before that check: one written since is the new holder's.
+        self._delete_commit(step, record.etag)
         self._delete_prefix(self.s3.attempt_prefix(step, record.attempt))
         return self.s3.set_aside_location(step, record.attempt)
 

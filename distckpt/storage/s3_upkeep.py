@@ -243,7 +243,10 @@ class Upkeep(SetAside):
                 self._pointers_written[name] = (target, written)
                 return False
             except (ObjectExists, PreconditionFailed):
-                current, etag = None, None  # moved by another process meanwhile: read it again
+                # Moved by another process meanwhile: maybe a job that took the root since, whose
+                # pointer a fenced job must not overwrite; else read it again.
+                self.check_lease()
+                current, etag = None, None
         raise CheckpointError(f"{self.root}/{name} kept changing while it was being moved")
 
     def _committed_since(self, target: str | None, step: int, listed: Collection[int]) -> bool:
@@ -278,20 +281,23 @@ class Upkeep(SetAside):
             self._unpublish(step)
         return doomed
 
-    def _unpublish(self, step: int) -> None:
+    def _unpublish(self, step: int, commit_etag: str | None = None) -> None:
         """Unpublish ``step`` at once: the set-aside record naming its save (if a set-aside
-        was killed before its copy was whole) goes, then its ``COMMIT``, one request each;
+        was killed before its copy was whole) goes, then its ``COMMIT`` (only the version
+        ``commit_etag``, read before the last lease check, if given), one request each;
         the objects of the save, and any part of a copy, are left to :meth:`tidy`."""
-        try:
-            record = self.s3.read_commit(step)
-        except CorruptCheckpoint:  # its save is unknown: gc removes it once unpublished
-            record = None
-        if record is not None:
+        record = self.s3.read_commit_or_unknown(step)
+        if record is None:
+            return  # gone meanwhile
+        etag = commit_etag or record.etag
+        # An unknown save (a damaged COMMIT) gc removes once unpublished; another version
+        # than the one read before is no save of this removal's (left, unless ignoring If-Match).
+        known = record.attempt != UNKNOWN_ATTEMPT and record.etag == etag
+        if known:
             self._drop_set_aside_record(step, record.attempt)
-        self.s3.client.delete_one(self.s3.commit_name(step))
-        self.s3.forget_commit(step)
+        self._delete_commit(step, etag)
         faults.hit("during_delete", COMMITTING_RANK)
-        if record is not None:
+        if known:
             self._leave_to_tidy(step, record.attempt)
 
     def leftovers(self, *, force: bool = False) -> list[Leftover]:
