@@ -137,7 +137,10 @@ class CheckpointManager(RootQueries, RootUpkeep):
             must exist.
         wait_for_root: seconds to wait for another job that holds the root to end; 0 (the
             default) raises :class:`~distckpt.RootInUse`, naming that job, on every rank at
-            once. One writing job per root: rank 0 holds the root's lease
+            once. A start that waits says so once, at INFO on the ``distckpt`` logger, as it
+            finds the root held (the root, the holder's :meth:`~distckpt.lease.LeaseHolder.describe`
+            and ``wait_for_root``), and once more when it got the root (how long it waited).
+            One writing job per root: rank 0 holds the root's lease
             (:mod:`distckpt.lease`) until :meth:`close` (or the process ends); a job that lost
             it fails every later save with :class:`~distckpt.LeaseLost`, and under torchrun a
             rank whose launcher died fails them with :class:`~distckpt.LauncherGone`.

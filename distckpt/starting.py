@@ -4,17 +4,25 @@ checked and its store made: the counterpart of :mod:`distckpt.closing`.
 Rank 0 opens the root (taking its lease, repairing its links) and every rank learns the
 outcome, the root's newest checkpoint (which the save schedule counts from) and the token
 that names this manager's staging areas; then every rank checks that it sees the same root.
+
+A start that finds the root held and may wait for it says so once, at INFO on the "distckpt"
+logger (naming the holder and the longest wait), and once more when it gets the root, with
+how long it waited: nothing per poll, whichever store waits.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 
 from distckpt.coord import Coordinator
 from distckpt.decisions import SaveDecider, newest_to_count_from
 from distckpt.errors import RootInUse
-from distckpt.storage import RootStore
+from distckpt.lease import LeaseHolder
+from distckpt.storage import OpenedRoot, RootStore
+
+logger = logging.getLogger("distckpt")
 
 
 def open_root(
@@ -26,10 +34,11 @@ def open_root(
     opened. Returns the token rank 0 names this manager's staging areas after (unique to this
     manager), the same on every rank."""
     started = time.monotonic()
+    wait = RootWait(store, wait_for_root)
 
     def open_once(seconds: float) -> tuple[tuple[tuple[int, int | None] | None, float], str]:
         try:
-            opened = store.open(wait_for_root=seconds)
+            opened = wait.open(seconds)
         except RootInUse as exc:
             # decide_within waits in pieces, and store.open's refusal says its piece alone.
             raise exc.after_waiting(time.monotonic() - started) from exc.__cause__
@@ -46,3 +55,44 @@ def open_root(
         lambda: store.check_visible(coord.rank), what="checking the root from every rank"
     )
     return token
+
+
+class RootWait:
+    """Rank 0's opening of ``store`` in the tries of one start, which says once, as it begins
+    to wait for the root's holder, that the root is held, and then when it got the root."""
+
+    def __init__(self, store: RootStore, wait_for_root: float) -> None:
+        self.store = store
+        self.wait_for_root = wait_for_root
+        #: when (``time.monotonic()``) this start found the root held and began to wait
+        self.waiting_since: float | None = None
+
+    def open(self, seconds: float) -> OpenedRoot:
+        """``store.open``, waiting up to ``seconds`` (one try's share of the wait)."""
+        if self.waiting_since is None and seconds > 0:
+            # Tried at once first: the store's own wait would block before anything could be
+            # said, and a root that is free must not be announced as held.
+            try:
+                return self.store.open(wait_for_root=0.0)
+            except RootInUse as exc:
+                self.waiting_since = time.monotonic()
+                logger.info(
+                    "checkpoint root %s is held by %s: waiting up to %g s for it to end",
+                    self.store.root,
+                    _holder_named(exc.holder),
+                    self.wait_for_root,
+                )
+        opened = self.store.open(wait_for_root=seconds)
+        if self.waiting_since is not None:
+            logger.info(
+                "got checkpoint root %s after waiting %.1f s for its holder to end",
+                self.store.root,
+                time.monotonic() - self.waiting_since,
+            )
+        return opened
+
+
+def _holder_named(holder: object) -> str:
+    if isinstance(holder, LeaseHolder):
+        return holder.describe()
+    return "a holder whose record is not readable yet"  # RootInUse.holder may be None
