@@ -2,7 +2,8 @@
 root held, naming the holder and the longest wait, nothing per poll, and one line once it got
 the root; nothing at all when the root is free. On a root directory and an ``s3://`` root,
 the holder a second manager of this process (its lease excludes the waiting one as another
-job's would)."""
+job's would). ``wait_for_root`` is waited in tries of half the manager's timeout
+(``Coordinator.decide_within``): one line for them all."""
 
 from __future__ import annotations
 
@@ -37,9 +38,17 @@ def _messages(caplog: pytest.LogCaptureFixture, text: str) -> list[str]:
 
 @pytest.mark.parametrize("where", ["posix", "s3"])
 def test_a_start_that_waits_for_a_held_root_says_so_once_and_when_it_got_it(
-    where: str, tmp_path: Path, request: pytest.FixtureRequest, caplog: pytest.LogCaptureFixture
+    where: str,
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     caplog.set_level(logging.INFO, logger="distckpt")
+    # The job id SLURM would give the holder's job (read when it takes the lease): this test
+    # runs under no scheduler, and only the environment says a job id.
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
     root, options = _root_and_options(where, tmp_path, request)
     holder = distckpt.CheckpointManager(root, **options)
     assert _messages(caplog, HELD) == []  # a free root: no word of waiting
@@ -47,7 +56,9 @@ def test_a_start_that_waits_for_a_held_root_says_so_once_and_when_it_got_it(
 
     def wait_for_the_root() -> None:
         try:
-            opened.append(distckpt.CheckpointManager(root, wait_for_root=300, **options))
+            # A short timeout: the start waits in tries of half of it, several of them below.
+            manager = distckpt.CheckpointManager(root, wait_for_root=300, timeout=2, **options)
+            opened.append(manager)
         except BaseException as exc:  # reported by the assertions below
             opened.append(exc)
 
@@ -59,21 +70,23 @@ def test_a_start_that_waits_for_a_held_root_says_so_once_and_when_it_got_it(
             assert time.monotonic() < deadline, "no line said that the root is held"
             time.sleep(0.02)
         (said,) = _messages(caplog, HELD)
-        assert said.startswith(f"checkpoint root {root} is held by "), said
-        assert f", pid {os.getpid()}" in said, said  # the holder's describe()
+        # the holder's describe(): job id, host, pid
+        assert said.startswith(f"checkpoint root {root} is held by job 4242 on host "), said
+        assert f", pid {os.getpid()}" in said, said
         assert "waiting up to 300 s for it to end" in said, said
         assert opened == [] and waiting.is_alive(), opened  # waiting, neither refused nor in
-        # Polls go on until the holder lets go: each would have said it again here.
-        for _ in range(3):
-            time.sleep(0.6)  # longer than a poll of either store
+        # Tries and polls go on until the holder lets go: each would have said it again here.
+        time.sleep(2.5)  # a few tries of 1 s (fewer on a loaded machine: then this proves less)
         assert len(_messages(caplog, HELD)) == 1, _messages(caplog, HELD)
     finally:
         holder.close()
         waiting.join(STARTUP)
+        for manager in opened:  # closed also when an assertion failed: it holds the root
+            if isinstance(manager, distckpt.CheckpointManager):
+                manager.close()
     assert not waiting.is_alive()
     (manager,) = opened
     assert isinstance(manager, distckpt.CheckpointManager), manager
-    manager.close()
     (got,) = _messages(caplog, GOT)
     assert got.startswith(f"got checkpoint root {root} after waiting "), got
     assert len(_messages(caplog, HELD)) == 1
