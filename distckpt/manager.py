@@ -20,6 +20,7 @@ from typing import Any, Literal, TypeVar, Union
 import torch.distributed as dist
 
 from distckpt import closing, policy, proposal, reader, starting
+from distckpt.arguments import check_wait
 from distckpt.background import DEFAULT_BACKGROUND_NICE, BackgroundSaves, check_background_nice
 from distckpt.coord import Coordinator
 from distckpt.coord_health import check_timeout
@@ -30,7 +31,6 @@ from distckpt.formats.base import check_optional_keys
 from distckpt.fsutil import LinkMode
 from distckpt.launcher import LauncherWatch, check_process_group
 from distckpt.layout import RootLayout
-from distckpt.lease import check_wait
 from distckpt.queries import RootQueries
 from distckpt.results import Checkpoint, CheckpointLocation, SaveResult
 from distckpt.saving import Saver

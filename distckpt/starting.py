@@ -20,6 +20,7 @@ from distckpt.coord import Coordinator
 from distckpt.decisions import SaveDecider, newest_to_count_from
 from distckpt.errors import RootInUse
 from distckpt.lease import LeaseHolder
+from distckpt.lease_tokens import holder_phrase
 from distckpt.storage import OpenedRoot, RootStore
 
 logger = logging.getLogger("distckpt")
@@ -58,8 +59,9 @@ def open_root(
 
 
 class RootWait:
-    """Rank 0's opening of ``store`` in the tries of one start, which says once, as it begins
-    to wait for the root's holder, that the root is held, and then when it got the root."""
+    """Rank 0's opening of ``store`` in the tries of one start, which says once, as the store
+    finds the root held and begins to wait for its holder, that it is held (through the
+    store's ``on_held``: no try of its own), and then when it got the root."""
 
     def __init__(self, store: RootStore, wait_for_root: float) -> None:
         self.store = store
@@ -69,20 +71,8 @@ class RootWait:
 
     def open(self, seconds: float) -> OpenedRoot:
         """``store.open``, waiting up to ``seconds`` (one try's share of the wait)."""
-        if self.waiting_since is None and seconds > 0:
-            # Tried at once first: the store's own wait would block before anything could be
-            # said, and a root that is free must not be announced as held.
-            try:
-                return self.store.open(wait_for_root=0.0)
-            except RootInUse as exc:
-                self.waiting_since = time.monotonic()
-                logger.info(
-                    "checkpoint root %s is held by %s: waiting up to %g s for it to end",
-                    self.store.root,
-                    _holder_named(exc.holder),
-                    self.wait_for_root,
-                )
-        opened = self.store.open(wait_for_root=seconds)
+        said = self.waiting_since is not None
+        opened = self.store.open(wait_for_root=seconds, on_held=None if said else self._held)
         if self.waiting_since is not None:
             logger.info(
                 "got checkpoint root %s after waiting %.1f s for its holder to end",
@@ -91,8 +81,11 @@ class RootWait:
             )
         return opened
 
-
-def _holder_named(holder: object) -> str:
-    if isinstance(holder, LeaseHolder):
-        return holder.describe()
-    return "a holder whose record is not readable yet"  # RootInUse.holder may be None
+    def _held(self, holder: LeaseHolder | None) -> None:
+        self.waiting_since = time.monotonic()
+        logger.info(
+            "checkpoint root %s is held by %s: waiting up to %g s for it to end",
+            self.store.root,
+            holder_phrase(holder),
+            self.wait_for_root,
+        )
