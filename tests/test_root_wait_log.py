@@ -2,8 +2,9 @@
 root held, naming the holder and the longest wait, nothing per poll, and one line once it got
 the root; nothing at all when the root is free. On a root directory and an ``s3://`` root,
 the holder a second manager of this process (its lease excludes the waiting one as another
-job's would). ``wait_for_root`` is waited in tries of half the manager's timeout
-(``Coordinator.decide_within``): one line for them all."""
+job's would, and the line names it as this process, as a refusal does). ``wait_for_root`` is
+waited in tries of half the manager's timeout (``Coordinator.decide_within``): one line for
+them all."""
 
 from __future__ import annotations
 
@@ -17,13 +18,16 @@ from typing import Any
 import pytest
 
 import distckpt
+from distckpt.starting import RootWait
 
 STARTUP = 60.0  # seconds a start may take on a loaded machine
 HELD = "is held by"
 GOT = "after waiting"
 
 
-def _root_and_options(where: str, tmp_path: Path, request: pytest.FixtureRequest) -> tuple:
+def _root_and_options(
+    where: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> tuple[str, dict[str, Any]]:
     if where == "s3":
         server = request.getfixturevalue("s3_server")
         return request.getfixturevalue("s3_url"), {"storage_options": server.storage_options()}
@@ -50,14 +54,25 @@ def test_a_start_that_waits_for_a_held_root_says_so_once_and_when_it_got_it(
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
     monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
     root, options = _root_and_options(where, tmp_path, request)
-    holder = distckpt.CheckpointManager(root, **options)
-    assert _messages(caplog, HELD) == []  # a free root: no word of waiting
+    holder = distckpt.CheckpointManager(root, wait_for_root=5, **options)
+    # a free root, even to a start that may wait: no word of waiting
+    assert _messages(caplog, HELD) == [] and _messages(caplog, GOT) == []
+    tries = threading.Semaphore(0)
+    open_one_try = RootWait.open
+
+    def open_and_count(wait: RootWait, seconds: float) -> Any:
+        tries.release()
+        return open_one_try(wait, seconds)
+
+    # Wraps the real opening, only to count the start's tries: nothing else tells a test
+    # when the next try has begun, short of sleeping for it.
+    monkeypatch.setattr(RootWait, "open", open_and_count)
     opened: list[Any] = []
 
     def wait_for_the_root() -> None:
         try:
-            # A short timeout: the start waits in tries of half of it, several of them below.
-            manager = distckpt.CheckpointManager(root, wait_for_root=300, timeout=2, **options)
+            # Timeout 1: the start waits in tries of 0.5 s, several of them below.
+            manager = distckpt.CheckpointManager(root, wait_for_root=300, timeout=1, **options)
             opened.append(manager)
         except BaseException as exc:  # reported by the assertions below
             opened.append(exc)
@@ -69,15 +84,20 @@ def test_a_start_that_waits_for_a_held_root_says_so_once_and_when_it_got_it(
         while not _messages(caplog, HELD) and waiting.is_alive():
             assert time.monotonic() < deadline, "no line said that the root is held"
             time.sleep(0.02)
+        assert len(_messages(caplog, HELD)) == 1, (_messages(caplog, HELD), opened)
         (said,) = _messages(caplog, HELD)
-        # the holder's describe(): job id, host, pid
-        assert said.startswith(f"checkpoint root {root} is held by job 4242 on host "), said
+        # the holder's describe() (job id, host, pid), as this process: it holds the root
+        prefix = f"checkpoint root {root} is held by this process (job 4242 on host "
+        assert said.startswith(prefix), said
         assert f", pid {os.getpid()}" in said, said
         assert "waiting up to 300 s for it to end" in said, said
         assert opened == [] and waiting.is_alive(), opened  # waiting, neither refused nor in
-        # Tries and polls go on until the holder lets go: each would have said it again here.
-        time.sleep(2.5)  # a few tries of 1 s (fewer on a loaded machine: then this proves less)
-        assert len(_messages(caplog, HELD)) == 1, _messages(caplog, HELD)
+        if where == "posix":  # the tries are the same on an s3:// root, and slower to make
+            # Three tries begun: two of them waited in full, each of which would have said
+            # it again (the store's waits poll, too).
+            for _ in range(3):
+                assert tries.acquire(timeout=STARTUP), "the start made no further try"
+            assert len(_messages(caplog, HELD)) == 1, _messages(caplog, HELD)
     finally:
         holder.close()
         waiting.join(STARTUP)
