@@ -29,8 +29,9 @@ another job holds it``; then ``resumed from step N`` or ``starting from scratch`
 ``step=N loss=X`` every ``--log-every`` steps, ``saved step=N`` per committed checkpoint,
 ``preempted at step=N rank=R loss=X`` on every rank after a preemption save, and finally
 ``done step=N loss=X`` (the loss as Python's exact ``repr`` of the float). distckpt's own log
-lines (INFO and up, ``distckpt INFO: ...``) go to stderr: with the root held, ``checkpoint root
-ROOT is held by HOLDER: waiting up to S s for it to end``.
+lines (INFO and up, ``distckpt INFO: ...``) go to stderr: ``committed ...`` per save,
+``retention: removing ...`` per checkpoint pruned, and, only with ``--wait-for-root`` above 0
+and the root held, ``checkpoint root ROOT is held by HOLDER: waiting up to S s for it to end``.
 """
 
 from __future__ import annotations
@@ -51,8 +52,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import distckpt
+from distckpt.arguments import check_wait
 from distckpt.coord_health import check_timeout
-from distckpt.lease import check_wait
 
 IN_FEATURES = 16
 HIDDEN = 64

@@ -40,8 +40,10 @@ another job holds it``; ``resumed from step N`` or ``starting from scratch``, ``
 loss=X`` every ``--log-every`` steps, ``saved step=N`` per committed checkpoint, ``preempted at
 step=N rank=R loss=X`` on every rank after a preemption save, and otherwise finally ``done
 step=N loss=X weights=W`` where ``W`` is the sum of every full parameter (compare it across
-runs). distckpt's own log lines (INFO and up, ``distckpt INFO: ...``) go to stderr: with the
-root held, ``checkpoint root ROOT is held by HOLDER: waiting up to S s for it to end``.
+runs). distckpt's own log lines (INFO and up, ``distckpt INFO: ...``) go to stderr:
+``committed ...`` per save, ``retention: removing ...`` per checkpoint pruned, and, only with
+``--wait-for-root`` above 0 and the root held, ``checkpoint root ROOT is held by HOLDER:
+waiting up to S s for it to end``.
 """
 
 from __future__ import annotations
@@ -63,9 +65,9 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
 import distckpt
+from distckpt.arguments import check_wait
 from distckpt.coord_health import check_timeout
 from distckpt.formats.dcp import ModelOptimizerState
-from distckpt.lease import check_wait
 
 IN_FEATURES = 16
 HIDDEN = 48
