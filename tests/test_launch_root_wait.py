@@ -79,17 +79,20 @@ def _held_by(root: Path, pid: int, seconds: int) -> str:
     return rf"^distckpt INFO: {held}: waiting up to {seconds} s for it to end$"
 
 
-def _wait_for_output(capfd: pytest.CaptureFixture[str], pattern: str, timeout: float) -> str:
+def _wait_for_output(
+    capfd: pytest.CaptureFixture[str], pattern: str, timeout: float
+) -> tuple[str, str]:
     """Until a line matching ``pattern`` is printed on stdout or stderr (by this process or its
-    forked ranks, which share its captured output); what was printed until then."""
-    printed = ""
+    forked ranks, which share its captured output); what was printed on each until then. Each
+    is searched alone: a line half written on one must not join a line of the other."""
+    out = err = ""
     deadline = time.monotonic() + timeout
-    while not re.search(pattern, printed, re.MULTILINE):
+    while not any(re.search(pattern, printed, re.MULTILINE) for printed in (out, err)):
         assert time.monotonic() < deadline, f"not printed within {timeout} s: {pattern!r}"
         time.sleep(0.05)
         captured = capfd.readouterr()
-        printed += captured.out + captured.err
-    return printed
+        out, err = out + captured.out, err + captured.err
+    return out, err
 
 
 def _run_logging_job(rank: int, world_size: int, job: Any, argv: list[str]) -> int:
@@ -127,7 +130,7 @@ def test_train_fsdp_waits_for_the_root_on_every_rank_with_wait_for_root(
         waiting = threading.Thread(target=wait_for_the_root, args=(waiting_argv,))
         waiting.start()
         # distckpt's word that the root is held and rank 0 waits for it: into its wait.
-        printed = _wait_for_output(capfd, _held_by(root, holder.pid, 60), 60)
+        printed, _ = _wait_for_output(capfd, _held_by(root, holder.pid, 60), 60)
         launcher_said = f"waiting up to 60 s for {root} if another job holds it\n"
         assert launcher_said in printed, printed
         assert waiting.is_alive(), waited
