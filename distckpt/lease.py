@@ -370,10 +370,13 @@ class RootLease:
             now = time.monotonic()
             until = max(deadline, now + PROBE_GRACE)  # a probe's instant must not count as held
             if on_held is not None and deadline > now:
-                # Cut short, to say the wait as it begins; the rest after it: as long in all.
-                lock = _try_lock(_lock_path(root_path), min(PROBE_GRACE, (deadline - now) / 2))
+                # A probe's instant first, then the wait is said as it begins; the rest after
+                # it: as long in all. A record naming no live holder (released, or not yet
+                # rewritten by a new holder) names nobody.
+                lock = _try_lock(_lock_path(root_path), PROBE_GRACE)
                 if lock is None:
-                    on_held(_read_record(root_path, quiet=True))
+                    record = _read_record(root_path, quiet=True)
+                    on_held(record if _claims_for_a_live_holder(record) else None)
                     on_held = None
                     lock = _try_lock(_lock_path(root_path), max(until - time.monotonic(), 0.0))
             else:

@@ -8,6 +8,7 @@ them all."""
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import threading
@@ -18,6 +19,7 @@ from typing import Any
 import pytest
 
 import distckpt
+from distckpt.lease import _lock_path
 from distckpt.starting import RootWait
 
 STARTUP = 60.0  # seconds a start may take on a loaded machine
@@ -110,3 +112,26 @@ def test_a_start_that_waits_for_a_held_root_says_so_once_and_when_it_got_it(
     (got,) = _messages(caplog, GOT)
     assert got.startswith(f"got checkpoint root {root} after waiting "), got
     assert len(_messages(caplog, HELD)) == 1
+
+
+def test_a_lock_held_for_a_probes_instant_after_a_finished_job_is_no_holder(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The lease lock held briefly (a probe's instant, shorter than the lock's grace) right
+    after a job released the root: a start that may wait takes the root without saying it is
+    held, nor naming the finished job."""
+    root = tmp_path / "ckpt"
+    distckpt.CheckpointManager(root).close()  # a finished job: its record says released
+    caplog.set_level(logging.INFO, logger="distckpt")
+    # The probe's lock is an flock of its own open file, as another process's would be (the
+    # library locks with flock: one open file excludes another, in one process too).
+    probe = os.open(_lock_path(root), os.O_RDWR | os.O_CREAT, 0o666)
+    fcntl.flock(probe, fcntl.LOCK_EX)
+    letting_go = threading.Timer(0.25, os.close, (probe,))
+    letting_go.start()
+    try:
+        with distckpt.CheckpointManager(root, wait_for_root=0.2):
+            pass
+    finally:
+        letting_go.join()
+    assert _messages(caplog, HELD) == [] and _messages(caplog, GOT) == []
