@@ -12,6 +12,8 @@ import math
 import numbers
 import operator
 
+from distckpt.errors import InvalidArgument
+
 
 def as_count(value: object, minimum: int) -> int | None:
     """``value`` as an int when it is a whole number of at least ``minimum``, else None.
@@ -37,3 +39,15 @@ def as_seconds(value: object, *, zero: bool = False) -> float | None:
     except OverflowError:
         return None
     return seconds if math.isfinite(seconds) and (seconds > 0 or (zero and seconds == 0)) else None
+
+
+def check_wait(seconds: object) -> float:
+    """``seconds`` to wait for a root's lease, refused unless a finite number >= 0 (0: refuse
+    at once when another job holds it): :func:`~distckpt.arguments.as_seconds`, as every
+    seconds option is read (a NumPy number too), or zero."""
+    wait = as_seconds(seconds, zero=True)
+    if wait is None:
+        raise InvalidArgument(
+            f"wait_for_root must be a number of seconds >= 0 (0: fail at once), not {seconds!r}"
+        )
+    return wait

@@ -54,15 +54,13 @@ from pathlib import Path
 
 import filelock
 
-from distckpt.arguments import as_seconds
 from distckpt.errors import (
-    InvalidArgument,
     LeaseLost,
     RootInUse,
 )
 from distckpt.fsutil import atomic_write_bytes
 from distckpt.layout import RootLayout
-from distckpt.lease_tokens import held_here_phrase, let_go, took
+from distckpt.lease_tokens import HeldCallback, holder_phrase, let_go, took
 from distckpt.lock import (
     PROBE_GRACE,
     _flock,
@@ -293,9 +291,7 @@ def _names_file(path: Path, file: os.stat_result) -> bool:
 def _in_use(
     root: Path, holder: LeaseHolder | None, why: str = "", *, waited: float = 0.0, advice: str = ""
 ) -> RootInUse:
-    who = held_here_phrase(holder) or (
-        holder.describe() if holder is not None else "a process whose record is not written yet"
-    )
+    who = holder_phrase(holder)
     return RootInUse(f"root {root} is in use by {who}{why}", holder, waited=waited, advice=advice)
 
 
@@ -362,14 +358,29 @@ class RootLease:
         self._owner_pid = os.getpid()
 
     @classmethod
-    def acquire(cls, root: str | os.PathLike[str], *, wait: float = 0.0) -> RootLease:
+    def acquire(
+        cls, root: str | os.PathLike[str], *, wait: float = 0.0, on_held: HeldCallback = None
+    ) -> RootLease:
         """Take the lease of an existing directory ``root``: at once, or within ``wait`` seconds
-        for a live holder to end. Raises :class:`~distckpt.RootInUse` naming the holder."""
+        for a live holder to end (``on_held`` called once with the holder's record, None if
+        unreadable, as the wait begins). Raises :class:`~distckpt.RootInUse` naming the holder."""
         root_path = RootLayout.at(root).root
         deadline = time.monotonic() + max(wait, 0.0)
         while True:
-            remaining = deadline - time.monotonic()
-            lock = _try_lock(_lock_path(root_path), max(remaining, PROBE_GRACE))
+            now = time.monotonic()
+            until = max(deadline, now + PROBE_GRACE)  # a probe's instant must not count as held
+            if on_held is not None and deadline > now:
+                # A probe's instant first, then the wait is said as it begins; the rest after
+                # it: as long in all. A record naming no live holder (released, or not yet
+                # rewritten by a new holder) names nobody.
+                lock = _try_lock(_lock_path(root_path), PROBE_GRACE)
+                if lock is None:
+                    record = _read_record(root_path, quiet=True)
+                    on_held(record if _claims_for_a_live_holder(record) else None)
+                    on_held = None
+                    lock = _try_lock(_lock_path(root_path), max(until - time.monotonic(), 0.0))
+            else:
+                lock = _try_lock(_lock_path(root_path), until - now)
             if lock is None:
                 holder, lock = _holder_of_the_held_lock(root_path)
                 if lock is None:
@@ -387,6 +398,9 @@ class RootLease:
                     "that holder is alive cannot be told from here. If it is dead, run "
                     f"'distckpt lease {root_path} --break'",
                 )
+            if on_held is not None:  # its lock is free here, but that proves nothing
+                on_held(previous)
+                on_held = None
             time.sleep(min(_RETRY_INTERVAL, max(deadline - time.monotonic(), 0)))
 
     @classmethod
@@ -469,18 +483,6 @@ class RootLease:
 
     def __exit__(self, *exc_info: object) -> None:
         self.release()
-
-
-def check_wait(seconds: object) -> float:
-    """``seconds`` to wait for a root's lease, refused unless a finite number >= 0 (0: refuse
-    at once when another job holds it): :func:`~distckpt.arguments.as_seconds`, as every
-    seconds option is read (a NumPy number too), or zero."""
-    wait = as_seconds(seconds, zero=True)
-    if wait is None:
-        raise InvalidArgument(
-            f"wait_for_root must be a number of seconds >= 0 (0: fail at once), not {seconds!r}"
-        )
-    return wait
 
 
 def read_holder(root: str | os.PathLike[str]) -> LeaseHolder | None:

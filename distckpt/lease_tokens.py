@@ -10,10 +10,16 @@ from __future__ import annotations
 
 import os
 import threading
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeAlias
 
 if TYPE_CHECKING:  # lease.py imports this module
     from distckpt.lease import LeaseHolder
+
+#: called once by a lease's taking (both stores) as it finds the root held and begins to wait,
+#: with the holder's record (None: none could be read); a string, as LeaseHolder is not
+#: importable here at run time
+HeldCallback: TypeAlias = "Callable[[LeaseHolder | None], None] | None"
 
 _held_tokens: set[str] = set()
 _held_tokens_lock = threading.Lock()
@@ -45,3 +51,12 @@ def held_here_phrase(holder: LeaseHolder | None) -> str | None:
     if holder is None or not held_by_this_process(holder):
         return None
     return f"this process ({holder.describe()}): another CheckpointManager on it was not closed"
+
+
+def holder_phrase(holder: LeaseHolder | None) -> str:
+    """How a message names the holder of a root: this process (:func:`held_here_phrase`), else
+    ``holder.describe()``, else (None: no record could be read) a holder without one."""
+    here = held_here_phrase(holder)
+    if here is not None:
+        return here
+    return holder.describe() if holder is not None else "a holder whose record cannot be read"

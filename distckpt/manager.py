@@ -20,6 +20,7 @@ from typing import Any, Literal, TypeVar, Union
 import torch.distributed as dist
 
 from distckpt import closing, policy, proposal, reader, starting
+from distckpt.arguments import check_wait
 from distckpt.background import DEFAULT_BACKGROUND_NICE, BackgroundSaves, check_background_nice
 from distckpt.coord import Coordinator
 from distckpt.coord_health import check_timeout
@@ -30,7 +31,6 @@ from distckpt.formats.base import check_optional_keys
 from distckpt.fsutil import LinkMode
 from distckpt.launcher import LauncherWatch, check_process_group
 from distckpt.layout import RootLayout
-from distckpt.lease import check_wait
 from distckpt.queries import RootQueries
 from distckpt.results import Checkpoint, CheckpointLocation, SaveResult
 from distckpt.saving import Saver
@@ -137,7 +137,10 @@ class CheckpointManager(RootQueries, RootUpkeep):
             must exist.
         wait_for_root: seconds to wait for another job that holds the root to end; 0 (the
             default) raises :class:`~distckpt.RootInUse`, naming that job, on every rank at
-            once. One writing job per root: rank 0 holds the root's lease
+            once. A start that waits says so once, at INFO on the ``distckpt`` logger, as it
+            finds the root held (the root, the holder's :meth:`~distckpt.lease.LeaseHolder.describe`
+            and ``wait_for_root``), and once more when it got the root (how long it waited).
+            One writing job per root: rank 0 holds the root's lease
             (:mod:`distckpt.lease`) until :meth:`close` (or the process ends); a job that lost
             it fails every later save with :class:`~distckpt.LeaseLost`, and under torchrun a
             rank whose launcher died fails them with :class:`~distckpt.LauncherGone`.

@@ -319,9 +319,11 @@ class ObjectLease:
         poll: float = 0.5,
         holder_gone: Callable[[LeaseRecord], bool] | None = None,
         watch: ExpiryWatch | None = None,
+        on_held: Callable[[LeaseRecord | None], None] | None = None,
     ) -> None:
         """Take the lease, waiting up to ``timeout`` seconds for the holder to release it or
-        for it to expire (:class:`~distckpt.errors.CoordinationTimeout` otherwise).
+        for it to expire (:class:`~distckpt.errors.CoordinationTimeout` otherwise);
+        ``on_held`` is called once, with the holder's record, as the wait begins.
         ``holder_gone`` may tell from a record that its holder is certainly dead (a process
         of this machine that no longer runs): then the lease is taken over at once. ``watch``
         carries the holder's timing over from an earlier call of the same contender (see
@@ -356,6 +358,9 @@ class ObjectLease:
                 raise CoordinationTimeout(
                     f"lease {self.store.url}/{self.name} still held by {holder} after {timeout:g} s"
                 )
+            if on_held is not None:
+                on_held(record)
+                on_held = None
             time.sleep(min(poll, max(0.0, deadline - now)))
 
     def renew(self) -> None:

@@ -28,13 +28,17 @@ Output (rank 0 unless noted): with ``--wait-for-root``, first ``waiting up to S 
 another job holds it``; then ``resumed from step N`` or ``starting from scratch``, then
 ``step=N loss=X`` every ``--log-every`` steps, ``saved step=N`` per committed checkpoint,
 ``preempted at step=N rank=R loss=X`` on every rank after a preemption save, and finally
-``done step=N loss=X`` (the loss as Python's exact ``repr`` of the float).
+``done step=N loss=X`` (the loss as Python's exact ``repr`` of the float). distckpt's own log
+lines (INFO and up, ``distckpt INFO: ...``) go to stderr: ``committed ...`` per save,
+``retention: removing ...`` per checkpoint pruned, and, only with ``--wait-for-root`` above 0
+and the root held, ``checkpoint root ROOT is held by HOLDER: waiting up to S s for it to end``.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import logging
 import math
 import os
 import signal
@@ -48,8 +52,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import distckpt
+from distckpt.arguments import check_wait
 from distckpt.coord_health import check_timeout
-from distckpt.lease import check_wait
 
 IN_FEATURES = 16
 HIDDEN = 64
@@ -280,5 +284,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     return train(args)
 
 
+def log_distckpt() -> None:
+    """distckpt's own log lines from INFO up on stderr (a start waiting for a held root)."""
+    # force: a rank forked from another program (a test) drops the handlers it inherited
+    logging.basicConfig(format="%(name)s %(levelname)s: %(message)s", force=True)
+    logging.getLogger("distckpt").setLevel(logging.INFO)
+
+
 if __name__ == "__main__":
+    log_distckpt()  # not in main(): a program that imports main() keeps its own logging
     sys.exit(main())

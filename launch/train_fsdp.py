@@ -40,13 +40,17 @@ another job holds it``; ``resumed from step N`` or ``starting from scratch``, ``
 loss=X`` every ``--log-every`` steps, ``saved step=N`` per committed checkpoint, ``preempted at
 step=N rank=R loss=X`` on every rank after a preemption save, and otherwise finally ``done
 step=N loss=X weights=W`` where ``W`` is the sum of every full parameter (compare it across
-runs).
+runs). distckpt's own log lines (INFO and up, ``distckpt INFO: ...``) go to stderr:
+``committed ...`` per save, ``retention: removing ...`` per checkpoint pruned, and, only with
+``--wait-for-root`` above 0 and the root held, ``checkpoint root ROOT is held by HOLDER:
+waiting up to S s for it to end``.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import logging
 import os
 import signal
 import socket
@@ -61,9 +65,9 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
 import distckpt
+from distckpt.arguments import check_wait
 from distckpt.coord_health import check_timeout
 from distckpt.formats.dcp import ModelOptimizerState
-from distckpt.lease import check_wait
 
 IN_FEATURES = 16
 HIDDEN = 48
@@ -226,5 +230,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     return train(parse_args(argv))
 
 
+def log_distckpt() -> None:
+    """distckpt's own log lines from INFO up on stderr (a start waiting for a held root)."""
+    # force: a rank forked from another program (a test) drops the handlers it inherited
+    logging.basicConfig(format="%(name)s %(levelname)s: %(message)s", force=True)
+    logging.getLogger("distckpt").setLevel(logging.INFO)
+
+
 if __name__ == "__main__":
+    log_distckpt()  # not in main(): a program that imports main() keeps its own logging
     sys.exit(main())

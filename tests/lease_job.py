@@ -11,6 +11,9 @@ before the manager is made, then "opened" (with the seconds it took) or "refused
 and the holder's pid), one "saved" or "failed" per save attempt, and "closed". Every save's
 metadata names the run and its ``TORCHELASTIC_RUN_ID``.
 
+distckpt's log, from INFO up, goes to stderr (``distckpt INFO: ...``): a test waits there for a
+start to say that it found the root held and waits for it.
+
 A test steers the job through files in OUT: ``NAME.go-<i>`` lets save attempt i start
 (``--gate``), ``NAME.resume`` lets rank 0 go on after it wrote ``NAME.held`` at the end of the
 write phase of attempt ``--hold-in-save``, ``NAME.release`` lets the job close its manager
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import time
@@ -144,6 +148,7 @@ def run_launched(
     ``args.world_size`` ranks that tests/ranks.py forks (with ``args.timeout`` as the process
     group's timeout)."""
     torch.set_num_threads(1)
+    log_distckpt_to_stderr()
     if "TORCHELASTIC_RUN_ID" in os.environ:  # a torchrun worker: one rank of its job
         import torch.distributed as dist
 
@@ -161,6 +166,15 @@ def run_launched(
         results = run_ranks(job, args.world_size, args, timeout=600, pg_timeout=args.timeout)
         for result in results:
             result.unwrap()
+
+
+def log_distckpt_to_stderr() -> None:
+    """distckpt's log records from INFO up, on stderr (forked ranks inherit the handler)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(name)s %(levelname)s: %(message)s"))
+    library = logging.getLogger("distckpt")
+    library.addHandler(handler)
+    library.setLevel(logging.INFO)
 
 
 def main(argv: list[str]) -> None:

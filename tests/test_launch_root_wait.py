@@ -14,6 +14,7 @@ import re
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -54,9 +55,10 @@ def test_a_lingering_holder_refuses_train_py_unless_it_waits_for_the_root(tmp_pa
 
             line = rf"^waiting up to 300 s for {re.escape(str(root))} if another job holds it$"
             waiting.wait_for(line, STARTUP)
-            # Into its wait (a refusal comes within a second); then the holder lets the root
-            # go: here it dies; an orphaned rank 0 releases it when its next save fails.
-            time.sleep(2.0)
+            # distckpt's word that the root is held and the job waits for it: into its wait.
+            # Then the holder lets the root go: here it dies; an orphaned rank 0 releases it
+            # when its next save fails.
+            waiting.wait_for(_held_by(root, holder.pid, 300), STARTUP)
             assert waiting.process.poll() is None, waiting.output
             assert "resumed from step" not in waiting.output
             holder.kill()
@@ -70,15 +72,33 @@ def test_a_lingering_holder_refuses_train_py_unless_it_waits_for_the_root(tmp_pa
     assert record["generation"] == 3 and record["released_utc"] is not None
 
 
-def _wait_for_output(capfd: pytest.CaptureFixture[str], line: str, timeout: float) -> None:
-    """Until ``line`` is printed (by this process or its forked ranks, which share its
-    captured stdout)."""
-    printed = ""
+def _held_by(root: Path, pid: int, seconds: int) -> str:
+    """distckpt's log line (on the script's stderr) saying that the holder ``pid`` holds
+    ``root``, and that the start waits up to ``seconds`` for it."""
+    held = rf"checkpoint root {re.escape(str(root))} is held by .*, pid {pid}, .*"
+    return rf"^distckpt INFO: {held}: waiting up to {seconds} s for it to end$"
+
+
+def _wait_for_output(
+    capfd: pytest.CaptureFixture[str], pattern: str, timeout: float
+) -> tuple[str, str]:
+    """Until a line matching ``pattern`` is printed on stdout or stderr (by this process or its
+    forked ranks, which share its captured output); what was printed on each until then. Each
+    is searched alone: a line half written on one must not join a line of the other."""
+    out = err = ""
     deadline = time.monotonic() + timeout
-    while line not in printed:
-        assert time.monotonic() < deadline, f"not printed within {timeout} s: {line!r}"
+    while not any(re.search(pattern, printed, re.MULTILINE) for printed in (out, err)):
+        assert time.monotonic() < deadline, f"not printed within {timeout} s: {pattern!r}"
         time.sleep(0.05)
-        printed += capfd.readouterr().out
+        captured = capfd.readouterr()
+        out, err = out + captured.out, err + captured.err
+    return out, err
+
+
+def _run_logging_job(rank: int, world_size: int, job: Any, argv: list[str]) -> int:
+    """The script's rank as ``python train_fsdp.py`` runs it: distckpt's log on its stderr."""
+    job.log_distckpt()
+    return job.main(argv)
 
 
 def test_train_fsdp_waits_for_the_root_on_every_rank_with_wait_for_root(
@@ -103,16 +123,16 @@ def test_train_fsdp_waits_for_the_root_on_every_rank_with_wait_for_root(
         waited: list[list[RankResult]] = []
 
         def wait_for_the_root(waiting_argv: list[str]) -> None:
-            waited.append(run_ranks(_run_job, 2, job, waiting_argv, timeout=60))
+            waited.append(run_ranks(_run_logging_job, 2, job, waiting_argv, timeout=60))
 
-        capfd.readouterr()  # what came before: the line waited for below is the next run's
+        capfd.readouterr()  # what came before: the lines waited for below are the next run's
         waiting_argv = [*argv, "--wait-for-root", "60"]
         waiting = threading.Thread(target=wait_for_the_root, args=(waiting_argv,))
         waiting.start()
-        _wait_for_output(capfd, f"waiting up to 60 s for {root} if another job holds it", 60)
-        # Into its wait: rank 0 opens the root right after saying so, and is refused within a
-        # second without the flag.
-        time.sleep(2.0)
+        # distckpt's word that the root is held and rank 0 waits for it: into its wait.
+        printed, _ = _wait_for_output(capfd, _held_by(root, holder.pid, 60), 60)
+        launcher_said = f"waiting up to 60 s for {root} if another job holds it\n"
+        assert launcher_said in printed, printed
         assert waiting.is_alive(), waited
         holder.kill()
         waiting.join(90)

@@ -14,10 +14,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -180,11 +180,11 @@ def test_two_jobs_at_once_one_holds_the_root_the_other_is_refused_or_waits(jobs:
     # A third job waits for the winner to close instead of failing.
     wait_until(lambda: saved_steps(out, winner, 0) == [1, 2], "the winner saved", STARTUP)
     waiting = jobs.start(plain(root, out, "r", "--wait", "200"))
-    wait_until(
-        lambda: all(logged(out, "r", r, "opening") for r in RANKS), "the third job began", STARTUP
-    )
-    time.sleep(2.0)
+    # rank 0's word that it found the root held and waits: from here on it is in its wait
+    held = rf"root {re.escape(str(root))} is held by .*, pid {holder_pid}, .*: waiting up to 200 s"
+    waiting.wait_for(held, STARTUP)
     assert not logged(out, "r", 0, "opened"), "it opened a root another job holds"
+    assert not logged(out, "r", 0, "refused"), "it was refused instead of waiting"
     (out / f"{winner}.release").touch()
     assert waiting.wait(STARTUP) == 0, waiting.output
     assert started[winner].wait(60) == 0, started[winner].output

@@ -100,7 +100,7 @@ def test_a_job_refused_while_the_holder_writes_no_record_gets_no_holder_on_every
     finally:
         lock.release()
     for message, holder_pid in refusals:
-        assert holder_pid is None and "record is not written yet" in message, message
+        assert holder_pid is None and "record cannot be read" in message, message
 
 
 def test_a_job_refused_after_waiting_in_pieces_says_the_whole_wait(tmp_path: Path) -> None:
@@ -139,3 +139,28 @@ def test_a_holder_with_the_same_pid_in_another_pid_namespace_is_named_as_another
     assert refusal.startswith(f"refused RootInUse root {root} is in use by "), refusal
     assert "pid 1, since" in refusal and "(generation 1)" in refusal, refusal
     assert "this process" not in refusal and "not closed" not in refusal, refusal
+
+
+def _refusal_after_waiting(rank: int, world_size: int, root: str) -> str:
+    try:
+        # timeout 1: tries of 0.5 s at most, which the start's saying that it waits must not
+        # lengthen (the try running over would end the start in CoordinationTimeout)
+        with distckpt.CheckpointManager(root, wait_for_root=2, timeout=1.0):
+            return "opened"
+    except distckpt.RootInUse:
+        return "RootInUse"
+
+
+def test_a_waiting_start_with_a_short_timeout_is_refused_on_every_rank_not_timed_out(
+    tmp_path: Path,
+) -> None:
+    """Two ranks wait for a root another process holds, in tries of half a short timeout: the
+    line saying that the start waits costs no try any time, so both are refused the root."""
+    root = tmp_path / "ckpt"
+    holder = Holder(root)
+    try:
+        assert holder.line() == "held 1"
+        refusals = values(run_ranks(_refusal_after_waiting, 2, os.fspath(root), timeout=60))
+    finally:
+        holder.kill()
+    assert refusals == ["RootInUse", "RootInUse"], refusals

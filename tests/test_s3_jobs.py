@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import re
 import sys
 import threading
 import time
@@ -349,11 +350,12 @@ def test_two_jobs_on_one_prefix_one_holds_it_the_other_is_refused_or_waits(
     waiting = jobs.start(
         forked(s3_url, out, "r", *job_options(s3_server, "--steps", "4", "--wait", "200"))
     )
-    wait_while_running(
-        [waiting], lambda: all(logged(out, "r", r, "opening") for r in RANKS), "r began", STARTUP
-    )
-    time.sleep(2.0)
+    holder_pid = pid_of(out, winner, 0)
+    # rank 0's word that it found the prefix held and waits: from here on it is in its wait
+    held = rf"root {re.escape(s3_url)} is held by .*, pid {holder_pid}, .*: waiting up to 200 s"
+    waiting.wait_for(held, STARTUP)
     assert not logged(out, "r", 0, "opened"), "it opened a prefix another job holds"
+    assert not logged(out, "r", 0, "refused"), "it was refused instead of waiting"
     (out / f"{winner}.release").touch()
     assert started[winner].wait(60) == 0, started[winner].output
     assert waiting.wait(STARTUP) == 0, waiting.output

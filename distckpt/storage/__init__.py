@@ -35,6 +35,7 @@ from distckpt.errors import InvalidArgument, StagingRemoved
 from distckpt.fsutil import LinkMode
 from distckpt.layout import LINK_NAMES, RootLayout
 from distckpt.lease import LeaseHolder
+from distckpt.lease_tokens import HeldCallback
 from distckpt.lock import Leftover
 from distckpt.manifest import FileRecord, Manifest
 from distckpt.objurl import checked_root, is_s3_url
@@ -89,18 +90,19 @@ class RootStore(abc.ABC):
     shards_read_back: bool = False
 
     @abc.abstractmethod
-    def open(self, *, wait_for_root: float = 0.0) -> OpenedRoot:
+    def open(self, *, wait_for_root: float = 0.0, on_held: HeldCallback = None) -> OpenedRoot:
         """Rank 0, once per manager: refuse (:class:`~distckpt.InvalidArgument`, naming both
         roots) a root under another root's own names, before anything is written, writing or
         read-only (:func:`~distckpt.storage.nesting.refuse_a_nested_root`); create the root if
         missing, prove it writable, settle how links are kept, take the root's writer lease
         (waiting up to ``wait_for_root`` seconds for another job to end, else
-        :class:`~distckpt.RootInUse` naming it), remove leftovers of dead writers (or leave them
-        to :meth:`tidy`) and repair the links. From here until
-        :meth:`close`, every change to what is published first checks (POSIX: under the root's
-        lock) that this store still holds the lease (:class:`~distckpt.LeaseLost` otherwise,
-        before anything changed). A store that was never opened (the ``distckpt`` CLI's) holds
-        no lease and checks none.
+        :class:`~distckpt.RootInUse` naming it; ``on_held`` is called once, with the holder's
+        record, None if none could be read, as the root is found held and the wait begins),
+        remove leftovers of dead writers (or leave them to :meth:`tidy`) and repair the links.
+        From here until :meth:`close`, every change to what is published first checks (POSIX:
+        under the root's lock) that this store still holds the lease
+        (:class:`~distckpt.LeaseLost` otherwise, before anything changed). A store that was
+        never opened (the ``distckpt`` CLI's) holds no lease and checks none.
         Read-only: refuse a nested root as above, then only find the newest valid checkpoint
         of an existing root (no lease)."""
 

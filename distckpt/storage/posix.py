@@ -61,6 +61,7 @@ from distckpt.fsutil import free_bytes as filesystem_free_bytes
 from distckpt.layout import MANIFEST_NAME, RootLayout
 from distckpt.lease import LeaseHolder, RootLease, read_holder
 from distckpt.lease_break import break_lease
+from distckpt.lease_tokens import HeldCallback
 from distckpt.lock import RootLock, WriterLock
 from distckpt.manifest import FileRecord, Manifest
 from distckpt.results import CheckpointLocation, SaveResult
@@ -122,7 +123,7 @@ class PosixRootStore(Removals, OverwriteUndo, LinksAndRetention, ViewedStore):
 
     # ------------------------------------------------------------------ open
 
-    def open(self, *, wait_for_root: float = 0.0) -> OpenedRoot:
+    def open(self, *, wait_for_root: float = 0.0, on_held: HeldCallback = None) -> OpenedRoot:
         root = self.root
         # Before anything is created: a root inside another's step dir or link would write
         # into that root's checkpoint (README, "On disk").
@@ -136,7 +137,7 @@ class PosixRootStore(Removals, OverwriteUndo, LinksAndRetention, ViewedStore):
                 )
             return self._opened()
         try:
-            return self._create_and_open(root, wait_for_root)
+            return self._create_and_open(root, wait_for_root, on_held)
         except Exception as exc:  # a Ctrl-C (not an Exception) stays what it is
             full = None if isinstance(exc, InsufficientSpace) else _no_room_for_a_file(exc)
             if full is None:
@@ -145,7 +146,9 @@ class PosixRootStore(Removals, OverwriteUndo, LinksAndRetention, ViewedStore):
             # write, InsufficientSpace, not the lock's "cannot lock".
             raise _open_write_failed(root, "cannot lock its files", full) from exc
 
-    def _create_and_open(self, root: Path, wait_for_root: float) -> OpenedRoot:
+    def _create_and_open(
+        self, root: Path, wait_for_root: float, on_held: HeldCallback
+    ) -> OpenedRoot:
         try:
             # Durably, parents included: a root whose name a power loss can drop would take
             # every checkpoint saved in it along, even one made before this process started.
@@ -164,7 +167,7 @@ class PosixRootStore(Removals, OverwriteUndo, LinksAndRetention, ViewedStore):
                 f"checkpoint root {root} exists and is not a directory", path=root
             )
         self.check_visible(COMMITTING_RANK)  # before the lease and lock files are created in it
-        self._take_lease(wait_for_root)
+        self._take_lease(wait_for_root, on_held)
         try:
             with self._lock:
                 # The probes run under the lock, so that a probe found by a cleanup holding the
@@ -186,11 +189,11 @@ class PosixRootStore(Removals, OverwriteUndo, LinksAndRetention, ViewedStore):
             raise
         return self._opened(tuple(self._removed_at_open))
 
-    def _take_lease(self, wait: float) -> None:
+    def _take_lease(self, wait: float, on_held: HeldCallback) -> None:
         if self._lease is not None and self._lease.held:
             return  # opened already
         try:
-            self._lease = RootLease.acquire(self.root, wait=wait)
+            self._lease = RootLease.acquire(self.root, wait=wait, on_held=on_held)
         except CheckpointError:
             raise  # RootInUse (an OSError too) and the lease's own errors say it already
         except OSError as exc:

@@ -49,6 +49,7 @@ from distckpt.errors import (
     StagedFileMismatch,
 )
 from distckpt.layout import MANIFEST_NAME
+from distckpt.lease_tokens import HeldCallback
 from distckpt.manifest import MAX_MANIFEST_BYTES, FileRecord, Manifest
 from distckpt.objstore import ObjectStore
 from distckpt.results import CheckpointLocation, SaveResult
@@ -116,14 +117,14 @@ class S3RootStore(LeaseKeeping, Upkeep, ViewedStore):
 
     # ------------------------------------------------------------------ open / close
 
-    def open(self, *, wait_for_root: float = 0.0) -> OpenedRoot:
+    def open(self, *, wait_for_root: float = 0.0, on_held: HeldCallback = None) -> OpenedRoot:
         # Before the lease object is written: the outer root's gc would take this root's
         # saves for a dead writer's leftovers (README, "On disk").
         refuse_a_nested_root(self.root, self.s3.storage_options)
         if self.read_only:
             return self._opened()
         self.check_visible(COMMITTING_RANK)
-        self._take_lease(wait_for_root)
+        self._take_lease(wait_for_root, on_held)
         # the manifests of every committed step that passes its check, once all were checked
         checked: list[Manifest] | None = None
         try:

@@ -25,7 +25,7 @@ from distckpt.errors import (
     RootInUse,
 )
 from distckpt.lease import LeaseHolder, local_process_gone, this_process_host
-from distckpt.lease_tokens import held_here_phrase, let_go, took
+from distckpt.lease_tokens import HeldCallback, held_here_phrase, holder_phrase, let_go, took
 from distckpt.objlease import ExpiryWatch, LeaseRecord, ObjectLease, lease_request_options
 from distckpt.objstore import ObjectStore
 from distckpt.storage import RootStore
@@ -72,9 +72,10 @@ class LeaseKeeping(RootStore):
         #: in several tries (each one collective long), which time the holder as one wait
         self._holder_watch = ExpiryWatch()
 
-    def _take_lease(self, wait: float) -> None:
+    def _take_lease(self, wait: float, on_held: HeldCallback) -> None:
         """Take the root's lease, waiting up to ``wait`` seconds for its holder
-        (:class:`~distckpt.RootInUse` after that), and start renewing it."""
+        (:class:`~distckpt.RootInUse` after that; ``on_held`` as :meth:`RootStore.open` says),
+        and start renewing it."""
         if self._lease is not None and self._lease.held:
             return  # opened already
         renewals = ObjectStore(
@@ -86,13 +87,14 @@ class LeaseKeeping(RootStore):
                 wait,
                 holder_gone=lambda record: local_process_gone(record.host, record.pid),
                 watch=self._holder_watch,
+                on_held=None if on_held is None else lambda record: on_held(_holder_of(record)),
             )
         except BaseException as exc:
             renewals.close()
             if not isinstance(exc, CoordinationTimeout):
                 raise
             record = self._holder()
-            holder = record.holder() if record is not None else None
+            holder = _holder_of(record)
             here = held_here_phrase(holder)
             if here is not None:
                 raise RootInUse(
@@ -100,7 +102,7 @@ class LeaseKeeping(RootStore):
                 ) from exc
             # The time waited is RootInUse's to say, as on a root directory: the manager waits
             # in pieces, and its refusal gives the whole wait (RootInUse.after_waiting).
-            who = holder.describe() if holder is not None else "a job whose record is unreadable"
+            who = holder_phrase(holder)
             declared = record.duration if record is not None else LEASE_SECONDS
             raise RootInUse(
                 f"checkpoint root {self.root} is in use by another job: lease "
@@ -314,3 +316,7 @@ class LeaseKeeping(RootStore):
         if record is None or record.released:
             return None  # nobody holds a released lease, as a local root's read_holder says
         return record.holder()
+
+
+def _holder_of(record: LeaseRecord | None) -> LeaseHolder | None:
+    return record.holder() if record is not None else None
