@@ -16,6 +16,7 @@ from distckpt.errors import CheckpointNotFound, InvalidArgument
 from distckpt.formats.dcp import ModelOptimizerState
 from distckpt.objstore import MIN_PART_SIZE, ObjectStore
 from distckpt.objurl import S3Url
+from tests.cli_runner import run_cli
 from tests.filesystems import _run, require_mounting, unmount
 from tests.ranks import run_ranks, values
 from tests.s3server import S3Server
@@ -84,6 +85,16 @@ def test_export_torch_one_rank_or_all(tmp_path: Path) -> None:
     check(torch.load(export(root, tmp_path / "r0.pt"), weights_only=True), 0)
     check(torch.load(export(root / "last", tmp_path / "r1.pt", rank=1), weights_only=True), 1)
     both = torch.load(export(root, tmp_path / "all.pt", all_ranks=True), weights_only=True)
+    assert sorted(both) == [0, 1]
+    for rank in (0, 1):
+        check(both[rank], rank)
+
+    # The command line's --rank and --all-ranks choose as the arguments do.
+    for options, out in ((("--rank", "1"), "cli-r1.pt"), (("--all-ranks",), "cli-all.pt")):
+        ran = run_cli("export", str(root), str(tmp_path / out), *options)
+        assert ran.returncode == 0, ran
+    check(torch.load(tmp_path / "cli-r1.pt", weights_only=True), 1)
+    both = torch.load(tmp_path / "cli-all.pt", weights_only=True)
     assert sorted(both) == [0, 1]
     for rank in (0, 1):
         check(both[rank], rank)
