@@ -1,0 +1,58 @@
+"""The distckpt command line on an ``s3://`` root while another writer changes it: a request of
+the command held by the proxy (tests/s3proxy.py) while the other writer's change is made, so
+the race happens every time. The command line's other ``s3://`` cases are in
+tests/test_s3_cli.py."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import distckpt
+from distckpt.objstore import ObjectStore
+from tests.cli_runner import run_cli
+from tests.s3proxy import S3Proxy
+from tests.s3server import S3Server, aws_environment
+
+pytest.importorskip("botocore")
+
+COMMIT = "step-00000001/COMMIT"
+
+
+def test_prune_whose_commit_another_writer_replaced_exits_2_leaving_the_step_committed(
+    s3_server: S3Server, s3_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """docs/object-stores.md: a removal whose step's ``COMMIT`` another writer replaced after
+    it was read leaves that ``COMMIT`` and raises ``ConcurrentCommit``. ``distckpt prune``,
+    which holds no lease, says so with exit status 2 naming the step still committed, and
+    removes nothing of it: the step still loads, and a start lists both steps."""
+    direct = s3_server.storage_options()
+    with distckpt.CheckpointManager(s3_url, storage_options=direct) as job:
+        job.save(1, {"w": torch.zeros(4)})
+        job.save(2, {"w": torch.ones(4)})
+    with ObjectStore(s3_url, direct) as store:
+        # the same save, in other bytes: another version (ETag) of the same COMMIT
+        other = json.dumps(json.loads(store.get_bytes(COMMIT)), indent=1).encode()
+        objects_before = sorted(info.key for info in store.list("step-00000001/"))
+
+    def replace_commit() -> None:  # another writer's, straight to the store
+        with ObjectStore(s3_url, direct) as writer:
+            writer.put_bytes(COMMIT, other)
+
+    with S3Proxy(s3_server.port) as proxy:
+        for name, value in aws_environment(s3_server).items():
+            monkeypatch.setenv(name, value)
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+        with proxy.hold("DELETE", COMMIT).changed_meanwhile(replace_commit):
+            out = run_cli("prune", s3_url, "--keep-last", "1")
+    assert out.returncode == 2, out
+    assert out.stderr.startswith("distckpt prune: error: step 1's COMMIT was replaced"), out
+    assert "step 1 is still committed" in out.stderr and "Traceback" not in out.stderr
+    with ObjectStore(s3_url, direct) as store:
+        assert store.get_bytes(COMMIT) == other
+        assert sorted(info.key for info in store.list("step-00000001/")) == objects_before
+    with distckpt.CheckpointManager(s3_url, storage_options=direct, read_only=True) as job:
+        assert job.steps() == [1, 2]
+    assert distckpt.load_checkpoint(f"{s3_url}/step-00000001", storage_options=direct).step == 1
