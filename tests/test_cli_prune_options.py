@@ -1,8 +1,10 @@
 """``distckpt prune``'s options refused in the command line's words (the option, not the
-Python argument), with exit status 2, before anything is removed."""
+Python argument), with exit status 2, before anything is removed; and what a prune the options
+allow removes."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -64,3 +66,14 @@ def test_prune_by_a_monitor_on_a_root_with_no_checkpoint_removes_nothing(tmp_pat
     distckpt.CheckpointManager(empty, fsync=False).close()
     out = run("prune", str(empty), "--keep-last", "1", "--monitor", "los", "--mode", "min")
     assert out.returncode == 0, out
+
+
+def test_prune_leaves_no_bytes_of_what_it_removed(root: Path) -> None:
+    """As ``delete`` does (tests/test_cli_delete.py): a step prune removed is gone with its
+    bytes when it returns, not left in the root's trash for the next start or ``gc``."""
+    out = run("prune", str(root), "--keep-last", "1", "--json")
+    assert out.returncode == 0, out
+    # best (step 10, the lowest loss) is kept as well as the newest, step 30
+    assert json.loads(out.stdout) == {"removed": [20], "kept": [10, 30]}
+    assert not (root / "step-00000020").exists()
+    assert not any((root / ".trash").iterdir())
