@@ -50,6 +50,25 @@ def test_delete_next_to_a_live_job(root: Path) -> None:
         assert os.readlink(root / "best") == "step-00000030"  # the job's save points it again
 
 
+def test_once_the_last_step_is_deleted_its_link_names_no_checkpoint_exit_2(
+    tmp_path: Path,
+) -> None:
+    """README: ``info``, ``verify`` and ``export`` of a path holding no checkpoint exit 2. A
+    root whose only step was deleted has no ``last``: ``ROOT/last`` is such a path, not a
+    broken link ``verify`` reports with status 1."""
+    root = tmp_path / "root"
+    with distckpt.CheckpointManager(root, fsync=False) as mgr:
+        mgr.save(1, {"w": torch.zeros(2)})
+    assert run("delete", str(root), "1").returncode == 0
+    assert not os.path.lexists(root / "last")
+    for args in (("verify",), ("info",), ("export", str(tmp_path / "out.pt"))):
+        out = run(args[0], str(root / "last"), *args[1:])
+        assert out.returncode == 2, out
+        said = out.stderr.removeprefix(f"distckpt {args[0]}: error: ")
+        assert re.match(r"no (committed )?checkpoint", said), out.stderr
+    assert not (tmp_path / "out.pt").exists()
+
+
 @pytest.mark.parametrize(
     ("args", "says"),
     [
