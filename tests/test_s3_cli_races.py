@@ -6,6 +6,7 @@ tests/test_s3_cli.py."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,7 +23,7 @@ COMMIT = "step-00000001/COMMIT"
 
 
 def test_prune_whose_commit_another_writer_replaced_exits_2_leaving_the_step_committed(
-    s3_server: S3Server, s3_url: str, monkeypatch: pytest.MonkeyPatch
+    s3_server: S3Server, s3_url: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     """docs/object-stores.md: a removal whose step's ``COMMIT`` another writer replaced after
     it was read leaves that ``COMMIT`` and raises ``ConcurrentCommit``. ``distckpt prune``,
@@ -36,9 +37,14 @@ def test_prune_whose_commit_another_writer_replaced_exits_2_leaving_the_step_com
         # the same save, in other bytes: another version (ETag) of the same COMMIT
         other = json.dumps(json.loads(store.get_bytes(COMMIT)), indent=1).encode()
         objects_before = sorted(info.key for info in store.list("step-00000001/"))
+        # The command line takes its endpoint and credentials from the AWS variables only:
+        # here the proxy's endpoint, as a user would set it; and a working directory of the
+        # test's own (a command that took the s3:// URL for a relative path would create it
+        # there, not in the repository).
         for name, value in aws_environment(s3_server).items():
             monkeypatch.setenv(name, value)
         monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+        monkeypatch.chdir(tmp_path)
         # another writer's change, straight to the store
         with proxy.hold("DELETE", COMMIT).changed_meanwhile(lambda: store.put_bytes(COMMIT, other)):
             out = run_cli("prune", s3_url, "--keep-last", "1")
