@@ -1,11 +1,12 @@
-"""End-to-end tests of the demo job ``launch/train.py``, under the real torchrun launcher (those
-of ``launch/demo.sh`` and ``launch/train_fsdp.py`` are in ``tests/test_launch_demo.py``).
+"""The harness of the end-to-end tests of the demo job ``launch/train.py`` (:class:`Job`, the
+reference run, the checks of a root), and its plain single-process run preempted and resumed.
+The runs under the real torchrun launcher, ``launch/demo.sh``'s and ``launch/train_fsdp.py``'s,
+are in ``tests/test_launch_demo.py``, which starts torchrun as few times as it can.
 
-A torchrun start costs seconds, so this file starts it three times in all: twice for a job
-killed by SIGKILL and resumed, once for a job preempted by SIGTERM. Results are checked
-against a reference run computed in this process from the job's own building blocks (the
-ranks simulated one after the other), which is bit-exact: for two ranks, gloo's sum of two
-floats is ``a + b`` whichever rank adds, and everything else is the same code on the same data.
+Results are checked against a reference run computed in this process from the job's own
+building blocks (the ranks simulated one after the other), which is bit-exact: for two ranks,
+gloo's sum of two floats is ``a + b`` whichever rank adds, and everything else is the same code
+on the same data.
 """
 
 from __future__ import annotations
@@ -256,10 +257,6 @@ def _pipe_of(process: subprocess.Popen[str]) -> IO[str]:
     return process.stdout
 
 
-#: launch/README.md's command that crashes a torchrun job whose agent's pid is in ``PID``.
-CRASH_THE_TORCHRUN_JOB = "kill -9 $(pgrep -P $PID) $PID\n"
-
-
 def _run_readme_commands(commands: str, **pids: int) -> None:
     """Run ``commands``, as launch/README.md writes them, in bash, with the pids they name."""
     assert commands in LAUNCH_README
@@ -350,100 +347,6 @@ def assert_nothing_staged(root: Path) -> None:
     staging = root / ".staging"
     leftovers = sorted(p.name for p in staging.iterdir()) if staging.is_dir() else []
     assert leftovers == [], f"left in .staging: {leftovers}"
-
-
-@pytest.mark.torchrun
-@pytest.mark.timeout(240)
-def test_killed_torchrun_job_resumes_bit_exactly(tmp_path: Path, train: ModuleType) -> None:
-    root = tmp_path / "ckpt"
-    seed, steps = 3, 40
-    args = ["--root", str(root), "--steps", str(steps), "--save-every", "10", "--log-every", "1"]
-    args += ["--seed", str(seed)]
-
-    started = time.monotonic()
-    with Job([*TORCHRUN_2, *args, "--sleep", "0.1"], tmp_path) as job:
-        job.wait_for(r"^saved step=10$", 90)
-        job.wait_for(r"^step=25 ", 30)  # past the second save, between two saves
-        _run_readme_commands(CRASH_THE_TORCHRUN_JOB, PID=job.process.pid)
-        job.wait(30)
-        job.wait_until_dead(60)  # its rank 0 holds the root's lease until it is gone
-    first = time.monotonic() - started
-    assert "done step" not in job.output
-    steps_before = committed_steps(root)
-    assert steps_before and steps_before[-1] >= 20, job.output
-    newest = steps_before[-1]
-    # A kill may land between the rename and the link swap: then `last` lags, but it must
-    # still name a committed checkpoint, never a partial one.
-    assert last_target(root) in {f"step-{s:08d}" for s in steps_before}
-
-    started = time.monotonic()
-    with Job([*TORCHRUN_2, *args], tmp_path) as job:
-        code = job.wait(120)
-    second = time.monotonic() - started
-    assert code == 0, job.output
-    assert re.search(rf"^resumed from step {newest} ", job.output, re.MULTILINE), job.output
-    assert not re.search(rf"^step={newest} ", job.output, re.MULTILINE), "a step ran twice"
-
-    loss, weights = expected_run(train, seed=seed, steps=steps, world_size=2)
-    assert done_loss(job.output) == (steps, loss), job.output
-    assert_weights(root, 2, weights)
-    assert last_target(root) == f"step-{steps:08d}"
-    assert committed_steps(root)[-1] == steps and len(committed_steps(root)) == 3  # keep_last
-    assert_nothing_staged(root)
-    print(f"killed run {first:.1f} s, resumed run {second:.1f} s, resumed from step {newest}")
-
-
-@pytest.mark.torchrun
-@pytest.mark.timeout(150)
-def test_sigterm_to_torchrun_agent_saves_on_every_rank_and_exits(tmp_path: Path) -> None:
-    root = tmp_path / "ckpt"
-    # No scheduled save within reach: the only checkpoint is the preemption save.
-    args = ["--root", str(root), "--steps", "100000", "--save-every", "100000"]
-    args += ["--log-every", "1", "--sleep", "0.2"]
-
-    with Job([*TORCHRUN_2, *args], tmp_path) as job:
-        job.wait_for(r"^step=3 ", 90)
-        assert committed_steps(root) == []
-        workers = job.track_tree()
-        assert len(workers) >= 2, "the two ranks should be running"
-        signalled = time.monotonic()
-        job.process.send_signal(signal.SIGTERM)  # the agent only: it forwards to the workers
-        code = job.wait(TORCHRUN_SHUTDOWN_WINDOW + 15)
-        took = time.monotonic() - signalled
-        # Every worker has ended by the time the agent has (it waited for them).
-        assert job.alive() == []
-    output = job.output
-
-    preempted = re.findall(r"^preempted at step=(\d+) rank=(\d+) ", output, re.MULTILINE)
-    assert sorted(rank for _, rank in preempted) == ["0", "1"], output
-    assert len({step for step, _ in preempted}) == 1, output
-    step = int(preempted[0][0])
-    assert step >= 3
-    # The workers left on their own, well before the agent's SIGKILL window ran out.
-    assert took < TORCHRUN_SHUTDOWN_WINDOW / 2, f"{took:.1f} s"
-    assert "forcefully exiting" not in output, output
-    # The agent reports nothing of its workers' exit codes on this path; their silence shows
-    # they did not fail: torch prefixes a worker's traceback with "[rankN]:", and a C++ abort
-    # at shutdown prints "terminate called".
-    assert not re.search(r"^\[rank\d+\]:|terminate called", output, re.MULTILINE), output
-
-    assert committed_steps(root) == [step]
-    assert last_target(root) == f"step-{step:08d}"
-    manifest = distckpt.load_checkpoint(root / "last").manifest
-    assert manifest.world_size == 2
-    assert sorted(manifest.files) == ["rank-00000.pt", "rank-00001.pt"]
-    ranks = [distckpt.load_checkpoint(root / "last", rank=r).state for r in (0, 1)]
-    assert [s["steps"]["step"] for s in ranks] == [step, step]
-    for name, tensor in ranks[0]["model"].items():
-        assert torch.equal(tensor, ranks[1]["model"][name]), f"replicas differ in {name}"
-    # Each rank saved its own generators, not a copy of rank 0's.
-    assert not torch.equal(ranks[0]["rng"]["torch"], ranks[1]["rng"]["torch"])
-
-    # torch 2.13's agent re-raises the SignalException after shutting the workers down, so
-    # torchrun exits 1 even though every worker exited 0; accept 0 should that change.
-    if code != 0:
-        assert "SignalException" in output and "got signal: 15" in output, output
-    print(f"torchrun exit code {code}, {took:.1f} s after SIGTERM, preempted at step {step}")
 
 
 @pytest.mark.torchrun
