@@ -5,12 +5,11 @@ writes (a set-aside save, a manifest recording its own checksum)."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import tarfile
 from pathlib import Path
 from typing import Any
+
+from tests import job_servers
 
 #: The package of the last version before a save could be set aside (commit e3b8cf7, version
 #: 0.2.0): its writing manager's start (and gc) takes any ``step-N/<attempt>/`` that no
@@ -32,15 +31,20 @@ def unpack_older_version(target: Path) -> Path:
 def run_older_version(older: Path, code: str, *arguments: Any) -> str:
     """Run ``code`` in a process of its own that imports the older version unpacked at
     ``older``, ``sys.argv[1]`` holding ``arguments`` as a JSON list; its output. Fails the
-    test when the process fails, or when it imported another distckpt."""
+    test when the process fails, or when it imported another distckpt.
+
+    The process is a job server's child (``tests.job_servers``), which has imported torch but
+    no distckpt: ``code`` runs as a script in ``older``, whose directory comes first on its
+    ``sys.path``, so that its ``import distckpt`` imports the older version."""
     preamble = "import distckpt, sys\nprint(distckpt.__file__)\n"
-    done = subprocess.run(
-        [sys.executable, "-c", preamble + code, json.dumps(list(arguments))],
-        env=dict(os.environ, PYTHONPATH=str(older)),
+    done = job_servers.run_script_preloaded(
+        preamble + code,
+        [json.dumps(list(arguments))],
+        older,
+        OLDER_VERSION_TIMEOUT,
+        stderr_apart=True,
+        extra_env={"PYTHONPATH": str(older)},
         cwd=older,
-        capture_output=True,
-        text=True,
-        timeout=OLDER_VERSION_TIMEOUT,
     )
     assert done.returncode == 0, done.stderr
     imported, _, output = done.stdout.partition("\n")
