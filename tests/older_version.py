@@ -5,6 +5,7 @@ writes (a set-aside save, a manifest recording its own checksum)."""
 from __future__ import annotations
 
 import json
+import subprocess
 import tarfile
 from pathlib import Path
 from typing import Any
@@ -31,12 +32,22 @@ def unpack_older_version(target: Path) -> Path:
 def run_older_version(older: Path, code: str, *arguments: Any) -> str:
     """Run ``code`` in a process of its own that imports the older version unpacked at
     ``older``, ``sys.argv[1]`` holding ``arguments`` as a JSON list; its output. Fails the
-    test when the process fails, or when it imported another distckpt.
+    test when the process fails, or when it imported another distckpt."""
+    done = older_version_process(older, code, *arguments)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def older_version_process(
+    older: Path, code: str, *arguments: Any
+) -> subprocess.CompletedProcess[str]:
+    """Run ``code`` as :func:`run_older_version` does; its exit status, its output (``stdout``)
+    and its stderr, whatever the status. Fails the test when it imported another distckpt.
 
     The process is a job server's child (``tests.job_servers``), which has imported torch but
     no distckpt: ``code`` runs as a script in ``older``, whose directory comes first on its
     ``sys.path``, so that its ``import distckpt`` imports the older version."""
-    preamble = "import distckpt, sys\nprint(distckpt.__file__)\n"
+    preamble = "import distckpt, sys\nprint(distckpt.__file__, flush=True)\n"
     done = job_servers.run_script_preloaded(
         preamble + code,
         [json.dumps(list(arguments))],
@@ -46,7 +57,15 @@ def run_older_version(older: Path, code: str, *arguments: Any) -> str:
         extra_env={"PYTHONPATH": str(older)},
         cwd=older,
     )
-    assert done.returncode == 0, done.stderr
     imported, _, output = done.stdout.partition("\n")
     assert imported.startswith(str(older)), done.stdout  # that version, not this one
-    return output
+    return subprocess.CompletedProcess(done.args, done.returncode, output, done.stderr)
+
+
+#: Code for :func:`older_version_process`: the older version's command line, given the JSON
+#: list of its arguments, as ``python -m distckpt ARGS...`` runs it.
+OLDER_COMMAND_LINE = """
+import json, runpy
+sys.argv = ["-m", *json.loads(sys.argv[1])]
+runpy.run_module("distckpt", run_name="__main__", alter_sys=True)
+"""
