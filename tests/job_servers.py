@@ -349,12 +349,10 @@ def run_preloaded(
 ) -> subprocess.CompletedProcess[str]:
     """Run ``python *command`` in a job server (see :func:`start_preloaded`), in ``cwd``, with
     ``extra_env`` set on top of a subprocess's environment; its exit status and its output once
-    it has ended
-    and every process it started too (``subprocess.run`` reading its output waited for every
-    process holding the pipe). The run fails if they have not
-    within ``timeout``. However the run ends (a failure, pytest's own timeout), nothing of the
-    job's session outlives it: not the script, nor a process leading a group of its own (a
-    rank).
+    it has ended and every process it started too (``subprocess.run`` reading its output waited
+    for every process holding the pipe). The run fails if they have not within ``timeout``.
+    However the run ends (a failure, pytest's own timeout), nothing of the job's session
+    outlives it: not the script, nor a process leading a group of its own (a rank).
 
     Its output is also in ``log``: ``stdout`` holds stdout and stderr together and ``stderr`` is
     None, as ``subprocess.run(stderr=STDOUT)`` gives them, unless ``stderr_log`` is given:

@@ -18,8 +18,6 @@ from tests import job_servers
 #: checksum of their own. Kept as a fixture, not read from the repository's history, which a
 #: shallow clone lacks.
 OLDER_VERSION_ARCHIVE = Path(__file__).parent / "fixtures/older-version/distckpt-e3b8cf7.tar.xz"
-#: how long one run of the older version may take
-OLDER_VERSION_TIMEOUT = 120.0
 
 
 def unpack_older_version(target: Path) -> Path:
@@ -42,7 +40,9 @@ def older_version_process(
     older: Path, code: str, *arguments: Any
 ) -> subprocess.CompletedProcess[str]:
     """Run ``code`` as :func:`run_older_version` does; its exit status, its output (``stdout``)
-    and its stderr, whatever the status. Fails the test when it imported another distckpt.
+    and its stderr, whatever the status. Fails the test when it imported another distckpt, or
+    when it still runs after ``job_servers.PRELOADED_TIMEOUT``: below pytest's timeout of a
+    test, so that the run fails itself, with its output.
 
     The process is a job server's child (``tests.job_servers``), which has imported torch but
     no distckpt: ``code`` runs as a script in ``older``, whose directory comes first on its
@@ -52,13 +52,13 @@ def older_version_process(
         preamble + code,
         [json.dumps(list(arguments))],
         older,
-        OLDER_VERSION_TIMEOUT,
         stderr_apart=True,
         extra_env={"PYTHONPATH": str(older)},
         cwd=older,
     )
     imported, _, output = done.stdout.partition("\n")
-    assert imported.startswith(str(older)), done.stdout  # that version, not this one
+    # That version, not this one; a failed import shows why in stderr.
+    assert imported.startswith(str(older)), (done.returncode, done.stdout, done.stderr)
     return subprocess.CompletedProcess(done.args, done.returncode, output, done.stderr)
 
 
