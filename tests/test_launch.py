@@ -334,6 +334,12 @@ def done_loss(output: str) -> tuple[int, float]:
     return int(match.group(1)), float(match.group(2))
 
 
+def resumed_once_from(step: int, output: str) -> None:
+    """The run resumed from ``step`` and did not train that step again."""
+    assert re.search(rf"^resumed from step {step} ", output, re.MULTILINE), output
+    assert not re.search(rf"^step={step} ", output, re.MULTILINE), "a step ran twice"
+
+
 def assert_weights(root: Path, world_size: int, weights: dict[str, torch.Tensor]) -> None:
     """Every rank's model in ``root/last`` equals ``weights`` bit for bit."""
     for rank in range(world_size):
@@ -349,7 +355,6 @@ def assert_nothing_staged(root: Path) -> None:
     assert leftovers == [], f"left in .staging: {leftovers}"
 
 
-@pytest.mark.torchrun
 @pytest.mark.timeout(120)
 def test_plain_python_run_preempted_and_resumed_bit_exactly(
     tmp_path: Path, train: ModuleType
@@ -375,7 +380,7 @@ def test_plain_python_run_preempted_and_resumed_bit_exactly(
     with Job([*PLAIN, *args], tmp_path, preloaded=True) as job:
         code = job.wait(60)
     assert code == 0, job.output
-    assert re.search(rf"^resumed from step {step} ", job.output, re.MULTILINE), job.output
+    resumed_once_from(step, job.output)
 
     loss, weights = expected_run(train, seed=seed, steps=steps, world_size=1)
     assert done_loss(job.output) == (steps, loss), job.output

@@ -38,6 +38,7 @@ from tests.test_launch import (
     expected_run,
     import_train,
     last_target,
+    resumed_once_from,
 )
 
 TRAIN_FSDP = REPO / "launch" / "train_fsdp.py"
@@ -85,12 +86,6 @@ def _two_node_agents(cwd: Path, args: list[str]) -> Iterator[tuple[Job, Job]]:
         multinode = ["bash", str(REPO / "launch" / "multinode.sh"), *args]
         with Job(multinode, cwd, env) as first, Job(multinode, cwd, env) as second:
             yield first, second
-
-
-def _resumed_once_from(step: int, output: str) -> None:
-    """The run resumed from ``step`` and did not train that step again."""
-    assert re.search(rf"^resumed from step {step} ", output, re.MULTILINE), output
-    assert not re.search(rf"^step={step} ", output, re.MULTILINE), "a step ran twice"
 
 
 @pytest.mark.torchrun
@@ -146,7 +141,7 @@ def test_demo_crashed_stopped_preempted_and_resumed_as_the_readmes_say_ends_bit_
         job.wait(TORCHRUN_SHUTDOWN_WINDOW + 15)
         job.wait_until_dead(60)
     assert "done step" not in job.output
-    _resumed_once_from(crashed_at, job.output)
+    resumed_once_from(crashed_at, job.output)
     stopped = committed_steps(root)
     stopped_at = stopped[-1]
     assert stopped_at >= crashed_at + SAVE_EVERY
@@ -166,7 +161,7 @@ def test_demo_crashed_stopped_preempted_and_resumed_as_the_readmes_say_ends_bit_
         # Every worker has ended by the time the agent has (it waited for them).
         assert job.alive() == []
     output = job.output
-    _resumed_once_from(stopped_at, output)
+    resumed_once_from(stopped_at, output)
     preempted = re.findall(r"^preempted at step=(\d+) rank=(\d+) ", output, re.MULTILINE)
     assert sorted(rank for _, rank in preempted) == ["0", "1"], output
     assert len({step for step, _ in preempted}) == 1, output
@@ -204,7 +199,7 @@ def test_demo_crashed_stopped_preempted_and_resumed_as_the_readmes_say_ends_bit_
         codes = [agent.wait(200) for agent in agents]
     output = "\n".join(agent.output for agent in agents)
     assert codes == [0, 0], output[-3000:]
-    _resumed_once_from(step, output)
+    resumed_once_from(step, output)
     loss, weights = expected_run(train, seed=0, steps=STEPS, world_size=2)
     assert done_loss(output) == (STEPS, loss), output
     assert_weights(root, 2, weights)
