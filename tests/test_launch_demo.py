@@ -48,8 +48,9 @@ CRASH_THE_DEMO = "AGENT=$(pgrep -P $DEMO)\nkill -9 $(pgrep -P $AGENT) $AGENT\n"
 #: launch/README.md's command that crashes a torchrun job whose agent's pid is in ``PID``: the
 #: demo's second line, the agent's pid named ``AGENT`` there.
 CRASH_THE_TORCHRUN_JOB = "kill -9 $(pgrep -P $PID) $PID\n"
-#: The chain's job: its steps, and the schedule of the runs that save on one.
-STEPS = 60
+#: The chain's job: its steps, and the schedule of the runs that save on one. The last step is
+#: off the schedule: only train.py's end-of-training save checkpoints it.
+STEPS = 62
 SAVE_EVERY = 5
 #: train.py keeps the newest three checkpoints.
 KEEP_LAST = 3
@@ -104,8 +105,9 @@ def test_demo_crashed_stopped_preempted_and_resumed_as_the_readmes_say_ends_bit_
        and leaves on its own well before torchrun's SIGKILL window;
     4. two torchrun agents with c10d rendezvous (launch/multinode.sh on two "nodes" of
        127.0.0.1), started from the demo's directory with a relative ``--root``: they resume
-       from the preemption save and train to the end, and the final loss and weights are those
-       of a run never interrupted, bit for bit."""
+       from the preemption save and train to the end, off the save schedule, which the
+       end-of-training save checkpoints; the final loss and weights are those of a run never
+       interrupted, bit for bit."""
     train = import_train()
     tree = _demo_copy(tmp_path)
     root = tree / "runs" / "demo"
@@ -204,7 +206,10 @@ def test_demo_crashed_stopped_preempted_and_resumed_as_the_readmes_say_ends_bit_
     assert done_loss(output) == (STEPS, loss), output
     assert_weights(root, 2, weights)
     assert last_target(root) == f"step-{STEPS:08d}"
-    kept = [STEPS - SAVE_EVERY * n for n in reversed(range(KEEP_LAST))]
+    # The scheduled saves, then the end of training's, off the schedule.
+    on_schedule = range(SAVE_EVERY, STEPS, SAVE_EVERY)
+    assert STEPS not in on_schedule
+    kept = [*on_schedule, STEPS][-KEEP_LAST:]
     assert distckpt.CheckpointManager(root).steps() == committed_steps(root) == kept
     assert distckpt.CheckpointManager(root).checkpoints()[-1].world_size == 2
     assert distckpt.verify(root).ok
