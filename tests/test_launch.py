@@ -22,7 +22,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from functools import partial
 from pathlib import Path
 from types import ModuleType, TracebackType
@@ -33,7 +33,8 @@ import torch
 
 import distckpt
 from tests import job_servers
-from tests.processes import kill_session, proc_stat
+from tests.processes import kill_session, proc_stat, signal_pending
+from tests.waiting import wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = REPO / "launch" / "train.py"
@@ -70,6 +71,11 @@ def _cmdline(pid: int) -> str | None:
         return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
     except (FileNotFoundError, ProcessLookupError):
         return None
+
+
+def _stopped_or_gone(pid: int) -> bool:
+    stat = proc_stat(pid)
+    return stat is None or stat.state in ("T", "t")
 
 
 def _descendants(root: int) -> set[int]:
@@ -190,6 +196,45 @@ class Job:
                 if (stat := proc_stat(pid)) is not None:
                     self._tree.setdefault(pid, stat.started)
         return set(self._tree)
+
+    def ranks(self) -> list[int]:
+        """Pids of the ranks running now, among the processes :meth:`track_tree` recorded
+        (:meth:`wait_for` does as it returns): the children of the job's torchrun agent(s).
+        No new look through ``/proc``, which takes a while on a loaded machine."""
+        alive = self.alive()
+        agents = {pid for pid in alive if "torch.distributed.run" in (_cmdline(pid) or "")}
+        stats = {pid: proc_stat(pid) for pid in alive}
+        return sorted(
+            pid for pid, stat in stats.items() if stat is not None and stat.ppid in agents
+        )
+
+    @contextlib.contextmanager
+    def ranks_held(self, count: int) -> Iterator[list[int]]:
+        """The job's ``count`` ranks stopped (SIGSTOP) for the block, continued after it: what
+        the block sends the job reaches them before they train one more step, however late a
+        loaded machine lets the test send it, so a run cannot reach its end first. A signal
+        that the launcher forwards to them stays pending meanwhile
+        (:meth:`wait_until_pending`); a SIGKILL kills them all the same."""
+        ranks = self.ranks()
+        assert len(ranks) == count, f"ranks {ranks}, not {count}:\n{self.output}"
+        try:
+            for pid in ranks:
+                os.kill(pid, signal.SIGSTOP)
+            wait_until(lambda: all(map(_stopped_or_gone, ranks)), f"ranks {ranks} stopped", 30)
+            yield ranks
+        finally:
+            for pid in ranks:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGCONT)
+
+    def wait_until_pending(self, ranks: list[int], signum: int) -> None:
+        """Wait until ``signum`` is pending on every rank of ``ranks`` held by
+        :meth:`ranks_held`: the launcher has forwarded it."""
+        wait_until(
+            lambda: all(signal_pending(pid, signum) for pid in ranks),
+            f"signal {signum} pending on ranks {ranks}",
+            TORCHRUN_SHUTDOWN_WINDOW,
+        )
 
     def alive(self) -> list[int]:
         """Pids of the job that still run: the launcher, or any descendant it ever had."""

@@ -107,7 +107,11 @@ def test_demo_crashed_stopped_preempted_and_resumed_as_the_readmes_say_ends_bit_
        127.0.0.1), started from the demo's directory with a relative ``--root``: they resume
        from the preemption save and train to the end, off the save schedule, which the
        end-of-training save checkpoints; the final loss and weights are those of a run never
-       interrupted, bit for bit."""
+       interrupted, bit for bit.
+
+    Before each signal the ranks are stopped (SIGSTOP) and continued only once it is theirs (a
+    SIGKILL, or pending once the launcher has forwarded it): however late a loaded machine
+    lets the test act, no run trains on to its end before the signal lands."""
     train = import_train()
     tree = _demo_copy(tmp_path)
     root = tree / "runs" / "demo"
@@ -123,7 +127,8 @@ def test_demo_crashed_stopped_preempted_and_resumed_as_the_readmes_say_ends_bit_
     with Job([*demo, "--sleep", "0.1"], tree, python) as job:
         job.wait_for(rf"^saved step={2 * SAVE_EVERY}$", 90)
         job.wait_for(rf"^step={2 * SAVE_EVERY + 2} ", 30)
-        _run_readme_commands(CRASH_THE_DEMO, DEMO=job.process.pid)
+        with job.ranks_held(2):
+            _run_readme_commands(CRASH_THE_DEMO, DEMO=job.process.pid)
         job.wait(30)
         job.wait_until_dead(60)  # no orphaned worker trains on; rank 0 holds the lease till then
     assert "done step" not in job.output
@@ -139,7 +144,9 @@ def test_demo_crashed_stopped_preempted_and_resumed_as_the_readmes_say_ends_bit_
     with Job([*demo, "--sleep", "0.1"], tree, python) as job:
         job.wait_for(rf"^resumed from step {crashed_at} ", 90)
         job.wait_for(rf"^saved step={crashed_at + SAVE_EVERY}$", 60)
-        os.killpg(job.process.pid, signal.SIGINT)
+        with job.ranks_held(2) as ranks:
+            os.killpg(job.process.pid, signal.SIGINT)
+            job.wait_until_pending(ranks, signal.SIGINT)
         job.wait(TORCHRUN_SHUTDOWN_WINDOW + 15)
         job.wait_until_dead(60)
     assert "done step" not in job.output
@@ -154,10 +161,10 @@ def test_demo_crashed_stopped_preempted_and_resumed_as_the_readmes_say_ends_bit_
     with Job([*TORCHRUN_2, *preempt_args], tmp_path) as job:
         job.wait_for(rf"^step={stopped_at + 3} ", 90)
         assert committed_steps(root) == stopped  # no scheduled save within reach
-        workers = job.track_tree()
-        assert len(workers) >= 2, "the two ranks should be running"
-        signalled = time.monotonic()
-        job.process.send_signal(signal.SIGTERM)
+        with job.ranks_held(2) as ranks:
+            signalled = time.monotonic()
+            job.process.send_signal(signal.SIGTERM)
+            job.wait_until_pending(ranks, signal.SIGTERM)
         code = job.wait(TORCHRUN_SHUTDOWN_WINDOW + 15)
         took = time.monotonic() - signalled
         # Every worker has ended by the time the agent has (it waited for them).
