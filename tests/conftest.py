@@ -14,7 +14,7 @@ from distckpt import faults
 from tests import job_servers, killing
 from tests.filesystems import MountFactory
 from tests.lease_holders import Holder
-from tests.older_version import unpack_older_version
+from tests.older_version import older_version_process, run_older_version, unpack_older_version
 from tests.places import Place
 from tests.s3server import S3Server, aws_environment
 
@@ -36,9 +36,11 @@ def pytest_runtest_protocol(item: pytest.Item) -> Iterator[None]:
     module = getattr(item, "module", None)
     names = vars(module).values() if module is not None else ()
     # by identity: a module's other globals (tensors, arrays) need not compare with ==;
-    # killing runs jobs, and a module whose traced runs do says so (NEEDS_JOB_SERVERS)
+    # killing runs jobs, and so do run_older_version and older_version_process (the older
+    # version's processes); a module whose traced runs do says so (NEEDS_JOB_SERVERS)
+    runs_jobs = (job_servers, killing, run_older_version, older_version_process)
     if getattr(module, "NEEDS_JOB_SERVERS", False) or any(
-        value is job_servers or value is killing for value in names
+        value is runner for value in names for runner in runs_jobs
     ):
         # A server that is not ready fails the test at its first job, with the reason.
         with contextlib.suppress(AssertionError):

@@ -317,8 +317,10 @@ def run_script_preloaded(
     *,
     stderr_apart: bool = False,
     extra_env: Mapping[str, str] | None = None,
+    cwd: Path = ROOT,
 ) -> subprocess.CompletedProcess[str]:
-    """:func:`run_preloaded` of ``source``, written into a script in ``scratch``, with
+    """:func:`run_preloaded` of ``source``, written into a script in ``scratch`` (first on its
+    ``sys.path``, as ``python SCRIPT`` puts a script's directory), in ``cwd``, with
     ``extra_env``: its exit status and its output, stdout and stderr together in ``stdout``
     unless ``stderr_apart``."""
     descriptor, name = tempfile.mkstemp(suffix=".py", dir=scratch)
@@ -332,6 +334,7 @@ def run_script_preloaded(
         timeout,
         stderr_log=stderr_log,
         extra_env=extra_env,
+        cwd=cwd,
     )
 
 
@@ -342,14 +345,14 @@ def run_preloaded(
     *,
     stderr_log: Path | None = None,
     extra_env: Mapping[str, str] | None = None,
+    cwd: Path = ROOT,
 ) -> subprocess.CompletedProcess[str]:
-    """Run ``python *command`` in a job server (see :func:`start_preloaded`), with ``extra_env``
-    set on top of a subprocess's environment; its exit status and its output once it has ended
-    and every process it started too (``subprocess.run`` reading its output waited for every
-    process holding the pipe). The run fails if they have not
-    within ``timeout``. However the run ends (a failure, pytest's own timeout), nothing of the
-    job's session outlives it: not the script, nor a process leading a group of its own (a
-    rank).
+    """Run ``python *command`` in a job server (see :func:`start_preloaded`), in ``cwd``, with
+    ``extra_env`` set on top of a subprocess's environment; its exit status and its output once
+    it has ended and every process it started too (``subprocess.run`` reading its output waited
+    for every process holding the pipe). The run fails if they have not within ``timeout``.
+    However the run ends (a failure, pytest's own timeout), nothing of the job's session
+    outlives it: not the script, nor a process leading a group of its own (a rank).
 
     Its output is also in ``log``: ``stdout`` holds stdout and stderr together and ``stderr`` is
     None, as ``subprocess.run(stderr=STDOUT)`` gives them, unless ``stderr_log`` is given:
@@ -358,7 +361,8 @@ def run_preloaded(
     ``extra_env`` reaches only the job's ``os.environ`` (read by what the job imports afresh);
     what the interpreter or torch reads as it starts (``PYTHONPATH``, ``PYTHONHASHSEED``,
     ``PYTHONWARNINGS``, ``OMP_NUM_THREADS``) comes from the job server's own start."""
-    job = start_preloaded(command, log, {**_env(), **(extra_env or {})}, stderr_log=stderr_log)
+    env = {**_env(), **(extra_env or {})}
+    job = start_preloaded(command, log, env, cwd, stderr_log=stderr_log)
     deadline = time.monotonic() + timeout
     try:
         code = job.wait(timeout)

@@ -128,3 +128,16 @@ def wait_until_group_is_gone(group: int, timeout: float = GROUP_EXIT_SECONDS) ->
                 f"{timeout:g} s"
             )
         time.sleep(0.02)
+
+
+def signal_pending(pid: int, signum: int) -> bool:
+    """Whether signal ``signum`` waits to be delivered to process ``pid`` (``/proc``'s
+    ``SigPnd``: its main thread's, ``ShdPnd``: the whole process's), as it does on a stopped
+    process until it is continued; False once the process is gone."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    masks = (line.split(":", 1) for line in status.splitlines())
+    pending = [int(mask, 16) for name, mask in masks if name in ("SigPnd", "ShdPnd")]
+    return any(mask >> (signum - 1) & 1 for mask in pending)

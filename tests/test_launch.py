@@ -1,11 +1,12 @@
-"""End-to-end tests of the demo job ``launch/train.py``, under the real torchrun launcher (those
-of ``launch/demo.sh`` and ``launch/train_fsdp.py`` are in ``tests/test_launch_demo.py``).
+"""The harness of the end-to-end tests of the demo job ``launch/train.py`` (:class:`Job`, the
+reference run, the checks of a root), and its plain single-process run preempted and resumed.
+The runs under the real torchrun launcher, ``launch/demo.sh``'s and ``launch/train_fsdp.py``'s,
+are in ``tests/test_launch_demo.py``, which starts torchrun as few times as it can.
 
-A torchrun start costs seconds, so this file starts it three times in all: twice for a job
-killed by SIGKILL and resumed, once for a job preempted by SIGTERM. Results are checked
-against a reference run computed in this process from the job's own building blocks (the
-ranks simulated one after the other), which is bit-exact: for two ranks, gloo's sum of two
-floats is ``a + b`` whichever rank adds, and everything else is the same code on the same data.
+Results are checked against a reference run computed in this process from the job's own
+building blocks (the ranks simulated one after the other), which is bit-exact: for two ranks,
+gloo's sum of two floats is ``a + b`` whichever rank adds, and everything else is the same code
+on the same data.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from functools import partial
 from pathlib import Path
 from types import ModuleType, TracebackType
@@ -32,7 +33,8 @@ import torch
 
 import distckpt
 from tests import job_servers
-from tests.processes import kill_session, proc_stat
+from tests.processes import kill_session, proc_stat, signal_pending
+from tests.waiting import wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = REPO / "launch" / "train.py"
@@ -69,6 +71,11 @@ def _cmdline(pid: int) -> str | None:
         return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
     except (FileNotFoundError, ProcessLookupError):
         return None
+
+
+def _stopped_or_gone(pid: int) -> bool:
+    stat = proc_stat(pid)
+    return stat is None or stat.state in ("T", "t")
 
 
 def _descendants(root: int) -> set[int]:
@@ -190,6 +197,45 @@ class Job:
                     self._tree.setdefault(pid, stat.started)
         return set(self._tree)
 
+    def ranks(self) -> list[int]:
+        """Pids of the ranks running now, among the processes :meth:`track_tree` recorded
+        (:meth:`wait_for` does as it returns): the children of the job's torchrun agent(s).
+        No new look through ``/proc``, which takes a while on a loaded machine."""
+        alive = self.alive()
+        agents = {pid for pid in alive if "torch.distributed.run" in (_cmdline(pid) or "")}
+        stats = {pid: proc_stat(pid) for pid in alive}
+        return sorted(
+            pid for pid, stat in stats.items() if stat is not None and stat.ppid in agents
+        )
+
+    @contextlib.contextmanager
+    def ranks_held(self, count: int) -> Iterator[list[int]]:
+        """The job's ``count`` ranks stopped (SIGSTOP) for the block, continued after it: what
+        the block sends the job reaches them before they train one more step, however late a
+        loaded machine lets the test send it, so a run cannot reach its end first. A signal
+        that the launcher forwards to them stays pending meanwhile
+        (:meth:`wait_until_pending`); a SIGKILL kills them all the same."""
+        ranks = self.ranks()
+        assert len(ranks) == count, f"ranks {ranks}, not {count}:\n{self.output}"
+        try:
+            for pid in ranks:
+                os.kill(pid, signal.SIGSTOP)
+            wait_until(lambda: all(map(_stopped_or_gone, ranks)), f"ranks {ranks} stopped", 30)
+            yield ranks
+        finally:
+            for pid in ranks:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGCONT)
+
+    def wait_until_pending(self, ranks: list[int], signum: int) -> None:
+        """Wait until ``signum`` is pending on every rank of ``ranks`` held by
+        :meth:`ranks_held`: the launcher has forwarded it."""
+        wait_until(
+            lambda: all(signal_pending(pid, signum) for pid in ranks),
+            f"signal {signum} pending on ranks {ranks}",
+            TORCHRUN_SHUTDOWN_WINDOW,
+        )
+
     def alive(self) -> list[int]:
         """Pids of the job that still run: the launcher, or any descendant it ever had."""
         pids = [self.process.pid] if self.process.poll() is None else []
@@ -254,10 +300,6 @@ class Job:
 def _pipe_of(process: subprocess.Popen[str]) -> IO[str]:
     assert process.stdout is not None
     return process.stdout
-
-
-#: launch/README.md's command that crashes a torchrun job whose agent's pid is in ``PID``.
-CRASH_THE_TORCHRUN_JOB = "kill -9 $(pgrep -P $PID) $PID\n"
 
 
 def _run_readme_commands(commands: str, **pids: int) -> None:
@@ -337,6 +379,12 @@ def done_loss(output: str) -> tuple[int, float]:
     return int(match.group(1)), float(match.group(2))
 
 
+def resumed_once_from(step: int, output: str) -> None:
+    """The run resumed from ``step`` and did not train that step again."""
+    assert re.search(rf"^resumed from step {step} ", output, re.MULTILINE), output
+    assert not re.search(rf"^step={step} ", output, re.MULTILINE), "a step ran twice"
+
+
 def assert_weights(root: Path, world_size: int, weights: dict[str, torch.Tensor]) -> None:
     """Every rank's model in ``root/last`` equals ``weights`` bit for bit."""
     for rank in range(world_size):
@@ -352,101 +400,6 @@ def assert_nothing_staged(root: Path) -> None:
     assert leftovers == [], f"left in .staging: {leftovers}"
 
 
-@pytest.mark.torchrun
-@pytest.mark.timeout(240)
-def test_killed_torchrun_job_resumes_bit_exactly(tmp_path: Path, train: ModuleType) -> None:
-    root = tmp_path / "ckpt"
-    seed, steps = 3, 40
-    args = ["--root", str(root), "--steps", str(steps), "--save-every", "10", "--log-every", "1"]
-    args += ["--seed", str(seed)]
-
-    started = time.monotonic()
-    with Job([*TORCHRUN_2, *args, "--sleep", "0.1"], tmp_path) as job:
-        job.wait_for(r"^saved step=10$", 90)
-        job.wait_for(r"^step=25 ", 30)  # past the second save, between two saves
-        _run_readme_commands(CRASH_THE_TORCHRUN_JOB, PID=job.process.pid)
-        job.wait(30)
-        job.wait_until_dead(60)  # its rank 0 holds the root's lease until it is gone
-    first = time.monotonic() - started
-    assert "done step" not in job.output
-    steps_before = committed_steps(root)
-    assert steps_before and steps_before[-1] >= 20, job.output
-    newest = steps_before[-1]
-    # A kill may land between the rename and the link swap: then `last` lags, but it must
-    # still name a committed checkpoint, never a partial one.
-    assert last_target(root) in {f"step-{s:08d}" for s in steps_before}
-
-    started = time.monotonic()
-    with Job([*TORCHRUN_2, *args], tmp_path) as job:
-        code = job.wait(120)
-    second = time.monotonic() - started
-    assert code == 0, job.output
-    assert re.search(rf"^resumed from step {newest} ", job.output, re.MULTILINE), job.output
-    assert not re.search(rf"^step={newest} ", job.output, re.MULTILINE), "a step ran twice"
-
-    loss, weights = expected_run(train, seed=seed, steps=steps, world_size=2)
-    assert done_loss(job.output) == (steps, loss), job.output
-    assert_weights(root, 2, weights)
-    assert last_target(root) == f"step-{steps:08d}"
-    assert committed_steps(root)[-1] == steps and len(committed_steps(root)) == 3  # keep_last
-    assert_nothing_staged(root)
-    print(f"killed run {first:.1f} s, resumed run {second:.1f} s, resumed from step {newest}")
-
-
-@pytest.mark.torchrun
-@pytest.mark.timeout(150)
-def test_sigterm_to_torchrun_agent_saves_on_every_rank_and_exits(tmp_path: Path) -> None:
-    root = tmp_path / "ckpt"
-    # No scheduled save within reach: the only checkpoint is the preemption save.
-    args = ["--root", str(root), "--steps", "100000", "--save-every", "100000"]
-    args += ["--log-every", "1", "--sleep", "0.2"]
-
-    with Job([*TORCHRUN_2, *args], tmp_path) as job:
-        job.wait_for(r"^step=3 ", 90)
-        assert committed_steps(root) == []
-        workers = job.track_tree()
-        assert len(workers) >= 2, "the two ranks should be running"
-        signalled = time.monotonic()
-        job.process.send_signal(signal.SIGTERM)  # the agent only: it forwards to the workers
-        code = job.wait(TORCHRUN_SHUTDOWN_WINDOW + 15)
-        took = time.monotonic() - signalled
-        # Every worker has ended by the time the agent has (it waited for them).
-        assert job.alive() == []
-    output = job.output
-
-    preempted = re.findall(r"^preempted at step=(\d+) rank=(\d+) ", output, re.MULTILINE)
-    assert sorted(rank for _, rank in preempted) == ["0", "1"], output
-    assert len({step for step, _ in preempted}) == 1, output
-    step = int(preempted[0][0])
-    assert step >= 3
-    # The workers left on their own, well before the agent's SIGKILL window ran out.
-    assert took < TORCHRUN_SHUTDOWN_WINDOW / 2, f"{took:.1f} s"
-    assert "forcefully exiting" not in output, output
-    # The agent reports nothing of its workers' exit codes on this path; their silence shows
-    # they did not fail: torch prefixes a worker's traceback with "[rankN]:", and a C++ abort
-    # at shutdown prints "terminate called".
-    assert not re.search(r"^\[rank\d+\]:|terminate called", output, re.MULTILINE), output
-
-    assert committed_steps(root) == [step]
-    assert last_target(root) == f"step-{step:08d}"
-    manifest = distckpt.load_checkpoint(root / "last").manifest
-    assert manifest.world_size == 2
-    assert sorted(manifest.files) == ["rank-00000.pt", "rank-00001.pt"]
-    ranks = [distckpt.load_checkpoint(root / "last", rank=r).state for r in (0, 1)]
-    assert [s["steps"]["step"] for s in ranks] == [step, step]
-    for name, tensor in ranks[0]["model"].items():
-        assert torch.equal(tensor, ranks[1]["model"][name]), f"replicas differ in {name}"
-    # Each rank saved its own generators, not a copy of rank 0's.
-    assert not torch.equal(ranks[0]["rng"]["torch"], ranks[1]["rng"]["torch"])
-
-    # torch 2.13's agent re-raises the SignalException after shutting the workers down, so
-    # torchrun exits 1 even though every worker exited 0; accept 0 should that change.
-    if code != 0:
-        assert "SignalException" in output and "got signal: 15" in output, output
-    print(f"torchrun exit code {code}, {took:.1f} s after SIGTERM, preempted at step {step}")
-
-
-@pytest.mark.torchrun
 @pytest.mark.timeout(120)
 def test_plain_python_run_preempted_and_resumed_bit_exactly(
     tmp_path: Path, train: ModuleType
@@ -472,7 +425,7 @@ def test_plain_python_run_preempted_and_resumed_bit_exactly(
     with Job([*PLAIN, *args], tmp_path, preloaded=True) as job:
         code = job.wait(60)
     assert code == 0, job.output
-    assert re.search(rf"^resumed from step {step} ", job.output, re.MULTILINE), job.output
+    resumed_once_from(step, job.output)
 
     loss, weights = expected_run(train, seed=seed, steps=steps, world_size=1)
     assert done_loss(job.output) == (steps, loss), job.output

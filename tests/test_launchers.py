@@ -1,4 +1,6 @@
-"""The multi-node and SLURM launchers in launch/."""
+"""The SLURM and multi-node launchers in launch/: their dry runs, stand-ins for Slurm's commands,
+and their refusals (two torchrun agents with c10d rendezvous train end to end in
+``tests/test_launch_demo.py``)."""
 
 from __future__ import annotations
 
@@ -6,62 +8,13 @@ import os
 import shlex
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-import distckpt
-from tests.ports import ReservedPort
 from tests.waiting import wait_until
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.mark.torchrun
-@pytest.mark.timeout(240)
-def test_two_torchrun_agents_with_c10d_rendezvous(tmp_path: Path) -> None:
-    """Two "nodes" (two torchrun agents on 127.0.0.1, --nnodes 2) train and checkpoint into
-    one root; the checkpoint holds both ranks' files. Started from another directory than the
-    repository's, with a relative --root: it is relative to the current directory."""
-    # The rendezvous port is held by this process until the agents are done: torch's TCPStore
-    # can still bind it (it sets SO_REUSEADDR), and no other process can meanwhile.
-    rendezvous = ReservedPort()
-    env = {
-        **os.environ,
-        "NNODES": "2",
-        "NPROC_PER_NODE": "1",
-        "RDZV_ENDPOINT": f"127.0.0.1:{rendezvous.port}",
-        "RDZV_ID": f"test-{os.getpid()}",
-        "PYTHON": sys.executable,
-        "OMP_NUM_THREADS": "1",
-    }
-    args = ["bash", str(REPO / "launch" / "multinode.sh"), "--root", "ckpt", "--steps", "12"]
-    args += ["--save-every", "5"]
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    agents = [
-        subprocess.Popen(
-            args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-        )
-        for _ in range(2)
-    ]
-    outputs = []
-    try:
-        for agent in agents:
-            out, _ = agent.communicate(timeout=200)
-            outputs.append(out)
-    finally:
-        for agent in agents:
-            agent.kill()
-        rendezvous.close()
-    for agent, out in zip(agents, outputs):
-        assert agent.returncode == 0, out[-3000:]
-    root = tmp_path / "ckpt"
-    assert distckpt.CheckpointManager(root).steps() == [5, 10, 12]
-    info = distckpt.CheckpointManager(root).checkpoints()[-1]
-    assert info.world_size == 2
-    assert distckpt.verify(root).ok
-    assert not (REPO / "ckpt").exists()
 
 
 def _dry_run(tmp_path: Path, **variables: str) -> str:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import tarfile
 import textwrap
 from pathlib import Path
 
@@ -26,33 +25,20 @@ from tests.lease_holders import (
     _record_as_another_machine,
     start_holder,
 )
-
-#: The package of an older version (commit e3b8cf7), whose lease records have no boot id and
-#: whose ``lease --break`` breaks a holder unless its host is this hostname (see
-#: tests/test_s3_set_aside.py, which keeps it for the same reason: a shallow clone lacks
-#: history).
-OLDER_VERSION_ARCHIVE = Path(__file__).parent / "fixtures/older-version/distckpt-e3b8cf7.tar.xz"
+from tests.older_version import OLDER_COMMAND_LINE, older_version_process
 
 
 def test_an_older_versions_break_refuses_a_live_holder_of_this_version_on_this_machine(
-    root: Path, holders: list[Holder], tmp_path: Path
+    root: Path, holders: list[Holder], older_distckpt: Path
 ) -> None:
     """This version's record keeps the keys an older version decodes (it ignores the boot id)
     and the plain hostname it compares: its ``lease --break`` finds the holder on its machine
     and alive, and refuses."""
-    older = tmp_path / "older"
-    with tarfile.open(OLDER_VERSION_ARCHIVE) as tar:
-        tar.extractall(older, filter="data")
     root.mkdir()
     first = start_holder(holders, root)
     assert first.line() == "held 1"
-    refused = subprocess.run(
-        [sys.executable, "-m", "distckpt", "lease", "--break", os.fspath(root)],
-        env=dict(os.environ, PYTHONPATH=os.fspath(older)),
-        cwd=older,
-        capture_output=True,
-        text=True,
-        timeout=STARTUP,
+    refused = older_version_process(
+        older_distckpt, OLDER_COMMAND_LINE, "lease", "--break", os.fspath(root)
     )
     assert refused.returncode == 2, refused.stderr
     assert f"pid {first.pid}" in refused.stderr and "stop it" in refused.stderr
@@ -76,7 +62,7 @@ def test_a_break_past_a_lingering_lock_leaves_the_requeued_job_one_lease(
     root: Path,
     holders: list[Holder],
     monkeypatch: pytest.MonkeyPatch,
-    tmp_path: Path,
+    older_distckpt: Path,
     waiting_version: str,
 ) -> None:
     """On NFS a dead machine's lock lingers until the server's lease ends, and the operator
@@ -103,11 +89,8 @@ def test_a_break_past_a_lingering_lock_leaves_the_requeued_job_one_lease(
         assert lingering.stdout is not None and lingering.stdout.readline().strip() == "locked"
         prefix: tuple[str, ...] = ()
         if waiting_version == "older":
-            older = tmp_path / "older"
-            with tarfile.open(OLDER_VERSION_ARCHIVE) as tar:
-                tar.extractall(older, filter="data")
             # its own directory first on the path, so that it imports its own package
-            prefix = ("env", "-C", os.fspath(older), f"PYTHONPATH={older}")
+            prefix = ("env", "-C", os.fspath(older_distckpt), f"PYTHONPATH={older_distckpt}")
         requeued = start_holder(holders, root, wait=STARTUP, prefix=prefix, announce=True)
         assert requeued.line() == "acquiring"
         claimed_during_the_write: list[str] = []
