@@ -18,6 +18,7 @@ pytest.importorskip("torchdata")
 import lightning
 from lightning.pytorch.plugins.precision import MixedPrecision
 from torchdata.stateful_dataloader import StatefulDataLoader
+from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 
 import distckpt
 from tests.lightning_tiny import FailsInSecondEpoch, TinyModule, fit_tiny
@@ -115,6 +116,41 @@ def test_a_fit_over_a_loader_without_length_saves_and_resumes_at_epoch_ends(
     assert resumed.epochs_started == [1, 2]
     for name, value in uninterrupted.state_dict().items():
         assert torch.equal(resumed.state_dict()[name], value), name
+
+
+class ShufflesInAWorker(RecordsBatches):
+    """Its loader shuffles by epoch (a sampler with ``set_epoch``) in a worker process, which
+    draws the epoch's order as soon as the iterator is built; records each batch's samples."""
+
+    def __init__(self, fail: bool) -> None:
+        super().__init__(fail)
+        self.samples: list[list[float]] = []
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        loss = super().training_step(batch, batch_idx)
+        self.samples.append(batch[:, 0].tolist())
+        return loss
+
+    def train_dataloader(self) -> StatefulDataLoader:
+        data = torch.randn(8, 4, generator=torch.Generator().manual_seed(0))
+        sampler = StatefulDistributedSampler(data, num_replicas=1, rank=0, seed=1)
+        return StatefulDataLoader(
+            data, 4, sampler=sampler, num_workers=1, generator=torch.Generator()
+        )
+
+
+def test_an_epoch_end_resume_shuffles_the_next_epoch_as_the_uninterrupted_fit(
+    tmp_path: Path,
+) -> None:
+    """The next epoch's iterator, built at the resume of an epoch-end checkpoint, is built
+    after the sampler's ``set_epoch`` of that epoch: a worker draws the order at once, and
+    drew the ended epoch's order again."""
+    limits = {"max_steps": 6}
+    uninterrupted = _fit(tmp_path / "uninterrupted", False, ShufflesInAWorker, **limits)
+    failed = _fit(tmp_path / "resumed", True, ShufflesInAWorker, **limits)
+    resumed = _fit(tmp_path / "resumed", False, ShufflesInAWorker, **limits)
+    assert uninterrupted.samples[:2] != uninterrupted.samples[2:4]  # epochs shuffled apart
+    assert failed.samples + resumed.samples == uninterrupted.samples
 
 
 def test_a_resume_restores_the_precision_plugins_grad_scaler(tmp_path: Path) -> None:
