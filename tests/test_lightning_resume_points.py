@@ -118,6 +118,28 @@ def test_a_fit_over_a_loader_without_length_saves_and_resumes_at_epoch_ends(
         assert torch.equal(resumed.state_dict()[name], value), name
 
 
+class AddsNoise(RecordsBatches):
+    """Adds noise from torch's global generator to each batch: its weights depend on every
+    draw from it, the one each loader without a generator of its own takes for an iterator."""
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        return super().training_step(batch + torch.randn_like(batch), batch_idx)
+
+
+def test_the_generators_are_restored_after_the_resumed_epochs_iterator_is_built(
+    tmp_path: Path,
+) -> None:
+    """The loader has no generator of its own: building its iterator draws from torch's
+    global one, as in the uninterrupted fit after the save. Restored before that build (at the
+    fit's start), the generators were a draw off and every later batch's noise differed."""
+    limits = {"max_steps": 6}
+    uninterrupted = _fit(tmp_path / "uninterrupted", False, AddsNoise, **limits)
+    _fit(tmp_path / "resumed", True, AddsNoise, **limits)
+    resumed = _fit(tmp_path / "resumed", False, AddsNoise, **limits)
+    for name, value in uninterrupted.state_dict().items():
+        assert torch.equal(resumed.state_dict()[name], value), name
+
+
 class ShufflesInAWorker(RecordsBatches):
     """Its loader shuffles by epoch (a sampler with ``set_epoch``) in a worker process, which
     draws the epoch's order as soon as the iterator is built; records each batch's samples."""
