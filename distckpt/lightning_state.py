@@ -24,8 +24,8 @@ class TrainerState:
     def __init__(self, trainer: Trainer) -> None:
         self.trainer = trainer
         self.ended_epoch = False
-        # Until finish_ended_epoch: an epoch-end checkpoint was restored (count_ended_epoch_
-        # completed clears ended_epoch before then).
+        # Set with ended_epoch; cleared only by finish_ended_epoch (an epoch-end checkpoint was
+        # restored), as count_ended_epoch_completed clears ended_epoch before then.
         self.next_epoch_to_start = False
         self.ended_epoch_loaders: list[dict[str, Any]] = []
 

@@ -5,6 +5,7 @@ weights it ends with, are those of the uninterrupted fit (the fits killed with S
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -88,7 +89,7 @@ def test_a_fit_with_max_steps_rerun_after_a_failure_resumes_an_epoch_end_checkpo
 class _TwoBatchesNoLength(torch.utils.data.IterableDataset):
     """The tiny module's 8 samples, from a dataset without ``len()``."""
 
-    def __iter__(self) -> Any:
+    def __iter__(self) -> Iterator[torch.Tensor]:
         yield from torch.randn(8, 4, generator=torch.Generator().manual_seed(0))
 
 

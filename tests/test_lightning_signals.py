@@ -344,6 +344,9 @@ def _pretend_slurm(monkeypatch: pytest.MonkeyPatch, **more: str) -> None:
         "SLURM_LOCALID": "0",
         "SLURM_NODEID": "0",
     }
+    # A runner that is itself a SLURM array task has these set: they would name its array.
+    for name in ("SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID"):
+        monkeypatch.delenv(name, raising=False)
     for name, value in {**variables, **more}.items():
         monkeypatch.setenv(name, value)
 
