@@ -24,6 +24,9 @@ class TrainerState:
     def __init__(self, trainer: Trainer) -> None:
         self.trainer = trainer
         self.ended_epoch = False
+        # Set with ended_epoch; cleared only by finish_ended_epoch (an epoch-end checkpoint was
+        # restored), as count_ended_epoch_completed clears ended_epoch before then.
+        self.next_epoch_to_start = False
         self.ended_epoch_loaders: list[dict[str, Any]] = []
 
     def state_dict(self) -> dict[str, Any]:
@@ -43,6 +46,7 @@ class TrainerState:
             # the loaders their saved (used-up) position, yet a sampler's generator must go on
             # from it. Kept back here; ``finish_ended_epoch`` applies it.
             self.ended_epoch = True
+            self.next_epoch_to_start = True
             self.ended_epoch_loaders = internal(fit_loop, "_combined_loader_states_to_load")
             set_internal(fit_loop, "_combined_loader_states_to_load", [])
         if state["precision"]:
@@ -79,10 +83,15 @@ class TrainerState:
         """After a restore of an epoch-end checkpoint, bring the loaders to where the uninterrupted
         run's were at that epoch's end: their saved position loaded and iterated to its end, so
         that a sampler's pending position (a ``StatefulDistributedSampler`` skips it lazily) is
-        used up. True if there was such a restore; then call :meth:`start_next_epoch`."""
+        used up. True if there was such a restore (a loader without a saved position too: its
+        iterator, built before the RNGs are restored, drew from them a draw early); then call
+        :meth:`start_next_epoch`."""
+        restored, self.next_epoch_to_start = self.next_epoch_to_start, False
         states, self.ended_epoch_loaders = self.ended_epoch_loaders, []
-        if not states:
+        if not restored:
             return False
+        if not states:
+            return True
         combined_loader = internal(self.trainer.fit_loop, "_combined_loader")
         assert combined_loader is not None
         internal(combined_loader, "_load_state_dicts")(states)

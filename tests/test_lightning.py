@@ -10,6 +10,7 @@ reference's bit for bit.
 
 from __future__ import annotations
 
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -163,3 +164,9 @@ def test_importing_distckpt_does_not_import_lightning() -> None:
     subprocess.run(
         [sys.executable, "-c", code], check=True, cwd=job_servers.ROOT, env=job_servers._env()
     )
+
+
+def test_the_launch_directorys_lightning_callback_is_the_packages() -> None:
+    """launch/README.md: ``launch/lightning_callback.py`` imports the package's callback."""
+    script = job_servers.ROOT / "launch" / "lightning_callback.py"
+    assert runpy.run_path(str(script))["DistckptCallback"] is DistckptCallback

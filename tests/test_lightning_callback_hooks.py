@@ -171,15 +171,28 @@ class AddsNothing(lightning.Callback):
         self.loaded = checkpoint
 
 
+class RewritesEntries(lightning.Callback):
+    """Has no ``on_load_checkpoint``; its ``on_save_checkpoint`` replaces Lightning's
+    ``state_dict`` entry (frozen weights left out), which nothing would read back."""
+
+    def on_save_checkpoint(
+        self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        weights = checkpoint["state_dict"].items()
+        checkpoint["state_dict"] = {key: value for key, value in weights if "backbone" not in key}
+
+
 def test_two_callbacks_adding_the_same_key_each_get_their_own_and_adding_nothing_costs_nothing(
     tmp_path: Path,
 ) -> None:
     """Each callback's hook has a dict of its own, saved under its ``state_key``: both get back
     the value they added under ``steps`` (in Lightning's one dict the second overwrote the
     first's). A callback whose hook added nothing has no entry in the checkpoint, and its
-    ``on_load_checkpoint`` gets Lightning's entries alone."""
+    ``on_load_checkpoint`` gets Lightning's entries alone; one without ``on_load_checkpoint``
+    whose hook replaced an entry of Lightning's has none either (a copy no hook reads back)."""
     events: Events = []
     first = [SameKey("one", 1, events), SameKey("ten", 10, events), AddsNothing()]
+    first.append(RewritesEntries())
     trainer = lightning.Trainer(
         max_epochs=1,
         callbacks=[DistckptCallback(str(tmp_path), every_n_epochs=1, fsync=False), *first],

@@ -243,6 +243,17 @@ def test_a_run_that_changes_its_format_resumes(tmp_path: Path, first: str, then:
     manager.close()
 
 
+def test_last_save_is_the_newest_checkpoint_saved_not_a_later_call_that_saved_nothing(
+    tmp_path: Path,
+) -> None:
+    """``last_save`` is the result of the newest checkpoint the fit saved: step 3 (the second
+    epoch's first batch), not the epoch-end call at step 4 that was not due (it read None)."""
+    trainer = fit_tiny(TinyModule(), tmp_path, epochs=2, every_n_epochs=None, every_n_steps=3)
+    callback = trainer.callbacks[0]
+    assert trainer.global_step == 4
+    assert callback.last_save is not None and callback.last_save.step == 3
+
+
 def test_a_teardown_whose_close_was_interrupted_keeps_the_manager_to_close_again(
     tmp_path: Path,
 ) -> None:

@@ -5,6 +5,7 @@ weights it ends with, are those of the uninterrupted fit (the fits killed with S
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +17,12 @@ pytest.importorskip("lightning")
 pytest.importorskip("torchdata")
 
 import lightning
+from lightning.pytorch.plugins.precision import MixedPrecision
 from torchdata.stateful_dataloader import StatefulDataLoader
+from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 
 import distckpt
-from tests.lightning_tiny import FailsInSecondEpoch, fit_tiny
+from tests.lightning_tiny import FailsInSecondEpoch, TinyModule, fit_tiny
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -43,11 +46,13 @@ class RecordsBatches(FailsInSecondEpoch):
         self.epochs_started.append(self.current_epoch)
 
 
-def _fit(root: Path, fail: bool, **trainer_options: Any) -> RecordsBatches:
-    """A fit of the same seeded module with ``trainer_options``; with ``fail``, the fit that
-    fails in its second epoch."""
+def _fit(
+    root: Path, fail: bool, kind: type[RecordsBatches] = RecordsBatches, **trainer_options: Any
+) -> RecordsBatches:
+    """A fit of the same seeded module (of class ``kind``) with ``trainer_options``; with
+    ``fail``, the fit that fails in its second epoch."""
     torch.manual_seed(0)
-    module = RecordsBatches(fail)
+    module = kind(fail)
     if fail:
         with pytest.raises(RuntimeError, match="failing on purpose"):
             fit_tiny(module, root, epochs=-1, trainer_options=trainer_options)
@@ -79,6 +84,111 @@ def test_a_fit_with_max_steps_rerun_after_a_failure_resumes_an_epoch_end_checkpo
     assert resumed.epochs_started == [1, 2]
     for name, value in uninterrupted.state_dict().items():
         assert torch.equal(resumed.state_dict()[name], value), name
+
+
+class _TwoBatchesNoLength(torch.utils.data.IterableDataset):
+    """The tiny module's 8 samples, from a dataset without ``len()``."""
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        yield from torch.randn(8, 4, generator=torch.Generator().manual_seed(0))
+
+
+class RecordsBatchesWithoutLength(RecordsBatches):
+    """Its loader has no length: Lightning counts ``num_training_batches`` as infinite and
+    knows an epoch's last batch only by its data fetcher's look-ahead (``is_last_batch``)."""
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(_TwoBatchesNoLength(), 4)
+
+
+def test_a_fit_over_a_loader_without_length_saves_and_resumes_at_epoch_ends(
+    tmp_path: Path,
+) -> None:
+    """An epoch's last batch is told by the fetcher's look-ahead where the loader has no
+    length: the save is taken at the epoch's end, and the rerun after a failure starts the
+    next epoch as the uninterrupted fit did. Told by the batch count alone, no epoch-end save
+    was ever taken (every epoch's last batch looked like the middle of one)."""
+    limits = {"max_steps": 6}
+    uninterrupted = _fit(tmp_path / "uninterrupted", False, RecordsBatchesWithoutLength, **limits)
+    failed = _fit(tmp_path / "resumed", True, RecordsBatchesWithoutLength, **limits)
+    assert distckpt.CheckpointManager(str(tmp_path / "resumed"), read_only=True).steps() == [2]
+    resumed = _fit(tmp_path / "resumed", False, RecordsBatchesWithoutLength, **limits)
+    assert failed.trained + resumed.trained == uninterrupted.trained
+    assert resumed.epochs_started == [1, 2]
+    for name, value in uninterrupted.state_dict().items():
+        assert torch.equal(resumed.state_dict()[name], value), name
+
+
+class AddsNoise(RecordsBatches):
+    """Adds noise from torch's global generator to each batch: its weights depend on every
+    draw from it, the one each loader without a generator of its own takes for an iterator."""
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        return super().training_step(batch + torch.randn_like(batch), batch_idx)
+
+
+def test_the_generators_are_restored_after_the_resumed_epochs_iterator_is_built(
+    tmp_path: Path,
+) -> None:
+    """The loader has no generator of its own: building its iterator draws from torch's
+    global one, as in the uninterrupted fit after the save. Restored before that build (at the
+    fit's start), the generators were a draw off and every later batch's noise differed."""
+    limits = {"max_steps": 6}
+    uninterrupted = _fit(tmp_path / "uninterrupted", False, AddsNoise, **limits)
+    _fit(tmp_path / "resumed", True, AddsNoise, **limits)
+    resumed = _fit(tmp_path / "resumed", False, AddsNoise, **limits)
+    for name, value in uninterrupted.state_dict().items():
+        assert torch.equal(resumed.state_dict()[name], value), name
+
+
+class ShufflesInAWorker(RecordsBatches):
+    """Its loader shuffles by epoch (a sampler with ``set_epoch``) in a worker process, which
+    draws the epoch's order as soon as the iterator is built; records each batch's samples."""
+
+    def __init__(self, fail: bool) -> None:
+        super().__init__(fail)
+        self.samples: list[list[float]] = []
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        loss = super().training_step(batch, batch_idx)
+        self.samples.append(batch[:, 0].tolist())
+        return loss
+
+    def train_dataloader(self) -> StatefulDataLoader:
+        data = torch.randn(8, 4, generator=torch.Generator().manual_seed(0))
+        sampler = StatefulDistributedSampler(data, num_replicas=1, rank=0, seed=1)
+        return StatefulDataLoader(
+            data, 4, sampler=sampler, num_workers=1, generator=torch.Generator()
+        )
+
+
+def test_an_epoch_end_resume_shuffles_the_next_epoch_as_the_uninterrupted_fit(
+    tmp_path: Path,
+) -> None:
+    """The next epoch's iterator, built at the resume of an epoch-end checkpoint, is built
+    after the sampler's ``set_epoch`` of that epoch: a worker draws the order at once, and
+    drew the ended epoch's order again."""
+    limits = {"max_steps": 6}
+    uninterrupted = _fit(tmp_path / "uninterrupted", False, ShufflesInAWorker, **limits)
+    failed = _fit(tmp_path / "resumed", True, ShufflesInAWorker, **limits)
+    resumed = _fit(tmp_path / "resumed", False, ShufflesInAWorker, **limits)
+    assert uninterrupted.samples[:2] != uninterrupted.samples[2:4]  # epochs shuffled apart
+    assert failed.samples + resumed.samples == uninterrupted.samples
+
+
+def test_a_resume_restores_the_precision_plugins_grad_scaler(tmp_path: Path) -> None:
+    """The GradScaler of 16-bit mixed precision (here on CPU) doubles its scale after every
+    step without overflow: the resumed fit goes on from the saved scale, and ends with the
+    uninterrupted fit's (a fresh scaler ended a resumed fit at a quarter of it)."""
+
+    def fit(root: Path, epochs: int) -> float:
+        scaler = torch.amp.GradScaler("cpu", init_scale=16.0, growth_interval=1)
+        precision = MixedPrecision("16-mixed", "cpu", scaler)
+        fit_tiny(TinyModule(), root, epochs, trainer_options={"plugins": [precision]})
+        return scaler.get_scale()
+
+    assert fit(tmp_path / "resumed", epochs=1) == 16.0 * 2**2
+    assert fit(tmp_path / "resumed", epochs=2) == fit(tmp_path / "uninterrupted", epochs=2)
 
 
 class ValidatesEveryTwoBatches(RecordsBatches):

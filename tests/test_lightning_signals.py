@@ -344,6 +344,9 @@ def _pretend_slurm(monkeypatch: pytest.MonkeyPatch, **more: str) -> None:
         "SLURM_LOCALID": "0",
         "SLURM_NODEID": "0",
     }
+    # A runner that is itself a SLURM array task has these set: they would name its array.
+    for name in ("SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID"):
+        monkeypatch.delenv(name, raising=False)
     for name, value in {**variables, **more}.items():
         monkeypatch.setenv(name, value)
 
@@ -388,13 +391,19 @@ def test_under_slurm_a_requeue_signal_not_saved_on_is_warned_about(
     callback.teardown(trainer, TinyModule(), "fit")
 
 
+@pytest.mark.parametrize(
+    ("array", "job_id"),
+    [({}, "4242"), ({"SLURM_ARRAY_JOB_ID": "77", "SLURM_ARRAY_TASK_ID": "3"}, "77_3")],
+    ids=["job", "array-task"],
+)
 def test_under_slurm_the_requeue_signal_saved_on_requeues_the_job_after_the_save(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, array: dict[str, str], job_id: str
 ) -> None:
     """Lightning installs its SLURM auto-requeue handler only where SIGUSR1 has none: the
     manager's (installed at ``setup``) turned it off, and the fit stopped after the preemption
     save with the job never requeued (it then exits 0, and SLURM counts it done). The callback
-    runs ``scontrol requeue`` once the save has committed."""
+    runs ``scontrol requeue`` once the save has committed, with the job's id as Lightning forms
+    it (an array task's: the array's id and the task's)."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "scontrol").write_text(SCONTROL)
@@ -406,10 +415,11 @@ def test_under_slurm_the_requeue_signal_saved_on_requeues_the_job_after_the_save
         SCONTROL_CALLS=str(calls),
         ROOT=str(tmp_path / "root"),
         PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        **array,
     )
     module = SendsSigusr1()
     trainer = fit_saving_on_signal_alone(module, tmp_path / "root", signal.SIGUSR1, epochs=2)
     assert type(trainer._accelerator_connector.cluster_environment).__name__ == "SLURMEnvironment"
     assert module.trained == [(0, 0), (0, 1)]
     assert distckpt.CheckpointManager(str(tmp_path / "root"), read_only=True).steps() == [2]
-    assert calls.read_text() == "requeue 4242 after step-00000002\n"
+    assert calls.read_text() == f"requeue {job_id} after step-00000002\n"
