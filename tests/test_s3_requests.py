@@ -16,9 +16,12 @@ import pytest
 import torch
 
 import distckpt
+from distckpt.checksums import crc32
 from distckpt.layout import LAST, MANIFEST_NAME, step_dir_name
+from distckpt.manifest import FileRecord
 from distckpt.storage.s3_checkpoint import S3Checkpoint
-from distckpt.storage.s3_root import CommitRecord, S3Root
+from distckpt.storage.s3_root import LISTED_OBJECTS_PER_STEP, CommitRecord, S3Root
+from distckpt.storage.s3_view import S3RootView
 from tests.s3proxy import S3Proxy
 from tests.s3server import S3Server
 from tests.waiting import after_rank_0_removals
@@ -95,10 +98,9 @@ def test_a_save_open_and_restore_send_at_most_the_requests_the_docs_state(
         manager.close()
     assert restored is not None and restored.step == KEPT + 1
     kept = KEPT + 1  # committed when the restore and the second open run
-    # one HEAD of COMMIT per kept step (the pointers' update), not two
+    # no HEAD of COMMIT: the pointers' update reads each step's from its listing of every object
     save_bounds = {
         "LIST saves": 2,  # the step rules' listing, the pointers' update's
-        "HEAD COMMIT": KEPT + 1,
         # the commit's check before and after COMMIT; the pointers' update checks the save
         # again (its objects may be lost after the commit's own listing)
         "LIST save": 3,
@@ -126,8 +128,7 @@ def test_a_save_open_and_restore_send_at_most_the_requests_the_docs_state(
     open_bounds = {
         "LIST root": 3,  # the root is reachable (rank 0, then every rank); leftovers
         "GET .lease": 2,  # the released lease (the exclusive create's refusal, then the take)
-        "LIST saves": 1,
-        "HEAD COMMIT": kept,
+        "LIST saves": 1,  # every object under the step prefixes: no HEAD of each COMMIT
         "GET COMMIT": kept,  # the check of each step (the search for leftovers reuses it)
         "HEAD manifest.json": kept,
         "GET manifest.json": kept,
@@ -138,22 +139,31 @@ def test_a_save_open_and_restore_send_at_most_the_requests_the_docs_state(
     assert not _over(opened, open_bounds), opened
 
 
-def _copy_as_steps(root: S3Root, source_step: int, steps: Iterable[int]) -> None:
+def _copy_as_steps(
+    root: S3Root, source_step: int, steps: Iterable[int], extra_files: int = 0
+) -> None:
     """Commit each of ``steps`` as a copy of the committed ``source_step``: its files copied
     inside the store, its manifest naming the step. A whole checkpoint in three requests, where
-    a save sends sixteen, so that a fast test's root keeps many steps."""
+    a save sends sixteen, so that a fast test's root keeps many steps. ``extra_files``: files of
+    one byte more in each copy, its manifest listing them (a save of many files)."""
     record = root.read_commit(source_step)
     assert record is not None
     source_prefix = root.attempt_prefix(source_step, record.attempt)
     manifest_key = source_prefix + MANIFEST_NAME
     files = [info for info in root.client.list(source_prefix) if info.key != manifest_key]
     manifest = S3Checkpoint(root, source_step).read_manifest()
+    extra = {
+        f"extra-{index:05d}": FileRecord(1, f"{crc32(b'x'):08x}") for index in range(extra_files)
+    }
+    listed = replace(manifest, files={**manifest.files, **extra})
 
     def copy(step: int) -> None:
         prefix = root.attempt_prefix(step, record.attempt)
         for info in files:
             root.client.copy(info.key, prefix + info.key[len(source_prefix) :], info.size)
-        root.client.put_bytes(prefix + MANIFEST_NAME, replace(manifest, step=step).to_json())
+        for name in extra:
+            root.client.put_bytes(prefix + name, b"x")
+        root.client.put_bytes(prefix + MANIFEST_NAME, replace(listed, step=step).to_json())
         root.client.put_bytes(root.commit_name(step), CommitRecord.encode(step, record.attempt))
 
     with ThreadPoolExecutor(4) as pool:
@@ -207,3 +217,86 @@ def test_a_load_asks_once_about_each_newer_step_a_dead_writer_left(
         counted = _counted(proxy, mark)
     assert counted["GET COMMIT"] == len(leftovers) + 1, counted
     assert counted["HEAD COMMIT"] == 0, counted
+
+
+def test_a_save_costs_as_much_with_22_kept_steps_as_with_3(
+    s3_server: S3Server, s3_url: str
+) -> None:
+    """The pointers' update after a commit reads every step's ``COMMIT`` from one listing of
+    the objects under the step prefixes (one page here), not from a ``HEAD`` per step: a save
+    sends no request per kept step."""
+    with distckpt.CheckpointManager(s3_url, storage_options=s3_server.storage_options()) as m:
+        m.save(1, _state(1))
+    direct = S3Root(s3_url, s3_server.storage_options())  # not counted, nor slowed by the proxy
+    _copy_as_steps(direct, 1, [2])
+    with S3Proxy(s3_server.port) as proxy:
+        options = s3_server.storage_options(endpoint_url=proxy.endpoint)
+        manager = distckpt.CheckpointManager(s3_url, storage_options=options, keep_last=100)
+        costs = []
+        for kept, copies in ((3, range(0)), (22, range(5, 22))):
+            _copy_as_steps(direct, 1, copies)
+            # the first save after the open or the copies checks the steps it has not seen
+            manager.save(kept, _state(kept))
+            after_rank_0_removals(manager)
+            mark = len(proxy.log)
+            manager.save(kept + 1, _state(kept + 1))
+            after_rank_0_removals(manager)
+            costs.append(_counted(proxy, mark))
+        manager.close()
+    assert len(direct.committed_steps()) == 23
+    direct.close()
+    assert costs[0] == costs[1], costs
+    assert costs[0]["HEAD COMMIT"] == 0 and costs[0]["LIST saves"] == 2, costs[0]
+
+
+def test_a_save_of_many_files_asks_about_each_step_rather_than_list_every_file(
+    s3_server: S3Server, s3_url: str
+) -> None:
+    """Saves of more than LISTED_OBJECTS_PER_STEP objects each: the pointers' update lists the
+    step prefixes and sends a HEAD of each step's COMMIT, as many requests as before the
+    listing of every object came, and no page of a listing per 1000 of their files."""
+    with distckpt.CheckpointManager(s3_url, storage_options=s3_server.storage_options()) as m:
+        m.save(1, _state(1))
+    direct = S3Root(s3_url, s3_server.storage_options())
+    _copy_as_steps(direct, 1, [2, 3], extra_files=3 * LISTED_OBJECTS_PER_STEP)
+    direct.close()
+    with S3Proxy(s3_server.port) as proxy:
+        options = s3_server.storage_options(endpoint_url=proxy.endpoint)
+        with distckpt.CheckpointManager(s3_url, storage_options=options) as manager:
+            manager.save(4, _state(4))  # the first after the open: it reads no manifest
+            after_rank_0_removals(manager)
+            mark = len(proxy.log)
+            manager.save(5, _state(5))
+            after_rank_0_removals(manager)
+            counted = _counted(proxy, mark)
+    # the step rules' listing and the update's, then a HEAD of each of the 5 steps' COMMIT
+    assert (counted["LIST saves"], counted["HEAD COMMIT"]) == (2, 5), counted
+
+
+def test_a_listing_of_steps_of_many_files_stops_and_asks_about_each_step(
+    s3_server: S3Server, s3_url: str
+) -> None:
+    """A process that read no manifest (a reader) lists every object under the step prefixes,
+    but stops at the end of a page past which more than LISTED_OBJECTS_PER_STEP objects per
+    step were listed: it lists the step prefixes and asks about each step's COMMIT instead."""
+    with distckpt.CheckpointManager(s3_url, storage_options=s3_server.storage_options()) as m:
+        m.save(1, _state(1))
+    direct = S3Root(s3_url, s3_server.storage_options())
+    # a dead writer's save of many files, left uncommitted
+    dead = 100
+    names = [direct.attempt_prefix(2, "dead") + f"rank-{rank:05d}.pt" for rank in range(dead)]
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda name: direct.client.put_bytes(name, b"x"), names))
+    direct.close()
+    with S3Proxy(s3_server.port) as proxy:
+        proxy.short_pages(20, "list-type=2")  # a page of 1000 asks for 1000 objects more
+        options = s3_server.storage_options(endpoint_url=proxy.endpoint)
+        view = S3RootView(s3_url, options)
+        assert view.committed_steps() == [1]
+        view.s3.close()
+        counted = _counted(proxy, 0)
+    # 3 objects of step 1, then the dead ones, 20 a page: 2 steps listed from the first page
+    # on, and 4 pages hold 80 objects, past 2 * LISTED_OBJECTS_PER_STEP, before the last one
+    assert 3 + dead > 4 * 20 > 2 * LISTED_OBJECTS_PER_STEP >= 3 * 20
+    # those 4 pages, the step prefixes, a HEAD of each step's COMMIT
+    assert counted == {"LIST saves": 4 + 1, "HEAD COMMIT": 2}, counted

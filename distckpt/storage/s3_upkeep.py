@@ -27,13 +27,7 @@ from distckpt.errors import (
     ObjectNotFound,
     PreconditionFailed,
 )
-from distckpt.layout import (
-    BEST,
-    LAST,
-    parse_set_aside_name,
-    parse_step_dir_name,
-    step_dir_name,
-)
+from distckpt.layout import BEST, LAST, parse_set_aside_name, parse_step_dir_name, step_dir_name
 from distckpt.lease import local_process_gone
 from distckpt.lock import Leftover
 from distckpt.manifest import Manifest
@@ -48,6 +42,7 @@ from distckpt.storage.s3_root import (
     UNKNOWN_ATTEMPT,
     WRITERS_PREFIX,
     CommitRecord,
+    step_of_commit,
 )
 from distckpt.storage.s3_set_aside import SetAside, save_whose_manifest
 from distckpt.storage.s3_view import S3RootView
@@ -330,8 +325,8 @@ class Upkeep(SetAside):
         for info in self.s3.client.list(""):
             head, slash, rest = info.key.partition("/")
             step = parse_step_dir_name(head)
-            if step is not None and rest == COMMIT_NAME:
-                listed_commits[step] = info.etag
+            if (committed := step_of_commit(info.key)) is not None:
+                listed_commits[committed] = info.etag
             set_aside = parse_set_aside_name(head)
             if step is not None and (shown := _root_inside(rest)) is not None:
                 inside, needs_a_record = shown
