@@ -228,31 +228,35 @@ def test_a_commit_record_is_remembered_under_the_step_it_was_read_from(
     assert root.known_commit(2, named.etag) == named
 
 
+@pytest.mark.parametrize(
+    ("listing", "call"), [("list_dirs", "listed_steps"), ("list_pages", "committed_steps")]
+)
 def test_a_listing_that_overlaps_this_processs_own_commit_keeps_what_it_committed(
-    s3_server: S3Server, s3_url: str
+    s3_server: S3Server, s3_url: str, listing: str, call: str
 ) -> None:
-    """A listing of every step forgets the steps it no longer finds; a step this process
-    commits while that listing runs (an async save beside ``steps()``) is missing from it, and
-    its record and manifest stay kept (forgetting them would only cost requests again)."""
+    """A listing of every step (of the step prefixes, or of every object under them) forgets
+    the steps it no longer finds; a step this process commits while that listing runs (an
+    async save beside ``steps()``) is missing from it, and its record and manifest stay kept
+    (forgetting them would only cost requests again)."""
     options = s3_server.storage_options()
     with distckpt.CheckpointManager(s3_url, storage_options=options, keep_last=5) as mgr:
         mgr.save(1, _state(1))
         s3 = mgr._store.s3  # type: ignore[attr-defined]
-        real_list_dirs = s3.client.list_dirs
+        real_listing = getattr(s3.client, listing)
         served, resume = threading.Event(), threading.Event()
 
-        def listing_held_after_its_last_page(prefix: str = "") -> Any:
+        def listing_held_after_its_last_page(prefix: str = "", **kwargs: Any) -> Any:
             # Our own call wrapped: only so can the save land between the listing's last
             # page and its end; the listing and the save are real requests to the server.
-            names = list(real_list_dirs(prefix))
+            names = list(real_listing(prefix, **kwargs))
             if threading.current_thread().name == "lister":
                 served.set()
                 resume.wait(30)
             yield from names
 
-        s3.client.list_dirs = listing_held_after_its_last_page
+        setattr(s3.client, listing, listing_held_after_its_last_page)
         listed: list[list[int]] = []
-        lister = threading.Thread(target=lambda: listed.append(s3.listed_steps()), name="lister")
+        lister = threading.Thread(target=lambda: listed.append(getattr(s3, call)()), name="lister")
         lister.start()
         try:
             assert served.wait(30)
