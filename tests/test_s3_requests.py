@@ -161,8 +161,8 @@ def _copy_as_steps(
         prefix = root.attempt_prefix(step, record.attempt)
         for info in files:
             root.client.copy(info.key, prefix + info.key[len(source_prefix) :], info.size)
-        for name in extra:
-            root.client.put_bytes(prefix + name, b"x")
+        with ThreadPoolExecutor(4) as files_pool:
+            list(files_pool.map(lambda name: root.client.put_bytes(prefix + name, b"x"), extra))
         root.client.put_bytes(prefix + MANIFEST_NAME, replace(listed, step=step).to_json())
         root.client.put_bytes(root.commit_name(step), CommitRecord.encode(step, record.attempt))
 
