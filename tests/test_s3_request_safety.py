@@ -228,6 +228,25 @@ def test_a_commit_record_is_remembered_under_the_step_it_was_read_from(
     assert root.known_commit(2, named.etag) == named
 
 
+def test_a_commit_under_a_step_prefix_of_another_width_is_not_the_steps_commit(
+    s3_server: S3Server, s3_url: str
+) -> None:
+    """``step-2/COMMIT`` (a width no manager writes), listed after ``step-00000002/COMMIT``,
+    is not step 2's: the ETag read from the listing is the one a ``HEAD`` of step 2's own
+    ``COMMIT`` reads, and step 2 is no longer committed once that one is deleted."""
+    root = S3Root(s3_url, s3_server.storage_options())
+    try:
+        for step in (1, 2):
+            root.client.put_bytes(root.commit_name(step), CommitRecord.encode(step, OTHER_ATTEMPT))
+        root.client.put_bytes("step-2/COMMIT", CommitRecord.encode(2, "stray"))
+        heads = {step: root.client.head(root.commit_name(step)).etag for step in (1, 2)}
+        assert root.commit_etags() == heads
+        root.client.delete_one(root.commit_name(2))
+        assert root.committed_steps() == [1]
+    finally:
+        root.close()
+
+
 @pytest.mark.parametrize(
     ("listing", "call"), [("list_dirs", "listed_steps"), ("list_pages", "committed_steps")]
 )

@@ -86,9 +86,11 @@ class CommitRecord:
 def step_of_commit(key: str) -> int | None:
     """The step whose ``COMMIT`` object ``key`` (relative to the root) is, or None when it is
     no step's ``COMMIT``: a listing's entry of that key, with its ETag, tells as much as a
-    ``HEAD`` of it on a strongly consistent store."""
-    step_name, slash, rest = key.partition("/")
-    return parse_step_dir_name(step_name) if slash and rest == COMMIT_NAME else None
+    ``HEAD`` of it on a strongly consistent store. Only the name :meth:`S3Root.commit_name`
+    gives is one: ``step-2/COMMIT`` (another width, which no manager writes) is not step 2's,
+    nor may its ETag stand for that of ``step-00000002/COMMIT``, which a ``HEAD`` reads."""
+    step = parse_step_dir_name(key.partition("/")[0])
+    return step if step is not None and key == S3Root.commit_name(step) else None
 
 
 class S3Root:
