@@ -19,8 +19,9 @@ import distckpt
 from distckpt.checksums import crc32
 from distckpt.layout import LAST, MANIFEST_NAME, step_dir_name
 from distckpt.manifest import FileRecord
+from distckpt.storage import s3_root
 from distckpt.storage.s3_checkpoint import S3Checkpoint
-from distckpt.storage.s3_root import LISTED_OBJECTS_PER_STEP, CommitRecord, S3Root
+from distckpt.storage.s3_root import CommitRecord, S3Root
 from distckpt.storage.s3_view import S3RootView
 from tests.s3proxy import S3Proxy
 from tests.s3server import S3Server
@@ -219,84 +220,91 @@ def test_a_load_asks_once_about_each_newer_step_a_dead_writer_left(
     assert counted["HEAD COMMIT"] == 0, counted
 
 
-def test_a_save_costs_as_much_with_22_kept_steps_as_with_3(
+def test_reading_the_committed_steps_costs_one_listing_with_22_steps_as_with_3(
     s3_server: S3Server, s3_url: str
 ) -> None:
-    """The pointers' update after a commit reads every step's ``COMMIT`` from one listing of
-    the objects under the step prefixes (one page here), not from a ``HEAD`` per step: a save
-    sends no request per kept step."""
+    """What a save's pointers' update reads of every step, each step's ``COMMIT`` and its
+    ETag, comes from one listing of every object under the step prefixes (one page here), not
+    a ``HEAD`` per step: with the save's other requests, which the bounds above hold for any
+    N, a save costs no request per kept step."""
     with distckpt.CheckpointManager(s3_url, storage_options=s3_server.storage_options()) as m:
         m.save(1, _state(1))
     direct = S3Root(s3_url, s3_server.storage_options())  # not counted, nor slowed by the proxy
-    _copy_as_steps(direct, 1, [2])
+    costs = []
     with S3Proxy(s3_server.port) as proxy:
         options = s3_server.storage_options(endpoint_url=proxy.endpoint)
-        manager = distckpt.CheckpointManager(s3_url, storage_options=options, keep_last=100)
-        costs = []
-        for kept, copies in ((3, range(0)), (22, range(5, 22))):
+        for copies in ([2, 3], range(4, 23)):
             _copy_as_steps(direct, 1, copies)
-            # the first save after the open or the copies checks the steps it has not seen
-            manager.save(kept, _state(kept))
-            after_rank_0_removals(manager)
+            root = S3Root(s3_url, options)
             mark = len(proxy.log)
-            manager.save(kept + 1, _state(kept + 1))
-            after_rank_0_removals(manager)
+            assert root.committed_steps() == list(range(1, max(copies) + 1))
             costs.append(_counted(proxy, mark))
-        manager.close()
-    assert len(direct.committed_steps()) == 23
+            root.close()
     direct.close()
-    assert costs[0] == costs[1], costs
-    assert costs[0]["HEAD COMMIT"] == 0 and costs[0]["LIST saves"] == 2, costs[0]
+    assert costs[0] == costs[1] == {"LIST saves": 1}, costs
 
 
-def test_a_save_of_many_files_asks_about_each_step_rather_than_list_every_file(
-    s3_server: S3Server, s3_url: str
+def test_saves_of_many_files_are_listed_while_they_fit_a_page_else_asked_about_per_step(
+    s3_server: S3Server, s3_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Saves of more than LISTED_OBJECTS_PER_STEP objects each: the pointers' update lists the
-    step prefixes and sends a HEAD of each step's COMMIT, as many requests as before the
-    listing of every object came, and no page of a listing per 1000 of their files."""
+    """A process keeping the manifests of saves of more than LISTED_OBJECTS_PER_STEP objects
+    each (a writer, once open) reads the committed steps from one listing of every object
+    while those steps fit a page (LISTING_PAGE objects), as an open does; past that, it lists
+    the step prefixes and sends a HEAD of each step's COMMIT (as many requests as before the
+    listing of every object came), not a page of a listing per LISTING_PAGE of their files."""
+    # The rules at a fraction of their numbers: at the real ones this root would need saves
+    # of hundreds of files, which take minutes to write to the test server.
+    monkeypatch.setattr(s3_root, "LISTED_OBJECTS_PER_STEP", 4)
     with distckpt.CheckpointManager(s3_url, storage_options=s3_server.storage_options()) as m:
         m.save(1, _state(1))
     direct = S3Root(s3_url, s3_server.storage_options())
-    _copy_as_steps(direct, 1, [2, 3], extra_files=3 * LISTED_OBJECTS_PER_STEP)
+    copies = [2, 3, 4]
+    _copy_as_steps(direct, 1, copies, extra_files=12)
     direct.close()
+    costs = []
     with S3Proxy(s3_server.port) as proxy:
-        options = s3_server.storage_options(endpoint_url=proxy.endpoint)
-        with distckpt.CheckpointManager(s3_url, storage_options=options) as manager:
-            manager.save(4, _state(4))  # the first after the open: it reads no manifest
-            after_rank_0_removals(manager)
+        root = S3Root(s3_url, s3_server.storage_options(endpoint_url=proxy.endpoint))
+        for step in copies:
+            S3Checkpoint(root, step).read_manifest()  # as the open of a writer reads them
+        objects = sum(len(manifest.files) + 2 for manifest in root.manifests.values())
+        assert objects > 4 * len(copies)  # more than LISTED_OBJECTS_PER_STEP each
+        # those steps fit a page of 1000 (the real one), not one of objects - 1
+        for page in (s3_root.LISTING_PAGE, objects - 1):
+            monkeypatch.setattr(s3_root, "LISTING_PAGE", page)
             mark = len(proxy.log)
-            manager.save(5, _state(5))
-            after_rank_0_removals(manager)
-            counted = _counted(proxy, mark)
-    # the step rules' listing and the update's, then a HEAD of each of the 5 steps' COMMIT
-    assert (counted["LIST saves"], counted["HEAD COMMIT"]) == (2, 5), counted
+            assert root.committed_steps() == [1, *copies]
+            costs.append(_counted(proxy, mark))
+        root.close()
+    assert costs == [{"LIST saves": 1}, {"LIST saves": 1, "HEAD COMMIT": 4}], costs
 
 
 def test_a_listing_of_steps_of_many_files_stops_and_asks_about_each_step(
-    s3_server: S3Server, s3_url: str
+    s3_server: S3Server, s3_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A process that read no manifest (a reader) lists every object under the step prefixes,
     but stops at the end of a page past which more than LISTED_OBJECTS_PER_STEP objects per
     step were listed: it lists the step prefixes and asks about each step's COMMIT instead."""
+    # The rule at a fraction of its number: at the real one this root would need a dead save
+    # of hundreds of files, which take seconds to write to the test server.
+    monkeypatch.setattr(s3_root, "LISTED_OBJECTS_PER_STEP", 4)
     with distckpt.CheckpointManager(s3_url, storage_options=s3_server.storage_options()) as m:
         m.save(1, _state(1))
     direct = S3Root(s3_url, s3_server.storage_options())
     # a dead writer's save of many files, left uncommitted
-    dead = 100
+    dead = 12
     names = [direct.attempt_prefix(2, "dead") + f"rank-{rank:05d}.pt" for rank in range(dead)]
     with ThreadPoolExecutor(4) as pool:
         list(pool.map(lambda name: direct.client.put_bytes(name, b"x"), names))
     direct.close()
     with S3Proxy(s3_server.port) as proxy:
-        proxy.short_pages(20, "list-type=2")  # a page of 1000 asks for 1000 objects more
+        proxy.short_pages(3, "list-type=2")
         options = s3_server.storage_options(endpoint_url=proxy.endpoint)
         view = S3RootView(s3_url, options)
         assert view.committed_steps() == [1]
         view.s3.close()
         counted = _counted(proxy, 0)
-    # 3 objects of step 1, then the dead ones, 20 a page: 2 steps listed from the first page
-    # on, and 4 pages hold 80 objects, past 2 * LISTED_OBJECTS_PER_STEP, before the last one
-    assert 3 + dead > 4 * 20 > 2 * LISTED_OBJECTS_PER_STEP >= 3 * 20
-    # those 4 pages, the step prefixes, a HEAD of each step's COMMIT
-    assert counted == {"LIST saves": 4 + 1, "HEAD COMMIT": 2}, counted
+    # 3 objects of step 1, then the dead ones, 3 a page: 2 steps listed from the second page
+    # on, and 3 pages hold 9 objects, past 2 * LISTED_OBJECTS_PER_STEP, before the last one
+    assert 3 + dead > 3 * 3 > 2 * 4 >= 2 * 3
+    # those 3 pages, the step prefixes, a HEAD of each step's COMMIT
+    assert counted == {"LIST saves": 3 + 1, "HEAD COMMIT": 2}, counted

@@ -64,8 +64,12 @@ DOWNLOAD_CONCURRENCY = 4
 #: 1000 objects, rather than by a ``HEAD`` of each step's ``COMMIT``: at 32, a page covers 31
 #: steps or more, and S3 prices a LIST as 12.5 HEADs (on moto a page of 1000 took as long as
 #: about 100 HEADs sent four at a time). So a save of up to 30 files (one a rank, for 30 ranks)
-#: sends no request per step kept.
+#: sends no request per step kept. More objects a step are listed too while the steps a
+#: process keeps fit one page of :data:`LISTING_PAGE` objects.
 LISTED_OBJECTS_PER_STEP = 32
+#: The objects a page of the listing of every object under the step prefixes asks for (S3's
+#: most a page holds).
+LISTING_PAGE = 1000
 #: the attempt a damaged ``COMMIT`` names (unknown); no attempt token is empty
 UNKNOWN_ATTEMPT = ""
 
@@ -219,24 +223,27 @@ class S3Root:
             return {step: etag for step, etag in zip(steps, etags) if etag is not None}
 
     def _listing_pays(self) -> bool:
-        """Whether the saves whose manifests this process keeps have at most
-        :data:`LISTED_OBJECTS_PER_STEP` objects each on average (with their manifest and
-        ``COMMIT``); in a process that keeps none, the listing's pages tell
+        """Whether the saves whose manifests this process keeps (their files, manifest and
+        ``COMMIT``) have at most :data:`LISTED_OBJECTS_PER_STEP` objects each on average, or
+        so few steps of them fit one page: their average times the steps this process keeps
+        at most :data:`LISTING_PAGE`. In a process that keeps none, the listing's pages tell
         (:meth:`_listed_commits`)."""
         manifests = list(self.manifests.values())  # a copy: another thread may change it
         objects = sum(len(manifest.files) + 2 for manifest in manifests)
-        return objects <= LISTED_OBJECTS_PER_STEP * len(manifests)
+        if objects <= LISTED_OBJECTS_PER_STEP * len(manifests):
+            return True
+        return objects * len(self._kept_steps()) <= LISTING_PAGE * len(manifests)
 
     def _listed_commits(self) -> dict[int, str] | None:
         """Each committed step with its ``COMMIT``'s ETag, from one listing of every object
-        under the step prefixes; None when a page before the last holds more than
-        :data:`LISTED_OBJECTS_PER_STEP` objects per step listed so far: the rest would cost
-        more pages than a ``HEAD`` per step costs."""
+        under the step prefixes; None when, at the end of a page before the last, the objects
+        listed so far are more than :data:`LISTED_OBJECTS_PER_STEP` times the steps listed so
+        far: the rest would cost more pages than a ``HEAD`` per step costs."""
         kept = self._kept_steps()
         listed: set[int] = set()
         commits: dict[int, str] = {}
         objects = 0
-        for page in self.client.list_pages("step-"):
+        for page in self.client.list_pages("step-", page_size=LISTING_PAGE):
             for info in page.objects:
                 step = parse_step_dir_name(info.key.partition("/")[0])
                 if step is not None and "/" in info.key:
