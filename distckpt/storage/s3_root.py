@@ -207,10 +207,12 @@ class S3Root:
 
     def commit_etags(self, from_step: int = 0) -> dict[int, str]:
         """Each committed step from ``from_step`` on, with its ``COMMIT``'s ETag. Of every
-        step (``from_step`` 0), where the saves have few files (:meth:`_listing_pays`): one
-        listing of every object under the step prefixes (one page per 1000 objects), which
-        shows each ``COMMIT`` and its ETag, no request per step; like :meth:`listed_steps`,
-        it forgets the steps no longer found. Else, and from a later step (the step rules',
+        step (``from_step`` 0), where that pays (:meth:`_listing_pays`: saves of few files,
+        or few enough steps of them to fit a page) and its pages show no more objects a step
+        than that (:meth:`_listed_commits`): one listing of every object under the step
+        prefixes (a page per :data:`LISTING_PAGE` objects), which shows each ``COMMIT`` and
+        its ETag, no request per step; like :meth:`listed_steps`, it forgets the steps no
+        longer found. Else, and from a later step (the step rules',
         usually past every step): the step prefixes listed, and a ``HEAD`` of ``COMMIT`` for
         each from ``from_step`` on."""
         if from_step == 0 and self._listing_pays():
