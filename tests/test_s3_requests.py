@@ -284,9 +284,11 @@ def test_saves_of_many_files_are_listed_while_they_fit_a_page_else_asked_about_p
 def test_a_listing_of_steps_of_many_files_stops_and_asks_about_each_step(
     s3_server: S3Server, s3_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A process that read no manifest (a reader) lists every object under the step prefixes,
-    but stops at the end of a page past which more than LISTED_OBJECTS_PER_STEP objects per
-    step were listed: it lists the step prefixes and asks about each step's COMMIT instead."""
+    """A process that read no manifest (a reader), or one whose manifests tell that the steps
+    fit a page (a writer) in a root holding more than they name (a dead writer's save), lists
+    every object under the step prefixes, but stops at the end of a page past which more than
+    LISTED_OBJECTS_PER_STEP objects per step were listed: it lists the step prefixes and asks
+    about each step's COMMIT instead."""
     # The rule at a fraction of its number: at the real one this root would need a dead save
     # of hundreds of files, which take seconds to write to the test server.
     monkeypatch.setattr(s3_root, "LISTED_OBJECTS_PER_STEP", 4)
@@ -306,8 +308,15 @@ def test_a_listing_of_steps_of_many_files_stops_and_asks_about_each_step(
         assert view.committed_steps() == [1]
         view.s3.close()
         counted = _counted(proxy, 0)
+        writer = S3Root(s3_url, options)
+        S3Checkpoint(writer, 1).read_manifest()  # as its open reads it
+        assert writer._listing_pays()  # by that manifest, its step fits a page
+        mark = len(proxy.log)
+        assert writer.committed_steps() == [1]
+        writer_counted = _counted(proxy, mark)
+        writer.close()
     # 3 objects of step 1, then the dead ones, 3 a page: 2 steps listed from the second page
     # on, and 3 pages hold 9 objects, past 2 * LISTED_OBJECTS_PER_STEP, before the last one
     assert 3 + dead > 3 * 3 > 2 * 4 >= 2 * 3
     # those 3 pages, the step prefixes, a HEAD of each step's COMMIT
-    assert counted == {"LIST saves": 3 + 1, "HEAD COMMIT": 2}, counted
+    assert counted == writer_counted == {"LIST saves": 3 + 1, "HEAD COMMIT": 2}, counted
