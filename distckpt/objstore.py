@@ -35,7 +35,6 @@ import random
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 from distckpt.checksums import crc32, crc32_base64, crc32_hex_of_base64
@@ -50,6 +49,7 @@ from distckpt.errors import (
 )
 from distckpt.objclient import make_client
 from distckpt.objcodes import DELETE_IF_MATCH, RefusedConditions, classify, refuses_condition
+from distckpt.objinfo import ObjectInfo, ObjectPage
 from distckpt.objoptions import (
     check_option_names,
     check_option_types,
@@ -73,18 +73,6 @@ DEFAULT_ATTEMPTS = 5  # botocore's "standard" mode: 1 try + 4 retries, backoff u
 _DELETE_BATCH = 1000  # DeleteObjects' limit
 _CONFLICT_RETRIES = 4  # 409 ConditionalRequestConflict: a concurrent conditional write
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class ObjectInfo:
-    """What the store says about one object. ``crc32`` is the store's own full-object CRC-32 in
-    distckpt's notation (8 hex digits, as in manifests), when the store keeps one (not in
-    listings; not for multipart objects with per-part checksums)."""
-
-    key: str
-    size: int
-    etag: str
-    crc32: str | None = None
 
 
 class ObjectStore:
@@ -379,10 +367,21 @@ class ObjectStore:
         page of ``page_size`` at a time. ``top_level``: only those with no ``/`` after
         ``prefix`` (a ``/``-delimited listing, whose cost does not grow with the objects
         under the names it rolls up)."""
+        for page in self.list_pages(prefix, page_size=page_size, top_level=top_level):
+            yield from page.objects
+
+    def list_pages(
+        self, prefix: str = "", *, page_size: int = 1000, top_level: bool = False
+    ) -> Iterator[ObjectPage]:
+        """The objects of :meth:`list`, a page (one request) at a time: a caller may stop
+        before the next page is asked for."""
         delimiter = "/" if top_level else None
         for page in self._list_pages(prefix, page_size=page_size, delimiter=delimiter):
-            for item in page.get("Contents", []):
-                yield ObjectInfo(self.url.relative(item["Key"]), int(item["Size"]), item["ETag"])
+            objects = [
+                ObjectInfo(self.url.relative(item["Key"]), int(item["Size"]), item["ETag"])
+                for item in page.get("Contents", [])
+            ]
+            yield ObjectPage(objects, last=not page.get("IsTruncated"))
 
     def list_dirs(self, prefix: str = "") -> Iterator[str]:
         """The distinct ``<prefix>...X/`` that relative keys starting with ``prefix`` begin

@@ -416,6 +416,7 @@ def test_a_step_dir_of_another_width_is_listed_and_restored(tmp_path: Path, name
         assert mgr.latest_step() == 5
         assert torch.equal(mgr.restore(5).state["w"], torch.full((2,), 5.0))
         assert mgr.restore("last").step == 5
+        assert mgr.gc() == [] and (tmp_path / name).is_dir()  # a step, no leftover
         assert main(["verify", str(tmp_path)]) == 0
         # Steps above 8 digits are the same rule the other way: a wider name of distckpt's own.
         wide = mgr.save(123_456_789, {"w": torch.zeros(2)})

@@ -228,31 +228,54 @@ def test_a_commit_record_is_remembered_under_the_step_it_was_read_from(
     assert root.known_commit(2, named.etag) == named
 
 
-def test_a_listing_that_overlaps_this_processs_own_commit_keeps_what_it_committed(
+def test_a_commit_under_a_step_prefix_of_another_width_is_not_the_steps_commit(
     s3_server: S3Server, s3_url: str
 ) -> None:
-    """A listing of every step forgets the steps it no longer finds; a step this process
-    commits while that listing runs (an async save beside ``steps()``) is missing from it, and
-    its record and manifest stay kept (forgetting them would only cost requests again)."""
+    """``step-2/COMMIT`` (a width no manager writes), listed after ``step-00000002/COMMIT``,
+    is not step 2's: the ETag read from the listing is the one a ``HEAD`` of step 2's own
+    ``COMMIT`` reads, and step 2 is no longer committed once that one is deleted."""
+    root = S3Root(s3_url, s3_server.storage_options())
+    try:
+        for step in (1, 2):
+            root.client.put_bytes(root.commit_name(step), CommitRecord.encode(step, OTHER_ATTEMPT))
+        root.client.put_bytes("step-2/COMMIT", CommitRecord.encode(2, "stray"))
+        heads = {step: root.client.head(root.commit_name(step)).etag for step in (1, 2)}
+        assert root.commit_etags() == heads
+        root.client.delete_one(root.commit_name(2))
+        assert root.committed_steps() == [1]
+    finally:
+        root.close()
+
+
+@pytest.mark.parametrize(
+    ("listing", "call"), [("list_dirs", "listed_steps"), ("list_pages", "committed_steps")]
+)
+def test_a_listing_that_overlaps_this_processs_own_commit_keeps_what_it_committed(
+    s3_server: S3Server, s3_url: str, listing: str, call: str
+) -> None:
+    """A listing of every step (of the step prefixes, or of every object under them) forgets
+    the steps it no longer finds; a step this process commits while that listing runs (an
+    async save beside ``steps()``) is missing from it, and its record and manifest stay kept
+    (forgetting them would only cost requests again)."""
     options = s3_server.storage_options()
     with distckpt.CheckpointManager(s3_url, storage_options=options, keep_last=5) as mgr:
         mgr.save(1, _state(1))
         s3 = mgr._store.s3  # type: ignore[attr-defined]
-        real_list_dirs = s3.client.list_dirs
+        real_listing = getattr(s3.client, listing)
         served, resume = threading.Event(), threading.Event()
 
-        def listing_held_after_its_last_page(prefix: str = "") -> Any:
+        def listing_held_after_its_last_page(prefix: str = "", **kwargs: Any) -> Any:
             # Our own call wrapped: only so can the save land between the listing's last
             # page and its end; the listing and the save are real requests to the server.
-            names = list(real_list_dirs(prefix))
+            names = list(real_listing(prefix, **kwargs))
             if threading.current_thread().name == "lister":
                 served.set()
                 resume.wait(30)
             yield from names
 
-        s3.client.list_dirs = listing_held_after_its_last_page
+        setattr(s3.client, listing, listing_held_after_its_last_page)
         listed: list[list[int]] = []
-        lister = threading.Thread(target=lambda: listed.append(s3.listed_steps()), name="lister")
+        lister = threading.Thread(target=lambda: listed.append(getattr(s3, call)()), name="lister")
         lister.start()
         try:
             assert served.wait(30)

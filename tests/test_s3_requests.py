@@ -16,9 +16,13 @@ import pytest
 import torch
 
 import distckpt
+from distckpt.checksums import crc32
 from distckpt.layout import LAST, MANIFEST_NAME, step_dir_name
+from distckpt.manifest import FileRecord
+from distckpt.storage import s3_root
 from distckpt.storage.s3_checkpoint import S3Checkpoint
 from distckpt.storage.s3_root import CommitRecord, S3Root
+from distckpt.storage.s3_view import S3RootView
 from tests.s3proxy import S3Proxy
 from tests.s3server import S3Server
 from tests.waiting import after_rank_0_removals
@@ -95,10 +99,9 @@ def test_a_save_open_and_restore_send_at_most_the_requests_the_docs_state(
         manager.close()
     assert restored is not None and restored.step == KEPT + 1
     kept = KEPT + 1  # committed when the restore and the second open run
-    # one HEAD of COMMIT per kept step (the pointers' update), not two
+    # no HEAD of COMMIT: the pointers' update reads each step's from its listing of every object
     save_bounds = {
         "LIST saves": 2,  # the step rules' listing, the pointers' update's
-        "HEAD COMMIT": KEPT + 1,
         # the commit's check before and after COMMIT; the pointers' update checks the save
         # again (its objects may be lost after the commit's own listing)
         "LIST save": 3,
@@ -126,8 +129,7 @@ def test_a_save_open_and_restore_send_at_most_the_requests_the_docs_state(
     open_bounds = {
         "LIST root": 3,  # the root is reachable (rank 0, then every rank); leftovers
         "GET .lease": 2,  # the released lease (the exclusive create's refusal, then the take)
-        "LIST saves": 1,
-        "HEAD COMMIT": kept,
+        "LIST saves": 1,  # every object under the step prefixes: no HEAD of each COMMIT
         "GET COMMIT": kept,  # the check of each step (the search for leftovers reuses it)
         "HEAD manifest.json": kept,
         "GET manifest.json": kept,
@@ -138,22 +140,31 @@ def test_a_save_open_and_restore_send_at_most_the_requests_the_docs_state(
     assert not _over(opened, open_bounds), opened
 
 
-def _copy_as_steps(root: S3Root, source_step: int, steps: Iterable[int]) -> None:
+def _copy_as_steps(
+    root: S3Root, source_step: int, steps: Iterable[int], extra_files: int = 0
+) -> None:
     """Commit each of ``steps`` as a copy of the committed ``source_step``: its files copied
     inside the store, its manifest naming the step. A whole checkpoint in three requests, where
-    a save sends sixteen, so that a fast test's root keeps many steps."""
+    a save sends sixteen, so that a fast test's root keeps many steps. ``extra_files``: files of
+    one byte more in each copy, its manifest listing them (a save of many files)."""
     record = root.read_commit(source_step)
     assert record is not None
     source_prefix = root.attempt_prefix(source_step, record.attempt)
     manifest_key = source_prefix + MANIFEST_NAME
     files = [info for info in root.client.list(source_prefix) if info.key != manifest_key]
     manifest = S3Checkpoint(root, source_step).read_manifest()
+    extra = {
+        f"extra-{index:05d}": FileRecord(1, f"{crc32(b'x'):08x}") for index in range(extra_files)
+    }
+    listed = replace(manifest, files={**manifest.files, **extra})
 
     def copy(step: int) -> None:
         prefix = root.attempt_prefix(step, record.attempt)
         for info in files:
             root.client.copy(info.key, prefix + info.key[len(source_prefix) :], info.size)
-        root.client.put_bytes(prefix + MANIFEST_NAME, replace(manifest, step=step).to_json())
+        with ThreadPoolExecutor(4) as files_pool:
+            list(files_pool.map(lambda name: root.client.put_bytes(prefix + name, b"x"), extra))
+        root.client.put_bytes(prefix + MANIFEST_NAME, replace(listed, step=step).to_json())
         root.client.put_bytes(root.commit_name(step), CommitRecord.encode(step, record.attempt))
 
     with ThreadPoolExecutor(4) as pool:
@@ -207,3 +218,105 @@ def test_a_load_asks_once_about_each_newer_step_a_dead_writer_left(
         counted = _counted(proxy, mark)
     assert counted["GET COMMIT"] == len(leftovers) + 1, counted
     assert counted["HEAD COMMIT"] == 0, counted
+
+
+def test_reading_the_committed_steps_costs_one_listing_with_22_steps_as_with_3(
+    s3_server: S3Server, s3_url: str
+) -> None:
+    """What a save's pointers' update reads of every step, each step's ``COMMIT`` and its
+    ETag, comes from one listing of every object under the step prefixes (one page here), not
+    a ``HEAD`` per step; the save's other requests, which the bounds above hold, are none of
+    them one per kept step: a save costs as much with 22 kept steps as with 3."""
+    with distckpt.CheckpointManager(s3_url, storage_options=s3_server.storage_options()) as m:
+        m.save(1, _state(1))
+    direct = S3Root(s3_url, s3_server.storage_options())  # not counted, nor slowed by the proxy
+    costs = []
+    with S3Proxy(s3_server.port) as proxy:
+        options = s3_server.storage_options(endpoint_url=proxy.endpoint)
+        for copies in ([2, 3], range(4, 23)):
+            _copy_as_steps(direct, 1, copies)
+            root = S3Root(s3_url, options)
+            mark = len(proxy.log)
+            assert root.committed_steps() == list(range(1, max(copies) + 1))
+            costs.append(_counted(proxy, mark))
+            root.close()
+    direct.close()
+    assert costs[0] == costs[1] == {"LIST saves": 1}, costs
+
+
+def test_saves_of_many_files_are_listed_while_they_fit_a_page_else_asked_about_per_step(
+    s3_server: S3Server, s3_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A process keeping the manifests of saves of more than LISTED_OBJECTS_PER_STEP objects
+    each (a writer, once open) reads the committed steps from one listing of every object
+    while those steps fit a page (LISTING_PAGE objects), as an open does; past that, it lists
+    the step prefixes and sends a HEAD of each step's COMMIT (as many requests as before the
+    listing of every object came), not a page of a listing per LISTING_PAGE of their files."""
+    # The rules at a fraction of their numbers: at the real ones this root would need saves
+    # of hundreds of files, which take minutes to write to the test server.
+    monkeypatch.setattr(s3_root, "LISTED_OBJECTS_PER_STEP", 4)
+    with distckpt.CheckpointManager(s3_url, storage_options=s3_server.storage_options()) as m:
+        m.save(1, _state(1))
+    direct = S3Root(s3_url, s3_server.storage_options())
+    copies = [2, 3, 4]
+    _copy_as_steps(direct, 1, copies, extra_files=12)
+    direct.close()
+    costs = []
+    with S3Proxy(s3_server.port) as proxy:
+        root = S3Root(s3_url, s3_server.storage_options(endpoint_url=proxy.endpoint))
+        for step in copies:
+            S3Checkpoint(root, step).read_manifest()  # as the open of a writer reads them
+        root.read_commit(1)  # a step kept without its manifest: 4 steps kept, 3 manifests
+        objects = sum(len(manifest.files) + 2 for manifest in root.manifests.values())
+        assert objects > 4 * len(copies)  # more than LISTED_OBJECTS_PER_STEP each
+        # The 4 steps kept, at the manifests' average, fit a page of 1000 (the real one), not
+        # one of as many objects as the 3 manifests name: the steps kept count, not the
+        # manifests alone.
+        for page in (s3_root.LISTING_PAGE, objects):
+            monkeypatch.setattr(s3_root, "LISTING_PAGE", page)
+            mark = len(proxy.log)
+            assert root.committed_steps() == [1, *copies]
+            costs.append(_counted(proxy, mark))
+        root.close()
+    assert costs == [{"LIST saves": 1}, {"LIST saves": 1, "HEAD COMMIT": 4}], costs
+
+
+def test_a_listing_of_steps_of_many_files_stops_and_asks_about_each_step(
+    s3_server: S3Server, s3_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A process that read no manifest (a reader), or one whose manifests tell that the steps
+    fit a page (a writer) in a root holding more than they name (a dead writer's save), lists
+    every object under the step prefixes, but stops at the end of a page past which more than
+    LISTED_OBJECTS_PER_STEP objects per step were listed: it lists the step prefixes and asks
+    about each step's COMMIT instead."""
+    # The rule at a fraction of its number: at the real one this root would need a dead save
+    # of hundreds of files, which take seconds to write to the test server.
+    monkeypatch.setattr(s3_root, "LISTED_OBJECTS_PER_STEP", 4)
+    with distckpt.CheckpointManager(s3_url, storage_options=s3_server.storage_options()) as m:
+        m.save(1, _state(1))
+    direct = S3Root(s3_url, s3_server.storage_options())
+    # a dead writer's save of many files, left uncommitted
+    dead = 12
+    names = [direct.attempt_prefix(2, "dead") + f"rank-{rank:05d}.pt" for rank in range(dead)]
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda name: direct.client.put_bytes(name, b"x"), names))
+    direct.close()
+    with S3Proxy(s3_server.port) as proxy:
+        proxy.short_pages(3, "list-type=2")
+        options = s3_server.storage_options(endpoint_url=proxy.endpoint)
+        view = S3RootView(s3_url, options)
+        assert view.committed_steps() == [1]
+        view.s3.close()
+        counted = _counted(proxy, 0)
+        writer = S3Root(s3_url, options)
+        S3Checkpoint(writer, 1).read_manifest()  # as its open reads it
+        assert writer._listing_pays()  # by that manifest, its step fits a page
+        mark = len(proxy.log)
+        assert writer.committed_steps() == [1]
+        writer_counted = _counted(proxy, mark)
+        writer.close()
+    # 3 objects of step 1, then the dead ones, 3 a page: 2 steps listed from the second page
+    # on, and 3 pages hold 9 objects, past 2 * LISTED_OBJECTS_PER_STEP, before the last one
+    assert 3 + dead > 3 * 3 > 2 * 4 >= 2 * 3
+    # those 3 pages, the step prefixes, a HEAD of each step's COMMIT
+    assert counted == writer_counted == {"LIST saves": 3 + 1, "HEAD COMMIT": 2}, counted

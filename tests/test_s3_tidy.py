@@ -342,6 +342,21 @@ def test_a_step_unpublished_whose_objects_were_never_tidied_is_removed_by_the_ne
     assert _keys(s3_url, options, 1) == []
 
 
+def test_objects_under_a_step_prefix_of_another_width_are_never_taken_for_leftovers(
+    s3_server: S3Server, s3_url: str
+) -> None:
+    """``step-2/`` and ``step-02/`` are no prefixes a manager writes (step 2's is
+    ``step-00000002/``): what is under them is someone else's, kept by gc and not reported."""
+    options = s3_server.storage_options()
+    _save_steps(s3_url, options, 2)
+    foreign = ["step-2/foreign/data.bin", "step-02/foreign/data.bin", "step-2/COMMIT"]
+    with ObjectStore(s3_url, options) as store:
+        for key in foreign:
+            store.put_bytes(key, b"not a checkpoint's")
+        assert open_store(s3_url, storage_options=options).collect_leftovers() == []
+        assert {info.key for info in store.list("step-")} >= set(foreign)
+
+
 def _interrupt_the_main_thread_when(rule: Rule) -> threading.Thread:
     """A thread that presses Ctrl-C (SIGINT, to the main thread: its request is the one
     held) once a request ``rule`` picks arrived."""

@@ -59,6 +59,17 @@ LEASE_NAME = ".lease"
 WRITERS_PREFIX = ".writers/"
 #: Files downloaded at once by :meth:`S3Checkpoint.local_copy` (each a stream of its own).
 DOWNLOAD_CONCURRENCY = 4
+#: The objects of a step (its saves' files, their manifests, its ``COMMIT``) up to which the
+#: committed steps are read from a listing of every object under the step prefixes, a page per
+#: 1000 objects, rather than by a ``HEAD`` of each step's ``COMMIT``: at 32, a page covers 31
+#: steps or more, and S3 prices a LIST as 12.5 HEADs (on moto a page of 1000 took as long as
+#: about 100 HEADs sent four at a time). So a save of up to 30 files (one a rank, for 30 ranks)
+#: sends no request per step kept. More objects a step are listed too while the steps a
+#: process keeps fit one page of :data:`LISTING_PAGE` objects.
+LISTED_OBJECTS_PER_STEP = 32
+#: The objects a page of the listing of every object under the step prefixes asks for (S3's
+#: most a page holds).
+LISTING_PAGE = 1000
 #: the attempt a damaged ``COMMIT`` names (unknown); no attempt token is empty
 UNKNOWN_ATTEMPT = ""
 
@@ -74,6 +85,16 @@ class CommitRecord:
     @staticmethod
     def encode(step: int, attempt: str) -> bytes:
         return json.dumps({"step": step, "attempt": attempt}, sort_keys=True).encode()
+
+
+def step_of_commit(key: str) -> int | None:
+    """The step whose ``COMMIT`` object ``key`` (relative to the root) is, or None when it is
+    no step's ``COMMIT``: a listing's entry of that key, with its ETag, tells as much as a
+    ``HEAD`` of it on a strongly consistent store. Only the name :meth:`S3Root.commit_name`
+    gives is one: ``step-2/COMMIT`` (another width, which no manager writes) is not step 2's,
+    nor may its ETag stand for that of ``step-00000002/COMMIT``, which a ``HEAD`` reads."""
+    step = parse_step_dir_name(key.partition("/")[0])
+    return step if step is not None and key == S3Root.commit_name(step) else None
 
 
 class S3Root:
@@ -174,25 +195,80 @@ class S3Root:
 
     def listed_steps(self, from_step: int = 0) -> list[int]:
         """The steps from ``from_step`` on that have objects, committed or not, ascending: one
-        listing, no request per step. A listing of every step (``from_step`` 0) also forgets
-        what this process keeps of the steps it no longer finds (:meth:`forget_commit`)."""
-        # What this process keeps, taken before the listing (copies taken at once: another
-        # thread may change them): a step it commits while the listing runs is missing from
-        # the listing, and must not be forgotten for that.
-        kept = set(list(self.commits)) | {step for step, _ in list(self.manifests)}
+        ``/``-delimited listing, no request per step. A listing of every step (``from_step``
+        0) also forgets what this process keeps of the steps it no longer finds
+        (:meth:`forget_commit`)."""
+        kept = self._kept_steps()
         parsed = (parse_step_dir_name(name.rstrip("/")) for name in self.client.list_dirs("step-"))
         listed = {step for step in parsed if step is not None}
         if from_step == 0:
-            for step in kept - listed:
-                self.forget_commit(step)
+            self._forget_unlisted(kept, listed)
         return sorted(step for step in listed if step >= from_step)
 
     def commit_etags(self, from_step: int = 0) -> dict[int, str]:
-        """Each committed step from ``from_step`` on, with its ``COMMIT``'s ETag (a ``HEAD``)."""
+        """Each committed step from ``from_step`` on, with its ``COMMIT``'s ETag. Of every
+        step (``from_step`` 0), where that pays (:meth:`_listing_pays`: saves of few files,
+        or few enough steps of them to fit a page) and its pages show no more objects a step
+        than that (:meth:`_listed_commits`): one listing of every object under the step
+        prefixes (a page per :data:`LISTING_PAGE` objects), which shows each ``COMMIT`` and
+        its ETag, no request per step; like :meth:`listed_steps`, it forgets the steps no
+        longer found. Else, and from a later step (the step rules',
+        usually past every step): the step prefixes listed, and a ``HEAD`` of ``COMMIT`` for
+        each from ``from_step`` on."""
+        if from_step == 0 and self._listing_pays():
+            commits = self._listed_commits()
+            if commits is not None:
+                return commits
         steps = self.listed_steps(from_step)
         with ThreadPoolExecutor(DOWNLOAD_CONCURRENCY) as pool:
             etags = pool.map(self._commit_etag, steps)
             return {step: etag for step, etag in zip(steps, etags) if etag is not None}
+
+    def _listing_pays(self) -> bool:
+        """Whether the saves whose manifests this process keeps (their files, manifest and
+        ``COMMIT``) have at most :data:`LISTED_OBJECTS_PER_STEP` objects each on average, or
+        so few steps of them fit one page: their average times the steps this process keeps
+        at most :data:`LISTING_PAGE`. In a process that keeps none, the listing's pages tell
+        (:meth:`_listed_commits`)."""
+        manifests = list(self.manifests.values())  # a copy: another thread may change it
+        objects = sum(len(manifest.files) + 2 for manifest in manifests)
+        if objects <= LISTED_OBJECTS_PER_STEP * len(manifests):
+            return True
+        return objects * len(self._kept_steps()) <= LISTING_PAGE * len(manifests)
+
+    def _listed_commits(self) -> dict[int, str] | None:
+        """Each committed step with its ``COMMIT``'s ETag, from one listing of every object
+        under the step prefixes; None when, at the end of a page before the last, the objects
+        listed so far are more than :data:`LISTED_OBJECTS_PER_STEP` times the steps listed so
+        far: the rest would cost more pages than a ``HEAD`` per step costs."""
+        kept = self._kept_steps()
+        listed: set[int] = set()
+        commits: dict[int, str] = {}
+        objects = 0
+        for page in self.client.list_pages("step-", page_size=LISTING_PAGE):
+            for info in page.objects:
+                step = parse_step_dir_name(info.key.partition("/")[0])
+                if step is not None and "/" in info.key:
+                    listed.add(step)
+                if (committed := step_of_commit(info.key)) is not None:
+                    commits[committed] = info.etag
+            objects += len(page.objects)
+            if not page.last and objects > LISTED_OBJECTS_PER_STEP * len(listed):
+                return None  # before the next page is asked for
+        self._forget_unlisted(kept, listed)
+        return commits
+
+    def _kept_steps(self) -> set[int]:
+        """The steps this process keeps a commit record or a manifest of. Taken before a
+        listing (copies taken at once: another thread may change them), so that a step this
+        process commits while the listing runs, missing from it, is not forgotten for that."""
+        return set(list(self.commits)) | {step for step, _ in list(self.manifests)}
+
+    def _forget_unlisted(self, kept: set[int], listed: set[int]) -> None:
+        """Forget the ``kept`` steps (:meth:`_kept_steps`) that a listing of every step did not
+        find: another process removed them."""
+        for step in kept - listed:
+            self.forget_commit(step)
 
     def _commit_etag(self, step: int, store: ObjectStore | None = None) -> str | None:
         """The ETag of the step's ``COMMIT`` object (from ``store``, or :attr:`client`), None

@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from distckpt import policy
 from distckpt.errors import ConcurrentCommit, PreconditionFailed
 from distckpt.layout import MANIFEST_NAME, step_dir_name
-from distckpt.objstore import ObjectInfo
+from distckpt.objinfo import ObjectInfo
 from distckpt.results import CheckpointLocation
 from distckpt.storage.s3_root import UNKNOWN_ATTEMPT, CommitRecord, S3Root
 

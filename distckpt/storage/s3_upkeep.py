@@ -27,13 +27,7 @@ from distckpt.errors import (
     ObjectNotFound,
     PreconditionFailed,
 )
-from distckpt.layout import (
-    BEST,
-    LAST,
-    parse_set_aside_name,
-    parse_step_dir_name,
-    step_dir_name,
-)
+from distckpt.layout import BEST, LAST, parse_set_aside_name, parse_step_dir_name, step_dir_name
 from distckpt.lease import local_process_gone
 from distckpt.lock import Leftover
 from distckpt.manifest import Manifest
@@ -48,6 +42,7 @@ from distckpt.storage.s3_root import (
     UNKNOWN_ATTEMPT,
     WRITERS_PREFIX,
     CommitRecord,
+    step_of_commit,
 )
 from distckpt.storage.s3_set_aside import SetAside, save_whose_manifest
 from distckpt.storage.s3_view import S3RootView
@@ -311,7 +306,9 @@ class Upkeep(SetAside):
         A step's prefix, or one under it, that holds a root of its own (its lease object holding
         a lease record, or a committed step's ``COMMIT``: made by a version that let a manager
         open it) is left alone, with a warning: it is no save of this root's. A save's prefix
-        (a ``manifest.json`` at its top, which no root has) is never taken for one."""
+        (a ``manifest.json`` at its top, which no root has) is never taken for one. Only a
+        prefix of a step's own name (:func:`step_dir_name`) is a step's: what is under one of
+        another width (``step-2/``, which no manager writes) is left alone."""
         attempts: dict[tuple[int, str], list[str]] = {}
         claims: set[str] = set()
         #: the objects of each set-aside copy, and the saves a set-aside record names
@@ -330,8 +327,12 @@ class Upkeep(SetAside):
         for info in self.s3.client.list(""):
             head, slash, rest = info.key.partition("/")
             step = parse_step_dir_name(head)
-            if step is not None and rest == COMMIT_NAME:
-                listed_commits[step] = info.etag
+            if step is not None and head != step_dir_name(step):
+                # step-2/ is no prefix a manager writes (step-00000002/ is step 2's): what is
+                # under it is someone else's, never a save of this root's to delete
+                step = None
+            if (committed := step_of_commit(info.key)) is not None:
+                listed_commits[committed] = info.etag
             set_aside = parse_set_aside_name(head)
             if step is not None and (shown := _root_inside(rest)) is not None:
                 inside, needs_a_record = shown

@@ -46,7 +46,8 @@ class S3RootView(RootView):
         return self.s3.committed_steps()
 
     def candidate_steps(self) -> list[int]:
-        return self.s3.listed_steps()  # one listing: no HEAD of each step's COMMIT
+        # the step prefixes only: neither a listing of every object nor a HEAD of a COMMIT
+        return self.s3.listed_steps()
 
     def committed_steps_from(self, step: int) -> list[int]:
         return self.s3.committed_steps(step)  # a HEAD per newer step, not per kept step

@@ -148,8 +148,9 @@ class RootView(abc.ABC):
     def candidate_steps(self) -> list[int]:
         """The committed steps, ascending, and perhaps steps that are not committed (a save in
         progress, a dead save's leftovers): what a search that checks each step it uses lists,
-        where telling a step committed costs a request each (an object store), so that it asks
-        only about the steps it reaches. By default :meth:`committed_steps`."""
+        where telling the committed steps costs more than listing the steps (an object store:
+        a listing of every object, or a request per step), so that it asks only about the steps
+        it reaches. By default :meth:`committed_steps`."""
         return self.committed_steps()
 
     def committed_steps_from(self, step: int) -> list[int]:
