@@ -72,7 +72,10 @@ def run_cli_in_a_process(
     """``python -m distckpt *args`` in a process of its own, with ``extra_env`` on top of a
     subprocess's environment: a job server's child (:mod:`tests.job_servers`), which imported
     torch before it forked (a fresh interpreter takes seconds over it) but imports distckpt
-    afresh. Its script is written in ``scratch``. Its exit status, stdout and stderr apart."""
+    afresh. Its script is written in ``scratch``; it runs in the repository's root, within
+    ``job_servers.PRELOADED_TIMEOUT``; ``extra_env`` reaches ``os.environ`` only (not the
+    interpreter's start: ``PYTHONPATH``, the hash seed). Its exit status, stdout and stderr
+    apart."""
     return job_servers.run_script_preloaded(
         DISTCKPT_COMMAND_LINE,
         [json.dumps(list(args))],

@@ -90,7 +90,12 @@ def pause_once(name):
     if not paused:
         paused.append(name)
         print("paused", name, flush=True)
+        # bounded: a test killed outright never creates the file, and the job must not
+        # poll forever in a session of its own
+        deadline = time.monotonic() + 300
         while not go.exists():
+            if time.monotonic() > deadline:
+                sys.exit("never told to go on")
             time.sleep(0.01)
 
 real_replace, real_unlink = os.replace, pathlib.Path.unlink
