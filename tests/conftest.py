@@ -12,6 +12,7 @@ import pytest
 
 from distckpt import faults
 from tests import job_servers, killing
+from tests.cli_runner import run_cli_in_a_process
 from tests.filesystems import MountFactory
 from tests.lease_holders import Holder
 from tests.older_version import older_version_process, run_older_version, unpack_older_version
@@ -37,8 +38,15 @@ def pytest_runtest_protocol(item: pytest.Item) -> Iterator[None]:
     names = vars(module).values() if module is not None else ()
     # by identity: a module's other globals (tensors, arrays) need not compare with ==;
     # killing runs jobs, and so do run_older_version and older_version_process (the older
-    # version's processes); a module whose traced runs do says so (NEEDS_JOB_SERVERS)
-    runs_jobs = (job_servers, killing, run_older_version, older_version_process)
+    # version's processes) and run_cli_in_a_process; a module whose traced runs do says so
+    # (NEEDS_JOB_SERVERS)
+    runs_jobs = (
+        job_servers,
+        killing,
+        run_older_version,
+        older_version_process,
+        run_cli_in_a_process,
+    )
     if getattr(module, "NEEDS_JOB_SERVERS", False) or any(
         value is runner for value in names for runner in runs_jobs
     ):

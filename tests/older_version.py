@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from tests import job_servers
+from tests.cli_runner import DISTCKPT_COMMAND_LINE
 
 #: The package of the last version before a save could be set aside (commit e3b8cf7, version
 #: 0.2.0): its writing manager's start (and gc) takes any ``step-N/<attempt>/`` that no
@@ -63,9 +64,6 @@ def older_version_process(
 
 
 #: Code for :func:`older_version_process`: the older version's command line, given the JSON
-#: list of its arguments, as ``python -m distckpt ARGS...`` runs it.
-OLDER_COMMAND_LINE = """
-import json, runpy
-sys.argv = ["-m", *json.loads(sys.argv[1])]
-runpy.run_module("distckpt", run_name="__main__", alter_sys=True)
-"""
+#: list of its arguments, as ``python -m distckpt ARGS...`` runs it (run in the older package's
+#: directory, the distckpt first on its ``sys.path`` is the older one).
+OLDER_COMMAND_LINE = DISTCKPT_COMMAND_LINE

@@ -7,8 +7,6 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-import subprocess
-import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -22,8 +20,9 @@ from distckpt.cli import main
 from distckpt.layout import RootLayout
 from distckpt.lock import PROBE_GRACE, WriterLock
 from distckpt.storage import posix_removal
+from tests import job_servers
 from tests.filesystems import MountFactory
-from tests.waiting import after_rank_0_removals
+from tests.waiting import after_rank_0_removals, wait_until
 
 
 def _probe_the_new_writer_lock_first(
@@ -77,12 +76,12 @@ def test_a_save_that_cannot_take_its_writer_lock_leaves_no_lock_file(
 
 
 # A job opening ROOT that stops once, inside its start, while a temporary file of its own is in
-# the root, until a line comes on stdin: PAUSE is "lease record" (written, not yet renamed over
+# the root, until the file GO exists: PAUSE is "lease record" (written, not yet renamed over
 # .lease.json) or "probe" (the writability probe, created, not yet removed). Then it saves.
 _JOB_PAUSED_IN_ITS_START = """
-import os, pathlib, sys, torch, distckpt
+import os, pathlib, sys, time, torch, distckpt
 
-root, pause = sys.argv[1], sys.argv[2]
+root, pause, go = sys.argv[1], sys.argv[2], pathlib.Path(sys.argv[3])
 paused = []
 
 def pause_once(name):
@@ -91,7 +90,13 @@ def pause_once(name):
     if not paused:
         paused.append(name)
         print("paused", name, flush=True)
-        sys.stdin.readline()
+        # bounded: a test killed outright never creates the file, and the job must not
+        # poll forever in a session of its own
+        deadline = time.monotonic() + 300
+        while not go.exists():
+            if time.monotonic() > deadline:
+                sys.exit("never told to go on")
+            time.sleep(0.01)
 
 real_replace, real_unlink = os.replace, pathlib.Path.unlink
 
@@ -113,7 +118,7 @@ with distckpt.CheckpointManager(root, timeout=20) as mgr:
 
 @pytest.mark.parametrize("pause", ["lease record", "probe"])
 def test_gc_where_the_locks_do_not_reach_leaves_a_starting_jobs_files(
-    mounts: MountFactory, pause: str
+    mounts: MountFactory, pause: str, tmp_path: Path
 ) -> None:
     """``distckpt gc`` through a path whose locks do not reach a job starting through another
     (here the directory under a bindfs mount and the mount, as two NFS clients with local
@@ -126,26 +131,29 @@ def test_gc_where_the_locks_do_not_reach_leaves_a_starting_jobs_files(
     name = f"gc-beside-a-start-{pause.replace(' ', '-')}"
     here, there = bindfs.path / name, bindfs.writable_source / name
     distckpt.CheckpointManager(there, timeout=20).close()  # a previous job's, released
-    job = subprocess.Popen(
-        [sys.executable, "-c", _JOB_PAUSED_IN_ITS_START, os.fspath(here), pause],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+    # A job server's child: a fresh interpreter would spend seconds importing torch first.
+    script, go = tmp_path / "paused_start.py", tmp_path / "go"
+    script.write_text(_JOB_PAUSED_IN_ITS_START)
+    out, err = tmp_path / "job.log", tmp_path / "job.err"
+    job = job_servers.start_preloaded(
+        [os.fspath(script), os.fspath(here), pause, os.fspath(go)], out, stderr_log=err
     )
     try:
-        assert job.stdout is not None
-        paused, _, temporary = job.stdout.readline().strip().partition(" ")
-        assert paused == "paused", job.communicate(timeout=60)[1]
+        wait_until(
+            lambda: (out.exists() and out.read_text().endswith("\n")) or job.poll() is not None,
+            "the job paused in its start",
+            60,
+        )
+        paused, _, temporary = out.read_text().strip().partition(" ")
+        assert paused == "paused", err.read_text()
         with contextlib.redirect_stdout(io.StringIO()):
             assert main(["gc", os.fspath(there)]) == 0
         assert (there / temporary).exists()
-        out, err = job.communicate("go\n", timeout=120)
+        go.touch()
+        code = job.wait(120)
     finally:
-        if job.returncode is None:
-            job.kill()
-            job.wait()
-    assert job.returncode == 0 and out.split()[-2:] == ["saved", "1"], err
+        job.end()
+    assert code == 0 and out.read_text().split()[-2:] == ["saved", "1"], err.read_text()
 
 
 def test_a_lease_holder_removes_a_young_probe_at_once_only_while_its_lease_is_current(

@@ -23,6 +23,8 @@ Point = collections.namedtuple("Point", "x y")
 #: (format, async_save) of each way a save is made here
 SAVES = [("torch", False), ("torch", True), ("dcp", False)]
 SAVE_IDS = ["torch-sync", "torch-async", "dcp-sync"]
+#: what the look for refused values may pickle of a state holding a large array
+PICKLED_BYTES_ALLOWED = 2**20
 
 
 def refusal_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
@@ -98,7 +100,8 @@ def test_the_other_values_the_readme_names_warn_too(
 def test_a_large_array_is_not_pickled_to_look_for_refused_values(
     root: Path, caplog: pytest.LogCaptureFixture, fmt: str, async_save: bool
 ) -> None:
-    replay = np.ones(50 * 2**20 // 8)  # 50 MB
+    # 4 times the pickled bytes allowed below: one pickle of its data would exceed them.
+    replay = np.ones(4 * PICKLED_BYTES_ALLOWED // 8)
     state = {"w": torch.ones(2), "replay": replay, "loss": np.float64(0.5), "where": Point(1, 2)}
     with (
         caplog.at_level(logging.WARNING, logger="distckpt"),
@@ -111,7 +114,7 @@ def test_a_large_array_is_not_pickled_to_look_for_refused_values(
         # gives them, and a wrapper around torch.save would also count the format's writes.
         looked = manager._saver._refused_values  # type: ignore[union-attr]
         assert looked.pickled_values == 3  # one value of each kind, once for three saves
-        assert looked.pickled_bytes < 2**20
+        assert looked.pickled_bytes < PICKLED_BYTES_ALLOWED
     warned = refusal_warnings(caplog)
     assert len(warned) == 1, warned
     assert "numpy" in warned[0] and f"{__name__}.Point" in warned[0]

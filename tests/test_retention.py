@@ -386,23 +386,17 @@ policies = st.builds(
 
 @settings(max_examples=300, deadline=None)
 @given(histories(), policies)
-def test_retention_never_drops_the_newest_or_the_best(
+def test_retention_keeps_the_newest_and_the_best_and_removes_nothing_of_its_survivors(
     records: list[CheckpointRecord], policy: RetentionPolicy
 ) -> None:
+    """Retention never drops the newest step or the best one; and what a restart sees is what
+    retention kept: applied to its survivors, it must decide the same. Both properties are
+    checked on each drawn history (drawing it is most of this test's time)."""
     kept = steps_to_keep(records, policy)
     if records:
         assert max(r.step for r in records) in kept
     best = best_step(records, policy.monitor, policy.mode)
     assert best is None or best in kept
-
-
-@settings(max_examples=300, deadline=None)
-@given(histories(), policies)
-def test_retention_applied_to_its_survivors_removes_nothing(
-    records: list[CheckpointRecord], policy: RetentionPolicy
-) -> None:
-    """What a restart sees is what retention kept: it must decide the same."""
-    kept = steps_to_keep(records, policy)
     survivors = [r for r in records if r.step in kept]
     assert steps_to_remove(survivors, policy) == []
 

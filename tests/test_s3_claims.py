@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import subprocess
-import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,6 +19,7 @@ from distckpt import events, faults
 from distckpt.cli import main
 from distckpt.objstore import ObjectStore
 from distckpt.storage import s3_lease
+from tests.cli_runner import run_cli_in_a_process
 from tests.ranks import run_ranks
 from tests.s3server import S3Server, aws_environment
 from tests.test_s3_store import JOB_TIMEOUT, _objects, _state
@@ -82,24 +81,19 @@ def test_distckpt_gc_removes_the_claim_of_a_writer_killed_after_its_commit(
 
 
 def test_gc_beside_a_writer_paused_after_its_commit_keeps_its_live_claim(
-    s3_server: S3Server, s3_url: str
+    s3_server: S3Server, s3_url: str, tmp_path: Path
 ) -> None:
     """A ``distckpt gc`` in another process, run while the writer is held right after its
     ``COMMIT`` (before it deletes its claim), leaves the claim: it is live. It goes once the
     writer finishes."""
     options = s3_server.storage_options()
-    environment = os.environ | aws_environment(s3_server)
     seen: dict[str, Any] = {}
 
     def gc_beside(event: events.PhaseEvent) -> None:
         if event.phase == "commit.publish" and event.ok and event.step == 2:
             seen["before"] = _claims(s3_url, options)
-            seen["gc"] = subprocess.run(
-                [sys.executable, "-m", "distckpt", "gc", s3_url],
-                env=environment,
-                capture_output=True,
-                text=True,
-                timeout=JOB_TIMEOUT,
+            seen["gc"] = run_cli_in_a_process(
+                "gc", s3_url, scratch=tmp_path, extra_env=aws_environment(s3_server)
             )
             seen["after"] = _claims(s3_url, options)
 
