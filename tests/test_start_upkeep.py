@@ -1,0 +1,64 @@
+"""What a manager's start does to the root it opens, and what it never does: it repairs the links
+(logging, not raising, when they cannot be repaired) and removes dead writers' leftovers, but
+never removes a committed checkpoint, whatever the retention rules it is given (README: "a start
+never removes a checkpoint"; docs/faults.md: "A failed clean-up never stops a start").
+
+One process on a real directory: a start's upkeep runs on rank 0 alone."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+
+import distckpt
+from distckpt.layout import TRASH_DIR_NAME
+from tests.core_ranks import TIMEOUT, _weights
+from tests.waiting import after_rank_0_removals
+
+
+def _save(root: Path, steps: tuple[int, ...]) -> None:
+    with distckpt.CheckpointManager(root, fsync=False, timeout=TIMEOUT) as mgr:
+        for step in steps:
+            mgr.save(step, {"w": _weights(step, 0)})
+
+
+def test_a_start_with_a_stricter_retention_removes_no_checkpoint(root: Path) -> None:
+    """A job opening the root with ``keep_last=1`` to restore an older step must find it there:
+    retention runs at the next commit or ``prune``, never at a start."""
+    _save(root, (1, 2, 3))
+    with distckpt.CheckpointManager(root, fsync=False, timeout=TIMEOUT, keep_last=1) as mgr:
+        after_rank_0_removals(mgr)
+        assert mgr.steps() == [1, 2, 3]
+        template = {"w": torch.zeros(3)}
+        assert mgr.restore(1, state=template).step == 1
+        assert torch.equal(template["w"], _weights(1, 0))
+    assert sorted(entry.name for entry in root.glob("step-*")) == [
+        "step-00000001",
+        "step-00000002",
+        "step-00000003",
+    ]
+
+
+def test_a_start_whose_links_cannot_be_repaired_opens_and_says_so(
+    root: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``last`` left a directory by another tool, and the trash a file, so the directory cannot
+    be moved aside: the repair fails with an OSError, which the start logs; the job restores
+    its newest checkpoint and saves on."""
+    _save(root, (1, 2))
+    (root / "last").unlink()
+    (root / "last").mkdir()
+    (root / TRASH_DIR_NAME).write_text("not a directory\n")
+    with (
+        caplog.at_level(logging.ERROR, logger="distckpt"),
+        distckpt.CheckpointManager(root, fsync=False, timeout=TIMEOUT) as mgr,
+    ):
+        assert f"could not repair the links of {root}" in caplog.text
+        template = {"w": torch.zeros(3)}
+        assert mgr.restore("last", state=template).step == 2
+        assert torch.equal(template["w"], _weights(2, 0))
+        assert mgr.save(3, {"w": _weights(3, 0)}).step == 3
+        assert mgr.steps() == [1, 2, 3]
