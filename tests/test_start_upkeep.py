@@ -8,13 +8,14 @@ One process on a real directory: a start's upkeep runs on rank 0 alone."""
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
 import distckpt
-from distckpt.layout import TRASH_DIR_NAME
+from distckpt.layout import TRASH_DIR_NAME, rank_file_name
 from tests.core_ranks import TIMEOUT, _weights
 from tests.waiting import after_rank_0_removals
 
@@ -62,3 +63,16 @@ def test_a_start_whose_links_cannot_be_repaired_opens_and_says_so(
         assert torch.equal(template["w"], _weights(2, 0))
         assert mgr.save(3, {"w": _weights(3, 0)}).step == 3
         assert mgr.steps() == [1, 2, 3]
+
+
+def test_a_start_removes_links_naming_a_damaged_checkpoint_when_none_is_whole(root: Path) -> None:
+    """``last`` and ``best`` never name a damaged checkpoint once a start repaired them: with
+    no whole checkpoint to point at, they go (README: "`last`/`best` never dangle")."""
+    with distckpt.CheckpointManager(root, fsync=False, timeout=TIMEOUT, monitor="loss") as mgr:
+        mgr.save(1, {"w": _weights(1, 0)}, metrics={"loss": 0.5})
+    assert (root / "last").is_symlink() and (root / "best").is_symlink()
+    os.truncate(root / "step-00000001" / rank_file_name(0), 10)
+    with distckpt.CheckpointManager(root, fsync=False, timeout=TIMEOUT, monitor="loss") as mgr:
+        assert not (root / "last").is_symlink() and not (root / "last").exists()
+        assert not (root / "best").is_symlink() and not (root / "best").exists()
+        assert (root / "step-00000001").is_dir()  # passed over, not removed
