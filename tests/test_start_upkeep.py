@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,9 @@ import torch
 
 import distckpt
 from distckpt.layout import TRASH_DIR_NAME, rank_file_name
+from distckpt.lease import read_holder
 from tests.core_ranks import TIMEOUT, _weights
+from tests.ranks import run_ranks, values
 from tests.waiting import after_rank_0_removals
 
 
@@ -76,3 +79,21 @@ def test_a_start_removes_links_naming_a_damaged_checkpoint_when_none_is_whole(ro
         assert not (root / "last").is_symlink() and not (root / "last").exists()
         assert not (root / "best").is_symlink() and not (root / "best").exists()
         assert (root / "step-00000001").is_dir()  # passed over, not removed
+
+
+def _start_that_rank_1_cannot_see(rank: int, world_size: int, parent: str) -> tuple[str, bool]:
+    """Both ranks name the root ``ckpt`` relative to their working directory, which is not the
+    same directory on rank 1: rank 0 opens the root (taking its lease), rank 1 finds none. The
+    error, and whether the root's lease is free on rank 0 right after its failed start (rank 1
+    may raise before rank 0 let go: only rank 0 looks)."""
+    os.chdir(parent if rank == 0 else tempfile.mkdtemp(dir=parent))
+    try:
+        distckpt.CheckpointManager("ckpt", fsync=False, timeout=TIMEOUT)
+    except distckpt.CheckpointError as exc:
+        return type(exc).__name__, rank != 0 or read_holder(Path(parent, "ckpt")) is None
+    raise AssertionError("the start did not fail")
+
+
+def test_a_start_failing_on_another_rank_releases_the_lease_rank_0_took(tmp_path: Path) -> None:
+    out = values(run_ranks(_start_that_rank_1_cannot_see, 2, str(tmp_path), timeout=60))
+    assert out == [("RootNotWritable", True)] * 2
