@@ -19,6 +19,7 @@ import distckpt
 from distckpt.layout import TRASH_DIR_NAME, rank_file_name
 from distckpt.lease import read_holder
 from tests.core_ranks import TIMEOUT, _weights
+from tests.filesystems import MountFactory
 from tests.ranks import run_ranks, values
 from tests.waiting import after_rank_0_removals
 
@@ -97,3 +98,16 @@ def _start_that_rank_1_cannot_see(rank: int, world_size: int, parent: str) -> tu
 def test_a_start_failing_on_another_rank_releases_the_lease_rank_0_took(tmp_path: Path) -> None:
     out = values(run_ranks(_start_that_rank_1_cannot_see, 2, str(tmp_path), timeout=60))
     assert out == [("RootNotWritable", True)] * 2
+
+
+def test_link_symlink_where_symlinks_are_refused_fails_the_start_not_a_later_link_swap(
+    mounts: MountFactory,
+) -> None:
+    """The start finds out whether the root takes symlinks, so that ``link="symlink"`` on one
+    that refuses them is refused before anything is saved, rather than leaving every commit
+    without its ``last``."""
+    root = mounts.get("exfat").path / "start-symlink-refused"  # exFAT refuses symlinks
+    with pytest.raises(distckpt.RootNotWritable, match="refuses symlinks"):
+        distckpt.CheckpointManager(root, link="symlink", fsync=False, timeout=TIMEOUT)
+    assert read_holder(root) is None
+    assert not list(root.glob("step-*"))
