@@ -10,16 +10,19 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import threading
 from pathlib import Path
 
+import filelock
 import pytest
 import torch
 
 import distckpt
-from distckpt.layout import TRASH_DIR_NAME, rank_file_name
-from distckpt.lease import read_holder
+from distckpt.layout import TRASH_DIR_NAME, RootLayout, rank_file_name
+from distckpt.lease import read_holder, this_host
 from tests.core_ranks import TIMEOUT, _weights
 from tests.filesystems import MountFactory
+from tests.lease_holders import _record_as_another_machine
 from tests.ranks import run_ranks, values
 from tests.waiting import after_rank_0_removals
 
@@ -111,3 +114,30 @@ def test_link_symlink_where_symlinks_are_refused_fails_the_start_not_a_later_lin
         distckpt.CheckpointManager(root, link="symlink", fsync=False, timeout=TIMEOUT)
     assert read_holder(root) is None
     assert not list(root.glob("step-*"))
+
+
+#: How long the stand-in probe below holds the lease's lock once the start began: well inside
+#: the half second a start gives a probe (lock.PROBE_GRACE), so that the start is still trying
+#: when it lets go, even with the thread delayed on a loaded machine.
+PROBE_HOLDS_SECONDS = 0.15
+
+
+def test_a_start_that_does_not_wait_outlasts_a_probe_of_the_lease_lock(root: Path) -> None:
+    """``distckpt ls`` or ``lease`` holds the lease's lock for an instant: a start with
+    ``wait_for_root=0`` that comes right then, on a root whose record names a holder on another
+    machine that died (its lock there gone with it, as on NFS with a lock manager), takes the
+    root over once the probe lets go, and is not refused as if that holder lived."""
+    _save(root, (1,))
+    _record_as_another_machine(root, host=this_host() + "-node-b")
+    # not thread-local: the timer thread lets go of what this thread took
+    probe = filelock.FileLock(os.fspath(RootLayout(root).lease_lock_path), thread_local=False)
+    probe.acquire()
+    letting_go = threading.Timer(PROBE_HOLDS_SECONDS, probe.release)
+    letting_go.start()
+    try:
+        with distckpt.CheckpointManager(root, fsync=False, timeout=TIMEOUT) as mgr:
+            assert mgr.steps() == [1]
+            holder = read_holder(root)
+            assert holder is not None and holder.pid == os.getpid() and holder.generation == 4
+    finally:
+        letting_go.join()
