@@ -18,7 +18,14 @@ import pytest
 import torch
 
 import distckpt
-from distckpt.layout import TRASH_DIR_NAME, RootLayout, rank_file_name
+from distckpt.layout import (
+    LEASE_LOCK_NAME,
+    LEASE_RECORD_NAME,
+    LOCK_NAME,
+    TRASH_DIR_NAME,
+    RootLayout,
+    rank_file_name,
+)
 from distckpt.lease import read_holder, this_host
 from tests.core_ranks import TIMEOUT, _weights
 from tests.filesystems import MountFactory
@@ -113,7 +120,12 @@ def test_link_symlink_where_symlinks_are_refused_fails_the_start_not_a_later_lin
     with pytest.raises(distckpt.RootNotWritable, match="refuses symlinks"):
         distckpt.CheckpointManager(root, link="symlink", fsync=False, timeout=TIMEOUT)
     assert read_holder(root) is None
-    assert not list(root.glob("step-*"))
+    # its lock files alone: no probe of the filesystem left, no staging dir
+    assert sorted(entry.name for entry in root.iterdir()) == [
+        LEASE_LOCK_NAME,
+        LEASE_RECORD_NAME,
+        LOCK_NAME,
+    ]
 
 
 #: How long the stand-in probe below holds the lease's lock once the start began: well inside
