@@ -7,13 +7,12 @@ One process on a real directory: a start's upkeep runs on rank 0 alone."""
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import tempfile
-import threading
 from pathlib import Path
 
-import filelock
 import pytest
 import torch
 
@@ -128,10 +127,31 @@ def test_link_symlink_where_symlinks_are_refused_fails_the_start_not_a_later_lin
     ]
 
 
-#: How long the stand-in probe below holds the lease's lock once the start began: well inside
-#: the half second a start gives a probe (lock.PROBE_GRACE), so that the start is still trying
-#: when it lets go, even with the thread delayed on a loaded machine.
-PROBE_HOLDS_SECONDS = 0.15
+class _ProbeLettingGoOnceTheStartFindsItHeld(logging.Handler):
+    """A stand-in probe's hold of the lease lock (``distckpt ls`` or ``lease`` holds it for an
+    instant): an flock of its own open file, as another process's would be (the library locks
+    with flock: one open file excludes another, in one process too). It lets go when filelock
+    says a try of the lock found it held (its line before each pause between tries), in the
+    start's own thread: the start has met the probe by then, and takes the lock at a later try
+    only if it keeps trying past that instant. No timer decides whether it comes in time."""
+
+    def __init__(self, lock_path: str) -> None:
+        super().__init__(logging.DEBUG)
+        self.lock_path = lock_path
+        self.held: int | None = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+        fcntl.flock(self.held, fcntl.LOCK_EX)
+        self.tries_that_met_it = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if self.held is not None and "not acquired on" in message and self.lock_path in message:
+            self.tries_that_met_it += 1
+            self.let_go()
+
+    def let_go(self) -> None:
+        if self.held is not None:
+            os.close(self.held)
+            self.held = None
 
 
 def test_a_start_that_does_not_wait_outlasts_a_probe_of_the_lease_lock(root: Path) -> None:
@@ -141,15 +161,18 @@ def test_a_start_that_does_not_wait_outlasts_a_probe_of_the_lease_lock(root: Pat
     root over once the probe lets go, and is not refused as if that holder lived."""
     _save(root, (1,))
     _record_as_another_machine(root, host=this_host() + "-node-b")
-    # not thread-local: the timer thread lets go of what this thread took
-    probe = filelock.FileLock(os.fspath(RootLayout(root).lease_lock_path), thread_local=False)
-    probe.acquire()
-    letting_go = threading.Timer(PROBE_HOLDS_SECONDS, probe.release)
-    letting_go.start()
+    probe = _ProbeLettingGoOnceTheStartFindsItHeld(os.fspath(RootLayout(root).lease_lock_path))
+    filelock_log = logging.getLogger("filelock")
+    level = filelock_log.level
+    filelock_log.addHandler(probe)
+    filelock_log.setLevel(logging.DEBUG)
     try:
         with distckpt.CheckpointManager(root, fsync=False, timeout=TIMEOUT) as mgr:
             assert mgr.steps() == [1]
             holder = read_holder(root)
             assert holder is not None and holder.pid == os.getpid() and holder.generation == 4
     finally:
-        letting_go.join()
+        filelock_log.removeHandler(probe)
+        filelock_log.setLevel(level)
+        probe.let_go()
+    assert probe.tries_that_met_it == 1
