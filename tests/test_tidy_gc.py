@@ -13,10 +13,11 @@ import distckpt
 from distckpt.layout import TRASH_DIR_NAME
 from distckpt.storage import posix
 from tests.core_ranks import TIMEOUT
+from tests.fault_checks import entries
 
 #: How long the start's removal stays in progress once entered, unless a second removal joins
 #: it sooner (only with the bug this test looks for): the gc called meanwhile must wait for it.
-HELD_SECONDS = 1.0
+HELD_SECONDS = 0.5
 
 
 def test_gc_called_while_the_starts_removal_runs_waits_for_it(
@@ -51,5 +52,6 @@ def test_gc_called_while_the_starts_removal_runs_waits_for_it(
         assert first_entered.wait(TIMEOUT), "the start's removal never began"
         assert mgr.gc() == [left]
         assert side_by_side == []
+        assert entries(tmp_path / TRASH_DIR_NAME) == []  # all removed by the time gc returns
         assert mgr.gc() == []
     assert not left.exists()
