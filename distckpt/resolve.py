@@ -151,8 +151,9 @@ def newest_valid(
     Another process's retention may delete checkpoints while they are listed and checked. So
     the target of ``last`` is a candidate too (it is moved right after each commit, before
     retention deletes the one before, so it is the freshest name), and when no candidate
-    survives but committed steps exist, the root is listed again. Newest first, it stops at
-    the first that passes: older ones cost nothing (see ``RootView.candidate_steps``)."""
+    survives but steps were committed since the listing, the root is listed again. Newest
+    first, it stops at the first that passes: older ones cost nothing (see
+    ``RootView.candidate_steps``)."""
     return _newest_valid_and_last(view, checksums=checksums, skip_failing=skip_failing)[0]
 
 
@@ -170,7 +171,12 @@ def _newest_valid_and_last(
         found = next(
             iter_valid(view, checksums=checksums, steps=steps, skip_failing=skip_failing), None
         )
-        if found is not None or not view.committed_steps():
+        # Listed again only when a step was committed since this listing (its candidates
+        # deleted meanwhile by another process's retention, a newer one saved): a damaged step
+        # stays committed, and checking it again would only say so again. A step replaced under
+        # the same number (``overwrite=True``) while it was checked counts as checked: if none
+        # passed, the search finds none, as if the replacement committed just after the listing.
+        if found is not None or set(view.committed_steps()) <= set(steps):
             return found, linked
     return None, linked
 

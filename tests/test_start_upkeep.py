@@ -91,6 +91,23 @@ def test_a_start_removes_links_naming_a_damaged_checkpoint_when_none_is_whole(ro
         assert (root / "step-00000001").is_dir()  # passed over, not removed
 
 
+def test_a_start_and_restore_on_a_root_whose_only_checkpoint_is_damaged_say_so_once_each(
+    root: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A requeued job whose only checkpoint is damaged is told so by each look at it (the
+    start's link repair, its search for the newest, the restore's), not once per re-listing of
+    a root where nothing changed."""
+    _save(root, (1,))
+    os.truncate(root / "step-00000001" / rank_file_name(0), 10)
+    with (
+        caplog.at_level(logging.WARNING, logger="distckpt"),
+        distckpt.CheckpointManager(root, fsync=False, timeout=TIMEOUT) as mgr,
+    ):
+        assert mgr.restore("last", state={"w": torch.zeros(3)}, missing_ok=True) is None
+    damaged = [r for r in caplog.records if r.getMessage().startswith("skipping damaged")]
+    assert 1 <= len(damaged) <= 3, [r.getMessage() for r in damaged]
+
+
 def _start_that_rank_1_cannot_see(rank: int, world_size: int, parent: str) -> tuple[str, bool]:
     """Both ranks name the root ``ckpt`` relative to their working directory, which is not the
     same directory on rank 1: rank 0 opens the root (taking its lease), rank 1 finds none. The
