@@ -15,7 +15,7 @@ import torch
 import distckpt
 from distckpt.layout import TRASH_DIR_NAME
 from tests.core_ranks import TIMEOUT, _weights
-from tests.test_filesystems import _tree_snapshot
+from tests.filesystems import tree_snapshot
 from tests.waiting import after_rank_0_removals
 
 
@@ -32,13 +32,13 @@ def test_a_read_only_manager_leaves_the_trash_and_a_dead_writers_staging(root: P
     # start would repair it
     (root / "last").unlink()
     os.symlink("step-00000001", root / "last")
-    before = _tree_snapshot(root)
+    before = tree_snapshot(root)
     with distckpt.CheckpointManager(root, read_only=True, timeout=TIMEOUT) as mgr:
         after_rank_0_removals(mgr)
         template = {"w": torch.zeros(3)}
         assert mgr.restore("last", state=template).step == 2
         assert torch.equal(template["w"], _weights(2, 0))
-    assert _tree_snapshot(root) == before
+    assert tree_snapshot(root) == before
 
 
 def test_a_read_only_manager_of_a_missing_root_says_so_and_creates_nothing(tmp_path: Path) -> None:
