@@ -29,9 +29,9 @@ def test_close_releases_the_lease_while_the_closed_manager_is_still_referenced(
     first.save(1, {"w": _weights(1, 0)})
     first.close()
     assert read_holder(root) is None
+    # ``first``, closed, is still referenced (a local of this test) while the next one opens
     with distckpt.CheckpointManager(root, fsync=False, timeout=TIMEOUT) as second:
         assert second.steps() == [1]
-    assert first.root == second.root  # still referenced here, and closed
 
 
 def test_a_closed_manager_refuses_every_collective_call_and_writes_nothing(root: Path) -> None:
