@@ -102,6 +102,7 @@ def iter_valid(
     newer: list[int] | None = None,
     skip_failing: bool = True,
     sources: Mapping[int, CheckpointSource] | None = None,
+    reported: set[str] | None = None,
 ) -> Iterator[Found]:
     """Committed checkpoints that pass :func:`check`, with their manifests; damaged ones are
     skipped with a warning (with ``skip_failing=False`` the first one that fails raises its
@@ -109,7 +110,9 @@ def iter_valid(
     replaces the listing of the root. One of a newer format version raises
     :class:`~distckpt.errors.UnsupportedVersion`, or with ``newer`` given has its step appended
     there and is skipped. ``sources``: the checkpoints of some steps, checked instead of the
-    view's (one whose commit record the caller knows)."""
+    view's (one whose commit record the caller knows). ``reported``: the locations a search
+    already skipped (it checks them again when it lists the root again): skipped again quietly,
+    so that a search warns and records each once; the ones skipped now are added."""
     listed = sorted(set(view.committed_steps() if steps is None else steps))
     known = sources or {}
     for step in reversed(listed) if newest_first else listed:
@@ -128,6 +131,11 @@ def iter_valid(
                 continue
             if not skip_failing:
                 raise
+            if reported is not None:
+                if source.location in reported:
+                    logger.debug("skipping %s again: %s", source.location, exc)
+                    continue
+                reported.add(source.location)
             damaged = isinstance(exc, CorruptCheckpoint) and exc.damaged
             if damaged:
                 logger.warning("skipping damaged checkpoint %s: %s", source.location, exc)
@@ -151,8 +159,10 @@ def newest_valid(
     Another process's retention may delete checkpoints while they are listed and checked. So
     the target of ``last`` is a candidate too (it is moved right after each commit, before
     retention deletes the one before, so it is the freshest name), and when no candidate
-    survives but committed steps exist, the root is listed again. Newest first, it stops at
-    the first that passes: older ones cost nothing (see ``RootView.candidate_steps``)."""
+    survives but committed steps exist, the root is listed again (a step skipped before is
+    checked again: it may have been replaced under its number while it was read, but warned
+    about once). Newest first, it stops at the first that passes: older ones cost nothing (see
+    ``RootView.candidate_steps``)."""
     return _newest_valid_and_last(view, checksums=checksums, skip_failing=skip_failing)[0]
 
 
@@ -161,6 +171,7 @@ def _newest_valid_and_last(
 ) -> tuple[Found | None, str | None]:
     """:func:`newest_valid`, and the target ``last`` named when it was read there."""
     linked = None
+    reported: set[str] = set()
     for _ in range(VANISH_RETRIES + 1):
         steps = view.candidate_steps()
         linked = view.read_pointer(LAST)
@@ -168,8 +179,18 @@ def _newest_valid_and_last(
         if linked_step is not None:
             steps.append(linked_step)  # iter_valid orders them and drops duplicates
         found = next(
-            iter_valid(view, checksums=checksums, steps=steps, skip_failing=skip_failing), None
+            iter_valid(
+                view,
+                checksums=checksums,
+                steps=steps,
+                skip_failing=skip_failing,
+                reported=reported,
+            ),
+            None,
         )
+        # Listed again while committed steps exist: the candidates may have been deleted
+        # meanwhile by another process's retention, or a step replaced under its number
+        # (``overwrite=True``) while it was read, which reads as damaged until read again.
         if found is not None or not view.committed_steps():
             return found, linked
     return None, linked

@@ -389,3 +389,14 @@ def unmount(target: Path) -> bool:
         except RuntimeError:
             continue
     return False
+
+
+def tree_snapshot(root: Path) -> dict[str, tuple[int, int, str | None]]:
+    """``root`` and every entry under it, by its path relative to ``root``: its size, its
+    modification time in ns and, for a link, its target (a link is not followed)."""
+    snapshot: dict[str, tuple[int, int, str | None]] = {}
+    for entry in [root, *root.rglob("*")]:  # rglob does not descend into linked directories
+        stat = entry.lstat()
+        target = os.readlink(entry) if entry.is_symlink() else None
+        snapshot[os.fspath(entry.relative_to(root))] = (stat.st_size, stat.st_mtime_ns, target)
+    return snapshot

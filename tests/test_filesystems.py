@@ -43,6 +43,7 @@ from tests.filesystems import (
     KINDS,
     LOSES_RENAMED_DIRS,
     MountFactory,
+    tree_snapshot,
 )
 from tests.ranks import run_ranks, values
 from tests.syscall_trace import DirectIOSave, async_saves_traced, saves_timeout
@@ -360,17 +361,6 @@ def _read_only_refusals(rank: int, world_size: int, root: str) -> dict[str, obje
     return out
 
 
-def _tree_snapshot(root: Path) -> dict[str, tuple[int, int, str | None]]:
-    """``root`` and every entry under it, by its path relative to ``root``: its size, its
-    modification time in ns and, for a link, its target (a link is not followed)."""
-    snapshot: dict[str, tuple[int, int, str | None]] = {}
-    for entry in [root, *root.rglob("*")]:  # rglob does not descend into linked directories
-        stat = entry.lstat()
-        target = os.readlink(entry) if entry.is_symlink() else None
-        snapshot[os.fspath(entry.relative_to(root))] = (stat.st_size, stat.st_mtime_ns, target)
-    return snapshot
-
-
 @pytest.mark.parametrize("where", ["read-only mount", "writable directory"])
 def test_read_only_refusals_are_read_only_root_permission_errors(
     request: pytest.FixtureRequest, tmp_path: Path, where: str
@@ -380,7 +370,7 @@ def test_read_only_refusals_are_read_only_root_permission_errors(
     else:  # read_only=True never writes, even where it could
         root = tmp_path / "ro"
         values(run_ranks(_save_one, 2, os.fspath(root), timeout=90))
-    before = _tree_snapshot(root)
+    before = tree_snapshot(root)
     out = values(run_ranks(_read_only_refusals, 2, os.fspath(root), timeout=90))
     refused = ("ReadOnlyRoot", True, True, True, os.fspath(root))
     expected = {"checkpoints": [1, 2, 3], "steps": [1, 2, 3]}
@@ -388,4 +378,4 @@ def test_read_only_refusals_are_read_only_root_permission_errors(
     assert out == [expected] * 2
     # every entry at every depth as it was: the lease record, .lock, the links, the step dirs'
     # files (a directory's mtime also changes when an entry is made and removed again)
-    assert _tree_snapshot(root) == before
+    assert tree_snapshot(root) == before

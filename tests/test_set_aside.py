@@ -362,3 +362,20 @@ def test_retention_and_gc_leave_a_set_aside_checkpoint(root: Path) -> None:
     Path(set_aside).rename(root / DAMAGED)
     with distckpt.CheckpointManager(root, fsync=False, read_only=True) as manager:
         assert manager.steps() == [100, 101]
+
+
+def test_a_damaged_checkpoint_older_than_the_one_best_loads_stays_committed(root: Path) -> None:
+    """Only damage newer than what a restore loads blocks the saves after it: a best whose
+    bytes a checksum finds changed, which ``restore("best", verify=True)`` falls back past to a
+    newer checkpoint, is not set aside (the start's link repair, checking sizes only, left
+    ``best`` naming it)."""
+    with distckpt.CheckpointManager(root, fsync=False, monitor="loss") as manager:
+        for step, loss in ((90, 0.1), (95, 0.5), (100, 0.9)):
+            manager.save(step, {"w": weights(step, 0)}, metrics={"loss": loss})
+    _flip_a_byte(root / "step-00000090" / rank_file_name(0))
+    with distckpt.CheckpointManager(root, fsync=False, monitor="loss") as manager:
+        restored = manager.restore("best", state={"w": torch.zeros(256)}, verify=True)
+        assert restored is not None and restored.step == 95
+        assert manager.steps() == [90, 95, 100]
+    assert (root / "step-00000090").is_dir()
+    assert distckpt.verify(root).set_aside == ()

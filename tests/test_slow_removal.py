@@ -16,7 +16,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import pytest
 import torch
 
 import distckpt
@@ -130,21 +129,6 @@ def test_a_slow_leftover_never_fails_the_start_of_a_requeued_job(tmp_path: Path)
     with distckpt.CheckpointManager(tmp_path):
         pass  # the next start removes what the slow one left
     assert _trash(tmp_path) == []
-
-
-def test_gc_waits_for_the_removals_after_the_start_then_reports_them(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """One process (no other rank to time out): gc's own removals never run beside the
-    background ones, and what the start removed is reported by gc once."""
-    left = tmp_path / TRASH_DIR_NAME / "step-00000000"
-    left.mkdir(parents=True)
-    # Slowed as on rank 0 above (no disk here is that slow in a test's time); the real removal runs.
-    monkeypatch.setattr(posix.PosixRootStore, "_remove_quietly", _slowed())
-    with distckpt.CheckpointManager(tmp_path, timeout=TIMEOUT) as mgr:
-        assert mgr.gc() == [left]
-        assert _trash(tmp_path) == []
-        assert mgr.gc() == []
 
 
 def test_close_waits_for_the_removals_at_most_ten_seconds() -> None:
