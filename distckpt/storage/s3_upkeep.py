@@ -328,8 +328,7 @@ class Upkeep(SetAside):
             head, slash, rest = info.key.partition("/")
             step = parse_step_dir_name(head)
             if step is not None and head != step_dir_name(step):
-                # step-2/ is no prefix a manager writes (step-00000002/ is step 2's): what is
-                # under it is someone else's, never a save of this root's to delete
+                # no manager writes step-2/ (step 2's is step-00000002/): someone else's objects
                 step = None
             if (committed := step_of_commit(info.key)) is not None:
                 listed_commits[committed] = info.etag
