@@ -108,8 +108,24 @@ class TrainerState:
 
     def start_next_epoch(self) -> None:
         """Build the next epoch's data iterator as Lightning does at an epoch's start (after
-        the samplers' ``set_epoch``), which a resuming fit loop does not."""
+        the samplers' ``set_epoch``), which a resuming fit loop does not.
+
+        With ``reload_dataloaders_every_n_epochs`` set, first reload the train loader where
+        the uninterrupted fit reloads it (each n-th epoch counted from epoch 0, as a fit
+        resumed by this callback at every epoch keeps it): that fit calls
+        ``train_dataloader()`` and builds the new loader's iterator at the epoch's start, and
+        builds it once more at its first batch, each drawing from the RNGs, where the
+        resuming fit loop built its loader once, before the RNGs were restored. Elsewhere the
+        fit loop is told the uninterrupted fit's last reload, as it counts from the resume."""
         fit_loop = self.trainer.fit_loop
+        reload_every = self.trainer.reload_dataloaders_every_n_epochs
+        if reload_every:
+            epoch = self.trainer.current_epoch
+            last_reload = epoch - epoch % reload_every
+            if last_reload == epoch:
+                set_internal(fit_loop, "_combined_loader", None)
+                fit_loop.setup_data()
+            set_internal(fit_loop, "_last_train_dl_reload_epoch", last_reload)
         combined_loader = internal(fit_loop, "_combined_loader")
         fetcher = internal(fit_loop, "_data_fetcher")
         assert combined_loader is not None and fetcher is not None

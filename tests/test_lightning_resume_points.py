@@ -141,6 +141,35 @@ def test_the_generators_are_restored_after_the_resumed_epochs_iterator_is_built(
         assert torch.equal(resumed.state_dict()[name], value), name
 
 
+class ShufflesStatefullyWithNoise(AddsNoise):
+    """A StatefulDataLoader shuffling with torch's global generator; adds noise as AddsNoise."""
+
+    def train_dataloader(self) -> StatefulDataLoader:
+        return StatefulDataLoader(super().train_dataloader().dataset, 4, shuffle=True)
+
+
+@pytest.mark.parametrize(
+    ("kind", "reload_every"),
+    [(AddsNoise, 1), (AddsNoise, 2), (ShufflesStatefullyWithNoise, 1)],
+    ids=["plain-every-epoch", "plain-every-2-epochs", "stateful-every-epoch"],
+)
+def test_an_epoch_end_resume_reloads_the_train_loader_as_the_uninterrupted_fit(
+    tmp_path: Path, kind: type[AddsNoise], reload_every: int
+) -> None:
+    """With ``reload_dataloaders_every_n_epochs``, the uninterrupted fit calls
+    ``train_dataloader()`` and builds the new loader's iterator twice at each n-th epoch's
+    start (each build drawing from torch's global generator), and the resumed fit loop counted
+    its reloads from the resume: one build and draw short at the resumed epoch (every epoch),
+    or reloading a batch later than the uninterrupted fit (every 2 epochs)."""
+    limits = {"max_steps": 8, "reload_dataloaders_every_n_epochs": reload_every}
+    uninterrupted = _fit(tmp_path / "uninterrupted", False, kind, **limits)
+    failed = _fit(tmp_path / "resumed", True, kind, **limits)
+    resumed = _fit(tmp_path / "resumed", False, kind, **limits)
+    assert failed.trained + resumed.trained == uninterrupted.trained
+    for name, value in uninterrupted.state_dict().items():
+        assert torch.equal(resumed.state_dict()[name], value), name
+
+
 class ShufflesInAWorker(RecordsBatches):
     """Its loader shuffles by epoch (a sampler with ``set_epoch``) in a worker process, which
     draws the epoch's order as soon as the iterator is built; records each batch's samples."""
