@@ -116,7 +116,9 @@ class TrainerState:
         the uninterrupted fit reloads it (:meth:`last_reload_epoch`): that fit calls
         ``train_dataloader()`` and builds the new loader's iterator at the epoch's start, and
         builds it once more at its first batch, each drawing from the RNGs, where the
-        resuming fit loop built its loader once, before the RNGs were restored."""
+        resuming fit loop built its loader once, before the RNGs were restored (so such a
+        resume calls ``train_dataloader()`` twice at that epoch: the fit loop's first load is
+        dropped)."""
         fit_loop = self.trainer.fit_loop
         if self.last_reload_epoch() == self.trainer.current_epoch:
             set_internal(fit_loop, "_combined_loader", None)

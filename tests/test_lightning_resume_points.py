@@ -148,10 +148,20 @@ class ShufflesStatefullyWithNoise(AddsNoise):
         return StatefulDataLoader(super().train_dataloader().dataset, 4, shuffle=True)
 
 
+class CountsLoads(AddsNoise):
+    """AddsNoise, counting its calls of ``train_dataloader()``."""
+
+    loads = 0
+
+    def train_dataloader(self) -> DataLoader:
+        self.loads += 1
+        return super().train_dataloader()
+
+
 @pytest.mark.parametrize(
     ("kind", "reload_every"),
-    [(AddsNoise, 1), (AddsNoise, 2), (ShufflesStatefullyWithNoise, 1)],
-    ids=["plain-every-epoch", "plain-every-2-epochs", "stateful-every-epoch"],
+    [(AddsNoise, 1), (AddsNoise, 2), (ShufflesStatefullyWithNoise, 1), (CountsLoads, 0)],
+    ids=["plain-every-epoch", "plain-every-2-epochs", "stateful-every-epoch", "no-reloads"],
 )
 def test_an_epoch_end_resume_reloads_the_train_loader_as_the_uninterrupted_fit(
     tmp_path: Path, kind: type[AddsNoise], reload_every: int
@@ -160,7 +170,8 @@ def test_an_epoch_end_resume_reloads_the_train_loader_as_the_uninterrupted_fit(
     ``train_dataloader()`` and builds the new loader's iterator twice at each n-th epoch's
     start (each build drawing from torch's global generator), and the resumed fit loop counted
     its reloads from the resume: one build and draw short at the resumed epoch (every epoch),
-    or reloading a batch later than the uninterrupted fit (every 2 epochs)."""
+    or reloading a batch later than the uninterrupted fit (every 2 epochs). Without reloads,
+    the resumed fit calls ``train_dataloader()`` once, as Lightning alone does."""
     limits = {"max_steps": 8, "reload_dataloaders_every_n_epochs": reload_every}
     uninterrupted = _fit(tmp_path / "uninterrupted", False, kind, **limits)
     failed = _fit(tmp_path / "resumed", True, kind, **limits)
@@ -168,6 +179,8 @@ def test_an_epoch_end_resume_reloads_the_train_loader_as_the_uninterrupted_fit(
     assert failed.trained + resumed.trained == uninterrupted.trained
     for name, value in uninterrupted.state_dict().items():
         assert torch.equal(resumed.state_dict()[name], value), name
+    if isinstance(resumed, CountsLoads):
+        assert resumed.loads == 1
 
 
 class FailsInTheMiddleOfTheSecondEpoch(ShufflesStatefullyWithNoise):
