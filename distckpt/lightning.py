@@ -370,6 +370,7 @@ class DistckptCallback(lightning.Callback):
             # so its draws (a loader without a generator of its own draws a seed from torch's
             # global one) come after the restored state too.
             self._trainer_state.start_next_epoch()
+        self._trainer_state.keep_reload_schedule()
 
     def on_train_batch_end(
         self,

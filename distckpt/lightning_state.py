@@ -28,6 +28,7 @@ class TrainerState:
         # restored), as count_ended_epoch_completed clears ended_epoch before then.
         self.next_epoch_to_start = False
         self.ended_epoch_loaders: list[dict[str, Any]] = []
+        self.restored = False
 
     def state_dict(self) -> dict[str, Any]:
         datamodule = self.trainer.datamodule
@@ -38,6 +39,7 @@ class TrainerState:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.restored = True
         fit_loop = self.trainer.fit_loop
         fit_loop.load_state_dict(state["fit_loop"])
         epochs = state["fit_loop"]["epoch_progress"]["current"]
@@ -108,8 +110,19 @@ class TrainerState:
 
     def start_next_epoch(self) -> None:
         """Build the next epoch's data iterator as Lightning does at an epoch's start (after
-        the samplers' ``set_epoch``), which a resuming fit loop does not."""
+        the samplers' ``set_epoch``), which a resuming fit loop does not.
+
+        With ``reload_dataloaders_every_n_epochs`` set, first reload the train loader where
+        the uninterrupted fit reloads it (:meth:`last_reload_epoch`): that fit calls
+        ``train_dataloader()`` and builds the new loader's iterator at the epoch's start, and
+        builds it once more at its first batch, each drawing from the RNGs, where the
+        resuming fit loop built its loader once, before the RNGs were restored (so such a
+        resume calls ``train_dataloader()`` twice at that epoch: the fit loop's first load is
+        dropped)."""
         fit_loop = self.trainer.fit_loop
+        if self.last_reload_epoch() == self.trainer.current_epoch:
+            set_internal(fit_loop, "_combined_loader", None)
+            fit_loop.setup_data()
         combined_loader = internal(fit_loop, "_combined_loader")
         fetcher = internal(fit_loop, "_data_fetcher")
         assert combined_loader is not None and fetcher is not None
@@ -117,6 +130,24 @@ class TrainerState:
         for loader in combined_loader.flattened:
             set_sampler_epoch(loader, fit_loop.epoch_progress.current.processed)
         iter(fetcher)
+
+    def last_reload_epoch(self) -> int | None:
+        """The epoch at whose start the uninterrupted fit last reloaded the train loader, with
+        ``reload_dataloaders_every_n_epochs`` set (None without it): each n-th epoch, counted
+        from epoch 0, as a fit resumed by this callback keeps it."""
+        reload_every = self.trainer.reload_dataloaders_every_n_epochs
+        if not reload_every:
+            return None
+        epoch = self.trainer.current_epoch
+        return epoch - epoch % reload_every
+
+    def keep_reload_schedule(self) -> None:
+        """After a restore (none: nothing to do), tell the fit loop the uninterrupted fit's last
+        reload of the train loader: it counts its reloads from the epoch it resumed in, its
+        first load."""
+        last_reload = self.last_reload_epoch()
+        if self.restored and last_reload is not None:
+            set_internal(self.trainer.fit_loop, "_last_train_dl_reload_epoch", last_reload)
 
 
 class DeferredRNG:

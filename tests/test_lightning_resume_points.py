@@ -141,6 +141,89 @@ def test_the_generators_are_restored_after_the_resumed_epochs_iterator_is_built(
         assert torch.equal(resumed.state_dict()[name], value), name
 
 
+class ShufflesStatefullyWithNoise(AddsNoise):
+    """A StatefulDataLoader shuffling with torch's global generator; adds noise as AddsNoise."""
+
+    def train_dataloader(self) -> StatefulDataLoader:
+        return StatefulDataLoader(super().train_dataloader().dataset, 4, shuffle=True)
+
+
+class CountsLoads(AddsNoise):
+    """AddsNoise, counting its calls of ``train_dataloader()``."""
+
+    loads = 0
+
+    def train_dataloader(self) -> DataLoader:
+        self.loads += 1
+        return super().train_dataloader()
+
+
+@pytest.mark.parametrize(
+    ("kind", "reload_every"),
+    [(AddsNoise, 1), (AddsNoise, 2), (ShufflesStatefullyWithNoise, 1), (CountsLoads, 0)],
+    ids=["plain-every-epoch", "plain-every-2-epochs", "stateful-every-epoch", "no-reloads"],
+)
+def test_an_epoch_end_resume_reloads_the_train_loader_as_the_uninterrupted_fit(
+    tmp_path: Path, kind: type[AddsNoise], reload_every: int
+) -> None:
+    """With ``reload_dataloaders_every_n_epochs``, the uninterrupted fit calls
+    ``train_dataloader()`` and builds the new loader's iterator twice at each n-th epoch's
+    start (each build drawing from torch's global generator), and the resumed fit loop counted
+    its reloads from the resume: one build and draw short at the resumed epoch (every epoch),
+    or reloading a batch later than the uninterrupted fit (every 2 epochs). Without reloads,
+    the resumed fit calls ``train_dataloader()`` once, as Lightning alone does."""
+    limits = {"max_steps": 8, "reload_dataloaders_every_n_epochs": reload_every}
+    uninterrupted = _fit(tmp_path / "uninterrupted", False, kind, **limits)
+    failed = _fit(tmp_path / "resumed", True, kind, **limits)
+    resumed = _fit(tmp_path / "resumed", False, kind, **limits)
+    assert failed.trained + resumed.trained == uninterrupted.trained
+    for name, value in uninterrupted.state_dict().items():
+        assert torch.equal(resumed.state_dict()[name], value), name
+    if isinstance(resumed, CountsLoads):
+        assert resumed.loads == 1
+
+
+class FailsInTheMiddleOfTheSecondEpoch(ShufflesStatefullyWithNoise):
+    """Fails in its second epoch's second batch (not its first) while ``fail``."""
+
+    def __init__(self, fail: bool) -> None:
+        super().__init__(fail=False)
+        self.fails_mid_epoch = fail
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        if self.fails_mid_epoch and (self.current_epoch, batch_idx) == (1, 1):
+            raise RuntimeError("failing on purpose")
+        return super().training_step(batch, batch_idx)
+
+
+def test_a_mid_epoch_resume_reloads_the_train_loader_as_the_uninterrupted_fit(
+    tmp_path: Path,
+) -> None:
+    """Resumed in epoch 1 with ``reload_dataloaders_every_n_epochs=2``, the fit loop counted
+    its reloads from there and reloaded at epoch 3, where the uninterrupted fit reloads at
+    epoch 2."""
+    limits = {"max_steps": 8, "reload_dataloaders_every_n_epochs": 2}
+    fits: list[FailsInTheMiddleOfTheSecondEpoch] = []
+    for root, fail in [("uninterrupted", False), ("resumed", True), ("resumed", False)]:
+        torch.manual_seed(0)
+        fits.append(FailsInTheMiddleOfTheSecondEpoch(fail))
+        try:
+            fit_tiny(
+                fits[-1],
+                tmp_path / root,
+                epochs=-1,
+                trainer_options=limits,
+                every_n_epochs=None,
+                every_n_steps=1,
+            )
+        except RuntimeError as error:
+            assert fail and "failing on purpose" in str(error)
+    uninterrupted, failed, resumed = fits
+    assert failed.trained + resumed.trained == uninterrupted.trained
+    for name, value in uninterrupted.state_dict().items():
+        assert torch.equal(resumed.state_dict()[name], value), name
+
+
 class ShufflesInAWorker(RecordsBatches):
     """Its loader shuffles by epoch (a sampler with ``set_epoch``) in a worker process, which
     draws the epoch's order as soon as the iterator is built; records each batch's samples."""

@@ -328,6 +328,35 @@ def test_sigterm_not_in_save_on_signal_is_lightnings_alone(tmp_path: Path) -> No
     assert distckpt.CheckpointManager(str(tmp_path), read_only=True).steps() == []
 
 
+class RecordsSigtermHandlers(lightning.Callback):
+    """Records, at ``on_train_start``, the functions Lightning's installed SIGTERM handler
+    calls (bound methods as their functions, comparable across Trainers)."""
+
+    def __init__(self) -> None:
+        self.handlers: list[Any] = []
+
+    def on_train_start(self, trainer: lightning.Trainer, pl_module: Any) -> None:
+        installed = signal.getsignal(signal.SIGTERM)
+        self.handlers = [
+            getattr(handler, "__func__", handler) for handler in installed.signal_handlers
+        ]
+
+
+def test_sigterm_not_in_save_on_signal_keeps_lightnings_own_handler(tmp_path: Path) -> None:
+    """Saving on SIGUSR1 alone, the SIGTERM handler Lightning installs calls what it calls in a
+    fit without the callback: Lightning's own notifier (which, under DDP, broadcasts the signal
+    from rank 0), not the callback's replacement without that broadcast."""
+    lightnings_alone = RecordsSigtermHandlers()
+    trainer = lightning.Trainer(max_epochs=1, callbacks=[lightnings_alone], **ONE_QUIET_DEVICE)
+    trainer.fit(TinyModule())
+    with_the_callback = RecordsSigtermHandlers()
+    fit_saving_on_signal_alone(
+        TinyModule(), tmp_path, signal.SIGUSR1, callbacks=[with_the_callback]
+    )
+    assert lightnings_alone.handlers  # the fits ran and Lightning installed a handler
+    assert with_the_callback.handlers == lightnings_alone.handlers
+
+
 #: A stand-in for SLURM's ``scontrol``: appends its arguments, and the step ``$ROOT/last`` names
 #: then, to the file ``$SCONTROL_CALLS``.
 SCONTROL = '#!/bin/sh\necho "$@ after $(readlink "$ROOT/last")" >> "$SCONTROL_CALLS"\n'
