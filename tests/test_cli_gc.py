@@ -117,9 +117,12 @@ from pathlib import Path
 import torch, distckpt
 
 root, lock_timeout, stop = sys.argv[1], float(sys.argv[2]), Path(sys.argv[3])
+# bounded: a test killed outright never creates the stop file, and the job must not save
+# forever
+deadline = time.monotonic() + 300
 with distckpt.CheckpointManager(root, timeout=lock_timeout, keep_last=2, fsync=False) as mgr:
     step = 100
-    while not stop.exists():
+    while not stop.exists() and time.monotonic() < deadline:
         step += 1
         began = time.monotonic()
         try:
