@@ -140,6 +140,14 @@ def test_a_save_open_and_restore_send_at_most_the_requests_the_docs_state(
     assert not _over(opened, open_bounds), opened
 
 
+def _one_saved_step(s3_server: S3Server, s3_url: str) -> S3Root:
+    """A root with step 1 saved by a manager, and its S3Root straight to the server (what it
+    sends is not counted, nor slowed by a proxy)."""
+    with distckpt.CheckpointManager(s3_url, storage_options=s3_server.storage_options()) as m:
+        m.save(1, _state(1))
+    return S3Root(s3_url, s3_server.storage_options())
+
+
 def _copy_as_steps(
     root: S3Root, source_step: int, steps: Iterable[int], extra_files: int = 0
 ) -> None:
@@ -177,9 +185,7 @@ def test_a_load_of_the_newest_step_costs_as_much_with_20_kept_steps_as_with_2(
 ) -> None:
     # restore("last") sends no request per kept step either: the bounds above hold it
     # (no HEAD of COMMIT, one GET of it); a manager behind the proxy would double the time.
-    with distckpt.CheckpointManager(s3_url, storage_options=s3_server.storage_options()) as m:
-        m.save(1, _state(1))
-    direct = S3Root(s3_url, s3_server.storage_options())  # not counted, nor slowed by the proxy
+    direct = _one_saved_step(s3_server, s3_url)
     costs = []
     with S3Proxy(s3_server.port) as proxy:
         options = s3_server.storage_options(endpoint_url=proxy.endpoint)
@@ -204,9 +210,7 @@ def test_a_load_asks_once_about_each_newer_step_a_dead_writer_left(
 ) -> None:
     """A step prefix a dead writer left uncommitted, newer than the newest committed step,
     costs the search for the newest step one request (its ``COMMIT`` looked for, not found)."""
-    with distckpt.CheckpointManager(s3_url, storage_options=s3_server.storage_options()) as m:
-        m.save(1, _state(1))
-    direct = S3Root(s3_url, s3_server.storage_options())
+    direct = _one_saved_step(s3_server, s3_url)
     leftovers = range(2, 5)
     for step in leftovers:
         direct.client.put_bytes(direct.attempt_prefix(step, "dead") + "rank-00000.pt", b"left")
@@ -227,9 +231,7 @@ def test_reading_the_committed_steps_costs_one_listing_with_22_steps_as_with_3(
     ETag, comes from one listing of every object under the step prefixes (one page here), not
     a ``HEAD`` per step; the save's other requests, which the bounds above hold, are none of
     them one per kept step: a save costs as much with 22 kept steps as with 3."""
-    with distckpt.CheckpointManager(s3_url, storage_options=s3_server.storage_options()) as m:
-        m.save(1, _state(1))
-    direct = S3Root(s3_url, s3_server.storage_options())  # not counted, nor slowed by the proxy
+    direct = _one_saved_step(s3_server, s3_url)
     costs = []
     with S3Proxy(s3_server.port) as proxy:
         options = s3_server.storage_options(endpoint_url=proxy.endpoint)
@@ -255,9 +257,7 @@ def test_saves_of_many_files_are_listed_while_they_fit_a_page_else_asked_about_p
     # The rules at a fraction of their numbers: at the real ones this root would need saves
     # of hundreds of files, which take minutes to write to the test server.
     monkeypatch.setattr(s3_root, "LISTED_OBJECTS_PER_STEP", 4)
-    with distckpt.CheckpointManager(s3_url, storage_options=s3_server.storage_options()) as m:
-        m.save(1, _state(1))
-    direct = S3Root(s3_url, s3_server.storage_options())
+    direct = _one_saved_step(s3_server, s3_url)
     copies = [2, 3, 4]
     _copy_as_steps(direct, 1, copies, extra_files=12)
     direct.close()
@@ -292,9 +292,7 @@ def test_a_listing_of_steps_of_many_files_stops_and_asks_about_each_step(
     # The rule at a fraction of its number: at the real one this root would need a dead save
     # of hundreds of files, which take seconds to write to the test server.
     monkeypatch.setattr(s3_root, "LISTED_OBJECTS_PER_STEP", 4)
-    with distckpt.CheckpointManager(s3_url, storage_options=s3_server.storage_options()) as m:
-        m.save(1, _state(1))
-    direct = S3Root(s3_url, s3_server.storage_options())
+    direct = _one_saved_step(s3_server, s3_url)
     # a dead writer's save of many files, left uncommitted
     dead = 12
     names = [direct.attempt_prefix(2, "dead") + f"rank-{rank:05d}.pt" for rank in range(dead)]
