@@ -333,12 +333,14 @@ def test_malicious_metadata_is_refused_on_every_rank(tmp_path: Path) -> None:
     assert not marker.exists()
 
 
-def test_metadata_pointing_outside_the_checkpoint_is_refused(tmp_path: Path) -> None:
+# ".metadata" is a file of the manifest, but no data file: it must not be read as one either.
+@pytest.mark.parametrize("named", ["../../etc/passwd", ".metadata"])
+def test_metadata_pointing_outside_the_data_files_is_refused(tmp_path: Path, named: str) -> None:
     step_dir = _save_plain(tmp_path / "ckpt", {"w": torch.randn(3, 2), "n": 5})
     with open(step_dir / ".metadata", "rb") as file:
         metadata = pickle.load(file)  # our own file, written just above
     for info in metadata.storage_data.values():
-        info.relative_path = "../../etc/passwd"
+        info.relative_path = named
     _replace_file(step_dir, ".metadata", pickle.dumps(metadata))
     with pytest.raises(CorruptCheckpoint, match=r"not a \.distcp file of the manifest"):
         distckpt.load_checkpoint(step_dir, state=_template())
@@ -372,6 +374,7 @@ def test_keys_missing_from_the_checkpoint_are_reported(tmp_path: Path) -> None:
     ckpt = distckpt.load_checkpoint(step_dir, state=template, strict=False)
     assert ckpt.missing_keys == ("new",)
     assert torch.equal(template["w"], w) and ckpt.state["n"] == 5
+    assert "new" not in ckpt.state  # as in "torch": the state is what the checkpoint holds
 
 
 # ------------------------------------------------------------------ the FSDP2 demo job
