@@ -409,6 +409,20 @@ def test_load_state_dict_keeps_torchs_whole_message() -> None:
     assert not app.model[0].weight.any()
 
 
+def test_a_non_strict_load_state_dict_keeps_the_groups_the_state_lacks() -> None:
+    """Called directly with a state holding the first of two parameter groups, a non-strict load
+    takes that group's settings and keeps the second's current ones, as it keeps any other
+    setting the state lacks (a restore refuses another number of groups before this)."""
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
+    groups = [{"params": model[0].parameters(), "lr": 0.1}, {"params": model[1].parameters()}]
+    optim = torch.optim.SGD(groups, lr=0.2, momentum=0.9)
+    app = ModelOptimizerState(model, optim)
+    saved = app.state_dict()
+    first = {**saved["optim"]["param_groups"][0], "lr": 0.5}
+    app.load_state_dict({**saved, "optim": {"state": {}, "param_groups": [first]}}, strict=False)
+    assert [group["lr"] for group in optim.param_groups] == [0.5, 0.2]
+
+
 @pytest.mark.parametrize(
     "make_scheduler",
     [
