@@ -119,6 +119,14 @@ def test_dcp_refuses_keys_it_could_not_map_back_before_writing(
     assert isinstance(raised.value, distckpt.InvalidArgument)
 
 
+def test_dcp_refuses_a_top_level_key_that_is_no_string_before_writing(tmp_path: Path) -> None:
+    """Saved, ``{1: ...}`` would fail every restore (a TypeError comparing 1 with ``"w"``)."""
+    with distckpt.CheckpointManager(tmp_path, format="dcp", fsync=False) as mgr:
+        with pytest.raises(distckpt.InvalidArgument, match=r"string top-level keys, got \[1\]"):
+            mgr.save(1, {1: torch.ones(1), "w": torch.ones(1)})
+        assert mgr.steps() == []
+
+
 def test_dcp_refuses_keys_whose_text_names_an_address(tmp_path: Path) -> None:
     """An object's default text holds its address, which another process does not share."""
     refused = pytest.raises(UnrestorableKeys, match=r"types whose text may differ.*\(object\)")
