@@ -36,6 +36,8 @@ def _crafted(tmp_path: Path, change: str) -> Path:
     if change == "range past the end":
         for info in metadata.storage_data.values():
             info.length = data_size + 1 - info.offset
+    elif change == "negative size":
+        metadata.state_dict_metadata["w"].size = torch.Size([-3, 2])
     elif change == "larger tensor":
         # 8 MB of float32 described, where the data file holds a few hundred bytes: a read
         # would fill the saved rows and leave the rest as whatever the memory held.
@@ -50,6 +52,7 @@ def _crafted(tmp_path: Path, change: str) -> Path:
     ("change", "message"),
     [
         ("range past the end", r"w.*byte range outside __0_0\.distcp"),
+        ("negative size", r"w: malformed tensor metadata"),
         ("larger tensor", r"describes 8000000 bytes of tensors but the data files hold"),
         ("list index", r"planner_data is not a map of keys to key paths"),
     ],
@@ -65,6 +68,16 @@ def test_a_crafted_metadata_is_refused_by_restore_and_export(
     if change != "larger tensor":  # a restore loads the template's size, not the described
         with pytest.raises(CorruptCheckpoint, match=message):
             distckpt.load_checkpoint(step_dir, state=_template())
+
+
+def test_a_trusted_metadata_that_is_no_dcp_metadata_is_refused(tmp_path: Path) -> None:
+    """``allow_pickle=True`` unpickles anything, and then checks it is DCP's metadata."""
+    step_dir = _save_plain(tmp_path / "ckpt", {"w": torch.randn(3, 2), "n": 5})
+    _replace_file(step_dir, ".metadata", pickle.dumps({"w": [1, 2]}))
+    with pytest.raises(CorruptCheckpoint, match=r"\.metadata holds a dict, not DCP metadata"):
+        distckpt.load_checkpoint(step_dir, state=_template(), allow_pickle=True)
+    with pytest.raises(CorruptCheckpoint, match=r"\.metadata holds a dict, not DCP metadata"):
+        distckpt.export(step_dir, tmp_path / "out.pt", allow_pickle=True)
 
 
 def _save_two_ranks(rank: int, world_size: int, root: str) -> None:
