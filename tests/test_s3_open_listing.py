@@ -133,14 +133,14 @@ def test_a_step_replaced_while_the_open_lists_the_steps_is_checked_as_replaced(
 def test_an_open_reads_the_commits_and_manifests_of_several_steps_at_once(
     s3_server: S3Server, s3_url: str
 ) -> None:
-    """The open's reads of each step's ``COMMIT`` and manifest go out four steps at a time:
-    while the read of the newest step's ``COMMIT`` is held, the oldest step's manifest is
-    read (one step after another, newest first as the checks go, it would wait)."""
+    """The open's reads of each step's manifest go out four steps at a time: while the read
+    of the newest step's manifest is held, the oldest step's is read (one step after another,
+    newest first as the checks go, it would wait)."""
     root = _one_saved_step(s3_server, s3_url)
     _copy_as_steps(root, 1, range(2, 5))
     root.close()
     with S3Proxy(s3_server.port) as proxy:
-        held = proxy.hold("GET", f"ckpt/{S3Root.commit_name(4)}")
+        held = proxy.hold("GET", f"ckpt/{step_dir_name(4)}/", MANIFEST_NAME)
         options = s3_server.storage_options(endpoint_url=proxy.endpoint)
         opened: list[distckpt.CheckpointManager] = []
 

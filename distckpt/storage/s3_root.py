@@ -25,6 +25,7 @@ copy a set-aside killed before its step was deleted or replaced left).
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import os
@@ -43,6 +44,7 @@ from distckpt.errors import (
 from distckpt.fsutil import POINTER_MAX_BYTES
 from distckpt.layout import (
     LINK_NAMES,
+    MANIFEST_NAME,
     SET_ASIDE_PREFIX,
     parse_set_aside_name,
     parse_step_dir_name,
@@ -99,6 +101,21 @@ class StepListing:
     #: another size, may be a change since); None where the steps were not read that way
     objects: dict[int, dict[str, ObjectInfo]] | None
 
+    def commit_of(self, step: int) -> CommitRecord | None:
+        """The record of the step's ``COMMIT`` version the listing saw, where its ETag is the
+        MD5 digest of the record naming one of the step's saves the listing shows (a prefix
+        holding a manifest), as S3 gives an object written in one ``PUT`` without KMS
+        encryption: the bytes written are then known. None otherwise (another store's ETag,
+        a damaged ``COMMIT``, one another version wrote otherwise): it must be read."""
+        etag = self.commits.get(step)
+        if etag is None or self.objects is None:
+            return None
+        for key in self.objects.get(step, {}):
+            attempt, _, name = key.partition("/")
+            if name == MANIFEST_NAME and etag.strip('"') == _digest(step, attempt):
+                return CommitRecord(step, attempt, etag)
+        return None
+
     def save_sizes(self, step: int, attempt: str) -> dict[str, int] | None:
         """The sizes of the save ``attempt``'s objects, by name under its prefix, as the
         listing saw them; None when the steps were not listed so."""
@@ -107,6 +124,11 @@ class StepListing:
         prefix = f"{attempt}/"
         listed = self.objects.get(step, {}).items()
         return {key[len(prefix) :]: info.size for key, info in listed if key.startswith(prefix)}
+
+
+def _digest(step: int, attempt: str) -> str:
+    """The MD5 digest (hex) of the ``COMMIT`` record naming the save ``attempt`` of ``step``."""
+    return hashlib.md5(CommitRecord.encode(step, attempt), usedforsecurity=False).hexdigest()
 
 
 def step_of_commit(key: str) -> int | None:
