@@ -130,7 +130,7 @@ def test_a_step_replaced_while_the_open_lists_the_steps_is_checked_as_replaced(
     root.close()
 
 
-def test_an_open_reads_the_commits_and_manifests_of_several_steps_at_once(
+def test_an_open_reads_the_manifests_of_several_steps_at_once(
     s3_server: S3Server, s3_url: str
 ) -> None:
     """The open's reads of each step's manifest go out four steps at a time: while the read

@@ -223,7 +223,7 @@ def test_a_load_of_the_newest_step_costs_as_much_with_20_kept_steps_as_with_2(
     assert costs[0]["HEAD COMMIT"] == 0, costs[0]
 
 
-def test_an_open_costs_two_requests_a_kept_step_with_20_kept_steps_as_with_2(
+def test_an_open_costs_one_request_a_kept_step_with_20_kept_steps_as_with_2(
     s3_server: S3Server, s3_url: str
 ) -> None:
     """An open's pointers' update checks every kept step: its manifest is read (a ``GET``),
