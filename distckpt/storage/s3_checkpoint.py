@@ -5,7 +5,7 @@ and downloaded for a read."""
 from __future__ import annotations
 
 import shutil
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
@@ -32,12 +32,26 @@ _READ_CHUNK = 8 << 20
 class S3Checkpoint(CheckpointSource):
     """The checkpoint of one step of an ``s3://`` root: the attempt its ``COMMIT`` names."""
 
-    def __init__(self, root: S3Root, step: int, attempt: str | None = None) -> None:
-        """``attempt``: the save the step's ``COMMIT`` names, when known (it is not read)."""
+    def __init__(
+        self,
+        root: S3Root,
+        step: int,
+        attempt: str | None = None,
+        listed_sizes: Mapping[str, int] | None = None,
+    ) -> None:
+        """``attempt``: the save the step's ``COMMIT`` names, when known (it is not read).
+        ``listed_sizes``: with it, the sizes of that save's objects by name under its prefix,
+        as a listing of every object under the step prefixes saw them
+        (:meth:`~distckpt.storage.s3_root.StepListing.save_sizes`): the check reads them
+        rather than list the save, and the manifest's size rather than ask for it (``HEAD``).
+        Such a listing of several pages is no snapshot (a save completed or replaced while it
+        ran): where it shows a file missing or of another size, the save is listed again
+        before any problem is reported."""
         self._root = root
         self.location: str = root.location(step)
         self.expected_step: int = step
         self._attempt: str | None = attempt
+        self._listed_sizes = dict(listed_sizes) if listed_sizes is not None else None
 
     def unsafe(self) -> str | None:
         return None  # objects cannot be links
@@ -78,8 +92,10 @@ class S3Checkpoint(CheckpointSource):
 
     def _fetch_manifest(self, name: str) -> Manifest:
         source = f"{self._root.root}/{name}"
+        listed = (self._listed_sizes or {}).get(MANIFEST_NAME)
         try:
-            if self._root.client.head(name).size > MAX_MANIFEST_BYTES:
+            size = listed if listed is not None else self._root.client.head(name).size
+            if size > MAX_MANIFEST_BYTES:
                 raise oversized_manifest(source)
             raw = self._root.client.get_bytes(name)
         except ObjectNotFound as exc:
@@ -88,7 +104,13 @@ class S3Checkpoint(CheckpointSource):
             ) from exc
         return Manifest.from_json(raw, source=source)
 
-    def _sizes(self) -> dict[str, int]:
+    def _sizes(self, manifest: Manifest | None = None) -> dict[str, int]:
+        """The sizes of the save's objects by name: those listed before (``listed_sizes``),
+        where they hold ``manifest``'s every file at its size, else from a listing of the
+        save now."""
+        listed = self._listed_sizes
+        if listed is not None and manifest is not None and _holds(listed, manifest):
+            return listed
         prefix = self._prefix()
         return {info.key[len(prefix) :]: info.size for info in self._root.client.list(prefix)}
 
@@ -110,7 +132,7 @@ class S3Checkpoint(CheckpointSource):
         if manifest.checksum_algorithm != CHECKSUM_ALGORITHM and checksums:
             problems.append(unknown_checksum_algorithm(self.describe(MANIFEST_NAME), manifest))
             checksums = False
-        sizes = self._sizes()
+        sizes = self._sizes(manifest)
         if MANIFEST_NAME not in sizes:
             # ``manifest`` may come from memory (this process wrote or read it before): the
             # listing is what tells whether the object is still there.
@@ -198,3 +220,10 @@ class S3Checkpoint(CheckpointSource):
             raise CorruptCheckpoint(
                 f"{self.describe(name)}: {size} bytes, the manifest says {record.size} (truncated?)"
             )
+
+
+def _holds(sizes: Mapping[str, int], manifest: Manifest) -> bool:
+    """Whether ``sizes`` (an object's size by name) hold the manifest and each of its files at
+    the size it lists."""
+    files = manifest.files.items()
+    return MANIFEST_NAME in sizes and all(sizes.get(name) == r.size for name, r in files)

@@ -25,6 +25,7 @@ copy a set-aside killed before its step was deleted or replaced left).
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import os
@@ -43,6 +44,7 @@ from distckpt.errors import (
 from distckpt.fsutil import POINTER_MAX_BYTES
 from distckpt.layout import (
     LINK_NAMES,
+    MANIFEST_NAME,
     SET_ASIDE_PREFIX,
     parse_set_aside_name,
     parse_step_dir_name,
@@ -50,6 +52,7 @@ from distckpt.layout import (
     step_dir_name,
 )
 from distckpt.manifest import Manifest
+from distckpt.objinfo import ObjectInfo
 from distckpt.objlease import LeaseRecord
 from distckpt.objstore import ObjectStore
 from distckpt.objurl import S3Url
@@ -85,6 +88,47 @@ class CommitRecord:
     @staticmethod
     def encode(step: int, attempt: str) -> bytes:
         return json.dumps({"step": step, "attempt": attempt}, sort_keys=True).encode()
+
+
+@dataclass(frozen=True)
+class StepListing:
+    """The committed steps as :meth:`S3Root.step_listing` read them."""
+
+    #: each committed step's ``COMMIT`` ETag
+    commits: dict[int, str]
+    #: each step's objects, by key under the step's prefix, as one listing of every object
+    #: under the step prefixes saw them (its pages are no snapshot: an object's absence, or
+    #: another size, may be a change since); None where the steps were not read that way
+    objects: dict[int, dict[str, ObjectInfo]] | None
+
+    def commit_of(self, step: int) -> CommitRecord | None:
+        """The record of the step's ``COMMIT`` version the listing saw, where its ETag is the
+        MD5 digest of the record naming one of the step's saves the listing shows (a prefix
+        holding a manifest), as S3 gives an object written in one ``PUT`` without KMS
+        encryption: the bytes written are then known. None otherwise (another store's ETag,
+        a damaged ``COMMIT``, one another version wrote otherwise): it must be read."""
+        etag = self.commits.get(step)
+        if etag is None or self.objects is None:
+            return None
+        for key in self.objects.get(step, {}):
+            attempt, _, name = key.partition("/")
+            if name == MANIFEST_NAME and etag.strip('"') == _digest(step, attempt):
+                return CommitRecord(step, attempt, etag)
+        return None
+
+    def save_sizes(self, step: int, attempt: str) -> dict[str, int] | None:
+        """The sizes of the save ``attempt``'s objects, by name under its prefix, as the
+        listing saw them; None when the steps were not listed so."""
+        if self.objects is None:
+            return None
+        prefix = f"{attempt}/"
+        listed = self.objects.get(step, {}).items()
+        return {key[len(prefix) :]: info.size for key, info in listed if key.startswith(prefix)}
+
+
+def _digest(step: int, attempt: str) -> str:
+    """The MD5 digest (hex) of the ``COMMIT`` record naming the save ``attempt`` of ``step``."""
+    return hashlib.md5(CommitRecord.encode(step, attempt), usedforsecurity=False).hexdigest()
 
 
 def step_of_commit(key: str) -> int | None:
@@ -206,23 +250,29 @@ class S3Root:
         return sorted(step for step in listed if step >= from_step)
 
     def commit_etags(self, from_step: int = 0) -> dict[int, str]:
+        """Each committed step from ``from_step`` on, with its ``COMMIT``'s ETag
+        (:meth:`step_listing`'s ``commits``)."""
+        return self.step_listing(from_step).commits
+
+    def step_listing(self, from_step: int = 0) -> StepListing:
         """Each committed step from ``from_step`` on, with its ``COMMIT``'s ETag. Of every
         step (``from_step`` 0), where that pays (:meth:`_listing_pays`: saves of few files,
         or few enough steps of them to fit a page) and its pages show no more objects a step
         than that (:meth:`_listed_commits`): one listing of every object under the step
         prefixes (a page per :data:`LISTING_PAGE` objects), which shows each ``COMMIT`` and
-        its ETag, no request per step; like :meth:`listed_steps`, it forgets the steps no
-        longer found. Else, and from a later step (the step rules',
+        its ETag, and each step's objects, no request per step; like :meth:`listed_steps`, it
+        forgets the steps no longer found. Else, and from a later step (the step rules',
         usually past every step): the step prefixes listed, and a ``HEAD`` of ``COMMIT`` for
-        each from ``from_step`` on."""
+        each from ``from_step`` on (no objects shown)."""
         if from_step == 0 and self._listing_pays():
-            commits = self._listed_commits()
-            if commits is not None:
-                return commits
+            listing = self._listed_commits()
+            if listing is not None:
+                return listing
         steps = self.listed_steps(from_step)
         with ThreadPoolExecutor(DOWNLOAD_CONCURRENCY) as pool:
             etags = pool.map(self._commit_etag, steps)
-            return {step: etag for step, etag in zip(steps, etags) if etag is not None}
+            commits = {step: etag for step, etag in zip(steps, etags) if etag is not None}
+        return StepListing(commits, None)
 
     def _listing_pays(self) -> bool:
         """Whether the saves whose manifests this process keeps (their files, manifest and
@@ -236,27 +286,32 @@ class S3Root:
             return True
         return objects * len(self._kept_steps()) <= LISTING_PAGE * len(manifests)
 
-    def _listed_commits(self) -> dict[int, str] | None:
-        """Each committed step with its ``COMMIT``'s ETag, from one listing of every object
-        under the step prefixes; None when, at the end of a page before the last, the objects
-        listed so far are more than :data:`LISTED_OBJECTS_PER_STEP` times the steps listed so
-        far: the rest would cost more pages than a ``HEAD`` per step costs."""
+    def _listed_commits(self) -> StepListing | None:
+        """Each committed step with its ``COMMIT``'s ETag, and each step's objects, from one
+        listing of every object under the step prefixes; None when, at the end of a page
+        before the last, the objects listed so far are more than
+        :data:`LISTED_OBJECTS_PER_STEP` times the steps listed so far: the rest would cost
+        more pages than a ``HEAD`` per step costs."""
         kept = self._kept_steps()
         listed: set[int] = set()
+        objects_of: dict[int, dict[str, ObjectInfo]] = {}
         commits: dict[int, str] = {}
         objects = 0
         for page in self.client.list_pages("step-", page_size=LISTING_PAGE):
             for info in page.objects:
-                step = parse_step_dir_name(info.key.partition("/")[0])
-                if step is not None and "/" in info.key:
+                head, slash, rest = info.key.partition("/")
+                step = parse_step_dir_name(head)
+                if step is not None and slash:
                     listed.add(step)
+                if step is not None and head == step_dir_name(step):  # not step-2/: no step's
+                    objects_of.setdefault(step, {})[rest] = info
                 if (committed := step_of_commit(info.key)) is not None:
                     commits[committed] = info.etag
             objects += len(page.objects)
             if not page.last and objects > LISTED_OBJECTS_PER_STEP * len(listed):
                 return None  # before the next page is asked for
         self._forget_unlisted(kept, listed)
-        return commits
+        return StepListing(commits, objects_of)
 
     def _kept_steps(self) -> set[int]:
         """The steps this process keeps a commit record or a manifest of. Taken before a

@@ -35,7 +35,6 @@ from distckpt.objlease import LeaseRecord
 from distckpt.objstore import ObjectStore
 from distckpt.results import CheckpointLocation
 from distckpt.storage.posix_links import COMMITTING_RANK
-from distckpt.storage.s3_checkpoint import S3Checkpoint
 from distckpt.storage.s3_root import (
     COMMIT_NAME,
     LEASE_NAME,
@@ -45,6 +44,7 @@ from distckpt.storage.s3_root import (
     step_of_commit,
 )
 from distckpt.storage.s3_set_aside import SetAside, save_whose_manifest
+from distckpt.storage.s3_step_reads import read_for_checks
 from distckpt.storage.s3_view import S3RootView
 
 logger = logging.getLogger("distckpt")
@@ -171,7 +171,8 @@ class Upkeep(SetAside):
         """Point ``last`` at the newest committed checkpoint that passes its check and
         ``best`` at the best, or remove a pointer that names nothing valid. ``leaving``: a
         step about to be removed, counted as gone. The records it read."""
-        commits = self.s3.commit_etags()
+        listing = self.s3.step_listing()
+        commits = listing.commits
         # forget what was deleted or replaced since
         self._checked = {
             key: m for key, m in self._checked.items() if commits.get(key[0]) == key[1]
@@ -181,14 +182,8 @@ class Upkeep(SetAside):
             for step, etag in commits.items()
             if step != leaving and (step, etag) not in self._checked
         ]
-        # A COMMIT version this process read or wrote (a save's own, right after its commit)
-        # is not read again, nor its manifest: the save itself is still listed and checked.
-        known = {
-            step: S3Checkpoint(self.s3, step, record.attempt)
-            for step in unchecked
-            if (record := self.s3.known_commit(step, commits[step])) is not None
-        }
-        for source, manifest in resolve.iter_valid(self.view, steps=unchecked, sources=known):
+        sources, unchecked = read_for_checks(self.s3, unchecked, listing)
+        for source, manifest in resolve.iter_valid(self.view, steps=unchecked, sources=sources):
             self._checked[(source.expected_step, commits[source.expected_step])] = manifest
         valid = sorted(
             (m for (step, _), m in self._checked.items() if step != leaving),

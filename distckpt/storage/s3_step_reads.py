@@ -1,0 +1,56 @@
+"""What the pointers' update of an ``s3://`` root reads of the steps it checks, before the
+checks run (:func:`read_for_checks`): each step's manifest, a few steps at a time, and from
+the listing of every object the update made, the sizes of its save's objects and, where the
+ETag of its ``COMMIT`` tells it (:meth:`~distckpt.storage.s3_root.StepListing.commit_of`),
+the record ``COMMIT`` holds; so that checking many steps (an open of a root keeping hundreds)
+costs a request a step sent :data:`~distckpt.storage.s3_root.DOWNLOAD_CONCURRENCY` at a time,
+not four one after another."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Collection
+from concurrent.futures import ThreadPoolExecutor
+
+from distckpt.errors import CheckpointError
+from distckpt.storage.s3_checkpoint import S3Checkpoint
+from distckpt.storage.s3_root import DOWNLOAD_CONCURRENCY, S3Root, StepListing
+
+logger = logging.getLogger("distckpt")
+
+
+def read_for_checks(
+    root: S3Root, steps: Collection[int], listing: StepListing
+) -> tuple[dict[int, S3Checkpoint], list[int]]:
+    """The checkpoints of the committed ``steps`` of ``listing``, their ``COMMIT`` and
+    manifest read, each with the sizes of its save's objects as ``listing`` saw them, which
+    its check reads instead of a listing of the save. A ``COMMIT`` version this process read
+    or wrote already (a save's own, right after its commit), or whose record ``listing``
+    tells, is not read (that record is kept as if read: the search for leftovers reuses it),
+    nor a manifest once kept. Returns them with the steps left to check: ``steps`` but those
+    whose ``COMMIT`` went since the listing. A step whose reads failed here (a damaged
+    ``COMMIT``, a missing manifest, a store error) gets no checkpoint: its check reads it
+    again, and tells the failure as it would have without these reads."""
+    with ThreadPoolExecutor(DOWNLOAD_CONCURRENCY) as pool:
+        read = dict(zip(steps, pool.map(lambda step: _read(root, step, listing), steps)))
+    sources = {step: source for step, source in read.items() if isinstance(source, S3Checkpoint)}
+    return sources, [step for step, source in read.items() if source is not False]
+
+
+def _read(root: S3Root, step: int, listing: StepListing) -> S3Checkpoint | bool | None:
+    """The checkpoint of ``step``, its ``COMMIT``'s record known and its manifest read; False
+    when the step is no longer committed, None when a read failed."""
+    try:
+        record = root.known_commit(step, listing.commits.get(step))
+        if record is None and (record := listing.commit_of(step)) is not None:
+            root.remember_commit(step, record)  # as read: the search for leftovers reuses it
+        record = record or root.read_commit(step)
+        if record is None:
+            return False
+        sizes = listing.save_sizes(step, record.attempt)
+        source = S3Checkpoint(root, step, record.attempt, sizes)
+        source.read_manifest()
+    except CheckpointError as exc:
+        logger.debug("reading %s before its check: %s", root.location(step), exc)
+        return None
+    return source

@@ -1,0 +1,164 @@
+"""The open of an ``s3://`` root checks each step's save from the listing of every object
+under the step prefixes it makes anyway (tests/test_s3_requests.py counts it), not from a
+listing of each save. That listing, of several pages, is no snapshot: a step committed or
+replaced by another process while it runs must be judged as a listing of the save made after
+its ``COMMIT`` was read would judge it, not taken for damaged and passed over."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import replace
+
+import pytest
+
+import distckpt
+from distckpt.checksums import crc32
+from distckpt.layout import LAST, MANIFEST_NAME, step_dir_name
+from distckpt.manifest import FileRecord
+from distckpt.storage.s3_checkpoint import S3Checkpoint
+from distckpt.storage.s3_root import CommitRecord, S3Root
+from tests.s3proxy import HOLD_TIMEOUT, S3Proxy
+from tests.s3server import S3Server
+from tests.test_s3_requests import _copy_as_steps, _one_saved_step
+from tests.waiting import after_rank_0_removals
+
+pytest.importorskip("botocore")
+
+#: attempt tokens whose objects a listing shows before their step's ``COMMIT`` ("0" < "C")
+#: and after it ("f" > "C")
+BEFORE_COMMIT = "0123456789ab-1"
+AFTER_COMMIT = "fedcba987654-1"
+#: a file of the saves written here that sorts before their manifest: a listing past the
+#: manifest has passed it too
+EARLY_FILE = "extra-00000"
+#: what the open's listing of every object under the step prefixes holds in its path
+STEP_LISTING = "prefix=ckpt%2Fstep-"
+
+
+def _save_contents(root: S3Root, step: int) -> dict[str, bytes]:
+    """A save of ``step``: step 1's files, and :data:`EARLY_FILE`, which its manifest lists."""
+    source = S3Checkpoint(root, 1)
+    manifest = source.read_manifest()
+    prefix = source._prefix()  # the committed save's, to copy its files from
+    contents = {name: root.client.get_bytes(prefix + name) for name in manifest.files}
+    contents[EARLY_FILE] = b"x"
+    files = {**manifest.files, EARLY_FILE: FileRecord(1, f"{crc32(b'x'):08x}")}
+    contents[MANIFEST_NAME] = replace(manifest, step=step, files=files).to_json()
+    return contents
+
+
+def _write(
+    root: S3Root, step: int, attempt: str, contents: dict[str, bytes], *, commit: bool = False
+) -> None:
+    """Write ``contents`` under the save ``attempt`` of ``step``; with ``commit``, then its
+    ``COMMIT`` naming that save (over any there)."""
+    for name, data in contents.items():
+        root.client.put_bytes(root.attempt_prefix(step, attempt) + name, data)
+    if commit:
+        root.client.put_bytes(root.commit_name(step), CommitRecord.encode(step, attempt))
+
+
+def _page_after(root: S3Root, key: str) -> int:
+    """How many one-key pages of the open's listing come before the one after ``key``'s."""
+    keys = sorted(info.key for info in root.client.list("step-"))
+    return keys.index(key) + 1
+
+
+def _open_while(
+    s3_server: S3Server,
+    s3_url: str,
+    skip: int,
+    change: Callable[[], None],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Open a manager whose listing of the step prefixes comes a key a page, ``change``
+    running while the page after the first ``skip`` is held; check that the open moved
+    ``last`` to step 2, skipping no step, and that only the save of step 2 that
+    :data:`BEFORE_COMMIT` names is left once the open's tidy ran."""
+    with S3Proxy(s3_server.port) as proxy, caplog.at_level(logging.WARNING, logger="distckpt"):
+        proxy.short_pages(1, STEP_LISTING)
+        held = proxy.hold("GET", STEP_LISTING, skip=skip)
+        options = s3_server.storage_options(endpoint_url=proxy.endpoint)
+        with held.changed_meanwhile(change):
+            manager = distckpt.CheckpointManager(s3_url, storage_options=options)
+        after_rank_0_removals(manager)
+        manager.close()
+    root = S3Root(s3_url, s3_server.storage_options())
+    prefix = f"{step_dir_name(2)}/"
+    saves = sorted({info.key[len(prefix) :].partition("/")[0] for info in root.client.list(prefix)})
+    assert root.read_pointer(LAST)[0] == step_dir_name(2)
+    root.close()
+    assert saves == [BEFORE_COMMIT, "COMMIT"]
+    assert "skipping" not in caplog.text
+
+
+def test_a_step_committed_while_the_open_lists_the_steps_is_not_taken_for_damaged(
+    s3_server: S3Server, s3_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A save of step 2 has its manifest and rank file written, not yet its early file nor
+    its ``COMMIT``, when the open's listing passes them; its writer then writes both before
+    that listing reaches ``COMMIT``. The listing shows the step committed, its early file
+    missing: the save is listed again, found whole, and ``last`` moves to it."""
+    root = _one_saved_step(s3_server, s3_url)
+    contents = _save_contents(root, 2)
+    early = {EARLY_FILE: contents.pop(EARLY_FILE)}
+    _write(root, 2, BEFORE_COMMIT, contents)
+    skip = _page_after(root, root.attempt_prefix(2, BEFORE_COMMIT) + MANIFEST_NAME)
+
+    committing = functools.partial(_write, root, 2, BEFORE_COMMIT, early, commit=True)
+    _open_while(s3_server, s3_url, skip, committing, caplog)
+    root.close()
+
+
+def test_a_step_replaced_while_the_open_lists_the_steps_is_checked_as_replaced(
+    s3_server: S3Server, s3_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Step 2 is committed as a save listed after its ``COMMIT``. While the open's listing is
+    past the step's ``COMMIT``, another writer replaces it: a save listed before ``COMMIT``,
+    which that listing never shows. The save ``COMMIT`` names now is listed again, found
+    whole, and ``last`` moves to step 2; the replaced save goes as a leftover (the search for
+    leftovers reads the new ``COMMIT``, whose ETag its own listing shows)."""
+    root = _one_saved_step(s3_server, s3_url)
+    contents = _save_contents(root, 2)
+    _write(root, 2, AFTER_COMMIT, contents, commit=True)
+    skip = _page_after(root, root.commit_name(2))
+    replacing = functools.partial(_write, root, 2, BEFORE_COMMIT, contents, commit=True)
+    _open_while(s3_server, s3_url, skip, replacing, caplog)
+    root.close()
+
+
+def test_an_open_reads_the_manifests_of_several_steps_at_once(
+    s3_server: S3Server, s3_url: str
+) -> None:
+    """The open's reads of each step's manifest go out four steps at a time: while the read
+    of the newest step's manifest is held, the oldest step's is read (one step after another,
+    newest first as the checks go, it would wait)."""
+    root = _one_saved_step(s3_server, s3_url)
+    _copy_as_steps(root, 1, range(2, 5))
+    root.close()
+    with S3Proxy(s3_server.port) as proxy:
+        held = proxy.hold("GET", f"ckpt/{step_dir_name(4)}/", MANIFEST_NAME)
+        options = s3_server.storage_options(endpoint_url=proxy.endpoint)
+        opened: list[distckpt.CheckpointManager] = []
+
+        def open_root() -> None:
+            opened.append(distckpt.CheckpointManager(s3_url, storage_options=options))
+
+        opening = threading.Thread(target=open_root)
+        opening.start()
+        try:
+            assert held.arrived.wait(60)
+            # a bound far below the hold's own (after which it goes on unreleased), not a timing
+            read_meanwhile = proxy.wait_for(
+                "GET", f"{step_dir_name(1)}/", MANIFEST_NAME, timeout=HOLD_TIMEOUT / 2
+            )
+        finally:
+            held.release()
+            opening.join()
+        for manager in opened:
+            manager.close()
+    assert read_meanwhile
+    assert len(opened) == 1
