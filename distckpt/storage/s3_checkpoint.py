@@ -38,6 +38,7 @@ class S3Checkpoint(CheckpointSource):
         self.location: str = root.location(step)
         self.expected_step: int = step
         self._attempt: str | None = attempt
+        self._commit_etag: str | None = None  # of the ``COMMIT`` read, when read
 
     def unsafe(self) -> str | None:
         return None  # objects cannot be links
@@ -62,8 +63,13 @@ class S3Checkpoint(CheckpointSource):
                     path=self.location,
                     step=self.expected_step,
                 )
-            self._attempt = record.attempt
+            self._attempt, self._commit_etag = record.attempt, record.etag
         return self._root.attempt_prefix(self.expected_step, self._attempt)
+
+    def committed_version(self) -> str | None:
+        """The ETag of the ``COMMIT`` its read followed (a save's objects never change once
+        committed; an overwrite writes another ``COMMIT``)."""
+        return self._commit_etag
 
     def _object(self, name: str) -> str:
         return self._prefix() + name

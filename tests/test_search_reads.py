@@ -1,0 +1,119 @@
+"""How often one search for a root's newest checkpoint reads a step that fails its check: once
+per version of the step. The search lists the root again when nothing passed (a checkpoint
+deleted, or replaced under its number, while it was read), but a step still committed as it
+was when found failing is not read again; one replaced meanwhile is.
+
+Reads are counted for real: the ``openat`` calls of a traced process on a local root, the
+requests through a proxy on an ``s3://`` root."""
+
+from __future__ import annotations
+
+import collections
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import distckpt
+from distckpt.layout import MANIFEST_NAME, step_dir_name
+from distckpt.objstore import ObjectStore
+from distckpt.storage.posix_view import PosixCheckpoint
+from distckpt.storage.s3_checkpoint import S3Checkpoint
+from tests.places import Place
+from tests.s3proxy import S3Proxy
+from tests.s3server import S3Server
+from tests.syscall_trace import traced_file_calls
+from tests.test_s3_requests import request_kind
+
+#: the steps saved, then damaged, in each root
+DAMAGED_STEPS = (1, 2)
+
+
+def _save(root: str, steps: tuple[int, ...], options: dict[str, Any] | None = None) -> None:
+    with distckpt.CheckpointManager(root, storage_options=options, fsync=False) as manager:
+        for step in steps:
+            manager.save(step, {"w": torch.full((64,), float(step))})
+
+
+def _truncated_rank_file(step_dir: Path) -> None:
+    (rank_file,) = step_dir.glob("rank-*")
+    os.truncate(rank_file, 10)
+
+
+def test_a_search_of_a_local_root_opens_each_damaged_manifest_once(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    _save(os.fspath(root), DAMAGED_STEPS)
+    for step in DAMAGED_STEPS:
+        _truncated_rank_file(root / step_dir_name(step))
+    code = f"""
+import distckpt
+try:
+    distckpt.load_checkpoint({os.fspath(root)!r})
+except distckpt.CheckpointNotFound:
+    pass
+else:
+    raise SystemExit("a damaged checkpoint was loaded")
+"""
+    calls = traced_file_calls(code, tmp_path, "openat")
+    opened = collections.Counter(
+        Path(call.path).parent.name for call in calls if Path(call.path).name == MANIFEST_NAME
+    )
+    assert opened == {step_dir_name(step): 1 for step in DAMAGED_STEPS}
+
+
+def test_a_search_of_an_s3_root_reads_each_damaged_step_once(
+    s3_server: S3Server, s3_url: str
+) -> None:
+    options = s3_server.storage_options()
+    _save(s3_url, DAMAGED_STEPS, options)
+    with ObjectStore(s3_url, options) as store:
+        for step in DAMAGED_STEPS:
+            (shard,) = (
+                info.key
+                for info in store.list(step_dir_name(step) + "/")
+                if info.key.endswith(".pt")
+            )
+            store.put_bytes(shard, b"x" * 10)
+    with S3Proxy(s3_server.port) as proxy:
+        proxied = s3_server.storage_options(endpoint_url=proxy.endpoint)
+        with pytest.raises(distckpt.CheckpointNotFound):
+            distckpt.load_checkpoint(s3_url, storage_options=proxied)
+        log = list(proxy.log)
+    for step in DAMAGED_STEPS:
+        reads = collections.Counter(
+            request_kind(method, path)
+            for method, path, _ in log
+            if f"/{step_dir_name(step)}/" in path.replace("%2F", "/")
+        )
+        # the check's read of COMMIT, and the one telling a damaged step from a deleted one
+        assert reads["GET COMMIT"] == 2, (step, reads)
+        assert reads["GET manifest.json"] == 1, (step, reads)
+        assert reads["LIST save"] == 1, (step, reads)  # its files' sizes
+
+
+def test_a_step_replaced_while_the_search_reads_it_is_read_again(
+    place: Place, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another job overwrites the only step between the search's read of its manifest and of
+    its files, with files of other sizes: the search finds the new checkpoint, not none."""
+    root = f"{place.base}/ckpt"
+    _save(root, (1,), place.options)
+    checkpoint_class = PosixCheckpoint if place.options is None else S3Checkpoint
+    real_file_problems = checkpoint_class.file_problems
+    replaced: list[int] = []
+
+    def replaced_before_its_files_are_checked(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if not replaced:
+            replaced.append(1)
+            with distckpt.CheckpointManager(root, storage_options=place.options) as job:
+                job.save(1, {"w": torch.full((128,), 10.0)}, overwrite=True)
+        return real_file_problems(self, *args, **kwargs)
+
+    # A hook in the searching process itself: no other process can be timed into the window
+    # between the manifest's read and the files' check.
+    monkeypatch.setattr(checkpoint_class, "file_problems", replaced_before_its_files_are_checked)
+    loaded = distckpt.load_checkpoint(root, storage_options=place.options)
+    assert replaced == [1]
+    assert loaded.step == 1 and torch.equal(loaded.state["w"], torch.full((128,), 10.0))
