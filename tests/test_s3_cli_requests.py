@@ -1,7 +1,8 @@
 """What the maintenance commands cost on an ``s3://`` root, counted on the wire (tests/s3proxy.py
 in front of the moto server), the command line run in this process with the proxy as its
-endpoint: ``prune`` checks that its location is a root once, and a prune of no root still
-exits 2 naming it."""
+endpoint: ``prune`` checks that its location is a root once, ``delete`` reads its step's
+``COMMIT`` twice (before its lease check, and again right before deleting it), and a prune of
+no root still exits 2 naming it."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import pytest
 import torch
 
 import distckpt
+from distckpt.layout import step_dir_name
 from distckpt.objstore import ObjectStore
 from tests.cli_runner import run_cli
 from tests.s3proxy import S3Proxy
@@ -80,3 +82,17 @@ def test_prune_of_a_prefix_holding_no_root_exits_2_saying_it_is_none(
     assert done.stderr.startswith(
         f"distckpt prune: error: {s3_url} is not a checkpoint root: it holds no lease record"
     ), done.stderr
+
+
+def test_delete_reads_its_steps_commit_twice(
+    s3_server: S3Server, s3_url: str, proxy: S3Proxy
+) -> None:
+    """Once before the lease check (the version a removal may delete), once right before the
+    delete: a ``COMMIT`` gone or replaced since (a job that took the root meanwhile) keeps the
+    set-aside record of the save it names."""
+    root = _root_of_three_steps(s3_server, s3_url)
+    done, requests = _run_counted(proxy, "delete", root, "2")
+    assert done.returncode == 0, done
+    commit = f"/{step_dir_name(2)}/COMMIT"
+    reads = [request for request in requests if request.startswith("GET") and commit in request]
+    assert len(reads) == 2, requests
