@@ -29,6 +29,8 @@ from tests.test_s3_requests import request_kind
 
 #: the steps saved, then damaged, in each root
 DAMAGED_STEPS = (1, 2)
+#: a step of an s3 root whose ``COMMIT`` is then replaced by bytes that are no commit record
+NO_COMMIT_RECORD_STEP = 3
 
 
 def _save(root: str, steps: tuple[int, ...], options: dict[str, Any] | None = None) -> None:
@@ -81,9 +83,11 @@ def test_a_search_of_an_s3_root_reads_each_damaged_step_once(
     s3_server: S3Server, s3_url: str
 ) -> None:
     options = s3_server.storage_options()
-    _save(s3_url, DAMAGED_STEPS, options)
+    _save(s3_url, (*DAMAGED_STEPS, NO_COMMIT_RECORD_STEP), options)
     for step in DAMAGED_STEPS:
         _truncated_rank_file(s3_url, step, options)
+    with ObjectStore(s3_url, options) as store:
+        store.put_bytes(f"{step_dir_name(NO_COMMIT_RECORD_STEP)}/COMMIT", b"garbage")
     with S3Proxy(s3_server.port) as proxy:
         proxied = s3_server.storage_options(endpoint_url=proxy.endpoint)
         with pytest.raises(distckpt.CheckpointNotFound):
@@ -99,6 +103,13 @@ def test_a_search_of_an_s3_root_reads_each_damaged_step_once(
         assert reads["GET COMMIT"] == 2, (step, reads)
         assert reads["GET manifest.json"] == 1, (step, reads)
         assert reads["LIST save"] == 1, (step, reads)  # its files' sizes
+    no_record_reads = collections.Counter(
+        request_kind(method, path)
+        for method, path, _ in log
+        if f"/{step_dir_name(NO_COMMIT_RECORD_STEP)}/" in path.replace("%2F", "/")
+    )
+    # as a damaged save's step: the check's read, and the one telling it from a deleted step
+    assert no_record_reads == {"GET COMMIT": 2}, no_record_reads
 
 
 def test_a_step_replaced_while_the_search_reads_it_is_read_again(
