@@ -295,18 +295,20 @@ def cmd_verify(args: argparse.Namespace, out: TextIO) -> int:
     return EXIT_OK if report.ok else EXIT_PROBLEMS
 
 
-def _open_store(root: str, retention: RetentionPolicy | None = None) -> RootStore:
+def _open_store(root: str | RootView, retention: RetentionPolicy | None = None) -> RootStore:
     """The root's store, as a job's rank 0 uses it: no manager and no process group needed;
-    its links stay the kind they are (a job's pointer files stay pointer files)."""
-    found = _existing_view(root).root
+    its links stay the kind they are (a job's pointer files stay pointer files). ``root``: its
+    location, checked here (:func:`_existing_view`), or its view, checked already."""
+    found = (_existing_view(root) if isinstance(root, str) else root).root
     return open_store(found, retention=retention, link=link_mode_in_use(found))
 
 
 def cmd_prune(args: argparse.Namespace, out: TextIO) -> int:
     retention = prune_retention(args)
+    view = _existing_view(args.root)  # once: on an s3:// root, each check costs requests
     # Before the store opens (its prune would remove best): a refusal leaves the root alone.
-    refuse_a_monitor_ranking_none(_existing_view(args.root), retention)
-    store = _open_store(args.root, retention)
+    refuse_a_monitor_ranking_none(view, retention)
+    store = _open_store(view, retention)
     removed = store.prune()
     store.tidy()  # the bytes of what it removed
     kept = open_view(args.root).committed_steps()

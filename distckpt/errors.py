@@ -17,14 +17,9 @@ E = TypeVar("E", bound="CheckpointError")
 
 class CheckpointError(Exception):
     """Base class of every error distckpt raises (but the ``OSError`` the functions that run
-    in a plain process pass through: see the module doc).
-
-    Args:
-        message: what went wrong, for people.
-        rank: the rank (of the manager's group) where it happened, if known.
-        path: the file or directory it is about, if any.
-        step: the step it is about, if any.
-    """
+    in a plain process pass through: see the module doc). ``message``: what went wrong, for
+    people; ``rank``: the rank (of the manager's group) where it happened, if known; ``path``,
+    ``step``: the file or directory, and the step, it is about, if any."""
 
     rank: int | None = None
     path: str | None = None
@@ -305,8 +300,7 @@ class ManifestChecksumMismatch(CorruptCheckpoint):
         path: str | os.PathLike[str] | None = None,
     ) -> None:
         super().__init__(message, damaged=True, path=path)
-        self.recorded = recorded
-        self.computed = computed
+        self.recorded, self.computed = recorded, computed
 
 
 class UnsupportedVersion(CheckpointError):
@@ -332,8 +326,7 @@ class WorldSizeMismatch(CheckpointError, ValueError):
         step: int | None = None,
     ) -> None:
         super().__init__(message, rank=rank, path=path, step=step)
-        self.saved_world_size = saved_world_size
-        self.world_size = world_size
+        self.saved_world_size, self.world_size = saved_world_size, world_size
 
 
 class UnsafeCheckpoint(CheckpointError):
@@ -386,8 +379,7 @@ class RankFailure(CheckpointError):
         ranks = ", ".join(str(rank) for rank in failures)
         noun = "rank" if len(failures) == 1 else "ranks"
         super().__init__(f"{what} failed on {noun} {ranks}: {details}")
-        self.what = what
-        self.failures = failures
+        self.what, self.failures = what, failures
 
 
 class InjectedFault(CheckpointError):
@@ -407,11 +399,9 @@ class RootInUse(CheckpointError, BlockingIOError):
     ) -> None:
         said_waited = f" (waited {waited:g} s)" if waited > 0 else ""
         super().__init__(f"{message}{said_waited}{advice}")
-        self.holder = holder
-        self.waited = waited
+        self.holder, self.waited = holder, waited
         # the parts of the message, to say it again with a longer wait (after_waiting)
-        self.reason = message
-        self.advice = advice
+        self.reason, self.advice = message, advice
 
     def after_waiting(self, seconds: float) -> RootInUse:
         """This refusal, said after ``seconds`` of waiting in all: a wait made of several tries
@@ -431,6 +421,17 @@ class LeaseTakenMeanwhile(RootInUse):
     def __init__(self, message: str, holder: object, judged: object) -> None:
         super().__init__(message, holder)
         self.judged = judged
+
+
+class ManagerClosed(CheckpointError, RuntimeError):
+    """A call on a :class:`~distckpt.CheckpointManager` after its ``close()``, refused before it
+    runs a collective or writes anything; ``call`` names the refused method, ``rank`` the rank."""
+
+    call: str = ""
+
+    def __init__(self, message: str, *, call: str, rank: int | None = None) -> None:
+        super().__init__(message, rank=rank)
+        self.call = call
 
 
 class LeaseLost(CheckpointError, RuntimeError):
@@ -496,5 +497,4 @@ class LightningInternalMissing(CheckpointError, AttributeError):
             f"Lightning {lightning_version} has no {attribute}, which distckpt's Lightning "
             "callback relies on: this Lightning version is not supported"
         )
-        self.attribute = attribute
-        self.lightning_version = lightning_version
+        self.attribute, self.lightning_version = attribute, lightning_version

@@ -25,7 +25,7 @@ from distckpt.background import DEFAULT_BACKGROUND_NICE, BackgroundSaves, check_
 from distckpt.coord import Coordinator
 from distckpt.coord_health import check_timeout
 from distckpt.decisions import SaveDecider, SignalFlag
-from distckpt.errors import CheckpointError
+from distckpt.errors import ManagerClosed
 from distckpt.formats import ReadOptions, format_named
 from distckpt.formats.base import check_optional_keys
 from distckpt.fsutil import LinkMode
@@ -275,7 +275,7 @@ class CheckpointManager(RootQueries, RootUpkeep):
         and then every rank must call it. :meth:`save` reuses this decision for the same step
         instead of deciding again.
         """
-        self._check_open()
+        self._check_open("should_save")
         return self._decider.should_save(step, epoch, in_flight=self.save_in_flight)
 
     def save(
@@ -309,7 +309,7 @@ class CheckpointManager(RootQueries, RootUpkeep):
             force: save even if no schedule is due.
             overwrite: replace an already committed checkpoint of this step.
         """
-        self._check_open()
+        self._check_open("save")
         decision = self._decider.take(
             step, epoch, force=force, overwrite=overwrite, in_flight=self.save_in_flight
         )
@@ -407,7 +407,7 @@ class CheckpointManager(RootQueries, RootUpkeep):
         forward (an older ``"best"`` loaded into an eval model mid-run leaves it as it is); a
         path to another root's checkpoint (a pretrained model, a teacher) never moves it.
         """
-        self._check_open()
+        self._check_open("restore")
         self.wait()
         loaded = reader.restore_in_root(
             self._coord,
@@ -437,7 +437,7 @@ class CheckpointManager(RootQueries, RootUpkeep):
         caller (hooks loading restored state into other objects), where a rank failing alone
         would leave the others waiting for it in the training's next collective. ``what`` names
         the work in errors; only verdicts travel (:meth:`distckpt.coord.Coordinator.agree_on`)."""
-        self._check_open()
+        self._check_open("agree_on")
         return self._coord.agree_on(local, what=what)
 
     def close(self) -> None:
@@ -482,11 +482,14 @@ class CheckpointManager(RootQueries, RootUpkeep):
         error of the close added as a note (:func:`~distckpt.closing.close_keeping`)."""
         closing.close_keeping(self.close, exc)
 
-    def _check_open(self) -> None:
-        """Refuse a closed manager; called first by every public call that may run collectives,
-        so it also marks where the coordinator's next operation begins."""
+    def _check_open(self, call: str) -> None:
+        """Refuse a closed manager (:class:`~distckpt.ManagerClosed` naming ``call``); called
+        first by every public call that may run collectives, so it also marks where the
+        coordinator's next operation begins."""
         if self._closed:
-            raise CheckpointError("this CheckpointManager is closed")
+            raise ManagerClosed(
+                f"this CheckpointManager is closed: {call}() refused", call=call, rank=self.rank
+            )
         self._coord.begin_operation()
 
     def __repr__(self) -> str:

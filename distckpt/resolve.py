@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Hashable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -102,7 +102,7 @@ def iter_valid(
     newer: list[int] | None = None,
     skip_failing: bool = True,
     sources: Mapping[int, CheckpointSource] | None = None,
-    reported: set[str] | None = None,
+    reported: dict[int, Hashable | None] | None = None,
 ) -> Iterator[Found]:
     """Committed checkpoints that pass :func:`check`, with their manifests; damaged ones are
     skipped with a warning (with ``skip_failing=False`` the first one that fails raises its
@@ -110,9 +110,11 @@ def iter_valid(
     replaces the listing of the root. One of a newer format version raises
     :class:`~distckpt.errors.UnsupportedVersion`, or with ``newer`` given has its step appended
     there and is skipped. ``sources``: the checkpoints of some steps, checked instead of the
-    view's (one whose commit record the caller knows). ``reported``: the locations a search
-    already skipped (it checks them again when it lists the root again): skipped again quietly,
-    so that a search warns and records each once; the ones skipped now are added."""
+    view's (one whose commit record the caller knows). ``reported``: the steps a search
+    already skipped (it may check them again when it lists the root again), each with the
+    version its check read (:meth:`~distckpt.storage.views.CheckpointSource.committed_version`):
+    skipped again quietly, so that a search warns and records each once; the ones skipped now
+    are added, or their version updated."""
     listed = sorted(set(view.committed_steps() if steps is None else steps))
     known = sources or {}
     for step in reversed(listed) if newest_first else listed:
@@ -132,10 +134,11 @@ def iter_valid(
             if not skip_failing:
                 raise
             if reported is not None:
-                if source.location in reported:
+                skipped_before = step in reported
+                reported[step] = source.committed_version()
+                if skipped_before:
                     logger.debug("skipping %s again: %s", source.location, exc)
                     continue
-                reported.add(source.location)
             damaged = isinstance(exc, CorruptCheckpoint) and exc.damaged
             if damaged:
                 logger.warning("skipping damaged checkpoint %s: %s", source.location, exc)
@@ -160,8 +163,10 @@ def newest_valid(
     the target of ``last`` is a candidate too (it is moved right after each commit, before
     retention deletes the one before, so it is the freshest name), and when no candidate
     survives but committed steps exist, the root is listed again (a step skipped before is
-    checked again: it may have been replaced under its number while it was read, but warned
-    about once). Newest first, it stops at the first that passes: older ones cost nothing (see
+    checked again only when another version of it was committed since its check read it: it
+    may have been replaced under its number while it was read; it is warned about once; the
+    search ends when every committed step is one it skipped, unchanged). Newest first, it
+    stops at the first that passes: older ones cost nothing (see
     ``RootView.candidate_steps``)."""
     return _newest_valid_and_last(view, checksums=checksums, skip_failing=skip_failing)[0]
 
@@ -171,7 +176,8 @@ def _newest_valid_and_last(
 ) -> tuple[Found | None, str | None]:
     """:func:`newest_valid`, and the target ``last`` named when it was read there."""
     linked = None
-    reported: set[str] = set()
+    reported: dict[int, Hashable | None] = {}
+    unchanged: set[int] = set()  # skipped, and still committed as the check read them
     for _ in range(VANISH_RETRIES + 1):
         steps = view.candidate_steps()
         linked = view.read_pointer(LAST)
@@ -182,17 +188,26 @@ def _newest_valid_and_last(
             iter_valid(
                 view,
                 checksums=checksums,
-                steps=steps,
+                steps=[step for step in steps if step not in unchanged],
                 skip_failing=skip_failing,
                 reported=reported,
             ),
             None,
         )
-        # Listed again while committed steps exist: the candidates may have been deleted
-        # meanwhile by another process's retention, or a step replaced under its number
-        # (``overwrite=True``) while it was read, which reads as damaged until read again.
-        if found is not None or not view.committed_steps():
+        if found is not None:
             return found, linked
+        # Listed again while committed steps exist that were not judged as they are now: the
+        # candidates may have been deleted meanwhile by another process's retention, or a
+        # step replaced under its number (``overwrite=True``) while it was read, which reads
+        # as damaged until read again.
+        versions = view.committed_versions()
+        unchanged = {
+            step
+            for step, version in versions.items()
+            if version is not None and reported.get(step) == version
+        }
+        if unchanged >= versions.keys():
+            return None, linked
     return None, linked
 
 

@@ -23,8 +23,8 @@ class RootUpkeep:
     _decider: SaveDecider
     _tidying: BackgroundTidy
 
-    def _check_open(self) -> None:
-        """Refuse a closed manager (:meth:`CheckpointManager._check_open
+    def _check_open(self, call: str) -> None:
+        """Refuse a closed manager, naming ``call`` (:meth:`CheckpointManager._check_open
         <distckpt.CheckpointManager._check_open>` overrides it)."""
         raise NotImplementedError
 
@@ -36,7 +36,7 @@ class RootUpkeep:
     def delete(self, step: int) -> None:
         """Delete the checkpoint of ``step``; collective. Links that pointed at it are moved to
         what remains (or removed). Raises :class:`CheckpointNotFound` if it does not exist."""
-        self._check_open()
+        self._check_open("delete")
         protocol.check_step_number(step)
         self.wait()
         latest = self._coord.decide(lambda: self._store.delete(step), what=f"deleting step {step}")
@@ -46,7 +46,7 @@ class RootUpkeep:
     def prune(self) -> list[int]:
         """Apply the retention rules now (as after every commit), under the lock; collective.
         Returns the steps removed. Links are repaired first, so their targets stay."""
-        self._check_open()
+        self._check_open("prune")
         self.wait()
         removed = self._coord.decide(self._store.prune, what="pruning")
         self._tidy()
@@ -59,7 +59,7 @@ class RootUpkeep:
         Unlike the removals after a start, a commit, a delete or a prune, these run inside the
         call (within ``timeout``), after rank 0 waited for those still running in the
         background, so that no two remove the same trash at once."""
-        self._check_open()
+        self._check_open("gc")
         self.wait()
         return self._coord.decide(self._collect_leftovers, what="collecting leftovers")
 

@@ -35,8 +35,9 @@ def test_close_releases_the_lease_while_the_closed_manager_is_still_referenced(
 
 
 def test_a_closed_manager_refuses_every_collective_call_and_writes_nothing(root: Path) -> None:
-    """Each call that would run collectives or change the root raises a CheckpointError saying
-    the manager is closed, before anything is written; a second close does nothing."""
+    """Each call that would run collectives or change the root raises ManagerClosed (a
+    RuntimeError) naming the call and the rank, before anything is written; a second close does
+    nothing."""
     mgr = distckpt.CheckpointManager(root, fsync=False, timeout=TIMEOUT)
     mgr.save(1, {"w": _weights(1, 0)})
     mgr.close()
@@ -50,8 +51,11 @@ def test_a_closed_manager_refuses_every_collective_call_and_writes_nothing(root:
         "agree_on": lambda: mgr.agree_on(lambda: None, what="nothing"),
     }
     for name, call in calls.items():
-        with pytest.raises(distckpt.CheckpointError, match=r"^this CheckpointManager is closed$"):
+        with pytest.raises(distckpt.ManagerClosed) as refused:
             call()
+        assert isinstance(refused.value, RuntimeError)
+        assert (refused.value.call, refused.value.rank) == (name, 0)
+        assert str(refused.value) == f"this CheckpointManager is closed: {name}() refused"
         assert sorted(entry.name for entry in root.glob("step-*")) == ["step-00000001"], name
     assert _staging_entries(root) == []
     mgr.close()

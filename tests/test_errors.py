@@ -60,6 +60,7 @@ def _example(cls: type[CheckpointError]) -> CheckpointError:
         "key": "sampler.generator",
         "saved_device": "cuda:0",
         "given_device": "cpu",
+        "call": "save",
     }
     taken = inspect.signature(cls.__init__).parameters
     return cls("what went wrong", **{k: v for k, v in values.items() if k in taken})

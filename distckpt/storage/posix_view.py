@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Hashable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
@@ -63,6 +63,7 @@ class PosixCheckpoint(CheckpointSource):
         self.location: Path = directory
         self.expected_step = expected_step
         self._memo = memo
+        self._version: tuple[int, ...] | None = None
 
     def describe(self, name: str) -> str:
         return os.fspath(self.location / name)
@@ -76,9 +77,14 @@ class PosixCheckpoint(CheckpointSource):
         return self.location.is_dir()
 
     def read_manifest(self) -> Manifest:
+        # before the read: a checkpoint replaced while it is read has another version
+        self._version = directory_version(self.location)
         if self._memo is None:
             return read_manifest(self.location)
         return self._memo.parse(self.location, read_manifest_bytes(self.location))
+
+    def committed_version(self) -> tuple[int, ...] | None:
+        return self._version
 
     def file_problems(
         self,
@@ -135,6 +141,12 @@ class PosixRootView(RootView):
     def committed_steps(self) -> list[int]:
         return self.layout.committed_steps()
 
+    def committed_versions(self) -> dict[int, Hashable | None]:
+        return {
+            step: directory_version(_dir_for_step(self.layout, step))
+            for step in self.committed_steps()
+        }
+
     def checkpoint(self, step: int) -> PosixCheckpoint:
         return PosixCheckpoint(_dir_for_step(self.layout, step), step, self.memo)
 
@@ -164,6 +176,21 @@ class PosixRootView(RootView):
 
     def pointer_location(self, name: str) -> str:
         return os.fspath(self.layout.link_path(name))
+
+
+def directory_version(directory: Path) -> tuple[int, ...] | None:
+    """What identifies the checkpoint now at ``directory``: the dir's device and inode, and its
+    manifest's inode, modification time and size (an overwrite renames another dir in, with
+    another manifest); the dir's alone without a manifest; None if the dir cannot be read."""
+    try:
+        found = os.stat(directory)
+    except OSError:
+        return None
+    try:
+        manifest = os.stat(directory / MANIFEST_NAME)
+    except OSError:
+        return found.st_dev, found.st_ino
+    return found.st_dev, found.st_ino, manifest.st_ino, manifest.st_mtime_ns, manifest.st_size
 
 
 def _dir_for_step(layout: RootLayout, step: int) -> Path:

@@ -467,6 +467,12 @@ class S3RootStore(LeaseKeeping, Upkeep, ViewedStore):
             )
         # Pointers first: the other order leaves ``last`` naming a step that is gone.
         records = self._update_pointers(leaving=step)
+        # _unpublish reads COMMIT again, on purpose: a job that took the root while the
+        # pointers moved may have set the save aside meanwhile (COMMIT gone: its set-aside
+        # record, which keeps the copy, must stay) or replaced it; the If-Match delete alone
+        # would come after the record's delete. This narrows the race to two requests, it
+        # does not close it: a set-aside whose COMMIT delete falls between that read and the
+        # record's delete still loses its record.
         self._unpublish(step, record.etag)  # its objects go at tidy()
         return records[-1].step if records else None
 

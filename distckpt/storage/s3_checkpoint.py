@@ -52,6 +52,7 @@ class S3Checkpoint(CheckpointSource):
         self.expected_step: int = step
         self._attempt: str | None = attempt
         self._listed_sizes = dict(listed_sizes) if listed_sizes is not None else None
+        self._commit_etag: str | None = None  # of the ``COMMIT`` read, when read
 
     def unsafe(self) -> str | None:
         return None  # objects cannot be links
@@ -69,15 +70,24 @@ class S3Checkpoint(CheckpointSource):
         """The committed attempt's prefix (read from ``COMMIT`` once per instance, unless
         given)."""
         if self._attempt is None:
-            record = self._root.read_commit(self.expected_step)
-            if record is None:
+            fetched = self._root.fetch_commit(self.expected_step)
+            if fetched is None:
                 raise CheckpointNotFound(
                     f"{self.location} is not committed (no {COMMIT_NAME} object)",
                     path=self.location,
                     step=self.expected_step,
                 )
+            # The version before its parse: a COMMIT that is no commit record fails the read,
+            # and a search reads it again only once another version replaced it.
+            data, self._commit_etag = fetched
+            record = self._root.parse_commit(self.expected_step, data, self._commit_etag)
             self._attempt = record.attempt
         return self._root.attempt_prefix(self.expected_step, self._attempt)
+
+    def committed_version(self) -> str | None:
+        """The ETag of the ``COMMIT`` its read followed, or found to be no commit record (a
+        save's objects never change once committed; an overwrite writes another ``COMMIT``)."""
+        return self._commit_etag
 
     def _object(self, name: str) -> str:
         return self._prefix() + name

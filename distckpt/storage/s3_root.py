@@ -345,14 +345,25 @@ class S3Root:
             return None if etag is None else CommitRecord(step, UNKNOWN_ATTEMPT, etag)
 
     def read_commit(self, step: int, store: ObjectStore | None = None) -> CommitRecord | None:
-        """The step's commit record, or None when the step is not committed. A commit object
-        that is not one (written by something else) is :class:`CorruptCheckpoint`, damaged:
-        every version writes the same two keys, whole. Read with ``store``, or :attr:`client`."""
+        """The step's commit record, or None when the step is not committed: its
+        :meth:`fetch_commit`, parsed (:meth:`parse_commit`)."""
+        fetched = self.fetch_commit(step, store)
+        return None if fetched is None else self.parse_commit(step, *fetched)
+
+    def fetch_commit(self, step: int, store: ObjectStore | None = None) -> tuple[bytes, str] | None:
+        """The bytes of the step's ``COMMIT`` object and the ETag of their version, or None
+        (its record forgotten) when the step is not committed. Read with ``store``, or
+        :attr:`client`."""
         try:
-            data, etag = (store or self.client).get_versioned(self.commit_name(step))
+            return (store or self.client).get_versioned(self.commit_name(step))
         except ObjectNotFound:
             self.forget_commit(step)
             return None
+
+    def parse_commit(self, step: int, data: bytes, etag: str) -> CommitRecord:
+        """The record the version ``etag`` of the step's ``COMMIT``, ``data``, holds, kept for
+        :meth:`known_commit`. A commit object that is not one (written by something else) is
+        :class:`CorruptCheckpoint`, damaged: every version writes the same two keys, whole."""
         try:
             fields = json.loads(data)
             record = CommitRecord(int(fields["step"]), str(fields["attempt"]), etag)

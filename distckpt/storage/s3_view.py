@@ -4,7 +4,7 @@ one step is :mod:`distckpt.storage.s3_checkpoint`, the object layout and the rea
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 from typing import Any
 
 from distckpt.errors import CorruptCheckpoint
@@ -44,6 +44,9 @@ class S3RootView(RootView):
 
     def committed_steps(self) -> list[int]:
         return self.s3.committed_steps()
+
+    def committed_versions(self) -> dict[int, Hashable | None]:
+        return dict(self.s3.commit_etags())  # what committed_steps costs
 
     def candidate_steps(self) -> list[int]:
         # the step prefixes only: neither a listing of every object nor a HEAD of a COMMIT

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import abc
 import os
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Hashable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Literal
@@ -64,6 +64,14 @@ class CheckpointSource(abc.ABC):
     def read_manifest(self) -> Manifest:
         """Its manifest: :class:`~distckpt.CorruptCheckpoint` when missing or unreadable,
         :class:`~distckpt.UnsupportedVersion` when newer than this library."""
+
+    @abc.abstractmethod
+    def committed_version(self) -> Hashable | None:
+        """What identifies the version of this checkpoint that :meth:`read_manifest` read,
+        taken no later than that read (None before it, or when unknown): one committed under
+        its step since (``overwrite=True``) has another, as
+        :meth:`RootView.committed_versions` tells, so that a search reads a checkpoint it
+        found failing again only once it was replaced."""
 
     @abc.abstractmethod
     def file_problems(
@@ -144,6 +152,11 @@ class RootView(abc.ABC):
     @abc.abstractmethod
     def committed_steps(self) -> list[int]:
         """The steps committed in the root, ascending (their checkpoints are unchecked)."""
+
+    @abc.abstractmethod
+    def committed_versions(self) -> dict[int, Hashable | None]:
+        """Each committed step, with what identifies the version committed now
+        (:meth:`CheckpointSource.committed_version`; None: unknown)."""
 
     def candidate_steps(self) -> list[int]:
         """The committed steps, ascending, and perhaps steps that are not committed (a save in
