@@ -337,12 +337,15 @@ class S3Root:
         self, step: int, store: ObjectStore | None = None
     ) -> CommitRecord | None:
         """:meth:`read_commit`, but a damaged ``COMMIT`` is a record naming
-        :data:`UNKNOWN_ATTEMPT`, with its ETag (None if it went meanwhile)."""
+        :data:`UNKNOWN_ATTEMPT`, with the ETag of the bytes read (not asked for again: a
+        ``COMMIT`` written meanwhile would lend its ETag to the damaged one's record)."""
+        fetched = self.fetch_commit(step, store)
+        if fetched is None:
+            return None
         try:
-            return self.read_commit(step, store)
+            return self.parse_commit(step, *fetched)
         except CorruptCheckpoint:
-            etag = self._commit_etag(step, store)
-            return None if etag is None else CommitRecord(step, UNKNOWN_ATTEMPT, etag)
+            return CommitRecord(step, UNKNOWN_ATTEMPT, fetched[1])
 
     def read_commit(self, step: int, store: ObjectStore | None = None) -> CommitRecord | None:
         """The step's commit record, or None when the step is not committed: its
