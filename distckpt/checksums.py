@@ -128,7 +128,8 @@ class ChecksumWriter:
     """A binary file opened for writing that computes its size and checksum as bytes go by,
     so a checkpoint file is never read back just to checksum it. Small writes are gathered up
     to :data:`COALESCE_BYTES`; a disk error may therefore surface on a later write or on
-    ``flush``/``close``, named after the file either way.
+    ``flush``/``close`` (its fsync: a disk may fail to store bytes it took), named after the
+    file either way.
 
     A writer that fsyncs on close also starts the disk on its bytes each time another
     :data:`~distckpt.fsutil.WRITEBACK_BYTES` have been written, a large write being handed over
@@ -342,7 +343,13 @@ class ChecksumWriter:
             if self._staging is not None and self.error is None:
                 self._write_tail()
             if self._fsync:
-                os.fsync(self._file.fileno())
+                try:
+                    os.fsync(self._file.fileno())
+                except OSError as exc:
+                    # A disk that took every write may still fail their writeback (a
+                    # thin-provisioned or network disk: ENOSPC, EDQUOT, EIO at the fsync).
+                    self.error = with_file_name(exc, self.path)
+                    raise self.error from None
         finally:
             self._file.close()
             if self._staging is not None:

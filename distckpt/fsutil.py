@@ -32,7 +32,8 @@ _SYMLINK_REFUSED = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS, 
 
 
 def fsync_dir(path: str | os.PathLike[str]) -> None:
-    """Make a directory's entries (creations, renames, deletions) durable."""
+    """Make a directory's entries (creations, renames, deletions) durable; a failure (a disk
+    that cannot store them: EIO) is raised named after the directory."""
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     try:
         os.fsync(fd)
@@ -40,7 +41,7 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
         # Some filesystems (and all of Windows) cannot fsync a directory; the rename itself
         # is still atomic there, only its durability on power loss is up to the filesystem.
         if exc.errno not in (errno.EINVAL, errno.EBADF, errno.ENOTSUP):
-            raise
+            raise with_file_name(exc, Path(path)) from None
     finally:
         os.close(fd)
 

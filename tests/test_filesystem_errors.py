@@ -2,15 +2,21 @@
 kernel turns read-only after a real filesystem error (``/sys/fs/ext4/<dev>/trigger_fs_error``,
 as after a disk error) while the save is made. Every rank raises the same error; the staging
 area that can no longer be removed does not replace it, its writer lock is released, and once
-the filesystem is repaired the next save works and gc removes the leftover."""
+the filesystem is repaired the next save works and gc removes the leftover.
+
+And a disk that fails under a filesystem: an ext4 image on a tmpfs smaller than the image,
+filled up, so the disk takes no new block (a thin-provisioned disk out of room). Writes land in
+the page cache; their fsync, of a file or of a directory, is where the failure shows, and it
+must be raised, named after the file."""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -18,9 +24,17 @@ import torch
 
 import distckpt
 from distckpt import events
+from distckpt.checksums import ChecksumWriter
+from distckpt.fsutil import fsync_dir
 from distckpt.storage.posix import PosixRootStore
 from tests.filesystem_saves import TIMEOUT
-from tests.filesystems import _run, not_mountable_reason, skip_or_fail, unmount
+from tests.filesystems import (
+    _run,
+    not_mountable_reason,
+    skip_or_fail,
+    take_every_free_block,
+    unmount,
+)
 from tests.ranks import run_ranks, values
 
 IMAGE_MIB = 32
@@ -146,3 +160,58 @@ def test_a_bug_in_discarding_the_staging_area_is_raised_not_only_logged(
     manager = distckpt.CheckpointManager(tmp_path, timeout=TIMEOUT, fsync=False)
     with manager, pytest.raises(TypeError):
         manager.save(1, {"w": torch.ones(4)}, force=True)
+
+
+@contextlib.contextmanager
+def _ext4_on_a_disk_that_fills(base: Path) -> Iterator[tuple[Path, Callable[[], None]]]:
+    """A fresh ext4 whose disk is an image of :data:`IMAGE_MIB` on a tmpfs of 8 MiB: (the mount,
+    a function that fills the tmpfs, after which the disk fails every write of a block it has
+    not stored yet). Its journal is left unwritten by mkfs (``lazy_journal_init``), so each
+    commit writes blocks the full disk refuses. Skipped (in CI: failed) where it cannot be
+    made."""
+    reason = not_mountable_reason(("mkfs.ext4",))
+    if reason is not None:
+        skip_or_fail(reason)
+    backing, target = base / "backing", base / "ext4"
+    backing.mkdir()
+    target.mkdir()
+    _run("mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", backing)
+    try:
+        image = backing / "ext4.img"
+        _run("truncate", "-s", f"{IMAGE_MIB}M", image)
+        _run("mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=1", image)
+        _mount_ext4(image, target)
+        try:
+            yield target, lambda: take_every_free_block(backing, backing / "hog")
+        finally:
+            unmount(target)
+    finally:
+        unmount(backing)
+
+
+def test_a_disk_that_fails_the_fsync_of_a_file_names_the_file(tmp_path: Path) -> None:
+    """Every write is taken into the page cache; the fsync on close is the first to hear of
+    the disk's failure, and raises it named after the file, as a failed write is."""
+    with _ext4_on_a_disk_that_fills(tmp_path) as (mount, fill_the_disk):
+        fill_the_disk()
+        path = mount / "rank.bin"
+        with pytest.raises(OSError) as info, ChecksumWriter(path, fsync=True) as writer:
+            writer.write(os.urandom(100_000))
+        assert info.value.errno in (errno.ENOSPC, errno.EIO), info.value
+        assert info.value.filename == os.fspath(path)
+
+
+def test_a_disk_that_fails_the_fsync_of_a_directory_raises_it(tmp_path: Path) -> None:
+    """A directory's new entry that the disk cannot store fails its fsync (EIO, the journal's
+    commit refused): raised named after it, never taken for a filesystem that cannot fsync
+    directories."""
+    with _ext4_on_a_disk_that_fills(tmp_path) as (mount, fill_the_disk):
+        directory = mount / "staging"
+        directory.mkdir()
+        os.sync()  # the directory itself is on the disk before it fills
+        fill_the_disk()
+        (directory / "rank-0.pt").touch()
+        with pytest.raises(OSError) as info:
+            fsync_dir(directory)
+        assert info.value.errno in (errno.EIO, errno.ENOSPC), info.value
+        assert info.value.filename == os.fspath(directory)
