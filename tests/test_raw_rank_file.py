@@ -146,15 +146,17 @@ def test_the_checksum_and_size_cover_every_byte_of_the_file(tmp_path: Path) -> N
 
 
 def test_tensor_bytes_lie_raw_and_aligned_where_the_index_says(tmp_path: Path) -> None:
-    """Layout 2: the data starts on a page, a storage of at least 1 MiB starts on one, a
-    smaller one at a multiple of 64 (a page-sized one too: it gains nothing from a page of
-    its own), and the data ends at one."""
+    """Layout 2: the data starts on a page, a storage of at least 1 MiB starts on one (one of
+    exactly 1 MiB too, after a storage that ends off a page), a smaller one at a multiple of 64
+    (a page-sized one too: it gains nothing from a page of its own), and the data ends at
+    one."""
     path = tmp_path / "rank.pt"
     state = {
         "a": torch.ones(3, dtype=torch.int8),
         "w": torch.arange(10, dtype=torch.float64),
         "page": torch.arange(1024, dtype=torch.float32),  # exactly a page
         "b": torch.ones(5, dtype=torch.int16),
+        "mib": torch.arange(DIRECT_MIN_BYTES // 4, dtype=torch.int32),  # exactly 1 MiB
         "odd": torch.arange(1500, dtype=torch.float64),  # 12000 bytes: pages and a part
         "large": torch.arange(300_000, dtype=torch.float32),  # 1.14 MiB: on a page
         "c": torch.ones(1, dtype=torch.int8),
