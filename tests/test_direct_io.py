@@ -104,6 +104,22 @@ def _aligned_bytes(nbytes: int) -> memoryview:
     return memory
 
 
+def test_a_file_mostly_of_memory_off_a_page_stays_buffered(tmp_path: Path) -> None:
+    """README, async saves: a file is written direct only when at least 90% of its bytes are
+    storages of 1 MiB or more at page-aligned addresses. A page-aligned storage of 1 MiB is
+    written direct alone, and buffered beside 2 MiB that start 64 bytes into a page."""
+    require_direct_io(tmp_path)
+    state = _page_aligned_state({"w": (1 << 18,)}, seed=5)
+    assert write_rank_file(state, tmp_path / "alone.pt", fsync=False, direct=True).direct
+    memory = _aligned_bytes(DIRECT_ALIGNMENT + (2 << 20))
+    state["off_a_page"] = torch.frombuffer(memory[64 : 64 + (2 << 20)], dtype=torch.uint8)
+    path = tmp_path / "mostly-off-a-page.pt"
+    writer = write_rank_file(state, path, fsync=False, direct=True)
+    assert writer.direct is False
+    restored = load_rank_file(path, ReadOptions(), load_skeleton)
+    assert torch.equal(restored["off_a_page"], state["off_a_page"])  # type: ignore[arg-type]
+
+
 def test_a_file_system_without_direct_io_gets_a_buffered_file(mounts: MountFactory) -> None:
     """ramfs has no direct I/O: it refuses O_DIRECT (EINVAL), after creating the file. The
     writer removes it, creates it again without and writes it buffered; the bytes and checksum
