@@ -243,6 +243,21 @@ def test_tensors_the_layout_does_not_describe_stay_in_the_skeleton(tmp_path: Pat
         assert torch.equal(loaded[key].detach(), expected[key].detach()), key
 
 
+class TaggedList(list):  # type: ignore[type-arg]
+    """A subclass of list: a class of the user's, which the layout does not take apart."""
+
+
+def test_a_subclass_of_list_stays_in_the_skeleton_as_its_own_class(tmp_path: Path) -> None:
+    """Only a plain dict, OrderedDict, list or tuple (or named tuple) is taken apart: a
+    subclass of one is pickled as it is, its tensors with it, and loads as its own class."""
+    weights = torch.randn(3)
+    path = tmp_path / "rank.pt"
+    write_rank_file({"tagged": TaggedList([weights, 1])}, path, fsync=False)
+    loaded = _load(path, allow_pickle=True)["tagged"]
+    assert type(loaded) is TaggedList
+    assert torch.equal(loaded[0], weights) and loaded[1] == 1
+
+
 def test_map_location_places_raw_tensors_as_torch_load_does(tmp_path: Path) -> None:
     path = tmp_path / "rank.pt"
     write_rank_file({"w": torch.randn(3), "v": torch.randn(3)[1:]}, path, fsync=False)
