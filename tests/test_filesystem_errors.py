@@ -15,6 +15,7 @@ import contextlib
 import errno
 import fcntl
 import os
+import re
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -215,3 +216,49 @@ def test_a_disk_that_fails_the_fsync_of_a_directory_raises_it(tmp_path: Path) ->
             fsync_dir(directory)
         assert info.value.errno in (errno.EIO, errno.ENOSPC), info.value
         assert info.value.filename == os.fspath(directory)
+
+
+def _save_as_the_disk_fills(rank: int, world_size: int, root: str, backing: str) -> tuple[str, str]:
+    """Save step 1, then step 2 with the disk filled by rank 0 once the save is proposed; the
+    error step 2 raised, by type and message."""
+    manager = distckpt.CheckpointManager(root, timeout=TIMEOUT)
+    manager.save(1, {"w": torch.ones(1024)})
+
+    def fill_the_disk(event: events.PhaseEvent) -> None:
+        if event.phase == "save.propose" and event.step == 2 and rank == 0:
+            take_every_free_block(Path(backing), Path(backing, "hog"))
+
+    stop_listening = events.add_listener(fill_the_disk)
+    try:
+        manager.save(2, {"w": torch.randn(100_000)})
+        raised = ("nothing", "")
+    except Exception as exc:
+        raised = (type(exc).__name__, str(exc))
+    finally:
+        stop_listening()
+    with contextlib.suppress(distckpt.CheckpointError, OSError):  # the disk is gone
+        manager.close()
+    return raised
+
+
+def test_a_save_onto_a_disk_that_fails_names_what_it_could_not_store(tmp_path: Path) -> None:
+    """docs/faults.md, disk errors: every rank raises the same error, which names the root, and
+    each OSError in it names the file or directory whose fsync the disk failed (which one
+    fails first, and whether as EIO or ENOSPC, the kernel's timing decides)."""
+    with _ext4_on_a_disk_that_fills(tmp_path) as (mount, _):
+        root = mount / "root"
+        outcomes = values(
+            run_ranks(
+                _save_as_the_disk_fills,
+                2,
+                os.fspath(root),
+                os.fspath(tmp_path / "backing"),
+                timeout=90,
+            )
+        )
+        (kind_0, message_0), (kind_1, message_1) = outcomes
+        assert (kind_0, message_0) == (kind_1, message_1)
+        assert kind_0 in ("RankFailure", "InsufficientSpace"), message_0
+        assert os.fspath(root) in message_0
+        unnamed_os_error = r"\[Errno \d+\] [^:;']*(;|$)"
+        assert not re.search(unnamed_os_error, message_0), message_0
