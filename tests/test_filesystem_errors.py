@@ -27,6 +27,7 @@ import distckpt
 from distckpt import events
 from distckpt.checksums import ChecksumWriter
 from distckpt.fsutil import fsync_dir
+from distckpt.protocol import out_of_space, ran_out_of_space
 from distckpt.storage.posix import PosixRootStore
 from tests.filesystem_saves import TIMEOUT
 from tests.filesystems import (
@@ -192,14 +193,20 @@ def _ext4_on_a_disk_that_fills(base: Path) -> Iterator[tuple[Path, Callable[[], 
 
 def test_a_disk_that_fails_the_fsync_of_a_file_names_the_file(tmp_path: Path) -> None:
     """Every write is taken into the page cache; the fsync on close is the first to hear of
-    the disk's failure, and raises it named after the file, as a failed write is."""
+    the disk's failure (ENOSPC: the loop device's write to the full tmpfs), and raises it named
+    after the file, as a failed write is. The save's space mapping then names the rank file,
+    not the staging directory it falls back to for an unnamed error."""
     with _ext4_on_a_disk_that_fills(tmp_path) as (mount, fill_the_disk):
         fill_the_disk()
-        path = mount / "rank.bin"
+        path = mount / "rank-00000.pt"
         with pytest.raises(OSError) as info, ChecksumWriter(path, fsync=True) as writer:
             writer.write(os.urandom(100_000))
-        assert info.value.errno in (errno.ENOSPC, errno.EIO), info.value
+        assert info.value.errno == errno.ENOSPC, info.value
         assert info.value.filename == os.fspath(path)
+        full = out_of_space(info.value)
+        assert full is not None, info.value
+        space = ran_out_of_space(full, root=mount, rank=0, step=2, path=mount / "staging")
+        assert f"wrote {path} for step 2" in str(space), space
 
 
 def test_a_disk_that_fails_the_fsync_of_a_directory_raises_it(tmp_path: Path) -> None:
@@ -262,3 +269,7 @@ def test_a_save_onto_a_disk_that_fails_names_what_it_could_not_store(tmp_path: P
         assert os.fspath(root) in message_0
         unnamed_os_error = r"\[Errno \d+\] [^:;']*(;|$)"
         assert not re.search(unnamed_os_error, message_0), message_0
+        # A rank's InsufficientSpace (alone or inside the RankFailure) names the file whose
+        # fsync found no room; an unnamed ENOSPC would name the staging directory instead.
+        for written in re.findall(r"ran out of space while rank \d+ wrote (\S+) for", message_0):
+            assert re.search(r"/rank-\d{5}\.pt$", written), message_0
