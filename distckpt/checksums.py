@@ -342,7 +342,9 @@ class ChecksumWriter:
             self.flush()
             if self._staging is not None and self.error is None:
                 self._write_tail()
-            if self._fsync:
+            # After a failed write the file is lost: no fsync, whose own failure would
+            # replace the write's error, the one the caller is told about.
+            if self._fsync and self.error is None:
                 try:
                     os.fsync(self._file.fileno())
                 except OSError as exc:

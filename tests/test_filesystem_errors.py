@@ -209,6 +209,30 @@ def test_a_disk_that_fails_the_fsync_of_a_file_names_the_file(tmp_path: Path) ->
         assert f"wrote {path} for step 2" in str(space), space
 
 
+def test_a_write_that_finds_the_disk_full_is_the_error_raised_not_the_fsync_after_it(
+    tmp_path: Path,
+) -> None:
+    """A write finds the filesystem full (ENOSPC) while the disk under it cannot store what was
+    written before either: closing the lost file does not fsync it, so the write's error is the
+    one raised and kept, not replaced by the fsync's."""
+    with _ext4_on_a_disk_that_fills(tmp_path) as (mount, fill_the_disk):
+        write_error: OSError | None = None
+        with (
+            pytest.raises(OSError) as info,
+            ChecksumWriter(mount / "rank-00000.pt", fsync=True) as writer,
+        ):
+            writer.write(os.urandom(2 << 20))
+            fill_the_disk()
+            try:
+                writer.write(os.urandom((IMAGE_MIB + 8) << 20))  # more than the filesystem holds
+            except OSError as exc:
+                write_error = exc
+                raise
+        assert write_error is not None and write_error.errno == errno.ENOSPC, write_error
+        assert info.value is write_error, info.value
+        assert writer.error is write_error
+
+
 def test_a_disk_that_fails_the_fsync_of_a_directory_raises_it(tmp_path: Path) -> None:
     """A directory's new entry that the disk cannot store fails its fsync (EIO, the journal's
     commit refused): raised named after it, never taken for a filesystem that cannot fsync
