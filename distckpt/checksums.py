@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from distckpt.errors import InvalidArgument
-from distckpt.fsutil import WRITEBACK_BYTES, EarlyWriteback, with_file_name
+from distckpt.fsutil import WRITEBACK_BYTES, EarlyWriteback, fsync_file, with_file_name
 from distckpt.memory import (
     DIRECT_ALIGNMENT,
     DIRECT_MIN_BYTES,
@@ -346,12 +346,10 @@ class ChecksumWriter:
             # replace the write's error, the one the caller is told about.
             if self._fsync and self.error is None:
                 try:
-                    os.fsync(self._file.fileno())
+                    fsync_file(self._file.fileno(), self.path)
                 except OSError as exc:
-                    # A disk that took every write may still fail their writeback (a
-                    # thin-provisioned or network disk: ENOSPC, EDQUOT, EIO at the fsync).
-                    self.error = with_file_name(exc, self.path)
-                    raise self.error from None
+                    self.error = exc
+                    raise
         finally:
             self._file.close()
             if self._staging is not None:

@@ -26,7 +26,7 @@ import torch
 import distckpt
 from distckpt import events
 from distckpt.checksums import ChecksumWriter
-from distckpt.fsutil import fsync_dir
+from distckpt.fsutil import fsync_dir, swap_link
 from distckpt.protocol import out_of_space, ran_out_of_space
 from distckpt.storage.posix import PosixRootStore
 from tests.filesystem_saves import TIMEOUT
@@ -247,6 +247,20 @@ def test_a_disk_that_fails_the_fsync_of_a_directory_raises_it(tmp_path: Path) ->
             fsync_dir(directory)
         assert info.value.errno in (errno.EIO, errno.ENOSPC), info.value
         assert info.value.filename == os.fspath(directory)
+
+
+def test_a_pointer_link_the_disk_fails_to_store_is_named_after_the_link(tmp_path: Path) -> None:
+    """``last`` written as a pointer file onto the failing disk: the fsync of the pointer file
+    raises, named after the link, as :func:`~distckpt.fsutil.atomic_write` names its file."""
+    with _ext4_on_a_disk_that_fills(tmp_path) as (mount, fill_the_disk):
+        (mount / "step-1").mkdir()
+        fsync_dir(mount)  # the step is on the disk before it fills
+        fill_the_disk()
+        link = mount / "last"
+        with pytest.raises(OSError) as info:
+            swap_link(link, "step-1", mode="pointer", trash_root=mount / ".trash", fsync=True)
+        assert info.value.errno in (errno.ENOSPC, errno.EIO), info.value
+        assert info.value.filename == os.fspath(link)
 
 
 def _save_as_the_disk_fills(rank: int, world_size: int, root: str, backing: str) -> tuple[str, str]:
