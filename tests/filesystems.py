@@ -44,6 +44,8 @@ TOOL_PACKAGES = {
     "fuse2fs": "fuse2fs",
     "losetup": "mount",
 }
+#: the tools of :data:`TOOL_PACKAGES` that mount through FUSE, and so need ``/dev/fuse``
+FUSE_TOOLS = frozenset({"mount.exfat-fuse", "fusefat", "bindfs", "fuse2fs"})
 
 
 @dataclass(frozen=True)
@@ -128,7 +130,7 @@ def not_mountable_reason(tools: tuple[str, ...]) -> str | None:
     """Why mounts cannot be made here, or None when they can (the tools are installed first)."""
     if not hasattr(os, "geteuid") or os.geteuid() != 0:
         return f"mounting needs root (running as uid {os.getuid()})"
-    if tools and not Path("/dev/fuse").exists():
+    if FUSE_TOOLS.intersection(tools) and not Path("/dev/fuse").exists():
         return "no /dev/fuse: FUSE is not available here"
     needed = {tool: TOOL_PACKAGES[tool] for tool in tools}
     missing = missing_packages(needed)
