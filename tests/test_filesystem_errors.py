@@ -7,7 +7,7 @@ the filesystem is repaired the next save works and gc removes the leftover.
 And a disk that fails under a filesystem: an ext4 image on a tmpfs smaller than the image,
 filled up, so the disk takes no new block (a thin-provisioned disk out of room). Writes land in
 the page cache; their fsync, of a file or of a directory, is where the failure shows, and it
-must be raised, named after the file."""
+must be raised, named after the file or the directory."""
 
 from __future__ import annotations
 
@@ -240,7 +240,9 @@ def test_a_disk_that_fails_the_fsync_of_a_directory_raises_it(tmp_path: Path) ->
     with _ext4_on_a_disk_that_fills(tmp_path) as (mount, fill_the_disk):
         directory = mount / "staging"
         directory.mkdir()
-        os.sync()  # the directory itself is on the disk before it fills
+        # the directory itself is on the disk before it fills (ext4: one journal commit)
+        fsync_dir(directory)
+        fsync_dir(mount)
         fill_the_disk()
         (directory / "rank-0.pt").touch()
         with pytest.raises(OSError) as info:
@@ -263,17 +265,19 @@ def test_a_pointer_link_the_disk_fails_to_store_is_named_after_the_link(tmp_path
         assert info.value.filename == os.fspath(link)
 
 
-def _save_as_the_disk_fills(rank: int, world_size: int, root: str, backing: str) -> tuple[str, str]:
+def _save_as_the_disk_fills(
+    rank: int, world_size: int, root: str, fill_the_disk: Callable[[], None]
+) -> tuple[str, str]:
     """Save step 1, then step 2 with the disk filled by rank 0 once the save is proposed; the
     error step 2 raised, by type and message."""
     manager = distckpt.CheckpointManager(root, timeout=TIMEOUT)
     manager.save(1, {"w": torch.ones(1024)})
 
-    def fill_the_disk(event: events.PhaseEvent) -> None:
+    def fill_once_proposed(event: events.PhaseEvent) -> None:
         if event.phase == "save.propose" and event.step == 2 and rank == 0:
-            take_every_free_block(Path(backing), Path(backing, "hog"))
+            fill_the_disk()
 
-    stop_listening = events.add_listener(fill_the_disk)
+    stop_listening = events.add_listener(fill_once_proposed)
     try:
         manager.save(2, {"w": torch.randn(100_000)})
         raised = ("nothing", "")
@@ -290,16 +294,11 @@ def test_a_save_onto_a_disk_that_fails_names_what_it_could_not_store(tmp_path: P
     """docs/faults.md, disk errors: every rank raises the same error, which names the root, and
     each OSError in it names the file or directory whose fsync the disk failed (which one
     fails first, and whether as EIO or ENOSPC, the kernel's timing decides)."""
-    with _ext4_on_a_disk_that_fills(tmp_path) as (mount, _):
+    with _ext4_on_a_disk_that_fills(tmp_path) as (mount, fill_the_disk):
         root = mount / "root"
+        # fork-started ranks: the filling function goes to them as it is
         outcomes = values(
-            run_ranks(
-                _save_as_the_disk_fills,
-                2,
-                os.fspath(root),
-                os.fspath(tmp_path / "backing"),
-                timeout=90,
-            )
+            run_ranks(_save_as_the_disk_fills, 2, os.fspath(root), fill_the_disk, timeout=90)
         )
         (kind_0, message_0), (kind_1, message_1) = outcomes
         assert (kind_0, message_0) == (kind_1, message_1)

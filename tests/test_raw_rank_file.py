@@ -243,7 +243,7 @@ def test_tensors_the_layout_does_not_describe_stay_in_the_skeleton(tmp_path: Pat
         assert torch.equal(loaded[key].detach(), expected[key].detach()), key
 
 
-class TaggedList(list):  # type: ignore[type-arg]
+class TaggedList(list[object]):
     """A subclass of list: a class of the user's, which the layout does not take apart."""
 
 
