@@ -2,11 +2,14 @@
 ``finally``, which a SIGKILL skips), swept at the start of the next session.
 
 Only what lies under pytest's numbered directories (``pytest-<N>`` or a ``garbage-*`` one
-pytest is removing, in ``<temp>/pytest-of-<user>``) of a session that is over is touched:
-pytest writes its session's pid into ``.lock`` in the directory and removes the lock at exit,
-so a directory without one, or whose pid is no running process, belongs to no live session.
-The current session's and any other running session's (another engineer's, an xdist
-controller's) hold a live pid and are left alone.
+pytest is removing, in ``<temp>/pytest-of-<user>``) of a session known to be over is touched:
+pytest writes its session's pid into ``.lock`` in the directory, so a lock whose pid is no
+running process belongs to a session that was killed (one that ends normally has run its own
+unmounts). A directory without a lock, or with an empty one, is left alone: pytest removes the
+lock at exit, but writes none at all under ``tmp_path_retention_policy=none`` (or a retention
+count of 0), so such a directory may be a live session's. The current session's and any other
+running session's (another engineer's, an xdist controller's) hold a live pid and are left
+alone.
 """
 
 from __future__ import annotations
@@ -50,12 +53,11 @@ def ended_session_dirs(temp_root: Path) -> list[Path]:
         if not re.fullmatch(r"pytest-\d+|garbage-.*", entry.name):
             continue
         try:
-            owner = int((entry / ".lock").read_text().strip() or "0")
-        except FileNotFoundError:
-            ended.append(entry)  # the session removed its lock at exit
-            continue
+            owner = int((entry / ".lock").read_text().strip())
         except (OSError, ValueError):
-            continue  # being written or unreadable: not known to be over
+            # No lock (removed at a normal exit, or never written: see the module doc), one
+            # being written (empty) or unreadable: not known to be over.
+            continue
         if owner <= 0 or not _pid_runs(owner):
             ended.append(entry)
     return ended
