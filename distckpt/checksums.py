@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from distckpt.errors import InvalidArgument
-from distckpt.fsutil import WRITEBACK_BYTES, EarlyWriteback, with_file_name
+from distckpt.fsutil import WRITEBACK_BYTES, EarlyWriteback, fsync_file, with_file_name
 from distckpt.memory import (
     DIRECT_ALIGNMENT,
     DIRECT_MIN_BYTES,
@@ -128,7 +128,8 @@ class ChecksumWriter:
     """A binary file opened for writing that computes its size and checksum as bytes go by,
     so a checkpoint file is never read back just to checksum it. Small writes are gathered up
     to :data:`COALESCE_BYTES`; a disk error may therefore surface on a later write or on
-    ``flush``/``close``, named after the file either way.
+    ``flush``/``close`` (its fsync: a disk may fail to store bytes it took), named after the
+    file either way.
 
     A writer that fsyncs on close also starts the disk on its bytes each time another
     :data:`~distckpt.fsutil.WRITEBACK_BYTES` have been written, a large write being handed over
@@ -341,8 +342,14 @@ class ChecksumWriter:
             self.flush()
             if self._staging is not None and self.error is None:
                 self._write_tail()
-            if self._fsync:
-                os.fsync(self._file.fileno())
+            # After a failed write the file is lost: no fsync, whose own failure would
+            # replace the write's error, the one the caller is told about.
+            if self._fsync and self.error is None:
+                try:
+                    fsync_file(self._file.fileno(), self.path)
+                except OSError as exc:
+                    self.error = exc
+                    raise
         finally:
             self._file.close()
             if self._staging is not None:

@@ -14,7 +14,6 @@ import errno
 import logging
 import os
 import shutil
-import stat
 import sys
 import uuid
 from collections.abc import Callable
@@ -32,7 +31,8 @@ _SYMLINK_REFUSED = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS, 
 
 
 def fsync_dir(path: str | os.PathLike[str]) -> None:
-    """Make a directory's entries (creations, renames, deletions) durable."""
+    """Make a directory's entries (creations, renames, deletions) durable; a failure (a disk
+    that cannot store them: EIO) is raised named after the directory."""
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     try:
         os.fsync(fd)
@@ -40,9 +40,19 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
         # Some filesystems (and all of Windows) cannot fsync a directory; the rename itself
         # is still atomic there, only its durability on power loss is up to the filesystem.
         if exc.errno not in (errno.EINVAL, errno.EBADF, errno.ENOTSUP):
-            raise
+            raise with_file_name(exc, Path(path)) from None
     finally:
         os.close(fd)
+
+
+def fsync_file(fd: int, path: Path) -> None:
+    """Make the open file ``fd``'s bytes durable; a failure (a disk that took every write may
+    still fail to store them: thin-provisioned or network, ENOSPC, EDQUOT, EIO) is raised named
+    after ``path``."""
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        raise with_file_name(exc, path) from None
 
 
 class Writable(Protocol):
@@ -100,7 +110,7 @@ def atomic_write(path: Path, write: Callable[[Writable], object], *, fsync: bool
             write(watched)
             if fsync:
                 file.flush()
-                os.fsync(file.fileno())
+                fsync_file(file.fileno(), path)
         os.replace(tmp, path)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
@@ -405,13 +415,15 @@ def swap_link(
                 file.write(target_name + "\n")
                 if fsync:
                     file.flush()
-                    os.fsync(file.fileno())
+                    fsync_file(file.fileno(), link)
         if link.is_dir() and not link.is_symlink():
             # os.replace cannot put a file over a directory: move the directory aside first.
             discard_dir(link, trash_root, fsync=fsync)
         os.replace(tmp, link)
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError):  # the pointer file's write, named as atomic_write's
+            raise with_file_name(exc, link) from None
         raise
     if fsync:
         fsync_dir(parent)
@@ -475,22 +487,3 @@ def probe_writable(directory: Path) -> None:
             probe.unlink()
     finally:
         probe.unlink(missing_ok=True)
-
-
-#: a file that is no regular file, by its ``S_IFMT``, in words
-_FILE_KINDS = {
-    stat.S_IFLNK: "a symlink",
-    stat.S_IFDIR: "a directory",
-    stat.S_IFIFO: "a FIFO",
-    stat.S_IFSOCK: "a socket",
-    stat.S_IFCHR: "a character device",
-    stat.S_IFBLK: "a block device",
-}
-
-
-def file_kind(mode: int) -> str:
-    """What a file of ``mode`` (its ``st_mode``) is, in words: ``a FIFO``, ``a directory``,
-    ``a regular file``."""
-    if stat.S_ISREG(mode):
-        return "a regular file"
-    return _FILE_KINDS.get(stat.S_IFMT(mode), "not a regular file")

@@ -28,7 +28,6 @@ from distckpt.errors import (
     ManifestChecksumMismatch,
     UnsupportedVersion,
 )
-from distckpt.fsutil import file_kind
 from distckpt.layout import MANIFEST_NAME
 from distckpt.problems import (
     Problem,
@@ -469,3 +468,22 @@ def find_problems(
         if checksum != record.checksum:
             problems.append(checksum_mismatch(where))
     return problems
+
+
+#: a file that is no regular file, by its ``S_IFMT``, in words
+_FILE_KINDS = {
+    stat.S_IFLNK: "a symlink",
+    stat.S_IFDIR: "a directory",
+    stat.S_IFIFO: "a FIFO",
+    stat.S_IFSOCK: "a socket",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+}
+
+
+def file_kind(mode: int) -> str:
+    """What a file of ``mode`` (its ``st_mode``) is, in words: ``a FIFO``, ``a directory``,
+    ``a regular file``."""
+    if stat.S_ISREG(mode):
+        return "a regular file"
+    return _FILE_KINDS.get(stat.S_IFMT(mode), "not a regular file")

@@ -15,9 +15,17 @@ from tests import job_servers, killing
 from tests.cli_runner import run_cli_in_a_process
 from tests.filesystems import MountFactory
 from tests.lease_holders import Holder
+from tests.leftover_mounts import sweep_and_warn
 from tests.older_version import older_version_process, run_older_version, unpack_older_version
 from tests.places import Place
 from tests.s3server import S3Server, aws_environment
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    # A session killed outright (its mounts' cleanup is only a ``finally``) leaves them
+    # mounted; the next session sweeps them. An xdist worker leaves it to its controller.
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        sweep_and_warn()
 
 
 @pytest.fixture(autouse=True)

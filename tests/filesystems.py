@@ -2,7 +2,8 @@
 
 :class:`MountFactory` makes each mount once per test session under a temporary directory and
 undoes all of them at the end, whatever happened (unmount, lazily as a last resort, and detach
-the loop devices it attached). Mounting needs root; the Debian packages providing the tools are
+the loop devices it attached; what a session killed outright left, the next one sweeps:
+:mod:`tests.leftover_mounts`). Mounting needs root; the Debian packages providing the tools are
 installed with apt when missing (:mod:`tests.apt`). Where that cannot be done (no root, no apt,
 no FUSE), a test asking for the mount is skipped with the exact reason, except under
 ``CI=true``, where every mount must work and a missing one fails the test.
@@ -20,6 +21,7 @@ import errno
 import os
 import shutil
 import subprocess
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +44,8 @@ TOOL_PACKAGES = {
     "fuse2fs": "fuse2fs",
     "losetup": "mount",
 }
+#: the tools of :data:`TOOL_PACKAGES` that mount through FUSE, and so need ``/dev/fuse``
+FUSE_TOOLS = frozenset({"mount.exfat-fuse", "fusefat", "bindfs", "fuse2fs"})
 
 
 @dataclass(frozen=True)
@@ -126,7 +130,7 @@ def not_mountable_reason(tools: tuple[str, ...]) -> str | None:
     """Why mounts cannot be made here, or None when they can (the tools are installed first)."""
     if not hasattr(os, "geteuid") or os.geteuid() != 0:
         return f"mounting needs root (running as uid {os.getuid()})"
-    if tools and not Path("/dev/fuse").exists():
+    if FUSE_TOOLS.intersection(tools) and not Path("/dev/fuse").exists():
         return "no /dev/fuse: FUSE is not available here"
     needed = {tool: TOOL_PACKAGES[tool] for tool in tools}
     missing = missing_packages(needed)
@@ -378,8 +382,8 @@ _MKFS_QUIET = {"ext4": ("-q", "-F"), "xfs": ("-q", "-f"), "btrfs": ("-q", "-f")}
 
 
 def unmount(target: Path) -> bool:
-    """Unmount ``target``: plainly, as FUSE does, or lazily as a last resort; False if none
-    worked."""
+    """Unmount ``target``: plainly, as FUSE does, or lazily as a last resort; False, with a
+    warning (a mount left behind outlives the session), if none worked."""
     for command in (("umount", target), ("fusermount", "-u", target), ("umount", "-l", target)):
         if shutil.which(command[0]) is None:
             continue
@@ -388,6 +392,7 @@ def unmount(target: Path) -> bool:
             return True
         except RuntimeError:
             continue
+    warnings.warn(f"could not unmount {target}: it stays mounted", stacklevel=2)
     return False
 
 

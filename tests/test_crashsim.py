@@ -216,7 +216,7 @@ def _flagged(
 
 #: fsyncs whose removal the short run must flag: (workload, function, a part of the call)
 MUTATIONS = [
-    ("retention", "close", "os.fsync"),  # a shard's data
+    ("retention", "close", "fsync_file"),  # a shard's data
     # Unmasked in ``delete``: when the newest step goes, the swap of ``last`` back to the one
     # before is followed by the trash move, with no other fsync of the root in between.
     ("delete", "swap_link", "fsync_dir"),

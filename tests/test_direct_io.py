@@ -27,7 +27,7 @@ import distckpt
 from distckpt.checksums import COALESCE_BYTES, DIRECT_STAGING_BYTES, ChecksumWriter, file_checksum
 from distckpt.formats import ReadOptions, format_named
 from distckpt.formats.base import ShardContext
-from distckpt.formats.raw_rank_file import write_rank_file
+from distckpt.formats.raw_rank_file import write_rank_file, writes_direct
 from distckpt.formats.raw_rank_reader import load_rank_file
 from distckpt.formats.torch_files import load_skeleton
 from distckpt.memory import DIRECT_ALIGNMENT, anonymous_memory, buffer_address
@@ -102,6 +102,44 @@ def _aligned_bytes(nbytes: int) -> memoryview:
     memory = anonymous_memory(nbytes)
     memory[:] = os.urandom(nbytes)
     return memory
+
+
+def test_a_file_mostly_of_memory_off_a_page_stays_buffered(tmp_path: Path) -> None:
+    """README, async saves: a file is written direct only when at least 90% of its bytes are
+    storages of 1 MiB or more at page-aligned addresses. A page-aligned storage of 1 MiB is
+    written direct alone, and buffered beside 2 MiB that start 64 bytes into a page."""
+    require_direct_io(tmp_path)
+    state = _page_aligned_state({"w": (1 << 18,)}, seed=5)
+    assert write_rank_file(state, tmp_path / "alone.pt", fsync=False, direct=True).direct
+    memory = _aligned_bytes(DIRECT_ALIGNMENT + (2 << 20))
+    state["off_a_page"] = torch.frombuffer(memory[64 : 64 + (2 << 20)], dtype=torch.uint8)
+    path = tmp_path / "mostly-off-a-page.pt"
+    writer = write_rank_file(state, path, fsync=False, direct=True)
+    assert writer.direct is False
+    restored = load_rank_file(path, ReadOptions(), load_skeleton)
+    assert torch.equal(restored["off_a_page"], state["off_a_page"])  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("aligned_share", "head_share", "expect_direct"),
+    [(0.89, 0.01, False), (0.91, 0.01, True), (0.89, 0.02, False)],
+    ids=["89%", "91%", "91%-of-the-storages-but-89%-of-the-file"],
+)
+def test_a_file_is_direct_when_90_percent_of_its_bytes_are_page_aligned_storages(
+    aligned_share: float, head_share: float, expect_direct: bool
+) -> None:
+    """The share is of the whole file, the head (header, index, skeleton) included: the head
+    goes through the staging buffer as memory off a page does."""
+    total = 10 << 20
+    aligned_bytes, head_bytes = int(aligned_share * total), int(head_share * total)
+    unaligned_bytes = total - aligned_bytes - head_bytes
+    off_a_page = _aligned_bytes(DIRECT_ALIGNMENT + unaligned_bytes)[64 : 64 + unaligned_bytes]
+    storages = [
+        torch.frombuffer(memory, dtype=torch.uint8).untyped_storage()
+        for memory in (_aligned_bytes(aligned_bytes), off_a_page)
+    ]
+    chosen = writes_direct(storages, head_bytes=head_bytes, direct=True, writer_threads=1)
+    assert chosen is expect_direct
 
 
 def test_a_file_system_without_direct_io_gets_a_buffered_file(mounts: MountFactory) -> None:

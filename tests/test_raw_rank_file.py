@@ -146,15 +146,17 @@ def test_the_checksum_and_size_cover_every_byte_of_the_file(tmp_path: Path) -> N
 
 
 def test_tensor_bytes_lie_raw_and_aligned_where_the_index_says(tmp_path: Path) -> None:
-    """Layout 2: the data starts on a page, a storage of at least 1 MiB starts on one, a
-    smaller one at a multiple of 64 (a page-sized one too: it gains nothing from a page of
-    its own), and the data ends at one."""
+    """Layout 2: the data starts on a page, a storage of at least 1 MiB starts on one (one of
+    exactly 1 MiB too, after a storage that ends off a page), a smaller one at a multiple of 64
+    (a page-sized one too: it gains nothing from a page of its own), and the data ends at
+    one."""
     path = tmp_path / "rank.pt"
     state = {
         "a": torch.ones(3, dtype=torch.int8),
         "w": torch.arange(10, dtype=torch.float64),
         "page": torch.arange(1024, dtype=torch.float32),  # exactly a page
         "b": torch.ones(5, dtype=torch.int16),
+        "mib": torch.arange(DIRECT_MIN_BYTES // 4, dtype=torch.int32),  # exactly 1 MiB
         "odd": torch.arange(1500, dtype=torch.float64),  # 12000 bytes: pages and a part
         "large": torch.arange(300_000, dtype=torch.float32),  # 1.14 MiB: on a page
         "c": torch.ones(1, dtype=torch.int8),
@@ -239,6 +241,21 @@ def test_tensors_the_layout_does_not_describe_stay_in_the_skeleton(tmp_path: Pat
     assert loaded["grad"].requires_grad and loaded["conj"].is_conj()
     for key in state:
         assert torch.equal(loaded[key].detach(), expected[key].detach()), key
+
+
+class TaggedList(list[object]):
+    """A subclass of list: a class of the user's, which the layout does not take apart."""
+
+
+def test_a_subclass_of_list_stays_in_the_skeleton_as_its_own_class(tmp_path: Path) -> None:
+    """Only a plain dict, OrderedDict, list or tuple (or named tuple) is taken apart: a
+    subclass of one is pickled as it is, its tensors with it, and loads as its own class."""
+    weights = torch.randn(3)
+    path = tmp_path / "rank.pt"
+    write_rank_file({"tagged": TaggedList([weights, 1])}, path, fsync=False)
+    loaded = _load(path, allow_pickle=True)["tagged"]
+    assert type(loaded) is TaggedList
+    assert torch.equal(loaded[0], weights) and loaded[1] == 1
 
 
 def test_map_location_places_raw_tensors_as_torch_load_does(tmp_path: Path) -> None:

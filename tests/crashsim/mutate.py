@@ -21,7 +21,8 @@ PACKAGE = PROJECT / "distckpt"
 
 @dataclass(frozen=True)
 class FsyncSite:
-    """One call of ``os.fsync`` or ``fsync_dir`` in the library."""
+    """One call of ``os.fsync``, ``fsync_file`` or ``fsync_dir`` in the library: each call of
+    the two helpers is a site of its own, as is the ``os.fsync`` inside each."""
 
     file: str  # relative to the project
     line: int
@@ -47,7 +48,7 @@ def fsync_sites() -> list[FsyncSite]:
                 if not isinstance(node, ast.Call) or node.lineno != node.end_lineno:
                     continue
                 callee = ast.unparse(node.func)
-                if callee in ("os.fsync", "fsync_dir"):
+                if callee in ("os.fsync", "fsync_file", "fsync_dir"):
                     sites.append(
                         FsyncSite(
                             str(path.relative_to(PROJECT)),
