@@ -67,7 +67,7 @@ def _page_after(root: S3Root, key: str) -> int:
     return keys.index(key) + 1
 
 
-def _open_while(
+def _open_during(
     s3_server: S3Server,
     s3_url: str,
     skip: int,
@@ -75,9 +75,8 @@ def _open_while(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Open a manager whose listing of the step prefixes comes a key a page, ``change``
-    running while the page after the first ``skip`` is held; check that the open moved
-    ``last`` to step 2, skipping no step, and that only the save of step 2 that
-    :data:`BEFORE_COMMIT` names is left once the open's tidy ran."""
+    running while the page after the first ``skip`` is held, and close it once the open's
+    tidy ran; its warnings go to ``caplog``."""
     with S3Proxy(s3_server.port) as proxy, caplog.at_level(logging.WARNING, logger="distckpt"):
         proxy.short_pages(1, STEP_LISTING)
         held = proxy.hold("GET", STEP_LISTING, skip=skip)
@@ -86,6 +85,14 @@ def _open_while(
             manager = distckpt.CheckpointManager(s3_url, storage_options=options)
         after_rank_0_removals(manager)
         manager.close()
+
+
+def _assert_step_2_taken(
+    s3_server: S3Server, s3_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Check that an open (:func:`_open_during`) moved ``last`` to step 2, skipping no step,
+    and that only the save of step 2 that :data:`BEFORE_COMMIT` names is left once the open's
+    tidy ran."""
     root = S3Root(s3_url, s3_server.storage_options())
     prefix = f"{step_dir_name(2)}/"
     saves = sorted({info.key[len(prefix) :].partition("/")[0] for info in root.client.list(prefix)})
@@ -109,7 +116,8 @@ def test_a_step_committed_while_the_open_lists_the_steps_is_not_taken_for_damage
     skip = _page_after(root, root.attempt_prefix(2, BEFORE_COMMIT) + MANIFEST_NAME)
 
     committing = functools.partial(_write, root, 2, BEFORE_COMMIT, early, commit=True)
-    _open_while(s3_server, s3_url, skip, committing, caplog)
+    _open_during(s3_server, s3_url, skip, committing, caplog)
+    _assert_step_2_taken(s3_server, s3_url, caplog)
     root.close()
 
 
@@ -126,8 +134,61 @@ def test_a_step_replaced_while_the_open_lists_the_steps_is_checked_as_replaced(
     _write(root, 2, AFTER_COMMIT, contents, commit=True)
     skip = _page_after(root, root.commit_name(2))
     replacing = functools.partial(_write, root, 2, BEFORE_COMMIT, contents, commit=True)
-    _open_while(s3_server, s3_url, skip, replacing, caplog)
+    _open_during(s3_server, s3_url, skip, replacing, caplog)
+    _assert_step_2_taken(s3_server, s3_url, caplog)
     root.close()
+
+
+def _last_after_open_during(
+    s3_server: S3Server,
+    s3_url: str,
+    change: Callable[[S3Root], None],
+    caplog: pytest.LogCaptureFixture,
+) -> str | None:
+    """Commit step 2 whole beside step 1 (a save listed after its ``COMMIT``), open a manager
+    while ``change`` (given the root) runs once the open's listing is past step 2's ``COMMIT``;
+    what ``last`` names then."""
+    root = _one_saved_step(s3_server, s3_url)
+    _write(root, 2, AFTER_COMMIT, _save_contents(root, 2), commit=True)
+    skip = _page_after(root, root.commit_name(2))
+    _open_during(s3_server, s3_url, skip, functools.partial(change, root), caplog)
+    root.close()
+    root = S3Root(s3_url, s3_server.storage_options())
+    last = root.read_pointer(LAST)[0]
+    root.close()
+    return last
+
+
+def test_a_step_replaced_by_a_damaged_save_after_the_listing_passed_it_is_not_last(
+    s3_server: S3Server, s3_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Once the open's listing is past step 2's ``COMMIT`` (whose listed ETag tells the save
+    it names), another writer replaces step 2 by a save missing one of its manifest's files.
+    Before ``last`` moves to step 2, its ``COMMIT`` is asked for again: changed, the step is
+    read and checked again, found damaged and skipped with a warning; ``last`` stays on step
+    1."""
+
+    def replace_by_a_damaged_save(root: S3Root) -> None:
+        contents = _save_contents(root, 2)
+        del contents[EARLY_FILE]
+        _write(root, 2, BEFORE_COMMIT, contents, commit=True)
+
+    last = _last_after_open_during(s3_server, s3_url, replace_by_a_damaged_save, caplog)
+    assert last == step_dir_name(1)
+    assert f"skipping damaged checkpoint {s3_url}/{step_dir_name(2)}" in caplog.text
+
+
+def test_a_step_uncommitted_after_the_listing_passed_it_is_not_last(
+    s3_server: S3Server, s3_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Once the open's listing is past step 2's ``COMMIT``, another process deletes that
+    ``COMMIT`` (the save's objects left for a later tidy). Asked for again before ``last``
+    moves to step 2, it is gone: ``last`` stays on step 1."""
+
+    def uncommit(root: S3Root) -> None:
+        root.client.delete([root.commit_name(2)])
+
+    assert _last_after_open_during(s3_server, s3_url, uncommit, caplog) == step_dir_name(1)
 
 
 def test_an_open_reads_the_manifests_of_several_steps_at_once(

@@ -270,7 +270,7 @@ class S3Root:
                 return listing
         steps = self.listed_steps(from_step)
         with ThreadPoolExecutor(DOWNLOAD_CONCURRENCY) as pool:
-            etags = pool.map(self._commit_etag, steps)
+            etags = pool.map(self.current_commit_etag, steps)
             commits = {step: etag for step, etag in zip(steps, etags) if etag is not None}
         return StepListing(commits, None)
 
@@ -325,7 +325,7 @@ class S3Root:
         for step in kept - listed:
             self.forget_commit(step)
 
-    def _commit_etag(self, step: int, store: ObjectStore | None = None) -> str | None:
+    def current_commit_etag(self, step: int, store: ObjectStore | None = None) -> str | None:
         """The ETag of the step's ``COMMIT`` object (from ``store``, or :attr:`client`), None
         when it has none."""
         try:
@@ -341,7 +341,7 @@ class S3Root:
         try:
             return self.read_commit(step, store)
         except CorruptCheckpoint:
-            etag = self._commit_etag(step, store)
+            etag = self.current_commit_etag(step, store)
             return None if etag is None else CommitRecord(step, UNKNOWN_ATTEMPT, etag)
 
     def read_commit(self, step: int, store: ObjectStore | None = None) -> CommitRecord | None:

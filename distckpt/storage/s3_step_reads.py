@@ -9,19 +9,37 @@ not four one after another."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection
+from collections.abc import Collection, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 
 from distckpt.errors import CheckpointError
 from distckpt.storage.s3_checkpoint import S3Checkpoint
-from distckpt.storage.s3_root import DOWNLOAD_CONCURRENCY, S3Root, StepListing
+from distckpt.storage.s3_root import (
+    DOWNLOAD_CONCURRENCY,
+    CommitRecord,
+    S3Root,
+    StepListing,
+)
 
 logger = logging.getLogger("distckpt")
 
 
-def read_for_checks(
-    root: S3Root, steps: Collection[int], listing: StepListing
-) -> tuple[dict[int, S3Checkpoint], list[int]]:
+@dataclass(frozen=True)
+class StepReads:
+    """What :func:`read_for_checks` read of the steps to check."""
+
+    #: the checkpoints read, their ``COMMIT``'s record known and their manifest read
+    sources: dict[int, S3Checkpoint]
+    #: the steps left to check: those asked for but those whose ``COMMIT`` went since
+    steps: list[int]
+    #: the steps whose ``COMMIT`` record was taken from the listing's ETag, not read: the
+    #: listing may have passed it before another process replaced or deleted it
+    #: (:func:`confirm_listed`)
+    from_listing: set[int] = field(default_factory=set)
+
+
+def read_for_checks(root: S3Root, steps: Collection[int], listing: StepListing) -> StepReads:
     """The checkpoints of the committed ``steps`` of ``listing``, their ``COMMIT`` and
     manifest read, each with the sizes of its save's objects as ``listing`` saw them, which
     its check reads instead of a listing of the save. A ``COMMIT`` version this process read
@@ -31,18 +49,54 @@ def read_for_checks(
     whose ``COMMIT`` went since the listing. A step whose reads failed here (a damaged
     ``COMMIT``, a missing manifest, a store error) gets no checkpoint: its check reads it
     again, and tells the failure as it would have without these reads."""
+    from_listing = {
+        step: record
+        for step in steps
+        if root.known_commit(step, listing.commits.get(step)) is None
+        and (record := listing.commit_of(step)) is not None
+    }
     with ThreadPoolExecutor(DOWNLOAD_CONCURRENCY) as pool:
-        read = dict(zip(steps, pool.map(lambda step: _read(root, step, listing), steps)))
+        read = dict(
+            zip(steps, pool.map(lambda step: _read(root, step, listing, from_listing), steps))
+        )
     sources = {step: source for step, source in read.items() if isinstance(source, S3Checkpoint)}
-    return sources, [step for step, source in read.items() if source is not False]
+    left = [step for step, source in read.items() if source is not False]
+    return StepReads(sources, left, set(from_listing))
 
 
-def _read(root: S3Root, step: int, listing: StepListing) -> S3Checkpoint | bool | None:
+def confirm_listed(
+    root: S3Root, chosen: Iterable[int | None], reads: StepReads, commits: dict[int, str]
+) -> list[int]:
+    """Of the ``chosen`` steps (``last``'s and ``best``'s), those whose ``COMMIT`` record
+    ``reads`` took from the listing and whose ``COMMIT`` no longer has the ETag in
+    ``commits`` (a ``HEAD`` each, one or two): replaced or deleted after the listing passed
+    it. ``commits`` then holds each one's ETag now (a deleted one goes) and ``reads`` no
+    longer counts it as taken from the listing. Returns those of them still committed: to be
+    read and checked again before a pointer moves to one."""
+    doubtful = {step for step in chosen if step in reads.from_listing}
+    changed: list[int] = []
+    for step in sorted(doubtful):
+        etag = root.current_commit_etag(step)
+        if etag == commits.get(step):
+            continue
+        reads.from_listing.discard(step)
+        root.forget_commit(step)  # the record kept from the listing is of a version gone
+        if etag is None:
+            commits.pop(step, None)
+        else:
+            commits[step] = etag
+            changed.append(step)
+    return changed
+
+
+def _read(
+    root: S3Root, step: int, listing: StepListing, from_listing: Mapping[int, CommitRecord]
+) -> S3Checkpoint | bool | None:
     """The checkpoint of ``step``, its ``COMMIT``'s record known and its manifest read; False
     when the step is no longer committed, None when a read failed."""
     try:
         record = root.known_commit(step, listing.commits.get(step))
-        if record is None and (record := listing.commit_of(step)) is not None:
+        if record is None and (record := from_listing.get(step)) is not None:
             root.remember_commit(step, record)  # as read: the search for leftovers reuses it
         record = record or root.read_commit(step)
         if record is None:
