@@ -10,20 +10,20 @@ import functools
 import json
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 
 import pytest
 
 import distckpt
 from distckpt.checksums import crc32
-from distckpt.layout import LAST, MANIFEST_NAME, step_dir_name
+from distckpt.layout import BEST, LAST, MANIFEST_NAME, step_dir_name
 from distckpt.manifest import FileRecord
 from distckpt.storage.s3_checkpoint import S3Checkpoint
 from distckpt.storage.s3_root import CommitRecord, S3Root
 from tests.s3proxy import HOLD_TIMEOUT, S3Proxy
 from tests.s3server import S3Server
-from tests.test_s3_requests import _copy_as_steps, _one_saved_step
+from tests.test_s3_requests import _copy_as_steps, _one_saved_step, _state
 from tests.waiting import after_rank_0_removals
 
 pytest.importorskip("botocore")
@@ -39,15 +39,19 @@ EARLY_FILE = "extra-00000"
 STEP_LISTING = "prefix=ckpt%2Fstep-"
 
 
-def _save_contents(root: S3Root, step: int) -> dict[str, bytes]:
-    """A save of ``step``: step 1's files, and :data:`EARLY_FILE`, which its manifest lists."""
+def _save_contents(
+    root: S3Root, step: int, metrics: Mapping[str, float] | None = None
+) -> dict[str, bytes]:
+    """A save of ``step``: step 1's files, and :data:`EARLY_FILE`, which its manifest lists
+    (with ``metrics``, instead of step 1's)."""
     source = S3Checkpoint(root, 1)
     manifest = source.read_manifest()
     prefix = source._prefix()  # the committed save's, to copy its files from
     contents = {name: root.client.get_bytes(prefix + name) for name in manifest.files}
     contents[EARLY_FILE] = b"x"
     files = {**manifest.files, EARLY_FILE: FileRecord(1, f"{crc32(b'x'):08x}")}
-    contents[MANIFEST_NAME] = replace(manifest, step=step, files=files).to_json()
+    metrics = manifest.metrics if metrics is None else metrics
+    contents[MANIFEST_NAME] = replace(manifest, step=step, files=files, metrics=metrics).to_json()
     return contents
 
 
@@ -199,6 +203,30 @@ def test_a_step_uncommitted_after_the_listing_passed_it_is_not_last(
         root.client.delete([root.commit_name(2)])
 
     assert _last_after_open_during(s3_server, s3_url, uncommit, caplog) == step_dir_name(1)
+
+
+def test_best_follows_the_committed_save_not_a_leftover_listed_before_it(
+    s3_server: S3Server, s3_url: str
+) -> None:
+    """Step 2 holds, beside its committed save, a whole leftover save listed before it (a dead
+    writer's) whose metrics rank it below step 1, and a ``COMMIT`` spelled otherwise than this
+    version writes it: its ETag is the digest of no record, so the open reads it rather than
+    take the first save the listing shows with a manifest. ``best`` stays on step 2, as the
+    committed save's metrics rank it."""
+    options = s3_server.storage_options()
+    with distckpt.CheckpointManager(s3_url, storage_options=options, monitor="loss") as manager:
+        manager.save(1, _state(1), metrics={"loss": 2.0})
+        manager.save(2, _state(2), metrics={"loss": 1.0})
+    root = S3Root(s3_url, options)
+    record = root.read_commit(2)
+    assert record is not None and record.attempt > BEFORE_COMMIT
+    _write(root, 2, BEFORE_COMMIT, _save_contents(root, 2, metrics={"loss": 9.0}))
+    spelled = json.dumps({"step": 2, "attempt": record.attempt}, indent=1).encode()
+    root.client.put_bytes(root.commit_name(2), spelled)
+    with distckpt.CheckpointManager(s3_url, storage_options=options, monitor="loss") as manager:
+        after_rank_0_removals(manager)
+    assert root.read_pointer(BEST)[0] == step_dir_name(2)
+    root.close()
 
 
 def test_an_open_reads_the_manifests_of_several_steps_at_once(
