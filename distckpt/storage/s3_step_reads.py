@@ -9,11 +9,12 @@ not four one after another."""
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Collection, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from distckpt.errors import CheckpointError
+from distckpt.errors import CorruptCheckpoint, UnsupportedVersion
 from distckpt.storage.s3_checkpoint import S3Checkpoint
 from distckpt.storage.s3_root import (
     DOWNLOAD_CONCURRENCY,
@@ -46,19 +47,32 @@ def read_for_checks(root: S3Root, steps: Collection[int], listing: StepListing) 
     or wrote already (a save's own, right after its commit), or whose record ``listing``
     tells, is not read (that record is kept as if read: the search for leftovers reuses it),
     nor a manifest once kept. Returns them with the steps left to check: ``steps`` but those
-    whose ``COMMIT`` went since the listing. A step whose reads failed here (a damaged
-    ``COMMIT``, a missing manifest, a store error) gets no checkpoint: its check reads it
-    again, and tells the failure as it would have without these reads."""
+    whose ``COMMIT`` went since the listing. A step whose reads failed here as a damaged,
+    newer or vanished step's do (a damaged ``COMMIT``, a missing manifest) gets no
+    checkpoint: its check reads it again, and tells the failure as it would have without
+    these reads. A store's error (:class:`~distckpt.errors.StoreUnavailable` after its
+    retries) is raised, the reads not begun cancelled."""
     from_listing = {
         step: record
         for step in steps
         if root.known_commit(step, listing.commits.get(step)) is None
         and (record := listing.commit_of(step)) is not None
     }
+    failed = threading.Event()
+
+    def read_unless_failed(step: int) -> S3Checkpoint | bool | None:
+        # The steps whose reads began once another's raised (a worker takes the next one
+        # before the map's iterator cancels them) are left to their checks: none is raised.
+        if failed.is_set():
+            return None
+        try:
+            return _read(root, step, listing, from_listing)
+        except BaseException:
+            failed.set()
+            raise
+
     with ThreadPoolExecutor(DOWNLOAD_CONCURRENCY) as pool:
-        read = dict(
-            zip(steps, pool.map(lambda step: _read(root, step, listing, from_listing), steps))
-        )
+        read = dict(zip(steps, pool.map(read_unless_failed, steps)))
     sources = {step: source for step, source in read.items() if isinstance(source, S3Checkpoint)}
     left = [step for step, source in read.items() if source is not False]
     return StepReads(sources, left, set(from_listing))
@@ -104,7 +118,10 @@ def _read(
         sizes = listing.save_sizes(step, record.attempt)
         source = S3Checkpoint(root, step, record.attempt, sizes)
         source.read_manifest()
-    except CheckpointError as exc:
+    except (CorruptCheckpoint, UnsupportedVersion, FileNotFoundError) as exc:
+        # what the check tells of a damaged, newer or vanished step when it reads it again; a
+        # store's error (unavailable after its retries, access denied) is raised: each other
+        # step's reads would fail alike, and the map's iterator cancels those not begun
         logger.debug("reading %s before its check: %s", root.location(step), exc)
         return None
     return source
