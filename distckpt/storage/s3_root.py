@@ -111,8 +111,8 @@ class StepListing:
         if etag is None or self.objects is None:
             return None
         for key in self.objects.get(step, {}):
-            attempt, _, name = key.partition("/")
-            if name == MANIFEST_NAME and etag.strip('"') == _digest(step, attempt):
+            attempt = save_whose_manifest(key)
+            if attempt is not None and etag.strip('"') == _digest(step, attempt):
                 return CommitRecord(step, attempt, etag)
         return None
 
@@ -124,6 +124,14 @@ class StepListing:
         prefix = f"{attempt}/"
         listed = self.objects.get(step, {}).items()
         return {key[len(prefix) :]: info.size for key, info in listed if key.startswith(prefix)}
+
+
+def save_whose_manifest(key_in_step: str) -> str | None:
+    """The save (its attempt) whose top-level ``manifest.json`` the object named
+    ``key_in_step`` (its name under a step's prefix) is, or None: what tells a save's prefix,
+    as no root has one at its top."""
+    attempt, slash, name = key_in_step.partition("/")
+    return attempt if slash and name == MANIFEST_NAME else None
 
 
 def _digest(step: int, attempt: str) -> str:

@@ -13,6 +13,7 @@ import threading
 from collections.abc import Collection, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from enum import Enum
 
 from distckpt.errors import CorruptCheckpoint, UnsupportedVersion
 from distckpt.storage.s3_checkpoint import S3Checkpoint
@@ -24,6 +25,16 @@ from distckpt.storage.s3_root import (
 )
 
 logger = logging.getLogger("distckpt")
+
+
+class _Unread(Enum):
+    """Why a step to check got no checkpoint from :func:`read_for_checks`."""
+
+    #: its ``COMMIT`` went since the listing: it is no longer to check
+    UNCOMMITTED = "uncommitted"
+    #: a read failed (a damaged or vanished step), or was not begun after another's store
+    #: error: its check reads it again
+    FAILED = "failed"
 
 
 @dataclass(frozen=True)
@@ -60,11 +71,11 @@ def read_for_checks(root: S3Root, steps: Collection[int], listing: StepListing) 
     }
     failed = threading.Event()
 
-    def read_unless_failed(step: int) -> S3Checkpoint | bool | None:
+    def read_unless_failed(step: int) -> S3Checkpoint | _Unread:
         # The steps whose reads began once another's raised (a worker takes the next one
         # before the map's iterator cancels them) are left to their checks: none is raised.
         if failed.is_set():
-            return None
+            return _Unread.FAILED
         try:
             return _read(root, step, listing, from_listing)
         except BaseException:
@@ -74,7 +85,7 @@ def read_for_checks(root: S3Root, steps: Collection[int], listing: StepListing) 
     with ThreadPoolExecutor(DOWNLOAD_CONCURRENCY) as pool:
         read = dict(zip(steps, pool.map(read_unless_failed, steps)))
     sources = {step: source for step, source in read.items() if isinstance(source, S3Checkpoint)}
-    left = [step for step, source in read.items() if source is not False]
+    left = [step for step, source in read.items() if source is not _Unread.UNCOMMITTED]
     return StepReads(sources, left, set(from_listing))
 
 
@@ -105,16 +116,16 @@ def confirm_listed(
 
 def _read(
     root: S3Root, step: int, listing: StepListing, from_listing: Mapping[int, CommitRecord]
-) -> S3Checkpoint | bool | None:
-    """The checkpoint of ``step``, its ``COMMIT``'s record known and its manifest read; False
-    when the step is no longer committed, None when a read failed."""
+) -> S3Checkpoint | _Unread:
+    """The checkpoint of ``step``, its ``COMMIT``'s record known and its manifest read; else
+    why it was not read."""
     try:
         record = root.known_commit(step, listing.commits.get(step))
         if record is None and (record := from_listing.get(step)) is not None:
             root.remember_commit(step, record)  # as read: the search for leftovers reuses it
         record = record or root.read_commit(step)
         if record is None:
-            return False
+            return _Unread.UNCOMMITTED
         sizes = listing.save_sizes(step, record.attempt)
         source = S3Checkpoint(root, step, record.attempt, sizes)
         source.read_manifest()
@@ -123,5 +134,5 @@ def _read(
         # store's error (unavailable after its retries, access denied) is raised: each other
         # step's reads would fail alike, and the map's iterator cancels those not begun
         logger.debug("reading %s before its check: %s", root.location(step), exc)
-        return None
+        return _Unread.FAILED
     return source

@@ -40,9 +40,10 @@ from distckpt.storage.s3_root import (
     UNKNOWN_ATTEMPT,
     WRITERS_PREFIX,
     CommitRecord,
+    save_whose_manifest,
     step_of_commit,
 )
-from distckpt.storage.s3_set_aside import SetAside, save_whose_manifest
+from distckpt.storage.s3_set_aside import SetAside
 from distckpt.storage.s3_step_reads import confirm_listed, read_for_checks
 from distckpt.storage.s3_view import S3RootView
 
