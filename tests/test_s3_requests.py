@@ -389,3 +389,23 @@ def test_a_listing_of_steps_of_many_files_stops_and_asks_about_each_step(
     assert 3 + dead > 3 * 3 > 2 * 4 >= 2 * 3
     # those 3 pages, the step prefixes, a HEAD of each step's COMMIT
     assert counted == writer_counted == {"LIST saves": 3 + 1, "HEAD COMMIT": 2}, counted
+
+
+def test_an_open_asks_again_about_the_commits_of_last_and_best_when_they_differ(
+    s3_server: S3Server, s3_url: str
+) -> None:
+    """With a monitor whose ``best`` (step 1) is not ``last`` (step 2), the open asks for both
+    steps' ``COMMIT`` again before it moves the pointers (a ``HEAD`` each): N + 12 requests
+    in all, as docs/object-stores.md states (N + 10 counted: the lease's ``PUT``s are not)."""
+    options = s3_server.storage_options()
+    with distckpt.CheckpointManager(s3_url, storage_options=options, monitor="loss") as manager:
+        manager.save(1, _state(1), metrics={"loss": 1.0})
+        manager.save(2, _state(2), metrics={"loss": 2.0})
+    with S3Proxy(s3_server.port) as proxy:
+        proxied = s3_server.storage_options(endpoint_url=proxy.endpoint)
+        manager = distckpt.CheckpointManager(s3_url, storage_options=proxied, monitor="loss")
+        after_rank_0_removals(manager)
+        cost = _counted(proxy, 0)
+        manager.close()
+    assert cost["HEAD COMMIT"] == 2, cost
+    assert cost.total() == 2 + 10, cost
