@@ -16,6 +16,7 @@ import torch
 import distckpt
 from distckpt import faults
 from distckpt.errors import InjectedFault
+from distckpt.layout import LAST
 from distckpt.objstore import ObjectStore
 from distckpt.storage import RootStore, open_store
 from tests.s3server import S3Server
@@ -157,6 +158,22 @@ def test_a_restore_that_skips_a_damaged_commit_warns_that_it_cannot_set_it_aside
             manager.save(2, _state(20))
         manager.gc()
     assert _saves_of_step_2(s3_url, options) == saves
+
+
+def test_an_open_skips_a_damaged_commit_beside_a_whole_save_with_a_warning(
+    s3_server: S3Server, s3_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A damaged ``COMMIT`` beside a whole save of its step: its ETag is the digest of no
+    record naming that save, so the open reads it rather than take the step from its listing,
+    finds it damaged and skips the step with a warning; ``last`` moves back to step 1."""
+    options = s3_server.storage_options()
+    with distckpt.CheckpointManager(s3_url, storage_options=options) as manager:
+        _save_two_steps_and_damage_step_2(manager, s3_url, options)
+    with caplog.at_level(logging.WARNING, logger="distckpt"):
+        distckpt.CheckpointManager(s3_url, storage_options=options).close()
+    assert f"skipping damaged checkpoint {s3_url}/{STEP_PREFIX.rstrip('/')}" in caplog.text
+    with ObjectStore(s3_url, options) as store:
+        assert store.get_bytes(LAST).decode().strip() == "step-00000001"
 
 
 def test_a_commit_whose_step_reads_another_still_names_its_save_under_its_own_step(

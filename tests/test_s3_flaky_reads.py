@@ -1,6 +1,7 @@
 """Reads of an ``s3://`` root through a store that fails some of them (the real proxy of
 tests/s3proxy.py in front of a real moto server): an answer broken off mid-body is asked for
-again, a published save's claim delete is retried, and ``verify`` raises a store's failure
+again, a published save's claim delete is retried, an open whose manifest reads fail gives up
+once the reads in flight did, and ``verify`` raises a store's failure
 instead of reporting a sound checkpoint damaged, as it raises a disk's I/O error."""
 
 from __future__ import annotations
@@ -13,10 +14,13 @@ import torch
 
 import distckpt
 from distckpt import StoreAccessDenied, StoreUnavailable
+from distckpt.layout import MANIFEST_NAME
 from distckpt.objstore import ObjectStore
+from distckpt.storage.s3_root import DOWNLOAD_CONCURRENCY
 from tests.cli_runner import run_cli
 from tests.s3proxy import S3Proxy
 from tests.s3server import S3Server, aws_environment
+from tests.test_s3_requests import _copy_as_steps, _counted, _one_saved_step
 
 pytest.importorskip("botocore")
 
@@ -141,3 +145,23 @@ def test_distckpt_verify_of_a_store_refusing_reads_is_an_error_not_a_broken_chec
     result = run_cli("verify", saved_root)
     assert result.returncode == 2, result  # an error, not exit status 1 (a problem found)
     assert "BROKEN" not in result.stdout and "rank-00000.pt" in result.stderr, result
+
+
+def test_an_open_whose_manifest_reads_fail_raises_once_the_reads_begun_gave_up(
+    s3_server: S3Server, s3_url: str, proxy: S3Proxy
+) -> None:
+    """Every ``GET`` of a manifest is answered 503 (the store failing after the open's
+    listing): the pointers' update gives up once the reads in flight (four steps at a time)
+    used their attempts, the other steps' reads not begun, nor each step's read again by its
+    check (12 steps would cost 12 reads' attempts, twice); the start's search for the newest
+    step then reads one manifest, and the open raises :class:`StoreUnavailable`."""
+    direct = _one_saved_step(s3_server, s3_url)
+    _copy_as_steps(direct, 1, range(2, 13))
+    direct.close()
+    attempts = 2
+    proxy.fail("GET", MANIFEST_NAME, status=503, times=10**6)
+    options = s3_server.storage_options(endpoint_url=proxy.endpoint, retries=attempts)
+    with pytest.raises(StoreUnavailable):
+        distckpt.CheckpointManager(s3_url, storage_options=options)
+    sent = _counted(proxy, 0)["GET manifest.json"]
+    assert 0 < sent <= (DOWNLOAD_CONCURRENCY + 1) * attempts, sent

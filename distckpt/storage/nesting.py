@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from distckpt.errors import CorruptCheckpoint, InvalidArgument, UnsupportedVersion
-from distckpt.layout import MANIFEST_NAME, holds_a_root, is_root_entry_name
+from distckpt.layout import MANIFEST_NAME, holds_a_root, is_root_entry_name, parse_step_dir_name
 from distckpt.manifest import read_manifest
 from distckpt.objstore import ObjectStore
 from distckpt.objurl import S3Url, is_s3_url
-from distckpt.storage.s3_root import LEASE_NAME, WRITERS_PREFIX, prefix_holds_a_root
+from distckpt.storage.s3_root import COMMIT_NAME, LEASE_NAME, WRITERS_PREFIX, prefix_holds_a_root
 from distckpt.storage.views import nested_root_refusal
 
 
@@ -110,3 +110,19 @@ def _holds_a_checkpoints_manifest(directory: Path) -> bool:
 
 #: field names near the start of a distckpt manifest, whatever its version
 _MANIFEST_MARKS = (b'"checksum_algorithm"', b'"format_version"')
+
+
+def root_shown_by(rest: str) -> tuple[str, bool] | None:
+    """Where the key ``rest``, relative to a step's prefix, may show a checkpoint root of its
+    own: ``""`` for the step's prefix itself, else the one name under it a save's prefix would
+    have; None where it shows none. With it, whether it shows one only if the object holds a
+    lease record: a committed step's ``COMMIT`` under it is what no save holds, a ``.lease``
+    may be a save's own file (an extra file of that name, which older versions allowed)."""
+    parts = rest.split("/")
+    if len(parts) >= 2 and parts[-1] == COMMIT_NAME and parse_step_dir_name(parts[-2]) is not None:
+        parts, needs_a_record = parts[:-2], False
+    elif parts[-1] == LEASE_NAME:
+        parts, needs_a_record = parts[:-1], True
+    else:
+        return None
+    return ("/".join(parts), needs_a_record) if len(parts) <= 1 else None

@@ -111,8 +111,8 @@ class StepListing:
         if etag is None or self.objects is None:
             return None
         for key in self.objects.get(step, {}):
-            attempt, _, name = key.partition("/")
-            if name == MANIFEST_NAME and etag.strip('"') == _digest(step, attempt):
+            attempt = save_whose_manifest(key)
+            if attempt is not None and etag.strip('"') == _digest(step, attempt):
                 return CommitRecord(step, attempt, etag)
         return None
 
@@ -124,6 +124,14 @@ class StepListing:
         prefix = f"{attempt}/"
         listed = self.objects.get(step, {}).items()
         return {key[len(prefix) :]: info.size for key, info in listed if key.startswith(prefix)}
+
+
+def save_whose_manifest(key_in_step: str) -> str | None:
+    """The save (its attempt) whose top-level ``manifest.json`` the object named
+    ``key_in_step`` (its name under a step's prefix) is, or None: what tells a save's prefix,
+    as no root has one at its top."""
+    attempt, slash, name = key_in_step.partition("/")
+    return attempt if slash and name == MANIFEST_NAME else None
 
 
 def _digest(step: int, attempt: str) -> str:
@@ -270,7 +278,7 @@ class S3Root:
                 return listing
         steps = self.listed_steps(from_step)
         with ThreadPoolExecutor(DOWNLOAD_CONCURRENCY) as pool:
-            etags = pool.map(self._commit_etag, steps)
+            etags = pool.map(self.current_commit_etag, steps)
             commits = {step: etag for step, etag in zip(steps, etags) if etag is not None}
         return StepListing(commits, None)
 
@@ -325,7 +333,7 @@ class S3Root:
         for step in kept - listed:
             self.forget_commit(step)
 
-    def _commit_etag(self, step: int, store: ObjectStore | None = None) -> str | None:
+    def current_commit_etag(self, step: int, store: ObjectStore | None = None) -> str | None:
         """The ETag of the step's ``COMMIT`` object (from ``store``, or :attr:`client`), None
         when it has none."""
         try:

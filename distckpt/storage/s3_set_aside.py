@@ -13,20 +13,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 from distckpt import policy
 from distckpt.errors import ConcurrentCommit, PreconditionFailed
-from distckpt.layout import MANIFEST_NAME, step_dir_name
+from distckpt.layout import step_dir_name
 from distckpt.objinfo import ObjectInfo
 from distckpt.results import CheckpointLocation
-from distckpt.storage.s3_root import UNKNOWN_ATTEMPT, CommitRecord, S3Root
+from distckpt.storage.s3_root import UNKNOWN_ATTEMPT, CommitRecord, S3Root, save_whose_manifest
 
 logger = logging.getLogger("distckpt")
-
-
-def save_whose_manifest(key_in_step: str) -> str | None:
-    """The save (its attempt) whose top-level ``manifest.json`` the object named
-    ``key_in_step`` (its name under a step's prefix) is, or None: what tells a save's prefix,
-    as no root has one at its top."""
-    attempt, slash, name = key_in_step.partition("/")
-    return attempt if slash and name == MANIFEST_NAME else None
 
 
 class SetAside:

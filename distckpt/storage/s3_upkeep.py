@@ -34,17 +34,17 @@ from distckpt.manifest import Manifest
 from distckpt.objlease import LeaseRecord
 from distckpt.objstore import ObjectStore
 from distckpt.results import CheckpointLocation
+from distckpt.storage.nesting import root_shown_by
 from distckpt.storage.posix_links import COMMITTING_RANK
 from distckpt.storage.s3_root import (
-    COMMIT_NAME,
-    LEASE_NAME,
     UNKNOWN_ATTEMPT,
     WRITERS_PREFIX,
     CommitRecord,
+    save_whose_manifest,
     step_of_commit,
 )
-from distckpt.storage.s3_set_aside import SetAside, save_whose_manifest
-from distckpt.storage.s3_step_reads import read_for_checks
+from distckpt.storage.s3_set_aside import SetAside
+from distckpt.storage.s3_step_reads import confirm_listed, read_for_checks
 from distckpt.storage.s3_view import S3RootView
 
 logger = logging.getLogger("distckpt")
@@ -53,22 +53,6 @@ _POINTER_RETRIES = 3  # compare-and-swap of a pointer that another process moved
 #: How far a claim's expiry, a wall-clock time written by its writer, is trusted past its
 #: end: the clocks of the writer and of the cleaning process may disagree by this much.
 CLOCK_SKEW_SECONDS = 60.0
-
-
-def _root_inside(rest: str) -> tuple[str, bool] | None:
-    """Where the key ``rest``, relative to a step's prefix, may show a checkpoint root of its
-    own: ``""`` for the step's prefix itself, else the one name under it a save's prefix would
-    have; None where it shows none. With it, whether it shows one only if the object holds a
-    lease record: a committed step's ``COMMIT`` under it is what no save holds, a ``.lease``
-    may be a save's own file (an extra file of that name, which older versions allowed)."""
-    parts = rest.split("/")
-    if len(parts) >= 2 and parts[-1] == COMMIT_NAME and parse_step_dir_name(parts[-2]) is not None:
-        parts, needs_a_record = parts[:-2], False
-    elif parts[-1] == LEASE_NAME:
-        parts, needs_a_record = parts[:-1], True
-    else:
-        return None
-    return ("/".join(parts), needs_a_record) if len(parts) <= 1 else None
 
 
 class Upkeep(SetAside):
@@ -172,30 +156,36 @@ class Upkeep(SetAside):
         ``best`` at the best, or remove a pointer that names nothing valid. ``leaving``: a
         step about to be removed, counted as gone. The records it read."""
         listing = self.s3.step_listing()
-        commits = listing.commits
-        # forget what was deleted or replaced since
-        self._checked = {
-            key: m for key, m in self._checked.items() if commits.get(key[0]) == key[1]
-        }
+        commits = dict(listing.commits)
+        self._forget_changed(commits)
         unchecked = [  # not the step leaving: it need not be readable (one from a newer version)
             step
             for step, etag in commits.items()
             if step != leaving and (step, etag) not in self._checked
         ]
-        sources, unchecked = read_for_checks(self.s3, unchecked, listing)
-        for source, manifest in resolve.iter_valid(self.view, steps=unchecked, sources=sources):
-            self._checked[(source.expected_step, commits[source.expected_step])] = manifest
-        valid = sorted(
-            (m for (step, _), m in self._checked.items() if step != leaving),
-            key=lambda manifest: manifest.step,
+        sources, unchecked = (
+            (reads := read_for_checks(self.s3, unchecked, listing)).sources,
+            reads.steps,
         )
-        records = [resolve.record_of(manifest) for manifest in valid]
+        for _ in range(_POINTER_RETRIES + 1):  # each round checks a changed step again
+            for source, manifest in resolve.iter_valid(self.view, steps=unchecked, sources=sources):
+                self._checked[(source.expected_step, commits[source.expected_step])] = manifest
+            valid = sorted(
+                (m for (step, _), m in self._checked.items() if step != leaving),
+                key=lambda manifest: manifest.step,
+            )
+            records = [resolve.record_of(manifest) for manifest in valid]
+            best = policy.best_step(records, self.retention.monitor, self.retention.mode)
+            last = records[-1].step if records else None
+            unchecked, sources = confirm_listed(self.s3, (last, best), reads, commits), {}
+            if self._forget_changed(commits):  # neither changed since the listing: they stand
+                break
+        else:
+            raise CheckpointError(f"{self.root}: the steps chosen kept changing while checked")
         valid_steps = {manifest.step for manifest in valid}
         faults.hit("during_link_swap", COMMITTING_RANK)
-        best = policy.best_step(records, self.retention.monitor, self.retention.mode)
         # A monitor that ranks none leaves no best, as on a POSIX root (posix_links)
         best_valid = valid_steps if self.retention.monitor is None else set()
-        last = records[-1].step if records else None
         self._last_on_unlisted_step = False
         for name, step, valid in ((LAST, last, valid_steps), (BEST, best, best_valid)):
             if step is not None:
@@ -204,6 +194,15 @@ class Upkeep(SetAside):
             else:
                 self._remove_pointer_unless_valid(name, valid)
         return records
+
+    def _forget_changed(self, commits: dict[int, str]) -> bool:
+        """Forget the steps checked whose ``COMMIT`` is not in ``commits`` as it was then
+        (deleted or replaced since); whether none was."""
+        before, self._checked = (
+            self._checked,
+            {key: m for key, m in self._checked.items() if commits.get(key[0]) == key[1]},
+        )
+        return len(before) == len(self._checked)
 
     def _swap_pointer(self, name: str, step: int, listed: Collection[int] = ()) -> bool:
         """Point ``name`` at ``step``, found newest or best among the ``listed`` commits. But
@@ -328,7 +327,7 @@ class Upkeep(SetAside):
             if (committed := step_of_commit(info.key)) is not None:
                 listed_commits[committed] = info.etag
             set_aside = parse_set_aside_name(head)
-            if step is not None and (shown := _root_inside(rest)) is not None:
+            if step is not None and (shown := root_shown_by(rest)) is not None:
                 inside, needs_a_record = shown
                 if needs_a_record:
                     lease_objects[info.key] = (step, inside)
