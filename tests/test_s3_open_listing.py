@@ -261,3 +261,29 @@ def test_an_open_reads_the_manifests_of_several_steps_at_once(
             manager.close()
     assert read_meanwhile
     assert len(opened) == 1
+
+
+def test_an_open_whose_chosen_steps_keep_changing_gives_up_and_leaves_last_alone(
+    s3_server: S3Server, s3_url: str, caplog: pytest.LogCaptureFixture, monkeypatch
+) -> None:
+    """Steps 2-6 read whole from the listing, and every later question about their
+    ``COMMIT`` finds it gone: each round drops the step it chose and chooses the next older
+    one, until its rounds are spent. The open then logs that the steps kept changing and
+    leaves ``last`` where it was, on step 1, rather than move it to a step just found gone."""
+    root = _one_saved_step(s3_server, s3_url)
+    _copy_as_steps(root, 1, range(2, 7))
+    asked: list[int] = []
+    real_etag = S3Root.current_commit_etag
+
+    def gone_from_step_2(self: S3Root, step: int, store: object = None) -> str | None:
+        asked.append(step)
+        return None if step >= 2 else real_etag(self, step, store)
+
+    # Nothing real deletes a COMMIT between every two requests of one open, for four rounds.
+    monkeypatch.setattr(S3Root, "current_commit_etag", gone_from_step_2)
+    with caplog.at_level(logging.WARNING, logger="distckpt"):
+        distckpt.CheckpointManager(s3_url, storage_options=s3_server.storage_options()).close()
+    assert "kept changing while checked" in caplog.text
+    assert asked == [6, 5, 4, 3]
+    assert root.read_pointer(LAST)[0] == step_dir_name(1)
+    root.close()
