@@ -15,17 +15,17 @@ import torch
 pytest.importorskip("lightning")
 pytest.importorskip("torchdata")
 
+import lightning
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-import distckpt
-from distckpt.lightning_state import LAST_RELOAD_KEY
 from tests.lightning_tiny import fit_tiny
 from tests.test_lightning_resume_points import ShufflesStatefullyWithNoise
 
 pytestmark = pytest.mark.timeout(120)
 
-#: Reloads every 2 epochs, until epoch 7; a save at every optimizer step (2 an epoch).
-RELOADING: dict[str, Any] = {"reload_dataloaders_every_n_epochs": 2}
+#: Epochs 0 to 4, reloading every 2 epochs; a save at every optimizer step (2 an epoch).
+EPOCHS = 5
+RELOAD_EVERY = 2
 EVERY_STEP: dict[str, Any] = {"every_n_epochs": None, "every_n_steps": 1}
 
 
@@ -49,78 +49,81 @@ class RecordsLoads(ShufflesStatefullyWithNoise):
 
 
 def _fit(
-    root: Path, fail_at: tuple[int, int] | None = None, **options: Any
-) -> tuple[RecordsLoads, Any]:
-    """The seeded module fitted until epoch 8 (``options``: :func:`fit_tiny`'s), failing at
-    ``fail_at`` if given; the module and the Trainer."""
+    root: Path,
+    fail_at: tuple[int, int] | None = None,
+    epochs: int = EPOCHS,
+    reload_every: int = RELOAD_EVERY,
+    **options: Any,
+) -> tuple[RecordsLoads, lightning.Trainer | None]:
+    """The seeded module fitted for ``epochs``, reloading every ``reload_every`` epochs
+    (``options``: :func:`fit_tiny`'s), failing at ``fail_at`` if given; the module and the
+    Trainer (None when it failed)."""
     torch.manual_seed(0)
     module = RecordsLoads(fail_at)
+    reloading = {"reload_dataloaders_every_n_epochs": reload_every}
     if fail_at is None:
-        return module, fit_tiny(module, root, 8, trainer_options=RELOADING, **options)
+        return module, fit_tiny(module, root, epochs, trainer_options=reloading, **options)
     with pytest.raises(RuntimeError, match="failing on purpose"):
-        fit_tiny(module, root, 8, trainer_options=RELOADING, **options)
+        fit_tiny(module, root, epochs, trainer_options=reloading, **options)
     return module, None
 
 
-def _assert_resumed_as(uninterrupted: RecordsLoads, failed: RecordsLoads, resumed: Any) -> None:
-    assert failed.trained + resumed.trained == uninterrupted.trained
+def _assert_resumed_as(
+    uninterrupted: RecordsLoads, runs: list[RecordsLoads], resumed: RecordsLoads
+) -> None:
+    """The runs before ``resumed`` and it trained the uninterrupted fit's batches, once each,
+    to its weights."""
+    trained = [batch for run in [*runs, resumed] for batch in run.trained]
+    assert trained == uninterrupted.trained
     for name, value in uninterrupted.state_dict().items():
         assert torch.equal(resumed.state_dict()[name], value), name
 
 
+@pytest.fixture(scope="module")
+def started_from_a_lightning_checkpoint(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> tuple[Path, RecordsLoads]:
+    """Lightning's own checkpoint of epoch 1, and the fit started from it uninterrupted, which
+    loads the train loader at epoch 1 and reloads it at epoch 3."""
+    root = tmp_path_factory.mktemp("started_from_a_lightning_checkpoint")
+    lightning_checkpoint = root / "lightning.ckpt"
+    fit_tiny(RecordsLoads(), root / "before", 1).save_checkpoint(lightning_checkpoint)
+    uninterrupted, _ = _fit(root / "uninterrupted", ckpt_path=lightning_checkpoint, **EVERY_STEP)
+    assert uninterrupted.loads == [1, 3]
+    return lightning_checkpoint, uninterrupted
+
+
 @pytest.mark.parametrize(
-    ("fail_at", "resumed_from", "resumed_loads", "checkpoint_format"),
+    ("runs", "checkpoint_format"),
     [
-        ((6, 0), 6, [6, 7], "torch"),
-        ((5, 0), 4, [5, 5, 7], "torch"),
-        ((5, 1), 5, [5, 7], "dcp"),
+        ([((3, 0), None, [1, 3]), ((4, 0), None, [3, 3]), (None, 6, [4])], "torch"),
+        ([((3, 1), None, [1, 3]), (None, 5, [3])], "dcp"),
     ],
-    ids=["epoch-end-torch", "epoch-end-into-a-reload-epoch-torch", "mid-epoch-dcp"],
+    ids=["epoch-end-into-a-reload-epoch-then-out-of-it-torch", "mid-epoch-dcp"],
 )
 def test_a_resume_of_a_fit_started_from_a_lightning_checkpoint_keeps_its_reload_epochs(
     tmp_path: Path,
-    fail_at: tuple[int, int],
-    resumed_from: int,
-    resumed_loads: list[int],
+    started_from_a_lightning_checkpoint: tuple[Path, RecordsLoads],
+    runs: list[tuple[tuple[int, int] | None, int | None, list[int]]],
     checkpoint_format: str,
 ) -> None:
-    """Started from Lightning's checkpoint of epoch 3 with ``n = 2``, the fit loads the train
-    loader at epoch 3 and reloads it at epochs 5 and 7. Its resume after epoch 5's end (or in
-    epoch 5) builds the loader at its start and reloads at epoch 7; resumed after epoch 4's
-    end, it reloads at epoch 5 too (a second call there: the fit loop's first build is
-    dropped). Counted from epoch 0, the resume reloaded at epoch 6 instead of 7 (and not at
-    5), and the weights differed."""
-    lightning_checkpoint = tmp_path / "lightning.ckpt"
-    fit_tiny(RecordsLoads(), tmp_path / "before", 3).save_checkpoint(lightning_checkpoint)
-    options = {**EVERY_STEP, "format": checkpoint_format, "ckpt_path": lightning_checkpoint}
-    uninterrupted, _ = _fit(tmp_path / "uninterrupted", **options)
-    failed, _ = _fit(tmp_path / "resumed", fail_at, **options)
-    del options["ckpt_path"]  # the rerun resumes from the callback's root alone
-    resumed, trainer = _fit(tmp_path / "resumed", **options)
-    assert trainer.callbacks[0].resumed_from == resumed_from
-    assert uninterrupted.loads == [3, 5, 7]
-    assert resumed.loads == resumed_loads
-    _assert_resumed_as(uninterrupted, failed, resumed)
-
-
-def test_a_checkpoint_without_the_last_load_reloads_each_nth_epoch_from_epoch_0(
-    tmp_path: Path,
-) -> None:
-    """The failed fit's last checkpoint (epoch 2's end), saved again without the fit loop's
-    last load, as a checkpoint saved before it was: the resume keeps the rule from before,
-    each n-th epoch counted from epoch 0, which is the schedule of a fit started at epoch 0.
-    It reloads at epoch 4, not at its first epoch (3) as a load of the fit loop counted as
-    never made would have it, and trains the weights of the uninterrupted fit."""
-    uninterrupted, _ = _fit(tmp_path / "uninterrupted", **EVERY_STEP)
-    failed, _ = _fit(tmp_path / "failed", (3, 0), **EVERY_STEP)
-    with distckpt.CheckpointManager(str(tmp_path / "failed"), read_only=True) as failed_root:
-        saved = failed_root.restore("last")
-    assert saved is not None and saved.step == 6
-    assert saved.state["trainer"]["fit_loop"].pop(LAST_RELOAD_KEY) == 2
-    with distckpt.CheckpointManager(str(tmp_path / "resumed"), fsync=False) as manager:
-        manager.save(saved.step, saved.state, epoch=saved.epoch, metrics=saved.metrics)
-    resumed, trainer = _fit(tmp_path / "resumed", **EVERY_STEP)
-    assert trainer.callbacks[0].resumed_from == 6
-    assert uninterrupted.loads == [0, 2, 4, 6]
-    assert resumed.loads == [3, 4, 6]
-    _assert_resumed_as(uninterrupted, failed, resumed)
+    """Started from Lightning's checkpoint of epoch 1 with ``n = 2``, the fit loads the train
+    loader at epoch 1 and reloads it at epoch 3; each of ``runs`` (where it fails, the step it
+    resumed from, its loads) reruns the fit on the same root. Resumed after epoch 2's end, the
+    fit reloads at epoch 3 (a second call there: the fit loop's first build is dropped); that
+    resume, failing in epoch 4, is resumed after epoch 3's end from the load it saved and does
+    not reload at epoch 4. Resumed in epoch 3, the fit does not reload at epoch 4 either. Each
+    resume trains the uninterrupted fit's batches to its weights. Counted from epoch 0, the
+    resume after epoch 2 did not reload at epoch 3, the resume after epoch 3 and the one in
+    epoch 3 reloaded at epoch 4."""
+    lightning_checkpoint, uninterrupted = started_from_a_lightning_checkpoint
+    options: dict[str, Any] = {**EVERY_STEP, "format": checkpoint_format}
+    done: list[RecordsLoads] = []
+    for fail_at, resumed_from, loads in runs:
+        from_lightning = {} if done else {"ckpt_path": lightning_checkpoint}
+        run, trainer = _fit(tmp_path / "resumed", fail_at, **options, **from_lightning)
+        assert run.loads == loads
+        if trainer is not None:  # a failed run's callback is out of reach
+            assert trainer.callbacks[0].resumed_from == resumed_from
+        done.append(run)
+    _assert_resumed_as(uninterrupted, done[:-1], done[-1])
