@@ -18,6 +18,7 @@ pytest.importorskip("torchdata")
 import lightning
 from torchdata.stateful_dataloader import StatefulDataLoader
 
+from distckpt.lightning_state import LAST_RELOAD_KEY, TrainerState
 from tests.lightning_tiny import fit_tiny
 from tests.test_lightning_resume_points import ShufflesStatefullyWithNoise
 
@@ -127,3 +128,46 @@ def test_a_resume_of_a_fit_started_from_a_lightning_checkpoint_keeps_its_reload_
             assert trainer.callbacks[0].resumed_from == resumed_from
         done.append(run)
     _assert_resumed_as(uninterrupted, done[:-1], done[-1])
+
+
+@pytest.fixture(scope="module")
+def started_at_epoch_0(tmp_path_factory: pytest.TempPathFactory) -> RecordsLoads:
+    """The fit started at epoch 0 uninterrupted, which loads the train loader at epochs 0, 2
+    and 4."""
+    uninterrupted, _ = _fit(tmp_path_factory.mktemp("started_at_epoch_0"), **EVERY_STEP)
+    assert uninterrupted.loads == [0, 2, 4]
+    return uninterrupted
+
+
+@pytest.mark.parametrize("checkpoint_format", ["torch", "dcp"])
+def test_a_checkpoint_without_the_last_load_reloads_each_nth_epoch_from_epoch_0(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    started_at_epoch_0: RecordsLoads,
+    checkpoint_format: str,
+) -> None:
+    """The failed fit saves as distckpt did before the fit loop's last load was saved: its
+    resume after epoch 2's end keeps the rule from before, each n-th epoch counted from epoch
+    0 (the schedule of a fit started at epoch 0). It reloads at epoch 4, not again at its
+    first epoch (3) as a load counted as never made would have it, and trains the weights of
+    the uninterrupted fit."""
+    with_last_load = TrainerState.state_dict
+    saves_without_it: list[int] = []
+
+    def state_dict_of_an_older_distckpt(self: TrainerState) -> dict[str, Any]:
+        state = with_last_load(self)
+        del state["fit_loop"][LAST_RELOAD_KEY]
+        saves_without_it.append(self.trainer.global_step)
+        return state
+
+    # No older distckpt can be installed beside this one in a test: the failed fit saves
+    # through the real save path with the entry that older versions never wrote left out.
+    monkeypatch.setattr(TrainerState, "state_dict", state_dict_of_an_older_distckpt)
+    options: dict[str, Any] = {**EVERY_STEP, "format": checkpoint_format}
+    failed, _ = _fit(tmp_path, (3, 0), **options)
+    monkeypatch.undo()
+    assert saves_without_it[-1] == 6
+    resumed, trainer = _fit(tmp_path, **options)
+    assert trainer is not None and trainer.callbacks[0].resumed_from == 6
+    assert resumed.loads == [3, 4]
+    _assert_resumed_as(started_at_epoch_0, [failed], resumed)
