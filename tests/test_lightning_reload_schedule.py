@@ -1,11 +1,13 @@
 """distckpt.lightning.DistckptCallback resuming a fit with ``reload_dataloaders_every_n_epochs``
-that did not start at epoch 0 (started from Lightning's own checkpoint), and from a checkpoint
-saved before the fit loop's last load of the train loader was saved, in small real fits on one
-device run in the test's process: the resumed fit reloads the train loader where the fit it
-continues does, and trains the same batches to the same weights."""
+that did not start at epoch 0 (started from Lightning's own checkpoint), with another n than
+the run that saved, and from a checkpoint saved before the fit loop's last load of the train
+loader was saved, in small real fits on one device run in the test's process: the resumed
+fit reloads the train loader where the fit it continues does, and trains the same batches to
+the same weights."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -171,3 +173,23 @@ def test_a_checkpoint_without_the_last_load_reloads_each_nth_epoch_from_epoch_0(
     assert trainer is not None and trainer.callbacks[0].resumed_from == 6
     assert resumed.loads == [3, 4]
     _assert_resumed_as(started_at_epoch_0, [failed], resumed)
+
+
+def test_a_resume_with_another_n_counts_it_from_the_saved_load(tmp_path: Path) -> None:
+    """Run A (``n = 2``) loads at epochs 0 and 2 and fails in epoch 3; run B, the same fit
+    with ``n = 3`` from A's checkpoint, counts 3 epochs from A's load at epoch 2 and reloads
+    at epoch 5. B killed in epoch 4 and resumed reloads at epoch 5 too, and ends with the
+    weights of B uninterrupted; counted from epoch 0 (or from B's first epoch), it reloaded
+    at epoch 6."""
+    options: dict[str, Any] = {**EVERY_STEP, "epochs": 7}
+    run_a, _ = _fit(tmp_path / "a", (3, 1), **options)
+    assert run_a.loads == [0, 2]
+    shutil.copytree(tmp_path / "a", tmp_path / "b_killed")
+    uninterrupted_b, trainer = _fit(tmp_path / "a", reload_every=3, **options)
+    assert trainer is not None and trainer.callbacks[0].resumed_from == 7
+    assert uninterrupted_b.loads == [3, 5]
+    killed_b, _ = _fit(tmp_path / "b_killed", (4, 1), reload_every=3, **options)
+    resumed_b, trainer = _fit(tmp_path / "b_killed", reload_every=3, **options)
+    assert trainer is not None and trainer.callbacks[0].resumed_from == 9
+    assert resumed_b.loads == [4, 5]
+    _assert_resumed_as(uninterrupted_b, [killed_b], resumed_b)
