@@ -25,7 +25,7 @@ from distckpt.lightning import DistckptCallback
 from tests.lightning_tiny import TinyModule
 from tests.ports import ReservedPort
 from tests.ranks import run_ranks
-from tests.test_lightning_resume_points import RecordsBatches
+from tests.test_lightning_resume_points import AddsNoise, RecordsBatches
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -145,8 +145,8 @@ def test_a_ddp_fit_with_max_steps_resumes_an_epoch_end_checkpoint_exactly(tmp_pa
         assert resumed == uninterrupted
 
 
-class RecordsLoads(RecordsBatches):
-    """Records the epoch of each ``train_dataloader()`` call."""
+class RecordsLoads(AddsNoise):
+    """AddsNoise, recording the epoch of each ``train_dataloader()`` call."""
 
     def __init__(self) -> None:
         super().__init__(fail=False)
@@ -193,7 +193,8 @@ def test_a_ddp_resume_into_a_reload_epoch_reloads_as_the_uninterrupted_fit(
     """The uninterrupted fit loads the train loader at epoch 0 and reloads it at epoch 2; the
     resume after epoch 1's end, in reload epoch 2, calls ``train_dataloader()`` there twice
     (the fit loop's first build is dropped) on every rank, trains the uninterrupted fit's
-    batches and ends with its weights."""
+    batches and ends with its weights (which the noise makes depend on each iterator built,
+    reloaded or not)."""
     with ReservedPort() as port:
         results = run_ranks(
             _loads_uninterrupted_and_resumed, 2, str(tmp_path), port.port, timeout=90
