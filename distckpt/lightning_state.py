@@ -16,10 +16,16 @@ from distckpt.errors import InvalidArgument
 from distckpt.lightning_internals import internal, set_internal
 from distckpt.rng import capture_rng, restore_rng
 
+#: The key, in :class:`TrainerState`'s ``fit_loop`` entry, of the epoch at which the fit loop
+#: last loaded the train loader (its ``_last_train_dl_reload_epoch``, which Lightning does not
+#: save).
+LAST_RELOAD_KEY = "distckpt_last_train_dl_reload_epoch"
+
 
 class TrainerState:
     """The Trainer's own resumable state, as one Stateful value with fixed keys (the loop's
-    state_dict gains keys, such as the loader's, that a fresh Trainer does not have yet)."""
+    state_dict gains keys, such as the loader's, that a fresh Trainer does not have yet; its
+    entry also holds :data:`LAST_RELOAD_KEY`)."""
 
     def __init__(self, trainer: Trainer) -> None:
         self.trainer = trainer
@@ -29,11 +35,18 @@ class TrainerState:
         self.next_epoch_to_start = False
         self.ended_epoch_loaders: list[dict[str, Any]] = []
         self.restored = False
+        # The epoch of the train loader's last load that the restored checkpoint holds (None:
+        # none restored, or a checkpoint saved before it was).
+        self.saved_last_reload: float | None = None
 
     def state_dict(self) -> dict[str, Any]:
         datamodule = self.trainer.datamodule
+        fit_loop = self.trainer.fit_loop
+        # Inside the loop's entry, whose own keys no restore compares: a checkpoint saved
+        # before it was restores as before. Lightning's own checkpoint leaves it out.
+        last_reload = internal(fit_loop, "_last_train_dl_reload_epoch")
         return {
-            "fit_loop": self.trainer.fit_loop.state_dict(),
+            "fit_loop": {**fit_loop.state_dict(), LAST_RELOAD_KEY: last_reload},
             "precision": self.trainer.precision_plugin.state_dict(),
             "datamodule": datamodule.state_dict() if datamodule is not None else {},
         }
@@ -41,7 +54,9 @@ class TrainerState:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.restored = True
         fit_loop = self.trainer.fit_loop
-        fit_loop.load_state_dict(state["fit_loop"])
+        loop_state = dict(state["fit_loop"])
+        self.saved_last_reload = loop_state.pop(LAST_RELOAD_KEY, None)
+        fit_loop.load_state_dict(loop_state)
         epochs = state["fit_loop"]["epoch_progress"]["current"]
         if epochs["processed"] == epochs["started"]:
             # Saved at an epoch's end: Lightning starts the next epoch afresh and never hands
@@ -132,14 +147,21 @@ class TrainerState:
         iter(fetcher)
 
     def last_reload_epoch(self) -> int | None:
-        """The epoch at whose start the uninterrupted fit last reloaded the train loader, with
-        ``reload_dataloaders_every_n_epochs`` set (None without it): each n-th epoch, counted
-        from epoch 0, as a fit resumed by this callback keeps it."""
+        """The epoch at whose start the uninterrupted fit last reloaded the train loader, as of
+        the restored epoch, with ``reload_dataloaders_every_n_epochs`` (n) set (None without
+        it): the fit loop's last load that the checkpoint holds (at the epoch the saving fit
+        started in, from Lightning's own checkpoint or a resume, or a reload since), or the
+        restored epoch where that is n epochs or more later (the fit reloads at its start). A
+        checkpoint saved before that load was counts each n-th epoch from epoch 0."""
         reload_every = self.trainer.reload_dataloaders_every_n_epochs
         if not reload_every:
             return None
         epoch = self.trainer.current_epoch
-        return epoch - epoch % reload_every
+        saved = self.saved_last_reload
+        if saved is None:
+            return epoch - epoch % reload_every
+        # A saved load of -inf (never loaded) is n epochs or more before any epoch.
+        return epoch if epoch - saved >= reload_every else int(saved)
 
     def keep_reload_schedule(self) -> None:
         """After a restore (none: nothing to do), tell the fit loop the uninterrupted fit's last

@@ -52,12 +52,13 @@ def fit_tiny(
     epochs: int,
     callbacks: Sequence[lightning.Callback] = (),
     trainer_options: Mapping[str, Any] | None = None,
+    ckpt_path: Path | None = None,
     **options: Any,
 ) -> Any:
     """Fits ``module`` for ``epochs`` on one quiet CPU device, saving to ``root`` at every
     epoch's end unless ``options`` (the manager's) say otherwise (its other ``callbacks`` after
-    the saving one; ``trainer_options``, such as ``max_steps``, passed to the Trainer); the
-    Trainer."""
+    the saving one; ``trainer_options``, such as ``max_steps``, passed to the Trainer), from
+    Lightning's checkpoint ``ckpt_path`` if given; the Trainer."""
     saving = DistckptCallback(str(root), **{"every_n_epochs": 1, "fsync": False, **options})
     trainer = lightning.Trainer(
         max_epochs=epochs,
@@ -65,5 +66,5 @@ def fit_tiny(
         **ONE_QUIET_DEVICE,
         **(trainer_options or {}),
     )
-    trainer.fit(module)
+    trainer.fit(module, ckpt_path=ckpt_path)
     return trainer

@@ -3,7 +3,9 @@ gloo group, ``strategy="ddp"``): an epoch-end checkpoint with ``max_steps`` set 
 ended epoch on every rank, and what the restore hands to the callbacks' hooks after it
 (their ``load_state_dict`` and ``on_load_checkpoint``) failing on one rank alone is raised on
 every rank, naming that rank, instead of leaving the other rank to train on into DDP's
-gradient sync and wait there for the process group's timeout."""
+gradient sync and wait there for the process group's timeout; a resume at an epoch's end into
+a reload epoch of ``reload_dataloaders_every_n_epochs`` reloads the train loader on every rank
+as the uninterrupted fit does."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 pytest.importorskip("lightning")
 
@@ -22,7 +25,7 @@ from distckpt.lightning import DistckptCallback
 from tests.lightning_tiny import TinyModule
 from tests.ports import ReservedPort
 from tests.ranks import run_ranks
-from tests.test_lightning_resume_points import RecordsBatches
+from tests.test_lightning_resume_points import AddsNoise, RecordsBatches
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -140,3 +143,66 @@ def test_a_ddp_fit_with_max_steps_resumes_an_epoch_end_checkpoint_exactly(tmp_pa
         uninterrupted, resumed = result.unwrap()
         assert uninterrupted == [(0, 0), (1, 0), (2, 0)]
         assert resumed == uninterrupted
+
+
+class RecordsLoads(AddsNoise):
+    """AddsNoise, recording the epoch of each ``train_dataloader()`` call."""
+
+    def __init__(self) -> None:
+        super().__init__(fail=False)
+        self.loads: list[int] = []
+
+    def train_dataloader(self) -> Any:
+        self.loads.append(self.current_epoch)
+        return super().train_dataloader()
+
+
+#: What one rank's fit ended with: its batches, its loads of the train loader, its weights.
+FitRecord = tuple[list[tuple[int, int]], list[int], dict[str, torch.Tensor]]
+
+
+def _loads_uninterrupted_and_resumed(
+    rank: int, world_size: int, root: str, port: int
+) -> tuple[FitRecord, FitRecord, FitRecord]:
+    """One rank's record of a fit to ``max_steps=4`` (one batch an epoch on each rank)
+    reloading every 2 epochs, of a fit to ``max_steps=2`` (epoch 1's end), and of its resume
+    to 4."""
+    _tell_lightning_the_rank(rank, world_size, port)
+
+    def fit(max_steps: int, run: str) -> FitRecord:
+        torch.manual_seed(0)  # the same initial weights in every run
+        module = RecordsLoads()
+        saving = DistckptCallback(f"{root}/{run}", every_n_epochs=1, fsync=False, timeout=20)
+        trainer = lightning.Trainer(
+            max_steps=max_steps,
+            max_epochs=-1,
+            callbacks=[saving],
+            reload_dataloaders_every_n_epochs=2,
+            **TWO_QUIET_RANKS,
+        )
+        trainer.fit(module)
+        weights = {name: value.clone() for name, value in module.state_dict().items()}
+        return module.trained, module.loads, weights
+
+    return fit(4, "uninterrupted"), fit(2, "resumed"), fit(4, "resumed")
+
+
+def test_a_ddp_resume_into_a_reload_epoch_reloads_as_the_uninterrupted_fit(
+    tmp_path: Path,
+) -> None:
+    """The uninterrupted fit loads the train loader at epoch 0 and reloads it at epoch 2; the
+    resume after epoch 1's end, in reload epoch 2, calls ``train_dataloader()`` there twice
+    (the fit loop's first build is dropped) on every rank, trains the uninterrupted fit's
+    batches and ends with its weights (which the noise makes depend on each iterator built,
+    reloaded or not)."""
+    with ReservedPort() as port:
+        results = run_ranks(
+            _loads_uninterrupted_and_resumed, 2, str(tmp_path), port.port, timeout=90
+        )
+    for result in results:
+        uninterrupted, failed, resumed = result.unwrap()
+        assert uninterrupted[1] == [0, 2]
+        assert resumed[1] == [2, 2]
+        assert failed[0] + resumed[0] == uninterrupted[0]
+        for name, value in uninterrupted[2].items():
+            assert torch.equal(resumed[2][name], value), name
