@@ -25,6 +25,7 @@ from distckpt.fsutil import atomic_write_bytes
 from distckpt.layout import MANIFEST_NAME
 from distckpt.manifest import FileRecord, read_manifest
 from tests.ranks import run_ranks, values
+from tests.stateful_values import Holder
 
 TIMEOUT = 60.0  # seconds for one multi-rank job; a hang fails the test instead of blocking it
 
@@ -375,6 +376,29 @@ def test_keys_missing_from_the_checkpoint_are_reported(tmp_path: Path) -> None:
     assert ckpt.missing_keys == ("new",)
     assert torch.equal(template["w"], w) and ckpt.state["n"] == 5
     assert "new" not in ckpt.state  # as in "torch": the state is what the checkpoint holds
+    # Nor a dict left empty without the keys the checkpoint lacks; the held ones stay.
+    step_dir = _save_plain(tmp_path / "nested", {"n": {"kept": 7}})
+    template = {
+        "sub": {"x": 1},
+        "deep": {"a": {"x": torch.zeros(2)}},
+        "n": {"a": {"x": 1}, "kept": 0},
+        "lst": [{"x": 1}],
+    }
+    ckpt = distckpt.load_checkpoint(step_dir, state=template, strict=False)
+    assert set(ckpt.missing_keys) == {"deep", "lst", "n.a", "sub"}
+    assert ckpt.state == {"n": {"kept": 7}, "lst": [{}]}  # a list's items are never dropped
+
+
+def test_an_object_the_checkpoint_lacks_is_missing_without_a_changed_keys_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    step_dir = _save_plain(tmp_path / "ckpt", {"w": torch.ones(1)})
+    given = {"n": 3, "t": torch.zeros(1)}
+    obj, inner = Holder(given), Holder(given)
+    ckpt = distckpt.load_checkpoint(step_dir, state={"obj": obj, "d": {"i": inner}}, strict=False)
+    assert set(ckpt.missing_keys) == {"d", "obj"}
+    assert obj.state is inner.state is given  # neither loaded
+    assert "keys differ" not in caplog.text  # it is absent, not changed
 
 
 # ------------------------------------------------------------------ the FSDP2 demo job

@@ -44,12 +44,14 @@ What DCP saves, and its limits:
 Restoring: DCP loads *in place*, so ``restore`` needs ``state=``: the same structure as saved,
 whose tensors and DTensors (on the restoring ranks' meshes) receive the data; each rank reads
 only the chunks its shards overlap. Keys the state asks for that the checkpoint lacks are left
-out of the result and reported as missing; keys only in the checkpoint are not loaded and are
-reported as unexpected; a list of another length than the saved one is read apart, the saved
-list into fresh tensors, so none of its items is loaded into the given ones, and is reported
-as ``lst[len 3 != 2]`` (:func:`~distckpt.formats.dcp_lists.lists_of_other_length`), as "torch"
-reports it. ``strict=True`` refuses either, as for the "torch" format, before DCP's
-collective read starts (:meth:`DcpFormat.prepare_read` compares the keys with ``.metadata``).
+out of the result and reported as missing, and so is a dict left empty by leaving them out (a
+list's items stay, so a list of dicts the checkpoint lacks comes back as ``[{}]``); keys only
+in the checkpoint are not loaded and are reported as unexpected; a list of another length than
+the saved one is read apart, the saved list into fresh tensors, so none of its items is loaded
+into the given ones, and is reported as ``lst[len 3 != 2]``
+(:func:`~distckpt.formats.dcp_lists.lists_of_other_length`), as "torch" reports it.
+``strict=True`` refuses either, as for the "torch" format, before DCP's collective read starts
+(:meth:`DcpFormat.prepare_read` compares the keys with ``.metadata``).
 Keys that differ from the checkpoint's only by wrapper prefixes (``torch.compile``'s
 ``_orig_mod.``, DDP's ``module.``) are mapped, with an INFO line, unless
 ``fix_key_prefixes=False``; the comparison is made on the keys as they will be read (mapped,
@@ -132,6 +134,7 @@ from distckpt.formats.dcp_per_rank import (
 )
 from distckpt.formats.dcp_saveable import check_keys, check_saveable
 from distckpt.formats.dcp_storage import Planner, Reader, Writer, placeholder
+from distckpt.formats.dcp_text_keys import get_saved
 from distckpt.manifest import FileRecord, Manifest
 from distckpt.model_state import ModelOptimizerState
 from distckpt.state import copy_containers, remove_path, set_path
@@ -273,10 +276,11 @@ class DcpFormat:
     def read(self, prepared: PreparedRead) -> Any:
         """Load into the template's tensors and DTensors with ``dcp.load`` over
         ``ctx.group`` (collective); returns the filled template, without the keys the
-        checkpoint lacks (the checkpoint's keys the template lacks are not loaded: the
-        prepared ``mismatch`` reports them, as it reports a dict given for a saved list or the
-        reverse, or a dict or list given for a saved tensor, which are not read either; a plain
-        value given for a saved tensor takes it; per-rank values not asked for are logged)."""
+        checkpoint lacks or the dicts left empty without them (a list of dicts stays
+        ``[{}]``); the checkpoint's keys the template lacks are not loaded (the prepared
+        ``mismatch`` reports them, as it reports a dict given for a saved list or the reverse,
+        or a dict or list given for a saved tensor, which are not read either); a plain value
+        given for a saved tensor takes it; per-rank values not asked for are logged."""
         directory, group, rank = prepared.directory, prepared.ctx.group, prepared.ctx.rank
         shared, marked = split_per_rank(prepared.template)
         state = copy_containers(shared)
@@ -312,7 +316,7 @@ class DcpFormat:
             step=prepared.manifest.step,
         )
         for key in planner.missing:
-            remove_path(state, planner.path_of(key))
+            _remove_with_emptied_dicts(state, planner.path_of(key))
         rename_back(state, renames)
         restored = restore_per_rank(state, marked, rank, prepared.detail) if read_own else []
         not_asked = per_rank_not_read(
@@ -349,6 +353,18 @@ class DcpFormat:
                 "rank= and all_ranks= only apply to the 'torch' format"
             )
         return load_consolidated(directory, manifest, allow_pickle=allow_pickle)
+
+
+def _remove_with_emptied_dicts(state: dict[str, Any], place: tuple[Any, ...]) -> None:
+    """Drops the key at ``place``, then each dict that removal left empty, walking up: such a
+    dict held only keys the checkpoint lacks (DCP keeps no saved empty dict to read back). A
+    dict given empty is never reached (nothing was removed from it), and a list's item is never
+    dropped (``remove_path``), so a list of dicts stays ``[{}]``."""
+    while remove_path(state, place) and len(place) > 1:
+        place = place[:-1]
+        found, parent = get_saved(state, place)
+        if not (found and isinstance(parent, dict) and not parent):
+            return
 
 
 def _asks_for_ranks(rank: int | None, all_ranks: bool) -> bool:
