@@ -39,9 +39,14 @@ def _crafted(tmp_path: Path, change: str) -> Path:
     elif change == "negative size":
         metadata.state_dict_metadata["w"].size = torch.Size([-3, 2])
     elif change == "larger tensor":
-        # 8 MB of float32 described, where the data file holds a few hundred bytes: a read
-        # would fill the saved rows and leave the rest as whatever the memory held.
+        # 8 MB of float32 described, where the data file holds a few hundred bytes, its one
+        # chunk as large: each chunk's elements are the tensor's, only the bytes tell.
         metadata.state_dict_metadata["w"].size = torch.Size([1_000_000, 2])
+        metadata.state_dict_metadata["w"].chunks[0].sizes = torch.Size([1_000_000, 2])
+    elif change == "chunks short of the size":
+        # Within the bytes stored, but its one 3x2 chunk leaves 17 rows unread: as
+        # uninitialised memory by an export, as the given tensor was by a restore.
+        metadata.state_dict_metadata["w"].size = torch.Size([20, 2])
     else:  # a list index no saved state could have (a state of two keys has at most two items)
         metadata.planner_data["n"] = ("n", 1000)
     _replace_file(step_dir, ".metadata", pickle.dumps(metadata))
@@ -54,6 +59,7 @@ def _crafted(tmp_path: Path, change: str) -> Path:
         ("range past the end", r"w.*byte range outside __0_0\.distcp"),
         ("negative size", r"w: malformed tensor metadata"),
         ("larger tensor", r"describes 8000000 bytes of tensors but the data files hold"),
+        ("chunks short of the size", r"w: its chunks do not fill its size \[20, 2\]"),
         ("list index", r"planner_data is not a map of keys to key paths"),
     ],
 )
@@ -65,9 +71,14 @@ def test_a_crafted_metadata_is_refused_by_restore_and_export(
     with pytest.raises(CorruptCheckpoint, match=message):
         distckpt.export(step_dir, out)
     assert not out.exists()
-    if change != "larger tensor":  # a restore loads the template's size, not the described
-        with pytest.raises(CorruptCheckpoint, match=message):
-            distckpt.load_checkpoint(step_dir, state=_template())
+    # A restore reads into the given tensors (one of another shape than described is refused
+    # before reading), so it allocates nothing the bytes stored would bound: the read of the
+    # stored chunk, which holds 3x2, into the 8 MB one given fails.
+    described = {"larger tensor": (1_000_000, 2), "chunks short of the size": (20, 2)}
+    template = {**_template(), "w": torch.zeros(described.get(change, (3, 2)))}
+    restore_message = r"mismatch sizes" if change == "larger tensor" else message
+    with pytest.raises(CorruptCheckpoint, match=restore_message):
+        distckpt.load_checkpoint(step_dir, state=template)
 
 
 def test_a_trusted_metadata_that_is_no_dcp_metadata_is_refused(tmp_path: Path) -> None:

@@ -72,10 +72,13 @@ from a crafted file. Here, unless ``allow_pickle=True``:
   ``torch.Size``, torch dtypes and layouts; any other global (``os.system``, ``builtins.eval``,
   ...), a persistent id, or setting attributes on anything but an instance of those
   dataclasses (patching a class) is refused with :class:`~distckpt.errors.UnsafeCheckpoint`
-  before anything is called. The result is then checked field by field (types, and that every
-  storage entry names a ``.distcp`` file listed in the manifest, within its size), so a crafted
-  file cannot make DCP read outside the checkpoint dir, and the full tensors it describes
-  cannot exceed the bytes stored.
+  before anything is called. The result is then checked field by field (types; that every
+  storage entry names a ``.distcp`` file listed in the manifest, within its size; that each
+  tensor's chunks lie within its size and hold as many elements as it does), so a crafted file
+  cannot make DCP read outside the checkpoint dir, nor describe a tensor larger than its
+  chunks. :func:`load_consolidated` (``export``), which allocates the full tensors described,
+  also refuses more bytes of them than the data files hold; a restore allocates none (it reads
+  into the given tensors).
 * Non-tensor values are loaded with ``torch.load(weights_only=True)``.
 * Tensor data is loaded by DCP itself with ``torch.load(weights_only=True)``.
 
@@ -83,9 +86,12 @@ What this does not cover: the restricted unpickler still runs the pickle machine
 slower than the C one but the file is small), so a crafted ``.metadata`` can make it allocate
 memory or burn CPU (a denial of service, not code execution), and the allowed dataclasses'
 constructors and ``__setstate__`` run on attacker-chosen arguments (they only assign fields,
-and the result is type-checked afterwards). The chunk layout is checked for types and ranks,
-not for overlaps or coverage: a crafted one can make a load fail or fill a tensor with the
-wrong bytes of the checkpoint's own files (as any tampering with tensor data can). The
+and the result is type-checked afterwards). The chunk layout is checked for types, bounds and
+element counts, not for overlaps (chunks that overlap leave as many elements unread: an export
+gives them as the memory held, a restore as the given tensor held them), and a chunk's bytes
+are not compared with its size before they are read: a crafted one can make a load fail or
+fill a tensor with the wrong bytes of the checkpoint's own files (as any tampering with tensor
+data can). The
 objects DCP exchanges between ranks through ``torch.distributed`` object collectives are
 pickles too; they are built by the ranks of the job itself from the checked metadata, not read
 from the checkpoint.

@@ -5,7 +5,8 @@ asks for. :func:`read_metadata` instead uses a restricted unpickler that resolve
 metadata dataclasses, ``torch.Size``, torch dtypes and layouts, refuses persistent ids, and
 allows setting attributes only on instances of those classes (never patching a class); the
 result is then checked field by field against the manifest, so that every storage entry names
-a ``.distcp`` file of the checkpoint, within its size. The limits of this protection are listed
+a ``.distcp`` file of the checkpoint, within its size, and each tensor's chunks lie within its
+size and hold as many elements as it does. The limits of this protection are listed
 in :mod:`distckpt.formats.dcp`'s module doc.
 """
 
@@ -156,6 +157,18 @@ def _is_path_part(part: Any, entries: int) -> bool:
     return isinstance(part, int) and not isinstance(part, bool) and 0 <= part < entries
 
 
+def _chunks_fill(entry: TensorStorageMetadata) -> bool:
+    """Whether ``entry``'s chunks lie within its size and hold as many elements as it does, as
+    every save writes each element once (uneven FSDP shards too): a tensor described larger
+    than its chunks would be read partly, the rest left as the memory or the given tensor was."""
+    within = all(
+        offset + length <= extent
+        for chunk in entry.chunks
+        for offset, length, extent in zip(chunk.offsets, chunk.sizes, entry.size)
+    )
+    return within and sum(chunk.sizes.numel() for chunk in entry.chunks) == entry.size.numel()
+
+
 def _metadata_problems(metadata: Any, manifest: Manifest) -> list[str]:
     """Everything in an unpickled ``.metadata`` that is not what distckpt's DCP writes."""
     if not isinstance(metadata, Metadata):
@@ -182,6 +195,8 @@ def _metadata_problems(metadata: Any, manifest: Manifest) -> list[str]:
                 )
             ):
                 problems.append(f"{key}: malformed tensor metadata")
+            elif not _chunks_fill(entry):
+                problems.append(f"{key}: its chunks do not fill its size {list(entry.size)}")
         elif not isinstance(entry, BytesStorageMetadata):
             problems.append(f"{key}: unknown entry type {type(entry).__name__}")
     storage = metadata.storage_data
