@@ -1,11 +1,13 @@
 """A "dcp" checkpoint whose files say something else than distckpt wrote: a ``.metadata``
 reaching past a data file's end, describing more tensor bytes than the data files hold, or key
 paths no saved state has; a manifest that no longer lists a rank's data file; and an extra file
-taking a name DCP writes. Each is refused by name, nothing loaded or written."""
+taking a name DCP writes. Each is refused by name, nothing loaded or written. And pickles that
+would run code, as ``.metadata`` or inside it, or as a saved value: refused without running it,
+on every rank."""
 
 from __future__ import annotations
 
-import dataclasses
+import os
 import pickle
 from pathlib import Path
 from typing import Any
@@ -14,12 +16,27 @@ import pytest
 import torch
 
 import distckpt
-from distckpt.errors import CorruptCheckpoint, InvalidArgument
-from distckpt.fsutil import atomic_write_bytes
-from distckpt.layout import MANIFEST_NAME
+from distckpt.errors import CorruptCheckpoint, InvalidArgument, UnsafeCheckpoint
 from distckpt.manifest import read_manifest
+from tests.hostile_cases import edit_manifest, reseal
 from tests.ranks import run_ranks, values
-from tests.test_dcp import TIMEOUT, _replace_file, _save_plain, _template
+from tests.test_dcp import TIMEOUT, _save_plain, _template
+
+
+class _RunsCode:
+    """Unpickling this runs a shell command that creates ``marker``."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, tuple[str]]:
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _replace_file(step_dir: Path, name: str, content: bytes) -> None:
+    """Swap a checkpoint file and fix the manifest to match: what an attacker would do."""
+    (step_dir / name).write_bytes(content)
+    reseal(step_dir, name)
 
 
 def _metadata(step_dir: Path) -> Any:
@@ -81,6 +98,18 @@ def test_a_crafted_metadata_is_refused_by_restore_and_export(
         distckpt.load_checkpoint(step_dir, state=template)
 
 
+# ".metadata" is a file of the manifest, but no data file: it must not be read as one either.
+@pytest.mark.parametrize("named", ["../../etc/passwd", ".metadata"])
+def test_metadata_pointing_outside_the_data_files_is_refused(tmp_path: Path, named: str) -> None:
+    step_dir = _save_plain(tmp_path / "ckpt", {"w": torch.randn(3, 2), "n": 5})
+    metadata = _metadata(step_dir)
+    for info in metadata.storage_data.values():
+        info.relative_path = named
+    _replace_file(step_dir, ".metadata", pickle.dumps(metadata))
+    with pytest.raises(CorruptCheckpoint, match=r"not a \.distcp file of the manifest"):
+        distckpt.load_checkpoint(step_dir, state=_template())
+
+
 def test_a_trusted_metadata_that_is_no_dcp_metadata_is_refused(tmp_path: Path) -> None:
     """``allow_pickle=True`` unpickles anything, and then checks it is DCP's metadata."""
     step_dir = _save_plain(tmp_path / "ckpt", {"w": torch.randn(3, 2), "n": 5})
@@ -100,12 +129,8 @@ def test_verify_names_a_ranks_data_file_the_manifest_no_longer_lists(tmp_path: P
     root = tmp_path / "ckpt"
     values(run_ranks(_save_two_ranks, 2, str(root), timeout=TIMEOUT))
     step_dir = root / "step-00000001"
-    manifest = read_manifest(step_dir)
-    files = {name: record for name, record in manifest.files.items() if name != "__1_0.distcp"}
+    edit_manifest(step_dir, lambda data: data["files"].pop("__1_0.distcp"))
     (step_dir / "__1_0.distcp").unlink()
-    atomic_write_bytes(
-        step_dir / MANIFEST_NAME, dataclasses.replace(manifest, files=files).to_json(), fsync=False
-    )
     report = distckpt.verify(step_dir)
     assert not report.ok
     assert "__1_0.distcp: required by the 'dcp' format but not in the manifest" in str(report)
@@ -117,3 +142,78 @@ def test_an_extra_file_named_as_dcp_writes_its_own_is_refused(tmp_path: Path, na
         with pytest.raises(InvalidArgument, match="names the checkpoint's own file"):
             mgr.save(1, {"w": torch.ones(2)}, files={name: b"x"})
         assert mgr.steps() == []
+
+
+# ------------------------------------------------------------------ pickles that run code
+
+
+# Sets an attribute on DCP's Metadata class itself (pickle's BUILD with slot state): allowed
+# globals only, yet it would patch the class for the whole process.
+_PATCHES_A_CLASS = (
+    b"\x80\x02ctorch.distributed.checkpoint.metadata\nMetadata\n"
+    b"N}X\x08\x00\x00\x00patchme_K\x01s\x86b."
+)
+
+
+@pytest.mark.parametrize("payload", ["top-level", "nested", "patches-a-class"])
+def test_malicious_metadata_is_refused_without_running_code(tmp_path: Path, payload: str) -> None:
+    step_dir = _save_plain(tmp_path / "ckpt", {"w": torch.randn(3, 2), "n": 5})
+    marker = tmp_path / "marker"
+    if payload == "top-level":
+        content = pickle.dumps(_RunsCode(marker))
+    elif payload == "nested":  # hidden inside otherwise genuine metadata
+        metadata = _metadata(step_dir)
+        metadata.planner_data["n"] = _RunsCode(marker)
+        content = pickle.dumps(metadata)
+    else:
+        content = _PATCHES_A_CLASS
+    _replace_file(step_dir, ".metadata", content)
+
+    with pytest.raises(UnsafeCheckpoint, match=r"\.metadata.*allow_pickle=True"):
+        distckpt.load_checkpoint(step_dir, state=_template())
+    from distckpt import export
+
+    with pytest.raises(UnsafeCheckpoint):
+        export(step_dir, tmp_path / "out.pt")
+    assert not marker.exists()
+    assert not (tmp_path / "out.pt").exists()
+    from torch.distributed.checkpoint.metadata import Metadata
+
+    assert not hasattr(Metadata, "patchme_")
+
+
+def _save_replicated(rank: int, world_size: int, root: str) -> None:
+    with distckpt.CheckpointManager(root, format="dcp", fsync=False, timeout=20) as mgr:
+        mgr.save(1, {"w": torch.arange(6.0).reshape(3, 2), "n": 5})
+
+
+def _restore_replicated(rank: int, world_size: int, root: str) -> tuple[str, str]:
+    with distckpt.CheckpointManager(root, format="dcp", timeout=20) as mgr:
+        try:
+            mgr.restore("last", state=_template())
+        except distckpt.CheckpointError as exc:
+            return type(exc).__name__, str(exc)
+    return "", "no error"
+
+
+def test_malicious_metadata_is_refused_on_every_rank(tmp_path: Path) -> None:
+    root = tmp_path / "ckpt"
+    values(run_ranks(_save_replicated, 2, str(root), timeout=TIMEOUT))
+    marker = tmp_path / "marker"
+    _replace_file(root / "step-00000001", ".metadata", pickle.dumps(_RunsCode(marker)))
+    out = values(run_ranks(_restore_replicated, 2, str(root), timeout=TIMEOUT))
+    assert [error_type for error_type, _ in out] == ["UnsafeCheckpoint"] * 2, out
+    assert not marker.exists()
+
+
+def test_malicious_value_is_refused_unless_pickle_is_allowed(tmp_path: Path) -> None:
+    marker = tmp_path / "marker"
+    step_dir = _save_plain(tmp_path / "ckpt", {"w": torch.randn(3, 2), "evil": _RunsCode(marker)})
+    template = {"w": torch.zeros(3, 2), "evil": None}
+    with pytest.raises(UnsafeCheckpoint, match=r"'evil'.*allow_pickle=True"):
+        distckpt.load_checkpoint(step_dir, state=template)
+    assert not marker.exists()
+    # The opt-out loads it the way DCP itself would, running the code: trusted input only.
+    ckpt = distckpt.load_checkpoint(step_dir, state=template, allow_pickle=True)
+    assert marker.exists()
+    assert ckpt.state["evil"] == 0  # os.system's exit status
