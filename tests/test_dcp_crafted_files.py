@@ -64,8 +64,8 @@ def _crafted(tmp_path: Path, change: str) -> Path:
         # Within the bytes stored, but its one 3x2 chunk leaves 17 rows unread: as
         # uninitialised memory by an export, as the given tensor was by a restore.
         metadata.state_dict_metadata["w"].size = torch.Size([20, 2])
-    else:  # a list index no saved state could have (a state of two keys has at most two items)
-        metadata.planner_data["n"] = ("n", 1000)
+    else:  # the first list index no saved state could have: one per key at most
+        metadata.planner_data["n"] = ("n", len(metadata.planner_data))
     _replace_file(step_dir, ".metadata", pickle.dumps(metadata))
     return step_dir
 
