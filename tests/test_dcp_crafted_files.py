@@ -1,9 +1,17 @@
-"""A "dcp" checkpoint whose files say something else than distckpt wrote: a ``.metadata``
-reaching past a data file's end, describing more tensor bytes than the data files hold, or key
-paths no saved state has; a manifest that no longer lists a rank's data file; and an extra file
-taking a name DCP writes. Each is refused by name, nothing loaded or written. And pickles that
-would run code, as ``.metadata`` or inside it, or as a saved value: refused without running it,
-on every rank."""
+"""Crafted "dcp" checkpoints, and saves that would make one:
+
+* a ``.metadata`` (the manifest resealed to match, as an attacker would) with a byte range past
+  a data file's end, a negative tensor size, a tensor larger than its chunks or than the bytes
+  stored, a key path's impossible list index, a storage entry naming a file that is no data
+  file (``../../etc/passwd``, ``.metadata``), or, trusted with ``allow_pickle=True``, no DCP
+  metadata at all: a restore refuses it as ``CorruptCheckpoint`` naming the fault, and so does
+  an export (but for the storage entry case, tested by restore only), writing nothing;
+* a manifest that no longer lists a rank's data file: not refused, reported by ``verify`` as
+  required by the format but not in the manifest;
+* an extra file given to a save under a name DCP writes: refused, nothing committed;
+* pickles that would run code, as ``.metadata`` or inside it: ``UnsafeCheckpoint`` from export
+  and from a restore on every rank, the code never run; as a saved value: refused unless
+  ``allow_pickle=True``, which runs it as DCP would."""
 
 from __future__ import annotations
 
