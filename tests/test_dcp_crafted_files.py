@@ -2,7 +2,8 @@
 
 * a ``.metadata`` (the manifest resealed to match, as an attacker would) with a byte range past
   a data file's end, a negative tensor size, a tensor larger than its chunks or than the bytes
-  stored, a key path's impossible list index, a storage entry naming a file that is no data
+  stored, key paths' list indices past the bound on items no key names (one list, or two
+  together; at the bound it is read), a storage entry naming a file that is no data
   file (``../../etc/passwd``, ``.metadata``), or, trusted with ``allow_pickle=True``, no DCP
   metadata at all: a restore refuses it as ``CorruptCheckpoint`` naming the fault, and so does
   an export (but for the storage entry case, tested by restore only), writing nothing;
@@ -25,6 +26,7 @@ import torch
 
 import distckpt
 from distckpt.errors import CorruptCheckpoint, InvalidArgument, UnsafeCheckpoint
+from distckpt.formats.dcp_metadata import MAX_UNNAMED_LIST_ITEMS, read_metadata
 from distckpt.manifest import read_manifest
 from tests.hostile_cases import edit_manifest, reseal
 from tests.ranks import run_ranks, values
@@ -72,8 +74,14 @@ def _crafted(tmp_path: Path, change: str) -> Path:
         # Within the bytes stored, but its one 3x2 chunk leaves 17 rows unread: as
         # uninitialised memory by an export, as the given tensor was by a restore.
         metadata.state_dict_metadata["w"].size = torch.Size([20, 2])
-    else:  # the first list index no saved state could have: one per key at most
-        metadata.planner_data["n"] = ("n", len(metadata.planner_data))
+    elif change == "list index":
+        # No count in .metadata bounds a list's leading empty dicts, which DCP writes no key
+        # for: one item past the fixed bound on those is refused.
+        metadata.planner_data["n"] = ("n", MAX_UNNAMED_LIST_ITEMS + 1)
+    else:  # each list within the bound, not the two together
+        half = MAX_UNNAMED_LIST_ITEMS // 2 + 1
+        metadata.planner_data["n"] = ("n", half)
+        metadata.planner_data["w"] = ("w", half)
     _replace_file(step_dir, ".metadata", pickle.dumps(metadata))
     return step_dir
 
@@ -85,7 +93,8 @@ def _crafted(tmp_path: Path, change: str) -> Path:
         ("negative size", r"w: malformed tensor metadata"),
         ("larger tensor", r"describes 8000000 bytes of tensors but the data files hold"),
         ("chunks short of the size", r"w: its chunks do not fill its size \[20, 2\]"),
-        ("list index", r"planner_data is not a map of keys to key paths"),
+        ("list index", r"planner_data describes lists with more than 1048576 items"),
+        ("list indices", r"planner_data describes lists with more than 1048576 items"),
     ],
 )
 def test_a_crafted_metadata_is_refused_by_restore_and_export(
@@ -104,6 +113,17 @@ def test_a_crafted_metadata_is_refused_by_restore_and_export(
     restore_message = r"mismatch sizes" if change == "larger tensor" else message
     with pytest.raises(CorruptCheckpoint, match=restore_message):
         distckpt.load_checkpoint(step_dir, state=template)
+
+
+def test_a_list_index_at_the_bound_is_read(tmp_path: Path) -> None:
+    """A list whose leading items no key names, as many as the bound allows: what a save of
+    that many empty dicts before a value writes, so it is read (export would rebuild it)."""
+    step_dir = _save_plain(tmp_path / "ckpt", {"w": torch.randn(3, 2), "n": 5})
+    metadata = _metadata(step_dir)
+    metadata.planner_data["n"] = ("n", MAX_UNNAMED_LIST_ITEMS)
+    _replace_file(step_dir, ".metadata", pickle.dumps(metadata))
+    read = read_metadata(step_dir, read_manifest(step_dir))
+    assert read.planner_data["n"] == ("n", MAX_UNNAMED_LIST_ITEMS)
 
 
 # ".metadata" is a file of the manifest, but no data file: it must not be read as one either.

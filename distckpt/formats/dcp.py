@@ -23,6 +23,12 @@ What DCP saves, and its limits:
   a tuple, or in a list of plain values). :func:`load_consolidated` (``export``), which has no
   state to map onto, gives them as text.
 * DTensors (FSDP2 ``fully_shard`` parameters, their optimizer state) are saved shard by shard.
+* DCP writes no entry for an empty dict: a restore takes it from the given state, and
+  :func:`load_consolidated` (``export``) gives those a list holds before its last other item
+  as None. As nothing in ``.metadata`` bounds how many a list starts with, a checkpoint whose
+  lists hold more than :data:`~distckpt.formats.dcp_metadata.MAX_UNNAMED_LIST_ITEMS` (2**20)
+  items no key is saved under, in all, is refused as crafted (a save holding that many empty
+  dicts in lists is not stopped, and could not be read back).
 * Tensors must be plain tensors or DTensors: a subclass of ``torch.Tensor`` (a wrapper
   subclass, a nested tensor of the jagged layout) would be written as a plain tensor's data and
   refused on restore, and a nested tensor of the strided layout fails DCP's write, so the save

@@ -149,12 +149,31 @@ def _is_size(value: Any, length: int | None = None) -> bool:
     )
 
 
-def _is_path_part(part: Any, entries: int) -> bool:
-    """A dict key, or a list index that the entries could fill (a huge index would make the
-    nested state a huge list)."""
+def _is_path_part(part: Any) -> bool:
+    """A dict key or a list index."""
     if isinstance(part, str):
         return True
-    return isinstance(part, int) and not isinstance(part, bool) and 0 <= part < entries
+    return isinstance(part, int) and not isinstance(part, bool) and part >= 0
+
+
+# DCP writes no entry for an empty dict, so a list's leading empty dicts leave no trace but the
+# index of the item after them: nothing else in .metadata bounds how many there were. A crafted
+# index would make the rebuilt state a list that long (8 bytes an item), one for each key path,
+# so the list items no key path reaches are read up to this many in all, and refused beyond it:
+# far more empty dicts in lists than a training state holds, 8 MiB of list at most.
+MAX_UNNAMED_LIST_ITEMS = 1 << 20
+
+
+def _list_items(paths: dict[str, tuple[Any, ...]]) -> int:
+    """How many items of the lists rebuilt from ``paths`` no key path passes through."""
+    lengths: dict[tuple[Any, ...], int] = {}
+    named: set[tuple[Any, ...]] = set()
+    for path in paths.values():
+        for depth, part in enumerate(path):
+            if isinstance(part, int):
+                named.add(path[: depth + 1])
+                lengths[path[:depth]] = max(lengths.get(path[:depth], 0), part + 1)
+    return sum(lengths.values()) - len(named)
 
 
 def _chunks_fill(entry: TensorStorageMetadata) -> bool:
@@ -235,9 +254,14 @@ def _metadata_problems(metadata: Any, manifest: Manifest) -> list[str]:
             isinstance(key, str)
             and isinstance(path, tuple)
             and path
-            and all(_is_path_part(part, len(planner_data)) for part in path)
+            and all(_is_path_part(part) for part in path)
             for key, path in planner_data.items()
         )
     ):
         problems.append("planner_data is not a map of keys to key paths")
+    elif planner_data is not None and _list_items(planner_data) > MAX_UNNAMED_LIST_ITEMS:
+        problems.append(
+            f"planner_data describes lists with more than {MAX_UNNAMED_LIST_ITEMS} items no "
+            "key names"
+        )
     return problems
