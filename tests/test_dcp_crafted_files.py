@@ -2,11 +2,12 @@
 
 * a ``.metadata`` (the manifest resealed to match, as an attacker would) with a byte range past
   a data file's end, a negative tensor size, a tensor larger than its chunks or than the bytes
-  stored, key paths' list indices past the bound on items no key names (one list, or two
-  together; at the bound it is read), a storage entry naming a file that is no data
-  file (``../../etc/passwd``, ``.metadata``), or, trusted with ``allow_pickle=True``, no DCP
-  metadata at all: a restore refuses it as ``CorruptCheckpoint`` naming the fault, and so does
-  an export (but for the storage entry case, tested by restore only), writing nothing;
+  stored, a chunk reaching past its tensor's size, key paths' list indices past the bound on
+  items no key names (one list, or two together; at the bound it is read), a storage entry
+  naming a file that is no data file (``../../etc/passwd``, ``.metadata``), or, trusted with
+  ``allow_pickle=True``, no DCP metadata at all: a restore refuses it as ``CorruptCheckpoint``
+  naming the fault, and so does an export (but for the storage entry case, tested by restore
+  only), writing nothing;
 * a manifest that no longer lists a rank's data file: not refused, reported by ``verify`` as
   required by the format but not in the manifest;
 * an extra file given to a save under a name DCP writes: refused, nothing committed;
@@ -74,6 +75,9 @@ def _crafted(tmp_path: Path, change: str) -> Path:
         # Within the bytes stored, but its one 3x2 chunk leaves 17 rows unread: as
         # uninitialised memory by an export, as the given tensor was by a restore.
         metadata.state_dict_metadata["w"].size = torch.Size([20, 2])
+    elif change == "chunk past its size":
+        # As many elements as the tensor, its last row past it: DCP would read past the tensor.
+        metadata.state_dict_metadata["w"].chunks[0].offsets = torch.Size([1, 0])
     elif change == "list index":
         # No count in .metadata bounds a list's leading empty dicts, which DCP writes no key
         # for: one item past the fixed bound on those is refused.
@@ -93,6 +97,7 @@ def _crafted(tmp_path: Path, change: str) -> Path:
         ("negative size", r"w: malformed tensor metadata"),
         ("larger tensor", r"describes 8000000 bytes of tensors but the data files hold"),
         ("chunks short of the size", r"w: its chunks do not fill its size \[20, 2\]"),
+        ("chunk past its size", r"w: its chunks do not fill its size \[3, 2\]"),
         ("list index", r"planner_data describes lists with more than 1048576 items"),
         ("list indices", r"planner_data describes lists with more than 1048576 items"),
     ],
