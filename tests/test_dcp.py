@@ -277,16 +277,29 @@ def test_keys_missing_from_the_checkpoint_are_reported(tmp_path: Path) -> None:
     assert ckpt.state == {"n": {"kept": 7}, "lst": [{}]}  # a list's items are never dropped
 
 
+@pytest.mark.parametrize("fmt", ["torch", "dcp"])
 def test_an_object_the_checkpoint_lacks_is_missing_without_a_changed_keys_warning(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, fmt: str
 ) -> None:
-    step_dir = _save_plain(tmp_path / "ckpt", {"w": torch.ones(1)})
+    with distckpt.CheckpointManager(tmp_path / "ckpt", format=fmt, fsync=False) as mgr:
+        step_dir = mgr.save(1, {"w": torch.ones(1)}).path
     given = {"n": 3, "t": torch.zeros(1)}
     obj, inner = Holder(given), Holder(given)
     ckpt = distckpt.load_checkpoint(step_dir, state={"obj": obj, "d": {"i": inner}}, strict=False)
     assert set(ckpt.missing_keys) == {"d", "obj"}
     assert obj.state is inner.state is given  # neither loaded
     assert "keys differ" not in caplog.text  # it is absent, not changed
+    # One the checkpoint holds, but without a sub-dict it gives: its keys differ, so it is
+    # reported and left as given, rather than loaded with that sub-dict emptied.
+    with distckpt.CheckpointManager(tmp_path / "partial", format=fmt, fsync=False) as mgr:
+        step_dir = mgr.save(1, {"o": {"n": 5}}).path
+    given = {"inner": {"x": 1}, "n": 2}
+    obj = Holder(given)
+    ckpt = distckpt.load_checkpoint(step_dir, state={"o": obj}, strict=False)
+    assert ckpt.missing_keys == ("o",) and ckpt.unexpected_keys == ()
+    assert obj.state is given and given == {"inner": {"x": 1}, "n": 2}
+    assert "o: present in the checkpoint, but its keys differ" in caplog.text
+    assert "not loaded" in caplog.text
 
 
 # ------------------------------------------------------------------ the FSDP2 demo job
