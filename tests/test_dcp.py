@@ -1,13 +1,10 @@
 """The "dcp" format on real gloo ranks: FSDP2 round trips, resharding, failure mid-write, and
-refusal of malicious pickles without running their code."""
+what a restore does with the keys the checkpoint lacks. Crafted, malicious files:
+``test_dcp_crafted_files.py``."""
 
 from __future__ import annotations
 
 import collections
-import dataclasses
-import os
-import pickle
-import zlib
 from pathlib import Path
 from typing import Any
 
@@ -18,13 +15,13 @@ import torch._dynamo  # imported here once: FSDP2 would import it in every rank
 import distckpt
 from distckpt import faults
 from distckpt.checksums import file_checksum
-from distckpt.errors import CorruptCheckpoint, InvalidArgument, UnsafeCheckpoint
+from distckpt.errors import InvalidArgument
 from distckpt.formats.dcp import ModelOptimizerState
 from distckpt.formats.dcp_per_rank import split_per_rank
-from distckpt.fsutil import atomic_write_bytes
 from distckpt.layout import MANIFEST_NAME
-from distckpt.manifest import FileRecord, read_manifest
+from distckpt.manifest import read_manifest
 from tests.ranks import run_ranks, values
+from tests.stateful_values import Holder
 
 TIMEOUT = 60.0  # seconds for one multi-rank job; a hang fails the test instead of blocking it
 
@@ -238,17 +235,7 @@ def test_rank_failing_mid_write_fails_every_rank_and_leaves_nothing(tmp_path: Pa
     assert not [p for p in (root / ".staging").iterdir() if p.is_dir()]
 
 
-# ------------------------------------------------------------------ untrusted input
-
-
-class _RunsCode:
-    """Unpickling this runs a shell command that creates ``marker``."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self) -> tuple[Any, tuple[str]]:
-        return (os.system, (f"touch {self.marker}",))
+# ------------------------------------------------------------------ one-process checkpoints
 
 
 def _save_plain(root: Path, state: dict[str, Any]) -> Path:
@@ -257,106 +244,8 @@ def _save_plain(root: Path, state: dict[str, Any]) -> Path:
         return mgr.save(1, state).path
 
 
-def _replace_file(step_dir: Path, name: str, content: bytes) -> None:
-    """Swap a checkpoint file and fix the manifest to match: what an attacker would do."""
-    (step_dir / name).write_bytes(content)
-    manifest = read_manifest(step_dir)
-    files = dict(manifest.files)
-    files[name] = FileRecord(
-        size=len(content), checksum=f"{zlib.crc32(content):08x}", rank=files[name].rank
-    )
-    manifest = dataclasses.replace(manifest, files=files)
-    atomic_write_bytes(step_dir / MANIFEST_NAME, manifest.to_json(), fsync=False)
-
-
 def _template() -> dict[str, Any]:
     return {"w": torch.zeros(3, 2), "n": 0}
-
-
-# Sets an attribute on DCP's Metadata class itself (pickle's BUILD with slot state): allowed
-# globals only, yet it would patch the class for the whole process.
-_PATCHES_A_CLASS = (
-    b"\x80\x02ctorch.distributed.checkpoint.metadata\nMetadata\n"
-    b"N}X\x08\x00\x00\x00patchme_K\x01s\x86b."
-)
-
-
-@pytest.mark.parametrize("payload", ["top-level", "nested", "patches-a-class"])
-def test_malicious_metadata_is_refused_without_running_code(tmp_path: Path, payload: str) -> None:
-    step_dir = _save_plain(tmp_path / "ckpt", {"w": torch.randn(3, 2), "n": 5})
-    marker = tmp_path / "marker"
-    if payload == "top-level":
-        content = pickle.dumps(_RunsCode(marker))
-    elif payload == "nested":  # hidden inside otherwise genuine metadata
-        with open(step_dir / ".metadata", "rb") as file:
-            metadata = pickle.load(file)  # our own file, written just above
-        metadata.planner_data["n"] = _RunsCode(marker)
-        content = pickle.dumps(metadata)
-    else:
-        content = _PATCHES_A_CLASS
-    _replace_file(step_dir, ".metadata", content)
-
-    with pytest.raises(UnsafeCheckpoint, match=r"\.metadata.*allow_pickle=True"):
-        distckpt.load_checkpoint(step_dir, state=_template())
-    from distckpt import export
-
-    with pytest.raises(UnsafeCheckpoint):
-        export(step_dir, tmp_path / "out.pt")
-    assert not marker.exists()
-    assert not (tmp_path / "out.pt").exists()
-    from torch.distributed.checkpoint.metadata import Metadata
-
-    assert not hasattr(Metadata, "patchme_")
-
-
-def _save_replicated(rank: int, world_size: int, root: str) -> None:
-    with distckpt.CheckpointManager(root, format="dcp", fsync=False, timeout=20) as mgr:
-        mgr.save(1, {"w": torch.arange(6.0).reshape(3, 2), "n": 5})
-
-
-def _restore_replicated(rank: int, world_size: int, root: str) -> tuple[str, str]:
-    with distckpt.CheckpointManager(root, format="dcp", timeout=20) as mgr:
-        try:
-            mgr.restore("last", state=_template())
-        except distckpt.CheckpointError as exc:
-            return type(exc).__name__, str(exc)
-    return "", "no error"
-
-
-def test_malicious_metadata_is_refused_on_every_rank(tmp_path: Path) -> None:
-    root = tmp_path / "ckpt"
-    values(run_ranks(_save_replicated, 2, str(root), timeout=TIMEOUT))
-    marker = tmp_path / "marker"
-    _replace_file(root / "step-00000001", ".metadata", pickle.dumps(_RunsCode(marker)))
-    out = values(run_ranks(_restore_replicated, 2, str(root), timeout=TIMEOUT))
-    assert [error_type for error_type, _ in out] == ["UnsafeCheckpoint"] * 2, out
-    assert not marker.exists()
-
-
-# ".metadata" is a file of the manifest, but no data file: it must not be read as one either.
-@pytest.mark.parametrize("named", ["../../etc/passwd", ".metadata"])
-def test_metadata_pointing_outside_the_data_files_is_refused(tmp_path: Path, named: str) -> None:
-    step_dir = _save_plain(tmp_path / "ckpt", {"w": torch.randn(3, 2), "n": 5})
-    with open(step_dir / ".metadata", "rb") as file:
-        metadata = pickle.load(file)  # our own file, written just above
-    for info in metadata.storage_data.values():
-        info.relative_path = named
-    _replace_file(step_dir, ".metadata", pickle.dumps(metadata))
-    with pytest.raises(CorruptCheckpoint, match=r"not a \.distcp file of the manifest"):
-        distckpt.load_checkpoint(step_dir, state=_template())
-
-
-def test_malicious_value_is_refused_unless_pickle_is_allowed(tmp_path: Path) -> None:
-    marker = tmp_path / "marker"
-    step_dir = _save_plain(tmp_path / "ckpt", {"w": torch.randn(3, 2), "evil": _RunsCode(marker)})
-    template = {"w": torch.zeros(3, 2), "evil": None}
-    with pytest.raises(UnsafeCheckpoint, match=r"'evil'.*allow_pickle=True"):
-        distckpt.load_checkpoint(step_dir, state=template)
-    assert not marker.exists()
-    # The opt-out loads it the way DCP itself would, running the code: trusted input only.
-    ckpt = distckpt.load_checkpoint(step_dir, state=template, allow_pickle=True)
-    assert marker.exists()
-    assert ckpt.state["evil"] == 0  # os.system's exit status
 
 
 def test_restore_without_state_says_state_is_needed(tmp_path: Path) -> None:
@@ -375,6 +264,42 @@ def test_keys_missing_from_the_checkpoint_are_reported(tmp_path: Path) -> None:
     assert ckpt.missing_keys == ("new",)
     assert torch.equal(template["w"], w) and ckpt.state["n"] == 5
     assert "new" not in ckpt.state  # as in "torch": the state is what the checkpoint holds
+    # Nor a dict left empty without the keys the checkpoint lacks; the held ones stay.
+    step_dir = _save_plain(tmp_path / "nested", {"n": {"kept": 7}})
+    template = {
+        "sub": {"x": 1},
+        "deep": {"a": {"x": torch.zeros(2)}},
+        "n": {"a": {"x": 1}, "kept": 0},
+        "lst": [{"x": 1}],
+    }
+    ckpt = distckpt.load_checkpoint(step_dir, state=template, strict=False)
+    assert set(ckpt.missing_keys) == {"deep", "lst", "n.a", "sub"}
+    assert ckpt.state == {"n": {"kept": 7}, "lst": [{}]}  # a list's items are never dropped
+
+
+@pytest.mark.parametrize("fmt", ["torch", "dcp"])
+def test_an_object_the_checkpoint_lacks_is_missing_without_a_changed_keys_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, fmt: str
+) -> None:
+    with distckpt.CheckpointManager(tmp_path / "ckpt", format=fmt, fsync=False) as mgr:
+        step_dir = mgr.save(1, {"w": torch.ones(1)}).path
+    given = {"n": 3, "t": torch.zeros(1)}
+    obj, inner = Holder(given), Holder(given)
+    ckpt = distckpt.load_checkpoint(step_dir, state={"obj": obj, "d": {"i": inner}}, strict=False)
+    assert set(ckpt.missing_keys) == {"d", "obj"}
+    assert obj.state is inner.state is given  # neither loaded
+    assert "keys differ" not in caplog.text  # it is absent, not changed
+    # One the checkpoint holds, but without a sub-dict it gives: its keys differ, so it is
+    # reported and left as given, rather than loaded with that sub-dict emptied.
+    with distckpt.CheckpointManager(tmp_path / "partial", format=fmt, fsync=False) as mgr:
+        step_dir = mgr.save(1, {"o": {"n": 5}}).path
+    given = {"inner": {"x": 1}, "n": 2}
+    obj = Holder(given)
+    ckpt = distckpt.load_checkpoint(step_dir, state={"o": obj}, strict=False)
+    assert ckpt.missing_keys == ("o",) and ckpt.unexpected_keys == ()
+    assert obj.state is given and given == {"inner": {"x": 1}, "n": 2}
+    assert "o: present in the checkpoint, but its keys differ" in caplog.text
+    assert "not loaded" in caplog.text
 
 
 # ------------------------------------------------------------------ the FSDP2 demo job

@@ -119,12 +119,21 @@ def test_dcp_refuses_keys_it_could_not_map_back_before_writing(
     assert isinstance(raised.value, distckpt.InvalidArgument)
 
 
-def test_dcp_refuses_a_top_level_key_that_is_no_string_before_writing(tmp_path: Path) -> None:
-    """Saved, ``{1: ...}`` would fail every restore (a TypeError comparing 1 with ``"w"``)."""
+def test_dcp_refuses_a_top_level_key_that_is_no_string_to_save_or_restore_into(
+    tmp_path: Path,
+) -> None:
+    """Saved, ``{1: ...}`` would fail every restore (a TypeError comparing 1 with ``"w"``), as
+    a non-strict restore into it would: both are refused by name, before DCP starts."""
+    refused = pytest.raises(distckpt.InvalidArgument, match=r"string top-level keys, got \[1\]")
     with distckpt.CheckpointManager(tmp_path, format="dcp", fsync=False) as mgr:
-        with pytest.raises(distckpt.InvalidArgument, match=r"string top-level keys, got \[1\]"):
+        with refused:
             mgr.save(1, {1: torch.ones(1), "w": torch.ones(1)})
         assert mgr.steps() == []
+        step_dir = mgr.save(1, {"w": torch.ones(1)}).path
+    with refused:
+        distckpt.load_checkpoint(
+            step_dir, state={1: torch.zeros(1), "w": torch.zeros(1)}, strict=False
+        )
 
 
 def test_dcp_refuses_keys_whose_text_names_an_address(tmp_path: Path) -> None:

@@ -1,8 +1,9 @@
 """Lists through a restore's key check and read, in both formats with the same answer: a list
 saved with items DCP writes no key for (an empty dict, a dict of per-rank values) restores
 into the same structure; a dict key that reads like a list's item is none of its items; an
-empty list saved is reported by its length; and a list of another length gives back the saved
-list with its dicts' keys as given."""
+empty list saved is reported by its length; a list of another length gives back the saved
+list with its dicts' keys as given; and a list led by empty dicts restores, and exports with
+None for them in "dcp"."""
 
 from __future__ import annotations
 
@@ -52,6 +53,16 @@ SAME_STRUCTURE: dict[str, tuple[dict[str, Any], Callable[[], dict[str, Any]]]] =
     "a list of a tensor, an empty dict and a plain value": (
         {"w": _one(1), "a": [_one(2), {}, 1.5]},
         lambda: {"w": torch.zeros(1), "a": [torch.zeros(1), {}, 1.5]},
+    ),
+    # DCP writes a key for the tensor, or the plain value, alone: its list index is past the
+    # one key path .metadata holds.
+    "a list led by empty dicts": (
+        {"l": [{}, {}, _one(1)]},
+        lambda: {"l": [{}, {}, torch.zeros(1)]},
+    ),
+    "a list of empty dicts and a plain value": (
+        {"w": _one(1), "l": [{}, {}, {}, 5]},
+        lambda: {"w": torch.zeros(1), "l": [{}, {}, {}, 0]},
     ),
     "a list beside a dict key naming an item of it": (
         {"hist": [_one(1), _one(2)], "hist.5": _one(3)},
@@ -135,3 +146,25 @@ def test_trailing_empty_dicts_of_a_saved_list_count_in_torch_only(tmp_path: Path
     else:
         assert restored.missing_keys == ()
         assert _tensors(state) == [1.0]
+
+
+@pytest.mark.parametrize("saved", [[{}, {}, 1.0], [{}, {}, {}, 5]], ids=["tensor", "plain"])
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_list_led_by_empty_dicts_restores_them_and_exports_them_as_none_in_dcp(
+    tmp_path: Path, fmt: str, saved: list[Any]
+) -> None:
+    """The empty dicts come back from a restore into the saved structure in both formats; an
+    export, which has no given structure, rebuilds "dcp"'s list from the one key it holds
+    and fills the items before it with None, as the README says."""
+    last = _one(saved[-1]) if isinstance(saved[-1], float) else saved[-1]
+    with distckpt.CheckpointManager(tmp_path / "ckpt", format=fmt, timeout=30) as mgr:
+        step = mgr.save(1, {"l": [*saved[:-1], last]}).path
+        state = {"l": [{} for _ in saved[:-1]] + [torch.zeros(1) if saved[-1] == 1.0 else 0]}
+        restored = mgr.restore("last", state=state)
+    assert restored.missing_keys == () and restored.unexpected_keys == ()
+    assert state["l"][:-1] == saved[:-1] and restored.state["l"][:-1] == saved[:-1]
+    assert _tensors(state) == _tensors([last]) and restored.state["l"][-1] == last
+    distckpt.export(step, tmp_path / "out.pt")
+    exported = torch.load(tmp_path / "out.pt", weights_only=True)["l"]
+    assert exported[:-1] == (saved[:-1] if fmt == "torch" else [None] * (len(saved) - 1))
+    assert exported[-1] == last

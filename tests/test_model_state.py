@@ -416,11 +416,12 @@ def test_a_non_strict_load_state_dict_keeps_the_groups_the_state_lacks() -> None
     model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
     groups = [{"params": model[0].parameters(), "lr": 0.1}, {"params": model[1].parameters()}]
     optim = torch.optim.SGD(groups, lr=0.2, momentum=0.9)
+    optim.param_groups[1]["lr"] = 0.3  # as a scheduler sets it: kept is told from reset (0.2)
     app = ModelOptimizerState(model, optim)
     saved = app.state_dict()
     first = {**saved["optim"]["param_groups"][0], "lr": 0.5}
     app.load_state_dict({**saved, "optim": {"state": {}, "param_groups": [first]}}, strict=False)
-    assert [group["lr"] for group in optim.param_groups] == [0.5, 0.2]
+    assert [group["lr"] for group in optim.param_groups] == [0.5, 0.3]
 
 
 @pytest.mark.parametrize(

@@ -23,6 +23,12 @@ What DCP saves, and its limits:
   a tuple, or in a list of plain values). :func:`load_consolidated` (``export``), which has no
   state to map onto, gives them as text.
 * DTensors (FSDP2 ``fully_shard`` parameters, their optimizer state) are saved shard by shard.
+* DCP writes no entry for an empty dict: a restore takes it from the given state, and
+  :func:`load_consolidated` (``export``) gives those a list holds before its last other item
+  as None. As nothing in ``.metadata`` bounds how many a list starts with, a checkpoint whose
+  lists hold more than :data:`~distckpt.formats.dcp_metadata.MAX_UNNAMED_LIST_ITEMS` (2**20)
+  items no key is saved under, in all, is refused as crafted (a save holding that many empty
+  dicts in lists is not stopped, and could not be read back).
 * Tensors must be plain tensors or DTensors: a subclass of ``torch.Tensor`` (a wrapper
   subclass, a nested tensor of the jagged layout) would be written as a plain tensor's data and
   refused on restore, and a nested tensor of the strided layout fails DCP's write, so the save
@@ -44,12 +50,14 @@ What DCP saves, and its limits:
 Restoring: DCP loads *in place*, so ``restore`` needs ``state=``: the same structure as saved,
 whose tensors and DTensors (on the restoring ranks' meshes) receive the data; each rank reads
 only the chunks its shards overlap. Keys the state asks for that the checkpoint lacks are left
-out of the result and reported as missing; keys only in the checkpoint are not loaded and are
-reported as unexpected; a list of another length than the saved one is read apart, the saved
-list into fresh tensors, so none of its items is loaded into the given ones, and is reported
-as ``lst[len 3 != 2]`` (:func:`~distckpt.formats.dcp_lists.lists_of_other_length`), as "torch"
-reports it. ``strict=True`` refuses either, as for the "torch" format, before DCP's
-collective read starts (:meth:`DcpFormat.prepare_read` compares the keys with ``.metadata``).
+out of the result and reported as missing, and so is a dict left empty by leaving them out (a
+list's items stay, so a list of dicts the checkpoint lacks comes back as ``[{}]``); keys only
+in the checkpoint are not loaded and are reported as unexpected; a list of another length than
+the saved one is read apart, the saved list into fresh tensors, so none of its items is loaded
+into the given ones, and is reported as ``lst[len 3 != 2]``
+(:func:`~distckpt.formats.dcp_lists.lists_of_other_length`), as "torch" reports it.
+``strict=True`` refuses either, as for the "torch" format, before DCP's collective read starts
+(:meth:`DcpFormat.prepare_read` compares the keys with ``.metadata``).
 Keys that differ from the checkpoint's only by wrapper prefixes (``torch.compile``'s
 ``_orig_mod.``, DDP's ``module.``) are mapped, with an INFO line, unless
 ``fix_key_prefixes=False``; the comparison is made on the keys as they will be read (mapped,
@@ -70,10 +78,13 @@ from a crafted file. Here, unless ``allow_pickle=True``:
   ``torch.Size``, torch dtypes and layouts; any other global (``os.system``, ``builtins.eval``,
   ...), a persistent id, or setting attributes on anything but an instance of those
   dataclasses (patching a class) is refused with :class:`~distckpt.errors.UnsafeCheckpoint`
-  before anything is called. The result is then checked field by field (types, and that every
-  storage entry names a ``.distcp`` file listed in the manifest, within its size), so a crafted
-  file cannot make DCP read outside the checkpoint dir, and the full tensors it describes
-  cannot exceed the bytes stored.
+  before anything is called. The result is then checked field by field (types; that every
+  storage entry names a ``.distcp`` file listed in the manifest, within its size; that each
+  tensor's chunks lie within its size and hold as many elements as it does), so a crafted file
+  cannot make DCP read outside the checkpoint dir, nor describe a tensor larger than its
+  chunks. :func:`load_consolidated` (``export``), which allocates the full tensors described,
+  also refuses more bytes of them than the data files hold; a restore allocates none (it reads
+  into the given tensors).
 * Non-tensor values are loaded with ``torch.load(weights_only=True)``.
 * Tensor data is loaded by DCP itself with ``torch.load(weights_only=True)``.
 
@@ -81,9 +92,12 @@ What this does not cover: the restricted unpickler still runs the pickle machine
 slower than the C one but the file is small), so a crafted ``.metadata`` can make it allocate
 memory or burn CPU (a denial of service, not code execution), and the allowed dataclasses'
 constructors and ``__setstate__`` run on attacker-chosen arguments (they only assign fields,
-and the result is type-checked afterwards). The chunk layout is checked for types and ranks,
-not for overlaps or coverage: a crafted one can make a load fail or fill a tensor with the
-wrong bytes of the checkpoint's own files (as any tampering with tensor data can). The
+and the result is type-checked afterwards). The chunk layout is checked for types, bounds and
+element counts, not for overlaps (chunks that overlap leave as many elements unread: an export
+gives them as the memory held, a restore as the given tensor held them), and a chunk's bytes
+are not compared with its size before they are read: a crafted one can make a load fail or
+fill a tensor with the wrong bytes of the checkpoint's own files (as any tampering with tensor
+data can). The
 objects DCP exchanges between ranks through ``torch.distributed`` object collectives are
 pickles too; they are built by the ranks of the job itself from the checked metadata, not read
 from the checkpoint.
@@ -132,6 +146,7 @@ from distckpt.formats.dcp_per_rank import (
 )
 from distckpt.formats.dcp_saveable import check_keys, check_saveable
 from distckpt.formats.dcp_storage import Planner, Reader, Writer, placeholder
+from distckpt.formats.dcp_text_keys import get_saved
 from distckpt.manifest import FileRecord, Manifest
 from distckpt.model_state import ModelOptimizerState
 from distckpt.state import copy_containers, remove_path, set_path
@@ -273,10 +288,11 @@ class DcpFormat:
     def read(self, prepared: PreparedRead) -> Any:
         """Load into the template's tensors and DTensors with ``dcp.load`` over
         ``ctx.group`` (collective); returns the filled template, without the keys the
-        checkpoint lacks (the checkpoint's keys the template lacks are not loaded: the
-        prepared ``mismatch`` reports them, as it reports a dict given for a saved list or the
-        reverse, or a dict or list given for a saved tensor, which are not read either; a plain
-        value given for a saved tensor takes it; per-rank values not asked for are logged)."""
+        checkpoint lacks or the dicts left empty without them (a list of dicts stays
+        ``[{}]``); the checkpoint's keys the template lacks are not loaded (the prepared
+        ``mismatch`` reports them, as it reports a dict given for a saved list or the reverse,
+        or a dict or list given for a saved tensor, which are not read either); a plain value
+        given for a saved tensor takes it; per-rank values not asked for are logged."""
         directory, group, rank = prepared.directory, prepared.ctx.group, prepared.ctx.rank
         shared, marked = split_per_rank(prepared.template)
         state = copy_containers(shared)
@@ -312,7 +328,7 @@ class DcpFormat:
             step=prepared.manifest.step,
         )
         for key in planner.missing:
-            remove_path(state, planner.path_of(key))
+            _remove_with_emptied_dicts(state, planner.path_of(key))
         rename_back(state, renames)
         restored = restore_per_rank(state, marked, rank, prepared.detail) if read_own else []
         not_asked = per_rank_not_read(
@@ -349,6 +365,18 @@ class DcpFormat:
                 "rank= and all_ranks= only apply to the 'torch' format"
             )
         return load_consolidated(directory, manifest, allow_pickle=allow_pickle)
+
+
+def _remove_with_emptied_dicts(state: dict[str, Any], place: tuple[Any, ...]) -> None:
+    """Drops the key at ``place``, then each dict that removal left empty, walking up: such a
+    dict held only keys the checkpoint lacks (DCP keeps no saved empty dict to read back). A
+    dict given empty is never reached (nothing was removed from it), and a list's item is never
+    dropped (``remove_path``), so a list of dicts stays ``[{}]``."""
+    while remove_path(state, place) and len(place) > 1:
+        place = place[:-1]
+        found, parent = get_saved(state, place)
+        if not (found and isinstance(parent, dict) and not parent):
+            return
 
 
 def _asks_for_ranks(rank: int | None, all_ranks: bool) -> bool:

@@ -5,7 +5,8 @@ asks for. :func:`read_metadata` instead uses a restricted unpickler that resolve
 metadata dataclasses, ``torch.Size``, torch dtypes and layouts, refuses persistent ids, and
 allows setting attributes only on instances of those classes (never patching a class); the
 result is then checked field by field against the manifest, so that every storage entry names
-a ``.distcp`` file of the checkpoint, within its size. The limits of this protection are listed
+a ``.distcp`` file of the checkpoint, within its size, and each tensor's chunks lie within its
+size and hold as many elements as it does. The limits of this protection are listed
 in :mod:`distckpt.formats.dcp`'s module doc.
 """
 
@@ -148,12 +149,43 @@ def _is_size(value: Any, length: int | None = None) -> bool:
     )
 
 
-def _is_path_part(part: Any, entries: int) -> bool:
-    """A dict key, or a list index that the entries could fill (a huge index would make the
-    nested state a huge list)."""
+def _is_path_part(part: Any) -> bool:
+    """A dict key or a list index."""
     if isinstance(part, str):
         return True
-    return isinstance(part, int) and not isinstance(part, bool) and 0 <= part < entries
+    return isinstance(part, int) and not isinstance(part, bool) and part >= 0
+
+
+# DCP writes no entry for an empty dict, so a list's leading empty dicts leave no trace but the
+# index of the item after them: nothing else in .metadata bounds how many there were. A crafted
+# index would make the rebuilt state a list that long (8 bytes an item), one for each key path,
+# so the list items no key path reaches are read up to this many in all, and refused beyond it:
+# far more empty dicts in lists than a training state holds, 8 MiB of list at most.
+MAX_UNNAMED_LIST_ITEMS = 1 << 20
+
+
+def _list_items(paths: dict[str, tuple[Any, ...]]) -> int:
+    """How many items of the lists rebuilt from ``paths`` no key path passes through."""
+    lengths: dict[tuple[Any, ...], int] = {}
+    named: set[tuple[Any, ...]] = set()
+    for path in paths.values():
+        for depth, part in enumerate(path):
+            if isinstance(part, int):
+                named.add(path[: depth + 1])
+                lengths[path[:depth]] = max(lengths.get(path[:depth], 0), part + 1)
+    return sum(lengths.values()) - len(named)
+
+
+def _chunks_fill(entry: TensorStorageMetadata) -> bool:
+    """Whether ``entry``'s chunks lie within its size and hold as many elements as it does, as
+    every save writes each element once (uneven FSDP shards too): a tensor described larger
+    than its chunks would be read partly, the rest left as the memory or the given tensor was."""
+    within = all(
+        offset + length <= extent
+        for chunk in entry.chunks
+        for offset, length, extent in zip(chunk.offsets, chunk.sizes, entry.size)
+    )
+    return within and sum(chunk.sizes.numel() for chunk in entry.chunks) == entry.size.numel()
 
 
 def _metadata_problems(metadata: Any, manifest: Manifest) -> list[str]:
@@ -182,6 +214,8 @@ def _metadata_problems(metadata: Any, manifest: Manifest) -> list[str]:
                 )
             ):
                 problems.append(f"{key}: malformed tensor metadata")
+            elif not _chunks_fill(entry):
+                problems.append(f"{key}: its chunks do not fill its size {list(entry.size)}")
         elif not isinstance(entry, BytesStorageMetadata):
             problems.append(f"{key}: unknown entry type {type(entry).__name__}")
     storage = metadata.storage_data
@@ -220,9 +254,14 @@ def _metadata_problems(metadata: Any, manifest: Manifest) -> list[str]:
             isinstance(key, str)
             and isinstance(path, tuple)
             and path
-            and all(_is_path_part(part, len(planner_data)) for part in path)
+            and all(_is_path_part(part) for part in path)
             for key, path in planner_data.items()
         )
     ):
         problems.append("planner_data is not a map of keys to key paths")
+    elif planner_data is not None and _list_items(planner_data) > MAX_UNNAMED_LIST_ITEMS:
+        problems.append(
+            f"planner_data describes lists with more than {MAX_UNNAMED_LIST_ITEMS} items no "
+            "key names"
+        )
     return problems
