@@ -437,6 +437,9 @@ def _save_shortened_in_the_rename(rank: int, world_size: int, root: str) -> dict
     out: dict[str, Any] = {}
     with distckpt.CheckpointManager(root, fsync=False, timeout=TIMEOUT) as mgr:
         mgr.save(1, state_of(1, rank))
+        # The removals after the start and step 1's commit run in the background: done before
+        # step 2, or a late one would empty the trash step 2's failed rename fills.
+        after_rank_0_removals(mgr)
         try:
             mgr.save(2, state_of(2, rank))
         except distckpt.CheckpointError as exc:
@@ -484,6 +487,7 @@ def test_a_manifest_lost_in_the_commit_rename_fails_the_save(root: Path) -> None
 
     with distckpt.CheckpointManager(root, fsync=False, timeout=TIMEOUT) as mgr:
         mgr.save(1, {"w": torch.zeros(2)})
+        after_rank_0_removals(mgr)  # as in _save_shortened_in_the_rename
         stop_losing = events.add_listener(lose_the_manifest)
         try:
             with pytest.raises(distckpt.CheckpointError):
