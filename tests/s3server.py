@@ -24,9 +24,14 @@ import threading
 import time
 import urllib.request
 import uuid
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tests.ports import ReservedPort
+
+if TYPE_CHECKING:  # only annotations: the benchmark starts this server without pytest
+    from pathlib import Path
+
+    import pytest
 
 _SETUP_CALLS = 3  # create_user, create_access_key, put_user_policy: unauthenticated
 _START_TIMEOUT = 30.0
@@ -150,6 +155,24 @@ def aws_environment(server: S3Server) -> dict[str, str]:
         "AWS_SECRET_ACCESS_KEY": server.secret,
         "AWS_REGION": REGION,
     }
+
+
+def point_the_cli_at(
+    server: S3Server,
+    monkeypatch: pytest.MonkeyPatch,
+    workdir: Path,
+    *,
+    endpoint: str | None = None,
+) -> None:
+    """Give this process the AWS variables of ``server`` (its endpoint, or ``endpoint``: a proxy
+    in front of it), from which the command line takes its endpoint and credentials as a user's
+    shell gives them, and ``workdir`` as its working directory (a command that took an s3:// URL
+    for a relative path would create it there, not in the repository)."""
+    for name, value in aws_environment(server).items():
+        monkeypatch.setenv(name, value)
+    if endpoint is not None:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+    monkeypatch.chdir(workdir)
 
 
 class FlakyProxy:

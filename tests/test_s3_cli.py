@@ -25,7 +25,7 @@ from distckpt.lease import this_process_host
 from distckpt.objstore import ObjectStore
 from distckpt.objurl import S3Url
 from tests.hostile_cases import reseal_manifest
-from tests.s3server import S3Server, aws_environment
+from tests.s3server import S3Server, aws_environment, point_the_cli_at
 from tests.test_cli import ls_lines, run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,9 +36,7 @@ def aws_env(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
     """The AWS variables of the test server in this process's environment, and a working
     directory of the test's own (a command that took an s3:// URL for a relative path would
     create it there, not in the repository)."""
-    for name, value in aws_environment(s3_server).items():
-        monkeypatch.setenv(name, value)
-    monkeypatch.chdir(tmp_path)
+    point_the_cli_at(s3_server, monkeypatch, tmp_path)
 
 
 def make_root(url: str, server: S3Server) -> str:

@@ -15,7 +15,7 @@ import distckpt
 from distckpt.objstore import ObjectStore
 from tests.cli_runner import run_cli
 from tests.s3proxy import S3Proxy
-from tests.s3server import S3Server, aws_environment
+from tests.s3server import S3Server, point_the_cli_at
 
 pytest.importorskip("botocore")
 
@@ -37,14 +37,8 @@ def test_prune_whose_commit_another_writer_replaced_exits_2_leaving_the_step_com
         # the same save, in other bytes: another version (ETag) of the same COMMIT
         other = json.dumps(json.loads(store.get_bytes(COMMIT)), indent=1).encode()
         objects_before = sorted(info.key for info in store.list("step-00000001/"))
-        # The command line takes its endpoint and credentials from the AWS variables only:
-        # here the proxy's endpoint, as a user would set it; and a working directory of the
-        # test's own (a command that took the s3:// URL for a relative path would create it
-        # there, not in the repository).
-        for name, value in aws_environment(s3_server).items():
-            monkeypatch.setenv(name, value)
-        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
-        monkeypatch.chdir(tmp_path)
+        # the command line takes its endpoint from the AWS variables only: here the proxy's
+        point_the_cli_at(s3_server, monkeypatch, tmp_path, endpoint=proxy.endpoint)
         # another writer's change, straight to the store
         with proxy.hold("DELETE", COMMIT).changed_meanwhile(lambda: store.put_bytes(COMMIT, other)):
             out = run_cli("prune", s3_url, "--keep-last", "1")

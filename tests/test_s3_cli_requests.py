@@ -19,7 +19,7 @@ from distckpt.layout import step_dir_name
 from distckpt.objstore import ObjectStore
 from tests.cli_runner import run_cli
 from tests.s3proxy import S3Proxy
-from tests.s3server import S3Server, aws_environment
+from tests.s3server import S3Server, point_the_cli_at
 from tests.test_s3_requests import request_kind
 
 pytest.importorskip("botocore")
@@ -33,10 +33,7 @@ def proxy(
     variables; the working directory is the test's own (an s3:// URL taken for a relative path
     would be created there)."""
     with S3Proxy(s3_server.port) as running:
-        for name, value in aws_environment(s3_server).items():
-            monkeypatch.setenv(name, value)
-        monkeypatch.setenv("AWS_ENDPOINT_URL", running.endpoint)
-        monkeypatch.chdir(tmp_path)
+        point_the_cli_at(s3_server, monkeypatch, tmp_path, endpoint=running.endpoint)
         yield running
 
 

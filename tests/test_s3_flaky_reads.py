@@ -19,7 +19,7 @@ from distckpt.objstore import ObjectStore
 from distckpt.storage.s3_root import DOWNLOAD_CONCURRENCY
 from tests.cli_runner import run_cli
 from tests.s3proxy import S3Proxy
-from tests.s3server import S3Server, aws_environment
+from tests.s3server import S3Server, point_the_cli_at
 from tests.test_s3_requests import _copy_as_steps, _counted, _one_saved_step
 
 pytest.importorskip("botocore")
@@ -137,10 +137,7 @@ def test_distckpt_verify_of_a_store_refusing_reads_is_an_error_not_a_broken_chec
     monkeypatch: pytest.MonkeyPatch,
     tmp_path: Path,
 ) -> None:
-    for name, value in aws_environment(s3_server).items():
-        monkeypatch.setenv(name, value)
-    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
-    monkeypatch.chdir(tmp_path)
+    point_the_cli_at(s3_server, monkeypatch, tmp_path, endpoint=proxy.endpoint)
     proxy.fail("GET", "rank-00000.pt", status=403, times=100)  # not retried: a quick test
     result = run_cli("verify", saved_root)
     assert result.returncode == 2, result  # an error, not exit status 1 (a problem found)
